@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The one entry point behind the npm scripts. It brings Node.js 24 (scripts/node24.sh),
+# installs dependencies when package-lock.json changed, and then runs one job:
+#
+#   build   type-check and compile TypeScript to dist/
+#   lint    biome (format + lint) and a strict type-check of src, test and bench
+#   test    provision the test environment (test/env/provision.sh), then vitest run
+#   bench   the benchmark set (bench/)
+#   start   the main job on the embedded default (see README)
+#
+# Everything it installs lives in node_modules or in ~/.cache/expertmesh, so a fresh clone
+# needs only bash, npm (any version, to fetch Node 24 once) and, for the tests, Go.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+node_bin=$(bash scripts/node24.sh)
+export PATH="$node_bin:$root/node_modules/.bin:$PATH"
+
+ensure_deps() {
+  local stamp=node_modules/.expertmesh-lock
+  local want; want="$(node --version) $(sha256sum package-lock.json | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[dev] installing dependencies with npm ci (Node $(node --version))" >&2
+    npm ci --no-audit --no-fund --foreground-scripts >&2
+    echo "$want" > "$stamp"
+  fi
+}
+
+job=${1:-}
+[ -n "$job" ] && shift
+case "$job" in
+  build)
+    ensure_deps
+    tsc -p tsconfig.json
+    ;;
+  lint)
+    ensure_deps
+    biome check .
+    tsc -p tsconfig.check.json
+    ;;
+  test)
+    ensure_deps
+    bash test/env/provision.sh >&2
+    exec vitest run "$@"
+    ;;
+  bench)
+    ensure_deps
+    exec node bench/run.ts "$@"
+    ;;
+  start)
+    ensure_deps
+    exec node src/cli/main.ts start "$@"
+    ;;
+  node)
+    ensure_deps
+    exec node "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh build|lint|test|bench|start|node [args]" >&2
+    exit 2
+    ;;
+esac

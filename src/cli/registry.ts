@@ -1,0 +1,56 @@
+import { formatError } from "../util/errors.ts";
+
+/** One CLI subcommand. `run` returns the process exit code. */
+export interface Command {
+  readonly name: string;
+  readonly summary: string;
+  readonly usage: string;
+  run(argv: string[]): Promise<number>;
+}
+
+type Loader = () => Promise<Command>;
+
+/** Commands by name. Add a command here once it does real work. */
+const commands: Record<string, Loader> = {
+  version: async () => (await import("./commands/version.ts")).versionCommand,
+};
+
+export function commandNames(): string[] {
+  return Object.keys(commands).sort();
+}
+
+async function printHelp(out: (s: string) => void): Promise<void> {
+  const lines = ["usage: expertmesh <command> [options]", "", "commands:"];
+  for (const name of commandNames()) {
+    const cmd = await commands[name]!();
+    lines.push(`  ${name.padEnd(18)} ${cmd.summary}`);
+  }
+  lines.push("", "Run `expertmesh <command> --help` for a command's options.");
+  out(lines.join("\n"));
+}
+
+/** Parses argv (without node and script) and runs the named command; returns the exit code. */
+export async function runCli(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "help" || name === "--help" || name === "-h") {
+    await printHelp((s) => process.stdout.write(`${s}\n`));
+    return name === undefined ? 2 : 0;
+  }
+  const load = commands[name];
+  if (!load) {
+    process.stderr.write(`expertmesh: unknown command '${name}'\n`);
+    await printHelp((s) => process.stderr.write(`${s}\n`));
+    return 2;
+  }
+  const cmd = await load();
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(`usage: ${cmd.usage}\n\n${cmd.summary}\n`);
+    return 0;
+  }
+  try {
+    return await cmd.run(rest);
+  } catch (err) {
+    process.stderr.write(`expertmesh ${name}: ${formatError(err)}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,14 @@
+import { defineConfig } from "vitest/config";
+
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    // One run of the real services (NATS, etcd, kube-apiserver, ...) for all test files.
+    globalSetup: ["test/env/global-setup.ts"],
+    // Files share one cluster and one NATS server; on 2 cores parallel files only contend.
+    fileParallelism: false,
+    testTimeout: 60_000,
+    hookTimeout: 180_000,
+    teardownTimeout: 60_000,
+  },
+});
