@@ -5,6 +5,7 @@
 #   build   type-check and compile TypeScript to dist/
 #   lint    biome (format + lint) and a strict type-check of src, test and bench
 #   test    provision the test environment (test/env/provision.sh), then vitest run
+#   test:unit  only the pure-logic tests, no services
 #   bench   the benchmark set (bench/)
 #   start   the main job on the embedded default (see README)
 #
@@ -44,20 +45,27 @@ case "$job" in
     bash test/env/provision.sh >&2
     exec vitest run "$@"
     ;;
+  test:unit)
+    ensure_deps
+    exec vitest run --config vitest.unit.config.ts "$@"
+    ;;
   bench)
     ensure_deps
     exec node bench/run.ts "$@"
     ;;
   start)
+    # The embedded default: the tiny model's manifest. Until the engine and shards exist,
+    # this plans its expert placement (what `expertmesh up` will run).
     ensure_deps
-    exec node src/cli/main.ts start "$@"
+    echo "[start] expertmesh plan -f examples/tiny.yaml (the placement 'expertmesh up' will run once the engine exists)" >&2
+    exec node src/cli/main.ts plan -f examples/tiny.yaml "$@"
     ;;
   node)
     ensure_deps
     exec node "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh build|lint|test|bench|start|node [args]" >&2
+    echo "usage: scripts/dev.sh build|lint|test|test:unit|bench|start|node [args]" >&2
     exit 2
     ;;
 esac

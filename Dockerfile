@@ -1,0 +1,31 @@
+# expertmesh: one image for the operator, gateways and shards (`expertmesh <command>`).
+#
+#   docker build -t expertmesh .
+#   docker build -t expertmesh:cuda --build-arg RUNTIME_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 .
+#
+# Stage 1 compiles TypeScript with Node 24; stage 2 is a slim runtime that gets the Node
+# binary from stage 1, so any glibc base works, including NVIDIA's CUDA images for shards.
+ARG NODE_IMAGE=node:24-bookworm
+ARG RUNTIME_BASE=debian:bookworm-slim
+
+FROM ${NODE_IMAGE} AS build
+WORKDIR /src
+COPY package.json package-lock.json ./
+# Dependencies only (our npm scripts bootstrap Node 24 for bare machines; this image has it).
+RUN npm ci --ignore-scripts --no-audit --no-fund
+COPY tsconfig.json ./
+COPY src ./src
+RUN npx tsc -p tsconfig.json && npm prune --omit=dev --ignore-scripts
+
+FROM ${RUNTIME_BASE} AS runtime
+COPY --from=build /usr/local/bin/node /usr/local/bin/node
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin expertmesh
+WORKDIR /app
+COPY --from=build /src/package.json ./package.json
+COPY --from=build /src/node_modules ./node_modules
+COPY --from=build /src/dist ./dist
+COPY examples ./examples
+USER 10001:10001
+ENV NODE_ENV=production
+ENTRYPOINT ["/usr/local/bin/node", "/app/dist/cli/main.js"]
+CMD ["--help"]

@@ -1,0 +1,152 @@
+// Architecture figures of known models, for when the operator cannot read a checkpoint's
+// config.json (planning before weights are downloaded, `expertmesh plan --preset`).
+// Field names follow the Hugging Face config keys they come from (in each doc comment).
+import { ExpertMeshError } from "../util/errors.ts";
+
+/** The expert-layout figures the placement planner needs. */
+export interface ExpertLayout {
+  /** Transformer blocks (`num_hidden_layers`), the MTP layer not counted. */
+  readonly numLayers: number;
+  /** Leading blocks with a dense MLP instead of MoE (`first_k_dense_replace`). */
+  readonly firstDenseLayers: number;
+  /** Routed experts per MoE layer (`n_routed_experts`). */
+  readonly routedExperts: number;
+  /** Routed experts each token is sent to, top-k (`num_experts_per_tok`). */
+  readonly expertsPerToken: number;
+}
+
+/** Architecture figures of a DeepSeek-style MoE model. */
+export interface ModelArchitecture extends ExpertLayout {
+  /** Shared experts every token passes through, run on the gateway (`n_shared_experts`). */
+  readonly sharedExperts: number;
+  /** Model width in elements (`hidden_size`). */
+  readonly hiddenSize: number;
+  /** Inner width of one routed expert's FFN in elements (`moe_intermediate_size`). */
+  readonly moeIntermediateSize: number;
+}
+
+const V3: ModelArchitecture = {
+  numLayers: 61,
+  firstDenseLayers: 3,
+  routedExperts: 256,
+  expertsPerToken: 8,
+  sharedExperts: 1,
+  hiddenSize: 7168,
+  moeIntermediateSize: 2048,
+};
+
+/** Known presets by name. The tiny ones match `make-tiny-model` checkpoints. */
+const PRESETS: Readonly<Record<string, ModelArchitecture>> = {
+  "deepseek-v2-lite": {
+    numLayers: 27,
+    firstDenseLayers: 1,
+    routedExperts: 64,
+    expertsPerToken: 6,
+    sharedExperts: 2,
+    hiddenSize: 2048,
+    moeIntermediateSize: 1408,
+  },
+  "deepseek-v2": {
+    numLayers: 60,
+    firstDenseLayers: 1,
+    routedExperts: 160,
+    expertsPerToken: 6,
+    sharedExperts: 2,
+    hiddenSize: 5120,
+    moeIntermediateSize: 1536,
+  },
+  "deepseek-v3": V3,
+  "deepseek-r1": V3,
+  "tiny-v2": {
+    numLayers: 3,
+    firstDenseLayers: 1,
+    routedExperts: 8,
+    expertsPerToken: 2,
+    sharedExperts: 2,
+    hiddenSize: 64,
+    moeIntermediateSize: 32,
+  },
+  "tiny-v3": {
+    numLayers: 4,
+    firstDenseLayers: 1,
+    routedExperts: 16,
+    expertsPerToken: 4,
+    sharedExperts: 1,
+    hiddenSize: 64,
+    moeIntermediateSize: 32,
+  },
+};
+
+/** Names of the known presets, sorted. */
+export function presetNames(): string[] {
+  return Object.keys(PRESETS).sort();
+}
+
+/**
+ * The architecture of a preset (by name) or validated explicit figures (a copy).
+ * Throws EM_ARCH_UNKNOWN_PRESET or EM_ARCH_INVALID.
+ */
+export function resolveArchitecture(
+  presetOrExplicit: string | ModelArchitecture,
+): ModelArchitecture {
+  if (typeof presetOrExplicit === "string") {
+    const preset = Object.hasOwn(PRESETS, presetOrExplicit) ? PRESETS[presetOrExplicit] : undefined;
+    if (!preset) {
+      throw new ExpertMeshError(
+        "EM_ARCH_UNKNOWN_PRESET",
+        `unknown model preset '${presetOrExplicit}' (known: ${presetNames().join(", ")})`,
+      );
+    }
+    return { ...preset };
+  }
+  const layout = checkExpertLayout(presetOrExplicit);
+  const a = presetOrExplicit as unknown as Record<string, unknown>;
+  return {
+    ...layout,
+    sharedExperts: integerField(a, "sharedExperts", 0),
+    hiddenSize: integerField(a, "hiddenSize", 1),
+    moeIntermediateSize: integerField(a, "moeIntermediateSize", 1),
+  };
+}
+
+/**
+ * Checks the four expert-layout figures (integers, `firstDenseLayers < numLayers`,
+ * `expertsPerToken <= routedExperts`) and returns a copy of just them. Throws EM_ARCH_INVALID.
+ */
+export function checkExpertLayout(value: ExpertLayout): ExpertLayout {
+  if (typeof value !== "object" || value === null) {
+    throw new ExpertMeshError("EM_ARCH_INVALID", "architecture must be an object");
+  }
+  const a = value as unknown as Record<string, unknown>;
+  const layout: ExpertLayout = {
+    numLayers: integerField(a, "numLayers", 1),
+    firstDenseLayers: integerField(a, "firstDenseLayers", 0),
+    routedExperts: integerField(a, "routedExperts", 1),
+    expertsPerToken: integerField(a, "expertsPerToken", 1),
+  };
+  if (layout.firstDenseLayers >= layout.numLayers) {
+    throw new ExpertMeshError(
+      "EM_ARCH_INVALID",
+      `firstDenseLayers (${layout.firstDenseLayers}) must be less than numLayers (${layout.numLayers}): a model needs at least one MoE layer`,
+    );
+  }
+  if (layout.expertsPerToken > layout.routedExperts) {
+    throw new ExpertMeshError(
+      "EM_ARCH_INVALID",
+      `expertsPerToken (${layout.expertsPerToken}) must not exceed routedExperts (${layout.routedExperts})`,
+    );
+  }
+  return layout;
+}
+
+function integerField(a: Record<string, unknown>, name: string, min: number): number {
+  const v = a[name];
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < min) {
+    const want = min === 0 ? "a non-negative integer" : "a positive integer";
+    throw new ExpertMeshError(
+      "EM_ARCH_INVALID",
+      `${name} must be ${want}, got ${JSON.stringify(v)}`,
+    );
+  }
+  return v;
+}

@@ -1,0 +1,191 @@
+// `expertmesh plan`: prints the expert placement plan for a model and shard count, as a
+// human-readable summary or (--json) the serialized plan that goes into the ConfigMap.
+import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { readManifest } from "../../api/manifest.ts";
+import { type ExpertLayout, resolveArchitecture } from "../../api/presets.ts";
+import { type ExpertLoad, type PlacementPlan, planPlacement } from "../../moe/placement.ts";
+import { serializePlan } from "../../moe/plan-json.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE =
+  "expertmesh plan (-f MANIFEST.yaml | --preset NAME | --experts N --layers L --dense-layers D --top-k K)\n" +
+  "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--json]\n\n" +
+  "  -f MANIFEST.yaml   DeepSeekModel manifest; --shards/--redundant override its spec.experts\n" +
+  "  --preset NAME      deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-r1, tiny-v2, tiny-v3\n" +
+  "  --shards K         expert shards (required without -f)\n" +
+  "  --redundant R      extra expert slots in total per layer (EPLB replication), default 0\n" +
+  "  --load FILE.json   per-expert token counts: [n0, n1, ...] or one such array per MoE layer\n" +
+  "  --plan-version V   plan version, default 1\n" +
+  "  --json             print the serialized plan instead of a summary";
+
+export const planCommand: Command = {
+  name: "plan",
+  summary: "print the expert placement plan for a model and a number of shards",
+  usage: USAGE,
+  async run(argv) {
+    process.stdout.write(planOutput(argv));
+    return 0;
+  },
+};
+
+/** What `expertmesh plan ARGV` prints. Throws ExpertMeshError (EM_CLI_USAGE, EM_PLAN_*, ...). */
+export function planOutput(argv: string[]): string {
+  const opts = parseOptions(argv);
+  const model = modelFromOptions(opts);
+  const shards = intOption(opts, "shards") ?? model.shards;
+  if (shards === undefined) usage("--shards is required without -f");
+  const loadFile = opts["load"] as string | undefined;
+  const plan = planPlacement({
+    architecture: model.layout,
+    numShards: shards,
+    redundantExperts: intOption(opts, "redundant") ?? model.redundantExperts ?? 0,
+    expertLoad: loadFile === undefined ? undefined : readLoad(loadFile),
+    version: intOption(opts, "plan-version") ?? 1,
+  });
+  if (opts["json"]) return serializePlan(plan);
+  const loadNote = loadFile === undefined ? "uniform load" : `load from ${loadFile}`;
+  return summary(model.label, model.layout, plan, loadNote);
+}
+
+type Options = Record<string, string | boolean | undefined>;
+
+function parseOptions(argv: string[]): Options {
+  const str = { type: "string" } as const;
+  try {
+    return parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        file: { type: "string", short: "f" },
+        preset: str,
+        experts: str,
+        layers: str,
+        "dense-layers": str,
+        "top-k": str,
+        shards: str,
+        redundant: str,
+        load: str,
+        "plan-version": str,
+        json: { type: "boolean" },
+      },
+    }).values;
+  } catch (err) {
+    return usage(err instanceof Error ? err.message : String(err));
+  }
+}
+
+interface ModelChoice {
+  label: string;
+  layout: ExpertLayout;
+  shards?: number;
+  redundantExperts?: number;
+}
+
+const EXPLICIT = ["experts", "layers", "dense-layers", "top-k"] as const;
+
+function modelFromOptions(opts: Options): ModelChoice {
+  const file = opts["file"];
+  const preset = opts["preset"];
+  const explicit = EXPLICIT.filter((k) => opts[k] !== undefined);
+  const sources = [file, preset, explicit.length > 0 ? "x" : undefined].filter(Boolean);
+  if (sources.length !== 1) {
+    usage(
+      "give exactly one of -f MANIFEST, --preset NAME, or --experts/--layers/--dense-layers/--top-k",
+    );
+  }
+  if (typeof file === "string") {
+    const m = readManifest(file);
+    const from = m.spec.model.preset ? `preset ${m.spec.model.preset}` : "explicit architecture";
+    return {
+      label: `${m.spec.servedModelName} (${m.metadata.namespace}/${m.metadata.name}, ${from})`,
+      layout: m.spec.model.architecture,
+      shards: m.spec.experts.shards,
+      redundantExperts: m.spec.experts.redundantExperts,
+    };
+  }
+  if (typeof preset === "string") {
+    return { label: `preset ${preset}`, layout: resolveArchitecture(preset) };
+  }
+  const missing = EXPLICIT.filter((k) => opts[k] === undefined);
+  if (missing.length > 0) usage(`missing ${missing.map((k) => `--${k}`).join(", ")}`);
+  return {
+    label: "explicit architecture",
+    layout: {
+      routedExperts: intOption(opts, "experts")!,
+      numLayers: intOption(opts, "layers")!,
+      firstDenseLayers: intOption(opts, "dense-layers")!,
+      expertsPerToken: intOption(opts, "top-k")!,
+    },
+  };
+}
+
+function intOption(opts: Options, name: string): number | undefined {
+  const v = opts[name];
+  if (v === undefined) return undefined;
+  if (typeof v !== "string" || !/^-?\d+$/.test(v))
+    usage(`--${name} must be an integer, got '${v}'`);
+  return Number(v);
+}
+
+function readLoad(path: string): ExpertLoad {
+  let value: unknown;
+  try {
+    value = JSON.parse(readFileSync(path, "utf8"));
+  } catch (err) {
+    throw new ExpertMeshError("EM_PLAN_LOAD_INVALID", `cannot read load file ${path}: ${err}`, {
+      cause: err,
+    });
+  }
+  if (!Array.isArray(value)) {
+    throw new ExpertMeshError("EM_PLAN_LOAD_INVALID", `${path} must hold a JSON array`);
+  }
+  return value;
+}
+
+function usage(msg: string): never {
+  throw new ExpertMeshError("EM_CLI_USAGE", `${msg}\nusage: ${USAGE.split("\n\n")[0]}`);
+}
+
+function summary(label: string, layout: ExpertLayout, plan: PlacementPlan, loadNote: string) {
+  const first = plan.layers[0]!;
+  const sameLayers = plan.layers.every(
+    (l) => JSON.stringify(l.replicas) === JSON.stringify(first.replicas),
+  );
+  const worst = plan.layers.reduce((a, l) =>
+    l.balance.maxOverMean > a.balance.maxOverMean ? l : a,
+  );
+  const replicated = first.replicas.flatMap((shards, e) =>
+    shards.length > 1 ? [`${e} x${shards.length} (shards ${shards.join(", ")})`] : [],
+  );
+  const MAX_LISTED = 16;
+  if (replicated.length > MAX_LISTED) {
+    replicated.splice(MAX_LISTED, Infinity, `... ${replicated.length - MAX_LISTED} more (--json)`);
+  }
+  const lines = [
+    `model:            ${label}`,
+    `MoE layers:       ${formatRanges(plan.moeLayers)} (${plan.moeLayers.length} of ${layout.numLayers} layers; ${plan.routedExperts} routed experts, top-${layout.expertsPerToken})`,
+    `shards:           ${plan.numShards}`,
+    `slots per shard:  ${plan.slotsPerShard} (${plan.routedExperts} routed + ${plan.redundantExperts} redundant experts)`,
+    `plan version:     ${plan.version}`,
+    `experts by shard in layer ${first.layer}${sameLayers ? " (same in every MoE layer)" : " (layers differ; --json shows all)"}:`,
+    ...first.shardExperts.map((experts, s) => `  shard ${s}: ${formatRanges(experts)}`),
+    `replicated experts in layer ${first.layer}: ${replicated.length > 0 ? replicated.join("; ") : "none"}`,
+    `expected load balance (max/mean shard load, ${loadNote}): ${first.balance.maxOverMean.toFixed(3)} in layer ${first.layer}, worst ${worst.balance.maxOverMean.toFixed(3)} in layer ${worst.layer}`,
+  ];
+  return `${lines.join("\n")}\n`;
+}
+
+/** Ascending ids as ranges: [0,1,2,3,7,9,10] -> "0-3, 7, 9-10". */
+export function formatRanges(ids: readonly number[]): string {
+  const parts: string[] = [];
+  for (let i = 0; i < ids.length; ) {
+    let j = i;
+    while (j + 1 < ids.length && ids[j + 1] === ids[j]! + 1) j++;
+    parts.push(i === j ? `${ids[i]}` : `${ids[i]}-${ids[j]}`);
+    i = j + 1;
+  }
+  return parts.join(", ");
+}

@@ -1,0 +1,65 @@
+// A real nats-server with JetStream, on a random loopback port.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { freePort, ManagedProcess } from "./process.ts";
+
+export interface NatsInfo {
+  /** nats://127.0.0.1:PORT */
+  url: string;
+  port: number;
+  /** http://127.0.0.1:PORT of the monitoring endpoint (/healthz, /varz, /connz). */
+  monitorUrl: string;
+  pid: number;
+  /** The config file the server was started with (a restarted server reuses it). */
+  configPath: string;
+}
+
+export interface NatsServer {
+  info: NatsInfo;
+  process: ManagedProcess;
+}
+
+/** Largest frame payload the server accepts; frames above it are split by the codec. */
+export const NATS_MAX_PAYLOAD = 8 * 1024 * 1024;
+
+/**
+ * Starts nats-server (JetStream on, store under `dir`) bound to 127.0.0.1 only.
+ * Resolves when /healthz reports JetStream ready.
+ */
+export async function startNats(
+  binary: string,
+  dir: string,
+  logDir: string,
+  port?: number,
+): Promise<NatsServer> {
+  mkdirSync(join(dir, "jetstream"), { recursive: true });
+  const clientPort = port ?? (await freePort());
+  const monitorPort = await freePort();
+  const configPath = join(dir, "nats.conf");
+  writeFileSync(
+    configPath,
+    [
+      `listen: "127.0.0.1:${clientPort}"`,
+      `http: "127.0.0.1:${monitorPort}"`,
+      `max_payload: ${NATS_MAX_PAYLOAD}`,
+      `jetstream { store_dir: "${join(dir, "jetstream")}" }`,
+      "",
+    ].join("\n"),
+  );
+  const proc = new ManagedProcess("nats-server", binary, ["-c", configPath], logDir);
+  const monitorUrl = `http://127.0.0.1:${monitorPort}`;
+  await proc.waitUntil("healthy", async () => {
+    const res = await fetch(`${monitorUrl}/healthz?js-enabled-only=true`);
+    return res.ok;
+  });
+  return {
+    process: proc,
+    info: {
+      url: `nats://127.0.0.1:${clientPort}`,
+      port: clientPort,
+      monitorUrl,
+      pid: proc.pid!,
+      configPath,
+    },
+  };
+}

@@ -1,0 +1,120 @@
+import { describe, expect, it } from "vitest";
+import { parseManifest } from "../../src/api/manifest.ts";
+import { type ModelArchitecture, presetNames, resolveArchitecture } from "../../src/api/presets.ts";
+import { ExpertMeshError } from "../../src/util/errors.ts";
+
+function codeOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+  } catch (err) {
+    return err instanceof ExpertMeshError ? err.code : `not ExpertMeshError: ${err}`;
+  }
+  return undefined;
+}
+
+describe("presets", () => {
+  it.each([
+    ["deepseek-v2-lite", 27, 1, 64, 6, 2, 2048, 1408],
+    ["deepseek-v2", 60, 1, 160, 6, 2, 5120, 1536],
+    ["deepseek-v3", 61, 3, 256, 8, 1, 7168, 2048],
+    ["deepseek-r1", 61, 3, 256, 8, 1, 7168, 2048],
+    ["tiny-v2", 3, 1, 8, 2, 2, 64, 32],
+    ["tiny-v3", 4, 1, 16, 4, 1, 64, 32],
+  ])(
+    "%s",
+    (name, numLayers, firstDenseLayers, routedExperts, expertsPerToken, sharedExperts, hiddenSize, moeIntermediateSize) => {
+      expect(resolveArchitecture(name)).toEqual({
+        numLayers,
+        firstDenseLayers,
+        routedExperts,
+        expertsPerToken,
+        sharedExperts,
+        hiddenSize,
+        moeIntermediateSize,
+      });
+    },
+  );
+
+  it("lists presets and rejects unknown names", () => {
+    expect(presetNames()).toHaveLength(6);
+    expect(codeOf(() => resolveArchitecture("deepseek-v4"))).toBe("EM_ARCH_UNKNOWN_PRESET");
+    expect(codeOf(() => resolveArchitecture("toString"))).toBe("EM_ARCH_UNKNOWN_PRESET");
+  });
+
+  const tiny = resolveArchitecture("tiny-v3");
+  it.each<[string, Partial<Record<keyof ModelArchitecture, unknown>>]>([
+    ["zero layers", { numLayers: 0 }],
+    ["fractional experts", { routedExperts: 2.5 }],
+    ["string hidden size", { hiddenSize: "64" }],
+    ["missing moe size", { moeIntermediateSize: undefined }],
+    ["negative shared experts", { sharedExperts: -1 }],
+    ["no MoE layer", { firstDenseLayers: 4 }],
+    ["top-k over experts", { expertsPerToken: 17 }],
+  ])("rejects explicit figures: %s", (_name, patch) => {
+    const arch = { ...tiny, ...patch } as unknown as ModelArchitecture;
+    expect(codeOf(() => resolveArchitecture(arch))).toBe("EM_ARCH_INVALID");
+  });
+
+  it("accepts valid explicit figures", () => {
+    expect(resolveArchitecture({ ...tiny, sharedExperts: 0 })).toEqual({
+      ...tiny,
+      sharedExperts: 0,
+    });
+  });
+});
+
+describe("DeepSeekModel manifest", () => {
+  const good = `
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: tiny }
+spec:
+  model: { preset: tiny-v3 }
+  experts: { shards: 4 }
+`;
+  it("applies defaults", () => {
+    const m = parseManifest(good);
+    expect(m.metadata).toEqual({ name: "tiny", namespace: "default" });
+    expect(m.spec.servedModelName).toBe("tiny");
+    expect(m.spec.experts).toEqual({ shards: 4, redundantExperts: 0 });
+    expect(m.spec.model.architecture.routedExperts).toBe(16);
+  });
+
+  it("reads explicit architecture figures", () => {
+    const text = good.replace(
+      "model: { preset: tiny-v3 }",
+      "model: { architecture: { numLayers: 3, firstDenseLayers: 1, routedExperts: 8, expertsPerToken: 2, sharedExperts: 2, hiddenSize: 64, moeIntermediateSize: 32 } }",
+    );
+    expect(parseManifest(text).spec.model.architecture).toEqual(resolveArchitecture("tiny-v2"));
+  });
+
+  it.each([
+    ["not YAML", "a: [1", "EM_MANIFEST_PARSE"],
+    ["not a mapping", "- 1", "EM_MANIFEST_INVALID"],
+    ["wrong kind", good.replace("DeepSeekModel", "Deployment"), "EM_MANIFEST_INVALID"],
+    ["wrong apiVersion", good.replace("v1alpha1", "v1"), "EM_MANIFEST_INVALID"],
+    ["bad name", good.replace("name: tiny", "name: Tiny_1"), "EM_MANIFEST_INVALID"],
+    ["unknown preset", good.replace("tiny-v3", "huge"), "EM_MANIFEST_INVALID"],
+    [
+      "preset and architecture",
+      good.replace("preset: tiny-v3", "preset: tiny-v3, architecture: {}"),
+      "EM_MANIFEST_INVALID",
+    ],
+    ["no model", good.replace("  model: { preset: tiny-v3 }\n", ""), "EM_MANIFEST_INVALID"],
+    ["zero shards", good.replace("shards: 4", "shards: 0"), "EM_MANIFEST_INVALID"],
+    ["string shards", good.replace("shards: 4", "shards: four"), "EM_MANIFEST_INVALID"],
+    [
+      "negative redundant",
+      good.replace("shards: 4", "shards: 4, redundantExperts: -1"),
+      "EM_MANIFEST_INVALID",
+    ],
+  ])("rejects %s", (_name, text, code) => {
+    expect(codeOf(() => parseManifest(text))).toBe(code);
+  });
+
+  it("names the field in the message", () => {
+    expect(() => parseManifest(good.replace("shards: 4", "shards: 0"), "m.yaml")).toThrow(
+      /m\.yaml: spec\.experts\.shards: must be an integer >= 1, got 0/,
+    );
+  });
+});

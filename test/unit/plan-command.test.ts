@@ -1,0 +1,100 @@
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { describe, expect, it } from "vitest";
+import { formatRanges, planOutput } from "../../src/cli/commands/plan.ts";
+import { parsePlan } from "../../src/moe/plan-json.ts";
+import { ExpertMeshError } from "../../src/util/errors.ts";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const tinyYaml = join(root, "examples/tiny.yaml");
+
+function codeOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+  } catch (err) {
+    return err instanceof ExpertMeshError ? err.code : `not ExpertMeshError: ${err}`;
+  }
+  return undefined;
+}
+
+describe("expertmesh plan", () => {
+  it("summarizes examples/tiny.yaml", () => {
+    const out = planOutput(["-f", tinyYaml]);
+    expect(out).toContain("model:            tiny-v3 (default/tiny, preset tiny-v3)");
+    expect(out).toContain("MoE layers:       1-3 (3 of 4 layers; 16 routed experts, top-4)");
+    expect(out).toContain("slots per shard:  4 (16 routed + 0 redundant experts)");
+    expect(out).toMatch(/shard 0: 0-3\n {2}shard 1: 4-7\n {2}shard 2: 8-11\n {2}shard 3: 12-15\n/);
+    expect(out).toContain("replicated experts in layer 1: none");
+    expect(out).toContain("1.000 in layer 1, worst 1.000");
+  });
+
+  it("prints the serialized plan with --json, flags overriding the manifest", () => {
+    const plan = parsePlan(
+      planOutput(["-f", tinyYaml, "--redundant", "4", "--plan-version", "3", "--json"]),
+    );
+    expect(plan).toMatchObject({ version: 3, numShards: 4, redundantExperts: 4, slotsPerShard: 5 });
+    expect(plan.layers[0]!.replicas.slice(0, 4).map((r) => r.length)).toEqual([2, 2, 2, 2]);
+  });
+
+  it("plans explicit figures with a load file", () => {
+    const dir = mkdtempSync(join(tmpdir(), "em-plan-"));
+    const loadFile = join(dir, "load.json");
+    writeFileSync(loadFile, JSON.stringify([80, 1, 1, 1, 1, 1, 1, 1]));
+    const args = ["--experts", "8", "--layers", "3", "--dense-layers", "1", "--top-k", "2"];
+    const out = planOutput([...args, "--shards", "4", "--redundant", "4", "--load", loadFile]);
+    expect(out).toContain("model:            explicit architecture");
+    expect(out).toContain("replicated experts in layer 1: 0 x4 (shards 0, 1, 2, 3)");
+    expect(out).toContain(`load from ${loadFile}`);
+    writeFileSync(loadFile, "{");
+    expect(codeOf(() => planOutput([...args, "--shards", "4", "--load", loadFile]))).toBe(
+      "EM_PLAN_LOAD_INVALID",
+    );
+    writeFileSync(loadFile, "[1, 2]");
+    expect(codeOf(() => planOutput([...args, "--shards", "4", "--load", loadFile]))).toBe(
+      "EM_PLAN_LOAD_INVALID",
+    );
+  });
+
+  it.each([
+    ["no model", ["--shards", "4"], "EM_CLI_USAGE"],
+    ["two models", ["--preset", "tiny-v3", "--experts", "8", "--shards", "4"], "EM_CLI_USAGE"],
+    [
+      "missing explicit figure",
+      ["--experts", "8", "--layers", "3", "--shards", "2"],
+      "EM_CLI_USAGE",
+    ],
+    ["no shards", ["--preset", "tiny-v3"], "EM_CLI_USAGE"],
+    ["non-integer shards", ["--preset", "tiny-v3", "--shards", "4.5"], "EM_CLI_USAGE"],
+    ["unknown option", ["--preset", "tiny-v3", "--shards", "4", "--nope"], "EM_CLI_USAGE"],
+    ["unknown preset", ["--preset", "huge", "--shards", "4"], "EM_ARCH_UNKNOWN_PRESET"],
+    ["too many shards", ["--preset", "tiny-v3", "--shards", "17"], "EM_PLAN_INVALID"],
+    ["missing manifest", ["-f", "/nonexistent/m.yaml"], "EM_MANIFEST_READ"],
+  ])("rejects %s", (_name, argv, code) => {
+    expect(codeOf(() => planOutput(argv))).toBe(code);
+  });
+
+  it("runs as a subprocess and exits non-zero with the code", () => {
+    const main = join(root, "src/cli/main.ts");
+    const ok = spawnSync(process.execPath, [main, "plan", "-f", tinyYaml], { encoding: "utf8" });
+    expect(ok.status).toBe(0);
+    expect(ok.stdout).toContain("shard 3: 12-15");
+    const bad = spawnSync(process.execPath, [main, "plan", "-f", tinyYaml, "--shards", "32"], {
+      encoding: "utf8",
+    });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(
+      /^expertmesh plan: \[EM_PLAN_INVALID\] 32 shards for 16 routed experts/,
+    );
+  });
+
+  it.each([
+    [[], ""],
+    [[5], "5"],
+    [[0, 1, 2, 3, 7, 9, 10], "0-3, 7, 9-10"],
+  ])("formatRanges(%j) = %j", (ids, text) => {
+    expect(formatRanges(ids)).toBe(text);
+  });
+});
