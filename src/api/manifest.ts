@@ -1,35 +1,15 @@
-// Reads a `DeepSeekModel` manifest (YAML). Minimal for now: the fields the placement planner
-// needs. It grows into the CRD types (the CRD is generated from src/api).
+// Reads and validates `DeepSeekModel` manifests for local use (`expertmesh up`, `plan -f`)
+// with the same schema, defaults and cross-field rules the API server applies to the CRD.
 import { readFileSync } from "node:fs";
-import { parse } from "yaml";
+import { Value } from "@sinclair/typebox/value";
+import { parseAllDocuments } from "yaml";
 import { ExpertMeshError } from "../util/errors.ts";
 import { type ModelArchitecture, resolveArchitecture } from "./presets.ts";
+import { crossFieldErrors } from "./rules.ts";
+import { API_VERSION, type DeepSeekModel, DeepSeekModelSchema, KIND } from "./schema.ts";
 
-export const API_VERSION = "expertmesh.io/v1alpha1";
-export const KIND = "DeepSeekModel";
-
-/** A validated DeepSeekModel, defaults applied. */
-export interface DeepSeekModel {
-  apiVersion: typeof API_VERSION;
-  kind: typeof KIND;
-  metadata: { name: string; namespace: string };
-  spec: {
-    /** Model name clients send in requests (OpenAI `model`); defaults to metadata.name. */
-    servedModelName: string;
-    model: {
-      /** Preset name when the spec names one. */
-      preset?: string;
-      /** Resolved figures: from the preset or from `spec.model.architecture`. */
-      architecture: ModelArchitecture;
-    };
-    experts: {
-      /** Expert shards (each a Deployment `<name>-shard-<k>`). */
-      shards: number;
-      /** Extra expert slots in total per layer, for EPLB-style replication (default 0). */
-      redundantExperts: number;
-    };
-  };
-}
+export type { DeepSeekModel };
+export { API_VERSION, KIND };
 
 /** Reads and validates a manifest file. Throws EM_MANIFEST_READ, _PARSE or _INVALID. */
 export function readManifest(path: string): DeepSeekModel {
@@ -44,11 +24,17 @@ export function readManifest(path: string): DeepSeekModel {
   return parseManifest(text, path);
 }
 
-/** Parses and validates manifest YAML; `source` names it in messages. */
+/**
+ * Parses manifest YAML (the first DeepSeekModel document of a multi-document file) and
+ * validates it; `source` names it in messages. Defaults are applied as the API server would.
+ */
 export function parseManifest(text: string, source = "manifest"): DeepSeekModel {
-  let doc: unknown;
+  let docs: unknown[];
   try {
-    doc = parse(text);
+    docs = parseAllDocuments(text).map((d) => {
+      if (d.errors.length) throw d.errors[0];
+      return d.toJS();
+    });
   } catch (err) {
     throw new ExpertMeshError("EM_MANIFEST_PARSE", `${source} is not valid YAML: ${String(err)}`, {
       cause: err,
@@ -57,79 +43,43 @@ export function parseManifest(text: string, source = "manifest"): DeepSeekModel 
   const invalid = (field: string, msg: string): never => {
     throw new ExpertMeshError("EM_MANIFEST_INVALID", `${source}: ${field}: ${msg}`);
   };
-  const root = object(doc, "(document)", invalid);
-  if (root["apiVersion"] !== API_VERSION) invalid("apiVersion", `must be '${API_VERSION}'`);
-  if (root["kind"] !== KIND) invalid("kind", `must be '${KIND}'`);
-  const metadata = object(root["metadata"], "metadata", invalid);
-  const name = dnsLabel(metadata["name"], "metadata.name", invalid);
-  const namespace =
-    metadata["namespace"] === undefined
-      ? "default"
-      : dnsLabel(metadata["namespace"], "metadata.namespace", invalid);
-  const spec = object(root["spec"], "spec", invalid);
-  const servedModelName = spec["servedModelName"] ?? name;
-  if (typeof servedModelName !== "string" || servedModelName === "") {
-    invalid("spec.servedModelName", "must be a non-empty string");
-  }
-  const model = object(spec["model"], "spec.model", invalid);
-  const experts = object(spec["experts"], "spec.experts", invalid);
-  return {
-    apiVersion: API_VERSION,
-    kind: KIND,
-    metadata: { name, namespace },
-    spec: {
-      servedModelName: servedModelName as string,
-      model: modelSpec(model, invalid),
-      experts: {
-        shards: integer(experts["shards"], "spec.experts.shards", 1, invalid),
-        redundantExperts:
-          experts["redundantExperts"] === undefined
-            ? 0
-            : integer(experts["redundantExperts"], "spec.experts.redundantExperts", 0, invalid),
-      },
-    },
-  };
+  const objects = docs.filter(
+    (d): d is Record<string, unknown> => typeof d === "object" && d !== null && !Array.isArray(d),
+  );
+  const doc = objects.find((d) => d["kind"] === KIND) ?? objects[0];
+  if (!doc) return invalid("(document)", `no ${KIND} found`);
+  if (doc["apiVersion"] !== API_VERSION)
+    invalid("apiVersion", `must be '${API_VERSION}', got ${JSON.stringify(doc["apiVersion"])}`);
+  if (doc["kind"] !== KIND)
+    invalid("kind", `must be '${KIND}', got ${JSON.stringify(doc["kind"])}`);
+  return validateModel(doc, invalid);
 }
 
-type Invalid = (field: string, msg: string) => never;
-
-function modelSpec(model: Record<string, unknown>, invalid: Invalid) {
-  const { preset, architecture } = model;
-  if ((preset === undefined) === (architecture === undefined)) {
-    invalid("spec.model", "set exactly one of 'preset' or 'architecture'");
+/** Applies defaults, checks the schema and the cross-field rules; returns a typed copy. */
+export function validateModel(
+  doc: unknown,
+  invalid: (field: string, msg: string) => never,
+): DeepSeekModel {
+  const value = Value.Default(DeepSeekModelSchema, structuredClone(doc)) as Record<string, any>;
+  const first = Value.Errors(DeepSeekModelSchema, value).First();
+  if (first) {
+    const field = first.path.replace(/^\//, "").replaceAll("/", ".") || "(document)";
+    const got = first.value === undefined ? "missing" : `got ${JSON.stringify(first.value)}`;
+    invalid(field, `${first.message} (${got})`);
   }
-  const field = preset !== undefined ? "spec.model.preset" : "spec.model.architecture";
-  if (preset !== undefined && typeof preset !== "string") invalid(field, "must be a string");
-  try {
-    const resolved = resolveArchitecture((preset ?? architecture) as string | ModelArchitecture);
-    return preset === undefined
-      ? { architecture: resolved }
-      : { preset: preset as string, architecture: resolved };
-  } catch (err) {
-    if (err instanceof ExpertMeshError) return invalid(field, err.message);
-    throw err;
-  }
+  const cross = crossFieldErrors(value);
+  if (cross.length) invalid(cross[0]!.path, cross.map((e) => e.message).join("; "));
+  value["metadata"]["namespace"] ??= "default";
+  return value as DeepSeekModel;
 }
 
-function object(v: unknown, field: string, invalid: Invalid): Record<string, unknown> {
-  if (typeof v !== "object" || v === null || Array.isArray(v)) invalid(field, "must be a mapping");
-  return v as Record<string, unknown>;
+/** The architecture figures of a model: its preset's, or the ones it states. */
+export function architectureOf(model: DeepSeekModel): ModelArchitecture {
+  const { preset, architecture } = model.spec.model;
+  return resolveArchitecture((preset ?? architecture) as string | ModelArchitecture);
 }
 
-function integer(v: unknown, field: string, min: number, invalid: Invalid): number {
-  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < min) {
-    invalid(field, `must be an integer >= ${min}, got ${JSON.stringify(v)}`);
-  }
-  return v as number;
-}
-
-/** Kubernetes object names: DNS-1123 labels (lowercase alphanumerics and '-', <= 63). */
-function dnsLabel(v: unknown, field: string, invalid: Invalid): string {
-  if (typeof v !== "string" || !/^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/.test(v)) {
-    invalid(
-      field,
-      `must be a DNS-1123 label (lowercase letters, digits, '-'), got ${JSON.stringify(v)}`,
-    );
-  }
-  return v as string;
+/** The name clients use for the model. */
+export function servedModelName(model: DeepSeekModel): string {
+  return model.spec.servedModelName ?? model.metadata.name;
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { parseManifest } from "../../src/api/manifest.ts";
+import { architectureOf, parseManifest, servedModelName } from "../../src/api/manifest.ts";
 import { type ModelArchitecture, presetNames, resolveArchitecture } from "../../src/api/presets.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
@@ -69,23 +69,31 @@ apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
 metadata: { name: tiny }
 spec:
-  model: { preset: tiny-v3 }
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
   experts: { shards: 4 }
 `;
-  it("applies defaults", () => {
+  it("applies the API server's defaults", () => {
     const m = parseManifest(good);
     expect(m.metadata).toEqual({ name: "tiny", namespace: "default" });
-    expect(m.spec.servedModelName).toBe("tiny");
-    expect(m.spec.experts).toEqual({ shards: 4, redundantExperts: 0 });
-    expect(m.spec.model.architecture.routedExperts).toBe(16);
+    expect(servedModelName(m)).toBe("tiny");
+    expect(m.spec.experts).toEqual({
+      shards: 4,
+      redundantExperts: 0,
+      replicas: { min: 1, max: 1 },
+      gpusPerShard: 1,
+    });
+    expect(m.spec.model.source.pvc).toEqual({ claimName: "weights", path: "" });
+    expect(m.spec.gateway.ports).toEqual({ http: 8000, grpc: 8001, metrics: 9090 });
+    expect(m.spec.autoscaling.mode).toBe("operator");
+    expect(architectureOf(m).routedExperts).toBe(16);
   });
 
   it("reads explicit architecture figures", () => {
     const text = good.replace(
-      "model: { preset: tiny-v3 }",
-      "model: { architecture: { numLayers: 3, firstDenseLayers: 1, routedExperts: 8, expertsPerToken: 2, sharedExperts: 2, hiddenSize: 64, moeIntermediateSize: 32 } }",
+      "preset: tiny-v3,",
+      "architecture: { numLayers: 3, firstDenseLayers: 1, routedExperts: 8, expertsPerToken: 2, sharedExperts: 2, hiddenSize: 64, moeIntermediateSize: 32 },",
     );
-    expect(parseManifest(text).spec.model.architecture).toEqual(resolveArchitecture("tiny-v2"));
+    expect(architectureOf(parseManifest(text))).toEqual(resolveArchitecture("tiny-v2"));
   });
 
   it.each([
@@ -100,7 +108,36 @@ spec:
       good.replace("preset: tiny-v3", "preset: tiny-v3, architecture: {}"),
       "EM_MANIFEST_INVALID",
     ],
-    ["no model", good.replace("  model: { preset: tiny-v3 }\n", ""), "EM_MANIFEST_INVALID"],
+    ["no model", good.replace(/ {2}model: .*\n/, ""), "EM_MANIFEST_INVALID"],
+    [
+      "no source",
+      good.replace(", source: { pvc: { claimName: weights } }", ""),
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "two sources",
+      good.replace(
+        "{ pvc: { claimName: weights } }",
+        "{ pvc: { claimName: w }, huggingFace: { repo: a/b } }",
+      ),
+      "EM_MANIFEST_INVALID",
+    ],
+    ["more shards than experts", good.replace("shards: 4", "shards: 17"), "EM_MANIFEST_INVALID"],
+    [
+      "uneven redundant slots",
+      good.replace("shards: 4", "shards: 4, redundantExperts: 3"),
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "replicas min over max",
+      good.replace("shards: 4", "shards: 4, replicas: { min: 3, max: 2 }"),
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "unknown dtype",
+      good.replace("preset: tiny-v3,", "preset: tiny-v3, dtype: int3,"),
+      "EM_MANIFEST_INVALID",
+    ],
     ["zero shards", good.replace("shards: 4", "shards: 0"), "EM_MANIFEST_INVALID"],
     ["string shards", good.replace("shards: 4", "shards: four"), "EM_MANIFEST_INVALID"],
     [
@@ -114,7 +151,10 @@ spec:
 
   it("names the field in the message", () => {
     expect(() => parseManifest(good.replace("shards: 4", "shards: 0"), "m.yaml")).toThrow(
-      /m\.yaml: spec\.experts\.shards: must be an integer >= 1, got 0/,
+      /m\.yaml: spec\.experts\.shards: Expected integer to be greater or equal to 1 \(got 0\)/,
+    );
+    expect(() => parseManifest(good.replace("shards: 4", "shards: 17"), "m.yaml")).toThrow(
+      "m.yaml: spec: experts.shards must not exceed the model's routed experts (a shard would hold none)",
     );
   });
 });

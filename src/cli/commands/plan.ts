@@ -2,7 +2,7 @@
 // human-readable summary or (--json) the serialized plan that goes into the ConfigMap.
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { readManifest } from "../../api/manifest.ts";
+import { architectureOf, readManifest, servedModelName } from "../../api/manifest.ts";
 import { type ExpertLayout, resolveArchitecture } from "../../api/presets.ts";
 import { type ExpertLoad, type PlacementPlan, planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
@@ -100,8 +100,8 @@ function modelFromOptions(opts: Options): ModelChoice {
     const m = readManifest(file);
     const from = m.spec.model.preset ? `preset ${m.spec.model.preset}` : "explicit architecture";
     return {
-      label: `${m.spec.servedModelName} (${m.metadata.namespace}/${m.metadata.name}, ${from})`,
-      layout: m.spec.model.architecture,
+      label: `${servedModelName(m)} (${m.metadata.namespace}/${m.metadata.name}, ${from})`,
+      layout: architectureOf(m),
       shards: m.spec.experts.shards,
       redundantExperts: m.spec.experts.redundantExperts,
     };

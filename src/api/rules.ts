@@ -1,0 +1,129 @@
+// Cross-field rules of the DeepSeekModel API, each written twice side by side: as CEL for
+// the API server (x-kubernetes-validations in the CRD) and as TypeScript for local mode.
+// The CEL text and the check live in one entry so they cannot drift apart silently; a
+// test applies invalid manifests to the real API server and compares the messages.
+import { presetNames, resolveArchitecture } from "./presets.ts";
+
+export interface CrossFieldRule {
+  /** Dotted path of the object the rule is attached to (CEL's `self`). */
+  readonly path: string;
+  /** CEL expression; true means valid. */
+  readonly rule: string;
+  readonly message: string;
+  /** The same rule on the defaulted object at `path`. */
+  readonly check: (self: Record<string, any>) => boolean;
+}
+
+/** CEL map literal preset -> routed experts, e.g. {'deepseek-v3': 256, ...}. */
+function presetExpertsCel(): string {
+  return `{${presetNames()
+    .map((n) => `'${n}': ${resolveArchitecture(n).routedExperts}`)
+    .join(", ")}}`;
+}
+
+/** CEL for the routed experts of spec.model, guarded so that it never errors. */
+const hasModelFigures = "(has(self.model.architecture) || has(self.model.preset))";
+function routedCel(): string {
+  return `(has(self.model.architecture) ? self.model.architecture.routedExperts : ${presetExpertsCel()}[self.model.preset])`;
+}
+function routedOf(spec: Record<string, any>): number | undefined {
+  const m = spec["model"] ?? {};
+  if (m.architecture) return m.architecture.routedExperts;
+  if (typeof m.preset === "string" && presetNames().includes(m.preset))
+    return resolveArchitecture(m.preset).routedExperts;
+  return undefined;
+}
+
+export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
+  {
+    path: "spec.model",
+    rule: "has(self.preset) != has(self.architecture)",
+    message: "set exactly one of model.preset and model.architecture",
+    check: (s) => "preset" in s !== "architecture" in s,
+  },
+  {
+    path: "spec.model.source",
+    rule: "has(self.pvc) != has(self.huggingFace)",
+    message: "set exactly one of model.source.pvc and model.source.huggingFace",
+    check: (s) => "pvc" in s !== "huggingFace" in s,
+  },
+  {
+    path: "spec.model.architecture",
+    rule: "self.firstDenseLayers < self.numLayers",
+    message: "architecture.firstDenseLayers must be less than numLayers (at least one MoE layer)",
+    check: (s) => s["firstDenseLayers"] < s["numLayers"],
+  },
+  {
+    path: "spec.model.architecture",
+    rule: "self.expertsPerToken <= self.routedExperts",
+    message: "architecture.expertsPerToken must not exceed routedExperts",
+    check: (s) => s["expertsPerToken"] <= s["routedExperts"],
+  },
+  {
+    path: "spec",
+    rule: `!${hasModelFigures} || self.experts.shards <= ${routedCel()}`,
+    message: "experts.shards must not exceed the model's routed experts (a shard would hold none)",
+    check: (s) => {
+      const routed = routedOf(s);
+      return routed === undefined || s["experts"].shards <= routed;
+    },
+  },
+  {
+    path: "spec",
+    rule: `!${hasModelFigures} || self.experts.redundantExperts == 0 || (${routedCel()} + self.experts.redundantExperts) % self.experts.shards == 0`,
+    message:
+      "routed experts + experts.redundantExperts must be a multiple of experts.shards (equal slots per shard)",
+    check: (s) => {
+      const routed = routedOf(s);
+      const { redundantExperts, shards } = s["experts"];
+      return (
+        routed === undefined || redundantExperts === 0 || (routed + redundantExperts) % shards === 0
+      );
+    },
+  },
+  {
+    path: "spec",
+    rule: `!${hasModelFigures} || self.experts.redundantExperts <= ${routedCel()} * (self.experts.shards - 1)`,
+    message:
+      "experts.redundantExperts must not exceed routed experts * (shards - 1): no shard holds two copies of an expert",
+    check: (s) => {
+      const routed = routedOf(s);
+      const { redundantExperts, shards } = s["experts"];
+      return routed === undefined || redundantExperts <= routed * (shards - 1);
+    },
+  },
+  {
+    path: "spec.experts.replicas",
+    rule: "self.min <= self.max",
+    message: "experts.replicas.min must not exceed experts.replicas.max",
+    check: (s) => s["min"] <= s["max"],
+  },
+  {
+    path: "spec.gateway",
+    rule: "self.minReplicas <= self.maxReplicas",
+    message: "gateway.minReplicas must not exceed gateway.maxReplicas",
+    check: (s) => s["minReplicas"] <= s["maxReplicas"],
+  },
+];
+
+/** The CRD's x-kubernetes-validations for the object at `path`. */
+export function validationsAt(path: string): { rule: string; message: string }[] {
+  return CROSS_FIELD_RULES.filter((r) => r.path === path).map(({ rule, message }) => ({
+    rule,
+    message,
+  }));
+}
+
+/** Messages of every rule the (defaulted) resource breaks; objects absent are skipped. */
+export function crossFieldErrors(
+  resource: Record<string, any>,
+): { path: string; message: string }[] {
+  const errors: { path: string; message: string }[] = [];
+  for (const r of CROSS_FIELD_RULES) {
+    let self: any = resource;
+    for (const key of r.path.split(".")) self = self?.[key];
+    if (self === undefined || self === null) continue;
+    if (!r.check(self)) errors.push({ path: r.path, message: r.message });
+  }
+  return errors;
+}

@@ -1,0 +1,39 @@
+// Names and labels of the objects the operator makes for a DeepSeekModel `m`.
+import type { DeepSeekModel } from "../api/schema.ts";
+
+export const FIELD_MANAGER = "expertmesh-operator";
+export const MANAGED_BY = "expertmesh-operator";
+export const LABEL_MODEL = "expertmesh.io/model";
+export const LABEL_COMPONENT = "app.kubernetes.io/component";
+export const LABEL_SHARD = "expertmesh.io/shard";
+export const ANNOTATION_PLAN_VERSION = "expertmesh.io/plan-version";
+
+export type Component = "gateway" | "shard" | "plan";
+
+export const names = {
+  plan: (m: string) => `${m}-plan`,
+  gateway: (m: string) => `${m}-gateway`,
+  service: (m: string) => m,
+  shard: (m: string, k: number) => `${m}-shard-${k}`,
+};
+
+/** Labels of every object of model `model` (its pods' selector uses a subset). */
+export function labelsFor(
+  model: DeepSeekModel,
+  component: Component,
+  shard?: number,
+): Record<string, string> {
+  return {
+    "app.kubernetes.io/name": "expertmesh",
+    "app.kubernetes.io/instance": model.metadata.name,
+    "app.kubernetes.io/managed-by": MANAGED_BY,
+    [LABEL_COMPONENT]: component,
+    [LABEL_MODEL]: model.metadata.name,
+    ...(shard === undefined ? {} : { [LABEL_SHARD]: String(shard) }),
+  };
+}
+
+/** The label selector that finds every object the operator made for `name`. */
+export function ownedSelector(name: string): string {
+  return `${LABEL_MODEL}=${name},app.kubernetes.io/managed-by=${MANAGED_BY}`;
+}

@@ -1,0 +1,378 @@
+// The desired Kubernetes objects of one DeepSeekModel: a pure function of the model, its
+// placement plan and the operator's settings. Only the reconciler does I/O.
+import type {
+  V1ConfigMap,
+  V1Deployment,
+  V1PodDisruptionBudget,
+  V1PodSpec,
+  V1Service,
+  V1Volume,
+} from "@kubernetes/client-node";
+import { architectureOf, servedModelName } from "../api/manifest.ts";
+import type { DeepSeekModel } from "../api/schema.ts";
+import type { PlacementPlan } from "../moe/placement.ts";
+import { serializePlan } from "../moe/plan-json.ts";
+import { ANNOTATION_PLAN_VERSION, type Component, labelsFor, names } from "./labels.ts";
+
+export type DesiredObject = V1ConfigMap | V1Deployment | V1Service | V1PodDisruptionBudget;
+
+/** Where things are inside the pods. */
+export const PATHS = {
+  plan: "/etc/expertmesh/plan.json",
+  planDir: "/etc/expertmesh",
+  models: "/models",
+};
+
+/** Replica counts chosen for this reconcile (the autoscaler's, or the spec's). */
+export interface Replicas {
+  gateway: number | undefined;
+  /** Per shard; undefined leaves replicas to an external autoscaler. */
+  shards: (number | undefined)[];
+}
+
+/** The replicas the spec asks for: clamped to min/max; none when an HPA/KEDA owns them. */
+export function specReplicas(model: DeepSeekModel, plan: PlacementPlan): Replicas {
+  const { autoscaling, gateway, experts } = model.spec;
+  const external = autoscaling.enabled && autoscaling.mode === "external";
+  const gw = external
+    ? undefined
+    : Math.min(Math.max(gateway.replicas, gateway.minReplicas), gateway.maxReplicas);
+  return {
+    gateway: gw,
+    shards: Array.from({ length: plan.numShards }, () =>
+      external ? undefined : experts.replicas.min,
+    ),
+  };
+}
+
+function ownerReference(model: DeepSeekModel) {
+  return {
+    apiVersion: model.apiVersion,
+    kind: model.kind,
+    name: model.metadata.name,
+    uid: model.metadata.uid ?? "",
+    controller: true,
+    blockOwnerDeletion: true,
+  };
+}
+
+function meta(model: DeepSeekModel, name: string, component: Component, shard?: number) {
+  return {
+    name,
+    namespace: model.metadata.namespace,
+    labels: labelsFor(model, component, shard),
+    ownerReferences: [ownerReference(model)],
+  };
+}
+
+/** The model's weights volume and the folder of the checkpoint inside the pods. */
+function modelVolume(model: DeepSeekModel): {
+  volume: V1Volume;
+  modelDir: string;
+  initContainers: V1PodSpec["initContainers"];
+} {
+  const { pvc, huggingFace } = model.spec.model.source;
+  if (pvc) {
+    return {
+      volume: {
+        name: "model",
+        persistentVolumeClaim: { claimName: pvc.claimName, readOnly: true },
+      },
+      modelDir: `${PATHS.models}/${pvc.path}`.replace(/\/+$/, ""),
+      initContainers: undefined,
+    };
+  }
+  const hf = huggingFace!;
+  const dir = `${PATHS.models}/${hf.repo.replace("/", "--")}`;
+  const script = [
+    "set -eu",
+    "python -m venv /tmp/hf",
+    '/tmp/hf/bin/pip install --quiet --no-cache-dir "huggingface_hub>=1.0"',
+    '/tmp/hf/bin/hf download "$HF_REPO" --revision "$HF_REVISION" --local-dir "$MODEL_DIR"',
+  ].join("\n");
+  return {
+    volume: { name: "model", emptyDir: { sizeLimit: hf.cacheSize } },
+    modelDir: dir,
+    initContainers: [
+      {
+        name: "download-weights",
+        image: hf.downloaderImage,
+        command: ["sh", "-c", script],
+        env: [
+          { name: "HF_REPO", value: hf.repo },
+          { name: "HF_REVISION", value: hf.revision },
+          { name: "MODEL_DIR", value: dir },
+          { name: "HF_HOME", value: "/tmp/hf-home" },
+          ...(hf.tokenSecret
+            ? [
+                {
+                  name: "HF_TOKEN",
+                  valueFrom: {
+                    secretKeyRef: { name: hf.tokenSecret.name, key: hf.tokenSecret.key },
+                  },
+                },
+              ]
+            : []),
+        ],
+        volumeMounts: [{ name: "model", mountPath: PATHS.models }],
+        securityContext: { allowPrivilegeEscalation: false, runAsNonRoot: true, runAsUser: 10001 },
+      },
+    ],
+  };
+}
+
+/** Pod spec parts every role shares: scheduling, volumes, security, pull secrets. */
+function podSpec(model: DeepSeekModel, containers: V1PodSpec["containers"]): V1PodSpec {
+  const { scheduling, imagePullSecrets, nats } = model.spec;
+  const weights = modelVolume(model);
+  const volumes: V1Volume[] = [
+    weights.volume,
+    { name: "plan", configMap: { name: names.plan(model.metadata.name) } },
+    ...(nats.credentialsSecret
+      ? [{ name: "nats-creds", secret: { secretName: nats.credentialsSecret.name } }]
+      : []),
+  ];
+  return {
+    ...(weights.initContainers ? { initContainers: weights.initContainers } : {}),
+    containers,
+    volumes,
+    securityContext: {
+      runAsNonRoot: true,
+      runAsUser: 10001,
+      runAsGroup: 10001,
+      fsGroup: 10001,
+      seccompProfile: { type: "RuntimeDefault" },
+    },
+    terminationGracePeriodSeconds: 60,
+    ...(scheduling.nodeSelector ? { nodeSelector: scheduling.nodeSelector } : {}),
+    ...(scheduling.tolerations ? { tolerations: scheduling.tolerations } : {}),
+    ...(scheduling.affinity ? { affinity: scheduling.affinity as V1PodSpec["affinity"] } : {}),
+    ...(scheduling.priorityClassName ? { priorityClassName: scheduling.priorityClassName } : {}),
+    ...(imagePullSecrets ? { imagePullSecrets } : {}),
+  };
+}
+
+function containerBase(
+  model: DeepSeekModel,
+  role: "gateway" | "shard",
+  args: string[],
+  gpus: number,
+  resources?: {
+    requests?: Record<string, string | number>;
+    limits?: Record<string, string | number>;
+  },
+) {
+  const weights = modelVolume(model);
+  const { nats } = model.spec;
+  const limits = { ...(resources?.limits ?? {}), ...(gpus > 0 ? { "nvidia.com/gpu": gpus } : {}) };
+  const requests = {
+    ...(resources?.requests ?? {}),
+    ...(gpus > 0 ? { "nvidia.com/gpu": gpus } : {}),
+  };
+  const str = (r: Record<string, string | number>) =>
+    Object.fromEntries(Object.entries(r).map(([k, v]) => [k, String(v)]));
+  return {
+    name: role,
+    image: model.spec.image,
+    imagePullPolicy: model.spec.imagePullPolicy,
+    args: [
+      role,
+      `--model=${weights.modelDir}`,
+      `--plan=${PATHS.plan}`,
+      `--nats=${nats.url}`,
+      ...(nats.credentialsSecret
+        ? [`--nats-creds=/var/run/expertmesh/nats/${nats.credentialsSecret.key}`]
+        : []),
+      `--namespace=${model.metadata.namespace}`,
+      `--model-name=${model.metadata.name}`,
+      ...(gpus > 0 ? ["--device=cuda:0"] : ["--device=cpu"]),
+      ...args,
+    ],
+    env: [
+      { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
+      { name: "POD_NAMESPACE", valueFrom: { fieldRef: { fieldPath: "metadata.namespace" } } },
+    ],
+    resources: {
+      ...(Object.keys(limits).length ? { limits: str(limits) } : {}),
+      ...(Object.keys(requests).length ? { requests: str(requests) } : {}),
+    },
+    volumeMounts: [
+      { name: "model", mountPath: PATHS.models, readOnly: !!model.spec.model.source.pvc },
+      { name: "plan", mountPath: PATHS.planDir, readOnly: true },
+      ...(nats.credentialsSecret
+        ? [{ name: "nats-creds", mountPath: "/var/run/expertmesh/nats", readOnly: true }]
+        : []),
+    ],
+    securityContext: {
+      allowPrivilegeEscalation: false,
+      readOnlyRootFilesystem: true,
+      capabilities: { drop: ["ALL"] },
+    },
+  };
+}
+
+function planConfigMap(model: DeepSeekModel, plan: PlacementPlan): V1ConfigMap {
+  const arch = architectureOf(model);
+  return {
+    apiVersion: "v1",
+    kind: "ConfigMap",
+    metadata: meta(model, names.plan(model.metadata.name), "plan"),
+    data: {
+      "plan.json": serializePlan(plan),
+      "model.json": `${JSON.stringify({ servedModelName: servedModelName(model), preset: model.spec.model.preset ?? null, architecture: arch, dtype: model.spec.model.dtype }, null, 2)}\n`,
+    },
+  };
+}
+
+function deployment(
+  model: DeepSeekModel,
+  name: string,
+  component: "gateway" | "shard",
+  replicas: number | undefined,
+  planVersion: number,
+  spec: V1PodSpec,
+  shard?: number,
+): V1Deployment {
+  const selector = labelsFor(model, component, shard);
+  return {
+    apiVersion: "apps/v1",
+    kind: "Deployment",
+    metadata: meta(model, name, component, shard),
+    spec: {
+      ...(replicas === undefined ? {} : { replicas }),
+      selector: { matchLabels: selector },
+      strategy: { type: "RollingUpdate", rollingUpdate: { maxUnavailable: 0, maxSurge: 1 } },
+      template: {
+        metadata: {
+          labels: selector,
+          annotations: { [ANNOTATION_PLAN_VERSION]: String(planVersion) },
+        },
+        spec,
+      },
+    },
+  };
+}
+
+function pdb(
+  model: DeepSeekModel,
+  name: string,
+  component: "gateway" | "shard",
+  shard?: number,
+): V1PodDisruptionBudget {
+  return {
+    apiVersion: "policy/v1",
+    kind: "PodDisruptionBudget",
+    metadata: meta(model, name, component, shard),
+    spec: { maxUnavailable: 1, selector: { matchLabels: labelsFor(model, component, shard) } },
+  };
+}
+
+/**
+ * Every object the model needs, in apply order: the plan ConfigMap first (pods mount it),
+ * then shards (a new plan reaches shards before gateways), then the gateway and Service.
+ */
+export function desiredObjects(
+  model: DeepSeekModel,
+  plan: PlacementPlan,
+  replicas: Replicas,
+): DesiredObject[] {
+  const name = model.metadata.name;
+  const { gateway, experts } = model.spec;
+  const objects: DesiredObject[] = [planConfigMap(model, plan)];
+  for (let k = 0; k < plan.numShards; k++) {
+    const container = containerBase(
+      model,
+      "shard",
+      [`--shard=${k}`, "--metrics-port=9090"],
+      experts.gpusPerShard,
+      experts.resources,
+    );
+    const withProbes = {
+      ...container,
+      ports: [{ name: "metrics", containerPort: 9090 }],
+      readinessProbe: { httpGet: { path: "/readyz", port: "metrics" }, periodSeconds: 5 },
+      livenessProbe: {
+        httpGet: { path: "/healthz", port: "metrics" },
+        periodSeconds: 10,
+        failureThreshold: 6,
+      },
+    };
+    objects.push(
+      deployment(
+        model,
+        names.shard(name, k),
+        "shard",
+        replicas.shards[k],
+        plan.version,
+        podSpec(model, [withProbes]),
+        k,
+      ),
+    );
+    objects.push(pdb(model, names.shard(name, k), "shard", k));
+  }
+  const gw = containerBase(
+    model,
+    "gateway",
+    [
+      `--served-model-name=${servedModelName(model)}`,
+      `--http-port=${gateway.ports.http}`,
+      `--grpc-port=${gateway.ports.grpc}`,
+      `--metrics-port=${gateway.ports.metrics}`,
+      `--max-queue-depth=${gateway.limits.maxQueueDepth}`,
+      `--max-batch-tokens=${gateway.limits.maxBatchTokens}`,
+      `--max-request-bytes=${gateway.limits.maxRequestBytes}`,
+      ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
+    ],
+    gateway.gpus,
+    gateway.resources,
+  );
+  const gwContainer = {
+    ...gw,
+    ports: [
+      { name: "http", containerPort: gateway.ports.http },
+      { name: "grpc", containerPort: gateway.ports.grpc },
+      { name: "metrics", containerPort: gateway.ports.metrics },
+    ],
+    readinessProbe: { httpGet: { path: "/ready", port: "http" }, periodSeconds: 5 },
+    livenessProbe: {
+      httpGet: { path: "/health", port: "http" },
+      periodSeconds: 10,
+      failureThreshold: 6,
+    },
+  };
+  objects.push(
+    deployment(
+      model,
+      names.gateway(name),
+      "gateway",
+      replicas.gateway,
+      plan.version,
+      podSpec(model, [gwContainer]),
+    ),
+  );
+  objects.push(pdb(model, names.gateway(name), "gateway"));
+  objects.push({
+    apiVersion: "v1",
+    kind: "Service",
+    metadata: meta(model, names.service(name), "gateway"),
+    spec: {
+      selector: labelsFor(model, "gateway"),
+      ports: [
+        { name: "http", port: gateway.ports.http, targetPort: "http" },
+        {
+          name: "grpc",
+          port: gateway.ports.grpc,
+          targetPort: "grpc",
+          appProtocol: "grpc",
+        } as never,
+        { name: "metrics", port: gateway.ports.metrics, targetPort: "metrics" },
+      ],
+    },
+  });
+  return objects;
+}
+
+/** In-cluster URL of the model's OpenAI-compatible API. */
+export function endpointOf(model: DeepSeekModel): string {
+  return `http://${names.service(model.metadata.name)}.${model.metadata.namespace}.svc:${model.spec.gateway.ports.http}/v1`;
+}
