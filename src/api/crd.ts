@@ -25,7 +25,8 @@ type Json = Record<string, any>;
 /**
  * Turns TypeBox's JSON Schema into a Kubernetes structural schema: literal unions become
  * enums, records become additionalProperties, int-or-string unions get the Kubernetes flag,
- * numeric exclusive bounds use the OpenAPI v3.0 boolean form.
+ * numeric exclusive bounds use the OpenAPI v3.0 boolean form, and fields with a default
+ * are not listed as required.
  */
 export function toStructural(schema: TSchema | Json): Json {
   const s: Json = JSON.parse(JSON.stringify(schema));
@@ -82,10 +83,18 @@ function convert(s: Json): Json {
         out["maximum"] = value;
         out["exclusiveMaximum"] = true;
         break;
+      case "required":
+        break; // below, once properties are converted
       default:
         out[key] = value;
     }
   }
+  // A field with its own default need not be required: the API server fills it in. Listing
+  // it would also make a parent's `default: {}` invalid (defaults are checked unexpanded).
+  const required = (s["required"] as string[] | undefined)?.filter(
+    (k) => out["properties"]?.[k]?.["default"] === undefined,
+  );
+  if (required?.length) out["required"] = required;
   return out;
 }
 

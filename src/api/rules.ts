@@ -94,13 +94,14 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.experts.replicas",
-    rule: "self.min <= self.max",
+    // has(): the rule also runs on the unexpanded `default: {}` when the CRD is created.
+    rule: "!has(self.min) || !has(self.max) || self.min <= self.max",
     message: "experts.replicas.min must not exceed experts.replicas.max",
     check: (s) => s["min"] <= s["max"],
   },
   {
     path: "spec.gateway",
-    rule: "self.minReplicas <= self.maxReplicas",
+    rule: "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
     message: "gateway.minReplicas must not exceed gateway.maxReplicas",
     check: (s) => s["minReplicas"] <= s["maxReplicas"],
   },

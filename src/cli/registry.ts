@@ -13,6 +13,7 @@ type Loader = () => Promise<Command>;
 /** Commands by name. Add a command here once it does real work. */
 const commands: Record<string, Loader> = {
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
+  operator: async () => (await import("./commands/operator.ts")).operatorCommand,
   plan: async () => (await import("./commands/plan.ts")).planCommand,
   version: async () => (await import("./commands/version.ts")).versionCommand,
 };

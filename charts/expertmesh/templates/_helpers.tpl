@@ -1,0 +1,119 @@
+{{/*
+Chart name, truncated to 63 characters (the DNS label limit).
+*/}}
+{{- define "expertmesh.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name of the release's objects: the release name, prefixed with the chart name unless
+the release name already contains it.
+*/}}
+{{- define "expertmesh.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "expertmesh.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "expertmesh.labels" -}}
+helm.sh/chart: {{ include "expertmesh.chart" . }}
+{{ include "expertmesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: expertmesh
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that select the operator pods (immutable once installed: keep them stable).
+*/}}
+{{- define "expertmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "expertmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Name of the operator's ServiceAccount.
+*/}}
+{{- define "expertmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "expertmesh.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image tag: image.tag, or the chart's appVersion.
+*/}}
+{{- define "expertmesh.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag | toString }}
+{{- end }}
+
+{{/*
+Name of the leader-election Lease. Fixed: the operator looks for it by this name.
+*/}}
+{{- define "expertmesh.leaseName" -}}
+expertmesh-operator
+{{- end }}
+
+{{/*
+What the operator may do with the objects it reconciles, in every namespace it watches
+(ClusterRole in cluster-wide mode, one Role per namespace in namespaced mode). Least
+privilege, no wildcards; the test in test/operator/helm.test.ts pins this list exactly.
+Leases are not here: leader election gets its own Role in the release namespace.
+*/}}
+{{- define "expertmesh.operatorRules" -}}
+- apiGroups: ["expertmesh.io"]
+  resources: ["deepseekmodels"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["expertmesh.io"]
+  resources: ["deepseekmodels/status"]
+  verbs: ["get", "update", "patch"]
+- apiGroups: ["expertmesh.io"]
+  resources: ["deepseekmodels/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+{{- end }}
+
+{{/*
+Port the operator serves /metrics, /healthz and /readyz on (its --metrics-port).
+*/}}
+{{- define "expertmesh.metricsContainerPort" -}}
+8080
+{{- end }}

@@ -1,0 +1,88 @@
+import { hostname } from "node:os";
+import { parseArgs } from "node:util";
+import { KubeConfig } from "@kubernetes/client-node";
+import { Operator } from "../../operator/operator.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE = `expertmesh operator [options]
+  --kubeconfig PATH          kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster)
+  --namespace NS             watch only NS (repeatable; default: all namespaces)
+  --leader-elect=BOOL        compete for a Lease before reconciling (default true)
+  --lease-namespace NS       namespace of the Lease (default: $POD_NAMESPACE or default)
+  --lease-name NAME          Lease name (default expertmesh-operator)
+  --lease-duration SECONDS   lease validity without renewal (default 15)
+  --identity NAME            this replica's identity (default: $POD_NAME or hostname-pid)
+  --metrics-port PORT        /metrics, /healthz, /readyz (default 8080; 0 picks a free port)
+  --workers N                concurrent reconciles (default 2)`;
+
+function bool(v: string | undefined, flag: string, dflt: boolean): boolean {
+  if (v === undefined) return dflt;
+  if (v === "true") return true;
+  if (v === "false") return false;
+  throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be true or false, got '${v}'`);
+}
+
+function int(v: string | undefined, flag: string, dflt: number, min: number): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min)
+    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be an integer >= ${min}, got '${v}'`);
+  return n;
+}
+
+export const operatorCommand: Command = {
+  name: "operator",
+  summary: "run the Kubernetes operator that reconciles DeepSeekModel objects",
+  usage: USAGE,
+  async run(argv) {
+    const { values } = parseArgs({
+      args: argv,
+      options: {
+        kubeconfig: { type: "string" },
+        namespace: { type: "string", multiple: true },
+        "leader-elect": { type: "string" },
+        "lease-namespace": { type: "string" },
+        "lease-name": { type: "string" },
+        "lease-duration": { type: "string" },
+        identity: { type: "string" },
+        "metrics-port": { type: "string" },
+        "metrics-host": { type: "string" },
+        workers: { type: "string" },
+      },
+    });
+    const kc = new KubeConfig();
+    if (values.kubeconfig) kc.loadFromFile(values.kubeconfig);
+    else kc.loadFromDefault();
+    const level = process.env["EXPERTMESH_LOG_LEVEL"] ?? "info";
+    const log = (msg: string) => {
+      if (level !== "error") process.stderr.write(`${new Date().toISOString()} operator: ${msg}\n`);
+    };
+    const op = new Operator(kc, {
+      namespaces: values.namespace ?? [],
+      leaderElect: bool(values["leader-elect"], "--leader-elect", true),
+      leaseNamespace: values["lease-namespace"] ?? process.env["POD_NAMESPACE"] ?? "default",
+      leaseName: values["lease-name"] ?? "expertmesh-operator",
+      leaseDurationSeconds: int(values["lease-duration"], "--lease-duration", 15, 1),
+      identity: values.identity ?? process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`,
+      metricsPort: int(values["metrics-port"], "--metrics-port", 8080, 0),
+      ...(values["metrics-host"] ? { metricsHost: values["metrics-host"] } : {}),
+      workers: int(values.workers, "--workers", 2, 1),
+      log,
+    });
+    let stopping = false;
+    const stop = async (sig: string) => {
+      if (stopping) return;
+      stopping = true;
+      log(`${sig}: shutting down`);
+      await op.stop();
+      log("stopped");
+      process.exit(0);
+    };
+    process.on("SIGTERM", () => void stop("SIGTERM"));
+    process.on("SIGINT", () => void stop("SIGINT"));
+    await op.start();
+    await new Promise(() => {}); // runs until a signal
+    return 0;
+  },
+};

@@ -1,0 +1,194 @@
+// The operator's Kubernetes I/O in one place: server-side apply under one field manager,
+// owned-object listing and deletion, the DeepSeekModel and its status, Events.
+import {
+  AppsV1Api,
+  CoreV1Api,
+  CustomObjectsApi,
+  type KubeConfig,
+  type KubernetesObject,
+  KubernetesObjectApi,
+  PatchStrategy,
+  PolicyV1Api,
+  setHeaderOptions,
+  type V1Deployment,
+  type V1Pod,
+} from "@kubernetes/client-node";
+import {
+  type DeepSeekModel,
+  type DeepSeekModelStatus,
+  GROUP,
+  PLURAL,
+  VERSION,
+} from "../api/schema.ts";
+import { FIELD_MANAGER, ownedSelector } from "./labels.ts";
+
+export function httpStatus(err: unknown): number | undefined {
+  return (err as { code?: number })?.code;
+}
+
+/** The kinds the operator creates, for listing what it owns. */
+const OWNED_KINDS = [
+  { apiVersion: "v1", kind: "ConfigMap" },
+  { apiVersion: "apps/v1", kind: "Deployment" },
+  { apiVersion: "v1", kind: "Service" },
+  { apiVersion: "policy/v1", kind: "PodDisruptionBudget" },
+] as const;
+
+export class KubeClient {
+  readonly kc: KubeConfig;
+  readonly objects: KubernetesObjectApi;
+  readonly core: CoreV1Api;
+  readonly apps: AppsV1Api;
+  readonly policy: PolicyV1Api;
+  readonly custom: CustomObjectsApi;
+  readonly identity: string;
+
+  constructor(kc: KubeConfig, identity: string) {
+    this.kc = kc;
+    this.identity = identity;
+    this.objects = KubernetesObjectApi.makeApiClient(kc);
+    this.core = kc.makeApiClient(CoreV1Api);
+    this.apps = kc.makeApiClient(AppsV1Api);
+    this.policy = kc.makeApiClient(PolicyV1Api);
+    this.custom = kc.makeApiClient(CustomObjectsApi);
+  }
+
+  /** Server-side apply; returns the object as stored. */
+  async apply<T extends KubernetesObject>(obj: T): Promise<T> {
+    return (await this.objects.patch(
+      obj,
+      undefined,
+      undefined,
+      FIELD_MANAGER,
+      true,
+      PatchStrategy.ServerSideApply,
+    )) as T;
+  }
+
+  async delete(obj: KubernetesObject): Promise<void> {
+    try {
+      await this.objects.delete(obj, undefined, undefined, undefined, undefined, "Background");
+    } catch (err) {
+      if (httpStatus(err) !== 404) throw err;
+    }
+  }
+
+  /** Everything the operator made for model `name` (by label). */
+  async listOwned(namespace: string, name: string): Promise<KubernetesObject[]> {
+    const selector = ownedSelector(name);
+    const lists = await Promise.all(
+      OWNED_KINDS.map(async ({ apiVersion, kind }) => {
+        const list = await this.objects.list(
+          apiVersion,
+          kind,
+          namespace,
+          undefined,
+          undefined,
+          undefined,
+          undefined,
+          selector,
+        );
+        return list.items.map((o) => ({ ...o, apiVersion, kind }));
+      }),
+    );
+    return lists.flat();
+  }
+
+  async listDeployments(namespace: string, name: string): Promise<V1Deployment[]> {
+    return (
+      await this.apps.listNamespacedDeployment({ namespace, labelSelector: ownedSelector(name) })
+    ).items;
+  }
+
+  async listPods(namespace: string, name: string): Promise<V1Pod[]> {
+    return (await this.core.listNamespacedPod({ namespace, labelSelector: ownedSelector(name) }))
+      .items;
+  }
+
+  /** The model, or undefined when it no longer exists. */
+  async getModel(namespace: string, name: string): Promise<DeepSeekModel | undefined> {
+    try {
+      return (await this.custom.getNamespacedCustomObject({
+        group: GROUP,
+        version: VERSION,
+        namespace,
+        plural: PLURAL,
+        name,
+      })) as DeepSeekModel;
+    } catch (err) {
+      if (httpStatus(err) === 404) return undefined;
+      throw err;
+    }
+  }
+
+  /** Writes the status subresource (server-side apply of status only). */
+  async applyStatus(model: DeepSeekModel, status: DeepSeekModelStatus): Promise<void> {
+    await this.custom.patchNamespacedCustomObjectStatus(
+      {
+        group: GROUP,
+        version: VERSION,
+        namespace: model.metadata.namespace!,
+        plural: PLURAL,
+        name: model.metadata.name,
+        body: {
+          apiVersion: model.apiVersion,
+          kind: model.kind,
+          metadata: { name: model.metadata.name, namespace: model.metadata.namespace },
+          status,
+        },
+        fieldManager: FIELD_MANAGER,
+        force: true,
+      },
+      setHeaderOptions("Content-Type", PatchStrategy.ServerSideApply),
+    );
+  }
+
+  async exists(
+    kind: "PersistentVolumeClaim" | "Secret",
+    namespace: string,
+    name: string,
+  ): Promise<boolean> {
+    try {
+      if (kind === "Secret") await this.core.readNamespacedSecret({ name, namespace });
+      else await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
+      return true;
+    } catch (err) {
+      if (httpStatus(err) === 404) return false;
+      throw err;
+    }
+  }
+
+  /** Records an Event on the model (shown by `kubectl describe dsm`). */
+  async event(
+    model: DeepSeekModel,
+    type: "Normal" | "Warning",
+    reason: string,
+    message: string,
+  ): Promise<void> {
+    const now = new Date();
+    const namespace = model.metadata.namespace!;
+    await this.core.createNamespacedEvent({
+      namespace,
+      body: {
+        metadata: { generateName: `${model.metadata.name}.`, namespace },
+        involvedObject: {
+          apiVersion: model.apiVersion,
+          kind: model.kind,
+          name: model.metadata.name,
+          namespace,
+          uid: model.metadata.uid,
+          resourceVersion: model.metadata.resourceVersion,
+        },
+        type,
+        reason,
+        message: message.slice(0, 1024),
+        source: { component: FIELD_MANAGER },
+        reportingComponent: FIELD_MANAGER,
+        reportingInstance: this.identity,
+        firstTimestamp: now,
+        lastTimestamp: now,
+        count: 1,
+      },
+    });
+  }
+}

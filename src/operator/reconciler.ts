@@ -1,0 +1,232 @@
+// Reconciles one DeepSeekModel: idempotent and level-based. Reads the model, checks what
+// it depends on, plans expert placement, server-side-applies the desired objects, deletes
+// the ones it no longer wants, and writes an honest status. Unchanged objects are not
+// touched (a no-op apply keeps their resourceVersion).
+import type { KubernetesObject, V1ConfigMap } from "@kubernetes/client-node";
+import { architectureOf } from "../api/manifest.ts";
+import type { DeepSeekModel } from "../api/schema.ts";
+import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
+import { parsePlan } from "../moe/plan-json.ts";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { httpStatus, type KubeClient } from "./kube.ts";
+import { names } from "./labels.ts";
+import { computeStatus, type Problem, statusChanged, unschedulableProblem } from "./status.ts";
+import { type DesiredObject, desiredObjects, endpointOf, specReplicas } from "./workloads.ts";
+import type { WorkResult } from "./workqueue.ts";
+
+/** Thrown to retry a reconcile with backoff after a problem outside the operator's control. */
+export class RetryLater extends Error {}
+
+export interface ReconcilerOptions {
+  /** Poll interval while a rollout is in progress (ms). */
+  progressPollMs?: number;
+  log?: (msg: string) => void;
+  /** Observed queue depths per model key, from the load reports (the autoscaler's input). */
+  queueDepth?: (key: string) => { gateway?: number; shard?: number } | undefined;
+}
+
+const keyOf = (o: KubernetesObject) => `${o.kind}/${o.metadata?.name}`;
+
+/** Same plan apart from its version number? */
+function samePlacement(a: PlacementPlan, b: PlacementPlan): boolean {
+  return JSON.stringify({ ...a, version: 0 }) === JSON.stringify({ ...b, version: 0 });
+}
+
+export class Reconciler {
+  readonly #kube: KubeClient;
+  readonly #opts: ReconcilerOptions;
+
+  constructor(kube: KubeClient, opts: ReconcilerOptions = {}) {
+    this.#kube = kube;
+    this.#opts = opts;
+  }
+
+  /** Reconciles `namespace/name`. Throws to be retried with backoff. */
+  async reconcile(key: string): Promise<WorkResult> {
+    const [namespace, name] = key.split("/") as [string, string];
+    const model = await this.#kube.getModel(namespace, name);
+    if (!model || (model.metadata as { deletionTimestamp?: string }).deletionTimestamp)
+      return undefined; // garbage collection removes the rest
+    const problems: Problem[] = [];
+
+    // 1. What the pods depend on and the operator cannot create.
+    problems.push(...(await this.#missingDependencies(model)));
+
+    // 2. The placement plan (versioned: a changed placement bumps the version).
+    let plan: PlacementPlan | undefined;
+    const current = await this.#currentPlan(model);
+    try {
+      const next = planPlacement({
+        architecture: architectureOf(model),
+        numShards: model.spec.experts.shards,
+        redundantExperts: model.spec.experts.redundantExperts,
+        version: current?.version ?? 1,
+      });
+      plan =
+        current && !samePlacement(current, next) ? { ...next, version: current.version + 1 } : next;
+    } catch (err) {
+      if (!(err instanceof ExpertMeshError)) throw err;
+      problems.push({ reason: "PlanInvalid", message: err.message });
+    }
+
+    // 3. Apply what is wanted (unless a dependency is missing), delete what is not.
+    if (plan && problems.length === 0) {
+      const desired = desiredObjects(model, plan, specReplicas(model, plan));
+      try {
+        await this.#converge(model, desired);
+      } catch (err) {
+        if (httpStatus(err) === 409 || httpStatus(err) === undefined) throw err;
+        problems.push({ reason: "ApplyFailed", message: formatError(err) });
+      }
+      if (current && plan.version !== current.version) {
+        await this.#event(
+          model,
+          "Normal",
+          "PlanUpdated",
+          `placement plan v${current.version} -> v${plan.version} (${plan.numShards} shards)`,
+        );
+      }
+    }
+
+    // 4. Status from what the cluster reports.
+    const [deployments, pods] = await Promise.all([
+      this.#kube.listDeployments(namespace, name),
+      this.#kube.listPods(namespace, name),
+    ]);
+    const unschedulable = unschedulableProblem(pods);
+    if (unschedulable) problems.push(unschedulable);
+    const status = computeStatus(
+      model,
+      {
+        deployments,
+        pods,
+        problems,
+        planVersion: plan?.version ?? current?.version,
+        endpoint: endpointOf(model),
+        ...(this.#opts.queueDepth?.(key) ? { queueDepth: this.#opts.queueDepth(key)! } : {}),
+      },
+      new Date().toISOString().replace(/\.\d{3}Z$/, "Z"),
+    );
+    if (statusChanged(model.status, status)) {
+      const wasDegraded = model.status?.conditions?.find((c) => c.type === "Degraded");
+      const nowDegraded = status.conditions!.find((c) => c.type === "Degraded")!;
+      if (
+        nowDegraded.status === "True" &&
+        (wasDegraded?.status !== "True" || wasDegraded.reason !== nowDegraded.reason)
+      ) {
+        await this.#event(model, "Warning", nowDegraded.reason, nowDegraded.message);
+      }
+      if (nowDegraded.status === "False" && wasDegraded?.status === "True") {
+        await this.#event(
+          model,
+          "Normal",
+          "Recovered",
+          `no longer degraded (was ${wasDegraded.reason})`,
+        );
+      }
+      const ready = status.conditions!.find((c) => c.type === "Ready")!;
+      if (
+        ready.status === "True" &&
+        model.status?.conditions?.find((c) => c.type === "Ready")?.status !== "True"
+      ) {
+        await this.#event(model, "Normal", "Ready", ready.message);
+      }
+      await this.#kube.applyStatus(model, status);
+    }
+
+    // Missing dependencies: retry with backoff until they appear (they have no owner to watch).
+    if (
+      problems.some(
+        (p) =>
+          p.reason === "PVCNotFound" || p.reason === "SecretNotFound" || p.reason === "ApplyFailed",
+      )
+    ) {
+      throw new RetryLater(problems.map((p) => p.message).join("; "));
+    }
+    const settled = status.conditions!.every((c) =>
+      c.type === "Ready" ? c.status === "True" : c.status === "False",
+    );
+    return settled ? undefined : { requeueAfterMs: this.#opts.progressPollMs ?? 5_000 };
+  }
+
+  async #missingDependencies(model: DeepSeekModel): Promise<Problem[]> {
+    const ns = model.metadata.namespace!;
+    const out: Problem[] = [];
+    const { pvc, huggingFace } = model.spec.model.source;
+    if (pvc && !(await this.#kube.exists("PersistentVolumeClaim", ns, pvc.claimName))) {
+      out.push({
+        reason: "PVCNotFound",
+        message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
+      });
+    }
+    const secrets = [
+      ...(huggingFace?.tokenSecret
+        ? [["spec.model.source.huggingFace.tokenSecret", huggingFace.tokenSecret.name] as const]
+        : []),
+      ...(model.spec.nats.credentialsSecret
+        ? [["spec.nats.credentialsSecret", model.spec.nats.credentialsSecret.name] as const]
+        : []),
+    ];
+    for (const [field, secret] of secrets) {
+      if (!(await this.#kube.exists("Secret", ns, secret))) {
+        out.push({
+          reason: "SecretNotFound",
+          message: `Secret ${ns}/${secret} (${field}) does not exist`,
+        });
+      }
+    }
+    return out;
+  }
+
+  async #currentPlan(model: DeepSeekModel): Promise<PlacementPlan | undefined> {
+    try {
+      const cm: V1ConfigMap = await this.#kube.core.readNamespacedConfigMap({
+        name: names.plan(model.metadata.name),
+        namespace: model.metadata.namespace!,
+      });
+      const text = cm.data?.["plan.json"];
+      return text ? parsePlan(text) : undefined;
+    } catch (err) {
+      if (httpStatus(err) === 404 || err instanceof ExpertMeshError) return undefined;
+      throw err;
+    }
+  }
+
+  /** Applies every desired object in order; deletes owned objects no longer desired. */
+  async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<void> {
+    const ns = model.metadata.namespace!;
+    const existing = new Map(
+      (await this.#kube.listOwned(ns, model.metadata.name)).map((o) => [keyOf(o), o]),
+    );
+    for (const obj of desired) {
+      const before = existing.get(keyOf(obj as KubernetesObject));
+      const after = await this.#kube.apply(obj as KubernetesObject);
+      if (!before)
+        await this.#event(model, "Normal", "Created", `created ${keyOf(obj as KubernetesObject)}`);
+      else if (before.metadata?.resourceVersion !== after.metadata?.resourceVersion) {
+        await this.#event(model, "Normal", "Updated", `updated ${keyOf(obj as KubernetesObject)}`);
+      }
+    }
+    const wanted = new Set(desired.map((o) => keyOf(o as KubernetesObject)));
+    for (const [key, obj] of existing) {
+      if (wanted.has(key)) continue;
+      await this.#kube.delete(obj);
+      await this.#event(model, "Normal", "Deleted", `deleted ${key} (no longer in the spec)`);
+    }
+  }
+
+  async #event(
+    model: DeepSeekModel,
+    type: "Normal" | "Warning",
+    reason: string,
+    message: string,
+  ): Promise<void> {
+    try {
+      await this.#kube.event(model, type, reason, message);
+    } catch (err) {
+      this.#opts.log?.(
+        `event ${reason} on ${model.metadata.namespace}/${model.metadata.name} failed: ${formatError(err)}`,
+      );
+    }
+  }
+}

@@ -1,0 +1,169 @@
+// The DeepSeekModel's status, computed from what the cluster reports: a pure function of
+// the model, its Deployments and Pods, and the problems the reconciler met.
+import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
+import type { DeepSeekModel, DeepSeekModelStatus, ModelCondition } from "../api/schema.ts";
+import { LABEL_COMPONENT } from "./labels.ts";
+
+/** A problem that makes the model Degraded: a stable reason and a precise message. */
+export interface Problem {
+  reason: "PVCNotFound" | "SecretNotFound" | "PlanInvalid" | "Unschedulable" | "ApplyFailed";
+  message: string;
+}
+
+export interface Observed {
+  deployments: V1Deployment[];
+  pods: V1Pod[];
+  problems: Problem[];
+  planVersion: number | undefined;
+  endpoint: string;
+  /** Mean queue depths per role, when load reports exist. */
+  queueDepth?: { gateway?: number; shard?: number };
+}
+
+/** Pods the scheduler could not place, as one Problem (or none). */
+export function unschedulableProblem(pods: V1Pod[]): Problem | undefined {
+  const stuck = pods.filter((p) =>
+    p.status?.conditions?.some(
+      (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
+    ),
+  );
+  if (!stuck.length) return undefined;
+  const first = stuck[0]!;
+  const why =
+    first.status?.conditions?.find((c) => c.type === "PodScheduled")?.message ?? "no node fits";
+  return {
+    reason: "Unschedulable",
+    message: `${stuck.length} pod(s) cannot be scheduled, e.g. ${first.metadata?.name}: ${why}`,
+  };
+}
+
+function rolledOut(d: V1Deployment): boolean {
+  const want = d.spec?.replicas ?? 1;
+  const s = d.status ?? {};
+  return (
+    (s.observedGeneration ?? 0) >= (d.metadata?.generation ?? 0) &&
+    (s.updatedReplicas ?? 0) >= want &&
+    (s.availableReplicas ?? 0) >= want &&
+    (s.replicas ?? 0) <= want
+  );
+}
+
+function roleCounts(ds: V1Deployment[]) {
+  return {
+    desiredReplicas: ds.reduce((n, d) => n + (d.spec?.replicas ?? 1), 0),
+    readyReplicas: ds.reduce((n, d) => n + (d.status?.readyReplicas ?? 0), 0),
+  };
+}
+
+/** Carries lastTransitionTime over from the previous condition when status is unchanged. */
+function condition(
+  prev: ModelCondition[] | undefined,
+  now: string,
+  generation: number,
+  c: Omit<ModelCondition, "lastTransitionTime" | "observedGeneration">,
+): ModelCondition {
+  const old = prev?.find((p) => p.type === c.type);
+  return {
+    ...c,
+    observedGeneration: generation,
+    lastTransitionTime: old && old.status === c.status ? old.lastTransitionTime : now,
+  };
+}
+
+/** The status to write. `now` is an RFC 3339 timestamp (seconds precision). */
+export function computeStatus(model: DeepSeekModel, o: Observed, now: string): DeepSeekModelStatus {
+  const generation = model.metadata.generation ?? 0;
+  const prev = model.status?.conditions;
+  const byRole = (role: string) =>
+    o.deployments.filter((d) => d.metadata?.labels?.[LABEL_COMPONENT] === role);
+  const gateway = {
+    ...roleCounts(byRole("gateway")),
+    ...(o.queueDepth?.gateway !== undefined ? { queueDepth: o.queueDepth.gateway } : {}),
+  };
+  const shards = {
+    ...roleCounts(byRole("shard")),
+    ...(o.queueDepth?.shard !== undefined ? { queueDepth: o.queueDepth.shard } : {}),
+  };
+  const expectedDeployments = 1 + model.spec.experts.shards;
+  const allRolledOut =
+    o.deployments.length === expectedDeployments && o.deployments.every(rolledOut);
+  const problem = o.problems[0];
+
+  const degraded = problem
+    ? {
+        type: "Degraded",
+        status: "True" as const,
+        reason: problem.reason,
+        message: o.problems.map((p) => p.message).join("; "),
+      }
+    : {
+        type: "Degraded",
+        status: "False" as const,
+        reason: "AsExpected",
+        message: "No problems found",
+      };
+  const progressing = allRolledOut
+    ? {
+        type: "Progressing",
+        status: "False" as const,
+        reason: "RolloutComplete",
+        message: `All ${expectedDeployments} Deployments rolled out`,
+      }
+    : {
+        type: "Progressing",
+        status: "True" as const,
+        reason: "RollingOut",
+        message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
+      };
+  const ready =
+    allRolledOut && !problem
+      ? {
+          type: "Ready",
+          status: "True" as const,
+          reason: "AllReplicasReady",
+          message: `Serving at ${o.endpoint}`,
+        }
+      : {
+          type: "Ready",
+          status: "False" as const,
+          reason: problem ? problem.reason : "ReplicasNotReady",
+          message: problem ? problem.message : progressing.message,
+        };
+
+  return {
+    observedGeneration: generation,
+    conditions: [ready, progressing, degraded].map((c) => condition(prev, now, generation, c)),
+    gateway,
+    shards,
+    gateways: `${gateway.readyReplicas}/${gateway.desiredReplicas}`,
+    shardPods: `${shards.readyReplicas}/${shards.desiredReplicas}`,
+    ...(o.queueDepth?.gateway !== undefined
+      ? { queueDepth: o.queueDepth.gateway }
+      : { queueDepth: 0 }),
+    ...(o.planVersion !== undefined ? { planVersion: o.planVersion } : {}),
+    endpoint: o.endpoint,
+  };
+}
+
+/** True when two statuses differ in anything but timestamps' formatting. */
+export function statusChanged(a: DeepSeekModelStatus | undefined, b: DeepSeekModelStatus): boolean {
+  return JSON.stringify(normalize(a)) !== JSON.stringify(normalize(b));
+}
+
+function normalize(s: DeepSeekModelStatus | undefined): unknown {
+  if (!s) return undefined;
+  const sortKeys = (v: unknown): unknown =>
+    Array.isArray(v)
+      ? v.map(sortKeys)
+      : v && typeof v === "object"
+        ? Object.fromEntries(
+            Object.keys(v)
+              .sort()
+              .map((k) => [k, sortKeys((v as Record<string, unknown>)[k])]),
+          )
+        : v;
+  return sortKeys({
+    ...s,
+    conditions: [...(s.conditions ?? [])].sort((x, y) => x.type.localeCompare(y.type)),
+  });
+}

@@ -1,0 +1,614 @@
+// The operator's Helm chart (charts/expertmesh): lints strictly, renders least-privilege
+// RBAC in both modes (cluster-wide, namespaced), ships the generated CRD, and installs into
+// the test control plane, where the operator pods get scheduled and Running and the
+// ServiceAccount gets exactly the access it needs.
+import { execFile } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import {
+  ApiextensionsV1Api,
+  AppsV1Api,
+  AuthorizationV1Api,
+  CoreV1Api,
+  RbacAuthorizationV1Api,
+  type V1Pod,
+} from "@kubernetes/client-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseAllDocuments } from "yaml";
+import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
+
+const run = promisify(execFile);
+
+const repoRoot = fileURLToPath(new URL("../../", import.meta.url));
+const chartDir = join(repoRoot, "charts", "expertmesh");
+const CRD_FILE = "deepseekmodels.expertmesh.io.yaml";
+const chartCrd = join(chartDir, "crds", CRD_FILE);
+const repoCrd = join(repoRoot, "crds", CRD_FILE);
+
+/** The operator's rules on what it reconciles, as agreed with the operator (no leases). */
+const OPERATOR_RULES = [
+  { apiGroups: ["expertmesh.io"], resources: ["deepseekmodels"], verbs: ["get", "list", "watch"] },
+  {
+    apiGroups: ["expertmesh.io"],
+    resources: ["deepseekmodels/status"],
+    verbs: ["get", "update", "patch"],
+  },
+  { apiGroups: ["expertmesh.io"], resources: ["deepseekmodels/finalizers"], verbs: ["update"] },
+  {
+    apiGroups: [""],
+    resources: ["configmaps", "services"],
+    verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
+  },
+  { apiGroups: [""], resources: ["pods"], verbs: ["get", "list", "watch"] },
+  { apiGroups: [""], resources: ["persistentvolumeclaims"], verbs: ["get"] },
+  { apiGroups: [""], resources: ["secrets"], verbs: ["get"] },
+  { apiGroups: [""], resources: ["events"], verbs: ["create", "patch"] },
+  { apiGroups: ["events.k8s.io"], resources: ["events"], verbs: ["create", "patch"] },
+  {
+    apiGroups: ["apps"],
+    resources: ["deployments"],
+    verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
+  },
+  {
+    apiGroups: ["policy"],
+    resources: ["poddisruptionbudgets"],
+    verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
+  },
+];
+
+const LEASE_RULES = [
+  { apiGroups: ["coordination.k8s.io"], resources: ["leases"], verbs: ["get", "create", "update"] },
+];
+
+const BASE_ARGS = [
+  "operator",
+  "--metrics-port=8080",
+  "--leader-elect=true",
+  "--lease-namespace=$(POD_NAMESPACE)",
+  "--identity=$(POD_NAME)",
+];
+
+// biome-ignore lint/suspicious/noExplicitAny: rendered manifests are untyped YAML
+type Obj = Record<string, any>;
+
+// Helm keeps its own config/cache/data in a throwaway folder, never in $HOME.
+const helmHome = mkdtempSync(join(tmpdir(), "expertmesh-helm-"));
+const helmEnv = {
+  ...process.env,
+  HELM_CONFIG_HOME: join(helmHome, "config"),
+  HELM_CACHE_HOME: join(helmHome, "cache"),
+  HELM_DATA_HOME: join(helmHome, "data"),
+  KUBECONFIG: join(helmHome, "no-kubeconfig"),
+};
+
+/** Runs helm; on failure the error carries helm's stderr. */
+async function helm(args: string[]): Promise<string> {
+  try {
+    const { stdout } = await run(testEnv().binaries.helm, args, {
+      env: helmEnv,
+      maxBuffer: 64 * 1024 * 1024,
+      timeout: 120_000,
+    });
+    return stdout;
+  } catch (err) {
+    const e = err as { stderr?: string; stdout?: string; message: string };
+    throw new Error(
+      `helm ${args.join(" ")} failed: ${e.message}\n${e.stderr ?? ""}${e.stdout ?? ""}`,
+    );
+  }
+}
+
+/** `helm template` of the chart, parsed into objects (empty documents dropped). */
+async function render(release: string, namespace: string, extra: string[] = []): Promise<Obj[]> {
+  const out = await helm(["template", release, chartDir, "--namespace", namespace, ...extra]);
+  const docs = parseAllDocuments(out);
+  const objects: Obj[] = [];
+  for (const doc of docs) {
+    if (doc.errors.length > 0) throw new Error(`bad YAML from helm: ${doc.errors[0]?.message}`);
+    const obj = doc.toJS() as Obj | null;
+    if (obj) objects.push(obj);
+  }
+  return objects;
+}
+
+const ofKind = (objects: Obj[], kind: string): Obj[] => objects.filter((o) => o.kind === kind);
+
+function only(objects: Obj[], kind: string): Obj {
+  const found = ofKind(objects, kind);
+  expect(found, `exactly one ${kind}`).toHaveLength(1);
+  return found[0]!;
+}
+
+/** Every apiGroups/resources/verbs/resourceNames entry of every rule, for wildcard checks. */
+function ruleEntries(objects: Obj[]): string[] {
+  return objects
+    .filter((o) => o.kind === "Role" || o.kind === "ClusterRole")
+    .flatMap((o) => (o.rules ?? []) as Obj[])
+    .flatMap((r) => [
+      ...(r.apiGroups ?? []),
+      ...(r.resources ?? []),
+      ...(r.verbs ?? []),
+      ...(r.resourceNames ?? []),
+      ...(r.nonResourceURLs ?? []),
+    ]);
+}
+
+function expectStandardLabels(objects: Obj[], release: string): void {
+  for (const o of objects) {
+    const labels = o.metadata?.labels ?? {};
+    const what = `${o.kind}/${o.metadata?.name}`;
+    expect(labels["app.kubernetes.io/name"], what).toBe("expertmesh");
+    expect(labels["app.kubernetes.io/instance"], what).toBe(release);
+    expect(labels["app.kubernetes.io/version"], what).toBe("0.1.0");
+    expect(labels["app.kubernetes.io/managed-by"], what).toBe("Helm");
+    expect(labels["helm.sh/chart"], what).toBe("expertmesh-0.1.0");
+  }
+}
+
+function expectLeaderElectionRole(objects: Obj[], namespace: string, serviceAccount: string) {
+  const roles = ofKind(objects, "Role").filter((r) =>
+    (r.rules as Obj[]).some((rule) => rule.resources.includes("leases")),
+  );
+  expect(roles).toHaveLength(1);
+  const role = roles[0]!;
+  expect(role.metadata.namespace).toBe(namespace);
+  expect(role.rules).toEqual(LEASE_RULES);
+  const binding = ofKind(objects, "RoleBinding").find((b) => b.roleRef.name === role.metadata.name);
+  expect(binding?.metadata.namespace).toBe(namespace);
+  expect(binding?.roleRef).toEqual({
+    apiGroup: "rbac.authorization.k8s.io",
+    kind: "Role",
+    name: role.metadata.name,
+  });
+  expect(binding?.subjects).toEqual([{ kind: "ServiceAccount", name: serviceAccount, namespace }]);
+  // Leases are never granted cluster-wide.
+  for (const cr of ofKind(objects, "ClusterRole")) {
+    expect(JSON.stringify(cr.rules)).not.toContain("leases");
+  }
+}
+
+function operatorContainer(objects: Obj[]): Obj {
+  const deployment = only(objects, "Deployment");
+  const containers = deployment.spec.template.spec.containers as Obj[];
+  expect(containers).toHaveLength(1);
+  return containers[0]!;
+}
+
+function crdMissingMessage(): string {
+  return (
+    `the chart must ship the DeepSeekModel CRD: ${chartCrd} is missing. It is an identical ` +
+    `copy of ${repoCrd}, written by the CRD generator (Helm installs charts/expertmesh/crds/ ` +
+    `before the templates); run the generator.`
+  );
+}
+
+afterAll(() => {
+  rmSync(helmHome, { recursive: true, force: true });
+});
+
+describe("Helm chart charts/expertmesh", () => {
+  it("passes helm lint --strict, in both modes", async () => {
+    const out = await helm(["lint", "--strict", chartDir]);
+    expect(out).toContain("0 chart(s) failed");
+    const namespaced = await helm([
+      "lint",
+      "--strict",
+      chartDir,
+      "--set",
+      "watchNamespaces={team-a,team-b}",
+    ]);
+    expect(namespaced).toContain("0 chart(s) failed");
+  });
+
+  it("rejects invalid values through its schema", async () => {
+    await expect(render("em", "ops", ["--set", "logLevel=loud"])).rejects.toThrow(/logLevel/);
+    await expect(render("em", "ops", ["--set", "watchNamespaces={Not_A_Name}"])).rejects.toThrow(
+      /watchNamespaces/,
+    );
+    await expect(render("em", "ops", ["--set", "nosuchvalue=1"])).rejects.toThrow(/nosuchvalue/);
+  });
+
+  it("ships the CRD as an identical copy of crds/" + CRD_FILE, () => {
+    if (!existsSync(chartCrd)) throw new Error(crdMissingMessage());
+    if (!existsSync(repoCrd)) throw new Error(`${repoCrd} is missing: run the CRD generator`);
+    expect(readFileSync(chartCrd, "utf8"), `${chartCrd} differs from ${repoCrd}`).toBe(
+      readFileSync(repoCrd, "utf8"),
+    );
+  });
+
+  describe("cluster-wide mode (default values)", () => {
+    const release = "em";
+    const namespace = "expertmesh-system";
+    let objects: Obj[];
+    beforeAll(async () => {
+      objects = await render(release, namespace);
+    });
+
+    it("renders exactly the expected objects, all with the standard labels", () => {
+      const kinds = objects.map((o) => `${o.kind}/${o.metadata.name}`).sort();
+      expect(kinds).toEqual(
+        [
+          "ClusterRole/em-expertmesh",
+          "ClusterRoleBinding/em-expertmesh",
+          "Deployment/em-expertmesh",
+          "Role/em-expertmesh-leader-election",
+          "RoleBinding/em-expertmesh-leader-election",
+          "Service/em-expertmesh-metrics",
+          "ServiceAccount/em-expertmesh",
+        ].sort(),
+      );
+      for (const o of objects) {
+        if (o.kind !== "ClusterRole" && o.kind !== "ClusterRoleBinding") {
+          expect(o.metadata.namespace, `${o.kind}/${o.metadata.name}`).toBe(namespace);
+        }
+      }
+      expectStandardLabels(objects, release);
+      expectStandardLabels([only(objects, "Deployment").spec.template], release);
+    });
+
+    it("grants the operator exactly its rules in a ClusterRole, with no wildcard anywhere", () => {
+      const clusterRole = only(objects, "ClusterRole");
+      expect(clusterRole.rules).toEqual(OPERATOR_RULES);
+      const entries = ruleEntries(objects);
+      expect(entries.length).toBeGreaterThan(0);
+      for (const e of entries) expect(e).not.toContain("*");
+      const binding = only(objects, "ClusterRoleBinding");
+      expect(binding.roleRef).toEqual({
+        apiGroup: "rbac.authorization.k8s.io",
+        kind: "ClusterRole",
+        name: clusterRole.metadata.name,
+      });
+      expect(binding.subjects).toEqual([
+        { kind: "ServiceAccount", name: "em-expertmesh", namespace },
+      ]);
+      expectLeaderElectionRole(objects, namespace, "em-expertmesh");
+      // The only Role is leader election's: no per-namespace Roles in this mode.
+      expect(ofKind(objects, "Role")).toHaveLength(1);
+    });
+
+    it("runs the operator with probes, security contexts, downward API env and its args", () => {
+      const deployment = only(objects, "Deployment");
+      expect(deployment.spec.replicas).toBe(2);
+      const pod = deployment.spec.template.spec;
+      expect(deployment.spec.selector.matchLabels).toEqual({
+        "app.kubernetes.io/name": "expertmesh",
+        "app.kubernetes.io/instance": release,
+      });
+      expect(pod.serviceAccountName).toBe("em-expertmesh");
+      expect(pod.terminationGracePeriodSeconds).toBe(30);
+      expect(pod.securityContext).toEqual({
+        runAsNonRoot: true,
+        runAsUser: 10001,
+        runAsGroup: 10001,
+        fsGroup: 10001,
+        seccompProfile: { type: "RuntimeDefault" },
+      });
+      const c = operatorContainer(objects);
+      expect(c.image).toBe("expertmesh/expertmesh:0.1.0");
+      expect(c.imagePullPolicy).toBe("IfNotPresent");
+      expect(c.args).toEqual(BASE_ARGS);
+      expect(c.command).toBeUndefined(); // the image's entrypoint is the expertmesh CLI
+      expect(c.securityContext).toEqual({
+        allowPrivilegeEscalation: false,
+        readOnlyRootFilesystem: true,
+        capabilities: { drop: ["ALL"] },
+      });
+      expect(c.ports).toEqual([{ name: "metrics", containerPort: 8080, protocol: "TCP" }]);
+      expect(c.livenessProbe.httpGet).toEqual({ path: "/healthz", port: "metrics" });
+      expect(c.readinessProbe.httpGet).toEqual({ path: "/readyz", port: "metrics" });
+      expect(c.resources).toEqual({
+        requests: { cpu: "100m", memory: "128Mi" },
+        limits: { cpu: "500m", memory: "512Mi" },
+      });
+      const env = Object.fromEntries((c.env as Obj[]).map((e) => [e.name, e]));
+      expect(env["POD_NAME"]?.valueFrom).toEqual({ fieldRef: { fieldPath: "metadata.name" } });
+      expect(env["POD_NAMESPACE"]?.valueFrom).toEqual({
+        fieldRef: { fieldPath: "metadata.namespace" },
+      });
+      expect(env["EXPERTMESH_LOG_LEVEL"]?.value).toBe("info");
+      // A read-only root filesystem still gets a writable /tmp.
+      expect(c.volumeMounts).toEqual([{ name: "tmp", mountPath: "/tmp" }]);
+      for (const key of ["nodeSelector", "tolerations", "affinity", "priorityClassName"]) {
+        expect(pod[key], key).toBeUndefined();
+      }
+    });
+
+    it("exposes metrics through a Service with Prometheus annotations", () => {
+      const svc = only(objects, "Service");
+      expect(svc.spec.type).toBe("ClusterIP");
+      expect(svc.spec.ports).toEqual([
+        { name: "metrics", port: 8080, targetPort: "metrics", protocol: "TCP" },
+      ]);
+      expect(svc.spec.selector).toEqual(only(objects, "Deployment").spec.selector.matchLabels);
+      expect(svc.metadata.annotations).toMatchObject({
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8080",
+        "prometheus.io/path": "/metrics",
+      });
+    });
+  });
+
+  describe("namespaced mode (watchNamespaces: [team-a, team-b])", () => {
+    const release = "expertmesh";
+    const namespace = "ops";
+    let objects: Obj[];
+    beforeAll(async () => {
+      objects = await render(release, namespace, [
+        "--set",
+        "watchNamespaces={team-a,team-b}",
+        "--set",
+        "serviceAccount.name=operator",
+      ]);
+    });
+
+    it("renders a Role + RoleBinding per watched namespace and nothing cluster-wide", () => {
+      expect(ofKind(objects, "ClusterRole")).toEqual([]);
+      expect(ofKind(objects, "ClusterRoleBinding")).toEqual([]);
+      for (const o of objects) expect(o.metadata.namespace, o.kind).toBeDefined();
+      for (const ns of ["team-a", "team-b"]) {
+        const roles = ofKind(objects, "Role").filter((r) => r.metadata.namespace === ns);
+        expect(roles, ns).toHaveLength(1);
+        expect(roles[0]!.rules).toEqual(OPERATOR_RULES);
+        const bindings = ofKind(objects, "RoleBinding").filter((b) => b.metadata.namespace === ns);
+        expect(bindings, ns).toHaveLength(1);
+        expect(bindings[0]!.roleRef).toEqual({
+          apiGroup: "rbac.authorization.k8s.io",
+          kind: "Role",
+          name: roles[0]!.metadata.name,
+        });
+        expect(bindings[0]!.subjects).toEqual([
+          { kind: "ServiceAccount", name: "operator", namespace },
+        ]);
+      }
+      // Release namespace: only the leader-election Role.
+      expect(
+        ofKind(objects, "Role")
+          .map((r) => r.metadata.namespace)
+          .sort(),
+      ).toEqual(["ops", "team-a", "team-b"]);
+      expectLeaderElectionRole(objects, namespace, "operator");
+      for (const e of ruleEntries(objects)) expect(e).not.toContain("*");
+      expectStandardLabels(objects, release);
+    });
+
+    it("passes one --namespace per watched namespace to the operator", () => {
+      expect(operatorContainer(objects).args).toEqual([
+        ...BASE_ARGS,
+        "--namespace=team-a",
+        "--namespace=team-b",
+      ]);
+      expect(only(objects, "ServiceAccount").metadata.name).toBe("operator");
+      expect(only(objects, "Deployment").spec.template.spec.serviceAccountName).toBe("operator");
+    });
+  });
+
+  it("passes the scheduling and image values through", async () => {
+    const objects = await render("em", "ops", [
+      "--set",
+      "image.repository=registry.example/em",
+      "--set",
+      "image.tag=dev",
+      "--set",
+      "image.pullPolicy=Always",
+      "--set",
+      "imagePullSecrets[0].name=regcred",
+      "--set",
+      "replicaCount=3",
+      "--set",
+      "nodeSelector.pool=system",
+      "--set",
+      "tolerations[0].key=dedicated,tolerations[0].operator=Exists",
+      "--set",
+      "priorityClassName=system-cluster-critical",
+      "--set",
+      "podAnnotations.team=ml",
+      "--set",
+      "logLevel=debug",
+      "--set",
+      "metrics.service.port=9102",
+      "--set",
+      "serviceAccount.annotations.owner=ml",
+      "--set",
+      "rbac.create=false",
+    ]);
+    const deployment = only(objects, "Deployment");
+    const pod = deployment.spec.template.spec;
+    expect(deployment.spec.replicas).toBe(3);
+    expect(pod.containers[0].image).toBe("registry.example/em:dev");
+    expect(pod.containers[0].imagePullPolicy).toBe("Always");
+    expect(pod.imagePullSecrets).toEqual([{ name: "regcred" }]);
+    expect(pod.nodeSelector).toEqual({ pool: "system" });
+    expect(pod.tolerations).toEqual([{ key: "dedicated", operator: "Exists" }]);
+    expect(pod.priorityClassName).toBe("system-cluster-critical");
+    expect(deployment.spec.template.metadata.annotations.team).toBe("ml");
+    expect(
+      (pod.containers[0].env as Obj[]).find((e) => e.name === "EXPERTMESH_LOG_LEVEL")?.value,
+    ).toBe("debug");
+    expect(only(objects, "Service").spec.ports[0].port).toBe(9102);
+    expect(only(objects, "ServiceAccount").metadata.annotations).toEqual({ owner: "ml" });
+    // rbac.create=false: no Roles or bindings of any kind.
+    for (const kind of ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]) {
+      expect(ofKind(objects, kind), kind).toEqual([]);
+    }
+  });
+
+  describe("helm install into the test control plane", () => {
+    const kc = adminKubeConfig();
+    const core = kc.makeApiClient(CoreV1Api);
+    const apps = kc.makeApiClient(AppsV1Api);
+    const rbac = kc.makeApiClient(RbacAuthorizationV1Api);
+    const authz = kc.makeApiClient(AuthorizationV1Api);
+    const crds = kc.makeApiClient(ApiextensionsV1Api);
+    const namespace = uniqueName("em-helm");
+    const release = uniqueName("em");
+    const fullname = `${release}-expertmesh`;
+    let installed = false;
+
+    afterAll(async () => {
+      if (installed) {
+        await helm([
+          "uninstall",
+          release,
+          "--namespace",
+          namespace,
+          "--kubeconfig",
+          testEnv().kube.kubeconfig,
+        ]).catch(() => {});
+      }
+      await core.deleteNamespace({ name: namespace }).catch(() => {});
+    });
+
+    it("installs the CRD, ServiceAccount, ClusterRole, Deployment and Service; pods run", async () => {
+      // The CRD is part of the chart: its absence is a failure, never a skip.
+      if (!existsSync(chartCrd)) throw new Error(crdMissingMessage());
+
+      const kubeconfig = testEnv().kube.kubeconfig;
+      const out = await helm([
+        "install",
+        release,
+        chartDir,
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--kubeconfig",
+        kubeconfig,
+        "--wait=false",
+      ]);
+      installed = true;
+      expect(out).toContain("STATUS: deployed");
+      expect(out).toContain("kubectl apply -f examples/tiny.yaml");
+
+      const crd = await waitFor("CRD established", async () => {
+        const c = await crds.readCustomResourceDefinition({ name: "deepseekmodels.expertmesh.io" });
+        const established = c.status?.conditions?.find((x) => x.type === "Established");
+        return established?.status === "True" ? c : undefined;
+      });
+      expect(crd.spec.group).toBe("expertmesh.io");
+
+      await core.readNamespacedServiceAccount({ name: fullname, namespace });
+      const clusterRole = await rbac.readClusterRole({ name: fullname });
+      expect(
+        clusterRole.rules?.map((r) => ({
+          apiGroups: r.apiGroups,
+          resources: r.resources,
+          verbs: r.verbs,
+        })),
+      ).toEqual(OPERATOR_RULES);
+      await rbac.readClusterRoleBinding({ name: fullname });
+      await rbac.readNamespacedRole({ name: `${fullname}-leader-election`, namespace });
+      const svc = await core.readNamespacedService({ name: `${fullname}-metrics`, namespace });
+      expect(svc.spec?.ports?.[0]?.port).toBe(8080);
+      const deployment = await apps.readNamespacedDeployment({ name: fullname, namespace });
+      expect(deployment.spec?.replicas).toBe(2);
+
+      const selector = `app.kubernetes.io/name=expertmesh,app.kubernetes.io/instance=${release}`;
+      const pods = await waitFor(
+        "2 Running operator pods",
+        async () => {
+          const list = await core.listNamespacedPod({ namespace, labelSelector: selector });
+          const running = list.items.filter((p: V1Pod) => p.status?.phase === "Running");
+          return running.length === 2 ? running : undefined;
+        },
+        90_000,
+      );
+      const nodes = new Set(testEnv().kube.nodeNames);
+      for (const pod of pods) {
+        expect(nodes.has(pod.spec?.nodeName ?? "")).toBe(true);
+        expect(pod.spec?.serviceAccountName).toBe(fullname);
+        expect(pod.status?.conditions?.find((c) => c.type === "PodScheduled")?.status).toBe("True");
+      }
+    });
+
+    it("gives the operator's ServiceAccount what it needs and nothing more", async () => {
+      expect(installed, "the install test must have installed the release").toBe(true);
+      const user = `system:serviceaccount:${namespace}:${fullname}`;
+      const groups = ["system:serviceaccounts", `system:serviceaccounts:${namespace}`];
+      const can = async (attrs: {
+        verb: string;
+        resource: string;
+        group?: string;
+        subresource?: string;
+        namespace?: string;
+      }): Promise<boolean> => {
+        const review = await authz.createSubjectAccessReview({
+          body: { spec: { user, groups, resourceAttributes: attrs } },
+        });
+        return review.status?.allowed === true;
+      };
+      const elsewhere = "some-team";
+      const allowed = [
+        { verb: "watch", resource: "deepseekmodels", group: "expertmesh.io" },
+        {
+          verb: "patch",
+          resource: "deepseekmodels",
+          subresource: "status",
+          group: "expertmesh.io",
+          namespace: elsewhere,
+        },
+        { verb: "create", resource: "deployments", group: "apps", namespace: elsewhere },
+        { verb: "delete", resource: "services", namespace: elsewhere },
+        { verb: "get", resource: "secrets", namespace: elsewhere },
+        { verb: "create", resource: "events", group: "events.k8s.io", namespace: elsewhere },
+        { verb: "create", resource: "poddisruptionbudgets", group: "policy", namespace: elsewhere },
+        { verb: "update", resource: "leases", group: "coordination.k8s.io", namespace },
+      ];
+      const denied = [
+        {
+          verb: "create",
+          resource: "deepseekmodels",
+          group: "expertmesh.io",
+          namespace: elsewhere,
+        },
+        {
+          verb: "delete",
+          resource: "deepseekmodels",
+          group: "expertmesh.io",
+          namespace: elsewhere,
+        },
+        { verb: "list", resource: "secrets", namespace: elsewhere },
+        { verb: "create", resource: "pods", namespace: elsewhere },
+        { verb: "delete", resource: "pods", namespace: elsewhere },
+        { verb: "create", resource: "leases", group: "coordination.k8s.io", namespace: elsewhere },
+        { verb: "delete", resource: "leases", group: "coordination.k8s.io", namespace },
+        { verb: "create", resource: "clusterroles", group: "rbac.authorization.k8s.io" },
+        { verb: "get", resource: "nodes" },
+      ];
+      for (const a of allowed) expect(await can(a), `allowed: ${JSON.stringify(a)}`).toBe(true);
+      for (const a of denied) expect(await can(a), `denied: ${JSON.stringify(a)}`).toBe(false);
+    });
+
+    it("helm uninstall removes the release's objects, cluster-scoped ones included", async () => {
+      expect(installed, "the install test must have installed the release").toBe(true);
+      await helm([
+        "uninstall",
+        release,
+        "--namespace",
+        namespace,
+        "--kubeconfig",
+        testEnv().kube.kubeconfig,
+      ]);
+      installed = false;
+      const gone = async (read: () => Promise<unknown>): Promise<boolean> => {
+        try {
+          await read();
+          return false;
+        } catch (err) {
+          return (err as { code?: number }).code === 404;
+        }
+      };
+      expect(await gone(() => rbac.readClusterRole({ name: fullname }))).toBe(true);
+      expect(await gone(() => rbac.readClusterRoleBinding({ name: fullname }))).toBe(true);
+      expect(
+        await gone(() => core.readNamespacedServiceAccount({ name: fullname, namespace })),
+      ).toBe(true);
+      await waitFor("Deployment deleted", async () =>
+        (await gone(() => apps.readNamespacedDeployment({ name: fullname, namespace })))
+          ? true
+          : undefined,
+      );
+    });
+  });
+});
