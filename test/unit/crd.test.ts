@@ -66,8 +66,16 @@ describe("DeepSeekModel CRD", () => {
     ],
     [{ type: "object", properties: {}, additionalProperties: true }, { type: "object" }],
     [
-      { type: "object", required: ["a", "b"], properties: { a: { type: "integer", default: 1 }, b: { type: "string" } } },
-      { type: "object", required: ["b"], properties: { a: { type: "integer", default: 1 }, b: { type: "string" } } },
+      {
+        type: "object",
+        required: ["a", "b"],
+        properties: { a: { type: "integer", default: 1 }, b: { type: "string" } },
+      },
+      {
+        type: "object",
+        required: ["b"],
+        properties: { a: { type: "integer", default: 1 }, b: { type: "string" } },
+      },
     ],
   ])("converts %j to a structural node", (input, expected) => {
     expect(toStructural(input)).toEqual(expected);
