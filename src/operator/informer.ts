@@ -49,9 +49,23 @@ export class Informer<T extends ObjectMeta> {
     return this.#resourceVersion;
   }
 
-  /** Lists, then keeps watching until stop(). Resolves after the first list. */
+  /**
+   * Lists, then keeps watching until stop(). Resolves after the first successful list; a
+   * failing list (API server starting, a CRD just created: 429/503) is retried with backoff.
+   */
   async start(): Promise<void> {
-    await this.#relist();
+    for (let delay = 250; ; delay = Math.min(delay * 2, 10_000)) {
+      if (this.#stopped) return;
+      try {
+        await this.#relist();
+        break;
+      } catch (err) {
+        this.#opts.log?.(
+          `${this.#opts.name}: list failed (${String(err).split("\n")[0]}); retrying in ${delay} ms`,
+        );
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
     void this.#watch();
   }
 

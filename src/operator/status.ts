@@ -28,6 +28,7 @@ export function unschedulableProblem(pods: V1Pod[]): Problem | undefined {
     ),
   );
   if (!stuck.length) return undefined;
+  stuck.sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
   const first = stuck[0]!;
   const why =
     first.status?.conditions?.find((c) => c.type === "PodScheduled")?.message ?? "no node fits";

@@ -81,7 +81,13 @@ export const operatorCommand: Command = {
     };
     process.on("SIGTERM", () => void stop("SIGTERM"));
     process.on("SIGINT", () => void stop("SIGINT"));
-    await op.start();
+    try {
+      await op.start();
+    } catch (err) {
+      if (stopping) return 0;
+      await op.stop().catch(() => {});
+      throw err;
+    }
     await new Promise(() => {}); // runs until a signal
     return 0;
   },

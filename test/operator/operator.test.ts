@@ -1,0 +1,538 @@
+// The operator against the real control plane (kube-apiserver + etcd + controller-manager
+// + scheduler + kwok GPU nodes), running as a separate process under the Helm chart's
+// RBAC identity, never as admin.
+import { fileURLToPath } from "node:url";
+import {
+  AppsV1Api,
+  CoordinationV1Api,
+  CoreV1Api,
+  CustomObjectsApi,
+  type V1Deployment,
+} from "@kubernetes/client-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
+import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { kubectl, runCli } from "../support/cli.ts";
+import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
+import {
+  type RunningOperator,
+  serviceAccountKubeconfig,
+  startOperator,
+  waitForLeadership,
+} from "../support/operator.ts";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const kc = adminKubeConfig();
+const core = kc.makeApiClient(CoreV1Api);
+const apps = kc.makeApiClient(AppsV1Api);
+const custom = kc.makeApiClient(CustomObjectsApi);
+const coordination = kc.makeApiClient(CoordinationV1Api);
+const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
+
+function model(
+  name: string,
+  namespace: string,
+  spec: Record<string, unknown> = {},
+): Record<string, unknown> {
+  return {
+    apiVersion: "expertmesh.io/v1alpha1",
+    kind: "DeepSeekModel",
+    metadata: { name, namespace },
+    spec: {
+      model: { preset: "tiny-v2", source: { pvc: { claimName: "weights" } } },
+      experts: { shards: 2 },
+      ...spec,
+    },
+  };
+}
+
+async function getModel(namespace: string, name: string): Promise<DeepSeekModel> {
+  return (await custom.getNamespacedCustomObject({ ...G, namespace, name })) as DeepSeekModel;
+}
+
+function condition(m: DeepSeekModel, type: string) {
+  return m.status?.conditions?.find((c) => c.type === type);
+}
+
+async function waitForCondition(
+  namespace: string,
+  name: string,
+  type: string,
+  status: string,
+  reason?: string,
+  timeoutMs = 60_000,
+) {
+  return await waitFor(
+    `${namespace}/${name} ${type}=${status}${reason ? ` (${reason})` : ""}`,
+    async () => {
+      const m = await getModel(namespace, name);
+      const c = condition(m, type);
+      return c?.status === status &&
+        (!reason || c.reason === reason) &&
+        m.status?.observedGeneration === m.metadata.generation
+        ? m
+        : undefined;
+    },
+    timeoutMs,
+  );
+}
+
+/** A bound volume for the weights: a hostPath PV pre-bound to a claim `weights` in `namespace`. */
+async function createWeightsVolume(namespace: string, claim = "weights"): Promise<void> {
+  const pv = `${namespace}-${claim}`;
+  await core.createPersistentVolume({
+    body: {
+      metadata: { name: pv },
+      spec: {
+        capacity: { storage: "1Gi" },
+        accessModes: ["ReadOnlyMany"],
+        storageClassName: "",
+        hostPath: { path: `/tmp/${pv}` },
+        claimRef: { namespace, name: claim },
+      },
+    },
+  });
+  await core.createNamespacedPersistentVolumeClaim({
+    namespace,
+    body: {
+      metadata: { name: claim },
+      spec: {
+        accessModes: ["ReadOnlyMany"],
+        storageClassName: "",
+        volumeName: pv,
+        resources: { requests: { storage: "1Gi" } },
+      },
+    },
+  });
+}
+
+async function newNamespace(prefix: string): Promise<string> {
+  const ns = uniqueName(prefix);
+  await core.createNamespace({ body: { metadata: { name: ns } } });
+  return ns;
+}
+
+async function ownedDeployments(namespace: string, name: string): Promise<V1Deployment[]> {
+  return (
+    await apps.listNamespacedDeployment({ namespace, labelSelector: `expertmesh.io/model=${name}` })
+  ).items;
+}
+
+describe.sequential("expertmesh operator", () => {
+  const releaseNs = uniqueName("em-system");
+  const operators: RunningOperator[] = [];
+  let saKubeconfig = "";
+  let leader: RunningOperator;
+
+  beforeAll(async () => {
+    const env = testEnv();
+    const helm = await runCli(
+      env.binaries.helm,
+      [
+        "install",
+        "expertmesh",
+        `${root}charts/expertmesh`,
+        "--namespace",
+        releaseNs,
+        "--create-namespace",
+        "--kubeconfig",
+        env.kube.kubeconfig,
+        "--set",
+        "replicaCount=0",
+        "--wait=false",
+      ],
+      undefined,
+      {
+        ...process.env,
+        HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
+        HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
+        HELM_DATA_HOME: `${env.runDir}/helm/data`,
+      },
+    );
+    expect(helm.code, helm.stderr).toBe(0);
+    saKubeconfig = await serviceAccountKubeconfig(releaseNs, "expertmesh");
+    leader = await startOperator({
+      kubeconfig: saKubeconfig,
+      identity: "op-a",
+      leaseNamespace: releaseNs,
+    });
+    operators.push(leader);
+    await waitForLeadership(leader);
+  });
+
+  afterAll(async () => {
+    for (const op of operators) await op.process.stop();
+    await kubectl([
+      "delete",
+      "-f",
+      `${root}examples/tiny.yaml`,
+      "--ignore-not-found",
+      "--wait=false",
+    ]);
+  });
+
+  it("serves examples/tiny.yaml: Deployments, Service, GPU pods Running, status Ready", async () => {
+    for (const f of ["examples/tiny-storage.yaml", "examples/tiny.yaml"]) {
+      const r = await kubectl(["apply", "-f", `${root}${f}`]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    const m = await waitForCondition(
+      "default",
+      "tiny",
+      "Ready",
+      "True",
+      "AllReplicasReady",
+      90_000,
+    );
+    expect(m.status?.gateways).toBe("1/1");
+    expect(m.status?.shardPods).toBe("4/4");
+    expect(m.status?.planVersion).toBe(1);
+    expect(m.status?.endpoint).toBe("http://tiny.default.svc:8000/v1");
+
+    const deployments = await ownedDeployments("default", "tiny");
+    expect(deployments.map((d) => d.metadata?.name).sort()).toEqual([
+      "tiny-gateway",
+      "tiny-shard-0",
+      "tiny-shard-1",
+      "tiny-shard-2",
+      "tiny-shard-3",
+    ]);
+    for (const d of deployments) {
+      expect(d.metadata?.ownerReferences?.[0]).toMatchObject({
+        kind: "DeepSeekModel",
+        name: "tiny",
+        controller: true,
+      });
+      expect(d.spec?.template.spec?.containers[0]?.resources?.limits?.["nvidia.com/gpu"]).toBe("1");
+    }
+    const svc = await core.readNamespacedService({ name: "tiny", namespace: "default" });
+    expect(svc.spec?.ports?.map((p) => p.port)).toEqual([8000, 8001, 9090]);
+    const plan = await core.readNamespacedConfigMap({ name: "tiny-plan", namespace: "default" });
+    expect(JSON.parse(plan.data!["plan.json"]!).numShards).toBe(4);
+
+    const pods = (
+      await core.listNamespacedPod({
+        namespace: "default",
+        labelSelector: "expertmesh.io/model=tiny",
+      })
+    ).items;
+    expect(pods).toHaveLength(5);
+    for (const p of pods) {
+      expect(p.status?.phase).toBe("Running");
+      expect(testEnv().kube.nodeNames).toContain(p.spec?.nodeName);
+    }
+
+    const get = await kubectl(["get", "dsm", "tiny"]);
+    expect(get.stdout).toMatch(/^NAME\s+READY\s+GATEWAYS\s+SHARDS\s+QUEUE\s+AGE$/m);
+    expect(get.stdout).toMatch(/^tiny\s+True\s+1\/1\s+4\/4\s+0\s+\S+$/m);
+    const explain = await kubectl(["explain", "dsm.spec.experts"]);
+    expect(explain.stdout).toContain("Expert shards: how the routed experts are spread over pods.");
+    expect(explain.stdout).toMatch(/shards\s+<integer>\s+Expert shards: each holds a slice/);
+    const describe = await kubectl(["describe", "dsm", "tiny"]);
+    expect(describe.stdout).toMatch(
+      /Normal\s+Created\s+\S+\s+expertmesh-operator\s+created Deployment\/tiny-shard-0/,
+    );
+  });
+
+  it("rolls out spec edits: a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones", async () => {
+    const patch = (spec: Record<string, unknown>) =>
+      kubectl(["patch", "dsm", "tiny", "--type=merge", "-p", JSON.stringify({ spec })]);
+    expect((await patch({ image: "expertmesh/expertmesh:0.2.0" })).code).toBe(0);
+    await waitFor("new image everywhere", async () => {
+      const ds = await ownedDeployments("default", "tiny");
+      return ds.length === 5 &&
+        ds.every(
+          (d) => d.spec?.template.spec?.containers[0]?.image === "expertmesh/expertmesh:0.2.0",
+        )
+        ? ds
+        : undefined;
+    });
+    expect((await patch({ experts: { shards: 2 } })).code).toBe(0);
+    const m = await waitForCondition("default", "tiny", "Ready", "True", "AllReplicasReady");
+    expect(m.status?.planVersion).toBe(2);
+    expect(m.status?.shardPods).toBe("2/2");
+    expect((await ownedDeployments("default", "tiny")).map((d) => d.metadata?.name).sort()).toEqual(
+      ["tiny-gateway", "tiny-shard-0", "tiny-shard-1"],
+    );
+    const pdbs = await kubectl(["get", "pdb", "-l", "expertmesh.io/model=tiny", "-o", "name"]);
+    expect(pdbs.stdout.trim().split("\n").sort()).toEqual([
+      "poddisruptionbudget.policy/tiny-gateway",
+      "poddisruptionbudget.policy/tiny-shard-0",
+      "poddisruptionbudget.policy/tiny-shard-1",
+    ]);
+    const plan = await core.readNamespacedConfigMap({ name: "tiny-plan", namespace: "default" });
+    expect(JSON.parse(plan.data!["plan.json"]!)).toMatchObject({ version: 2, numShards: 2 });
+    const gw = (await ownedDeployments("default", "tiny")).find(
+      (d) => d.metadata?.name === "tiny-gateway",
+    )!;
+    expect(gw.spec?.template.metadata?.annotations?.["expertmesh.io/plan-version"]).toBe("2");
+  });
+
+  it("restarts without duplicates or spurious updates (resourceVersions stay the same)", async () => {
+    const snapshot = async () => {
+      const objs = await Promise.all([
+        kubectl([
+          "get",
+          "deploy,svc,cm,pdb,dsm",
+          "-l",
+          "expertmesh.io/model=tiny",
+          "-o",
+          'jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion}{"\\n"}{end}',
+        ]),
+        kubectl(["get", "dsm", "tiny", "-o", "jsonpath={.metadata.resourceVersion}"]),
+      ]);
+      return `${objs[0].stdout.trim().split("\n").sort().join("\n")}\ndsm=${objs[1].stdout}`;
+    };
+    await waitForCondition("default", "tiny", "Progressing", "False");
+    const before = await snapshot();
+    await leader.process.stop();
+    leader = await startOperator({
+      kubeconfig: saKubeconfig,
+      identity: "op-a2",
+      leaseNamespace: releaseNs,
+    });
+    operators.push(leader);
+    await waitForLeadership(leader, 20_000);
+    await waitFor(
+      "a reconcile of tiny by the new process",
+      async () =>
+        ((await leader.metric('expertmesh_operator_reconcile_total{result="success"}')) ?? 0) >=
+          1 || undefined,
+    );
+    await new Promise((r) => setTimeout(r, 2000));
+    expect(await snapshot()).toBe(before);
+  });
+
+  it("elects one leader: a standby does nothing until the leader dies, then takes over", async () => {
+    const standby = await startOperator({
+      kubeconfig: saKubeconfig,
+      identity: "op-b",
+      leaseNamespace: releaseNs,
+    });
+    operators.push(standby);
+    const ns = await newNamespace("leader");
+    await createWeightsVolume(ns);
+    await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("m1", ns) });
+    await waitForCondition(ns, "m1", "Ready", "True");
+    expect(await standby.metric("expertmesh_operator_is_leader")).toBe(0);
+    expect(
+      await standby.metric('expertmesh_operator_reconcile_total{result="success"}'),
+    ).toBeUndefined();
+    const lease = await coordination.readNamespacedLease({
+      name: "expertmesh-operator",
+      namespace: releaseNs,
+    });
+    expect(lease.spec?.holderIdentity).toBe(leader.identity);
+
+    leader.process.child.kill("SIGKILL"); // no release: the standby must wait for expiry
+    await waitForLeadership(standby, 30_000);
+    expect(await standby.metric("expertmesh_operator_is_leader")).toBe(1);
+    const after = await coordination.readNamespacedLease({
+      name: "expertmesh-operator",
+      namespace: releaseNs,
+    });
+    expect(after.spec?.holderIdentity).toBe("op-b");
+    expect(after.spec?.leaseTransitions).toBeGreaterThanOrEqual(1);
+    await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("m2", ns) });
+    await waitForCondition(ns, "m2", "Ready", "True");
+    leader = standby;
+  });
+
+  it("reports a missing PVC or Secret as Degraded with the reason, and recovers when created", async () => {
+    const ns = await newNamespace("deps");
+    await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("nopvc", ns) });
+    let m = await waitForCondition(ns, "nopvc", "Degraded", "True", "PVCNotFound");
+    expect(condition(m, "Degraded")?.message).toBe(
+      `PersistentVolumeClaim ${ns}/weights (spec.model.source.pvc.claimName) does not exist`,
+    );
+    expect(condition(m, "Ready")?.status).toBe("False");
+    expect(await ownedDeployments(ns, "nopvc")).toHaveLength(0);
+    await createWeightsVolume(ns);
+    m = await waitForCondition(ns, "nopvc", "Ready", "True", undefined, 90_000);
+    expect(condition(m, "Degraded")?.status).toBe("False");
+
+    const hf = {
+      preset: "tiny-v2",
+      source: { huggingFace: { repo: "expertmesh/tiny-v2", tokenSecret: { name: "hf-token" } } },
+    };
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("nosecret", ns, { model: hf }),
+    });
+    m = await waitForCondition(ns, "nosecret", "Degraded", "True", "SecretNotFound");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `Secret ${ns}/hf-token (spec.model.source.huggingFace.tokenSecret) does not exist`,
+    );
+    await core.createNamespacedSecret({
+      namespace: ns,
+      body: { metadata: { name: "hf-token" }, stringData: { token: "hf_x" } },
+    });
+    await waitForCondition(ns, "nosecret", "Ready", "True", undefined, 90_000);
+    const gw = (await ownedDeployments(ns, "nosecret")).find(
+      (d) => d.metadata?.name === "nosecret-gateway",
+    )!;
+    const init = gw.spec?.template.spec?.initContainers?.[0];
+    expect(init?.name).toBe("download-weights");
+    expect(init?.env?.find((e) => e.name === "HF_TOKEN")?.valueFrom?.secretKeyRef).toEqual({
+      name: "hf-token",
+      key: "token",
+    });
+    const events = await kubectl(["describe", "dsm", "nosecret", "-n", ns]);
+    expect(events.stdout).toMatch(/Warning\s+SecretNotFound/);
+    expect(events.stdout).toMatch(/Normal\s+Recovered/);
+  });
+
+  it("reports pods that no GPU node can take as Degraded: Unschedulable", async () => {
+    const ns = await newNamespace("gpus");
+    await createWeightsVolume(ns);
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("greedy", ns, { experts: { shards: 1, gpusPerShard: 9 } }),
+    });
+    await waitForCondition(ns, "greedy", "Degraded", "True", "Unschedulable");
+    // The volume binds within a moment; then only the GPU request keeps the shard pending.
+    const message = await waitFor("the scheduler's GPU verdict", async () => {
+      const c = condition(await getModel(ns, "greedy"), "Degraded");
+      return c?.reason === "Unschedulable" && /Insufficient nvidia\.com\/gpu/.test(c.message)
+        ? c.message
+        : undefined;
+    });
+    expect(message).toMatch(/^1 pod\(s\) cannot be scheduled, e\.g\. greedy-shard-0-/);
+  });
+
+  it("deleting the DeepSeekModel garbage-collects everything it owned", async () => {
+    const r = await kubectl(["delete", "dsm", "tiny"]);
+    expect(r.code, r.stderr).toBe(0);
+    await waitFor(
+      "owned objects gone",
+      async () => {
+        const left = await kubectl([
+          "get",
+          "deploy,svc,cm,pdb,pods",
+          "-l",
+          "expertmesh.io/model=tiny",
+          "-o",
+          "name",
+        ]);
+        return left.code === 0 && left.stdout.trim() === "" ? true : undefined;
+      },
+      90_000,
+    );
+  });
+
+  describe("rejects invalid manifests with the schema's and CEL rules' messages", () => {
+    const base = model("bad", "default");
+    const spec = base["spec"] as Record<string, any>;
+    const cases: [string, Record<string, unknown>, string][] = [
+      [
+        "preset and architecture",
+        {
+          model: {
+            ...spec.model,
+            architecture: {
+              numLayers: 2,
+              firstDenseLayers: 1,
+              routedExperts: 4,
+              expertsPerToken: 2,
+              hiddenSize: 8,
+              moeIntermediateSize: 8,
+            },
+          },
+        },
+        CROSS_FIELD_RULES[0]!.message,
+      ],
+      [
+        "two sources",
+        {
+          model: {
+            preset: "tiny-v2",
+            source: { pvc: { claimName: "w" }, huggingFace: { repo: "a/b" } },
+          },
+        },
+        CROSS_FIELD_RULES[1]!.message,
+      ],
+      [
+        "no MoE layer",
+        {
+          model: {
+            architecture: {
+              numLayers: 2,
+              firstDenseLayers: 2,
+              routedExperts: 4,
+              expertsPerToken: 2,
+              hiddenSize: 8,
+              moeIntermediateSize: 8,
+            },
+            source: { pvc: { claimName: "w" } },
+          },
+        },
+        CROSS_FIELD_RULES[2]!.message,
+      ],
+      [
+        "top-k over experts",
+        {
+          model: {
+            architecture: {
+              numLayers: 2,
+              firstDenseLayers: 1,
+              routedExperts: 4,
+              expertsPerToken: 5,
+              hiddenSize: 8,
+              moeIntermediateSize: 8,
+            },
+            source: { pvc: { claimName: "w" } },
+          },
+        },
+        CROSS_FIELD_RULES[3]!.message,
+      ],
+      ["more shards than experts", { experts: { shards: 9 } }, CROSS_FIELD_RULES[4]!.message],
+      [
+        "uneven redundant slots",
+        { experts: { shards: 2, redundantExperts: 1 } },
+        CROSS_FIELD_RULES[5]!.message,
+      ],
+      [
+        "too many redundant",
+        { experts: { shards: 2, redundantExperts: 10 } },
+        CROSS_FIELD_RULES[6]!.message,
+      ],
+      [
+        "shard replicas min over max",
+        { experts: { shards: 2, replicas: { min: 3, max: 2 } } },
+        CROSS_FIELD_RULES[7]!.message,
+      ],
+      [
+        "gateway min over max",
+        { gateway: { minReplicas: 5, maxReplicas: 2 } },
+        CROSS_FIELD_RULES[8]!.message,
+      ],
+      [
+        "wrong type",
+        { experts: { shards: "two" } },
+        'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',
+      ],
+      [
+        "unknown preset",
+        { model: { preset: "gpt-5", source: { pvc: { claimName: "w" } } } },
+        'spec.model.preset: Unsupported value: "gpt-5"',
+      ],
+      [
+        "zero shards",
+        { experts: { shards: 0 } },
+        "spec.experts.shards: Invalid value: 0: spec.experts.shards in body should be greater than or equal to 1",
+      ],
+    ];
+    it("covers every cross-field rule", () => {
+      const covered = new Set(cases.map(([, , msg]) => msg));
+      for (const r of CROSS_FIELD_RULES) expect(covered.has(r.message), r.message).toBe(true);
+    });
+    it.each(cases)("%s", async (_name, specPatch, message) => {
+      const body = JSON.stringify(model("bad", "default", { ...spec, ...specPatch }));
+      const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain(message);
+    });
+  });
+});
