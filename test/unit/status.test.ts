@@ -1,0 +1,157 @@
+import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
+import { describe, expect, it } from "vitest";
+import { parseManifest } from "../../src/api/manifest.ts";
+import { computeStatus, statusChanged, unschedulableProblem } from "../../src/operator/status.ts";
+
+const model = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns, generation: 3 }
+spec:
+  model: { preset: tiny-v2, source: { pvc: { claimName: w } } }
+  experts: { shards: 2 }
+`);
+
+function deployment(
+  role: string,
+  name: string,
+  want: number,
+  ready: number,
+  generation = 1,
+  observed = 1,
+): V1Deployment {
+  return {
+    metadata: { name, generation, labels: { "app.kubernetes.io/component": role } },
+    spec: { replicas: want, selector: {}, template: {} },
+    status: {
+      observedGeneration: observed,
+      replicas: want,
+      updatedReplicas: ready,
+      availableReplicas: ready,
+      readyReplicas: ready,
+    },
+  };
+}
+
+const healthy = [
+  deployment("gateway", "m-gateway", 1, 1),
+  deployment("shard", "m-shard-0", 2, 2),
+  deployment("shard", "m-shard-1", 1, 1),
+];
+const now = "2026-11-28T12:00:00Z";
+const obs = {
+  pods: [] as V1Pod[],
+  problems: [],
+  planVersion: 1,
+  endpoint: "http://m.ns.svc:8000/v1",
+};
+
+function cond(s: ReturnType<typeof computeStatus>, type: string) {
+  return s.conditions!.find((c) => c.type === type)!;
+}
+
+describe("computeStatus", () => {
+  it.each([
+    [
+      "all rolled out",
+      healthy,
+      [],
+      ["True", "AllReplicasReady"],
+      ["False", "RolloutComplete"],
+      ["False", "AsExpected"],
+    ],
+    [
+      "a shard not ready",
+      [healthy[0]!, deployment("shard", "m-shard-0", 2, 1), healthy[2]!],
+      [],
+      ["False", "ReplicasNotReady"],
+      ["True", "RollingOut"],
+      ["False", "AsExpected"],
+    ],
+    [
+      "a Deployment missing",
+      healthy.slice(0, 2),
+      [],
+      ["False", "ReplicasNotReady"],
+      ["True", "RollingOut"],
+      ["False", "AsExpected"],
+    ],
+    [
+      "a stale Deployment generation",
+      [healthy[0]!, deployment("shard", "m-shard-0", 2, 2, 2, 1), healthy[2]!],
+      [],
+      ["False", "ReplicasNotReady"],
+      ["True", "RollingOut"],
+      ["False", "AsExpected"],
+    ],
+    [
+      "a missing PVC",
+      [],
+      [{ reason: "PVCNotFound" as const, message: "no pvc" }],
+      ["False", "PVCNotFound"],
+      ["True", "RollingOut"],
+      ["True", "PVCNotFound"],
+    ],
+  ])("%s", (_name, deployments, problems, ready, progressing, degraded) => {
+    const s = computeStatus(model, { ...obs, deployments, problems }, now);
+    expect([cond(s, "Ready").status, cond(s, "Ready").reason]).toEqual(ready);
+    expect([cond(s, "Progressing").status, cond(s, "Progressing").reason]).toEqual(progressing);
+    expect([cond(s, "Degraded").status, cond(s, "Degraded").reason]).toEqual(degraded);
+    expect(s.observedGeneration).toBe(3);
+    for (const c of s.conditions!) expect(c.observedGeneration).toBe(3);
+  });
+
+  it("counts replicas per role for the printer columns", () => {
+    const s = computeStatus(
+      model,
+      { ...obs, deployments: [healthy[0]!, deployment("shard", "m-shard-0", 2, 1), healthy[2]!] },
+      now,
+    );
+    expect(s.gateways).toBe("1/1");
+    expect(s.shardPods).toBe("2/3");
+    expect(s.shards).toEqual({ desiredReplicas: 3, readyReplicas: 2 });
+  });
+
+  it("keeps lastTransitionTime while a condition's status holds, so a restart writes nothing", () => {
+    const first = computeStatus(model, { ...obs, deployments: healthy }, now);
+    const again = computeStatus(
+      { ...model, status: first },
+      { ...obs, deployments: healthy },
+      "2026-11-28T13:00:00Z",
+    );
+    expect(again.conditions).toEqual(first.conditions);
+    expect(statusChanged(first, again)).toBe(false);
+    const worse = computeStatus(
+      { ...model, status: first },
+      { ...obs, deployments: healthy.slice(0, 2) },
+      "2026-11-28T13:00:00Z",
+    );
+    expect(cond(worse, "Ready").lastTransitionTime).toBe("2026-11-28T13:00:00Z");
+    expect(statusChanged(first, worse)).toBe(true);
+  });
+});
+
+describe("unschedulableProblem", () => {
+  const pod = (
+    name: string,
+    reason?: string,
+    message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+  ): V1Pod => ({
+    metadata: { name },
+    status: {
+      conditions: reason
+        ? [{ type: "PodScheduled", status: "False", reason, message }]
+        : [{ type: "PodScheduled", status: "True" }],
+    },
+  });
+  it.each([
+    [[pod("a")], undefined],
+    [[pod("a", "SchedulerError")], undefined],
+    [
+      [pod("b", "Unschedulable"), pod("a", "Unschedulable")],
+      "2 pod(s) cannot be scheduled, e.g. a: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+    ],
+  ])("%#", (pods, message) => {
+    expect(unschedulableProblem(pods)?.message).toBe(message);
+  });
+});

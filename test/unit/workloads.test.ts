@@ -1,0 +1,131 @@
+import { describe, expect, it } from "vitest";
+import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
+
+function manifest(extra = "") {
+  return parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns, uid: u-1 }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
+  experts: { shards: 4, gpusPerShard: 2, replicas: { min: 2, max: 3 } }
+  scheduling:
+    nodeSelector: { nvidia.com/gpu.product: NVIDIA-H200 }
+    tolerations: [{ key: nvidia.com/gpu, operator: Exists, effect: NoSchedule }]
+    priorityClassName: inference
+${extra}`);
+}
+
+function objects(extra = "") {
+  const m = manifest(extra);
+  const plan = planPlacement({
+    architecture: architectureOf(m),
+    numShards: m.spec.experts.shards,
+    redundantExperts: 0,
+  });
+  return desiredObjects(m, plan, specReplicas(m, plan));
+}
+
+describe("desiredObjects", () => {
+  it("makes the plan first, shards before the gateway, and a PDB per Deployment", () => {
+    const names = objects().map((o) => `${o.kind}/${o.metadata?.name}`);
+    expect(names).toEqual([
+      "ConfigMap/m-plan",
+      "Deployment/m-shard-0",
+      "PodDisruptionBudget/m-shard-0",
+      "Deployment/m-shard-1",
+      "PodDisruptionBudget/m-shard-1",
+      "Deployment/m-shard-2",
+      "PodDisruptionBudget/m-shard-2",
+      "Deployment/m-shard-3",
+      "PodDisruptionBudget/m-shard-3",
+      "Deployment/m-gateway",
+      "PodDisruptionBudget/m-gateway",
+      "Service/m",
+    ]);
+    for (const o of objects()) {
+      expect(o.metadata?.ownerReferences).toEqual([
+        {
+          apiVersion: "expertmesh.io/v1alpha1",
+          kind: "DeepSeekModel",
+          name: "m",
+          uid: "u-1",
+          controller: true,
+          blockOwnerDeletion: true,
+        },
+      ]);
+      expect(o.metadata?.namespace).toBe("ns");
+    }
+  });
+
+  it("requests GPUs, passes scheduling through and mounts the weights read-only", () => {
+    const shard = objects().find((o) => o.metadata?.name === "m-shard-2") as any;
+    const pod = shard.spec.template.spec;
+    expect(shard.spec.replicas).toBe(2);
+    expect(pod.containers[0].resources.limits["nvidia.com/gpu"]).toBe("2");
+    expect(pod.containers[0].args).toContain("--shard=2");
+    expect(pod.containers[0].args).toContain("--model=/models/tiny");
+    expect(pod.containers[0].args).toContain("--device=cuda:0");
+    expect(pod.nodeSelector).toEqual({ "nvidia.com/gpu.product": "NVIDIA-H200" });
+    expect(pod.tolerations).toEqual([
+      { key: "nvidia.com/gpu", operator: "Exists", effect: "NoSchedule" },
+    ]);
+    expect(pod.priorityClassName).toBe("inference");
+    expect(pod.volumes[0]).toEqual({
+      name: "model",
+      persistentVolumeClaim: { claimName: "weights", readOnly: true },
+    });
+    expect(pod.securityContext.runAsNonRoot).toBe(true);
+  });
+
+  it("runs CPU shards without a GPU request when gpusPerShard is 0", () => {
+    const shard = objects().find((o) => o.metadata?.name === "m-shard-0") as any;
+    expect(shard.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"]).toBe("2");
+    const cpu = desiredObjects(
+      {
+        ...manifest(),
+        spec: { ...manifest().spec, experts: { ...manifest().spec.experts, gpusPerShard: 0 } },
+      },
+      planPlacement({ architecture: architectureOf(manifest()), numShards: 4 }),
+      { gateway: 1, shards: [1, 1, 1, 1] },
+    ).find((o) => o.metadata?.name === "m-shard-0") as any;
+    expect(cpu.spec.template.spec.containers[0].resources.limits).toBeUndefined();
+    expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
+  });
+
+  it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {
+    const objs = objects("  autoscaling: { enabled: true, mode: external }");
+    for (const d of objs.filter((o) => o.kind === "Deployment") as any[])
+      expect(d.spec.replicas).toBeUndefined();
+  });
+
+  it("downloads Hugging Face weights in an init container with the token from the Secret", () => {
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: v3, namespace: ns }
+spec:
+  model: { preset: deepseek-v3, source: { huggingFace: { repo: deepseek-ai/DeepSeek-V3, tokenSecret: { name: hf } } } }
+  experts: { shards: 32 }
+`);
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 32 });
+    const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
+      (o) => o.metadata?.name === "v3-gateway",
+    ) as any;
+    const init = gw.spec.template.spec.initContainers[0];
+    expect(init.env).toContainEqual({ name: "HF_REPO", value: "deepseek-ai/DeepSeek-V3" });
+    expect(init.env).toContainEqual({
+      name: "HF_TOKEN",
+      valueFrom: { secretKeyRef: { name: "hf", key: "token" } },
+    });
+    expect(gw.spec.template.spec.volumes[0]).toEqual({
+      name: "model",
+      emptyDir: { sizeLimit: "1500Gi" },
+    });
+    expect(gw.spec.template.spec.containers[0].args).toContain(
+      "--model=/models/deepseek-ai--DeepSeek-V3",
+    );
+  });
+});

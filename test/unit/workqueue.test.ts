@@ -1,0 +1,86 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import { describe, expect, it } from "vitest";
+import { WorkQueue } from "../../src/operator/workqueue.ts";
+
+describe("WorkQueue", () => {
+  it("deduplicates keys waiting to be processed", async () => {
+    const q = new WorkQueue();
+    const seen: string[] = [];
+    for (const k of ["a", "b", "a", "a", "b"]) q.add(k);
+    expect(q.depth).toBe(2);
+    const run = q.run(async (k) => {
+      seen.push(k);
+      return undefined;
+    }, 1);
+    await sleep(20);
+    q.shutdown();
+    await run;
+    expect(seen).toEqual(["a", "b"]);
+  });
+
+  it("never runs one key twice at once, and reruns a key added while it ran", async () => {
+    const q = new WorkQueue();
+    let running = 0;
+    let maxRunning = 0;
+    let runs = 0;
+    q.add("k");
+    const run = q.run(async () => {
+      running++;
+      maxRunning = Math.max(maxRunning, running);
+      runs++;
+      if (runs === 1) q.add("k"); // a change arrives during the reconcile
+      await sleep(10);
+      running--;
+      return undefined;
+    }, 4);
+    await sleep(80);
+    q.shutdown();
+    await run;
+    expect(maxRunning).toBe(1);
+    expect(runs).toBe(2);
+  });
+
+  it.each([
+    [1, 10],
+    [2, 20],
+    [3, 40],
+    [4, 80],
+    [8, 100], // capped
+  ])("after %i failures the next delay is %i ms (base 10, max 100)", (failures, delay) => {
+    const q = new WorkQueue({ baseDelayMs: 10, maxDelayMs: 100 });
+    let last = 0;
+    for (let i = 0; i < failures; i++) last = q.nextBackoff("k");
+    expect(last).toBe(delay);
+  });
+
+  it("retries a failing key with backoff and forgets failures after a success", async () => {
+    const q = new WorkQueue({ baseDelayMs: 5, maxDelayMs: 50 });
+    const times: number[] = [];
+    q.add("k");
+    const run = q.run(async () => {
+      times.push(Date.now());
+      if (times.length < 3) throw new Error("not yet");
+      return undefined;
+    }, 1);
+    await sleep(150);
+    q.shutdown();
+    await run;
+    expect(times).toHaveLength(3);
+    expect(times[2]! - times[1]!).toBeGreaterThanOrEqual(times[1]! - times[0]!);
+    expect(q.failures("k")).toBe(0);
+  });
+
+  it("requeues after the delay a worker asks for", async () => {
+    const q = new WorkQueue();
+    let runs = 0;
+    q.add("k");
+    const run = q.run(async () => {
+      runs++;
+      return runs < 3 ? { requeueAfterMs: 5 } : undefined;
+    }, 1);
+    await sleep(100);
+    q.shutdown();
+    await run;
+    expect(runs).toBe(3);
+  });
+});
