@@ -13,6 +13,8 @@ type Loader = () => Promise<Command>;
 /** Commands by name. Add a command here once it does real work. */
 const commands: Record<string, Loader> = {
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
+  "make-tiny-model": async () =>
+    (await import("./commands/make-tiny-model.ts")).makeTinyModelCommand,
   operator: async () => (await import("./commands/operator.ts")).operatorCommand,
   plan: async () => (await import("./commands/plan.ts")).planCommand,
   version: async () => (await import("./commands/version.ts")).versionCommand,

@@ -15,6 +15,21 @@ export const ERROR_CODES = {
   EM_MANIFEST_READ: "a manifest file could not be read",
   EM_MANIFEST_PARSE: "a manifest file is not valid YAML",
   EM_MANIFEST_INVALID: "a DeepSeekModel manifest has a missing or invalid field",
+  EM_CONFIG_READ: "a model's config.json is missing, unreadable or not JSON",
+  EM_CONFIG_UNKNOWN_ARCH: "config.json names an architecture other than DeepseekV2/V3ForCausalLM",
+  EM_CONFIG_MISSING_FIELD: "config.json lacks a field that has no default",
+  EM_CONFIG_INVALID: "a config.json field has the wrong type, an unsupported or inconsistent value",
+  EM_CKPT_READ: "a checkpoint file is missing or cannot be read",
+  EM_CKPT_BAD_HEADER: "a safetensors file's header is malformed",
+  EM_CKPT_TRUNCATED: "a safetensors file is shorter than its header says",
+  EM_CKPT_BAD_INDEX: "model.safetensors.index.json is malformed or disagrees with its shards",
+  EM_CKPT_MISSING_TENSOR: "a tensor asked for is not in the checkpoint",
+  EM_CKPT_SHAPE_MISMATCH: "a tensor's shape differs from the expected one",
+  EM_CKPT_UNSUPPORTED_DTYPE: "a tensor's dtype cannot be read or is not one the caller accepts",
+  EM_CKPT_WRITE_INVALID: "tensors given to the safetensors writer are inconsistent",
+  EM_TOKENIZER_READ: "tokenizer.json or tokenizer_config.json is missing, unreadable or not JSON",
+  EM_TOKENIZER_INVALID: "the tokenizer files are rejected or lack a special token",
+  EM_TOKENIZER_TEMPLATE: "the chat template is missing or fails to render",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -1,0 +1,227 @@
+// The model's tokenizer: `tokenizer.json` run by @huggingface/tokenizers, the special
+// tokens and `add_bos_token` / `add_eos_token` from `tokenizer_config.json` (applied here,
+// as LlamaTokenizerFast does, whatever post-processor tokenizer.json has), and the chat
+// template rendered by @huggingface/jinja.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Template } from "@huggingface/jinja";
+import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
+import { ExpertMeshError } from "../util/errors.ts";
+
+/** One chat turn. */
+export interface ChatMessage {
+  readonly role: "system" | "user" | "assistant";
+  readonly content: string;
+}
+
+/** Encodes and decodes text, and renders chats, for one model. */
+export class Tokenizer {
+  /** `bos_token` text, or null when the config has none. */
+  readonly bosToken: string | null;
+  /** `eos_token` text, or null. */
+  readonly eosToken: string | null;
+  readonly bosTokenId: number | null;
+  readonly eosTokenId: number | null;
+  /** `add_bos_token`: encode() with special tokens prepends BOS. */
+  readonly addBosToken: boolean;
+  /** `add_eos_token`: encode() with special tokens appends EOS. */
+  readonly addEosToken: boolean;
+  /** Number of tokens, added tokens included (may be less than the model's vocab_size). */
+  readonly size: number;
+  private readonly hf: HfTokenizer;
+  private readonly config: Readonly<Record<string, unknown>>;
+  private readonly template: Template | null;
+  private readonly source: string;
+
+  /**
+   * A tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json`; `source`
+   * names them in messages. Throws EM_TOKENIZER_INVALID or EM_TOKENIZER_TEMPLATE.
+   */
+  constructor(tokenizerJson: unknown, tokenizerConfig: unknown, source = "tokenizer") {
+    this.source = source;
+    if (!isObject(tokenizerJson) || !isObject(tokenizerConfig)) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_INVALID",
+        `${source}: tokenizer files must hold JSON objects`,
+      );
+    }
+    try {
+      this.hf = new HfTokenizer(tokenizerJson, tokenizerConfig);
+    } catch (err) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_INVALID",
+        `${source}: tokenizer.json rejected: ${err instanceof Error ? err.message : err}`,
+        { cause: err },
+      );
+    }
+    this.config = tokenizerConfig;
+    this.bosToken = tokenText(tokenizerConfig["bos_token"]);
+    this.eosToken = tokenText(tokenizerConfig["eos_token"]);
+    this.bosTokenId = this.specialId("bos_token", this.bosToken);
+    this.eosTokenId = this.specialId("eos_token", this.eosToken);
+    // LlamaTokenizerFast defaults: add BOS, not EOS.
+    this.addBosToken = tokenizerConfig["add_bos_token"] !== false;
+    this.addEosToken = tokenizerConfig["add_eos_token"] === true;
+    if (this.addBosToken && this.bosTokenId === null) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_INVALID",
+        `${source}: add_bos_token is set but there is no bos_token`,
+      );
+    }
+    if (this.addEosToken && this.eosTokenId === null) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_INVALID",
+        `${source}: add_eos_token is set but there is no eos_token`,
+      );
+    }
+    this.size = this.hf.get_vocab(true).size;
+    this.template = compileTemplate(tokenizerConfig["chat_template"], source);
+  }
+
+  /** Loads `dir/tokenizer.json` and `dir/tokenizer_config.json`. Throws EM_TOKENIZER_*. */
+  static load(dir: string): Tokenizer {
+    return new Tokenizer(
+      readJson(join(dir, "tokenizer.json")),
+      readJson(join(dir, "tokenizer_config.json")),
+      dir,
+    );
+  }
+
+  private specialId(key: string, text: string | null): number | null {
+    if (text === null) return null;
+    const id = this.hf.token_to_id(text);
+    if (id === undefined) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_INVALID",
+        `${this.source}: ${key} ${text} is not in the vocabulary`,
+      );
+    }
+    return id;
+  }
+
+  /**
+   * Token ids of `text`. Special tokens written in the text map to their ids; with
+   * `addSpecialTokens` (default true) BOS/EOS are added as the config says.
+   */
+  encode(text: string, addSpecialTokens = true): number[] {
+    const ids = this.hf.encode(text, { add_special_tokens: false }).ids;
+    if (!addSpecialTokens) return ids;
+    const out = this.addBosToken ? [this.bosTokenId!, ...ids] : ids;
+    if (this.addEosToken) out.push(this.eosTokenId!);
+    return out;
+  }
+
+  /**
+   * Text of token ids. Ids outside the tokenizer (the padding rows of a larger vocab_size)
+   * decode to nothing; `skipSpecialTokens` drops BOS/EOS/pad and other special tokens.
+   */
+  decode(ids: readonly number[], skipSpecialTokens = false): string {
+    return this.hf.decode([...ids], {
+      skip_special_tokens: skipSpecialTokens,
+      clean_up_tokenization_spaces: this.config["clean_up_tokenization_spaces"] === true,
+    });
+  }
+
+  /** The id of a token string, or undefined. */
+  tokenToId(token: string): number | undefined {
+    return this.hf.token_to_id(token);
+  }
+
+  /** The token string of an id, or undefined. */
+  idToToken(id: number): string | undefined {
+    return this.hf.id_to_token(id);
+  }
+
+  /** Whether the config has a chat template. */
+  get hasChatTemplate(): boolean {
+    return this.template !== null;
+  }
+
+  /**
+   * The prompt text for `messages` by the config's chat template (as HF's
+   * `apply_chat_template(messages, add_generation_prompt=..., tokenize=False)`).
+   * Throws EM_TOKENIZER_TEMPLATE.
+   */
+  applyChatTemplate(messages: readonly ChatMessage[], addGenerationPrompt = false): string {
+    if (this.template === null) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_TEMPLATE",
+        `${this.source}: tokenizer_config.json has no chat_template`,
+      );
+    }
+    try {
+      return this.template.render({
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: addGenerationPrompt,
+        bos_token: this.bosToken ?? "",
+        eos_token: this.eosToken ?? "",
+        pad_token: tokenText(this.config["pad_token"]) ?? "",
+        unk_token: tokenText(this.config["unk_token"]) ?? "",
+        raise_exception: (msg: string) => {
+          throw new Error(msg);
+        },
+      });
+    } catch (err) {
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_TEMPLATE",
+        `${this.source}: chat template failed: ${err instanceof Error ? err.message : err}`,
+        { cause: err },
+      );
+    }
+  }
+
+  /**
+   * Token ids of a chat: the rendered template encoded without adding BOS/EOS again (the
+   * template writes them), as HF's `apply_chat_template(..., tokenize=True)`.
+   */
+  encodeChat(messages: readonly ChatMessage[], addGenerationPrompt = false): number[] {
+    return this.encode(this.applyChatTemplate(messages, addGenerationPrompt), false);
+  }
+}
+
+function isObject(x: unknown): x is Record<string, unknown> {
+  return typeof x === "object" && x !== null && !Array.isArray(x);
+}
+
+/** The text of a special token given as a string or as `{content: ...}` (AddedToken). */
+function tokenText(v: unknown): string | null {
+  if (typeof v === "string") return v;
+  if (isObject(v) && typeof v["content"] === "string") return v["content"];
+  return null;
+}
+
+/** The chat template: a string, or a list of `{name, template}` of which "default" is used. */
+function compileTemplate(value: unknown, source: string): Template | null {
+  if (value === undefined || value === null) return null;
+  let text: unknown = value;
+  if (Array.isArray(value)) {
+    text = value.find((t) => isObject(t) && t["name"] === "default")?.template;
+  }
+  if (typeof text !== "string") {
+    throw new ExpertMeshError(
+      "EM_TOKENIZER_TEMPLATE",
+      `${source}: chat_template must be a string or a list with a "default" template`,
+    );
+  }
+  try {
+    return new Template(text);
+  } catch (err) {
+    throw new ExpertMeshError(
+      "EM_TOKENIZER_TEMPLATE",
+      `${source}: chat_template does not parse: ${err instanceof Error ? err.message : err}`,
+      { cause: err },
+    );
+  }
+}
+
+function readJson(path: string): unknown {
+  try {
+    return JSON.parse(readFileSync(path, "utf8"));
+  } catch (err) {
+    throw new ExpertMeshError(
+      "EM_TOKENIZER_READ",
+      `cannot read ${path}: ${err instanceof Error ? err.message : err}`,
+      { cause: err },
+    );
+  }
+}
