@@ -536,3 +536,73 @@ describe.sequential("expertmesh operator", () => {
     });
   });
 });
+
+describe.sequential("expertmesh operator in namespaced-only mode", () => {
+  const releaseNs = uniqueName("em-ns-system");
+  const watched = uniqueName("team-a");
+  const other = uniqueName("team-b");
+  let op: RunningOperator | undefined;
+
+  beforeAll(async () => {
+    for (const ns of [watched, other])
+      await core.createNamespace({ body: { metadata: { name: ns } } });
+    const env = testEnv();
+    const helm = await runCli(
+      env.binaries.helm,
+      [
+        "install",
+        "expertmesh-ns",
+        `${root}charts/expertmesh`,
+        "--namespace",
+        releaseNs,
+        "--create-namespace",
+        "--kubeconfig",
+        env.kube.kubeconfig,
+        "--set",
+        "replicaCount=0",
+        "--set",
+        `watchNamespaces={${watched}}`,
+        "--wait=false",
+      ],
+      undefined,
+      {
+        ...process.env,
+        HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
+        HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
+        HELM_DATA_HOME: `${env.runDir}/helm/data`,
+      },
+    );
+    expect(helm.code, helm.stderr).toBe(0);
+    const kubeconfig = await serviceAccountKubeconfig(releaseNs, "expertmesh-ns");
+    op = await startOperator({
+      kubeconfig,
+      identity: "op-ns",
+      leaseNamespace: releaseNs,
+      namespaces: [watched],
+    });
+    await waitForLeadership(op);
+  });
+  afterAll(async () => {
+    await op?.process.stop();
+  });
+
+  it("reconciles models in its namespace with only namespaced Roles, and leaves others alone", async () => {
+    for (const ns of [watched, other]) {
+      await createWeightsVolume(ns);
+      await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("m", ns) });
+    }
+    await waitForCondition(watched, "m", "Ready", "True", "AllReplicasReady");
+    await new Promise((r) => setTimeout(r, 2000));
+    expect((await getModel(other, "m")).status).toBeUndefined();
+    expect(await ownedDeployments(other, "m")).toHaveLength(0);
+    const clusterRoles = await kubectl([
+      "get",
+      "clusterrole",
+      "-l",
+      "app.kubernetes.io/instance=expertmesh-ns",
+      "-o",
+      "name",
+    ]);
+    expect(clusterRoles.stdout.trim()).toBe("");
+  });
+});
