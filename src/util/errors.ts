@@ -30,6 +30,16 @@ export const ERROR_CODES = {
   EM_TOKENIZER_READ: "tokenizer.json or tokenizer_config.json is missing, unreadable or not JSON",
   EM_TOKENIZER_INVALID: "the tokenizer files are rejected or lack a special token",
   EM_TOKENIZER_TEMPLATE: "the chat template is missing or fails to render",
+  EM_WIRE_TRUNCATED: "a wire frame is shorter than its header says",
+  EM_WIRE_LENGTH: "a wire frame is longer than its header says",
+  EM_WIRE_MAGIC: "a message is not an expertmesh wire frame",
+  EM_WIRE_VERSION: "a wire frame has a version this build does not speak",
+  EM_WIRE_KIND: "a wire frame has an unknown kind",
+  EM_WIRE_DTYPE: "a wire frame has an unknown or misplaced dtype",
+  EM_WIRE_CRC: "a wire frame's body does not match its checksum",
+  EM_WIRE_RANGE: "a wire frame field is out of range (token index, width, offsets, weights)",
+  EM_WIRE_PLAN_VERSION:
+    "a frame was routed with another placement plan version than the receiver's",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -1,0 +1,410 @@
+// Binary frames between gateways and shards: see docs/wire-format.md (the layout is
+// written there once; this file follows it field by field).
+import { crc32 } from "node:zlib";
+import {
+  bf16ArrayToFloat32,
+  E4M3_MAX,
+  e4m3Table256,
+  float32ArrayToBf16,
+  float32ToE4m3,
+} from "../model/floats.ts";
+import { type ErrorCode, ExpertMeshError } from "../util/errors.ts";
+
+export const WIRE_MAGIC = 0x46574d45;
+export const WIRE_VERSION = 1;
+export const HEADER_BYTES = 40;
+export const FP8_GROUP = 128;
+const MAX_HIDDEN = 65536;
+
+export const FrameKind = { dispatch: 1, combine: 2, error: 3 } as const;
+export const WireDtype = { bf16: 1, fp8: 2, f32: 3 } as const;
+export type WireDtypeName = keyof typeof WireDtype;
+
+/** Fields every frame carries. */
+export interface FrameHeader {
+  planVersion: number;
+  layer: number;
+  hidden: number;
+  /** Index of the frame's first token in the whole request, and the request's size. */
+  tokenOffset: number;
+  totalTokens: number;
+}
+
+/** Tokens routed to one shard: activations [numTokens, hidden] and (token, expert, weight) triples. */
+export interface Dispatch extends FrameHeader {
+  dtype: WireDtypeName;
+  numTokens: number;
+  /** [numTokens * hidden] */
+  activations: Float32Array;
+  token: Uint32Array;
+  expert: Uint32Array;
+  weight: Float32Array;
+}
+
+/** A shard's weighted partial sums, [numTokens * hidden]. */
+export interface Combine extends FrameHeader {
+  dtype: "bf16" | "f32";
+  numTokens: number;
+  sums: Float32Array;
+}
+
+export interface ErrorFrame {
+  kind: "error";
+  planVersion: number;
+  layer: number;
+  code: string;
+  message: string;
+}
+
+export type Frame =
+  | ({ kind: "dispatch" } & Dispatch)
+  | ({ kind: "combine" } & Combine)
+  | ErrorFrame;
+
+function fail(code: ErrorCode, message: string): never {
+  throw new ExpertMeshError(code, message);
+}
+
+function activationBytes(dtype: WireDtypeName, numTokens: number, hidden: number): number {
+  const n = numTokens * hidden;
+  if (dtype === "bf16") return 2 * n;
+  if (dtype === "f32") return 4 * n;
+  return n + 4 * numTokens * Math.ceil(hidden / FP8_GROUP);
+}
+
+/** Bytes of a dispatch frame (for splitting under max_payload). */
+export function dispatchFrameBytes(
+  dtype: WireDtypeName,
+  numTokens: number,
+  hidden: number,
+  numAssignments: number,
+): number {
+  return HEADER_BYTES + 12 * numAssignments + activationBytes(dtype, numTokens, hidden);
+}
+
+function writeHeader(
+  buf: Uint8Array,
+  kind: number,
+  dtype: number,
+  h: FrameHeader,
+  numTokens: number,
+  numAssignments: number,
+): DataView {
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  v.setUint32(0, WIRE_MAGIC, true);
+  v.setUint8(4, WIRE_VERSION);
+  v.setUint8(5, kind);
+  v.setUint8(6, dtype);
+  v.setUint8(7, 0);
+  v.setUint32(8, h.planVersion, true);
+  v.setUint32(12, h.layer, true);
+  v.setUint32(16, h.hidden, true);
+  v.setUint32(20, numTokens, true);
+  v.setUint32(24, numAssignments, true);
+  v.setUint32(28, h.tokenOffset, true);
+  v.setUint32(32, h.totalTokens, true);
+  return v;
+}
+
+function seal(buf: Uint8Array, v: DataView): Uint8Array {
+  v.setUint32(36, crc32(buf.subarray(HEADER_BYTES)), true);
+  return buf;
+}
+
+/** Copies `src`'s bytes into `dst` at `offset` (any typed array). */
+function put(dst: Uint8Array, offset: number, src: ArrayBufferView): number {
+  dst.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength), offset);
+  return offset + src.byteLength;
+}
+
+/** fp8 e4m3 codes and per-(token, 128-block) scales of activations [numTokens, hidden]. */
+export function quantizeActivations(
+  x: Float32Array,
+  numTokens: number,
+  hidden: number,
+): { codes: Uint8Array; scales: Float32Array } {
+  const groups = Math.ceil(hidden / FP8_GROUP);
+  const codes = new Uint8Array(numTokens * hidden);
+  const scales = new Float32Array(numTokens * groups);
+  for (let t = 0; t < numTokens; t++) {
+    for (let g = 0; g < groups; g++) {
+      const start = t * hidden + g * FP8_GROUP;
+      const end = t * hidden + Math.min(hidden, (g + 1) * FP8_GROUP);
+      let amax = 0;
+      for (let i = start; i < end; i++) amax = Math.max(amax, Math.abs(x[i]!));
+      const scale = amax > 0 ? amax / E4M3_MAX : 1;
+      scales[t * groups + g] = scale;
+      const inv = 1 / scale;
+      for (let i = start; i < end; i++) codes[i] = float32ToE4m3(x[i]! * inv);
+    }
+  }
+  return { codes, scales };
+}
+
+const E4M3 = e4m3Table256();
+
+function dequantizeActivations(
+  codes: Uint8Array,
+  scales: Float32Array,
+  numTokens: number,
+  hidden: number,
+): Float32Array {
+  const groups = Math.ceil(hidden / FP8_GROUP);
+  const out = new Float32Array(numTokens * hidden);
+  for (let t = 0; t < numTokens; t++) {
+    for (let j = 0; j < hidden; j++) {
+      const i = t * hidden + j;
+      out[i] = E4M3[codes[i]!]! * scales[t * groups + Math.floor(j / FP8_GROUP)]!;
+    }
+  }
+  return out;
+}
+
+/** Encodes a dispatch frame. */
+export function encodeDispatch(d: Dispatch): Uint8Array {
+  const n = d.token.length;
+  if (d.expert.length !== n || d.weight.length !== n)
+    fail("EM_WIRE_RANGE", "token, expert and weight arrays differ in length");
+  if (d.activations.length !== d.numTokens * d.hidden)
+    fail(
+      "EM_WIRE_RANGE",
+      `activations hold ${d.activations.length} values, expected ${d.numTokens} x ${d.hidden}`,
+    );
+  const buf = new Uint8Array(dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n));
+  const v = writeHeader(buf, FrameKind.dispatch, WireDtype[d.dtype], d, d.numTokens, n);
+  let o = HEADER_BYTES;
+  o = put(buf, o, d.token);
+  o = put(buf, o, d.expert);
+  o = put(buf, o, d.weight);
+  if (d.dtype === "bf16") o = put(buf, o, float32ArrayToBf16(d.activations));
+  else if (d.dtype === "f32") o = put(buf, o, d.activations);
+  else {
+    const { codes, scales } = quantizeActivations(d.activations, d.numTokens, d.hidden);
+    o = put(buf, o, codes);
+    o = put(buf, o, scales);
+  }
+  return seal(buf, v);
+}
+
+/** Encodes a combine (reply) frame. */
+export function encodeCombine(c: Combine): Uint8Array {
+  if (c.sums.length !== c.numTokens * c.hidden)
+    fail(
+      "EM_WIRE_RANGE",
+      `sums hold ${c.sums.length} values, expected ${c.numTokens} x ${c.hidden}`,
+    );
+  const buf = new Uint8Array(HEADER_BYTES + activationBytes(c.dtype, c.numTokens, c.hidden));
+  const v = writeHeader(buf, FrameKind.combine, WireDtype[c.dtype], c, c.numTokens, 0);
+  put(buf, HEADER_BYTES, c.dtype === "bf16" ? float32ArrayToBf16(c.sums) : c.sums);
+  return seal(buf, v);
+}
+
+/** Encodes an error reply. */
+export function encodeError(code: string, message: string, planVersion = 0, layer = 0): Uint8Array {
+  const body = new TextEncoder().encode(JSON.stringify({ code, message }));
+  const buf = new Uint8Array(HEADER_BYTES + body.length);
+  const v = writeHeader(
+    buf,
+    FrameKind.error,
+    WireDtype.f32,
+    { planVersion, layer, hidden: 1, tokenOffset: 0, totalTokens: 0 },
+    0,
+    0,
+  );
+  put(buf, HEADER_BYTES, body);
+  return seal(buf, v);
+}
+
+/** A copy of `n` elements of a typed array starting at byte `offset` (copied: alignment-safe). */
+function take<T extends Uint32Array | Float32Array | Uint16Array | Uint8Array>(
+  buf: Uint8Array,
+  offset: number,
+  n: number,
+  Ctor: { new (b: ArrayBuffer): T; BYTES_PER_ELEMENT: number },
+): T {
+  const bytes = buf.slice(offset, offset + n * Ctor.BYTES_PER_ELEMENT);
+  return new Ctor(bytes.buffer);
+}
+
+/**
+ * Decodes and validates any frame. Throws ExpertMeshError with an EM_WIRE_* code for
+ * anything malformed; never anything else.
+ */
+export function decodeFrame(buf: Uint8Array): Frame {
+  if (buf.byteLength < HEADER_BYTES)
+    fail(
+      "EM_WIRE_TRUNCATED",
+      `frame of ${buf.byteLength} bytes is shorter than the ${HEADER_BYTES}-byte header`,
+    );
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  if (v.getUint32(0, true) !== WIRE_MAGIC)
+    fail("EM_WIRE_MAGIC", "not an expertmesh frame (bad magic)");
+  const version = v.getUint8(4);
+  if (version !== WIRE_VERSION)
+    fail("EM_WIRE_VERSION", `frame version ${version}, this build speaks ${WIRE_VERSION}`);
+  const kind = v.getUint8(5);
+  const dtypeCode = v.getUint8(6);
+  const h: FrameHeader = {
+    planVersion: v.getUint32(8, true),
+    layer: v.getUint32(12, true),
+    hidden: v.getUint32(16, true),
+    tokenOffset: v.getUint32(28, true),
+    totalTokens: v.getUint32(32, true),
+  };
+  const numTokens = v.getUint32(20, true);
+  const numAssignments = v.getUint32(24, true);
+  const dtype = (Object.keys(WireDtype) as WireDtypeName[]).find((k) => WireDtype[k] === dtypeCode);
+  if (!dtype) fail("EM_WIRE_DTYPE", `unknown dtype code ${dtypeCode}`);
+  if (crc32(buf.subarray(HEADER_BYTES)) !== v.getUint32(36, true)) {
+    // Length first: a truncated frame is reported as such, not as a checksum mismatch.
+    if (kind === FrameKind.dispatch || kind === FrameKind.combine)
+      checkLength(buf, kind, dtype, numTokens, h.hidden, numAssignments);
+    fail("EM_WIRE_CRC", "frame body checksum mismatch (corrupted in transit?)");
+  }
+  if (kind === FrameKind.error) {
+    try {
+      const { code, message } = JSON.parse(
+        new TextDecoder("utf-8", { fatal: true }).decode(buf.subarray(HEADER_BYTES)),
+      ) as { code: unknown; message: unknown };
+      if (typeof code !== "string" || typeof message !== "string") throw new Error("fields");
+      return { kind: "error", planVersion: h.planVersion, layer: h.layer, code, message };
+    } catch {
+      fail("EM_WIRE_RANGE", "error frame body is not {code, message} JSON");
+    }
+  }
+  if (kind !== FrameKind.dispatch && kind !== FrameKind.combine)
+    fail("EM_WIRE_KIND", `unknown frame kind ${kind}`);
+  if (h.hidden < 1 || h.hidden > MAX_HIDDEN)
+    fail("EM_WIRE_RANGE", `hidden ${h.hidden} out of range 1..${MAX_HIDDEN}`);
+  if (h.tokenOffset + numTokens > h.totalTokens)
+    fail(
+      "EM_WIRE_RANGE",
+      `tokens ${h.tokenOffset}+${numTokens} exceed the request's ${h.totalTokens}`,
+    );
+  checkLength(buf, kind, dtype, numTokens, h.hidden, numAssignments);
+
+  let o = HEADER_BYTES;
+  if (kind === FrameKind.combine) {
+    if (dtype === "fp8") fail("EM_WIRE_DTYPE", "combine frames carry bf16 or f32");
+    const sums =
+      dtype === "bf16"
+        ? bf16ArrayToFloat32(take(buf, o, numTokens * h.hidden, Uint16Array))
+        : take(buf, o, numTokens * h.hidden, Float32Array);
+    return { kind: "combine", ...h, dtype, numTokens, sums };
+  }
+  const token = take(buf, o, numAssignments, Uint32Array);
+  o += 4 * numAssignments;
+  const expert = take(buf, o, numAssignments, Uint32Array);
+  o += 4 * numAssignments;
+  const weight = take(buf, o, numAssignments, Float32Array);
+  o += 4 * numAssignments;
+  for (let i = 0; i < numAssignments; i++) {
+    if (token[i]! >= numTokens)
+      fail("EM_WIRE_RANGE", `assignment ${i} names token ${token[i]} of ${numTokens}`);
+    if (!Number.isFinite(weight[i]!))
+      fail("EM_WIRE_RANGE", `assignment ${i} has a non-finite weight`);
+  }
+  let activations: Float32Array;
+  const n = numTokens * h.hidden;
+  if (dtype === "bf16") activations = bf16ArrayToFloat32(take(buf, o, n, Uint16Array));
+  else if (dtype === "f32") activations = take(buf, o, n, Float32Array);
+  else {
+    const codes = buf.slice(o, o + n);
+    const scales = take(buf, o + n, numTokens * Math.ceil(h.hidden / FP8_GROUP), Float32Array);
+    activations = dequantizeActivations(codes, scales, numTokens, h.hidden);
+  }
+  return { kind: "dispatch", ...h, dtype, numTokens, activations, token, expert, weight };
+}
+
+function checkLength(
+  buf: Uint8Array,
+  kind: number,
+  dtype: WireDtypeName,
+  numTokens: number,
+  hidden: number,
+  numAssignments: number,
+): void {
+  const want =
+    kind === FrameKind.dispatch
+      ? dispatchFrameBytes(dtype, numTokens, hidden, numAssignments)
+      : HEADER_BYTES + activationBytes(dtype, numTokens, hidden);
+  if (buf.byteLength < want)
+    fail("EM_WIRE_TRUNCATED", `frame has ${buf.byteLength} bytes, its header promises ${want}`);
+  if (buf.byteLength > want)
+    fail("EM_WIRE_LENGTH", `frame has ${buf.byteLength} bytes, its header promises ${want}`);
+}
+
+/**
+ * Splits a dispatch into consecutive frames of at most `maxPayload` bytes each (by
+ * tokens; a token's assignments travel with it). Throws when one token alone is too big.
+ */
+export function splitDispatch(d: Dispatch, maxPayload: number): Dispatch[] {
+  const perToken = new Uint32Array(d.numTokens);
+  for (const t of d.token) perToken[t]!++;
+  const order = Array.from(d.token.keys()).sort((a, b) => d.token[a]! - d.token[b]! || a - b);
+  const frames: Dispatch[] = [];
+  let start = 0;
+  let a = 0; // index into `order`
+  while (start < d.numTokens) {
+    let end = start;
+    let assigns = 0;
+    while (
+      end < d.numTokens &&
+      dispatchFrameBytes(d.dtype, end - start + 1, d.hidden, assigns + perToken[end]!) <= maxPayload
+    ) {
+      assigns += perToken[end]!;
+      end++;
+    }
+    if (end === start)
+      fail(
+        "EM_WIRE_RANGE",
+        `one token needs ${dispatchFrameBytes(d.dtype, 1, d.hidden, perToken[start]!)} bytes, more than max_payload ${maxPayload}`,
+      );
+    const idx = order.slice(a, a + assigns);
+    a += assigns;
+    frames.push({
+      ...d,
+      tokenOffset: d.tokenOffset + start,
+      numTokens: end - start,
+      activations: d.activations.subarray(start * d.hidden, end * d.hidden),
+      token: Uint32Array.from(idx, (i) => d.token[i]! - start),
+      expert: Uint32Array.from(idx, (i) => d.expert[i]!),
+      weight: Float32Array.from(idx, (i) => d.weight[i]!),
+    });
+    start = end;
+  }
+  return frames;
+}
+
+/**
+ * Reassembles combine replies of one split request into [totalTokens * hidden]; checks
+ * that they cover every token exactly once and agree on plan, layer and width.
+ */
+export function joinCombines(
+  parts: Combine[],
+  expect: { planVersion: number; layer: number; hidden: number; totalTokens: number },
+): Float32Array {
+  const out = new Float32Array(expect.totalTokens * expect.hidden);
+  const covered = new Uint8Array(expect.totalTokens);
+  for (const p of parts) {
+    if (p.planVersion !== expect.planVersion)
+      fail(
+        "EM_WIRE_PLAN_VERSION",
+        `reply for plan v${p.planVersion}, expected v${expect.planVersion}`,
+      );
+    if (
+      p.layer !== expect.layer ||
+      p.hidden !== expect.hidden ||
+      p.totalTokens !== expect.totalTokens
+    )
+      fail("EM_WIRE_RANGE", "reply for another layer, width or request");
+    for (let t = p.tokenOffset; t < p.tokenOffset + p.numTokens; t++) {
+      if (covered[t]) fail("EM_WIRE_RANGE", `token ${t} answered twice`);
+      covered[t] = 1;
+    }
+    out.set(p.sums, p.tokenOffset * expect.hidden);
+  }
+  const missing = covered.indexOf(0);
+  if (missing !== -1) fail("EM_WIRE_RANGE", `no reply covers token ${missing}`);
+  return out;
+}
