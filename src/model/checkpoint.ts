@@ -94,7 +94,7 @@ export class Checkpoint {
    * tensor's bytes are read. Throws EM_CKPT_MISSING_TENSOR, EM_CKPT_SHAPE_MISMATCH,
    * EM_CKPT_UNSUPPORTED_DTYPE, EM_CKPT_TRUNCATED or EM_CKPT_READ.
    */
-  read(name: string, opts: ReadOptions = {}): Promise<Tensor> {
+  async read(name: string, opts: ReadOptions = {}): Promise<Tensor> {
     return readTensor(this.tensorInfo(name), opts, this.counter);
   }
 

@@ -68,29 +68,28 @@ function roundHalfEven(q: number): number {
 }
 
 /**
- * The e4m3 bits of `x`: round to nearest even, magnitudes past 448 (infinity included)
- * saturate to +-448, NaN becomes 0x7f/0xff. Layout: sign, 4 exponent bits (bias 7),
- * 3 mantissa bits; exponent 0 holds the subnormals m * 2^-9.
+ * The e4m3 bits of `x` (taken as float32): round to nearest even, magnitudes past 448
+ * (infinity included) saturate to +-448, NaN becomes 0x7f. Layout: sign, 4 exponent bits
+ * (bias 7), 3 mantissa bits; exponent 0 holds the subnormals m * 2^-9.
  */
 export function float32ToE4m3(x: number): number {
-  if (Number.isNaN(x)) return 0x7f;
-  const sign = x < 0 || Object.is(x, -0) ? 0x80 : 0;
-  const a = Math.abs(Math.fround(x));
-  if (a >= E4M3_MAX) return sign | 0x7e;
-  if (a < 2 ** -6) {
-    // Subnormal range: a multiple of 2^-9. m = 8 is the smallest normal, whose code is 0x08.
-    return sign | roundHalfEven(a * 512);
+  f32[0] = x;
+  const bits = u32[0]!;
+  const sign = (bits >>> 24) & 0x80;
+  const abs = bits & 0x7fffffff;
+  if (abs > 0x7f800000) return 0x7f; // NaN
+  if (abs >= 0x43e00000) return sign | 0x7e; // >= 448
+  if (abs < 0x3c800000) {
+    // Below 2^-6, the subnormal range: a multiple of 2^-9. m = 8 is the smallest normal,
+    // whose code is 0x08.
+    return sign | roundHalfEven(Math.abs(f32[0]!) * 512);
   }
-  let e = Math.floor(Math.log2(a));
-  if (2 ** e > a) e--;
-  if (2 ** (e + 1) <= a) e++;
-  // a * 2^(3-e) is in [8, 16): its integer part is the implicit one plus the mantissa.
-  let m = roundHalfEven(a * 2 ** (3 - e));
-  if (m === 16) {
-    m = 8;
-    e++;
-  }
-  const code = ((e + 7) << 3) | (m - 8);
+  // Normal: rebias the exponent (127 -> 7) and keep the top 3 of 23 mantissa bits,
+  // rounding the 20 dropped bits to nearest even; a carry steps the exponent, as it should.
+  const kept = (abs >>> 20) & 0x7;
+  const dropped = abs & 0xfffff;
+  let code = ((((abs >>> 23) - 127 + 7) << 3) | kept) >>> 0;
+  if (dropped > 0x80000 || (dropped === 0x80000 && (kept & 1) === 1)) code++;
   // 0x7f (exponent 15, mantissa 7) is NaN, so anything that rounds past 0x7e saturates.
   return sign | Math.min(code, 0x7e);
 }

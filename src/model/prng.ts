@@ -23,12 +23,11 @@ export function fnv1a32(text: string): number {
 
 /** xoshiro128**: 128-bit state, 32-bit outputs, period 2^128 - 1. */
 export class Prng {
-  private s0: number;
-  private s1: number;
-  private s2: number;
-  private s3: number;
-  /** The second Box-Muller sample, kept for the next `normal()` call. */
-  private spare: number | null = null;
+  /** The state words; a typed array keeps them unboxed int32 (fast in V8). */
+  private readonly s = new Int32Array(4);
+  /** Whether `spare` holds the second Box-Muller sample for the next `normal()` call. */
+  private hasSpare = false;
+  private spare = 0;
 
   /**
    * A generator for `seed` (any integer; taken modulo 2^32) and an optional `stream` name:
@@ -36,27 +35,33 @@ export class Prng {
    */
   constructor(seed: number, stream = "") {
     let st = (seed >>> 0) ^ fnv1a32(stream);
-    const words: number[] = [];
     for (let i = 0; i < 4; i++) {
       const [next, out] = splitmix32(st);
       st = next;
-      words.push(out);
+      this.s[i] = out;
     }
-    [this.s0, this.s1, this.s2, this.s3] = words as [number, number, number, number];
     // The all-zero state is the one state xoshiro cannot leave.
-    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1;
+    if ((this.s[0]! | this.s[1]! | this.s[2]! | this.s[3]!) === 0) this.s[0] = 1;
+  }
+
+  /** A generator started from raw state words (not all zero), as the reference code seeds it. */
+  static fromState(state: readonly [number, number, number, number]): Prng {
+    const p = new Prng(0);
+    p.s.set(state.map((w) => w | 0));
+    return p;
   }
 
   /** The next 32-bit output as an unsigned integer in [0, 2^32). */
   nextU32(): number {
-    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;
-    const t = this.s1 << 9;
-    this.s2 ^= this.s0;
-    this.s3 ^= this.s1;
-    this.s1 ^= this.s2;
-    this.s0 ^= this.s3;
-    this.s2 ^= t;
-    this.s3 = rotl(this.s3, 11);
+    const s = this.s;
+    const result = Math.imul(rotl(Math.imul(s[1]!, 5), 7), 9) >>> 0;
+    const t = s[1]! << 9;
+    s[2]! ^= s[0]!;
+    s[3]! ^= s[1]!;
+    s[1]! ^= s[2]!;
+    s[0]! ^= s[3]!;
+    s[2]! ^= t;
+    s[3] = rotl(s[3]!, 11);
     return result;
   }
 
@@ -67,20 +72,31 @@ export class Prng {
 
   /** A standard normal sample (mean 0, standard deviation 1), by Box-Muller. */
   normal(): number {
-    if (this.spare !== null) {
-      const s = this.spare;
-      this.spare = null;
-      return s;
+    if (this.hasSpare) {
+      this.hasSpare = false;
+      return this.spare;
     }
     const r = Math.sqrt(-2 * Math.log(this.uniform()));
     const theta = 2 * Math.PI * this.uniform();
     this.spare = r * Math.sin(theta);
+    this.hasSpare = true;
     return r * Math.cos(theta);
   }
 
-  /** Fills `out` with `mean + std * normal()` samples and returns it. */
+  /**
+   * Fills `out` with `mean + std * normal()` samples and returns it; the same numbers as
+   * calling `normal()` once per element, generated a pair at a time.
+   */
   fillNormal(out: Float32Array, std = 1, mean = 0): Float32Array {
-    for (let i = 0; i < out.length; i++) out[i] = mean + std * this.normal();
+    let i = 0;
+    if (this.hasSpare && out.length > 0) out[i++] = mean + std * this.normal();
+    for (; i + 1 < out.length; i += 2) {
+      const r = Math.sqrt(-2 * Math.log(this.uniform()));
+      const theta = 2 * Math.PI * this.uniform();
+      out[i] = mean + std * (r * Math.cos(theta));
+      out[i + 1] = mean + std * (r * Math.sin(theta));
+    }
+    if (i < out.length) out[i] = mean + std * this.normal();
     return out;
   }
 }

@@ -67,8 +67,10 @@ function figures(arch: TinyArch, preset: TinyPreset): Record<string, unknown> {
       n_routed_experts: v3 ? 16 : 8,
       n_shared_experts: v3 ? 1 : 2,
       num_experts_per_tok: v3 ? 4 : 2,
-      n_group: 4,
-      topk_group: 2,
+      // V2 scores groups by their best expert: with top-2 from 2 of 4 groups the limit
+      // would never change a choice, so V2 picks its 2 experts from 1 of 2 groups of 4.
+      n_group: v3 ? 4 : 2,
+      topk_group: v3 ? 2 : 1,
       max_position_embeddings: 256,
       rope_scaling: yarn(arch, 64),
     };

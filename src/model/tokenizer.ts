@@ -157,9 +157,7 @@ export class Tokenizer {
         eos_token: this.eosToken ?? "",
         pad_token: tokenText(this.config["pad_token"]) ?? "",
         unk_token: tokenText(this.config["unk_token"]) ?? "",
-        raise_exception: (msg: string) => {
-          throw new Error(msg);
-        },
+        // raise_exception() is built into @huggingface/jinja.
       });
     } catch (err) {
       throw new ExpertMeshError(

@@ -1,0 +1,162 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { writeTinyModel } from "../../src/model/tiny.ts";
+import {
+  SPECIAL_TOKENS,
+  tinyTokenizerConfigJson,
+  tinyTokenizerJson,
+} from "../../src/model/tiny-tokenizer.ts";
+import { type ChatMessage, Tokenizer } from "../../src/model/tokenizer.ts";
+import { ExpertMeshError } from "../../src/util/errors.ts";
+
+const root = mkdtempSync(join(tmpdir(), "em-tokenizer-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+function codeOf(fn: () => unknown): string | undefined {
+  try {
+    fn();
+  } catch (err) {
+    return err instanceof ExpertMeshError ? err.code : `not ExpertMeshError: ${err}`;
+  }
+  return undefined;
+}
+
+let tok: Tokenizer;
+beforeAll(async () => {
+  await writeTinyModel(root, { arch: "v3" });
+  tok = Tokenizer.load(root);
+});
+
+describe("tiny tokenizer", () => {
+  it("has the DeepSeek special tokens and add_bos_token", () => {
+    expect(tok.size).toBe(319);
+    expect([tok.bosTokenId, tok.eosTokenId]).toEqual([0, 1]);
+    expect([tok.bosToken, tok.eosToken]).toEqual([SPECIAL_TOKENS.bos, SPECIAL_TOKENS.eos]);
+    expect([tok.addBosToken, tok.addEosToken]).toEqual([true, false]);
+    expect(tok.tokenToId(SPECIAL_TOKENS.user)).toBe(3);
+    expect(tok.tokenToId(SPECIAL_TOKENS.assistant)).toBe(4);
+    expect(tok.tokenToId("Ġthe")).toBeDefined(); // a merge
+  });
+
+  // Ids from Hugging Face's Rust `tokenizers` on the same tokenizer.json.
+  const reference: [string, number[]][] = [
+    [
+      "Hello the world, with you and it is there.",
+      [77, 106, 291, 116, 268, 272, 279, 113, 105, 49, 318, 309, 295, 314, 303, 268, 267, 51],
+    ],
+    [
+      "héllo 世界 🚀 naïve",
+      [
+        109, 200, 174, 291, 116, 37, 233, 189, 155, 236, 154, 145, 37, 245, 164, 159, 133, 299, 102,
+        200, 180, 123, 106,
+      ],
+    ],
+    ["<｜User｜>hi<｜Assistant｜>", [3, 109, 110, 4]],
+    [
+      "  two  spaces\n\ttab",
+      [37, 261, 124, 116, 37, 271, 117, 102, 104, 278, 15, 14, 121, 102, 103],
+    ],
+  ];
+  it.each(reference)("encodes %j like the reference and decodes it back", (text, ids) => {
+    expect(tok.encode(text, false)).toEqual(ids);
+    expect(tok.encode(text)).toEqual([0, ...ids]);
+    expect(tok.decode(ids)).toBe(text);
+  });
+
+  it.each([
+    "",
+    "The quick brown fox jumps over the lazy dog 0123456789 !@#$%^&*()",
+    "Ünïcödé — “quotes” 日本語テキスト 한국어 العربية 🎉👩‍👩‍👧",
+    "\u0000\u0001 control \u007f and \r\n line ends",
+  ])("round-trips %j", (text) => {
+    expect(tok.decode(tok.encode(text))).toBe(`${SPECIAL_TOKENS.bos}${text}`);
+    expect(tok.decode(tok.encode(text), true)).toBe(text);
+  });
+
+  it("decodes the padding ids past the tokenizer (vocab_size 320) to nothing", () => {
+    expect(tok.decode([tok.tokenToId("Ġthe")!, 319])).toBe(" the");
+  });
+});
+
+describe("chat template", () => {
+  const chat: ChatMessage[] = [
+    { role: "system", content: "Be brief." },
+    { role: "system", content: "Be kind." },
+    { role: "user", content: "Hi" },
+    { role: "assistant", content: "Hello!" },
+    { role: "user", content: "Bye" },
+  ];
+
+  it("renders DeepSeek's format", () => {
+    expect(tok.applyChatTemplate(chat, true)).toBe(
+      "<｜begin▁of▁sentence｜>Be brief.\n\nBe kind.<｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>",
+    );
+    expect(tok.applyChatTemplate([{ role: "user", content: "Hi" }])).toBe(
+      "<｜begin▁of▁sentence｜><｜User｜>Hi",
+    );
+  });
+
+  it("encodes a chat with one BOS, role tokens as single ids", () => {
+    const ids = tok.encodeChat([{ role: "user", content: "Hi" }], true);
+    expect(ids).toEqual([0, 3, ...tok.encode("Hi", false), 4]);
+  });
+});
+
+describe("tokenizer errors", () => {
+  const json = tinyTokenizerJson();
+  const config = tinyTokenizerConfigJson(256);
+  const cases: [string, () => unknown, string][] = [
+    ["missing files", () => Tokenizer.load(join(root, "nowhere")), "EM_TOKENIZER_READ"],
+    ["tokenizer.json not an object", () => new Tokenizer([], config), "EM_TOKENIZER_INVALID"],
+    [
+      "unknown model type",
+      () => new Tokenizer({ ...json, model: { type: "Nope" } }, config),
+      "EM_TOKENIZER_INVALID",
+    ],
+    [
+      "bos token not in the vocabulary",
+      () => new Tokenizer(json, { ...config, bos_token: "<s>" }),
+      "EM_TOKENIZER_INVALID",
+    ],
+    [
+      "add_bos_token without a bos token",
+      () => new Tokenizer(json, { ...config, bos_token: null }),
+      "EM_TOKENIZER_INVALID",
+    ],
+    [
+      "no chat template",
+      () => new Tokenizer(json, { ...config, chat_template: undefined }).applyChatTemplate([]),
+      "EM_TOKENIZER_TEMPLATE",
+    ],
+    [
+      "template that does not parse",
+      () => new Tokenizer(json, { ...config, chat_template: "{% if %}" }),
+      "EM_TOKENIZER_TEMPLATE",
+    ],
+    [
+      "template that raises",
+      () =>
+        new Tokenizer(json, {
+          ...config,
+          chat_template: "{{ raise_exception('no system role') }}",
+        }).applyChatTemplate([]),
+      "EM_TOKENIZER_TEMPLATE",
+    ],
+  ];
+  it.each(cases)("%s", (_name, fn, code) => {
+    expect(codeOf(fn)).toBe(code);
+  });
+
+  it("picks the default of a list of named templates", () => {
+    const t = new Tokenizer(json, {
+      ...config,
+      chat_template: [
+        { name: "tool_use", template: "tools" },
+        { name: "default", template: "{{ bos_token }}default" },
+      ],
+    });
+    expect(t.applyChatTemplate([])).toBe(`${SPECIAL_TOKENS.bos}default`);
+  });
+});
