@@ -1,9 +1,9 @@
-// Pure-logic tests only (test/unit), without the real services: `npm run test:unit`.
+// Tests that need no services (test/unit, test/engine): `npm run test:unit`.
 import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["test/unit/**/*.test.ts"],
+    include: ["test/unit/**/*.test.ts", "test/engine/**/*.test.ts"],
     testTimeout: 60_000,
     hookTimeout: 180_000,
     teardownTimeout: 60_000,

@@ -1,0 +1,103 @@
+// The operations the model needs, as one interface with two implementations: the native
+// addon (shards/, C++ with SIMD and threads; CUDA later) and a straightforward TypeScript
+// reference used to check it. Shapes are row-major; "x [T, D]" is a Float32Array of T*D.
+
+/** A weight matrix [rows, cols] (torch Linear layout: out_features x in_features) or vector. */
+export interface Weight {
+  readonly dtype: "f32" | "bf16" | "f16" | "fp8";
+  /** Raw elements: Float32Array (f32), Uint16Array bits (bf16/f16), Uint8Array codes (fp8). */
+  readonly data: Float32Array | Uint16Array | Uint8Array;
+  readonly rows: number;
+  readonly cols: number;
+  /** fp8 only: weight_scale_inv [ceil(rows/128), ceil(cols/128)]. */
+  readonly scaleInv?: Float32Array;
+}
+
+/** Rotary embedding with YaRN (DeepSeek's precompute_freqs_cis), on interleaved pairs. */
+export interface RopeConfig {
+  readonly ropeDim: number;
+  readonly theta: number;
+  /** 1 disables YaRN. */
+  readonly factor: number;
+  readonly originalMaxPosition: number;
+  readonly betaFast: number;
+  readonly betaSlow: number;
+}
+
+export interface GateConfig {
+  readonly scoring: "softmax" | "sigmoid";
+  readonly method: "greedy" | "group_limited_greedy" | "noaux_tc";
+  readonly topK: number;
+  readonly nGroup: number;
+  readonly topkGroup: number;
+  readonly normTopkProb: boolean;
+  readonly routedScalingFactor: number;
+}
+
+/** Grouped expert FFN over rows sorted by expert. */
+export interface MoeArgs {
+  /** [rows, dim]; rows of expert e are offsets[e] .. offsets[e+1]-1. */
+  readonly x: Float32Array;
+  readonly dim: number;
+  /** [E + 1] */
+  readonly offsets: Int32Array;
+  /** Per expert: gate_proj [inter, dim], up_proj [inter, dim], down_proj [dim, inter]. */
+  readonly w1: readonly Weight[];
+  readonly w3: readonly Weight[];
+  readonly w2: readonly Weight[];
+  /** [rows] routing weight of each row. */
+  readonly rowWeight: Float32Array;
+  /** [rows] output row each row's result is added to. */
+  readonly outIndex: Int32Array;
+  /** Output rows; the result is [numOut, dim], zero where no row lands. */
+  readonly numOut: number;
+}
+
+/** MLA attention, absorbed form, over the latent cache of one sequence. */
+export interface MlaArgs {
+  readonly heads: number;
+  readonly nopeDim: number;
+  readonly ropeDim: number;
+  readonly vDim: number;
+  readonly kvLoraRank: number;
+  readonly softmaxScale: number;
+  /** [T, heads, nopeDim + ropeDim], rope part already rotated. */
+  readonly q: Float32Array;
+  /** [T] cache row of each query token; it attends to rows 0..pos. */
+  readonly positions: Int32Array;
+  /** [S, kvLoraRank + ropeDim]: normalized latent | rotated k_pe. */
+  readonly cache: Float32Array;
+  /** kv_b_proj [heads * (nopeDim + vDim), kvLoraRank]. */
+  readonly wkvB: Weight;
+}
+
+export interface Backend {
+  readonly name: string;
+  /** x [m, w.cols] -> [m, w.rows] = x W^T, fp32 accumulation. */
+  matmul(x: Float32Array, m: number, w: Weight): Float32Array;
+  /** x [m, d] -> x * rsqrt(mean(x^2) + eps) * weight. */
+  rmsnorm(x: Float32Array, m: number, weight: Weight, eps: number): Float32Array;
+  /** silu(gate) * up, elementwise. */
+  siluMul(gate: Float32Array, up: Float32Array): Float32Array;
+  /** Rotates, in place, the ropeDim elements at `offset` of each of the t*heads rows of width `stride`. */
+  rope(
+    x: Float32Array,
+    t: number,
+    heads: number,
+    stride: number,
+    offset: number,
+    positions: Int32Array,
+    cfg: RopeConfig,
+  ): void;
+  /** Router: top-k expert ids and their weights per token. */
+  gate(
+    x: Float32Array,
+    t: number,
+    weight: Weight,
+    bias: Float32Array | null,
+    cfg: GateConfig,
+  ): { ids: Int32Array; weights: Float32Array };
+  moe(args: MoeArgs): Float32Array;
+  /** [T, heads * vDim] */
+  mla(args: MlaArgs): Float32Array;
+}

@@ -1,0 +1,117 @@
+// Routed experts of one MoE layer: grouping a batch's (token, expert) pairs by expert and
+// running them in one grouped-FFN call. The single-process engine runs them in place; the
+// shard server runs the same function on the experts it holds, so both sum the same way.
+import type { Backend } from "./backend.ts";
+import type { MlpWeights } from "./loader.ts";
+
+/** Computes the weighted sum of routed experts for each token of a layer. */
+export interface ExpertRunner {
+  /**
+   * x [T, dim]; ids/weights [T, topK] from the router. Resolves [T, dim] =
+   * sum_k weight[t,k] * expert_{ids[t,k]}(x[t]).
+   */
+  run(
+    layer: number,
+    x: Float32Array,
+    t: number,
+    dim: number,
+    ids: Int32Array,
+    weights: Float32Array,
+    topK: number,
+  ): Promise<Float32Array>;
+}
+
+/** (token, expert, weight) triples grouped by expert: the grouped FFN's input layout. */
+export interface GroupedRows {
+  /** Distinct experts, ascending. */
+  experts: number[];
+  /** [experts.length + 1] row offsets. */
+  offsets: Int32Array;
+  /** [rows, dim] the token's activations, one row per assignment. */
+  x: Float32Array;
+  rowWeight: Float32Array;
+  /** [rows] the token each row belongs to. */
+  outIndex: Int32Array;
+}
+
+/** Groups assignments by expert (stable: tokens ascending within an expert). */
+export function groupByExpert(
+  x: Float32Array,
+  dim: number,
+  token: ArrayLike<number>,
+  expert: ArrayLike<number>,
+  weight: ArrayLike<number>,
+): GroupedRows {
+  const n = token.length;
+  const order = Array.from({ length: n }, (_, i) => i).sort(
+    (a, b) => expert[a]! - expert[b]! || token[a]! - token[b]!,
+  );
+  const experts: number[] = [];
+  const offsets: number[] = [];
+  const rows = new Float32Array(n * dim);
+  const rowWeight = new Float32Array(n);
+  const outIndex = new Int32Array(n);
+  order.forEach((i, r) => {
+    if (experts.at(-1) !== expert[i]) {
+      experts.push(expert[i]!);
+      offsets.push(r);
+    }
+    rows.set(x.subarray(token[i]! * dim, (token[i]! + 1) * dim), r * dim);
+    rowWeight[r] = weight[i]!;
+    outIndex[r] = token[i]!;
+  });
+  offsets.push(n);
+  return { experts, offsets: Int32Array.from(offsets), x: rows, rowWeight, outIndex };
+}
+
+/** Runs grouped rows through the given experts' weights: [numOut, dim]. */
+export function runGrouped(
+  backend: Backend,
+  g: GroupedRows,
+  dim: number,
+  numOut: number,
+  weightsOf: (expert: number) => MlpWeights,
+): Float32Array {
+  const w = g.experts.map(weightsOf);
+  return backend.moe({
+    x: g.x,
+    dim,
+    offsets: g.offsets,
+    w1: w.map((e) => e.gate),
+    w3: w.map((e) => e.up),
+    w2: w.map((e) => e.down),
+    rowWeight: g.rowWeight,
+    outIndex: g.outIndex,
+    numOut,
+  });
+}
+
+/** Experts held in this process. */
+export class LocalExperts implements ExpertRunner {
+  readonly #backend: Backend;
+  readonly #experts: (layer: number) => Map<number, MlpWeights>;
+
+  constructor(backend: Backend, experts: (layer: number) => Map<number, MlpWeights>) {
+    this.#backend = backend;
+    this.#experts = experts;
+  }
+
+  async run(
+    layer: number,
+    x: Float32Array,
+    t: number,
+    dim: number,
+    ids: Int32Array,
+    weights: Float32Array,
+    topK: number,
+  ): Promise<Float32Array> {
+    const token = Int32Array.from({ length: t * topK }, (_, i) => Math.floor(i / topK));
+    const g = groupByExpert(x, dim, token, ids, weights);
+    const held = this.#experts(layer);
+    return runGrouped(this.#backend, g, dim, t, (e) => {
+      const w = held.get(e);
+      if (!w) throw new Error(`expert ${e} of layer ${layer} is not loaded here`);
+      return w;
+    });
+  }
+}

@@ -1,0 +1,183 @@
+// Loads a checkpoint's weights into the structures the model runs on, reading only the
+// tensors asked for: a gateway skips the routed experts, a shard loads only its own.
+import type { Checkpoint } from "../model/checkpoint.ts";
+import {
+  isMoeLayer,
+  type ModelConfig,
+  qkHeadDim,
+  sharedExpertsIntermediateSize,
+} from "../model/config.ts";
+import { bf16ToFloat32, f16ToFloat32 } from "../model/floats.ts";
+import type { Dtype } from "../model/safetensors.ts";
+import type { Weight } from "./backend.ts";
+
+export interface MlpWeights {
+  readonly gate: Weight;
+  readonly up: Weight;
+  readonly down: Weight;
+}
+
+export interface AttentionWeights {
+  /** V2 (no q LoRA): q_proj; V3: q_a_proj, q_a_layernorm, q_b_proj. */
+  readonly qProj?: Weight;
+  readonly qA?: Weight;
+  readonly qANorm?: Weight;
+  readonly qB?: Weight;
+  readonly kvA: Weight;
+  readonly kvANorm: Weight;
+  readonly kvB: Weight;
+  readonly o: Weight;
+}
+
+export interface MoeWeights {
+  readonly router: Weight;
+  /** e_score_correction_bias (noaux_tc), used for selection only. */
+  readonly bias: Float32Array | null;
+  /** Routed experts loaded here, by id. */
+  readonly experts: Map<number, MlpWeights>;
+  readonly shared: MlpWeights | null;
+}
+
+export interface LayerWeights {
+  readonly index: number;
+  readonly inputNorm: Weight;
+  readonly postNorm: Weight;
+  readonly attention: AttentionWeights;
+  readonly mlp?: MlpWeights;
+  readonly moe?: MoeWeights;
+}
+
+export interface ModelWeights {
+  readonly config: ModelConfig;
+  readonly embed: Weight;
+  readonly layers: LayerWeights[];
+  readonly norm: Weight;
+  readonly lmHead: Weight;
+}
+
+/** Which routed experts to load: all, none (a gateway), or a predicate (a shard). */
+export type ExpertFilter = "all" | "none" | ((layer: number, expert: number) => boolean);
+
+const DTYPES: Record<Dtype, Weight["dtype"]> = {
+  BF16: "bf16",
+  F16: "f16",
+  F32: "f32",
+  F8_E4M3: "fp8",
+};
+
+/** Reads one weight, with its fp8 scales when the checkpoint stores it in fp8. */
+export async function readWeight(
+  ckpt: Checkpoint,
+  name: string,
+  shape: readonly number[],
+): Promise<Weight> {
+  const t = await ckpt.read(name, { shape });
+  const [rows, cols] = shape.length === 2 ? (shape as [number, number]) : [1, shape[0]!];
+  if (t.dtype !== "F8_E4M3") return { dtype: DTYPES[t.dtype], data: t.data, rows, cols };
+  const scale = await ckpt.read(`${name}_scale_inv`, {
+    shape: [Math.ceil(rows / 128), Math.ceil(cols / 128)],
+    dtypes: ["F32"],
+  });
+  return { dtype: "fp8", data: t.data, rows, cols, scaleInv: scale.data as Float32Array };
+}
+
+/** A 1-D tensor as float32 (biases). */
+async function readVector(ckpt: Checkpoint, name: string, n: number): Promise<Float32Array> {
+  const t = await ckpt.read(name, { shape: [n] });
+  if (t.dtype === "F32") return t.data as Float32Array;
+  if (t.dtype === "BF16") return Float32Array.from(t.data as Uint16Array, bf16ToFloat32);
+  return Float32Array.from(t.data as Uint16Array, f16ToFloat32);
+}
+
+async function readMlp(
+  ckpt: Checkpoint,
+  prefix: string,
+  hidden: number,
+  inner: number,
+): Promise<MlpWeights> {
+  return {
+    gate: await readWeight(ckpt, `${prefix}.gate_proj.weight`, [inner, hidden]),
+    up: await readWeight(ckpt, `${prefix}.up_proj.weight`, [inner, hidden]),
+    down: await readWeight(ckpt, `${prefix}.down_proj.weight`, [hidden, inner]),
+  };
+}
+
+/** Loads the weights; `onProgress(done, total)` after each layer. */
+export async function loadWeights(
+  ckpt: Checkpoint,
+  experts: ExpertFilter = "all",
+  onProgress?: (done: number, total: number) => void,
+): Promise<ModelWeights> {
+  const c = ckpt.config;
+  const h = c.hiddenSize;
+  const H = c.numAttentionHeads;
+  const wanted = (layer: number, e: number) =>
+    experts === "all" ? true : experts === "none" ? false : experts(layer, e);
+  const layers: LayerWeights[] = [];
+  for (let i = 0; i < c.numHiddenLayers; i++) {
+    const p = `model.layers.${i}`;
+    const attention: AttentionWeights = {
+      ...(c.qLoraRank === null
+        ? { qProj: await readWeight(ckpt, `${p}.self_attn.q_proj.weight`, [H * qkHeadDim(c), h]) }
+        : {
+            qA: await readWeight(ckpt, `${p}.self_attn.q_a_proj.weight`, [c.qLoraRank, h]),
+            qANorm: await readWeight(ckpt, `${p}.self_attn.q_a_layernorm.weight`, [c.qLoraRank]),
+            qB: await readWeight(ckpt, `${p}.self_attn.q_b_proj.weight`, [
+              H * qkHeadDim(c),
+              c.qLoraRank,
+            ]),
+          }),
+      kvA: await readWeight(ckpt, `${p}.self_attn.kv_a_proj_with_mqa.weight`, [
+        c.kvLoraRank + c.qkRopeHeadDim,
+        h,
+      ]),
+      kvANorm: await readWeight(ckpt, `${p}.self_attn.kv_a_layernorm.weight`, [c.kvLoraRank]),
+      kvB: await readWeight(ckpt, `${p}.self_attn.kv_b_proj.weight`, [
+        H * (c.qkNopeHeadDim + c.vHeadDim),
+        c.kvLoraRank,
+      ]),
+      o: await readWeight(ckpt, `${p}.self_attn.o_proj.weight`, [h, H * c.vHeadDim]),
+    };
+    const base = {
+      index: i,
+      inputNorm: await readWeight(ckpt, `${p}.input_layernorm.weight`, [h]),
+      postNorm: await readWeight(ckpt, `${p}.post_attention_layernorm.weight`, [h]),
+      attention,
+    };
+    if (!isMoeLayer(c, i)) {
+      layers.push({ ...base, mlp: await readMlp(ckpt, `${p}.mlp`, h, c.intermediateSize) });
+    } else {
+      const loaded = new Map<number, MlpWeights>();
+      for (let e = 0; e < c.nRoutedExperts; e++) {
+        if (wanted(i, e))
+          loaded.set(e, await readMlp(ckpt, `${p}.mlp.experts.${e}`, h, c.moeIntermediateSize));
+      }
+      layers.push({
+        ...base,
+        moe: {
+          router: await readWeight(ckpt, `${p}.mlp.gate.weight`, [c.nRoutedExperts, h]),
+          bias:
+            c.topkMethod === "noaux_tc"
+              ? await readVector(ckpt, `${p}.mlp.gate.e_score_correction_bias`, c.nRoutedExperts)
+              : null,
+          experts: loaded,
+          shared:
+            c.nSharedExperts > 0
+              ? await readMlp(ckpt, `${p}.mlp.shared_experts`, h, sharedExpertsIntermediateSize(c))
+              : null,
+        },
+      });
+    }
+    onProgress?.(i + 1, c.numHiddenLayers);
+  }
+  const embed = await readWeight(ckpt, "model.embed_tokens.weight", [c.vocabSize, h]);
+  return {
+    config: c,
+    embed,
+    layers,
+    norm: await readWeight(ckpt, "model.norm.weight", [h]),
+    lmHead: c.tieWordEmbeddings
+      ? embed
+      : await readWeight(ckpt, "lm_head.weight", [c.vocabSize, h]),
+  };
+}
