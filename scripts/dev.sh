@@ -2,7 +2,7 @@
 # The one entry point behind the npm scripts. It brings Node.js 24 (scripts/node24.sh),
 # installs dependencies when package-lock.json changed, and then runs one job:
 #
-#   build   type-check and compile TypeScript to dist/
+#   build   build the native engine (shards/) and compile TypeScript to dist/
 #   lint    biome (format + lint) and a strict type-check of src, test and bench
 #   test    provision the test environment (test/env/provision.sh), then vitest run
 #   test:unit  only the pure-logic tests, no services
@@ -28,11 +28,24 @@ ensure_deps() {
   fi
 }
 
+# The native engine (shards/): rebuilt when its sources or the Node version changed.
+ensure_native() {
+  local stamp=shards/build/.expertmesh-sources
+  local want
+  want="$(node --version) $(find shards -path shards/build -prune -o -type f -print | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+  if [ ! -f shards/build/expertmesh.node ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[dev] building the native engine (shards/build.sh)" >&2
+    bash shards/build.sh >&2
+    echo "$want" > "$stamp"
+  fi
+}
+
 job=${1:-}
 [ -n "$job" ] && shift
 case "$job" in
   build)
     ensure_deps
+    ensure_native
     tsc -p tsconfig.json
     ;;
   lint)
@@ -42,23 +55,39 @@ case "$job" in
     ;;
   test)
     ensure_deps
+    ensure_native
+    echo "[dev] native engine tests (ctest)" >&2
+    bash shards/build.sh test >&2
     bash test/env/provision.sh >&2
     exec vitest run "$@"
     ;;
   test:unit)
     ensure_deps
+    ensure_native
     exec vitest run --config vitest.unit.config.ts "$@"
     ;;
   bench)
     ensure_deps
+    ensure_native
     exec node bench/run.ts "$@"
     ;;
+  native)
+    ensure_native
+    ;;
   start)
-    # The embedded default: the tiny model's manifest. Until the engine and shards exist,
-    # this plans its expert placement (what `expertmesh up` will run).
+    # The embedded default: the tiny model (created on first run, deterministic) and its
+    # manifest. Until `expertmesh up` serves it, plan its placement and generate with it.
     ensure_deps
-    echo "[start] expertmesh plan -f examples/tiny.yaml (the placement 'expertmesh up' will run once the engine exists)" >&2
-    exec node src/cli/main.ts plan -f examples/tiny.yaml "$@"
+    ensure_native
+    cache=${EXPERTMESH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh}
+    model="$cache/models/tiny-v3"
+    if [ ! -f "$model/config.json" ]; then
+      node src/cli/main.ts make-tiny-model --arch v3 --seed 0 --out "$model" >&2
+    fi
+    echo "[start] expertmesh plan -f examples/tiny.yaml" >&2
+    node src/cli/main.ts plan -f examples/tiny.yaml
+    echo "[start] expertmesh generate --model $model --chat --prompt 'Hello!' (random tiny weights: the text is noise; the numbers are checked against transformers in the tests)" >&2
+    exec node src/cli/main.ts generate --model "$model" --chat --prompt "${1:-Hello!}" --max-tokens 32
     ;;
   node)
     ensure_deps

@@ -13,6 +13,7 @@ type Loader = () => Promise<Command>;
 /** Commands by name. Add a command here once it does real work. */
 const commands: Record<string, Loader> = {
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
+  generate: async () => (await import("./commands/generate.ts")).generateCommand,
   "make-tiny-model": async () =>
     (await import("./commands/make-tiny-model.ts")).makeTinyModelCommand,
   operator: async () => (await import("./commands/operator.ts")).operatorCommand,

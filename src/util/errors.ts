@@ -40,6 +40,7 @@ export const ERROR_CODES = {
   EM_WIRE_RANGE: "a wire frame field is out of range (token index, width, offsets, weights)",
   EM_WIRE_PLAN_VERSION:
     "a frame was routed with another placement plan version than the receiver's",
+  EM_NATIVE_MISSING: "the native engine (shards/build/expertmesh.node) is not built",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

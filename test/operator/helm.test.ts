@@ -71,7 +71,6 @@ const BASE_ARGS = [
   "--identity=$(POD_NAME)",
 ];
 
-// biome-ignore lint/suspicious/noExplicitAny: rendered manifests are untyped YAML
 type Obj = Record<string, any>;
 
 // Helm keeps its own config/cache/data in a throwaway folder, never in $HOME.

@@ -1,0 +1,587 @@
+// expertmesh.node: the Node-API bindings of the native engine (see expertmesh.d.ts).
+//
+// Every function takes TypedArrays (activations Float32Array; weights as Weight objects
+// { dtype, shape, data, scale? } over any ArrayBufferView, so safetensors slices pass
+// without copies) plus shape numbers, checks lengths, runs the op synchronously on the
+// calling thread (the op itself fans out to the engine's thread pool), and returns
+// Float32Arrays. Failures throw an Error whose `code` is EM_NATIVE_<WHAT>.
+#include <napi.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "expertmesh/ops.h"
+
+namespace {
+
+// ------------------------------------------------------------------ errors
+
+[[noreturn]] void throw_code(Napi::Env env, const char* code, const std::string& message) {
+  Napi::Error error = Napi::Error::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  throw error;
+}
+
+const char* code_of(em_status s) {
+  switch (s) {
+    case EM_ERR_SHAPE: return "EM_NATIVE_SHAPE";
+    case EM_ERR_DTYPE: return "EM_NATIVE_DTYPE";
+    case EM_ERR_ARG: return "EM_NATIVE_ARG";
+    case EM_ERR_UNSUPPORTED: return "EM_NATIVE_UNSUPPORTED";
+    case EM_ERR_NOMEM: return "EM_NATIVE_NOMEM";
+    default: return "EM_NATIVE_INTERNAL";
+  }
+}
+
+void check(Napi::Env env, em_status s, const char* op) {
+  if (s != EM_OK) throw_code(env, code_of(s), std::string(op) + ": " + em_last_error());
+}
+
+[[noreturn]] void arg_error(Napi::Env env, const std::string& message) { throw_code(env, "EM_NATIVE_ARG", message); }
+[[noreturn]] void shape_error(Napi::Env env, const std::string& message) {
+  throw_code(env, "EM_NATIVE_SHAPE", message);
+}
+
+// ------------------------------------------------------------------ backend state
+
+// One backend per Node environment (main thread or worker), freed with it.
+struct AddonState {
+  em_backend* backend = nullptr;
+  ~AddonState() { em_backend_free(backend); }
+};
+
+em_backend* backend_of(Napi::Env env) {
+  AddonState* st = env.GetInstanceData<AddonState>();
+  if (st->backend == nullptr) {
+    em_cpu_config cfg{EM_ISA_AUTO, 0};
+    check(env, em_backend_create_cpu(&cfg, &st->backend), "backend");
+  }
+  return st->backend;
+}
+
+// ------------------------------------------------------------------ arguments
+
+Napi::Value arg(const Napi::CallbackInfo& info, size_t i) {
+  return i < info.Length() ? info[i] : info.Env().Undefined();
+}
+
+bool present(const Napi::Value& v) { return !v.IsUndefined() && !v.IsNull(); }
+
+Napi::Object object_arg(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsObject()) arg_error(env, std::string(name) + " must be an object");
+  return v.As<Napi::Object>();
+}
+
+double number(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsNumber()) arg_error(env, std::string(name) + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d)) arg_error(env, std::string(name) + " must be finite");
+  return d;
+}
+
+int64_t integer(Napi::Env env, const Napi::Value& v, const char* name, int64_t min) {
+  const double d = number(env, v, name);
+  if (std::floor(d) != d || d < static_cast<double>(min) || d > 9007199254740991.0)
+    arg_error(env, std::string(name) + " must be an integer >= " + std::to_string(min));
+  return static_cast<int64_t>(d);
+}
+
+double number_or(Napi::Env env, const Napi::Object& o, const char* key, double fallback) {
+  const Napi::Value v = o.Get(key);
+  return present(v) ? number(env, v, key) : fallback;
+}
+
+int64_t integer_or(Napi::Env env, const Napi::Object& o, const char* key, int64_t fallback, int64_t min) {
+  const Napi::Value v = o.Get(key);
+  return present(v) ? integer(env, v, key, min) : fallback;
+}
+
+struct Bytes {
+  void* data;
+  size_t size;
+};
+
+// Any ArrayBufferView (TypedArray, Buffer, DataView).
+Bytes bytes_of(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (v.IsTypedArray()) {
+    Napi::TypedArray t = v.As<Napi::TypedArray>();
+    return {static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset(), t.ByteLength()};
+  }
+  if (v.IsDataView()) {
+    Napi::DataView d = v.As<Napi::DataView>();
+    return {static_cast<uint8_t*>(d.ArrayBuffer().Data()) + d.ByteOffset(), d.ByteLength()};
+  }
+  arg_error(env, std::string(name) + " must be a TypedArray, Buffer or DataView");
+}
+
+template <typename T, napi_typedarray_type kType>
+T* typed(Napi::Env env, const Napi::Value& v, const char* name, const char* type_name, int64_t expected) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kType)
+    arg_error(env, std::string(name) + " must be a " + type_name);
+  Napi::TypedArray t = v.As<Napi::TypedArray>();
+  if (expected >= 0 && static_cast<int64_t>(t.ElementLength()) != expected)
+    shape_error(env, std::string(name) + " has " + std::to_string(t.ElementLength()) + " elements, expected " +
+                         std::to_string(expected));
+  return reinterpret_cast<T*>(static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset());
+}
+
+float* f32(Napi::Env env, const Napi::Value& v, const char* name, int64_t expected = -1) {
+  return typed<float, napi_float32_array>(env, v, name, "Float32Array", expected);
+}
+
+int32_t* i32(Napi::Env env, const Napi::Value& v, const char* name, int64_t expected = -1) {
+  return typed<int32_t, napi_int32_array>(env, v, name, "Int32Array", expected);
+}
+
+int64_t length_of(const Napi::Value& v) { return static_cast<int64_t>(v.As<Napi::TypedArray>().ElementLength()); }
+
+// A Float32Array of n elements: the caller's `out` if given (length checked), else new.
+Napi::Float32Array output(Napi::Env env, const Napi::Value& out, size_t n) {
+  if (!present(out)) return Napi::Float32Array::New(env, n);
+  f32(env, out, "out", static_cast<int64_t>(n));
+  return out.As<Napi::Float32Array>();
+}
+
+float* data_of(Napi::Float32Array a) { return a.Data(); }
+
+// Rows of a flat array whose row length is `cols`.
+int64_t rows_of(Napi::Env env, int64_t length, int64_t cols, const char* name) {
+  if (cols <= 0 || length % cols != 0)
+    shape_error(env, std::string(name) + " length " + std::to_string(length) + " is not a multiple of " +
+                         std::to_string(cols));
+  return length / cols;
+}
+
+em_dtype parse_dtype(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (!v.IsString()) arg_error(env, std::string(name) + " must be 'f32', 'bf16', 'f16' or 'fp8'");
+  const std::string s = v.As<Napi::String>().Utf8Value();
+  if (s == "f32") return EM_F32;
+  if (s == "bf16") return EM_BF16;
+  if (s == "f16") return EM_F16;
+  if (s == "fp8" || s == "f8_e4m3") return EM_F8_E4M3;
+  throw_code(env, "EM_NATIVE_DTYPE", std::string(name) + ": unknown dtype '" + s + "'");
+}
+
+// A Weight object { dtype, shape: [rows, cols] | [n], data, scale? } as a tensor view.
+em_tensor weight_arg(Napi::Env env, const Napi::Value& v, const char* name) {
+  const Napi::Object o = object_arg(env, v, name);
+  const std::string n(name);
+  const em_dtype dtype = parse_dtype(env, o.Get("dtype"), (n + ".dtype").c_str());
+  const Napi::Value shape_v = o.Get("shape");
+  if (!shape_v.IsArray()) arg_error(env, n + ".shape must be [rows, cols] or [n]");
+  const Napi::Array shape = shape_v.As<Napi::Array>();
+  if (shape.Length() != 1 && shape.Length() != 2) arg_error(env, n + ".shape must be [rows, cols] or [n]");
+  const int64_t rows = shape.Length() == 2 ? integer(env, shape.Get(0u), (n + ".shape[0]").c_str(), 0) : 1;
+  const int64_t cols = integer(env, shape.Get(shape.Length() - 1), (n + ".shape[-1]").c_str(), 0);
+  const Bytes b = bytes_of(env, o.Get("data"), (n + ".data").c_str());
+  const size_t esize = em_dtype_size(dtype);
+  if (b.size != static_cast<size_t>(rows * cols) * esize)
+    shape_error(env, n + ".data has " + std::to_string(b.size) + " bytes, shape needs " +
+                         std::to_string(static_cast<size_t>(rows * cols) * esize));
+  if (reinterpret_cast<uintptr_t>(b.data) % esize != 0)
+    arg_error(env, n + ".data is not aligned to its " + std::to_string(esize) + "-byte elements; copy it first");
+  em_tensor t = shape.Length() == 2 ? em_tensor_2d(b.data, dtype, rows, cols) : em_tensor_1d(b.data, dtype, cols);
+  if (dtype == EM_F8_E4M3) {
+    const int64_t blocks = ((rows + 127) / 128) * ((cols + 127) / 128);
+    t.scale = f32(env, o.Get("scale"), (n + ".scale").c_str(), blocks);
+    t.scale_stride = (cols + 127) / 128;
+  }
+  return t;
+}
+
+// A 1-D f32 weight given as a Float32Array, or any Weight object.
+em_tensor vector_weight_arg(Napi::Env env, const Napi::Value& v, const char* name) {
+  if (v.IsTypedArray()) {
+    float* d = f32(env, v, name);
+    return em_tensor_1d(d, EM_F32, length_of(v));
+  }
+  em_tensor t = weight_arg(env, v, name);
+  if (t.ndim == 2 && t.shape[0] == 1) t = em_tensor_1d(t.data, t.dtype, t.shape[1]);
+  return t;
+}
+
+std::vector<em_tensor> weight_list(Napi::Env env, const Napi::Value& v, const char* name, size_t expected) {
+  if (!v.IsArray()) arg_error(env, std::string(name) + " must be an array of weights");
+  const Napi::Array a = v.As<Napi::Array>();
+  if (a.Length() != expected)
+    shape_error(env, std::string(name) + " has " + std::to_string(a.Length()) + " weights, expected " +
+                         std::to_string(expected));
+  std::vector<em_tensor> out;
+  for (uint32_t i = 0; i < a.Length(); ++i)
+    out.push_back(weight_arg(env, a.Get(i), (std::string(name) + "[" + std::to_string(i) + "]").c_str()));
+  return out;
+}
+
+// ------------------------------------------------------------------ info
+
+const char* const kDtypeNames[] = {"f32", "bf16", "f16", "fp8"};
+const em_dtype kDtypes[] = {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3};
+// The exported function that runs each em_op, indexed by em_op.
+const char* const kOpFunctions[EM_OP_COUNT] = {"matmul", "rmsnorm", "siluMul", "moeFfn", "rope",
+                                               "mlaAttention", "gate", "convert", "sample"};
+
+Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  em_backend* b = backend_of(env);
+  em_backend_info bi;
+  em_backend_get_info(b, &bi);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("backend", bi.name);
+  o.Set("isa", bi.isa);
+  o.Set("threads", bi.num_threads);
+  o.Set("abiVersion", EM_ABI_VERSION);
+  Napi::Array isas = Napi::Array::New(env);
+  uint32_t n = 0;
+  for (int i = EM_ISA_SCALAR; i <= em_cpu_best_isa(); ++i) isas.Set(n++, em_cpu_isa_name(static_cast<em_cpu_isa>(i)));
+  o.Set("availableIsas", isas);
+  Napi::Object ops = Napi::Object::New(env);
+  for (int op = 0; op < EM_OP_COUNT; ++op) {
+    Napi::Array dts = Napi::Array::New(env);
+    uint32_t k = 0;
+    for (size_t d = 0; d < 4; ++d) {
+      if (em_supports_op(b, static_cast<em_op>(op), kDtypes[d])) dts.Set(k++, kDtypeNames[d]);
+    }
+    ops.Set(kOpFunctions[op], dts);
+  }
+  o.Set("ops", ops);
+  return o;
+}
+
+// configure({ isa?, threads? }): replaces the backend; returns backendInfo().
+Napi::Value Configure(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  em_cpu_config cfg{EM_ISA_AUTO, 0};
+  if (present(arg(info, 0))) {
+    const Napi::Object o = object_arg(env, arg(info, 0), "options");
+    const Napi::Value isa = o.Get("isa");
+    if (present(isa)) {
+      const int parsed = isa.IsString() ? em_cpu_isa_parse(isa.As<Napi::String>().Utf8Value().c_str()) : -1;
+      if (parsed < 0) arg_error(env, "isa must be 'auto', 'scalar', 'avx2', 'avx512' or 'avx512bf16'");
+      cfg.isa = static_cast<em_cpu_isa>(parsed);
+    }
+    cfg.num_threads = static_cast<int32_t>(integer_or(env, o, "threads", 0, 0));
+  }
+  em_backend* created = nullptr;
+  check(env, em_backend_create_cpu(&cfg, &created), "configure");
+  AddonState* st = env.GetInstanceData<AddonState>();
+  em_backend_free(st->backend);
+  st->backend = created;
+  return BackendInfo(info);
+}
+
+// ------------------------------------------------------------------ ops
+
+// matmul(x: Float32Array [rows * K], rows, w: Weight [N, K], out?) -> Float32Array [rows * N]
+Napi::Value Matmul(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t rows = integer(env, arg(info, 1), "rows", 0);
+  em_tensor w = weight_arg(env, arg(info, 2), "w");
+  if (w.ndim != 2) shape_error(env, "w must be 2-D [out, in]");
+  float* x = f32(env, arg(info, 0), "x", rows * w.shape[1]);
+  Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * w.shape[0]));
+  em_tensor xt = em_tensor_2d(x, EM_F32, rows, w.shape[1]);
+  em_tensor yt = em_tensor_2d(data_of(out), EM_F32, rows, w.shape[0]);
+  check(env, em_matmul(backend_of(env), &xt, &w, &yt), "matmul");
+  return out;
+}
+
+// rmsnorm(x: Float32Array [rows * dim], weight: Float32Array | Weight [dim], eps, out?)
+Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  em_tensor w = vector_weight_arg(env, arg(info, 1), "weight");
+  if (w.ndim != 1) shape_error(env, "weight must be 1-D [dim]");
+  const int64_t dim = w.shape[0];
+  float* x = f32(env, arg(info, 0), "x");
+  const int64_t rows = rows_of(env, length_of(arg(info, 0)), dim, "x");
+  const float eps = static_cast<float>(number(env, arg(info, 2), "eps"));
+  Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * dim));
+  em_tensor xt = em_tensor_2d(x, EM_F32, rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, rows, dim);
+  check(env, em_rmsnorm(backend_of(env), &xt, &w, eps, &yt), "rmsnorm");
+  return out;
+}
+
+// siluMul(gate: Float32Array, up: Float32Array, out?) -> silu(gate) * up
+Napi::Value SiluMul(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  float* g = f32(env, arg(info, 0), "gate");
+  const int64_t n = length_of(arg(info, 0));
+  float* u = f32(env, arg(info, 1), "up", n);
+  Napi::Float32Array out = output(env, arg(info, 2), static_cast<size_t>(n));
+  // Elementwise: view as rows of 4096 (parallel) plus one short row.
+  constexpr int64_t kCols = 4096;
+  const int64_t full = n / kCols, rest = n % kCols;
+  em_backend* b = backend_of(env);
+  if (full > 0) {
+    em_tensor gt = em_tensor_2d(g, EM_F32, full, kCols), ut = em_tensor_2d(u, EM_F32, full, kCols);
+    em_tensor yt = em_tensor_2d(data_of(out), EM_F32, full, kCols);
+    check(env, em_silu_mul(b, &gt, &ut, &yt), "siluMul");
+  }
+  if (rest > 0) {
+    const int64_t off = full * kCols;
+    em_tensor gt = em_tensor_2d(g + off, EM_F32, 1, rest), ut = em_tensor_2d(u + off, EM_F32, 1, rest);
+    em_tensor yt = em_tensor_2d(data_of(out) + off, EM_F32, 1, rest);
+    check(env, em_silu_mul(b, &gt, &ut, &yt), "siluMul");
+  }
+  return out;
+}
+
+// moeFfn({ x, dim, expertOffsets, w1[], w2[], w3[], rowWeights?, outIndex?, outRows?,
+//          accumulate?, out? }) -> Float32Array [(outRows | rows) * dim]
+Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Napi::Object o = object_arg(env, arg(info, 0), "moeFfn arguments");
+  const int64_t dim = integer(env, o.Get("dim"), "dim", 1);
+  float* x = f32(env, o.Get("x"), "x");
+  const int64_t rows = rows_of(env, length_of(o.Get("x")), dim, "x");
+  int32_t* offsets = i32(env, o.Get("expertOffsets"), "expertOffsets");
+  const int64_t num_experts = length_of(o.Get("expertOffsets")) - 1;
+  if (num_experts < 0) shape_error(env, "expertOffsets must hold numExperts + 1 values");
+  const std::vector<em_tensor> w1 = weight_list(env, o.Get("w1"), "w1", static_cast<size_t>(num_experts));
+  const std::vector<em_tensor> w2 = weight_list(env, o.Get("w2"), "w2", static_cast<size_t>(num_experts));
+  const std::vector<em_tensor> w3 = weight_list(env, o.Get("w3"), "w3", static_cast<size_t>(num_experts));
+  const float* row_weight = present(o.Get("rowWeights")) ? f32(env, o.Get("rowWeights"), "rowWeights", rows) : nullptr;
+  const int32_t* out_index = present(o.Get("outIndex")) ? i32(env, o.Get("outIndex"), "outIndex", rows) : nullptr;
+  const int64_t out_rows = out_index ? integer(env, o.Get("outRows"), "outRows", 0) : rows;
+  const bool accumulate = o.Get("accumulate").ToBoolean().Value();
+  if (accumulate && !present(o.Get("out"))) arg_error(env, "accumulate needs an out array to add into");
+  Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(out_rows * dim));
+  em_tensor xt = em_tensor_2d(x, EM_F32, rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
+  em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,
+                out_index, accumulate ? 1 : 0, &yt};
+  check(env, em_moe_ffn(backend_of(env), &a), "moeFfn");
+  return out;
+}
+
+em_rope_config rope_config(Napi::Env env, const Napi::Object& o) {
+  em_rope_config c{};
+  c.rope_dim = static_cast<int32_t>(integer(env, o.Get("ropeDim"), "ropeDim", 2));
+  c.theta = number(env, o.Get("theta"), "theta");
+  c.factor = number_or(env, o, "factor", 1.0);
+  c.original_max_position = integer_or(env, o, "originalMaxPosition", 0, 0);
+  c.beta_fast = number_or(env, o, "betaFast", 32.0);
+  c.beta_slow = number_or(env, o, "betaSlow", 1.0);
+  return c;
+}
+
+// rope(x: Float32Array [T * H * headDim], positions: Int32Array [T], { ropeDim, theta,
+//      factor?, originalMaxPosition?, betaFast?, betaSlow?, headDim? = ropeDim, offset? = 0 })
+// rotates x[t, h, offset : offset + ropeDim] in place and returns x.
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Napi::Object o = object_arg(env, arg(info, 2), "rope options");
+  const em_rope_config c = rope_config(env, o);
+  const int64_t head_dim = integer_or(env, o, "headDim", c.rope_dim, 1);
+  const int64_t offset = integer_or(env, o, "offset", 0, 0);
+  if (offset + c.rope_dim > head_dim) shape_error(env, "offset + ropeDim exceeds headDim");
+  int32_t* pos = i32(env, arg(info, 1), "positions");
+  const int64_t tokens = length_of(arg(info, 1));
+  float* x = f32(env, arg(info, 0), "x");
+  const int64_t heads = tokens == 0 ? 0 : rows_of(env, length_of(arg(info, 0)), tokens * head_dim, "x");
+  em_tensor xt = em_tensor_3d(x + offset, EM_F32, tokens, heads, c.rope_dim);
+  xt.stride[0] = heads * head_dim;
+  xt.stride[1] = head_dim;
+  check(env, em_rope(backend_of(env), &xt, pos, &c), "rope");
+  return arg(info, 0);
+}
+
+// ropeInvFreq({ ropeDim, theta, factor?, ... }) -> Float32Array [ropeDim / 2]
+Napi::Value RopeInvFreq(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const em_rope_config c = rope_config(env, object_arg(env, arg(info, 0), "rope options"));
+  Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(c.rope_dim / 2));
+  em_rope_inv_freq(&c, out.Data());
+  return out;
+}
+
+// mlaSoftmaxScale(qkHeadDim, factor, mscaleAllDim) -> number
+Napi::Value MlaSoftmaxScale(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Napi::Number::New(env, em_mla_softmax_scale(static_cast<int32_t>(integer(env, arg(info, 0), "qkHeadDim", 1)),
+                                                     number(env, arg(info, 1), "factor"),
+                                                     number(env, arg(info, 2), "mscaleAllDim")));
+}
+
+// mlaAttention({ q, positions, caches, qOffsets?, numHeads, qkNopeHeadDim, qkRopeHeadDim,
+//                vHeadDim, kvLoraRank, wkvB, softmaxScale, out? }) -> Float32Array [T * H * dv]
+// caches: one Float32Array (f32) or Uint16Array (bf16) [S * (kvLoraRank + qkRopeHeadDim)]
+// per sequence (or a single array for one sequence).
+Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Napi::Object o = object_arg(env, arg(info, 0), "mlaAttention arguments");
+  const int64_t H = integer(env, o.Get("numHeads"), "numHeads", 1);
+  const int64_t dn = integer(env, o.Get("qkNopeHeadDim"), "qkNopeHeadDim", 1);
+  const int64_t dr = integer(env, o.Get("qkRopeHeadDim"), "qkRopeHeadDim", 1);
+  const int64_t dv = integer(env, o.Get("vHeadDim"), "vHeadDim", 1);
+  const int64_t C = integer(env, o.Get("kvLoraRank"), "kvLoraRank", 1);
+  const float scale = static_cast<float>(number(env, o.Get("softmaxScale"), "softmaxScale"));
+  int32_t* pos = i32(env, o.Get("positions"), "positions");
+  const int64_t T = length_of(o.Get("positions"));
+  float* q = f32(env, o.Get("q"), "q", T * H * (dn + dr));
+  em_tensor wkv_b = weight_arg(env, o.Get("wkvB"), "wkvB");
+
+  Napi::Value caches_v = o.Get("caches");
+  std::vector<Napi::Value> cache_values;
+  if (caches_v.IsArray()) {
+    const Napi::Array a = caches_v.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) cache_values.push_back(a.Get(i));
+  } else {
+    cache_values.push_back(caches_v);
+  }
+  std::vector<em_tensor> caches;
+  for (size_t i = 0; i < cache_values.size(); ++i) {
+    const Napi::Value& c = cache_values[i];
+    const std::string name = "caches[" + std::to_string(i) + "]";
+    if (!c.IsTypedArray()) arg_error(env, name + " must be a Float32Array (f32) or Uint16Array (bf16)");
+    const napi_typedarray_type type = c.As<Napi::TypedArray>().TypedArrayType();
+    if (type != napi_float32_array && type != napi_uint16_array)
+      throw_code(env, "EM_NATIVE_DTYPE", name + " must be a Float32Array (f32) or Uint16Array (bf16)");
+    const em_dtype dt = type == napi_float32_array ? EM_F32 : EM_BF16;
+    const Bytes b = bytes_of(env, c, name.c_str());
+    const int64_t rows = rows_of(env, length_of(c), C + dr, name.c_str());
+    caches.push_back(em_tensor_2d(b.data, dt, rows, C + dr));
+  }
+  const int32_t num_seqs = static_cast<int32_t>(caches.size());
+  const int32_t* q_offsets =
+      present(o.Get("qOffsets")) ? i32(env, o.Get("qOffsets"), "qOffsets", num_seqs + 1) : nullptr;
+  Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(T * H * dv));
+  em_tensor qt = em_tensor_3d(q, EM_F32, T, H, dn + dr), ot = em_tensor_3d(data_of(out), EM_F32, T, H, dv);
+  em_mla_args a{static_cast<int32_t>(H), static_cast<int32_t>(dn), static_cast<int32_t>(dr), static_cast<int32_t>(dv),
+                static_cast<int32_t>(C), scale, &qt, pos, num_seqs, q_offsets, caches.data(), &wkv_b, &ot};
+  check(env, em_mla_attention(backend_of(env), &a), "mlaAttention");
+  return out;
+}
+
+// gate({ x, weight, bias?, scoreFunc, topkMethod, topK, nGroup?, topkGroup?, normTopkProb?,
+//        routedScalingFactor? }) -> { indices: Int32Array [T * k], weights: Float32Array [T * k] }
+Napi::Value Gate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Napi::Object o = object_arg(env, arg(info, 0), "gate arguments");
+  em_tensor w = weight_arg(env, o.Get("weight"), "weight");
+  if (w.ndim != 2) shape_error(env, "weight must be 2-D [experts, dim]");
+  float* x = f32(env, o.Get("x"), "x");
+  const int64_t T = rows_of(env, length_of(o.Get("x")), w.shape[1], "x");
+  em_gate_config c{};
+  const std::string sf = o.Get("scoreFunc").IsString() ? o.Get("scoreFunc").As<Napi::String>().Utf8Value() : "";
+  if (sf == "softmax") {
+    c.score_func = EM_SCORE_SOFTMAX;
+  } else if (sf == "sigmoid") {
+    c.score_func = EM_SCORE_SIGMOID;
+  } else {
+    arg_error(env, "scoreFunc must be 'softmax' or 'sigmoid'");
+  }
+  const std::string tm = o.Get("topkMethod").IsString() ? o.Get("topkMethod").As<Napi::String>().Utf8Value() : "";
+  if (tm == "greedy" || tm == "gready") {  // "gready": DeepSeek-V2's own spelling
+    c.topk_method = EM_TOPK_GREEDY;
+  } else if (tm == "group_limited_greedy") {
+    c.topk_method = EM_TOPK_GROUP_LIMITED_GREEDY;
+  } else if (tm == "noaux_tc") {
+    c.topk_method = EM_TOPK_NOAUX_TC;
+  } else {
+    arg_error(env, "topkMethod must be 'greedy', 'group_limited_greedy' or 'noaux_tc'");
+  }
+  c.top_k = static_cast<int32_t>(integer(env, o.Get("topK"), "topK", 1));
+  c.n_group = static_cast<int32_t>(integer_or(env, o, "nGroup", 1, 1));
+  c.topk_group = static_cast<int32_t>(integer_or(env, o, "topkGroup", 1, 1));
+  c.norm_topk_prob = o.Get("normTopkProb").ToBoolean().Value() ? 1 : 0;
+  c.routed_scaling_factor = static_cast<float>(number_or(env, o, "routedScalingFactor", 1.0));
+  em_tensor bias{};
+  const bool has_bias = present(o.Get("bias"));
+  if (has_bias) bias = em_tensor_1d(f32(env, o.Get("bias"), "bias", w.shape[0]), EM_F32, w.shape[0]);
+  Napi::Int32Array indices = Napi::Int32Array::New(env, static_cast<size_t>(T * c.top_k));
+  Napi::Float32Array weights = Napi::Float32Array::New(env, static_cast<size_t>(T * c.top_k));
+  em_tensor xt = em_tensor_2d(x, EM_F32, T, w.shape[1]);
+  em_tensor it = em_tensor_2d(indices.Data(), EM_I32, T, c.top_k);
+  em_tensor wt = em_tensor_2d(weights.Data(), EM_F32, T, c.top_k);
+  check(env, em_gate(backend_of(env), &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("indices", indices);
+  result.Set("weights", weights);
+  return result;
+}
+
+// convert(w: Weight, to: 'f32' | 'bf16' | 'f16') -> Float32Array | Uint16Array (same shape)
+Napi::Value Convert(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  em_tensor src = weight_arg(env, arg(info, 0), "w");
+  const em_dtype to = parse_dtype(env, arg(info, 1), "to");
+  if (to == EM_F8_E4M3) throw_code(env, "EM_NATIVE_DTYPE", "convert: cannot quantize to fp8");
+  const size_t n = static_cast<size_t>(src.ndim == 2 ? src.shape[0] * src.shape[1] : src.shape[0]);
+  Napi::TypedArray out;
+  void* data;
+  if (to == EM_F32) {
+    Napi::Float32Array a = Napi::Float32Array::New(env, n);
+    data = a.Data();
+    out = a;
+  } else {
+    Napi::Uint16Array a = Napi::Uint16Array::New(env, n);
+    data = a.Data();
+    out = a;
+  }
+  em_tensor dst = src;
+  dst.data = data;
+  dst.dtype = to;
+  dst.scale = nullptr;
+  dst.scale_stride = 0;
+  check(env, em_convert(backend_of(env), &src, &dst), "convert");
+  return out;
+}
+
+// A per-row parameter: a number for every row, or a typed array of `rows` values.
+template <typename T>
+std::vector<T> per_row(Napi::Env env, const Napi::Object& o, const char* key, int64_t rows, T fallback) {
+  const Napi::Value v = o.Get(key);
+  if (!present(v)) return std::vector<T>(static_cast<size_t>(rows), fallback);
+  if (v.IsNumber()) return std::vector<T>(static_cast<size_t>(rows), static_cast<T>(number(env, v, key)));
+  if constexpr (std::is_same_v<T, int32_t>) {
+    const int32_t* p = i32(env, v, key, rows);
+    return std::vector<T>(p, p + rows);
+  } else {
+    const float* p = f32(env, v, key, rows);
+    return std::vector<T>(p, p + rows);
+  }
+}
+
+// sample(logits: Float32Array [T * vocab], vocab, { temperature, topK?, topP?, uniform? })
+// -> Int32Array [T]; each option is a number or one value per row.
+Napi::Value Sample(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t vocab = integer(env, arg(info, 1), "vocab", 1);
+  float* logits = f32(env, arg(info, 0), "logits");
+  const int64_t T = rows_of(env, length_of(arg(info, 0)), vocab, "logits");
+  const Napi::Object o = present(arg(info, 2)) ? object_arg(env, arg(info, 2), "sample options") : Napi::Object::New(env);
+  std::vector<float> temperature = per_row<float>(env, o, "temperature", T, 0.0f);
+  std::vector<int32_t> top_k = per_row<int32_t>(env, o, "topK", T, 0);
+  std::vector<float> top_p = per_row<float>(env, o, "topP", T, 1.0f);
+  const bool has_u = present(o.Get("uniform"));
+  std::vector<float> uniform = per_row<float>(env, o, "uniform", T, 0.0f);
+  Napi::Int32Array out = Napi::Int32Array::New(env, static_cast<size_t>(T));
+  em_tensor lt = em_tensor_2d(logits, EM_F32, T, vocab);
+  em_sample_args a{&lt, temperature.data(), top_k.data(), top_p.data(), has_u ? uniform.data() : nullptr, out.Data()};
+  check(env, em_sample(backend_of(env), &a), "sample");
+  return out;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData(new AddonState());
+  exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
+  exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
+  exports.Set("matmul", Napi::Function::New(env, Matmul, "matmul"));
+  exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm, "rmsnorm"));
+  exports.Set("siluMul", Napi::Function::New(env, SiluMul, "siluMul"));
+  exports.Set("moeFfn", Napi::Function::New(env, MoeFfn, "moeFfn"));
+  exports.Set("rope", Napi::Function::New(env, Rope, "rope"));
+  exports.Set("ropeInvFreq", Napi::Function::New(env, RopeInvFreq, "ropeInvFreq"));
+  exports.Set("mlaSoftmaxScale", Napi::Function::New(env, MlaSoftmaxScale, "mlaSoftmaxScale"));
+  exports.Set("mlaAttention", Napi::Function::New(env, MlaAttention, "mlaAttention"));
+  exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
+  exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
+  exports.Set("sample", Napi::Function::New(env, Sample, "sample"));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(expertmesh, Init)

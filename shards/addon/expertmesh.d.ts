@@ -1,0 +1,163 @@
+// Types of the native addon expertmesh.node (shards/addon/addon.cpp).
+//
+// All ops run synchronously on the calling thread and fan out to the engine's own thread
+// pool. Activations are Float32Array; shapes are given as flat arrays plus the sizes
+// named below ([a, b] means a * b elements, row-major). Errors are thrown as Error with
+// `code`: EM_NATIVE_SHAPE (lengths/shapes disagree), EM_NATIVE_DTYPE (dtype not accepted),
+// EM_NATIVE_ARG (invalid argument), EM_NATIVE_UNSUPPORTED (op/dtype/ISA not available),
+// EM_NATIVE_NOMEM (scratch allocation failed), EM_NATIVE_INTERNAL (a bug).
+
+/** Weight storage types: bf16/f16 as 16-bit patterns, fp8 = float8_e4m3fn bytes. */
+export type WeightDtype = 'f32' | 'bf16' | 'f16' | 'fp8';
+
+/**
+ * A weight tensor in checkpoint layout: [out_features, in_features] (torch Linear), or [n]
+ * for vectors. `data` is any ArrayBufferView (e.g. a Buffer slice of a safetensors file)
+ * holding exactly rows * cols elements, aligned to the element size. fp8 weights need
+ * `scale` = weight_scale_inv, [ceil(rows / 128) * ceil(cols / 128)] fp32.
+ */
+export interface Weight {
+  dtype: WeightDtype;
+  shape: [number, number] | [number];
+  data: ArrayBufferView;
+  scale?: Float32Array;
+}
+
+export type Isa = 'scalar' | 'avx2' | 'avx512' | 'avx512bf16';
+
+export interface BackendInfo {
+  backend: 'cpu';
+  isa: Isa;
+  threads: number;
+  abiVersion: number;
+  availableIsas: Isa[];
+  /** Exported op function -> weight dtypes it accepts on this backend. */
+  ops: Record<
+    'matmul' | 'rmsnorm' | 'siluMul' | 'moeFfn' | 'rope' | 'mlaAttention' | 'gate' | 'convert' | 'sample',
+    WeightDtype[]
+  >;
+}
+
+export function backendInfo(): BackendInfo;
+
+/** Replaces the backend: isa 'auto' (default; $EM_CPU_ISA honoured) or a specific one;
+ *  threads 0 = $EM_NUM_THREADS or all CPUs. Returns the new backendInfo(). */
+export function configure(options?: { isa?: Isa | 'auto'; threads?: number }): BackendInfo;
+
+/** y [rows, N] = x [rows, K] W^T for w [N, K]. */
+export function matmul(x: Float32Array, rows: number, w: Weight, out?: Float32Array): Float32Array;
+
+/** RMSNorm over rows of x [rows, dim]: x * rsqrt(mean(x^2) + eps) * weight[dim]. */
+export function rmsnorm(x: Float32Array, weight: Float32Array | Weight, eps: number, out?: Float32Array): Float32Array;
+
+/** silu(gate) * up, elementwise (same lengths). */
+export function siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
+
+export interface MoeFfnArgs {
+  /** [rows, dim], rows grouped by expert. */
+  x: Float32Array;
+  dim: number;
+  /** [numExperts + 1]: rows of expert e are [expertOffsets[e], expertOffsets[e + 1]). */
+  expertOffsets: Int32Array;
+  /** Per expert: w1 = gate_proj [inter, dim], w3 = up_proj [inter, dim], w2 = down_proj [dim, inter]. */
+  w1: Weight[];
+  w2: Weight[];
+  w3: Weight[];
+  /** [rows] routing weight per row (default 1). */
+  rowWeights?: Float32Array;
+  /** [rows] output row each row is added to (default: row i -> i); needs outRows. */
+  outIndex?: Int32Array;
+  outRows?: number;
+  /** Add into `out` instead of overwriting it. */
+  accumulate?: boolean;
+  out?: Float32Array;
+}
+
+/** Grouped expert FFN w2(silu(w1 x) * w3 x) for many experts in one call -> [outRows | rows, dim]. */
+export function moeFfn(args: MoeFfnArgs): Float32Array;
+
+export interface RopeOptions {
+  /** qk_rope_head_dim (even). */
+  ropeDim: number;
+  theta: number;
+  /** rope_scaling.factor; <= 1 (default) disables YaRN. */
+  factor?: number;
+  originalMaxPosition?: number;
+  betaFast?: number;
+  betaSlow?: number;
+}
+
+/** Rotates interleaved pairs of x [T, H, headDim] at [offset, offset + ropeDim) of every
+ *  head, in place (returns x). T = positions.length. */
+export function rope(
+  x: Float32Array,
+  positions: Int32Array,
+  options: RopeOptions & { headDim?: number; offset?: number },
+): Float32Array;
+
+/** The (YaRN-corrected) rotary frequencies, [ropeDim / 2]. */
+export function ropeInvFreq(options: RopeOptions): Float32Array;
+
+/** qkHeadDim^-0.5 * mscale^2, mscale = 0.1 * mscaleAllDim * ln(factor) + 1 when factor > 1. */
+export function mlaSoftmaxScale(qkHeadDim: number, factor: number, mscaleAllDim: number): number;
+
+export interface MlaAttentionArgs {
+  /** [T, H, qkNopeHeadDim + qkRopeHeadDim]; the rope part already rotated. */
+  q: Float32Array;
+  /** [T] cache row of each query token; it attends to rows [0, position]. */
+  positions: Int32Array;
+  /** Per sequence: [S, kvLoraRank + qkRopeHeadDim], Float32Array (f32) or Uint16Array (bf16),
+   *  rows = kv_norm(latent) | rope(k_pe), already holding this step's tokens. */
+  caches: Float32Array | Uint16Array | Array<Float32Array | Uint16Array>;
+  /** [numSeqs + 1] token ranges of the sequences in q (required for several sequences). */
+  qOffsets?: Int32Array;
+  numHeads: number;
+  qkNopeHeadDim: number;
+  qkRopeHeadDim: number;
+  vHeadDim: number;
+  kvLoraRank: number;
+  /** wkv_b [numHeads * (qkNopeHeadDim + vHeadDim), kvLoraRank]. */
+  wkvB: Weight;
+  softmaxScale: number;
+  out?: Float32Array;
+}
+
+/** MLA attention in the absorbed form -> [T, H, vHeadDim] (before wo). */
+export function mlaAttention(args: MlaAttentionArgs): Float32Array;
+
+export interface GateArgs {
+  /** [T, dim] */
+  x: Float32Array;
+  /** [numExperts, dim] */
+  weight: Weight;
+  /** e_score_correction_bias [numExperts]: added for selection only. */
+  bias?: Float32Array;
+  scoreFunc: 'softmax' | 'sigmoid';
+  topkMethod: 'greedy' | 'group_limited_greedy' | 'noaux_tc';
+  topK: number;
+  nGroup?: number;
+  topkGroup?: number;
+  normTopkProb?: boolean;
+  routedScalingFactor?: number;
+}
+
+/** Router: top-k experts per token, highest selection score first -> [T * topK] each. */
+export function gate(args: GateArgs): { indices: Int32Array; weights: Float32Array };
+
+/** Converts a weight (fp8 dequantized with its block scales) -> same shape in `to`. */
+export function convert(w: Weight, to: 'f32'): Float32Array;
+export function convert(w: Weight, to: 'bf16' | 'f16'): Uint16Array;
+
+export interface SampleOptions {
+  /** <= 0: greedy (argmax). A number for all rows or one per row. */
+  temperature?: number | Float32Array;
+  /** <= 0: no top-k cut. */
+  topK?: number | Int32Array;
+  /** >= 1: no top-p cut. */
+  topP?: number | Float32Array;
+  /** Uniform numbers in [0, 1) driving the pick; required when any temperature > 0. */
+  uniform?: number | Float32Array;
+}
+
+/** One token per row of logits [T, vocab] -> Int32Array [T]. */
+export function sample(logits: Float32Array, vocab: number, options?: SampleOptions): Int32Array;

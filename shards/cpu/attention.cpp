@@ -1,0 +1,162 @@
+// Attention family: MLA over the compressed latent cache, in DeepSeek's absorbed form
+// (reference `MLA.forward` with attn_impl == "absorb"):
+//   q_lat[t, h]  = q_nope[t, h] W_uk[h]                 W_uk[h] = wkv_b[h*(dn+dv) : +dn]   [dn, C]
+//   score[t,h,s] = (q_lat . latent[s] + q_pe[t,h] . pe[s]) * softmax_scale,  s <= pos[t]
+//   o_lat[t, h]  = softmax(score) @ latent                                               [C]
+//   out[t, h]    = W_uv[h] o_lat                        W_uv[h] = wkv_b[h*(dn+dv)+dn : +dv] [dv, C]
+// The cache row is [latent (C) | pe (dr)], so the two score terms are one dot product of
+// [q_lat | q_pe] with the cache row. Prefill and decode are the same code: a query block
+// of a sequence sees the cache rows up to its positions.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu.h"
+
+namespace em::cpu {
+namespace {
+
+struct Item {
+  int32_t seq;
+  int64_t t0, t1;  // query tokens
+  int64_t h0, h1;  // heads
+};
+
+constexpr int64_t kMaxQueryBlock = 16;
+constexpr int64_t kScoreBudget = int64_t{1} << 21;  // floats of scores per item (8 MiB)
+
+std::vector<Item> plan_items(const em_mla_args* a, int threads) {
+  const int64_t H = a->num_heads, T = a->q->shape[0];
+  auto seq_range = [&](int32_t s, int64_t& t0, int64_t& t1) {
+    t0 = a->q_offsets ? a->q_offsets[s] : 0;
+    t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
+  };
+  auto query_block = [&](int32_t s, int64_t heads) {
+    const int64_t rows = std::max<int64_t>(1, a->caches[s].shape[0]);
+    return std::clamp<int64_t>(kScoreBudget / (heads * rows), 1, kMaxQueryBlock);
+  };
+  // Fewer heads per item means more items but one more pass over the cache each.
+  int64_t hb = H;
+  auto count = [&](int64_t heads) {
+    int64_t n = 0;
+    for (int32_t s = 0; s < a->num_seqs; ++s) {
+      int64_t t0, t1;
+      seq_range(s, t0, t1);
+      const int64_t qb = query_block(s, heads);
+      n += ((t1 - t0 + qb - 1) / qb) * ((H + heads - 1) / heads);
+    }
+    return n;
+  };
+  while (hb > 1 && count(hb) < 2 * static_cast<int64_t>(threads)) hb = (hb + 1) / 2;
+  std::vector<Item> items;
+  for (int32_t s = 0; s < a->num_seqs; ++s) {
+    int64_t t0, t1;
+    seq_range(s, t0, t1);
+    const int64_t qb = query_block(s, hb);
+    for (int64_t t = t0; t < t1; t += qb)
+      for (int64_t h = 0; h < H; h += hb) items.push_back({s, t, std::min(t1, t + qb), h, std::min(H, h + hb)});
+  }
+  return items;
+}
+
+}  // namespace
+
+em_status mla_attention(Context& ctx, const em_mla_args* a) {
+  const int64_t dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim, C = a->kv_lora_rank;
+  const int64_t row_len = C + dr;  // cache row and [q_lat | q_pe]
+  const Weight wkv_b = weight_view(*a->wkv_b);
+  const float* q = static_cast<const float*>(a->q->data);
+  const int64_t q_tok = a->q->stride[0], q_head = a->q->stride[1];
+  float* out = static_cast<float*>(a->out->data);
+  const int64_t o_tok = a->out->stride[0], o_head = a->out->stride[1];
+  const Kernels& k = *ctx.k;
+
+  const std::vector<Item> items = plan_items(a, ctx.pool.num_threads());
+  ctx.pool.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, int) {
+    const Item& it = items[static_cast<size_t>(i)];
+    const int64_t nq = it.t1 - it.t0, nh = it.h1 - it.h0, rows = nq * nh;  // row r = head * nq + token
+    int32_t max_pos = 0;
+    for (int64_t t = it.t0; t < it.t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
+    const int64_t L = static_cast<int64_t>(max_pos) + 1;  // cache rows this block can see
+    const Weight cache = weight_view(a->caches[it.seq]);
+
+    std::vector<float> qcat(static_cast<size_t>(rows * row_len));
+    std::vector<float> scores(static_cast<size_t>(rows * L));
+    std::vector<float> o_lat(static_cast<size_t>(rows * C));
+
+    // q_lat = q_nope W_uk[h]; q_pe copied beside it.
+    for (int64_t hl = 0; hl < nh; ++hl) {
+      const int64_t h = it.h0 + hl;
+      Gemm g;
+      g.x = q + it.t0 * q_tok + h * q_head;
+      g.ldx = q_tok;
+      g.w = wkv_b.row_slice(h * (dn + dv), dn);
+      g.y = qcat.data() + hl * nq * row_len;
+      g.ldy = row_len;
+      g.M = nq;
+      g.N = C;
+      g.K = dn;
+      k.gemm_nn(g, 0, nq, 0, C);
+      for (int64_t tl = 0; tl < nq; ++tl)
+        std::memcpy(qcat.data() + (hl * nq + tl) * row_len + C, q + (it.t0 + tl) * q_tok + h * q_head + dn,
+                    static_cast<size_t>(dr) * sizeof(float));
+    }
+
+    // scores = [q_lat | q_pe] . cache rows [0, L)
+    Gemm sg;
+    sg.x = qcat.data();
+    sg.ldx = row_len;
+    sg.w = cache.row_slice(0, L);
+    sg.y = scores.data();
+    sg.ldy = L;
+    sg.M = rows;
+    sg.N = L;
+    sg.K = row_len;
+    k.gemm_nt(sg, 0, rows, 0, L);
+
+    // Causal softmax in fp32: token t sees rows [0, pos[t]].
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores.data() + r * L;
+      const int64_t visible = static_cast<int64_t>(a->positions[it.t0 + r % nq]) + 1;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < visible; ++j) {
+        s[j] *= a->softmax_scale;
+        mx = std::max(mx, s[j]);
+      }
+      const float inv = 1.0f / k.exp_sum(s, visible, mx);
+      for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
+      std::fill(s + visible, s + L, 0.0f);
+    }
+
+    // o_lat = P latent
+    Gemm pg;
+    pg.x = scores.data();
+    pg.ldx = L;
+    pg.w = cache.row_slice(0, L);
+    pg.y = o_lat.data();
+    pg.ldy = C;
+    pg.M = rows;
+    pg.N = C;
+    pg.K = L;
+    k.gemm_nn(pg, 0, rows, 0, C);
+
+    // out[t, h] = W_uv[h] o_lat
+    for (int64_t hl = 0; hl < nh; ++hl) {
+      const int64_t h = it.h0 + hl;
+      Gemm og;
+      og.x = o_lat.data() + hl * nq * C;
+      og.ldx = C;
+      og.w = wkv_b.row_slice(h * (dn + dv) + dn, dv);
+      og.y = out + it.t0 * o_tok + h * o_head;
+      og.ldy = o_tok;
+      og.M = nq;
+      og.N = dv;
+      og.K = C;
+      k.gemm_nt(og, 0, nq, 0, dv);
+    }
+  });
+  return EM_OK;
+}
+
+}  // namespace em::cpu

@@ -1,0 +1,130 @@
+// Internal interface of the CPU backend: weight views, per-ISA kernel tables, the
+// backend context, and the op implementations (one .cpp per op family).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <new>
+
+#include "expertmesh/ops.h"
+#include "../internal.h"
+#include "threadpool.h"
+
+namespace em::cpu {
+
+// A 2-D weight view [rows, cols] of any weight dtype, rows `ld` elements apart.
+// fp8: element (r, c) = fp8(r, c) * scale_row(r)[c / 128], where scale_row(r) =
+// scale + ((scale_row0 + r) / 128) * scale_ld; scale_row0 lets a row slice start
+// inside a 128-row block.
+struct Weight {
+  const void* data = nullptr;
+  em_dtype dtype = EM_F32;
+  int64_t rows = 0, cols = 0, ld = 0;
+  const float* scale = nullptr;
+  int64_t scale_ld = 0;
+  int64_t scale_row0 = 0;
+
+  const float* scale_row(int64_t r) const { return scale + ((scale_row0 + r) / EM_FP8_BLOCK) * scale_ld; }
+  // Rows [r0, r0 + n), any r0.
+  Weight row_slice(int64_t r0, int64_t n) const;
+  // Converts cols [c0, c0 + n) of row r to f32.
+  void row_to_f32(int64_t r, int64_t c0, int64_t n, float* out) const;
+};
+
+// A 64-byte aligned scratch array (SIMD panels), uninitialized.
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t n)
+      : data_(static_cast<T*>(::operator new(sizeof(T) * (n > 0 ? n : 1), std::align_val_t{64}))) {}
+  ~AlignedBuffer() { ::operator delete(data_, std::align_val_t{64}); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* data() { return data_; }
+
+ private:
+  T* data_;
+};
+
+// The 2-D weight a tensor view describes (a 1-D tensor is one row).
+Weight weight_view(const em_tensor& t);
+
+// One GEMM with f32 activations and a weight of any dtype.
+//   nt: y[M, N] (+)= x[M, K] w[N, K]^T   (torch Linear)
+//   nn: y[M, N] (+)= x[M, K] w[K, N]     (latent-space products in attention)
+struct Gemm {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  Weight w;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  int64_t M = 0, N = 0, K = 0;
+  bool accumulate = false;  // y += result instead of y = result
+};
+
+// Computes the tile y[m0:m1, n0:n1] of a Gemm on the calling thread. For nn, n0 must
+// be a multiple of 16.
+using GemmTileFn = void (*)(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// The kernels one ISA provides; ops are written against this table only.
+struct Kernels {
+  em_cpu_isa isa;
+  GemmTileFn gemm_nt;
+  GemmTileFn gemm_nn;
+  void (*silu_mul)(const float* gate, const float* up, float* y, int64_t n);
+  float (*sum_squares)(const float* x, int64_t n);
+  void (*scale_mul)(const float* x, float s, const float* w, float* y, int64_t n);  // y = x*s*w
+  float (*exp_sum)(float* x, int64_t n, float shift);  // x = exp(x - shift); returns the sum
+};
+
+// Per-ISA kernel functions (defined next to their op family).
+namespace scalar {
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void silu_mul(const float* gate, const float* up, float* y, int64_t n);
+float sum_squares(const float* x, int64_t n);
+void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
+float exp_sum(float* x, int64_t n, float shift);
+}  // namespace scalar
+namespace avx2 {
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void silu_mul(const float* gate, const float* up, float* y, int64_t n);
+float sum_squares(const float* x, int64_t n);
+void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
+float exp_sum(float* x, int64_t n, float shift);
+}  // namespace avx2
+namespace avx512 {
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+}  // namespace avx512
+
+// isa.cpp
+bool isa_supported(em_cpu_isa isa);
+const Kernels& kernels_for(em_cpu_isa isa);
+
+// The CPU backend's private state (em_backend::ctx).
+struct Context {
+  Context(em_cpu_isa isa_, int num_threads) : isa(isa_), k(&kernels_for(isa_)), pool(num_threads) {}
+  em_cpu_isa isa;
+  const Kernels* k;
+  ThreadPool pool;
+};
+
+// Parallel GEMM drivers (matmul.cpp): split y into tiles over the thread pool.
+void gemm_nt(Context& ctx, const Gemm& g);
+void gemm_nn(Context& ctx, const Gemm& g);
+
+// Op implementations; arguments were validated by the dispatcher.
+em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);
+em_status rmsnorm(Context& ctx, const em_tensor* x, const em_tensor* weight, float eps, em_tensor* y);
+em_status silu_mul(Context& ctx, const em_tensor* gate, const em_tensor* up, em_tensor* y);
+em_status moe_ffn(Context& ctx, const em_moe_args* args);
+em_status rope(Context& ctx, em_tensor* x, const int32_t* positions, const em_rope_config* cfg);
+em_status mla_attention(Context& ctx, const em_mla_args* args);
+em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const em_tensor* bias,
+               const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
+em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
+em_status sample(Context& ctx, const em_sample_args* args);
+
+}  // namespace em::cpu

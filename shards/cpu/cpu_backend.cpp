@@ -1,0 +1,112 @@
+// The CPU backend: its op table (em_backend_iface) and constructor.
+#include <cstdlib>
+#include <new>
+
+#include "cpu.h"
+
+namespace em::cpu {
+namespace {
+
+Context* ctx_of(void* p) { return static_cast<Context*>(p); }
+
+// Runs an op, turning C++ exceptions (scratch allocation) into status codes: nothing
+// may unwind through the C interface.
+template <typename Fn>
+em_status guarded(const char* op, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return fail(EM_ERR_NOMEM, "%s: out of memory for scratch buffers", op);
+  } catch (const std::exception& e) {
+    return fail(EM_ERR_INTERNAL, "%s: %s", op, e.what());
+  } catch (...) {
+    return fail(EM_ERR_INTERNAL, "%s: unknown exception", op);
+  }
+}
+
+bool is_weight_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16 || d == EM_F8_E4M3; }
+
+int supports_op(void*, em_op op, em_dtype dtype) {
+  switch (op) {
+    case EM_OP_MATMUL:
+    case EM_OP_MOE_FFN:
+    case EM_OP_MLA_ATTENTION:
+    case EM_OP_GATE:
+    case EM_OP_CONVERT: return is_weight_dtype(dtype);
+    case EM_OP_RMSNORM: return dtype == EM_F32 || dtype == EM_BF16 || dtype == EM_F16;
+    case EM_OP_SILU_MUL:
+    case EM_OP_ROPE:
+    case EM_OP_SAMPLE: return dtype == EM_F32;
+    default: return 0;
+  }
+}
+
+void info(void* p, em_backend_info* out) {
+  out->name = "cpu";
+  out->isa = em_cpu_isa_name(ctx_of(p)->isa);
+  out->num_threads = ctx_of(p)->pool.num_threads();
+}
+
+void destroy(void* p) { delete ctx_of(p); }
+
+const em_backend_iface kCpuIface = {
+    "cpu",
+    destroy,
+    info,
+    supports_op,
+    [](void* p, const em_tensor* x, const em_tensor* w, em_tensor* y) {
+      return guarded("matmul", [&] { return matmul(*ctx_of(p), x, w, y); });
+    },
+    [](void* p, const em_tensor* x, const em_tensor* w, float eps, em_tensor* y) {
+      return guarded("rmsnorm", [&] { return rmsnorm(*ctx_of(p), x, w, eps, y); });
+    },
+    [](void* p, const em_tensor* g, const em_tensor* u, em_tensor* y) {
+      return guarded("silu_mul", [&] { return silu_mul(*ctx_of(p), g, u, y); });
+    },
+    [](void* p, const em_moe_args* a) { return guarded("moe_ffn", [&] { return moe_ffn(*ctx_of(p), a); }); },
+    [](void* p, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
+      return guarded("rope", [&] { return rope(*ctx_of(p), x, pos, cfg); });
+    },
+    [](void* p, const em_mla_args* a) {
+      return guarded("mla_attention", [&] { return mla_attention(*ctx_of(p), a); });
+    },
+    [](void* p, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
+       em_tensor* idx, em_tensor* wt) {
+      return guarded("gate", [&] { return gate(*ctx_of(p), x, w, bias, cfg, idx, wt); });
+    },
+    [](void* p, const em_tensor* src, em_tensor* dst) {
+      return guarded("convert", [&] { return convert(*ctx_of(p), src, dst); });
+    },
+    [](void* p, const em_sample_args* a) { return guarded("sample", [&] { return sample(*ctx_of(p), a); }); },
+};
+
+// ISA for EM_ISA_AUTO: $EM_CPU_ISA if it names one this CPU supports, else the best.
+em_cpu_isa auto_isa() {
+  if (const char* env = std::getenv("EM_CPU_ISA")) {
+    const int parsed = em_cpu_isa_parse(env);
+    if (parsed > EM_ISA_AUTO && isa_supported(static_cast<em_cpu_isa>(parsed))) return static_cast<em_cpu_isa>(parsed);
+  }
+  return em_cpu_best_isa();
+}
+
+}  // namespace
+}  // namespace em::cpu
+
+extern "C" em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend** out) {
+  using namespace em::cpu;
+  if (out == nullptr) return em::fail(EM_ERR_ARG, "em_backend_create_cpu: out is NULL");
+  *out = nullptr;
+  em_cpu_isa isa = cfg ? cfg->isa : EM_ISA_AUTO;
+  if (isa == EM_ISA_AUTO) isa = auto_isa();
+  if (isa < EM_ISA_SCALAR || isa > EM_ISA_AVX512_BF16) return em::fail(EM_ERR_ARG, "unknown ISA %d", static_cast<int>(isa));
+  if (!isa_supported(isa))
+    return em::fail(EM_ERR_UNSUPPORTED, "this CPU does not support ISA '%s' (best: '%s')", em_cpu_isa_name(isa),
+                    em_cpu_isa_name(em_cpu_best_isa()));
+  const int threads = cfg && cfg->num_threads > 0 ? cfg->num_threads : default_num_threads();
+  try {
+    *out = new em_backend{&kCpuIface, new Context(isa, threads)};
+  } catch (const std::exception& e) {
+    return em::fail(EM_ERR_NOMEM, "em_backend_create_cpu: %s", e.what());
+  }
+  return EM_OK;
+}

@@ -1,0 +1,111 @@
+// Run-time ISA detection (cpuid + xgetbv) and the kernel table of each ISA.
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu.h"
+#include "simd.h"
+
+#if EM_X86
+#include <cpuid.h>
+#endif
+
+namespace em::cpu {
+
+namespace {
+
+struct CpuFeatures {
+  bool avx2 = false;        // AVX2 + FMA + F16C with YMM state enabled by the OS
+  bool avx512 = false;      // AVX-512 F + BW + VL with ZMM state enabled
+  bool avx512_bf16 = false;
+};
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#if EM_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
+  if (!osxsave || !avx) return f;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool ymm_state = (xcr0_lo & 0x6u) == 0x6u;
+  const bool zmm_state = (xcr0_lo & 0xe6u) == 0xe6u;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  f.avx2 = ymm_state && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
+  if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+#endif
+  return f;
+}
+
+const CpuFeatures& features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+const Kernels kScalar = {EM_ISA_SCALAR,       scalar::gemm_nt,   scalar::gemm_nn,   scalar::silu_mul,
+                         scalar::sum_squares, scalar::scale_mul, scalar::exp_sum};
+#if EM_X86
+const Kernels kAvx2 = {EM_ISA_AVX2,       avx2::gemm_nt,   avx2::gemm_nn,   avx2::silu_mul,
+                       avx2::sum_squares, avx2::scale_mul, avx2::exp_sum};
+// AVX-512 machines run the AVX2 kernels except the nt GEMM, where width matters most.
+const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx2::gemm_nn,   avx2::silu_mul,
+                         avx2::sum_squares, avx2::scale_mul, avx2::exp_sum};
+const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx2::gemm_nn,   avx2::silu_mul,
+                             avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum};
+#endif
+
+}  // namespace
+
+bool isa_supported(em_cpu_isa isa) {
+  switch (isa) {
+    case EM_ISA_SCALAR: return true;
+    case EM_ISA_AVX2: return features().avx2;
+    case EM_ISA_AVX512: return features().avx512;
+    case EM_ISA_AVX512_BF16: return features().avx512_bf16;
+    default: return false;
+  }
+}
+
+const Kernels& kernels_for(em_cpu_isa isa) {
+#if EM_X86
+  switch (isa) {
+    case EM_ISA_AVX2: return kAvx2;
+    case EM_ISA_AVX512: return kAvx512;
+    case EM_ISA_AVX512_BF16: return kAvx512Bf16;
+    default: break;
+  }
+#endif
+  (void)isa;
+  return kScalar;
+}
+
+}  // namespace em::cpu
+
+extern "C" em_cpu_isa em_cpu_best_isa(void) {
+  using namespace em::cpu;
+  if (isa_supported(EM_ISA_AVX512_BF16)) return EM_ISA_AVX512_BF16;
+  if (isa_supported(EM_ISA_AVX512)) return EM_ISA_AVX512;
+  if (isa_supported(EM_ISA_AVX2)) return EM_ISA_AVX2;
+  return EM_ISA_SCALAR;
+}
+
+extern "C" const char* em_cpu_isa_name(em_cpu_isa isa) {
+  switch (isa) {
+    case EM_ISA_AUTO: return "auto";
+    case EM_ISA_SCALAR: return "scalar";
+    case EM_ISA_AVX2: return "avx2";
+    case EM_ISA_AVX512: return "avx512";
+    case EM_ISA_AVX512_BF16: return "avx512bf16";
+  }
+  return "unknown";
+}
+
+extern "C" int em_cpu_isa_parse(const char* name) {
+  if (name == nullptr) return -1;
+  for (int i = EM_ISA_AUTO; i <= EM_ISA_AVX512_BF16; ++i) {
+    if (std::strcmp(name, em_cpu_isa_name(static_cast<em_cpu_isa>(i))) == 0) return i;
+  }
+  return -1;
+}

@@ -1,0 +1,187 @@
+// Matmul family: weight views, the scalar GEMM kernels, the parallel GEMM drivers, and
+// the matmul op. The AVX2 / AVX-512 tile kernels live in matmul_avx2.cpp / matmul_avx512.cpp.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu.h"
+#include "dtype.h"
+
+namespace em::cpu {
+
+Weight weight_view(const em_tensor& t) {
+  Weight w;
+  w.data = t.data;
+  w.dtype = t.dtype;
+  if (t.ndim == 1) {
+    w.rows = 1;
+    w.cols = t.shape[0];
+    w.ld = t.shape[0];
+  } else {
+    w.rows = t.shape[0];
+    w.cols = t.shape[1];
+    w.ld = t.stride[0];
+  }
+  w.scale = t.scale;
+  w.scale_ld = t.scale_stride;
+  return w;
+}
+
+Weight Weight::row_slice(int64_t r0, int64_t n) const {
+  Weight s = *this;
+  s.data = static_cast<const char*>(data) + r0 * ld * static_cast<int64_t>(em_dtype_size(dtype));
+  s.rows = n;
+  if (dtype == EM_F8_E4M3) {
+    s.scale = scale_row(r0);
+    s.scale_row0 = (scale_row0 + r0) % EM_FP8_BLOCK;
+  }
+  return s;
+}
+
+namespace {
+// Exact fp8 e4m3 -> f32 table.
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i) v[i] = fp8_e4m3_to_f32(static_cast<uint8_t>(i));
+  }
+};
+const Fp8Table& fp8_table() {
+  static const Fp8Table table;
+  return table;
+}
+}  // namespace
+
+void Weight::row_to_f32(int64_t r, int64_t c0, int64_t n, float* out) const {
+  switch (dtype) {
+    case EM_F32: {
+      std::memcpy(out, static_cast<const float*>(data) + r * ld + c0, static_cast<size_t>(n) * 4);
+      return;
+    }
+    case EM_BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(data) + r * ld + c0;
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+      return;
+    }
+    case EM_F16: {
+      const uint16_t* p = static_cast<const uint16_t*>(data) + r * ld + c0;
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);
+      return;
+    }
+    case EM_F8_E4M3: {
+      const uint8_t* p = static_cast<const uint8_t*>(data) + r * ld + c0;
+      const float* srow = scale_row(r);
+      const float* lut = fp8_table().v;
+      for (int64_t i = 0; i < n; ++i) out[i] = lut[p[i]] * srow[(c0 + i) / EM_FP8_BLOCK];
+      return;
+    }
+    default:
+      std::memset(out, 0, static_cast<size_t>(n) * 4);
+  }
+}
+
+// ------------------------------------------------------------ scalar kernels
+
+namespace scalar {
+
+namespace {
+constexpr int64_t kChunk = 256;  // weight elements converted at a time
+}
+
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  float wrow[kChunk];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (!g.accumulate) g.y[m * g.ldy + n] = 0.0f;
+    }
+    for (int64_t k0 = 0; k0 < g.K; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, g.K - k0);
+      g.w.row_to_f32(n, k0, kn, wrow);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = g.x + m * g.ldx + k0;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < kn; ++k) acc += xr[k] * wrow[k];
+        g.y[m * g.ldy + n] += acc;
+      }
+    }
+  }
+}
+
+void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  float wrow[kChunk];
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t cn = std::min(kChunk, n1 - c0);
+    if (!g.accumulate) {
+      for (int64_t m = m0; m < m1; ++m) std::memset(g.y + m * g.ldy + c0, 0, static_cast<size_t>(cn) * 4);
+    }
+    for (int64_t k = 0; k < g.K; ++k) {
+      g.w.row_to_f32(k, c0, cn, wrow);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float xv = g.x[m * g.ldx + k];
+        float* yr = g.y + m * g.ldy + c0;
+        for (int64_t c = 0; c < cn; ++c) yr[c] += xv * wrow[c];
+      }
+    }
+  }
+}
+
+}  // namespace scalar
+
+// ------------------------------------------------------------ parallel drivers
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splits y into (row block, column block) work items: enough items for the threads,
+// each large enough that a weight block is streamed once for all its rows.
+struct TilePlan {
+  int64_t mb, nb, m_blocks, n_blocks;
+};
+
+TilePlan plan_tiles(int64_t M, int64_t N, int threads, int64_t nb_max, int64_t nb_min) {
+  TilePlan p;
+  p.mb = M <= 512 ? M : 256;
+  p.m_blocks = ceil_div(M, p.mb);
+  p.nb = nb_max;
+  while (p.nb > nb_min && p.m_blocks * ceil_div(N, p.nb) < 4 * static_cast<int64_t>(threads)) p.nb /= 2;
+  p.n_blocks = ceil_div(N, p.nb);
+  return p;
+}
+
+void run_tiles(Context& ctx, const Gemm& g, GemmTileFn tile, const TilePlan& p) {
+  ctx.pool.parallel_for(p.m_blocks * p.n_blocks, [&](int64_t item, int) {
+    const int64_t mi = item % p.m_blocks, ni = item / p.m_blocks;
+    const int64_t m0 = mi * p.mb, n0 = ni * p.nb;
+    tile(g, m0, std::min(g.M, m0 + p.mb), n0, std::min(g.N, n0 + p.nb));
+  });
+}
+
+}  // namespace
+
+void gemm_nt(Context& ctx, const Gemm& g) {
+  if (g.M == 0 || g.N == 0) return;
+  run_tiles(ctx, g, ctx.k->gemm_nt, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
+}
+
+void gemm_nn(Context& ctx, const Gemm& g) {
+  if (g.M == 0 || g.N == 0) return;
+  run_tiles(ctx, g, ctx.k->gemm_nn, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 256, 16));
+}
+
+// ------------------------------------------------------------ op
+
+em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y) {
+  Gemm g;
+  g.x = static_cast<const float*>(x->data);
+  g.ldx = x->stride[0];
+  g.w = weight_view(*w);
+  g.y = static_cast<float*>(y->data);
+  g.ldy = y->stride[0];
+  g.M = x->shape[0];
+  g.K = x->shape[1];
+  g.N = w->shape[0];
+  gemm_nt(ctx, g);
+  return EM_OK;
+}
+
+}  // namespace em::cpu

@@ -1,0 +1,321 @@
+// AVX-512 GEMM nt tile kernels: the AVX2 dot-product design (see matmul_avx2.cpp) at 16
+// lanes for every row count (32 zmm registers hold 4 x 4 accumulators, enough to hide FMA
+// latency without the packed path), and a bf16 variant using AVX512_BF16 dot products
+// (x rounded to bf16, fp32 accumulation, as torch's bf16 linear does). Selected only when
+// cpuid reports the features; the other AVX-512 kernels come from the AVX2 table.
+// Not exercised on the AVX2-only development machines: CI on AVX-512 hardware runs the
+// same tests through it (test/harness.h tests every ISA the CPU has).
+#include <algorithm>
+
+// GCC 12's AVX-512 headers trip these inside _mm512_undefined_* (a known false positive).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "cpu.h"
+#include "simd.h"
+
+#if EM_X86
+namespace em::cpu::avx512 {
+namespace {
+
+constexpr int64_t kKc = 512;  // k per x panel for many rows: a multiple of the 32-k step
+constexpr int kMr = 4;        // x rows per micro-tile
+constexpr int64_t kNb = 64;   // weight rows per L2 block
+
+struct F32W {
+  using T = float;
+  static constexpr bool kDeinterleave = false, kScaled = false;
+  EM_AVX512 static inline void load32(const T* p, __m512& a, __m512& b) {
+    a = _mm512_loadu_ps(p);
+    b = _mm512_loadu_ps(p + 16);
+  }
+};
+
+struct Bf16W {
+  using T = uint16_t;
+  static constexpr bool kDeinterleave = true, kScaled = false;
+  EM_AVX512 static inline void load32(const T* p, __m512& a, __m512& b) {
+    const __m512i v = _mm512_loadu_si512(p);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+};
+
+struct F16W {
+  using T = uint16_t;
+  static constexpr bool kDeinterleave = false, kScaled = false;
+  EM_AVX512 static inline void load32(const T* p, __m512& a, __m512& b) {
+    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+};
+
+// fp8 -> f16 bits (value / 256, see simd::fp8x8_to_f16_bits) -> f32.
+struct Fp8W {
+  using T = uint8_t;
+  static constexpr bool kDeinterleave = false, kScaled = true;
+  EM_AVX512 static inline __m512 cvt16(__m128i bytes) {
+    const __m256i w = _mm256_cvtepu8_epi16(bytes);
+    const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7);
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
+    return _mm512_cvtph_ps(_mm256_or_si256(mag, sign));
+  }
+  EM_AVX512 static inline void load32(const T* p, __m512& a, __m512& b) {
+    a = cvt16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    b = cvt16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  }
+};
+
+// panel[(step * mr + m) * 32 + j]: 32 k per step, in order or as even/odd halves.
+template <bool kDeinterleave>
+EM_AVX512 void pack_x(const float* x, int64_t ldx, int mr, int64_t k0, int64_t kc, float* panel) {
+  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t s = 0; s < kc / 32; ++s) {
+    for (int m = 0; m < mr; ++m) {
+      const float* src = x + m * ldx + k0 + s * 32;
+      float* dst = panel + (s * mr + m) * 32;
+      const __m512 x0 = _mm512_loadu_ps(src), x1 = _mm512_loadu_ps(src + 16);
+      if constexpr (kDeinterleave) {
+        _mm512_store_ps(dst, _mm512_permutex2var_ps(x0, even_idx, x1));
+        _mm512_store_ps(dst + 16, _mm512_permutex2var_ps(x0, odd_idx, x1));
+      } else {
+        _mm512_store_ps(dst, x0);
+        _mm512_store_ps(dst + 16, x1);
+      }
+    }
+  }
+}
+
+template <typename W, int MR, int NR>
+EM_AVX512 void micro_nt(const float* panel, int64_t steps, const typename W::T* const* rows,
+                        const float* const* scale_rows, int64_t k0, float* sums) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t k = k0 + s * 32;
+    const float* p = panel + s * MR * 32;
+    __m512 xa[MR], xb[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      xa[m] = _mm512_load_ps(p + m * 32);
+      xb[m] = _mm512_load_ps(p + m * 32 + 16);
+    }
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      __m512 wa, wb;
+      W::load32(rows[n] + k, wa, wb);
+      if constexpr (W::kScaled) {
+        const __m512 sc = _mm512_set1_ps(scale_rows[n][k >> 7] * 256.0f);
+        wa = _mm512_mul_ps(wa, sc);
+        wb = _mm512_mul_ps(wb, sc);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        acc[m][n] = _mm512_fmadd_ps(xa[m], wa, acc[m][n]);
+        acc[m][n] = _mm512_fmadd_ps(xb[m], wb, acc[m][n]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) sums[m * NR + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+template <typename W>
+using MicroFn = void (*)(const float*, int64_t, const typename W::T* const*, const float* const*, int64_t, float*);
+
+// 32 zmm registers: MR * NR accumulators + 2 * MR x vectors + 2 weight vectors.
+constexpr int kMaxNr = 4;
+
+template <typename W, int MR>
+MicroFn<W> pick_nr(int nr) {
+  switch (nr) {
+    case 4: return micro_nt<W, MR, 4>;
+    case 3: return micro_nt<W, MR, 3>;
+    case 2: return micro_nt<W, MR, 2>;
+    default: return micro_nt<W, MR, 1>;
+  }
+}
+
+template <typename W>
+MicroFn<W> pick_micro(int mr, int nr) {
+  switch (mr) {
+    case 4: return pick_nr<W, 4>(nr);
+    case 3: return pick_nr<W, 3>(nr);
+    case 2: return pick_nr<W, 2>(nr);
+    default: return pick_nr<W, 1>(nr);
+  }
+}
+
+// Adds (or writes) the K tail [k_done, K) with plain dot products.
+void finish_tail(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k_done) {
+  if (k_done == g.K) return;
+  float wtail[32];
+  for (int64_t n = n0; n < n1; ++n) {
+    g.w.row_to_f32(n, k_done, g.K - k_done, wtail);
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = g.x + m * g.ldx + k_done;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < g.K - k_done; ++k) acc += xr[k] * wtail[k];
+      float* yv = g.y + m * g.ldy + n;
+      *yv = (k_done == 0 && !g.accumulate) ? acc : *yv + acc;
+    }
+  }
+}
+
+void store_sums(const Gemm& g, int64_t m, int mr, int64_t n, int nr, const float* sums, bool overwrite) {
+  for (int i = 0; i < mr; ++i) {
+    float* yr = g.y + (m + i) * g.ldy + n;
+    for (int j = 0; j < nr; ++j) yr[j] = overwrite ? sums[i * nr + j] : yr[j] + sums[i * nr + j];
+  }
+}
+
+// k per x panel: whole rows when x has few rows (decode streams every weight row once,
+// sequentially), else kKc so the panel stays in L1 while a weight block sits in L2.
+int64_t panel_k(int64_t rows, int64_t k32) { return rows < 16 ? k32 : std::min(kKc, k32); }
+
+template <typename W>
+EM_AVX512 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  using T = typename W::T;
+  const int64_t k32 = g.K & ~int64_t{31};
+  const int64_t kc_max = panel_k(m1 - m0, k32);
+  const T* base = static_cast<const T*>(g.w.data);
+  AlignedBuffer<float> panel(static_cast<size_t>(kMr * kc_max));
+  float sums[kMr * kMaxNr];
+  const T* rows[kMaxNr];
+  const float* scale_rows[kMaxNr];
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kNb) {
+    const int64_t nb1 = std::min(n1, nb0 + kNb);
+    for (int64_t k0 = 0; k0 < k32; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k32 - k0);
+      const bool overwrite = k0 == 0 && !g.accumulate;
+      for (int64_t m = m0; m < m1; m += kMr) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - m));
+        pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, k0, kc, panel.data());
+        for (int64_t n = nb0; n < nb1; n += kMaxNr) {
+          const int nr = static_cast<int>(std::min<int64_t>(kMaxNr, nb1 - n));
+          for (int j = 0; j < nr; ++j) {
+            rows[j] = base + (n + j) * g.w.ld;
+            if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
+          }
+          pick_micro<W>(mr, nr)(panel.data(), kc / 32, rows, scale_rows, k0, sums);
+          store_sums(g, m, mr, n, nr, sums, overwrite);
+        }
+      }
+    }
+  }
+  finish_tail(g, m0, m1, n0, n1, k32);
+}
+
+// ------------------------------------------------------------- AVX512_BF16
+
+// x rows packed as bf16 (round to nearest even), 32 per step, natural order.
+EM_AVX512BF16 void pack_x_bf16(const float* x, int64_t ldx, int mr, int64_t k0, int64_t kc, uint16_t* panel) {
+  for (int64_t s = 0; s < kc / 32; ++s) {
+    for (int m = 0; m < mr; ++m) {
+      const float* src = x + m * ldx + k0 + s * 32;
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+      _mm512_store_si512(panel + (s * mr + m) * 32, (__m512i)v);
+    }
+  }
+}
+
+template <int MR, int NR>
+EM_AVX512BF16 void micro_bf16dot(const uint16_t* panel, int64_t steps, const uint16_t* const* rows, int64_t k0,
+                                 float* sums) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* p = panel + s * MR * 32;
+    __m512i xv[MR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) xv[m] = _mm512_load_si512(p + m * 32);
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m512i wv = _mm512_loadu_si512(rows[n] + k0 + s * 32);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv[m], (__m512bh)wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) sums[m * NR + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+using MicroBf16Fn = void (*)(const uint16_t*, int64_t, const uint16_t* const*, int64_t, float*);
+
+template <int MR>
+MicroBf16Fn pick_bf16_nr(int nr) {
+  switch (nr) {
+    case 4: return micro_bf16dot<MR, 4>;
+    case 3: return micro_bf16dot<MR, 3>;
+    case 2: return micro_bf16dot<MR, 2>;
+    default: return micro_bf16dot<MR, 1>;
+  }
+}
+
+MicroBf16Fn pick_bf16(int mr, int nr) {
+  switch (mr) {
+    case 4: return pick_bf16_nr<4>(nr);
+    case 3: return pick_bf16_nr<3>(nr);
+    case 2: return pick_bf16_nr<2>(nr);
+    default: return pick_bf16_nr<1>(nr);
+  }
+}
+
+EM_AVX512BF16 void gemm_nt_bf16dot_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t k32 = g.K & ~int64_t{31};
+  const int64_t kc_max = panel_k(m1 - m0, k32);
+  const uint16_t* base = static_cast<const uint16_t*>(g.w.data);
+  AlignedBuffer<uint16_t> panel(static_cast<size_t>(kMr * kc_max));
+  float sums[kMr * kMaxNr];
+  const uint16_t* rows[kMaxNr];
+  for (int64_t nb0 = n0; nb0 < n1; nb0 += kNb) {
+    const int64_t nb1 = std::min(n1, nb0 + kNb);
+    for (int64_t k0 = 0; k0 < k32; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k32 - k0);
+      const bool overwrite = k0 == 0 && !g.accumulate;
+      for (int64_t m = m0; m < m1; m += kMr) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - m));
+        pack_x_bf16(g.x + m * g.ldx, g.ldx, mr, k0, kc, panel.data());
+        for (int64_t n = nb0; n < nb1; n += kMaxNr) {
+          const int nr = static_cast<int>(std::min<int64_t>(kMaxNr, nb1 - n));
+          for (int j = 0; j < nr; ++j) rows[j] = base + (n + j) * g.w.ld;
+          pick_bf16(mr, nr)(panel.data(), kc / 32, rows, k0, sums);
+          store_sums(g, m, mr, n, nr, sums, overwrite);
+        }
+      }
+    }
+  }
+  finish_tail(g, m0, m1, n0, n1, k32);
+}
+
+}  // namespace
+
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (g.w.dtype) {
+    case EM_BF16: return gemm_nt_tile<Bf16W>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nt_tile<F16W>(g, m0, m1, n0, n1);
+    case EM_F8_E4M3: return gemm_nt_tile<Fp8W>(g, m0, m1, n0, n1);
+    default: return gemm_nt_tile<F32W>(g, m0, m1, n0, n1);
+  }
+}
+
+void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.w.dtype == EM_BF16) return gemm_nt_bf16dot_tile(g, m0, m1, n0, n1);
+  gemm_nt(g, m0, m1, n0, n1);
+}
+
+}  // namespace em::cpu::avx512
+#endif  // EM_X86

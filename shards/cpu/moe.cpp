@@ -1,0 +1,130 @@
+// MoE family: the grouped expert FFN, y = w2(silu(w1 x) * w3 x), for many experts in
+// one call. Rows arrive grouped by expert (offsets per expert). Work is split into
+// (expert, row block, weight-row block) items so each expert's weights are streamed
+// once for all of its rows, and all threads share the experts of the call.
+#include <algorithm>
+#include <vector>
+
+#include "cpu.h"
+
+namespace em::cpu {
+namespace {
+
+struct Item {
+  int32_t expert;
+  int64_t m0, m1;  // rows (absolute, within x)
+  int64_t n0, n1;  // weight rows (phase 1: inter; phase 2: dim)
+};
+
+constexpr int64_t kRowBlock = 256;
+
+// Cuts each expert's rows x [0, out_rows) into items, choosing the weight-row block so
+// that there are enough items for the threads.
+std::vector<Item> plan_items(const em_moe_args* a, const std::vector<int64_t>& out_rows, int threads) {
+  int64_t nb = 64;
+  auto count = [&](int64_t b) {
+    int64_t n = 0;
+    for (int32_t e = 0; e < a->num_experts; ++e) {
+      const int64_t rows = a->expert_offsets[e + 1] - a->expert_offsets[e];
+      if (rows == 0) continue;
+      n += ((rows + kRowBlock - 1) / kRowBlock) * ((out_rows[e] + b - 1) / b);
+    }
+    return n;
+  };
+  while (nb > 16 && count(nb) < 4 * static_cast<int64_t>(threads)) nb /= 2;
+  std::vector<Item> items;
+  for (int32_t e = 0; e < a->num_experts; ++e) {
+    const int64_t r0 = a->expert_offsets[e], r1 = a->expert_offsets[e + 1];
+    for (int64_t m = r0; m < r1; m += kRowBlock)
+      for (int64_t n = 0; n < out_rows[e]; n += nb)
+        items.push_back({e, m, std::min(r1, m + kRowBlock), n, std::min(out_rows[e], n + nb)});
+  }
+  return items;
+}
+
+}  // namespace
+
+em_status moe_ffn(Context& ctx, const em_moe_args* a) {
+  const int64_t rows = a->x->shape[0], dim = a->x->shape[1];
+  const float* x = static_cast<const float*>(a->x->data);
+  const int64_t ldx = a->x->stride[0];
+  float* y = static_cast<float*>(a->y->data);
+  const int64_t ldy = a->y->stride[0];
+
+  int64_t max_inter = 0;
+  std::vector<int64_t> inter(static_cast<size_t>(a->num_experts)), dims(static_cast<size_t>(a->num_experts), dim);
+  for (int32_t e = 0; e < a->num_experts; ++e) {
+    inter[e] = a->w1[e].shape[0];
+    max_inter = std::max(max_inter, inter[e]);
+  }
+
+  // Phase 1: h[rows, inter] = silu(x w1^T) * (x w3^T), per (expert, rows, inter block).
+  std::vector<float> h(static_cast<size_t>(rows * max_inter));
+  const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
+  ctx.pool.parallel_for(static_cast<int64_t>(up_items.size()), [&](int64_t i, int) {
+    const Item& it = up_items[static_cast<size_t>(i)];
+    const int64_t m = it.m1 - it.m0, n = it.n1 - it.n0;
+    std::vector<float> up(static_cast<size_t>(m * n));
+    Gemm g;
+    g.x = x + it.m0 * ldx;
+    g.ldx = ldx;
+    g.M = m;
+    g.N = n;
+    g.K = dim;
+    g.w = weight_view(a->w1[it.expert]).row_slice(it.n0, n);
+    g.y = h.data() + it.m0 * max_inter + it.n0;
+    g.ldy = max_inter;
+    ctx.k->gemm_nt(g, 0, m, 0, n);
+    g.w = weight_view(a->w3[it.expert]).row_slice(it.n0, n);
+    g.y = up.data();
+    g.ldy = n;
+    ctx.k->gemm_nt(g, 0, m, 0, n);
+    for (int64_t r = 0; r < m; ++r) {
+      float* hr = h.data() + (it.m0 + r) * max_inter + it.n0;
+      ctx.k->silu_mul(hr, up.data() + r * n, hr, n);
+    }
+  });
+
+  // Phase 2: out = h w2^T, straight into y when rows map 1:1 and are unweighted,
+  // otherwise into a scratch that phase 3 combines.
+  const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate;
+  std::vector<float> scratch(direct ? 0 : static_cast<size_t>(rows * dim));
+  float* out = direct ? y : scratch.data();
+  const int64_t ldo = direct ? ldy : dim;
+  const std::vector<Item> down_items = plan_items(a, dims, ctx.pool.num_threads());
+  ctx.pool.parallel_for(static_cast<int64_t>(down_items.size()), [&](int64_t i, int) {
+    const Item& it = down_items[static_cast<size_t>(i)];
+    Gemm g;
+    g.x = h.data() + it.m0 * max_inter;
+    g.ldx = max_inter;
+    g.M = it.m1 - it.m0;
+    g.N = it.n1 - it.n0;
+    g.K = inter[it.expert];
+    g.w = weight_view(a->w2[it.expert]).row_slice(it.n0, g.N);
+    g.y = out + it.m0 * ldo + it.n0;
+    g.ldy = ldo;
+    ctx.k->gemm_nt(g, 0, g.M, 0, g.N);
+  });
+  if (direct) return EM_OK;
+
+  // Phase 3: y[out_index[r]] (+)= row_weight[r] * out[r]. Split by columns so every
+  // thread owns its slice of y: no races, and a fixed summation order.
+  const int64_t y_rows = a->y->shape[0];
+  constexpr int64_t kCols = 256;
+  const int64_t col_blocks = (dim + kCols - 1) / kCols;
+  ctx.pool.parallel_for(col_blocks, [&](int64_t cb, int) {
+    const int64_t c0 = cb * kCols, c1 = std::min(dim, c0 + kCols);
+    if (!a->accumulate) {
+      for (int64_t r = 0; r < y_rows; ++r) std::fill(y + r * ldy + c0, y + r * ldy + c1, 0.0f);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float w = a->row_weight ? a->row_weight[r] : 1.0f;
+      float* yr = y + (a->out_index ? a->out_index[r] : r) * ldy;
+      const float* orow = out + r * dim;
+      for (int64_t c = c0; c < c1; ++c) yr[c] += w * orow[c];
+    }
+  });
+  return EM_OK;
+}
+
+}  // namespace em::cpu

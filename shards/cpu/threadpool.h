@@ -1,0 +1,59 @@
+// A fixed pool of worker threads for data-parallel loops over work items.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace em::cpu {
+
+class ThreadPool {
+ public:
+  using ItemFn = std::function<void(int64_t item, int thread_index)>;
+
+  // num_threads counts the calling thread: 1 means no workers.
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Runs fn(item, thread_index) for every item in [0, num_items), handing items out in
+  // order to whichever thread is free; returns when all are done. thread_index is in
+  // [0, num_threads()) and identifies per-thread scratch. The first exception thrown by
+  // fn is rethrown here (remaining items are skipped). Calls from inside a running loop
+  // (nested parallelism) run inline on the calling thread. One loop runs at a time.
+  void parallel_for(int64_t num_items, const ItemFn& fn);
+
+ private:
+  void worker_main(int thread_index);
+  void run_items(int thread_index);
+
+  const int num_threads_;
+  std::vector<std::thread> workers_;
+  std::mutex loop_mu_;  // serializes parallel_for callers
+
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  uint64_t generation_ = 0;  // bumped per loop; workers wait for a new one
+  int busy_workers_ = 0;
+  bool stopping_ = false;
+
+  const ItemFn* fn_ = nullptr;
+  int64_t num_items_ = 0;
+  std::atomic<int64_t> next_item_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
+
+// Default thread count: $EM_NUM_THREADS if set and positive, else hardware concurrency.
+int default_num_threads();
+
+}  // namespace em::cpu

@@ -1,0 +1,138 @@
+// convert: every bf16 / f16 / fp8 bit pattern to f32 against independent decoders,
+// f32 -> bf16 / f16 rounding (nearest even, subnormals, overflow) on chosen values and
+// random ones, and fp8 dequantization with 128x128 block scales to f32 and bf16.
+#include "test/harness.h"
+
+using namespace test;
+
+namespace {
+
+uint16_t bits_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Round-to-nearest-even reference: the representable neighbour closest to v (ties to
+// even mantissa), found by search over the decoder.
+template <typename Decode>
+uint16_t nearest(double v, Decode decode, uint16_t max_finite_bits) {
+  uint16_t best = 0;
+  double best_err = INFINITY;
+  const uint16_t sign = std::signbit(v) ? 0x8000 : 0;
+  for (uint32_t m = 0; m <= max_finite_bits; ++m) {
+    const uint16_t b = static_cast<uint16_t>(sign | m);
+    const double err = std::fabs(decode(b) - v);
+    if (err < best_err || (err == best_err && (b & 1) == 0)) {
+      best = b;
+      best_err = err;
+    }
+  }
+  return best;
+}
+
+void test_decode_all(Backend& be) {
+  std::vector<uint16_t> all(65536);
+  for (uint32_t i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+  std::vector<float> out(65536);
+  em_tensor dst = em_tensor_1d(out.data(), EM_F32, 65536);
+  for (em_dtype dt : {EM_BF16, EM_F16}) {
+    em_tensor src = em_tensor_1d(all.data(), dt, 65536);
+    CHECK_OK(em_convert(be.b, &src, &dst));
+    for (uint32_t i = 0; i < 65536; ++i) {
+      const double want = dt == EM_BF16 ? ref_bf16(static_cast<uint16_t>(i)) : ref_f16(static_cast<uint16_t>(i));
+      if (std::isnan(want)) {
+        CHECK(std::isnan(out[i]), "%s %04x should be NaN", em_dtype_name(dt), i);
+      } else if (!(out[i] == want)) {
+        CHECK(false, "%s %04x got %g want %g", em_dtype_name(dt), i, out[i], want);
+        break;
+      }
+    }
+  }
+}
+
+void test_round(Backend& be, Rng& rng) {
+  std::vector<float> v = {1.0f, 1.00390625f /* 1 + 2^-8: tie, stays 1 */, 1.01171875f /* 1 + 3*2^-8: tie, up */,
+                          -2.5f, 65504.0f, 65520.0f /* f16 overflow */, 1e-8f /* f16 subnormal */, 6.0e-8f,
+                          3.0e38f, -0.0f, 1e-40f};
+  for (int i = 0; i < 2000; ++i) v.push_back(rng.uniform(-70000.0f, 70000.0f) * std::pow(2.0f, -rng.integer(0, 40)));
+  const int64_t n = static_cast<int64_t>(v.size());
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  em_tensor src = em_tensor_1d(v.data(), EM_F32, n);
+  em_tensor dst = em_tensor_1d(out.data(), EM_BF16, n);
+  CHECK_OK(em_convert(be.b, &src, &dst));
+  for (int64_t i = 0; i < n; ++i) {
+    // bf16 nearest-even: the two truncation candidates around v.
+    const uint16_t lo = bits_bf16(v[i]);
+    const double dlo = std::fabs(ref_bf16(lo) - v[i]), dhi = std::fabs(ref_bf16(static_cast<uint16_t>(lo + 1)) - v[i]);
+    const uint16_t want = (dhi < dlo || (dhi == dlo && (lo & 1))) ? static_cast<uint16_t>(lo + 1) : lo;
+    CHECK(out[i] == want, "bf16(%g) = %04x want %04x", v[i], out[i], want);
+  }
+  dst.dtype = EM_F16;
+  CHECK_OK(em_convert(be.b, &src, &dst));
+  for (int64_t i = 0; i < std::min<int64_t>(n, 300); ++i) {
+    const double a = std::fabs(static_cast<double>(v[i]));
+    uint16_t want;
+    if (a >= 65520.0) {
+      want = static_cast<uint16_t>((v[i] < 0 ? 0x8000 : 0) | 0x7c00);
+    } else {
+      want = nearest(v[i], ref_f16, 0x7bff);
+    }
+    CHECK(out[i] == want, "f16(%g) = %04x want %04x", v[i], out[i], want);
+  }
+}
+
+void test_fp8(Backend& be, Rng& rng) {
+  // Every byte pattern, one scale.
+  std::vector<uint8_t> bytes(256);
+  for (int i = 0; i < 256; ++i) bytes[i] = static_cast<uint8_t>(i);
+  const float one = 1.0f;
+  std::vector<float> out(256);
+  em_tensor src = em_tensor_fp8(bytes.data(), &one, 1, 256);
+  float scales2[2] = {1.0f, 1.0f};
+  src.scale = scales2;
+  em_tensor dst = em_tensor_2d(out.data(), EM_F32, 1, 256);
+  CHECK_OK(em_convert(be.b, &src, &dst));
+  for (int i = 0; i < 256; ++i) {
+    const double want = ref_fp8(static_cast<uint8_t>(i));
+    if (std::isnan(want)) {
+      CHECK(std::isnan(out[i]), "fp8 %02x should be NaN", i);
+    } else {
+      CHECK(out[i] == want, "fp8 %02x got %g want %g", i, out[i], want);
+    }
+  }
+  // Block scales over a [300, 200] weight, to f32 and to bf16.
+  TestWeight w = make_weight(rng, EM_F8_E4M3, 300, 200);
+  em_tensor ws = w.view();
+  std::vector<float> f(300 * 200);
+  em_tensor ft = em_tensor_2d(f.data(), EM_F32, 300, 200);
+  CHECK_OK(em_convert(be.b, &ws, &ft));
+  std::vector<uint16_t> b(300 * 200);
+  em_tensor btt = em_tensor_2d(b.data(), EM_BF16, 300, 200);
+  CHECK_OK(em_convert(be.b, &ws, &btt));
+  for (int64_t r = 0; r < 300; ++r)
+    for (int64_t c = 0; c < 200; ++c) {
+      const double want = w.at(r, c);
+      CHECK(f[r * 200 + c] == static_cast<float>(want), "fp8 dequant (%lld, %lld)", static_cast<long long>(r),
+            static_cast<long long>(c));
+      CHECK(std::fabs(ref_bf16(b[r * 200 + c]) - want) <= std::fabs(want) * (1.0 / 256), "fp8 -> bf16");
+    }
+  // Errors: fp8 without scales, i32 target.
+  em_tensor noscale = em_tensor_2d(bytes.data(), EM_F8_E4M3, 1, 256);
+  CHECK(em_convert(be.b, &noscale, &dst) == EM_ERR_ARG, "fp8 without scales");
+  em_tensor i32 = em_tensor_2d(out.data(), EM_I32, 1, 256);
+  CHECK(em_convert(be.b, &src, &i32) == EM_ERR_DTYPE, "i32 target");
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(8);
+  for (em_cpu_isa isa : available_isas()) {
+    Backend be(isa, 2);
+    test_decode_all(be);
+    test_round(be, rng);
+    test_fp8(be, rng);
+  }
+  return finish("convert");
+}

@@ -1,0 +1,131 @@
+// matmul: y = x W^T for every weight dtype, odd shapes (tails in M, N, K), strided views,
+// every ISA and thread count, against a double-precision reference; plus ISA-vs-scalar
+// agreement and argument errors.
+#include <algorithm>
+#include <memory>
+
+#include "test/harness.h"
+
+using namespace test;
+
+namespace {
+
+struct Shape {
+  int64_t M, N, K;
+};
+
+// Reference: y[m, n] = sum_k x[m, k] * w[n, k], and sum |x w| for the tolerance.
+void reference(const std::vector<float>& x, int64_t ldx, const TestWeight& w, int64_t M, std::vector<double>& y,
+               std::vector<double>& mag) {
+  y.assign(static_cast<size_t>(M * w.rows), 0.0);
+  mag.assign(y.size(), 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < w.rows; ++n) {
+      double acc = 0.0, a = 0.0;
+      for (int64_t k = 0; k < w.cols; ++k) {
+        const double p = static_cast<double>(x[static_cast<size_t>(m * ldx + k)]) * w.at(n, k);
+        acc += p;
+        a += std::fabs(p);
+      }
+      y[static_cast<size_t>(m * w.rows + n)] = acc;
+      mag[static_cast<size_t>(m * w.rows + n)] = a;
+    }
+}
+
+// Runs one matmul with x rows `pad` elements wider than K and y rows `pad` wider than N.
+std::vector<float> run(Backend& be, const std::vector<float>& x, int64_t ldx, TestWeight& w, int64_t M, int64_t pad) {
+  em_tensor xt = em_tensor_2d(const_cast<float*>(x.data()), EM_F32, M, w.cols);
+  xt.stride[0] = ldx;
+  const int64_t ldy = w.rows + pad;
+  std::vector<float> y(static_cast<size_t>(M * ldy), -7.0f);
+  em_tensor yt = em_tensor_2d(y.data(), EM_F32, M, w.rows);
+  yt.stride[0] = ldy;
+  em_tensor wt = w.view();
+  CHECK_OK(em_matmul(be.b, &xt, &wt, &yt));
+  std::vector<float> out(static_cast<size_t>(M * w.rows));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < w.rows; ++n) out[static_cast<size_t>(m * w.rows + n)] = y[static_cast<size_t>(m * ldy + n)];
+    for (int64_t n = w.rows; n < ldy; ++n)
+      CHECK(y[static_cast<size_t>(m * ldy + n)] == -7.0f, "%s wrote past the row (m=%lld)", be.label.c_str(),
+            static_cast<long long>(m));
+  }
+  return out;
+}
+
+void test_shapes() {
+  const Shape shapes[] = {{1, 1, 1},   {1, 7, 16},   {3, 13, 37},   {4, 64, 128},  {5, 130, 272},
+                          {2, 9, 1024}, {17, 70, 531}, {64, 96, 1040}, {9, 260, 300}, {1, 300, 2048}};
+  Rng rng(1);
+  std::vector<std::unique_ptr<Backend>> backends;
+  for (em_cpu_isa isa : available_isas())
+    for (int t : {1, 3}) backends.push_back(std::make_unique<Backend>(isa, t));
+
+  for (const Shape& s : shapes) {
+    for (em_dtype dt : weight_dtypes()) {
+      TestWeight w = make_weight(rng, dt, s.N, s.K);
+      const int64_t pad = (s.K % 3 == 0) ? 5 : 0;  // strided x and y for some shapes
+      const int64_t ldx = s.K + pad;
+      std::vector<float> x = rng.vec(static_cast<size_t>(s.M * ldx));
+      std::vector<double> ref, mag;
+      reference(x, ldx, w, s.M, ref, mag);
+      std::vector<float> scalar_out;
+      for (auto& be : backends) {
+        std::vector<float> y = run(*be, x, ldx, w, s.M, pad);
+        const double tol = accumulation_tolerance(be->isa, dt);
+        int bad = 0;
+        for (size_t i = 0; i < y.size() && bad < 3; ++i) {
+          const double err = std::fabs(y[i] - ref[i]);
+          if (err > tol * mag[i] + 1e-6) {
+            ++bad;
+            CHECK(false, "%s %s M=%lld N=%lld K=%lld i=%zu got %.7g want %.7g", be->label.c_str(), em_dtype_name(dt),
+                  static_cast<long long>(s.M), static_cast<long long>(s.N), static_cast<long long>(s.K), i, y[i], ref[i]);
+          }
+        }
+        // Every ISA agrees with the scalar path within the accumulation tolerance.
+        if (be->isa == EM_ISA_SCALAR && be->threads == 1) {
+          scalar_out = y;
+        } else {
+          for (size_t i = 0; i < y.size(); ++i) {
+            if (std::fabs(y[i] - scalar_out[i]) > 2 * tol * mag[i] + 1e-6) {
+              CHECK(false, "%s vs scalar %s i=%zu: %.7g vs %.7g", be->label.c_str(), em_dtype_name(dt), i, y[i],
+                    scalar_out[i]);
+              break;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void test_errors() {
+  Backend be(EM_ISA_SCALAR, 1);
+  std::vector<float> x(12), w(12), y(16);
+  em_tensor xt = em_tensor_2d(x.data(), EM_F32, 3, 4);
+  em_tensor wt = em_tensor_2d(w.data(), EM_F32, 4, 3);  // K mismatch: 4 vs 3
+  em_tensor yt = em_tensor_2d(y.data(), EM_F32, 3, 4);
+  CHECK(em_matmul(be.b, &xt, &wt, &yt) == EM_ERR_SHAPE, "K mismatch");
+  CHECK(std::string(em_last_error()).find("columns") != std::string::npos, "message: %s", em_last_error());
+  wt = em_tensor_2d(w.data(), EM_F32, 3, 4);
+  yt = em_tensor_2d(y.data(), EM_F32, 3, 3);
+  CHECK_OK(em_matmul(be.b, &xt, &wt, &yt));
+  em_tensor bad_x = xt;
+  bad_x.dtype = EM_BF16;
+  CHECK(em_matmul(be.b, &bad_x, &wt, &yt) == EM_ERR_DTYPE, "x must be f32");
+  em_tensor fp8 = em_tensor_2d(w.data(), EM_F8_E4M3, 3, 4);
+  CHECK(em_matmul(be.b, &xt, &fp8, &yt) == EM_ERR_ARG, "fp8 without scales");
+  em_tensor strided = xt;
+  strided.stride[1] = 2;
+  CHECK(em_matmul(be.b, &strided, &wt, &yt) == EM_ERR_SHAPE, "non-contiguous rows");
+  CHECK(em_matmul(nullptr, &xt, &wt, &yt) == EM_ERR_ARG, "no backend");
+  CHECK(em_supports_op(be.b, EM_OP_MATMUL, EM_F8_E4M3) == 1, "cpu supports fp8 matmul");
+  CHECK(em_supports_op(be.b, EM_OP_MATMUL, EM_I32) == 0, "no i32 weights");
+}
+
+}  // namespace
+
+int main() {
+  test_shapes();
+  test_errors();
+  return finish("matmul");
+}

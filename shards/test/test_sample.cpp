@@ -1,0 +1,137 @@
+// sample: greedy with ties, top-k / top-p / temperature against a reference that sorts
+// the whole vocabulary in double, the u -> token mapping (inverse CDF), and the
+// distribution on a uniform grid of u.
+#include <algorithm>
+#include <numeric>
+
+#include "test/harness.h"
+
+using namespace test;
+
+namespace {
+
+struct RefPick {
+  std::vector<int32_t> kept;  // walk order
+  std::vector<double> cdf;    // normalized cumulative mass along `kept`
+};
+
+RefPick reference(const float* logits, int64_t V, float temp, int32_t top_k, float top_p) {
+  std::vector<int32_t> order(static_cast<size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  const double mx = logits[order[0]] / static_cast<double>(temp);
+  std::vector<double> w(static_cast<size_t>(V));
+  for (int64_t i = 0; i < V; ++i) w[i] = std::exp(logits[i] / static_cast<double>(temp) - mx);
+  const bool cut_k = top_k > 0 && top_k < V, cut_p = top_p < 1.0f;
+  if (cut_k) order.resize(static_cast<size_t>(top_k));
+  double mass = 0.0;
+  for (int32_t id : order) mass += w[id];
+  if (cut_p) {
+    double cum = 0.0;
+    size_t keep = order.size();
+    for (size_t j = 0; j < order.size(); ++j) {
+      cum += w[order[j]];
+      if (cum >= top_p * mass) {
+        keep = j + 1;
+        break;
+      }
+    }
+    order.resize(keep);
+    mass = cum;
+  }
+  RefPick r;
+  if (!cut_k && !cut_p) {  // vocabulary order
+    r.kept.resize(static_cast<size_t>(V));
+    std::iota(r.kept.begin(), r.kept.end(), 0);
+  } else {
+    r.kept = order;
+  }
+  double cum = 0.0;
+  for (int32_t id : r.kept) r.cdf.push_back((cum += w[id]) / mass);
+  return r;
+}
+
+void test_against_reference(Backend& be, Rng& rng) {
+  const int64_t T = 40, V = 3001;
+  std::vector<float> logits = rng.vec(static_cast<size_t>(T * V), -6.0f, 6.0f);
+  std::vector<float> temp(T), top_p(T), u(T);
+  std::vector<int32_t> top_k(T), out(T);
+  for (int64_t t = 0; t < T; ++t) {
+    temp[t] = t % 10 == 0 ? 0.0f : rng.uniform(0.3f, 1.5f);
+    top_k[t] = t % 3 == 0 ? 0 : rng.integer(1, 100);
+    top_p[t] = t % 4 == 0 ? 1.0f : rng.uniform(0.2f, 0.99f);
+    u[t] = rng.uniform(0.0f, 0.999f);
+  }
+  em_tensor lt = em_tensor_2d(logits.data(), EM_F32, T, V);
+  em_sample_args a{&lt, temp.data(), top_k.data(), top_p.data(), u.data(), out.data()};
+  CHECK_OK(em_sample(be.b, &a));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = logits.data() + t * V;
+    if (temp[t] <= 0.0f) {
+      CHECK(out[t] == std::max_element(row, row + V) - row, "greedy row %lld", static_cast<long long>(t));
+      continue;
+    }
+    const RefPick r = reference(row, V, temp[t], top_k[t], top_p[t]);
+    const auto it = std::find(r.kept.begin(), r.kept.end(), out[t]);
+    CHECK(it != r.kept.end(), "%s row %lld: token %d was filtered out", be.label.c_str(), static_cast<long long>(t), out[t]);
+    if (it == r.kept.end()) continue;
+    const size_t j = static_cast<size_t>(it - r.kept.begin());
+    const double lo = j == 0 ? 0.0 : r.cdf[j - 1], hi = r.cdf[j];
+    CHECK(u[t] >= lo - 1e-5 && u[t] <= hi + 1e-5, "%s row %lld: u=%g picked token %d with cdf [%g, %g]",
+          be.label.c_str(), static_cast<long long>(t), u[t], out[t], lo, hi);
+  }
+}
+
+void test_special(Backend& be) {
+  // Greedy ties go to the lower id; top_k = 1 is greedy.
+  std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f};
+  float temp0 = 0.0f, temp1 = 1.0f, u = 0.99f, p = 1.0f;
+  int32_t k1 = 1, tok = -1;
+  em_tensor lt = em_tensor_2d(logits.data(), EM_F32, 1, 4);
+  em_sample_args a{&lt, &temp0, nullptr, nullptr, nullptr, &tok};
+  CHECK_OK(em_sample(be.b, &a));
+  CHECK(tok == 1, "greedy tie -> lower id, got %d", tok);
+  em_sample_args b{&lt, &temp1, &k1, &p, &u, &tok};
+  CHECK_OK(em_sample(be.b, &b));
+  CHECK(tok == 1, "top_k 1 -> argmax, got %d", tok);
+  // Distribution on a grid of u: counts match softmax probabilities.
+  std::vector<float> l2 = {std::log(0.1f), std::log(0.2f), std::log(0.3f), std::log(0.4f)};
+  em_tensor l2t = em_tensor_2d(l2.data(), EM_F32, 1, 4);
+  int counts[4] = {0, 0, 0, 0};
+  const int n = 1000;
+  for (int i = 0; i < n; ++i) {
+    float ui = (i + 0.5f) / n;
+    em_sample_args c{&l2t, &temp1, nullptr, nullptr, &ui, &tok};
+    CHECK_OK(em_sample(be.b, &c));
+    counts[tok]++;
+  }
+  for (int i = 0; i < 4; ++i) CHECK(std::abs(counts[i] - (i + 1) * 100) <= 1, "token %d count %d", i, counts[i]);
+  // top_p 0.5 keeps {3 (0.4), 2 (0.3)}: renormalized 4/7 and 3/7, most likely first.
+  float half = 0.5f, u_low = 0.5f, u_high = 0.6f;
+  em_sample_args d{&l2t, &temp1, nullptr, &half, &u_low, &tok};
+  CHECK_OK(em_sample(be.b, &d));
+  CHECK(tok == 3, "top_p: u=0.5 -> token 3, got %d", tok);
+  d.uniform = &u_high;
+  CHECK_OK(em_sample(be.b, &d));
+  CHECK(tok == 2, "top_p: u=0.6 -> token 2, got %d", tok);
+  // Errors: u outside [0, 1), missing u.
+  float bad_u = 1.0f;
+  em_sample_args e{&l2t, &temp1, nullptr, nullptr, &bad_u, &tok};
+  CHECK(em_sample(be.b, &e) == EM_ERR_ARG, "u = 1");
+  e.uniform = nullptr;
+  CHECK(em_sample(be.b, &e) == EM_ERR_ARG, "no u");
+}
+
+}  // namespace
+
+int main() {
+  Rng rng(9);
+  for (em_cpu_isa isa : available_isas()) {
+    for (int threads : {1, 3}) {
+      Backend be(isa, threads);
+      test_against_reference(be, rng);
+      test_special(be);
+    }
+  }
+  return finish("sample");
+}

@@ -1,0 +1,108 @@
+import { parseArgs } from "node:util";
+import type { Backend } from "../../engine/backend.ts";
+import { LocalExperts } from "../../engine/experts.ts";
+import { generate } from "../../engine/generate.ts";
+import { loadWeights } from "../../engine/loader.ts";
+import { DeepSeekForward } from "../../engine/model.ts";
+import { nativeBackend } from "../../engine/native.ts";
+import { referenceBackend } from "../../engine/reference.ts";
+import { Checkpoint } from "../../model/checkpoint.ts";
+import { Tokenizer } from "../../model/tokenizer.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
+  --max-tokens N        tokens to generate (default 32)
+  --temperature T       0 = greedy (default 0)
+  --top-k K, --top-p P  sampling filters (default off)
+  --seed S              sampling seed (default 0)
+  --chat                wrap the prompt in the model's chat template
+  --backend NAME        native (default) | reference (slow TypeScript ops, for checking)`;
+
+function num(v: string | undefined, flag: string, dflt: number, min = 0): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < min)
+    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be a number >= ${min}, got '${v}'`);
+  return n;
+}
+
+export const generateCommand: Command = {
+  name: "generate",
+  summary:
+    "generate text from a checkpoint in one process (prefill, then decode with the KV cache)",
+  usage: USAGE,
+  async run(argv) {
+    const { values } = parseArgs({
+      args: argv,
+      options: {
+        model: { type: "string" },
+        prompt: { type: "string" },
+        "max-tokens": { type: "string" },
+        temperature: { type: "string" },
+        "top-k": { type: "string" },
+        "top-p": { type: "string" },
+        seed: { type: "string" },
+        chat: { type: "boolean" },
+        backend: { type: "string" },
+      },
+    });
+    if (!values.model || values.prompt === undefined)
+      throw new ExpertMeshError("EM_CLI_USAGE", "--model and --prompt are required");
+    const backendName = values.backend ?? "native";
+    if (backendName !== "native" && backendName !== "reference")
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--backend must be native or reference, got '${backendName}'`,
+      );
+    const backend: Backend = backendName === "native" ? nativeBackend() : referenceBackend;
+    const t0 = performance.now();
+    const ckpt = await Checkpoint.open(values.model);
+    const tokenizer = Tokenizer.load(values.model);
+    const weights = await loadWeights(ckpt, "all", (done, total) =>
+      process.stderr.write(`\rloading weights: layer ${done}/${total}`),
+    );
+    process.stderr.write(
+      `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${backend.name} backend)\n`,
+    );
+    const model = new DeepSeekForward(
+      weights,
+      backend,
+      new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts),
+    );
+    const prompt = values.chat
+      ? tokenizer.encodeChat([{ role: "user", content: values.prompt }], true)
+      : tokenizer.encode(values.prompt);
+    const generated: number[] = [];
+    let printed = 0;
+    const { tokens, stats } = await generate(
+      model,
+      prompt,
+      {
+        maxTokens: num(values["max-tokens"], "--max-tokens", 32, 1),
+        temperature: num(values.temperature, "--temperature", 0),
+        topK: num(values["top-k"], "--top-k", 0),
+        topP: num(values["top-p"], "--top-p", 1),
+        seed: num(values.seed, "--seed", 0),
+        stopTokens: tokenizer.eosTokenId === null ? [] : [tokenizer.eosTokenId],
+      },
+      (id) => {
+        // Byte-level tokens may split a character: print what decodes completely so far.
+        generated.push(id);
+        const text = tokenizer.decode(generated, true);
+        if (!text.endsWith("\uFFFD")) {
+          process.stdout.write(text.slice(printed));
+          printed = text.length;
+        }
+      },
+    );
+    process.stdout.write(`${tokenizer.decode(generated, true).slice(printed)}\n`);
+    const decodeRate =
+      stats.generatedTokens > 1 ? (stats.generatedTokens - 1) / (stats.decodeMs / 1000) : 0;
+    process.stderr.write(
+      `prompt ${stats.promptTokens} tokens in ${stats.prefillMs.toFixed(0)} ms (${((stats.promptTokens / stats.prefillMs) * 1000).toFixed(1)} tokens/s); ` +
+        `generated ${tokens.length} tokens, decode ${decodeRate.toFixed(1)} tokens/s\n`,
+    );
+    return 0;
+  },
+};

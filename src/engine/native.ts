@@ -1,0 +1,119 @@
+// The native backend: the N-API addon built from shards/ (C++17, runtime ISA dispatch,
+// thread pool). Loaded from shards/build/expertmesh.node, or $EM_NATIVE_ADDON.
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import { ExpertMeshError } from "../util/errors.ts";
+import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
+
+interface AddonWeight {
+  dtype: Weight["dtype"];
+  shape: number[];
+  data: ArrayBufferView;
+  scale?: Float32Array;
+}
+
+/** The addon's functions (see shards/addon/addon.cpp). */
+interface Addon {
+  backendInfo(): { backend: string; isa: string; threads: number; availableIsas: string[] };
+  configure(o: { isa?: string; threads?: number }): unknown;
+  matmul(x: Float32Array, rows: number, w: AddonWeight): Float32Array;
+  rmsnorm(x: Float32Array, weight: AddonWeight, eps: number): Float32Array;
+  siluMul(gate: Float32Array, up: Float32Array): Float32Array;
+  moeFfn(o: Record<string, unknown>): Float32Array;
+  rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
+  mlaAttention(o: Record<string, unknown>): Float32Array;
+  gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
+}
+
+/** Where the addon is built by `npm run build` (shards/build.sh). */
+export const DEFAULT_ADDON_PATH = fileURLToPath(
+  new URL("../../shards/build/expertmesh.node", import.meta.url),
+);
+
+let loaded: Addon | undefined;
+
+/** Loads the addon once; a clear error says how to build it when it is missing. */
+export function loadAddon(path = process.env["EM_NATIVE_ADDON"] ?? DEFAULT_ADDON_PATH): Addon {
+  if (loaded) return loaded;
+  if (!existsSync(path)) {
+    throw new ExpertMeshError(
+      "EM_NATIVE_MISSING",
+      `the native engine is not built (${path} missing): run \`npm run build\` (needs cmake and a C++17 compiler)`,
+    );
+  }
+  loaded = createRequire(import.meta.url)(path) as Addon;
+  return loaded;
+}
+
+const views = new WeakMap<Weight, AddonWeight>();
+
+function addonWeight(w: Weight): AddonWeight {
+  let v = views.get(w);
+  if (!v) {
+    v = {
+      dtype: w.dtype,
+      shape: w.rows === 1 ? [w.cols] : [w.rows, w.cols],
+      data: w.data,
+      ...(w.scaleInv ? { scale: w.scaleInv } : {}),
+    };
+    views.set(w, v);
+  }
+  return v;
+}
+
+/** The Backend over the addon. */
+export function nativeBackend(
+  addon: Addon = loadAddon(),
+): Backend & { info: ReturnType<Addon["backendInfo"]> } {
+  return {
+    name: "native",
+    info: addon.backendInfo(),
+    matmul: (x, m, w) => addon.matmul(x, m, addonWeight(w)),
+    rmsnorm: (x, _m, weight, eps) => addon.rmsnorm(x, addonWeight(weight), eps),
+    siluMul: (gate, up) => addon.siluMul(gate, up),
+    rope(x, _t, _heads, stride, offset, positions, cfg: RopeConfig) {
+      addon.rope(x, positions, { ...cfg, headDim: stride, offset });
+    },
+    gate(x, _t, weight, bias, cfg: GateConfig) {
+      const r = addon.gate({
+        x,
+        weight: addonWeight(weight),
+        ...(bias ? { bias } : {}),
+        scoreFunc: cfg.scoring,
+        topkMethod: cfg.method,
+        topK: cfg.topK,
+        nGroup: cfg.nGroup,
+        topkGroup: cfg.topkGroup,
+        normTopkProb: cfg.normTopkProb,
+        routedScalingFactor: cfg.routedScalingFactor,
+      });
+      return { ids: r.indices, weights: r.weights };
+    },
+    moe: (a: MoeArgs) =>
+      addon.moeFfn({
+        x: a.x,
+        dim: a.dim,
+        expertOffsets: a.offsets,
+        w1: a.w1.map(addonWeight),
+        w2: a.w2.map(addonWeight),
+        w3: a.w3.map(addonWeight),
+        rowWeights: a.rowWeight,
+        outIndex: a.outIndex,
+        outRows: a.numOut,
+      }),
+    mla: (a: MlaArgs) =>
+      addon.mlaAttention({
+        q: a.q,
+        positions: a.positions,
+        caches: a.cache,
+        numHeads: a.heads,
+        qkNopeHeadDim: a.nopeDim,
+        qkRopeHeadDim: a.ropeDim,
+        vHeadDim: a.vDim,
+        kvLoraRank: a.kvLoraRank,
+        wkvB: addonWeight(a.wkvB),
+        softmaxScale: a.softmaxScale,
+      }),
+  };
+}
