@@ -9,10 +9,15 @@ ARG NODE_IMAGE=node:24-bookworm
 ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM ${NODE_IMAGE} AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake ninja-build \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY package.json package-lock.json ./
 # Dependencies only (our npm scripts bootstrap Node 24 for bare machines; this image has it).
 RUN npm ci --ignore-scripts --no-audit --no-fund
+# The native engine (C++; node_api.h comes with the image's Node under /usr/local/include).
+COPY shards ./shards
+RUN EM_BUILD_TESTS=OFF EM_NODE=/usr/local/bin/node bash shards/build.sh
 COPY tsconfig.json ./
 COPY src ./src
 RUN npx tsc -p tsconfig.json && npm prune --omit=dev --ignore-scripts
@@ -24,6 +29,7 @@ WORKDIR /app
 COPY --from=build /src/package.json ./package.json
 COPY --from=build /src/node_modules ./node_modules
 COPY --from=build /src/dist ./dist
+COPY --from=build /src/shards/build/expertmesh.node ./shards/build/expertmesh.node
 COPY examples ./examples
 USER 10001:10001
 ENV NODE_ENV=production
