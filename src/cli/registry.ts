@@ -17,6 +17,7 @@ const commands: Record<string, Loader> = {
   "make-tiny-model": async () =>
     (await import("./commands/make-tiny-model.ts")).makeTinyModelCommand,
   operator: async () => (await import("./commands/operator.ts")).operatorCommand,
+  shard: async () => (await import("./commands/shard.ts")).shardCommand,
   plan: async () => (await import("./commands/plan.ts")).planCommand,
   version: async () => (await import("./commands/version.ts")).versionCommand,
 };

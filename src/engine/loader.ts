@@ -181,3 +181,38 @@ export async function loadWeights(
       : await readWeight(ckpt, "lm_head.weight", [c.vocabSize, h]),
   };
 }
+
+/**
+ * Only routed experts, for a shard: reads nothing but the tensors of the experts `wanted`
+ * selects (plus the tiny config). Resolves layer -> expert -> weights.
+ */
+export async function loadExperts(
+  ckpt: Checkpoint,
+  wanted: (layer: number, expert: number) => boolean,
+  onProgress?: (done: number, total: number) => void,
+): Promise<Map<number, Map<number, MlpWeights>>> {
+  const c = ckpt.config;
+  const out = new Map<number, Map<number, MlpWeights>>();
+  const jobs: [number, number][] = [];
+  for (let i = 0; i < c.numHiddenLayers; i++) {
+    if (!isMoeLayer(c, i)) continue;
+    out.set(i, new Map());
+    for (let e = 0; e < c.nRoutedExperts; e++) if (wanted(i, e)) jobs.push([i, e]);
+  }
+  let done = 0;
+  for (const [i, e] of jobs) {
+    out
+      .get(i)!
+      .set(
+        e,
+        await readMlp(
+          ckpt,
+          `model.layers.${i}.mlp.experts.${e}`,
+          c.hiddenSize,
+          c.moeIntermediateSize,
+        ),
+      );
+    onProgress?.(++done, jobs.length);
+  }
+  return out;
+}

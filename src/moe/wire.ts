@@ -16,6 +16,9 @@ export const HEADER_BYTES = 40;
 export const FP8_GROUP = 128;
 const MAX_HIDDEN = 65536;
 
+/** Header flag of a dispatch frame: reply with f32 sums (default bf16). */
+export const FLAG_COMBINE_F32 = 1;
+
 export const FrameKind = { dispatch: 1, combine: 2, error: 3 } as const;
 export const WireDtype = { bf16: 1, fp8: 2, f32: 3 } as const;
 export type WireDtypeName = keyof typeof WireDtype;
@@ -160,8 +163,8 @@ function dequantizeActivations(
   return out;
 }
 
-/** Encodes a dispatch frame. */
-export function encodeDispatch(d: Dispatch): Uint8Array {
+/** Encodes a dispatch frame; `flags` is FLAG_COMBINE_F32 to ask for f32 sums. */
+export function encodeDispatch(d: Dispatch, flags = 0): Uint8Array {
   const n = d.token.length;
   if (d.expert.length !== n || d.weight.length !== n)
     fail("EM_WIRE_RANGE", "token, expert and weight arrays differ in length");
@@ -172,6 +175,7 @@ export function encodeDispatch(d: Dispatch): Uint8Array {
     );
   const buf = new Uint8Array(dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n));
   const v = writeHeader(buf, FrameKind.dispatch, WireDtype[d.dtype], d, d.numTokens, n);
+  v.setUint8(7, flags);
   let o = HEADER_BYTES;
   o = put(buf, o, d.token);
   o = put(buf, o, d.expert);
@@ -215,14 +219,19 @@ export function encodeError(code: string, message: string, planVersion = 0, laye
   return seal(buf, v);
 }
 
-/** A copy of `n` elements of a typed array starting at byte `offset` (copied: alignment-safe). */
+/**
+ * A copy of `n` elements of a typed array starting at byte `offset` of `buf`. Always a
+ * copy (alignment-safe, and `buf` may be a Node Buffer over a reused pool, whose
+ * `slice` would only be a view).
+ */
 function take<T extends Uint32Array | Float32Array | Uint16Array | Uint8Array>(
   buf: Uint8Array,
   offset: number,
   n: number,
   Ctor: { new (b: ArrayBuffer): T; BYTES_PER_ELEMENT: number },
 ): T {
-  const bytes = buf.slice(offset, offset + n * Ctor.BYTES_PER_ELEMENT);
+  const bytes = new Uint8Array(n * Ctor.BYTES_PER_ELEMENT);
+  bytes.set(buf.subarray(offset, offset + bytes.length));
   return new Ctor(bytes.buffer);
 }
 
@@ -309,7 +318,7 @@ export function decodeFrame(buf: Uint8Array): Frame {
   if (dtype === "bf16") activations = bf16ArrayToFloat32(take(buf, o, n, Uint16Array));
   else if (dtype === "f32") activations = take(buf, o, n, Float32Array);
   else {
-    const codes = buf.slice(o, o + n);
+    const codes = take(buf, o, n, Uint8Array);
     const scales = take(buf, o + n, numTokens * Math.ceil(h.hidden / FP8_GROUP), Float32Array);
     activations = dequantizeActivations(codes, scales, numTokens, h.hidden);
   }

@@ -41,6 +41,9 @@ export const ERROR_CODES = {
   EM_WIRE_PLAN_VERSION:
     "a frame was routed with another placement plan version than the receiver's",
   EM_NATIVE_MISSING: "the native engine (shards/build/expertmesh.node) is not built",
+  EM_DISPATCH_UNAVAILABLE: "no replica of an expert shard answered within the deadline (HTTP 503)",
+  EM_DISPATCH_REJECTED: "an expert shard refused a dispatch frame (its error reply says why)",
+  EM_SHARD_INTERNAL: "an expert shard failed while computing a batch",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

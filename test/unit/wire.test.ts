@@ -99,6 +99,19 @@ describe("wire codec", () => {
     );
   });
 
+  it("decodes frames that sit inside a larger Node Buffer (as NATS delivers them)", () => {
+    fc.assert(
+      fc.property(dispatchArb("fp8"), fc.nat({ max: 64 }), (d, pad) => {
+        const frame = encodeDispatch(d);
+        const pool = Buffer.alloc(pad + frame.length + 16, 0x4d);
+        pool.set(frame, pad);
+        const f = decodeFrame(pool.subarray(pad, pad + frame.length));
+        const g = decodeFrame(frame);
+        expect(f).toEqual(g);
+      }),
+    );
+  });
+
   it("round-trips f32 dispatches bit for bit", () => {
     fc.assert(
       fc.property(dispatchArb("f32"), (d) => {

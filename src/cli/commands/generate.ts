@@ -1,6 +1,8 @@
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
+import { connect } from "@nats-io/transport-node";
 import type { Backend } from "../../engine/backend.ts";
-import { LocalExperts } from "../../engine/experts.ts";
+import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
 import { loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
@@ -8,6 +10,8 @@ import { nativeBackend } from "../../engine/native.ts";
 import { referenceBackend } from "../../engine/reference.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
+import { RemoteExperts } from "../../moe/dispatcher.ts";
+import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import type { Command } from "../registry.ts";
 
@@ -17,7 +21,10 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --top-k K, --top-p P  sampling filters (default off)
   --seed S              sampling seed (default 0)
   --chat                wrap the prompt in the model's chat template
-  --backend NAME        native (default) | reference (slow TypeScript ops, for checking)`;
+  --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
+  --distributed         routed experts on shard processes over NATS (with --nats, --plan)
+  --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
+  --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
 
 function num(v: string | undefined, flag: string, dflt: number, min = 0): number {
   if (v === undefined) return dflt;
@@ -45,6 +52,12 @@ export const generateCommand: Command = {
         seed: { type: "string" },
         chat: { type: "boolean" },
         backend: { type: "string" },
+        distributed: { type: "boolean" },
+        nats: { type: "string" },
+        plan: { type: "string" },
+        namespace: { type: "string" },
+        "model-name": { type: "string" },
+        wire: { type: "string" },
       },
     });
     if (!values.model || values.prompt === undefined)
@@ -65,38 +78,66 @@ export const generateCommand: Command = {
     process.stderr.write(
       `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${backend.name} backend)\n`,
     );
-    const model = new DeepSeekForward(
-      weights,
-      backend,
-      new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts),
-    );
+    let experts: ExpertRunner = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
+    let close = async () => {};
+    if (values.distributed) {
+      if (!values.nats || !values.plan)
+        throw new ExpertMeshError("EM_CLI_USAGE", "--distributed needs --nats and --plan");
+      const wire = values.wire ?? "bf16";
+      if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
+        throw new ExpertMeshError("EM_CLI_USAGE", `--wire must be bf16, fp8 or f32, got '${wire}'`);
+      const nc = await connect({
+        servers: values.nats,
+        name: "expertmesh-generate",
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 250,
+      });
+      close = () => nc.drain();
+      experts = new RemoteExperts({
+        nc,
+        model: {
+          namespace: values.namespace ?? "default",
+          model: values["model-name"] ?? values.model.replace(/\/+$/, "").split("/").pop()!,
+        },
+        plan: parsePlan(readFileSync(values.plan, "utf8")),
+        dispatchDtype: wire,
+        combineDtype: wire === "f32" ? "f32" : "bf16",
+      });
+    }
+    const model = new DeepSeekForward(weights, backend, experts);
     const prompt = values.chat
       ? tokenizer.encodeChat([{ role: "user", content: values.prompt }], true)
       : tokenizer.encode(values.prompt);
     const generated: number[] = [];
     let printed = 0;
-    const { tokens, stats } = await generate(
-      model,
-      prompt,
-      {
-        maxTokens: num(values["max-tokens"], "--max-tokens", 32, 1),
-        temperature: num(values.temperature, "--temperature", 0),
-        topK: num(values["top-k"], "--top-k", 0),
-        topP: num(values["top-p"], "--top-p", 1),
-        seed: num(values.seed, "--seed", 0),
-        stopTokens: tokenizer.eosTokenId === null ? [] : [tokenizer.eosTokenId],
-      },
-      (id) => {
-        // Byte-level tokens may split a character: print what decodes completely so far.
-        generated.push(id);
-        const text = tokenizer.decode(generated, true);
-        if (!text.endsWith("\uFFFD")) {
-          process.stdout.write(text.slice(printed));
-          printed = text.length;
-        }
-      },
-    );
-    process.stdout.write(`${tokenizer.decode(generated, true).slice(printed)}\n`);
+    let result: Awaited<ReturnType<typeof generate>>;
+    try {
+      result = await generate(
+        model,
+        prompt,
+        {
+          maxTokens: num(values["max-tokens"], "--max-tokens", 32, 1),
+          temperature: num(values.temperature, "--temperature", 0),
+          topK: num(values["top-k"], "--top-k", 0),
+          topP: num(values["top-p"], "--top-p", 1),
+          seed: num(values.seed, "--seed", 0),
+          stopTokens: tokenizer.eosTokenId === null ? [] : [tokenizer.eosTokenId],
+        },
+        (id) => {
+          // Byte-level tokens may split a character: print what decodes completely so far.
+          generated.push(id);
+          const text = tokenizer.decode(generated, true);
+          if (!text.endsWith("\uFFFD")) {
+            process.stdout.write(text.slice(printed));
+            printed = text.length;
+          }
+        },
+      );
+      process.stdout.write(`${tokenizer.decode(generated, true).slice(printed)}\n`);
+    } finally {
+      await close();
+    }
+    const { tokens, stats } = result;
     const decodeRate =
       stats.generatedTokens > 1 ? (stats.generatedTokens - 1) / (stats.decodeMs / 1000) : 0;
     process.stderr.write(

@@ -1,0 +1,169 @@
+import { readFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { hostname } from "node:os";
+import { parseArgs } from "node:util";
+import { connect } from "@nats-io/transport-node";
+import { Counter, Gauge, Registry } from "prom-client";
+import { loadExperts } from "../../engine/loader.ts";
+import { nativeBackend } from "../../engine/native.ts";
+import { referenceBackend } from "../../engine/reference.ts";
+import { Checkpoint } from "../../model/checkpoint.ts";
+import { parsePlan } from "../../moe/plan-json.ts";
+import { ShardServer } from "../../moe/shard-server.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
+  --namespace NS        model namespace in NATS subjects (default default)
+  --model-name NAME     model name in NATS subjects (default: the model folder's name)
+  --id ID               this replica's id in load reports (default hostname-pid)
+  --metrics-port PORT   /metrics, /healthz, /readyz (default 9090; 0 picks one)
+  --device cpu          where the experts run (cuda:N needs the CUDA backend)
+  --backend NAME        native (default) | reference`;
+
+export const shardCommand: Command = {
+  name: "shard",
+  summary: "serve one expert shard: its experts' weights, over NATS (queue group shard-K)",
+  usage: USAGE,
+  async run(argv) {
+    const { values } = parseArgs({
+      args: argv,
+      options: {
+        model: { type: "string" },
+        plan: { type: "string" },
+        shard: { type: "string" },
+        nats: { type: "string" },
+        "nats-creds": { type: "string" },
+        namespace: { type: "string" },
+        "model-name": { type: "string" },
+        id: { type: "string" },
+        "metrics-port": { type: "string" },
+        device: { type: "string" },
+        backend: { type: "string" },
+      },
+    });
+    const usage = (m: string): never => {
+      throw new ExpertMeshError("EM_CLI_USAGE", m);
+    };
+    if (!values.model || !values.plan || values.shard === undefined || !values.nats)
+      usage("--model, --plan, --shard and --nats are required");
+    const device = values.device ?? "cpu";
+    if (device !== "cpu")
+      usage(
+        `--device ${device}: this build has the CPU backend only (the CUDA backend is not built)`,
+      );
+    const plan = parsePlan(readFileSync(values.plan!, "utf8"));
+    const k = Number(values.shard);
+    if (!Number.isInteger(k) || k < 0 || k >= plan.numShards)
+      usage(`--shard must be 0..${plan.numShards - 1}, got '${values.shard}'`);
+    const id = values.id ?? `${hostname()}-${process.pid}`;
+    const log = (m: string) =>
+      process.stderr.write(`${new Date().toISOString()} shard ${k}/${id}: ${m}\n`);
+
+    const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
+    const ckpt = await Checkpoint.open(values.model!);
+    const experts = await loadExperts(
+      ckpt,
+      (layer, e) => holds.get(layer)?.has(e) ?? false,
+      (done, total) => {
+        if (done === total || done % Math.max(1, Math.floor(total / 10)) === 0)
+          log(`loading experts ${done}/${total}`);
+      },
+    );
+    log(
+      `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read) for plan v${plan.version}`,
+    );
+
+    const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
+    const nc = await connect({
+      servers: values.nats!,
+      name: `expertmesh-shard-${k}-${id}`,
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 250,
+      ...(values["nats-creds"]
+        ? {
+            authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(
+              readFileSync(values["nats-creds"]),
+            ),
+          }
+        : {}),
+    });
+    const model = {
+      namespace: values.namespace ?? "default",
+      model: values["model-name"] ?? values.model!.replace(/\/+$/, "").split("/").pop()!,
+    };
+    const server = new ShardServer({ nc, model, shard: k, id, plan, backend, experts, log });
+    server.start();
+
+    const registry = new Registry();
+    const labels = { shard: String(k) };
+    new Gauge({
+      name: "expertmesh_shard_pending_frames",
+      help: "Dispatch frames waiting or being computed (queue depth).",
+      registers: [registry],
+      labelNames: ["shard"],
+      collect() {
+        this.set(labels, server.pendingFrames);
+      },
+    });
+    const frames = new Counter({
+      name: "expertmesh_shard_frames_total",
+      help: "Dispatch frames answered.",
+      registers: [registry],
+      labelNames: ["shard"],
+    });
+    const tokens = new Counter({
+      name: "expertmesh_shard_tokens_total",
+      help: "Tokens computed.",
+      registers: [registry],
+      labelNames: ["shard"],
+    });
+    const errors = new Counter({
+      name: "expertmesh_shard_errors_total",
+      help: "Frames answered with an error.",
+      registers: [registry],
+      labelNames: ["shard"],
+    });
+    let seen = { frames: 0, tokens: 0, errors: 0 };
+    const sync = () => {
+      const t = server.totals;
+      frames.inc(labels, t.frames - seen.frames);
+      tokens.inc(labels, t.tokens - seen.tokens);
+      errors.inc(labels, t.errors - seen.errors);
+      seen = { frames: t.frames, tokens: t.tokens, errors: t.errors };
+    };
+    let draining = false;
+    const http = createServer(async (req, res) => {
+      const url = (req.url ?? "").split("?")[0];
+      if (url === "/healthz") res.writeHead(200).end("ok\n");
+      else if (url === "/readyz")
+        res.writeHead(draining || nc.isClosed() ? 503 : 200).end(draining ? "draining\n" : "ok\n");
+      else if (url === "/metrics") {
+        sync();
+        res.writeHead(200, { "content-type": registry.contentType }).end(await registry.metrics());
+      } else res.writeHead(404).end();
+    });
+    await new Promise<void>((r) =>
+      http.listen(Number(values["metrics-port"] ?? 9090), "0.0.0.0", () => r()),
+    );
+    const addr = http.address();
+    log(
+      `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${typeof addr === "object" && addr ? addr.port : "?"}`,
+    );
+
+    const stop = async (sig: string) => {
+      if (draining) return;
+      draining = true;
+      log(`${sig}: draining (finishing accepted work, then unsubscribing)`);
+      await server.drain();
+      await nc.drain();
+      http.close();
+      log("drained");
+      process.exit(0);
+    };
+    process.on("SIGTERM", () => void stop("SIGTERM"));
+    process.on("SIGINT", () => void stop("SIGINT"));
+    await new Promise(() => {});
+    return 0;
+  },
+};

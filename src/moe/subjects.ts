@@ -1,0 +1,16 @@
+// NATS subjects of one model (ARCHITECTURE.md): requests to shard k go to
+// em.<ns>.<model>.shard.<k>, where the shard's replicas share queue group shard-<k>;
+// load reports go to em.<ns>.<model>.stats.<role>.<id>.
+
+export interface ModelRef {
+  namespace: string;
+  model: string;
+}
+
+export const subjects = {
+  shard: (m: ModelRef, k: number) => `em.${m.namespace}.${m.model}.shard.${k}`,
+  shardQueue: (k: number) => `shard-${k}`,
+  stats: (m: ModelRef, role: "shard" | "gateway", id: string) =>
+    `em.${m.namespace}.${m.model}.stats.${role}.${id}`,
+  allStats: (m: ModelRef) => `em.${m.namespace}.${m.model}.stats.>`,
+};
