@@ -8,7 +8,7 @@
 // EM_NATIVE_NOMEM (scratch allocation failed), EM_NATIVE_INTERNAL (a bug).
 
 /** Weight storage types: bf16/f16 as 16-bit patterns, fp8 = float8_e4m3fn bytes. */
-export type WeightDtype = 'f32' | 'bf16' | 'f16' | 'fp8';
+export type WeightDtype = "f32" | "bf16" | "f16" | "fp8";
 
 /**
  * A weight tensor in checkpoint layout: [out_features, in_features] (torch Linear), or [n]
@@ -23,17 +23,25 @@ export interface Weight {
   scale?: Float32Array;
 }
 
-export type Isa = 'scalar' | 'avx2' | 'avx512' | 'avx512bf16';
+export type Isa = "scalar" | "avx2" | "avx512" | "avx512bf16";
 
 export interface BackendInfo {
-  backend: 'cpu';
+  backend: "cpu";
   isa: Isa;
   threads: number;
   abiVersion: number;
   availableIsas: Isa[];
   /** Exported op function -> weight dtypes it accepts on this backend. */
   ops: Record<
-    'matmul' | 'rmsnorm' | 'siluMul' | 'moeFfn' | 'rope' | 'mlaAttention' | 'gate' | 'convert' | 'sample',
+    | "matmul"
+    | "rmsnorm"
+    | "siluMul"
+    | "moeFfn"
+    | "rope"
+    | "mlaAttention"
+    | "gate"
+    | "convert"
+    | "sample",
     WeightDtype[]
   >;
 }
@@ -42,13 +50,18 @@ export function backendInfo(): BackendInfo;
 
 /** Replaces the backend: isa 'auto' (default; $EM_CPU_ISA honoured) or a specific one;
  *  threads 0 = $EM_NUM_THREADS or all CPUs. Returns the new backendInfo(). */
-export function configure(options?: { isa?: Isa | 'auto'; threads?: number }): BackendInfo;
+export function configure(options?: { isa?: Isa | "auto"; threads?: number }): BackendInfo;
 
 /** y [rows, N] = x [rows, K] W^T for w [N, K]. */
 export function matmul(x: Float32Array, rows: number, w: Weight, out?: Float32Array): Float32Array;
 
 /** RMSNorm over rows of x [rows, dim]: x * rsqrt(mean(x^2) + eps) * weight[dim]. */
-export function rmsnorm(x: Float32Array, weight: Float32Array | Weight, eps: number, out?: Float32Array): Float32Array;
+export function rmsnorm(
+  x: Float32Array,
+  weight: Float32Array | Weight,
+  eps: number,
+  out?: Float32Array,
+): Float32Array;
 
 /** silu(gate) * up, elementwise (same lengths). */
 export function siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
@@ -132,8 +145,8 @@ export interface GateArgs {
   weight: Weight;
   /** e_score_correction_bias [numExperts]: added for selection only. */
   bias?: Float32Array;
-  scoreFunc: 'softmax' | 'sigmoid';
-  topkMethod: 'greedy' | 'group_limited_greedy' | 'noaux_tc';
+  scoreFunc: "softmax" | "sigmoid";
+  topkMethod: "greedy" | "group_limited_greedy" | "noaux_tc";
   topK: number;
   nGroup?: number;
   topkGroup?: number;
@@ -145,8 +158,8 @@ export interface GateArgs {
 export function gate(args: GateArgs): { indices: Int32Array; weights: Float32Array };
 
 /** Converts a weight (fp8 dequantized with its block scales) -> same shape in `to`. */
-export function convert(w: Weight, to: 'f32'): Float32Array;
-export function convert(w: Weight, to: 'bf16' | 'f16'): Uint16Array;
+export function convert(w: Weight, to: "f32"): Float32Array;
+export function convert(w: Weight, to: "bf16" | "f16"): Uint16Array;
 
 export interface SampleOptions {
   /** <= 0: greedy (argmax). A number for all rows or one per row. */

@@ -1,5 +1,6 @@
 // The CPU backend: its op table (em_backend_iface) and constructor.
 #include <cstdlib>
+#include <memory>
 #include <new>
 
 #include "cpu.h"
@@ -104,7 +105,9 @@ extern "C" em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend*
                     em_cpu_isa_name(em_cpu_best_isa()));
   const int threads = cfg && cfg->num_threads > 0 ? cfg->num_threads : default_num_threads();
   try {
-    *out = new em_backend{&kCpuIface, new Context(isa, threads)};
+    auto ctx = std::make_unique<Context>(isa, threads);
+    *out = new em_backend{&kCpuIface, ctx.get()};
+    ctx.release();
   } catch (const std::exception& e) {
     return em::fail(EM_ERR_NOMEM, "em_backend_create_cpu: %s", e.what());
   }

@@ -62,9 +62,7 @@ struct Fp8W {
   using T = uint8_t;
   static constexpr bool kDeinterleave = false, kScaled = true;
   EM_AVX2 static inline void load16(const T* p, __m256& a, __m256& b) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    a = _mm256_cvtph_ps(simd::fp8x8_to_f16_bits(v));
-    b = _mm256_cvtph_ps(simd::fp8x8_to_f16_bits(_mm_unpackhi_epi64(v, v)));
+    simd::fp8x16_to_f32_div256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), a, b);
   }
   EM_AVX2 static inline __m256 load8(const T* p) { return simd::load8_fp8_div256(p); }
 };
@@ -175,14 +173,83 @@ EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* co
     for (int n = 0; n < NR; ++n) sums[m * NR + n] = hsum(acc[m][n]);
 }
 
+// fp8 with few x rows (decode): the block scale is applied once per 128-k block to
+// per-block partial sums instead of to every converted weight vector, which makes the
+// conversion, not the scaling, the cost. k0 must start a scale block (it is 0 here).
+template <int MR, int NR>
+EM_AVX2 void micro_nt_fp8(const float* panel, int64_t steps, const uint8_t* const* rows,
+                          const float* const* scale_rows, int64_t k0, float* sums) {
+  constexpr int64_t kStepsPerBlock = EM_FP8_BLOCK / 16;
+  __m256 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t s0 = 0; s0 < steps; s0 += kStepsPerBlock) {
+    const int64_t s1 = std::min(steps, s0 + kStepsPerBlock);
+    __m256 blk[MR][NR];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) blk[m][n] = _mm256_setzero_ps();
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* p = panel + s * MR * 16;
+      __m256 xa[MR], xb[MR];
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        xa[m] = _mm256_load_ps(p + m * 16);
+        xb[m] = _mm256_load_ps(p + m * 16 + 8);
+      }
+#pragma GCC unroll 8
+      for (int n = 0; n < NR; ++n) {
+        __m256 wa, wb;
+        Fp8W::load16(rows[n] + k0 + s * 16, wa, wb);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          blk[m][n] = _mm256_fmadd_ps(xa[m], wa, blk[m][n]);
+          blk[m][n] = _mm256_fmadd_ps(xb[m], wb, blk[m][n]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) {
+      const __m256 sc = _mm256_set1_ps(scale_rows[n][(k0 + s0 * 16) / EM_FP8_BLOCK] * 256.0f);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][n] = _mm256_fmadd_ps(blk[m][n], sc, acc[m][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int n = 0; n < NR; ++n) sums[m * NR + n] = hsum(acc[m][n]);
+}
+
 template <typename W>
 using MicroNtFn = void (*)(const float*, int64_t, const typename W::T* const*, const float* const*, int64_t, float*);
 
-// Widest weight-row count per x-row count (register budget: 16 ymm).
-constexpr int max_nr(int mr) { return mr >= 3 ? 3 : (mr == 2 ? 4 : 8); }
+// Widest weight-row count per x-row count (register budget: 16 ymm; the fp8 decode
+// kernel holds two accumulators per dot product).
+template <typename W>
+constexpr int max_nr(int mr) {
+  if constexpr (W::kScaled) {
+    if (mr <= 2) return mr == 1 ? 4 : 2;
+  }
+  return mr >= 3 ? 3 : (mr == 2 ? 4 : 8);
+}
 
 template <typename W>
 MicroNtFn<W> pick_micro_nt(int mr, int nr) {
+  if constexpr (W::kScaled) {
+    if (mr == 1) {
+      switch (nr) {
+        case 4: return micro_nt_fp8<1, 4>;
+        case 3: return micro_nt_fp8<1, 3>;
+        case 2: return micro_nt_fp8<1, 2>;
+        default: return micro_nt_fp8<1, 1>;
+      }
+    }
+    if (mr == 2) return nr == 2 ? micro_nt_fp8<2, 2> : micro_nt_fp8<2, 1>;
+  }
   switch (mr) {
     case 4:
       switch (nr) {
@@ -234,7 +301,7 @@ EM_AVX2 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - m));
       pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, 0, k16, panel.data());
       for (int64_t n = nb0; n < nb1;) {
-        const int nr = static_cast<int>(std::min<int64_t>(max_nr(mr), nb1 - n));
+        const int nr = static_cast<int>(std::min<int64_t>(max_nr<W>(mr), nb1 - n));
         for (int j = 0; j < nr; ++j) {
           rows[j] = base + (n + j) * g.w.ld;
           if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
@@ -385,6 +452,20 @@ EM_AVX2 void micro_packed_rows(int mr, const float* x, int64_t ldx, const float*
   }
 }
 
+// Asks for weight rows [n0, n0 + nn) x k [k0, k0 + kc) to be fetched into L2 while the
+// current block computes: packing reads short runs of many rows, which the hardware
+// prefetchers do not pick up, and experts' weights usually come from DRAM.
+template <typename W>
+EM_AVX2 void prefetch_block(const Gemm& g, int64_t n0, int64_t nn, int64_t k0, int64_t kc) {
+  using T = typename W::T;
+  const T* base = static_cast<const T*>(g.w.data);
+  const int64_t bytes = kc * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = n0; r < n0 + nn; ++r) {
+    const char* p = reinterpret_cast<const char*>(base + r * g.w.ld + k0);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  }
+}
+
 template <typename W>
 EM_AVX2 void gemm_nt_tile_packed(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   alignas(32) float packed[kPackNb * kPackKc];
@@ -396,6 +477,11 @@ EM_AVX2 void gemm_nt_tile_packed(const Gemm& g, int64_t m0, int64_t m1, int64_t 
     for (int64_t k0 = 0; k0 < g.K; k0 += kPackKc) {
       const int64_t kc = std::min(kPackKc, g.K - k0);
       pack_w<W>(g, nb0, nn, k0, kc, packed);
+      if (k0 + kc < g.K) {
+        prefetch_block<W>(g, nb0, nn, k0 + kc, std::min(kPackKc, g.K - k0 - kc));
+      } else if (nb0 + kPackNb < n1) {
+        prefetch_block<W>(g, nb0 + kPackNb, std::min(kPackNb, n1 - nb0 - kPackNb), 0, std::min(kPackKc, g.K));
+      }
       const bool overwrite = k0 == 0 && !g.accumulate;
       for (int64_t m = m0; m < m1; m += kPackMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kPackMr, m1 - m));

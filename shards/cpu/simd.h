@@ -43,6 +43,17 @@ EM_AVX2 static inline __m128i fp8x8_to_f16_bits(__m128i bytes8) {
   return _mm_or_si128(mag, sign);
 }
 
+// 16 fp8 -> 16 f32 (elements 0-7 in lo, 8-15 in hi), scaled by 1/256. The same bits as
+// fp8x8_to_f16_bits in fewer operations: b << 8 puts the sign at bit 15; an arithmetic
+// shift right by one moves the magnitude to bits 13..7 and copies the sign into bit 14,
+// which the mask clears.
+EM_AVX2 static inline void fp8x16_to_f32_div256(__m128i bytes16, __m256& lo, __m256& hi) {
+  __m256i w = _mm256_slli_epi16(_mm256_cvtepu8_epi16(bytes16), 8);
+  w = _mm256_and_si256(_mm256_srai_epi16(w, 1), _mm256_set1_epi16(static_cast<short>(0xbfff)));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
+}
+
 // 8 fp8 -> 8 f32, scaled by 1/256 (see fp8x8_to_f16_bits).
 EM_AVX2 static inline __m256 load8_fp8_div256(const uint8_t* p) {
   return _mm256_cvtph_ps(fp8x8_to_f16_bits(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

@@ -1,14 +1,42 @@
 #include "threadpool.h"
 
+#include <chrono>
 #include <cstdlib>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace em::cpu {
 
 namespace {
+
 // Set while a thread runs items, so nested parallel_for calls run inline (on the same
 // thread index, so per-thread scratch stays private).
 thread_local bool tls_in_loop = false;
 thread_local int tls_thread_index = 0;
+
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Spins until done() or kSpin has passed; returns done().
+template <typename Done>
+bool spin_until(Done done) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return done();
+  }
+}
+
 }  // namespace
 
 int default_num_threads() {
@@ -54,16 +82,17 @@ void ThreadPool::run_items(int thread_index) {
 void ThreadPool::worker_main(int thread_index) {
   uint64_t seen = 0;
   for (;;) {
-    {
+    auto has_work = [&] { return stopping_.load() || generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(has_work)) {
       std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-      if (stopping_) return;
-      seen = generation_;
+      work_cv_.wait(lock, has_work);
     }
+    if (stopping_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
     run_items(thread_index);
-    {
+    if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (--busy_workers_ == 0) done_cv_.notify_one();
+      done_cv_.notify_one();
     }
   }
 }
@@ -90,15 +119,19 @@ void ThreadPool::parallel_for(int64_t num_items, const ItemFn& fn) {
     next_item_.store(0, std::memory_order_relaxed);
     failed_.store(false, std::memory_order_relaxed);
     error_ = nullptr;
-    busy_workers_ = static_cast<int>(workers_.size());
-    ++generation_;
+    busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   work_cv_.notify_all();
   run_items(0);
+  auto all_done = [&] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(all_done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, all_done);
+  }
   std::exception_ptr error;
   {
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return busy_workers_ == 0; });
+    std::lock_guard<std::mutex> lock(mu_);
     fn_ = nullptr;
     error = error_;
     error_ = nullptr;

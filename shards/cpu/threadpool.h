@@ -39,12 +39,15 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex loop_mu_;  // serializes parallel_for callers
 
+  // Workers spin briefly on `generation_` before sleeping on `work_cv_`, and the caller
+  // on `busy_workers_` before `done_cv_`: decode runs many short loops back to back, and
+  // a condition-variable wake-up costs more than the work of a small GEMM.
   std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;
-  uint64_t generation_ = 0;  // bumped per loop; workers wait for a new one
-  int busy_workers_ = 0;
-  bool stopping_ = false;
+  std::atomic<uint64_t> generation_{0};  // bumped per loop
+  std::atomic<int> busy_workers_{0};
+  std::atomic<bool> stopping_{false};
 
   const ItemFn* fn_ = nullptr;
   int64_t num_items_ = 0;

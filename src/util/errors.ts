@@ -44,6 +44,12 @@ export const ERROR_CODES = {
   EM_DISPATCH_UNAVAILABLE: "no replica of an expert shard answered within the deadline (HTTP 503)",
   EM_DISPATCH_REJECTED: "an expert shard refused a dispatch frame (its error reply says why)",
   EM_SHARD_INTERNAL: "an expert shard failed while computing a batch",
+  EM_NATIVE_SHAPE: "a native op got arrays whose lengths do not match the shapes",
+  EM_NATIVE_DTYPE: "a native op got a dtype it does not take",
+  EM_NATIVE_ARG: "a native op got an invalid argument",
+  EM_NATIVE_UNSUPPORTED: "the native backend does not implement this op, dtype or ISA here",
+  EM_NATIVE_NOMEM: "the native engine could not allocate memory",
+  EM_NATIVE_INTERNAL: "the native engine hit an internal error (a bug)",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
