@@ -120,6 +120,24 @@ function put(dst: Uint8Array, offset: number, src: ArrayBufferView): number {
   return offset + src.byteLength;
 }
 
+/**
+ * e4m3 code of |y| <= 448 (the caller scaled it), round to nearest even: the same result
+ * as float32ToE4m3, with the common normal range done on the float32 bits inline.
+ */
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+function e4m3Fast(y: number): number {
+  f32[0] = y;
+  const b = u32[0]!;
+  const sign = (b >>> 24) & 0x80;
+  const exp = ((b >>> 23) & 0xff) - 120; // e4m3 exponent field (bias 7)
+  if (exp < 1 || exp > 15) return float32ToE4m3(y); // subnormal, zero, or saturating: the careful path
+  const m = b & 0x7fffff;
+  let code = (exp << 3) + ((m + 0x7ffff + ((m >>> 20) & 1)) >>> 20); // mantissa carry bumps the exponent
+  if (code > 0x7e) code = 0x7e; // saturate at 448 (0x7f is NaN)
+  return sign | code;
+}
+
 /** fp8 e4m3 codes and per-(token, 128-block) scales of activations [numTokens, hidden]. */
 export function quantizeActivations(
   x: Float32Array,
@@ -134,11 +152,14 @@ export function quantizeActivations(
       const start = t * hidden + g * FP8_GROUP;
       const end = t * hidden + Math.min(hidden, (g + 1) * FP8_GROUP);
       let amax = 0;
-      for (let i = start; i < end; i++) amax = Math.max(amax, Math.abs(x[i]!));
+      for (let i = start; i < end; i++) {
+        const a = Math.abs(x[i]!);
+        if (a > amax) amax = a;
+      }
       const scale = amax > 0 ? amax / E4M3_MAX : 1;
       scales[t * groups + g] = scale;
       const inv = 1 / scale;
-      for (let i = start; i < end; i++) codes[i] = float32ToE4m3(x[i]! * inv);
+      for (let i = start; i < end; i++) codes[i] = e4m3Fast(x[i]! * inv);
     }
   }
   return { codes, scales };
@@ -155,9 +176,10 @@ function dequantizeActivations(
   const groups = Math.ceil(hidden / FP8_GROUP);
   const out = new Float32Array(numTokens * hidden);
   for (let t = 0; t < numTokens; t++) {
-    for (let j = 0; j < hidden; j++) {
-      const i = t * hidden + j;
-      out[i] = E4M3[codes[i]!]! * scales[t * groups + Math.floor(j / FP8_GROUP)]!;
+    for (let g = 0; g < groups; g++) {
+      const scale = scales[t * groups + g]!;
+      const end = t * hidden + Math.min(hidden, (g + 1) * FP8_GROUP);
+      for (let i = t * hidden + g * FP8_GROUP; i < end; i++) out[i] = E4M3[codes[i]!]! * scale;
     }
   }
   return out;

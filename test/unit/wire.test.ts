@@ -325,3 +325,22 @@ describe("wire codec", () => {
     expect(code(() => decodeFrame(make()))).toBe(want);
   });
 });
+
+describe("fp8 activation codes", () => {
+  it("agree with float32ToE4m3 on every float the quantizer can see", async () => {
+    const { float32ToE4m3 } = await import("../../src/model/floats.ts");
+    const { quantizeActivations } = await import("../../src/moe/wire.ts");
+    fc.assert(
+      fc.property(
+        fc.float32Array({ minLength: 128, maxLength: 128, noNaN: true, noDefaultInfinity: true }),
+        (x) => {
+          const { codes, scales } = quantizeActivations(x, 1, 128);
+          const inv = 1 / scales[0]!;
+          for (let i = 0; i < 128; i++)
+            expect(codes[i], `x=${x[i]}`).toBe(float32ToE4m3(x[i]! * inv));
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+});

@@ -1,0 +1,198 @@
+// The dispatch suite: one MoE layer's dispatch-and-combine round trip through our codec,
+// dispatcher and shard servers, against the raw NATS request-reply round trip carrying the
+// same bytes (the transport floor), in the same run, interleaved (A B A B ...).
+//
+// What is measured: the data plane only. The shards run a backend whose expert FFN
+// returns zeros of the right shape, so neither side computes experts (the kernel suite
+// measures those). Everything else is real: a nats-server on loopback, frame encoding
+// and decoding (bf16 or fp8 dispatch, bf16 combine), grouping by shard, splitting under
+// max_payload, the shard's coalescing and reply, the gateway's reassembly and sums. The
+// shards (and the raw floor's responders) run in a second process, as in a deployment.
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { RemoteExperts } from "../src/moe/dispatcher.ts";
+import { planPlacement } from "../src/moe/placement.ts";
+import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
+import { startNats } from "../test/env/nats.ts";
+import { binaries } from "../test/env/paths.ts";
+import { type Stats, stats } from "./lib.ts";
+
+export interface DispatchRow {
+  hidden: number;
+  topK: number;
+  experts: number;
+  shards: number;
+  tokens: number;
+  dtype: "bf16" | "fp8";
+  /** Request bytes over all shards, and reply bytes. */
+  requestBytes: number;
+  replyBytes: number;
+  oursMs: Stats;
+  rawMs: Stats;
+  /** median(ours) / median(raw). */
+  ratio: number;
+}
+
+/** A deterministic random number generator (mulberry32) for routing. */
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export async function runDispatch(opts: {
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<{ rows: DispatchRow[]; natsVersion: string }> {
+  const dir = mkdtempSync(join(tmpdir(), "em-bench-dispatch-"));
+  const nats = await startNats(binaries().natsServer, dir, dir);
+  const ncs: NatsConnection[] = [];
+  const children: ChildProcess[] = [];
+  const rows: DispatchRow[] = [];
+  try {
+    const varz = (await (await fetch(`${nats.info.monitorUrl}/varz`)).json()) as {
+      version: string;
+    };
+    const shapes = [
+      { hidden: 2048, topK: 6, experts: 64, moe: 1408 },
+      { hidden: 7168, topK: 8, experts: 256, moe: 2048 },
+    ];
+    const tokenCounts = opts.quick ? [1, 32, 256] : [1, 4, 16, 64, 128, 256];
+    const numShards = 4;
+    for (const shape of shapes) {
+      const arch = {
+        numLayers: 2,
+        firstDenseLayers: 1,
+        routedExperts: shape.experts,
+        expertsPerToken: shape.topK,
+        sharedExperts: 1,
+        hiddenSize: shape.hidden,
+        moeIntermediateSize: shape.moe,
+      };
+      const plan = planPlacement({ architecture: arch, numShards });
+      const model = { namespace: "bench", model: `d${shape.hidden}` };
+      // Shards and raw responders in another process, as in a deployment.
+      const child = spawn(
+        process.execPath,
+        [
+          fileURLToPath(new URL("./dispatch-shards.ts", import.meta.url)),
+          nats.info.url,
+          String(shape.hidden),
+          String(shape.topK),
+          String(shape.experts),
+          String(shape.moe),
+        ],
+        { stdio: ["ignore", "pipe", "inherit"] },
+      );
+      children.push(child);
+      await new Promise<void>((resolve, reject) => {
+        child.stdout!.on("data", (d: Buffer) => d.toString().includes("ready") && resolve());
+        child.on("exit", (code) => reject(new Error(`dispatch-shards exited ${code}`)));
+      });
+      const gw = await connect({ servers: nats.info.url });
+      ncs.push(gw);
+      await gw.flush();
+      for (const dtype of ["bf16", "fp8"] as const) {
+        const experts = new RemoteExperts({
+          nc: gw,
+          model,
+          plan,
+          dispatchDtype: dtype,
+          combineDtype: "bf16",
+        });
+        for (const T of tokenCounts) {
+          const r = rng(T * 7919 + shape.hidden);
+          const x = Float32Array.from({ length: T * shape.hidden }, () => r() * 2 - 1);
+          const ids = new Int32Array(T * shape.topK);
+          const weights = new Float32Array(T * shape.topK).fill(1 / shape.topK);
+          for (let t = 0; t < T; t++) {
+            const chosen = new Set<number>();
+            while (chosen.size < shape.topK) chosen.add(Math.floor(r() * shape.experts));
+            ids.set([...chosen], t * shape.topK);
+          }
+          // Bytes per shard, exactly as the dispatcher will send them (one frame each here).
+          const perShard = new Map<number, { tokens: Set<number>; assigns: number }>();
+          const layer = plan.layers[0]!;
+          for (let t = 0; t < T; t++) {
+            for (let k = 0; k < shape.topK; k++) {
+              const shard = layer.replicas[ids[t * shape.topK + k]!]![0]!;
+              const s = perShard.get(shard) ?? { tokens: new Set(), assigns: 0 };
+              s.tokens.add(t);
+              s.assigns++;
+              perShard.set(shard, s);
+            }
+          }
+          const raw = [...perShard.entries()].map(([k, s]) => {
+            const req = new Uint8Array(
+              dispatchFrameBytes(dtype, s.tokens.size, shape.hidden, s.assigns),
+            );
+            new DataView(req.buffer).setUint32(
+              0,
+              HEADER_BYTES + 2 * s.tokens.size * shape.hidden,
+              true,
+            );
+            return { subject: `raw.${model.model}.${k}`, req };
+          });
+          const requestBytes = raw.reduce((n, x) => n + x.req.length, 0);
+          const replyBytes = [...perShard.values()].reduce(
+            (n, s) => n + HEADER_BYTES + 2 * s.tokens.size * shape.hidden,
+            0,
+          );
+          const ours = async () => {
+            const t0 = performance.now();
+            await experts.run(layer.layer, x, T, shape.hidden, ids, weights, shape.topK);
+            return performance.now() - t0;
+          };
+          const floor = async () => {
+            const t0 = performance.now();
+            await Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 })));
+            return performance.now() - t0;
+          };
+          for (let i = 0; i < 3; i++) {
+            await ours();
+            await floor();
+          }
+          const a: number[] = [];
+          const b: number[] = [];
+          for (let i = 0; i < opts.runs; i++) {
+            a.push(await ours());
+            b.push(await floor());
+          }
+          const row: DispatchRow = {
+            hidden: shape.hidden,
+            topK: shape.topK,
+            experts: shape.experts,
+            shards: numShards,
+            tokens: T,
+            dtype,
+            requestBytes,
+            replyBytes,
+            oursMs: stats(a),
+            rawMs: stats(b),
+            ratio: stats(a).median / stats(b).median,
+          };
+          rows.push(row);
+          opts.log(
+            `dispatch hidden ${shape.hidden} top-${shape.topK} ${dtype} T=${T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)} (${(requestBytes / 1024).toFixed(0)} KiB out)`,
+          );
+        }
+      }
+    }
+    return { rows, natsVersion: varz.version };
+  } finally {
+    for (const nc of ncs) await nc.close().catch(() => {});
+    for (const c of children) c.kill();
+    await nats.process.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
