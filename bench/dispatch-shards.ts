@@ -13,7 +13,7 @@ const noCompute = {
   moe: (a: MoeArgs) => new Float32Array(a.numOut * a.dim),
 } as unknown as Backend;
 
-const [url, hiddenS, topKS, expertsS, moeS] = process.argv.slice(2);
+const [url, hiddenS, topKS, expertsS] = process.argv.slice(2);
 const hidden = Number(hiddenS);
 const plan = planPlacement({
   architecture: {
@@ -21,9 +21,6 @@ const plan = planPlacement({
     firstDenseLayers: 1,
     routedExperts: Number(expertsS),
     expertsPerToken: Number(topKS),
-    sharedExperts: 1,
-    hiddenSize: hidden,
-    moeIntermediateSize: Number(moeS),
   },
   numShards: 4,
 });
