@@ -99,7 +99,9 @@ export class RemoteExperts implements ExpertRunner {
       shards.map((shard) => {
         const s = perShard.get(shard)!;
         const acts = new Float32Array(s.tokens.length * dim);
-        s.tokens.forEach((tok, i) => acts.set(x.subarray(tok * dim, (tok + 1) * dim), i * dim));
+        s.tokens.forEach((tok, i) => {
+          acts.set(x.subarray(tok * dim, (tok + 1) * dim), i * dim);
+        });
         const d: Dispatch = {
           dtype: this.#o.dispatchDtype,
           planVersion: plan.version,

@@ -155,7 +155,9 @@ export class ShardServer {
         return b;
       });
       const x = new Float32Array(base * dim);
-      batch.forEach((p, i) => x.set(p.frame.activations, bases[i]! * dim));
+      batch.forEach((p, i) => {
+        x.set(p.frame.activations, bases[i]! * dim);
+      });
       // Group by (layer, expert): key = layer * 65536 + expert keeps layers apart.
       const token: number[] = [];
       const key: number[] = [];
@@ -207,7 +209,8 @@ export class ShardServer {
   }
 
   #count(layer: number, expert: number): void {
-    const byLayer = (this.#interval.expertTokens[layer] ??= {});
+    this.#interval.expertTokens[layer] ??= {};
+    const byLayer = this.#interval.expertTokens[layer];
     byLayer[expert] = (byLayer[expert] ?? 0) + 1;
   }
 

@@ -118,6 +118,40 @@ async function ownedDeployments(namespace: string, name: string): Promise<V1Depl
   ).items;
 }
 
+/** helm install of the chart (operator replicas 0: the tests run the operator themselves). */
+async function helmInstall(
+  release: string,
+  namespace: string,
+  extra: string[] = [],
+): Promise<void> {
+  const env = testEnv();
+  const helm = await runCli(
+    env.binaries.helm,
+    [
+      "install",
+      release,
+      `${root}charts/expertmesh`,
+      "--namespace",
+      namespace,
+      "--create-namespace",
+      "--kubeconfig",
+      env.kube.kubeconfig,
+      "--set",
+      "replicaCount=0",
+      ...extra,
+      "--wait=false",
+    ],
+    undefined,
+    {
+      ...process.env,
+      HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
+      HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
+      HELM_DATA_HOME: `${env.runDir}/helm/data`,
+    },
+  );
+  expect(helm.code, helm.stderr).toBe(0);
+}
+
 describe.sequential("expertmesh operator", () => {
   const releaseNs = uniqueName("em-system");
   const operators: RunningOperator[] = [];
@@ -125,31 +159,7 @@ describe.sequential("expertmesh operator", () => {
   let leader: RunningOperator;
 
   beforeAll(async () => {
-    const env = testEnv();
-    const helm = await runCli(
-      env.binaries.helm,
-      [
-        "install",
-        "expertmesh",
-        `${root}charts/expertmesh`,
-        "--namespace",
-        releaseNs,
-        "--create-namespace",
-        "--kubeconfig",
-        env.kube.kubeconfig,
-        "--set",
-        "replicaCount=0",
-        "--wait=false",
-      ],
-      undefined,
-      {
-        ...process.env,
-        HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
-        HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
-        HELM_DATA_HOME: `${env.runDir}/helm/data`,
-      },
-    );
-    expect(helm.code, helm.stderr).toBe(0);
+    await helmInstall("expertmesh", releaseNs);
     saKubeconfig = await serviceAccountKubeconfig(releaseNs, "expertmesh");
     leader = await startOperator({
       kubeconfig: saKubeconfig,
@@ -546,33 +556,7 @@ describe.sequential("expertmesh operator in namespaced-only mode", () => {
   beforeAll(async () => {
     for (const ns of [watched, other])
       await core.createNamespace({ body: { metadata: { name: ns } } });
-    const env = testEnv();
-    const helm = await runCli(
-      env.binaries.helm,
-      [
-        "install",
-        "expertmesh-ns",
-        `${root}charts/expertmesh`,
-        "--namespace",
-        releaseNs,
-        "--create-namespace",
-        "--kubeconfig",
-        env.kube.kubeconfig,
-        "--set",
-        "replicaCount=0",
-        "--set",
-        `watchNamespaces={${watched}}`,
-        "--wait=false",
-      ],
-      undefined,
-      {
-        ...process.env,
-        HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
-        HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
-        HELM_DATA_HOME: `${env.runDir}/helm/data`,
-      },
-    );
-    expect(helm.code, helm.stderr).toBe(0);
+    await helmInstall("expertmesh-ns", releaseNs, ["--set", `watchNamespaces={${watched}}`]);
     const kubeconfig = await serviceAccountKubeconfig(releaseNs, "expertmesh-ns");
     op = await startOperator({
       kubeconfig,

@@ -3,6 +3,11 @@
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { Backend } from "../../src/engine/backend.ts";
+import { LocalExperts } from "../../src/engine/experts.ts";
+import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import { DeepSeekForward } from "../../src/engine/model.ts";
+import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 
 export interface Golden {
@@ -50,4 +55,20 @@ export function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
   return m;
+}
+
+/** A single-process model (every expert local) on `backend`. */
+export async function localModel(
+  modelDir: string,
+  backend: Backend,
+): Promise<{ weights: ModelWeights; model: DeepSeekForward }> {
+  const weights = await loadWeights(await Checkpoint.open(modelDir));
+  return {
+    weights,
+    model: new DeepSeekForward(
+      weights,
+      backend,
+      new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts),
+    ),
+  };
 }

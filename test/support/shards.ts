@@ -15,6 +15,7 @@ import { type PlacementPlan, planPlacement } from "../../src/moe/placement.ts";
 import { serializePlan } from "../../src/moe/plan-json.ts";
 import { ManagedProcess } from "../env/process.ts";
 import { testEnv, uniqueName } from "./env.ts";
+import { localModel as localModelOn } from "./golden.ts";
 
 const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 export const native = nativeBackend();
@@ -97,18 +98,8 @@ export async function stopAll(c: Cluster | undefined): Promise<void> {
 }
 
 /** Single-process model: all experts local, native kernels. */
-export async function localModel(
-  modelDir: string,
-): Promise<{ weights: ModelWeights; model: DeepSeekForward }> {
-  const weights = await loadWeights(await Checkpoint.open(modelDir));
-  return {
-    weights,
-    model: new DeepSeekForward(
-      weights,
-      native,
-      new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts),
-    ),
-  };
+export function localModel(modelDir: string): ReturnType<typeof localModelOn> {
+  return localModelOn(modelDir, native);
 }
 
 /** A gateway-side model: dense weights here, routed experts on the shards over NATS. */

@@ -1,0 +1,50 @@
+// The engine against the goldens (Hugging Face transformers patched to follow DeepSeek's
+// reference; see docs/fidelity.md), on both backends: the native kernels, and the
+// TypeScript reference, which checks the model code independently of the kernels.
+import { describe, expect, it } from "vitest";
+import type { Backend } from "../../src/engine/backend.ts";
+import { generate } from "../../src/engine/generate.ts";
+import { SequenceCache } from "../../src/engine/model.ts";
+import { nativeBackend } from "../../src/engine/native.ts";
+import { referenceBackend } from "../../src/engine/reference.ts";
+import { localModel, maxAbsDiff, readGolden, tinyCheckpointFor } from "../support/golden.ts";
+
+const backends: [string, Backend][] = [
+  ["native", nativeBackend()],
+  ["reference", referenceBackend],
+];
+const models = ["tiny-v2", "tiny-v3", "tiny-v3-fp8"] as const;
+
+describe.each(backends)("%s backend", (_name, backend) => {
+  describe.each(models)("%s", (name) => {
+    const golden = readGolden(name);
+    const tol = (p: { max_abs_logit: number }) => golden.tolerance.relative * p.max_abs_logit;
+
+    it("matches the golden full-sequence logits within 1e-4 x max|logit|", async () => {
+      const { weights, model } = await localModel(await tinyCheckpointFor(name), backend);
+      for (const p of golden.prompts) {
+        const logits = await model.forward(p.token_ids, new SequenceCache(weights.config));
+        expect(maxAbsDiff(logits, p.logits)).toBeLessThanOrEqual(tol(p));
+      }
+    });
+
+    it("decodes with the cache to the prefill's logits, position by position", async () => {
+      const { weights, model } = await localModel(await tinyCheckpointFor(name), backend);
+      const p = golden.prompts[1]!;
+      const full = await model.forward(p.token_ids, new SequenceCache(weights.config));
+      const cache = new SequenceCache(weights.config);
+      const V = weights.config.vocabSize;
+      for (let t = 0; t < p.token_ids.length; t++) {
+        const step = await model.forward([p.token_ids[t]!], cache);
+        expect(maxAbsDiff(step, full.subarray(t * V, (t + 1) * V))).toBeLessThanOrEqual(tol(p));
+      }
+    });
+
+    it("generates the golden's 32 greedy tokens", async () => {
+      const { model } = await localModel(await tinyCheckpointFor(name), backend);
+      const prompt = golden.prompts[golden.greedy.prompt_index]!.token_ids;
+      const { tokens } = await generate(model, prompt, { maxTokens: golden.greedy.new_tokens });
+      expect(tokens).toEqual(golden.greedy.tokens);
+    });
+  });
+});
