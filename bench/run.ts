@@ -1,0 +1,107 @@
+// `npm run bench` (scripts/dev.sh bench -> node bench/run.ts "$@"): the CPU benchmark set.
+//
+//   node bench/run.ts [--suite kernels] [--quick] [--threads N] [--runs N] [--out FILE] [--no-report]
+//
+// Suites: kernels (expert matmul + expert FFN vs PyTorch, memory bandwidth, FMA peak).
+// A full run writes bench/results/<suite>-<date>.json and regenerates BENCHMARKS.md from
+// it (bench/report.ts); --quick (V2-Lite shapes at 1, 16, 256 tokens, fewer sides) writes
+// bench/results/<suite>-<date>.quick.tmp.json (git-ignored) and leaves BENCHMARKS.md alone.
+// The rules: /work/shared/BENCHMARKING.md, summarized at the top of BENCHMARKS.md.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { join, relative } from "node:path";
+import { parseArgs } from "node:util";
+import { runKernels } from "./kernels.ts";
+import { REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
+import { kernelTables, updateBenchmarksMd } from "./report.ts";
+
+const SUITES = ["kernels"] as const;
+type Suite = (typeof SUITES)[number];
+
+const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
+  --suite NAME   suite to run, repeatable or comma-separated: ${SUITES.join(", ")}, all (default: all)
+  --quick        a smoke run in about a minute: V2-Lite shapes at 1, 16, 256 tokens, ours vs torch
+                 only; results go to bench/results/*.quick.tmp.json, BENCHMARKS.md is not touched
+  --threads N    threads for ours, PyTorch and the limit loops (default: all CPUs, ${availableParallelism()} here)
+  --runs N       counted runs per row (default 5, at least 5 unless --quick)
+  --out FILE     results JSON (default bench/results/<suite>-<date>.json)
+  --no-report    do not regenerate BENCHMARKS.md
+  -h, --help`;
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      suite: { type: "string", multiple: true },
+      quick: { type: "boolean", default: false },
+      threads: { type: "string" },
+      runs: { type: "string" },
+      out: { type: "string" },
+      "no-report": { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const requested = (values.suite ?? ["all"]).flatMap((s) => s.split(",")).filter(Boolean);
+  const suites: Suite[] = [];
+  for (const s of requested) {
+    if (s === "all") suites.push(...SUITES);
+    else if ((SUITES as readonly string[]).includes(s)) suites.push(s as Suite);
+    else {
+      console.error(`unknown suite '${s}'\n${USAGE}`);
+      return 2;
+    }
+  }
+  const threads = values.threads ? Number(values.threads) : availableParallelism();
+  const runs = values.runs ? Number(values.runs) : 5;
+  if (!Number.isInteger(threads) || threads < 1) {
+    console.error(`--threads must be a positive integer\n${USAGE}`);
+    return 2;
+  }
+  if (!Number.isInteger(runs) || runs < 1 || (runs < 5 && !values.quick)) {
+    console.error("--runs must be an integer >= 5 (BENCHMARKING.md: at least 5 counted runs)");
+    return 2;
+  }
+  const log = (s: string) => console.error(s);
+
+  for (const suite of new Set(suites)) {
+    if (suite === "kernels") {
+      const results = await runKernels({
+        threads,
+        runs,
+        quick: values.quick,
+        targetRunSeconds: values.quick ? 0.05 : 0.1,
+        coldBytes: 256 * 1024 * 1024,
+        log,
+      });
+      mkdirSync(RESULTS_DIR, { recursive: true });
+      const out =
+        values.out ??
+        join(RESULTS_DIR, `kernels-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+      // 5 significant digits: far below the run's own spread, and keeps the file small.
+      const round = (_k: string, v: unknown) =>
+        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
+      writeFileSync(out, `${JSON.stringify(results, round)}\n`);
+      log(
+        `[bench] kernels: ${results.seconds.toFixed(0)} s; results in ${relative(REPO_ROOT, out)}`,
+      );
+      console.log(kernelTables(results, relative(REPO_ROOT, out)));
+      if (!values.quick && !values["no-report"]) {
+        const md = updateBenchmarksMd({ kernels: out });
+        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+      }
+    }
+  }
+  return 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    console.error(`[bench] failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+    process.exit(1);
+  },
+);
