@@ -14,6 +14,7 @@ type Loader = () => Promise<Command>;
 const commands: Record<string, Loader> = {
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
   generate: async () => (await import("./commands/generate.ts")).generateCommand,
+  gateway: async () => (await import("./commands/gateway.ts")).gatewayCommand,
   "make-tiny-model": async () =>
     (await import("./commands/make-tiny-model.ts")).makeTinyModelCommand,
   operator: async () => (await import("./commands/operator.ts")).operatorCommand,

@@ -50,6 +50,16 @@ export const ERROR_CODES = {
   EM_NATIVE_UNSUPPORTED: "the native backend does not implement this op, dtype or ISA here",
   EM_NATIVE_NOMEM: "the native engine could not allocate memory",
   EM_NATIVE_INTERNAL: "the native engine hit an internal error (a bug)",
+  EM_KV_BUDGET:
+    "the KV cache memory budget cannot hold what was asked (blocks, one max-length sequence)",
+  EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
+  EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
+  EM_GATEWAY_PROMPT_TOO_LONG: "prompt plus max_tokens exceed the model's context length (HTTP 400)",
+  EM_GATEWAY_BODY_TOO_LARGE: "a request body is larger than --max-request-bytes (HTTP 413)",
+  EM_GATEWAY_UNAUTHORIZED: "a request lacks a valid bearer API key (HTTP 401)",
+  EM_GATEWAY_OVERLOADED: "the admission queue is full; retry after Retry-After seconds (HTTP 429)",
+  EM_GATEWAY_NOT_FOUND: "no such route (HTTP 404)",
+  EM_GATEWAY_INTERNAL: "the gateway failed while serving a request (HTTP 500, a bug)",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

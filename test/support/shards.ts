@@ -4,7 +4,6 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { LocalExperts } from "../../src/engine/experts.ts";
 import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { DeepSeekForward } from "../../src/engine/model.ts";
 import { nativeBackend } from "../../src/engine/native.ts";

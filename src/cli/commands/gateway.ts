@@ -1,0 +1,216 @@
+import { readFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { hostname } from "node:os";
+import { parseArgs } from "node:util";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
+import { loadWeights } from "../../engine/loader.ts";
+import { nativeBackend } from "../../engine/native.ts";
+import { referenceBackend } from "../../engine/reference.ts";
+import { buildGatewayApp } from "../../gateway/app.ts";
+import { createServeContext, probeShards } from "../../gateway/server.ts";
+import { Checkpoint } from "../../model/checkpoint.ts";
+import { Tokenizer } from "../../model/tokenizer.ts";
+import { RemoteExperts } from "../../moe/dispatcher.ts";
+import { parsePlan } from "../../moe/plan-json.ts";
+import { subjects } from "../../moe/subjects.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
+  --local                   routed experts in this process (single-process mode)
+  --nats URL, --plan FILE   routed experts on shard processes over NATS (distributed mode)
+  --nats-creds FILE         NATS credentials
+  --namespace NS, --model-name NAME   NATS subjects (default default, the folder name)
+  --served-model-name NAME  the "model" clients ask for (default: --model-name)
+  --http-port PORT          OpenAI-compatible HTTP API (default 8000; 0 picks one)
+  --metrics-port PORT       /metrics on its own port as well (default 9090; 0 picks one)
+  --host ADDR               listen address (default 0.0.0.0)
+  --max-queue-depth N       requests waiting for admission before 429 (default 64)
+  --max-batch-tokens N      tokens per engine step, prefill chunks included (default 2048)
+  --max-running N           sequences in the running batch (default 256)
+  --max-request-bytes N     largest request body (default 1048576)
+  --max-model-len N         context length served (default: max_position_embeddings)
+  --kv-cache-bytes N        KV cache budget (default 536870912)
+  --block-size N            KV cache block, in tokens (default 16)
+  --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
+  --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
+  --device cpu              where the dense layers run (cuda:N needs the CUDA backend)
+  --backend NAME            native (default) | reference
+  --grpc-port PORT          accepted; the KServe v2 gRPC API is not implemented yet`;
+
+function int(v: string | undefined, flag: string, dflt: number, min = 1): number {
+  if (v === undefined) return dflt;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < min)
+    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be an integer >= ${min}, got '${v}'`);
+  return n;
+}
+
+export const gatewayCommand: Command = {
+  name: "gateway",
+  summary: "serve a model over an OpenAI-compatible HTTP API with continuous batching",
+  usage: USAGE,
+  async run(argv) {
+    const { values } = parseArgs({
+      args: argv,
+      options: {
+        model: { type: "string" },
+        local: { type: "boolean" },
+        plan: { type: "string" },
+        nats: { type: "string" },
+        "nats-creds": { type: "string" },
+        namespace: { type: "string" },
+        "model-name": { type: "string" },
+        "served-model-name": { type: "string" },
+        "http-port": { type: "string" },
+        "grpc-port": { type: "string" },
+        "metrics-port": { type: "string" },
+        host: { type: "string" },
+        "max-queue-depth": { type: "string" },
+        "max-batch-tokens": { type: "string" },
+        "max-running": { type: "string" },
+        "max-request-bytes": { type: "string" },
+        "max-model-len": { type: "string" },
+        "kv-cache-bytes": { type: "string" },
+        "block-size": { type: "string" },
+        "api-key": { type: "string", multiple: true },
+        wire: { type: "string" },
+        device: { type: "string" },
+        backend: { type: "string" },
+      },
+    });
+    const usage = (m: string): never => {
+      throw new ExpertMeshError("EM_CLI_USAGE", m);
+    };
+    if (!values.model) usage("--model is required");
+    if (!values.local && (!values.nats || !values.plan))
+      usage("give --local (experts in process) or --nats and --plan (experts on shards)");
+    const device = values.device ?? "cpu";
+    if (device !== "cpu")
+      usage(
+        `--device ${device}: this build has the CPU backend only (the CUDA backend is not built)`,
+      );
+    const wire = values.wire ?? "bf16";
+    if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
+      usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
+    const modelDir = values.model!;
+    const modelName = values["model-name"] ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
+    const ref = { namespace: values.namespace ?? "default", model: modelName };
+    const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
+    const log = (m: string) =>
+      process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
+    if (values["grpc-port"] !== undefined)
+      log("--grpc-port given: the KServe v2 gRPC API is not implemented yet; serving HTTP only");
+
+    const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
+    const ckpt = await Checkpoint.open(modelDir);
+    const tokenizer = Tokenizer.load(modelDir);
+    const weights = await loadWeights(ckpt, values.local ? "all" : "none", (done, total) =>
+      log(`loading weights: layer ${done}/${total}`),
+    );
+    let experts: ExpertRunner;
+    let nc: NatsConnection | null = null;
+    let ready: () => Promise<boolean> = async () => true;
+    let onRoundTrip: ((shard: number, ms: number, ok: boolean) => void) | undefined;
+    if (values.local) {
+      experts = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
+    } else {
+      const plan = parsePlan(readFileSync(values.plan!, "utf8"));
+      nc = await connect({
+        servers: values.nats!,
+        name: `expertmesh-gateway-${id}`,
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 250,
+        ...(values["nats-creds"]
+          ? {
+              authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(
+                readFileSync(values["nats-creds"]),
+              ),
+            }
+          : {}),
+      });
+      experts = new RemoteExperts({
+        nc,
+        model: ref,
+        plan,
+        dispatchDtype: wire as "bf16" | "fp8" | "f32",
+        combineDtype: wire === "f32" ? "f32" : "bf16",
+        onRoundTrip: (shard, ms, ok) => onRoundTrip?.(shard, ms, ok),
+      });
+      const conn = nc;
+      ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize);
+    }
+    const maxModelLen = values["max-model-len"];
+    const ctx = createServeContext(weights, backend, experts, tokenizer, {
+      servedModelName: values["served-model-name"] ?? modelName,
+      ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
+      maxBatchTokens: int(values["max-batch-tokens"], "--max-batch-tokens", 2048),
+      maxQueueDepth: int(values["max-queue-depth"], "--max-queue-depth", 64),
+      maxRunning: int(values["max-running"], "--max-running", 256),
+      kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
+      blockSize: int(values["block-size"], "--block-size", 16),
+    });
+    onRoundTrip = (shard, ms, ok) =>
+      ctx.metrics.dispatchLatency.observe({ shard: String(shard), ok: String(ok) }, ms / 1000);
+    const apiKeys = [
+      ...(values["api-key"] ?? []),
+      ...(process.env["EM_API_KEYS"] ?? "").split(",").filter(Boolean),
+    ];
+    const app = buildGatewayApp({
+      ctx,
+      apiKeys,
+      maxRequestBytes: int(values["max-request-bytes"], "--max-request-bytes", 1 << 20),
+      ready,
+    });
+    const host = values.host ?? "0.0.0.0";
+    await app.listen({ port: int(values["http-port"], "--http-port", 8000, 0), host });
+    const metricsServer = createServer(async (_req, res) => {
+      res
+        .writeHead(200, { "content-type": ctx.metrics.registry.contentType })
+        .end(await ctx.metrics.registry.metrics());
+    });
+    await new Promise<void>((r) =>
+      metricsServer.listen(int(values["metrics-port"], "--metrics-port", 9090, 0), host, r),
+    );
+    const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
+    log(
+      `serving '${ctx.servedModelName}' on http://${host}:${port(app.server)} ` +
+        `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}`,
+    );
+    // Queue depth for the operator's autoscaler, once a second.
+    const statsTimer = setInterval(() => {
+      if (!nc || nc.isClosed()) return;
+      const s = ctx.engine.stats;
+      nc.publish(
+        subjects.stats(ref, "gateway", id),
+        JSON.stringify({
+          role: "gateway",
+          id,
+          waiting: s.numWaiting,
+          running: s.numRunning,
+          kvUsage: s.kvUsage,
+          timestamp: Date.now(),
+        }),
+      );
+    }, 1000);
+    statsTimer.unref();
+
+    let stopping = false;
+    const stop = async (sig: string) => {
+      if (stopping) return;
+      stopping = true;
+      log(`${sig}: stopping (finishing requests in flight)`);
+      clearInterval(statsTimer);
+      await app.close();
+      metricsServer.close();
+      await nc?.drain();
+      log("stopped");
+      process.exit(0);
+    };
+    process.on("SIGTERM", () => void stop("SIGTERM"));
+    process.on("SIGINT", () => void stop("SIGINT"));
+    await new Promise(() => {});
+    return 0;
+  },
+};

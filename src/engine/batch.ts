@@ -1,0 +1,216 @@
+// One forward step over several sequences at once, as a continuous-batching engine runs
+// it: prefill chunks and decode tokens mixed in one batch. Dense ops (norms, projections,
+// shared experts, LM head) run once over all the batch's tokens; MLA attention runs per
+// sequence over its own latent cache; the routed experts of a layer go out in ONE
+// ExpertRunner.run call for the whole batch (one NATS round trip per shard per layer).
+import { isMoeLayer, type ModelConfig } from "../model/config.ts";
+import { bf16ArrayToFloat32 } from "../model/floats.ts";
+import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
+import type { ExpertRunner } from "./experts.ts";
+import type { AttentionWeights, MlpWeights, ModelWeights } from "./loader.ts";
+import { gateConfigOf, ropeConfigOf, softmaxScaleOf } from "./model.ts";
+import { weightToF32 } from "./reference.ts";
+
+/**
+ * The latent KV cache of one sequence as the forward pass sees it: per layer, rows of
+ * [kvLoraRank + qkRopeHeadDim] floats. SequenceCache (model.ts) and the block cache
+ * (kv-blocks.ts) both fit.
+ */
+export interface LatentCache {
+  /** Positions filled. */
+  readonly length: number;
+  /** Writes rows for positions [start, start + rows.length / rowWidth) of `layer`. */
+  write(layer: number, start: number, rows: Float32Array): void;
+  /** Rows [0, upTo) of `layer`, contiguous. */
+  rows(layer: number, upTo: number): Float32Array;
+  /** Marks positions up to `n` as filled (after every layer wrote them). */
+  setLength(n: number): void;
+}
+
+/** Which logits a sequence of the batch wants back. */
+export type LogitsWanted = "none" | "last" | "all";
+
+/** One sequence's part of a batch: its next tokens, appended at cache.length. */
+export interface BatchItem {
+  readonly tokens: ArrayLike<number>;
+  readonly cache: LatentCache;
+  readonly logits: LogitsWanted;
+}
+
+/** Runs batches of sequences through the model. */
+export class BatchForward {
+  readonly config: ModelConfig;
+  readonly #w: ModelWeights;
+  readonly #b: Backend;
+  readonly #experts: ExpertRunner;
+  readonly #rope: RopeConfig;
+  readonly #scale: number;
+  readonly #gate: GateConfig;
+  readonly #embed: (row: number) => Float32Array;
+
+  constructor(weights: ModelWeights, backend: Backend, experts: ExpertRunner) {
+    this.config = weights.config;
+    this.#w = weights;
+    this.#b = backend;
+    this.#experts = experts;
+    this.#rope = ropeConfigOf(this.config);
+    this.#scale = softmaxScaleOf(this.config);
+    this.#gate = gateConfigOf(this.config);
+    this.#embed = embeddingRows(weights);
+  }
+
+  /**
+   * One step: runs every item's tokens at positions [cache.length, cache.length + n) of its
+   * sequence, appending to its cache. Resolves, per item, logits [rows, vocab] (rows = 0,
+   * 1 or n by `logits`). Sequences must be distinct; an item may have no tokens only when
+   * it wants no logits.
+   */
+  async step(items: readonly BatchItem[]): Promise<Float32Array[]> {
+    const c = this.config;
+    const D = c.hiddenSize;
+    // Token ranges of the sequences in the flat batch: [offsets[i], offsets[i + 1]).
+    const offsets = new Int32Array(items.length + 1);
+    items.forEach((it, i) => {
+      offsets[i + 1] = offsets[i]! + it.tokens.length;
+    });
+    const T = offsets[items.length]!;
+    if (T === 0) return items.map(() => new Float32Array(0));
+    const positions = new Int32Array(T);
+    const h = new Float32Array(T * D);
+    items.forEach((it, i) => {
+      const start = it.cache.length;
+      for (let j = 0; j < it.tokens.length; j++) {
+        const t = offsets[i]! + j;
+        positions[t] = start + j;
+        h.set(this.#embed(it.tokens[j]!), t * D);
+      }
+    });
+    for (const layer of this.#w.layers) {
+      const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
+      add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets));
+      const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
+      if (!isMoeLayer(c, layer.index)) {
+        add(h, this.#mlp(layer.mlp!, m, T));
+      } else {
+        const moe = layer.moe!;
+        const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
+        // One call for the whole batch; shared experts run while it is in flight.
+        const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
+        const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
+        add(h, await routed);
+        if (shared) add(h, shared);
+      }
+    }
+    for (const it of items) it.cache.setLength(it.cache.length + it.tokens.length);
+    return this.#lmHead(h, items, offsets);
+  }
+
+  /** Final norm + LM head over only the rows some item wants, then split per item. */
+  #lmHead(h: Float32Array, items: readonly BatchItem[], offsets: Int32Array): Float32Array[] {
+    const c = this.config;
+    const D = c.hiddenSize;
+    const V = this.#w.lmHead.rows;
+    const rowsOf = (i: number): [number, number] => {
+      const n = offsets[i + 1]! - offsets[i]!;
+      const want = items[i]!.logits;
+      const k = want === "all" ? n : want === "last" ? Math.min(1, n) : 0;
+      return [offsets[i + 1]! - k, k];
+    };
+    const picks = items.map((_, i) => rowsOf(i));
+    const R = picks.reduce((s, [, k]) => s + k, 0);
+    if (R === 0) return items.map(() => new Float32Array(0));
+    const x = new Float32Array(R * D);
+    let r = 0;
+    for (const [from, k] of picks) {
+      x.set(h.subarray(from * D, (from + k) * D), r * D);
+      r += k;
+    }
+    const normed = this.#b.rmsnorm(x, R, this.#w.norm, c.rmsNormEps);
+    const logits = this.#b.matmul(normed, R, this.#w.lmHead);
+    r = 0;
+    return picks.map(([, k]) => {
+      const out = logits.slice(r * V, (r + k) * V);
+      r += k;
+      return out;
+    });
+  }
+
+  #mlp(w: MlpWeights, x: Float32Array, t: number): Float32Array {
+    const b = this.#b;
+    return b.matmul(b.siluMul(b.matmul(x, t, w.gate), b.matmul(x, t, w.up)), t, w.down);
+  }
+
+  /**
+   * MLA over the batch: projections and rope for all T tokens at once, cache writes and
+   * absorbed attention per sequence (each attends to its own latent rows), wo for all.
+   */
+  #attention(
+    layer: number,
+    w: AttentionWeights,
+    x: Float32Array,
+    positions: Int32Array,
+    items: readonly BatchItem[],
+    offsets: Int32Array,
+  ): Float32Array {
+    const c = this.config;
+    const b = this.#b;
+    const T = positions.length;
+    const H = c.numAttentionHeads;
+    const dn = c.qkNopeHeadDim;
+    const dr = c.qkRopeHeadDim;
+    const C = c.kvLoraRank;
+    const qw = H * (dn + dr);
+    const q = w.qProj
+      ? b.matmul(x, T, w.qProj)
+      : b.matmul(b.rmsnorm(b.matmul(x, T, w.qA!), T, w.qANorm!, c.rmsNormEps), T, w.qB!);
+    b.rope(q, T, H, dn + dr, dn, positions, this.#rope);
+    const kv = b.matmul(x, T, w.kvA); // [T, C + dr]
+    const latent = new Float32Array(T * C);
+    for (let t = 0; t < T; t++) latent.set(kv.subarray(t * (C + dr), t * (C + dr) + C), t * C);
+    const normed = b.rmsnorm(latent, T, w.kvANorm, c.rmsNormEps);
+    b.rope(kv, T, 1, C + dr, C, positions, this.#rope);
+    const rows = new Float32Array(T * (C + dr));
+    for (let t = 0; t < T; t++) {
+      rows.set(normed.subarray(t * C, (t + 1) * C), t * (C + dr));
+      rows.set(kv.subarray(t * (C + dr) + C, (t + 1) * (C + dr)), t * (C + dr) + C);
+    }
+    const out = new Float32Array(T * H * c.vHeadDim);
+    items.forEach((it, i) => {
+      const from = offsets[i]!;
+      const to = offsets[i + 1]!;
+      if (to === from) return;
+      const start = it.cache.length;
+      it.cache.write(layer, start, rows.subarray(from * (C + dr), to * (C + dr)));
+      const o = b.mla({
+        heads: H,
+        nopeDim: dn,
+        ropeDim: dr,
+        vDim: c.vHeadDim,
+        kvLoraRank: C,
+        softmaxScale: this.#scale,
+        q: q.subarray(from * qw, to * qw),
+        positions: positions.subarray(from, to),
+        cache: it.cache.rows(layer, start + (to - from)),
+        wkvB: w.kvB,
+      });
+      out.set(o, from * H * c.vHeadDim);
+    });
+    return b.matmul(out, T, w.o);
+  }
+}
+
+function add(a: Float32Array, b: Float32Array): void {
+  for (let i = 0; i < a.length; i++) a[i]! += b[i]!;
+}
+
+/** Row lookup in the embedding table, as float32. */
+function embeddingRows(w: ModelWeights): (row: number) => Float32Array {
+  const e = w.embed;
+  if (e.dtype === "f32")
+    return (r) => (e.data as Float32Array).subarray(r * e.cols, (r + 1) * e.cols);
+  if (e.dtype === "bf16")
+    return (r) =>
+      bf16ArrayToFloat32((e.data as Uint16Array).subarray(r * e.cols, (r + 1) * e.cols));
+  const all = weightToF32(e);
+  return (r) => all.subarray(r * e.cols, (r + 1) * e.cols);
+}

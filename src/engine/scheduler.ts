@@ -1,0 +1,181 @@
+// Continuous batching, the deciding part only (nano-vllm's Scheduler, with vLLM v1's
+// unified token budget): a bounded waiting queue and a running list; each step takes
+// running sequences first (decode tokens and the rest of chunked prefills), then admits
+// waiting ones while the max-batched-tokens budget, the running limit and the KV blocks
+// allow. When a running sequence needs a block and none is free, the most recently
+// admitted one is preempted: its blocks are freed and it waits again at the front, to be
+// recomputed (prompt and output so far) when it is readmitted. Never touches a device.
+import { ExpertMeshError } from "../util/errors.ts";
+import type { BlockAllocator } from "./kv-blocks.ts";
+
+export type SequenceStatus = "waiting" | "running" | "finished";
+
+/** One sequence being generated: the prompt, the tokens sampled so far, cache progress. */
+export class Sequence {
+  readonly id: number;
+  readonly promptTokens: readonly number[];
+  readonly outputTokens: number[] = [];
+  /** The most tokens this sequence may ever hold (prompt + output). */
+  readonly maxTotalTokens: number;
+  /** Positions whose latent rows are in the cache. */
+  numComputed = 0;
+  status: SequenceStatus = "waiting";
+  /** Times it was preempted (and recomputed). */
+  numPreemptions = 0;
+
+  constructor(id: number, promptTokens: readonly number[], maxTotalTokens: number) {
+    if (promptTokens.length === 0)
+      throw new ExpertMeshError("EM_CLI_USAGE", "a sequence needs at least one prompt token");
+    this.id = id;
+    this.promptTokens = promptTokens;
+    this.maxTotalTokens = maxTotalTokens;
+  }
+
+  /** Prompt plus output tokens. */
+  get numTokens(): number {
+    return this.promptTokens.length + this.outputTokens.length;
+  }
+
+  /** Token at position `i` of prompt + output. */
+  tokenAt(i: number): number {
+    const p = this.promptTokens.length;
+    return i < p ? this.promptTokens[i]! : this.outputTokens[i - p]!;
+  }
+}
+
+/** Part of a sequence to run in one step: positions [start, start + numTokens). */
+export interface ScheduledChunk {
+  readonly seq: Sequence;
+  readonly start: number;
+  readonly numTokens: number;
+  /** The chunk reaches the sequence's last token: its logits give the next token. */
+  readonly isComplete: boolean;
+}
+
+export interface SchedulerConfig {
+  /** Tokens one step may run over all sequences (chunked prefill splits prompts to fit). */
+  readonly maxBatchTokens: number;
+  /** Sequences running at once. */
+  readonly maxRunning: number;
+  /** Sequences that may wait for admission; more are refused (HTTP 429). */
+  readonly maxQueueDepth: number;
+}
+
+export type AddResult = "ok" | "queue_full" | "too_large";
+
+export class Scheduler {
+  readonly config: SchedulerConfig;
+  readonly #blocks: BlockAllocator;
+  #waiting: Sequence[] = [];
+  #running: Sequence[] = [];
+
+  constructor(config: SchedulerConfig, blocks: BlockAllocator) {
+    for (const k of ["maxBatchTokens", "maxRunning", "maxQueueDepth"] as const) {
+      if (!Number.isInteger(config[k]) || config[k] < 1)
+        throw new ExpertMeshError(
+          "EM_CLI_USAGE",
+          `scheduler ${k} must be a positive integer, got ${config[k]}`,
+        );
+    }
+    this.config = config;
+    this.#blocks = blocks;
+  }
+
+  get numWaiting(): number {
+    return this.#waiting.length;
+  }
+
+  get numRunning(): number {
+    return this.#running.length;
+  }
+
+  get isIdle(): boolean {
+    return this.#waiting.length === 0 && this.#running.length === 0;
+  }
+
+  /**
+   * Queues a new sequence: "queue_full" when maxQueueDepth sequences already wait,
+   * "too_large" when it could not fit in the whole cache even alone.
+   */
+  add(seq: Sequence): AddResult {
+    if (this.#blocks.blocksFor(seq.maxTotalTokens) > this.#blocks.numBlocks) return "too_large";
+    if (this.#waiting.length >= this.config.maxQueueDepth) return "queue_full";
+    seq.status = "waiting";
+    this.#waiting.push(seq);
+    return "ok";
+  }
+
+  /** Picks the next step's chunks; `preempted` lists sequences sent back to wait. */
+  schedule(): { chunks: ScheduledChunk[]; preempted: Sequence[] } {
+    let budget = this.config.maxBatchTokens;
+    const chunks: ScheduledChunk[] = [];
+    const preempted: Sequence[] = [];
+    for (let i = 0; i < this.#running.length && budget > 0; i++) {
+      const seq = this.#running[i]!;
+      const n = Math.min(seq.numTokens - seq.numComputed, budget);
+      let fits = this.#blocks.reserve(seq.id, seq.numComputed + n);
+      // Free blocks by preempting the newest running sequences, this one last.
+      while (!fits) {
+        const victim = this.#running.at(-1)!;
+        this.#preempt(victim);
+        preempted.push(victim);
+        if (victim === seq) break;
+        fits = this.#blocks.reserve(seq.id, seq.numComputed + n);
+      }
+      if (!fits) break;
+      chunks.push(chunkOf(seq, n));
+      budget -= n;
+    }
+    // Admitting while preempting would only preempt again.
+    while (
+      preempted.length === 0 &&
+      budget > 0 &&
+      this.#waiting.length > 0 &&
+      this.#running.length < this.config.maxRunning
+    ) {
+      const seq = this.#waiting[0]!;
+      const n = Math.min(seq.numTokens - seq.numComputed, budget);
+      if (!this.#blocks.reserve(seq.id, seq.numComputed + n)) break;
+      this.#waiting.shift();
+      seq.status = "running";
+      this.#running.push(seq);
+      chunks.push(chunkOf(seq, n));
+      budget -= n;
+    }
+    return { chunks, preempted };
+  }
+
+  /** Records that a step ran these chunks (their rows are now in the cache). */
+  commit(chunks: readonly ScheduledChunk[]): void {
+    for (const c of chunks) {
+      if (c.seq.status === "running" && c.seq.numComputed === c.start)
+        c.seq.numComputed += c.numTokens;
+    }
+  }
+
+  /** Removes a sequence (finished, cancelled or failed) and frees its blocks. */
+  finish(seq: Sequence): void {
+    this.#waiting = this.#waiting.filter((s) => s !== seq);
+    this.#running = this.#running.filter((s) => s !== seq);
+    this.#blocks.free(seq.id);
+    seq.status = "finished";
+  }
+
+  #preempt(seq: Sequence): void {
+    this.#running = this.#running.filter((s) => s !== seq);
+    this.#blocks.free(seq.id);
+    seq.numComputed = 0;
+    seq.numPreemptions++;
+    seq.status = "waiting";
+    this.#waiting.unshift(seq);
+  }
+}
+
+function chunkOf(seq: Sequence, n: number): ScheduledChunk {
+  return {
+    seq,
+    start: seq.numComputed,
+    numTokens: n,
+    isComplete: seq.numComputed + n === seq.numTokens,
+  };
+}

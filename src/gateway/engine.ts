@@ -1,0 +1,265 @@
+// The serving loop (nano-vllm's LLMEngine.step): the scheduler decides, BatchForward runs,
+// then each sequence that completed its chunk samples a token. Requests arrive through
+// submit() and get their tokens through callbacks; cancel() (client gone, stop string)
+// frees the sequence's cache blocks before the next step.
+import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
+import { sampleToken } from "../engine/generate.ts";
+import type { BlockKvCache } from "../engine/kv-blocks.ts";
+import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
+import { Prng } from "../model/prng.ts";
+
+export interface SamplingParams {
+  /** 0: greedy. */
+  readonly temperature: number;
+  readonly topP: number;
+  /** 0: off. */
+  readonly topK: number;
+  readonly presencePenalty: number;
+  readonly frequencyPenalty: number;
+  readonly seed: number;
+}
+
+export interface GenerationRequest {
+  readonly prompt: readonly number[];
+  readonly maxTokens: number;
+  readonly sampling: SamplingParams;
+  /** Token ids that end generation (not returned). */
+  readonly stopTokenIds: readonly number[];
+  /** null: no logprobs; k >= 0: the chosen token's logprob and the k most likely. */
+  readonly logprobs: number | null;
+  /** Also the logprob of every prompt token (for completions' echo). */
+  readonly promptLogprobs: boolean;
+}
+
+/** A token with its log-probability and the most likely alternatives ([id, logprob]). */
+export interface TokenLogprob {
+  readonly id: number;
+  readonly logprob: number;
+  readonly top: readonly (readonly [number, number])[];
+}
+
+export type FinishReason = "stop" | "length";
+
+export interface GenerationCallbacks {
+  /** Prompt logprobs (first token: null), once, before the first token. */
+  onPromptLogprobs?(logprobs: (TokenLogprob | null)[]): void;
+  onToken(token: TokenLogprob): void;
+  onFinish(reason: FinishReason): void;
+  onError(err: unknown): void;
+}
+
+export interface EngineStats {
+  numWaiting: number;
+  numRunning: number;
+  kvUsage: number;
+  numPreemptions: number;
+}
+
+interface Active {
+  seq: Sequence;
+  req: GenerationRequest;
+  cb: GenerationCallbacks;
+  rng: Prng;
+  cache: LatentCache | null;
+  /** Output token counts, for the penalties. */
+  counts: Map<number, number>;
+  promptLogprobs: (TokenLogprob | null)[] | null;
+  cancelled: boolean;
+}
+
+export class ServingEngine {
+  readonly #model: BatchForward;
+  readonly #kv: BlockKvCache;
+  readonly #scheduler: Scheduler;
+  readonly #active = new Map<number, Active>();
+  #nextId = 1;
+  #looping = false;
+  numPreemptions = 0;
+
+  constructor(model: BatchForward, kv: BlockKvCache, config: SchedulerConfig) {
+    this.#model = model;
+    this.#kv = kv;
+    this.#scheduler = new Scheduler(config, kv.allocator);
+  }
+
+  get stats(): EngineStats {
+    return {
+      numWaiting: this.#scheduler.numWaiting,
+      numRunning: this.#scheduler.numRunning,
+      kvUsage: this.#kv.allocator.usage,
+      numPreemptions: this.numPreemptions,
+    };
+  }
+
+  /**
+   * Queues a request. Resolves its cancel function, or the scheduler's refusal
+   * ("queue_full": HTTP 429; "too_large": it could never fit in the KV cache).
+   */
+  submit(
+    req: GenerationRequest,
+    cb: GenerationCallbacks,
+  ): { ok: true; cancel: () => void } | { ok: false; reason: Exclude<AddResult, "ok"> } {
+    const seq = new Sequence(this.#nextId++, req.prompt, req.prompt.length + req.maxTokens);
+    const added = this.#scheduler.add(seq);
+    if (added !== "ok") return { ok: false, reason: added };
+    const a: Active = {
+      seq,
+      req,
+      cb,
+      rng: new Prng(req.sampling.seed),
+      cache: null,
+      counts: new Map(),
+      promptLogprobs: req.promptLogprobs ? [null] : null,
+      cancelled: false,
+    };
+    this.#active.set(seq.id, a);
+    this.#kick();
+    return {
+      ok: true,
+      cancel: () => {
+        a.cancelled = true;
+        this.#kick();
+      },
+    };
+  }
+
+  #kick(): void {
+    if (this.#looping) return;
+    this.#looping = true;
+    setImmediate(() => void this.#loop());
+  }
+
+  async #loop(): Promise<void> {
+    try {
+      for (;;) {
+        this.#reap();
+        if (this.#scheduler.isIdle) break;
+        const ran = await this.#step();
+        if (!ran) break;
+        // Let HTTP I/O (new requests, disconnects, stream writes) in between steps.
+        await new Promise((r) => setImmediate(r));
+      }
+    } finally {
+      this.#looping = false;
+    }
+  }
+
+  /** Drops cancelled sequences, freeing their blocks. */
+  #reap(): void {
+    for (const a of this.#active.values()) if (a.cancelled) this.#end(a);
+  }
+
+  #end(a: Active): void {
+    this.#scheduler.finish(a.seq);
+    this.#active.delete(a.seq.id);
+  }
+
+  /** One scheduled step; false when nothing could be scheduled. */
+  async #step(): Promise<boolean> {
+    const { chunks, preempted } = this.#scheduler.schedule();
+    this.numPreemptions += preempted.length;
+    for (const p of preempted) this.#active.get(p.id)!.cache = null;
+    if (chunks.length === 0) return false;
+    const items: BatchItem[] = chunks.map((c) => {
+      const a = this.#active.get(c.seq.id)!;
+      a.cache ??= this.#kv.view(c.seq.id);
+      const tokens = Array.from({ length: c.numTokens }, (_, i) => c.seq.tokenAt(c.start + i));
+      // Prompt logprobs need every row of the prompt; else only the row after the chunk.
+      const logits = a.promptLogprobs !== null ? "all" : c.isComplete ? "last" : "none";
+      return { tokens, cache: a.cache, logits };
+    });
+    let logits: Float32Array[];
+    try {
+      logits = await this.#model.step(items);
+    } catch (err) {
+      // A failed step (e.g. no replica of a shard answered) fails its sequences.
+      for (const c of chunks) {
+        const a = this.#active.get(c.seq.id);
+        if (!a) continue;
+        this.#end(a);
+        if (!a.cancelled) a.cb.onError(err);
+      }
+      return true;
+    }
+    this.#scheduler.commit(chunks);
+    const V = this.#model.config.vocabSize;
+    chunks.forEach((c, i) => {
+      const a = this.#active.get(c.seq.id);
+      if (!a || a.cancelled) return;
+      const rows = logits[i]!;
+      if (items[i]!.logits === "all") this.#collectPromptLogprobs(a, c.start, rows, V);
+      if (!c.isComplete) return;
+      this.#sample(a, rows.subarray(rows.length - V));
+    });
+    return true;
+  }
+
+  /** Row j of a chunk starting at `start` predicts the token at start + j + 1. */
+  #collectPromptLogprobs(a: Active, start: number, rows: Float32Array, V: number): void {
+    const out = a.promptLogprobs!;
+    const P = a.seq.promptTokens.length;
+    for (let j = 0; j * V < rows.length; j++) {
+      const pos = start + j + 1;
+      if (pos !== out.length || pos >= P) continue;
+      const lp = logSoftmax(rows.subarray(j * V, (j + 1) * V));
+      out.push(tokenLogprob(lp, a.seq.promptTokens[pos]!, a.req.logprobs ?? 0));
+    }
+    if (out.length === P) {
+      a.cb.onPromptLogprobs?.(out);
+      // Recomputation after a preemption must not report them again.
+      a.promptLogprobs = null;
+    }
+  }
+
+  #sample(a: Active, raw: Float32Array): void {
+    const { sampling: s, logprobs, stopTokenIds, maxTokens } = a.req;
+    let logits = raw;
+    if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0) {
+      logits = raw.slice();
+      for (const [id, n] of a.counts) logits[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+    }
+    const id = sampleToken(logits, s.temperature, s.topK, s.topP, a.rng.uniform());
+    if (stopTokenIds.includes(id)) {
+      this.#end(a);
+      a.cb.onFinish("stop");
+      return;
+    }
+    a.seq.outputTokens.push(id);
+    a.counts.set(id, (a.counts.get(id) ?? 0) + 1);
+    const token: TokenLogprob =
+      logprobs === null
+        ? { id, logprob: 0, top: [] }
+        : tokenLogprob(logSoftmax(logits), id, logprobs);
+    a.cb.onToken(token);
+    if (a.cancelled) return;
+    if (a.seq.outputTokens.length >= maxTokens) {
+      this.#end(a);
+      a.cb.onFinish("length");
+    }
+  }
+}
+
+/** log softmax of logits [vocab], in float64. */
+function logSoftmax(x: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (const v of x) if (v > max) max = v;
+  let sum = 0;
+  for (const v of x) sum += Math.exp(v - max);
+  const lse = max + Math.log(sum);
+  return Float64Array.from(x, (v) => v - lse);
+}
+
+/** The logprob of `id` and the `k` most likely tokens (highest first, lowest id on ties). */
+function tokenLogprob(lp: Float64Array, id: number, k: number): TokenLogprob {
+  const top: [number, number][] = [];
+  if (k > 0) {
+    for (let i = 0; i < lp.length; i++) {
+      if (top.length < k || lp[i]! > top[top.length - 1]![1]) {
+        top.push([i, lp[i]!]);
+        top.sort((p, q) => q[1] - p[1] || p[0] - q[0]);
+        if (top.length > k) top.pop();
+      }
+    }
+  }
+  return { id, logprob: lp[id]!, top };
+}

@@ -1,0 +1,169 @@
+// One API request's generation: its n choices as engine sequences, their text with stop
+// strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
+import type { Tokenizer } from "../model/tokenizer.ts";
+import type {
+  FinishReason,
+  GenerationRequest,
+  SamplingParams,
+  ServingEngine,
+  TokenLogprob,
+} from "./engine.ts";
+import { ApiError } from "./errors.ts";
+import type { GatewayMetrics } from "./metrics.ts";
+import { OutputText } from "./text.ts";
+
+/** What the routes share: the engine and the model's facts. */
+export interface ServeContext {
+  readonly engine: ServingEngine;
+  readonly tokenizer: Tokenizer;
+  readonly servedModelName: string;
+  readonly maxModelLen: number;
+  readonly vocabSize: number;
+  readonly metrics: GatewayMetrics;
+}
+
+export interface JobSpec {
+  readonly prompt: readonly number[];
+  readonly maxTokens: number;
+  readonly n: number;
+  readonly sampling: SamplingParams;
+  readonly stops: readonly string[];
+  readonly logprobs: number | null;
+  readonly promptLogprobs: boolean;
+}
+
+export interface Choice {
+  readonly index: number;
+  readonly out: OutputText;
+  readonly tokens: TokenLogprob[];
+  promptLogprobs: (TokenLogprob | null)[] | null;
+  finishReason: FinishReason | null;
+}
+
+export interface JobHooks {
+  /** A token and the text it released (may be ""). */
+  onToken?(choice: Choice, token: TokenLogprob, text: string): void;
+  /** The choice ended; `text` is what was still held back. */
+  onFinish?(choice: Choice, text: string): void;
+}
+
+export interface Job {
+  readonly choices: Choice[];
+  /** Resolves when every choice finished; rejects with the first failure. */
+  readonly done: Promise<void>;
+  /** The client left: cancels every choice and frees their cache blocks. */
+  cancel(): void;
+  readonly completionTokens: number;
+}
+
+/** Submits the request's choices; throws 429 (queue full) or 400 (cannot fit) at once. */
+export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {}): Job {
+  const t0 = performance.now();
+  const { metrics } = ctx;
+  let firstToken = true;
+  let remaining = spec.n;
+  let settled = false;
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const done = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // A job rejected after the client left has no one to tell.
+  done.catch(() => {});
+  const cancels: (() => void)[] = [];
+  const choices: Choice[] = [];
+  const cancelAll = () => {
+    for (const c of cancels) c();
+  };
+  const finish = (choice: Choice, reason: FinishReason) => {
+    if (choice.finishReason !== null || settled) return;
+    choice.finishReason = reason;
+    hooks.onFinish?.(choice, choice.out.flush());
+    metrics.requests.inc({ finished_reason: reason });
+    if (--remaining === 0) {
+      settled = true;
+      metrics.e2eLatency.observe((performance.now() - t0) / 1000);
+      resolve();
+    }
+  };
+  const fail = (err: unknown) => {
+    if (settled) return;
+    settled = true;
+    cancelAll();
+    metrics.requests.inc({ finished_reason: "error" });
+    reject(err);
+  };
+  for (let i = 0; i < spec.n; i++) {
+    const choice: Choice = {
+      index: i,
+      out: new OutputText(ctx.tokenizer, spec.stops),
+      tokens: [],
+      promptLogprobs: null,
+      finishReason: null,
+    };
+    let last = 0;
+    const req: GenerationRequest = {
+      prompt: spec.prompt,
+      maxTokens: spec.maxTokens,
+      sampling: { ...spec.sampling, seed: (spec.sampling.seed + i) >>> 0 },
+      stopTokenIds: ctx.tokenizer.eosTokenId === null ? [] : [ctx.tokenizer.eosTokenId],
+      logprobs: spec.logprobs,
+      promptLogprobs: spec.promptLogprobs,
+    };
+    const r = ctx.engine.submit(req, {
+      onPromptLogprobs: (lps) => {
+        choice.promptLogprobs = lps;
+      },
+      onToken: (t) => {
+        if (settled || choice.finishReason !== null) return;
+        const now = performance.now();
+        if (firstToken) metrics.timeToFirstToken.observe((now - t0) / 1000);
+        else if (last > 0) metrics.interTokenLatency.observe((now - last) / 1000);
+        firstToken = false;
+        last = now;
+        metrics.generationTokens.inc();
+        choice.tokens.push(t);
+        const text = choice.out.push(t.id);
+        hooks.onToken?.(choice, t, text);
+        if (choice.out.stopped) {
+          cancels[i]!();
+          finish(choice, "stop");
+        }
+      },
+      onFinish: (reason) => finish(choice, reason),
+      onError: fail,
+    });
+    if (!r.ok) {
+      cancelAll();
+      metrics.rejected.inc({ reason: r.reason });
+      if (r.reason === "queue_full")
+        throw new ApiError(
+          "EM_GATEWAY_OVERLOADED",
+          "the gateway's admission queue is full: retry later",
+          { retryAfter: 1 },
+        );
+      throw new ApiError(
+        "EM_GATEWAY_PROMPT_TOO_LONG",
+        `${spec.prompt.length} prompt tokens + ${spec.maxTokens} max_tokens do not fit in the KV cache`,
+      );
+    }
+    cancels.push(r.cancel);
+    choices.push(choice);
+  }
+  metrics.promptTokens.inc(spec.prompt.length);
+  return {
+    choices,
+    done,
+    cancel: () => {
+      if (settled) return;
+      settled = true;
+      cancelAll();
+      metrics.requests.inc({ finished_reason: "abort" });
+      resolve();
+    },
+    get completionTokens() {
+      return choices.reduce((s, c) => s + c.tokens.length, 0);
+    },
+  };
+}

@@ -1,0 +1,105 @@
+// The gateway's Prometheus metrics, named after vLLM's where one exists (vllm:X becomes
+// expertmesh_gateway_X): queue depth, KV cache usage, latencies, token counts, and the
+// round trip of each expert shard. One registry per gateway (tests run several).
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { EngineStats } from "./engine.ts";
+
+const LATENCY_BUCKETS = [
+  0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20,
+  40, 80,
+];
+
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  readonly timeToFirstToken: Histogram;
+  readonly interTokenLatency: Histogram;
+  readonly e2eLatency: Histogram;
+  readonly promptTokens: Counter;
+  readonly generationTokens: Counter;
+  readonly requests: Counter<"finished_reason">;
+  readonly rejected: Counter<"reason">;
+  readonly dispatchLatency: Histogram<"shard" | "ok">;
+
+  constructor(stats: () => EngineStats) {
+    const registers = [this.registry];
+    new Gauge({
+      name: "expertmesh_gateway_num_requests_waiting",
+      help: "Sequences waiting for admission (the queue depth the autoscaler reads).",
+      registers,
+      collect() {
+        this.set(stats().numWaiting);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_num_requests_running",
+      help: "Sequences in the running batch.",
+      registers,
+      collect() {
+        this.set(stats().numRunning);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_kv_cache_usage_perc",
+      help: "Fraction of KV cache blocks in use (0..1).",
+      registers,
+      collect() {
+        this.set(stats().kvUsage);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_num_preemptions",
+      help: "Sequences preempted (freed and recomputed later) since start.",
+      registers,
+      collect() {
+        this.set(stats().numPreemptions);
+      },
+    });
+    this.timeToFirstToken = new Histogram({
+      name: "expertmesh_gateway_time_to_first_token_seconds",
+      help: "From request arrival to its first generated token.",
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.interTokenLatency = new Histogram({
+      name: "expertmesh_gateway_inter_token_latency_seconds",
+      help: "Between consecutive tokens of one sequence.",
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.e2eLatency = new Histogram({
+      name: "expertmesh_gateway_e2e_request_latency_seconds",
+      help: "From request arrival to its last token.",
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.promptTokens = new Counter({
+      name: "expertmesh_gateway_prompt_tokens_total",
+      help: "Prompt tokens of admitted requests.",
+      registers,
+    });
+    this.generationTokens = new Counter({
+      name: "expertmesh_gateway_generation_tokens_total",
+      help: "Tokens generated.",
+      registers,
+    });
+    this.requests = new Counter({
+      name: "expertmesh_gateway_request_success_total",
+      help: "Requests finished, by reason (stop, length, abort, error).",
+      labelNames: ["finished_reason"],
+      registers,
+    });
+    this.rejected = new Counter({
+      name: "expertmesh_gateway_requests_rejected_total",
+      help: "Requests refused before admission (queue_full, too_large).",
+      labelNames: ["reason"],
+      registers,
+    });
+    this.dispatchLatency = new Histogram({
+      name: "expertmesh_gateway_dispatch_latency_seconds",
+      help: "Round trip of one layer's dispatch to one expert shard.",
+      labelNames: ["shard", "ok"],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+  }
+}

@@ -1,0 +1,362 @@
+// The OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions (JSON or
+// server-sent events), GET /v1/models. Bodies are validated by their TypeBox schemas
+// before the handlers run; a client that disconnects cancels its choices.
+import { randomBytes, randomInt } from "node:crypto";
+import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
+import type { TokenLogprob } from "./engine.ts";
+import { ApiError, errorBody, toApiError } from "./errors.ts";
+import { type Choice, type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
+import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
+
+type Common = ChatCompletionRequest | CompletionRequest;
+
+/** The route plugin. */
+export function openaiRoutes(ctx: ServeContext) {
+  return async (app: FastifyInstance) => {
+    app.get("/v1/models", async () => ({
+      object: "list",
+      data: [
+        {
+          id: ctx.servedModelName,
+          object: "model",
+          created: 0,
+          owned_by: "expertmesh",
+          max_model_len: ctx.maxModelLen,
+        },
+      ],
+    }));
+    app.post<{ Body: ChatCompletionRequest }>(
+      "/v1/chat/completions",
+      { schema: { body: ChatCompletionRequest } },
+      (req, reply) => chat(ctx, req, reply),
+    );
+    app.post<{ Body: CompletionRequest }>(
+      "/v1/completions",
+      { schema: { body: CompletionRequest } },
+      (req, reply) => completion(ctx, req, reply),
+    );
+  };
+}
+
+function checkModel(ctx: ServeContext, model: string): void {
+  if (model !== ctx.servedModelName)
+    throw new ApiError(
+      "EM_GATEWAY_UNKNOWN_MODEL",
+      `the model '${model}' does not exist here; this gateway serves '${ctx.servedModelName}'`,
+      { param: "model" },
+    );
+}
+
+/** The shared sampling fields as a JobSpec (prompt and logprob fields from the route). */
+function jobSpec(
+  ctx: ServeContext,
+  b: Common,
+  prompt: number[],
+  requested: number | null | undefined,
+  defaultMax: number | null,
+  promptParam: string,
+): Omit<JobSpec, "logprobs" | "promptLogprobs"> {
+  const P = prompt.length;
+  const room = ctx.maxModelLen - P;
+  if (room < 1 || (requested != null && requested > room))
+    throw new ApiError(
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      `this model's maximum context length is ${ctx.maxModelLen} tokens; the prompt has ${P} tokens` +
+        (requested != null ? ` and max_tokens is ${requested}` : "") +
+        ": shorten the prompt or lower max_tokens",
+      { param: requested != null && room >= 1 ? "max_tokens" : promptParam },
+    );
+  const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
+  return {
+    prompt,
+    maxTokens: requested ?? Math.min(room, defaultMax ?? room),
+    n: b.n ?? 1,
+    sampling: {
+      temperature: b.temperature ?? 1,
+      topP: b.top_p ?? 1,
+      topK: b.top_k != null && b.top_k > 0 ? b.top_k : 0,
+      presencePenalty: b.presence_penalty ?? 0,
+      frequencyPenalty: b.frequency_penalty ?? 0,
+      seed: b.seed ?? randomInt(2 ** 32 - 1),
+    },
+    stops: stop.filter((s) => s.length > 0),
+  };
+}
+
+const usageOf = (prompt: number, job: Job) => ({
+  prompt_tokens: prompt,
+  completion_tokens: job.completionTokens,
+  total_tokens: prompt + job.completionTokens,
+});
+
+/** Starts a job bound to the HTTP exchange: a closed connection before the end cancels it. */
+function bind(reply: FastifyReply, job: Job): void {
+  reply.raw.on("close", () => {
+    if (!reply.raw.writableFinished) job.cancel();
+  });
+}
+
+/** Server-sent events on the raw response (after the job was admitted). */
+function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void } {
+  reply.hijack();
+  reply.raw.writeHead(200, {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    connection: "keep-alive",
+  });
+  // Clients wait for the headers: send them now, before the first token.
+  reply.raw.flushHeaders();
+  return {
+    send: (o) => {
+      if (!reply.raw.destroyed) reply.raw.write(`data: ${JSON.stringify(o)}\n\n`);
+    },
+    end: () => {
+      if (!reply.raw.destroyed) reply.raw.end("data: [DONE]\n\n");
+    },
+  };
+}
+
+/** Runs a streamed job to the end; an engine error becomes an error event. */
+async function streamJob(
+  job: Job,
+  out: ReturnType<typeof sse>,
+  final: () => unknown,
+): Promise<void> {
+  try {
+    await job.done;
+    out.send(final());
+  } catch (err) {
+    out.send(errorBody(toApiError(err)));
+  }
+  out.end();
+}
+
+// ---- chat ----
+
+function chatMessages(b: ChatCompletionRequest): TemplateMessage[] {
+  return b.messages.map((m) => ({
+    role: m.role === "developer" ? "system" : m.role,
+    content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
+  }));
+}
+
+async function chat(
+  ctx: ServeContext,
+  req: FastifyRequest<{ Body: ChatCompletionRequest }>,
+  reply: FastifyReply,
+): Promise<unknown> {
+  const b = req.body;
+  checkModel(ctx, b.model);
+  const prompt = ctx.tokenizer.encodeChat(chatMessages(b), true);
+  const spec: JobSpec = {
+    ...jobSpec(ctx, b, prompt, b.max_completion_tokens ?? b.max_tokens, null, "messages"),
+    logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
+    promptLogprobs: false,
+  };
+  const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
+  const created = Math.floor(Date.now() / 1000);
+  const head = { id, created, model: ctx.servedModelName };
+  const lp = (tokens: TokenLogprob[]) =>
+    spec.logprobs === null ? null : { content: tokens.map((t) => chatLogprob(ctx, t)) };
+  if (!b.stream) {
+    const job = startJob(ctx, spec);
+    bind(reply, job);
+    await job.done;
+    return {
+      ...head,
+      object: "chat.completion",
+      choices: job.choices.map((c) => ({
+        index: c.index,
+        message: { role: "assistant", content: c.out.text },
+        logprobs: lp(c.tokens),
+        finish_reason: c.finishReason,
+      })),
+      usage: usageOf(prompt.length, job),
+    };
+  }
+  const chunk = (choices: unknown[]) => ({ ...head, object: "chat.completion.chunk", choices });
+  let out: ReturnType<typeof sse> | null = null;
+  const pending: unknown[] = [];
+  const send = (o: unknown) => (out ? out.send(o) : pending.push(o));
+  const job = startJob(ctx, spec, {
+    onToken: (c, t, text) => {
+      if (text || spec.logprobs !== null)
+        send(
+          chunk([
+            { index: c.index, delta: { content: text }, logprobs: lp([t]), finish_reason: null },
+          ]),
+        );
+    },
+    onFinish: (c, text) =>
+      send(
+        chunk([
+          {
+            index: c.index,
+            delta: text ? { content: text } : {},
+            logprobs: null,
+            finish_reason: c.finishReason,
+          },
+        ]),
+      ),
+  });
+  out = sse(reply);
+  bind(reply, job);
+  for (const c of job.choices)
+    out.send(
+      chunk([
+        {
+          index: c.index,
+          delta: { role: "assistant", content: "" },
+          logprobs: null,
+          finish_reason: null,
+        },
+      ]),
+    );
+  for (const p of pending) out.send(p);
+  // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
+  await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(prompt.length, job) }));
+  return reply;
+}
+
+function chatLogprob(ctx: ServeContext, t: TokenLogprob) {
+  const entry = (id: number, logprob: number) => {
+    const token = ctx.tokenizer.decode([id]);
+    return { token, logprob, bytes: [...Buffer.from(token, "utf8")] };
+  };
+  return {
+    ...entry(t.id, t.logprob),
+    top_logprobs: t.top.map(([id, logprob]) => entry(id, logprob)),
+  };
+}
+
+// ---- completions ----
+
+async function completion(
+  ctx: ServeContext,
+  req: FastifyRequest<{ Body: CompletionRequest }>,
+  reply: FastifyReply,
+): Promise<unknown> {
+  const b = req.body;
+  checkModel(ctx, b.model);
+  let prompt: number[];
+  if (typeof b.prompt === "string") prompt = ctx.tokenizer.encode(b.prompt);
+  else {
+    prompt = b.prompt;
+    const bad = prompt.find((t) => t >= ctx.vocabSize);
+    if (bad !== undefined)
+      throw new ApiError(
+        "EM_GATEWAY_BAD_REQUEST",
+        `prompt token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
+        { param: "prompt" },
+      );
+  }
+  const echo = b.echo === true;
+  const spec: JobSpec = {
+    ...jobSpec(ctx, b, prompt, b.max_tokens, 16, "prompt"),
+    logprobs: b.logprobs ?? null,
+    promptLogprobs: echo && b.logprobs != null,
+  };
+  const id = `cmpl-${randomBytes(12).toString("hex")}`;
+  const created = Math.floor(Date.now() / 1000);
+  const head = { id, object: "text_completion", created, model: ctx.servedModelName };
+  const promptText = echo
+    ? typeof b.prompt === "string"
+      ? b.prompt
+      : ctx.tokenizer.decode(prompt, true)
+    : "";
+  if (!b.stream) {
+    const job = startJob(ctx, spec);
+    bind(reply, job);
+    await job.done;
+    return {
+      ...head,
+      choices: job.choices.map((c) => ({
+        index: c.index,
+        text: promptText + c.out.text,
+        logprobs: spec.logprobs === null ? null : completionLogprobs(ctx, c, prompt, echo),
+        finish_reason: c.finishReason,
+      })),
+      usage: usageOf(prompt.length, job),
+    };
+  }
+  let out: ReturnType<typeof sse> | null = null;
+  const pending: unknown[] = [];
+  const send = (o: unknown) => (out ? out.send(o) : pending.push(o));
+  const choice = (
+    index: number,
+    text: string,
+    finish: string | null,
+    logprobs: unknown = null,
+  ) => ({ ...head, choices: [{ index, text, logprobs, finish_reason: finish }] });
+  // Per choice: characters of text (echo included) streamed so far, for text_offset.
+  const streamed = new Map<number, number>();
+  const job = startJob(ctx, spec, {
+    onToken: (c, t, text) => {
+      const at = streamed.get(c.index) ?? promptText.length;
+      streamed.set(c.index, at + text.length);
+      if (text || spec.logprobs !== null)
+        send(
+          choice(
+            c.index,
+            text,
+            null,
+            spec.logprobs === null
+              ? null
+              : logprobsOf(ctx, [t], [ctx.tokenizer.decode([t.id])], at),
+          ),
+        );
+    },
+    onFinish: (c, text) => send(choice(c.index, text, c.finishReason)),
+  });
+  out = sse(reply);
+  bind(reply, job);
+  if (echo) for (const c of job.choices) out.send(choice(c.index, promptText, null));
+  for (const p of pending) out.send(p);
+  await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(prompt.length, job) }));
+  return reply;
+}
+
+/** OpenAI's legacy logprobs object; with echo the prompt tokens come first (first: null). */
+function completionLogprobs(ctx: ServeContext, c: Choice, prompt: number[], echo: boolean) {
+  const entries: (TokenLogprob | null)[] = [];
+  const ids: number[] = [];
+  if (echo) {
+    const lps = c.promptLogprobs ?? prompt.map(() => null);
+    prompt.forEach((id, i) => {
+      ids.push(id);
+      entries.push(lps[i] ?? null);
+    });
+  }
+  for (const t of c.tokens) {
+    ids.push(t.id);
+    entries.push(t);
+  }
+  return logprobsOf(
+    ctx,
+    entries,
+    ids.map((id) => ctx.tokenizer.decode([id])),
+  );
+}
+
+function logprobsOf(
+  ctx: ServeContext,
+  entries: (TokenLogprob | null)[],
+  texts: string[],
+  start = 0,
+) {
+  let offset = start;
+  const textOffset = texts.map((t) => {
+    const at = offset;
+    offset += t.length;
+    return at;
+  });
+  return {
+    tokens: texts,
+    token_logprobs: entries.map((e) => (e ? e.logprob : null)),
+    top_logprobs: entries.map((e) =>
+      e ? Object.fromEntries(e.top.map(([id, lp]) => [ctx.tokenizer.decode([id]), lp])) : null,
+    ),
+    text_offset: textOffset,
+  };
+}

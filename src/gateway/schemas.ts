@@ -1,0 +1,61 @@
+// Request bodies of the OpenAI-compatible routes, as TypeBox schemas: fastify validates
+// them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
+// accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...).
+import { type Static, type TSchema, Type } from "@sinclair/typebox";
+
+const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
+
+/** Sampling and length fields shared by both routes. */
+const common = {
+  model: Type.String({ minLength: 1 }),
+  max_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
+  temperature: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 2 }))),
+  top_p: Type.Optional(Nullable(Type.Number({ exclusiveMinimum: 0, maximum: 1 }))),
+  /** vLLM's extension: -1 or 0 turns it off. */
+  top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  seed: Type.Optional(Nullable(Type.Integer())),
+  stop: Type.Optional(
+    Type.Union([
+      Type.String(),
+      Type.Array(Type.String({ minLength: 1 }), { maxItems: 4 }),
+      Type.Null(),
+    ]),
+  ),
+  n: Type.Optional(Nullable(Type.Integer({ minimum: 1, maximum: 16 }))),
+  presence_penalty: Type.Optional(Nullable(Type.Number({ minimum: -2, maximum: 2 }))),
+  frequency_penalty: Type.Optional(Nullable(Type.Number({ minimum: -2, maximum: 2 }))),
+  stream: Type.Optional(Nullable(Type.Boolean())),
+  stream_options: Type.Optional(
+    Type.Union([Type.Object({ include_usage: Type.Optional(Type.Boolean()) }), Type.Null()]),
+  ),
+};
+
+const TextPart = Type.Object({ type: Type.Literal("text"), text: Type.String() });
+
+export const ChatMessage = Type.Object({
+  role: Type.Union([
+    Type.Literal("system"),
+    Type.Literal("developer"),
+    Type.Literal("user"),
+    Type.Literal("assistant"),
+  ]),
+  content: Type.Union([Type.String(), Type.Array(TextPart, { minItems: 1 })]),
+});
+
+export const ChatCompletionRequest = Type.Object({
+  ...common,
+  messages: Type.Array(ChatMessage, { minItems: 1 }),
+  max_completion_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
+  logprobs: Type.Optional(Nullable(Type.Boolean())),
+  top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
+});
+export type ChatCompletionRequest = Static<typeof ChatCompletionRequest>;
+
+export const CompletionRequest = Type.Object({
+  ...common,
+  /** One prompt: text, or token ids. */
+  prompt: Type.Union([Type.String(), Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 })]),
+  logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 5 }))),
+  echo: Type.Optional(Nullable(Type.Boolean())),
+});
+export type CompletionRequest = Static<typeof CompletionRequest>;

@@ -1,0 +1,110 @@
+// Putting a gateway together: the engine over loaded weights (routed experts in process,
+// or on shards over NATS), the readiness probe of the shards, and the HTTP app.
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { Backend } from "../engine/backend.ts";
+import { BatchForward } from "../engine/batch.ts";
+import type { ExpertRunner } from "../engine/experts.ts";
+import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
+import type { ModelWeights } from "../engine/loader.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import type { PlacementPlan } from "../moe/placement.ts";
+import { type ModelRef, subjects } from "../moe/subjects.ts";
+import { decodeFrame, encodeDispatch } from "../moe/wire.ts";
+import { ExpertMeshError } from "../util/errors.ts";
+import { ServingEngine } from "./engine.ts";
+import type { ServeContext } from "./jobs.ts";
+import { GatewayMetrics } from "./metrics.ts";
+
+export interface GatewayConfig {
+  readonly servedModelName: string;
+  /** Context length served (default: the model's max_position_embeddings). */
+  readonly maxModelLen?: number;
+  /** Tokens per engine step (chunked prefill budget). */
+  readonly maxBatchTokens: number;
+  /** Sequences waiting for admission before 429. */
+  readonly maxQueueDepth: number;
+  /** Sequences running at once (default 256). */
+  readonly maxRunning?: number;
+  /** KV cache budget (bytes) and block size (tokens). */
+  readonly kvCacheBytes: number;
+  readonly blockSize?: number;
+}
+
+/** The engine and the context the routes need; checks the KV budget against the context. */
+export function createServeContext(
+  weights: ModelWeights,
+  backend: Backend,
+  experts: ExpertRunner,
+  tokenizer: Tokenizer,
+  cfg: GatewayConfig,
+): ServeContext {
+  const c = weights.config;
+  const maxModelLen = cfg.maxModelLen ?? c.maxPositionEmbeddings;
+  if (maxModelLen > c.maxPositionEmbeddings)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--max-model-len ${maxModelLen} is past the model's max_position_embeddings ${c.maxPositionEmbeddings}`,
+    );
+  const blockSize = cfg.blockSize ?? 16;
+  const kv = new BlockKvCache(c, { blockSize, memoryBytes: cfg.kvCacheBytes });
+  if (kv.capacityTokens < maxModelLen)
+    throw new ExpertMeshError(
+      "EM_KV_BUDGET",
+      `the KV cache holds ${kv.capacityTokens} tokens, less than one sequence of ${maxModelLen}: ` +
+        `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize)} or lower --max-model-len`,
+    );
+  const engine = new ServingEngine(new BatchForward(weights, backend, experts), kv, {
+    maxBatchTokens: cfg.maxBatchTokens,
+    maxRunning: cfg.maxRunning ?? 256,
+    maxQueueDepth: cfg.maxQueueDepth,
+  });
+  return {
+    engine,
+    tokenizer,
+    servedModelName: cfg.servedModelName,
+    maxModelLen,
+    vocabSize: c.vocabSize,
+    metrics: new GatewayMetrics(() => engine.stats),
+  };
+}
+
+/**
+ * Readiness of distributed mode: every shard of the plan answers a one-token dispatch
+ * (zero activations, weight 0, one of its own experts) within `timeoutMs`.
+ */
+export async function probeShards(
+  nc: NatsConnection,
+  model: ModelRef,
+  plan: PlacementPlan,
+  hidden: number,
+  timeoutMs = 1000,
+): Promise<boolean> {
+  const layer = plan.layers[0];
+  if (!layer) return true;
+  const answers = await Promise.all(
+    Array.from({ length: plan.numShards }, async (_, k) => {
+      const expert = layer.shardExperts[k]?.[0];
+      if (expert === undefined) return true;
+      const frame = encodeDispatch({
+        dtype: "f32",
+        planVersion: plan.version,
+        layer: layer.layer,
+        hidden,
+        numTokens: 1,
+        tokenOffset: 0,
+        totalTokens: 1,
+        activations: new Float32Array(hidden),
+        token: Uint32Array.of(0),
+        expert: Uint32Array.of(expert),
+        weight: Float32Array.of(0),
+      });
+      try {
+        const msg = await nc.request(subjects.shard(model, k), frame, { timeout: timeoutMs });
+        return decodeFrame(msg.data).kind === "combine";
+      } catch {
+        return false;
+      }
+    }),
+  );
+  return answers.every(Boolean);
+}

@@ -1,0 +1,132 @@
+// Gateways started in the test process on a tiny checkpoint: experts in process, or on
+// shard processes over the test nats-server; and the official `openai` client for them.
+import type { AddressInfo } from "node:net";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { FastifyInstance } from "fastify";
+import OpenAI from "openai";
+import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
+import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import { buildGatewayApp } from "../../src/gateway/app.ts";
+import type { ServeContext } from "../../src/gateway/jobs.ts";
+import { createServeContext, type GatewayConfig, probeShards } from "../../src/gateway/server.ts";
+import { Checkpoint } from "../../src/model/checkpoint.ts";
+import { Tokenizer } from "../../src/model/tokenizer.ts";
+import { RemoteExperts } from "../../src/moe/dispatcher.ts";
+import { testEnv } from "../support/env.ts";
+import { type Cluster, native } from "../support/shards.ts";
+
+export interface TestGateway {
+  url: string;
+  app: FastifyInstance;
+  ctx: ServeContext;
+  client: OpenAI;
+  weights: ModelWeights;
+  close(): Promise<void>;
+}
+
+export interface TestGatewayOptions extends Partial<GatewayConfig> {
+  /** Wraps the expert runner (e.g. to hold a step). */
+  wrap?: (r: ExpertRunner) => ExpertRunner;
+  apiKeys?: string[];
+  maxRequestBytes?: number;
+  /** Experts on these shards over NATS instead of in process. */
+  cluster?: Cluster;
+}
+
+export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
+  const ckpt = await Checkpoint.open(dir);
+  const weights = await loadWeights(ckpt, o.cluster ? "none" : "all");
+  let nc: NatsConnection | null = null;
+  let experts: ExpertRunner;
+  let ready: (() => Promise<boolean>) | undefined;
+  if (o.cluster) {
+    const conn = await connect({ servers: testEnv().nats.url });
+    nc = conn;
+    const ref = { namespace: "test", model: o.cluster.modelName };
+    experts = new RemoteExperts({
+      nc: conn,
+      model: ref,
+      plan: o.cluster.plan,
+      dispatchDtype: "f32",
+      combineDtype: "f32",
+    });
+    const plan = o.cluster.plan;
+    ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize, 500);
+  } else {
+    experts = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+  }
+  if (o.wrap) experts = o.wrap(experts);
+  const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir), {
+    servedModelName: "tiny",
+    maxBatchTokens: o.maxBatchTokens ?? 64,
+    maxQueueDepth: o.maxQueueDepth ?? 64,
+    kvCacheBytes: o.kvCacheBytes ?? 8 * 2 ** 20,
+    ...(o.maxRunning !== undefined ? { maxRunning: o.maxRunning } : {}),
+    ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
+    ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
+  });
+  const app = buildGatewayApp({
+    ctx,
+    ...(o.apiKeys ? { apiKeys: o.apiKeys } : {}),
+    ...(o.maxRequestBytes ? { maxRequestBytes: o.maxRequestBytes } : {}),
+    ...(ready ? { ready } : {}),
+  });
+  await app.listen({ port: 0, host: "127.0.0.1" });
+  const url = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`;
+  const client = new OpenAI({
+    baseURL: `${url}/v1`,
+    apiKey: o.apiKeys?.[0] ?? "none",
+    maxRetries: 0,
+  });
+  return {
+    url,
+    app,
+    ctx,
+    client,
+    weights,
+    close: async () => {
+      await app.close();
+      await nc?.close();
+    },
+  };
+}
+
+/** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first held call. */
+export function holdable(inner: ExpertRunner) {
+  let release: (() => void) | null = null;
+  let gate: Promise<void> | null = null;
+  let onEnter: (() => void) | null = null;
+  const entered = new Promise<void>((r) => {
+    onEnter = r;
+  });
+  const runner: ExpertRunner = {
+    async run(...args) {
+      if (gate) {
+        onEnter?.();
+        await gate;
+      }
+      return inner.run(...args);
+    },
+  };
+  return {
+    runner,
+    entered,
+    hold() {
+      gate = new Promise((r) => {
+        release = r;
+      });
+    },
+    release() {
+      gate = null;
+      release?.();
+    },
+  };
+}
+
+/** A metric's value from the Prometheus text (first sample without labels, or with `labels`). */
+export async function metric(url: string, name: string): Promise<number> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text);
+  if (!m) throw new Error(`metric ${name} not found`);
+  return Number(m[1]);
+}

@@ -1,0 +1,134 @@
+// The continuous-batching scheduler and the KV block allocator: pure logic, table-driven.
+import { describe, expect, it } from "vitest";
+import { BlockAllocator } from "../../src/engine/kv-blocks.ts";
+import { type ScheduledChunk, Scheduler, Sequence } from "../../src/engine/scheduler.ts";
+
+const seq = (id: number, prompt: number, maxTotal = prompt + 8) =>
+  new Sequence(
+    id,
+    Array.from({ length: prompt }, (_, i) => i + 1),
+    maxTotal,
+  );
+
+/** "id:start+n" per chunk, "!" when the chunk completes the sequence. */
+const show = (chunks: ScheduledChunk[]) =>
+  chunks.map((c) => `${c.seq.id}:${c.start}+${c.numTokens}${c.isComplete ? "!" : ""}`);
+
+/** Runs a step: commits the chunks and appends a sampled token to complete ones. */
+function step(s: Scheduler) {
+  const r = s.schedule();
+  s.commit(r.chunks);
+  for (const c of r.chunks) if (c.isComplete) c.seq.outputTokens.push(99);
+  return { chunks: show(r.chunks), preempted: r.preempted.map((p) => p.id) };
+}
+
+describe("BlockAllocator", () => {
+  // biome-ignore format: a table
+  it.each([
+    // [blocks, blockSize, reservations [seq, tokens], expected results, free after]
+    [4, 4, [[1, 4], [2, 5], [3, 1], [4, 1]], [true, true, true, false], 0],
+    [4, 4, [[1, 3], [1, 4], [1, 5]], [true, true, true], 2],
+    [2, 16, [[1, 33]], [false], 2],
+    [3, 1, [[1, 1], [2, 2], [1, 1]], [true, true, true], 0],
+  ] as const)("%i blocks of %i: %j", (blocks, size, reqs, want, free) => {
+    const a = new BlockAllocator(blocks, size);
+    expect(reqs.map(([s, n]) => a.reserve(s, n))).toEqual(want);
+    expect(a.numFreeBlocks).toBe(free);
+  });
+
+  it("frees a sequence's blocks and hands them out again", () => {
+    const a = new BlockAllocator(4, 2);
+    a.reserve(1, 4);
+    a.reserve(2, 4);
+    expect(a.usage).toBe(1);
+    expect(a.free(1)).toBe(2);
+    expect(a.free(1)).toBe(0);
+    expect(a.reserve(3, 3)).toBe(true);
+    expect(new Set([...a.table(2), ...a.table(3)]).size).toBe(4);
+  });
+
+  it("refuses an empty pool", () => {
+    expect(() => new BlockAllocator(0, 16)).toThrow(/EM_KV_BUDGET|at least one block/);
+  });
+});
+
+describe("Scheduler", () => {
+  const config = { maxBatchTokens: 8, maxRunning: 4, maxQueueDepth: 2 };
+
+  it.each([
+    {
+      name: "chunked prefill under the token budget, then decodes batched",
+      prompts: [10, 3],
+      steps: [["1:0+8"], ["1:8+2!", "2:0+3!"], ["1:10+1!", "2:3+1!"]],
+    },
+    {
+      name: "decodes first, then a new prompt takes what budget is left",
+      prompts: [2, 12],
+      steps: [
+        ["1:0+2!", "2:0+6"],
+        ["1:2+1!", "2:6+6!"],
+        ["1:3+1!", "2:12+1!"],
+      ],
+    },
+  ])("$name", ({ prompts, steps }) => {
+    const s = new Scheduler(config, new BlockAllocator(64, 4));
+    expect(prompts.map((p, i) => s.add(seq(i + 1, p)))).toEqual(prompts.map(() => "ok"));
+    for (const want of steps) expect(step(s).chunks).toEqual(want);
+  });
+
+  it("limits the running sequences", () => {
+    const s = new Scheduler({ ...config, maxRunning: 1 }, new BlockAllocator(64, 4));
+    s.add(seq(1, 2));
+    s.add(seq(2, 2));
+    expect(step(s).chunks).toEqual(["1:0+2!"]);
+    expect(s.numWaiting).toBe(1);
+    expect(step(s).chunks).toEqual(["1:2+1!"]);
+  });
+
+  it("refuses sequences past the queue depth and ones too large for the cache", () => {
+    const s = new Scheduler(config, new BlockAllocator(4, 4));
+    expect(s.add(seq(1, 4))).toBe("ok");
+    expect(s.add(seq(2, 4))).toBe("ok");
+    expect(s.add(seq(3, 4))).toBe("queue_full");
+    expect(s.add(seq(4, 4, 17))).toBe("too_large");
+  });
+
+  it("preempts the newest sequence when blocks run out, and recomputes it later", () => {
+    // 3 blocks of 4 tokens; two sequences of 4 prompt tokens each need a 2nd block.
+    const blocks = new BlockAllocator(3, 4);
+    const s = new Scheduler(config, blocks);
+    const a = seq(1, 4);
+    const b = seq(2, 4);
+    s.add(a);
+    s.add(b);
+    expect(step(s)).toEqual({ chunks: ["1:0+4!", "2:0+4!"], preempted: [] });
+    // Both need a 5th position: a gets the free block, b needs one more: b is preempted.
+    expect(step(s)).toEqual({ chunks: ["1:4+1!"], preempted: [2] });
+    expect(b.numComputed).toBe(0);
+    expect(b.status).toBe("waiting");
+    expect(blocks.numFreeBlocks).toBe(1);
+    // b waits until a finishes, then recomputes prompt + its sampled token in one chunk.
+    expect(step(s)).toEqual({ chunks: ["1:5+1!"], preempted: [] });
+    s.finish(a);
+    expect(blocks.numFreeBlocks).toBe(3);
+    expect(step(s)).toEqual({ chunks: ["2:0+5!"], preempted: [] });
+    expect(b.outputTokens).toEqual([99, 99]);
+    expect(b.numPreemptions).toBe(1);
+  });
+
+  it("cancelling frees blocks of running and drops waiting sequences", () => {
+    const blocks = new BlockAllocator(8, 4);
+    const s = new Scheduler({ ...config, maxRunning: 1 }, blocks);
+    const a = seq(1, 6);
+    const b = seq(2, 3);
+    s.add(a);
+    s.add(b);
+    step(s);
+    expect(blocks.numFreeBlocks).toBe(6);
+    s.finish(a);
+    s.finish(b);
+    expect(blocks.numFreeBlocks).toBe(8);
+    expect(s.isIdle).toBe(true);
+    expect(a.status).toBe("finished");
+  });
+});
