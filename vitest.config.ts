@@ -7,7 +7,7 @@ export default defineConfig({
     globalSetup: ["test/env/global-setup.ts"],
     // Files share one cluster and one NATS server; on 2 cores parallel files only contend.
     fileParallelism: false,
-    testTimeout: 60_000,
+    testTimeout: 120_000,
     hookTimeout: 180_000,
     teardownTimeout: 60_000,
   },

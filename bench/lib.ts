@@ -2,7 +2,7 @@
 // client for helper processes (the PyTorch worker, the limits helper), and the build of
 // the C++ limits helper. See BENCHMARKS.md for the method and /work/shared/BENCHMARKING.md
 // (copied into BENCHMARKS.md's header) for the rules.
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { availableParallelism, cpus, loadavg, totalmem } from "node:os";
@@ -295,6 +295,20 @@ export function peerEnv(): NodeJS.ProcessEnv {
     delete env[k];
   }
   return env;
+}
+
+/** `text` as the repo's formatter (biome, which `npm run lint` checks) would write the file
+ *  at `path` (JSON, Markdown); unchanged where biome is not installed or declines. */
+export function formatLikeRepo(text: string, path: string): string {
+  const biome = join(REPO_ROOT, "node_modules", ".bin", "biome");
+  if (!existsSync(biome)) return text;
+  const r = spawnSync(biome, ["format", `--stdin-file-path=${path}`], {
+    cwd: REPO_ROOT,
+    input: text,
+    encoding: "utf8",
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  return r.status === 0 && r.stdout ? r.stdout : text;
 }
 
 /** Today's date in UTC as YYYY-MM-DD. */

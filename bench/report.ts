@@ -8,7 +8,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
-import { REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
+import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
 const BEGIN = (s: string) =>
@@ -207,7 +207,7 @@ function bandwidthTable(res: KernelResults): string {
       "torch bf16 GB/s",
       "torch fp32 GB/s = / read BW",
       "ours fp32 W GB/s = / read BW",
-      "ours, weights in cache, GB/s",
+      "ours, one copy (cached if it fits), GB/s",
       "roofline ceiling / read BW",
       `target ≥ ${TARGETS.decodeBandwidthFraction} of read BW`,
     ],
@@ -323,7 +323,7 @@ export function kernelTables(res: KernelResults, source: string, plot?: string):
   parts.push(
     `### Decode: weight streaming against memory bandwidth`,
     "",
-    'Weight bytes one call reads / time per call; the fraction divides by the bandwidth sample taken in the same round (read = a 4-stream read loop, what streaming weights is; copy = memcpy, bytes read + written, as STREAM counts). Weights rotate over copies of ≥ 256 MiB in all, so every call reads them from memory, as a shard does. "weights in cache": ours with one copy, so the weights stay in L2/L3 between calls (a kernel that is no faster then is not limited by memory). Roofline ceiling = FMA peak / (FLOP per weight byte) / read bandwidth, capped at 1: the best fraction any kernel could reach at that batch on this machine.',
+    'Weight bytes one call reads / time per call; the fraction divides by the bandwidth sample taken in the same round (read = a 4-stream read loop, what streaming weights is; copy = memcpy, bytes read + written, as STREAM counts). Weights rotate over copies of ≥ 256 MiB in all, so every call reads them from memory, as a shard does. "one copy": ours without the rotation, so weights that fit in the L3 stay there between calls (a kernel that is no faster then is not limited by memory; meaningful only where the weights are well under the L3 size: the V2-Lite matmul). Roofline ceiling = FMA peak / (FLOP per weight byte) / read bandwidth, capped at 1: the best fraction any kernel could reach at that batch on this machine.',
     "",
     bandwidthTable(res),
     "",
@@ -452,6 +452,7 @@ export function renderBenchmarksMd(
       kernelTables(res, relative(REPO_ROOT, files.kernels), relative(REPO_ROOT, svgPath)),
     );
   }
+  doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return svg ? { md: doc, svg } : { md: doc };
 }
 

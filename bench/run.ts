@@ -12,7 +12,7 @@ import { availableParallelism } from "node:os";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { runKernels } from "./kernels.ts";
-import { REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
+import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { kernelTables, updateBenchmarksMd } from "./report.ts";
 
 const SUITES = ["kernels"] as const;
@@ -84,7 +84,7 @@ async function main(): Promise<number> {
       // 5 significant digits: far below the run's own spread, and keeps the file small.
       const round = (_k: string, v: unknown) =>
         typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
-      writeFileSync(out, `${JSON.stringify(results, round)}\n`);
+      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
       log(
         `[bench] kernels: ${results.seconds.toFixed(0)} s; results in ${relative(REPO_ROOT, out)}`,
       );

@@ -63,7 +63,9 @@ export class TestEnvironment {
       cluster = await TestCluster.start(bin, {
         dir: join(runDir, "kube"),
         logDir,
-        numNodes: 2,
+        // Four nodes, 32 GPUs: enough that test files sharing the cluster do not starve
+        // each other of nvidia.com/gpu (each file also deletes what it created).
+        numNodes: 4,
         gpusPerNode: 8,
         log,
       });

@@ -106,11 +106,19 @@ async function createWeightsVolume(namespace: string, claim = "weights"): Promis
   });
 }
 
+/** Namespaces this file created; deleted at the end so their GPU pods free the nodes. */
+const created: string[] = [];
+
 async function newNamespace(prefix: string): Promise<string> {
   const ns = uniqueName(prefix);
   await core.createNamespace({ body: { metadata: { name: ns } } });
+  created.push(ns);
   return ns;
 }
+
+afterAll(async () => {
+  for (const ns of created) await core.deleteNamespace({ name: ns }).catch(() => {});
+});
 
 async function ownedDeployments(namespace: string, name: string): Promise<V1Deployment[]> {
   return (
@@ -554,8 +562,10 @@ describe.sequential("expertmesh operator in namespaced-only mode", () => {
   let op: RunningOperator | undefined;
 
   beforeAll(async () => {
-    for (const ns of [watched, other])
+    for (const ns of [watched, other]) {
       await core.createNamespace({ body: { metadata: { name: ns } } });
+      created.push(ns);
+    }
     await helmInstall("expertmesh-ns", releaseNs, ["--set", `watchNamespaces={${watched}}`]);
     const kubeconfig = await serviceAccountKubeconfig(releaseNs, "expertmesh-ns");
     op = await startOperator({
