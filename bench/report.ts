@@ -4,9 +4,11 @@
 //
 //   node bench/report.ts [bench/results/kernels-<date>.json]   (default: the newest one)
 //   node bench/report.ts --check [FILE]   exit 1 if BENCHMARKS.md is not what FILE generates
+
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
+import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 
@@ -433,7 +435,7 @@ export function newestResults(suite: string): string | undefined {
 
 /** What BENCHMARKS.md should be, given result files per suite. */
 export function renderBenchmarksMd(
-  files: { kernels?: string | undefined },
+  files: { kernels?: string | undefined; dispatch?: string | undefined },
   current?: string,
 ): {
   md: string;
@@ -452,11 +454,18 @@ export function renderBenchmarksMd(
       kernelTables(res, relative(REPO_ROOT, files.kernels), relative(REPO_ROOT, svgPath)),
     );
   }
+  if (files.dispatch) {
+    const res = JSON.parse(readFileSync(files.dispatch, "utf8")) as DispatchResults;
+    doc = replaceSection(doc, "dispatch", dispatchTables(res, relative(REPO_ROOT, files.dispatch)));
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return svg ? { md: doc, svg } : { md: doc };
 }
 
-export function updateBenchmarksMd(files: { kernels?: string | undefined }): string {
+export function updateBenchmarksMd(files: {
+  kernels?: string | undefined;
+  dispatch?: string | undefined;
+}): string {
   const { md, svg } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
   if (svg) writeFileSync(svg.path, svg.text);
@@ -474,7 +483,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     process.exit(1);
   }
   if (check) {
-    const { md, svg } = renderBenchmarksMd({ kernels: file });
+    const { md, svg } = renderBenchmarksMd({ kernels: file, dispatch: newestResults("dispatch") });
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";
     const svgOk = !svg || (existsSync(svg.path) && readFileSync(svg.path, "utf8") === svg.text);
     if (md !== have || !svgOk) {

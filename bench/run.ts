@@ -11,11 +11,13 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
+import { runDispatch } from "./dispatch.ts";
+import { dispatchTables } from "./dispatch-report.ts";
 import { runKernels } from "./kernels.ts";
-import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
+import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { kernelTables, updateBenchmarksMd } from "./report.ts";
 
-const SUITES = ["kernels"] as const;
+const SUITES = ["kernels", "dispatch"] as const;
 type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -68,6 +70,31 @@ async function main(): Promise<number> {
   const log = (s: string) => console.error(s);
 
   for (const suite of new Set(suites)) {
+    if (suite === "dispatch") {
+      const machine = machineInfo();
+      const { commit, dirty } = gitCommit();
+      const { rows, natsVersion } = await runDispatch({ runs, quick: values.quick, log });
+      const results = {
+        suite: "dispatch" as const,
+        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+        commit,
+        dirty,
+        machine,
+        natsVersion,
+        runs,
+        rows,
+      };
+      mkdirSync(RESULTS_DIR, { recursive: true });
+      const out =
+        values.out ??
+        join(RESULTS_DIR, `dispatch-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results)}\n`, out));
+      console.log(dispatchTables(results, relative(REPO_ROOT, out)));
+      if (!values.quick && !values["no-report"]) {
+        const md = updateBenchmarksMd({ dispatch: out });
+        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+      }
+    }
     if (suite === "kernels") {
       const results = await runKernels({
         threads,

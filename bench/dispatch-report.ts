@@ -1,0 +1,47 @@
+// The dispatch suite's table for BENCHMARKS.md (generated from its results JSON).
+
+import type { DispatchRow } from "./dispatch.ts";
+import type { MachineInfo, Stats } from "./lib.ts";
+
+export interface DispatchResults {
+  suite: "dispatch";
+  date: string;
+  commit: string;
+  dirty: boolean;
+  machine: MachineInfo;
+  natsVersion: string;
+  runs: number;
+  rows: DispatchRow[];
+}
+
+const ms = (s: Stats) =>
+  `${s.median.toFixed(2)} (${s.min.toFixed(2)}–${s.max.toFixed(2)})${(s.max - s.min) / s.median > 0.25 ? " ‡" : ""}`;
+const kib = (b: number) =>
+  b < 1024 * 1024 ? `${(b / 1024).toFixed(0)} KiB` : `${(b / 2 ** 20).toFixed(1)} MiB`;
+
+export function dispatchTables(r: DispatchResults, source: string): string {
+  const worst = Math.max(...r.rows.map((x) => x.ratio));
+  const best = Math.min(...r.rows.map((x) => x.ratio));
+  const met = r.rows.filter((x) => x.ratio <= 1.25).length;
+  const lines = [
+    "### Dispatch: machine and run",
+    "",
+    "| | |",
+    "| --- | --- |",
+    `| CPU | ${r.machine.cpu}, ${r.machine.cores} cores${r.machine.hypervisor ? ", virtual machine" : ""} |`,
+    `| transport | nats-server ${r.natsVersion} on loopback; gateway in this process, 4 shard servers (and the raw responders) in a second process |`,
+    `| run | ${r.date}, commit \`${r.commit}\`${r.dirty ? " (+ uncommitted changes)" : ""}, ${r.runs} counted runs per row, interleaved ours / raw; data: [${source.split("/").pop()}](${source}) |`,
+    "",
+    "### Dispatch and combine against the raw NATS round trip",
+    "",
+    `Target: ours <= 1.25x raw at every size. Met on ${met} of ${r.rows.length} rows; ratios ${best.toFixed(2)}–${worst.toFixed(2)}. Times in ms, median (min–max); ‡ marks a spread over 25% of the median.`,
+    "",
+    "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ...r.rows.map(
+      (x) =>
+        `| ${x.hidden} | ${x.topK} | ${x.tokens} | ${x.dtype} | ${kib(x.requestBytes)} | ${kib(x.replyBytes)} | ${ms(x.oursMs)} | ${ms(x.rawMs)} | **${x.ratio.toFixed(2)}** |`,
+    ),
+  ];
+  return lines.join("\n");
+}
