@@ -75,19 +75,12 @@ case "$job" in
     ensure_native
     ;;
   start)
-    # The embedded default: the tiny model (created on first run, deterministic) and its
-    # manifest. Until `expertmesh up` serves it, plan its placement and generate with it.
+    # The embedded default: serve the tiny model's manifest on this machine (nats-server,
+    # 4 shards, the gateway); `expertmesh up` creates the tiny model on first run.
     ensure_deps
     ensure_native
-    cache=${EXPERTMESH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh}
-    model="$cache/models/tiny-v3"
-    if [ ! -f "$model/config.json" ]; then
-      node src/cli/main.ts make-tiny-model --arch v3 --seed 0 --out "$model" >&2
-    fi
-    echo "[start] expertmesh plan -f examples/tiny.yaml" >&2
-    node src/cli/main.ts plan -f examples/tiny.yaml
-    echo "[start] expertmesh generate --model $model --chat --prompt 'Hello!' (random tiny weights: the text is noise; the numbers are checked against transformers in the tests)" >&2
-    exec node src/cli/main.ts generate --model "$model" --chat --prompt "${1:-Hello!}" --max-tokens 32
+    bash test/env/provision.sh nats >&2
+    exec node src/cli/main.ts up -f examples/tiny.yaml "$@"
     ;;
   node)
     ensure_deps

@@ -20,6 +20,7 @@ const commands: Record<string, Loader> = {
   operator: async () => (await import("./commands/operator.ts")).operatorCommand,
   shard: async () => (await import("./commands/shard.ts")).shardCommand,
   plan: async () => (await import("./commands/plan.ts")).planCommand,
+  up: async () => (await import("./commands/up.ts")).upCommand,
   version: async () => (await import("./commands/version.ts")).versionCommand,
 };
 

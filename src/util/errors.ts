@@ -60,6 +60,8 @@ export const ERROR_CODES = {
   EM_GATEWAY_OVERLOADED: "the admission queue is full; retry after Retry-After seconds (HTTP 429)",
   EM_GATEWAY_NOT_FOUND: "no such route (HTTP 404)",
   EM_GATEWAY_INTERNAL: "the gateway failed while serving a request (HTTP 500, a bug)",
+  EM_LOCAL_CHILD_EXITED:
+    "a process `expertmesh up` started (nats-server, a shard, the gateway) exited before it was ready",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
