@@ -22,13 +22,26 @@ work_root="$cache/build"
 mkdir -p "$bin_root" "$work_root"
 
 export GOWORK=off GOFLAGS=-mod=mod CGO_ENABLED=0
-export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+# The machines keep Go in /usr/local/go/bin, which a minimal PATH may lack.
+for d in /usr/local/go/bin "$HOME/go/bin"; do
+  [ -x "$d/go" ] && case ":$PATH:" in *":$d:"*) ;; *) PATH="$d:$PATH" ;; esac
+done
+export PATH
 
 start_all=$(date +%s)
 log() { printf '[provision %4ss] %s\n' "$(( $(date +%s) - start_all ))" "$*" >&2; }
 die() { printf '[provision] ERROR: %s\n' "$*" >&2; exit 1; }
 
-command -v go >/dev/null 2>&1 || die "the go command is not on PATH; install Go >= 1.26 (e.g. apt-get install golang-go or the Go toolchain) and run again"
+command -v go >/dev/null 2>&1 || die "the go command is not on PATH (nor in /usr/local/go/bin); install Go >= 1.21 and run again"
+# kwok needs Go 1.26; an older go (>= 1.21) fetches that toolchain from the Go module proxy.
+go_minor=$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+[ -n "$go_minor" ] && [ "$go_minor" -ge 21 ] || die "$(go version) is too old: need Go >= 1.21 (which can fetch Go 1.26 by itself)"
+if [ "$go_minor" -lt 26 ]; then
+  export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.26.8}
+  log "$(go env GOVERSION) found; using GOTOOLCHAIN=$GOTOOLCHAIN from the Go module proxy"
+else
+  export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+fi
 
 # Runs `go build -v` and turns its package list into a progress line every 25 packages.
 go_build_progress() {
