@@ -31,6 +31,7 @@ COPY --from=build /src/node_modules ./node_modules
 COPY --from=build /src/dist ./dist
 COPY --from=build /src/shards/build/expertmesh.node ./shards/build/expertmesh.node
 COPY examples ./examples
+COPY proto ./proto
 USER 10001:10001
 ENV NODE_ENV=production
 ENTRYPOINT ["/usr/local/bin/node", "/app/dist/cli/main.js"]

@@ -8,6 +8,7 @@ import { loadWeights } from "../../engine/loader.ts";
 import { nativeBackend } from "../../engine/native.ts";
 import { referenceBackend } from "../../engine/reference.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
+import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
@@ -37,7 +38,7 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device cpu              where the dense layers run (cuda:N needs the CUDA backend)
   --backend NAME            native (default) | reference
-  --grpc-port PORT          accepted; the KServe v2 gRPC API is not implemented yet`;
+  --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)`;
 
 function int(v: string | undefined, flag: string, dflt: number, min = 1): number {
   if (v === undefined) return dflt;
@@ -100,8 +101,6 @@ export const gatewayCommand: Command = {
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
-    if (values["grpc-port"] !== undefined)
-      log("--grpc-port given: the KServe v2 gRPC API is not implemented yet; serving HTTP only");
 
     const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
     const ckpt = await Checkpoint.open(modelDir);
@@ -157,14 +156,18 @@ export const gatewayCommand: Command = {
       ...(values["api-key"] ?? []),
       ...(process.env["EM_API_KEYS"] ?? "").split(",").filter(Boolean),
     ];
-    const app = buildGatewayApp({
-      ctx,
-      apiKeys,
-      maxRequestBytes: int(values["max-request-bytes"], "--max-request-bytes", 1 << 20),
-      ready,
-    });
+    const maxRequestBytes = int(values["max-request-bytes"], "--max-request-bytes", 1 << 20);
+    const app = buildGatewayApp({ ctx, apiKeys, maxRequestBytes, ready });
     const host = values.host ?? "0.0.0.0";
     await app.listen({ port: int(values["http-port"], "--http-port", 8000, 0), host });
+    const grpcPort = values["grpc-port"];
+    const grpc =
+      grpcPort === undefined
+        ? null
+        : await startGrpcGateway(
+            { ctx, ready, apiKeys, maxRequestBytes },
+            { port: int(grpcPort, "--grpc-port", 0, 0), host },
+          );
     const metricsServer = createServer(async (_req, res) => {
       res
         .writeHead(200, { "content-type": ctx.metrics.registry.contentType })
@@ -176,7 +179,8 @@ export const gatewayCommand: Command = {
     const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
     log(
       `serving '${ctx.servedModelName}' on http://${host}:${port(app.server)} ` +
-        `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}`,
+        `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}` +
+        (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : ""),
     );
     // Queue depth for the operator's autoscaler, once a second.
     const statsTimer = setInterval(() => {
@@ -202,7 +206,7 @@ export const gatewayCommand: Command = {
       stopping = true;
       log(`${sig}: stopping (finishing requests in flight)`);
       clearInterval(statsTimer);
-      await app.close();
+      await Promise.all([app.close(), grpc?.close()]);
       metricsServer.close();
       await nc?.drain();
       log("stopped");

@@ -1,0 +1,584 @@
+// The gateway's gRPC port (@grpc/grpc-js; protos loaded at run time from proto/): KServe's
+// Open Inference Protocol v2, inference.GRPCInferenceService (ServerLive, ServerReady,
+// ModelReady, ServerMetadata, ModelMetadata, ModelInfer with a BYTES text input and a BYTES
+// text output), and expertmesh.v1.Generation/GenerateStream, which streams the text as it
+// is produced. Both run on the same engine as the HTTP routes; errors map to gRPC status
+// codes (with our stable code in the `em-code` trailer).
+import { randomInt, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import {
+  type handleServerStreamingCall,
+  type handleUnaryCall,
+  loadPackageDefinition,
+  Metadata,
+  Server,
+  ServerCredentials,
+  type ServerUnaryCall,
+  type ServiceClientConstructor,
+  type StatusObject,
+  status,
+  type UntypedServiceImplementation,
+} from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
+import { ApiError, toApiError } from "./errors.ts";
+import { type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
+
+/** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
+export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
+export const PROTO_FILES = ["kserve/grpc_predict_v2.proto", "expertmesh/v1/generation.proto"];
+
+/** proto-loader's options: field names as in the .proto, 64-bit integers as numbers. */
+export const PROTO_LOADER_OPTIONS = {
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: false,
+  arrays: true,
+  objects: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR],
+};
+
+/** The model's only version. */
+const MODEL_VERSION = "1";
+const TEXT_INPUT = "text_input";
+const TEXT_OUTPUT = "text_output";
+/** Completion length when the request sets none (as /v1/completions). */
+const DEFAULT_MAX_TOKENS = 16;
+
+// ---- the messages, as proto-loader gives them (defaults: false, arrays/objects: true) ----
+
+interface InferParameter {
+  bool_param?: boolean;
+  int64_param?: number;
+  string_param?: string;
+  double_param?: number;
+  uint64_param?: number;
+  parameter_choice?: string;
+}
+type Parameters = Record<string, InferParameter>;
+
+interface InferTensorContents {
+  bytes_contents?: Buffer[];
+  [other: string]: unknown[] | undefined;
+}
+
+interface ModelInferRequest {
+  model_name?: string;
+  model_version?: string;
+  id?: string;
+  parameters: Parameters;
+  inputs: {
+    name?: string;
+    datatype?: string;
+    shape: number[];
+    parameters: Parameters;
+    contents?: InferTensorContents;
+  }[];
+  outputs: { name?: string; parameters: Parameters }[];
+  raw_input_contents: Buffer[];
+}
+
+interface ModelInferResponse {
+  model_name: string;
+  model_version: string;
+  id: string;
+  parameters: Parameters;
+  outputs: {
+    name: string;
+    datatype: string;
+    shape: number[];
+    contents?: { bytes_contents: Buffer[] };
+  }[];
+  raw_output_contents: Buffer[];
+}
+
+interface ModelRequest {
+  name?: string;
+  version?: string;
+}
+
+interface TensorMetadata {
+  name: string;
+  datatype: string;
+  shape: number[];
+}
+
+interface GenerateRequest {
+  model?: string;
+  prompt?: string;
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  stop: string[];
+  presence_penalty?: number;
+  frequency_penalty?: number;
+}
+
+interface GenerateResponse {
+  text: string;
+  finish_reason?: string;
+  usage?: { prompt_tokens: number; completion_tokens: number; total_tokens: number };
+}
+
+// ---- the server ----
+
+export interface GrpcGatewayOptions {
+  readonly ctx: ServeContext;
+  /** Whether the model can serve now (every shard answers); default: always. */
+  readonly ready?: () => Promise<boolean>;
+  /** Bearer keys accepted (`authorization: Bearer KEY` metadata) on everything but the health RPCs. */
+  readonly apiKeys?: readonly string[];
+  /** Largest request message (bytes); default: grpc-js's 4 MiB. */
+  readonly maxRequestBytes?: number;
+}
+
+export interface GrpcGateway {
+  readonly server: Server;
+  /** The port bound (the one asked for, or the one picked for 0). */
+  readonly port: number;
+  /** Stops taking calls and waits for those in flight (then cancels them after `graceMs`). */
+  close(graceMs?: number): Promise<void>;
+}
+
+/** Loads the protos and binds the gRPC server on `host:port` (0: any free port). */
+export async function startGrpcGateway(
+  o: GrpcGatewayOptions,
+  listen: { port: number; host?: string },
+): Promise<GrpcGateway> {
+  const pkg = loadPackageDefinition(
+    loadSync(
+      PROTO_FILES.map((f) => `${PROTO_DIR}${f}`),
+      PROTO_LOADER_OPTIONS,
+    ),
+  );
+  const service = (path: string) =>
+    (path.split(".").reduce<unknown>((o, k) => (o as Record<string, unknown>)[k], pkg) as
+      | ServiceClientConstructor
+      | undefined)!.service;
+  const server = new Server(
+    o.maxRequestBytes !== undefined ? { "grpc.max_receive_message_length": o.maxRequestBytes } : {},
+  );
+  const h = handlers(o);
+  server.addService(service("inference.GRPCInferenceService"), h.inference);
+  server.addService(service("expertmesh.v1.Generation"), h.generation);
+  const host = listen.host ?? "0.0.0.0";
+  const address = host.includes(":") ? `[${host}]:${listen.port}` : `${host}:${listen.port}`;
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(address, ServerCredentials.createInsecure(), (err, p) =>
+      err ? reject(err) : resolve(p),
+    ),
+  );
+  return {
+    server,
+    port,
+    close: (graceMs = 5000) =>
+      new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      }),
+  };
+}
+
+function handlers(o: GrpcGatewayOptions): {
+  inference: UntypedServiceImplementation;
+  generation: UntypedServiceImplementation;
+} {
+  const { ctx } = o;
+  const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
+  const authorize = (md: Metadata) => {
+    if (keys.length === 0) return;
+    const v = md.get("authorization")[0];
+    const m = /^Bearer\s+(.+)$/i.exec(typeof v === "string" ? v : "");
+    const given = Buffer.from(m?.[1]?.trim() ?? "");
+    if (!keys.some((k) => k.length === given.length && timingSafeEqual(k, given)))
+      throw new ApiError(
+        "EM_GATEWAY_UNAUTHORIZED",
+        "missing or invalid API key: send the metadata 'authorization: Bearer <key>'",
+      );
+  };
+  const isReady = async () => {
+    try {
+      return o.ready ? await o.ready() : true;
+    } catch {
+      return false;
+    }
+  };
+  const checkModel = (name: string | undefined, version: string | undefined, param: string) => {
+    if (name !== ctx.servedModelName)
+      throw new ApiError(
+        "EM_GATEWAY_UNKNOWN_MODEL",
+        `the model '${name ?? ""}' does not exist here; this gateway serves '${ctx.servedModelName}'`,
+        { param },
+      );
+    if (version && version !== MODEL_VERSION)
+      throw new ApiError(
+        "EM_GATEWAY_UNKNOWN_MODEL",
+        `the model '${name}' has no version '${version}' (its only version is '${MODEL_VERSION}')`,
+        { param: "version" },
+      );
+  };
+  const tensor = (name: string): TensorMetadata => ({ name, datatype: "BYTES", shape: [1] });
+
+  const inference: UntypedServiceImplementation = {
+    ServerLive: unary(async () => ({ live: true })),
+    ServerReady: unary(async () => ({ ready: await isReady() })),
+    ModelReady: unary<ModelRequest, { ready: boolean }>(async (call) => {
+      checkModel(call.request.name, call.request.version, "name");
+      return { ready: await isReady() };
+    }),
+    ServerMetadata: unary(async (call) => {
+      authorize(call.metadata);
+      return { name: "expertmesh", version: packageVersion(), extensions: [] };
+    }),
+    ModelMetadata: unary<ModelRequest, unknown>(async (call) => {
+      authorize(call.metadata);
+      checkModel(call.request.name, call.request.version, "name");
+      return {
+        name: ctx.servedModelName,
+        versions: [MODEL_VERSION],
+        platform: "expertmesh",
+        inputs: [tensor(TEXT_INPUT)],
+        outputs: [tensor(TEXT_OUTPUT)],
+      };
+    }),
+    ModelInfer: unary<ModelInferRequest, ModelInferResponse>(async (call) => {
+      authorize(call.metadata);
+      const r = call.request;
+      checkModel(r.model_name, r.model_version, "model_name");
+      const { text, raw } = inferText(r);
+      for (const out of r.outputs)
+        if (out.name !== TEXT_OUTPUT)
+          throw bad(
+            `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
+            "outputs",
+          );
+      const spec = jobSpec(ctx, text, sampling(parameterFields(r.parameters)));
+      const job = startJob(ctx, spec);
+      call.on("cancelled", () => job.cancel());
+      if (call.cancelled) job.cancel();
+      await job.done;
+      const choice = job.choices[0]!;
+      const data = Buffer.from(choice.out.text, "utf8");
+      return {
+        model_name: ctx.servedModelName,
+        model_version: MODEL_VERSION,
+        id: r.id ?? "",
+        parameters: {
+          finish_reason: { string_param: choice.finishReason ?? "abort" },
+          prompt_tokens: { int64_param: spec.prompt.length },
+          completion_tokens: { int64_param: job.completionTokens },
+        },
+        // Answer in the form asked: raw contents for raw inputs (as KServe does).
+        outputs: [
+          {
+            name: TEXT_OUTPUT,
+            datatype: "BYTES",
+            shape: [1],
+            ...(raw ? {} : { contents: { bytes_contents: [data] } }),
+          },
+        ],
+        raw_output_contents: raw ? [encodeRawBytes([data])] : [],
+      };
+    }),
+  };
+
+  const GenerateStream: handleServerStreamingCall<GenerateRequest, GenerateResponse> = (call) => {
+    const send = (m: GenerateResponse) => {
+      if (!call.cancelled && !call.writableEnded) call.write(m);
+    };
+    let job: Job;
+    let prompt: number;
+    try {
+      authorize(call.metadata);
+      const r = call.request;
+      checkModel(r.model, undefined, "model");
+      const spec = jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)));
+      prompt = spec.prompt.length;
+      job = startJob(ctx, spec, {
+        onToken: (_c, _t, text) => {
+          if (text) send({ text });
+        },
+        onFinish: (c, text) => {
+          const completion = job.completionTokens;
+          send({
+            text,
+            finish_reason: c.finishReason ?? "",
+            usage: {
+              prompt_tokens: prompt,
+              completion_tokens: completion,
+              total_tokens: prompt + completion,
+            },
+          });
+        },
+      });
+    } catch (err) {
+      call.emit("error", grpcStatus(err));
+      return;
+    }
+    call.on("cancelled", () => job.cancel());
+    if (call.cancelled) job.cancel();
+    job.done.then(
+      () => {
+        if (!call.cancelled && !call.writableEnded) call.end();
+      },
+      (err) => {
+        if (!call.cancelled && !call.writableEnded) call.emit("error", grpcStatus(err));
+      },
+    );
+  };
+
+  return { inference, generation: { GenerateStream } };
+}
+
+/** A unary handler from an async function; anything it throws becomes a gRPC status. */
+function unary<Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) {
+  const h: handleUnaryCall<Req, Res> = (call, callback) => {
+    fn(call).then(
+      (res) => callback(null, res),
+      (err) => callback(grpcStatus(err)),
+    );
+  };
+  return h;
+}
+
+/** The gRPC status of an error: its HTTP status mapped, our code in the `em-code` trailer. */
+export function grpcStatus(err: unknown): Partial<StatusObject> {
+  const e = toApiError(err);
+  const metadata = new Metadata();
+  metadata.set("em-code", e.code);
+  if (e.param !== null) metadata.set("em-param", e.param);
+  if (e.retryAfter !== undefined) metadata.set("retry-after", String(e.retryAfter));
+  return { code: grpcCode(e.status), details: e.message, metadata };
+}
+
+function grpcCode(httpStatus: number): status {
+  switch (httpStatus) {
+    case 400:
+      return status.INVALID_ARGUMENT;
+    case 401:
+      return status.UNAUTHENTICATED;
+    case 404:
+      return status.NOT_FOUND;
+    case 413:
+    case 429:
+      return status.RESOURCE_EXHAUSTED;
+    case 503:
+      return status.UNAVAILABLE;
+    default:
+      return status.INTERNAL;
+  }
+}
+
+const bad = (message: string, param: string) =>
+  new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
+
+/**
+ * The prompt of a ModelInfer request: the one element of the input named `text_input`, or
+ * of the first BYTES input, from `contents.bytes_contents` or `raw_input_contents`.
+ */
+function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
+  let i = r.inputs.findIndex((t) => t.name === TEXT_INPUT);
+  if (i < 0) i = r.inputs.findIndex((t) => t.datatype === "BYTES");
+  const input = r.inputs[i];
+  if (!input)
+    throw bad(
+      `ModelInfer needs a BYTES input named '${TEXT_INPUT}' holding the prompt text`,
+      "inputs",
+    );
+  const name = input.name ?? "";
+  if (input.datatype !== "BYTES")
+    throw bad(
+      `input '${name}' must have datatype BYTES, got '${input.datatype ?? ""}'`,
+      "inputs.datatype",
+    );
+  const raw = r.raw_input_contents.length > 0;
+  let elements: Buffer[];
+  if (raw) {
+    if (r.raw_input_contents.length !== r.inputs.length)
+      throw bad(
+        `raw_input_contents has ${r.raw_input_contents.length} entries for ${r.inputs.length} inputs`,
+        "raw_input_contents",
+      );
+    if (r.inputs.some((t) => Object.values(t.contents ?? {}).some((v) => v && v.length > 0)))
+      throw bad("give tensor contents or raw_input_contents, not both", "raw_input_contents");
+    elements = decodeRawBytes(r.raw_input_contents[i]!, name);
+  } else {
+    elements = input.contents?.bytes_contents ?? [];
+  }
+  const declared = input.shape.reduce((a, b) => a * b, 1);
+  if (declared !== elements.length)
+    throw bad(
+      `input '${name}' has shape [${input.shape.join(", ")}] but holds ${elements.length} elements`,
+      "inputs.shape",
+    );
+  if (elements.length !== 1)
+    throw bad(
+      `input '${name}' must hold exactly one prompt (shape [1]), got ${elements.length}`,
+      "inputs.shape",
+    );
+  try {
+    return { text: new TextDecoder("utf-8", { fatal: true }).decode(elements[0]!), raw };
+  } catch {
+    throw bad(`input '${name}' is not valid UTF-8 text`, "inputs.contents");
+  }
+}
+
+/** BYTES elements in raw form: each a 4-byte little-endian length, then its bytes. */
+function decodeRawBytes(buf: Buffer, name: string): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  while (at < buf.length) {
+    if (at + 4 > buf.length) break;
+    const n = buf.readUInt32LE(at);
+    if (at + 4 + n > buf.length) break;
+    out.push(buf.subarray(at + 4, at + 4 + n));
+    at += 4 + n;
+  }
+  if (at !== buf.length)
+    throw bad(
+      `raw contents of input '${name}' are not BYTES elements (4-byte length prefixes)`,
+      "raw_input_contents",
+    );
+  return out;
+}
+
+function encodeRawBytes(elements: Buffer[]): Buffer {
+  return Buffer.concat(
+    elements.flatMap((e) => {
+      const len = Buffer.alloc(4);
+      len.writeUInt32LE(e.length);
+      return [len, e];
+    }),
+  );
+}
+
+/** Sampling fields, wherever they came from (already numbers, strings or absent). */
+interface SamplingFields {
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  presence_penalty?: number;
+  frequency_penalty?: number;
+  stop: string[];
+}
+
+/** The KServe request's parameters map: numbers as int64/uint64/double or numeric strings. */
+function parameterFields(p: Parameters): SamplingFields {
+  const num = (name: string): number | undefined => {
+    const v = p[name];
+    if (!v) return undefined;
+    const x = v.int64_param ?? v.uint64_param ?? v.double_param;
+    if (x !== undefined) return x;
+    if (v.string_param !== undefined) {
+      const s = v.string_param.trim();
+      const n = s === "" ? Number.NaN : Number(s);
+      if (Number.isFinite(n)) return n;
+      throw bad(`parameter '${name}' must be a number, got '${v.string_param}'`, name);
+    }
+    if (v.bool_param !== undefined) throw bad(`parameter '${name}' must be a number`, name);
+    return undefined;
+  };
+  const stop = p["stop"];
+  if (stop?.parameter_choice && stop.string_param === undefined)
+    throw bad("parameter 'stop' must be a string", "stop");
+  const out: SamplingFields = { stop: stop?.string_param ? [stop.string_param] : [] };
+  for (const k of [
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+  ] as const) {
+    const v = num(k);
+    if (v !== undefined) out[k] = v;
+  }
+  return out;
+}
+
+function generateParameters(r: GenerateRequest): SamplingFields {
+  const { max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty } = r;
+  return {
+    stop: r.stop,
+    ...(max_tokens !== undefined ? { max_tokens } : {}),
+    ...(temperature !== undefined ? { temperature } : {}),
+    ...(top_p !== undefined ? { top_p } : {}),
+    ...(top_k !== undefined ? { top_k } : {}),
+    ...(seed !== undefined ? { seed } : {}),
+    ...(presence_penalty !== undefined ? { presence_penalty } : {}),
+    ...(frequency_penalty !== undefined ? { frequency_penalty } : {}),
+  };
+}
+
+type Sampling = Omit<JobSpec, "prompt" | "maxTokens"> & { maxTokens?: number };
+
+/** Validated sampling settings (the HTTP API's ranges) with their defaults. */
+function sampling(s: SamplingFields): Sampling {
+  const check = (name: keyof SamplingFields, ok: (v: number) => boolean, rule: string) => {
+    const v = s[name] as number | undefined;
+    if (v !== undefined && !ok(v)) throw bad(`'${name}' must be ${rule}, got ${v}`, name);
+  };
+  check("max_tokens", (v) => Number.isSafeInteger(v) && v >= 1, "an integer >= 1");
+  check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
+  check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
+  check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
+  check("seed", (v) => Number.isSafeInteger(v), "an integer");
+  check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
+  check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
+  if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
+  return {
+    ...(s.max_tokens !== undefined ? { maxTokens: s.max_tokens } : {}),
+    n: 1,
+    sampling: {
+      temperature: s.temperature ?? 1,
+      topP: s.top_p ?? 1,
+      topK: s.top_k !== undefined && s.top_k > 0 ? s.top_k : 0,
+      presencePenalty: s.presence_penalty ?? 0,
+      frequencyPenalty: s.frequency_penalty ?? 0,
+      seed: s.seed ?? randomInt(2 ** 32 - 1),
+    },
+    stops: s.stop.filter((x) => x.length > 0),
+    logprobs: null,
+    promptLogprobs: false,
+  };
+}
+
+/** The prompt tokenized as /v1/completions does, checked against the context. */
+function jobSpec(ctx: ServeContext, text: string, s: Sampling): JobSpec {
+  const prompt = ctx.tokenizer.encode(text);
+  if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
+  const room = ctx.maxModelLen - prompt.length;
+  const { maxTokens: requested, ...rest } = s;
+  if (room < 1 || (requested !== undefined && requested > room))
+    throw new ApiError(
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      `this model's maximum context length is ${ctx.maxModelLen} tokens; the prompt has ${prompt.length} tokens` +
+        (requested !== undefined ? ` and max_tokens is ${requested}` : "") +
+        ": shorten the prompt or lower max_tokens",
+      { param: requested !== undefined && room >= 1 ? "max_tokens" : "prompt" },
+    );
+  return { ...rest, prompt, maxTokens: requested ?? Math.min(room, DEFAULT_MAX_TOKENS) };
+}
+
+let version: string | undefined;
+function packageVersion(): string {
+  version ??= (
+    JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
+      version: string;
+    }
+  ).version;
+  return version;
+}

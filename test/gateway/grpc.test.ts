@@ -1,0 +1,602 @@
+// The gateway's gRPC port against a real @grpc/grpc-js client: KServe v2
+// (inference.GRPCInferenceService) and expertmesh.v1.Generation/GenerateStream, on the
+// engine of a gateway started in this process on the tiny V3 checkpoint. Greedy decoding
+// makes the gRPC text comparable with /v1/completions.
+import {
+  type Client,
+  type ClientReadableStream,
+  credentials,
+  type GrpcObject,
+  loadPackageDefinition,
+  Metadata,
+  type ServiceClientConstructor,
+  type ServiceError,
+  status,
+} from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { ExpertRunner } from "../../src/engine/experts.ts";
+import {
+  type GrpcGateway,
+  grpcStatus,
+  PROTO_DIR,
+  PROTO_FILES,
+  PROTO_LOADER_OPTIONS,
+  startGrpcGateway,
+} from "../../src/gateway/grpc.ts";
+import { ExpertMeshError } from "../../src/util/errors.ts";
+import { waitFor } from "../support/env.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+
+const pkg = loadPackageDefinition(
+  loadSync(
+    PROTO_FILES.map((f) => `${PROTO_DIR}${f}`),
+    PROTO_LOADER_OPTIONS,
+  ),
+);
+const inference = (pkg["inference"] as GrpcObject)[
+  "GRPCInferenceService"
+] as ServiceClientConstructor;
+const generation = ((pkg["expertmesh"] as GrpcObject)["v1"] as GrpcObject)[
+  "Generation"
+] as ServiceClientConstructor;
+
+interface Clients {
+  kserve: Client;
+  gen: Client;
+}
+
+function clients(port: number): Clients {
+  const addr = `127.0.0.1:${port}`;
+  return {
+    kserve: new inference(addr, credentials.createInsecure()),
+    gen: new generation(addr, credentials.createInsecure()),
+  };
+}
+
+/** A unary call as a promise. */
+function call<T = any>(
+  client: Client,
+  method: string,
+  req: unknown,
+  md: Metadata = new Metadata(),
+): Promise<T> {
+  return new Promise((resolve, reject) =>
+    (client as any)[method](req, md, (err: ServiceError | null, res: T) =>
+      err ? reject(err) : resolve(res),
+    ),
+  );
+}
+
+/** A unary call's error (fails the test when it succeeds). */
+async function callError(
+  client: Client,
+  method: string,
+  req: unknown,
+  md?: Metadata,
+): Promise<ServiceError> {
+  const r = await call(client, method, req, md).then(
+    (res) => ({ ok: true as const, res }),
+    (err: ServiceError) => ({ ok: false as const, err }),
+  );
+  if (r.ok) throw new Error(`${method} succeeded: ${JSON.stringify(r.res)}`);
+  return r.err;
+}
+
+interface StreamResult {
+  messages: any[];
+  error: ServiceError | null;
+}
+
+/** Reads a GenerateStream to its end (messages, then the status if not OK). */
+function generate(
+  c: Clients,
+  req: unknown,
+  onMessage?: (m: any, s: ClientReadableStream<any>) => void,
+): Promise<StreamResult> {
+  return new Promise((resolve) => {
+    const messages: any[] = [];
+    const s: ClientReadableStream<any> = (c.gen as any).GenerateStream(req);
+    s.on("data", (m: any) => {
+      messages.push(m);
+      onMessage?.(m, s);
+    });
+    s.on("error", (error: ServiceError) => resolve({ messages, error }));
+    s.on("end", () => resolve({ messages, error: null }));
+  });
+}
+
+const bytesInput = (text: string | string[], shape = [1]) => ({
+  name: "text_input",
+  datatype: "BYTES",
+  shape,
+  contents: { bytes_contents: (Array.isArray(text) ? text : [text]).map((t) => Buffer.from(t)) },
+});
+
+const param = {
+  int: (v: number) => ({ int64_param: v }),
+  dbl: (v: number) => ({ double_param: v }),
+  str: (v: string) => ({ string_param: v }),
+  bool: (v: boolean) => ({ bool_param: v }),
+};
+
+const inferRequest = (text: string, parameters: Record<string, unknown> = {}, extra = {}) => ({
+  model_name: "tiny",
+  inputs: [bytesInput(text)],
+  parameters,
+  ...extra,
+});
+
+const outputText = (res: any): string => {
+  const out = res.outputs[0];
+  expect(out.name).toBe("text_output");
+  expect(out.datatype).toBe("BYTES");
+  expect(out.shape).toEqual([1]);
+  if (res.raw_output_contents.length > 0) {
+    const raw: Buffer = res.raw_output_contents[0];
+    expect(raw.readUInt32LE(0)).toBe(raw.length - 4);
+    return raw.subarray(4).toString("utf8");
+  }
+  expect(out.contents.bytes_contents).toHaveLength(1);
+  return out.contents.bytes_contents[0].toString("utf8");
+};
+
+const trailer = (err: ServiceError, key: string) => err.metadata?.get(key)[0];
+
+let dir: string;
+let gw: TestGateway;
+let grpc: GrpcGateway;
+let c: Clients;
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  gw = await startGateway(dir, { maxBatchTokens: 24 });
+  grpc = await startGrpcGateway({ ctx: gw.ctx }, { port: 0, host: "127.0.0.1" });
+  c = clients(grpc.port);
+});
+afterAll(async () => {
+  c?.kserve.close();
+  c?.gen.close();
+  await grpc?.close();
+  await gw?.close();
+});
+
+describe("KServe v2 health and metadata", () => {
+  it("is live and ready; the served model is ready", async () => {
+    expect(await call(c.kserve, "ServerLive", {})).toEqual({ live: true });
+    expect(await call(c.kserve, "ServerReady", {})).toEqual({ ready: true });
+    expect(await call(c.kserve, "ModelReady", { name: "tiny" })).toEqual({ ready: true });
+    expect(await call(c.kserve, "ModelReady", { name: "tiny", version: "1" })).toEqual({
+      ready: true,
+    });
+    const meta = await call(c.kserve, "ServerMetadata", {});
+    expect(meta.name).toBe("expertmesh");
+    expect(meta.version).toMatch(/^\d+\.\d+\.\d+/);
+  });
+
+  it("describes the model: one BYTES input text_input, one BYTES output text_output", async () => {
+    expect(await call(c.kserve, "ModelMetadata", { name: "tiny" })).toEqual({
+      name: "tiny",
+      versions: ["1"],
+      platform: "expertmesh",
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [1] }],
+      outputs: [{ name: "text_output", datatype: "BYTES", shape: [1] }],
+    });
+  });
+
+  it("an unknown model or version: NOT_FOUND", async () => {
+    for (const [method, req] of [
+      ["ModelReady", { name: "gpt-4" }],
+      ["ModelMetadata", { name: "gpt-4" }],
+      ["ModelMetadata", { name: "tiny", version: "7" }],
+    ] as const) {
+      const err = await callError(c.kserve, method, req);
+      expect(err.code).toBe(status.NOT_FOUND);
+      expect(trailer(err, "em-code")).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+    }
+  });
+});
+
+describe("ModelInfer", () => {
+  it("greedy: the same text and usage as /v1/completions for the same prompt", async () => {
+    const prompt = "The quick brown fox";
+    const [res, http] = await Promise.all([
+      call(
+        c.kserve,
+        "ModelInfer",
+        inferRequest(
+          prompt,
+          { max_tokens: param.int(12), temperature: param.dbl(0) },
+          { id: "r1" },
+        ),
+      ),
+      gw.client.completions.create({ model: "tiny", prompt, max_tokens: 12, temperature: 0 }),
+    ]);
+    expect(res.model_name).toBe("tiny");
+    expect(res.model_version).toBe("1");
+    expect(res.id).toBe("r1");
+    expect(res.raw_output_contents).toEqual([]);
+    expect(outputText(res)).toBe(http.choices[0]!.text);
+    expect(res.parameters).toEqual({
+      finish_reason: {
+        string_param: http.choices[0]!.finish_reason,
+        parameter_choice: "string_param",
+      },
+      prompt_tokens: { int64_param: http.usage!.prompt_tokens, parameter_choice: "int64_param" },
+      completion_tokens: {
+        int64_param: http.usage!.completion_tokens,
+        parameter_choice: "int64_param",
+      },
+    });
+  });
+
+  it("takes parameters as strings, the first BYTES input under any name, raw contents", async () => {
+    const prompt = "Once upon a time";
+    const base = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest(prompt, { max_tokens: param.int(8), temperature: param.dbl(0) }),
+    );
+    const text = outputText(base);
+    const asStrings = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest(prompt, { max_tokens: param.str("8"), temperature: param.str("0") }),
+    );
+    expect(outputText(asStrings)).toBe(text);
+    // A BYTES input with another name after a non-BYTES one; text_output asked for by name.
+    const renamed = await call(c.kserve, "ModelInfer", {
+      model_name: "tiny",
+      inputs: [
+        { name: "flag", datatype: "BOOL", shape: [1], contents: { bool_contents: [true] } },
+        { ...bytesInput(prompt), name: "prompt" },
+      ],
+      outputs: [{ name: "text_output" }],
+      parameters: { max_tokens: param.int(8), temperature: param.int(0) },
+    });
+    expect(outputText(renamed)).toBe(text);
+    // Raw form (as Triton's client sends it): 4-byte little-endian length, then the bytes.
+    const body = Buffer.from(prompt);
+    const len = Buffer.alloc(4);
+    len.writeUInt32LE(body.length);
+    const raw = await call(c.kserve, "ModelInfer", {
+      model_name: "tiny",
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [1, 1] }],
+      raw_input_contents: [Buffer.concat([len, body])],
+      parameters: { max_tokens: { uint64_param: 8 }, temperature: param.dbl(0) },
+    });
+    expect(raw.raw_output_contents).toHaveLength(1);
+    expect(raw.outputs[0].contents).toBeUndefined();
+    expect(outputText(raw)).toBe(text);
+  });
+
+  it("a seed repeats a sampled answer; the stream samples the same way", async () => {
+    const parameters = {
+      max_tokens: param.int(10),
+      temperature: param.dbl(0.9),
+      top_p: param.dbl(0.95),
+      top_k: param.int(50),
+      seed: param.int(1234),
+    };
+    const a = outputText(await call(c.kserve, "ModelInfer", inferRequest("Tell me", parameters)));
+    const b = outputText(await call(c.kserve, "ModelInfer", inferRequest("Tell me", parameters)));
+    expect(b).toBe(a);
+    const s = await generate(c, {
+      model: "tiny",
+      prompt: "Tell me",
+      max_tokens: 10,
+      temperature: 0.9,
+      top_p: 0.95,
+      top_k: 50,
+      seed: 1234,
+    });
+    expect(s.error).toBeNull();
+    expect(s.messages.map((m) => m.text).join("")).toBe(a);
+  });
+
+  it("bad requests: INVALID_ARGUMENT with EM_GATEWAY_BAD_REQUEST", async () => {
+    const ok = inferRequest("hi");
+    const cases: [string, unknown][] = [
+      ["no inputs", { model_name: "tiny", inputs: [] }],
+      [
+        "text_input not BYTES",
+        {
+          model_name: "tiny",
+          inputs: [
+            { name: "text_input", datatype: "FP32", shape: [1], contents: { fp32_contents: [1] } },
+          ],
+        },
+      ],
+      ["two prompts", { model_name: "tiny", inputs: [bytesInput(["a", "b"], [2])] }],
+      ["shape mismatch", { model_name: "tiny", inputs: [bytesInput("a", [3])] }],
+      ["no element", { model_name: "tiny", inputs: [bytesInput([], [0])] }],
+      [
+        "invalid UTF-8",
+        {
+          model_name: "tiny",
+          inputs: [
+            {
+              name: "text_input",
+              datatype: "BYTES",
+              shape: [1],
+              contents: { bytes_contents: [Buffer.from([0xff, 0xfe])] },
+            },
+          ],
+        },
+      ],
+      [
+        "raw contents not length-prefixed",
+        {
+          model_name: "tiny",
+          inputs: [{ name: "text_input", datatype: "BYTES", shape: [1] }],
+          raw_input_contents: [Buffer.from([9, 0, 0, 0, 65])],
+        },
+      ],
+      ["unknown output", { ...ok, outputs: [{ name: "logits" }] }],
+      ["temperature 5", { ...ok, parameters: { temperature: param.dbl(5) } }],
+      ["temperature a bool", { ...ok, parameters: { temperature: param.bool(true) } }],
+      ["temperature not numeric", { ...ok, parameters: { temperature: param.str("hot") } }],
+      ["top_p 0", { ...ok, parameters: { top_p: param.dbl(0) } }],
+      ["max_tokens 0", { ...ok, parameters: { max_tokens: param.int(0) } }],
+      ["max_tokens 2.5", { ...ok, parameters: { max_tokens: param.dbl(2.5) } }],
+      ["stop a number", { ...ok, parameters: { stop: param.int(3) } }],
+    ];
+    for (const [what, req] of cases) {
+      const err = await callError(c.kserve, "ModelInfer", req);
+      expect(err.code, what).toBe(status.INVALID_ARGUMENT);
+      expect(trailer(err, "em-code"), what).toBe("EM_GATEWAY_BAD_REQUEST");
+    }
+    // Past the context: INVALID_ARGUMENT with its own code; the gateway keeps serving.
+    const long = await callError(
+      c.kserve,
+      "ModelInfer",
+      inferRequest("hi", { max_tokens: param.int(100_000) }),
+    );
+    expect(long.code).toBe(status.INVALID_ARGUMENT);
+    expect(trailer(long, "em-code")).toBe("EM_GATEWAY_PROMPT_TOO_LONG");
+    expect(trailer(long, "em-param")).toBe("max_tokens");
+    const fine = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest("hi", { max_tokens: param.int(2) }),
+    );
+    expect(fine.parameters.completion_tokens.int64_param).toBeGreaterThan(0);
+  });
+
+  it("an unknown model: NOT_FOUND", async () => {
+    const err = await callError(c.kserve, "ModelInfer", {
+      ...inferRequest("hi"),
+      model_name: "gpt-4",
+    });
+    expect(err.code).toBe(status.NOT_FOUND);
+    expect(trailer(err, "em-code")).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+  });
+});
+
+describe("GenerateStream", () => {
+  it("streams deltas that add up to ModelInfer's text, then usage", async () => {
+    const prompt = "In the beginning";
+    const unary = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest(prompt, { max_tokens: param.int(16), temperature: param.dbl(0) }),
+    );
+    const s = await generate(c, { model: "tiny", prompt, max_tokens: 16, temperature: 0 });
+    expect(s.error).toBeNull();
+    expect(s.messages.length).toBeGreaterThan(2);
+    const last = s.messages.at(-1);
+    for (const m of s.messages.slice(0, -1)) {
+      expect(m.text.length).toBeGreaterThan(0);
+      expect(m.finish_reason ?? "").toBe("");
+      expect(m.usage).toBeUndefined();
+    }
+    expect(s.messages.map((m) => m.text).join("")).toBe(outputText(unary));
+    expect(last.finish_reason).toBe(unary.parameters.finish_reason.string_param);
+    const prompt_tokens = unary.parameters.prompt_tokens.int64_param;
+    const completion_tokens = unary.parameters.completion_tokens.int64_param;
+    expect(last.usage).toEqual({
+      prompt_tokens,
+      completion_tokens,
+      total_tokens: prompt_tokens + completion_tokens,
+    });
+  });
+
+  it("cuts the text at a stop string", async () => {
+    const req = { model: "tiny", prompt: "Hi", max_tokens: 24, temperature: 0 };
+    const full = (await generate(c, req)).messages.map((m) => m.text).join("");
+    const stop = full.slice(3, 5);
+    expect(stop.length).toBe(2);
+    const cut = await generate(c, { ...req, stop: [stop] });
+    expect(cut.messages.map((m) => m.text).join("")).toBe(full.slice(0, full.indexOf(stop)));
+    expect(cut.messages.at(-1).finish_reason).toBe("stop");
+  });
+
+  it("bad requests: INVALID_ARGUMENT; an unknown model: NOT_FOUND", async () => {
+    for (const patch of [
+      { temperature: 5 },
+      { top_p: 1.5 },
+      { max_tokens: 0 },
+      { presence_penalty: -3 },
+      { stop: ["a", "b", "c", "d", "e"] },
+      { max_tokens: 100_000 },
+    ]) {
+      const s = await generate(c, { model: "tiny", prompt: "hi", ...patch });
+      expect(s.error?.code, JSON.stringify(patch)).toBe(status.INVALID_ARGUMENT);
+      expect(s.messages).toEqual([]);
+    }
+    const s = await generate(c, { model: "gpt-4", prompt: "hi" });
+    expect(s.error?.code).toBe(status.NOT_FOUND);
+    expect(trailer(s.error!, "em-code")).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+  });
+});
+
+describe("API keys and message size", () => {
+  it("with keys: UNAUTHENTICATED without the bearer metadata; health stays open", async () => {
+    const g = await startGrpcGateway(
+      { ctx: gw.ctx, apiKeys: ["sekret"], maxRequestBytes: 1024 },
+      { port: 0, host: "127.0.0.1" },
+    );
+    const k = clients(g.port);
+    try {
+      const md = new Metadata();
+      md.set("authorization", "Bearer sekret");
+      const wrong = new Metadata();
+      wrong.set("authorization", "Bearer nope");
+      expect(await call(k.kserve, "ServerLive", {})).toEqual({ live: true });
+      expect(await call(k.kserve, "ModelReady", { name: "tiny" })).toEqual({ ready: true });
+      for (const m of [undefined, wrong]) {
+        const err = await callError(k.kserve, "ModelInfer", inferRequest("hi"), m);
+        expect(err.code).toBe(status.UNAUTHENTICATED);
+        expect(trailer(err, "em-code")).toBe("EM_GATEWAY_UNAUTHORIZED");
+        expect((await callError(k.kserve, "ModelMetadata", { name: "tiny" }, m)).code).toBe(
+          status.UNAUTHENTICATED,
+        );
+      }
+      const s = await generate(k, { model: "tiny", prompt: "hi", max_tokens: 2 });
+      expect(s.error?.code).toBe(status.UNAUTHENTICATED);
+      const res = await call(
+        k.kserve,
+        "ModelInfer",
+        inferRequest("hi", { max_tokens: param.int(2) }),
+        md,
+      );
+      expect(res.parameters.completion_tokens.int64_param).toBeGreaterThan(0);
+      // A message over maxRequestBytes is refused by grpc-js itself.
+      const big = await callError(k.kserve, "ModelInfer", inferRequest("x".repeat(4000)), md);
+      expect(big.code).toBe(status.RESOURCE_EXHAUSTED);
+    } finally {
+      k.kserve.close();
+      k.gen.close();
+      await g.close();
+    }
+  });
+});
+
+describe("overload, shard failures and cancellation", () => {
+  let g: TestGateway;
+  let h: ReturnType<typeof holdable>;
+  let failing = false;
+  let gg: GrpcGateway;
+  let k: Clients;
+  beforeAll(async () => {
+    g = await startGateway(dir, {
+      maxQueueDepth: 1,
+      maxRunning: 1,
+      wrap: (r) => {
+        const failable: ExpertRunner = {
+          run: (...args) => {
+            if (failing)
+              throw new ExpertMeshError(
+                "EM_DISPATCH_UNAVAILABLE",
+                "no replica of shard 0 answered",
+              );
+            return r.run(...args);
+          },
+        };
+        h = holdable(failable);
+        return h.runner;
+      },
+    });
+    gg = await startGrpcGateway({ ctx: g.ctx }, { port: 0, host: "127.0.0.1" });
+    k = clients(gg.port);
+  });
+  afterAll(async () => {
+    h?.release();
+    k?.kserve.close();
+    k?.gen.close();
+    await gg?.close();
+    await g?.close();
+  });
+
+  it("a full admission queue: RESOURCE_EXHAUSTED with retry-after", async () => {
+    h.hold();
+    try {
+      const req = inferRequest("hello", { max_tokens: param.int(3), temperature: param.dbl(0) });
+      const first = call(k.kserve, "ModelInfer", req);
+      await h.entered;
+      const second = call(k.kserve, "ModelInfer", req);
+      await waitFor("the second request to wait", async () =>
+        (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) === 1 ? true : undefined,
+      );
+      const err = await callError(k.kserve, "ModelInfer", req);
+      expect(err.code).toBe(status.RESOURCE_EXHAUSTED);
+      expect(trailer(err, "em-code")).toBe("EM_GATEWAY_OVERLOADED");
+      expect(trailer(err, "retry-after")).toBe("1");
+      const s = await generate(k, { model: "tiny", prompt: "hello", max_tokens: 3 });
+      expect(s.error?.code).toBe(status.RESOURCE_EXHAUSTED);
+      h.release();
+      expect(outputText(await first)).toBe(outputText(await second));
+    } finally {
+      h.release();
+    }
+  });
+
+  it("shards that do not answer: UNAVAILABLE (unary and stream)", async () => {
+    failing = true;
+    try {
+      const err = await callError(k.kserve, "ModelInfer", inferRequest("hello"));
+      expect(err.code).toBe(status.UNAVAILABLE);
+      expect(trailer(err, "em-code")).toBe("EM_DISPATCH_UNAVAILABLE");
+      const s = await generate(k, { model: "tiny", prompt: "hello", max_tokens: 3 });
+      expect(s.error?.code).toBe(status.UNAVAILABLE);
+    } finally {
+      failing = false;
+    }
+    const ok = await call(
+      k.kserve,
+      "ModelInfer",
+      inferRequest("hello", { max_tokens: param.int(2) }),
+    );
+    expect(ok.parameters.completion_tokens.int64_param).toBeGreaterThan(0);
+  });
+
+  it("a client that cancels its stream frees its sequence", async () => {
+    const aborted = async () =>
+      Number(
+        /request_success_total\{finished_reason="abort"\} (\d+)/.exec(
+          await fetch(`${g.url}/metrics`).then((r) => r.text()),
+        )?.[1] ?? 0,
+      );
+    const before = await aborted();
+    let n = 0;
+    const s = await generate(
+      k,
+      { model: "tiny", prompt: "Keep talking", max_tokens: 200, temperature: 0 },
+      (_m, stream) => {
+        if (++n === 2) {
+          // Hold the engine so the sequence cannot finish on its own meanwhile.
+          h.hold();
+          stream.cancel();
+        }
+      },
+    );
+    try {
+      expect(s.error?.code).toBe(status.CANCELLED);
+      await waitFor("the server to see the cancellation", async () =>
+        (await aborted()) === before + 1 ? true : undefined,
+      );
+    } finally {
+      h.release();
+    }
+    await waitFor("the sequence's blocks to be freed", async () =>
+      (await metric(g.url, "expertmesh_gateway_num_requests_running")) === 0 &&
+      (await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")) === 0
+        ? true
+        : undefined,
+    );
+    expect(await metric(g.url, "expertmesh_gateway_generation_tokens_total")).toBeLessThan(200);
+  });
+});
+
+describe("status mapping", () => {
+  it("maps our errors to gRPC codes", () => {
+    expect(grpcStatus(new ExpertMeshError("EM_DISPATCH_UNAVAILABLE", "x")).code).toBe(
+      status.UNAVAILABLE,
+    );
+    expect(grpcStatus(new ExpertMeshError("EM_GATEWAY_OVERLOADED", "x")).code).toBe(
+      status.RESOURCE_EXHAUSTED,
+    );
+    expect(grpcStatus(new Error("boom")).code).toBe(status.INTERNAL);
+  });
+});
