@@ -187,8 +187,8 @@ describe("completions", () => {
 });
 
 describe("continuous batching", () => {
-  it("8 concurrent greedy requests give the same text as one by one", async () => {
-    const prompts = [
+  it("32 concurrent greedy requests give the same text as one by one", async () => {
+    const seeds = [
       "The quick brown fox jumps over the lazy dog",
       "Hello",
       "In the beginning",
@@ -198,9 +198,13 @@ describe("continuous batching", () => {
       "1 2 3 4 5 6 7 8 9 10 11 12",
       "The weather today",
     ];
+    const prompts = Array.from(
+      { length: 32 },
+      (_, i) => `${seeds[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
+    );
     const ask = (p: string, i: number) =>
       gw.client.completions
-        .create({ model: "tiny", prompt: p, max_tokens: 6 + 3 * i, temperature: 0 })
+        .create({ model: "tiny", prompt: p, max_tokens: 6 + 3 * (i % 8), temperature: 0 })
         .then((r) => r.choices[0]!.text);
     const alone: string[] = [];
     for (const [i, p] of prompts.entries()) alone.push(await ask(p, i));
@@ -477,6 +481,32 @@ describe("distributed mode", () => {
       cluster = undefined;
       await sleep(100);
       expect((await fetch(`${g.url}/ready`)).status).toBe(503);
+    } finally {
+      await g.close();
+    }
+  });
+
+  it("keeps a stream going when a shard replica is killed mid-stream and another replica exists", async () => {
+    cluster = await startShards(dir, 2, { replicas: 2 });
+    const g = await startGateway(dir, { cluster });
+    try {
+      const body = {
+        model: "tiny",
+        messages: user("Tell me a long story"),
+        max_tokens: 24,
+        temperature: 0,
+      };
+      const want = (await gw.client.chat.completions.create(body)).choices[0]!.message.content;
+      const stream = await g.client.chat.completions.create({ ...body, stream: true });
+      let text = "";
+      let chunks = 0;
+      for await (const chunk of stream) {
+        text += chunk.choices[0]?.delta?.content ?? "";
+        if (++chunks === 3)
+          cluster.shards.find((s) => s.name.endsWith("-0-r0"))!.child.kill("SIGKILL");
+      }
+      expect(chunks).toBeGreaterThan(3);
+      expect(text).toBe(want);
     } finally {
       await g.close();
     }
