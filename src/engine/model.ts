@@ -1,12 +1,11 @@
-// The DeepSeek-V2/V3 forward pass (embeddings, MLA attention over the latent cache, dense
-// MLP or MoE, final norm, LM head), following DeepSeek-V3 inference/model.py. The ops run
-// on a Backend; the routed experts on an ExpertRunner (in process, or over NATS).
-import { isMoeLayer, type ModelConfig, qkHeadDim } from "../model/config.ts";
-import { bf16ArrayToFloat32 } from "../model/floats.ts";
-import type { Backend, GateConfig, RopeConfig, Weight } from "./backend.ts";
+// The model's settings derived from config.json (rope, softmax scale, gate), the latent KV
+// cache of one sequence, and DeepSeekForward, the one-sequence front of the forward pass.
+// The forward pass itself (following DeepSeek-V3 inference/model.py) is batch.ts.
+import { type ModelConfig, qkHeadDim } from "../model/config.ts";
+import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
+import { BatchForward } from "./batch.ts";
 import type { ExpertRunner } from "./experts.ts";
-import type { AttentionWeights, MlpWeights, ModelWeights } from "./loader.ts";
-import { weightToF32 } from "./reference.ts";
+import type { ModelWeights } from "./loader.ts";
 
 /** The latent KV cache of one sequence: per layer, rows [kvLoraRank + ropeDim]. */
 export class SequenceCache {
@@ -88,27 +87,17 @@ export function gateConfigOf(c: ModelConfig): GateConfig {
   };
 }
 
-function add(a: Float32Array, b: Float32Array): void {
-  for (let i = 0; i < a.length; i++) a[i]! += b[i]!;
-}
-
+/**
+ * One sequence at a time (generate, the fidelity tests): a batch of one through
+ * BatchForward, so single-sequence and batched serving run the same code.
+ */
 export class DeepSeekForward {
   readonly config: ModelConfig;
-  readonly #w: ModelWeights;
-  readonly #b: Backend;
-  readonly #experts: ExpertRunner;
-  readonly #rope: RopeConfig;
-  readonly #scale: number;
-  readonly #gate: GateConfig;
+  readonly #batch: BatchForward;
 
   constructor(weights: ModelWeights, backend: Backend, experts: ExpertRunner) {
     this.config = weights.config;
-    this.#w = weights;
-    this.#b = backend;
-    this.#experts = experts;
-    this.#rope = ropeConfigOf(this.config);
-    this.#scale = softmaxScaleOf(this.config);
-    this.#gate = gateConfigOf(this.config);
+    this.#batch = new BatchForward(weights, backend, experts);
   }
 
   /**
@@ -120,96 +109,7 @@ export class DeepSeekForward {
     cache: SequenceCache,
     lastOnly = false,
   ): Promise<Float32Array> {
-    const c = this.config;
-    const T = tokens.length;
-    const D = c.hiddenSize;
-    const start = cache.length;
-    const positions = Int32Array.from({ length: T }, (_, i) => start + i);
-    const embed = weightToF32Rows(this.#w.embed);
-    const h = new Float32Array(T * D);
-    for (let t = 0; t < T; t++) h.set(embed(tokens[t]!), t * D);
-    for (const layer of this.#w.layers) {
-      const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
-      add(h, this.#attention(layer.index, layer.attention, a, positions, cache));
-      const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
-      if (!isMoeLayer(c, layer.index)) {
-        add(h, this.#mlp(layer.mlp!, m, T));
-      } else {
-        const moe = layer.moe!;
-        const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
-        // Shared experts run here while the routed ones run (possibly remotely).
-        const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
-        const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
-        add(h, await routed);
-        if (shared) add(h, shared);
-      }
-    }
-    cache.setLength(start + T);
-    const rows = lastOnly ? 1 : T;
-    const last = h.subarray((T - rows) * D);
-    const normed = this.#b.rmsnorm(last, rows, this.#w.norm, c.rmsNormEps);
-    return this.#b.matmul(normed, rows, this.#w.lmHead);
+    const [logits] = await this.#batch.step([{ tokens, cache, logits: lastOnly ? "last" : "all" }]);
+    return logits!;
   }
-
-  #mlp(w: MlpWeights, x: Float32Array, t: number): Float32Array {
-    const b = this.#b;
-    return b.matmul(b.siluMul(b.matmul(x, t, w.gate), b.matmul(x, t, w.up)), t, w.down);
-  }
-
-  /** MLA: q (optionally through q LoRA), latent kv + decoupled rope key, absorbed attention. */
-  #attention(
-    layer: number,
-    w: AttentionWeights,
-    x: Float32Array,
-    positions: Int32Array,
-    cache: SequenceCache,
-  ): Float32Array {
-    const c = this.config;
-    const b = this.#b;
-    const T = positions.length;
-    const H = c.numAttentionHeads;
-    const dn = c.qkNopeHeadDim;
-    const dr = c.qkRopeHeadDim;
-    const C = c.kvLoraRank;
-    const q = w.qProj
-      ? b.matmul(x, T, w.qProj)
-      : b.matmul(b.rmsnorm(b.matmul(x, T, w.qA!), T, w.qANorm!, c.rmsNormEps), T, w.qB!);
-    b.rope(q, T, H, dn + dr, dn, positions, this.#rope);
-    const kv = b.matmul(x, T, w.kvA); // [T, C + dr]
-    const latent = new Float32Array(T * C);
-    for (let t = 0; t < T; t++) latent.set(kv.subarray(t * (C + dr), t * (C + dr) + C), t * C);
-    const normed = b.rmsnorm(latent, T, w.kvANorm, c.rmsNormEps);
-    b.rope(kv, T, 1, C + dr, C, positions, this.#rope);
-    const rows = new Float32Array(T * (C + dr));
-    for (let t = 0; t < T; t++) {
-      rows.set(normed.subarray(t * C, (t + 1) * C), t * (C + dr));
-      rows.set(kv.subarray(t * (C + dr) + C, (t + 1) * (C + dr)), t * (C + dr) + C);
-    }
-    const start = positions[0]!;
-    cache.write(layer, start, rows);
-    const out = b.mla({
-      heads: H,
-      nopeDim: dn,
-      ropeDim: dr,
-      vDim: c.vHeadDim,
-      kvLoraRank: C,
-      softmaxScale: this.#scale,
-      q,
-      positions,
-      cache: cache.rows(layer, start + T),
-      wkvB: w.kvB,
-    });
-    return b.matmul(out, T, w.o);
-  }
-}
-
-/** Row lookup in an embedding table (float32 copy of one row). */
-function weightToF32Rows(w: Weight): (row: number) => Float32Array {
-  if (w.dtype === "f32")
-    return (r) => (w.data as Float32Array).subarray(r * w.cols, (r + 1) * w.cols);
-  if (w.dtype === "bf16")
-    return (r) =>
-      bf16ArrayToFloat32((w.data as Uint16Array).subarray(r * w.cols, (r + 1) * w.cols));
-  const all = weightToF32(w);
-  return (r) => all.subarray(r * w.cols, (r + 1) * w.cols);
 }
