@@ -11,6 +11,8 @@ import { fileURLToPath } from "node:url";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
+import type { ServeResults } from "./serve.ts";
+import { serveTables } from "./serve-report.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
 const BEGIN = (s: string) =>
@@ -435,7 +437,11 @@ export function newestResults(suite: string): string | undefined {
 
 /** What BENCHMARKS.md should be, given result files per suite. */
 export function renderBenchmarksMd(
-  files: { kernels?: string | undefined; dispatch?: string | undefined },
+  files: {
+    kernels?: string | undefined;
+    dispatch?: string | undefined;
+    serve?: string | undefined;
+  },
   current?: string,
 ): {
   md: string;
@@ -458,6 +464,10 @@ export function renderBenchmarksMd(
     const res = JSON.parse(readFileSync(files.dispatch, "utf8")) as DispatchResults;
     doc = replaceSection(doc, "dispatch", dispatchTables(res, relative(REPO_ROOT, files.dispatch)));
   }
+  if (files.serve) {
+    const res = JSON.parse(readFileSync(files.serve, "utf8")) as ServeResults;
+    doc = replaceSection(doc, "serve", serveTables(res, relative(REPO_ROOT, files.serve)));
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return svg ? { md: doc, svg } : { md: doc };
 }
@@ -465,6 +475,7 @@ export function renderBenchmarksMd(
 export function updateBenchmarksMd(files: {
   kernels?: string | undefined;
   dispatch?: string | undefined;
+  serve?: string | undefined;
 }): string {
   const { md, svg } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
@@ -483,7 +494,11 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     process.exit(1);
   }
   if (check) {
-    const { md, svg } = renderBenchmarksMd({ kernels: file, dispatch: newestResults("dispatch") });
+    const { md, svg } = renderBenchmarksMd({
+      kernels: file,
+      dispatch: newestResults("dispatch"),
+      serve: newestResults("serve"),
+    });
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";
     const svgOk = !svg || (existsSync(svg.path) && readFileSync(svg.path, "utf8") === svg.text);
     if (md !== have || !svgOk) {

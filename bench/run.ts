@@ -8,7 +8,7 @@
 // bench/results/<suite>-<date>.quick.tmp.json (git-ignored) and leaves BENCHMARKS.md alone.
 // The rules: /work/shared/BENCHMARKING.md, summarized at the top of BENCHMARKS.md.
 import { mkdirSync, writeFileSync } from "node:fs";
-import { availableParallelism } from "node:os";
+import { availableParallelism, loadavg } from "node:os";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { runDispatch } from "./dispatch.ts";
@@ -16,8 +16,10 @@ import { dispatchTables } from "./dispatch-report.ts";
 import { runKernels } from "./kernels.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { kernelTables, updateBenchmarksMd } from "./report.ts";
+import { runServe } from "./serve.ts";
+import { serveTables } from "./serve-report.ts";
 
-const SUITES = ["kernels", "dispatch"] as const;
+const SUITES = ["kernels", "dispatch", "serve"] as const;
 type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -92,6 +94,30 @@ async function main(): Promise<number> {
       console.log(dispatchTables(results, relative(REPO_ROOT, out)));
       if (!values.quick && !values["no-report"]) {
         const md = updateBenchmarksMd({ dispatch: out });
+        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+      }
+    }
+    if (suite === "serve") {
+      const machine = machineInfo();
+      const { commit, dirty } = gitCommit();
+      const res = await runServe({ threads, runs, quick: values.quick, log });
+      const results = {
+        suite: "serve" as const,
+        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+        commit,
+        dirty,
+        machine: { ...machine, loadavgEnd: loadavg().map((v) => Math.round(v * 100) / 100) },
+        ...res,
+      };
+      mkdirSync(RESULTS_DIR, { recursive: true });
+      const out =
+        values.out ?? join(RESULTS_DIR, `serve-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+      const round = (_k: string, v: unknown) =>
+        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
+      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
+      console.log(serveTables(results, relative(REPO_ROOT, out)));
+      if (!values.quick && !values["no-report"]) {
+        const md = updateBenchmarksMd({ serve: out });
         log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
       }
     }
