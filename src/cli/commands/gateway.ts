@@ -16,6 +16,7 @@ import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { defaultModelName, intFlag as int } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
@@ -39,14 +40,6 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --device cpu              where the dense layers run (cuda:N needs the CUDA backend)
   --backend NAME            native (default) | reference
   --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)`;
-
-function int(v: string | undefined, flag: string, dflt: number, min = 1): number {
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < min)
-    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be an integer >= ${min}, got '${v}'`);
-  return n;
-}
 
 export const gatewayCommand: Command = {
   name: "gateway",
@@ -96,7 +89,7 @@ export const gatewayCommand: Command = {
     if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
     const modelDir = values.model!;
-    const modelName = values["model-name"] ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
+    const modelName = values["model-name"] ?? defaultModelName(modelDir);
     const ref = { namespace: values.namespace ?? "default", model: modelName };
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>

@@ -13,6 +13,7 @@ import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { defaultModelName, numberFlag as num } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
@@ -25,14 +26,6 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
   --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
-
-function num(v: string | undefined, flag: string, dflt: number, min = 0): number {
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < min)
-    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be a number >= ${min}, got '${v}'`);
-  return n;
-}
 
 export const generateCommand: Command = {
   name: "generate",
@@ -97,7 +90,7 @@ export const generateCommand: Command = {
         nc,
         model: {
           namespace: values.namespace ?? "default",
-          model: values["model-name"] ?? values.model.replace(/\/+$/, "").split("/").pop()!,
+          model: values["model-name"] ?? defaultModelName(values.model),
         },
         plan: parsePlan(readFileSync(values.plan, "utf8")),
         dispatchDtype: wire,

@@ -3,6 +3,7 @@ import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import { Operator } from "../../operator/operator.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { boolFlag as bool, intFlag as int } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh operator [options]
@@ -15,21 +16,6 @@ const USAGE = `expertmesh operator [options]
   --identity NAME            this replica's identity (default: $POD_NAME or hostname-pid)
   --metrics-port PORT        /metrics, /healthz, /readyz (default 8080; 0 picks a free port)
   --workers N                concurrent reconciles (default 2)`;
-
-function bool(v: string | undefined, flag: string, dflt: boolean): boolean {
-  if (v === undefined) return dflt;
-  if (v === "true") return true;
-  if (v === "false") return false;
-  throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be true or false, got '${v}'`);
-}
-
-function int(v: string | undefined, flag: string, dflt: number, min: number): number {
-  if (v === undefined) return dflt;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min)
-    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be an integer >= ${min}, got '${v}'`);
-  return n;
-}
 
 export const operatorCommand: Command = {
   name: "operator",

@@ -11,6 +11,7 @@ import { Checkpoint } from "../../model/checkpoint.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { defaultModelName } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
@@ -90,7 +91,7 @@ export const shardCommand: Command = {
     });
     const model = {
       namespace: values.namespace ?? "default",
-      model: values["model-name"] ?? values.model!.replace(/\/+$/, "").split("/").pop()!,
+      model: values["model-name"] ?? defaultModelName(values.model!),
     };
     const server = new ShardServer({ nc, model, shard: k, id, plan, backend, experts, log });
     server.start();
