@@ -2,7 +2,6 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import { Operator } from "../../operator/operator.ts";
-import { ExpertMeshError } from "../../util/errors.ts";
 import { boolFlag as bool, intFlag as int } from "../options.ts";
 import type { Command } from "../registry.ts";
 
