@@ -338,6 +338,46 @@ export const ExpertsSchema = withRules(
           },
         ),
       ),
+      rebalance: Type.Object(
+        {
+          enabled: Type.Boolean({
+            description:
+              "Re-plan expert placement from the shards' per-expert token counts and switch live (needs redundantExperts > 0).",
+            default: false,
+          }),
+          threshold: Type.Number({
+            description:
+              "Re-plan when the observed per-shard load max/mean (mean over MoE layers) exceeds this.",
+            default: 1.25,
+            minimum: 1,
+          }),
+          minImprovement: Type.Number({
+            description:
+              "Roll out a new plan only if it lowers the expected max/mean by at least this fraction.",
+            default: 0.05,
+            minimum: 0,
+            maximum: 1,
+          }),
+          windowSeconds: Type.Integer({
+            description: "Per-expert token counts are summed over this window.",
+            default: 300,
+            minimum: 1,
+            maximum: 86400,
+          }),
+          minTokens: Type.Integer({
+            description: "Do not re-plan on fewer routed tokens than this in the window.",
+            default: 10000,
+            minimum: 1,
+          }),
+          cooldownSeconds: Type.Integer({
+            description: "Least time between two rebalances.",
+            default: 600,
+            minimum: 0,
+            maximum: 86400,
+          }),
+        },
+        { description: "Load-driven expert rebalancing (EPLB).", default: {} },
+      ),
       gpusPerShard: Type.Integer({
         description: "nvidia.com/gpu per shard pod; 0 runs the CPU kernels.",
         default: 1,
@@ -403,6 +443,47 @@ export const AutoscalingSchema = Type.Object(
       default: 300,
       minimum: 0,
       maximum: 3600,
+    }),
+    intervalSeconds: Type.Integer({
+      description: "How often the autoscaler decides (HPA's sync period).",
+      default: 15,
+      minimum: 1,
+      maximum: 600,
+    }),
+    metricWindowSeconds: Type.Integer({
+      description: "Queue depth is averaged over this window of load reports.",
+      default: 30,
+      minimum: 1,
+      maximum: 3600,
+    }),
+    staleAfterSeconds: Type.Integer({
+      description:
+        "A pod whose last load report is older than this is unknown; a role with no fresh report is never scaled.",
+      default: 10,
+      minimum: 2,
+      maximum: 3600,
+    }),
+    policyPeriodSeconds: Type.Integer({
+      description: "Period of the scale-up and scale-down limits below.",
+      default: 15,
+      minimum: 1,
+      maximum: 1800,
+    }),
+    scaleUpMaxPods: Type.Integer({
+      description: "Scale up by at most max(this many pods, scaleUpMaxPercent) per period.",
+      default: 4,
+      minimum: 1,
+    }),
+    scaleUpMaxPercent: Type.Integer({
+      description: "Scale up by at most this percent of the replicas per period.",
+      default: 100,
+      minimum: 1,
+    }),
+    scaleDownMaxPercent: Type.Integer({
+      description: "Scale down by at most this percent of the replicas per period.",
+      default: 100,
+      minimum: 1,
+      maximum: 100,
     }),
   },
   { description: "Autoscaling of gateways and shards by queue depth.", default: {} },
@@ -534,6 +615,61 @@ const RoleStatus = (role: string) =>
     { description: `${role} pods.` },
   );
 
+const ScalingRoleStatus = Type.Object(
+  {
+    role: Type.String({ description: "gateway or shard-<k>." }),
+    replicas: Type.Integer({ description: "Replicas the Deployment has." }),
+    desiredReplicas: Type.Integer({ description: "Replicas the autoscaler wants." }),
+    metric: StringEnum(["Known", "Unknown"], {
+      description: "Known: fresh load reports; Unknown: none (the role is not scaled).",
+    }),
+    queueDepth: Type.Optional(
+      Type.Number({ description: "Mean queue depth per reporting replica over the window." }),
+    ),
+    target: Type.Number({ description: "Target queue depth per replica." }),
+    reporters: Type.Integer({ description: "Replicas with a fresh load report." }),
+    message: Type.String({ description: "Why the role has this desired count." }),
+  },
+  { description: "Autoscaler inputs and output for one role." },
+);
+
+const ScalingDecision = Type.Object(
+  {
+    time: Type.String({ description: "When (RFC 3339).", format: "date-time" }),
+    role: Type.String({ description: "gateway or shard-<k>." }),
+    from: Type.Integer({ description: "Replicas before." }),
+    to: Type.Integer({ description: "Replicas after." }),
+    queueDepth: Type.Number({ description: "Observed queue depth per replica." }),
+    target: Type.Number({ description: "Target queue depth per replica." }),
+    reason: Type.String({ description: "Why, e.g. AboveTarget or BelowTarget." }),
+  },
+  { description: "One change of replicas by the autoscaler." },
+);
+
+const RebalanceStatus = Type.Object(
+  {
+    phase: StringEnum(["Idle", "Preparing", "Activating"], {
+      description: "Idle, Preparing (shards load the new plan) or Activating (gateways switch).",
+    }),
+    imbalance: Type.Optional(
+      Type.Number({
+        description: "Observed per-shard load max/mean under the current plan (mean over layers).",
+      }),
+    ),
+    message: Type.String({ description: "What the rebalancer last did or is waiting for." }),
+    lastTime: Type.Optional(
+      Type.String({ description: "When the last rebalance finished.", format: "date-time" }),
+    ),
+    lastBefore: Type.Optional(
+      Type.Number({ description: "Expected max/mean before the last rebalance." }),
+    ),
+    lastAfter: Type.Optional(
+      Type.Number({ description: "Expected max/mean after the last rebalance." }),
+    ),
+  },
+  { description: "Load-driven expert rebalancing." },
+);
+
 export const StatusSchema = Type.Object(
   {
     observedGeneration: Type.Optional(
@@ -563,6 +699,19 @@ export const StatusSchema = Type.Object(
     endpoint: Type.Optional(
       Type.String({ description: "In-cluster URL of the OpenAI-compatible API." }),
     ),
+    autoscaling: Type.Optional(
+      Type.Object(
+        {
+          mode: StringEnum(["operator", "external"], { description: "Who scales." }),
+          roles: Type.Array(ScalingRoleStatus, { description: "Per role: inputs and output." }),
+          decisions: Type.Array(ScalingDecision, {
+            description: "The latest replica changes, newest last (at most 10).",
+          }),
+        },
+        { description: "The autoscaler's view, when autoscaling is enabled." },
+      ),
+    ),
+    rebalance: Type.Optional(RebalanceStatus),
   },
   { description: "Observed state, written by the operator." },
 );

@@ -149,6 +149,23 @@ export function planImbalance(plan: PlacementPlan, expertLoad: ExpertLoad): numb
   return worst;
 }
 
+/**
+ * Expected imbalance of a whole step: sum over MoE layers of the busiest shard's load over
+ * the sum of the mean shard load. Every layer waits for its slowest shard, so this is how
+ * much longer a step takes than with perfect balance. 1 is perfect.
+ */
+export function planStepImbalance(plan: PlacementPlan, expertLoad: ExpertLoad): number {
+  const loads = loadPerLayer(expertLoad, plan.layers.length, plan.routedExperts);
+  let busiest = 0;
+  let mean = 0;
+  plan.layers.forEach((placement, i) => {
+    const { shardLoad } = layerBalance(placement.replicas, plan.numShards, loads[i]!);
+    busiest += Math.max(...shardLoad);
+    mean += shardLoad.reduce((a, b) => a + b, 0) / plan.numShards;
+  });
+  return mean > 0 ? busiest / mean : 1;
+}
+
 /** Expected per-shard load of one layer; each expert's load split evenly over its copies. */
 export function layerBalance(
   replicas: readonly (readonly number[])[],

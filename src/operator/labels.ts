@@ -6,7 +6,11 @@ export const MANAGED_BY = "expertmesh-operator";
 export const LABEL_MODEL = "expertmesh.io/model";
 export const LABEL_COMPONENT = "app.kubernetes.io/component";
 export const LABEL_SHARD = "expertmesh.io/shard";
-export const ANNOTATION_PLAN_VERSION = "expertmesh.io/plan-version";
+/**
+ * On pod templates: the plan's shape. Pods restart when it changes (another shard count);
+ * a rebalanced plan of the same shape switches live, without a restart (ADR 0003).
+ */
+export const ANNOTATION_PLAN_SHAPE = "expertmesh.io/plan-shape";
 
 export type Component = "gateway" | "shard" | "plan";
 

@@ -4,6 +4,7 @@ import type { Server } from "node:http";
 import type { KubeConfig, V1Deployment, V1Pod } from "@kubernetes/client-node";
 import { type DeepSeekModel, GROUP, PLURAL, VERSION } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
+import { Autoscaler } from "./autoscale/autoscaler.ts";
 import { Informer } from "./informer.ts";
 import { KubeClient } from "./kube.ts";
 import { LABEL_MODEL, MANAGED_BY } from "./labels.ts";
@@ -38,6 +39,7 @@ export class Operator {
   #elector: LeaderElector | undefined;
   #server: Server | undefined;
   #workers: Promise<void> | undefined;
+  #autoscaler: Autoscaler | undefined;
   #started = false;
 
   constructor(kc: KubeConfig, opts: OperatorOptions) {
@@ -79,7 +81,17 @@ export class Operator {
       this.#metrics.isLeader.set(1);
     }
     await this.#startInformers();
-    const reconciler = new Reconciler(this.#kube, { log });
+    this.#autoscaler = new Autoscaler({
+      registry: this.#metrics.registry,
+      requeue: (key) => this.#queue.add(key),
+      event: (model, type, reason, message) =>
+        void this.#kube
+          .event(model, type, reason, message)
+          .catch((err) => log(`event ${reason}: ${formatError(err)}`)),
+      log,
+    });
+    this.#autoscaler.start();
+    const reconciler = new Reconciler(this.#kube, { log, autoscaler: this.#autoscaler });
     this.#workers = this.#queue.run(
       async (key) => {
         const end = this.#metrics.reconcileSeconds.startTimer();
@@ -189,6 +201,7 @@ export class Operator {
     for (const inf of this.#informers) inf.stop();
     this.#queue.shutdown();
     await this.#workers;
+    await this.#autoscaler?.stop();
     await this.#elector?.release();
     this.#metrics.isLeader.set(0);
     await new Promise<void>((resolve) =>

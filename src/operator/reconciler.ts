@@ -2,16 +2,25 @@
 // it depends on, plans expert placement, server-side-applies the desired objects, deletes
 // the ones it no longer wants, and writes an honest status. Unchanged objects are not
 // touched (a no-op apply keeps their resourceVersion).
-import type { KubernetesObject, V1ConfigMap } from "@kubernetes/client-node";
+import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/client-node";
 import { architectureOf } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import type { Autoscaler } from "./autoscale/autoscaler.ts";
+import type { RoleKey } from "./autoscale/load.ts";
 import { httpStatus, type KubeClient } from "./kube.ts";
 import { names } from "./labels.ts";
 import { computeStatus, type Problem, statusChanged, unschedulableProblem } from "./status.ts";
-import { type DesiredObject, desiredObjects, endpointOf, specReplicas } from "./workloads.ts";
+import {
+  type DesiredObject,
+  desiredObjects,
+  endpointOf,
+  planShape,
+  type Replicas,
+  specReplicas,
+} from "./workloads.ts";
 import type { WorkResult } from "./workqueue.ts";
 
 /** Thrown to retry a reconcile with backoff after a problem outside the operator's control. */
@@ -21,15 +30,21 @@ export interface ReconcilerOptions {
   /** Poll interval while a rollout is in progress (ms). */
   progressPollMs?: number;
   log?: (msg: string) => void;
-  /** Observed queue depths per model key, from the load reports (the autoscaler's input). */
-  queueDepth?: (key: string) => { gateway?: number; shard?: number } | undefined;
+  /** Load reports, replica decisions and rebalanced plans (absent: replicas from the spec only). */
+  autoscaler?: Pick<
+    Autoscaler,
+    "observe" | "forget" | "replicasFor" | "planFor" | "queueDepth" | "statusFor"
+  >;
 }
 
 const keyOf = (o: KubernetesObject) => `${o.kind}/${o.metadata?.name}`;
 
-/** Same plan apart from its version number? */
-function samePlacement(a: PlacementPlan, b: PlacementPlan): boolean {
-  return JSON.stringify({ ...a, version: 0 }) === JSON.stringify({ ...b, version: 0 });
+/** The role a Deployment of model `name` serves: gateway or shard-<k>. */
+function roleOf(name: string, d: V1Deployment): RoleKey | undefined {
+  const n = d.metadata?.name ?? "";
+  if (n === names.gateway(name)) return "gateway";
+  const prefix = `${names.shard(name, 0).slice(0, -1)}`;
+  return n.startsWith(prefix) ? `shard-${n.slice(prefix.length)}` : undefined;
 }
 
 export class Reconciler {
@@ -45,14 +60,17 @@ export class Reconciler {
   async reconcile(key: string): Promise<WorkResult> {
     const [namespace, name] = key.split("/") as [string, string];
     const model = await this.#kube.getModel(namespace, name);
-    if (!model || (model.metadata as { deletionTimestamp?: string }).deletionTimestamp)
+    if (!model || (model.metadata as { deletionTimestamp?: string }).deletionTimestamp) {
+      this.#opts.autoscaler?.forget(key);
       return undefined; // garbage collection removes the rest
+    }
     const problems: Problem[] = [];
 
     // 1. What the pods depend on and the operator cannot create.
     problems.push(...(await this.#missingDependencies(model)));
 
-    // 2. The placement plan (versioned: a changed placement bumps the version).
+    // 2. The placement plan (versioned: a changed placement bumps the version). A plan of the
+    //    same shape is kept (it may be a rebalanced one); the rebalancer may hand a newer one.
     let plan: PlacementPlan | undefined;
     const current = await this.#currentPlan(model);
     try {
@@ -62,8 +80,18 @@ export class Reconciler {
         redundantExperts: model.spec.experts.redundantExperts,
         version: current?.version ?? 1,
       });
-      plan =
-        current && !samePlacement(current, next) ? { ...next, version: current.version + 1 } : next;
+      plan = !current
+        ? next
+        : planShape(current) === planShape(next)
+          ? current
+          : { ...next, version: current.version + 1 };
+      const rebalanced = this.#opts.autoscaler?.planFor(key);
+      if (
+        rebalanced &&
+        rebalanced.version > plan.version &&
+        planShape(rebalanced) === planShape(plan)
+      )
+        plan = rebalanced;
     } catch (err) {
       if (!(err instanceof ExpertMeshError)) throw err;
       problems.push({ reason: "PlanInvalid", message: err.message });
@@ -71,7 +99,8 @@ export class Reconciler {
 
     // 3. Apply what is wanted (unless a dependency is missing), delete what is not.
     if (plan && problems.length === 0) {
-      const desired = desiredObjects(model, plan, specReplicas(model, plan));
+      const before = await this.#kube.listDeployments(namespace, name);
+      const desired = desiredObjects(model, plan, this.#replicas(key, model, plan, before));
       try {
         await this.#converge(model, desired);
       } catch (err) {
@@ -95,18 +124,39 @@ export class Reconciler {
     ]);
     const unschedulable = unschedulableProblem(pods);
     if (unschedulable) problems.push(unschedulable);
-    const status = computeStatus(
-      model,
-      {
-        deployments,
-        pods,
-        problems,
-        planVersion: plan?.version ?? current?.version,
-        endpoint: endpointOf(model),
-        ...(this.#opts.queueDepth?.(key) ? { queueDepth: this.#opts.queueDepth(key)! } : {}),
-      },
-      new Date().toISOString().replace(/\.\d{3}Z$/, "Z"),
-    );
+    const scaler = this.#opts.autoscaler;
+    if (scaler) {
+      const replicas = new Map<RoleKey, number>();
+      const ready = new Map<RoleKey, number>();
+      for (const d of deployments) {
+        const role = roleOf(name, d);
+        if (!role) continue;
+        replicas.set(role, d.spec?.replicas ?? 1);
+        ready.set(role, d.status?.readyReplicas ?? 0);
+      }
+      scaler.observe(key, model, {
+        plan: plan ?? current,
+        replicas,
+        ready,
+        ...(await this.#natsCreds(model)),
+      });
+    }
+    const queueDepth = scaler?.queueDepth(key);
+    const status = {
+      ...computeStatus(
+        model,
+        {
+          deployments,
+          pods,
+          problems,
+          planVersion: plan?.version ?? current?.version,
+          endpoint: endpointOf(model),
+          ...(queueDepth ? { queueDepth } : {}),
+        },
+        new Date().toISOString().replace(/\.\d{3}Z$/, "Z"),
+      ),
+      ...scaler?.statusFor(key),
+    };
     if (statusChanged(model.status, status)) {
       const wasDegraded = model.status?.conditions?.find((c) => c.type === "Degraded");
       const nowDegraded = status.conditions!.find((c) => c.type === "Degraded")!;
@@ -147,6 +197,55 @@ export class Reconciler {
       c.type === "Ready" ? c.status === "True" : c.status === "False",
     );
     return settled ? undefined : { requeueAfterMs: this.#opts.progressPollMs ?? 5_000 };
+  }
+
+  /**
+   * Replicas per role: the spec's, except in operator autoscaling mode where the autoscaler's
+   * decision wins, and without one the Deployment keeps what it has (within min/max), so an
+   * operator restart does not undo earlier scaling.
+   */
+  #replicas(
+    key: string,
+    model: DeepSeekModel,
+    plan: PlacementPlan,
+    existing: V1Deployment[],
+  ): Replicas {
+    const base = specReplicas(model, plan);
+    const { autoscaling, gateway, experts } = model.spec;
+    if (!autoscaling.enabled || autoscaling.mode !== "operator") return base;
+    const decided = this.#opts.autoscaler?.replicasFor(key);
+    const now = new Map<RoleKey, number>();
+    for (const d of existing) {
+      const role = roleOf(model.metadata.name, d);
+      if (role && d.spec?.replicas !== undefined) now.set(role, d.spec.replicas);
+    }
+    const pick = (role: RoleKey, fallback: number | undefined, min: number, max: number) => {
+      const n = decided?.get(role) ?? now.get(role);
+      return n === undefined ? fallback : Math.min(Math.max(n, min), max);
+    };
+    return {
+      gateway: pick("gateway", base.gateway, gateway.minReplicas, gateway.maxReplicas),
+      shards: base.shards.map((n, k) =>
+        pick(`shard-${k}`, n, experts.replicas.min, experts.replicas.max),
+      ),
+    };
+  }
+
+  /** The NATS credentials the autoscaler needs to read load reports, if any. */
+  async #natsCreds(model: DeepSeekModel): Promise<{ natsCreds?: Uint8Array }> {
+    const ref = model.spec.nats.credentialsSecret;
+    if (!ref) return {};
+    try {
+      const secret = await this.#kube.core.readNamespacedSecret({
+        name: ref.name,
+        namespace: model.metadata.namespace!,
+      });
+      const data = secret.data?.[ref.key];
+      return data ? { natsCreds: Buffer.from(data, "base64") } : {};
+    } catch (err) {
+      this.#opts.log?.(`cannot read NATS credentials ${ref.name}: ${formatError(err)}`);
+      return {};
+    }
   }
 
   async #missingDependencies(model: DeepSeekModel): Promise<Problem[]> {

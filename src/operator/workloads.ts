@@ -12,7 +12,7 @@ import { architectureOf, servedModelName } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
-import { ANNOTATION_PLAN_VERSION, type Component, labelsFor, names } from "./labels.ts";
+import { ANNOTATION_PLAN_SHAPE, type Component, labelsFor, names } from "./labels.ts";
 
 export type DesiredObject = V1ConfigMap | V1Deployment | V1Service | V1PodDisruptionBudget;
 
@@ -229,7 +229,7 @@ function deployment(
   name: string,
   component: "gateway" | "shard",
   replicas: number | undefined,
-  planVersion: number,
+  plan: PlacementPlan,
   spec: V1PodSpec,
   shard?: number,
 ): V1Deployment {
@@ -245,7 +245,7 @@ function deployment(
       template: {
         metadata: {
           labels: selector,
-          annotations: { [ANNOTATION_PLAN_VERSION]: String(planVersion) },
+          annotations: { [ANNOTATION_PLAN_SHAPE]: planShape(plan) },
         },
         spec,
       },
@@ -303,7 +303,7 @@ export function desiredObjects(
         names.shard(name, k),
         "shard",
         replicas.shards[k],
-        plan.version,
+        plan,
         podSpec(model, [withProbes]),
         k,
       ),
@@ -346,7 +346,7 @@ export function desiredObjects(
       names.gateway(name),
       "gateway",
       replicas.gateway,
-      plan.version,
+      plan,
       podSpec(model, [gwContainer]),
     ),
   );
@@ -370,6 +370,11 @@ export function desiredObjects(
     },
   });
   return objects;
+}
+
+/** What must stay the same for a plan to replace another without restarting pods. */
+export function planShape(plan: PlacementPlan): string {
+  return `${plan.numShards}x${plan.slotsPerShard}/${plan.routedExperts}+${plan.redundantExperts}@${plan.moeLayers[0]}-${plan.moeLayers.at(-1)}`;
 }
 
 /** In-cluster URL of the model's OpenAI-compatible API. */

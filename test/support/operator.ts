@@ -4,12 +4,21 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
-import { CoreV1Api } from "@kubernetes/client-node";
+import { AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Deployment } from "@kubernetes/client-node";
+import { expect } from "vitest";
+import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { writeKubeconfig } from "../env/pki.ts";
 import { ManagedProcess } from "../env/process.ts";
+import { runCli } from "./cli.ts";
 import { adminKubeConfig, testEnv } from "./env.ts";
 
 const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
+const kc = () => adminKubeConfig();
+const core = () => kc().makeApiClient(CoreV1Api);
+const apps = () => kc().makeApiClient(AppsV1Api);
+const custom = () => kc().makeApiClient(CustomObjectsApi);
 
 /** A kubeconfig file for a ServiceAccount, with a fresh token (1 h). */
 export async function serviceAccountKubeconfig(
@@ -94,4 +103,100 @@ export async function waitForLeadership(op: RunningOperator, timeoutMs = 30_000)
     timeoutMs,
   );
   await sleep(100);
+}
+
+/** A DeepSeekModel manifest of the tiny-v2 preset with weights from PVC `weights`. */
+export function model(
+  name: string,
+  namespace: string,
+  spec: Record<string, unknown> = {},
+): Record<string, unknown> {
+  return {
+    apiVersion: "expertmesh.io/v1alpha1",
+    kind: "DeepSeekModel",
+    metadata: { name, namespace },
+    spec: {
+      model: { preset: "tiny-v2", source: { pvc: { claimName: "weights" } } },
+      experts: { shards: 2 },
+      ...spec,
+    },
+  };
+}
+
+/** Reads a DeepSeekModel as admin. */
+export async function getModel(namespace: string, name: string): Promise<DeepSeekModel> {
+  return (await custom().getNamespacedCustomObject({ ...G, namespace, name })) as DeepSeekModel;
+}
+
+/** A bound volume for the weights: a hostPath PV pre-bound to a claim `weights` in `namespace`. */
+export async function createWeightsVolume(namespace: string, claim = "weights"): Promise<void> {
+  const pv = `${namespace}-${claim}`;
+  await core().createPersistentVolume({
+    body: {
+      metadata: { name: pv },
+      spec: {
+        capacity: { storage: "1Gi" },
+        accessModes: ["ReadOnlyMany"],
+        storageClassName: "",
+        hostPath: { path: `/tmp/${pv}` },
+        claimRef: { namespace, name: claim },
+      },
+    },
+  });
+  await core().createNamespacedPersistentVolumeClaim({
+    namespace,
+    body: {
+      metadata: { name: claim },
+      spec: {
+        accessModes: ["ReadOnlyMany"],
+        storageClassName: "",
+        volumeName: pv,
+        resources: { requests: { storage: "1Gi" } },
+      },
+    },
+  });
+}
+
+/** The Deployments the operator made for model `name`. */
+export async function ownedDeployments(namespace: string, name: string): Promise<V1Deployment[]> {
+  return (
+    await apps().listNamespacedDeployment({
+      namespace,
+      labelSelector: `expertmesh.io/model=${name}`,
+    })
+  ).items;
+}
+
+/** helm install of the chart (operator replicas 0: the tests run the operator themselves). */
+export async function helmInstall(
+  release: string,
+  namespace: string,
+  extra: string[] = [],
+): Promise<void> {
+  const env = testEnv();
+  const helm = await runCli(
+    env.binaries.helm,
+    [
+      "install",
+      release,
+      `${root}charts/expertmesh`,
+      "--namespace",
+      namespace,
+      "--create-namespace",
+      "--kubeconfig",
+      env.kube.kubeconfig,
+      "--set",
+      "replicaCount=0",
+      ...extra,
+      "--wait=false",
+    ],
+    undefined,
+    {
+      ...process.env,
+      HELM_CACHE_HOME: `${env.runDir}/helm/cache`,
+      HELM_CONFIG_HOME: `${env.runDir}/helm/config`,
+      HELM_DATA_HOME: `${env.runDir}/helm/data`,
+    },
+  );
+  expect(helm.code, helm.stderr).toBe(0);
 }

@@ -1,0 +1,589 @@
+// The operator's autoscaler and rebalancer (ADR 0003). For every DeepSeekModel with
+// autoscaling or rebalancing enabled it subscribes to the model's load reports on NATS
+// (em.<ns>.<model>.stats.>), and once a second:
+//  - exports queue depth, reporters, current/desired replicas per role as Prometheus metrics
+//    (what an HPA or KEDA uses in external mode);
+//  - in operator mode, every intervalSeconds, decides each role's replicas with HPA's
+//    algorithm (hpa.ts) and, on a change, records the decision, emits an Event and asks the
+//    reconciler (the only writer of Deployments and status) to apply it;
+//  - with rebalancing on, proposes a better placement from the per-expert token counts and
+//    rolls it out shards first (rebalance.ts), publishing on em.<ns>.<model>.control.plan.
+import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { Counter, Gauge, type Registry } from "prom-client";
+import { architectureOf } from "../../api/manifest.ts";
+import type { DeepSeekModel, DeepSeekModelStatus } from "../../api/schema.ts";
+import type { PlacementPlan } from "../../moe/placement.ts";
+import { encodePlanControl } from "../../moe/plan-control.ts";
+import { type ModelRef, subjects } from "../../moe/subjects.ts";
+import { formatError } from "../../util/errors.ts";
+import {
+  type DecisionReason,
+  decide,
+  emptyHistory,
+  type RoleHistory,
+  type ScalePolicy,
+} from "./hpa.ts";
+import {
+  type GatewayReport,
+  LoadTracker,
+  parseReport,
+  type RoleKey,
+  type ShardReport,
+  shardRole,
+} from "./load.ts";
+import { propose, type Rollout, step } from "./rebalance.ts";
+
+type AutoscalingStatus = NonNullable<DeepSeekModelStatus["autoscaling"]>;
+type RoleStatus = AutoscalingStatus["roles"][number];
+type DecisionRecord = AutoscalingStatus["decisions"][number];
+type RebalanceStatus = NonNullable<DeepSeekModelStatus["rebalance"]>;
+
+/** What the reconciler saw of a model's workloads. */
+export interface WorkloadView {
+  /** The plan in the <name>-plan ConfigMap. */
+  plan: PlacementPlan | undefined;
+  /** Deployment spec.replicas per role (undefined: no Deployment yet). */
+  replicas: Map<RoleKey, number>;
+  /** Ready pods per role. */
+  ready: Map<RoleKey, number>;
+  /** NATS credentials (.creds) when spec.nats.credentialsSecret is set. */
+  natsCreds?: Uint8Array;
+}
+
+export interface AutoscalerOptions {
+  registry: Registry;
+  /** Ask for a reconcile of `namespace/name` (to apply replicas, a plan, or refresh status). */
+  requeue: (key: string) => void;
+  event: (
+    model: DeepSeekModel,
+    type: "Normal" | "Warning",
+    reason: string,
+    message: string,
+  ) => void;
+  log: (msg: string) => void;
+  /** Connects to a model's NATS (tests may pass their own). */
+  connect?: (url: string, creds?: Uint8Array) => Promise<NatsConnection>;
+  /** Rollout timing (ms). */
+  rolloutResendMs?: number;
+  prepareTimeoutMs?: number;
+  now?: () => number;
+}
+
+interface ModelState {
+  key: string;
+  model: DeepSeekModel;
+  view: WorkloadView;
+  natsKey: string;
+  sub?: Subscription;
+  tracker: LoadTracker;
+  history: Map<RoleKey, RoleHistory>;
+  desired: Map<RoleKey, number>;
+  roles: RoleStatus[];
+  decisions: DecisionRecord[];
+  lastDecideAt: number;
+  lastStatusAt: number;
+  rollout?: Rollout;
+  rebalance?: RebalanceStatus;
+  lastRebalanceEvalAt: number;
+  lastRebalanceAt: number;
+  planOverride?: PlacementPlan;
+}
+
+const round = (n: number) => Math.round(n * 100) / 100;
+const rfc3339 = (ms: number) => new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");
+
+export class Autoscaler {
+  readonly #o: AutoscalerOptions;
+  readonly #models = new Map<string, ModelState>();
+  readonly #conns = new Map<string, Promise<NatsConnection>>();
+  #timer: NodeJS.Timeout | undefined;
+  readonly #now: () => number;
+  readonly #m;
+
+  constructor(o: AutoscalerOptions) {
+    this.#o = o;
+    this.#now = o.now ?? Date.now;
+    const labelNames = ["namespace", "model", "role"] as const;
+    const registers = [o.registry];
+    this.#m = {
+      queueDepth: new Gauge({
+        name: "expertmesh_queue_depth",
+        help: "Queue depth per replica of a role, averaged over the metric window (gateway: waiting requests; shard-<k>: pending tokens). Absent while unknown.",
+        labelNames,
+        registers,
+      }),
+      queueDepthTotal: new Gauge({
+        name: "expertmesh_queue_depth_total",
+        help: "Queue depth summed over a role's reporting replicas (for an HPA External metric with an AverageValue target).",
+        labelNames,
+        registers,
+      }),
+      reporters: new Gauge({
+        name: "expertmesh_autoscaler_reporters",
+        help: "Replicas of a role with a fresh load report.",
+        labelNames,
+        registers,
+      }),
+      target: new Gauge({
+        name: "expertmesh_autoscaler_target_queue_depth",
+        help: "Target queue depth per replica.",
+        labelNames,
+        registers,
+      }),
+      current: new Gauge({
+        name: "expertmesh_autoscaler_current_replicas",
+        help: "Replicas of the role's Deployment.",
+        labelNames,
+        registers,
+      }),
+      desired: new Gauge({
+        name: "expertmesh_autoscaler_desired_replicas",
+        help: "Replicas the autoscaler wants (operator mode).",
+        labelNames,
+        registers,
+      }),
+      decisions: new Counter({
+        name: "expertmesh_autoscaler_decisions_total",
+        help: "Replica changes by direction (up, down).",
+        labelNames: [...labelNames, "direction"],
+        registers,
+      }),
+      imbalance: new Gauge({
+        name: "expertmesh_expert_load_imbalance",
+        help: "Observed per-shard routed-token load max/mean under the current plan (1 is perfect).",
+        labelNames: ["namespace", "model"],
+        registers,
+      }),
+      rebalances: new Gauge({
+        name: "expertmesh_rebalance_plan_version",
+        help: "Plan version the rebalancer last rolled out.",
+        labelNames: ["namespace", "model"],
+        registers,
+      }),
+      rebalanceResults: new Counter({
+        name: "expertmesh_rebalances_total",
+        help: "Rebalance rollouts by result (done, failed).",
+        labelNames: ["namespace", "model", "result"],
+        registers,
+      }),
+    };
+  }
+
+  start(): void {
+    this.#timer = setInterval(() => this.tick(), 1000);
+    this.#timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.#timer);
+    for (const s of this.#models.values()) s.sub?.unsubscribe();
+    this.#models.clear();
+    const conns = [...this.#conns.values()];
+    this.#conns.clear();
+    await Promise.all(conns.map(async (c) => (await c.catch(() => undefined))?.close()));
+  }
+
+  /** Called by every reconcile: the model and what the cluster has. */
+  observe(key: string, model: DeepSeekModel, view: WorkloadView): void {
+    const { autoscaling, experts } = model.spec;
+    if (!autoscaling.enabled && !experts.rebalance.enabled) {
+      this.forget(key);
+      return;
+    }
+    const natsKey = `${model.spec.nats.url}#${view.natsCreds ? Buffer.from(view.natsCreds).toString("base64") : ""}`;
+    let s = this.#models.get(key);
+    if (s && s.natsKey !== natsKey) {
+      this.forget(key);
+      s = undefined;
+    }
+    const windows = {
+      windowMs: autoscaling.metricWindowSeconds * 1000,
+      staleMs: autoscaling.staleAfterSeconds * 1000,
+      expertWindowMs: experts.rebalance.windowSeconds * 1000,
+    };
+    if (!s) {
+      s = {
+        key,
+        model,
+        view,
+        natsKey,
+        tracker: new LoadTracker(windows),
+        history: new Map(),
+        desired: new Map(),
+        roles: [],
+        decisions: model.status?.autoscaling?.decisions ?? [],
+        lastDecideAt: 0,
+        lastStatusAt: 0,
+        lastRebalanceEvalAt: 0,
+        lastRebalanceAt: model.status?.rebalance?.lastTime
+          ? Date.parse(model.status.rebalance.lastTime)
+          : 0,
+        ...(model.status?.rebalance ? { rebalance: model.status.rebalance } : {}),
+      };
+      this.#models.set(key, s);
+      void this.#subscribe(s, model.spec.nats.url, view.natsCreds);
+    } else {
+      s.tracker.setOptions(windows);
+    }
+    s.model = model;
+    s.view = view;
+  }
+
+  forget(key: string): void {
+    const s = this.#models.get(key);
+    if (!s) return;
+    s.sub?.unsubscribe();
+    this.#models.delete(key);
+    const ref = this.#ref(s);
+    const m = this.#m;
+    for (const role of this.#rolesOf(s)) {
+      for (const g of [
+        m.queueDepth,
+        m.queueDepthTotal,
+        m.reporters,
+        m.target,
+        m.current,
+        m.desired,
+      ])
+        g.remove({ ...ref, role });
+    }
+    m.imbalance.remove(ref);
+    m.rebalances.remove(ref);
+  }
+
+  async #subscribe(s: ModelState, url: string, creds?: Uint8Array): Promise<void> {
+    try {
+      const nc = await this.#conn(url, creds);
+      if (this.#models.get(s.key) !== s) return;
+      s.sub = nc.subscribe(subjects.allStats(this.#ref(s)), {
+        callback: (err, msg) => {
+          if (err) return;
+          const r = parseReport(msg.data);
+          if (r) s.tracker.add(r, this.#now());
+        },
+      });
+      this.#o.log(`autoscaler: watching load reports of ${s.key} on ${url}`);
+    } catch (err) {
+      this.#o.log(`autoscaler: cannot reach NATS ${url} for ${s.key}: ${formatError(err)}`);
+      // Try again on the next observe.
+      if (this.#models.get(s.key) === s) this.#models.delete(s.key);
+    }
+  }
+
+  #conn(url: string, creds?: Uint8Array): Promise<NatsConnection> {
+    const key = `${url}#${creds ? Buffer.from(creds).toString("base64") : ""}`;
+    let c = this.#conns.get(key);
+    if (!c) {
+      c = (this.#o.connect ?? defaultConnect)(url, creds);
+      c.catch(() => this.#conns.delete(key));
+      this.#conns.set(key, c);
+    }
+    return c;
+  }
+
+  #ref(s: ModelState): ModelRef {
+    return { namespace: s.model.metadata.namespace!, model: s.model.metadata.name };
+  }
+
+  /** Replicas the autoscaler decided per role (operator mode), for the reconciler. */
+  replicasFor(key: string): Map<RoleKey, number> | undefined {
+    return this.#models.get(key)?.desired;
+  }
+
+  /** A rebalanced plan the reconciler should write (newer than the ConfigMap's). */
+  planFor(key: string): PlacementPlan | undefined {
+    return this.#models.get(key)?.planOverride;
+  }
+
+  /** Mean queue depth per role family for status.queueDepth. */
+  queueDepth(key: string): { gateway?: number; shard?: number } | undefined {
+    const s = this.#models.get(key);
+    if (!s) return undefined;
+    const now = this.#now();
+    const g = s.tracker.observe("gateway", now);
+    const shards = Array.from({ length: s.view.plan?.numShards ?? 0 }, (_, k) =>
+      s.tracker.observe(shardRole(k), now),
+    ).filter((o) => o.reporters > 0);
+    return {
+      ...(g.reporters ? { gateway: round(g.total / g.reporters) } : {}),
+      ...(shards.length
+        ? {
+            shard: round(
+              shards.reduce((n, o) => n + o.total, 0) / shards.reduce((n, o) => n + o.reporters, 0),
+            ),
+          }
+        : {}),
+    };
+  }
+
+  /** The autoscaling and rebalance parts of the status. */
+  statusFor(key: string): Pick<DeepSeekModelStatus, "autoscaling" | "rebalance"> | undefined {
+    const s = this.#models.get(key);
+    if (!s) return undefined;
+    const { autoscaling } = s.model.spec;
+    return {
+      ...(autoscaling.enabled
+        ? { autoscaling: { mode: autoscaling.mode, roles: s.roles, decisions: s.decisions } }
+        : {}),
+      ...(s.rebalance ? { rebalance: s.rebalance } : {}),
+    };
+  }
+
+  /** One round over every model (the timer calls it each second; tests may call it). */
+  tick(): void {
+    const now = this.#now();
+    for (const s of this.#models.values()) {
+      try {
+        if (s.model.spec.autoscaling.enabled) this.#scale(s, now);
+        if (s.model.spec.experts.rebalance.enabled) this.#rebalance(s, now);
+      } catch (err) {
+        this.#o.log(`autoscaler: ${s.key}: ${formatError(err)}`);
+      }
+    }
+  }
+
+  #rolesOf(s: ModelState): RoleKey[] {
+    return [
+      "gateway",
+      ...Array.from({ length: s.view.plan?.numShards ?? 0 }, (_, k) => shardRole(k)),
+    ];
+  }
+
+  #policy(s: ModelState, role: RoleKey): ScalePolicy {
+    const { autoscaling: a, gateway, experts } = s.model.spec;
+    const isGateway = role === "gateway";
+    return {
+      min: isGateway ? gateway.minReplicas : experts.replicas.min,
+      max: isGateway ? gateway.maxReplicas : experts.replicas.max,
+      target: isGateway ? a.gatewayTargetQueueDepth : a.shardTargetQueueDepth,
+      tolerance: a.tolerance,
+      scaleUpStabilizationMs: a.scaleUpStabilizationSeconds * 1000,
+      scaleDownStabilizationMs: a.scaleDownStabilizationSeconds * 1000,
+      periodMs: a.policyPeriodSeconds * 1000,
+      scaleUpMaxPods: a.scaleUpMaxPods,
+      scaleUpMaxPercent: a.scaleUpMaxPercent,
+      scaleDownMaxPercent: a.scaleDownMaxPercent,
+    };
+  }
+
+  #scale(s: ModelState, now: number): void {
+    const a = s.model.spec.autoscaling;
+    const ref = this.#ref(s);
+    const operatorMode = a.mode === "operator";
+    const due = operatorMode && now - s.lastDecideAt >= a.intervalSeconds * 1000;
+    if (due) s.lastDecideAt = now;
+    const roles: RoleStatus[] = [];
+    let changed = false;
+    for (const role of this.#rolesOf(s)) {
+      const labels = { ...ref, role };
+      const policy = this.#policy(s, role);
+      const obs = s.tracker.observe(role, now);
+      const current = s.desired.get(role) ?? s.view.replicas.get(role);
+      this.#m.reporters.set(labels, obs.reporters);
+      this.#m.target.set(labels, policy.target);
+      if (obs.reporters > 0) {
+        this.#m.queueDepth.set(labels, obs.total / obs.reporters);
+        this.#m.queueDepthTotal.set(labels, obs.total);
+      } else {
+        this.#m.queueDepth.remove(labels);
+        this.#m.queueDepthTotal.remove(labels);
+      }
+      if (current === undefined) continue; // no Deployment yet
+      this.#m.current.set(labels, s.view.replicas.get(role) ?? current);
+      const previous = s.roles.find((r) => r.role === role);
+      let status: RoleStatus = {
+        role,
+        replicas: s.view.replicas.get(role) ?? current,
+        desiredReplicas: current,
+        metric: obs.reporters > 0 ? "Known" : "Unknown",
+        ...(obs.reporters > 0 ? { queueDepth: round(obs.total / obs.reporters) } : {}),
+        target: policy.target,
+        reporters: obs.reporters,
+        message:
+          obs.reporters > 0
+            ? (previous?.message ?? "waiting for the first decision")
+            : `queue depth unknown (${obs.unknownReason}): not scaling`,
+      };
+      if (!operatorMode) {
+        status.message = "external mode: replicas are left to an HPA or KEDA";
+      } else if (due) {
+        const ready = s.view.ready.get(role) ?? 0;
+        const d = decide(policy, s.history.get(role) ?? emptyHistory(), current, ready, obs, now);
+        s.history.set(role, d.history);
+        status = { ...status, desiredReplicas: d.desired, message: `${d.reason}: ${d.message}` };
+        if (d.desired !== current) {
+          s.desired.set(role, d.desired);
+          changed = true;
+          this.#record(
+            s,
+            role,
+            current,
+            d.desired,
+            d.observed ?? 0,
+            policy.target,
+            d.reason,
+            d.message,
+            now,
+          );
+        }
+      }
+      this.#m.desired.set(labels, status.desiredReplicas);
+      roles.push(status);
+    }
+    s.roles = roles;
+    // Apply a change now; refresh the status once per interval otherwise.
+    if (changed || (due && now - s.lastStatusAt >= a.intervalSeconds * 1000)) {
+      s.lastStatusAt = now;
+      this.#o.requeue(s.key);
+    }
+  }
+
+  #record(
+    s: ModelState,
+    role: RoleKey,
+    from: number,
+    to: number,
+    observed: number,
+    target: number,
+    reason: DecisionReason,
+    message: string,
+    now: number,
+  ): void {
+    const direction = to > from ? "up" : "down";
+    this.#m.decisions.inc({ ...this.#ref(s), role, direction });
+    s.decisions = [
+      ...s.decisions,
+      { time: rfc3339(now), role, from, to, queueDepth: round(observed), target, reason },
+    ].slice(-10);
+    const text = `${role}: ${from} -> ${to} replicas (${reason}): ${message}`;
+    this.#o.log(`autoscaler: ${s.key}: ${text}`);
+    this.#o.event(s.model, "Normal", direction === "up" ? "ScaledUp" : "ScaledDown", text);
+  }
+
+  #rebalance(s: ModelState, now: number): void {
+    const plan = s.view.plan;
+    if (!plan) return;
+    const rb = s.model.spec.experts.rebalance;
+    const ref = this.#ref(s);
+    if (s.rollout) {
+      this.#advance(s, now);
+      return;
+    }
+    const evalEveryMs = Math.max(1000, Math.min(5000, (rb.windowSeconds * 1000) / 2));
+    if (now - s.lastRebalanceEvalAt < evalEveryMs) return;
+    s.lastRebalanceEvalAt = now;
+    const { load, total } = s.tracker.expertLoad(plan.moeLayers, plan.routedExperts, now);
+    const p = propose(plan, architectureOf(s.model), load, total, rb);
+    const observed = p.action === "rollout" ? p.before : p.imbalance;
+    if (observed !== undefined) this.#m.imbalance.set(ref, observed);
+    const base = { ...s.rebalance };
+    delete base.imbalance;
+    if (p.action === "none" || now - s.lastRebalanceAt < rb.cooldownSeconds * 1000) {
+      s.rebalance = {
+        ...base,
+        phase: "Idle",
+        ...(observed !== undefined ? { imbalance: round(observed) } : {}),
+        message:
+          p.action === "none"
+            ? p.reason
+            : `${p.reason}; waiting for the ${rb.cooldownSeconds} s cooldown since the last rebalance`,
+      };
+      return;
+    }
+    this.#m.imbalance.set(ref, p.before);
+    s.rollout = {
+      phase: "Preparing",
+      plan: p.plan,
+      before: p.before,
+      after: p.after,
+      startedAt: now,
+      sentAt: Number.NEGATIVE_INFINITY,
+    };
+    s.rebalance = { ...base, phase: "Preparing", imbalance: round(p.before), message: p.reason };
+    this.#o.event(s.model, "Normal", "RebalanceStarted", `${p.reason}: loading it on every shard`);
+    this.#o.requeue(s.key);
+    this.#advance(s, now);
+  }
+
+  #advance(s: ModelState, now: number): void {
+    const r = s.rollout!;
+    const plan = s.view.plan!;
+    const shards = Array.from({ length: plan.numShards }, (_, k) =>
+      s.tracker.fresh(shardRole(k), now),
+    ) as ShardReport[][];
+    const gateways = s.tracker.fresh("gateway", now) as GatewayReport[];
+    const res = step(r, shards, gateways, now, {
+      resendMs: this.#o.rolloutResendMs ?? 2000,
+      prepareTimeoutMs: this.#o.prepareTimeoutMs ?? 120_000,
+    });
+    const ref = this.#ref(s);
+    const publish = (op: "prepare" | "activate") =>
+      void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
+        .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl(op, r.plan)))
+        .catch((err) => this.#o.log(`autoscaler: ${s.key}: publish ${op}: ${formatError(err)}`));
+    const v = r.plan.version;
+    switch (res.next) {
+      case "send":
+        s.rollout = res.rollout;
+        publish(res.op);
+        return;
+      case "wait":
+        s.rollout = res.rollout;
+        s.rebalance = { ...s.rebalance!, message: res.message };
+        return;
+      case "activated":
+        // Every shard serves v: the ConfigMap may name it (new pods start on it), gateways switch.
+        s.rollout = { ...res.rollout, sentAt: now };
+        s.planOverride = r.plan;
+        s.rebalance = {
+          ...s.rebalance!,
+          phase: "Activating",
+          message: `every shard loaded plan v${v}; switching gateways`,
+        };
+        publish("activate");
+        this.#o.requeue(s.key);
+        return;
+      case "done": {
+        s.rollout = undefined;
+        s.lastRebalanceAt = now;
+        this.#m.rebalances.set(ref, v);
+        this.#m.rebalanceResults.inc({ ...ref, result: "done" });
+        const text = `plan v${v} active on every gateway and shard: expected per-shard load max/mean ${r.before.toFixed(3)} -> ${r.after.toFixed(3)}`;
+        s.rebalance = {
+          phase: "Idle",
+          message: text,
+          lastTime: rfc3339(now),
+          lastBefore: round(r.before),
+          lastAfter: round(r.after),
+        };
+        this.#o.event(s.model, "Normal", "Rebalanced", text);
+        this.#o.requeue(s.key);
+        return;
+      }
+      case "failed":
+        s.rollout = undefined;
+        s.lastRebalanceAt = now;
+        this.#m.rebalanceResults.inc({ ...ref, result: "failed" });
+        s.rebalance = {
+          ...s.rebalance!,
+          phase: "Idle",
+          message: `rebalance to plan v${v} failed: ${res.message}`,
+        };
+        this.#o.event(s.model, "Warning", "RebalanceFailed", res.message);
+        this.#o.requeue(s.key);
+        return;
+    }
+  }
+}
+
+async function defaultConnect(url: string, creds?: Uint8Array): Promise<NatsConnection> {
+  return connect({
+    servers: url,
+    name: "expertmesh-operator",
+    maxReconnectAttempts: -1,
+    reconnectTimeWait: 500,
+    ...(creds
+      ? { authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(creds) }
+      : {}),
+  });
+}
