@@ -480,8 +480,9 @@ export const AutoscalingSchema = Type.Object(
       minimum: 1,
     }),
     scaleDownMaxPercent: Type.Integer({
-      description: "Scale down by at most this percent of the replicas per period.",
-      default: 100,
+      description:
+        "Scale down by at most this percent of the replicas per period (HPA's default is 100; queue depth falls faster than linearly with replicas, so a proportional step down overshoots: BENCHMARKS.md, autoscaling).",
+      default: 10,
       minimum: 1,
       maximum: 100,
     }),

@@ -81,6 +81,14 @@ spec:
       redundantExperts: 0,
       replicas: { min: 1, max: 1 },
       gpusPerShard: 1,
+      rebalance: {
+        enabled: false,
+        threshold: 1.25,
+        minImprovement: 0.05,
+        windowSeconds: 300,
+        minTokens: 10000,
+        cooldownSeconds: 600,
+      },
     });
     expect(m.spec.model.source.pvc).toEqual({ claimName: "weights", path: "" });
     expect(m.spec.gateway.ports).toEqual({ http: 8000, grpc: 8001, metrics: 9090 });

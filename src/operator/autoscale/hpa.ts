@@ -2,8 +2,8 @@
 // It follows kube-controller-manager's replica calculator and `stabilizeRecommendation-
 // WithBehaviors` / `convertDesiredReplicasWithBehaviorRate`:
 //   1. ratio = observed / target per replica; within 1 +- tolerance: no change.
-//      Replicas without a fresh report count as 0 when scaling up and as exactly at target
-//      when scaling down (so a silent pod damps a scale-down instead of driving it).
+//      Replicas without a fresh report (starting, or silent) count as 0 when scaling up and
+//      as exactly at target when scaling down, so they damp a change instead of driving it.
 //   2. recommendation = ceil(ratio * replicas counted).
 //   3. Stabilization: scale up to the lowest recommendation of the scale-up window, down to
 //      the highest of the scale-down window.
@@ -93,7 +93,10 @@ export function decide(
   }
 
   // 1-2. Ratio with missing replicas filled in, then the recommendation.
-  const counted = Math.max(ready, obs.reporters);
+  // Every pod counts (as HPA does), ready or still starting: a starting pod has no report
+  // yet, so it counts as 0 when scaling up (no piling up pods while new ones load weights)
+  // and as at target when scaling down.
+  const counted = Math.max(current, ready, obs.reporters);
   const missing = counted - obs.reporters;
   const rawRatio = obs.total / obs.reporters / p.target;
   let observed: number;
@@ -154,7 +157,7 @@ export function decide(
   } else if (desired < current) {
     const removed = h.changes.reduce((n, c) => n + Math.max(0, -c.delta), 0);
     const start = current + removed;
-    const limit = Math.ceil(start * (1 - p.scaleDownMaxPercent / 100));
+    const limit = Math.floor(start * (1 - p.scaleDownMaxPercent / 100));
     if (desired < limit) {
       desired = Math.min(current, limit);
       reason = "ScaleDownLimited";
