@@ -143,7 +143,8 @@ extern "C" const char* em_status_name(em_status status) {
 
 extern "C" const char* em_op_name(em_op op) {
   static const char* const names[EM_OP_COUNT] = {"matmul", "rmsnorm", "silu_mul", "moe_ffn", "rope",
-                                                 "mla_attention", "gate", "convert", "sample"};
+                                                 "mla_attention", "gate", "convert", "sample", "wire_pack",
+                                                 "wire_unpack"};
   return op >= 0 && op < EM_OP_COUNT ? names[op] : "unknown";
 }
 
@@ -276,8 +277,21 @@ extern "C" em_status em_moe_ffn(em_backend* b, const em_moe_args* a) {
   if (a == nullptr) return em::fail(EM_ERR_ARG, "moe_ffn: args is NULL");
   EM_TRY(check_rank_dtype(a->x, "moe_ffn x", 2, EM_F32));
   EM_TRY(check_rank_dtype(a->y, "moe_ffn y", 2, EM_F32));
-  const int64_t rows = a->x->shape[0], dim = a->x->shape[1];
+  const int64_t dim = a->x->shape[1];
   if (a->num_experts < 0) return em::fail(EM_ERR_ARG, "moe_ffn: num_experts < 0");
+  // With a gather index the grouped rows are the index's, wherever they sit in x.
+  int64_t rows = a->x->shape[0];
+  if (a->x_index != nullptr) {
+    if (a->num_experts > 0 && a->expert_offsets == nullptr)
+      return em::fail(EM_ERR_ARG, "moe_ffn expert_offsets is NULL");
+    rows = a->num_experts > 0 ? a->expert_offsets[a->num_experts] : 0;
+    if (rows < 0) return em::fail(EM_ERR_ARG, "moe_ffn: expert_offsets end below 0");
+    for (int64_t i = 0; i < rows; ++i) {
+      if (a->x_index[i] < 0 || a->x_index[i] >= a->x->shape[0])
+        return em::fail(EM_ERR_ARG, "moe_ffn: x_index[%lld] = %d outside x's %lld rows", static_cast<long long>(i),
+                        a->x_index[i], static_cast<long long>(a->x->shape[0]));
+    }
+  }
   if (a->y->shape[1] != dim)
     return em::fail(EM_ERR_SHAPE, "moe_ffn y: %lld columns, x has %lld", static_cast<long long>(a->y->shape[1]),
                     static_cast<long long>(dim));
@@ -472,4 +486,78 @@ extern "C" em_status em_sample(em_backend* b, const em_sample_args* a) {
   }
   EM_TRY(check_supported(b, EM_OP_SAMPLE, EM_F32));
   return b->iface->sample(b->ctx, a);
+}
+
+extern "C" int64_t em_wire_bytes(em_wire_dtype dtype, int64_t rows, int64_t dim) {
+  const int64_t n = rows * dim;
+  switch (dtype) {
+    case EM_WIRE_BF16: return 2 * n;
+    case EM_WIRE_F32: return 4 * n;
+    case EM_WIRE_FP8: return n + 4 * rows * ((dim + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK);
+  }
+  return -1;
+}
+
+namespace {
+em_status check_wire_dtype(em_wire_dtype d, const char* op) {
+  if (d != EM_WIRE_BF16 && d != EM_WIRE_FP8 && d != EM_WIRE_F32)
+    return em::fail(EM_ERR_DTYPE, "%s: unknown wire dtype %d (1 bf16, 2 fp8, 3 f32)", op, static_cast<int>(d));
+  return EM_OK;
+}
+}  // namespace
+
+extern "C" em_status em_wire_pack(em_backend* b, const em_wire_pack_args* a) {
+  EM_TRY(check_backend(b));
+  if (a == nullptr) return em::fail(EM_ERR_ARG, "wire_pack: args is NULL");
+  EM_TRY(check_rank_dtype(a->x, "wire_pack x", 2, EM_F32));
+  EM_TRY(check_wire_dtype(a->dtype, "wire_pack"));
+  const int64_t x_rows = a->x->shape[0], dim = a->x->shape[1];
+  if (a->rows < 0) return em::fail(EM_ERR_ARG, "wire_pack: rows < 0");
+  if (a->row_index == nullptr) {
+    if (a->rows != x_rows)
+      return em::fail(EM_ERR_SHAPE, "wire_pack: %lld rows but x has %lld (or pass row_index)",
+                      static_cast<long long>(a->rows), static_cast<long long>(x_rows));
+  } else {
+    for (int64_t i = 0; i < a->rows; ++i) {
+      if (a->row_index[i] < 0 || a->row_index[i] >= x_rows)
+        return em::fail(EM_ERR_ARG, "wire_pack: row_index[%lld] = %d outside x's %lld rows", static_cast<long long>(i),
+                        a->row_index[i], static_cast<long long>(x_rows));
+    }
+  }
+  const int64_t want = em_wire_bytes(a->dtype, a->rows, dim);
+  if (a->out_bytes != want)
+    return em::fail(EM_ERR_SHAPE, "wire_pack: out has %lld bytes, %lld rows of %lld need %lld",
+                    static_cast<long long>(a->out_bytes), static_cast<long long>(a->rows), static_cast<long long>(dim),
+                    static_cast<long long>(want));
+  if (a->out == nullptr && want > 0) return em::fail(EM_ERR_ARG, "wire_pack: out is NULL");
+  EM_TRY(check_supported(b, EM_OP_WIRE_PACK, EM_F32));
+  return b->iface->wire_pack(b->ctx, a);
+}
+
+extern "C" em_status em_wire_unpack(em_backend* b, const em_wire_unpack_args* a) {
+  EM_TRY(check_backend(b));
+  if (a == nullptr) return em::fail(EM_ERR_ARG, "wire_unpack: args is NULL");
+  EM_TRY(check_rank_dtype(a->y, "wire_unpack y", 2, EM_F32));
+  EM_TRY(check_wire_dtype(a->dtype, "wire_unpack"));
+  const int64_t y_rows = a->y->shape[0], dim = a->y->shape[1];
+  if (a->rows < 0) return em::fail(EM_ERR_ARG, "wire_unpack: rows < 0");
+  if (a->out_index == nullptr) {
+    if (a->rows > y_rows)
+      return em::fail(EM_ERR_SHAPE, "wire_unpack: %lld rows but y has %lld (or pass out_index)",
+                      static_cast<long long>(a->rows), static_cast<long long>(y_rows));
+  } else {
+    for (int64_t i = 0; i < a->rows; ++i) {
+      if (a->out_index[i] < 0 || a->out_index[i] >= y_rows)
+        return em::fail(EM_ERR_ARG, "wire_unpack: out_index[%lld] = %d outside y's %lld rows", static_cast<long long>(i),
+                        a->out_index[i], static_cast<long long>(y_rows));
+    }
+  }
+  const int64_t want = em_wire_bytes(a->dtype, a->rows, dim);
+  if (a->in_bytes != want)
+    return em::fail(EM_ERR_SHAPE, "wire_unpack: in has %lld bytes, %lld rows of %lld need %lld",
+                    static_cast<long long>(a->in_bytes), static_cast<long long>(a->rows), static_cast<long long>(dim),
+                    static_cast<long long>(want));
+  if (a->in == nullptr && want > 0) return em::fail(EM_ERR_ARG, "wire_unpack: in is NULL");
+  EM_TRY(check_supported(b, EM_OP_WIRE_UNPACK, EM_F32));
+  return b->iface->wire_unpack(b->ctx, a);
 }

@@ -136,6 +136,13 @@ int32_t* i32(Napi::Env env, const Napi::Value& v, const char* name, int64_t expe
   return typed<int32_t, napi_int32_array>(env, v, name, "Int32Array", expected);
 }
 
+// An Int32Array of row indices; never NULL, even when empty (NULL means "no index" to the engine).
+const int32_t* index_arg(Napi::Env env, const Napi::Value& v, const char* name, int64_t expected = -1) {
+  static const int32_t kEmpty = 0;
+  const int32_t* p = i32(env, v, name, expected);
+  return p != nullptr ? p : &kEmpty;
+}
+
 int64_t length_of(const Napi::Value& v) { return static_cast<int64_t>(v.As<Napi::TypedArray>().ElementLength()); }
 
 // A Float32Array of n elements: the caller's `out` if given (length checked), else new.
@@ -221,7 +228,8 @@ const char* const kDtypeNames[] = {"f32", "bf16", "f16", "fp8"};
 const em_dtype kDtypes[] = {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3};
 // The exported function that runs each em_op, indexed by em_op.
 const char* const kOpFunctions[EM_OP_COUNT] = {"matmul", "rmsnorm", "siluMul", "moeFfn", "rope",
-                                               "mlaAttention", "gate", "convert", "sample"};
+                                               "mlaAttention", "gate", "convert", "sample", "wirePack",
+                                               "wireUnpack"};
 
 Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -329,13 +337,16 @@ Napi::Value SiluMul(const Napi::CallbackInfo& info) {
 }
 
 // moeFfn({ x, dim, expertOffsets, w1[], w2[], w3[], rowWeights?, outIndex?, outRows?,
-//          accumulate?, out? }) -> Float32Array [(outRows | rows) * dim]
+//          accumulate?, out?, xIndex? }) -> Float32Array [(outRows | rows) * dim]
 Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Napi::Object o = object_arg(env, arg(info, 0), "moeFfn arguments");
   const int64_t dim = integer(env, o.Get("dim"), "dim", 1);
   float* x = f32(env, o.Get("x"), "x");
-  const int64_t rows = rows_of(env, length_of(o.Get("x")), dim, "x");
+  const int64_t x_rows = rows_of(env, length_of(o.Get("x")), dim, "x");
+  // xIndex: grouped row r reads x row xIndex[r] (a gather); rows = its length.
+  const int32_t* x_index = present(o.Get("xIndex")) ? index_arg(env, o.Get("xIndex"), "xIndex") : nullptr;
+  const int64_t rows = x_index ? length_of(o.Get("xIndex")) : x_rows;
   int32_t* offsets = i32(env, o.Get("expertOffsets"), "expertOffsets");
   const int64_t num_experts = length_of(o.Get("expertOffsets")) - 1;
   if (num_experts < 0) shape_error(env, "expertOffsets must hold numExperts + 1 values");
@@ -348,9 +359,11 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   const bool accumulate = o.Get("accumulate").ToBoolean().Value();
   if (accumulate && !present(o.Get("out"))) arg_error(env, "accumulate needs an out array to add into");
   Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(out_rows * dim));
-  em_tensor xt = em_tensor_2d(x, EM_F32, rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
+  if (x_index && (num_experts > 0 ? offsets[num_experts] : 0) != rows)
+    shape_error(env, "expertOffsets must end at xIndex.length (" + std::to_string(rows) + ")");
+  em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
   em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,
-                out_index, accumulate ? 1 : 0, &yt};
+                out_index, accumulate ? 1 : 0, &yt, x_index};
   check(env, em_moe_ffn(backend_of(env), &a), "moeFfn");
   return out;
 }
@@ -564,6 +577,61 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// ------------------------------------------------------------------ wire codec
+
+em_wire_dtype wire_dtype(Napi::Env env, const Napi::Value& v) {
+  const int64_t d = integer(env, v, "dtype", 1);
+  if (d != EM_WIRE_BF16 && d != EM_WIRE_FP8 && d != EM_WIRE_F32)
+    throw_code(env, "EM_NATIVE_DTYPE", "dtype must be a wire dtype code: 1 bf16, 2 fp8, 3 f32");
+  return static_cast<em_wire_dtype>(d);
+}
+
+// crc32(bytes: ArrayBufferView, crc? = 0) -> number: zlib's CRC-32, continuing from crc.
+Napi::Value Crc32(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Bytes b = bytes_of(env, arg(info, 0), "bytes");
+  const uint32_t crc = present(arg(info, 1)) ? static_cast<uint32_t>(integer(env, arg(info, 1), "crc", 0)) : 0;
+  return Napi::Number::New(env, em_crc32(crc, b.data, b.size));
+}
+
+// wirePack(x: Float32Array [xRows * dim], dim, rowIndex: Int32Array | null, dtype (1|2|3),
+//          out: Uint8Array, crc? ) -> number: writes the rows' wire bytes into out (exactly
+// their size); returns the CRC-32 of out continuing from crc (0 when omitted).
+Napi::Value WirePack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t dim = integer(env, arg(info, 1), "dim", 1);
+  float* x = f32(env, arg(info, 0), "x");
+  const int64_t x_rows = rows_of(env, length_of(arg(info, 0)), dim, "x");
+  const int32_t* row_index = present(arg(info, 2)) ? index_arg(env, arg(info, 2), "rowIndex") : nullptr;
+  const int64_t rows = row_index ? length_of(arg(info, 2)) : x_rows;
+  const em_wire_dtype dtype = wire_dtype(env, arg(info, 3));
+  const Bytes out = bytes_of(env, arg(info, 4), "out");
+  uint32_t crc = present(arg(info, 5)) ? static_cast<uint32_t>(integer(env, arg(info, 5), "crc", 0)) : 0;
+  em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim);
+  em_wire_pack_args a{&xt, row_index, rows, dtype, static_cast<uint8_t*>(out.data), static_cast<int64_t>(out.size), &crc};
+  check(env, em_wire_pack(backend_of(env), &a), "wirePack");
+  return Napi::Number::New(env, crc);
+}
+
+// wireUnpack(bytes: Uint8Array, dtype (1|2|3), rows, y: Float32Array [yRows * dim], dim,
+//            outIndex: Int32Array | null, accumulate: boolean) -> undefined
+Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Bytes in = bytes_of(env, arg(info, 0), "bytes");
+  const em_wire_dtype dtype = wire_dtype(env, arg(info, 1));
+  const int64_t rows = integer(env, arg(info, 2), "rows", 0);
+  const int64_t dim = integer(env, arg(info, 4), "dim", 1);
+  float* y = f32(env, arg(info, 3), "y");
+  const int64_t y_rows = rows_of(env, length_of(arg(info, 3)), dim, "y");
+  const int32_t* out_index = present(arg(info, 5)) ? index_arg(env, arg(info, 5), "outIndex", rows) : nullptr;
+  const bool accumulate = arg(info, 6).ToBoolean().Value();
+  em_tensor yt = em_tensor_2d(y, EM_F32, y_rows, dim);
+  em_wire_unpack_args a{static_cast<const uint8_t*>(in.data), static_cast<int64_t>(in.size), dtype, rows, &yt,
+                        out_index, accumulate ? 1 : 0};
+  check(env, em_wire_unpack(backend_of(env), &a), "wireUnpack");
+  return env.Undefined();
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new AddonState());
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
@@ -579,6 +647,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
   exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
   exports.Set("sample", Napi::Function::New(env, Sample, "sample"));
+  exports.Set("crc32", Napi::Function::New(env, Crc32, "crc32"));
+  exports.Set("wirePack", Napi::Function::New(env, WirePack, "wirePack"));
+  exports.Set("wireUnpack", Napi::Function::New(env, WireUnpack, "wireUnpack"));
   return exports;
 }
 

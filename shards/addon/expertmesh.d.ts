@@ -41,7 +41,9 @@ export interface BackendInfo {
     | "mlaAttention"
     | "gate"
     | "convert"
-    | "sample",
+    | "sample"
+    | "wirePack"
+    | "wireUnpack",
     WeightDtype[]
   >;
 }
@@ -84,6 +86,8 @@ export interface MoeFfnArgs {
   /** Add into `out` instead of overwriting it. */
   accumulate?: boolean;
   out?: Float32Array;
+  /** [rows] x row each grouped row reads (a gather; x is then any table of rows). */
+  xIndex?: Int32Array;
 }
 
 /** Grouped expert FFN w2(silu(w1 x) * w3 x) for many experts in one call -> [outRows | rows, dim]. */
@@ -174,3 +178,34 @@ export interface SampleOptions {
 
 /** One token per row of logits [T, vocab] -> Int32Array [T]. */
 export function sample(logits: Float32Array, vocab: number, options?: SampleOptions): Int32Array;
+
+/** zlib's CRC-32 of `bytes`, continuing from `crc` (default 0). */
+export function crc32(bytes: ArrayBufferView, crc?: number): number;
+
+/** Wire dtype codes of docs/wire-format.md: 1 bf16, 2 fp8 e4m3 + per-128 scales, 3 f32. */
+export type WireDtypeCode = 1 | 2 | 3;
+
+/**
+ * Writes rows of x [*, dim] (row r = x row rowIndex[r], or r) as wire bytes into `out`
+ * (exactly their size, any alignment); returns the CRC-32 of `out` continued from `crc`.
+ * The same bytes as src/moe/codec.ts's TypeScript reference.
+ */
+export function wirePack(
+  x: Float32Array,
+  dim: number,
+  rowIndex: Int32Array | null,
+  dtype: WireDtypeCode,
+  out: Uint8Array,
+  crc?: number,
+): number;
+
+/** Wire bytes of `rows` rows into y [*, dim]: row r to y row outIndex[r] (or r), set or added. */
+export function wireUnpack(
+  bytes: Uint8Array,
+  dtype: WireDtypeCode,
+  rows: number,
+  y: Float32Array,
+  dim: number,
+  outIndex: Int32Array | null,
+  accumulate: boolean,
+): void;

@@ -126,5 +126,9 @@ em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const 
                const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
 em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
 em_status sample(Context& ctx, const em_sample_args* args);
+// wire.cpp: the frame codec (see em_wire_pack_args) and CRC-32 (zlib's, continuing from crc).
+em_status wire_pack(Context& ctx, const em_wire_pack_args* a);
+em_status wire_unpack(Context& ctx, const em_wire_unpack_args* a);
+uint32_t crc32_update(uint32_t crc, const uint8_t* p, size_t n);
 
 }  // namespace em::cpu

@@ -37,7 +37,9 @@ int supports_op(void*, em_op op, em_dtype dtype) {
     case EM_OP_RMSNORM: return dtype == EM_F32 || dtype == EM_BF16 || dtype == EM_F16;
     case EM_OP_SILU_MUL:
     case EM_OP_ROPE:
-    case EM_OP_SAMPLE: return dtype == EM_F32;
+    case EM_OP_SAMPLE:
+    case EM_OP_WIRE_PACK:
+    case EM_OP_WIRE_UNPACK: return dtype == EM_F32;
     default: return 0;
   }
 }
@@ -79,6 +81,10 @@ const em_backend_iface kCpuIface = {
       return guarded("convert", [&] { return convert(*ctx_of(p), src, dst); });
     },
     [](void* p, const em_sample_args* a) { return guarded("sample", [&] { return sample(*ctx_of(p), a); }); },
+    [](void* p, const em_wire_pack_args* a) { return guarded("wire_pack", [&] { return wire_pack(*ctx_of(p), a); }); },
+    [](void* p, const em_wire_unpack_args* a) {
+      return guarded("wire_unpack", [&] { return wire_unpack(*ctx_of(p), a); });
+    },
 };
 
 // ISA for EM_ISA_AUTO: $EM_CPU_ISA if it names one this CPU supports, else the best.

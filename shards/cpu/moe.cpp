@@ -45,9 +45,27 @@ std::vector<Item> plan_items(const em_moe_args* a, const std::vector<int64_t>& o
 }  // namespace
 
 em_status moe_ffn(Context& ctx, const em_moe_args* a) {
-  const int64_t rows = a->x->shape[0], dim = a->x->shape[1];
+  const int64_t dim = a->x->shape[1];
   const float* x = static_cast<const float*>(a->x->data);
-  const int64_t ldx = a->x->stride[0];
+  int64_t ldx = a->x->stride[0];
+  int64_t rows = a->x->shape[0];
+  // A gather index: copy the rows into expert order once, in parallel (the GEMMs want
+  // contiguous row blocks); the caller keeps one copy of each token's activations.
+  std::vector<float> gathered;
+  if (a->x_index != nullptr) {
+    rows = a->num_experts > 0 ? a->expert_offsets[a->num_experts] : 0;
+    gathered.resize(static_cast<size_t>(rows * dim));
+    constexpr int64_t kGatherRows = 16;
+    const float* src = x;
+    const int64_t ld = ldx;
+    ctx.pool.parallel_for((rows + kGatherRows - 1) / kGatherRows, [&](int64_t item, int) {
+      const int64_t r1 = std::min(rows, (item + 1) * kGatherRows);
+      for (int64_t r = item * kGatherRows; r < r1; ++r)
+        std::copy(src + a->x_index[r] * ld, src + a->x_index[r] * ld + dim, gathered.data() + r * dim);
+    });
+    x = gathered.data();
+    ldx = dim;
+  }
   float* y = static_cast<float*>(a->y->data);
   const int64_t ldy = a->y->stride[0];
 

@@ -75,7 +75,7 @@ void run_case(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vect
       // Direct: y row r = FFN(x row r).
       std::vector<float> y(static_cast<size_t>(rows * dim), 9.0f);
       em_tensor yt = em_tensor_2d(y.data(), EM_F32, rows, dim);
-      em_moe_args a{&xt, E, offsets.data(), w1.data(), w3.data(), w2.data(), nullptr, nullptr, 0, &yt};
+      em_moe_args a{&xt, E, offsets.data(), w1.data(), w3.data(), w2.data(), nullptr, nullptr, 0, &yt, nullptr};
       CHECK_OK(em_moe_ffn(be.b, &a));
       for (size_t i = 0; i < y.size(); ++i) {
         if (std::fabs(y[i] - direct[i]) > t * (1.0 + std::fabs(direct[i]))) {
@@ -86,7 +86,8 @@ void run_case(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vect
       // Weighted, scattered into num_out rows, accumulated onto 0.5.
       std::vector<float> ys(static_cast<size_t>(num_out * dim), 0.5f);
       em_tensor yst = em_tensor_2d(ys.data(), EM_F32, num_out, dim);
-      em_moe_args b{&xt, E, offsets.data(), w1.data(), w3.data(), w2.data(), row_weight.data(), out_index.data(), 1, &yst};
+      em_moe_args b{&xt, E, offsets.data(), w1.data(), w3.data(), w2.data(), row_weight.data(), out_index.data(), 1, &yst,
+                    nullptr};
       CHECK_OK(em_moe_ffn(be.b, &b));
       for (size_t i = 0; i < ys.size(); ++i) {
         if (std::fabs(ys[i] - scattered[i]) > t * (1.0 + std::fabs(scattered[i]))) {
@@ -94,6 +95,25 @@ void run_case(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vect
                 scattered[i]);
           break;
         }
+      }
+      // Gathered: the rows live in a table in another order (plus unused rows); x_index
+      // names each grouped row's source. Same bits as the copied rows.
+      if (rows > 0) {
+        const int64_t table_rows = rows + 3;
+        std::vector<float> table(static_cast<size_t>(table_rows * dim), 123.0f);
+        std::vector<int32_t> x_index(static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r) {
+          x_index[r] = static_cast<int32_t>(table_rows - 1 - r);  // reversed, rows 0..2 unused
+          std::copy(x.begin() + r * dim, x.begin() + (r + 1) * dim, table.begin() + x_index[r] * dim);
+        }
+        em_tensor tt = em_tensor_2d(table.data(), EM_F32, table_rows, dim);
+        std::vector<float> yg(static_cast<size_t>(num_out * dim), 0.5f);
+        em_tensor ygt = em_tensor_2d(yg.data(), EM_F32, num_out, dim);
+        em_moe_args g{&tt, E, offsets.data(), w1.data(), w3.data(), w2.data(), row_weight.data(), out_index.data(), 1,
+                      &ygt, x_index.data()};
+        CHECK_OK(em_moe_ffn(be.b, &g));
+        CHECK(std::memcmp(yg.data(), ys.data(), ys.size() * 4) == 0, "%s %s gathered rows differ from copied rows",
+              be.label.c_str(), em_dtype_name(dt));
       }
     }
   }
@@ -105,15 +125,18 @@ void test_errors() {
   em_tensor xt = em_tensor_2d(x.data(), EM_F32, 2, 4), yt = em_tensor_2d(y.data(), EM_F32, 2, 4);
   em_tensor w13 = em_tensor_2d(w.data(), EM_F32, 4, 4), w2 = em_tensor_2d(w.data(), EM_F32, 4, 4);
   int32_t bad_offsets[2] = {0, 3};  // 3 rows claimed, x has 2
-  em_moe_args a{&xt, 1, bad_offsets, &w13, &w13, &w2, nullptr, nullptr, 0, &yt};
+  em_moe_args a{&xt, 1, bad_offsets, &w13, &w13, &w2, nullptr, nullptr, 0, &yt, nullptr};
   CHECK(em_moe_ffn(be.b, &a) == EM_ERR_SHAPE, "offsets must end at rows");
   int32_t offsets[2] = {0, 2};
   int32_t out_index[2] = {0, 5};
-  em_moe_args b{&xt, 1, offsets, &w13, &w13, &w2, nullptr, out_index, 0, &yt};
+  em_moe_args b{&xt, 1, offsets, &w13, &w13, &w2, nullptr, out_index, 0, &yt, nullptr};
   CHECK(em_moe_ffn(be.b, &b) == EM_ERR_ARG, "out_index out of range");
   em_tensor w2_bad = em_tensor_2d(w.data(), EM_F32, 3, 4);
-  em_moe_args c{&xt, 1, offsets, &w13, &w13, &w2_bad, nullptr, nullptr, 0, &yt};
+  em_moe_args c{&xt, 1, offsets, &w13, &w13, &w2_bad, nullptr, nullptr, 0, &yt, nullptr};
   CHECK(em_moe_ffn(be.b, &c) == EM_ERR_SHAPE, "w2 shape");
+  int32_t x_index[2] = {1, 2};  // x has 2 rows
+  em_moe_args d{&xt, 1, offsets, &w13, &w13, &w2, nullptr, nullptr, 0, &yt, x_index};
+  CHECK(em_moe_ffn(be.b, &d) == EM_ERR_ARG, "x_index out of range");
 }
 
 }  // namespace

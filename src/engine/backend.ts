@@ -36,8 +36,13 @@ export interface GateConfig {
 
 /** Grouped expert FFN over rows sorted by expert. */
 export interface MoeArgs {
-  /** [rows, dim]; rows of expert e are offsets[e] .. offsets[e+1]-1. */
+  /**
+   * [rows, dim]; rows of expert e are offsets[e] .. offsets[e+1]-1. With `xIndex`, any
+   * table of rows: grouped row r is x row xIndex[r].
+   */
   readonly x: Float32Array;
+  /** [rows] the row of x each grouped row reads (a gather, so callers need not copy rows). */
+  readonly xIndex?: Int32Array;
   readonly dim: number;
   /** [E + 1] */
   readonly offsets: Int32Array;

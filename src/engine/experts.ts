@@ -27,41 +27,73 @@ export interface GroupedRows {
   experts: number[];
   /** [experts.length + 1] row offsets. */
   offsets: Int32Array;
-  /** [rows, dim] the token's activations, one row per assignment. */
+  /** The caller's activations [tokens, dim], unchanged: rows are read through xIndex (no copies). */
   x: Float32Array;
+  /** [rows] the row of x each grouped row reads (its token). */
+  xIndex: Int32Array;
   rowWeight: Float32Array;
   /** [rows] the token each row belongs to. */
   outIndex: Int32Array;
 }
 
-/** Groups assignments by expert (stable: tokens ascending within an expert). */
+/**
+ * Groups assignments by expert (stable: tokens ascending within an expert). Rows are not
+ * copied: each grouped row names its token's row of x, and the FFN gathers.
+ */
 export function groupByExpert(
   x: Float32Array,
-  dim: number,
+  _dim: number,
   token: ArrayLike<number>,
   expert: ArrayLike<number>,
   weight: ArrayLike<number>,
 ): GroupedRows {
   const n = token.length;
-  const order = Array.from({ length: n }, (_, i) => i).sort(
-    (a, b) => expert[a]! - expert[b]! || token[a]! - token[b]!,
-  );
+  const order = sortByExpert(token, expert);
   const experts: number[] = [];
   const offsets: number[] = [];
-  const rows = new Float32Array(n * dim);
   const rowWeight = new Float32Array(n);
   const outIndex = new Int32Array(n);
-  order.forEach((i, r) => {
-    if (experts.at(-1) !== expert[i]) {
+  for (let r = 0; r < n; r++) {
+    const i = order[r]!;
+    if (experts.length === 0 || experts[experts.length - 1] !== expert[i]) {
       experts.push(expert[i]!);
       offsets.push(r);
     }
-    rows.set(x.subarray(token[i]! * dim, (token[i]! + 1) * dim), r * dim);
     rowWeight[r] = weight[i]!;
     outIndex[r] = token[i]!;
-  });
+  }
   offsets.push(n);
-  return { experts, offsets: Int32Array.from(offsets), x: rows, rowWeight, outIndex };
+  return { experts, offsets: Int32Array.from(offsets), x, xIndex: outIndex, rowWeight, outIndex };
+}
+
+/**
+ * Assignment indices ordered by (expert, token), ties in input order. When tokens come in
+ * non-decreasing order (the router's layout, a shard's frames) a counting sort over the
+ * distinct experts does it in linear time; otherwise a comparison sort.
+ */
+function sortByExpert(token: ArrayLike<number>, expert: ArrayLike<number>): Uint32Array {
+  const n = token.length;
+  const order = new Uint32Array(n);
+  let sorted = true;
+  for (let i = 1; i < n && sorted; i++) sorted = token[i]! >= token[i - 1]!;
+  if (!sorted) {
+    for (let i = 0; i < n; i++) order[i] = i;
+    return order.sort((a, b) => expert[a]! - expert[b]! || token[a]! - token[b]! || a - b);
+  }
+  const counts = new Map<number, number>();
+  for (let i = 0; i < n; i++) counts.set(expert[i]!, (counts.get(expert[i]!) ?? 0) + 1);
+  const start = new Map<number, number>();
+  let at = 0;
+  for (const e of [...counts.keys()].sort((a, b) => a - b)) {
+    start.set(e, at);
+    at += counts.get(e)!;
+  }
+  for (let i = 0; i < n; i++) {
+    const s = start.get(expert[i]!)!;
+    order[s] = i;
+    start.set(expert[i]!, s + 1);
+  }
+  return order;
 }
 
 /** Runs grouped rows through the given experts' weights: [numOut, dim]. */
@@ -75,6 +107,7 @@ export function runGrouped(
   const w = g.experts.map(weightsOf);
   return backend.moe({
     x: g.x,
+    xIndex: g.xIndex,
     dim,
     offsets: g.offsets,
     w1: w.map((e) => e.gate),

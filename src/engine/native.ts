@@ -24,6 +24,27 @@ interface Addon {
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
+  /** zlib's CRC-32 of `bytes`, continuing from `crc` (src/moe/codec.ts). */
+  crc32(bytes: ArrayBufferView, crc?: number): number;
+  /** Rows of x (rowIndex: a gather) as wire bytes of dtype code 1|2|3 into out; returns the CRC continued over out. */
+  wirePack(
+    x: Float32Array,
+    dim: number,
+    rowIndex: Int32Array | null,
+    dtype: number,
+    out: Uint8Array,
+    crc?: number,
+  ): number;
+  /** Wire bytes of `rows` rows into y[outIndex[r]] (set, or added with accumulate). */
+  wireUnpack(
+    bytes: Uint8Array,
+    dtype: number,
+    rows: number,
+    y: Float32Array,
+    dim: number,
+    outIndex: Int32Array | null,
+    accumulate: boolean,
+  ): void;
 }
 
 /** Where the addon is built by `npm run build` (shards/build.sh). */
@@ -101,6 +122,7 @@ export function nativeBackend(
         rowWeights: a.rowWeight,
         outIndex: a.outIndex,
         outRows: a.numOut,
+        ...(a.xIndex ? { xIndex: a.xIndex } : {}),
       }),
     mla: (a: MlaArgs) =>
       addon.mlaAttention({

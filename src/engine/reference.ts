@@ -140,7 +140,14 @@ export const referenceBackend: Backend = {
       const start = a.offsets[e]!;
       const rows = a.offsets[e + 1]! - start;
       if (rows === 0) continue;
-      const x = a.x.subarray(start * a.dim, (start + rows) * a.dim);
+      let x = a.x.subarray(start * a.dim, (start + rows) * a.dim);
+      if (a.xIndex) {
+        x = new Float32Array(rows * a.dim);
+        for (let r = 0; r < rows; r++) {
+          const src = a.xIndex[start + r]! * a.dim;
+          x.set(a.x.subarray(src, src + a.dim), r * a.dim);
+        }
+      }
       const h = this.siluMul(this.matmul(x, rows, a.w1[e]!), this.matmul(x, rows, a.w3[e]!));
       const out = this.matmul(h, rows, a.w2[e]!);
       for (let r = 0; r < rows; r++) {

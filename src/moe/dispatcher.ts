@@ -7,18 +7,33 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
-import { type PlacementPlan, shardsForExperts } from "./placement.ts";
+import { layerOf, type PlacementPlan, shardsForExperts } from "./placement.ts";
+import { checkSwitchable } from "./plan-control.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
-  type Combine,
-  type Dispatch,
-  decodeFrame,
-  encodeDispatch,
+  addCombine,
+  type CombineView,
+  checkCombines,
+  decodeReply,
+  encodeDispatchRows,
   FLAG_COMBINE_F32,
-  joinCombines,
-  splitDispatch,
+  splitRanges,
   type WireDtypeName,
 } from "./wire.ts";
+
+/** One shard's part of a layer: its tokens (rows of the layer's x) and their assignments. */
+interface ShardJob {
+  shard: number;
+  /** [tokens] the row of x of each of the shard's tokens, ascending. */
+  rows: Int32Array;
+  /** [assignments] index into `rows` (non-decreasing), expert id, gate weight. */
+  token: Uint32Array;
+  expert: Uint32Array;
+  weight: Float32Array;
+  /** Filled so far (while grouping). */
+  nt: number;
+  na: number;
+}
 
 export interface DispatcherOptions {
   nc: NatsConnection;
@@ -42,6 +57,23 @@ export class RemoteExperts implements ExpertRunner {
   /** Retries done (a replica failed or timed out and another one answered). */
   retries = 0;
 
+  /** The plan new frames are routed with. */
+  get plan(): PlacementPlan {
+    return this.#o.plan;
+  }
+
+  /**
+   * Routes frames of layers that start from now on with `plan` (a live rebalance, ADR 0003):
+   * the shards must have prepared it. Frames in flight finish on their own plan. Ignores an
+   * older version. Throws EM_PLAN_INVALID when the plan's shape differs (needs a restart).
+   */
+  setPlan(plan: PlacementPlan): boolean {
+    if (plan.version <= this.#o.plan.version) return false;
+    checkSwitchable(this.#o.plan, plan);
+    this.#o.plan = plan;
+    return true;
+  }
+
   constructor(o: DispatcherOptions) {
     this.#o = {
       dispatchDtype: "bf16",
@@ -62,88 +94,121 @@ export class RemoteExperts implements ExpertRunner {
     topK: number,
   ): Promise<Float32Array> {
     const { plan } = this.#o;
-    // Per shard: its tokens (local index -> global token) and its assignments.
-    const perShard = new Map<
-      number,
-      {
-        tokens: number[];
-        local: Map<number, number>;
-        token: number[];
-        expert: number[];
-        weight: number[];
-      }
-    >();
+    const { replicas } = layerOf(plan, layer);
+    // Pass 1: the shard of every assignment (the token's copy of its expert), and how many
+    // tokens and assignments each shard gets. Typed arrays, no per-token objects: this runs
+    // for every layer of every step.
+    const n = t * topK;
+    const shardOf = new Int32Array(n);
+    const tokens = new Int32Array(plan.numShards);
+    const assigns = new Int32Array(plan.numShards);
+    const last = new Int32Array(plan.numShards).fill(-1);
     for (let tok = 0; tok < t; tok++) {
       for (let k = 0; k < topK; k++) {
-        const e = ids[tok * topK + k]!;
-        const [shard] = shardsForExperts(plan, layer, [e], tok);
-        let s = perShard.get(shard!);
-        if (!s) {
-          s = { tokens: [], local: new Map(), token: [], expert: [], weight: [] };
-          perShard.set(shard!, s);
+        const i = tok * topK + k;
+        const copies = replicas[ids[i]!];
+        if (!copies) shardsForExperts(plan, layer, [ids[i]!], tok); // throws EM_PLAN_LOOKUP
+        const s = copies![tok % copies!.length]!;
+        shardOf[i] = s;
+        assigns[s]!++;
+        if (last[s] !== tok) {
+          last[s] = tok;
+          tokens[s]!++;
         }
-        let li = s.local.get(tok);
-        if (li === undefined) {
-          li = s.tokens.length;
-          s.local.set(tok, li);
-          s.tokens.push(tok);
+      }
+    }
+    // Pass 2: each shard's tokens (rows of x, read in place by the encoder) and assignments.
+    const jobs: ShardJob[] = [];
+    const jobOf: (ShardJob | undefined)[] = [];
+    for (let s = 0; s < plan.numShards; s++) {
+      if (assigns[s] === 0) continue;
+      const a = assigns[s]!;
+      const job: ShardJob = {
+        shard: s,
+        rows: new Int32Array(tokens[s]!),
+        token: new Uint32Array(a),
+        expert: new Uint32Array(a),
+        weight: new Float32Array(a),
+        nt: 0,
+        na: 0,
+      };
+      jobs.push(job);
+      jobOf[s] = job;
+    }
+    last.fill(-1);
+    for (let tok = 0; tok < t; tok++) {
+      for (let k = 0; k < topK; k++) {
+        const i = tok * topK + k;
+        const s = shardOf[i]!;
+        const job = jobOf[s]!;
+        if (last[s] !== tok) {
+          last[s] = tok;
+          job.rows[job.nt++] = tok;
         }
-        s.token.push(li);
-        s.expert.push(e);
-        s.weight.push(weights[tok * topK + k]!);
+        job.token[job.na] = job.nt - 1;
+        job.expert[job.na] = ids[i]!;
+        job.weight[job.na++] = weights[i]!;
       }
     }
     const deadline = Date.now() + this.#o.deadlineMs;
-    const shards = [...perShard.keys()].sort((a, b) => a - b);
-    const results = await Promise.all(
-      shards.map((shard) => {
-        const s = perShard.get(shard)!;
-        const acts = new Float32Array(s.tokens.length * dim);
-        s.tokens.forEach((tok, i) => {
-          acts.set(x.subarray(tok * dim, (tok + 1) * dim), i * dim);
-        });
-        const d: Dispatch = {
-          dtype: this.#o.dispatchDtype,
-          planVersion: plan.version,
-          layer,
-          hidden: dim,
-          numTokens: s.tokens.length,
-          tokenOffset: 0,
-          totalTokens: s.tokens.length,
-          activations: acts,
-          token: Uint32Array.from(s.token),
-          expert: Uint32Array.from(s.expert),
-          weight: Float32Array.from(s.weight),
-        };
-        return this.#roundTrip(shard, d, deadline);
-      }),
+    const replies = await Promise.all(
+      jobs.map((job) => this.#roundTrip(job, plan.version, layer, x, dim, deadline)),
     );
-    // Add the partial sums in shard order (a fixed order: the same inputs give the same bits).
+    // Add the partial sums in shard order (a fixed order: the same inputs give the same
+    // bits), straight from the reply frames into the output rows of their tokens.
     const out = new Float32Array(t * dim);
-    shards.forEach((shard, i) => {
-      const s = perShard.get(shard)!;
-      const sums = results[i]!;
-      s.tokens.forEach((tok, li) => {
-        for (let j = 0; j < dim; j++) out[tok * dim + j]! += sums[li * dim + j]!;
-      });
+    jobs.forEach((job, i) => {
+      for (const c of replies[i]!)
+        addCombine(c, out, job.rows.subarray(c.tokenOffset, c.tokenOffset + c.numTokens));
     });
     return out;
   }
 
-  /** Sends one shard's dispatch (split under max_payload) and joins the replies. */
-  async #roundTrip(shard: number, d: Dispatch, deadline: number): Promise<Float32Array> {
+  /** Sends one shard's dispatch (split under max_payload); resolves its checked replies. */
+  async #roundTrip(
+    job: ShardJob,
+    planVersion: number,
+    layer: number,
+    x: Float32Array,
+    dim: number,
+    deadline: number,
+  ): Promise<CombineView[]> {
     const { nc, model } = this.#o;
+    const { shard } = job;
     const maxPayload = nc.info?.max_payload ?? 1024 * 1024;
     const flags = this.#o.combineDtype === "f32" ? FLAG_COMBINE_F32 : 0;
-    const parts = splitDispatch(d, maxPayload);
+    const dtype = this.#o.dispatchDtype;
+    const totalTokens = job.rows.length;
     const subject = subjects.shard(model, shard);
+    const expect = { planVersion, layer, hidden: dim, totalTokens };
     const t0 = performance.now();
     try {
+      const frames = splitRanges(dtype, totalTokens, dim, job.token, maxPayload).map((r) => {
+        let token = job.token.subarray(r.a0, r.a1);
+        if (r.start > 0) token = token.map((tok) => tok - r.start);
+        return encodeDispatchRows(
+          {
+            dtype,
+            planVersion,
+            layer,
+            hidden: dim,
+            tokenOffset: r.start,
+            totalTokens,
+            x,
+            rows: job.rows.subarray(r.start, r.end),
+            token,
+            expert: job.expert.subarray(r.a0, r.a1),
+            weight: job.weight.subarray(r.a0, r.a1),
+          },
+          flags,
+        );
+      });
       const replies = await Promise.all(
-        parts.map((p) => this.#request(subject, shard, encodeDispatch(p, flags), deadline, d)),
+        frames.map((f) => this.#request(subject, shard, f, deadline, expect)),
       );
+      checkCombines(replies, expect);
       this.#o.onRoundTrip?.(shard, performance.now() - t0, true);
-      return joinCombines(replies, d);
+      return replies;
     } catch (err) {
       this.#o.onRoundTrip?.(shard, performance.now() - t0, false);
       throw err;
@@ -155,8 +220,8 @@ export class RemoteExperts implements ExpertRunner {
     shard: number,
     frame: Uint8Array,
     deadline: number,
-    d: Dispatch,
-  ): Promise<Combine> {
+    d: { planVersion: number; layer: number },
+  ): Promise<CombineView> {
     let last: unknown;
     for (let attempt = 0; ; attempt++) {
       const left = deadline - Date.now();
@@ -165,7 +230,7 @@ export class RemoteExperts implements ExpertRunner {
         const msg = await this.#o.nc.request(subject, frame, {
           timeout: Math.min(this.#o.attemptTimeoutMs, left),
         });
-        const reply = decodeFrame(msg.data);
+        const reply = decodeReply(msg.data);
         if (reply.kind === "error") {
           // A shard that refuses the frame will refuse it again: no retry.
           throw new ExpertMeshError(

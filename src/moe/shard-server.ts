@@ -8,6 +8,7 @@ import { groupByExpert, runGrouped } from "../engine/experts.ts";
 import type { MlpWeights } from "../engine/loader.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import type { PlacementPlan } from "./placement.ts";
+import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-control.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
   type Dispatch,
@@ -21,10 +22,17 @@ export interface ShardLoad {
   role: "shard";
   shard: number;
   id: string;
+  /** The active plan (the newest activated one). */
   planVersion: number;
+  /** Every plan whose experts are loaded: frames of any of them are served. */
+  plans: number[];
+  /** The last failure to prepare a plan, if any (e.g. weights missing). */
+  planError?: string;
   /** Frames and tokens waiting or being computed now (the queue depth). */
   pendingFrames: number;
   pendingTokens: number;
+  /** Tokens waiting or being computed, averaged over time since the previous report. */
+  meanPendingTokens: number;
   /** Since the previous report: tokens (assignments) per layer and expert, frames, busy ms. */
   expertTokens: Record<string, Record<string, number>>;
   frames: number;
@@ -45,14 +53,36 @@ export interface ShardServerOptions {
   id: string;
   plan: PlacementPlan;
   backend: Backend;
-  /** The experts this shard holds, by layer. */
+  /** The experts this shard holds, by layer (grows and shrinks with live plan changes). */
   experts: Map<number, Map<number, MlpWeights>>;
+  /** Reads experts for a new plan; without it the shard refuses live plan changes. */
+  loadExperts?: (
+    wanted: (layer: number, expert: number) => boolean,
+  ) => Promise<Map<number, Map<number, MlpWeights>>>;
+  /** How long an older plan stays loaded after a newer one is activated (ms, default 10 s). */
+  retireAfterMs?: number;
   log?: (msg: string) => void;
 }
+
+/** What plan `version` gives this shard: (layer -> experts). */
+type Holdings = Map<number, Set<number>>;
 
 export class ShardServer {
   readonly #o: ShardServerOptions;
   #sub: Subscription | undefined;
+  #control: Subscription | undefined;
+  /** Loaded plans by version, with what each gives this shard. */
+  readonly #plans = new Map<number, { plan: PlacementPlan; holds: Holdings }>();
+  #active: number;
+  #planError: string | undefined;
+  /** Plan changes run one at a time, in arrival order. */
+  #planChain: Promise<void> = Promise.resolve();
+  #retireTimer: NodeJS.Timeout | undefined;
+  /** Time integral of pending tokens since the last report (token-ms), for meanPendingTokens. */
+  #pendingTokens = 0;
+  #pendingSince = performance.now();
+  #pendingArea = 0;
+  #intervalStart = performance.now();
   #queue: Pending[] = [];
   #busy = false;
   #idle: (() => void)[] = [];
@@ -67,6 +97,17 @@ export class ShardServer {
 
   constructor(o: ShardServerOptions) {
     this.#o = o;
+    this.#plans.set(o.plan.version, { plan: o.plan, holds: holdingsOf(o.plan, o.shard) });
+    this.#active = o.plan.version;
+  }
+
+  /** Versions of the loaded plans, ascending. */
+  get planVersions(): number[] {
+    return [...this.#plans.keys()].sort((a, b) => a - b);
+  }
+
+  get activePlan(): PlacementPlan {
+    return this.#plans.get(this.#active)!.plan;
   }
 
   get pendingFrames(): number {
@@ -81,13 +122,89 @@ export class ShardServer {
         if (!err) this.#accept(msg);
       },
     });
+    this.#control = nc.subscribe(subjects.planControl(model), {
+      callback: (err, msg) => {
+        if (err) return;
+        let c: PlanControl;
+        try {
+          c = decodePlanControl(msg.data);
+        } catch (e) {
+          this.#o.log?.(`ignoring plan control message: ${formatError(e)}`);
+          return;
+        }
+        this.#planChain = this.#planChain.then(() => this.applyPlanControl(c));
+      },
+    });
     this.#timer = setInterval(() => this.#report(), reportEveryMs);
     this.#timer.unref();
+  }
+
+  /**
+   * Prepare: load what `plan` gives this shard (old plans keep serving meanwhile). Activate:
+   * prepare if needed, make it the active plan, and retire older plans after the grace period.
+   * Never throws: a failure is logged and reported as `planError`.
+   */
+  async applyPlanControl(c: PlanControl): Promise<void> {
+    const { plan } = c;
+    try {
+      if (!this.#plans.has(plan.version)) {
+        if (plan.version < this.#active) return; // stale message
+        checkSwitchable(this.activePlan, plan);
+        if (!this.#o.loadExperts)
+          throw new ExpertMeshError(
+            "EM_PLAN_INVALID",
+            "this shard cannot load experts for a new plan",
+          );
+        const holds = holdingsOf(plan, this.#o.shard);
+        const have = this.#o.experts;
+        const added = await this.#o.loadExperts(
+          (layer, e) => (holds.get(layer)?.has(e) ?? false) && !have.get(layer)?.has(e),
+        );
+        let n = 0;
+        for (const [layer, byExpert] of added) {
+          if (!have.has(layer)) have.set(layer, new Map());
+          for (const [e, w] of byExpert) {
+            have.get(layer)!.set(e, w);
+            n++;
+          }
+        }
+        this.#plans.set(plan.version, { plan, holds });
+        this.#o.log?.(`prepared plan v${plan.version}: loaded ${n} more experts`);
+      }
+      this.#planError = undefined;
+      if (c.op === "activate" && plan.version > this.#active) {
+        this.#active = plan.version;
+        this.#o.log?.(`plan v${plan.version} active`);
+        clearTimeout(this.#retireTimer);
+        this.#retireTimer = setTimeout(() => this.#retire(), this.#o.retireAfterMs ?? 10_000);
+        this.#retireTimer.unref();
+      }
+    } catch (err) {
+      this.#planError = `plan v${plan.version}: ${formatError(err)}`;
+      this.#o.log?.(`cannot ${c.op} ${this.#planError}`);
+    }
+  }
+
+  /** Drops plans older than the active one and the experts only they needed. */
+  #retire(): void {
+    for (const v of this.#plans.keys()) if (v < this.#active) this.#plans.delete(v);
+    let dropped = 0;
+    for (const [layer, byExpert] of this.#o.experts) {
+      for (const e of byExpert.keys()) {
+        if (![...this.#plans.values()].some((p) => p.holds.get(layer)?.has(e))) {
+          byExpert.delete(e);
+          dropped++;
+        }
+      }
+    }
+    this.#o.log?.(`retired plans before v${this.#active}; dropped ${dropped} experts`);
   }
 
   /** Stops taking requests, finishes the ones accepted, then resolves. */
   async drain(): Promise<void> {
     clearInterval(this.#timer);
+    clearTimeout(this.#retireTimer);
+    await this.#control?.unsubscribe();
     await this.#sub?.drain();
     if (this.#busy || this.#queue.length) await new Promise<void>((r) => this.#idle.push(r));
   }
@@ -109,28 +226,31 @@ export class ShardServer {
       return;
     }
     this.#queue.push({ msg, frame, flags: msg.data[7] ?? 0 });
+    this.#addPending(frame.numTokens);
     if (!this.#busy) setImmediate(() => this.#drainQueue());
   }
 
   #check(f: Dispatch): void {
-    const { plan, experts } = this.#o;
-    if (f.planVersion !== plan.version) {
+    const { experts } = this.#o;
+    const loaded = this.#plans.get(f.planVersion);
+    if (!loaded) {
       throw new ExpertMeshError(
         "EM_WIRE_PLAN_VERSION",
-        `frame routed with plan v${f.planVersion}; this shard has plan v${plan.version}`,
+        `frame routed with plan v${f.planVersion}; this shard has plan ${this.planVersions.map((v) => `v${v}`).join(", ")}`,
       );
     }
     const held = experts.get(f.layer);
-    if (!held)
+    const planned = loaded.holds.get(f.layer);
+    if (!held || !planned)
       throw new ExpertMeshError(
         "EM_WIRE_RANGE",
         `layer ${f.layer} is not an MoE layer of this model`,
       );
     for (const e of f.expert) {
-      if (!held.has(e))
+      if (!planned.has(e) || !held.has(e))
         throw new ExpertMeshError(
           "EM_WIRE_RANGE",
-          `expert ${e} of layer ${f.layer} is not on shard ${this.#o.shard} (plan v${plan.version})`,
+          `expert ${e} of layer ${f.layer} is not on shard ${this.#o.shard} (plan v${f.planVersion})`,
         );
     }
     const dim = held.values().next().value?.gate.cols;
@@ -154,20 +274,26 @@ export class ShardServer {
         base += p.frame.numTokens;
         return b;
       });
-      const x = new Float32Array(base * dim);
-      batch.forEach((p, i) => {
-        x.set(p.frame.activations, bases[i]! * dim);
-      });
+      // One frame (the common case) is its own table; the FFN gathers rows from it.
+      let x = batch[0]!.frame.activations;
+      if (batch.length > 1) {
+        x = new Float32Array(base * dim);
+        batch.forEach((p, i) => {
+          x.set(p.frame.activations, bases[i]! * dim);
+        });
+      }
       // Group by (layer, expert): key = layer * 65536 + expert keeps layers apart.
-      const token: number[] = [];
-      const key: number[] = [];
-      const weight: number[] = [];
+      const assignments = batch.reduce((n, p) => n + p.frame.token.length, 0);
+      const token = new Int32Array(assignments);
+      const key = new Float64Array(assignments);
+      const weight = new Float32Array(assignments);
+      let at = 0;
       batch.forEach((p, i) => {
         const f = p.frame;
-        for (let a = 0; a < f.token.length; a++) {
-          token.push(bases[i]! + f.token[a]!);
-          key.push(f.layer * 65536 + f.expert[a]!);
-          weight.push(f.weight[a]!);
+        for (let a = 0; a < f.token.length; a++, at++) {
+          token[at] = bases[i]! + f.token[a]!;
+          key[at] = f.layer * 65536 + f.expert[a]!;
+          weight[at] = f.weight[a]!;
           this.#count(f.layer, f.expert[a]!);
         }
       });
@@ -203,6 +329,7 @@ export class ShardServer {
     } finally {
       this.#interval.processingMs += performance.now() - t0;
       this.#busy = false;
+      this.#addPending(-batch.reduce((n, p) => n + p.frame.numTokens, 0));
       if (this.#queue.length) setImmediate(() => this.#drainQueue());
       else for (const r of this.#idle.splice(0)) r();
     }
@@ -214,19 +341,35 @@ export class ShardServer {
     byLayer[expert] = (byLayer[expert] ?? 0) + 1;
   }
 
+  /** Pending tokens changed by `delta`: integrates the old value over the time it held. */
+  #addPending(delta: number): void {
+    const now = performance.now();
+    this.#pendingArea += this.#pendingTokens * (now - this.#pendingSince);
+    this.#pendingSince = now;
+    this.#pendingTokens += delta;
+  }
+
   /** The current load; resets the per-interval counters. */
   takeLoad(): ShardLoad {
+    this.#addPending(0);
+    const now = performance.now();
+    const span = now - this.#intervalStart;
     const load: ShardLoad = {
       role: "shard",
       shard: this.#o.shard,
       id: this.#o.id,
-      planVersion: this.#o.plan.version,
+      planVersion: this.#active,
+      plans: this.planVersions,
+      ...(this.#planError ? { planError: this.#planError } : {}),
       pendingFrames: this.pendingFrames,
-      pendingTokens: this.#queue.reduce((n, p) => n + p.frame.numTokens, 0),
+      pendingTokens: this.#pendingTokens,
+      meanPendingTokens: span > 0 ? this.#pendingArea / span : this.#pendingTokens,
       ...this.#interval,
       timestamp: Date.now(),
     };
     this.#interval = { expertTokens: {}, frames: 0, processingMs: 0 };
+    this.#pendingArea = 0;
+    this.#intervalStart = now;
     return load;
   }
 
@@ -238,4 +381,8 @@ export class ShardServer {
       JSON.stringify(this.takeLoad()),
     );
   }
+}
+
+function holdingsOf(plan: PlacementPlan, shard: number): Holdings {
+  return new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[shard])]));
 }

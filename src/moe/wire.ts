@@ -1,19 +1,13 @@
 // Binary frames between gateways and shards: see docs/wire-format.md (the layout is
 // written there once; this file follows it field by field).
-import { crc32 } from "node:zlib";
-import {
-  bf16ArrayToFloat32,
-  E4M3_MAX,
-  e4m3Table256,
-  float32ArrayToBf16,
-  float32ToE4m3,
-} from "../model/floats.ts";
 import { type ErrorCode, ExpertMeshError } from "../util/errors.ts";
+import { FP8_GROUP, quantizeActivations, rowBytes, wireCodec } from "./codec.ts";
+
+export { FP8_GROUP, quantizeActivations };
 
 export const WIRE_MAGIC = 0x46574d45;
 export const WIRE_VERSION = 1;
 export const HEADER_BYTES = 40;
-export const FP8_GROUP = 128;
 const MAX_HIDDEN = 65536;
 
 /** Header flag of a dispatch frame: reply with f32 sums (default bf16). */
@@ -69,10 +63,16 @@ function fail(code: ErrorCode, message: string): never {
 }
 
 function activationBytes(dtype: WireDtypeName, numTokens: number, hidden: number): number {
-  const n = numTokens * hidden;
-  if (dtype === "bf16") return 2 * n;
-  if (dtype === "f32") return 4 * n;
-  return n + 4 * numTokens * Math.ceil(hidden / FP8_GROUP);
+  return rowBytes(dtype, numTokens, hidden);
+}
+
+/**
+ * A frame buffer of n bytes, not zero-filled: every encoder writes all of it (header,
+ * then body). Its own ArrayBuffer at offset 0, so typed-array views of the body align.
+ */
+function allocFrame(n: number): Uint8Array {
+  const b = Buffer.allocUnsafeSlow(n);
+  return new Uint8Array(b.buffer, b.byteOffset, n);
 }
 
 /** Bytes of a dispatch frame (for splitting under max_payload). */
@@ -110,7 +110,7 @@ function writeHeader(
 }
 
 function seal(buf: Uint8Array, v: DataView): Uint8Array {
-  v.setUint32(36, crc32(buf.subarray(HEADER_BYTES)), true);
+  v.setUint32(36, wireCodec().crc32(buf.subarray(HEADER_BYTES)), true);
   return buf;
 }
 
@@ -120,96 +120,74 @@ function put(dst: Uint8Array, offset: number, src: ArrayBufferView): number {
   return offset + src.byteLength;
 }
 
-/**
- * e4m3 code of |y| <= 448 (the caller scaled it), round to nearest even: the same result
- * as float32ToE4m3, with the common normal range done on the float32 bits inline.
- */
-const f32 = new Float32Array(1);
-const u32 = new Uint32Array(f32.buffer);
-function e4m3Fast(y: number): number {
-  f32[0] = y;
-  const b = u32[0]!;
-  const sign = (b >>> 24) & 0x80;
-  const exp = ((b >>> 23) & 0xff) - 120; // e4m3 exponent field (bias 7)
-  if (exp < 1 || exp > 15) return float32ToE4m3(y); // subnormal, zero, or saturating: the careful path
-  const m = b & 0x7fffff;
-  let code = (exp << 3) + ((m + 0x7ffff + ((m >>> 20) & 1)) >>> 20); // mantissa carry bumps the exponent
-  if (code > 0x7e) code = 0x7e; // saturate at 448 (0x7f is NaN)
-  return sign | code;
-}
-
-/** fp8 e4m3 codes and per-(token, 128-block) scales of activations [numTokens, hidden]. */
-export function quantizeActivations(
-  x: Float32Array,
-  numTokens: number,
-  hidden: number,
-): { codes: Uint8Array; scales: Float32Array } {
-  const groups = Math.ceil(hidden / FP8_GROUP);
-  const codes = new Uint8Array(numTokens * hidden);
-  const scales = new Float32Array(numTokens * groups);
-  for (let t = 0; t < numTokens; t++) {
-    for (let g = 0; g < groups; g++) {
-      const start = t * hidden + g * FP8_GROUP;
-      const end = t * hidden + Math.min(hidden, (g + 1) * FP8_GROUP);
-      let amax = 0;
-      for (let i = start; i < end; i++) {
-        const a = Math.abs(x[i]!);
-        if (a > amax) amax = a;
-      }
-      const scale = amax > 0 ? amax / E4M3_MAX : 1;
-      scales[t * groups + g] = scale;
-      const inv = 1 / scale;
-      for (let i = start; i < end; i++) codes[i] = e4m3Fast(x[i]! * inv);
-    }
-  }
-  return { codes, scales };
-}
-
-const E4M3 = e4m3Table256();
-
-function dequantizeActivations(
-  codes: Uint8Array,
-  scales: Float32Array,
-  numTokens: number,
-  hidden: number,
-): Float32Array {
-  const groups = Math.ceil(hidden / FP8_GROUP);
-  const out = new Float32Array(numTokens * hidden);
-  for (let t = 0; t < numTokens; t++) {
-    for (let g = 0; g < groups; g++) {
-      const scale = scales[t * groups + g]!;
-      const end = t * hidden + Math.min(hidden, (g + 1) * FP8_GROUP);
-      for (let i = t * hidden + g * FP8_GROUP; i < end; i++) out[i] = E4M3[codes[i]!]! * scale;
-    }
-  }
-  return out;
-}
-
 /** Encodes a dispatch frame; `flags` is FLAG_COMBINE_F32 to ask for f32 sums. */
 export function encodeDispatch(d: Dispatch, flags = 0): Uint8Array {
-  const n = d.token.length;
-  if (d.expert.length !== n || d.weight.length !== n)
-    fail("EM_WIRE_RANGE", "token, expert and weight arrays differ in length");
   if (d.activations.length !== d.numTokens * d.hidden)
     fail(
       "EM_WIRE_RANGE",
       `activations hold ${d.activations.length} values, expected ${d.numTokens} x ${d.hidden}`,
     );
-  const buf = new Uint8Array(dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n));
+  return writeDispatch(d, d.activations, null, flags);
+}
+
+/**
+ * A dispatch whose activations are rows of a larger table, read in place: frame token i
+ * is `x` row `rows[i]` (so a sender need not copy each shard's rows out first).
+ */
+export interface DispatchRows extends FrameHeader {
+  dtype: WireDtypeName;
+  /** [*, hidden] */
+  x: Float32Array;
+  /** [numTokens] row of x of each frame token. */
+  rows: Int32Array;
+  token: Uint32Array;
+  expert: Uint32Array;
+  weight: Float32Array;
+}
+
+/** Encodes a dispatch frame from rows of a table (the same bytes as encodeDispatch of the copied rows). */
+export function encodeDispatchRows(d: DispatchRows, flags = 0): Uint8Array {
+  if (d.x.length % d.hidden !== 0)
+    fail("EM_WIRE_RANGE", `x holds ${d.x.length} values, not rows of ${d.hidden}`);
+  const xRows = d.x.length / d.hidden;
+  for (const r of d.rows)
+    if (r < 0 || r >= xRows) fail("EM_WIRE_RANGE", `row ${r} outside x's ${xRows} rows`);
+  return writeDispatch({ ...d, numTokens: d.rows.length }, d.x, d.rows, flags);
+}
+
+function writeDispatch(
+  d: FrameHeader & {
+    dtype: WireDtypeName;
+    numTokens: number;
+    token: Uint32Array;
+    expert: Uint32Array;
+    weight: Float32Array;
+  },
+  x: Float32Array,
+  rows: Int32Array | null,
+  flags: number,
+): Uint8Array {
+  const n = d.token.length;
+  if (d.expert.length !== n || d.weight.length !== n)
+    fail("EM_WIRE_RANGE", "token, expert and weight arrays differ in length");
+  const buf = allocFrame(dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n));
   const v = writeHeader(buf, FrameKind.dispatch, WireDtype[d.dtype], d, d.numTokens, n);
   v.setUint8(7, flags);
   let o = HEADER_BYTES;
   o = put(buf, o, d.token);
   o = put(buf, o, d.expert);
   o = put(buf, o, d.weight);
-  if (d.dtype === "bf16") o = put(buf, o, float32ArrayToBf16(d.activations));
-  else if (d.dtype === "f32") o = put(buf, o, d.activations);
-  else {
-    const { codes, scales } = quantizeActivations(d.activations, d.numTokens, d.hidden);
-    o = put(buf, o, codes);
-    o = put(buf, o, scales);
-  }
-  return seal(buf, v);
+  const codec = wireCodec();
+  const crc = codec.pack(
+    x,
+    d.hidden,
+    rows,
+    d.dtype,
+    buf.subarray(o),
+    codec.crc32(buf.subarray(HEADER_BYTES, o)),
+  );
+  v.setUint32(36, crc, true);
+  return buf;
 }
 
 /** Encodes a combine (reply) frame. */
@@ -219,16 +197,17 @@ export function encodeCombine(c: Combine): Uint8Array {
       "EM_WIRE_RANGE",
       `sums hold ${c.sums.length} values, expected ${c.numTokens} x ${c.hidden}`,
     );
-  const buf = new Uint8Array(HEADER_BYTES + activationBytes(c.dtype, c.numTokens, c.hidden));
+  const buf = allocFrame(HEADER_BYTES + activationBytes(c.dtype, c.numTokens, c.hidden));
   const v = writeHeader(buf, FrameKind.combine, WireDtype[c.dtype], c, c.numTokens, 0);
-  put(buf, HEADER_BYTES, c.dtype === "bf16" ? float32ArrayToBf16(c.sums) : c.sums);
-  return seal(buf, v);
+  const crc = wireCodec().pack(c.sums, c.hidden, null, c.dtype, buf.subarray(HEADER_BYTES), 0);
+  v.setUint32(36, crc, true);
+  return buf;
 }
 
 /** Encodes an error reply. */
 export function encodeError(code: string, message: string, planVersion = 0, layer = 0): Uint8Array {
   const body = new TextEncoder().encode(JSON.stringify({ code, message }));
-  const buf = new Uint8Array(HEADER_BYTES + body.length);
+  const buf = allocFrame(HEADER_BYTES + body.length);
   const v = writeHeader(
     buf,
     FrameKind.error,
@@ -257,11 +236,38 @@ function take<T extends Uint32Array | Float32Array | Uint16Array | Uint8Array>(
   return new Ctor(bytes.buffer);
 }
 
+/** A combine frame checked but not yet converted: `body` holds its sums' wire bytes. */
+export interface CombineView extends FrameHeader {
+  kind: "combine";
+  dtype: "bf16" | "f32";
+  numTokens: number;
+  body: Uint8Array;
+}
+
 /**
  * Decodes and validates any frame. Throws ExpertMeshError with an EM_WIRE_* code for
  * anything malformed; never anything else.
  */
 export function decodeFrame(buf: Uint8Array): Frame {
+  return parseFrame(buf, false) as Frame;
+}
+
+/**
+ * Like decodeFrame (the same checks, the same errors), but a combine frame comes back
+ * unconverted, for addCombine to add straight into the caller's sums.
+ */
+export function decodeReply(buf: Uint8Array): Exclude<Frame, { kind: "combine" }> | CombineView {
+  return parseFrame(buf, true) as Exclude<Frame, { kind: "combine" }> | CombineView;
+}
+
+/** out[outIndex[i]] += sums of token i of the combine, for its numTokens tokens. */
+export function addCombine(c: CombineView, out: Float32Array, outIndex: Int32Array): void {
+  if (outIndex.length !== c.numTokens)
+    fail("EM_WIRE_RANGE", `${outIndex.length} output rows for ${c.numTokens} tokens`);
+  wireCodec().unpack(c.body, c.dtype, c.numTokens, out, c.hidden, outIndex, true);
+}
+
+function parseFrame(buf: Uint8Array, lazyCombine: boolean): Frame | CombineView {
   if (buf.byteLength < HEADER_BYTES)
     fail(
       "EM_WIRE_TRUNCATED",
@@ -284,9 +290,17 @@ export function decodeFrame(buf: Uint8Array): Frame {
   };
   const numTokens = v.getUint32(20, true);
   const numAssignments = v.getUint32(24, true);
-  const dtype = (Object.keys(WireDtype) as WireDtypeName[]).find((k) => WireDtype[k] === dtypeCode);
+  const dtype =
+    dtypeCode === WireDtype.bf16
+      ? "bf16"
+      : dtypeCode === WireDtype.fp8
+        ? "fp8"
+        : dtypeCode === WireDtype.f32
+          ? "f32"
+          : undefined;
   if (!dtype) fail("EM_WIRE_DTYPE", `unknown dtype code ${dtypeCode}`);
-  if (crc32(buf.subarray(HEADER_BYTES)) !== v.getUint32(36, true)) {
+  const codec = wireCodec();
+  if (codec.crc32(buf.subarray(HEADER_BYTES)) !== v.getUint32(36, true)) {
     // Length first: a truncated frame is reported as such, not as a checksum mismatch.
     if (kind === FrameKind.dispatch || kind === FrameKind.combine)
       checkLength(buf, kind, dtype, numTokens, h.hidden, numAssignments);
@@ -317,10 +331,10 @@ export function decodeFrame(buf: Uint8Array): Frame {
   let o = HEADER_BYTES;
   if (kind === FrameKind.combine) {
     if (dtype === "fp8") fail("EM_WIRE_DTYPE", "combine frames carry bf16 or f32");
-    const sums =
-      dtype === "bf16"
-        ? bf16ArrayToFloat32(take(buf, o, numTokens * h.hidden, Uint16Array))
-        : take(buf, o, numTokens * h.hidden, Float32Array);
+    const body = buf.subarray(o);
+    if (lazyCombine) return { kind: "combine", ...h, dtype, numTokens, body };
+    const sums = new Float32Array(numTokens * h.hidden);
+    codec.unpack(body, dtype, numTokens, sums, h.hidden, null, false);
     return { kind: "combine", ...h, dtype, numTokens, sums };
   }
   const token = take(buf, o, numAssignments, Uint32Array);
@@ -335,15 +349,8 @@ export function decodeFrame(buf: Uint8Array): Frame {
     if (!Number.isFinite(weight[i]!))
       fail("EM_WIRE_RANGE", `assignment ${i} has a non-finite weight`);
   }
-  let activations: Float32Array;
-  const n = numTokens * h.hidden;
-  if (dtype === "bf16") activations = bf16ArrayToFloat32(take(buf, o, n, Uint16Array));
-  else if (dtype === "f32") activations = take(buf, o, n, Float32Array);
-  else {
-    const codes = take(buf, o, n, Uint8Array);
-    const scales = take(buf, o + n, numTokens * Math.ceil(h.hidden / FP8_GROUP), Float32Array);
-    activations = dequantizeActivations(codes, scales, numTokens, h.hidden);
-  }
+  const activations = new Float32Array(numTokens * h.hidden);
+  codec.unpack(buf.subarray(o), dtype, numTokens, activations, h.hidden, null, false);
   return { kind: "dispatch", ...h, dtype, numTokens, activations, token, expert, weight };
 }
 
@@ -407,15 +414,62 @@ export function splitDispatch(d: Dispatch, maxPayload: number): Dispatch[] {
   return frames;
 }
 
+/** One frame of a split request: tokens [start, end) and their assignments [a0, a1). */
+export interface FrameRange {
+  start: number;
+  end: number;
+  a0: number;
+  a1: number;
+}
+
 /**
- * Reassembles combine replies of one split request into [totalTokens * hidden]; checks
- * that they cover every token exactly once and agree on plan, layer and width.
+ * Cuts a request of `numTokens` tokens into consecutive frames of at most `maxPayload`
+ * bytes, as splitDispatch does; `token` holds the assignments' tokens in non-decreasing
+ * order, so each frame's assignments are one slice. Throws when one token alone is too big.
  */
-export function joinCombines(
-  parts: Combine[],
+export function splitRanges(
+  dtype: WireDtypeName,
+  numTokens: number,
+  hidden: number,
+  token: ArrayLike<number>,
+  maxPayload: number,
+): FrameRange[] {
+  const frames: FrameRange[] = [];
+  let start = 0;
+  let a = 0;
+  while (start < numTokens) {
+    let end = start;
+    let b = a;
+    for (;;) {
+      if (end >= numTokens) break;
+      let c = b;
+      while (c < token.length && token[c] === end) c++;
+      if (dispatchFrameBytes(dtype, end - start + 1, hidden, c - a) > maxPayload) {
+        if (end === start)
+          fail(
+            "EM_WIRE_RANGE",
+            `one token needs ${dispatchFrameBytes(dtype, 1, hidden, c - a)} bytes, more than max_payload ${maxPayload}`,
+          );
+        break;
+      }
+      end++;
+      b = c;
+    }
+    frames.push({ start, end, a0: a, a1: b });
+    start = end;
+    a = b;
+  }
+  return frames;
+}
+
+/**
+ * Checks that combine replies of one split request cover every token exactly once and
+ * agree on plan, layer, width and request size.
+ */
+export function checkCombines(
+  parts: readonly (FrameHeader & { numTokens: number })[],
   expect: { planVersion: number; layer: number; hidden: number; totalTokens: number },
-): Float32Array {
-  const out = new Float32Array(expect.totalTokens * expect.hidden);
+): void {
   const covered = new Uint8Array(expect.totalTokens);
   for (const p of parts) {
     if (p.planVersion !== expect.planVersion)
@@ -433,9 +487,21 @@ export function joinCombines(
       if (covered[t]) fail("EM_WIRE_RANGE", `token ${t} answered twice`);
       covered[t] = 1;
     }
-    out.set(p.sums, p.tokenOffset * expect.hidden);
   }
   const missing = covered.indexOf(0);
   if (missing !== -1) fail("EM_WIRE_RANGE", `no reply covers token ${missing}`);
+}
+
+/**
+ * Reassembles combine replies of one split request into [totalTokens * hidden]; checks
+ * that they cover every token exactly once and agree on plan, layer and width.
+ */
+export function joinCombines(
+  parts: Combine[],
+  expect: { planVersion: number; layer: number; hidden: number; totalTokens: number },
+): Float32Array {
+  checkCombines(parts, expect);
+  const out = new Float32Array(expect.totalTokens * expect.hidden);
+  for (const p of parts) out.set(p.sums, p.tokenOffset * expect.hidden);
   return out;
 }

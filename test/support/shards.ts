@@ -59,6 +59,7 @@ export function startShard(
   k: number,
   id: string,
   natsUrl = testEnv().nats.url,
+  namespace = "test",
 ): ManagedProcess {
   return new ManagedProcess(
     `shard-${modelName}-${k}-${id}`,
@@ -71,7 +72,7 @@ export function startShard(
       `--shard=${k}`,
       `--nats=${natsUrl}`,
       `--model-name=${modelName}`,
-      "--namespace=test",
+      `--namespace=${namespace}`,
       `--id=${id}`,
       "--metrics-port=0",
     ],

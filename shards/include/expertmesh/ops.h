@@ -97,6 +97,8 @@ typedef enum em_op {
   EM_OP_GATE,
   EM_OP_CONVERT,
   EM_OP_SAMPLE,
+  EM_OP_WIRE_PACK,
+  EM_OP_WIRE_UNPACK,
   EM_OP_COUNT
 } em_op;
 
@@ -144,6 +146,9 @@ typedef struct em_moe_args {
   const int32_t* out_index;      /* [rows] output row each row is added to, or NULL: row i -> i */
   int32_t accumulate;            /* 1: y += result; 0: y = result (rows never hit become 0) */
   em_tensor* y;                  /* [rows or num_out, dim] f32 */
+  const int32_t* x_index;        /* [rows] row of x each grouped row reads (a gather, so callers need not
+                                    copy rows into expert order), or NULL: grouped row i is x row i. With
+                                    x_index, rows = expert_offsets[E] and x may hold any number of rows. */
 } em_moe_args;
 
 /* MLA attention in DeepSeek's absorbed form over the compressed latent cache.
@@ -182,6 +187,39 @@ typedef struct em_sample_args {
   int32_t* out_tokens;      /* [T] */
 } em_sample_args;
 
+/* Activations on the wire (docs/wire-format.md): the dtype codes of a frame header. */
+typedef enum em_wire_dtype { EM_WIRE_BF16 = 1, EM_WIRE_FP8 = 2, EM_WIRE_F32 = 3 } em_wire_dtype;
+
+/* Rows of f32 activations to their wire bytes (little-endian, any alignment):
+ * - bf16: u16[rows * dim], round to nearest even (NaN stays a quiet NaN);
+ * - fp8: u8[rows * dim] e4m3 codes, then f32[rows * ceil(dim / 128)] scales; per (row,
+ *   128-block) scale = max|x| / 448 (1 when the block is all zeros; NaN ignored), computed
+ *   in double and stored as f32, and code = e4m3(f32(x * (1 / scale))) with the product in
+ *   double (round to nearest even, saturating at 448, NaN -> 0x7f), exactly as the
+ *   TypeScript reference (src/moe/wire.ts) does;
+ * - f32: the values as they are. */
+typedef struct em_wire_pack_args {
+  const em_tensor* x;       /* [x_rows, dim] f32 */
+  const int32_t* row_index; /* [rows] row of x for each packed row (a gather), or NULL: rows = x_rows */
+  int64_t rows;
+  em_wire_dtype dtype;
+  uint8_t* out;             /* em_wire_bytes(dtype, rows, dim) bytes */
+  int64_t out_bytes;
+  uint32_t* crc;            /* or NULL. In: CRC-32 of the frame bytes before `out`; out: through `out` */
+} em_wire_pack_args;
+
+/* Wire bytes back to f32 rows: y[out_index[r]] (+)= value of row r. fp8 values are
+ * code value * scale in f32. */
+typedef struct em_wire_unpack_args {
+  const uint8_t* in; /* em_wire_bytes(dtype, rows, dim) bytes, any alignment */
+  int64_t in_bytes;
+  em_wire_dtype dtype;
+  int64_t rows;
+  em_tensor* y;              /* [y_rows, dim] f32 */
+  const int32_t* out_index;  /* [rows] row of y for each row, or NULL: row r -> y row r */
+  int32_t accumulate;        /* 1: y += value; 0: y = value (other rows of y untouched) */
+} em_wire_unpack_args;
+
 /* ---------------------------------------------------------------- backends */
 
 typedef struct em_backend_info {
@@ -210,6 +248,8 @@ typedef struct em_backend_iface {
                     const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
   em_status (*convert)(void* ctx, const em_tensor* src, em_tensor* dst);
   em_status (*sample)(void* ctx, const em_sample_args* args);
+  em_status (*wire_pack)(void* ctx, const em_wire_pack_args* args);
+  em_status (*wire_unpack)(void* ctx, const em_wire_unpack_args* args);
 } em_backend_iface;
 
 typedef struct em_backend {
@@ -275,6 +315,16 @@ em_status em_convert(em_backend* b, const em_tensor* src, em_tensor* dst);
 
 /* Token sampling; see em_sample_args. */
 em_status em_sample(em_backend* b, const em_sample_args* args);
+
+/* Wire codec: activations to and from frame bytes; see em_wire_pack_args. */
+em_status em_wire_pack(em_backend* b, const em_wire_pack_args* args);
+em_status em_wire_unpack(em_backend* b, const em_wire_unpack_args* args);
+/* Bytes of `rows` rows of width `dim` on the wire; -1 for an unknown dtype. */
+int64_t em_wire_bytes(em_wire_dtype dtype, int64_t rows, int64_t dim);
+/* CRC-32 as zlib computes it (reflected 0xEDB88320), continuing from `crc` (0 to start):
+ * em_crc32(em_crc32(0, a), b) == crc32 of a followed by b. PCLMULQDQ folding where the
+ * CPU has it, else tables. */
+uint32_t em_crc32(uint32_t crc, const void* data, size_t n);
 
 /* ----------------------------------------------------------------- helpers */
 

@@ -93,7 +93,17 @@ export const shardCommand: Command = {
       namespace: values.namespace ?? "default",
       model: values["model-name"] ?? defaultModelName(values.model!),
     };
-    const server = new ShardServer({ nc, model, shard: k, id, plan, backend, experts, log });
+    const server = new ShardServer({
+      nc,
+      model,
+      shard: k,
+      id,
+      plan,
+      backend,
+      experts,
+      log,
+      loadExperts: (wanted) => loadExperts(ckpt, wanted),
+    });
     server.start();
 
     const registry = new Registry();

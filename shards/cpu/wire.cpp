@@ -1,0 +1,447 @@
+// Wire family: activations to and from the bytes of dispatch/combine frames
+// (docs/wire-format.md), and CRC-32. The TypeScript codec in src/moe/wire.ts is the
+// reference; every path here produces the same bytes (test/unit/wire-codec.test.ts and
+// test/test_wire.cpp check it). One pass per row, on the calling thread: a frame is a few
+// MiB at most, and the gateway and shard call this from their event loop.
+//
+// pack writes rows straight into the caller's frame buffer (with a gather, so the gateway
+// need not copy each shard's token rows first) and folds the CRC-32 of each chunk it wrote
+// while that chunk is still in cache; unpack adds combine rows straight into the output
+// (a scatter-add), so no intermediate f32 array exists on either side.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu.h"
+#include "dtype.h"
+#include "simd.h"
+
+namespace em::cpu {
+namespace {
+
+constexpr int64_t kGroup = 128;        // fp8 scale group (DeepEP's per-128 layout)
+constexpr int64_t kCrcChunk = 16384;   // bytes packed before their CRC is folded in
+
+// ------------------------------------------------------------------ CRC-32
+
+struct CrcTable {
+  uint32_t t[8][256];
+  CrcTable() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xff];
+  }
+};
+
+const CrcTable& crc_table() {
+  static const CrcTable table;
+  return table;
+}
+
+// Slicing-by-8 on the inverted state c.
+uint32_t crc_tables(uint32_t c, const uint8_t* p, size_t n) {
+  const CrcTable& T = crc_table();
+  while (n >= 8) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + 4, 4);
+    lo ^= c;
+    c = T.t[7][lo & 0xff] ^ T.t[6][(lo >> 8) & 0xff] ^ T.t[5][(lo >> 16) & 0xff] ^ T.t[4][lo >> 24] ^
+        T.t[3][hi & 0xff] ^ T.t[2][(hi >> 8) & 0xff] ^ T.t[1][(hi >> 16) & 0xff] ^ T.t[0][hi >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = T.t[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return c;
+}
+
+#if EM_X86
+#define EM_CLMUL __attribute__((target("pclmul,sse4.1")))
+
+// Folding with carry-less multiplication (Intel, "Fast CRC Computation for Generic
+// Polynomials Using PCLMULQDQ", 2009), in the bit-reflected domain of zlib's CRC-32; the
+// constants are the paper's (as in Linux crc32-pclmul and Chromium's zlib). n >= 64 and a
+// multiple of 16; c is the inverted state, and so is the result.
+EM_CLMUL uint32_t crc_clmul(uint32_t c, const uint8_t* buf, size_t n) {
+  alignas(16) static const uint64_t k1k2[] = {0x0154442bd4ull, 0x01c6e41596ull};
+  alignas(16) static const uint64_t k3k4[] = {0x01751997d0ull, 0x00ccaa009eull};
+  alignas(16) static const uint64_t k5k0[] = {0x0163cd6124ull, 0x0000000000ull};
+  alignas(16) static const uint64_t poly[] = {0x01db710641ull, 0x01f7011641ull};
+  auto load = [](const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
+  __m128i x1 = load(buf), x2 = load(buf + 16), x3 = load(buf + 32), x4 = load(buf + 48);
+  x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128(static_cast<int>(c)));
+  __m128i x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k1k2));
+  buf += 64;
+  n -= 64;
+  while (n >= 64) {
+    const __m128i x5 = _mm_clmulepi64_si128(x1, x0, 0x00), x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    const __m128i x7 = _mm_clmulepi64_si128(x3, x0, 0x00), x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+    x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+    x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), load(buf));
+    x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), load(buf + 16));
+    x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), load(buf + 32));
+    x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), load(buf + 48));
+    buf += 64;
+    n -= 64;
+  }
+  // Fold the four lanes into one.
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));
+  __m128i x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x2), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x3), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x4), x5);
+  while (n >= 16) {
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), load(buf)), x5);
+    buf += 16;
+    n -= 16;
+  }
+  // 128 -> 64 bits, then Barrett reduction to 32.
+  __m128i x2b = _mm_clmulepi64_si128(x1, x0, 0x10);
+  const __m128i mask = _mm_setr_epi32(~0, 0, ~0, 0);
+  x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), x2b);
+  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
+  x2b = _mm_srli_si128(x1, 4);
+  x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x00), x2b);
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
+  x2b = _mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x10);
+  x2b = _mm_clmulepi64_si128(_mm_and_si128(x2b, mask), x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2b);
+  return static_cast<uint32_t>(_mm_extract_epi32(x1, 1));
+}
+
+bool have_clmul() {
+  static const bool yes = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  return yes;
+}
+#endif
+
+// ------------------------------------------------------------------ scalar codecs
+
+// The e4m3 code of float32 y, as float32ToE4m3 in src/model/floats.ts.
+inline uint8_t f32_to_e4m3(float y) {
+  uint32_t bits;
+  std::memcpy(&bits, &y, 4);
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return 0x7f;                                      // NaN
+  if (abs >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);       // >= 448 saturates
+  if (abs < 0x3c800000u) {                                                 // subnormal: m * 2^-9
+    const float q = std::nearbyint(std::fabs(y) * 512.0f);                 // exact product; ties to even
+    return static_cast<uint8_t>(sign | static_cast<uint32_t>(q));
+  }
+  const uint32_t kept = (abs >> 20) & 7u, dropped = abs & 0xfffffu;
+  uint32_t code = ((((abs >> 23) - 127u + 7u) << 3) | kept);
+  if (dropped > 0x80000u || (dropped == 0x80000u && (kept & 1u))) ++code;
+  return static_cast<uint8_t>(sign | std::min(code, 0x7eu));
+}
+
+struct E4m3Table {
+  float v[256];
+  E4m3Table() {
+    // NaN codes (0x7f, 0xff) decode to the one quiet NaN, as in JavaScript.
+    for (int i = 0; i < 256; ++i) {
+      const float f = fp8_e4m3_to_f32(static_cast<uint8_t>(i));
+      v[i] = std::isnan(f) ? std::numeric_limits<float>::quiet_NaN() : f;
+    }
+  }
+};
+
+const float* e4m3_values() {
+  static const E4m3Table table;
+  return table.v;
+}
+
+// The scale of one 128-block: max|x| / 448 in double (NaN ignored), 1 when all zero.
+inline double block_scale(double amax) { return amax > 0 ? amax / 448.0 : 1.0; }
+
+void pack_bf16_scalar(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = f32_to_bf16(x[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+double amax_scalar(const float* x, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (a > amax) amax = a;
+  }
+  return amax;
+}
+
+void quant_scalar(const float* x, int64_t n, double inv, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[i]) * inv));
+}
+
+void unpack_bf16_scalar(const uint8_t* in, int64_t n, float* y, bool acc) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    const float v = bf16_to_f32(h);
+    y[i] = acc ? y[i] + v : v;
+  }
+}
+
+void unpack_f32_scalar(const uint8_t* in, int64_t n, float* y, bool acc) {
+  if (!acc) {
+    std::memcpy(y, in, static_cast<size_t>(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float v;
+    std::memcpy(&v, in + 4 * i, 4);
+    y[i] += v;
+  }
+}
+
+void dequant_scalar(const uint8_t* codes, int64_t n, float scale, float* y, bool acc) {
+  const float* t = e4m3_values();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = t[codes[i]] * scale;
+    y[i] = acc ? y[i] + v : v;
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 codecs
+
+#if EM_X86
+// 16 int32 (two vectors, values 0..0xffff / 0..0xff) to 16 u16 / u8 in order.
+EM_AVX2 inline __m256i pack_u16(__m256i a, __m256i b) {
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+}
+
+EM_AVX2 inline __m256i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i abs = _mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+EM_AVX2 void pack_bf16_avx2(const float* x, int64_t n, uint8_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = pack_u16(bf16_bits8(_mm256_loadu_ps(x + i)), bf16_bits8(_mm256_loadu_ps(x + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * i), h);
+  }
+  pack_bf16_scalar(x + i, n - i, out + 2 * i);
+}
+
+EM_AVX2 double amax_avx2(const float* x, int64_t n) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_setzero_ps();
+  int64_t i = 0;
+  // max(a, m) returns m when a is NaN: NaN is ignored, as in the reference.
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), m);
+  float amax = simd::hmax(m);
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (a > amax) amax = a;
+  }
+  return amax;
+}
+
+// e4m3 codes of 8 float32 y (see f32_to_e4m3), as int32.
+EM_AVX2 inline __m256i e4m3_8(__m256 y) {
+  const __m256i b = _mm256_castps_si256(y);
+  const __m256i abs = _mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff));
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(b, 24), _mm256_set1_epi32(0x80));
+  // Normal: rebias (127 -> 7) and round the 20 dropped mantissa bits to nearest even; the
+  // carry steps the exponent.
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(abs, 20), _mm256_set1_epi32(1));
+  __m256i normal = _mm256_sub_epi32(abs, _mm256_set1_epi32(120 << 23));
+  normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(normal, _mm256_set1_epi32(0x7ffff)), lsb), 20);
+  normal = _mm256_min_epi32(normal, _mm256_set1_epi32(0x7e));
+  // Subnormal: round(|y| * 512), ties to even.
+  const __m256 mag = _mm256_castsi256_ps(abs);
+  const __m256i sub = _mm256_cvtps_epi32(
+      _mm256_round_ps(_mm256_mul_ps(mag, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3c800000), abs);
+  const __m256i is_sat = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x43e00000 - 1));
+  const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  __m256i code = _mm256_blendv_epi8(normal, sub, is_sub);
+  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7e), is_sat);
+  code = _mm256_or_si256(code, sign);
+  return _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), is_nan);
+}
+
+// f32(x * inv) with the product in double, for 8 floats.
+EM_AVX2 inline __m256 scale8(const float* x, __m256d inv) {
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), inv));
+  const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), inv));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+
+EM_AVX2 void quant_avx2(const float* x, int64_t n, double inv, uint8_t* out) {
+  const __m256d vinv = _mm256_set1_pd(inv);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i w = pack_u16(e4m3_8(scale8(x + i, vinv)), e4m3_8(scale8(x + i + 8, vinv)));
+    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
+  }
+  quant_scalar(x + i, n - i, inv, out + i);
+}
+
+EM_AVX2 void unpack_bf16_avx2(const uint8_t* in, int64_t n, float* y, bool acc) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = simd::load8_bf16(reinterpret_cast<const uint16_t*>(in + 2 * i));
+    if (acc) v = _mm256_add_ps(_mm256_loadu_ps(y + i), v);
+    _mm256_storeu_ps(y + i, v);
+  }
+  unpack_bf16_scalar(in + 2 * i, n - i, y + i, acc);
+}
+
+EM_AVX2 void unpack_f32_avx2(const uint8_t* in, int64_t n, float* y, bool acc) {
+  if (!acc) {
+    std::memcpy(y, in, static_cast<size_t>(n) * 4);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(reinterpret_cast<const float*>(in + 4 * i))));
+  unpack_f32_scalar(in + 4 * i, n - i, y + i, acc);
+}
+
+EM_AVX2 void dequant_avx2(const uint8_t* codes, int64_t n, float scale, float* y, bool acc) {
+  const float* t = e4m3_values();
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+    __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(t, idx, 4), s);
+    if (acc) v = _mm256_add_ps(_mm256_loadu_ps(y + i), v);
+    _mm256_storeu_ps(y + i, v);
+  }
+  dequant_scalar(codes + i, n - i, scale, y + i, acc);
+}
+#endif
+
+// The row kernels of one ISA.
+struct WireKernels {
+  void (*pack_bf16)(const float*, int64_t, uint8_t*);
+  double (*amax)(const float*, int64_t);
+  void (*quant)(const float*, int64_t, double, uint8_t*);
+  void (*unpack_bf16)(const uint8_t*, int64_t, float*, bool);
+  void (*unpack_f32)(const uint8_t*, int64_t, float*, bool);
+  void (*dequant)(const uint8_t*, int64_t, float, float*, bool);
+};
+
+WireKernels wire_kernels(em_cpu_isa isa) {
+#if EM_X86
+  if (isa >= EM_ISA_AVX2)
+    return {pack_bf16_avx2, amax_avx2, quant_avx2, unpack_bf16_avx2, unpack_f32_avx2, dequant_avx2};
+#endif
+  (void)isa;
+  return {pack_bf16_scalar, amax_scalar, quant_scalar, unpack_bf16_scalar, unpack_f32_scalar, dequant_scalar};
+}
+
+}  // namespace
+
+uint32_t crc32_update(uint32_t crc, const uint8_t* p, size_t n) {
+  uint32_t c = ~crc;
+#if EM_X86
+  if (n >= 64 && have_clmul()) {
+    const size_t chunk = n & ~static_cast<size_t>(15);
+    c = crc_clmul(c, p, chunk);
+    p += chunk;
+    n -= chunk;
+  }
+#endif
+  return ~crc_tables(c, p, n);
+}
+
+em_status wire_pack(Context& ctx, const em_wire_pack_args* a) {
+  const WireKernels k = wire_kernels(ctx.isa);
+  const int64_t dim = a->x->shape[1], ldx = a->x->stride[0];
+  const float* x = static_cast<const float*>(a->x->data);
+  auto row = [&](int64_t r) { return x + (a->row_index ? a->row_index[r] : r) * ldx; };
+  uint8_t* out = a->out;
+  uint32_t crc = a->crc ? *a->crc : 0;
+  // Rows are packed in chunks of about kCrcChunk bytes; each chunk's CRC is folded in
+  // right after it is written, while it is still in cache.
+  const int64_t row_bytes = a->dtype == EM_WIRE_BF16 ? 2 * dim : a->dtype == EM_WIRE_F32 ? 4 * dim : dim;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kCrcChunk / std::max<int64_t>(1, row_bytes));
+  float* scales = nullptr;
+  const int64_t groups = (dim + kGroup - 1) / kGroup;
+  uint8_t* scale_bytes = out + a->rows * dim;
+  std::vector<float> scale_buf;
+  if (a->dtype == EM_WIRE_FP8) {
+    scale_buf.resize(static_cast<size_t>(a->rows * groups));
+    scales = scale_buf.data();
+  }
+  for (int64_t r0 = 0; r0 < a->rows; r0 += rows_per_chunk) {
+    const int64_t r1 = std::min(a->rows, r0 + rows_per_chunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = row(r);
+      uint8_t* dst = out + r * row_bytes;
+      if (a->dtype == EM_WIRE_BF16) {
+        k.pack_bf16(src, dim, dst);
+      } else if (a->dtype == EM_WIRE_F32) {
+        std::memcpy(dst, src, static_cast<size_t>(row_bytes));
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t c0 = g * kGroup, n = std::min(dim, c0 + kGroup) - c0;
+          const double scale = block_scale(k.amax(src + c0, n));
+          scales[r * groups + g] = static_cast<float>(scale);
+          k.quant(src + c0, n, 1.0 / scale, dst + c0);
+        }
+      }
+    }
+    if (a->crc) crc = crc32_update(crc, out + r0 * row_bytes, static_cast<size_t>((r1 - r0) * row_bytes));
+  }
+  if (a->dtype == EM_WIRE_FP8) {
+    std::memcpy(scale_bytes, scales, scale_buf.size() * 4);
+    if (a->crc) crc = crc32_update(crc, scale_bytes, scale_buf.size() * 4);
+  }
+  if (a->crc) *a->crc = crc;
+  return EM_OK;
+}
+
+em_status wire_unpack(Context& ctx, const em_wire_unpack_args* a) {
+  const WireKernels k = wire_kernels(ctx.isa);
+  const int64_t dim = a->y->shape[1], ldy = a->y->stride[0];
+  float* y = static_cast<float*>(a->y->data);
+  const bool acc = a->accumulate != 0;
+  const int64_t groups = (dim + kGroup - 1) / kGroup;
+  const uint8_t* scale_bytes = a->in + a->rows * dim;
+  for (int64_t r = 0; r < a->rows; ++r) {
+    float* dst = y + (a->out_index ? a->out_index[r] : r) * ldy;
+    if (a->dtype == EM_WIRE_BF16) {
+      k.unpack_bf16(a->in + 2 * r * dim, dim, dst, acc);
+    } else if (a->dtype == EM_WIRE_F32) {
+      k.unpack_f32(a->in + 4 * r * dim, dim, dst, acc);
+    } else {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t c0 = g * kGroup, n = std::min(dim, c0 + kGroup) - c0;
+        float scale;
+        std::memcpy(&scale, scale_bytes + 4 * (r * groups + g), 4);
+        k.dequant(a->in + r * dim + c0, n, scale, dst + c0, acc);
+      }
+    }
+  }
+  return EM_OK;
+}
+
+}  // namespace em::cpu
+
+extern "C" uint32_t em_crc32(uint32_t crc, const void* data, size_t n) {
+  return em::cpu::crc32_update(crc, static_cast<const uint8_t*>(data), n);
+}

@@ -1,0 +1,282 @@
+// The native wire codec (shards/cpu/wire.cpp through the addon) against the TypeScript
+// reference (src/moe/codec.ts): the same bytes for every dtype, gather and CRC seed, the
+// same floats back for every scatter-add, and zlib's CRC-32 for any bytes at any offset.
+// Property-based (fast-check) plus a table of special values. Skipped where the addon is
+// not built (the reference then serves alone, and wire.test.ts covers it).
+import { crc32 } from "node:zlib";
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { groupByExpert } from "../../src/engine/experts.ts";
+import { type CodecDtype, nativeCodec, rowBytes, tsCodec } from "../../src/moe/codec.ts";
+import {
+  addCombine,
+  type Dispatch,
+  decodeFrame,
+  decodeReply,
+  encodeCombine,
+  encodeDispatch,
+  encodeDispatchRows,
+  splitDispatch,
+  splitRanges,
+} from "../../src/moe/wire.ts";
+
+const native = nativeCodec();
+const dtypes: CodecDtype[] = ["bf16", "fp8", "f32"];
+
+/** Values a codec must agree on: ties, subnormals, overflow, infinities, NaN, zeros. */
+const SPECIAL = [
+  0,
+  -0,
+  1,
+  -1,
+  1.00390625,
+  1.01171875,
+  3e38,
+  -3.4e38,
+  Infinity,
+  -Infinity,
+  Number.NaN,
+  1e-40,
+  -1e-45,
+  448,
+  464,
+  0.015625,
+  0.0146484375,
+  0.001953125,
+  0.0029296875,
+  65504,
+  2 ** -126,
+];
+
+const rowsArb = fc
+  .record({ dim: fc.integer({ min: 1, max: 300 }), rows: fc.integer({ min: 0, max: 6 }) })
+  .chain(({ dim, rows }) =>
+    fc.record({
+      dim: fc.constant(dim),
+      x: fc.float32Array({ minLength: (rows + 1) * dim, maxLength: (rows + 1) * dim }),
+      index: fc.array(fc.integer({ min: 0, max: rows }), { minLength: 0, maxLength: 8 }),
+      gather: fc.boolean(),
+      seed: fc.integer({ min: 0, max: 2 ** 32 - 1 }),
+      scale: fc.constantFrom(1, 1e-3, 1e5, 1e-30),
+    }),
+  );
+
+/** Bit patterns, so NaN payloads and -0 count. */
+const bitsOf = (a: Float32Array) => new Uint32Array(a.buffer, a.byteOffset, a.length);
+/** Equal as floats, NaN equal to NaN (the addon and V8 may differ in NaN payloads). */
+function sameFloats(a: Float32Array, b: Float32Array): boolean {
+  if (a.length !== b.length) return false;
+  const ab = bitsOf(a);
+  const bb = bitsOf(b);
+  for (let i = 0; i < a.length; i++)
+    if (ab[i] !== bb[i] && !(Number.isNaN(a[i]!) && Number.isNaN(b[i]!))) return false;
+  return true;
+}
+
+describe.skipIf(!native)("native wire codec = TypeScript reference", () => {
+  const n = native!;
+
+  it("CRC-32 equals zlib's for any bytes, offsets and seeds", () => {
+    fc.assert(
+      fc.property(
+        fc.uint8Array({ maxLength: 3000 }),
+        fc.nat({ max: 15 }),
+        fc.integer({ min: 0, max: 2 ** 32 - 1 }),
+        (bytes, off, seed) => {
+          const b = bytes.subarray(Math.min(off, bytes.length));
+          expect(n.crc32(b, seed)).toBe(crc32(b, seed));
+          expect(n.crc32(b)).toBe(crc32(b));
+        },
+      ),
+    );
+  });
+
+  it("packs every dtype to the same bytes and CRC, with and without a gather", () => {
+    fc.assert(
+      fc.property(rowsArb, ({ dim, x, index, gather, seed, scale }) => {
+        const xs = x.map((v) => v * scale);
+        const rowIndex = gather ? Int32Array.from(index) : null;
+        const rows = rowIndex ? rowIndex.length : xs.length / dim;
+        for (const dt of dtypes) {
+          const a = new Uint8Array(rowBytes(dt, rows, dim));
+          // Unaligned output inside a larger buffer, as in a frame after its assignments.
+          const b = new Uint8Array(a.length + 3).subarray(1, a.length + 1);
+          const crcA = tsCodec.pack(xs, dim, rowIndex, dt, a, seed);
+          const crcB = n.pack(xs, dim, rowIndex, dt, b, seed);
+          expect(Buffer.from(b).equals(Buffer.from(a)), dt).toBe(true);
+          expect(crcB, dt).toBe(crcA);
+        }
+      }),
+    );
+  });
+
+  it("unpacks and scatter-adds to the same floats", () => {
+    fc.assert(
+      fc.property(rowsArb, fc.boolean(), ({ dim, x, index, seed }, accumulate) => {
+        const rows = index.length;
+        const outIndex = Int32Array.from(index);
+        const yRows = x.length / dim;
+        for (const dt of dtypes) {
+          const bytes = new Uint8Array(rowBytes(dt, rows, dim));
+          tsCodec.pack(x, dim, outIndex, dt, bytes, seed);
+          const yA = x.slice();
+          const yB = x.slice();
+          tsCodec.unpack(bytes, dt, rows, yA, dim, outIndex, accumulate);
+          n.unpack(bytes.slice(), dt, rows, yB, dim, outIndex, accumulate);
+          expect(sameFloats(yA, yB), `${dt} ${yRows} rows`).toBe(true);
+        }
+      }),
+    );
+  });
+
+  it.each(dtypes)("agrees on special values (%s)", (dt) => {
+    for (const dim of [1, 7, 8, 16, 21, 128, 131]) {
+      const x = Float32Array.from({ length: 3 * dim }, (_, i) => SPECIAL[i % SPECIAL.length]!);
+      const a = new Uint8Array(rowBytes(dt, 3, dim));
+      const b = new Uint8Array(a.length);
+      expect(n.pack(x, dim, null, dt, b, 0)).toBe(tsCodec.pack(x, dim, null, dt, a, 0));
+      expect(Buffer.from(b).equals(Buffer.from(a))).toBe(true);
+      const yA = new Float32Array(3 * dim);
+      const yB = new Float32Array(3 * dim);
+      tsCodec.unpack(a, dt, 3, yA, dim, null, false);
+      n.unpack(a, dt, 3, yB, dim, null, false);
+      expect(sameFloats(yA, yB)).toBe(true);
+    }
+  });
+});
+
+describe("frames from rows of a table", () => {
+  const dispatchArb = fc
+    .record({
+      dtype: fc.constantFrom<Dispatch["dtype"]>("bf16", "fp8", "f32"),
+      hidden: fc.integer({ min: 1, max: 200 }),
+      tableRows: fc.integer({ min: 1, max: 10 }),
+    })
+    .chain(({ dtype, hidden, tableRows }) =>
+      fc.record({
+        dtype: fc.constant(dtype),
+        hidden: fc.constant(hidden),
+        x: fc.float32Array({
+          minLength: tableRows * hidden,
+          maxLength: tableRows * hidden,
+          noNaN: true,
+        }),
+        rows: fc.uniqueArray(fc.integer({ min: 0, max: tableRows - 1 }), {
+          minLength: 1,
+          maxLength: tableRows,
+        }),
+        topK: fc.integer({ min: 1, max: 3 }),
+      }),
+    );
+
+  it("encodeDispatchRows gives the bytes of encodeDispatch over the copied rows", () => {
+    fc.assert(
+      fc.property(dispatchArb, ({ dtype, hidden, x, rows, topK }) => {
+        const numTokens = rows.length;
+        const token = Uint32Array.from({ length: numTokens * topK }, (_, i) =>
+          Math.floor(i / topK),
+        );
+        const expert = Uint32Array.from(token, (_, i) => i % 17);
+        const weight = Float32Array.from(token, (_, i) => 0.25 * i);
+        const h = { planVersion: 3, layer: 2, hidden, tokenOffset: 0, totalTokens: numTokens };
+        const copied = new Float32Array(numTokens * hidden);
+        rows.forEach((r, i) => {
+          copied.set(x.subarray(r * hidden, (r + 1) * hidden), i * hidden);
+        });
+        const a = encodeDispatch({
+          ...h,
+          dtype,
+          numTokens,
+          activations: copied,
+          token,
+          expert,
+          weight,
+        });
+        const b = encodeDispatchRows({
+          ...h,
+          dtype,
+          x,
+          rows: Int32Array.from(rows),
+          token,
+          expert,
+          weight,
+        });
+        expect(Buffer.from(b).equals(Buffer.from(a))).toBe(true);
+        // splitRanges cuts where splitDispatch does.
+        const max = 40 + 12 * topK + rowBytes(dtype, 2, hidden) + 12 * topK;
+        const parts = splitDispatch(
+          { ...h, dtype, numTokens, activations: copied, token, expert, weight },
+          max,
+        );
+        const ranges = splitRanges(dtype, numTokens, hidden, token, max);
+        expect(ranges.map((r) => [r.start, r.end - r.start, r.a1 - r.a0])).toEqual(
+          parts.map((p) => [p.tokenOffset, p.numTokens, p.token.length]),
+        );
+      }),
+    );
+  });
+
+  it("decodeReply + addCombine add what decodeFrame decodes", () => {
+    fc.assert(
+      fc.property(
+        fc.constantFrom<"bf16" | "f32">("bf16", "f32"),
+        fc.integer({ min: 1, max: 50 }),
+        fc.integer({ min: 1, max: 5 }),
+        (dtype, hidden, numTokens) => {
+          const sums = Float32Array.from({ length: numTokens * hidden }, (_, i) => Math.sin(i) * 3);
+          const frame = encodeCombine({
+            planVersion: 1,
+            layer: 1,
+            hidden,
+            tokenOffset: 0,
+            totalTokens: numTokens,
+            dtype,
+            numTokens,
+            sums,
+          });
+          const decoded = decodeFrame(frame);
+          const view = decodeReply(frame);
+          if (decoded.kind !== "combine" || view.kind !== "combine") throw new Error("kind");
+          const outIndex = Int32Array.from({ length: numTokens }, (_, i) => numTokens - 1 - i);
+          const out = new Float32Array(numTokens * hidden).fill(0.5);
+          addCombine(view, out, outIndex);
+          for (let t = 0; t < numTokens; t++)
+            for (let j = 0; j < hidden; j++)
+              expect(out[outIndex[t]! * hidden + j]).toBe(
+                Math.fround(0.5 + decoded.sums[t * hidden + j]!),
+              );
+        },
+      ),
+    );
+  });
+});
+
+describe("groupByExpert", () => {
+  it("orders rows by (expert, token), ties in input order, and gathers instead of copying", () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.record({ token: fc.nat({ max: 9 }), expert: fc.nat({ max: 6 }) }), {
+          maxLength: 40,
+        }),
+        fc.boolean(),
+        (pairs, sortTokens) => {
+          if (sortTokens) pairs.sort((a, b) => a.token - b.token);
+          const token = pairs.map((p) => p.token);
+          const expert = pairs.map((p) => p.expert);
+          const weight = pairs.map((_, i) => i);
+          const x = new Float32Array(10 * 4);
+          const g = groupByExpert(x, 4, token, expert, weight);
+          const want = pairs
+            .map((p, i) => ({ ...p, i }))
+            .sort((a, b) => a.expert - b.expert || a.token - b.token || a.i - b.i);
+          expect(Array.from(g.rowWeight)).toEqual(want.map((w) => w.i));
+          expect(Array.from(g.outIndex)).toEqual(want.map((w) => w.token));
+          expect(Array.from(g.xIndex)).toEqual(want.map((w) => w.token));
+          expect(g.x).toBe(x);
+          expect(g.experts).toEqual([...new Set(want.map((w) => w.expert))]);
+          expect(g.offsets.at(-1)).toBe(pairs.length);
+        },
+      ),
+    );
+  });
+});
