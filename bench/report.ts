@@ -12,7 +12,7 @@ import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import type { ServeResults } from "./serve.ts";
-import { serveTables } from "./serve-report.ts";
+import { serveSvg, serveTables } from "./serve-report.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
 const BEGIN = (s: string) =>
@@ -445,15 +445,15 @@ export function renderBenchmarksMd(
   current?: string,
 ): {
   md: string;
-  svg?: { path: string; text: string };
+  svgs: { path: string; text: string }[];
 } {
   let doc =
     current ?? (existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : DEFAULT_HEADER);
-  let svg: { path: string; text: string } | undefined;
+  const svgs: { path: string; text: string }[] = [];
   if (files.kernels) {
     const res = JSON.parse(readFileSync(files.kernels, "utf8")) as KernelResults;
     const svgPath = join(RESULTS_DIR, "kernels-speedup.svg");
-    svg = { path: svgPath, text: speedupSvg(res) };
+    svgs.push({ path: svgPath, text: speedupSvg(res) });
     doc = replaceSection(
       doc,
       "kernels",
@@ -466,10 +466,16 @@ export function renderBenchmarksMd(
   }
   if (files.serve) {
     const res = JSON.parse(readFileSync(files.serve, "utf8")) as ServeResults;
-    doc = replaceSection(doc, "serve", serveTables(res, relative(REPO_ROOT, files.serve)));
+    const svgPath = join(RESULTS_DIR, "serve-throughput.svg");
+    svgs.push({ path: svgPath, text: serveSvg(res) });
+    doc = replaceSection(
+      doc,
+      "serve",
+      serveTables(res, relative(REPO_ROOT, files.serve), relative(REPO_ROOT, svgPath)),
+    );
   }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
-  return svg ? { md: doc, svg } : { md: doc };
+  return { md: doc, svgs };
 }
 
 export function updateBenchmarksMd(files: {
@@ -477,9 +483,9 @@ export function updateBenchmarksMd(files: {
   dispatch?: string | undefined;
   serve?: string | undefined;
 }): string {
-  const { md, svg } = renderBenchmarksMd(files);
+  const { md, svgs } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
-  if (svg) writeFileSync(svg.path, svg.text);
+  for (const svg of svgs) writeFileSync(svg.path, svg.text);
   return BENCHMARKS_MD;
 }
 
@@ -494,13 +500,15 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     process.exit(1);
   }
   if (check) {
-    const { md, svg } = renderBenchmarksMd({
+    const { md, svgs } = renderBenchmarksMd({
       kernels: file,
       dispatch: newestResults("dispatch"),
       serve: newestResults("serve"),
     });
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";
-    const svgOk = !svg || (existsSync(svg.path) && readFileSync(svg.path, "utf8") === svg.text);
+    const svgOk = svgs.every(
+      (svg) => existsSync(svg.path) && readFileSync(svg.path, "utf8") === svg.text,
+    );
     if (md !== have || !svgOk) {
       console.error(
         `BENCHMARKS.md is not what ${relative(REPO_ROOT, file)} generates: run node bench/report.ts`,

@@ -100,7 +100,15 @@ async function main(): Promise<number> {
     if (suite === "serve") {
       const machine = machineInfo();
       const { commit, dirty } = gitCommit();
-      const res = await runServe({ threads, runs, quick: values.quick, log });
+      // Repetitions of the whole load (each level of each configuration): 3 unless --runs
+      // is given, to keep the suite under ~15 minutes on 2 cores.
+      const res = await runServe({
+        threads,
+        runs,
+        quick: values.quick,
+        log,
+        ...(values.runs ? { repetitions: runs } : {}),
+      });
       const results = {
         suite: "serve" as const,
         date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",

@@ -1,20 +1,34 @@
 // The serve suite (`npm run bench:serve`): the gateway under load, end to end over HTTP.
 //
 // The mini V3 checkpoint (make-tiny-model --preset mini, cached under
-// ~/.cache/expertmesh/models/mini-v3) is served in two configurations, both up at once and
-// measured alternately level by level: (a) distributed: a nats-server, 4 shard processes
-// and a gateway (`gateway --nats --plan`); (b) single-process (`gateway --local`). A load
-// generator sends streaming chat completions (fixed prompts, temperature 0, max_tokens 32)
-// at concurrency 1, 8 and 32 and records per request the time to first token (first
-// content chunk), the gaps between content chunks (inter-token latency) and the completion
-// tokens (from usage); per level, output tokens/s = tokens / wall time.
+// ~/.cache/expertmesh/models/mini-v3) is served in three configurations, all up at once
+// and measured in turn: (a) distributed: a nats-server, 4 shard processes and a gateway
+// (`gateway --nats --plan`); (b) the same with `--micro-batches 2`, on the same shards;
+// (c) single-process (`gateway --local`). A load generator sends streaming chat
+// completions (fixed prompts, temperature 0, max_tokens 32 with ignore_eos, so that every
+// request of every configuration generates exactly 32 tokens) at concurrency 1, 4, 8, 16
+// and 32, and records per request the time to first token (first content chunk), the gaps
+// between content chunks (inter-token latency) and the completion tokens (from usage); per
+// level, output tokens/s = tokens / wall time. Each repetition runs every level of every
+// configuration (the configurations' order rotated per repetition); the table gives the
+// median and min-max of tokens/s over repetitions and latency percentiles over the requests
+// of all repetitions. The CPU time of every process (gateway, shards, nats-server, this
+// load generator) is read from /proc around each level, to see where the 2 cores go.
 //
 // The peer: Hugging Face transformers `generate` at batch 1 on CPU (bench/hf_generate.py in
 // the golden venv, float32, same threads), greedy, the same prompts and number of new tokens,
 // interleaved one to one with our single-process concurrency-1 requests.
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
-import { homedir, tmpdir } from "node:os";
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
+import { availableParallelism, homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import { findNatsServer } from "../src/local/nats-binary.ts";
 import { modelArchitectureOf, readModelConfig } from "../src/model/config.ts";
@@ -45,20 +59,58 @@ export const PROMPTS = [
   "Why is the sky blue?",
 ];
 
-export interface LevelResult {
-  config: "distributed" | "single-process";
-  concurrency: number;
-  requests: number;
-  errors: number;
-  outputTokens: number;
+export type ServeConfig = "distributed" | "distributed-mb2" | "single-process";
+
+/** What a configuration is, for tables and plots. */
+export const CONFIG_LABEL: Record<ServeConfig, string> = {
+  distributed: "distributed",
+  "distributed-mb2": "distributed, 2 micro-batches",
+  "single-process": "single-process",
+};
+
+/** CPU seconds used during a level, by process role. */
+export interface CpuSeconds {
+  gateway: number;
+  shards: number;
+  nats: number;
+  loadgen: number;
+}
+
+/** One repetition of one level. */
+export interface LevelRun {
   wallSeconds: number;
-  /** outputTokens / wallSeconds. */
+  outputTokens: number;
   tokensPerSecond: number;
-  /** ms; percentiles over requests (TTFT) or over all gaps of all requests (ITL). */
+  errors: number;
+  /** Requests that ended with other than maxTokens completion tokens. */
+  short: number;
+  cpu: CpuSeconds | null;
+  /** Cores busy on the whole machine (/proc/stat: our processes and everyone else's). */
+  machineBusy: number;
+  /** Expert round trips (one per shard touched per MoE layer and step), distributed only. */
+  dispatch: { count: number; meanMs: number } | null;
+}
+
+export interface LevelResult {
+  config: ServeConfig;
+  microBatches: number;
+  concurrency: number;
+  /** Requests per repetition. */
+  requests: number;
+  runs: LevelRun[];
+  /** Output tokens/s over repetitions. */
+  tokS: Stats;
+  errors: number;
+  short: number;
+  /** ms; percentiles over the requests (TTFT) or the gaps (ITL) of all repetitions. */
   ttftP50: number;
   ttftP99: number;
   itlP50: number;
   itlP99: number;
+  /** Cores busy (CPU seconds / wall seconds), median over repetitions, by role and in all. */
+  cores: (CpuSeconds & { total: number }) | null;
+  /** Cores busy on the whole machine, median over repetitions. */
+  machineBusy: number;
 }
 
 export interface ServeResults {
@@ -66,11 +118,12 @@ export interface ServeResults {
   date: string;
   commit: string;
   dirty: boolean;
-  machine: import("./lib.ts").MachineInfo;
+  machine: import("./lib.ts").MachineInfo & { loadavgEnd?: number[] };
   model: { name: string; hiddenSize: number; layers: number; routedExperts: number; topK: number };
   natsVersion: string;
   shards: number;
   maxTokens: number;
+  repetitions: number;
   levels: LevelResult[];
   peer: {
     what: string;
@@ -158,13 +211,15 @@ async function stop(c: ChildProcess): Promise<void> {
 
 interface RequestResult {
   ok: boolean;
+  /** Why it failed (status and body, or the error event). */
+  error?: string;
   tokens: number;
   ttftMs: number;
   gapsMs: number[];
   totalMs: number;
 }
 
-/** One streaming chat completion; SSE parsed by hand. */
+/** One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by hand. */
 async function chat(base: string, prompt: string, maxTokens: number): Promise<RequestResult> {
   const t0 = performance.now();
   const res = await fetch(`${base}/v1/chat/completions`, {
@@ -175,13 +230,21 @@ async function chat(base: string, prompt: string, maxTokens: number): Promise<Re
       messages: [{ role: "user", content: prompt }],
       max_tokens: maxTokens,
       temperature: 0,
+      ignore_eos: true,
       stream: true,
       stream_options: { include_usage: true },
     }),
   });
   if (!res.ok || !res.body) {
-    await res.text().catch(() => "");
-    return { ok: false, tokens: 0, ttftMs: Number.NaN, gapsMs: [], totalMs: 0 };
+    const body = await res.text().catch(() => "");
+    return {
+      ok: false,
+      error: `HTTP ${res.status}: ${body.slice(0, 300)}`,
+      tokens: 0,
+      ttftMs: Number.NaN,
+      gapsMs: [],
+      totalMs: 0,
+    };
   }
   const decoder = new TextDecoder();
   let buf = "";
@@ -190,6 +253,7 @@ async function chat(base: string, prompt: string, maxTokens: number): Promise<Re
   const gaps: number[] = [];
   let tokens = 0;
   let ok = true;
+  let error: string | undefined;
   for await (const chunk of res.body) {
     buf += decoder.decode(chunk as Uint8Array, { stream: true });
     let i = buf.indexOf("\n\n");
@@ -206,7 +270,10 @@ async function chat(base: string, prompt: string, maxTokens: number): Promise<Re
           usage?: { completion_tokens: number };
           error?: unknown;
         };
-        if (msg.error) ok = false;
+        if (msg.error) {
+          ok = false;
+          error ??= JSON.stringify(msg.error).slice(0, 300);
+        }
         if (msg.usage) tokens = msg.usage.completion_tokens;
         if (msg.choices?.some((c) => c.delta?.content)) {
           const now = performance.now();
@@ -217,17 +284,23 @@ async function chat(base: string, prompt: string, maxTokens: number): Promise<Re
       }
     }
   }
-  return { ok, tokens, ttftMs: first, gapsMs: gaps, totalMs: performance.now() - t0 };
+  return {
+    ok,
+    ...(error ? { error } : {}),
+    tokens,
+    ttftMs: first,
+    gapsMs: gaps,
+    totalMs: performance.now() - t0,
+  };
 }
 
 /** `requests` requests through `concurrency` workers. */
 async function level(
   base: string,
-  config: LevelResult["config"],
   concurrency: number,
   requests: number,
   maxTokens: number,
-): Promise<LevelResult> {
+): Promise<{ results: RequestResult[]; wallSeconds: number }> {
   let next = 0;
   const results: RequestResult[] = [];
   const t0 = performance.now();
@@ -239,23 +312,101 @@ async function level(
       }
     }),
   );
-  const wallSeconds = (performance.now() - t0) / 1000;
-  const good = results.filter((r) => r.ok);
-  const outputTokens = good.reduce((n, r) => n + r.tokens, 0);
+  return { results, wallSeconds: (performance.now() - t0) / 1000 };
+}
+
+const CLK_TCK = 100;
+
+/** utime + stime of a process in seconds (Linux /proc), or NaN. */
+function procCpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // Fields after the command name (which may hold spaces) start at field 3.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return Number.NaN;
+  }
+}
+
+/** Busy and total jiffies of the whole machine (all cores), from /proc/stat. */
+function machineJiffies(): { busy: number; total: number } {
+  try {
+    const line = readFileSync("/proc/stat", "utf8").split("\n")[0]!;
+    const v = line.trim().split(/\s+/).slice(1).map(Number);
+    const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
+    // idle + iowait
+    return { busy: total - v[3]! - v[4]!, total };
+  } catch {
+    return { busy: Number.NaN, total: Number.NaN };
+  }
+}
+
+/** The CPU seconds of each role so far. */
+function cpuNow(pids: { gateways: number[]; shards: number[]; nats: number }): CpuSeconds {
+  const sum = (ps: number[]) => ps.reduce((s, p) => s + procCpuSeconds(p), 0);
+  const self = process.cpuUsage();
+  return {
+    gateway: sum(pids.gateways),
+    shards: sum(pids.shards),
+    nats: procCpuSeconds(pids.nats),
+    loadgen: (self.user + self.system) / 1e6,
+  };
+}
+
+/** Sum and count of the gateway's dispatch latency histogram over all shards. */
+async function dispatchTotals(base: string): Promise<{ sum: number; count: number }> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  let sum = 0;
+  let count = 0;
+  for (const m of text.matchAll(
+    /^expertmesh_gateway_dispatch_latency_seconds_(sum|count)\{[^}]*\} (\S+)$/gm,
+  )) {
+    if (m[1] === "sum") sum += Number(m[2]);
+    else count += Number(m[2]);
+  }
+  return { sum, count };
+}
+
+/** Folds the repetitions of one (config, concurrency) into a LevelResult. */
+function summarize(
+  config: ServeConfig,
+  concurrency: number,
+  requests: number,
+  reps: { run: LevelRun; results: RequestResult[] }[],
+): LevelResult {
+  const good = reps.flatMap((r) => r.results.filter((x) => x.ok));
   const ttft = good.map((r) => r.ttftMs).filter((x) => Number.isFinite(x));
   const gaps = good.flatMap((r) => r.gapsMs);
+  const runs = reps.map((r) => r.run);
+  const withCpu = runs.filter((r) => r.cpu !== null);
+  const coresOf = (pick: (c: CpuSeconds) => number) =>
+    stats(withCpu.map((r) => pick(r.cpu!) / r.wallSeconds)).median;
   return {
     config,
+    microBatches: config === "distributed-mb2" ? 2 : 1,
     concurrency,
     requests,
-    errors: results.length - good.length,
-    outputTokens,
-    wallSeconds,
-    tokensPerSecond: outputTokens / wallSeconds,
+    runs,
+    tokS: stats(runs.map((r) => r.tokensPerSecond)),
+    machineBusy: stats(runs.map((r) => r.machineBusy)).median,
+    errors: runs.reduce((n, r) => n + r.errors, 0),
+    short: runs.reduce((n, r) => n + r.short, 0),
     ttftP50: percentile(ttft, 50),
     ttftP99: percentile(ttft, 99),
     itlP50: percentile(gaps, 50),
     itlP99: percentile(gaps, 99),
+    cores:
+      withCpu.length === 0
+        ? null
+        : {
+            gateway: coresOf((c) => c.gateway),
+            shards: coresOf((c) => c.shards),
+            nats: coresOf((c) => c.nats),
+            loadgen: coresOf((c) => c.loadgen),
+            total: coresOf((c) => c.gateway + c.shards + c.nats + c.loadgen),
+          },
   };
 }
 
@@ -263,6 +414,8 @@ export async function runServe(opts: {
   threads: number;
   runs: number;
   quick: boolean;
+  /** Passes over every level and configuration (at least 3; default 3). */
+  repetitions?: number;
   log: (s: string) => void;
 }): Promise<Omit<ServeResults, "suite" | "date" | "commit" | "dirty" | "machine">> {
   const { log } = opts;
@@ -272,6 +425,7 @@ export async function runServe(opts: {
   const arch = modelArchitectureOf(cfg);
   const numShards = 4;
   const maxTokens = 32;
+  const repetitions = Math.max(3, opts.repetitions ?? 3);
   const plan = planPlacement({ architecture: arch, numShards });
   const runDir = mkdtempSync(join(tmpdir(), "em-bench-serve-"));
   const planPath = join(runDir, "plan.json");
@@ -318,9 +472,11 @@ export async function runServe(opts: {
       /Listening for client connections on [^:]+:(\d+)/,
     );
     children.push(natsPortMatch.proc);
+    const natsProc = natsPortMatch.proc;
     const natsUrl = `nats://127.0.0.1:${(await natsPortMatch.ready)[1]}`;
     const common = [`--model=${modelDir}`, `--namespace=bench`, `--model-name=${SERVE_MODEL}`];
     const shards: Promise<unknown>[] = [];
+    const shardProcs: ChildProcess[] = [];
     for (let k = 0; k < numShards; k++) {
       const s = child(
         `shard-${k}`,
@@ -338,35 +494,50 @@ export async function runServe(opts: {
         /serving /,
       );
       children.push(s.proc);
+      shardProcs.push(s.proc);
       shards.push(s.ready);
     }
     await Promise.all(shards);
     const gwArgs = ["--host=127.0.0.1", "--http-port=0", "--metrics-port=0"];
     const serving = /serving '[^']*' on (http:\/\/[^ ]+)/;
-    const dist = child(
-      "gateway (distributed)",
-      process.execPath,
-      [CLI, "gateway", ...common, `--plan=${planPath}`, `--nats=${natsUrl}`, ...gwArgs],
-      serving,
-    );
-    children.push(dist.proc);
-    const local = child(
-      "gateway (single-process)",
-      process.execPath,
-      [CLI, "gateway", ...common, "--local", ...gwArgs],
-      serving,
-    );
-    children.push(local.proc);
-    const bases = {
-      distributed: (await dist.ready)[1]!,
-      "single-process": (await local.ready)[1]!,
+    const distArgs = [CLI, "gateway", ...common, `--plan=${planPath}`, `--nats=${natsUrl}`];
+    const gateways = {
+      distributed: child(
+        "gateway (distributed)",
+        process.execPath,
+        [...distArgs, ...gwArgs],
+        serving,
+      ),
+      "distributed-mb2": child(
+        "gateway (distributed, 2 micro-batches)",
+        process.execPath,
+        [...distArgs, "--micro-batches=2", ...gwArgs],
+        serving,
+      ),
+      "single-process": child(
+        "gateway (single-process)",
+        process.execPath,
+        [CLI, "gateway", ...common, "--local", ...gwArgs],
+        serving,
+      ),
     } as const;
+    for (const g of Object.values(gateways)) children.push(g.proc);
+    const bases = {} as Record<ServeConfig, string>;
+    for (const [k, g] of Object.entries(gateways)) bases[k as ServeConfig] = (await g.ready)[1]!;
     log(
-      `[serve] distributed gateway at ${bases.distributed}, single-process at ${bases["single-process"]}`,
+      `[serve] gateways: ${Object.entries(bases)
+        .map(([k, v]) => `${k} at ${v}`)
+        .join(", ")}`,
     );
+    const configs = Object.keys(bases) as ServeConfig[];
+    const pids = (config: ServeConfig) => ({
+      gateways: [gateways[config].proc.pid!],
+      shards: config === "single-process" ? [] : shardProcs.map((p) => p.pid!),
+      nats: natsProc.pid!,
+    });
 
-    // Warm up both gateways (and the peer).
-    for (const base of Object.values(bases)) await level(base, "distributed", 2, 2, maxTokens);
+    // Warm up the gateways (and the peer).
+    for (const base of Object.values(bases)) await level(base, 2, 2, maxTokens);
     await peer.call({ cmd: "generate", prompt: PROMPTS[0], new_tokens: maxTokens });
 
     // Batch 1, ours (single-process) and the peer interleaved one to one.
@@ -377,7 +548,8 @@ export async function runServe(opts: {
     for (let i = 0; i < peerRuns; i++) {
       const prompt = PROMPTS[i % PROMPTS.length]!;
       const r = await chat(bases["single-process"], prompt, maxTokens);
-      if (r.ok) oursTokS.push(r.tokens / (r.totalMs / 1000));
+      if (!r.ok) throw new Error(`single-process batch-1 request failed: ${r.error ?? "?"}`);
+      oursTokS.push(r.tokens / (r.totalMs / 1000));
       const p = await peer.call<{ seconds: number; prompt_tokens: number; new_tokens: number }>({
         cmd: "generate",
         prompt,
@@ -392,27 +564,71 @@ export async function runServe(opts: {
     await peer.close(JSON.stringify({ cmd: "quit" }));
     peer = undefined;
 
-    const plans = opts.quick
-      ? [
-          { c: 1, n: 3 },
-          { c: 8, n: 8 },
-          { c: 32, n: 32 },
-        ]
-      : [
-          { c: 1, n: 8 },
-          { c: 8, n: 32 },
-          { c: 32, n: 64 },
-        ];
-    const levels: LevelResult[] = [];
-    for (const { c, n } of plans) {
-      for (const config of ["distributed", "single-process"] as const) {
-        const r = await level(bases[config], config, c, n, maxTokens);
-        levels.push(r);
-        log(
-          `[serve] ${config} c=${c}: ${r.tokensPerSecond.toFixed(1)} tok/s, TTFT p50 ${r.ttftP50.toFixed(0)} ms p99 ${r.ttftP99.toFixed(0)} ms, ITL p50 ${r.itlP50.toFixed(1)} ms p99 ${r.itlP99.toFixed(1)} ms${r.errors ? `, ${r.errors} errors` : ""}`,
-        );
+    // Requests per level: one wave at concurrency >= 4 (every request the same length).
+    const plans = (opts.quick ? [1, 8, 32] : [1, 4, 8, 16, 32]).map((c) => ({
+      c,
+      n: Math.max(c, 4),
+    }));
+    const reps = opts.quick ? 1 : repetitions;
+    const runs = new Map<string, { run: LevelRun; results: RequestResult[] }[]>();
+    for (let rep = 0; rep < reps; rep++) {
+      for (const { c, n } of plans) {
+        // Rotate the order of the configurations from one repetition to the next.
+        const order = configs.map((_, i) => configs[(i + rep) % configs.length]!);
+        for (const config of order) {
+          const base = bases[config];
+          const dist = config !== "single-process";
+          const cpu0 = cpuNow(pids(config));
+          const m0 = machineJiffies();
+          const d0 = dist ? await dispatchTotals(base) : null;
+          const { results, wallSeconds } = await level(base, c, n, maxTokens);
+          const cpu1 = cpuNow(pids(config));
+          const m1 = machineJiffies();
+          const d1 = dist ? await dispatchTotals(base) : null;
+          const good = results.filter((r) => r.ok);
+          const outputTokens = good.reduce((t, r) => t + r.tokens, 0);
+          const cpu = Object.fromEntries(
+            Object.keys(cpu0).map((k) => [
+              k,
+              cpu1[k as keyof CpuSeconds] - cpu0[k as keyof CpuSeconds],
+            ]),
+          ) as unknown as CpuSeconds;
+          const run: LevelRun = {
+            wallSeconds,
+            outputTokens,
+            tokensPerSecond: outputTokens / wallSeconds,
+            errors: results.length - good.length,
+            short: good.filter((r) => r.tokens !== maxTokens).length,
+            cpu: Object.values(cpu).every(Number.isFinite) ? cpu : null,
+            machineBusy: ((m1.busy - m0.busy) / (m1.total - m0.total)) * availableParallelism(),
+            dispatch:
+              d0 && d1
+                ? {
+                    count: d1.count - d0.count,
+                    meanMs: ((d1.sum - d0.sum) / Math.max(1, d1.count - d0.count)) * 1000,
+                  }
+                : null,
+          };
+          const failed = results.find((r) => !r.ok);
+          if (failed) log(`[serve] ${config} c=${c}: first error: ${failed.error ?? "?"}`);
+          // A level where every request failed measures nothing: stop before any table is written.
+          if (good.length === 0)
+            throw new Error(`${config} c=${c}: all ${results.length} requests failed`);
+          const key = `${config}/${c}`;
+          runs.set(key, [...(runs.get(key) ?? []), { run, results }]);
+          const busy = run.cpu
+            ? `, cores busy: gateway ${(run.cpu.gateway / wallSeconds).toFixed(2)} shards ${(run.cpu.shards / wallSeconds).toFixed(2)} nats ${(run.cpu.nats / wallSeconds).toFixed(2)} loadgen ${(run.cpu.loadgen / wallSeconds).toFixed(2)}, machine ${run.machineBusy.toFixed(2)}`
+            : "";
+          log(
+            `[serve] rep ${rep + 1}/${reps} ${config} c=${c}: ${run.tokensPerSecond.toFixed(1)} tok/s${busy}${run.dispatch ? `, ${run.dispatch.count} round trips of ${run.dispatch.meanMs.toFixed(1)} ms` : ""}${run.errors ? `, ${run.errors} errors` : ""}${run.short ? `, ${run.short} short` : ""}`,
+          );
+        }
       }
     }
+    const levels: LevelResult[] = [];
+    for (const { c, n } of plans)
+      for (const config of configs)
+        levels.push(summarize(config, c, n, runs.get(`${config}/${c}`)!));
     let natsVersion = "";
     const m = /nats-server-(v[\d.]+)/.exec(findNatsServer());
     if (m) natsVersion = m[1]!;
@@ -429,6 +645,7 @@ export async function runServe(opts: {
       natsVersion,
       shards: numShards,
       maxTokens,
+      repetitions: opts.quick ? 1 : repetitions,
       levels,
       peer: {
         what: "transformers generate, batch 1, greedy, CPU",

@@ -2,11 +2,17 @@
 // then each sequence that completed its chunk samples a token. Requests arrive through
 // submit() and get their tokens through callbacks; cancel() (client gone, stop string)
 // frees the sequence's cache blocks before the next step.
+//
+// With microBatches 2 a step's chunks are split into two halves (no sequence in both) whose
+// forward passes run interleaved: while one half awaits its routed experts for a layer (a
+// NATS round trip to the shards), the other runs its attention and dense part. The halves
+// are in lock step: the step ends, and the scheduler commits and samples, when both ended.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import { sampleToken } from "../engine/generate.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
 import { Prng } from "../model/prng.ts";
+import { ExpertMeshError } from "../util/errors.ts";
 
 export interface SamplingParams {
   /** 0: greedy. */
@@ -67,19 +73,39 @@ interface Active {
   cancelled: boolean;
 }
 
+export interface EngineOptions {
+  /**
+   * Micro-batches in flight per step (1 or 2, default 1). With 2, a step of two or more
+   * sequences runs as two halves whose expert round trips overlap the other's attention.
+   */
+  readonly microBatches?: number;
+}
+
 export class ServingEngine {
   readonly #model: BatchForward;
   readonly #kv: BlockKvCache;
   readonly #scheduler: Scheduler;
   readonly #active = new Map<number, Active>();
+  readonly microBatches: number;
   #nextId = 1;
   #looping = false;
   numPreemptions = 0;
+  /** Steps that ran as two micro-batches. */
+  numSplitSteps = 0;
 
-  constructor(model: BatchForward, kv: BlockKvCache, config: SchedulerConfig) {
+  constructor(
+    model: BatchForward,
+    kv: BlockKvCache,
+    config: SchedulerConfig,
+    opts: EngineOptions = {},
+  ) {
+    const mb = opts.microBatches ?? 1;
+    if (mb !== 1 && mb !== 2)
+      throw new ExpertMeshError("EM_CLI_USAGE", `micro-batches must be 1 or 2, got ${mb}`);
     this.#model = model;
     this.#kv = kv;
     this.#scheduler = new Scheduler(config, kv.allocator);
+    this.microBatches = mb;
   }
 
   get stats(): EngineStats {
@@ -168,25 +194,48 @@ export class ServingEngine {
       const logits = a.promptLogprobs !== null ? "all" : c.isComplete ? "last" : "none";
       return { tokens, cache: a.cache, logits };
     });
-    let logits: Float32Array[];
-    try {
-      logits = await this.#model.step(items);
-    } catch (err) {
-      // A failed step (e.g. no replica of a shard answered) fails its sequences.
-      for (const c of chunks) {
-        const a = this.#active.get(c.seq.id);
+    const groups =
+      this.microBatches > 1 && chunks.length > 1
+        ? splitByTokens(chunks)
+        : [chunks.map((_, i) => i)];
+    if (groups.length > 1) this.numSplitSteps++;
+    const logits: (Float32Array | undefined)[] = new Array(chunks.length);
+    const failed: { group: number[]; err: unknown }[] = [];
+    const run = async (group: number[]) => {
+      try {
+        const out = await this.#model.step(group.map((i) => items[i]!));
+        group.forEach((i, k) => {
+          logits[i] = out[k]!;
+        });
+      } catch (err) {
+        failed.push({ group, err });
+      }
+    };
+    const running: Promise<void>[] = [];
+    for (const [g, group] of groups.entries()) {
+      // The first half's dispatch is sent (flushed at the end of this tick) before the
+      // second half's attention takes the event loop.
+      if (g > 0) await new Promise((r) => setImmediate(r));
+      running.push(run(group));
+    }
+    await Promise.all(running);
+    // A failed half (e.g. no replica of a shard answered) fails its sequences.
+    for (const { group, err } of failed) {
+      for (const i of group) {
+        const a = this.#active.get(chunks[i]!.seq.id);
         if (!a) continue;
         this.#end(a);
         if (!a.cancelled) a.cb.onError(err);
       }
-      return true;
     }
-    this.#scheduler.commit(chunks);
+    const ran = chunks.filter((_, i) => logits[i] !== undefined);
+    this.#scheduler.commit(ran);
     const V = this.#model.config.vocabSize;
     chunks.forEach((c, i) => {
+      const rows = logits[i];
+      if (rows === undefined) return;
       const a = this.#active.get(c.seq.id);
       if (!a || a.cancelled) return;
-      const rows = logits[i]!;
       if (items[i]!.logits === "all") this.#collectPromptLogprobs(a, c.start, rows, V);
       if (!c.isComplete) return;
       this.#sample(a, rows.subarray(rows.length - V));
@@ -237,6 +286,25 @@ export class ServingEngine {
       a.cb.onFinish("length");
     }
   }
+}
+
+/**
+ * Two groups of chunk indices with about the same number of tokens (each chunk, largest
+ * first, to the group with fewer tokens so far), each in schedule order.
+ */
+export function splitByTokens(chunks: readonly { numTokens: number }[]): [number[], number[]] {
+  const order = chunks
+    .map((_, i) => i)
+    .sort((p, q) => chunks[q]!.numTokens - chunks[p]!.numTokens || p - q);
+  const groups: [number[], number[]] = [[], []];
+  const tokens = [0, 0];
+  for (const i of order) {
+    const g = tokens[0]! <= tokens[1]! ? 0 : 1;
+    groups[g].push(i);
+    tokens[g]! += chunks[i]!.numTokens;
+  }
+  for (const g of groups) g.sort((p, q) => p - q);
+  return groups;
 }
 
 /** log softmax of logits [vocab], in float64. */

@@ -30,6 +30,8 @@ export interface JobSpec {
   readonly stops: readonly string[];
   readonly logprobs: number | null;
   readonly promptLogprobs: boolean;
+  /** Generate past the end-of-sequence token, up to maxTokens (vLLM's ignore_eos). */
+  readonly ignoreEos?: boolean;
 }
 
 export interface Choice {
@@ -107,7 +109,8 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       prompt: spec.prompt,
       maxTokens: spec.maxTokens,
       sampling: { ...spec.sampling, seed: (spec.sampling.seed + i) >>> 0 },
-      stopTokenIds: ctx.tokenizer.eosTokenId === null ? [] : [ctx.tokenizer.eosTokenId],
+      stopTokenIds:
+        ctx.tokenizer.eosTokenId === null || spec.ignoreEos ? [] : [ctx.tokenizer.eosTokenId],
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
     };

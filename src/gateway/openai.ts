@@ -81,6 +81,7 @@ function jobSpec(
       seed: b.seed ?? randomInt(2 ** 32 - 1),
     },
     stops: stop.filter((s) => s.length > 0),
+    ignoreEos: b.ignore_eos ?? false,
   };
 }
 

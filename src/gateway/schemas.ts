@@ -14,6 +14,8 @@ const common = {
   /** vLLM's extension: -1 or 0 turns it off. */
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
   seed: Type.Optional(Nullable(Type.Integer())),
+  /** vLLM's extension: keep generating past the end-of-sequence token (up to max_tokens). */
+  ignore_eos: Type.Optional(Nullable(Type.Boolean())),
   stop: Type.Optional(
     Type.Union([
       Type.String(),

@@ -28,6 +28,8 @@ export interface GatewayConfig {
   /** KV cache budget (bytes) and block size (tokens). */
   readonly kvCacheBytes: number;
   readonly blockSize?: number;
+  /** Micro-batches in flight per step, 1 or 2 (default 1; see ServingEngine). */
+  readonly microBatches?: number;
 }
 
 /** The engine and the context the routes need; checks the KV budget against the context. */
@@ -53,11 +55,16 @@ export function createServeContext(
       `the KV cache holds ${kv.capacityTokens} tokens, less than one sequence of ${maxModelLen}: ` +
         `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize)} or lower --max-model-len`,
     );
-  const engine = new ServingEngine(new BatchForward(weights, backend, experts), kv, {
-    maxBatchTokens: cfg.maxBatchTokens,
-    maxRunning: cfg.maxRunning ?? 256,
-    maxQueueDepth: cfg.maxQueueDepth,
-  });
+  const engine = new ServingEngine(
+    new BatchForward(weights, backend, experts),
+    kv,
+    {
+      maxBatchTokens: cfg.maxBatchTokens,
+      maxRunning: cfg.maxRunning ?? 256,
+      maxQueueDepth: cfg.maxQueueDepth,
+    },
+    { microBatches: cfg.microBatches ?? 1 },
+  );
   return {
     engine,
     tokenizer,

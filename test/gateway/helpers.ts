@@ -64,6 +64,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.maxRunning !== undefined ? { maxRunning: o.maxRunning } : {}),
     ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
     ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
+    ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
   });
   const app = buildGatewayApp({
     ctx,

@@ -122,6 +122,38 @@ describe("chat completions", () => {
 });
 
 describe("completions", () => {
+  it("ignore_eos (vLLM's extra parameter) generates past the end-of-sequence token", async () => {
+    const ask = (prompt: string, extra: object = {}) =>
+      gw.client.completions.create({
+        model: "tiny",
+        prompt,
+        max_tokens: 40,
+        temperature: 0,
+        logprobs: 0,
+        ...extra,
+      });
+    // A prompt whose greedy continuation ends with EOS before max_tokens (the tiny model's
+    // weights are fixed, so which ones do is too).
+    let ended: { prompt: string; text: string; tokens: number } | undefined;
+    for (const i of [6, 37, 61, 115, 119, 138, 171]) {
+      const prompt = `word ${i} and ${i * 7}`;
+      const r = await ask(prompt);
+      if (r.choices[0]!.finish_reason === "stop") {
+        ended = { prompt, text: r.choices[0]!.text, tokens: r.usage!.completion_tokens };
+        break;
+      }
+    }
+    expect(ended, "no prompt of the list ends with EOS: pick others").toBeDefined();
+    expect(ended!.tokens).toBeLessThan(40);
+    const r = await ask(ended!.prompt, { ignore_eos: true });
+    expect(r.choices[0]!.finish_reason).toBe("length");
+    expect(r.usage!.completion_tokens).toBe(40);
+    expect(r.choices[0]!.text.startsWith(ended!.text)).toBe(true);
+    // The token after the stopped text is the EOS token itself.
+    const eos = gw.ctx.tokenizer.eosTokenId!;
+    expect(r.choices[0]!.logprobs!.tokens![ended!.tokens]).toBe(gw.ctx.tokenizer.decode([eos]));
+  });
+
   it("echoes the prompt with its logprobs, then the completion's", async () => {
     const prompt = "The cat sat on the mat";
     const r = await gw.client.completions.create({

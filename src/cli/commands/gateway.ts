@@ -13,9 +13,10 @@ import { createServeContext, probeShards } from "../../gateway/server.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
+import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
-import { ExpertMeshError } from "../../util/errors.ts";
+import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { defaultModelName, intFlag as int } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -35,6 +36,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --max-model-len N         context length served (default: max_position_embeddings)
   --kv-cache-bytes N        KV cache budget (default 536870912)
   --block-size N            KV cache block, in tokens (default 16)
+  --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
+                            with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device cpu              where the dense layers run (cuda:N needs the CUDA backend)
@@ -68,6 +71,7 @@ export const gatewayCommand: Command = {
         "max-model-len": { type: "string" },
         "kv-cache-bytes": { type: "string" },
         "block-size": { type: "string" },
+        "micro-batches": { type: "string" },
         "api-key": { type: "string", multiple: true },
         wire: { type: "string" },
         device: { type: "string" },
@@ -88,6 +92,8 @@ export const gatewayCommand: Command = {
     const wire = values.wire ?? "bf16";
     if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
+    const microBatches = int(values["micro-batches"], "--micro-batches", 1);
+    if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
     const ref = { namespace: values.namespace ?? "default", model: modelName };
@@ -131,7 +137,21 @@ export const gatewayCommand: Command = {
         onRoundTrip: (shard, ms, ok) => onRoundTrip?.(shard, ms, ok),
       });
       const conn = nc;
-      ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize);
+      const remote = experts as RemoteExperts;
+      ready = () => probeShards(conn, ref, remote.plan, weights.config.hiddenSize);
+      // Live plan changes from the operator (ADR 0003): switch when told to activate.
+      conn.subscribe(subjects.planControl(ref), {
+        callback: (err, msg) => {
+          if (err) return;
+          try {
+            const c = decodePlanControl(msg.data);
+            if (c.op === "activate" && remote.setPlan(c.plan))
+              log(`routing with plan v${c.plan.version}`);
+          } catch (e) {
+            log(`ignoring plan control message: ${formatError(e)}`);
+          }
+        },
+      });
     }
     const maxModelLen = values["max-model-len"];
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
@@ -142,6 +162,7 @@ export const gatewayCommand: Command = {
       maxRunning: int(values["max-running"], "--max-running", 256),
       kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
       blockSize: int(values["block-size"], "--block-size", 16),
+      microBatches,
     });
     onRoundTrip = (shard, ms, ok) =>
       ctx.metrics.dispatchLatency.observe({ shard: String(shard), ok: String(ok) }, ms / 1000);
@@ -187,6 +208,7 @@ export const gatewayCommand: Command = {
           waiting: s.numWaiting,
           running: s.numRunning,
           kvUsage: s.kvUsage,
+          ...(experts instanceof RemoteExperts ? { planVersion: experts.plan.version } : {}),
           timestamp: Date.now(),
         }),
       );

@@ -21,6 +21,7 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
   --models-dir DIR   where local mode finds PVC paths (default ~/.cache/expertmesh/models)
   --http-port PORT   the gateway's OpenAI API (default: spec.gateway.ports.http, 8000)
   --host ADDR        listen address (default 127.0.0.1)
+  --micro-batches N  the gateway's micro-batches in flight per step, 1 or 2 (gateway --micro-batches)
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).`;
 
 async function freePort(): Promise<number> {
@@ -82,6 +83,7 @@ export const upCommand: Command = {
         "models-dir": { type: "string" },
         "http-port": { type: "string" },
         host: { type: "string" },
+        "micro-batches": { type: "string" },
       },
     });
     if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
@@ -206,6 +208,7 @@ export const upCommand: Command = {
           `--host=${host}`,
           "--metrics-port=0",
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
+          ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
       );

@@ -1,0 +1,62 @@
+// Runs `expertmesh gateway` as a real process (distributed mode over the test nats-server):
+// what a gateway pod runs, with its load reports and live plan switching.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import OpenAI from "openai";
+import { ManagedProcess } from "../env/process.ts";
+import { testEnv } from "./env.ts";
+
+const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+
+export interface GatewayProcess {
+  process: ManagedProcess;
+  url: string;
+  client: OpenAI;
+  log(): string;
+}
+
+export async function startGatewayProcess(o: {
+  modelDir: string;
+  planPath: string;
+  namespace: string;
+  modelName: string;
+  args?: string[];
+}): Promise<GatewayProcess> {
+  const proc = new ManagedProcess(
+    `gateway-${o.namespace}-${o.modelName}`,
+    process.execPath,
+    [
+      mainTs,
+      "gateway",
+      `--model=${o.modelDir}`,
+      `--plan=${o.planPath}`,
+      `--nats=${testEnv().nats.url}`,
+      `--namespace=${o.namespace}`,
+      `--model-name=${o.modelName}`,
+      "--served-model-name=tiny",
+      "--host=127.0.0.1",
+      "--http-port=0",
+      "--metrics-port=0",
+      ...(o.args ?? []),
+    ],
+    join(testEnv().runDir, "logs"),
+  );
+  const log = () => readFileSync(proc.logPath, "utf8");
+  let url = "";
+  await proc.waitUntil(
+    "serving",
+    async () => {
+      const m = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log());
+      if (m) url = m[1]!;
+      return m !== null;
+    },
+    60_000,
+  );
+  return {
+    process: proc,
+    url,
+    client: new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 }),
+    log,
+  };
+}
