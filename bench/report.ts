@@ -8,6 +8,8 @@
 import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { AutoscaleResults } from "./autoscale.ts";
+import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
@@ -441,6 +443,7 @@ export function renderBenchmarksMd(
     kernels?: string | undefined;
     dispatch?: string | undefined;
     serve?: string | undefined;
+    autoscale?: string | undefined;
   },
   current?: string,
 ): {
@@ -474,6 +477,19 @@ export function renderBenchmarksMd(
       serveTables(res, relative(REPO_ROOT, files.serve), relative(REPO_ROOT, svgPath)),
     );
   }
+  if (files.autoscale) {
+    const res = JSON.parse(readFileSync(files.autoscale, "utf8")) as AutoscaleResults & {
+      date: string;
+      commit: string;
+    };
+    const svgPath = join(RESULTS_DIR, "autoscale-step.svg");
+    svgs.push({ path: svgPath, text: autoscaleSvg(res.steps[0]!, 64, 2000) });
+    doc = replaceSection(
+      doc,
+      "autoscale",
+      `Run ${res.date} at ${res.commit.slice(0, 7)} from \`${relative(REPO_ROOT, files.autoscale)}\` (a deterministic simulation: the same commit gives the same figures on any machine).\n\n![Replicas and queue depth over time](${relative(REPO_ROOT, svgPath)})\n\n${autoscaleTables(res)}`,
+    );
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return { md: doc, svgs };
 }
@@ -482,6 +498,7 @@ export function updateBenchmarksMd(files: {
   kernels?: string | undefined;
   dispatch?: string | undefined;
   serve?: string | undefined;
+  autoscale?: string | undefined;
 }): string {
   const { md, svgs } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
@@ -504,6 +521,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
       kernels: file,
       dispatch: newestResults("dispatch"),
       serve: newestResults("serve"),
+      autoscale: newestResults("autoscale"),
     });
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";
     const svgOk = svgs.every(

@@ -11,6 +11,8 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { availableParallelism, loadavg } from "node:os";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
+import { runAutoscale } from "./autoscale.ts";
+import { autoscaleTables } from "./autoscale-report.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runKernels } from "./kernels.ts";
@@ -19,7 +21,7 @@ import { kernelTables, updateBenchmarksMd } from "./report.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
 
-const SUITES = ["kernels", "dispatch", "serve"] as const;
+const SUITES = ["kernels", "dispatch", "serve", "autoscale"] as const;
 type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -72,6 +74,30 @@ async function main(): Promise<number> {
   const log = (s: string) => console.error(s);
 
   for (const suite of new Set(suites)) {
+    if (suite === "autoscale") {
+      // A deterministic simulation of the operator's decision code: one run is exact, and
+      // nothing in it depends on this machine's speed.
+      const { commit, dirty } = gitCommit();
+      const results = {
+        suite: "autoscale" as const,
+        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+        commit,
+        dirty,
+        ...runAutoscale(log),
+      };
+      mkdirSync(RESULTS_DIR, { recursive: true });
+      const out =
+        values.out ??
+        join(RESULTS_DIR, `autoscale-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+      const round = (_k: string, v: unknown) =>
+        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
+      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
+      console.log(autoscaleTables(results));
+      if (!values.quick && !values["no-report"]) {
+        const md = updateBenchmarksMd({ autoscale: out });
+        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+      }
+    }
     if (suite === "dispatch") {
       const machine = machineInfo();
       const { commit, dirty } = gitCommit();
