@@ -80,6 +80,7 @@ export function autoscaleSvg(s: StepResult, target: number, mu: number): string 
   const rTicks = Array.from({ length: Math.floor(rMax / 4) + 1 }, (_, k) => k * 4);
   const needed = (p: SimPoint) => p.lambda / (mu * 0.5);
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">
+<title>Autoscaling simulation: pending tokens per shard replica and replicas over time under a 5x load step</title>
 <rect width="${W}" height="${H}" fill="white"/>
 ${axis(0, qMax, "Pending tokens per ready shard replica (target dashed)", qTicks)}
 <line x1="${left}" x2="${W - right}" y1="${y(0, target, qMax).toFixed(1)}" y2="${y(0, target, qMax).toFixed(1)}" stroke="#d62728" stroke-dasharray="5,4"/>
