@@ -9,6 +9,7 @@ import type { MlpWeights } from "../engine/loader.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import type { PlacementPlan } from "./placement.ts";
 import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-control.ts";
+import { serializePlan } from "./plan-json.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
   type Dispatch,
@@ -147,6 +148,17 @@ export class ShardServer {
   async applyPlanControl(c: PlanControl): Promise<void> {
     const { plan } = c;
     try {
+      const known = this.#plans.get(plan.version);
+      if (known && serializePlan(known.plan) !== serializePlan(plan)) {
+        // The same version with other contents: an operator restarted mid-rollout and
+        // planned again. Fine while it is not active: prepare the new contents instead.
+        if (plan.version <= this.#active)
+          throw new ExpertMeshError(
+            "EM_PLAN_INVALID",
+            `plan v${plan.version} is active here with other contents; a new plan needs a new version`,
+          );
+        this.#plans.delete(plan.version);
+      }
       if (!this.#plans.has(plan.version)) {
         if (plan.version < this.#active) return; // stale message
         checkSwitchable(this.activePlan, plan);

@@ -73,6 +73,9 @@ describe.sequential("local mode under real load: autoscaling and live expert reb
   let nc: NatsConnection;
   const shards: ManagedProcess[] = [];
   let gateway: GatewayProcess;
+  let late: GatewayProcess | undefined;
+  let planPath = "";
+  let modelDir = "";
   const samples: ShardSample[] = [];
   // The workload: 8 clients asking the same thing over and over (a skewed expert load).
   let running = true;
@@ -123,10 +126,10 @@ describe.sequential("local mode under real load: autoscaling and live expert reb
     const cm = await waitFor("the plan ConfigMap", async () =>
       core.readNamespacedConfigMap({ name: `${name}-plan`, namespace: ns }).catch(() => undefined),
     );
-    const planPath = join(testEnv().runDir, `${ns}.plan.json`);
+    planPath = join(testEnv().runDir, `${ns}.plan.json`);
     writeFileSync(planPath, cm.data!["plan.json"]!);
     expect(parsePlan(cm.data!["plan.json"]!).version).toBe(1);
-    const modelDir = await tinyCheckpointFor("tiny-v2");
+    modelDir = await tinyCheckpointFor("tiny-v2");
     for (let k = 0; k < 2; k++)
       shards.push(startShard(modelDir, planPath, name, k, `p${k}`, testEnv().nats.url, ns));
     await Promise.all(shards.map((s) => waitServing(s)));
@@ -173,6 +176,7 @@ describe.sequential("local mode under real load: autoscaling and live expert reb
     await Promise.all(clients);
     await nc?.close();
     await gateway?.process.stop(3000);
+    await late?.process.stop(3000);
     for (const s of shards) await s.stop(3000);
     await op?.process.stop();
     await core.deleteNamespace({ name: ns }).catch(() => {});
@@ -247,5 +251,26 @@ describe.sequential("local mode under real load: autoscaling and live expert reb
     const described = await kubectl(["describe", "dsm", name, "-n", ns]);
     expect(described.stdout).toContain("RebalanceStarted");
     expect(described.stdout).toContain("Rebalanced");
+  });
+
+  it("a gateway that starts from the old plan (a stale mount) is told to switch, then serves", async () => {
+    late = await startGatewayProcess({
+      modelDir,
+      planPath, // still plan v1
+      namespace: ns,
+      modelName: name,
+    });
+    await late.process.waitUntil(
+      "switched to plan v2",
+      async () => late!.log().includes("routing with plan v2"),
+      30_000,
+    );
+    const r = await late.client.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "tell me about the sea" }],
+      max_tokens: 8,
+      temperature: 0,
+    });
+    expect(r.usage?.completion_tokens).toBeGreaterThan(0);
   });
 });

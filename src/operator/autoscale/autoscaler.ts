@@ -87,6 +87,7 @@ interface ModelState {
   lastRebalanceEvalAt: number;
   lastRebalanceAt: number;
   planOverride?: PlacementPlan;
+  lastCatchUpAt?: number;
 }
 
 const round = (n: number) => Math.round(n * 100) / 100;
@@ -469,6 +470,7 @@ export class Autoscaler {
       this.#advance(s, now);
       return;
     }
+    this.#catchUp(s, plan, now);
     const evalEveryMs = Math.max(1000, Math.min(5000, (rb.windowSeconds * 1000) / 2));
     if (now - s.lastRebalanceEvalAt < evalEveryMs) return;
     s.lastRebalanceEvalAt = now;
@@ -503,6 +505,28 @@ export class Autoscaler {
     this.#o.event(s.model, "Normal", "RebalanceStarted", `${p.reason}: loading it on every shard`);
     this.#o.requeue(s.key);
     this.#advance(s, now);
+  }
+
+  /**
+   * Level-based: any gateway or shard that reports an older plan than the ConfigMap's (it
+   * missed the activation, e.g. across an operator restart, or started from a stale mount)
+   * is told to activate it again, at most every resend period.
+   */
+  #catchUp(s: ModelState, plan: PlacementPlan, now: number): void {
+    const resend = this.#o.rolloutResendMs ?? 2000;
+    if (now - (s.lastCatchUpAt ?? 0) < resend) return;
+    const roles = ["gateway", ...plan.layers[0]!.shardExperts.map((_, k) => shardRole(k))];
+    const behind = roles.some((role) =>
+      s.tracker
+        .fresh(role, now)
+        .some((r) => r.planVersion !== undefined && r.planVersion < plan.version),
+    );
+    if (!behind) return;
+    s.lastCatchUpAt = now;
+    const ref = this.#ref(s);
+    void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
+      .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl("activate", plan)))
+      .catch((err) => this.#o.log(`autoscaler: ${s.key}: publish activate: ${formatError(err)}`));
   }
 
   #advance(s: ModelState, now: number): void {
