@@ -8,6 +8,7 @@
 #   EM_BUILD_JOBS       parallel compile jobs (default: number of CPUs)
 #   EM_BUILD_ADDON      ON (default) | OFF (engine and tests only, no Node headers needed)
 #   EM_BUILD_TESTS      ON (default) | OFF
+#   EM_CUDA             AUTO (default: the CUDA backend when CMake finds nvcc >= 12) | ON | OFF
 #   NODE_INCLUDE_DIR    directory with node_api.h (default: found next to the node binary)
 #   NODE_ADDON_API_DIR  directory with napi.h (default: node_modules/node-addon-api)
 #   EM_NODE             node binary (default: Node 24 from scripts/node24.sh, else `node`)
@@ -112,6 +113,7 @@ cmake -S "$here" -B "$build_dir" -G "$generator" \
   -DCMAKE_CXX_COMPILER="$cxx" \
   -DEM_BUILD_TESTS="$want_tests" \
   -DEM_BUILD_ADDON="$addon_flag" \
+  -DEM_CUDA="${EM_CUDA:-AUTO}" \
   -DNODE_INCLUDE_DIR="$node_include" \
   -DNODE_ADDON_API_DIR="$addon_api" \
   -DNODE_EXECUTABLE="${node:-}" >&2 || die "cmake configure failed (see above)"

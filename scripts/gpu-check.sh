@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The GPU check (`npm run gpu:check`, or plain bash where there is no Node): builds shards/
+# with the CUDA backend, runs the CUDA-vs-CPU parity suite, the grouped expert FFN
+# benchmark and its PyTorch peer, and writes a report. Needs a CUDA toolkit (nvcc >= 12,
+# cuBLAS), CMake >= 3.18 and a C++17 compiler; the benchmark peer needs PyTorch. No network.
+#
+# Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
+# bench.json, torch.json, build.log. Exit: 0 parity passed, 1 a build or parity failure,
+# 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
+#
+# Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_CUDA_ARCHS
+# (default: the device's, from nvidia-smi, else "90a;80"), EM_GPU_BUILD_DIR, CUDACXX,
+# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out_root=${OUT:-$root/gpu-check-out}
+out="$out_root/gpu-check"
+build=${EM_GPU_BUILD_DIR:-${TMPDIR:-/tmp}/expertmesh-gpu-build}
+budget=${EM_GPU_CHECK_BUDGET:-450}
+tokens=${EM_BENCH_TOKENS:-8,64,512,4096}
+mkdir -p "$out"
+t0=$(date +%s)
+log() { printf '[gpu-check %4ss] %s\n' "$(($(date +%s) - t0))" "$*" | tee -a "$out/steps.log" >&2; }
+left() { echo $((budget - ($(date +%s) - t0))); }
+# Runs a step with at most min(cap, time left) seconds.
+step() {
+  local cap=$1
+  shift
+  local l
+  l=$(left)
+  [ "$l" -lt "$cap" ] && cap=$l
+  [ "$cap" -le 5 ] && {
+    log "no time left for: $*"
+    return 124
+  }
+  timeout "$cap" "$@"
+}
+
+report="$out/report.md"
+{
+  echo "# expertmesh GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet 2>/dev/null || echo ' (with local changes)')"
+  echo "- host: $(nproc) cores, $(uname -m)"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo 'nvidia-smi not found')"
+} >"$report"
+
+# --- toolkit ------------------------------------------------------------------
+nvcc=${CUDACXX:-}
+[ -z "$nvcc" ] && nvcc=$(command -v nvcc 2>/dev/null || true)
+for c in /usr/local/cuda/bin/nvcc ${CUDA_HOME:+$CUDA_HOME/bin/nvcc}; do
+  [ -z "$nvcc" ] && [ -x "$c" ] && nvcc=$c
+done
+if [ -z "$nvcc" ] && cuda_root=$(bash "$root/scripts/cuda-toolkit.sh" --check 2>/dev/null); then nvcc="$cuda_root/bin/nvcc"; fi
+if [ -z "$nvcc" ]; then
+  log "ERROR: nvcc not found (PATH, CUDACXX, /usr/local/cuda, or scripts/cuda-toolkit.sh)"
+  echo "- result: FAIL (no CUDA toolkit)" >>"$report"
+  exit 1
+fi
+archs=${EM_CUDA_ARCHS:-}
+if [ -z "$archs" ]; then
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+  case "$cap" in
+    90) archs=90a ;;
+    [0-9][0-9] | [0-9][0-9][0-9]) archs=$cap ;;
+    *) archs="90a;80" ;;
+  esac
+fi
+echo "- nvcc: $("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') ($nvcc), architectures $archs" >>"$report"
+
+# --- build ----------------------------------------------------------------------
+log "building shards/ with CUDA ($archs) in $build"
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+bt0=$(date +%s)
+if ! { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_BUILD_ADDON=OFF \
+  -DEM_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DEM_CUDA_ARCHS="$archs" -DCMAKE_CUDA_ARCHITECTURES="$archs" &&
+  step 300 cmake --build "$build" --parallel "$(nproc)"; } >"$out/build.log" 2>&1; then
+  log "ERROR: build failed (tail of build.log below)"
+  tail -40 "$out/build.log" >&2
+  { echo "- result: FAIL (build; see build.log)"; echo; echo '```'; tail -40 "$out/build.log"; echo '```'; } >>"$report"
+  exit 1
+fi
+echo "- build: $(($(date +%s) - bt0)) s" >>"$report"
+
+# --- parity -----------------------------------------------------------------------
+log "parity: test_cuda_parity"
+step 120 "$build/test_cuda_parity" >"$out/parity.log" 2>&1
+parity=$?
+cat "$out/parity.log" >&2
+case $parity in
+  0) verdict="PASS" ;;
+  77) verdict="ERROR: NO CUDA DEVICE" ;;
+  124) verdict="FAIL (timed out)" ;;
+  *) verdict="FAIL (exit $parity)" ;;
+esac
+log "parity: $verdict"
+{
+  echo "- parity: $verdict"
+  echo
+  echo "## Parity (CUDA vs CPU backend)"
+  echo
+  echo '```'
+  cat "$out/parity.log"
+  echo '```'
+} >>"$report"
+if [ "$parity" = 77 ]; then exit 2; fi
+
+# --- benchmarks (never fail the check) ---------------------------------------------
+if [ "${EM_SKIP_BENCH:-0}" != 1 ]; then
+  log "benchmark: em_bench_cuda_moe (tokens $tokens)"
+  step 150 "$build/em_bench_cuda_moe" --json "$out/bench.json" --tokens "$tokens" --runs 5 >"$out/bench.log" 2>&1 ||
+    log "benchmark failed or timed out (bench.log)"
+  cat "$out/bench.log" >&2
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    log "benchmark peer: PyTorch"
+    step 150 python3 "$root/shards/bench/torch_moe_peer.py" --json "$out/torch.json" --tokens "$tokens" --runs 5 \
+      >"$out/torch.log" 2>&1 || log "PyTorch peer failed or timed out (torch.log)"
+    cat "$out/torch.log" >&2
+  else
+    log "PyTorch with CUDA not available: no peer numbers"
+  fi
+  python3 - "$out" >>"$report" <<'PY' || echo "(report tables failed; see the JSON files)" >>"$report"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    p = os.path.join(out, name)
+    return json.load(open(p)) if os.path.exists(p) else []
+ours, peer = load("bench.json"), load("torch.json")
+dense = next((r["tflops"]["median"] for r in peer if r["what"] == "dense_bf16_gemm"), None)
+copy = next((r["gbps"]["median"] for r in peer if r["what"] == "copy_bandwidth"), None)
+print("\n## Grouped expert FFN, bf16, DeepSeek-V3 shapes (hidden 7168, inter 2048, 256 experts, top-8)\n")
+if dense: print(f"Measured in this run: dense bf16 GEMM {dense:.1f} TFLOP/s (torch 8192^3), copy {copy:.0f} GB/s.\n")
+print("| tokens | rows | impl | TFLOP/s median (min-max) | / dense peak | / best torch |")
+print("|---|---|---|---|---|---|")
+by_tokens = {}
+for r in ours: by_tokens.setdefault(r["tokens"], []).append((r["impl"], r["rows"], r["tflops_median"], r["tflops_min"], r["tflops_max"]))
+for r in peer:
+    if r["what"] == "moe_ffn":
+        t = r["tflops"]; by_tokens.setdefault(r["tokens"], []).append((r["impl"], r["rows"], t["median"], t["min"], t["max"]))
+for tok in sorted(by_tokens):
+    best_torch = max((m for i, _, m, _, _ in by_tokens[tok] if i.startswith("torch")), default=None)
+    for impl, rows, med, lo, hi in by_tokens[tok]:
+        rp = f"{med / dense:.2f}" if dense else "-"
+        rt = f"{med / best_torch:.2f}" if best_torch and not impl.startswith("torch") else "-"
+        print(f"| {tok} | {rows} | {impl} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {rp} | {rt} |")
+print("\nOurs and torch run in separate processes (interleaved within each); ratios are of medians.")
+PY
+fi
+log "report: $report"
+[ "$parity" = 0 ] && exit 0
+exit 1

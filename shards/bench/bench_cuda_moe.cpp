@@ -1,0 +1,193 @@
+// Grouped expert FFN on the CUDA backend at DeepSeek-V3 shapes: TFLOP/s of em_moe_ffn
+// (gate/up/down GEMMs + SiLU-and-multiply + weighted combine) with bf16 weights in device
+// memory, the cuBLAS loop and the grouped-GEMM variant interleaved (A B A B ...), median
+// with min and max of the counted runs. The PyTorch peer is shards/bench/torch_moe_peer.py.
+//
+//   em_bench_cuda_moe [--json FILE] [--tokens 8,64,512,4096] [--runs 7]
+// Shapes: hidden 7168, moe_intermediate 2048, 256 experts, 8 experts per token, uniform
+// random routing (seeded). FLOPs = 6 * rows * hidden * inter (rows = tokens * 8).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "expertmesh/cuda.h"
+
+namespace {
+
+constexpr int64_t kHidden = 7168, kInter = 2048, kExperts = 256, kTopK = 8;
+
+#define TRY(expr)                                                                 \
+  do {                                                                            \
+    const em_status s_ = (expr);                                                  \
+    if (s_ != EM_OK) {                                                            \
+      std::fprintf(stderr, "%s: %s: %s\n", #expr, em_status_name(s_), em_last_error()); \
+      std::exit(1);                                                               \
+    }                                                                             \
+  } while (0)
+
+struct Stats {
+  double median, min, max;
+};
+
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* json_path = nullptr;
+  std::vector<int64_t> token_counts = {8, 64, 512, 4096};
+  int runs = 7;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--json")) json_path = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--runs")) runs = std::max(5, std::atoi(argv[i + 1]));
+    else if (!std::strcmp(argv[i], "--tokens")) {
+      token_counts.clear();
+      for (const char* p = argv[i + 1]; *p;) {
+        token_counts.push_back(std::strtoll(p, const_cast<char**>(&p), 10));
+        if (*p == ',') ++p;
+      }
+    }
+  }
+  if (em_cuda_device_count() == 0) {
+    std::printf("bench_cuda_moe: NO CUDA DEVICE: %s\n", em_cuda_last_status());
+    return 77;
+  }
+  em_backend* loop = nullptr;
+  em_backend* grouped = nullptr;
+  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP};
+  TRY(em_backend_create_cuda(&cfg, &loop));
+  cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
+  TRY(em_backend_create_cuda(&cfg, &grouped));
+  em_backend_info info;
+  em_backend_get_info(loop, &info);
+
+  // Weights: 256 experts x (w1, w3, w2) bf16 in device memory (22.5 GB), filled from a few
+  // random host patterns (their values do not change the timing).
+  std::mt19937_64 gen(7);
+  std::uniform_real_distribution<float> uni(-0.02f, 0.02f);
+  const size_t wn = static_cast<size_t>(kHidden * kInter);
+  std::vector<std::vector<uint16_t>> patterns(3, std::vector<uint16_t>(wn));
+  for (auto& p : patterns)
+    for (auto& v : p) {
+      const float f = uni(gen);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      v = static_cast<uint16_t>(u >> 16);
+    }
+  std::vector<em_tensor> w1(kExperts), w2(kExperts), w3(kExperts);
+  std::vector<void*> allocations;
+  const auto t_load = std::chrono::steady_clock::now();
+  for (int64_t e = 0; e < kExperts; ++e) {
+    void* p[3];
+    for (int j = 0; j < 3; ++j) {
+      TRY(em_cuda_malloc(loop, wn * 2, &p[j]));
+      TRY(em_cuda_copy(loop, p[j], patterns[(e + j) % 3].data(), wn * 2));
+      allocations.push_back(p[j]);
+    }
+    w1[e] = em_tensor_2d(p[0], EM_BF16, kInter, kHidden);
+    w3[e] = em_tensor_2d(p[1], EM_BF16, kInter, kHidden);
+    w2[e] = em_tensor_2d(p[2], EM_BF16, kHidden, kInter);
+  }
+  std::printf("bench_cuda_moe: %s, %d SMs; weights %.1f GB bf16 loaded in %.1f s\n", info.isa, info.num_threads,
+              3.0 * kExperts * wn * 2 / 1e9,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
+
+  FILE* json = json_path ? std::fopen(json_path, "w") : nullptr;
+  if (json) std::fprintf(json, "[\n");
+  bool first = true;
+  for (const int64_t tokens : token_counts) {
+    // Routing: each token picks 8 distinct experts; rows grouped by expert.
+    std::vector<std::vector<int32_t>> by_expert(kExperts);
+    std::uniform_int_distribution<int> pick(0, kExperts - 1);
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<int> chosen;
+      while (static_cast<int64_t>(chosen.size()) < kTopK) {
+        const int e = pick(gen);
+        if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+      }
+      for (int e : chosen) by_expert[e].push_back(static_cast<int32_t>(t));
+    }
+    std::vector<int32_t> offsets(kExperts + 1, 0), x_index, out_index;
+    for (int64_t e = 0; e < kExperts; ++e) {
+      offsets[e + 1] = offsets[e] + static_cast<int32_t>(by_expert[e].size());
+      for (int32_t t : by_expert[e]) {
+        x_index.push_back(t);
+        out_index.push_back(t);
+      }
+    }
+    const int64_t rows = offsets[kExperts];
+    std::vector<float> row_weight(static_cast<size_t>(rows), 0.125f), xh(static_cast<size_t>(tokens * kHidden));
+    for (auto& v : xh) v = uni(gen) * 50.0f;
+    void *dx, *dy;
+    TRY(em_cuda_malloc(loop, xh.size() * 4, &dx));
+    TRY(em_cuda_malloc(loop, xh.size() * 4, &dy));
+    TRY(em_cuda_copy(loop, dx, xh.data(), xh.size() * 4));
+    em_tensor x = em_tensor_2d(dx, EM_F32, tokens, kHidden), y = em_tensor_2d(dy, EM_F32, tokens, kHidden);
+    // The shard's call: gather tokens by x_index, weighted combine back into y by token.
+    em_moe_args a{};
+    a.x = &x;
+    a.num_experts = static_cast<int32_t>(kExperts);
+    a.expert_offsets = offsets.data();
+    a.w1 = w1.data();
+    a.w2 = w2.data();
+    a.w3 = w3.data();
+    a.row_weight = row_weight.data();
+    a.out_index = out_index.data();
+    a.x_index = x_index.data();
+    a.accumulate = 0;
+    a.y = &y;
+
+    const double flops = 6.0 * static_cast<double>(rows) * kHidden * kInter;
+    em_backend* sides[2] = {loop, grouped};
+    const char* names[2] = {"cublas loop", "cublas grouped"};
+    std::vector<double> tflops[2];
+    for (int s = 0; s < 2; ++s) TRY(em_moe_ffn(sides[s], &a));  // warm-up
+    for (int r = 0; r < runs; ++r) {
+      for (int s = 0; s < 2; ++s) {
+        // Enough calls for ~50 ms per sample.
+        const auto t0 = std::chrono::steady_clock::now();
+        int calls = 0;
+        double el = 0;
+        do {
+          TRY(em_moe_ffn(sides[s], &a));
+          ++calls;
+          el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        } while (el < 0.05);
+        tflops[s].push_back(flops * calls / el / 1e12);
+      }
+    }
+    for (int s = 0; s < 2; ++s) {
+      const Stats st = stats(tflops[s]);
+      std::printf("moe_ffn bf16 tokens %5lld rows %6lld  %-15s %8.2f TFLOP/s (min %.2f max %.2f, %d runs)\n",
+                  static_cast<long long>(tokens), static_cast<long long>(rows), names[s], st.median, st.min, st.max,
+                  runs);
+      if (json)
+        std::fprintf(json,
+                     "%s  {\"what\": \"moe_ffn\", \"impl\": \"%s\", \"dtype\": \"bf16\", \"tokens\": %lld, \"rows\": %lld, "
+                     "\"hidden\": %lld, \"inter\": %lld, \"experts\": %lld, \"top_k\": %lld, \"tflops_median\": %.4f, "
+                     "\"tflops_min\": %.4f, \"tflops_max\": %.4f, \"runs\": %d, \"device\": \"%s\"}",
+                     first ? "" : ",\n", names[s], static_cast<long long>(tokens), static_cast<long long>(rows),
+                     static_cast<long long>(kHidden), static_cast<long long>(kInter), static_cast<long long>(kExperts),
+                     static_cast<long long>(kTopK), st.median, st.min, st.max, runs, info.isa);
+      first = false;
+    }
+    em_cuda_free(loop, dx);
+    em_cuda_free(loop, dy);
+  }
+  if (json) {
+    std::fprintf(json, "\n]\n");
+    std::fclose(json);
+  }
+  for (void* p : allocations) em_cuda_free(loop, p);
+  em_backend_free(loop);
+  em_backend_free(grouped);
+  return 0;
+}

@@ -1,0 +1,168 @@
+// Internal interface of the CUDA backend: the context, errors as exceptions (turned into
+// em_status at the op table), per-op staging of host tensors and scratch memory, the
+// cuBLAS GEMM helper, and the op implementations (one .cu per op family).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "expertmesh/cuda.h"
+#include "expertmesh/ops.h"
+#include "../internal.h"
+
+namespace em::cuda {
+
+// Thrown inside ops; the op table turns it into its status and message.
+struct Error : std::runtime_error {
+  em_status status;
+  Error(em_status s, const std::string& what) : std::runtime_error(what), status(s) {}
+};
+
+void throw_cuda(cudaError_t e, const char* expr, const char* file, int line);
+void throw_cublas(cublasStatus_t s, const char* expr, const char* file, int line);
+
+#define EMC_CUDA(expr)                                                              \
+  do {                                                                              \
+    const cudaError_t e_ = (expr);                                                  \
+    if (e_ != cudaSuccess) ::em::cuda::throw_cuda(e_, #expr, __FILE__, __LINE__);   \
+  } while (0)
+#define EMC_CUBLAS(expr)                                                                  \
+  do {                                                                                    \
+    const cublasStatus_t s_ = (expr);                                                     \
+    if (s_ != CUBLAS_STATUS_SUCCESS) ::em::cuda::throw_cublas(s_, #expr, __FILE__, __LINE__); \
+  } while (0)
+// After a kernel launch: launch-configuration errors surface here.
+#define EMC_LAUNCHED() EMC_CUDA(cudaGetLastError())
+
+// The backend's private state (em_backend::ctx).
+struct Context {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  em_cuda_moe_gemm moe_gemm = EM_CUDA_MOE_LOOP;
+  int sm_count = 0;
+  std::string arch;  // "sm_90"
+};
+
+// One op's device-side bookkeeping: scratch allocations (stream-ordered, freed when the op
+// ends), host tensors staged to the device, and outputs to copy back. finish() copies the
+// outputs back and waits for the stream; the destructor frees everything, on errors too.
+class Op {
+ public:
+  explicit Op(Context& ctx);
+  ~Op();
+  Op(const Op&) = delete;
+  Op& operator=(const Op&) = delete;
+
+  Context& ctx;
+  cudaStream_t stream() const { return ctx.stream; }
+
+  void* alloc(size_t bytes);
+  template <typename T>
+  T* alloc_n(int64_t n) {
+    return static_cast<T*>(alloc(sizeof(T) * static_cast<size_t>(n > 0 ? n : 1)));
+  }
+  // Copies a host array into fresh scratch memory.
+  template <typename T>
+  T* upload(const T* host, int64_t n) {
+    T* d = alloc_n<T>(n);
+    if (n > 0) EMC_CUDA(cudaMemcpyAsync(d, host, sizeof(T) * static_cast<size_t>(n), cudaMemcpyHostToDevice, ctx.stream));
+    return d;
+  }
+  // The tensor with device-reachable data (and fp8 scale). Host data is copied in.
+  em_tensor in(const em_tensor& t);
+  // As `in`, and the device copy goes back to the host at finish().
+  em_tensor out(const em_tensor& t);
+  void finish();
+
+ private:
+  struct CopyBack {
+    void* host;
+    const void* dev;
+    size_t bytes;
+  };
+  const void* stage(const void* p, size_t bytes);
+  std::vector<void*> scratch_;
+  std::vector<CopyBack> copy_back_;
+};
+
+// Bytes from a view's first to its last element (0 if empty).
+size_t span_bytes(const em_tensor& t);
+cudaDataType_t cuda_type(em_dtype d);
+
+// cuBLAS GEMM, torch Linear layout, row-major: y[M, N] (+)= x[M, K] w[N, K]^T with fp32
+// accumulation. x and w share `ab` (f32, bf16 or f16); y is `yt` (f32, or ab).
+void gemm_nt(Context& ctx, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
+             int64_t ldy, cudaDataType_t yt, int64_t M, int64_t N, int64_t K, bool accumulate);
+
+// dst[r, c] = dtype(src[r * lds + c]) for r < rows, c < cols, src f32; dst contiguous (ld = cols)
+// of `dt` (f32, bf16, f16): activations in a weight's dtype for cuBLAS.
+void f32_rows_to(Op& op, const float* src, int64_t lds, const int32_t* row_index, int64_t rows, int64_t cols,
+                 em_dtype dt, void* dst);
+// A 2-D weight view of any dtype as contiguous f32 [rows, cols] in scratch (gate weights).
+float* weight_to_f32(Op& op, const em_tensor& w);
+
+// Op implementations; arguments were validated by the dispatcher.
+em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);
+em_status rmsnorm(Context& ctx, const em_tensor* x, const em_tensor* weight, float eps, em_tensor* y);
+em_status silu_mul(Context& ctx, const em_tensor* gate, const em_tensor* up, em_tensor* y);
+em_status moe_ffn(Context& ctx, const em_moe_args* args);
+em_status rope(Context& ctx, em_tensor* x, const int32_t* positions, const em_rope_config* cfg);
+em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const em_tensor* bias,
+               const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
+em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
+
+// ------------------------------------------------------------------ device helpers
+#ifdef __CUDACC__
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+// Round to nearest even; NaN stays NaN with its payload's top bits (as the CPU backend).
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+__device__ __forceinline__ uint16_t f32_to_f16_bits(float f) {
+  if (isnan(f)) return static_cast<uint16_t>(((__float_as_uint(f) >> 16) & 0x8000u) | 0x7e00u);
+  return __half_as_ushort(__float2half_rn(f));
+}
+// float8_e4m3fn, as the CPU decoder (no infinities; 0x7f / 0xff are NaN).
+__device__ __forceinline__ float fp8_e4m3_to_f32(uint8_t b) {
+  const uint32_t exp = (b >> 3) & 0xfu, mant = b & 0x7u;
+  float mag;
+  if (exp == 0xf && mant == 0x7) mag = __int_as_float(0x7fc00000);
+  else if (exp == 0) mag = ldexpf(static_cast<float>(mant), -9);
+  else mag = ldexpf(static_cast<float>(8 + mant), static_cast<int>(exp) - 10);
+  return (b & 0x80u) ? -mag : mag;
+}
+// Element (r, c) of a 2-D view (ld elements per row) of any weight dtype, as f32.
+__device__ __forceinline__ float load_f32(const void* data, em_dtype dt, int64_t ld, int64_t r, int64_t c,
+                                          const float* scale, int64_t scale_ld) {
+  const int64_t i = r * ld + c;
+  switch (dt) {
+    case EM_BF16: return bf16_bits_to_f32(static_cast<const uint16_t*>(data)[i]);
+    case EM_F16: return __half2float(__ushort_as_half(static_cast<const uint16_t*>(data)[i]));
+    case EM_F8_E4M3:
+      return fp8_e4m3_to_f32(static_cast<const uint8_t*>(data)[i]) * scale[(r / EM_FP8_BLOCK) * scale_ld + c / EM_FP8_BLOCK];
+    default: return static_cast<const float*>(data)[i];
+  }
+}
+__device__ __forceinline__ void store_f32(void* data, em_dtype dt, int64_t i, float v) {
+  switch (dt) {
+    case EM_BF16: static_cast<uint16_t*>(data)[i] = f32_to_bf16_bits(v); break;
+    case EM_F16: static_cast<uint16_t*>(data)[i] = f32_to_f16_bits(v); break;
+    default: static_cast<float*>(data)[i] = v; break;
+  }
+}
+#endif
+
+inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+}  // namespace em::cuda

@@ -1,0 +1,289 @@
+// The CUDA backend: its op table (em_backend_iface), constructor, memory entry points, and
+// the per-op staging of host tensors (see expertmesh/cuda.h for the memory contract).
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "common.cuh"
+
+namespace em::cuda {
+
+void throw_cuda(cudaError_t e, const char* expr, const char* file, int line) {
+  const em_status s = e == cudaErrorMemoryAllocation ? EM_ERR_NOMEM : EM_ERR_INTERNAL;
+  throw Error(s, std::string("cuda: ") + cudaGetErrorString(e) + " (" + expr + " at " + file + ":" +
+                     std::to_string(line) + ")");
+}
+
+void throw_cublas(cublasStatus_t s, const char* expr, const char* file, int line) {
+  const em_status st = s == CUBLAS_STATUS_ALLOC_FAILED ? EM_ERR_NOMEM
+                       : s == CUBLAS_STATUS_NOT_SUPPORTED ? EM_ERR_UNSUPPORTED
+                                                          : EM_ERR_INTERNAL;
+  throw Error(st, std::string("cublas: ") + cublasGetStatusString(s) + " (" + expr + " at " + file + ":" +
+                      std::to_string(line) + ")");
+}
+
+// --------------------------------------------------------------------- staging
+
+Op::Op(Context& c) : ctx(c) { EMC_CUDA(cudaSetDevice(ctx.device)); }
+
+Op::~Op() {
+  for (void* p : scratch_) cudaFreeAsync(p, ctx.stream);
+  // On the error path finish() never ran: wait so that no copy still reads freed scratch.
+  cudaStreamSynchronize(ctx.stream);
+}
+
+void* Op::alloc(size_t bytes) {
+  void* p = nullptr;
+  EMC_CUDA(cudaMallocAsync(&p, bytes > 0 ? bytes : 1, ctx.stream));
+  scratch_.push_back(p);
+  return p;
+}
+
+// Device memory (or pinned/managed memory the device can reach) is used in place; pageable
+// host memory is copied into scratch.
+const void* Op::stage(const void* p, size_t bytes) {
+  if (p == nullptr || bytes == 0) return p;
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    cudaGetLastError();  // clear: older drivers report host pointers as errors
+    attr.type = cudaMemoryTypeUnregistered;
+  }
+  if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) return p;
+  if (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr) return attr.devicePointer;
+  void* d = alloc(bytes);
+  EMC_CUDA(cudaMemcpyAsync(d, p, bytes, cudaMemcpyHostToDevice, ctx.stream));
+  return d;
+}
+
+size_t span_bytes(const em_tensor& t) {
+  int64_t last = 0;
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] == 0) return 0;
+    last += (t.shape[i] - 1) * t.stride[i];
+  }
+  return static_cast<size_t>(last + 1) * em_dtype_size(t.dtype);
+}
+
+em_tensor Op::in(const em_tensor& t) {
+  em_tensor d = t;
+  d.data = const_cast<void*>(stage(t.data, span_bytes(t)));
+  if (t.dtype == EM_F8_E4M3 && t.scale != nullptr && t.ndim >= 1) {
+    const int64_t rows = t.ndim == 2 ? t.shape[0] : 1, cols = t.shape[t.ndim - 1];
+    const int64_t n = ((rows + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK - 1) * t.scale_stride + (cols + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK;
+    d.scale = static_cast<const float*>(stage(t.scale, rows > 0 && cols > 0 ? sizeof(float) * static_cast<size_t>(n) : 0));
+  }
+  return d;
+}
+
+em_tensor Op::out(const em_tensor& t) {
+  em_tensor d = in(t);
+  if (d.data != t.data) copy_back_.push_back({t.data, d.data, span_bytes(t)});
+  return d;
+}
+
+void Op::finish() {
+  for (const CopyBack& c : copy_back_)
+    EMC_CUDA(cudaMemcpyAsync(c.host, c.dev, c.bytes, cudaMemcpyDeviceToHost, ctx.stream));
+  EMC_CUDA(cudaStreamSynchronize(ctx.stream));
+  EMC_CUDA(cudaGetLastError());
+}
+
+cudaDataType_t cuda_type(em_dtype d) {
+  switch (d) {
+    case EM_BF16: return CUDA_R_16BF;
+    case EM_F16: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
+
+namespace {
+
+Context* ctx_of(void* p) { return static_cast<Context*>(p); }
+
+template <typename Fn>
+em_status guarded(const char* op, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    return fail(e.status, "%s: %s", op, e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(EM_ERR_NOMEM, "%s: out of host memory", op);
+  } catch (const std::exception& e) {
+    return fail(EM_ERR_INTERNAL, "%s: %s", op, e.what());
+  } catch (...) {
+    return fail(EM_ERR_INTERNAL, "%s: unknown exception", op);
+  }
+}
+
+bool gemm_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16; }
+
+int supports_op(void*, em_op op, em_dtype dtype) {
+  switch (op) {
+    case EM_OP_MATMUL:
+    case EM_OP_MOE_FFN:
+    case EM_OP_GATE: return gemm_dtype(dtype);  // fp8 block-scaled GEMMs: not yet
+    case EM_OP_CONVERT: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;
+    case EM_OP_RMSNORM: return gemm_dtype(dtype);
+    case EM_OP_SILU_MUL:
+    case EM_OP_ROPE: return dtype == EM_F32;
+    default: return 0;  // mla_attention, sample, wire_pack, wire_unpack: not yet
+  }
+}
+
+void info(void* p, em_backend_info* out) {
+  out->name = "cuda";
+  out->isa = ctx_of(p)->arch.c_str();
+  out->num_threads = ctx_of(p)->sm_count;
+}
+
+void destroy(void* p) {
+  Context* c = ctx_of(p);
+  cudaSetDevice(c->device);
+  if (c->blas) cublasDestroy(c->blas);
+  if (c->stream) cudaStreamDestroy(c->stream);
+  delete c;
+}
+
+em_status unsupported(const char* op) { return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement %s yet", op); }
+
+const em_backend_iface kCudaIface = {
+    "cuda",
+    destroy,
+    info,
+    supports_op,
+    [](void* p, const em_tensor* x, const em_tensor* w, em_tensor* y) {
+      return guarded("matmul", [&] { return matmul(*ctx_of(p), x, w, y); });
+    },
+    [](void* p, const em_tensor* x, const em_tensor* w, float eps, em_tensor* y) {
+      return guarded("rmsnorm", [&] { return rmsnorm(*ctx_of(p), x, w, eps, y); });
+    },
+    [](void* p, const em_tensor* g, const em_tensor* u, em_tensor* y) {
+      return guarded("silu_mul", [&] { return silu_mul(*ctx_of(p), g, u, y); });
+    },
+    [](void* p, const em_moe_args* a) { return guarded("moe_ffn", [&] { return moe_ffn(*ctx_of(p), a); }); },
+    [](void* p, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
+      return guarded("rope", [&] { return rope(*ctx_of(p), x, pos, cfg); });
+    },
+    [](void*, const em_mla_args*) { return unsupported("mla_attention"); },
+    [](void* p, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
+       em_tensor* idx, em_tensor* wt) {
+      return guarded("gate", [&] { return gate(*ctx_of(p), x, w, bias, cfg, idx, wt); });
+    },
+    [](void* p, const em_tensor* src, em_tensor* dst) {
+      return guarded("convert", [&] { return convert(*ctx_of(p), src, dst); });
+    },
+    [](void*, const em_sample_args*) { return unsupported("sample"); },
+    [](void*, const em_wire_pack_args*) { return unsupported("wire_pack"); },
+    [](void*, const em_wire_unpack_args*) { return unsupported("wire_unpack"); },
+};
+
+thread_local std::string tls_status;
+
+Context* cuda_ctx(em_backend* b) {
+  if (b == nullptr || b->iface != &kCudaIface) return nullptr;
+  return ctx_of(b->ctx);
+}
+
+em_cuda_moe_gemm moe_gemm_from_env() {
+  const char* env = std::getenv("EM_CUDA_MOE_GEMM");
+  return env != nullptr && std::strcmp(env, "grouped") == 0 ? EM_CUDA_MOE_GROUPED : EM_CUDA_MOE_LOOP;
+}
+
+}  // namespace
+}  // namespace em::cuda
+
+using namespace em::cuda;
+
+extern "C" int em_cuda_compiled(void) { return 1; }
+
+extern "C" int em_cuda_device_count(void) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    tls_status = std::string("no usable CUDA device: ") + cudaGetErrorString(e);
+    return 0;
+  }
+  tls_status = n > 0 ? std::to_string(n) + " CUDA device(s)" : "no CUDA device";
+  return n;
+}
+
+extern "C" const char* em_cuda_last_status(void) { return tls_status.c_str(); }
+
+extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backend** out) {
+  if (out == nullptr) return em::fail(EM_ERR_ARG, "em_backend_create_cuda: out is NULL");
+  *out = nullptr;
+  const int device = cfg ? cfg->device : 0;
+  const int count = em_cuda_device_count();
+  if (count == 0) return em::fail(EM_ERR_UNSUPPORTED, "em_backend_create_cuda: %s", em_cuda_last_status());
+  if (device < 0 || device >= count)
+    return em::fail(EM_ERR_ARG, "em_backend_create_cuda: device %d not in [0, %d)", device, count);
+  auto ctx = std::make_unique<Context>();
+  ctx->device = device;
+  ctx->moe_gemm = cfg && cfg->moe_gemm != EM_CUDA_MOE_AUTO ? cfg->moe_gemm : moe_gemm_from_env();
+  try {
+    EMC_CUDA(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    EMC_CUDA(cudaGetDeviceProperties(&prop, device));
+    ctx->sm_count = prop.multiProcessorCount;
+    ctx->arch = "sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
+    EMC_CUDA(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+    EMC_CUBLAS(cublasCreate(&ctx->blas));
+    EMC_CUBLAS(cublasSetStream(ctx->blas, ctx->stream));
+    // Scratch comes from the stream-ordered pool: keep freed blocks cached between ops.
+    cudaMemPool_t pool;
+    EMC_CUDA(cudaDeviceGetDefaultMemPool(&pool, device));
+    uint64_t keep = UINT64_MAX;
+    EMC_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  } catch (const Error& e) {
+    if (ctx->blas) cublasDestroy(ctx->blas);
+    if (ctx->stream) cudaStreamDestroy(ctx->stream);
+    return em::fail(e.status, "em_backend_create_cuda: %s", e.what());
+  }
+  *out = new em_backend{&kCudaIface, ctx.release()};
+  return EM_OK;
+}
+
+extern "C" em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out) {
+  Context* c = cuda_ctx(b);
+  if (c == nullptr || out == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_malloc: not a CUDA backend, or out is NULL");
+  *out = nullptr;
+  return guarded("em_cuda_malloc", [&] {
+    EMC_CUDA(cudaSetDevice(c->device));
+    EMC_CUDA(cudaMalloc(out, bytes > 0 ? bytes : 1));
+    return EM_OK;
+  });
+}
+
+extern "C" em_status em_cuda_free(em_backend* b, void* ptr) {
+  Context* c = cuda_ctx(b);
+  if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_free: not a CUDA backend");
+  return guarded("em_cuda_free", [&] {
+    EMC_CUDA(cudaSetDevice(c->device));
+    EMC_CUDA(cudaFree(ptr));
+    return EM_OK;
+  });
+}
+
+extern "C" em_status em_cuda_copy(em_backend* b, void* dst, const void* src, size_t bytes) {
+  Context* c = cuda_ctx(b);
+  if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_copy: not a CUDA backend");
+  return guarded("em_cuda_copy", [&] {
+    EMC_CUDA(cudaSetDevice(c->device));
+    EMC_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream));
+    EMC_CUDA(cudaStreamSynchronize(c->stream));
+    return EM_OK;
+  });
+}
+
+extern "C" em_status em_cuda_synchronize(em_backend* b) {
+  Context* c = cuda_ctx(b);
+  if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_synchronize: not a CUDA backend");
+  return guarded("em_cuda_synchronize", [&] {
+    EMC_CUDA(cudaSetDevice(c->device));
+    EMC_CUDA(cudaStreamSynchronize(c->stream));
+    return EM_OK;
+  });
+}

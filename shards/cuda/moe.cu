@@ -1,0 +1,284 @@
+// MoE family: the grouped expert FFN y = w2(silu(w1 x) * w3 x) for many experts in one
+// call, and the SiLU-and-multiply op it fuses.
+//
+//   1. permute: the rows of x each expert needs (x_index gather, or x as it is), in the
+//      weights' dtype, grouped by expert                          [rows, dim]
+//   2. gate/up GEMMs per expert (cuBLAS; a loop of cublasGemmEx with fp32 outputs, or one
+//      cublasGemmGroupedBatchedEx with bf16/f16 outputs)             [rows, inter] x 2
+//   3. fused SiLU-and-multiply into the weights' dtype                [rows, inter]
+//   4. down GEMMs per expert                                          [rows, dim]
+//   5. unpermute + weighted combine: y[o] (+)= sum of row_weight[r] * out[r] over the rows r
+//      with out_index[r] == o, in increasing r (a CSR built on the host: no atomics, and the
+//      CPU backend's summation order)
+// With no out_index, no row_weight and no accumulate (and fp32 outputs), step 4 writes y.
+#include <algorithm>
+#include <vector>
+
+#include "common.cuh"
+
+namespace em::cuda {
+
+namespace {
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// h[r, c] = dt(silu(g[r, c]) * u[r, c]); g, u, h share the leading dimension ld.
+template <typename T>
+__global__ void silu_mul_rows_kernel(const T* g, const T* u, int64_t ld, int64_t rows, int64_t cols, em_dtype dt,
+                                     void* h) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols, k = r * ld + c;
+    store_f32(h, dt, k, silu_times(to_f32(g[k]), to_f32(u[k])));
+  }
+}
+
+// The silu_mul op: 2-D strided f32 views.
+__global__ void silu_mul_2d_kernel(const float* g, int64_t ldg, const float* u, int64_t ldu, float* y, int64_t ldy,
+                                   int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    y[r * ldy + c] = silu_times(g[r * ldg + c], u[r * ldu + c]);
+  }
+}
+
+// y[o, c] = (accumulate ? y[o, c] : 0) + sum over j in [start[o], start[o+1]) of
+// weight[list[j]] * out[list[j], c], in order, without fused multiply-adds (CPU's bits).
+template <typename T>
+__global__ void combine_kernel(const T* out, int64_t ldo, const int32_t* start, const int32_t* list,
+                               const float* weight, int32_t accumulate, float* y, int64_t ldy, int64_t o0,
+                               int64_t cols) {
+  const int64_t o = o0 + blockIdx.y;
+  const int32_t j0 = start[o], j1 = start[o + 1];
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < cols;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = accumulate ? y[o * ldy + c] : 0.0f;
+    for (int32_t j = j0; j < j1; ++j) {
+      const int32_t r = list[j];
+      acc = __fadd_rn(acc, __fmul_rn(weight ? weight[r] : 1.0f, to_f32(out[r * ldo + c])));
+    }
+    y[o * ldy + c] = acc;
+  }
+}
+
+unsigned grid_1d(int64_t n, int threads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
+}
+
+template <typename T>
+void launch_silu_rows(Op& op, const void* g, const void* u, int64_t ld, int64_t rows, int64_t cols, em_dtype dt,
+                      void* h) {
+  silu_mul_rows_kernel<T><<<grid_1d(rows * cols, 256), 256, 0, op.stream()>>>(
+      static_cast<const T*>(g), static_cast<const T*>(u), ld, rows, cols, dt, h);
+  EMC_LAUNCHED();
+}
+
+template <typename T>
+void launch_combine(Op& op, const void* out, int64_t ldo, const int32_t* start, const int32_t* list,
+                    const float* weight, bool accumulate, float* y, int64_t ldy, int64_t y_rows, int64_t cols) {
+  const unsigned bx = static_cast<unsigned>(std::min<int64_t>((cols + 255) / 256, 64));
+  for (int64_t o0 = 0; o0 < y_rows; o0 += 65535) {
+    const unsigned n = static_cast<unsigned>(std::min<int64_t>(65535, y_rows - o0));
+    combine_kernel<T><<<dim3(bx > 0 ? bx : 1, n), 256, 0, op.stream()>>>(
+        static_cast<const T*>(out), ldo, start, list, weight, accumulate ? 1 : 0, y, ldy, o0, cols);
+    EMC_LAUNCHED();
+  }
+}
+
+// One cublasGemmGroupedBatchedEx: group g computes C_g[n_g, m_g] (row-major) =
+// B_g[n_g, k_g] A_g[m_g, k_g]^T, all in `ab`, fp32 accumulation.
+struct Grouped {
+  std::vector<int> m, n, k, lda, ldb, ldc, size;
+  std::vector<const void*> a, b;
+  std::vector<void*> c;
+  void add(const void* A, int64_t ldA, const void* B, int64_t ldB, void* C, int64_t ldC, int64_t M, int64_t N,
+           int64_t K) {
+    m.push_back(static_cast<int>(M));
+    n.push_back(static_cast<int>(N));
+    k.push_back(static_cast<int>(K));
+    lda.push_back(static_cast<int>(ldA));
+    ldb.push_back(static_cast<int>(ldB));
+    ldc.push_back(static_cast<int>(ldC));
+    size.push_back(1);
+    a.push_back(A);
+    b.push_back(B);
+    c.push_back(C);
+  }
+  void run(Op& op, cudaDataType_t ab) {
+    const int groups = static_cast<int>(m.size());
+    if (groups == 0) return;
+#if CUBLAS_VERSION >= 120500
+    std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
+    std::vector<float> alpha(groups, 1.0f), beta(groups, 0.0f);
+    const void** da = op.upload(a.data(), groups);
+    const void** db = op.upload(b.data(), groups);
+    void** dc = op.upload(c.data(), groups);
+    EMC_CUBLAS(cublasGemmGroupedBatchedEx(op.ctx.blas, ta.data(), tb.data(), m.data(), n.data(), k.data(),
+                                          alpha.data(), da, ab, lda.data(), db, ab, ldb.data(), beta.data(), dc, ab,
+                                          ldc.data(), groups, size.data(), CUBLAS_COMPUTE_32F));
+#else
+    (void)op;
+    (void)ab;
+    throw Error(EM_ERR_UNSUPPORTED, "grouped GEMM needs cuBLAS >= 12.5");
+#endif
+  }
+};
+
+}  // namespace
+
+em_status silu_mul(Context& ctx, const em_tensor* gate, const em_tensor* up, em_tensor* y_) {
+  Op op(ctx);
+  const em_tensor g = op.in(*gate), u = op.in(*up), y = op.out(*y_);
+  const int64_t rows = g.shape[0], cols = g.shape[1];
+  if (rows > 0 && cols > 0) {
+    silu_mul_2d_kernel<<<grid_1d(rows * cols, 256), 256, 0, op.stream()>>>(
+        static_cast<const float*>(g.data), g.stride[0], static_cast<const float*>(u.data), u.stride[0],
+        static_cast<float*>(y.data), y.stride[0], rows, cols);
+    EMC_LAUNCHED();
+  }
+  op.finish();
+  return EM_OK;
+}
+
+em_status moe_ffn(Context& ctx, const em_moe_args* a) {
+  Op op(ctx);
+  const int32_t E = a->num_experts;
+  const int64_t dim = a->x->shape[1];
+  const int64_t rows = a->x_index != nullptr ? (E > 0 ? a->expert_offsets[E] : 0) : a->x->shape[0];
+  const em_tensor x = op.in(*a->x), y = op.out(*a->y);
+  const int64_t y_rows = y.shape[0], ldy = y.stride[0];
+
+  // One activation dtype for the call: the experts' weight dtype.
+  const em_dtype dt = E > 0 ? a->w1[0].dtype : EM_F32;
+  int64_t max_inter = 0;
+  for (int32_t e = 0; e < E; ++e) {
+    if (a->w1[e].dtype != dt || a->w3[e].dtype != dt || a->w2[e].dtype != dt)
+      throw Error(EM_ERR_UNSUPPORTED, "the experts of one call must share one weight dtype on CUDA");
+    max_inter = std::max<int64_t>(max_inter, a->w1[e].shape[0]);
+  }
+  const size_t esz = em_dtype_size(dt);
+  const cudaDataType_t ab = cuda_type(dt);
+  const bool grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32;
+  const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate && !grouped;
+
+  float* outf = nullptr;  // fp32 down-projection outputs (loop path)
+  void* outh = nullptr;   // bf16/f16 outputs (grouped path)
+  int64_t ldo = dim;
+  if (rows > 0 && max_inter > 0) {
+    // 1. permute
+    const void* xg = x.data;
+    int64_t ldx = x.stride[0];
+    if (dt != EM_F32 || a->x_index != nullptr) {
+      void* buf = op.alloc(static_cast<size_t>(rows * dim) * esz);
+      const int32_t* d_index = a->x_index ? op.upload(a->x_index, rows) : nullptr;
+      f32_rows_to(op, static_cast<const float*>(x.data), x.stride[0], d_index, rows, dim, dt, buf);
+      xg = buf;
+      ldx = dim;
+    }
+    std::vector<em_tensor> w1(static_cast<size_t>(E)), w3(static_cast<size_t>(E)), w2(static_cast<size_t>(E));
+    for (int32_t e = 0; e < E; ++e) {
+      if (a->expert_offsets[e + 1] == a->expert_offsets[e]) continue;
+      w1[e] = op.in(a->w1[e]);
+      w3[e] = op.in(a->w3[e]);
+      w2[e] = op.in(a->w2[e]);
+    }
+    auto xrow = [&](int64_t r) { return static_cast<const char*>(xg) + static_cast<size_t>(r * ldx) * esz; };
+    void* h = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
+    auto hrow = [&](int64_t r) { return static_cast<char*>(h) + static_cast<size_t>(r * max_inter) * esz; };
+
+    if (!grouped) {
+      // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx per expert and projection.
+      float* g = op.alloc_n<float>(rows * max_inter);
+      float* u = op.alloc_n<float>(rows * max_inter);
+      for (int32_t e = 0; e < E; ++e) {
+        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const int64_t inter = w1[e].shape[0];
+        gemm_nt(ctx, xrow(r0), ldx, w1[e].data, w1[e].stride[0], ab, g + r0 * max_inter, max_inter, CUDA_R_32F, n,
+                inter, dim, false);
+        gemm_nt(ctx, xrow(r0), ldx, w3[e].data, w3[e].stride[0], ab, u + r0 * max_inter, max_inter, CUDA_R_32F, n,
+                inter, dim, false);
+      }
+      launch_silu_rows<float>(op, g, u, max_inter, rows, max_inter, dt, h);
+      outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
+      ldo = direct ? ldy : dim;
+      for (int32_t e = 0; e < E; ++e) {
+        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
+        if (n == 0) continue;
+        gemm_nt(ctx, hrow(r0), max_inter, w2[e].data, w2[e].stride[0], ab, outf + r0 * ldo, ldo, CUDA_R_32F, n, dim,
+                w2[e].shape[1], false);
+      }
+    } else {
+      // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
+      void* g = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
+      void* u = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
+      auto at = [&](void* base, int64_t r, int64_t ld) {
+        return static_cast<void*>(static_cast<char*>(base) + static_cast<size_t>(r * ld) * esz);
+      };
+      Grouped up;
+      for (int32_t e = 0; e < E; ++e) {
+        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const int64_t inter = w1[e].shape[0];
+        up.add(w1[e].data, w1[e].stride[0], xrow(r0), ldx, at(g, r0, max_inter), max_inter, inter, n, dim);
+        up.add(w3[e].data, w3[e].stride[0], xrow(r0), ldx, at(u, r0, max_inter), max_inter, inter, n, dim);
+      }
+      up.run(op, ab);
+      if (dt == EM_BF16) launch_silu_rows<__nv_bfloat16>(op, g, u, max_inter, rows, max_inter, dt, h);
+      else launch_silu_rows<__half>(op, g, u, max_inter, rows, max_inter, dt, h);
+      outh = op.alloc(static_cast<size_t>(rows * dim) * esz);
+      Grouped down;
+      for (int32_t e = 0; e < E; ++e) {
+        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
+        if (n == 0) continue;
+        down.add(w2[e].data, w2[e].stride[0], hrow(r0), max_inter, at(outh, r0, dim), dim, dim, n, w2[e].shape[1]);
+      }
+      down.run(op, ab);
+    }
+  } else if (rows > 0) {  // experts with no intermediate width: the FFN is 0
+    outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
+    ldo = direct ? ldy : dim;
+    EMC_CUDA(cudaMemset2DAsync(outf, sizeof(float) * static_cast<size_t>(ldo), 0, sizeof(float) * static_cast<size_t>(dim),
+                               static_cast<size_t>(rows), op.stream()));
+  }
+  if (direct) {
+    op.finish();
+    return EM_OK;
+  }
+
+  // 5. unpermute + weighted combine (every y row is written: 0 or y when no row maps to it).
+  std::vector<int32_t> start(static_cast<size_t>(y_rows + 1), 0), list(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) ++start[static_cast<size_t>((a->out_index ? a->out_index[r] : r) + 1)];
+  for (int64_t o = 0; o < y_rows; ++o) start[o + 1] += start[o];
+  {
+    std::vector<int32_t> fill(start.begin(), start.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) list[fill[a->out_index ? a->out_index[r] : r]++] = static_cast<int32_t>(r);
+  }
+  const int32_t* d_start = op.upload(start.data(), y_rows + 1);
+  const int32_t* d_list = op.upload(list.data(), rows);
+  const float* d_weight = a->row_weight ? op.upload(a->row_weight, rows) : nullptr;
+  float* yd = static_cast<float*>(y.data);
+  if (outh == nullptr) {
+    launch_combine<float>(op, outf, ldo, d_start, d_list, d_weight, a->accumulate != 0, yd, ldy, y_rows, dim);
+  } else if (dt == EM_BF16) {
+    launch_combine<__nv_bfloat16>(op, outh, dim, d_start, d_list, d_weight, a->accumulate != 0, yd, ldy, y_rows, dim);
+  } else {
+    launch_combine<__half>(op, outh, dim, d_start, d_list, d_weight, a->accumulate != 0, yd, ldy, y_rows, dim);
+  }
+  op.finish();
+  return EM_OK;
+}
+
+}  // namespace em::cuda

@@ -1,0 +1,72 @@
+/*
+ * expertmesh native engine: the CUDA backend's extra entry points (ops.h has the ops).
+ *
+ * Build: configure shards/ with -DEM_CUDA=ON (or AUTO, the default, when CMake finds nvcc;
+ * scripts/cuda-toolkit.sh provisions one from PyPI wheels). Without CUDA these functions
+ * still exist: em_cuda_compiled() returns 0 and em_backend_create_cuda() answers
+ * EM_ERR_UNSUPPORTED, so callers need no #ifdef.
+ *
+ * Memory contract of the CUDA backend (stricter than "device memory only", so the same
+ * caller code and the parity tests work unchanged):
+ * - Tensor data (em_tensor.data and an fp8 tensor's scale) may be device memory
+ *   (em_cuda_malloc, cudaMalloc, managed) or host memory. Host memory is staged: copied to
+ *   the device for the op and, for outputs, back. That is correct but slow; production
+ *   callers keep weights and activations on the device.
+ * - The small index arrays of an op's arguments (expert_offsets, x_index, out_index,
+ *   row_weight, positions) are host memory, as for the CPU backend: the dispatcher
+ *   validates them on the host, and the CUDA backend plans its launches from them.
+ * - Ops are synchronous: they return when their results are in place.
+ *
+ * What it runs: em_supports_op() answers per op and weight dtype. Today: matmul, moe_ffn,
+ * gate (f32, bf16, f16 weights), rmsnorm, silu_mul, rope, convert (every source dtype).
+ * Not yet: fp8 block-scaled GEMMs, mla_attention, sample, the wire codec.
+ */
+#ifndef EXPERTMESH_CUDA_H
+#define EXPERTMESH_CUDA_H
+
+#include "expertmesh/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum em_cuda_moe_gemm {
+  EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped"), else loop */
+  EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs */
+  EM_CUDA_MOE_GROUPED = 2  /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
+                              intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
+} em_cuda_moe_gemm;
+
+typedef struct em_cuda_config {
+  int32_t device;           /* CUDA device ordinal */
+  em_cuda_moe_gemm moe_gemm;
+} em_cuda_config;
+
+/* 1 if this build contains the CUDA backend. */
+int em_cuda_compiled(void);
+/* CUDA devices the driver reports: 0 without a driver, a device, or the CUDA build. On 0,
+ * em_cuda_last_status() says why ("no CUDA device", "driver too old", ...). */
+int em_cuda_device_count(void);
+const char* em_cuda_last_status(void);
+
+/* Creates a CUDA backend on cfg->device (NULL: device 0). EM_ERR_UNSUPPORTED without the
+ * CUDA build or without a usable device. Backend info: name "cuda", isa "sm_XY", and
+ * num_threads the device's multiprocessor count. */
+em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backend** out);
+
+/* Creates a backend from a device string: "cpu", "cuda" (device 0) or "cuda:N". */
+em_status em_backend_create_device(const char* device, em_backend** out);
+
+/* Device memory of a CUDA backend's device (em_cuda_free releases it). */
+em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out);
+em_status em_cuda_free(em_backend* b, void* ptr);
+/* Copies bytes between any two of host and device memory (unified addressing). */
+em_status em_cuda_copy(em_backend* b, void* dst, const void* src, size_t bytes);
+/* Waits for all work queued by the backend. */
+em_status em_cuda_synchronize(em_backend* b);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* EXPERTMESH_CUDA_H */

@@ -1,0 +1,357 @@
+// CUDA vs CPU parity: every op the CUDA backend supports, on random inputs, against the
+// CPU backend (the reference, as in ggml's backend tests), with a tolerance per weight
+// dtype relative to the largest reference value. Ops the CUDA backend does not support
+// must say so (em_supports_op = 0, EM_ERR_UNSUPPORTED), never compute something else.
+//
+// Exit: 0 all passed, 1 a failure, 77 no CUDA device (ctest: skipped; gpu-check: error).
+// Usage: test_cuda_parity [device]   (default $EM_CUDA_DEVICE or 0)
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+#include "expertmesh/cuda.h"
+#include "test/harness.h"
+
+using namespace test;
+
+namespace {
+
+constexpr int kNoDevice = 77;
+
+// Relative tolerances (max |cuda - cpu| / max |cpu|) per weight dtype: bf16/f16 GEMMs round
+// the f32 activations to the weight dtype for tensor cores; f32 GEMMs are plain fp32.
+double gemm_tolerance(em_dtype d) {
+  switch (d) {
+    case EM_BF16: return 2e-2;
+    case EM_F16: return 5e-3;
+    default: return 1e-4;
+  }
+}
+
+struct Backends {
+  em_backend* cpu = nullptr;
+  em_backend* cuda = nullptr;
+  em_backend* cuda_grouped = nullptr;
+  ~Backends() {
+    em_backend_free(cpu);
+    em_backend_free(cuda);
+    em_backend_free(cuda_grouped);
+  }
+};
+
+double rel_err(const std::vector<float>& ref, const std::vector<float>& got) {
+  double mx = 0.0, err = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    mx = std::max(mx, std::fabs(static_cast<double>(ref[i])));
+    const double d = std::fabs(static_cast<double>(ref[i]) - got[i]);
+    err = std::max(err, std::isnan(d) ? INFINITY : d);
+  }
+  return err / std::max(mx, 1e-30);
+}
+
+void report(const char* op, const std::string& what, double err, double tol) {
+  const bool ok = err <= tol;
+  std::printf("%-9s %-44s rel_err %.3e  tol %.0e  %s\n", op, what.c_str(), err, tol, ok ? "ok" : "FAIL");
+  CHECK(ok, "%s %s: rel_err %.3e > %.0e", op, what.c_str(), err, tol);
+}
+
+std::string shape_str(int64_t a, int64_t b, int64_t c = -1) {
+  std::string s = "[" + std::to_string(a) + "x" + std::to_string(b);
+  if (c >= 0) s += "x" + std::to_string(c);
+  return s + "]";
+}
+
+// ------------------------------------------------------------------ matmul
+
+void matmul_cases(Rng& rng, Backends& b) {
+  const int64_t shapes[][3] = {{1, 256, 512}, {7, 300, 129}, {64, 1024, 768}, {130, 96, 7168}};
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
+    for (const auto& s : shapes) {
+      const int64_t M = s[0], N = s[1], K = s[2];
+      TestWeight w = make_weight(rng, dt, N, K, 0.5f);
+      // x as a strided view (ld = K + 3) to cover views.
+      std::vector<float> xs = rng.vec(static_cast<size_t>(M * (K + 3)));
+      em_tensor x = em_tensor_2d(xs.data(), EM_F32, M, K);
+      x.stride[0] = K + 3;
+      std::vector<float> y0(static_cast<size_t>(M * N)), y1(y0.size(), NAN);
+      em_tensor wv = w.view(), t0 = em_tensor_2d(y0.data(), EM_F32, M, N), t1 = em_tensor_2d(y1.data(), EM_F32, M, N);
+      CHECK_OK(em_matmul(b.cpu, &x, &wv, &t0));
+      CHECK_OK(em_matmul(b.cuda, &x, &wv, &t1));
+      report("matmul", std::string(em_dtype_name(dt)) + " " + shape_str(M, N, K), rel_err(y0, y1), gemm_tolerance(dt));
+    }
+  }
+  // fp8: not on CUDA yet, and it must say so.
+  TestWeight w = make_weight(rng, EM_F8_E4M3, 128, 128);
+  std::vector<float> xs = rng.vec(128), ys(128);
+  em_tensor x = em_tensor_2d(xs.data(), EM_F32, 1, 128), wv = w.view(), y = em_tensor_2d(ys.data(), EM_F32, 1, 128);
+  CHECK(em_supports_op(b.cuda, EM_OP_MATMUL, EM_F8_E4M3) == 0, "fp8 matmul must be reported unsupported");
+  CHECK(em_matmul(b.cuda, &x, &wv, &y) == EM_ERR_UNSUPPORTED, "fp8 matmul must fail with EM_ERR_UNSUPPORTED");
+}
+
+// ------------------------------------------------------------------ rmsnorm, silu_mul
+
+void rmsnorm_cases(Rng& rng, Backends& b) {
+  const int64_t shapes[][2] = {{1, 7168}, {33, 512}, {5, 100}};
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
+    for (const auto& s : shapes) {
+      const int64_t rows = s[0], dim = s[1];
+      TestWeight w = make_weight(rng, dt, 1, dim);
+      em_tensor wv = em_tensor_1d(w.bytes.data(), dt, dim);
+      std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim), -3.0f, 3.0f), y0(x.size()), y1 = x;
+      em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim), t0 = em_tensor_2d(y0.data(), EM_F32, rows, dim);
+      em_tensor t1 = em_tensor_2d(y1.data(), EM_F32, rows, dim);  // in place on CUDA
+      CHECK_OK(em_rmsnorm(b.cpu, &xt, &wv, 1e-6f, &t0));
+      CHECK_OK(em_rmsnorm(b.cuda, &t1, &wv, 1e-6f, &t1));
+      report("rmsnorm", std::string(em_dtype_name(dt)) + " " + shape_str(rows, dim) + " in place", rel_err(y0, y1), 1e-5);
+    }
+  }
+}
+
+void silu_mul_cases(Rng& rng, Backends& b) {
+  const int64_t shapes[][2] = {{1, 2048}, {17, 1407}, {256, 512}};
+  for (const auto& s : shapes) {
+    const int64_t rows = s[0], cols = s[1];
+    std::vector<float> g = rng.vec(static_cast<size_t>(rows * cols), -8.0f, 8.0f), u = rng.vec(g.size(), -2.0f, 2.0f);
+    std::vector<float> y0(g.size()), y1(g.size(), NAN);
+    em_tensor gt = em_tensor_2d(g.data(), EM_F32, rows, cols), ut = em_tensor_2d(u.data(), EM_F32, rows, cols);
+    em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, rows, cols), t1 = em_tensor_2d(y1.data(), EM_F32, rows, cols);
+    CHECK_OK(em_silu_mul(b.cpu, &gt, &ut, &t0));
+    CHECK_OK(em_silu_mul(b.cuda, &gt, &ut, &t1));
+    report("silu_mul", "f32 " + shape_str(rows, cols), rel_err(y0, y1), 1e-5);
+  }
+}
+
+// ------------------------------------------------------------------ rope
+
+void rope_cases(Rng& rng, Backends& b) {
+  struct Case {
+    int64_t T, H;
+    int32_t dim;
+    double factor;
+  };
+  const Case cases[] = {{5, 1, 64, 1.0}, {37, 16, 64, 40.0}, {3, 128, 64, 40.0}};
+  for (const Case& c : cases) {
+    em_rope_config cfg{c.dim, 10000.0, c.factor, 4096, 32.0, 1.0};
+    std::vector<int32_t> pos(static_cast<size_t>(c.T));
+    for (auto& p : pos) p = rng.integer(0, 160000);
+    std::vector<float> x0 = rng.vec(static_cast<size_t>(c.T * c.H * c.dim)), x1 = x0;
+    em_tensor t0 = em_tensor_3d(x0.data(), EM_F32, c.T, c.H, c.dim), t1 = em_tensor_3d(x1.data(), EM_F32, c.T, c.H, c.dim);
+    CHECK_OK(em_rope(b.cpu, &t0, pos.data(), &cfg));
+    CHECK_OK(em_rope(b.cuda, &t1, pos.data(), &cfg));
+    report("rope", "f32 " + shape_str(c.T, c.H, c.dim) + (c.factor > 1 ? " yarn" : ""), rel_err(x0, x1), 1e-5);
+  }
+}
+
+// ------------------------------------------------------------------ convert (bit-exact)
+
+void convert_cases(Rng& rng, Backends& b) {
+  const int64_t rows = 300, cols = 260;
+  struct Pair {
+    em_dtype src, dst;
+  };
+  const Pair pairs[] = {{EM_F32, EM_BF16}, {EM_F32, EM_F16}, {EM_BF16, EM_F32}, {EM_F16, EM_F32},
+                        {EM_F8_E4M3, EM_F32}, {EM_F8_E4M3, EM_BF16}, {EM_BF16, EM_F16}};
+  for (const Pair& p : pairs) {
+    TestWeight w = make_weight(rng, p.src, rows, cols, 0.9f);
+    em_tensor src = w.view();
+    const size_t bytes = static_cast<size_t>(rows * cols) * em_dtype_size(p.dst);
+    std::vector<uint8_t> d0(bytes, 0), d1(bytes, 0xab);
+    em_tensor t0 = em_tensor_2d(d0.data(), p.dst, rows, cols), t1 = em_tensor_2d(d1.data(), p.dst, rows, cols);
+    CHECK_OK(em_convert(b.cpu, &src, &t0));
+    CHECK_OK(em_convert(b.cuda, &src, &t1));
+    size_t diff = 0;
+    for (size_t i = 0; i < bytes; ++i) diff += d0[i] != d1[i];
+    const std::string what = std::string(em_dtype_name(p.src)) + " -> " + em_dtype_name(p.dst) + " " + shape_str(rows, cols);
+    std::printf("%-9s %-44s differing bytes %zu  %s\n", "convert", what.c_str(), diff, diff == 0 ? "ok" : "FAIL");
+    CHECK(diff == 0, "convert %s: %zu bytes differ", what.c_str(), diff);
+  }
+}
+
+// ------------------------------------------------------------------ gate
+
+void gate_cases(Rng& rng, Backends& b) {
+  struct Case {
+    const char* name;
+    int64_t T, D, E;
+    em_gate_config cfg;
+    bool bias;
+  };
+  const Case cases[] = {
+      {"v3 sigmoid noaux_tc", 33, 512, 256, {EM_SCORE_SIGMOID, EM_TOPK_NOAUX_TC, 8, 8, 4, 1, 2.5f}, true},
+      {"v2 softmax group_limited", 17, 384, 160, {EM_SCORE_SOFTMAX, EM_TOPK_GROUP_LIMITED_GREEDY, 6, 8, 3, 0, 16.0f}, false},
+      {"v2-lite softmax greedy", 9, 256, 64, {EM_SCORE_SOFTMAX, EM_TOPK_GREEDY, 6, 1, 1, 0, 1.0f}, false},
+  };
+  for (em_dtype dt : {EM_F32, EM_BF16}) {
+    for (const Case& c : cases) {
+      TestWeight w = make_weight(rng, dt, c.E, c.D, 0.2f);
+      std::vector<float> x = rng.vec(static_cast<size_t>(c.T * c.D)), bias = rng.vec(static_cast<size_t>(c.E), -0.1f, 0.1f);
+      const int k = c.cfg.top_k;
+      std::vector<int32_t> i0(static_cast<size_t>(c.T * k)), i1(i0.size(), -1);
+      std::vector<float> w0(i0.size()), w1(i0.size(), NAN);
+      em_tensor xt = em_tensor_2d(x.data(), EM_F32, c.T, c.D), wv = w.view(), bt = em_tensor_1d(bias.data(), EM_F32, c.E);
+      em_tensor it0 = em_tensor_2d(i0.data(), EM_I32, c.T, k), it1 = em_tensor_2d(i1.data(), EM_I32, c.T, k);
+      em_tensor wt0 = em_tensor_2d(w0.data(), EM_F32, c.T, k), wt1 = em_tensor_2d(w1.data(), EM_F32, c.T, k);
+      CHECK_OK(em_gate(b.cpu, &xt, &wv, c.bias ? &bt : nullptr, &c.cfg, &it0, &wt0));
+      CHECK_OK(em_gate(b.cuda, &xt, &wv, c.bias ? &bt : nullptr, &c.cfg, &it1, &wt1));
+      // Indices must agree except between (near-)tied experts, whose weights then agree.
+      size_t mismatched = 0;
+      for (size_t i = 0; i < i0.size(); ++i)
+        if (i0[i] != i1[i] && std::fabs(w0[i] - w1[i]) > 1e-5 * std::fabs(w0[i])) ++mismatched;
+      const double err = rel_err(w0, w1);
+      const std::string what = std::string(em_dtype_name(dt)) + " " + c.name + " " + shape_str(c.T, c.E);
+      std::printf("%-9s %-44s rel_err %.3e  tol %.0e  idx mismatches %zu  %s\n", "gate", what.c_str(), err, 1e-5,
+                  mismatched, err <= 1e-5 && mismatched == 0 ? "ok" : "FAIL");
+      CHECK(err <= 1e-5 && mismatched == 0, "gate %s: rel_err %.3e, %zu index mismatches", what.c_str(), err, mismatched);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ moe_ffn
+
+struct DeviceCopy {  // a host buffer mirrored in device memory of a CUDA backend
+  em_backend* b;
+  void* ptr = nullptr;
+  DeviceCopy(em_backend* b_, const void* host, size_t bytes) : b(b_) {
+    CHECK_OK(em_cuda_malloc(b, bytes, &ptr));
+    if (ptr && bytes) CHECK_OK(em_cuda_copy(b, ptr, host, bytes));
+  }
+  ~DeviceCopy() {
+    if (ptr) em_cuda_free(b, ptr);
+  }
+};
+
+void moe_cases(Rng& rng, Backends& b) {
+  const int64_t dim = 256, inter = 384;
+  const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
+  const int32_t E = static_cast<int32_t>(counts.size());
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
+    std::vector<TestWeight> w1, w2, w3;
+    std::vector<em_tensor> v1, v2, v3;
+    for (int32_t e = 0; e < E; ++e) {
+      w1.push_back(make_weight(rng, dt, inter, dim, 0.3f));
+      w2.push_back(make_weight(rng, dt, dim, inter, 0.3f));
+      w3.push_back(make_weight(rng, dt, inter, dim, 0.3f));
+    }
+    for (int32_t e = 0; e < E; ++e) {
+      v1.push_back(w1[e].view());
+      v2.push_back(w2[e].view());
+      v3.push_back(w3[e].view());
+    }
+    std::vector<int32_t> offsets(static_cast<size_t>(E + 1), 0);
+    for (int32_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    const int64_t rows = offsets[E], num_out = rows / 3, x_rows = rows / 2;
+    std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
+    std::vector<int32_t> out_index(static_cast<size_t>(rows)), x_index(static_cast<size_t>(rows));
+    for (auto& i : out_index) i = rng.integer(0, static_cast<int>(num_out - 1));
+    for (auto& i : x_index) i = rng.integer(0, static_cast<int>(x_rows - 1));
+    std::vector<float> y_init = rng.vec(static_cast<size_t>(rows * dim));
+
+    enum Mode { kDirect, kScatter, kAccumulate, kGather };
+    const char* mode_names[] = {"direct", "weighted scatter", "weighted scatter +=", "x_index gather"};
+    for (int mode = kDirect; mode <= kGather; ++mode) {
+      for (int variant = 0; variant < 3; ++variant) {  // cuda loop, cuda grouped, cuda loop on device memory
+        em_backend* cb = variant == 1 ? b.cuda_grouped : b.cuda;
+        if (variant == 1 && (cb == nullptr || dt == EM_F32)) continue;
+        const int64_t y_rows = mode == kScatter || mode == kAccumulate ? num_out : rows;
+        std::vector<float> y0(y_init.begin(), y_init.begin() + y_rows * dim), y1 = y0;
+        em_moe_args a{};
+        em_tensor xt = em_tensor_2d(x.data(), EM_F32, mode == kGather ? x_rows : rows, dim);
+        em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, y_rows, dim);
+        a.x = &xt;
+        a.num_experts = E;
+        a.expert_offsets = offsets.data();
+        a.w1 = v1.data();
+        a.w2 = v2.data();
+        a.w3 = v3.data();
+        a.row_weight = mode == kScatter || mode == kAccumulate ? row_weight.data() : nullptr;
+        a.out_index = mode == kScatter || mode == kAccumulate ? out_index.data() : nullptr;
+        a.accumulate = mode == kAccumulate;
+        a.x_index = mode == kGather ? x_index.data() : nullptr;
+        a.y = &yt0;
+        CHECK_OK(em_moe_ffn(b.cpu, &a));
+
+        em_tensor yt1 = em_tensor_2d(y1.data(), EM_F32, y_rows, dim);
+        if (variant < 2) {
+          a.y = &yt1;
+          CHECK_OK(em_moe_ffn(cb, &a));
+        } else {
+          // The production path: weights, x and y in device memory, nothing staged.
+          std::vector<std::unique_ptr<DeviceCopy>> keep;
+          std::vector<em_tensor> d1 = v1, d2 = v2, d3 = v3;
+          for (int32_t e = 0; e < E; ++e) {
+            for (auto* pair : {&d1, &d2, &d3}) {
+              em_tensor& t = (*pair)[e];
+              keep.push_back(std::make_unique<DeviceCopy>(cb, t.data, static_cast<size_t>(t.shape[0] * t.shape[1]) * em_dtype_size(dt)));
+              t.data = keep.back()->ptr;
+            }
+          }
+          DeviceCopy dx(cb, x.data(), sizeof(float) * static_cast<size_t>(xt.shape[0] * dim));
+          DeviceCopy dy(cb, y1.data(), sizeof(float) * y1.size());
+          em_tensor dxt = xt, dyt = yt1;
+          dxt.data = dx.ptr;
+          dyt.data = dy.ptr;
+          a.x = &dxt;
+          a.y = &dyt;
+          a.w1 = d1.data();
+          a.w2 = d2.data();
+          a.w3 = d3.data();
+          CHECK_OK(em_moe_ffn(cb, &a));
+          CHECK_OK(em_cuda_copy(cb, y1.data(), dy.ptr, sizeof(float) * y1.size()));
+        }
+        const char* vname = variant == 0 ? "loop" : variant == 1 ? "grouped" : "loop, device memory";
+        report("moe_ffn",
+               std::string(em_dtype_name(dt)) + " " + mode_names[mode] + " (" + vname + ") " +
+                   shape_str(rows, dim, inter),
+               rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
+      }
+    }
+  }
+}
+
+void support_table(Backends& b) {
+  std::printf("cuda supports_op (op: f32 bf16 f16 fp8):\n");
+  for (int op = 0; op < EM_OP_COUNT; ++op) {
+    std::printf("  %-14s", em_op_name(static_cast<em_op>(op)));
+    for (em_dtype d : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3})
+      std::printf(" %s", em_supports_op(b.cuda, static_cast<em_op>(op), d) ? "yes" : " - ");
+    std::printf("\n");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!em_cuda_compiled()) {
+    std::printf("cuda_parity: NO CUDA DEVICE: %s\n", em_cuda_last_status());
+    return kNoDevice;
+  }
+  const int count = em_cuda_device_count();
+  if (count == 0) {
+    std::printf("cuda_parity: NO CUDA DEVICE: %s\n", em_cuda_last_status());
+    return kNoDevice;
+  }
+  const char* env = std::getenv("EM_CUDA_DEVICE");
+  const int device = argc > 1 ? std::atoi(argv[1]) : env ? std::atoi(env) : 0;
+  Backends b;
+  CHECK_OK(em_backend_create_cpu(nullptr, &b.cpu));
+  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP};
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda));
+  cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_grouped));
+  if (b.cpu == nullptr || b.cuda == nullptr) return finish("cuda_parity");
+  em_backend_info ci, gi;
+  em_backend_get_info(b.cpu, &ci);
+  em_backend_get_info(b.cuda, &gi);
+  std::printf("cuda_parity: reference cpu/%s x%d threads, device cuda:%d %s (%d SMs), %d device(s)\n", ci.isa,
+              ci.num_threads, device, gi.isa, gi.num_threads, count);
+  support_table(b);
+  Rng rng(20261128);
+  matmul_cases(rng, b);
+  rmsnorm_cases(rng, b);
+  silu_mul_cases(rng, b);
+  rope_cases(rng, b);
+  convert_cases(rng, b);
+  gate_cases(rng, b);
+  moe_cases(rng, b);
+  return finish("cuda_parity");
+}
