@@ -8,7 +8,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${EXPERTMESH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh}
-build=${EM_CUDA_BUILD_DIR:-$cache/cuda-compile-check}
+# One build directory per checkout (CMake ties a build directory to its source path).
+build=${EM_CUDA_BUILD_DIR:-$cache/cuda-compile-check/$(printf '%s' "$root" | cksum | cut -d' ' -f1)}
 jobs=${EM_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}
 archs=${EM_CUDA_ARCHS:-90a;80}
 t0=$(date +%s)
