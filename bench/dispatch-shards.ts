@@ -1,20 +1,33 @@
-// Child process of the dispatch suite: four shard servers whose expert FFN returns zeros,
-// and the raw floor's responders, for one shape. Prints "ready" when subscribed.
-//   node bench/dispatch-shards.ts NATS_URL HIDDEN TOPK EXPERTS MOE_INTERMEDIATE
+// Child process of the dispatch suite: one shard server whose expert FFN returns zeros, and
+// the raw floor's responder for the same shard, for one shape. One process per shard, as in
+// a deployment (the suite starts one per shard); the floor's responder lives in the same
+// process, so both sides pay the same per-process costs. Prints "ready" when subscribed.
+//   node bench/dispatch-shards.ts NATS_URL HIDDEN TOPK EXPERTS MOE_INTERMEDIATE SHARD
 import { connect } from "@nats-io/transport-node";
 import type { Backend, MoeArgs } from "../src/engine/backend.ts";
 import type { MlpWeights } from "../src/engine/loader.ts";
 import { planPlacement } from "../src/moe/placement.ts";
 import { ShardServer } from "../src/moe/shard-server.ts";
 
-/** Expert FFN that returns zeros: the suite measures transport and codec, not compute. */
+/**
+ * Expert FFN stand-in that returns zeros: the suite measures transport and codec, not
+ * compute. The FFN's output array is the FFN's own cost (the kernels suite measures it), so
+ * the stand-in hands out views of one zero buffer (only ever read: the shard encodes the
+ * reply from it) instead of a fresh multi-MiB allocation per batch.
+ */
+let zeros = new Float32Array(0);
 const noCompute = {
   name: "no-compute",
-  moe: (a: MoeArgs) => new Float32Array(a.numOut * a.dim),
+  moe: (a: MoeArgs) => {
+    const n = a.numOut * a.dim;
+    if (zeros.length < n) zeros = new Float32Array(n);
+    return zeros.subarray(0, n);
+  },
 } as unknown as Backend;
 
-const [url, hiddenS, topKS, expertsS] = process.argv.slice(2);
+const [url, hiddenS, topKS, expertsS, , shardS] = process.argv.slice(2);
 const hidden = Number(hiddenS);
+const k = Number(shardS);
 const plan = planPlacement({
   architecture: {
     numLayers: 2,
@@ -26,28 +39,26 @@ const plan = planPlacement({
 });
 const model = { namespace: "bench", model: `d${hidden}` };
 const fake = { gate: { cols: hidden } } as unknown as MlpWeights;
-for (let k = 0; k < 4; k++) {
-  const nc = await connect({ servers: url! });
-  const held = new Map(
-    plan.layers.map((l) => [l.layer, new Map(l.shardExperts[k]!.map((e) => [e, fake]))]),
-  );
-  new ShardServer({
-    nc,
-    model,
-    shard: k,
-    id: "bench",
-    plan,
-    backend: noCompute,
-    experts: held,
-  }).start(60_000);
-  // The raw floor's responder: answers with as many bytes as the request's first u32 says.
-  nc.subscribe(`raw.${model.model}.${k}`, {
-    callback: (_e, m) => {
-      m.respond(new Uint8Array(new DataView(m.data.buffer, m.data.byteOffset).getUint32(0, true)));
-    },
-  });
-  await nc.flush();
-}
+const nc = await connect({ servers: url! });
+const held = new Map(
+  plan.layers.map((l) => [l.layer, new Map(l.shardExperts[k]!.map((e) => [e, fake]))]),
+);
+new ShardServer({
+  nc,
+  model,
+  shard: k,
+  id: "bench",
+  plan,
+  backend: noCompute,
+  experts: held,
+}).start(60_000);
+// The raw floor's responder: answers with as many bytes as the request's first u32 says.
+nc.subscribe(`raw.${model.model}.${k}`, {
+  callback: (_e, m) => {
+    m.respond(new Uint8Array(new DataView(m.data.buffer, m.data.byteOffset).getUint32(0, true)));
+  },
+});
+await nc.flush();
 // Exit cleanly on the suite's SIGTERM, so that `node --cpu-prof` can write this side's profile.
 process.on("SIGTERM", () => process.exit(0));
 process.stdout.write("ready\n");

@@ -6,8 +6,13 @@
 // returns zeros of the right shape, so neither side computes experts (the kernel suite
 // measures those). Everything else is real: a nats-server on loopback, frame encoding
 // and decoding (bf16 or fp8 dispatch, bf16 combine), grouping by shard, splitting under
-// max_payload, the shard's coalescing and reply, the gateway's reassembly and sums. The
-// shards (and the raw floor's responders) run in a second process, as in a deployment.
+// max_payload, the shard's coalescing and reply, the gateway's reassembly and sums. Each
+// shard runs in its own process, as in a deployment, and the raw floor's responder for that
+// shard runs in the same process, so both sides cross the same process boundaries.
+//
+// Repeats: the whole grid of a shape is measured in `passes` passes (each row: warm-ups,
+// then `runs` counted round trips, interleaved ours / raw); a row's ratio is the median of
+// its passes' ratios, so one noisy stretch of a shared machine moves one pass, not the row.
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -31,9 +36,12 @@ export interface DispatchRow {
   /** Request bytes over all shards, and reply bytes. */
   requestBytes: number;
   replyBytes: number;
+  /** Every counted run of every pass. */
   oursMs: Stats;
   rawMs: Stats;
-  /** median(ours) / median(raw). */
+  /** median(ours) / median(raw) of each pass. */
+  passRatios?: number[];
+  /** Median of passRatios. */
   ratio: number;
 }
 
@@ -53,7 +61,10 @@ export async function runDispatch(opts: {
   runs: number;
   quick: boolean;
   log: (s: string) => void;
-}): Promise<{ rows: DispatchRow[]; natsVersion: string }> {
+  /** Passes over the grid (default 5; 1 with quick). */
+  passes?: number;
+}): Promise<{ rows: DispatchRow[]; natsVersion: string; passes: number }> {
+  const passes = opts.passes ?? (opts.quick ? 1 : 5);
   const dir = mkdtempSync(join(tmpdir(), "em-bench-dispatch-"));
   const nats = await startNats(binaries().natsServer, dir, dir);
   const ncs: NatsConnection[] = [];
@@ -81,27 +92,46 @@ export async function runDispatch(opts: {
       };
       const plan = planPlacement({ architecture: arch, numShards });
       const model = { namespace: "bench", model: `d${shape.hidden}` };
-      // Shards and raw responders in another process, as in a deployment.
-      const child = spawn(
-        process.execPath,
-        [
-          fileURLToPath(new URL("./dispatch-shards.ts", import.meta.url)),
-          nats.info.url,
-          String(shape.hidden),
-          String(shape.topK),
-          String(shape.experts),
-          String(shape.moe),
-        ],
-        { stdio: ["ignore", "pipe", "inherit"] },
+      // One process per shard (its shard server and its raw responder), as in a deployment.
+      const shardChildren = Array.from({ length: numShards }, (_, k) =>
+        spawn(
+          process.execPath,
+          [
+            fileURLToPath(new URL("./dispatch-shards.ts", import.meta.url)),
+            nats.info.url,
+            String(shape.hidden),
+            String(shape.topK),
+            String(shape.experts),
+            String(shape.moe),
+            String(k),
+          ],
+          { stdio: ["ignore", "pipe", "inherit"] },
+        ),
       );
-      children.push(child);
-      await new Promise<void>((resolve, reject) => {
-        child.stdout!.on("data", (d: Buffer) => d.toString().includes("ready") && resolve());
-        child.on("exit", (code) => reject(new Error(`dispatch-shards exited ${code}`)));
-      });
+      children.push(...shardChildren);
+      await Promise.all(
+        shardChildren.map(
+          (child) =>
+            new Promise<void>((resolve, reject) => {
+              child.stdout!.on("data", (d: Buffer) => d.toString().includes("ready") && resolve());
+              child.on("exit", (code) => reject(new Error(`dispatch-shards exited ${code}`)));
+            }),
+        ),
+      );
       const gw = await connect({ servers: nats.info.url });
       ncs.push(gw);
       await gw.flush();
+      const cases: {
+        dtype: "bf16" | "fp8";
+        T: number;
+        requestBytes: number;
+        replyBytes: number;
+        ours: () => Promise<number>;
+        floor: () => Promise<number>;
+        a: number[];
+        b: number[];
+        ratios: number[];
+      }[] = [];
       for (const dtype of ["bf16", "fp8"] as const) {
         const experts = new RemoteExperts({
           nc: gw,
@@ -158,37 +188,59 @@ export async function runDispatch(opts: {
             await Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 })));
             return performance.now() - t0;
           };
-          for (let i = 0; i < 3; i++) {
-            await ours();
-            await floor();
+          cases.push({
+            dtype,
+            T,
+            requestBytes,
+            replyBytes,
+            ours,
+            floor,
+            a: [],
+            b: [],
+            ratios: [],
+          });
+        }
+      }
+      for (let pass = 0; pass < passes; pass++) {
+        for (const c of cases) {
+          for (let i = 0; i < (pass === 0 ? 3 : 1); i++) {
+            await c.ours();
+            await c.floor();
           }
           const a: number[] = [];
           const b: number[] = [];
           for (let i = 0; i < opts.runs; i++) {
-            a.push(await ours());
-            b.push(await floor());
+            a.push(await c.ours());
+            b.push(await c.floor());
           }
-          const row: DispatchRow = {
-            hidden: shape.hidden,
-            topK: shape.topK,
-            experts: shape.experts,
-            shards: numShards,
-            tokens: T,
-            dtype,
-            requestBytes,
-            replyBytes,
-            oursMs: stats(a),
-            rawMs: stats(b),
-            ratio: stats(a).median / stats(b).median,
-          };
-          rows.push(row);
-          opts.log(
-            `dispatch hidden ${shape.hidden} top-${shape.topK} ${dtype} T=${T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)} (${(requestBytes / 1024).toFixed(0)} KiB out)`,
-          );
+          c.a.push(...a);
+          c.b.push(...b);
+          c.ratios.push(stats(a).median / stats(b).median);
         }
       }
+      for (const c of cases) {
+        const row: DispatchRow = {
+          hidden: shape.hidden,
+          topK: shape.topK,
+          experts: shape.experts,
+          shards: numShards,
+          tokens: c.T,
+          dtype: c.dtype,
+          requestBytes: c.requestBytes,
+          replyBytes: c.replyBytes,
+          oursMs: stats(c.a),
+          rawMs: stats(c.b),
+          passRatios: c.ratios,
+          ratio: stats(c.ratios).median,
+        };
+        rows.push(row);
+        opts.log(
+          `dispatch hidden ${shape.hidden} top-${shape.topK} ${c.dtype} T=${c.T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)} (passes ${c.ratios.map((r) => r.toFixed(2)).join(", ")}; ${(c.requestBytes / 1024).toFixed(0)} KiB out)`,
+        );
+      }
+      for (const child of shardChildren) child.kill();
     }
-    return { rows, natsVersion: varz.version };
+    return { rows, natsVersion: varz.version, passes };
   } finally {
     for (const nc of ncs) await nc.close().catch(() => {});
     for (const c of children) c.kill();

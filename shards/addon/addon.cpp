@@ -614,7 +614,8 @@ Napi::Value WirePack(const Napi::CallbackInfo& info) {
 }
 
 // wireUnpack(bytes: Uint8Array, dtype (1|2|3), rows, y: Float32Array [yRows * dim], dim,
-//            outIndex: Int32Array | null, accumulate: boolean) -> undefined
+//            outIndex: Int32Array | null, accumulate: boolean, crc?) -> undefined, or with
+// crc given, the CRC-32 of bytes continuing from crc (computed in the same pass).
 Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Bytes in = bytes_of(env, arg(info, 0), "bytes");
@@ -625,11 +626,13 @@ Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
   const int64_t y_rows = rows_of(env, length_of(arg(info, 3)), dim, "y");
   const int32_t* out_index = present(arg(info, 5)) ? index_arg(env, arg(info, 5), "outIndex", rows) : nullptr;
   const bool accumulate = arg(info, 6).ToBoolean().Value();
+  const bool want_crc = present(arg(info, 7));
+  uint32_t crc = want_crc ? static_cast<uint32_t>(integer(env, arg(info, 7), "crc", 0)) : 0;
   em_tensor yt = em_tensor_2d(y, EM_F32, y_rows, dim);
   em_wire_unpack_args a{static_cast<const uint8_t*>(in.data), static_cast<int64_t>(in.size), dtype, rows, &yt,
-                        out_index, accumulate ? 1 : 0};
+                        out_index, accumulate ? 1 : 0, want_crc ? &crc : nullptr};
   check(env, em_wire_unpack(backend_of(env), &a), "wireUnpack");
-  return env.Undefined();
+  return want_crc ? Napi::Value(Napi::Number::New(env, crc)) : env.Undefined();
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {

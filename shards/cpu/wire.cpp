@@ -7,7 +7,8 @@
 // pack writes rows straight into the caller's frame buffer (with a gather, so the gateway
 // need not copy each shard's token rows first) and folds the CRC-32 of each chunk it wrote
 // while that chunk is still in cache; unpack adds combine rows straight into the output
-// (a scatter-add), so no intermediate f32 array exists on either side.
+// (a scatter-add), so no intermediate f32 array exists on either side, and folds the CRC
+// of what it read in the same way, so a receiver checks a frame in the pass that converts it.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -422,20 +423,33 @@ em_status wire_unpack(Context& ctx, const em_wire_unpack_args* a) {
   const bool acc = a->accumulate != 0;
   const int64_t groups = (dim + kGroup - 1) / kGroup;
   const uint8_t* scale_bytes = a->in + a->rows * dim;
-  for (int64_t r = 0; r < a->rows; ++r) {
-    float* dst = y + (a->out_index ? a->out_index[r] : r) * ldy;
-    if (a->dtype == EM_WIRE_BF16) {
-      k.unpack_bf16(a->in + 2 * r * dim, dim, dst, acc);
-    } else if (a->dtype == EM_WIRE_F32) {
-      k.unpack_f32(a->in + 4 * r * dim, dim, dst, acc);
-    } else {
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t c0 = g * kGroup, n = std::min(dim, c0 + kGroup) - c0;
-        float scale;
-        std::memcpy(&scale, scale_bytes + 4 * (r * groups + g), 4);
-        k.dequant(a->in + r * dim + c0, n, scale, dst + c0, acc);
+  // As in pack: rows in chunks of about kCrcChunk bytes, each chunk's CRC folded in right
+  // after it was read, while it is still in cache.
+  const int64_t row_bytes = a->dtype == EM_WIRE_BF16 ? 2 * dim : a->dtype == EM_WIRE_F32 ? 4 * dim : dim;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kCrcChunk / std::max<int64_t>(1, row_bytes));
+  uint32_t crc = a->crc ? *a->crc : 0;
+  for (int64_t r0 = 0; r0 < a->rows; r0 += rows_per_chunk) {
+    const int64_t r1 = std::min(a->rows, r0 + rows_per_chunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* dst = y + (a->out_index ? a->out_index[r] : r) * ldy;
+      if (a->dtype == EM_WIRE_BF16) {
+        k.unpack_bf16(a->in + 2 * r * dim, dim, dst, acc);
+      } else if (a->dtype == EM_WIRE_F32) {
+        k.unpack_f32(a->in + 4 * r * dim, dim, dst, acc);
+      } else {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t c0 = g * kGroup, n = std::min(dim, c0 + kGroup) - c0;
+          float scale;
+          std::memcpy(&scale, scale_bytes + 4 * (r * groups + g), 4);
+          k.dequant(a->in + r * dim + c0, n, scale, dst + c0, acc);
+        }
       }
     }
+    if (a->crc) crc = crc32_update(crc, a->in + r0 * row_bytes, static_cast<size_t>((r1 - r0) * row_bytes));
+  }
+  if (a->crc) {
+    if (a->dtype == EM_WIRE_FP8) crc = crc32_update(crc, scale_bytes, static_cast<size_t>(a->rows * groups * 4));
+    *a->crc = crc;
   }
   return EM_OK;
 }

@@ -155,9 +155,13 @@ void test_pack_unpack(Rng& rng, int64_t dim, int64_t x_rows, bool gather) {
       for (int64_t r = 0; r < n; ++r) out_index[r] = static_cast<int32_t>(n - 1 - r);
       std::vector<float> y(static_cast<size_t>(n * dim), 1.0f), y0(static_cast<size_t>(n * dim), 7.0f);
       em_tensor yt = em_tensor_2d(y.data(), EM_F32, n, dim), y0t = em_tensor_2d(y0.data(), EM_F32, n, dim);
-      em_wire_unpack_args u{in.data() + 1, static_cast<int64_t>(want.size()), dt, n, &yt, out_index.data(), 1};
+      // The accumulating unpack also folds in the CRC of what it read (seeded as in pack).
+      uint32_t ucrc = em_crc32(0, "head", 4);
+      em_wire_unpack_args u{in.data() + 1, static_cast<int64_t>(want.size()), dt, n, &yt, out_index.data(), 1, &ucrc};
       CHECK_OK(em_wire_unpack(be.b, &u));
-      em_wire_unpack_args u0{in.data() + 1, static_cast<int64_t>(want.size()), dt, n, &y0t, nullptr, 0};
+      CHECK(ucrc == ref_crc32(em_crc32(0, "head", 4), want.data(), want.size()), "%s unpack crc dtype %d",
+            be.label.c_str(), dt);
+      em_wire_unpack_args u0{in.data() + 1, static_cast<int64_t>(want.size()), dt, n, &y0t, nullptr, 0, nullptr};
       CHECK_OK(em_wire_unpack(be.b, &u0));
       int bad = 0;
       for (int64_t r = 0; r < n && bad < 3; ++r) {

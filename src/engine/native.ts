@@ -35,7 +35,10 @@ interface Addon {
     out: Uint8Array,
     crc?: number,
   ): number;
-  /** Wire bytes of `rows` rows into y[outIndex[r]] (set, or added with accumulate). */
+  /**
+   * Wire bytes of `rows` rows into y[outIndex[r]] (set, or added with accumulate); with
+   * `crc`, returns the CRC-32 of bytes continued from it, computed in the same pass.
+   */
   wireUnpack(
     bytes: Uint8Array,
     dtype: number,
@@ -45,6 +48,16 @@ interface Addon {
     outIndex: Int32Array | null,
     accumulate: boolean,
   ): void;
+  wireUnpack(
+    bytes: Uint8Array,
+    dtype: number,
+    rows: number,
+    y: Float32Array,
+    dim: number,
+    outIndex: Int32Array | null,
+    accumulate: boolean,
+    crc: number,
+  ): number;
 }
 
 /** Where the addon is built by `npm run build` (shards/build.sh). */

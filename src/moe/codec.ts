@@ -58,6 +58,20 @@ export interface WireCodec {
     outIndex: Int32Array | null,
     accumulate: boolean,
   ): void;
+  /**
+   * unpack, and the CRC-32 of `bytes` continued from `crc` (the CRC of the frame bytes
+   * before them), computed in the same pass: a receiver checks a frame while converting it.
+   */
+  unpackCrc(
+    bytes: Uint8Array,
+    dtype: CodecDtype,
+    rows: number,
+    y: Float32Array,
+    dim: number,
+    outIndex: Int32Array | null,
+    accumulate: boolean,
+    crc: number,
+  ): number;
 }
 
 /**
@@ -191,6 +205,10 @@ export const tsCodec: WireCodec = {
       else for (let j = 0; j < dim; j++) y[dst + j]! += v[r * dim + j]!;
     }
   },
+  unpackCrc(bytes, dtype, rows, y, dim, outIndex, accumulate, crc) {
+    tsCodec.unpack(bytes, dtype, rows, y, dim, outIndex, accumulate);
+    return zlibCrc32(bytes, crc);
+  },
 };
 
 let native: WireCodec | null | undefined;
@@ -210,6 +228,8 @@ export function nativeCodec(): WireCodec | null {
       unpack(bytes, dtype, rows, y, dim, outIndex, accumulate) {
         addon.wireUnpack(bytes, DTYPE_CODE[dtype], rows, y, dim, outIndex, accumulate);
       },
+      unpackCrc: (bytes, dtype, rows, y, dim, outIndex, accumulate, crc) =>
+        addon.wireUnpack(bytes, DTYPE_CODE[dtype], rows, y, dim, outIndex, accumulate, crc),
     };
   } catch {
     // No addon here (EM_NATIVE_MISSING): the reference codec serves.

@@ -7,6 +7,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { BufferPool } from "./buffer-pool.ts";
 import { layerOf, type PlacementPlan, shardsForExperts } from "./placement.ts";
 import { checkSwitchable } from "./plan-control.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
@@ -56,6 +57,12 @@ export class RemoteExperts implements ExpertRunner {
     Pick<DispatcherOptions, "onRoundTrip">;
   /** Retries done (a replica failed or timed out and another one answered). */
   retries = 0;
+  /**
+   * Dispatch frame buffers. A frame's buffer comes back once every reply of its layer has
+   * arrived (the NATS client has sent and dropped it by then); the frames of a layer that
+   * failed are left to the collector, in case the client still holds one for a reconnect.
+   */
+  readonly #frames = new BufferPool();
 
   /** The plan new frames are routed with. */
   get plan(): PlacementPlan {
@@ -151,11 +158,15 @@ export class RemoteExperts implements ExpertRunner {
       }
     }
     const deadline = Date.now() + this.#o.deadlineMs;
+    const sent: Uint8Array[] = [];
     const replies = await Promise.all(
-      jobs.map((job) => this.#roundTrip(job, plan.version, layer, x, dim, deadline)),
+      jobs.map((job) => this.#roundTrip(job, plan.version, layer, x, dim, deadline, sent)),
     );
+    // Every request of the layer was answered: its frame buffers can be reused.
+    for (const f of sent) this.#frames.give(f);
     // Add the partial sums in shard order (a fixed order: the same inputs give the same
-    // bits), straight from the reply frames into the output rows of their tokens.
+    // bits), straight from the reply frames into the output rows of their tokens (each
+    // reply's checksum is checked in the same pass; a mismatch fails the layer).
     const out = new Float32Array(t * dim);
     jobs.forEach((job, i) => {
       for (const c of replies[i]!)
@@ -172,6 +183,7 @@ export class RemoteExperts implements ExpertRunner {
     x: Float32Array,
     dim: number,
     deadline: number,
+    sent: Uint8Array[],
   ): Promise<CombineView[]> {
     const { nc, model } = this.#o;
     const { shard } = job;
@@ -201,8 +213,10 @@ export class RemoteExperts implements ExpertRunner {
             weight: job.weight.subarray(r.a0, r.a1),
           },
           flags,
+          this.#frames.bytes,
         );
       });
+      sent.push(...frames);
       const replies = await Promise.all(
         frames.map((f) => this.#request(subject, shard, f, deadline, expect)),
       );

@@ -7,6 +7,7 @@ import type { Backend } from "../engine/backend.ts";
 import { groupByExpert, runGrouped } from "../engine/experts.ts";
 import type { MlpWeights } from "../engine/loader.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { BufferPool } from "./buffer-pool.ts";
 import type { PlacementPlan } from "./placement.ts";
 import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-control.ts";
 import { serializePlan } from "./plan-json.ts";
@@ -65,6 +66,12 @@ export interface ShardServerOptions {
   log?: (msg: string) => void;
 }
 
+/**
+ * Reply frames from this size up are pooled: enough to pay for the flush (a PING / PONG)
+ * that tells when a buffer is free again; smaller ones are allocated fresh.
+ */
+const POOLED_REPLY_BYTES = 256 * 1024;
+
 /** What plan `version` gives this shard: (layer -> experts). */
 type Holdings = Map<number, Set<number>>;
 
@@ -85,6 +92,17 @@ export class ShardServer {
   #pendingArea = 0;
   #intervalStart = performance.now();
   #queue: Pending[] = [];
+  /**
+   * Decoded activations (and the table of a multi-frame batch): each buffer is only read
+   * by the synchronous expert call of its batch, so it is free again once the batch replied.
+   */
+  readonly #acts = new BufferPool();
+  /**
+   * Large reply frames. The NATS client keeps a published buffer until it flushes (and
+   * across a disconnect, until it reconnects or drops it), so a reply buffer comes back only
+   * when a flush() after it resolves: by then the client has copied it out.
+   */
+  readonly #replies = new BufferPool(8);
   #busy = false;
   #idle: (() => void)[] = [];
   #timer: NodeJS.Timeout | undefined;
@@ -222,9 +240,9 @@ export class ShardServer {
   }
 
   #accept(msg: Msg): void {
-    let frame: ReturnType<typeof decodeFrame>;
+    let frame: ReturnType<typeof decodeFrame> | undefined;
     try {
-      frame = decodeFrame(msg.data);
+      frame = decodeFrame(msg.data, this.#acts.f32);
       if (frame.kind !== "dispatch")
         throw new ExpertMeshError(
           "EM_WIRE_KIND",
@@ -232,6 +250,7 @@ export class ShardServer {
         );
       this.#check(frame);
     } catch (err) {
+      if (frame?.kind === "dispatch") this.#acts.give(frame.activations);
       this.totals.errors++;
       const code = err instanceof ExpertMeshError ? err.code : "EM_SHARD_INTERNAL";
       msg.respond(encodeError(code, formatError(err)));
@@ -277,6 +296,7 @@ export class ShardServer {
     const batch = this.#queue;
     this.#queue = [];
     const t0 = performance.now();
+    let table: Float32Array | undefined;
     try {
       const dim = batch[0]!.frame.hidden;
       // Rows of all frames in one table: token row = frame's base + token index.
@@ -289,7 +309,7 @@ export class ShardServer {
       // One frame (the common case) is its own table; the FFN gathers rows from it.
       let x = batch[0]!.frame.activations;
       if (batch.length > 1) {
-        x = new Float32Array(base * dim);
+        x = table = this.#acts.f32(base * dim);
         batch.forEach((p, i) => {
           x.set(p.frame.activations, bases[i]! * dim);
         });
@@ -317,17 +337,36 @@ export class ShardServer {
         base,
         (k) => this.#o.experts.get(Math.floor(k / 65536))!.get(k % 65536)!,
       );
+      const pooled: Uint8Array[] = [];
+      const replyBuffer = (n: number) => {
+        if (n < POOLED_REPLY_BYTES) return new Uint8Array(Buffer.allocUnsafeSlow(n).buffer, 0, n);
+        const b = this.#replies.bytes(n);
+        pooled.push(b);
+        return b;
+      };
       batch.forEach((p, i) => {
         const f = p.frame;
         p.msg.respond(
-          encodeCombine({
-            ...f,
-            dtype: p.flags & FLAG_COMBINE_F32 ? "f32" : "bf16",
-            sums: sums.subarray(bases[i]! * dim, (bases[i]! + f.numTokens) * dim),
-          }),
+          encodeCombine(
+            {
+              ...f,
+              dtype: p.flags & FLAG_COMBINE_F32 ? "f32" : "bf16",
+              sums: sums.subarray(bases[i]! * dim, (bases[i]! + f.numTokens) * dim),
+            },
+            replyBuffer,
+          ),
         );
         this.totals.tokens += f.numTokens;
       });
+      // A rejected flush (closed, or disconnected: the client dropped its outbound data)
+      // leaves the buffers to the collector.
+      if (pooled.length)
+        this.#o.nc.flush().then(
+          () => {
+            for (const b of pooled) this.#replies.give(b);
+          },
+          () => {},
+        );
       this.totals.frames += batch.length;
       this.totals.batches++;
       this.#interval.frames += batch.length;
@@ -339,6 +378,9 @@ export class ShardServer {
           encodeError("EM_SHARD_INTERNAL", formatError(err), p.frame.planVersion, p.frame.layer),
         );
     } finally {
+      // Every reply is encoded (or the batch failed): the activations are free again.
+      for (const p of batch) this.#acts.give(p.frame.activations);
+      if (table) this.#acts.give(table);
       this.#interval.processingMs += performance.now() - t0;
       this.#busy = false;
       this.#addPending(-batch.reduce((n, p) => n + p.frame.numTokens, 0));

@@ -145,14 +145,23 @@ export interface DispatchRows extends FrameHeader {
   weight: Float32Array;
 }
 
-/** Encodes a dispatch frame from rows of a table (the same bytes as encodeDispatch of the copied rows). */
-export function encodeDispatchRows(d: DispatchRows, flags = 0): Uint8Array {
+/**
+ * Encodes a dispatch frame from rows of a table (the same bytes as encodeDispatch of the
+ * copied rows). `alloc` gives the frame's buffer of n bytes (a Uint8Array at offset 0 of
+ * its ArrayBuffer, so typed views of the body align; any contents, every byte is written):
+ * a sender may hand back a buffer of an earlier frame whose reply has arrived.
+ */
+export function encodeDispatchRows(
+  d: DispatchRows,
+  flags = 0,
+  alloc: (n: number) => Uint8Array = allocFrame,
+): Uint8Array {
   if (d.x.length % d.hidden !== 0)
     fail("EM_WIRE_RANGE", `x holds ${d.x.length} values, not rows of ${d.hidden}`);
   const xRows = d.x.length / d.hidden;
   for (const r of d.rows)
     if (r < 0 || r >= xRows) fail("EM_WIRE_RANGE", `row ${r} outside x's ${xRows} rows`);
-  return writeDispatch({ ...d, numTokens: d.rows.length }, d.x, d.rows, flags);
+  return writeDispatch({ ...d, numTokens: d.rows.length }, d.x, d.rows, flags, alloc);
 }
 
 function writeDispatch(
@@ -166,11 +175,18 @@ function writeDispatch(
   x: Float32Array,
   rows: Int32Array | null,
   flags: number,
+  alloc: (n: number) => Uint8Array = allocFrame,
 ): Uint8Array {
   const n = d.token.length;
   if (d.expert.length !== n || d.weight.length !== n)
     fail("EM_WIRE_RANGE", "token, expert and weight arrays differ in length");
-  const buf = allocFrame(dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n));
+  const size = dispatchFrameBytes(d.dtype, d.numTokens, d.hidden, n);
+  const buf = alloc(size);
+  if (buf.byteLength !== size || buf.byteOffset !== 0)
+    fail(
+      "EM_WIRE_RANGE",
+      `frame buffer of ${buf.byteLength} bytes at ${buf.byteOffset}, need ${size} at 0`,
+    );
   const v = writeHeader(buf, FrameKind.dispatch, WireDtype[d.dtype], d, d.numTokens, n);
   v.setUint8(7, flags);
   let o = HEADER_BYTES;
@@ -190,14 +206,23 @@ function writeDispatch(
   return buf;
 }
 
-/** Encodes a combine (reply) frame. */
-export function encodeCombine(c: Combine): Uint8Array {
+/** Encodes a combine (reply) frame; `alloc` as for encodeDispatchRows. */
+export function encodeCombine(
+  c: Combine,
+  alloc: (n: number) => Uint8Array = allocFrame,
+): Uint8Array {
   if (c.sums.length !== c.numTokens * c.hidden)
     fail(
       "EM_WIRE_RANGE",
       `sums hold ${c.sums.length} values, expected ${c.numTokens} x ${c.hidden}`,
     );
-  const buf = allocFrame(HEADER_BYTES + activationBytes(c.dtype, c.numTokens, c.hidden));
+  const size = HEADER_BYTES + activationBytes(c.dtype, c.numTokens, c.hidden);
+  const buf = alloc(size);
+  if (buf.byteLength !== size || buf.byteOffset !== 0)
+    fail(
+      "EM_WIRE_RANGE",
+      `frame buffer of ${buf.byteLength} bytes at ${buf.byteOffset}, need ${size} at 0`,
+    );
   const v = writeHeader(buf, FrameKind.combine, WireDtype[c.dtype], c, c.numTokens, 0);
   const crc = wireCodec().pack(c.sums, c.hidden, null, c.dtype, buf.subarray(HEADER_BYTES), 0);
   v.setUint32(36, crc, true);
@@ -236,38 +261,59 @@ function take<T extends Uint32Array | Float32Array | Uint16Array | Uint8Array>(
   return new Ctor(bytes.buffer);
 }
 
-/** A combine frame checked but not yet converted: `body` holds its sums' wire bytes. */
+/**
+ * A combine frame whose header and length are checked but whose body is not yet converted
+ * nor checksummed: `body` holds its sums' wire bytes, `crc` the header's CRC-32 of them
+ * (addCombine checks it in the pass that adds the sums).
+ */
 export interface CombineView extends FrameHeader {
   kind: "combine";
   dtype: "bf16" | "f32";
   numTokens: number;
   body: Uint8Array;
+  crc: number;
 }
 
 /**
  * Decodes and validates any frame. Throws ExpertMeshError with an EM_WIRE_* code for
- * anything malformed; never anything else.
+ * anything malformed; never anything else. `alloc` gives a dispatch's activations array
+ * (any contents: every element is written), e.g. from a shard's pool.
  */
-export function decodeFrame(buf: Uint8Array): Frame {
-  return parseFrame(buf, false) as Frame;
+export function decodeFrame(buf: Uint8Array, alloc: (n: number) => Float32Array = allocF32): Frame {
+  return parseFrame(buf, false, alloc) as Frame;
 }
 
 /**
  * Like decodeFrame (the same checks, the same errors), but a combine frame comes back
- * unconverted, for addCombine to add straight into the caller's sums.
+ * unconverted, for addCombine to add straight into the caller's sums; its checksum is
+ * checked there (EM_WIRE_CRC), in the same pass.
  */
 export function decodeReply(buf: Uint8Array): Exclude<Frame, { kind: "combine" }> | CombineView {
-  return parseFrame(buf, true) as Exclude<Frame, { kind: "combine" }> | CombineView;
+  return parseFrame(buf, true, allocF32) as Exclude<Frame, { kind: "combine" }> | CombineView;
 }
 
-/** out[outIndex[i]] += sums of token i of the combine, for its numTokens tokens. */
+/**
+ * out[outIndex[i]] += sums of token i of the combine, for its numTokens tokens, checking
+ * the body's CRC-32 while reading it. Throws EM_WIRE_CRC on a mismatch, after the rows were
+ * added: the caller must then discard `out` (the dispatcher fails the layer).
+ */
 export function addCombine(c: CombineView, out: Float32Array, outIndex: Int32Array): void {
   if (outIndex.length !== c.numTokens)
     fail("EM_WIRE_RANGE", `${outIndex.length} output rows for ${c.numTokens} tokens`);
-  wireCodec().unpack(c.body, c.dtype, c.numTokens, out, c.hidden, outIndex, true);
+  const crc = wireCodec().unpackCrc(c.body, c.dtype, c.numTokens, out, c.hidden, outIndex, true, 0);
+  if (crc !== c.crc) fail("EM_WIRE_CRC", "frame body checksum mismatch (corrupted in transit?)");
 }
 
-function parseFrame(buf: Uint8Array, lazyCombine: boolean): Frame | CombineView {
+/** A Float32Array of n elements, not zero-filled (the caller writes every element). */
+function allocF32(n: number): Float32Array {
+  return new Float32Array(Buffer.allocUnsafeSlow(4 * n).buffer, 0, n);
+}
+
+function parseFrame(
+  buf: Uint8Array,
+  lazyCombine: boolean,
+  alloc: (n: number) => Float32Array,
+): Frame | CombineView {
   if (buf.byteLength < HEADER_BYTES)
     fail(
       "EM_WIRE_TRUNCATED",
@@ -300,12 +346,13 @@ function parseFrame(buf: Uint8Array, lazyCombine: boolean): Frame | CombineView 
           : undefined;
   if (!dtype) fail("EM_WIRE_DTYPE", `unknown dtype code ${dtypeCode}`);
   const codec = wireCodec();
-  if (codec.crc32(buf.subarray(HEADER_BYTES)) !== v.getUint32(36, true)) {
-    // Length first: a truncated frame is reported as such, not as a checksum mismatch.
-    if (kind === FrameKind.dispatch || kind === FrameKind.combine)
-      checkLength(buf, kind, dtype, numTokens, h.hidden, numAssignments);
-    fail("EM_WIRE_CRC", "frame body checksum mismatch (corrupted in transit?)");
-  }
+  const crc = v.getUint32(36, true);
+  const badCrc = () => fail("EM_WIRE_CRC", "frame body checksum mismatch (corrupted in transit?)");
+  // Dispatch and combine bodies are checksummed in the pass that converts them (below,
+  // after the length checks: a truncated frame is reported as such, not as a mismatch);
+  // anything else first.
+  const data = kind === FrameKind.dispatch || kind === FrameKind.combine;
+  if (!data && codec.crc32(buf.subarray(HEADER_BYTES)) !== crc) badCrc();
   if (kind === FrameKind.error) {
     try {
       const { code, message } = JSON.parse(
@@ -332,11 +379,28 @@ function parseFrame(buf: Uint8Array, lazyCombine: boolean): Frame | CombineView 
   if (kind === FrameKind.combine) {
     if (dtype === "fp8") fail("EM_WIRE_DTYPE", "combine frames carry bf16 or f32");
     const body = buf.subarray(o);
-    if (lazyCombine) return { kind: "combine", ...h, dtype, numTokens, body };
-    const sums = new Float32Array(numTokens * h.hidden);
-    codec.unpack(body, dtype, numTokens, sums, h.hidden, null, false);
+    if (lazyCombine) return { kind: "combine", ...h, dtype, numTokens, body, crc };
+    const sums = allocF32(numTokens * h.hidden);
+    if (codec.unpackCrc(body, dtype, numTokens, sums, h.hidden, null, false, 0) !== crc) badCrc();
     return { kind: "combine", ...h, dtype, numTokens, sums };
   }
+  // Activations first (with the checksum of the whole body), then the assignments: a
+  // corrupted body is reported as such, not as an out-of-range assignment.
+  const act = o + 12 * numAssignments;
+  const activations = alloc(numTokens * h.hidden);
+  if (activations.length !== numTokens * h.hidden)
+    throw new RangeError(`alloc gave ${activations.length} values for ${numTokens * h.hidden}`);
+  const bodyCrc = codec.unpackCrc(
+    buf.subarray(act),
+    dtype,
+    numTokens,
+    activations,
+    h.hidden,
+    null,
+    false,
+    codec.crc32(buf.subarray(o, act)),
+  );
+  if (bodyCrc !== crc) badCrc();
   const token = take(buf, o, numAssignments, Uint32Array);
   o += 4 * numAssignments;
   const expert = take(buf, o, numAssignments, Uint32Array);
@@ -349,8 +413,6 @@ function parseFrame(buf: Uint8Array, lazyCombine: boolean): Frame | CombineView 
     if (!Number.isFinite(weight[i]!))
       fail("EM_WIRE_RANGE", `assignment ${i} has a non-finite weight`);
   }
-  const activations = new Float32Array(numTokens * h.hidden);
-  codec.unpack(buf.subarray(o), dtype, numTokens, activations, h.hidden, null, false);
   return { kind: "dispatch", ...h, dtype, numTokens, activations, token, expert, weight };
 }
 

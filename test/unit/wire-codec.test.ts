@@ -129,6 +129,52 @@ describe.skipIf(!native)("native wire codec = TypeScript reference", () => {
     );
   });
 
+  it("unpacks with the CRC folded in: the same floats, and zlib's CRC of the bytes", () => {
+    fc.assert(
+      fc.property(
+        rowsArb,
+        fc.boolean(),
+        fc.nat({ max: 7 }),
+        ({ dim, x, index, seed }, accumulate, off) => {
+          const rows = index.length;
+          const outIndex = Int32Array.from(index);
+          for (const dt of dtypes) {
+            // Unaligned input, as a frame body is after its header and assignments.
+            const bytes = new Uint8Array(rowBytes(dt, rows, dim) + off).subarray(off);
+            tsCodec.pack(x, dim, outIndex, dt, bytes, 0);
+            const yA = x.slice();
+            const yB = x.slice();
+            const crcA = tsCodec.unpackCrc(bytes, dt, rows, yA, dim, outIndex, accumulate, seed);
+            const crcB = n.unpackCrc(bytes, dt, rows, yB, dim, outIndex, accumulate, seed);
+            expect(crcA, dt).toBe(crc32(bytes, seed));
+            expect(crcB, dt).toBe(crcA);
+            expect(sameFloats(yA, yB), dt).toBe(true);
+            // And the same floats as the plain unpack.
+            const yC = x.slice();
+            n.unpack(bytes, dt, rows, yC, dim, outIndex, accumulate);
+            expect(sameFloats(yC, yB), dt).toBe(true);
+          }
+        },
+      ),
+    );
+  });
+
+  it("checks multi-chunk bodies (V3 width) the same way", () => {
+    const dim = 7168;
+    const rows = 9; // bf16: 14 KiB a row, several CRC chunks
+    const x = Float32Array.from({ length: rows * dim }, (_, i) => Math.sin(i * 0.37) * 5);
+    for (const dt of dtypes) {
+      const bytes = new Uint8Array(rowBytes(dt, rows, dim) + 1).subarray(1);
+      n.pack(x, dim, null, dt, bytes, 0);
+      const yA = new Float32Array(rows * dim);
+      const yB = new Float32Array(rows * dim);
+      const crcA = tsCodec.unpackCrc(bytes, dt, rows, yA, dim, null, false, 0);
+      expect(n.unpackCrc(bytes, dt, rows, yB, dim, null, false, 0), dt).toBe(crcA);
+      expect(crcA, dt).toBe(crc32(bytes));
+      expect(sameFloats(yA, yB), dt).toBe(true);
+    }
+  });
+
   it.each(dtypes)("agrees on special values (%s)", (dt) => {
     for (const dim of [1, 7, 8, 16, 21, 128, 131]) {
       const x = Float32Array.from({ length: 3 * dim }, (_, i) => SPECIAL[i % SPECIAL.length]!);
@@ -247,6 +293,103 @@ describe("frames from rows of a table", () => {
               );
         },
       ),
+    );
+  });
+});
+
+describe("checksums checked in the converting pass", () => {
+  const combine = (dtype: "bf16" | "f32") =>
+    encodeCombine({
+      planVersion: 1,
+      layer: 1,
+      hidden: 300,
+      tokenOffset: 0,
+      totalTokens: 3,
+      dtype,
+      numTokens: 3,
+      sums: Float32Array.from({ length: 900 }, (_, i) => Math.cos(i)),
+    });
+  const code = (f: () => unknown) => {
+    try {
+      f();
+      return "ok";
+    } catch (e) {
+      return (e as { code?: string }).code;
+    }
+  };
+
+  it.each(["bf16", "f32"] as const)(
+    "a corrupted %s combine fails addCombine and decodeFrame",
+    (dt) => {
+      for (const at of [40, 41, 700, -1]) {
+        const frame = combine(dt);
+        frame[at < 0 ? frame.length - 1 : at]! ^= 0x10;
+        expect(code(() => decodeFrame(frame))).toBe("EM_WIRE_CRC");
+        const view = decodeReply(frame);
+        if (view.kind !== "combine") throw new Error("kind");
+        expect(code(() => addCombine(view, new Float32Array(900), Int32Array.of(0, 1, 2)))).toBe(
+          "EM_WIRE_CRC",
+        );
+      }
+      const view = decodeReply(combine(dt));
+      if (view.kind !== "combine") throw new Error("kind");
+      expect(code(() => addCombine(view, new Float32Array(900), Int32Array.of(0, 1, 2)))).toBe(
+        "ok",
+      );
+    },
+  );
+
+  it.each(["bf16", "fp8", "f32"] as const)(
+    "a corrupted %s dispatch is EM_WIRE_CRC wherever the flip (assignments or activations)",
+    (dtype) => {
+      const d: Dispatch = {
+        dtype,
+        planVersion: 1,
+        layer: 1,
+        hidden: 200,
+        numTokens: 2,
+        tokenOffset: 0,
+        totalTokens: 2,
+        activations: Float32Array.from({ length: 400 }, (_, i) => Math.sin(i)),
+        token: Uint32Array.of(0, 1, 1),
+        expert: Uint32Array.of(3, 4, 5),
+        weight: Float32Array.of(0.5, 0.25, 0.25),
+      };
+      const good = encodeDispatch(d);
+      expect(decodeFrame(good).kind).toBe("dispatch");
+      // A token index byte (would be out of range), an expert, a weight, activations, scales.
+      for (const at of [40, 46, 51, 76, 300, good.length - 1]) {
+        const frame = good.slice();
+        frame[at]! ^= 0x40;
+        expect(
+          code(() => decodeFrame(frame)),
+          `byte ${at}`,
+        ).toBe("EM_WIRE_CRC");
+      }
+    },
+  );
+
+  it("encodes into a reused buffer to the same bytes as a fresh one", () => {
+    const x = Float32Array.from({ length: 5 * 64 }, (_, i) => Math.sin(i));
+    const d = {
+      dtype: "fp8" as const,
+      planVersion: 2,
+      layer: 1,
+      hidden: 64,
+      tokenOffset: 0,
+      totalTokens: 3,
+      x,
+      rows: Int32Array.of(4, 0, 2),
+      token: Uint32Array.of(0, 1, 2),
+      expert: Uint32Array.of(1, 2, 3),
+      weight: Float32Array.of(1, 1, 1),
+    };
+    const fresh = encodeDispatchRows(d);
+    const used = new Uint8Array(fresh.length + 100).fill(0xa5);
+    const again = encodeDispatchRows(d, 0, (n) => used.subarray(0, n));
+    expect(Buffer.from(again).equals(Buffer.from(fresh))).toBe(true);
+    expect(code(() => encodeDispatchRows(d, 0, (n) => used.subarray(1, n + 1)))).toBe(
+      "EM_WIRE_RANGE",
     );
   });
 });

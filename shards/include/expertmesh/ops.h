@@ -209,7 +209,8 @@ typedef struct em_wire_pack_args {
 } em_wire_pack_args;
 
 /* Wire bytes back to f32 rows: y[out_index[r]] (+)= value of row r. fp8 values are
- * code value * scale in f32. */
+ * code value * scale in f32. With crc, the CRC-32 of `in` is folded in while its bytes
+ * are in cache (so a receiver checks a frame in the same pass that converts it). */
 typedef struct em_wire_unpack_args {
   const uint8_t* in; /* em_wire_bytes(dtype, rows, dim) bytes, any alignment */
   int64_t in_bytes;
@@ -218,6 +219,7 @@ typedef struct em_wire_unpack_args {
   em_tensor* y;              /* [y_rows, dim] f32 */
   const int32_t* out_index;  /* [rows] row of y for each row, or NULL: row r -> y row r */
   int32_t accumulate;        /* 1: y += value; 0: y = value (other rows of y untouched) */
+  uint32_t* crc;             /* or NULL. In: CRC-32 of the frame bytes before `in`; out: through `in` */
 } em_wire_unpack_args;
 
 /* ---------------------------------------------------------------- backends */

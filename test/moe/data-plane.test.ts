@@ -1,0 +1,135 @@
+// The data plane's buffer reuse against a real nats-server: the gateway's pooled dispatch
+// frames, a shard's pooled activations and its pooled large reply frames (given back after
+// a flush) must never let one request's bytes leak into another's. Layers large enough for
+// every pool (replies over 256 KiB), run one after another and two at a time, with inputs
+// that differ per layer; every sum is checked against the same experts computed here.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Backend, MoeArgs } from "../../src/engine/backend.ts";
+import type { MlpWeights } from "../../src/engine/loader.ts";
+import { RemoteExperts } from "../../src/moe/dispatcher.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import { ShardServer } from "../../src/moe/shard-server.ts";
+import { startNats } from "../env/nats.ts";
+import { binaries } from "../env/paths.ts";
+
+const hidden = 2048;
+const experts = 16;
+const topK = 4;
+const numShards = 2;
+
+/** Expert e multiplies its input by e + 1 (gate.scale): exact enough to check every sum. */
+const scaling = {
+  name: "scaling",
+  moe(a: MoeArgs) {
+    const out = new Float32Array(a.numOut * a.dim);
+    for (let g = 0; g + 1 < a.offsets.length; g++) {
+      const s = (a.w1[g] as unknown as { scale: number }).scale;
+      for (let r = a.offsets[g]!; r < a.offsets[g + 1]!; r++) {
+        const src = a.xIndex![r]! * a.dim;
+        const dst = a.outIndex[r]! * a.dim;
+        const w = a.rowWeight[r]! * s;
+        for (let j = 0; j < a.dim; j++) out[dst + j]! += w * a.x[src + j]!;
+      }
+    }
+    return out;
+  },
+} as unknown as Backend;
+
+describe("data plane buffer reuse over NATS", () => {
+  const dir = mkdtempSync(join(tmpdir(), "em-data-plane-"));
+  let nats: Awaited<ReturnType<typeof startNats>>;
+  const ncs: NatsConnection[] = [];
+  const plan = planPlacement({
+    architecture: {
+      numLayers: 3,
+      firstDenseLayers: 1,
+      routedExperts: experts,
+      expertsPerToken: topK,
+    },
+    numShards,
+  });
+  const model = { namespace: "test", model: "pools" };
+
+  beforeAll(async () => {
+    nats = await startNats(binaries().natsServer, dir, dir);
+    for (let k = 0; k < numShards; k++) {
+      const nc = await connect({ servers: nats.info.url });
+      ncs.push(nc);
+      const held = new Map(
+        plan.layers.map((l) => [
+          l.layer,
+          new Map(
+            l.shardExperts[k]!.map((e) => [
+              e,
+              { gate: { cols: hidden, scale: e + 1 } } as unknown as MlpWeights,
+            ]),
+          ),
+        ]),
+      );
+      new ShardServer({
+        nc,
+        model,
+        shard: k,
+        id: "t",
+        plan,
+        backend: scaling,
+        experts: held,
+      }).start(60_000);
+      await nc.flush();
+    }
+  });
+
+  afterAll(async () => {
+    for (const nc of ncs) await nc.close();
+    await nats?.process.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("returns each layer's own sums, one at a time and two in flight", async () => {
+    const gw = await connect({ servers: nats.info.url });
+    ncs.push(gw);
+    const remote = new RemoteExperts({
+      nc: gw,
+      model,
+      plan,
+      dispatchDtype: "f32",
+      combineDtype: "f32",
+    });
+    const layer = (seed: number, t: number) => {
+      const x = Float32Array.from({ length: t * hidden }, (_, i) => Math.sin(i * 0.01 + seed));
+      const ids = Int32Array.from({ length: t * topK }, (_, i) => (i * 7 + seed) % experts);
+      // Distinct experts per token: topK consecutive slots of a stride-7 walk over 16.
+      const weights = Float32Array.from(
+        { length: t * topK },
+        (_, i) => 0.1 + ((i + seed) % 5) / 10,
+      );
+      const want = new Float32Array(t * hidden);
+      for (let tok = 0; tok < t; tok++)
+        for (let k = 0; k < topK; k++) {
+          const w = weights[tok * topK + k]! * (ids[tok * topK + k]! + 1);
+          for (let j = 0; j < hidden; j++) want[tok * hidden + j]! += w * x[tok * hidden + j]!;
+        }
+      return { x, ids, weights, want, t };
+    };
+    const check = async (l: ReturnType<typeof layer>, moeLayer: number) => {
+      const got = await remote.run(moeLayer, l.x, l.t, hidden, l.ids, l.weights, topK);
+      let worst = 0;
+      for (let i = 0; i < got.length; i++)
+        worst = Math.max(worst, Math.abs(got[i]! - l.want[i]!) / (1 + Math.abs(l.want[i]!)));
+      expect(worst).toBeLessThan(1e-5);
+    };
+    const moeLayers = plan.layers.map((l) => l.layer);
+    // 64 tokens: about 512 KiB of f32 per shard each way, so every pool is in play.
+    for (let i = 0; i < 8; i++)
+      await check(layer(i, 64 - (i % 3)), moeLayers[i % moeLayers.length]!);
+    for (let i = 0; i < 6; i++)
+      await Promise.all([
+        check(layer(100 + i, 64), moeLayers[0]!),
+        check(layer(200 + i, 48 + i), moeLayers[moeLayers.length - 1]!),
+      ]);
+  });
+});
