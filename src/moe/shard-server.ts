@@ -326,7 +326,8 @@ export class ShardServer {
           token[at] = bases[i]! + f.token[a]!;
           key[at] = f.layer * 65536 + f.expert[a]!;
           weight[at] = f.weight[a]!;
-          this.#count(f.layer, f.expert[a]!);
+          // Readiness probes send weight 0: not load (a router weight is never exactly 0).
+          if (f.weight[a] !== 0) this.#count(f.layer, f.expert[a]!);
         }
       });
       const g = groupByExpert(x, dim, token, key, weight);
