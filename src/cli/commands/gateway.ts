@@ -2,7 +2,7 @@ import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { loadWeights } from "../../engine/loader.ts";
 import { nativeBackend } from "../../engine/native.ts";
@@ -13,6 +13,7 @@ import { createServeContext, probeShards } from "../../gateway/server.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
+import { connectNats } from "../../moe/nats-connection.ts";
 import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
@@ -115,18 +116,10 @@ export const gatewayCommand: Command = {
       experts = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
     } else {
       const plan = parsePlan(readFileSync(values.plan!, "utf8"));
-      nc = await connect({
-        servers: values.nats!,
+      nc = await connectNats({
+        url: values.nats!,
         name: `expertmesh-gateway-${id}`,
-        maxReconnectAttempts: -1,
-        reconnectTimeWait: 250,
-        ...(values["nats-creds"]
-          ? {
-              authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(
-                readFileSync(values["nats-creds"]),
-              ),
-            }
-          : {}),
+        creds: values["nats-creds"] ? readFileSync(values["nats-creds"]) : undefined,
       });
       experts = new RemoteExperts({
         nc,

@@ -2,12 +2,12 @@ import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import { connect } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
 import { nativeBackend } from "../../engine/native.ts";
 import { referenceBackend } from "../../engine/reference.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
+import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
@@ -76,18 +76,10 @@ export const shardCommand: Command = {
     );
 
     const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
-    const nc = await connect({
-      servers: values.nats!,
+    const nc = await connectNats({
+      url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,
-      maxReconnectAttempts: -1,
-      reconnectTimeWait: 250,
-      ...(values["nats-creds"]
-        ? {
-            authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(
-              readFileSync(values["nats-creds"]),
-            ),
-          }
-        : {}),
+      creds: values["nats-creds"] ? readFileSync(values["nats-creds"]) : undefined,
     });
     const model = {
       namespace: values.namespace ?? "default",

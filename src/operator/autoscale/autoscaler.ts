@@ -8,10 +8,11 @@
 //    reconciler (the only writer of Deployments and status) to apply it;
 //  - with rebalancing on, proposes a better placement from the per-expert token counts and
 //    rolls it out shards first (rebalance.ts), publishing on em.<ns>.<model>.control.plan.
-import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { Counter, Gauge, type Registry } from "prom-client";
 import { architectureOf } from "../../api/manifest.ts";
 import type { DeepSeekModel, DeepSeekModelStatus } from "../../api/schema.ts";
+import { connectNats } from "../../moe/nats-connection.ts";
 import type { PlacementPlan } from "../../moe/placement.ts";
 import { encodePlanControl } from "../../moe/plan-control.ts";
 import { type ModelRef, subjects } from "../../moe/subjects.ts";
@@ -600,14 +601,6 @@ export class Autoscaler {
   }
 }
 
-async function defaultConnect(url: string, creds?: Uint8Array): Promise<NatsConnection> {
-  return connect({
-    servers: url,
-    name: "expertmesh-operator",
-    maxReconnectAttempts: -1,
-    reconnectTimeWait: 500,
-    ...(creds
-      ? { authenticator: (await import("@nats-io/nats-core")).credsAuthenticator(creds) }
-      : {}),
-  });
+function defaultConnect(url: string, creds?: Uint8Array): Promise<NatsConnection> {
+  return connectNats({ url, name: "expertmesh-operator", creds, reconnectWaitMs: 500 });
 }
