@@ -1,6 +1,5 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { connect } from "@nats-io/transport-node";
 import type { Backend } from "../../engine/backend.ts";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
@@ -11,6 +10,7 @@ import { referenceBackend } from "../../engine/reference.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
+import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { defaultModelName, numberFlag as num } from "../options.ts";
@@ -79,12 +79,7 @@ export const generateCommand: Command = {
       const wire = values.wire ?? "bf16";
       if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
         throw new ExpertMeshError("EM_CLI_USAGE", `--wire must be bf16, fp8 or f32, got '${wire}'`);
-      const nc = await connect({
-        servers: values.nats,
-        name: "expertmesh-generate",
-        maxReconnectAttempts: -1,
-        reconnectTimeWait: 250,
-      });
+      const nc = await connectNats({ url: values.nats, name: "expertmesh-generate" });
       close = () => nc.drain();
       experts = new RemoteExperts({
         nc,
