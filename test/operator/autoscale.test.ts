@@ -9,15 +9,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { kubectl } from "../support/cli.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 import {
-  createWeightsVolume,
   getModel,
-  helmInstall,
   model,
+  operatorForNamespaces,
   ownedDeployments,
   type RunningOperator,
-  serviceAccountKubeconfig,
-  startOperator,
-  waitForLeadership,
 } from "../support/operator.ts";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
@@ -82,16 +78,12 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
     );
 
   beforeAll(async () => {
-    await helmInstall("expertmesh-as", releaseNs);
-    op = await startOperator({
-      kubeconfig: await serviceAccountKubeconfig(releaseNs, "expertmesh-as"),
+    op = await operatorForNamespaces({
+      release: "expertmesh-as",
+      releaseNs,
       identity: "op-as",
-      leaseNamespace: releaseNs,
       namespaces: [ns],
     });
-    await waitForLeadership(op);
-    await core.createNamespace({ body: { metadata: { name: ns } } });
-    await createWeightsVolume(ns);
     nc = await connect({ servers: testEnv().nats.url });
     reporters = new Reporters(nc, `em.${ns}.${name}.stats`);
     await custom.createNamespacedCustomObject({

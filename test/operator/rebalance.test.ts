@@ -16,14 +16,10 @@ import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import {
-  createWeightsVolume,
   getModel,
-  helmInstall,
   model,
+  operatorForNamespaces,
   type RunningOperator,
-  serviceAccountKubeconfig,
-  startOperator,
-  waitForLeadership,
 } from "../support/operator.ts";
 import { startShard, waitServing } from "../support/shards.ts";
 
@@ -83,16 +79,12 @@ describe.sequential("local mode under real load: autoscaling and live expert reb
   let clients: Promise<void>[] = [];
 
   beforeAll(async () => {
-    await helmInstall("expertmesh-rb", releaseNs);
-    op = await startOperator({
-      kubeconfig: await serviceAccountKubeconfig(releaseNs, "expertmesh-rb"),
+    op = await operatorForNamespaces({
+      release: "expertmesh-rb",
+      releaseNs,
       identity: "op-rb",
-      leaseNamespace: releaseNs,
       namespaces: [ns],
     });
-    await waitForLeadership(op);
-    await core.createNamespace({ body: { metadata: { name: ns } } });
-    await createWeightsVolume(ns);
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,

@@ -200,3 +200,29 @@ export async function helmInstall(
   );
   expect(helm.code, helm.stderr).toBe(0);
 }
+
+/**
+ * A Helm release of the chart (operator replicas 0) in a new namespace `releaseNs`, and the
+ * operator run here under the release's ServiceAccount, leading, watching `namespaces`,
+ * each of which is created with a bound `weights` volume.
+ */
+export async function operatorForNamespaces(o: {
+  release: string;
+  releaseNs: string;
+  identity: string;
+  namespaces: string[];
+}): Promise<RunningOperator> {
+  await helmInstall(o.release, o.releaseNs);
+  const op = await startOperator({
+    kubeconfig: await serviceAccountKubeconfig(o.releaseNs, o.release),
+    identity: o.identity,
+    leaseNamespace: o.releaseNs,
+    namespaces: o.namespaces,
+  });
+  await waitForLeadership(op);
+  for (const ns of o.namespaces) {
+    await core().createNamespace({ body: { metadata: { name: ns } } });
+    await createWeightsVolume(ns);
+  }
+  return op;
+}
