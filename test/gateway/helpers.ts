@@ -4,7 +4,9 @@ import type { AddressInfo } from "node:net";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import type { FastifyInstance } from "fastify";
 import OpenAI from "openai";
+import { expect } from "vitest";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
+import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { buildGatewayApp } from "../../src/gateway/app.ts";
 import type { ServeContext } from "../../src/gateway/jobs.ts";
@@ -12,7 +14,7 @@ import { createServeContext, type GatewayConfig, probeShards } from "../../src/g
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { Tokenizer } from "../../src/model/tokenizer.ts";
 import { RemoteExperts } from "../../src/moe/dispatcher.ts";
-import { testEnv } from "../support/env.ts";
+import { testEnv, waitFor } from "../support/env.ts";
 import { type Cluster, native } from "../support/shards.ts";
 
 export interface TestGateway {
@@ -130,4 +132,59 @@ export async function metric(url: string, name: string): Promise<number> {
   const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text);
   if (!m) throw new Error(`metric ${name} not found`);
   return Number(m[1]);
+}
+
+/**
+ * The preemption scenario: a KV cache of 64 tokens in blocks of 4 that cannot hold four
+ * sequences of ~35 tokens. Asks four prompts one by one (no preemption), then all four at
+ * once (the first step held until every request is queued), and checks the texts are the
+ * same, that preemption happened and that the cache ends empty. `before` / `after` add
+ * checks on the gateway after the one-by-one and the together runs.
+ */
+export async function preemptionScenario(
+  dir: string,
+  opts: TestGatewayOptions,
+  checks: { before?: (g: TestGateway) => void; after?: (g: TestGateway) => void } = {},
+): Promise<void> {
+  const config = (await Checkpoint.open(dir)).config;
+  let h!: ReturnType<typeof holdable>;
+  const g = await startGateway(dir, {
+    ...opts,
+    maxModelLen: 64,
+    blockSize: 4,
+    kvCacheBytes: 16 * bytesPerBlock(config, 4),
+    wrap: (r) => {
+      h = holdable(r);
+      return h.runner;
+    },
+  });
+  try {
+    const prompts = ["one two", "three four five", "six", "seven eight nine ten"];
+    const ask = (p: string) =>
+      g.client.completions
+        .create({ model: "tiny", prompt: p, max_tokens: 30, temperature: 0 })
+        .then((r) => r.choices[0]!.text);
+    const alone: string[] = [];
+    for (const p of prompts) alone.push(await ask(p));
+    expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
+    checks.before?.(g);
+    // All four in the scheduler at once: hold the first step until the others queued.
+    h.hold();
+    const together = Promise.all(prompts.map(ask));
+    await waitFor("all four requests to be queued", async () =>
+      (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
+        (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
+      4
+        ? true
+        : undefined,
+    );
+    h.release();
+    expect(await together).toEqual(alone);
+    expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
+    checks.after?.(g);
+    expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
+  } finally {
+    h.release();
+    await g.close();
+  }
 }

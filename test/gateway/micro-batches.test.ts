@@ -4,12 +4,10 @@
 // the same; the scheduler's bookkeeping (preemption, cancellation) must stay right.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExpertRunner } from "../../src/engine/experts.ts";
-import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
-import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
-import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import { metric, preemptionScenario, startGateway, type TestGateway } from "./helpers.ts";
 
 /** Counts the expert calls in flight at once (the real runner does the work). */
 function inFlight(inner: ExpertRunner) {
@@ -158,49 +156,14 @@ describe("two micro-batches in flight", () => {
   });
 
   it("preempts and recomputes when the cache is full, with the same text", async () => {
-    const config = (await Checkpoint.open(dir)).config;
-    let h!: ReturnType<typeof holdable>;
-    // 64 tokens of cache in blocks of 4: four sequences of ~35 tokens cannot all fit.
-    const g = await startGateway(dir, {
-      cluster,
-      microBatches: 2,
-      maxModelLen: 64,
-      blockSize: 4,
-      kvCacheBytes: 16 * bytesPerBlock(config, 4),
-      wrap: (r) => {
-        h = holdable(r);
-        return h.runner;
+    await preemptionScenario(
+      dir,
+      { cluster, microBatches: 2 },
+      {
+        before: (g) => expect(g.ctx.engine.numSplitSteps).toBe(0),
+        after: (g) => expect(g.ctx.engine.numSplitSteps).toBeGreaterThan(0),
       },
-    });
-    try {
-      const prompts = ["one two", "three four five", "six", "seven eight nine ten"];
-      const ask = (p: string) =>
-        g.client.completions
-          .create({ model: "tiny", prompt: p, max_tokens: 30, temperature: 0 })
-          .then((r) => r.choices[0]!.text);
-      const alone: string[] = [];
-      for (const p of prompts) alone.push(await ask(p));
-      expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
-      expect(g.ctx.engine.numSplitSteps).toBe(0);
-      // All four in the scheduler at once: hold the first step until the others queued.
-      h.hold();
-      const together = Promise.all(prompts.map(ask));
-      await waitFor("all four requests to be queued", async () =>
-        (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
-          (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
-        4
-          ? true
-          : undefined,
-      );
-      h.release();
-      expect(await together).toEqual(alone);
-      expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
-      expect(g.ctx.engine.numSplitSteps).toBeGreaterThan(0);
-      expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
-    } finally {
-      h.release();
-      await g.close();
-    }
+    );
   });
 
   it("a client that disconnects frees its blocks; the other half goes on unchanged", async () => {

@@ -4,12 +4,10 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
-import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
-import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import { holdable, metric, preemptionScenario, startGateway, type TestGateway } from "./helpers.ts";
 
 let dir: string;
 let gw: TestGateway;
@@ -247,45 +245,7 @@ describe("continuous batching", () => {
 
 describe("preemption", () => {
   it("a cache too small for all sequences preempts and recomputes, with the same text", async () => {
-    const config = (await Checkpoint.open(dir)).config;
-    let h!: ReturnType<typeof holdable>;
-    // 64 tokens of cache in blocks of 4: four sequences of ~35 tokens cannot all fit.
-    const g = await startGateway(dir, {
-      maxModelLen: 64,
-      blockSize: 4,
-      kvCacheBytes: 16 * bytesPerBlock(config, 4),
-      wrap: (r) => {
-        h = holdable(r);
-        return h.runner;
-      },
-    });
-    try {
-      const prompts = ["one two", "three four five", "six", "seven eight nine ten"];
-      const ask = (p: string) =>
-        g.client.completions
-          .create({ model: "tiny", prompt: p, max_tokens: 30, temperature: 0 })
-          .then((r) => r.choices[0]!.text);
-      const alone: string[] = [];
-      for (const p of prompts) alone.push(await ask(p));
-      expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
-      // All four in the scheduler at once: hold the first step until the others queued.
-      h.hold();
-      const together = Promise.all(prompts.map(ask));
-      await waitFor("all four requests to be queued", async () =>
-        (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
-          (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
-        4
-          ? true
-          : undefined,
-      );
-      h.release();
-      expect(await together).toEqual(alone);
-      expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
-      expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
-    } finally {
-      h.release();
-      await g.close();
-    }
+    await preemptionScenario(dir, {});
   });
 });
 
