@@ -92,6 +92,7 @@ interface ModelState {
 }
 
 const round = (n: number) => Math.round(n * 100) / 100;
+const TIMER_SLACK_MS = 100;
 const rfc3339 = (ms: number) => new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");
 
 export class Autoscaler {
@@ -372,7 +373,9 @@ export class Autoscaler {
     const a = s.model.spec.autoscaling;
     const ref = this.#ref(s);
     const operatorMode = a.mode === "operator";
-    const due = operatorMode && now - s.lastDecideAt >= a.intervalSeconds * 1000;
+    // The 1 s timer drifts by a few ms either way: without the slack a tick 999 ms after the
+    // last decision would wait for the next one, leaving 2 s between decisions.
+    const due = operatorMode && now - s.lastDecideAt >= a.intervalSeconds * 1000 - TIMER_SLACK_MS;
     if (due) s.lastDecideAt = now;
     const roles: RoleStatus[] = [];
     let changed = false;
