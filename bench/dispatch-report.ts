@@ -32,6 +32,8 @@ export function dispatchTables(r: DispatchResults, source: string): string {
       ? `**${x.ratio.toFixed(2)}** (${Math.min(...p).toFixed(2)}–${Math.max(...p).toFixed(2)})`
       : `**${x.ratio.toFixed(2)}**`;
   };
+  const hasLean = r.rows.every((x) => x.leanMs !== undefined);
+  const leanRatios = r.rows.map((x) => x.leanRatio ?? Number.NaN);
   const lines = [
     "### Dispatch: machine and run",
     "",
@@ -43,17 +45,30 @@ export function dispatchTables(r: DispatchResults, source: string): string {
         ? "gateway in this process; each of the 4 shard servers in its own process, with the raw responder of its shard"
         : "gateway in this process, 4 shard servers (and the raw responders) in a second process"
     } |`,
-    `| run | ${r.date}, commit \`${r.commit}\`${r.dirty ? " (+ uncommitted changes)" : ""}, ${nPasses > 1 ? `${nPasses} passes over the grid, each with ${r.runs} counted runs per row` : `${r.runs} counted runs per row`}, interleaved ours / raw; data: [${source.split("/").pop()}](${source}) |`,
+    `| run | ${r.date}, commit \`${r.commit}\`${r.dirty ? " (+ uncommitted changes)" : ""}, ${nPasses > 1 ? `${nPasses} passes over the grid, each with ${r.runs} counted runs per row` : `${r.runs} counted runs per row`}, interleaved ours / raw${hasLean ? " / lean" : ""}; data: [${source.split("/").pop()}](${source}) |`,
     "",
     "### Dispatch and combine against the raw NATS round trip",
     "",
-    `Target: ours <= 1.25x raw at every size. Met on ${met} of ${r.rows.length} rows; ratios ${best.toFixed(2)}–${worst.toFixed(2)}. Times in ms, median (min–max) over all counted runs; ‡ marks a spread over 25% of the median.${nPasses > 1 ? " ours / raw: median of the passes' ratios (min–max of the passes)." : ""}`,
+    `Target: ours <= 1.25x raw at every size. Met on ${met} of ${r.rows.length} rows; ratios ${best.toFixed(2)}–${worst.toFixed(2)}. Times in ms, median (min–max) over all counted runs; ‡ marks a spread over 25% of the median.${nPasses > 1 ? " ours / raw: median of the passes' ratios (min–max of the passes)." : ""}${
+      hasLean
+        ? ` Lean floor: the same raw bytes through the dispatcher's own request-reply (ADR 0004) instead of the NATS client's request(), with no codec and no dispatcher; ours / lean (median of the passes) is the codec's and dispatcher's own share: ${Math.min(...leanRatios).toFixed(2)}–${Math.max(...leanRatios).toFixed(2)}.`
+        : ""
+    }`,
     "",
-    "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ...(hasLean
+      ? [
+          "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw | lean ms | ours / lean |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+      : [
+          "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]),
     ...r.rows.map(
       (x) =>
-        `| ${x.hidden} | ${x.topK} | ${x.tokens} | ${x.dtype} | ${kib(x.requestBytes)} | ${kib(x.replyBytes)} | ${ms(x.oursMs)} | ${ms(x.rawMs)} | ${ratio(x)} |`,
+        `| ${x.hidden} | ${x.topK} | ${x.tokens} | ${x.dtype} | ${kib(x.requestBytes)} | ${kib(x.replyBytes)} | ${ms(x.oursMs)} | ${ms(x.rawMs)} | ${ratio(x)} |${
+          hasLean && x.leanMs ? ` ${ms(x.leanMs)} | ${x.leanRatio!.toFixed(2)} |` : ""
+        }`,
     ),
   ];
   return lines.join("\n");

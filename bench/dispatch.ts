@@ -21,6 +21,7 @@ import { fileURLToPath } from "node:url";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { RemoteExperts } from "../src/moe/dispatcher.ts";
 import { planPlacement } from "../src/moe/placement.ts";
+import { Requester } from "../src/moe/requester.ts";
 import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
 import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
@@ -43,6 +44,14 @@ export interface DispatchRow {
   passRatios?: number[];
   /** Median of passRatios. */
   ratio: number;
+  /**
+   * The lean floor (since 2026-11-29): the raw bytes through the dispatcher's requester
+   * (src/moe/requester.ts, ADR 0004) instead of the client's request(); no codec, no
+   * dispatcher. Absent in older results.
+   */
+  leanMs?: Stats;
+  /** Median over the passes of median(ours) / median(lean). */
+  leanRatio?: number;
 }
 
 /** A deterministic random number generator (mulberry32) for routing. */
@@ -121,6 +130,7 @@ export async function runDispatch(opts: {
       const gw = await connect({ servers: nats.info.url });
       ncs.push(gw);
       await gw.flush();
+      const lean = new Requester(gw);
       const cases: {
         dtype: "bf16" | "fp8";
         T: number;
@@ -128,9 +138,12 @@ export async function runDispatch(opts: {
         replyBytes: number;
         ours: () => Promise<number>;
         floor: () => Promise<number>;
+        leanFloor: () => Promise<number>;
         a: number[];
         b: number[];
+        c: number[];
         ratios: number[];
+        leanRatios: number[];
       }[] = [];
       for (const dtype of ["bf16", "fp8"] as const) {
         const experts = new RemoteExperts({
@@ -188,6 +201,11 @@ export async function runDispatch(opts: {
             await Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 })));
             return performance.now() - t0;
           };
+          const leanFloor = async () => {
+            const t0 = performance.now();
+            await Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000)));
+            return performance.now() - t0;
+          };
           cases.push({
             dtype,
             T,
@@ -195,9 +213,12 @@ export async function runDispatch(opts: {
             replyBytes,
             ours,
             floor,
+            leanFloor,
             a: [],
             b: [],
+            c: [],
             ratios: [],
+            leanRatios: [],
           });
         }
       }
@@ -206,16 +227,21 @@ export async function runDispatch(opts: {
           for (let i = 0; i < (pass === 0 ? 3 : 1); i++) {
             await c.ours();
             await c.floor();
+            await c.leanFloor();
           }
           const a: number[] = [];
           const b: number[] = [];
+          const l: number[] = [];
           for (let i = 0; i < opts.runs; i++) {
             a.push(await c.ours());
             b.push(await c.floor());
+            l.push(await c.leanFloor());
           }
           c.a.push(...a);
           c.b.push(...b);
+          c.c.push(...l);
           c.ratios.push(stats(a).median / stats(b).median);
+          c.leanRatios.push(stats(a).median / stats(l).median);
         }
       }
       for (const c of cases) {
@@ -232,12 +258,15 @@ export async function runDispatch(opts: {
           rawMs: stats(c.b),
           passRatios: c.ratios,
           ratio: stats(c.ratios).median,
+          leanMs: stats(c.c),
+          leanRatio: stats(c.leanRatios).median,
         };
         rows.push(row);
         opts.log(
-          `dispatch hidden ${shape.hidden} top-${shape.topK} ${c.dtype} T=${c.T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)} (passes ${c.ratios.map((r) => r.toFixed(2)).join(", ")}; ${(c.requestBytes / 1024).toFixed(0)} KiB out)`,
+          `dispatch hidden ${shape.hidden} top-${shape.topK} ${c.dtype} T=${c.T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)}, lean ${row.leanMs!.median.toFixed(3)} ms, ours / lean ${row.leanRatio!.toFixed(2)} (passes ${c.ratios.map((r) => r.toFixed(2)).join(", ")}; ${(c.requestBytes / 1024).toFixed(0)} KiB out)`,
         );
       }
+      lean.close();
       for (const child of shardChildren) child.kill();
     }
     return { rows, natsVersion: varz.version, passes };

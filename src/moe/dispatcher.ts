@@ -10,6 +10,7 @@ import { ExpertMeshError, formatError } from "../util/errors.ts";
 import { BufferPool } from "./buffer-pool.ts";
 import { layerOf, type PlacementPlan, shardsForExperts } from "./placement.ts";
 import { checkSwitchable } from "./plan-control.ts";
+import { Requester } from "./requester.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
   addCombine,
@@ -63,6 +64,7 @@ export class RemoteExperts implements ExpertRunner {
    * failed are left to the collector, in case the client still holds one for a reconnect.
    */
   readonly #frames = new BufferPool();
+  readonly #requester: Requester;
 
   /** The plan new frames are routed with. */
   get plan(): PlacementPlan {
@@ -89,6 +91,12 @@ export class RemoteExperts implements ExpertRunner {
       attemptTimeoutMs: 2_000,
       ...o,
     };
+    this.#requester = new Requester(o.nc);
+  }
+
+  /** Unsubscribes the reply inbox; layers in flight fail (and may retry on a new one). */
+  close(): void {
+    this.#requester.close();
   }
 
   async run(
@@ -241,9 +249,11 @@ export class RemoteExperts implements ExpertRunner {
       const left = deadline - Date.now();
       if (left <= 0) break;
       try {
-        const msg = await this.#o.nc.request(subject, frame, {
-          timeout: Math.min(this.#o.attemptTimeoutMs, left),
-        });
+        const msg = await this.#requester.request(
+          subject,
+          frame,
+          Math.min(this.#o.attemptTimeoutMs, left),
+        );
         const reply = decodeReply(msg.data);
         if (reply.kind === "error") {
           // A shard that refuses the frame will refuse it again: no retry.
