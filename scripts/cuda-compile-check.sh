@@ -22,7 +22,7 @@ cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_
   -DCMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" -DEM_CUDA_ARCHS="$archs" -DCMAKE_CUDA_ARCHITECTURES="$archs" >/dev/null
 # The engine with the CUDA backend, and the two CUDA executables (the CPU tests are built
 # and run by npm test already).
-cmake --build "$build" --parallel "$jobs" --target emcore test_cuda_parity em_bench_cuda_moe
+cmake --build "$build" --parallel "$jobs" --target emcore test_cuda_parity em_bench_cuda_moe em_bench_cuda_mla
 # Without a device the parity suite must say so with its distinct exit code.
 set +e
 "$build/test_cuda_parity" >/dev/null 2>&1

@@ -1,9 +1,13 @@
 // Grouped expert FFN on the CUDA backend at DeepSeek-V3 shapes: TFLOP/s of em_moe_ffn
-// (gate/up/down GEMMs + SiLU-and-multiply + weighted combine) with bf16 weights in device
-// memory, the cuBLAS loop and the grouped-GEMM variant interleaved (A B A B ...), median
-// with min and max of the counted runs. The PyTorch peer is shards/bench/torch_moe_peer.py.
+// (gate/up/down GEMMs + SiLU-and-multiply + weighted combine) with bf16 weights, and fp8
+// e4m3 weights with 128x128 block scales (as the V3 checkpoint), in device memory: the loop
+// and the grouped-GEMM variant of each dtype interleaved (A B C D A B C D ...), median with
+// min and max of the counted runs, and the median as a fraction of the device's dense bf16
+// and fp8 tensor-core peaks (defaults: H200 SXM datasheet, 989 and 1979 TFLOP/s). The
+// PyTorch peer is shards/bench/torch_moe_peer.py.
 //
-//   em_bench_cuda_moe [--json FILE] [--tokens 8,64,512,4096] [--runs 7]
+//   em_bench_cuda_moe [--json FILE] [--tokens 8,64,512,4096] [--runs 7] [--dtypes bf16,fp8]
+//                     [--peak-bf16 989] [--peak-fp8 1979]
 // Shapes: hidden 7168, moe_intermediate 2048, 256 experts, 8 experts per token, uniform
 // random routing (seeded). FLOPs = 6 * rows * hidden * inter (rows = tokens * 8).
 #include <algorithm>
@@ -45,8 +49,15 @@ int main(int argc, char** argv) {
   const char* json_path = nullptr;
   std::vector<int64_t> token_counts = {8, 64, 512, 4096};
   int runs = 7;
+  bool with_bf16 = true, with_fp8 = true;
+  double peak_bf16 = 989.0, peak_fp8 = 1979.0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--json")) json_path = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--dtypes")) {
+      with_bf16 = std::strstr(argv[i + 1], "bf16") != nullptr;
+      with_fp8 = std::strstr(argv[i + 1], "fp8") != nullptr;
+    } else if (!std::strcmp(argv[i], "--peak-bf16")) peak_bf16 = std::atof(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--peak-fp8")) peak_fp8 = std::atof(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--runs")) runs = std::max(5, std::atoi(argv[i + 1]));
     else if (!std::strcmp(argv[i], "--tokens")) {
       token_counts.clear();
@@ -100,6 +111,42 @@ int main(int argc, char** argv) {
               3.0 * kExperts * wn * 2 / 1e9,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count());
 
+  // fp8 e4m3 weights (11.3 GB) with weight_scale_inv [16, 56] / [56, 16] blocks: random codes
+  // (no NaN) and scales of about 0.02 / 448, from a few host patterns.
+  std::vector<em_tensor> f1(kExperts), f2(kExperts), f3(kExperts);
+  if (with_fp8) {
+    const auto t_fp8 = std::chrono::steady_clock::now();
+    const size_t sn = static_cast<size_t>((kInter / 128) * (kHidden / 128));
+    std::vector<std::vector<uint8_t>> codes(3, std::vector<uint8_t>(wn));
+    std::vector<std::vector<float>> scales(3, std::vector<float>(sn));
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (auto& c : codes)
+      for (auto& v : c) {
+        do v = static_cast<uint8_t>(byte(gen));
+        while ((v & 0x7f) == 0x7f);
+      }
+    for (auto& sc : scales)
+      for (auto& v : sc) v = (0.5f + uni(gen) * 25.0f) * 0.02f / 448.0f;
+    for (int64_t e = 0; e < kExperts; ++e) {
+      void* p[3];
+      void* q[3];
+      for (int j = 0; j < 3; ++j) {
+        TRY(em_cuda_malloc(loop, wn, &p[j]));
+        TRY(em_cuda_copy(loop, p[j], codes[(e + j) % 3].data(), wn));
+        TRY(em_cuda_malloc(loop, sn * 4, &q[j]));
+        TRY(em_cuda_copy(loop, q[j], scales[(e + j) % 3].data(), sn * 4));
+        allocations.push_back(p[j]);
+        allocations.push_back(q[j]);
+      }
+      f1[e] = em_tensor_fp8(p[0], static_cast<const float*>(q[0]), kInter, kHidden);
+      f3[e] = em_tensor_fp8(p[1], static_cast<const float*>(q[1]), kInter, kHidden);
+      f2[e] = em_tensor_fp8(p[2], static_cast<const float*>(q[2]), kHidden, kInter);
+    }
+    std::printf("bench_cuda_moe: weights %.1f GB fp8 (128x128 block scales) loaded in %.1f s\n",
+                3.0 * kExperts * wn / 1e9,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t_fp8).count());
+  }
+
   FILE* json = json_path ? std::fopen(json_path, "w") : nullptr;
   if (json) std::fprintf(json, "[\n");
   bool first = true;
@@ -145,38 +192,62 @@ int main(int argc, char** argv) {
     a.accumulate = 0;
     a.y = &y;
 
+    em_moe_args af = a;  // the same call with the fp8 weights
+    af.w1 = f1.data();
+    af.w2 = f2.data();
+    af.w3 = f3.data();
+
     const double flops = 6.0 * static_cast<double>(rows) * kHidden * kInter;
-    em_backend* sides[2] = {loop, grouped};
-    const char* names[2] = {"cublas loop", "cublas grouped"};
-    std::vector<double> tflops[2];
-    for (int s = 0; s < 2; ++s) TRY(em_moe_ffn(sides[s], &a));  // warm-up
+    struct Side {
+      em_backend* b;
+      const em_moe_args* args;
+      const char* name;
+      const char* dtype;
+    };
+    std::vector<Side> sides;
+    if (with_bf16) {
+      sides.push_back({loop, &a, "cublas loop", "bf16"});
+      sides.push_back({grouped, &a, "cublas grouped", "bf16"});
+    }
+    if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
+      sides.push_back({loop, &af, "fp8 loop", "fp8"});
+      sides.push_back({grouped, &af, "fp8 grouped", "fp8"});
+    }
+    const size_t ns = sides.size();
+    std::vector<std::vector<double>> tflops(ns);
+    for (size_t s = 0; s < ns; ++s) TRY(em_moe_ffn(sides[s].b, sides[s].args));  // warm-up
     for (int r = 0; r < runs; ++r) {
-      for (int s = 0; s < 2; ++s) {
+      for (size_t s = 0; s < ns; ++s) {
         // Enough calls for ~50 ms per sample.
         const auto t0 = std::chrono::steady_clock::now();
         int calls = 0;
         double el = 0;
         do {
-          TRY(em_moe_ffn(sides[s], &a));
+          TRY(em_moe_ffn(sides[s].b, sides[s].args));
           ++calls;
           el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         } while (el < 0.05);
         tflops[s].push_back(flops * calls / el / 1e12);
       }
     }
-    for (int s = 0; s < 2; ++s) {
+    for (size_t s = 0; s < ns; ++s) {
       const Stats st = stats(tflops[s]);
-      std::printf("moe_ffn bf16 tokens %5lld rows %6lld  %-15s %8.2f TFLOP/s (min %.2f max %.2f, %d runs)\n",
-                  static_cast<long long>(tokens), static_cast<long long>(rows), names[s], st.median, st.min, st.max,
-                  runs);
+      const double of_bf16 = st.median / peak_bf16, of_fp8 = st.median / peak_fp8;
+      std::printf("moe_ffn %-4s tokens %5lld rows %6lld  %-15s %8.2f TFLOP/s (min %.2f max %.2f, %d runs; "
+                  "%.3f of bf16 peak, %.3f of fp8 peak)\n",
+                  sides[s].dtype, static_cast<long long>(tokens), static_cast<long long>(rows), sides[s].name,
+                  st.median, st.min, st.max, runs, of_bf16, of_fp8);
       if (json)
         std::fprintf(json,
-                     "%s  {\"what\": \"moe_ffn\", \"impl\": \"%s\", \"dtype\": \"bf16\", \"tokens\": %lld, \"rows\": %lld, "
+                     "%s  {\"what\": \"moe_ffn\", \"impl\": \"%s\", \"dtype\": \"%s\", \"tokens\": %lld, \"rows\": %lld, "
                      "\"hidden\": %lld, \"inter\": %lld, \"experts\": %lld, \"top_k\": %lld, \"tflops_median\": %.4f, "
-                     "\"tflops_min\": %.4f, \"tflops_max\": %.4f, \"runs\": %d, \"device\": \"%s\"}",
-                     first ? "" : ",\n", names[s], static_cast<long long>(tokens), static_cast<long long>(rows),
-                     static_cast<long long>(kHidden), static_cast<long long>(kInter), static_cast<long long>(kExperts),
-                     static_cast<long long>(kTopK), st.median, st.min, st.max, runs, info.isa);
+                     "\"tflops_min\": %.4f, \"tflops_max\": %.4f, \"runs\": %d, \"device\": \"%s\", "
+                     "\"peak_bf16_tflops\": %.1f, \"peak_fp8_tflops\": %.1f, \"of_bf16_peak\": %.4f, "
+                     "\"of_fp8_peak\": %.4f}",
+                     first ? "" : ",\n", sides[s].name, sides[s].dtype, static_cast<long long>(tokens),
+                     static_cast<long long>(rows), static_cast<long long>(kHidden), static_cast<long long>(kInter),
+                     static_cast<long long>(kExperts), static_cast<long long>(kTopK), st.median, st.min, st.max, runs,
+                     info.isa, peak_bf16, peak_fp8, of_bf16, of_fp8);
       first = false;
     }
     em_cuda_free(loop, dx);

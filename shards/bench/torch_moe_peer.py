@@ -60,6 +60,23 @@ def main():
     rows_out.append({"what": "dense_bf16_gemm", "shape": [n, n, n], "tflops": dense, "device": name})
     rows_out.append({"what": "copy_bandwidth", "bytes": 2 * 2 * 1024**3, "gbps": copy, "device": name})
     print(f"torch peer on {name}: dense bf16 GEMM {dense['median']:.1f} TFLOP/s, copy {copy['median']:.0f} GB/s")
+    # The fp8 limit: a dense e4m3 GEMM (per-tensor scales, bf16 out) where torch has
+    # _scaled_mm and the device fp8 tensor cores (sm_89+); the fp8 rows of em_bench_cuda_moe
+    # compare against it.
+    try:
+        a8 = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+        b8 = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.tensor(1.0, device=dev)
+
+        def mm8():
+            return torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+        dense8 = stats([2 * n**3 / timed(mm8) / 1e12 for _ in range(args.runs)])
+        del a8, b8
+        rows_out.append({"what": "dense_fp8_gemm", "shape": [n, n, n], "tflops": dense8, "device": name})
+        print(f"torch peer on {name}: dense fp8 e4m3 GEMM (torch._scaled_mm) {dense8['median']:.1f} TFLOP/s")
+    except Exception as e:  # noqa: BLE001 - older torch or a device without fp8: no row
+        print(f"dense fp8 GEMM unavailable here: {e}")
 
     w1 = torch.randn(EXPERTS, INTER, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02
     w3 = torch.randn(EXPERTS, INTER, HIDDEN, device=dev, dtype=torch.bfloat16) * 0.02

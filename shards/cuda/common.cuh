@@ -109,6 +109,23 @@ void f32_rows_to(Op& op, const float* src, int64_t lds, const int32_t* row_index
 // A 2-D weight view of any dtype as contiguous f32 [rows, cols] in scratch (gate weights).
 float* weight_to_f32(Op& op, const em_tensor& w);
 
+// fp8 e4m3 block-scaled weights (fp8.cu). A scratch buffer reused across GEMMs of one op
+// (stream order makes reuse safe); it grows as needed.
+struct ScratchBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void* get(Op& op, size_t n);
+};
+// GEMMs with at most this many rows read the fp8 weight directly (f32 math on the exact
+// weight values); more rows dequantize it to bf16 for cuBLAS (see fp8.cu).
+constexpr int64_t kFp8SkinnyRows = 8;
+// y[M, N] = x[M, K] w[N, K]^T (overwrites y; ld ldy): w a 2-D fp8 view with data and scale on
+// the device, x f32 or bf16 (xdt) with ld ldx, fp32 accumulation. wbuf: bf16 weight scratch.
+void fp8_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tensor& w, float* y, int64_t ldy, int64_t M,
+              ScratchBuf& wbuf);
+// dst (contiguous bf16 [rows, cols]) = the 2-D fp8 view w dequantized, as em_convert fp8 -> bf16.
+void fp8_to_bf16(Op& op, const em_tensor& w, void* dst);
+
 // Op implementations; arguments were validated by the dispatcher.
 em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);
 em_status rmsnorm(Context& ctx, const em_tensor* x, const em_tensor* weight, float eps, em_tensor* y);
@@ -118,6 +135,7 @@ em_status rope(Context& ctx, em_tensor* x, const int32_t* positions, const em_ro
 em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const em_tensor* bias,
                const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
 em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
+em_status mla_attention(Context& ctx, const em_mla_args* args);  // attention.cu
 
 // ------------------------------------------------------------------ device helpers
 #ifdef __CUDACC__

@@ -123,12 +123,13 @@ int supports_op(void*, em_op op, em_dtype dtype) {
   switch (op) {
     case EM_OP_MATMUL:
     case EM_OP_MOE_FFN:
-    case EM_OP_GATE: return gemm_dtype(dtype);  // fp8 block-scaled GEMMs: not yet
+    case EM_OP_GATE: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;  // fp8: see fp8.cu
     case EM_OP_CONVERT: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;
     case EM_OP_RMSNORM: return gemm_dtype(dtype);
     case EM_OP_SILU_MUL:
     case EM_OP_ROPE: return dtype == EM_F32;
-    default: return 0;  // mla_attention, sample, wire_pack, wire_unpack: not yet
+    case EM_OP_MLA_ATTENTION: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;  // wkv_b dtype; see attention.cu
+    default: return 0;  // sample, wire_pack, wire_unpack: not yet
   }
 }
 
@@ -166,7 +167,9 @@ const em_backend_iface kCudaIface = {
     [](void* p, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
       return guarded("rope", [&] { return rope(*ctx_of(p), x, pos, cfg); });
     },
-    [](void*, const em_mla_args*) { return unsupported("mla_attention"); },
+    [](void* p, const em_mla_args* a) {
+      return guarded("mla_attention", [&] { return mla_attention(*ctx_of(p), a); });
+    },
     [](void* p, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
        em_tensor* idx, em_tensor* wt) {
       return guarded("gate", [&] { return gate(*ctx_of(p), x, w, bias, cfg, idx, wt); });

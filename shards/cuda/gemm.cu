@@ -5,7 +5,7 @@
 // cores, so the f32 activations are rounded to the weight's dtype first (as PyTorch does
 // with bf16 models); accumulation is fp32. The gate converts its (small) weight to f32
 // instead, so that top-k selection sees the same logits as the CPU backend up to fp32
-// summation order.
+// summation order. fp8 weights: see fp8.cu (the gate converts them to f32 like the others).
 #include <cmath>
 #include <limits>
 
@@ -178,6 +178,9 @@ em_status matmul(Context& ctx, const em_tensor* x_, const em_tensor* w_, em_tens
   const int64_t M = x.shape[0], K = x.shape[1], N = w.shape[0];
   if (w.dtype == EM_F32) {
     gemm_nt(ctx, x.data, x.stride[0], w.data, w.stride[0], CUDA_R_32F, y.data, y.stride[0], CUDA_R_32F, M, N, K, false);
+  } else if (w.dtype == EM_F8_E4M3) {  // fp8.cu: f32 activations as they are up to kFp8SkinnyRows rows
+    ScratchBuf wbuf;
+    fp8_gemm(op, x.data, EM_F32, x.stride[0], w, static_cast<float*>(y.data), y.stride[0], M, wbuf);
   } else {
     void* xc = op.alloc(static_cast<size_t>(M * K) * em_dtype_size(w.dtype));
     f32_rows_to(op, static_cast<const float*>(x.data), x.stride[0], nullptr, M, K, w.dtype, xc);

@@ -11,6 +11,10 @@
 //      with out_index[r] == o, in increasing r (a CSR built on the host: no atomics, and the
 //      CPU backend's summation order)
 // With no out_index, no row_weight and no accumulate (and fp32 outputs), step 4 writes y.
+// fp8 weights (fp8.cu): activations and intermediates are bf16. The loop runs fp8_gemm per
+// expert (experts with few rows read the fp8 weights directly, others dequantize into one
+// reused bf16 buffer); the grouped variant dequantizes batches of experts' weights into at
+// most kFp8GroupedBytes of scratch and runs one grouped bf16 GEMM per batch.
 #include <algorithm>
 #include <vector>
 
@@ -72,6 +76,8 @@ __global__ void combine_kernel(const T* out, int64_t ldo, const int32_t* start, 
     y[o * ldy + c] = acc;
   }
 }
+
+constexpr size_t kFp8GroupedBytes = size_t{1} << 30;
 
 unsigned grid_1d(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
@@ -160,11 +166,13 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   const em_tensor x = op.in(*a->x), y = op.out(*a->y);
   const int64_t y_rows = y.shape[0], ldy = y.stride[0];
 
-  // One activation dtype for the call: the experts' weight dtype.
-  const em_dtype dt = E > 0 ? a->w1[0].dtype : EM_F32;
+  // One activation dtype for the call: the experts' weight dtype (bf16 for fp8 weights).
+  const em_dtype wdt = E > 0 ? a->w1[0].dtype : EM_F32;
+  const bool fp8 = wdt == EM_F8_E4M3;
+  const em_dtype dt = fp8 ? EM_BF16 : wdt;
   int64_t max_inter = 0;
   for (int32_t e = 0; e < E; ++e) {
-    if (a->w1[e].dtype != dt || a->w3[e].dtype != dt || a->w2[e].dtype != dt)
+    if (a->w1[e].dtype != wdt || a->w3[e].dtype != wdt || a->w2[e].dtype != wdt)
       throw Error(EM_ERR_UNSUPPORTED, "the experts of one call must share one weight dtype on CUDA");
     max_inter = std::max<int64_t>(max_inter, a->w1[e].shape[0]);
   }
@@ -199,17 +207,19 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     auto hrow = [&](int64_t r) { return static_cast<char*>(h) + static_cast<size_t>(r * max_inter) * esz; };
 
     if (!grouped) {
-      // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx per expert and projection.
+      // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx (or fp8_gemm) per expert and projection.
+      ScratchBuf wbuf;
+      auto expert_gemm = [&](const void* xr, int64_t ldxr, const em_tensor& w, float* yr, int64_t ldyr, int64_t n) {
+        if (fp8) fp8_gemm(op, xr, dt, ldxr, w, yr, ldyr, n, wbuf);
+        else gemm_nt(ctx, xr, ldxr, w.data, w.stride[0], ab, yr, ldyr, CUDA_R_32F, n, w.shape[0], w.shape[1], false);
+      };
       float* g = op.alloc_n<float>(rows * max_inter);
       float* u = op.alloc_n<float>(rows * max_inter);
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
-        const int64_t inter = w1[e].shape[0];
-        gemm_nt(ctx, xrow(r0), ldx, w1[e].data, w1[e].stride[0], ab, g + r0 * max_inter, max_inter, CUDA_R_32F, n,
-                inter, dim, false);
-        gemm_nt(ctx, xrow(r0), ldx, w3[e].data, w3[e].stride[0], ab, u + r0 * max_inter, max_inter, CUDA_R_32F, n,
-                inter, dim, false);
+        expert_gemm(xrow(r0), ldx, w1[e], g + r0 * max_inter, max_inter, n);
+        expert_gemm(xrow(r0), ldx, w3[e], u + r0 * max_inter, max_inter, n);
       }
       launch_silu_rows<float>(op, g, u, max_inter, rows, max_inter, dt, h);
       outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
@@ -217,8 +227,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
-        gemm_nt(ctx, hrow(r0), max_inter, w2[e].data, w2[e].stride[0], ab, outf + r0 * ldo, ldo, CUDA_R_32F, n, dim,
-                w2[e].shape[1], false);
+        expert_gemm(hrow(r0), max_inter, w2[e], outf + r0 * ldo, ldo, n);
       }
     } else {
       // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
@@ -227,15 +236,55 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       auto at = [&](void* base, int64_t r, int64_t ld) {
         return static_cast<void*>(static_cast<char*>(base) + static_cast<size_t>(r * ld) * esz);
       };
+      // fp8: weights dequantized to bf16 into `wpool` (every single weight fits); a full pool
+      // runs the batch's grouped GEMM first, after which stream order lets the pool be reused.
+      char* wpool = nullptr;
+      size_t wcap = 0, wused = 0;
+      auto wbytes = [](const em_tensor& w) {  // bf16 bytes, 256-byte aligned
+        return (static_cast<size_t>(w.shape[0] * w.shape[1]) * 2 + 255) & ~size_t{255};
+      };
+      if (fp8) {
+        size_t up_total = 0, down_total = 0, largest = 0;
+        for (int32_t e = 0; e < E; ++e) {
+          if (a->expert_offsets[e + 1] == a->expert_offsets[e]) continue;
+          up_total += wbytes(w1[e]) + wbytes(w3[e]);
+          down_total += wbytes(w2[e]);
+          largest = std::max({largest, wbytes(w1[e]), wbytes(w3[e]), wbytes(w2[e])});
+        }
+        wcap = std::max(largest, std::min(kFp8GroupedBytes, std::max(up_total, down_total)));
+        wpool = static_cast<char*>(op.alloc(wcap));
+      }
+      // The weight as cuBLAS reads it (ld: its leading dimension); may run and clear `batch`.
+      auto weight = [&](Grouped& batch, const em_tensor& w, int64_t& ld) -> const void* {
+        if (!fp8) {
+          ld = w.stride[0];
+          return w.data;
+        }
+        const size_t bytes = wbytes(w);
+        if (wused > 0 && wused + bytes > wcap) {
+          batch.run(op, ab);
+          batch = Grouped();
+          wused = 0;
+        }
+        void* dst = wpool + wused;
+        wused += bytes;
+        fp8_to_bf16(op, w, dst);
+        ld = std::max<int64_t>(1, w.shape[1]);
+        return dst;
+      };
       Grouped up;
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
         const int64_t inter = w1[e].shape[0];
-        up.add(w1[e].data, w1[e].stride[0], xrow(r0), ldx, at(g, r0, max_inter), max_inter, inter, n, dim);
-        up.add(w3[e].data, w3[e].stride[0], xrow(r0), ldx, at(u, r0, max_inter), max_inter, inter, n, dim);
+        int64_t ld1 = 0, ld3 = 0;
+        const void* p1 = weight(up, w1[e], ld1);
+        up.add(p1, ld1, xrow(r0), ldx, at(g, r0, max_inter), max_inter, inter, n, dim);
+        const void* p3 = weight(up, w3[e], ld3);
+        up.add(p3, ld3, xrow(r0), ldx, at(u, r0, max_inter), max_inter, inter, n, dim);
       }
       up.run(op, ab);
+      wused = 0;
       if (dt == EM_BF16) launch_silu_rows<__nv_bfloat16>(op, g, u, max_inter, rows, max_inter, dt, h);
       else launch_silu_rows<__half>(op, g, u, max_inter, rows, max_inter, dt, h);
       outh = op.alloc(static_cast<size_t>(rows * dim) * esz);
@@ -243,7 +292,9 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
-        down.add(w2[e].data, w2[e].stride[0], hrow(r0), max_inter, at(outh, r0, dim), dim, dim, n, w2[e].shape[1]);
+        int64_t ld2 = 0;
+        const void* p2 = weight(down, w2[e], ld2);
+        down.add(p2, ld2, hrow(r0), max_inter, at(outh, r0, dim), dim, dim, n, w2[e].shape[1]);
       }
       down.run(op, ab);
     }

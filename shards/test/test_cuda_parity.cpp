@@ -19,10 +19,14 @@ namespace {
 constexpr int kNoDevice = 77;
 
 // Relative tolerances (max |cuda - cpu| / max |cpu|) per weight dtype: bf16/f16 GEMMs round
-// the f32 activations to the weight dtype for tensor cores; f32 GEMMs are plain fp32.
+// the f32 activations to the weight dtype for tensor cores; f32 GEMMs are plain fp32. fp8
+// (cuda/fp8.cu): GEMMs of more than 8 rows round weights and activations to bf16 (and moe_ffn
+// keeps bf16 activations throughout), hence bf16's tolerance; fp8 matmuls of up to 8 rows are
+// fp32 on the exact weight values (fp8_matmul_tolerance).
 double gemm_tolerance(em_dtype d) {
   switch (d) {
-    case EM_BF16: return 2e-2;
+    case EM_BF16:
+    case EM_F8_E4M3: return 2e-2;
     case EM_F16: return 5e-3;
     default: return 1e-4;
   }
@@ -63,6 +67,44 @@ std::string shape_str(int64_t a, int64_t b, int64_t c = -1) {
 
 // ------------------------------------------------------------------ matmul
 
+// fp8 e4m3 weights with 128x128 block scales: up to 8 rows (the CUDA backend's
+// kFp8SkinnyRows) the fp8 bytes are read directly and the math is fp32 on the exact weight
+// values, so f32's tolerance; more rows run bf16 tensor cores.
+double fp8_matmul_tolerance(int64_t M) { return M <= 8 ? gemm_tolerance(EM_F32) : gemm_tolerance(EM_F8_E4M3); }
+
+// Weights [N, K] as views at (row0, col0) of a parent [pr, pc] (on the 128-block grid): rows and
+// columns off the grid, leading dimensions that are not multiples of 4 (byte loads of the
+// codes), scale_stride > ceil(K / 128) and scale row offsets.
+void fp8_matmul_cases(Rng& rng, Backends& b) {
+  struct Case {
+    int64_t M, N, K, row0, col0, pr, pc;
+  };
+  const Case cases[] = {
+      {1, 256, 512, 0, 0, 256, 512},      {7, 300, 129, 0, 0, 300, 129},       {8, 1000, 7168, 0, 0, 1000, 7168},
+      {3, 200, 300, 128, 128, 512, 701},  {5, 130, 1030, 0, 0, 130, 1030},     {2, 64, 1090, 0, 0, 64, 1092},
+      {9, 129, 300, 0, 0, 129, 300},
+      {64, 1024, 768, 0, 0, 1024, 768},   {130, 96, 7168, 0, 0, 96, 7168},     {33, 200, 300, 256, 128, 512, 700},
+  };
+  for (const Case& c : cases) {
+    TestWeight parent = make_weight(rng, EM_F8_E4M3, c.pr, c.pc, 0.5f);
+    em_tensor wv = parent.view();
+    wv.data = parent.bytes.data() + c.row0 * c.pc + c.col0;
+    wv.scale = parent.scale.data() + (c.row0 / 128) * wv.scale_stride + c.col0 / 128;
+    wv.shape[0] = c.N;
+    wv.shape[1] = c.K;
+    std::vector<float> xs = rng.vec(static_cast<size_t>(c.M * (c.K + 3)));
+    em_tensor x = em_tensor_2d(xs.data(), EM_F32, c.M, c.K);
+    x.stride[0] = c.K + 3;
+    std::vector<float> y0(static_cast<size_t>(c.M * c.N)), y1(y0.size(), NAN);
+    em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, c.M, c.N), t1 = em_tensor_2d(y1.data(), EM_F32, c.M, c.N);
+    CHECK_OK(em_matmul(b.cpu, &x, &wv, &t0));
+    CHECK_OK(em_matmul(b.cuda, &x, &wv, &t1));
+    std::string what = "fp8 " + shape_str(c.M, c.N, c.K);
+    if (c.pr != c.N || c.pc != c.K) what += " view of " + shape_str(c.pr, c.pc);
+    report("matmul", what, rel_err(y0, y1), fp8_matmul_tolerance(c.M));
+  }
+}
+
 void matmul_cases(Rng& rng, Backends& b) {
   const int64_t shapes[][3] = {{1, 256, 512}, {7, 300, 129}, {64, 1024, 768}, {130, 96, 7168}};
   for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
@@ -80,12 +122,7 @@ void matmul_cases(Rng& rng, Backends& b) {
       report("matmul", std::string(em_dtype_name(dt)) + " " + shape_str(M, N, K), rel_err(y0, y1), gemm_tolerance(dt));
     }
   }
-  // fp8: not on CUDA yet, and it must say so.
-  TestWeight w = make_weight(rng, EM_F8_E4M3, 128, 128);
-  std::vector<float> xs = rng.vec(128), ys(128);
-  em_tensor x = em_tensor_2d(xs.data(), EM_F32, 1, 128), wv = w.view(), y = em_tensor_2d(ys.data(), EM_F32, 1, 128);
-  CHECK(em_supports_op(b.cuda, EM_OP_MATMUL, EM_F8_E4M3) == 0, "fp8 matmul must be reported unsupported");
-  CHECK(em_matmul(b.cuda, &x, &wv, &y) == EM_ERR_UNSUPPORTED, "fp8 matmul must fail with EM_ERR_UNSUPPORTED");
+  fp8_matmul_cases(rng, b);
 }
 
 // ------------------------------------------------------------------ rmsnorm, silu_mul
@@ -181,7 +218,7 @@ void gate_cases(Rng& rng, Backends& b) {
       {"v2 softmax group_limited", 17, 384, 160, {EM_SCORE_SOFTMAX, EM_TOPK_GROUP_LIMITED_GREEDY, 6, 8, 3, 0, 16.0f}, false},
       {"v2-lite softmax greedy", 9, 256, 64, {EM_SCORE_SOFTMAX, EM_TOPK_GREEDY, 6, 1, 1, 0, 1.0f}, false},
   };
-  for (em_dtype dt : {EM_F32, EM_BF16}) {
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F8_E4M3}) {
     for (const Case& c : cases) {
       TestWeight w = make_weight(rng, dt, c.E, c.D, 0.2f);
       std::vector<float> x = rng.vec(static_cast<size_t>(c.T * c.D)), bias = rng.vec(static_cast<size_t>(c.E), -0.1f, 0.1f);
@@ -224,7 +261,7 @@ void moe_cases(Rng& rng, Backends& b) {
   const int64_t dim = 256, inter = 384;
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
   const int32_t E = static_cast<int32_t>(counts.size());
-  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3}) {
     std::vector<TestWeight> w1, w2, w3;
     std::vector<em_tensor> v1, v2, v3;
     for (int32_t e = 0; e < E; ++e) {
@@ -283,6 +320,11 @@ void moe_cases(Rng& rng, Backends& b) {
               em_tensor& t = (*pair)[e];
               keep.push_back(std::make_unique<DeviceCopy>(cb, t.data, static_cast<size_t>(t.shape[0] * t.shape[1]) * em_dtype_size(dt)));
               t.data = keep.back()->ptr;
+              if (dt == EM_F8_E4M3) {  // weight_scale_inv on the device too
+                const size_t n = static_cast<size_t>((t.shape[0] + 127) / 128 * t.scale_stride);
+                keep.push_back(std::make_unique<DeviceCopy>(cb, t.scale, n * sizeof(float)));
+                t.scale = static_cast<const float*>(keep.back()->ptr);
+              }
             }
           }
           DeviceCopy dx(cb, x.data(), sizeof(float) * static_cast<size_t>(xt.shape[0] * dim));
@@ -304,6 +346,150 @@ void moe_cases(Rng& rng, Backends& b) {
                    shape_str(rows, dim, inter),
                rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
       }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ mla_attention
+
+// Tolerances: f32 weights with an f32 cache are fp32 throughout (summation order only).
+// bf16/f16/fp8 weights round q_nope and o_lat for tensor-core GEMMs (fp8: dequantized to
+// bf16), as gemm_tolerance. A bf16 cache: the tensor-core kernel (C 512, dr 64) rounds q_lat
+// and the softmax weights to bf16, and the CPU reference with AVX512_BF16 rounds q for its
+// bf16 dot products, so bf16's tolerance.
+double mla_tolerance(em_dtype w, em_dtype cache) {
+  return std::max(gemm_tolerance(w), cache == EM_BF16 ? gemm_tolerance(EM_BF16) : gemm_tolerance(EM_F32));
+}
+
+struct MlaDims {
+  const char* name;
+  int64_t H, dn, dr, dv, C;
+};
+
+struct MlaSeq {
+  int64_t cache_rows;
+  std::vector<int32_t> positions;  // of its query tokens
+};
+
+std::vector<int32_t> mla_range(int32_t a, int32_t b) {
+  std::vector<int32_t> v;
+  for (int32_t i = a; i < b; ++i) v.push_back(i);
+  return v;
+}
+
+enum MlaMemory { kMlaHost, kMlaDevice };
+
+// One em_mla_attention call on both backends. cache_pad: extra elements per cache row (a
+// strided view; an odd pad on a bf16 cache takes the fp32 kernel's unaligned fallback).
+void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const std::vector<MlaSeq>& seqs,
+              em_dtype cdt, const std::string& what, int64_t cache_pad = 0, MlaMemory mem = kMlaHost) {
+  const int64_t row = d.C + d.dr, ld = row + cache_pad;
+  std::vector<std::vector<uint8_t>> cache_bytes;
+  std::vector<em_tensor> caches;
+  std::vector<int32_t> positions, q_offsets = {0};
+  for (const MlaSeq& s : seqs) {
+    const size_t n = static_cast<size_t>(s.cache_rows * ld);
+    std::vector<uint8_t> bytes(n * em_dtype_size(cdt));
+    for (size_t i = 0; i < n; ++i) {
+      const float v = rng.uniform(-1.0f, 1.0f);
+      if (cdt == EM_F32) {
+        reinterpret_cast<float*>(bytes.data())[i] = v;
+      } else {
+        uint32_t u;
+        std::memcpy(&u, &v, 4);
+        reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(u >> 16);
+      }
+    }
+    cache_bytes.push_back(std::move(bytes));
+    em_tensor c = em_tensor_2d(cache_bytes.back().data(), cdt, s.cache_rows, row);
+    c.stride[0] = ld;
+    caches.push_back(c);
+    positions.insert(positions.end(), s.positions.begin(), s.positions.end());
+    q_offsets.push_back(static_cast<int32_t>(positions.size()));
+  }
+  const int64_t T = static_cast<int64_t>(positions.size());
+  std::vector<float> q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
+  const float scale = static_cast<float>(em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707));
+  em_tensor qt = em_tensor_3d(q.data(), EM_F32, T, d.H, d.dn + d.dr), wt = wkv_b.view();
+  std::vector<float> y0(static_cast<size_t>(T * d.H * d.dv)), y1(y0.size(), NAN);
+  em_tensor ot0 = em_tensor_3d(y0.data(), EM_F32, T, d.H, d.dv), ot1 = em_tensor_3d(y1.data(), EM_F32, T, d.H, d.dv);
+  em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
+                static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
+                static_cast<int32_t>(seqs.size()), seqs.size() > 1 ? q_offsets.data() : nullptr, caches.data(), &wt,
+                &ot0};
+  CHECK_OK(em_mla_attention(b.cpu, &a));
+  if (mem == kMlaHost) {
+    a.out = &ot1;
+    CHECK_OK(em_mla_attention(b.cuda, &a));
+  } else {
+    // The production path: q, wkv_b (and its scales), caches and out in device memory.
+    std::vector<std::unique_ptr<DeviceCopy>> keep;
+    auto dev = [&](const void* p, size_t bytes) {
+      keep.push_back(std::make_unique<DeviceCopy>(b.cuda, p, bytes));
+      return keep.back()->ptr;
+    };
+    em_tensor dq = qt, dw = wt, dout = ot1;
+    dq.data = dev(q.data(), q.size() * sizeof(float));
+    dw.data = dev(wkv_b.bytes.data(), wkv_b.bytes.size());
+    if (wkv_b.dtype == EM_F8_E4M3) dw.scale = static_cast<const float*>(dev(wkv_b.scale.data(), wkv_b.scale.size() * sizeof(float)));
+    dout.data = dev(y1.data(), y1.size() * sizeof(float));
+    std::vector<em_tensor> dcaches = caches;
+    for (size_t s = 0; s < caches.size(); ++s) dcaches[s].data = dev(cache_bytes[s].data(), cache_bytes[s].size());
+    a.q = &dq;
+    a.wkv_b = &dw;
+    a.caches = dcaches.data();
+    a.out = &dout;
+    CHECK_OK(em_mla_attention(b.cuda, &a));
+    CHECK_OK(em_cuda_copy(b.cuda, y1.data(), dout.data, y1.size() * sizeof(float)));
+  }
+  report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/" + em_dtype_name(cdt) + " " + d.name + " " + what,
+         rel_err(y0, y1), mla_tolerance(wkv_b.dtype, cdt));
+}
+
+void mla_cases(Rng& rng, Backends& b) {
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3})
+    CHECK(em_supports_op(b.cuda, EM_OP_MLA_ATTENTION, dt) == 1, "mla_attention must support %s weights", em_dtype_name(dt));
+  // Tiny-model dims (as test_attention): the fp32 kernel for both cache dtypes.
+  const MlaDims small{"small", 3, 16, 8, 12, 40}, wide{"wide", 16, 32, 16, 32, 64};
+  for (em_dtype wdt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3}) {
+    TestWeight ws = make_weight(rng, wdt, small.H * (small.dn + small.dv), small.C, 0.25f);
+    for (em_dtype cdt : {EM_F32, EM_BF16}) {
+      mla_case(rng, b, small, ws, {{9, mla_range(0, 9)}}, cdt, "prefill 9");
+      mla_case(rng, b, small, ws, {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}}, cdt, "decode S=1,37,1000,4096");
+      mla_case(rng, b, small, ws, {{30, mla_range(5, 30)}, {3, {2}}, {7, mla_range(4, 7)}}, cdt, "chunked batch", 5);
+    }
+  }
+  {
+    TestWeight ww = make_weight(rng, EM_BF16, wide.H * (wide.dn + wide.dv), wide.C, 0.25f);
+    mla_case(rng, b, wide, ww, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70");
+    mla_case(rng, b, wide, ww, {{2000, {1999}}, {5, {4}}}, EM_F32, "decode S=2000,5");
+  }
+  // V2-Lite (16 heads: groups of 4 tokens x 16 heads on the tensor-core kernel) and V3 dims.
+  const MlaDims lite{"v2-lite", 16, 128, 64, 128, 512}, v3{"v3", 128, 128, 64, 128, 512};
+  {
+    TestWeight wl = make_weight(rng, EM_BF16, lite.H * (lite.dn + lite.dv), lite.C, 0.25f);
+    mla_case(rng, b, lite, wl, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70");
+    mla_case(rng, b, lite, wl, {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}}, EM_BF16, "decode S=1,37,1000,4096");
+    mla_case(rng, b, lite, wl, {{300, mla_range(250, 300)}, {9, {7, 8}}}, EM_BF16, "chunked prefill + MTP");
+  }
+  const std::vector<MlaSeq> decode = {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}};
+  for (em_dtype wdt : {EM_BF16, EM_F32, EM_F8_E4M3}) {
+    TestWeight w = make_weight(rng, wdt, v3.H * (v3.dn + v3.dv), v3.C, 0.25f);
+    if (wdt == EM_F32) {
+      mla_case(rng, b, v3, w, decode, EM_F32, "decode S=1,37,1000,4096");
+      mla_case(rng, b, v3, w, {{200, mla_range(0, 200)}}, EM_F32, "prefill 200");
+      mla_case(rng, b, v3, w, decode, EM_BF16, "decode S=1,37,1000,4096");
+    } else if (wdt == EM_BF16) {
+      mla_case(rng, b, v3, w, decode, EM_BF16, "decode S=1,37,1000,4096");
+      mla_case(rng, b, v3, w, decode, EM_BF16, "decode, device memory", 0, kMlaDevice);
+      mla_case(rng, b, v3, w, {{5000, {4999}}}, EM_BF16, "decode S=5000, ld +8", 8);
+      mla_case(rng, b, v3, w, {{1000, {999}}, {64, {63}}}, EM_BF16, "decode, ld +3 (fp32 kernel)", 3);
+      mla_case(rng, b, v3, w, {{200, mla_range(0, 200)}}, EM_BF16, "prefill 200");
+      mla_case(rng, b, v3, w, {{300, mla_range(250, 300)}, {40, mla_range(0, 40)}}, EM_BF16, "chunked prefill batch");
+      mla_case(rng, b, v3, w, {{1000, {999}}, {37, {36}}}, EM_F32, "decode S=1000,37");
+    } else {
+      mla_case(rng, b, v3, w, decode, EM_BF16, "decode S=1,37,1000,4096");
+      mla_case(rng, b, v3, w, decode, EM_BF16, "decode, device memory", 0, kMlaDevice);
     }
   }
 }
@@ -353,5 +539,6 @@ int main(int argc, char** argv) {
   convert_cases(rng, b);
   gate_cases(rng, b);
   moe_cases(rng, b);
+  mla_cases(rng, b);
   return finish("cuda_parity");
 }

@@ -18,8 +18,22 @@
  * - Ops are synchronous: they return when their results are in place.
  *
  * What it runs: em_supports_op() answers per op and weight dtype. Today: matmul, moe_ffn,
- * gate (f32, bf16, f16 weights), rmsnorm, silu_mul, rope, convert (every source dtype).
- * Not yet: fp8 block-scaled GEMMs, mla_attention, sample, the wire codec.
+ * gate (f32, bf16, f16 and fp8 e4m3 block-scaled weights), rmsnorm, silu_mul, rope, convert
+ * (every source dtype), mla_attention (f32, bf16, f16, fp8 wkv_b; f32 or bf16 caches).
+ * Not yet: sample, the wire codec.
+ *
+ * Precision of the GEMMs against the CPU backend (which computes in fp32 on the exact weight
+ * values): f32 weights run fp32 GEMMs; bf16/f16 weights round the activations to their dtype
+ * for tensor cores. fp8 weights (128x128 weight_scale_inv blocks): GEMMs of up to 8 rows
+ * (decode) read the fp8 bytes directly and compute in fp32 on the exact weight values (matmul:
+ * fp32 activations; moe_ffn: bf16 activations); more rows dequantize the weight to bf16 and
+ * run bf16 tensor-core GEMMs. The gate converts any weight to f32 and runs an fp32 GEMM.
+ *
+ * mla_attention (cuda/attention.cu): the two absorption GEMMs follow the rule above (fp8
+ * wkv_b is dequantized to bf16 first, as DeepSeek's reference does). Attention over a bf16
+ * cache with kv_lora_rank 512 and rope dims 64 (DeepSeek V2/V3) runs on tensor cores, with
+ * q_lat and the softmax weights rounded to bf16 (as FlashMLA); other dims and f32 caches run
+ * in fp32. $EM_CUDA_MLA=simt forces the fp32 kernel for every cache.
  */
 #ifndef EXPERTMESH_CUDA_H
 #define EXPERTMESH_CUDA_H
