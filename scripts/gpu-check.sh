@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # The GPU check (`npm run gpu:check`, or plain bash where there is no Node): builds shards/
-# with the CUDA backend, runs the CUDA-vs-CPU parity suite, the grouped expert FFN
-# benchmark and its PyTorch peer, and writes a report. Needs a CUDA toolkit (nvcc >= 12,
-# cuBLAS), CMake >= 3.18 and a C++17 compiler; the benchmark peer needs PyTorch. No network.
+# with the CUDA backend, runs the CUDA-vs-CPU parity suite, with .gpu-bundle/ present also
+# the tiny-model forward through the Node addon on the CUDA device against the CPU backend,
+# then the grouped expert FFN benchmark and its PyTorch peer, and writes a report. Needs a
+# CUDA toolkit (nvcc >= 12, cuBLAS), CMake >= 3.18 and a C++17 compiler; the benchmark peer
+# needs PyTorch. No network.
+#
+# The forward needs Node, which the GPU machine lacks: scripts/gpu-bundle.sh puts a
+# compressed Node 24 and the Node-API headers into .gpu-bundle/ (git-ignored, so a run must
+# carry it: run(command="bash scripts/gpu-check.sh", carry=[".gpu-bundle"])). Here the
+# bundle's node is unpacked, the addon is built on the same CUDA build, checked by
+# shards/test/addon_test.mjs, and scripts/gpu-forward.ts compares the forwards. Without
+# the bundle the report says the forward was NOT RUN (the exit code is parity's).
 #
 # Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
-# bench.json, torch.json, build.log. Exit: 0 parity passed, 1 a build or parity failure,
-# 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
+# forward.md, forward.json, addon.log, addon-build.log, bench.json, torch.json, build.log.
+# Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
+# failure, 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
 #
 # Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_CUDA_ARCHS
 # (default: the device's, from nvidia-smi, else "90a;80"), EM_GPU_BUILD_DIR, CUDACXX,
-# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1.
+# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1, EM_GPU_BUNDLE_DIR (default
+# .gpu-bundle), EM_GPU_FORWARD_DEVICE (default cuda:0; "cpu" makes the forward a CPU
+# self-test, scalar kernels against the best ones, for checking this script without a GPU).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out_root=${OUT:-$root/gpu-check-out}
@@ -69,13 +81,40 @@ if [ -z "$archs" ]; then
 fi
 echo "- nvcc: $("$nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') ($nvcc), architectures $archs" >>"$report"
 
+# --- node from the bundle (for the addon and the forward) ----------------------------
+bundle=${EM_GPU_BUNDLE_DIR:-$root/.gpu-bundle}
+node=""
+forward=skipped
+forward_note=""
+if [ -f "$bundle/node.xz" ]; then
+  node_dir="${TMPDIR:-/tmp}/expertmesh-gpu-node"
+  mkdir -p "$node_dir"
+  log "unpacking node $(cat "$bundle/node.version" 2>/dev/null) from $bundle"
+  if command -v xz >/dev/null 2>&1; then
+    xz -dc "$bundle/node.xz" >"$node_dir/node.tmp"
+  else
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$bundle/node.xz" "$node_dir/node.tmp"
+  fi && chmod +x "$node_dir/node.tmp" && mv "$node_dir/node.tmp" "$node_dir/node"
+  if [ -x "$node_dir/node" ] && "$node_dir/node" --version >/dev/null 2>&1; then
+    node="$node_dir/node"
+    echo "- node: $("$node" --version) (from $(basename "$bundle")/)" >>"$report"
+  else
+    forward=1
+    forward_note="FAIL (could not unpack node from $bundle/node.xz)"
+  fi
+else
+  forward_note="NOT RUN (no $(basename "$bundle")/: run scripts/gpu-bundle.sh and carry it)"
+fi
+
 # --- build ----------------------------------------------------------------------
 log "building shards/ with CUDA ($archs) in $build"
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+cuda_flags=(-DCMAKE_BUILD_TYPE=Release -DEM_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DEM_CUDA_ARCHS="$archs"
+  -DCMAKE_CUDA_ARCHITECTURES="$archs")
 bt0=$(date +%s)
-if ! { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_BUILD_ADDON=OFF \
-  -DEM_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DEM_CUDA_ARCHS="$archs" -DCMAKE_CUDA_ARCHITECTURES="$archs" &&
+if ! { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" "${cuda_flags[@]}" -DEM_BUILD_ADDON=OFF &&
   step 300 cmake --build "$build" --parallel "$(nproc)"; } >"$out/build.log" 2>&1; then
   log "ERROR: build failed (tail of build.log below)"
   tail -40 "$out/build.log" >&2
@@ -83,6 +122,23 @@ if ! { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYP
   exit 1
 fi
 echo "- build: $(($(date +%s) - bt0)) s" >>"$report"
+# The addon on top of the same build (the engine's objects are reused): its own step, so an
+# addon failure still leaves the parity suite to run.
+if [ -n "$node" ]; then
+  log "building the addon (expertmesh.node) with CUDA"
+  if { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" "${cuda_flags[@]}" -DEM_BUILD_ADDON=ON \
+    -DNODE_INCLUDE_DIR="$bundle/include/node" -DNODE_ADDON_API_DIR="$bundle/node-addon-api" -DNODE_EXECUTABLE="$node" &&
+    step 120 cmake --build "$build" --parallel "$(nproc)" --target expertmesh_addon; } >"$out/addon-build.log" 2>&1; then
+    echo "- addon: built with CUDA ($build/expertmesh.node)" >>"$report"
+  else
+    log "ERROR: addon build failed (addon-build.log)"
+    tail -30 "$out/addon-build.log" >&2
+    forward=1
+    forward_note="FAIL (addon build; see addon-build.log)"
+    { echo "- addon: FAIL (see addon-build.log)"; echo; echo '```'; tail -30 "$out/addon-build.log"; echo '```'; } >>"$report"
+    node=""
+  fi
+fi
 
 # --- parity -----------------------------------------------------------------------
 log "parity: test_cuda_parity"
@@ -105,6 +161,48 @@ log "parity: $verdict"
   cat "$out/parity.log"
   echo '```'
 } >>"$report"
+
+# --- tiny-model forward through the addon (CUDA vs CPU) -------------------------------
+if [ -n "$node" ]; then
+  # The addon's own test first (devices, errors, every op against plain JS), then the forward.
+  log "addon test: shards/test/addon_test.mjs"
+  step 60 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" >"$out/addon.log" 2>&1
+  addon_rc=$?
+  cat "$out/addon.log" >&2
+  log "forward: scripts/gpu-forward.ts --device ${EM_GPU_FORWARD_DEVICE:-cuda:0}"
+  step 180 env EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings "$root/scripts/gpu-forward.ts" \
+    --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --json "$out/forward.json" >"$out/forward.md" 2>"$out/forward.err"
+  forward=$?
+  cat "$out/forward.md" "$out/forward.err" >&2
+  case $forward in
+    0) forward_note="PASS" ;;
+    2) forward_note="ERROR: NO CUDA DEVICE" ;;
+    124) forward_note="FAIL (timed out)" ;;
+    *) forward_note="FAIL (exit $forward)" ;;
+  esac
+  [ "$addon_rc" = 0 ] || forward_note="$forward_note; addon test FAIL (exit $addon_rc, addon.log)"
+  [ "$addon_rc" = 0 ] || [ "$forward" != 0 ] || forward=1
+  {
+    echo
+    cat "$out/forward.md"
+    if [ -s "$out/forward.err" ]; then
+      echo
+      echo '```'
+      tail -30 "$out/forward.err"
+      echo '```'
+    fi
+    echo
+    echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
+    echo
+    echo '```'
+    tail -15 "$out/addon.log"
+    echo '```'
+  } >>"$report"
+else
+  { echo; echo "## Tiny-model forward (CUDA vs CPU through the addon)"; echo; echo "- forward: $forward_note"; } >>"$report"
+fi
+log "forward: $forward_note"
+{ echo; echo "## Summary"; echo; echo "- parity: $verdict"; echo "- forward: $forward_note"; } >>"$report"
 if [ "$parity" = 77 ]; then exit 2; fi
 
 # --- benchmarks (never fail the check) ---------------------------------------------
@@ -149,5 +247,9 @@ print("\nOurs and torch run in separate processes (interleaved within each); rat
 PY
 fi
 log "report: $report"
-[ "$parity" = 0 ] && exit 0
-exit 1
+[ "$parity" = 0 ] || exit 1
+case $forward in
+  0 | skipped) exit 0 ;;
+  2) exit 2 ;;
+  *) exit 1 ;;
+esac

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "expertmesh/cuda.h"
 #include "expertmesh/ops.h"
 
 namespace {
@@ -47,19 +48,37 @@ void check(Napi::Env env, em_status s, const char* op) {
 
 // ------------------------------------------------------------------ backend state
 
-// One backend per Node environment (main thread or worker), freed with it.
+// Per Node environment (main thread or worker), freed with it: the CPU backend, always, and
+// the device backend of configure({ device }) when that is not "cpu". Each op runs on the
+// device backend when em_supports_op() says it has the op for the weight dtype, else on
+// the CPU backend (the CUDA backend has no sampler or wire codec, for instance). Both take
+// host memory, so the same TypedArrays go to either.
 struct AddonState {
-  em_backend* backend = nullptr;
-  ~AddonState() { em_backend_free(backend); }
+  em_backend* cpu = nullptr;
+  em_backend* device = nullptr;
+  std::string device_name = "cpu";
+  ~AddonState() {
+    em_backend_free(device);
+    em_backend_free(cpu);
+  }
 };
 
-em_backend* backend_of(Napi::Env env) {
-  AddonState* st = env.GetInstanceData<AddonState>();
-  if (st->backend == nullptr) {
+AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); }
+
+em_backend* cpu_backend(Napi::Env env) {
+  AddonState* st = state_of(env);
+  if (st->cpu == nullptr) {
     em_cpu_config cfg{EM_ISA_AUTO, 0};
-    check(env, em_backend_create_cpu(&cfg, &st->backend), "backend");
+    check(env, em_backend_create_cpu(&cfg, &st->cpu), "backend");
   }
-  return st->backend;
+  return st->cpu;
+}
+
+// The backend that runs `op` with weights of `dtype`.
+em_backend* backend_for(Napi::Env env, em_op op, em_dtype dtype) {
+  AddonState* st = state_of(env);
+  if (st->device != nullptr && em_supports_op(st->device, op, dtype)) return st->device;
+  return cpu_backend(env);
 }
 
 // ------------------------------------------------------------------ arguments
@@ -231,13 +250,28 @@ const char* const kOpFunctions[EM_OP_COUNT] = {"matmul", "rmsnorm", "siluMul", "
                                                "mlaAttention", "gate", "convert", "sample", "wirePack",
                                                "wireUnpack"};
 
+// The dtypes `b` accepts for `op` and `except` (when given) does not.
+Napi::Array op_dtypes(Napi::Env env, em_backend* b, em_op op, em_backend* except) {
+  Napi::Array dts = Napi::Array::New(env);
+  uint32_t k = 0;
+  for (size_t d = 0; d < 4; ++d) {
+    if (em_supports_op(b, op, kDtypes[d]) && (except == nullptr || !em_supports_op(except, op, kDtypes[d])))
+      dts.Set(k++, kDtypeNames[d]);
+  }
+  return dts;
+}
+
 Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  em_backend* b = backend_of(env);
-  em_backend_info bi;
-  em_backend_get_info(b, &bi);
+  AddonState* st = state_of(env);
+  em_backend* cpu = cpu_backend(env);
+  em_backend* main = st->device != nullptr ? st->device : cpu;
+  em_backend_info bi, ci;
+  em_backend_get_info(main, &bi);
+  em_backend_get_info(cpu, &ci);
   Napi::Object o = Napi::Object::New(env);
   o.Set("backend", bi.name);
+  o.Set("device", st->device_name);
   o.Set("isa", bi.isa);
   o.Set("threads", bi.num_threads);
   o.Set("abiVersion", EM_ABI_VERSION);
@@ -245,23 +279,52 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   uint32_t n = 0;
   for (int i = EM_ISA_SCALAR; i <= em_cpu_best_isa(); ++i) isas.Set(n++, em_cpu_isa_name(static_cast<em_cpu_isa>(i)));
   o.Set("availableIsas", isas);
-  Napi::Object ops = Napi::Object::New(env);
+  Napi::Object cpu_info = Napi::Object::New(env);
+  cpu_info.Set("isa", ci.isa);
+  cpu_info.Set("threads", ci.num_threads);
+  o.Set("cpu", cpu_info);
+  o.Set("cudaCompiled", Napi::Boolean::New(env, em_cuda_compiled() != 0));
+  // ops: what each function accepts (on the device or by falling back to the CPU);
+  // fallback: the functions and dtypes the device lacks, which run on the CPU backend.
+  Napi::Object ops = Napi::Object::New(env), fallback = Napi::Object::New(env);
   for (int op = 0; op < EM_OP_COUNT; ++op) {
-    Napi::Array dts = Napi::Array::New(env);
+    const em_op o_ = static_cast<em_op>(op);
+    Napi::Array all = Napi::Array::New(env);
     uint32_t k = 0;
     for (size_t d = 0; d < 4; ++d) {
-      if (em_supports_op(b, static_cast<em_op>(op), kDtypes[d])) dts.Set(k++, kDtypeNames[d]);
+      if (em_supports_op(main, o_, kDtypes[d]) || em_supports_op(cpu, o_, kDtypes[d])) all.Set(k++, kDtypeNames[d]);
     }
-    ops.Set(kOpFunctions[op], dts);
+    ops.Set(kOpFunctions[op], all);
+    if (st->device != nullptr) {
+      Napi::Array fb = op_dtypes(env, cpu, o_, st->device);
+      if (fb.Length() > 0) fallback.Set(kOpFunctions[op], fb);
+    }
   }
   o.Set("ops", ops);
+  o.Set("fallback", fallback);
   return o;
 }
 
-// configure({ isa?, threads? }): replaces the backend; returns backendInfo().
+// cudaStatus() -> { compiled, devices, status }: asks the CUDA driver (initializes the CUDA
+// runtime on a CUDA build, so backendInfo() leaves it out).
+Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int devices = em_cuda_device_count();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("compiled", Napi::Boolean::New(env, em_cuda_compiled() != 0));
+  o.Set("devices", devices);
+  o.Set("status", em_cuda_last_status());
+  return o;
+}
+
+// configure({ device?, isa?, threads? }): replaces the backends; returns backendInfo().
+// isa and threads configure the CPU backend (which also runs the ops a device lacks);
+// device is "cpu", "cuda" or "cuda:N" (default: keep the current one).
 Napi::Value Configure(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  AddonState* st = state_of(env);
   em_cpu_config cfg{EM_ISA_AUTO, 0};
+  std::string device = st->device_name;
   if (present(arg(info, 0))) {
     const Napi::Object o = object_arg(env, arg(info, 0), "options");
     const Napi::Value isa = o.Get("isa");
@@ -271,12 +334,32 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
       cfg.isa = static_cast<em_cpu_isa>(parsed);
     }
     cfg.num_threads = static_cast<int32_t>(integer_or(env, o, "threads", 0, 0));
+    const Napi::Value dev = o.Get("device");
+    if (present(dev)) {
+      if (!dev.IsString()) arg_error(env, "device must be 'cpu', 'cuda' or 'cuda:N'");
+      device = dev.As<Napi::String>().Utf8Value();
+    }
   }
-  em_backend* created = nullptr;
-  check(env, em_backend_create_cpu(&cfg, &created), "configure");
-  AddonState* st = env.GetInstanceData<AddonState>();
-  em_backend_free(st->backend);
-  st->backend = created;
+  // The device first: a device that is not there leaves the current backends as they were.
+  em_backend* created_device = nullptr;
+  if (device != "cpu") {
+    const em_status s = em_backend_create_device(device.c_str(), &created_device);
+    if (s != EM_OK) {
+      const std::string detail = em_last_error(), named = "'" + device + "'";
+      throw_code(env, code_of(s), detail.find(named) != std::string::npos ? detail : "device " + named + ": " + detail);
+    }
+  }
+  em_backend* created_cpu = nullptr;
+  const em_status s = em_backend_create_cpu(&cfg, &created_cpu);
+  if (s != EM_OK) {
+    em_backend_free(created_device);
+    check(env, s, "configure");
+  }
+  em_backend_free(st->device);
+  em_backend_free(st->cpu);
+  st->device = created_device;
+  st->cpu = created_cpu;
+  st->device_name = device;
   return BackendInfo(info);
 }
 
@@ -292,7 +375,7 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
   Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * w.shape[0]));
   em_tensor xt = em_tensor_2d(x, EM_F32, rows, w.shape[1]);
   em_tensor yt = em_tensor_2d(data_of(out), EM_F32, rows, w.shape[0]);
-  check(env, em_matmul(backend_of(env), &xt, &w, &yt), "matmul");
+  check(env, em_matmul(backend_for(env, EM_OP_MATMUL, w.dtype), &xt, &w, &yt), "matmul");
   return out;
 }
 
@@ -307,7 +390,7 @@ Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
   const float eps = static_cast<float>(number(env, arg(info, 2), "eps"));
   Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * dim));
   em_tensor xt = em_tensor_2d(x, EM_F32, rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, rows, dim);
-  check(env, em_rmsnorm(backend_of(env), &xt, &w, eps, &yt), "rmsnorm");
+  check(env, em_rmsnorm(backend_for(env, EM_OP_RMSNORM, w.dtype), &xt, &w, eps, &yt), "rmsnorm");
   return out;
 }
 
@@ -321,7 +404,7 @@ Napi::Value SiluMul(const Napi::CallbackInfo& info) {
   // Elementwise: view as rows of 4096 (parallel) plus one short row.
   constexpr int64_t kCols = 4096;
   const int64_t full = n / kCols, rest = n % kCols;
-  em_backend* b = backend_of(env);
+  em_backend* b = backend_for(env, EM_OP_SILU_MUL, EM_F32);
   if (full > 0) {
     em_tensor gt = em_tensor_2d(g, EM_F32, full, kCols), ut = em_tensor_2d(u, EM_F32, full, kCols);
     em_tensor yt = em_tensor_2d(data_of(out), EM_F32, full, kCols);
@@ -334,6 +417,19 @@ Napi::Value SiluMul(const Napi::CallbackInfo& info) {
     check(env, em_silu_mul(b, &gt, &ut, &yt), "siluMul");
   }
   return out;
+}
+
+// The backend of a moe_ffn call: the device's when it takes every expert weight's dtype.
+em_backend* moe_backend(Napi::Env env, const std::vector<em_tensor>& w1, const std::vector<em_tensor>& w2,
+                        const std::vector<em_tensor>& w3) {
+  AddonState* st = state_of(env);
+  if (st->device == nullptr) return cpu_backend(env);
+  for (const std::vector<em_tensor>* ws : {&w1, &w2, &w3}) {
+    for (const em_tensor& w : *ws) {
+      if (!em_supports_op(st->device, EM_OP_MOE_FFN, w.dtype)) return cpu_backend(env);
+    }
+  }
+  return st->device;
 }
 
 // moeFfn({ x, dim, expertOffsets, w1[], w2[], w3[], rowWeights?, outIndex?, outRows?,
@@ -364,7 +460,7 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
   em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,
                 out_index, accumulate ? 1 : 0, &yt, x_index};
-  check(env, em_moe_ffn(backend_of(env), &a), "moeFfn");
+  check(env, em_moe_ffn(moe_backend(env, w1, w2, w3), &a), "moeFfn");
   return out;
 }
 
@@ -396,7 +492,7 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
   em_tensor xt = em_tensor_3d(x + offset, EM_F32, tokens, heads, c.rope_dim);
   xt.stride[0] = heads * head_dim;
   xt.stride[1] = head_dim;
-  check(env, em_rope(backend_of(env), &xt, pos, &c), "rope");
+  check(env, em_rope(backend_for(env, EM_OP_ROPE, EM_F32), &xt, pos, &c), "rope");
   return arg(info, 0);
 }
 
@@ -463,7 +559,7 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
   em_tensor qt = em_tensor_3d(q, EM_F32, T, H, dn + dr), ot = em_tensor_3d(data_of(out), EM_F32, T, H, dv);
   em_mla_args a{static_cast<int32_t>(H), static_cast<int32_t>(dn), static_cast<int32_t>(dr), static_cast<int32_t>(dv),
                 static_cast<int32_t>(C), scale, &qt, pos, num_seqs, q_offsets, caches.data(), &wkv_b, &ot};
-  check(env, em_mla_attention(backend_of(env), &a), "mlaAttention");
+  check(env, em_mla_attention(backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype), &a), "mlaAttention");
   return out;
 }
 
@@ -508,7 +604,7 @@ Napi::Value Gate(const Napi::CallbackInfo& info) {
   em_tensor xt = em_tensor_2d(x, EM_F32, T, w.shape[1]);
   em_tensor it = em_tensor_2d(indices.Data(), EM_I32, T, c.top_k);
   em_tensor wt = em_tensor_2d(weights.Data(), EM_F32, T, c.top_k);
-  check(env, em_gate(backend_of(env), &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
+  check(env, em_gate(backend_for(env, EM_OP_GATE, w.dtype), &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
   Napi::Object result = Napi::Object::New(env);
   result.Set("indices", indices);
   result.Set("weights", weights);
@@ -538,7 +634,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   dst.dtype = to;
   dst.scale = nullptr;
   dst.scale_stride = 0;
-  check(env, em_convert(backend_of(env), &src, &dst), "convert");
+  check(env, em_convert(backend_for(env, EM_OP_CONVERT, src.dtype), &src, &dst), "convert");
   return out;
 }
 
@@ -573,7 +669,7 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   Napi::Int32Array out = Napi::Int32Array::New(env, static_cast<size_t>(T));
   em_tensor lt = em_tensor_2d(logits, EM_F32, T, vocab);
   em_sample_args a{&lt, temperature.data(), top_k.data(), top_p.data(), has_u ? uniform.data() : nullptr, out.Data()};
-  check(env, em_sample(backend_of(env), &a), "sample");
+  check(env, em_sample(backend_for(env, EM_OP_SAMPLE, EM_F32), &a), "sample");
   return out;
 }
 
@@ -609,7 +705,7 @@ Napi::Value WirePack(const Napi::CallbackInfo& info) {
   uint32_t crc = present(arg(info, 5)) ? static_cast<uint32_t>(integer(env, arg(info, 5), "crc", 0)) : 0;
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim);
   em_wire_pack_args a{&xt, row_index, rows, dtype, static_cast<uint8_t*>(out.data), static_cast<int64_t>(out.size), &crc};
-  check(env, em_wire_pack(backend_of(env), &a), "wirePack");
+  check(env, em_wire_pack(backend_for(env, EM_OP_WIRE_PACK, EM_F32), &a), "wirePack");
   return Napi::Number::New(env, crc);
 }
 
@@ -631,7 +727,7 @@ Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
   em_tensor yt = em_tensor_2d(y, EM_F32, y_rows, dim);
   em_wire_unpack_args a{static_cast<const uint8_t*>(in.data), static_cast<int64_t>(in.size), dtype, rows, &yt,
                         out_index, accumulate ? 1 : 0, want_crc ? &crc : nullptr};
-  check(env, em_wire_unpack(backend_of(env), &a), "wireUnpack");
+  check(env, em_wire_unpack(backend_for(env, EM_OP_WIRE_UNPACK, EM_F32), &a), "wireUnpack");
   return want_crc ? Napi::Value(Napi::Number::New(env, crc)) : env.Undefined();
 }
 
@@ -639,6 +735,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new AddonState());
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
+  exports.Set("cudaStatus", Napi::Function::New(env, CudaStatus, "cudaStatus"));
   exports.Set("matmul", Napi::Function::New(env, Matmul, "matmul"));
   exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm, "rmsnorm"));
   exports.Set("siluMul", Napi::Function::New(env, SiluMul, "siluMul"));

@@ -25,34 +25,63 @@ export interface Weight {
 
 export type Isa = "scalar" | "avx2" | "avx512" | "avx512bf16";
 
+/** Exported op functions (the keys of BackendInfo.ops). */
+export type OpFunction =
+  | "matmul"
+  | "rmsnorm"
+  | "siluMul"
+  | "moeFfn"
+  | "rope"
+  | "mlaAttention"
+  | "gate"
+  | "convert"
+  | "sample"
+  | "wirePack"
+  | "wireUnpack";
+
+/** Where ops run: the CPU backend, or a CUDA device by ordinal ("cuda" = "cuda:0"). */
+export type Device = "cpu" | "cuda" | `cuda:${number}`;
+
 export interface BackendInfo {
-  backend: "cpu";
-  isa: Isa;
+  /** The backend of `device`: "cpu", or "cuda" when a CUDA device was configured. */
+  backend: "cpu" | "cuda";
+  /** The device string configure() was given ("cpu" by default). */
+  device: string;
+  /** The CPU ISA, or the GPU architecture ("sm_90") for cuda. */
+  isa: Isa | `sm_${number}`;
+  /** CPU threads, or the GPU's multiprocessors for cuda. */
   threads: number;
   abiVersion: number;
+  /** CPU ISAs this machine can run. */
   availableIsas: Isa[];
-  /** Exported op function -> weight dtypes it accepts on this backend. */
-  ops: Record<
-    | "matmul"
-    | "rmsnorm"
-    | "siluMul"
-    | "moeFfn"
-    | "rope"
-    | "mlaAttention"
-    | "gate"
-    | "convert"
-    | "sample"
-    | "wirePack"
-    | "wireUnpack",
-    WeightDtype[]
-  >;
+  /** The CPU backend, which also runs every op the device lacks. */
+  cpu: { isa: Isa; threads: number };
+  /** Whether this build contains the CUDA backend. */
+  cudaCompiled: boolean;
+  /** Exported op function -> weight dtypes it accepts (on the device or the CPU). */
+  ops: Record<OpFunction, WeightDtype[]>;
+  /** With a device: op function -> weight dtypes the device lacks, run on the CPU backend
+   *  instead (e.g. sample, wirePack). Empty for "cpu". */
+  fallback: Partial<Record<OpFunction, WeightDtype[]>>;
 }
 
 export function backendInfo(): BackendInfo;
 
-/** Replaces the backend: isa 'auto' (default; $EM_CPU_ISA honoured) or a specific one;
- *  threads 0 = $EM_NUM_THREADS or all CPUs. Returns the new backendInfo(). */
-export function configure(options?: { isa?: Isa | "auto"; threads?: number }): BackendInfo;
+/** Replaces the backends and returns the new backendInfo(). `device`: "cpu", "cuda" or
+ *  "cuda:N" (default: keep the current one); each op then runs on the device when it has
+ *  the op for the weight dtype, else on the CPU backend. A device that is not there throws
+ *  EM_NATIVE_UNSUPPORTED (no CUDA in this build, no CUDA device) or EM_NATIVE_ARG (not a
+ *  device string, ordinal out of range) and leaves the backends as they were. `isa` (the
+ *  CPU backend's): 'auto' (default; $EM_CPU_ISA honoured) or a specific one; threads
+ *  0 = $EM_NUM_THREADS or all CPUs. */
+export function configure(options?: {
+  device?: Device;
+  isa?: Isa | "auto";
+  threads?: number;
+}): BackendInfo;
+
+/** What the CUDA driver reports (initializes the CUDA runtime on a CUDA build). */
+export function cudaStatus(): { compiled: boolean; devices: number; status: string };
 
 /** y [rows, N] = x [rows, K] W^T for w [N, K]. */
 export function matmul(x: Float32Array, rows: number, w: Weight, out?: Float32Array): Float32Array;

@@ -41,6 +41,24 @@ assert.ok(info.availableIsas.includes(info.isa));
 assert.deepEqual(info.ops.matmul, ["f32", "bf16", "f16", "fp8"]);
 throwsCode(() => em.configure({ isa: "sse9" }), "EM_NATIVE_ARG");
 
+// devices: "cpu"; malformed strings are EM_NATIVE_ARG; cuda without a CUDA build or device
+// is EM_NATIVE_UNSUPPORTED (and leaves the backends as they were)
+assert.equal(em.configure({ device: "cpu" }).device, "cpu");
+assert.deepEqual(em.backendInfo().fallback, {});
+for (const d of ["tpu", "cuda:x", "cuda:", ""])
+  throwsCode(() => em.configure({ device: d }), "EM_NATIVE_ARG");
+const cuda = em.cudaStatus();
+assert.equal(cuda.compiled, info.cudaCompiled);
+if (cuda.devices === 0) {
+  throwsCode(() => em.configure({ device: "cuda:0" }), "EM_NATIVE_UNSUPPORTED");
+  assert.equal(em.backendInfo().backend, "cpu");
+} else {
+  const ci = em.configure({ device: "cuda:0" });
+  assert.equal(ci.backend, "cuda");
+  assert.deepEqual(ci.fallback.sample, ["f32"]);
+  em.configure({ device: "cpu" });
+}
+
 // matmul with bf16 weights, on every ISA: y = x W^T
 const M = 5,
   N = 19,

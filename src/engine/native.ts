@@ -1,9 +1,11 @@
 // The native backend: the N-API addon built from shards/ (C++17, runtime ISA dispatch,
-// thread pool). Loaded from shards/build/expertmesh.node, or $EM_NATIVE_ADDON.
+// thread pool; a CUDA backend when built with it). Loaded from shards/build/expertmesh.node,
+// or $EM_NATIVE_ADDON. The device (`--device cpu|cuda|cuda:N`) is per process: the addon
+// runs each op on the device when the device has it, else on its CPU backend.
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
-import { ExpertMeshError } from "../util/errors.ts";
+import { ERROR_CODES, type ErrorCode, ExpertMeshError } from "../util/errors.ts";
 import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
 
 interface AddonWeight {
@@ -13,10 +15,31 @@ interface AddonWeight {
   scale?: Float32Array;
 }
 
+/** backendInfo() of the addon (shards/addon/expertmesh.d.ts). */
+export interface NativeInfo {
+  /** "cpu", or "cuda" with a CUDA device. */
+  backend: string;
+  /** The device configured: "cpu", "cuda" or "cuda:N". */
+  device: string;
+  /** CPU ISA, or the GPU architecture ("sm_90"). */
+  isa: string;
+  /** CPU threads, or the GPU's multiprocessors. */
+  threads: number;
+  availableIsas: string[];
+  /** The CPU backend, which runs what the device lacks. */
+  cpu: { isa: string; threads: number };
+  cudaCompiled: boolean;
+  /** Op function -> weight dtypes accepted. */
+  ops: Record<string, string[]>;
+  /** Op function -> weight dtypes the device lacks, run on the CPU backend. */
+  fallback: Record<string, string[]>;
+}
+
 /** The addon's functions (see shards/addon/addon.cpp). */
-interface Addon {
-  backendInfo(): { backend: string; isa: string; threads: number; availableIsas: string[] };
-  configure(o: { isa?: string; threads?: number }): unknown;
+export interface Addon {
+  backendInfo(): NativeInfo;
+  configure(o: { device?: string; isa?: string; threads?: number }): NativeInfo;
+  cudaStatus(): { compiled: boolean; devices: number; status: string };
   matmul(x: Float32Array, rows: number, w: AddonWeight): Float32Array;
   rmsnorm(x: Float32Array, weight: AddonWeight, eps: number): Float32Array;
   siluMul(gate: Float32Array, up: Float32Array): Float32Array;
@@ -96,13 +119,40 @@ function addonWeight(w: Weight): AddonWeight {
   return v;
 }
 
-/** The Backend over the addon. */
+/** The devices `--device` takes: cpu, cuda (= cuda:0) or cuda:N. */
+export const DEVICE_HELP = "cpu | cuda | cuda:N";
+
+/**
+ * Points the addon at `device` ("cpu", "cuda", "cuda:N") and returns its backendInfo().
+ * Throws ExpertMeshError: EM_NATIVE_UNSUPPORTED when the device is not there (no CUDA in
+ * this build, no CUDA device), EM_NATIVE_ARG for a string that is not a device.
+ */
+export function configureDevice(device: string, addon: Addon = loadAddon()): NativeInfo {
+  try {
+    return addon.configure({ device });
+  } catch (e) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && code in ERROR_CODES) {
+      const detail = (e as Error).message.replace(/^device '[^']*': /, "");
+      const hint = code === "EM_NATIVE_UNSUPPORTED" ? "; --device cpu runs on the CPU backend" : "";
+      throw new ExpertMeshError(code as ErrorCode, `--device ${device}: ${detail}${hint}`, {
+        cause: e,
+      });
+    }
+    throw e;
+  }
+}
+
+/** The Backend over the addon; with `device`, configures the addon for it first. */
 export function nativeBackend(
-  addon: Addon = loadAddon(),
-): Backend & { info: ReturnType<Addon["backendInfo"]> } {
+  options: { device?: string; addon?: Addon } = {},
+): Backend & { info: NativeInfo } {
+  const addon = options.addon ?? loadAddon();
+  const info =
+    options.device === undefined ? addon.backendInfo() : configureDevice(options.device, addon);
   return {
     name: "native",
-    info: addon.backendInfo(),
+    info,
     matmul: (x, m, w) => addon.matmul(x, m, addonWeight(w)),
     rmsnorm: (x, _m, weight, eps) => addon.rmsnorm(x, addonWeight(weight), eps),
     siluMul: (gate, up) => addon.siluMul(gate, up),

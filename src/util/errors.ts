@@ -47,7 +47,8 @@ export const ERROR_CODES = {
   EM_NATIVE_SHAPE: "a native op got arrays whose lengths do not match the shapes",
   EM_NATIVE_DTYPE: "a native op got a dtype it does not take",
   EM_NATIVE_ARG: "a native op got an invalid argument",
-  EM_NATIVE_UNSUPPORTED: "the native backend does not implement this op, dtype or ISA here",
+  EM_NATIVE_UNSUPPORTED:
+    "the native backend does not implement this op, dtype or ISA here, or the --device is not there",
   EM_NATIVE_NOMEM: "the native engine could not allocate memory",
   EM_NATIVE_INTERNAL: "the native engine hit an internal error (a bug)",
   EM_KV_BUDGET:

@@ -5,8 +5,6 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { loadWeights } from "../../engine/loader.ts";
-import { nativeBackend } from "../../engine/native.ts";
-import { referenceBackend } from "../../engine/reference.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
@@ -18,6 +16,7 @@ import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
+import { selectBackend } from "../device.ts";
 import { defaultModelName, intFlag as int } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -41,8 +40,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
-  --device cpu              where the dense layers run (cuda:N needs the CUDA backend)
-  --backend NAME            native (default) | reference
+  --device DEV              where the dense layers (and --local experts) run: cpu (default),
+                            cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
+                            cuda needs the native engine built with CUDA and a CUDA device
+  --backend NAME            native (default) | reference (TypeScript, cpu only)
   --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)`;
 
 export const gatewayCommand: Command = {
@@ -85,11 +86,6 @@ export const gatewayCommand: Command = {
     if (!values.model) usage("--model is required");
     if (!values.local && (!values.nats || !values.plan))
       usage("give --local (experts in process) or --nats and --plan (experts on shards)");
-    const device = values.device ?? "cpu";
-    if (device !== "cpu")
-      usage(
-        `--device ${device}: this build has the CPU backend only (the CUDA backend is not built)`,
-      );
     const wire = values.wire ?? "bf16";
     if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
@@ -102,7 +98,9 @@ export const gatewayCommand: Command = {
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
 
-    const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
+    const selected = selectBackend(values.backend, values.device);
+    const backend = selected.backend;
+    log(selected.summary);
     const ckpt = await Checkpoint.open(modelDir);
     const tokenizer = Tokenizer.load(modelDir);
     const weights = await loadWeights(ckpt, values.local ? "all" : "none", (done, total) =>

@@ -1,18 +1,16 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import type { Backend } from "../../engine/backend.ts";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
 import { loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
-import { nativeBackend } from "../../engine/native.ts";
-import { referenceBackend } from "../../engine/reference.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { selectBackend } from "../device.ts";
 import { defaultModelName, numberFlag as num } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -23,6 +21,7 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --seed S              sampling seed (default 0)
   --chat                wrap the prompt in the model's chat template
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
+  --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
   --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
@@ -45,6 +44,7 @@ export const generateCommand: Command = {
         seed: { type: "string" },
         chat: { type: "boolean" },
         backend: { type: "string" },
+        device: { type: "string" },
         distributed: { type: "boolean" },
         nats: { type: "string" },
         plan: { type: "string" },
@@ -55,13 +55,8 @@ export const generateCommand: Command = {
     });
     if (!values.model || values.prompt === undefined)
       throw new ExpertMeshError("EM_CLI_USAGE", "--model and --prompt are required");
-    const backendName = values.backend ?? "native";
-    if (backendName !== "native" && backendName !== "reference")
-      throw new ExpertMeshError(
-        "EM_CLI_USAGE",
-        `--backend must be native or reference, got '${backendName}'`,
-      );
-    const backend: Backend = backendName === "native" ? nativeBackend() : referenceBackend;
+    const selected = selectBackend(values.backend, values.device);
+    const backend = selected.backend;
     const t0 = performance.now();
     const ckpt = await Checkpoint.open(values.model);
     const tokenizer = Tokenizer.load(values.model);
@@ -69,7 +64,7 @@ export const generateCommand: Command = {
       process.stderr.write(`\rloading weights: layer ${done}/${total}`),
     );
     process.stderr.write(
-      `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${backend.name} backend)\n`,
+      `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${selected.summary})\n`,
     );
     let experts: ExpertRunner = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
     let close = async () => {};

@@ -4,13 +4,12 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
-import { nativeBackend } from "../../engine/native.ts";
-import { referenceBackend } from "../../engine/reference.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { selectBackend } from "../device.ts";
 import { defaultModelName } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -19,8 +18,10 @@ const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [op
   --model-name NAME     model name in NATS subjects (default: the model folder's name)
   --id ID               this replica's id in load reports (default hostname-pid)
   --metrics-port PORT   /metrics, /healthz, /readyz (default 9090; 0 picks one)
-  --device cpu          where the experts run (cuda:N needs the CUDA backend)
-  --backend NAME        native (default) | reference`;
+  --device DEV          where the experts run: cpu (default), cuda (= cuda:0) or cuda:N; ops
+                        the CUDA backend lacks run on the CPU. cuda needs the native engine
+                        built with CUDA (EM_CUDA=ON shards/build.sh) and a CUDA device
+  --backend NAME        native (default) | reference (TypeScript, cpu only)`;
 
 export const shardCommand: Command = {
   name: "shard",
@@ -48,11 +49,8 @@ export const shardCommand: Command = {
     };
     if (!values.model || !values.plan || values.shard === undefined || !values.nats)
       usage("--model, --plan, --shard and --nats are required");
-    const device = values.device ?? "cpu";
-    if (device !== "cpu")
-      usage(
-        `--device ${device}: this build has the CPU backend only (the CUDA backend is not built)`,
-      );
+    // Before reading anything: a device that is not there fails at once (pods restart).
+    const selected = selectBackend(values.backend, values.device);
     const plan = parsePlan(readFileSync(values.plan!, "utf8"));
     const k = Number(values.shard);
     if (!Number.isInteger(k) || k < 0 || k >= plan.numShards)
@@ -75,7 +73,8 @@ export const shardCommand: Command = {
       `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read) for plan v${plan.version}`,
     );
 
-    const backend = values.backend === "reference" ? referenceBackend : nativeBackend();
+    const backend = selected.backend;
+    log(selected.summary);
     const nc = await connectNats({
       url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,

@@ -1,0 +1,241 @@
+// Tiny-model forward on a device backend against the CPU backend, through the Node addon:
+// the same prefill and decode steps (the seed-0 tiny checkpoints of the goldens, written
+// here, so no weights travel) run once with configure({ device: "cpu" }) and once with
+// configure({ device }), and every logit row is compared. Decode steps feed both runs the
+// CPU run's greedy tokens, so a near-tie cannot make the two sequences diverge.
+//
+//   node scripts/gpu-forward.ts [--device cuda:0] [--models tiny-v2,tiny-v3,tiny-v3-fp8]
+//        [--decode 8] [--tolerance 5e-2] [--isa ISA] [--json FILE]
+//
+// Pass: for every model, max |device - cpu| / max |cpu| <= tolerance over the prefill rows
+// and over each decode step, and the greedy (argmax) token of every row agrees, except
+// where the CPU's top two logits are within tolerance * max |cpu| of each other (a tie at
+// that precision). The default tolerance, 5e-2, is for bf16 weights: the CUDA backend runs
+// bf16 GEMMs on tensor cores with the activations rounded to bf16 (the parity suite allows
+// 2e-2 per GEMM; a forward chains a few dozen). The goldens (HF transformers in fp32) are
+// shown beside it for both runs.
+//
+// Self-test without a GPU: --device cpu compares the CPU backend with itself, the compared
+// run on --isa (default scalar) so two code paths meet. The addon is $EM_NATIVE_ADDON, else
+// shards/build/expertmesh.node. Imports only src/, test/support/golden.ts and Node builtins
+// (the GPU machine has Node from .gpu-bundle/ and no node_modules).
+//
+// Prints a Markdown report. Exit: 0 pass, 1 mismatch or error, 2 no CUDA device (or the
+// addon was built without CUDA).
+import { rmSync, writeFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { backendSummary } from "../src/cli/device.ts";
+import type { Backend } from "../src/engine/backend.ts";
+import { SequenceCache } from "../src/engine/model.ts";
+import { loadAddon, type NativeInfo, nativeBackend } from "../src/engine/native.ts";
+import { localModel, readGolden, tinyCheckpointFor } from "../test/support/golden.ts";
+
+type ModelName = "tiny-v2" | "tiny-v3" | "tiny-v3-fp8";
+const MODELS: readonly ModelName[] = ["tiny-v2", "tiny-v3", "tiny-v3-fp8"];
+
+const { values } = parseArgs({
+  options: {
+    device: { type: "string" },
+    models: { type: "string" },
+    decode: { type: "string" },
+    tolerance: { type: "string" },
+    isa: { type: "string" },
+    json: { type: "string" },
+  },
+});
+const device = values.device ?? process.env["EM_GPU_FORWARD_DEVICE"] ?? "cuda:0";
+const models = (values.models?.split(",") ?? MODELS) as ModelName[];
+for (const m of models)
+  if (!MODELS.includes(m)) fatal(`unknown model '${m}' (${MODELS.join(", ")})`);
+const decodeSteps = Number(values.decode ?? 8);
+const tolerance = Number(values.tolerance ?? 5e-2);
+if (!Number.isInteger(decodeSteps) || decodeSteps < 0) fatal("--decode must be an integer >= 0");
+if (!(tolerance > 0)) fatal("--tolerance must be > 0");
+// The compared run's CPU ISA: for a CPU self-test, the scalar kernels against the best ones.
+const isa = values.isa ?? (device === "cpu" ? "scalar" : "auto");
+
+function fatal(message: string): never {
+  process.stdout.write(`\n- forward: ERROR: ${message}\n`);
+  process.exit(1);
+}
+
+const out = (s = "") => process.stdout.write(`${s}\n`);
+out(`## Tiny-model forward: ${device} vs the CPU backend (through the addon)`);
+out();
+const addon = loadAddon();
+
+// No device: say so and exit 2 (never a pass).
+if (device !== "cpu") {
+  const st = addon.cudaStatus();
+  if (!st.compiled || st.devices === 0) {
+    out(`- forward: ERROR: NO CUDA DEVICE for --device ${device} (${st.status})`);
+    process.exit(2);
+  }
+}
+
+interface Trace {
+  /** [T, vocab] prefill logits. */
+  prefill: Float32Array;
+  /** Decode steps' logits, [vocab] each. */
+  steps: Float32Array[];
+  /** Tokens fed to the decode steps. */
+  fed: number[];
+  ms: number;
+  info: NativeInfo;
+}
+
+const argmax = (a: Float32Array): number => {
+  let best = 0;
+  for (let i = 1; i < a.length; i++) if (a[i]! > a[best]!) best = i;
+  return best;
+};
+const maxAbs = (a: Float32Array): number => a.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+const relErr = (got: Float32Array, want: Float32Array): number => {
+  let d = 0;
+  for (let i = 0; i < want.length; i++) d = Math.max(d, Math.abs(got[i]! - want[i]!));
+  return d / Math.max(maxAbs(want), 1e-30);
+};
+
+/** Prefill `prompt`, then decode: the given tokens, or (none given) greedy ones. */
+async function trace(
+  dir: string,
+  prompt: number[],
+  configure: { device: string; isa: string },
+  feed: number[] | null,
+): Promise<Trace> {
+  const info = addon.configure(configure);
+  const backend: Backend = nativeBackend();
+  const { weights, model } = await localModel(dir, backend);
+  const V = weights.config.vocabSize;
+  const t0 = performance.now();
+  const cache = new SequenceCache(weights.config, prompt.length + decodeSteps + 1);
+  const prefill = await model.forward(prompt, cache);
+  const steps: Float32Array[] = [];
+  const fed: number[] = [];
+  let last = prefill.subarray((prompt.length - 1) * V);
+  for (let k = 0; k < decodeSteps; k++) {
+    const token = feed ? feed[k]! : argmax(last);
+    fed.push(token);
+    last = await model.forward([token], cache);
+    steps.push(last);
+  }
+  return { prefill, steps, fed, ms: performance.now() - t0, info };
+}
+
+interface Row {
+  model: ModelName;
+  prefillErr: number;
+  decodeErr: number;
+  greedy: { agree: number; rows: number; ties: number; mismatches: string[] };
+  goldenCpu: number;
+  goldenDevice: number;
+  cpuMs: number;
+  deviceMs: number;
+  pass: boolean;
+}
+
+async function compare(name: ModelName): Promise<{ row: Row; info: NativeInfo }> {
+  const golden = readGolden(name);
+  const p = golden.prompts[1] ?? golden.prompts[0]!;
+  const dir = await tinyCheckpointFor(name);
+  try {
+    const cpu = await trace(dir, p.token_ids, { device: "cpu", isa: "auto" }, null);
+    const dev = await trace(dir, p.token_ids, { device, isa }, cpu.fed);
+    const V = p.shape[1];
+    // Every row: the prefill's T rows, then each decode step.
+    const rows: [Float32Array, Float32Array, string][] = [];
+    for (let t = 0; t < p.token_ids.length; t++)
+      rows.push([
+        cpu.prefill.subarray(t * V, (t + 1) * V),
+        dev.prefill.subarray(t * V, (t + 1) * V),
+        `prefill ${t}`,
+      ]);
+    for (const [k, s] of cpu.steps.entries()) rows.push([s, dev.steps[k]!, `decode ${k}`]);
+    const greedy = { agree: 0, rows: rows.length, ties: 0, mismatches: [] as string[] };
+    for (const [c, d, what] of rows) {
+      const ct = argmax(c);
+      const dt = argmax(d);
+      if (ct === dt) greedy.agree++;
+      else if (c[ct]! - c[dt]! <= tolerance * maxAbs(c)) greedy.ties++;
+      else greedy.mismatches.push(`${what}: cpu ${ct}, ${device} ${dt}`);
+    }
+    const prefillErr = relErr(dev.prefill, cpu.prefill);
+    const decodeErr = Math.max(0, ...cpu.steps.map((s, k) => relErr(dev.steps[k]!, s)));
+    const row: Row = {
+      model: name,
+      prefillErr,
+      decodeErr,
+      greedy,
+      goldenCpu: relErr(cpu.prefill, p.logits),
+      goldenDevice: relErr(dev.prefill, p.logits),
+      cpuMs: cpu.ms,
+      deviceMs: dev.ms,
+      pass: prefillErr <= tolerance && decodeErr <= tolerance && greedy.mismatches.length === 0,
+    };
+    return { row, info: dev.info };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+// One model's failure (an op error on the device, say) is its row's result; the others run.
+const results: Row[] = [];
+const errors: { model: ModelName; message: string }[] = [];
+let deviceInfo: NativeInfo | null = null;
+for (const name of models) {
+  try {
+    const { row, info } = await compare(name);
+    results.push(row);
+    deviceInfo = info;
+  } catch (e) {
+    const code = (e as { code?: string }).code;
+    errors.push({
+      model: name,
+      message: `${code ? `[${code}] ` : ""}${(e as Error).stack ?? String(e)}`,
+    });
+  } finally {
+    addon.configure({ device: "cpu" });
+  }
+}
+
+const pass = errors.length === 0 && results.every((r) => r.pass);
+const e = (x: number) => x.toExponential(2);
+out(
+  `- forward: ${pass ? "PASS" : "FAIL"} (${device}${device === "cpu" ? ` isa ${isa}, a CPU self-test` : ""} vs the CPU backend, ` +
+    `${models.length} tiny models, prefill + ${decodeSteps} decode steps, tolerance ${e(tolerance)} x max|logit|)`,
+);
+out();
+if (deviceInfo) out(`Device run: ${backendSummary(deviceInfo)}.`);
+out(
+  `Node ${process.version}; addon ${process.env["EM_NATIVE_ADDON"] ?? "shards/build/expertmesh.node"}.`,
+);
+out();
+out(
+  "| model | prefill rel err | decode rel err (max) | greedy agree | near-ties | golden rel err cpu / device | ms cpu / device | result |",
+);
+out("|---|---|---|---|---|---|---|---|");
+for (const r of results)
+  out(
+    `| ${r.model} | ${e(r.prefillErr)} | ${e(r.decodeErr)} | ${r.greedy.agree}/${r.greedy.rows} | ${r.greedy.ties} | ` +
+      `${e(r.goldenCpu)} / ${e(r.goldenDevice)} | ${r.cpuMs.toFixed(0)} / ${r.deviceMs.toFixed(0)} | ${r.pass ? "ok" : "FAIL"} |`,
+  );
+for (const r of results)
+  for (const m of r.greedy.mismatches) out(`- ${r.model} greedy mismatch: ${m}`);
+for (const { model, message } of errors) {
+  out(`- ${model}: ERROR`);
+  out();
+  out("```");
+  out(message);
+  out("```");
+}
+out();
+out(
+  "rel err = max |device - cpu| / max |cpu| over the rows; decode steps are fed the CPU run's greedy tokens. " +
+    "A greedy disagreement passes only as a near-tie (the CPU's top two within the tolerance).",
+);
+if (values.json)
+  writeFileSync(
+    values.json,
+    `${JSON.stringify({ device, isa, tolerance, decodeSteps, pass, results, errors }, null, 2)}\n`,
+  );
+process.exit(pass ? 0 : 1);

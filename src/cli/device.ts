@@ -1,0 +1,59 @@
+// --backend and --device of the commands that run the model (shard, gateway, generate):
+// one place that picks the Backend, so the three agree on names, defaults and errors.
+import type { Backend } from "../engine/backend.ts";
+import { DEVICE_HELP, type NativeInfo, nativeBackend } from "../engine/native.ts";
+import { referenceBackend } from "../engine/reference.ts";
+import { ExpertMeshError } from "../util/errors.ts";
+
+export interface SelectedBackend {
+  readonly backend: Backend;
+  /** The device the ops run on ("cpu", "cuda:0", ...). */
+  readonly device: string;
+  /** One line for logs: backend, device, what falls back to the CPU. */
+  readonly summary: string;
+}
+
+/**
+ * The Backend for `--backend` (native, default, or reference) on `--device` (cpu, default,
+ * cuda or cuda:N). Throws EM_CLI_USAGE for unknown names and for a device with the
+ * reference backend, and the addon's EM_NATIVE_UNSUPPORTED / EM_NATIVE_ARG when the
+ * device is not there (this build has no CUDA, no CUDA device) or is not a device string.
+ */
+export function selectBackend(
+  backendFlag: string | undefined,
+  deviceFlag: string | undefined,
+): SelectedBackend {
+  const name = backendFlag ?? "native";
+  const device = deviceFlag ?? "cpu";
+  if (name !== "native" && name !== "reference")
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--backend must be native or reference, got '${name}'`,
+    );
+  if (name === "reference") {
+    if (device !== "cpu")
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--device ${device}: the reference backend runs on the CPU only (use --backend native)`,
+      );
+    return { backend: referenceBackend, device, summary: "reference backend (TypeScript, CPU)" };
+  }
+  if (device === "")
+    throw new ExpertMeshError("EM_CLI_USAGE", `--device must be ${DEVICE_HELP}, got ''`);
+  const backend = nativeBackend({ device });
+  return { backend, device: backend.info.device, summary: backendSummary(backend.info) };
+}
+
+/** "native backend on cuda:0 (cuda sm_90, 132 SMs; on the CPU (avx512, 16 threads): sample, ...)". */
+export function backendSummary(info: NativeInfo): string {
+  if (info.backend === "cpu") return `native backend on cpu (${info.isa}, ${info.threads} threads)`;
+  const fallback = Object.entries(info.fallback)
+    .map(([op, dtypes]) =>
+      dtypes.length === info.ops[op]?.length ? op : `${op} (${dtypes.join(", ")})`,
+    )
+    .join(", ");
+  return (
+    `native backend on ${info.device} (${info.backend} ${info.isa}, ${info.threads} SMs; ` +
+    `on the CPU (${info.cpu.isa}, ${info.cpu.threads} threads): ${fallback || "nothing"})`
+  );
+}
