@@ -246,22 +246,6 @@ export function encodeError(code: string, message: string, planVersion = 0, laye
 }
 
 /**
- * A copy of `n` elements of a typed array starting at byte `offset` of `buf`. Always a
- * copy (alignment-safe, and `buf` may be a Node Buffer over a reused pool, whose
- * `slice` would only be a view).
- */
-function take<T extends Uint32Array | Float32Array | Uint16Array | Uint8Array>(
-  buf: Uint8Array,
-  offset: number,
-  n: number,
-  Ctor: { new (b: ArrayBuffer): T; BYTES_PER_ELEMENT: number },
-): T {
-  const bytes = new Uint8Array(n * Ctor.BYTES_PER_ELEMENT);
-  bytes.set(buf.subarray(offset, offset + bytes.length));
-  return new Ctor(bytes.buffer);
-}
-
-/**
  * A combine frame whose header and length are checked but whose body is not yet converted
  * nor checksummed: `body` holds its sums' wire bytes, `crc` the header's CRC-32 of them
  * (addCombine checks it in the pass that adds the sums).
@@ -375,7 +359,7 @@ function parseFrame(
     );
   checkLength(buf, kind, dtype, numTokens, h.hidden, numAssignments);
 
-  let o = HEADER_BYTES;
+  const o = HEADER_BYTES;
   if (kind === FrameKind.combine) {
     if (dtype === "fp8") fail("EM_WIRE_DTYPE", "combine frames carry bf16 or f32");
     const body = buf.subarray(o);
@@ -401,12 +385,13 @@ function parseFrame(
     codec.crc32(buf.subarray(o, act)),
   );
   if (bodyCrc !== crc) badCrc();
-  const token = take(buf, o, numAssignments, Uint32Array);
-  o += 4 * numAssignments;
-  const expert = take(buf, o, numAssignments, Uint32Array);
-  o += 4 * numAssignments;
-  const weight = take(buf, o, numAssignments, Float32Array);
-  o += 4 * numAssignments;
+  // One copy of the three assignment arrays (alignment-safe, and `buf` may be a view of
+  // the NATS client's reused read buffer), then views of it.
+  const assigned = new ArrayBuffer(12 * numAssignments);
+  new Uint8Array(assigned).set(buf.subarray(o, act));
+  const token = new Uint32Array(assigned, 0, numAssignments);
+  const expert = new Uint32Array(assigned, 4 * numAssignments, numAssignments);
+  const weight = new Float32Array(assigned, 8 * numAssignments, numAssignments);
   for (let i = 0; i < numAssignments; i++) {
     if (token[i]! >= numTokens)
       fail("EM_WIRE_RANGE", `assignment ${i} names token ${token[i]} of ${numTokens}`);
