@@ -14,7 +14,7 @@
 # the bundle the report says the forward was NOT RUN (the exit code is parity's).
 #
 # Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
-# forward.md, forward.json, addon.log, addon-build.log, bench.json, torch.json, build.log.
+# forward.md, forward.json, addon.log, addon-build.log, bench.json, mla_bench.json, torch.json, build.log.
 # Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
 # failure, 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
 #
@@ -211,6 +211,12 @@ if [ "${EM_SKIP_BENCH:-0}" != 1 ]; then
   step 150 "$build/em_bench_cuda_moe" --json "$out/bench.json" --tokens "$tokens" --runs 5 >"$out/bench.log" 2>&1 ||
     log "benchmark failed or timed out (bench.log)"
   cat "$out/bench.log" >&2
+  # MLA decode attention: latent-cache bandwidth against a device copy of the same bytes
+  # measured in the same run (about 15 s, about 10 GB of device memory).
+  log "benchmark: em_bench_cuda_mla"
+  step 90 "$build/em_bench_cuda_mla" --json "$out/mla_bench.json" --runs 5 >"$out/mla_bench.log" 2>&1 ||
+    log "MLA benchmark failed or timed out (mla_bench.log)"
+  cat "$out/mla_bench.log" >&2
   if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     log "benchmark peer: PyTorch"
     step 150 python3 "$root/shards/bench/torch_moe_peer.py" --json "$out/torch.json" --tokens "$tokens" --runs 5 \
@@ -225,25 +231,43 @@ out = sys.argv[1]
 def load(name):
     p = os.path.join(out, name)
     return json.load(open(p)) if os.path.exists(p) else []
-ours, peer = load("bench.json"), load("torch.json")
+ours, peer, mla = load("bench.json"), load("torch.json"), load("mla_bench.json")
 dense = next((r["tflops"]["median"] for r in peer if r["what"] == "dense_bf16_gemm"), None)
+dense8 = next((r["tflops"]["median"] for r in peer if r["what"] == "dense_fp8_gemm"), None)
 copy = next((r["gbps"]["median"] for r in peer if r["what"] == "copy_bandwidth"), None)
-print("\n## Grouped expert FFN, bf16, DeepSeek-V3 shapes (hidden 7168, inter 2048, 256 experts, top-8)\n")
-if dense: print(f"Measured in this run: dense bf16 GEMM {dense:.1f} TFLOP/s (torch 8192^3), copy {copy:.0f} GB/s.\n")
-print("| tokens | rows | impl | TFLOP/s median (min-max) | / dense peak | / best torch |")
-print("|---|---|---|---|---|---|")
+print("\n## Grouped expert FFN, DeepSeek-V3 shapes (hidden 7168, inter 2048, 256 experts, top-8)\n")
+if dense:
+    extra = f", dense fp8 GEMM {dense8:.1f} TFLOP/s (torch._scaled_mm 8192^3)" if dense8 else ""
+    print(f"Measured in this run: dense bf16 GEMM {dense:.1f} TFLOP/s (torch 8192^3){extra}, copy {copy:.0f} GB/s.\n")
+print("| tokens | rows | impl | weights | TFLOP/s median (min-max) | / datasheet peak | / measured dense | / best torch (same dtype) |")
+print("|---|---|---|---|---|---|---|---|")
 by_tokens = {}
-for r in ours: by_tokens.setdefault(r["tokens"], []).append((r["impl"], r["rows"], r["tflops_median"], r["tflops_min"], r["tflops_max"]))
+for r in ours:
+    dt = r.get("dtype", "bf16")
+    peak = r.get("peak_fp8_tflops" if dt == "fp8" else "peak_bf16_tflops")
+    by_tokens.setdefault(r["tokens"], []).append((r["impl"], dt, r["rows"], r["tflops_median"], r["tflops_min"], r["tflops_max"], peak))
 for r in peer:
     if r["what"] == "moe_ffn":
-        t = r["tflops"]; by_tokens.setdefault(r["tokens"], []).append((r["impl"], r["rows"], t["median"], t["min"], t["max"]))
+        t = r["tflops"]
+        by_tokens.setdefault(r["tokens"], []).append((r["impl"], r.get("dtype", "bf16"), r["rows"], t["median"], t["min"], t["max"], None))
 for tok in sorted(by_tokens):
-    best_torch = max((m for i, _, m, _, _ in by_tokens[tok] if i.startswith("torch")), default=None)
-    for impl, rows, med, lo, hi in by_tokens[tok]:
-        rp = f"{med / dense:.2f}" if dense else "-"
+    for impl, dt, rows, med, lo, hi, peak in by_tokens[tok]:
+        best_torch = max((m for i, d, _, m, _, _, _ in by_tokens[tok] if i.startswith("torch") and d == dt), default=None)
+        measured = dense8 if dt == "fp8" else dense
+        rp = f"{med / peak:.2f}" if peak else "-"
+        rm = f"{med / measured:.2f}" if measured else "-"
         rt = f"{med / best_torch:.2f}" if best_torch and not impl.startswith("torch") else "-"
-        print(f"| {tok} | {rows} | {impl} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {rp} | {rt} |")
+        print(f"| {tok} | {rows} | {impl} | {dt} | {med:.2f} ({lo:.2f}-{hi:.2f}) | {rp} | {rm} | {rt} |")
 print("\nOurs and torch run in separate processes (interleaved within each); ratios are of medians.")
+print("Targets (issue #8): bf16 grouped GEMM at large batch >= 0.60 of peak and >= 1.0x PyTorch's best.")
+if mla:
+    print("\n## MLA decode attention, DeepSeek-V3 dims (128 heads, latent 512 + rope 64), bf16 cache\n")
+    print("| batch | cache len | cache MB | us median | GB/s median (min-max) | copy GB/s | / copy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in mla:
+        print(f"| {r['batch']} | {r['cache_len']} | {r['cache_bytes'] / 1e6:.0f} | {r['us_median']:.1f} | {r['gbps_median']:.0f} ({r['gbps_min']:.0f}-{r['gbps_max']:.0f}) | {r['copy_gbps_median']:.0f} | {r['ratio_to_copy']:.2f} |")
+    print("\nGB/s = latent-cache bytes read / time of the whole op (both absorption GEMMs included); the copy is a")
+    print("device-to-device copy of the same bytes in the same run (2 x bytes / time). Target: >= 0.50 of copy bandwidth.")
 PY
 fi
 log "report: $report"
