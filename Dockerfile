@@ -1,23 +1,36 @@
 # expertmesh: one image for the operator, gateways and shards (`expertmesh <command>`).
 #
 #   docker build -t expertmesh .
-#   docker build -t expertmesh:cuda --build-arg RUNTIME_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 .
+#   docker build -t expertmesh:cuda --build-arg EM_CUDA=ON \
+#     --build-arg RUNTIME_BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 .
 #
-# Stage 1 compiles TypeScript with Node 24; stage 2 is a slim runtime that gets the Node
-# binary from stage 1, so any glibc base works, including NVIDIA's CUDA images for shards.
+# Stage 1 compiles TypeScript with Node 24 and the native engine (with EM_CUDA=ON also its
+# CUDA backend, for sm_90a and sm_80, from a CUDA 13.0 toolkit of PyPI wheels:
+# scripts/cuda-toolkit.sh); stage 2 is a slim runtime that gets the Node binary from stage
+# 1, so any glibc base works. The CUDA image needs a base with the CUDA 13 runtime
+# libraries (cuBLAS; the CUDA runtime is linked statically): pods that request GPUs run
+# `--device=cuda:0`, and an addon built without CUDA makes them exit at start with
+# EM_NATIVE_UNSUPPORTED.
 ARG NODE_IMAGE=node:24-bookworm
 ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM ${NODE_IMAGE} AS build
+ARG EM_CUDA=OFF
 RUN apt-get update && apt-get install -y --no-install-recommends cmake ninja-build \
+    $(if [ "$EM_CUDA" = ON ]; then echo python3-pip; fi) \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY package.json package-lock.json ./
 # Dependencies only (our npm scripts bootstrap Node 24 for bare machines; this image has it).
 RUN npm ci --ignore-scripts --no-audit --no-fund
 # The native engine (C++; node_api.h comes with the image's Node under /usr/local/include).
+COPY scripts/cuda-toolkit.sh ./scripts/cuda-toolkit.sh
 COPY shards ./shards
-RUN EM_BUILD_TESTS=OFF EM_NODE=/usr/local/bin/node bash shards/build.sh
+RUN if [ "$EM_CUDA" = ON ]; then \
+      CUDACXX="$(PIP_BREAK_SYSTEM_PACKAGES=1 EXPERTMESH_CACHE_DIR=/opt/em-cache bash scripts/cuda-toolkit.sh)/bin/nvcc" \
+      && export CUDACXX; \
+    fi \
+    && EM_CUDA=$EM_CUDA EM_BUILD_TESTS=OFF EM_NODE=/usr/local/bin/node bash shards/build.sh
 COPY tsconfig.json ./
 COPY src ./src
 RUN npx tsc -p tsconfig.json && npm prune --omit=dev --ignore-scripts

@@ -42,6 +42,13 @@ describe("Dockerfile", () => {
     expect(dockerfile).toMatch(/^FROM \$\{RUNTIME_BASE\} AS runtime$/m);
   });
 
+  it("builds the addon's CUDA backend with --build-arg EM_CUDA=ON (GPU pods run --device=cuda:0)", () => {
+    expect(dockerfile).toMatch(/^ARG EM_CUDA=OFF$/m);
+    // The toolkit comes from the script the CI compile check uses, and build.sh gets the flag.
+    expect(dockerfile).toMatch(/bash scripts\/cuda-toolkit\.sh\)\/bin\/nvcc/);
+    expect(dockerfile).toMatch(/EM_CUDA=\$EM_CUDA .*bash shards\/build\.sh/);
+  });
+
   it("starts the CLI that tsc emits, as a non-root user", () => {
     const tsconfig = JSON.parse(readFileSync(new URL("tsconfig.json", root), "utf8"));
     expect(tsconfig.compilerOptions.outDir).toBe("dist");
