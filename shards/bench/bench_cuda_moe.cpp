@@ -1,7 +1,9 @@
 // Grouped expert FFN on the CUDA backend at DeepSeek-V3 shapes: TFLOP/s of em_moe_ffn
 // (gate/up/down GEMMs + SiLU-and-multiply + weighted combine) with bf16 weights, and fp8
 // e4m3 weights with 128x128 block scales (as the V3 checkpoint), in device memory: the loop
-// and the grouped-GEMM variant of each dtype interleaved (A B C D A B C D ...), median with
+// and the grouped-GEMM variant of each dtype, and for fp8 also "fp8 lt" (EM_CUDA_FP8_LT:
+// activations quantized per token per 128 columns, cuBLASLt's block-scaled fp8 GEMM per
+// expert; sm_90+, else its rows say "fp8 lt (fallback)"), interleaved (A B C D E A B ...), median with
 // min and max of the counted runs, and the median as a fraction of the device's dense bf16
 // and fp8 tensor-core peaks (defaults: H200 SXM datasheet, 989 and 1979 TFLOP/s). The
 // PyTorch peer is shards/bench/torch_moe_peer.py.
@@ -73,10 +75,14 @@ int main(int argc, char** argv) {
   }
   em_backend* loop = nullptr;
   em_backend* grouped = nullptr;
-  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP};
+  em_backend* lt = nullptr;
+  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT};
   TRY(em_backend_create_cuda(&cfg, &loop));
   cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   TRY(em_backend_create_cuda(&cfg, &grouped));
+  cfg.moe_gemm = EM_CUDA_MOE_LOOP;
+  cfg.fp8_gemm = EM_CUDA_FP8_LT;
+  TRY(em_backend_create_cuda(&cfg, &lt));
   em_backend_info info;
   em_backend_get_info(loop, &info);
 
@@ -212,10 +218,18 @@ int main(int argc, char** argv) {
     if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
       sides.push_back({loop, &af, "fp8 loop", "fp8"});
       sides.push_back({grouped, &af, "fp8 grouped", "fp8"});
+      sides.push_back({lt, &af, "fp8 lt", "fp8"});  // fp8 x fp8 on cuBLASLt (sm_90+)
     }
     const size_t ns = sides.size();
     std::vector<std::vector<double>> tflops(ns);
-    for (size_t s = 0; s < ns; ++s) TRY(em_moe_ffn(sides[s].b, sides[s].args));  // warm-up
+    for (size_t s = 0; s < ns; ++s) {  // warm-up (the lt side also plans its cuBLASLt GEMMs here)
+      TRY(em_moe_ffn(sides[s].b, sides[s].args));
+      if (sides[s].b == lt) {
+        const std::string st = em_cuda_last_status();
+        if (st.rfind("fp8 lt: cublasLt", 0) != 0) sides[s].name = "fp8 lt (fallback)";
+        std::printf("bench_cuda_moe: tokens %lld, fp8 lt: %s\n", static_cast<long long>(tokens), st.c_str());
+      }
+    }
     for (int r = 0; r < runs; ++r) {
       for (size_t s = 0; s < ns; ++s) {
         // Enough calls for ~50 ms per sample.
@@ -260,5 +274,6 @@ int main(int argc, char** argv) {
   for (void* p : allocations) em_cuda_free(loop, p);
   em_backend_free(loop);
   em_backend_free(grouped);
+  em_backend_free(lt);
   return 0;
 }

@@ -41,15 +41,23 @@ void throw_cublas(cublasStatus_t s, const char* expr, const char* file, int line
 // After a kernel launch: launch-configuration errors surface here.
 #define EMC_LAUNCHED() EMC_CUDA(cudaGetLastError())
 
+struct Fp8Lt;  // fp8.cu: the cuBLASLt block-scaled fp8 path (EM_CUDA_FP8_LT)
+
 // The backend's private state (em_backend::ctx).
 struct Context {
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   em_cuda_moe_gemm moe_gemm = EM_CUDA_MOE_LOOP;
+  em_cuda_fp8_gemm fp8_gemm = EM_CUDA_FP8_DEFAULT;
   int sm_count = 0;
+  int cc_major = 0, cc_minor = 0;
   std::string arch;  // "sm_90"
+  Fp8Lt* fp8_lt = nullptr;  // set when fp8_gemm is EM_CUDA_FP8_LT (even where unavailable: it says why)
 };
+
+// em_cuda_last_status() of the calling thread (cuda_backend.cu).
+void set_last_status(const std::string& s);
 
 // One op's device-side bookkeeping: scratch allocations (stream-ordered, freed when the op
 // ends), host tensors staged to the device, and outputs to copy back. finish() copies the
@@ -125,6 +133,12 @@ void fp8_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tensor&
               ScratchBuf& wbuf);
 // dst (contiguous bf16 [rows, cols]) = the 2-D fp8 view w dequantized, as em_convert fp8 -> bf16.
 void fp8_to_bf16(Op& op, const em_tensor& w, void* dst);
+// EM_CUDA_FP8_LT (fp8.cu): set up ctx.fp8_lt at backend creation (never fails: where the path
+// is unavailable the state records why, and every fp8 GEMM takes the default path), free it,
+// and whether the path can run at all on this device (moe_ffn then loops over experts).
+void fp8_lt_init(Context& ctx);
+void fp8_lt_destroy(Context& ctx);
+bool fp8_lt_available(const Context& ctx);
 
 // Op implementations; arguments were validated by the dispatcher.
 em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);

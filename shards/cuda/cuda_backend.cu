@@ -142,6 +142,7 @@ void info(void* p, em_backend_info* out) {
 void destroy(void* p) {
   Context* c = ctx_of(p);
   cudaSetDevice(c->device);
+  fp8_lt_destroy(*c);
   if (c->blas) cublasDestroy(c->blas);
   if (c->stream) cudaStreamDestroy(c->stream);
   delete c;
@@ -194,7 +195,15 @@ em_cuda_moe_gemm moe_gemm_from_env() {
   return env != nullptr && std::strcmp(env, "grouped") == 0 ? EM_CUDA_MOE_GROUPED : EM_CUDA_MOE_LOOP;
 }
 
+em_cuda_fp8_gemm fp8_gemm_from_env() {
+  const char* env = std::getenv("EM_CUDA_FP8_GEMM");
+  return env != nullptr && std::strcmp(env, "lt") == 0 ? EM_CUDA_FP8_LT : EM_CUDA_FP8_DEFAULT;
+}
+
 }  // namespace
+
+void set_last_status(const std::string& s) { tls_status = s; }
+
 }  // namespace em::cuda
 
 using namespace em::cuda;
@@ -226,12 +235,17 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
   auto ctx = std::make_unique<Context>();
   ctx->device = device;
   ctx->moe_gemm = cfg && cfg->moe_gemm != EM_CUDA_MOE_AUTO ? cfg->moe_gemm : moe_gemm_from_env();
+  ctx->fp8_gemm = cfg && cfg->fp8_gemm != EM_CUDA_FP8_AUTO ? cfg->fp8_gemm : fp8_gemm_from_env();
+  if (ctx->fp8_gemm != EM_CUDA_FP8_DEFAULT && ctx->fp8_gemm != EM_CUDA_FP8_LT)
+    return em::fail(EM_ERR_ARG, "em_backend_create_cuda: unknown fp8_gemm mode %d", static_cast<int>(ctx->fp8_gemm));
   try {
     EMC_CUDA(cudaSetDevice(device));
     cudaDeviceProp prop{};
     EMC_CUDA(cudaGetDeviceProperties(&prop, device));
     ctx->sm_count = prop.multiProcessorCount;
     ctx->arch = "sm_" + std::to_string(prop.major) + std::to_string(prop.minor);
+    ctx->cc_major = prop.major;
+    ctx->cc_minor = prop.minor;
     EMC_CUDA(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
     EMC_CUBLAS(cublasCreate(&ctx->blas));
     EMC_CUBLAS(cublasSetStream(ctx->blas, ctx->stream));
@@ -240,7 +254,9 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
     EMC_CUDA(cudaDeviceGetDefaultMemPool(&pool, device));
     uint64_t keep = UINT64_MAX;
     EMC_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    if (ctx->fp8_gemm == EM_CUDA_FP8_LT) fp8_lt_init(*ctx);
   } catch (const Error& e) {
+    fp8_lt_destroy(*ctx);
     if (ctx->blas) cublasDestroy(ctx->blas);
     if (ctx->stream) cudaStreamDestroy(ctx->stream);
     return em::fail(e.status, "em_backend_create_cuda: %s", e.what());

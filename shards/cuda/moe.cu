@@ -14,7 +14,9 @@
 // fp8 weights (fp8.cu): activations and intermediates are bf16. The loop runs fp8_gemm per
 // expert (experts with few rows read the fp8 weights directly, others dequantize into one
 // reused bf16 buffer); the grouped variant dequantizes batches of experts' weights into at
-// most kFp8GroupedBytes of scratch and runs one grouped bf16 GEMM per batch.
+// most kFp8GroupedBytes of scratch and runs one grouped bf16 GEMM per batch. With
+// EM_CUDA_FP8_LT available (fp8.cu) both modes run the loop: each expert GEMM quantizes its
+// bf16 activations per token per 128 columns and runs cuBLASLt's block-scaled fp8 GEMM.
 #include <algorithm>
 #include <vector>
 
@@ -178,7 +180,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   }
   const size_t esz = em_dtype_size(dt);
   const cudaDataType_t ab = cuda_type(dt);
-  const bool grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32;
+  const bool grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx));
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate && !grouped;
 
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)

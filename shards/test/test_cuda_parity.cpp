@@ -36,10 +36,12 @@ struct Backends {
   em_backend* cpu = nullptr;
   em_backend* cuda = nullptr;
   em_backend* cuda_grouped = nullptr;
+  em_backend* cuda_lt = nullptr;  // EM_CUDA_FP8_LT (fp8_lt_cases)
   ~Backends() {
     em_backend_free(cpu);
     em_backend_free(cuda);
     em_backend_free(cuda_grouped);
+    em_backend_free(cuda_lt);
   }
 };
 
@@ -350,6 +352,172 @@ void moe_cases(Rng& rng, Backends& b) {
   }
 }
 
+// ------------------------------------------------------------------ fp8 lt (EM_CUDA_FP8_LT)
+
+// The lt path (cuda/fp8.cu) quantizes activations per token per 128 columns to e4m3 as
+// DeepSeek's act_quant and runs cuBLASLt's block-scaled fp8 GEMM. Tolerances (max |err| / max
+// |ref|): against a host reference of that exact quantization (dequantized fp8 activations x
+// dequantized fp8 weights, in double) only accumulation order differs: 1e-3 with f32 output,
+// 4e-3 where cuBLASLt only offers bf16 output (its rounding: 2^-9 of an element). Against the
+// CPU backend (unquantized f32 activations) the activations' e4m3 rounding adds ~3% (numpy
+// simulation of these shapes: 2.5-3.0%): 6e-2 for matmul, 8e-2 for moe_ffn (two quantized
+// GEMMs and bf16 intermediates).
+constexpr double kLtRefTolF32 = 1e-3, kLtRefTolBf16 = 4e-3, kLtCpuTol = 6e-2, kLtMoeCpuTol = 8e-2;
+
+std::string lt_status() { return em_cuda_last_status(); }
+bool lt_ran(const std::string& st) { return st.rfind("fp8 lt: cublasLt", 0) == 0; }
+bool lt_fell_back(const std::string& st) { return st.rfind("fp8 lt: fallback", 0) == 0; }
+
+// e4m3 (float8_e4m3fn) code of v: round to nearest, ties to even, saturated to +-448 (as
+// __nv_cvt_float_to_fp8 with __NV_SATFINITE). Written independently of the engine.
+uint8_t ref_to_e4m3(float v) {
+  if (std::isnan(v)) return 0x7f;
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0x00;
+  const double a = std::fabs(static_cast<double>(v));
+  if (a >= 448.0) return sign | 0x7e;
+  int lo = 0, hi = 0x7e;  // codes 0..0x7e increase with their value: largest code with value <= a
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (ref_fp8(static_cast<uint8_t>(mid)) <= a) lo = mid;
+    else hi = mid - 1;
+  }
+  const double below = ref_fp8(static_cast<uint8_t>(lo)), above = ref_fp8(static_cast<uint8_t>(lo + 1));
+  const double d0 = a - below, d1 = above - a;
+  const int code = d0 < d1 ? lo : d1 < d0 ? lo + 1 : (lo % 2 == 0 ? lo : lo + 1);
+  return static_cast<uint8_t>(sign | code);
+}
+
+// x [M, K] (ld ldx, K % 128 == 0) as act_quant leaves it: dequantized, in double.
+std::vector<double> ref_act_quant(const float* x, int64_t ldx, int64_t M, int64_t K) {
+  std::vector<double> out(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < K; g += 128) {
+      float amax = 0.0f;
+      for (int64_t c = g; c < g + 128; ++c) amax = std::max(amax, std::fabs(x[m * ldx + c]));
+      const float sc = amax > 0.0f ? amax / 448.0f : 1.0f;
+      for (int64_t c = g; c < g + 128; ++c)
+        out[static_cast<size_t>(m * K + c)] = ref_fp8(ref_to_e4m3(x[m * ldx + c] / sc)) * static_cast<double>(sc);
+    }
+  }
+  return out;
+}
+
+void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
+  if (b.cuda_lt == nullptr) return;
+  struct Case {
+    int64_t M, N, K, row0, col0, pr, pc;
+    bool eligible;  // meets the lt path's requirements (K % 128 == 0, 16-byte aligned weight rows)
+  };
+  const Case cases[] = {
+      {33, 2048, 7168, 0, 0, 2048, 7168, true},  // V3 expert gate/up (7168 -> 2048); M % 4 != 0
+      {64, 7168, 2048, 0, 0, 7168, 2048, true},  // V3 expert down (2048 -> 7168)
+      {1, 256, 512, 0, 0, 256, 512, true},       // decode
+      {7, 300, 384, 0, 0, 300, 384, true},       // N off the 128 grid
+      {12, 576, 1024, 0, 0, 576, 1024, true},    // V3 wkv_a-like N 576
+      {3, 200, 256, 128, 128, 512, 704, true},   // view: scale stride 6 != round_up(2, 4): repacked
+      {9, 129, 300, 0, 0, 129, 300, false},      // K not a multiple of 128
+      {5, 64, 256, 0, 0, 64, 260, false},        // weight row stride 260 (not 16-byte aligned)
+  };
+  bool printed_unavailable = false;
+  for (const Case& c : cases) {
+    TestWeight parent = make_weight(rng, EM_F8_E4M3, c.pr, c.pc, 0.5f);
+    em_tensor wv = parent.view();
+    wv.data = parent.bytes.data() + c.row0 * c.pc + c.col0;
+    wv.scale = parent.scale.data() + (c.row0 / 128) * wv.scale_stride + c.col0 / 128;
+    wv.shape[0] = c.N;
+    wv.shape[1] = c.K;
+    std::vector<float> xs = rng.vec(static_cast<size_t>(c.M * (c.K + 3)));
+    em_tensor x = em_tensor_2d(xs.data(), EM_F32, c.M, c.K);
+    x.stride[0] = c.K + 3;
+    std::vector<float> y0(static_cast<size_t>(c.M * c.N)), y1(y0.size(), NAN);
+    em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, c.M, c.N), t1 = em_tensor_2d(y1.data(), EM_F32, c.M, c.N);
+    CHECK_OK(em_matmul(b.cpu, &x, &wv, &t0));
+    CHECK_OK(em_matmul(b.cuda_lt, &x, &wv, &t1));
+    const std::string st = lt_status();
+    std::string what = "fp8 lt " + shape_str(c.M, c.N, c.K);
+    if (c.pr != c.N || c.pc != c.K) what += " view of " + shape_str(c.pr, c.pc);
+    if (!lt_ran(st)) {
+      // The default path ran: it must say why, and be the default path's result.
+      CHECK(lt_fell_back(st), "%s: em_cuda_last_status '%s' names neither path", what.c_str(), st.c_str());
+      if (cc_major < 9 && !printed_unavailable) {
+        std::printf("matmul    fp8 lt: not available on this device (%s), asserting the fallback\n", st.c_str());
+        printed_unavailable = true;
+      }
+      // On sm_90 every eligible shape must take the lt path (Blackwell: cuBLASLt decides).
+      CHECK(!(c.eligible && cc_major == 9), "%s: expected the cuBLASLt path on sm_90, got '%s'", what.c_str(), st.c_str());
+      std::printf("          %s -> %s\n", what.c_str(), st.c_str());
+      report("matmul", what + " (fallback)", rel_err(y0, y1), fp8_matmul_tolerance(c.M));
+      continue;
+    }
+    CHECK(c.eligible, "%s: took the lt path but should have fallen back (%s)", what.c_str(), st.c_str());
+    // Host reference: act_quant'ed activations x the exact weight values, in double.
+    const std::vector<double> xq = ref_act_quant(xs.data(), c.K + 3, c.M, c.K);
+    std::vector<float> ref(y0.size());
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t n = 0; n < c.N; ++n) {
+        double acc = 0.0;
+        const double* xr = &xq[static_cast<size_t>(m * c.K)];
+        for (int64_t k = 0; k < c.K; ++k) acc += xr[k] * parent.at(c.row0 + n, c.col0 + k);
+        ref[static_cast<size_t>(m * c.N + n)] = static_cast<float>(acc);
+      }
+    }
+    const bool bf16_out = st.find("bf16 out") != std::string::npos;
+    report("matmul", what + (bf16_out ? " vs act_quant ref (bf16 out)" : " vs act_quant ref"), rel_err(ref, y1),
+           bf16_out ? kLtRefTolBf16 : kLtRefTolF32);
+    report("matmul", what + " vs cpu", rel_err(y0, y1), kLtCpuTol);
+  }
+
+  // moe_ffn: every expert GEMM on the lt path (the status after the call names the last one),
+  // against the CPU backend. Direct and weighted scatter (the loop's two output paths).
+  const int64_t dim = 256, inter = 384;
+  const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
+  const int32_t E = static_cast<int32_t>(counts.size());
+  std::vector<TestWeight> w1, w2, w3;
+  std::vector<em_tensor> v1, v2, v3;
+  for (int32_t e = 0; e < E; ++e) {
+    w1.push_back(make_weight(rng, EM_F8_E4M3, inter, dim, 0.3f));
+    w2.push_back(make_weight(rng, EM_F8_E4M3, dim, inter, 0.3f));
+    w3.push_back(make_weight(rng, EM_F8_E4M3, inter, dim, 0.3f));
+  }
+  for (int32_t e = 0; e < E; ++e) {
+    v1.push_back(w1[e].view());
+    v2.push_back(w2[e].view());
+    v3.push_back(w3[e].view());
+  }
+  std::vector<int32_t> offsets(static_cast<size_t>(E + 1), 0);
+  for (int32_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  const int64_t rows = offsets[E], num_out = rows / 3;
+  std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
+  std::vector<int32_t> out_index(static_cast<size_t>(rows));
+  for (auto& i : out_index) i = rng.integer(0, static_cast<int>(num_out - 1));
+  for (int scatter = 0; scatter < 2; ++scatter) {
+    const int64_t y_rows = scatter ? num_out : rows;
+    std::vector<float> y0(static_cast<size_t>(y_rows * dim), 0.0f), y1(y0.size(), NAN);
+    em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
+    em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, y_rows, dim), yt1 = em_tensor_2d(y1.data(), EM_F32, y_rows, dim);
+    em_moe_args a{};
+    a.x = &xt;
+    a.num_experts = E;
+    a.expert_offsets = offsets.data();
+    a.w1 = v1.data();
+    a.w2 = v2.data();
+    a.w3 = v3.data();
+    a.row_weight = scatter ? row_weight.data() : nullptr;
+    a.out_index = scatter ? out_index.data() : nullptr;
+    a.y = &yt0;
+    CHECK_OK(em_moe_ffn(b.cpu, &a));
+    a.y = &yt1;
+    CHECK_OK(em_moe_ffn(b.cuda_lt, &a));
+    const std::string st = lt_status();
+    const std::string what = std::string("fp8 lt ") + (scatter ? "weighted scatter " : "direct ") + shape_str(rows, dim, inter);
+    if (cc_major == 9) CHECK(lt_ran(st), "%s: expected the cuBLASLt path on sm_90, got '%s'", what.c_str(), st.c_str());
+    else CHECK(lt_ran(st) || lt_fell_back(st), "%s: em_cuda_last_status '%s' names neither path", what.c_str(), st.c_str());
+    if (!lt_ran(st)) std::printf("          %s -> %s\n", what.c_str(), st.c_str());
+    report("moe_ffn", what + (lt_ran(st) ? " vs cpu" : " (fallback) vs cpu"), rel_err(y0, y1),
+           lt_ran(st) ? kLtMoeCpuTol : 2 * gemm_tolerance(EM_F8_E4M3));  // fallback: the grouped mode's
+  }
+}
+
 // ------------------------------------------------------------------ mla_attention
 
 // Tolerances: f32 weights with an f32 cache are fp32 throughout (summation order only).
@@ -520,10 +688,12 @@ int main(int argc, char** argv) {
   const int device = argc > 1 ? std::atoi(argv[1]) : env ? std::atoi(env) : 0;
   Backends b;
   CHECK_OK(em_backend_create_cpu(nullptr, &b.cpu));
-  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP};
+  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT};
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda));
   cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_grouped));
+  cfg.fp8_gemm = EM_CUDA_FP8_LT;  // grouped + lt: moe_ffn must loop over experts on the lt path
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_lt));
   if (b.cpu == nullptr || b.cuda == nullptr) return finish("cuda_parity");
   em_backend_info ci, gi;
   em_backend_get_info(b.cpu, &ci);
@@ -540,5 +710,7 @@ int main(int argc, char** argv) {
   gate_cases(rng, b);
   moe_cases(rng, b);
   mla_cases(rng, b);
+  Rng lt_rng(20261129);  // its own stream: the cases above keep their data
+  fp8_lt_cases(lt_rng, b, std::atoi(gi.isa + 3) / 10);  // "sm_90" -> 9
   return finish("cuda_parity");
 }

@@ -28,6 +28,8 @@
  * (decode) read the fp8 bytes directly and compute in fp32 on the exact weight values (matmul:
  * fp32 activations; moe_ffn: bf16 activations); more rows dequantize the weight to bf16 and
  * run bf16 tensor-core GEMMs. The gate converts any weight to f32 and runs an fp32 GEMM.
+ * Opt-in, sm_90+: EM_CUDA_FP8_LT ($EM_CUDA_FP8_GEMM=lt) quantizes the activations to fp8 too
+ * and runs cuBLASLt's block-scaled fp8 GEMM (see em_cuda_fp8_gemm).
  *
  * mla_attention (cuda/attention.cu): the two absorption GEMMs follow the rule above (fp8
  * wkv_b is dequantized to bf16 first, as DeepSeek's reference does). Attention over a bf16
@@ -51,9 +53,29 @@ typedef enum em_cuda_moe_gemm {
                               intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
 } em_cuda_moe_gemm;
 
+/* GEMMs with fp8 e4m3 block-scaled weights (matmul, and moe_ffn's experts). */
+typedef enum em_cuda_fp8_gemm {
+  EM_CUDA_FP8_AUTO = 0,     /* $EM_CUDA_FP8_GEMM ("lt" | "default"), else default */
+  EM_CUDA_FP8_DEFAULT = 1,  /* f32/bf16 activations: the skinny fp8 kernel up to 8 rows, else
+                               weights dequantized to bf16 for cuBLAS (see the precision notes) */
+  EM_CUDA_FP8_LT = 2        /* DeepSeek-V3 inference's fp8 GEMM: activations quantized per token
+                               per 128 columns to e4m3 (scale = amax / 448, as DeepSeek's act_quant),
+                               then cuBLASLt's block-scaled fp8 x fp8 tensor-core GEMM (1x128
+                               activation scales, the weights' 128x128 weight_scale_inv), fp32
+                               accumulation. sm_90+ with cuBLASLt >= 12.9 only, K a multiple of 128,
+                               weight rows 16-byte aligned; otherwise, or when cuBLASLt has no
+                               algorithm, that GEMM runs the default path. moe_ffn runs its experts
+                               in a loop (the grouped mode does too). em_cuda_last_status() says
+                               after each such GEMM which path ran ("fp8 lt: cublasLt ..." or
+                               "fp8 lt: fallback ...: why"); each distinct reason for a fallback is
+                               also printed once to stderr. Against the CPU backend this costs the
+                               activations' e4m3 rounding (a few % of the largest output). */
+} em_cuda_fp8_gemm;
+
 typedef struct em_cuda_config {
   int32_t device;           /* CUDA device ordinal */
   em_cuda_moe_gemm moe_gemm;
+  em_cuda_fp8_gemm fp8_gemm;  /* 0 (AUTO): $EM_CUDA_FP8_GEMM */
 } em_cuda_config;
 
 /* 1 if this build contains the CUDA backend. */
