@@ -15,41 +15,16 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "expertmesh/cuda.h"
 
 namespace {
 
 constexpr int64_t kHeads = 128, kNope = 128, kRope = 64, kV = 128, kRank = 512, kRow = kRank + kRope;
 
-#define TRY(expr)                                                                      \
-  do {                                                                                 \
-    const em_status s_ = (expr);                                                       \
-    if (s_ != EM_OK) {                                                                 \
-      std::fprintf(stderr, "%s: %s: %s\n", #expr, em_status_name(s_), em_last_error()); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
-
-struct Stats {
-  double median, min, max;
-};
-
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return {v[v.size() / 2], v.front(), v.back()};
-}
-
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> v;
-  for (const char* p = s; *p;) {
-    char* end = nullptr;
-    v.push_back(std::strtoll(p, &end, 10));
-    p = end;
-    if (*p == ',') ++p;
-    else if (*p) break;
-  }
-  return v;
-}
+using bench::parse_list;
+using bench::Stats;
+using bench::stats;
 
 uint16_t bf16(float f) {
   uint32_t u;

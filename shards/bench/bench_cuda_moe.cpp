@@ -21,29 +21,16 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "expertmesh/cuda.h"
 
 namespace {
 
 constexpr int64_t kHidden = 7168, kInter = 2048, kExperts = 256, kTopK = 8;
 
-#define TRY(expr)                                                                 \
-  do {                                                                            \
-    const em_status s_ = (expr);                                                  \
-    if (s_ != EM_OK) {                                                            \
-      std::fprintf(stderr, "%s: %s: %s\n", #expr, em_status_name(s_), em_last_error()); \
-      std::exit(1);                                                               \
-    }                                                                             \
-  } while (0)
-
-struct Stats {
-  double median, min, max;
-};
-
-Stats stats(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return {v[v.size() / 2], v.front(), v.back()};
-}
+using bench::parse_list;
+using bench::Stats;
+using bench::stats;
 
 }  // namespace
 
@@ -62,11 +49,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--peak-fp8")) peak_fp8 = std::atof(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--runs")) runs = std::max(5, std::atoi(argv[i + 1]));
     else if (!std::strcmp(argv[i], "--tokens")) {
-      token_counts.clear();
-      for (const char* p = argv[i + 1]; *p;) {
-        token_counts.push_back(std::strtoll(p, const_cast<char**>(&p), 10));
-        if (*p == ',') ++p;
-      }
+      token_counts = parse_list(argv[i + 1]);
     }
   }
   if (em_cuda_device_count() == 0) {

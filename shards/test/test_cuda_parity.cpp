@@ -74,6 +74,33 @@ std::string shape_str(int64_t a, int64_t b, int64_t c = -1) {
 // values, so f32's tolerance; more rows run bf16 tensor cores.
 double fp8_matmul_tolerance(int64_t M) { return M <= 8 ? gemm_tolerance(EM_F32) : gemm_tolerance(EM_F8_E4M3); }
 
+// One fp8 matmul case: the weight view, f32 activations [M, K] with a padded row stride, the
+// CPU backend's result y0, and y1 (NaN-filled, as `out`) for the backend under test.
+struct Fp8Matmul {
+  TestWeight parent;
+  std::vector<float> xs, y0, y1;
+  em_tensor w, x, out;
+  Fp8Matmul(Rng& rng, em_backend* cpu, int64_t M, int64_t N, int64_t K, int64_t row0, int64_t col0, int64_t pr,
+            int64_t pc)
+      : parent(make_weight(rng, EM_F8_E4M3, pr, pc, 0.5f)),
+        xs(rng.vec(static_cast<size_t>(M * (K + 3)))),
+        y0(static_cast<size_t>(M * N)),
+        y1(y0.size(), NAN) {
+    w = parent.view();
+    w.data = parent.bytes.data() + row0 * pc + col0;
+    w.scale = parent.scale.data() + (row0 / 128) * w.scale_stride + col0 / 128;
+    w.shape[0] = N;
+    w.shape[1] = K;
+    x = em_tensor_2d(xs.data(), EM_F32, M, K);
+    x.stride[0] = K + 3;
+    out = em_tensor_2d(y1.data(), EM_F32, M, N);
+    em_tensor ref = em_tensor_2d(y0.data(), EM_F32, M, N);
+    CHECK_OK(em_matmul(cpu, &x, &w, &ref));
+  }
+  Fp8Matmul(const Fp8Matmul&) = delete;
+  Fp8Matmul& operator=(const Fp8Matmul&) = delete;
+};
+
 // Weights [N, K] as views at (row0, col0) of a parent [pr, pc] (on the 128-block grid): rows and
 // columns off the grid, leading dimensions that are not multiples of 4 (byte loads of the
 // codes), scale_stride > ceil(K / 128) and scale row offsets.
@@ -88,19 +115,10 @@ void fp8_matmul_cases(Rng& rng, Backends& b) {
       {64, 1024, 768, 0, 0, 1024, 768},   {130, 96, 7168, 0, 0, 96, 7168},     {33, 200, 300, 256, 128, 512, 700},
   };
   for (const Case& c : cases) {
-    TestWeight parent = make_weight(rng, EM_F8_E4M3, c.pr, c.pc, 0.5f);
-    em_tensor wv = parent.view();
-    wv.data = parent.bytes.data() + c.row0 * c.pc + c.col0;
-    wv.scale = parent.scale.data() + (c.row0 / 128) * wv.scale_stride + c.col0 / 128;
-    wv.shape[0] = c.N;
-    wv.shape[1] = c.K;
-    std::vector<float> xs = rng.vec(static_cast<size_t>(c.M * (c.K + 3)));
-    em_tensor x = em_tensor_2d(xs.data(), EM_F32, c.M, c.K);
-    x.stride[0] = c.K + 3;
-    std::vector<float> y0(static_cast<size_t>(c.M * c.N)), y1(y0.size(), NAN);
-    em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, c.M, c.N), t1 = em_tensor_2d(y1.data(), EM_F32, c.M, c.N);
-    CHECK_OK(em_matmul(b.cpu, &x, &wv, &t0));
-    CHECK_OK(em_matmul(b.cuda, &x, &wv, &t1));
+    Fp8Matmul t(rng, b.cpu, c.M, c.N, c.K, c.row0, c.col0, c.pr, c.pc);
+    const std::vector<float>& y0 = t.y0;
+    std::vector<float>& y1 = t.y1;
+    CHECK_OK(em_matmul(b.cuda, &t.x, &t.w, &t.out));
     std::string what = "fp8 " + shape_str(c.M, c.N, c.K);
     if (c.pr != c.N || c.pc != c.K) what += " view of " + shape_str(c.pr, c.pc);
     report("matmul", what, rel_err(y0, y1), fp8_matmul_tolerance(c.M));
@@ -420,19 +438,12 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
   };
   bool printed_unavailable = false;
   for (const Case& c : cases) {
-    TestWeight parent = make_weight(rng, EM_F8_E4M3, c.pr, c.pc, 0.5f);
-    em_tensor wv = parent.view();
-    wv.data = parent.bytes.data() + c.row0 * c.pc + c.col0;
-    wv.scale = parent.scale.data() + (c.row0 / 128) * wv.scale_stride + c.col0 / 128;
-    wv.shape[0] = c.N;
-    wv.shape[1] = c.K;
-    std::vector<float> xs = rng.vec(static_cast<size_t>(c.M * (c.K + 3)));
-    em_tensor x = em_tensor_2d(xs.data(), EM_F32, c.M, c.K);
-    x.stride[0] = c.K + 3;
-    std::vector<float> y0(static_cast<size_t>(c.M * c.N)), y1(y0.size(), NAN);
-    em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, c.M, c.N), t1 = em_tensor_2d(y1.data(), EM_F32, c.M, c.N);
-    CHECK_OK(em_matmul(b.cpu, &x, &wv, &t0));
-    CHECK_OK(em_matmul(b.cuda_lt, &x, &wv, &t1));
+    Fp8Matmul t(rng, b.cpu, c.M, c.N, c.K, c.row0, c.col0, c.pr, c.pc);
+    const std::vector<float>& xs = t.xs;
+    const std::vector<float>& y0 = t.y0;
+    std::vector<float>& y1 = t.y1;
+    const TestWeight& parent = t.parent;
+    CHECK_OK(em_matmul(b.cuda_lt, &t.x, &t.w, &t.out));
     const std::string st = lt_status();
     std::string what = "fp8 lt " + shape_str(c.M, c.N, c.K);
     if (c.pr != c.N || c.pc != c.K) what += " view of " + shape_str(c.pr, c.pc);
