@@ -277,25 +277,36 @@ struct DeviceCopy {  // a host buffer mirrored in device memory of a CUDA backen
   }
 };
 
+// Expert weights of the moe_ffn cases: expert e has counts[e] rows (CSR offsets), and
+// w1/w3 [inter, dim], w2 [dim, inter] of dtype dt with their views.
+struct MoeExperts {
+  std::vector<TestWeight> w1, w2, w3;
+  std::vector<em_tensor> v1, v2, v3;
+  std::vector<int32_t> offsets;
+  MoeExperts(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vector<int32_t>& counts)
+      : offsets(counts.size() + 1, 0) {
+    for (size_t e = 0; e < counts.size(); ++e) {
+      w1.push_back(make_weight(rng, dt, inter, dim, 0.3f));
+      w2.push_back(make_weight(rng, dt, dim, inter, 0.3f));
+      w3.push_back(make_weight(rng, dt, inter, dim, 0.3f));
+    }
+    for (size_t e = 0; e < counts.size(); ++e) {
+      v1.push_back(w1[e].view());
+      v2.push_back(w2[e].view());
+      v3.push_back(w3[e].view());
+      offsets[e + 1] = offsets[e] + counts[e];
+    }
+  }
+};
+
 void moe_cases(Rng& rng, Backends& b) {
   const int64_t dim = 256, inter = 384;
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
   const int32_t E = static_cast<int32_t>(counts.size());
   for (em_dtype dt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3}) {
-    std::vector<TestWeight> w1, w2, w3;
-    std::vector<em_tensor> v1, v2, v3;
-    for (int32_t e = 0; e < E; ++e) {
-      w1.push_back(make_weight(rng, dt, inter, dim, 0.3f));
-      w2.push_back(make_weight(rng, dt, dim, inter, 0.3f));
-      w3.push_back(make_weight(rng, dt, inter, dim, 0.3f));
-    }
-    for (int32_t e = 0; e < E; ++e) {
-      v1.push_back(w1[e].view());
-      v2.push_back(w2[e].view());
-      v3.push_back(w3[e].view());
-    }
-    std::vector<int32_t> offsets(static_cast<size_t>(E + 1), 0);
-    for (int32_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    MoeExperts ex(rng, dt, dim, inter, counts);
+    std::vector<em_tensor>&v1 = ex.v1, &v2 = ex.v2, &v3 = ex.v3;
+    const std::vector<int32_t>& offsets = ex.offsets;
     const int64_t rows = offsets[E], num_out = rows / 3, x_rows = rows / 2;
     std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
     std::vector<int32_t> out_index(static_cast<size_t>(rows)), x_index(static_cast<size_t>(rows));
@@ -483,20 +494,9 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
   const int64_t dim = 256, inter = 384;
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
   const int32_t E = static_cast<int32_t>(counts.size());
-  std::vector<TestWeight> w1, w2, w3;
-  std::vector<em_tensor> v1, v2, v3;
-  for (int32_t e = 0; e < E; ++e) {
-    w1.push_back(make_weight(rng, EM_F8_E4M3, inter, dim, 0.3f));
-    w2.push_back(make_weight(rng, EM_F8_E4M3, dim, inter, 0.3f));
-    w3.push_back(make_weight(rng, EM_F8_E4M3, inter, dim, 0.3f));
-  }
-  for (int32_t e = 0; e < E; ++e) {
-    v1.push_back(w1[e].view());
-    v2.push_back(w2[e].view());
-    v3.push_back(w3[e].view());
-  }
-  std::vector<int32_t> offsets(static_cast<size_t>(E + 1), 0);
-  for (int32_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+  MoeExperts ex(rng, EM_F8_E4M3, dim, inter, counts);
+  std::vector<em_tensor>&v1 = ex.v1, &v2 = ex.v2, &v3 = ex.v3;
+  const std::vector<int32_t>& offsets = ex.offsets;
   const int64_t rows = offsets[E], num_out = rows / 3;
   std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
   std::vector<int32_t> out_index(static_cast<size_t>(rows));
