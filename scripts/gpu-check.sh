@@ -211,12 +211,6 @@ if [ "${EM_SKIP_BENCH:-0}" != 1 ]; then
   step 150 "$build/em_bench_cuda_moe" --json "$out/bench.json" --tokens "$tokens" --runs 5 >"$out/bench.log" 2>&1 ||
     log "benchmark failed or timed out (bench.log)"
   cat "$out/bench.log" >&2
-  # MLA decode attention: latent-cache bandwidth against a device copy of the same bytes
-  # measured in the same run (about 15 s, about 10 GB of device memory).
-  log "benchmark: em_bench_cuda_mla"
-  step 90 "$build/em_bench_cuda_mla" --json "$out/mla_bench.json" --runs 5 >"$out/mla_bench.log" 2>&1 ||
-    log "MLA benchmark failed or timed out (mla_bench.log)"
-  cat "$out/mla_bench.log" >&2
   if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     log "benchmark peer: PyTorch"
     step 150 python3 "$root/shards/bench/torch_moe_peer.py" --json "$out/torch.json" --tokens "$tokens" --runs 5 \
@@ -225,6 +219,12 @@ if [ "${EM_SKIP_BENCH:-0}" != 1 ]; then
   else
     log "PyTorch with CUDA not available: no peer numbers"
   fi
+  # MLA decode attention: latent-cache bandwidth against a device copy of the same bytes
+  # measured in the same run (about 15 s, about 10 GB of device memory).
+  log "benchmark: em_bench_cuda_mla"
+  step 90 "$build/em_bench_cuda_mla" --json "$out/mla_bench.json" --runs 5 >"$out/mla_bench.log" 2>&1 ||
+    log "MLA benchmark failed or timed out (mla_bench.log)"
+  cat "$out/mla_bench.log" >&2
   python3 - "$out" >>"$report" <<'PY' || echo "(report tables failed; see the JSON files)" >>"$report"
 import json, os, sys
 out = sys.argv[1]
