@@ -402,8 +402,11 @@ describe("groupByExpert", () => {
           maxLength: 40,
         }),
         fc.boolean(),
-        (pairs, sortTokens) => {
+        fc.boolean(),
+        (pairs, sortTokens, layerKeys) => {
           if (sortTokens) pairs.sort((a, b) => a.token - b.token);
+          // A shard's coalesced frames key experts as layer * 65536 + expert.
+          if (layerKeys) for (const p of pairs) p.expert += 65536 * (1 + (p.expert % 3));
           const token = pairs.map((p) => p.token);
           const expert = pairs.map((p) => p.expert);
           const weight = pairs.map((_, i) => i);
