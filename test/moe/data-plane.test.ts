@@ -21,10 +21,14 @@ const experts = 16;
 const topK = 4;
 const numShards = 2;
 
+/** Grouped FFN calls made by the shards (coalescing turns several frames into one call). */
+let moeCalls = 0;
+
 /** Expert e multiplies its input by e + 1 (gate.scale): exact enough to check every sum. */
 const scaling = {
   name: "scaling",
   moe(a: MoeArgs) {
+    moeCalls++;
     const out = new Float32Array(a.numOut * a.dim);
     for (let g = 0; g + 1 < a.offsets.length; g++) {
       const s = (a.w1[g] as unknown as { scale: number }).scale;
@@ -53,6 +57,7 @@ describe("data plane buffer reuse over NATS", () => {
     numShards,
   });
   const model = { namespace: "test", model: "pools" };
+  const servers: ShardServer[] = [];
 
   beforeAll(async () => {
     nats = await startNats(binaries().natsServer, dir, dir);
@@ -70,7 +75,7 @@ describe("data plane buffer reuse over NATS", () => {
           ),
         ]),
       );
-      new ShardServer({
+      const server = new ShardServer({
         nc,
         model,
         shard: k,
@@ -78,7 +83,9 @@ describe("data plane buffer reuse over NATS", () => {
         plan,
         backend: scaling,
         experts: held,
-      }).start(60_000);
+      });
+      server.start(60_000);
+      servers.push(server);
       await nc.flush();
     }
   });
@@ -89,7 +96,8 @@ describe("data plane buffer reuse over NATS", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  it("returns each layer's own sums, one at a time and two in flight", async () => {
+  /** A gateway's dispatcher, a layer's inputs with their expected sums, and a checker. */
+  const gateway = async () => {
     const gw = await connect({ servers: nats.info.url });
     ncs.push(gw);
     const remote = new RemoteExperts({
@@ -122,7 +130,12 @@ describe("data plane buffer reuse over NATS", () => {
         worst = Math.max(worst, Math.abs(got[i]! - l.want[i]!) / (1 + Math.abs(l.want[i]!)));
       expect(worst).toBeLessThan(1e-5);
     };
-    const moeLayers = plan.layers.map((l) => l.layer);
+    return { layer, check };
+  };
+  const moeLayers = plan.layers.map((l) => l.layer);
+
+  it("returns each layer's own sums, one at a time and two in flight", async () => {
+    const { layer, check } = await gateway();
     // 64 tokens: about 512 KiB of f32 per shard each way, so every pool is in play.
     for (let i = 0; i < 8; i++)
       await check(layer(i, 64 - (i % 3)), moeLayers[i % moeLayers.length]!);
@@ -131,5 +144,20 @@ describe("data plane buffer reuse over NATS", () => {
         check(layer(100 + i, 64), moeLayers[0]!),
         check(layer(200 + i, 48 + i), moeLayers[moeLayers.length - 1]!),
       ]);
+  });
+
+  it("coalesces frames that arrive together into one grouped FFN call, each reply its own", async () => {
+    const { layer, check } = await gateway();
+    const frames0 = servers.reduce((n, s) => n + s.totals.frames, 0);
+    const calls0 = moeCalls;
+    // Eight 1-token layers at once: each shard's eight frames (8 KiB each) leave the gateway
+    // in one write and reach the shard together.
+    await Promise.all(
+      Array.from({ length: 8 }, (_, i) => check(layer(300 + i, 1), moeLayers[i % 2]!)),
+    );
+    const frames = servers.reduce((n, s) => n + s.totals.frames, 0) - frames0;
+    const calls = moeCalls - calls0;
+    expect(frames).toBeGreaterThanOrEqual(8);
+    expect(calls).toBeLessThan(frames);
   });
 });
