@@ -297,6 +297,17 @@ struct MoeExperts {
       offsets[e + 1] = offsets[e] + counts[e];
     }
   }
+  // moe_ffn arguments over these experts; rows, indices and the output are the caller's.
+  em_moe_args args(const em_tensor* x) const {
+    em_moe_args a{};
+    a.x = x;
+    a.num_experts = static_cast<int32_t>(v1.size());
+    a.expert_offsets = offsets.data();
+    a.w1 = v1.data();
+    a.w2 = v2.data();
+    a.w3 = v3.data();
+    return a;
+  }
 };
 
 void moe_cases(Rng& rng, Backends& b) {
@@ -322,15 +333,9 @@ void moe_cases(Rng& rng, Backends& b) {
         if (variant == 1 && (cb == nullptr || dt == EM_F32)) continue;
         const int64_t y_rows = mode == kScatter || mode == kAccumulate ? num_out : rows;
         std::vector<float> y0(y_init.begin(), y_init.begin() + y_rows * dim), y1 = y0;
-        em_moe_args a{};
         em_tensor xt = em_tensor_2d(x.data(), EM_F32, mode == kGather ? x_rows : rows, dim);
         em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, y_rows, dim);
-        a.x = &xt;
-        a.num_experts = E;
-        a.expert_offsets = offsets.data();
-        a.w1 = v1.data();
-        a.w2 = v2.data();
-        a.w3 = v3.data();
+        em_moe_args a = ex.args(&xt);
         a.row_weight = mode == kScatter || mode == kAccumulate ? row_weight.data() : nullptr;
         a.out_index = mode == kScatter || mode == kAccumulate ? out_index.data() : nullptr;
         a.accumulate = mode == kAccumulate;
@@ -495,7 +500,6 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
   const int32_t E = static_cast<int32_t>(counts.size());
   MoeExperts ex(rng, EM_F8_E4M3, dim, inter, counts);
-  std::vector<em_tensor>&v1 = ex.v1, &v2 = ex.v2, &v3 = ex.v3;
   const std::vector<int32_t>& offsets = ex.offsets;
   const int64_t rows = offsets[E], num_out = rows / 3;
   std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
@@ -506,13 +510,7 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
     std::vector<float> y0(static_cast<size_t>(y_rows * dim), 0.0f), y1(y0.size(), NAN);
     em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
     em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, y_rows, dim), yt1 = em_tensor_2d(y1.data(), EM_F32, y_rows, dim);
-    em_moe_args a{};
-    a.x = &xt;
-    a.num_experts = E;
-    a.expert_offsets = offsets.data();
-    a.w1 = v1.data();
-    a.w2 = v2.data();
-    a.w3 = v3.data();
+    em_moe_args a = ex.args(&xt);
     a.row_weight = scatter ? row_weight.data() : nullptr;
     a.out_index = scatter ? out_index.data() : nullptr;
     a.y = &yt0;
