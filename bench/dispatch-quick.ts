@@ -1,0 +1,132 @@
+// A quick look at the dispatch round trip while working on the data plane: one shape, a few
+// token counts, many interleaved layers (ours / raw request() / lean requester), medians
+// printed, nothing written. The dispatch suite (`npm run bench -- --suite dispatch`) is the
+// measurement of record; this is for A/B comparisons of a change (run each variant in
+// several alternating rounds: single runs on a shared 2-core machine differ by ~0.05x).
+//
+//   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300]
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { connect } from "@nats-io/transport-node";
+import { RemoteExperts } from "../src/moe/dispatcher.ts";
+import { planPlacement } from "../src/moe/placement.ts";
+import { Requester } from "../src/moe/requester.ts";
+import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
+import { startNats } from "../test/env/nats.ts";
+import { binaries } from "../test/env/paths.ts";
+import { stats } from "./lib.ts";
+
+const { values } = parseArgs({
+  options: {
+    hidden: { type: "string", default: "7168" },
+    tokens: { type: "string", default: "1,4,16" },
+    layers: { type: "string", default: "300" },
+  },
+});
+const hidden = Number(values.hidden);
+const [topK, experts] = hidden === 7168 ? [8, 256] : [6, 64];
+const layers = Number(values.layers);
+const numShards = 4;
+const plan = planPlacement({
+  architecture: {
+    numLayers: 2,
+    firstDenseLayers: 1,
+    routedExperts: experts,
+    expertsPerToken: topK,
+  },
+  numShards,
+});
+const model = { namespace: "bench", model: `d${hidden}` };
+const dir = mkdtempSync(join(tmpdir(), "em-dispatch-quick-"));
+const nats = await startNats(binaries().natsServer, dir, dir);
+const shards: ChildProcess[] = [];
+try {
+  for (let k = 0; k < numShards; k++) {
+    const child = spawn(
+      process.execPath,
+      [
+        fileURLToPath(new URL("./dispatch-shards.ts", import.meta.url)),
+        nats.info.url,
+        String(hidden),
+        String(topK),
+        String(experts),
+        "2048",
+        String(k),
+      ],
+      { stdio: ["ignore", "pipe", "inherit"] },
+    );
+    shards.push(child);
+    await new Promise<void>((resolve) =>
+      child.stdout!.on("data", (d: Buffer) => d.toString().includes("ready") && resolve()),
+    );
+  }
+  const gw = await connect({ servers: nats.info.url });
+  const ours = new RemoteExperts({ nc: gw, model, plan });
+  const lean = new Requester(gw);
+  const layer = plan.layers[0]!;
+  for (const T of values.tokens.split(",").map(Number)) {
+    let seed = T * 7919 + hidden;
+    const rnd = () => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return seed / 2147483648;
+    };
+    const x = Float32Array.from({ length: T * hidden }, () => rnd() * 2 - 1);
+    const ids = new Int32Array(T * topK);
+    const weights = new Float32Array(T * topK).fill(1 / topK);
+    for (let t = 0; t < T; t++) {
+      const chosen = new Set<number>();
+      while (chosen.size < topK) chosen.add(Math.floor(rnd() * experts));
+      ids.set([...chosen], t * topK);
+    }
+    // The floors' requests: the same bytes per shard as the dispatcher sends.
+    const perShard = new Map<number, { tokens: Set<number>; assigns: number }>();
+    for (let i = 0; i < T * topK; i++) {
+      const shard = layer.replicas[ids[i]!]![0]!;
+      const s = perShard.get(shard) ?? { tokens: new Set(), assigns: 0 };
+      s.tokens.add(Math.floor(i / topK));
+      s.assigns++;
+      perShard.set(shard, s);
+    }
+    const raw = [...perShard.entries()].map(([k, s]) => {
+      const req = new Uint8Array(dispatchFrameBytes("bf16", s.tokens.size, hidden, s.assigns));
+      new DataView(req.buffer).setUint32(0, HEADER_BYTES + 2 * s.tokens.size * hidden, true);
+      return { subject: `raw.${model.model}.${k}`, req };
+    });
+    const timed = async (fn: () => Promise<unknown>) => {
+      const t0 = performance.now();
+      await fn();
+      return performance.now() - t0;
+    };
+    const a: number[] = [];
+    const b: number[] = [];
+    const c: number[] = [];
+    for (let i = 0; i < layers + 20; i++) {
+      const ta = await timed(() => ours.run(layer.layer, x, T, hidden, ids, weights, topK));
+      const tb = await timed(() =>
+        Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 }))),
+      );
+      const tc = await timed(() =>
+        Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000))),
+      );
+      if (i < 20) continue; // warm-up
+      a.push(ta);
+      b.push(tb);
+      c.push(tc);
+    }
+    const [ma, mb, mc] = [stats(a).median, stats(b).median, stats(c).median];
+    console.log(
+      `hidden ${hidden} T=${T}: ours ${ma.toFixed(3)} ms, raw ${mb.toFixed(3)} ms, lean ${mc.toFixed(3)} ms; ours/raw ${(ma / mb).toFixed(3)}, ours/lean ${(ma / mc).toFixed(3)}`,
+    );
+  }
+  ours.close();
+  lean.close();
+  await gw.close();
+} finally {
+  for (const child of shards) child.kill();
+  await nats.process.stop();
+  rmSync(dir, { recursive: true, force: true });
+}
