@@ -516,13 +516,15 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     console.error("no bench/results/kernels-*.json yet: run `npm run bench` first");
     process.exit(1);
   }
+  // Every suite's newest results, the kernels' possibly chosen on the command line.
+  const files = {
+    kernels: file,
+    dispatch: newestResults("dispatch"),
+    serve: newestResults("serve"),
+    autoscale: newestResults("autoscale"),
+  };
   if (check) {
-    const { md, svgs } = renderBenchmarksMd({
-      kernels: file,
-      dispatch: newestResults("dispatch"),
-      serve: newestResults("serve"),
-      autoscale: newestResults("autoscale"),
-    });
+    const { md, svgs } = renderBenchmarksMd(files);
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";
     const svgOk = svgs.every(
       (svg) => existsSync(svg.path) && readFileSync(svg.path, "utf8") === svg.text,
@@ -535,7 +537,12 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     }
     console.error(`BENCHMARKS.md matches ${relative(REPO_ROOT, file)}`);
   } else {
-    updateBenchmarksMd({ kernels: file });
-    console.error(`BENCHMARKS.md regenerated from ${relative(REPO_ROOT, file)}`);
+    updateBenchmarksMd(files);
+    console.error(
+      `BENCHMARKS.md regenerated from ${Object.values(files)
+        .filter((f) => f !== undefined)
+        .map((f) => relative(REPO_ROOT, f))
+        .join(", ")}`,
+    );
   }
 }
