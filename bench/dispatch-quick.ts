@@ -4,7 +4,7 @@
 // measurement of record; this is for A/B comparisons of a change (run each variant in
 // several alternating rounds: single runs on a shared 2-core machine differ by ~0.05x).
 //
-//   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300]
+//   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300] [--dtype bf16|fp8]
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -25,11 +25,13 @@ const { values } = parseArgs({
     hidden: { type: "string", default: "7168" },
     tokens: { type: "string", default: "1,4,16" },
     layers: { type: "string", default: "300" },
+    dtype: { type: "string", default: "bf16" },
   },
 });
 const hidden = Number(values.hidden);
 const [topK, experts] = hidden === 7168 ? [8, 256] : [6, 64];
 const layers = Number(values.layers);
+const dtype = values.dtype === "fp8" ? "fp8" : "bf16";
 const numShards = 4;
 const plan = planPlacement({
   architecture: {
@@ -65,7 +67,7 @@ try {
     );
   }
   const gw = await connect({ servers: nats.info.url });
-  const ours = new RemoteExperts({ nc: gw, model, plan });
+  const ours = new RemoteExperts({ nc: gw, model, plan, dispatchDtype: dtype });
   const lean = new Requester(gw);
   const layer = plan.layers[0]!;
   for (const T of values.tokens.split(",").map(Number)) {
@@ -92,7 +94,7 @@ try {
       perShard.set(shard, s);
     }
     const raw = [...perShard.entries()].map(([k, s]) => {
-      const req = new Uint8Array(dispatchFrameBytes("bf16", s.tokens.size, hidden, s.assigns));
+      const req = new Uint8Array(dispatchFrameBytes(dtype, s.tokens.size, hidden, s.assigns));
       new DataView(req.buffer).setUint32(0, HEADER_BYTES + 2 * s.tokens.size * hidden, true);
       return { subject: `raw.${model.model}.${k}`, req };
     });
@@ -119,7 +121,7 @@ try {
     }
     const [ma, mb, mc] = [stats(a).median, stats(b).median, stats(c).median];
     console.log(
-      `hidden ${hidden} T=${T}: ours ${ma.toFixed(3)} ms, raw ${mb.toFixed(3)} ms, lean ${mc.toFixed(3)} ms; ours/raw ${(ma / mb).toFixed(3)}, ours/lean ${(ma / mc).toFixed(3)}`,
+      `hidden ${hidden} ${dtype} T=${T}: ours ${ma.toFixed(3)} ms, raw ${mb.toFixed(3)} ms, lean ${mc.toFixed(3)} ms; ours/raw ${(ma / mb).toFixed(3)}, ours/lean ${(ma / mc).toFixed(3)}`,
     );
   }
   ours.close();

@@ -194,6 +194,38 @@ void test_pack_unpack(Rng& rng, int64_t dim, int64_t x_rows, bool gather) {
   }
 }
 
+// Every e4m3 code (NaN, subnormals, both zeros, the largest), unpacked by every ISA, equals
+// its value times the group's scale, bit for bit (NaN codes: NaN).
+void test_every_e4m3_code() {
+  const int64_t dim = 256;
+  std::vector<uint8_t> in(static_cast<size_t>(dim + 2 * 4));
+  for (int c = 0; c < 256; ++c) in[static_cast<size_t>(c)] = static_cast<uint8_t>(c);
+  const float scales[2] = {0.375f, 3.0f};
+  std::memcpy(in.data() + dim, scales, sizeof scales);
+  for (em_cpu_isa isa : available_isas()) {
+    Backend be(isa, 1);
+    for (int acc = 0; acc < 2; ++acc) {
+      std::vector<float> y(static_cast<size_t>(dim), acc ? 1.0f : -7.0f);
+      em_tensor yt = em_tensor_2d(y.data(), EM_F32, 1, dim);
+      em_wire_unpack_args u{in.data(), static_cast<int64_t>(in.size()), EM_WIRE_FP8, 1, &yt, nullptr, acc, nullptr};
+      CHECK_OK(em_wire_unpack(be.b, &u));
+      for (int c = 0; c < 256; ++c) {
+        const float v = static_cast<float>(ref_fp8(static_cast<uint8_t>(c))) * scales[c / 128];
+        const float want = acc ? 1.0f + v : v;
+        const float got = y[static_cast<size_t>(c)];
+        if ((c & 0x7f) == 0x7f) {
+          CHECK(std::isnan(got), "%s code 0x%02x: got %g, want NaN", be.label.c_str(), c, got);
+          continue;
+        }
+        uint32_t gb, wb;
+        std::memcpy(&gb, &got, 4);
+        std::memcpy(&wb, &want, 4);
+        CHECK(gb == wb, "%s acc %d code 0x%02x: got %a want %a", be.label.c_str(), acc, c, got, want);
+      }
+    }
+  }
+}
+
 void test_errors() {
   Backend be(EM_ISA_SCALAR, 1);
   std::vector<float> x(8);
@@ -224,6 +256,7 @@ int main() {
     test_pack_unpack(rng, dim, 4, true);
   }
   test_pack_unpack(rng, 7168, 3, true);
+  test_every_e4m3_code();
   test_errors();
   return finish("wire");
 }
