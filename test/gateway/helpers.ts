@@ -188,3 +188,15 @@ export async function preemptionScenario(
     await g.close();
   }
 }
+
+/** Prompts of different lengths for the batching tests (repeated to fill 24–32 requests). */
+export const SEED_PROMPTS = [
+  "The quick brown fox jumps over the lazy dog",
+  "Hello",
+  "In the beginning",
+  "What is the capital of France? Tell me with all the details you know",
+  "a b c d e f g",
+  "To be or not to be",
+  "1 2 3 4 5 6 7 8 9 10 11 12",
+  "The weather today",
+];

@@ -7,7 +7,13 @@ import type { ExpertRunner } from "../../src/engine/experts.ts";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
-import { metric, preemptionScenario, startGateway, type TestGateway } from "./helpers.ts";
+import {
+  metric,
+  preemptionScenario,
+  SEED_PROMPTS,
+  startGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 /** Counts the expert calls in flight at once (the real runner does the work). */
 function inFlight(inner: ExpertRunner) {
@@ -67,16 +73,7 @@ const user = (content: string) => [{ role: "user" as const, content }];
 /** vLLM's extra body parameter (the openai client sends unknown fields as they are). */
 const ignoreEos: object = { ignore_eos: true };
 
-const seeds = [
-  "The quick brown fox jumps over the lazy dog",
-  "Hello",
-  "In the beginning",
-  "What is the capital of France? Tell me with all the details you know",
-  "a b c d e f g",
-  "To be or not to be",
-  "1 2 3 4 5 6 7 8 9 10 11 12",
-  "The weather today",
-];
+const seeds = SEED_PROMPTS;
 
 describe("two micro-batches in flight", () => {
   it("rejects other counts", async () => {

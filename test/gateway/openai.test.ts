@@ -7,7 +7,14 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
-import { holdable, metric, preemptionScenario, startGateway, type TestGateway } from "./helpers.ts";
+import {
+  holdable,
+  metric,
+  preemptionScenario,
+  SEED_PROMPTS,
+  startGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let gw: TestGateway;
@@ -218,16 +225,7 @@ describe("completions", () => {
 
 describe("continuous batching", () => {
   it("32 concurrent greedy requests give the same text as one by one", async () => {
-    const seeds = [
-      "The quick brown fox jumps over the lazy dog",
-      "Hello",
-      "In the beginning",
-      "What is the capital of France? Tell me with all the details you know",
-      "a b c d e f g",
-      "To be or not to be",
-      "1 2 3 4 5 6 7 8 9 10 11 12",
-      "The weather today",
-    ];
+    const seeds = SEED_PROMPTS;
     const prompts = Array.from(
       { length: 32 },
       (_, i) => `${seeds[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
