@@ -10,21 +10,6 @@ namespace {
 
 Context* ctx_of(void* p) { return static_cast<Context*>(p); }
 
-// Runs an op, turning C++ exceptions (scratch allocation) into status codes: nothing
-// may unwind through the C interface.
-template <typename Fn>
-em_status guarded(const char* op, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const std::bad_alloc&) {
-    return fail(EM_ERR_NOMEM, "%s: out of memory for scratch buffers", op);
-  } catch (const std::exception& e) {
-    return fail(EM_ERR_INTERNAL, "%s: %s", op, e.what());
-  } catch (...) {
-    return fail(EM_ERR_INTERNAL, "%s: unknown exception", op);
-  }
-}
-
 bool is_weight_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16 || d == EM_F8_E4M3; }
 
 int supports_op(void*, em_op op, em_dtype dtype) {
@@ -52,40 +37,7 @@ void info(void* p, em_backend_info* out) {
 
 void destroy(void* p) { delete ctx_of(p); }
 
-const em_backend_iface kCpuIface = {
-    "cpu",
-    destroy,
-    info,
-    supports_op,
-    [](void* p, const em_tensor* x, const em_tensor* w, em_tensor* y) {
-      return guarded("matmul", [&] { return matmul(*ctx_of(p), x, w, y); });
-    },
-    [](void* p, const em_tensor* x, const em_tensor* w, float eps, em_tensor* y) {
-      return guarded("rmsnorm", [&] { return rmsnorm(*ctx_of(p), x, w, eps, y); });
-    },
-    [](void* p, const em_tensor* g, const em_tensor* u, em_tensor* y) {
-      return guarded("silu_mul", [&] { return silu_mul(*ctx_of(p), g, u, y); });
-    },
-    [](void* p, const em_moe_args* a) { return guarded("moe_ffn", [&] { return moe_ffn(*ctx_of(p), a); }); },
-    [](void* p, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
-      return guarded("rope", [&] { return rope(*ctx_of(p), x, pos, cfg); });
-    },
-    [](void* p, const em_mla_args* a) {
-      return guarded("mla_attention", [&] { return mla_attention(*ctx_of(p), a); });
-    },
-    [](void* p, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
-       em_tensor* idx, em_tensor* wt) {
-      return guarded("gate", [&] { return gate(*ctx_of(p), x, w, bias, cfg, idx, wt); });
-    },
-    [](void* p, const em_tensor* src, em_tensor* dst) {
-      return guarded("convert", [&] { return convert(*ctx_of(p), src, dst); });
-    },
-    [](void* p, const em_sample_args* a) { return guarded("sample", [&] { return sample(*ctx_of(p), a); }); },
-    [](void* p, const em_wire_pack_args* a) { return guarded("wire_pack", [&] { return wire_pack(*ctx_of(p), a); }); },
-    [](void* p, const em_wire_unpack_args* a) {
-      return guarded("wire_unpack", [&] { return wire_unpack(*ctx_of(p), a); });
-    },
-};
+constexpr em_backend_iface kCpuIface = backend_iface<Context>("cpu", destroy, info, supports_op);
 
 // ISA for EM_ISA_AUTO: $EM_CPU_ISA if it names one this CPU supports, else the best.
 em_cpu_isa auto_isa() {

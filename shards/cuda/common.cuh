@@ -19,11 +19,8 @@
 
 namespace em::cuda {
 
-// Thrown inside ops; the op table turns it into its status and message.
-struct Error : std::runtime_error {
-  em_status status;
-  Error(em_status s, const std::string& what) : std::runtime_error(what), status(s) {}
-};
+// Thrown inside ops; the op table (guarded) turns it into its status and message.
+using Error = StatusError;
 
 void throw_cuda(cudaError_t e, const char* expr, const char* file, int line);
 void throw_cublas(cublasStatus_t s, const char* expr, const char* file, int line);

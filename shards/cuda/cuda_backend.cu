@@ -98,24 +98,21 @@ cudaDataType_t cuda_type(em_dtype d) {
   }
 }
 
+// Ops this backend does not implement (supports_op says 0 for them): the op table needs a
+// function per op, found next to the others in em::cuda.
+em_status sample(Context&, const em_sample_args*) {
+  return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement sample yet");
+}
+em_status wire_pack(Context&, const em_wire_pack_args*) {
+  return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement wire_pack yet");
+}
+em_status wire_unpack(Context&, const em_wire_unpack_args*) {
+  return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement wire_unpack yet");
+}
+
 namespace {
 
 Context* ctx_of(void* p) { return static_cast<Context*>(p); }
-
-template <typename Fn>
-em_status guarded(const char* op, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const Error& e) {
-    return fail(e.status, "%s: %s", op, e.what());
-  } catch (const std::bad_alloc&) {
-    return fail(EM_ERR_NOMEM, "%s: out of host memory", op);
-  } catch (const std::exception& e) {
-    return fail(EM_ERR_INTERNAL, "%s: %s", op, e.what());
-  } catch (...) {
-    return fail(EM_ERR_INTERNAL, "%s: unknown exception", op);
-  }
-}
 
 bool gemm_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16; }
 
@@ -148,40 +145,8 @@ void destroy(void* p) {
   delete c;
 }
 
-em_status unsupported(const char* op) { return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement %s yet", op); }
 
-const em_backend_iface kCudaIface = {
-    "cuda",
-    destroy,
-    info,
-    supports_op,
-    [](void* p, const em_tensor* x, const em_tensor* w, em_tensor* y) {
-      return guarded("matmul", [&] { return matmul(*ctx_of(p), x, w, y); });
-    },
-    [](void* p, const em_tensor* x, const em_tensor* w, float eps, em_tensor* y) {
-      return guarded("rmsnorm", [&] { return rmsnorm(*ctx_of(p), x, w, eps, y); });
-    },
-    [](void* p, const em_tensor* g, const em_tensor* u, em_tensor* y) {
-      return guarded("silu_mul", [&] { return silu_mul(*ctx_of(p), g, u, y); });
-    },
-    [](void* p, const em_moe_args* a) { return guarded("moe_ffn", [&] { return moe_ffn(*ctx_of(p), a); }); },
-    [](void* p, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
-      return guarded("rope", [&] { return rope(*ctx_of(p), x, pos, cfg); });
-    },
-    [](void* p, const em_mla_args* a) {
-      return guarded("mla_attention", [&] { return mla_attention(*ctx_of(p), a); });
-    },
-    [](void* p, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
-       em_tensor* idx, em_tensor* wt) {
-      return guarded("gate", [&] { return gate(*ctx_of(p), x, w, bias, cfg, idx, wt); });
-    },
-    [](void* p, const em_tensor* src, em_tensor* dst) {
-      return guarded("convert", [&] { return convert(*ctx_of(p), src, dst); });
-    },
-    [](void*, const em_sample_args*) { return unsupported("sample"); },
-    [](void*, const em_wire_pack_args*) { return unsupported("wire_pack"); },
-    [](void*, const em_wire_unpack_args*) { return unsupported("wire_unpack"); },
-};
+constexpr em_backend_iface kCudaIface = backend_iface<Context>("cuda", destroy, info, supports_op);
 
 thread_local std::string tls_status;
 
@@ -207,6 +172,7 @@ void set_last_status(const std::string& s) { tls_status = s; }
 }  // namespace em::cuda
 
 using namespace em::cuda;
+using em::guarded;
 
 extern "C" int em_cuda_compiled(void) { return 1; }
 
