@@ -692,7 +692,8 @@ Napi::Value Crc32(const Napi::CallbackInfo& info) {
 
 // wirePack(x: Float32Array [xRows * dim], dim, rowIndex: Int32Array | null, dtype (1|2|3),
 //          out: Uint8Array, crc? ) -> number: writes the rows' wire bytes into out (exactly
-// their size); returns the CRC-32 of out continuing from crc (0 when omitted).
+// their size); returns the CRC-32 of out continuing from crc, or 0 without computing one
+// when crc is omitted (or null).
 Napi::Value WirePack(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int64_t dim = integer(env, arg(info, 1), "dim", 1);
@@ -702,9 +703,11 @@ Napi::Value WirePack(const Napi::CallbackInfo& info) {
   const int64_t rows = row_index ? length_of(arg(info, 2)) : x_rows;
   const em_wire_dtype dtype = wire_dtype(env, arg(info, 3));
   const Bytes out = bytes_of(env, arg(info, 4), "out");
-  uint32_t crc = present(arg(info, 5)) ? static_cast<uint32_t>(integer(env, arg(info, 5), "crc", 0)) : 0;
+  const bool want_crc = present(arg(info, 5));
+  uint32_t crc = want_crc ? static_cast<uint32_t>(integer(env, arg(info, 5), "crc", 0)) : 0;
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim);
-  em_wire_pack_args a{&xt, row_index, rows, dtype, static_cast<uint8_t*>(out.data), static_cast<int64_t>(out.size), &crc};
+  em_wire_pack_args a{&xt,     row_index, rows, dtype, static_cast<uint8_t*>(out.data), static_cast<int64_t>(out.size),
+                      want_crc ? &crc : nullptr};
   check(env, em_wire_pack(backend_for(env, EM_OP_WIRE_PACK, EM_F32), &a), "wirePack");
   return Napi::Number::New(env, crc);
 }

@@ -65,19 +65,53 @@ uint32_t crc_tables(uint32_t c, const uint8_t* p, size_t n) {
 #if EM_X86
 #define EM_CLMUL __attribute__((target("pclmul,sse4.1")))
 
-// Folding with carry-less multiplication (Intel, "Fast CRC Computation for Generic
-// Polynomials Using PCLMULQDQ", 2009), in the bit-reflected domain of zlib's CRC-32; the
-// constants are the paper's (as in Linux crc32-pclmul and Chromium's zlib). n >= 64 and a
-// multiple of 16; c is the inverted state, and so is the result.
-EM_CLMUL uint32_t crc_clmul(uint32_t c, const uint8_t* buf, size_t n) {
-  alignas(16) static const uint64_t k1k2[] = {0x0154442bd4ull, 0x01c6e41596ull};
-  alignas(16) static const uint64_t k3k4[] = {0x01751997d0ull, 0x00ccaa009eull};
+// CRC-32 by folding with carry-less multiplication (Intel, "Fast CRC Computation for
+// Generic Polynomials Using PCLMULQDQ", 2009), in the bit-reflected domain of zlib's CRC-32
+// (as in Linux crc32-pclmul and Chromium's zlib). The fold constants move a 128-bit lane
+// forward by D bits: x^(D+32) and x^(D-32) mod P, bit-reflected and shifted left by one —
+// the paper's D = 128 and 512, and D = 1024 for the 256-bit loop.
+alignas(16) constexpr uint64_t kFold128[] = {0x01751997d0ull, 0x00ccaa009eull};
+alignas(16) constexpr uint64_t kFold512[] = {0x0154442bd4ull, 0x01c6e41596ull};
+constexpr uint64_t kFold1024[] = {0x01e88ef372ull, 0x014a7fe880ull};
+
+// x folded forward over the next 16 bytes `next`.
+EM_CLMUL inline __m128i crc_fold16(__m128i x, __m128i next) {
+  const __m128i k = _mm_load_si128(reinterpret_cast<const __m128i*>(kFold128));
+  return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next);
+}
+
+// The tail of both folding loops: x1 (the state folded into 128 bits) folded over the
+// remaining n bytes (a multiple of 16), then reduced to the inverted 32-bit state.
+EM_CLMUL uint32_t crc_clmul_tail(__m128i x1, const uint8_t* buf, size_t n) {
   alignas(16) static const uint64_t k5k0[] = {0x0163cd6124ull, 0x0000000000ull};
   alignas(16) static const uint64_t poly[] = {0x01db710641ull, 0x01f7011641ull};
+  while (n >= 16) {
+    x1 = crc_fold16(x1, _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf)));
+    buf += 16;
+    n -= 16;
+  }
+  // 128 -> 64 bits, then Barrett reduction to 32.
+  __m128i x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(kFold128));
+  __m128i x2b = _mm_clmulepi64_si128(x1, x0, 0x10);
+  const __m128i mask = _mm_setr_epi32(~0, 0, ~0, 0);
+  x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), x2b);
+  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
+  x2b = _mm_srli_si128(x1, 4);
+  x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x00), x2b);
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
+  x2b = _mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x10);
+  x2b = _mm_clmulepi64_si128(_mm_and_si128(x2b, mask), x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2b);
+  return static_cast<uint32_t>(_mm_extract_epi32(x1, 1));
+}
+
+// Four 128-bit lanes (64 bytes) per step. n >= 64 and a multiple of 16; c is the inverted
+// state, and so is the result.
+EM_CLMUL uint32_t crc_clmul(uint32_t c, const uint8_t* buf, size_t n) {
   auto load = [](const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); };
   __m128i x1 = load(buf), x2 = load(buf + 16), x3 = load(buf + 32), x4 = load(buf + 48);
   x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128(static_cast<int>(c)));
-  __m128i x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k1k2));
+  const __m128i x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(kFold512));
   buf += 64;
   n -= 64;
   while (n >= 64) {
@@ -95,35 +129,49 @@ EM_CLMUL uint32_t crc_clmul(uint32_t c, const uint8_t* buf, size_t n) {
     n -= 64;
   }
   // Fold the four lanes into one.
-  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));
-  __m128i x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
-  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x2), x5);
-  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
-  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x3), x5);
-  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
-  x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), x4), x5);
-  while (n >= 16) {
-    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
-    x1 = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x1, x0, 0x11), load(buf)), x5);
-    buf += 16;
-    n -= 16;
-  }
-  // 128 -> 64 bits, then Barrett reduction to 32.
-  __m128i x2b = _mm_clmulepi64_si128(x1, x0, 0x10);
-  const __m128i mask = _mm_setr_epi32(~0, 0, ~0, 0);
-  x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), x2b);
-  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
-  x2b = _mm_srli_si128(x1, 4);
-  x1 = _mm_xor_si128(_mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x00), x2b);
-  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
-  x2b = _mm_clmulepi64_si128(_mm_and_si128(x1, mask), x0, 0x10);
-  x2b = _mm_clmulepi64_si128(_mm_and_si128(x2b, mask), x0, 0x00);
-  x1 = _mm_xor_si128(x1, x2b);
-  return static_cast<uint32_t>(_mm_extract_epi32(x1, 1));
+  x1 = crc_fold16(x1, x2);
+  x1 = crc_fold16(x1, x3);
+  x1 = crc_fold16(x1, x4);
+  return crc_clmul_tail(x1, buf, n);
 }
 
 bool have_clmul() {
   static const bool yes = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  return yes;
+}
+
+#define EM_VCLMUL __attribute__((target("vpclmulqdq,avx2,pclmul,sse4.1")))
+
+// The same folding, 256-bit: four ymm lanes pairs (128 bytes) per step, each 128-bit lane
+// moved forward by 1024 bits; then the eight lanes are folded into one in memory order.
+// n >= 128 and a multiple of 16; c and the result are inverted states.
+EM_VCLMUL inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+EM_VCLMUL uint32_t crc_vclmul(uint32_t c, const uint8_t* buf, size_t n) {
+  __m256i y[4] = {load32(buf), load32(buf + 32), load32(buf + 64), load32(buf + 96)};
+  y[0] = _mm256_xor_si256(y[0], _mm256_setr_epi32(static_cast<int>(c), 0, 0, 0, 0, 0, 0, 0));
+  const __m256i k = _mm256_setr_epi64x(static_cast<int64_t>(kFold1024[0]), static_cast<int64_t>(kFold1024[1]),
+                                       static_cast<int64_t>(kFold1024[0]), static_cast<int64_t>(kFold1024[1]));
+  buf += 128;
+  n -= 128;
+  while (n >= 128) {
+    for (int i = 0; i < 4; ++i)
+      y[i] = _mm256_xor_si256(_mm256_xor_si256(_mm256_clmulepi64_epi128(y[i], k, 0x00), _mm256_clmulepi64_epi128(y[i], k, 0x11)),
+                              load32(buf + 32 * i));
+    buf += 128;
+    n -= 128;
+  }
+  __m128i x = _mm256_castsi256_si128(y[0]);
+  x = crc_fold16(x, _mm256_extracti128_si256(y[0], 1));
+  for (int i = 1; i < 4; ++i) {
+    x = crc_fold16(x, _mm256_castsi256_si128(y[i]));
+    x = crc_fold16(x, _mm256_extracti128_si256(y[i], 1));
+  }
+  return crc_clmul_tail(x, buf, n);
+}
+
+bool have_vclmul() {
+  static const bool yes = have_clmul() && __builtin_cpu_supports("vpclmulqdq") && __builtin_cpu_supports("avx2");
   return yes;
 }
 #endif
@@ -164,8 +212,12 @@ const float* e4m3_values() {
   return table.v;
 }
 
-// The scale of one 128-block: max|x| / 448 in double (NaN ignored), 1 when all zero.
-inline double block_scale(double amax) { return amax > 0 ? amax / 448.0 : 1.0; }
+// The scale of one 128-block: max|x| / 448 in float (NaN ignored), 1 when that is zero or
+// subnormal (an all-zero block, or values so small that 1 / scale would overflow).
+inline float block_scale(float amax) {
+  const float s = amax / 448.0f;
+  return s >= 0x1p-126f ? s : 1.0f;
+}
 
 void pack_bf16_scalar(const float* x, int64_t n, uint8_t* out) {
   for (int64_t i = 0; i < n; ++i) {
@@ -174,7 +226,7 @@ void pack_bf16_scalar(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
-double amax_scalar(const float* x, int64_t n) {
+float amax_scalar(const float* x, int64_t n) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float a = std::fabs(x[i]);
@@ -183,8 +235,8 @@ double amax_scalar(const float* x, int64_t n) {
   return amax;
 }
 
-void quant_scalar(const float* x, int64_t n, double inv, uint8_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[i]) * inv));
+void quant_scalar(const float* x, int64_t n, float inv, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3(x[i] * inv);
 }
 
 void unpack_bf16_scalar(const uint8_t* in, int64_t n, float* y, bool acc) {
@@ -243,7 +295,7 @@ EM_AVX2 void pack_bf16_avx2(const float* x, int64_t n, uint8_t* out) {
   pack_bf16_scalar(x + i, n - i, out + 2 * i);
 }
 
-EM_AVX2 double amax_avx2(const float* x, int64_t n) {
+EM_AVX2 float amax_avx2(const float* x, int64_t n) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 m = _mm256_setzero_ps();
   int64_t i = 0;
@@ -267,33 +319,23 @@ EM_AVX2 inline __m256i e4m3_8(__m256 y) {
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(abs, 20), _mm256_set1_epi32(1));
   __m256i normal = _mm256_sub_epi32(abs, _mm256_set1_epi32(120 << 23));
   normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(normal, _mm256_set1_epi32(0x7ffff)), lsb), 20);
+  // Saturation: from 448 up (Inf included) the field exceeds 0x7e (signed: abs >= 2^-6
+  // here, so the rebiased value is positive).
   normal = _mm256_min_epi32(normal, _mm256_set1_epi32(0x7e));
-  // Subnormal: round(|y| * 512), ties to even.
-  const __m256 mag = _mm256_castsi256_ps(abs);
-  const __m256i sub = _mm256_cvtps_epi32(
-      _mm256_round_ps(_mm256_mul_ps(mag, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // Subnormal: round(|y| * 512), ties to even (cvtps rounds to nearest even).
+  const __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(abs), _mm256_set1_ps(512.0f)));
   const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x3c800000), abs);
-  const __m256i is_sat = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x43e00000 - 1));
   const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
-  __m256i code = _mm256_blendv_epi8(normal, sub, is_sub);
-  code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7e), is_sat);
-  code = _mm256_or_si256(code, sign);
+  __m256i code = _mm256_or_si256(_mm256_blendv_epi8(normal, sub, is_sub), sign);
   return _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), is_nan);
 }
 
-// f32(x * inv) with the product in double, for 8 floats.
-EM_AVX2 inline __m256 scale8(const float* x, __m256d inv) {
-  const __m256 v = _mm256_loadu_ps(x);
-  const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), inv));
-  const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), inv));
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
-}
-
-EM_AVX2 void quant_avx2(const float* x, int64_t n, double inv, uint8_t* out) {
-  const __m256d vinv = _mm256_set1_pd(inv);
+EM_AVX2 void quant_avx2(const float* x, int64_t n, float inv, uint8_t* out) {
+  const __m256 vinv = _mm256_set1_ps(inv);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m256i w = pack_u16(e4m3_8(scale8(x + i, vinv)), e4m3_8(scale8(x + i + 8, vinv)));
+    const __m256i w = pack_u16(e4m3_8(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)),
+                               e4m3_8(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vinv)));
     const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), bytes);
   }
@@ -352,8 +394,8 @@ EM_AVX2 void dequant_avx2(const uint8_t* codes, int64_t n, float scale, float* y
 // The row kernels of one ISA.
 struct WireKernels {
   void (*pack_bf16)(const float*, int64_t, uint8_t*);
-  double (*amax)(const float*, int64_t);
-  void (*quant)(const float*, int64_t, double, uint8_t*);
+  float (*amax)(const float*, int64_t);
+  void (*quant)(const float*, int64_t, float, uint8_t*);
   void (*unpack_bf16)(const uint8_t*, int64_t, float*, bool);
   void (*unpack_f32)(const uint8_t*, int64_t, float*, bool);
   void (*dequant)(const uint8_t*, int64_t, float, float*, bool);
@@ -375,7 +417,7 @@ uint32_t crc32_update(uint32_t crc, const uint8_t* p, size_t n) {
 #if EM_X86
   if (n >= 64 && have_clmul()) {
     const size_t chunk = n & ~static_cast<size_t>(15);
-    c = crc_clmul(c, p, chunk);
+    c = n >= 256 && have_vclmul() ? crc_vclmul(c, p, chunk) : crc_clmul(c, p, chunk);
     p += chunk;
     n -= chunk;
   }
@@ -414,9 +456,9 @@ em_status wire_pack(Context& ctx, const em_wire_pack_args* a) {
       } else {
         for (int64_t g = 0; g < groups; ++g) {
           const int64_t c0 = g * kGroup, n = std::min(dim, c0 + kGroup) - c0;
-          const double scale = block_scale(k.amax(src + c0, n));
-          scales[r * groups + g] = static_cast<float>(scale);
-          k.quant(src + c0, n, 1.0 / scale, dst + c0);
+          const float scale = block_scale(k.amax(src + c0, n));
+          scales[r * groups + g] = scale;
+          k.quant(src + c0, n, 1.0f / scale, dst + c0);
         }
       }
     }

@@ -71,14 +71,16 @@ std::vector<uint8_t> ref_pack(const std::vector<float>& x, int64_t dim, const st
       std::memcpy(&out[static_cast<size_t>(4 * r * dim)], src, static_cast<size_t>(4 * dim));
     } else {
       for (int64_t g = 0; g < groups_of(dim); ++g) {
-        double amax = 0;
+        float amax = 0;
         for (int64_t c = g * 128; c < std::min(dim, g * 128 + 128); ++c)
           if (std::fabs(src[c]) > amax) amax = std::fabs(src[c]);
-        const double scale = amax > 0 ? amax / 448.0 : 1.0;
-        const float s = static_cast<float>(scale);
+        // docs/wire-format.md: scale = f32(amax / 448), 1 when zero or subnormal; codes of f32(x * f32(1 / scale)).
+        float s = amax / 448.0f;
+        if (!(s >= std::ldexp(1.0f, -126))) s = 1.0f;
+        const float inv = 1.0f / s;
         std::memcpy(&out[static_cast<size_t>(n * dim + 4 * (r * groups_of(dim) + g))], &s, 4);
         for (int64_t c = g * 128; c < std::min(dim, g * 128 + 128); ++c)
-          out[static_cast<size_t>(r * dim + c)] = ref_to_e4m3(static_cast<float>(static_cast<double>(src[c]) * (1.0 / scale)));
+          out[static_cast<size_t>(r * dim + c)] = ref_to_e4m3(src[c] * inv);
       }
     }
   }

@@ -49,14 +49,17 @@ export interface Addon {
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
   /** zlib's CRC-32 of `bytes`, continuing from `crc` (src/moe/codec.ts). */
   crc32(bytes: ArrayBufferView, crc?: number): number;
-  /** Rows of x (rowIndex: a gather) as wire bytes of dtype code 1|2|3 into out; returns the CRC continued over out. */
+  /**
+   * Rows of x (rowIndex: a gather) as wire bytes of dtype code 1|2|3 into out; returns the
+   * CRC continued over out, or 0 without computing one when crc is null or omitted.
+   */
   wirePack(
     x: Float32Array,
     dim: number,
     rowIndex: Int32Array | null,
     dtype: number,
     out: Uint8Array,
-    crc?: number,
+    crc?: number | null,
   ): number;
   /**
    * Wire bytes of `rows` rows into y[outIndex[r]] (set, or added with accumulate); with

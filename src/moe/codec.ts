@@ -35,7 +35,8 @@ export interface WireCodec {
   /**
    * Writes rows of x [*, dim] as wire bytes of `dtype` into `out` (exactly rowBytes of
    * them): row r is x row rowIndex[r], or r without an index. Returns the CRC-32 of `out`
-   * continued from `crc` (the CRC of the frame bytes before it).
+   * continued from `crc` (the CRC of the frame bytes before it); with `crc` null it
+   * computes none and returns 0.
    */
   pack(
     x: Float32Array,
@@ -43,7 +44,7 @@ export interface WireCodec {
     rowIndex: Int32Array | null,
     dtype: CodecDtype,
     out: Uint8Array,
-    crc: number,
+    crc: number | null,
   ): number;
   /**
    * Reads `rows` rows of wire bytes into y [*, dim]: row r goes to y row outIndex[r] (or
@@ -92,9 +93,14 @@ function e4m3Fast(y: number): number {
   return sign | code;
 }
 
+/** 2^-126, the smallest normal float32. */
+const F32_MIN_NORMAL = 2 ** -126;
+
 /**
- * fp8 e4m3 codes and per-(token, 128-block) scales of activations [numTokens, hidden]:
- * scale = max|x| / 448 of the block (1 when all zero), code = e4m3(x * (1 / scale)).
+ * fp8 e4m3 codes and per-(token, 128-block) scales of activations [numTokens, hidden], in
+ * float32 arithmetic (docs/wire-format.md): scale = f32(max|x| / 448) of the block (1 when
+ * that is zero or subnormal: 1 / scale must not overflow), code = e4m3(f32(x * f32(1 / scale))).
+ * Math.fround of a double quotient or product of two float32s is the float32 result.
  */
 export function quantizeActivations(
   x: Float32Array,
@@ -113,10 +119,11 @@ export function quantizeActivations(
         const a = Math.abs(x[i]!);
         if (a > amax) amax = a;
       }
-      const scale = amax > 0 ? amax / E4M3_MAX : 1;
+      const s = Math.fround(amax / E4M3_MAX);
+      const scale = s >= F32_MIN_NORMAL ? s : 1;
       scales[t * groups + g] = scale;
-      const inv = 1 / scale;
-      for (let i = start; i < end; i++) codes[i] = e4m3Fast(x[i]! * inv);
+      const inv = Math.fround(1 / scale);
+      for (let i = start; i < end; i++) codes[i] = e4m3Fast(Math.fround(x[i]! * inv));
     }
   }
   return { codes, scales };
@@ -140,6 +147,40 @@ function dequantizeActivations(
     }
   }
   return out;
+}
+
+/**
+ * Copies rows rowIndex[0], rowIndex[1], ... of `table` (rows of `rowBytes` bytes) back to
+ * back into `out` (exactly that many bytes) and returns the CRC-32 of `out` continued from
+ * `crc`: how a sender puts activations it converted once (one row per token) into the
+ * frames of several receivers. Rows whose size and place are whole 32-bit words go through
+ * the codec's f32 pack (a copy of bits, with the CRC folded in).
+ */
+export function gatherRows(
+  codec: WireCodec,
+  table: Uint8Array,
+  rowBytes: number,
+  rowIndex: Int32Array,
+  out: Uint8Array,
+  crc: number,
+): number {
+  if (out.byteLength !== rowIndex.length * rowBytes)
+    throw new RangeError(
+      `gatherRows: ${out.byteLength} bytes for ${rowIndex.length} rows of ${rowBytes}`,
+    );
+  const tableRows = rowBytes > 0 ? Math.floor(table.byteLength / rowBytes) : 0;
+  for (const r of rowIndex)
+    if (r < 0 || r >= tableRows)
+      throw new RangeError(`gatherRows: row ${r} outside the table's ${tableRows} rows`);
+  if (rowBytes % 4 === 0 && table.byteOffset % 4 === 0 && rowBytes > 0) {
+    const words = new Float32Array(table.buffer, table.byteOffset, (tableRows * rowBytes) / 4);
+    return codec.pack(words, rowBytes / 4, rowIndex, "f32", out, crc);
+  }
+  for (let i = 0; i < rowIndex.length; i++) {
+    const r = rowIndex[i]!;
+    out.set(table.subarray(r * rowBytes, (r + 1) * rowBytes), i * rowBytes);
+  }
+  return codec.crc32(out, crc);
 }
 
 /** The bytes of any typed array, as a Uint8Array view. */
@@ -187,7 +228,7 @@ export const tsCodec: WireCodec = {
       out.set(codes);
       out.set(bytesOf(scales), codes.length);
     }
-    return zlibCrc32(out, crc);
+    return crc === null ? 0 : zlibCrc32(out, crc);
   },
   unpack(bytes, dtype, rows, y, dim, outIndex, accumulate) {
     check(dtype, rows, dim, bytes);

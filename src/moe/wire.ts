@@ -1,7 +1,7 @@
 // Binary frames between gateways and shards: see docs/wire-format.md (the layout is
 // written there once; this file follows it field by field).
 import { type ErrorCode, ExpertMeshError } from "../util/errors.ts";
-import { FP8_GROUP, quantizeActivations, rowBytes, wireCodec } from "./codec.ts";
+import { FP8_GROUP, gatherRows, quantizeActivations, rowBytes, wireCodec } from "./codec.ts";
 
 export { FP8_GROUP, quantizeActivations };
 
@@ -131,13 +131,48 @@ export function encodeDispatch(d: Dispatch, flags = 0): Uint8Array {
 }
 
 /**
+ * Activation rows already converted to their wire bytes (encodeTable): `bytes` is the
+ * activation section of a frame holding all `rows` of them (fp8: every row's codes, then
+ * every row's scales). Each token is converted once however many shards it goes to; each
+ * shard's frame copies its rows.
+ */
+export interface WireTable {
+  dtype: WireDtypeName;
+  hidden: number;
+  rows: number;
+  bytes: Uint8Array;
+}
+
+/**
+ * x [rows, hidden] in the wire bytes of `dtype`, for encodeDispatchRows; `alloc` gives the
+ * table's buffer of n bytes (any contents, every byte is written; the caller may reuse it
+ * once the frames are encoded).
+ */
+export function encodeTable(
+  x: Float32Array,
+  hidden: number,
+  dtype: WireDtypeName,
+  alloc: (n: number) => Uint8Array = (n) => new Uint8Array(n),
+): WireTable {
+  if (hidden < 1 || x.length % hidden !== 0)
+    fail("EM_WIRE_RANGE", `x holds ${x.length} values, not rows of ${hidden}`);
+  const rows = x.length / hidden;
+  if (dtype === "f32")
+    return { dtype, hidden, rows, bytes: new Uint8Array(x.buffer, x.byteOffset, x.byteLength) };
+  const bytes = alloc(activationBytes(dtype, rows, hidden));
+  wireCodec().pack(x, hidden, null, dtype, bytes, null);
+  return { dtype, hidden, rows, bytes };
+}
+
+/**
  * A dispatch whose activations are rows of a larger table, read in place: frame token i
- * is `x` row `rows[i]` (so a sender need not copy each shard's rows out first).
+ * is row `rows[i]` of `x` (so a sender need not copy each shard's rows out first), floats
+ * or a WireTable of the frame's dtype and width.
  */
 export interface DispatchRows extends FrameHeader {
   dtype: WireDtypeName;
   /** [*, hidden] */
-  x: Float32Array;
+  x: Float32Array | WireTable;
   /** [numTokens] row of x of each frame token. */
   rows: Int32Array;
   token: Uint32Array;
@@ -156,12 +191,37 @@ export function encodeDispatchRows(
   flags = 0,
   alloc: (n: number) => Uint8Array = allocFrame,
 ): Uint8Array {
-  if (d.x.length % d.hidden !== 0)
-    fail("EM_WIRE_RANGE", `x holds ${d.x.length} values, not rows of ${d.hidden}`);
-  const xRows = d.x.length / d.hidden;
+  let xRows: number;
+  if (d.x instanceof Float32Array) {
+    if (d.x.length % d.hidden !== 0)
+      fail("EM_WIRE_RANGE", `x holds ${d.x.length} values, not rows of ${d.hidden}`);
+    xRows = d.x.length / d.hidden;
+  } else {
+    if (d.x.dtype !== d.dtype || d.x.hidden !== d.hidden)
+      fail(
+        "EM_WIRE_RANGE",
+        `table of ${d.x.dtype} x ${d.x.hidden} for a ${d.dtype} frame of hidden ${d.hidden}`,
+      );
+    xRows = d.x.rows;
+  }
   for (const r of d.rows)
     if (r < 0 || r >= xRows) fail("EM_WIRE_RANGE", `row ${r} outside x's ${xRows} rows`);
   return writeDispatch({ ...d, numTokens: d.rows.length }, d.x, d.rows, flags, alloc);
+}
+
+/** Writes the activations of rows `rows` of table `t` into `out`; returns the CRC continued from `crc`. */
+function gatherTable(t: WireTable, rows: Int32Array, out: Uint8Array, crc: number): number {
+  const codec = wireCodec();
+  if (t.dtype !== "fp8") {
+    const rb = rowBytes(t.dtype, 1, t.hidden);
+    return gatherRows(codec, t.bytes, rb, rows, out, crc);
+  }
+  // fp8: the codes of the rows, then their scales.
+  const codes = rows.length * t.hidden;
+  crc = gatherRows(codec, t.bytes, t.hidden, rows, out.subarray(0, codes), crc);
+  const scaleBytes = 4 * Math.ceil(t.hidden / FP8_GROUP);
+  const scales = t.bytes.subarray(t.rows * t.hidden);
+  return gatherRows(codec, scales, scaleBytes, rows, out.subarray(codes), crc);
 }
 
 function writeDispatch(
@@ -172,7 +232,7 @@ function writeDispatch(
     expert: Uint32Array;
     weight: Float32Array;
   },
-  x: Float32Array,
+  x: Float32Array | WireTable,
   rows: Int32Array | null,
   flags: number,
   alloc: (n: number) => Uint8Array = allocFrame,
@@ -194,14 +254,12 @@ function writeDispatch(
   o = put(buf, o, d.expert);
   o = put(buf, o, d.weight);
   const codec = wireCodec();
-  const crc = codec.pack(
-    x,
-    d.hidden,
-    rows,
-    d.dtype,
-    buf.subarray(o),
-    codec.crc32(buf.subarray(HEADER_BYTES, o)),
-  );
+  const head = codec.crc32(buf.subarray(HEADER_BYTES, o));
+  // A table is only ever read through rows (encodeDispatchRows).
+  const crc =
+    x instanceof Float32Array
+      ? codec.pack(x, d.hidden, rows, d.dtype, buf.subarray(o), head)
+      : gatherTable(x, rows!, buf.subarray(o), head);
   v.setUint32(36, crc, true);
   return buf;
 }

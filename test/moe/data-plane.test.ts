@@ -2,7 +2,8 @@
 // frames, a shard's pooled activations and its pooled large reply frames (given back after
 // a flush) must never let one request's bytes leak into another's. Layers large enough for
 // every pool (replies over 256 KiB), run one after another and two at a time, with inputs
-// that differ per layer; every sum is checked against the same experts computed here.
+// that differ per layer; every sum is checked against the same experts computed here (on
+// the activations as the wire rounds them, for bf16 and fp8 dispatch).
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,6 +14,7 @@ import type { MlpWeights } from "../../src/engine/loader.ts";
 import { RemoteExperts } from "../../src/moe/dispatcher.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { ShardServer } from "../../src/moe/shard-server.ts";
+import { decodeFrame, encodeDispatch, type WireDtypeName } from "../../src/moe/wire.ts";
 import { startNats } from "../env/nats.ts";
 import { binaries } from "../env/paths.ts";
 
@@ -96,19 +98,34 @@ describe("data plane buffer reuse over NATS", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
+  /** x as the shards see it: rounded to the dispatch dtype by the wire (f32 is exact). */
+  const throughWire = (x: Float32Array, t: number, dtype: WireDtypeName): Float32Array => {
+    if (dtype === "f32") return x;
+    const none = { token: new Uint32Array(0), expert: new Uint32Array(0) };
+    const frame = decodeFrame(
+      encodeDispatch({
+        ...{ dtype, planVersion: plan.version, layer: 1, hidden, tokenOffset: 0 },
+        ...{ totalTokens: t, numTokens: t, activations: x, weight: new Float32Array(0), ...none },
+      }),
+    );
+    if (frame.kind !== "dispatch") throw new Error(frame.kind);
+    return frame.activations;
+  };
+
   /** A gateway's dispatcher, a layer's inputs with their expected sums, and a checker. */
-  const gateway = async () => {
+  const gateway = async (dispatchDtype: WireDtypeName = "f32") => {
     const gw = await connect({ servers: nats.info.url });
     ncs.push(gw);
     const remote = new RemoteExperts({
       nc: gw,
       model,
       plan,
-      dispatchDtype: "f32",
+      dispatchDtype,
       combineDtype: "f32",
     });
     const layer = (seed: number, t: number) => {
       const x = Float32Array.from({ length: t * hidden }, (_, i) => Math.sin(i * 0.01 + seed));
+      const xs = throughWire(x, t, dispatchDtype);
       const ids = Int32Array.from({ length: t * topK }, (_, i) => (i * 7 + seed) % experts);
       // Distinct experts per token: topK consecutive slots of a stride-7 walk over 16.
       const weights = Float32Array.from(
@@ -119,7 +136,7 @@ describe("data plane buffer reuse over NATS", () => {
       for (let tok = 0; tok < t; tok++)
         for (let k = 0; k < topK; k++) {
           const w = weights[tok * topK + k]! * (ids[tok * topK + k]! + 1);
-          for (let j = 0; j < hidden; j++) want[tok * hidden + j]! += w * x[tok * hidden + j]!;
+          for (let j = 0; j < hidden; j++) want[tok * hidden + j]! += w * xs[tok * hidden + j]!;
         }
       return { x, ids, weights, want, t };
     };
@@ -145,6 +162,21 @@ describe("data plane buffer reuse over NATS", () => {
         check(layer(200 + i, 48 + i), moeLayers[moeLayers.length - 1]!),
       ]);
   });
+
+  // fp8 frames copy their rows from one table of codes per layer, in a buffer reused from
+  // layer to layer: a layer of another size or two layers in flight must not mix tables.
+  for (const dtype of ["fp8", "bf16"] as const) {
+    it(`${dtype} dispatch: each layer's sums from its own wire-rounded activations`, async () => {
+      const { layer, check } = await gateway(dtype);
+      for (let i = 0; i < 6; i++)
+        await check(layer(400 + i, [64, 3, 40][i % 3]!), moeLayers[i % moeLayers.length]!);
+      for (let i = 0; i < 4; i++)
+        await Promise.all([
+          check(layer(500 + i, 33), moeLayers[0]!),
+          check(layer(600 + i, 7 + i), moeLayers[moeLayers.length - 1]!),
+        ]);
+    });
+  }
 
   it("coalesces frames that arrive together into one grouped FFN call, each reply its own", async () => {
     const { layer, check } = await gateway();

@@ -7,7 +7,13 @@ import { crc32 } from "node:zlib";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { groupByExpert } from "../../src/engine/experts.ts";
-import { type CodecDtype, nativeCodec, rowBytes, tsCodec } from "../../src/moe/codec.ts";
+import {
+  type CodecDtype,
+  gatherRows,
+  nativeCodec,
+  rowBytes,
+  tsCodec,
+} from "../../src/moe/codec.ts";
 import {
   addCombine,
   type Dispatch,
@@ -16,6 +22,7 @@ import {
   encodeCombine,
   encodeDispatch,
   encodeDispatchRows,
+  encodeTable,
   splitDispatch,
   splitRanges,
 } from "../../src/moe/wire.ts";
@@ -248,6 +255,17 @@ describe("frames from rows of a table", () => {
           weight,
         });
         expect(Buffer.from(b).equals(Buffer.from(a))).toBe(true);
+        // The same rows gathered from a table converted once (the dispatcher's path).
+        const c = encodeDispatchRows({
+          ...h,
+          dtype,
+          x: encodeTable(x, hidden, dtype),
+          rows: Int32Array.from(rows),
+          token,
+          expert,
+          weight,
+        });
+        expect(Buffer.from(c).equals(Buffer.from(a))).toBe(true);
         // splitRanges cuts where splitDispatch does.
         const max = 40 + 12 * topK + rowBytes(dtype, 2, hidden) + 12 * topK;
         const parts = splitDispatch(
@@ -293,6 +311,49 @@ describe("frames from rows of a table", () => {
               );
         },
       ),
+    );
+  });
+});
+
+describe("gatherRows", () => {
+  const codecs = native ? [tsCodec, native] : [tsCodec];
+  it("copies the indexed rows back to back with zlib's CRC, at any row size and offset", () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 40 }),
+        fc.integer({ min: 1, max: 6 }),
+        fc.nat({ max: 3 }),
+        fc.array(fc.nat({ max: 5 }), { maxLength: 9 }),
+        fc.integer({ min: 0, max: 2 ** 32 - 1 }),
+        (rowSize, tableRows, offset, picks, seed) => {
+          const backing = Uint8Array.from(
+            { length: offset + rowSize * tableRows },
+            (_, i) => (i * 37 + 11) & 0xff,
+          );
+          const table = backing.subarray(offset);
+          const rowIndex = Int32Array.from(picks.map((p) => p % tableRows));
+          const want = new Uint8Array(rowIndex.length * rowSize);
+          rowIndex.forEach((r, i) => {
+            want.set(table.subarray(r * rowSize, (r + 1) * rowSize), i * rowSize);
+          });
+          for (const codec of codecs) {
+            const out = new Uint8Array(want.length);
+            const crc = gatherRows(codec, table, rowSize, rowIndex, out, seed);
+            expect(Buffer.from(out).equals(Buffer.from(want)), codec.name).toBe(true);
+            expect(crc, codec.name).toBe(crc32(want, seed));
+          }
+        },
+      ),
+    );
+  });
+
+  it("refuses rows outside the table and an output of the wrong size", () => {
+    const table = new Uint8Array(16);
+    expect(() => gatherRows(tsCodec, table, 4, Int32Array.of(4), new Uint8Array(4), 0)).toThrow(
+      /row 4 outside/,
+    );
+    expect(() => gatherRows(tsCodec, table, 4, Int32Array.of(0), new Uint8Array(5), 0)).toThrow(
+      /5 bytes for 1 rows of 4/,
     );
   });
 });
