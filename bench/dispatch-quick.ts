@@ -5,6 +5,7 @@
 // several alternating rounds: single runs on a shared 2-core machine differ by ~0.05x).
 //
 //   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300] [--dtype bf16|fp8]
+//                                [--profile DIR]   (the shards' CPU profiles; the gateway's: node --cpu-prof)
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -26,6 +27,8 @@ const { values } = parseArgs({
     tokens: { type: "string", default: "1,4,16" },
     layers: { type: "string", default: "300" },
     dtype: { type: "string", default: "bf16" },
+    /** A folder for the shard processes' CPU profiles (node --cpu-prof). */
+    profile: { type: "string" },
   },
 });
 const hidden = Number(values.hidden);
@@ -51,6 +54,7 @@ try {
     const child = spawn(
       process.execPath,
       [
+        ...(values.profile ? ["--cpu-prof", `--cpu-prof-dir=${values.profile}`] : []),
         fileURLToPath(new URL("./dispatch-shards.ts", import.meta.url)),
         nats.info.url,
         String(hidden),
@@ -107,7 +111,11 @@ try {
     const b: number[] = [];
     const c: number[] = [];
     for (let i = 0; i < layers + 20; i++) {
-      const ta = await timed(() => ours.run(layer.layer, x, T, hidden, ids, weights, topK));
+      let sums: Float32Array | undefined;
+      const ta = await timed(async () => {
+        sums = await ours.run(layer.layer, x, T, hidden, ids, weights, topK);
+      });
+      ours.release(sums!);
       const tb = await timed(() =>
         Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 }))),
       );

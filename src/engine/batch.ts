@@ -97,7 +97,9 @@ export class BatchForward {
         // One call for the whole batch; shared experts run while it is in flight.
         const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
         const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
-        add(h, await routed);
+        const sums = await routed;
+        add(h, sums);
+        this.#experts.release?.(sums);
         if (shared) add(h, shared);
       }
     }

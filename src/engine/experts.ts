@@ -19,6 +19,12 @@ export interface ExpertRunner {
     weights: Float32Array,
     topK: number,
   ): Promise<Float32Array>;
+  /**
+   * Hands back a result of run() the caller has finished with: the runner may reuse its
+   * memory for a later result (a fresh multi-MiB array per layer costs page faults and
+   * collector work). Optional both ways: a runner may lack it, a caller may not call it.
+   */
+  release?(result: Float32Array): void;
 }
 
 /** (token, expert, weight) triples grouped by expert: the grouped FFN's input layout. */

@@ -67,6 +67,8 @@ export class RemoteExperts implements ExpertRunner {
    */
   readonly #frames = new BufferPool();
   readonly #requester: Requester;
+  /** Results the caller handed back (release()). */
+  readonly #results = new BufferPool(4);
   #table = new Uint8Array(0);
 
   /** The fp8 table's buffer of n bytes (grown, never shrunk). */
@@ -101,6 +103,10 @@ export class RemoteExperts implements ExpertRunner {
       ...o,
     };
     this.#requester = new Requester(o.nc);
+  }
+
+  release(result: Float32Array): void {
+    this.#results.give(result);
   }
 
   /** Unsubscribes the reply inbox; layers in flight fail (and may retry on a new one). */
@@ -191,7 +197,7 @@ export class RemoteExperts implements ExpertRunner {
     // Add the partial sums in shard order (a fixed order: the same inputs give the same
     // bits), straight from the reply frames into the output rows of their tokens (each
     // reply's checksum is checked in the same pass; a mismatch fails the layer).
-    const out = new Float32Array(t * dim);
+    const out = this.#results.f32(t * dim).fill(0);
     jobs.forEach((job, i) => {
       for (const c of replies[i]!)
         addCombine(c, out, job.rows.subarray(c.tokenOffset, c.tokenOffset + c.numTokens));
@@ -219,7 +225,9 @@ export class RemoteExperts implements ExpertRunner {
     const expect = { planVersion, layer, hidden: dim, totalTokens };
     const t0 = performance.now();
     try {
-      const frames = splitRanges(dtype, totalTokens, dim, job.token, maxPayload).map((r) => {
+      const combine = flags & FLAG_COMBINE_F32 ? "f32" : "bf16";
+      const ranges = splitRanges(dtype, totalTokens, dim, job.token, maxPayload, combine);
+      const frames = ranges.map((r) => {
         let token = job.token.subarray(r.a0, r.a1);
         if (r.start > 0) token = token.map((tok) => tok - r.start);
         return encodeDispatchRows(

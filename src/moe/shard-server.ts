@@ -13,6 +13,7 @@ import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-con
 import { serializePlan } from "./plan-json.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
+  combineFrameBytes,
   type Dispatch,
   decodeFrame,
   encodeCombine,
@@ -349,15 +350,27 @@ export class ShardServer {
         pooled.push(b);
         return b;
       };
+      const maxPayload = this.#o.nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
       batch.forEach((p, i) => {
         const f = p.frame;
+        const dtype = p.flags & FLAG_COMBINE_F32 ? "f32" : "bf16";
+        const bytes = combineFrameBytes(dtype, f.numTokens, f.hidden);
+        if (bytes > maxPayload) {
+          // A sender that split by the dispatch's size alone: its reply cannot be sent.
+          this.totals.errors++;
+          p.msg.respond(
+            encodeError(
+              "EM_WIRE_RANGE",
+              `the ${dtype} reply to ${f.numTokens} tokens needs ${bytes} bytes, more than max_payload ${maxPayload}: split requests so that replies fit too`,
+              f.planVersion,
+              f.layer,
+            ),
+          );
+          return;
+        }
         p.msg.respond(
           encodeCombine(
-            {
-              ...f,
-              dtype: p.flags & FLAG_COMBINE_F32 ? "f32" : "bf16",
-              sums: sums.subarray(bases[i]! * dim, (bases[i]! + f.numTokens) * dim),
-            },
+            { ...f, dtype, sums: sums.subarray(bases[i]! * dim, (bases[i]! + f.numTokens) * dim) },
             replyBuffer,
           ),
         );

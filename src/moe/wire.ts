@@ -477,11 +477,50 @@ function checkLength(
     fail("EM_WIRE_LENGTH", `frame has ${buf.byteLength} bytes, its header promises ${want}`);
 }
 
+/** Bytes of a combine frame. */
+export function combineFrameBytes(
+  dtype: Combine["dtype"],
+  numTokens: number,
+  hidden: number,
+): number {
+  return HEADER_BYTES + activationBytes(dtype, numTokens, hidden);
+}
+
 /**
- * Splits a dispatch into consecutive frames of at most `maxPayload` bytes each (by
- * tokens; a token's assignments travel with it). Throws when one token alone is too big.
+ * Bytes a request of `numTokens` tokens and `numAssignments` assignments needs under
+ * max_payload: its dispatch frame, or the combine frame it is answered with when that is
+ * larger (fp8 activations are answered with bf16 sums, bf16 ones with f32 sums on request).
  */
-export function splitDispatch(d: Dispatch, maxPayload: number): Dispatch[] {
+export function requestBytes(
+  dtype: WireDtypeName,
+  combine: Combine["dtype"],
+  numTokens: number,
+  hidden: number,
+  numAssignments: number,
+): number {
+  return Math.max(
+    dispatchFrameBytes(dtype, numTokens, hidden, numAssignments),
+    combineFrameBytes(combine, numTokens, hidden),
+  );
+}
+
+function tooBig(bytes: number, maxPayload: number): never {
+  fail(
+    "EM_WIRE_RANGE",
+    `one token needs ${bytes} bytes (its dispatch or its reply), more than max_payload ${maxPayload}`,
+  );
+}
+
+/**
+ * Splits a dispatch into consecutive frames (by tokens; a token's assignments travel with
+ * it) such that each frame and its `combine` reply fit in `maxPayload` bytes. Throws when
+ * one token alone is too big.
+ */
+export function splitDispatch(
+  d: Dispatch,
+  maxPayload: number,
+  combine: Combine["dtype"] = "bf16",
+): Dispatch[] {
   const perToken = new Uint32Array(d.numTokens);
   for (const t of d.token) perToken[t]!++;
   const order = Array.from(d.token.keys()).sort((a, b) => d.token[a]! - d.token[b]! || a - b);
@@ -491,18 +530,12 @@ export function splitDispatch(d: Dispatch, maxPayload: number): Dispatch[] {
   while (start < d.numTokens) {
     let end = start;
     let assigns = 0;
-    while (
-      end < d.numTokens &&
-      dispatchFrameBytes(d.dtype, end - start + 1, d.hidden, assigns + perToken[end]!) <= maxPayload
-    ) {
+    const bytes = (n: number, a: number) => requestBytes(d.dtype, combine, n, d.hidden, a);
+    while (end < d.numTokens && bytes(end - start + 1, assigns + perToken[end]!) <= maxPayload) {
       assigns += perToken[end]!;
       end++;
     }
-    if (end === start)
-      fail(
-        "EM_WIRE_RANGE",
-        `one token needs ${dispatchFrameBytes(d.dtype, 1, d.hidden, perToken[start]!)} bytes, more than max_payload ${maxPayload}`,
-      );
+    if (end === start) tooBig(bytes(1, perToken[start]!), maxPayload);
     const idx = order.slice(a, a + assigns);
     a += assigns;
     frames.push({
@@ -528,9 +561,10 @@ export interface FrameRange {
 }
 
 /**
- * Cuts a request of `numTokens` tokens into consecutive frames of at most `maxPayload`
- * bytes, as splitDispatch does; `token` holds the assignments' tokens in non-decreasing
- * order, so each frame's assignments are one slice. Throws when one token alone is too big.
+ * Cuts a request of `numTokens` tokens into consecutive frames whose dispatch and `combine`
+ * reply fit in `maxPayload` bytes, as splitDispatch does; `token` holds the assignments'
+ * tokens in non-decreasing order, so each frame's assignments are one slice. Throws when
+ * one token alone is too big.
  */
 export function splitRanges(
   dtype: WireDtypeName,
@@ -538,6 +572,7 @@ export function splitRanges(
   hidden: number,
   token: ArrayLike<number>,
   maxPayload: number,
+  combine: Combine["dtype"] = "bf16",
 ): FrameRange[] {
   const frames: FrameRange[] = [];
   let start = 0;
@@ -549,12 +584,9 @@ export function splitRanges(
       if (end >= numTokens) break;
       let c = b;
       while (c < token.length && token[c] === end) c++;
-      if (dispatchFrameBytes(dtype, end - start + 1, hidden, c - a) > maxPayload) {
-        if (end === start)
-          fail(
-            "EM_WIRE_RANGE",
-            `one token needs ${dispatchFrameBytes(dtype, 1, hidden, c - a)} bytes, more than max_payload ${maxPayload}`,
-          );
+      const bytes = requestBytes(dtype, combine, end - start + 1, hidden, c - a);
+      if (bytes > maxPayload) {
+        if (end === start) tooBig(bytes, maxPayload);
         break;
       }
       end++;

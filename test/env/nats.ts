@@ -31,6 +31,7 @@ export async function startNats(
   dir: string,
   logDir: string,
   port?: number,
+  maxPayload = NATS_MAX_PAYLOAD,
 ): Promise<NatsServer> {
   mkdirSync(join(dir, "jetstream"), { recursive: true });
   const clientPort = port ?? (await freePort());
@@ -41,7 +42,7 @@ export async function startNats(
     [
       `listen: "127.0.0.1:${clientPort}"`,
       `http: "127.0.0.1:${monitorPort}"`,
-      `max_payload: ${NATS_MAX_PAYLOAD}`,
+      `max_payload: ${maxPayload}`,
       `jetstream { store_dir: "${join(dir, "jetstream")}" }`,
       "",
     ].join("\n"),

@@ -1,5 +1,5 @@
 // The data plane's buffer reuse against a real nats-server: the gateway's pooled dispatch
-// frames, a shard's pooled activations and its pooled large reply frames (given back after
+// frames and results (handed back with release()), a shard's pooled activations and its pooled large reply frames (given back after
 // a flush) must never let one request's bytes leak into another's. Layers large enough for
 // every pool (replies over 256 KiB), run one after another and two at a time, with inputs
 // that differ per layer; every sum is checked against the same experts computed here (on
@@ -14,7 +14,14 @@ import type { MlpWeights } from "../../src/engine/loader.ts";
 import { RemoteExperts } from "../../src/moe/dispatcher.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { ShardServer } from "../../src/moe/shard-server.ts";
-import { decodeFrame, encodeDispatch, type WireDtypeName } from "../../src/moe/wire.ts";
+import { subjects } from "../../src/moe/subjects.ts";
+import {
+  decodeFrame,
+  decodeReply,
+  encodeDispatch,
+  FLAG_COMBINE_F32,
+  type WireDtypeName,
+} from "../../src/moe/wire.ts";
 import { startNats } from "../env/nats.ts";
 import { binaries } from "../env/paths.ts";
 
@@ -62,7 +69,8 @@ describe("data plane buffer reuse over NATS", () => {
   const servers: ShardServer[] = [];
 
   beforeAll(async () => {
-    nats = await startNats(binaries().natsServer, dir, dir);
+    // NATS's default max_payload (1 MiB), as a deployment without tuning has it.
+    nats = await startNats(binaries().natsServer, dir, dir, undefined, 1024 * 1024);
     for (let k = 0; k < numShards; k++) {
       const nc = await connect({ servers: nats.info.url });
       ncs.push(nc);
@@ -146,6 +154,8 @@ describe("data plane buffer reuse over NATS", () => {
       for (let i = 0; i < got.length; i++)
         worst = Math.max(worst, Math.abs(got[i]! - l.want[i]!) / (1 + Math.abs(l.want[i]!)));
       expect(worst).toBeLessThan(1e-5);
+      // As the engine does once it has added them: the next layers reuse this memory.
+      remote.release(got);
     };
     return { layer, check };
   };
@@ -168,8 +178,10 @@ describe("data plane buffer reuse over NATS", () => {
   for (const dtype of ["fp8", "bf16"] as const) {
     it(`${dtype} dispatch: each layer's sums from its own wire-rounded activations`, async () => {
       const { layer, check } = await gateway(dtype);
+      // 200 tokens: about 0.4 (fp8) or 0.8 MiB (bf16) of dispatch per shard, but 1.6 MiB of
+      // f32 sums back: the request is split so that each reply fits max_payload too.
       for (let i = 0; i < 6; i++)
-        await check(layer(400 + i, [64, 3, 40][i % 3]!), moeLayers[i % moeLayers.length]!);
+        await check(layer(400 + i, [64, 3, 200][i % 3]!), moeLayers[i % moeLayers.length]!);
       for (let i = 0; i < 4; i++)
         await Promise.all([
           check(layer(500 + i, 33), moeLayers[0]!),
@@ -177,6 +189,31 @@ describe("data plane buffer reuse over NATS", () => {
         ]);
     });
   }
+
+  it("answers a frame whose reply would exceed max_payload with EM_WIRE_RANGE, and carries on", async () => {
+    const nc = await connect({ servers: nats.info.url });
+    ncs.push(nc);
+    const layerNo = moeLayers[0]!;
+    const expert = plan.layers[0]!.shardExperts[0]![0]!;
+    // 160 fp8 tokens: 0.3 MiB of dispatch; asked back in f32: 1.25 MiB, over 1 MiB.
+    const frame = (numTokens: number) =>
+      encodeDispatch(
+        {
+          ...{ dtype: "fp8", planVersion: plan.version, layer: layerNo, hidden, tokenOffset: 0 },
+          ...{ totalTokens: numTokens, numTokens },
+          activations: new Float32Array(numTokens * hidden).fill(0.5),
+          token: Uint32Array.from({ length: numTokens }, (_, i) => i),
+          expert: new Uint32Array(numTokens).fill(expert),
+          weight: new Float32Array(numTokens).fill(0.25),
+        },
+        FLAG_COMBINE_F32,
+      );
+    const shard0 = subjects.shard(model, 0);
+    const big = decodeReply((await nc.request(shard0, frame(160), { timeout: 5000 })).data);
+    expect(big.kind === "error" && big.code).toBe("EM_WIRE_RANGE");
+    const small = decodeReply((await nc.request(shard0, frame(16), { timeout: 5000 })).data);
+    expect(small.kind).toBe("combine");
+  });
 
   it("coalesces frames that arrive together into one grouped FFN call, each reply its own", async () => {
     const { layer, check } = await gateway();

@@ -23,6 +23,7 @@ import {
   encodeDispatch,
   encodeDispatchRows,
   encodeTable,
+  requestBytes,
   splitDispatch,
   splitRanges,
 } from "../../src/moe/wire.ts";
@@ -266,16 +267,23 @@ describe("frames from rows of a table", () => {
           weight,
         });
         expect(Buffer.from(c).equals(Buffer.from(a))).toBe(true);
-        // splitRanges cuts where splitDispatch does.
-        const max = 40 + 12 * topK + rowBytes(dtype, 2, hidden) + 12 * topK;
-        const parts = splitDispatch(
-          { ...h, dtype, numTokens, activations: copied, token, expert, weight },
-          max,
-        );
-        const ranges = splitRanges(dtype, numTokens, hidden, token, max);
-        expect(ranges.map((r) => [r.start, r.end - r.start, r.a1 - r.a0])).toEqual(
-          parts.map((p) => [p.tokenOffset, p.numTokens, p.token.length]),
-        );
+        // splitRanges cuts where splitDispatch does, bounded by dispatch or reply.
+        for (const combine of ["bf16", "f32"] as const) {
+          const max = requestBytes(dtype, combine, 2, hidden, 2 * topK);
+          const parts = splitDispatch(
+            { ...h, dtype, numTokens, activations: copied, token, expert, weight },
+            max,
+            combine,
+          );
+          const ranges = splitRanges(dtype, numTokens, hidden, token, max, combine);
+          expect(ranges.map((r) => [r.start, r.end - r.start, r.a1 - r.a0])).toEqual(
+            parts.map((p) => [p.tokenOffset, p.numTokens, p.token.length]),
+          );
+          for (const r of ranges)
+            expect(
+              requestBytes(dtype, combine, r.end - r.start, hidden, r.a1 - r.a0),
+            ).toBeLessThanOrEqual(max);
+        }
       }),
     );
   });

@@ -15,6 +15,7 @@ import {
   encodeError,
   HEADER_BYTES,
   joinCombines,
+  requestBytes,
   splitDispatch,
 } from "../../src/moe/wire.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
@@ -193,11 +194,12 @@ describe("wire codec", () => {
     });
   });
 
-  it("splits under max_payload and reassembles to the same tokens", () => {
+  it("splits under max_payload (dispatch and reply) and reassembles to the same tokens", () => {
     fc.assert(
       fc.property(dispatchArb("bf16"), fc.integer({ min: 0, max: 4000 }), (d, extra) => {
-        const maxPayload = dispatchFrameBytes("bf16", 1, d.hidden, 4) + extra;
-        const parts = splitDispatch(d, maxPayload);
+        // f32 sums are twice the bf16 activations: the replies bound the split.
+        const maxPayload = requestBytes("bf16", "f32", 1, d.hidden, 4) + extra;
+        const parts = splitDispatch(d, maxPayload, "f32");
         const frames = parts.map((p) => encodeDispatch(p));
         for (const f of frames) expect(f.byteLength).toBeLessThanOrEqual(maxPayload);
         // A shard echoes each token's activations: joining the replies gives them all back in order.
@@ -205,9 +207,9 @@ describe("wire codec", () => {
           const f = decodeFrame(buf);
           if (f.kind !== "dispatch") throw new Error(f.kind);
           expect(f.expert.length).toBe(f.token.length);
-          return decodeFrame(
-            encodeCombine({ ...f, dtype: "f32", sums: f.activations }),
-          ) as Combine & { kind: "combine" };
+          const reply = encodeCombine({ ...f, dtype: "f32", sums: f.activations });
+          expect(reply.byteLength).toBeLessThanOrEqual(maxPayload);
+          return decodeFrame(reply) as Combine & { kind: "combine" };
         });
         const joined = joinCombines(replies.reverse(), d);
         expect(joined).toEqual(
