@@ -189,19 +189,31 @@ export class RemoteExperts implements ExpertRunner {
       this.#o.dispatchDtype === "fp8" ? encodeTable(x, dim, "fp8", (b) => this.#tableBytes(b)) : x;
     const deadline = Date.now() + this.#o.deadlineMs;
     const sent: Uint8Array[] = [];
-    const replies = await Promise.all(
-      jobs.map((job) => this.#roundTrip(job, plan.version, layer, src, dim, deadline, sent)),
+    // The partial sums are added in shard order (a fixed order: the same inputs give the
+    // same bits), straight from the reply frames into the output rows of their tokens (each
+    // reply's checksum is checked in the same pass; a mismatch fails the layer). A shard's
+    // replies are added as soon as every shard before it has been: the first ones are
+    // converted while the last are still on their way.
+    const out = this.#results.f32(t * dim).fill(0);
+    const replies: (CombineView[] | undefined)[] = [];
+    let added = 0;
+    const addReady = () => {
+      for (; added < jobs.length && replies[added]; added++) {
+        const rows = jobs[added]!.rows;
+        for (const c of replies[added]!)
+          addCombine(c, out, rows.subarray(c.tokenOffset, c.tokenOffset + c.numTokens));
+      }
+    };
+    await Promise.all(
+      jobs.map((job, i) =>
+        this.#roundTrip(job, plan.version, layer, src, dim, deadline, sent).then((r) => {
+          replies[i] = r;
+          addReady();
+        }),
+      ),
     );
     // Every request of the layer was answered: its frame buffers can be reused.
     for (const f of sent) this.#frames.give(f);
-    // Add the partial sums in shard order (a fixed order: the same inputs give the same
-    // bits), straight from the reply frames into the output rows of their tokens (each
-    // reply's checksum is checked in the same pass; a mismatch fails the layer).
-    const out = this.#results.f32(t * dim).fill(0);
-    jobs.forEach((job, i) => {
-      for (const c of replies[i]!)
-        addCombine(c, out, job.rows.subarray(c.tokenOffset, c.tokenOffset + c.numTokens));
-    });
     return out;
   }
 
