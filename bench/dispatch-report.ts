@@ -33,6 +33,8 @@ export function dispatchTables(r: DispatchResults, source: string): string {
       : `**${x.ratio.toFixed(2)}**`;
   };
   const hasLean = r.rows.every((x) => x.leanMs !== undefined);
+  const hasCpu = r.rows.every((x) => x.oursCpuMs !== undefined && x.rawCpuMs !== undefined);
+  const cpuRatios = r.rows.map((x) => (x.oursCpuMs ?? 0) / (x.rawCpuMs ?? 1));
   const leanRatios = r.rows.map((x) => x.leanRatio ?? Number.NaN);
   const lines = [
     "### Dispatch: machine and run",
@@ -53,12 +55,16 @@ export function dispatchTables(r: DispatchResults, source: string): string {
       hasLean
         ? ` Lean floor: the same raw bytes through the dispatcher's own request-reply (ADR 0004) instead of the NATS client's request(), with no codec and no dispatcher; ours / lean (median of the passes) is the codec's and dispatcher's own share: ${Math.min(...leanRatios).toFixed(2)}–${Math.max(...leanRatios).toFixed(2)}.`
         : ""
+    }${
+      hasCpu
+        ? ` CPU: milliseconds of CPU per layer of all the processes (gateway, shards, nats-server), ours / raw (their ratio: ${Math.min(...cpuRatios).toFixed(2)}–${Math.max(...cpuRatios).toFixed(2)}), averaged over the counted runs; the machine has fewer cores than busy processes, so the wall time is largely waiting for a core and grows with this work.`
+        : ""
     }`,
     "",
     ...(hasLean
       ? [
-          "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw | lean ms | ours / lean |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+          `| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw | lean ms | ours / lean |${hasCpu ? " CPU ms ours / raw |" : ""}`,
+          `| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |${hasCpu ? " --- |" : ""}`,
         ]
       : [
           "| hidden | top-k | tokens | dispatch | bytes out | bytes back | ours ms | raw ms | ours / raw |",
@@ -68,6 +74,10 @@ export function dispatchTables(r: DispatchResults, source: string): string {
       (x) =>
         `| ${x.hidden} | ${x.topK} | ${x.tokens} | ${x.dtype} | ${kib(x.requestBytes)} | ${kib(x.replyBytes)} | ${ms(x.oursMs)} | ${ms(x.rawMs)} | ${ratio(x)} |${
           hasLean && x.leanMs ? ` ${ms(x.leanMs)} | ${x.leanRatio!.toFixed(2)} |` : ""
+        }${
+          hasCpu
+            ? ` ${x.oursCpuMs!.toFixed(1)} / ${x.rawCpuMs!.toFixed(1)} (${(x.oursCpuMs! / x.rawCpuMs!).toFixed(2)}) |`
+            : ""
         }`,
     ),
   ];

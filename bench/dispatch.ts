@@ -14,7 +14,7 @@
 // then `runs` counted round trips, interleaved ours / raw); a row's ratio is the median of
 // its passes' ratios, so one noisy stretch of a shared machine moves one pass, not the row.
 import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,6 +52,33 @@ export interface DispatchRow {
   leanMs?: Stats;
   /** Median over the passes of median(ours) / median(lean). */
   leanRatio?: number;
+  /**
+   * CPU time per layer of every process involved (gateway, shards, nats-server), ours and
+   * the raw floor, averaged over the counted runs (since 2026-11-29 05:40; absent before).
+   * On a machine with fewer cores than busy processes, wall time is mostly waiting for a
+   * core: this is the work itself.
+   */
+  oursCpuMs?: number;
+  rawCpuMs?: number;
+}
+
+/**
+ * CPU time (ms) used so far by this process (exact) and by the processes `pids` (user +
+ * system from /proc, in clock ticks of 10 ms: unbiased over many runs, coarse for one).
+ */
+function cpuMs(pids: number[]): number {
+  const own = process.cpuUsage();
+  let ms = (own.user + own.system) / 1000;
+  for (const pid of pids) {
+    try {
+      // Fields after the command name: state is field 3; utime and stime are 14 and 15.
+      const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+      ms += (Number(f[11]) + Number(f[12])) * 10;
+    } catch {
+      // Not Linux, or the process is gone: its share is left out.
+    }
+  }
+  return ms;
 }
 
 /** A deterministic random number generator (mulberry32) for routing. */
@@ -144,7 +171,10 @@ export async function runDispatch(opts: {
         c: number[];
         ratios: number[];
         leanRatios: number[];
+        cpuOurs: number;
+        cpuRaw: number;
       }[] = [];
+      const pids = [...shardChildren.map((c) => c.pid!), nats.process.pid!];
       for (const dtype of ["bf16", "fp8"] as const) {
         const experts = new RemoteExperts({
           nc: gw,
@@ -229,6 +259,8 @@ export async function runDispatch(opts: {
             c: [],
             ratios: [],
             leanRatios: [],
+            cpuOurs: 0,
+            cpuRaw: 0,
           });
         }
       }
@@ -243,8 +275,15 @@ export async function runDispatch(opts: {
           const b: number[] = [];
           const l: number[] = [];
           for (let i = 0; i < opts.runs; i++) {
+            // CPU is read outside the timed calls.
+            let cpu0 = cpuMs(pids);
             a.push(await c.ours());
+            let cpu1 = cpuMs(pids);
+            c.cpuOurs += cpu1 - cpu0;
+            cpu0 = cpu1;
             b.push(await c.floor());
+            cpu1 = cpuMs(pids);
+            c.cpuRaw += cpu1 - cpu0;
             l.push(await c.leanFloor());
           }
           c.a.push(...a);
@@ -270,10 +309,12 @@ export async function runDispatch(opts: {
           ratio: stats(c.ratios).median,
           leanMs: stats(c.c),
           leanRatio: stats(c.leanRatios).median,
+          oursCpuMs: c.cpuOurs / c.a.length,
+          rawCpuMs: c.cpuRaw / c.b.length,
         };
         rows.push(row);
         opts.log(
-          `dispatch hidden ${shape.hidden} top-${shape.topK} ${c.dtype} T=${c.T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)}, lean ${row.leanMs!.median.toFixed(3)} ms, ours / lean ${row.leanRatio!.toFixed(2)} (passes ${c.ratios.map((r) => r.toFixed(2)).join(", ")}; ${(c.requestBytes / 1024).toFixed(0)} KiB out)`,
+          `dispatch hidden ${shape.hidden} top-${shape.topK} ${c.dtype} T=${c.T}: ours ${row.oursMs.median.toFixed(3)} ms, raw ${row.rawMs.median.toFixed(3)} ms, ratio ${row.ratio.toFixed(2)}, lean ${row.leanMs!.median.toFixed(3)} ms, ours / lean ${row.leanRatio!.toFixed(2)}, CPU ms ours ${row.oursCpuMs!.toFixed(2)} raw ${row.rawCpuMs!.toFixed(2)} (passes ${c.ratios.map((r) => r.toFixed(2)).join(", ")}; ${(c.requestBytes / 1024).toFixed(0)} KiB out)`,
         );
       }
       lean.close();
