@@ -216,8 +216,9 @@ export type WireDtypeCode = 1 | 2 | 3;
 
 /**
  * Writes rows of x [*, dim] (row r = x row rowIndex[r], or r) as wire bytes into `out`
- * (exactly their size, any alignment); returns the CRC-32 of `out` continued from `crc`.
- * The same bytes as src/moe/codec.ts's TypeScript reference.
+ * (exactly their size, any alignment); returns the CRC-32 of `out` continued from `crc`,
+ * or 0 without computing one when `crc` is null or omitted. The same bytes as
+ * src/moe/codec.ts's TypeScript reference.
  */
 export function wirePack(
   x: Float32Array,
@@ -225,10 +226,14 @@ export function wirePack(
   rowIndex: Int32Array | null,
   dtype: WireDtypeCode,
   out: Uint8Array,
-  crc?: number,
+  crc?: number | null,
 ): number;
 
-/** Wire bytes of `rows` rows into y [*, dim]: row r to y row outIndex[r] (or r), set or added. */
+/**
+ * Wire bytes of `rows` rows into y [*, dim]: row r to y row outIndex[r] (or r), set or
+ * added; with `crc`, returns the CRC-32 of `bytes` continued from it, computed in the same
+ * pass.
+ */
 export function wireUnpack(
   bytes: Uint8Array,
   dtype: WireDtypeCode,
@@ -238,3 +243,13 @@ export function wireUnpack(
   outIndex: Int32Array | null,
   accumulate: boolean,
 ): void;
+export function wireUnpack(
+  bytes: Uint8Array,
+  dtype: WireDtypeCode,
+  rows: number,
+  y: Float32Array,
+  dim: number,
+  outIndex: Int32Array | null,
+  accumulate: boolean,
+  crc: number,
+): number;

@@ -45,9 +45,12 @@ export function selectBackend(
 }
 
 /** "native backend on cuda:0 (cuda sm_90, 132 SMs; on the CPU (avx512, 16 threads): sample, ...)". */
-export function backendSummary(info: NativeInfo): string {
+export function backendSummary(
+  info: Omit<NativeInfo, "ops" | "abiVersion"> & { ops: Partial<NativeInfo["ops"]> },
+): string {
   if (info.backend === "cpu") return `native backend on cpu (${info.isa}, ${info.threads} threads)`;
-  const fallback = Object.entries(info.fallback)
+  type Op = keyof NativeInfo["ops"];
+  const fallback = (Object.entries(info.fallback) as [Op, string[]][])
     .map(([op, dtypes]) =>
       dtypes.length === info.ops[op]?.length ? op : `${op} (${dtypes.join(", ")})`,
     )

@@ -5,6 +5,7 @@
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
+import type * as Native from "../../shards/addon/expertmesh.d.ts";
 import { ERROR_CODES, type ErrorCode, ExpertMeshError } from "../util/errors.ts";
 import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
 
@@ -15,25 +16,8 @@ interface AddonWeight {
   scale?: Float32Array;
 }
 
-/** backendInfo() of the addon (shards/addon/expertmesh.d.ts). */
-export interface NativeInfo {
-  /** "cpu", or "cuda" with a CUDA device. */
-  backend: string;
-  /** The device configured: "cpu", "cuda" or "cuda:N". */
-  device: string;
-  /** CPU ISA, or the GPU architecture ("sm_90"). */
-  isa: string;
-  /** CPU threads, or the GPU's multiprocessors. */
-  threads: number;
-  availableIsas: string[];
-  /** The CPU backend, which runs what the device lacks. */
-  cpu: { isa: string; threads: number };
-  cudaCompiled: boolean;
-  /** Op function -> weight dtypes accepted. */
-  ops: Record<string, string[]>;
-  /** Op function -> weight dtypes the device lacks, run on the CPU backend. */
-  fallback: Record<string, string[]>;
-}
+/** backendInfo() of the addon. */
+export type NativeInfo = Native.BackendInfo;
 
 /** The addon's functions (see shards/addon/addon.cpp). */
 export interface Addon {
@@ -47,43 +31,9 @@ export interface Addon {
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
-  /** zlib's CRC-32 of `bytes`, continuing from `crc` (src/moe/codec.ts). */
-  crc32(bytes: ArrayBufferView, crc?: number): number;
-  /**
-   * Rows of x (rowIndex: a gather) as wire bytes of dtype code 1|2|3 into out; returns the
-   * CRC continued over out, or 0 without computing one when crc is null or omitted.
-   */
-  wirePack(
-    x: Float32Array,
-    dim: number,
-    rowIndex: Int32Array | null,
-    dtype: number,
-    out: Uint8Array,
-    crc?: number | null,
-  ): number;
-  /**
-   * Wire bytes of `rows` rows into y[outIndex[r]] (set, or added with accumulate); with
-   * `crc`, returns the CRC-32 of bytes continued from it, computed in the same pass.
-   */
-  wireUnpack(
-    bytes: Uint8Array,
-    dtype: number,
-    rows: number,
-    y: Float32Array,
-    dim: number,
-    outIndex: Int32Array | null,
-    accumulate: boolean,
-  ): void;
-  wireUnpack(
-    bytes: Uint8Array,
-    dtype: number,
-    rows: number,
-    y: Float32Array,
-    dim: number,
-    outIndex: Int32Array | null,
-    accumulate: boolean,
-    crc: number,
-  ): number;
+  crc32: typeof Native.crc32;
+  wirePack: typeof Native.wirePack;
+  wireUnpack: typeof Native.wireUnpack;
 }
 
 /** Where the addon is built by `npm run build` (shards/build.sh). */

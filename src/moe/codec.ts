@@ -18,7 +18,7 @@ import {
 export const FP8_GROUP = 128;
 
 export type CodecDtype = "bf16" | "fp8" | "f32";
-const DTYPE_CODE: Record<CodecDtype, number> = { bf16: 1, fp8: 2, f32: 3 };
+const DTYPE_CODE = { bf16: 1, fp8: 2, f32: 3 } as const satisfies Record<CodecDtype, number>;
 
 /** Bytes of `rows` rows of width `dim` on the wire. */
 export function rowBytes(dtype: CodecDtype, rows: number, dim: number): number {
