@@ -6,8 +6,9 @@
 //
 //   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300] [--dtype bf16|fp8]
 //                                [--profile DIR]   (the shards' CPU profiles; the gateway's: node --cpu-prof)
+//                                [--cpu]           (also each series alone, CPU per layer of each process)
 import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -21,6 +22,16 @@ import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
 import { stats } from "./lib.ts";
 
+/** CPU ms used so far by process `pid` (user + system, from /proc; 10 ms ticks). */
+function cpuOf(pid: number): number {
+  if (pid === process.pid) {
+    const u = process.cpuUsage();
+    return (u.user + u.system) / 1000;
+  }
+  const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+  return (Number(f[11]) + Number(f[12])) * 10;
+}
+
 const { values } = parseArgs({
   options: {
     hidden: { type: "string", default: "7168" },
@@ -29,6 +40,8 @@ const { values } = parseArgs({
     dtype: { type: "string", default: "bf16" },
     /** A folder for the shard processes' CPU profiles (node --cpu-prof). */
     profile: { type: "string" },
+    /** Also run each series alone and print every process's CPU per layer. */
+    cpu: { type: "boolean", default: false },
   },
 });
 const hidden = Number(values.hidden);
@@ -126,6 +139,33 @@ try {
       a.push(ta);
       b.push(tb);
       c.push(tc);
+    }
+    if (values.cpu) {
+      // Each series alone, so that every process's CPU is that series' work.
+      const pids = [process.pid, ...shards.map((s) => s.pid!), nats.info.pid];
+      const series: [string, () => Promise<unknown>][] = [
+        [
+          "ours",
+          async () => ours.release(await ours.run(layer.layer, x, T, hidden, ids, weights, topK)),
+        ],
+        [
+          "raw",
+          () => Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 }))),
+        ],
+        ["lean", () => Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000)))],
+      ];
+      for (const [name, fn] of series) {
+        const before = pids.map(cpuOf);
+        for (let i = 0; i < layers; i++) await fn();
+        const per = pids.map((p, i) => (cpuOf(p) - before[i]!) / layers);
+        const total = per.reduce((s, v) => s + v, 0);
+        console.log(
+          `  cpu ${name.padEnd(4)} ms/layer: total ${total.toFixed(2)} = gateway ${per[0]!.toFixed(2)} + shards ${per
+            .slice(1, 5)
+            .map((v) => v.toFixed(2))
+            .join(" ")} + nats ${per[5]!.toFixed(2)}`,
+        );
+      }
     }
     const [ma, mb, mc] = [stats(a).median, stats(b).median, stats(c).median];
     console.log(
