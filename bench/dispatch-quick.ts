@@ -20,7 +20,7 @@ import { Requester } from "../src/moe/requester.ts";
 import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
 import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
-import { stats } from "./lib.ts";
+import { ORDERS_OF_THREE, stats } from "./lib.ts";
 
 /** CPU ms used so far by process `pid` (user + system, from /proc; 10 ms ticks). */
 function cpuOf(pid: number): number {
@@ -120,41 +120,31 @@ try {
       await fn();
       return performance.now() - t0;
     };
-    const a: number[] = [];
-    const b: number[] = [];
-    const c: number[] = [];
+    const ourSeries = async () => {
+      const sums = await ours.run(layer.layer, x, T, hidden, ids, weights, topK);
+      ours.release(sums);
+    };
+    const rawSeries = () =>
+      Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 })));
+    const leanSeries = () => Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000)));
+    const series = [ourSeries, rawSeries, leanSeries];
+    const times: number[][] = [[], [], []];
     for (let i = 0; i < layers + 20; i++) {
-      let sums: Float32Array | undefined;
-      const ta = await timed(async () => {
-        sums = await ours.run(layer.layer, x, T, hidden, ids, weights, topK);
-      });
-      ours.release(sums!);
-      const tb = await timed(() =>
-        Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 }))),
-      );
-      const tc = await timed(() =>
-        Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000))),
-      );
-      if (i < 20) continue; // warm-up
-      a.push(ta);
-      b.push(tb);
-      c.push(tc);
+      for (const s of ORDERS_OF_THREE[i % ORDERS_OF_THREE.length]!) {
+        const t = await timed(series[s]!);
+        if (i >= 20) times[s]!.push(t); // the first 20: warm-up
+      }
     }
+    const [a, b, c] = times as [number[], number[], number[]];
     if (values.cpu) {
       // Each series alone, so that every process's CPU is that series' work.
       const pids = [process.pid, ...shards.map((s) => s.pid!), nats.info.pid];
-      const series: [string, () => Promise<unknown>][] = [
-        [
-          "ours",
-          async () => ours.release(await ours.run(layer.layer, x, T, hidden, ids, weights, topK)),
-        ],
-        [
-          "raw",
-          () => Promise.all(raw.map((q) => gw.request(q.subject, q.req, { timeout: 10_000 }))),
-        ],
-        ["lean", () => Promise.all(raw.map((q) => lean.request(q.subject, q.req, 10_000)))],
+      const named: [string, () => Promise<unknown>][] = [
+        ["ours", ourSeries],
+        ["raw", rawSeries],
+        ["lean", leanSeries],
       ];
-      for (const [name, fn] of series) {
+      for (const [name, fn] of named) {
         const before = pids.map(cpuOf);
         for (let i = 0; i < layers; i++) await fn();
         const per = pids.map((p, i) => (cpuOf(p) - before[i]!) / layers);

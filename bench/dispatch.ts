@@ -1,6 +1,6 @@
 // The dispatch suite: one MoE layer's dispatch-and-combine round trip through our codec,
 // dispatcher and shard servers, against the raw NATS request-reply round trip carrying the
-// same bytes (the transport floor), in the same run, interleaved (A B A B ...).
+// same bytes (the transport floor), in the same run, interleaved (every order of the series in turn).
 //
 // What is measured: the data plane only. The shards run a backend whose expert FFN
 // returns zeros of the right shape, so neither side computes experts (the kernel suite
@@ -11,7 +11,7 @@
 // shard runs in the same process, so both sides cross the same process boundaries.
 //
 // Repeats: the whole grid of a shape is measured in `passes` passes (each row: warm-ups,
-// then `runs` counted round trips, interleaved ours / raw); a row's ratio is the median of
+// then `runs` counted round trips, interleaved ours / raw / lean in every order in turn); a row's ratio is the median of
 // its passes' ratios, so one noisy stretch of a shared machine moves one pass, not the row.
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -25,7 +25,7 @@ import { Requester } from "../src/moe/requester.ts";
 import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
 import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
-import { type Stats, stats } from "./lib.ts";
+import { ORDERS_OF_THREE, type Stats, stats } from "./lib.ts";
 
 export interface DispatchRow {
   hidden: number;
@@ -274,17 +274,21 @@ export async function runDispatch(opts: {
           const a: number[] = [];
           const b: number[] = [];
           const l: number[] = [];
+          // The three series run in every order in turn (ORDERS_OF_THREE). (Until 2026-11-29 06:40 the order was
+          // always ours, raw, lean: ours always ran after the lean floor.)
+          const series = [
+            { run: c.ours, out: a, cpu: (ms: number) => (c.cpuOurs += ms) },
+            { run: c.floor, out: b, cpu: (ms: number) => (c.cpuRaw += ms) },
+            { run: c.leanFloor, out: l, cpu: (_ms: number) => {} },
+          ];
           for (let i = 0; i < opts.runs; i++) {
-            // CPU is read outside the timed calls.
-            let cpu0 = cpuMs(pids);
-            a.push(await c.ours());
-            let cpu1 = cpuMs(pids);
-            c.cpuOurs += cpu1 - cpu0;
-            cpu0 = cpu1;
-            b.push(await c.floor());
-            cpu1 = cpuMs(pids);
-            c.cpuRaw += cpu1 - cpu0;
-            l.push(await c.leanFloor());
+            for (let j = 0; j < series.length; j++) {
+              const s = series[ORDERS_OF_THREE[i % ORDERS_OF_THREE.length]![j]!]!;
+              // CPU is read outside the timed call.
+              const cpu0 = cpuMs(pids);
+              s.out.push(await s.run());
+              s.cpu(cpuMs(pids) - cpu0);
+            }
           }
           c.a.push(...a);
           c.b.push(...b);

@@ -32,6 +32,20 @@ export function stats(values: readonly number[]): Stats {
 }
 
 /** (max - min) / median: the run's own spread. */
+/**
+ * The six orders of three interleaved series, to take in turn: each series then follows
+ * each of the others equally often (a series leaves garbage to collect and warm or cold
+ * caches to whichever runs next).
+ */
+export const ORDERS_OF_THREE = [
+  [0, 1, 2],
+  [0, 2, 1],
+  [1, 0, 2],
+  [1, 2, 0],
+  [2, 0, 1],
+  [2, 1, 0],
+] as const;
+
 export function spread(s: Stats): number {
   return (s.max - s.min) / s.median;
 }
