@@ -43,6 +43,8 @@ export interface Choice {
 }
 
 export interface JobHooks {
+  /** The prompt's logprobs (first token: null), before the choice's first token. */
+  onPromptLogprobs?(choice: Choice, logprobs: (TokenLogprob | null)[]): void;
   /** A token and the text it released (may be ""). */
   onToken?(choice: Choice, token: TokenLogprob, text: string): void;
   /** The choice ended; `text` is what was still held back. */
@@ -116,7 +118,9 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     };
     const r = ctx.engine.submit(req, {
       onPromptLogprobs: (lps) => {
+        if (settled) return;
         choice.promptLogprobs = lps;
+        hooks.onPromptLogprobs?.(choice, lps);
       },
       onToken: (t) => {
         if (settled || choice.finishReason !== null) return;

@@ -290,29 +290,35 @@ async function completion(
     finish: string | null,
     logprobs: unknown = null,
   ) => ({ ...head, choices: [{ index, text, logprobs, finish_reason: finish }] });
-  // Per choice: characters of text (echo included) streamed so far, for text_offset.
-  const streamed = new Map<number, number>();
+  // Per choice: the text_offset of its next token, counted over token texts as in the
+  // response without streaming (the echoed prompt's tokens first).
+  const offsets = new Map<number, number>();
+  const logprobsAt = (c: Choice, entries: (TokenLogprob | null)[], ids: readonly number[]) => {
+    const at = offsets.get(c.index) ?? 0;
+    const texts = ids.map((id) => ctx.tokenizer.decode([id]));
+    offsets.set(
+      c.index,
+      texts.reduce((n, t) => n + t.length, at),
+    );
+    return logprobsOf(ctx, entries, texts, at);
+  };
   const job = startJob(ctx, spec, {
+    // With logprobs, the echo waits for the prompt's logprobs (they come before the first
+    // token) and carries them, as in the response without streaming.
+    onPromptLogprobs: (c, lps) =>
+      send(choice(c.index, promptText, null, logprobsAt(c, promptEntries(prompt, lps), prompt))),
     onToken: (c, t, text) => {
-      const at = streamed.get(c.index) ?? promptText.length;
-      streamed.set(c.index, at + text.length);
       if (text || spec.logprobs !== null)
         send(
-          choice(
-            c.index,
-            text,
-            null,
-            spec.logprobs === null
-              ? null
-              : logprobsOf(ctx, [t], [ctx.tokenizer.decode([t.id])], at),
-          ),
+          choice(c.index, text, null, spec.logprobs === null ? null : logprobsAt(c, [t], [t.id])),
         );
     },
     onFinish: (c, text) => send(choice(c.index, text, c.finishReason)),
   });
   out = sse(reply);
   bind(reply, job);
-  if (echo) for (const c of job.choices) out.send(choice(c.index, promptText, null));
+  if (echo && !spec.promptLogprobs)
+    for (const c of job.choices) out.send(choice(c.index, promptText, null));
   for (const p of pending) out.send(p);
   await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(prompt.length, job) }));
   return reply;
@@ -323,11 +329,8 @@ function completionLogprobs(ctx: ServeContext, c: Choice, prompt: number[], echo
   const entries: (TokenLogprob | null)[] = [];
   const ids: number[] = [];
   if (echo) {
-    const lps = c.promptLogprobs ?? prompt.map(() => null);
-    prompt.forEach((id, i) => {
-      ids.push(id);
-      entries.push(lps[i] ?? null);
-    });
+    ids.push(...prompt);
+    entries.push(...promptEntries(prompt, c.promptLogprobs));
   }
   for (const t of c.tokens) {
     ids.push(t.id);
@@ -338,6 +341,14 @@ function completionLogprobs(ctx: ServeContext, c: Choice, prompt: number[], echo
     entries,
     ids.map((id) => ctx.tokenizer.decode([id])),
   );
+}
+
+/** One entry per prompt token (null where there is none: the first token, or none asked). */
+function promptEntries(
+  prompt: readonly number[],
+  lps: readonly (TokenLogprob | null)[] | null,
+): (TokenLogprob | null)[] {
+  return prompt.map((_, i) => lps?.[i] ?? null);
 }
 
 function logprobsOf(

@@ -27,7 +27,7 @@ import {
 import { ExpertMeshError } from "../../src/util/errors.ts";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import { finishedRequests, holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
 
 const pkg = loadPackageDefinition(
   loadSync(
@@ -552,12 +552,7 @@ describe("overload, shard failures and cancellation", () => {
   });
 
   it("a client that cancels its stream frees its sequence", async () => {
-    const aborted = async () =>
-      Number(
-        /request_success_total\{finished_reason="abort"\} (\d+)/.exec(
-          await fetch(`${g.url}/metrics`).then((r) => r.text()),
-        )?.[1] ?? 0,
-      );
+    const aborted = () => finishedRequests(g.url, "abort");
     const before = await aborted();
     let n = 0;
     const s = await generate(

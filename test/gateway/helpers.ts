@@ -14,8 +14,9 @@ import { createServeContext, type GatewayConfig, probeShards } from "../../src/g
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { Tokenizer } from "../../src/model/tokenizer.ts";
 import { RemoteExperts } from "../../src/moe/dispatcher.ts";
+import type { ManagedProcess } from "../env/process.ts";
 import { testEnv, waitFor } from "../support/env.ts";
-import { type Cluster, native } from "../support/shards.ts";
+import { type Cluster, metricsPort, native } from "../support/shards.ts";
 
 export interface TestGateway {
   url: string;
@@ -23,6 +24,8 @@ export interface TestGateway {
   ctx: ServeContext;
   client: OpenAI;
   weights: ModelWeights;
+  /** The dispatcher to the shards (distributed mode), e.g. for its retry count. */
+  remote: RemoteExperts | null;
   close(): Promise<void>;
 }
 
@@ -39,19 +42,21 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
   const ckpt = await Checkpoint.open(dir);
   const weights = await loadWeights(ckpt, o.cluster ? "none" : "all");
   let nc: NatsConnection | null = null;
+  let remote: RemoteExperts | null = null;
   let experts: ExpertRunner;
   let ready: (() => Promise<boolean>) | undefined;
   if (o.cluster) {
     const conn = await connect({ servers: testEnv().nats.url });
     nc = conn;
     const ref = { namespace: "test", model: o.cluster.modelName };
-    experts = new RemoteExperts({
+    remote = new RemoteExperts({
       nc: conn,
       model: ref,
       plan: o.cluster.plan,
       dispatchDtype: "f32",
       combineDtype: "f32",
     });
+    experts = remote;
     const plan = o.cluster.plan;
     ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize, 500);
   } else {
@@ -87,6 +92,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ctx,
     client,
     weights,
+    remote,
     close: async () => {
       await app.close();
       await nc?.close();
@@ -132,6 +138,52 @@ export async function metric(url: string, name: string): Promise<number> {
   const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m").exec(text);
   if (!m) throw new Error(`metric ${name} not found`);
   return Number(m[1]);
+}
+
+/** Every sample of a metric in the Prometheus text at `url`, with its labels. */
+export async function samples(
+  url: string,
+  name: string,
+): Promise<{ labels: Record<string, string>; value: number }[]> {
+  const text = await (await fetch(url)).text();
+  const out: { labels: Record<string, string>; value: number }[] = [];
+  for (const m of text.matchAll(new RegExp(`^${name}(?:\\{([^}]*)\\})? (\\S+)$`, "gm"))) {
+    const labels = Object.fromEntries(
+      [...(m[1] ?? "").matchAll(/(\w+)="([^"]*)"/g)].map((l) => [l[1]!, l[2]!]),
+    );
+    out.push({ labels, value: Number(m[2]) });
+  }
+  return out;
+}
+
+/** Requests the gateway at `url` finished with `reason` (stop, length, abort, error). */
+export async function finishedRequests(url: string, reason: string): Promise<number> {
+  const s = await samples(`${url}/metrics`, "expertmesh_gateway_request_success_total");
+  return s.find((x) => x.labels["finished_reason"] === reason)?.value ?? 0;
+}
+
+/** Dispatch frames a shard process answered so far (its expertmesh_shard_frames_total). */
+export async function shardFrames(shard: ManagedProcess): Promise<number> {
+  const s = await samples(
+    `http://127.0.0.1:${metricsPort(shard)}/metrics`,
+    "expertmesh_shard_frames_total",
+  );
+  return s.reduce((n, x) => n + x.value, 0);
+}
+
+/**
+ * Messages the test nats-server delivered so far to the open connection named `name` that
+ * subscribes to `subject` (its /connz out_msgs); undefined when there is none.
+ */
+export async function natsDelivered(name: string, subject: string): Promise<number | undefined> {
+  const connz = (await (
+    await fetch(`${testEnv().nats.monitorUrl}/connz?subs=1&limit=4096`)
+  ).json()) as {
+    connections: { name?: string; out_msgs: number; subscriptions_list?: string[] }[];
+  };
+  return connz.connections.find(
+    (c) => c.name === name && (c.subscriptions_list ?? []).includes(subject),
+  )?.out_msgs;
 }
 
 /**

@@ -8,6 +8,7 @@ import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
 import {
+  finishedRequests,
   metric,
   preemptionScenario,
   SEED_PROMPTS,
@@ -172,7 +173,7 @@ describe("two micro-batches in flight", () => {
       ...ignoreEos,
     };
     const want = (await one.client.chat.completions.create(keep)).choices[0]!.message.content;
-    const abortedBefore = await aborted(two.url);
+    const abortedBefore = await finishedRequests(two.url, "abort");
     const splitBefore = two.ctx.engine.numSplitSteps;
     const ac = new AbortController();
     const leaving = (async () => {
@@ -202,7 +203,7 @@ describe("two micro-batches in flight", () => {
     expect(r.usage!.completion_tokens).toBe(40);
     expect(two.ctx.engine.numSplitSteps).toBeGreaterThan(splitBefore);
     await waitFor("the server to see the disconnect and free the blocks", async () =>
-      (await aborted(two.url)) === abortedBefore + 1 &&
+      (await finishedRequests(two.url, "abort")) === abortedBefore + 1 &&
       (await metric(two.url, "expertmesh_gateway_num_requests_running")) === 0 &&
       (await metric(two.url, "expertmesh_gateway_kv_cache_usage_perc")) === 0
         ? true
@@ -210,8 +211,3 @@ describe("two micro-batches in flight", () => {
     );
   });
 });
-
-async function aborted(url: string): Promise<number> {
-  const text = await fetch(`${url}/metrics`).then((r) => r.text());
-  return Number(/request_success_total\{finished_reason="abort"\} (\d+)/.exec(text)?.[1] ?? 0);
-}

@@ -1,32 +1,49 @@
 // The gateway against the official `openai` client: a gateway started in this process on
-// the tiny V3 checkpoint with its experts in process (and, at the end, on 2 shard
-// processes over NATS). Greedy decoding makes outputs comparable across runs.
-import { setTimeout as sleep } from "node:timers/promises";
-import OpenAI from "openai";
+// the tiny V3 checkpoint with its routed experts on 2 shard processes over the test
+// nats-server (distributed mode, as in production). Experts in process only where that adds
+// something: the single-process reference and the preemption scenario (engine bookkeeping;
+// its distributed variant is in micro-batches.test.ts). The `expertmesh gateway` process
+// itself for what its command adds: load reports on NATS and per-shard dispatch metrics.
+// Greedy decoding makes outputs comparable across runs.
+import { hostname } from "node:os";
+import { connect } from "@nats-io/transport-node";
+import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { waitFor } from "../support/env.ts";
+import { testEnv, waitFor } from "../support/env.ts";
+import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type Cluster, startShards, stopAll } from "../support/shards.ts";
+import { type Cluster, startShard, startShards, stopAll, waitServing } from "../support/shards.ts";
 import {
+  finishedRequests,
   holdable,
   metric,
+  natsDelivered,
   preemptionScenario,
   SEED_PROMPTS,
+  samples,
+  shardFrames,
   startGateway,
   type TestGateway,
 } from "./helpers.ts";
 
 let dir: string;
+let cluster: Cluster;
 let gw: TestGateway;
 
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
+  cluster = await startShards(dir, 2);
   // A small step budget so concurrent prompts are split into chunks and mixed with decodes.
-  gw = await startGateway(dir, { maxBatchTokens: 24 });
+  gw = await startGateway(dir, { cluster, maxBatchTokens: 24 });
 });
-afterAll(async () => gw?.close());
+afterAll(async () => {
+  await gw?.close();
+  await stopAll(cluster);
+});
 
 const user = (content: string) => [{ role: "user" as const, content }];
+/** vLLM's extra body parameter (the openai client sends unknown fields as they are). */
+const ignoreEos: object = { ignore_eos: true };
 
 describe("chat completions", () => {
   it("answers with a message, finish reason and usage", async () => {
@@ -202,6 +219,43 @@ describe("completions", () => {
     );
   });
 
+  it("streams the echoed prompt with its logprobs, the same as without streaming", async () => {
+    const body = {
+      model: "tiny",
+      prompt: "The cat sat on the mat",
+      max_tokens: 6,
+      temperature: 0,
+      logprobs: 2,
+      echo: true,
+    };
+    const whole = (await gw.client.completions.create(body)).choices[0]!;
+    const parts: OpenAI.CompletionChoice[] = [];
+    for await (const chunk of await gw.client.completions.create({ ...body, stream: true }))
+      parts.push(...chunk.choices);
+    // First the prompt, with one entry per prompt token: null for the first (nothing
+    // predicts it), a logprob and the top 2 for the others.
+    const ids = gw.ctx.tokenizer.encode(body.prompt);
+    const echo = parts[0]!;
+    expect(echo.text).toBe(body.prompt);
+    expect(echo.logprobs!.tokens).toHaveLength(ids.length);
+    expect(echo.logprobs!.token_logprobs![0]).toBeNull();
+    expect(echo.logprobs!.top_logprobs![0]).toBeNull();
+    for (const v of echo.logprobs!.token_logprobs!.slice(1)) expect(v).toBeLessThanOrEqual(0);
+    for (const t of echo.logprobs!.top_logprobs!.slice(1))
+      expect(Object.keys(t!).length).toBeGreaterThan(0);
+    // All the chunks together: the text and logprobs of the answer without streaming.
+    const joined = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] } as Record<
+      string,
+      unknown[]
+    >;
+    for (const p of parts)
+      for (const [k, v] of Object.entries(p.logprobs ?? {})) joined[k]!.push(...(v as unknown[]));
+    expect(parts.map((p) => p.text).join("")).toBe(whole.text);
+    expect(joined).toEqual(whole.logprobs);
+    expect(joined["tokens"]).toHaveLength(ids.length + 6);
+    expect(parts.at(-1)!.finish_reason).toBe(whole.finish_reason);
+  });
+
   it("takes token ids as the prompt and streams", async () => {
     const ids = gw.ctx.tokenizer.encode("Once upon a time");
     const whole = await gw.client.completions.create({
@@ -242,10 +296,29 @@ describe("continuous batching", () => {
 });
 
 describe("preemption", () => {
+  // Experts in process: the scheduler's bookkeeping with one micro-batch (with two, over
+  // NATS, in micro-batches.test.ts).
   it("a cache too small for all sequences preempts and recomputes, with the same text", async () => {
     await preemptionScenario(dir, {});
   });
 });
+
+/** An error of the openai client from a body in OpenAI's format, with these fields. */
+function expectApiError(
+  err: unknown,
+  cls: new (...args: never[]) => APIError,
+  type: string,
+  code: string,
+  param: string | null,
+): void {
+  expect(err).toBeInstanceOf(cls);
+  expect((err as APIError).error).toEqual({
+    message: expect.stringMatching(/\w/),
+    type,
+    param,
+    code,
+  });
+}
 
 describe("errors", () => {
   const post = (path: string, body: string, headers: Record<string, string> = {}) =>
@@ -270,9 +343,13 @@ describe("errors", () => {
     const err = await gw.client.chat.completions
       .create({ model: "gpt-4", messages: user("hi") })
       .catch((e) => e);
-    expect(err).toBeInstanceOf(OpenAI.NotFoundError);
-    expect(err.code).toBe("EM_GATEWAY_UNKNOWN_MODEL");
-    expect(err.param).toBe("model");
+    expectApiError(
+      err,
+      OpenAI.NotFoundError,
+      "not_found_error",
+      "EM_GATEWAY_UNKNOWN_MODEL",
+      "model",
+    );
   });
 
   it.each([
@@ -288,9 +365,13 @@ describe("errors", () => {
     const err = await gw.client.chat.completions
       .create({ model: "tiny", messages: user("hi"), ...(patch as any) })
       .catch((e) => e);
-    expect(err).toBeInstanceOf(OpenAI.BadRequestError);
-    expect(err.code).toBe("EM_GATEWAY_BAD_REQUEST");
-    expect(err.param).toBe(param);
+    expectApiError(
+      err,
+      OpenAI.BadRequestError,
+      "invalid_request_error",
+      "EM_GATEWAY_BAD_REQUEST",
+      param,
+    );
   });
 
   it("missing model: 400", async () => {
@@ -304,13 +385,23 @@ describe("errors", () => {
     const err = await gw.client.completions
       .create({ model: "tiny", prompt: long, max_tokens: 4 })
       .catch((e) => e);
-    expect(err).toBeInstanceOf(OpenAI.BadRequestError);
-    expect(err.code).toBe("EM_GATEWAY_PROMPT_TOO_LONG");
+    expectApiError(
+      err,
+      OpenAI.BadRequestError,
+      "invalid_request_error",
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      "prompt",
+    );
     const tooMany = await gw.client.completions
       .create({ model: "tiny", prompt: "hi", max_tokens: 1000 })
       .catch((e) => e);
-    expect(tooMany.status).toBe(400);
-    expect(tooMany.param).toBe("max_tokens");
+    expectApiError(
+      tooMany,
+      OpenAI.BadRequestError,
+      "invalid_request_error",
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      "max_tokens",
+    );
     const ok = await gw.client.completions.create({ model: "tiny", prompt: "hi", max_tokens: 2 });
     expect(ok.usage!.completion_tokens).toBeGreaterThan(0);
   });
@@ -332,7 +423,7 @@ describe("errors", () => {
 
 describe("limits and lifecycle", () => {
   it("a body over --max-request-bytes: 413; a missing API key: 401", async () => {
-    const g = await startGateway(dir, { maxRequestBytes: 2048, apiKeys: ["sekret"] });
+    const g = await startGateway(dir, { cluster, maxRequestBytes: 2048, apiKeys: ["sekret"] });
     try {
       const big = await g.client.chat.completions
         .create({ model: "tiny", messages: user("x".repeat(4000)) })
@@ -355,6 +446,7 @@ describe("limits and lifecycle", () => {
   it("a full admission queue gives 429 with Retry-After", async () => {
     let h!: ReturnType<typeof holdable>;
     const g = await startGateway(dir, {
+      cluster,
       maxQueueDepth: 2,
       maxRunning: 1,
       wrap: (r) => {
@@ -374,8 +466,7 @@ describe("limits and lifecycle", () => {
       ];
       expect(await metric(g.url, "expertmesh_gateway_num_requests_waiting")).toBe(2);
       const err = await g.client.completions.create(body).catch((e) => e);
-      expect(err).toBeInstanceOf(OpenAI.RateLimitError);
-      expect(err.code).toBe("EM_GATEWAY_OVERLOADED");
+      expectApiError(err, OpenAI.RateLimitError, "rate_limit_error", "EM_GATEWAY_OVERLOADED", null);
       expect(err.headers.get("retry-after")).toBe("1");
       h.release();
       expect((await first).choices[0]!.finish_reason).toBeDefined();
@@ -390,17 +481,12 @@ describe("limits and lifecycle", () => {
   it("a client that disconnects cancels its sequence and frees its blocks", async () => {
     let h!: ReturnType<typeof holdable>;
     const g = await startGateway(dir, {
+      cluster,
       wrap: (r) => {
         h = holdable(r);
         return h.runner;
       },
     });
-    const abortedCount = async () =>
-      Number(
-        /request_success_total\{finished_reason="abort"\} (\d+)/.exec(
-          await fetch(`${g.url}/metrics`).then((r) => r.text()),
-        )?.[1] ?? 0,
-      );
     try {
       const ac = new AbortController();
       const stream = await g.client.chat.completions.create(
@@ -427,7 +513,7 @@ describe("limits and lifecycle", () => {
       }
       expect(chunks).toBe(3);
       await waitFor("the server to see the disconnect", async () =>
-        (await abortedCount()) === 1 ? true : undefined,
+        (await finishedRequests(g.url, "abort")) === 1 ? true : undefined,
       );
       expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBeGreaterThan(0);
       h.release();
@@ -446,59 +532,200 @@ describe("limits and lifecycle", () => {
 });
 
 describe("distributed mode", () => {
-  let cluster: Cluster | undefined;
-  afterAll(async () => stopAll(cluster));
-
-  it("serves with experts on 2 shard processes, the same greedy text as one process", async () => {
-    cluster = await startShards(dir, 2);
-    const g = await startGateway(dir, { cluster });
+  it("gives the same greedy text as one process with its experts in process", async () => {
+    const local = await startGateway(dir, { maxBatchTokens: 24 });
     try {
-      expect((await fetch(`${g.url}/ready`)).status).toBe(200);
-      const body = {
+      const chat = {
         model: "tiny",
         messages: user("Hello from far away"),
         max_tokens: 12,
         temperature: 0,
       };
-      const [remote, local] = await Promise.all([
-        g.client.chat.completions.create(body),
-        gw.client.chat.completions.create(body),
+      const completion = {
+        model: "tiny",
+        prompt: SEED_PROMPTS[3]!,
+        max_tokens: 12,
+        temperature: 0,
+      };
+      const [remote, here, remoteC, hereC] = await Promise.all([
+        gw.client.chat.completions.create(chat),
+        local.client.chat.completions.create(chat),
+        gw.client.completions.create(completion),
+        local.client.completions.create(completion),
       ]);
-      expect(remote.choices[0]!.message.content).toBe(local.choices[0]!.message.content);
-      expect(remote.usage).toEqual(local.usage);
-      // Without shards the gateway is not ready.
-      await stopAll(cluster);
-      cluster = undefined;
-      await sleep(100);
-      expect((await fetch(`${g.url}/ready`)).status).toBe(503);
+      expect(remote.choices[0]!.message.content).toBe(here.choices[0]!.message.content);
+      expect(remote.usage).toEqual(here.usage);
+      expect(remoteC.choices[0]!.text).toBe(hereC.choices[0]!.text);
+      expect(remote.usage!.completion_tokens).toBeGreaterThan(0);
     } finally {
-      await g.close();
+      await local.close();
     }
   });
 
-  it("keeps a stream going when a shard replica is killed mid-stream and another replica exists", async () => {
-    cluster = await startShards(dir, 2, { replicas: 2 });
-    const g = await startGateway(dir, { cluster });
+  it("the gateway process times each shard's round trips and reports its load on NATS", async () => {
+    const ref = `em.test.${cluster.modelName}`;
+    const p = await startGatewayProcess({
+      modelDir: dir,
+      planPath: cluster.planPath,
+      namespace: "test",
+      modelName: cluster.modelName,
+      args: ["--wire=f32", "--max-running=2"],
+    });
+    const nc = await connect({ servers: testEnv().nats.url });
+    type Report = {
+      subject: string;
+      role: string;
+      id: string;
+      waiting: number;
+      running: number;
+      kvUsage: number;
+      planVersion: number;
+      timestamp: number;
+    };
+    const reports: Report[] = [];
+    nc.subscribe(`${ref}.stats.gateway.>`, {
+      callback: (err, msg) => {
+        if (!err)
+          reports.push({ subject: msg.subject, ...(msg.json() as Omit<Report, "subject">) });
+      },
+    });
+    const shards = cluster.shards;
     try {
+      // One request: one dispatch_latency sample per round trip to each shard, as many as
+      // the frames each shard answered meanwhile (nothing else asks the shards then). With
+      // f32 on the wire, the same greedy text as the gateway of the other tests.
       const body = {
         model: "tiny",
-        messages: user("Tell me a long story"),
-        max_tokens: 24,
+        messages: user("Hello from a gateway pod"),
+        max_tokens: 8,
         temperature: 0,
       };
       const want = (await gw.client.chat.completions.create(body)).choices[0]!.message.content;
-      const stream = await g.client.chat.completions.create({ ...body, stream: true });
-      let text = "";
-      let chunks = 0;
-      for await (const chunk of stream) {
-        text += chunk.choices[0]?.delta?.content ?? "";
-        if (++chunks === 3)
-          cluster.shards.find((s) => s.name.endsWith("-0-r0"))!.child.kill("SIGKILL");
+      const framesBefore = await Promise.all(shards.map(shardFrames));
+      const answer = await p.client.chat.completions.create(body);
+      expect(answer.choices[0]!.message.content).toBe(want);
+      const frames = (await Promise.all(shards.map(shardFrames))).map(
+        (n, k) => n - framesBefore[k]!,
+      );
+      const metrics = `${p.url}/metrics`;
+      const counts = await samples(metrics, "expertmesh_gateway_dispatch_latency_seconds_count");
+      const sums = await samples(metrics, "expertmesh_gateway_dispatch_latency_seconds_sum");
+      expect(counts.map((s) => s.labels["ok"])).not.toContain("false");
+      for (const [k] of shards.entries()) {
+        const count = counts.find((s) => s.labels["shard"] === String(k))?.value;
+        expect(count, `shard ${k}`).toBeGreaterThan(0);
+        expect(count, `shard ${k}`).toBe(frames[k]);
+        expect(sums.find((s) => s.labels["shard"] === String(k))!.value).toBeGreaterThan(0);
       }
-      expect(chunks).toBeGreaterThan(3);
-      expect(text).toBe(want);
+
+      // Load reports, once a second: idle, then busy while the shards are stopped (the
+      // first step cannot finish: 2 sequences running, 3 waiting), then idle again.
+      const first = reports.length;
+      const idle = await waitFor("a load report", async () => reports[first]);
+      expect(idle).toEqual({
+        subject: `${ref}.stats.gateway.${hostname()}-${p.process.pid}`,
+        role: "gateway",
+        id: `${hostname()}-${p.process.pid}`,
+        waiting: 0,
+        running: 0,
+        kvUsage: 0,
+        planVersion: cluster.plan.version,
+        timestamp: expect.any(Number),
+      });
+      for (const s of shards) s.child.kill("SIGSTOP");
+      const from = reports.length;
+      const load = Promise.all(
+        SEED_PROMPTS.slice(0, 5).map((prompt) =>
+          p.client.completions.create({ model: "tiny", prompt, max_tokens: 4, temperature: 0 }),
+        ),
+      );
+      try {
+        const busy = await waitFor("a report of the 5 requests", async () =>
+          reports.slice(from).find((r) => r.waiting + r.running === 5),
+        );
+        expect(busy.running).toBeGreaterThan(0);
+        expect(busy.running).toBeLessThanOrEqual(2);
+        expect(busy.waiting).toBeGreaterThanOrEqual(3);
+        expect(busy.kvUsage).toBeGreaterThan(0);
+      } finally {
+        for (const s of shards) s.child.kill("SIGCONT");
+      }
+      const done = await load;
+      for (const r of done) expect(r.usage!.completion_tokens).toBeGreaterThan(0);
+      const after = reports.length;
+      const quiet = await waitFor("a report after the requests", async () => reports[after]);
+      expect(quiet).toMatchObject({ waiting: 0, running: 0, kvUsage: 0 });
+      expect(quiet.timestamp).toBeGreaterThan(idle.timestamp);
     } finally {
-      await g.close();
+      for (const s of shards) s.child.kill("SIGCONT");
+      await nc.close();
+      await p.process.stop(3000);
     }
+  });
+
+  it("keeps a stream going when a shard replica with work is killed and another replica exists", async () => {
+    // A second replica of shard 0 in its queue group.
+    const r0 = cluster.shards.find((s) => s.name.endsWith("-0-r0"))!;
+    const r1 = startShard(dir, cluster.planPath, cluster.modelName, 0, "r1");
+    cluster.shards.push(r1);
+    await waitServing(r1);
+    const body = {
+      model: "tiny",
+      messages: user("Tell me a long story"),
+      max_tokens: 32,
+      temperature: 0,
+      stream: true as const,
+      ...ignoreEos,
+    };
+    // Both replicas healthy: the text to expect; NATS spreads the frames over both.
+    const before = await Promise.all([shardFrames(r0), shardFrames(r1)]);
+    let want = "";
+    for await (const chunk of await gw.client.chat.completions.create(body))
+      want += chunk.choices[0]?.delta?.content ?? "";
+    expect(await shardFrames(r0)).toBeGreaterThan(before[0]);
+    expect(await shardFrames(r1)).toBeGreaterThan(before[1]);
+
+    // Again; after 3 chunks r0 stops, and is killed once a frame reached it: the step
+    // waiting on it must retry on r1.
+    const subject = `em.test.${cluster.modelName}.shard.0`;
+    const retriesBefore = gw.remote!.retries;
+    let text = "";
+    let chunks = 0;
+    let tokensAtKill = -1;
+    let r1AtKill = -1;
+    try {
+      for await (const chunk of await gw.client.chat.completions.create(body)) {
+        text += chunk.choices[0]?.delta?.content ?? "";
+        if (++chunks !== 3) continue;
+        r0.child.kill("SIGSTOP");
+        // Counted from now: frames delivered to the stopped process, that it cannot answer.
+        const delivered = await natsDelivered("expertmesh-shard-0-r0", subject);
+        expect(delivered).toBeGreaterThan(0);
+        await waitFor("a frame to reach the stopped replica", async () =>
+          (await natsDelivered("expertmesh-shard-0-r0", subject))! > delivered! ? true : undefined,
+        );
+        tokensAtKill = await metric(gw.url, "expertmesh_gateway_generation_tokens_total");
+        r1AtKill = await shardFrames(r1);
+        r0.child.kill("SIGKILL");
+      }
+    } finally {
+      r0.child.kill("SIGCONT");
+    }
+    expect(chunks).toBeGreaterThan(3);
+    expect(text).toBe(want);
+    expect(gw.remote!.retries).toBeGreaterThan(retriesBefore);
+    // Tokens came after the kill, their shard-0 frames from r1.
+    expect(await metric(gw.url, "expertmesh_gateway_generation_tokens_total")).toBeGreaterThan(
+      tokensAtKill,
+    );
+    expect(await shardFrames(r1)).toBeGreaterThan(r1AtKill);
+  });
+
+  it("is not ready without its shards", async () => {
+    expect((await fetch(`${gw.url}/ready`)).status).toBe(200);
+    await stopAll(cluster);
+    await waitFor("/ready to say 503", async () =>
+      (await fetch(`${gw.url}/ready`)).status === 503 ? true : undefined,
+    );
   });
 });
