@@ -8,9 +8,11 @@
 #   test:unit  only the pure-logic tests, no services
 #   bench   the benchmark set (bench/)
 #   start   the main job on the embedded default (see README)
+#   nats    print the nats-server `start` uses, building one first when there is none
 #
 # Everything it installs lives in node_modules or in ~/.cache/expertmesh, so a fresh clone
-# needs only bash, npm (any version, to fetch Node 24 once) and, for the tests, Go.
+# needs only bash, npm (any version, to fetch Node 24 once), curl and unzip (for a Go
+# toolchain from the Go module proxy when Go is missing), cmake and a C++17 compiler.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -38,6 +40,24 @@ ensure_native() {
     bash shards/build.sh >&2
     echo "$want" > "$stamp"
   fi
+}
+
+# The nats-server for local mode: the one `expertmesh up` finds ($EXPERTMESH_NATS_SERVER,
+# a build in ~/.cache/expertmesh/bin, PATH: src/local/nats-binary.ts), so no Go is needed
+# when there is one; else test/env/provision.sh builds one (fetching a Go toolchain from the
+# Go module proxy when Go is missing or too old). Prints its path.
+ensure_nats() {
+  local found
+  if found=$(node src/local/nats-binary.ts 2>/dev/null); then
+    echo "[dev] nats-server: $found" >&2
+  elif [ -n "${EXPERTMESH_NATS_SERVER:-}" ]; then
+    node src/local/nats-binary.ts >&2 || exit 1 # says what is wrong with it
+  else
+    echo "[dev] no nats-server yet (none in \$EXPERTMESH_NATS_SERVER, the cache or PATH): building one with test/env/provision.sh nats" >&2
+    bash test/env/provision.sh nats >&2
+    found=$(node src/local/nats-binary.ts) || exit 1
+  fi
+  echo "$found"
 }
 
 job=${1:-}
@@ -79,15 +99,18 @@ case "$job" in
     # 4 shards, the gateway); `expertmesh up` creates the tiny model on first run.
     ensure_deps
     ensure_native
-    bash test/env/provision.sh nats >&2
+    ensure_nats > /dev/null
     exec node src/cli/main.ts up -f examples/tiny.yaml "$@"
+    ;;
+  nats)
+    ensure_nats
     ;;
   node)
     ensure_deps
     exec node "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh build|lint|test|test:unit|bench|start|node [args]" >&2
+    echo "usage: scripts/dev.sh build|lint|test|test:unit|bench|start|nats|node [args]" >&2
     exit 2
     ;;
 esac

@@ -10,6 +10,9 @@ export interface ToolVersions {
   etcd: string;
   kwok: string;
   helm: string;
+  /** The Go toolchain provision.sh fetches when no usable go is installed. */
+  goToolchain: string;
+  keda: string;
 }
 
 /** The versions pinned in test/env/versions.sh. */
@@ -26,6 +29,8 @@ export function toolVersions(): ToolVersions {
     etcd: get("ETCD_VERSION"),
     kwok: get("KWOK_VERSION"),
     helm: get("HELM_VERSION"),
+    goToolchain: get("GO_TOOLCHAIN_VERSION"),
+    keda: get("KEDA_VERSION"),
   };
 }
 

@@ -5,10 +5,20 @@
 #
 # Binaries are cached outside the repository, keyed by version:
 #   $EXPERTMESH_CACHE_DIR/bin/<tool>-<version>/<binary>   (default ~/.cache/expertmesh)
-# A second run finds them and builds nothing. Each tool gets its own wrapper module so
-# that version selection for one cannot raise the libraries of another.
+# A second run finds them and builds nothing (and needs no Go then). Each tool gets its own
+# wrapper module so that version selection for one cannot raise the libraries of another.
 #
-# Usage: test/env/provision.sh [tool ...]   (tools: nats etcd kube kwok helm; default all)
+# Go: a go >= 1.21 on PATH (or in /usr/local/go/bin, ~/go/bin) is used, fetching Go 1.26
+# through GOTOOLCHAIN when it is older than that. Without one (or with one older than 1.21)
+# the script fetches the Go toolchain itself: the module proxy ($GOPROXY, default
+# https://proxy.golang.org) serves it as the module golang.org/toolchain
+# (v0.0.1-go1.26.8.linux-amd64 and so on), a .zip with a whole Go tree. It is checked
+# against the checksum database ($GOSUMDB, default sum.golang.org, asked through the proxy
+# first) and unpacked into $EXPERTMESH_CACHE_DIR/go/go1.26.8. EXPERTMESH_GO_TOOLCHAIN=fetch
+# uses that toolchain even when another go is installed.
+#
+# Usage: test/env/provision.sh [tool ...]   (tools: nats etcd kube kwok helm go; default
+# all but go, which only makes sure a go command is there)
 # Prints the bin directory of every tool on the last lines as NAME=DIR.
 set -euo pipefail
 
@@ -21,27 +31,177 @@ bin_root="$cache/bin"
 work_root="$cache/build"
 mkdir -p "$bin_root" "$work_root"
 
+go_toolchain=$GO_TOOLCHAIN_VERSION
+go_root="$cache/go/$go_toolchain"
+
 export GOWORK=off GOFLAGS=-mod=mod CGO_ENABLED=0
-# The machines keep Go in /usr/local/go/bin, which a minimal PATH may lack.
-for d in /usr/local/go/bin "$HOME/go/bin"; do
-  [ -x "$d/go" ] && case ":$PATH:" in *":$d:"*) ;; *) PATH="$d:$PATH" ;; esac
-done
-export PATH
 
 start_all=$(date +%s)
 log() { printf '[provision %4ss] %s\n' "$(( $(date +%s) - start_all ))" "$*" >&2; }
 die() { printf '[provision] ERROR: %s\n' "$*" >&2; exit 1; }
 
-command -v go >/dev/null 2>&1 || die "the go command is not on PATH (nor in /usr/local/go/bin); install Go >= 1.21 and run again"
-# kwok needs Go 1.26; an older go (>= 1.21) fetches that toolchain from the Go module proxy.
-go_minor=$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
-[ -n "$go_minor" ] && [ "$go_minor" -ge 21 ] || die "$(go version) is too old: need Go >= 1.21 (which can fetch Go 1.26 by itself)"
-if [ "$go_minor" -lt 26 ]; then
-  export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.26.8}
-  log "$(go env GOVERSION) found; using GOTOOLCHAIN=$GOTOOLCHAIN from the Go module proxy"
-else
-  export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
-fi
+# The URLs in $GOPROXY (a list split by , or |), up to "direct" or "off".
+proxy_urls() {
+  local p
+  IFS=',|' read -r -a list <<< "${GOPROXY:-https://proxy.golang.org,direct}"
+  for p in "${list[@]}"; do
+    case "$p" in
+      http://* | https://* | file://*) echo "${p%/}" ;;
+      direct | off) return ;;
+    esac
+  done
+}
+
+# download URL FILE LABEL: curl with progress: curl's bar on a terminal, else a log line
+# at every 10%.
+download() {
+  local url=$1 file=$2 label=$3
+  if [ -t 2 ]; then
+    curl -fL --retry 2 --progress-bar -o "$file" "$url"
+    return
+  fi
+  local total
+  total=$(curl -fsSLI "$url" 2>/dev/null | tr -d '\r' | awk 'tolower($1) == "content-length:" { n = $2 } END { print n + 0 }')
+  : > "$file"
+  curl -fsSL --retry 2 -o "$file" "$url" &
+  local pid=$! step=-1 t0 have
+  t0=$(date +%s)
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    have=$(wc -c < "$file" | tr -d ' ')
+    if [ "$total" -gt 0 ] && [ $(( have * 10 / total )) -gt "$step" ]; then
+      step=$(( have * 10 / total ))
+      log "$label: $(( have * 100 / total ))% ($(( have >> 20 )) of $(( total >> 20 )) MiB, $(( $(date +%s) - t0 ))s)"
+    elif [ "$total" -eq 0 ] && [ $(( ($(date +%s) - t0) % 10 )) -eq 0 ]; then
+      log "$label: $(( have >> 20 )) MiB so far"
+    fi
+  done
+  wait "$pid" || return 1
+  have=$(wc -c < "$file" | tr -d ' ')
+  [ "$step" -ge 10 ] || log "$label: 100% ($(( have >> 20 )) MiB, $(( $(date +%s) - t0 ))s)"
+}
+
+# h1_hash DIR: Go's dirhash Hash1 of the files under DIR, named relative to DIR (for a
+# module zip unpacked into DIR: the h1: hash go.sum and the checksum database hold).
+h1_hash() {
+  local sha=(sha256sum) sum
+  command -v sha256sum >/dev/null 2>&1 || sha=(shasum -a 256)
+  sum=$(cd "$1" && find . -type f | sed 's#^\./##' | LC_ALL=C sort | tr '\n' '\0' \
+    | xargs -0 "${sha[@]}" | "${sha[@]}" | cut -d' ' -f1)
+  printf 'h1:%s\n' "$(printf '%s' "$sum" | perl -ne 'print pack("H*", $_)' | base64)"
+}
+
+# sumdb_h1 MODULE VERSION PROXY...: the h1: hash the checksum database holds, asked
+# through each proxy (…/sumdb/NAME/lookup/…) and then the database itself.
+sumdb_h1() {
+  local mod=$1 ver=$2; shift 2
+  local name=${GOSUMDB:-sum.golang.org}
+  name=${name%% *}; name=${name%%+*}
+  local urls=() p url body h
+  for p in "$@"; do urls+=("$p/sumdb/$name/lookup/$mod@$ver"); done
+  urls+=("https://$name/lookup/$mod@$ver")
+  for url in "${urls[@]}"; do
+    body=$(curl -fsSL --max-time 30 "$url" 2>/dev/null) || continue
+    h=$(printf '%s\n' "$body" | awk -v m="$mod" -v v="$ver" '$1 == m && $2 == v { print $3; exit }')
+    [ -n "$h" ] && { echo "$h"; return 0; }
+  done
+  return 1
+}
+
+# Fetches Go $go_toolchain from the module proxy into $go_root (once).
+fetch_go() {
+  if [ -f "$go_root/.complete" ] && "$go_root/bin/go" version >/dev/null 2>&1; then
+    log "Go $go_toolchain: cached in $go_root"
+    return
+  fi
+  command -v curl >/dev/null 2>&1 || die "fetching Go needs curl (apt-get install curl), or install Go >= 1.21"
+  command -v unzip >/dev/null 2>&1 || die "fetching Go needs unzip (apt-get install unzip), or install Go >= 1.21"
+  local os arch
+  case "$(uname -s)" in
+    Linux) os=linux ;; Darwin) os=darwin ;; FreeBSD) os=freebsd ;;
+    *) die "no Go toolchain download for $(uname -s): install Go >= 1.21" ;;
+  esac
+  case "$(uname -m)" in
+    x86_64 | amd64) arch=amd64 ;; aarch64 | arm64) arch=arm64 ;; i?86) arch=386 ;;
+    armv6l | armv7l) arch=armv6l ;; ppc64le) arch=ppc64le ;; s390x) arch=s390x ;;
+    riscv64) arch=riscv64 ;; loongarch64) arch=loong64 ;;
+    *) die "no Go toolchain download for $(uname -m): install Go >= 1.21" ;;
+  esac
+  local mod=golang.org/toolchain ver="v0.0.1-$go_toolchain.$os-$arch"
+  local proxies=() p
+  while IFS= read -r p; do proxies+=("$p"); done < <(proxy_urls)
+  [ ${#proxies[@]} -gt 0 ] || die "GOPROXY=${GOPROXY:-} names no module proxy to fetch Go from: set GOPROXY=https://proxy.golang.org or install Go >= 1.21"
+  local tmp="$work_root/go-fetch.$$" fetched=
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  for p in "${proxies[@]}"; do
+    log "Go $go_toolchain: downloading $mod@$ver from $p (about 70 MiB)"
+    if download "$p/$mod/@v/$ver.zip" "$tmp/go.zip" "Go $go_toolchain download"; then fetched=$p; break; fi
+    log "Go $go_toolchain: $p/$mod/@v/$ver.zip failed"
+  done
+  [ -n "$fetched" ] || { rm -rf "$tmp"; die "could not download $mod@$ver from ${proxies[*]}: check the network or GOPROXY, or install Go >= 1.21"; }
+  log "Go $go_toolchain: unpacking"
+  unzip -q "$tmp/go.zip" -d "$tmp/x" || { rm -rf "$tmp"; die "$tmp/go.zip is not a zip file"; }
+  rm -f "$tmp/go.zip"
+  if [ "${GOSUMDB:-}" = off ]; then
+    log "Go $go_toolchain: GOSUMDB=off, so not checked against the checksum database"
+  else
+    local want got
+    want=$(sumdb_h1 "$mod" "$ver" "${proxies[@]}") || { rm -rf "$tmp"; die "could not get the checksum of $mod@$ver from the checksum database ${GOSUMDB:-sum.golang.org} (through ${proxies[*]} or directly): check the network, set GOSUMDB=off to skip the check, or install Go >= 1.21"; }
+    got=$(h1_hash "$tmp/x")
+    [ "$got" = "$want" ] || { rm -rf "$tmp"; die "checksum mismatch for $mod@$ver: the download hashes to $got, the checksum database says $want"; }
+    log "Go $go_toolchain: checksum $got matches the checksum database"
+  fi
+  local tree="$tmp/x/$mod@$ver"
+  [ -f "$tree/bin/go" ] || { rm -rf "$tmp"; die "the download has no $mod@$ver/bin/go"; }
+  # Module zips do not keep the executable bits (the go command sets them the same way).
+  find "$tree/bin" "$tree/pkg/tool" -type f -exec chmod +x {} + 2>/dev/null || true
+  local version
+  version=$(GOTOOLCHAIN=local "$tree/bin/go" version 2>&1) || { rm -rf "$tmp"; die "the fetched go does not run: $version"; }
+  case "$version" in
+    "go version $go_toolchain "*) ;;
+    *) rm -rf "$tmp"; die "the fetched go reports '$version', expected $go_toolchain" ;;
+  esac
+  rm -rf "$go_root"; mkdir -p "$(dirname "$go_root")"
+  mv "$tree" "$go_root"
+  touch "$go_root/.complete"
+  rm -rf "$tmp"
+  log "Go $go_toolchain: ready in $go_root ($version)"
+}
+
+# Makes sure a usable go command is on PATH (once): an installed go >= 1.21, else the
+# toolchain fetched into the cache.
+go_ready=
+ensure_go() {
+  [ -z "$go_ready" ] || return 0
+  go_ready=1
+  if [ "${EXPERTMESH_GO_TOOLCHAIN:-}" != fetch ]; then
+    # PATH first; the machines also keep Go in /usr/local/go/bin, which a minimal PATH may lack.
+    local cand v minor
+    for cand in "$(command -v go 2>/dev/null || true)" /usr/local/go/bin/go "$HOME/go/bin/go"; do
+      { [ -n "$cand" ] && [ -x "$cand" ]; } || continue
+      v=$(GOTOOLCHAIN=local "$cand" env GOVERSION 2>/dev/null || true)
+      minor=$(printf '%s' "$v" | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+      if [ -z "$minor" ] || [ "$minor" -lt 21 ]; then
+        log "$cand is ${v:-a go of unknown version}, older than Go 1.21: not used"
+        continue
+      fi
+      export PATH="$(dirname "$cand"):$PATH"
+      if [ "$minor" -lt 26 ]; then
+        # kwok needs Go 1.26; this go fetches that toolchain from the Go module proxy.
+        export GOTOOLCHAIN=${GOTOOLCHAIN:-$go_toolchain}
+        log "$v found; using GOTOOLCHAIN=$GOTOOLCHAIN from the Go module proxy"
+      else
+        export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+      fi
+      return 0
+    done
+    log "no go >= 1.21 on PATH, in /usr/local/go/bin or ~/go/bin: fetching Go $go_toolchain"
+  else
+    log "EXPERTMESH_GO_TOOLCHAIN=fetch: using Go $go_toolchain from the module proxy"
+  fi
+  fetch_go
+  export PATH="$go_root/bin:$PATH" GOTOOLCHAIN=local
+}
 
 # Runs `go build -v` and turns its package list into a progress line every 25 packages.
 go_build_progress() {
@@ -80,6 +240,7 @@ done_marker() { echo "$bin_root/$1/.complete"; }
 build_nats() {
   local dir="$bin_root/nats-server-$NATS_SERVER_VERSION"
   [ -f "$(done_marker "nats-server-$NATS_SERVER_VERSION")" ] && { log "nats-server $NATS_SERVER_VERSION: cached"; echo "NATS_BIN=$dir"; return; }
+  ensure_go
   log "nats-server $NATS_SERVER_VERSION: building"
   local w="$work_root/nats-$NATS_SERVER_VERSION"
   new_module "$w" expertmesh.test/nats
@@ -94,6 +255,7 @@ build_nats() {
 build_etcd() {
   local dir="$bin_root/etcd-$ETCD_VERSION"
   [ -f "$(done_marker "etcd-$ETCD_VERSION")" ] && { log "etcd $ETCD_VERSION: cached"; echo "ETCD_BIN=$dir"; return; }
+  ensure_go
   log "etcd $ETCD_VERSION: building"
   local w="$work_root/etcd-$ETCD_VERSION"
   new_module "$w" expertmesh.test/etcd
@@ -122,6 +284,7 @@ build_kube() {
   local v=$KUBERNETES_VERSION
   local dir="$bin_root/kubernetes-$v"
   [ -f "$(done_marker "kubernetes-$v")" ] && { log "kubernetes $v: cached"; echo "KUBE_BIN=$dir"; return; }
+  ensure_go
   log "kubernetes $v: building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (the longest step: 10-30 minutes on 2 cores)"
   local w="$work_root/kubernetes-$v"
   new_module "$w" expertmesh.test/kubernetes
@@ -161,6 +324,7 @@ build_kube() {
 build_kwok() {
   local dir="$bin_root/kwok-$KWOK_VERSION"
   [ -f "$(done_marker "kwok-$KWOK_VERSION")" ] && { log "kwok $KWOK_VERSION: cached"; echo "KWOK_BIN=$dir"; return; }
+  ensure_go
   log "kwok $KWOK_VERSION: building"
   local w="$work_root/kwok-$KWOK_VERSION"
   new_module "$w" expertmesh.test/kwok
@@ -179,6 +343,7 @@ build_kwok() {
 build_helm() {
   local dir="$bin_root/helm-$HELM_VERSION"
   [ -f "$(done_marker "helm-$HELM_VERSION")" ] && { log "helm $HELM_VERSION: cached"; echo "HELM_BIN=$dir"; return; }
+  ensure_go
   log "helm $HELM_VERSION: building"
   local w="$work_root/helm-$HELM_VERSION"
   new_module "$w" expertmesh.test/helm
@@ -193,12 +358,13 @@ tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(nats etcd kwok helm kube)
 for t in "${tools[@]}"; do
   case "$t" in
+    go) ensure_go; echo "GO_BIN=$(dirname "$(command -v go)")" ;;
     nats) build_nats ;;
     etcd) build_etcd ;;
     kube) build_kube ;;
     kwok) build_kwok ;;
     helm) build_helm ;;
-    *) die "unknown tool '$t' (known: nats etcd kube kwok helm)" ;;
+    *) die "unknown tool '$t' (known: nats etcd kube kwok helm go)" ;;
   esac
 done
 log "all requested tools ready in $bin_root"

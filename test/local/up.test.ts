@@ -1,16 +1,36 @@
 // `expertmesh up -f examples/tiny.yaml` end to end: it creates the tiny model, starts a
-// nats-server, four shard processes and the gateway, serves the official openai client,
-// and Ctrl-C stops every process it started.
+// nats-server, four shard processes and the gateway, reports the loading progress of every
+// one of them (plain lines: stderr is a pipe here), serves the official openai client over
+// HTTP and a @grpc/grpc-js client over gRPC, and Ctrl-C stops every process it started.
+// Bad input (a bad port, no nats-server anywhere) fails at once with a stable code.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import {
+  type Client,
+  type ClientReadableStream,
+  credentials,
+  type GrpcObject,
+  loadPackageDefinition,
+  type ServiceClientConstructor,
+  type ServiceError,
+} from "@grpc/grpc-js";
+import { loadSync } from "@grpc/proto-loader";
 import OpenAI from "openai";
 import { afterAll, describe, expect, it } from "vitest";
+import { denseLoadBytes } from "../../src/cli/progress.ts";
+import { PROTO_DIR, PROTO_FILES, PROTO_LOADER_OPTIONS } from "../../src/gateway/grpc.ts";
+import { PROGRESS_PREFIX } from "../../src/local/progress.ts";
+import { Checkpoint } from "../../src/model/checkpoint.ts";
+import { isMoeLayer } from "../../src/model/config.ts";
 import { freePort } from "../env/process.ts";
+import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
+const main = join(root, "src/cli/main.ts");
+const manifest = join(root, "examples/tiny.yaml");
 
 function alive(pid: number): boolean {
   try {
@@ -21,24 +41,64 @@ function alive(pid: number): boolean {
   }
 }
 
+const pkg = loadPackageDefinition(
+  loadSync(
+    PROTO_FILES.map((f) => `${PROTO_DIR}${f}`),
+    PROTO_LOADER_OPTIONS,
+  ),
+);
+const Inference = (pkg["inference"] as GrpcObject)[
+  "GRPCInferenceService"
+] as ServiceClientConstructor;
+const Generation = ((pkg["expertmesh"] as GrpcObject)["v1"] as GrpcObject)[
+  "Generation"
+] as ServiceClientConstructor;
+
+function unary<T>(client: Client, method: string, req: unknown): Promise<T> {
+  return new Promise((resolve, reject) =>
+    (client as any)[method](req, (err: ServiceError | null, res: T) =>
+      err ? reject(err) : resolve(res),
+    ),
+  );
+}
+
+function generateStream(client: Client, req: unknown): Promise<any[]> {
+  return new Promise((resolve, reject) => {
+    const messages: any[] = [];
+    const s: ClientReadableStream<any> = (client as any).GenerateStream(req);
+    s.on("data", (m: any) => messages.push(m));
+    s.on("error", reject);
+    s.on("end", () => resolve(messages));
+  });
+}
+
+/** "144.0 KiB" -> bytes, and how far off the rounding of that text can be. */
+function parseBytes(text: string): { bytes: number; slack: number } {
+  const [n, unit] = text.split(" ") as [string, string];
+  const scale = { B: 1, KiB: 1024, MiB: 2 ** 20, GiB: 2 ** 30 }[unit]!;
+  return { bytes: Number(n) * scale, slack: unit === "B" ? 0 : 0.05 * scale };
+}
+
 describe("expertmesh up", () => {
   let up: ReturnType<typeof spawn> | undefined;
   afterAll(() => {
     if (up && up.exitCode === null) up.kill("SIGKILL");
   });
 
-  it("serves the tiny manifest locally and stops everything on Ctrl-C", async () => {
+  it("serves the tiny manifest locally over HTTP and gRPC, with progress for every process, and stops everything on Ctrl-C", async () => {
     const port = await freePort();
+    const grpcPort = await freePort();
     const models = mkdtempSync(join(testEnv().runDir, "models-"));
     up = spawn(
       process.execPath,
       [
-        join(root, "src/cli/main.ts"),
+        main,
         "up",
         "-f",
-        join(root, "examples/tiny.yaml"),
+        manifest,
         `--models-dir=${models}`,
         `--http-port=${port}`,
+        `--grpc-port=${grpcPort}`,
       ],
       {
         env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
@@ -58,6 +118,39 @@ describe("expertmesh up", () => {
     });
     expect(err).toContain("creating the tiny-v3 model");
     expect(err).toMatch(/\[shard-3\.0\] .*serving/);
+    expect(out).toContain(`over gRPC at 127.0.0.1:${grpcPort}`);
+
+    // Progress: stderr is not a terminal, so plain lines, one "done" per loading process;
+    // the children's protocol lines are consumed, never shown.
+    expect(err + out).not.toContain(PROGRESS_PREFIX.trim());
+    expect(err).toMatch(/^\[up\] tiny-v3 model: done \([\d.]+ KiB\) in [\d.]+s$/m);
+    const ckpt = await Checkpoint.open(join(models, "tiny-v3"));
+    const c = ckpt.config;
+    const moeLayers = [...Array(c.numHiddenLayers).keys()].filter((i) => isMoeLayer(c, i)).length;
+    let experts = 0;
+    let bytes = 0;
+    let slack = 0;
+    for (const label of ["shard-0.0", "shard-1.0", "shard-2.0", "shard-3.0", "gateway"]) {
+      const re = new RegExp(
+        `^\\[up\\] ${label.replace(".", "\\.")}: done \\((\\d+)/(\\d+) (experts|layers), ([\\d.]+ (?:B|KiB|MiB))\\) in [\\d.]+s$`,
+        "m",
+      );
+      const m = re.exec(err);
+      expect(m, `a "done" progress line for ${label}\n${err.slice(-3000)}`).not.toBeNull();
+      const [, done, total, unit, size] = m!;
+      expect(Number(done)).toBe(Number(total));
+      expect(unit).toBe(label === "gateway" ? "layers" : "experts");
+      if (label === "gateway") expect(Number(total)).toBe(c.numHiddenLayers);
+      else experts += Number(total);
+      const b = parseBytes(size!);
+      expect(b.bytes).toBeGreaterThan(0);
+      bytes += b.bytes;
+      slack += b.slack;
+    }
+    // Every routed expert is loaded by exactly one shard (no redundant experts), and the
+    // shards' bytes plus the gateway's are every tensor of the checkpoint.
+    expect(experts).toBe(moeLayers * c.nRoutedExperts);
+    expect(Math.abs(bytes - denseLoadBytes(ckpt, true))).toBeLessThanOrEqual(slack);
 
     const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
     const chat = await client.chat.completions.create({
@@ -69,6 +162,28 @@ describe("expertmesh up", () => {
     expect(chat.choices[0]!.finish_reason).toBe("length");
     expect(chat.usage?.completion_tokens).toBe(8);
 
+    // gRPC on the manifest's --grpc-port: KServe v2 health, then a streamed generation
+    // that goes through the shards.
+    const addr = `127.0.0.1:${grpcPort}`;
+    const kserve = new Inference(addr, credentials.createInsecure());
+    const gen = new Generation(addr, credentials.createInsecure());
+    try {
+      expect(await unary(kserve, "ServerLive", {})).toEqual({ live: true });
+      expect(await unary(kserve, "ServerReady", {})).toEqual({ ready: true });
+      const messages = await generateStream(gen, {
+        model: "tiny-v3",
+        prompt: "Hello",
+        max_tokens: 4,
+        temperature: 0,
+      });
+      const last = messages.at(-1);
+      expect(last.finish_reason).toBe("length");
+      expect(last.usage.completion_tokens).toBe(4);
+    } finally {
+      kserve.close();
+      gen.close();
+    }
+
     const children = execFileSync("pgrep", ["-P", String(up.pid)])
       .toString()
       .trim()
@@ -79,5 +194,48 @@ describe("expertmesh up", () => {
     await waitFor("up to exit", async () => (up!.exitCode !== null ? true : undefined), 30_000);
     expect(up.exitCode).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid}`).toBe(false);
+  });
+
+  it("rejects a bad port before starting anything", async () => {
+    const r = await runCli(process.execPath, [main, "up", "-f", manifest, "--grpc-port=eighty"]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("[EM_CLI_USAGE] --grpc-port must be a port, 0..65535, got 'eighty'");
+    const same = await runCli(process.execPath, [
+      main,
+      "up",
+      "-f",
+      manifest,
+      "--http-port=9123",
+      "--grpc-port=9123",
+    ]);
+    expect(same.code).toBe(1);
+    expect(same.stderr).toContain("[EM_CLI_USAGE] the HTTP and gRPC ports are both 9123");
+  });
+
+  it("says how to get a nats-server when there is none", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "no-nats-"));
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      EXPERTMESH_CACHE_DIR: join(dir, "cache"), // no nats-server build there
+      PATH: "/usr/bin:/bin",
+    };
+    delete env["EXPERTMESH_NATS_SERVER"];
+    const r = await runCli(
+      process.execPath,
+      [
+        main,
+        "up",
+        "-f",
+        manifest,
+        `--models-dir=${join(dir, "models")}`,
+        "--http-port=0",
+        "--grpc-port=0",
+      ],
+      undefined,
+      env,
+    );
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("[EM_ENV_MISSING_BINARY] no nats-server found");
+    expect(r.stderr).toContain("npm run env:provision -- nats");
   });
 });

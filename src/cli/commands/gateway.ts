@@ -18,6 +18,7 @@ import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import { defaultModelName, intFlag as int } from "../options.ts";
+import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
@@ -103,9 +104,17 @@ export const gatewayCommand: Command = {
     log(selected.summary);
     const ckpt = await Checkpoint.open(modelDir);
     const tokenizer = Tokenizer.load(modelDir);
+    const progress = loadProgress({
+      unit: "layers",
+      total: ckpt.config.numHiddenLayers,
+      totalBytes: denseLoadBytes(ckpt, values.local === true),
+      bytesRead: () => ckpt.bytesRead,
+      human: (done, total) => log(`loading weights: layer ${done}/${total}`),
+    });
     const weights = await loadWeights(ckpt, values.local ? "all" : "none", (done, total) =>
-      log(`loading weights: layer ${done}/${total}`),
+      progress.update(done, total),
     );
+    progress.finish();
     let experts: ExpertRunner;
     let nc: NatsConnection | null = null;
     let ready: () => Promise<boolean> = async () => true;

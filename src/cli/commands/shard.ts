@@ -11,6 +11,7 @@ import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import { defaultModelName } from "../options.ts";
+import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
@@ -61,14 +62,20 @@ export const shardCommand: Command = {
 
     const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
     const ckpt = await Checkpoint.open(values.model!);
-    const experts = await loadExperts(
-      ckpt,
-      (layer, e) => holds.get(layer)?.has(e) ?? false,
-      (done, total) => {
+    const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
+    const load = expertLoad(ckpt, mine);
+    const progress = loadProgress({
+      unit: "experts",
+      total: load.experts,
+      totalBytes: load.bytes,
+      bytesRead: () => ckpt.bytesRead,
+      human: (done, total) => {
         if (done === total || done % Math.max(1, Math.floor(total / 10)) === 0)
           log(`loading experts ${done}/${total}`);
       },
-    );
+    });
+    const experts = await loadExperts(ckpt, mine, (done, total) => progress.update(done, total));
+    progress.finish();
     log(
       `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read) for plan v${plan.version}`,
     );

@@ -1,6 +1,7 @@
 // `expertmesh up -f MANIFEST`: runs a DeepSeekModel manifest on this machine as child
 // processes — a nats-server, the expert shards (replicas.min of each) and one gateway —
-// prints the endpoint, and stops everything on Ctrl-C.
+// shows a progress bar per process while the weights load (src/local/progress-board.ts),
+// prints the endpoints, and stops everything on Ctrl-C.
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -9,20 +10,26 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { readManifest, servedModelName } from "../../api/manifest.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
+import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
+import { ProgressBoard } from "../../local/progress-board.ts";
 import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
 import { writeTinyModel } from "../../model/tiny.ts";
 import { planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
-import { ExpertMeshError } from "../../util/errors.ts";
+import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh up -f MANIFEST.yaml [options]
   --model DIR        checkpoint folder (default: <models-dir>/<spec.model.source.pvc.path>)
   --models-dir DIR   where local mode finds PVC paths (default ~/.cache/expertmesh/models)
-  --http-port PORT   the gateway's OpenAI API (default: spec.gateway.ports.http, 8000)
+  --http-port PORT   the gateway's OpenAI API (default: spec.gateway.ports.http, 8000; 0 picks one)
+  --grpc-port PORT   the gateway's gRPC API: KServe v2 and expertmesh.v1.Generation
+                     (default: spec.gateway.ports.grpc, 8001; 0 picks one)
   --host ADDR        listen address (default 127.0.0.1)
   --micro-batches N  the gateway's micro-batches in flight per step, 1 or 2 (gateway --micro-batches)
-A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).`;
+A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
+While weights load, stderr shows a progress bar per process (plain lines when it is not a
+terminal).`;
 
 async function freePort(): Promise<number> {
   return await new Promise((resolve, reject) => {
@@ -35,38 +42,83 @@ async function freePort(): Promise<number> {
   });
 }
 
-/** Spawns a child whose output is prefixed with its name; resolves when `ready` appears. */
+/** A port flag: an integer in 0..65535 (0: the gateway picks one). */
+function portFlag(v: string, flag: string): number {
+  if (!/^\d+$/.test(v) || Number(v) > 65535)
+    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be a port, 0..65535, got '${v}'`);
+  return Number(v);
+}
+
+/** Calls `onLine` with each complete line of `stream` (a chunk may end mid-line). */
+function eachLine(stream: NodeJS.ReadableStream, onLine: (line: string) => void): void {
+  let rest = "";
+  stream.on("data", (d: Buffer) => {
+    const parts = (rest + d.toString()).split("\n");
+    rest = parts.pop()!;
+    for (const l of parts) onLine(l);
+  });
+  stream.on("end", () => {
+    if (rest) onLine(rest);
+    rest = "";
+  });
+}
+
+/**
+ * Spawns a child. Its progress lines (src/local/progress.ts) feed its bar on `board` when
+ * `bar`; every other line is printed with the child's name in front. `ready` resolves with
+ * the first line that matches `readyLine`, and rejects (failing the bar) when the child
+ * exits first.
+ */
 function child(
+  board: ProgressBoard,
   name: string,
   cmd: string,
   args: string[],
-  ready: RegExp,
-): { proc: ChildProcess; ready: Promise<void> } {
-  const proc = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"] });
-  let resolveReady!: () => void;
+  readyLine: RegExp,
+  bar: boolean,
+): { proc: ChildProcess; ready: Promise<string> } {
+  const proc = spawn(cmd, args, {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, [PROGRESS_ENV]: "1" },
+  });
+  if (bar) board.add(name);
+  let isReady = false;
+  let resolveReady!: (line: string) => void;
   let rejectReady!: (e: Error) => void;
-  const readyP = new Promise<void>((res, rej) => {
+  const ready = new Promise<string>((res, rej) => {
     resolveReady = res;
     rejectReady = rej;
   });
-  const onData = (d: Buffer) => {
-    for (const line of d.toString().split("\n")) {
-      if (!line.trim()) continue;
-      process.stderr.write(`[${name}] ${line.replace(/^\S+Z (shard \S+: |gateway: )?/, "")}\n`);
-      if (ready.test(line)) resolveReady();
+  const onLine = (line: string) => {
+    const progress = parseProgressLine(line);
+    if (progress) {
+      if (bar) board.update(name, progress);
+      return;
+    }
+    if (!line.trim()) return;
+    board.log(`[${name}] ${line.replace(/^\S+Z (shard \S+: |gateway \S+: |gateway: )?/, "")}`);
+    if (!isReady && readyLine.test(line)) {
+      isReady = true;
+      resolveReady(line);
     }
   };
-  proc.stdout!.on("data", onData);
-  proc.stderr!.on("data", onData);
-  proc.on("exit", (code, sig) =>
+  eachLine(proc.stdout!, onLine);
+  eachLine(proc.stderr!, onLine);
+  proc.on("error", (e) =>
+    rejectReady(
+      new ExpertMeshError("EM_LOCAL_CHILD_EXITED", `${name} did not start: ${e.message}`),
+    ),
+  );
+  proc.on("exit", (code, sig) => {
+    board.fail(name, `exited (${sig ?? code})`);
     rejectReady(
       new ExpertMeshError(
         "EM_LOCAL_CHILD_EXITED",
         `${name} exited (${sig ?? code}) before it was ready`,
       ),
-    ),
-  );
-  return { proc, ready: readyP };
+    );
+  });
+  return { proc, ready };
 }
 
 export const upCommand: Command = {
@@ -82,6 +134,7 @@ export const upCommand: Command = {
         model: { type: "string" },
         "models-dir": { type: "string" },
         "http-port": { type: "string" },
+        "grpc-port": { type: "string" },
         host: { type: "string" },
         "micro-batches": { type: "string" },
       },
@@ -90,6 +143,15 @@ export const upCommand: Command = {
     const m = readManifest(values.file);
     const name = m.metadata.name;
     const ns = m.metadata.namespace ?? "default";
+    const ports = m.spec.gateway.ports;
+    const httpPort = portFlag(values["http-port"] ?? String(ports.http), "--http-port");
+    const grpcPort = portFlag(values["grpc-port"] ?? String(ports.grpc), "--grpc-port");
+    if (httpPort !== 0 && httpPort === grpcPort) {
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `the HTTP and gRPC ports are both ${httpPort}: pass another --http-port or --grpc-port`,
+      );
+    }
     const cache =
       process.env["EXPERTMESH_CACHE_DIR"] ??
       join(process.env["XDG_CACHE_HOME"] ?? join(homedir(), ".cache"), "expertmesh");
@@ -102,6 +164,8 @@ export const upCommand: Command = {
     }
     const modelDir =
       values.model ?? join(values["models-dir"] ?? join(cache, "models"), pvcPath || name);
+    const board = new ProgressBoard(process.stderr);
+    const say = (msg: string) => board.log(`[up] ${msg}`);
     if (!existsSync(join(modelDir, "config.json"))) {
       const preset = m.spec.model.preset;
       if (preset !== "tiny-v2" && preset !== "tiny-v3") {
@@ -110,13 +174,24 @@ export const upCommand: Command = {
           `no checkpoint at ${modelDir} (config.json missing): copy the model there or pass --model DIR`,
         );
       }
-      process.stderr.write(`[up] creating the ${preset} model in ${modelDir}\n`);
+      say(`creating the ${preset} model in ${modelDir}`);
       mkdirSync(modelDir, { recursive: true });
-      await writeTinyModel(modelDir, {
-        arch: preset === "tiny-v2" ? "v2" : "v3",
-        preset: "tiny",
-        seed: 0,
-      });
+      const bar = `${preset} model`;
+      const written = (done: number, total: number, finished: boolean) =>
+        board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
+      board.add(bar, "bytes");
+      try {
+        const summary = await writeTinyModel(modelDir, {
+          arch: preset === "tiny-v2" ? "v2" : "v3",
+          preset: "tiny",
+          seed: 0,
+          onProgress: (p) => written(p.bytesWritten, p.totalBytes, false),
+        });
+        written(summary.tensorBytes, summary.tensorBytes, true);
+      } catch (err) {
+        board.fail(bar, formatError(err));
+        throw err;
+      }
     }
 
     const config = readModelConfig(modelDir);
@@ -128,8 +203,8 @@ export const upCommand: Command = {
     const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
     const planPath = join(runDir, "plan.json");
     writeFileSync(planPath, serializePlan(plan));
-    process.stderr.write(
-      `[up] ${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}\n`,
+    say(
+      `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
     );
 
     const children: ChildProcess[] = [];
@@ -137,7 +212,8 @@ export const upCommand: Command = {
     const stopAll = async (code: number) => {
       if (stopping) return;
       stopping = true;
-      process.stderr.write("[up] stopping\n");
+      board.close("stopped");
+      say("stopping");
       // Gateway first (finishes requests in flight), then shards (drain), then NATS.
       for (const c of [...children].reverse()) {
         if (c.exitCode !== null || c.signalCode !== null) continue;
@@ -164,10 +240,12 @@ export const upCommand: Command = {
     try {
       const natsPort = await freePort();
       const nats = child(
+        board,
         "nats",
         findNatsServer(),
         ["-a", "127.0.0.1", "-p", String(natsPort)],
         /Server is ready/,
+        false,
       );
       children.push(nats.proc);
       await nats.ready;
@@ -184,19 +262,21 @@ export const upCommand: Command = {
       for (let k = 0; k < plan.numShards; k++) {
         for (let r = 0; r < m.spec.experts.replicas.min; r++) {
           const s = child(
+            board,
             `shard-${k}.${r}`,
             process.execPath,
             [...cli, "shard", ...common, `--shard=${k}`, `--id=r${r}`, "--metrics-port=0"],
             /serving /,
+            true,
           );
           children.push(s.proc);
           shards.push(s.ready);
         }
       }
       await Promise.all(shards);
-      const port = values["http-port"] ?? String(m.spec.gateway.ports.http);
       const host = values.host ?? "127.0.0.1";
       const gw = child(
+        board,
         "gateway",
         process.execPath,
         [
@@ -204,33 +284,46 @@ export const upCommand: Command = {
           "gateway",
           ...common,
           `--served-model-name=${servedModelName(m)}`,
-          `--http-port=${port}`,
+          `--http-port=${httpPort}`,
+          `--grpc-port=${grpcPort}`,
           `--host=${host}`,
           "--metrics-port=0",
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
+        true,
       );
       children.push(gw.proc);
-      await gw.ready;
+      const serving = await gw.ready;
+      board.close();
+      // The ports the gateway listens on (not the flags: those may be 0).
+      const http = /on http:\/\/\S+?:(\d+)/.exec(serving)?.[1] ?? String(httpPort);
+      const grpc = /gRPC \(KServe v2\) on :(\d+)/.exec(serving)?.[1] ?? String(grpcPort);
+      const at = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+      const model = servedModelName(m);
       process.stdout.write(
-        `\nexpertmesh is serving '${servedModelName(m)}' at http://${host}:${port}/v1 (OpenAI-compatible)\n` +
-          `  curl http://${host}:${port}/v1/chat/completions -H 'content-type: application/json' \\\n` +
-          `    -d '{"model": "${servedModelName(m)}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
+        `\nexpertmesh is serving '${model}' at http://${at}:${http}/v1 (OpenAI-compatible)\n` +
+          `  and over gRPC at ${at}:${grpc} (KServe v2 inference.GRPCInferenceService, expertmesh.v1.Generation)\n` +
+          `  curl http://${at}:${http}/v1/chat/completions -H 'content-type: application/json' \\\n` +
+          `    -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
           "Ctrl-C stops everything.\n\n",
       );
       for (const c of children) {
         c.on("exit", (code, sig) => {
           if (!stopping) {
-            process.stderr.write(`[up] a child exited unexpectedly (${sig ?? code}); stopping\n`);
+            say(`a child exited unexpectedly (${sig ?? code}); stopping`);
             void stopAll(1);
           }
         });
       }
     } catch (err) {
-      process.stderr.write(`[up] ${err instanceof Error ? err.message : String(err)}\n`);
-      await stopAll(1);
+      // (Ctrl-C while starting makes children exit "before they were ready": not news.)
+      if (!stopping) {
+        board.close("stopped");
+        say(formatError(err));
+        await stopAll(1);
+      }
     }
     await new Promise(() => {});
     return 0;
