@@ -142,6 +142,24 @@ describe("decide over time", () => {
     expect(run(policy, 1, [1000, 1000, 1000, 1000, 1000], 5_000)).toEqual([5, 5, 5, 10, 10]);
   });
 
+  it("idle at min stays at min, and every decision says the min held it", () => {
+    const p = { ...policy, min: 2, scaleDownStabilizationMs: 30_000 };
+    let h = emptyHistory();
+    let current = 2;
+    const decisions = [];
+    for (let t = 0; t < 120_000; t += 15_000) {
+      const d = decide(p, h, current, current, known(current, 0), t);
+      h = d.history;
+      current = d.desired;
+      decisions.push(d);
+    }
+    // The recommendation is 0 each time (no load): only the bound keeps 2.
+    expect(decisions.map((d) => [d.recommendation, d.desired, d.reason])).toEqual(
+      decisions.map(() => [0, 2, "AtMinimum"]),
+    );
+    expect(decisions.at(-1)!.message).toMatch(/recommend 0; kept at min 2$/);
+  });
+
   it("unknown metrics never scale down, even after the window", () => {
     let h = emptyHistory();
     let current = 6;

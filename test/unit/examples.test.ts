@@ -1,8 +1,12 @@
 // Every example manifest is valid (schema, defaults, CEL-equivalent rules) and plans.
 import { readdirSync, readFileSync } from "node:fs";
+import { Registry } from "prom-client";
 import { describe, expect, it } from "vitest";
+import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
+import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
+import { names } from "../../src/operator/labels.ts";
 
 const dir = new URL("../../examples/", import.meta.url);
 const manifests = readdirSync(dir).filter(
@@ -27,3 +31,118 @@ describe("examples/", () => {
         expect(shardExperts.length).toBe(plan.slotsPerShard);
   });
 });
+
+// examples/autoscaling: the HPA and KEDA manifests of docs/autoscaling.md (external mode) for
+// examples/tiny.yaml. Their API validity is checked against a real API server (and KEDA's
+// CRD) in test/operator/autoscale.test.ts; here, that they fit the model and the operator.
+describe("examples/autoscaling", () => {
+  const tiny = parseManifest(readFileSync(new URL("tiny.yaml", dir), "utf8"), "tiny.yaml");
+  const { name: model, namespace } = tiny.metadata;
+  const a = tiny.spec.autoscaling;
+  // The metrics the operator registers, with their label names.
+  const registry = new Registry();
+  new Autoscaler({ registry, requeue: () => {}, event: () => {}, log: () => {} });
+  const exported = new Map(
+    registry
+      .getMetricsAsArray()
+      .map((m) => [m.name, (m as unknown as { labelNames: string[] }).labelNames] as const),
+  );
+  const deploymentOf = (role: string) =>
+    role === "gateway" ? names.gateway(model) : names.shard(model, Number(role.slice(6)));
+
+  interface Use {
+    object: string;
+    target: string;
+    metric: string;
+    labels: Record<string, string>;
+    perReplica: number;
+  }
+  const uses = (file: string): Use[] => {
+    const objects = parseAllDocuments(
+      readFileSync(new URL(`autoscaling/${file}`, dir), "utf8"),
+    ).map((d) => d.toJS());
+    return objects.flatMap((o) => {
+      expect(o.metadata.namespace, o.metadata.name).toBe(namespace);
+      if (o.kind === "HorizontalPodAutoscaler") {
+        expect(o.apiVersion).toBe("autoscaling/v2");
+        expect(o.spec.scaleTargetRef).toMatchObject({ apiVersion: "apps/v1", kind: "Deployment" });
+        return o.spec.metrics.map(
+          (m: {
+            type: string;
+            external: {
+              metric: { name: string; selector: { matchLabels: Record<string, string> } };
+              target: { type: string; averageValue: string };
+            };
+          }) => {
+            expect(m.type).toBe("External");
+            // AverageValue: the HPA divides the total by the replicas, as the operator does.
+            expect(m.external.target.type).toBe("AverageValue");
+            return {
+              object: o.metadata.name,
+              target: o.spec.scaleTargetRef.name,
+              metric: m.external.metric.name,
+              labels: m.external.metric.selector.matchLabels,
+              perReplica: Number(m.external.target.averageValue),
+            };
+          },
+        );
+      }
+      expect(`${o.apiVersion} ${o.kind}`).toBe("keda.sh/v1alpha1 ScaledObject");
+      return o.spec.triggers.flatMap(
+        (t: { type: string; metadata: { query: string; threshold: string } }) => {
+          expect(t.type).toBe("prometheus");
+          // Trigger metadata are strings in KEDA's CRD.
+          expect(typeof t.metadata.threshold).toBe("string");
+          return promqlSelectors(t.metadata.query).map((s) => ({
+            object: o.metadata.name,
+            target: o.spec.scaleTargetRef.name,
+            metric: s.name,
+            labels: s.labels,
+            perReplica: Number(t.metadata.threshold),
+          }));
+        },
+      );
+    });
+  };
+
+  it.each(["hpa.yaml", "keda.yaml"])(
+    "%s: gateway and shard-0 of tiny.yaml, each on its own role's series of a metric the operator exports, at the default target",
+    (file) => {
+      const all = uses(file);
+      expect(all.map((u) => u.labels.role).sort()).toEqual(["gateway", "shard-0"]);
+      for (const u of all) {
+        expect(exported.has(u.metric), `${u.object}: ${u.metric} is exported`).toBe(true);
+        expect(exported.get(u.metric)).toEqual(expect.arrayContaining(Object.keys(u.labels)));
+        expect(u.labels).toEqual({ namespace, model, role: u.labels.role });
+        // The Deployment it scales is the one of the role whose series it reads.
+        expect(u.target).toBe(deploymentOf(u.labels.role!));
+        expect(u.object).toBe(u.target);
+        expect(u.perReplica).toBe(
+          u.labels.role === "gateway" ? a.gatewayTargetQueueDepth : a.shardTargetQueueDepth,
+        );
+      }
+    },
+  );
+
+  it("the PromQL reader used above reads what it should", () => {
+    expect(promqlSelectors('sum(m_total{namespace="n",role="shard-1"}) / on() x{a="b"}')).toEqual([
+      { name: "m_total", labels: { namespace: "n", role: "shard-1" } },
+      { name: "x", labels: { a: "b" } },
+    ]);
+    expect(() => promqlSelectors('m{role=~"shard-.*"}')).toThrow(/only = matchers/);
+  });
+});
+
+/** The series selectors (name and equality matchers) of a PromQL expression. */
+function promqlSelectors(query: string): { name: string; labels: Record<string, string> }[] {
+  return [...query.matchAll(/([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}/g)].map((m) => {
+    const labels: Record<string, string> = {};
+    for (const part of m[2]!.split(",").filter((p) => p.trim())) {
+      const l = /^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|!~|=)\s*"([^"]*)"\s*$/.exec(part);
+      if (!l) throw new Error(`cannot read the matcher '${part}' of ${query}`);
+      if (l[2] !== "=") throw new Error(`${query}: only = matchers are checked, not ${l[2]}`);
+      labels[l[1]!] = l[3]!;
+    }
+    return { name: m[1]!, labels };
+  });
+}
