@@ -7,10 +7,12 @@
 //   node bench/dispatch-quick.ts [--hidden 7168] [--tokens 1,4,16] [--layers 300] [--dtype bf16|fp8]
 //                                [--profile DIR]   (the shards' CPU profiles; the gateway's: node --cpu-prof)
 //                                [--cpu]           (also each series alone, CPU per layer of each process)
+//                                [--order all|fixed] (series in all six orders in turn, or always ours raw lean)
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { PerformanceObserver } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { connect } from "@nats-io/transport-node";
@@ -32,6 +34,12 @@ function cpuOf(pid: number): number {
   return (Number(f[11]) + Number(f[12])) * 10;
 }
 
+/** Milliseconds this process spent in garbage collection since the counter was last reset. */
+let gcMs = 0;
+new PerformanceObserver((list) => {
+  for (const e of list.getEntries()) gcMs += e.duration;
+}).observe({ entryTypes: ["gc"] });
+
 const { values } = parseArgs({
   options: {
     hidden: { type: "string", default: "7168" },
@@ -42,6 +50,8 @@ const { values } = parseArgs({
     profile: { type: "string" },
     /** Also run each series alone and print every process's CPU per layer. */
     cpu: { type: "boolean", default: false },
+    /** "all": the six orders of the series in turn (default); "fixed": always ours, raw, lean. */
+    order: { type: "string", default: "all" },
   },
 });
 const hidden = Number(values.hidden);
@@ -130,7 +140,8 @@ try {
     const series = [ourSeries, rawSeries, leanSeries];
     const times: number[][] = [[], [], []];
     for (let i = 0; i < layers + 20; i++) {
-      for (const s of ORDERS_OF_THREE[i % ORDERS_OF_THREE.length]!) {
+      const order = values.order === "fixed" ? ORDERS_OF_THREE[0] : ORDERS_OF_THREE[i % 6]!;
+      for (const s of order) {
         const t = await timed(series[s]!);
         if (i >= 20) times[s]!.push(t); // the first 20: warm-up
       }
@@ -146,14 +157,19 @@ try {
       ];
       for (const [name, fn] of named) {
         const before = pids.map(cpuOf);
+        gcMs = 0;
         for (let i = 0; i < layers; i++) await fn();
+        // The last collections' entries arrive on a later turn.
+        await new Promise((r) => setTimeout(r, 50));
         const per = pids.map((p, i) => (cpuOf(p) - before[i]!) / layers);
         const total = per.reduce((s, v) => s + v, 0);
         console.log(
           `  cpu ${name.padEnd(4)} ms/layer: total ${total.toFixed(2)} = gateway ${per[0]!.toFixed(2)} + shards ${per
             .slice(1, 5)
             .map((v) => v.toFixed(2))
-            .join(" ")} + nats ${per[5]!.toFixed(2)}`,
+            .join(
+              " ",
+            )} + nats ${per[5]!.toFixed(2)}; gateway's collector ${(gcMs / layers).toFixed(2)}`,
         );
       }
     }

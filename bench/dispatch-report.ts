@@ -11,6 +11,11 @@ export interface DispatchResults {
   machine: MachineInfo;
   natsVersion: string;
   runs: number;
+  /**
+   * How the series were interleaved: "all-orders" (since 2026-11-29 07:09: the six orders of
+   * ours, raw, lean in turn); absent: always ours, raw, lean.
+   */
+  order?: "all-orders";
   rows: DispatchRow[];
 }
 
@@ -47,7 +52,7 @@ export function dispatchTables(r: DispatchResults, source: string): string {
         ? "gateway in this process; each of the 4 shard servers in its own process, with the raw responder of its shard"
         : "gateway in this process, 4 shard servers (and the raw responders) in a second process"
     } |`,
-    `| run | ${r.date}, commit \`${r.commit}\`${r.dirty ? " (+ uncommitted changes)" : ""}, ${nPasses > 1 ? `${nPasses} passes over the grid, each with ${r.runs} counted runs per row` : `${r.runs} counted runs per row`}, interleaved ours / raw${hasLean ? " / lean" : ""}; data: [${source.split("/").pop()}](${source}) |`,
+    `| run | ${r.date}, commit \`${r.commit}\`${r.dirty ? " (+ uncommitted changes)" : ""}, ${nPasses > 1 ? `${nPasses} passes over the grid, each with ${r.runs} counted runs per row` : `${r.runs} counted runs per row`}, interleaved ours / raw${hasLean ? " / lean" : ""}${r.order === "all-orders" ? " in all six orders in turn" : " in that order"}; data: [${source.split("/").pop()}](${source}) |`,
     "",
     "### Dispatch and combine against the raw NATS round trip",
     "",

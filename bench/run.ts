@@ -110,6 +110,7 @@ async function main(): Promise<number> {
         machine,
         natsVersion,
         runs,
+        order: "all-orders" as const,
         rows,
       };
       mkdirSync(RESULTS_DIR, { recursive: true });
