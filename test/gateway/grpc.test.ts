@@ -6,41 +6,21 @@ import {
   type Client,
   type ClientReadableStream,
   credentials,
-  type GrpcObject,
-  loadPackageDefinition,
   Metadata,
-  type ServiceClientConstructor,
   type ServiceError,
   status,
 } from "@grpc/grpc-js";
-import { loadSync } from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExpertRunner } from "../../src/engine/experts.ts";
-import {
-  type GrpcGateway,
-  grpcStatus,
-  PROTO_DIR,
-  PROTO_FILES,
-  PROTO_LOADER_OPTIONS,
-  startGrpcGateway,
-} from "../../src/gateway/grpc.ts";
+import { type GrpcGateway, grpcStatus, startGrpcGateway } from "../../src/gateway/grpc.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
+import { GenerationClient, InferenceClient } from "../support/grpc.ts";
 import { finishedRequests, holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
 
-const pkg = loadPackageDefinition(
-  loadSync(
-    PROTO_FILES.map((f) => `${PROTO_DIR}${f}`),
-    PROTO_LOADER_OPTIONS,
-  ),
-);
-const inference = (pkg["inference"] as GrpcObject)[
-  "GRPCInferenceService"
-] as ServiceClientConstructor;
-const generation = ((pkg["expertmesh"] as GrpcObject)["v1"] as GrpcObject)[
-  "Generation"
-] as ServiceClientConstructor;
+const inference = InferenceClient;
+const generation = GenerationClient;
 
 interface Clients {
   kserve: Client;

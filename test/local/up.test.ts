@@ -11,22 +11,18 @@ import {
   type Client,
   type ClientReadableStream,
   credentials,
-  type GrpcObject,
-  loadPackageDefinition,
-  type ServiceClientConstructor,
   type ServiceError,
 } from "@grpc/grpc-js";
-import { loadSync } from "@grpc/proto-loader";
 import OpenAI from "openai";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
-import { PROTO_DIR, PROTO_FILES, PROTO_LOADER_OPTIONS } from "../../src/gateway/grpc.ts";
 import { PROGRESS_PREFIX } from "../../src/local/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { isMoeLayer } from "../../src/model/config.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
+import { GenerationClient, InferenceClient } from "../support/grpc.ts";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
 const main = join(root, "src/cli/main.ts");
@@ -41,18 +37,8 @@ function alive(pid: number): boolean {
   }
 }
 
-const pkg = loadPackageDefinition(
-  loadSync(
-    PROTO_FILES.map((f) => `${PROTO_DIR}${f}`),
-    PROTO_LOADER_OPTIONS,
-  ),
-);
-const Inference = (pkg["inference"] as GrpcObject)[
-  "GRPCInferenceService"
-] as ServiceClientConstructor;
-const Generation = ((pkg["expertmesh"] as GrpcObject)["v1"] as GrpcObject)[
-  "Generation"
-] as ServiceClientConstructor;
+const Inference = InferenceClient;
+const Generation = GenerationClient;
 
 function unary<T>(client: Client, method: string, req: unknown): Promise<T> {
   return new Promise((resolve, reject) =>

@@ -7,6 +7,7 @@ import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import { names } from "../../src/operator/labels.ts";
+import { promqlSelectors } from "../support/promql.ts";
 
 const dir = new URL("../../examples/", import.meta.url);
 const manifests = readdirSync(dir).filter(
@@ -132,17 +133,3 @@ describe("examples/autoscaling", () => {
     expect(() => promqlSelectors('m{role=~"shard-.*"}')).toThrow(/only = matchers/);
   });
 });
-
-/** The series selectors (name and equality matchers) of a PromQL expression. */
-function promqlSelectors(query: string): { name: string; labels: Record<string, string> }[] {
-  return [...query.matchAll(/([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}/g)].map((m) => {
-    const labels: Record<string, string> = {};
-    for (const part of m[2]!.split(",").filter((p) => p.trim())) {
-      const l = /^\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|!~|=)\s*"([^"]*)"\s*$/.exec(part);
-      if (!l) throw new Error(`cannot read the matcher '${part}' of ${query}`);
-      if (l[2] !== "=") throw new Error(`${query}: only = matchers are checked, not ${l[2]}`);
-      labels[l[1]!] = l[3]!;
-    }
-    return { name: m[1]!, labels };
-  });
-}
