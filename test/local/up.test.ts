@@ -68,7 +68,7 @@ function parseBytes(text: string): { bytes: number; slack: number } {
 describe("expertmesh up", () => {
   let up: ReturnType<typeof spawn> | undefined;
   afterAll(() => {
-    if (up && up.exitCode === null) up.kill("SIGKILL");
+    if (up?.pid && up.exitCode === null) process.kill(-up.pid, "SIGKILL");
   });
 
   it("serves the tiny manifest locally over HTTP and gRPC, with progress for every process, and stops everything on Ctrl-C", async () => {
@@ -89,6 +89,8 @@ describe("expertmesh up", () => {
       {
         env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
         stdio: ["ignore", "pipe", "pipe"],
+        // A process group of its own, like a terminal's foreground job, for the Ctrl-C below.
+        detached: true,
       },
     );
     let out = "";
@@ -176,10 +178,17 @@ describe("expertmesh up", () => {
       .split("\n")
       .map(Number);
     expect(children.length).toBe(6); // nats-server, 4 shards, the gateway
-    up.kill("SIGINT");
+    // Ctrl-C in a terminal: SIGINT to the whole foreground process group. `up` stops the
+    // children in order (gateway, shards, NATS last), so nothing loses NATS mid-drain.
+    process.kill(-up.pid!, "SIGINT");
     await waitFor("up to exit", async () => (up!.exitCode !== null ? true : undefined), 30_000);
     expect(up.exitCode).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid}`).toBe(false);
+    const stopped = err.slice(err.indexOf("[up] stopping"));
+    expect(stopped).toMatch(/\[gateway\] .*stopped$/m);
+    for (const k of [0, 1, 2, 3])
+      expect(stopped).toMatch(new RegExp(`\\[shard-${k}\\.0\\] .*drained$`, "m"));
+    expect(stopped).not.toMatch(/Uncaught|triggerUncaughtException|connection lost|Error/);
   });
 
   it("rejects a bad port before starting anything", async () => {

@@ -223,7 +223,12 @@ export const gatewayCommand: Command = {
       clearInterval(statsTimer);
       await Promise.all([app.close(), grpc?.close()]);
       metricsServer.close();
-      await nc?.drain();
+      try {
+        await nc?.drain();
+      } catch (e) {
+        // NATS went away first (stopped with us): nothing is left to flush.
+        log(`NATS connection lost while stopping (${formatError(e)})`);
+      }
       log("stopped");
       process.exit(0);
     };

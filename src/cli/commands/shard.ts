@@ -8,7 +8,7 @@ import { Checkpoint } from "../../model/checkpoint.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
-import { ExpertMeshError } from "../../util/errors.ts";
+import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import { defaultModelName } from "../options.ts";
 import { expertLoad, loadProgress } from "../progress.ts";
@@ -164,10 +164,15 @@ export const shardCommand: Command = {
       if (draining) return;
       draining = true;
       log(`${sig}: draining (finishing accepted work, then unsubscribing)`);
-      await server.drain();
-      await nc.drain();
+      try {
+        await server.drain();
+        await nc.drain();
+        log("drained");
+      } catch (e) {
+        // NATS went away first (stopped with us): no reply could be delivered any more.
+        log(`NATS connection lost while draining (${formatError(e)}): stopped`);
+      }
       http.close();
-      log("drained");
       process.exit(0);
     };
     process.on("SIGTERM", () => void stop("SIGTERM"));

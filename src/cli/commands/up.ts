@@ -80,6 +80,10 @@ function child(
   const proc = spawn(cmd, args, {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, [PROGRESS_ENV]: "1" },
+    // A process group of its own: Ctrl-C in a terminal signals the whole foreground group,
+    // and nats-server would stop at once under the draining shards. `up` alone gets it and
+    // stops the children in order (gateway, shards, then NATS).
+    detached: true,
   });
   if (bar) board.add(name);
   let isReady = false;
@@ -233,6 +237,8 @@ export const upCommand: Command = {
     };
     process.on("SIGINT", () => void stopAll(0));
     process.on("SIGTERM", () => void stopAll(0));
+    // The terminal closed: the children, in groups of their own, would not hear of it.
+    process.on("SIGHUP", () => void stopAll(0));
     process.on("exit", () => {
       for (const c of children) if (c.exitCode === null) c.kill("SIGKILL");
     });
