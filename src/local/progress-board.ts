@@ -192,8 +192,9 @@ export class ProgressBoard {
   /** The bars as text (terminal), and sets `drawn` to its line count. */
   private frame(): string {
     const t = this.now();
-    const width = Math.max(20, (this.out.columns ?? 80) - 1);
-    const room = Math.max(2, (this.out.rows ?? 24) - 2);
+    // A terminal that reports no size (0 x 0, as under `script` without one) gets 80 x 24.
+    const width = Math.max(20, (this.out.columns || 80) - 1);
+    const room = Math.max(2, (this.out.rows || 24) - 2);
     let shown = this.bars;
     let rest = "";
     if (shown.length > room) {

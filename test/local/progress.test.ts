@@ -295,6 +295,29 @@ describe("ProgressBoard, terminal", () => {
     expect(writes.slice(4)).toEqual(["[up] next\n"]);
   });
 
+  it("draws a terminal that reports no size (0 x 0) as 80 x 24", () => {
+    vi.useFakeTimers({ now: 0 });
+    const { writes, out } = sink(true, 0, 0);
+    const board = new ProgressBoard(out, { redrawMs: 100 });
+    for (const name of ["shard-0", "shard-1", "shard-2", "shard-3", "gateway"]) board.add(name);
+    board.update("shard-0", { ...ev(1, 2), elapsedMs: 0 });
+    vi.advanceTimersByTime(100);
+    const lines = writes
+      .at(-1)!
+      .replace(/\x1b\[\d*[FJ]/g, "")
+      .trimEnd()
+      .split("\n");
+    expect(lines.map((l) => l.split(" ")[0])).toEqual([
+      "shard-0",
+      "shard-1",
+      "shard-2",
+      "shard-3",
+      "gateway",
+    ]); // every bar, none summed up
+    expect(lines[0]).toContain("1/2 experts  1.0 KiB/2.0 KiB"); // not cut at 20 columns
+    expect(lines[0]!.length).toBeLessThanOrEqual(79);
+  });
+
   it("shows open bars first and sums up the rest when they do not fit", () => {
     vi.useFakeTimers({ now: 0 });
     const { writes, out } = sink(true, 60, 5); // room for 3 lines
