@@ -212,6 +212,9 @@ describe("protocol lines", () => {
   ])("ignores %s", (_what, line) => expect(parseProgressLine(line)).toBeNull());
 });
 
+/** The board's cursor movements (ESC [ n F, ESC [ J), to read the text it draws. */
+const CURSOR_MOVES = new RegExp(`${String.fromCharCode(27)}\\[\\d*[FJ]`, "g");
+
 /** A stream that records what is written. */
 function sink(tty: boolean, columns = 80, rows = 24) {
   const writes: string[] = [];
@@ -302,11 +305,7 @@ describe("ProgressBoard, terminal", () => {
     for (const name of ["shard-0", "shard-1", "shard-2", "shard-3", "gateway"]) board.add(name);
     board.update("shard-0", { ...ev(1, 2), elapsedMs: 0 });
     vi.advanceTimersByTime(100);
-    const lines = writes
-      .at(-1)!
-      .replace(/\x1b\[\d*[FJ]/g, "")
-      .trimEnd()
-      .split("\n");
+    const lines = writes.at(-1)!.replace(CURSOR_MOVES, "").trimEnd().split("\n");
     expect(lines.map((l) => l.split(" ")[0])).toEqual([
       "shard-0",
       "shard-1",
@@ -365,44 +364,24 @@ describe("loadProgress (the children's side)", () => {
     now = 170;
     p.finish();
     const events = lines.map(parseProgressLine);
-    expect(events).toEqual([
-      {
+    // [done, bytes, elapsedMs, finished] of 4 experts, 400 bytes in all.
+    const want: [number, number, number, boolean][] = [
+      [0, 0, 0, false],
+      [2, 200, 150, false],
+      [4, 400, 160, false],
+      [4, 400, 170, true],
+    ];
+    expect(events).toEqual(
+      want.map(([done, bytes, elapsedMs, finished]) => ({
         unit: "experts",
-        done: 0,
+        done,
         total: 4,
-        bytes: 0,
+        bytes,
         totalBytes: 400,
-        elapsedMs: 0,
-        finished: false,
-      },
-      {
-        unit: "experts",
-        done: 2,
-        total: 4,
-        bytes: 200,
-        totalBytes: 400,
-        elapsedMs: 150,
-        finished: false,
-      },
-      {
-        unit: "experts",
-        done: 4,
-        total: 4,
-        bytes: 400,
-        totalBytes: 400,
-        elapsedMs: 160,
-        finished: false,
-      },
-      {
-        unit: "experts",
-        done: 4,
-        total: 4,
-        bytes: 400,
-        totalBytes: 400,
-        elapsedMs: 170,
-        finished: true,
-      },
-    ]);
+        elapsedMs,
+        finished,
+      })),
+    );
     expect(human).toEqual([]);
   });
 
