@@ -28,13 +28,14 @@ import {
   rmSync,
   writeFileSync,
 } from "node:fs";
-import { availableParallelism, homedir, tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { findNatsServer } from "../src/local/nats-binary.ts";
 import { modelArchitectureOf, readModelConfig } from "../src/model/config.ts";
 import { writeTinyModel } from "../src/model/tiny.ts";
 import { planPlacement } from "../src/moe/placement.ts";
 import { serializePlan } from "../src/moe/plan-json.ts";
+import { cacheDir } from "../src/util/cache-dir.ts";
 import {
   BENCH_DIR,
   goldenPython,
@@ -152,10 +153,7 @@ function percentile(values: number[], p: number): number {
 
 /** The mini V3 checkpoint, written once (about 30 s) and reused. */
 export async function ensureMiniModel(log: (s: string) => void): Promise<string> {
-  const cache =
-    process.env["EXPERTMESH_CACHE_DIR"] ??
-    join(process.env["XDG_CACHE_HOME"] ?? join(homedir(), ".cache"), "expertmesh");
-  const dir = join(cache, "models", SERVE_MODEL);
+  const dir = join(cacheDir(), "models", SERVE_MODEL);
   if (existsSync(join(dir, "config.json"))) return dir;
   log(`[serve] writing the mini V3 checkpoint to ${dir} (once, ~30 s)`);
   const tmp = `${dir}.tmp-${process.pid}`;

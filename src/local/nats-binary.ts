@@ -2,17 +2,9 @@
 // environment's cache (`npm run env:provision -- nats`), or PATH. scripts/dev.sh asks the
 // same question (`node src/local/nats-binary.ts`) before `npm start` builds one.
 import { accessSync, constants, existsSync, readdirSync, statSync } from "node:fs";
-import { homedir } from "node:os";
 import { delimiter, join } from "node:path";
+import { cacheDir } from "../util/cache-dir.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
-
-/** The expertmesh cache folder: $EXPERTMESH_CACHE_DIR, else ~/.cache/expertmesh. */
-export function cacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  return (
-    env["EXPERTMESH_CACHE_DIR"] ??
-    join(env["XDG_CACHE_HOME"] ?? join(homedir(), ".cache"), "expertmesh")
-  );
-}
 
 function executable(path: string): boolean {
   try {

@@ -6,6 +6,7 @@
 // at most one a second at new 10% steps, and one when it ends (see plainLineDue).
 import {
   type BarState,
+  emptyBar,
   fractionOf,
   type PlainMark,
   type ProgressEvent,
@@ -74,16 +75,7 @@ export class ProgressBoard {
       label,
       at: t,
       mark: { atMs: t, tenth: 0 },
-      state: {
-        unit,
-        done: 0,
-        total: 0,
-        bytes: 0,
-        totalBytes: 0,
-        elapsedMs: 0,
-        finished: false,
-        status: "waiting",
-      },
+      state: emptyBar(unit),
     });
     if (this.tty) this.schedule();
   }

@@ -29,6 +29,20 @@ export interface BarState extends ProgressEvent {
   readonly reason?: string;
 }
 
+/** A bar with nothing counted yet. */
+export function emptyBar(unit: string, status: BarState["status"] = "waiting"): BarState {
+  return {
+    unit,
+    done: 0,
+    total: 0,
+    bytes: 0,
+    totalBytes: 0,
+    elapsedMs: 0,
+    finished: false,
+    status,
+  };
+}
+
 /** The protocol line for `e` (no newline). */
 export function encodeProgress(e: ProgressEvent): string {
   return PROGRESS_PREFIX + JSON.stringify(e);

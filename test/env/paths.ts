@@ -1,8 +1,8 @@
 // Where the test environment's binaries live: built by provision.sh into a cache folder
 // outside the repository, keyed by the versions pinned in versions.sh.
 import { readFileSync } from "node:fs";
-import { homedir } from "node:os";
 import { join } from "node:path";
+import { cacheDir } from "../../src/util/cache-dir.ts";
 
 export interface ToolVersions {
   nats: string;
@@ -35,12 +35,7 @@ export function toolVersions(): ToolVersions {
 }
 
 /** The cache root, as provision.sh computes it. */
-export function cacheDir(): string {
-  return (
-    process.env["EXPERTMESH_CACHE_DIR"] ??
-    join(process.env["XDG_CACHE_HOME"] ?? join(homedir(), ".cache"), "expertmesh")
-  );
-}
+export { cacheDir };
 
 /** Absolute paths of every binary the environment runs. */
 export function binaries() {

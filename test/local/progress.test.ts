@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { denseLoadBytes, expertLoad, loadProgress } from "../../src/cli/progress.ts";
 import {
   type BarState,
+  emptyBar,
   encodeProgress,
   formatBytes,
   formatElapsed,
@@ -23,16 +24,7 @@ import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { isMoeLayer } from "../../src/model/config.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 
-const base: BarState = {
-  unit: "experts",
-  done: 0,
-  total: 0,
-  bytes: 0,
-  totalBytes: 0,
-  elapsedMs: 0,
-  finished: false,
-  status: "running",
-};
+const base = emptyBar("experts", "running");
 const st = (s: Partial<BarState>): BarState => ({ ...base, ...s });
 
 const KiB = 1024;

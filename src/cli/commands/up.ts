@@ -5,7 +5,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
-import { homedir, tmpdir } from "node:os";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { readManifest, servedModelName } from "../../api/manifest.ts";
@@ -16,6 +16,7 @@ import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
 import { writeTinyModel } from "../../model/tiny.ts";
 import { planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
+import { cacheDir } from "../../util/cache-dir.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import type { Command } from "../registry.ts";
 
@@ -156,9 +157,7 @@ export const upCommand: Command = {
         `the HTTP and gRPC ports are both ${httpPort}: pass another --http-port or --grpc-port`,
       );
     }
-    const cache =
-      process.env["EXPERTMESH_CACHE_DIR"] ??
-      join(process.env["XDG_CACHE_HOME"] ?? join(homedir(), ".cache"), "expertmesh");
+    const cache = cacheDir();
     const pvcPath = m.spec.model.source.pvc?.path;
     if (!values.model && pvcPath === undefined) {
       throw new ExpertMeshError(
