@@ -11,6 +11,7 @@ import { BufferPool } from "./buffer-pool.ts";
 import type { PlacementPlan } from "./placement.ts";
 import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-control.ts";
 import { serializePlan } from "./plan-json.ts";
+import { ReplyBuffers } from "./reply-buffers.ts";
 import { type ModelRef, subjects } from "./subjects.ts";
 import {
   combineFrameBytes,
@@ -67,12 +68,6 @@ export interface ShardServerOptions {
   log?: (msg: string) => void;
 }
 
-/**
- * Reply frames from this size up are pooled: enough to pay for the flush (a PING / PONG)
- * that tells when a buffer is free again; smaller ones are allocated fresh.
- */
-const POOLED_REPLY_BYTES = 256 * 1024;
-
 /** What plan `version` gives this shard: (layer -> experts). */
 type Holdings = Map<number, Set<number>>;
 
@@ -98,12 +93,8 @@ export class ShardServer {
    * by the synchronous expert call of its batch, so it is free again once the batch replied.
    */
   readonly #acts = new BufferPool();
-  /**
-   * Large reply frames. The NATS client keeps a published buffer until it flushes (and
-   * across a disconnect, until it reconnects or drops it), so a reply buffer comes back only
-   * when a flush() after it resolves: by then the client has copied it out.
-   */
-  readonly #replies = new BufferPool(8);
+  /** Reply frames, reused once the NATS client has copied them out (reply-buffers.ts). */
+  readonly #replies: ReplyBuffers;
   #busy = false;
   #idle: (() => void)[] = [];
   #timer: NodeJS.Timeout | undefined;
@@ -117,6 +108,7 @@ export class ShardServer {
 
   constructor(o: ShardServerOptions) {
     this.#o = o;
+    this.#replies = new ReplyBuffers(o.nc);
     this.#plans.set(o.plan.version, { plan: o.plan, holds: holdingsOf(o.plan, o.shard) });
     this.#active = o.plan.version;
   }
@@ -319,37 +311,40 @@ export class ShardServer {
           x.set(p.frame.activations, bases[i]! * dim);
         });
       }
-      // Group by (layer, expert): key = layer * 65536 + expert keeps layers apart.
-      const assignments = batch.reduce((n, p) => n + p.frame.token.length, 0);
-      const token = new Int32Array(assignments);
-      const key = new Float64Array(assignments);
-      const weight = new Float32Array(assignments);
-      let at = 0;
-      batch.forEach((p, i) => {
-        const f = p.frame;
-        for (let a = 0; a < f.token.length; a++, at++) {
-          token[at] = bases[i]! + f.token[a]!;
-          key[at] = f.layer * 65536 + f.expert[a]!;
-          weight[at] = f.weight[a]!;
-          // Readiness probes send weight 0: not load (a router weight is never exactly 0).
-          if (f.weight[a] !== 0) this.#count(f.layer, f.expert[a]!);
-        }
-      });
-      const g = groupByExpert(x, dim, token, key, weight);
-      const sums = runGrouped(
-        this.#o.backend,
-        g,
-        dim,
-        base,
-        (k) => this.#o.experts.get(Math.floor(k / 65536))!.get(k % 65536)!,
-      );
-      const pooled: Uint8Array[] = [];
-      const replyBuffer = (n: number) => {
-        if (n < POOLED_REPLY_BYTES) return new Uint8Array(Buffer.allocUnsafeSlow(n).buffer, 0, n);
-        const b = this.#replies.bytes(n);
-        pooled.push(b);
-        return b;
-      };
+      for (const p of batch) this.#countLoad(p.frame);
+      let sums: Float32Array;
+      if (batch.length === 1) {
+        // One frame (the common case): grouped by expert straight from its arrays.
+        const f = batch[0]!.frame;
+        const held = this.#o.experts.get(f.layer)!;
+        const g = groupByExpert(x, dim, f.token, f.expert, f.weight);
+        sums = runGrouped(this.#o.backend, g, dim, base, (e) => held.get(e)!);
+      } else {
+        // Group by (layer, expert): key = layer * 65536 + expert keeps layers apart.
+        const assignments = batch.reduce((n, p) => n + p.frame.token.length, 0);
+        const token = new Int32Array(assignments);
+        const key = new Float64Array(assignments);
+        const weight = new Float32Array(assignments);
+        let at = 0;
+        batch.forEach((p, i) => {
+          const f = p.frame;
+          for (let a = 0; a < f.token.length; a++, at++) {
+            token[at] = bases[i]! + f.token[a]!;
+            key[at] = f.layer * 65536 + f.expert[a]!;
+            weight[at] = f.weight[a]!;
+          }
+        });
+        const g = groupByExpert(x, dim, token, key, weight);
+        sums = runGrouped(
+          this.#o.backend,
+          g,
+          dim,
+          base,
+          (k) => this.#o.experts.get(Math.floor(k / 65536))!.get(k % 65536)!,
+        );
+      }
+      // Every reply buffer of the previous batch was published (or dropped) by now.
+      this.#replies.reclaim();
       const maxPayload = this.#o.nc.info?.max_payload ?? Number.POSITIVE_INFINITY;
       batch.forEach((p, i) => {
         const f = p.frame;
@@ -371,20 +366,11 @@ export class ShardServer {
         p.msg.respond(
           encodeCombine(
             { ...f, dtype, sums: sums.subarray(bases[i]! * dim, (bases[i]! + f.numTokens) * dim) },
-            replyBuffer,
+            this.#replies.take,
           ),
         );
         this.totals.tokens += f.numTokens;
       });
-      // A rejected flush (closed, or disconnected: the client dropped its outbound data)
-      // leaves the buffers to the collector.
-      if (pooled.length)
-        this.#o.nc.flush().then(
-          () => {
-            for (const b of pooled) this.#replies.give(b);
-          },
-          () => {},
-        );
       this.totals.frames += batch.length;
       this.totals.batches++;
       this.#interval.frames += batch.length;
@@ -407,10 +393,15 @@ export class ShardServer {
     }
   }
 
-  #count(layer: number, expert: number): void {
-    this.#interval.expertTokens[layer] ??= {};
-    const byLayer = this.#interval.expertTokens[layer];
-    byLayer[expert] = (byLayer[expert] ?? 0) + 1;
+  /** Adds a frame's assignments to the per-expert token counts of the load report. */
+  #countLoad(f: Dispatch): void {
+    let byLayer = this.#interval.expertTokens[f.layer];
+    for (let a = 0; a < f.expert.length; a++) {
+      // Readiness probes send weight 0: not load (a router weight is never exactly 0).
+      if (f.weight[a] === 0) continue;
+      byLayer ??= this.#interval.expertTokens[f.layer] = {};
+      byLayer[f.expert[a]!] = (byLayer[f.expert[a]!] ?? 0) + 1;
+    }
   }
 
   /** Pending tokens changed by `delta`: integrates the old value over the time it held. */
