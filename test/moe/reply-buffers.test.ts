@@ -46,7 +46,9 @@ describe("ReplyBuffers (real nats-server)", () => {
     expect(replies.reusing).toBe(true);
     const got: number[][] = [];
     const s = sub.subscribe("rb.ok", {
-      callback: (_e, m) => got.push([m.data.length, m.data[0]!, m.data[m.data.length - 1]!]),
+      callback: (_e, m) => {
+        got.push([m.data.length, m.data[0]!, m.data[m.data.length - 1]!]);
+      },
     });
     await sub.flush();
     for (const n of [1000, 100_000]) {
