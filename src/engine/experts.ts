@@ -54,37 +54,77 @@ export function groupByExpert(
   weight: ArrayLike<number>,
 ): GroupedRows {
   const n = token.length;
-  const order = sortByExpert(token, expert);
+  // One buffer for the four arrays: a typed array of more than 64 bytes gets its own
+  // off-heap allocation (about 1 µs each, and collector work), and this runs for every
+  // layer of every step, on the gateway and on every shard.
+  const buf = new ArrayBuffer(4 * (4 * n + 1));
+  const order = sortByExpert(token, expert, new Uint32Array(buf, 0, n));
+  const rowWeight = new Float32Array(buf, 4 * n, n);
+  const outIndex = new Int32Array(buf, 8 * n, n);
+  const offsets = new Int32Array(buf, 12 * n, n + 1);
   const experts: number[] = [];
-  const offsets: number[] = [];
-  const rowWeight = new Float32Array(n);
-  const outIndex = new Int32Array(n);
   for (let r = 0; r < n; r++) {
     const i = order[r]!;
     if (experts.length === 0 || experts[experts.length - 1] !== expert[i]) {
+      offsets[experts.length] = r;
       experts.push(expert[i]!);
-      offsets.push(r);
     }
     rowWeight[r] = weight[i]!;
     outIndex[r] = token[i]!;
   }
-  offsets.push(n);
-  return { experts, offsets: Int32Array.from(offsets), x, xIndex: outIndex, rowWeight, outIndex };
+  offsets[experts.length] = n;
+  return {
+    experts,
+    offsets: offsets.subarray(0, experts.length + 1),
+    x,
+    xIndex: outIndex,
+    rowWeight,
+    outIndex,
+  };
 }
+
+/** Widest span of expert keys sortByExpert counts in a dense table. */
+const DENSE_KEYS = 65536;
+const denseCounts = new Int32Array(DENSE_KEYS);
 
 /**
  * Assignment indices ordered by (expert, token), ties in input order. When tokens come in
  * non-decreasing order (the router's layout, a shard's frames) a counting sort over the
  * distinct experts does it in linear time; otherwise a comparison sort.
  */
-function sortByExpert(token: ArrayLike<number>, expert: ArrayLike<number>): Uint32Array {
+function sortByExpert(
+  token: ArrayLike<number>,
+  expert: ArrayLike<number>,
+  order: Uint32Array,
+): Uint32Array {
   const n = token.length;
-  const order = new Uint32Array(n);
   let sorted = true;
   for (let i = 1; i < n && sorted; i++) sorted = token[i]! >= token[i - 1]!;
   if (!sorted) {
     for (let i = 0; i < n; i++) order[i] = i;
     return order.sort((a, b) => expert[a]! - expert[b]! || token[a]! - token[b]! || a - b);
+  }
+  // Experts of one layer are small integers: count into a dense table (reused: this
+  // function runs synchronously, for every layer of every step). Keys spread wider (a
+  // shard's batch over several layers) are counted in a Map.
+  let min = Number.POSITIVE_INFINITY;
+  let max = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < n; i++) {
+    const e = expert[i]!;
+    if (e < min) min = e;
+    if (e > max) max = e;
+  }
+  if (n > 0 && max - min < DENSE_KEYS && Number.isInteger(min) && Number.isInteger(max)) {
+    const range = max - min + 1;
+    const next = denseCounts.subarray(0, range).fill(0);
+    for (let i = 0; i < n; i++) next[expert[i]! - min]!++;
+    for (let k = 0, at = 0; k < range; k++) {
+      const c = next[k]!;
+      next[k] = at;
+      at += c;
+    }
+    for (let i = 0; i < n; i++) order[next[expert[i]! - min]!++] = i;
+    return order;
   }
   const counts = new Map<number, number>();
   for (let i = 0; i < n; i++) counts.set(expert[i]!, (counts.get(expert[i]!) ?? 0) + 1);

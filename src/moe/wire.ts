@@ -318,8 +318,9 @@ export interface CombineView extends FrameHeader {
 
 /**
  * Decodes and validates any frame. Throws ExpertMeshError with an EM_WIRE_* code for
- * anything malformed; never anything else. `alloc` gives a dispatch's activations array
- * (any contents: every element is written), e.g. from a shard's pool.
+ * anything malformed; never anything else. `alloc(n)` gives n float32 values (any
+ * contents: every element is written), e.g. from a shard's pool: a dispatch's activations
+ * and, after them, its assignment arrays (views of the same buffer).
  */
 export function decodeFrame(buf: Uint8Array, alloc: (n: number) => Float32Array = allocF32): Frame {
   return parseFrame(buf, false, alloc) as Frame;
@@ -429,9 +430,13 @@ function parseFrame(
   // Activations first (with the checksum of the whole body), then the assignments: a
   // corrupted body is reported as such, not as an out-of-range assignment.
   const act = o + 12 * numAssignments;
-  const activations = alloc(numTokens * h.hidden);
-  if (activations.length !== numTokens * h.hidden)
-    throw new RangeError(`alloc gave ${activations.length} values for ${numTokens * h.hidden}`);
+  // The activations and, after them, the three assignment arrays in one allocation (a copy:
+  // `buf` may be a view of the NATS client's reused read buffer, and it need not be aligned).
+  const n = numTokens * h.hidden;
+  const space = alloc(n + 3 * numAssignments);
+  if (space.length !== n + 3 * numAssignments)
+    throw new RangeError(`alloc gave ${space.length} values for ${n + 3 * numAssignments}`);
+  const activations = space.subarray(0, n);
   const bodyCrc = codec.unpackCrc(
     buf.subarray(act),
     dtype,
@@ -443,13 +448,11 @@ function parseFrame(
     codec.crc32(buf.subarray(o, act)),
   );
   if (bodyCrc !== crc) badCrc();
-  // One copy of the three assignment arrays (alignment-safe, and `buf` may be a view of
-  // the NATS client's reused read buffer), then views of it.
-  const assigned = new ArrayBuffer(12 * numAssignments);
-  new Uint8Array(assigned).set(buf.subarray(o, act));
-  const token = new Uint32Array(assigned, 0, numAssignments);
-  const expert = new Uint32Array(assigned, 4 * numAssignments, numAssignments);
-  const weight = new Float32Array(assigned, 8 * numAssignments, numAssignments);
+  const at = space.byteOffset + 4 * n;
+  new Uint8Array(space.buffer, at, 12 * numAssignments).set(buf.subarray(o, act));
+  const token = new Uint32Array(space.buffer, at, numAssignments);
+  const expert = new Uint32Array(space.buffer, at + 4 * numAssignments, numAssignments);
+  const weight = new Float32Array(space.buffer, at + 8 * numAssignments, numAssignments);
   for (let i = 0; i < numAssignments; i++) {
     if (token[i]! >= numTokens)
       fail("EM_WIRE_RANGE", `assignment ${i} names token ${token[i]} of ${numTokens}`);
@@ -607,7 +610,8 @@ export function checkCombines(
   parts: readonly (FrameHeader & { numTokens: number })[],
   expect: { planVersion: number; layer: number; hidden: number; totalTokens: number },
 ): void {
-  const covered = new Uint8Array(expect.totalTokens);
+  // One reply (the common case) must cover the whole request: no coverage array needed.
+  const covered = parts.length === 1 ? undefined : new Uint8Array(expect.totalTokens);
   for (const p of parts) {
     if (p.planVersion !== expect.planVersion)
       fail(
@@ -620,12 +624,20 @@ export function checkCombines(
       p.totalTokens !== expect.totalTokens
     )
       fail("EM_WIRE_RANGE", "reply for another layer, width or request");
+    if (!covered) {
+      if (p.tokenOffset !== 0 || p.numTokens !== expect.totalTokens)
+        fail(
+          "EM_WIRE_RANGE",
+          `the one reply covers tokens ${p.tokenOffset}..${p.tokenOffset + p.numTokens - 1} of ${expect.totalTokens}`,
+        );
+      continue;
+    }
     for (let t = p.tokenOffset; t < p.tokenOffset + p.numTokens; t++) {
       if (covered[t]) fail("EM_WIRE_RANGE", `token ${t} answered twice`);
       covered[t] = 1;
     }
   }
-  const missing = covered.indexOf(0);
+  const missing = covered ? covered.indexOf(0) : -1;
   if (missing !== -1) fail("EM_WIRE_RANGE", `no reply covers token ${missing}`);
 }
 
