@@ -9,12 +9,12 @@
 //
 //   node bench/dispatch-inproc.ts [--hidden 2048] [--tokens 16] [--dtype bf16|fp8] [--n 20000]
 import { parseArgs } from "node:util";
-import type { Backend, MoeArgs } from "../src/engine/backend.ts";
 import type { MlpWeights } from "../src/engine/loader.ts";
 import { RemoteExperts } from "../src/moe/dispatcher.ts";
 import { planPlacement } from "../src/moe/placement.ts";
 import { ShardServer } from "../src/moe/shard-server.ts";
 import { encodeCombine, encodeDispatchRows, type WireDtypeName } from "../src/moe/wire.ts";
+import { noComputeBackend } from "./no-compute.ts";
 
 const { values } = parseArgs({
   options: {
@@ -68,15 +68,6 @@ async function measure(name: string, step: () => unknown): Promise<void> {
 }
 
 // ---- a shard: shard 0's frame of this layer, answered through a stand-in connection.
-let zeros = new Float32Array(0);
-const noCompute = {
-  name: "no-compute",
-  moe: (a: MoeArgs) => {
-    const n = a.numOut * a.dim;
-    if (zeros.length < n) zeros = new Float32Array(n);
-    return zeros.subarray(0, n);
-  },
-} as unknown as Backend;
 const fake = { gate: { cols: hidden } } as unknown as MlpWeights;
 let deliver: ((err: unknown, msg: unknown) => void) | undefined;
 /** The client's outbound queue as ReplyBuffers reads it: empty, as after every flush. */
@@ -95,7 +86,7 @@ new ShardServer({
   shard: 0,
   id: "inproc",
   plan,
-  backend: noCompute,
+  backend: noComputeBackend,
   experts: new Map([[layer.layer, new Map(layer.shardExperts[0]!.map((e) => [e, fake]))]]),
 }).start(1e9);
 const mine = new Set(layer.shardExperts[0]);

@@ -4,26 +4,10 @@
 // process, so both sides pay the same per-process costs. Prints "ready" when subscribed.
 //   node bench/dispatch-shards.ts NATS_URL HIDDEN TOPK EXPERTS MOE_INTERMEDIATE SHARD
 import { connect } from "@nats-io/transport-node";
-import type { Backend, MoeArgs } from "../src/engine/backend.ts";
 import type { MlpWeights } from "../src/engine/loader.ts";
 import { planPlacement } from "../src/moe/placement.ts";
 import { ShardServer } from "../src/moe/shard-server.ts";
-
-/**
- * Expert FFN stand-in that returns zeros: the suite measures transport and codec, not
- * compute. The FFN's output array is the FFN's own cost (the kernels suite measures it), so
- * the stand-in hands out views of one zero buffer (only ever read: the shard encodes the
- * reply from it) instead of a fresh multi-MiB allocation per batch.
- */
-let zeros = new Float32Array(0);
-const noCompute = {
-  name: "no-compute",
-  moe: (a: MoeArgs) => {
-    const n = a.numOut * a.dim;
-    if (zeros.length < n) zeros = new Float32Array(n);
-    return zeros.subarray(0, n);
-  },
-} as unknown as Backend;
+import { noComputeBackend } from "./no-compute.ts";
 
 const [url, hiddenS, topKS, expertsS, , shardS] = process.argv.slice(2);
 const hidden = Number(hiddenS);
@@ -49,7 +33,7 @@ new ShardServer({
   shard: k,
   id: "bench",
   plan,
-  backend: noCompute,
+  backend: noComputeBackend,
   experts: held,
 }).start(60_000);
 // The raw floor's responder: answers with as many bytes as the request's first u32 says.
