@@ -1,7 +1,8 @@
 // `expertmesh up -f examples/tiny.yaml` end to end: it creates the tiny model, starts a
 // nats-server, four shard processes and the gateway, reports the loading progress of every
 // one of them (plain lines: stderr is a pipe here), serves the official openai client over
-// HTTP and a @grpc/grpc-js client over gRPC, and Ctrl-C stops every process it started.
+// HTTP and a @grpc/grpc-js client over gRPC, and Ctrl-C stops every process it started (a
+// SIGKILL of `up` too: its children see their standard input end).
 // Bad input (a bad port, no nats-server anywhere) fails at once with a stable code.
 import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
@@ -35,6 +36,21 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Every process below `pid` (children, their children, ...). */
+function descendants(pid: number): number[] {
+  let kids: number[] = [];
+  try {
+    kids = execFileSync("pgrep", ["-P", String(pid)])
+      .toString()
+      .trim()
+      .split("\n")
+      .map(Number);
+  } catch {
+    return []; // pgrep exits 1 when there are none
+  }
+  return kids.flatMap((k) => [k, ...descendants(k)]);
 }
 
 const Inference = InferenceClient;
@@ -189,6 +205,55 @@ describe("expertmesh up", () => {
     for (const k of [0, 1, 2, 3])
       expect(stopped).toMatch(new RegExp(`\\[shard-${k}\\.0\\] .*drained$`, "m"));
     expect(stopped).not.toMatch(/Uncaught|triggerUncaughtException|connection lost|Error/);
+  });
+
+  it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {
+    const port = await freePort();
+    const models = mkdtempSync(join(testEnv().runDir, "models-"));
+    const killed = spawn(
+      process.execPath,
+      [
+        main,
+        "up",
+        "-f",
+        manifest,
+        `--models-dir=${models}`,
+        `--http-port=${port}`,
+        "--grpc-port=0",
+      ],
+      {
+        env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
+    let out = "";
+    let err = "";
+    killed.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+    killed.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+    let all: number[] = [];
+    try {
+      await waitFor(
+        "the endpoint",
+        async () => (out.includes(`http://127.0.0.1:${port}/v1`) ? true : undefined),
+        90_000,
+      ).catch((e) => {
+        throw new Error(`${e}\n${err.slice(-3000)}`);
+      });
+      all = descendants(killed.pid!);
+      // nats-server (under its watching shell), 4 shards, the gateway.
+      expect(all.length).toBeGreaterThanOrEqual(7);
+      killed.kill("SIGKILL");
+      await waitFor(
+        "every process `up` started to stop",
+        async () => (all.every((pid) => !alive(pid)) ? true : undefined),
+        30_000,
+      ).catch((e) => {
+        throw new Error(`${e}: still running ${all.filter(alive).join(", ")}`);
+      });
+    } finally {
+      if (killed.exitCode === null) killed.kill("SIGKILL");
+      for (const pid of all.filter(alive)) process.kill(pid, "SIGKILL"); // after a failure
+    }
   });
 
   it("rejects a bad port before starting anything", async () => {

@@ -8,6 +8,7 @@ import { loadWeights } from "../../engine/loader.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
+import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
@@ -234,6 +235,8 @@ export const gatewayCommand: Command = {
     };
     process.on("SIGTERM", () => void stop("SIGTERM"));
     process.on("SIGINT", () => void stop("SIGINT"));
+    // A child of `expertmesh up` whose parent is gone (even SIGKILLed): stop the same way.
+    stopWhenParentGone(() => void stop("parent gone"));
     await new Promise(() => {});
     return 0;
   },

@@ -4,6 +4,7 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
+import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
@@ -177,6 +178,8 @@ export const shardCommand: Command = {
     };
     process.on("SIGTERM", () => void stop("SIGTERM"));
     process.on("SIGINT", () => void stop("SIGINT"));
+    // A child of `expertmesh up` whose parent is gone (even SIGKILLed): stop the same way.
+    stopWhenParentGone(() => void stop("parent gone"));
     await new Promise(() => {});
     return 0;
   },

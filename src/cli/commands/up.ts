@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { readManifest, servedModelName } from "../../api/manifest.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
+import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
 import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
 import { ProgressBoard } from "../../local/progress-board.ts";
 import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
@@ -79,8 +80,10 @@ function child(
   bar: boolean,
 ): { proc: ChildProcess; ready: Promise<string> } {
   const proc = spawn(cmd, args, {
-    stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, [PROGRESS_ENV]: "1" },
+    // Standard input: a pipe `up` never writes to; it closes when `up` exits, however it
+    // exits, and the child stops then (src/local/parent-watch.ts).
+    stdio: ["pipe", "pipe", "pipe"],
+    env: { ...process.env, [PROGRESS_ENV]: "1", [STOP_ON_STDIN_EOF_ENV]: "1" },
     // A process group of its own: Ctrl-C in a terminal signals the whole foreground group,
     // and nats-server would stop at once under the draining shards. `up` alone gets it and
     // stops the children in order (gateway, shards, then NATS).
@@ -247,8 +250,17 @@ export const upCommand: Command = {
       const nats = child(
         board,
         "nats",
-        findNatsServer(),
-        ["-a", "127.0.0.1", "-p", String(natsPort)],
+        "sh",
+        [
+          "-c",
+          NATS_UNDER_WATCH,
+          "nats-server",
+          findNatsServer(),
+          "-a",
+          "127.0.0.1",
+          "-p",
+          String(natsPort),
+        ],
         /Server is ready/,
         false,
       );
