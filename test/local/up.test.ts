@@ -4,7 +4,7 @@
 // HTTP and a @grpc/grpc-js client over gRPC, and Ctrl-C stops every process it started (a
 // SIGKILL of `up` too: its children see their standard input end).
 // Bad input (a bad port, no nats-server anywhere) fails at once with a stable code.
-import { execFileSync, spawn } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -36,6 +36,54 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+interface Up {
+  proc: ChildProcess;
+  models: string;
+  out: () => string;
+  err: () => string;
+}
+
+/**
+ * `expertmesh up` on the tiny manifest with a fresh models folder; `detached`: in a process
+ * group of its own, like a terminal's foreground job (for a Ctrl-C to the group).
+ */
+function spawnUp(port: number, grpcPort: number, detached: boolean): Up {
+  const models = mkdtempSync(join(testEnv().runDir, "models-"));
+  const proc = spawn(
+    process.execPath,
+    [
+      main,
+      "up",
+      "-f",
+      manifest,
+      `--models-dir=${models}`,
+      `--http-port=${port}`,
+      `--grpc-port=${grpcPort}`,
+    ],
+    {
+      env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
+      stdio: ["ignore", "pipe", "pipe"],
+      detached,
+    },
+  );
+  let out = "";
+  let err = "";
+  proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+  return { proc, models, out: () => out, err: () => err };
+}
+
+/** Resolves once `up` prints its HTTP endpoint (it has created the model and started all). */
+async function untilServing(u: Up, port: number): Promise<void> {
+  await waitFor(
+    "the endpoint",
+    async () => (u.out().includes(`http://127.0.0.1:${port}/v1`) ? true : undefined),
+    90_000,
+  ).catch((e) => {
+    throw new Error(`${e}\n${u.err().slice(-3000)}`);
+  });
 }
 
 /** Every process below `pid` (children, their children, ...). */
@@ -90,36 +138,12 @@ describe("expertmesh up", () => {
   it("serves the tiny manifest locally over HTTP and gRPC, with progress for every process, and stops everything on Ctrl-C", async () => {
     const port = await freePort();
     const grpcPort = await freePort();
-    const models = mkdtempSync(join(testEnv().runDir, "models-"));
-    up = spawn(
-      process.execPath,
-      [
-        main,
-        "up",
-        "-f",
-        manifest,
-        `--models-dir=${models}`,
-        `--http-port=${port}`,
-        `--grpc-port=${grpcPort}`,
-      ],
-      {
-        env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
-        stdio: ["ignore", "pipe", "pipe"],
-        // A process group of its own, like a terminal's foreground job, for the Ctrl-C below.
-        detached: true,
-      },
-    );
-    let out = "";
-    let err = "";
-    up.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-    up.stderr!.on("data", (d: Buffer) => (err += d.toString()));
-    await waitFor(
-      "the endpoint",
-      async () => (out.includes(`http://127.0.0.1:${port}/v1`) ? true : undefined),
-      90_000,
-    ).catch((e) => {
-      throw new Error(`${e}\n${err.slice(-3000)}`);
-    });
+    const started = spawnUp(port, grpcPort, true);
+    up = started.proc;
+    const { models } = started;
+    await untilServing(started, port);
+    const out = started.out();
+    let err = started.err();
     expect(err).toContain("creating the tiny-v3 model");
     expect(err).toMatch(/\[shard-3\.0\] .*serving/);
     expect(out).toContain(`over gRPC at 127.0.0.1:${grpcPort}`);
@@ -200,6 +224,7 @@ describe("expertmesh up", () => {
     await waitFor("up to exit", async () => (up!.exitCode !== null ? true : undefined), 30_000);
     expect(up.exitCode).toBe(0);
     for (const pid of children) expect(alive(pid), `child ${pid}`).toBe(false);
+    err = started.err();
     const stopped = err.slice(err.indexOf("[up] stopping"));
     expect(stopped).toMatch(/\[gateway\] .*stopped$/m);
     for (const k of [0, 1, 2, 3])
@@ -209,36 +234,11 @@ describe("expertmesh up", () => {
 
   it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {
     const port = await freePort();
-    const models = mkdtempSync(join(testEnv().runDir, "models-"));
-    const killed = spawn(
-      process.execPath,
-      [
-        main,
-        "up",
-        "-f",
-        manifest,
-        `--models-dir=${models}`,
-        `--http-port=${port}`,
-        "--grpc-port=0",
-      ],
-      {
-        env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
-        stdio: ["ignore", "pipe", "pipe"],
-      },
-    );
-    let out = "";
-    let err = "";
-    killed.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-    killed.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+    const started = spawnUp(port, 0, false);
+    const killed = started.proc;
     let all: number[] = [];
     try {
-      await waitFor(
-        "the endpoint",
-        async () => (out.includes(`http://127.0.0.1:${port}/v1`) ? true : undefined),
-        90_000,
-      ).catch((e) => {
-        throw new Error(`${e}\n${err.slice(-3000)}`);
-      });
+      await untilServing(started, port);
       all = descendants(killed.pid!);
       // nats-server (under its watching shell), 4 shards, the gateway.
       expect(all.length).toBeGreaterThanOrEqual(7);
