@@ -11,9 +11,9 @@
 import { parseArgs } from "node:util";
 import type { MlpWeights } from "../src/engine/loader.ts";
 import { RemoteExperts } from "../src/moe/dispatcher.ts";
-import { planPlacement } from "../src/moe/placement.ts";
 import { ShardServer } from "../src/moe/shard-server.ts";
 import { encodeCombine, encodeDispatchRows, type WireDtypeName } from "../src/moe/wire.ts";
+import { benchPlan, layerInputs, shapeFor } from "./dispatch-inputs.ts";
 import { noComputeBackend } from "./no-compute.ts";
 
 const { values } = parseArgs({
@@ -25,35 +25,16 @@ const { values } = parseArgs({
   },
 });
 const hidden = Number(values.hidden);
-const [topK, experts] = hidden === 7168 ? [8, 256] : [6, 64];
+const shape = shapeFor(hidden);
+const { topK } = shape;
 const T = Number(values.tokens);
 const dtype = (values.dtype === "fp8" ? "fp8" : "bf16") as WireDtypeName;
 const N = Number(values.n);
-const plan = planPlacement({
-  architecture: {
-    numLayers: 2,
-    firstDenseLayers: 1,
-    routedExperts: experts,
-    expertsPerToken: topK,
-  },
-  numShards: 4,
-});
+const plan = benchPlan(shape);
 const layer = plan.layers[0]!;
 const model = { namespace: "bench", model: "inproc" };
 
-let seed = 7;
-const rnd = () => {
-  seed = (seed * 1103515245 + 12345) % 2147483648;
-  return seed / 2147483648;
-};
-const x = Float32Array.from({ length: T * hidden }, () => rnd() * 2 - 1);
-const ids = new Int32Array(T * topK);
-for (let t = 0; t < T; t++) {
-  const chosen = new Set<number>();
-  while (chosen.size < topK) chosen.add(Math.floor(rnd() * experts));
-  ids.set([...chosen], t * topK);
-}
-const weights = new Float32Array(T * topK).fill(1 / topK);
+const { x, ids, weights } = layerInputs(shape, T);
 
 /** Runs `step` n times per round, 5 rounds; prints CPU µs per step of each round. */
 async function measure(name: string, step: () => unknown): Promise<void> {

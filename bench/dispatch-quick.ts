@@ -17,11 +17,16 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { connect } from "@nats-io/transport-node";
 import { RemoteExperts } from "../src/moe/dispatcher.ts";
-import { planPlacement } from "../src/moe/placement.ts";
 import { Requester } from "../src/moe/requester.ts";
-import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
 import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
+import {
+  benchPlan,
+  DISPATCH_SHARDS,
+  floorRequests,
+  layerInputs,
+  shapeFor,
+} from "./dispatch-inputs.ts";
 import { ORDERS_OF_THREE, stats } from "./lib.ts";
 
 /** CPU ms used so far by process `pid` (user + system, from /proc; 10 ms ticks). */
@@ -55,19 +60,12 @@ const { values } = parseArgs({
   },
 });
 const hidden = Number(values.hidden);
-const [topK, experts] = hidden === 7168 ? [8, 256] : [6, 64];
+const shape = shapeFor(hidden);
+const { topK, experts } = shape;
 const layers = Number(values.layers);
 const dtype = values.dtype === "fp8" ? "fp8" : "bf16";
-const numShards = 4;
-const plan = planPlacement({
-  architecture: {
-    numLayers: 2,
-    firstDenseLayers: 1,
-    routedExperts: experts,
-    expertsPerToken: topK,
-  },
-  numShards,
-});
+const numShards = DISPATCH_SHARDS;
+const plan = benchPlan(shape);
 const model = { namespace: "bench", model: `d${hidden}` };
 const dir = mkdtempSync(join(tmpdir(), "em-dispatch-quick-"));
 const nats = await startNats(binaries().natsServer, dir, dir);
@@ -83,7 +81,7 @@ try {
         String(hidden),
         String(topK),
         String(experts),
-        "2048",
+        String(shape.moe),
         String(k),
       ],
       { stdio: ["ignore", "pipe", "inherit"] },
@@ -98,33 +96,9 @@ try {
   const lean = new Requester(gw);
   const layer = plan.layers[0]!;
   for (const T of values.tokens.split(",").map(Number)) {
-    let seed = T * 7919 + hidden;
-    const rnd = () => {
-      seed = (seed * 1103515245 + 12345) % 2147483648;
-      return seed / 2147483648;
-    };
-    const x = Float32Array.from({ length: T * hidden }, () => rnd() * 2 - 1);
-    const ids = new Int32Array(T * topK);
-    const weights = new Float32Array(T * topK).fill(1 / topK);
-    for (let t = 0; t < T; t++) {
-      const chosen = new Set<number>();
-      while (chosen.size < topK) chosen.add(Math.floor(rnd() * experts));
-      ids.set([...chosen], t * topK);
-    }
+    const { x, ids, weights } = layerInputs(shape, T);
     // The floors' requests: the same bytes per shard as the dispatcher sends.
-    const perShard = new Map<number, { tokens: Set<number>; assigns: number }>();
-    for (let i = 0; i < T * topK; i++) {
-      const shard = layer.replicas[ids[i]!]![0]!;
-      const s = perShard.get(shard) ?? { tokens: new Set(), assigns: 0 };
-      s.tokens.add(Math.floor(i / topK));
-      s.assigns++;
-      perShard.set(shard, s);
-    }
-    const raw = [...perShard.entries()].map(([k, s]) => {
-      const req = new Uint8Array(dispatchFrameBytes(dtype, s.tokens.size, hidden, s.assigns));
-      new DataView(req.buffer).setUint32(0, HEADER_BYTES + 2 * s.tokens.size * hidden, true);
-      return { subject: `raw.${model.model}.${k}`, req };
-    });
+    const { raw } = floorRequests(plan, shape, ids, dtype, (k) => `raw.${model.model}.${k}`);
     const timed = async (fn: () => Promise<unknown>) => {
       const t0 = performance.now();
       await fn();

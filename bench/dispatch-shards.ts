@@ -5,22 +5,14 @@
 //   node bench/dispatch-shards.ts NATS_URL HIDDEN TOPK EXPERTS MOE_INTERMEDIATE SHARD
 import { connect } from "@nats-io/transport-node";
 import type { MlpWeights } from "../src/engine/loader.ts";
-import { planPlacement } from "../src/moe/placement.ts";
 import { ShardServer } from "../src/moe/shard-server.ts";
+import { benchPlan } from "./dispatch-inputs.ts";
 import { noComputeBackend } from "./no-compute.ts";
 
 const [url, hiddenS, topKS, expertsS, , shardS] = process.argv.slice(2);
 const hidden = Number(hiddenS);
 const k = Number(shardS);
-const plan = planPlacement({
-  architecture: {
-    numLayers: 2,
-    firstDenseLayers: 1,
-    routedExperts: Number(expertsS),
-    expertsPerToken: Number(topKS),
-  },
-  numShards: 4,
-});
+const plan = benchPlan({ topK: Number(topKS), experts: Number(expertsS) });
 const model = { namespace: "bench", model: `d${hidden}` };
 const fake = { gate: { cols: hidden } } as unknown as MlpWeights;
 const nc = await connect({ servers: url! });

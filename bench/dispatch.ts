@@ -20,11 +20,16 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { RemoteExperts } from "../src/moe/dispatcher.ts";
-import { planPlacement } from "../src/moe/placement.ts";
 import { Requester } from "../src/moe/requester.ts";
-import { dispatchFrameBytes, HEADER_BYTES } from "../src/moe/wire.ts";
 import { startNats } from "../test/env/nats.ts";
 import { binaries } from "../test/env/paths.ts";
+import {
+  benchPlan,
+  DISPATCH_SHAPES,
+  DISPATCH_SHARDS,
+  floorRequests,
+  layerInputs,
+} from "./dispatch-inputs.ts";
 import { ORDERS_OF_THREE, type Stats, stats } from "./lib.ts";
 
 export interface DispatchRow {
@@ -81,18 +86,6 @@ function cpuMs(pids: number[]): number {
   return ms;
 }
 
-/** A deterministic random number generator (mulberry32) for routing. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 export async function runDispatch(opts: {
   runs: number;
   quick: boolean;
@@ -110,26 +103,12 @@ export async function runDispatch(opts: {
     const varz = (await (await fetch(`${nats.info.monitorUrl}/varz`)).json()) as {
       version: string;
     };
-    const shapes = [
-      { hidden: 2048, topK: 6, experts: 64, moe: 1408 },
-      { hidden: 7168, topK: 8, experts: 256, moe: 2048 },
-    ];
     const tokenCounts = opts.quick ? [1, 32, 256] : [1, 4, 16, 64, 128, 256];
-    const numShards = 4;
-    for (const shape of shapes) {
-      const arch = {
-        numLayers: 2,
-        firstDenseLayers: 1,
-        routedExperts: shape.experts,
-        expertsPerToken: shape.topK,
-        sharedExperts: 1,
-        hiddenSize: shape.hidden,
-        moeIntermediateSize: shape.moe,
-      };
-      const plan = planPlacement({ architecture: arch, numShards });
+    for (const shape of DISPATCH_SHAPES) {
+      const plan = benchPlan(shape);
       const model = { namespace: "bench", model: `d${shape.hidden}` };
       // One process per shard (its shard server and its raw responder), as in a deployment.
-      const shardChildren = Array.from({ length: numShards }, (_, k) =>
+      const shardChildren = Array.from({ length: DISPATCH_SHARDS }, (_, k) =>
         spawn(
           process.execPath,
           [
@@ -184,42 +163,14 @@ export async function runDispatch(opts: {
           combineDtype: "bf16",
         });
         for (const T of tokenCounts) {
-          const r = rng(T * 7919 + shape.hidden);
-          const x = Float32Array.from({ length: T * shape.hidden }, () => r() * 2 - 1);
-          const ids = new Int32Array(T * shape.topK);
-          const weights = new Float32Array(T * shape.topK).fill(1 / shape.topK);
-          for (let t = 0; t < T; t++) {
-            const chosen = new Set<number>();
-            while (chosen.size < shape.topK) chosen.add(Math.floor(r() * shape.experts));
-            ids.set([...chosen], t * shape.topK);
-          }
-          // Bytes per shard, exactly as the dispatcher will send them (one frame each here).
-          const perShard = new Map<number, { tokens: Set<number>; assigns: number }>();
+          const { x, ids, weights } = layerInputs(shape, T);
           const layer = plan.layers[0]!;
-          for (let t = 0; t < T; t++) {
-            for (let k = 0; k < shape.topK; k++) {
-              const shard = layer.replicas[ids[t * shape.topK + k]!]![0]!;
-              const s = perShard.get(shard) ?? { tokens: new Set(), assigns: 0 };
-              s.tokens.add(t);
-              s.assigns++;
-              perShard.set(shard, s);
-            }
-          }
-          const raw = [...perShard.entries()].map(([k, s]) => {
-            const req = new Uint8Array(
-              dispatchFrameBytes(dtype, s.tokens.size, shape.hidden, s.assigns),
-            );
-            new DataView(req.buffer).setUint32(
-              0,
-              HEADER_BYTES + 2 * s.tokens.size * shape.hidden,
-              true,
-            );
-            return { subject: `raw.${model.model}.${k}`, req };
-          });
-          const requestBytes = raw.reduce((n, x) => n + x.req.length, 0);
-          const replyBytes = [...perShard.values()].reduce(
-            (n, s) => n + HEADER_BYTES + 2 * s.tokens.size * shape.hidden,
-            0,
+          const { raw, requestBytes, replyBytes } = floorRequests(
+            plan,
+            shape,
+            ids,
+            dtype,
+            (k) => `raw.${model.model}.${k}`,
           );
           const ours = async () => {
             const t0 = performance.now();
@@ -302,7 +253,7 @@ export async function runDispatch(opts: {
           hidden: shape.hidden,
           topK: shape.topK,
           experts: shape.experts,
-          shards: numShards,
+          shards: DISPATCH_SHARDS,
           tokens: c.T,
           dtype: c.dtype,
           requestBytes: c.requestBytes,
