@@ -324,9 +324,16 @@ export class Autoscaler {
     const s = this.#models.get(key);
     if (!s) return undefined;
     const { autoscaling } = s.model.spec;
+    // The roles were judged at the last tick; their replicas are the Deployments' as the
+    // reconcile that calls this has just observed them (a decision applied by this very
+    // reconcile shows at once, not one status refresh later).
+    const roles = s.roles.map((r) => ({
+      ...r,
+      replicas: s.view.replicas.get(r.role) ?? r.replicas,
+    }));
     return {
       ...(autoscaling.enabled
-        ? { autoscaling: { mode: autoscaling.mode, roles: s.roles, decisions: s.decisions } }
+        ? { autoscaling: { mode: autoscaling.mode, roles, decisions: s.decisions } }
         : {}),
       ...(s.rebalance ? { rebalance: s.rebalance } : {}),
     };
