@@ -98,6 +98,27 @@ inline const std::vector<em_dtype>& weight_dtypes() {
   return v;
 }
 
+// n values uniform in (-1, 1) stored as an MLA latent cache in `dtype` (f32, or bf16 by
+// truncation); `ref`, if given, gets the exact value of every element as stored.
+inline std::vector<uint8_t> random_cache(Rng& rng, em_dtype dtype, size_t n, std::vector<double>* ref = nullptr) {
+  std::vector<uint8_t> bytes(n * em_dtype_size(dtype));
+  if (ref != nullptr) ref->resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float v = rng.uniform(-1.0f, 1.0f);
+    double stored = v;
+    if (dtype == EM_F32) {
+      reinterpret_cast<float*>(bytes.data())[i] = v;
+    } else {
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(u >> 16);
+      stored = ref_bf16(static_cast<uint16_t>(u >> 16));
+    }
+    if (ref != nullptr) (*ref)[i] = stored;
+  }
+  return bytes;
+}
+
 // A random weight [rows, cols] stored in `dtype`, plus `ref`: the exact value of every
 // element as stored (after rounding / fp8 scaling), for the references. Values lie in
 // about [-range, range] (f16: always (-1, 1)).

@@ -59,20 +59,8 @@ void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wd
   std::vector<int32_t> positions, q_offsets = {0};
   for (const Seq& s : seqs) {
     const size_t n = static_cast<size_t>(s.cache_rows * row);
-    std::vector<uint8_t> bytes(n * em_dtype_size(cache_dt));
-    std::vector<double> ref(n);
-    for (size_t i = 0; i < n; ++i) {
-      const float v = rng.uniform(-1.0f, 1.0f);
-      if (cache_dt == EM_F32) {
-        reinterpret_cast<float*>(bytes.data())[i] = v;
-        ref[i] = v;
-      } else {
-        uint32_t u;
-        std::memcpy(&u, &v, 4);
-        reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(u >> 16);
-        ref[i] = ref_bf16(static_cast<uint16_t>(u >> 16));
-      }
-    }
+    std::vector<double> ref;
+    std::vector<uint8_t> bytes = random_cache(rng, cache_dt, n, &ref);
     cache_bytes.push_back(std::move(bytes));
     cache_ref.push_back(std::move(ref));
     caches.push_back(em_tensor_2d(cache_bytes.back().data(), cache_dt, s.cache_rows, row));

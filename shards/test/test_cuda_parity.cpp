@@ -566,17 +566,7 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
   std::vector<int32_t> positions, q_offsets = {0};
   for (const MlaSeq& s : seqs) {
     const size_t n = static_cast<size_t>(s.cache_rows * ld);
-    std::vector<uint8_t> bytes(n * em_dtype_size(cdt));
-    for (size_t i = 0; i < n; ++i) {
-      const float v = rng.uniform(-1.0f, 1.0f);
-      if (cdt == EM_F32) {
-        reinterpret_cast<float*>(bytes.data())[i] = v;
-      } else {
-        uint32_t u;
-        std::memcpy(&u, &v, 4);
-        reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(u >> 16);
-      }
-    }
+    std::vector<uint8_t> bytes = random_cache(rng, cdt, n);
     cache_bytes.push_back(std::move(bytes));
     em_tensor c = em_tensor_2d(cache_bytes.back().data(), cdt, s.cache_rows, row);
     c.stride[0] = ld;
