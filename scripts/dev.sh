@@ -4,7 +4,8 @@
 #
 #   build   build the native engine (shards/) and compile TypeScript to dist/
 #   lint    biome (format + lint) and a strict type-check of src, test and bench
-#   test    provision the test environment (test/env/provision.sh), then vitest run
+#   test    the C++ tests (also with AVX-512 emulated: scripts/avx512-emulated.sh), the test
+#           environment (test/env/provision.sh), then vitest run
 #   test:unit  only the pure-logic tests, no services
 #   bench   the benchmark set (bench/)
 #   start   the main job on the embedded default (see README)
@@ -78,6 +79,7 @@ case "$job" in
     ensure_native
     echo "[dev] native engine tests (ctest)" >&2
     bash shards/build.sh test >&2
+    bash scripts/avx512-emulated.sh
     bash test/env/provision.sh >&2
     exec vitest run "$@"
     ;;

@@ -113,6 +113,8 @@ struct Context {
 
 // Parallel GEMM drivers (matmul.cpp): split y into tiles over the thread pool.
 void gemm_nt(Context& ctx, const Gemm& g);
+// gemm_nt with fp32 products whatever the ISA (x never rounded to bf16): the gate's logits.
+void gemm_nt_f32(Context& ctx, const Gemm& g);
 void gemm_nn(Context& ctx, const Gemm& g);
 
 // Op implementations; arguments were validated by the dispatcher.

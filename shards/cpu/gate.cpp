@@ -29,7 +29,7 @@ em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const 
   g.M = T;
   g.N = E;
   g.K = x->shape[1];
-  gemm_nt(ctx, g);
+  gemm_nt_f32(ctx, g);  // fp32 logits on every ISA (the contract; AVX512_BF16 would round x)
 
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const bool grouped = cfg->topk_method != EM_TOPK_GREEDY && cfg->n_group > 1;

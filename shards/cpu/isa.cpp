@@ -35,6 +35,10 @@ CpuFeatures detect() {
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
   if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+#if defined(EM_EMULATE_AVX512)
+  // Test build: the AVX-512 kernels run on SIMDe over AVX2 (avx512_emulation.h).
+  f.avx512 = f.avx512_bf16 = f.avx2;
+#endif
 #endif
   return f;
 }

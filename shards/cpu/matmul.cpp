@@ -171,6 +171,13 @@ void gemm_nt(Context& ctx, const Gemm& g) {
   run_tiles(ctx, g, ctx.k->gemm_nt, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
 }
 
+void gemm_nt_f32(Context& ctx, const Gemm& g) {
+  if (g.M == 0 || g.N == 0) return;
+  // The AVX512_BF16 kernel rounds x to bf16 for bf16 weights; the plain AVX-512 one does not.
+  const GemmTileFn tile = ctx.isa == EM_ISA_AVX512_BF16 ? kernels_for(EM_ISA_AVX512).gemm_nt : ctx.k->gemm_nt;
+  run_tiles(ctx, g, tile, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
+}
+
 void gemm_nn(Context& ctx, const Gemm& g) {
   if (g.M == 0 || g.N == 0) return;
   run_tiles(ctx, g, ctx.k->gemm_nn, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 256, 16));

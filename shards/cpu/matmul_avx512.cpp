@@ -3,8 +3,9 @@
 // latency without the packed path), and a bf16 variant using AVX512_BF16 dot products
 // (x rounded to bf16, fp32 accumulation, as torch's bf16 linear does). Selected only when
 // cpuid reports the features; the other AVX-512 kernels come from the AVX2 table.
-// Not exercised on the AVX2-only development machines: CI on AVX-512 hardware runs the
-// same tests through it (test/harness.h tests every ISA the CPU has).
+// The development and CI machines have no AVX-512: scripts/avx512-emulated.sh runs the
+// tests through these kernels with SIMDe's emulated intrinsics (avx512_emulation.h); on
+// AVX-512 hardware the tests run them natively (test/harness.h tests every ISA the CPU has).
 #include <algorithm>
 
 // GCC 12's AVX-512 headers trip these inside _mm512_undefined_* (a known false positive).

@@ -13,8 +13,17 @@
 #define EM_X86 1
 #include <immintrin.h>
 #define EM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#if defined(EM_EMULATE_AVX512) && defined(EM_AVX512_TU)
+// Test builds only (CMake -DEM_EMULATE_AVX512=ON): the AVX-512 kernels' translation unit,
+// compiled with -mavx2, gets the AVX-512 intrinsics from SIMDe (portable C on AVX2 halves),
+// so machines without AVX-512 run those kernels through the same tests. See avx512_emulation.h.
+#include "avx512_emulation.h"
+#define EM_AVX512 EM_AVX2
+#define EM_AVX512BF16 EM_AVX2
+#else
 #define EM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define EM_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+#endif
 #else
 #define EM_X86 0
 #endif

@@ -45,7 +45,7 @@ inline long& checks() {
 
 inline int finish(const char* name) {
   if (failures() == 0) {
-    std::printf("%s: ok (%ld checks)\n", name, checks());
+    std::printf("%s: ok (%ld checks; CPU kernels up to %s)\n", name, checks(), em_cpu_isa_name(em_cpu_best_isa()));
     return 0;
   }
   std::printf("%s: %d failure(s)\n", name, failures());

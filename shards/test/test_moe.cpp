@@ -67,18 +67,27 @@ void run_case(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vect
     w3.push_back(ex.w3.view());
   }
   em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
-  const double tol = 1e-4;
+  // Allowed error at element i: 1e-4 x (1 + |ref_i|) for fp32 products. Where x is rounded
+  // to bf16 (AVX512_BF16 with bf16 weights, twice: x and the intermediate h), the error is
+  // set by the whole output's size, not the element's: 1e-2 x (1 + max |ref|).
+  auto max_abs = [](const std::vector<double>& v) {
+    double m = 0.0;
+    for (double e : v) m = std::max(m, std::fabs(e));
+    return m;
+  };
+  const double direct_max = max_abs(direct), scattered_max = max_abs(scattered);
   for (em_cpu_isa isa : available_isas()) {
     for (int threads : {1, 3}) {
       Backend be(isa, threads);
-      const double t = accumulation_tolerance(isa, dt) > 1e-3 ? 3e-2 : tol;
+      const bool rounds_x = accumulation_tolerance(isa, dt) > 1e-3;
+      auto allowed = [&](double ref, double ref_max) { return rounds_x ? 1e-2 * (1.0 + ref_max) : 1e-4 * (1.0 + std::fabs(ref)); };
       // Direct: y row r = FFN(x row r).
       std::vector<float> y(static_cast<size_t>(rows * dim), 9.0f);
       em_tensor yt = em_tensor_2d(y.data(), EM_F32, rows, dim);
       em_moe_args a{&xt, E, offsets.data(), w1.data(), w3.data(), w2.data(), nullptr, nullptr, 0, &yt, nullptr};
       CHECK_OK(em_moe_ffn(be.b, &a));
       for (size_t i = 0; i < y.size(); ++i) {
-        if (std::fabs(y[i] - direct[i]) > t * (1.0 + std::fabs(direct[i]))) {
+        if (std::fabs(y[i] - direct[i]) > allowed(direct[i], direct_max)) {
           CHECK(false, "%s %s direct i=%zu got %g want %g", be.label.c_str(), em_dtype_name(dt), i, y[i], direct[i]);
           break;
         }
@@ -90,7 +99,7 @@ void run_case(Rng& rng, em_dtype dt, int64_t dim, int64_t inter, const std::vect
                     nullptr};
       CHECK_OK(em_moe_ffn(be.b, &b));
       for (size_t i = 0; i < ys.size(); ++i) {
-        if (std::fabs(ys[i] - scattered[i]) > t * (1.0 + std::fabs(scattered[i]))) {
+        if (std::fabs(ys[i] - scattered[i]) > allowed(scattered[i], scattered_max)) {
           CHECK(false, "%s %s scattered i=%zu got %g want %g", be.label.c_str(), em_dtype_name(dt), i, ys[i],
                 scattered[i]);
           break;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The native engine's C++ tests once more, with the AVX-512 and AVX512_BF16 kernels emulated:
+# on a machine without AVX-512 (every development and CI machine so far) those kernels never
+# run otherwise, yet they are what most x86 servers select. SIMDe (header-only, from its PyPI
+# sdist, pinned by sha256, cached) supplies the AVX-512 intrinsics as AVX2 code, and the
+# build reports the emulated ISAs as present, so every test also runs them (shards/cpu/
+# avx512_emulation.h says what this checks and what it cannot). Called by `npm test`.
+#
+# Needs an x86-64 CPU with AVX2; elsewhere there are no AVX-512 kernels to test and it says
+# so. Environment: EM_BUILD_JOBS (default: number of CPUs), EXPERTMESH_CACHE_DIR.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${EXPERTMESH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/expertmesh}
+jobs=${EM_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}
+log() { echo "[avx512-emulated] $*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+t0=$(date +%s)
+
+if [ "$(uname -m)" != x86_64 ] || ! grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  log "not run: this is not an x86-64 Linux machine with AVX2 (no AVX-512 kernels to emulate here)"
+  exit 0
+fi
+
+# SIMDe 0.8.2 headers, from the simde-py sdist on PyPI.
+simde_url=https://files.pythonhosted.org/packages/6d/53/5d46f64168c67597f657f3edb7ae94b7cda0fefe2db2a15568f03f70a673/simde_py-0.8.2.post1.tar.gz
+simde_sha256=d7eebe0728d44a5e1fef186ed7810407465e835a2ead45ce0c22eefadd66dbf6
+simde="$cache/simde-0.8.2"
+if [ ! -f "$simde/.complete" ]; then
+  log "fetching SIMDe 0.8.2 headers (0.7 MB, once) into $simde"
+  tmp="$simde.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  trap 'rm -rf "$tmp"' EXIT
+  curl -fsSL --retry 3 -o "$tmp/simde.tar.gz" "$simde_url" || die "download failed: $simde_url"
+  echo "$simde_sha256  $tmp/simde.tar.gz" | sha256sum -c --quiet - || die "sha256 mismatch for $simde_url"
+  tar -xzf "$tmp/simde.tar.gz" -C "$tmp" simde_py-0.8.2.post1/simde_py/simde/simde
+  mkdir -p "$tmp/include"
+  mv "$tmp/simde_py-0.8.2.post1/simde_py/simde/simde" "$tmp/include/simde"
+  [ -f "$tmp/include/simde/x86/avx512.h" ] || die "the sdist has no simde/x86/avx512.h (layout changed?)"
+  rm -rf "$simde"
+  mkdir -p "$simde"
+  mv "$tmp/include" "$simde/include"
+  touch "$simde/.complete"
+  rm -rf "$tmp"
+  trap - EXIT
+fi
+
+# One build directory per checkout (CMake ties a build directory to its source path).
+build="$cache/avx512-emulated/$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+log "building the engine and its tests with emulated AVX-512 ($jobs job(s)) in $build"
+cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_CUDA=OFF -DEM_BUILD_ADDON=OFF \
+  -DEM_EMULATE_AVX512=ON -DSIMDE_INCLUDE_DIR="$simde/include" >/dev/null
+cmake --build "$build" --parallel "$jobs" >/dev/null || {
+  cmake --build "$build" --parallel 1 2>&1 | tail -40 >&2
+  die "build failed"
+}
+log "running the C++ tests (every ISA, avx512 and avx512bf16 emulated)"
+(cd "$build" && ctest --output-on-failure) >&2 || die "tests failed with emulated AVX-512 (above)"
+# The tests cover every ISA up to the best one the build reports: make sure that was avx512bf16.
+"$build/test_matmul" | grep -q "CPU kernels up to avx512bf16" || die "the build did not offer the emulated ISAs"
+log "passed ($(($(date +%s) - t0)) s)"
