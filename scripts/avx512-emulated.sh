@@ -48,19 +48,26 @@ if [ ! -f "$simde/.complete" ]; then
   trap - EXIT
 fi
 
-# One build directory per checkout (CMake ties a build directory to its source path).
+# One build directory per checkout (CMake ties a build directory to its source path). The
+# engine, its C++ tests and the addon, as shards/build.sh builds them, plus the emulation.
 build="$cache/avx512-emulated/$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
-gen=()
-command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-log "building the engine and its tests with emulated AVX-512 ($jobs job(s)) in $build"
-cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_CUDA=OFF -DEM_BUILD_ADDON=OFF \
-  -DEM_EMULATE_AVX512=ON -DSIMDE_INCLUDE_DIR="$simde/include" >/dev/null
-cmake --build "$build" --parallel "$jobs" >/dev/null || {
-  cmake --build "$build" --parallel 1 2>&1 | tail -40 >&2
-  die "build failed"
+log "building the engine, its tests and the addon with emulated AVX-512 in $build"
+addon=$(EM_BUILD_DIR="$build" EM_CUDA=OFF EM_BUILD_JOBS="$jobs" \
+  EM_CMAKE_ARGS="-DEM_EMULATE_AVX512=ON -DSIMDE_INCLUDE_DIR=$simde/include" \
+  bash "$root/shards/build.sh" test 2>"$build.log") || {
+  tail -40 "$build.log" >&2
+  die "build or C++ tests failed with emulated AVX-512 (above; whole log $build.log)"
 }
-log "running the C++ tests (every ISA, avx512 and avx512bf16 emulated)"
-(cd "$build" && ctest --output-on-failure) >&2 || die "tests failed with emulated AVX-512 (above)"
+grep -E "tests passed|Test +#" "$build.log" >&2 || true
 # The tests cover every ISA up to the best one the build reports: make sure that was avx512bf16.
 "$build/test_matmul" | grep -q "CPU kernels up to avx512bf16" || die "the build did not offer the emulated ISAs"
+
+# The whole engine on the default ISA such a machine picks (avx512), against the goldens.
+vitest="$root/node_modules/vitest/vitest.mjs"
+[ -f "$vitest" ] || die "vitest not installed (run npm test, or npm ci, first)"
+isa=$(node -e 'console.log(require(process.argv[1]).configure({}).isa)' "$addon") || die "cannot load $addon"
+[ "$isa" = avx512 ] || die "the emulated addon picks '$isa' by default, expected avx512"
+log "fidelity tests (tiny models vs the goldens) through the emulated addon (isa $isa)"
+(cd "$root" && EM_NATIVE_ADDON="$addon" node "$vitest" run --config vitest.unit.config.ts test/engine/fidelity.test.ts \
+  --reporter dot) >&2 || die "fidelity tests failed with emulated AVX-512"
 log "passed ($(($(date +%s) - t0)) s)"

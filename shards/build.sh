@@ -12,6 +12,7 @@
 #   NODE_INCLUDE_DIR    directory with node_api.h (default: found next to the node binary)
 #   NODE_ADDON_API_DIR  directory with napi.h (default: node_modules/node-addon-api)
 #   EM_NODE             node binary (default: Node 24 from scripts/node24.sh, else `node`)
+#   EM_CMAKE_ARGS       more CMake arguments, split on spaces (scripts/avx512-emulated.sh)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -116,7 +117,7 @@ cmake -S "$here" -B "$build_dir" -G "$generator" \
   -DEM_CUDA="${EM_CUDA:-AUTO}" \
   -DNODE_INCLUDE_DIR="$node_include" \
   -DNODE_ADDON_API_DIR="$addon_api" \
-  -DNODE_EXECUTABLE="${node:-}" >&2 || die "cmake configure failed (see above)"
+  -DNODE_EXECUTABLE="${node:-}" ${EM_CMAKE_ARGS:-} >&2 || die "cmake configure failed (see above)"
 
 log "building with $jobs job(s)"
 cmake --build "$build_dir" --parallel "$jobs" >&2 || die "build failed (see above)"

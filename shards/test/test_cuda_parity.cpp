@@ -532,8 +532,8 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
 // Tolerances: f32 weights with an f32 cache are fp32 throughout (summation order only).
 // bf16/f16/fp8 weights round q_nope and o_lat for tensor-core GEMMs (fp8: dequantized to
 // bf16), as gemm_tolerance. A bf16 cache: the tensor-core kernel (C 512, dr 64) rounds q_lat
-// and the softmax weights to bf16, and the CPU reference with AVX512_BF16 rounds q for its
-// bf16 dot products, so bf16's tolerance.
+// and the softmax weights to bf16 (and a CPU reference run with EM_CPU_ISA=avx512bf16
+// rounds q for its bf16 dot products), so bf16's tolerance.
 double mla_tolerance(em_dtype w, em_dtype cache) {
   return std::max(gemm_tolerance(w), cache == EM_BF16 ? gemm_tolerance(EM_BF16) : gemm_tolerance(EM_F32));
 }

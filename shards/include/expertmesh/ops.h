@@ -260,7 +260,8 @@ typedef struct em_backend {
 } em_backend;
 
 typedef enum em_cpu_isa {
-  EM_ISA_AUTO = 0, /* best the CPU supports, or $EM_CPU_ISA if set (clamped to the CPU) */
+  EM_ISA_AUTO = 0, /* $EM_CPU_ISA if set and supported, else the best the CPU supports short of
+                      AVX512_BF16 (which rounds x: opt-in) */
   EM_ISA_SCALAR = 1,
   EM_ISA_AVX2 = 2,       /* AVX2 + FMA + F16C */
   EM_ISA_AVX512 = 3,     /* AVX-512 F/BW/VL */
