@@ -27,9 +27,10 @@
 //       when ceil(K/128) % 4 == 0, else repacked into scratch);
 //   B = the quantized activations, CUBLAS_OP_N, stored K x Mp with ld = K; scale mode
 //       VEC128_32F: one f32 per 128 columns of a token, tokens contiguous
-//       ([K/128][Mp] row-major), Mp = M rounded up to 4 (pad tokens are zero, scale 1; PyTorch's
-//       check expects stride M and TransformerEngine pads to 4, which agree for Mp);
-//   D = y^T, f32 (written to y directly when M % 4 == 0 and y is 16-byte aligned), else to
+//       ([K/128][Mp] row-major), Mp = M rounded up to 8 (pad tokens are zero, scale 1; PyTorch's
+//       check expects stride M and TransformerEngine pads to 4, which agree for Mp; 8, not 4,
+//       because TransformerEngine also reports needing 8 tokens for this operand: untested);
+//   D = y^T, f32 (written to y directly when M % 8 == 0 and y is 16-byte aligned), else to
 //       scratch and copied; where cuBLASLt has no f32-output algorithm, bf16 output (converted).
 // Requirements checked before selecting it: K a positive multiple of 128, weight data and row
 // stride 16-byte aligned. Anything else, or no algorithm from the heuristic, runs the default
@@ -321,9 +322,9 @@ LtPlan make_plan(Fp8Lt& lt, const LtKey& key, const void* a_scale, const void* b
   return p;
 }
 
-// The cached plan (made on first use); a copy of its handles, valid while the backend lives.
+// The cached plan (made on first use); a copy of its handles, valid while lt.mu is held (a
+// purge releases them). Caller holds lt.mu.
 LtPlan get_plan(Fp8Lt& lt, const LtKey& key, const void* a_scale, const void* b_scale) {
-  std::lock_guard<std::mutex> lock(lt.mu);
   auto it = lt.plans.find(key);
   if (it != lt.plans.end()) return it->second;
   if (lt.plans.size() >= kMaxLtPlans) {  // many distinct shapes: start over
@@ -333,8 +334,8 @@ LtPlan get_plan(Fp8Lt& lt, const LtKey& key, const void* a_scale, const void* b_
   return lt.plans.emplace(key, make_plan(lt, key, a_scale, b_scale)).first->second;
 }
 
+// Caller holds lt.mu.
 void mark_failed(Fp8Lt& lt, const LtKey& key, const std::string& why) {
-  std::lock_guard<std::mutex> lock(lt.mu);
   auto it = lt.plans.find(key);
   if (it == lt.plans.end()) return;
   it->second.release();
@@ -365,7 +366,7 @@ bool fp8_lt_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tens
     return false;
   }
 #if CUBLAS_VERSION >= 120900
-  const int64_t Mp = round_up(M, 4), Kb = K / EM_FP8_BLOCK, Nb = (N + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK,
+  const int64_t Mp = round_up(M, 8), Kb = K / EM_FP8_BLOCK, Nb = (N + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK,
                 Kb4 = round_up(Kb, 4);
   const int64_t ldw = w.stride[0];
   const uint32_t align_w = align_of(w.data, ldw);
@@ -376,7 +377,7 @@ bool fp8_lt_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tens
   const size_t q_bytes = static_cast<size_t>(round_up(Mp * K, 256));
   const size_t s_bytes = static_cast<size_t>(round_up(Kb * Mp * 4, 256));
   const size_t ws_bytes = scale_direct ? 0 : static_cast<size_t>(round_up(Nb * Kb4 * 4, 256));
-  // D: y itself (f32, M % 4 == 0, aligned), else scratch with ld N rounded up to 8.
+  // D: y itself (f32, M % 8 == 0, aligned), else scratch with ld N rounded up to 8.
   const bool y_ok = M == Mp && reinterpret_cast<uintptr_t>(y) % 16 == 0 && ldy % 4 == 0;
   const int64_t ldd_s = round_up(N, 8);
   char* base = nullptr;
@@ -386,6 +387,10 @@ bool fp8_lt_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tens
   // Plans: f32 out (into y when possible), else bf16 out into scratch. The heuristic sees the
   // scale pointers only as attributes; the real ones are set below, before the launch.
   const void* hint = w.scale;
+  // One backend may serve several threads: the plan's descriptor is shared and gets this
+  // call's scale pointers, so lookup, attributes and launch happen under one lock (launches
+  // are asynchronous: it is held for microseconds).
+  std::lock_guard<std::mutex> lock(lt.mu);
   LtKey key{N, Mp, K, ldw, y_ok ? ldy : ldd_s, static_cast<int>(CUDA_R_32F), align_w, y_ok ? align_of(y, ldy * 4) : 256u};
   LtPlan plan = get_plan(lt, key, hint, hint);
   std::string why = plan.ok ? "" : plan.why;

@@ -180,7 +180,13 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   }
   const size_t esz = em_dtype_size(dt);
   const cudaDataType_t ab = cuda_type(dt);
-  const bool grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx));
+  // An empty sum (dim 0, or an expert with rows and no intermediate) is the loop's case:
+  // cuBLAS rejects K = 0, gemm_nt writes the zeros itself.
+  bool empty_sum = dim == 0;
+  for (int32_t e = 0; e < E; ++e)
+    if (a->expert_offsets[e + 1] > a->expert_offsets[e] && a->w1[e].shape[0] == 0) empty_sum = true;
+  const bool grouped =
+      ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx)) && !empty_sum;
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate && !grouped;
 
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)

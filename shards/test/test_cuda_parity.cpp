@@ -126,7 +126,8 @@ void fp8_matmul_cases(Rng& rng, Backends& b) {
 }
 
 void matmul_cases(Rng& rng, Backends& b) {
-  const int64_t shapes[][3] = {{1, 256, 512}, {7, 300, 129}, {64, 1024, 768}, {130, 96, 7168}};
+  // {5, 17, 0}: an empty sum, zeros (cuBLAS itself rejects K = 0).
+  const int64_t shapes[][3] = {{1, 256, 512}, {7, 300, 129}, {64, 1024, 768}, {130, 96, 7168}, {5, 17, 0}};
   for (em_dtype dt : {EM_F32, EM_BF16, EM_F16}) {
     for (const auto& s : shapes) {
       const int64_t M = s[0], N = s[1], K = s[2];
@@ -443,7 +444,7 @@ void fp8_lt_cases(Rng& rng, Backends& b, int cc_major) {
     bool eligible;  // meets the lt path's requirements (K % 128 == 0, 16-byte aligned weight rows)
   };
   const Case cases[] = {
-      {33, 2048, 7168, 0, 0, 2048, 7168, true},  // V3 expert gate/up (7168 -> 2048); M % 4 != 0
+      {33, 2048, 7168, 0, 0, 2048, 7168, true},  // V3 expert gate/up (7168 -> 2048); M % 8 != 0 (padded)
       {64, 7168, 2048, 0, 0, 7168, 2048, true},  // V3 expert down (2048 -> 7168)
       {1, 256, 512, 0, 0, 256, 512, true},       // decode
       {7, 300, 384, 0, 0, 300, 384, true},       // N off the 128 grid
@@ -638,6 +639,15 @@ void mla_cases(Rng& rng, Backends& b) {
     mla_case(rng, b, lite, wl, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70");
     mla_case(rng, b, lite, wl, {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}}, EM_BF16, "decode S=1,37,1000,4096");
     mla_case(rng, b, lite, wl, {{300, mla_range(250, 300)}, {9, {7, 8}}}, EM_BF16, "chunked prefill + MTP");
+    // Two tokens far apart in one group: the first sees none of the cache rows of 31 of the
+    // group's 32 chunks (fully masked rows in a split group).
+    mla_case(rng, b, lite, wl, {{4096, {100, 4095}}}, EM_BF16, "tokens at 100, 4095 (fully masked chunk rows)");
+  }
+  {
+    // 20 heads: groups of 60 rows, not a multiple of the kernel's 16-row blocks.
+    const MlaDims h20{"h20", 20, 128, 64, 128, 512};
+    TestWeight wh = make_weight(rng, EM_BF16, h20.H * (h20.dn + h20.dv), h20.C, 0.25f);
+    mla_case(rng, b, h20, wh, {{4096, {1000, 2000, 4095}}}, EM_BF16, "tokens at 1000, 2000, 4095 (partial row blocks)");
   }
   const std::vector<MlaSeq> decode = {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}};
   for (em_dtype wdt : {EM_BF16, EM_F32, EM_F8_E4M3}) {
