@@ -28,7 +28,8 @@
 // Weights: f32 runs fp32 GEMMs (no TF32); bf16/f16 run tensor-core GEMMs with q_nope and
 // o_lat rounded to the weight dtype (as matmul does); fp8 is dequantized to bf16 scratch with
 // its block scales (as DeepSeek's reference weight_dequant does for the absorbed path).
-// $EM_CUDA_MLA=simt forces the fp32 SIMT kernel (debugging and benchmarks).
+// $EM_CUDA_MLA=simt forces the fp32 SIMT kernel (debugging and benchmarks), =simt16 with
+// 16-row tiles (what GPUs with 99 KB of shared memory per block run).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -103,28 +104,32 @@ __global__ void mla_dequant_kernel(const void* w, int64_t ld, const float* scale
 // ------------------------------------------------------------------ step 3a: fp32 SIMT kernel
 
 constexpr int kSimtQG = 8;  // query rows per block: one warp each
-constexpr int kSimtBN = 32; // cache rows per tile: one lane each for the scores
 constexpr int kSimtThreads = kSimtQG * 32;
+// Cache rows per tile (BN), one lane each for the scores: 32, or 16 (lanes 16-31 idle for the
+// scores) where 32 rows do not fit the block's shared memory: DeepSeek's C 512 + dr 64 need
+// 110 KB at 32, 72 KB at 16, and sm_86/sm_89 parts (A10, L4, L40S) allow 99 KB.
+constexpr int kSimtBNs[] = {32, 16};
 
 __host__ __device__ inline int simt_ks(int D) { return D | 1; }  // odd row stride: no bank conflicts
 
-size_t simt_smem_bytes(int C, int D) {
-  return sizeof(float) * (static_cast<size_t>(kSimtQG) * D + static_cast<size_t>(kSimtBN) * simt_ks(D) +
-                          kSimtQG * kSimtBN + static_cast<size_t>(kSimtQG) * C + 2 * kSimtQG) +
+size_t simt_smem_bytes(int C, int D, int BN) {
+  return sizeof(float) * (static_cast<size_t>(kSimtQG) * D + static_cast<size_t>(BN) * simt_ks(D) + kSimtQG * BN +
+                          static_cast<size_t>(kSimtQG) * C + 2 * kSimtQG) +
          sizeof(int) * kSimtQG;
 }
 
 __device__ __forceinline__ float cache_f32(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float cache_f32(const uint16_t* p, int64_t i) { return bf16_bits_to_f32(p[i]); }
 
-template <typename CT>
+template <typename CT, int BN>
 __global__ void __launch_bounds__(kSimtThreads) mla_simt_kernel(MlaParams p, int32_t item_first) {
+  static_assert(BN >= 1 && BN <= 32, "one lane per cache row of a tile");
   extern __shared__ __align__(16) float fsm[];
   const int D = p.D, C = p.C, KS = simt_ks(D);
   float* Qs = fsm;                     // [QG][D]
   float* Ks = Qs + kSimtQG * D;        // [BN][KS]
-  float* Ps = Ks + kSimtBN * KS;       // [QG][BN]
-  float* Os = Ps + kSimtQG * kSimtBN;  // [QG][C]
+  float* Ps = Ks + BN * KS;            // [QG][BN]
+  float* Os = Ps + kSimtQG * BN;       // [QG][C]
   float* As = Os + kSimtQG * C;        // [QG] alpha of the tile, then l
   float* Ms = As + kSimtQG;            // [QG] (unused slot kept for alignment of vis)
   int* vis = reinterpret_cast<int*>(Ms + kSimtQG);  // [QG] min(pos + 1, row_end); 0 for padding rows
@@ -145,21 +150,24 @@ __global__ void __launch_bounds__(kSimtThreads) mla_simt_kernel(MlaParams p, int
   if (tid < kSimtQG) vis[tid] = tid < g.nrows ? min(p.positions[group_token(g, tid)] + 1, it.row_end) : 0;
 
   float m = -INFINITY, l = 0.0f;  // of query row `warp` (every lane holds them)
-  for (int j0 = it.row_begin; j0 < it.row_end; j0 += kSimtBN) {
-    const int n_rows = min(kSimtBN, it.row_end - j0);
+  for (int j0 = it.row_begin; j0 < it.row_end; j0 += BN) {
+    const int n_rows = min(BN, it.row_end - j0);
     __syncthreads();  // the previous tile is consumed (first pass: Qs, Os, vis are written)
-    for (int e = tid; e < kSimtBN * D; e += kSimtThreads) {
+    for (int e = tid; e < BN * D; e += kSimtThreads) {
       const int r = e / D, c = e - r * D;
       Ks[r * KS + c] = r < n_rows ? cache_f32(cdata, static_cast<int64_t>(j0 + r) * cache.ld + c) : 0.0f;
     }
     __syncthreads();
     {
-      const int r = warp, n = lane;
-      const float* qr = Qs + r * D;
-      const float* kr = Ks + n * KS;
-      float s = 0.0f;
-      for (int k = 0; k < D; ++k) s = fmaf(qr[k], kr[k], s);
-      s = j0 + n < vis[r] ? s * p.scale_log2 : -INFINITY;
+      const int r = warp, n = lane;  // lanes n >= BN hold no cache row: score -inf, weight 0
+      float s = -INFINITY;
+      if (n < BN) {
+        const float* qr = Qs + r * D;
+        const float* kr = Ks + n * KS;
+        float dot = 0.0f;
+        for (int k = 0; k < D; ++k) dot = fmaf(qr[k], kr[k], dot);
+        if (j0 + n < vis[r]) s = dot * p.scale_log2;
+      }
       float mx = s;
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       const float m_new = fmaxf(m, mx), m_use = m_new == -INFINITY ? 0.0f : m_new;
@@ -168,13 +176,13 @@ __global__ void __launch_bounds__(kSimtThreads) mla_simt_kernel(MlaParams p, int
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       l = l * alpha + sum;
       m = m_new;
-      Ps[r * kSimtBN + n] = pv;
+      if (n < BN) Ps[r * BN + n] = pv;
       if (lane == 0) As[r] = alpha;
     }
     __syncthreads();
     for (int e = tid; e < kSimtQG * C; e += kSimtThreads) {
       const int r = e / C, c = e - r * C;
-      const float* pr = Ps + r * kSimtBN;
+      const float* pr = Ps + r * BN;
       float acc = Os[e] * As[r];
       for (int n = 0; n < n_rows; ++n) acc = fmaf(pr[n], Ks[n * KS + c], acc);
       Os[e] = acc;
@@ -566,9 +574,18 @@ void plan_kernel(const em_mla_args* a, int64_t T, const std::vector<int32_t>& se
   }
 }
 
-bool force_simt() {
+// $EM_CUDA_MLA: "simt" forces the fp32 SIMT kernel, "simt16" that kernel with 16-row tiles
+// (the small-shared-memory variant, for tests on GPUs where 32 rows fit).
+bool env_is(const char* value) {
   const char* env = std::getenv("EM_CUDA_MLA");
-  return env != nullptr && std::strcmp(env, "simt") == 0;
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
+template <typename CT>
+void launch_simt(int bn, size_t n, size_t smem, cudaStream_t stream, const MlaParams& p, int32_t first) {
+  auto kernel = bn == 32 ? mla_simt_kernel<CT, 32> : mla_simt_kernel<CT, 16>;
+  EMC_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(n), kSimtThreads, smem, stream>>>(p, first);
 }
 
 }  // namespace
@@ -590,8 +607,14 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
   int major = 0, optin = 0;
   EMC_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx.device));
   EMC_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, ctx.device));
-  const bool tc_ok = C == kTcC && dr == kTcDr && major >= 8 && static_cast<size_t>(optin) >= kTcSmem && !force_simt();
-  const size_t simt_smem = simt_smem_bytes(static_cast<int>(C), static_cast<int>(D));
+  const bool force16 = env_is("simt16");
+  const bool tc_ok =
+      C == kTcC && dr == kTcDr && major >= 8 && static_cast<size_t>(optin) >= kTcSmem && !env_is("simt") && !force16;
+  int simt_bn = 0;  // the SIMT kernel's tile rows: the largest that fits (0: none)
+  for (int bn : kSimtBNs)
+    if (simt_bn == 0 && (!force16 || bn == 16) && simt_smem_bytes(static_cast<int>(C), static_cast<int>(D), bn) <= static_cast<size_t>(optin))
+      simt_bn = bn;
+  const size_t simt_smem = simt_bn > 0 ? simt_smem_bytes(static_cast<int>(C), static_cast<int>(D), simt_bn) : 0;
 
   // Caches on the device, and the kernel each sequence runs.
   std::vector<MlaCache> caches(static_cast<size_t>(a->num_seqs));
@@ -609,7 +632,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     const MlaKernel k = c.dtype == EM_BF16 ? (tc_ok && aligned ? kTensorCore : kSimtBf16) : kSimtF32;
     by_kernel[k].push_back(s);
   }
-  if ((!by_kernel[kSimtF32].empty() || !by_kernel[kSimtBf16].empty()) && simt_smem > static_cast<size_t>(optin))
+  if ((!by_kernel[kSimtF32].empty() || !by_kernel[kSimtBf16].empty()) && simt_bn == 0)
     throw Error(EM_ERR_UNSUPPORTED, "mla_attention: kv_lora_rank + rope dims too large for one block's shared memory");
 
   Plan plan;
@@ -619,7 +642,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     if (k == kTensorCore)
       plan_kernel(a, T, by_kernel[k], kTcQG, 128, ctx.sm_count, kTcBN, plan);
     else
-      plan_kernel(a, T, by_kernel[k], kSimtQG, 64, 2 * static_cast<int64_t>(ctx.sm_count), kSimtBN, plan);
+      plan_kernel(a, T, by_kernel[k], kSimtQG, 64, 2 * static_cast<int64_t>(ctx.sm_count), simt_bn, plan);
   }
   item_first[kKernels] = plan.items.size();
 
@@ -683,13 +706,9 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       EMC_CUDA(cudaFuncSetAttribute(mla_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
       mla_tc_kernel<<<static_cast<unsigned>(n), kTcThreads, kTcSmem, op.stream()>>>(p, f);
     } else if (k == kSimtF32) {
-      EMC_CUDA(cudaFuncSetAttribute(mla_simt_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(simt_smem)));
-      mla_simt_kernel<float><<<static_cast<unsigned>(n), kSimtThreads, simt_smem, op.stream()>>>(p, f);
+      launch_simt<float>(simt_bn, n, simt_smem, op.stream(), p, f);
     } else {
-      EMC_CUDA(cudaFuncSetAttribute(mla_simt_kernel<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(simt_smem)));
-      mla_simt_kernel<uint16_t><<<static_cast<unsigned>(n), kSimtThreads, simt_smem, op.stream()>>>(p, f);
+      launch_simt<uint16_t>(simt_bn, n, simt_smem, op.stream(), p, f);
     }
     EMC_LAUNCHED();
   }

@@ -664,6 +664,11 @@ void mla_cases(Rng& rng, Backends& b) {
       mla_case(rng, b, v3, w, {{200, mla_range(0, 200)}}, EM_BF16, "prefill 200");
       mla_case(rng, b, v3, w, {{300, mla_range(250, 300)}, {40, mla_range(0, 40)}}, EM_BF16, "chunked prefill batch");
       mla_case(rng, b, v3, w, {{1000, {999}}, {37, {36}}}, EM_F32, "decode S=1000,37");
+      // The SIMT kernel's 16-row tiles, which GPUs with 99 KB of shared memory per block run.
+      setenv("EM_CUDA_MLA", "simt16", 1);
+      mla_case(rng, b, v3, w, {{1000, {999}}, {37, {36}}}, EM_BF16, "decode S=1000,37, 16-row SIMT tiles");
+      mla_case(rng, b, v3, w, {{70, mla_range(0, 70)}}, EM_F32, "prefill 70, 16-row SIMT tiles");
+      unsetenv("EM_CUDA_MLA");
     } else {
       mla_case(rng, b, v3, w, decode, EM_BF16, "decode S=1,37,1000,4096");
       mla_case(rng, b, v3, w, decode, EM_BF16, "decode, device memory", 0, kMlaDevice);
