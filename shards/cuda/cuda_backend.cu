@@ -41,8 +41,8 @@ void* Op::alloc(size_t bytes) {
   return p;
 }
 
-// Device memory (or pinned/managed memory the device can reach) is used in place; pageable
-// host memory is copied into scratch.
+// This device's memory (or pinned/managed memory it can reach) is used in place; pageable
+// host memory and another GPU's memory (peer access is not assumed) are copied into scratch.
 const void* Op::stage(const void* p, size_t bytes) {
   if (p == nullptr || bytes == 0) return p;
   cudaPointerAttributes attr{};
@@ -50,10 +50,10 @@ const void* Op::stage(const void* p, size_t bytes) {
     cudaGetLastError();  // clear: older drivers report host pointers as errors
     attr.type = cudaMemoryTypeUnregistered;
   }
-  if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) return p;
+  if ((attr.type == cudaMemoryTypeDevice && attr.device == ctx.device) || attr.type == cudaMemoryTypeManaged) return p;
   if (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr) return attr.devicePointer;
   void* d = alloc(bytes);
-  EMC_CUDA(cudaMemcpyAsync(d, p, bytes, cudaMemcpyHostToDevice, ctx.stream));
+  EMC_CUDA(cudaMemcpyAsync(d, p, bytes, cudaMemcpyDefault, ctx.stream));
   return d;
 }
 
@@ -85,7 +85,7 @@ em_tensor Op::out(const em_tensor& t) {
 
 void Op::finish() {
   for (const CopyBack& c : copy_back_)
-    EMC_CUDA(cudaMemcpyAsync(c.host, c.dev, c.bytes, cudaMemcpyDeviceToHost, ctx.stream));
+    EMC_CUDA(cudaMemcpyAsync(c.host, c.dev, c.bytes, cudaMemcpyDefault, ctx.stream));
   EMC_CUDA(cudaStreamSynchronize(ctx.stream));
   EMC_CUDA(cudaGetLastError());
 }
