@@ -2,14 +2,15 @@
 // /health (the process is up), /ready (every expert shard answers), /metrics, and one
 // error format for everything, OpenAI's {error: {message, type, param, code}}.
 import { timingSafeEqual } from "node:crypto";
-import Fastify, { type FastifyInstance } from "fastify";
+import { STATUS_CODES } from "node:http";
+import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
-import type { ServeContext } from "./jobs.ts";
+import { logServerError, type ServeContext } from "./jobs.ts";
 import { openaiRoutes } from "./openai.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
-  /** Bearer keys accepted on /v1/*; empty: no authentication. */
+  /** Bearer keys accepted on every route but /health, /ready and /metrics; empty: none. */
   readonly apiKeys?: readonly string[];
   /** Largest request body (bytes). */
   readonly maxRequestBytes?: number;
@@ -25,11 +26,37 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     bodyLimit: o.maxRequestBytes ?? 1 << 20,
     // Validate bodies as they are: no coercion ("1" is not a number), unknown fields kept.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
+    // Errors before routing (a bad percent-escape in the path) in our format too.
+    frameworkErrors: (err, _req, reply) => {
+      const e = new ApiError("EM_GATEWAY_BAD_REQUEST", err.message);
+      (reply as FastifyReply).status(e.status).send(errorBody(e));
+    },
+    // Requests Node cannot parse (an unknown method, a bad Content-Length, headers too
+    // large): there is no request to reply to, so the answer goes to the socket.
+    clientErrorHandler: (err: NodeJS.ErrnoException, socket) => {
+      if (err.code === "ECONNRESET" || socket.destroyed) return;
+      const [status, message] =
+        err.code === "HPE_HEADER_OVERFLOW"
+          ? [431, "the request headers are too large"]
+          : err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+            ? [408, "the request did not arrive in time"]
+            : [400, `the request is not valid HTTP (${err.code ?? err.message})`];
+      const body = JSON.stringify(
+        errorBody(new ApiError("EM_GATEWAY_BAD_REQUEST", message, { status })),
+      );
+      if (socket.writable)
+        socket.write(
+          `HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+            `Content-Type: application/json\r\nConnection: close\r\n\r\n${body}`,
+        );
+      socket.destroy(err);
+    },
   });
   const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
 
-  app.setErrorHandler((err, _req, reply) => {
+  app.setErrorHandler((err, req, reply) => {
     const e = toApiError(err);
+    logServerError(o.ctx, `${req.method} ${req.url}`, err);
     if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
     reply.status(e.status).send(errorBody(e));
   });
@@ -38,10 +65,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     reply.status(e.status).send(errorBody(e));
   });
 
+  // Every route needs a key except the probes and metrics. Decided by the route fastify
+  // matched, never by the raw URL: '/%76%31/models' is routed as '/v1/models'.
+  const open = new Set(["/health", "/ready", "/metrics"]);
   app.addHook("onRequest", async (req) => {
-    if (keys.length === 0 || !req.url.startsWith("/v1/")) return;
+    if (keys.length === 0 || open.has(req.routeOptions.url ?? "")) return;
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "");
-    const given = Buffer.from(m?.[1]?.trim() ?? "");
+    // Node gives header bytes as latin1 characters; the keys are compared as UTF-8 bytes.
+    const given = Buffer.from(m?.[1]?.trim() ?? "", "latin1");
     if (!keys.some((k) => k.length === given.length && timingSafeEqual(k, given)))
       throw new ApiError(
         "EM_GATEWAY_UNAUTHORIZED",

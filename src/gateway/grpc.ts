@@ -22,7 +22,7 @@ import {
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { ApiError, toApiError } from "./errors.ts";
-import { type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
+import { encodablePrompt, type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -358,7 +358,20 @@ export function grpcStatus(err: unknown): Partial<StatusObject> {
   metadata.set("em-code", e.code);
   if (e.param !== null) metadata.set("em-param", e.param);
   if (e.retryAfter !== undefined) metadata.set("retry-after", String(e.retryAfter));
-  return { code: grpcCode(e.status), details: e.message, metadata };
+  return { code: grpcCode(e.status), details: clip(e.message, MAX_DETAILS), metadata };
+}
+
+/**
+ * Longest status message: messages quote the request (a model name, a datatype), and
+ * status travels in an HTTP/2 header, where ~90 KB made grpc-js drop the whole connection
+ * (other clients' limits are 8-16 KB).
+ */
+const MAX_DETAILS = 1024;
+
+function clip(text: string, max: number): string {
+  return text.length <= max
+    ? text
+    : `${text.slice(0, max)}... (${text.length - max} more characters)`;
 }
 
 function grpcCode(httpStatus: number): status {
@@ -535,7 +548,8 @@ function sampling(s: SamplingFields): Sampling {
   check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
   check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
   check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
-  check("seed", (v) => Number.isSafeInteger(v), "an integer");
+  // Any integer, as over HTTP: 64-bit seeds arrive as (inexact) numbers and still seed.
+  check("seed", (v) => Number.isInteger(v), "an integer");
   check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
   check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
   if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
@@ -558,7 +572,7 @@ function sampling(s: SamplingFields): Sampling {
 
 /** The prompt tokenized as /v1/completions does, checked against the context. */
 function jobSpec(ctx: ServeContext, text: string, s: Sampling): JobSpec {
-  const prompt = ctx.tokenizer.encode(text);
+  const prompt = ctx.tokenizer.encode(encodablePrompt(ctx, text, "prompt"));
   if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
   const room = ctx.maxModelLen - prompt.length;
   const { maxTokens: requested, ...rest } = s;

@@ -8,7 +8,7 @@ import type {
   ServingEngine,
   TokenLogprob,
 } from "./engine.ts";
-import { ApiError } from "./errors.ts";
+import { ApiError, toApiError } from "./errors.ts";
 import type { GatewayMetrics } from "./metrics.ts";
 import { OutputText } from "./text.ts";
 
@@ -20,6 +20,38 @@ export interface ServeContext {
   readonly maxModelLen: number;
   readonly vocabSize: number;
   readonly metrics: GatewayMetrics;
+  /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
+  readonly log?: (message: string) => void;
+}
+
+const logged = new WeakSet<object>();
+
+/**
+ * Logs a request that failed on the server's side (a shard that did not answer, a bug):
+ * the client's own mistakes (4xx) are only answered. Each error once, wherever it surfaces.
+ */
+export function logServerError(ctx: ServeContext, what: string, err: unknown): void {
+  const e = toApiError(err);
+  if (e.status < 500 || (typeof err === "object" && err !== null && logged.has(err))) return;
+  if (typeof err === "object" && err !== null) logged.add(err);
+  ctx.log?.(`${what} failed: ${e.status} ${e.code}: ${e.message}`);
+}
+
+/**
+ * Text to be encoded as a prompt: refused at once when it cannot fit the context whatever
+ * it encodes to (encoding a megabyte takes seconds of the event loop that every stream
+ * shares); the exact check follows the encoding.
+ */
+export function encodablePrompt(ctx: ServeContext, text: string, param: string): string {
+  const atLeast = ctx.tokenizer.minTokens(text);
+  if (atLeast >= ctx.maxModelLen)
+    throw new ApiError(
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      `this model's maximum context length is ${ctx.maxModelLen} tokens; the prompt has at least ${atLeast} tokens` +
+        ": shorten the prompt",
+      { param },
+    );
+  return text;
 }
 
 export interface JobSpec {
@@ -84,9 +116,11 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     if (choice.finishReason !== null || settled) return;
     choice.finishReason = reason;
     hooks.onFinish?.(choice, choice.out.flush());
-    metrics.requests.inc({ finished_reason: reason });
     if (--remaining === 0) {
       settled = true;
+      // One count per request, as abort and error: 'length' if any choice ran out of tokens.
+      const length = choices.some((c) => c.finishReason === "length");
+      metrics.requests.inc({ finished_reason: length ? "length" : reason });
       metrics.e2eLatency.observe((performance.now() - t0) / 1000);
       resolve();
     }
@@ -94,6 +128,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   const fail = (err: unknown) => {
     if (settled) return;
     settled = true;
+    logServerError(ctx, "a request", err);
     cancelAll();
     metrics.requests.inc({ finished_reason: "error" });
     reject(err);

@@ -6,7 +6,14 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
 import type { TokenLogprob } from "./engine.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
-import { type Choice, type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
+import {
+  type Choice,
+  encodablePrompt,
+  type Job,
+  type JobSpec,
+  type ServeContext,
+  startJob,
+} from "./jobs.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
@@ -149,7 +156,9 @@ async function chat(
 ): Promise<unknown> {
   const b = req.body;
   checkModel(ctx, b.model);
-  const prompt = ctx.tokenizer.encodeChat(chatMessages(b), true);
+  const messages = chatMessages(b);
+  encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
+  const prompt = ctx.tokenizer.encodeChat(messages, true);
   const spec: JobSpec = {
     ...jobSpec(ctx, b, prompt, b.max_completion_tokens ?? b.max_tokens, null, "messages"),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
@@ -241,7 +250,8 @@ async function completion(
   const b = req.body;
   checkModel(ctx, b.model);
   let prompt: number[];
-  if (typeof b.prompt === "string") prompt = ctx.tokenizer.encode(b.prompt);
+  if (typeof b.prompt === "string")
+    prompt = ctx.tokenizer.encode(encodablePrompt(ctx, b.prompt, "prompt"));
   else {
     prompt = b.prompt;
     const bad = prompt.find((t) => t >= ctx.vocabSize);

@@ -30,6 +30,8 @@ export interface GatewayConfig {
   readonly blockSize?: number;
   /** Micro-batches in flight per step, 1 or 2 (default 1; see ServingEngine). */
   readonly microBatches?: number;
+  /** Where requests that fail on the server's side (5xx) are logged. */
+  readonly log?: (message: string) => void;
 }
 
 /** The engine and the context the routes need; checks the KV budget against the context. */
@@ -72,6 +74,7 @@ export function createServeContext(
     maxModelLen,
     vocabSize: c.vocabSize,
     metrics: new GatewayMetrics(() => engine.stats),
+    ...(cfg.log ? { log: cfg.log } : {}),
   };
 }
 

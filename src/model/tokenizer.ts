@@ -28,6 +28,8 @@ export class Tokenizer {
   readonly addEosToken: boolean;
   /** Number of tokens, added tokens included (may be less than the model's vocab_size). */
   readonly size: number;
+  /** The most UTF-8 bytes of any token's text in the vocabulary (added tokens included). */
+  readonly maxTokenBytes: number;
   private readonly hf: HfTokenizer;
   private readonly config: Readonly<Record<string, unknown>>;
   private readonly template: Template | null;
@@ -74,7 +76,11 @@ export class Tokenizer {
         `${source}: add_eos_token is set but there is no eos_token`,
       );
     }
-    this.size = this.hf.get_vocab(true).size;
+    const vocab = this.hf.get_vocab(true);
+    this.size = vocab.size;
+    let most = 1;
+    for (const token of vocab.keys()) most = Math.max(most, Buffer.byteLength(token));
+    this.maxTokenBytes = most;
     this.template = compileTemplate(tokenizerConfig["chat_template"], source);
   }
 
@@ -166,6 +172,16 @@ export class Tokenizer {
         { cause: err },
       );
     }
+  }
+
+  /**
+   * A lower bound on the tokens of `text` (or of any text containing it), without encoding
+   * it: no token covers more than maxTokenBytes bytes, and a factor 4 leaves room for a
+   * normalizer that shortens text (NFKC maps a 3-byte fullwidth letter to 1 byte). For
+   * refusing prompts far past the context before spending seconds encoding them.
+   */
+  minTokens(text: string): number {
+    return Math.floor(Buffer.byteLength(text) / (4 * this.maxTokenBytes));
   }
 
   /**

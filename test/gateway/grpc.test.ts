@@ -95,7 +95,7 @@ const bytesInput = (text: string | string[], shape = [1]) => ({
 });
 
 const param = {
-  int: (v: number) => ({ int64_param: v }),
+  int: (v: number | string) => ({ int64_param: v }),
   dbl: (v: number) => ({ double_param: v }),
   str: (v: string) => ({ string_param: v }),
   bool: (v: boolean) => ({ bool_param: v }),
@@ -175,6 +175,13 @@ describe("KServe v2 health and metadata", () => {
       expect(err.code).toBe(status.NOT_FOUND);
       expect(trailer(err, "em-code")).toBe("EM_GATEWAY_UNKNOWN_MODEL");
     }
+    // A message quoting a long request field is clipped: status travels in an HTTP/2
+    // header, and ~90 KB of it made grpc-js drop the whole connection.
+    const err = await callError(c.kserve, "ModelReady", { name: "m".repeat(200_000) });
+    expect(err.code).toBe(status.NOT_FOUND);
+    expect(err.details.length).toBeLessThan(1200);
+    expect(err.details).toMatch(/more characters\)$/);
+    expect((await call(c.kserve, "ServerLive", {})).live).toBe(true);
   });
 });
 
@@ -273,6 +280,13 @@ describe("ModelInfer", () => {
     });
     expect(s.error).toBeNull();
     expect(s.messages.map((m) => m.text).join("")).toBe(a);
+    // 64-bit seeds (past 2^53) are seeds too, as over HTTP.
+    const big = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest("Tell me", { ...parameters, seed: param.int("9223372036854775807") }),
+    );
+    expect(outputText(big).length).toBeGreaterThan(0);
   });
 
   it("bad requests: INVALID_ARGUMENT with EM_GATEWAY_BAD_REQUEST", async () => {

@@ -26,6 +26,8 @@ export interface TestGateway {
   weights: ModelWeights;
   /** The dispatcher to the shards (distributed mode), e.g. for its retry count. */
   remote: RemoteExperts | null;
+  /** What the gateway logged (requests that failed on its side). */
+  logs: string[];
   close(): Promise<void>;
 }
 
@@ -63,8 +65,10 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     experts = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
   }
   if (o.wrap) experts = o.wrap(experts);
+  const logs: string[] = [];
   const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir), {
     servedModelName: "tiny",
+    log: (m) => logs.push(m),
     maxBatchTokens: o.maxBatchTokens ?? 64,
     maxQueueDepth: o.maxQueueDepth ?? 64,
     kvCacheBytes: o.kvCacheBytes ?? 8 * 2 ** 20,
@@ -93,6 +97,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     client,
     weights,
     remote,
+    logs,
     close: async () => {
       await app.close();
       await nc?.close();

@@ -5,6 +5,7 @@
 // its distributed variant is in micro-batches.test.ts). The `expertmesh gateway` process
 // itself for what its command adds: load reports on NATS and per-shard dispatch metrics.
 // Greedy decoding makes outputs comparable across runs.
+import { connect as netConnect } from "node:net";
 import { hostname } from "node:os";
 import { connect } from "@nats-io/transport-node";
 import OpenAI, { type APIError } from "openai";
@@ -112,8 +113,12 @@ describe("chat completions", () => {
       logprobs: true,
       top_logprobs: 3,
     };
+    const finished = async () =>
+      (await finishedRequests(gw.url, "stop")) + (await finishedRequests(gw.url, "length"));
+    const before = await finished();
     const a = await gw.client.chat.completions.create(body);
     const b = await gw.client.chat.completions.create(body);
+    expect(await finished()).toBe(before + 2); // requests, not choices
     expect(a.choices.map((c) => c.index)).toEqual([0, 1]);
     expect(b.choices.map((c) => c.message.content)).toEqual(
       a.choices.map((c) => c.message.content),
@@ -392,6 +397,29 @@ describe("errors", () => {
       "EM_GATEWAY_PROMPT_TOO_LONG",
       "prompt",
     );
+    // Far past the context: refused by its size, before it is encoded; chat messages too.
+    const huge = "lorem ipsum ".repeat(50_000);
+    for (const [err, param] of [
+      [
+        await gw.client.completions.create({ model: "tiny", prompt: huge }).catch((e) => e),
+        "prompt",
+      ],
+      [
+        await gw.client.chat.completions
+          .create({ model: "tiny", messages: user(huge) })
+          .catch((e) => e),
+        "messages",
+      ],
+    ] as const) {
+      expectApiError(
+        err,
+        OpenAI.BadRequestError,
+        "invalid_request_error",
+        "EM_GATEWAY_PROMPT_TOO_LONG",
+        param,
+      );
+      expect(err.message).toMatch(/the prompt has at least \d+ tokens/);
+    }
     const tooMany = await gw.client.completions
       .create({ model: "tiny", prompt: "hi", max_tokens: 1000 })
       .catch((e) => e);
@@ -419,6 +447,35 @@ describe("errors", () => {
     expect(r.status).toBe(404);
     expect(((await r.json()) as any).error.code).toBe("EM_GATEWAY_NOT_FOUND");
   });
+
+  it("requests refused before routing or parsing get our format too", async () => {
+    const badEscape = await fetch(`${gw.url}/v1/%zz`);
+    expect(badEscape.status).toBe(400);
+    expect(((await badEscape.json()) as any).error.code).toBe("EM_GATEWAY_BAD_REQUEST");
+    // What Node's parser refuses never reaches fastify: a raw answer on the socket.
+    const raw = (request: string) =>
+      new Promise<string>((resolve, reject) => {
+        const u = new URL(gw.url);
+        const sock = netConnect(Number(u.port), u.hostname, () => sock.end(request));
+        let out = "";
+        sock.on("data", (d) => {
+          out += d.toString();
+        });
+        sock.on("close", () => resolve(out));
+        sock.on("error", reject);
+      });
+    for (const [request, status] of [
+      [`GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ${"a".repeat(20_000)}\r\n\r\n`, 431],
+      ["BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 400],
+      ["POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n", 400],
+    ] as const) {
+      const answer = await raw(request);
+      expect(answer.split("\r\n")[0]).toMatch(new RegExp(`^HTTP/1.1 ${status} `));
+      const body = JSON.parse(answer.slice(answer.indexOf("\r\n\r\n") + 4));
+      expect(body.error.code).toBe("EM_GATEWAY_BAD_REQUEST");
+    }
+    expect((await fetch(`${gw.url}/health`)).status).toBe(200);
+  });
 });
 
 describe("limits and lifecycle", () => {
@@ -436,8 +493,19 @@ describe("limits and lifecycle", () => {
       expect(denied.code).toBe("EM_GATEWAY_UNAUTHORIZED");
       const models = await g.client.models.list();
       expect(models.data.map((m) => m.id)).toEqual(["tiny"]);
+      // Paths that fastify decodes to an API route need the key too ('%76%31' is 'v1').
+      for (const path of ["/%76%31/models", "/v%31/models", "/nope"]) {
+        const r = await fetch(`${g.url}${path}`);
+        expect(r.status, path).toBe(401);
+        expect(((await r.json()) as any).error.code).toBe("EM_GATEWAY_UNAUTHORIZED");
+      }
+      const encoded = await fetch(`${g.url}/%76%31/models`, {
+        headers: { authorization: "Bearer sekret" },
+      });
+      expect(encoded.status).toBe(200);
       expect((await fetch(`${g.url}/health`)).status).toBe(200);
       expect((await fetch(`${g.url}/ready`)).status).toBe(200);
+      expect((await fetch(`${g.url}/metrics`)).status).toBe(200);
     } finally {
       await g.close();
     }
@@ -727,5 +795,16 @@ describe("distributed mode", () => {
     await waitFor("/ready to say 503", async () =>
       (await fetch(`${gw.url}/ready`)).status === 503 ? true : undefined,
     );
+    // A request now fails on the gateway's side: answered 503 and logged, once. The bad
+    // requests of the earlier tests (4xx) were answered only.
+    const logged = gw.logs.length;
+    expect(gw.logs.filter((l) => !/ failed: 5\d\d /.test(l))).toEqual([]);
+    const err = await gw.client.completions
+      .create({ model: "tiny", prompt: "hi", max_tokens: 2 })
+      .catch((e) => e);
+    expect(err.status).toBe(503);
+    expect(gw.logs.slice(logged)).toEqual([
+      expect.stringMatching(new RegExp(`failed: 503 ${err.code}: `)),
+    ]);
   });
 });

@@ -164,6 +164,7 @@ export const gatewayCommand: Command = {
       kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
       blockSize: int(values["block-size"], "--block-size", 16),
       microBatches,
+      log,
     });
     onRoundTrip = (shard, ms, ok) =>
       ctx.metrics.dispatchLatency.observe({ shard: String(shard), ok: String(ok) }, ms / 1000);
