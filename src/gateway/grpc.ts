@@ -428,6 +428,11 @@ function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
   } else {
     elements = input.contents?.bytes_contents ?? [];
   }
+  if (input.shape.length === 0 || input.shape.some((d) => !Number.isInteger(d) || d < 0))
+    throw bad(
+      `input '${name}' has shape [${input.shape.join(", ")}]: dimensions must be integers >= 0`,
+      "inputs.shape",
+    );
   const declared = input.shape.reduce((a, b) => a * b, 1);
   if (declared !== elements.length)
     throw bad(
@@ -495,8 +500,9 @@ function parameterFields(p: Parameters): SamplingFields {
     const x = v.int64_param ?? v.uint64_param ?? v.double_param;
     if (x !== undefined) return x;
     if (v.string_param !== undefined) {
+      // Decimal numbers only: Number() would also read "0x10" as 16 and "" as 0.
       const s = v.string_param.trim();
-      const n = s === "" ? Number.NaN : Number(s);
+      const n = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(s) ? Number(s) : Number.NaN;
       if (Number.isFinite(n)) return n;
       throw bad(`parameter '${name}' must be a number, got '${v.string_param}'`, name);
     }

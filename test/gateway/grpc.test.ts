@@ -304,6 +304,8 @@ describe("ModelInfer", () => {
       ],
       ["two prompts", { model_name: "tiny", inputs: [bytesInput(["a", "b"], [2])] }],
       ["shape mismatch", { model_name: "tiny", inputs: [bytesInput("a", [3])] }],
+      ["negative dimensions", { model_name: "tiny", inputs: [bytesInput("a", [-1, -1])] }],
+      ["no dimensions", { model_name: "tiny", inputs: [bytesInput("a", [])] }],
       ["no element", { model_name: "tiny", inputs: [bytesInput([], [0])] }],
       [
         "invalid UTF-8",
@@ -331,6 +333,8 @@ describe("ModelInfer", () => {
       ["temperature 5", { ...ok, parameters: { temperature: param.dbl(5) } }],
       ["temperature a bool", { ...ok, parameters: { temperature: param.bool(true) } }],
       ["temperature not numeric", { ...ok, parameters: { temperature: param.str("hot") } }],
+      ["max_tokens in hex", { ...ok, parameters: { max_tokens: param.str("0x10") } }],
+      ["max_tokens empty", { ...ok, parameters: { max_tokens: param.str(" ") } }],
       ["top_p 0", { ...ok, parameters: { top_p: param.dbl(0) } }],
       ["max_tokens 0", { ...ok, parameters: { max_tokens: param.int(0) } }],
       ["max_tokens 2.5", { ...ok, parameters: { max_tokens: param.dbl(2.5) } }],
