@@ -244,13 +244,16 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
     const d0 = m.status!.autoscaling!.decisions.find((d) => d.role === "shard-0")!;
     expect(d0).toMatchObject({ from: 1, to: 3, target: 10, reason: "AtMaximum" });
     expect(d0.queueDepth).toBeGreaterThan(10);
-    // The status that first carries the decisions already shows the Deployments they scaled.
-    for (const k of [0, 1]) {
-      expect(m.status!.autoscaling!.roles.find((r) => r.role === `shard-${k}`)).toMatchObject({
-        replicas: SHARD_REPLICAS.max,
-        desiredReplicas: SHARD_REPLICAS.max,
+    // The roles' status shows the Deployments the decisions scaled. (Not necessarily the first
+    // status with the decisions: a reconcile that listed the Deployments just before the
+    // decision may write it.)
+    for (const k of [0, 1])
+      await waitFor(`status.autoscaling shard-${k} at ${SHARD_REPLICAS.max} replicas`, async () => {
+        const r = await roleStatus(`shard-${k}`);
+        return r?.replicas === SHARD_REPLICAS.max && r.desiredReplicas === SHARD_REPLICAS.max
+          ? true
+          : undefined;
       });
-    }
     const gwRole = m.status!.autoscaling!.roles.find((r) => r.role === "gateway")!;
     expect(gwRole).toMatchObject({ metric: "Known", desiredReplicas: 1, reporters: 1 });
     expect(m.status!.autoscaling!.mode).toBe("operator");
