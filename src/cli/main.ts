@@ -3,4 +3,8 @@
 // Each command lives in its own module under src/cli/commands and is loaded on demand.
 import { runCli } from "./registry.ts";
 
-process.exitCode = await runCli(process.argv.slice(2));
+const code = await runCli(process.argv.slice(2));
+// A failed command exits now: a server it opened (NATS, HTTP) must not keep the process alive
+// after the error was reported. Serving commands return 0 and run on until stopped.
+if (code !== 0) process.exit(code);
+process.exitCode = code;

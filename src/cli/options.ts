@@ -1,6 +1,38 @@
 // Parsing of the option values the commands share, with EM_CLI_USAGE errors that name
-// the flag.
+// the flag, and listening on a flag's address.
+import type { Server } from "node:net";
 import { ExpertMeshError } from "../util/errors.ts";
+
+/** A port flag (`dflt` when absent): an integer in 0..65535 (0: any free port). */
+export function portFlag(v: string | undefined, flag: string, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (!/^\d+$/.test(v) || Number(v) > 65535)
+    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be a port, 0..65535, got '${v}'`);
+  return Number(v);
+}
+
+/** Listens on host:port; EM_LISTEN_FAILED names the flag when that fails (port in use...). */
+export async function listenOn(
+  server: Server,
+  port: number,
+  host: string,
+  flag: string,
+): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const fail = (err: Error) =>
+      reject(
+        new ExpertMeshError(
+          "EM_LISTEN_FAILED",
+          `${flag}: cannot listen on ${host}:${port}: ${err.message}`,
+        ),
+      );
+    server.once("error", fail);
+    server.listen(port, host, () => {
+      server.off("error", fail);
+      resolve();
+    });
+  });
+}
 
 /** An integer flag (`dflt` when absent), at least `min`. */
 export function intFlag(v: string | undefined, flag: string, dflt: number, min = 1): number {

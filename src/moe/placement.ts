@@ -64,6 +64,28 @@ export interface PlacementPlan {
   layers: LayerPlacement[];
 }
 
+/**
+ * Throws EM_PLAN_MISMATCH unless `plan` places this model's experts: the same routed experts
+ * per layer and the same MoE layers (a plan for another model would start and then fail
+ * every request, or leave a shard holding nothing).
+ */
+export function checkPlanFitsModel(
+  plan: PlacementPlan,
+  architecture: ExpertLayout,
+  source: string,
+): void {
+  const layout = checkExpertLayout(architecture);
+  const moeLayers = range(layout.firstDenseLayers, layout.numLayers);
+  const span = (l: number[]) => (l.length === 0 ? "none" : `${l[0]}..${l[l.length - 1]}`);
+  if (plan.routedExperts !== layout.routedExperts || plan.moeLayers.join() !== moeLayers.join())
+    throw new ExpertMeshError(
+      "EM_PLAN_MISMATCH",
+      `${source} places ${plan.routedExperts} experts per layer in MoE layers ${span(plan.moeLayers)}, ` +
+        `but the model has ${layout.routedExperts} in layers ${span(moeLayers)}: plan for this model ` +
+        "(expertmesh plan --model DIR, or its preset)",
+    );
+}
+
 /** Plans expert placement. Throws EM_ARCH_INVALID, EM_PLAN_INVALID or EM_PLAN_LOAD_INVALID. */
 export function planPlacement(input: PlacementInput): PlacementPlan {
   const layout = checkExpertLayout(input.architecture);

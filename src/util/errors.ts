@@ -61,6 +61,9 @@ export const ERROR_CODES = {
   EM_GATEWAY_OVERLOADED: "the admission queue is full; retry after Retry-After seconds (HTTP 429)",
   EM_GATEWAY_NOT_FOUND: "no such route (HTTP 404)",
   EM_GATEWAY_INTERNAL: "the gateway failed while serving a request (HTTP 500, a bug)",
+  EM_PLAN_MISMATCH: "a placement plan is for another model (other expert count or MoE layers)",
+  EM_LISTEN_FAILED:
+    "a server could not listen on its address (the port is in use, or the host is not local)",
   EM_LOCAL_CHILD_EXITED:
     "a process `expertmesh up` started (nats-server, a shard, the gateway) exited before it was ready",
 } as const;

@@ -10,15 +10,17 @@ import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
+import { modelArchitectureOf } from "../../model/config.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
+import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, intFlag as int } from "../options.ts";
+import { defaultModelName, intFlag as int, listenOn, portFlag } from "../options.ts";
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
@@ -93,6 +95,12 @@ export const gatewayCommand: Command = {
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
     const microBatches = int(values["micro-batches"], "--micro-batches", 1);
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
+    const httpPort = portFlag(values["http-port"], "--http-port", 8000);
+    const grpcPort =
+      values["grpc-port"] === undefined
+        ? undefined
+        : portFlag(values["grpc-port"], "--grpc-port", 0);
+    const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
     const ref = { namespace: values.namespace ?? "default", model: modelName };
@@ -124,6 +132,7 @@ export const gatewayCommand: Command = {
       experts = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
     } else {
       const plan = parsePlan(readFileSync(values.plan!, "utf8"));
+      checkPlanFitsModel(plan, modelArchitectureOf(weights.config), values.plan!);
       nc = await connectNats({
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,
@@ -175,23 +184,27 @@ export const gatewayCommand: Command = {
     const maxRequestBytes = int(values["max-request-bytes"], "--max-request-bytes", 1 << 20);
     const app = buildGatewayApp({ ctx, apiKeys, maxRequestBytes, ready });
     const host = values.host ?? "0.0.0.0";
-    await app.listen({ port: int(values["http-port"], "--http-port", 8000, 0), host });
-    const grpcPort = values["grpc-port"];
+    try {
+      await app.listen({ port: httpPort, host });
+    } catch (err) {
+      throw new ExpertMeshError(
+        "EM_LISTEN_FAILED",
+        `--http-port: cannot listen on ${host}:${httpPort}: ${formatError(err)}`,
+      );
+    }
     const grpc =
       grpcPort === undefined
         ? null
         : await startGrpcGateway(
             { ctx, ready, apiKeys, maxRequestBytes },
-            { port: int(grpcPort, "--grpc-port", 0, 0), host },
+            { port: grpcPort, host },
           );
     const metricsServer = createServer(async (_req, res) => {
       res
         .writeHead(200, { "content-type": ctx.metrics.registry.contentType })
         .end(await ctx.metrics.registry.metrics());
     });
-    await new Promise<void>((r) =>
-      metricsServer.listen(int(values["metrics-port"], "--metrics-port", 9090, 0), host, r),
-    );
+    await listenOn(metricsServer, metricsPort, host, "--metrics-port");
     const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
     log(
       `serving '${ctx.servedModelName}' on http://${host}:${port(app.server)} ` +

@@ -6,12 +6,14 @@ import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
+import { modelArchitectureOf } from "../../model/config.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
+import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName } from "../options.ts";
+import { defaultModelName, listenOn, portFlag } from "../options.ts";
 import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
@@ -51,11 +53,12 @@ export const shardCommand: Command = {
     };
     if (!values.model || !values.plan || values.shard === undefined || !values.nats)
       usage("--model, --plan, --shard and --nats are required");
+    const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     // Before reading anything: a device that is not there fails at once (pods restart).
     const selected = selectBackend(values.backend, values.device);
     const plan = parsePlan(readFileSync(values.plan!, "utf8"));
-    const k = Number(values.shard);
-    if (!Number.isInteger(k) || k < 0 || k >= plan.numShards)
+    const k = /^\d+$/.test(values.shard!) ? Number(values.shard) : -1;
+    if (k < 0 || k >= plan.numShards)
       usage(`--shard must be 0..${plan.numShards - 1}, got '${values.shard}'`);
     const id = values.id ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
@@ -63,6 +66,7 @@ export const shardCommand: Command = {
 
     const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
     const ckpt = await Checkpoint.open(values.model!);
+    checkPlanFitsModel(plan, modelArchitectureOf(ckpt.config), values.plan!);
     const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
     const load = expertLoad(ckpt, mine);
     const progress = loadProgress({
@@ -153,9 +157,7 @@ export const shardCommand: Command = {
         res.writeHead(200, { "content-type": registry.contentType }).end(await registry.metrics());
       } else res.writeHead(404).end();
     });
-    await new Promise<void>((r) =>
-      http.listen(Number(values["metrics-port"] ?? 9090), "0.0.0.0", () => r()),
-    );
+    await listenOn(http, metricsPort, "0.0.0.0", "--metrics-port");
     const addr = http.address();
     log(
       `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${typeof addr === "object" && addr ? addr.port : "?"}`,

@@ -19,6 +19,7 @@ import { planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
 import { cacheDir } from "../../util/cache-dir.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
+import { portFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh up -f MANIFEST.yaml [options]
@@ -42,13 +43,6 @@ async function freePort(): Promise<number> {
       s.close(() => (typeof a === "object" && a ? resolve(a.port) : reject(new Error("no port"))));
     });
   });
-}
-
-/** A port flag: an integer in 0..65535 (0: the gateway picks one). */
-function portFlag(v: string, flag: string): number {
-  if (!/^\d+$/.test(v) || Number(v) > 65535)
-    throw new ExpertMeshError("EM_CLI_USAGE", `${flag} must be a port, 0..65535, got '${v}'`);
-  return Number(v);
 }
 
 /** Calls `onLine` with each complete line of `stream` (a chunk may end mid-line). */
@@ -152,8 +146,8 @@ export const upCommand: Command = {
     const name = m.metadata.name;
     const ns = m.metadata.namespace ?? "default";
     const ports = m.spec.gateway.ports;
-    const httpPort = portFlag(values["http-port"] ?? String(ports.http), "--http-port");
-    const grpcPort = portFlag(values["grpc-port"] ?? String(ports.grpc), "--grpc-port");
+    const httpPort = portFlag(values["http-port"], "--http-port", ports.http);
+    const grpcPort = portFlag(values["grpc-port"], "--grpc-port", ports.grpc);
     if (httpPort !== 0 && httpPort === grpcPort) {
       throw new ExpertMeshError(
         "EM_CLI_USAGE",

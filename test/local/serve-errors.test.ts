@@ -1,0 +1,100 @@
+// The serving commands (`shard`, `gateway`) when their input is wrong or their address is
+// taken: one line with a stable code and a prompt exit, even after they connected to NATS or
+// opened a server (before, a late error was printed and the process ran on, still serving),
+// and never an unhandled 'error' event. A plan made for another model is refused at start.
+import { rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:net";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { resolveArchitecture } from "../../src/api/presets.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import { serializePlan } from "../../src/moe/plan-json.ts";
+import { runCli } from "../support/cli.ts";
+import { testEnv } from "../support/env.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+
+const main = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+const expertmesh = (args: string[]) => runCli(process.execPath, [main, ...args]);
+
+let dir: string;
+let taken: Server;
+let takenPort: number;
+const plans: Record<string, string> = {};
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  for (const preset of ["tiny-v2", "tiny-v3"] as const) {
+    plans[preset] = join(dir, `${preset}.plan.json`);
+    const plan = planPlacement({ architecture: resolveArchitecture(preset), numShards: 2 });
+    writeFileSync(plans[preset], serializePlan(plan));
+  }
+  taken = createServer();
+  await new Promise<void>((r) => taken.listen(0, "127.0.0.1", r));
+  takenPort = (taken.address() as { port: number }).port;
+});
+
+afterAll(() => {
+  taken?.close();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+describe("serving commands on bad input", () => {
+  it("a shard given another model's plan refuses it before loading anything", async () => {
+    const r = await expertmesh([
+      "shard",
+      `--model=${dir}`,
+      `--plan=${plans["tiny-v2"]}`,
+      "--shard=0",
+      `--nats=${testEnv().nats.url}`,
+      "--metrics-port=0",
+    ]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/\[EM_PLAN_MISMATCH\] .*tiny-v2\.plan\.json places 8 experts/);
+  });
+
+  it("a gateway given another model's plan refuses it", async () => {
+    const r = await expertmesh([
+      "gateway",
+      `--model=${dir}`,
+      `--plan=${plans["tiny-v2"]}`,
+      `--nats=${testEnv().nats.url}`,
+      "--http-port=0",
+      "--metrics-port=0",
+    ]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("[EM_PLAN_MISMATCH]");
+  });
+
+  it("a bad or taken port ends the process with its code (it kept serving, or threw)", async () => {
+    const gateway = (extra: string[]) =>
+      expertmesh(["gateway", `--model=${dir}`, "--local", "--host=127.0.0.1", ...extra]);
+    const bad = await gateway(["--http-port=0", "--metrics-port=abc"]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain(
+      "[EM_CLI_USAGE] --metrics-port must be a port, 0..65535, got 'abc'",
+    );
+    for (const flag of ["--metrics-port", "--http-port"]) {
+      const other = flag === "--http-port" ? "--metrics-port=0" : "--http-port=0";
+      const r = await gateway([`${flag}=${takenPort}`, other]);
+      expect(r.code, flag).toBe(1);
+      expect(r.stderr, flag).toContain(
+        `[EM_LISTEN_FAILED] ${flag}: cannot listen on 127.0.0.1:${takenPort}`,
+      );
+      expect(r.stderr, flag).not.toMatch(/\n\s+at /); // no stack trace
+    }
+    // A shard's metrics port taken: after it joined its NATS queue group, it leaves again.
+    const shard = await expertmesh([
+      "shard",
+      `--model=${dir}`,
+      `--plan=${plans["tiny-v3"]}`,
+      "--shard=0",
+      `--nats=${testEnv().nats.url}`,
+      `--metrics-port=${takenPort}`,
+    ]);
+    expect(shard.code).toBe(1);
+    expect(shard.stderr).toContain(
+      `[EM_LISTEN_FAILED] --metrics-port: cannot listen on 0.0.0.0:${takenPort}`,
+    );
+  });
+});
