@@ -55,11 +55,31 @@ export function parseManifest(text: string, source = "manifest"): DeepSeekModel 
   return validateModel(doc, invalid);
 }
 
+/** The first field (dotted path) holding a list where the schema wants an object, if any. */
+function listWhereObject(schema: unknown, value: unknown, path: string): string | undefined {
+  const s = schema as { type?: unknown; properties?: Record<string, unknown> };
+  if (s?.type !== "object" || typeof value !== "object" || value === null) return undefined;
+  if (Array.isArray(value)) return path || "(document)";
+  for (const [key, sub] of Object.entries(s.properties ?? {})) {
+    const found = listWhereObject(
+      sub,
+      (value as Record<string, unknown>)[key],
+      path ? `${path}.${key}` : key,
+    );
+    if (found) return found;
+  }
+  return undefined;
+}
+
 /** Applies defaults, checks the schema and the cross-field rules; returns a typed copy. */
 export function validateModel(
   doc: unknown,
   invalid: (field: string, msg: string) => never,
 ): DeepSeekModel {
+  // Before the defaults: TypeBox's Value.Default merges a list given where an object belongs
+  // into that object's defaults (`experts: [- shards: 4]` became the default experts).
+  const list = listWhereObject(DeepSeekModelSchema, doc, "");
+  if (list) invalid(list, "Expected object (got a list)");
   const value = Value.Default(DeepSeekModelSchema, structuredClone(doc)) as Record<string, any>;
   const first = Value.Errors(DeepSeekModelSchema, value).First();
   if (first) {

@@ -165,4 +165,15 @@ spec:
       "m.yaml: spec: experts.shards must not exceed the model's routed experts (a shard would hold none)",
     );
   });
+
+  it.each([
+    ["spec.experts", good.replace("experts: { shards: 4 }", "experts: [{ shards: 4 }]")],
+    ["spec.gateway", `${good}  gateway: [{ gpus: 0 }]\n`],
+    ["spec.gateway.ports", `${good}  gateway: { ports: [9999] }\n`],
+    ["spec", good.replace(/spec:[\s\S]*/, "spec: [1]\n")],
+  ])("rejects a list where %s must be an object (defaults would swallow it)", (field, text) => {
+    expect(() => parseManifest(text, "m.yaml")).toThrow(
+      `m.yaml: ${field}: Expected object (got a list)`,
+    );
+  });
 });
