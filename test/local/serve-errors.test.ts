@@ -1,4 +1,4 @@
-// The serving commands (`shard`, `gateway`) when their input is wrong or their address is
+// The serving commands (`shard`, `gateway`, and `generate`) when their input is wrong or their address is
 // taken: one line with a stable code and a prompt exit, even after they connected to NATS or
 // opened a server (before, a late error was printed and the process ran on, still serving),
 // and never an unhandled 'error' event. A plan made for another model is refused at start.
@@ -40,6 +40,28 @@ afterAll(() => {
 });
 
 describe("serving commands on bad input", () => {
+  it("generate: prompt and --max-tokens past the context, and bad sampling flags, refused", async () => {
+    const generate = (extra: string[]) => expertmesh(["generate", `--model=${dir}`, ...extra]);
+    for (const [extra, message] of [
+      [
+        ["--prompt=hi", "--max-tokens=1000"],
+        /the prompt \(\d+ tokens\) and --max-tokens 1000 do not fit the model's context of \d+ tokens/,
+      ],
+      [
+        [`--prompt=${"ab ".repeat(25_000)}`, "--max-tokens=1"],
+        /the prompt \(at least \d+ tokens\)/,
+      ],
+      [["--prompt=hi", "--max-tokens=1e12"], /--max-tokens 1000000000000 do not fit/],
+      [["--prompt=hi", "--max-tokens=1.5"], /--max-tokens must be an integer >= 1, got '1.5'/],
+      [["--prompt=hi", "--top-p=0", "--temperature=1"], /--top-p must be in \(0, 1\], got '0'/],
+    ] as const) {
+      const r = await generate([...extra]);
+      expect(r.code, extra.join(" ").slice(0, 40)).toBe(1);
+      expect(r.stderr).toMatch(/\[EM_CLI_USAGE\]/);
+      expect(r.stderr).toMatch(message);
+    }
+  });
+
   it("a shard given another model's plan refuses it before loading anything", async () => {
     const r = await expertmesh([
       "shard",

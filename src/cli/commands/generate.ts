@@ -11,7 +11,7 @@ import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, numberFlag as num } from "../options.ts";
+import { defaultModelName, intFlag, numberFlag as num } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
@@ -55,6 +55,19 @@ export const generateCommand: Command = {
     });
     if (!values.model || values.prompt === undefined)
       throw new ExpertMeshError("EM_CLI_USAGE", "--model and --prompt are required");
+    // The sampling flags before anything loads (ranges as the gateway's).
+    const sampling = {
+      maxTokens: intFlag(values["max-tokens"], "--max-tokens", 32, 1),
+      temperature: num(values.temperature, "--temperature", 0),
+      topK: intFlag(values["top-k"], "--top-k", 0, 0),
+      topP: num(values["top-p"], "--top-p", 1),
+      seed: intFlag(values.seed, "--seed", 0, 0),
+    };
+    if (!(sampling.topP > 0 && sampling.topP <= 1))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--top-p must be in (0, 1], got '${values["top-p"]}'`,
+      );
     const selected = selectBackend(values.backend, values.device);
     const backend = selected.backend;
     const t0 = performance.now();
@@ -88,9 +101,19 @@ export const generateCommand: Command = {
       });
     }
     const model = new DeepSeekForward(weights, backend, experts);
+    const context = weights.config.maxPositionEmbeddings;
+    const tooLong = (tokens: string) =>
+      new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `the prompt (${tokens} tokens) and --max-tokens ${sampling.maxTokens} do not fit the model's context of ${context} tokens (max_position_embeddings)`,
+      );
+    // Far too long is known from the size alone: encoding it would take long for nothing.
+    const atLeast = tokenizer.minTokens(values.prompt);
+    if (atLeast > 0 && atLeast + sampling.maxTokens > context) throw tooLong(`at least ${atLeast}`);
     const prompt = values.chat
       ? tokenizer.encodeChat([{ role: "user", content: values.prompt }], true)
       : tokenizer.encode(values.prompt);
+    if (prompt.length + sampling.maxTokens > context) throw tooLong(String(prompt.length));
     const generated: number[] = [];
     let printed = 0;
     let result: Awaited<ReturnType<typeof generate>>;
@@ -99,11 +122,7 @@ export const generateCommand: Command = {
         model,
         prompt,
         {
-          maxTokens: num(values["max-tokens"], "--max-tokens", 32, 1),
-          temperature: num(values.temperature, "--temperature", 0),
-          topK: num(values["top-k"], "--top-k", 0),
-          topP: num(values["top-p"], "--top-p", 1),
-          seed: num(values.seed, "--seed", 0),
+          ...sampling,
           stopTokens: tokenizer.eosTokenId === null ? [] : [tokenizer.eosTokenId],
         },
         (id) => {
