@@ -24,11 +24,21 @@ export function readManifest(path: string): DeepSeekModel {
   return parseManifest(text, path);
 }
 
+/** Largest manifest read: a DeepSeekModel is a few KB; YAML's duplicate-key check grows
+ * much faster than the text (a 738 KB file of labels took 92 s). */
+export const MAX_MANIFEST_BYTES = 256 * 1024;
+
 /**
- * Parses manifest YAML (the first DeepSeekModel document of a multi-document file) and
- * validates it; `source` names it in messages. Defaults are applied as the API server would.
+ * Parses manifest YAML (the one DeepSeekModel of a file; other kinds of documents, a volume
+ * say, are skipped) and validates it; `source` names it in messages. Defaults are applied as
+ * the API server would.
  */
 export function parseManifest(text: string, source = "manifest"): DeepSeekModel {
+  if (Buffer.byteLength(text) > MAX_MANIFEST_BYTES)
+    throw new ExpertMeshError(
+      "EM_MANIFEST_PARSE",
+      `${source} is larger than ${MAX_MANIFEST_BYTES / 1024} KiB (${Buffer.byteLength(text)} bytes): not a DeepSeekModel manifest`,
+    );
   let docs: unknown[];
   try {
     docs = parseAllDocuments(text).map((d) => {
@@ -46,7 +56,13 @@ export function parseManifest(text: string, source = "manifest"): DeepSeekModel 
   const objects = docs.filter(
     (d): d is Record<string, unknown> => typeof d === "object" && d !== null && !Array.isArray(d),
   );
-  const doc = objects.find((d) => d["kind"] === KIND) ?? objects[0];
+  const models = objects.filter((d) => d["kind"] === KIND);
+  if (models.length > 1)
+    invalid(
+      "(document)",
+      `holds ${models.length} ${KIND}s: give one per file (only one would run)`,
+    );
+  const doc = models[0] ?? objects[0];
   if (!doc) return invalid("(document)", `no ${KIND} found`);
   if (doc["apiVersion"] !== API_VERSION)
     invalid("apiVersion", `must be '${API_VERSION}', got ${JSON.stringify(doc["apiVersion"])}`);

@@ -124,6 +124,18 @@ export function checkExpertLayout(value: ExpertLayout): ExpertLayout {
     routedExperts: integerField(a, "routedExperts", 1),
     expertsPerToken: integerField(a, "expertsPerToken", 1),
   };
+  // The manifest schema's caps, for figures from the CLI or a config.json too (100M layers
+  // ran the planner out of memory).
+  for (const [key, max] of [
+    ["numLayers", 1024],
+    ["routedExperts", 4096],
+  ] as const) {
+    if (layout[key] > max)
+      throw new ExpertMeshError(
+        "EM_ARCH_INVALID",
+        `${key} must be at most ${max}, got ${layout[key]}`,
+      );
+  }
   if (layout.firstDenseLayers >= layout.numLayers) {
     throw new ExpertMeshError(
       "EM_ARCH_INVALID",

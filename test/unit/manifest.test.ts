@@ -50,6 +50,8 @@ describe("presets", () => {
     ["negative shared experts", { sharedExperts: -1 }],
     ["no MoE layer", { firstDenseLayers: 4 }],
     ["top-k over experts", { expertsPerToken: 17 }],
+    ["100M layers (the planner ran out of memory)", { numLayers: 100_000_000 }],
+    ["more than 4096 experts", { routedExperts: 5000 }],
   ])("rejects explicit figures: %s", (_name, patch) => {
     const arch = { ...tiny, ...patch } as unknown as ModelArchitecture;
     expect(codeOf(() => resolveArchitecture(arch))).toBe("EM_ARCH_INVALID");
@@ -164,6 +166,20 @@ spec:
     expect(() => parseManifest(good.replace("shards: 4", "shards: 17"), "m.yaml")).toThrow(
       "m.yaml: spec: experts.shards must not exceed the model's routed experts (a shard would hold none)",
     );
+  });
+
+  it("takes the one DeepSeekModel of a file, refuses two, and refuses a huge file", () => {
+    const volume = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: { name: weights }\n";
+    expect(parseManifest(`${volume}---${good}`).spec.experts.shards).toBe(4);
+    expect(() => parseManifest(`${good}---${good}`, "m.yaml")).toThrow(
+      "m.yaml: (document): holds 2 DeepSeekModels: give one per file",
+    );
+    const labels = Array.from({ length: 20_000 }, (_, i) => `    l${i}: v`).join("\n");
+    const huge = good.replace(
+      "metadata: { name: tiny }",
+      `metadata:\n  name: tiny\n  labels:\n${labels}`,
+    );
+    expect(codeOf(() => parseManifest(huge))).toBe("EM_MANIFEST_PARSE");
   });
 
   it.each([
