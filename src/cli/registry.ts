@@ -1,4 +1,4 @@
-import { formatError } from "../util/errors.ts";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
 
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface Command {
@@ -59,7 +59,13 @@ export async function runCli(argv: string[]): Promise<number> {
   try {
     return await cmd.run(rest);
   } catch (err) {
-    process.stderr.write(`expertmesh ${name}: ${formatError(err)}\n`);
+    // node:util parseArgs's own errors (unknown option, missing value) are usage errors.
+    const code = (err as { code?: unknown })?.code;
+    const e =
+      typeof code === "string" && code.startsWith("ERR_PARSE_ARGS_")
+        ? new ExpertMeshError("EM_CLI_USAGE", `${(err as Error).message} (see --help)`)
+        : err;
+    process.stderr.write(`expertmesh ${name}: ${formatError(e)}\n`);
     return 1;
   }
 }

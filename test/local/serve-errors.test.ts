@@ -62,6 +62,19 @@ describe("serving commands on bad input", () => {
     }
   });
 
+  it("unknown options and missing values are usage errors in every command", async () => {
+    for (const args of [
+      ["generate", "--bogus"],
+      ["shard", "--model"],
+      ["gateway", "--nope=1"],
+      ["up", "-f", "x.yaml", "extra"],
+    ]) {
+      const r = await expertmesh(args);
+      expect(r.code, args.join(" ")).toBe(1);
+      expect(r.stderr, args.join(" ")).toMatch(/\[EM_CLI_USAGE\] .*\(see --help\)/);
+    }
+  });
+
   it("a shard given another model's plan refuses it before loading anything", async () => {
     const r = await expertmesh([
       "shard",
