@@ -52,6 +52,25 @@ export function numberFlag(v: string | undefined, flag: string, dflt: number, mi
   return n;
 }
 
+/**
+ * The model's NATS subject prefix parts (--namespace, --model-name or the folder's name):
+ * no '*', '>', spaces or empty tokens (a '*' namespace subscribed to every namespace's
+ * traffic; a space made every subject illegal). Dots are kept: 'DeepSeek-V2.5' is a name.
+ */
+export function subjectRef(namespace: string, model: string): { namespace: string; model: string } {
+  for (const [what, v] of [
+    ["--namespace", namespace],
+    ["the model name (--model-name, or the checkpoint folder's name)", model],
+  ] as const) {
+    if (!/^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/.test(v))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `${what} must be letters, digits, '-', '_' and inner dots (NATS subject tokens), got '${v}'`,
+      );
+  }
+  return { namespace, model };
+}
+
 /** A true/false flag (`dflt` when absent). */
 export function boolFlag(v: string | undefined, flag: string, dflt: boolean): boolean {
   if (v === undefined) return dflt;

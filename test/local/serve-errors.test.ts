@@ -75,6 +75,22 @@ describe("serving commands on bad input", () => {
     }
   });
 
+  it("a namespace or model name that is no NATS subject token is refused", async () => {
+    for (const extra of ["--namespace=*", "--namespace=a b", "--model-name=x.>"]) {
+      const r = await expertmesh([
+        "shard",
+        `--model=${dir}`,
+        `--plan=${plans["tiny-v3"]}`,
+        "--shard=0",
+        `--nats=${testEnv().nats.url}`,
+        "--metrics-port=0",
+        extra,
+      ]);
+      expect(r.code, extra).toBe(1);
+      expect(r.stderr, extra).toMatch(/\[EM_CLI_USAGE\] .* must be letters, digits/);
+    }
+  });
+
   it("a shard given another model's plan refuses it before loading anything", async () => {
     const r = await expertmesh([
       "shard",

@@ -20,7 +20,7 @@ import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, intFlag as int, listenOn, portFlag } from "../options.ts";
+import { defaultModelName, intFlag as int, listenOn, portFlag, subjectRef } from "../options.ts";
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
@@ -103,7 +103,10 @@ export const gatewayCommand: Command = {
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
-    const ref = { namespace: values.namespace ?? "default", model: modelName };
+    // On NATS the names become subject tokens; alone (--local) they only name things.
+    const ref = values.local
+      ? { namespace: values.namespace ?? "default", model: modelName }
+      : subjectRef(values.namespace ?? "default", modelName);
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);

@@ -13,7 +13,7 @@ import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, listenOn, portFlag } from "../options.ts";
+import { defaultModelName, listenOn, portFlag, subjectRef } from "../options.ts";
 import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
@@ -54,6 +54,10 @@ export const shardCommand: Command = {
     if (!values.model || !values.plan || values.shard === undefined || !values.nats)
       usage("--model, --plan, --shard and --nats are required");
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
+    const model = subjectRef(
+      values.namespace ?? "default",
+      values["model-name"] ?? defaultModelName(values.model!),
+    );
     // Before reading anything: a device that is not there fails at once (pods restart).
     const selected = selectBackend(values.backend, values.device);
     const plan = parsePlan(readFileSync(values.plan!, "utf8"));
@@ -92,10 +96,6 @@ export const shardCommand: Command = {
       name: `expertmesh-shard-${k}-${id}`,
       creds: values["nats-creds"] ? readFileSync(values["nats-creds"]) : undefined,
     });
-    const model = {
-      namespace: values.namespace ?? "default",
-      model: values["model-name"] ?? defaultModelName(values.model!),
-    };
     const server = new ShardServer({
       nc,
       model,
