@@ -11,17 +11,21 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 /** A free TCP port on 127.0.0.1 (the kernel picks it; the socket is closed at once). */
 export async function freePort(): Promise<number> {
-  return await new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const addr = srv.address();
-      srv.close(() =>
-        typeof addr === "object" && addr ? resolve(addr.port) : reject(new Error("no port")),
-      );
+  // Below the kernel's ephemeral range (32768-60999 by default): a port the OS hands out for
+  // "port 0" (a shard's metrics server, any outgoing connection) is never one of ours, so a
+  // port chosen here stays free until its process binds it. (Ephemeral picks collided once:
+  // a shard's metrics server took the port meant for the gateway.)
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const free = await new Promise<boolean>((resolve) => {
+      const srv = createServer();
+      srv.unref();
+      srv.once("error", () => resolve(false));
+      srv.listen(port, "127.0.0.1", () => srv.close(() => resolve(true)));
     });
-  });
+    if (free) return port;
+  }
+  throw new Error("no free port in 20000-31999 after 50 tries");
 }
 
 /** A running service: its pid, its log file, and how to stop it. */
