@@ -16,6 +16,17 @@ import { tinyCheckpointFor } from "../support/golden.ts";
 
 const main = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 const expertmesh = (args: string[]) => runCli(process.execPath, [main, ...args]);
+/** `expertmesh shard` 0 of the tiny checkpoint with `plan`; `extra` replaces or adds flags. */
+const shard = (plan: string, ...extra: string[]) =>
+  expertmesh([
+    "shard",
+    `--model=${dir}`,
+    `--plan=${plan}`,
+    "--shard=0",
+    `--nats=${testEnv().nats.url}`,
+    ...(extra.some((f) => f.startsWith("--metrics-port=")) ? [] : ["--metrics-port=0"]),
+    ...extra,
+  ]);
 
 let dir: string;
 let taken: Server;
@@ -77,29 +88,14 @@ describe("serving commands on bad input", () => {
 
   it("a namespace or model name that is no NATS subject token is refused", async () => {
     for (const extra of ["--namespace=*", "--namespace=a b", "--model-name=x.>"]) {
-      const r = await expertmesh([
-        "shard",
-        `--model=${dir}`,
-        `--plan=${plans["tiny-v3"]}`,
-        "--shard=0",
-        `--nats=${testEnv().nats.url}`,
-        "--metrics-port=0",
-        extra,
-      ]);
+      const r = await shard(plans["tiny-v3"]!, extra);
       expect(r.code, extra).toBe(1);
       expect(r.stderr, extra).toMatch(/\[EM_CLI_USAGE\] .* must be letters, digits/);
     }
   });
 
   it("a shard given another model's plan refuses it before loading anything", async () => {
-    const r = await expertmesh([
-      "shard",
-      `--model=${dir}`,
-      `--plan=${plans["tiny-v2"]}`,
-      "--shard=0",
-      `--nats=${testEnv().nats.url}`,
-      "--metrics-port=0",
-    ]);
+    const r = await shard(plans["tiny-v2"]!);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/\[EM_PLAN_MISMATCH\] .*tiny-v2\.plan\.json places 8 experts/);
   });
@@ -135,16 +131,9 @@ describe("serving commands on bad input", () => {
       expect(r.stderr, flag).not.toMatch(/\n\s+at /); // no stack trace
     }
     // A shard's metrics port taken: after it joined its NATS queue group, it leaves again.
-    const shard = await expertmesh([
-      "shard",
-      `--model=${dir}`,
-      `--plan=${plans["tiny-v3"]}`,
-      "--shard=0",
-      `--nats=${testEnv().nats.url}`,
-      `--metrics-port=${takenPort}`,
-    ]);
-    expect(shard.code).toBe(1);
-    expect(shard.stderr).toContain(
+    const busy = await shard(plans["tiny-v3"]!, `--metrics-port=${takenPort}`);
+    expect(busy.code).toBe(1);
+    expect(busy.stderr).toContain(
       `[EM_LISTEN_FAILED] --metrics-port: cannot listen on 0.0.0.0:${takenPort}`,
     );
   });
