@@ -15,6 +15,7 @@ import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
+import { tokenizeTables } from "./tokenize.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
 const BEGIN = (s: string) =>
@@ -444,6 +445,7 @@ export function renderBenchmarksMd(
     dispatch?: string | undefined;
     serve?: string | undefined;
     autoscale?: string | undefined;
+    tokenize?: string | undefined;
   },
   current?: string,
 ): {
@@ -490,6 +492,12 @@ export function renderBenchmarksMd(
       `Run ${res.date} at ${res.commit.slice(0, 7)} from \`${relative(REPO_ROOT, files.autoscale)}\` (a deterministic simulation: the same commit gives the same figures on any machine).\n\n![Replicas and queue depth over time](${relative(REPO_ROOT, svgPath)})\n\n${autoscaleTables(res)}`,
     );
   }
+  if (files.tokenize) {
+    const res = JSON.parse(readFileSync(files.tokenize, "utf8")) as Parameters<
+      typeof tokenizeTables
+    >[0];
+    doc = replaceSection(doc, "tokenize", tokenizeTables(res, relative(REPO_ROOT, files.tokenize)));
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return { md: doc, svgs };
 }
@@ -499,6 +507,7 @@ export function updateBenchmarksMd(files: {
   dispatch?: string | undefined;
   serve?: string | undefined;
   autoscale?: string | undefined;
+  tokenize?: string | undefined;
 }): string {
   const { md, svgs } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
@@ -522,6 +531,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     dispatch: newestResults("dispatch"),
     serve: newestResults("serve"),
     autoscale: newestResults("autoscale"),
+    tokenize: newestResults("tokenize"),
   };
   if (check) {
     const { md, svgs } = renderBenchmarksMd(files);

@@ -20,8 +20,9 @@ import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today }
 import { kernelTables, updateBenchmarksMd } from "./report.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
+import { runTokenize, tokenizeTables } from "./tokenize.ts";
 
-const SUITES = ["kernels", "dispatch", "serve", "autoscale"] as const;
+const SUITES = ["kernels", "dispatch", "serve", "autoscale", "tokenize"] as const;
 type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -95,6 +96,30 @@ async function main(): Promise<number> {
       console.log(autoscaleTables(results));
       if (!values.quick && !values["no-report"]) {
         const md = updateBenchmarksMd({ autoscale: out });
+        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+      }
+    }
+    if (suite === "tokenize") {
+      const machine = machineInfo();
+      const { commit, dirty } = gitCommit();
+      const results = {
+        suite: "tokenize" as const,
+        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+        commit,
+        dirty,
+        machine,
+        ...(await runTokenize({ runs, quick: values.quick, log })),
+      };
+      mkdirSync(RESULTS_DIR, { recursive: true });
+      const out =
+        values.out ??
+        join(RESULTS_DIR, `tokenize-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+      const round = (_k: string, v: unknown) =>
+        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
+      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
+      console.log(tokenizeTables(results, relative(REPO_ROOT, out)));
+      if (!values.quick && !values["no-report"]) {
+        const md = updateBenchmarksMd({ tokenize: out });
         log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
       }
     }

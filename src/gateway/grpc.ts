@@ -22,7 +22,14 @@ import {
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { ApiError, toApiError } from "./errors.ts";
-import { encodablePrompt, type Job, type JobSpec, type ServeContext, startJob } from "./jobs.ts";
+import {
+  encodablePrompt,
+  type Job,
+  type JobSpec,
+  logServerError,
+  type ServeContext,
+  startJob,
+} from "./jobs.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -228,6 +235,13 @@ function handlers(o: GrpcGatewayOptions): {
       );
   };
   const tensor = (name: string): TensorMetadata => ({ name, datatype: "BYTES", shape: [1] });
+  // A failed call's status; the server's own failures (5xx) are logged.
+  const failure = (call: { getPath(): string }, err: unknown) => {
+    logServerError(ctx, call.getPath(), err);
+    return grpcStatus(err);
+  };
+  const unary = <Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) =>
+    unaryCall(fn, failure);
 
   const inference: UntypedServiceImplementation = {
     ServerLive: unary(async () => ({ live: true })),
@@ -262,7 +276,7 @@ function handlers(o: GrpcGatewayOptions): {
             `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
             "outputs",
           );
-      const spec = jobSpec(ctx, text, sampling(parameterFields(r.parameters)));
+      const spec = await jobSpec(ctx, text, sampling(parameterFields(r.parameters)));
       const job = startJob(ctx, spec);
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
@@ -296,15 +310,17 @@ function handlers(o: GrpcGatewayOptions): {
     const send = (m: GenerateResponse) => {
       if (!call.cancelled && !call.writableEnded) call.write(m);
     };
-    let job: Job;
-    let prompt: number;
-    try {
+    const fail = (err: unknown) => {
+      const st = failure(call, err);
+      if (!call.cancelled && !call.writableEnded) call.emit("error", st);
+    };
+    const run = async () => {
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model, undefined, "model");
-      const spec = jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)));
-      prompt = spec.prompt.length;
-      job = startJob(ctx, spec, {
+      const spec = await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)));
+      const prompt = spec.prompt.length;
+      const job: Job = startJob(ctx, spec, {
         onToken: (_c, _t, text) => {
           if (text) send({ text });
         },
@@ -321,31 +337,26 @@ function handlers(o: GrpcGatewayOptions): {
           });
         },
       });
-    } catch (err) {
-      call.emit("error", grpcStatus(err));
-      return;
-    }
-    call.on("cancelled", () => job.cancel());
-    if (call.cancelled) job.cancel();
-    job.done.then(
-      () => {
-        if (!call.cancelled && !call.writableEnded) call.end();
-      },
-      (err) => {
-        if (!call.cancelled && !call.writableEnded) call.emit("error", grpcStatus(err));
-      },
-    );
+      call.on("cancelled", () => job.cancel());
+      if (call.cancelled) job.cancel();
+      await job.done;
+      if (!call.cancelled && !call.writableEnded) call.end();
+    };
+    run().catch(fail);
   };
 
   return { inference, generation: { GenerateStream } };
 }
 
 /** A unary handler from an async function; anything it throws becomes a gRPC status. */
-function unary<Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) {
+function unaryCall<Req, Res>(
+  fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>,
+  failure: (call: ServerUnaryCall<Req, Res>, err: unknown) => Partial<StatusObject>,
+) {
   const h: handleUnaryCall<Req, Res> = (call, callback) => {
     fn(call).then(
       (res) => callback(null, res),
-      (err) => callback(grpcStatus(err)),
+      (err) => callback(failure(call, err)),
     );
   };
   return h;
@@ -577,8 +588,8 @@ function sampling(s: SamplingFields): Sampling {
 }
 
 /** The prompt tokenized as /v1/completions does, checked against the context. */
-function jobSpec(ctx: ServeContext, text: string, s: Sampling): JobSpec {
-  const prompt = ctx.tokenizer.encode(encodablePrompt(ctx, text, "prompt"));
+async function jobSpec(ctx: ServeContext, text: string, s: Sampling): Promise<JobSpec> {
+  const prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"));
   if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
   const room = ctx.maxModelLen - prompt.length;
   const { maxTokens: requested, ...rest } = s;

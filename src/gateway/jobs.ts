@@ -10,12 +10,16 @@ import type {
 } from "./engine.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import type { GatewayMetrics } from "./metrics.ts";
+import type { PromptEncoder } from "./prompt-encoder.ts";
 import { OutputText } from "./text.ts";
 
 /** What the routes share: the engine and the model's facts. */
 export interface ServeContext {
   readonly engine: ServingEngine;
+  /** Decodes outputs (and short prompts). */
   readonly tokenizer: Tokenizer;
+  /** Encodes prompts, long ones off the event loop. */
+  readonly encoder: PromptEncoder;
   readonly servedModelName: string;
   readonly maxModelLen: number;
   readonly vocabSize: number;

@@ -98,11 +98,16 @@ const usageOf = (prompt: number, job: Job) => ({
   total_tokens: prompt + job.completionTokens,
 });
 
-/** Starts a job bound to the HTTP exchange: a closed connection before the end cancels it. */
+/**
+ * Binds a job to the HTTP exchange: a connection closed before the end cancels it (also
+ * one that closed while the prompt was being encoded).
+ */
 function bind(reply: FastifyReply, job: Job): void {
-  reply.raw.on("close", () => {
-    if (!reply.raw.writableFinished) job.cancel();
-  });
+  if (reply.raw.closed) job.cancel();
+  else
+    reply.raw.on("close", () => {
+      if (!reply.raw.writableFinished) job.cancel();
+    });
 }
 
 /** Server-sent events on the raw response (after the job was admitted). */
@@ -158,7 +163,7 @@ async function chat(
   checkModel(ctx, b.model);
   const messages = chatMessages(b);
   encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
-  const prompt = ctx.tokenizer.encodeChat(messages, true);
+  const prompt = await ctx.encoder.encodeChat(messages, true);
   const spec: JobSpec = {
     ...jobSpec(ctx, b, prompt, b.max_completion_tokens ?? b.max_tokens, null, "messages"),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
@@ -251,7 +256,7 @@ async function completion(
   checkModel(ctx, b.model);
   let prompt: number[];
   if (typeof b.prompt === "string")
-    prompt = ctx.tokenizer.encode(encodablePrompt(ctx, b.prompt, "prompt"));
+    prompt = await ctx.encoder.encode(encodablePrompt(ctx, b.prompt, "prompt"));
   else {
     prompt = b.prompt;
     const bad = prompt.find((t) => t >= ctx.vocabSize);

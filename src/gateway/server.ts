@@ -14,6 +14,7 @@ import { ExpertMeshError } from "../util/errors.ts";
 import { ServingEngine } from "./engine.ts";
 import type { ServeContext } from "./jobs.ts";
 import { GatewayMetrics } from "./metrics.ts";
+import { PromptEncoder } from "./prompt-encoder.ts";
 
 export interface GatewayConfig {
   readonly servedModelName: string;
@@ -30,11 +31,18 @@ export interface GatewayConfig {
   readonly blockSize?: number;
   /** Micro-batches in flight per step, 1 or 2 (default 1; see ServingEngine). */
   readonly microBatches?: number;
+  /** Threads that encode long prompts off the event loop (default 1; 0: none). */
+  readonly tokenizerWorkers?: number;
+  /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
+  readonly tokenizerInlineBytes?: number;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
 
-/** The engine and the context the routes need; checks the KV budget against the context. */
+/**
+ * The engine and the context the routes need; checks the KV budget against the context.
+ * Close `encoder` when done (its worker threads never keep the process alive, though).
+ */
 export function createServeContext(
   weights: ModelWeights,
   backend: Backend,
@@ -70,6 +78,11 @@ export function createServeContext(
   return {
     engine,
     tokenizer,
+    encoder: new PromptEncoder(tokenizer, {
+      workers: cfg.tokenizerWorkers ?? 1,
+      ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),
+      ...(cfg.log ? { log: cfg.log } : {}),
+    }),
     servedModelName: cfg.servedModelName,
     maxModelLen,
     vocabSize: c.vocabSize,

@@ -30,6 +30,8 @@ export class Tokenizer {
   readonly size: number;
   /** The most UTF-8 bytes of any token's text in the vocabulary (added tokens included). */
   readonly maxTokenBytes: number;
+  /** The directory the files were loaded from (load()), or null when built from objects. */
+  readonly dir: string | null;
   private readonly hf: HfTokenizer;
   private readonly config: Readonly<Record<string, unknown>>;
   private readonly template: Template | null;
@@ -37,10 +39,17 @@ export class Tokenizer {
 
   /**
    * A tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json`; `source`
-   * names them in messages. Throws EM_TOKENIZER_INVALID or EM_TOKENIZER_TEMPLATE.
+   * names them in messages, `dir` is where they were read from (for loading them again in
+   * another thread). Throws EM_TOKENIZER_INVALID or EM_TOKENIZER_TEMPLATE.
    */
-  constructor(tokenizerJson: unknown, tokenizerConfig: unknown, source = "tokenizer") {
+  constructor(
+    tokenizerJson: unknown,
+    tokenizerConfig: unknown,
+    source = "tokenizer",
+    dir: string | null = null,
+  ) {
     this.source = source;
+    this.dir = dir;
     if (!isObject(tokenizerJson) || !isObject(tokenizerConfig)) {
       throw new ExpertMeshError(
         "EM_TOKENIZER_INVALID",
@@ -89,6 +98,7 @@ export class Tokenizer {
     return new Tokenizer(
       readJson(join(dir, "tokenizer.json")),
       readJson(join(dir, "tokenizer_config.json")),
+      dir,
       dir,
     );
   }

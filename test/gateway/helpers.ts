@@ -76,6 +76,9 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
     ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
     ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
+    ...(o.tokenizerInlineBytes !== undefined
+      ? { tokenizerInlineBytes: o.tokenizerInlineBytes }
+      : {}),
   });
   const app = buildGatewayApp({
     ctx,
@@ -100,6 +103,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     logs,
     close: async () => {
       await app.close();
+      await ctx.encoder.close();
       await nc?.close();
     },
   };

@@ -34,8 +34,11 @@ let gw: TestGateway;
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
   cluster = await startShards(dir, 2);
-  // A small step budget so concurrent prompts are split into chunks and mixed with decodes.
-  gw = await startGateway(dir, { cluster, maxBatchTokens: 24 });
+  // A small step budget so concurrent prompts are split into chunks and mixed with decodes;
+  // prompts over 64 bytes encoded by the tokenizer worker (a tiny model's prompts that fit
+  // its 256-token context are all short), so the usage checks below compare its ids with
+  // the tokenizer's in this thread.
+  gw = await startGateway(dir, { cluster, maxBatchTokens: 24, tokenizerInlineBytes: 64 });
 });
 afterAll(async () => {
   await gw?.close();
@@ -259,6 +262,26 @@ describe("completions", () => {
     expect(joined).toEqual(whole.logprobs);
     expect(joined["tokens"]).toHaveLength(ids.length + 6);
     expect(parts.at(-1)!.finish_reason).toBe(whole.finish_reason);
+  });
+
+  it("encodes a long prompt on the tokenizer worker to the ids this thread gets", async () => {
+    const prompt =
+      "Naïve café owners in Zürich — and 東京 too — said: <tag> 'quotes', numbers 12345, " +
+      "tabs\tand\nnewlines; the quick brown fox jumps over the lazy dog!";
+    expect(Buffer.byteLength(prompt)).toBeGreaterThan(64);
+    const ids = gw.ctx.tokenizer.encode(prompt);
+    const before = gw.ctx.encoder.stats.offloaded;
+    const body = { model: "tiny", max_tokens: 4, temperature: 0, logprobs: 1, echo: true };
+    const byText = await gw.client.completions.create({ ...body, prompt });
+    expect(gw.ctx.encoder.stats.offloaded).toBe(before + 1);
+    expect(gw.ctx.encoder.liveWorkers).toBe(1);
+    const byIds = await gw.client.completions.create({ ...body, prompt: ids });
+    expect(byText.usage!.prompt_tokens).toBe(ids.length);
+    // Same ids, so the same echoed tokens, logprobs and greedy continuation.
+    expect(byText.choices[0]!.logprobs!.tokens).toEqual(byIds.choices[0]!.logprobs!.tokens);
+    expect(byText.choices[0]!.logprobs!.token_logprobs).toEqual(
+      byIds.choices[0]!.logprobs!.token_logprobs,
+    );
   });
 
   it("takes token ids as the prompt and streams", async () => {

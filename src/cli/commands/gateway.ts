@@ -38,6 +38,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --max-running N           sequences in the running batch (default 256)
   --max-request-bytes N     largest request body (default 1048576)
   --max-model-len N         context length served (default: max_position_embeddings)
+  --tokenizer-workers N     threads that encode long prompts (over 4 KiB) off the event loop,
+                            each with its own copy of the tokenizer (default 1; 0: none)
   --kv-cache-bytes N        KV cache budget (default 536870912)
   --block-size N            KV cache block, in tokens (default 16)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
@@ -75,6 +77,7 @@ export const gatewayCommand: Command = {
         "max-running": { type: "string" },
         "max-request-bytes": { type: "string" },
         "max-model-len": { type: "string" },
+        "tokenizer-workers": { type: "string" },
         "kv-cache-bytes": { type: "string" },
         "block-size": { type: "string" },
         "micro-batches": { type: "string" },
@@ -166,6 +169,9 @@ export const gatewayCommand: Command = {
         },
       });
     }
+    const tokenizerWorkers = int(values["tokenizer-workers"], "--tokenizer-workers", 1, 0);
+    if (tokenizerWorkers > 64)
+      usage(`--tokenizer-workers must be at most 64, got ${tokenizerWorkers}`);
     const maxModelLen = values["max-model-len"];
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
@@ -176,6 +182,7 @@ export const gatewayCommand: Command = {
       kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
       blockSize: int(values["block-size"], "--block-size", 16),
       microBatches,
+      tokenizerWorkers,
       log,
     });
     onRoundTrip = (shard, ms, ok) =>
@@ -242,6 +249,7 @@ export const gatewayCommand: Command = {
       // gRPC calls still running after 50 s are cancelled (a clean status for their clients)
       // before the pod's 60 s termination grace ends in SIGKILL; HTTP waits for its own.
       await Promise.all([app.close(), grpc?.close(50_000)]);
+      await ctx.encoder.close();
       metricsServer.close();
       try {
         await nc?.drain();

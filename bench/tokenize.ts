@@ -1,0 +1,156 @@
+// The tokenize suite: what a long prompt costs the gateway's event loop, encoded in place
+// (the peer: what the gateway did before it had tokenizer workers) against on the
+// PromptEncoder's worker thread. Every stream's tokens go out on that one loop, so its
+// longest stall while a prompt is encoded is the extra inter-token latency every running
+// stream sees. Per prompt size: the time to the ids (what the request waits) and the
+// longest gap between two turns of the loop (a setImmediate chain) while encoding.
+// The tokenizer is the tiny checkpoints' byte-level BPE (a real DeepSeek tokenizer is not
+// available offline; its vocabulary is larger, its per-byte cost of the same order).
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { PromptEncoder } from "../src/gateway/prompt-encoder.ts";
+import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../src/model/tiny-tokenizer.ts";
+import { Tokenizer } from "../src/model/tokenizer.ts";
+import { type Stats, stats } from "./lib.ts";
+
+export interface TokenizeRow {
+  /** UTF-8 bytes of the prompt. */
+  bytes: number;
+  tokens: number;
+  /** Milliseconds from the call to the ids. */
+  inlineMs: Stats;
+  workerMs: Stats;
+  /** The longest gap between two turns of the event loop while encoding, ms. */
+  inlineStallMs: Stats;
+  workerStallMs: Stats;
+}
+
+export interface TokenizeResults {
+  runs: number;
+  inlineBytes: number;
+  rows: TokenizeRow[];
+}
+
+const SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20];
+const QUICK_SIZES = [4 << 10, 64 << 10];
+
+/** English-like text of `bytes` bytes (words, punctuation, numbers), the same every run. */
+export function promptText(bytes: number): string {
+  const words =
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they you were her she there been one all we their if has will".split(
+      " ",
+    );
+  let seed = 12345;
+  const next = () => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed >>> 8;
+  };
+  const parts: string[] = [];
+  let n = 0;
+  while (n < bytes) {
+    const r = next();
+    const w =
+      r % 17 === 0 ? String(r % 100000) : (words[r % words.length] ?? "x") + (r % 11 ? "" : ",");
+    const s = r % 23 === 0 ? `${w}.\n` : `${w} `;
+    parts.push(s);
+    n += s.length;
+  }
+  return parts.join("").slice(0, bytes);
+}
+
+/** Runs `fn` while a setImmediate chain measures the longest gap between loop turns. */
+async function withStall<T>(fn: () => Promise<T>): Promise<{ ms: number; stallMs: number }> {
+  let last = performance.now();
+  let longest = 0;
+  let running = true;
+  const tick = () => {
+    const now = performance.now();
+    longest = Math.max(longest, now - last);
+    last = now;
+    if (running) setImmediate(tick);
+  };
+  setImmediate(tick);
+  const t0 = performance.now();
+  await fn();
+  const ms = performance.now() - t0;
+  running = false;
+  // The gap that ends when the call returns counts too (an in-place encode is one gap).
+  longest = Math.max(longest, performance.now() - last);
+  return { ms, stallMs: longest };
+}
+
+export async function runTokenize(o: {
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<TokenizeResults> {
+  const dir = mkdtempSync(join(tmpdir(), "em-bench-tok-"));
+  writeFileSync(join(dir, "tokenizer.json"), JSON.stringify(tinyTokenizerJson()));
+  writeFileSync(join(dir, "tokenizer_config.json"), JSON.stringify(tinyTokenizerConfigJson(4096)));
+  const tokenizer = Tokenizer.load(dir);
+  const inlineBytes = 4096;
+  const inline = new PromptEncoder(tokenizer, { workers: 0 });
+  const worker = new PromptEncoder(tokenizer, { workers: 1, inlineBytes: inlineBytes - 1 });
+  const rows: TokenizeRow[] = [];
+  try {
+    for (const bytes of o.quick ? QUICK_SIZES : SIZES) {
+      const text = promptText(bytes);
+      const tokens = tokenizer.encode(text).length;
+      const sides = { inline, worker };
+      const ms = { inline: [] as number[], worker: [] as number[] };
+      const stall = { inline: [] as number[], worker: [] as number[] };
+      // 2 warm-up runs each, then the counted ones, the two sides alternating.
+      for (let run = -2; run < o.runs; run++)
+        for (const side of run % 2
+          ? (["inline", "worker"] as const)
+          : (["worker", "inline"] as const)) {
+          const r = await withStall(() => sides[side].encode(text));
+          if (run >= 0) {
+            ms[side].push(r.ms);
+            stall[side].push(r.stallMs);
+          }
+        }
+      const row = {
+        bytes,
+        tokens,
+        inlineMs: stats(ms.inline),
+        workerMs: stats(ms.worker),
+        inlineStallMs: stats(stall.inline),
+        workerStallMs: stats(stall.worker),
+      };
+      o.log(
+        `[bench] tokenize ${bytes} B: in place ${row.inlineMs.median.toFixed(1)} ms (stall ${row.inlineStallMs.median.toFixed(1)}), ` +
+          `worker ${row.workerMs.median.toFixed(1)} ms (stall ${row.workerStallMs.median.toFixed(2)})`,
+      );
+      rows.push(row);
+    }
+    if (worker.stats.offloaded !== rows.length * (o.runs + 2))
+      throw new Error(`the worker encoded ${worker.stats.offloaded} prompts, not all of them`);
+  } finally {
+    await worker.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return { runs: o.runs, inlineBytes, rows };
+}
+
+const kib = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`);
+const ms = (s: Stats, d = 1) => `${s.median.toFixed(d)} (${s.min.toFixed(d)}-${s.max.toFixed(d)})`;
+
+/** The suite's table for BENCHMARKS.md. */
+export function tokenizeTables(
+  r: TokenizeResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
+  source: string,
+): string {
+  const rows = r.rows
+    .map(
+      (x) =>
+        `| ${kib(x.bytes)} | ${x.tokens} | ${ms(x.inlineMs)} | ${ms(x.workerMs)} | ${(x.workerMs.median / x.inlineMs.median).toFixed(2)}x | ${ms(x.inlineStallMs)} | ${ms(x.workerStallMs, 2)} | ${(x.workerStallMs.median / x.inlineStallMs.median).toFixed(3)}x |`,
+    )
+    .join("\n");
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.runs} counted runs per side after 2 warm-ups, sides alternating; from \`${source}\`. Medians (min-max), milliseconds.
+
+| prompt | tokens | time to ids, in place | on the worker | worker / in place | longest event-loop stall, in place | on the worker | worker / in place |
+|---|---:|---:|---:|---:|---:|---:|---:|
+${rows}`;
+}
