@@ -71,20 +71,84 @@ export function parseManifest(text: string, source = "manifest"): DeepSeekModel 
   return validateModel(doc, invalid);
 }
 
-/** The first field (dotted path) holding a list where the schema wants an object, if any. */
-function listWhereObject(schema: unknown, value: unknown, path: string): string | undefined {
-  const s = schema as { type?: unknown; properties?: Record<string, unknown> };
-  if (s?.type !== "object" || typeof value !== "object" || value === null) return undefined;
-  if (Array.isArray(value)) return path || "(document)";
-  for (const [key, sub] of Object.entries(s.properties ?? {})) {
-    const found = listWhereObject(
-      sub,
-      (value as Record<string, unknown>)[key],
-      path ? `${path}.${key}` : key,
-    );
+interface SchemaNode {
+  type?: unknown;
+  properties?: Record<string, unknown>;
+  patternProperties?: Record<string, unknown>;
+  additionalProperties?: unknown;
+  items?: unknown;
+  anyOf?: { const?: unknown }[];
+  "x-kubernetes-preserve-unknown-fields"?: boolean;
+}
+
+/**
+ * The first place where the document's shape leaves the schema, checked before defaults:
+ * a list where an object belongs (TypeBox's Value.Default merged `experts: [- shards: 4]`
+ * into the default experts) or a field the schema does not have (kubectl's strict field
+ * validation refuses it; read here it would be ignored, a typo silently lost). Objects that
+ * keep unknown fields (metadata, affinity) are not looked into.
+ */
+function shapeError(
+  schema: unknown,
+  value: unknown,
+  path: string,
+): { field: string; message: string } | undefined {
+  const s = schema as SchemaNode;
+  if (typeof value !== "object" || value === null) return undefined;
+  const at = (key: string) => (path ? `${path}.${key}` : key);
+  if (s.type === "array" && Array.isArray(value)) {
+    for (const [i, v] of value.entries()) {
+      const found = shapeError(s.items, v, at(String(i)));
+      if (found) return found;
+    }
+    return undefined;
+  }
+  if (s.type !== "object") return undefined;
+  if (Array.isArray(value))
+    return { field: path || "(document)", message: "Expected object (got a list)" };
+  if (s.additionalProperties === true || s["x-kubernetes-preserve-unknown-fields"])
+    return undefined;
+  const entries = Object.entries(value as Record<string, unknown>);
+  if (s.patternProperties) {
+    const sub = Object.values(s.patternProperties)[0];
+    for (const [key, v] of entries) {
+      const found = shapeError(sub, v, at(key));
+      if (found) return found;
+    }
+    return undefined;
+  }
+  const known = Object.keys(s.properties ?? {});
+  for (const [key, v] of entries) {
+    const sub = s.properties?.[key];
+    if (sub === undefined) {
+      const near = known.find((k) => editDistance(k.toLowerCase(), key.toLowerCase()) <= 2);
+      return {
+        field: at(key),
+        message:
+          `unknown field${near ? ` (did you mean '${near}'?)` : ""}; ` +
+          `${path || "the document"} has ${known.join(", ")}`,
+      };
+    }
+    const found = shapeError(sub, v, at(key));
     if (found) return found;
   }
   return undefined;
+}
+
+/** Levenshtein distance (for suggesting a field name). */
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++)
+      row[j] = Math.min(
+        prev[j]! + 1,
+        row[j - 1]! + 1,
+        prev[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    prev = row;
+  }
+  return prev[b.length]!;
 }
 
 /** Applies defaults, checks the schema and the cross-field rules; returns a typed copy. */
@@ -92,16 +156,19 @@ export function validateModel(
   doc: unknown,
   invalid: (field: string, msg: string) => never,
 ): DeepSeekModel {
-  // Before the defaults: TypeBox's Value.Default merges a list given where an object belongs
-  // into that object's defaults (`experts: [- shards: 4]` became the default experts).
-  const list = listWhereObject(DeepSeekModelSchema, doc, "");
-  if (list) invalid(list, "Expected object (got a list)");
+  const shape = shapeError(DeepSeekModelSchema, doc, "");
+  if (shape) invalid(shape.field, shape.message);
   const value = Value.Default(DeepSeekModelSchema, structuredClone(doc)) as Record<string, any>;
   const first = Value.Errors(DeepSeekModelSchema, value).First();
   if (first) {
     const field = first.path.replace(/^\//, "").replaceAll("/", ".") || "(document)";
     const got = first.value === undefined ? "missing" : `got ${JSON.stringify(first.value)}`;
-    invalid(field, `${first.message} (${got})`);
+    // An enum's error is "Expected union value": say which values it takes.
+    const choices = (first.schema as SchemaNode).anyOf;
+    const message = choices?.every((c) => typeof c.const === "string")
+      ? `must be one of ${choices.map((c) => c.const).join(", ")}`
+      : first.message;
+    invalid(field, `${message} (${got})`);
   }
   const cross = crossFieldErrors(value);
   if (cross.length) invalid(cross[0]!.path, cross.map((e) => e.message).join("; "));

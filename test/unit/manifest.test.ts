@@ -183,6 +183,55 @@ spec:
   });
 
   it.each([
+    [
+      "spec.experts.replica",
+      good.replace("shards: 4", "shards: 4, replica: { max: 3 }"),
+      "(did you mean 'replicas'?); spec.experts has shards, redundantExperts, replicas,",
+    ],
+    ["spec.gateways", `${good}  gateways: { gpus: 0 }\n`, "(did you mean 'gateway'?)"],
+    [
+      "spec.weights",
+      `${good}  weights: x\n`,
+      "unknown field; spec has servedModelName, model, image,",
+    ],
+    [
+      "spec.experts.rebalance.Enabled",
+      `${good.replace("shards: 4", "shards: 4, rebalance: { Enabled: true }")}`,
+      "(did you mean 'enabled'?)",
+    ],
+    [
+      "spec.scheduling.tolerations.1.efect",
+      `${good}  scheduling: { tolerations: [{ key: a }, { key: b, efect: NoSchedule }] }\n`,
+      "(did you mean 'effect'?)",
+    ],
+    ["status.phase", `${good}status: { phase: Ready }\n`, "unknown field"],
+    ["extra", `${good}extra: 1\n`, "the document has apiVersion, kind, metadata, spec, status"],
+  ])("refuses the unknown field %s, as kubectl's strict validation does", (field, text, msg) => {
+    expect(() => parseManifest(text, "m.yaml")).toThrow(`m.yaml: ${field}: unknown field`);
+    expect(() => parseManifest(text, "m.yaml")).toThrow(msg);
+  });
+
+  it("keeps unknown fields where Kubernetes does (metadata, affinity, maps)", () => {
+    const m = parseManifest(
+      good.replace(
+        "metadata: { name: tiny }",
+        "metadata: { name: tiny, creationTimestamp: '2026-11-29T00:00:00Z', labels: { app: x } }",
+      ) +
+        "  scheduling:\n    affinity: { nodeAffinity: { anything: [1, 2] } }\n" +
+        "  gateway: { resources: { requests: { cpu: 4, example.com/fpga: 1 } } }\n",
+    );
+    expect(m.metadata.labels).toEqual({ app: "x" });
+    expect(m.spec.scheduling.affinity).toEqual({ nodeAffinity: { anything: [1, 2] } });
+    expect(m.spec.gateway.resources?.requests).toEqual({ cpu: 4, "example.com/fpga": 1 });
+  });
+
+  it("lists an enum's values when a field has none of them", () => {
+    expect(() =>
+      parseManifest(good.replace("preset: tiny-v3,", "preset: tiny-v3, dtype: int3,"), "m.yaml"),
+    ).toThrow(/m\.yaml: spec\.model\.dtype: must be one of [a-z0-9]+, [a-z0-9]+.* \(got "int3"\)/);
+  });
+
+  it.each([
     ["spec.experts", good.replace("experts: { shards: 4 }", "experts: [{ shards: 4 }]")],
     ["spec.gateway", `${good}  gateway: [{ gpus: 0 }]\n`],
     ["spec.gateway.ports", `${good}  gateway: { ports: [9999] }\n`],
