@@ -1,5 +1,6 @@
 // Parsing of the option values the commands share, with EM_CLI_USAGE errors that name
 // the flag, and listening on a flag's address.
+import { readFileSync } from "node:fs";
 import type { Server } from "node:net";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -32,6 +33,27 @@ export async function listenOn(
       resolve();
     });
   });
+}
+
+/** The contents of a file an option names; EM_CLI_FILE names the option when it cannot. */
+export function readOptionFile(path: string, flag: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    const why = (err as { code?: string }).code === "ENOENT" ? "no such file" : String(err);
+    throw new ExpertMeshError("EM_CLI_FILE", `${flag} ${path}: cannot read it: ${why}`, {
+      cause: err,
+    });
+  }
+}
+
+/** Seconds to wait for NATS at start (`--nats-wait`), in milliseconds. */
+export function natsWaitFlag(v: string | undefined): number {
+  if (v === undefined) return 60_000;
+  const s = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v) || s > 3600)
+    throw new ExpertMeshError("EM_CLI_USAGE", `--nats-wait must be seconds, 0..3600, got '${v}'`);
+  return s * 1000;
 }
 
 /** An integer flag (`dflt` when absent), at least `min`. */

@@ -64,6 +64,9 @@ export const ERROR_CODES = {
   EM_PLAN_MISMATCH: "a placement plan is for another model (other expert count or MoE layers)",
   EM_LISTEN_FAILED:
     "a server could not listen on its address (the port is in use, or the host is not local)",
+  EM_NATS_CONNECT:
+    "the NATS server could not be reached in time, refused the credentials, or --nats is no NATS URL",
+  EM_CLI_FILE: "a file named by a command-line option (--plan, --nats-creds, ...) cannot be read",
   EM_LOCAL_CHILD_EXITED:
     "a process `expertmesh up` started (nats-server, a shard, the gateway) exited before it was ready",
 } as const;

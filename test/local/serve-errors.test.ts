@@ -2,7 +2,7 @@
 // taken: one line with a stable code and a prompt exit, even after they connected to NATS or
 // opened a server (before, a late error was printed and the process ran on, still serving),
 // and never an unhandled 'error' event. A plan made for another model is refused at start.
-import { rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -10,9 +10,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { resolveArchitecture } from "../../src/api/presets.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { serializePlan } from "../../src/moe/plan-json.ts";
+import { startNats } from "../env/nats.ts";
+import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
+import { startShard, waitServing } from "../support/shards.ts";
 
 const main = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 const expertmesh = (args: string[]) => runCli(process.execPath, [main, ...args]);
@@ -136,5 +139,77 @@ describe("serving commands on bad input", () => {
     expect(busy.stderr).toContain(
       `[EM_LISTEN_FAILED] --metrics-port: cannot listen on 0.0.0.0:${takenPort}`,
     );
+  });
+
+  it("files named by options are read before the weights, with the option in the error", async () => {
+    const missing = await shard(join(dir, "no-such.plan.json"));
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(
+      /\[EM_CLI_FILE\] --plan .*no-such\.plan\.json: cannot read it: no such file/,
+    );
+    const creds = await shard(plans["tiny-v3"]!, `--nats-creds=${join(dir, "nope.creds")}`);
+    expect(creds.stderr).toMatch(/\[EM_CLI_FILE\] --nats-creds .*nope\.creds: cannot read it/);
+    expect(creds.stderr).not.toContain("loading experts");
+    const gateway = await expertmesh([
+      "gateway",
+      `--model=${dir}`,
+      `--plan=${join(dir, "no-such.plan.json")}`,
+      `--nats=${testEnv().nats.url}`,
+    ]);
+    expect(gateway.code).toBe(1);
+    expect(gateway.stderr).toContain("[EM_CLI_FILE] --plan ");
+    expect(gateway.stderr).not.toContain("loading weights");
+  });
+
+  it("NATS that cannot be reached, refuses the credentials, or is no URL: EM_NATS_CONNECT", async () => {
+    const closed = await freePort();
+    const gone = await shard(
+      plans["tiny-v3"]!,
+      `--nats=nats://127.0.0.1:${closed}`,
+      "--nats-wait=1",
+    );
+    expect(gone.code).toBe(1);
+    expect(gone.stderr).toContain(`not reachable (connection refused): trying for up to 1 s`);
+    expect(gone.stderr).toContain(
+      `[EM_NATS_CONNECT] cannot connect to NATS at nats://127.0.0.1:${closed}: connection refused (tried for 1 s)`,
+    );
+    const garbage = join(dir, "garbage.creds");
+    writeFileSync(garbage, "not a creds file\n");
+    const creds = await shard(plans["tiny-v3"]!, `--nats-creds=${garbage}`);
+    expect(creds.code).toBe(1);
+    expect(creds.stderr).toMatch(/\[EM_NATS_CONNECT\] .*: unable to parse credentials/);
+    const url = await shard(plans["tiny-v3"]!, "--nats=not a url");
+    expect(url.stderr).toContain(
+      "[EM_NATS_CONNECT] cannot connect to NATS at not a url: not a NATS URL",
+    );
+    for (const bad of ["x", "-1", "3601"]) {
+      const r = await shard(plans["tiny-v3"]!, `--nats-wait=${bad}`);
+      expect(r.stderr, bad).toContain(
+        `[EM_CLI_USAGE] --nats-wait must be seconds, 0..3600, got '${bad}'`,
+      );
+    }
+  });
+
+  it("a shard started before its NATS server waits for it, then serves", async () => {
+    const port = await freePort();
+    const p = startShard(dir, plans["tiny-v3"]!, "late-nats", 0, "r0", `nats://127.0.0.1:${port}`);
+    const natsDir = join(testEnv().runDir, `late-nats-${port}`);
+    let nats: Awaited<ReturnType<typeof startNats>> | undefined;
+    try {
+      await p.waitUntil("waiting for NATS", async () =>
+        readFileSync(p.logPath, "utf8").includes("not reachable (connection refused)"),
+      );
+      nats = await startNats(
+        testEnv().binaries.natsServer,
+        natsDir,
+        join(testEnv().runDir, "logs"),
+        port,
+      );
+      await waitServing(p);
+      expect(p.exited).toBe(false);
+    } finally {
+      await p.stop(3000);
+      await nats?.process.stop(3000);
+    }
   });
 });

@@ -1,4 +1,3 @@
-import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
@@ -20,7 +19,15 @@ import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, intFlag as int, listenOn, portFlag, subjectRef } from "../options.ts";
+import {
+  defaultModelName,
+  intFlag as int,
+  listenOn,
+  natsWaitFlag,
+  portFlag,
+  readOptionFile,
+  subjectRef,
+} from "../options.ts";
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
@@ -28,6 +35,7 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --local                   routed experts in this process (single-process mode)
   --nats URL, --plan FILE   routed experts on shard processes over NATS (distributed mode)
   --nats-creds FILE         NATS credentials
+  --nats-wait SECONDS       how long to wait at start for a NATS server not reachable yet (default 60)
   --namespace NS, --model-name NAME   NATS subjects (default default, the folder name)
   --served-model-name NAME  the "model" clients ask for (default: --model-name)
   --http-port PORT          OpenAI-compatible HTTP API (default 8000; 0 picks one)
@@ -65,6 +73,7 @@ export const gatewayCommand: Command = {
         plan: { type: "string" },
         nats: { type: "string" },
         "nats-creds": { type: "string" },
+        "nats-wait": { type: "string" },
         namespace: { type: "string" },
         "model-name": { type: "string" },
         "served-model-name": { type: "string" },
@@ -104,6 +113,7 @@ export const gatewayCommand: Command = {
         ? undefined
         : portFlag(values["grpc-port"], "--grpc-port", 0);
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
+    const natsWaitMs = natsWaitFlag(values["nats-wait"]);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
     // On NATS the names become subject tokens; alone (--local) they only name things.
@@ -117,6 +127,9 @@ export const gatewayCommand: Command = {
     const selected = selectBackend(values.backend, values.device);
     const backend = selected.backend;
     log(selected.summary);
+    // The files the options name, before the weights: a wrong path fails at once.
+    const planText = values.plan && readOptionFile(values.plan, "--plan").toString("utf8");
+    const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
     const ckpt = await Checkpoint.open(modelDir);
     const tokenizer = Tokenizer.load(modelDir);
     const progress = loadProgress({
@@ -137,12 +150,14 @@ export const gatewayCommand: Command = {
     if (values.local) {
       experts = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
     } else {
-      const plan = parsePlan(readFileSync(values.plan!, "utf8"));
+      const plan = parsePlan(planText!);
       checkPlanFitsModel(plan, modelArchitectureOf(weights.config), values.plan!);
       nc = await connectNats({
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,
-        creds: values["nats-creds"] ? readFileSync(values["nats-creds"]) : undefined,
+        creds: creds || undefined,
+        waitMs: natsWaitMs,
+        log,
       });
       experts = new RemoteExperts({
         nc,

@@ -1,4 +1,3 @@
-import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
@@ -11,7 +10,7 @@ import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, intFlag, numberFlag as num } from "../options.ts";
+import { defaultModelName, intFlag, numberFlag as num, readOptionFile } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
@@ -70,6 +69,11 @@ export const generateCommand: Command = {
       );
     const selected = selectBackend(values.backend, values.device);
     const backend = selected.backend;
+    // Before the weights: a wrong --plan path fails at once.
+    const plan =
+      values.distributed && values.plan
+        ? parsePlan(readOptionFile(values.plan, "--plan").toString("utf8"))
+        : undefined;
     const t0 = performance.now();
     const ckpt = await Checkpoint.open(values.model);
     const tokenizer = Tokenizer.load(values.model);
@@ -82,7 +86,7 @@ export const generateCommand: Command = {
     let experts: ExpertRunner = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
     let close = async () => {};
     if (values.distributed) {
-      if (!values.nats || !values.plan)
+      if (!values.nats || !plan)
         throw new ExpertMeshError("EM_CLI_USAGE", "--distributed needs --nats and --plan");
       const wire = values.wire ?? "bf16";
       if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
@@ -95,7 +99,7 @@ export const generateCommand: Command = {
           namespace: values.namespace ?? "default",
           model: values["model-name"] ?? defaultModelName(values.model),
         },
-        plan: parsePlan(readFileSync(values.plan, "utf8")),
+        plan,
         dispatchDtype: wire,
         combineDtype: wire === "f32" ? "f32" : "bf16",
       });

@@ -1,4 +1,3 @@
-import { readFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
@@ -13,11 +12,20 @@ import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, listenOn, portFlag, subjectRef } from "../options.ts";
+import {
+  defaultModelName,
+  listenOn,
+  natsWaitFlag,
+  portFlag,
+  readOptionFile,
+  subjectRef,
+} from "../options.ts";
 import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
+  --nats-creds FILE     NATS credentials (.creds)
+  --nats-wait SECONDS   how long to wait at start for a NATS server not reachable yet (default 60)
   --namespace NS        model namespace in NATS subjects (default default)
   --model-name NAME     model name in NATS subjects (default: the model folder's name)
   --id ID               this replica's id in load reports (default hostname-pid)
@@ -40,6 +48,7 @@ export const shardCommand: Command = {
         shard: { type: "string" },
         nats: { type: "string" },
         "nats-creds": { type: "string" },
+        "nats-wait": { type: "string" },
         namespace: { type: "string" },
         "model-name": { type: "string" },
         id: { type: "string" },
@@ -54,13 +63,15 @@ export const shardCommand: Command = {
     if (!values.model || !values.plan || values.shard === undefined || !values.nats)
       usage("--model, --plan, --shard and --nats are required");
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
+    const natsWaitMs = natsWaitFlag(values["nats-wait"]);
     const model = subjectRef(
       values.namespace ?? "default",
       values["model-name"] ?? defaultModelName(values.model!),
     );
     // Before reading anything: a device that is not there fails at once (pods restart).
     const selected = selectBackend(values.backend, values.device);
-    const plan = parsePlan(readFileSync(values.plan!, "utf8"));
+    const plan = parsePlan(readOptionFile(values.plan!, "--plan").toString("utf8"));
+    const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
     const k = /^\d+$/.test(values.shard!) ? Number(values.shard) : -1;
     if (k < 0 || k >= plan.numShards)
       usage(`--shard must be 0..${plan.numShards - 1}, got '${values.shard}'`);
@@ -94,7 +105,9 @@ export const shardCommand: Command = {
     const nc = await connectNats({
       url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,
-      creds: values["nats-creds"] ? readFileSync(values["nats-creds"]) : undefined,
+      creds: creds || undefined,
+      waitMs: natsWaitMs,
+      log,
     });
     const server = new ShardServer({
       nc,
