@@ -3,9 +3,10 @@
 // (`mini`, about 1 GB in bf16). Every tensor draws from its own PRNG stream keyed by
 // (seed, tensor name), so values do not depend on sharding or on --fp8, and one seed
 // always gives byte-identical files. docs/tiny-models.md explains the figures.
-import { mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ExpertMeshError } from "../util/errors.ts";
+import { makeDirs } from "../util/fs.ts";
 import { INDEX_FILE, SINGLE_FILE } from "./checkpoint.ts";
 import { type ModelConfig, parseModelConfig } from "./config.ts";
 import { float32ArrayToBf16, quantizeE4m3Blocks } from "./floats.ts";
@@ -278,49 +279,59 @@ export async function writeTinyModel(
   const config = parseModelConfig(configJson, `tiny ${opts.arch} ${preset} config`);
   const shards = splitShards(tinyTensors(config, seed), numShards);
 
-  mkdirSync(dir, { recursive: true });
-  removeOldWeights(dir);
-  const json = (name: string, value: unknown) =>
-    writeFileSync(join(dir, name), `${JSON.stringify(value, null, 2)}\n`);
-  json("config.json", configJson);
-  json("generation_config.json", {
-    bos_token_id: config.bosTokenId,
-    eos_token_id: config.eosTokenIds[0],
-    do_sample: true,
-    temperature: 0.6,
-    top_p: 0.95,
-  });
-  json("tokenizer.json", tinyTokenizerJson());
-  json("tokenizer_config.json", tinyTokenizerConfigJson(config.maxPositionEmbeddings));
-
   const totalBytes = shards.flat().reduce((a, t) => a + tensorBytes(t), 0);
-  let doneBefore = 0;
-  const names = numShards === 1 ? [SINGLE_FILE] : shards.map((_, k) => shardName(k, numShards));
-  for (const [k, tensors] of shards.entries()) {
-    const file = names[k]!;
-    const progress = (p: WriteProgress) =>
-      opts.onProgress?.({ bytesWritten: doneBefore + p.bytesWritten, totalBytes, file });
-    await writeSafetensors(join(dir, file), tensors, { format: "pt" }, progress);
-    doneBefore += tensors.reduce((a, t) => a + tensorBytes(t), 0);
-  }
-  if (numShards > 1) {
-    const weightMap: Record<string, string> = {};
-    const entries = shards.flatMap((tensors, k) =>
-      tensors.map((t) => [t.name, names[k]!] as const),
-    );
-    for (const [name, file] of entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-      weightMap[name] = file;
+  let written: string[];
+  try {
+    makeDirs(dir);
+    removeOldWeights(dir);
+    const json = (name: string, value: unknown) =>
+      writeFileSync(join(dir, name), `${JSON.stringify(value, null, 2)}\n`);
+    json("config.json", configJson);
+    json("generation_config.json", {
+      bos_token_id: config.bosTokenId,
+      eos_token_id: config.eosTokenIds[0],
+      do_sample: true,
+      temperature: 0.6,
+      top_p: 0.95,
+    });
+    json("tokenizer.json", tinyTokenizerJson());
+    json("tokenizer_config.json", tinyTokenizerConfigJson(config.maxPositionEmbeddings));
+
+    let doneBefore = 0;
+    const names = numShards === 1 ? [SINGLE_FILE] : shards.map((_, k) => shardName(k, numShards));
+    for (const [k, tensors] of shards.entries()) {
+      const file = names[k]!;
+      const progress = (p: WriteProgress) =>
+        opts.onProgress?.({ bytesWritten: doneBefore + p.bytesWritten, totalBytes, file });
+      await writeSafetensors(join(dir, file), tensors, { format: "pt" }, progress);
+      doneBefore += tensors.reduce((a, t) => a + tensorBytes(t), 0);
     }
-    json(INDEX_FILE, { metadata: { total_size: totalBytes }, weight_map: weightMap });
+    if (numShards > 1) {
+      const weightMap: Record<string, string> = {};
+      const entries = shards.flatMap((tensors, k) =>
+        tensors.map((t) => [t.name, names[k]!] as const),
+      );
+      for (const [name, file] of entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+        weightMap[name] = file;
+      }
+      json(INDEX_FILE, { metadata: { total_size: totalBytes }, weight_map: weightMap });
+    }
+    written = [
+      "config.json",
+      "generation_config.json",
+      "tokenizer.json",
+      "tokenizer_config.json",
+      ...names,
+      ...(numShards > 1 ? [INDEX_FILE] : []),
+    ];
+  } catch (err) {
+    if (err instanceof ExpertMeshError) throw err;
+    throw new ExpertMeshError(
+      "EM_WRITE_FAILED",
+      `cannot write the tiny model to ${dir}: ${err instanceof Error ? err.message : err}`,
+      { cause: err },
+    );
   }
-  const written = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    ...names,
-    ...(numShards > 1 ? [INDEX_FILE] : []),
-  ];
   const files = written.map((name) => ({ name, bytes: statSync(join(dir, name)).size }));
   return { dir, config, files, numTensors: shards.flat().length, tensorBytes: totalBytes };
 }

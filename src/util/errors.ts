@@ -67,6 +67,7 @@ export const ERROR_CODES = {
   EM_NATS_CONNECT:
     "the NATS server could not be reached in time, refused the credentials, or --nats is no NATS URL",
   EM_CLI_FILE: "a file named by a command-line option (--plan, --nats-creds, ...) cannot be read",
+  EM_WRITE_FAILED: "files could not be written (no permission, not a folder, disk full)",
   EM_LOCAL_CHILD_EXITED:
     "a process `expertmesh up` started (nats-server, a shard, the gateway) exited before it was ready",
 } as const;

@@ -1,5 +1,13 @@
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -13,6 +21,7 @@ import { Prng } from "../../src/model/prng.ts";
 import { tinyConfigJson, writeTinyModel } from "../../src/model/tiny.ts";
 import { modelWeights, scaleInvOf } from "../../src/model/weights.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
+import { makeDirs } from "../../src/util/fs.ts";
 
 // biome-ignore lint/suspicious/noApproximativeNumericConstant: the literal of DeepSeek-V2's config.json
 const V2_MSCALE = 0.707;
@@ -391,5 +400,46 @@ describe("expertmesh make-tiny-model", () => {
     expect(err).toBeInstanceOf(ExpertMeshError);
     expect((err as ExpertMeshError).code).toBe("EM_CLI_USAGE");
     expect((err as Error).message).toContain(message);
+  });
+
+  it.each([
+    ["/proc/expertmesh-x", "ENOENT"],
+    ["/dev/null/x", "ENOTDIR"],
+    ["a file", "EEXIST"],
+  ])("an --out it cannot write (%s) is EM_WRITE_FAILED, and returns", (out, why) => {
+    const file = join(root, "a-file");
+    writeFileSync(file, "x");
+    const r = cli("--arch", "v3", "--out", out === "a file" ? file : out);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain("[EM_WRITE_FAILED] cannot write the tiny model to ");
+    expect(r.stderr).toContain(why);
+  });
+});
+
+describe("makeDirs", () => {
+  it("creates missing parents and accepts a folder that exists", () => {
+    const dir = join(root, "dirs", "a", "b", "c");
+    makeDirs(dir);
+    makeDirs(dir);
+    expect(statSync(dir).isDirectory()).toBe(true);
+  });
+
+  it.each([
+    ["/proc/expertmesh-x/y", "ENOENT"],
+    ["/dev/null/x/y", "ENOTDIR"],
+  ])(
+    "throws for %s (%s) where mkdirSync's recursive mode never returns or hides why",
+    (dir, code) => {
+      expect(() => makeDirs(dir)).toThrow(expect.objectContaining({ code }));
+    },
+  );
+
+  it("throws EEXIST for a file in the way", () => {
+    const file = join(root, "in-the-way");
+    writeFileSync(file, "x");
+    expect(() => makeDirs(join(file))).toThrow(expect.objectContaining({ code: "EEXIST" }));
+    expect(() => makeDirs(join(file, "below"))).toThrow(
+      expect.objectContaining({ code: "ENOTDIR" }),
+    );
   });
 });

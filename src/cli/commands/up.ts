@@ -3,7 +3,7 @@
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
 // prints the endpoints, and stops everything on Ctrl-C.
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -175,7 +175,6 @@ export const upCommand: Command = {
         );
       }
       say(`creating the ${preset} model in ${modelDir}`);
-      mkdirSync(modelDir, { recursive: true });
       const bar = `${preset} model`;
       const written = (done: number, total: number, finished: boolean) =>
         board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
