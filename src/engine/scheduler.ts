@@ -22,6 +22,11 @@ export class Sequence {
   status: SequenceStatus = "waiting";
   /** Times it was preempted (and recomputed). */
   numPreemptions = 0;
+  /**
+   * Every row's logits are wanted (prompt logprobs), not just the last: its chunks count
+   * against the scheduler's maxLogitRows.
+   */
+  wantsAllLogits = false;
 
   constructor(id: number, promptTokens: readonly number[], maxTotalTokens: number) {
     if (promptTokens.length === 0)
@@ -59,6 +64,11 @@ export interface SchedulerConfig {
   readonly maxRunning: number;
   /** Sequences that may wait for admission; more are refused (HTTP 429). */
   readonly maxQueueDepth: number;
+  /**
+   * Tokens of sequences that want every row's logits, per step (default: no limit). Each
+   * such token is a [vocab] row of logits: 2048 of them are 1 GiB at DeepSeek's 129k vocab.
+   */
+  readonly maxLogitRows?: number;
 }
 
 export type AddResult = "ok" | "queue_full" | "too_large";
@@ -70,8 +80,9 @@ export class Scheduler {
   #running: Sequence[] = [];
 
   constructor(config: SchedulerConfig, blocks: BlockAllocator) {
-    for (const k of ["maxBatchTokens", "maxRunning", "maxQueueDepth"] as const) {
-      if (!Number.isInteger(config[k]) || config[k] < 1)
+    for (const k of ["maxBatchTokens", "maxRunning", "maxQueueDepth", "maxLogitRows"] as const) {
+      if (k === "maxLogitRows" && config[k] === undefined) continue;
+      if (!Number.isInteger(config[k]) || config[k]! < 1)
         throw new ExpertMeshError(
           "EM_CLI_USAGE",
           `scheduler ${k} must be a positive integer, got ${config[k]}`,
@@ -108,11 +119,22 @@ export class Scheduler {
   /** Picks the next step's chunks; `preempted` lists sequences sent back to wait. */
   schedule(): { chunks: ScheduledChunk[]; preempted: Sequence[] } {
     let budget = this.config.maxBatchTokens;
+    let logitRows = this.config.maxLogitRows ?? Number.POSITIVE_INFINITY;
+    // Tokens to run of `seq`: the rest of it within the budgets.
+    const tokensOf = (seq: Sequence) =>
+      Math.min(seq.numTokens - seq.numComputed, budget, seq.wantsAllLogits ? logitRows : budget);
     const chunks: ScheduledChunk[] = [];
     const preempted: Sequence[] = [];
+    const take = (seq: Sequence, n: number) => {
+      chunks.push(chunkOf(seq, n));
+      budget -= n;
+      if (seq.wantsAllLogits) logitRows -= n;
+    };
     for (let i = 0; i < this.#running.length && budget > 0; i++) {
       const seq = this.#running[i]!;
-      const n = Math.min(seq.numTokens - seq.numComputed, budget);
+      const n = tokensOf(seq);
+      // No logit rows left this step: it waits for the next (keeping its place).
+      if (n === 0) continue;
       let fits = this.#blocks.reserve(seq.id, seq.numComputed + n);
       // Free blocks by preempting the newest running sequences, this one last.
       while (!fits) {
@@ -123,8 +145,7 @@ export class Scheduler {
         fits = this.#blocks.reserve(seq.id, seq.numComputed + n);
       }
       if (!fits) break;
-      chunks.push(chunkOf(seq, n));
-      budget -= n;
+      take(seq, n);
     }
     // Admitting while preempting would only preempt again.
     while (
@@ -134,13 +155,12 @@ export class Scheduler {
       this.#running.length < this.config.maxRunning
     ) {
       const seq = this.#waiting[0]!;
-      const n = Math.min(seq.numTokens - seq.numComputed, budget);
-      if (!this.#blocks.reserve(seq.id, seq.numComputed + n)) break;
+      const n = tokensOf(seq);
+      if (n === 0 || !this.#blocks.reserve(seq.id, seq.numComputed + n)) break;
       this.#waiting.shift();
       seq.status = "running";
       this.#running.push(seq);
-      chunks.push(chunkOf(seq, n));
-      budget -= n;
+      take(seq, n);
     }
     return { chunks, preempted };
   }

@@ -126,6 +126,7 @@ export class ServingEngine {
     cb: GenerationCallbacks,
   ): { ok: true; cancel: () => void } | { ok: false; reason: Exclude<AddResult, "ok"> } {
     const seq = new Sequence(this.#nextId++, req.prompt, req.prompt.length + req.maxTokens);
+    seq.wantsAllLogits = req.promptLogprobs;
     const added = this.#scheduler.add(seq);
     if (added !== "ok") return { ok: false, reason: added };
     const a: Active = {
@@ -257,6 +258,7 @@ export class ServingEngine {
       a.cb.onPromptLogprobs?.(out);
       // Recomputation after a preemption must not report them again.
       a.promptLogprobs = null;
+      a.seq.wantsAllLogits = false;
     }
   }
 

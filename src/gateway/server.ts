@@ -31,6 +31,11 @@ export interface GatewayConfig {
   readonly blockSize?: number;
   /** Micro-batches in flight per step, 1 or 2 (default 1; see ServingEngine). */
   readonly microBatches?: number;
+  /**
+   * Prompt tokens whose logits one step may hold for prompt logprobs (default: 256 MiB of
+   * logits and their copy, 259 rows at DeepSeek's vocab); longer prompts take more steps.
+   */
+  readonly maxLogitRows?: number;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
@@ -38,6 +43,9 @@ export interface GatewayConfig {
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
+
+/** Bytes of prompt logits (float32, held twice: the LM head's output and its split) a step may hold. */
+const PROMPT_LOGITS_BYTES = 256 * 2 ** 20;
 
 /**
  * The engine and the context the routes need; checks the KV budget against the context.
@@ -72,6 +80,8 @@ export function createServeContext(
       maxBatchTokens: cfg.maxBatchTokens,
       maxRunning: cfg.maxRunning ?? 256,
       maxQueueDepth: cfg.maxQueueDepth,
+      maxLogitRows:
+        cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
     },
     { microBatches: cfg.microBatches ?? 1 },
   );

@@ -10,6 +10,7 @@ import { hostname } from "node:os";
 import { connect } from "@nats-io/transport-node";
 import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { ExpertRunner } from "../../src/engine/experts.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -650,6 +651,54 @@ describe("distributed mode", () => {
       expect(remote.usage!.completion_tokens).toBeGreaterThan(0);
     } finally {
       await local.close();
+    }
+  });
+
+  it("prompt logprobs take more steps under maxLogitRows, and are the same", async () => {
+    // Tokens per expert call = tokens per step: what bounds the [rows, vocab] logits.
+    const rows: number[] = [];
+    const counting = (inner: ExpertRunner): ExpertRunner => ({
+      run(layer, x, t, ...rest) {
+        rows.push(t);
+        return inner.run(layer, x, t, ...rest);
+      },
+    });
+    const free = await startGateway(dir, { maxBatchTokens: 24 });
+    const bounded = await startGateway(dir, {
+      maxBatchTokens: 24,
+      maxLogitRows: 2,
+      wrap: counting,
+    });
+    try {
+      const body = {
+        model: "tiny",
+        prompt: SEED_PROMPTS[3]!,
+        max_tokens: 3,
+        temperature: 0,
+        logprobs: 2,
+        echo: true,
+        n: 2,
+      };
+      const [a, b] = await Promise.all([
+        free.client.completions.create(body),
+        bounded.client.completions.create(body),
+      ]);
+      const P = a.usage!.prompt_tokens;
+      expect(P).toBeGreaterThan(4);
+      // Two choices, each a sequence wanting all its prompt rows: 2 such rows a step for
+      // both (plus a decode token of a choice whose prompt is done), where 24 would fit.
+      expect(Math.max(...rows)).toBe(3);
+      expect(rows.length).toBeGreaterThanOrEqual(P);
+      for (const [i, c] of b.choices.entries()) {
+        const want = a.choices[i]!;
+        expect(c.text).toBe(want.text);
+        expect(c.logprobs!.tokens).toEqual(want.logprobs!.tokens);
+        expect(c.logprobs!.token_logprobs).toEqual(
+          want.logprobs!.token_logprobs!.map((v) => (v === null ? null : expect.closeTo(v, 4))),
+        );
+      }
+    } finally {
+      await Promise.all([free.close(), bounded.close()]);
     }
   });
 

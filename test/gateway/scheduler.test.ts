@@ -76,6 +76,45 @@ describe("Scheduler", () => {
     for (const want of steps) expect(step(s).chunks).toEqual(want);
   });
 
+  // Sequences wanting every row's logits (prompt logprobs) share maxLogitRows per step;
+  // the others are not limited by it. [wantsAll per prompt, prompts, steps]
+  // biome-ignore format: a table
+  it.each([
+    {
+      name: "a prompt with logprobs is chunked by the logit rows, another runs beside it",
+      wants: [true, false], prompts: [7, 3],
+      steps: [["1:0+3", "2:0+3!"], ["1:3+3", "2:3+1!"], ["1:6+1!", "2:4+1!"]],
+    },
+    {
+      name: "two such prompts share the rows: the second waits its turn, keeping its place",
+      wants: [true, true], prompts: [4, 2],
+      steps: [["1:0+3"], ["1:3+1!", "2:0+2!"], ["1:4+1!", "2:2+1!"]],
+    },
+    {
+      name: "after its prompt, decodes want one row each and are not limited",
+      wants: [true], prompts: [3],
+      steps: [["1:0+3!"], ["1:3+1!"]],
+    },
+  ])("$name", ({ wants, prompts, steps }) => {
+    const s = new Scheduler({ ...config, maxLogitRows: 3 }, new BlockAllocator(64, 4));
+    const seqs = prompts.map((p, i) => seq(i + 1, p));
+    seqs.forEach((q, i) => {
+      q.wantsAllLogits = wants[i]!;
+      s.add(q);
+    });
+    for (const want of steps) {
+      expect(step(s).chunks).toEqual(want);
+      // The engine stops asking for every row once a prompt's logprobs are complete.
+      for (const q of seqs) if (q.numComputed >= q.promptTokens.length) q.wantsAllLogits = false;
+    }
+  });
+
+  it("refuses a maxLogitRows that is no positive integer", () => {
+    expect(() => new Scheduler({ ...config, maxLogitRows: 0 }, new BlockAllocator(4, 4))).toThrow(
+      /maxLogitRows must be a positive integer/,
+    );
+  });
+
   it("limits the running sequences", () => {
     const s = new Scheduler({ ...config, maxRunning: 1 }, new BlockAllocator(64, 4));
     s.add(seq(1, 2));
