@@ -20,8 +20,33 @@ export class GatewayMetrics {
   readonly rejected: Counter<"reason">;
   readonly dispatchLatency: Histogram<"shard" | "ok">;
 
-  constructor(stats: () => EngineStats) {
+  /** `encoder`: the prompt encoder's figures (its workers alive, prompts encoded where). */
+  constructor(
+    stats: () => EngineStats,
+    encoder?: () => { liveWorkers: number; offloaded: number; inline: number },
+  ) {
     const registers = [this.registry];
+    if (encoder) {
+      new Gauge({
+        name: "expertmesh_gateway_tokenizer_workers",
+        help: "Tokenizer worker threads alive (a failed one leaves its prompts to the event loop).",
+        registers,
+        collect() {
+          this.set(encoder().liveWorkers);
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prompts_encoded",
+        help: "Prompts encoded since start, on a tokenizer worker or on the event loop.",
+        labelNames: ["where"],
+        registers,
+        collect() {
+          const e = encoder();
+          this.set({ where: "worker" }, e.offloaded);
+          this.set({ where: "event_loop" }, e.inline);
+        },
+      });
+    }
     new Gauge({
       name: "expertmesh_gateway_num_requests_waiting",
       help: "Sequences waiting for admission (the queue depth the autoscaler reads).",

@@ -85,18 +85,22 @@ export function createServeContext(
     },
     { microBatches: cfg.microBatches ?? 1 },
   );
+  const encoder = new PromptEncoder(tokenizer, {
+    workers: cfg.tokenizerWorkers ?? 1,
+    ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),
+    ...(cfg.log ? { log: cfg.log } : {}),
+  });
   return {
     engine,
     tokenizer,
-    encoder: new PromptEncoder(tokenizer, {
-      workers: cfg.tokenizerWorkers ?? 1,
-      ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),
-      ...(cfg.log ? { log: cfg.log } : {}),
-    }),
+    encoder,
     servedModelName: cfg.servedModelName,
     maxModelLen,
     vocabSize: c.vocabSize,
-    metrics: new GatewayMetrics(() => engine.stats),
+    metrics: new GatewayMetrics(
+      () => engine.stats,
+      () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),
+    ),
     ...(cfg.log ? { log: cfg.log } : {}),
   };
 }

@@ -275,7 +275,9 @@ describe("completions", () => {
     const body = { model: "tiny", max_tokens: 4, temperature: 0, logprobs: 1, echo: true };
     const byText = await gw.client.completions.create({ ...body, prompt });
     expect(gw.ctx.encoder.stats.offloaded).toBe(before + 1);
-    expect(gw.ctx.encoder.liveWorkers).toBe(1);
+    expect(await metric(gw.url, "expertmesh_gateway_tokenizer_workers")).toBe(1);
+    const encoded = await samples(`${gw.url}/metrics`, "expertmesh_gateway_prompts_encoded");
+    expect(encoded.find((e) => e.labels["where"] === "worker")?.value).toBe(before + 1);
     const byIds = await gw.client.completions.create({ ...body, prompt: ids });
     expect(byText.usage!.prompt_tokens).toBe(ids.length);
     // Same ids, so the same echoed tokens, logprobs and greedy continuation.
