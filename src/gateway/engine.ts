@@ -23,6 +23,8 @@ export interface SamplingParams {
   readonly presencePenalty: number;
   readonly frequencyPenalty: number;
   readonly seed: number;
+  /** [token id, bias] added to the logits before sampling (OpenAI's logit_bias). */
+  readonly logitBias?: readonly (readonly [number, number])[];
 }
 
 export interface GenerationRequest {
@@ -265,9 +267,12 @@ export class ServingEngine {
   #sample(a: Active, raw: Float32Array): void {
     const { sampling: s, logprobs, stopTokenIds, maxTokens } = a.req;
     let logits = raw;
-    if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0) {
+    const penalties = s.presencePenalty !== 0 || s.frequencyPenalty !== 0;
+    if (penalties || s.logitBias?.length) {
       logits = raw.slice();
-      for (const [id, n] of a.counts) logits[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+      if (penalties)
+        for (const [id, n] of a.counts) logits[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+      for (const [id, bias] of s.logitBias ?? []) logits[id]! += bias;
     }
     const id = sampleToken(logits, s.temperature, s.topK, s.topP, a.rng.uniform());
     if (stopTokenIds.includes(id)) {

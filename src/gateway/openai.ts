@@ -46,6 +46,30 @@ export function openaiRoutes(ctx: ServeContext) {
   };
 }
 
+/**
+ * Refuses what would change the answer and is not implemented, rather than answering as if
+ * it had not been asked (a client that sends tools expects tool calls).
+ */
+function unsupported(fields: Record<string, unknown>): void {
+  const refuse = (param: string, what: string): never => {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${what} is not supported by this gateway`, {
+      param,
+    });
+  };
+  for (const key of ["tools", "functions"])
+    if (Array.isArray(fields[key]) && (fields[key] as unknown[]).length > 0)
+      refuse(key, `${key} (tool and function calling)`);
+  const format = fields["response_format"] as { type?: unknown } | null | undefined;
+  if (format != null && format.type !== "text")
+    refuse(
+      "response_format",
+      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (constrained decoding; only "text" is)`,
+    );
+  if (typeof fields["suffix"] === "string" && fields["suffix"] !== "") refuse("suffix", "suffix");
+  if (fields["best_of"] != null && fields["best_of"] !== 1)
+    refuse("best_of", "best_of other than 1");
+}
+
 function checkModel(ctx: ServeContext, model: string): void {
   if (model !== ctx.servedModelName)
     throw new ApiError(
@@ -75,6 +99,16 @@ function jobSpec(
       { param: requested != null && room >= 1 ? "max_tokens" : promptParam },
     );
   const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
+  const logitBias = Object.entries(b.logit_bias ?? {}).map(([key, bias]) => {
+    const id = Number(key);
+    if (id >= ctx.vocabSize)
+      throw new ApiError(
+        "EM_GATEWAY_BAD_REQUEST",
+        `logit_bias: token ${key} is outside the vocabulary (size ${ctx.vocabSize})`,
+        { param: "logit_bias" },
+      );
+    return [id, bias] as const;
+  });
   return {
     prompt,
     maxTokens: requested ?? Math.min(room, defaultMax ?? room),
@@ -86,6 +120,7 @@ function jobSpec(
       presencePenalty: b.presence_penalty ?? 0,
       frequencyPenalty: b.frequency_penalty ?? 0,
       seed: b.seed ?? randomInt(2 ** 32 - 1),
+      ...(logitBias.length ? { logitBias } : {}),
     },
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
@@ -161,6 +196,7 @@ async function chat(
 ): Promise<unknown> {
   const b = req.body;
   checkModel(ctx, b.model);
+  unsupported(b);
   const messages = chatMessages(b);
   encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
   const prompt = await ctx.encoder.encodeChat(messages, true);
@@ -254,6 +290,7 @@ async function completion(
 ): Promise<unknown> {
   const b = req.body;
   checkModel(ctx, b.model);
+  unsupported(b);
   let prompt: number[];
   if (typeof b.prompt === "string")
     prompt = await ctx.encoder.encode(encodablePrompt(ctx, b.prompt, "prompt"));

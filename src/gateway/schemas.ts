@@ -1,6 +1,8 @@
 // Request bodies of the OpenAI-compatible routes, as TypeBox schemas: fastify validates
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
-// accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...).
+// accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
+// the ones that would change the answer and are not implemented (tools, a JSON
+// response_format, suffix, best_of) are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -26,6 +28,19 @@ const common = {
   n: Type.Optional(Nullable(Type.Integer({ minimum: 1, maximum: 16 }))),
   presence_penalty: Type.Optional(Nullable(Type.Number({ minimum: -2, maximum: 2 }))),
   frequency_penalty: Type.Optional(Nullable(Type.Number({ minimum: -2, maximum: 2 }))),
+  /** Token id (decimal string) -> bias added to its logit, -100..100 (OpenAI's). */
+  logit_bias: Type.Optional(
+    Nullable(
+      Type.Record(
+        Type.String({ pattern: "^[0-9]{1,10}$" }),
+        Type.Number({ minimum: -100, maximum: 100 }),
+        {
+          maxProperties: 300,
+          additionalProperties: false,
+        },
+      ),
+    ),
+  ),
   stream: Type.Optional(Nullable(Type.Boolean())),
   stream_options: Type.Optional(
     Type.Union([Type.Object({ include_usage: Type.Optional(Type.Boolean()) }), Type.Null()]),
@@ -47,6 +62,10 @@ export const ChatMessage = Type.Object({
 export const ChatCompletionRequest = Type.Object({
   ...common,
   messages: Type.Array(ChatMessage, { minItems: 1 }),
+  /** Not implemented: refused when they would change the answer (openai.ts). */
+  tools: Type.Optional(Type.Unknown()),
+  functions: Type.Optional(Type.Unknown()),
+  response_format: Type.Optional(Type.Unknown()),
   max_completion_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
   logprobs: Type.Optional(Nullable(Type.Boolean())),
   top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
@@ -59,5 +78,8 @@ export const CompletionRequest = Type.Object({
   prompt: Type.Union([Type.String(), Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 })]),
   logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 5 }))),
   echo: Type.Optional(Nullable(Type.Boolean())),
+  /** Not implemented: refused when they would change the answer (openai.ts). */
+  suffix: Type.Optional(Type.Unknown()),
+  best_of: Type.Optional(Type.Unknown()),
 });
 export type CompletionRequest = Static<typeof CompletionRequest>;

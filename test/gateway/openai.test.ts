@@ -287,6 +287,37 @@ describe("completions", () => {
     );
   });
 
+  it("applies logit_bias: +100 forces a token, -100 bans the greedy one", async () => {
+    const body = {
+      model: "tiny",
+      prompt: "The cat sat on",
+      max_tokens: 4,
+      temperature: 0,
+      logprobs: 0,
+    };
+    const plain = await gw.client.completions.create(body);
+    const greedy = plain.choices[0]!.logprobs!.tokens![0]!;
+    const forced = gw.ctx.tokenizer.encode(" fox", false)[0]!;
+    const [pushed, banned] = await Promise.all([
+      gw.client.completions.create({ ...body, logit_bias: { [String(forced)]: 100 } }),
+      gw.client.completions.create({
+        ...body,
+        logit_bias: { [String(gw.ctx.tokenizer.encode(greedy, false)[0]!)]: -100 },
+      }),
+    ]);
+    expect(pushed.choices[0]!.logprobs!.tokens).toEqual(
+      Array(4).fill(gw.ctx.tokenizer.decode([forced])),
+    );
+    expect(banned.choices[0]!.logprobs!.tokens![0]).not.toBe(greedy);
+    // Text-only requests with these fields set to "nothing" are served as usual.
+    const same = await gw.client.completions.create({
+      ...body,
+      suffix: "",
+      best_of: 1,
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    expect(same.choices[0]!.text).toBe(plain.choices[0]!.text);
+  });
+
   it("takes token ids as the prompt and streams", async () => {
     const ids = gw.ctx.tokenizer.encode("Once upon a time");
     const whole = await gw.client.completions.create({
@@ -392,6 +423,13 @@ describe("errors", () => {
     [{ messages: [] }, "messages"],
     [{ messages: [{ role: "robot", content: "x" }] }, "messages.0.role"],
     [{ top_logprobs: 99, logprobs: true }, "top_logprobs"],
+    [{ logit_bias: { "5": 101 } }, "logit_bias.5"],
+    [{ logit_bias: { x: 1 } }, "logit_bias"],
+    [{ logit_bias: { "999999": 1 } }, "logit_bias"],
+    // Not implemented, and they would change the answer: refused, not ignored.
+    [{ tools: [{ type: "function", function: { name: "f" } }] }, "tools"],
+    [{ functions: [{ name: "f" }] }, "functions"],
+    [{ response_format: { type: "json_object" } }, "response_format"],
   ] as const)("bad parameter %j: 400 naming %s", async (patch, param) => {
     const err = await gw.client.chat.completions
       .create({ model: "tiny", messages: user("hi"), ...(patch as any) })
