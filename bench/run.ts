@@ -74,84 +74,59 @@ async function main(): Promise<number> {
   }
   const log = (s: string) => console.error(s);
 
+  // Writes a suite's results to bench/results (numbers to 5 significant digits unless
+  // `exact`: far below any run's spread, and the files stay small), prints its tables, and
+  // regenerates BENCHMARKS.md from a full run.
+  const save = (
+    suite: Suite,
+    results: object,
+    tables: (source: string) => string,
+    exact = false,
+  ) => {
+    mkdirSync(RESULTS_DIR, { recursive: true });
+    const out =
+      values.out ??
+      join(RESULTS_DIR, `${suite}-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
+    const round = (_k: string, v: unknown) =>
+      typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
+    writeFileSync(
+      out,
+      formatLikeRepo(`${JSON.stringify(results, exact ? undefined : round)}\n`, out),
+    );
+    console.log(tables(relative(REPO_ROOT, out)));
+    if (!values.quick && !values["no-report"]) {
+      const md = updateBenchmarksMd({ [suite]: out });
+      log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
+    }
+  };
+  /** When and at which commit the run was made. */
+  const stamp = () => ({
+    date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+    ...gitCommit(),
+  });
+
   for (const suite of new Set(suites)) {
     if (suite === "autoscale") {
       // A deterministic simulation of the operator's decision code: one run is exact, and
       // nothing in it depends on this machine's speed.
-      const { commit, dirty } = gitCommit();
-      const results = {
-        suite: "autoscale" as const,
-        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
-        commit,
-        dirty,
-        ...runAutoscale(log),
-      };
-      mkdirSync(RESULTS_DIR, { recursive: true });
-      const out =
-        values.out ??
-        join(RESULTS_DIR, `autoscale-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
-      const round = (_k: string, v: unknown) =>
-        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
-      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
-      console.log(autoscaleTables(results));
-      if (!values.quick && !values["no-report"]) {
-        const md = updateBenchmarksMd({ autoscale: out });
-        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
-      }
+      const results = { suite, ...stamp(), ...runAutoscale(log) };
+      save(suite, results, () => autoscaleTables(results));
     }
     if (suite === "tokenize") {
       const machine = machineInfo();
-      const { commit, dirty } = gitCommit();
-      const results = {
-        suite: "tokenize" as const,
-        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
-        commit,
-        dirty,
-        machine,
-        ...(await runTokenize({ runs, quick: values.quick, log })),
-      };
-      mkdirSync(RESULTS_DIR, { recursive: true });
-      const out =
-        values.out ??
-        join(RESULTS_DIR, `tokenize-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
-      const round = (_k: string, v: unknown) =>
-        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
-      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
-      console.log(tokenizeTables(results, relative(REPO_ROOT, out)));
-      if (!values.quick && !values["no-report"]) {
-        const md = updateBenchmarksMd({ tokenize: out });
-        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
-      }
+      const res = await runTokenize({ runs, quick: values.quick, log });
+      const results = { suite, ...stamp(), machine, ...res };
+      save(suite, results, (source) => tokenizeTables(results, source));
     }
     if (suite === "dispatch") {
       const machine = machineInfo();
-      const { commit, dirty } = gitCommit();
       const { rows, natsVersion } = await runDispatch({ runs, quick: values.quick, log });
-      const results = {
-        suite: "dispatch" as const,
-        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
-        commit,
-        dirty,
-        machine,
-        natsVersion,
-        runs,
-        order: "all-orders" as const,
-        rows,
-      };
-      mkdirSync(RESULTS_DIR, { recursive: true });
-      const out =
-        values.out ??
-        join(RESULTS_DIR, `dispatch-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
-      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results)}\n`, out));
-      console.log(dispatchTables(results, relative(REPO_ROOT, out)));
-      if (!values.quick && !values["no-report"]) {
-        const md = updateBenchmarksMd({ dispatch: out });
-        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
-      }
+      const order = "all-orders" as const;
+      const results = { suite, ...stamp(), machine, natsVersion, runs, order, rows };
+      save(suite, results, (source) => dispatchTables(results, source), true);
     }
     if (suite === "serve") {
       const machine = machineInfo();
-      const { commit, dirty } = gitCommit();
       // Repetitions of the whole load (each level of each configuration): 3 unless --runs
       // is given, to keep the suite under ~15 minutes on 2 cores.
       const res = await runServe({
@@ -161,25 +136,9 @@ async function main(): Promise<number> {
         log,
         ...(values.runs ? { repetitions: runs } : {}),
       });
-      const results = {
-        suite: "serve" as const,
-        date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
-        commit,
-        dirty,
-        machine: { ...machine, loadavgEnd: loadavg().map((v) => Math.round(v * 100) / 100) },
-        ...res,
-      };
-      mkdirSync(RESULTS_DIR, { recursive: true });
-      const out =
-        values.out ?? join(RESULTS_DIR, `serve-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
-      const round = (_k: string, v: unknown) =>
-        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
-      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
-      console.log(serveTables(results, relative(REPO_ROOT, out)));
-      if (!values.quick && !values["no-report"]) {
-        const md = updateBenchmarksMd({ serve: out });
-        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
-      }
+      const loadavgEnd = loadavg().map((v) => Math.round(v * 100) / 100);
+      const results = { suite, ...stamp(), machine: { ...machine, loadavgEnd }, ...res };
+      save(suite, results, (source) => serveTables(results, source));
     }
     if (suite === "kernels") {
       const results = await runKernels({
@@ -190,22 +149,8 @@ async function main(): Promise<number> {
         coldBytes: 256 * 1024 * 1024,
         log,
       });
-      mkdirSync(RESULTS_DIR, { recursive: true });
-      const out =
-        values.out ??
-        join(RESULTS_DIR, `kernels-${today()}${values.quick ? ".quick.tmp" : ""}.json`);
-      // 5 significant digits: far below the run's own spread, and keeps the file small.
-      const round = (_k: string, v: unknown) =>
-        typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(5)) : v;
-      writeFileSync(out, formatLikeRepo(`${JSON.stringify(results, round)}\n`, out));
-      log(
-        `[bench] kernels: ${results.seconds.toFixed(0)} s; results in ${relative(REPO_ROOT, out)}`,
-      );
-      console.log(kernelTables(results, relative(REPO_ROOT, out)));
-      if (!values.quick && !values["no-report"]) {
-        const md = updateBenchmarksMd({ kernels: out });
-        log(`[bench] ${relative(REPO_ROOT, md)} regenerated from ${relative(REPO_ROOT, out)}`);
-      }
+      log(`[bench] kernels: ${results.seconds.toFixed(0)} s`);
+      save(suite, results, (source) => kernelTables(results, source));
     }
   }
   return 0;
