@@ -437,6 +437,14 @@ function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
       throw bad("give tensor contents or raw_input_contents, not both", "raw_input_contents");
     elements = decodeRawBytes(r.raw_input_contents[i]!, name);
   } else {
+    const other = Object.entries(input.contents ?? {}).find(
+      ([k, v]) => k !== "bytes_contents" && Array.isArray(v) && v.length > 0,
+    );
+    if (other)
+      throw bad(
+        `input '${name}' is BYTES: its contents go in bytes_contents, not ${other[0]}`,
+        "inputs.contents",
+      );
     elements = input.contents?.bytes_contents ?? [];
   }
   if (input.shape.length === 0 || input.shape.some((d) => !Number.isInteger(d) || d < 0))

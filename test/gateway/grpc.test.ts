@@ -329,6 +329,20 @@ describe("ModelInfer", () => {
           raw_input_contents: [Buffer.from([9, 0, 0, 0, 65])],
         },
       ],
+      [
+        "BYTES with fp32 contents beside its bytes",
+        {
+          model_name: "tiny",
+          inputs: [
+            {
+              name: "text_input",
+              datatype: "BYTES",
+              shape: [1],
+              contents: { bytes_contents: [Buffer.from("hi")], fp32_contents: [1, 2] },
+            },
+          ],
+        },
+      ],
       ["unknown output", { ...ok, outputs: [{ name: "logits" }] }],
       ["temperature 5", { ...ok, parameters: { temperature: param.dbl(5) } }],
       ["temperature a bool", { ...ok, parameters: { temperature: param.bool(true) } }],
