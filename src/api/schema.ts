@@ -292,6 +292,11 @@ export const GatewaySchema = withRules(
       resources: Type.Optional(ResourceRequirements),
       ports: Ports,
       limits: GatewayLimits,
+      prefixCaching: Type.Boolean({
+        description:
+          "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway).",
+        default: false,
+      }),
     },
     {
       description: "Gateway pods: HTTP/gRPC front, scheduler, dense layers, MLA KV cache.",

@@ -3,6 +3,13 @@
 // BlockAllocator is the pure bookkeeping (free list, one block table per sequence);
 // BlockKvCache holds the rows and gives each sequence a LatentCache view through its
 // block table, so the scheduler can admit, grow, preempt and free sequences by blocks.
+//
+// Prefix caching (vLLM's automatic prefix caching): a full block whose rows are computed
+// is registered under the hash of its tokens and of every token before it (the rows at a
+// position depend on all earlier tokens). A new sequence whose first blocks hash the same
+// takes those blocks into its table (shared, counted by reference) and skips computing
+// them. A block no sequence holds keeps its rows and hash until a reservation needs it
+// (least recently freed first), so a prefix outlives the requests that computed it.
 import type { ModelConfig } from "../model/config.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { LatentCache } from "./batch.ts";
@@ -14,6 +21,13 @@ export class BlockAllocator {
   readonly blockSize: number;
   #free: number[];
   readonly #tables = new Map<number, number[]>();
+  /** Sequences holding each block. */
+  readonly #refs: Int32Array;
+  /** Registered full blocks: hash -> block, and back. */
+  readonly #byHash = new Map<string, number>();
+  readonly #hashOf = new Map<number, string>();
+  /** Registered blocks no sequence holds, least recently freed first (reusable). */
+  readonly #cached = new Set<number>();
 
   constructor(numBlocks: number, blockSize: number) {
     if (
@@ -30,14 +44,21 @@ export class BlockAllocator {
     this.blockSize = blockSize;
     // Popped from the end: block 0 is handed out first.
     this.#free = Array.from({ length: numBlocks }, (_, i) => numBlocks - 1 - i);
+    this.#refs = new Int32Array(numBlocks);
   }
 
+  /** Blocks a reservation may take: empty ones and cached ones no sequence holds. */
   get numFreeBlocks(): number {
-    return this.#free.length;
+    return this.#free.length + this.#cached.size;
+  }
+
+  /** Blocks no sequence holds that keep a registered prefix (included in numFreeBlocks). */
+  get numCachedBlocks(): number {
+    return this.#cached.size;
   }
 
   get numUsedBlocks(): number {
-    return this.numBlocks - this.#free.length;
+    return this.numBlocks - this.numFreeBlocks;
   }
 
   /** Fraction of blocks in use, 0..1. */
@@ -57,10 +78,50 @@ export class BlockAllocator {
   reserve(seq: number, numTokens: number): boolean {
     const table = this.#tables.get(seq) ?? [];
     const more = this.blocksFor(numTokens) - table.length;
-    if (more > this.#free.length) return false;
-    for (let i = 0; i < more; i++) table.push(this.#free.pop()!);
+    if (more > this.numFreeBlocks) return false;
+    for (let i = 0; i < more; i++) {
+      let b = this.#free.pop();
+      if (b === undefined) {
+        // The least recently freed cached block: its prefix is forgotten.
+        b = this.#cached.values().next().value!;
+        this.#cached.delete(b);
+        this.#byHash.delete(this.#hashOf.get(b)!);
+        this.#hashOf.delete(b);
+      }
+      this.#refs[b] = 1;
+      table.push(b);
+    }
     this.#tables.set(seq, table);
     return true;
+  }
+
+  /**
+   * Gives `seq` (holding no blocks yet) the registered blocks of the longest run of
+   * `hashes` (its blocks' prefix hashes, in order); resolves how many it got.
+   */
+  attachPrefix(seq: number, hashes: readonly string[]): number {
+    if (this.#tables.has(seq)) return 0;
+    const table: number[] = [];
+    for (const h of hashes) {
+      const b = this.#byHash.get(h);
+      if (b === undefined) break;
+      this.#cached.delete(b);
+      this.#refs[b]!++;
+      table.push(b);
+    }
+    if (table.length > 0) this.#tables.set(seq, table);
+    return table.length;
+  }
+
+  /**
+   * Registers block `index` of `seq`'s table, whose rows are all computed, under `hash`
+   * (kept when another block already has it).
+   */
+  register(seq: number, index: number, hash: string): void {
+    const b = this.#tables.get(seq)?.[index];
+    if (b === undefined || this.#hashOf.has(b) || this.#byHash.has(hash)) return;
+    this.#byHash.set(hash, b);
+    this.#hashOf.set(b, hash);
   }
 
   /** The blocks of `seq`, in position order (empty when it holds none). */
@@ -68,12 +129,21 @@ export class BlockAllocator {
     return this.#tables.get(seq) ?? [];
   }
 
-  /** Returns all of `seq`'s blocks to the free list; resolves how many. */
+  /**
+   * Lets go of all of `seq`'s blocks; resolves how many. A block no other sequence holds
+   * goes back to the free list, or, registered, to the cached ones (its rows kept).
+   */
   free(seq: number): number {
     const table = this.#tables.get(seq);
     if (!table) return 0;
     this.#tables.delete(seq);
-    for (let i = table.length - 1; i >= 0; i--) this.#free.push(table[i]!);
+    // Last block first: a prefix's later blocks are forgotten before its first ones.
+    for (let i = table.length - 1; i >= 0; i--) {
+      const b = table[i]!;
+      if (--this.#refs[b]! > 0) continue;
+      if (this.#hashOf.has(b)) this.#cached.add(b);
+      else this.#free.push(b);
+    }
     return table.length;
   }
 }
@@ -113,15 +183,15 @@ export class BlockKvCache {
   }
 
   /**
-   * A view of `seq`'s rows through its block table, starting empty. The caller reserves
-   * blocks (allocator.reserve) before the forward pass writes positions.
+   * A view of `seq`'s rows through its block table, holding `length` positions (a prefix
+   * found in the cache: attachPrefix), else empty. The caller reserves blocks
+   * (allocator.reserve) before the forward pass writes positions.
    */
-  view(seq: number): LatentCache {
+  view(seq: number, length = 0): LatentCache {
     const alloc = this.allocator;
     const W = this.rowWidth;
     const B = alloc.blockSize;
     const layers = this.#layers;
-    let length = 0;
     return {
       get length() {
         return length;

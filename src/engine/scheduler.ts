@@ -4,7 +4,10 @@
 // waiting ones while the max-batched-tokens budget, the running limit and the KV blocks
 // allow. When a running sequence needs a block and none is free, the most recently
 // admitted one is preempted: its blocks are freed and it waits again at the front, to be
-// recomputed (prompt and output so far) when it is readmitted. Never touches a device.
+// recomputed (prompt and output so far) when it is readmitted. With prefix caching, a
+// sequence admitted takes the cached blocks of its longest known prefix (kv-blocks.ts) and
+// starts computing after them. Never touches a device.
+import { createHash } from "node:crypto";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { BlockAllocator } from "./kv-blocks.ts";
 
@@ -46,6 +49,28 @@ export class Sequence {
     const p = this.promptTokens.length;
     return i < p ? this.promptTokens[i]! : this.outputTokens[i - p]!;
   }
+
+  readonly #blockHashes: string[] = [];
+
+  /**
+   * Hashes of the first `count` blocks of `blockSize` positions (which must hold tokens):
+   * each covers its block's tokens and the hash before it, so equal hashes mean equal
+   * tokens from position 0 (what the latent rows of a block depend on).
+   */
+  blockHashes(count: number, blockSize: number): readonly string[] {
+    const h = this.#blockHashes;
+    for (let i = h.length; i < count; i++) {
+      const tokens = new Uint32Array(blockSize);
+      for (let j = 0; j < blockSize; j++) tokens[j] = this.tokenAt(i * blockSize + j);
+      h.push(
+        createHash("sha256")
+          .update(i > 0 ? h[i - 1]! : `b${blockSize}`)
+          .update(tokens)
+          .digest("base64"),
+      );
+    }
+    return h.slice(0, count);
+  }
 }
 
 /** Part of a sequence to run in one step: positions [start, start + numTokens). */
@@ -69,6 +94,11 @@ export interface SchedulerConfig {
    * such token is a [vocab] row of logits: 2048 of them are 1 GiB at DeepSeek's 129k vocab.
    */
   readonly maxLogitRows?: number;
+  /**
+   * Reuse the cached blocks of a known prefix (default false). Not for sequences that want
+   * every row's logits: those need every prompt row computed.
+   */
+  readonly prefixCaching?: boolean;
 }
 
 export type AddResult = "ok" | "queue_full" | "too_large";
@@ -78,6 +108,9 @@ export class Scheduler {
   readonly #blocks: BlockAllocator;
   #waiting: Sequence[] = [];
   #running: Sequence[] = [];
+  /** Tokens of admitted sequences looked up in the prefix cache, and found there. */
+  prefixQueryTokens = 0;
+  prefixHitTokens = 0;
 
   constructor(config: SchedulerConfig, blocks: BlockAllocator) {
     for (const k of ["maxBatchTokens", "maxRunning", "maxQueueDepth", "maxLogitRows"] as const) {
@@ -155,8 +188,27 @@ export class Scheduler {
       this.#running.length < this.config.maxRunning
     ) {
       const seq = this.#waiting[0]!;
+      const lookup = this.config.prefixCaching === true && !seq.wantsAllLogits;
+      let hit = 0;
+      if (lookup && seq.numComputed === 0) {
+        const B = this.#blocks.blockSize;
+        // Whole blocks only, and never the last token: its logits come from computing it.
+        const blocks = Math.floor((seq.numTokens - 1) / B);
+        hit = this.#blocks.attachPrefix(seq.id, seq.blockHashes(blocks, B)) * B;
+        seq.numComputed = hit;
+      }
       const n = tokensOf(seq);
-      if (n === 0 || !this.#blocks.reserve(seq.id, seq.numComputed + n)) break;
+      if (n === 0 || !this.#blocks.reserve(seq.id, seq.numComputed + n)) {
+        if (hit > 0) {
+          this.#blocks.free(seq.id);
+          seq.numComputed = 0;
+        }
+        break;
+      }
+      if (lookup) {
+        this.prefixQueryTokens += seq.numTokens;
+        this.prefixHitTokens += hit;
+      }
       this.#waiting.shift();
       seq.status = "running";
       this.#running.push(seq);
@@ -167,9 +219,17 @@ export class Scheduler {
 
   /** Records that a step ran these chunks (their rows are now in the cache). */
   commit(chunks: readonly ScheduledChunk[]): void {
+    const B = this.#blocks.blockSize;
     for (const c of chunks) {
-      if (c.seq.status === "running" && c.seq.numComputed === c.start)
-        c.seq.numComputed += c.numTokens;
+      const seq = c.seq;
+      if (seq.status !== "running" || seq.numComputed !== c.start) continue;
+      seq.numComputed += c.numTokens;
+      if (!this.config.prefixCaching) continue;
+      // Blocks this chunk completed: others may now start from them.
+      const first = Math.floor(c.start / B);
+      const done = Math.floor(seq.numComputed / B);
+      const hashes = seq.blockHashes(done, B);
+      for (let i = first; i < done; i++) this.#blocks.register(seq.id, i, hashes[i]!);
     }
   }
 

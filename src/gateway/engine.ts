@@ -61,6 +61,9 @@ export interface EngineStats {
   numRunning: number;
   kvUsage: number;
   numPreemptions: number;
+  /** Tokens of admitted sequences looked up in the prefix cache, and found (not computed). */
+  prefixQueryTokens: number;
+  prefixHitTokens: number;
 }
 
 interface Active {
@@ -116,6 +119,8 @@ export class ServingEngine {
       numRunning: this.#scheduler.numRunning,
       kvUsage: this.#kv.allocator.usage,
       numPreemptions: this.numPreemptions,
+      prefixQueryTokens: this.#scheduler.prefixQueryTokens,
+      prefixHitTokens: this.#scheduler.prefixHitTokens,
     };
   }
 
@@ -191,7 +196,8 @@ export class ServingEngine {
     if (chunks.length === 0) return false;
     const items: BatchItem[] = chunks.map((c) => {
       const a = this.#active.get(c.seq.id)!;
-      a.cache ??= this.#kv.view(c.seq.id);
+      // A new view holds the positions before the chunk: a prefix found in the cache.
+      a.cache ??= this.#kv.view(c.seq.id, c.start);
       const tokens = Array.from({ length: c.numTokens }, (_, i) => c.seq.tokenAt(c.start + i));
       // Prompt logprobs need every row of the prompt; else only the row after the chunk.
       const logits = a.promptLogprobs !== null ? "all" : c.isComplete ? "last" : "none";

@@ -79,6 +79,22 @@ export class GatewayMetrics {
         this.set(stats().numPreemptions);
       },
     });
+    new Gauge({
+      name: "expertmesh_gateway_prefix_cache_queries",
+      help: "Tokens of admitted requests looked up in the prefix cache since start (--prefix-caching).",
+      registers,
+      collect() {
+        this.set(stats().prefixQueryTokens);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_prefix_cache_hits",
+      help: "Of those, tokens found in the prefix cache (their KV rows reused, not computed).",
+      registers,
+      collect() {
+        this.set(stats().prefixHitTokens);
+      },
+    });
     this.timeToFirstToken = new Histogram({
       name: "expertmesh_gateway_time_to_first_token_seconds",
       help: "From request arrival to its first generated token.",

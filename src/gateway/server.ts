@@ -36,6 +36,8 @@ export interface GatewayConfig {
    * logits and their copy, 259 rows at DeepSeek's vocab); longer prompts take more steps.
    */
   readonly maxLogitRows?: number;
+  /** Reuse the KV blocks of prompt prefixes seen before (default false). */
+  readonly prefixCaching?: boolean;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
@@ -82,6 +84,7 @@ export function createServeContext(
       maxQueueDepth: cfg.maxQueueDepth,
       maxLogitRows:
         cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
+      prefixCaching: cfg.prefixCaching ?? false,
     },
     { microBatches: cfg.microBatches ?? 1 },
   );

@@ -77,6 +77,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
     ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
     ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),
+    ...(o.prefixCaching !== undefined ? { prefixCaching: o.prefixCaching } : {}),
     ...(o.tokenizerInlineBytes !== undefined
       ? { tokenizerInlineBytes: o.tokenizerInlineBytes }
       : {}),

@@ -742,6 +742,57 @@ describe("distributed mode", () => {
     }
   });
 
+  it("prefix caching: a prompt's known prefix is not computed again, and the text is the same", async () => {
+    const rows: number[] = [];
+    const counting = (inner: ExpertRunner): ExpertRunner => ({
+      run(layer, x, t, ...rest) {
+        if (layer === firstMoe) rows.push(t);
+        return inner.run(layer, x, t, ...rest);
+      },
+    });
+    const firstMoe = gw.weights.layers.findIndex((l) => l.moe);
+    const cached = await startGateway(dir, {
+      maxBatchTokens: 256,
+      blockSize: 4,
+      prefixCaching: true,
+      wrap: counting,
+    });
+    try {
+      const system = "You are a terse assistant who answers in one line. ".repeat(2);
+      const ask = (client: OpenAI, question: string) =>
+        client.chat.completions.create({
+          model: "tiny",
+          messages: [
+            { role: "system", content: system },
+            { role: "user", content: question },
+          ],
+          max_tokens: 6,
+          temperature: 0,
+        });
+      const first = await ask(cached.client, "What is a fox?");
+      const computedFirst = rows.reduce((x, y) => x + y, 0);
+      rows.length = 0;
+      const second = await ask(cached.client, "What is a dog?");
+      const computedSecond = rows.reduce((x, y) => x + y, 0);
+      const P = second.usage!.prompt_tokens;
+      // The shared system prompt (whole blocks of 4) came from the cache.
+      expect(computedFirst).toBe(first.usage!.prompt_tokens + 5);
+      expect(computedSecond).toBeLessThan(P - 20);
+      const hits = await metric(cached.url, "expertmesh_gateway_prefix_cache_hits");
+      expect(hits).toBe(P + 5 - computedSecond);
+      // The same text as computing everything (the distributed gateway, no cache).
+      for (const [got, q] of [
+        [first, "What is a fox?"],
+        [second, "What is a dog?"],
+      ] as const)
+        expect(got.choices[0]!.message.content).toBe(
+          (await ask(gw.client, q)).choices[0]!.message.content,
+        );
+    } finally {
+      await cached.close();
+    }
+  });
+
   it("the gateway process times each shard's round trips and reports its load on NATS", async () => {
     const ref = `em.test.${cluster.modelName}`;
     const p = await startGatewayProcess({

@@ -52,6 +52,41 @@ describe("BlockAllocator", () => {
   });
 });
 
+describe("BlockAllocator prefix cache", () => {
+  it("shares registered blocks, keeps them when freed, and forgets the oldest when needed", () => {
+    const a = new BlockAllocator(4, 2);
+    expect(a.reserve(1, 4)).toBe(true); // blocks 0, 1
+    a.register(1, 0, "h0");
+    a.register(1, 1, "h01");
+    // Another sequence with the same first two blocks shares them; a third block is its own.
+    expect(a.attachPrefix(2, ["h0", "h01", "h012"])).toBe(2);
+    expect(a.table(2)).toEqual(a.table(1));
+    expect(a.reserve(2, 5)).toBe(true);
+    expect(a.numUsedBlocks).toBe(3);
+    // Freed by one holder, still held by the other; freed by both: cached, not used.
+    a.free(1);
+    expect(a.numUsedBlocks).toBe(3);
+    a.free(2);
+    expect(a.numUsedBlocks).toBe(0);
+    expect(a.numCachedBlocks).toBe(2);
+    expect(a.numFreeBlocks).toBe(4);
+    // A later sequence finds them again.
+    expect(a.attachPrefix(3, ["h0", "h01"])).toBe(2);
+    a.free(3);
+    // A reservation takes the empty blocks first, then the cached ones, the later block of
+    // the prefix first: the prefix is then one block shorter.
+    expect(a.reserve(4, 4)).toBe(true);
+    expect(a.numCachedBlocks).toBe(2);
+    expect(a.reserve(5, 2)).toBe(true);
+    expect(a.numCachedBlocks).toBe(1);
+    expect(a.attachPrefix(6, ["h0", "h01"])).toBe(1);
+    // A hash is registered once; a block once.
+    a.register(4, 0, "h0");
+    a.register(6, 0, "other");
+    expect(a.attachPrefix(7, ["other"])).toBe(0);
+  });
+});
+
 describe("Scheduler", () => {
   const config = { maxBatchTokens: 8, maxRunning: 4, maxQueueDepth: 2 };
 
@@ -107,6 +142,31 @@ describe("Scheduler", () => {
       // The engine stops asking for every row once a prompt's logprobs are complete.
       for (const q of seqs) if (q.numComputed >= q.promptTokens.length) q.wantsAllLogits = false;
     }
+  });
+
+  it("with prefix caching, starts a sequence after the cached blocks of its prefix", () => {
+    const blocks = new BlockAllocator(16, 4);
+    const s = new Scheduler({ ...config, prefixCaching: true }, blocks);
+    const prompt = (tail: number[]) => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...tail];
+    const a = new Sequence(1, prompt([11]), 20);
+    s.add(a);
+    expect(step(s).chunks).toEqual(["1:0+8"]);
+    expect(step(s).chunks).toEqual(["1:8+3!"]);
+    // Same 8 first tokens (two blocks), other tail: computing starts at 8.
+    const b = new Sequence(2, prompt([12, 13]), 20);
+    s.add(b);
+    expect(step(s).chunks).toEqual(["1:11+1!", "2:8+4!"]);
+    expect(blocks.table(2).slice(0, 2)).toEqual(blocks.table(1).slice(0, 2));
+    expect([s.prefixQueryTokens, s.prefixHitTokens]).toEqual([11 + 12, 8]);
+    // A prompt that is all cached blocks still computes its last token (for its logits).
+    const c = new Sequence(3, [1, 2, 3, 4, 5, 6, 7, 8], 20);
+    s.add(c);
+    expect(step(s).chunks).toContain("3:4+4!");
+    // Prompt logprobs need every row: no lookup.
+    const d = new Sequence(4, prompt([]), 20);
+    d.wantsAllLogits = true;
+    s.add(d);
+    expect(step(s).chunks.find((x) => x.startsWith("4:"))).toMatch(/^4:0\+/);
   });
 
   it("refuses a maxLogitRows that is no positive integer", () => {

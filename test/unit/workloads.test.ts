@@ -95,6 +95,14 @@ describe("desiredObjects", () => {
     expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
   });
 
+  it("passes --prefix-caching to the gateway only when spec.gateway.prefixCaching is set", () => {
+    const args = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0].args as string[];
+    expect(args("")).not.toContain("--prefix-caching");
+    expect(args("  gateway: { prefixCaching: true }")).toContain("--prefix-caching");
+  });
+
   it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {
     const objs = objects("  autoscaling: { enabled: true, mode: external }");
     for (const d of objs.filter((o) => o.kind === "Deployment") as any[])

@@ -299,6 +299,7 @@ export const upCommand: Command = {
           `--host=${host}`,
           "--metrics-port=0",
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
+          ...(m.spec.gateway.prefixCaching ? ["--prefix-caching"] : []),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
