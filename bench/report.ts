@@ -13,6 +13,7 @@ import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
+import { prefixTables } from "./prefix.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
 import { tokenizeTables } from "./tokenize.ts";
@@ -446,6 +447,7 @@ export function renderBenchmarksMd(
     serve?: string | undefined;
     autoscale?: string | undefined;
     tokenize?: string | undefined;
+    prefix?: string | undefined;
   },
   current?: string,
 ): {
@@ -498,6 +500,12 @@ export function renderBenchmarksMd(
     >[0];
     doc = replaceSection(doc, "tokenize", tokenizeTables(res, relative(REPO_ROOT, files.tokenize)));
   }
+  if (files.prefix) {
+    const res = JSON.parse(readFileSync(files.prefix, "utf8")) as Parameters<
+      typeof prefixTables
+    >[0];
+    doc = replaceSection(doc, "prefix", prefixTables(res, relative(REPO_ROOT, files.prefix)));
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return { md: doc, svgs };
 }
@@ -508,6 +516,7 @@ export function updateBenchmarksMd(files: {
   serve?: string | undefined;
   autoscale?: string | undefined;
   tokenize?: string | undefined;
+  prefix?: string | undefined;
 }): string {
   const { md, svgs } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
@@ -532,6 +541,7 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     serve: newestResults("serve"),
     autoscale: newestResults("autoscale"),
     tokenize: newestResults("tokenize"),
+    prefix: newestResults("prefix"),
   };
   if (check) {
     const { md, svgs } = renderBenchmarksMd(files);

@@ -17,12 +17,13 @@ import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runKernels } from "./kernels.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
+import { prefixTables, runPrefix } from "./prefix.ts";
 import { kernelTables, updateBenchmarksMd } from "./report.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
 import { runTokenize, tokenizeTables } from "./tokenize.ts";
 
-const SUITES = ["kernels", "dispatch", "serve", "autoscale", "tokenize"] as const;
+const SUITES = ["kernels", "dispatch", "serve", "autoscale", "tokenize", "prefix"] as const;
 type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -117,6 +118,12 @@ async function main(): Promise<number> {
       const res = await runTokenize({ runs, quick: values.quick, log });
       const results = { suite, ...stamp(), machine, ...res };
       save(suite, results, (source) => tokenizeTables(results, source));
+    }
+    if (suite === "prefix") {
+      const machine = machineInfo();
+      const res = await runPrefix({ runs, quick: values.quick, log });
+      const results = { suite, ...stamp(), machine, ...res };
+      save(suite, results, (source) => prefixTables(results, source));
     }
     if (suite === "dispatch") {
       const machine = machineInfo();

@@ -172,7 +172,7 @@ interface Child {
 }
 
 /** Spawns a child; `ready` resolves with the first match of `ready` in its output. */
-function child(name: string, cmd: string, args: string[], ready: RegExp): Child {
+export function child(name: string, cmd: string, args: string[], ready: RegExp): Child {
   const proc = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], cwd: REPO_ROOT });
   const tail: string[] = [];
   let done = false;
@@ -198,7 +198,7 @@ function child(name: string, cmd: string, args: string[], ready: RegExp): Child 
   return { proc, ready: readyP, tail };
 }
 
-async function stop(c: ChildProcess): Promise<void> {
+export async function stop(c: ChildProcess): Promise<void> {
   if (c.exitCode !== null || c.signalCode !== null) return;
   const done = new Promise<void>((r) => c.once("exit", () => r()));
   c.kill("SIGTERM");
@@ -207,7 +207,7 @@ async function stop(c: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
-interface RequestResult {
+export interface RequestResult {
   ok: boolean;
   /** Why it failed (status and body, or the error event). */
   error?: string;
@@ -217,15 +217,26 @@ interface RequestResult {
   totalMs: number;
 }
 
-/** One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by hand. */
-async function chat(base: string, prompt: string, maxTokens: number): Promise<RequestResult> {
+/**
+ * One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by
+ * hand. `system`: a system message before the prompt.
+ */
+export async function chat(
+  base: string,
+  prompt: string,
+  maxTokens: number,
+  system?: string,
+): Promise<RequestResult> {
   const t0 = performance.now();
   const res = await fetch(`${base}/v1/chat/completions`, {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({
       model: SERVE_MODEL,
-      messages: [{ role: "user", content: prompt }],
+      messages: [
+        ...(system ? [{ role: "system", content: system }] : []),
+        { role: "user", content: prompt },
+      ],
       max_tokens: maxTokens,
       temperature: 0,
       ignore_eos: true,
