@@ -4,7 +4,8 @@
 // Two single-process gateways (`gateway --local`) on the mini V3 checkpoint (4096-token
 // context), one with `--prefix-caching` and one without (the peer), up at once and asked
 // in turn, one request at a time: a streaming chat completion whose system message is the
-// same ~SYSTEM_TOKENS-token text every time, then one of the serve suite's questions, 8
+// same ~1,200-token text every time, then one of the serve suite's questions (marked with
+// the pass, so that no whole prompt repeats: only the system prompt is shared), 8
 // tokens generated (ignore_eos). Per request: the time to the first token (the prefill) and
 // the whole request. Two warm-up passes over the questions first (the cached gateway
 // computes the system prompt there, once); then `runs` passes, the two gateways alternating
@@ -93,7 +94,9 @@ export async function runPrefix(o: {
         const order =
           (run + i) % 2 ? (["cached", "uncached"] as const) : (["uncached", "cached"] as const);
         for (const side of order) {
-          const r = await chat(sides[side], q, MAX_TOKENS, system);
+          // Another question every pass: only the system prompt is shared, not a whole prompt
+          // seen in an earlier pass.
+          const r = await chat(sides[side], `${q} (pass ${run + 3})`, MAX_TOKENS, system);
           if (!r.ok || r.tokens !== MAX_TOKENS)
             throw new Error(`${side}: request failed: ${r.error ?? `${r.tokens} tokens`}`);
           if (run < 0) continue;
