@@ -96,7 +96,7 @@ export async function runPrefix(o: {
         for (const side of order) {
           // Another question every pass: only the system prompt is shared, not a whole prompt
           // seen in an earlier pass.
-          const r = await chat(sides[side], `${q} (pass ${run + 3})`, MAX_TOKENS, system);
+          const r = await chat(sides[side], `Pass ${run + 3}: ${q}`, MAX_TOKENS, system);
           if (!r.ok || r.tokens !== MAX_TOKENS)
             throw new Error(`${side}: request failed: ${r.error ?? `${r.tokens} tokens`}`);
           if (run < 0) continue;
