@@ -2,7 +2,8 @@
 // requests share a long system prompt, the usual shape of chat and agent traffic.
 //
 // Two single-process gateways (`gateway --local`) on the mini V3 checkpoint (4096-token
-// context), one with `--prefix-caching` and one without (the peer), up at once and asked
+// context), one with `--prefix-caching` (the default) and one with `--no-prefix-caching`
+// (the peer), up at once and asked
 // in turn, one request at a time: a streaming chat completion whose system message is the
 // same ~1,200-token text every time, then one of the serve suite's questions (marked with
 // the pass, so that no whole prompt repeats: only the system prompt is shared), 8
@@ -75,7 +76,7 @@ export async function runPrefix(o: {
     o.log("[prefix] starting two gateways on mini-v3 (with and without --prefix-caching)");
     const [cached, uncached] = await Promise.all([
       start("gateway-cached", ["--prefix-caching"]),
-      start("gateway-uncached", []),
+      start("gateway-uncached", ["--no-prefix-caching"]),
     ]);
     const questions = o.quick ? PROMPTS.slice(0, 2) : PROMPTS;
     const sides = { cached, uncached };
@@ -146,7 +147,7 @@ export function prefixTables(
 
 | gateway | time to first token | whole request | prompt tokens found in the cache |
 |---|---:|---:|---:|
-| without prefix caching (peer) | ${ms(u.ttftMs)} | ${ms(u.totalMs)} | - |
-| \`--prefix-caching\` | ${ms(c.ttftMs)} | ${ms(c.totalMs)} | ${c.hitTokens} of ${c.queryTokens} (${((100 * c.hitTokens) / c.queryTokens).toFixed(1)} %) |
+| \`--no-prefix-caching\` (peer) | ${ms(u.ttftMs)} | ${ms(u.totalMs)} | - |
+| \`--prefix-caching\` (the default) | ${ms(c.ttftMs)} | ${ms(c.totalMs)} | ${c.hitTokens} of ${c.queryTokens} (${((100 * c.hitTokens) / c.queryTokens).toFixed(1)} %) |
 | cached / peer | ${(c.ttftMs.median / u.ttftMs.median).toFixed(3)}x | ${(c.totalMs.median / u.totalMs.median).toFixed(3)}x | |`;
 }

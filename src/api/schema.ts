@@ -294,8 +294,8 @@ export const GatewaySchema = withRules(
       limits: GatewayLimits,
       prefixCaching: Type.Boolean({
         description:
-          "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway).",
-        default: false,
+          "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",
+        default: true,
       }),
     },
     {

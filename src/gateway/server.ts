@@ -36,7 +36,7 @@ export interface GatewayConfig {
    * logits and their copy, 259 rows at DeepSeek's vocab); longer prompts take more steps.
    */
   readonly maxLogitRows?: number;
-  /** Reuse the KV blocks of prompt prefixes seen before (default false). */
+  /** Reuse the KV blocks of prompt prefixes seen before (default true). */
   readonly prefixCaching?: boolean;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
   readonly tokenizerWorkers?: number;
@@ -84,7 +84,7 @@ export function createServeContext(
       maxQueueDepth: cfg.maxQueueDepth,
       maxLogitRows:
         cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
-      prefixCaching: cfg.prefixCaching ?? false,
+      prefixCaching: cfg.prefixCaching ?? true,
     },
     { microBatches: cfg.microBatches ?? 1 },
   );

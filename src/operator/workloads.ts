@@ -322,7 +322,7 @@ export function desiredObjects(
       `--max-batch-tokens=${gateway.limits.maxBatchTokens}`,
       `--max-request-bytes=${gateway.limits.maxRequestBytes}`,
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
-      ...(gateway.prefixCaching ? ["--prefix-caching"] : []),
+      ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
     ],
     gateway.gpus,
     gateway.resources,

@@ -95,12 +95,12 @@ describe("desiredObjects", () => {
     expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
   });
 
-  it("passes --prefix-caching to the gateway only when spec.gateway.prefixCaching is set", () => {
+  it("passes --no-prefix-caching to the gateway only when spec.gateway.prefixCaching is false", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
         .containers[0].args as string[];
-    expect(args("")).not.toContain("--prefix-caching");
-    expect(args("  gateway: { prefixCaching: true }")).toContain("--prefix-caching");
+    expect(args("")).not.toContain("--no-prefix-caching");
+    expect(args("  gateway: { prefixCaching: false }")).toContain("--no-prefix-caching");
   });
 
   it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {

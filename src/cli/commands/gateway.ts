@@ -50,8 +50,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             each with its own copy of the tokenizer (default 1; 0: none)
   --kv-cache-bytes N        KV cache budget (default 536870912)
   --block-size N            KV cache block, in tokens (default 16)
-  --prefix-caching          reuse the KV cache blocks of prompt prefixes seen before (a shared
-                            system prompt is computed once; off by default)
+  --no-prefix-caching       compute every prompt in full (by default the KV cache blocks of
+                            prompt prefixes seen before are reused: a shared system prompt is
+                            computed once)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -69,6 +70,7 @@ export const gatewayCommand: Command = {
   async run(argv) {
     const { values } = parseArgs({
       args: argv,
+      allowNegative: true,
       options: {
         model: { type: "string" },
         local: { type: "boolean" },
@@ -200,7 +202,7 @@ export const gatewayCommand: Command = {
       kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
       blockSize: int(values["block-size"], "--block-size", 16),
       microBatches,
-      prefixCaching: values["prefix-caching"] === true,
+      prefixCaching: values["prefix-caching"] !== false,
       tokenizerWorkers,
       log,
     });

@@ -299,7 +299,7 @@ export const upCommand: Command = {
           `--host=${host}`,
           "--metrics-port=0",
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
-          ...(m.spec.gateway.prefixCaching ? ["--prefix-caching"] : []),
+          ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
