@@ -507,7 +507,9 @@ export async function runServe(opts: {
       shards.push(s.ready);
     }
     await Promise.all(shards);
-    const gwArgs = ["--host=127.0.0.1", "--http-port=0", "--metrics-port=0"];
+    // Every prompt computed in full, as by the peer: the fixed prompts repeat, and cached
+    // prefixes would measure the cache (bench/prefix.ts does), not the engine.
+    const gwArgs = ["--host=127.0.0.1", "--http-port=0", "--metrics-port=0", "--no-prefix-caching"];
     const serving = /serving '[^']*' on (http:\/\/[^ ]+)/;
     const distArgs = [CLI, "gateway", ...common, `--plan=${planPath}`, `--nats=${natsUrl}`];
     const gateways = {
