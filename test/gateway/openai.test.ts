@@ -11,6 +11,7 @@ import { connect } from "@nats-io/transport-node";
 import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { ExpertRunner } from "../../src/engine/experts.ts";
+import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -790,6 +791,48 @@ describe("distributed mode", () => {
         );
     } finally {
       await cached.close();
+    }
+  });
+
+  it("prefix caching under a tight KV cache: shared, evicted and preempted blocks give the same text", async () => {
+    const config = gw.weights.config;
+    const tight = {
+      maxModelLen: 64,
+      blockSize: 4,
+      kvCacheBytes: 24 * bytesPerBlock(config, 4),
+      maxBatchTokens: 64,
+    };
+    const [cached, plain] = await Promise.all([
+      startGateway(dir, { ...tight, prefixCaching: true }),
+      startGateway(dir, { ...tight, prefixCaching: false }),
+    ]);
+    try {
+      const prefixes = [
+        "In a quiet village by the sea, an old sailor",
+        "The committee met on Tuesday to discuss the budget and",
+        "Once upon a time there was a small red fox who",
+      ];
+      const prompts = prefixes.flatMap((p) => [" walked", " said", " found"].map((s) => p + s));
+      const ask = (g: TestGateway) => (p: string) =>
+        g.client.completions
+          .create({
+            model: "tiny",
+            prompt: p,
+            max_tokens: 24,
+            temperature: 0,
+            ignore_eos: true,
+          } as OpenAI.CompletionCreateParamsNonStreaming)
+          .then((r) => r.choices[0]!.text);
+      const want = await Promise.all(prompts.map(ask(plain)));
+      // Twice: the second round finds the first round's blocks (those not evicted since).
+      for (let round = 0; round < 2; round++)
+        expect(await Promise.all(prompts.map(ask(cached)))).toEqual(want);
+      expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_hits")).toBeGreaterThan(0);
+      expect(await metric(cached.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
+      expect(await metric(plain.url, "expertmesh_gateway_prefix_cache_hits")).toBe(0);
+      expect(await metric(cached.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
+    } finally {
+      await Promise.all([cached.close(), plain.close()]);
     }
   });
 
