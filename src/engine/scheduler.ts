@@ -30,6 +30,12 @@ export class Sequence {
    * against the scheduler's maxLogitRows.
    */
   wantsAllLogits = false;
+  /**
+   * A sequence with the same prompt submitted before this one (another choice of the same
+   * request): with prefix caching this one is admitted after that one's prompt is computed,
+   * to find it in the cache instead of computing it again.
+   */
+  promptFrom: Sequence | null = null;
 
   constructor(id: number, promptTokens: readonly number[], maxTotalTokens: number) {
     if (promptTokens.length === 0)
@@ -189,6 +195,14 @@ export class Scheduler {
     ) {
       const seq = this.#waiting[0]!;
       const lookup = this.config.prefixCaching === true && !seq.wantsAllLogits;
+      const from = seq.promptFrom;
+      if (
+        lookup &&
+        from?.status === "running" &&
+        from.numComputed < from.promptTokens.length &&
+        seq.numComputed === 0
+      )
+        break;
       let hit = 0;
       if (lookup && seq.numComputed === 0) {
         const B = this.#blocks.blockSize;

@@ -37,6 +37,12 @@ export interface GenerationRequest {
   readonly logprobs: number | null;
   /** Also the logprob of every prompt token (for completions' echo). */
   readonly promptLogprobs: boolean;
+  /**
+   * The id (from submit) of a request with the same prompt (another choice of the same API
+   * request): with prefix caching this one starts after that one's prompt is computed and
+   * takes it from the cache (n choices compute their prompt once).
+   */
+  readonly promptFrom?: number;
 }
 
 /** A token with its log-probability and the most likely alternatives ([id, logprob]). */
@@ -131,9 +137,13 @@ export class ServingEngine {
   submit(
     req: GenerationRequest,
     cb: GenerationCallbacks,
-  ): { ok: true; cancel: () => void } | { ok: false; reason: Exclude<AddResult, "ok"> } {
+  ):
+    | { ok: true; id: number; cancel: () => void }
+    | { ok: false; reason: Exclude<AddResult, "ok"> } {
     const seq = new Sequence(this.#nextId++, req.prompt, req.prompt.length + req.maxTokens);
     seq.wantsAllLogits = req.promptLogprobs;
+    if (req.promptFrom !== undefined)
+      seq.promptFrom = this.#active.get(req.promptFrom)?.seq ?? null;
     const added = this.#scheduler.add(seq);
     if (added !== "ok") return { ok: false, reason: added };
     const a: Active = {
@@ -150,6 +160,7 @@ export class ServingEngine {
     this.#kick();
     return {
       ok: true,
+      id: seq.id,
       cancel: () => {
         a.cancelled = true;
         this.#kick();

@@ -137,6 +137,8 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     metrics.requests.inc({ finished_reason: "error" });
     reject(err);
   };
+  // The first choice's engine id: the others take their prompt from its cached blocks.
+  let first: number | undefined;
   for (let i = 0; i < spec.n; i++) {
     const choice: Choice = {
       index: i,
@@ -154,6 +156,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         ctx.tokenizer.eosTokenId === null || spec.ignoreEos ? [] : [ctx.tokenizer.eosTokenId],
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
+      ...(first !== undefined ? { promptFrom: first } : {}),
     };
     const r = ctx.engine.submit(req, {
       onPromptLogprobs: (lps) => {
@@ -196,6 +199,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     }
     cancels.push(r.cancel);
     choices.push(choice);
+    first ??= r.id;
   }
   metrics.promptTokens.inc(spec.prompt.length);
   return {

@@ -794,6 +794,44 @@ describe("distributed mode", () => {
     }
   });
 
+  it("prefix caching: n choices compute their prompt once, and sample what they did before", async () => {
+    const rows: number[] = [];
+    const firstMoe = gw.weights.layers.findIndex((l) => l.moe);
+    const counting = (inner: ExpertRunner): ExpertRunner => ({
+      run(layer, x, t, ...rest) {
+        if (layer === firstMoe) rows.push(t);
+        return inner.run(layer, x, t, ...rest);
+      },
+    });
+    const opts = { maxBatchTokens: 256, blockSize: 4 };
+    const [cached, plain] = await Promise.all([
+      startGateway(dir, { ...opts, prefixCaching: true, wrap: counting }),
+      startGateway(dir, { ...opts, prefixCaching: false }),
+    ]);
+    try {
+      const body = {
+        model: "tiny",
+        prompt: "The history of the lighthouse keepers of the northern islands begins with",
+        max_tokens: 5,
+        temperature: 1,
+        seed: 7,
+        n: 4,
+        ignore_eos: true,
+      } as OpenAI.CompletionCreateParamsNonStreaming;
+      const got = await cached.client.completions.create(body);
+      const P = got.usage!.prompt_tokens;
+      // One prompt, then 3 more choices from its cached blocks (their last partial block
+      // and last token computed), then 4 x 4 decode tokens: far below 4 prompts.
+      const computed = rows.reduce((x, y) => x + y, 0);
+      expect(computed).toBeLessThanOrEqual(P + 3 * 4 + 4 * 4);
+      expect(got.choices.map((c) => c.text)).toEqual(
+        (await plain.client.completions.create(body)).choices.map((c) => c.text),
+      );
+    } finally {
+      await Promise.all([cached.close(), plain.close()]);
+    }
+  });
+
   it("prefix caching under a tight KV cache: shared, evicted and preempted blocks give the same text", async () => {
     const config = gw.weights.config;
     const tight = {

@@ -169,6 +169,23 @@ describe("Scheduler", () => {
     expect(step(s).chunks.find((x) => x.startsWith("4:"))).toMatch(/^4:0\+/);
   });
 
+  it("with prefix caching, another choice of a request waits for the first's prompt, then shares it", () => {
+    const blocks = new BlockAllocator(16, 4);
+    const s = new Scheduler({ ...config, maxQueueDepth: 4, prefixCaching: true }, blocks);
+    const prompt = Array.from({ length: 11 }, (_, i) => i + 1);
+    const a = new Sequence(1, prompt, 20);
+    const b = new Sequence(2, prompt, 20);
+    b.promptFrom = a;
+    const c = seq(3, 2);
+    expect([a, b, c].map((q) => s.add(q))).toEqual(["ok", "ok", "ok"]);
+    // b (and c behind it: admission is in order) wait while a's prompt is computed; then
+    // b starts after a's two full blocks.
+    expect(step(s).chunks).toEqual(["1:0+8"]);
+    expect(step(s).chunks).toEqual(["1:8+3!"]);
+    expect(step(s).chunks).toEqual(["1:11+1!", "2:8+3!", "3:0+2!"]);
+    expect(blocks.table(2).slice(0, 2)).toEqual(blocks.table(1).slice(0, 2));
+  });
+
   it("refuses a maxLogitRows that is no positive integer", () => {
     expect(() => new Scheduler({ ...config, maxLogitRows: 0 }, new BlockAllocator(4, 4))).toThrow(
       /maxLogitRows must be a positive integer/,
