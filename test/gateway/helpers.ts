@@ -111,6 +111,22 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
   };
 }
 
+/**
+ * Counts the tokens of each expert call (a wrap for startGateway): of one step, and with
+ * `weights` only the first MoE layer's (one entry per step rather than per layer).
+ */
+export function stepTokens(weights?: ModelWeights) {
+  const only = weights?.layers.findIndex((l) => l.moe);
+  const rows: number[] = [];
+  const wrap = (inner: ExpertRunner): ExpertRunner => ({
+    run(layer, x, t, ...rest) {
+      if (only === undefined || layer === only) rows.push(t);
+      return inner.run(layer, x, t, ...rest);
+    },
+  });
+  return { rows, wrap };
+}
+
 /** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first held call. */
 export function holdable(inner: ExpertRunner) {
   let release: (() => void) | null = null;

@@ -10,7 +10,6 @@ import { hostname } from "node:os";
 import { connect } from "@nats-io/transport-node";
 import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { ExpertRunner } from "../../src/engine/experts.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
@@ -26,6 +25,7 @@ import {
   samples,
   shardFrames,
   startGateway,
+  stepTokens,
   type TestGateway,
 } from "./helpers.ts";
 
@@ -697,13 +697,7 @@ describe("distributed mode", () => {
 
   it("prompt logprobs take more steps under maxLogitRows, and are the same", async () => {
     // Tokens per expert call = tokens per step: what bounds the [rows, vocab] logits.
-    const rows: number[] = [];
-    const counting = (inner: ExpertRunner): ExpertRunner => ({
-      run(layer, x, t, ...rest) {
-        rows.push(t);
-        return inner.run(layer, x, t, ...rest);
-      },
-    });
+    const { rows, wrap: counting } = stepTokens();
     const free = await startGateway(dir, { maxBatchTokens: 24 });
     const bounded = await startGateway(dir, {
       maxBatchTokens: 24,
@@ -744,14 +738,7 @@ describe("distributed mode", () => {
   });
 
   it("prefix caching: a prompt's known prefix is not computed again, and the text is the same", async () => {
-    const rows: number[] = [];
-    const counting = (inner: ExpertRunner): ExpertRunner => ({
-      run(layer, x, t, ...rest) {
-        if (layer === firstMoe) rows.push(t);
-        return inner.run(layer, x, t, ...rest);
-      },
-    });
-    const firstMoe = gw.weights.layers.findIndex((l) => l.moe);
+    const { rows, wrap: counting } = stepTokens(gw.weights);
     const cached = await startGateway(dir, {
       maxBatchTokens: 256,
       blockSize: 4,
@@ -795,14 +782,7 @@ describe("distributed mode", () => {
   });
 
   it("prefix caching: n choices compute their prompt once, and sample what they did before", async () => {
-    const rows: number[] = [];
-    const firstMoe = gw.weights.layers.findIndex((l) => l.moe);
-    const counting = (inner: ExpertRunner): ExpertRunner => ({
-      run(layer, x, t, ...rest) {
-        if (layer === firstMoe) rows.push(t);
-        return inner.run(layer, x, t, ...rest);
-      },
-    });
+    const { rows, wrap: counting } = stepTokens(gw.weights);
     const opts = { maxBatchTokens: 256, blockSize: 4 };
     const [cached, plain] = await Promise.all([
       startGateway(dir, { ...opts, prefixCaching: true, wrap: counting }),
