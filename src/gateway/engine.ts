@@ -55,6 +55,11 @@ export interface TokenLogprob {
 export type FinishReason = "stop" | "length";
 
 export interface GenerationCallbacks {
+  /**
+   * The request's first step was scheduled: `cachedTokens` prompt tokens came from the
+   * prefix cache (not computed). Once, before any token.
+   */
+  onStarted?(cachedTokens: number): void;
   /** Prompt logprobs (first token: null), once, before the first token. */
   onPromptLogprobs?(logprobs: (TokenLogprob | null)[]): void;
   onToken(token: TokenLogprob): void;
@@ -82,6 +87,8 @@ interface Active {
   counts: Map<number, number>;
   promptLogprobs: (TokenLogprob | null)[] | null;
   cancelled: boolean;
+  /** Its first step was scheduled (onStarted told). */
+  started: boolean;
 }
 
 export interface EngineOptions {
@@ -155,6 +162,7 @@ export class ServingEngine {
       counts: new Map(),
       promptLogprobs: req.promptLogprobs ? [null] : null,
       cancelled: false,
+      started: false,
     };
     this.#active.set(seq.id, a);
     this.#kick();
@@ -209,6 +217,10 @@ export class ServingEngine {
       const a = this.#active.get(c.seq.id)!;
       // A new view holds the positions before the chunk: a prefix found in the cache.
       a.cache ??= this.#kv.view(c.seq.id, c.start);
+      if (!a.started) {
+        a.started = true;
+        a.cb.onStarted?.(c.start);
+      }
       const tokens = Array.from({ length: c.numTokens }, (_, i) => c.seq.tokenAt(c.start + i));
       // Prompt logprobs need every row of the prompt; else only the row after the chunk.
       const logits = a.promptLogprobs !== null ? "all" : c.isComplete ? "last" : "none";

@@ -94,6 +94,8 @@ export interface Job {
   /** The client left: cancels every choice and frees their cache blocks. */
   cancel(): void;
   readonly completionTokens: number;
+  /** Prompt tokens taken from the prefix cache (the first choice's; the prompt counts once). */
+  readonly cachedTokens: number;
 }
 
 /** Submits the request's choices; throws 429 (queue full) or 400 (cannot fit) at once. */
@@ -113,6 +115,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   done.catch(() => {});
   const cancels: (() => void)[] = [];
   const choices: Choice[] = [];
+  let cachedTokens = 0;
   const cancelAll = () => {
     for (const c of cancels) c();
   };
@@ -159,6 +162,9 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       ...(first !== undefined ? { promptFrom: first } : {}),
     };
     const r = ctx.engine.submit(req, {
+      onStarted: (cached) => {
+        if (i === 0) cachedTokens = cached;
+      },
       onPromptLogprobs: (lps) => {
         if (settled) return;
         choice.promptLogprobs = lps;
@@ -214,6 +220,9 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     },
     get completionTokens() {
       return choices.reduce((s, c) => s + c.tokens.length, 0);
+    },
+    get cachedTokens() {
+      return cachedTokens;
     },
   };
 }

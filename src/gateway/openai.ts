@@ -131,6 +131,8 @@ const usageOf = (prompt: number, job: Job) => ({
   prompt_tokens: prompt,
   completion_tokens: job.completionTokens,
   total_tokens: prompt + job.completionTokens,
+  // OpenAI's: prompt tokens served from the prefix cache.
+  prompt_tokens_details: { cached_tokens: job.cachedTokens },
 });
 
 /**

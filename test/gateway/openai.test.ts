@@ -71,7 +71,11 @@ describe("chat completions", () => {
       prompt_tokens: prompt.length,
       completion_tokens: r.usage!.completion_tokens,
       total_tokens: prompt.length + r.usage!.completion_tokens,
+      // Whole 16-token blocks of the prompt an earlier request computed (none yet, or the
+      // chat template's start).
+      prompt_tokens_details: { cached_tokens: expect.any(Number) },
     });
+    expect(r.usage!.prompt_tokens_details!.cached_tokens! % 16).toBe(0);
     if (c.finish_reason === "length") expect(r.usage!.completion_tokens).toBe(10);
   });
 
@@ -100,7 +104,15 @@ describe("chat completions", () => {
     expect(roles).toBe(1);
     expect(text).toBe(whole.choices[0]!.message.content);
     expect(finish).toBe(whole.choices[0]!.finish_reason);
-    expect(usage).toEqual(whole.usage);
+    // The same counts; the stream found the prompt's whole blocks in the prefix cache.
+    const { prompt_tokens_details: cachedWhole, ...counts } = whole.usage!;
+    expect(usage).toEqual({ ...counts, prompt_tokens_details: expect.anything() });
+    expect(usage!.prompt_tokens_details!.cached_tokens).toBe(
+      Math.floor((counts.prompt_tokens - 1) / 16) * 16,
+    );
+    expect(cachedWhole!.cached_tokens).toBeLessThanOrEqual(
+      usage!.prompt_tokens_details!.cached_tokens!,
+    );
   });
 
   it("gives n choices, logprobs and top_logprobs; a seed repeats a sampled answer", async () => {
@@ -204,6 +216,8 @@ describe("completions", () => {
       prompt_tokens: ids.length,
       completion_tokens: 5,
       total_tokens: ids.length + 5,
+      // Prompt logprobs need every prompt row computed: nothing from the prefix cache.
+      prompt_tokens_details: { cached_tokens: 0 },
     });
     expect(lp.tokens).toHaveLength(ids.length + 5);
     expect(lp.token_logprobs![0]).toBeNull();
@@ -768,6 +782,8 @@ describe("distributed mode", () => {
       expect(computedSecond).toBeLessThan(P - 20);
       const hits = await metric(cached.url, "expertmesh_gateway_prefix_cache_hits");
       expect(hits).toBe(P + 5 - computedSecond);
+      expect(second.usage!.prompt_tokens_details).toEqual({ cached_tokens: hits });
+      expect(first.usage!.prompt_tokens_details).toEqual({ cached_tokens: 0 });
       // The same text as computing everything (the distributed gateway, no cache).
       for (const [got, q] of [
         [first, "What is a fox?"],
