@@ -59,9 +59,10 @@ export class Sequence {
   readonly #blockHashes: string[] = [];
 
   /**
-   * Hashes of the first `count` blocks of `blockSize` positions (which must hold tokens):
-   * each covers its block's tokens and the hash before it, so equal hashes mean equal
-   * tokens from position 0 (what the latent rows of a block depend on).
+   * Hashes of its blocks of `blockSize` positions, at least the first `count` (which must
+   * hold tokens; more when computed before): each covers its block's tokens and the hash
+   * before it, so equal hashes mean equal tokens from position 0 (what the latent rows of
+   * a block depend on). Computed once per block.
    */
   blockHashes(count: number, blockSize: number): readonly string[] {
     const h = this.#blockHashes;
@@ -75,7 +76,7 @@ export class Sequence {
           .digest("base64"),
       );
     }
-    return h.slice(0, count);
+    return h;
   }
 }
 
@@ -208,7 +209,7 @@ export class Scheduler {
         const B = this.#blocks.blockSize;
         // Whole blocks only, and never the last token: its logits come from computing it.
         const blocks = Math.floor((seq.numTokens - 1) / B);
-        hit = this.#blocks.attachPrefix(seq.id, seq.blockHashes(blocks, B)) * B;
+        hit = this.#blocks.attachPrefix(seq.id, seq.blockHashes(blocks, B).slice(0, blocks)) * B;
         seq.numComputed = hit;
       }
       const n = tokensOf(seq);
@@ -242,6 +243,7 @@ export class Scheduler {
       // Blocks this chunk completed: others may now start from them.
       const first = Math.floor(c.start / B);
       const done = Math.floor(seq.numComputed / B);
+      if (done === first) continue;
       const hashes = seq.blockHashes(done, B);
       for (let i = first; i < done; i++) this.#blocks.register(seq.id, i, hashes[i]!);
     }
