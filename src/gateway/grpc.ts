@@ -26,6 +26,7 @@ import {
   encodablePrompt,
   type Job,
   type JobSpec,
+  jobPrompt,
   logServerError,
   type ServeContext,
   startJob,
@@ -289,7 +290,7 @@ function handlers(o: GrpcGatewayOptions): {
         id: r.id ?? "",
         parameters: {
           finish_reason: { string_param: choice.finishReason ?? "abort" },
-          prompt_tokens: { int64_param: spec.prompt.length },
+          prompt_tokens: { int64_param: spec.prompts[0]!.tokens.length },
           completion_tokens: { int64_param: job.completionTokens },
         },
         // Answer in the form asked: raw contents for raw inputs (as KServe does).
@@ -319,7 +320,7 @@ function handlers(o: GrpcGatewayOptions): {
       const r = call.request;
       checkModel(r.model, undefined, "model");
       const spec = await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)));
-      const prompt = spec.prompt.length;
+      const prompt = spec.prompts[0]!.tokens.length;
       const job: Job = startJob(ctx, spec, {
         onToken: (_c, _t, text) => {
           if (text) send({ text });
@@ -561,7 +562,7 @@ function generateParameters(r: GenerateRequest): SamplingFields {
   };
 }
 
-type Sampling = Omit<JobSpec, "prompt" | "maxTokens"> & { maxTokens?: number };
+type Sampling = Omit<JobSpec, "prompts"> & { maxTokens?: number };
 
 /** Validated sampling settings (the HTTP API's ranges) with their defaults. */
 function sampling(s: SamplingFields): Sampling {
@@ -599,17 +600,11 @@ function sampling(s: SamplingFields): Sampling {
 async function jobSpec(ctx: ServeContext, text: string, s: Sampling): Promise<JobSpec> {
   const prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"));
   if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
-  const room = ctx.maxModelLen - prompt.length;
   const { maxTokens: requested, ...rest } = s;
-  if (room < 1 || (requested !== undefined && requested > room))
-    throw new ApiError(
-      "EM_GATEWAY_PROMPT_TOO_LONG",
-      `this model's maximum context length is ${ctx.maxModelLen} tokens; the prompt has ${prompt.length} tokens` +
-        (requested !== undefined ? ` and max_tokens is ${requested}` : "") +
-        ": shorten the prompt or lower max_tokens",
-      { param: requested !== undefined && room >= 1 ? "max_tokens" : "prompt" },
-    );
-  return { ...rest, prompt, maxTokens: requested ?? Math.min(room, DEFAULT_MAX_TOKENS) };
+  return {
+    ...rest,
+    prompts: [jobPrompt(ctx, prompt, requested, DEFAULT_MAX_TOKENS, { param: "prompt" })],
+  };
 }
 
 let version: string | undefined;

@@ -58,9 +58,38 @@ export function encodablePrompt(ctx: ServeContext, text: string, param: string):
   return text;
 }
 
-export interface JobSpec {
-  readonly prompt: readonly number[];
+/** One prompt of a request and the most tokens its choices may generate. */
+export interface JobPrompt {
+  readonly tokens: readonly number[];
   readonly maxTokens: number;
+}
+
+/**
+ * A prompt with the tokens its choices may generate: `requested` (max_tokens) if given, else
+ * the rest of the context up to `defaultMax`; refused when the two do not fit the context.
+ */
+export function jobPrompt(
+  ctx: ServeContext,
+  tokens: readonly number[],
+  requested: number | null | undefined,
+  defaultMax: number | null,
+  o: { param: string; which?: string },
+): JobPrompt {
+  const room = ctx.maxModelLen - tokens.length;
+  if (room < 1 || (requested != null && requested > room))
+    throw new ApiError(
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      `this model's maximum context length is ${ctx.maxModelLen} tokens; ${o.which ?? "the prompt"} has ${tokens.length} tokens` +
+        (requested != null ? ` and max_tokens is ${requested}` : "") +
+        ": shorten the prompt or lower max_tokens",
+      { param: requested != null && room >= 1 ? "max_tokens" : o.param },
+    );
+  return { tokens, maxTokens: requested ?? Math.min(room, defaultMax ?? room) };
+}
+
+export interface JobSpec {
+  /** One, or several (a completions batch): each gets n choices. */
+  readonly prompts: readonly JobPrompt[];
   readonly n: number;
   readonly sampling: SamplingParams;
   readonly stops: readonly string[];
@@ -71,7 +100,10 @@ export interface JobSpec {
 }
 
 export interface Choice {
+  /** prompt * n + the choice's number among its prompt's. */
   readonly index: number;
+  /** Which prompt of the spec. */
+  readonly prompt: number;
   readonly out: OutputText;
   readonly tokens: TokenLogprob[];
   promptLogprobs: (TokenLogprob | null)[] | null;
@@ -94,7 +126,9 @@ export interface Job {
   /** The client left: cancels every choice and frees their cache blocks. */
   cancel(): void;
   readonly completionTokens: number;
-  /** Prompt tokens taken from the prefix cache (the first choice's; the prompt counts once). */
+  /** Prompt tokens, each prompt once (not once per choice). */
+  readonly promptTokens: number;
+  /** Prompt tokens taken from the prefix cache (each prompt's first choice's). */
   readonly cachedTokens: number;
 }
 
@@ -103,7 +137,8 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   const t0 = performance.now();
   const { metrics } = ctx;
   let firstToken = true;
-  let remaining = spec.n;
+  const total = spec.n * spec.prompts.length;
+  let remaining = total;
   let settled = false;
   let resolve!: () => void;
   let reject!: (e: unknown) => void;
@@ -140,11 +175,16 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     metrics.requests.inc({ finished_reason: "error" });
     reject(err);
   };
-  // The first choice's engine id: the others take their prompt from its cached blocks.
+  // Per prompt, its first choice's engine id: the others take the prompt from its cached
+  // blocks.
   let first: number | undefined;
-  for (let i = 0; i < spec.n; i++) {
+  for (let i = 0; i < total; i++) {
+    const p = Math.floor(i / spec.n);
+    const prompt = spec.prompts[p]!;
+    if (i % spec.n === 0) first = undefined;
     const choice: Choice = {
       index: i,
+      prompt: p,
       out: new OutputText(ctx.tokenizer, spec.stops),
       tokens: [],
       promptLogprobs: null,
@@ -152,9 +192,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     };
     let last = 0;
     const req: GenerationRequest = {
-      prompt: spec.prompt,
-      maxTokens: spec.maxTokens,
-      sampling: { ...spec.sampling, seed: (spec.sampling.seed + i) >>> 0 },
+      prompt: prompt.tokens,
+      maxTokens: prompt.maxTokens,
+      // Choice j of every prompt samples as choice j of a request of that prompt alone.
+      sampling: { ...spec.sampling, seed: (spec.sampling.seed + (i % spec.n)) >>> 0 },
       stopTokenIds:
         ctx.tokenizer.eosTokenId === null || spec.ignoreEos ? [] : [ctx.tokenizer.eosTokenId],
       logprobs: spec.logprobs,
@@ -163,7 +204,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {
-        if (i === 0) cachedTokens = cached;
+        if (i % spec.n === 0) cachedTokens += cached;
       },
       onPromptLogprobs: (lps) => {
         if (settled) return;
@@ -200,14 +241,16 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         );
       throw new ApiError(
         "EM_GATEWAY_PROMPT_TOO_LONG",
-        `${spec.prompt.length} prompt tokens + ${spec.maxTokens} max_tokens do not fit in the KV cache`,
+        `${prompt.tokens.length} prompt tokens + ${prompt.maxTokens} max_tokens do not fit in the KV cache`,
+        spec.prompts.length > 1 ? { param: "prompt" } : {},
       );
     }
     cancels.push(r.cancel);
     choices.push(choice);
     first ??= r.id;
   }
-  metrics.promptTokens.inc(spec.prompt.length);
+  const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
+  metrics.promptTokens.inc(promptTokens);
   return {
     choices,
     done,
@@ -221,6 +264,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     get completionTokens() {
       return choices.reduce((s, c) => s + c.tokens.length, 0);
     },
+    promptTokens,
     get cachedTokens() {
       return cachedTokens;
     },

@@ -11,6 +11,7 @@ import {
   encodablePrompt,
   type Job,
   type JobSpec,
+  jobPrompt,
   type ServeContext,
   startJob,
 } from "./jobs.ts";
@@ -79,25 +80,26 @@ function checkModel(ctx: ServeContext, model: string): void {
     );
 }
 
-/** The shared sampling fields as a JobSpec (prompt and logprob fields from the route). */
+/** The shared sampling fields as a JobSpec (logprob fields from the route). */
 function jobSpec(
   ctx: ServeContext,
   b: Common,
-  prompt: number[],
+  prompts: readonly (readonly number[])[],
   requested: number | null | undefined,
   defaultMax: number | null,
   promptParam: string,
 ): Omit<JobSpec, "logprobs" | "promptLogprobs"> {
-  const P = prompt.length;
-  const room = ctx.maxModelLen - P;
-  if (room < 1 || (requested != null && requested > room))
-    throw new ApiError(
-      "EM_GATEWAY_PROMPT_TOO_LONG",
-      `this model's maximum context length is ${ctx.maxModelLen} tokens; the prompt has ${P} tokens` +
-        (requested != null ? ` and max_tokens is ${requested}` : "") +
-        ": shorten the prompt or lower max_tokens",
-      { param: requested != null && room >= 1 ? "max_tokens" : promptParam },
-    );
+  const jobPrompts = prompts.map((tokens, i) =>
+    jobPrompt(
+      ctx,
+      tokens,
+      requested,
+      defaultMax,
+      prompts.length > 1
+        ? { param: `${promptParam}[${i}]`, which: `prompt ${i}` }
+        : { param: promptParam },
+    ),
+  );
   const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
   const logitBias = Object.entries(b.logit_bias ?? {}).map(([key, bias]) => {
     const id = Number(key);
@@ -110,8 +112,7 @@ function jobSpec(
     return [id, bias] as const;
   });
   return {
-    prompt,
-    maxTokens: requested ?? Math.min(room, defaultMax ?? room),
+    prompts: jobPrompts,
     n: b.n ?? 1,
     sampling: {
       temperature: b.temperature ?? 1,
@@ -127,10 +128,10 @@ function jobSpec(
   };
 }
 
-const usageOf = (prompt: number, job: Job) => ({
-  prompt_tokens: prompt,
+const usageOf = (job: Job) => ({
+  prompt_tokens: job.promptTokens,
   completion_tokens: job.completionTokens,
-  total_tokens: prompt + job.completionTokens,
+  total_tokens: job.promptTokens + job.completionTokens,
   // OpenAI's: prompt tokens served from the prefix cache.
   prompt_tokens_details: { cached_tokens: job.cachedTokens },
 });
@@ -203,7 +204,7 @@ async function chat(
   encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
   const prompt = await ctx.encoder.encodeChat(messages, true);
   const spec: JobSpec = {
-    ...jobSpec(ctx, b, prompt, b.max_completion_tokens ?? b.max_tokens, null, "messages"),
+    ...jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages"),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     promptLogprobs: false,
   };
@@ -225,7 +226,7 @@ async function chat(
         logprobs: lp(c.tokens),
         finish_reason: c.finishReason,
       })),
-      usage: usageOf(prompt.length, job),
+      usage: usageOf(job),
     };
   }
   const chunk = (choices: unknown[]) => ({ ...head, object: "chat.completion.chunk", choices });
@@ -268,7 +269,7 @@ async function chat(
     );
   for (const p of pending) out.send(p);
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
-  await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(prompt.length, job) }));
+  await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(job) }));
   return reply;
 }
 
@@ -293,33 +294,39 @@ async function completion(
   const b = req.body;
   checkModel(ctx, b.model);
   unsupported(b);
-  let prompt: number[];
-  if (typeof b.prompt === "string")
-    prompt = await ctx.encoder.encode(encodablePrompt(ctx, b.prompt, "prompt"));
-  else {
-    prompt = b.prompt;
-    const bad = prompt.find((t) => t >= ctx.vocabSize);
+  // One prompt or a batch; each text or token ids.
+  const given: (string | number[])[] =
+    typeof b.prompt === "string" || typeof b.prompt[0] === "number"
+      ? [b.prompt as string | number[]]
+      : (b.prompt as string[] | number[][]);
+  const param = (i: number) => (given.length > 1 ? `prompt[${i}]` : "prompt");
+  const prompts: number[][] = [];
+  for (const [i, p] of given.entries()) {
+    if (typeof p === "string") {
+      prompts.push(await ctx.encoder.encode(encodablePrompt(ctx, p, param(i))));
+      continue;
+    }
+    const bad = p.find((t) => t >= ctx.vocabSize);
     if (bad !== undefined)
       throw new ApiError(
         "EM_GATEWAY_BAD_REQUEST",
-        `prompt token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
-        { param: "prompt" },
+        `${param(i)}: token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
+        { param: param(i) },
       );
+    prompts.push(p);
   }
   const echo = b.echo === true;
   const spec: JobSpec = {
-    ...jobSpec(ctx, b, prompt, b.max_tokens, 16, "prompt"),
+    ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
     logprobs: b.logprobs ?? null,
     promptLogprobs: echo && b.logprobs != null,
   };
   const id = `cmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, object: "text_completion", created, model: ctx.servedModelName };
-  const promptText = echo
-    ? typeof b.prompt === "string"
-      ? b.prompt
-      : ctx.tokenizer.decode(prompt, true)
-    : "";
+  const promptTexts = given.map((p, i) =>
+    !echo ? "" : typeof p === "string" ? p : ctx.tokenizer.decode(prompts[i]!, true),
+  );
   if (!b.stream) {
     const job = startJob(ctx, spec);
     bind(reply, job);
@@ -328,11 +335,12 @@ async function completion(
       ...head,
       choices: job.choices.map((c) => ({
         index: c.index,
-        text: promptText + c.out.text,
-        logprobs: spec.logprobs === null ? null : completionLogprobs(ctx, c, prompt, echo),
+        text: promptTexts[c.prompt] + c.out.text,
+        logprobs:
+          spec.logprobs === null ? null : completionLogprobs(ctx, c, prompts[c.prompt]!, echo),
         finish_reason: c.finishReason,
       })),
-      usage: usageOf(prompt.length, job),
+      usage: usageOf(job),
     };
   }
   let out: ReturnType<typeof sse> | null = null;
@@ -359,8 +367,17 @@ async function completion(
   const job = startJob(ctx, spec, {
     // With logprobs, the echo waits for the prompt's logprobs (they come before the first
     // token) and carries them, as in the response without streaming.
-    onPromptLogprobs: (c, lps) =>
-      send(choice(c.index, promptText, null, logprobsAt(c, promptEntries(prompt, lps), prompt))),
+    onPromptLogprobs: (c, lps) => {
+      const prompt = prompts[c.prompt]!;
+      send(
+        choice(
+          c.index,
+          promptTexts[c.prompt]!,
+          null,
+          logprobsAt(c, promptEntries(prompt, lps), prompt),
+        ),
+      );
+    },
     onToken: (c, t, text) => {
       if (text || spec.logprobs !== null)
         send(
@@ -372,14 +389,19 @@ async function completion(
   out = sse(reply);
   bind(reply, job);
   if (echo && !spec.promptLogprobs)
-    for (const c of job.choices) out.send(choice(c.index, promptText, null));
+    for (const c of job.choices) out.send(choice(c.index, promptTexts[c.prompt]!, null));
   for (const p of pending) out.send(p);
-  await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(prompt.length, job) }));
+  await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(job) }));
   return reply;
 }
 
 /** OpenAI's legacy logprobs object; with echo the prompt tokens come first (first: null). */
-function completionLogprobs(ctx: ServeContext, c: Choice, prompt: number[], echo: boolean) {
+function completionLogprobs(
+  ctx: ServeContext,
+  c: Choice,
+  prompt: readonly number[],
+  echo: boolean,
+) {
   const entries: (TokenLogprob | null)[] = [];
   const ids: number[] = [];
   if (echo) {

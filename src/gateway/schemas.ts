@@ -72,10 +72,22 @@ export const ChatCompletionRequest = Type.Object({
 });
 export type ChatCompletionRequest = Static<typeof ChatCompletionRequest>;
 
+/** Prompts in one completions request, at most. */
+export const MAX_PROMPTS = 64;
+const TokenIds = Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 });
+
 export const CompletionRequest = Type.Object({
   ...common,
-  /** One prompt: text, or token ids. */
-  prompt: Type.Union([Type.String(), Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1 })]),
+  /**
+   * One prompt (text, or token ids) or several (OpenAI's batch form): each gets `n` choices,
+   * indexed prompt * n + choice.
+   */
+  prompt: Type.Union([
+    Type.String(),
+    TokenIds,
+    Type.Array(Type.String(), { minItems: 1, maxItems: MAX_PROMPTS }),
+    Type.Array(TokenIds, { minItems: 1, maxItems: MAX_PROMPTS }),
+  ]),
   logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 5 }))),
   echo: Type.Optional(Nullable(Type.Boolean())),
   /** Not implemented: refused when they would change the answer (openai.ts). */

@@ -352,6 +352,73 @@ describe("completions", () => {
     for await (const chunk of stream) for (const c of chunk.choices) text += c.text;
     expect(text).toBe(whole.choices[0]!.text);
   });
+
+  it("a batch of prompts gives each prompt's n choices, as requests of one prompt do", async () => {
+    const texts = ["The cat sat on", "Once upon a time", "word 6 and 42"];
+    const body = { model: "tiny", n: 2, max_tokens: 6, temperature: 0.9, seed: 11, logprobs: 1 };
+    const alone = await Promise.all(
+      texts.map((prompt) => gw.client.completions.create({ ...body, prompt })),
+    );
+    const batch = await gw.client.completions.create({ ...body, prompt: texts });
+    // Indexed prompt * n + choice; the same seed samples the same text per choice.
+    expect(batch.choices.map((c) => c.index)).toEqual([0, 1, 2, 3, 4, 5]);
+    for (const [p, one] of alone.entries())
+      for (const c of one.choices) {
+        const got = batch.choices[p * 2 + c.index]!;
+        expect(got.text).toBe(c.text);
+        expect(got.logprobs!.tokens).toEqual(c.logprobs!.tokens);
+      }
+    // Choices of one prompt differ (their seeds do), so the check above pairs them right.
+    expect(alone.some((r) => r.choices[0]!.text !== r.choices[1]!.text)).toBe(true);
+    const sum = (f: (r: OpenAI.Completion) => number) => alone.reduce((s, r) => s + f(r), 0);
+    expect(batch.usage!.prompt_tokens).toBe(sum((r) => r.usage!.prompt_tokens));
+    expect(batch.usage!.completion_tokens).toBe(sum((r) => r.usage!.completion_tokens));
+
+    // Token ids, echoed and streamed: every choice's chunks add up to the answer's text.
+    const ids = texts.map((t) => gw.ctx.tokenizer.encode(t));
+    const greedy = { model: "tiny", max_tokens: 5, temperature: 0, echo: true };
+    const whole = await gw.client.completions.create({ ...greedy, prompt: ids });
+    expect(whole.choices.map((c) => c.text.slice(0, texts[c.index]!.length))).toEqual(texts);
+    const streamed = new Map<number, string>();
+    for await (const chunk of await gw.client.completions.create({
+      ...greedy,
+      prompt: ids,
+      stream: true,
+    }))
+      for (const c of chunk.choices) streamed.set(c.index, (streamed.get(c.index) ?? "") + c.text);
+    expect([...streamed.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1])).toEqual(
+      whole.choices.map((c) => c.text),
+    );
+  });
+
+  it("a batch of prompts is refused whole when one of them is bad", async () => {
+    const refused = (prompt: unknown, extra: object = {}) =>
+      gw.client.completions
+        .create({ model: "tiny", max_tokens: 2, ...extra, prompt } as never)
+        .then(
+          () => expect.unreachable("accepted"),
+          (e: APIError) => e,
+        );
+    const tooLong = await refused(["hi", "word ".repeat(400)]);
+    expect([tooLong.status, tooLong.code, tooLong.param]).toEqual([
+      400,
+      "EM_GATEWAY_PROMPT_TOO_LONG",
+      "prompt[1]",
+    ]);
+    const overMax = await refused(["hi", "word ".repeat(30)], { max_tokens: 250 });
+    expect(overMax.message).toMatch(/prompt 1 has \d+ tokens and max_tokens is 250/);
+    expect(overMax.param).toBe("max_tokens");
+    const outside = await refused([
+      [1, 2],
+      [3, 10_000_000],
+    ]);
+    expect([outside.status, outside.param]).toEqual([400, "prompt[1]"]);
+    for (const prompt of [[], ["a", [1, 2]], [[]], Array(65).fill("a")])
+      expect((await refused(prompt)).status).toBe(400);
+    // Nothing of a refused batch was left running.
+    expect(await metric(gw.url, "expertmesh_gateway_num_requests_running")).toBe(0);
+    expect(await metric(gw.url, "expertmesh_gateway_num_requests_waiting")).toBe(0);
+  });
 });
 
 describe("continuous batching", () => {
