@@ -35,49 +35,82 @@ int32_t walk(const int32_t* order, int64_t n, const float* w, double target) {
   return order[n - 1];
 }
 
+// The ids whose value is at least `lo`, in id order.
+void at_least(const float* v, int64_t n, float lo, std::vector<int32_t>& out) {
+  out.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (v[i] >= lo) out.push_back(static_cast<int32_t>(i));
+  }
+}
+
+// The top-p nucleus is a prefix of the tokens ordered by weight, and in a language model's
+// distribution a short one: instead of ordering the vocabulary, order only the ids within
+// a band below the most likely one (weight >= 2^-24 of its), widening the band until its
+// mass reaches top_p. Every id in a band ranks above every id outside it, so the result is
+// the same as ordering everything.
+constexpr float kWeightBand = 5.9604645e-8f;  // 2^-24 (the max weight is 1)
+constexpr int kBands = 3;                     // then the whole vocabulary
+
 int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float temperature, int32_t top_k, float top_p,
-                   float u) {
+                   float u, std::vector<float>& w, std::vector<int32_t>& order) {
   if (temperature <= 0.0f) return argmax(logits, V);
-  std::vector<float> w(static_cast<size_t>(V));
+  w.resize(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
   const ByValue by_logit{w.data()};
 
-  std::vector<int32_t> order;  // kept tokens, most likely first; empty: all, vocabulary order
+  order.clear();  // kept tokens, most likely first; empty: all, vocabulary order
   double mass;
   if (top_k > 0 && top_k < V) {
-    order.resize(static_cast<size_t>(V));
-    std::iota(order.begin(), order.end(), 0);
-    std::nth_element(order.begin(), order.begin() + top_k, order.end(), by_logit);
-    order.resize(static_cast<size_t>(top_k));
+    // One pass with a heap of the k best so far, its worst on top: a token replaces the
+    // worst only when larger (an equal one has a higher id, so ranks after it).
+    const auto k = static_cast<size_t>(top_k);
+    for (int32_t i = 0; i < V; ++i) {
+      if (order.size() < k) {
+        order.push_back(i);
+        std::push_heap(order.begin(), order.end(), by_logit);
+      } else if (w[i] > w[order.front()]) {
+        std::pop_heap(order.begin(), order.end(), by_logit);
+        order.back() = i;
+        std::push_heap(order.begin(), order.end(), by_logit);
+      }
+    }
     std::sort(order.begin(), order.end(), by_logit);
-    const float mx = w[order[0]];
+    const float top = w[order[0]];
     mass = 0.0;
     for (int32_t id : order) {
-      w[id] = std::exp(w[id] - mx);
+      w[id] = std::exp(w[id] - top);
       mass += w[id];
     }
   } else {
-    const float mx = *std::max_element(w.begin(), w.end());
-    mass = k.exp_sum(w.data(), V, mx);
+    // The weights by the vectorized exp; their sum again in double: exp_sum's float lanes
+    // drop a long tail's tiny weights next to a large one (1 + 4e-8 == 1 in float).
+    k.exp_sum(w.data(), V, *std::max_element(w.begin(), w.end()));
+    mass = 0.0;
+    for (int64_t i = 0; i < V; ++i) mass += w[i];
   }
 
   if (top_p < 1.0f) {
-    // Sort enough of the candidates to cover top_p of the mass: grow the sorted prefix
-    // until it does (usually a few hundred tokens of a large vocabulary).
+    const double target_mass = static_cast<double>(top_p) * mass;
     if (order.empty()) {
-      order.resize(static_cast<size_t>(V));
-      std::iota(order.begin(), order.end(), 0);
       const ByValue by_weight{w.data()};
-      int64_t sorted = std::min<int64_t>(V, 1024);
-      for (;;) {
-        std::partial_sort(order.begin(), order.begin() + sorted, order.end(), by_weight);
+      float lo = 1.0f;
+      for (int band = 1;; ++band) {
+        if (band > kBands) {
+          order.resize(static_cast<size_t>(V));
+          std::iota(order.begin(), order.end(), 0);
+          std::sort(order.begin(), order.end(), by_weight);
+          break;
+        }
+        lo *= kWeightBand;
+        at_least(w.data(), V, lo, order);
         double cum = 0.0;
-        for (int64_t j = 0; j < sorted; ++j) cum += w[order[j]];
-        if (cum >= top_p * mass || sorted == V) break;
-        sorted = std::min<int64_t>(V, sorted * 4);
+        for (int32_t id : order) cum += w[id];
+        if (cum >= target_mass) {
+          std::sort(order.begin(), order.end(), by_weight);
+          break;
+        }
       }
     }
-    const double target_mass = static_cast<double>(top_p) * mass;
     double cum = 0.0;
     size_t keep = order.size();
     for (size_t j = 0; j < order.size(); ++j) {
@@ -107,9 +140,12 @@ em_status sample(Context& ctx, const em_sample_args* a) {
   const int64_t T = a->logits->shape[0], V = a->logits->shape[1];
   const float* logits = static_cast<const float*>(a->logits->data);
   ctx.pool.parallel_for(T, [&](int64_t t, int) {
+    // Scratch per thread, kept between rows and calls.
+    thread_local std::vector<float> w;
+    thread_local std::vector<int32_t> order;
     a->out_tokens[t] = sample_row(*ctx.k, logits + t * a->logits->stride[0], V, a->temperature[t],
                                   a->top_k ? a->top_k[t] : 0, a->top_p ? a->top_p[t] : 1.0f,
-                                  a->uniform ? a->uniform[t] : 0.0f);
+                                  a->uniform ? a->uniform[t] : 0.0f, w, order);
   });
   return EM_OK;
 }
