@@ -1,6 +1,7 @@
 // The operations the model needs, as one interface with two implementations: the native
 // addon (shards/, C++ with SIMD and threads; CUDA later) and a straightforward TypeScript
 // reference used to check it. Shapes are row-major; "x [T, D]" is a Float32Array of T*D.
+import type { SampleRows } from "./sampling.ts";
 
 /** A weight matrix [rows, cols] (torch Linear layout: out_features x in_features) or vector. */
 export interface Weight {
@@ -105,4 +106,6 @@ export interface Backend {
   moe(args: MoeArgs): Float32Array;
   /** [T, heads * vDim] */
   mla(args: MlaArgs): Float32Array;
+  /** One token per row of logits [rows, vocab], by the rule of sampling.ts. */
+  sample(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array;
 }

@@ -10,6 +10,7 @@ import type { ExpertRunner } from "./experts.ts";
 import type { AttentionWeights, MlpWeights, ModelWeights } from "./loader.ts";
 import { gateConfigOf, ropeConfigOf, softmaxScaleOf } from "./model.ts";
 import { weightToF32 } from "./reference.ts";
+import type { SampleRows } from "./sampling.ts";
 
 /**
  * The latent KV cache of one sequence as the forward pass sees it: per layer, rows of
@@ -57,6 +58,11 @@ export class BatchForward {
     this.#scale = softmaxScaleOf(this.config);
     this.#gate = gateConfigOf(this.config);
     this.#embed = embeddingRows(weights);
+  }
+
+  /** One token per row of logits [rows, vocab] (sampling.ts), on the model's backend. */
+  sample(logits: Float32Array, rows: SampleRows): Int32Array {
+    return this.#b.sample(logits, this.config.vocabSize, rows);
   }
 
   /**

@@ -1,7 +1,9 @@
 // Single-sequence generation: prefill the prompt, then decode one token at a time with the
-// latent KV cache, sampling with temperature / top-k / top-p from a seeded generator.
+// latent KV cache, sampling with temperature / top-k / top-p (sampling.ts, on the model's
+// backend) from a seeded generator.
 import { Prng } from "../model/prng.ts";
 import { type DeepSeekForward, SequenceCache } from "./model.ts";
+import { uniform32 } from "./sampling.ts";
 
 export interface SamplingOptions {
   maxTokens: number;
@@ -22,41 +24,6 @@ export interface GenerationStats {
   decodeMs: number;
 }
 
-/**
- * Picks a token from logits [vocab]: argmax (lowest id on ties) when temperature <= 0,
- * else softmax(logits / T) restricted to top-k, then the top-p nucleus, by inverse CDF of `u`.
- */
-export function sampleToken(
-  logits: Float32Array,
-  temperature: number,
-  topK: number,
-  topP: number,
-  u: number,
-): number {
-  if (temperature <= 0) {
-    let best = 0;
-    for (let i = 1; i < logits.length; i++) if (logits[i]! > logits[best]!) best = i;
-    return best;
-  }
-  const ids = Array.from(logits.keys()).sort((a, b) => logits[b]! - logits[a]! || a - b);
-  const kept = topK > 0 ? ids.slice(0, topK) : ids;
-  const max = logits[kept[0]!]!;
-  const probs = kept.map((i) => Math.exp((logits[i]! - max) / temperature));
-  const total = probs.reduce((a, b) => a + b, 0);
-  let n = kept.length;
-  if (topP < 1) {
-    let mass = 0;
-    for (n = 0; n < kept.length && mass < topP * total; n++) mass += probs[n]!;
-  }
-  const nucleus = probs.slice(0, n).reduce((a, b) => a + b, 0);
-  let acc = 0;
-  for (let i = 0; i < n; i++) {
-    acc += probs[i]!;
-    if (u * nucleus < acc) return kept[i]!;
-  }
-  return kept[n - 1]!;
-}
-
 /** Generates up to maxTokens after `prompt`; calls onToken for each new token. */
 export async function generate(
   model: DeepSeekForward,
@@ -68,7 +35,12 @@ export async function generate(
   const rng = new Prng(opts.seed ?? 0);
   const stop = new Set(opts.stopTokens ?? []);
   const pick = (logits: Float32Array) =>
-    sampleToken(logits, opts.temperature ?? 0, opts.topK ?? 0, opts.topP ?? 1, rng.uniform());
+    model.sample(logits, {
+      temperature: Float32Array.of(opts.temperature ?? 0),
+      topK: Int32Array.of(opts.topK ?? 0),
+      topP: Float32Array.of(opts.topP ?? 1),
+      uniform: Float32Array.of(uniform32(rng.uniform())),
+    })[0]!;
   const tokens: number[] = [];
   const t0 = performance.now();
   let next = pick(await model.forward(prompt, cache, true));

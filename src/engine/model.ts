@@ -6,6 +6,7 @@ import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
 import { BatchForward } from "./batch.ts";
 import type { ExpertRunner } from "./experts.ts";
 import type { ModelWeights } from "./loader.ts";
+import type { SampleRows } from "./sampling.ts";
 
 /** The latent KV cache of one sequence: per layer, rows [kvLoraRank + ropeDim]. */
 export class SequenceCache {
@@ -98,6 +99,11 @@ export class DeepSeekForward {
   constructor(weights: ModelWeights, backend: Backend, experts: ExpertRunner) {
     this.config = weights.config;
     this.#batch = new BatchForward(weights, backend, experts);
+  }
+
+  /** One token per row of logits [rows, vocab] (sampling.ts), on the model's backend. */
+  sample(logits: Float32Array, rows: SampleRows): Int32Array {
+    return this.#batch.sample(logits, rows);
   }
 
   /**

@@ -31,6 +31,7 @@ export interface Addon {
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
+  sample: typeof Native.sample;
   crc32: typeof Native.crc32;
   wirePack: typeof Native.wirePack;
   wireUnpack: typeof Native.wireUnpack;
@@ -153,5 +154,6 @@ export function nativeBackend(
         wkvB: addonWeight(a.wkvB),
         softmaxScale: a.softmaxScale,
       }),
+    sample: (logits, vocab, rows) => addon.sample(logits, vocab, rows),
   };
 }

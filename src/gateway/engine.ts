@@ -8,8 +8,14 @@
 // NATS round trip to the shards), the other runs its attention and dense part. The halves
 // are in lock step: the step ends, and the scheduler commits and samples, when both ended.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
-import { sampleToken } from "../engine/generate.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
+import {
+  logSoftmax,
+  type SampleRows,
+  type TokenLogprob,
+  tokenLogprob,
+  uniform32,
+} from "../engine/sampling.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -43,13 +49,6 @@ export interface GenerationRequest {
    * takes it from the cache (n choices compute their prompt once).
    */
   readonly promptFrom?: number;
-}
-
-/** A token with its log-probability and the most likely alternatives ([id, logprob]). */
-export interface TokenLogprob {
-  readonly id: number;
-  readonly logprob: number;
-  readonly top: readonly (readonly [number, number])[];
 }
 
 export type FinishReason = "stop" | "length";
@@ -104,6 +103,8 @@ export class ServingEngine {
   readonly #kv: BlockKvCache;
   readonly #scheduler: Scheduler;
   readonly #active = new Map<number, Active>();
+  /** Scratch rows for #sample. */
+  #logits = new Float32Array(0);
   readonly microBatches: number;
   #nextId = 1;
   #looping = false;
@@ -263,15 +264,17 @@ export class ServingEngine {
     const ran = chunks.filter((_, i) => logits[i] !== undefined);
     this.#scheduler.commit(ran);
     const V = this.#model.config.vocabSize;
+    const picks: Pick[] = [];
     chunks.forEach((c, i) => {
       const rows = logits[i];
       if (rows === undefined) return;
       const a = this.#active.get(c.seq.id);
       if (!a || a.cancelled) return;
       if (items[i]!.logits === "all") this.#collectPromptLogprobs(a, c.start, rows, V);
-      if (!c.isComplete) return;
-      this.#sample(a, rows.subarray(rows.length - V));
+      if (c.isComplete) picks.push({ a, raw: rows.subarray(rows.length - V) });
     });
+    for (let i = 0; i < picks.length; i += SAMPLE_ROWS)
+      this.#sample(picks.slice(i, i + SAMPLE_ROWS));
     return true;
   }
 
@@ -293,17 +296,45 @@ export class ServingEngine {
     }
   }
 
-  #sample(a: Active, raw: Float32Array): void {
-    const { sampling: s, logprobs, stopTokenIds, maxTokens } = a.req;
-    let logits = raw;
-    const penalties = s.presencePenalty !== 0 || s.frequencyPenalty !== 0;
-    if (penalties || s.logitBias?.length) {
-      logits = raw.slice();
-      if (penalties)
-        for (const [id, n] of a.counts) logits[id]! -= s.presencePenalty + s.frequencyPenalty * n;
-      for (const [id, bias] of s.logitBias ?? []) logits[id]! += bias;
-    }
-    const id = sampleToken(logits, s.temperature, s.topK, s.topP, a.rng.uniform());
+  /**
+   * A token for each of `picks` (sequences that completed their chunk): their logits with
+   * penalties and logit_bias, sampled in one backend call (the native sampler runs the rows
+   * on its threads).
+   */
+  #sample(picks: readonly Pick[]): void {
+    const V = this.#model.config.vocabSize;
+    const n = picks.length;
+    if (this.#logits.length < n * V) this.#logits = new Float32Array(n * V);
+    const logits = this.#logits.subarray(0, n * V);
+    const rows: SampleRows = {
+      temperature: new Float32Array(n),
+      topK: new Int32Array(n),
+      topP: new Float32Array(n),
+      uniform: new Float32Array(n),
+    };
+    picks.forEach(({ a, raw }, r) => {
+      const row = logits.subarray(r * V, (r + 1) * V);
+      row.set(raw);
+      const s = a.req.sampling;
+      if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0)
+        for (const [id, n] of a.counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+      for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
+      rows.temperature[r] = s.temperature;
+      rows.topK[r] = s.topK;
+      rows.topP[r] = s.topP;
+      rows.uniform[r] = uniform32(a.rng.uniform());
+    });
+    const ids = this.#model.sample(logits, rows);
+    picks.forEach(({ a }, r) => {
+      // A callback of an earlier row may have ended this one (a client's cancel).
+      if (a.cancelled || !this.#active.has(a.seq.id)) return;
+      this.#accept(a, ids[r]!, logits.subarray(r * V, (r + 1) * V));
+    });
+  }
+
+  /** The sampled token `id` of `a`, from `logits` (with penalties and bias, for logprobs). */
+  #accept(a: Active, id: number, logits: Float32Array): void {
+    const { logprobs, stopTokenIds, maxTokens } = a.req;
     if (stopTokenIds.includes(id)) {
       this.#end(a);
       a.cb.onFinish("stop");
@@ -324,6 +355,15 @@ export class ServingEngine {
   }
 }
 
+/** A sequence to sample for, with its logits row [vocab] from the step. */
+interface Pick {
+  readonly a: Active;
+  readonly raw: Float32Array;
+}
+
+/** Rows per sampling call: bounds the logits copied at once (32 rows at 129k: 16 MiB). */
+const SAMPLE_ROWS = 32;
+
 /**
  * Two groups of chunk indices with about the same number of tokens (each chunk, largest
  * first, to the group with fewer tokens so far), each in schedule order.
@@ -341,29 +381,4 @@ export function splitByTokens(chunks: readonly { numTokens: number }[]): [number
   }
   for (const g of groups) g.sort((p, q) => p - q);
   return groups;
-}
-
-/** log softmax of logits [vocab], in float64. */
-function logSoftmax(x: Float32Array): Float64Array {
-  let max = -Infinity;
-  for (const v of x) if (v > max) max = v;
-  let sum = 0;
-  for (const v of x) sum += Math.exp(v - max);
-  const lse = max + Math.log(sum);
-  return Float64Array.from(x, (v) => v - lse);
-}
-
-/** The logprob of `id` and the `k` most likely tokens (highest first, lowest id on ties). */
-function tokenLogprob(lp: Float64Array, id: number, k: number): TokenLogprob {
-  const top: [number, number][] = [];
-  if (k > 0) {
-    for (let i = 0; i < lp.length; i++) {
-      if (top.length < k || lp[i]! > top[top.length - 1]![1]) {
-        top.push([i, lp[i]!]);
-        top.sort((p, q) => q[1] - p[1] || p[0] - q[0]);
-        if (top.length > k) top.pop();
-      }
-    }
-  }
-  return { id, logprob: lp[id]!, top };
 }

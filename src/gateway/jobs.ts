@@ -1,13 +1,8 @@
 // One API request's generation: its n choices as engine sequences, their text with stop
 // strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
+import type { TokenLogprob } from "../engine/sampling.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
-import type {
-  FinishReason,
-  GenerationRequest,
-  SamplingParams,
-  ServingEngine,
-  TokenLogprob,
-} from "./engine.ts";
+import type { FinishReason, GenerationRequest, SamplingParams, ServingEngine } from "./engine.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import type { GatewayMetrics } from "./metrics.ts";
 import type { PromptEncoder } from "./prompt-encoder.ts";

@@ -3,8 +3,8 @@
 // before the handlers run; a client that disconnects cancels its choices.
 import { randomBytes, randomInt } from "node:crypto";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import type { TokenLogprob } from "../engine/sampling.ts";
 import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
-import type { TokenLogprob } from "./engine.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import {
   type Choice,

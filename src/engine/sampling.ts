@@ -1,0 +1,152 @@
+// Token sampling and logprobs over rows of logits [vocab].
+//
+// The rule (shards/include/expertmesh/ops.h, em_sample_args): temperature <= 0 is greedy
+// (argmax, lowest id on ties); otherwise softmax(logits / temperature), keep the top_k most
+// likely (top_k <= 0: all), then the smallest most-likely prefix whose mass reaches top_p
+// (top_p >= 1: all), renormalize, and pick by inverse CDF with the caller's uniform number
+// u: the kept tokens are walked from most to least likely (ties: lower id first) when
+// top_k or top_p cut, else in vocabulary order (the same distribution without sorting the
+// vocabulary). The native backend implements it in C++ over all rows of a step at once
+// (threads); `sampleToken` is the TypeScript reference, with float32 weights as there.
+
+/** Per-row settings of one sampling call over rows of logits [rows, vocab]. */
+export interface SampleRows {
+  readonly temperature: Float32Array;
+  /** <= 0: no cut. */
+  readonly topK: Int32Array;
+  /** >= 1: no cut. */
+  readonly topP: Float32Array;
+  /** In [0, 1): see `uniform32`. */
+  readonly uniform: Float32Array;
+}
+
+/** The largest float32 below 1. */
+const BELOW_ONE = 1 - 2 ** -24;
+
+/** A uniform number in [0, 1) as the float32 that samplers take (never rounded up to 1). */
+export function uniform32(u: number): number {
+  return Math.min(Math.fround(u), BELOW_ONE);
+}
+
+/** The reference sampler: one token per row (see the rule above). */
+export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array {
+  const n = logits.length / vocab;
+  const out = new Int32Array(n);
+  for (let r = 0; r < n; r++)
+    out[r] = sampleToken(
+      logits.subarray(r * vocab, (r + 1) * vocab),
+      rows.temperature[r]!,
+      rows.topK[r]!,
+      rows.topP[r]!,
+      rows.uniform[r]!,
+    );
+  return out;
+}
+
+/** One token from logits [vocab] (see the rule above). */
+export function sampleToken(
+  logits: Float32Array,
+  temperature: number,
+  topK: number,
+  topP: number,
+  u: number,
+): number {
+  const V = logits.length;
+  if (temperature <= 0) return argmax(logits);
+  const w = new Float32Array(V);
+  for (let i = 0; i < V; i++) w[i] = logits[i]! / temperature;
+  // Kept tokens, most likely first; null: all of them, in vocabulary order.
+  let order: Int32Array | null = null;
+  let mass = 0;
+  if (topK > 0 && topK < V) {
+    order = byValue(w).subarray(0, topK);
+    const mx = w[order[0]!]!;
+    for (const id of order) {
+      w[id] = Math.exp(w[id]! - mx);
+      mass += w[id]!;
+    }
+  } else {
+    let mx = -Infinity;
+    for (let i = 0; i < V; i++) if (w[i]! > mx) mx = w[i]!;
+    for (let i = 0; i < V; i++) {
+      w[i] = Math.exp(w[i]! - mx);
+      mass += w[i]!;
+    }
+  }
+  if (topP < 1) {
+    order ??= byValue(w);
+    const target = topP * mass;
+    let cum = 0;
+    let keep = order.length;
+    for (let j = 0; j < order.length; j++) {
+      cum += w[order[j]!]!;
+      if (cum >= target) {
+        keep = j + 1;
+        break;
+      }
+    }
+    order = order.subarray(0, keep);
+    mass = cum;
+  }
+  const target = u * mass;
+  let acc = 0;
+  if (order) {
+    for (const id of order) {
+      acc += w[id]!;
+      if (acc > target) return id;
+    }
+    return order[order.length - 1]!;
+  }
+  for (let i = 0; i < V; i++) {
+    acc += w[i]!;
+    if (acc > target) return i;
+  }
+  return V - 1;
+}
+
+function argmax(v: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < v.length; i++) if (v[i]! > v[best]!) best = i;
+  return best;
+}
+
+/** Ids by value, highest first, lower id on ties. */
+function byValue(v: Float32Array): Int32Array {
+  const ids = new Int32Array(v.length);
+  for (let i = 0; i < ids.length; i++) ids[i] = i;
+  return ids.sort((a, b) => v[b]! - v[a]! || a - b);
+}
+
+/** log softmax of logits [vocab], in float64. */
+export function logSoftmax(x: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < x.length; i++) if (x[i]! > max) max = x[i]!;
+  let sum = 0;
+  for (let i = 0; i < x.length; i++) sum += Math.exp(x[i]! - max);
+  const lse = max + Math.log(sum);
+  const out = new Float64Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! - lse;
+  return out;
+}
+
+/** A token with its log-probability and the most likely alternatives ([id, logprob]). */
+export interface TokenLogprob {
+  readonly id: number;
+  readonly logprob: number;
+  readonly top: readonly (readonly [number, number])[];
+}
+
+/** The logprob of `id` and the `k` most likely tokens (highest first, lowest id on ties). */
+export function tokenLogprob(lp: Float64Array, id: number, k: number): TokenLogprob {
+  const top: [number, number][] = [];
+  if (k > 0) {
+    for (let i = 0; i < lp.length; i++) {
+      if (top.length < k || lp[i]! > top[top.length - 1]![1]) {
+        top.push([i, lp[i]!]);
+        top.sort((p, q) => q[1] - p[1] || p[0] - q[0]);
+        if (top.length > k) top.pop();
+      }
+    }
+  }
+  return { id, logprob: lp[id]!, top };
+}

@@ -1,0 +1,154 @@
+// Token sampling (src/engine/sampling.ts's rule) on both backends: hand-worked tables, then
+// random rows checked against an oracle written here in float64 (which tokens the rule
+// keeps, in which order, and where in the renormalized CDF each one sits): the token each
+// backend picks for u must be the one whose interval holds u, up to float32 rounding.
+import { describe, expect, it } from "vitest";
+import type { Backend } from "../../src/engine/backend.ts";
+import { nativeBackend } from "../../src/engine/native.ts";
+import { referenceBackend } from "../../src/engine/reference.ts";
+import { type SampleRows, uniform32 } from "../../src/engine/sampling.ts";
+import { Prng } from "../../src/model/prng.ts";
+
+const backends: [string, Backend][] = [
+  ["reference", referenceBackend],
+  ["native", nativeBackend()],
+];
+
+interface Setting {
+  temperature: number;
+  topK?: number;
+  topP?: number;
+}
+
+const rowsOf = (settings: readonly Setting[], uniform: readonly number[]): SampleRows => ({
+  temperature: Float32Array.from(settings, (s) => s.temperature),
+  topK: Int32Array.from(settings, (s) => s.topK ?? 0),
+  topP: Float32Array.from(settings, (s) => s.topP ?? 1),
+  uniform: Float32Array.from(uniform, uniform32),
+});
+
+/** The rule in float64: kept ids in walk order, their probabilities (summing to 1). */
+function oracle(logits: ArrayLike<number>, s: Setting): { ids: number[]; probs: number[] } {
+  const V = logits.length;
+  const z = Array.from({ length: V }, (_, i) => Math.fround(logits[i]! / s.temperature));
+  const byValue = (ids: number[]) => ids.sort((a, b) => z[b]! - z[a]! || a - b);
+  const all = Array.from({ length: V }, (_, i) => i);
+  const topK = s.topK ?? 0;
+  const topP = s.topP ?? 1;
+  const cut = (topK > 0 && topK < V) || topP < 1;
+  let ids = cut ? byValue(all) : all;
+  if (topK > 0 && topK < V) ids = ids.slice(0, topK);
+  const max = ids.reduce((m, i) => Math.max(m, z[i]!), -Infinity);
+  let w = ids.map((i) => Math.exp(z[i]! - max));
+  if (topP < 1) {
+    const total = w.reduce((a, b) => a + b, 0);
+    let cum = 0;
+    let keep = ids.length;
+    for (let j = 0; j < w.length; j++) {
+      cum += w[j]!;
+      if (cum >= topP * total) {
+        keep = j + 1;
+        break;
+      }
+    }
+    ids = ids.slice(0, keep);
+    w = w.slice(0, keep);
+  }
+  const mass = w.reduce((a, b) => a + b, 0);
+  return { ids, probs: w.map((v) => v / mass) };
+}
+
+describe.each(backends)("sampling on the %s backend", (_name, backend) => {
+  // Vocabulary of 5; u picks by inverse CDF.
+  const L = Float32Array.of(1, 3, 3, 0, 2);
+  const table: [string, Setting, number, number][] = [
+    ["greedy: argmax, lower id on ties", { temperature: 0 }, 0.99, 1],
+    ["greedy ignores top_k, top_p", { temperature: 0, topK: 1, topP: 0.1 }, 0.5, 1],
+    [
+      "top_k 1 at any temperature is the argmax (ties: lower id)",
+      { temperature: 2, topK: 1 },
+      0.99,
+      1,
+    ],
+    ["no cut walks the vocabulary in order: u = 0 is token 0", { temperature: 1 }, 0, 0],
+    ["no cut, u near 1 is the last token", { temperature: 1 }, 0.999999, 4],
+    ["top_k 2 keeps the tied pair, most likely first", { temperature: 1, topK: 2 }, 0.49, 1],
+    ["top_k 2, second half is the other of the pair", { temperature: 1, topK: 2 }, 0.51, 2],
+    ["top_p cut walks most likely first", { temperature: 1, topP: 0.5 }, 0.0, 1],
+    // exp(3)=20.1 twice, exp(2)=7.39, exp(1)=2.72, 1: top_p 0.8 of 51.3 keeps 1, 2, 4 (47.6).
+    ["top_p keeps the smallest prefix reaching it", { temperature: 1, topP: 0.8 }, 0.99, 4],
+    ["a cold temperature sharpens towards the pair", { temperature: 0.05 }, 0.3, 1],
+  ];
+  it.each(table)("%s", (_what, s, u, want) => {
+    expect(backend.sample(L, 5, rowsOf([s], [u]))[0]).toBe(want);
+  });
+
+  it("random rows: the token whose renormalized CDF interval holds u", () => {
+    const rng = new Prng(42);
+    const V = 700;
+    const cases: { s: Setting; scale: number }[] = [];
+    for (const temperature of [0.3, 1, 1.7])
+      for (const [topK, topP] of [
+        [0, 1],
+        [0, 0.9],
+        [0, 0.3],
+        [40, 1],
+        [40, 0.7],
+        [1, 1],
+        [V, 1],
+      ] as const)
+        for (const scale of [0.5, 4, 16]) cases.push({ s: { temperature, topK, topP }, scale });
+    const settings = cases.map((c) => c.s);
+    const n = settings.length;
+    const logits = new Float32Array(n * V);
+    cases.forEach(({ scale }, r) => {
+      for (let i = 0; i < V; i++) logits[r * V + i] = (rng.uniform() * 2 - 1) * scale;
+    });
+    const uniform = settings.map(() => rng.uniform());
+    const rows = rowsOf(settings, uniform);
+    const got = backend.sample(logits, V, rows);
+    expect(got).toHaveLength(n);
+    for (let r = 0; r < n; r++) {
+      const { ids, probs } = oracle(logits.subarray(r * V, (r + 1) * V), settings[r]!);
+      const j = ids.indexOf(got[r]!);
+      expect(j, `row ${r}: token ${got[r]} is not kept by the rule`).toBeGreaterThanOrEqual(0);
+      const lo = probs.slice(0, j).reduce((a, b) => a + b, 0);
+      const u = rows.uniform[r]!;
+      // float32 weights and sums: the boundaries may move by about 1e-5.
+      expect(u, `row ${r} (${JSON.stringify(settings[r])})`).toBeGreaterThanOrEqual(lo - 1e-5);
+      expect(u).toBeLessThanOrEqual(lo + probs[j]! + 1e-5);
+    }
+  });
+
+  it("a nucleus reaching into a long tail: the tail's tokens in id order", () => {
+    // One token, and 129,279 at 2^-24.5 of its weight: 0.5 % of the mass in the tail, so
+    // top_p 0.999 keeps most of the tail (the native sampler's first band, weights >=
+    // 2^-24 of the max, holds only the one token: it must widen).
+    const V = 129_280;
+    const T = 0.8;
+    const logits = new Float32Array(V).fill(-24.5 * Math.LN2 * T);
+    logits[5] = 0;
+    for (const u of [0.3, 0.9981, 0.99995]) {
+      const s = { temperature: T, topP: 0.999 };
+      const got = backend.sample(logits, V, rowsOf([s], [u]))[0]!;
+      const { ids, probs } = oracle(logits, s);
+      expect(ids.length).toBeGreaterThan(100_000);
+      let lo = 0;
+      const j = ids.indexOf(got);
+      for (let i = 0; i < j; i++) lo += probs[i]!;
+      expect(j).toBeGreaterThanOrEqual(0);
+      const at = uniform32(u);
+      expect(at).toBeGreaterThanOrEqual(lo - 1e-5);
+      expect(at).toBeLessThanOrEqual(lo + probs[j]! + 1e-5);
+      if (u < 0.99) expect(got).toBe(5);
+      else expect(got).toBeGreaterThan(60_000);
+    }
+  });
+
+  it("takes u just below 1 (a float64 that float32 would round up to 1)", () => {
+    const u = 1 - 2 ** -30;
+    expect(Math.fround(u)).toBe(1);
+    expect(uniform32(u)).toBeLessThan(1);
+    expect(backend.sample(L, 5, rowsOf([{ temperature: 1 }], [u]))[0]).toBe(4);
+  });
+});
