@@ -14,6 +14,7 @@ import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import { prefixTables } from "./prefix.ts";
+import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
 import { tokenizeTables } from "./tokenize.ts";
@@ -439,16 +440,24 @@ export function newestResults(suite: string): string | undefined {
   return last ? join(RESULTS_DIR, last) : undefined;
 }
 
+/** The suites with a section in BENCHMARKS.md, in the order bench/run.ts runs them. */
+export const SUITES = [
+  "kernels",
+  "dispatch",
+  "serve",
+  "autoscale",
+  "tokenize",
+  "prefix",
+  "sampling",
+] as const;
+export type Suite = (typeof SUITES)[number];
+
+/** A results file per suite (absent: that section is left as it is). */
+export type SuiteFiles = { [S in Suite]?: string | undefined };
+
 /** What BENCHMARKS.md should be, given result files per suite. */
 export function renderBenchmarksMd(
-  files: {
-    kernels?: string | undefined;
-    dispatch?: string | undefined;
-    serve?: string | undefined;
-    autoscale?: string | undefined;
-    tokenize?: string | undefined;
-    prefix?: string | undefined;
-  },
+  files: SuiteFiles,
   current?: string,
 ): {
   md: string;
@@ -506,18 +515,17 @@ export function renderBenchmarksMd(
     >[0];
     doc = replaceSection(doc, "prefix", prefixTables(res, relative(REPO_ROOT, files.prefix)));
   }
+  if (files.sampling) {
+    const res = JSON.parse(readFileSync(files.sampling, "utf8")) as Parameters<
+      typeof samplingTables
+    >[0];
+    doc = replaceSection(doc, "sampling", samplingTables(res, relative(REPO_ROOT, files.sampling)));
+  }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return { md: doc, svgs };
 }
 
-export function updateBenchmarksMd(files: {
-  kernels?: string | undefined;
-  dispatch?: string | undefined;
-  serve?: string | undefined;
-  autoscale?: string | undefined;
-  tokenize?: string | undefined;
-  prefix?: string | undefined;
-}): string {
+export function updateBenchmarksMd(files: SuiteFiles): string {
   const { md, svgs } = renderBenchmarksMd(files);
   writeFileSync(BENCHMARKS_MD, md);
   for (const svg of svgs) writeFileSync(svg.path, svg.text);
@@ -535,14 +543,9 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
     process.exit(1);
   }
   // Every suite's newest results, the kernels' possibly chosen on the command line.
-  const files = {
-    kernels: file,
-    dispatch: newestResults("dispatch"),
-    serve: newestResults("serve"),
-    autoscale: newestResults("autoscale"),
-    tokenize: newestResults("tokenize"),
-    prefix: newestResults("prefix"),
-  };
+  const files: SuiteFiles = Object.fromEntries(
+    SUITES.map((suite) => [suite, suite === "kernels" ? file : newestResults(suite)]),
+  );
   if (check) {
     const { md, svgs } = renderBenchmarksMd(files);
     const have = existsSync(BENCHMARKS_MD) ? readFileSync(BENCHMARKS_MD, "utf8") : "";

@@ -2,7 +2,8 @@
 //
 //   node bench/run.ts [--suite kernels] [--quick] [--threads N] [--runs N] [--out FILE] [--no-report]
 //
-// Suites: kernels (expert matmul + expert FFN vs PyTorch, memory bandwidth, FMA peak).
+// Suites: kernels (expert matmul + expert FFN vs PyTorch, memory bandwidth, FMA peak), and
+// the others of SUITES (bench/report.ts), each in its own file here.
 // A full run writes bench/results/<suite>-<date>.json and regenerates BENCHMARKS.md from
 // it (bench/report.ts); --quick (V2-Lite shapes at 1, 16, 256 tokens, fewer sides) writes
 // bench/results/<suite>-<date>.quick.tmp.json (git-ignored) and leaves BENCHMARKS.md alone.
@@ -18,13 +19,11 @@ import { dispatchTables } from "./dispatch-report.ts";
 import { runKernels } from "./kernels.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { prefixTables, runPrefix } from "./prefix.ts";
-import { kernelTables, updateBenchmarksMd } from "./report.ts";
+import { kernelTables, SUITES, type Suite, updateBenchmarksMd } from "./report.ts";
+import { runSampling, samplingTables } from "./sampling.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
 import { runTokenize, tokenizeTables } from "./tokenize.ts";
-
-const SUITES = ["kernels", "dispatch", "serve", "autoscale", "tokenize", "prefix"] as const;
-type Suite = (typeof SUITES)[number];
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
   --suite NAME   suite to run, repeatable or comma-separated: ${SUITES.join(", ")}, all (default: all)
@@ -124,6 +123,12 @@ async function main(): Promise<number> {
       const res = await runPrefix({ runs, quick: values.quick, log });
       const results = { suite, ...stamp(), machine, ...res };
       save(suite, results, (source) => prefixTables(results, source));
+    }
+    if (suite === "sampling") {
+      const machine = machineInfo();
+      const res = await runSampling({ threads, runs, quick: values.quick, log });
+      const results = { suite, ...stamp(), machine, ...res };
+      save(suite, results, (source) => samplingTables(results, source));
     }
     if (suite === "dispatch") {
       const machine = machineInfo();

@@ -10,6 +10,7 @@ Commands:
   {"cmd": "probe"}                                   -> which kernels torch runs (oneDNN / MKL verbose)
   {"cmd": "setup", "key", "op": "matmul"|"ffn", "tokens", "dim", "inter", "dtype": "bf16"|"f32", "copies",
    "lib": "torch"|"numpy"}
+  {"cmd": "setup", "key", "op": "sample", "file", "rows", "vocab", "temperature", "top_k", "top_p"}
   {"cmd": "run", "key", "calls"}                     -> {"seconds": wall time of `calls` calls}
   {"cmd": "free", "key"}
   {"cmd": "quit"}
@@ -22,6 +23,12 @@ lib "numpy" (f32 only) runs the same with numpy's matmul on its bundled OpenBLAS
 fp32 reference, to tell whether torch's MKL picked a slow path on this CPU.
 `copies` distinct copies of the weights are used round-robin so that, as in serving, the
 weights come from memory and not from the last call's cache.
+sample: one token per row of logits [rows, vocab] (float32 read from `file`) as vLLM's
+sampler does it in PyTorch (vllm/v1/sample/ops/topk_topp_sampler.py and sampler.py):
+greedy is argmax; otherwise logits / temperature, top-k alone by torch.topk, top-p (with
+or without top-k) by sorting the row, masking and scattering back, then softmax and
+probs / Exponential(1) noise, argmax (its random_sample). `run` returns the picked tokens
+of its last call too (the bench checks they are kept tokens).
 """
 
 import contextlib
@@ -141,7 +148,48 @@ def probe():
     return result
 
 
+def setup_sample(c):
+    rows, vocab = c["rows"], c["vocab"]
+    logits = torch.from_numpy(np.fromfile(c["file"], dtype=np.float32, count=rows * vocab).reshape(rows, vocab))
+    cases[c["key"]] = {
+        "op": "sample",
+        "logits": logits,
+        "temperature": float(c["temperature"]),
+        "top_k": int(c.get("top_k") or 0),
+        "top_p": float(c.get("top_p") or 1.0),
+        "gen": torch.Generator().manual_seed(0),
+    }
+    return {"ok": True}
+
+
+def sample(case):
+    logits, t, k, p = case["logits"], case["temperature"], case["top_k"], case["top_p"]
+    if t <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / t
+    vocab = logits.shape[-1]
+    if p < 1.0:
+        logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+        if 0 < k < vocab:
+            kth = logits_sort.gather(1, torch.full((logits.shape[0], 1), vocab - k, dtype=torch.long))
+            logits_sort.masked_fill_(logits_sort < kth, -float("inf"))
+        probs_sort = logits_sort.softmax(dim=-1)
+        probs_sum = torch.cumsum(probs_sort, dim=-1, out=probs_sort)
+        mask = probs_sum <= 1 - p
+        mask[:, -1] = False
+        logits_sort.masked_fill_(mask, -float("inf"))
+        logits = logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+    elif 0 < k < vocab:
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    q = torch.empty_like(probs).exponential_(generator=case["gen"])
+    return probs.div_(q).argmax(dim=-1)
+
+
 def setup(c):
+    if c["op"] == "sample":
+        return setup_sample(c)
     dt = DTYPES[c["dtype"]]
     gen = torch.Generator().manual_seed(0)
     tokens, dim, inter = c["tokens"], c["dim"], c["inter"]
@@ -165,6 +213,13 @@ def setup(c):
 
 def run(c):
     case = cases[c["key"]]
+    if case["op"] == "sample":
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(c["calls"]):
+                tokens = sample(case)
+            s = time.perf_counter() - t0
+        return {"seconds": s, "tokens": tokens.tolist()}
     x, copies, n = case["x"], case["copies"], len(case["copies"])
     i = case["next"]
     calls = c["calls"]
