@@ -221,11 +221,20 @@ describe("rollout step: shards first, then gateways", () => {
   ] as [string, Rollout, ShardReport[][], GatewayReport[], number, string][])(
     "%s",
     (_n, rollout, shards, gateways, now, next) => {
-      const s = step(rollout, shards, gateways, now, timing);
+      const s = step(rollout, shards, gateways, now, timing, 2);
       expect(s.next).toBe(next);
       if (s.next === "send")
         expect(s.op).toBe(rollout.phase === "Preparing" ? "prepare" : "activate");
       if (s.next === "failed") expect(s.message).toMatch(/shard 0/);
     },
   );
+
+  it("all switched, but the plan ConfigMap still names the old version: waits for it", () => {
+    const all = [[loaded(0, "a", 2)], [loaded(1, "a", 2)]];
+    const activating: Rollout = { ...r, phase: "Activating", sentAt: 1000 };
+    const s = step(activating, all, [gw("g", 0, 2)], 1500, timing, 1);
+    expect(s.next).toBe("wait");
+    if (s.next === "wait") expect(s.message).toMatch(/ConfigMap/);
+    expect(step(activating, all, [gw("g", 0, 2)], 1500, timing, 2).next).toBe("done");
+  });
 });

@@ -547,10 +547,17 @@ export class Autoscaler {
       s.tracker.fresh(shardRole(k), now),
     ) as ShardReport[][];
     const gateways = s.tracker.fresh("gateway", now) as GatewayReport[];
-    const res = step(r, shards, gateways, now, {
-      resendMs: this.#o.rolloutResendMs ?? 2000,
-      prepareTimeoutMs: this.#o.prepareTimeoutMs ?? 120_000,
-    });
+    const res = step(
+      r,
+      shards,
+      gateways,
+      now,
+      {
+        resendMs: this.#o.rolloutResendMs ?? 2000,
+        prepareTimeoutMs: this.#o.prepareTimeoutMs ?? 120_000,
+      },
+      plan.version,
+    );
     const ref = this.#ref(s);
     const publish = (op: "prepare" | "activate") =>
       void this.#conn(s.model.spec.nats.url, s.view.natsCreds)

@@ -87,7 +87,9 @@ export interface RolloutTiming {
 
 /**
  * One step of a rollout given the latest fresh reports. `shards[k]` are shard k's fresh
- * reporters; `gateways` the fresh gateway reporters.
+ * reporters; `gateways` the fresh gateway reporters; `named` the plan version the plan
+ * ConfigMap names (the status's planVersion): the rollout is done only when it names the
+ * new plan too, so that a finished rebalance never shows beside the old version.
  */
 export function step(
   r: Rollout,
@@ -95,6 +97,7 @@ export function step(
   gateways: GatewayReport[],
   now: number,
   t: RolloutTiming,
+  named: number,
 ): RolloutStep {
   const v = r.plan.version;
   if (r.phase === "Preparing") {
@@ -128,7 +131,13 @@ export function step(
       .filter((s) => s.planVersion < v)
       .map((s) => `shard ${s.shard}/${s.id}`),
   ];
-  if (behind.length === 0) return { next: "done", rollout: r };
+  if (behind.length === 0 && named >= v) return { next: "done", rollout: r };
+  if (behind.length === 0)
+    return {
+      next: "wait",
+      rollout: r,
+      message: `plan v${v} active on every gateway and shard; waiting for the plan ConfigMap to name it`,
+    };
   if (now - r.sentAt >= t.resendMs)
     return { next: "send", op: "activate", rollout: { ...r, sentAt: now } };
   return {
