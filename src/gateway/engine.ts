@@ -49,6 +49,16 @@ export interface GenerationRequest {
    * takes it from the cache (n choices compute their prompt once).
    */
   readonly promptFrom?: number;
+  /** Limits the tokens it may sample (JSON mode); it finishes ("stop") when complete. */
+  readonly constraint?: TokenConstraint;
+}
+
+/** Which tokens a sequence may sample next, and what it sampled (json-mode.ts). */
+export interface TokenConstraint {
+  /** Bitset over the vocabulary (bit id % 32 of word id / 32): the tokens allowed next. */
+  allowed(): Uint32Array;
+  /** The sampled token (an allowed one); true when the output is complete. */
+  accept(id: number): boolean;
 }
 
 export type FinishReason = "stop" | "length";
@@ -312,6 +322,7 @@ export class ServingEngine {
       topP: new Float32Array(n),
       uniform: new Float32Array(n),
     };
+    const failed = new Map<Active, unknown>();
     picks.forEach(({ a, raw }, r) => {
       const row = logits.subarray(r * V, (r + 1) * V);
       row.set(raw);
@@ -319,6 +330,12 @@ export class ServingEngine {
       if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0)
         for (const [id, n] of a.counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
       for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
+      if (a.req.constraint)
+        try {
+          applyMask(row, a.req.constraint.allowed());
+        } catch (err) {
+          failed.set(a, err);
+        }
       rows.temperature[r] = s.temperature;
       rows.topK[r] = s.topK;
       rows.topP[r] = s.topP;
@@ -328,6 +345,11 @@ export class ServingEngine {
     picks.forEach(({ a }, r) => {
       // A callback of an earlier row may have ended this one (a client's cancel).
       if (a.cancelled || !this.#active.has(a.seq.id)) return;
+      if (failed.has(a)) {
+        this.#end(a);
+        a.cb.onError(failed.get(a));
+        return;
+      }
       this.#accept(a, ids[r]!, logits.subarray(r * V, (r + 1) * V));
     });
   }
@@ -342,17 +364,45 @@ export class ServingEngine {
     }
     a.seq.outputTokens.push(id);
     a.counts.set(id, (a.counts.get(id) ?? 0) + 1);
+    let complete = false;
+    try {
+      complete = a.req.constraint?.accept(id) ?? false;
+    } catch (err) {
+      this.#end(a);
+      a.cb.onError(err);
+      return;
+    }
     const token: TokenLogprob =
       logprobs === null
         ? { id, logprob: 0, top: [] }
         : tokenLogprob(logSoftmax(logits), id, logprobs);
     a.cb.onToken(token);
     if (a.cancelled) return;
-    if (a.seq.outputTokens.length >= maxTokens) {
+    if (complete || a.seq.outputTokens.length >= maxTokens) {
       this.#end(a);
-      a.cb.onFinish("length");
+      a.cb.onFinish(complete ? "stop" : "length");
     }
   }
+}
+
+/**
+ * -inf for the tokens `allowed` leaves out. A mask with no token (which a constraint over
+ * a byte-level vocabulary never gives) is an error, not a pick from nothing.
+ */
+function applyMask(row: Float32Array, allowed: Uint32Array): void {
+  let any = false;
+  for (let w = 0; w * 32 < row.length; w++) {
+    const bits = allowed[w] ?? 0;
+    if (bits === 0xffffffff) {
+      any = true;
+      continue;
+    }
+    if (bits !== 0) any = true;
+    const end = Math.min(row.length, (w + 1) * 32);
+    for (let id = w * 32; id < end; id++) if (((bits >>> (id & 31)) & 1) === 0) row[id] = -Infinity;
+  }
+  if (!any)
+    throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the output constraint allows no token");
 }
 
 /** A sequence to sample for, with its logits row [vocab] from the step. */

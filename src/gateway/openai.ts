@@ -15,6 +15,7 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
+import { grammarFor, type JsonGrammar } from "./json-mode.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
@@ -61,10 +62,10 @@ function unsupported(fields: Record<string, unknown>): void {
     if (Array.isArray(fields[key]) && (fields[key] as unknown[]).length > 0)
       refuse(key, `${key} (tool and function calling)`);
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
-  if (format != null && format.type !== "text")
+  if (format != null && format.type !== "text" && format.type !== "json_object")
     refuse(
       "response_format",
-      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (constrained decoding; only "text" is)`,
+      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text" and "json_object" are)`,
     );
   if (typeof fields["suffix"] === "string" && fields["suffix"] !== "") refuse("suffix", "suffix");
   if (fields["best_of"] != null && fields["best_of"] !== 1)
@@ -125,7 +126,22 @@ function jobSpec(
     },
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
+    ...jsonMode(ctx, b),
   };
+}
+
+/** response_format {"type": "json_object"}: the grammar that constrains each choice. */
+function jsonMode(ctx: ServeContext, b: Common): { json?: JsonGrammar } {
+  const format = (b as { response_format?: { type?: unknown } | null }).response_format;
+  if (format?.type !== "json_object") return {};
+  const json = grammarFor(ctx.tokenizer, ctx.vocabSize);
+  if (!json)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "response_format json_object needs a byte-level BPE tokenizer (DeepSeek's is); this model's is not",
+      { param: "response_format" },
+    );
+  return { json };
 }
 
 const usageOf = (job: Job) => ({

@@ -1,8 +1,9 @@
 // Request bodies of the OpenAI-compatible routes, as TypeBox schemas: fastify validates
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
-// the ones that would change the answer and are not implemented (tools, a JSON
-// response_format, suffix, best_of) are refused by the routes (openai.ts: unsupported).
+// the ones that would change the answer and are not implemented (tools, a response_format
+// other than text or json_object, suffix, best_of) are refused by the routes (openai.ts:
+// unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -65,6 +66,7 @@ export const ChatCompletionRequest = Type.Object({
   /** Not implemented: refused when they would change the answer (openai.ts). */
   tools: Type.Optional(Type.Unknown()),
   functions: Type.Optional(Type.Unknown()),
+  /** {"type": "text"} or {"type": "json_object"} (JSON mode); others refused (openai.ts). */
   response_format: Type.Optional(Type.Unknown()),
   max_completion_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
   logprobs: Type.Optional(Nullable(Type.Boolean())),
@@ -90,6 +92,8 @@ export const CompletionRequest = Type.Object({
   ]),
   logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 5 }))),
   echo: Type.Optional(Nullable(Type.Boolean())),
+  /** As in chat (vLLM takes it here too). */
+  response_format: Type.Optional(Type.Unknown()),
   /** Not implemented: refused when they would change the answer (openai.ts). */
   suffix: Type.Optional(Type.Unknown()),
   best_of: Type.Optional(Type.Unknown()),

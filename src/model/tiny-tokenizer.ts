@@ -2,6 +2,7 @@
 // `tokenizer.json` format (the 256 byte tokens, a few dozen merges of common English
 // pairs, the DeepSeek special tokens) and a `tokenizer_config.json` with DeepSeek's chat
 // template. Pure data builders; tiny.ts writes them.
+import { byteToUnicode } from "./tokenizer.ts";
 
 /** DeepSeek's special tokens (fullwidth bars U+FF5C, lower blocks U+2581), ids 0..4. */
 export const SPECIAL_TOKENS = {
@@ -34,24 +35,6 @@ const MERGES: readonly string[] = [
   "o m", "l e", "Ġ is", "Ġ T", "T h", "Ġ I", "Ġ re", "Ġ y", "Ġy ou", "o w",
   "Ġ he", "l o", "Ġ g", "Ġ it", "Ġw h", "e l", "Ġw it", "Ġwit h",
 ];
-
-/** GPT-2's reversible map from bytes to printable characters. */
-export function byteToUnicode(): string[] {
-  const printable: number[] = [];
-  const add = (from: number, to: number) => {
-    for (let b = from; b <= to; b++) printable.push(b);
-  };
-  add(0x21, 0x7e);
-  add(0xa1, 0xac);
-  add(0xae, 0xff);
-  const map: string[] = new Array(256);
-  for (const b of printable) map[b] = String.fromCodePoint(b);
-  let n = 0;
-  for (let b = 0; b < 256; b++) {
-    if (map[b] === undefined) map[b] = String.fromCodePoint(256 + n++);
-  }
-  return map;
-}
 
 /** Number of tokens of the tiny tokenizer (specials, bytes, merges). */
 export function tinyTokenizerSize(): number {

@@ -36,6 +36,11 @@ export class Tokenizer {
   private readonly config: Readonly<Record<string, unknown>>;
   private readonly template: Template | null;
   private readonly source: string;
+  /** The decoder maps token characters back to bytes (GPT-2's byte-level BPE). */
+  private readonly byteLevel: boolean;
+  /** Added tokens (special or not): their text is literal, not byte-mapped. */
+  private readonly addedIds: ReadonlySet<number>;
+  private bytesOfTokens: (Uint8Array | null)[] | undefined;
 
   /**
    * A tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json`; `source`
@@ -66,6 +71,13 @@ export class Tokenizer {
       );
     }
     this.config = tokenizerConfig;
+    const decoder = tokenizerJson["decoder"] as { type?: unknown; decoders?: unknown } | null;
+    const decoders = Array.isArray(decoder?.decoders) ? decoder.decoders : [decoder];
+    this.byteLevel = decoders.some((d) => isObject(d) && d["type"] === "ByteLevel");
+    const added = Array.isArray(tokenizerJson["added_tokens"]) ? tokenizerJson["added_tokens"] : [];
+    this.addedIds = new Set(
+      added.flatMap((t) => (isObject(t) && typeof t["id"] === "number" ? [t["id"]] : [])),
+    );
     this.bosToken = tokenText(tokenizerConfig["bos_token"]);
     this.eosToken = tokenText(tokenizerConfig["eos_token"]);
     this.bosTokenId = this.specialId("bos_token", this.bosToken);
@@ -146,6 +158,36 @@ export class Tokenizer {
   /** The token string of an id, or undefined. */
   idToToken(id: number): string | undefined {
     return this.hf.id_to_token(id);
+  }
+
+  /**
+   * Every token id's bytes (index: id), as the decoder writes them; null for added and
+   * special tokens (their text is literal). Null when the tokenizer is not byte-level
+   * (its tokens' bytes are not known without decoding context). Computed once.
+   */
+  tokenBytes(): (Uint8Array | null)[] | null {
+    if (!this.byteLevel) return null;
+    if (this.bytesOfTokens) return this.bytesOfTokens;
+    const byteOf = new Map(byteToUnicode().map((ch, b) => [ch, b]));
+    const out: (Uint8Array | null)[] = [];
+    for (const [token, id] of this.hf.get_vocab(true)) {
+      if (this.addedIds.has(id)) continue;
+      const bytes = new Uint8Array(token.length);
+      let ok = true;
+      let n = 0;
+      for (const ch of token) {
+        const b = byteOf.get(ch);
+        if (b === undefined) {
+          ok = false;
+          break;
+        }
+        bytes[n++] = b;
+      }
+      out[id] = ok ? bytes.subarray(0, n) : null;
+    }
+    for (let id = 0; id < out.length; id++) out[id] ??= null;
+    this.bytesOfTokens = out;
+    return out;
   }
 
   /** Whether the config has a chat template. */
@@ -248,4 +290,22 @@ function readJson(path: string): unknown {
       { cause: err },
     );
   }
+}
+
+/** GPT-2's reversible map from bytes to printable characters. */
+export function byteToUnicode(): string[] {
+  const printable: number[] = [];
+  const add = (from: number, to: number) => {
+    for (let b = from; b <= to; b++) printable.push(b);
+  };
+  add(0x21, 0x7e);
+  add(0xa1, 0xac);
+  add(0xae, 0xff);
+  const map: string[] = new Array(256);
+  for (const b of printable) map[b] = String.fromCodePoint(b);
+  let n = 0;
+  for (let b = 0; b < 256; b++) {
+    if (map[b] === undefined) map[b] = String.fromCodePoint(256 + n++);
+  }
+  return map;
 }

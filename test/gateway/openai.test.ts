@@ -11,6 +11,7 @@ import { connect } from "@nats-io/transport-node";
 import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
+import { isDone, run, START } from "../../src/gateway/json-mode.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -152,6 +153,64 @@ describe("chat completions", () => {
     expect(a.usage!.completion_tokens).toBe(
       a.choices.reduce((s, c) => s + c.logprobs!.content!.length, 0),
     );
+  });
+
+  it("response_format json_object: each choice is a JSON object, or its start when cut short", async () => {
+    const body = {
+      model: "tiny",
+      messages: user("Describe a cat as JSON"),
+      max_tokens: 40,
+      temperature: 1,
+      seed: 5,
+      n: 8,
+    };
+    const json = { type: "json_object" } as const;
+    const plain = await gw.client.chat.completions.create(body);
+    const free = await gw.client.chat.completions.create({ ...body, response_format: json });
+    // Without the constraint this random model does not write JSON.
+    expect(plain.choices.some((c) => !c.message.content!.startsWith("{"))).toBe(true);
+    for (const c of free.choices) {
+      const text = c.message.content!;
+      // A prefix of a JSON object (json-mode.test.ts checks the automaton against
+      // JSON.parse); complete exactly when the choice stopped.
+      const state = run(START, new Uint8Array(Buffer.from(text)));
+      expect(state, JSON.stringify(text)).not.toBeNull();
+      expect(isDone(state!)).toBe(c.finish_reason === "stop");
+      if (c.finish_reason === "stop") expect(JSON.parse(text)).toBeTypeOf("object");
+    }
+    // With the closing tokens favoured, every choice completes: JSON.parse takes it.
+    const closers = ['"', "}", "]"].map((t) => gw.ctx.tokenizer.encode(t, false)[0]!);
+    const nudged = await gw.client.chat.completions.create({
+      ...body,
+      response_format: json,
+      logit_bias: Object.fromEntries(closers.map((id) => [String(id), 4])),
+    });
+    for (const c of nudged.choices) {
+      expect(c.finish_reason, JSON.stringify(c.message.content)).toBe("stop");
+      const v = JSON.parse(c.message.content!) as unknown;
+      expect(v !== null && typeof v === "object" && !Array.isArray(v)).toBe(true);
+    }
+    // Streamed: the same texts; completions take it too.
+    const streamed = new Map<number, string>();
+    for await (const chunk of await gw.client.chat.completions.create({
+      ...body,
+      response_format: json,
+      stream: true,
+    }))
+      for (const c of chunk.choices)
+        streamed.set(c.index, (streamed.get(c.index) ?? "") + (c.delta.content ?? ""));
+    expect(free.choices.map((c) => streamed.get(c.index))).toEqual(
+      free.choices.map((c) => c.message.content),
+    );
+    const completion = await gw.client.completions.create({
+      model: "tiny",
+      prompt: "JSON:",
+      max_tokens: 30,
+      temperature: 0,
+      response_format: json,
+      logit_bias: Object.fromEntries(closers.map((id) => [String(id), 4])),
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    expect(JSON.parse(completion.choices[0]!.text)).toBeTypeOf("object");
   });
 
   it("cuts the text at a stop string", async () => {
@@ -511,7 +570,7 @@ describe("errors", () => {
     // Not implemented, and they would change the answer: refused, not ignored.
     [{ tools: [{ type: "function", function: { name: "f" } }] }, "tools"],
     [{ functions: [{ name: "f" }] }, "functions"],
-    [{ response_format: { type: "json_object" } }, "response_format"],
+    [{ response_format: { type: "json_schema", json_schema: { name: "x" } } }, "response_format"],
   ] as const)("bad parameter %j: 400 naming %s", async (patch, param) => {
     const err = await gw.client.chat.completions
       .create({ model: "tiny", messages: user("hi"), ...(patch as any) })
