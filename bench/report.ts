@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
+import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import { prefixTables } from "./prefix.ts";
@@ -449,6 +450,7 @@ export const SUITES = [
   "tokenize",
   "prefix",
   "sampling",
+  "json",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -514,6 +516,10 @@ export function renderBenchmarksMd(
       typeof prefixTables
     >[0];
     doc = replaceSection(doc, "prefix", prefixTables(res, relative(REPO_ROOT, files.prefix)));
+  }
+  if (files.json) {
+    const res = JSON.parse(readFileSync(files.json, "utf8")) as Parameters<typeof jsonTables>[0];
+    doc = replaceSection(doc, "json", jsonTables(res, relative(REPO_ROOT, files.json)));
   }
   if (files.sampling) {
     const res = JSON.parse(readFileSync(files.sampling, "utf8")) as Parameters<

@@ -16,6 +16,7 @@ import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
+import { jsonTables, runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { prefixTables, runPrefix } from "./prefix.ts";
@@ -123,6 +124,12 @@ async function main(): Promise<number> {
       const res = await runPrefix({ runs, quick: values.quick, log });
       const results = { suite, ...stamp(), machine, ...res };
       save(suite, results, (source) => prefixTables(results, source));
+    }
+    if (suite === "json") {
+      const machine = machineInfo();
+      const res = await runJson({ runs, quick: values.quick, log });
+      const results = { suite, ...stamp(), machine, ...res };
+      save(suite, results, (source) => jsonTables(results, source));
     }
     if (suite === "sampling") {
       const machine = machineInfo();

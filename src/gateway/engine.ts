@@ -389,7 +389,7 @@ export class ServingEngine {
  * -inf for the tokens `allowed` leaves out. A mask with no token (which a constraint over
  * a byte-level vocabulary never gives) is an error, not a pick from nothing.
  */
-function applyMask(row: Float32Array, allowed: Uint32Array): void {
+export function applyMask(row: Float32Array, allowed: Uint32Array): void {
   let any = false;
   for (let w = 0; w * 32 < row.length; w++) {
     const bits = allowed[w] ?? 0;

@@ -4,7 +4,7 @@ import type { TokenLogprob } from "../engine/sampling.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { FinishReason, GenerationRequest, SamplingParams, ServingEngine } from "./engine.ts";
 import { ApiError, toApiError } from "./errors.ts";
-import { JsonConstraint, type JsonGrammar } from "./json-mode.ts";
+import { GrammarConstraint, type TokenGrammar } from "./grammar.ts";
 import type { GatewayMetrics } from "./metrics.ts";
 import type { PromptEncoder } from "./prompt-encoder.ts";
 import { OutputText } from "./text.ts";
@@ -93,8 +93,8 @@ export interface JobSpec {
   readonly promptLogprobs: boolean;
   /** Generate past the end-of-sequence token, up to maxTokens (vLLM's ignore_eos). */
   readonly ignoreEos?: boolean;
-  /** JSON mode: each choice is one JSON object, constrained by this grammar. */
-  readonly json?: JsonGrammar;
+  /** Constrained decoding (JSON mode, a JSON schema): each choice follows this grammar. */
+  readonly grammar?: TokenGrammar<unknown>;
 }
 
 export interface Choice {
@@ -199,7 +199,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
       ...(first !== undefined ? { promptFrom: first } : {}),
-      ...(spec.json ? { constraint: new JsonConstraint(spec.json) } : {}),
+      ...(spec.grammar ? { constraint: new GrammarConstraint(spec.grammar) } : {}),
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {

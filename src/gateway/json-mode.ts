@@ -4,13 +4,11 @@
 // -inf (ServingEngine applies a TokenConstraint's mask), and the choice finishes ("stop")
 // when the object closes. A model that runs out of max_tokens first ends with an
 // unfinished object and finish_reason "length", as with OpenAI.
-//
-// Masks depend only on the automaton's state: they are computed over the vocabulary in
-// byte order, so tokens sharing a prefix share its steps and a refused prefix skips every
-// token under it (a trie walk without a trie), and kept per state (LRU).
-import type { Tokenizer } from "../model/tokenizer.ts";
+// The masks: grammar.ts.
+import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
 
-const Mode = {
+/** The automaton's modes (exported for json-schema.ts, which runs values through it). */
+export const Mode = {
   /** Before the root object: whitespace or '{'. */
   Start: 0,
   /** After '{': whitespace, a key or '}'. */
@@ -46,7 +44,7 @@ const Mode = {
   /** The root object closed: only whitespace. */
   Done: 22,
 } as const;
-type Mode = (typeof Mode)[keyof typeof Mode];
+export type Mode = (typeof Mode)[keyof typeof Mode];
 
 /** The automaton's state: immutable; `stack` holds the open containers ('{' or '['). */
 export interface JsonState {
@@ -188,133 +186,22 @@ export function run(s: JsonState | null, bytes: Uint8Array): JsonState | null {
   return s;
 }
 
-const keyOf = (s: JsonState) => `${s.mode},${s.n},${s.stack}`;
+/** The automaton of one JSON object. */
+export const JSON_OBJECT: ByteAutomaton<JsonState> = {
+  start: START,
+  step,
+  isDone,
+  key: (s) => `${s.mode},${s.n},${s.stack}`,
+};
 
-/** Masks cached per state, at most. */
-const MAX_MASKS = 512;
+const grammars = new WeakMap<Vocabulary, TokenGrammar<JsonState>>();
 
-/** The vocabulary as the automaton sees it, and masks per state. */
-export class JsonGrammar {
-  readonly vocabSize: number;
-  readonly #bytes: readonly (Uint8Array | null)[];
-  /** Token ids with bytes, in byte order; lcp[i]: bytes shared with the one before. */
-  readonly #sorted: Int32Array;
-  readonly #lcp: Uint16Array;
-  readonly #masks = new Map<string, Uint32Array>();
-  /** Masks computed (not found in the cache), for tests and metrics. */
-  computed = 0;
-
-  /** `bytes[id]`: a token's bytes, null for tokens never allowed (special ones). */
-  constructor(bytes: readonly (Uint8Array | null)[], vocabSize: number) {
-    this.vocabSize = vocabSize;
-    this.#bytes = bytes;
-    const ids: number[] = [];
-    for (let id = 0; id < Math.min(bytes.length, vocabSize); id++)
-      if (bytes[id]?.length) ids.push(id);
-    ids.sort((a, b) => Buffer.compare(bytes[a]!, bytes[b]!));
-    this.#sorted = Int32Array.from(ids);
-    this.#lcp = new Uint16Array(ids.length);
-    for (let i = 1; i < ids.length; i++) {
-      const p = bytes[ids[i - 1]!]!;
-      const q = bytes[ids[i]!]!;
-      let k = 0;
-      while (k < p.length && k < q.length && p[k] === q[k]) k++;
-      this.#lcp[i] = k;
-    }
-  }
-
-  /** For a byte-level tokenizer; null for others (their tokens' bytes are not known). */
-  static forTokenizer(tokenizer: Tokenizer, vocabSize: number): JsonGrammar | null {
-    const bytes = tokenizer.tokenBytes();
-    return bytes ? new JsonGrammar(bytes, vocabSize) : null;
-  }
-
-  /** The bytes of token `id` (null: never allowed). */
-  bytesOf(id: number): Uint8Array | null {
-    return this.#bytes[id] ?? null;
-  }
-
-  /** Bitset over the vocabulary: the tokens that may follow `s`. */
-  mask(s: JsonState): Uint32Array {
-    const key = keyOf(s);
-    const hit = this.#masks.get(key);
-    if (hit) {
-      // Most recently used last.
-      this.#masks.delete(key);
-      this.#masks.set(key, hit);
-      return hit;
-    }
-    const mask = this.#compute(s);
-    this.computed++;
-    if (this.#masks.size >= MAX_MASKS) this.#masks.delete(this.#masks.keys().next().value!);
-    this.#masks.set(key, mask);
-    return mask;
-  }
-
-  #compute(s: JsonState): Uint32Array {
-    const mask = new Uint32Array(Math.ceil(this.vocabSize / 32));
-    // states[d]: the state after the current token's first d bytes (valid up to `known`).
-    const states: (JsonState | null)[] = [s];
-    let known = 0;
-    // The current prefix of this length was refused (Infinity: none).
-    let refused = Number.POSITIVE_INFINITY;
-    for (let i = 0; i < this.#sorted.length; i++) {
-      const id = this.#sorted[i]!;
-      const bytes = this.#bytes[id]!;
-      const shared = this.#lcp[i]!;
-      if (shared >= refused) continue;
-      refused = Number.POSITIVE_INFINITY;
-      known = Math.min(known, shared);
-      let d = known;
-      for (; d < bytes.length; d++) {
-        const next = step(states[d]!, bytes[d]!);
-        if (!next) break;
-        states[d + 1] = next;
-      }
-      if (d < bytes.length) {
-        refused = d + 1;
-        known = d;
-        continue;
-      }
-      known = bytes.length;
-      mask[id >>> 5]! |= 1 << (id & 31);
-    }
-    return mask;
-  }
-}
-
-const grammars = new WeakMap<Tokenizer, JsonGrammar | null>();
-
-/** The grammar of a tokenizer's vocabulary, built on first use (null: not byte-level). */
-export function grammarFor(tokenizer: Tokenizer, vocabSize: number): JsonGrammar | null {
-  let g = grammars.get(tokenizer);
-  if (g === undefined) {
-    g = JsonGrammar.forTokenizer(tokenizer, vocabSize);
-    grammars.set(tokenizer, g);
+/** JSON mode's grammar over a vocabulary (one per vocabulary: its masks are shared). */
+export function jsonObjectGrammar(vocabulary: Vocabulary): TokenGrammar<JsonState> {
+  let g = grammars.get(vocabulary);
+  if (!g) {
+    g = new TokenGrammar(JSON_OBJECT, vocabulary);
+    grammars.set(vocabulary, g);
   }
   return g;
-}
-
-/** One choice's constraint: its state, advanced by each token it samples. */
-export class JsonConstraint {
-  readonly #grammar: JsonGrammar;
-  #state: JsonState = START;
-
-  constructor(grammar: JsonGrammar) {
-    this.#grammar = grammar;
-  }
-
-  /** Bitset of the tokens allowed next. */
-  allowed(): Uint32Array {
-    return this.#grammar.mask(this.#state);
-  }
-
-  /** Takes the sampled token (one `allowed` gave); true when the object is complete. */
-  accept(id: number): boolean {
-    const bytes = this.#grammar.bytesOf(id);
-    const next = bytes && run(this.#state, bytes);
-    if (!next) throw new Error(`token ${id} is not allowed in JSON mode here`);
-    this.#state = next;
-    return isDone(next);
-  }
 }

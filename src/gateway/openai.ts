@@ -6,6 +6,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
+import { type TokenGrammar, vocabularyFor } from "./grammar.ts";
 import {
   type Choice,
   encodablePrompt,
@@ -15,7 +16,8 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { grammarFor, type JsonGrammar } from "./json-mode.ts";
+import { jsonObjectGrammar } from "./json-mode.ts";
+import { schemaGrammar } from "./json-schema.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
@@ -62,10 +64,10 @@ function unsupported(fields: Record<string, unknown>): void {
     if (Array.isArray(fields[key]) && (fields[key] as unknown[]).length > 0)
       refuse(key, `${key} (tool and function calling)`);
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
-  if (format != null && format.type !== "text" && format.type !== "json_object")
+  if (format != null && !["text", "json_object", "json_schema"].includes(format.type as string))
     refuse(
       "response_format",
-      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text" and "json_object" are)`,
+      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text", "json_object" and "json_schema" are)`,
     );
   if (typeof fields["suffix"] === "string" && fields["suffix"] !== "") refuse("suffix", "suffix");
   if (fields["best_of"] != null && fields["best_of"] !== 1)
@@ -130,18 +132,31 @@ function jobSpec(
   };
 }
 
-/** response_format {"type": "json_object"}: the grammar that constrains each choice. */
-function jsonMode(ctx: ServeContext, b: Common): { json?: JsonGrammar } {
-  const format = (b as { response_format?: { type?: unknown } | null }).response_format;
-  if (format?.type !== "json_object") return {};
-  const json = grammarFor(ctx.tokenizer, ctx.vocabSize);
-  if (!json)
+/**
+ * response_format json_object or json_schema: the grammar that constrains each choice
+ * (docs/gateway.md, JSON mode and structured outputs).
+ */
+function jsonMode(ctx: ServeContext, b: Common): { grammar?: TokenGrammar<unknown> } {
+  const format = (
+    b as { response_format?: { type?: unknown; json_schema?: { schema?: unknown } } | null }
+  ).response_format;
+  if (format?.type !== "json_object" && format?.type !== "json_schema") return {};
+  const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
+  if (!vocabulary)
     throw new ApiError(
       "EM_GATEWAY_BAD_REQUEST",
-      "response_format json_object needs a byte-level BPE tokenizer (DeepSeek's is); this model's is not",
+      `response_format ${format.type} needs a byte-level BPE tokenizer (DeepSeek's is); this model's is not`,
       { param: "response_format" },
     );
-  return { json };
+  if (format.type === "json_object")
+    return { grammar: jsonObjectGrammar(vocabulary) as TokenGrammar<unknown> };
+  if (format.json_schema?.schema === undefined)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "response_format json_schema: json_schema.schema is missing",
+      { param: "response_format" },
+    );
+  return { grammar: schemaGrammar(vocabulary, format.json_schema.schema) as TokenGrammar<unknown> };
 }
 
 const usageOf = (job: Job) => ({

@@ -213,6 +213,72 @@ describe("chat completions", () => {
     expect(JSON.parse(completion.choices[0]!.text)).toBeTypeOf("object");
   });
 
+  it("response_format json_schema: each choice is an instance of the schema", async () => {
+    const schema = {
+      type: "object",
+      properties: {
+        name: { type: "string" },
+        age: { type: "integer" },
+        mood: { enum: ["happy", "sad"] },
+        tags: { type: "array", items: { type: "boolean" }, maxItems: 2 },
+        pet: { type: ["string", "null"] },
+      },
+      required: ["name", "age", "mood", "tags", "pet"],
+      additionalProperties: false,
+    };
+    // Closing tokens favoured and whitespace banned (compact JSON), so that this random
+    // model finishes within max_tokens.
+    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    const bias = {
+      ...Object.fromEntries(['"', "}", "]", ","].map((t) => [id(t), 4])),
+      ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
+    };
+    const r = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("A person"),
+      max_tokens: 120,
+      temperature: 1,
+      seed: 9,
+      n: 6,
+      response_format: {
+        type: "json_schema",
+        json_schema: { name: "person", schema, strict: true },
+      },
+      logit_bias: bias,
+    });
+    for (const c of r.choices) {
+      expect(c.finish_reason, c.message.content!).toBe("stop");
+      const v = JSON.parse(c.message.content!) as Record<string, unknown>;
+      expect(Object.keys(v)).toEqual(["name", "age", "mood", "tags", "pet"]);
+      expect(typeof v["name"]).toBe("string");
+      expect(Number.isInteger(v["age"])).toBe(true);
+      expect(["happy", "sad"]).toContain(v["mood"]);
+      expect(Array.isArray(v["tags"]) && (v["tags"] as unknown[]).length <= 2).toBe(true);
+      for (const t of v["tags"] as unknown[]) expect(typeof t).toBe("boolean");
+      expect(v["pet"] === null || typeof v["pet"] === "string").toBe(true);
+    }
+    // What the subset does not cover, or no schema: 400 naming response_format.
+    for (const format of [
+      { type: "json_schema", json_schema: { name: "x", schema: { type: "array" } } },
+      {
+        type: "json_schema",
+        json_schema: {
+          name: "x",
+          schema: { type: "object", properties: { s: { type: "string", format: "email" } } },
+        },
+      },
+      { type: "json_schema", json_schema: { name: "x" } },
+    ]) {
+      const err = await gw.client.chat.completions
+        .create({ model: "tiny", messages: user("x"), response_format: format as never })
+        .then(
+          () => expect.unreachable("accepted"),
+          (e: APIError) => e,
+        );
+      expect([err.status, err.param], JSON.stringify(format)).toEqual([400, "response_format"]);
+    }
+  });
+
   it("cuts the text at a stop string", async () => {
     const body = { model: "tiny", messages: user("Hi"), max_tokens: 24, temperature: 0 };
     const full = (await gw.client.chat.completions.create(body)).choices[0]!.message.content!;

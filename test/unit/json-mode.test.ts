@@ -3,9 +3,10 @@
 // whole one completes; random one-character edits: accepted and complete exactly when
 // JSON.parse takes them and gives an object), then masks against checking every token.
 import { describe, expect, it } from "vitest";
+import { TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import {
   isDone,
-  JsonGrammar,
+  JSON_OBJECT,
   type JsonState,
   MAX_WHITESPACE,
   run,
@@ -261,7 +262,7 @@ describe("JSON masks", () => {
     ...texts.slice(2).map(bytes),
   ];
   const V = tokenBytes.length + 5;
-  const grammar = new JsonGrammar(tokenBytes, V);
+  const grammar = new TokenGrammar(JSON_OBJECT, new Vocabulary(tokenBytes, V));
 
   /** States reached along random documents. */
   const states: JsonState[] = [START];

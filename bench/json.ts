@@ -1,0 +1,211 @@
+// The json suite: what JSON mode (response_format json_object, src/gateway/json-mode.ts)
+// costs per sampled token at a DeepSeek-sized vocabulary (129,280 tokens), against the same
+// step without it (the peer: sampling alone, in the same run).
+//
+// No real DeepSeek tokenizer is available offline, so the vocabulary is synthetic: the 256
+// bytes, then distinct substrings (2-16 bytes) of English-like text and of JSON documents
+// until there are 129,280; what a mask costs depends on how many tokens share prefixes and
+// how many a state allows, which this only approximates. A "document" is a random JSON
+// object (JSON.stringify, indented) cut into tokens by greedy longest match; each of its
+// tokens is one step: the constraint's mask (a cache hit after the first time a state is
+// seen), -inf applied to the refused tokens of a logits row, the native sampler (top_p 0.9,
+// temperature 0.7) and the constraint's accept; the peer samples the same row unmasked.
+// Also timed: building the grammar (sorting the vocabulary, once per gateway), and
+// computing a state's mask the first time (cold), for a few kinds of states.
+
+import { nativeBackend } from "../src/engine/native.ts";
+import { uniform32 } from "../src/engine/sampling.ts";
+import { applyMask } from "../src/gateway/engine.ts";
+import { GrammarConstraint, TokenGrammar, Vocabulary } from "../src/gateway/grammar.ts";
+import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
+import { Prng } from "../src/model/prng.ts";
+import { type Stats, stats } from "./lib.ts";
+import { promptText } from "./tokenize.ts";
+
+const VOCAB = 129_280;
+
+export interface JsonResults {
+  runs: number;
+  vocab: number;
+  buildMs: Stats;
+  cold: { state: string; allowed: number; ms: Stats }[];
+  /** Per token, over the documents. */
+  stepMs: { constrained: Stats; plain: Stats };
+  tokens: number;
+  /** Masks computed (cache misses) over the documents, per run. */
+  misses: number;
+}
+
+function randomJson(rng: Prng, depth = 0): unknown {
+  const r = rng.uniform();
+  if (depth > 2 || r < 0.4) {
+    const k = Math.floor(rng.uniform() * 4);
+    if (k === 0) return Math.round((rng.uniform() - 0.3) * 10_000) / 100;
+    if (k === 1) return rng.uniform() < 0.5;
+    if (k === 2) return null;
+    return promptText(4 + Math.floor(rng.uniform() * 40)).trim();
+  }
+  if (r < 0.6)
+    return Array.from({ length: 1 + Math.floor(rng.uniform() * 4) }, () =>
+      randomJson(rng, depth + 1),
+    );
+  return Object.fromEntries(
+    Array.from({ length: 1 + Math.floor(rng.uniform() * 5) }, (_, i) => [
+      `${promptText(3 + Math.floor(rng.uniform() * 10))
+        .trim()
+        .replace(/\s+/g, "_")}${i}`,
+      randomJson(rng, depth + 1),
+    ]),
+  );
+}
+
+const document = (rng: Prng) => JSON.stringify({ result: randomJson(rng) }, null, 2);
+
+/** The synthetic vocabulary: bytes, then distinct substrings of text and JSON. */
+function vocabulary(rng: Prng): Uint8Array[] {
+  const seen = new Set<string>();
+  const out: Uint8Array[] = [];
+  for (let b = 0; b < 256; b++) {
+    out.push(Uint8Array.of(b));
+    seen.add(String.fromCharCode(b));
+  }
+  const corpus = [promptText(1 << 20), ...Array.from({ length: 400 }, () => document(rng))].join(
+    "\n",
+  );
+  while (out.length < VOCAB) {
+    const len = 2 + Math.floor(rng.uniform() * rng.uniform() * 15);
+    const at = Math.floor(rng.uniform() * (corpus.length - len));
+    const piece = corpus.slice(at, at + len);
+    if (seen.has(piece)) continue;
+    seen.add(piece);
+    out.push(new Uint8Array(Buffer.from(piece)));
+  }
+  return out;
+}
+
+/** Greedy longest-match tokenization of `text` with the vocabulary. */
+function tokenize(text: string, byText: Map<string, number>): number[] {
+  const ids: number[] = [];
+  for (let i = 0; i < text.length; ) {
+    let n = Math.min(16, text.length - i);
+    while (n > 1 && !byText.has(text.slice(i, i + n))) n--;
+    const id = byText.get(text.slice(i, i + n));
+    if (id === undefined) throw new Error(`no token for ${JSON.stringify(text[i])}`);
+    ids.push(id);
+    i += n;
+  }
+  return ids;
+}
+
+export async function runJson(o: {
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<JsonResults> {
+  const rng = new Prng(99);
+  const vocab = vocabulary(rng);
+  const byText = new Map(vocab.map((b, id) => [Buffer.from(b).toString("latin1"), id]));
+  // Documents are ASCII: latin1 keys equal their text.
+  const docs = Array.from({ length: o.quick ? 3 : 12 }, () => tokenize(document(rng), byText));
+  const tokens = docs.reduce((n, d) => n + d.length, 0);
+  const backend = nativeBackend();
+  const logits = new Float32Array(VOCAB);
+  for (let i = 0; i < VOCAB; i++)
+    logits[i] = (rng.uniform() + rng.uniform() + rng.uniform() - 1.5) * 2;
+  const row = new Float32Array(VOCAB);
+  const sampleOnce = (u: number) =>
+    backend.sample(row, VOCAB, {
+      temperature: Float32Array.of(0.7),
+      topK: Int32Array.of(0),
+      topP: Float32Array.of(0.9),
+      uniform: Float32Array.of(uniform32(u)),
+    })[0]!;
+
+  const states: [string, JsonState][] = [
+    ["start", START],
+    ["after '{'", run(START, Buffer.from("{")) as JsonState],
+    ["in a value string", run(START, Buffer.from('{"a": [{"b": "some te')) as JsonState],
+    ["in a number", run(START, Buffer.from('{"a": [{"b": 12')) as JsonState],
+    ["after a value", run(START, Buffer.from('{"a": [{"b": true')) as JsonState],
+  ];
+  const build: number[] = [];
+  const cold = new Map<string, { allowed: number; ms: number[] }>();
+  const constrained: number[] = [];
+  const plain: number[] = [];
+  let misses = 0;
+  for (let r = -1; r < o.runs; r++) {
+    const t0 = performance.now();
+    const grammar = new TokenGrammar(JSON_OBJECT, new Vocabulary(vocab, VOCAB));
+    const built = performance.now() - t0;
+    for (const [name, s] of states) {
+      const t1 = performance.now();
+      const mask = grammar.mask(s);
+      const ms = performance.now() - t1;
+      let allowed = 0;
+      for (const w of mask) for (let x = w; x; x &= x - 1) allowed++;
+      const c = cold.get(name) ?? { allowed, ms: [] };
+      if (r >= 0) c.ms.push(ms);
+      cold.set(name, c);
+    }
+    // Steps: constrained and plain alternate token by token; the masks of the documents'
+    // states are computed as they come (a cache miss the first time in this grammar).
+    const before = grammar.computed;
+    let tc = 0;
+    let tp = 0;
+    for (const doc of docs) {
+      const json = new GrammarConstraint(grammar);
+      for (const [i, id] of doc.entries()) {
+        const u = (i * 0.618) % 1;
+        let t = performance.now();
+        row.set(logits);
+        applyMask(row, json.allowed());
+        sampleOnce(u);
+        json.accept(id);
+        tc += performance.now() - t;
+        t = performance.now();
+        row.set(logits);
+        sampleOnce(u);
+        tp += performance.now() - t;
+      }
+    }
+    if (r < 0) continue;
+    build.push(built);
+    constrained.push(tc / tokens);
+    plain.push(tp / tokens);
+    misses = grammar.computed - before;
+    o.log(
+      `[bench] json run ${r + 1}: build ${built.toFixed(0)} ms, per token ${(tc / tokens).toFixed(3)} ms constrained vs ${(tp / tokens).toFixed(3)} ms plain, ${misses} masks computed over ${tokens} tokens`,
+    );
+  }
+  return {
+    runs: o.runs,
+    vocab: VOCAB,
+    buildMs: stats(build),
+    cold: [...cold.entries()].map(([state, c]) => ({ state, allowed: c.allowed, ms: stats(c.ms) })),
+    stepMs: { constrained: stats(constrained), plain: stats(plain) },
+    tokens,
+    misses,
+  };
+}
+
+const ms = (s: Stats, d = 1) => `${s.median.toFixed(d)} (${s.min.toFixed(d)}-${s.max.toFixed(d)})`;
+
+/** The suite's table for BENCHMARKS.md. */
+export function jsonTables(
+  r: JsonResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
+  source: string,
+): string {
+  const coldRows = r.cold
+    .map((c) => `| first mask of a state: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`)
+    .join("\n");
+  const { constrained, plain } = r.stepMs;
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), synthetic byte-level vocabulary of ${r.vocab} tokens, ${r.runs} counted runs after a warm-up (each with a fresh grammar); from \`${source}\`. Milliseconds, median (min-max) over the runs.
+
+| what | ms |
+|---|---:|
+| building the grammar (sorting the vocabulary; once per gateway) | ${ms(r.buildMs, 0)} |
+${coldRows}
+| a step of JSON mode, per token (${r.tokens} tokens of indented JSON; ${r.misses} masks computed on the way) | ${ms(constrained, 3)} |
+| the same step without it (peer: sampling alone) | ${ms(plain, 3)} |
+| JSON mode / peer | ${(constrained.median / plain.median).toFixed(2)}x |`;
+}

@@ -1,0 +1,467 @@
+// Structured outputs (OpenAI's response_format {"type": "json_schema", "json_schema":
+// {"name", "schema"}}): the output is one JSON object valid against the schema, by
+// constrained decoding (grammar.ts) over an automaton compiled from it.
+//
+// The subset, as OpenAI's strict mode: the root is an object; an object with `properties`
+// is written with every property, in the schema's order (strict mode requires all of them
+// in `required`), and nothing else; `type` (one, or several with different first bytes:
+// ["string", "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`,
+// `minItems` / `maxItems`, `anyOf` / `oneOf` of alternatives with different first bytes,
+// `$ref` into `$defs` / `definitions` (recursion included). An object without `properties`
+// and a schema without a type are any JSON value (json-mode.ts's automaton). Annotations
+// (`description`, `title`, `default`, `additionalProperties`, ...) are ignored; any other
+// keyword is refused (400) rather than not enforced.
+import { ApiError } from "./errors.ts";
+import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import {
+  type JsonState,
+  isDone as jsonDone,
+  step as jsonStep,
+  MAX_WHITESPACE,
+  Mode,
+} from "./json-mode.ts";
+
+type Node =
+  | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[] }
+  | { kind: "array"; id: number; items: NodeRef; min: number; max: number }
+  | { kind: "string" | "number" | "integer" | "any" | "anyObject"; id: number }
+  /** JSON texts of the allowed values (booleans and null are literals too). */
+  | { kind: "literal"; id: number; values: Uint8Array[] }
+  | { kind: "anyOf"; id: number; options: NodeRef[] };
+
+/** A node, resolved on first use ($ref cycles are fine). */
+type NodeRef = () => Node;
+
+const ANNOTATIONS = new Set([
+  "description",
+  "title",
+  "default",
+  "examples",
+  "$schema",
+  "$id",
+  "$comment",
+  "additionalProperties",
+  "required",
+  "strict",
+  "$defs",
+  "definitions",
+  "deprecated",
+  "readOnly",
+  "writeOnly",
+]);
+const KNOWN = new Set([
+  ...ANNOTATIONS,
+  "type",
+  "properties",
+  "items",
+  "enum",
+  "const",
+  "minItems",
+  "maxItems",
+  "anyOf",
+  "oneOf",
+  "$ref",
+]);
+
+const bad = (message: string): never => {
+  throw new ApiError("EM_GATEWAY_BAD_REQUEST", `response_format json_schema: ${message}`, {
+    param: "response_format",
+  });
+};
+
+/** Compiles `schema` (the json_schema's `schema`); throws 400 for what is not supported. */
+export function compileSchema(schema: unknown): SchemaAutomaton {
+  if (!isObject(schema)) bad("schema must be an object");
+  let nextId = 0;
+  const defs =
+    (schema as Record<string, unknown>)["$defs"] ??
+    (schema as Record<string, unknown>)["definitions"];
+  const byRef = new Map<string, Node>();
+  const compile = (s: unknown, at: string): Node => {
+    if (s === true || (isObject(s) && Object.keys(s).every((k) => ANNOTATIONS.has(k))))
+      return { kind: "any", id: nextId++ };
+    if (!isObject(s)) return bad(`${at}: a schema must be an object`);
+    for (const k of Object.keys(s)) if (!KNOWN.has(k)) bad(`${at}: '${k}' is not supported`);
+    if (typeof s["$ref"] === "string") return resolve(s["$ref"], at);
+    if ("const" in s) return literal([s["const"]], at);
+    if (Array.isArray(s["enum"])) return literal(s["enum"], at);
+    const alternatives = s["anyOf"] ?? s["oneOf"];
+    if (Array.isArray(alternatives)) {
+      const id = nextId++;
+      const options = alternatives.map((a, i) => lazy(a, `${at}.anyOf[${i}]`));
+      return { kind: "anyOf", id, options };
+    }
+    const type = s["type"];
+    if (Array.isArray(type)) {
+      const id = nextId++;
+      const options = type.map((t) => lazy({ ...s, type: t }, at));
+      return { kind: "anyOf", id, options };
+    }
+    switch (type) {
+      case "object": {
+        const props = s["properties"];
+        if (props === undefined) return { kind: "anyObject", id: nextId++ };
+        if (!isObject(props)) return bad(`${at}.properties must be an object`);
+        const keys = Object.keys(props);
+        return {
+          kind: "object",
+          id: nextId++,
+          keys: keys.map((k) => utf8(JSON.stringify(k))),
+          props: keys.map((k) => lazy(props[k], `${at}.properties.${k}`)),
+        };
+      }
+      case "array": {
+        const min = s["minItems"] ?? 0;
+        const max = s["maxItems"] ?? Number.POSITIVE_INFINITY;
+        if (
+          !Number.isInteger(min) ||
+          (max !== Number.POSITIVE_INFINITY && !Number.isInteger(max)) ||
+          (min as number) > (max as number)
+        )
+          bad(`${at}: minItems / maxItems must be integers, minItems <= maxItems`);
+        return {
+          kind: "array",
+          id: nextId++,
+          items: lazy(s["items"] ?? true, `${at}.items`),
+          min: min as number,
+          max: max as number,
+        };
+      }
+      case "string":
+      case "number":
+      case "integer":
+        return { kind: type, id: nextId++ };
+      case "boolean":
+        return literal([true, false], at);
+      case "null":
+        return literal([null], at);
+      case undefined:
+        return { kind: "any", id: nextId++ };
+      default:
+        return bad(`${at}: type ${JSON.stringify(type)} is not a JSON Schema type`);
+    }
+  };
+  const literal = (values: unknown[], at: string): Node => {
+    if (values.length === 0) bad(`${at}: an empty enum allows nothing`);
+    for (const v of values)
+      if (v !== null && !["string", "number", "boolean"].includes(typeof v))
+        bad(`${at}: enum and const values must be strings, numbers, booleans or null`);
+    return { kind: "literal", id: nextId++, values: values.map((v) => utf8(JSON.stringify(v))) };
+  };
+  const resolve = (ref: string, at: string): Node => {
+    const m = /^#\/(\$defs|definitions)\/([^/]+)$/.exec(ref);
+    if (!m || !isObject(defs) || !(m[2]! in defs))
+      return bad(`${at}: $ref ${ref} does not name one of the schema's $defs`);
+    let node = byRef.get(ref);
+    if (!node) {
+      // Registered before compiling, so a recursive reference finds it.
+      const target = (defs as Record<string, unknown>)[m[2]!];
+      const placeholder = { kind: "any", id: -1 } as Node;
+      byRef.set(ref, placeholder);
+      node = compile(target, ref);
+      Object.assign(placeholder, node);
+      node = placeholder;
+    }
+    return node;
+  };
+  // Compiled now (errors at request time), referenced through a function ($ref cycles).
+  const lazy = (s: unknown, at: string): NodeRef => {
+    const node = compile(s, at);
+    return () => node;
+  };
+  const root = compile(schema, "schema");
+  if (root.kind !== "object" && root.kind !== "anyObject") bad("the root must be an object schema");
+  // Every anyOf must be decidable by its first byte.
+  checkAnyOf(root, new Set());
+  return new SchemaAutomaton(root);
+}
+
+/** The bytes a value of `node` may start with. */
+function firstBytes(node: Node, seen: Set<Node> = new Set()): Set<number> {
+  if (seen.has(node)) return new Set();
+  seen.add(node);
+  const digits = [0x2d, ...Array.from({ length: 10 }, (_, i) => 0x30 + i)];
+  switch (node.kind) {
+    case "object":
+    case "anyObject":
+      return new Set([0x7b]);
+    case "array":
+      return new Set([0x5b]);
+    case "string":
+      return new Set([0x22]);
+    case "number":
+    case "integer":
+      return new Set(digits);
+    case "literal":
+      return new Set(node.values.map((v) => v[0]!));
+    case "any":
+      return new Set([0x7b, 0x5b, 0x22, 0x74, 0x66, 0x6e, ...digits]);
+    case "anyOf":
+      return new Set(node.options.flatMap((o) => [...firstBytes(o(), seen)]));
+  }
+}
+
+function checkAnyOf(node: Node, seen: Set<Node>): void {
+  if (seen.has(node)) return;
+  seen.add(node);
+  if (node.kind === "anyOf") {
+    const taken = new Set<number>();
+    for (const o of node.options) {
+      const first = firstBytes(o());
+      for (const b of first)
+        if (taken.has(b))
+          bad(
+            `alternatives (anyOf, oneOf or several types) that can start alike (${JSON.stringify(String.fromCharCode(b))}) are not supported`,
+          );
+      for (const b of first) taken.add(b);
+    }
+  }
+  const children =
+    node.kind === "object"
+      ? node.props
+      : node.kind === "array"
+        ? [node.items]
+        : node.kind === "anyOf"
+          ? node.options
+          : [];
+  for (const c of children) checkAnyOf(c(), seen);
+}
+
+/** Grammars of the schemas seen last, per vocabulary (clients send the same schema again). */
+const MAX_SCHEMAS = 32;
+const schemaGrammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<SchemaState>>>();
+
+/** The grammar of `schema` over `vocabulary` (compiled once per distinct schema text). */
+export function schemaGrammar(vocabulary: Vocabulary, schema: unknown): TokenGrammar<SchemaState> {
+  let byText = schemaGrammars.get(vocabulary);
+  if (!byText) {
+    byText = new Map();
+    schemaGrammars.set(vocabulary, byText);
+  }
+  const text = JSON.stringify(schema);
+  let g = byText.get(text);
+  if (g) {
+    byText.delete(text);
+  } else {
+    g = new TokenGrammar(compileSchema(schema), vocabulary);
+    if (byText.size >= MAX_SCHEMAS) byText.delete(byText.keys().next().value!);
+  }
+  byText.set(text, g);
+  return g;
+}
+
+// ---- the automaton ----
+
+/** A frame of the stack: a value being written and where in it. */
+type Frame =
+  /** Before a value of `node` (whitespace allowed; n: whitespace so far). */
+  | { t: "value"; node: Node; n: number }
+  /** In an object: `i` the property; phase 0 before its key, 1 before ':', 2 after its value. */
+  | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2; n: number }
+  /** In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ','. */
+  | { t: "array"; node: Node & { kind: "array" }; count: number; phase: 0 | 1 | 2; n: number }
+  /** Matching literal byte strings (keys, enum values): the candidates left, `at` bytes in. */
+  | { t: "literal"; values: Uint8Array[]; at: number; id: string }
+  /** A value by json-mode.ts's automaton (strings, numbers, free values). */
+  | { t: "json"; s: JsonState; integer: boolean };
+
+export interface SchemaState {
+  /** Innermost last; empty: the root value is complete (then only whitespace). */
+  readonly frames: readonly Frame[];
+  /** Whitespace after the root value. */
+  readonly n?: number;
+}
+
+const isWs = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
+const isDigit = (b: number) => b >= 0x30 && b <= 0x39;
+
+/** json-mode.ts modes where a number may end. */
+const NUMBER_MODES = new Set<number>([Mode.Zero, Mode.Integer, Mode.Fraction, Mode.ExponentDigits]);
+const valueState = (mode: Mode): JsonState => ({ mode, stack: "", n: 0 });
+
+export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
+  readonly start: SchemaState;
+
+  constructor(root: Node) {
+    this.start = { frames: [{ t: "value", node: root, n: 0 }] };
+  }
+
+  isDone(s: SchemaState): boolean {
+    return s.frames.length === 0;
+  }
+
+  key(s: SchemaState): string {
+    return s.frames.length === 0 ? `done,${s.n ?? 0}` : s.frames.map(frameKey).join("|");
+  }
+
+  step(s: SchemaState, b: number): SchemaState | null {
+    const frames = s.frames;
+    if (frames.length === 0) {
+      const n = s.n ?? 0;
+      return isWs(b) && n < MAX_WHITESPACE ? { frames, n: n + 1 } : null;
+    }
+    const top = frames[frames.length - 1]!;
+    const below = frames.slice(0, -1);
+    const replace = (...f: Frame[]): SchemaState => ({ frames: [...below, ...f] });
+    switch (top.t) {
+      case "value": {
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        return this.begin(below, top.node, b);
+      }
+      case "object": {
+        const { node, i, phase } = top;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (phase === 0) {
+          // Before key i: '}' when there are no properties, else the key's first byte.
+          if (node.keys.length === 0) return b === 0x7d ? { frames: below } : null;
+          return this.step(
+            {
+              frames: [
+                ...below,
+                { ...top, phase: 1, n: 0 },
+                literalFrame([node.keys[i]!], `k${node.id}.${i}`),
+              ],
+            },
+            b,
+          );
+        }
+        if (phase === 1)
+          return b === 0x3a
+            ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.props[i]!(), n: 0 })
+            : null;
+        // After value i: ',' then key i + 1, or '}' after the last.
+        if (i + 1 < node.keys.length)
+          return b === 0x2c ? replace({ ...top, i: i + 1, phase: 0, n: 0 }) : null;
+        return b === 0x7d ? { frames: below } : null;
+      }
+      case "array": {
+        const { node, count, phase } = top;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (phase === 1) {
+          // After an item: ',' while below maxItems, ']' from minItems on.
+          if (b === 0x2c) return count < node.max ? replace({ ...top, phase: 2, n: 0 }) : null;
+          if (b === 0x5d) return count >= node.min ? { frames: below } : null;
+          return null;
+        }
+        // After '[' (phase 0: ']' if it may be empty) or ',' (phase 2): an item.
+        if (b === 0x5d) return phase === 0 && node.min === 0 ? { frames: below } : null;
+        if (count >= node.max) return null;
+        return this.begin(
+          [...below, { ...top, count: count + 1, phase: 1, n: 0 }],
+          node.items(),
+          b,
+        );
+      }
+      case "literal": {
+        const values = top.values.filter((v) => v.length > top.at && v[top.at] === b);
+        if (values.length > 0) {
+          // A value fully matched and nothing longer left: the literal is complete.
+          const at = top.at + 1;
+          if (values.length === 1 && values[0]!.length === at) return { frames: below };
+          return replace({ ...top, values, at });
+        }
+        // Ended before this byte (an enum value that is a prefix of another: 1 and 12).
+        if (top.values.some((v) => v.length === top.at)) return this.step({ frames: below }, b);
+        return null;
+      }
+      case "json": {
+        const { s: js, integer } = top;
+        if (complete(js)) {
+          // A number ends at the first byte that does not continue it.
+          const continues =
+            NUMBER_MODES.has(js.mode) &&
+            (isDigit(b) || (!integer && (b === 0x2e || b === 0x65 || b === 0x45)));
+          if (!continues) return this.step({ frames: below }, b);
+        }
+        if (integer && (b === 0x2e || b === 0x65 || b === 0x45) && NUMBER_MODES.has(js.mode))
+          return null;
+        const next = jsonStep(js, b);
+        if (next === null) return null;
+        // Strings, objects and arrays end on their closing byte.
+        if ((next.mode === Mode.After && next.stack === "") || jsonDone(next))
+          return { frames: below };
+        return replace({ ...top, s: next });
+      }
+    }
+  }
+
+  /** The first byte `b` of a value of `node`, with `frames` below it. */
+  begin(frames: readonly Frame[], node: Node, b: number): SchemaState | null {
+    const push = (f: Frame): SchemaState | null => this.step({ frames: [...frames, f] }, b);
+    switch (node.kind) {
+      case "object":
+        return b === 0x7b
+          ? { frames: [...frames, { t: "object", node, i: 0, phase: 0, n: 0 }] }
+          : null;
+      case "array":
+        return b === 0x5b
+          ? { frames: [...frames, { t: "array", node, count: 0, phase: 0, n: 0 }] }
+          : null;
+      case "string":
+        return b === 0x22
+          ? { frames: [...frames, { t: "json", s: valueState(Mode.ValueString), integer: false }] }
+          : null;
+      case "number":
+      case "integer":
+        if (b !== 0x2d && !isDigit(b)) return null;
+        return push({ t: "json", s: valueState(Mode.Value), integer: node.kind === "integer" });
+      case "any":
+        return push({ t: "json", s: valueState(Mode.Value), integer: false });
+      case "anyObject":
+        return b === 0x7b ? push({ t: "json", s: valueState(Mode.Value), integer: false }) : null;
+      case "literal":
+        return push(literalFrame(node.values, `l${node.id}`));
+      case "anyOf": {
+        const option = dispatch(node).get(b);
+        return option ? this.begin(frames, option, b) : null;
+      }
+    }
+  }
+}
+
+const dispatches = new WeakMap<Node, Map<number, Node>>();
+
+/** An anyOf's option per first byte (compileSchema checked they do not overlap). */
+function dispatch(node: Node & { kind: "anyOf" }): Map<number, Node> {
+  let d = dispatches.get(node);
+  if (!d) {
+    d = new Map();
+    for (const o of node.options) for (const b of firstBytes(o())) d.set(b, o());
+    dispatches.set(node, d);
+  }
+  return d;
+}
+
+function literalFrame(values: Uint8Array[], id: string): Frame {
+  return { t: "literal", values, at: 0, id };
+}
+
+/** A json-mode.ts value state that is complete, or a number that may end here. */
+function complete(s: JsonState): boolean {
+  return s.stack === "" && (jsonDone(s) || s.mode === Mode.After || NUMBER_MODES.has(s.mode));
+}
+
+function frameKey(f: Frame): string {
+  switch (f.t) {
+    case "value":
+      return `v${f.node.id},${f.n}`;
+    case "object":
+      return `o${f.node.id},${f.i},${f.phase},${f.n}`;
+    case "array":
+      // Without maxItems, counts from minItems on have the same future.
+      return `a${f.node.id},${Number.isFinite(f.node.max) ? f.count : Math.min(f.count, f.node.min)},${f.phase},${f.n}`;
+    case "literal":
+      // The candidates left share the bytes matched so far: they name them.
+      return `${f.id}@${Buffer.from(f.values[0]!.subarray(0, f.at)).toString("hex")}`;
+    case "json":
+      return `j${f.s.mode},${f.s.n},${f.s.stack},${f.integer ? 1 : 0}`;
+  }
+}
+
+function utf8(s: string): Uint8Array {
+  return new Uint8Array(Buffer.from(s, "utf8"));
+}
+
+function isObject(x: unknown): x is Record<string, unknown> {
+  return typeof x === "object" && x !== null && !Array.isArray(x);
+}

@@ -1,0 +1,445 @@
+// Structured outputs (src/gateway/json-schema.ts): schemas compiled to an automaton, checked
+// on hand-written cases, then against a validator written here: random instances of the
+// schemas are accepted byte by byte and complete; random one-character edits are accepted
+// and complete exactly when JSON.parse takes them and the validator says they conform
+// (every property, in the schema's order); masks equal checking every token; and what
+// the subset does not cover is refused with 400.
+import { describe, expect, it } from "vitest";
+import { ApiError } from "../../src/gateway/errors.ts";
+import { runBytes, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
+import { compileSchema, type SchemaState } from "../../src/gateway/json-schema.ts";
+import { Prng } from "../../src/model/prng.ts";
+
+const bytes = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
+
+type Schema = Record<string, unknown>;
+
+const PERSON: Schema = {
+  type: "object",
+  properties: {
+    name: { type: "string", description: "ignored annotation" },
+    age: { type: "integer" },
+    score: { type: "number" },
+    tags: { type: "array", items: { type: "string" }, maxItems: 3 },
+    role: { enum: ["admin", "user", "guest"] },
+    ok: { type: "boolean" },
+    note: { type: ["string", "null"] },
+    level: { enum: [1, 12, 123, -4.5, true, null] },
+    extra: { type: "object" },
+    anything: {},
+    nested: {
+      type: "object",
+      properties: {
+        x: { type: "number" },
+        y: {
+          anyOf: [{ type: "string" }, { type: "array", items: { type: "integer" }, minItems: 1 }],
+        },
+        z: { const: "fixed" },
+        w: { type: "object", properties: {} },
+      },
+      required: ["x", "y", "z", "w"],
+      additionalProperties: false,
+    },
+  },
+  required: [
+    "name",
+    "age",
+    "score",
+    "tags",
+    "role",
+    "ok",
+    "note",
+    "level",
+    "extra",
+    "anything",
+    "nested",
+  ],
+  additionalProperties: false,
+};
+
+const TREE: Schema = {
+  $defs: {
+    node: {
+      type: "object",
+      properties: {
+        v: { type: "integer" },
+        kids: { type: "array", items: { $ref: "#/$defs/node" }, maxItems: 2 },
+      },
+    },
+  },
+  $ref: "#/$defs/node",
+};
+
+function check(schema: Schema, text: string): { refusedAt: number; done: boolean } {
+  const a = compileSchema(schema);
+  const b = bytes(text);
+  let s: SchemaState | null = a.start;
+  for (let i = 0; i < b.length; i++) {
+    s = a.step(s, b[i]!);
+    if (!s) return { refusedAt: i, done: false };
+  }
+  return { refusedAt: -1, done: a.isDone(s) };
+}
+
+const person = {
+  name: 'Ann "A" \\ é',
+  age: 31,
+  score: -2.5e-3,
+  tags: ["x", "y"],
+  role: "guest",
+  ok: false,
+  note: null,
+  level: 12,
+  extra: { any: [1, { b: null }] },
+  anything: "text",
+  nested: { x: 0, y: [1, -2], z: "fixed", w: {} },
+};
+
+describe("a schema's automaton", () => {
+  it.each([
+    ["compact", JSON.stringify(person)],
+    ["indented", JSON.stringify(person, null, 2)],
+    [
+      "the other alternatives",
+      JSON.stringify({ ...person, note: "n", level: -4.5, nested: { ...person.nested, y: "s" } }),
+    ],
+    ["enum values that prefix others", JSON.stringify({ ...person, level: 1 })],
+    ["a literal true in an enum", JSON.stringify({ ...person, level: true, anything: [true, 0] })],
+  ])("accepts an instance (%s) whole and completes", (_what, text) => {
+    expect(check(PERSON, text)).toEqual({ refusedAt: -1, done: true });
+  });
+
+  const refused: [string, object][] = [
+    ["a missing property", { ...person, nested: { x: 0, y: "s", w: {} } }],
+    ["properties out of order", { age: 31, name: "Ann" }],
+    ["a fractional integer", { ...person, age: 31.5 }],
+    ["a value outside the enum", { ...person, role: "root" }],
+    ["a number where a string goes", { ...person, name: 5 }],
+    ["a string where an integer goes", { ...person, age: "31" }],
+    ["an object where a number goes", { ...person, score: {} }],
+    ["a literal where a number goes", { ...person, nested: { ...person.nested, x: null } }],
+    ["more items than maxItems", { ...person, tags: ["a", "b", "c", "d"] }],
+    ["fewer items than minItems", { ...person, nested: { ...person.nested, y: [] } }],
+    ["another const", { ...person, nested: { ...person.nested, z: "other" } }],
+    [
+      "a property in an empty-properties object",
+      { ...person, nested: { ...person.nested, w: { a: 1 } } },
+    ],
+    ["an extra property", { ...person, more: 1 }],
+  ];
+  it.each(refused)("refuses %s", (_what, value) => {
+    expect(check(PERSON, JSON.stringify(value)).refusedAt).toBeGreaterThanOrEqual(0);
+  });
+
+  it("follows a recursive $ref", () => {
+    const tree = {
+      v: 1,
+      kids: [
+        { v: 2, kids: [] },
+        { v: 3, kids: [{ v: 4, kids: [] }] },
+      ],
+    };
+    expect(check(TREE, JSON.stringify(tree))).toEqual({ refusedAt: -1, done: true });
+    const wide = {
+      v: 1,
+      kids: [
+        { v: 2, kids: [] },
+        { v: 3, kids: [] },
+        { v: 4, kids: [] },
+      ],
+    };
+    expect(check(TREE, JSON.stringify(wide)).refusedAt).toBeGreaterThan(0);
+  });
+
+  it("is complete at the root's closing brace and takes only whitespace after it", () => {
+    const text = JSON.stringify(person);
+    expect(check(PERSON, text.slice(0, -1)).done).toBe(false);
+    expect(check(PERSON, `${text} \n`)).toEqual({ refusedAt: -1, done: true });
+    expect(check(PERSON, `${text} x`).refusedAt).toBe(Buffer.byteLength(text) + 1);
+  });
+});
+
+describe("what the subset does not cover is refused with 400", () => {
+  it.each([
+    ["a root that is not an object", { type: "array", items: {} }, /root must be an object/],
+    [
+      "an unsupported keyword",
+      { type: "object", properties: { s: { type: "string", pattern: "^a" } } },
+      /'pattern' is not supported/,
+    ],
+    [
+      "alternatives starting alike",
+      { type: "object", properties: { a: { anyOf: [{ type: "string" }, { enum: ["x"] }] } } },
+      /start alike/,
+    ],
+    [
+      "an unknown $ref",
+      { type: "object", properties: { a: { $ref: "#/$defs/nope" } } },
+      /does not name/,
+    ],
+    ["an empty enum", { type: "object", properties: { a: { enum: [] } } }, /empty enum/],
+    [
+      "an unknown type",
+      { type: "object", properties: { a: { type: "date" } } },
+      /not a JSON Schema type/,
+    ],
+    [
+      "an object enum value",
+      { type: "object", properties: { a: { enum: [{}] } } },
+      /strings, numbers/,
+    ],
+  ] as [string, Schema, RegExp][])("%s", (_what, schema, message) => {
+    let err: unknown;
+    try {
+      compileSchema(schema);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(ApiError);
+    expect((err as ApiError).code).toBe("EM_GATEWAY_BAD_REQUEST");
+    expect((err as ApiError).param).toBe("response_format");
+    expect((err as ApiError).message).toMatch(message);
+  });
+});
+
+// ---- against a validator ----
+
+function isObject(x: unknown): x is Record<string, unknown> {
+  return typeof x === "object" && x !== null && !Array.isArray(x);
+}
+
+/** Whether `v` conforms to `s` as the subset writes it (every property, in order). */
+function conforms(v: unknown, s: Schema, root: Schema): boolean {
+  if (typeof s["$ref"] === "string")
+    return conforms(
+      v,
+      (root["$defs"] as Record<string, Schema>)[(s["$ref"] as string).split("/").pop()!]!,
+      root,
+    );
+  if ("const" in s) return v === s["const"];
+  if (Array.isArray(s["enum"])) return (s["enum"] as unknown[]).includes(v);
+  if (Array.isArray(s["anyOf"])) return (s["anyOf"] as Schema[]).some((o) => conforms(v, o, root));
+  const type = s["type"];
+  if (Array.isArray(type)) return type.some((t) => conforms(v, { ...s, type: t }, root));
+  switch (type) {
+    case "object": {
+      if (!isObject(v)) return false;
+      const props = s["properties"] as Record<string, Schema> | undefined;
+      if (!props) return true;
+      const keys = Object.keys(props);
+      return (
+        JSON.stringify(Object.keys(v)) === JSON.stringify(keys) &&
+        keys.every((k) => conforms(v[k], props[k]!, root))
+      );
+    }
+    case "array": {
+      if (!Array.isArray(v)) return false;
+      const min = (s["minItems"] as number) ?? 0;
+      const max = (s["maxItems"] as number) ?? Number.POSITIVE_INFINITY;
+      return (
+        v.length >= min &&
+        v.length <= max &&
+        v.every((x) => conforms(x, (s["items"] as Schema) ?? {}, root))
+      );
+    }
+    case "string":
+      return typeof v === "string";
+    case "number":
+      return typeof v === "number";
+    case "integer":
+      return Number.isInteger(v);
+    case "boolean":
+      return typeof v === "boolean";
+    case "null":
+      return v === null;
+    default:
+      return true;
+  }
+}
+
+const WORDS = ["a", "Zed", "", 'q"uote', "back\\slash", "tab\t", "é東", "\u0001"];
+
+function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
+  const pick = <T>(xs: readonly T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+  if (typeof s["$ref"] === "string")
+    return instance(
+      (root["$defs"] as Record<string, Schema>)[(s["$ref"] as string).split("/").pop()!]!,
+      root,
+      rng,
+      depth + 1,
+    );
+  if ("const" in s) return s["const"];
+  if (Array.isArray(s["enum"])) return pick(s["enum"] as unknown[]);
+  if (Array.isArray(s["anyOf"])) return instance(pick(s["anyOf"] as Schema[]), root, rng, depth);
+  const type = Array.isArray(s["type"]) ? pick(s["type"] as string[]) : s["type"];
+  switch (type) {
+    case "object": {
+      const props = s["properties"] as Record<string, Schema> | undefined;
+      if (!props) return { k: pick(WORDS), n: [1, null] };
+      return Object.fromEntries(
+        Object.entries(props).map(([k, p]) => [k, instance(p, root, rng, depth + 1)]),
+      );
+    }
+    case "array": {
+      const min = (s["minItems"] as number) ?? 0;
+      const max = Math.min((s["maxItems"] as number) ?? 3, depth > 3 ? min : min + 3);
+      const n = min + Math.floor(rng.uniform() * (max - min + 1));
+      return Array.from({ length: n }, () =>
+        instance((s["items"] as Schema) ?? {}, root, rng, depth + 1),
+      );
+    }
+    case "string":
+      return pick(WORDS) + pick(WORDS);
+    case "number":
+      return pick([0, -1, 2.5, 1e-7, -3.25e12, 42]);
+    case "integer":
+      return pick([0, -7, 10, 123456]);
+    case "boolean":
+      return rng.uniform() < 0.5;
+    case "null":
+      return null;
+    default:
+      return pick([1, "s", null, [true], { a: {} }]);
+  }
+}
+
+// Not '.', 'e' or 'E': JSON Schema counts 1.0 and 1e0 as integers; the automaton writes
+// integers without a fraction or exponent (stricter, and still valid).
+const EDITS = [
+  "{",
+  "}",
+  "[",
+  "]",
+  '"',
+  ":",
+  ",",
+  " ",
+  "\\",
+  "-",
+  "0",
+  "1",
+  "t",
+  "n",
+  "u",
+  "a",
+  "x",
+];
+
+describe.each([
+  ["a flat and nested schema", PERSON],
+  ["a recursive schema", TREE],
+])("%s against the validator", (_name, schema) => {
+  const rng = new Prng(77);
+  const docs = Array.from({ length: 150 }, (_, i) =>
+    JSON.stringify(instance(schema, schema, rng), null, i % 3 === 0 ? undefined : i % 3),
+  );
+
+  it("accepts every prefix of 150 random instances and completes each", () => {
+    const a = compileSchema(schema);
+    for (const doc of docs) {
+      expect(conforms(JSON.parse(doc), schema, schema)).toBe(true);
+      const s = runBytes(a, a.start, bytes(doc));
+      expect(s, doc).not.toBeNull();
+      expect(a.isDone(s!), doc).toBe(true);
+    }
+  });
+
+  it("one-character edits: accepted and complete exactly when they parse and conform", () => {
+    const a = compileSchema(schema);
+    let valid = 0;
+    let invalid = 0;
+    for (const doc of docs)
+      for (let e = 0; e < 12; e++) {
+        const at = Math.floor(rng.uniform() * (doc.length + 1));
+        const ch = EDITS[Math.floor(rng.uniform() * EDITS.length)]!;
+        const kind = Math.floor(rng.uniform() * 3);
+        const edited =
+          kind === 0
+            ? doc.slice(0, at) + ch + doc.slice(at)
+            : kind === 1
+              ? doc.slice(0, at) + doc.slice(at + 1)
+              : doc.slice(0, at) + ch + doc.slice(at + 1);
+        if (!edited.isWellFormed()) continue;
+        let want = false;
+        try {
+          want = conforms(JSON.parse(edited), schema, schema);
+        } catch {}
+        const s = runBytes(a, a.start, bytes(edited));
+        expect(s !== null && a.isDone(s), edited).toBe(want);
+        if (want) valid++;
+        else invalid++;
+      }
+    expect(valid).toBeGreaterThan(100);
+    expect(invalid).toBeGreaterThan(500);
+  });
+});
+
+describe("a schema's masks", () => {
+  const texts = [
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    ":",
+    ",",
+    " ",
+    "\n",
+    "-",
+    ".",
+    "e",
+    "0",
+    "1",
+    "2",
+    "3",
+    "12",
+    "123",
+    "1.5",
+    "true",
+    "tr",
+    "ue",
+    "null",
+    "fal",
+    "se",
+    "a",
+    '"name',
+    '":',
+    '"admin"',
+    '"ad',
+    "min",
+    '"}',
+    "},",
+    "],",
+    '"fixed"',
+    "\\",
+    "é",
+    '":"',
+    '{"',
+    "4.5",
+    "x",
+    "y",
+  ];
+  const tokenBytes: (Uint8Array | null)[] = [null, ...texts.map(bytes)];
+  const V = tokenBytes.length + 3;
+  const a = compileSchema(PERSON);
+  const grammar = new TokenGrammar(a, new Vocabulary(tokenBytes, V));
+  const rng = new Prng(3);
+  const states: SchemaState[] = [a.start];
+  for (let d = 0; d < 30; d++) {
+    let s: SchemaState | null = a.start;
+    for (const x of bytes(JSON.stringify(instance(PERSON, PERSON, rng), null, d % 2))) {
+      s = a.step(s!, x);
+      if (rng.uniform() < 0.25) states.push(s!);
+    }
+  }
+
+  it(`equal checking every token, in ${states.length} states along random instances`, () => {
+    for (const s of states) {
+      const mask = grammar.mask(s);
+      for (let id = 0; id < V; id++) {
+        const want = tokenBytes[id] ? runBytes(a, s, tokenBytes[id]!) !== null : false;
+        expect(((mask[id >>> 5]! >>> (id & 31)) & 1) === 1, `${a.key(s)} token ${id}`).toBe(want);
+      }
+    }
+  });
+});
