@@ -397,8 +397,12 @@ export function applyMask(row: Float32Array, allowed: Uint32Array): void {
       any = true;
       continue;
     }
-    if (bits !== 0) any = true;
     const end = Math.min(row.length, (w + 1) * 32);
+    if (bits === 0) {
+      row.fill(Number.NEGATIVE_INFINITY, w * 32, end);
+      continue;
+    }
+    any = true;
     for (let id = w * 32; id < end; id++) if (((bits >>> (id & 31)) & 1) === 0) row[id] = -Infinity;
   }
   if (!any)

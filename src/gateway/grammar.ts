@@ -38,7 +38,11 @@ export class Vocabulary {
     this.bytes = bytes;
     const ids: number[] = [];
     for (let id = 0; id < Math.min(bytes.length, size); id++) if (bytes[id]?.length) ids.push(id);
-    ids.sort((a, b) => Buffer.compare(bytes[a]!, bytes[b]!));
+    // As latin1 strings, whose code units are the bytes: string order is byte order, and
+    // comparing strings is several times faster than Buffer.compare.
+    const keys: string[] = [];
+    for (const id of ids) keys[id] = Buffer.from(bytes[id]!).toString("latin1");
+    ids.sort((a, b) => (keys[a]! < keys[b]! ? -1 : keys[a]! > keys[b]! ? 1 : 0));
     this.sorted = Int32Array.from(ids);
     this.lcp = new Uint16Array(ids.length);
     for (let i = 1; i < ids.length; i++) {
