@@ -16,6 +16,13 @@ export interface ByteAutomaton<S> {
   /** Complete: the choice ends here. */
   isDone(s: S): boolean;
   key(s: S): string;
+  /**
+   * Optional: in `s`, a token without byte `byte` is allowed or not whatever the rest of
+   * the state (inside a string, only a quote can lead out of it): its verdict is the same
+   * in every state of the same `key`. Masks are then built from a part shared by those
+   * states and a walk over only the tokens that hold `byte`.
+   */
+  local?(s: S): { key: string; byte: number } | null;
 }
 
 /** The state after `bytes`, or null where the automaton refuses them. */
@@ -24,13 +31,33 @@ export function runBytes<S>(a: ByteAutomaton<S>, s: S | null, bytes: Uint8Array)
   return s;
 }
 
+/** Token ids in byte order, with the bytes each shares with the one before (lcp). */
+interface Walk {
+  readonly sorted: Int32Array;
+  readonly lcp: Uint16Array;
+}
+
+function walkOf(bytes: readonly (Uint8Array | null)[], sortedIds: ArrayLike<number>): Walk {
+  const sorted = Int32Array.from(sortedIds);
+  const lcp = new Uint16Array(sorted.length);
+  for (let i = 1; i < sorted.length; i++) {
+    const p = bytes[sorted[i - 1]!]!;
+    const q = bytes[sorted[i]!]!;
+    let k = 0;
+    while (k < p.length && k < q.length && p[k] === q[k]) k++;
+    lcp[i] = k;
+  }
+  return { sorted, lcp };
+}
+
 /** A vocabulary's token bytes, sorted for the mask walk. */
-export class Vocabulary {
+export class Vocabulary implements Walk {
   readonly size: number;
   readonly bytes: readonly (Uint8Array | null)[];
   /** Token ids with bytes, in byte order; lcp[i]: bytes shared with the one before. */
   readonly sorted: Int32Array;
   readonly lcp: Uint16Array;
+  readonly #split = new Map<number, { without: Walk; with: Walk }>();
 
   /** `bytes[id]`: a token's bytes, null for tokens never allowed (special ones). */
   constructor(bytes: readonly (Uint8Array | null)[], size: number) {
@@ -41,17 +68,27 @@ export class Vocabulary {
     // As latin1 strings, whose code units are the bytes: string order is byte order, and
     // comparing strings is several times faster than Buffer.compare.
     const keys: string[] = [];
-    for (const id of ids) keys[id] = Buffer.from(bytes[id]!).toString("latin1");
+    for (const id of ids) keys[id] = String.fromCharCode(...bytes[id]!);
     ids.sort((a, b) => (keys[a]! < keys[b]! ? -1 : keys[a]! > keys[b]! ? 1 : 0));
-    this.sorted = Int32Array.from(ids);
-    this.lcp = new Uint16Array(ids.length);
-    for (let i = 1; i < ids.length; i++) {
-      const p = bytes[ids[i - 1]!]!;
-      const q = bytes[ids[i]!]!;
-      let k = 0;
-      while (k < p.length && k < q.length && p[k] === q[k]) k++;
-      this.lcp[i] = k;
+    ({ sorted: this.sorted, lcp: this.lcp } = walkOf(bytes, ids));
+  }
+
+  /** The tokens without byte `b` and those with it, each in byte order (built once). */
+  split(b: number): { without: Walk; with: Walk } {
+    let s = this.#split.get(b);
+    if (!s) {
+      const without: number[] = [];
+      const holding: number[] = [];
+      for (const id of this.sorted) {
+        const t = this.bytes[id]!;
+        let has = false;
+        for (let i = 0; i < t.length && !has; i++) has = t[i] === b;
+        (has ? holding : without).push(id);
+      }
+      s = { without: walkOf(this.bytes, without), with: walkOf(this.bytes, holding) };
+      this.#split.set(b, s);
     }
+    return s;
   }
 }
 
@@ -79,6 +116,8 @@ export class TokenGrammar<S> {
   readonly automaton: ByteAutomaton<S>;
   readonly vocabulary: Vocabulary;
   readonly #masks = new Map<string, Uint32Array>();
+  /** Masks over the tokens without a state's `local` byte, per local key. */
+  readonly #local = new Map<string, Uint32Array>();
   /** Masks computed (not found in the cache). */
   computed = 0;
 
@@ -97,15 +136,32 @@ export class TokenGrammar<S> {
       this.#masks.set(key, hit);
       return hit;
     }
-    const mask = this.#compute(s);
+    const local = this.automaton.local?.(s) ?? null;
+    let mask: Uint32Array;
+    if (local) {
+      // The tokens without the byte: shared by every state of the local key. With it: walked.
+      const { without, with: holding } = this.vocabulary.split(local.byte);
+      let part = this.#local.get(local.key);
+      if (!part) {
+        part = this.#compute(s, without);
+        if (this.#local.size >= MAX_MASKS) this.#local.delete(this.#local.keys().next().value!);
+        this.#local.set(local.key, part);
+      }
+      mask = this.#compute(s, holding);
+      for (let w = 0; w < mask.length; w++) mask[w]! |= part[w]!;
+    } else {
+      mask = this.#compute(s, this.vocabulary);
+    }
     this.computed++;
     if (this.#masks.size >= MAX_MASKS) this.#masks.delete(this.#masks.keys().next().value!);
     this.#masks.set(key, mask);
     return mask;
   }
 
-  #compute(s: S): Uint32Array {
-    const { sorted, lcp, bytes: all, size } = this.vocabulary;
+  /** The mask of `s` over the tokens of `walk`. */
+  #compute(s: S, walk: Walk): Uint32Array {
+    const { sorted, lcp } = walk;
+    const { bytes: all, size } = this.vocabulary;
     const a = this.automaton;
     const mask = new Uint32Array(Math.ceil(size / 32));
     // states[d]: the state after the current token's first d bytes (valid up to `known`).

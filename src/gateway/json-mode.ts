@@ -186,12 +186,30 @@ export function run(s: JsonState | null, bytes: Uint8Array): JsonState | null {
   return s;
 }
 
+const STRING_MODES = new Set<number>([
+  Mode.KeyString,
+  Mode.ValueString,
+  Mode.KeyEscape,
+  Mode.ValueEscape,
+  Mode.KeyUnicode,
+  Mode.ValueUnicode,
+]);
+
+/**
+ * Inside a string only a quote leads out of it: a token without one is allowed or not by
+ * the string's own state, whatever the containers around it (grammar.ts: local).
+ */
+export function stringLocal(s: JsonState): { key: string; byte: number } | null {
+  return STRING_MODES.has(s.mode) ? { key: `string ${s.mode},${s.n}`, byte: 0x22 } : null;
+}
+
 /** The automaton of one JSON object. */
 export const JSON_OBJECT: ByteAutomaton<JsonState> = {
   start: START,
   step,
   isDone,
   key: (s) => `${s.mode},${s.n},${s.stack}`,
+  local: stringLocal,
 };
 
 const grammars = new WeakMap<Vocabulary, TokenGrammar<JsonState>>();

@@ -19,6 +19,7 @@ import {
   step as jsonStep,
   MAX_WHITESPACE,
   Mode,
+  stringLocal,
 } from "./json-mode.ts";
 
 type Node =
@@ -288,6 +289,11 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
 
   isDone(s: SchemaState): boolean {
     return s.frames.length === 0;
+  }
+
+  local(s: SchemaState): { key: string; byte: number } | null {
+    const top = s.frames[s.frames.length - 1];
+    return top?.t === "json" ? stringLocal(top.s) : null;
   }
 
   key(s: SchemaState): string {
