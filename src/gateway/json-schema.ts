@@ -64,14 +64,42 @@ const KNOWN = new Set([
   "$ref",
 ]);
 
+/** What a schema does not allow or the subset does not cover (compileSchema makes it a 400). */
+class SchemaError extends Error {}
+
 const bad = (message: string): never => {
-  throw new ApiError("EM_GATEWAY_BAD_REQUEST", `response_format json_schema: ${message}`, {
-    param: "response_format",
-  });
+  throw new SchemaError(message);
 };
 
-/** Compiles `schema` (the json_schema's `schema`); throws 400 for what is not supported. */
-export function compileSchema(schema: unknown): SchemaAutomaton {
+/** Where a schema came from, for the 400 it may cause. */
+export interface SchemaSource {
+  /** The request field the error names. */
+  readonly param: string;
+  /** How messages name the schema. */
+  readonly label: string;
+}
+
+const RESPONSE_FORMAT: SchemaSource = {
+  param: "response_format",
+  label: "response_format json_schema",
+};
+
+/** Compiles `schema`; throws 400 (EM_GATEWAY_BAD_REQUEST) for what is not supported. */
+export function compileSchema(
+  schema: unknown,
+  source: SchemaSource = RESPONSE_FORMAT,
+): SchemaAutomaton {
+  try {
+    return build(schema);
+  } catch (err) {
+    if (!(err instanceof SchemaError)) throw err;
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${source.label}: ${err.message}`, {
+      param: source.param,
+    });
+  }
+}
+
+function build(schema: unknown): SchemaAutomaton {
   if (!isObject(schema)) bad("schema must be an object");
   let nextId = 0;
   const defs =
@@ -233,7 +261,11 @@ const MAX_SCHEMAS = 32;
 const schemaGrammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<SchemaState>>>();
 
 /** The grammar of `schema` over `vocabulary` (compiled once per distinct schema text). */
-export function schemaGrammar(vocabulary: Vocabulary, schema: unknown): TokenGrammar<SchemaState> {
+export function schemaGrammar(
+  vocabulary: Vocabulary,
+  schema: unknown,
+  source: SchemaSource = RESPONSE_FORMAT,
+): TokenGrammar<SchemaState> {
   let byText = schemaGrammars.get(vocabulary);
   if (!byText) {
     byText = new Map();
@@ -244,7 +276,7 @@ export function schemaGrammar(vocabulary: Vocabulary, schema: unknown): TokenGra
   if (g) {
     byText.delete(text);
   } else {
-    g = new TokenGrammar(compileSchema(schema), vocabulary);
+    g = new TokenGrammar(compileSchema(schema, source), vocabulary);
     if (byText.size >= MAX_SCHEMAS) byText.delete(byText.keys().next().value!);
   }
   byText.set(text, g);

@@ -60,9 +60,8 @@ function unsupported(fields: Record<string, unknown>): void {
       param,
     });
   };
-  for (const key of ["tools", "functions"])
-    if (Array.isArray(fields[key]) && (fields[key] as unknown[]).length > 0)
-      refuse(key, `${key} (tool and function calling)`);
+  if (Array.isArray(fields["functions"]) && fields["functions"].length > 0)
+    refuse("functions", "functions (the legacy form of tools; send tools and tool_choice)");
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
   if (format != null && !["text", "json_object", "json_schema"].includes(format.type as string))
     refuse(
@@ -130,6 +129,21 @@ function jobSpec(
     ignoreEos: b.ignore_eos ?? false,
     ...jsonMode(ctx, b),
   };
+}
+
+/** The grammar of a forced call's arguments: its parameters' schema. */
+function toolGrammar(ctx: ServeContext, tool: ForcedTool): TokenGrammar<unknown> {
+  const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
+  if (!vocabulary)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "tool calls need a byte-level BPE tokenizer (DeepSeek's is); this model's is not",
+      { param: "tool_choice" },
+    );
+  return schemaGrammar(vocabulary, tool.parameters, {
+    param: "tools",
+    label: `tool '${tool.name}' parameters`,
+  }) as TokenGrammar<unknown>;
 }
 
 /**
@@ -216,6 +230,58 @@ async function streamJob(
 
 // ---- chat ----
 
+interface ForcedTool {
+  readonly name: string;
+  /** The function's parameters: a JSON schema of an object. */
+  readonly parameters: unknown;
+}
+
+/**
+ * The function `tools` + `tool_choice` make the model call, or null (plain text). Only
+ * forced calls are served: a named tool_choice, or "required" with one tool, whose
+ * arguments are then constrained to its parameters' schema (as vLLM does for these);
+ * "auto" (the model deciding whether to call, which needs the model's own tool-call
+ * format parsed) is refused.
+ */
+function forcedTool(b: ChatCompletionRequest): ForcedTool | null {
+  const refuse = (param: string, message: string): never => {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
+  };
+  const tools = b.tools ?? [];
+  if (!Array.isArray(tools)) return refuse("tools", "tools must be an array");
+  const choice = b.tool_choice ?? (tools.length ? "auto" : "none");
+  const functions = tools.map((t: unknown, i) => {
+    const f = (t as { type?: unknown; function?: { name?: unknown; parameters?: unknown } })
+      ?.function;
+    if ((t as { type?: unknown })?.type !== "function" || typeof f?.name !== "string")
+      refuse(`tools.${i}`, `tools[${i}] must be {"type": "function", "function": {"name", ...}}`);
+    return {
+      name: f!.name as string,
+      parameters: f!.parameters ?? { type: "object", properties: {} },
+    };
+  });
+  if (choice === "none") return null;
+  if (choice === "required") {
+    if (functions.length !== 1)
+      refuse(
+        "tool_choice",
+        `tool_choice "required" with ${functions.length} tools (the model choosing one) is not supported: name one in tool_choice`,
+      );
+    return functions[0]!;
+  }
+  const named = (choice as { type?: unknown; function?: { name?: unknown } }).function?.name;
+  if ((choice as { type?: unknown }).type === "function" && typeof named === "string") {
+    const f = functions.find((x) => x.name === named);
+    return f ?? refuse("tool_choice", `tool_choice names '${named}', which is not among tools`);
+  }
+  if (choice === "auto")
+    return refuse(
+      "tool_choice",
+      'tool_choice "auto" (the model deciding whether to call a tool) is not supported: name the function in tool_choice ({"type": "function", "function": {"name": ...}}), or send "none"',
+    );
+  return refuse("tool_choice", `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid`);
+}
+
 function chatMessages(b: ChatCompletionRequest): TemplateMessage[] {
   return b.messages.map((m) => ({
     role: m.role === "developer" ? "system" : m.role,
@@ -232,13 +298,43 @@ async function chat(
   checkModel(ctx, b.model);
   unsupported(b);
   const messages = chatMessages(b);
+  const tool = forcedTool(b);
+  if (
+    tool &&
+    b.response_format != null &&
+    (b.response_format as { type?: unknown }).type !== "text"
+  )
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "a forced tool call's arguments follow the tool's parameters: send response_format or tool_choice, not both",
+      { param: "response_format" },
+    );
   encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
-  const prompt = await ctx.encoder.encodeChat(messages, true);
+  const prompt = await ctx.encoder.encodeChat(
+    messages,
+    true,
+    Array.isArray(b.tools) && b.tools.length ? { tools: b.tools } : {},
+  );
   const spec: JobSpec = {
     ...jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages"),
+    ...(tool ? { grammar: toolGrammar(ctx, tool) } : {}),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     promptLogprobs: false,
   };
+  // A forced call's text is its arguments: answered as tool_calls, not content.
+  const callId = tool ? `call_${randomBytes(12).toString("hex")}` : "";
+  const message = (text: string) =>
+    tool
+      ? {
+          role: "assistant",
+          content: null,
+          tool_calls: [
+            { id: callId, type: "function", function: { name: tool.name, arguments: text } },
+          ],
+        }
+      : { role: "assistant", content: text };
+  const delta = (text: string) =>
+    tool ? { tool_calls: [{ index: 0, function: { arguments: text } }] } : { content: text };
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };
@@ -253,7 +349,7 @@ async function chat(
       object: "chat.completion",
       choices: job.choices.map((c) => ({
         index: c.index,
-        message: { role: "assistant", content: c.out.text },
+        message: message(c.out.text),
         logprobs: lp(c.tokens),
         finish_reason: c.finishReason,
       })),
@@ -268,9 +364,7 @@ async function chat(
     onToken: (c, t, text) => {
       if (text || spec.logprobs !== null)
         send(
-          chunk([
-            { index: c.index, delta: { content: text }, logprobs: lp([t]), finish_reason: null },
-          ]),
+          chunk([{ index: c.index, delta: delta(text), logprobs: lp([t]), finish_reason: null }]),
         );
     },
     onFinish: (c, text) =>
@@ -278,7 +372,7 @@ async function chat(
         chunk([
           {
             index: c.index,
-            delta: text ? { content: text } : {},
+            delta: text ? delta(text) : {},
             logprobs: null,
             finish_reason: c.finishReason,
           },
@@ -292,7 +386,20 @@ async function chat(
       chunk([
         {
           index: c.index,
-          delta: { role: "assistant", content: "" },
+          delta: tool
+            ? {
+                role: "assistant",
+                content: null,
+                tool_calls: [
+                  {
+                    index: 0,
+                    id: callId,
+                    type: "function",
+                    function: { name: tool.name, arguments: "" },
+                  },
+                ],
+              }
+            : { role: "assistant", content: "" },
           logprobs: null,
           finish_reason: null,
         },

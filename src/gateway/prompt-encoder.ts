@@ -81,8 +81,15 @@ export class PromptEncoder {
   }
 
   /** Token ids of a chat, as Tokenizer.encodeChat (the template renders in place). */
-  encodeChat(messages: readonly ChatMessage[], addGenerationPrompt = false): Promise<number[]> {
-    return this.encode(this.tokenizer.applyChatTemplate(messages, addGenerationPrompt), false);
+  encodeChat(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt = false,
+    extra: { tools?: readonly unknown[] } = {},
+  ): Promise<number[]> {
+    return this.encode(
+      this.tokenizer.applyChatTemplate(messages, addGenerationPrompt, extra),
+      false,
+    );
   }
 
   /** Stops the workers; prompts they still held are encoded in place. */

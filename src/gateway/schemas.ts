@@ -1,9 +1,9 @@
 // Request bodies of the OpenAI-compatible routes, as TypeBox schemas: fastify validates
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
-// the ones that would change the answer and are not implemented (tools, a response_format
-// other than text or json_object, suffix, best_of) are refused by the routes (openai.ts:
-// unsupported).
+// the ones that would change the answer and are not implemented (tool_choice auto,
+// functions, a response_format other than text, json_object or json_schema, suffix,
+// best_of) are refused by the routes (openai.ts).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -63,8 +63,10 @@ export const ChatMessage = Type.Object({
 export const ChatCompletionRequest = Type.Object({
   ...common,
   messages: Type.Array(ChatMessage, { minItems: 1 }),
-  /** Not implemented: refused when they would change the answer (openai.ts). */
+  /** Function tools; a call is made only when tool_choice names one (openai.ts). */
   tools: Type.Optional(Type.Unknown()),
+  tool_choice: Type.Optional(Type.Unknown()),
+  /** Not implemented: refused when they would change the answer (openai.ts). */
   functions: Type.Optional(Type.Unknown()),
   /** {"type": "text"} or {"type": "json_object"} (JSON mode); others refused (openai.ts). */
   response_format: Type.Optional(Type.Unknown()),

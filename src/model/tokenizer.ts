@@ -197,10 +197,14 @@ export class Tokenizer {
 
   /**
    * The prompt text for `messages` by the config's chat template (as HF's
-   * `apply_chat_template(messages, add_generation_prompt=..., tokenize=False)`).
+   * `apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=False)`).
    * Throws EM_TOKENIZER_TEMPLATE.
    */
-  applyChatTemplate(messages: readonly ChatMessage[], addGenerationPrompt = false): string {
+  applyChatTemplate(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt = false,
+    extra: { tools?: readonly unknown[] } = {},
+  ): string {
     if (this.template === null) {
       throw new ExpertMeshError(
         "EM_TOKENIZER_TEMPLATE",
@@ -211,6 +215,8 @@ export class Tokenizer {
       return this.template.render({
         messages: messages.map((m) => ({ role: m.role, content: m.content })),
         add_generation_prompt: addGenerationPrompt,
+        // The request's tools, for templates that present them (HF's `tools=`).
+        ...(extra.tools ? { tools: extra.tools } : {}),
         bos_token: this.bosToken ?? "",
         eos_token: this.eosToken ?? "",
         pad_token: tokenText(this.config["pad_token"]) ?? "",

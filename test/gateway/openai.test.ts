@@ -279,6 +279,92 @@ describe("chat completions", () => {
     }
   });
 
+  it("tool_choice naming a function: a tool call whose arguments follow its parameters", async () => {
+    const weather = {
+      type: "function" as const,
+      function: {
+        name: "get_weather",
+        description: "The weather in a city",
+        parameters: {
+          type: "object",
+          properties: {
+            city: { type: "string" },
+            unit: { type: "string", enum: ["celsius", "fahrenheit"] },
+            days: { type: "integer" },
+          },
+          required: ["city", "unit", "days"],
+        },
+      },
+    };
+    const other = { type: "function" as const, function: { name: "noop" } };
+    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    const body = {
+      model: "tiny",
+      messages: user("Weather in Paris?"),
+      max_tokens: 100,
+      temperature: 1,
+      seed: 3,
+      n: 3,
+      tools: [other, weather],
+      tool_choice: { type: "function" as const, function: { name: "get_weather" } },
+      // Compact, and closing quotes favoured, so this random model finishes (see json_schema).
+      logit_bias: {
+        [id('"')]: 4,
+        [id(",")]: 4,
+        [id("}")]: 4,
+        ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
+      },
+    };
+    const r = await gw.client.chat.completions.create(body);
+    for (const c of r.choices) {
+      expect(c.message.content).toBeNull();
+      expect(c.finish_reason).toBe("stop");
+      const call = c.message.tool_calls![0]!;
+      expect(call.type).toBe("function");
+      expect(call.id).toMatch(/^call_/);
+      if (call.type !== "function") continue;
+      expect(call.function.name).toBe("get_weather");
+      const args = JSON.parse(call.function.arguments) as Record<string, unknown>;
+      expect(Object.keys(args)).toEqual(["city", "unit", "days"]);
+      expect(typeof args["city"]).toBe("string");
+      expect(["celsius", "fahrenheit"]).toContain(args["unit"]);
+      expect(Number.isInteger(args["days"])).toBe(true);
+    }
+    // Streamed: the call's header first, then its arguments in pieces that add up to the
+    // same text (same seed).
+    const args = new Map<number, string>();
+    const names = new Map<number, string>();
+    for await (const chunk of await gw.client.chat.completions.create({ ...body, stream: true }))
+      for (const c of chunk.choices)
+        for (const t of c.delta.tool_calls ?? []) {
+          if (t.function?.name) names.set(c.index, t.function.name);
+          args.set(c.index, (args.get(c.index) ?? "") + (t.function?.arguments ?? ""));
+        }
+    expect([...names.values()]).toEqual(["get_weather", "get_weather", "get_weather"]);
+    expect(r.choices.map((c) => args.get(c.index))).toEqual(
+      r.choices.map(
+        (c) => (c.message.tool_calls![0] as { function: { arguments: string } }).function.arguments,
+      ),
+    );
+    // "required" with one tool is that tool; "none" is plain text.
+    const required = await gw.client.chat.completions.create({
+      ...body,
+      n: 1,
+      tools: [weather],
+      tool_choice: "required",
+    });
+    expect(required.choices[0]!.message.tool_calls![0]!.type).toBe("function");
+    const none = await gw.client.chat.completions.create({
+      ...body,
+      n: 1,
+      max_tokens: 5,
+      tool_choice: "none",
+      logit_bias: {},
+    });
+    expect(none.choices[0]!.message.tool_calls ?? []).toEqual([]);
+    expect(typeof none.choices[0]!.message.content).toBe("string");
+  });
+
   it("cuts the text at a stop string", async () => {
     const body = { model: "tiny", messages: user("Hi"), max_tokens: 24, temperature: 0 };
     const full = (await gw.client.chat.completions.create(body)).choices[0]!.message.content!;
@@ -634,7 +720,37 @@ describe("errors", () => {
     [{ logit_bias: { x: 1 } }, "logit_bias"],
     [{ logit_bias: { "999999": 1 } }, "logit_bias"],
     // Not implemented, and they would change the answer: refused, not ignored.
-    [{ tools: [{ type: "function", function: { name: "f" } }] }, "tools"],
+    // tool_choice "auto" (the default with tools): the model's own call format is not parsed.
+    [{ tools: [{ type: "function", function: { name: "f" } }] }, "tool_choice"],
+    [
+      { tools: [{ type: "function", function: { name: "f" } }], tool_choice: "auto" },
+      "tool_choice",
+    ],
+    [
+      {
+        tools: [
+          { type: "function", function: { name: "f" } },
+          { type: "function", function: { name: "g" } },
+        ],
+        tool_choice: "required",
+      },
+      "tool_choice",
+    ],
+    [
+      {
+        tools: [{ type: "function", function: { name: "f" } }],
+        tool_choice: { type: "function", function: { name: "nope" } },
+      },
+      "tool_choice",
+    ],
+    [{ tools: [{ type: "bash" }], tool_choice: "none" }, "tools.0"],
+    [
+      {
+        tools: [{ type: "function", function: { name: "f", parameters: { type: "string" } } }],
+        tool_choice: "required",
+      },
+      "tools",
+    ],
     [{ functions: [{ name: "f" }] }, "functions"],
     [{ response_format: { type: "json_schema", json_schema: { name: "x" } } }, "response_format"],
   ] as const)("bad parameter %j: 400 naming %s", async (patch, param) => {
