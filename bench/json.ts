@@ -224,8 +224,8 @@ export function jsonTables(
 
 | what | ms |
 |---|---:|
-| sorting the vocabulary (once per gateway, at its first JSON request) | ${ms(r.buildMs, 0)} |
-| splitting it into tokens with and without a quote (once per gateway, then) | ${ms(r.splitMs, 0)} |
+| sorting the vocabulary (once per gateway, at startup) | ${ms(r.buildMs, 0)} |
+| splitting it into tokens with and without a quote (once per gateway, at startup) | ${ms(r.splitMs, 0)} |
 ${coldRows}
 | a step of JSON mode per token, first pass over ${r.tokens} tokens of indented JSON (${r.misses} masks computed on the way) | ${ms(cold, 3)} |
 | the same, second pass (every mask cached) | ${ms(warm, 3)} |

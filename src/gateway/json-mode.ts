@@ -5,7 +5,8 @@
 // when the object closes. A model that runs out of max_tokens first ends with an
 // unfinished object and finish_reason "length", as with OpenAI.
 // The masks: grammar.ts.
-import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import type { Tokenizer } from "../model/tokenizer.ts";
+import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
 
 /** The automaton's modes (exported for json-schema.ts, which runs values through it). */
 export const Mode = {
@@ -211,6 +212,15 @@ export const JSON_OBJECT: ByteAutomaton<JsonState> = {
   key: (s) => `${s.mode},${s.n},${s.stack}`,
   local: stringLocal,
 };
+
+/**
+ * Builds what constrained decoding needs of a tokenizer's vocabulary (sorted, split by the
+ * quote byte: ~0.7 s at 129k tokens) now, at startup, rather than on the event loop at the
+ * first JSON request. Nothing for a tokenizer that is not byte-level.
+ */
+export function prepareVocabulary(tokenizer: Tokenizer, size: number): void {
+  vocabularyFor(tokenizer, size)?.split(0x22);
+}
 
 const grammars = new WeakMap<Vocabulary, TokenGrammar<JsonState>>();
 

@@ -13,6 +13,7 @@ import { decodeFrame, encodeDispatch } from "../moe/wire.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import { ServingEngine } from "./engine.ts";
 import type { ServeContext } from "./jobs.ts";
+import { prepareVocabulary } from "./json-mode.ts";
 import { GatewayMetrics } from "./metrics.ts";
 import { PromptEncoder } from "./prompt-encoder.ts";
 
@@ -88,6 +89,7 @@ export function createServeContext(
     },
     { microBatches: cfg.microBatches ?? 1 },
   );
+  prepareVocabulary(tokenizer, c.vocabSize);
   const encoder = new PromptEncoder(tokenizer, {
     workers: cfg.tokenizerWorkers ?? 1,
     ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),
