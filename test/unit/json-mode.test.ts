@@ -14,6 +14,7 @@ import {
   step,
 } from "../../src/gateway/json-mode.ts";
 import { Prng } from "../../src/model/prng.ts";
+import { expectExactMasks, oneCharEdits } from "../support/grammar.ts";
 
 const bytes = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
 
@@ -177,24 +178,12 @@ describe("the JSON automaton against JSON.parse", () => {
   it("one-character edits: accepted and complete exactly when JSON.parse gives an object", () => {
     let valid = 0;
     let invalid = 0;
-    for (const doc of docs) {
-      for (let e = 0; e < 10; e++) {
-        const at = Math.floor(rng.uniform() * (doc.length + 1));
-        const ch = EDITS[Math.floor(rng.uniform() * EDITS.length)]!;
-        const kind = Math.floor(rng.uniform() * 3);
-        const edited =
-          kind === 0
-            ? doc.slice(0, at) + ch + doc.slice(at)
-            : kind === 1
-              ? doc.slice(0, at) + doc.slice(at + 1)
-              : doc.slice(0, at) + ch + doc.slice(at + 1);
-        if (edited.isWellFormed && !edited.isWellFormed()) continue;
-        const want = parsesToObject(edited);
-        const got = check(edited);
-        expect(got.refusedAt === -1 && got.done, JSON.stringify(edited)).toBe(want);
-        if (want) valid++;
-        else invalid++;
-      }
+    for (const edited of oneCharEdits(docs, rng, EDITS, 10)) {
+      const want = parsesToObject(edited);
+      const got = check(edited);
+      expect(got.refusedAt === -1 && got.done, JSON.stringify(edited)).toBe(want);
+      if (want) valid++;
+      else invalid++;
     }
     // Both outcomes were exercised.
     expect(valid).toBeGreaterThan(200);
@@ -277,14 +266,7 @@ describe("JSON masks", () => {
   }
 
   it(`equal checking every token, in ${states.length} states along random documents`, () => {
-    for (const s of states) {
-      const mask = grammar.mask(s);
-      for (let id = 0; id < V; id++) {
-        const want = tokenBytes[id] ? run(s, tokenBytes[id]!) !== null : false;
-        const got = ((mask[id >>> 5]! >>> (id & 31)) & 1) === 1;
-        expect(got, `state ${JSON.stringify(s)}, token ${id}`).toBe(want);
-      }
-    }
+    expectExactMasks(grammar, JSON_OBJECT, states, tokenBytes, V);
   });
 
   it("are kept per state", () => {

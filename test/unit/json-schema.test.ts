@@ -9,6 +9,7 @@ import { ApiError } from "../../src/gateway/errors.ts";
 import { runBytes, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import { compileSchema, type SchemaState } from "../../src/gateway/json-schema.ts";
 import { Prng } from "../../src/model/prng.ts";
+import { expectExactMasks, oneCharEdits } from "../support/grammar.ts";
 
 const bytes = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
 
@@ -348,27 +349,16 @@ describe.each([
     const a = compileSchema(schema);
     let valid = 0;
     let invalid = 0;
-    for (const doc of docs)
-      for (let e = 0; e < 12; e++) {
-        const at = Math.floor(rng.uniform() * (doc.length + 1));
-        const ch = EDITS[Math.floor(rng.uniform() * EDITS.length)]!;
-        const kind = Math.floor(rng.uniform() * 3);
-        const edited =
-          kind === 0
-            ? doc.slice(0, at) + ch + doc.slice(at)
-            : kind === 1
-              ? doc.slice(0, at) + doc.slice(at + 1)
-              : doc.slice(0, at) + ch + doc.slice(at + 1);
-        if (!edited.isWellFormed()) continue;
-        let want = false;
-        try {
-          want = conforms(JSON.parse(edited), schema, schema);
-        } catch {}
-        const s = runBytes(a, a.start, bytes(edited));
-        expect(s !== null && a.isDone(s), edited).toBe(want);
-        if (want) valid++;
-        else invalid++;
-      }
+    for (const edited of oneCharEdits(docs, rng, EDITS, 12)) {
+      let want = false;
+      try {
+        want = conforms(JSON.parse(edited), schema, schema);
+      } catch {}
+      const s = runBytes(a, a.start, bytes(edited));
+      expect(s !== null && a.isDone(s), edited).toBe(want);
+      if (want) valid++;
+      else invalid++;
+    }
     expect(valid).toBeGreaterThan(100);
     expect(invalid).toBeGreaterThan(500);
   });
@@ -434,12 +424,6 @@ describe("a schema's masks", () => {
   }
 
   it(`equal checking every token, in ${states.length} states along random instances`, () => {
-    for (const s of states) {
-      const mask = grammar.mask(s);
-      for (let id = 0; id < V; id++) {
-        const want = tokenBytes[id] ? runBytes(a, s, tokenBytes[id]!) !== null : false;
-        expect(((mask[id >>> 5]! >>> (id & 31)) & 1) === 1, `${a.key(s)} token ${id}`).toBe(want);
-      }
-    }
+    expectExactMasks(grammar, a, states, tokenBytes, V);
   });
 });

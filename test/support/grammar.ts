@@ -1,0 +1,52 @@
+// Helpers of the constrained-decoding tests (test/unit/json-mode.test.ts, json-schema.test.ts).
+import { expect } from "vitest";
+import { type ByteAutomaton, runBytes, type TokenGrammar } from "../../src/gateway/grammar.ts";
+import type { Prng } from "../../src/model/prng.ts";
+
+export const utf8 = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
+
+/**
+ * `perDoc` random one-character edits of each document: an insertion, a deletion or a
+ * substitution at a random place, with characters from `chars`; edits that leave a lone
+ * surrogate (not text) are dropped.
+ */
+export function oneCharEdits(
+  docs: readonly string[],
+  rng: Prng,
+  chars: readonly string[],
+  perDoc: number,
+): string[] {
+  const out: string[] = [];
+  for (const doc of docs)
+    for (let e = 0; e < perDoc; e++) {
+      const at = Math.floor(rng.uniform() * (doc.length + 1));
+      const ch = chars[Math.floor(rng.uniform() * chars.length)]!;
+      const kind = Math.floor(rng.uniform() * 3);
+      const edited =
+        kind === 0
+          ? doc.slice(0, at) + ch + doc.slice(at)
+          : kind === 1
+            ? doc.slice(0, at) + doc.slice(at + 1)
+            : doc.slice(0, at) + ch + doc.slice(at + 1);
+      if (edited.isWellFormed()) out.push(edited);
+    }
+  return out;
+}
+
+/** Each state's mask allows exactly the tokens whose bytes the automaton takes from it. */
+export function expectExactMasks<S>(
+  grammar: TokenGrammar<S>,
+  automaton: ByteAutomaton<S>,
+  states: readonly S[],
+  tokenBytes: readonly (Uint8Array | null)[],
+  size: number,
+): void {
+  for (const s of states) {
+    const mask = grammar.mask(s);
+    for (let id = 0; id < size; id++) {
+      const want = tokenBytes[id] ? runBytes(automaton, s, tokenBytes[id]!) !== null : false;
+      const got = ((mask[id >>> 5]! >>> (id & 31)) & 1) === 1;
+      expect(got, `state ${automaton.key(s)}, token ${id}`).toBe(want);
+    }
+  }
+}
