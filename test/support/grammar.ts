@@ -5,6 +5,9 @@ import type { Prng } from "../../src/model/prng.ts";
 
 export const utf8 = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
 
+/** The characters JSON's structure turns on (edits and test vocabularies start from them). */
+export const JSON_CHARS = ["{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-"] as const;
+
 /**
  * `perDoc` random one-character edits of each document: an insertion, a deletion or a
  * substitution at a random place, with characters from `chars`; edits that leave a lone
