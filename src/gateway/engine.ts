@@ -9,13 +9,7 @@
 // are in lock step: the step ends, and the scheduler commits and samples, when both ended.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
-import {
-  logSoftmax,
-  type SampleRows,
-  type TokenLogprob,
-  tokenLogprob,
-  uniform32,
-} from "../engine/sampling.ts";
+import { type SampleRows, type TokenLogprob, tokenLogprob, uniform32 } from "../engine/sampling.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -295,8 +289,8 @@ export class ServingEngine {
     for (let j = 0; j * V < rows.length; j++) {
       const pos = start + j + 1;
       if (pos !== out.length || pos >= P) continue;
-      const lp = logSoftmax(rows.subarray(j * V, (j + 1) * V));
-      out.push(tokenLogprob(lp, a.seq.promptTokens[pos]!, a.req.logprobs ?? 0));
+      const row = rows.subarray(j * V, (j + 1) * V);
+      out.push(tokenLogprob(row, a.seq.promptTokens[pos]!, a.req.logprobs ?? 0));
     }
     if (out.length === P) {
       a.cb.onPromptLogprobs?.(out);
@@ -373,9 +367,7 @@ export class ServingEngine {
       return;
     }
     const token: TokenLogprob =
-      logprobs === null
-        ? { id, logprob: 0, top: [] }
-        : tokenLogprob(logSoftmax(logits), id, logprobs);
+      logprobs === null ? { id, logprob: 0, top: [] } : tokenLogprob(logits, id, logprobs);
     a.cb.onToken(token);
     if (a.cancelled) return;
     if (complete || a.seq.outputTokens.length >= maxTokens) {

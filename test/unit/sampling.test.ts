@@ -6,7 +6,7 @@ import { describe, expect, it } from "vitest";
 import type { Backend } from "../../src/engine/backend.ts";
 import { nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
-import { type SampleRows, uniform32 } from "../../src/engine/sampling.ts";
+import { type SampleRows, tokenLogprob, uniform32 } from "../../src/engine/sampling.ts";
 import { Prng } from "../../src/model/prng.ts";
 
 const backends: [string, Backend][] = [
@@ -150,5 +150,42 @@ describe.each(backends)("sampling on the %s backend", (_name, backend) => {
     expect(Math.fround(u)).toBe(1);
     expect(uniform32(u)).toBeLessThan(1);
     expect(backend.sample(L, 5, rowsOf([{ temperature: 1 }], [u]))[0]).toBe(4);
+  });
+});
+
+describe("tokenLogprob", () => {
+  /** The reference: the whole log-softmax row in float64, sorted. */
+  function reference(x: Float32Array, id: number, k: number) {
+    const max = Math.max(...x);
+    const lse = max + Math.log(x.reduce((a, v) => a + Math.exp(v - max), 0));
+    const order = Array.from(x.keys()).sort((a, b) => x[b]! - x[a]! || a - b);
+    return { id, logprob: x[id]! - lse, top: order.slice(0, k).map((t) => [t, x[t]! - lse]) };
+  }
+
+  it.each([
+    ["ties: lower ids first", Float32Array.of(1, 3, 3, 0, 3, 2), 2, 3],
+    ["k larger than the vocabulary", Float32Array.of(0.5, -1, 2), 1, 5],
+    ["k = 0: no alternatives", Float32Array.of(0.5, -1, 2), 0, 0],
+    ["-inf entries (masked tokens)", Float32Array.of(-Infinity, 1, -Infinity, 0), 3, 2],
+  ] as [string, Float32Array, number, number][])("%s", (_what, x, id, k) => {
+    const got = tokenLogprob(x, id, k);
+    const want = reference(x, id, k);
+    expect(got.logprob).toBeCloseTo(want.logprob, 12);
+    expect(got.top.map(([t]) => t)).toEqual(want.top.map(([t]) => t));
+    got.top.forEach(([, v], j) => expect(v).toBeCloseTo(want.top[j]![1] as number, 12));
+  });
+
+  it("equals the reference on random rows at every k up to 20", () => {
+    const rng = new Prng(5);
+    for (let r = 0; r < 30; r++) {
+      // Few distinct values, so that ties are common.
+      const x = Float32Array.from({ length: 500 }, () => Math.round(rng.uniform() * 40) / 4);
+      const k = r % 21;
+      const id = Math.floor(rng.uniform() * 500);
+      const got = tokenLogprob(x, id, k);
+      const want = reference(x, id, k);
+      expect(got.top.map(([t]) => t)).toEqual(want.top.map(([t]) => t));
+      expect(got.logprob).toBeCloseTo(want.logprob, 12);
+    }
   });
 });
