@@ -2,8 +2,9 @@
 // vocabulary (129,280), ours (the native sampler, one call for a step's rows on its
 // threads, as ServingEngine does) against PyTorch running vLLM's sampler (see
 // bench/torch_worker.py: sort-based top-p, topk for top-k alone, exponential-race pick)
-// with the same thread count, the two alternating in the same run. Every sampled token is
-// checked to be one the settings keep.
+// with the same thread count, the two alternating in the same run; and the logprobs of a
+// token with its 5 most likely alternatives (native, against log_softmax + gather + topk).
+// Every sampled token is checked to be one the settings keep.
 //
 // Logits: per row, Gaussian-like noise (std 1) over the vocabulary plus 16 tokens raised by
 // 12-15, so that at temperature 0.7 a handful of tokens hold most of the mass, as in a
@@ -23,6 +24,8 @@ export interface Setting {
   temperature: number;
   topK: number;
   topP: number;
+  /** Logprobs with this many alternatives instead of sampling. */
+  logprobs?: number;
 }
 
 const SETTINGS: Setting[] = [
@@ -31,6 +34,9 @@ const SETTINGS: Setting[] = [
   { name: "top_k 50", temperature: 0.7, topK: 50, topP: 1 },
   { name: "top_p 0.9", temperature: 0.7, topK: 0, topP: 0.9 },
   { name: "top_k 50 + top_p 0.9", temperature: 0.7, topK: 50, topP: 0.9 },
+  // Not a pick: the logprobs of a token and the 5 most likely (completions' maximum); the
+  // check takes the most likely one, the argmax.
+  { name: "logprobs, top 5", temperature: 0, topK: 0, topP: 1, logprobs: 5 },
 ];
 const ROWS = [1, 8, 32];
 const QUICK_ROWS = [8];
@@ -149,6 +155,7 @@ export async function runSampling(o: {
           temperature: s.temperature,
           top_k: s.topK,
           top_p: s.topP,
+          ...(s.logprobs !== undefined ? { logprobs: s.logprobs } : {}),
         });
         const rng = new Prng(7);
         const sampleRows = (): SampleRows => ({
@@ -161,7 +168,15 @@ export async function runSampling(o: {
           const inputs = Array.from({ length: calls }, sampleRows);
           const t0 = performance.now();
           let out: ArrayLike<number> = [];
-          for (const r of inputs) out = backend.sample(logits, VOCAB, r);
+          const zeros = new Int32Array(n);
+          for (const r of inputs) {
+            if (s.logprobs === undefined) out = backend.sample(logits, VOCAB, r);
+            else {
+              const k = s.logprobs;
+              const lp = backend.logprobs(logits, VOCAB, zeros, k);
+              out = Array.from({ length: n }, (_, row) => lp.topIds[row * k]!);
+            }
+          }
           return { ms: performance.now() - t0, tokens: out };
         };
         const theirs = async (calls: number) => {

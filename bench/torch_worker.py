@@ -10,7 +10,8 @@ Commands:
   {"cmd": "probe"}                                   -> which kernels torch runs (oneDNN / MKL verbose)
   {"cmd": "setup", "key", "op": "matmul"|"ffn", "tokens", "dim", "inter", "dtype": "bf16"|"f32", "copies",
    "lib": "torch"|"numpy"}
-  {"cmd": "setup", "key", "op": "sample", "file", "rows", "vocab", "temperature", "top_k", "top_p"}
+  {"cmd": "setup", "key", "op": "sample", "file", "rows", "vocab", "temperature", "top_k", "top_p",
+   "logprobs"?: k}                                   (with logprobs: vLLM's logprobs instead of a pick)
   {"cmd": "run", "key", "calls"}                     -> {"seconds": wall time of `calls` calls}
   {"cmd": "free", "key"}
   {"cmd": "quit"}
@@ -158,11 +159,24 @@ def setup_sample(c):
         "top_k": int(c.get("top_k") or 0),
         "top_p": float(c.get("top_p") or 1.0),
         "gen": torch.Generator().manual_seed(0),
+        "logprobs": c.get("logprobs"),
     }
     return {"ok": True}
 
 
+def logprobs(case):
+    """vLLM's logprobs: log_softmax of the row, the sampled token's entry, the top k."""
+    logits = case["logits"]
+    ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    lp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    chosen = lp.gather(-1, ids)
+    top = lp.topk(case["logprobs"], dim=-1)
+    return top.indices[:, 0] + 0 * chosen[:, 0].long()
+
+
 def sample(case):
+    if case.get("logprobs") is not None:
+        return logprobs(case)
     logits, t, k, p = case["logits"], case["temperature"], case["top_k"], case["top_p"]
     if t <= 0:
         return logits.argmax(dim=-1)

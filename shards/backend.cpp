@@ -144,7 +144,7 @@ extern "C" const char* em_status_name(em_status status) {
 extern "C" const char* em_op_name(em_op op) {
   static const char* const names[EM_OP_COUNT] = {"matmul", "rmsnorm", "silu_mul", "moe_ffn", "rope",
                                                  "mla_attention", "gate", "convert", "sample", "wire_pack",
-                                                 "wire_unpack"};
+                                                 "wire_unpack", "logprobs"};
   return op >= 0 && op < EM_OP_COUNT ? names[op] : "unknown";
 }
 
@@ -486,6 +486,24 @@ extern "C" em_status em_sample(em_backend* b, const em_sample_args* a) {
   }
   EM_TRY(check_supported(b, EM_OP_SAMPLE, EM_F32));
   return b->iface->sample(b->ctx, a);
+}
+
+extern "C" em_status em_logprobs(em_backend* b, const em_logprobs_args* a) {
+  EM_TRY(check_backend(b));
+  if (a == nullptr) return em::fail(EM_ERR_ARG, "logprobs: args is NULL");
+  EM_TRY(check_rank_dtype(a->logits, "logprobs logits", 2, EM_F32));
+  const int64_t T = a->logits->shape[0], V = a->logits->shape[1];
+  if (V < 1) return em::fail(EM_ERR_SHAPE, "logprobs logits: vocabulary is empty");
+  if (a->ids == nullptr || a->logprob == nullptr) return em::fail(EM_ERR_ARG, "logprobs: ids and logprob are required");
+  if (a->k < 0 || a->k > V) return em::fail(EM_ERR_ARG, "logprobs: k = %d not in [0, %lld]", a->k, static_cast<long long>(V));
+  if (a->k > 0 && (a->top_ids == nullptr || a->top_logprobs == nullptr))
+    return em::fail(EM_ERR_ARG, "logprobs: top_ids and top_logprobs are required when k > 0");
+  for (int64_t t = 0; t < T; ++t) {
+    if (a->ids[t] < 0 || a->ids[t] >= V)
+      return em::fail(EM_ERR_ARG, "logprobs: ids[%lld] = %d outside the vocabulary", static_cast<long long>(t), a->ids[t]);
+  }
+  EM_TRY(check_supported(b, EM_OP_LOGPROBS, EM_F32));
+  return b->iface->logprobs(b->ctx, a);
 }
 
 extern "C" int64_t em_wire_bytes(em_wire_dtype dtype, int64_t rows, int64_t dim) {

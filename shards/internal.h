@@ -87,6 +87,9 @@ constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*
       [](void* p, const em_wire_unpack_args* a) {
         return guarded("wire_unpack", [&] { return wire_unpack(*static_cast<Ctx*>(p), a); });
       },
+      [](void* p, const em_logprobs_args* a) {
+        return guarded("logprobs", [&] { return logprobs(*static_cast<Ctx*>(p), a); });
+      },
   };
 }
 

@@ -248,7 +248,7 @@ const em_dtype kDtypes[] = {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3};
 // The exported function that runs each em_op, indexed by em_op.
 const char* const kOpFunctions[EM_OP_COUNT] = {"matmul", "rmsnorm", "siluMul", "moeFfn", "rope",
                                                "mlaAttention", "gate", "convert", "sample", "wirePack",
-                                               "wireUnpack"};
+                                               "wireUnpack", "logprobs"};
 
 // The dtypes `b` accepts for `op` and `except` (when given) does not.
 Napi::Array op_dtypes(Napi::Env env, em_backend* b, em_op op, em_backend* except) {
@@ -673,6 +673,30 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// logprobs(logits: Float32Array [T * vocab], vocab, ids: Int32Array [T], k)
+// -> { logprob: Float64Array [T], topIds: Int32Array [T * k], topLogprobs: Float64Array [T * k] }
+Napi::Value Logprobs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t vocab = integer(env, arg(info, 1), "vocab", 1);
+  float* logits = f32(env, arg(info, 0), "logits");
+  const int64_t T = rows_of(env, length_of(arg(info, 0)), vocab, "logits");
+  const int32_t* ids = i32(env, arg(info, 2), "ids", T);
+  const int64_t k = integer(env, arg(info, 3), "k", 0);
+  if (k > vocab) arg_error(env, "k must be at most vocab");
+  Napi::Float64Array logprob = Napi::Float64Array::New(env, static_cast<size_t>(T));
+  Napi::Int32Array top_ids = Napi::Int32Array::New(env, static_cast<size_t>(T * k));
+  Napi::Float64Array top_lp = Napi::Float64Array::New(env, static_cast<size_t>(T * k));
+  em_tensor lt = em_tensor_2d(logits, EM_F32, T, vocab);
+  em_logprobs_args a{&lt, ids, static_cast<int32_t>(k), logprob.Data(), k ? top_ids.Data() : nullptr,
+                     k ? top_lp.Data() : nullptr};
+  check(env, em_logprobs(backend_for(env, EM_OP_LOGPROBS, EM_F32), &a), "logprobs");
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("logprob", logprob);
+  out.Set("topIds", top_ids);
+  out.Set("topLogprobs", top_lp);
+  return out;
+}
+
 // ------------------------------------------------------------------ wire codec
 
 em_wire_dtype wire_dtype(Napi::Env env, const Napi::Value& v) {
@@ -750,6 +774,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
   exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
   exports.Set("sample", Napi::Function::New(env, Sample, "sample"));
+  exports.Set("logprobs", Napi::Function::New(env, Logprobs, "logprobs"));
   exports.Set("crc32", Napi::Function::New(env, Crc32, "crc32"));
   exports.Set("wirePack", Napi::Function::New(env, WirePack, "wirePack"));
   exports.Set("wireUnpack", Napi::Function::New(env, WireUnpack, "wireUnpack"));

@@ -37,7 +37,8 @@ export type OpFunction =
   | "convert"
   | "sample"
   | "wirePack"
-  | "wireUnpack";
+  | "wireUnpack"
+  | "logprobs";
 
 /** Where ops run: the CPU backend, or a CUDA device by ordinal ("cuda" = "cuda:0"). */
 export type Device = "cpu" | "cuda" | `cuda:${number}`;
@@ -207,6 +208,15 @@ export interface SampleOptions {
 
 /** One token per row of logits [T, vocab] -> Int32Array [T]. */
 export function sample(logits: Float32Array, vocab: number, options?: SampleOptions): Int32Array;
+
+/** Per row of logits [T, vocab]: the logprob of ids[t] and the k most likely tokens (highest
+ *  first, lower id on ties), from the log-softmax with sums in double. */
+export function logprobs(
+  logits: Float32Array,
+  vocab: number,
+  ids: Int32Array,
+  k: number,
+): { logprob: Float64Array; topIds: Int32Array; topLogprobs: Float64Array };
 
 /** zlib's CRC-32 of `bytes`, continuing from `crc` (default 0). */
 export function crc32(bytes: ArrayBufferView, crc?: number): number;

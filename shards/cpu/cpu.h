@@ -128,6 +128,7 @@ em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const 
                const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
 em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
 em_status sample(Context& ctx, const em_sample_args* args);
+em_status logprobs(Context& ctx, const em_logprobs_args* args);
 // wire.cpp: the frame codec (see em_wire_pack_args) and CRC-32 (zlib's, continuing from crc).
 em_status wire_pack(Context& ctx, const em_wire_pack_args* a);
 em_status wire_unpack(Context& ctx, const em_wire_unpack_args* a);

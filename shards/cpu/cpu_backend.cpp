@@ -23,6 +23,7 @@ int supports_op(void*, em_op op, em_dtype dtype) {
     case EM_OP_SILU_MUL:
     case EM_OP_ROPE:
     case EM_OP_SAMPLE:
+    case EM_OP_LOGPROBS:
     case EM_OP_WIRE_PACK:
     case EM_OP_WIRE_UNPACK: return dtype == EM_F32;
     default: return 0;

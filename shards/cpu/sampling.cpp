@@ -134,6 +134,47 @@ int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float tempe
   return static_cast<int32_t>(V - 1);
 }
 
+// One row: logprob of `id`, and the k largest (highest first, lower id on ties).
+void logprobs_row(const Kernels& kern, const float* x, int64_t V, int32_t id, int32_t k, double* logprob,
+                  int32_t* top_ids, double* top_lp, std::vector<int32_t>& heap, std::vector<float>& w) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i]);
+  double lse;
+  if (mx == -INFINITY) {
+    lse = INFINITY;  // nothing is possible: every logprob is -inf
+  } else {
+    // The exponentials by the vectorized kernel (float), summed in double (float lanes
+    // would drop a long tail next to the largest term).
+    w.assign(x, x + V);
+    kern.exp_sum(w.data(), V, mx);
+    double sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += w[i];
+    lse = mx + std::log(sum);
+  }
+  const auto lp = [&](int32_t i) { return lse == INFINITY ? -INFINITY : static_cast<double>(x[i]) - lse; };
+  *logprob = lp(id);
+  if (k == 0) return;
+  // A heap of the k best so far with the worst on top (as sample's top-k).
+  const ByValue by_value{x};
+  heap.clear();
+  const auto kk = static_cast<size_t>(k);
+  for (int32_t i = 0; i < V; ++i) {
+    if (heap.size() < kk) {
+      heap.push_back(i);
+      std::push_heap(heap.begin(), heap.end(), by_value);
+    } else if (x[i] > x[heap.front()]) {
+      std::pop_heap(heap.begin(), heap.end(), by_value);
+      heap.back() = i;
+      std::push_heap(heap.begin(), heap.end(), by_value);
+    }
+  }
+  std::sort(heap.begin(), heap.end(), by_value);
+  for (size_t j = 0; j < kk; ++j) {
+    top_ids[j] = heap[j];
+    top_lp[j] = lp(heap[j]);
+  }
+}
+
 }  // namespace
 
 em_status sample(Context& ctx, const em_sample_args* a) {
@@ -146,6 +187,19 @@ em_status sample(Context& ctx, const em_sample_args* a) {
     a->out_tokens[t] = sample_row(*ctx.k, logits + t * a->logits->stride[0], V, a->temperature[t],
                                   a->top_k ? a->top_k[t] : 0, a->top_p ? a->top_p[t] : 1.0f,
                                   a->uniform ? a->uniform[t] : 0.0f, w, order);
+  });
+  return EM_OK;
+}
+
+em_status logprobs(Context& ctx, const em_logprobs_args* a) {
+  const int64_t T = a->logits->shape[0], V = a->logits->shape[1];
+  const float* logits = static_cast<const float*>(a->logits->data);
+  const int32_t k = a->k;
+  ctx.pool.parallel_for(T, [&](int64_t t, int) {
+    thread_local std::vector<int32_t> heap;
+    thread_local std::vector<float> w;
+    logprobs_row(*ctx.k, logits + t * a->logits->stride[0], V, a->ids[t], k, a->logprob + t,
+                 k ? a->top_ids + t * k : nullptr, k ? a->top_logprobs + t * k : nullptr, heap, w);
   });
   return EM_OK;
 }

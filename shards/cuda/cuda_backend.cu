@@ -103,6 +103,9 @@ cudaDataType_t cuda_type(em_dtype d) {
 em_status sample(Context&, const em_sample_args*) {
   return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement sample yet");
 }
+em_status logprobs(Context&, const em_logprobs_args*) {
+  return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement logprobs yet");
+}
 em_status wire_pack(Context&, const em_wire_pack_args*) {
   return fail(EM_ERR_UNSUPPORTED, "backend 'cuda' does not implement wire_pack yet");
 }
@@ -126,7 +129,7 @@ int supports_op(void*, em_op op, em_dtype dtype) {
     case EM_OP_SILU_MUL:
     case EM_OP_ROPE: return dtype == EM_F32;
     case EM_OP_MLA_ATTENTION: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;  // wkv_b dtype; see attention.cu
-    default: return 0;  // sample, wire_pack, wire_unpack: not yet
+    default: return 0;  // sample, logprobs, wire_pack, wire_unpack: not yet
   }
 }
 

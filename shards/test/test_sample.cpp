@@ -122,6 +122,48 @@ void test_special(Backend& be) {
   CHECK(em_sample(be.b, &e) == EM_ERR_ARG, "no u");
 }
 
+// logprobs: against log-softmax in double with a full sort (ties: lower id first).
+void test_logprobs(Backend& be, Rng& rng) {
+  const int64_t T = 12, V = 2001;
+  const int32_t k = 7;
+  std::vector<float> logits = rng.vec(static_cast<size_t>(T * V), -8.0f, 8.0f);
+  for (int64_t i = 0; i < V; i += 3) logits[i] = 2.0f;  // row 0: ties
+  for (int64_t i = V; i < 2 * V; ++i) logits[i] = -INFINITY;  // row 1: nothing possible
+  std::vector<int32_t> ids(T), top_ids(T * k);
+  std::vector<double> lp(T), top_lp(T * k);
+  for (int64_t t = 0; t < T; ++t) ids[t] = rng.integer(0, static_cast<int>(V - 1));
+  em_tensor lt = em_tensor_2d(logits.data(), EM_F32, T, V);
+  em_logprobs_args a{&lt, ids.data(), k, lp.data(), top_ids.data(), top_lp.data()};
+  CHECK_OK(em_logprobs(be.b, &a));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = logits.data() + t * V;
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, static_cast<double>(row[i]));
+    for (int64_t i = 0; i < V; ++i) sum += mx == -INFINITY ? 0.0 : std::exp(row[i] - mx);
+    const double lse = mx == -INFINITY ? INFINITY : mx + std::log(sum);
+    std::vector<int32_t> order(static_cast<size_t>(V));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t p, int32_t q) { return row[p] > row[q]; });
+    const auto close = [&](double got, double want) {
+      return std::isinf(want) ? got == want : std::abs(got - want) < 2e-6;
+    };
+    CHECK(close(lp[t], row[ids[t]] - lse), "%s row %lld: logprob %g, want %g", be.label.c_str(),
+          static_cast<long long>(t), lp[t], row[ids[t]] - lse);
+    for (int32_t j = 0; j < k; ++j) {
+      CHECK(top_ids[t * k + j] == order[j], "%s row %lld: top %d is %d, want %d", be.label.c_str(),
+            static_cast<long long>(t), j, top_ids[t * k + j], order[j]);
+      CHECK(close(top_lp[t * k + j], row[order[j]] - lse), "%s row %lld: top %d logprob", be.label.c_str(),
+            static_cast<long long>(t), j);
+    }
+  }
+  // Errors: an id outside the vocabulary, k past it.
+  ids[3] = static_cast<int32_t>(V);
+  CHECK(em_logprobs(be.b, &a) == EM_ERR_ARG, "id == V");
+  ids[3] = 0;
+  a.k = static_cast<int32_t>(V + 1);
+  CHECK(em_logprobs(be.b, &a) == EM_ERR_ARG, "k > V");
+}
+
 }  // namespace
 
 int main() {
@@ -131,6 +173,7 @@ int main() {
       Backend be(isa, threads);
       test_against_reference(be, rng);
       test_special(be);
+      test_logprobs(be, rng);
     }
   }
   return finish("sample");

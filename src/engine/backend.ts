@@ -108,4 +108,15 @@ export interface Backend {
   mla(args: MlaArgs): Float32Array;
   /** One token per row of logits [rows, vocab], by the rule of sampling.ts. */
   sample(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array;
+  /**
+   * Per row of logits [rows, vocab]: the logprob of ids[row] and the k most likely tokens
+   * (highest first, lower id on ties; topIds/topLogprobs [rows, k]); sampling.ts's
+   * tokenLogprob is the reference.
+   */
+  logprobs(
+    logits: Float32Array,
+    vocab: number,
+    ids: Int32Array,
+    k: number,
+  ): { logprob: Float64Array; topIds: Int32Array; topLogprobs: Float64Array };
 }

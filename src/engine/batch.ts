@@ -65,6 +65,11 @@ export class BatchForward {
     return this.#b.sample(logits, this.config.vocabSize, rows);
   }
 
+  /** Backend.logprobs on the model's backend. */
+  logprobs(logits: Float32Array, ids: Int32Array, k: number) {
+    return this.#b.logprobs(logits, this.config.vocabSize, ids, k);
+  }
+
   /**
    * One step: runs every item's tokens at positions [cache.length, cache.length + n) of its
    * sequence, appending to its cache. Resolves, per item, logits [rows, vocab] (rows = 0,

@@ -32,6 +32,7 @@ export interface Addon {
   mlaAttention(o: Record<string, unknown>): Float32Array;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
   sample: typeof Native.sample;
+  logprobs: typeof Native.logprobs;
   crc32: typeof Native.crc32;
   wirePack: typeof Native.wirePack;
   wireUnpack: typeof Native.wireUnpack;
@@ -155,5 +156,6 @@ export function nativeBackend(
         softmaxScale: a.softmaxScale,
       }),
     sample: (logits, vocab, rows) => addon.sample(logits, vocab, rows),
+    logprobs: (logits, vocab, ids, k) => addon.logprobs(logits, vocab, ids, k),
   };
 }

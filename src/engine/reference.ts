@@ -4,7 +4,7 @@
 import { bf16ToFloat32, e4m3Table256, f16ToFloat32 } from "../model/floats.ts";
 import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
 import { ropeFrequencies } from "./rope.ts";
-import { sampleRows } from "./sampling.ts";
+import { logprobRows, sampleRows } from "./sampling.ts";
 
 const E4M3 = e4m3Table256();
 const dequantized = new WeakMap<Weight, Float32Array>();
@@ -199,4 +199,5 @@ export const referenceBackend: Backend = {
   },
 
   sample: sampleRows,
+  logprobs: logprobRows,
 };

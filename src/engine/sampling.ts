@@ -136,7 +136,8 @@ export function tokenLogprob(logits: Float32Array, id: number, k: number): Token
   for (let i = 0; i < V; i++) if (logits[i]! > max) max = logits[i]!;
   let sum = 0;
   for (let i = 0; i < V; i++) sum += Math.exp(logits[i]! - max);
-  const lse = max + Math.log(sum);
+  // A row of -inf (nothing possible): every logprob is -inf.
+  const lse = max === Number.NEGATIVE_INFINITY ? Number.POSITIVE_INFINITY : max + Math.log(sum);
   // The k largest so far, highest first; a later token (higher id) enters only when larger.
   const ids: number[] = [];
   const vals: number[] = [];
@@ -157,4 +158,28 @@ export function tokenLogprob(logits: Float32Array, id: number, k: number): Token
     logprob: logits[id]! - lse,
     top: ids.map((t, j) => [t, vals[j]! - lse] as const),
   };
+}
+
+/** tokenLogprob over rows [rows, vocab]: the Backend.logprobs layout (the reference). */
+export function logprobRows(
+  logits: Float32Array,
+  vocab: number,
+  ids: Int32Array,
+  k: number,
+): { logprob: Float64Array; topIds: Int32Array; topLogprobs: Float64Array } {
+  const n = ids.length;
+  const out = {
+    logprob: new Float64Array(n),
+    topIds: new Int32Array(n * k),
+    topLogprobs: new Float64Array(n * k),
+  };
+  for (let r = 0; r < n; r++) {
+    const t = tokenLogprob(logits.subarray(r * vocab, (r + 1) * vocab), ids[r]!, k);
+    out.logprob[r] = t.logprob;
+    t.top.forEach(([id, lp], j) => {
+      out.topIds[r * k + j] = id;
+      out.topLogprobs[r * k + j] = lp;
+    });
+  }
+  return out;
 }

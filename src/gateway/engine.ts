@@ -9,7 +9,7 @@
 // are in lock step: the step ends, and the scheduler commits and samples, when both ended.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
-import { type SampleRows, type TokenLogprob, tokenLogprob, uniform32 } from "../engine/sampling.ts";
+import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -286,11 +286,20 @@ export class ServingEngine {
   #collectPromptLogprobs(a: Active, start: number, rows: Float32Array, V: number): void {
     const out = a.promptLogprobs!;
     const P = a.seq.promptTokens.length;
-    for (let j = 0; j * V < rows.length; j++) {
-      const pos = start + j + 1;
-      if (pos !== out.length || pos >= P) continue;
-      const row = rows.subarray(j * V, (j + 1) * V);
-      out.push(tokenLogprob(row, a.seq.promptTokens[pos]!, a.req.logprobs ?? 0));
+    // Rows j0.. predict positions out.length..: those not collected yet (a recomputation
+    // after a preemption repeats rows already taken), up to the prompt's last token.
+    const j0 = out.length - start - 1;
+    const j1 = Math.min(rows.length / V, P - start - 1);
+    if (j0 >= 0 && j1 > j0) {
+      const ids = a.seq.promptTokens.slice(start + j0 + 1, start + j1 + 1);
+      const k = a.req.logprobs ?? 0;
+      out.push(
+        ...this.#logprobs(
+          rows.subarray(j0 * V, j1 * V),
+          Int32Array.from(ids),
+          ids.map(() => k),
+        ),
+      );
     }
     if (out.length === P) {
       a.cb.onPromptLogprobs?.(out);
@@ -336,6 +345,23 @@ export class ServingEngine {
       rows.uniform[r] = uniform32(a.rng.uniform());
     });
     const ids = this.#model.sample(logits, rows);
+    // Logprobs of the sampled tokens, for the rows that ask, in one call.
+    const asking = picks.flatMap(({ a }, r) => (a.req.logprobs === null ? [] : [r]));
+    const lps = new Map<number, TokenLogprob>();
+    if (asking.length > 0) {
+      let rowsOf = logits;
+      if (asking.length < n) {
+        rowsOf = new Float32Array(asking.length * V);
+        for (const [i, r] of asking.entries())
+          rowsOf.set(logits.subarray(r * V, (r + 1) * V), i * V);
+      }
+      const got = this.#logprobs(
+        rowsOf,
+        Int32Array.from(asking, (r) => ids[r]!),
+        asking.map((r) => picks[r]!.a.req.logprobs!),
+      );
+      for (const [i, r] of asking.entries()) lps.set(r, got[i]!);
+    }
     picks.forEach(({ a }, r) => {
       // A callback of an earlier row may have ended this one (a client's cancel).
       if (a.cancelled || !this.#active.has(a.seq.id)) return;
@@ -344,13 +370,27 @@ export class ServingEngine {
         a.cb.onError(failed.get(a));
         return;
       }
-      this.#accept(a, ids[r]!, logits.subarray(r * V, (r + 1) * V));
+      this.#accept(a, ids[r]!, lps.get(r));
     });
   }
 
-  /** The sampled token `id` of `a`, from `logits` (with penalties and bias, for logprobs). */
-  #accept(a: Active, id: number, logits: Float32Array): void {
-    const { logprobs, stopTokenIds, maxTokens } = a.req;
+  /** Per row of `logits`: the logprob of ids[row] and its k[row] most likely tokens. */
+  #logprobs(logits: Float32Array, ids: Int32Array, k: readonly number[]): TokenLogprob[] {
+    const K = Math.max(0, ...k);
+    const r = this.#model.logprobs(logits, ids, K);
+    return Array.from(ids, (id, i) => ({
+      id,
+      logprob: r.logprob[i]!,
+      top: Array.from(
+        { length: k[i]! },
+        (_, j) => [r.topIds[i * K + j]!, r.topLogprobs[i * K + j]!] as const,
+      ),
+    }));
+  }
+
+  /** The sampled token `id` of `a`, with its logprobs when the request asks for them. */
+  #accept(a: Active, id: number, lp: TokenLogprob | undefined): void {
+    const { stopTokenIds, maxTokens } = a.req;
     if (stopTokenIds.includes(id)) {
       this.#end(a);
       a.cb.onFinish("stop");
@@ -366,8 +406,7 @@ export class ServingEngine {
       a.cb.onError(err);
       return;
     }
-    const token: TokenLogprob =
-      logprobs === null ? { id, logprob: 0, top: [] } : tokenLogprob(logits, id, logprobs);
+    const token: TokenLogprob = lp ?? { id, logprob: 0, top: [] };
     a.cb.onToken(token);
     if (a.cancelled) return;
     if (complete || a.seq.outputTokens.length >= maxTokens) {

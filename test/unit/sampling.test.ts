@@ -6,7 +6,12 @@ import { describe, expect, it } from "vitest";
 import type { Backend } from "../../src/engine/backend.ts";
 import { nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
-import { type SampleRows, tokenLogprob, uniform32 } from "../../src/engine/sampling.ts";
+import {
+  logprobRows,
+  type SampleRows,
+  tokenLogprob,
+  uniform32,
+} from "../../src/engine/sampling.ts";
 import { Prng } from "../../src/model/prng.ts";
 
 const backends: [string, Backend][] = [
@@ -188,5 +193,58 @@ describe("tokenLogprob", () => {
       expect(got.top.map(([t]) => t)).toEqual(want.top.map(([t]) => t));
       expect(got.logprob).toBeCloseTo(want.logprob, 12);
     }
+  });
+});
+
+describe("logprobs on the native backend", () => {
+  const native = nativeBackend();
+
+  // Its exponentials are float (the vectorized kernel): within 2e-6 of the reference's.
+  it("equal the reference (tokenLogprob) on random rows, ties and -inf included", () => {
+    const rng = new Prng(11);
+    const V = 700;
+    const T = 24;
+    const logits = Float32Array.from({ length: T * V }, (_, i) =>
+      // Rows 0-7: few distinct values (ties); 8-15: wide; 16: all -inf; others: masked halves.
+      i < 8 * V
+        ? Math.round(rng.uniform() * 20) / 4
+        : i < 16 * V
+          ? (rng.uniform() - 0.5) * 60
+          : i < 17 * V
+            ? Number.NEGATIVE_INFINITY
+            : i % 2
+              ? Number.NEGATIVE_INFINITY
+              : rng.uniform() * 3,
+    );
+    const ids = Int32Array.from({ length: T }, () => Math.floor(rng.uniform() * V));
+    for (const k of [0, 1, 5, 20]) {
+      const got = native.logprobs(logits, V, ids, k);
+      const want = logprobRows(logits, V, ids, k);
+      expect(Array.from(got.topIds)).toEqual(Array.from(want.topIds));
+      for (let i = 0; i < T; i++) {
+        const [g, w] = [got.logprob[i]!, want.logprob[i]!];
+        if (w === Number.NEGATIVE_INFINITY) expect(g).toBe(w);
+        else expect(Math.abs(g - w)).toBeLessThan(2e-6);
+      }
+      for (let i = 0; i < T * k; i++) {
+        const [g, w] = [got.topLogprobs[i]!, want.topLogprobs[i]!];
+        if (w === Number.NEGATIVE_INFINITY) expect(g).toBe(w);
+        else expect(Math.abs(g - w)).toBeLessThan(2e-6);
+      }
+    }
+  });
+
+  it("refuses ids outside the vocabulary and k past it", () => {
+    const x = Float32Array.of(1, 2, 3);
+    const code = (f: () => unknown) => {
+      try {
+        f();
+      } catch (e) {
+        return (e as { code?: string }).code;
+      }
+      return "no error";
+    };
+    expect(code(() => native.logprobs(x, 3, Int32Array.of(3), 1))).toBe("EM_NATIVE_ARG");
+    expect(code(() => native.logprobs(x, 3, Int32Array.of(0), 4))).toBe("EM_NATIVE_ARG");
   });
 });

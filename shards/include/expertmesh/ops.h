@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define EM_ABI_VERSION 1
+#define EM_ABI_VERSION 2
 #define EM_MAX_DIMS 4
 /* fp8 checkpoints quantize weights in 128x128 blocks (DeepSeek-V3 `block_size`). */
 #define EM_FP8_BLOCK 128
@@ -99,6 +99,7 @@ typedef enum em_op {
   EM_OP_SAMPLE,
   EM_OP_WIRE_PACK,
   EM_OP_WIRE_UNPACK,
+  EM_OP_LOGPROBS,
   EM_OP_COUNT
 } em_op;
 
@@ -187,6 +188,19 @@ typedef struct em_sample_args {
   int32_t* out_tokens;      /* [T] */
 } em_sample_args;
 
+/* Log-probabilities per row of logits [T, V] (log-softmax: exponentials in float, their sum
+ * in double; within ~1e-6 of an all-double computation): the logprob of
+ * token ids[t] and the k most likely tokens, highest first, lower id on ties. Rows whose
+ * logits are all -inf give -inf. */
+typedef struct em_logprobs_args {
+  const em_tensor* logits; /* [T, V] f32 */
+  const int32_t* ids;      /* [T], each in [0, V) */
+  int32_t k;               /* 0 <= k <= V */
+  double* logprob;         /* [T] */
+  int32_t* top_ids;        /* [T, k]; may be NULL when k == 0 */
+  double* top_logprobs;    /* [T, k]; may be NULL when k == 0 */
+} em_logprobs_args;
+
 /* Activations on the wire (docs/wire-format.md): the dtype codes of a frame header. */
 typedef enum em_wire_dtype { EM_WIRE_BF16 = 1, EM_WIRE_FP8 = 2, EM_WIRE_F32 = 3 } em_wire_dtype;
 
@@ -252,6 +266,7 @@ typedef struct em_backend_iface {
   em_status (*sample)(void* ctx, const em_sample_args* args);
   em_status (*wire_pack)(void* ctx, const em_wire_pack_args* args);
   em_status (*wire_unpack)(void* ctx, const em_wire_unpack_args* args);
+  em_status (*logprobs)(void* ctx, const em_logprobs_args* args);
 } em_backend_iface;
 
 typedef struct em_backend {
@@ -318,6 +333,9 @@ em_status em_convert(em_backend* b, const em_tensor* src, em_tensor* dst);
 
 /* Token sampling; see em_sample_args. */
 em_status em_sample(em_backend* b, const em_sample_args* args);
+
+/* Token log-probabilities; see em_logprobs_args. */
+em_status em_logprobs(em_backend* b, const em_logprobs_args* args);
 
 /* Wire codec: activations to and from frame bytes; see em_wire_pack_args. */
 em_status em_wire_pack(em_backend* b, const em_wire_pack_args* args);
