@@ -108,8 +108,11 @@ export function vocabularyFor(tokenizer: Tokenizer, size: number): Vocabulary | 
   return v;
 }
 
-/** Masks cached per state, at most. */
-const MAX_MASKS = 512;
+/**
+ * Masks cached per grammar, at most (and as many parts for string states): a mask is
+ * vocabulary / 8 bytes, 16 KiB at 129k tokens, so 4 MiB per grammar at most.
+ */
+const MAX_MASKS = 256;
 
 /** An automaton over a vocabulary: the masks of its states. */
 export class TokenGrammar<S> {

@@ -257,7 +257,7 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
 }
 
 /** Grammars of the schemas seen last, per vocabulary (clients send the same schema again). */
-const MAX_SCHEMAS = 32;
+const MAX_SCHEMAS = 16;
 const schemaGrammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<SchemaState>>>();
 
 /** The grammar of `schema` over `vocabulary` (compiled once per distinct schema text). */

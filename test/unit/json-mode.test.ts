@@ -239,12 +239,17 @@ describe("JSON masks", () => {
 
   it("are kept per state", () => {
     const before = grammar.computed;
-    for (const s of states.slice(0, 20)) grammar.mask(s);
+    // The states asked last are still cached (the cache keeps the most recently used).
+    for (const s of states.slice(-20)) grammar.mask(s);
     expect(grammar.computed).toBe(before);
     // A state not seen yet is computed once.
     const fresh = run(START, bytes('{"zz":[[[[')) as JsonState;
     grammar.mask(fresh);
     grammar.mask(fresh);
     expect(grammar.computed).toBe(before + 1);
+    // The cache is bounded: the first state, asked before hundreds of others, was dropped.
+    expect(new Set(states.map((s) => JSON_OBJECT.key(s))).size).toBeGreaterThan(300);
+    grammar.mask(START);
+    expect(grammar.computed).toBe(before + 2);
   });
 });
