@@ -24,6 +24,25 @@ struct ByValue {
   bool operator()(int32_t i, int32_t j) const { return v[i] > v[j] || (v[i] == v[j] && i < j); }
 };
 
+// The k largest of v[0..n) into `out`, highest first, lower index on ties: one pass with a
+// heap of the k best so far, its worst on top; a later index replaces the worst only when
+// larger (an equal one has a higher index, so ranks after it).
+void top_k_of(const float* v, int64_t n, size_t k, std::vector<int32_t>& out) {
+  const ByValue by_value{v};
+  out.clear();
+  for (int32_t i = 0; i < n; ++i) {
+    if (out.size() < k) {
+      out.push_back(i);
+      std::push_heap(out.begin(), out.end(), by_value);
+    } else if (v[i] > v[out.front()]) {
+      std::pop_heap(out.begin(), out.end(), by_value);
+      out.back() = i;
+      std::push_heap(out.begin(), out.end(), by_value);
+    }
+  }
+  std::sort(out.begin(), out.end(), by_value);
+}
+
 // Picks from `order` (token ids) with weights w[id]: the first id whose running sum
 // exceeds `target`; the last one if rounding leaves the target unreached.
 int32_t walk(const int32_t* order, int64_t n, const float* w, double target) {
@@ -56,25 +75,10 @@ int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float tempe
   if (temperature <= 0.0f) return argmax(logits, V);
   w.resize(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
-  const ByValue by_logit{w.data()};
-
   order.clear();  // kept tokens, most likely first; empty: all, vocabulary order
   double mass;
   if (top_k > 0 && top_k < V) {
-    // One pass with a heap of the k best so far, its worst on top: a token replaces the
-    // worst only when larger (an equal one has a higher id, so ranks after it).
-    const auto k = static_cast<size_t>(top_k);
-    for (int32_t i = 0; i < V; ++i) {
-      if (order.size() < k) {
-        order.push_back(i);
-        std::push_heap(order.begin(), order.end(), by_logit);
-      } else if (w[i] > w[order.front()]) {
-        std::pop_heap(order.begin(), order.end(), by_logit);
-        order.back() = i;
-        std::push_heap(order.begin(), order.end(), by_logit);
-      }
-    }
-    std::sort(order.begin(), order.end(), by_logit);
+    top_k_of(w.data(), V, static_cast<size_t>(top_k), order);
     const float top = w[order[0]];
     mass = 0.0;
     for (int32_t id : order) {
@@ -154,21 +158,8 @@ void logprobs_row(const Kernels& kern, const float* x, int64_t V, int32_t id, in
   const auto lp = [&](int32_t i) { return lse == INFINITY ? -INFINITY : static_cast<double>(x[i]) - lse; };
   *logprob = lp(id);
   if (k == 0) return;
-  // A heap of the k best so far with the worst on top (as sample's top-k).
-  const ByValue by_value{x};
-  heap.clear();
   const auto kk = static_cast<size_t>(k);
-  for (int32_t i = 0; i < V; ++i) {
-    if (heap.size() < kk) {
-      heap.push_back(i);
-      std::push_heap(heap.begin(), heap.end(), by_value);
-    } else if (x[i] > x[heap.front()]) {
-      std::pop_heap(heap.begin(), heap.end(), by_value);
-      heap.back() = i;
-      std::push_heap(heap.begin(), heap.end(), by_value);
-    }
-  }
-  std::sort(heap.begin(), heap.end(), by_value);
+  top_k_of(x, V, kk, heap);
   for (size_t j = 0; j < kk; ++j) {
     top_ids[j] = heap[j];
     top_lp[j] = lp(heap[j]);
