@@ -457,6 +457,17 @@ export type Suite = (typeof SUITES)[number];
 /** A results file per suite (absent: that section is left as it is). */
 export type SuiteFiles = { [S in Suite]?: string | undefined };
 
+/** The section of each suite that is its tables alone: results file JSON -> Markdown. */
+const TABLES_ONLY: Record<
+  "tokenize" | "prefix" | "json" | "sampling",
+  (results: never, source: string) => string
+> = {
+  tokenize: tokenizeTables,
+  prefix: prefixTables,
+  json: jsonTables,
+  sampling: samplingTables,
+};
+
 /** What BENCHMARKS.md should be, given result files per suite. */
 export function renderBenchmarksMd(
   files: SuiteFiles,
@@ -505,27 +516,12 @@ export function renderBenchmarksMd(
       `Run ${res.date} at ${res.commit.slice(0, 7)} from \`${relative(REPO_ROOT, files.autoscale)}\` (a deterministic simulation: the same commit gives the same figures on any machine).\n\n![Replicas and queue depth over time](${relative(REPO_ROOT, svgPath)})\n\n${autoscaleTables(res)}`,
     );
   }
-  if (files.tokenize) {
-    const res = JSON.parse(readFileSync(files.tokenize, "utf8")) as Parameters<
-      typeof tokenizeTables
-    >[0];
-    doc = replaceSection(doc, "tokenize", tokenizeTables(res, relative(REPO_ROOT, files.tokenize)));
-  }
-  if (files.prefix) {
-    const res = JSON.parse(readFileSync(files.prefix, "utf8")) as Parameters<
-      typeof prefixTables
-    >[0];
-    doc = replaceSection(doc, "prefix", prefixTables(res, relative(REPO_ROOT, files.prefix)));
-  }
-  if (files.json) {
-    const res = JSON.parse(readFileSync(files.json, "utf8")) as Parameters<typeof jsonTables>[0];
-    doc = replaceSection(doc, "json", jsonTables(res, relative(REPO_ROOT, files.json)));
-  }
-  if (files.sampling) {
-    const res = JSON.parse(readFileSync(files.sampling, "utf8")) as Parameters<
-      typeof samplingTables
-    >[0];
-    doc = replaceSection(doc, "sampling", samplingTables(res, relative(REPO_ROOT, files.sampling)));
+  // The suites whose section is their tables alone.
+  for (const [suite, tables] of Object.entries(TABLES_ONLY)) {
+    const file = files[suite as keyof typeof TABLES_ONLY];
+    if (!file) continue;
+    const res = JSON.parse(readFileSync(file, "utf8")) as never;
+    doc = replaceSection(doc, suite, tables(res, relative(REPO_ROOT, file)));
   }
   doc = formatLikeRepo(doc, BENCHMARKS_MD);
   return { md: doc, svgs };
