@@ -6,7 +6,13 @@
 // unfinished object and finish_reason "length", as with OpenAI.
 // The masks: grammar.ts.
 import type { Tokenizer } from "../model/tokenizer.ts";
-import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
+import {
+  type ByteAutomaton,
+  runBytes,
+  TokenGrammar,
+  type Vocabulary,
+  vocabularyFor,
+} from "./grammar.ts";
 
 /** The automaton's modes (exported for json-schema.ts, which runs values through it). */
 export const Mode = {
@@ -183,8 +189,7 @@ function value(stack: string, b: number): JsonState | null {
 
 /** The state after `bytes`, or null where they stop being a JSON object's prefix. */
 export function run(s: JsonState | null, bytes: Uint8Array): JsonState | null {
-  for (let i = 0; i < bytes.length && s; i++) s = step(s, bytes[i]!);
-  return s;
+  return runBytes(JSON_OBJECT, s, bytes);
 }
 
 const STRING_MODES = new Set<number>([
