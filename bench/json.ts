@@ -20,7 +20,7 @@ import { applyMask } from "../src/gateway/engine.ts";
 import { GrammarConstraint, TokenGrammar, Vocabulary } from "../src/gateway/grammar.ts";
 import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
 import { Prng } from "../src/model/prng.ts";
-import { type Stats, stats } from "./lib.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
 import { promptText } from "./tokenize.ts";
 
 const VOCAB = 129_280;
@@ -209,7 +209,7 @@ export async function runJson(o: {
   };
 }
 
-const ms = (s: Stats, d = 1) => `${s.median.toFixed(d)} (${s.min.toFixed(d)}-${s.max.toFixed(d)})`;
+const ms = medianRange;
 
 /** The suite's table for BENCHMARKS.md. */
 export function jsonTables(

@@ -46,6 +46,11 @@ export const ORDERS_OF_THREE = [
   [2, 1, 0],
 ] as const;
 
+/** "median (min-max)" with `digits` decimals, as the suites' tables print timings. */
+export function medianRange(s: Stats, digits = 1): string {
+  return `${s.median.toFixed(digits)} (${s.min.toFixed(digits)}-${s.max.toFixed(digits)})`;
+}
+
 export function spread(s: Stats): number {
   return (s.max - s.min) / s.median;
 }

@@ -13,7 +13,7 @@
 // request by request. The gateways' /metrics give the prompt tokens looked up and found.
 import type { ChildProcess } from "node:child_process";
 import { join } from "node:path";
-import { REPO_ROOT, type Stats, stats } from "./lib.ts";
+import { medianRange, REPO_ROOT, type Stats, stats } from "./lib.ts";
 import { chat, child, ensureMiniModel, PROMPTS, stop } from "./serve.ts";
 import { promptText } from "./tokenize.ts";
 
@@ -134,7 +134,7 @@ export async function runPrefix(o: {
   }
 }
 
-const ms = (s: Stats) => `${s.median.toFixed(1)} (${s.min.toFixed(1)}-${s.max.toFixed(1)})`;
+const ms = (s: Stats) => medianRange(s, 1);
 
 /** The suite's table for BENCHMARKS.md. */
 export function prefixTables(

@@ -458,7 +458,7 @@ export type Suite = (typeof SUITES)[number];
 export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
-const TABLES_ONLY: Record<
+export const TABLES_ONLY: Record<
   "tokenize" | "prefix" | "json" | "sampling",
   (results: never, source: string) => string
 > = {

@@ -16,15 +16,15 @@ import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
-import { jsonTables, runJson } from "./json.ts";
+import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
-import { prefixTables, runPrefix } from "./prefix.ts";
-import { kernelTables, SUITES, type Suite, updateBenchmarksMd } from "./report.ts";
-import { runSampling, samplingTables } from "./sampling.ts";
+import { runPrefix } from "./prefix.ts";
+import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } from "./report.ts";
+import { runSampling } from "./sampling.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
-import { runTokenize, tokenizeTables } from "./tokenize.ts";
+import { runTokenize } from "./tokenize.ts";
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
   --suite NAME   suite to run, repeatable or comma-separated: ${SUITES.join(", ")}, all (default: all)
@@ -35,6 +35,17 @@ const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
   --out FILE     results JSON (default bench/results/<suite>-<date>.json)
   --no-report    do not regenerate BENCHMARKS.md
   -h, --help`;
+
+/** The suites whose section is their tables alone (report.ts: TABLES_ONLY), and their runs. */
+const RUN_TABLES_ONLY: Record<
+  keyof typeof TABLES_ONLY,
+  (o: {
+    threads: number;
+    runs: number;
+    quick: boolean;
+    log: (s: string) => void;
+  }) => Promise<object>
+> = { tokenize: runTokenize, prefix: runPrefix, json: runJson, sampling: runSampling };
 
 async function main(): Promise<number> {
   const { values } = parseArgs({
@@ -113,29 +124,12 @@ async function main(): Promise<number> {
       const results = { suite, ...stamp(), ...runAutoscale(log) };
       save(suite, results, () => autoscaleTables(results));
     }
-    if (suite === "tokenize") {
+    if (suite in RUN_TABLES_ONLY) {
+      const name = suite as keyof typeof RUN_TABLES_ONLY;
       const machine = machineInfo();
-      const res = await runTokenize({ runs, quick: values.quick, log });
+      const res = await RUN_TABLES_ONLY[name]({ threads, runs, quick: values.quick, log });
       const results = { suite, ...stamp(), machine, ...res };
-      save(suite, results, (source) => tokenizeTables(results, source));
-    }
-    if (suite === "prefix") {
-      const machine = machineInfo();
-      const res = await runPrefix({ runs, quick: values.quick, log });
-      const results = { suite, ...stamp(), machine, ...res };
-      save(suite, results, (source) => prefixTables(results, source));
-    }
-    if (suite === "json") {
-      const machine = machineInfo();
-      const res = await runJson({ runs, quick: values.quick, log });
-      const results = { suite, ...stamp(), machine, ...res };
-      save(suite, results, (source) => jsonTables(results, source));
-    }
-    if (suite === "sampling") {
-      const machine = machineInfo();
-      const res = await runSampling({ threads, runs, quick: values.quick, log });
-      const results = { suite, ...stamp(), machine, ...res };
-      save(suite, results, (source) => samplingTables(results, source));
+      save(suite, results, (source) => TABLES_ONLY[name](results as never, source));
     }
     if (suite === "dispatch") {
       const machine = machineInfo();

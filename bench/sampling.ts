@@ -15,7 +15,15 @@ import { join } from "node:path";
 import { loadAddon, nativeBackend } from "../src/engine/native.ts";
 import { type SampleRows, uniform32 } from "../src/engine/sampling.ts";
 import { Prng } from "../src/model/prng.ts";
-import { goldenPython, LineClient, peerEnv, REPO_ROOT, type Stats, stats } from "./lib.ts";
+import {
+  goldenPython,
+  LineClient,
+  medianRange,
+  peerEnv,
+  REPO_ROOT,
+  type Stats,
+  stats,
+} from "./lib.ts";
 
 export const VOCAB = 129_280;
 
@@ -227,7 +235,7 @@ export async function runSampling(o: {
   }
 }
 
-const ms = (s: Stats) => `${s.median.toFixed(3)} (${s.min.toFixed(3)}-${s.max.toFixed(3)})`;
+const ms = (s: Stats) => medianRange(s, 3);
 
 /** The suite's table for BENCHMARKS.md. */
 export function samplingTables(

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { PromptEncoder } from "../src/gateway/prompt-encoder.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../src/model/tiny-tokenizer.ts";
 import { Tokenizer } from "../src/model/tokenizer.ts";
-import { type Stats, stats } from "./lib.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
 
 export interface TokenizeRow {
   /** UTF-8 bytes of the prompt. */
@@ -135,7 +135,7 @@ export async function runTokenize(o: {
 }
 
 const kib = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`);
-const ms = (s: Stats, d = 1) => `${s.median.toFixed(d)} (${s.min.toFixed(d)}-${s.max.toFixed(d)})`;
+const ms = medianRange;
 
 /** The suite's table for BENCHMARKS.md. */
 export function tokenizeTables(
