@@ -67,8 +67,9 @@ const LITERALS = ["true", "false", "null"];
 
 export const START: JsonState = { mode: Mode.Start, stack: "", n: 0 };
 
-const isWs = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
-const isDigit = (b: number) => b >= 0x30 && b <= 0x39;
+/** JSON whitespace, and decimal digits (bytes). */
+export const isWs = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
+export const isDigit = (b: number) => b >= 0x30 && b <= 0x39;
 const isHex = (b: number) => isDigit(b) || (b >= 0x61 && b <= 0x66) || (b >= 0x41 && b <= 0x46);
 const state = (mode: Mode, stack: string, n = 0): JsonState => ({ mode, stack, n });
 

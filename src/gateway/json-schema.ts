@@ -14,6 +14,8 @@
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import {
+  isDigit,
+  isWs,
   type JsonState,
   isDone as jsonDone,
   step as jsonStep,
@@ -304,9 +306,6 @@ export interface SchemaState {
   /** Whitespace after the root value. */
   readonly n?: number;
 }
-
-const isWs = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
-const isDigit = (b: number) => b >= 0x30 && b <= 0x39;
 
 /** json-mode.ts modes where a number may end. */
 const NUMBER_MODES = new Set<number>([Mode.Zero, Mode.Integer, Mode.Fraction, Mode.ExponentDigits]);
