@@ -2,16 +2,33 @@
 // vocabulary may come next in a state, as a bitset ServingEngine applies to the logits
 // (TokenConstraint), and the state a choice is in.
 //
+// Tokens are byte strings; added tokens (special ones, DeepSeek's tool-call tokens) are
+// one symbol each, numbered from 256, which only automata declaring `symbols` step over.
+//
 // Masks depend only on the automaton's state: they are computed over the vocabulary in
 // byte order, so tokens sharing a prefix share its steps and a refused prefix skips every
 // token under it (a trie walk without a trie), and kept per state key (LRU).
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { TokenConstraint } from "./engine.ts";
 
+/** A token's bytes; an added token's one symbol (SYMBOL_BASE + k). */
+export type TokenBytes = Uint8Array | Uint16Array;
+
+/** The first symbol: added tokens are SYMBOL_BASE, SYMBOL_BASE + 1, ... (Vocabulary.symbol). */
+export const SYMBOL_BASE = 256;
+
 /** A byte-level automaton: immutable states, `key` equal exactly for equal futures. */
 export interface ByteAutomaton<S> {
   readonly start: S;
-  /** The state after byte `b`, or null when the output cannot continue with it. */
+  /**
+   * The automaton steps over symbols (added tokens) too; without this they are never
+   * allowed (the end-of-sequence token among them: the automaton's isDone ends a choice).
+   */
+  readonly symbols?: boolean;
+  /**
+   * The state after byte (or, with `symbols`, symbol) `b`, or null when the output cannot
+   * continue with it.
+   */
   step(s: S, b: number): S | null;
   /** Complete: the choice ends here. */
   isDone(s: S): boolean;
@@ -26,20 +43,26 @@ export interface ByteAutomaton<S> {
 }
 
 /** The state after `bytes`, or null where the automaton refuses them. */
-export function runBytes<S>(a: ByteAutomaton<S>, s: S | null, bytes: Uint8Array): S | null {
+export function runBytes<S>(a: ByteAutomaton<S>, s: S | null, bytes: TokenBytes): S | null {
   for (let i = 0; i < bytes.length && s; i++) s = a.step(s, bytes[i]!);
   return s;
 }
 
-/** Token ids in byte order, with the bytes each shares with the one before (lcp). */
+/**
+ * Token ids in byte order, with the bytes each shares with the one before (lcp); the
+ * symbols (whose one unit is above every byte) come last, from `bytesEnd`.
+ */
 interface Walk {
   readonly sorted: Int32Array;
   readonly lcp: Uint16Array;
+  readonly bytesEnd: number;
 }
 
-function walkOf(bytes: readonly (Uint8Array | null)[], sortedIds: ArrayLike<number>): Walk {
+function walkOf(bytes: readonly (TokenBytes | null)[], sortedIds: ArrayLike<number>): Walk {
   const sorted = Int32Array.from(sortedIds);
   const lcp = new Uint16Array(sorted.length);
+  let bytesEnd = sorted.length;
+  while (bytesEnd > 0 && bytes[sorted[bytesEnd - 1]!]![0]! >= SYMBOL_BASE) bytesEnd--;
   for (let i = 1; i < sorted.length; i++) {
     const p = bytes[sorted[i - 1]!]!;
     const q = bytes[sorted[i]!]!;
@@ -47,22 +70,32 @@ function walkOf(bytes: readonly (Uint8Array | null)[], sortedIds: ArrayLike<numb
     while (k < p.length && k < q.length && p[k] === q[k]) k++;
     lcp[i] = k;
   }
-  return { sorted, lcp };
+  return { sorted, lcp, bytesEnd };
 }
 
 /** A vocabulary's token bytes, sorted for the mask walk. */
 export class Vocabulary implements Walk {
   readonly size: number;
-  readonly bytes: readonly (Uint8Array | null)[];
+  readonly bytes: readonly (TokenBytes | null)[];
   /** Token ids with bytes, in byte order; lcp[i]: bytes shared with the one before. */
   readonly sorted: Int32Array;
   readonly lcp: Uint16Array;
+  readonly bytesEnd: number;
+  readonly #symbols: ReadonlyMap<string, number>;
   readonly #split = new Map<number, { without: Walk; with: Walk }>();
 
-  /** `bytes[id]`: a token's bytes, null for tokens never allowed (special ones). */
-  constructor(bytes: readonly (Uint8Array | null)[], size: number) {
+  /**
+   * `bytes[id]`: a token's bytes (an added token's symbol), null for tokens never allowed;
+   * `symbols`: added tokens' texts to their symbols.
+   */
+  constructor(
+    bytes: readonly (TokenBytes | null)[],
+    size: number,
+    symbols: ReadonlyMap<string, number> = new Map(),
+  ) {
     this.size = size;
     this.bytes = bytes;
+    this.#symbols = symbols;
     const ids: number[] = [];
     for (let id = 0; id < Math.min(bytes.length, size); id++) if (bytes[id]?.length) ids.push(id);
     // As latin1 strings, whose code units are the bytes: string order is byte order, and
@@ -70,7 +103,12 @@ export class Vocabulary implements Walk {
     const keys: string[] = [];
     for (const id of ids) keys[id] = String.fromCharCode(...bytes[id]!);
     ids.sort((a, b) => (keys[a]! < keys[b]! ? -1 : keys[a]! > keys[b]! ? 1 : 0));
-    ({ sorted: this.sorted, lcp: this.lcp } = walkOf(bytes, ids));
+    ({ sorted: this.sorted, lcp: this.lcp, bytesEnd: this.bytesEnd } = walkOf(bytes, ids));
+  }
+
+  /** The symbol of the added token `text`, or null when the vocabulary has none. */
+  symbol(text: string): number | null {
+    return this.#symbols.get(text) ?? null;
   }
 
   /** The tokens without byte `b` and those with it, each in byte order (built once). */
@@ -96,13 +134,26 @@ const vocabularies = new WeakMap<Tokenizer, Vocabulary | null>();
 
 /**
  * The vocabulary of a tokenizer (model vocab_size `size`), built on first use and kept;
- * null when the tokenizer is not byte-level (its tokens' bytes are not known).
+ * null when the tokenizer is not byte-level (its tokens' bytes are not known). Added
+ * tokens are symbols.
  */
 export function vocabularyFor(tokenizer: Tokenizer, size: number): Vocabulary | null {
   let v = vocabularies.get(tokenizer);
   if (v === undefined) {
-    const bytes = tokenizer.tokenBytes();
-    v = bytes ? new Vocabulary(bytes, size) : null;
+    const tokenBytes = tokenizer.tokenBytes();
+    if (tokenBytes) {
+      const bytes: (TokenBytes | null)[] = [...tokenBytes];
+      const symbols = new Map<string, number>();
+      for (const { id, content } of tokenizer.addedTokens) {
+        if (id >= size) continue;
+        const symbol = SYMBOL_BASE + symbols.size;
+        bytes[id] = Uint16Array.of(symbol);
+        symbols.set(content, symbol);
+      }
+      v = new Vocabulary(bytes, size, symbols);
+    } else {
+      v = null;
+    }
     vocabularies.set(tokenizer, v);
   }
   return v;
@@ -166,13 +217,14 @@ export class TokenGrammar<S> {
     const { sorted, lcp } = walk;
     const { bytes: all, size } = this.vocabulary;
     const a = this.automaton;
+    const end = a.symbols ? sorted.length : walk.bytesEnd;
     const mask = new Uint32Array(Math.ceil(size / 32));
     // states[d]: the state after the current token's first d bytes (valid up to `known`).
     const states: S[] = [s];
     let known = 0;
     // The current prefix of this length was refused (Infinity: none).
     let refused = Number.POSITIVE_INFINITY;
-    for (let i = 0; i < sorted.length; i++) {
+    for (let i = 0; i < end; i++) {
       const id = sorted[i]!;
       const bytes = all[id]!;
       const shared = lcp[i]!;
@@ -212,8 +264,10 @@ export class GrammarConstraint<S> implements TokenConstraint {
   }
 
   accept(id: number): boolean {
+    const a = this.#grammar.automaton;
     const bytes = this.#grammar.vocabulary.bytes[id];
-    const next = bytes ? runBytes(this.#grammar.automaton, this.#state, bytes) : null;
+    const next =
+      bytes && (a.symbols || bytes[0]! < SYMBOL_BASE) ? runBytes(a, this.#state, bytes) : null;
     if (next === null) throw new Error(`token ${id} is not allowed by the output grammar here`);
     this.#state = next;
     return this.#grammar.automaton.isDone(next);

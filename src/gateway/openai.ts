@@ -15,8 +15,9 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { forcedTool, jsonMode, toolGrammar } from "./output-grammar.ts";
+import { jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
+import { parseToolCalls, ToolCallParser, type ToolFunction, withTools } from "./tool-calls.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
 
@@ -186,11 +187,38 @@ async function streamJob(
 
 // ---- chat ----
 
-function chatMessages(b: ChatCompletionRequest): TemplateMessage[] {
-  return b.messages.map((m) => ({
-    role: m.role === "developer" ? "system" : m.role,
-    content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
-  }));
+/** The request's messages for the template (withTools: the functions presented). */
+function chatMessages(
+  ctx: ServeContext,
+  b: ChatCompletionRequest,
+  tools: readonly ToolFunction[],
+): TemplateMessage[] {
+  const refuse = (i: number, message: string): never => {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", `messages[${i}]: ${message}`, {
+      param: `messages.${i}`,
+    });
+  };
+  const messages = b.messages.map((m, i): TemplateMessage => {
+    const content =
+      m.content == null
+        ? null
+        : typeof m.content === "string"
+          ? m.content
+          : m.content.map((p) => p.text).join("");
+    const calls = m.tool_calls ?? [];
+    if (calls.length > 0 && m.role !== "assistant")
+      refuse(i, "only assistant messages have tool_calls");
+    if (m.role === "tool") {
+      if (typeof m.tool_call_id !== "string")
+        refuse(i, "a tool message needs tool_call_id (the call it answers)");
+      if (content === null) refuse(i, "a tool message needs content (the call's result)");
+      return { role: "tool", content, tool_call_id: m.tool_call_id! };
+    }
+    if (calls.length > 0) return { role: "assistant", content, tool_calls: calls };
+    if (content === null) refuse(i, "content is required (but for an assistant's tool_calls)");
+    return { role: m.role === "developer" ? "system" : m.role, content };
+  });
+  return withTools(messages, tools, ctx.tokenizer.templatePresentsTools);
 }
 
 async function chat(
@@ -201,44 +229,79 @@ async function chat(
   const b = req.body;
   checkModel(ctx, b.model);
   unsupported(b);
-  const messages = chatMessages(b);
-  const tool = forcedTool(b);
-  if (
-    tool &&
-    b.response_format != null &&
-    (b.response_format as { type?: unknown }).type !== "text"
-  )
-    throw new ApiError(
-      "EM_GATEWAY_BAD_REQUEST",
-      "a forced tool call's arguments follow the tool's parameters: send response_format or tool_choice, not both",
-      { param: "response_format" },
-    );
-  encodablePrompt(ctx, messages.map((m) => m.content).join(""), "messages");
+  let plan = toolPlan(ctx, b);
+  const format = jsonMode(ctx, b);
+  if (format.grammar && plan.kind !== "text") {
+    // With tool_choice "none" the format rules (its grammar allows no tool-call token).
+    if (b.tool_choice === "none") plan = { kind: "text", tools: plan.tools };
+    else
+      throw new ApiError(
+        "EM_GATEWAY_BAD_REQUEST",
+        'calls follow their functions\' parameters: send response_format with tool_choice "none", or leave it out',
+        { param: "response_format" },
+      );
+  }
+  const messages = chatMessages(ctx, b, plan.tools);
+  encodablePrompt(
+    ctx,
+    messages
+      .map(
+        (m) => (m.content ?? "") + (m.tool_calls ?? []).map((c) => c.function.arguments).join(""),
+      )
+      .join(""),
+    "messages",
+  );
   const prompt = await ctx.encoder.encodeChat(
     messages,
     true,
-    Array.isArray(b.tools) && b.tools.length ? { tools: b.tools } : {},
+    plan.tools.length ? { tools: b.tools as unknown[] } : {},
   );
   const spec: JobSpec = {
     ...jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages"),
-    ...(tool ? { grammar: toolGrammar(ctx, tool) } : {}),
+    ...(plan.kind !== "text" ? { grammar: plan.grammar } : {}),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     promptLogprobs: false,
   };
-  // A forced call's text is its arguments: answered as tool_calls, not content.
-  const callId = tool ? `call_${randomBytes(12).toString("hex")}` : "";
-  const message = (text: string) =>
-    tool
-      ? {
+  const newCallId = () => `call_${randomBytes(12).toString("hex")}`;
+  // A forced call without tool-call tokens: its text is the arguments.
+  const argumentsId = plan.kind === "arguments" ? newCallId() : "";
+  /** A finished choice's message and finish_reason. */
+  const ending = (c: Choice) => {
+    if (plan.kind === "arguments")
+      return {
+        message: {
           role: "assistant",
           content: null,
           tool_calls: [
-            { id: callId, type: "function", function: { name: tool.name, arguments: text } },
+            {
+              id: argumentsId,
+              type: "function",
+              function: { name: plan.tool.name, arguments: c.out.text },
+            },
           ],
-        }
-      : { role: "assistant", content: text };
-  const delta = (text: string) =>
-    tool ? { tool_calls: [{ index: 0, function: { arguments: text } }] } : { content: text };
+        },
+        finish: c.finishReason,
+      };
+    if (plan.kind === "text")
+      return { message: { role: "assistant", content: c.out.text }, finish: c.finishReason };
+    const { content, calls } = parseToolCalls(c.out.text);
+    return {
+      message: {
+        role: "assistant",
+        content: calls.length > 0 && content === "" ? null : content,
+        ...(calls.length > 0
+          ? {
+              tool_calls: calls.map((f) => ({
+                id: newCallId(),
+                type: "function",
+                function: f,
+              })),
+            }
+          : {}),
+      },
+      finish: finishOf(plan, c, calls.length),
+    };
+  };
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };
@@ -251,12 +314,10 @@ async function chat(
     return {
       ...head,
       object: "chat.completion",
-      choices: job.choices.map((c) => ({
-        index: c.index,
-        message: message(c.out.text),
-        logprobs: lp(c.tokens),
-        finish_reason: c.finishReason,
-      })),
+      choices: job.choices.map((c) => {
+        const { message, finish } = ending(c);
+        return { index: c.index, message, logprobs: lp(c.tokens), finish_reason: finish };
+      }),
       usage: usageOf(job),
     };
   }
@@ -264,24 +325,52 @@ async function chat(
   let out: ReturnType<typeof sse> | null = null;
   const pending: unknown[] = [];
   const send = (o: unknown) => (out ? out.send(o) : pending.push(o));
+  // Per choice, with tools in the model's format: what its text holds so far.
+  const parsers = new Map<number, ToolCallParser>();
+  const deltas = (c: Choice, text: string, end: boolean): object[] => {
+    if (plan.kind === "arguments")
+      return text ? [{ tool_calls: [{ index: 0, function: { arguments: text } }] }] : [];
+    if (plan.kind === "text") return text ? [{ content: text }] : [];
+    let parser = parsers.get(c.index);
+    if (!parser) parsers.set(c.index, (parser = new ToolCallParser()));
+    const events = [...parser.push(text), ...(end ? parser.end() : [])];
+    return events.map((e) =>
+      e.type === "content"
+        ? { content: e.text }
+        : e.type === "call"
+          ? {
+              tool_calls: [
+                {
+                  index: e.index,
+                  id: newCallId(),
+                  type: "function",
+                  function: { name: e.name, arguments: "" },
+                },
+              ],
+            }
+          : { tool_calls: [{ index: e.index, function: { arguments: e.text } }] },
+    );
+  };
   const job = startJob(ctx, spec, {
     onToken: (c, t, text) => {
-      if (text || spec.logprobs !== null)
+      const ds = deltas(c, text, false);
+      if (ds.length === 0 && spec.logprobs !== null) ds.push({});
+      ds.forEach((delta, i) =>
         send(
-          chunk([{ index: c.index, delta: delta(text), logprobs: lp([t]), finish_reason: null }]),
-        );
+          chunk([
+            { index: c.index, delta, logprobs: i === 0 ? lp([t]) : null, finish_reason: null },
+          ]),
+        ),
+      );
     },
-    onFinish: (c, text) =>
-      send(
-        chunk([
-          {
-            index: c.index,
-            delta: text ? delta(text) : {},
-            logprobs: null,
-            finish_reason: c.finishReason,
-          },
-        ]),
-      ),
+    onFinish: (c, text) => {
+      const ds = deltas(c, text, true);
+      const last = ds.pop() ?? {};
+      for (const delta of ds)
+        send(chunk([{ index: c.index, delta, logprobs: null, finish_reason: null }]));
+      const finish = finishOf(plan, c, parsers.get(c.index)?.calls ?? 0);
+      send(chunk([{ index: c.index, delta: last, logprobs: null, finish_reason: finish }]));
+    },
   });
   out = sse(reply);
   bind(reply, job);
@@ -290,20 +379,21 @@ async function chat(
       chunk([
         {
           index: c.index,
-          delta: tool
-            ? {
-                role: "assistant",
-                content: null,
-                tool_calls: [
-                  {
-                    index: 0,
-                    id: callId,
-                    type: "function",
-                    function: { name: tool.name, arguments: "" },
-                  },
-                ],
-              }
-            : { role: "assistant", content: "" },
+          delta:
+            plan.kind === "arguments"
+              ? {
+                  role: "assistant",
+                  content: null,
+                  tool_calls: [
+                    {
+                      index: 0,
+                      id: argumentsId,
+                      type: "function",
+                      function: { name: plan.tool.name, arguments: "" },
+                    },
+                  ],
+                }
+              : { role: "assistant", content: "" },
           logprobs: null,
           finish_reason: null,
         },
@@ -313,6 +403,16 @@ async function chat(
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
   await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(job) }));
   return reply;
+}
+
+/**
+ * A choice's finish_reason: "tool_calls" when it ended its calls (OpenAI's, but for a
+ * named tool_choice, which OpenAI finishes "stop").
+ */
+function finishOf(plan: ToolPlan, c: Choice, calls: number): string | null {
+  return plan.kind === "native" && !plan.named && calls > 0 && c.finishReason === "stop"
+    ? "tool_calls"
+    : c.finishReason;
 }
 
 function chatLogprob(ctx: ServeContext, t: TokenLogprob) {

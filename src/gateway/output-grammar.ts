@@ -1,63 +1,118 @@
 // What constrains a request's output (docs/gateway.md): response_format json_object or
-// json_schema, and a forced tool call (tools + a named tool_choice), each turned into the
-// grammar (grammar.ts) its choices are decoded under.
+// json_schema, and tools (tool-calls.ts), each turned into the grammar (grammar.ts) its
+// choices are decoded under.
 import { ApiError } from "./errors.ts";
 import { type TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
-
-export interface ForcedTool {
-  readonly name: string;
-  /** The function's parameters: a JSON schema of an object. */
-  readonly parameters: unknown;
-}
+import { type ToolFunction, type ToolMode, toolCallGrammar } from "./tool-calls.ts";
 
 /**
- * The function `tools` + `tool_choice` make the model call, or null (plain text). Only
- * forced calls are served: a named tool_choice, or "required" with one tool, whose
- * arguments are then constrained to its parameters' schema (as vLLM does for these);
- * "auto" (the model deciding whether to call, which needs the model's own tool-call
- * format parsed) is refused.
+ * How a chat request's tools shape its output (docs/gateway.md, Tool calls):
+ * - "text": no tools (or tool_choice "none" where the tokenizer has no tool-call tokens).
+ * - "native": DeepSeek's own call format (tool-calls.ts) under its grammar; `named`: a
+ *   named tool_choice (OpenAI finishes those "stop", others with calls "tool_calls").
+ * - "arguments": a forced call where the tokenizer has no tool-call tokens: the output is
+ *   the arguments alone, under the parameters' schema.
  */
-export function forcedTool(b: ChatCompletionRequest): ForcedTool | null {
-  const refuse = (param: string, message: string): never => {
-    throw new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
-  };
+export type ToolPlan =
+  | { readonly kind: "text"; readonly tools: readonly ToolFunction[] }
+  | {
+      readonly kind: "native";
+      readonly tools: readonly ToolFunction[];
+      readonly grammar: TokenGrammar<unknown>;
+      readonly named: boolean;
+    }
+  | {
+      readonly kind: "arguments";
+      readonly tools: readonly ToolFunction[];
+      readonly tool: ToolFunction;
+      readonly grammar: TokenGrammar<unknown>;
+    };
+
+/** OpenAI's rule for function names. */
+const NAME = /^[a-zA-Z0-9_-]{1,64}$/;
+
+/** The request's `tools`, checked (400 naming the bad one). */
+export function requestTools(b: ChatCompletionRequest): ToolFunction[] {
   const tools = b.tools ?? [];
   if (!Array.isArray(tools)) return refuse("tools", "tools must be an array");
-  const choice = b.tool_choice ?? (tools.length ? "auto" : "none");
-  const functions = tools.map((t: unknown, i) => {
-    const f = (t as { type?: unknown; function?: { name?: unknown; parameters?: unknown } })
-      ?.function;
-    if ((t as { type?: unknown })?.type !== "function" || typeof f?.name !== "string")
+  const names = new Set<string>();
+  return tools.map((t: unknown, i) => {
+    const f = (t as { type?: unknown; function?: Record<string, unknown> })?.function;
+    if ((t as { type?: unknown })?.type !== "function" || typeof f?.["name"] !== "string")
       refuse(`tools.${i}`, `tools[${i}] must be {"type": "function", "function": {"name", ...}}`);
+    const name = f!["name"] as string;
+    if (!NAME.test(name))
+      refuse(`tools.${i}`, `tools[${i}]: a function name is 1-64 of a-z, A-Z, 0-9, _ and -`);
+    if (names.has(name)) refuse(`tools.${i}`, `tools[${i}]: the name '${name}' is used twice`);
+    names.add(name);
+    const description = f!["description"];
     return {
-      name: f!.name as string,
-      parameters: f!.parameters ?? { type: "object", properties: {} },
+      name,
+      ...(typeof description === "string" ? { description } : {}),
+      parameters: f!["parameters"] ?? { type: "object", properties: {} },
     };
   });
-  if (choice === "none") return null;
-  if (choice === "required") {
-    if (functions.length !== 1)
-      refuse(
-        "tool_choice",
-        `tool_choice "required" with ${functions.length} tools (the model choosing one) is not supported: name one in tool_choice`,
-      );
-    return functions[0]!;
+}
+
+const refuse = (param: string, message: string): never => {
+  throw new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
+};
+
+/** The plan for a chat request's tools and tool_choice (400 for what cannot be served). */
+export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan {
+  const tools = requestTools(b);
+  const given = b.tool_choice;
+  if (tools.length === 0) {
+    if (given != null && given !== "none")
+      refuse("tool_choice", "tool_choice needs tools: send the functions in tools");
+    return { kind: "text", tools };
   }
+  const choice = given ?? "auto";
   const named = (choice as { type?: unknown; function?: { name?: unknown } }).function?.name;
-  if ((choice as { type?: unknown }).type === "function" && typeof named === "string") {
-    const f = functions.find((x) => x.name === named);
-    return f ?? refuse("tool_choice", `tool_choice names '${named}', which is not among tools`);
-  }
-  if (choice === "auto")
+  let chosen: readonly ToolFunction[] = tools;
+  let mode: ToolMode;
+  if (choice === "auto" || choice === "required" || choice === "none") {
+    mode = choice;
+  } else if ((choice as { type?: unknown }).type === "function" && typeof named === "string") {
+    const f = tools.find((x) => x.name === named);
+    if (!f) refuse("tool_choice", `tool_choice names '${named}', which is not among tools`);
+    chosen = [f!];
+    mode = "required";
+  } else {
     return refuse(
       "tool_choice",
-      'tool_choice "auto" (the model deciding whether to call a tool) is not supported: name the function in tool_choice ({"type": "function", "function": {"name": ...}}), or send "none"',
+      `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid ("none", "auto", "required" or {"type": "function", "function": {"name": ...}})`,
     );
-  return refuse("tool_choice", `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid`);
+  }
+  const parallel = typeof named === "string" ? false : (b.parallel_tool_calls ?? true);
+  const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
+  const grammar = vocabulary && toolCallGrammar(vocabulary, chosen, { mode, parallel });
+  if (grammar)
+    return {
+      kind: "native",
+      tools,
+      grammar: grammar as TokenGrammar<unknown>,
+      named: typeof named === "string",
+    };
+  // No tool-call tokens: only a call whose function is known can be served (its arguments).
+  if (mode === "none") return { kind: "text", tools };
+  if (chosen.length === 1 && mode === "required") {
+    const tool = chosen[0]!;
+    const grammar = schemaGrammar(
+      vocabularyOf(ctx, "a tool call", "tool_choice"),
+      tool.parameters,
+      { param: "tools", label: `tool '${tool.name}' parameters` },
+    ) as TokenGrammar<unknown>;
+    return { kind: "arguments", tools, tool, grammar };
+  }
+  return refuse(
+    "tool_choice",
+    `tool_choice ${JSON.stringify(choice)} with ${tools.length} tools needs the model's tool-call tokens, which this model's tokenizer lacks: name the function in tool_choice`,
+  );
 }
 
 /** The vocabulary to constrain (byte-level tokenizers only; others: 400 naming `param`). */
@@ -70,15 +125,6 @@ function vocabularyOf(ctx: ServeContext, what: string, param: string): Vocabular
       { param },
     );
   return vocabulary;
-}
-
-/** The grammar of a forced call's arguments: its parameters' schema. */
-export function toolGrammar(ctx: ServeContext, tool: ForcedTool): TokenGrammar<unknown> {
-  const vocabulary = vocabularyOf(ctx, "a tool call", "tool_choice");
-  return schemaGrammar(vocabulary, tool.parameters, {
-    param: "tools",
-    label: `tool '${tool.name}' parameters`,
-  }) as TokenGrammar<unknown>;
 }
 
 /**

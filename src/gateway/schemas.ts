@@ -1,9 +1,9 @@
 // Request bodies of the OpenAI-compatible routes, as TypeBox schemas: fastify validates
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
-// the ones that would change the answer and are not implemented (tool_choice auto,
-// functions, a response_format other than text, json_object or json_schema, suffix,
-// best_of) are refused by the routes (openai.ts).
+// the ones that would change the answer and are not implemented (functions, a
+// response_format other than text, json_object or json_schema, suffix, best_of) are
+// refused by the routes (openai.ts).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -50,22 +50,40 @@ const common = {
 
 const TextPart = Type.Object({ type: Type.Literal("text"), text: Type.String() });
 
+/** A call in an assistant message of the history (its arguments: JSON text). */
+const ToolCall = Type.Object({
+  id: Type.String(),
+  type: Type.Literal("function"),
+  function: Type.Object({ name: Type.String({ minLength: 1 }), arguments: Type.String() }),
+});
+
+/**
+ * A message: content is required except in an assistant message with tool_calls; a "tool"
+ * message (a call's result) names its call (openai.ts checks the pairing of role and fields).
+ */
 export const ChatMessage = Type.Object({
   role: Type.Union([
     Type.Literal("system"),
     Type.Literal("developer"),
     Type.Literal("user"),
     Type.Literal("assistant"),
+    Type.Literal("tool"),
   ]),
-  content: Type.Union([Type.String(), Type.Array(TextPart, { minItems: 1 })]),
+  content: Type.Optional(
+    Type.Union([Type.String(), Type.Array(TextPart, { minItems: 1 }), Type.Null()]),
+  ),
+  tool_calls: Type.Optional(Nullable(Type.Array(ToolCall))),
+  tool_call_id: Type.Optional(Type.String()),
 });
+export type ChatMessage = Static<typeof ChatMessage>;
 
 export const ChatCompletionRequest = Type.Object({
   ...common,
   messages: Type.Array(ChatMessage, { minItems: 1 }),
-  /** Function tools; a call is made only when tool_choice names one (openai.ts). */
+  /** Function tools and how the model may call them (output-grammar.ts, tool-calls.ts). */
   tools: Type.Optional(Type.Unknown()),
   tool_choice: Type.Optional(Type.Unknown()),
+  parallel_tool_calls: Type.Optional(Nullable(Type.Boolean())),
   /** Not implemented: refused when they would change the answer (openai.ts). */
   functions: Type.Optional(Type.Unknown()),
   /** {"type": "text"} or {"type": "json_object"} (JSON mode); others refused (openai.ts). */

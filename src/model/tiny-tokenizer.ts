@@ -2,7 +2,7 @@
 // `tokenizer.json` format (the 256 byte tokens, a few dozen merges of common English
 // pairs, the DeepSeek special tokens) and a `tokenizer_config.json` with DeepSeek's chat
 // template. Pure data builders; tiny.ts writes them.
-import { byteToUnicode } from "./tokenizer.ts";
+import { byteToUnicode, TOOL_TOKENS } from "./tokenizer.ts";
 
 /** DeepSeek's special tokens (fullwidth bars U+FF5C, lower blocks U+2581), ids 0..4. */
 export const SPECIAL_TOKENS = {
@@ -33,12 +33,16 @@ const MERGES: readonly string[] = [
   "Ġ b", "Ġ f", "in g", "Ġ p", "e d", "a l", "Ġ m", "a r", "Ġ d", "Ġ h",
   "l l", "Ġ i", "Ġo f", "Ġa n", "Ġan d", "Ġt o", "Ġ in", "Ġ l", "Ġ n", "Ġ e",
   "o m", "l e", "Ġ is", "Ġ T", "T h", "Ġ I", "Ġ re", "Ġ y", "Ġy ou", "o w",
-  "Ġ he", "l o", "Ġ g", "Ġ it", "Ġw h", "e l", "Ġw it", "Ġwit h",
 ];
 
-/** Number of tokens of the tiny tokenizer (specials, bytes, merges). */
+/** After the merges (as in DeepSeek's, whose added tokens follow the BPE vocabulary). */
+const TOOLS: readonly { content: string; special: boolean }[] = Object.values(TOOL_TOKENS).map(
+  (content) => ({ content, special: false }),
+);
+
+/** Number of tokens of the tiny tokenizer (specials, bytes, merges, tool tokens): 320. */
 export function tinyTokenizerSize(): number {
-  return SPECIALS.length + 256 + MERGES.length;
+  return SPECIALS.length + 256 + MERGES.length + TOOLS.length;
 }
 
 /** The tiny `tokenizer.json` object. */
@@ -53,6 +57,10 @@ export function tinyTokenizerJson(): Record<string, unknown> {
       throw new Error(`tiny tokenizer: merge ${m} uses unknown parts`);
     vocab[a + b] = id++;
   }
+  const toolIds = TOOLS.map((t) => {
+    vocab[t.content] = id;
+    return id++;
+  });
   const byteLevel = {
     type: "ByteLevel",
     add_prefix_space: false,
@@ -63,8 +71,11 @@ export function tinyTokenizerJson(): Record<string, unknown> {
     version: "1.0",
     truncation: null,
     padding: null,
-    added_tokens: SPECIALS.map((s, i) => ({
-      id: i,
+    added_tokens: [
+      ...SPECIALS.map((s, i) => [s, i] as const),
+      ...TOOLS.map((t, i) => [t, toolIds[i]!] as const),
+    ].map(([s, id]) => ({
+      id,
       content: s.content,
       single_word: false,
       lstrip: false,
@@ -92,23 +103,45 @@ export function tinyTokenizerJson(): Record<string, unknown> {
 }
 
 /**
- * DeepSeek's chat template (V3 style, without tool calls): BOS, the system prompts joined
- * by blank lines, then `<｜User｜>text` and `<｜Assistant｜>text<｜end▁of▁sentence｜>` turns,
- * and `<｜Assistant｜>` when a generation prompt is asked for.
+ * DeepSeek's chat template (V3 style): BOS, the system prompts joined by blank lines, then
+ * `<｜User｜>text` and `<｜Assistant｜>text<｜end▁of▁sentence｜>` turns, an assistant's
+ * tool calls in the tool-call tokens (TOOL_TOKENS) after its text, tool results between
+ * `<｜tool▁outputs▁begin｜>` and `<｜tool▁outputs▁end｜>` (the assistant's next turn follows
+ * that directly, as in V3's), and `<｜Assistant｜>` when a generation prompt is asked for.
+ * Unlike V3's it names the request's tools (`tools`) after the system prompt; the gateway
+ * presents them in full to templates that do not (docs/gateway.md).
  */
 export const DEEPSEEK_CHAT_TEMPLATE =
   "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}" +
-  "{% set ns = namespace(system_prompt='') %}" +
+  "{% set ns = namespace(system_prompt='', is_tool=false) %}" +
   "{%- for message in messages %}{%- if message['role'] == 'system' %}" +
   "{%- if ns.system_prompt %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}" +
   "{%- else %}{% set ns.system_prompt = message['content'] %}{%- endif %}" +
   "{%- endif %}{%- endfor %}" +
+  // The request's functions by name only (V3's template leaves tools out; the gateway then
+  // presents them in full, which a 256-token context could not hold).
+  "{%- if tools %}{% set ns.system_prompt = (ns.system_prompt + '\\n\\n' if ns.system_prompt else '') + 'Tools: ' + (tools | map(attribute='function') | map(attribute='name') | join(', ')) %}{%- endif %}" +
   "{{ bos_token }}{{ ns.system_prompt }}" +
   "{%- for message in messages %}" +
+  "{%- if message['role'] == 'tool' %}" +
+  "{%- if ns.is_tool %}{{ '\\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}" +
+  "{%- else %}{{ '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}{%- endif %}" +
+  "{%- set ns.is_tool = true %}" +
+  "{%- else %}" +
+  "{%- if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{%- endif %}" +
   "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}" +
-  "{%- elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}" +
+  "{%- elif message['role'] == 'assistant' %}" +
+  "{%- if not ns.is_tool %}{{ '<｜Assistant｜>' }}{%- endif %}" +
+  "{%- if message['content'] %}{{ message['content'] }}{%- endif %}" +
+  "{%- if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}" +
+  "{%- for call in message['tool_calls'] %}{%- if not loop.first %}{{ '\\n' }}{%- endif %}" +
+  "{{ '<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>' + call['function']['name'] + '\\n```json\\n' + call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}" +
+  "{%- endfor %}{{ '<｜tool▁calls▁end｜>' }}{%- endif %}" +
+  "{{ '<｜end▁of▁sentence｜>' }}" +
+  "{%- endif %}" +
+  "{%- set ns.is_tool = false %}" +
   "{%- endif %}{%- endfor %}" +
-  "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}";
+  "{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}";
 
 /** The tiny `tokenizer_config.json` object; `maxLength` is the model's context length. */
 export function tinyTokenizerConfigJson(maxLength: number): Record<string, unknown> {

@@ -8,10 +8,38 @@ import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ExpertMeshError } from "../util/errors.ts";
 
-/** One chat turn. */
+/**
+ * DeepSeek-V3's tool-call tokens (added, not special: decoding keeps them). A call is
+ * `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>`
+ * (calls after the first preceded by a newline) `<｜tool▁calls▁end｜>`; a tool's result is
+ * `<｜tool▁output▁begin｜>TEXT<｜tool▁output▁end｜>`, a turn's results within the outputs tokens.
+ */
+export const TOOL_TOKENS = {
+  callsBegin: "<｜tool▁calls▁begin｜>",
+  callsEnd: "<｜tool▁calls▁end｜>",
+  callBegin: "<｜tool▁call▁begin｜>",
+  callEnd: "<｜tool▁call▁end｜>",
+  sep: "<｜tool▁sep｜>",
+  outputsBegin: "<｜tool▁outputs▁begin｜>",
+  outputsEnd: "<｜tool▁outputs▁end｜>",
+  outputBegin: "<｜tool▁output▁begin｜>",
+  outputEnd: "<｜tool▁output▁end｜>",
+} as const;
+
+/** A call an assistant turn made (OpenAI's shape; `arguments` is JSON text). */
+export interface ChatToolCall {
+  readonly id: string;
+  readonly type: "function";
+  readonly function: { readonly name: string; readonly arguments: string };
+}
+
+/** One chat turn: text, an assistant's tool calls (content may then be null), a tool's result. */
 export interface ChatMessage {
-  readonly role: "system" | "user" | "assistant";
-  readonly content: string;
+  readonly role: "system" | "user" | "assistant" | "tool";
+  readonly content: string | null;
+  readonly tool_calls?: readonly ChatToolCall[];
+  /** role "tool": the call this is the result of. */
+  readonly tool_call_id?: string;
 }
 
 /** Encodes and decodes text, and renders chats, for one model. */
@@ -35,10 +63,13 @@ export class Tokenizer {
   private readonly hf: HfTokenizer;
   private readonly config: Readonly<Record<string, unknown>>;
   private readonly template: Template | null;
+  /** The chat template renders the `tools` it is given (HF's `tools=`). */
+  readonly templatePresentsTools: boolean;
   private readonly source: string;
   /** The decoder maps token characters back to bytes (GPT-2's byte-level BPE). */
   private readonly byteLevel: boolean;
   /** Added tokens (special or not): their text is literal, not byte-mapped. */
+  readonly addedTokens: readonly { readonly id: number; readonly content: string }[];
   private readonly addedIds: ReadonlySet<number>;
   private bytesOfTokens: (Uint8Array | null)[] | undefined;
 
@@ -75,9 +106,12 @@ export class Tokenizer {
     const decoders = Array.isArray(decoder?.decoders) ? decoder.decoders : [decoder];
     this.byteLevel = decoders.some((d) => isObject(d) && d["type"] === "ByteLevel");
     const added = Array.isArray(tokenizerJson["added_tokens"]) ? tokenizerJson["added_tokens"] : [];
-    this.addedIds = new Set(
-      added.flatMap((t) => (isObject(t) && typeof t["id"] === "number" ? [t["id"]] : [])),
+    this.addedTokens = added.flatMap((t) =>
+      isObject(t) && typeof t["id"] === "number" && typeof t["content"] === "string"
+        ? [{ id: t["id"], content: t["content"] }]
+        : [],
     );
+    this.addedIds = new Set(this.addedTokens.map((t) => t.id));
     this.bosToken = tokenText(tokenizerConfig["bos_token"]);
     this.eosToken = tokenText(tokenizerConfig["eos_token"]);
     this.bosTokenId = this.specialId("bos_token", this.bosToken);
@@ -102,7 +136,9 @@ export class Tokenizer {
     let most = 1;
     for (const token of vocab.keys()) most = Math.max(most, Buffer.byteLength(token));
     this.maxTokenBytes = most;
-    this.template = compileTemplate(tokenizerConfig["chat_template"], source);
+    const compiled = compileTemplate(tokenizerConfig["chat_template"], source);
+    this.template = compiled?.template ?? null;
+    this.templatePresentsTools = compiled?.presentsTools ?? false;
   }
 
   /** Loads `dir/tokenizer.json` and `dir/tokenizer_config.json`. Throws EM_TOKENIZER_*. */
@@ -213,7 +249,13 @@ export class Tokenizer {
     }
     try {
       return this.template.render({
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        // As HF passes them: tool_calls and tool_call_id only where given.
+        messages: messages.map((m) => ({
+          role: m.role,
+          content: m.content,
+          ...(m.tool_calls ? { tool_calls: m.tool_calls } : {}),
+          ...(m.tool_call_id !== undefined ? { tool_call_id: m.tool_call_id } : {}),
+        })),
         add_generation_prompt: addGenerationPrompt,
         // The request's tools, for templates that present them (HF's `tools=`).
         ...(extra.tools ? { tools: extra.tools } : {}),
@@ -263,7 +305,10 @@ function tokenText(v: unknown): string | null {
 }
 
 /** The chat template: a string, or a list of `{name, template}` of which "default" is used. */
-function compileTemplate(value: unknown, source: string): Template | null {
+function compileTemplate(
+  value: unknown,
+  source: string,
+): { template: Template; presentsTools: boolean } | null {
   if (value === undefined || value === null) return null;
   let text: unknown = value;
   if (Array.isArray(value)) {
@@ -276,7 +321,8 @@ function compileTemplate(value: unknown, source: string): Template | null {
     );
   }
   try {
-    return new Template(text);
+    // A template that reads `tools` presents them; DeepSeek-V3's does not.
+    return { template: new Template(text), presentsTools: /\btools\b/.test(text) };
   } catch (err) {
     throw new ExpertMeshError(
       "EM_TOKENIZER_TEMPLATE",

@@ -178,12 +178,17 @@ describe("chat completions", () => {
       expect(isDone(state!)).toBe(c.finish_reason === "stop");
       if (c.finish_reason === "stop") expect(JSON.parse(text)).toBeTypeOf("object");
     }
-    // With the closing tokens favoured, every choice completes: JSON.parse takes it.
-    const closers = ['"', "}", "]"].map((t) => gw.ctx.tokenizer.encode(t, false)[0]!);
+    // With the closing tokens favoured (and whitespace left out), every choice completes:
+    // JSON.parse takes it.
+    const id = (t: string) => gw.ctx.tokenizer.encode(t, false)[0]!;
+    const closers = ['"', "}", "]"].map(id);
     const nudged = await gw.client.chat.completions.create({
       ...body,
       response_format: json,
-      logit_bias: Object.fromEntries(closers.map((id) => [String(id), 4])),
+      logit_bias: Object.fromEntries([
+        ...closers.map((c) => [String(c), 4]),
+        ...[" ", "\n", "\t", "\r"].map((t) => [String(id(t)), -100]),
+      ]),
     });
     for (const c of nudged.choices) {
       expect(c.finish_reason, JSON.stringify(c.message.content)).toBe("stop");
@@ -363,6 +368,187 @@ describe("chat completions", () => {
     });
     expect(none.choices[0]!.message.tool_calls ?? []).toEqual([]);
     expect(typeof none.choices[0]!.message.content).toBe("string");
+  });
+
+  describe("tool calls in DeepSeek's format", () => {
+    const fn = (name: string, parameters?: object) => ({
+      type: "function" as const,
+      function: { name, ...(parameters ? { parameters } : {}) },
+    });
+    const weather = fn("get_weather", {
+      type: "object",
+      properties: { city: { type: "string" }, days: { type: "integer" } },
+      required: ["city", "days"],
+    });
+    /** The token of one character, or of an added token's text. */
+    const id = (t: string) => gw.ctx.tokenizer.encode(t, false)[0]!;
+    // Whitespace between JSON tokens left out (this random model would pile it up).
+    const ws = () => Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [String(id(t)), -100]));
+    const CALLS_BEGIN = "<｜tool▁calls▁begin｜>";
+    const CALL_BEGIN = "<｜tool▁call▁begin｜>";
+    const CALLS_END = "<｜tool▁calls▁end｜>";
+    /** Streamed calls and content of each choice. */
+    const streamed = async (body: object) => {
+      const calls = new Map<number, { id?: string; name?: string; arguments: string }[]>();
+      const content = new Map<number, string>();
+      const finish = new Map<number, string | null>();
+      for await (const chunk of await gw.client.chat.completions.create({
+        ...(body as OpenAI.ChatCompletionCreateParamsNonStreaming),
+        stream: true,
+      }))
+        for (const c of chunk.choices) {
+          content.set(c.index, (content.get(c.index) ?? "") + (c.delta.content ?? ""));
+          if (c.finish_reason) finish.set(c.index, c.finish_reason);
+          const list = calls.get(c.index) ?? [];
+          calls.set(c.index, list);
+          for (const t of c.delta.tool_calls ?? []) {
+            list[t.index] ??= { arguments: "" };
+            const entry = list[t.index]!;
+            if (t.id) entry.id = t.id;
+            if (t.function?.name) entry.name = t.function.name;
+            entry.arguments += t.function?.arguments ?? "";
+          }
+        }
+      return { calls, content, finish };
+    };
+
+    it('"auto": once the model writes the calls token, calls to the tools follow, answered as tool_calls', async () => {
+      const body = {
+        model: "tiny",
+        messages: user("Weather in Paris?"),
+        max_tokens: 120,
+        temperature: 1,
+        seed: 11,
+        n: 4,
+        tools: [fn("noop"), weather],
+        // The calls token first (this random model would not choose it), one call (the
+        // calls-end token as soon as allowed), closing quotes and braces favoured so that
+        // the arguments end.
+        logit_bias: {
+          [id(CALLS_BEGIN)]: 100,
+          [id(CALLS_END)]: 100,
+          [id('"')]: 4,
+          [id("}")]: 4,
+          ...ws(),
+        },
+      };
+      const r = await gw.client.chat.completions.create(body);
+      for (const c of r.choices) {
+        expect(c.finish_reason, JSON.stringify(c.message)).toBe("tool_calls");
+        expect(c.message.content).toBeNull();
+        expect(c.message.tool_calls).toHaveLength(1);
+        for (const call of c.message.tool_calls!) {
+          if (call.type !== "function") throw new Error("not a function call");
+          expect(call.id).toMatch(/^call_/);
+          expect(["noop", "get_weather"]).toContain(call.function.name);
+          const args = JSON.parse(call.function.arguments) as Record<string, unknown>;
+          if (call.function.name === "get_weather") {
+            expect(Object.keys(args)).toEqual(["city", "days"]);
+            expect(typeof args["city"]).toBe("string");
+            expect(Number.isInteger(args["days"])).toBe(true);
+          }
+        }
+      }
+      // Streamed (same seed): the same calls, in deltas (a header with id and name, then
+      // the arguments in pieces), no content.
+      const s = await streamed(body);
+      for (const c of r.choices) {
+        expect(s.finish.get(c.index)).toBe("tool_calls");
+        expect(s.content.get(c.index)).toBe("");
+        const got = s.calls.get(c.index)!;
+        expect(got.map((x) => [x.name, x.arguments])).toEqual(
+          c.message.tool_calls!.map((x) =>
+            x.type === "function" ? [x.function.name, x.function.arguments] : [],
+          ),
+        );
+        for (const x of got) expect(x.id).toMatch(/^call_/);
+      }
+      // Left to itself this model writes text: content, never the calls token as text.
+      const text = await gw.client.chat.completions.create({
+        ...body,
+        logit_bias: { [id(CALLS_BEGIN)]: -100 },
+        max_tokens: 30,
+      });
+      for (const c of text.choices) {
+        expect(c.message.tool_calls ?? []).toEqual([]);
+        expect(["stop", "length"]).toContain(c.finish_reason);
+        expect(c.message.content).not.toContain(CALLS_BEGIN);
+      }
+    });
+
+    it("parallel_tool_calls: several calls in a turn, or exactly one", async () => {
+      const body = {
+        model: "tiny",
+        messages: user("Ping twice"),
+        max_tokens: 80,
+        temperature: 1,
+        seed: 2,
+        n: 2,
+        tools: [fn("noop"), fn("ping", { type: "object", properties: {} })],
+        tool_choice: "required" as const,
+        // After each call, another one whenever the grammar allows it.
+        logit_bias: { [id(CALL_BEGIN)]: 100, [id("}")]: 6, ...ws() },
+      };
+      const many = await gw.client.chat.completions.create(body);
+      for (const c of many.choices) {
+        // It never stops calling: cut at max_tokens, the last call maybe unfinished.
+        expect(c.finish_reason).toBe("length");
+        const calls = c.message.tool_calls!;
+        expect(calls.length).toBeGreaterThanOrEqual(2);
+        for (const call of calls.slice(0, -1))
+          if (call.type === "function") expect(JSON.parse(call.function.arguments)).toEqual({});
+      }
+      const one = await gw.client.chat.completions.create({ ...body, parallel_tool_calls: false });
+      for (const c of one.choices) {
+        expect(c.finish_reason).toBe("tool_calls");
+        expect(c.message.tool_calls).toHaveLength(1);
+      }
+    });
+
+    it("a conversation with calls and their results renders in DeepSeek's format", async () => {
+      const messages = [
+        { role: "user" as const, content: "Weather in Paris?" },
+        {
+          role: "assistant" as const,
+          content: null,
+          tool_calls: [
+            {
+              id: "call_1",
+              type: "function" as const,
+              function: { name: "get_weather", arguments: '{"city": "Paris", "days": 1}' },
+            },
+          ],
+        },
+        { role: "tool" as const, tool_call_id: "call_1", content: "sunny" },
+      ];
+      const r = await gw.client.chat.completions.create({
+        model: "tiny",
+        messages,
+        tools: [weather],
+        tool_choice: "none",
+        max_tokens: 4,
+        temperature: 0,
+      });
+      expect(r.choices[0]!.message.tool_calls ?? []).toEqual([]);
+      const expected = gw.ctx.tokenizer.encodeChat(
+        messages.map((m) => ({ ...m }) as never),
+        true,
+      );
+      const text = gw.ctx.tokenizer.decode(expected);
+      expect(text).toContain(
+        `${CALLS_BEGIN}${CALL_BEGIN}function<｜tool▁sep｜>get_weather\n\`\`\`json\n{"city": "Paris", "days": 1}\n\`\`\`<｜tool▁call▁end｜><｜tool▁calls▁end｜>`,
+      );
+      expect(
+        text.endsWith("<｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"),
+      ).toBe(true);
+      // The template also names the tools (the tiny one does; V3's leaves that to the
+      // gateway: tool-calls.test.ts).
+      const withTools = gw.ctx.tokenizer.encode(
+        gw.ctx.tokenizer.applyChatTemplate(messages as never, true, { tools: [weather] }),
+        false,
+      );
+      expect(r.usage!.prompt_tokens).toBe(withTools.length);
+    });
   });
 
   it("cuts the text at a stop string", async () => {
@@ -719,23 +905,40 @@ describe("errors", () => {
     [{ logit_bias: { "5": 101 } }, "logit_bias.5"],
     [{ logit_bias: { x: 1 } }, "logit_bias"],
     [{ logit_bias: { "999999": 1 } }, "logit_bias"],
-    // Not implemented, and they would change the answer: refused, not ignored.
-    // tool_choice "auto" (the default with tools): the model's own call format is not parsed.
-    [{ tools: [{ type: "function", function: { name: "f" } }] }, "tool_choice"],
-    [
-      { tools: [{ type: "function", function: { name: "f" } }], tool_choice: "auto" },
-      "tool_choice",
-    ],
+    [{ tool_choice: "auto" }, "tool_choice"],
+    [{ tools: [{ type: "function", function: { name: "f" } }], tool_choice: "any" }, "tool_choice"],
+    [{ tools: [{ type: "function", function: { name: "a b" } }] }, "tools.0"],
     [
       {
         tools: [
           { type: "function", function: { name: "f" } },
-          { type: "function", function: { name: "g" } },
+          { type: "function", function: { name: "f" } },
         ],
-        tool_choice: "required",
       },
-      "tool_choice",
+      "tools.1",
     ],
+    [
+      {
+        tools: [{ type: "function", function: { name: "f" } }],
+        response_format: { type: "json_object" },
+      },
+      "response_format",
+    ],
+    [{ messages: [{ role: "tool", content: "x" }] }, "messages.0"],
+    [
+      {
+        messages: [
+          {
+            role: "user",
+            content: "x",
+            tool_calls: [{ id: "c", type: "function", function: { name: "f", arguments: "{}" } }],
+          },
+        ],
+      },
+      "messages.0",
+    ],
+    [{ messages: [{ role: "user", content: null }] }, "messages.0"],
+    // Not implemented, and they would change the answer: refused, not ignored.
     [
       {
         tools: [{ type: "function", function: { name: "f" } }],

@@ -31,7 +31,7 @@ beforeAll(async () => {
 
 describe("tiny tokenizer", () => {
   it("has the DeepSeek special tokens and add_bos_token", () => {
-    expect(tok.size).toBe(319);
+    expect(tok.size).toBe(320);
     expect([tok.bosTokenId, tok.eosTokenId]).toEqual([0, 1]);
     expect([tok.bosToken, tok.eosToken]).toEqual([SPECIAL_TOKENS.bos, SPECIAL_TOKENS.eos]);
     expect([tok.addBosToken, tok.addEosToken]).toEqual([true, false]);
@@ -44,7 +44,10 @@ describe("tiny tokenizer", () => {
   const reference: [string, number[]][] = [
     [
       "Hello the world, with you and it is there.",
-      [77, 106, 291, 116, 268, 272, 279, 113, 105, 49, 318, 309, 295, 314, 303, 268, 267, 51],
+      [
+        77, 106, 291, 116, 268, 272, 279, 113, 105, 49, 272, 280, 109, 309, 295, 37, 280, 303, 268,
+        267, 51,
+      ],
     ],
     [
       "héllo 世界 🚀 naïve",
@@ -54,6 +57,13 @@ describe("tiny tokenizer", () => {
       ],
     ],
     ["<｜User｜>hi<｜Assistant｜>", [3, 109, 110, 4]],
+    [
+      "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+      [
+        311, 313, 107, 122, 115, 104, 121, 110, 266, 315, 107, 15, 101, 101, 101, 111, 120, 266, 15,
+        128, 130, 15, 101, 101, 101, 314, 312,
+      ],
+    ],
     [
       "  two  spaces\n\ttab",
       [37, 261, 124, 116, 37, 271, 117, 102, 104, 278, 15, 14, 121, 102, 103],
@@ -75,8 +85,8 @@ describe("tiny tokenizer", () => {
     expect(tok.decode(tok.encode(text), true)).toBe(text);
   });
 
-  it("decodes the padding ids past the tokenizer (vocab_size 320) to nothing", () => {
-    expect(tok.decode([tok.tokenToId("Ġthe")!, 319])).toBe(" the");
+  it("decodes ids past the tokenizer (DeepSeek's padding rows of vocab_size) to nothing", () => {
+    expect(tok.decode([tok.tokenToId("Ġthe")!, 320])).toBe(" the");
   });
 });
 

@@ -1,0 +1,405 @@
+// Tool calls in DeepSeek's own format (TOOL_TOKENS, src/model/tokenizer.ts): the grammar a
+// choice is decoded under when a request has tools, and the parser that turns its text into
+// OpenAI's `content` and `tool_calls`.
+//
+// The grammar lets the model write text, then (tool_choice "auto") decide to call: once it
+// samples `<｜tool▁calls▁begin｜>` the rest is constrained to well-formed calls of the
+// request's functions, each call's arguments to the function's parameters (json-schema.ts).
+// "required" and a named function start at the calls; "none" never allows them. Text is
+// free except that it cannot spell the calls-begin marker in plain bytes, so a marker in
+// the decoded text is always the token: the parser, reading text, sees what the grammar saw.
+import { type ChatMessage, TOOL_TOKENS } from "../model/tokenizer.ts";
+import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import { compileSchema } from "./json-schema.ts";
+
+/** A function of the request's `tools`. */
+export interface ToolFunction {
+  readonly name: string;
+  readonly description?: string;
+  /** A JSON schema of an object. */
+  readonly parameters: unknown;
+}
+
+/** "auto": text or calls; "required": calls only; "none": text only. */
+export type ToolMode = "auto" | "required" | "none";
+
+export interface ToolCallOptions {
+  readonly mode: ToolMode;
+  /** More than one call in a turn (OpenAI's parallel_tool_calls). */
+  readonly parallel: boolean;
+}
+
+const utf8 = (s: string) => [...Buffer.from(s, "utf8")];
+
+/** Between a call's name and its arguments, and after its arguments. */
+const ARGS_OPEN = "\n```json\n";
+const ARGS_CLOSE = "\n```";
+
+/** Phases of the automaton's state. */
+const P = { Text: 0, Literal: 1, Name: 2, Args: 3, Next: 4, Done: 5 } as const;
+
+/**
+ * Text: `i` marker bytes matched; Literal: literal `t`, `i` units in; Name: trie node `i`;
+ * Args: function `t`, its arguments' state `inner`.
+ */
+export interface ToolState {
+  readonly p: number;
+  readonly i: number;
+  readonly t: number;
+  readonly inner?: unknown;
+}
+
+const TEXT: ToolState = { p: P.Text, i: 0, t: 0 };
+const NEXT: ToolState = { p: P.Next, i: 0, t: 0 };
+const DONE: ToolState = { p: P.Done, i: 0, t: 0 };
+/** The literals: the calls' opening, a call's head, a call's close. */
+const OPEN = 0;
+const HEAD = 1;
+const CLOSE = 2;
+
+/** Calls over a vocabulary's symbols (which must hold DeepSeek's tool-call tokens). */
+export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
+  readonly symbols = true;
+  readonly start: ToolState;
+  readonly #parallel: boolean;
+  readonly #mode: ToolMode;
+  readonly #args: ByteAutomaton<unknown>[];
+  readonly #literals: number[][];
+  readonly #callsBegin: number;
+  readonly #callBegin: number;
+  readonly #callsEnd: number;
+  /** Tool-call symbols text may not hold (all but calls-begin). */
+  readonly #toolSymbols: Set<number>;
+  /** The calls-begin marker's bytes and their KMP failure table. */
+  readonly #marker: number[];
+  readonly #fail: number[];
+  /** Trie of `name + ARGS_OPEN`: children per node; the function a leaf ends. */
+  readonly #trie: Map<number, number>[] = [new Map()];
+  readonly #leaf = new Map<number, number>();
+
+  constructor(
+    symbols: Record<keyof typeof TOOL_TOKENS, number>,
+    tools: readonly ToolFunction[],
+    o: ToolCallOptions,
+  ) {
+    this.#mode = o.mode;
+    this.#parallel = o.parallel;
+    this.#callsBegin = symbols.callsBegin;
+    this.#callBegin = symbols.callBegin;
+    this.#callsEnd = symbols.callsEnd;
+    this.#toolSymbols = new Set(Object.values(symbols).filter((s) => s !== symbols.callsBegin));
+    const head = [symbols.callBegin, ...utf8("function"), symbols.sep];
+    this.#literals = [[symbols.callsBegin, ...head], head, [...utf8(ARGS_CLOSE), symbols.callEnd]];
+    this.#args = tools.map(
+      (f) =>
+        compileSchema(f.parameters, {
+          param: "tools",
+          label: `tool '${f.name}' parameters`,
+        }) as ByteAutomaton<unknown>,
+    );
+    tools.forEach((f, t) => {
+      let node = 0;
+      for (const b of utf8(f.name + ARGS_OPEN)) {
+        let child = this.#trie[node]!.get(b);
+        if (child === undefined) {
+          child = this.#trie.length;
+          this.#trie.push(new Map());
+          this.#trie[node]!.set(b, child);
+        }
+        node = child;
+      }
+      // Names have no newline, so no name's entry is a prefix of another's.
+      this.#leaf.set(node, t);
+    });
+    this.#marker = utf8(TOOL_TOKENS.callsBegin);
+    this.#fail = failure(this.#marker);
+    this.start = o.mode === "auto" || o.mode === "none" ? TEXT : { p: P.Literal, t: OPEN, i: 0 };
+  }
+
+  step(s: ToolState, b: number): ToolState | null {
+    switch (s.p) {
+      case P.Text: {
+        if (b >= 256) {
+          if (b === this.#callsBegin)
+            return this.#mode === "none" ? null : { p: P.Literal, t: OPEN, i: 1 };
+          return this.#toolSymbols.has(b) ? null : TEXT;
+        }
+        let m = s.i;
+        while (m > 0 && this.#marker[m] !== b) m = this.#fail[m - 1]!;
+        if (this.#marker[m] === b) m++;
+        if (m === this.#marker.length) return null;
+        return m === 0 ? TEXT : { p: P.Text, i: m, t: 0 };
+      }
+      case P.Literal: {
+        const lit = this.#literals[s.t]!;
+        if (lit[s.i] !== b) return null;
+        if (s.i + 1 < lit.length) return { p: P.Literal, t: s.t, i: s.i + 1 };
+        return s.t === CLOSE ? NEXT : { p: P.Name, i: 0, t: 0 };
+      }
+      case P.Name: {
+        const child = this.#trie[s.i]!.get(b);
+        if (child === undefined) return null;
+        const t = this.#leaf.get(child);
+        return t === undefined
+          ? { p: P.Name, i: child, t: 0 }
+          : { p: P.Args, i: 0, t, inner: this.#args[t]!.start };
+      }
+      case P.Args: {
+        if (b >= 256) return null;
+        const args = this.#args[s.t]!;
+        const inner = args.step(s.inner, b);
+        if (inner === null) return null;
+        return args.isDone(inner) ? { p: P.Literal, t: CLOSE, i: 0 } : { ...s, inner };
+      }
+      case P.Next:
+        if (b === this.#callsEnd) return DONE;
+        if (!this.#parallel) return null;
+        if (b === 0x0a) return { p: P.Literal, t: HEAD, i: 0 };
+        return b === this.#callBegin ? { p: P.Literal, t: HEAD, i: 1 } : null;
+      default:
+        return null;
+    }
+  }
+
+  isDone(s: ToolState): boolean {
+    return s.p === P.Done;
+  }
+
+  key(s: ToolState): string {
+    switch (s.p) {
+      case P.Text:
+        return `t${s.i}`;
+      case P.Literal:
+        return `l${s.t},${s.i}`;
+      case P.Name:
+        return `n${s.i}`;
+      case P.Args:
+        return `a${s.t}|${this.#args[s.t]!.key(s.inner)}`;
+      default:
+        return s.p === P.Next ? "x" : "d";
+    }
+  }
+
+  local(s: ToolState): { key: string; byte: number } | null {
+    if (s.p !== P.Args) return null;
+    const l = this.#args[s.t]!.local?.(s.inner) ?? null;
+    return l && { key: `a${s.t}|${l.key}`, byte: l.byte };
+  }
+}
+
+/** KMP failure table of `p`. */
+function failure(p: readonly number[]): number[] {
+  const f = new Array<number>(p.length).fill(0);
+  for (let i = 1, k = 0; i < p.length; i++) {
+    while (k > 0 && p[i] !== p[k]) k = f[k - 1]!;
+    if (p[i] === p[k]) k++;
+    f[i] = k;
+  }
+  return f;
+}
+
+/** The tool-call symbols of a vocabulary, or null when it lacks any (not DeepSeek's format). */
+export function toolSymbols(
+  vocabulary: Vocabulary,
+): Record<keyof typeof TOOL_TOKENS, number> | null {
+  const out: Partial<Record<keyof typeof TOOL_TOKENS, number>> = {};
+  for (const [k, text] of Object.entries(TOOL_TOKENS)) {
+    const s = vocabulary.symbol(text);
+    if (s === null) return null;
+    out[k as keyof typeof TOOL_TOKENS] = s;
+  }
+  return out as Record<keyof typeof TOOL_TOKENS, number>;
+}
+
+/** Grammars of the tool sets seen last, per vocabulary (clients send the same tools again). */
+const MAX_GRAMMARS = 16;
+const grammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<ToolState>>>();
+
+/**
+ * The grammar of calls to `tools` over `vocabulary` (built once per distinct tool set and
+ * options), or null when the vocabulary has no tool-call tokens. Throws 400 for parameters
+ * the schema subset does not cover (json-schema.ts).
+ */
+export function toolCallGrammar(
+  vocabulary: Vocabulary,
+  tools: readonly ToolFunction[],
+  o: ToolCallOptions,
+): TokenGrammar<ToolState> | null {
+  const symbols = toolSymbols(vocabulary);
+  if (!symbols) return null;
+  let byText = grammars.get(vocabulary);
+  if (!byText) {
+    byText = new Map();
+    grammars.set(vocabulary, byText);
+  }
+  const text = JSON.stringify([o.mode, o.parallel, tools.map((f) => [f.name, f.parameters])]);
+  let g = byText.get(text);
+  if (g) {
+    byText.delete(text);
+  } else {
+    g = new TokenGrammar(new ToolCallAutomaton(symbols, tools, o), vocabulary);
+    if (byText.size >= MAX_GRAMMARS) byText.delete(byText.keys().next().value!);
+  }
+  byText.set(text, g);
+  return g;
+}
+
+/** What the parser finds in the text, in order. */
+export type ToolEvent =
+  | { readonly type: "content"; readonly text: string }
+  /** A call's name is complete: call `index` (0, 1, ... in the turn) begins. */
+  | { readonly type: "call"; readonly index: number; readonly name: string }
+  /** More of call `index`'s arguments (JSON text). */
+  | { readonly type: "arguments"; readonly index: number; readonly text: string };
+
+/**
+ * Reads a choice's text as it is released and tells its content and calls apart. Text
+ * that may be the start of a marker is held until the next push (or end()).
+ */
+export class ToolCallParser {
+  #buf = "";
+  #mode: "content" | "head" | "args" | "close" | "next" | "done" = "content";
+  #calls = 0;
+
+  /** Calls begun so far. */
+  get calls(): number {
+    return this.#calls;
+  }
+
+  push(text: string): ToolEvent[] {
+    this.#buf += text;
+    const out: ToolEvent[] = [];
+    for (;;) {
+      const before = this.#buf.length;
+      const mode = this.#mode;
+      this.#advance(out);
+      if (this.#buf.length === before && this.#mode === mode) return out;
+    }
+  }
+
+  /** The end of the text: what was held back. */
+  end(): ToolEvent[] {
+    const out: ToolEvent[] = [];
+    if (this.#buf && this.#mode === "content") out.push({ type: "content", text: this.#buf });
+    if (this.#buf && this.#mode === "args")
+      out.push({ type: "arguments", index: this.#calls - 1, text: this.#buf });
+    this.#buf = "";
+    return out;
+  }
+
+  #advance(out: ToolEvent[]): void {
+    const buf = this.#buf;
+    switch (this.#mode) {
+      case "content": {
+        const at = buf.indexOf(TOOL_TOKENS.callsBegin);
+        const upTo = at >= 0 ? at : buf.length - heldBack(buf, TOOL_TOKENS.callsBegin);
+        if (upTo > 0) out.push({ type: "content", text: buf.slice(0, upTo) });
+        this.#buf = buf.slice(at >= 0 ? at + TOOL_TOKENS.callsBegin.length : upTo);
+        if (at >= 0) this.#mode = "head";
+        return;
+      }
+      case "head": {
+        // <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n
+        const end = buf.indexOf(ARGS_OPEN);
+        if (end < 0) return;
+        const sep = buf.indexOf(TOOL_TOKENS.sep);
+        const name = buf.slice(sep + TOOL_TOKENS.sep.length, end);
+        out.push({ type: "call", index: this.#calls++, name });
+        this.#buf = buf.slice(end + ARGS_OPEN.length);
+        this.#mode = "args";
+        return;
+      }
+      case "args": {
+        // JSON text cannot hold a newline followed by ``` (strings escape newlines).
+        const at = buf.indexOf(ARGS_CLOSE);
+        const upTo = at >= 0 ? at : buf.length - heldBack(buf, ARGS_CLOSE);
+        if (upTo > 0)
+          out.push({ type: "arguments", index: this.#calls - 1, text: buf.slice(0, upTo) });
+        this.#buf = buf.slice(at >= 0 ? at + ARGS_CLOSE.length : upTo);
+        if (at >= 0) this.#mode = "close";
+        return;
+      }
+      case "close":
+        if (buf.startsWith(TOOL_TOKENS.callEnd)) {
+          this.#buf = buf.slice(TOOL_TOKENS.callEnd.length);
+          this.#mode = "next";
+        }
+        return;
+      case "next":
+        if (buf.startsWith("\n")) this.#buf = buf.slice(1);
+        else if (buf.startsWith(TOOL_TOKENS.callBegin)) this.#mode = "head";
+        else if (buf.startsWith(TOOL_TOKENS.callsEnd)) {
+          this.#buf = buf.slice(TOOL_TOKENS.callsEnd.length);
+          this.#mode = "done";
+        }
+        return;
+      case "done":
+        this.#buf = "";
+        return;
+    }
+  }
+}
+
+/** The length of the longest end of `text` that is a proper start of `marker`. */
+function heldBack(text: string, marker: string): number {
+  for (let n = Math.min(text.length, marker.length - 1); n > 0; n--)
+    if (marker.startsWith(text.slice(text.length - n))) return n;
+  return 0;
+}
+
+/** A whole text's content and calls. */
+export function parseToolCalls(text: string): {
+  content: string;
+  calls: { name: string; arguments: string }[];
+} {
+  const p = new ToolCallParser();
+  let content = "";
+  const calls: { name: string; arguments: string }[] = [];
+  for (const e of [...p.push(text), ...p.end()]) {
+    if (e.type === "content") content += e.text;
+    else if (e.type === "call") calls.push({ name: e.name, arguments: "" });
+    else calls[e.index]!.arguments += e.text;
+  }
+  return { content, calls };
+}
+
+/**
+ * The request's functions as a system prompt, for chat templates that do not present
+ * `tools` themselves (DeepSeek-V3's does not): each function's name, description and
+ * parameters, and the format of a call.
+ */
+export function toolsPrompt(tools: readonly ToolFunction[]): string {
+  const t = TOOL_TOKENS;
+  const parts = tools.map(
+    (f) =>
+      `### ${f.name}\n` +
+      (f.description ? `Description: ${f.description}\n` : "") +
+      `Parameters: ${JSON.stringify(f.parameters)}`,
+  );
+  return (
+    `## Tools\n\nYou can call these functions:\n\n${parts.join("\n\n")}\n\n` +
+    `To call functions, answer with ${t.callsBegin}, then for each call ` +
+    `${t.callBegin}function${t.sep}FUNCTION_NAME${ARGS_OPEN}ARGUMENTS_AS_JSON${ARGS_CLOSE}${t.callEnd} ` +
+    `(calls after the first on a new line), then ${t.callsEnd}.`
+  );
+}
+
+/**
+ * `messages` with `tools` presented: by the template itself when it reads `tools`
+ * (`templatePresentsTools`), else as a system message (toolsPrompt) after the leading
+ * system messages (DeepSeek's template joins every system message into the prompt's start).
+ */
+export function withTools(
+  messages: readonly ChatMessage[],
+  tools: readonly ToolFunction[],
+  templatePresentsTools: boolean,
+): ChatMessage[] {
+  if (tools.length === 0 || templatePresentsTools) return [...messages];
+  let at = 0;
+  while (messages[at]?.role === "system") at++;
+  return [
+    ...messages.slice(0, at),
+    { role: "system", content: toolsPrompt(tools) },
+    ...messages.slice(at),
+  ];
+}
