@@ -331,8 +331,8 @@ async function chat(
     if (plan.kind === "arguments")
       return text ? [{ tool_calls: [{ index: 0, function: { arguments: text } }] }] : [];
     if (plan.kind === "text") return text ? [{ content: text }] : [];
-    let parser = parsers.get(c.index);
-    if (!parser) parsers.set(c.index, (parser = new ToolCallParser()));
+    const parser = parsers.get(c.index) ?? new ToolCallParser();
+    parsers.set(c.index, parser);
     const events = [...parser.push(text), ...(end ? parser.end() : [])];
     return events.map((e) =>
       e.type === "content"
@@ -355,13 +355,12 @@ async function chat(
     onToken: (c, t, text) => {
       const ds = deltas(c, text, false);
       if (ds.length === 0 && spec.logprobs !== null) ds.push({});
-      ds.forEach((delta, i) =>
+      for (const [i, delta] of ds.entries())
         send(
           chunk([
             { index: c.index, delta, logprobs: i === 0 ? lp([t]) : null, finish_reason: null },
           ]),
-        ),
-      );
+        );
     },
     onFinish: (c, text) => {
       const ds = deltas(c, text, true);

@@ -371,7 +371,7 @@ describe("chat completions", () => {
   });
 
   describe("tool calls in DeepSeek's format", () => {
-    const fn = (name: string, parameters?: object) => ({
+    const fn = (name: string, parameters?: Record<string, unknown>) => ({
       type: "function" as const,
       function: { name, ...(parameters ? { parameters } : {}) },
     });
