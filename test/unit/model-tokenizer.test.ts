@@ -8,7 +8,7 @@ import {
   tinyTokenizerConfigJson,
   tinyTokenizerJson,
 } from "../../src/model/tiny-tokenizer.ts";
-import { type ChatMessage, Tokenizer } from "../../src/model/tokenizer.ts";
+import { type ChatMessage, TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
 const root = mkdtempSync(join(tmpdir(), "em-tokenizer-"));
@@ -105,6 +105,64 @@ describe("chat template", () => {
     );
     expect(tok.applyChatTemplate([{ role: "user", content: "Hi" }])).toBe(
       "<｜begin▁of▁sentence｜><｜User｜>Hi",
+    );
+  });
+
+  it("renders tool calls and their results as DeepSeek-V3's template does", () => {
+    const call = (id: string, args: string) => ({
+      id,
+      type: "function" as const,
+      function: { name: "get_weather", arguments: args },
+    });
+    const turns: ChatMessage[] = [
+      { role: "user", content: "Paris and Rome?" },
+      {
+        role: "assistant",
+        content: "Checking.",
+        tool_calls: [call("a", '{"city":"Paris"}'), call("b", '{"city":"Rome"}')],
+      },
+      { role: "tool", content: "sunny", tool_call_id: "a" },
+      { role: "tool", content: "rain", tool_call_id: "b" },
+    ];
+    const calls =
+      "<｜Assistant｜>Checking.<｜tool▁calls▁begin｜>" +
+      '<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city":"Paris"}\n```<｜tool▁call▁end｜>\n' +
+      '<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city":"Rome"}\n```<｜tool▁call▁end｜>' +
+      "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>";
+    const outputs =
+      "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜>\n" +
+      "<｜tool▁output▁begin｜>rain<｜tool▁output▁end｜><｜tool▁outputs▁end｜>";
+    // After results the model answers straight on (no assistant token), as in V3's.
+    expect(tok.applyChatTemplate(turns, true)).toBe(
+      `<｜begin▁of▁sentence｜><｜User｜>Paris and Rome?${calls}${outputs}`,
+    );
+    expect(
+      tok.applyChatTemplate(
+        [
+          ...turns,
+          { role: "assistant", content: "Sunny, rainy." },
+          { role: "user", content: "Thanks" },
+        ],
+        true,
+      ),
+    ).toBe(
+      `<｜begin▁of▁sentence｜><｜User｜>Paris and Rome?${calls}${outputs}Sunny, rainy.<｜end▁of▁sentence｜><｜User｜>Thanks<｜Assistant｜>`,
+    );
+    // Tool tokens encode as single ids.
+    const ids = tok.encode(calls, false);
+    for (const t of Object.values(TOOL_TOKENS).slice(0, 5)) expect(ids).toContain(tok.tokenToId(t));
+  });
+
+  it("names the request's tools after the system prompt", () => {
+    const tools = [
+      { type: "function", function: { name: "a" } },
+      { type: "function", function: { name: "b" } },
+    ];
+    expect(tok.applyChatTemplate([{ role: "user", content: "x" }], true, { tools })).toBe(
+      "<｜begin▁of▁sentence｜>Tools: a, b<｜User｜>x<｜Assistant｜>",
+    );
+    expect(tok.applyChatTemplate(chat.slice(0, 1), false, { tools })).toBe(
+      "<｜begin▁of▁sentence｜>Be brief.\n\nTools: a, b",
     );
   });
 

@@ -1,0 +1,354 @@
+// Tool calls in DeepSeek's format (src/gateway/tool-calls.ts) over the tiny tokenizer's
+// vocabulary, whose tool tokens are symbols: the automaton on hand-written outputs, its
+// masks against checking every token, the JSON grammars never allowing a symbol, the
+// parser against a regular-expression reading of random constrained outputs (whole and cut
+// in random pieces), and the functions presented to a template that does not present them.
+import { describe, expect, it } from "vitest";
+import {
+  GrammarConstraint,
+  SYMBOL_BASE,
+  type TokenBytes,
+  vocabularyFor,
+} from "../../src/gateway/grammar.ts";
+import { jsonObjectGrammar } from "../../src/gateway/json-mode.ts";
+import {
+  parseToolCalls,
+  type ToolCallOptions,
+  ToolCallParser,
+  type ToolEvent,
+  type ToolFunction,
+  type ToolState,
+  toolCallGrammar,
+  toolsPrompt,
+  withTools,
+} from "../../src/gateway/tool-calls.ts";
+import { Prng } from "../../src/model/prng.ts";
+import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
+import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
+import { expectExactMasks } from "../support/grammar.ts";
+
+const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
+const V = 320;
+const vocab = vocabularyFor(tok, V)!;
+const T = TOOL_TOKENS;
+
+const TOOLS: ToolFunction[] = [
+  {
+    name: "get_weather",
+    parameters: {
+      type: "object",
+      properties: { city: { type: "string" }, days: { type: "integer" } },
+      required: ["city", "days"],
+    },
+  },
+  // A prefix of the other's name: the name trie has to wait for the newline.
+  { name: "get", parameters: { type: "object", properties: {} } },
+];
+
+/** `text` as the automaton's units: added tokens' texts as their symbols, the rest bytes. */
+function units(text: string): number[] {
+  const out: number[] = [];
+  const added = tok.addedTokens.map((t) => t.content);
+  let i = 0;
+  while (i < text.length) {
+    const hit = added.find((a) => text.startsWith(a, i));
+    if (hit) {
+      out.push(vocab.symbol(hit)!);
+      i += hit.length;
+      continue;
+    }
+    const cp = text.codePointAt(i)!;
+    const ch = String.fromCodePoint(cp);
+    out.push(...Buffer.from(ch, "utf8"));
+    i += ch.length;
+  }
+  return out;
+}
+
+const call = (name: string, args: string) =>
+  `${T.callBegin}function${T.sep}${name}\n\`\`\`json\n${args}\n\`\`\`${T.callEnd}`;
+const calls = (...c: string[]) => `${T.callsBegin}${c.join("\n")}${T.callsEnd}`;
+
+/** `text` (or units) through the automaton: where it is refused (-1: never), and whether done. */
+function check(
+  text: string | number[],
+  o: ToolCallOptions,
+): { refusedAt: number; done: boolean; state: ToolState | null } {
+  const a = toolCallGrammar(vocab, TOOLS, o)!.automaton;
+  let s: ToolState | null = a.start;
+  const u = typeof text === "string" ? units(text) : text;
+  for (let i = 0; i < u.length; i++) {
+    s = a.step(s, u[i]!);
+    if (!s) return { refusedAt: i, done: false, state: null };
+  }
+  return { refusedAt: -1, done: a.isDone(s), state: s };
+}
+
+const AUTO: ToolCallOptions = { mode: "auto", parallel: true };
+const REQUIRED: ToolCallOptions = { mode: "required", parallel: true };
+const SINGLE: ToolCallOptions = { mode: "auto", parallel: false };
+const NONE: ToolCallOptions = { mode: "none", parallel: true };
+
+describe("the tool-call automaton", () => {
+  const weather = call("get_weather", '{"city": "Paris", "days": 2}');
+  it.each([
+    ["text alone (auto)", "Let me see. <b>ok</b>", AUTO, false],
+    ["text, then a call", `Checking.${calls(weather)}`, AUTO, true],
+    ["a call at once", calls(call("get", "{}")), AUTO, true],
+    ["two calls, a newline between", calls(weather, call("get", "{ }")), AUTO, true],
+    [
+      "two calls, nothing between",
+      calls(weather).replace(T.callsEnd, call("get", "{}") + T.callsEnd),
+      AUTO,
+      true,
+    ],
+    ["required: a call", calls(weather), REQUIRED, true],
+    ["one call when not parallel", calls(weather), SINGLE, true],
+    ["text when none", "plain", NONE, false],
+    ["the end-of-sentence token in text", `bye<｜end▁of▁sentence｜>`, AUTO, false],
+    ["a near miss of the marker in text", "<｜tool▁calls▁begin| <｜tool▁calls▁begin", AUTO, false],
+  ])("accepts %s", (_what, text, o, done) => {
+    const r = check(text, o);
+    expect(r.refusedAt).toBe(-1);
+    expect(r.done).toBe(done);
+  });
+
+  // [what, a prefix taken whole, the rest: refused at its first unit, options]
+  const refused: [string, string, string, ToolCallOptions][] = [
+    ["required: text first", "", "Hi", REQUIRED],
+    ["none: the calls token", "x", T.callsBegin, NONE],
+    ["a second call when not parallel", T.callsBegin + weather, `\n${weather}`, SINGLE],
+    ["another tool token in text", "x", T.callBegin, AUTO],
+    ["an unknown function", `${T.callsBegin}${T.callBegin}function${T.sep}g`, "ot", AUTO],
+    ["a name without its newline", `${T.callsBegin}${T.callBegin}function${T.sep}get`, "```", AUTO],
+    ["another call type", `${T.callsBegin}${T.callBegin}f`, "n", AUTO],
+    [
+      "arguments against the schema",
+      `${T.callsBegin}${call("get_weather", "").split("\n```json\n")[0]}\n\`\`\`json\n{"city": `,
+      "1",
+      AUTO,
+    ],
+    [
+      "a token inside the arguments",
+      `${T.callsBegin}${T.callBegin}function${T.sep}get\n\`\`\`json\n{`,
+      T.sep,
+      AUTO,
+    ],
+    ["text after the calls", calls(weather), "more", AUTO],
+  ];
+  it.each(refused)("refuses %s", (_what, prefix, rest, o) => {
+    expect(check(prefix, o).refusedAt).toBe(-1);
+    expect(check(prefix + rest, o).refusedAt).toBe(units(prefix).length);
+  });
+
+  it("refuses the marker spelled in bytes, at its last byte", () => {
+    const bytes = [...Buffer.from(`a ${T.callsBegin}`)];
+    expect(check(bytes, AUTO).refusedAt).toBe(bytes.length - 1);
+    // One byte short is text; the whole marker after such a near miss is refused again.
+    expect(check(bytes.slice(0, -1), AUTO).refusedAt).toBe(-1);
+    const again = [...bytes.slice(0, -1), 0x3c, ...bytes.slice(2)];
+    expect(check(again, AUTO).refusedAt).toBe(again.length - 1);
+  });
+
+  it("keys equal futures: text states are the marker bytes matched", () => {
+    const a = toolCallGrammar(vocab, TOOLS, AUTO)!.automaton;
+    expect(a.key(check("abc", AUTO).state!)).toBe(a.key(check("", AUTO).state!));
+    expect(a.key(check("x<｜", AUTO).state!)).toBe(a.key(check("<｜", AUTO).state!));
+    expect(a.key(check("<｜", AUTO).state!)).not.toBe(a.key(check("<", AUTO).state!));
+  });
+});
+
+/** A random constrained output: tokens drawn from each state's mask (a token at a time). */
+function randomOutput(o: ToolCallOptions, rng: Prng, bias: (id: number) => number): number[] {
+  const g = toolCallGrammar(vocab, TOOLS, o)!;
+  const c = new GrammarConstraint(g);
+  const ids: number[] = [];
+  for (let n = 0; n < 200; n++) {
+    const mask = c.allowed();
+    const allowed: number[] = [];
+    const weights: number[] = [];
+    for (let id = 0; id < V; id++)
+      if ((mask[id >>> 5]! >>> (id & 31)) & 1) {
+        allowed.push(id);
+        weights.push(bias(id));
+      }
+    let u = rng.uniform() * weights.reduce((x, y) => x + y, 0);
+    let pick = 0;
+    while (pick < allowed.length - 1 && u >= weights[pick]!) u -= weights[pick++]!;
+    const id = allowed[pick]!;
+    if (id === tok.eosTokenId) break;
+    ids.push(id);
+    if (c.accept(id)) break;
+  }
+  return ids;
+}
+
+describe("masks", () => {
+  it("allow exactly the tokens the automaton takes, symbols included", () => {
+    for (const o of [AUTO, REQUIRED, SINGLE, NONE]) {
+      const g = toolCallGrammar(vocab, TOOLS, o)!;
+      const a = g.automaton;
+      const states: ToolState[] = [a.start];
+      const texts = [
+        `ok <｜tool▁calls▁beg`,
+        calls(call("get_weather", '{"city": "a\\"b", "days": -3}'), call("get", "{}")),
+      ];
+      for (const text of texts) {
+        let s: ToolState | null = a.start;
+        for (const u of units(text)) {
+          s = s && a.step(s, u);
+          if (s) states.push(s);
+        }
+      }
+      expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], V);
+    }
+  });
+
+  it("JSON grammars never allow a symbol (the end-of-sentence token among them)", () => {
+    const g = jsonObjectGrammar(vocab);
+    let s = g.automaton.start;
+    for (const b of Buffer.from('{"a": "in a string')) s = g.automaton.step(s, b)!;
+    const symbolIds = tok.addedTokens.map((t) => t.id);
+    for (const state of [g.automaton.start, s]) {
+      const mask = g.mask(state);
+      for (const id of symbolIds) expect((mask[id >>> 5]! >>> (id & 31)) & 1, `id ${id}`).toBe(0);
+    }
+    expect(symbolIds.every((id) => vocab.bytes[id]![0]! >= SYMBOL_BASE)).toBe(true);
+    const c = new GrammarConstraint(g);
+    expect(() => c.accept(tok.eosTokenId!)).toThrow(/not allowed/);
+  });
+});
+
+/** The calls as a regular expression reads a whole text (as vLLM's DeepSeek-V3 parser). */
+function oracle(text: string): { content: string; calls: { name: string; arguments: string }[] } {
+  const at = text.indexOf(T.callsBegin);
+  if (at < 0) return { content: text, calls: [] };
+  const re = new RegExp(
+    `${T.callBegin}function${T.sep}([^\\n]*)\\n\`\`\`json\\n([\\s\\S]*?)\\n\`\`\`${T.callEnd}`,
+    "g",
+  );
+  return {
+    content: text.slice(0, at),
+    calls: [...text.slice(at).matchAll(re)].map((m) => ({ name: m[1]!, arguments: m[2]! })),
+  };
+}
+
+/** The events of `text` pushed in random pieces (markers cut too), merged per kind. */
+function parseInPieces(text: string, rng: Prng): ReturnType<typeof parseToolCalls> {
+  const p = new ToolCallParser();
+  const events: ToolEvent[] = [];
+  for (let i = 0; i < text.length; ) {
+    const n = 1 + Math.floor(rng.uniform() * 12);
+    events.push(...p.push(text.slice(i, i + n)));
+    i += n;
+  }
+  events.push(...p.end());
+  const out: ReturnType<typeof parseToolCalls> = { content: "", calls: [] };
+  for (const e of events) {
+    if (e.type === "content") out.content += e.text;
+    else if (e.type === "call") {
+      expect(e.index).toBe(out.calls.length);
+      out.calls.push({ name: e.name, arguments: "" });
+    } else out.calls[e.index]!.arguments += e.text;
+  }
+  return out;
+}
+
+describe("the parser", () => {
+  const rng = new Prng(42, "tool-calls");
+  const specials = new Set(Object.values(T).map((t) => vocab.symbol(t)!));
+  // Tool tokens, closing braces and quotes favoured so that outputs end within 200 tokens.
+  const closing = new Set(['"', "}"].map((c) => tok.encode(c, false)[0]!));
+  const ws = new Set([" ", "\n", "\t", "\r"].map((c) => tok.encode(c, false)[0]!));
+  const bias = (id: number) => {
+    const bytes = vocab.bytes[id]!;
+    if (bytes[0]! >= SYMBOL_BASE && specials.has(bytes[0]!)) return 400;
+    return closing.has(id) ? 60 : ws.has(id) ? 0.2 : 1;
+  };
+  const outputs = Array.from({ length: 60 }, (_, i) =>
+    tok.decode(randomOutput([AUTO, REQUIRED, SINGLE][i % 3]!, rng, bias), true),
+  );
+
+  it("reads random outputs as a regular expression does, whole or in pieces", () => {
+    let withCalls = 0;
+    for (const text of outputs) {
+      const want = oracle(text);
+      const whole = parseToolCalls(text);
+      // A call the output ended within: its arguments so far (the oracle needs the end).
+      const complete = text.endsWith(T.callsEnd);
+      if (complete) expect(whole, JSON.stringify(text)).toEqual(want);
+      else expect(whole.calls.slice(0, want.calls.length)).toEqual(want.calls);
+      expect(parseInPieces(text, rng), JSON.stringify(text)).toEqual(whole);
+      if (complete) for (const c of whole.calls) JSON.parse(c.arguments);
+      if (whole.calls.length > 0) withCalls++;
+    }
+    // The sample holds calls (and several complete ones).
+    expect(withCalls).toBeGreaterThan(20);
+    expect(outputs.filter((t) => t.endsWith(T.callsEnd)).length).toBeGreaterThan(10);
+  });
+
+  it.each([
+    ["text only", "hello", { content: "hello", calls: [] }],
+    [
+      "a marker's start held back, then released at the end",
+      "a <｜tool",
+      { content: "a <｜tool", calls: [] },
+    ],
+    [
+      "a call cut in its arguments",
+      `${T.callsBegin}${T.callBegin}function${T.sep}get\n\`\`\`json\n{"a": \n\``,
+      { content: "", calls: [{ name: "get", arguments: '{"a": \n`' }] },
+    ],
+    [
+      "a call cut in its name",
+      `x${T.callsBegin}${T.callBegin}function${T.sep}ge`,
+      { content: "x", calls: [] },
+    ],
+  ])("%s", (_what, text, want) => {
+    expect(parseToolCalls(text)).toEqual(want);
+    expect(parseInPieces(text, rng)).toEqual(want);
+  });
+});
+
+describe("presenting the functions", () => {
+  const messages = [
+    { role: "system" as const, content: "Be brief." },
+    { role: "user" as const, content: "Weather?" },
+  ];
+
+  it("as a system message after the leading ones, where the template does not", () => {
+    const out = withTools(messages, TOOLS, false);
+    expect(out.map((m) => m.role)).toEqual(["system", "system", "user"]);
+    expect(out[1]!.content).toBe(toolsPrompt(TOOLS));
+    expect(withTools(messages.slice(1), TOOLS, false).map((m) => m.role)).toEqual([
+      "system",
+      "user",
+    ]);
+    expect(withTools(messages, TOOLS, true)).toEqual(messages);
+    expect(withTools(messages, [], false)).toEqual(messages);
+  });
+
+  it("names each function, its parameters and the format, the markers as single tokens", () => {
+    const prompt = toolsPrompt([{ ...TOOLS[0]!, description: "The weather in a city" }]);
+    expect(prompt).toContain("### get_weather\nDescription: The weather in a city\n");
+    expect(prompt).toContain(JSON.stringify(TOOLS[0]!.parameters));
+    const ids = tok.encode(prompt, false);
+    for (const t of [T.callsBegin, T.callBegin, T.sep, T.callEnd, T.callsEnd])
+      expect(ids).toContain(tok.tokenToId(t));
+  });
+
+  it("V3's template (without a tools section) is told apart from one with", () => {
+    const config = tinyTokenizerConfigJson(256);
+    const template = config["chat_template"] as string;
+    const v3 = new Tokenizer(tinyTokenizerJson(), {
+      ...config,
+      // The tiny template without its line naming the tools: V3's own leaves them out.
+      chat_template: template.replace(/\{%- if tools %\}.*?\{%- endif %\}/, ""),
+    });
+    expect(tok.templatePresentsTools).toBe(true);
+    expect(v3.templatePresentsTools).toBe(false);
+    const rendered = v3.applyChatTemplate(withTools(messages, TOOLS, false), true);
+    expect(rendered).toContain(`Be brief.\n\n## Tools`);
+    expect(rendered.endsWith("<｜User｜>Weather?<｜Assistant｜>")).toBe(true);
+  });
+});
