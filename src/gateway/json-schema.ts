@@ -3,12 +3,13 @@
 // constrained decoding (grammar.ts) over an automaton compiled from it.
 //
 // The subset, as OpenAI's strict mode: the root is an object; an object with `properties`
-// is written with every property, in the schema's order (strict mode requires all of them
-// in `required`), and nothing else; `type` (one, or several with different first bytes:
-// ["string", "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`,
-// `minItems` / `maxItems`, `anyOf` / `oneOf` of alternatives with different first bytes,
-// `$ref` into `$defs` / `definitions` (recursion included). An object without `properties`
-// and a schema without a type are any JSON value (json-mode.ts's automaton). Annotations
+// is written with its properties in the schema's order, the `required` ones always and the
+// others where the model writes them (strict mode requires every one, so all are written),
+// and nothing else; `type` (one, or several with different first bytes: ["string",
+// "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`, `minItems` /
+// `maxItems`, `anyOf` / `oneOf` of alternatives with different first bytes, `$ref` into
+// `$defs` / `definitions` (recursion included). An object without `properties` and a
+// schema without a type are any JSON value (json-mode.ts's automaton). Annotations
 // (`description`, `title`, `default`, `additionalProperties`, ...) are ignored; any other
 // keyword is refused (400) rather than not enforced.
 import { ApiError } from "./errors.ts";
@@ -25,7 +26,8 @@ import {
 } from "./json-mode.ts";
 
 type Node =
-  | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[] }
+  /** Properties in the schema's order; `required[i]`: property i must be written. */
+  | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
   | { kind: "array"; id: number; items: NodeRef; min: number; max: number }
   | { kind: "string" | "number" | "integer" | "any" | "anyObject"; id: number }
   /** JSON texts of the allowed values (booleans and null are literals too). */
@@ -134,11 +136,18 @@ function build(schema: unknown): SchemaAutomaton {
         if (props === undefined) return { kind: "anyObject", id: nextId++ };
         if (!isObject(props)) return bad(`${at}.properties must be an object`);
         const keys = Object.keys(props);
+        const required = s["required"] ?? [];
+        if (!Array.isArray(required) || required.some((k) => typeof k !== "string"))
+          return bad(`${at}.required must be an array of property names`);
+        for (const k of required)
+          if (!keys.includes(k))
+            bad(`${at}.required names '${k}', which is not among its properties`);
         return {
           kind: "object",
           id: nextId++,
           keys: keys.map((k) => utf8(JSON.stringify(k))),
           props: keys.map((k) => lazy(props[k], `${at}.properties.${k}`)),
+          required: keys.map((k) => required.includes(k)),
         };
       }
       case "array": {
@@ -291,12 +300,19 @@ export function schemaGrammar(
 type Frame =
   /** Before a value of `node` (whitespace allowed; n: whitespace so far). */
   | { t: "value"; node: Node; n: number }
-  /** In an object: `i` the property; phase 0 before its key, 1 before ':', 2 after its value. */
-  | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2; n: number }
+  /**
+   * In an object: phase 0 after '{', 1 after property i's key, 2 after its value, 3 after
+   * ','; in phases 0 and 3 the next key is one of properties i.. up to the first required one.
+   */
+  | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2 | 3; n: number }
   /** In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ','. */
   | { t: "array"; node: Node & { kind: "array" }; count: number; phase: 0 | 1 | 2; n: number }
-  /** Matching literal byte strings (keys, enum values): the candidates left, `at` bytes in. */
-  | { t: "literal"; values: Uint8Array[]; at: number; id: string }
+  /**
+   * Matching literal byte strings (keys, enum values): the candidates left, `at` bytes in;
+   * a key's `tags` (parallel to values) are property indices, the one matched set as the
+   * object's `i`.
+   */
+  | { t: "literal"; values: Uint8Array[]; at: number; id: string; tags?: number[] }
   /** A value by json-mode.ts's automaton (strings, numbers, free values). */
   | { t: "json"; s: JsonState; integer: boolean };
 
@@ -348,28 +364,37 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
       case "object": {
         const { node, i, phase } = top;
         if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
-        if (phase === 0) {
-          // Before key i: '}' when there are no properties, else the key's first byte.
-          if (node.keys.length === 0) return b === 0x7d ? { frames: below } : null;
-          return this.step(
-            {
-              frames: [
-                ...below,
-                { ...top, phase: 1, n: 0 },
-                literalFrame([node.keys[i]!], `k${node.id}.${i}`),
-              ],
-            },
-            b,
-          );
-        }
         if (phase === 1)
           return b === 0x3a
             ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.props[i]!(), n: 0 })
             : null;
-        // After value i: ',' then key i + 1, or '}' after the last.
-        if (i + 1 < node.keys.length)
-          return b === 0x2c ? replace({ ...top, i: i + 1, phase: 0, n: 0 }) : null;
-        return b === 0x7d ? { frames: below } : null;
+        // '}' once no required property is left (after '{', or after value i).
+        const from = phase === 2 ? i + 1 : i;
+        if (b === 0x7d)
+          return phase !== 3 && !node.required.includes(true, from) ? { frames: below } : null;
+        if (phase === 2)
+          return b === 0x2c && from < node.keys.length
+            ? replace({ ...top, i: from, phase: 3, n: 0 })
+            : null;
+        // A key: of properties i.. up to the first required one (the schema's order).
+        const next = node.required.indexOf(true, i);
+        const last = next < 0 ? node.keys.length - 1 : next;
+        if (last < i) return null;
+        const tags = Array.from({ length: last - i + 1 }, (_, k) => i + k);
+        return this.step(
+          {
+            frames: [
+              ...below,
+              { ...top, phase: 1, n: 0 },
+              literalFrame(
+                tags.map((k) => node.keys[k]!),
+                `k${node.id}.${i}`,
+                tags,
+              ),
+            ],
+          },
+          b,
+        );
       }
       case "array": {
         const { node, count, phase } = top;
@@ -390,12 +415,21 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         );
       }
       case "literal": {
-        const values = top.values.filter((v) => v.length > top.at && v[top.at] === b);
-        if (values.length > 0) {
+        const kept = top.values.flatMap((v, k) =>
+          v.length > top.at && v[top.at] === b ? [k] : [],
+        );
+        if (kept.length > 0) {
+          const values = kept.map((k) => top.values[k]!);
+          const tags = top.tags && kept.map((k) => top.tags![k]!);
           // A value fully matched and nothing longer left: the literal is complete.
           const at = top.at + 1;
-          if (values.length === 1 && values[0]!.length === at) return { frames: below };
-          return replace({ ...top, values, at });
+          if (values.length === 1 && values[0]!.length === at) {
+            if (!tags) return { frames: below };
+            // A key: the object below learns which property it is.
+            const object = below[below.length - 1] as Frame & { t: "object" };
+            return { frames: [...below.slice(0, -1), { ...object, i: tags[0]! }] };
+          }
+          return replace({ ...top, values, at, ...(tags ? { tags } : {}) });
         }
         // Ended before this byte (an enum value that is a prefix of another: 1 and 12).
         if (top.values.some((v) => v.length === top.at)) return this.step({ frames: below }, b);
@@ -469,8 +503,8 @@ function dispatch(node: Node & { kind: "anyOf" }): Map<number, Node> {
   return d;
 }
 
-function literalFrame(values: Uint8Array[], id: string): Frame {
-  return { t: "literal", values, at: 0, id };
+function literalFrame(values: Uint8Array[], id: string, tags?: number[]): Frame {
+  return { t: "literal", values, at: 0, id, ...(tags ? { tags } : {}) };
 }
 
 /** A json-mode.ts value state that is complete, or a number that may end here. */

@@ -58,6 +58,22 @@ const PERSON: Schema = {
   additionalProperties: false,
 };
 
+/** Optional properties: before, between and after required ones, and an object of only them. */
+const OPTIONAL: Schema = {
+  type: "object",
+  properties: {
+    a: { type: "string" },
+    b: { type: "integer" },
+    c: {
+      type: "object",
+      properties: { x: { type: "number" }, y: { enum: ["p", "q"] }, z: { type: "boolean" } },
+      required: ["y"],
+    },
+    d: { type: "array", items: { type: "object", properties: { e: { type: "null" } } } },
+  },
+  required: ["b"],
+};
+
 const TREE: Schema = {
   $defs: {
     node: {
@@ -132,6 +148,27 @@ describe("a schema's automaton", () => {
     expect(check(PERSON, JSON.stringify(value)).refusedAt).toBeGreaterThanOrEqual(0);
   });
 
+  it.each([
+    ["only the required one", { b: 1 }, -1],
+    ["all", { a: "s", b: 1, c: { x: 1, y: "p", z: true }, d: [{}, { e: null }] }, -1],
+    ["optional ones around a required one", { a: "s", b: 2, d: [] }, -1],
+    ["an object of optional properties, empty", { b: 1, d: [{}] }, -1],
+  ])("takes optional properties or not (%s)", (_what, value, refusedAt) => {
+    expect(check(OPTIONAL, JSON.stringify(value))).toEqual({ refusedAt, done: true });
+  });
+
+  it.each([
+    ["the required one missing", "{}", 1],
+    ["a required one missing after optional ones", '{"a":"s"}', 8],
+    ["a nested required one missing", '{"b":1,"c":{"x":1}}', 17],
+    ["optional ones out of order (none after d: its comma)", '{"b":1,"d":[],"c"', 13],
+    ["a property skipped back to", '{"b":1,"c":{"y":"p","x"', 21],
+    ["a trailing comma", '{"b":1,}', 7],
+    ["a comma after the last property", '{"b":1,"d":[],', 13],
+  ])("refuses %s", (_what, text, at) => {
+    expect(check(OPTIONAL, text).refusedAt).toBe(at);
+  });
+
   it("follows a recursive $ref", () => {
     const tree = {
       v: 1,
@@ -180,6 +217,11 @@ describe("what the subset does not cover is refused with 400", () => {
     ],
     ["an empty enum", { type: "object", properties: { a: { enum: [] } } }, /empty enum/],
     [
+      "a required property that is not among the properties",
+      { type: "object", properties: { a: {} }, required: ["b"] },
+      /required names 'b'/,
+    ],
+    [
       "an unknown type",
       { type: "object", properties: { a: { type: "date" } } },
       /not a JSON Schema type/,
@@ -209,7 +251,10 @@ function isObject(x: unknown): x is Record<string, unknown> {
   return typeof x === "object" && x !== null && !Array.isArray(x);
 }
 
-/** Whether `v` conforms to `s` as the subset writes it (every property, in order). */
+/**
+ * Whether `v` conforms to `s` as the subset writes it (properties in the schema's order, the
+ * required ones all there).
+ */
 function conforms(v: unknown, s: Schema, root: Schema): boolean {
   if (typeof s["$ref"] === "string")
     return conforms(
@@ -228,9 +273,12 @@ function conforms(v: unknown, s: Schema, root: Schema): boolean {
       const props = s["properties"] as Record<string, Schema> | undefined;
       if (!props) return true;
       const keys = Object.keys(props);
+      const required = (s["required"] as string[] | undefined) ?? [];
+      const written = Object.keys(v);
       return (
-        JSON.stringify(Object.keys(v)) === JSON.stringify(keys) &&
-        keys.every((k) => conforms(v[k], props[k]!, root))
+        JSON.stringify(written) === JSON.stringify(keys.filter((k) => k in v)) &&
+        required.every((k) => k in v) &&
+        written.every((k) => conforms(v[k], props[k]!, root))
       );
     }
     case "array": {
@@ -277,8 +325,12 @@ function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
     case "object": {
       const props = s["properties"] as Record<string, Schema> | undefined;
       if (!props) return { k: pick(WORDS), n: [1, null] };
+      // Optional properties written half the time.
+      const required = (s["required"] as string[] | undefined) ?? [];
       return Object.fromEntries(
-        Object.entries(props).map(([k, p]) => [k, instance(p, root, rng, depth + 1)]),
+        Object.entries(props)
+          .filter(([k]) => required.includes(k) || rng.uniform() < 0.5)
+          .map(([k, p]) => [k, instance(p, root, rng, depth + 1)]),
       );
     }
     case "array": {
@@ -310,6 +362,7 @@ const EDITS = [...JSON_CHARS, "0", "1", "t", "n", "u", "a", "x"];
 
 describe.each([
   ["a flat and nested schema", PERSON],
+  ["a schema with optional properties", OPTIONAL],
   ["a recursive schema", TREE],
 ])("%s against the validator", (_name, schema) => {
   const rng = new Prng(77);
