@@ -56,6 +56,8 @@ const ANNOTATIONS = new Set([
 ]);
 const KNOWN = new Set([
   ...ANNOTATIONS,
+  // Of one schema only (two would need their intersection).
+  "allOf",
   "type",
   "properties",
   "items",
@@ -88,13 +90,18 @@ const RESPONSE_FORMAT: SchemaSource = {
   label: "response_format json_schema",
 };
 
-/** Compiles `schema`; throws 400 (EM_GATEWAY_BAD_REQUEST) for what is not supported. */
+/**
+ * Compiles `schema`; throws 400 (EM_GATEWAY_BAD_REQUEST) for what is not supported. With
+ * `lenient`, keywords outside the subset (`pattern`, `minimum`, ...) are not enforced
+ * rather than refused: the value is written by the rest of its schema.
+ */
 export function compileSchema(
   schema: unknown,
   source: SchemaSource = RESPONSE_FORMAT,
+  o: { lenient?: boolean } = {},
 ): SchemaAutomaton {
   try {
-    return build(schema);
+    return build(schema, o.lenient ?? false);
   } catch (err) {
     if (!(err instanceof SchemaError)) throw err;
     throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${source.label}: ${err.message}`, {
@@ -103,7 +110,7 @@ export function compileSchema(
   }
 }
 
-function build(schema: unknown): SchemaAutomaton {
+function build(schema: unknown, lenient: boolean): SchemaAutomaton {
   if (!isObject(schema)) bad("schema must be an object");
   let nextId = 0;
   const defs =
@@ -114,8 +121,14 @@ function build(schema: unknown): SchemaAutomaton {
     if (s === true || (isObject(s) && Object.keys(s).every((k) => ANNOTATIONS.has(k))))
       return { kind: "any", id: nextId++ };
     if (!isObject(s)) return bad(`${at}: a schema must be an object`);
-    for (const k of Object.keys(s)) if (!KNOWN.has(k)) bad(`${at}: '${k}' is not supported`);
+    if (!lenient)
+      for (const k of Object.keys(s)) if (!KNOWN.has(k)) bad(`${at}: '${k}' is not supported`);
     if (typeof s["$ref"] === "string") return resolve(s["$ref"], at);
+    // One schema in allOf is that schema (Pydantic wraps a nested model's $ref so).
+    const all = s["allOf"];
+    if (Array.isArray(all) && all.length === 1) return compile(all[0], `${at}.allOf[0]`);
+    if (all !== undefined && !lenient)
+      bad(`${at}: allOf of other than one schema is not supported`);
     if ("const" in s) return literal([s["const"]], at);
     if (Array.isArray(s["enum"])) return literal(s["enum"], at);
     const alternatives = s["anyOf"] ?? s["oneOf"];
@@ -271,23 +284,27 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
 const MAX_SCHEMAS = 16;
 const schemaGrammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<SchemaState>>>();
 
-/** The grammar of `schema` over `vocabulary` (compiled once per distinct schema text). */
+/**
+ * The grammar of `schema` over `vocabulary` (compiled once per distinct schema text and
+ * leniency: compileSchema).
+ */
 export function schemaGrammar(
   vocabulary: Vocabulary,
   schema: unknown,
   source: SchemaSource = RESPONSE_FORMAT,
+  o: { lenient?: boolean } = {},
 ): TokenGrammar<SchemaState> {
   let byText = schemaGrammars.get(vocabulary);
   if (!byText) {
     byText = new Map();
     schemaGrammars.set(vocabulary, byText);
   }
-  const text = JSON.stringify(schema);
+  const text = (o.lenient ? "lenient " : "") + JSON.stringify(schema);
   let g = byText.get(text);
   if (g) {
     byText.delete(text);
   } else {
-    g = new TokenGrammar(compileSchema(schema, source), vocabulary);
+    g = new TokenGrammar(compileSchema(schema, source, o), vocabulary);
     if (byText.size >= MAX_SCHEMAS) byText.delete(byText.keys().next().value!);
   }
   byText.set(text, g);

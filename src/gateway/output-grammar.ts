@@ -106,6 +106,7 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
       vocabularyOf(ctx, "a tool call", "tool_choice"),
       tool.parameters,
       { param: "tools", label: `tool '${tool.name}' parameters` },
+      { lenient: true },
     ) as TokenGrammar<unknown>;
     return { kind: "arguments", tools, tool, grammar };
   }

@@ -90,12 +90,15 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
     this.#toolSymbols = new Set(Object.values(symbols).filter((s) => s !== symbols.callsBegin));
     const head = [symbols.callBegin, ...utf8("function"), symbols.sep];
     this.#literals = [[symbols.callsBegin, ...head], head, [...utf8(ARGS_CLOSE), symbols.callEnd]];
+    // Lenient: real tools' parameters carry `minimum`, `format`, ... which a call need not
+    // be refused for (they are not enforced; the structure is).
     this.#args = tools.map(
       (f) =>
-        compileSchema(f.parameters, {
-          param: "tools",
-          label: `tool '${f.name}' parameters`,
-        }) as ByteAutomaton<unknown>,
+        compileSchema(
+          f.parameters,
+          { param: "tools", label: `tool '${f.name}' parameters` },
+          { lenient: true },
+        ) as ByteAutomaton<unknown>,
     );
     tools.forEach((f, t) => {
       let node = 0;

@@ -377,7 +377,8 @@ describe("chat completions", () => {
     });
     const weather = fn("get_weather", {
       type: "object",
-      properties: { city: { type: "string" }, days: { type: "integer" } },
+      // `minimum` is outside the schema subset: a tool's is not enforced (not refused).
+      properties: { city: { type: "string" }, days: { type: "integer", minimum: 1 } },
       required: ["city", "days"],
     });
     /** The token of one character, or of an added token's text. */

@@ -245,6 +245,48 @@ describe("what the subset does not cover is refused with 400", () => {
   });
 });
 
+describe("allOf and leniency (tools' parameters)", () => {
+  const real: Schema = {
+    type: "object",
+    properties: {
+      when: { type: "string", format: "date-time", pattern: "^2" },
+      count: { type: "integer", minimum: 1, maximum: 5 },
+      place: { allOf: [{ $ref: "#/$defs/place" }], description: "Pydantic's wrapping" },
+    },
+    required: ["count", "place"],
+    $defs: { place: { type: "object", properties: { city: { type: "string" } } } },
+  };
+
+  it("refuses keywords outside the subset, unless lenient: then the rest of the schema writes it", () => {
+    expect(() => compileSchema(real)).toThrow(/'format' is not supported/);
+    const a = compileSchema(real, undefined, { lenient: true });
+    const run = (text: string) => {
+      const s = runBytes(a, a.start, bytes(text));
+      return s !== null && a.isDone(s);
+    };
+    // Not enforced: a count of 9 and any string.
+    expect(run('{"when":"x","count":9,"place":{"city":"Oslo"}}')).toBe(true);
+    // Enforced: types, required properties, the $ref inside allOf.
+    expect(run('{"count":"9","place":{}}')).toBe(false);
+    expect(run('{"when":"x","count":9}')).toBe(false);
+    expect(run('{"count":9,"place":{"city":1}}')).toBe(false);
+    expect(run('{"count":9,"place":{}}')).toBe(true);
+  });
+
+  it("takes an allOf of one schema as that schema; refuses one of two unless lenient", () => {
+    const one = { type: "object", properties: { a: { allOf: [{ type: "integer" }] } } };
+    const a = compileSchema(one);
+    expect(runBytes(a, a.start, bytes('{"a":"s"}'))).toBeNull();
+    expect(a.isDone(runBytes(a, a.start, bytes('{"a":3}'))!)).toBe(true);
+    const two = {
+      type: "object",
+      properties: { a: { allOf: [{ type: "integer" }, { minimum: 2 }] } },
+    };
+    expect(() => compileSchema(two)).toThrow(/allOf of other than one schema/);
+    expect(() => compileSchema(two, undefined, { lenient: true })).not.toThrow();
+  });
+});
+
 // ---- against a validator ----
 
 function isObject(x: unknown): x is Record<string, unknown> {
