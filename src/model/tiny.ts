@@ -3,7 +3,7 @@
 // (`mini`, about 1 GB in bf16). Every tensor draws from its own PRNG stream keyed by
 // (seed, tensor name), so values do not depend on sharding or on --fp8, and one seed
 // always gives byte-identical files. docs/tiny-models.md explains the figures.
-import { readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ExpertMeshError } from "../util/errors.ts";
 import { makeDirs } from "../util/fs.ts";
@@ -253,6 +253,29 @@ function shardName(k: number, n: number): string {
   return `model-${pad(k + 1)}-of-${pad(n)}.safetensors`;
 }
 
+/** A JSON file as writeTinyModel writes it. */
+const jsonText = (value: unknown) => `${JSON.stringify(value, null, 2)}\n`;
+
+/**
+ * Whether `dir` holds the JSON files writeTinyModel would write now for `opts` (config and
+ * tokenizer; the weights follow from the config and the seed): false for a checkpoint an
+ * older expertmesh wrote (the tokenizer gained DeepSeek's tool-call tokens, for one).
+ */
+export function tinyModelCurrent(dir: string, opts: TinyModelOptions): boolean {
+  const configJson = tinyConfigJson(opts.arch, opts.preset ?? "tiny", opts.fp8 ?? false);
+  const config = parseModelConfig(configJson, `tiny ${opts.arch} config`);
+  const want: [string, unknown][] = [
+    ["config.json", configJson],
+    ["tokenizer.json", tinyTokenizerJson()],
+    ["tokenizer_config.json", tinyTokenizerConfigJson(config.maxPositionEmbeddings)],
+  ];
+  try {
+    return want.every(([name, value]) => readFileSync(join(dir, name), "utf8") === jsonText(value));
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Writes a tiny checkpoint into `dir` (created if needed): config.json,
  * generation_config.json, tokenizer.json, tokenizer_config.json and the weights. Old
@@ -284,8 +307,7 @@ export async function writeTinyModel(
   try {
     makeDirs(dir);
     removeOldWeights(dir);
-    const json = (name: string, value: unknown) =>
-      writeFileSync(join(dir, name), `${JSON.stringify(value, null, 2)}\n`);
+    const json = (name: string, value: unknown) => writeFileSync(join(dir, name), jsonText(value));
     json("config.json", configJson);
     json("generation_config.json", {
       bos_token_id: config.bosTokenId,

@@ -18,7 +18,7 @@ import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { modelArchitectureOf, parseModelConfig } from "../../src/model/config.ts";
 import { bf16ArrayToFloat32, dequantizeE4m3Blocks } from "../../src/model/floats.ts";
 import { Prng } from "../../src/model/prng.ts";
-import { tinyConfigJson, writeTinyModel } from "../../src/model/tiny.ts";
+import { tinyConfigJson, tinyModelCurrent, writeTinyModel } from "../../src/model/tiny.ts";
 import { modelWeights, scaleInvOf } from "../../src/model/weights.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 import { makeDirs } from "../../src/util/fs.ts";
@@ -191,6 +191,19 @@ describe("determinism", () => {
     expect(
       readFileSync(join(c, "model.safetensors")).equals(readFileSync(join(a, "model.safetensors"))),
     ).toBe(false);
+  });
+
+  it("tells a checkpoint written now from one an older version wrote (expertmesh up rewrites those)", async () => {
+    const dir = await model("v3");
+    expect(tinyModelCurrent(dir, { arch: "v3" })).toBe(true);
+    expect(tinyModelCurrent(dir, { arch: "v2" })).toBe(false);
+    expect(tinyModelCurrent(dir, { arch: "v3", fp8: true })).toBe(false);
+    const path = join(dir, "tokenizer.json");
+    const tokenizer = JSON.parse(readFileSync(path, "utf8")) as { added_tokens: unknown[] };
+    tokenizer.added_tokens = tokenizer.added_tokens.slice(0, 5);
+    writeFileSync(path, `${JSON.stringify(tokenizer, null, 2)}\n`);
+    expect(tinyModelCurrent(dir, { arch: "v3" })).toBe(false);
+    expect(tinyModelCurrent(join(dir, "nope"), { arch: "v3" })).toBe(false);
   });
 
   it("gives the same tensors whatever the sharding", async () => {

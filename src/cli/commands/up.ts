@@ -14,7 +14,7 @@ import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watc
 import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
 import { ProgressBoard } from "../../local/progress-board.ts";
 import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
-import { writeTinyModel } from "../../model/tiny.ts";
+import { tinyModelCurrent, writeTinyModel } from "../../model/tiny.ts";
 import { planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
 import { cacheDir } from "../../util/cache-dir.ts";
@@ -166,23 +166,37 @@ export const upCommand: Command = {
       values.model ?? join(values["models-dir"] ?? join(cache, "models"), pvcPath || name);
     const board = new ProgressBoard(process.stderr);
     const say = (msg: string) => board.log(`[up] ${msg}`);
-    if (!existsSync(join(modelDir, "config.json"))) {
-      const preset = m.spec.model.preset;
-      if (preset !== "tiny-v2" && preset !== "tiny-v3") {
+    const preset = m.spec.model.preset;
+    const tiny =
+      preset === "tiny-v2" || preset === "tiny-v3"
+        ? {
+            arch: preset === "tiny-v2" ? ("v2" as const) : ("v3" as const),
+            preset: "tiny" as const,
+          }
+        : null;
+    const missing = !existsSync(join(modelDir, "config.json"));
+    // A tiny model in the cache that an older expertmesh wrote (its tokenizer, say) is
+    // written again; a folder given with --model is never touched.
+    const stale = !missing && tiny && !values.model && !tinyModelCurrent(modelDir, tiny);
+    if (missing || stale) {
+      if (!tiny) {
         throw new ExpertMeshError(
           "EM_CKPT_READ",
           `no checkpoint at ${modelDir} (config.json missing): copy the model there or pass --model DIR`,
         );
       }
-      say(`creating the ${preset} model in ${modelDir}`);
+      say(
+        stale
+          ? `writing the ${preset} model in ${modelDir} again (an older expertmesh wrote it)`
+          : `creating the ${preset} model in ${modelDir}`,
+      );
       const bar = `${preset} model`;
       const written = (done: number, total: number, finished: boolean) =>
         board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
       board.add(bar, "bytes");
       try {
         const summary = await writeTinyModel(modelDir, {
-          arch: preset === "tiny-v2" ? "v2" : "v3",
-          preset: "tiny",
+          ...tiny,
           seed: 0,
           onProgress: (p) => written(p.bytesWritten, p.totalBytes, false),
         });
