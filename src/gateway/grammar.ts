@@ -11,6 +11,36 @@
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { TokenConstraint } from "./engine.ts";
 
+/**
+ * Masks cached per grammar, and per vocabulary (shared masks and string parts), at most: a
+ * mask is vocabulary / 8 bytes, 16 KiB at 129k tokens, so 4 MiB per grammar at most.
+ */
+const MAX_MASKS = 256;
+
+/** Least recently used entries go first once there are `max`. */
+class Lru<V> {
+  readonly #map = new Map<string, V>();
+  readonly #max: number;
+
+  constructor(max: number) {
+    this.#max = max;
+  }
+
+  get(key: string): V | undefined {
+    const v = this.#map.get(key);
+    if (v !== undefined) {
+      this.#map.delete(key);
+      this.#map.set(key, v);
+    }
+    return v;
+  }
+
+  set(key: string, v: V): void {
+    if (this.#map.size >= this.#max) this.#map.delete(this.#map.keys().next().value!);
+    this.#map.set(key, v);
+  }
+}
+
 /** A token's bytes; an added token's one symbol (SYMBOL_BASE + k). */
 export type TokenBytes = Uint8Array | Uint16Array;
 
@@ -36,10 +66,17 @@ export interface ByteAutomaton<S> {
   /**
    * Optional: in `s`, a token without byte `byte` is allowed or not whatever the rest of
    * the state (inside a string, only a quote can lead out of it): its verdict is the same
-   * in every state of the same `key`. Masks are then built from a part shared by those
-   * states and a walk over only the tokens that hold `byte`.
+   * in every state of the same `key`, in any automaton over the vocabulary (json-mode.ts's
+   * stringLocal names them). Masks are then built from a part kept once per vocabulary and
+   * a walk over only the tokens that hold `byte`.
    */
   local?(s: S): { key: string; byte: number } | null;
+  /**
+   * Optional: a key under which `s`'s mask is the same in every automaton over the
+   * vocabulary that gives it (the tool-call grammar's text, whatever the tools): kept once
+   * per vocabulary, so a new grammar does not compute it again.
+   */
+  shared?(s: S): string | null;
 }
 
 /** The state after `bytes`, or null where the automaton refuses them. */
@@ -81,6 +118,8 @@ export class Vocabulary implements Walk {
   readonly sorted: Int32Array;
   readonly lcp: Uint16Array;
   readonly bytesEnd: number;
+  /** Masks and local parts every grammar over this vocabulary shares (ByteAutomaton). */
+  readonly masks = new Lru<Uint32Array>(MAX_MASKS);
   readonly #symbols: ReadonlyMap<string, number>;
   readonly #split = new Map<number, { without: Walk; with: Walk }>();
 
@@ -159,20 +198,12 @@ export function vocabularyFor(tokenizer: Tokenizer, size: number): Vocabulary | 
   return v;
 }
 
-/**
- * Masks cached per grammar, at most (and as many parts for string states): a mask is
- * vocabulary / 8 bytes, 16 KiB at 129k tokens, so 4 MiB per grammar at most.
- */
-const MAX_MASKS = 256;
-
 /** An automaton over a vocabulary: the masks of its states. */
 export class TokenGrammar<S> {
   readonly automaton: ByteAutomaton<S>;
   readonly vocabulary: Vocabulary;
-  readonly #masks = new Map<string, Uint32Array>();
-  /** Masks over the tokens without a state's `local` byte, per local key. */
-  readonly #local = new Map<string, Uint32Array>();
-  /** Masks computed (not found in the cache). */
+  readonly #masks = new Lru<Uint32Array>(MAX_MASKS);
+  /** Masks computed (not found in a cache). */
   computed = 0;
 
   constructor(automaton: ByteAutomaton<S>, vocabulary: Vocabulary) {
@@ -182,24 +213,22 @@ export class TokenGrammar<S> {
 
   /** Bitset over the vocabulary: the tokens that may follow `s`. */
   mask(s: S): Uint32Array {
-    const key = this.automaton.key(s);
-    const hit = this.#masks.get(key);
-    if (hit) {
-      // Most recently used last.
-      this.#masks.delete(key);
-      this.#masks.set(key, hit);
-      return hit;
-    }
+    const shared = this.automaton.shared?.(s) ?? null;
+    const key = shared === null ? this.automaton.key(s) : `shared ${shared}`;
+    const cache = shared === null ? this.#masks : this.vocabulary.masks;
+    const hit = cache.get(key);
+    if (hit) return hit;
     const local = this.automaton.local?.(s) ?? null;
     let mask: Uint32Array;
     if (local) {
-      // The tokens without the byte: shared by every state of the local key. With it: walked.
+      // The tokens without the byte: the same for every state of the local key. With it:
+      // walked.
       const { without, with: holding } = this.vocabulary.split(local.byte);
-      let part = this.#local.get(local.key);
+      const partKey = `local ${local.key}`;
+      let part = this.vocabulary.masks.get(partKey);
       if (!part) {
         part = this.#compute(s, without);
-        if (this.#local.size >= MAX_MASKS) this.#local.delete(this.#local.keys().next().value!);
-        this.#local.set(local.key, part);
+        this.vocabulary.masks.set(partKey, part);
       }
       mask = this.#compute(s, holding);
       for (let w = 0; w < mask.length; w++) mask[w]! |= part[w]!;
@@ -207,8 +236,7 @@ export class TokenGrammar<S> {
       mask = this.#compute(s, this.vocabulary);
     }
     this.computed++;
-    if (this.#masks.size >= MAX_MASKS) this.#masks.delete(this.#masks.keys().next().value!);
-    this.#masks.set(key, mask);
+    cache.set(key, mask);
     return mask;
   }
 

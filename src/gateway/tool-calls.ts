@@ -184,9 +184,22 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
   }
 
   local(s: ToolState): { key: string; byte: number } | null {
-    if (s.p !== P.Args) return null;
-    const l = this.#args[s.t]!.local?.(s.inner) ?? null;
-    return l && { key: `a${s.t}|${l.key}`, byte: l.byte };
+    // Inside an argument's string: the string's own (json-mode.ts's keys).
+    return s.p === P.Args ? (this.#args[s.t]!.local?.(s.inner) ?? null) : null;
+  }
+
+  /** Text, the fixed parts and between calls do not depend on the tools. */
+  shared(s: ToolState): string | null {
+    switch (s.p) {
+      case P.Text:
+        return `tools ${this.#mode} text ${s.i}`;
+      case P.Literal:
+        return `tools literal ${s.t},${s.i}`;
+      case P.Next:
+        return `tools next ${this.#parallel}`;
+      default:
+        return null;
+    }
   }
 }
 

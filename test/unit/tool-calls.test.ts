@@ -6,6 +6,7 @@
 import { describe, expect, it } from "vitest";
 import {
   GrammarConstraint,
+  runBytes,
   SYMBOL_BASE,
   type TokenBytes,
   vocabularyFor,
@@ -185,6 +186,9 @@ function randomOutput(o: ToolCallOptions, rng: Prng, bias: (id: number) => numbe
 
 describe("masks", () => {
   it("allow exactly the tokens the automaton takes, symbols included", () => {
+    // String parts are kept per vocabulary: JSON mode's first, then the calls' use them.
+    const json = jsonObjectGrammar(vocab);
+    json.mask(runBytes(json.automaton, json.automaton.start, Buffer.from('{"a": "b'))!);
     for (const o of [AUTO, REQUIRED, SINGLE, NONE]) {
       const g = toolCallGrammar(vocab, TOOLS, o)!;
       const a = g.automaton;
@@ -202,6 +206,22 @@ describe("masks", () => {
       }
       expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], V);
     }
+  });
+
+  it("text masks are computed once per vocabulary, whatever the tools", () => {
+    const other: ToolFunction[] = [{ name: "other_tool", parameters: { type: "object" } }];
+    const first = toolCallGrammar(vocab, TOOLS, AUTO)!;
+    const mask = first.mask(first.automaton.start);
+    const second = toolCallGrammar(vocab, other, AUTO)!;
+    expect(second).not.toBe(first);
+    const computed = second.computed;
+    expect(second.mask(second.automaton.start)).toBe(mask);
+    expect(second.computed).toBe(computed);
+    // "none" is another text: the calls token is not allowed there.
+    const none = toolCallGrammar(vocab, other, NONE)!;
+    const calls = tok.tokenToId(T.callsBegin)!;
+    const bit = (m: Uint32Array) => (m[calls >>> 5]! >>> (calls & 31)) & 1;
+    expect([bit(mask), bit(none.mask(none.automaton.start))]).toEqual([1, 0]);
   });
 
   it("JSON grammars never allow a symbol (the end-of-sentence token among them)", () => {
