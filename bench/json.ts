@@ -13,13 +13,25 @@
 // samples the same row unmasked.
 // Also timed: building the grammar (sorting the vocabulary, once per gateway), and
 // computing a state's mask the first time (cold), for a few kinds of states.
+// Tool calls (src/gateway/tool-calls.ts): the same vocabulary with its last 818 tokens made
+// added tokens (DeepSeek-V3 has 818, its tool-call tokens among them): the first masks of
+// the call grammar's states, and a step of plain text under tool_choice "auto" (the mask
+// allows all but the tool tokens) against the same step unconstrained.
 
 import { nativeBackend } from "../src/engine/native.ts";
 import { uniform32 } from "../src/engine/sampling.ts";
 import { applyMask } from "../src/gateway/engine.ts";
-import { GrammarConstraint, TokenGrammar, Vocabulary } from "../src/gateway/grammar.ts";
+import {
+  GrammarConstraint,
+  SYMBOL_BASE,
+  type TokenBytes,
+  TokenGrammar,
+  Vocabulary,
+} from "../src/gateway/grammar.ts";
 import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
+import { type ToolState, toolCallGrammar } from "../src/gateway/tool-calls.ts";
 import { Prng } from "../src/model/prng.ts";
+import { TOOL_TOKENS } from "../src/model/tokenizer.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
 import { promptText } from "./tokenize.ts";
 
@@ -37,7 +49,16 @@ export interface JsonResults {
   tokens: number;
   /** Masks computed (cache misses) over the documents, per run. */
   misses: number;
+  tools: {
+    cold: { state: string; allowed: number; ms: Stats }[];
+    /** Per token of plain text under tool_choice "auto" (mask cached), and without. */
+    textStepMs: Stats;
+    plainMs: Stats;
+  };
 }
+
+/** DeepSeek-V3's added tokens (special ones and the tool-call tokens among them). */
+const ADDED = 818;
 
 function randomJson(rng: Prng, depth = 0): unknown {
   const r = rng.uniform();
@@ -133,6 +154,29 @@ export async function runJson(o: {
     ["in a number", run(START, Buffer.from('{"a": [{"b": 12')) as JsonState],
     ["after a value", run(START, Buffer.from('{"a": [{"b": true')) as JsonState],
   ];
+  // The tools' vocabulary: the last ADDED tokens are added tokens (symbols), the first of
+  // them DeepSeek's tool-call tokens.
+  const toolBytes: TokenBytes[] = [...vocab];
+  const symbols = new Map<string, number>();
+  const toolTexts = Object.values(TOOL_TOKENS);
+  for (let k = 0; k < ADDED; k++) {
+    toolBytes[VOCAB - ADDED + k] = Uint16Array.of(SYMBOL_BASE + k);
+    symbols.set(toolTexts[k] ?? `<added ${k}>`, SYMBOL_BASE + k);
+  }
+  const symbol = (t: string) => symbols.get(t)!;
+  const tools = (n: number) => [
+    {
+      name: `get_weather_${n}`,
+      parameters: {
+        type: "object",
+        properties: { city: { type: "string" }, days: { type: "integer" } },
+        required: ["city"],
+      },
+    },
+  ];
+  const toolCold = new Map<string, { allowed: number; ms: number[] }>();
+  const textSteps: number[] = [];
+  const plainSteps: number[] = [];
   const build: number[] = [];
   const split: number[] = [];
   const cold = new Map<string, { allowed: number; ms: number[] }>();
@@ -193,6 +237,58 @@ export async function runJson(o: {
     warmSteps.push(second.constrained);
     plain.push((first.plain + second.plain) / 2);
     misses = computed;
+    // Tool calls, over a fresh vocabulary (its shared masks empty).
+    const tv = new Vocabulary(toolBytes, VOCAB, symbols);
+    tv.split(0x22);
+    const g1 = toolCallGrammar(tv, tools(1), { mode: "auto", parallel: true })!;
+    const g2 = toolCallGrammar(tv, tools(2), { mode: "auto", parallel: true })!;
+    const a = g1.automaton;
+    const after = (s: ToolState, units: number[]) =>
+      units.reduce<ToolState>((x, u) => a.step(x, u)!, s);
+    const head = [
+      symbol(TOOL_TOKENS.callsBegin),
+      symbol(TOOL_TOKENS.callBegin),
+      ...Buffer.from("function"),
+      symbol(TOOL_TOKENS.sep),
+    ];
+    const inName = after(a.start, head);
+    const inString = after(inName, [...Buffer.from('get_weather_1\n```json\n{"city": "Par')]);
+    const toolStates: [string, TokenGrammar<ToolState>, ToolState][] = [
+      ['text under "auto", the first tool set over the vocabulary', g1, a.start],
+      ['text under "auto", another tool set (kept per vocabulary)', g2, g2.automaton.start],
+      ["a call's name", g1, inName],
+      ["in an argument's string", g1, inString],
+    ];
+    for (const [name, g, s] of toolStates) {
+      const t1 = performance.now();
+      const mask = g.mask(s);
+      const ms = performance.now() - t1;
+      let allowed = 0;
+      for (const w of mask) for (let x = w; x; x &= x - 1) allowed++;
+      const c = toolCold.get(name) ?? { allowed, ms: [] };
+      if (r >= 0) c.ms.push(ms);
+      toolCold.set(name, c);
+    }
+    // Plain text under "auto": the cached text mask on every row, against none.
+    const textMask = g1.mask(a.start);
+    let tt = 0;
+    let tp = 0;
+    for (let i = 0; i < tokens; i++) {
+      const u = (i * 0.618) % 1;
+      let t = performance.now();
+      row.set(logits);
+      applyMask(row, textMask);
+      sampleOnce(u);
+      tt += performance.now() - t;
+      t = performance.now();
+      row.set(logits);
+      sampleOnce(u);
+      tp += performance.now() - t;
+    }
+    if (r >= 0) {
+      textSteps.push(tt / tokens);
+      plainSteps.push(tp / tokens);
+    }
     o.log(
       `[bench] json run ${r + 1}: build ${built.toFixed(0)} ms; per token: cold ${first.constrained.toFixed(3)} ms, warm ${second.constrained.toFixed(3)} ms, plain ${plain.at(-1)!.toFixed(3)} ms; ${computed} masks computed over ${tokens} tokens`,
     );
@@ -206,6 +302,15 @@ export async function runJson(o: {
     stepMs: { cold: stats(coldSteps), warm: stats(warmSteps), plain: stats(plain) },
     tokens,
     misses,
+    tools: {
+      cold: [...toolCold.entries()].map(([state, c]) => ({
+        state,
+        allowed: c.allowed,
+        ms: stats(c.ms),
+      })),
+      textStepMs: stats(textSteps),
+      plainMs: stats(plainSteps),
+    },
   };
 }
 
@@ -230,5 +335,20 @@ ${coldRows}
 | a step of JSON mode per token, first pass over ${r.tokens} tokens of indented JSON (${r.misses} masks computed on the way) | ${ms(cold, 3)} |
 | the same, second pass (every mask cached) | ${ms(warm, 3)} |
 | the same step without JSON mode (peer: sampling alone) | ${ms(plain, 3)} |
-| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |`;
+| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${toolRows(r)}`;
+}
+
+/** The tool-call rows, each after a newline (results written before they were measured have none). */
+function toolRows(r: JsonResults): string {
+  if (!r.tools) return "";
+  const t = r.tools;
+  return [
+    "",
+    ...t.cold.map(
+      (c) => `| tool calls, first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
+    ),
+    `| tool calls: a step of plain text under tool_choice "auto" (mask cached) | ${ms(t.textStepMs, 3)} |`,
+    `| the same step unconstrained (peer) | ${ms(t.plainMs, 3)} |`,
+    `| "auto" text / peer | ${(t.textStepMs.median / t.plainMs.median).toFixed(2)}x |`,
+  ].join("\n");
 }
