@@ -6,10 +6,14 @@
 // longest gap between two turns of the loop (a setImmediate chain) while encoding.
 // The tokenizer is the tiny checkpoints' byte-level BPE (a real DeepSeek tokenizer is not
 // available offline; its vocabulary is larger, its per-byte cost of the same order).
+// Also the other way: a choice's text as its tokens arrive (OutputText, incremental: a
+// window of the last tokens decoded) against decoding the whole output at every token (the
+// peer: what the gateway did before), per output length.
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PromptEncoder } from "../src/gateway/prompt-encoder.ts";
+import { OutputText } from "../src/gateway/text.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../src/model/tiny-tokenizer.ts";
 import { Tokenizer } from "../src/model/tokenizer.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
@@ -26,10 +30,77 @@ export interface TokenizeRow {
   workerStallMs: Stats;
 }
 
+export interface DetokenizeRow {
+  /** Output tokens. */
+  tokens: number;
+  /** Mean milliseconds a token over the whole output, and over its last tenth. */
+  incrementalMs: Stats;
+  wholeMs: Stats;
+  incrementalLastMs: Stats;
+  wholeLastMs: Stats;
+}
+
 export interface TokenizeResults {
   runs: number;
   inlineBytes: number;
   rows: TokenizeRow[];
+  /** Absent in results written before it was measured. */
+  detokenize?: DetokenizeRow[];
+}
+
+const OUTPUTS = [1000, 2000, 4000];
+const QUICK_OUTPUTS = [1000];
+
+/** A choice's text token by token, decoding the whole output each time (the former way). */
+function wholeDecode(tokenizer: Tokenizer, ids: readonly number[], upTo: number): number {
+  let chars = 0;
+  for (let n = 1; n <= upTo; n++) chars = tokenizer.decode(ids.slice(0, n), true).length;
+  return chars;
+}
+
+/** Per output length: ms a token over the output and over its last tenth, both ways. */
+function detokenize(tokenizer: Tokenizer, runs: number, lengths: number[]): DetokenizeRow[] {
+  const ids = tokenizer.encode(promptText(64 << 10), false);
+  return lengths.map((tokens) => {
+    const out = {
+      inc: [] as number[],
+      whole: [] as number[],
+      incLast: [] as number[],
+      wholeLast: [] as number[],
+    };
+    const tail = Math.floor(tokens / 10);
+    for (let run = -1; run < runs; run++) {
+      let t = performance.now();
+      const text = new OutputText(tokenizer, []);
+      for (let i = 0; i < tokens - tail; i++) text.push(ids[i]!);
+      const tMid = performance.now();
+      for (let i = tokens - tail; i < tokens; i++) text.push(ids[i]!);
+      const inc = performance.now() - t;
+      const incLast = performance.now() - tMid;
+      t = performance.now();
+      wholeDecode(tokenizer, ids, tokens - tail);
+      const wMid = performance.now();
+      let chars = 0;
+      for (let n = tokens - tail + 1; n <= tokens; n++)
+        chars = tokenizer.decode(ids.slice(0, n), true).length;
+      const whole = performance.now() - t;
+      const wholeLast = performance.now() - wMid;
+      if (text.flush().length + text.text.length === 0 || chars !== text.text.length)
+        throw new Error("the two ways gave different texts");
+      if (run < 0) continue;
+      out.inc.push(inc / tokens);
+      out.whole.push(whole / tokens);
+      out.incLast.push(incLast / tail);
+      out.wholeLast.push(wholeLast / tail);
+    }
+    return {
+      tokens,
+      incrementalMs: stats(out.inc),
+      wholeMs: stats(out.whole),
+      incrementalLastMs: stats(out.incLast),
+      wholeLastMs: stats(out.wholeLast),
+    };
+  });
 }
 
 const SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20];
@@ -131,7 +202,12 @@ export async function runTokenize(o: {
     await worker.close();
     rmSync(dir, { recursive: true, force: true });
   }
-  return { runs: o.runs, inlineBytes, rows };
+  const detok = detokenize(tokenizer, o.runs, o.quick ? QUICK_OUTPUTS : OUTPUTS);
+  for (const d of detok)
+    o.log(
+      `[bench] detokenize ${d.tokens} tokens: incremental ${d.incrementalMs.median.toFixed(4)} ms a token, whole ${d.wholeMs.median.toFixed(4)}`,
+    );
+  return { runs: o.runs, inlineBytes, rows, detokenize: detok };
 }
 
 const kib = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`);
@@ -152,5 +228,23 @@ export function tokenizeTables(
 
 | prompt | tokens | time to ids, in place | on the worker | worker / in place | longest event-loop stall, in place | on the worker | worker / in place |
 |---|---:|---:|---:|---:|---:|---:|---:|
+${rows}${detokenizeTable(r)}`;
+}
+
+/** Output text as tokens arrive (results written before it was measured have none). */
+function detokenizeTable(r: TokenizeResults): string {
+  if (!r.detokenize) return "";
+  const rows = r.detokenize
+    .map(
+      (d) =>
+        `| ${d.tokens} | ${ms(d.incrementalMs, 4)} | ${ms(d.wholeMs, 4)} | ${(d.incrementalMs.median / d.wholeMs.median).toFixed(3)}x | ${ms(d.incrementalLastMs, 4)} | ${ms(d.wholeLastMs, 4)} | ${(d.incrementalLastMs.median / d.wholeLastMs.median).toFixed(3)}x |`,
+    )
+    .join("\n");
+  return `
+
+A choice's text as its tokens arrive (the same run, ${r.runs} counted runs after a warm-up): milliseconds a token on the event loop, median (min-max), over the whole output and over its last tenth; incremental (a window of the last tokens decoded) against decoding the whole output at every token (peer: the gateway before).
+
+| output tokens | ms a token, incremental | whole output decoded (peer) | incremental / peer | last tenth: incremental | peer | incremental / peer |
+|---:|---:|---:|---:|---:|---:|---:|
 ${rows}`;
 }
