@@ -284,7 +284,7 @@ async function chat(
       };
     if (plan.kind === "text")
       return { message: { role: "assistant", content: c.out.text }, finish: c.finishReason };
-    const { content, calls } = parseToolCalls(c.out.text);
+    const { content, calls, complete } = parseToolCalls(c.out.text);
     return {
       message: {
         role: "assistant",
@@ -299,7 +299,7 @@ async function chat(
             }
           : {}),
       },
-      finish: finishOf(plan, c, calls.length),
+      finish: finishOf(plan, c, complete),
     };
   };
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
@@ -367,7 +367,7 @@ async function chat(
       const last = ds.pop() ?? {};
       for (const delta of ds)
         send(chunk([{ index: c.index, delta, logprobs: null, finish_reason: null }]));
-      const finish = finishOf(plan, c, parsers.get(c.index)?.calls ?? 0);
+      const finish = finishOf(plan, c, parsers.get(c.index)?.complete ?? false);
       send(chunk([{ index: c.index, delta: last, logprobs: null, finish_reason: finish }]));
     },
   });
@@ -406,10 +406,10 @@ async function chat(
 
 /**
  * A choice's finish_reason: "tool_calls" when it ended its calls (OpenAI's, but for a
- * named tool_choice, which OpenAI finishes "stop").
+ * named tool_choice, which OpenAI finishes "stop"); calls a stop string cut are "stop".
  */
-function finishOf(plan: ToolPlan, c: Choice, calls: number): string | null {
-  return plan.kind === "native" && !plan.named && calls > 0 && c.finishReason === "stop"
+function finishOf(plan: ToolPlan, c: Choice, callsComplete: boolean): string | null {
+  return plan.kind === "native" && !plan.named && callsComplete && c.finishReason === "stop"
     ? "tool_calls"
     : c.finishReason;
 }

@@ -282,6 +282,11 @@ export class ToolCallParser {
     return this.#calls;
   }
 
+  /** The calls ended (`<｜tool▁calls▁end｜>` read): not cut by max_tokens or a stop string. */
+  get complete(): boolean {
+    return this.#mode === "done";
+  }
+
   push(text: string): ToolEvent[] {
     this.#buf += text;
     const out: ToolEvent[] = [];
@@ -363,10 +368,11 @@ function heldBack(text: string, marker: string): number {
   return 0;
 }
 
-/** A whole text's content and calls. */
+/** A whole text's content and calls, and whether the calls ended (ToolCallParser.complete). */
 export function parseToolCalls(text: string): {
   content: string;
   calls: { name: string; arguments: string }[];
+  complete: boolean;
 } {
   const p = new ToolCallParser();
   let content = "";
@@ -376,7 +382,7 @@ export function parseToolCalls(text: string): {
     else if (e.type === "call") calls.push({ name: e.name, arguments: "" });
     else calls[e.index]!.arguments += e.text;
   }
-  return { content, calls };
+  return { content, calls, complete: p.complete };
 }
 
 /**

@@ -464,6 +464,19 @@ describe("chat completions", () => {
         );
         for (const x of got) expect(x.id).toMatch(/^call_/);
       }
+      // A stop string inside the arguments cuts the call: "stop", not "tool_calls".
+      const cut = await gw.client.chat.completions.create({
+        ...body,
+        n: 1,
+        tools: [weather],
+        stop: ['"city"'],
+      });
+      expect(cut.choices[0]!.finish_reason).toBe("stop");
+      expect(
+        cut.choices[0]!.message.tool_calls!.map((x) =>
+          x.type === "function" ? [x.function.name, x.function.arguments] : [],
+        ),
+      ).toEqual([["get_weather", "{"]]);
       // Left to itself this model writes text: content, never the calls token as text.
       const text = await gw.client.chat.completions.create({
         ...body,

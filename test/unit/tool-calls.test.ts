@@ -263,7 +263,7 @@ function parseInPieces(text: string, rng: Prng): ReturnType<typeof parseToolCall
     i += n;
   }
   events.push(...p.end());
-  const out: ReturnType<typeof parseToolCalls> = { content: "", calls: [] };
+  const out: ReturnType<typeof parseToolCalls> = { content: "", calls: [], complete: false };
   for (const e of events) {
     if (e.type === "content") out.content += e.text;
     else if (e.type === "call") {
@@ -271,7 +271,7 @@ function parseInPieces(text: string, rng: Prng): ReturnType<typeof parseToolCall
       out.calls.push({ name: e.name, arguments: "" });
     } else out.calls[e.index]!.arguments += e.text;
   }
-  return out;
+  return { ...out, complete: p.complete };
 }
 
 describe("the parser", () => {
@@ -293,12 +293,13 @@ describe("the parser", () => {
     let withCalls = 0;
     for (const text of outputs) {
       const want = oracle(text);
-      const whole = parseToolCalls(text);
+      const { complete: ended, ...whole } = parseToolCalls(text);
       // A call the output ended within: its arguments so far (the oracle needs the end).
       const complete = text.endsWith(T.callsEnd);
+      expect(ended).toBe(complete);
       if (complete) expect(whole, JSON.stringify(text)).toEqual(want);
       else expect(whole.calls.slice(0, want.calls.length)).toEqual(want.calls);
-      expect(parseInPieces(text, rng), JSON.stringify(text)).toEqual(whole);
+      expect(parseInPieces(text, rng), JSON.stringify(text)).toEqual({ ...whole, complete });
       if (complete) for (const c of whole.calls) JSON.parse(c.arguments);
       if (whole.calls.length > 0) withCalls++;
     }
@@ -308,25 +309,40 @@ describe("the parser", () => {
   });
 
   it.each([
-    ["text only", "hello", { content: "hello", calls: [] }],
+    ["text only", "hello", { content: "hello", calls: [] }, false],
     [
       "a marker's start held back, then released at the end",
       "a <｜tool",
       { content: "a <｜tool", calls: [] },
+      false,
     ],
     [
       "a call cut in its arguments",
       `${T.callsBegin}${T.callBegin}function${T.sep}get\n\`\`\`json\n{"a": \n\``,
       { content: "", calls: [{ name: "get", arguments: '{"a": \n`' }] },
+      false,
     ],
     [
       "a call cut in its name",
       `x${T.callsBegin}${T.callBegin}function${T.sep}ge`,
       { content: "x", calls: [] },
+      false,
     ],
-  ])("%s", (_what, text, want) => {
-    expect(parseToolCalls(text)).toEqual(want);
-    expect(parseInPieces(text, rng)).toEqual(want);
+    [
+      "calls cut before their end token",
+      `${T.callsBegin}${call("get", "{}")}`,
+      { content: "", calls: [{ name: "get", arguments: "{}" }] },
+      false,
+    ],
+    [
+      "calls ended",
+      calls(call("get", "{}")),
+      { content: "", calls: [{ name: "get", arguments: "{}" }] },
+      true,
+    ],
+  ])("%s", (_what, text, want, complete) => {
+    expect(parseToolCalls(text)).toEqual({ ...want, complete });
+    expect(parseInPieces(text, rng)).toEqual({ ...want, complete });
   });
 });
 
