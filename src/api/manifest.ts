@@ -186,3 +186,11 @@ export function architectureOf(model: DeepSeekModel): ModelArchitecture {
 export function servedModelName(model: DeepSeekModel): string {
   return model.spec.servedModelName ?? model.metadata.name;
 }
+
+/** How gateways read thinking out of chat answers: as given, else by the preset (R1 thinks). */
+export function reasoningParserOf(model: DeepSeekModel): "deepseek-r1" | "none" {
+  return (
+    model.spec.gateway.reasoningParser ??
+    (model.spec.model.preset === "deepseek-r1" ? "deepseek-r1" : "none")
+  );
+}

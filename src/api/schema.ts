@@ -297,6 +297,12 @@ export const GatewaySchema = withRules(
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",
         default: true,
       }),
+      reasoningParser: Type.Optional(
+        StringEnum(["deepseek-r1", "none"], {
+          description:
+            "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, else none.",
+        }),
+      ),
     },
     {
       description: "Gateway pods: HTTP/gRPC front, scheduler, dense layers, MLA KV cache.",

@@ -7,6 +7,7 @@ import { ApiError, toApiError } from "./errors.ts";
 import { GrammarConstraint, type TokenGrammar } from "./grammar.ts";
 import type { GatewayMetrics } from "./metrics.ts";
 import type { PromptEncoder } from "./prompt-encoder.ts";
+import type { ReasoningParserName } from "./reasoning.ts";
 import { OutputText } from "./text.ts";
 
 /** What the routes share: the engine and the model's facts. */
@@ -19,6 +20,8 @@ export interface ServeContext {
   readonly servedModelName: string;
   readonly maxModelLen: number;
   readonly vocabSize: number;
+  /** Chat answers' thinking apart from their content (reasoning.ts). */
+  readonly reasoningParser: ReasoningParserName;
   readonly metrics: GatewayMetrics;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;
@@ -155,7 +158,9 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   const finish = (choice: Choice, reason: FinishReason) => {
     if (choice.finishReason !== null || settled) return;
     choice.finishReason = reason;
-    hooks.onFinish?.(choice, choice.out.flush());
+    // Flushed whether or not a hook takes it: the text's unfinished end is its last part.
+    const rest = choice.out.flush();
+    hooks.onFinish?.(choice, rest);
     if (--remaining === 0) {
       settled = true;
       // One count per request, as abort and error: 'length' if any choice ran out of tokens.

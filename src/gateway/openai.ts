@@ -5,6 +5,7 @@ import { randomBytes, randomInt } from "node:crypto";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
+import { ChatOutput, type ChatOutputOptions } from "./chat-output.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import {
   type Choice,
@@ -15,9 +16,9 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
+import { jsonMode, toolPlan } from "./output-grammar.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
-import { parseToolCalls, ToolCallParser, type ToolFunction, withTools } from "./tool-calls.ts";
+import { type ToolFunction, withTools } from "./tool-calls.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
 
@@ -262,46 +263,22 @@ async function chat(
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     promptLogprobs: false,
   };
-  const newCallId = () => `call_${randomBytes(12).toString("hex")}`;
-  // A forced call without tool-call tokens: its text is the arguments.
-  const argumentsId = plan.kind === "arguments" ? newCallId() : "";
-  /** A finished choice's message and finish_reason. */
-  const ending = (c: Choice) => {
-    if (plan.kind === "arguments")
-      return {
-        message: {
-          role: "assistant",
-          content: null,
-          tool_calls: [
-            {
-              id: argumentsId,
-              type: "function",
-              function: { name: plan.tool.name, arguments: c.out.text },
-            },
-          ],
-        },
-        finish: c.finishReason,
-      };
-    if (plan.kind === "text")
-      return { message: { role: "assistant", content: c.out.text }, finish: c.finishReason };
-    const { content, calls, complete } = parseToolCalls(c.out.text);
-    return {
-      message: {
-        role: "assistant",
-        content: calls.length > 0 && content === "" ? null : content,
-        ...(calls.length > 0
-          ? {
-              tool_calls: calls.map((f) => ({
-                id: newCallId(),
-                type: "function",
-                function: f,
-              })),
-            }
-          : {}),
-      },
-      finish: finishOf(plan, c, complete),
-    };
+  // The thinking is read apart unless a grammar shapes the answer from its first token
+  // (response_format, or calls required at once): that output is all answer.
+  const forcedStart =
+    spec.grammar !== undefined &&
+    !(plan.kind === "native" && (b.tool_choice ?? "auto") === "auto") &&
+    !(plan.kind === "native" && b.tool_choice === "none");
+  const outputOptions: ChatOutputOptions = {
+    tools: plan.kind === "native" ? "calls" : plan.kind === "arguments" ? "arguments" : "text",
+    ...(plan.kind === "arguments" ? { forced: plan.tool.name } : {}),
+    reasoning: ctx.reasoningParser === "deepseek-r1" && !forcedStart,
   };
+  /** "tool_calls" when the calls ended, but for a named tool_choice (OpenAI's "stop"). */
+  const finishOf = (c: Choice, output: ChatOutput) =>
+    plan.kind === "native" && !plan.named && output.callsComplete && c.finishReason === "stop"
+      ? "tool_calls"
+      : c.finishReason;
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };
@@ -315,8 +292,14 @@ async function chat(
       ...head,
       object: "chat.completion",
       choices: job.choices.map((c) => {
-        const { message, finish } = ending(c);
-        return { index: c.index, message, logprobs: lp(c.tokens), finish_reason: finish };
+        const output = new ChatOutput(outputOptions);
+        const message = output.message(c.out.text);
+        return {
+          index: c.index,
+          message,
+          logprobs: lp(c.tokens),
+          finish_reason: finishOf(c, output),
+        };
       }),
       usage: usageOf(job),
     };
@@ -325,35 +308,15 @@ async function chat(
   let out: ReturnType<typeof sse> | null = null;
   const pending: unknown[] = [];
   const send = (o: unknown) => (out ? out.send(o) : pending.push(o));
-  // Per choice, with tools in the model's format: what its text holds so far.
-  const parsers = new Map<number, ToolCallParser>();
-  const deltas = (c: Choice, text: string, end: boolean): object[] => {
-    if (plan.kind === "arguments")
-      return text ? [{ tool_calls: [{ index: 0, function: { arguments: text } }] }] : [];
-    if (plan.kind === "text") return text ? [{ content: text }] : [];
-    const parser = parsers.get(c.index) ?? new ToolCallParser();
-    parsers.set(c.index, parser);
-    const events = [...parser.push(text), ...(end ? parser.end() : [])];
-    return events.map((e) =>
-      e.type === "content"
-        ? { content: e.text }
-        : e.type === "call"
-          ? {
-              tool_calls: [
-                {
-                  index: e.index,
-                  id: newCallId(),
-                  type: "function",
-                  function: { name: e.name, arguments: "" },
-                },
-              ],
-            }
-          : { tool_calls: [{ index: e.index, function: { arguments: e.text } }] },
-    );
+  const outputs = new Map<number, ChatOutput>();
+  const outputOf = (c: Choice) => {
+    const o = outputs.get(c.index) ?? new ChatOutput(outputOptions);
+    outputs.set(c.index, o);
+    return o;
   };
   const job = startJob(ctx, spec, {
     onToken: (c, t, text) => {
-      const ds = deltas(c, text, false);
+      const ds: object[] = outputOf(c).push(text);
       if (ds.length === 0 && spec.logprobs !== null) ds.push({});
       for (const [i, delta] of ds.entries())
         send(
@@ -363,55 +326,28 @@ async function chat(
         );
     },
     onFinish: (c, text) => {
-      const ds = deltas(c, text, true);
+      const output = outputOf(c);
+      const ds: object[] = [...output.push(text), ...output.end()];
       const last = ds.pop() ?? {};
       for (const delta of ds)
         send(chunk([{ index: c.index, delta, logprobs: null, finish_reason: null }]));
-      const finish = finishOf(plan, c, parsers.get(c.index)?.complete ?? false);
-      send(chunk([{ index: c.index, delta: last, logprobs: null, finish_reason: finish }]));
+      send(
+        chunk([
+          { index: c.index, delta: last, logprobs: null, finish_reason: finishOf(c, output) },
+        ]),
+      );
     },
   });
   out = sse(reply);
   bind(reply, job);
   for (const c of job.choices)
     out.send(
-      chunk([
-        {
-          index: c.index,
-          delta:
-            plan.kind === "arguments"
-              ? {
-                  role: "assistant",
-                  content: null,
-                  tool_calls: [
-                    {
-                      index: 0,
-                      id: argumentsId,
-                      type: "function",
-                      function: { name: plan.tool.name, arguments: "" },
-                    },
-                  ],
-                }
-              : { role: "assistant", content: "" },
-          logprobs: null,
-          finish_reason: null,
-        },
-      ]),
+      chunk([{ index: c.index, delta: outputOf(c).first(), logprobs: null, finish_reason: null }]),
     );
   for (const p of pending) out.send(p);
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
   await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(job) }));
   return reply;
-}
-
-/**
- * A choice's finish_reason: "tool_calls" when it ended its calls (OpenAI's, but for a
- * named tool_choice, which OpenAI finishes "stop"); calls a stop string cut are "stop".
- */
-function finishOf(plan: ToolPlan, c: Choice, callsComplete: boolean): string | null {
-  return plan.kind === "native" && !plan.named && callsComplete && c.finishReason === "stop"
-    ? "tool_calls"
-    : c.finishReason;
 }
 
 function chatLogprob(ctx: ServeContext, t: TokenLogprob) {

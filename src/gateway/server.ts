@@ -16,6 +16,7 @@ import type { ServeContext } from "./jobs.ts";
 import { prepareVocabulary } from "./json-mode.ts";
 import { GatewayMetrics } from "./metrics.ts";
 import { PromptEncoder } from "./prompt-encoder.ts";
+import type { ReasoningParserName } from "./reasoning.ts";
 
 export interface GatewayConfig {
   readonly servedModelName: string;
@@ -43,6 +44,8 @@ export interface GatewayConfig {
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
   readonly tokenizerInlineBytes?: number;
+  /** How chat answers' thinking is told from their content (reasoning.ts; default none). */
+  readonly reasoningParser?: ReasoningParserName;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
@@ -102,6 +105,7 @@ export function createServeContext(
     servedModelName: cfg.servedModelName,
     maxModelLen,
     vocabSize: c.vocabSize,
+    reasoningParser: cfg.reasoningParser ?? "none",
     metrics: new GatewayMetrics(
       () => engine.stats,
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),

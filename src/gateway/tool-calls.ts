@@ -362,7 +362,7 @@ export class ToolCallParser {
 }
 
 /** The length of the longest end of `text` that is a proper start of `marker`. */
-function heldBack(text: string, marker: string): number {
+export function heldBack(text: string, marker: string): number {
   for (let n = Math.min(text.length, marker.length - 1); n > 0; n--)
     if (marker.startsWith(text.slice(text.length - n))) return n;
   return 0;

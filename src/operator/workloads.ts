@@ -8,7 +8,7 @@ import type {
   V1Service,
   V1Volume,
 } from "@kubernetes/client-node";
-import { architectureOf, servedModelName } from "../api/manifest.ts";
+import { architectureOf, reasoningParserOf, servedModelName } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -323,6 +323,7 @@ export function desiredObjects(
       `--max-request-bytes=${gateway.limits.maxRequestBytes}`,
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
       ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
+      `--reasoning-parser=${reasoningParserOf(model)}`,
     ],
     gateway.gpus,
     gateway.resources,

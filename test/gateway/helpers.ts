@@ -78,6 +78,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
     ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),
     ...(o.prefixCaching !== undefined ? { prefixCaching: o.prefixCaching } : {}),
+    ...(o.reasoningParser !== undefined ? { reasoningParser: o.reasoningParser } : {}),
     ...(o.tokenizerInlineBytes !== undefined
       ? { tokenizerInlineBytes: o.tokenizerInlineBytes }
       : {}),

@@ -565,6 +565,52 @@ describe("chat completions", () => {
     });
   });
 
+  describe("with --reasoning-parser deepseek-r1", () => {
+    let r1: TestGateway;
+    beforeAll(async () => {
+      r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
+    });
+    afterAll(async () => {
+      await r1?.close();
+    });
+    const body = {
+      model: "tiny",
+      messages: user("What is 2 + 2?"),
+      max_tokens: 12,
+      temperature: 0,
+    };
+    type Thinking = { content: string | null; reasoning_content?: string };
+
+    it("answers the thinking as reasoning_content: never closed here, all of it", async () => {
+      const plain = (await gw.client.chat.completions.create(body)).choices[0]!.message.content!;
+      const r = await r1.client.chat.completions.create(body);
+      const m = r.choices[0]!.message as unknown as Thinking;
+      // This random model never writes </think>: R1 thinks first, so all is thinking.
+      expect(plain).not.toContain("</think>");
+      expect(m.reasoning_content).toBe(plain);
+      expect(m.content).toBe("");
+      let thought = "";
+      let content = "";
+      for await (const chunk of await r1.client.chat.completions.create({ ...body, stream: true }))
+        for (const c of chunk.choices) {
+          const d = c.delta as unknown as Thinking;
+          thought += d.reasoning_content ?? "";
+          content += d.content ?? "";
+        }
+      expect([thought, content]).toEqual([plain, ""]);
+    });
+
+    it("leaves output a grammar shapes from its first token as content", async () => {
+      const r = await r1.client.chat.completions.create({
+        ...body,
+        response_format: { type: "json_object" },
+      });
+      const m = r.choices[0]!.message as unknown as Thinking;
+      expect(m.reasoning_content).toBeUndefined();
+      expect(m.content!.trimStart().startsWith("{")).toBe(true);
+    });
+  });
+
   it("cuts the text at a stop string", async () => {
     const body = { model: "tiny", messages: user("Hi"), max_tokens: 24, temperature: 0 };
     const full = (await gw.client.chat.completions.create(body)).choices[0]!.message.content!;

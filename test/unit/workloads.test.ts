@@ -103,6 +103,30 @@ describe("desiredObjects", () => {
     expect(args("  gateway: { prefixCaching: false }")).toContain("--no-prefix-caching");
   });
 
+  it.each([
+    ["tiny-v3", "", "none"],
+    ["deepseek-r1", "", "deepseek-r1"],
+    ["deepseek-r1", "\n  gateway: { reasoningParser: none }", "none"],
+    ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-r1 }", "deepseek-r1"],
+  ])("passes --reasoning-parser to the gateway: preset %s%s -> %s", (preset, extra, want) => {
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: r, namespace: ns }
+spec:
+  model: { preset: ${preset}, source: { pvc: { claimName: weights, path: w } } }
+  experts: { shards: 4 }${extra}
+`);
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+    const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
+      (o) => o.metadata?.name === "r-gateway",
+    ) as any;
+    const args = gw.spec.template.spec.containers[0].args as string[];
+    expect(args.filter((a) => a.startsWith("--reasoning-parser"))).toEqual([
+      `--reasoning-parser=${want}`,
+    ]);
+  });
+
   it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {
     const objs = objects("  autoscaling: { enabled: true, mode: external }");
     for (const d of objs.filter((o) => o.kind === "Deployment") as any[])

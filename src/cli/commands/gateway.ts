@@ -53,6 +53,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --no-prefix-caching       compute every prompt in full (by default the KV cache blocks of
                             prompt prefixes seen before are reused: a shared system prompt is
                             computed once)
+  --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
+                            reasoning_content, apart from content; none (default): as text
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -95,6 +97,7 @@ export const gatewayCommand: Command = {
         "block-size": { type: "string" },
         "prefix-caching": { type: "boolean" },
         "micro-batches": { type: "string" },
+        "reasoning-parser": { type: "string" },
         "api-key": { type: "string", multiple: true },
         wire: { type: "string" },
         device: { type: "string" },
@@ -193,6 +196,9 @@ export const gatewayCommand: Command = {
     if (tokenizerWorkers > 64)
       usage(`--tokenizer-workers must be at most 64, got ${tokenizerWorkers}`);
     const maxModelLen = values["max-model-len"];
+    const reasoningParser = values["reasoning-parser"] ?? "none";
+    if (reasoningParser !== "none" && reasoningParser !== "deepseek-r1")
+      usage(`--reasoning-parser must be deepseek-r1 or none, got ${reasoningParser}`);
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
@@ -204,6 +210,7 @@ export const gatewayCommand: Command = {
       microBatches,
       prefixCaching: values["prefix-caching"] !== false,
       tokenizerWorkers,
+      reasoningParser: reasoningParser as "none" | "deepseek-r1",
       log,
     });
     onRoundTrip = (shard, ms, ok) =>

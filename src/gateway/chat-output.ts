@@ -1,0 +1,153 @@
+// A chat choice's text as OpenAI's message and deltas: its thinking (`reasoning_content`,
+// with --reasoning-parser deepseek-r1: reasoning.ts), its answer (`content`) and its tool
+// calls (tool-calls.ts, or the arguments alone for a forced call on a tokenizer without
+// tool-call tokens). Streams read the text as it is released, whole responses read it at
+// once through the same reader, so both say the same.
+import { randomBytes } from "node:crypto";
+import { ReasoningParser } from "./reasoning.ts";
+import { ToolCallParser } from "./tool-calls.ts";
+
+export interface ToolCallDelta {
+  readonly index: number;
+  readonly id?: string;
+  readonly type?: "function";
+  readonly function: { readonly name?: string; readonly arguments: string };
+}
+
+export type ChatDelta =
+  | { readonly reasoning_content: string }
+  | { readonly content: string }
+  | { readonly tool_calls: readonly ToolCallDelta[] };
+
+export interface ChatOutputOptions {
+  /**
+   * "text": content only; "calls": DeepSeek's tool-call format parsed out of it;
+   * "arguments": the text is the arguments of `forced`'s one call.
+   */
+  readonly tools: "text" | "calls" | "arguments";
+  readonly forced?: string;
+  /** The text starts with the model's thinking (reasoning.ts). */
+  readonly reasoning: boolean;
+}
+
+const callId = () => `call_${randomBytes(12).toString("hex")}`;
+
+/** One choice's reader. */
+export class ChatOutput {
+  readonly #o: ChatOutputOptions;
+  readonly #reasoning: ReasoningParser | null;
+  readonly #calls: ToolCallParser | null;
+  /** The forced call's id ("arguments"). */
+  readonly #forcedId = callId();
+
+  constructor(o: ChatOutputOptions) {
+    this.#o = o;
+    this.#reasoning = o.reasoning ? new ReasoningParser() : null;
+    this.#calls = o.tools === "calls" ? new ToolCallParser() : null;
+  }
+
+  /** The stream's first delta: the role, and a forced call's head. */
+  first(): Record<string, unknown> {
+    if (this.#o.tools !== "arguments") return { role: "assistant", content: "" };
+    return {
+      role: "assistant",
+      content: null,
+      tool_calls: [
+        {
+          index: 0,
+          id: this.#forcedId,
+          type: "function",
+          function: { name: this.#o.forced, arguments: "" },
+        },
+      ],
+    };
+  }
+
+  /** The deltas a piece of released text makes. */
+  push(text: string): ChatDelta[] {
+    return this.#read(text, false);
+  }
+
+  /** At the end of the text: what the parsers held back. */
+  end(): ChatDelta[] {
+    return this.#read("", true);
+  }
+
+  /** Calls were made and ended (the calls-end token read): finish "tool_calls". */
+  get callsComplete(): boolean {
+    return this.#calls?.complete ?? false;
+  }
+
+  #read(text: string, end: boolean): ChatDelta[] {
+    const out: ChatDelta[] = [];
+    let content = text;
+    if (this.#reasoning) {
+      const a = this.#reasoning.push(text);
+      const b = end ? this.#reasoning.end() : { reasoning: "", content: "" };
+      const thought = a.reasoning + b.reasoning;
+      if (thought) out.push({ reasoning_content: thought });
+      content = a.content + b.content;
+    }
+    if (this.#o.tools === "arguments") {
+      if (content) out.push({ tool_calls: [{ index: 0, function: { arguments: content } }] });
+      return out;
+    }
+    if (!this.#calls) {
+      if (content) out.push({ content });
+      return out;
+    }
+    for (const e of [...this.#calls.push(content), ...(end ? this.#calls.end() : [])]) {
+      if (e.type === "content") out.push({ content: e.text });
+      else if (e.type === "call")
+        out.push({
+          tool_calls: [
+            {
+              index: e.index,
+              id: callId(),
+              type: "function",
+              function: { name: e.name, arguments: "" },
+            },
+          ],
+        });
+      else out.push({ tool_calls: [{ index: e.index, function: { arguments: e.text } }] });
+    }
+    return out;
+  }
+
+  /** The whole message of a choice whose text is `text` (read at once). */
+  message(text: string): Record<string, unknown> {
+    const deltas = [...this.push(text), ...this.end()];
+    let content = "";
+    let reasoning = "";
+    const calls: { id: string; type: "function"; function: { name: string; arguments: string } }[] =
+      this.#o.tools === "arguments"
+        ? [
+            {
+              id: this.#forcedId,
+              type: "function",
+              function: { name: this.#o.forced!, arguments: "" },
+            },
+          ]
+        : [];
+    for (const d of deltas) {
+      if ("content" in d) content += d.content;
+      else if ("reasoning_content" in d) reasoning += d.reasoning_content;
+      else
+        for (const t of d.tool_calls) {
+          if (t.id)
+            calls[t.index] = {
+              id: t.id,
+              type: "function",
+              function: { name: t.function.name!, arguments: "" },
+            };
+          calls[t.index]!.function.arguments += t.function.arguments;
+        }
+    }
+    return {
+      role: "assistant",
+      content: calls.length > 0 && content === "" ? null : content,
+      ...(this.#reasoning ? { reasoning_content: reasoning } : {}),
+      ...(calls.length > 0 ? { tool_calls: calls } : {}),
+    };
+  }
+}
