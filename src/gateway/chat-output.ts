@@ -145,7 +145,8 @@ export class ChatOutput {
     }
     return {
       role: "assistant",
-      content: calls.length > 0 && content === "" ? null : content,
+      // With calls, no text (or only the whitespace after a thought) is null, as OpenAI's.
+      content: calls.length > 0 && content.trim() === "" ? null : content,
       ...(this.#reasoning ? { reasoning_content: reasoning } : {}),
       ...(calls.length > 0 ? { tool_calls: calls } : {}),
     };

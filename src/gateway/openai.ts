@@ -17,6 +17,7 @@ import {
   startJob,
 } from "./jobs.ts";
 import { jsonMode, toolPlan } from "./output-grammar.ts";
+import { thinkingFirst } from "./reasoning.ts";
 import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 import { type ToolFunction, withTools } from "./tool-calls.ts";
 
@@ -257,22 +258,24 @@ async function chat(
     true,
     plan.tools.length ? { tools: b.tools as unknown[] } : {},
   );
+  const thinks = ctx.reasoningParser === "deepseek-r1";
+  const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
+  const grammar = plan.kind !== "text" ? plan.grammar : base.grammar;
+  // A grammar that shapes the answer from its first token (response_format, calls required
+  // at once) lets a thinking model think first (reasoning.ts: ThinkThen).
+  const shapesStart =
+    grammar !== undefined &&
+    !(plan.kind === "native" && [undefined, "auto", "none"].includes(b.tool_choice as string));
   const spec: JobSpec = {
-    ...jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages"),
-    ...(plan.kind !== "text" ? { grammar: plan.grammar } : {}),
+    ...base,
+    ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     promptLogprobs: false,
   };
-  // The thinking is read apart unless a grammar shapes the answer from its first token
-  // (response_format, or calls required at once): that output is all answer.
-  const forcedStart =
-    spec.grammar !== undefined &&
-    !(plan.kind === "native" && (b.tool_choice ?? "auto") === "auto") &&
-    !(plan.kind === "native" && b.tool_choice === "none");
   const outputOptions: ChatOutputOptions = {
     tools: plan.kind === "native" ? "calls" : plan.kind === "arguments" ? "arguments" : "text",
     ...(plan.kind === "arguments" ? { forced: plan.tool.name } : {}),
-    reasoning: ctx.reasoningParser === "deepseek-r1" && !forcedStart,
+    reasoning: thinks,
   };
   /** "tool_calls" when the calls ended, but for a named tool_choice (OpenAI's "stop"). */
   const finishOf = (c: Choice, output: ChatOutput) =>

@@ -5,6 +5,7 @@
 // reasoning (R1 always thinks first); tool calls (their calls token) end it too, so calls
 // made without closing the thought are not lost in it.
 import { TOOL_TOKENS } from "../model/tokenizer.ts";
+import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar } from "./grammar.ts";
 import { heldBack } from "./tool-calls.ts";
 
 export type ReasoningParserName = "deepseek-r1" | "none";
@@ -75,4 +76,90 @@ export function splitReasoning(text: string): ReasoningSplit {
   const a = p.push(text);
   const b = p.end();
   return { reasoning: a.reasoning + b.reasoning, content: a.content + b.content };
+}
+
+/** Whitespace taken between `</think>` and the answer. */
+const MAX_GAP = 8;
+const CLOSE_BYTES = [...Buffer.from(CLOSE)];
+const isWs = (b: number) => b === 0x20 || b === 0x0a || b === 0x0d || b === 0x09;
+
+/**
+ * Thinking state: `</think>` bytes matched (`m`); between it and the answer: whitespace
+ * taken (`gap`); then the answer's own state.
+ */
+export type ThinkState<S> =
+  | { readonly m: number }
+  | { readonly gap: number }
+  | { readonly answer: S };
+
+/**
+ * R1 thinks, then answers under `answer` (a JSON object, a schema, required calls): any
+ * bytes until `</think>` (no added token: the thought must close, the end-of-sentence token
+ * among them), a little whitespace, then the answer's automaton. As vLLM does with
+ * reasoning models, the structure applies after the thinking, which the model keeps.
+ */
+export class ThinkThen<S> implements ByteAutomaton<ThinkState<S>> {
+  readonly start: ThinkState<S> = { m: 0 };
+  readonly symbols: boolean;
+  readonly #answer: ByteAutomaton<S>;
+
+  constructor(answer: ByteAutomaton<S>) {
+    this.#answer = answer;
+    this.symbols = answer.symbols ?? false;
+  }
+
+  step(s: ThinkState<S>, b: number): ThinkState<S> | null {
+    if ("m" in s) {
+      if (b >= SYMBOL_BASE) return null;
+      // "</think>" has no proper border: a mismatch restarts at its first byte.
+      const m = CLOSE_BYTES[s.m] === b ? s.m + 1 : CLOSE_BYTES[0] === b ? 1 : 0;
+      return m === CLOSE_BYTES.length ? { gap: 0 } : { m };
+    }
+    if ("gap" in s) {
+      if (isWs(b) && s.gap < MAX_GAP) return { gap: s.gap + 1 };
+      return this.#inner(this.#answer.start, b);
+    }
+    return this.#inner(s.answer, b);
+  }
+
+  #inner(s: S, b: number): ThinkState<S> | null {
+    if (b >= SYMBOL_BASE && !this.#answer.symbols) return null;
+    const next = this.#answer.step(s, b);
+    return next === null ? null : { answer: next };
+  }
+
+  isDone(s: ThinkState<S>): boolean {
+    return "answer" in s && this.#answer.isDone(s.answer);
+  }
+
+  key(s: ThinkState<S>): string {
+    if ("m" in s) return `k${s.m}`;
+    if ("gap" in s) return `g${s.gap}`;
+    return `a|${this.#answer.key(s.answer)}`;
+  }
+
+  local(s: ThinkState<S>): { key: string; byte: number } | null {
+    return "answer" in s ? (this.#answer.local?.(s.answer) ?? null) : null;
+  }
+
+  /** The thinking's masks are the same whatever the answer. */
+  shared(s: ThinkState<S>): string | null {
+    if ("m" in s) return `think ${s.m}`;
+    return "answer" in s ? (this.#answer.shared?.(s.answer) ?? null) : null;
+  }
+}
+
+const thinking = new WeakMap<TokenGrammar<unknown>, TokenGrammar<unknown>>();
+
+/** `answer`'s grammar with R1's thinking first (one per answer grammar: masks are kept). */
+export function thinkingFirst(answer: TokenGrammar<unknown>): TokenGrammar<unknown> {
+  let g = thinking.get(answer);
+  if (!g) {
+    g = new TokenGrammar(
+      new ThinkThen(answer.automaton),
+      answer.vocabulary,
+    ) as TokenGrammar<unknown>;
+    thinking.set(answer, g);
+  }
+  return g;
 }

@@ -1,12 +1,24 @@
 // DeepSeek-R1's thinking apart from its answer (src/gateway/reasoning.ts) and a chat
 // choice's reader (src/gateway/chat-output.ts): hand cases, then random texts built from
 // the markers' pieces split as a direct reading splits them, whole or pushed in random
-// pieces, and a streamed choice's deltas adding up to the whole response's message.
+// pieces, and a streamed choice's deltas adding up to the whole response's message; then
+// grammars that let the model think first (ThinkThen): hand cases and exact masks.
 import { describe, expect, it } from "vitest";
 import { type ChatDelta, ChatOutput } from "../../src/gateway/chat-output.ts";
-import { ReasoningParser, splitReasoning } from "../../src/gateway/reasoning.ts";
+import { runBytes, type TokenBytes, vocabularyFor } from "../../src/gateway/grammar.ts";
+import { jsonObjectGrammar } from "../../src/gateway/json-mode.ts";
+import { schemaGrammar } from "../../src/gateway/json-schema.ts";
+import {
+  ReasoningParser,
+  splitReasoning,
+  type ThinkState,
+  thinkingFirst,
+} from "../../src/gateway/reasoning.ts";
+import { toolCallGrammar } from "../../src/gateway/tool-calls.ts";
 import { Prng } from "../../src/model/prng.ts";
-import { TOOL_TOKENS } from "../../src/model/tokenizer.ts";
+import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
+import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
+import { expectExactMasks } from "../support/grammar.ts";
 
 const T = TOOL_TOKENS;
 
@@ -125,7 +137,7 @@ describe("a chat choice's reader", () => {
     }
     return {
       role: "assistant",
-      content: calls.length > 0 && content === "" ? null : content,
+      content: calls.length > 0 && content.trim() === "" ? null : content,
       ...(reasoning ? { reasoning_content: thought } : {}),
       ...(calls.length > 0 ? { tool_calls: calls } : {}),
     };
@@ -148,7 +160,7 @@ describe("a chat choice's reader", () => {
       `<think>need weather</think>\n${T.callsBegin}${call("get", '{"a":1}')}${T.callsEnd}`,
       {
         role: "assistant",
-        content: "\n",
+        content: null,
         reasoning_content: "need weather",
         tool_calls: [
           { id: "call", type: "function", function: { name: "get", arguments: '{"a":1}' } },
@@ -194,5 +206,72 @@ describe("a chat choice's reader", () => {
       deltas.push(...stream.end());
       expect(withoutIds(accumulate(first, deltas, o.reasoning))).toEqual(want);
     }
+  });
+});
+
+describe("thinking before a grammar's answer (ThinkThen)", () => {
+  const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
+  const vocab = vocabularyFor(tok, 320)!;
+  const json = thinkingFirst(jsonObjectGrammar(vocab));
+  const a = json.automaton;
+  /** Text through `g`'s automaton (added tokens by their text as one symbol each). */
+  const check = (g: typeof json, text: string) => {
+    const units: number[] = [];
+    for (let i = 0; i < text.length; ) {
+      const hit = tok.addedTokens.find((t) => text.startsWith(t.content, i));
+      if (hit) {
+        units.push(vocab.symbol(hit.content)!);
+        i += hit.content.length;
+      } else {
+        const ch = String.fromCodePoint(text.codePointAt(i)!);
+        units.push(...Buffer.from(ch));
+        i += ch.length;
+      }
+    }
+    let s: unknown = g.automaton.start;
+    for (let i = 0; i < units.length; i++) {
+      s = g.automaton.step(s, units[i]!);
+      if (s === null) return { refusedAt: i, done: false };
+    }
+    return { refusedAt: -1, done: g.automaton.isDone(s) };
+  };
+
+  it.each([
+    ["a thought, then the object", '<think>\nhm, {"not": json</think>\n\n{"a": 1}', -1, true],
+    ["no opening tag (the template wrote it)", "thinking</think>{}", -1, true],
+    ["still thinking", "anything { goes", -1, false],
+    ["a near miss of the closing tag", "</thin></think>{}", -1, true],
+    ["text after the closing tag", "</think>x", 8, false],
+    ["the end-of-sentence token while thinking", "hm<｜end▁of▁sentence｜>", 2, false],
+  ] as const)("%s", (_what, text, refusedAt, done) => {
+    expect(check(json, text)).toEqual({ refusedAt, done });
+  });
+
+  it("thinks before required calls too, and no tool token while thinking", () => {
+    const tools = toolCallGrammar(vocab, [{ name: "f", parameters: { type: "object" } }], {
+      mode: "required",
+      parallel: false,
+    })!;
+    const g = thinkingFirst(tools);
+    const call = `${TOOL_TOKENS.callsBegin}${TOOL_TOKENS.callBegin}function${TOOL_TOKENS.sep}f\n\`\`\`json\n{}\n\`\`\`${TOOL_TOKENS.callEnd}${TOOL_TOKENS.callsEnd}`;
+    expect(check(g, `plan</think>\n\n${call}`)).toEqual({ refusedAt: -1, done: true });
+    expect(check(g, `plan${TOOL_TOKENS.callsBegin}`)).toEqual({ refusedAt: 4, done: false });
+  });
+
+  it("masks: exact in thinking, after it and in the answer; the thinking's kept once for all answers", () => {
+    const states: ThinkState<unknown>[] = [];
+    let s = a.start as ThinkState<unknown> | null;
+    for (const b of Buffer.from('<think>a </thi</think>\n {"k": "v", "n": [1')) {
+      s = a.step(s!, b) as ThinkState<unknown> | null;
+      states.push(s!);
+    }
+    expectExactMasks(json, a, states, vocab.bytes as readonly (TokenBytes | null)[], 320);
+    const other = thinkingFirst(
+      schemaGrammar(vocab, { type: "object", properties: { x: { type: "integer" } } }),
+    );
+    const computed = other.computed;
+    expect(other.mask(other.automaton.start)).toBe(json.mask(a.start));
+    expect(other.computed).toBe(computed);
+    expect(runBytes(a, a.start, Buffer.from("x</think>{}"))).not.toBeNull();
   });
 });
