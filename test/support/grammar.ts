@@ -1,5 +1,6 @@
 // Helpers of the constrained-decoding tests (test/unit/json-mode.test.ts, json-schema.test.ts).
 import { expect } from "vitest";
+import type { Vocabulary } from "../../src/gateway/grammar.ts";
 import {
   type ByteAutomaton,
   runBytes,
@@ -8,6 +9,7 @@ import {
   type TokenGrammar,
 } from "../../src/gateway/grammar.ts";
 import type { Prng } from "../../src/model/prng.ts";
+import type { Tokenizer } from "../../src/model/tokenizer.ts";
 
 export const utf8 = (s: string) => new Uint8Array(Buffer.from(s, "utf8"));
 
@@ -65,4 +67,25 @@ export function expectExactMasks<S>(
       expect(got, `state ${automaton.key(s)}, token ${id}`).toBe(want);
     }
   }
+}
+
+/**
+ * `text` as an automaton's units over `vocabulary`: the tokenizer's added tokens (written
+ * by their text) as their symbols, the rest UTF-8 bytes.
+ */
+export function textUnits(tokenizer: Tokenizer, vocabulary: Vocabulary, text: string): number[] {
+  const out: number[] = [];
+  const added = tokenizer.addedTokens.map((t) => t.content);
+  for (let i = 0; i < text.length; ) {
+    const hit = added.find((a) => text.startsWith(a, i));
+    if (hit) {
+      out.push(vocabulary.symbol(hit)!);
+      i += hit.length;
+      continue;
+    }
+    const ch = String.fromCodePoint(text.codePointAt(i)!);
+    out.push(...Buffer.from(ch, "utf8"));
+    i += ch.length;
+  }
+  return out;
 }

@@ -18,7 +18,7 @@ import { toolCallGrammar } from "../../src/gateway/tool-calls.ts";
 import { Prng } from "../../src/model/prng.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
 import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
-import { expectExactMasks } from "../support/grammar.ts";
+import { expectExactMasks, textUnits } from "../support/grammar.ts";
 
 const T = TOOL_TOKENS;
 
@@ -216,18 +216,7 @@ describe("thinking before a grammar's answer (ThinkThen)", () => {
   const a = json.automaton;
   /** Text through `g`'s automaton (added tokens by their text as one symbol each). */
   const check = (g: typeof json, text: string) => {
-    const units: number[] = [];
-    for (let i = 0; i < text.length; ) {
-      const hit = tok.addedTokens.find((t) => text.startsWith(t.content, i));
-      if (hit) {
-        units.push(vocab.symbol(hit.content)!);
-        i += hit.content.length;
-      } else {
-        const ch = String.fromCodePoint(text.codePointAt(i)!);
-        units.push(...Buffer.from(ch));
-        i += ch.length;
-      }
-    }
+    const units = textUnits(tok, vocab, text);
     let s: unknown = g.automaton.start;
     for (let i = 0; i < units.length; i++) {
       s = g.automaton.step(s, units[i]!);

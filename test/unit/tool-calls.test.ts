@@ -26,7 +26,7 @@ import {
 import { Prng } from "../../src/model/prng.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
 import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
-import { expectExactMasks } from "../support/grammar.ts";
+import { expectExactMasks, textUnits } from "../support/grammar.ts";
 
 const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
 const V = 320;
@@ -46,25 +46,8 @@ const TOOLS: ToolFunction[] = [
   { name: "get", parameters: { type: "object", properties: {} } },
 ];
 
-/** `text` as the automaton's units: added tokens' texts as their symbols, the rest bytes. */
-function units(text: string): number[] {
-  const out: number[] = [];
-  const added = tok.addedTokens.map((t) => t.content);
-  let i = 0;
-  while (i < text.length) {
-    const hit = added.find((a) => text.startsWith(a, i));
-    if (hit) {
-      out.push(vocab.symbol(hit)!);
-      i += hit.length;
-      continue;
-    }
-    const cp = text.codePointAt(i)!;
-    const ch = String.fromCodePoint(cp);
-    out.push(...Buffer.from(ch, "utf8"));
-    i += ch.length;
-  }
-  return out;
-}
+/** `text` as the automaton's units (added tokens as their symbols). */
+const units = (text: string) => textUnits(tok, vocab, text);
 
 const call = (name: string, args: string) =>
   `${T.callBegin}function${T.sep}${name}\n\`\`\`json\n${args}\n\`\`\`${T.callEnd}`;
