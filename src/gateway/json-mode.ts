@@ -219,15 +219,6 @@ export const JSON_OBJECT: ByteAutomaton<JsonState> = {
   local: stringLocal,
 };
 
-/**
- * Builds what constrained decoding needs of a tokenizer's vocabulary (sorted, split by the
- * quote byte: ~0.7 s at 129k tokens) now, at startup, rather than on the event loop at the
- * first JSON request. Nothing for a tokenizer that is not byte-level.
- */
-export function prepareVocabulary(tokenizer: Tokenizer, size: number): void {
-  vocabularyFor(tokenizer, size)?.split(0x22);
-}
-
 const grammars = new WeakMap<Vocabulary, TokenGrammar<JsonState>>();
 
 /** JSON mode's grammar over a vocabulary (one per vocabulary: its masks are shared). */

@@ -1,13 +1,44 @@
 // What constrains a request's output (docs/gateway.md): response_format json_object or
 // json_schema, and tools (tool-calls.ts), each turned into the grammar (grammar.ts) its
 // choices are decoded under.
+
+import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
 import { type TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
 import type { ServeContext } from "./jobs.ts";
-import { jsonObjectGrammar } from "./json-mode.ts";
+import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
+import { thinkingFirst } from "./reasoning.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 import { type ToolFunction, type ToolMode, toolCallGrammar } from "./tool-calls.ts";
+
+/**
+ * Builds at startup, rather than on the event loop at the first request that needs it, what
+ * constrained decoding keeps per vocabulary (grammar.ts): the vocabulary sorted and split by
+ * the quote byte (~0.6 s at 129k tokens), the string parts of JSON (~65 ms each), the text
+ * of tool_choice "auto" and "none" (~60 ms each) and, for a thinking model, the thought's
+ * first mask. Nothing for a tokenizer that is not byte-level.
+ */
+export function prepareVocabulary(
+  tokenizer: Tokenizer,
+  size: number,
+  o: { thinking?: boolean } = {},
+): void {
+  const v = vocabularyFor(tokenizer, size);
+  if (!v) return;
+  v.split(0x22);
+  const json = jsonObjectGrammar(v);
+  for (const prefix of ['{"', '{"a": "'])
+    json.mask(run(START, new Uint8Array(Buffer.from(prefix)))!);
+  for (const mode of ["auto", "none"] as const) {
+    const g = toolCallGrammar(v, [], { mode, parallel: true });
+    g?.mask(g.automaton.start);
+  }
+  if (o.thinking) {
+    const g = thinkingFirst(json as TokenGrammar<unknown>);
+    g.mask(g.automaton.start);
+  }
+}
 
 /**
  * How a chat request's tools shape its output (docs/gateway.md, Tool calls):

@@ -13,8 +13,8 @@ import { decodeFrame, encodeDispatch } from "../moe/wire.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import { ServingEngine } from "./engine.ts";
 import type { ServeContext } from "./jobs.ts";
-import { prepareVocabulary } from "./json-mode.ts";
 import { GatewayMetrics } from "./metrics.ts";
+import { prepareVocabulary } from "./output-grammar.ts";
 import { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
 
@@ -92,7 +92,7 @@ export function createServeContext(
     },
     { microBatches: cfg.microBatches ?? 1 },
   );
-  prepareVocabulary(tokenizer, c.vocabSize);
+  prepareVocabulary(tokenizer, c.vocabSize, { thinking: cfg.reasoningParser === "deepseek-r1" });
   const encoder = new PromptEncoder(tokenizer, {
     workers: cfg.tokenizerWorkers ?? 1,
     ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),

@@ -9,9 +9,13 @@ import {
   runBytes,
   SYMBOL_BASE,
   type TokenBytes,
+  type TokenGrammar,
   vocabularyFor,
 } from "../../src/gateway/grammar.ts";
 import { jsonObjectGrammar } from "../../src/gateway/json-mode.ts";
+import { schemaGrammar } from "../../src/gateway/json-schema.ts";
+import { prepareVocabulary } from "../../src/gateway/output-grammar.ts";
+import { thinkingFirst } from "../../src/gateway/reasoning.ts";
 import {
   parseToolCalls,
   type ToolCallOptions,
@@ -205,6 +209,22 @@ describe("masks", () => {
     const calls = tok.tokenToId(T.callsBegin)!;
     const bit = (m: Uint32Array) => (m[calls >>> 5]! >>> (calls & 31)) & 1;
     expect([bit(mask), bit(none.mask(none.automaton.start))]).toEqual([1, 0]);
+  });
+
+  it("the gateway computes the text masks at startup (prepareVocabulary): a first request finds them", () => {
+    const fresh = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
+    prepareVocabulary(fresh, V, { thinking: true });
+    const v = vocabularyFor(fresh, V)!;
+    for (const o of [AUTO, NONE]) {
+      const g = toolCallGrammar(v, TOOLS, o)!;
+      g.mask(g.automaton.start);
+      expect(g.computed).toBe(0);
+    }
+    const think = thinkingFirst(
+      schemaGrammar(v, { type: "object", properties: {} }) as TokenGrammar<unknown>,
+    );
+    think.mask(think.automaton.start);
+    expect(think.computed).toBe(0);
   });
 
   it("JSON grammars never allow a symbol (the end-of-sentence token among them)", () => {
