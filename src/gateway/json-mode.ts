@@ -1,18 +1,4 @@
-// JSON mode (OpenAI's response_format {"type": "json_object"}): the output is one JSON
-// object (RFC 8259), constrained token by token. A byte-level pushdown automaton says
-// which bytes may come next; before each sample the tokens whose bytes it would refuse get
-// -inf (ServingEngine applies a TokenConstraint's mask), and the choice finishes ("stop")
-// when the object closes. A model that runs out of max_tokens first ends with an
-// unfinished object and finish_reason "length", as with OpenAI.
-// The masks: grammar.ts.
-import type { Tokenizer } from "../model/tokenizer.ts";
-import {
-  type ByteAutomaton,
-  runBytes,
-  TokenGrammar,
-  type Vocabulary,
-  vocabularyFor,
-} from "./grammar.ts";
+import { type ByteAutomaton, runBytes, TokenGrammar, type Vocabulary } from "./grammar.ts";
 
 /** The automaton's modes (exported for json-schema.ts, which runs values through it). */
 export const Mode = {
