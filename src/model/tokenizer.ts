@@ -71,6 +71,8 @@ export class Tokenizer {
   /** Added tokens (special or not): their text is literal, not byte-mapped. */
   readonly addedTokens: readonly { readonly id: number; readonly content: string }[];
   private readonly addedIds: ReadonlySet<number>;
+  /** Tool-call tokens a tokenizer marks special: decoding keeps them even when skipping. */
+  private readonly keptSpecial: ReadonlyMap<number, string>;
   private bytesOfTokens: (Uint8Array | null)[] | undefined;
 
   /**
@@ -112,6 +114,14 @@ export class Tokenizer {
         : [],
     );
     this.addedIds = new Set(this.addedTokens.map((t) => t.id));
+    const toolTexts = new Set<string>(Object.values(TOOL_TOKENS));
+    this.keptSpecial = new Map(
+      added.flatMap((t) =>
+        isObject(t) && t["special"] === true && toolTexts.has(t["content"] as string)
+          ? [[t["id"] as number, t["content"] as string] as const]
+          : [],
+      ),
+    );
     this.bosToken = tokenText(tokenizerConfig["bos_token"]);
     this.eosToken = tokenText(tokenizerConfig["eos_token"]);
     this.bosTokenId = this.specialId("bos_token", this.bosToken);
@@ -177,13 +187,32 @@ export class Tokenizer {
 
   /**
    * Text of token ids. Ids outside the tokenizer (the padding rows of a larger vocab_size)
-   * decode to nothing; `skipSpecialTokens` drops BOS/EOS/pad and other special tokens.
+   * decode to nothing; `skipSpecialTokens` drops BOS/EOS/pad and other special tokens (but
+   * DeepSeek's tool-call tokens, even where a tokenizer marks them special).
    */
   decode(ids: readonly number[], skipSpecialTokens = false): string {
-    return this.hf.decode([...ids], {
+    const options = {
       skip_special_tokens: skipSpecialTokens,
       clean_up_tokenization_spaces: this.config["clean_up_tokenization_spaces"] === true,
-    });
+    };
+    if (
+      !skipSpecialTokens ||
+      this.keptSpecial.size === 0 ||
+      !ids.some((id) => this.keptSpecial.has(id))
+    )
+      return this.hf.decode([...ids], options);
+    // Tool-call tokens marked special are kept (the calls are read from the text): the
+    // pieces between them decoded alone (an added token ends any character before it).
+    let out = "";
+    let from = 0;
+    for (let i = 0; i <= ids.length; i++) {
+      const kept = i < ids.length ? this.keptSpecial.get(ids[i]!) : undefined;
+      if (i < ids.length && kept === undefined) continue;
+      if (i > from) out += this.hf.decode(ids.slice(from, i), options);
+      if (kept !== undefined) out += kept;
+      from = i + 1;
+    }
+    return out;
   }
 
   /** The id of a token string, or undefined. */

@@ -153,6 +153,19 @@ describe("chat template", () => {
     for (const t of Object.values(TOOL_TOKENS).slice(0, 5)) expect(ids).toContain(tok.tokenToId(t));
   });
 
+  it("keeps tool-call tokens when skipping special ones, even where they are marked special", () => {
+    const json = tinyTokenizerJson() as { added_tokens: { content: string; special: boolean }[] };
+    for (const t of json.added_tokens) if (t.content.includes("tool")) t.special = true;
+    const marked = new Tokenizer(json, tinyTokenizerConfigJson(256));
+    const text = `${SPECIAL_TOKENS.bos}é${TOOL_TOKENS.callsBegin}x${TOOL_TOKENS.sep}東${TOOL_TOKENS.callsEnd}`;
+    const ids = marked.encode(text, false);
+    expect(marked.decode(ids, true)).toBe(
+      `é${TOOL_TOKENS.callsBegin}x${TOOL_TOKENS.sep}東${TOOL_TOKENS.callsEnd}`,
+    );
+    expect(marked.decode(ids, true)).toBe(tok.decode(tok.encode(text, false), true));
+    expect(marked.decode(ids)).toBe(text);
+  });
+
   it("names the request's tools after the system prompt", () => {
     const tools = [
       { type: "function", function: { name: "a" } },
