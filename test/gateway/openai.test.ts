@@ -464,6 +464,21 @@ describe("chat completions", () => {
         );
         for (const x of got) expect(x.id).toMatch(/^call_/);
       }
+      // The openai client's own stream accumulator (what SDK users call) rebuilds the same
+      // message from the deltas.
+      const final = await gw.client.chat.completions
+        .stream({ ...body, n: 1 } as OpenAI.ChatCompletionCreateParamsStreaming)
+        .finalChatCompletion();
+      const first = r.choices[0]!.message.tool_calls!.map((x) =>
+        x.type === "function" ? [x.function.name, x.function.arguments] : [],
+      );
+      expect(final.choices[0]!.finish_reason).toBe("tool_calls");
+      expect(
+        final.choices[0]!.message.tool_calls!.map((x) =>
+          x.type === "function" ? [x.function.name, x.function.arguments] : [],
+        ),
+      ).toEqual(first);
+      expect(final.choices[0]!.message.tool_calls![0]!.id).toMatch(/^call_/);
       // A stop string inside the arguments cuts the call: "stop", not "tool_calls".
       const cut = await gw.client.chat.completions.create({
         ...body,
