@@ -45,6 +45,8 @@ export interface GenerationRequest {
   readonly promptFrom?: number;
   /** Limits the tokens it may sample (JSON mode); it finishes ("stop") when complete. */
   readonly constraint?: TokenConstraint;
+  /** The stop tokens cannot be sampled before this many output tokens (vLLM's min_tokens). */
+  readonly minTokens?: number;
 }
 
 /** Which tokens a sequence may sample next, and what it sampled (json-mode.ts). */
@@ -333,6 +335,8 @@ export class ServingEngine {
       if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0)
         for (const [id, n] of a.counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
       for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
+      if (a.req.minTokens && a.seq.outputTokens.length < a.req.minTokens)
+        for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
       if (a.req.constraint)
         try {
           applyMask(row, a.req.constraint.allowed());

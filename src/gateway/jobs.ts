@@ -96,6 +96,10 @@ export interface JobSpec {
   readonly promptLogprobs: boolean;
   /** Generate past the end-of-sequence token, up to maxTokens (vLLM's ignore_eos). */
   readonly ignoreEos?: boolean;
+  /** More tokens that end a choice, like the end-of-sequence one (vLLM's stop_token_ids). */
+  readonly stopTokenIds?: readonly number[];
+  /** No stop token before this many output tokens (vLLM's min_tokens). */
+  readonly minTokens?: number;
   /** Constrained decoding (JSON mode, a JSON schema): each choice follows this grammar. */
   readonly grammar?: TokenGrammar<unknown>;
 }
@@ -199,8 +203,11 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       maxTokens: prompt.maxTokens,
       // Choice j of every prompt samples as choice j of a request of that prompt alone.
       sampling: { ...spec.sampling, seed: (spec.sampling.seed + (i % spec.n)) >>> 0 },
-      stopTokenIds:
-        ctx.tokenizer.eosTokenId === null || spec.ignoreEos ? [] : [ctx.tokenizer.eosTokenId],
+      stopTokenIds: [
+        ...(ctx.tokenizer.eosTokenId === null || spec.ignoreEos ? [] : [ctx.tokenizer.eosTokenId]),
+        ...(spec.stopTokenIds ?? []),
+      ],
+      ...(spec.minTokens ? { minTokens: spec.minTokens } : {}),
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
       ...(first !== undefined ? { promptFrom: first } : {}),

@@ -128,8 +128,34 @@ function jobSpec(
     },
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
+    ...stopTokens(ctx, b, jobPrompts),
     ...jsonMode(ctx, b),
   };
+}
+
+/** vLLM's stop_token_ids and min_tokens, checked against the vocabulary and max_tokens. */
+function stopTokens(
+  ctx: ServeContext,
+  b: Common,
+  prompts: readonly { maxTokens: number }[],
+): Pick<JobSpec, "stopTokenIds" | "minTokens"> {
+  const ids = b.stop_token_ids ?? [];
+  const bad = ids.find((id) => id >= ctx.vocabSize);
+  if (bad !== undefined)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `stop_token_ids: token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
+      { param: "stop_token_ids" },
+    );
+  const min = b.min_tokens ?? 0;
+  const most = Math.min(...prompts.map((p) => p.maxTokens));
+  if (min > most)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `min_tokens (${min}) is more than max_tokens (${most})`,
+      { param: "min_tokens" },
+    );
+  return { ...(ids.length ? { stopTokenIds: ids } : {}), ...(min ? { minTokens: min } : {}) };
 }
 
 const usageOf = (job: Job) => ({

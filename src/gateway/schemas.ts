@@ -19,6 +19,12 @@ const common = {
   seed: Type.Optional(Nullable(Type.Integer())),
   /** vLLM's extension: keep generating past the end-of-sequence token (up to max_tokens). */
   ignore_eos: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's extension: no stop token (end-of-sequence, stop_token_ids) before this many. */
+  min_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
+  /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
+  stop_token_ids: Type.Optional(
+    Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),
+  ),
   stop: Type.Optional(
     Type.Union([
       Type.String(),

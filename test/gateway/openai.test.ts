@@ -642,6 +642,36 @@ describe("chat completions", () => {
 });
 
 describe("completions", () => {
+  it("min_tokens and stop_token_ids (vLLM's extra parameters)", async () => {
+    const eos = gw.ctx.tokenizer.eosTokenId!;
+    const a = gw.ctx.tokenizer.encode("a", false)[0]!;
+    const ask = (extra: object) =>
+      gw.client.completions.create({
+        model: "tiny",
+        prompt: "Count:",
+        max_tokens: 20,
+        temperature: 0,
+        ...extra,
+      } as OpenAI.CompletionCreateParamsNonStreaming);
+    // EOS favoured: it ends the choice at once, or after min_tokens.
+    const atOnce = await ask({ logit_bias: { [eos]: 100 } });
+    expect([atOnce.usage!.completion_tokens, atOnce.choices[0]!.finish_reason]).toEqual([
+      0,
+      "stop",
+    ]);
+    const five = await ask({ logit_bias: { [eos]: 100 }, min_tokens: 5 });
+    expect([five.usage!.completion_tokens, five.choices[0]!.finish_reason]).toEqual([5, "stop"]);
+    // A token of stop_token_ids ends it like EOS (not in the text); with min_tokens, after.
+    const stopA = await ask({ logit_bias: { [a]: 100 }, stop_token_ids: [a] });
+    expect([stopA.usage!.completion_tokens, stopA.choices[0]!.text]).toEqual([0, ""]);
+    const later = await ask({ logit_bias: { [a]: 100 }, stop_token_ids: [a], min_tokens: 3 });
+    expect([later.usage!.completion_tokens, later.choices[0]!.finish_reason]).toEqual([3, "stop"]);
+    expect(later.choices[0]!.text).not.toContain("a");
+    // Without it, the favoured token fills max_tokens.
+    const all = await ask({ logit_bias: { [a]: 100 } });
+    expect(all.choices[0]!.text).toBe("a".repeat(20));
+  });
+
   it("ignore_eos (vLLM's extra parameter) generates past the end-of-sequence token", async () => {
     const ask = (prompt: string, extra: object = {}) =>
       gw.client.completions.create({
@@ -1017,6 +1047,9 @@ describe("errors", () => {
       "messages.0",
     ],
     [{ messages: [{ role: "user", content: null }] }, "messages.0"],
+    [{ min_tokens: 50, max_tokens: 10 }, "min_tokens"],
+    [{ stop_token_ids: [999999] }, "stop_token_ids"],
+    [{ stop_token_ids: "x" }, "stop_token_ids"],
     // Not implemented, and they would change the answer: refused, not ignored.
     [
       {
