@@ -89,3 +89,14 @@ export function textUnits(tokenizer: Tokenizer, vocabulary: Vocabulary, text: st
   }
   return out;
 }
+
+/** `text` cut into random pieces of 1 to `most` characters (markers cut too). */
+export function randomPieces(text: string, rng: Prng, most: number): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < text.length; ) {
+    const n = 1 + Math.floor(rng.uniform() * most);
+    out.push(text.slice(i, i + n));
+    i += n;
+  }
+  return out;
+}

@@ -18,7 +18,7 @@ import { toolCallGrammar } from "../../src/gateway/tool-calls.ts";
 import { Prng } from "../../src/model/prng.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
 import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
-import { expectExactMasks, textUnits } from "../support/grammar.ts";
+import { expectExactMasks, randomPieces, textUnits } from "../support/grammar.ts";
 
 const T = TOOL_TOKENS;
 
@@ -87,12 +87,10 @@ describe("the reasoning split", () => {
       const p = new ReasoningParser();
       let reasoning = "";
       let content = "";
-      for (let i = 0; i < text.length; ) {
-        const n = 1 + Math.floor(rng.uniform() * 6);
-        const r = p.push(text.slice(i, i + n));
+      for (const piece of randomPieces(text, rng, 6)) {
+        const r = p.push(piece);
         reasoning += r.reasoning;
         content += r.content;
-        i += n;
       }
       const r = p.end();
       expect(
@@ -198,11 +196,7 @@ describe("a chat choice's reader", () => {
       const stream = new ChatOutput(o);
       const first = stream.first();
       const deltas: ChatDelta[] = [];
-      for (let i = 0; i < text.length; ) {
-        const n = 1 + Math.floor(rng.uniform() * 8);
-        deltas.push(...stream.push(text.slice(i, i + n)));
-        i += n;
-      }
+      for (const piece of randomPieces(text, rng, 8)) deltas.push(...stream.push(piece));
       deltas.push(...stream.end());
       expect(withoutIds(accumulate(first, deltas, o.reasoning))).toEqual(want);
     }

@@ -30,7 +30,7 @@ import {
 import { Prng } from "../../src/model/prng.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson } from "../../src/model/tiny-tokenizer.ts";
 import { TOOL_TOKENS, Tokenizer } from "../../src/model/tokenizer.ts";
-import { expectExactMasks, textUnits } from "../support/grammar.ts";
+import { expectExactMasks, randomPieces, textUnits } from "../support/grammar.ts";
 
 const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
 const V = 320;
@@ -260,11 +260,7 @@ function oracle(text: string): { content: string; calls: { name: string; argumen
 function parseInPieces(text: string, rng: Prng): ReturnType<typeof parseToolCalls> {
   const p = new ToolCallParser();
   const events: ToolEvent[] = [];
-  for (let i = 0; i < text.length; ) {
-    const n = 1 + Math.floor(rng.uniform() * 12);
-    events.push(...p.push(text.slice(i, i + n)));
-    i += n;
-  }
+  for (const piece of randomPieces(text, rng, 12)) events.push(...p.push(piece));
   events.push(...p.end());
   const out: ReturnType<typeof parseToolCalls> = { content: "", calls: [], complete: false };
   for (const e of events) {
