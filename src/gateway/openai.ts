@@ -83,7 +83,7 @@ function checkModel(ctx: ServeContext, model: string): void {
     );
 }
 
-/** The shared sampling fields as a JobSpec (logprob fields from the route). */
+/** The shared sampling fields as a JobSpec (logprob fields and the grammar from the route). */
 function jobSpec(
   ctx: ServeContext,
   b: Common,
@@ -91,7 +91,7 @@ function jobSpec(
   requested: number | null | undefined,
   defaultMax: number | null,
   promptParam: string,
-): Omit<JobSpec, "logprobs" | "promptLogprobs"> {
+): Omit<JobSpec, "logprobs" | "promptLogprobs" | "grammar"> {
   const jobPrompts = prompts.map((tokens, i) =>
     jobPrompt(
       ctx,
@@ -129,7 +129,6 @@ function jobSpec(
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
     ...stopTokens(ctx, b, jobPrompts),
-    ...jsonMode(ctx, b),
   };
 }
 
@@ -286,7 +285,7 @@ async function chat(
   );
   const thinks = ctx.reasoningParser === "deepseek-r1";
   const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
-  const grammar = plan.kind !== "text" ? plan.grammar : base.grammar;
+  const grammar = plan.kind !== "text" ? plan.grammar : format.grammar;
   // A grammar that shapes the answer from its first token (response_format, calls required
   // at once) lets a thinking model think first (reasoning.ts: ThinkThen).
   const shapesStart =
@@ -424,6 +423,7 @@ async function completion(
   const echo = b.echo === true;
   const spec: JobSpec = {
     ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
+    ...jsonMode(ctx, b),
     logprobs: b.logprobs ?? null,
     promptLogprobs: echo && b.logprobs != null,
   };
