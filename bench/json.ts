@@ -121,6 +121,27 @@ function tokenize(text: string, byText: Map<string, number>): number[] {
   return ids;
 }
 
+/**
+ * Times `grammar`'s mask of `s` (its first: the grammar is fresh) into `into[name]` when
+ * `counted`, with the tokens it allows.
+ */
+function firstMask<S>(
+  into: Map<string, { allowed: number; ms: number[] }>,
+  name: string,
+  grammar: TokenGrammar<S>,
+  s: S,
+  counted: boolean,
+): void {
+  const t = performance.now();
+  const mask = grammar.mask(s);
+  const ms = performance.now() - t;
+  let allowed = 0;
+  for (const w of mask) for (let x = w; x; x &= x - 1) allowed++;
+  const c = into.get(name) ?? { allowed, ms: [] };
+  if (counted) c.ms.push(ms);
+  into.set(name, c);
+}
+
 export async function runJson(o: {
   runs: number;
   quick: boolean;
@@ -192,16 +213,7 @@ export async function runJson(o: {
     vocabulary.split(0x22);
     const splitMs = performance.now() - t2;
     const grammar = new TokenGrammar(JSON_OBJECT, vocabulary);
-    for (const [name, s] of states) {
-      const t1 = performance.now();
-      const mask = grammar.mask(s);
-      const ms = performance.now() - t1;
-      let allowed = 0;
-      for (const w of mask) for (let x = w; x; x &= x - 1) allowed++;
-      const c = cold.get(name) ?? { allowed, ms: [] };
-      if (r >= 0) c.ms.push(ms);
-      cold.set(name, c);
-    }
+    for (const [name, s] of states) firstMask(cold, name, grammar, s, r >= 0);
     // Steps: constrained and plain alternate token by token. The first pass over the
     // documents meets each state for the first time in this grammar (cold: its mask is
     // computed then); the second finds every mask cached (warm).
@@ -259,16 +271,7 @@ export async function runJson(o: {
       ["a call's name", g1, inName],
       ["in an argument's string", g1, inString],
     ];
-    for (const [name, g, s] of toolStates) {
-      const t1 = performance.now();
-      const mask = g.mask(s);
-      const ms = performance.now() - t1;
-      let allowed = 0;
-      for (const w of mask) for (let x = w; x; x &= x - 1) allowed++;
-      const c = toolCold.get(name) ?? { allowed, ms: [] };
-      if (r >= 0) c.ms.push(ms);
-      toolCold.set(name, c);
-    }
+    for (const [name, g, s] of toolStates) firstMask(toolCold, name, g, s, r >= 0);
     // Plain text under "auto": the cached text mask on every row, against none.
     const textMask = g1.mask(a.start);
     let tt = 0;
