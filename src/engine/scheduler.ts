@@ -36,6 +36,12 @@ export class Sequence {
    * to find it in the cache instead of computing it again.
    */
   promptFrom: Sequence | null = null;
+  /**
+   * Tokens guessed to follow its last one (speculative.ts), set by the engine before each
+   * step: a decoding sequence runs them with its last token in one chunk, cache room
+   * and budgets allowing, and the engine keeps those the model confirms (accept()).
+   */
+  draft: readonly number[] = [];
 
   constructor(id: number, promptTokens: readonly number[], maxTotalTokens: number) {
     if (promptTokens.length === 0)
@@ -87,6 +93,12 @@ export interface ScheduledChunk {
   readonly numTokens: number;
   /** The chunk reaches the sequence's last token: its logits give the next token. */
   readonly isComplete: boolean;
+  /**
+   * Draft tokens run after the sequence's last token (the chunk's last draft.length
+   * tokens; numTokens counts them). Their cache rows are written but not counted as
+   * computed until the engine accepts them.
+   */
+  readonly draft: readonly number[];
 }
 
 export interface SchedulerConfig {
@@ -165,16 +177,30 @@ export class Scheduler {
       Math.min(seq.numTokens - seq.numComputed, budget, seq.wantsAllLogits ? logitRows : budget);
     const chunks: ScheduledChunk[] = [];
     const preempted: Sequence[] = [];
-    const take = (seq: Sequence, n: number) => {
-      chunks.push(chunkOf(seq, n));
+    const take = (seq: Sequence, n: number, draft: readonly number[] = []) => {
+      chunks.push(chunkOf(seq, n, draft));
       budget -= n;
-      if (seq.wantsAllLogits) logitRows -= n;
+      if (seq.wantsAllLogits || draft.length > 0) logitRows -= n;
     };
     for (let i = 0; i < this.#running.length && budget > 0; i++) {
       const seq = this.#running[i]!;
       const n = tokensOf(seq);
       // No logit rows left this step: it waits for the next (keeping its place).
       if (n === 0) continue;
+      // A decoding sequence's draft rides along while the budgets have room (each of its
+      // tokens is a row of logits), leaving a token for each running sequence after it,
+      // and when its blocks fit: a draft never preempts anyone.
+      let draft: readonly number[] = [];
+      if (seq.numTokens - seq.numComputed === 1 && seq.draft.length > 0) {
+        const later = this.#running.length - i - 1;
+        const d = Math.min(seq.draft.length, budget - 1 - later, logitRows - 1);
+        if (d > 0 && this.#blocks.reserve(seq.id, seq.numComputed + 1 + d))
+          draft = seq.draft.slice(0, d);
+      }
+      if (draft.length > 0) {
+        take(seq, 1 + draft.length, draft);
+        continue;
+      }
       let fits = this.#blocks.reserve(seq.id, seq.numComputed + n);
       // Free blocks by preempting the newest running sequences, this one last.
       while (!fits) {
@@ -232,21 +258,44 @@ export class Scheduler {
     return { chunks, preempted };
   }
 
-  /** Records that a step ran these chunks (their rows are now in the cache). */
+  /**
+   * Records that a step ran these chunks: their rows are now in the cache (a draft's rows
+   * only once accept() counts them).
+   */
   commit(chunks: readonly ScheduledChunk[]): void {
-    const B = this.#blocks.blockSize;
     for (const c of chunks) {
       const seq = c.seq;
       if (seq.status !== "running" || seq.numComputed !== c.start) continue;
-      seq.numComputed += c.numTokens;
-      if (!this.config.prefixCaching) continue;
-      // Blocks this chunk completed: others may now start from them.
-      const first = Math.floor(c.start / B);
-      const done = Math.floor(seq.numComputed / B);
-      if (done === first) continue;
-      const hashes = seq.blockHashes(done, B);
-      for (let i = first; i < done; i++) this.#blocks.register(seq.id, i, hashes[i]!);
+      this.#computed(seq, c.numTokens - c.draft.length);
     }
+  }
+
+  /**
+   * Counts `n` more positions of a running sequence as computed: the draft tokens of its
+   * last chunk that the engine accepted (it appended them to the output first).
+   */
+  accept(seq: Sequence, n: number): void {
+    if (seq.status !== "running" || n <= 0) return;
+    if (seq.numComputed + n > seq.numTokens)
+      throw new ExpertMeshError(
+        "EM_GATEWAY_INTERNAL",
+        `sequence ${seq.id} accepts ${n} positions past its ${seq.numTokens} tokens`,
+      );
+    this.#computed(seq, n);
+  }
+
+  /** numComputed += n; with prefix caching, registers the blocks that completed. */
+  #computed(seq: Sequence, n: number): void {
+    const start = seq.numComputed;
+    seq.numComputed += n;
+    if (!this.config.prefixCaching) return;
+    // Blocks these positions completed: others may now start from them.
+    const B = this.#blocks.blockSize;
+    const first = Math.floor(start / B);
+    const done = Math.floor(seq.numComputed / B);
+    if (done === first) return;
+    const hashes = seq.blockHashes(done, B);
+    for (let i = first; i < done; i++) this.#blocks.register(seq.id, i, hashes[i]!);
   }
 
   /** Removes a sequence (finished, cancelled or failed) and frees its blocks. */
@@ -267,11 +316,12 @@ export class Scheduler {
   }
 }
 
-function chunkOf(seq: Sequence, n: number): ScheduledChunk {
+function chunkOf(seq: Sequence, n: number, draft: readonly number[]): ScheduledChunk {
   return {
     seq,
     start: seq.numComputed,
     numTokens: n,
-    isComplete: seq.numComputed + n === seq.numTokens,
+    isComplete: seq.numComputed + n - draft.length === seq.numTokens,
+    draft,
   };
 }

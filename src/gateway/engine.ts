@@ -7,10 +7,20 @@
 // forward passes run interleaved: while one half awaits its routed experts for a layer (a
 // NATS round trip to the shards), the other runs its attention and dense part. The halves
 // are in lock step: the step ends, and the scheduler commits and samples, when both ended.
+//
+// With speculative decoding (ngram), each decoding sequence's guessed next tokens (its
+// draft, speculative.ts) run with its last token in one chunk. Every row is sampled as
+// decoding token by token would sample it (penalties and min_tokens counting the draft
+// before it, the same random draw for the same output position), and the tokens are kept
+// while the sample equals the draft: the first that differs is the step's own next token.
+// The output is thus exactly the output without speculation (for a one-hot draft this is
+// speculative sampling's acceptance rule), only more of it per step. Rows of rejected
+// draft tokens stay in the cache's blocks, past the sequence's length, to be overwritten.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
+import { type NgramConfig, NgramIndex } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -80,6 +90,10 @@ export interface EngineStats {
   /** Tokens of admitted sequences looked up in the prefix cache, and found (not computed). */
   prefixQueryTokens: number;
   prefixHitTokens: number;
+  /** Speculative decoding: drafts run, their tokens, and those accepted. */
+  specDrafts: number;
+  specDraftTokens: number;
+  specAcceptedTokens: number;
 }
 
 interface Active {
@@ -94,6 +108,8 @@ interface Active {
   cancelled: boolean;
   /** Its first step was scheduled (onStarted told). */
   started: boolean;
+  /** Its n-gram index, with speculative decoding (created at its first draft). */
+  ngram: NgramIndex | null;
 }
 
 export interface EngineOptions {
@@ -102,6 +118,12 @@ export interface EngineOptions {
    * sequences runs as two halves whose expert round trips overlap the other's attention.
    */
   readonly microBatches?: number;
+  /**
+   * Speculative decoding by prompt lookup: each decoding sequence runs up to
+   * `numTokens` guessed tokens with its next one (default off). Sequences under an output
+   * constraint (JSON, tool calls) or asking for prompt logprobs do not speculate.
+   */
+  readonly speculative?: NgramConfig;
 }
 
 export class ServingEngine {
@@ -112,11 +134,13 @@ export class ServingEngine {
   /** Scratch rows for #sample. */
   #logits = new Float32Array(0);
   readonly microBatches: number;
+  readonly speculative: NgramConfig | null;
   #nextId = 1;
   #looping = false;
   numPreemptions = 0;
   /** Steps that ran as two micro-batches. */
   numSplitSteps = 0;
+  readonly #spec = { drafts: 0, draftTokens: 0, acceptedTokens: 0 };
 
   constructor(
     model: BatchForward,
@@ -131,6 +155,7 @@ export class ServingEngine {
     this.#kv = kv;
     this.#scheduler = new Scheduler(config, kv.allocator);
     this.microBatches = mb;
+    this.speculative = opts.speculative ?? null;
   }
 
   get stats(): EngineStats {
@@ -141,6 +166,9 @@ export class ServingEngine {
       numPreemptions: this.numPreemptions,
       prefixQueryTokens: this.#scheduler.prefixQueryTokens,
       prefixHitTokens: this.#scheduler.prefixHitTokens,
+      specDrafts: this.#spec.drafts,
+      specDraftTokens: this.#spec.draftTokens,
+      specAcceptedTokens: this.#spec.acceptedTokens,
     };
   }
 
@@ -170,6 +198,7 @@ export class ServingEngine {
       promptLogprobs: req.promptLogprobs ? [null] : null,
       cancelled: false,
       started: false,
+      ngram: null,
     };
     this.#active.set(seq.id, a);
     this.#kick();
@@ -199,6 +228,13 @@ export class ServingEngine {
         // Let HTTP I/O (new requests, disconnects, stream writes) in between steps.
         await new Promise((r) => setImmediate(r));
       }
+    } catch (err) {
+      // A step that throws outside the forward pass (the sampler, a callback) must not
+      // leave requests waiting forever: every sequence fails with the error.
+      for (const a of [...this.#active.values()]) {
+        this.#end(a);
+        if (!a.cancelled) a.cb.onError(err);
+      }
     } finally {
       this.#looping = false;
     }
@@ -216,6 +252,7 @@ export class ServingEngine {
 
   /** One scheduled step; false when nothing could be scheduled. */
   async #step(): Promise<boolean> {
+    if (this.speculative) this.#propose(this.speculative);
     const { chunks, preempted } = this.#scheduler.schedule();
     this.numPreemptions += preempted.length;
     for (const p of preempted) this.#active.get(p.id)!.cache = null;
@@ -228,9 +265,12 @@ export class ServingEngine {
         a.started = true;
         a.cb.onStarted?.(c.start);
       }
-      const tokens = Array.from({ length: c.numTokens }, (_, i) => c.seq.tokenAt(c.start + i));
-      // Prompt logprobs need every row of the prompt; else only the row after the chunk.
-      const logits = a.promptLogprobs !== null ? "all" : c.isComplete ? "last" : "none";
+      const own = c.numTokens - c.draft.length;
+      const tokens = Array.from({ length: own }, (_, i) => c.seq.tokenAt(c.start + i));
+      tokens.push(...c.draft);
+      // Prompt logprobs and drafts need every row; else only the row after the chunk.
+      const logits =
+        a.promptLogprobs !== null || c.draft.length > 0 ? "all" : c.isComplete ? "last" : "none";
       return { tokens, cache: a.cache, logits };
     });
     const groups =
@@ -269,6 +309,10 @@ export class ServingEngine {
     }
     const ran = chunks.filter((_, i) => logits[i] !== undefined);
     this.#scheduler.commit(ran);
+    // The cache holds the draft's rows past the sequence's computed length: until accepted,
+    // they are not part of it.
+    for (const c of ran)
+      if (c.draft.length > 0) this.#active.get(c.seq.id)?.cache?.setLength(c.seq.numComputed);
     const V = this.#model.config.vocabSize;
     const picks: Pick[] = [];
     chunks.forEach((c, i) => {
@@ -276,12 +320,45 @@ export class ServingEngine {
       if (rows === undefined) return;
       const a = this.#active.get(c.seq.id);
       if (!a || a.cancelled) return;
-      if (items[i]!.logits === "all") this.#collectPromptLogprobs(a, c.start, rows, V);
-      if (c.isComplete) picks.push({ a, raw: rows.subarray(rows.length - V) });
+      if (a.promptLogprobs !== null) this.#collectPromptLogprobs(a, c.start, rows, V);
+      if (c.isComplete) {
+        const n = 1 + c.draft.length;
+        picks.push({ a, raw: rows.subarray(rows.length - n * V), draft: c.draft });
+      }
     });
-    for (let i = 0; i < picks.length; i += SAMPLE_ROWS)
-      this.#sample(picks.slice(i, i + SAMPLE_ROWS));
+    // Sampled in groups of about SAMPLE_ROWS rows (a pick's rows stay together).
+    for (let i = 0; i < picks.length; ) {
+      let j = i + 1;
+      let rows = 1 + picks[i]!.draft.length;
+      while (j < picks.length && rows + 1 + picks[j]!.draft.length <= SAMPLE_ROWS)
+        rows += 1 + picks[j++]!.draft.length;
+      this.#sample(picks.slice(i, j));
+      i = j;
+    }
     return true;
+  }
+
+  /**
+   * Drafts for the decoding sequences that may speculate; none for the others. A draft
+   * never reaches past max_tokens (all of it accepted plus the next token fits).
+   */
+  #propose(cfg: NgramConfig): void {
+    for (const a of this.#active.values()) {
+      const seq = a.seq;
+      seq.draft = [];
+      if (
+        a.cancelled ||
+        seq.status !== "running" ||
+        seq.numTokens - seq.numComputed !== 1 ||
+        a.promptLogprobs !== null ||
+        a.req.constraint
+      )
+        continue;
+      const k = Math.min(cfg.numTokens, a.req.maxTokens - seq.outputTokens.length - 1);
+      if (k <= 0) continue;
+      a.ngram ??= new NgramIndex(cfg);
+      seq.draft = a.ngram.propose(seq, k);
+    }
   }
 
   /** Row j of a chunk starting at `start` predicts the token at start + j + 1. */
@@ -312,13 +389,15 @@ export class ServingEngine {
   }
 
   /**
-   * A token for each of `picks` (sequences that completed their chunk): their logits with
-   * penalties and logit_bias, sampled in one backend call (the native sampler runs the rows
-   * on its threads).
+   * The next tokens of each of `picks` (sequences that completed their chunk): each row's
+   * logits with penalties, logit_bias and min_tokens as of its output position, sampled in
+   * one backend call (the native sampler runs the rows on its threads). A pick with a draft
+   * has a row per draft token and one more; its tokens are the samples up to and including
+   * the first that differs from the draft (or the last row's).
    */
   #sample(picks: readonly Pick[]): void {
     const V = this.#model.config.vocabSize;
-    const n = picks.length;
+    const n = picks.reduce((s, p) => s + 1 + p.draft.length, 0);
     if (this.#logits.length < n * V) this.#logits = new Float32Array(n * V);
     const logits = this.#logits.subarray(0, n * V);
     const rows: SampleRows = {
@@ -328,53 +407,97 @@ export class ServingEngine {
       uniform: new Float32Array(n),
     };
     const failed = new Map<Active, unknown>();
-    picks.forEach(({ a, raw }, r) => {
-      const row = logits.subarray(r * V, (r + 1) * V);
-      row.set(raw);
+    /** First row of each pick. */
+    const first: number[] = [];
+    let r = 0;
+    for (const { a, raw, draft } of picks) {
+      first.push(r);
       const s = a.req.sampling;
-      if (s.presencePenalty !== 0 || s.frequencyPenalty !== 0)
-        for (const [id, n] of a.counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
-      for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
-      if (a.req.minTokens && a.seq.outputTokens.length < a.req.minTokens)
-        for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
-      if (a.req.constraint)
-        try {
-          applyMask(row, a.req.constraint.allowed());
-        } catch (err) {
-          failed.set(a, err);
-        }
-      rows.temperature[r] = s.temperature;
-      rows.topK[r] = s.topK;
-      rows.topP[r] = s.topP;
-      rows.uniform[r] = uniform32(a.rng.uniform());
-    });
+      const penalized = s.presencePenalty !== 0 || s.frequencyPenalty !== 0;
+      // Row i samples output position out + i, after the draft's first i tokens: the
+      // penalties count them, and its random draw is the one that position gets unspeculated
+      // (drawn from a copy: the generator advances by the tokens kept).
+      const counts = penalized && draft.length > 0 ? new Map(a.counts) : a.counts;
+      const rng = draft.length > 0 ? a.rng.clone() : a.rng;
+      const out = a.seq.outputTokens.length;
+      for (let i = 0; i <= draft.length; i++, r++) {
+        const row = logits.subarray(r * V, (r + 1) * V);
+        row.set(raw.subarray(i * V, (i + 1) * V));
+        if (penalized)
+          for (const [id, n] of counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+        for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
+        if (a.req.minTokens && out + i < a.req.minTokens)
+          for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
+        if (a.req.constraint)
+          try {
+            applyMask(row, a.req.constraint.allowed());
+          } catch (err) {
+            failed.set(a, err);
+          }
+        rows.temperature[r] = s.temperature;
+        rows.topK[r] = s.topK;
+        rows.topP[r] = s.topP;
+        rows.uniform[r] = uniform32(rng.uniform());
+        const d = draft[i];
+        if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);
+      }
+    }
     const ids = this.#model.sample(logits, rows);
-    // Logprobs of the sampled tokens, for the rows that ask, in one call.
-    const asking = picks.flatMap(({ a }, r) => (a.req.logprobs === null ? [] : [r]));
+    // The rows whose samples are kept: the draft's while they agree, then one more.
+    const kept = picks.map(({ a, draft }, p) => {
+      let i = 0;
+      while (i < draft.length && ids[first[p]! + i] === draft[i]) {
+        // A stop token ends the sequence: nothing after it is kept.
+        if (a.req.stopTokenIds.includes(draft[i]!)) break;
+        i++;
+      }
+      return i + 1;
+    });
+    // Logprobs of the kept tokens, for the picks that ask, in one call.
+    const asking = picks.flatMap(({ a }, p) =>
+      a.req.logprobs === null
+        ? []
+        : Array.from({ length: kept[p]! }, (_, i) => ({ p, row: first[p]! + i })),
+    );
     const lps = new Map<number, TokenLogprob>();
     if (asking.length > 0) {
       let rowsOf = logits;
       if (asking.length < n) {
         rowsOf = new Float32Array(asking.length * V);
-        for (const [i, r] of asking.entries())
-          rowsOf.set(logits.subarray(r * V, (r + 1) * V), i * V);
+        for (const [i, { row }] of asking.entries())
+          rowsOf.set(logits.subarray(row * V, (row + 1) * V), i * V);
       }
       const got = this.#logprobs(
         rowsOf,
-        Int32Array.from(asking, (r) => ids[r]!),
-        asking.map((r) => picks[r]!.a.req.logprobs!),
+        Int32Array.from(asking, ({ row }) => ids[row]!),
+        asking.map(({ p }) => picks[p]!.a.req.logprobs!),
       );
-      for (const [i, r] of asking.entries()) lps.set(r, got[i]!);
+      for (const [i, { row }] of asking.entries()) lps.set(row, got[i]!);
     }
-    picks.forEach(({ a }, r) => {
-      // A callback of an earlier row may have ended this one (a client's cancel).
-      if (a.cancelled || !this.#active.has(a.seq.id)) return;
+    picks.forEach(({ a, draft }, p) => {
       if (failed.has(a)) {
+        if (a.cancelled || !this.#active.has(a.seq.id)) return;
         this.#end(a);
         a.cb.onError(failed.get(a));
         return;
       }
-      this.#accept(a, ids[r]!, lps.get(r));
+      if (draft.length > 0) {
+        for (let i = 0; i < kept[p]!; i++) a.rng.uniform();
+        this.#spec.drafts++;
+        this.#spec.draftTokens += draft.length;
+        this.#spec.acceptedTokens += kept[p]! - 1;
+      }
+      for (let i = 0; i < kept[p]!; i++) {
+        // A callback (of this or an earlier row) may have ended it: a client's cancel.
+        if (a.cancelled || !this.#active.has(a.seq.id)) return;
+        const row = first[p]! + i;
+        this.#accept(a, ids[row]!, lps.get(row));
+      }
+      // Still running: the accepted draft tokens' rows are part of its cache now.
+      if (kept[p]! > 1 && this.#active.has(a.seq.id) && a.seq.status === "running") {
+        this.#scheduler.accept(a.seq, kept[p]! - 1);
+        a.cache?.setLength(a.seq.numComputed);
+      }
     });
   }
 
@@ -444,10 +567,11 @@ export function applyMask(row: Float32Array, allowed: Uint32Array): void {
     throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the output constraint allows no token");
 }
 
-/** A sequence to sample for, with its logits row [vocab] from the step. */
+/** A sequence to sample for, with its logits rows [1 + draft.length, vocab] from the step. */
 interface Pick {
   readonly a: Active;
   readonly raw: Float32Array;
+  readonly draft: readonly number[];
 }
 
 /** Rows per sampling call: bounds the logits copied at once (32 rows at 129k: 16 MiB). */

@@ -95,6 +95,32 @@ export class GatewayMetrics {
         this.set(stats().prefixHitTokens);
       },
     });
+    // Speculative decoding (vLLM's spec_decode counters): acceptance rate is
+    // accepted / draft tokens; tokens per drafted step 1 + accepted / drafts.
+    const specCounter = (name: string, help: string, of: (s: EngineStats) => number) => {
+      let seen = 0;
+      new Counter({
+        name: `expertmesh_gateway_spec_decode_${name}_total`,
+        help,
+        registers,
+        collect() {
+          const v = of(stats());
+          this.inc(v - seen);
+          seen = v;
+        },
+      });
+    };
+    specCounter(
+      "num_drafts",
+      "Drafts run (a sequence's guessed tokens in one step).",
+      (s) => s.specDrafts,
+    );
+    specCounter("num_draft_tokens", "Draft tokens run.", (s) => s.specDraftTokens);
+    specCounter(
+      "num_accepted_tokens",
+      "Draft tokens accepted (the tokens the model itself produced).",
+      (s) => s.specAcceptedTokens,
+    );
     this.timeToFirstToken = new Histogram({
       name: "expertmesh_gateway_time_to_first_token_seconds",
       help: "From request arrival to its first generated token.",

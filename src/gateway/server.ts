@@ -6,6 +6,7 @@ import { BatchForward } from "../engine/batch.ts";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import type { ModelWeights } from "../engine/loader.ts";
+import { checkNgramConfig, type NgramConfig } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
@@ -38,6 +39,8 @@ export interface GatewayConfig {
    * logits and their copy, 259 rows at DeepSeek's vocab); longer prompts take more steps.
    */
   readonly maxLogitRows?: number;
+  /** Speculative decoding by prompt lookup (default off; see ServingEngine). */
+  readonly speculative?: NgramConfig;
   /** Reuse the KV blocks of prompt prefixes seen before (default true). */
   readonly prefixCaching?: boolean;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
@@ -90,7 +93,10 @@ export function createServeContext(
         cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
       prefixCaching: cfg.prefixCaching ?? true,
     },
-    { microBatches: cfg.microBatches ?? 1 },
+    {
+      microBatches: cfg.microBatches ?? 1,
+      ...(cfg.speculative ? { speculative: checkNgramConfig(cfg.speculative) } : {}),
+    },
   );
   prepareVocabulary(tokenizer, c.vocabSize, { thinking: cfg.reasoningParser === "deepseek-r1" });
   const encoder = new PromptEncoder(tokenizer, {

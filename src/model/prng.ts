@@ -51,6 +51,15 @@ export class Prng {
     return p;
   }
 
+  /** An independent generator in this one's state: it gives the numbers this one would. */
+  clone(): Prng {
+    const p = new Prng(0);
+    p.s.set(this.s);
+    p.hasSpare = this.hasSpare;
+    p.spare = this.spare;
+    return p;
+  }
+
   /** The next 32-bit output as an unsigned integer in [0, 2^32). */
   nextU32(): number {
     const s = this.s;

@@ -76,6 +76,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
     ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
     ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
+    ...(o.speculative !== undefined ? { speculative: o.speculative } : {}),
     ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),
     ...(o.prefixCaching !== undefined ? { prefixCaching: o.prefixCaching } : {}),
     ...(o.reasoningParser !== undefined ? { reasoningParser: o.reasoningParser } : {}),

@@ -248,3 +248,82 @@ describe("Scheduler", () => {
     expect(a.status).toBe("finished");
   });
 });
+
+describe("Scheduler with drafts (speculative decoding)", () => {
+  const config = { maxBatchTokens: 8, maxRunning: 4, maxQueueDepth: 4 };
+  /** "id:start+n!" and the draft's length, per chunk. */
+  const showDraft = (chunks: ScheduledChunk[]) =>
+    chunks.map((c) => `${show([c])[0]}d${c.draft.length}`);
+
+  it("runs a decoding sequence's draft after its last token; commit counts only that token", () => {
+    const blocks = new BlockAllocator(16, 4);
+    const s = new Scheduler({ ...config, prefixCaching: true }, blocks);
+    const a = seq(1, 3, 20);
+    s.add(a);
+    // In its prefill the draft is ignored.
+    a.draft = [7, 7];
+    expect(showDraft(s.schedule().chunks)).toEqual(["1:0+3!d0"]);
+    s.commit([{ seq: a, start: 0, numTokens: 3, isComplete: true, draft: [] }]);
+    a.outputTokens.push(5);
+    a.draft = [6, 7, 8];
+    const r = s.schedule();
+    expect(showDraft(r.chunks)).toEqual(["1:3+4!d3"]);
+    expect(blocks.table(1)).toHaveLength(2);
+    s.commit(r.chunks);
+    expect(a.numComputed).toBe(4);
+    // Two of the draft accepted (then the sampled token): positions 4 and 5 computed, and
+    // the block they completed is registered for prefix caching.
+    a.outputTokens.push(6, 7, 9);
+    s.accept(a, 2);
+    expect(a.numComputed).toBe(6);
+    const b = new Sequence(2, [1, 2, 3, 5, 6, 7, 1], 20);
+    s.add(b);
+    a.draft = [];
+    expect(showDraft(s.schedule().chunks)).toEqual(["1:6+1!d0", "2:4+3!d0"]);
+  });
+
+  it("accepting past the sequence's tokens is an internal error", () => {
+    const s = new Scheduler(config, new BlockAllocator(16, 4));
+    const a = seq(1, 3);
+    s.add(a);
+    step(s);
+    expect(() => s.accept(a, 2)).toThrow(/accepts 2 positions past its 4 tokens/);
+  });
+
+  // biome-ignore format: a table
+  it.each([
+    { name: "the token budget trims drafts, in running order", budget: 8, rows: undefined, want: ["1:2+5!d4", "2:2+3!d2"] },
+    { name: "drafts never take the token a later sequence needs", budget: 3, rows: undefined, want: ["1:2+2!d1", "2:2+1!d0"] },
+    { name: "a budget of one token per sequence leaves no room for drafts", budget: 2, rows: undefined, want: ["1:2+1!d0", "2:2+1!d0"] },
+    { name: "drafts count against maxLogitRows (a plain decode does not)", budget: 16, rows: 4, want: ["1:2+4!d3", "2:2+1!d0"] },
+  ])("$name", ({ budget, rows, want }) => {
+    const s = new Scheduler(
+      { ...config, maxBatchTokens: budget, ...(rows ? { maxLogitRows: rows } : {}) },
+      new BlockAllocator(16, 4),
+    );
+    const [a, b] = [seq(1, 1, 20), seq(2, 1, 20)];
+    s.add(a);
+    s.add(b);
+    step(s);
+    step(s);
+    a.draft = [1, 2, 3, 4];
+    b.draft = [1, 2, 3, 4];
+    expect(showDraft(s.schedule().chunks)).toEqual(want);
+  });
+
+  it("drops a draft whose blocks do not fit rather than preempt", () => {
+    // 2 blocks of 4: a holds one (4 tokens computed + 1 sampled needs a second), b the other.
+    const blocks = new BlockAllocator(3, 4);
+    const s = new Scheduler(config, blocks);
+    const [a, b] = [seq(1, 4, 12), seq(2, 4, 12)];
+    expect([s.add(a), s.add(b)]).toEqual(["ok", "ok"]);
+    step(s);
+    // a takes the free block for its 5th position; a draft of 4 would need a 3rd block.
+    a.draft = [1, 2, 3, 4];
+    const r = s.schedule();
+    expect(showDraft(r.chunks)).toEqual(["1:4+1!d0"]);
+    expect(blocks.table(1)).toHaveLength(2);
+    // b needs a block too: it is preempted, as without drafts.
+    expect(r.preempted).toEqual([b]);
+  });
+});

@@ -1,0 +1,263 @@
+// Speculative decoding by prompt lookup (`gateway --speculative-tokens K`) against the same
+// gateway without it: gateways started in this process on the tiny V3 checkpoint, driven by
+// the official `openai` client. Speculation must change nothing but the steps: the same
+// greedy texts, the same seeded samples (penalties, logit_bias, min_tokens and logprobs
+// included), the same under preemption and prefix caching, while drafts are accepted.
+import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { NgramConfig } from "../../src/engine/speculative.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { type Cluster, startShards, stopAll } from "../support/shards.ts";
+import {
+  metric,
+  preemptionScenario,
+  SEED_PROMPTS,
+  startGateway,
+  type TestGateway,
+} from "./helpers.ts";
+
+const SPEC: NgramConfig = { numTokens: 4, maxN: 3, minN: 1 };
+
+let dir: string;
+let plain: TestGateway;
+let spec: TestGateway;
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  plain = await startGateway(dir, { maxBatchTokens: 32 });
+  spec = await startGateway(dir, { maxBatchTokens: 32, speculative: SPEC });
+});
+afterAll(async () => {
+  await plain?.close();
+  await spec?.close();
+});
+
+const user = (content: string) => [{ role: "user" as const, content }];
+/** vLLM's extra body parameters (the openai client sends unknown fields as they are). */
+const extra = (o: object): object => o;
+/** A prompt that repeats itself: lookups find matches from the first output token on. */
+const LOOP = "one two three four one two three four one two three four one two";
+
+const specStats = () => spec.ctx.engine.stats;
+
+/** Greedy output ids of `prompt` straight from a gateway's engine (EOS ignored). */
+function generate(g: TestGateway, prompt: number[], maxTokens: number): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const out: number[] = [];
+    const r = g.ctx.engine.submit(
+      {
+        prompt,
+        maxTokens,
+        sampling: GREEDY,
+        stopTokenIds: [],
+        logprobs: null,
+        promptLogprobs: false,
+      },
+      { onToken: (t) => out.push(t.id), onFinish: () => resolve(out), onError: reject },
+    );
+    if (!r.ok) reject(new Error(r.reason));
+  });
+}
+const GREEDY = {
+  temperature: 0,
+  topP: 1,
+  topK: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  seed: 0,
+};
+
+describe("speculative decoding (ngram)", () => {
+  it("refuses bad settings", async () => {
+    await expect(
+      startGateway(dir, { speculative: { numTokens: 0, maxN: 3, minN: 1 } }),
+    ).rejects.toThrow(/speculative tokens/);
+    await expect(
+      startGateway(dir, { speculative: { numTokens: 4, maxN: 1, minN: 2 } }),
+    ).rejects.toThrow(/prompt-lookup-max/);
+  });
+
+  it("greedy: 24 concurrent requests give the texts of the gateway without it", async () => {
+    const prompts = Array.from({ length: 24 }, (_, i) =>
+      i % 4 === 3 ? LOOP : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
+    );
+    const ask = async (g: TestGateway, p: string, i: number): Promise<string> => {
+      const max_tokens = 6 + 7 * (i % 6);
+      if (i % 3 === 2) {
+        const r = await g.client.chat.completions.create({
+          model: "tiny",
+          messages: user(p),
+          max_tokens,
+          temperature: 0,
+        });
+        return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.message.content}`;
+      }
+      const r = await g.client.completions.create({
+        model: "tiny",
+        prompt: p,
+        max_tokens,
+        temperature: 0,
+        ...(i % 2 === 0 ? extra({ ignore_eos: true }) : {}),
+      });
+      return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.text}`;
+    };
+    const before = specStats();
+    const [a, b] = await Promise.all([
+      Promise.all(prompts.map((p, i) => ask(plain, p, i))),
+      Promise.all(prompts.map((p, i) => ask(spec, p, i))),
+    ]);
+    expect(b).toEqual(a);
+    const after = specStats();
+    expect(after.specDrafts).toBeGreaterThan(before.specDrafts);
+    expect(after.specAcceptedTokens).toBeGreaterThan(before.specAcceptedTokens);
+    expect(after.specAcceptedTokens - before.specAcceptedTokens).toBeLessThan(
+      after.specDraftTokens - before.specDraftTokens,
+    );
+    for (const g of [plain, spec]) {
+      expect(await metric(g.url, "expertmesh_gateway_num_requests_running")).toBe(0);
+      expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
+    }
+    expect(await metric(spec.url, "expertmesh_gateway_spec_decode_num_accepted_tokens_total")).toBe(
+      after.specAcceptedTokens,
+    );
+  });
+
+  it("seeded sampling: the same tokens and logprobs, penalties, bias and min_tokens included", async () => {
+    // The tiny tokenizer's EOS and a frequent byte token as extra stop tokens; a bias
+    // towards one token makes drafts of it likely to be accepted.
+    const bodies: Record<string, unknown>[] = [
+      { temperature: 0.8, top_p: 0.95, seed: 7 },
+      { temperature: 1.0, top_k: 12, seed: 11, frequency_penalty: 0.5, presence_penalty: 0.3 },
+      { temperature: 0.7, seed: 3, logit_bias: { "101": 4, "32": 2 } },
+      {
+        temperature: 0.9,
+        seed: 5,
+        ...extra({ min_tokens: 20, stop_token_ids: [32] }),
+        logit_bias: { "32": 3 },
+      },
+    ];
+    const before = specStats();
+    for (const [i, b] of bodies.entries()) {
+      const req = {
+        model: "tiny",
+        prompt: i % 2 ? LOOP : SEED_PROMPTS[i]!,
+        max_tokens: 40,
+        n: 2,
+        logprobs: 3,
+        ...b,
+      } as CompletionCreateParamsNonStreaming;
+      const [x, y] = await Promise.all([
+        plain.client.completions.create(req),
+        spec.client.completions.create(req),
+      ]);
+      expect(y.choices.map((c) => [c.text, c.finish_reason])).toEqual(
+        x.choices.map((c) => [c.text, c.finish_reason]),
+      );
+      expect(y.usage).toEqual(x.usage);
+      for (const [k, c] of y.choices.entries()) {
+        const want = x.choices[k]!.logprobs!;
+        expect(c.logprobs!.tokens).toEqual(want.tokens);
+        c.logprobs!.token_logprobs!.forEach((lp, j) => {
+          expect(lp).toBeCloseTo(want.token_logprobs![j]!, 4);
+        });
+        expect(c.logprobs!.top_logprobs!.map((t) => Object.keys(t!).sort())).toEqual(
+          want.top_logprobs!.map((t) => Object.keys(t!).sort()),
+        );
+      }
+    }
+    expect(specStats().specAcceptedTokens).toBeGreaterThan(before.specAcceptedTokens);
+  });
+
+  it("streams the same chat text", async () => {
+    const collect = async (g: TestGateway, content: string) => {
+      let text = "";
+      const stream = await g.client.chat.completions.create({
+        model: "tiny",
+        messages: user(content),
+        max_tokens: 30,
+        temperature: 0,
+        stream: true,
+      });
+      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+      return text;
+    };
+    const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 4)];
+    const [a, b] = await Promise.all([
+      Promise.all(prompts.map((p) => collect(plain, p))),
+      Promise.all(prompts.map((p) => collect(spec, p))),
+    ]);
+    expect(b).toEqual(a);
+  });
+
+  it("a constrained request (JSON mode) does not speculate and gives the same JSON", async () => {
+    const req = {
+      model: "tiny",
+      messages: user("A cat as JSON"),
+      max_tokens: 40,
+      temperature: 0,
+      response_format: { type: "json_object" as const },
+    };
+    const before = specStats().specDrafts;
+    const x = await plain.client.chat.completions.create(req);
+    const y = await spec.client.chat.completions.create(req);
+    expect(y.choices[0]!.message.content).toBe(x.choices[0]!.message.content);
+    expect(specStats().specDrafts).toBe(before);
+  });
+
+  it("a prompt that continues an earlier answer finds its accepted draft rows in the prefix cache", async () => {
+    // The first answer's blocks, filled partly by accepted drafts, are registered; the
+    // follow-up's prompt is that prompt and answer (as token ids), so all its whole
+    // blocks come from those rows, and it goes on as without speculation.
+    const prompt = spec.ctx.tokenizer.encode(LOOP);
+    const acceptedBefore = specStats().specAcceptedTokens;
+    const first = await generate(spec, prompt, 48);
+    expect(first).toEqual(await generate(plain, prompt, 48));
+    // Drafts were accepted in the first answer.
+    expect(specStats().specAcceptedTokens).toBeGreaterThan(acceptedBefore);
+    const follow = [...prompt, ...first];
+    const hitsBefore = specStats().prefixHitTokens;
+    expect(await generate(spec, follow, 24)).toEqual(await generate(plain, follow, 24));
+    expect(specStats().prefixHitTokens - hitsBefore).toBe(
+      Math.floor((follow.length - 1) / 16) * 16,
+    );
+  });
+
+  it("preempts and recomputes when the cache is full, with the same text", async () => {
+    await preemptionScenario(
+      dir,
+      { speculative: SPEC },
+      { after: (g) => expect(g.ctx.engine.stats.specDrafts).toBeGreaterThan(0) },
+    );
+  });
+});
+
+describe("speculative decoding with experts on shard processes and two micro-batches", () => {
+  let cluster: Cluster | undefined;
+  afterAll(async () => {
+    await stopAll(cluster);
+  });
+
+  it("gives the greedy texts of the in-process gateway without it", async () => {
+    cluster = await startShards(dir, 2);
+    const g = await startGateway(dir, {
+      cluster,
+      maxBatchTokens: 24,
+      microBatches: 2,
+      speculative: SPEC,
+    });
+    try {
+      const prompts = [LOOP, ...SEED_PROMPTS];
+      const ask = (gw: TestGateway, p: string) =>
+        gw.client.completions
+          .create({ model: "tiny", prompt: p, max_tokens: 24, temperature: 0 })
+          .then((r) => r.choices[0]!.text);
+      const want: string[] = [];
+      for (const p of prompts) want.push(await ask(plain, p));
+      expect(await Promise.all(prompts.map((p) => ask(g, p)))).toEqual(want);
+      expect(g.ctx.engine.stats.specAcceptedTokens).toBeGreaterThan(0);
+      expect(g.ctx.engine.numSplitSteps).toBeGreaterThan(0);
+    } finally {
+      await g.close();
+    }
+  });
+});
