@@ -194,3 +194,14 @@ export function reasoningParserOf(model: DeepSeekModel): "deepseek-r1" | "none" 
     (model.spec.model.preset === "deepseek-r1" ? "deepseek-r1" : "none")
   );
 }
+
+/** The gateway's speculative decoding flags (none when spec.gateway.speculative is absent). */
+export function speculativeArgs(model: DeepSeekModel): string[] {
+  const s = model.spec.gateway.speculative;
+  if (!s) return [];
+  return [
+    `--speculative-tokens=${s.numTokens}`,
+    `--prompt-lookup-max=${s.promptLookupMax}`,
+    `--prompt-lookup-min=${s.promptLookupMin}`,
+  ];
+}

@@ -105,6 +105,12 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     message: "gateway.minReplicas must not exceed gateway.maxReplicas",
     check: (s) => s["minReplicas"] <= s["maxReplicas"],
   },
+  {
+    path: "spec.gateway.speculative",
+    rule: "!has(self.promptLookupMin) || !has(self.promptLookupMax) || self.promptLookupMin <= self.promptLookupMax",
+    message: "gateway.speculative.promptLookupMin must not exceed promptLookupMax",
+    check: (s) => s["promptLookupMin"] <= s["promptLookupMax"],
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -297,6 +297,42 @@ export const GatewaySchema = withRules(
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",
         default: true,
       }),
+      speculative: Type.Optional(
+        withRules(
+          "spec.gateway.speculative",
+          Type.Object(
+            {
+              method: StringEnum(["ngram"], {
+                description:
+                  "ngram: prompt lookup (the draft is what followed the output's last tokens where they occur earlier in the prompt or output).",
+                default: "ngram",
+              }),
+              numTokens: Type.Integer({
+                description:
+                  "Draft tokens verified per step and sequence, at most (vLLM's num_speculative_tokens).",
+                minimum: 1,
+                maximum: 15,
+              }),
+              promptLookupMax: Type.Integer({
+                description: "Longest run of last tokens looked up.",
+                default: 4,
+                minimum: 1,
+                maximum: 64,
+              }),
+              promptLookupMin: Type.Integer({
+                description: "Shortest run of last tokens that counts as a match.",
+                default: 2,
+                minimum: 1,
+                maximum: 64,
+              }),
+            },
+            {
+              description:
+                "Speculative decoding: each decoding sequence runs guessed next tokens with its own in one step and keeps those the model confirms. Outputs are unchanged; steps yield more tokens where outputs repeat their context (quoting, code edits, extraction). Off when absent.",
+            },
+          ),
+        ),
+      ),
       reasoningParser: Type.Optional(
         StringEnum(["deepseek-r1", "none"], {
           description:

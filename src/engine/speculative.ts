@@ -35,7 +35,12 @@ export function checkNgramConfig(c: NgramConfig): NgramConfig {
   };
   int(c.numTokens, "tokens", 1, MAX_DRAFT_TOKENS);
   int(c.minN, "prompt-lookup-min", 1, 64);
-  int(c.maxN, "prompt-lookup-max", c.minN, 64);
+  int(c.maxN, "prompt-lookup-max", 1, 64);
+  if (c.minN > c.maxN)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `speculative prompt-lookup-min (${c.minN}) must not exceed prompt-lookup-max (${c.maxN})`,
+    );
   return c;
 }
 

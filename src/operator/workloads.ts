@@ -8,7 +8,12 @@ import type {
   V1Service,
   V1Volume,
 } from "@kubernetes/client-node";
-import { architectureOf, reasoningParserOf, servedModelName } from "../api/manifest.ts";
+import {
+  architectureOf,
+  reasoningParserOf,
+  servedModelName,
+  speculativeArgs,
+} from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -324,6 +329,7 @@ export function desiredObjects(
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
       ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
       `--reasoning-parser=${reasoningParserOf(model)}`,
+      ...speculativeArgs(model),
     ],
     gateway.gpus,
     gateway.resources,

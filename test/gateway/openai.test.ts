@@ -1500,7 +1500,8 @@ describe("distributed mode", () => {
       planPath: cluster.planPath,
       namespace: "test",
       modelName: cluster.modelName,
-      args: ["--wire=f32", "--max-running=2"],
+      // Speculative decoding on: it changes no output (speculative.test.ts), only steps.
+      args: ["--wire=f32", "--max-running=2", "--speculative-tokens=3", "--prompt-lookup-min=1"],
     });
     const nc = await connect({ servers: testEnv().nats.url });
     type Report = {
@@ -1535,6 +1536,9 @@ describe("distributed mode", () => {
       const framesBefore = await Promise.all(shards.map(shardFrames));
       const answer = await p.client.chat.completions.create(body);
       expect(answer.choices[0]!.message.content).toBe(want);
+      expect(
+        await metric(p.url, "expertmesh_gateway_spec_decode_num_draft_tokens_total"),
+      ).toBeGreaterThanOrEqual(0);
       const frames = (await Promise.all(shards.map(shardFrames))).map(
         (n, k) => n - framesBefore[k]!,
       );

@@ -74,7 +74,7 @@ describe("speculative decoding (ngram)", () => {
     ).rejects.toThrow(/speculative tokens/);
     await expect(
       startGateway(dir, { speculative: { numTokens: 4, maxN: 1, minN: 2 } }),
-    ).rejects.toThrow(/prompt-lookup-max/);
+    ).rejects.toThrow(/must not exceed prompt-lookup-max/);
   });
 
   it("greedy: 24 concurrent requests give the texts of the gateway without it", async () => {

@@ -438,6 +438,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[8]!.message,
       ],
       [
+        "speculative lookup min over max",
+        { gateway: { speculative: { numTokens: 4, promptLookupMin: 6, promptLookupMax: 3 } } },
+        CROSS_FIELD_RULES[9]!.message,
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',

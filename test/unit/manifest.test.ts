@@ -155,6 +155,21 @@ spec:
       good.replace("shards: 4", "shards: 4, redundantExperts: -1"),
       "EM_MANIFEST_INVALID",
     ],
+    [
+      "speculative lookup min over max",
+      `${good}  gateway: { speculative: { numTokens: 4, promptLookupMin: 5 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "speculative without numTokens",
+      `${good}  gateway: { speculative: { method: ngram } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "speculative numTokens over 15",
+      `${good}  gateway: { speculative: { numTokens: 16 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
   ])("rejects %s", (_name, text, code) => {
     expect(codeOf(() => parseManifest(text))).toBe(code);
   });

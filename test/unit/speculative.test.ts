@@ -109,7 +109,7 @@ describe("checkNgramConfig", () => {
     { c: { numTokens: 0, maxN: 3, minN: 1 }, error: /speculative tokens must be an integer in \[1, 15\], got 0/ },
     { c: { numTokens: 16, maxN: 3, minN: 1 }, error: /speculative tokens/ },
     { c: { numTokens: 4, maxN: 3, minN: 0 }, error: /prompt-lookup-min/ },
-    { c: { numTokens: 4, maxN: 1, minN: 2 }, error: /prompt-lookup-max must be an integer in \[2, 64\], got 1/ },
+    { c: { numTokens: 4, maxN: 1, minN: 2 }, error: /prompt-lookup-min \(2\) must not exceed prompt-lookup-max \(1\)/ },
     { c: { numTokens: 2.5, maxN: 3, minN: 1 }, error: /speculative tokens/ },
   ])("refuses $c", ({ c, error }) => {
     expect(() => checkNgramConfig(c)).toThrow(error);

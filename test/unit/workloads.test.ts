@@ -127,6 +127,26 @@ spec:
     ]);
   });
 
+  it("passes speculative decoding to the gateway, with the lookup defaults", () => {
+    const args = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0].args as string[];
+    const spec = (a: string[]) => a.filter((x) => /^--(speculative|prompt-lookup)/.test(x));
+    expect(spec(args(""))).toEqual([]);
+    expect(spec(args("  gateway: { speculative: { numTokens: 5 } }"))).toEqual([
+      "--speculative-tokens=5",
+      "--prompt-lookup-max=4",
+      "--prompt-lookup-min=2",
+    ]);
+    expect(
+      spec(
+        args(
+          "  gateway: { speculative: { numTokens: 3, promptLookupMax: 8, promptLookupMin: 1 } }",
+        ),
+      ),
+    ).toEqual(["--speculative-tokens=3", "--prompt-lookup-max=8", "--prompt-lookup-min=1"]);
+  });
+
   it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {
     const objs = objects("  autoscaling: { enabled: true, mode: external }");
     for (const d of objs.filter((o) => o.kind === "Deployment") as any[])

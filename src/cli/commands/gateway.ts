@@ -4,6 +4,7 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { loadWeights } from "../../engine/loader.ts";
+import { checkNgramConfig } from "../../engine/speculative.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
@@ -55,6 +56,12 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             computed once)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
                             reasoning_content, apart from content; none (default): as text
+  --speculative-tokens K    speculative decoding by prompt lookup: each decoding sequence runs up to
+                            K guessed tokens (what followed its last tokens earlier in its prompt
+                            or output) with its own in one step; outputs are unchanged
+                            (default 0: off; at most 15)
+  --prompt-lookup-max N     longest run of last tokens looked up (default 4)
+  --prompt-lookup-min N     shortest run that counts as a match (default 2)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -98,6 +105,9 @@ export const gatewayCommand: Command = {
         "prefix-caching": { type: "boolean" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
+        "speculative-tokens": { type: "string" },
+        "prompt-lookup-max": { type: "string" },
+        "prompt-lookup-min": { type: "string" },
         "api-key": { type: "string", multiple: true },
         wire: { type: "string" },
         device: { type: "string" },
@@ -115,6 +125,15 @@ export const gatewayCommand: Command = {
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
     const microBatches = int(values["micro-batches"], "--micro-batches", 1);
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
+    const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
+    const speculative =
+      specTokens > 0
+        ? checkNgramConfig({
+            numTokens: specTokens,
+            maxN: int(values["prompt-lookup-max"], "--prompt-lookup-max", 4),
+            minN: int(values["prompt-lookup-min"], "--prompt-lookup-min", 2),
+          })
+        : undefined;
     const httpPort = portFlag(values["http-port"], "--http-port", 8000);
     const grpcPort =
       values["grpc-port"] === undefined
@@ -211,6 +230,7 @@ export const gatewayCommand: Command = {
       prefixCaching: values["prefix-caching"] !== false,
       tokenizerWorkers,
       reasoningParser: reasoningParser as "none" | "deepseek-r1",
+      ...(speculative ? { speculative } : {}),
       log,
     });
     onRoundTrip = (shard, ms, ok) =>

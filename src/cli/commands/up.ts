@@ -8,7 +8,12 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { readManifest, reasoningParserOf, servedModelName } from "../../api/manifest.ts";
+import {
+  readManifest,
+  reasoningParserOf,
+  servedModelName,
+  speculativeArgs,
+} from "../../api/manifest.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
 import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
@@ -315,6 +320,7 @@ export const upCommand: Command = {
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
           ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
           `--reasoning-parser=${reasoningParserOf(m)}`,
+          ...speculativeArgs(m),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
