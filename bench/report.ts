@@ -18,6 +18,7 @@ import { prefixTables } from "./prefix.ts";
 import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
+import { speculativeTables } from "./speculative.ts";
 import { tokenizeTables } from "./tokenize.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
@@ -451,6 +452,7 @@ export const SUITES = [
   "prefix",
   "sampling",
   "json",
+  "speculative",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -459,13 +461,14 @@ export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
 export const TABLES_ONLY: Record<
-  "tokenize" | "prefix" | "json" | "sampling",
+  "tokenize" | "prefix" | "json" | "sampling" | "speculative",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
   prefix: prefixTables,
   json: jsonTables,
   sampling: samplingTables,
+  speculative: speculativeTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

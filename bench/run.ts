@@ -24,6 +24,7 @@ import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } fro
 import { runSampling } from "./sampling.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
+import { runSpeculative } from "./speculative.ts";
 import { runTokenize } from "./tokenize.ts";
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
@@ -45,7 +46,13 @@ const RUN_TABLES_ONLY: Record<
     quick: boolean;
     log: (s: string) => void;
   }) => Promise<object>
-> = { tokenize: runTokenize, prefix: runPrefix, json: runJson, sampling: runSampling };
+> = {
+  tokenize: runTokenize,
+  prefix: runPrefix,
+  json: runJson,
+  sampling: runSampling,
+  speculative: runSpeculative,
+};
 
 async function main(): Promise<number> {
   const { values } = parseArgs({

@@ -6,7 +6,9 @@
 // admitted one is preempted: its blocks are freed and it waits again at the front, to be
 // recomputed (prompt and output so far) when it is readmitted. With prefix caching, a
 // sequence admitted takes the cached blocks of its longest known prefix (kv-blocks.ts) and
-// starts computing after them. Never touches a device.
+// starts computing after them. With speculative decoding, a decoding sequence's draft
+// tokens ride in its chunk when the budgets and blocks allow (never preempting for them);
+// they count as computed only once the engine accepts them. Never touches a device.
 import { createHash } from "node:crypto";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { BlockAllocator } from "./kv-blocks.ts";

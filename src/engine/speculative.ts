@@ -44,17 +44,32 @@ export function checkNgramConfig(c: NgramConfig): NgramConfig {
   return c;
 }
 
+/** The engine's speculative options for prompt lookup (checked): an index per sequence. */
+export function ngramSpeculation(c: NgramConfig): {
+  numTokens: number;
+  drafter: () => Drafter;
+} {
+  checkNgramConfig(c);
+  return { numTokens: c.numTokens, drafter: () => new NgramIndex(c) };
+}
+
 /** What the index reads of a sequence: its tokens so far (prompt, then output). */
 export interface TokenSource {
   readonly numTokens: number;
   tokenAt(i: number): number;
 }
 
+/** Guesses a sequence's next tokens; one per sequence, kept while it runs. */
+export interface Drafter {
+  /** Up to `k` tokens to follow `seq`'s last token (fewer, or none, when unsure). */
+  propose(seq: TokenSource, k: number): number[];
+}
+
 /** Chain links walked per proposal, at most (bounds a proposal's cost on repetitive text). */
 const MAX_CHAIN = 64;
 
 /** One sequence's n-gram index (kept with the sequence, grown as it grows). */
-export class NgramIndex {
+export class NgramIndex implements Drafter {
   readonly #c: NgramConfig;
   /** Hash of a minN-gram -> the last position it ends at (indexed so far). */
   readonly #head = new Map<number, number>();

@@ -20,7 +20,7 @@ import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
-import { type NgramConfig, NgramIndex } from "../engine/speculative.ts";
+import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -108,8 +108,8 @@ interface Active {
   cancelled: boolean;
   /** Its first step was scheduled (onStarted told). */
   started: boolean;
-  /** Its n-gram index, with speculative decoding (created at its first draft). */
-  ngram: NgramIndex | null;
+  /** Its drafter, with speculative decoding (created at its first draft). */
+  drafter: Drafter | null;
 }
 
 export interface EngineOptions {
@@ -119,11 +119,18 @@ export interface EngineOptions {
    */
   readonly microBatches?: number;
   /**
-   * Speculative decoding by prompt lookup: each decoding sequence runs up to
-   * `numTokens` guessed tokens with its next one (default off). Sequences under an output
-   * constraint (JSON, tool calls) or asking for prompt logprobs do not speculate.
+   * Speculative decoding: each decoding sequence runs up to `numTokens` tokens its drafter
+   * guesses with its next one (default off). Sequences under an output constraint (JSON,
+   * tool calls) or asking for prompt logprobs do not speculate.
    */
-  readonly speculative?: NgramConfig;
+  readonly speculative?: SpeculativeOptions;
+}
+
+export interface SpeculativeOptions {
+  /** Draft tokens per sequence and step, at most. */
+  readonly numTokens: number;
+  /** A new sequence's drafter (speculative.ts: NgramIndex for prompt lookup). */
+  readonly drafter: (prompt: readonly number[]) => Drafter;
 }
 
 export class ServingEngine {
@@ -134,11 +141,12 @@ export class ServingEngine {
   /** Scratch rows for #sample. */
   #logits = new Float32Array(0);
   readonly microBatches: number;
-  readonly speculative: NgramConfig | null;
+  readonly speculative: SpeculativeOptions | null;
   #nextId = 1;
   #looping = false;
   numPreemptions = 0;
-  /** Steps that ran as two micro-batches. */
+  /** Steps run, and of them those that ran as two micro-batches. */
+  numSteps = 0;
   numSplitSteps = 0;
   readonly #spec = { drafts: 0, draftTokens: 0, acceptedTokens: 0 };
 
@@ -198,7 +206,7 @@ export class ServingEngine {
       promptLogprobs: req.promptLogprobs ? [null] : null,
       cancelled: false,
       started: false,
-      ngram: null,
+      drafter: null,
     };
     this.#active.set(seq.id, a);
     this.#kick();
@@ -277,6 +285,7 @@ export class ServingEngine {
       this.microBatches > 1 && chunks.length > 1
         ? splitByTokens(chunks)
         : [chunks.map((_, i) => i)];
+    this.numSteps++;
     if (groups.length > 1) this.numSplitSteps++;
     const logits: (Float32Array | undefined)[] = new Array(chunks.length);
     const failed: { group: number[]; err: unknown }[] = [];
@@ -342,7 +351,7 @@ export class ServingEngine {
    * Drafts for the decoding sequences that may speculate; none for the others. A draft
    * never reaches past max_tokens (all of it accepted plus the next token fits).
    */
-  #propose(cfg: NgramConfig): void {
+  #propose(cfg: SpeculativeOptions): void {
     for (const a of this.#active.values()) {
       const seq = a.seq;
       seq.draft = [];
@@ -356,8 +365,8 @@ export class ServingEngine {
         continue;
       const k = Math.min(cfg.numTokens, a.req.maxTokens - seq.outputTokens.length - 1);
       if (k <= 0) continue;
-      a.ngram ??= new NgramIndex(cfg);
-      seq.draft = a.ngram.propose(seq, k);
+      a.drafter ??= cfg.drafter(seq.promptTokens);
+      seq.draft = a.drafter.propose(seq, k);
     }
   }
 

@@ -6,7 +6,7 @@ import { BatchForward } from "../engine/batch.ts";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import type { ModelWeights } from "../engine/loader.ts";
-import { checkNgramConfig, type NgramConfig } from "../engine/speculative.ts";
+import { type NgramConfig, ngramSpeculation } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
@@ -95,7 +95,7 @@ export function createServeContext(
     },
     {
       microBatches: cfg.microBatches ?? 1,
-      ...(cfg.speculative ? { speculative: checkNgramConfig(cfg.speculative) } : {}),
+      ...(cfg.speculative ? { speculative: ngramSpeculation(cfg.speculative) } : {}),
     },
   );
   prepareVocabulary(tokenizer, c.vocabSize, { thinking: cfg.reasoningParser === "deepseek-r1" });

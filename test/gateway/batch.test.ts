@@ -6,6 +6,7 @@ import { BatchForward, type BatchItem, type LatentCache } from "../../src/engine
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
+import { ServingEngine } from "../../src/gateway/engine.ts";
 import { maxAbsDiff, readGolden, tinyCheckpointFor } from "../support/golden.ts";
 import { localModel, native } from "../support/shards.ts";
 
@@ -106,5 +107,63 @@ describe.each(["tiny-v2", "tiny-v3"] as const)("BatchForward on %s", (name) => {
     const want = await model.forward(a, new SequenceCache(c), true);
     expect(out[0]!.length).toBe(want.length);
     expect(maxAbsDiff(out[0]!, want)).toBeLessThanOrEqual(1e-5 * maxAbs(want));
+  });
+});
+
+describe("ServingEngine when sampling throws", () => {
+  it("fails every request of the engine instead of leaving them waiting, then serves again", async () => {
+    const dir = await tinyCheckpointFor("tiny-v3");
+    const { weights } = await localModel(dir);
+    let fail = true;
+    const forward = new BatchForward(
+      weights,
+      native,
+      new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts),
+    );
+    const sample = forward.sample.bind(forward);
+    forward.sample = (logits, rows) => {
+      if (fail) throw new Error("sampler fault");
+      return sample(logits, rows);
+    };
+    const kv = new BlockKvCache(weights.config, { memoryBytes: 4 * 2 ** 20 });
+    const engine = new ServingEngine(forward, kv, {
+      maxBatchTokens: 64,
+      maxRunning: 8,
+      maxQueueDepth: 8,
+    });
+    const run = (prompt: number[]) =>
+      new Promise<string>((resolve) => {
+        const out: number[] = [];
+        const r = engine.submit(
+          {
+            prompt,
+            maxTokens: 4,
+            sampling: {
+              temperature: 0,
+              topP: 1,
+              topK: 0,
+              presencePenalty: 0,
+              frequencyPenalty: 0,
+              seed: 0,
+            },
+            stopTokenIds: [],
+            logprobs: null,
+            promptLogprobs: false,
+          },
+          {
+            onToken: (t) => out.push(t.id),
+            onFinish: (why) => resolve(`${why}:${out.length}`),
+            onError: (e) => resolve(`error:${(e as Error).message}`),
+          },
+        );
+        if (!r.ok) resolve(`refused:${r.reason}`);
+      });
+    expect(await Promise.all([run([1, 2, 3]), run([4, 5])])).toEqual([
+      "error:sampler fault",
+      "error:sampler fault",
+    ]);
+    expect(engine.stats).toMatchObject({ numRunning: 0, numWaiting: 0, kvUsage: 0 });
+    fail = false;
+    expect(await run([1, 2, 3])).toBe("length:4");
   });
 });

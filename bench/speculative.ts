@@ -1,0 +1,276 @@
+// The speculative suite (`npm run bench -- --suite speculative`): what speculative decoding
+// (`gateway --speculative-tokens K`) gains per decode step, against the same engine without
+// it in the same run.
+//
+// Engines in this process (ServingEngine, as the gateway builds it) on the mini V3
+// checkpoint, experts in process ("local") or on 4 shard processes over a nats-server
+// ("distributed", the deployment's shape: every step is a NATS round trip per MoE layer;
+// f32 on the wire so that outputs compare exactly).
+// Per placement and batch size (1, 8): greedy requests of the serve suite's prompts, 64
+// tokens each (EOS ignored), run to completion, the modes alternating within each pass:
+//   - off: no speculation (the peer);
+//   - ngram: prompt lookup, 4 draft tokens, lookup 4/2 (the defaults) - what this random
+//     model's own repetitions give;
+//   - oracle: drafts of 4 that are always right (the tokens the off run produced): the
+//     ceiling, what a step that verifies 5 tokens costs against one that computes 1.
+// Every mode's outputs are checked equal to the off run's. Tokens per second over the whole
+// batch, tokens per sequence and engine step, acceptance (accepted / draft tokens).
+import type { ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { BatchForward } from "../src/engine/batch.ts";
+import { type ExpertRunner, LocalExperts } from "../src/engine/experts.ts";
+import { BlockKvCache } from "../src/engine/kv-blocks.ts";
+import { loadWeights } from "../src/engine/loader.ts";
+import { loadAddon, nativeBackend } from "../src/engine/native.ts";
+import { type Drafter, ngramSpeculation } from "../src/engine/speculative.ts";
+import { ServingEngine, type SpeculativeOptions } from "../src/gateway/engine.ts";
+import { findNatsServer } from "../src/local/nats-binary.ts";
+import { Checkpoint } from "../src/model/checkpoint.ts";
+import { modelArchitectureOf } from "../src/model/config.ts";
+import { Tokenizer } from "../src/model/tokenizer.ts";
+import { RemoteExperts } from "../src/moe/dispatcher.ts";
+import { planPlacement } from "../src/moe/placement.ts";
+import { serializePlan } from "../src/moe/plan-json.ts";
+import { REPO_ROOT, type Stats, stats } from "./lib.ts";
+import { child, ensureMiniModel, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
+
+const CLI = join(REPO_ROOT, "src", "cli", "main.ts");
+const MAX_TOKENS = 64;
+const DRAFT = 4;
+const MODES = ["off", "ngram", "oracle"] as const;
+type Mode = (typeof MODES)[number];
+const BATCHES = [1, 8];
+
+export interface SpeculativeRow {
+  placement: "local" | "distributed";
+  batch: number;
+  mode: Mode;
+  tokPerS: Stats;
+  /** Tokens per sequence and engine step (the prompt's step counted too). */
+  tokensPerStep: number;
+  draftTokens: number;
+  acceptedTokens: number;
+}
+
+export interface SpeculativeResults {
+  runs: number;
+  threads: number;
+  maxTokens: number;
+  draft: number;
+  rows: SpeculativeRow[];
+}
+
+/** The off run's outputs, by prompt: the oracle proposes their next tokens. */
+function oracle(outputs: Map<string, number[]>): (prompt: readonly number[]) => Drafter {
+  return (prompt) => {
+    const out = outputs.get(prompt.join(","));
+    if (!out) throw new Error("oracle: unknown prompt");
+    const P = prompt.length;
+    return { propose: (seq, k) => out.slice(seq.numTokens - P, seq.numTokens - P + k) };
+  };
+}
+
+export async function runSpeculative(o: {
+  threads: number;
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<SpeculativeResults> {
+  const modelDir = await ensureMiniModel(o.log);
+  const ckpt = await Checkpoint.open(modelDir);
+  const tokenizer = Tokenizer.load(modelDir);
+  loadAddon().configure({ threads: o.threads });
+  const native = nativeBackend();
+  const runs = o.quick ? 1 : o.runs;
+  const batches = o.quick ? [8] : BATCHES;
+  const prompts = PROMPTS.slice(0, 8).map((p) => tokenizer.encode(p));
+  const children: ChildProcess[] = [];
+  let nc: NatsConnection | undefined;
+  const runDir = mkdtempSync(join(tmpdir(), "em-bench-spec-"));
+  const rows: SpeculativeRow[] = [];
+  try {
+    for (const placement of ["local", "distributed"] as const) {
+      const weights = await loadWeights(ckpt, placement === "local" ? "all" : "none");
+      let experts: ExpertRunner;
+      if (placement === "local") {
+        experts = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+      } else {
+        const plan = planPlacement({
+          architecture: modelArchitectureOf(ckpt.config),
+          numShards: 4,
+        });
+        const planPath = join(runDir, "plan.json");
+        writeFileSync(planPath, serializePlan(plan));
+        const nats = child(
+          "nats",
+          findNatsServer(),
+          ["-a", "127.0.0.1", "-p", "-1"],
+          /Listening for client connections on [^:]+:(\d+)/,
+        );
+        children.push(nats.proc);
+        const natsUrl = `nats://127.0.0.1:${(await nats.ready)[1]}`;
+        const ready: Promise<unknown>[] = [];
+        for (let k = 0; k < 4; k++) {
+          const s = child(
+            `shard-${k}`,
+            process.execPath,
+            [
+              CLI,
+              "shard",
+              `--model=${modelDir}`,
+              "--namespace=bench",
+              `--model-name=${SERVE_MODEL}`,
+              `--plan=${planPath}`,
+              `--nats=${natsUrl}`,
+              `--shard=${k}`,
+              "--metrics-port=0",
+            ],
+            /serving /,
+          );
+          children.push(s.proc);
+          ready.push(s.ready);
+        }
+        await Promise.all(ready);
+        nc = await connect({ servers: natsUrl });
+        experts = new RemoteExperts({
+          nc,
+          model: { namespace: "bench", model: SERVE_MODEL },
+          plan,
+          // f32 both ways: a shard's bf16 kernels round a token's result differently
+          // with the number of tokens an expert gets (as any batching does), which flips
+          // near-ties of this random model's greedy picks; f32 keeps outputs comparable.
+          dispatchDtype: "f32",
+          combineDtype: "f32",
+        });
+      }
+      const forward = new BatchForward(weights, native, experts);
+      const engine = (spec?: SpeculativeOptions) =>
+        new ServingEngine(
+          forward,
+          new BlockKvCache(weights.config, { memoryBytes: 256 * 2 ** 20 }),
+          { maxBatchTokens: 2048, maxRunning: 64, maxQueueDepth: 64, prefixCaching: false },
+          spec ? { speculative: spec } : {},
+        );
+      for (const batch of batches) {
+        const want = new Map<string, number[]>();
+        const engines: Record<Mode, () => ServingEngine> = {
+          off: () => engine(),
+          ngram: () => engine(ngramSpeculation({ numTokens: DRAFT, maxN: 4, minN: 2 })),
+          oracle: () => engine({ numTokens: DRAFT, drafter: oracle(want) }),
+        };
+        const times: Record<Mode, number[]> = { off: [], ngram: [], oracle: [] };
+        const last: Partial<
+          Record<Mode, { steps: number; tokens: number; draft: number; accepted: number }>
+        > = {};
+        // A warm-up pass (the off run's outputs for the oracle), then the counted passes.
+        for (let pass = -1; pass < runs; pass++) {
+          const order = pass < 0 ? MODES : pass % 2 ? [...MODES].reverse() : MODES;
+          for (const mode of order) {
+            const e = engines[mode]();
+            const t0 = performance.now();
+            const outs = await Promise.all(
+              Array.from({ length: batch }, (_, i) => generate(e, prompts[i % prompts.length]!)),
+            );
+            const ms = performance.now() - t0;
+            outs.forEach((out, i) => {
+              const key = prompts[i % prompts.length]!.join(",");
+              const w = want.get(key);
+              if (!w) want.set(key, out);
+              else if (w.join(",") !== out.join(","))
+                throw new Error(`${placement} batch ${batch} ${mode}: output differs from off`);
+            });
+            if (pass < 0) continue;
+            const tokens = batch * MAX_TOKENS;
+            times[mode].push((tokens / ms) * 1000);
+            last[mode] = {
+              steps: e.numSteps,
+              tokens,
+              draft: e.stats.specDraftTokens,
+              accepted: e.stats.specAcceptedTokens,
+            };
+          }
+          o.log(
+            `[speculative] ${placement} batch ${batch}: pass ${pass < 0 ? "warm-up" : `${pass + 1}/${runs}`}`,
+          );
+        }
+        for (const mode of MODES) {
+          const l = last[mode]!;
+          rows.push({
+            placement,
+            batch,
+            mode,
+            tokPerS: stats(times[mode]),
+            tokensPerStep: l.tokens / (l.steps * batch),
+            draftTokens: l.draft,
+            acceptedTokens: l.accepted,
+          });
+        }
+      }
+      if (experts instanceof RemoteExperts) experts.close();
+      await nc?.close();
+      nc = undefined;
+      await Promise.all(children.splice(0).map((c) => stop(c)));
+    }
+    return { runs, threads: o.threads, maxTokens: MAX_TOKENS, draft: DRAFT, rows };
+  } finally {
+    await nc?.close();
+    await Promise.all(children.map((c) => stop(c)));
+    rmSync(runDir, { recursive: true, force: true });
+  }
+}
+
+/** MAX_TOKENS greedy tokens of `prompt` (EOS ignored). */
+function generate(e: ServingEngine, prompt: number[]): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    const out: number[] = [];
+    const r = e.submit(
+      {
+        prompt,
+        maxTokens: MAX_TOKENS,
+        sampling: {
+          temperature: 0,
+          topP: 1,
+          topK: 0,
+          presencePenalty: 0,
+          frequencyPenalty: 0,
+          seed: 0,
+        },
+        stopTokenIds: [],
+        logprobs: null,
+        promptLogprobs: false,
+      },
+      { onToken: (t) => out.push(t.id), onFinish: () => resolve(out), onError: reject },
+    );
+    if (!r.ok) reject(new Error(r.reason));
+  });
+}
+
+/** The suite's table for BENCHMARKS.md. */
+export function speculativeTables(
+  r: SpeculativeResults & {
+    date: string;
+    commit: string;
+    machine: { cpu: string; cores: number };
+  },
+  source: string,
+): string {
+  const lines = r.rows.map((row) => {
+    const off = r.rows.find(
+      (x) => x.placement === row.placement && x.batch === row.batch && x.mode === "off",
+    )!;
+    const ratio = row.tokPerS.median / off.tokPerS.median;
+    const acc =
+      row.draftTokens > 0
+        ? `${row.acceptedTokens} / ${row.draftTokens} (${((100 * row.acceptedTokens) / row.draftTokens).toFixed(0)} %)`
+        : "-";
+    return `| ${row.placement} | ${row.batch} | ${row.mode === "off" ? "off (peer)" : row.mode} | ${row.tokPerS.median.toFixed(1)} (${row.tokPerS.min.toFixed(1)}-${row.tokPerS.max.toFixed(1)}) | ${row.mode === "off" ? "1" : ratio.toFixed(2)}x | ${row.tokensPerStep.toFixed(2)} | ${acc} |`;
+  });
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), mini-v3, ${r.threads} threads, engines in the bench process (distributed: experts on 4 shard processes over a local nats-server), ${r.maxTokens} greedy tokens per request, drafts of ${r.draft}, ${r.runs} passes after a warm-up with the modes alternating; from \`${source}\`. Tokens per second over the batch, median (min-max); acceptance: draft tokens accepted / run (last pass).
+
+| experts | batch | speculation | tokens/s | vs off | tokens per sequence and step | accepted / draft tokens |
+|---|---:|---|---:|---:|---:|---:|
+${lines.join("\n")}`;
+}
