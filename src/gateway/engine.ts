@@ -16,6 +16,8 @@
 // The output is thus exactly the output without speculation (for a one-hot draft this is
 // speculative sampling's acceptance rule), only more of it per step. Rows of rejected
 // draft tokens stay in the cache's blocks, past the sequence's length, to be overwritten.
+// Under an output grammar, row i is masked by the grammar's state after the draft's first i
+// tokens (a fork of the sequence's constraint), as decoding token by token would mask it.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
@@ -65,6 +67,8 @@ export interface TokenConstraint {
   allowed(): Uint32Array;
   /** The sampled token (an allowed one); true when the output is complete. */
   accept(id: number): boolean;
+  /** An independent copy in the same state (to follow a draft without moving this one). */
+  fork(): TokenConstraint;
 }
 
 export type FinishReason = "stop" | "length";
@@ -120,8 +124,9 @@ export interface EngineOptions {
   readonly microBatches?: number;
   /**
    * Speculative decoding: each decoding sequence runs up to `numTokens` tokens its drafter
-   * guesses with its next one (default off). Sequences under an output constraint (JSON,
-   * tool calls) or asking for prompt logprobs do not speculate.
+   * guesses with its next one (default off). Under an output grammar (JSON, tool calls) a
+   * draft is followed on a fork of the grammar, up to its first refused token. Sequences
+   * asking for prompt logprobs do not speculate.
    */
   readonly speculative?: SpeculativeOptions;
 }
@@ -359,8 +364,7 @@ export class ServingEngine {
         a.cancelled ||
         seq.status !== "running" ||
         seq.numTokens - seq.numComputed !== 1 ||
-        a.promptLogprobs !== null ||
-        a.req.constraint
+        a.promptLogprobs !== null
       )
         continue;
       const k = Math.min(cfg.numTokens, a.req.maxTokens - seq.outputTokens.length - 1);
@@ -418,9 +422,18 @@ export class ServingEngine {
     const failed = new Map<Active, unknown>();
     /** First row of each pick. */
     const first: number[] = [];
+    /**
+     * Per pick, the draft tokens that may be kept: all, or up to the first one the output
+     * grammar refuses or that completes it (the rows after can never be kept).
+     */
+    const usable: number[] = [];
     let r = 0;
     for (const { a, raw, draft } of picks) {
       first.push(r);
+      let limit = draft.length;
+      // Under a grammar, row i's mask is the state after the draft's first i tokens.
+      const grammar =
+        a.req.constraint && draft.length > 0 ? a.req.constraint.fork() : a.req.constraint;
       const s = a.req.sampling;
       const penalized = s.presencePenalty !== 0 || s.frequencyPenalty !== 0;
       // Row i samples output position out + i, after the draft's first i tokens: the
@@ -437,9 +450,13 @@ export class ServingEngine {
         for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
         if (a.req.minTokens && out + i < a.req.minTokens)
           for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
-        if (a.req.constraint)
+        if (grammar && i <= limit)
           try {
-            applyMask(row, a.req.constraint.allowed());
+            const allowed = grammar.allowed();
+            applyMask(row, allowed);
+            const d = draft[i];
+            if (i < limit && d !== undefined)
+              if (((allowed[d >>> 5]! >>> (d & 31)) & 1) === 0 || grammar.accept(d)) limit = i;
           } catch (err) {
             failed.set(a, err);
           }
@@ -450,12 +467,13 @@ export class ServingEngine {
         const d = draft[i];
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);
       }
+      usable.push(limit);
     }
     const ids = this.#model.sample(logits, rows);
     // The rows whose samples are kept: the draft's while they agree, then one more.
     const kept = picks.map(({ a, draft }, p) => {
       let i = 0;
-      while (i < draft.length && ids[first[p]! + i] === draft[i]) {
+      while (i < usable[p]! && ids[first[p]! + i] === draft[i]) {
         // A stop token ends the sequence: nothing after it is kept.
         if (a.req.stopTokenIds.includes(draft[i]!)) break;
         i++;

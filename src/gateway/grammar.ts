@@ -291,6 +291,12 @@ export class GrammarConstraint<S> implements TokenConstraint {
     return this.#grammar.mask(this.#state);
   }
 
+  fork(): GrammarConstraint<S> {
+    const c = new GrammarConstraint(this.#grammar);
+    c.#state = this.#state;
+    return c;
+  }
+
   accept(id: number): boolean {
     const a = this.#grammar.automaton;
     const bytes = this.#grammar.vocabulary.bytes[id];

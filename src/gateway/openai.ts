@@ -16,9 +16,14 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { jsonMode, toolPlan } from "./output-grammar.ts";
+import { jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
 import { thinkingFirst } from "./reasoning.ts";
-import { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
+import {
+  ChatCompletionRequest,
+  CompletionRequest,
+  DetokenizeRequest,
+  TokenizeRequest,
+} from "./schemas.ts";
 import { type ToolFunction, withTools } from "./tool-calls.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
@@ -48,7 +53,66 @@ export function openaiRoutes(ctx: ServeContext) {
       { schema: { body: CompletionRequest } },
       (req, reply) => completion(ctx, req, reply),
     );
+    // vLLM's token counting routes: the prompt tokens a request would run on.
+    app.post<{ Body: TokenizeRequest }>("/tokenize", { schema: { body: TokenizeRequest } }, (req) =>
+      tokenize(ctx, req.body),
+    );
+    app.post<{ Body: DetokenizeRequest }>(
+      "/detokenize",
+      { schema: { body: DetokenizeRequest } },
+      async (req) => {
+        const b = req.body;
+        if (b.model != null) checkModel(ctx, b.model);
+        checkTokenIds(ctx, b.tokens, "tokens");
+        return { prompt: ctx.tokenizer.decode(b.tokens) };
+      },
+    );
   };
+}
+
+/**
+ * POST /tokenize: a completion's prompt (text, with the tokenizer's special tokens unless
+ * add_special_tokens is false) or a chat's messages (and tools) through the chat template,
+ * as the completion routes encode them; the count and the context length served.
+ */
+async function tokenize(ctx: ServeContext, b: TokenizeRequest): Promise<object> {
+  if (b.model != null) checkModel(ctx, b.model);
+  if ((b.prompt === undefined) === (b.messages === undefined))
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", "give exactly one of prompt and messages", {
+      param: b.prompt === undefined ? "prompt" : "messages",
+    });
+  let tokens: number[];
+  if (b.prompt !== undefined) {
+    tokens = await ctx.encoder.encode(
+      encodablePrompt(ctx, b.prompt, "prompt"),
+      b.add_special_tokens ?? true,
+    );
+  } else {
+    const chatBody = {
+      model: ctx.servedModelName,
+      messages: b.messages!,
+      ...(b.tools !== undefined ? { tools: b.tools } : {}),
+      ...(b.tool_choice !== undefined ? { tool_choice: b.tool_choice } : {}),
+    } as ChatCompletionRequest;
+    tokens = (await chatPrompt(ctx, chatBody, b.add_generation_prompt ?? true)).prompt;
+  }
+  return {
+    count: tokens.length,
+    max_model_len: ctx.maxModelLen,
+    tokens,
+    ...(b.return_token_strs ? { token_strs: tokens.map((t) => ctx.tokenizer.decode([t])) } : {}),
+  };
+}
+
+/** Token ids given by a client, each inside the vocabulary. */
+function checkTokenIds(ctx: ServeContext, ids: readonly number[], param: string): void {
+  const bad = ids.find((t) => t >= ctx.vocabSize);
+  if (bad !== undefined)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `${param}: token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
+      { param },
+    );
 }
 
 /**
@@ -248,14 +312,15 @@ function chatMessages(
   return withTools(messages, tools, ctx.tokenizer.templatePresentsTools);
 }
 
-async function chat(
+/**
+ * A chat request's tool plan, output format and prompt tokens (checked): the tokens its
+ * completion runs on, and what POST /tokenize counts for it.
+ */
+async function chatPrompt(
   ctx: ServeContext,
-  req: FastifyRequest<{ Body: ChatCompletionRequest }>,
-  reply: FastifyReply,
-): Promise<unknown> {
-  const b = req.body;
-  checkModel(ctx, b.model);
-  unsupported(b);
+  b: ChatCompletionRequest,
+  addGenerationPrompt = true,
+): Promise<{ plan: ToolPlan; format: ReturnType<typeof jsonMode>; prompt: number[] }> {
   let plan = toolPlan(ctx, b);
   const format = jsonMode(ctx, b);
   if (format.grammar && plan.kind !== "text") {
@@ -280,9 +345,21 @@ async function chat(
   );
   const prompt = await ctx.encoder.encodeChat(
     messages,
-    true,
+    addGenerationPrompt,
     plan.tools.length ? { tools: b.tools as unknown[] } : {},
   );
+  return { plan, format, prompt };
+}
+
+async function chat(
+  ctx: ServeContext,
+  req: FastifyRequest<{ Body: ChatCompletionRequest }>,
+  reply: FastifyReply,
+): Promise<unknown> {
+  const b = req.body;
+  checkModel(ctx, b.model);
+  unsupported(b);
+  const { plan, format, prompt } = await chatPrompt(ctx, b);
   const thinks = ctx.reasoningParser === "deepseek-r1";
   const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
   const grammar = plan.kind !== "text" ? plan.grammar : format.grammar;
@@ -411,13 +488,7 @@ async function completion(
       prompts.push(await ctx.encoder.encode(encodablePrompt(ctx, p, param(i))));
       continue;
     }
-    const bad = p.find((t) => t >= ctx.vocabSize);
-    if (bad !== undefined)
-      throw new ApiError(
-        "EM_GATEWAY_BAD_REQUEST",
-        `${param(i)}: token ${bad} is outside the vocabulary (size ${ctx.vocabSize})`,
-        { param: param(i) },
-      );
+    checkTokenIds(ctx, p, param(i));
     prompts.push(p);
   }
   const echo = b.echo === true;

@@ -125,3 +125,25 @@ export const CompletionRequest = Type.Object({
   best_of: Type.Optional(Type.Unknown()),
 });
 export type CompletionRequest = Static<typeof CompletionRequest>;
+
+/** vLLM's POST /tokenize: exactly one of prompt (a completion's) and messages (a chat's). */
+export const TokenizeRequest = Type.Object({
+  model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+  prompt: Type.Optional(Type.String()),
+  /** With prompt: the tokenizer's special tokens (BOS) added, as completions add them. */
+  add_special_tokens: Type.Optional(Nullable(Type.Boolean())),
+  messages: Type.Optional(Type.Array(ChatMessage, { minItems: 1 })),
+  tools: Type.Optional(Type.Unknown()),
+  tool_choice: Type.Optional(Type.Unknown()),
+  /** With messages: the assistant's turn opened, as chat completions open it (default true). */
+  add_generation_prompt: Type.Optional(Nullable(Type.Boolean())),
+  return_token_strs: Type.Optional(Nullable(Type.Boolean())),
+});
+export type TokenizeRequest = Static<typeof TokenizeRequest>;
+
+/** vLLM's POST /detokenize. */
+export const DetokenizeRequest = Type.Object({
+  model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+  tokens: Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 1 << 20 }),
+});
+export type DetokenizeRequest = Static<typeof DetokenizeRequest>;

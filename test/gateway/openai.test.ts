@@ -927,6 +927,85 @@ describe("completions", () => {
   });
 });
 
+describe("tokenize and detokenize (vLLM's routes)", () => {
+  const post = async (path: string, body: object) => {
+    const r = await fetch(`${gw.url}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    return { status: r.status, body: (await r.json()) as any };
+  };
+  const weather = [
+    {
+      type: "function" as const,
+      function: {
+        name: "get_weather",
+        parameters: { type: "object", properties: { city: { type: "string" } } },
+      },
+    },
+  ];
+
+  it("counts a completion's prompt as the completion does, and detokenizes it back", async () => {
+    const text = "The quick brown fox, once more";
+    const t = await post("/tokenize", { model: "tiny", prompt: text, return_token_strs: true });
+    expect(t.status).toBe(200);
+    const done = await gw.client.completions.create({ model: "tiny", prompt: text, max_tokens: 1 });
+    expect(t.body.count).toBe(done.usage!.prompt_tokens);
+    expect(t.body.tokens).toEqual(gw.ctx.tokenizer.encode(text));
+    expect(t.body.tokens).toHaveLength(t.body.count);
+    expect(t.body.max_model_len).toBe(gw.ctx.maxModelLen);
+    expect(t.body.token_strs.join("")).toBe(gw.ctx.tokenizer.decode(t.body.tokens));
+    // Without the special tokens: the text alone, which detokenizes to the text.
+    const plain = await post("/tokenize", { prompt: text, add_special_tokens: false });
+    expect(plain.body.count).toBeLessThan(t.body.count);
+    const d = await post("/detokenize", { model: "tiny", tokens: plain.body.tokens });
+    expect(d).toEqual({ status: 200, body: { prompt: text } });
+  });
+
+  it("counts a chat's prompt as the chat completion does, tools included", async () => {
+    for (const extra of [{}, { tools: weather }, { tools: weather, tool_choice: "required" }]) {
+      const messages = [
+        { role: "system" as const, content: "Be brief." },
+        { role: "user" as const, content: "Weather in Paris?" },
+      ];
+      const t = await post("/tokenize", { model: "tiny", messages, ...extra });
+      expect(t.status).toBe(200);
+      const done = await gw.client.chat.completions.create({
+        model: "tiny",
+        messages,
+        max_tokens: 1,
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+      expect(t.body.count, JSON.stringify(extra)).toBe(done.usage!.prompt_tokens);
+      // Without the assistant's turn opened: fewer tokens, the same start.
+      const open = await post("/tokenize", { messages, add_generation_prompt: false, ...extra });
+      expect(open.body.count).toBeLessThan(t.body.count);
+      expect(t.body.tokens.slice(0, open.body.count)).toEqual(open.body.tokens);
+    }
+  });
+
+  it("refuses bad requests with stable codes", async () => {
+    const code = (r: { body: any }) => r.body.error.code;
+    const both = await post("/tokenize", { prompt: "a", messages: user("a") });
+    expect([both.status, code(both)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+    expect(both.body.error.message).toMatch(/exactly one of prompt and messages/);
+    const none = await post("/tokenize", {});
+    expect([none.status, code(none)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+    const model = await post("/tokenize", { model: "gpt-4", prompt: "a" });
+    expect([model.status, code(model)]).toEqual([404, "EM_GATEWAY_UNKNOWN_MODEL"]);
+    const vocab = await post("/detokenize", { tokens: [1, 10_000_000] });
+    expect([vocab.status, code(vocab)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+    expect(vocab.body.error.message).toMatch(/token 10000000 is outside the vocabulary/);
+    const tool = await post("/tokenize", {
+      messages: [{ role: "tool", content: "sunny" }],
+    });
+    expect([tool.status, code(tool)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+    const types = await post("/detokenize", { tokens: "1 2" });
+    expect([types.status, code(types)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+  });
+});
+
 describe("continuous batching", () => {
   it("32 concurrent greedy requests give the same text as one by one", async () => {
     const seeds = SEED_PROMPTS;

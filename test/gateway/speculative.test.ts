@@ -189,19 +189,70 @@ describe("speculative decoding (ngram)", () => {
     expect(b).toEqual(a);
   });
 
-  it("a constrained request (JSON mode) does not speculate and gives the same JSON", async () => {
+  it("under an output grammar, drafts follow it: the same JSON, with drafts accepted", async () => {
+    // An array of integers with "[", "1" and "," favoured: the output repeats itself, so
+    // the lookup proposes, and drafts run under the grammar's mask row by row (whitespace
+    // first, then a long run of 1s).
+    const id = (text: string) => spec.ctx.tokenizer.encode(text, false)[0]!;
     const req = {
       model: "tiny",
-      messages: user("A cat as JSON"),
-      max_tokens: 40,
+      messages: user("Numbers"),
+      max_tokens: 48,
       temperature: 0,
-      response_format: { type: "json_object" as const },
+      logit_bias: { [id("1")]: 12, [id(",")]: 11, [id("[")]: 10 },
+      response_format: {
+        type: "json_schema" as const,
+        json_schema: {
+          name: "n",
+          schema: {
+            type: "object",
+            properties: { n: { type: "array", items: { type: "integer" } } },
+            required: ["n"],
+          },
+        },
+      },
     };
-    const before = specStats().specDrafts;
+    const before = specStats();
     const x = await plain.client.chat.completions.create(req);
     const y = await spec.client.chat.completions.create(req);
     expect(y.choices[0]!.message.content).toBe(x.choices[0]!.message.content);
-    expect(specStats().specDrafts).toBe(before);
+    expect(y.choices[0]!.finish_reason).toBe(x.choices[0]!.finish_reason);
+    expect(x.choices[0]!.message.content).toMatch(/\[1111/);
+    expect(specStats().specAcceptedTokens).toBeGreaterThan(before.specAcceptedTokens);
+    // JSON mode too, and tool calls (required): the same outputs.
+    for (const extra of [
+      { response_format: { type: "json_object" as const } },
+      {
+        tools: [
+          {
+            type: "function" as const,
+            function: {
+              name: "f",
+              parameters: { type: "object", properties: { a: { type: "integer" } } },
+            },
+          },
+        ],
+        tool_choice: "required" as const,
+      },
+    ]) {
+      const body = {
+        model: "tiny",
+        messages: user("A cat"),
+        max_tokens: 40,
+        temperature: 0,
+        ...extra,
+      };
+      const [p, q] = await Promise.all([
+        plain.client.chat.completions.create(body),
+        spec.client.chat.completions.create(body),
+      ]);
+      // Call ids are random per response: compared without them.
+      const bare = (m: (typeof p.choices)[0]["message"]) => ({
+        ...m,
+        tool_calls: m.tool_calls?.map(({ id: _, ...c }) => c),
+      });
+      expect(bare(q.choices[0]!.message)).toEqual(bare(p.choices[0]!.message));
+    }
   });
 
   it("a prompt that continues an earlier answer finds its accepted draft rows in the prefix cache", async () => {
