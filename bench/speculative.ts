@@ -26,7 +26,7 @@ import { BlockKvCache } from "../src/engine/kv-blocks.ts";
 import { loadWeights } from "../src/engine/loader.ts";
 import { loadAddon, nativeBackend } from "../src/engine/native.ts";
 import { type Drafter, ngramSpeculation } from "../src/engine/speculative.ts";
-import { ServingEngine, type SpeculativeOptions } from "../src/gateway/engine.ts";
+import { GREEDY, runToEnd, ServingEngine, type SpeculativeOptions } from "../src/gateway/engine.ts";
 import { findNatsServer } from "../src/local/nats-binary.ts";
 import { Checkpoint } from "../src/model/checkpoint.ts";
 import { modelArchitectureOf } from "../src/model/config.ts";
@@ -223,29 +223,9 @@ export async function runSpeculative(o: {
 }
 
 /** MAX_TOKENS greedy tokens of `prompt` (EOS ignored). */
-function generate(e: ServingEngine, prompt: number[]): Promise<number[]> {
-  return new Promise((resolve, reject) => {
-    const out: number[] = [];
-    const r = e.submit(
-      {
-        prompt,
-        maxTokens: MAX_TOKENS,
-        sampling: {
-          temperature: 0,
-          topP: 1,
-          topK: 0,
-          presencePenalty: 0,
-          frequencyPenalty: 0,
-          seed: 0,
-        },
-        stopTokenIds: [],
-        logprobs: null,
-        promptLogprobs: false,
-      },
-      { onToken: (t) => out.push(t.id), onFinish: () => resolve(out), onError: reject },
-    );
-    if (!r.ok) reject(new Error(r.reason));
-  });
+async function generate(e: ServingEngine, prompt: number[]): Promise<number[]> {
+  const req = { prompt, maxTokens: MAX_TOKENS, sampling: GREEDY, stopTokenIds: [] };
+  return (await runToEnd(e, { ...req, logprobs: null, promptLogprobs: false })).ids;
 }
 
 /** The suite's table for BENCHMARKS.md. */

@@ -570,6 +570,35 @@ export class ServingEngine {
   }
 }
 
+/** Sampling that takes the most likely token (no penalties, no bias). */
+export const GREEDY: SamplingParams = {
+  temperature: 0,
+  topP: 1,
+  topK: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  seed: 0,
+};
+
+/**
+ * Runs one request to its end without a client (benchmarks, tests): its token ids and why
+ * it ended. Rejects with the engine's error, or its refusal ("queue_full", "too_large").
+ */
+export function runToEnd(
+  engine: ServingEngine,
+  req: GenerationRequest,
+): Promise<{ ids: number[]; reason: FinishReason }> {
+  return new Promise((resolve, reject) => {
+    const ids: number[] = [];
+    const r = engine.submit(req, {
+      onToken: (t) => ids.push(t.id),
+      onFinish: (reason) => resolve({ ids, reason }),
+      onError: reject,
+    });
+    if (!r.ok) reject(new ExpertMeshError("EM_GATEWAY_OVERLOADED", `refused: ${r.reason}`));
+  });
+}
+
 /**
  * -inf for the tokens `allowed` leaves out. A mask with no token (which a constraint over
  * a byte-level vocabulary never gives) is an error, not a pick from nothing.

@@ -6,7 +6,7 @@ import { BatchForward, type BatchItem, type LatentCache } from "../../src/engine
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
-import { ServingEngine } from "../../src/gateway/engine.ts";
+import { GREEDY, runToEnd, ServingEngine } from "../../src/gateway/engine.ts";
 import { maxAbsDiff, readGolden, tinyCheckpointFor } from "../support/golden.ts";
 import { localModel, native } from "../support/shards.ts";
 
@@ -132,32 +132,17 @@ describe("ServingEngine when sampling throws", () => {
       maxQueueDepth: 8,
     });
     const run = (prompt: number[]) =>
-      new Promise<string>((resolve) => {
-        const out: number[] = [];
-        const r = engine.submit(
-          {
-            prompt,
-            maxTokens: 4,
-            sampling: {
-              temperature: 0,
-              topP: 1,
-              topK: 0,
-              presencePenalty: 0,
-              frequencyPenalty: 0,
-              seed: 0,
-            },
-            stopTokenIds: [],
-            logprobs: null,
-            promptLogprobs: false,
-          },
-          {
-            onToken: (t) => out.push(t.id),
-            onFinish: (why) => resolve(`${why}:${out.length}`),
-            onError: (e) => resolve(`error:${(e as Error).message}`),
-          },
-        );
-        if (!r.ok) resolve(`refused:${r.reason}`);
-      });
+      runToEnd(engine, {
+        prompt,
+        maxTokens: 4,
+        sampling: GREEDY,
+        stopTokenIds: [],
+        logprobs: null,
+        promptLogprobs: false,
+      }).then(
+        (r) => `${r.reason}:${r.ids.length}`,
+        (e) => `error:${(e as Error).message}`,
+      );
     expect(await Promise.all([run([1, 2, 3]), run([4, 5])])).toEqual([
       "error:sampler fault",
       "error:sampler fault",

@@ -281,3 +281,32 @@ export const SEED_PROMPTS = [
   "1 2 3 4 5 6 7 8 9 10 11 12",
   "The weather today",
 ];
+
+/**
+ * Request `i` of a mixed greedy load: every third a chat, the others completions (every
+ * other one with ignore_eos), of `maxTokens`; answered as "finish:completion tokens:text".
+ */
+export async function mixedGreedy(
+  g: TestGateway,
+  prompt: string,
+  i: number,
+  maxTokens: number,
+): Promise<string> {
+  if (i % 3 === 2) {
+    const r = await g.client.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: prompt }],
+      max_tokens: maxTokens,
+      temperature: 0,
+    });
+    return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.message.content}`;
+  }
+  const r = await g.client.completions.create({
+    model: "tiny",
+    prompt,
+    max_tokens: maxTokens,
+    temperature: 0,
+    ...(i % 2 === 0 ? ({ ignore_eos: true } as object) : {}),
+  });
+  return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.text}`;
+}

@@ -10,6 +10,7 @@ import { type Cluster, startShards, stopAll } from "../support/shards.ts";
 import {
   finishedRequests,
   metric,
+  mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
   startGateway,
@@ -87,26 +88,7 @@ describe("two micro-batches in flight", () => {
       (_, i) => `${seeds[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
     );
     // Completions and chats, with and without ignore_eos, of different lengths.
-    const ask = async (g: TestGateway, p: string, i: number): Promise<string> => {
-      const max_tokens = 4 + 3 * (i % 7);
-      if (i % 3 === 2) {
-        const r = await g.client.chat.completions.create({
-          model: "tiny",
-          messages: user(p),
-          max_tokens,
-          temperature: 0,
-        });
-        return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.message.content}`;
-      }
-      const r = await g.client.completions.create({
-        model: "tiny",
-        prompt: p,
-        max_tokens,
-        temperature: 0,
-        ...(i % 2 === 0 ? ignoreEos : {}),
-      });
-      return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.text}`;
-    };
+    const ask = (g: TestGateway, p: string, i: number) => mixedGreedy(g, p, i, 4 + 3 * (i % 7));
     const alone: string[] = [];
     for (const [i, p] of prompts.entries()) alone.push(await ask(one, p, i));
     const callsBefore = twoCalls.calls;

@@ -6,10 +6,12 @@
 import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { NgramConfig } from "../../src/engine/speculative.ts";
+import { GREEDY, runToEnd } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShards, stopAll } from "../support/shards.ts";
 import {
   metric,
+  mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
   startGateway,
@@ -41,31 +43,10 @@ const LOOP = "one two three four one two three four one two three four one two";
 const specStats = () => spec.ctx.engine.stats;
 
 /** Greedy output ids of `prompt` straight from a gateway's engine (EOS ignored). */
-function generate(g: TestGateway, prompt: number[], maxTokens: number): Promise<number[]> {
-  return new Promise((resolve, reject) => {
-    const out: number[] = [];
-    const r = g.ctx.engine.submit(
-      {
-        prompt,
-        maxTokens,
-        sampling: GREEDY,
-        stopTokenIds: [],
-        logprobs: null,
-        promptLogprobs: false,
-      },
-      { onToken: (t) => out.push(t.id), onFinish: () => resolve(out), onError: reject },
-    );
-    if (!r.ok) reject(new Error(r.reason));
-  });
+async function generate(g: TestGateway, prompt: number[], maxTokens: number): Promise<number[]> {
+  const req = { prompt, maxTokens, sampling: GREEDY, stopTokenIds: [] };
+  return (await runToEnd(g.ctx.engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
 }
-const GREEDY = {
-  temperature: 0,
-  topP: 1,
-  topK: 0,
-  presencePenalty: 0,
-  frequencyPenalty: 0,
-  seed: 0,
-};
 
 describe("speculative decoding (ngram)", () => {
   it("refuses bad settings", async () => {
@@ -81,26 +62,7 @@ describe("speculative decoding (ngram)", () => {
     const prompts = Array.from({ length: 24 }, (_, i) =>
       i % 4 === 3 ? LOOP : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
     );
-    const ask = async (g: TestGateway, p: string, i: number): Promise<string> => {
-      const max_tokens = 6 + 7 * (i % 6);
-      if (i % 3 === 2) {
-        const r = await g.client.chat.completions.create({
-          model: "tiny",
-          messages: user(p),
-          max_tokens,
-          temperature: 0,
-        });
-        return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.message.content}`;
-      }
-      const r = await g.client.completions.create({
-        model: "tiny",
-        prompt: p,
-        max_tokens,
-        temperature: 0,
-        ...(i % 2 === 0 ? extra({ ignore_eos: true }) : {}),
-      });
-      return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.text}`;
-    };
+    const ask = (g: TestGateway, p: string, i: number) => mixedGreedy(g, p, i, 6 + 7 * (i % 6));
     const before = specStats();
     const [a, b] = await Promise.all([
       Promise.all(prompts.map((p, i) => ask(plain, p, i))),
