@@ -188,7 +188,7 @@ export function servedModelName(model: DeepSeekModel): string {
 }
 
 /** How gateways read thinking out of chat answers: as given, else by the preset (R1 thinks). */
-export function reasoningParserOf(model: DeepSeekModel): "deepseek-r1" | "none" {
+export function reasoningParserOf(model: DeepSeekModel): "deepseek-r1" | "deepseek-v3" | "none" {
   return (
     model.spec.gateway.reasoningParser ??
     (model.spec.model.preset === "deepseek-r1" ? "deepseek-r1" : "none")

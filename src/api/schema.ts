@@ -334,9 +334,9 @@ export const GatewaySchema = withRules(
         ),
       ),
       reasoningParser: Type.Optional(
-        StringEnum(["deepseek-r1", "none"], {
+        StringEnum(["deepseek-r1", "deepseek-v3", "none"], {
           description:
-            "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, else none.",
+            "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; deepseek-v3 (DeepSeek-V3.1's hybrid thinking): only answers whose request sets chat_template_kwargs {thinking: true} do; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, else none.",
         }),
       ),
     },

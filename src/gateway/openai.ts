@@ -17,7 +17,7 @@ import {
   startJob,
 } from "./jobs.ts";
 import { jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
-import { thinkingFirst } from "./reasoning.ts";
+import { requestThinks, thinkingFirst } from "./reasoning.ts";
 import {
   ChatCompletionRequest,
   CompletionRequest,
@@ -93,6 +93,7 @@ async function tokenize(ctx: ServeContext, b: TokenizeRequest): Promise<object> 
       messages: b.messages!,
       ...(b.tools !== undefined ? { tools: b.tools } : {}),
       ...(b.tool_choice !== undefined ? { tool_choice: b.tool_choice } : {}),
+      ...(b.chat_template_kwargs != null ? { chat_template_kwargs: b.chat_template_kwargs } : {}),
     } as ChatCompletionRequest;
     tokens = (await chatPrompt(ctx, chatBody, b.add_generation_prompt ?? true)).prompt;
   }
@@ -343,12 +344,38 @@ async function chatPrompt(
       .join(""),
     "messages",
   );
-  const prompt = await ctx.encoder.encodeChat(
-    messages,
-    addGenerationPrompt,
-    plan.tools.length ? { tools: b.tools as unknown[] } : {},
-  );
+  const kwargs = templateKwargs(b.chat_template_kwargs);
+  const prompt = await ctx.encoder.encodeChat(messages, addGenerationPrompt, {
+    ...(plan.tools.length ? { tools: b.tools as unknown[] } : {}),
+    ...(kwargs ? { kwargs } : {}),
+  });
   return { plan, format, prompt };
+}
+
+/** Variables the template itself sets: a request may not give them. */
+const TEMPLATE_OWN = [
+  "messages",
+  "add_generation_prompt",
+  "tools",
+  "bos_token",
+  "eos_token",
+  "pad_token",
+  "unk_token",
+];
+
+/** A request's chat_template_kwargs, checked (undefined when none). */
+function templateKwargs(
+  kwargs: Record<string, unknown> | null | undefined,
+): Record<string, unknown> | undefined {
+  if (kwargs == null) return undefined;
+  const own = Object.keys(kwargs).find((k) => TEMPLATE_OWN.includes(k));
+  if (own !== undefined)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `chat_template_kwargs: '${own}' is set by the gateway (send it as the request's own field)`,
+      { param: "chat_template_kwargs" },
+    );
+  return kwargs;
 }
 
 async function chat(
@@ -360,7 +387,7 @@ async function chat(
   checkModel(ctx, b.model);
   unsupported(b);
   const { plan, format, prompt } = await chatPrompt(ctx, b);
-  const thinks = ctx.reasoningParser === "deepseek-r1";
+  const thinks = requestThinks(ctx.reasoningParser, b.chat_template_kwargs ?? undefined);
   const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
   const grammar = plan.kind !== "text" ? plan.grammar : format.grammar;
   // A grammar that shapes the answer from its first token (response_format, calls required

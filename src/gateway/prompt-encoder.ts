@@ -84,7 +84,7 @@ export class PromptEncoder {
   encodeChat(
     messages: readonly ChatMessage[],
     addGenerationPrompt = false,
-    extra: { tools?: readonly unknown[] } = {},
+    extra: { tools?: readonly unknown[]; kwargs?: Readonly<Record<string, unknown>> } = {},
   ): Promise<number[]> {
     return this.encode(
       this.tokenizer.applyChatTemplate(messages, addGenerationPrompt, extra),

@@ -8,7 +8,28 @@ import { TOOL_TOKENS } from "../model/tokenizer.ts";
 import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar } from "./grammar.ts";
 import { heldBack } from "./tool-calls.ts";
 
-export type ReasoningParserName = "deepseek-r1" | "none";
+/**
+ * deepseek-r1: every answer thinks first. deepseek-v3: DeepSeek-V3.1's hybrid thinking, only
+ * answers whose request sets chat_template_kwargs `thinking` (or `enable_thinking`) think
+ * (vLLM's deepseek_v3 parser); the others are plain content.
+ */
+export type ReasoningParserName = "deepseek-r1" | "deepseek-v3" | "none";
+
+export const REASONING_PARSERS: readonly ReasoningParserName[] = [
+  "deepseek-r1",
+  "deepseek-v3",
+  "none",
+];
+
+/** Whether a chat request's answer starts with a thought, under `parser`. */
+export function requestThinks(
+  parser: ReasoningParserName,
+  kwargs: Readonly<Record<string, unknown>> | undefined,
+): boolean {
+  if (parser === "deepseek-r1") return true;
+  if (parser === "none") return false;
+  return kwargs?.["thinking"] === true || kwargs?.["enable_thinking"] === true;
+}
 
 const OPEN = "<think>";
 const CLOSE = "</think>";

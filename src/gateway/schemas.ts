@@ -95,6 +95,8 @@ export const ChatCompletionRequest = Type.Object({
   /** {"type": "text"} or {"type": "json_object"} (JSON mode); others refused (openai.ts). */
   response_format: Type.Optional(Type.Unknown()),
   max_completion_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
+  /** vLLM's: extra variables for the chat template (e.g. DeepSeek-V3.1's `thinking`). */
+  chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
   logprobs: Type.Optional(Nullable(Type.Boolean())),
   top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
 });
@@ -135,6 +137,7 @@ export const TokenizeRequest = Type.Object({
   messages: Type.Optional(Type.Array(ChatMessage, { minItems: 1 })),
   tools: Type.Optional(Type.Unknown()),
   tool_choice: Type.Optional(Type.Unknown()),
+  chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
   /** With messages: the assistant's turn opened, as chat completions open it (default true). */
   add_generation_prompt: Type.Optional(Nullable(Type.Boolean())),
   return_token_strs: Type.Optional(Nullable(Type.Boolean())),

@@ -98,7 +98,9 @@ export function createServeContext(
       ...(cfg.speculative ? { speculative: ngramSpeculation(cfg.speculative) } : {}),
     },
   );
-  prepareVocabulary(tokenizer, c.vocabSize, { thinking: cfg.reasoningParser === "deepseek-r1" });
+  prepareVocabulary(tokenizer, c.vocabSize, {
+    thinking: (cfg.reasoningParser ?? "none") !== "none",
+  });
   const encoder = new PromptEncoder(tokenizer, {
     workers: cfg.tokenizerWorkers ?? 1,
     ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),

@@ -107,7 +107,9 @@ export function tinyTokenizerJson(): Record<string, unknown> {
  * `<｜User｜>text` and `<｜Assistant｜>text<｜end▁of▁sentence｜>` turns, an assistant's
  * tool calls in the tool-call tokens (TOOL_TOKENS) after its text, tool results between
  * `<｜tool▁outputs▁begin｜>` and `<｜tool▁outputs▁end｜>` (the assistant's next turn follows
- * that directly, as in V3's), and `<｜Assistant｜>` when a generation prompt is asked for.
+ * that directly, as in V3's), and `<｜Assistant｜>` when a generation prompt is asked for,
+ * followed by `<think>` or `</think>` when the request sets V3.1's `thinking` (its hybrid
+ * thinking switch, through chat_template_kwargs).
  * Unlike V3's it names the request's tools (`tools`) after the system prompt; the gateway
  * presents them in full to templates that do not (docs/gateway.md).
  */
@@ -141,7 +143,9 @@ export const DEEPSEEK_CHAT_TEMPLATE =
   "{%- endif %}" +
   "{%- set ns.is_tool = false %}" +
   "{%- endif %}{%- endfor %}" +
-  "{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}";
+  "{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% elif add_generation_prompt %}{{ '<｜Assistant｜>' }}" +
+  // DeepSeek-V3.1's switch, when a request gives it (chat_template_kwargs): think first, or not.
+  "{% if thinking is defined %}{{ '<think>' if thinking else '</think>' }}{% endif %}{% endif %}";
 
 /** The tiny `tokenizer_config.json` object; `maxLength` is the model's context length. */
 export function tinyTokenizerConfigJson(maxLength: number): Record<string, unknown> {

@@ -268,7 +268,7 @@ export class Tokenizer {
   applyChatTemplate(
     messages: readonly ChatMessage[],
     addGenerationPrompt = false,
-    extra: { tools?: readonly unknown[] } = {},
+    extra: { tools?: readonly unknown[]; kwargs?: Readonly<Record<string, unknown>> } = {},
   ): string {
     if (this.template === null) {
       throw new ExpertMeshError(
@@ -278,6 +278,9 @@ export class Tokenizer {
     }
     try {
       return this.template.render({
+        // A request's chat_template_kwargs (HF's **kwargs), e.g. DeepSeek-V3.1's `thinking`;
+        // the names below are the template's own and win.
+        ...extra.kwargs,
         // As HF passes them: tool_calls and tool_call_id only where given.
         messages: messages.map((m) => ({
           role: m.role,

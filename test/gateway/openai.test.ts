@@ -630,6 +630,93 @@ describe("chat completions", () => {
     });
   });
 
+  describe("with --reasoning-parser deepseek-v3 (V3.1's hybrid thinking)", () => {
+    let v31: TestGateway;
+    beforeAll(async () => {
+      v31 = await startGateway(dir, { reasoningParser: "deepseek-v3" });
+    });
+    afterAll(async () => {
+      await v31?.close();
+    });
+    type Thinking = { content: string | null; reasoning_content?: string };
+    const ask = (kwargs?: object) =>
+      v31.client.chat.completions.create({
+        model: "tiny",
+        messages: user("What is 2 + 2?"),
+        max_tokens: 12,
+        temperature: 0,
+        ...(kwargs ? ({ chat_template_kwargs: kwargs } as object) : {}),
+      });
+    const tokenize = async (kwargs?: object) =>
+      (
+        (await (
+          await fetch(`${v31.url}/tokenize`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify({
+              messages: user("What is 2 + 2?"),
+              ...(kwargs ? { chat_template_kwargs: kwargs } : {}),
+            }),
+          })
+        ).json()) as { tokens: number[] }
+      ).tokens;
+
+    it("thinks only when the request sets thinking: the template's switch and the split", async () => {
+      const text = (ids: number[]) => v31.ctx.tokenizer.decode(ids);
+      // The template opens the answer with <think> or </think> as the request asks.
+      expect(text(await tokenize({ thinking: true }))).toMatch(/<｜Assistant｜><think>$/);
+      expect(text(await tokenize({ thinking: false }))).toMatch(/<｜Assistant｜><\/think>$/);
+      expect(text(await tokenize())).toMatch(/<｜Assistant｜>$/);
+      // Not thinking (no kwargs, or false): all content, as without a parser.
+      const plain = (await ask()).choices[0]!.message as unknown as Thinking;
+      expect(plain.content!.length).toBeGreaterThan(0);
+      expect(plain.reasoning_content).toBeUndefined();
+      const off = (await ask({ thinking: false })).choices[0]!.message as unknown as Thinking;
+      expect(off.reasoning_content).toBeUndefined();
+      // Thinking: never closed by this random model within 12 tokens, so all reasoning.
+      const on = (await ask({ thinking: true })).choices[0]!.message as unknown as Thinking;
+      expect(on.content).toBe("");
+      expect(on.reasoning_content!.length).toBeGreaterThan(0);
+      // The prompt differs (<think>), so the text does too: the same as the R1 parser's
+      // reading of the same prompt's output.
+      const r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
+      try {
+        const same = await r1.client.chat.completions.create({
+          model: "tiny",
+          messages: user("What is 2 + 2?"),
+          max_tokens: 12,
+          temperature: 0,
+          chat_template_kwargs: { thinking: true },
+        } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+        expect(same.choices[0]!.message).toEqual(on);
+      } finally {
+        await r1.close();
+      }
+    });
+
+    it("refuses template variables the gateway sets, and kwargs that are no object", async () => {
+      for (const kwargs of [{ add_generation_prompt: false }, { messages: [] }]) {
+        const err = await ask(kwargs).catch((e) => e);
+        expectApiError(
+          err,
+          OpenAI.BadRequestError,
+          "invalid_request_error",
+          "EM_GATEWAY_BAD_REQUEST",
+          "chat_template_kwargs",
+        );
+        expect(err.message).toMatch(/is set by the gateway/);
+      }
+      const err = await v31.client.chat.completions
+        .create({
+          model: "tiny",
+          messages: user("hi"),
+          chat_template_kwargs: "thinking",
+        } as unknown as OpenAI.ChatCompletionCreateParamsNonStreaming)
+        .catch((e) => e);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+    });
+  });
+
   it("cuts the text at a stop string", async () => {
     const body = { model: "tiny", messages: user("Hi"), max_tokens: 24, temperature: 0 };
     const full = (await gw.client.chat.completions.create(body)).choices[0]!.message.content!;

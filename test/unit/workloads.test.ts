@@ -108,6 +108,7 @@ describe("desiredObjects", () => {
     ["deepseek-r1", "", "deepseek-r1"],
     ["deepseek-r1", "\n  gateway: { reasoningParser: none }", "none"],
     ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-r1 }", "deepseek-r1"],
+    ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-v3 }", "deepseek-v3"],
   ])("passes --reasoning-parser to the gateway: preset %s%s -> %s", (preset, extra, want) => {
     const m = parseManifest(`
 apiVersion: expertmesh.io/v1alpha1

@@ -7,6 +7,7 @@ import { loadWeights } from "../../engine/loader.ts";
 import { checkNgramConfig } from "../../engine/speculative.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
+import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
@@ -55,7 +56,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             prompt prefixes seen before are reused: a shared system prompt is
                             computed once)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
-                            reasoning_content, apart from content; none (default): as text
+                            reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
+                            thinking): only answers whose request sets chat_template_kwargs
+                            {"thinking": true} do; none (default): as text
   --speculative-tokens K    speculative decoding by prompt lookup: each decoding sequence runs up to
                             K guessed tokens (what followed its last tokens earlier in its prompt
                             or output) with its own in one step; outputs are unchanged
@@ -216,8 +219,8 @@ export const gatewayCommand: Command = {
       usage(`--tokenizer-workers must be at most 64, got ${tokenizerWorkers}`);
     const maxModelLen = values["max-model-len"];
     const reasoningParser = values["reasoning-parser"] ?? "none";
-    if (reasoningParser !== "none" && reasoningParser !== "deepseek-r1")
-      usage(`--reasoning-parser must be deepseek-r1 or none, got ${reasoningParser}`);
+    if (!(REASONING_PARSERS as readonly string[]).includes(reasoningParser))
+      usage(`--reasoning-parser must be ${REASONING_PARSERS.join(", ")}, got ${reasoningParser}`);
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
@@ -229,7 +232,7 @@ export const gatewayCommand: Command = {
       microBatches,
       prefixCaching: values["prefix-caching"] !== false,
       tokenizerWorkers,
-      reasoningParser: reasoningParser as "none" | "deepseek-r1",
+      reasoningParser: reasoningParser as ReasoningParserName,
       ...(speculative ? { speculative } : {}),
       log,
     });
