@@ -333,6 +333,11 @@ export const GatewaySchema = withRules(
           ),
         ),
       ),
+      toolCallParser: StringEnum(["deepseek-v3", "deepseek-v3.1"], {
+        description:
+          "The model's tool-call format: deepseek-v3 (V3 and R1: the call's type, then the name and the arguments in a json block) or deepseek-v3.1 (V3.1: the name, then the raw JSON arguments).",
+        default: "deepseek-v3",
+      }),
       reasoningParser: Type.Optional(
         StringEnum(["deepseek-r1", "deepseek-v3", "none"], {
           description:

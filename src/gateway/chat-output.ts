@@ -5,7 +5,7 @@
 // once through the same reader, so both say the same.
 import { randomBytes } from "node:crypto";
 import { ReasoningParser } from "./reasoning.ts";
-import { ToolCallParser } from "./tool-calls.ts";
+import { type ToolCallFormat, ToolCallParser } from "./tool-calls.ts";
 
 export interface ToolCallDelta {
   readonly index: number;
@@ -26,6 +26,8 @@ export interface ChatOutputOptions {
    */
   readonly tools: "text" | "calls" | "arguments";
   readonly forced?: string;
+  /** The calls' format ("calls"; default deepseek-v3). */
+  readonly format?: ToolCallFormat;
   /** The text starts with the model's thinking (reasoning.ts). */
   readonly reasoning: boolean;
 }
@@ -43,7 +45,7 @@ export class ChatOutput {
   constructor(o: ChatOutputOptions) {
     this.#o = o;
     this.#reasoning = o.reasoning ? new ReasoningParser() : null;
-    this.#calls = o.tools === "calls" ? new ToolCallParser() : null;
+    this.#calls = o.tools === "calls" ? new ToolCallParser(o.format) : null;
   }
 
   /** The stream's first delta: the role, and a forced call's head. */

@@ -9,6 +9,7 @@ import type { GatewayMetrics } from "./metrics.ts";
 import type { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
 import { OutputText } from "./text.ts";
+import type { ToolCallFormat } from "./tool-calls.ts";
 
 /** What the routes share: the engine and the model's facts. */
 export interface ServeContext {
@@ -22,6 +23,8 @@ export interface ServeContext {
   readonly vocabSize: number;
   /** Chat answers' thinking apart from their content (reasoning.ts). */
   readonly reasoningParser: ReasoningParserName;
+  /** The model's tool-call format (tool-calls.ts). */
+  readonly toolCallFormat: ToolCallFormat;
   readonly metrics: GatewayMetrics;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;

@@ -310,7 +310,7 @@ function chatMessages(
     if (content === null) refuse(i, "content is required (but for an assistant's tool_calls)");
     return { role: m.role === "developer" ? "system" : m.role, content };
   });
-  return withTools(messages, tools, ctx.tokenizer.templatePresentsTools);
+  return withTools(messages, tools, ctx.tokenizer.templatePresentsTools, ctx.toolCallFormat);
 }
 
 /**
@@ -404,6 +404,7 @@ async function chat(
   const outputOptions: ChatOutputOptions = {
     tools: plan.kind === "native" ? "calls" : plan.kind === "arguments" ? "arguments" : "text",
     ...(plan.kind === "arguments" ? { forced: plan.tool.name } : {}),
+    format: ctx.toolCallFormat,
     reasoning: thinks,
   };
   /** "tool_calls" when the calls ended, but for a named tool_choice (OpenAI's "stop"). */

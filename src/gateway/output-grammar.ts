@@ -121,7 +121,9 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
   }
   const parallel = typeof named === "string" ? false : (b.parallel_tool_calls ?? true);
   const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
-  const grammar = vocabulary && toolCallGrammar(vocabulary, chosen, { mode, parallel });
+  const grammar =
+    vocabulary &&
+    toolCallGrammar(vocabulary, chosen, { mode, parallel, format: ctx.toolCallFormat });
   if (grammar)
     return {
       kind: "native",

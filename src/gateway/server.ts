@@ -18,6 +18,7 @@ import { GatewayMetrics } from "./metrics.ts";
 import { prepareVocabulary } from "./output-grammar.ts";
 import { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
+import type { ToolCallFormat } from "./tool-calls.ts";
 
 export interface GatewayConfig {
   readonly servedModelName: string;
@@ -49,6 +50,8 @@ export interface GatewayConfig {
   readonly tokenizerInlineBytes?: number;
   /** How chat answers' thinking is told from their content (reasoning.ts; default none). */
   readonly reasoningParser?: ReasoningParserName;
+  /** The model's tool-call format (default deepseek-v3; tool-calls.ts). */
+  readonly toolCallParser?: ToolCallFormat;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
@@ -114,6 +117,7 @@ export function createServeContext(
     maxModelLen,
     vocabSize: c.vocabSize,
     reasoningParser: cfg.reasoningParser ?? "none",
+    toolCallFormat: cfg.toolCallParser ?? "deepseek-v3",
     metrics: new GatewayMetrics(
       () => engine.stats,
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),

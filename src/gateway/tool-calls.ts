@@ -27,6 +27,27 @@ export interface ToolCallOptions {
   readonly mode: ToolMode;
   /** More than one call in a turn (OpenAI's parallel_tool_calls). */
   readonly parallel: boolean;
+  /** The model's call format (default deepseek-v3). */
+  readonly format?: ToolCallFormat;
+}
+
+/**
+ * DeepSeek's call formats, inside `<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`:
+ * - deepseek-v3 (V3, R1): `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>`,
+ *   calls after the first on a new line;
+ * - deepseek-v3.1 (V3.1): `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`, calls
+ *   one after the other.
+ */
+export type ToolCallFormat = "deepseek-v3" | "deepseek-v3.1";
+
+export const TOOL_CALL_FORMATS: readonly ToolCallFormat[] = ["deepseek-v3", "deepseek-v3.1"];
+
+/** A call in `format`, as the model writes it (and as a template renders it). */
+export function formatCall(format: ToolCallFormat, name: string, args: string): string {
+  const t = TOOL_TOKENS;
+  return format === "deepseek-v3.1"
+    ? `${t.callBegin}${name}${t.sep}${args}${t.callEnd}`
+    : `${t.callBegin}function${t.sep}${name}${ARGS_OPEN}${args}${ARGS_CLOSE}${t.callEnd}`;
 }
 
 const utf8 = (s: string) => [...Buffer.from(s, "utf8")];
@@ -52,6 +73,7 @@ export interface ToolState {
 const TEXT: ToolState = { p: P.Text, i: 0, t: 0 };
 const NEXT: ToolState = { p: P.Next, i: 0, t: 0 };
 const DONE: ToolState = { p: P.Done, i: 0, t: 0 };
+const NAME: ToolState = { p: P.Name, i: 0, t: 0 };
 /** The literals: the calls' opening, a call's head, a call's close. */
 const OPEN = 0;
 const HEAD = 1;
@@ -63,6 +85,7 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
   readonly start: ToolState;
   readonly #parallel: boolean;
   readonly #mode: ToolMode;
+  readonly #format: ToolCallFormat;
   readonly #args: ByteAutomaton<unknown>[];
   readonly #literals: number[][];
   readonly #callsBegin: number;
@@ -84,12 +107,17 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
   ) {
     this.#mode = o.mode;
     this.#parallel = o.parallel;
+    this.#format = o.format ?? "deepseek-v3";
+    const v31 = this.#format === "deepseek-v3.1";
     this.#callsBegin = symbols.callsBegin;
     this.#callBegin = symbols.callBegin;
     this.#callsEnd = symbols.callsEnd;
     this.#toolSymbols = new Set(Object.values(symbols).filter((s) => s !== symbols.callsBegin));
-    const head = [symbols.callBegin, ...utf8("function"), symbols.sep];
-    this.#literals = [[symbols.callsBegin, ...head], head, [...utf8(ARGS_CLOSE), symbols.callEnd]];
+    // V3: the call's type before the name, the arguments in a json block; V3.1: the name
+    // at once, the raw arguments right after the separator.
+    const head = v31 ? [symbols.callBegin] : [symbols.callBegin, ...utf8("function"), symbols.sep];
+    const close = v31 ? [symbols.callEnd] : [...utf8(ARGS_CLOSE), symbols.callEnd];
+    this.#literals = [[symbols.callsBegin, ...head], head, close];
     // Lenient: real tools' parameters carry `minimum`, `format`, ... which a call need not
     // be refused for (they are not enforced; the structure is).
     this.#args = tools.map(
@@ -102,7 +130,8 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
     );
     tools.forEach((f, t) => {
       let node = 0;
-      for (const b of utf8(f.name + ARGS_OPEN)) {
+      const entry = v31 ? [...utf8(f.name), symbols.sep] : utf8(f.name + ARGS_OPEN);
+      for (const b of entry) {
         let child = this.#trie[node]!.get(b);
         if (child === undefined) {
           child = this.#trie.length;
@@ -111,7 +140,7 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
         }
         node = child;
       }
-      // Names have no newline, so no name's entry is a prefix of another's.
+      // Names have no newline (nor a symbol), so no name's entry is a prefix of another's.
       this.#leaf.set(node, t);
     });
     this.#marker = utf8(TOOL_TOKENS.callsBegin);
@@ -137,7 +166,7 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
         const lit = this.#literals[s.t]!;
         if (lit[s.i] !== b) return null;
         if (s.i + 1 < lit.length) return { p: P.Literal, t: s.t, i: s.i + 1 };
-        return s.t === CLOSE ? NEXT : { p: P.Name, i: 0, t: 0 };
+        return s.t === CLOSE ? NEXT : NAME;
       }
       case P.Name: {
         const child = this.#trie[s.i]!.get(b);
@@ -158,7 +187,9 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
         if (b === this.#callsEnd) return DONE;
         if (!this.#parallel) return null;
         if (b === 0x0a) return { p: P.Literal, t: HEAD, i: 0 };
-        return b === this.#callBegin ? { p: P.Literal, t: HEAD, i: 1 } : null;
+        if (b !== this.#callBegin) return null;
+        // V3.1's head is the call-begin token alone: the name follows.
+        return this.#literals[HEAD]!.length > 1 ? { p: P.Literal, t: HEAD, i: 1 } : NAME;
       default:
         return null;
     }
@@ -194,7 +225,7 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
       case P.Text:
         return `tools ${this.#mode} text ${s.i}`;
       case P.Literal:
-        return `tools literal ${s.t},${s.i}`;
+        return `tools ${this.#format} literal ${s.t},${s.i}`;
       case P.Next:
         return `tools next ${this.#parallel}`;
       default:
@@ -248,7 +279,12 @@ export function toolCallGrammar(
     byText = new Map();
     grammars.set(vocabulary, byText);
   }
-  const text = JSON.stringify([o.mode, o.parallel, tools.map((f) => [f.name, f.parameters])]);
+  const text = JSON.stringify([
+    o.format ?? "deepseek-v3",
+    o.mode,
+    o.parallel,
+    tools.map((f) => [f.name, f.parameters]),
+  ]);
   let g = byText.get(text);
   if (g) {
     byText.delete(text);
@@ -273,9 +309,14 @@ export type ToolEvent =
  * that may be the start of a marker is held until the next push (or end()).
  */
 export class ToolCallParser {
+  readonly #format: ToolCallFormat;
   #buf = "";
   #mode: "content" | "head" | "args" | "close" | "next" | "done" = "content";
   #calls = 0;
+
+  constructor(format: ToolCallFormat = "deepseek-v3") {
+    this.#format = format;
+  }
 
   /** Calls begun so far. */
   get calls(): number {
@@ -320,6 +361,16 @@ export class ToolCallParser {
         return;
       }
       case "head": {
+        if (this.#format === "deepseek-v3.1") {
+          // <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>
+          const sep = buf.indexOf(TOOL_TOKENS.sep);
+          if (sep < 0) return;
+          const name = buf.slice(TOOL_TOKENS.callBegin.length, sep);
+          out.push({ type: "call", index: this.#calls++, name });
+          this.#buf = buf.slice(sep + TOOL_TOKENS.sep.length);
+          this.#mode = "args";
+          return;
+        }
         // <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n
         const end = buf.indexOf(ARGS_OPEN);
         if (end < 0) return;
@@ -331,13 +382,17 @@ export class ToolCallParser {
         return;
       }
       case "args": {
-        // JSON text cannot hold a newline followed by ``` (strings escape newlines).
-        const at = buf.indexOf(ARGS_CLOSE);
-        const upTo = at >= 0 ? at : buf.length - heldBack(buf, ARGS_CLOSE);
+        // V3: JSON text cannot hold a newline followed by ``` (strings escape newlines).
+        // V3.1: the arguments end at the call-end token (the grammar writes it as the token
+        // after a complete value; a string spelling it in plain characters would end them
+        // here too).
+        const end = this.#format === "deepseek-v3.1" ? TOOL_TOKENS.callEnd : ARGS_CLOSE;
+        const at = buf.indexOf(end);
+        const upTo = at >= 0 ? at : buf.length - heldBack(buf, end);
         if (upTo > 0)
           out.push({ type: "arguments", index: this.#calls - 1, text: buf.slice(0, upTo) });
-        this.#buf = buf.slice(at >= 0 ? at + ARGS_CLOSE.length : upTo);
-        if (at >= 0) this.#mode = "close";
+        this.#buf = buf.slice(at >= 0 ? at + end.length : upTo);
+        if (at >= 0) this.#mode = this.#format === "deepseek-v3.1" ? "next" : "close";
         return;
       }
       case "close":
@@ -369,12 +424,15 @@ export function heldBack(text: string, marker: string): number {
 }
 
 /** A whole text's content and calls, and whether the calls ended (ToolCallParser.complete). */
-export function parseToolCalls(text: string): {
+export function parseToolCalls(
+  text: string,
+  format: ToolCallFormat = "deepseek-v3",
+): {
   content: string;
   calls: { name: string; arguments: string }[];
   complete: boolean;
 } {
-  const p = new ToolCallParser();
+  const p = new ToolCallParser(format);
   let content = "";
   const calls: { name: string; arguments: string }[] = [];
   for (const e of [...p.push(text), ...p.end()]) {
@@ -390,7 +448,10 @@ export function parseToolCalls(text: string): {
  * `tools` themselves (DeepSeek-V3's does not): each function's name, description and
  * parameters, and the format of a call.
  */
-export function toolsPrompt(tools: readonly ToolFunction[]): string {
+export function toolsPrompt(
+  tools: readonly ToolFunction[],
+  format: ToolCallFormat = "deepseek-v3",
+): string {
   const t = TOOL_TOKENS;
   const parts = tools.map(
     (f) =>
@@ -401,8 +462,9 @@ export function toolsPrompt(tools: readonly ToolFunction[]): string {
   return (
     `## Tools\n\nYou can call these functions:\n\n${parts.join("\n\n")}\n\n` +
     `To call functions, answer with ${t.callsBegin}, then for each call ` +
-    `${t.callBegin}function${t.sep}FUNCTION_NAME${ARGS_OPEN}ARGUMENTS_AS_JSON${ARGS_CLOSE}${t.callEnd} ` +
-    `(calls after the first on a new line), then ${t.callsEnd}.`
+    `${formatCall(format, "FUNCTION_NAME", "ARGUMENTS_AS_JSON")} ` +
+    (format === "deepseek-v3" ? "(calls after the first on a new line), " : "") +
+    `then ${t.callsEnd}.`
   );
 }
 
@@ -415,13 +477,14 @@ export function withTools(
   messages: readonly ChatMessage[],
   tools: readonly ToolFunction[],
   templatePresentsTools: boolean,
+  format: ToolCallFormat = "deepseek-v3",
 ): ChatMessage[] {
   if (tools.length === 0 || templatePresentsTools) return [...messages];
   let at = 0;
   while (messages[at]?.role === "system") at++;
   return [
     ...messages.slice(0, at),
-    { role: "system", content: toolsPrompt(tools) },
+    { role: "system", content: toolsPrompt(tools, format) },
     ...messages.slice(at),
   ];
 }

@@ -329,6 +329,7 @@ export function desiredObjects(
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
       ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
       `--reasoning-parser=${reasoningParserOf(model)}`,
+      `--tool-call-parser=${gateway.toolCallParser}`,
       ...speculativeArgs(model),
     ],
     gateway.gpus,

@@ -80,6 +80,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),
     ...(o.prefixCaching !== undefined ? { prefixCaching: o.prefixCaching } : {}),
     ...(o.reasoningParser !== undefined ? { reasoningParser: o.reasoningParser } : {}),
+    ...(o.toolCallParser !== undefined ? { toolCallParser: o.toolCallParser } : {}),
     ...(o.tokenizerInlineBytes !== undefined
       ? { tokenizerInlineBytes: o.tokenizerInlineBytes }
       : {}),

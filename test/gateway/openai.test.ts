@@ -12,6 +12,7 @@ import OpenAI, { type APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { isDone, run, START } from "../../src/gateway/json-mode.ts";
+import { formatCall } from "../../src/gateway/tool-calls.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -389,11 +390,11 @@ describe("chat completions", () => {
     const CALL_BEGIN = "<｜tool▁call▁begin｜>";
     const CALLS_END = "<｜tool▁calls▁end｜>";
     /** Streamed calls and content of each choice. */
-    const streamed = async (body: object) => {
+    const streamed = async (body: object, g: TestGateway = gw) => {
       const calls = new Map<number, { id?: string; name?: string; arguments: string }[]>();
       const content = new Map<number, string>();
       const finish = new Map<number, string | null>();
-      for await (const chunk of await gw.client.chat.completions.create({
+      for await (const chunk of await g.client.chat.completions.create({
         ...(body as OpenAI.ChatCompletionCreateParamsNonStreaming),
         stream: true,
       }))
@@ -502,6 +503,53 @@ describe("chat completions", () => {
         expect(c.message.tool_calls ?? []).toEqual([]);
         expect(["stop", "length"]).toContain(c.finish_reason);
         expect(c.message.content).not.toContain(CALLS_BEGIN);
+      }
+    });
+
+    it("--tool-call-parser deepseek-v3.1: calls in V3.1's format (name, then raw JSON)", async () => {
+      const v31 = await startGateway(dir, { toolCallParser: "deepseek-v3.1" });
+      try {
+        const body = {
+          model: "tiny",
+          messages: user("Weather in Paris?"),
+          max_tokens: 120,
+          temperature: 1,
+          seed: 11,
+          n: 3,
+          logprobs: true,
+          tools: [fn("noop"), weather],
+          logit_bias: {
+            [id(CALLS_BEGIN)]: 100,
+            [id(CALLS_END)]: 100,
+            [id('"')]: 4,
+            [id("}")]: 4,
+            ...ws(),
+          },
+        };
+        const r = await v31.client.chat.completions.create(body);
+        for (const c of r.choices) {
+          expect(c.finish_reason, JSON.stringify(c.message)).toBe("tool_calls");
+          expect(c.message.tool_calls).toHaveLength(1);
+          const call = c.message.tool_calls![0]!;
+          if (call.type !== "function") throw new Error("not a function call");
+          JSON.parse(call.function.arguments);
+          // The text the model wrote, token by token: V3.1's format, no "function" type and
+          // no json block.
+          const raw = c.logprobs!.content!.map((t) => t.token).join("");
+          expect(raw).toBe(
+            `${CALLS_BEGIN}${formatCall("deepseek-v3.1", call.function.name, call.function.arguments)}${CALLS_END}`,
+          );
+        }
+        // Streamed: the same calls.
+        const s = await streamed({ ...body, logprobs: false }, v31);
+        for (const c of r.choices)
+          expect(s.calls.get(c.index)!.map((x) => [x.name, x.arguments])).toEqual(
+            c.message.tool_calls!.map((x) =>
+              x.type === "function" ? [x.function.name, x.function.arguments] : [],
+            ),
+          );
+      } finally {
+        await v31.close();
       }
     });
 

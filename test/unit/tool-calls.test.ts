@@ -17,6 +17,7 @@ import { schemaGrammar } from "../../src/gateway/json-schema.ts";
 import { prepareVocabulary } from "../../src/gateway/output-grammar.ts";
 import { thinkingFirst } from "../../src/gateway/reasoning.ts";
 import {
+  formatCall,
   parseToolCalls,
   type ToolCallOptions,
   ToolCallParser,
@@ -385,5 +386,137 @@ describe("presenting the functions", () => {
     const rendered = v3.applyChatTemplate(withTools(messages, TOOLS, false), true);
     expect(rendered).toContain(`Be brief.\n\n## Tools`);
     expect(rendered.endsWith("<｜User｜>Weather?<｜Assistant｜>")).toBe(true);
+  });
+});
+
+describe("DeepSeek-V3.1's call format", () => {
+  const V31 = (o: ToolCallOptions): ToolCallOptions => ({ ...o, format: "deepseek-v3.1" });
+  const call31 = (name: string, args: string) => formatCall("deepseek-v3.1", name, args);
+  const calls31 = (...c: string[]) => `${T.callsBegin}${c.join("")}${T.callsEnd}`;
+  const weather = call31("get_weather", '{"city": "Paris", "days": 2}');
+
+  it("writes a call as the name, the separator, the raw arguments", () => {
+    expect(weather).toBe(
+      `${T.callBegin}get_weather${T.sep}{"city": "Paris", "days": 2}${T.callEnd}`,
+    );
+  });
+
+  it.each([
+    ["text, then a call", `Checking.${calls31(weather)}`, V31(AUTO), true],
+    ["two calls, one after the other", calls31(weather, call31("get", "{}")), V31(AUTO), true],
+    [
+      "two calls, a newline between",
+      calls31(weather, `\n${call31("get", "{ }")}`),
+      V31(AUTO),
+      true,
+    ],
+    ["required: a call", calls31(call31("get", "{}")), V31(REQUIRED), true],
+  ])("accepts %s", (_what, text, o, done) => {
+    const a = toolCallGrammar(vocab, TOOLS, o)!.automaton;
+    let s: ToolState | null = a.start;
+    for (const u of units(text)) s = s && a.step(s, u);
+    expect(s).not.toBeNull();
+    expect(a.isDone(s!)).toBe(done);
+  });
+
+  it.each([
+    ["V3's call type", `${T.callsBegin}${T.callBegin}`, "function", V31(AUTO)],
+    ["a name prefix without the separator", `${T.callsBegin}${T.callBegin}get`, "\n", V31(AUTO)],
+    ["V3's json block", `${T.callsBegin}${T.callBegin}get${T.sep}`, "```json", V31(AUTO)],
+    ["a second call when not parallel", T.callsBegin + weather, call31("get", "{}"), V31(SINGLE)],
+  ])("refuses %s", (_what, prefix, rest, o) => {
+    const a = toolCallGrammar(vocab, TOOLS, o)!.automaton;
+    const run = (text: string) => {
+      let s: ToolState | null = a.start;
+      const u = units(text);
+      for (let i = 0; i < u.length; i++) {
+        s = a.step(s, u[i]!);
+        if (!s) return i;
+      }
+      return -1;
+    };
+    expect(run(prefix)).toBe(-1);
+    expect(run(prefix + rest)).toBe(units(prefix).length);
+  });
+
+  it("masks allow exactly the tokens the automaton takes", () => {
+    for (const o of [V31(AUTO), V31(REQUIRED), V31(SINGLE)]) {
+      const g = toolCallGrammar(vocab, TOOLS, o)!;
+      const a = g.automaton;
+      const states: ToolState[] = [a.start];
+      let s: ToolState | null = a.start;
+      for (const u of units(calls31(weather, call31("get", '{"x": [1]}')))) {
+        s = s && a.step(s, u);
+        if (s) states.push(s);
+      }
+      expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], V);
+    }
+  });
+
+  it("reads random outputs as a regular expression does (vLLM's V3.1 parser), whole or in pieces", () => {
+    const rng = new Prng(7, "tool-calls-v31");
+    const specials = new Set(Object.values(T).map((t) => vocab.symbol(t)!));
+    const closing = new Set(['"', "}"].map((c) => tok.encode(c, false)[0]!));
+    const bias = (id: number) => {
+      const bytes = vocab.bytes[id]!;
+      if (bytes[0]! >= SYMBOL_BASE && specials.has(bytes[0]!)) return 400;
+      return closing.has(id) ? 60 : 1;
+    };
+    const re = new RegExp(`${T.callBegin}([^${T.sep[0]}]*?)${T.sep}([\\s\\S]*?)${T.callEnd}`, "g");
+    let complete = 0;
+    for (let i = 0; i < 40; i++) {
+      const o = V31([AUTO, REQUIRED, SINGLE][i % 3]!);
+      const g = toolCallGrammar(vocab, TOOLS, o)!;
+      const c = new GrammarConstraint(g);
+      const ids: number[] = [];
+      for (let n = 0; n < 200; n++) {
+        const mask = c.allowed();
+        const allowed: number[] = [];
+        for (let id = 0; id < V; id++) if ((mask[id >>> 5]! >>> (id & 31)) & 1) allowed.push(id);
+        const w = allowed.map(bias);
+        let u = rng.uniform() * w.reduce((x, y) => x + y, 0);
+        let k = 0;
+        while (k < allowed.length - 1 && u >= w[k]!) u -= w[k++]!;
+        if (allowed[k] === tok.eosTokenId) break;
+        ids.push(allowed[k]!);
+        if (c.accept(allowed[k]!)) break;
+      }
+      const text = tok.decode(ids, true);
+      const whole = parseToolCalls(text, "deepseek-v3.1");
+      expect(whole.complete).toBe(text.endsWith(T.callsEnd));
+      if (whole.complete) {
+        complete++;
+        const at = text.indexOf(T.callsBegin);
+        expect(whole.content).toBe(text.slice(0, at));
+        expect(whole.calls).toEqual(
+          [...text.slice(at).matchAll(re)].map((m) => ({ name: m[1]!, arguments: m[2]! })),
+        );
+        for (const call of whole.calls) JSON.parse(call.arguments);
+      }
+      // In random pieces: the same events.
+      const p = new ToolCallParser("deepseek-v3.1");
+      const pieces = { content: "", calls: [] as { name: string; arguments: string }[] };
+      for (const e of [...randomPieces(text, rng, 12).flatMap((x) => p.push(x)), ...p.end()]) {
+        if (e.type === "content") pieces.content += e.text;
+        else if (e.type === "call") pieces.calls.push({ name: e.name, arguments: "" });
+        else pieces.calls[e.index]!.arguments += e.text;
+      }
+      expect({ ...pieces, complete: p.complete }).toEqual(whole);
+    }
+    expect(complete).toBeGreaterThan(8);
+  });
+
+  it("a V3 grammar and a V3.1 grammar of the same tools are different grammars", () => {
+    const v3 = toolCallGrammar(vocab, TOOLS, AUTO)!;
+    const v31 = toolCallGrammar(vocab, TOOLS, V31(AUTO))!;
+    expect(v31).not.toBe(v3);
+    // Their text masks are the same (shared per vocabulary); the call heads differ.
+    expect(v31.mask(v31.automaton.start)).toBe(v3.mask(v3.automaton.start));
+  });
+
+  it("presents the V3.1 format to templates that do not present tools", () => {
+    const prompt = toolsPrompt(TOOLS, "deepseek-v3.1");
+    expect(prompt).toContain(`${T.callBegin}FUNCTION_NAME${T.sep}ARGUMENTS_AS_JSON${T.callEnd}`);
+    expect(prompt).not.toContain("```json");
   });
 });

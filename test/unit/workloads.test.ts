@@ -148,6 +148,17 @@ spec:
     ).toEqual(["--speculative-tokens=3", "--prompt-lookup-max=8", "--prompt-lookup-min=1"]);
   });
 
+  it("passes --tool-call-parser to the gateway (deepseek-v3 unless the manifest says)", () => {
+    const args = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0].args as string[];
+    const of = (a: string[]) => a.filter((x) => x.startsWith("--tool-call-parser"));
+    expect(of(args(""))).toEqual(["--tool-call-parser=deepseek-v3"]);
+    expect(of(args("  gateway: { toolCallParser: deepseek-v3.1 }"))).toEqual([
+      "--tool-call-parser=deepseek-v3.1",
+    ]);
+  });
+
   it("leaves replicas to an HPA or KEDA in external autoscaling mode", () => {
     const objs = objects("  autoscaling: { enabled: true, mode: external }");
     for (const d of objs.filter((o) => o.kind === "Deployment") as any[])

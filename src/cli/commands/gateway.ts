@@ -9,6 +9,7 @@ import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
+import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
@@ -65,6 +66,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             (default 0: off; at most 15)
   --prompt-lookup-max N     longest run of last tokens looked up (default 4)
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
+  --tool-call-parser NAME   the model's tool-call format: deepseek-v3 (V3, R1; default) or
+                            deepseek-v3.1 (V3.1: the name, then raw JSON arguments)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -108,6 +111,7 @@ export const gatewayCommand: Command = {
         "prefix-caching": { type: "boolean" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
+        "tool-call-parser": { type: "string" },
         "speculative-tokens": { type: "string" },
         "prompt-lookup-max": { type: "string" },
         "prompt-lookup-min": { type: "string" },
@@ -221,6 +225,9 @@ export const gatewayCommand: Command = {
     const reasoningParser = values["reasoning-parser"] ?? "none";
     if (!(REASONING_PARSERS as readonly string[]).includes(reasoningParser))
       usage(`--reasoning-parser must be ${REASONING_PARSERS.join(", ")}, got ${reasoningParser}`);
+    const toolCallParser = values["tool-call-parser"] ?? "deepseek-v3";
+    if (!(TOOL_CALL_FORMATS as readonly string[]).includes(toolCallParser))
+      usage(`--tool-call-parser must be ${TOOL_CALL_FORMATS.join(", ")}, got ${toolCallParser}`);
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
@@ -233,6 +240,7 @@ export const gatewayCommand: Command = {
       prefixCaching: values["prefix-caching"] !== false,
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
+      toolCallParser: toolCallParser as ToolCallFormat,
       ...(speculative ? { speculative } : {}),
       log,
     });

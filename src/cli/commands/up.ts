@@ -320,6 +320,7 @@ export const upCommand: Command = {
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
           ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
           `--reasoning-parser=${reasoningParserOf(m)}`,
+          `--tool-call-parser=${m.spec.gateway.toolCallParser}`,
           ...speculativeArgs(m),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
