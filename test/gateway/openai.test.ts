@@ -414,26 +414,30 @@ describe("chat completions", () => {
       return { calls, content, finish };
     };
 
+    /**
+     * Calls forced by the bias: the calls token first (this random model would not choose
+     * it), one call (the calls-end token as soon as allowed), closing quotes and braces
+     * favoured so that the arguments end.
+     */
+    const oneCall = () => ({
+      model: "tiny",
+      messages: user("Weather in Paris?"),
+      max_tokens: 120,
+      temperature: 1,
+      seed: 11,
+      n: 4,
+      tools: [fn("noop"), weather],
+      logit_bias: {
+        [id(CALLS_BEGIN)]: 100,
+        [id(CALLS_END)]: 100,
+        [id('"')]: 4,
+        [id("}")]: 4,
+        ...ws(),
+      },
+    });
+
     it('"auto": once the model writes the calls token, calls to the tools follow, answered as tool_calls', async () => {
-      const body = {
-        model: "tiny",
-        messages: user("Weather in Paris?"),
-        max_tokens: 120,
-        temperature: 1,
-        seed: 11,
-        n: 4,
-        tools: [fn("noop"), weather],
-        // The calls token first (this random model would not choose it), one call (the
-        // calls-end token as soon as allowed), closing quotes and braces favoured so that
-        // the arguments end.
-        logit_bias: {
-          [id(CALLS_BEGIN)]: 100,
-          [id(CALLS_END)]: 100,
-          [id('"')]: 4,
-          [id("}")]: 4,
-          ...ws(),
-        },
-      };
+      const body = oneCall();
       const r = await gw.client.chat.completions.create(body);
       for (const c of r.choices) {
         expect(c.finish_reason, JSON.stringify(c.message)).toBe("tool_calls");
@@ -509,23 +513,7 @@ describe("chat completions", () => {
     it("--tool-call-parser deepseek-v3.1: calls in V3.1's format (name, then raw JSON)", async () => {
       const v31 = await startGateway(dir, { toolCallParser: "deepseek-v3.1" });
       try {
-        const body = {
-          model: "tiny",
-          messages: user("Weather in Paris?"),
-          max_tokens: 120,
-          temperature: 1,
-          seed: 11,
-          n: 3,
-          logprobs: true,
-          tools: [fn("noop"), weather],
-          logit_bias: {
-            [id(CALLS_BEGIN)]: 100,
-            [id(CALLS_END)]: 100,
-            [id('"')]: 4,
-            [id("}")]: 4,
-            ...ws(),
-          },
-        };
+        const body = { ...oneCall(), n: 3, logprobs: true };
         const r = await v31.client.chat.completions.create(body);
         for (const c of r.choices) {
           expect(c.finish_reason, JSON.stringify(c.message)).toBe("tool_calls");

@@ -466,21 +466,7 @@ describe("DeepSeek-V3.1's call format", () => {
     let complete = 0;
     for (let i = 0; i < 40; i++) {
       const o = V31([AUTO, REQUIRED, SINGLE][i % 3]!);
-      const g = toolCallGrammar(vocab, TOOLS, o)!;
-      const c = new GrammarConstraint(g);
-      const ids: number[] = [];
-      for (let n = 0; n < 200; n++) {
-        const mask = c.allowed();
-        const allowed: number[] = [];
-        for (let id = 0; id < V; id++) if ((mask[id >>> 5]! >>> (id & 31)) & 1) allowed.push(id);
-        const w = allowed.map(bias);
-        let u = rng.uniform() * w.reduce((x, y) => x + y, 0);
-        let k = 0;
-        while (k < allowed.length - 1 && u >= w[k]!) u -= w[k++]!;
-        if (allowed[k] === tok.eosTokenId) break;
-        ids.push(allowed[k]!);
-        if (c.accept(allowed[k]!)) break;
-      }
+      const ids = randomOutput(o, rng, bias);
       const text = tok.decode(ids, true);
       const whole = parseToolCalls(text, "deepseek-v3.1");
       expect(whole.complete).toBe(text.endsWith(T.callsEnd));
