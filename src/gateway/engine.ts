@@ -458,7 +458,10 @@ export class ServingEngine {
             if (i < limit && d !== undefined)
               if (((allowed[d >>> 5]! >>> (d & 31)) & 1) === 0 || grammar.accept(d)) limit = i;
           } catch (err) {
-            failed.set(a, err);
+            // Past the first row only the draft leads there: cut it before (decoding token
+            // by token fails here only if it gets there).
+            if (i === 0) failed.set(a, err);
+            else limit = Math.min(limit, i - 1);
           }
         rows.temperature[r] = s.temperature;
         rows.topK[r] = s.topK;
