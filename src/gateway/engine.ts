@@ -114,6 +114,12 @@ interface Active {
   started: boolean;
   /** Its drafter, with speculative decoding (created at its first draft). */
   drafter: Drafter | null;
+  /**
+   * Draft tokens it asks for next: halved after a draft of which nothing was accepted,
+   * doubled (up to numTokens) after one accepted whole, so text that does not repeat its
+   * context costs few rows.
+   */
+  draftLength: number;
 }
 
 export interface EngineOptions {
@@ -212,6 +218,7 @@ export class ServingEngine {
       cancelled: false,
       started: false,
       drafter: null,
+      draftLength: this.speculative?.numTokens ?? 0,
     };
     this.#active.set(seq.id, a);
     this.#kick();
@@ -367,7 +374,7 @@ export class ServingEngine {
         a.promptLogprobs !== null
       )
         continue;
-      const k = Math.min(cfg.numTokens, a.req.maxTokens - seq.outputTokens.length - 1);
+      const k = Math.min(a.draftLength, a.req.maxTokens - seq.outputTokens.length - 1);
       if (k <= 0) continue;
       a.drafter ??= cfg.drafter(seq.promptTokens);
       seq.draft = a.drafter.propose(seq, k);
@@ -513,9 +520,13 @@ export class ServingEngine {
       }
       if (draft.length > 0) {
         for (let i = 0; i < kept[p]!; i++) a.rng.uniform();
+        const accepted = kept[p]! - 1;
         this.#spec.drafts++;
         this.#spec.draftTokens += draft.length;
-        this.#spec.acceptedTokens += kept[p]! - 1;
+        this.#spec.acceptedTokens += accepted;
+        const max = this.speculative!.numTokens;
+        if (accepted === 0) a.draftLength = Math.max(1, a.draftLength >> 1);
+        else if (accepted === draft.length) a.draftLength = Math.min(max, a.draftLength * 2);
       }
       for (let i = 0; i < kept[p]!; i++) {
         // A callback (of this or an earlier row) may have ended it: a client's cancel.

@@ -5,10 +5,13 @@
 // included), the same under preemption and prefix caching, while drafts are accepted.
 import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { NgramConfig } from "../../src/engine/speculative.ts";
-import { GREEDY, runToEnd } from "../../src/gateway/engine.ts";
+import { BatchForward } from "../../src/engine/batch.ts";
+import { LocalExperts } from "../../src/engine/experts.ts";
+import { BlockKvCache } from "../../src/engine/kv-blocks.ts";
+import type { Drafter, NgramConfig } from "../../src/engine/speculative.ts";
+import { GREEDY, runToEnd, ServingEngine } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type Cluster, startShards, stopAll } from "../support/shards.ts";
+import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
   metric,
   mixedGreedy,
@@ -241,6 +244,59 @@ describe("speculative decoding (ngram)", () => {
       { speculative: SPEC },
       { after: (g) => expect(g.ctx.engine.stats.specDrafts).toBeGreaterThan(0) },
     );
+  });
+});
+
+describe("draft length per sequence", () => {
+  /** An engine over the plain gateway's weights whose drafter is `drafter`. */
+  const engineWith = (drafter: (prompt: readonly number[]) => Drafter) => {
+    const w = plain.weights;
+    const forward = new BatchForward(
+      w,
+      native,
+      new LocalExperts(native, (l) => w.layers[l]!.moe!.experts),
+    );
+    return new ServingEngine(
+      forward,
+      new BlockKvCache(w.config, { memoryBytes: 8 * 2 ** 20 }),
+      { maxBatchTokens: 64, maxRunning: 8, maxQueueDepth: 8 },
+      { speculative: { numTokens: 4, drafter } },
+    );
+  };
+  const run = async (e: ServingEngine, prompt: number[]) =>
+    (
+      await runToEnd(e, {
+        prompt,
+        maxTokens: 40,
+        sampling: GREEDY,
+        stopTokenIds: [],
+        logprobs: null,
+        promptLogprobs: false,
+      })
+    ).ids;
+
+  it("shrinks while drafts are rejected and stays whole while they are accepted", async () => {
+    const prompt = plain.ctx.tokenizer.encode(SEED_PROMPTS[0]!);
+    const want = await generate(plain, prompt, 40);
+    const P = prompt.length;
+    // Always right: the known continuation. Always wrong: a token other than the next.
+    const right = engineWith(() => ({
+      propose: (seq, k) => want.slice(seq.numTokens - P, seq.numTokens - P + k),
+    }));
+    const wrong = engineWith(() => ({
+      propose: (seq, k) =>
+        Array.from({ length: k }, (_, j) => ((want[seq.numTokens - P + j] ?? 0) + 1) % 320),
+    }));
+    expect(await run(right, prompt)).toEqual(want);
+    expect(await run(wrong, prompt)).toEqual(want);
+    const r = right.stats;
+    const w = wrong.stats;
+    // Right: every draft whole (4, the last ones cut by max_tokens), all accepted.
+    expect(r.specAcceptedTokens).toBe(r.specDraftTokens);
+    expect(r.specDraftTokens).toBeGreaterThanOrEqual(4 * (r.specDrafts - 3));
+    // Wrong: 4, 2, then 1 token per draft, none accepted.
+    expect(w.specAcceptedTokens).toBe(0);
+    expect(w.specDraftTokens).toBe(4 + 2 + (w.specDrafts - 2));
   });
 });
 
