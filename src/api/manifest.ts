@@ -189,9 +189,18 @@ export function servedModelName(model: DeepSeekModel): string {
 
 /** How gateways read thinking out of chat answers: as given, else by the preset (R1 thinks). */
 export function reasoningParserOf(model: DeepSeekModel): "deepseek-r1" | "deepseek-v3" | "none" {
+  const preset = model.spec.model.preset;
   return (
     model.spec.gateway.reasoningParser ??
-    (model.spec.model.preset === "deepseek-r1" ? "deepseek-r1" : "none")
+    (preset === "deepseek-r1" ? "deepseek-r1" : preset === "deepseek-v3.1" ? "deepseek-v3" : "none")
+  );
+}
+
+/** The model's tool-call format: as given, else by the preset (V3.1 has its own). */
+export function toolCallParserOf(model: DeepSeekModel): "deepseek-v3" | "deepseek-v3.1" {
+  return (
+    model.spec.gateway.toolCallParser ??
+    (model.spec.model.preset === "deepseek-v3.1" ? "deepseek-v3.1" : "deepseek-v3")
   );
 }
 

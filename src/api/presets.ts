@@ -57,6 +57,8 @@ const PRESETS: Readonly<Record<string, ModelArchitecture>> = {
   },
   "deepseek-v3": V3,
   "deepseek-r1": V3,
+  // V3.1: V3's architecture; its own tool-call format and hybrid thinking (manifest.ts).
+  "deepseek-v3.1": V3,
   "tiny-v2": {
     numLayers: 3,
     firstDenseLayers: 1,

@@ -333,15 +333,16 @@ export const GatewaySchema = withRules(
           ),
         ),
       ),
-      toolCallParser: StringEnum(["deepseek-v3", "deepseek-v3.1"], {
-        description:
-          "The model's tool-call format: deepseek-v3 (V3 and R1: the call's type, then the name and the arguments in a json block) or deepseek-v3.1 (V3.1: the name, then the raw JSON arguments).",
-        default: "deepseek-v3",
-      }),
+      toolCallParser: Type.Optional(
+        StringEnum(["deepseek-v3", "deepseek-v3.1"], {
+          description:
+            "The model's tool-call format: deepseek-v3 (V3 and R1: the call's type, then the name and the arguments in a json block) or deepseek-v3.1 (V3.1: the name, then the raw JSON arguments). Default: deepseek-v3.1 for the deepseek-v3.1 preset, else deepseek-v3.",
+        }),
+      ),
       reasoningParser: Type.Optional(
         StringEnum(["deepseek-r1", "deepseek-v3", "none"], {
           description:
-            "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; deepseek-v3 (DeepSeek-V3.1's hybrid thinking): only answers whose request sets chat_template_kwargs {thinking: true} do; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, else none.",
+            "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; deepseek-v3 (DeepSeek-V3.1's hybrid thinking): only answers whose request sets chat_template_kwargs {thinking: true} do; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, deepseek-v3 for the deepseek-v3.1 preset, else none.",
         }),
       ),
     },

@@ -13,6 +13,7 @@ import {
   reasoningParserOf,
   servedModelName,
   speculativeArgs,
+  toolCallParserOf,
 } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
@@ -329,7 +330,7 @@ export function desiredObjects(
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
       ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
       `--reasoning-parser=${reasoningParserOf(model)}`,
-      `--tool-call-parser=${gateway.toolCallParser}`,
+      `--tool-call-parser=${toolCallParserOf(model)}`,
       ...speculativeArgs(model),
     ],
     gateway.gpus,

@@ -36,7 +36,7 @@ describe("presets", () => {
   );
 
   it("lists presets and rejects unknown names", () => {
-    expect(presetNames()).toHaveLength(6);
+    expect(presetNames()).toHaveLength(7);
     expect(codeOf(() => resolveArchitecture("deepseek-v4"))).toBe("EM_ARCH_UNKNOWN_PRESET");
     expect(codeOf(() => resolveArchitecture("toString"))).toBe("EM_ARCH_UNKNOWN_PRESET");
   });

@@ -109,8 +109,11 @@ describe("desiredObjects", () => {
     ["deepseek-r1", "\n  gateway: { reasoningParser: none }", "none"],
     ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-r1 }", "deepseek-r1"],
     ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-v3 }", "deepseek-v3"],
-  ])("passes --reasoning-parser to the gateway: preset %s%s -> %s", (preset, extra, want) => {
-    const m = parseManifest(`
+    ["deepseek-v3.1", "", "deepseek-v3"],
+  ])(
+    "passes --reasoning-parser (and --tool-call-parser) to the gateway: preset %s%s -> %s",
+    (preset, extra, want) => {
+      const m = parseManifest(`
 apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
 metadata: { name: r, namespace: ns }
@@ -118,15 +121,20 @@ spec:
   model: { preset: ${preset}, source: { pvc: { claimName: weights, path: w } } }
   experts: { shards: 4 }${extra}
 `);
-    const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
-    const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
-      (o) => o.metadata?.name === "r-gateway",
-    ) as any;
-    const args = gw.spec.template.spec.containers[0].args as string[];
-    expect(args.filter((a) => a.startsWith("--reasoning-parser"))).toEqual([
-      `--reasoning-parser=${want}`,
-    ]);
-  });
+      const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+      const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
+        (o) => o.metadata?.name === "r-gateway",
+      ) as any;
+      const args = gw.spec.template.spec.containers[0].args as string[];
+      expect(args.filter((a) => a.startsWith("--reasoning-parser"))).toEqual([
+        `--reasoning-parser=${want}`,
+      ]);
+      // The tool-call format by preset too: V3.1 has its own.
+      expect(args.filter((a) => a.startsWith("--tool-call-parser"))).toEqual([
+        `--tool-call-parser=${preset === "deepseek-v3.1" ? "deepseek-v3.1" : "deepseek-v3"}`,
+      ]);
+    },
+  );
 
   it("passes speculative decoding to the gateway, with the lookup defaults", () => {
     const args = (extra: string) =>

@@ -13,7 +13,7 @@ const USAGE =
   "expertmesh plan (-f MANIFEST.yaml | --preset NAME | --experts N --layers L --dense-layers D --top-k K)\n" +
   "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--json]\n\n" +
   "  -f MANIFEST.yaml   DeepSeekModel manifest; --shards/--redundant override its spec.experts\n" +
-  "  --preset NAME      deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-r1, tiny-v2, tiny-v3\n" +
+  "  --preset NAME      deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-v3.1, deepseek-r1, tiny-v2, tiny-v3\n" +
   "  --shards K         expert shards (required without -f)\n" +
   "  --redundant R      extra expert slots in total per layer (EPLB replication), default 0\n" +
   "  --load FILE.json   per-expert token counts: [n0, n1, ...] or one such array per MoE layer\n" +

@@ -13,6 +13,7 @@ import {
   reasoningParserOf,
   servedModelName,
   speculativeArgs,
+  toolCallParserOf,
 } from "../../api/manifest.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
@@ -320,7 +321,7 @@ export const upCommand: Command = {
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
           ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
           `--reasoning-parser=${reasoningParserOf(m)}`,
-          `--tool-call-parser=${m.spec.gateway.toolCallParser}`,
+          `--tool-call-parser=${toolCallParserOf(m)}`,
           ...speculativeArgs(m),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
