@@ -15,6 +15,9 @@ import type { BlockAllocator } from "./kv-blocks.ts";
 
 export type SequenceStatus = "waiting" | "running" | "finished";
 
+/** The empty draft, shared: chunks and sequences without one allocate nothing per step. */
+export const NO_DRAFT: readonly number[] = Object.freeze([]);
+
 /** One sequence being generated: the prompt, the tokens sampled so far, cache progress. */
 export class Sequence {
   readonly id: number;
@@ -43,7 +46,7 @@ export class Sequence {
    * step: a decoding sequence runs them with its last token in one chunk, cache room
    * and budgets allowing, and the engine keeps those the model confirms (accept()).
    */
-  draft: readonly number[] = [];
+  draft: readonly number[] = NO_DRAFT;
 
   constructor(id: number, promptTokens: readonly number[], maxTotalTokens: number) {
     if (promptTokens.length === 0)
@@ -179,7 +182,7 @@ export class Scheduler {
       Math.min(seq.numTokens - seq.numComputed, budget, seq.wantsAllLogits ? logitRows : budget);
     const chunks: ScheduledChunk[] = [];
     const preempted: Sequence[] = [];
-    const take = (seq: Sequence, n: number, draft: readonly number[] = []) => {
+    const take = (seq: Sequence, n: number, draft: readonly number[] = NO_DRAFT) => {
       chunks.push(chunkOf(seq, n, draft));
       budget -= n;
       if (seq.wantsAllLogits || draft.length > 0) logitRows -= n;
@@ -192,7 +195,7 @@ export class Scheduler {
       // A decoding sequence's draft rides along while the budgets have room (each of its
       // tokens is a row of logits), leaving a token for each running sequence after it,
       // and when its blocks fit: a draft never preempts anyone.
-      let draft: readonly number[] = [];
+      let draft: readonly number[] = NO_DRAFT;
       if (seq.numTokens - seq.numComputed === 1 && seq.draft.length > 0) {
         const later = this.#running.length - i - 1;
         const d = Math.min(seq.draft.length, budget - 1 - later, logitRows - 1);

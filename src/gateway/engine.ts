@@ -21,7 +21,13 @@
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
-import { type AddResult, Scheduler, type SchedulerConfig, Sequence } from "../engine/scheduler.ts";
+import {
+  type AddResult,
+  NO_DRAFT,
+  Scheduler,
+  type SchedulerConfig,
+  Sequence,
+} from "../engine/scheduler.ts";
 import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -366,7 +372,7 @@ export class ServingEngine {
   #propose(cfg: SpeculativeOptions): void {
     for (const a of this.#active.values()) {
       const seq = a.seq;
-      seq.draft = [];
+      seq.draft = NO_DRAFT;
       if (
         a.cancelled ||
         seq.status !== "running" ||
