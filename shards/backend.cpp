@@ -6,10 +6,15 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <string>
+
+#include <algorithm>
+#include <vector>
 
 #include "expertmesh/ops.h"
 #include "internal.h"
+#include "kv_pages.h"
 
 namespace {
 
@@ -353,6 +358,47 @@ extern "C" em_status em_rope(em_backend* b, em_tensor* x, const int32_t* positio
   return b->iface->rope(b->ctx, x, positions, cfg);
 }
 
+extern "C" size_t em_kv_row_bytes(em_dtype dtype, int32_t kv_lora_rank, int32_t rope_dim) {
+  return em::kv_row_bytes(dtype, kv_lora_rank, rope_dim);
+}
+
+namespace em {
+namespace {
+
+// Paged rows for a backend that reads contiguous caches only: each sequence's visible rows
+// gathered into a cache of its own (bf16 stays bf16, fp8 becomes f32), then the same call.
+em_status mla_gather_pages(em_backend* b, const em_mla_args* a) {
+  const em_kv_pages& p = *a->pages;
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr, T = a->q->shape[0];
+  const size_t rb = kv_row_bytes(p.dtype, C, dr);
+  const em_dtype out_dtype = p.dtype == EM_BF16 ? EM_BF16 : EM_F32;
+  std::vector<std::vector<uint8_t>> buffers(static_cast<size_t>(a->num_seqs));
+  std::vector<em_tensor> caches;
+  for (int32_t s = 0; s < a->num_seqs; ++s) {
+    const int64_t t0 = a->q_offsets ? a->q_offsets[s] : 0, t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
+    int64_t rows = 1;
+    for (int64_t t = t0; t < t1; ++t) rows = std::max<int64_t>(rows, a->positions[t] + 1);
+    std::vector<uint8_t>& buf = buffers[static_cast<size_t>(s)];
+    buf.assign(static_cast<size_t>(rows * W) * em_dtype_size(out_dtype), 0);
+    for (int64_t r = 0; r < rows && t1 > t0; ++r) {
+      const uint8_t* row = kv_row(p, s, r, rb);
+      uint8_t* dst = buf.data() + static_cast<size_t>(r * W) * em_dtype_size(out_dtype);
+      if (p.dtype == EM_F8_E4M3)
+        kv_fp8_rows_to_f32(row, 1, C, dr, reinterpret_cast<float*>(dst));
+      else
+        std::memcpy(dst, row, rb);
+    }
+    caches.push_back(em_tensor_2d(buf.data(), out_dtype, rows, W));
+  }
+  em_mla_args c = *a;
+  c.caches = caches.data();
+  c.pages = nullptr;
+  return b->iface->mla_attention(b->ctx, &c);
+}
+
+}  // namespace
+}  // namespace em
+
 extern "C" em_status em_mla_attention(em_backend* b, const em_mla_args* a) {
   EM_TRY(check_backend(b));
   if (a == nullptr) return em::fail(EM_ERR_ARG, "mla_attention: args is NULL");
@@ -380,8 +426,40 @@ extern "C" em_status em_mla_attention(em_backend* b, const em_mla_args* a) {
   } else if (a->num_seqs != 1) {
     return em::fail(EM_ERR_ARG, "mla_attention: q_offsets is required for more than one sequence");
   }
-  if (a->caches == nullptr) return em::fail(EM_ERR_ARG, "mla_attention: caches is NULL");
   if (T > 0 && a->positions == nullptr) return em::fail(EM_ERR_ARG, "mla_attention: positions is NULL");
+  auto check_positions = [&](int32_t s, int64_t rows, const char* what) -> em_status {
+    const int64_t t0 = a->q_offsets ? a->q_offsets[s] : 0, t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (a->positions[t] < 0 || a->positions[t] >= rows)
+        return em::fail(EM_ERR_ARG, "mla_attention: positions[%lld] = %d outside %s %d's %lld rows",
+                        static_cast<long long>(t), a->positions[t], what, s, static_cast<long long>(rows));
+    }
+    return EM_OK;
+  };
+  if (a->pages != nullptr) {
+    if (a->caches != nullptr) return em::fail(EM_ERR_ARG, "mla_attention: give caches or pages, not both");
+    const em_kv_pages& p = *a->pages;
+    if (p.dtype != EM_F32 && p.dtype != EM_BF16 && p.dtype != EM_F8_E4M3)
+      return em::fail(EM_ERR_DTYPE, "mla_attention pages: expected f32, bf16 or fp8 rows");
+    if (p.pool == nullptr || p.block_table == nullptr || p.table_offsets == nullptr)
+      return em::fail(EM_ERR_ARG, "mla_attention pages: pool, block_table and table_offsets must be set");
+    if (p.block_size < 1 || p.num_blocks < 1)
+      return em::fail(EM_ERR_ARG, "mla_attention pages: block_size and num_blocks must be >= 1");
+    if (p.table_offsets[0] != 0) return em::fail(EM_ERR_ARG, "mla_attention pages: table_offsets[0] must be 0");
+    for (int32_t s = 0; s < a->num_seqs; ++s) {
+      const int32_t b0 = p.table_offsets[s], b1 = p.table_offsets[s + 1];
+      if (b1 < b0) return em::fail(EM_ERR_ARG, "mla_attention pages: table_offsets must not decrease");
+      for (int32_t i = b0; i < b1; ++i) {
+        if (p.block_table[i] < 0 || p.block_table[i] >= p.num_blocks)
+          return em::fail(EM_ERR_ARG, "mla_attention pages: block_table[%d] = %d outside the %lld blocks", i,
+                          p.block_table[i], static_cast<long long>(p.num_blocks));
+      }
+      EM_TRY(check_positions(s, static_cast<int64_t>(b1 - b0) * p.block_size, "paged sequence"));
+    }
+    if (!b->iface->paged_kv) return em::mla_gather_pages(b, a);
+    return b->iface->mla_attention(b->ctx, a);
+  }
+  if (a->caches == nullptr) return em::fail(EM_ERR_ARG, "mla_attention: caches is NULL");
   for (int32_t s = 0; s < a->num_seqs; ++s) {
     const em_tensor* c = &a->caches[s];
     EM_TRY(check_view(c, "mla_attention cache"));
@@ -390,12 +468,7 @@ extern "C" em_status em_mla_attention(em_backend* b, const em_mla_args* a) {
                       static_cast<long long>(C + dr));
     if (c->dtype != EM_F32 && c->dtype != EM_BF16)
       return em::fail(EM_ERR_DTYPE, "mla_attention caches[%d]: expected f32 or bf16", s);
-    const int64_t t0 = a->q_offsets ? a->q_offsets[s] : 0, t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (a->positions[t] < 0 || a->positions[t] >= c->shape[0])
-        return em::fail(EM_ERR_ARG, "mla_attention: positions[%lld] = %d outside cache %d's %lld rows",
-                        static_cast<long long>(t), a->positions[t], s, static_cast<long long>(c->shape[0]));
-    }
+    EM_TRY(check_positions(s, c->shape[0], "cache"));
   }
   return b->iface->mla_attention(b->ctx, a);
 }

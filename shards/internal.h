@@ -47,7 +47,7 @@ em_status guarded(const char* op, Fn&& fn) {
 template <typename Ctx>
 constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*),
                                          void (*info)(void*, em_backend_info*),
-                                         int (*supports_op)(void*, em_op, em_dtype)) {
+                                         int (*supports_op)(void*, em_op, em_dtype), int paged_kv = 0) {
   return {
       name,
       destroy,
@@ -90,6 +90,7 @@ constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*
       [](void* p, const em_logprobs_args* a) {
         return guarded("logprobs", [&] { return logprobs(*static_cast<Ctx*>(p), a); });
       },
+      paged_kv,
   };
 }
 

@@ -513,10 +513,24 @@ Napi::Value MlaSoftmaxScale(const Napi::CallbackInfo& info) {
                                                      number(env, arg(info, 2), "mscaleAllDim")));
 }
 
-// mlaAttention({ q, positions, caches, qOffsets?, numHeads, qkNopeHeadDim, qkRopeHeadDim,
-//                vHeadDim, kvLoraRank, wkvB, softmaxScale, out? }) -> Float32Array [T * H * dv]
+// kvRowBytes(dtype, kvLoraRank, ropeDim) -> bytes of one paged latent cache row
+Napi::Value KvRowBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const em_dtype dt = parse_dtype(env, arg(info, 0), "dtype");
+  const size_t rb = em_kv_row_bytes(dt, static_cast<int32_t>(integer(env, arg(info, 1), "kvLoraRank", 1)),
+                                    static_cast<int32_t>(integer(env, arg(info, 2), "ropeDim", 1)));
+  if (rb == 0) throw_code(env, "EM_NATIVE_DTYPE", "a paged cache holds 'f32', 'bf16' or 'fp8' rows");
+  return Napi::Number::New(env, static_cast<double>(rb));
+}
+
+// mlaAttention({ q, positions, caches | pages, qOffsets?, numHeads, qkNopeHeadDim,
+//                qkRopeHeadDim, vHeadDim, kvLoraRank, wkvB, softmaxScale, out? })
+//   -> Float32Array [T * H * dv]
 // caches: one Float32Array (f32) or Uint16Array (bf16) [S * (kvLoraRank + qkRopeHeadDim)]
-// per sequence (or a single array for one sequence).
+// per sequence (or a single array for one sequence); or
+// pages: { pool (any typed array: [numBlocks, blockSize] rows of kvRowBytes bytes),
+//          dtype: 'f32' | 'bf16' | 'fp8', blockSize, table: Int32Array (every sequence's
+//          blocks), tableOffsets: Int32Array [numSeqs + 1] } (em_kv_pages).
 Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Napi::Object o = object_arg(env, arg(info, 0), "mlaAttention arguments");
@@ -531,34 +545,64 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
   float* q = f32(env, o.Get("q"), "q", T * H * (dn + dr));
   em_tensor wkv_b = weight_arg(env, o.Get("wkvB"), "wkvB");
 
-  Napi::Value caches_v = o.Get("caches");
-  std::vector<Napi::Value> cache_values;
-  if (caches_v.IsArray()) {
-    const Napi::Array a = caches_v.As<Napi::Array>();
-    for (uint32_t i = 0; i < a.Length(); ++i) cache_values.push_back(a.Get(i));
-  } else {
-    cache_values.push_back(caches_v);
-  }
   std::vector<em_tensor> caches;
-  for (size_t i = 0; i < cache_values.size(); ++i) {
-    const Napi::Value& c = cache_values[i];
-    const std::string name = "caches[" + std::to_string(i) + "]";
-    if (!c.IsTypedArray()) arg_error(env, name + " must be a Float32Array (f32) or Uint16Array (bf16)");
-    const napi_typedarray_type type = c.As<Napi::TypedArray>().TypedArrayType();
-    if (type != napi_float32_array && type != napi_uint16_array)
-      throw_code(env, "EM_NATIVE_DTYPE", name + " must be a Float32Array (f32) or Uint16Array (bf16)");
-    const em_dtype dt = type == napi_float32_array ? EM_F32 : EM_BF16;
-    const Bytes b = bytes_of(env, c, name.c_str());
-    const int64_t rows = rows_of(env, length_of(c), C + dr, name.c_str());
-    caches.push_back(em_tensor_2d(b.data, dt, rows, C + dr));
+  em_kv_pages pages{};
+  int32_t num_seqs = 0;
+  if (present(o.Get("pages"))) {
+    const Napi::Object p = object_arg(env, o.Get("pages"), "pages");
+    pages.dtype = parse_dtype(env, p.Get("dtype"), "pages.dtype");
+    const size_t rb = em_kv_row_bytes(pages.dtype, static_cast<int32_t>(C), static_cast<int32_t>(dr));
+    if (rb == 0) throw_code(env, "EM_NATIVE_DTYPE", "pages.dtype must be 'f32', 'bf16' or 'fp8'");
+    pages.block_size = static_cast<int32_t>(integer(env, p.Get("blockSize"), "pages.blockSize", 1));
+    const Bytes pool = bytes_of(env, p.Get("pool"), "pages.pool");
+    pages.pool = pool.data;
+    pages.num_blocks = static_cast<int64_t>(pool.size / (rb * static_cast<size_t>(pages.block_size)));
+    if (pages.num_blocks < 1) shape_error(env, "pages.pool holds no whole block");
+    pages.block_table = index_arg(env, p.Get("table"), "pages.table");
+    const Napi::Value offsets = p.Get("tableOffsets");
+    pages.table_offsets = i32(env, offsets, "pages.tableOffsets");
+    num_seqs = static_cast<int32_t>(length_of(offsets)) - 1;
+    if (num_seqs < 1) shape_error(env, "pages.tableOffsets needs numSeqs + 1 >= 2 entries");
+    if (pages.table_offsets[num_seqs] > length_of(p.Get("table")))
+      shape_error(env, "pages.tableOffsets reaches past pages.table");
+  } else {
+    Napi::Value caches_v = o.Get("caches");
+    std::vector<Napi::Value> cache_values;
+    if (caches_v.IsArray()) {
+      const Napi::Array a = caches_v.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) cache_values.push_back(a.Get(i));
+    } else {
+      cache_values.push_back(caches_v);
+    }
+    for (size_t i = 0; i < cache_values.size(); ++i) {
+      const Napi::Value& c = cache_values[i];
+      const std::string name = "caches[" + std::to_string(i) + "]";
+      if (!c.IsTypedArray()) arg_error(env, name + " must be a Float32Array (f32) or Uint16Array (bf16)");
+      const napi_typedarray_type type = c.As<Napi::TypedArray>().TypedArrayType();
+      if (type != napi_float32_array && type != napi_uint16_array)
+        throw_code(env, "EM_NATIVE_DTYPE", name + " must be a Float32Array (f32) or Uint16Array (bf16)");
+      const em_dtype dt = type == napi_float32_array ? EM_F32 : EM_BF16;
+      const Bytes b = bytes_of(env, c, name.c_str());
+      const int64_t rows = rows_of(env, length_of(c), C + dr, name.c_str());
+      caches.push_back(em_tensor_2d(b.data, dt, rows, C + dr));
+    }
+    num_seqs = static_cast<int32_t>(caches.size());
   }
-  const int32_t num_seqs = static_cast<int32_t>(caches.size());
   const int32_t* q_offsets =
       present(o.Get("qOffsets")) ? i32(env, o.Get("qOffsets"), "qOffsets", num_seqs + 1) : nullptr;
   Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(T * H * dv));
   em_tensor qt = em_tensor_3d(q, EM_F32, T, H, dn + dr), ot = em_tensor_3d(data_of(out), EM_F32, T, H, dv);
   em_mla_args a{static_cast<int32_t>(H), static_cast<int32_t>(dn), static_cast<int32_t>(dr), static_cast<int32_t>(dv),
-                static_cast<int32_t>(C), scale, &qt, pos, num_seqs, q_offsets, caches.data(), &wkv_b, &ot};
+                static_cast<int32_t>(C),
+                scale,
+                &qt,
+                pos,
+                num_seqs,
+                q_offsets,
+                caches.empty() ? nullptr : caches.data(),
+                &wkv_b,
+                &ot,
+                present(o.Get("pages")) ? &pages : nullptr};
   check(env, em_mla_attention(backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype), &a), "mlaAttention");
   return out;
 }
@@ -771,6 +815,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("ropeInvFreq", Napi::Function::New(env, RopeInvFreq, "ropeInvFreq"));
   exports.Set("mlaSoftmaxScale", Napi::Function::New(env, MlaSoftmaxScale, "mlaSoftmaxScale"));
   exports.Set("mlaAttention", Napi::Function::New(env, MlaAttention, "mlaAttention"));
+  exports.Set("kvRowBytes", Napi::Function::New(env, KvRowBytes, "kvRowBytes"));
   exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
   exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
   exports.Set("sample", Napi::Function::New(env, Sample, "sample"));

@@ -148,14 +148,36 @@ export function ropeInvFreq(options: RopeOptions): Float32Array;
 /** qkHeadDim^-0.5 * mscale^2, mscale = 0.1 * mscaleAllDim * ln(factor) + 1 when factor > 1. */
 export function mlaSoftmaxScale(qkHeadDim: number, factor: number, mscaleAllDim: number): number;
 
+/** A paged latent cache (ops.h em_kv_pages). */
+export interface KvPagesArg {
+  /** [numBlocks, blockSize] rows of kvRowBytes(dtype, ...) bytes each. */
+  pool: ArrayBufferView;
+  /** fp8: C e4m3 codes | ceil(C / 128) f32 scales | dr bf16 per row. */
+  dtype: "f32" | "bf16" | "fp8";
+  blockSize: number;
+  /** Every sequence's blocks, in position order. */
+  table: Int32Array;
+  /** [numSeqs + 1]: sequence s holds table[tableOffsets[s] .. tableOffsets[s + 1]). */
+  tableOffsets: Int32Array;
+}
+
+/** Bytes of one paged cache row of `dtype`. */
+export function kvRowBytes(
+  dtype: "f32" | "bf16" | "fp8",
+  kvLoraRank: number,
+  ropeDim: number,
+): number;
+
 export interface MlaAttentionArgs {
   /** [T, H, qkNopeHeadDim + qkRopeHeadDim]; the rope part already rotated. */
   q: Float32Array;
   /** [T] cache row of each query token; it attends to rows [0, position]. */
   positions: Int32Array;
   /** Per sequence: [S, kvLoraRank + qkRopeHeadDim], Float32Array (f32) or Uint16Array (bf16),
-   *  rows = kv_norm(latent) | rope(k_pe), already holding this step's tokens. */
-  caches: Float32Array | Uint16Array | Array<Float32Array | Uint16Array>;
+   *  rows = kv_norm(latent) | rope(k_pe), already holding this step's tokens. Or `pages`. */
+  caches?: Float32Array | Uint16Array | Array<Float32Array | Uint16Array>;
+  /** The rows in a paged cache (em_kv_pages) instead of `caches`. */
+  pages?: KvPagesArg;
   /** [numSeqs + 1] token ranges of the sequences in q (required for several sequences). */
   qOffsets?: Int32Array;
   numHeads: number;

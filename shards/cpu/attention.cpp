@@ -6,12 +6,15 @@
 //   out[t, h]    = W_uv[h] o_lat                        W_uv[h] = wkv_b[h*(dn+dv)+dn : +dv] [dv, C]
 // The cache row is [latent (C) | pe (dr)], so the two score terms are one dot product of
 // [q_lat | q_pe] with the cache row. Prefill and decode are the same code: a query block
-// of a sequence sees the cache rows up to its positions.
+// of a sequence sees the cache rows up to its positions. The rows are read in place: a
+// contiguous cache as one run, a paged cache (em_kv_pages) block by block, fp8 blocks
+// decoded into a small scratch first.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "../kv_pages.h"
 #include "cpu.h"
 
 namespace em::cpu {
@@ -33,7 +36,9 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
     t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
   };
   auto query_block = [&](int32_t s, int64_t heads) {
-    const int64_t rows = std::max<int64_t>(1, a->caches[s].shape[0]);
+    const int64_t rows = std::max<int64_t>(
+        1, a->pages ? int64_t{a->pages->table_offsets[s + 1] - a->pages->table_offsets[s]} * a->pages->block_size
+                    : a->caches[s].shape[0]);
     return std::clamp<int64_t>(kScoreBudget / (heads * rows), 1, kMaxQueryBlock);
   };
   // Fewer heads per item means more items but one more pass over the cache each.
@@ -60,6 +65,39 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   return items;
 }
 
+// Calls f(r0, n, rows) for consecutive runs of the rows [0, L) of sequence s, `rows` a view
+// [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one (fp8
+// blocks decoded into `scratch`).
+template <typename F>
+void for_each_run(const em_mla_args* a, int32_t s, int64_t L, std::vector<float>& scratch, F&& f) {
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
+  if (a->pages == nullptr) {
+    f(int64_t{0}, L, weight_view(a->caches[s]).row_slice(0, L));
+    return;
+  }
+  const em_kv_pages& p = *a->pages;
+  const int64_t B = p.block_size;
+  const size_t rb = kv_row_bytes(p.dtype, C, dr);
+  for (int64_t r0 = 0; r0 < L; r0 += B) {
+    const int64_t n = std::min(B, L - r0);
+    const uint8_t* block = kv_row(p, s, r0, rb);
+    Weight w;
+    w.rows = n;
+    w.cols = W;
+    w.ld = W;
+    if (p.dtype == EM_F8_E4M3) {
+      scratch.resize(static_cast<size_t>(B * W));
+      kv_fp8_rows_to_f32(block, n, C, dr, scratch.data());
+      w.data = scratch.data();
+      w.dtype = EM_F32;
+    } else {
+      w.data = block;
+      w.dtype = p.dtype;
+    }
+    f(r0, n, w);
+  }
+}
+
 }  // namespace
 
 em_status mla_attention(Context& ctx, const em_mla_args* a) {
@@ -79,8 +117,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     int32_t max_pos = 0;
     for (int64_t t = it.t0; t < it.t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
     const int64_t L = static_cast<int64_t>(max_pos) + 1;  // cache rows this block can see
-    const Weight cache = weight_view(a->caches[it.seq]);
-
+    std::vector<float> scratch;
     std::vector<float> qcat(static_cast<size_t>(rows * row_len));
     std::vector<float> scores(static_cast<size_t>(rows * L));
     std::vector<float> o_lat(static_cast<size_t>(rows * C));
@@ -104,16 +141,18 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     }
 
     // scores = [q_lat | q_pe] . cache rows [0, L)
-    Gemm sg;
-    sg.x = qcat.data();
-    sg.ldx = row_len;
-    sg.w = cache.row_slice(0, L);
-    sg.y = scores.data();
-    sg.ldy = L;
-    sg.M = rows;
-    sg.N = L;
-    sg.K = row_len;
-    k.gemm_nt(sg, 0, rows, 0, L);
+    for_each_run(a, it.seq, L, scratch, [&](int64_t r0, int64_t n, const Weight& run) {
+      Gemm sg;
+      sg.x = qcat.data();
+      sg.ldx = row_len;
+      sg.w = run;
+      sg.y = scores.data() + r0;
+      sg.ldy = L;
+      sg.M = rows;
+      sg.N = n;
+      sg.K = row_len;
+      k.gemm_nt(sg, 0, rows, 0, n);
+    });
 
     // Causal softmax in fp32: token t sees rows [0, pos[t]].
     for (int64_t r = 0; r < rows; ++r) {
@@ -129,17 +168,20 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       std::fill(s + visible, s + L, 0.0f);
     }
 
-    // o_lat = P latent
-    Gemm pg;
-    pg.x = scores.data();
-    pg.ldx = L;
-    pg.w = cache.row_slice(0, L);
-    pg.y = o_lat.data();
-    pg.ldy = C;
-    pg.M = rows;
-    pg.N = C;
-    pg.K = L;
-    k.gemm_nn(pg, 0, rows, 0, C);
+    // o_lat = P latent, summed over the runs
+    for_each_run(a, it.seq, L, scratch, [&](int64_t r0, int64_t n, const Weight& run) {
+      Gemm pg;
+      pg.x = scores.data() + r0;
+      pg.ldx = L;
+      pg.w = run;
+      pg.y = o_lat.data();
+      pg.ldy = C;
+      pg.M = rows;
+      pg.N = C;
+      pg.K = n;
+      pg.accumulate = r0 > 0;
+      k.gemm_nn(pg, 0, rows, 0, C);
+    });
 
     // out[t, h] = W_uv[h] o_lat
     for (int64_t hl = 0; hl < nh; ++hl) {

@@ -2,8 +2,12 @@
 // reference (decompress every cached latent with wkv_b into per-head keys and values,
 // then ordinary causal attention), in double. Covers prefill, decode, chunked prefill,
 // a batch of sequences with different cache lengths, f32/bf16 caches, and every weight
-// dtype (fp8 heads that start inside a 128-row scale block).
+// dtype (fp8 heads that start inside a 128-row scale block); and the same over paged
+// caches (em_kv_pages: f32, bf16 and fp8 rows in shuffled blocks), read in place by the
+// CPU backend and gathered by the dispatcher for a backend that does not read pages.
+#include <algorithm>
 #include <memory>
+#include <numeric>
 
 #include "test/harness.h"
 
@@ -50,22 +54,82 @@ void naive(const Dims& d, const float* q_tok, const std::vector<double>& cache, 
   }
 }
 
-void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wdt, em_dtype cache_dt) {
+// Where the rows live: contiguous caches, a paged pool, or a paged pool handed to a backend
+// that does not read pages (the dispatcher gathers them).
+enum class Layout { Contiguous, Paged, PagedGathered };
+
+// One random cache row in `dtype` (paged layout for fp8: codes | f32 scales | bf16 pe) and
+// the exact value of each of its C + dr elements as stored.
+void random_row(Rng& rng, em_dtype dtype, const Dims& d, uint8_t* out, double* ref) {
+  const int64_t W = d.C + d.dr;
+  if (dtype != EM_F8_E4M3) {
+    std::vector<double> r;
+    const std::vector<uint8_t> b = random_cache(rng, dtype, static_cast<size_t>(W), &r);
+    std::memcpy(out, b.data(), b.size());
+    std::copy(r.begin(), r.end(), ref);
+    return;
+  }
+  const int64_t ns = (d.C + 127) / 128;
+  for (int64_t b = 0; b < ns; ++b) {
+    const float scale = rng.uniform(0.5f, 2.0f) / 448.0f;
+    std::memcpy(out + d.C + 4 * b, &scale, 4);
+    for (int64_t c = b * 128; c < std::min(d.C, b * 128 + 128); ++c) {
+      uint8_t code;
+      do code = static_cast<uint8_t>(rng.integer(0, 255));
+      while ((code & 0x7f) == 0x7f);  // not NaN
+      out[c] = code;
+      ref[c] = ref_fp8(code) * static_cast<double>(scale);
+    }
+  }
+  std::vector<double> r;
+  const std::vector<uint8_t> pe = random_cache(rng, EM_BF16, static_cast<size_t>(d.dr), &r);
+  std::memcpy(out + d.C + 4 * ns, pe.data(), pe.size());
+  std::copy(r.begin(), r.end(), ref + d.C);
+}
+
+void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wdt, em_dtype cache_dt,
+              Layout layout = Layout::Contiguous, int32_t block_size = 4) {
   const int64_t row = d.C + d.dr;
+  const size_t rb = em_kv_row_bytes(cache_dt, static_cast<int32_t>(d.C), static_cast<int32_t>(d.dr));
   TestWeight wkv_b = make_weight(rng, wdt, d.H * (d.dn + d.dv), d.C, 0.25f);
   std::vector<std::vector<uint8_t>> cache_bytes;
   std::vector<std::vector<double>> cache_ref;
   std::vector<em_tensor> caches;
   std::vector<int32_t> positions, q_offsets = {0};
   for (const Seq& s : seqs) {
-    const size_t n = static_cast<size_t>(s.cache_rows * row);
-    std::vector<double> ref;
-    std::vector<uint8_t> bytes = random_cache(rng, cache_dt, n, &ref);
+    std::vector<double> ref(static_cast<size_t>(s.cache_rows * row));
+    std::vector<uint8_t> bytes(static_cast<size_t>(s.cache_rows) * rb);
+    for (int64_t r = 0; r < s.cache_rows; ++r) random_row(rng, cache_dt, d, bytes.data() + r * rb, ref.data() + r * row);
     cache_bytes.push_back(std::move(bytes));
     cache_ref.push_back(std::move(ref));
-    caches.push_back(em_tensor_2d(cache_bytes.back().data(), cache_dt, s.cache_rows, row));
+    if (layout == Layout::Contiguous)
+      caches.push_back(em_tensor_2d(cache_bytes.back().data(), cache_dt, s.cache_rows, row));
     positions.insert(positions.end(), s.positions.begin(), s.positions.end());
     q_offsets.push_back(static_cast<int32_t>(positions.size()));
+  }
+  // Paged: every sequence's rows in blocks of one pool, blocks in shuffled order, one spare.
+  std::vector<uint8_t> pool;
+  std::vector<int32_t> table, table_offsets = {0};
+  em_kv_pages pages{};
+  if (layout != Layout::Contiguous) {
+    int32_t num_blocks = 1;
+    for (const Seq& s : seqs) num_blocks += static_cast<int32_t>((s.cache_rows + block_size - 1) / block_size);
+    std::vector<int32_t> order(static_cast<size_t>(num_blocks));
+    std::iota(order.begin(), order.end(), 0);
+    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[static_cast<size_t>(rng.integer(0, static_cast<int>(i)))]);
+    pool.assign(static_cast<size_t>(num_blocks) * static_cast<size_t>(block_size) * rb, 0xee);
+    size_t next = 0;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      for (int64_t r = 0; r < seqs[s].cache_rows; r += block_size) {
+        const int32_t b = order[next++];
+        table.push_back(b);
+        const int64_t n = std::min<int64_t>(block_size, seqs[s].cache_rows - r);
+        std::memcpy(pool.data() + static_cast<size_t>(b) * static_cast<size_t>(block_size) * rb,
+                    cache_bytes[s].data() + static_cast<size_t>(r) * rb, static_cast<size_t>(n) * rb);
+      }
+      table_offsets.push_back(static_cast<int32_t>(table.size()));
+    }
+    pages = em_kv_pages{pool.data(), cache_dt, num_blocks, block_size, table.data(), table_offsets.data()};
   }
   const int64_t T = static_cast<int64_t>(positions.size());
   const std::vector<float> q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
@@ -80,19 +144,36 @@ void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wd
 
   em_tensor qt = em_tensor_3d(const_cast<float*>(q.data()), EM_F32, T, d.H, d.dn + d.dr);
   em_tensor wt = wkv_b.view();
+  const char* layout_name = layout == Layout::Contiguous ? "contiguous" : layout == Layout::Paged ? "paged" : "gathered";
   for (em_cpu_isa isa : available_isas()) {
     for (int threads : {1, 3}) {
       Backend be(isa, threads);
+      // A backend that does not read pages: the CPU's op table with paged_kv off.
+      em_backend_iface no_pages = *be.b->iface;
+      no_pages.paged_kv = 0;
+      em_backend gathering{&no_pages, be.b->ctx};
+      em_backend* target = layout == Layout::PagedGathered ? &gathering : be.b;
       std::vector<float> out(static_cast<size_t>(T * d.H * d.dv), 7.0f);
       em_tensor ot = em_tensor_3d(out.data(), EM_F32, T, d.H, d.dv);
-      em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
-                    static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), static_cast<float>(scale), &qt,
-                    positions.data(), static_cast<int32_t>(seqs.size()), q_offsets.data(), caches.data(), &wt, &ot};
-      CHECK_OK(em_mla_attention(be.b, &a));
+      em_mla_args a{static_cast<int32_t>(d.H),
+                    static_cast<int32_t>(d.dn),
+                    static_cast<int32_t>(d.dr),
+                    static_cast<int32_t>(d.dv),
+                    static_cast<int32_t>(d.C),
+                    static_cast<float>(scale),
+                    &qt,
+                    positions.data(),
+                    static_cast<int32_t>(seqs.size()),
+                    q_offsets.data(),
+                    layout == Layout::Contiguous ? caches.data() : nullptr,
+                    &wt,
+                    &ot,
+                    layout == Layout::Contiguous ? nullptr : &pages};
+      CHECK_OK(em_mla_attention(target, &a));
       const double tol = isa == EM_ISA_AVX512_BF16 ? 2e-2 : 2e-4;
       for (size_t i = 0; i < out.size(); ++i) {
         if (std::fabs(out[i] - want[i]) > tol * (0.1 + std::fabs(want[i]))) {
-          CHECK(false, "%s w=%s cache=%s i=%zu got %g want %g", be.label.c_str(), em_dtype_name(wdt),
+          CHECK(false, "%s %s w=%s cache=%s i=%zu got %g want %g", be.label.c_str(), layout_name, em_dtype_name(wdt),
                 em_dtype_name(cache_dt), i, out[i], want[i]);
           break;
         }
@@ -113,13 +194,34 @@ void test_errors() {
   em_tensor qt = em_tensor_3d(q.data(), EM_F32, 2, 2, 6), ct = em_tensor_2d(cache.data(), EM_F32, 4, 6);
   em_tensor wt = em_tensor_2d(w.data(), EM_F32, 16, 4), ot = em_tensor_3d(out.data(), EM_F32, 2, 2, 4);
   int32_t pos[2] = {0, 4};  // 4 is past the cache's 4 rows
-  em_mla_args a{2, 4, 2, 4, 4, 0.5f, &qt, pos, 1, nullptr, &ct, &wt, &ot};
+  em_mla_args a{2, 4, 2, 4, 4, 0.5f, &qt, pos, 1, nullptr, &ct, &wt, &ot, nullptr};
   CHECK(em_mla_attention(be.b, &a) == EM_ERR_ARG, "position past the cache");
   pos[1] = 3;
   CHECK_OK(em_mla_attention(be.b, &a));
   em_tensor bad_cache = em_tensor_2d(cache.data(), EM_F32, 4, 5);
   a.caches = &bad_cache;
   CHECK(em_mla_attention(be.b, &a) == EM_ERR_SHAPE, "cache row width");
+
+  // Paged: two blocks of 2 rows (row width 6 f32); positions must stay inside the table.
+  std::vector<float> pool(3 * 2 * 6);
+  int32_t table[2] = {2, 0}, offsets[2] = {0, 2};
+  em_kv_pages pages{pool.data(), EM_F32, 3, 2, table, offsets};
+  a.caches = nullptr;
+  a.pages = &pages;
+  CHECK_OK(em_mla_attention(be.b, &a));
+  CHECK(em_kv_row_bytes(EM_F8_E4M3, 512, 64) == 656, "fp8 row bytes (FlashMLA's 656)");
+  CHECK(em_kv_row_bytes(EM_I32, 512, 64) == 0, "no i32 rows");
+  a.caches = &ct;
+  CHECK(em_mla_attention(be.b, &a) == EM_ERR_ARG, "caches and pages both");
+  a.caches = nullptr;
+  table[0] = 3;
+  CHECK(em_mla_attention(be.b, &a) == EM_ERR_ARG, "block id past the pool");
+  table[0] = 2;
+  offsets[1] = 1;  // one block: 2 rows, position 3 outside
+  CHECK(em_mla_attention(be.b, &a) == EM_ERR_ARG, "position past the sequence's blocks");
+  offsets[1] = 2;
+  pages.dtype = EM_F16;
+  CHECK(em_mla_attention(be.b, &a) == EM_ERR_DTYPE, "f16 pages");
 }
 
 }  // namespace
@@ -137,6 +239,17 @@ int main() {
   }
   run_case(rng, wide, {{70, range(0, 70)}}, EM_BF16, EM_BF16);  // several query blocks
   run_case(rng, wide, {{33, {32}}, {12, {11}}}, EM_F8_E4M3, EM_F32);
+  // Paged caches: block sizes that do and do not divide the lengths, a partial last block,
+  // a sequence attending to fewer rows than it holds (chunked prefill).
+  for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3}) {
+    for (Layout layout : {Layout::Paged, Layout::PagedGathered}) {
+      run_case(rng, small, {{9, range(0, 9)}}, EM_BF16, cdt, layout, 4);
+      run_case(rng, small, {{20, {19}}, {1, {0}}, {17, range(10, 14)}}, EM_F32, cdt, layout, 16);
+      run_case(rng, small, {{30, range(5, 30)}, {3, {2}}, {7, range(4, 7)}}, EM_F8_E4M3, cdt, layout, 5);
+    }
+  }
+  run_case(rng, wide, {{70, {69}}, {40, range(30, 40)}}, EM_BF16, EM_F8_E4M3, Layout::Paged, 16);
+  run_case(rng, Dims{2, 8, 8, 8, 200}, {{12, {11}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 3);  // 2 scales per row
   test_errors();
   return finish("attention");
 }

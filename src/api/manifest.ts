@@ -204,6 +204,16 @@ export function toolCallParserOf(model: DeepSeekModel): "deepseek-v3" | "deepsee
   );
 }
 
+/** The gateway's KV cache flags (spec.gateway.kvCache). */
+export function kvCacheArgs(model: DeepSeekModel): string[] {
+  const k = model.spec.gateway.kvCache;
+  return [
+    `--kv-cache-bytes=${k.bytes}`,
+    `--kv-cache-dtype=${k.dtype}`,
+    `--block-size=${k.blockSize}`,
+  ];
+}
+
 /** The gateway's speculative decoding flags (none when spec.gateway.speculative is absent). */
 export function speculativeArgs(model: DeepSeekModel): string[] {
   const s = model.spec.gateway.speculative;

@@ -292,6 +292,28 @@ export const GatewaySchema = withRules(
       resources: Type.Optional(ResourceRequirements),
       ports: Ports,
       limits: GatewayLimits,
+      kvCache: Type.Object(
+        {
+          bytes: Type.Integer({
+            description:
+              "Memory of each gateway's latent KV cache, in bytes; it must hold one sequence of maxModelLen tokens.",
+            default: 536870912,
+            minimum: 1,
+          }),
+          dtype: StringEnum(["float32", "bfloat16", "fp8"], {
+            description:
+              "How cache rows are stored: float32 (exact), bfloat16 (half the bytes), fp8 (DeepSeek FlashMLA's layout: e4m3 latent with a scale per 128 values, bf16 rope part; 3.5x fewer bytes than float32, coarser attention).",
+            default: "float32",
+          }),
+          blockSize: Type.Integer({
+            description: "Tokens per cache block (the unit of allocation and of prefix reuse).",
+            default: 16,
+            minimum: 1,
+            maximum: 1024,
+          }),
+        },
+        { description: "The MLA latent KV cache of each gateway.", default: {} },
+      ),
       prefixCaching: Type.Boolean({
         description:
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",

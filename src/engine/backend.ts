@@ -1,6 +1,7 @@
 // The operations the model needs, as one interface with two implementations: the native
 // addon (shards/, C++ with SIMD and threads; CUDA later) and a straightforward TypeScript
 // reference used to check it. Shapes are row-major; "x [T, D]" is a Float32Array of T*D.
+import type { KvDtype } from "./kv-format.ts";
 import type { SampleRows } from "./sampling.ts";
 
 /** A weight matrix [rows, cols] (torch Linear layout: out_features x in_features) or vector. */
@@ -59,7 +60,20 @@ export interface MoeArgs {
   readonly numOut: number;
 }
 
-/** MLA attention, absorbed form, over the latent cache of one sequence. */
+/** A paged latent cache's rows of one layer: [numBlocks, blockSize] rows (kv-format.ts). */
+export interface KvPages {
+  readonly dtype: KvDtype;
+  /** The rows' bytes; starts on a 4-byte boundary. */
+  readonly pool: Uint8Array;
+  /** Rows per block. */
+  readonly blockSize: number;
+}
+
+/**
+ * MLA attention, absorbed form, over the paged latent caches of a batch of sequences: the
+ * query tokens of sequence s are qOffsets[s] .. qOffsets[s+1]-1; its rows are in the
+ * blocks table[tableOffsets[s] .. tableOffsets[s+1]) of `pages`, in position order.
+ */
 export interface MlaArgs {
   readonly heads: number;
   readonly nopeDim: number;
@@ -69,10 +83,15 @@ export interface MlaArgs {
   readonly softmaxScale: number;
   /** [T, heads, nopeDim + ropeDim], rope part already rotated. */
   readonly q: Float32Array;
-  /** [T] cache row of each query token; it attends to rows 0..pos. */
+  /** [T] cache row of each query token; it attends to rows 0..pos of its sequence. */
   readonly positions: Int32Array;
-  /** [S, kvLoraRank + ropeDim]: normalized latent | rotated k_pe. */
-  readonly cache: Float32Array;
+  /** [numSeqs + 1] */
+  readonly qOffsets: Int32Array;
+  /** Rows: normalized latent | rotated k_pe, already holding this step's tokens. */
+  readonly pages: KvPages;
+  readonly table: Int32Array;
+  /** [numSeqs + 1] */
+  readonly tableOffsets: Int32Array;
   /** kv_b_proj [heads * (nopeDim + vDim), kvLoraRank]. */
   readonly wkvB: Weight;
 }

@@ -5,7 +5,7 @@
 // ExpertRunner.run call for the whole batch (one NATS round trip per shard per layer).
 import { isMoeLayer, type ModelConfig } from "../model/config.ts";
 import { bf16ArrayToFloat32 } from "../model/floats.ts";
-import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
+import type { Backend, GateConfig, KvPages, RopeConfig } from "./backend.ts";
 import type { ExpertRunner } from "./experts.ts";
 import type { AttentionWeights, MlpWeights, ModelWeights } from "./loader.ts";
 import { gateConfigOf, ropeConfigOf, softmaxScaleOf } from "./model.ts";
@@ -14,16 +14,16 @@ import type { SampleRows } from "./sampling.ts";
 
 /**
  * The latent KV cache of one sequence as the forward pass sees it: per layer, rows of
- * [kvLoraRank + qkRopeHeadDim] floats. SequenceCache (model.ts) and the block cache
- * (kv-blocks.ts) both fit.
+ * [kvLoraRank + qkRopeHeadDim] values (stored as kv-format.ts says) in blocks of a pool.
+ * SequenceCache (model.ts) and the block cache (kv-blocks.ts) both fit.
  */
 export interface LatentCache {
   /** Positions filled. */
   readonly length: number;
-  /** Writes rows for positions [start, start + rows.length / rowWidth) of `layer`. */
+  /** Writes float32 rows for positions [start, start + rows.length / rowWidth) of `layer`. */
   write(layer: number, start: number, rows: Float32Array): void;
-  /** Rows [0, upTo) of `layer`, contiguous. */
-  rows(layer: number, upTo: number): Float32Array;
+  /** Where `layer`'s rows are: a pool, shared by sequences, and this sequence's blocks in it. */
+  pages(layer: number): { readonly pages: KvPages; readonly table: ArrayLike<number> };
   /** Marks positions up to `n` as filled (after every layer wrote them). */
   setLength(n: number): void;
 }
@@ -187,14 +187,22 @@ export class BatchForward {
       rows.set(normed.subarray(t * C, (t + 1) * C), t * (C + dr));
       rows.set(kv.subarray(t * (C + dr) + C, (t + 1) * (C + dr)), t * (C + dr) + C);
     }
-    const out = new Float32Array(T * H * c.vHeadDim);
-    items.forEach((it, i) => {
-      const from = offsets[i]!;
-      const to = offsets[i + 1]!;
-      if (to === from) return;
-      const start = it.cache.length;
-      it.cache.write(layer, start, rows.subarray(from * (C + dr), to * (C + dr)));
-      const o = b.mla({
+    const mla = (from: number, to: number, group: readonly BatchItem[]) => {
+      const pages = group[0]!.cache.pages(layer).pages;
+      const qOffsets = new Int32Array(group.length + 1);
+      const tableOffsets = new Int32Array(group.length + 1);
+      const tables = group.map((it) => it.cache.pages(layer).table);
+      let tokens = from;
+      group.forEach((it, i) => {
+        tokens += it.tokens.length;
+        qOffsets[i + 1] = tokens - from;
+        tableOffsets[i + 1] = tableOffsets[i]! + tables[i]!.length;
+      });
+      const table = new Int32Array(tableOffsets[group.length]!);
+      tables.forEach((t, i) => {
+        table.set(t, tableOffsets[i]!);
+      });
+      return b.mla({
         heads: H,
         nopeDim: dn,
         ropeDim: dr,
@@ -203,10 +211,30 @@ export class BatchForward {
         softmaxScale: this.#scale,
         q: q.subarray(from * qw, to * qw),
         positions: positions.subarray(from, to),
-        cache: it.cache.rows(layer, start + (to - from)),
+        qOffsets,
+        pages,
+        table,
+        tableOffsets,
         wkvB: w.kvB,
       });
-      out.set(o, from * H * c.vHeadDim);
+    };
+    items.forEach((it, i) => {
+      const from = offsets[i]!;
+      const to = offsets[i + 1]!;
+      if (to > from)
+        it.cache.write(layer, it.cache.length, rows.subarray(from * (C + dr), to * (C + dr)));
+    });
+    // One call for the batch when its sequences share a pool (the block cache), else one
+    // per sequence (each SequenceCache has its own).
+    const live = items.filter((it) => it.tokens.length > 0);
+    const pool = live[0]?.cache.pages(layer).pages.pool;
+    if (live.every((it) => it.cache.pages(layer).pages.pool === pool))
+      return b.matmul(mla(0, T, live), T, w.o);
+    const out = new Float32Array(T * H * c.vHeadDim);
+    items.forEach((it, i) => {
+      const from = offsets[i]!;
+      const to = offsets[i + 1]!;
+      if (to > from) out.set(mla(from, to, [it]), from * H * c.vHeadDim);
     });
     return b.matmul(out, T, w.o);
   }

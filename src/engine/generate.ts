@@ -2,6 +2,7 @@
 // latent KV cache, sampling with temperature / top-k / top-p (sampling.ts, on the model's
 // backend) from a seeded generator.
 import { Prng } from "../model/prng.ts";
+import type { KvDtype } from "./kv-format.ts";
 import { type DeepSeekForward, SequenceCache } from "./model.ts";
 import { uniform32 } from "./sampling.ts";
 
@@ -14,6 +15,8 @@ export interface SamplingOptions {
   seed?: number;
   /** Token ids that end generation (not included in the output). */
   stopTokens?: readonly number[];
+  /** How the KV cache stores rows (kv-format.ts; default f32). */
+  kvCacheDtype?: KvDtype;
 }
 
 export interface GenerationStats {
@@ -31,7 +34,11 @@ export async function generate(
   opts: SamplingOptions,
   onToken?: (id: number) => void,
 ): Promise<{ tokens: number[]; stats: GenerationStats }> {
-  const cache = new SequenceCache(model.config, prompt.length + opts.maxTokens);
+  const cache = new SequenceCache(
+    model.config,
+    prompt.length + opts.maxTokens,
+    opts.kvCacheDtype ?? "f32",
+  );
   const rng = new Prng(opts.seed ?? 0);
   const stop = new Set(opts.stopTokens ?? []);
   const pick = (logits: Float32Array) =>

@@ -12,7 +12,9 @@
 // (least recently freed first), so a prefix outlives the requests that computed it.
 import type { ModelConfig } from "../model/config.ts";
 import { ExpertMeshError } from "../util/errors.ts";
+import type { KvPages } from "./backend.ts";
 import type { LatentCache } from "./batch.ts";
+import { encodeKvRows, type KvDtype, kvRowBytes } from "./kv-format.ts";
 
 /** Free list and block tables; knows nothing about the rows stored in the blocks. */
 export class BlockAllocator {
@@ -151,35 +153,55 @@ export class BlockAllocator {
 export interface BlockKvOptions {
   /** Token positions per block (default 16). */
   blockSize?: number;
-  /** Bytes the cache may use (rows are float32). */
+  /** Bytes the cache may use. */
   memoryBytes: number;
+  /** How rows are stored (kv-format.ts; default f32). */
+  dtype?: KvDtype;
 }
 
-/** Bytes one block takes: blockSize rows of (kvLoraRank + ropeDim) float32 in every layer. */
-export function bytesPerBlock(config: ModelConfig, blockSize: number): number {
-  return blockSize * (config.kvLoraRank + config.qkRopeHeadDim) * config.numHiddenLayers * 4;
+/** Bytes one block takes: blockSize rows of `dtype` (default f32) in every layer. */
+export function bytesPerBlock(
+  config: ModelConfig,
+  blockSize: number,
+  dtype: KvDtype = "f32",
+): number {
+  return (
+    blockSize * kvRowBytes(dtype, config.kvLoraRank, config.qkRopeHeadDim) * config.numHiddenLayers
+  );
 }
 
-/** The latent rows of all sequences, in blocks; storage [layer][block, blockSize, rowWidth]. */
+/** The latent rows of all sequences, in blocks; storage [layer][block, blockSize, row bytes]. */
 export class BlockKvCache {
   readonly allocator: BlockAllocator;
-  readonly rowWidth: number;
-  readonly #layers: Float32Array[];
+  readonly dtype: KvDtype;
+  readonly #C: number;
+  readonly #dr: number;
+  readonly #rowBytes: number;
+  readonly #pages: KvPages[];
 
   constructor(config: ModelConfig, o: BlockKvOptions) {
     const blockSize = o.blockSize ?? 16;
-    const numBlocks = Math.floor(o.memoryBytes / bytesPerBlock(config, blockSize));
+    this.dtype = o.dtype ?? "f32";
+    const numBlocks = Math.floor(o.memoryBytes / bytesPerBlock(config, blockSize, this.dtype));
     this.allocator = new BlockAllocator(numBlocks, blockSize);
-    this.rowWidth = config.kvLoraRank + config.qkRopeHeadDim;
-    this.#layers = Array.from(
-      { length: config.numHiddenLayers },
-      () => new Float32Array(numBlocks * blockSize * this.rowWidth),
-    );
+    this.#C = config.kvLoraRank;
+    this.#dr = config.qkRopeHeadDim;
+    this.#rowBytes = kvRowBytes(this.dtype, this.#C, this.#dr);
+    this.#pages = Array.from({ length: config.numHiddenLayers }, () => ({
+      dtype: this.dtype,
+      pool: new Uint8Array(numBlocks * blockSize * this.#rowBytes),
+      blockSize,
+    }));
   }
 
   /** Positions the whole cache holds (all blocks). */
   get capacityTokens(): number {
     return this.allocator.numBlocks * this.allocator.blockSize;
+  }
+
+  /** Bytes of one token's rows over all layers. */
+  get bytesPerToken(): number {
+    return this.#rowBytes * this.#pages.length;
   }
 
   /**
@@ -189,9 +211,13 @@ export class BlockKvCache {
    */
   view(seq: number, length = 0): LatentCache {
     const alloc = this.allocator;
-    const W = this.rowWidth;
     const B = alloc.blockSize;
-    const layers = this.#layers;
+    const C = this.#C;
+    const dr = this.#dr;
+    const W = C + dr;
+    const rowBytes = this.#rowBytes;
+    const all = this.#pages;
+    const dtype = this.dtype;
     return {
       get length() {
         return length;
@@ -204,25 +230,24 @@ export class BlockKvCache {
             "EM_KV_BUDGET",
             `sequence ${seq} writes position ${start + n - 1} beyond its ${table.length} reserved blocks`,
           );
-        const buf = layers[layer]!;
+        const pool = all[layer]!.pool;
         for (let p = start; p < start + n; ) {
-          // Copy the run of positions that stays within one block.
+          // Encode the run of positions that stays within one block.
           const inBlock = Math.min(B - (p % B), start + n - p);
-          const at = (table[Math.floor(p / B)]! * B + (p % B)) * W;
-          buf.set(rows.subarray((p - start) * W, (p - start + inBlock) * W), at);
+          const at = (table[Math.floor(p / B)]! * B + (p % B)) * rowBytes;
+          encodeKvRows(
+            dtype,
+            C,
+            dr,
+            rows.subarray((p - start) * W, (p - start + inBlock) * W),
+            pool,
+            at,
+          );
           p += inBlock;
         }
       },
-      rows(layer, upTo) {
-        const table = alloc.table(seq);
-        const buf = layers[layer]!;
-        const out = new Float32Array(upTo * W);
-        for (let p = 0; p < upTo; p += B) {
-          const k = Math.min(B, upTo - p);
-          const at = table[p / B]! * B * W;
-          out.set(buf.subarray(at, at + k * W), p * W);
-        }
-        return out;
+      pages(layer) {
+        return { pages: all[layer]!, table: alloc.table(seq) };
       },
       setLength(n) {
         length = n;

@@ -3,22 +3,34 @@
 // The forward pass itself (following DeepSeek-V3 inference/model.py) is batch.ts.
 import { type ModelConfig, qkHeadDim } from "../model/config.ts";
 import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
-import { BatchForward } from "./batch.ts";
+import { BatchForward, type LatentCache } from "./batch.ts";
 import type { ExpertRunner } from "./experts.ts";
+import { encodeKvRows, type KvDtype, kvRowBytes } from "./kv-format.ts";
 import type { ModelWeights } from "./loader.ts";
 import type { SampleRows } from "./sampling.ts";
 
-/** The latent KV cache of one sequence: per layer, rows [kvLoraRank + ropeDim]. */
-export class SequenceCache {
-  readonly rowWidth: number;
-  #layers: Float32Array[];
+/**
+ * The latent KV cache of one sequence: per layer, rows [kvLoraRank + ropeDim] in one
+ * growing block (a pool of its own), stored as `dtype` (kv-format.ts; f32 by default).
+ */
+export class SequenceCache implements LatentCache {
+  readonly dtype: KvDtype;
+  readonly #C: number;
+  readonly #dr: number;
+  readonly #rowBytes: number;
+  #pools: Uint8Array[];
+  #capacity: number;
   #length = 0;
 
-  constructor(config: ModelConfig, capacity = 64) {
-    this.rowWidth = config.kvLoraRank + config.qkRopeHeadDim;
-    this.#layers = Array.from(
+  constructor(config: ModelConfig, capacity = 64, dtype: KvDtype = "f32") {
+    this.dtype = dtype;
+    this.#C = config.kvLoraRank;
+    this.#dr = config.qkRopeHeadDim;
+    this.#rowBytes = kvRowBytes(dtype, this.#C, this.#dr);
+    this.#capacity = Math.max(1, capacity);
+    this.#pools = Array.from(
       { length: config.numHiddenLayers },
-      () => new Float32Array(capacity * this.rowWidth),
+      () => new Uint8Array(this.#capacity * this.#rowBytes),
     );
   }
 
@@ -29,20 +41,25 @@ export class SequenceCache {
 
   /** Writes rows for positions [start, start + n) of `layer`, growing as needed. */
   write(layer: number, start: number, rows: Float32Array): void {
-    const need = (start + rows.length / this.rowWidth) * this.rowWidth;
-    let buf = this.#layers[layer]!;
-    if (need > buf.length) {
-      const grown = new Float32Array(Math.max(need, buf.length * 2));
-      grown.set(buf);
-      buf = grown;
-      this.#layers[layer] = buf;
+    const end = start + rows.length / (this.#C + this.#dr);
+    if (end > this.#capacity) {
+      // Every layer grows together: the pool is one block of `capacity` rows.
+      const capacity = Math.max(end, this.#capacity * 2);
+      this.#pools = this.#pools.map((old) => {
+        const grown = new Uint8Array(capacity * this.#rowBytes);
+        grown.set(old);
+        return grown;
+      });
+      this.#capacity = capacity;
     }
-    buf.set(rows, start * this.rowWidth);
+    encodeKvRows(this.dtype, this.#C, this.#dr, rows, this.#pools[layer]!, start * this.#rowBytes);
   }
 
-  /** Rows [0, upTo) of `layer`. */
-  rows(layer: number, upTo: number): Float32Array {
-    return this.#layers[layer]!.subarray(0, upTo * this.rowWidth);
+  pages(layer: number) {
+    return {
+      pages: { dtype: this.dtype, pool: this.#pools[layer]!, blockSize: this.#capacity },
+      table: ONE_BLOCK,
+    };
   }
 
   /** Marks positions up to `n` as filled (after every layer wrote them). */
@@ -50,6 +67,8 @@ export class SequenceCache {
     this.#length = n;
   }
 }
+
+const ONE_BLOCK = Object.freeze([0]);
 
 /** The rope settings of a config (YaRN when rope_scaling is yarn and the context is extended). */
 export function ropeConfigOf(c: ModelConfig): RopeConfig {

@@ -8,6 +8,7 @@ import { fileURLToPath } from "node:url";
 import type * as Native from "../../shards/addon/expertmesh.d.ts";
 import { ERROR_CODES, type ErrorCode, ExpertMeshError } from "../util/errors.ts";
 import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
+import type { KvDtype } from "./kv-format.ts";
 
 interface AddonWeight {
   dtype: Weight["dtype"];
@@ -30,6 +31,7 @@ export interface Addon {
   moeFfn(o: Record<string, unknown>): Float32Array;
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
+  kvRowBytes(dtype: KvDtype, kvLoraRank: number, ropeDim: number): number;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
   sample: typeof Native.sample;
   logprobs: typeof Native.logprobs;
@@ -146,7 +148,14 @@ export function nativeBackend(
       addon.mlaAttention({
         q: a.q,
         positions: a.positions,
-        caches: a.cache,
+        qOffsets: a.qOffsets,
+        pages: {
+          pool: a.pages.pool,
+          dtype: a.pages.dtype,
+          blockSize: a.pages.blockSize,
+          table: a.table,
+          tableOffsets: a.tableOffsets,
+        },
         numHeads: a.heads,
         qkNopeHeadDim: a.nopeDim,
         qkRopeHeadDim: a.ropeDim,

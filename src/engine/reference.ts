@@ -3,6 +3,7 @@
 // and the model code against each other. Shapes as in backend.ts.
 import { bf16ToFloat32, e4m3Table256, f16ToFloat32 } from "../model/floats.ts";
 import type { Backend, GateConfig, MlaArgs, MoeArgs, RopeConfig, Weight } from "./backend.ts";
+import { decodeKvRows, kvRowBytes } from "./kv-format.ts";
 import { ropeFrequencies } from "./rope.ts";
 import { logprobRows, sampleRows } from "./sampling.ts";
 
@@ -161,37 +162,53 @@ export const referenceBackend: Backend = {
   },
 
   mla(a: MlaArgs) {
-    const { heads, nopeDim: dn, ropeDim: dr, vDim: dv, kvLoraRank: C } = a;
+    const { heads, nopeDim: dn, ropeDim: dr, vDim: dv, kvLoraRank: C, pages } = a;
     const W = weightToF32(a.wkvB);
-    const T = a.positions.length;
     const rowW = C + dr;
-    const out = new Float32Array(T * heads * dv);
-    for (let t = 0; t < T; t++) {
-      const S = a.positions[t]! + 1;
-      for (let h = 0; h < heads; h++) {
-        const q = a.q.subarray((t * heads + h) * (dn + dr), (t * heads + h + 1) * (dn + dr));
-        // q_lat = q_nope W_uk[h], W_uk[h] = rows h*(dn+dv) .. +dn of wkv_b.
-        const qLat = new Float64Array(C);
-        for (let i = 0; i < dn; i++) {
-          const row = (h * (dn + dv) + i) * C;
-          for (let c = 0; c < C; c++) qLat[c]! += q[i]! * W[row + c]!;
-        }
-        const scores = new Float64Array(S);
-        for (let s = 0; s < S; s++) {
-          let dot = 0;
-          for (let c = 0; c < C; c++) dot += qLat[c]! * a.cache[s * rowW + c]!;
-          for (let r = 0; r < dr; r++) dot += q[dn + r]! * a.cache[s * rowW + C + r]!;
-          scores[s] = dot * a.softmaxScale;
-        }
-        softmaxInPlace(scores, S);
-        const oLat = new Float64Array(C);
-        for (let s = 0; s < S; s++)
-          for (let c = 0; c < C; c++) oLat[c]! += scores[s]! * a.cache[s * rowW + c]!;
-        for (let v = 0; v < dv; v++) {
-          const row = (h * (dn + dv) + dn + v) * C;
-          let o = 0;
-          for (let c = 0; c < C; c++) o += W[row + c]! * oLat[c]!;
-          out[(t * heads + h) * dv + v] = o;
+    const rowBytes = kvRowBytes(pages.dtype, C, dr);
+    const out = new Float32Array(a.positions.length * heads * dv);
+    for (let seq = 0; seq + 1 < a.qOffsets.length; seq++) {
+      // The sequence's rows, decoded from its blocks.
+      const t0 = a.qOffsets[seq]!;
+      const t1 = a.qOffsets[seq + 1]!;
+      let rows = 0;
+      for (let t = t0; t < t1; t++) rows = Math.max(rows, a.positions[t]! + 1);
+      const cache = new Float32Array(rows * rowW);
+      for (let r = 0; r < rows; r += pages.blockSize) {
+        const block = a.table[a.tableOffsets[seq]! + r / pages.blockSize]!;
+        const n = Math.min(pages.blockSize, rows - r);
+        cache.set(
+          decodeKvRows(pages.dtype, C, dr, pages.pool, block * pages.blockSize * rowBytes, n),
+          r * rowW,
+        );
+      }
+      for (let t = t0; t < t1; t++) {
+        const S = a.positions[t]! + 1;
+        for (let h = 0; h < heads; h++) {
+          const q = a.q.subarray((t * heads + h) * (dn + dr), (t * heads + h + 1) * (dn + dr));
+          // q_lat = q_nope W_uk[h], W_uk[h] = rows h*(dn+dv) .. +dn of wkv_b.
+          const qLat = new Float64Array(C);
+          for (let i = 0; i < dn; i++) {
+            const row = (h * (dn + dv) + i) * C;
+            for (let c = 0; c < C; c++) qLat[c]! += q[i]! * W[row + c]!;
+          }
+          const scores = new Float64Array(S);
+          for (let s = 0; s < S; s++) {
+            let dot = 0;
+            for (let c = 0; c < C; c++) dot += qLat[c]! * cache[s * rowW + c]!;
+            for (let r = 0; r < dr; r++) dot += q[dn + r]! * cache[s * rowW + C + r]!;
+            scores[s] = dot * a.softmaxScale;
+          }
+          softmaxInPlace(scores, S);
+          const oLat = new Float64Array(C);
+          for (let s = 0; s < S; s++)
+            for (let c = 0; c < C; c++) oLat[c]! += scores[s]! * cache[s * rowW + c]!;
+          for (let v = 0; v < dv; v++) {
+            const row = (h * (dn + dv) + dn + v) * C;
+            let o = 0;
+            for (let c = 0; c < C; c++) o += W[row + c]! * oLat[c]!;
+            out[(t * heads + h) * dv + v] = o;
+          }
         }
       }
     }

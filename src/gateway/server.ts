@@ -5,6 +5,7 @@ import type { Backend } from "../engine/backend.ts";
 import { BatchForward } from "../engine/batch.ts";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
+import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import { type NgramConfig, ngramSpeculation } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -33,6 +34,8 @@ export interface GatewayConfig {
   /** KV cache budget (bytes) and block size (tokens). */
   readonly kvCacheBytes: number;
   readonly blockSize?: number;
+  /** How KV cache rows are stored (kv-format.ts; default f32). */
+  readonly kvCacheDtype?: KvDtype;
   /** Micro-batches in flight per step, 1 or 2 (default 1; see ServingEngine). */
   readonly microBatches?: number;
   /**
@@ -78,12 +81,14 @@ export function createServeContext(
       `--max-model-len ${maxModelLen} is past the model's max_position_embeddings ${c.maxPositionEmbeddings}`,
     );
   const blockSize = cfg.blockSize ?? 16;
-  const kv = new BlockKvCache(c, { blockSize, memoryBytes: cfg.kvCacheBytes });
+  const dtype = cfg.kvCacheDtype ?? "f32";
+  const kv = new BlockKvCache(c, { blockSize, memoryBytes: cfg.kvCacheBytes, dtype });
   if (kv.capacityTokens < maxModelLen)
     throw new ExpertMeshError(
       "EM_KV_BUDGET",
       `the KV cache holds ${kv.capacityTokens} tokens, less than one sequence of ${maxModelLen}: ` +
-        `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize)} or lower --max-model-len`,
+        `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize, dtype)} or lower --max-model-len` +
+        (dtype === "f32" ? " (or store rows smaller: --kv-cache-dtype bfloat16 or fp8)" : ""),
     );
   const engine = new ServingEngine(
     new BatchForward(weights, backend, experts),

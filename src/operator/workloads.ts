@@ -10,6 +10,7 @@ import type {
 } from "@kubernetes/client-node";
 import {
   architectureOf,
+  kvCacheArgs,
   reasoningParserOf,
   servedModelName,
   speculativeArgs,
@@ -328,6 +329,7 @@ export function desiredObjects(
       `--max-batch-tokens=${gateway.limits.maxBatchTokens}`,
       `--max-request-bytes=${gateway.limits.maxRequestBytes}`,
       ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
+      ...kvCacheArgs(model),
       ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
       `--reasoning-parser=${reasoningParserOf(model)}`,
       `--tool-call-parser=${toolCallParserOf(model)}`,

@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define EM_ABI_VERSION 2
+#define EM_ABI_VERSION 3
 #define EM_MAX_DIMS 4
 /* fp8 checkpoints quantize weights in 128x128 blocks (DeepSeek-V3 `block_size`). */
 #define EM_FP8_BLOCK 128
@@ -152,6 +152,25 @@ typedef struct em_moe_args {
                                     x_index, rows = expert_offsets[E] and x may hold any number of rows. */
 } em_moe_args;
 
+/* A paged latent cache (vLLM's blocks): the rows of every sequence of a batch in
+ * fixed-size blocks of one pool, each sequence reading its blocks through its block table.
+ * Row layout by dtype (em_kv_row_bytes gives the size):
+ * - EM_F32, EM_BF16: the C + dr elements of the contiguous cache row;
+ * - EM_F8_E4M3 (DeepSeek FlashMLA's fp8 layout): C e4m3 codes of the latent, then
+ *   ceil(C / 128) f32 scales (latent element c = fp8(c) * scale[c / 128]), then the dr
+ *   elements of the rotated k_pe in bf16. */
+typedef struct em_kv_pages {
+  const void* pool;              /* [num_blocks, block_size] rows */
+  em_dtype dtype;                /* EM_F32, EM_BF16 or EM_F8_E4M3 */
+  int64_t num_blocks;
+  int32_t block_size;            /* rows per block (>= 1) */
+  const int32_t* block_table;    /* every sequence's blocks, each sequence's in position order */
+  const int32_t* table_offsets;  /* [num_seqs + 1]: sequence s holds block_table[off[s] .. off[s+1]) */
+} em_kv_pages;
+
+/* Bytes of one latent cache row of `dtype` in a paged cache (see em_kv_pages). */
+size_t em_kv_row_bytes(em_dtype dtype, int32_t kv_lora_rank, int32_t rope_dim);
+
 /* MLA attention in DeepSeek's absorbed form over the compressed latent cache.
  * For query token t of head h: q_lat = q_nope W_uk[h] (W_uk[h] = wkv_b rows of head h's
  * k part, [dn, C]); score(s) = (q_lat . latent[s] + q_pe . pe[s]) * softmax_scale for
@@ -168,9 +187,13 @@ typedef struct em_mla_args {
                                must already hold this step's tokens (write the cache first) */
   int32_t num_seqs;         /* sequences in the batch (>= 1) */
   const int32_t* q_offsets; /* [num_seqs + 1] token ranges per sequence; NULL if num_seqs == 1 */
-  const em_tensor* caches;  /* num_seqs views [S_s, C + dr] f32 or bf16: kv_norm(latent) | rope(k_pe) */
+  const em_tensor* caches;  /* num_seqs views [S_s, C + dr] f32 or bf16: kv_norm(latent) | rope(k_pe);
+                               NULL when `pages` holds the rows */
   const em_tensor* wkv_b;   /* [H * (dn + dv), C] weight, any weight dtype */
   em_tensor* out;           /* [T, H, dv] f32 */
+  const em_kv_pages* pages; /* the rows in a paged cache instead of `caches` (NULL: caches). A
+                               backend that does not read pages itself (em_backend_iface.paged_kv
+                               == 0) gets them gathered into contiguous caches by the dispatcher. */
 } em_mla_args;
 
 /* Sampling per row of logits: temperature <= 0 is greedy (argmax, lowest index on ties);
@@ -267,6 +290,8 @@ typedef struct em_backend_iface {
   em_status (*wire_pack)(void* ctx, const em_wire_pack_args* args);
   em_status (*wire_unpack)(void* ctx, const em_wire_unpack_args* args);
   em_status (*logprobs)(void* ctx, const em_logprobs_args* args);
+  /* 1 if mla_attention reads em_kv_pages itself (else the dispatcher gathers them). */
+  int paged_kv;
 } em_backend_iface;
 
 typedef struct em_backend {

@@ -1,6 +1,7 @@
 import { parseArgs } from "node:util";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
+import { parseKvCacheDtype } from "../../engine/kv-format.ts";
 import { loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
@@ -18,6 +19,7 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --temperature T       0 = greedy (default 0)
   --top-k K, --top-p P  sampling filters (default off)
   --seed S              sampling seed (default 0)
+  --kv-cache-dtype D    float32 (default) | bfloat16 | fp8: how the KV cache stores rows
   --chat                wrap the prompt in the model's chat template
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
@@ -41,6 +43,7 @@ export const generateCommand: Command = {
         "top-k": { type: "string" },
         "top-p": { type: "string" },
         seed: { type: "string" },
+        "kv-cache-dtype": { type: "string" },
         chat: { type: "boolean" },
         backend: { type: "string" },
         device: { type: "string" },
@@ -61,6 +64,7 @@ export const generateCommand: Command = {
       topK: intFlag(values["top-k"], "--top-k", 0, 0),
       topP: num(values["top-p"], "--top-p", 1),
       seed: intFlag(values.seed, "--seed", 0, 0),
+      kvCacheDtype: parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32"),
     };
     if (!(sampling.topP > 0 && sampling.topP <= 1))
       throw new ExpertMeshError(

@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import {
+  kvCacheArgs,
   readManifest,
   reasoningParserOf,
   servedModelName,
@@ -319,6 +320,7 @@ export const upCommand: Command = {
           `--host=${host}`,
           "--metrics-port=0",
           `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
+          ...kvCacheArgs(m),
           ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
           `--reasoning-parser=${reasoningParserOf(m)}`,
           `--tool-call-parser=${toolCallParserOf(m)}`,

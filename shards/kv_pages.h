@@ -1,0 +1,65 @@
+// Reading rows of a paged latent cache (em_kv_pages): shared by the CPU attention kernel,
+// which reads the blocks in place, and the dispatcher, which gathers them into contiguous
+// caches for backends that do not read pages themselves.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/dtype.h"
+#include "expertmesh/ops.h"
+
+namespace em {
+
+// Latent scales per fp8 row: one f32 per 128 latent elements.
+inline int64_t kv_fp8_scales(int64_t C) { return (C + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK; }
+
+// Bytes of one row (em_kv_row_bytes); 0 for a dtype pages cannot hold.
+inline size_t kv_row_bytes(em_dtype dtype, int64_t C, int64_t dr) {
+  switch (dtype) {
+    case EM_F32: return static_cast<size_t>(4 * (C + dr));
+    case EM_BF16: return static_cast<size_t>(2 * (C + dr));
+    case EM_F8_E4M3: return static_cast<size_t>(C + 4 * kv_fp8_scales(C) + 2 * dr);
+    default: return 0;
+  }
+}
+
+// Row r of sequence s (its r-th position), as bytes.
+inline const uint8_t* kv_row(const em_kv_pages& p, int32_t s, int64_t r, size_t row_bytes) {
+  const int32_t block = p.block_table[p.table_offsets[s] + r / p.block_size];
+  return static_cast<const uint8_t*>(p.pool) +
+         (static_cast<size_t>(block) * static_cast<size_t>(p.block_size) + static_cast<size_t>(r % p.block_size)) *
+             row_bytes;
+}
+
+// Decodes n consecutive fp8 rows (C codes | scales | dr bf16) into f32 rows [n, C + dr].
+inline void kv_fp8_rows_to_f32(const uint8_t* rows, int64_t n, int64_t C, int64_t dr, float* out) {
+  const int64_t ns = kv_fp8_scales(C);
+  const size_t rb = kv_row_bytes(EM_F8_E4M3, C, dr);
+  static const struct Lut {
+    float v[256];
+    Lut() {
+      for (int i = 0; i < 256; ++i) v[i] = cpu::fp8_e4m3_to_f32(static_cast<uint8_t>(i));
+    }
+  } table;
+  const float* lut = table.v;
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* row = rows + static_cast<size_t>(r) * rb;
+    float* o = out + r * (C + dr);
+    for (int64_t b = 0; b < ns; ++b) {
+      float scale;
+      std::memcpy(&scale, row + C + 4 * b, 4);
+      const int64_t c1 = b * EM_FP8_BLOCK + EM_FP8_BLOCK < C ? b * EM_FP8_BLOCK + EM_FP8_BLOCK : C;
+      for (int64_t c = b * EM_FP8_BLOCK; c < c1; ++c) o[c] = lut[row[c]] * scale;
+    }
+    const uint8_t* pe = row + C + 4 * ns;
+    for (int64_t i = 0; i < dr; ++i) {
+      uint16_t h;
+      std::memcpy(&h, pe + 2 * i, 2);
+      o[C + i] = cpu::bf16_to_f32(h);
+    }
+  }
+}
+
+}  // namespace em
