@@ -13,6 +13,7 @@ import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
+import { kvCacheTables } from "./kv-cache.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import { prefixTables } from "./prefix.ts";
 import { samplingTables } from "./sampling.ts";
@@ -453,6 +454,7 @@ export const SUITES = [
   "sampling",
   "json",
   "speculative",
+  "kvcache",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -461,7 +463,7 @@ export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
 export const TABLES_ONLY: Record<
-  "tokenize" | "prefix" | "json" | "sampling" | "speculative",
+  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -469,6 +471,7 @@ export const TABLES_ONLY: Record<
   json: jsonTables,
   sampling: samplingTables,
   speculative: speculativeTables,
+  kvcache: kvCacheTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

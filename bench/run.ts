@@ -18,6 +18,7 @@ import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
+import { runKvCache } from "./kv-cache.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { runPrefix } from "./prefix.ts";
 import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } from "./report.ts";
@@ -52,6 +53,7 @@ const RUN_TABLES_ONLY: Record<
   json: runJson,
   sampling: runSampling,
   speculative: runSpeculative,
+  kvcache: runKvCache,
 };
 
 async function main(): Promise<number> {

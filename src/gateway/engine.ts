@@ -20,6 +20,7 @@
 // tokens (a fork of the sequence's constraint), as decoding token by token would mask it.
 import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
+import type { KvDtype } from "../engine/kv-format.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import {
   type AddResult,
@@ -96,6 +97,9 @@ export interface EngineStats {
   numWaiting: number;
   numRunning: number;
   kvUsage: number;
+  /** Token positions the KV cache holds (all blocks), and how it stores rows. */
+  kvCapacityTokens: number;
+  kvCacheDtype: KvDtype;
   numPreemptions: number;
   /** Tokens of admitted sequences looked up in the prefix cache, and found (not computed). */
   prefixQueryTokens: number;
@@ -188,6 +192,8 @@ export class ServingEngine {
       numWaiting: this.#scheduler.numWaiting,
       numRunning: this.#scheduler.numRunning,
       kvUsage: this.#kv.allocator.usage,
+      kvCapacityTokens: this.#kv.capacityTokens,
+      kvCacheDtype: this.#kv.dtype,
       numPreemptions: this.numPreemptions,
       prefixQueryTokens: this.#scheduler.prefixQueryTokens,
       prefixHitTokens: this.#scheduler.prefixHitTokens,

@@ -72,6 +72,16 @@ export class GatewayMetrics {
       },
     });
     new Gauge({
+      name: "expertmesh_gateway_kv_cache_capacity_tokens",
+      help: "Token positions the KV cache holds (all blocks), by how it stores rows (f32, bf16, fp8).",
+      labelNames: ["dtype"],
+      registers,
+      collect() {
+        const s = stats();
+        this.set({ dtype: s.kvCacheDtype }, s.kvCapacityTokens);
+      },
+    });
+    new Gauge({
       name: "expertmesh_gateway_num_preemptions",
       help: "Sequences preempted (freed and recomputed later) since start.",
       registers,

@@ -75,6 +75,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.maxRunning !== undefined ? { maxRunning: o.maxRunning } : {}),
     ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
     ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
+    ...(o.kvCacheDtype !== undefined ? { kvCacheDtype: o.kvCacheDtype } : {}),
     ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
     ...(o.speculative !== undefined ? { speculative: o.speculative } : {}),
     ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),

@@ -170,6 +170,12 @@ spec:
       `${good}  gateway: { speculative: { numTokens: 16 } }\n`,
       "EM_MANIFEST_INVALID",
     ],
+    [
+      "kv cache dtype fp8_e5m2",
+      `${good}  gateway: { kvCache: { dtype: fp8_e5m2 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    ["kv cache of 0 bytes", `${good}  gateway: { kvCache: { bytes: 0 } }\n`, "EM_MANIFEST_INVALID"],
   ])("rejects %s", (_name, text, code) => {
     expect(codeOf(() => parseManifest(text))).toBe(code);
   });

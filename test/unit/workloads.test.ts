@@ -156,6 +156,21 @@ spec:
     ).toEqual(["--speculative-tokens=3", "--prompt-lookup-max=8", "--prompt-lookup-min=1"]);
   });
 
+  it("passes the KV cache's bytes, dtype and block size to the gateway", () => {
+    const args = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0].args as string[];
+    const kv = (a: string[]) => a.filter((x) => /^--(kv-cache|block-size)/.test(x));
+    expect(kv(args(""))).toEqual([
+      "--kv-cache-bytes=536870912",
+      "--kv-cache-dtype=float32",
+      "--block-size=16",
+    ]);
+    expect(
+      kv(args("  gateway: { kvCache: { bytes: 17179869184, dtype: fp8, blockSize: 64 } }")),
+    ).toEqual(["--kv-cache-bytes=17179869184", "--kv-cache-dtype=fp8", "--block-size=64"]);
+  });
+
   it("passes --tool-call-parser to the gateway (deepseek-v3 unless the manifest says)", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec

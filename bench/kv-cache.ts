@@ -1,0 +1,238 @@
+// The kvcache suite: one layer's MLA decode attention over the gateway's block cache, a
+// batch of 8 sequences at 512-8192 tokens of context, V3's latent dims (kv_lora_rank 512,
+// rope 64, nope/v heads 128) with 16 heads. The peer is what the engine did before paged
+// attention, measured in the same run: gather each sequence's rows out of its blocks into
+// a fresh contiguous f32 array, then one native call per sequence. Ours: one native call
+// for the batch reading the blocks in place (em_kv_pages), with f32, bf16 and fp8
+// (FlashMLA's layout) rows; and what writing a step's rows costs per dtype (kv-format.ts
+// encodes in TypeScript). Every side's output is checked against the peer's.
+import type { KvPages, Weight } from "../src/engine/backend.ts";
+import { encodeKvRows, type KvDtype, kvRowBytes } from "../src/engine/kv-format.ts";
+import { loadAddon, nativeBackend } from "../src/engine/native.ts";
+import { float32ToBf16 } from "../src/model/floats.ts";
+import { Prng } from "../src/model/prng.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
+
+const H = 16;
+const DN = 128;
+const DR = 64;
+const DV = 128;
+const C = 512;
+const W = C + DR;
+const BATCH = 8;
+const BLOCK = 16;
+const CONTEXTS = [512, 2048, 8192];
+const QUICK_CONTEXTS = [2048];
+const SIDES = ["copy (peer)", "paged f32", "paged bf16", "paged fp8"] as const;
+type Side = (typeof SIDES)[number];
+const DTYPE_OF: Record<Side, KvDtype> = {
+  "copy (peer)": "f32",
+  "paged f32": "f32",
+  "paged bf16": "bf16",
+  "paged fp8": "fp8",
+};
+
+export interface KvCacheRow {
+  context: number;
+  side: Side;
+  /** Milliseconds per layer and step (the batch's attention). */
+  ms: Stats;
+  /** max |out - peer| / max |peer|. */
+  relErr: number;
+}
+
+export interface KvWriteRow {
+  dtype: KvDtype;
+  /** Microseconds to encode one token's row of one layer (a 2048-token prefill chunk). */
+  usPerRow: Stats;
+}
+
+export interface KvCacheResults {
+  threads: number;
+  runs: number;
+  batch: number;
+  blockSize: number;
+  rows: KvCacheRow[];
+  writes: KvWriteRow[];
+  bytesPerRow: Record<KvDtype, number>;
+}
+
+export async function runKvCache(o: {
+  threads: number;
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<KvCacheResults> {
+  const addon = loadAddon();
+  addon.configure({ threads: o.threads });
+  const native = nativeBackend();
+  const rng = new Prng(7);
+  const runs = o.quick ? 2 : o.runs;
+  const w = new Float32Array(H * (DN + DV) * C);
+  rng.fillNormal(w, 0.05);
+  const wkvB: Weight = {
+    dtype: "bf16",
+    data: Uint16Array.from(w, float32ToBf16),
+    rows: H * (DN + DV),
+    cols: C,
+  };
+  const rows: KvCacheRow[] = [];
+  for (const context of o.quick ? QUICK_CONTEXTS : CONTEXTS) {
+    // The batch's rows in the blocks of one pool per dtype, in shuffled block order.
+    const blocksPer = Math.ceil(context / BLOCK);
+    const numBlocks = BATCH * blocksPer;
+    const order = Array.from({ length: numBlocks }, (_, i) => i);
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(rng.uniform() * (i + 1));
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    const table = Int32Array.from(order);
+    const tableOffsets = Int32Array.from({ length: BATCH + 1 }, (_, s) => s * blocksPer);
+    const latent = new Float32Array(BLOCK * W);
+    const pools = new Map<KvDtype, KvPages>();
+    for (const d of ["f32", "bf16", "fp8"] as const) {
+      const rb = kvRowBytes(d, C, DR);
+      pools.set(d, { dtype: d, pool: new Uint8Array(numBlocks * BLOCK * rb), blockSize: BLOCK });
+    }
+    for (let b = 0; b < numBlocks; b++) {
+      rng.fillNormal(latent, 1);
+      for (const [d, p] of pools)
+        encodeKvRows(d, C, DR, latent, p.pool, b * BLOCK * kvRowBytes(d, C, DR));
+    }
+    const q = new Float32Array(BATCH * H * (DN + DR));
+    rng.fillNormal(q, 1);
+    const positions = Int32Array.from({ length: BATCH }, () => context - 1);
+    const qOffsets = Int32Array.from({ length: BATCH + 1 }, (_, i) => i);
+    const common = {
+      heads: H,
+      nopeDim: DN,
+      ropeDim: DR,
+      vDim: DV,
+      kvLoraRank: C,
+      softmaxScale: (DN + DR) ** -0.5,
+      wkvB,
+    };
+    const f32Pool = pools.get("f32")!.pool;
+    const run = (side: Side): Float32Array => {
+      if (side !== "copy (peer)")
+        return native.mla({
+          ...common,
+          q,
+          positions,
+          qOffsets,
+          pages: pools.get(DTYPE_OF[side])!,
+          table,
+          tableOffsets,
+        });
+      // Before: the view's rows() copy per sequence, then a call per sequence.
+      const out = new Float32Array(BATCH * H * DV);
+      for (let s = 0; s < BATCH; s++) {
+        const rowsOf = new Float32Array(f32Pool.buffer);
+        const cache = new Float32Array(context * W);
+        for (let p = 0; p < context; p += BLOCK) {
+          const at = table[s * blocksPer + p / BLOCK]! * BLOCK * W;
+          cache.set(rowsOf.subarray(at, at + Math.min(BLOCK, context - p) * W), p * W);
+        }
+        const o1 = addon.mlaAttention({
+          q: q.subarray(s * H * (DN + DR), (s + 1) * H * (DN + DR)),
+          positions: positions.subarray(s, s + 1),
+          caches: cache,
+          numHeads: H,
+          qkNopeHeadDim: DN,
+          qkRopeHeadDim: DR,
+          vHeadDim: DV,
+          kvLoraRank: C,
+          wkvB: { dtype: "bf16", shape: [wkvB.rows, wkvB.cols], data: wkvB.data },
+          softmaxScale: common.softmaxScale,
+        });
+        out.set(o1, s * H * DV);
+      }
+      return out;
+    };
+    const peer = run("copy (peer)");
+    let peerMax = 0;
+    for (const v of peer) peerMax = Math.max(peerMax, Math.abs(v));
+    const times = new Map<Side, number[]>(SIDES.map((s) => [s, []]));
+    const errs = new Map<Side, number>();
+    for (const s of SIDES) run(s); // warm-up
+    const reps = Math.max(3, Math.round(20_000 / context));
+    for (let r = 0; r < runs; r++) {
+      // Sides in turn, the order rotated each run.
+      for (let k = 0; k < SIDES.length; k++) {
+        const side = SIDES[(k + r) % SIDES.length]!;
+        let out = peer;
+        const t0 = performance.now();
+        for (let i = 0; i < reps; i++) out = run(side);
+        times.get(side)!.push((performance.now() - t0) / reps);
+        let e = 0;
+        for (let i = 0; i < out.length; i++) e = Math.max(e, Math.abs(out[i]! - peer[i]!));
+        errs.set(side, e / peerMax);
+      }
+    }
+    for (const side of SIDES) {
+      const row = { context, side, ms: stats(times.get(side)!), relErr: errs.get(side)! };
+      rows.push(row);
+      o.log(
+        `kvcache: context ${context} ${side}: ${medianRange(row.ms, 2)} ms, err ${row.relErr.toExponential(1)}`,
+      );
+    }
+    if (errs.get("paged f32")! > 1e-5)
+      throw new Error("paged f32 attention differs from the peer's");
+  }
+  // Writing: a 2048-token chunk's rows of one layer.
+  const chunk = new Float32Array(2048 * W);
+  rng.fillNormal(chunk, 1);
+  const writes: KvWriteRow[] = [];
+  for (const d of ["f32", "bf16", "fp8"] as const) {
+    const out = new Uint8Array(2048 * kvRowBytes(d, C, DR));
+    for (let i = 0; i < 3; i++) encodeKvRows(d, C, DR, chunk, out, 0); // warm-up (JIT)
+    const us: number[] = [];
+    for (let r = 0; r < runs; r++) {
+      const t0 = performance.now();
+      encodeKvRows(d, C, DR, chunk, out, 0);
+      us.push(((performance.now() - t0) * 1000) / 2048);
+    }
+    writes.push({ dtype: d, usPerRow: stats(us) });
+    o.log(`kvcache: write ${d}: ${medianRange(stats(us), 2)} us per row`);
+  }
+  return {
+    threads: o.threads,
+    runs,
+    batch: BATCH,
+    blockSize: BLOCK,
+    rows,
+    writes,
+    bytesPerRow: {
+      f32: kvRowBytes("f32", C, DR),
+      bf16: kvRowBytes("bf16", C, DR),
+      fp8: kvRowBytes("fp8", C, DR),
+    },
+  };
+}
+
+export function kvCacheTables(
+  r: KvCacheResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
+  source: string,
+): string {
+  const lines = r.rows.map((row) => {
+    const peer = r.rows.find((x) => x.context === row.context && x.side === "copy (peer)")!;
+    const bytes = r.bytesPerRow[DTYPE_OF[row.side]];
+    const gbps = (r.batch * row.context * bytes) / (row.ms.median / 1000) / 1e9;
+    return `| ${row.context} | ${row.side} | ${medianRange(row.ms, 2)} | ${row.side === "copy (peer)" ? "1" : (peer.ms.median / row.ms.median).toFixed(2)}x | ${gbps.toFixed(1)} | ${row.side === "copy (peer)" ? "-" : row.relErr.toExponential(1)} |`;
+  });
+  const writes = r.writes.map(
+    (w) =>
+      `| ${w.dtype} | ${r.bytesPerRow[w.dtype]} | ${(r.bytesPerRow.f32 / r.bytesPerRow[w.dtype]).toFixed(2)}x | ${medianRange(w.usPerRow, 2)} |`,
+  );
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.threads} threads, ${r.runs} runs with the sides in rotating order; from \`${source}\`. One layer's MLA decode attention for a batch of ${r.batch} sequences, each at the context given, V3's latent (kv_lora_rank 512 + rope 64, nope/v 128) with 16 heads, bf16 kv_b_proj, blocks of ${r.blockSize} tokens in shuffled order. Peer: the engine before paged attention (each sequence's rows copied out of its blocks into a new f32 array, then a call per sequence). GB/s: cache bytes read per second (batch x context x row bytes / time). Error: max |out - peer| / max |peer| (bf16 and fp8 rows are rounded, the peer's are f32).
+
+| context | side | ms per layer | vs peer | cache GB/s | error |
+|---:|---|---:|---:|---:|---:|
+${lines.join("\n")}
+
+Row sizes and what writing them costs (a 2048-token chunk of one layer, encoded in TypeScript):
+
+| dtype | bytes per row | tokens per byte vs f32 | µs per row |
+|---|---:|---:|---:|
+${writes.join("\n")}`;
+}
