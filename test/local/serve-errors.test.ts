@@ -68,6 +68,7 @@ describe("serving commands on bad input", () => {
       [["--prompt=hi", "--max-tokens=1e12"], /--max-tokens 1000000000000 do not fit/],
       [["--prompt=hi", "--max-tokens=1.5"], /--max-tokens must be an integer >= 1, got '1.5'/],
       [["--prompt=hi", "--top-p=0", "--temperature=1"], /--top-p must be in \(0, 1\], got '0'/],
+      [["--prompt=hi", "--kv-cache-dtype=fp8_e5m2"], /unknown KV cache dtype 'fp8_e5m2'/],
     ] as const) {
       const r = await generate([...extra]);
       expect(r.code, extra.join(" ").slice(0, 40)).toBe(1);
@@ -119,6 +120,9 @@ describe("serving commands on bad input", () => {
   it("a bad or taken port ends the process with its code (it kept serving, or threw)", async () => {
     const gateway = (extra: string[]) =>
       expertmesh(["gateway", `--model=${dir}`, "--local", "--host=127.0.0.1", ...extra]);
+    const dtype = await gateway(["--http-port=0", "--kv-cache-dtype=int4"]);
+    expect(dtype.code).toBe(1);
+    expect(dtype.stderr).toContain("[EM_CLI_USAGE] unknown KV cache dtype 'int4'");
     const bad = await gateway(["--http-port=0", "--metrics-port=abc"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toContain(
