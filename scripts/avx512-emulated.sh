@@ -51,6 +51,7 @@ fi
 # One build directory per checkout (CMake ties a build directory to its source path). The
 # engine, its C++ tests and the addon, as shards/build.sh builds them, plus the emulation.
 build="$cache/avx512-emulated/$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
+mkdir -p "$(dirname "$build")" # its log sits beside it, written before the build makes it
 log "building the engine, its tests and the addon with emulated AVX-512 in $build"
 addon=$(EM_BUILD_DIR="$build" EM_CUDA=OFF EM_BUILD_JOBS="$jobs" \
   EM_CMAKE_ARGS="-DEM_EMULATE_AVX512=ON -DSIMDE_INCLUDE_DIR=$simde/include" \

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
       em_tensor w = em_tensor_2d(dw, EM_BF16, kHeads * (kNope + kV), kRank);
       em_mla_args a{static_cast<int32_t>(kHeads), static_cast<int32_t>(kNope), static_cast<int32_t>(kRope),
                     static_cast<int32_t>(kV), static_cast<int32_t>(kRank), scale, &q, positions.data(),
-                    static_cast<int32_t>(B), offsets.data(), caches.data(), &w, &out};
+                    static_cast<int32_t>(B), offsets.data(), caches.data(), &w, &out, nullptr};
       // The bytes the kernel must read: B caches of L rows (contiguous per sequence; the
       // copy peer moves the same bytes as one block).
       const size_t bytes = static_cast<size_t>(B * L * kRow) * 2;

@@ -584,7 +584,7 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
   em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
                 static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
                 static_cast<int32_t>(seqs.size()), seqs.size() > 1 ? q_offsets.data() : nullptr, caches.data(), &wt,
-                &ot0};
+                &ot0, nullptr};
   CHECK_OK(em_mla_attention(b.cpu, &a));
   if (mem == kMlaHost) {
     a.out = &ot1;
@@ -614,6 +614,58 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
          rel_err(y0, y1), mla_tolerance(wkv_b.dtype, cdt));
 }
 
+// Paged rows (em_kv_pages, host memory): the CPU backend reads the blocks in place, the CUDA
+// backend (paged_kv = 0) gets them gathered by the dispatcher; blocks in reverse order.
+void mla_paged_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const std::vector<MlaSeq>& seqs,
+                    em_dtype pdt, int32_t block_size) {
+  const size_t rb = em_kv_row_bytes(pdt, static_cast<int32_t>(d.C), static_cast<int32_t>(d.dr));
+  int32_t num_blocks = 0;
+  for (const MlaSeq& s : seqs) num_blocks += static_cast<int32_t>((s.cache_rows + block_size - 1) / block_size);
+  std::vector<uint8_t> pool(static_cast<size_t>(num_blocks) * static_cast<size_t>(block_size) * rb);
+  const int64_t rows = static_cast<int64_t>(pool.size() / rb);
+  if (pdt == EM_F8_E4M3) {
+    const int64_t ns = (d.C + 127) / 128;
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* row = pool.data() + static_cast<size_t>(r) * rb;
+      for (int64_t c = 0; c < d.C; ++c) {
+        const int code = rng.integer(0, 253);  // 0x7f (NaN) skipped below
+        row[c] = static_cast<uint8_t>(code >= 0x7f ? code + 1 : code);
+      }
+      for (int64_t k = 0; k < ns; ++k) {
+        const float sc = rng.uniform(0.5f, 2.0f) / 448.0f;
+        std::memcpy(row + d.C + 4 * k, &sc, 4);
+      }
+      const std::vector<uint8_t> pe = random_cache(rng, EM_BF16, static_cast<size_t>(d.dr));
+      std::memcpy(row + d.C + 4 * ns, pe.data(), pe.size());
+    }
+  } else {
+    pool = random_cache(rng, pdt, static_cast<size_t>(rows * (d.C + d.dr)));
+  }
+  std::vector<int32_t> table, table_offsets = {0}, positions, q_offsets = {0};
+  int32_t next = num_blocks;
+  for (const MlaSeq& s : seqs) {
+    for (int64_t r = 0; r < s.cache_rows; r += block_size) table.push_back(--next);
+    table_offsets.push_back(static_cast<int32_t>(table.size()));
+    positions.insert(positions.end(), s.positions.begin(), s.positions.end());
+    q_offsets.push_back(static_cast<int32_t>(positions.size()));
+  }
+  const em_kv_pages pages{pool.data(), pdt, num_blocks, block_size, table.data(), table_offsets.data()};
+  const int64_t T = static_cast<int64_t>(positions.size());
+  std::vector<float> q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
+  const float scale = static_cast<float>(em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707));
+  em_tensor qt = em_tensor_3d(q.data(), EM_F32, T, d.H, d.dn + d.dr), wt = wkv_b.view();
+  std::vector<float> y0(static_cast<size_t>(T * d.H * d.dv)), y1(y0.size(), NAN);
+  em_tensor ot0 = em_tensor_3d(y0.data(), EM_F32, T, d.H, d.dv), ot1 = em_tensor_3d(y1.data(), EM_F32, T, d.H, d.dv);
+  em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
+                static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
+                static_cast<int32_t>(seqs.size()), q_offsets.data(), nullptr, &wt, &ot0, &pages};
+  CHECK_OK(em_mla_attention(b.cpu, &a));
+  a.out = &ot1;
+  CHECK_OK(em_mla_attention(b.cuda, &a));
+  report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/paged " + em_dtype_name(pdt) + " " + d.name,
+         rel_err(y0, y1), mla_tolerance(wkv_b.dtype, pdt == EM_BF16 ? EM_BF16 : EM_F32));
+}
+
 void mla_cases(Rng& rng, Backends& b) {
   for (em_dtype dt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3})
     CHECK(em_supports_op(b.cuda, EM_OP_MLA_ATTENTION, dt) == 1, "mla_attention must support %s weights", em_dtype_name(dt));
@@ -638,6 +690,8 @@ void mla_cases(Rng& rng, Backends& b) {
     TestWeight wl = make_weight(rng, EM_BF16, lite.H * (lite.dn + lite.dv), lite.C, 0.25f);
     mla_case(rng, b, lite, wl, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70");
     mla_case(rng, b, lite, wl, {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}}, EM_BF16, "decode S=1,37,1000,4096");
+    for (em_dtype pdt : {EM_F32, EM_BF16, EM_F8_E4M3})
+      mla_paged_case(rng, b, lite, wl, {{37, {36}}, {1000, {999}}, {70, mla_range(60, 70)}}, pdt, 16);
     mla_case(rng, b, lite, wl, {{300, mla_range(250, 300)}, {9, {7, 8}}}, EM_BF16, "chunked prefill + MTP");
     // Two tokens far apart in one group: the first sees none of the cache rows of 31 of the
     // group's 32 chunks (fully masked rows in a split group).
