@@ -11,7 +11,7 @@ import { encodeKvRows, type KvDtype, kvRowBytes } from "../src/engine/kv-format.
 import { loadAddon, nativeBackend } from "../src/engine/native.ts";
 import { float32ToBf16 } from "../src/model/floats.ts";
 import { Prng } from "../src/model/prng.ts";
-import { medianRange, type Stats, stats } from "./lib.ts";
+import { buildLimits, Limits, medianRange, type Stats, stats } from "./lib.ts";
 
 const H = 16;
 const DN = 128;
@@ -55,6 +55,11 @@ export interface KvCacheResults {
   rows: KvCacheRow[];
   writes: KvWriteRow[];
   bytesPerRow: Record<KvDtype, number>;
+  /** Limits measured in the same run: read bandwidth (GB/s) and FMA peak (GFLOP/s). */
+  readGbs: Stats;
+  fmaGflops: Stats;
+  /** FLOPs of one side's call (the batch's attention of one layer), per context. */
+  flops: Record<number, number>;
 }
 
 export async function runKvCache(o: {
@@ -77,6 +82,10 @@ export async function runKvCache(o: {
     cols: C,
   };
   const rows: KvCacheRow[] = [];
+  const limits = await Limits.start(buildLimits(o.log), o.threads, 256);
+  const readGbs: number[] = [];
+  const fmaGflops: number[] = [];
+  const flops: Record<number, number> = {};
   for (const context of o.quick ? QUICK_CONTEXTS : CONTEXTS) {
     // The batch's rows in the blocks of one pool per dtype, in shuffled block order.
     const blocksPer = Math.ceil(context / BLOCK);
@@ -156,7 +165,11 @@ export async function runKvCache(o: {
     const errs = new Map<Side, number>();
     for (const s of SIDES) run(s); // warm-up
     const reps = Math.max(3, Math.round(20_000 / context));
+    // q_nope W_UK, scores over [latent | pe], P latent, o W_UV: per sequence and head.
+    flops[context] = 2 * BATCH * H * (DN * C + context * W + context * C + C * DV);
     for (let r = 0; r < runs; r++) {
+      readGbs.push((await limits.membw()).read_gbs);
+      fmaGflops.push((await limits.fma()).gflops);
       // Sides in turn, the order rotated each run.
       for (let k = 0; k < SIDES.length; k++) {
         const side = SIDES[(k + r) % SIDES.length]!;
@@ -179,6 +192,7 @@ export async function runKvCache(o: {
     if (errs.get("paged f32")! > 1e-5)
       throw new Error("paged f32 attention differs from the peer's");
   }
+  await limits.close();
   // Writing: a 2048-token chunk's rows of one layer.
   const chunk = new Float32Array(2048 * W);
   rng.fillNormal(chunk, 1);
@@ -202,6 +216,9 @@ export async function runKvCache(o: {
     blockSize: BLOCK,
     rows,
     writes,
+    readGbs: stats(readGbs),
+    fmaGflops: stats(fmaGflops),
+    flops,
     bytesPerRow: {
       f32: kvRowBytes("f32", C, DR),
       bf16: kvRowBytes("bf16", C, DR),
@@ -218,16 +235,17 @@ export function kvCacheTables(
     const peer = r.rows.find((x) => x.context === row.context && x.side === "copy (peer)")!;
     const bytes = r.bytesPerRow[DTYPE_OF[row.side]];
     const gbps = (r.batch * row.context * bytes) / (row.ms.median / 1000) / 1e9;
-    return `| ${row.context} | ${row.side} | ${medianRange(row.ms, 2)} | ${row.side === "copy (peer)" ? "1" : (peer.ms.median / row.ms.median).toFixed(2)}x | ${gbps.toFixed(1)} | ${row.side === "copy (peer)" ? "-" : row.relErr.toExponential(1)} |`;
+    const gflops = r.flops[row.context]! / (row.ms.median / 1000) / 1e9;
+    return `| ${row.context} | ${row.side} | ${medianRange(row.ms, 2)} | ${row.side === "copy (peer)" ? "1" : (peer.ms.median / row.ms.median).toFixed(2)}x | ${gbps.toFixed(1)} (${((100 * gbps) / r.readGbs.median).toFixed(0)} %) | ${gflops.toFixed(1)} (${((100 * gflops) / r.fmaGflops.median).toFixed(0)} %) | ${row.side === "copy (peer)" ? "-" : row.relErr.toExponential(1)} |`;
   });
   const writes = r.writes.map(
     (w) =>
       `| ${w.dtype} | ${r.bytesPerRow[w.dtype]} | ${(r.bytesPerRow.f32 / r.bytesPerRow[w.dtype]).toFixed(2)}x | ${medianRange(w.usPerRow, 2)} |`,
   );
-  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.threads} threads, ${r.runs} runs with the sides in rotating order; from \`${source}\`. One layer's MLA decode attention for a batch of ${r.batch} sequences, each at the context given, V3's latent (kv_lora_rank 512 + rope 64, nope/v 128) with 16 heads, bf16 kv_b_proj, blocks of ${r.blockSize} tokens in shuffled order. Peer: the engine before paged attention (each sequence's rows copied out of its blocks into a new f32 array, then a call per sequence). GB/s: cache bytes read per second (batch x context x row bytes / time). Error: max |out - peer| / max |peer| (bf16 and fp8 rows are rounded, the peer's are f32).
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.threads} threads, ${r.runs} runs with the sides in rotating order; from \`${source}\`. One layer's MLA decode attention for a batch of ${r.batch} sequences, each at the context given, V3's latent (kv_lora_rank 512 + rope 64, nope/v 128) with 16 heads, bf16 kv_b_proj, blocks of ${r.blockSize} tokens in shuffled order. Peer: the engine before paged attention (each sequence's rows copied out of its blocks into a new f32 array, then a call per sequence). GB/s: cache bytes read per second (batch x context x row bytes / time), and its share of the read bandwidth measured in the same run (${r.readGbs.median.toFixed(1)} GB/s); GFLOP/s: the attention's arithmetic per second, and its share of the FMA peak measured in the same run (${r.fmaGflops.median.toFixed(1)} GFLOP/s). Error: max |out - peer| / max |peer| (bf16 and fp8 rows are rounded, the peer's are f32).
 
-| context | side | ms per layer | vs peer | cache GB/s | error |
-|---:|---|---:|---:|---:|---:|
+| context | side | ms per layer | vs peer | cache GB/s (of read bw) | GFLOP/s (of FMA peak) | error |
+|---:|---|---:|---:|---:|---:|---:|
 ${lines.join("\n")}
 
 Row sizes and what writing them costs (a 2048-token chunk of one layer, encoded in TypeScript):

@@ -4,6 +4,9 @@ import { Registry } from "prom-client";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
+import { parseKvCacheDtype } from "../../src/engine/kv-format.ts";
+import type { ModelConfig } from "../../src/model/config.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import { names } from "../../src/operator/labels.ts";
@@ -18,6 +21,15 @@ const manifests = readdirSync(dir).filter(
 describe("examples/", () => {
   it("has the tiny and the DeepSeek-V3 manifests", () => {
     expect(manifests).toEqual(expect.arrayContaining(["tiny.yaml", "deepseek-v3.yaml"]));
+  });
+  it("deepseek-v3.yaml's KV cache holds its maxModelLen (else the gateway refuses to start)", () => {
+    const m = parseManifest(readFileSync(new URL("deepseek-v3.yaml", dir), "utf8"), "v3");
+    const { bytes, dtype, blockSize } = m.spec.gateway.kvCache;
+    // V3's MLA: kv_lora_rank 512 + rope 64 per token in each of 61 layers.
+    const v3 = { kvLoraRank: 512, qkRopeHeadDim: 64, numHiddenLayers: 61 } as ModelConfig;
+    const tokens =
+      Math.floor(bytes / bytesPerBlock(v3, blockSize, parseKvCacheDtype(dtype))) * blockSize;
+    expect(tokens).toBeGreaterThanOrEqual(m.spec.gateway.limits.maxModelLen!);
   });
   it.each(manifests)("%s is valid and plans", (file) => {
     const m = parseManifest(readFileSync(new URL(file, dir), "utf8"), file);
