@@ -204,6 +204,27 @@ export function toolCallParserOf(model: DeepSeekModel): "deepseek-v3" | "deepsee
   );
 }
 
+/**
+ * The gateway's serving flags a manifest sets (limits, KV cache, parsers, speculation):
+ * the same for the operator's pods and `expertmesh up`'s process, which add their own
+ * ports and addresses.
+ */
+export function gatewayArgs(model: DeepSeekModel): string[] {
+  const g = model.spec.gateway;
+  return [
+    `--served-model-name=${servedModelName(model)}`,
+    `--max-queue-depth=${g.limits.maxQueueDepth}`,
+    `--max-batch-tokens=${g.limits.maxBatchTokens}`,
+    `--max-request-bytes=${g.limits.maxRequestBytes}`,
+    ...(g.limits.maxModelLen ? [`--max-model-len=${g.limits.maxModelLen}`] : []),
+    ...kvCacheArgs(model),
+    ...(g.prefixCaching ? [] : ["--no-prefix-caching"]),
+    `--reasoning-parser=${reasoningParserOf(model)}`,
+    `--tool-call-parser=${toolCallParserOf(model)}`,
+    ...speculativeArgs(model),
+  ];
+}
+
 /** The gateway's KV cache flags (spec.gateway.kvCache). */
 export function kvCacheArgs(model: DeepSeekModel): string[] {
   const k = model.spec.gateway.kvCache;

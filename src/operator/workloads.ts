@@ -8,14 +8,7 @@ import type {
   V1Service,
   V1Volume,
 } from "@kubernetes/client-node";
-import {
-  architectureOf,
-  kvCacheArgs,
-  reasoningParserOf,
-  servedModelName,
-  speculativeArgs,
-  toolCallParserOf,
-} from "../api/manifest.ts";
+import { architectureOf, gatewayArgs, servedModelName } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -321,19 +314,10 @@ export function desiredObjects(
     model,
     "gateway",
     [
-      `--served-model-name=${servedModelName(model)}`,
       `--http-port=${gateway.ports.http}`,
       `--grpc-port=${gateway.ports.grpc}`,
       `--metrics-port=${gateway.ports.metrics}`,
-      `--max-queue-depth=${gateway.limits.maxQueueDepth}`,
-      `--max-batch-tokens=${gateway.limits.maxBatchTokens}`,
-      `--max-request-bytes=${gateway.limits.maxRequestBytes}`,
-      ...(gateway.limits.maxModelLen ? [`--max-model-len=${gateway.limits.maxModelLen}`] : []),
-      ...kvCacheArgs(model),
-      ...(gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
-      `--reasoning-parser=${reasoningParserOf(model)}`,
-      `--tool-call-parser=${toolCallParserOf(model)}`,
-      ...speculativeArgs(model),
+      ...gatewayArgs(model),
     ],
     gateway.gpus,
     gateway.resources,

@@ -1,5 +1,10 @@
 import { describe, expect, it } from "vitest";
-import { architectureOf, parseManifest, servedModelName } from "../../src/api/manifest.ts";
+import {
+  architectureOf,
+  gatewayArgs,
+  parseManifest,
+  servedModelName,
+} from "../../src/api/manifest.ts";
 import { type ModelArchitecture, presetNames, resolveArchitecture } from "../../src/api/presets.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
@@ -74,6 +79,33 @@ spec:
   model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
   experts: { shards: 4 }
 `;
+  it("gives the gateway (pods and `up` alike) every serving setting of spec.gateway", () => {
+    const m = parseManifest(
+      `${good}  gateway:
+    limits: { maxQueueDepth: 7, maxBatchTokens: 99, maxRequestBytes: 4096, maxModelLen: 200 }
+    kvCache: { bytes: 1048576, dtype: bfloat16, blockSize: 8 }
+    prefixCaching: false
+    speculative: { numTokens: 2 }
+`,
+    );
+    expect(gatewayArgs(m)).toEqual([
+      "--served-model-name=tiny",
+      "--max-queue-depth=7",
+      "--max-batch-tokens=99",
+      "--max-request-bytes=4096",
+      "--max-model-len=200",
+      "--kv-cache-bytes=1048576",
+      "--kv-cache-dtype=bfloat16",
+      "--block-size=8",
+      "--no-prefix-caching",
+      "--reasoning-parser=none",
+      "--tool-call-parser=deepseek-v3",
+      "--speculative-tokens=2",
+      "--prompt-lookup-max=4",
+      "--prompt-lookup-min=2",
+    ]);
+  });
+
   it("applies the API server's defaults", () => {
     const m = parseManifest(good);
     expect(m.metadata).toEqual({ name: "tiny", namespace: "default" });

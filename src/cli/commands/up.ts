@@ -8,14 +8,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import {
-  kvCacheArgs,
-  readManifest,
-  reasoningParserOf,
-  servedModelName,
-  speculativeArgs,
-  toolCallParserOf,
-} from "../../api/manifest.ts";
+import { gatewayArgs, readManifest, servedModelName } from "../../api/manifest.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
 import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
@@ -314,17 +307,11 @@ export const upCommand: Command = {
           ...cli,
           "gateway",
           ...common,
-          `--served-model-name=${servedModelName(m)}`,
           `--http-port=${httpPort}`,
           `--grpc-port=${grpcPort}`,
           `--host=${host}`,
           "--metrics-port=0",
-          `--max-queue-depth=${m.spec.gateway.limits.maxQueueDepth}`,
-          ...kvCacheArgs(m),
-          ...(m.spec.gateway.prefixCaching ? [] : ["--no-prefix-caching"]),
-          `--reasoning-parser=${reasoningParserOf(m)}`,
-          `--tool-call-parser=${toolCallParserOf(m)}`,
-          ...speculativeArgs(m),
+          ...gatewayArgs(m),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
