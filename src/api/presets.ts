@@ -79,6 +79,35 @@ const PRESETS: Readonly<Record<string, ModelArchitecture>> = {
   },
 };
 
+/** A preset's latent KV cache figures: what one token costs a gateway, and its context. */
+export interface PresetCache {
+  /** `kv_lora_rank`: the latent's width. */
+  readonly kvLoraRank: number;
+  /** `qk_rope_head_dim`: the rotated key part stored beside it. */
+  readonly ropeDim: number;
+  /** `max_position_embeddings`: the context a gateway serves unless limits.maxModelLen says less. */
+  readonly context: number;
+}
+
+const DEEPSEEK_CACHE: PresetCache = { kvLoraRank: 512, ropeDim: 64, context: 163840 };
+const TINY_CACHE: PresetCache = { kvLoraRank: 32, ropeDim: 8, context: 256 };
+const PRESET_CACHE: Readonly<Record<string, PresetCache>> = {
+  "deepseek-v2-lite": DEEPSEEK_CACHE,
+  "deepseek-v2": DEEPSEEK_CACHE,
+  "deepseek-v3": DEEPSEEK_CACHE,
+  "deepseek-r1": DEEPSEEK_CACHE,
+  "deepseek-v3.1": DEEPSEEK_CACHE,
+  "tiny-v2": TINY_CACHE,
+  "tiny-v3": TINY_CACHE,
+};
+
+/** The KV cache figures of a known preset. */
+export function presetCache(name: string): PresetCache {
+  const c = Object.hasOwn(PRESET_CACHE, name) ? PRESET_CACHE[name] : undefined;
+  if (!c) throw new ExpertMeshError("EM_ARCH_UNKNOWN_PRESET", `unknown model preset '${name}'`);
+  return c;
+}
+
 /** Names of the known presets, sorted. */
 export function presetNames(): string[] {
   return Object.keys(PRESETS).sort();

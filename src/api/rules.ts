@@ -2,7 +2,8 @@
 // the API server (x-kubernetes-validations in the CRD) and as TypeScript for local mode.
 // The CEL text and the check live in one entry so they cannot drift apart silently; a
 // test applies invalid manifests to the real API server and compares the messages.
-import { presetNames, resolveArchitecture } from "./presets.ts";
+import { KV_CACHE_DTYPES, kvRowBytes } from "../engine/kv-format.ts";
+import { presetCache, presetNames, resolveArchitecture } from "./presets.ts";
 
 export interface CrossFieldRule {
   /** Dotted path of the object the rule is attached to (CEL's `self`). */
@@ -32,6 +33,28 @@ function routedOf(spec: Record<string, any>): number | undefined {
   if (typeof m.preset === "string" && presetNames().includes(m.preset))
     return resolveArchitecture(m.preset).routedExperts;
   return undefined;
+}
+
+/** Bytes of one token's KV rows over all layers, per preset and spec.gateway.kvCache.dtype. */
+function tokenBytes(preset: string, dtype: string): number {
+  const c = presetCache(preset);
+  const d = (KV_CACHE_DTYPES as Record<string, "f32" | "bf16" | "fp8">)[dtype]!;
+  return kvRowBytes(d, c.kvLoraRank, c.ropeDim) * resolveArchitecture(preset).numLayers;
+}
+const KV_DTYPE_NAMES = ["float32", "bfloat16", "fp8"] as const;
+function tokenBytesCel(): string {
+  return `{${presetNames()
+    .map((n) => `'${n}': {${KV_DTYPE_NAMES.map((d) => `'${d}': ${tokenBytes(n, d)}`).join(", ")}}`)
+    .join(", ")}}`;
+}
+function contextCel(): string {
+  return `{${presetNames()
+    .map((n) => `'${n}': ${presetCache(n).context}`)
+    .join(", ")}}`;
+}
+/** Tokens a gateway's KV cache holds (whole blocks), as the gateway computes it. */
+function kvCapacity(preset: string, kv: { bytes: number; dtype: string; blockSize: number }) {
+  return Math.floor(kv.bytes / (kv.blockSize * tokenBytes(preset, kv.dtype))) * kv.blockSize;
 }
 
 export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
@@ -104,6 +127,24 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     rule: "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
     message: "gateway.minReplicas must not exceed gateway.maxReplicas",
     check: (s) => s["minReplicas"] <= s["maxReplicas"],
+  },
+  {
+    // The gateway refuses to start (EM_KV_BUDGET) when its cache cannot hold one sequence
+    // of the context it serves; known for presets (their MLA figures are known).
+    path: "spec",
+    rule:
+      "!has(self.model.preset) || !has(self.gateway.kvCache) || !has(self.gateway.kvCache.bytes) || !has(self.gateway.kvCache.dtype) || !has(self.gateway.kvCache.blockSize) || " +
+      `self.gateway.kvCache.bytes / (self.gateway.kvCache.blockSize * ${tokenBytesCel()}[self.model.preset][self.gateway.kvCache.dtype]) * self.gateway.kvCache.blockSize >= ` +
+      `(has(self.gateway.limits) && has(self.gateway.limits.maxModelLen) ? self.gateway.limits.maxModelLen : ${contextCel()}[self.model.preset])`,
+    message:
+      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens (the model's context when unset): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
+    check: (s) => {
+      const preset = s["model"]?.preset;
+      if (typeof preset !== "string" || !presetNames().includes(preset)) return true;
+      const g = s["gateway"];
+      const want = g.limits?.maxModelLen ?? presetCache(preset).context;
+      return kvCapacity(preset, g.kvCache) >= want;
+    },
   },
   {
     path: "spec.gateway.speculative",

@@ -438,9 +438,14 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[8]!.message,
       ],
       [
+        "a KV cache that cannot hold the context",
+        { gateway: { kvCache: { bytes: 4096 } } },
+        CROSS_FIELD_RULES[9]!.message,
+      ],
+      [
         "speculative lookup min over max",
         { gateway: { speculative: { numTokens: 4, promptLookupMin: 6, promptLookupMax: 3 } } },
-        CROSS_FIELD_RULES[9]!.message,
+        CROSS_FIELD_RULES[10]!.message,
       ],
       [
         "wrong type",

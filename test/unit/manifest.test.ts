@@ -106,6 +106,31 @@ spec:
     ]);
   });
 
+  it("takes a KV cache that holds the context: smaller rows or a shorter maxModelLen fit", () => {
+    // tiny-v3: 4 layers of 32 + 8 per token; 75000 bytes of bf16 rows in blocks of 4 hold
+    // floor(75000 / (4 * 80 * 4)) * 4 = 232 tokens.
+    const kv = "kvCache: { bytes: 75000, dtype: bfloat16, blockSize: 4 }";
+    expect(() => parseManifest(`${good}  gateway: { ${kv} }\n`)).toThrow(/kvCache cannot hold/);
+    expect(() =>
+      parseManifest(`${good}  gateway: { limits: { maxModelLen: 232 }, ${kv} }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${good}  gateway: { limits: { maxModelLen: 233 }, ${kv} }\n`),
+    ).toThrow(/kvCache cannot hold/);
+    expect(() =>
+      parseManifest(`${good}  gateway: { ${kv.replace("bfloat16", "fp8")} }\n`),
+    ).not.toThrow();
+    // DeepSeek-V3 at its 163840-token context: 21.4 GiB of float32 rows, 6.1 GiB of fp8.
+    const v3 = good.replace("tiny-v3", "deepseek-v3");
+    expect(() => parseManifest(v3)).toThrow(/kvCache cannot hold/);
+    expect(() =>
+      parseManifest(`${v3}  gateway: { kvCache: { bytes: 6600000000, dtype: fp8 } }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${v3}  gateway: { kvCache: { bytes: 6500000000, dtype: fp8 } }\n`),
+    ).toThrow(/kvCache cannot hold/);
+  });
+
   it("applies the API server's defaults", () => {
     const m = parseManifest(good);
     expect(m.metadata).toEqual({ name: "tiny", namespace: "default" });
@@ -205,6 +230,16 @@ spec:
     [
       "kv cache dtype fp8_e5m2",
       `${good}  gateway: { kvCache: { dtype: fp8_e5m2 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "kv cache that cannot hold the tiny model's 256-token context",
+      `${good}  gateway: { kvCache: { bytes: 100000 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "kv cache that cannot hold maxModelLen",
+      `${good}  gateway: { limits: { maxModelLen: 240 }, kvCache: { bytes: 75000, dtype: bfloat16, blockSize: 4 } }\n`,
       "EM_MANIFEST_INVALID",
     ],
     ["kv cache of 0 bytes", `${good}  gateway: { kvCache: { bytes: 0 } }\n`, "EM_MANIFEST_INVALID"],

@@ -106,9 +106,9 @@ describe("desiredObjects", () => {
   it.each([
     ["tiny-v3", "", "none"],
     ["deepseek-r1", "", "deepseek-r1"],
-    ["deepseek-r1", "\n  gateway: { reasoningParser: none }", "none"],
-    ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-r1 }", "deepseek-r1"],
-    ["deepseek-v3", "\n  gateway: { reasoningParser: deepseek-v3 }", "deepseek-v3"],
+    ["deepseek-r1", ", reasoningParser: none", "none"],
+    ["deepseek-v3", ", reasoningParser: deepseek-r1", "deepseek-r1"],
+    ["deepseek-v3", ", reasoningParser: deepseek-v3", "deepseek-v3"],
     ["deepseek-v3.1", "", "deepseek-v3"],
   ])(
     "passes --reasoning-parser (and --tool-call-parser) to the gateway: preset %s%s -> %s",
@@ -119,7 +119,8 @@ kind: DeepSeekModel
 metadata: { name: r, namespace: ns }
 spec:
   model: { preset: ${preset}, source: { pvc: { claimName: weights, path: w } } }
-  experts: { shards: 4 }${extra}
+  experts: { shards: 4 }
+  gateway: { limits: { maxModelLen: 2048 }${extra} }
 `);
       const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
       const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
@@ -196,6 +197,7 @@ metadata: { name: v3, namespace: ns }
 spec:
   model: { preset: deepseek-v3, source: { huggingFace: { repo: deepseek-ai/DeepSeek-V3, tokenSecret: { name: hf } } } }
   experts: { shards: 32 }
+  gateway: { kvCache: { bytes: 34359738368, dtype: fp8 } }
 `);
     const plan = planPlacement({ architecture: architectureOf(m), numShards: 32 });
     const gw = desiredObjects(m, plan, specReplicas(m, plan)).find(
