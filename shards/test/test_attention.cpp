@@ -88,7 +88,7 @@ void random_row(Rng& rng, em_dtype dtype, const Dims& d, uint8_t* out, double* r
 }
 
 void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wdt, em_dtype cache_dt,
-              Layout layout = Layout::Contiguous, int32_t block_size = 4) {
+              Layout layout = Layout::Contiguous, int32_t block_size = 4, bool shuffle = true) {
   const int64_t row = d.C + d.dr;
   const size_t rb = em_kv_row_bytes(cache_dt, static_cast<int32_t>(d.C), static_cast<int32_t>(d.dr));
   TestWeight wkv_b = make_weight(rng, wdt, d.H * (d.dn + d.dv), d.C, 0.25f);
@@ -116,7 +116,9 @@ void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wd
     for (const Seq& s : seqs) num_blocks += static_cast<int32_t>((s.cache_rows + block_size - 1) / block_size);
     std::vector<int32_t> order(static_cast<size_t>(num_blocks));
     std::iota(order.begin(), order.end(), 0);
-    for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[static_cast<size_t>(rng.integer(0, static_cast<int>(i)))]);
+    if (shuffle)  // else in order: a sequence's blocks follow each other (read as runs)
+      for (size_t i = order.size() - 1; i > 0; --i)
+        std::swap(order[i], order[static_cast<size_t>(rng.integer(0, static_cast<int>(i)))]);
     pool.assign(static_cast<size_t>(num_blocks) * static_cast<size_t>(block_size) * rb, 0xee);
     size_t next = 0;
     for (size_t s = 0; s < seqs.size(); ++s) {
@@ -250,6 +252,9 @@ int main() {
   }
   run_case(rng, wide, {{70, {69}}, {40, range(30, 40)}}, EM_BF16, EM_F8_E4M3, Layout::Paged, 16);
   run_case(rng, Dims{2, 8, 8, 8, 200}, {{12, {11}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 3);  // 2 scales per row
+  // Blocks in pool order (a prompt's blocks, reserved together, usually are).
+  for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3})
+    run_case(rng, small, {{150, {149}}, {7, range(2, 7)}, {66, range(60, 66)}}, EM_BF16, cdt, Layout::Paged, 4, false);
   test_errors();
   return finish("attention");
 }
