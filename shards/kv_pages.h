@@ -3,6 +3,7 @@
 // caches for backends that do not read pages themselves.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -33,25 +34,35 @@ inline const uint8_t* kv_row(const em_kv_pages& p, int32_t s, int64_t r, size_t 
              row_bytes;
 }
 
+// Widens n e4m3 codes times `scale` into y (the CPU backend passes its ISA's kernel).
+using Fp8Widen = void (*)(const uint8_t* codes, int64_t n, float scale, float* y);
+
+// The portable widening: a code's magnitude bits shifted into a float's exponent and
+// mantissa fields are its value times 2^-120, exactly (subnormals too); 0x7f/0xff are NaN.
+inline void fp8_widen_portable(const uint8_t* codes, int64_t n, float scale, float* y) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t code = codes[i];
+    const uint32_t nan = 0u - static_cast<uint32_t>((code & 0x7fu) == 0x7fu);
+    const uint32_t bits = ((code & 0x80u) << 24) | ((code & 0x7fu) << 20) | (nan & 0x7fc00000u);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    y[i] = (f * 0x1p120f) * scale;
+  }
+}
+
 // Decodes n consecutive fp8 rows (C codes | scales | dr bf16) into f32 rows [n, C + dr].
-inline void kv_fp8_rows_to_f32(const uint8_t* rows, int64_t n, int64_t C, int64_t dr, float* out) {
+inline void kv_fp8_rows_to_f32(const uint8_t* rows, int64_t n, int64_t C, int64_t dr, float* out,
+                               Fp8Widen widen = fp8_widen_portable) {
   const int64_t ns = kv_fp8_scales(C);
   const size_t rb = kv_row_bytes(EM_F8_E4M3, C, dr);
-  static const struct Lut {
-    float v[256];
-    Lut() {
-      for (int i = 0; i < 256; ++i) v[i] = cpu::fp8_e4m3_to_f32(static_cast<uint8_t>(i));
-    }
-  } table;
-  const float* lut = table.v;
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* row = rows + static_cast<size_t>(r) * rb;
     float* o = out + r * (C + dr);
     for (int64_t b = 0; b < ns; ++b) {
       float scale;
       std::memcpy(&scale, row + C + 4 * b, 4);
-      const int64_t c1 = b * EM_FP8_BLOCK + EM_FP8_BLOCK < C ? b * EM_FP8_BLOCK + EM_FP8_BLOCK : C;
-      for (int64_t c = b * EM_FP8_BLOCK; c < c1; ++c) o[c] = lut[row[c]] * scale;
+      const int64_t c0 = b * EM_FP8_BLOCK, c1 = c0 + EM_FP8_BLOCK < C ? c0 + EM_FP8_BLOCK : C;
+      widen(row + c0, c1 - c0, scale, o + c0);
     }
     const uint8_t* pe = row + C + 4 * ns;
     for (int64_t i = 0; i < dr; ++i) {

@@ -1,8 +1,10 @@
-// Activation family: SiLU-and-multiply (the expert/MLP gate) and the exp kernel that
-// softmaxes share.
+// Activation family: SiLU-and-multiply (the expert/MLP gate), the exp kernel that
+// softmaxes share, and widening scaled fp8 (the paged KV cache's fp8 rows).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
+#include "../kv_pages.h"
 #include "cpu.h"
 #include "simd.h"
 
@@ -21,6 +23,10 @@ float exp_sum(float* x, int64_t n, float shift) {
     sum += x[i];
   }
   return sum;
+}
+
+void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y) {
+  fp8_widen_portable(codes, n, scale, y);
 }
 
 }  // namespace scalar
@@ -50,6 +56,23 @@ EM_AVX2 float exp_sum(float* x, int64_t n, float shift) {
     acc = _mm256_add_ps(acc, e);
   }
   return simd::hsum(acc) + scalar::exp_sum(x + i, n - i, shift);
+}
+
+EM_AVX2 void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y) {
+  const __m256i sign = _mm256_set1_epi32(0x80), mag = _mm256_set1_epi32(0x7f);
+  const __m256i nan_bits = _mm256_set1_epi32(0x7fc00000);
+  const __m256 rebias = _mm256_set1_ps(0x1p120f), s = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i raw;
+    std::memcpy(&raw, codes + i, 8);
+    const __m256i c = _mm256_cvtepu8_epi32(raw);
+    const __m256i m = _mm256_and_si256(c, mag);
+    __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(c, sign), 24), _mm256_slli_epi32(m, 20));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(m, mag), nan_bits));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), rebias), s));
+  }
+  scalar::fp8_to_f32(codes + i, n - i, scale, y + i);
 }
 
 }  // namespace avx2

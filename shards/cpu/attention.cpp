@@ -69,7 +69,8 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
 // [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one (fp8
 // blocks decoded into `scratch`).
 template <typename F>
-void for_each_run(const em_mla_args* a, int32_t s, int64_t L, std::vector<float>& scratch, F&& f) {
+void for_each_run(const em_mla_args* a, int32_t s, int64_t L, std::vector<float>& scratch, Fp8Widen widen,
+                  F&& f) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
   if (a->pages == nullptr) {
     f(int64_t{0}, L, weight_view(a->caches[s]).row_slice(0, L));
@@ -87,7 +88,7 @@ void for_each_run(const em_mla_args* a, int32_t s, int64_t L, std::vector<float>
     w.ld = W;
     if (p.dtype == EM_F8_E4M3) {
       scratch.resize(static_cast<size_t>(B * W));
-      kv_fp8_rows_to_f32(block, n, C, dr, scratch.data());
+      kv_fp8_rows_to_f32(block, n, C, dr, scratch.data(), widen);
       w.data = scratch.data();
       w.dtype = EM_F32;
     } else {
@@ -141,7 +142,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     }
 
     // scores = [q_lat | q_pe] . cache rows [0, L)
-    for_each_run(a, it.seq, L, scratch, [&](int64_t r0, int64_t n, const Weight& run) {
+    for_each_run(a, it.seq, L, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
       Gemm sg;
       sg.x = qcat.data();
       sg.ldx = row_len;
@@ -169,7 +170,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     }
 
     // o_lat = P latent, summed over the runs
-    for_each_run(a, it.seq, L, scratch, [&](int64_t r0, int64_t n, const Weight& run) {
+    for_each_run(a, it.seq, L, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
       Gemm pg;
       pg.x = scores.data() + r0;
       pg.ldx = L;

@@ -75,6 +75,7 @@ struct Kernels {
   float (*sum_squares)(const float* x, int64_t n);
   void (*scale_mul)(const float* x, float s, const float* w, float* y, int64_t n);  // y = x*s*w
   float (*exp_sum)(float* x, int64_t n, float shift);  // x = exp(x - shift); returns the sum
+  void (*fp8_to_f32)(const uint8_t* codes, int64_t n, float scale, float* y);  // y = e4m3(codes) * scale
 };
 
 // Per-ISA kernel functions (defined next to their op family).
@@ -85,6 +86,7 @@ void silu_mul(const float* gate, const float* up, float* y, int64_t n);
 float sum_squares(const float* x, int64_t n);
 void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
 float exp_sum(float* x, int64_t n, float shift);
+void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y);
 }  // namespace scalar
 namespace avx2 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
@@ -93,6 +95,7 @@ void silu_mul(const float* gate, const float* up, float* y, int64_t n);
 float sum_squares(const float* x, int64_t n);
 void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
 float exp_sum(float* x, int64_t n, float shift);
+void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y);
 }  // namespace avx2
 namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);

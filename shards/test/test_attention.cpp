@@ -252,6 +252,7 @@ int main() {
   }
   run_case(rng, wide, {{70, {69}}, {40, range(30, 40)}}, EM_BF16, EM_F8_E4M3, Layout::Paged, 16);
   run_case(rng, Dims{2, 8, 8, 8, 200}, {{12, {11}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 3);  // 2 scales per row
+  run_case(rng, Dims{2, 8, 6, 8, 45}, {{20, {19}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 4);  // SIMD tail of 5 codes
   // Blocks in pool order (a prompt's blocks, reserved together, usually are).
   for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3})
     run_case(rng, small, {{150, {149}}, {7, range(2, 7)}, {66, range(60, 66)}}, EM_BF16, cdt, Layout::Paged, 4, false);
