@@ -4,10 +4,15 @@
 // attention, measured in the same run: gather each sequence's rows out of its blocks into
 // a fresh contiguous f32 array, then one native call per sequence. Ours: one native call
 // for the batch reading the blocks in place (em_kv_pages), with f32, bf16 and fp8
-// (FlashMLA's layout) rows; and what writing a step's rows costs per dtype (kv-format.ts
-// encodes in TypeScript). Every side's output is checked against the peer's.
+// (FlashMLA's layout) rows; and what writing a step's rows costs per dtype (the native
+// encoder against the TypeScript one). Every side's output is checked against the peer's.
 import type { KvPages, Weight } from "../src/engine/backend.ts";
-import { encodeKvRows, type KvDtype, kvRowBytes } from "../src/engine/kv-format.ts";
+import {
+  encodeKvRows,
+  encodeKvRowsPortable,
+  type KvDtype,
+  kvRowBytes,
+} from "../src/engine/kv-format.ts";
 import { loadAddon, nativeBackend } from "../src/engine/native.ts";
 import { float32ToBf16 } from "../src/model/floats.ts";
 import { Prng } from "../src/model/prng.ts";
@@ -45,6 +50,8 @@ export interface KvWriteRow {
   dtype: KvDtype;
   /** Microseconds to encode one token's row of one layer (a 2048-token prefill chunk). */
   usPerRow: Stats;
+  /** The same in TypeScript (encodeKvRowsPortable), the peer. */
+  portableUsPerRow: Stats;
 }
 
 export interface KvCacheResults {
@@ -199,15 +206,21 @@ export async function runKvCache(o: {
   const writes: KvWriteRow[] = [];
   for (const d of ["f32", "bf16", "fp8"] as const) {
     const out = new Uint8Array(2048 * kvRowBytes(d, C, DR));
-    for (let i = 0; i < 3; i++) encodeKvRows(d, C, DR, chunk, out, 0); // warm-up (JIT)
-    const us: number[] = [];
+    const sides = [encodeKvRows, encodeKvRowsPortable];
+    for (const encode of sides) for (let i = 0; i < 3; i++) encode(d, C, DR, chunk, out, 0); // warm-up (JIT)
+    const us: number[][] = [[], []];
     for (let r = 0; r < runs; r++) {
-      const t0 = performance.now();
-      encodeKvRows(d, C, DR, chunk, out, 0);
-      us.push(((performance.now() - t0) * 1000) / 2048);
+      for (let k = 0; k < 2; k++) {
+        const side = (k + r) % 2;
+        const t0 = performance.now();
+        sides[side]!(d, C, DR, chunk, out, 0);
+        us[side]!.push(((performance.now() - t0) * 1000) / 2048);
+      }
     }
-    writes.push({ dtype: d, usPerRow: stats(us) });
-    o.log(`kvcache: write ${d}: ${medianRange(stats(us), 2)} us per row`);
+    writes.push({ dtype: d, usPerRow: stats(us[0]!), portableUsPerRow: stats(us[1]!) });
+    o.log(
+      `kvcache: write ${d}: ${medianRange(stats(us[0]!), 2)} us per row (TypeScript ${medianRange(stats(us[1]!), 2)})`,
+    );
   }
   return {
     threads: o.threads,
@@ -240,7 +253,7 @@ export function kvCacheTables(
   });
   const writes = r.writes.map(
     (w) =>
-      `| ${w.dtype} | ${r.bytesPerRow[w.dtype]} | ${(r.bytesPerRow.f32 / r.bytesPerRow[w.dtype]).toFixed(2)}x | ${medianRange(w.usPerRow, 2)} |`,
+      `| ${w.dtype} | ${r.bytesPerRow[w.dtype]} | ${(r.bytesPerRow.f32 / r.bytesPerRow[w.dtype]).toFixed(2)}x | ${medianRange(w.usPerRow, 2)} | ${medianRange(w.portableUsPerRow, 2)} | ${(w.portableUsPerRow.median / w.usPerRow.median).toFixed(1)}x |`,
   );
   return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.threads} threads, ${r.runs} runs with the sides in rotating order; from \`${source}\`. One layer's MLA decode attention for a batch of ${r.batch} sequences, each at the context given, V3's latent (kv_lora_rank 512 + rope 64, nope/v 128) with 16 heads, bf16 kv_b_proj, blocks of ${r.blockSize} tokens in shuffled order. Peer: the engine before paged attention (each sequence's rows copied out of its blocks into a new f32 array, then a call per sequence). GB/s: cache bytes read per second (batch x context x row bytes / time), and its share of the read bandwidth measured in the same run (${r.readGbs.median.toFixed(1)} GB/s); GFLOP/s: the attention's arithmetic per second, and its share of the FMA peak measured in the same run (${r.fmaGflops.median.toFixed(1)} GFLOP/s). Error: max |out - peer| / max |peer| (bf16 and fp8 rows are rounded, the peer's are f32).
 
@@ -248,9 +261,9 @@ export function kvCacheTables(
 |---:|---|---:|---:|---:|---:|---:|
 ${lines.join("\n")}
 
-Row sizes and what writing them costs (a 2048-token chunk of one layer, encoded in TypeScript):
+Row sizes and what writing them costs (a 2048-token chunk of one layer): the native encoder the caches use (the addon's kvEncode), against the TypeScript one (encodeKvRowsPortable, the same bytes) as peer, alternating:
 
-| dtype | bytes per row | tokens per byte vs f32 | µs per row |
-|---|---:|---:|---:|
+| dtype | bytes per row | tokens per byte vs f32 | µs per row | TypeScript (peer) µs | vs peer |
+|---|---:|---:|---:|---:|---:|
 ${writes.join("\n")}`;
 }

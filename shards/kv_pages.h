@@ -73,4 +73,61 @@ inline void kv_fp8_rows_to_f32(const uint8_t* rows, int64_t n, int64_t C, int64_
   }
 }
 
+// float32 -> e4m3, rounding to nearest even, saturating at 448, NaN -> 0x7f (kv-format.ts's
+// float32ToE4m3, bit for bit).
+inline uint8_t f32_to_e4m3(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint32_t sign = (bits >> 24) & 0x80u, abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return 0x7f;
+  if (abs >= 0x43e00000u) return static_cast<uint8_t>(sign | 0x7eu);
+  if (abs < 0x3c800000u) {  // below 2^-6: a multiple of 2^-9
+    const double q = std::fabs(static_cast<double>(x)) * 512.0, f = std::floor(q), d = q - f;
+    const double m = d > 0.5 ? f + 1 : d < 0.5 ? f : (std::fmod(f, 2.0) == 0.0 ? f : f + 1);
+    return static_cast<uint8_t>(sign | static_cast<uint32_t>(m));
+  }
+  const uint32_t kept = (abs >> 20) & 0x7u, dropped = abs & 0xfffffu;
+  uint32_t code = (((abs >> 23) - 120u) << 3) | kept;
+  if (dropped > 0x80000u || (dropped == 0x80000u && (kept & 1u))) ++code;
+  return static_cast<uint8_t>(sign | (code < 0x7eu ? code : 0x7eu));
+}
+
+// Writes n float32 rows [n, C + dr] as `dtype` rows (f32, bf16 or fp8) into `out`, as
+// kv-format.ts's encodeKvRows does, bit for bit: fp8 scales are amax / 448 per 128 latent
+// values (1 for an all-zero block), values scaled in double and rounded to float first.
+inline void kv_encode_rows(em_dtype dtype, int64_t C, int64_t dr, const float* rows, int64_t n, uint8_t* out) {
+  const int64_t W = C + dr;
+  if (dtype == EM_F32) {
+    std::memcpy(out, rows, static_cast<size_t>(n * W) * 4);
+    return;
+  }
+  if (dtype == EM_BF16) {
+    for (int64_t i = 0; i < n * W; ++i) {
+      const uint16_t h = cpu::f32_to_bf16(rows[i]);
+      std::memcpy(out + 2 * i, &h, 2);
+    }
+    return;
+  }
+  const int64_t ns = kv_fp8_scales(C);
+  const size_t rb = kv_row_bytes(EM_F8_E4M3, C, dr);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* x = rows + r * W;
+    uint8_t* o = out + static_cast<size_t>(r) * rb;
+    for (int64_t b = 0; b < ns; ++b) {
+      const int64_t c0 = b * EM_FP8_BLOCK, c1 = c0 + EM_FP8_BLOCK < C ? c0 + EM_FP8_BLOCK : C;
+      float amax = 0.0f;
+      for (int64_t c = c0; c < c1; ++c) amax = std::fabs(x[c]) > amax ? std::fabs(x[c]) : amax;
+      const float scale = amax > 0.0f && std::isfinite(amax) ? static_cast<float>(static_cast<double>(amax) / 448.0) : 1.0f;
+      std::memcpy(o + C + 4 * b, &scale, 4);
+      const double inv = 1.0 / static_cast<double>(scale);
+      for (int64_t c = c0; c < c1; ++c) o[c] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[c]) * inv));
+    }
+    uint8_t* pe = o + C + 4 * ns;
+    for (int64_t i = 0; i < dr; ++i) {
+      const uint16_t h = cpu::f32_to_bf16(x[C + i]);
+      std::memcpy(pe + 2 * i, &h, 2);
+    }
+  }
+}
+
 }  // namespace em

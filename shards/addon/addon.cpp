@@ -15,6 +15,7 @@
 
 #include "expertmesh/cuda.h"
 #include "expertmesh/ops.h"
+#include "../kv_pages.h"
 
 namespace {
 
@@ -513,6 +514,25 @@ Napi::Value MlaSoftmaxScale(const Napi::CallbackInfo& info) {
                                                      number(env, arg(info, 2), "mscaleAllDim")));
 }
 
+// kvEncode(dtype, kvLoraRank, ropeDim, rows: Float32Array [n, C + dr], out, byteOffset)
+// writes the rows as `dtype` rows (em_kv_pages' layouts) into out from byteOffset.
+Napi::Value KvEncode(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const em_dtype dt = parse_dtype(env, arg(info, 0), "dtype");
+  const int64_t C = integer(env, arg(info, 1), "kvLoraRank", 1), dr = integer(env, arg(info, 2), "ropeDim", 1);
+  const size_t rb = em_kv_row_bytes(dt, static_cast<int32_t>(C), static_cast<int32_t>(dr));
+  if (rb == 0) throw_code(env, "EM_NATIVE_DTYPE", "a paged cache holds 'f32', 'bf16' or 'fp8' rows");
+  const float* rows = f32(env, arg(info, 3), "rows");
+  const int64_t n = rows_of(env, length_of(arg(info, 3)), C + dr, "rows");
+  const Bytes out = bytes_of(env, arg(info, 4), "out");
+  const int64_t at = integer(env, arg(info, 5), "byteOffset", 0);
+  if (static_cast<size_t>(at) + static_cast<size_t>(n) * rb > out.size)
+    shape_error(env, "out holds " + std::to_string(out.size) + " bytes, the rows need " +
+                         std::to_string(static_cast<size_t>(at) + static_cast<size_t>(n) * rb));
+  em::kv_encode_rows(dt, C, dr, rows, n, static_cast<uint8_t*>(out.data) + at);
+  return env.Undefined();
+}
+
 // kvRowBytes(dtype, kvLoraRank, ropeDim) -> bytes of one paged latent cache row
 Napi::Value KvRowBytes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -816,6 +836,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mlaSoftmaxScale", Napi::Function::New(env, MlaSoftmaxScale, "mlaSoftmaxScale"));
   exports.Set("mlaAttention", Napi::Function::New(env, MlaAttention, "mlaAttention"));
   exports.Set("kvRowBytes", Napi::Function::New(env, KvRowBytes, "kvRowBytes"));
+  exports.Set("kvEncode", Napi::Function::New(env, KvEncode, "kvEncode"));
   exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
   exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
   exports.Set("sample", Napi::Function::New(env, Sample, "sample"));

@@ -161,6 +161,16 @@ export interface KvPagesArg {
   tableOffsets: Int32Array;
 }
 
+/** Writes float32 rows [n, kvLoraRank + ropeDim] as `dtype` rows into out from byteOffset. */
+export function kvEncode(
+  dtype: "f32" | "bf16" | "fp8",
+  kvLoraRank: number,
+  ropeDim: number,
+  rows: Float32Array,
+  out: ArrayBufferView,
+  byteOffset: number,
+): void;
+
 /** Bytes of one paged cache row of `dtype`. */
 export function kvRowBytes(
   dtype: "f32" | "bf16" | "fp8",

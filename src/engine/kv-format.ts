@@ -16,6 +16,7 @@ import {
   float32ToE4m3,
 } from "../model/floats.ts";
 import { ExpertMeshError } from "../util/errors.ts";
+import { loadAddon } from "./native.ts";
 
 export type KvDtype = "f32" | "bf16" | "fp8";
 
@@ -51,11 +52,35 @@ export function kvRowBytes(dtype: KvDtype, C: number, dr: number): number {
   }
 }
 
+/** The native encoder (the addon's kvEncode), when the addon is built; else null. */
+let nativeEncode: typeof encodeKvRowsPortable | null | undefined;
+
 /**
  * Writes float32 rows [n, C + dr] as `dtype` rows into `out` (bytes) from byte `at`; `out`
- * starts on a 4-byte boundary of its buffer.
+ * starts on a 4-byte boundary of its buffer. Natively when the addon is there (the same
+ * bytes as encodeKvRowsPortable, several times faster), else in TypeScript.
  */
 export function encodeKvRows(
+  dtype: KvDtype,
+  C: number,
+  dr: number,
+  rows: Float32Array,
+  out: Uint8Array,
+  at: number,
+): void {
+  if (nativeEncode === undefined) {
+    try {
+      const addon = loadAddon();
+      nativeEncode = (d, c, r, x, o, a) => addon.kvEncode(d, c, r, x, o, a);
+    } catch {
+      nativeEncode = null;
+    }
+  }
+  (nativeEncode ?? encodeKvRowsPortable)(dtype, C, dr, rows, out, at);
+}
+
+/** encodeKvRows in TypeScript: the reference the native encoder is tested against. */
+export function encodeKvRowsPortable(
   dtype: KvDtype,
   C: number,
   dr: number,

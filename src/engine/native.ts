@@ -32,6 +32,14 @@ export interface Addon {
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
   kvRowBytes(dtype: KvDtype, kvLoraRank: number, ropeDim: number): number;
+  kvEncode(
+    dtype: KvDtype,
+    kvLoraRank: number,
+    ropeDim: number,
+    rows: Float32Array,
+    out: Uint8Array,
+    byteOffset: number,
+  ): void;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
   sample: typeof Native.sample;
   logprobs: typeof Native.logprobs;

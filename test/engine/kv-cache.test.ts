@@ -10,6 +10,7 @@ import { BlockKvCache, bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import {
   decodeKvRows,
   encodeKvRows,
+  encodeKvRowsPortable,
   type KvDtype,
   kvRowBytes,
   parseKvCacheDtype,
@@ -47,6 +48,36 @@ describe("row formats", () => {
     expect(parseKvCacheDtype("fp8_e4m3")).toBe("fp8");
     expect(() => parseKvCacheDtype("fp8_e5m2")).toThrow(
       expect.objectContaining({ code: "EM_CLI_USAGE" }),
+    );
+  });
+
+  it("the native encoder writes the TypeScript encoder's bytes", () => {
+    const addon = loadAddon();
+    const rng = new Prng(9);
+    for (const [C, dr] of [
+      [32, 8],
+      [512, 64],
+      [200, 8],
+      [45, 6],
+    ] as const) {
+      const W = C + dr;
+      const n = 7;
+      const rows = randomRows(rng, n, W);
+      rows.fill(0, 0, C); // an all-zero latent
+      for (let c = 0; c < C; c += 3) rows[W + c] = (rng.uniform() - 0.5) * 2e-4; // subnormal codes
+      rows[2 * W] = 1e30; // a block whose other values all flush to zero
+      for (let c = 0; c < C; c += 5) rows[3 * W + c] = 2 ** Math.floor(rng.uniform() * 10 - 5); // powers of two
+      for (const d of DTYPES) {
+        const size = 8 + n * kvRowBytes(d, C, dr);
+        const a = new Uint8Array(size).fill(0xaa);
+        const b = new Uint8Array(size).fill(0xaa);
+        addon.kvEncode(d, C, dr, rows, a, 4);
+        encodeKvRowsPortable(d, C, dr, rows, b, 4);
+        expect(Buffer.from(a).equals(Buffer.from(b)), `${d} ${C}+${dr}`).toBe(true);
+      }
+    }
+    expect(() => addon.kvEncode("fp8", 32, 8, new Float32Array(40), new Uint8Array(50), 0)).toThrow(
+      /out holds 50 bytes, the rows need 52/,
     );
   });
 
