@@ -557,6 +557,31 @@ std::vector<int32_t> mla_range(int32_t a, int32_t b) {
 
 enum MlaMemory { kMlaHost, kMlaDevice };
 
+// Random q for `positions`, the two outputs (y0: CPU, y1: CUDA) and the call's arguments,
+// writing y0; the caller sets a.caches or a.pages. Not copyable: a points into it.
+struct MlaCall {
+  std::vector<float> q, y0, y1;
+  em_tensor qt, wt, ot0, ot1;
+  em_mla_args a;
+  MlaCall(Rng& rng, const MlaDims& d, TestWeight& wkv_b, const std::vector<int32_t>& positions,
+          const int32_t* q_offsets, int32_t num_seqs) {
+    const int64_t T = static_cast<int64_t>(positions.size());
+    q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
+    y0.assign(static_cast<size_t>(T * d.H * d.dv), 0.0f);
+    y1.assign(y0.size(), NAN);
+    qt = em_tensor_3d(q.data(), EM_F32, T, d.H, d.dn + d.dr);
+    wt = wkv_b.view();
+    ot0 = em_tensor_3d(y0.data(), EM_F32, T, d.H, d.dv);
+    ot1 = em_tensor_3d(y1.data(), EM_F32, T, d.H, d.dv);
+    const float scale = static_cast<float>(em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707));
+    a = em_mla_args{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
+                    static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
+                    num_seqs, q_offsets, nullptr, &wt, &ot0, nullptr};
+  }
+  MlaCall(const MlaCall&) = delete;
+  MlaCall& operator=(const MlaCall&) = delete;
+};
+
 // One em_mla_attention call on both backends. cache_pad: extra elements per cache row (a
 // strided view; an odd pad on a bf16 cache takes the fp32 kernel's unaligned fallback).
 void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const std::vector<MlaSeq>& seqs,
@@ -575,19 +600,13 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
     positions.insert(positions.end(), s.positions.begin(), s.positions.end());
     q_offsets.push_back(static_cast<int32_t>(positions.size()));
   }
-  const int64_t T = static_cast<int64_t>(positions.size());
-  std::vector<float> q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
-  const float scale = static_cast<float>(em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707));
-  em_tensor qt = em_tensor_3d(q.data(), EM_F32, T, d.H, d.dn + d.dr), wt = wkv_b.view();
-  std::vector<float> y0(static_cast<size_t>(T * d.H * d.dv)), y1(y0.size(), NAN);
-  em_tensor ot0 = em_tensor_3d(y0.data(), EM_F32, T, d.H, d.dv), ot1 = em_tensor_3d(y1.data(), EM_F32, T, d.H, d.dv);
-  em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
-                static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
-                static_cast<int32_t>(seqs.size()), seqs.size() > 1 ? q_offsets.data() : nullptr, caches.data(), &wt,
-                &ot0, nullptr};
+  MlaCall call(rng, d, wkv_b, positions, seqs.size() > 1 ? q_offsets.data() : nullptr,
+               static_cast<int32_t>(seqs.size()));
+  em_mla_args& a = call.a;
+  a.caches = caches.data();
   CHECK_OK(em_mla_attention(b.cpu, &a));
   if (mem == kMlaHost) {
-    a.out = &ot1;
+    a.out = &call.ot1;
     CHECK_OK(em_mla_attention(b.cuda, &a));
   } else {
     // The production path: q, wkv_b (and its scales), caches and out in device memory.
@@ -596,11 +615,11 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
       keep.push_back(std::make_unique<DeviceCopy>(b.cuda, p, bytes));
       return keep.back()->ptr;
     };
-    em_tensor dq = qt, dw = wt, dout = ot1;
-    dq.data = dev(q.data(), q.size() * sizeof(float));
+    em_tensor dq = call.qt, dw = call.wt, dout = call.ot1;
+    dq.data = dev(call.q.data(), call.q.size() * sizeof(float));
     dw.data = dev(wkv_b.bytes.data(), wkv_b.bytes.size());
     if (wkv_b.dtype == EM_F8_E4M3) dw.scale = static_cast<const float*>(dev(wkv_b.scale.data(), wkv_b.scale.size() * sizeof(float)));
-    dout.data = dev(y1.data(), y1.size() * sizeof(float));
+    dout.data = dev(call.y1.data(), call.y1.size() * sizeof(float));
     std::vector<em_tensor> dcaches = caches;
     for (size_t s = 0; s < caches.size(); ++s) dcaches[s].data = dev(cache_bytes[s].data(), cache_bytes[s].size());
     a.q = &dq;
@@ -608,10 +627,10 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
     a.caches = dcaches.data();
     a.out = &dout;
     CHECK_OK(em_mla_attention(b.cuda, &a));
-    CHECK_OK(em_cuda_copy(b.cuda, y1.data(), dout.data, y1.size() * sizeof(float)));
+    CHECK_OK(em_cuda_copy(b.cuda, call.y1.data(), dout.data, call.y1.size() * sizeof(float)));
   }
   report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/" + em_dtype_name(cdt) + " " + d.name + " " + what,
-         rel_err(y0, y1), mla_tolerance(wkv_b.dtype, cdt));
+         rel_err(call.y0, call.y1), mla_tolerance(wkv_b.dtype, cdt));
 }
 
 // Paged rows (em_kv_pages, host memory): the CPU backend reads the blocks in place, the CUDA
@@ -650,20 +669,13 @@ void mla_paged_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, 
     q_offsets.push_back(static_cast<int32_t>(positions.size()));
   }
   const em_kv_pages pages{pool.data(), pdt, num_blocks, block_size, table.data(), table_offsets.data()};
-  const int64_t T = static_cast<int64_t>(positions.size());
-  std::vector<float> q = rng.vec(static_cast<size_t>(T * d.H * (d.dn + d.dr)));
-  const float scale = static_cast<float>(em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707));
-  em_tensor qt = em_tensor_3d(q.data(), EM_F32, T, d.H, d.dn + d.dr), wt = wkv_b.view();
-  std::vector<float> y0(static_cast<size_t>(T * d.H * d.dv)), y1(y0.size(), NAN);
-  em_tensor ot0 = em_tensor_3d(y0.data(), EM_F32, T, d.H, d.dv), ot1 = em_tensor_3d(y1.data(), EM_F32, T, d.H, d.dv);
-  em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
-                static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), scale, &qt, positions.data(),
-                static_cast<int32_t>(seqs.size()), q_offsets.data(), nullptr, &wt, &ot0, &pages};
-  CHECK_OK(em_mla_attention(b.cpu, &a));
-  a.out = &ot1;
-  CHECK_OK(em_mla_attention(b.cuda, &a));
+  MlaCall call(rng, d, wkv_b, positions, q_offsets.data(), static_cast<int32_t>(seqs.size()));
+  call.a.pages = &pages;
+  CHECK_OK(em_mla_attention(b.cpu, &call.a));
+  call.a.out = &call.ot1;
+  CHECK_OK(em_mla_attention(b.cuda, &call.a));
   report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/paged " + em_dtype_name(pdt) + " " + d.name,
-         rel_err(y0, y1), mla_tolerance(wkv_b.dtype, pdt == EM_BF16 ? EM_BF16 : EM_F32));
+         rel_err(call.y0, call.y1), mla_tolerance(wkv_b.dtype, pdt == EM_BF16 ? EM_BF16 : EM_F32));
 }
 
 void mla_cases(Rng& rng, Backends& b) {

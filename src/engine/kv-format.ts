@@ -52,22 +52,25 @@ export function kvRowBytes(dtype: KvDtype, C: number, dr: number): number {
   }
 }
 
-/** The native encoder (the addon's kvEncode), when the addon is built; else null. */
-let nativeEncode: typeof encodeKvRowsPortable | null | undefined;
-
-/**
- * Writes float32 rows [n, C + dr] as `dtype` rows into `out` (bytes) from byte `at`; `out`
- * starts on a 4-byte boundary of its buffer. Natively when the addon is there (the same
- * bytes as encodeKvRowsPortable, several times faster), else in TypeScript.
- */
-export function encodeKvRows(
+/** Writes float32 rows [n, C + dr] as `dtype` rows into `out` (bytes) from byte `at`. */
+export type KvEncoder = (
   dtype: KvDtype,
   C: number,
   dr: number,
   rows: Float32Array,
   out: Uint8Array,
   at: number,
-): void {
+) => void;
+
+/** The native encoder (the addon's kvEncode), when the addon is built; else null. */
+let nativeEncode: KvEncoder | null | undefined;
+
+/**
+ * Writes float32 rows [n, C + dr] as `dtype` rows into `out` (bytes) from byte `at`; `out`
+ * starts on a 4-byte boundary of its buffer. Natively when the addon is there (the same
+ * bytes as encodeKvRowsPortable, several times faster), else in TypeScript.
+ */
+export const encodeKvRows: KvEncoder = (dtype, C, dr, rows, out, at) => {
   if (nativeEncode === undefined) {
     try {
       const addon = loadAddon();
@@ -77,17 +80,10 @@ export function encodeKvRows(
     }
   }
   (nativeEncode ?? encodeKvRowsPortable)(dtype, C, dr, rows, out, at);
-}
+};
 
 /** encodeKvRows in TypeScript: the reference the native encoder is tested against. */
-export function encodeKvRowsPortable(
-  dtype: KvDtype,
-  C: number,
-  dr: number,
-  rows: Float32Array,
-  out: Uint8Array,
-  at: number,
-): void {
+export const encodeKvRowsPortable: KvEncoder = (dtype, C, dr, rows, out, at) => {
   const W = C + dr;
   const n = rows.length / W;
   if (dtype === "f32") {
@@ -134,7 +130,7 @@ export function encodeKvRowsPortable(
     for (let i = 0; i < dr; i++)
       view.setUint16(pe + 2 * i, float32ToBf16(rows[src + C + i]!), true);
   }
-}
+};
 
 const scaled = new Float32Array(FP8_BLOCK);
 const scaledBits = new Uint32Array(scaled.buffer);
