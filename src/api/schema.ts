@@ -314,6 +314,11 @@ export const GatewaySchema = withRules(
         },
         { description: "The MLA latent KV cache of each gateway.", default: {} },
       ),
+      sessionAffinity: StringEnum(["None", "ClientIP"], {
+        description:
+          "The gateway Service's session affinity: ClientIP sends a client's new connections to the gateway it reached before, so the next turn of its conversation finds the earlier turns in that gateway's prefix cache (each gateway caches its own); None spreads them.",
+        default: "None",
+      }),
       prefixCaching: Type.Boolean({
         description:
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",

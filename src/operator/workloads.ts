@@ -353,6 +353,7 @@ export function desiredObjects(
     metadata: meta(model, names.service(name), "gateway"),
     spec: {
       selector: labelsFor(model, "gateway"),
+      sessionAffinity: gateway.sessionAffinity,
       ports: [
         { name: "http", port: gateway.ports.http, targetPort: "http" },
         {

@@ -157,6 +157,14 @@ spec:
     ).toEqual(["--speculative-tokens=3", "--prompt-lookup-max=8", "--prompt-lookup-min=1"]);
   });
 
+  it("sets the gateway Service's session affinity (None unless the manifest says ClientIP)", () => {
+    const service = (extra: string) => objects(extra).find((o) => o.kind === "Service") as any;
+    expect(service("").spec.sessionAffinity).toBe("None");
+    expect(service("  gateway: { sessionAffinity: ClientIP }").spec.sessionAffinity).toBe(
+      "ClientIP",
+    );
+  });
+
   it("passes the KV cache's bytes, dtype and block size to the gateway", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
