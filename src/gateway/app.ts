@@ -7,6 +7,7 @@ import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext } from "./jobs.ts";
 import { openaiRoutes } from "./openai.ts";
+import { responsesRoutes } from "./responses.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -92,5 +93,6 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     return r.metrics();
   });
   app.register(openaiRoutes(o.ctx));
+  app.register(responsesRoutes(o.ctx));
   return app;
 }

@@ -222,7 +222,7 @@ function stopTokens(
   return { ...(ids.length ? { stopTokenIds: ids } : {}), ...(min ? { minTokens: min } : {}) };
 }
 
-const usageOf = (job: Job) => ({
+export const usageOf = (job: Job) => ({
   prompt_tokens: job.promptTokens,
   completion_tokens: job.completionTokens,
   total_tokens: job.promptTokens + job.completionTokens,
@@ -234,7 +234,7 @@ const usageOf = (job: Job) => ({
  * Binds a job to the HTTP exchange: a connection closed before the end cancels it (also
  * one that closed while the prompt was being encoded).
  */
-function bind(reply: FastifyReply, job: Job): void {
+export function bind(reply: FastifyReply, job: Job): void {
   if (reply.raw.closed) job.cancel();
   else
     reply.raw.on("close", () => {
@@ -378,12 +378,16 @@ function templateKwargs(
   return kwargs;
 }
 
-async function chat(
-  ctx: ServeContext,
-  req: FastifyRequest<{ Body: ChatCompletionRequest }>,
-  reply: FastifyReply,
-): Promise<unknown> {
-  const b = req.body;
+/** What a chat request runs: its job, how its text reads, and how a choice finished. */
+export interface ChatRun {
+  readonly spec: JobSpec;
+  readonly outputOptions: ChatOutputOptions;
+  /** "tool_calls" when the calls ended, but for a named tool_choice (OpenAI's "stop"). */
+  readonly finishOf: (c: Choice, output: ChatOutput) => string | null;
+}
+
+/** A chat request, checked, as the job it runs (chat completions and responses alike). */
+export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Promise<ChatRun> {
   checkModel(ctx, b.model);
   unsupported(b);
   const { plan, format, prompt } = await chatPrompt(ctx, b);
@@ -407,11 +411,20 @@ async function chat(
     format: ctx.toolCallFormat,
     reasoning: thinks,
   };
-  /** "tool_calls" when the calls ended, but for a named tool_choice (OpenAI's "stop"). */
   const finishOf = (c: Choice, output: ChatOutput) =>
     plan.kind === "native" && !plan.named && output.callsComplete && c.finishReason === "stop"
       ? "tool_calls"
       : c.finishReason;
+  return { spec, outputOptions, finishOf };
+}
+
+async function chat(
+  ctx: ServeContext,
+  req: FastifyRequest<{ Body: ChatCompletionRequest }>,
+  reply: FastifyReply,
+): Promise<unknown> {
+  const { spec, outputOptions, finishOf } = await chatRun(ctx, req.body);
+  const b = req.body;
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };

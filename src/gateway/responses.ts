@@ -1,0 +1,483 @@
+// POST /v1/responses: OpenAI's Responses API over the chat machinery. A request becomes
+// the chat request it stands for (instructions as the system message, input items as
+// messages, function tools and text.format as tools and response_format), runs as that
+// chat would, and its answer is read into output items: the model's thinking as a
+// "reasoning" item, its text as a "message", its calls as "function_call" items; streamed
+// as Responses events (response.created ... response.completed). Stateless: no response
+// is stored, so previous_response_id is refused (send the conversation as input).
+import { randomBytes } from "node:crypto";
+import { type Static, type TSchema, Type } from "@sinclair/typebox";
+import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { type ChatDelta, ChatOutput } from "./chat-output.ts";
+import { ApiError, toApiError } from "./errors.ts";
+import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
+import { bind, chatRun, usageOf } from "./openai.ts";
+import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
+
+const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
+
+const InputText = Type.Object({
+  type: Type.Union([Type.Literal("input_text"), Type.Literal("output_text")]),
+  text: Type.String(),
+});
+
+/** An input item: a message (type "message" or none), a call of the history, its output. */
+const InputItem = Type.Union([
+  Type.Object({
+    type: Type.Optional(Type.Literal("message")),
+    role: Type.Union([
+      Type.Literal("user"),
+      Type.Literal("system"),
+      Type.Literal("developer"),
+      Type.Literal("assistant"),
+    ]),
+    content: Type.Union([Type.String(), Type.Array(InputText, { minItems: 1 })]),
+  }),
+  Type.Object({
+    type: Type.Literal("function_call"),
+    call_id: Type.String({ minLength: 1 }),
+    name: Type.String({ minLength: 1 }),
+    arguments: Type.String(),
+  }),
+  Type.Object({
+    type: Type.Literal("function_call_output"),
+    call_id: Type.String({ minLength: 1 }),
+    output: Type.String(),
+  }),
+  // An earlier answer's thinking: DeepSeek's templates drop it from the history anyway.
+  Type.Object({ type: Type.Literal("reasoning") }),
+]);
+
+export const ResponsesRequest = Type.Object({
+  model: Type.String({ minLength: 1 }),
+  input: Type.Union([Type.String(), Type.Array(InputItem, { minItems: 1 })]),
+  instructions: Type.Optional(Nullable(Type.String())),
+  max_output_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
+  temperature: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 2 }))),
+  top_p: Type.Optional(Nullable(Type.Number({ exclusiveMinimum: 0, maximum: 1 }))),
+  stream: Type.Optional(Nullable(Type.Boolean())),
+  /** Function tools, flat ({type, name, description, parameters, strict}). */
+  tools: Type.Optional(Nullable(Type.Array(Type.Record(Type.String(), Type.Unknown())))),
+  tool_choice: Type.Optional(Type.Unknown()),
+  parallel_tool_calls: Type.Optional(Nullable(Type.Boolean())),
+  text: Type.Optional(
+    Nullable(
+      Type.Object({
+        format: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
+      }),
+    ),
+  ),
+  previous_response_id: Type.Optional(Nullable(Type.String())),
+  store: Type.Optional(Nullable(Type.Boolean())),
+  metadata: Type.Optional(Nullable(Type.Record(Type.String(), Type.String()))),
+  /** vLLM's extensions, as on chat completions. */
+  seed: Type.Optional(Nullable(Type.Integer())),
+  top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
+});
+export type ResponsesRequest = Static<typeof ResponsesRequest>;
+
+const bad = (message: string, param: string): ApiError =>
+  new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
+
+/** The chat request a Responses request stands for. */
+export function chatRequestOf(b: ResponsesRequest): ChatCompletionRequest {
+  if (b.previous_response_id != null)
+    throw bad(
+      "previous_response_id is not supported: this gateway stores no responses (send the whole conversation as input)",
+      "previous_response_id",
+    );
+  const messages: ChatMessage[] = [];
+  if (b.instructions) messages.push({ role: "system", content: b.instructions });
+  const items =
+    typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;
+  for (const item of items) {
+    if (!("type" in item) || item.type === undefined || item.type === "message") {
+      const m = item as { role: ChatMessage["role"]; content: string | { text: string }[] };
+      const content =
+        typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("");
+      messages.push({ role: m.role, content });
+    } else if (item.type === "function_call") {
+      const call = {
+        id: item.call_id,
+        type: "function" as const,
+        function: { name: item.name, arguments: item.arguments },
+      };
+      // Consecutive calls are one assistant turn.
+      const last = messages.at(-1);
+      if (last?.role === "assistant" && last.tool_calls) last.tool_calls.push(call);
+      else messages.push({ role: "assistant", content: null, tool_calls: [call] });
+    } else if (item.type === "function_call_output") {
+      messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
+    }
+  }
+  if (messages.length === 0) throw bad("input has no message", "input");
+  const tools = (b.tools ?? []).map((t, i) => {
+    if (t["type"] !== "function")
+      throw bad(
+        `tools[${i}]: only function tools are supported (got ${JSON.stringify(t["type"]).slice(0, 40)})`,
+        `tools.${i}`,
+      );
+    const { name, description, parameters, strict } = t;
+    return {
+      type: "function",
+      function: {
+        name,
+        ...(description !== undefined ? { description } : {}),
+        ...(parameters !== undefined ? { parameters } : {}),
+        ...(strict !== undefined ? { strict } : {}),
+      },
+    };
+  });
+  const choice = b.tool_choice as { type?: string; name?: string } | string | undefined | null;
+  const toolChoice =
+    choice != null && typeof choice === "object" && choice.type === "function"
+      ? { type: "function", function: { name: choice.name } }
+      : choice;
+  const format = b.text?.format as
+    | { type?: string; name?: string; schema?: unknown; strict?: boolean }
+    | null
+    | undefined;
+  const responseFormat =
+    format?.type === "json_schema"
+      ? {
+          type: "json_schema",
+          json_schema: {
+            name: format.name,
+            schema: format.schema,
+            ...(format.strict !== undefined ? { strict: format.strict } : {}),
+          },
+        }
+      : format;
+  return {
+    model: b.model,
+    messages,
+    ...(b.max_output_tokens != null ? { max_completion_tokens: b.max_output_tokens } : {}),
+    ...(b.temperature != null ? { temperature: b.temperature } : {}),
+    ...(b.top_p != null ? { top_p: b.top_p } : {}),
+    ...(b.seed != null ? { seed: b.seed } : {}),
+    ...(b.top_k != null ? { top_k: b.top_k } : {}),
+    ...(tools.length ? { tools } : {}),
+    ...(toolChoice != null ? { tool_choice: toolChoice } : {}),
+    ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),
+    ...(responseFormat != null ? { response_format: responseFormat } : {}),
+    ...(b.chat_template_kwargs != null ? { chat_template_kwargs: b.chat_template_kwargs } : {}),
+  };
+}
+
+/** A chat field a refusal names, as the Responses field it came from. */
+const PARAMS: [RegExp, string][] = [
+  [/^messages(\.|$)/, "input"],
+  [/^response_format/, "text.format"],
+  [/^(max_tokens|max_completion_tokens)$/, "max_output_tokens"],
+];
+
+function responsesParam(err: unknown): unknown {
+  if (!(err instanceof ApiError) || err.param === null) return err;
+  const hit = PARAMS.find(([re]) => re.test(err.param!));
+  if (!hit) return err;
+  return new ApiError(err.code, err.message, {
+    status: err.status,
+    param: hit[1],
+    ...(err.retryAfter !== undefined ? { retryAfter: err.retryAfter } : {}),
+  });
+}
+
+const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
+
+type OutputItem =
+  | {
+      type: "reasoning";
+      id: string;
+      summary: [];
+      content: { type: "reasoning_text"; text: string }[];
+    }
+  | {
+      type: "message";
+      id: string;
+      status: "in_progress" | "completed";
+      role: "assistant";
+      content: { type: "output_text"; text: string; annotations: [] }[];
+    }
+  | {
+      type: "function_call";
+      id: string;
+      call_id: string;
+      name: string;
+      arguments: string;
+      status: "in_progress" | "completed";
+    };
+
+/**
+ * Output items from a choice's deltas (ChatOutput), as they come: a delta of another kind
+ * than the open item's closes it. Emits the stream's item and text events on the way.
+ */
+class OutputItems {
+  readonly items: OutputItem[] = [];
+  #open: OutputItem | null = null;
+  /** Function-call items by the chat delta's call index. */
+  readonly #calls = new Map<number, OutputItem & { type: "function_call" }>();
+  readonly #emit: (type: string, body: object) => void;
+
+  constructor(emit: (type: string, body: object) => void = () => {}) {
+    this.#emit = emit;
+  }
+
+  push(d: ChatDelta): void {
+    if ("reasoning_content" in d) {
+      const item = this.#openOf("reasoning", () => ({
+        type: "reasoning",
+        id: newId("rs"),
+        summary: [],
+        content: [{ type: "reasoning_text", text: "" }],
+      }));
+      item.content[0]!.text += d.reasoning_content;
+      this.#emit("response.reasoning_text.delta", {
+        ...this.#at(item),
+        content_index: 0,
+        delta: d.reasoning_content,
+      });
+    } else if ("content" in d) {
+      if (d.content === "") return;
+      const item = this.#openOf("message", () => ({
+        type: "message",
+        id: newId("msg"),
+        status: "in_progress",
+        role: "assistant",
+        content: [{ type: "output_text", text: "", annotations: [] }],
+      }));
+      item.content[0]!.text += d.content;
+      this.#emit("response.output_text.delta", {
+        ...this.#at(item),
+        content_index: 0,
+        delta: d.content,
+        logprobs: [],
+      });
+    } else {
+      for (const t of d.tool_calls) {
+        let item = this.#calls.get(t.index);
+        if (t.id !== undefined || !item) {
+          item = {
+            type: "function_call",
+            id: newId("fc"),
+            call_id: t.id ?? newId("call"),
+            name: t.function.name ?? "",
+            arguments: "",
+            status: "in_progress",
+          };
+          this.#calls.set(t.index, item);
+          this.#start(item);
+        }
+        item.arguments += t.function.arguments;
+        if (t.function.arguments)
+          this.#emit("response.function_call_arguments.delta", {
+            ...this.#at(item),
+            delta: t.function.arguments,
+          });
+      }
+    }
+  }
+
+  /** Closes the open item (the end of the answer). */
+  end(): void {
+    this.#close();
+  }
+
+  #openOf<K extends OutputItem["type"]>(
+    type: K,
+    make: () => OutputItem & { type: K },
+  ): OutputItem & { type: K } {
+    if (this.#open?.type === type) return this.#open as OutputItem & { type: K };
+    const item = make();
+    this.#start(item);
+    return item;
+  }
+
+  #start(item: OutputItem): void {
+    this.#close();
+    this.items.push(item);
+    this.#open = item;
+    this.#emit("response.output_item.added", {
+      output_index: this.items.length - 1,
+      item: structuredClone(item),
+    });
+    if (item.type === "message")
+      this.#emit("response.content_part.added", {
+        ...this.#at(item),
+        content_index: 0,
+        part: { type: "output_text", text: "", annotations: [] },
+      });
+  }
+
+  #close(): void {
+    const item = this.#open;
+    if (!item) return;
+    this.#open = null;
+    if (item.type === "reasoning")
+      this.#emit("response.reasoning_text.done", {
+        ...this.#at(item),
+        content_index: 0,
+        text: item.content[0]!.text,
+      });
+    else if (item.type === "message") {
+      item.status = "completed";
+      this.#emit("response.output_text.done", {
+        ...this.#at(item),
+        content_index: 0,
+        text: item.content[0]!.text,
+        logprobs: [],
+      });
+      this.#emit("response.content_part.done", {
+        ...this.#at(item),
+        content_index: 0,
+        part: item.content[0],
+      });
+    } else {
+      item.status = "completed";
+      this.#emit("response.function_call_arguments.done", {
+        ...this.#at(item),
+        arguments: item.arguments,
+      });
+    }
+    this.#emit("response.output_item.done", {
+      output_index: this.items.indexOf(item),
+      item: structuredClone(item),
+    });
+  }
+
+  #at(item: OutputItem) {
+    return { item_id: item.id, output_index: this.items.indexOf(item) };
+  }
+}
+
+/** The routes plugin. */
+export function responsesRoutes(ctx: ServeContext) {
+  return async (app: FastifyInstance) => {
+    app.post<{ Body: ResponsesRequest }>(
+      "/v1/responses",
+      { schema: { body: ResponsesRequest } },
+      (req, reply) => respond(ctx, req, reply),
+    );
+  };
+}
+
+async function respond(
+  ctx: ServeContext,
+  req: FastifyRequest<{ Body: ResponsesRequest }>,
+  reply: FastifyReply,
+): Promise<unknown> {
+  const b = req.body;
+  const chatRequest = chatRequestOf(b);
+  const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
+    (err: unknown) => {
+      throw responsesParam(err);
+    },
+  );
+  const id = newId("resp");
+  const createdAt = Math.floor(Date.now() / 1000);
+  const tools = (chatRequest.tools as object[] | undefined) ?? [];
+  /** The response object, status and output as given. */
+  const response = (status: string, output: OutputItem[], extra: object = {}) => ({
+    id,
+    object: "response",
+    created_at: createdAt,
+    status,
+    model: ctx.servedModelName,
+    output,
+    instructions: b.instructions ?? null,
+    max_output_tokens: b.max_output_tokens ?? null,
+    temperature: spec.sampling.temperature,
+    top_p: spec.sampling.topP,
+    tools: (b.tools ?? []).slice(0, tools.length),
+    tool_choice: b.tool_choice ?? "auto",
+    parallel_tool_calls: b.parallel_tool_calls ?? true,
+    text: { format: b.text?.format ?? { type: "text" } },
+    previous_response_id: null,
+    store: false,
+    metadata: b.metadata ?? {},
+    error: null,
+    incomplete_details: null,
+    usage: null,
+    ...extra,
+  });
+  let job: Job;
+  const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
+    const length = finishOf(c, output) === "length";
+    const usage = usageOf(job);
+    const reasoning = items.map((i) => (i.type === "reasoning" ? i.content[0]!.text : "")).join("");
+    return response(length ? "incomplete" : "completed", items, {
+      ...(length ? { incomplete_details: { reason: "max_output_tokens" } } : {}),
+      usage: {
+        input_tokens: usage.prompt_tokens,
+        input_tokens_details: { cached_tokens: usage.prompt_tokens_details.cached_tokens },
+        output_tokens: usage.completion_tokens,
+        // The thinking's text, encoded again: the output tokens it spans, near enough.
+        output_tokens_details: {
+          reasoning_tokens: reasoning ? ctx.tokenizer.encode(reasoning).length : 0,
+        },
+        total_tokens: usage.total_tokens,
+      },
+    });
+  };
+
+  if (!b.stream) {
+    job = startJob(ctx, spec);
+    bind(reply, job);
+    await job.done;
+    const c = job.choices[0]!;
+    const output = new ChatOutput(outputOptions);
+    const items = new OutputItems();
+    for (const d of [...output.push(c.out.text), ...output.end()]) items.push(d);
+    items.end();
+    return finished(c, output, items.items);
+  }
+
+  // Streamed: events as the text is released, numbered as written; written once the job is
+  // admitted (until then a refusal is still a plain error response), queued before.
+  let sequence = 0;
+  let raw: FastifyReply["raw"] | null = null;
+  const queued: [string, object][] = [];
+  const write = (type: string, body: object) => {
+    if (!raw!.destroyed)
+      raw!.write(
+        `event: ${type}\ndata: ${JSON.stringify({ type, sequence_number: sequence++, ...body })}\n\n`,
+      );
+  };
+  const emit = (type: string, body: object) =>
+    raw ? write(type, body) : queued.push([type, body]);
+  const output = new ChatOutput(outputOptions);
+  const items = new OutputItems(emit);
+  job = startJob(ctx, spec, {
+    onToken: (_c, _t, text) => {
+      for (const d of output.push(text)) items.push(d);
+    },
+    onFinish: (_c, text) => {
+      for (const d of [...output.push(text), ...output.end()]) items.push(d);
+      items.end();
+    },
+  });
+  reply.hijack();
+  reply.raw.writeHead(200, {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    connection: "keep-alive",
+  });
+  reply.raw.flushHeaders();
+  raw = reply.raw;
+  write("response.created", { response: response("in_progress", []) });
+  write("response.in_progress", { response: response("in_progress", []) });
+  for (const [type, body] of queued) write(type, body);
+  bind(reply, job);
+  try {
+    await job.done;
+    const done = finished(job.choices[0]!, output, items.items);
+    write(done.status === "completed" ? "response.completed" : "response.incomplete", {
+      response: done,
+    });
+  } catch (err) {
+    const e = toApiError(err);
+    write("error", { code: e.code, message: e.message, param: e.param });
+  }
+  if (!reply.raw.destroyed) reply.raw.end();
+  return reply;
+}

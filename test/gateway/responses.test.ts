@@ -1,0 +1,312 @@
+// POST /v1/responses (OpenAI's Responses API) through the official `openai` client, against
+// gateways started in this process on the tiny V3 checkpoint. A Responses request is the
+// chat request it stands for: the same tokens come out, read into output items (message,
+// reasoning, function_call), and streamed as Responses events.
+import type OpenAI from "openai";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { startGateway, type TestGateway } from "./helpers.ts";
+
+let dir: string;
+let gw: TestGateway;
+let r1: TestGateway;
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  gw = await startGateway(dir);
+  r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
+});
+afterAll(async () => {
+  await gw?.close();
+  await r1?.close();
+});
+
+const user = (content: string) => [{ role: "user" as const, content }];
+type Event = { type: string; sequence_number: number } & Record<string, any>;
+
+/** A streamed response's events, in order. */
+async function events(g: TestGateway, body: object): Promise<Event[]> {
+  const out: Event[] = [];
+  const stream = await g.client.responses.create({
+    ...body,
+    stream: true,
+  } as OpenAI.Responses.ResponseCreateParamsStreaming);
+  for await (const e of stream) out.push(e as unknown as Event);
+  return out;
+}
+
+describe("POST /v1/responses", () => {
+  it("answers what the chat request it stands for answers (text, usage)", async () => {
+    const r = await gw.client.responses.create({
+      model: "tiny",
+      instructions: "Answer briefly.",
+      input: "What is the capital of France?",
+      max_output_tokens: 12,
+      temperature: 0,
+    });
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [
+        { role: "system", content: "Answer briefly." },
+        { role: "user", content: "What is the capital of France?" },
+      ],
+      max_tokens: 12,
+      temperature: 0,
+    });
+    expect(r.object).toBe("response");
+    expect(r.id).toMatch(/^resp_/);
+    expect(r.output_text).toBe(chat.choices[0]!.message.content);
+    expect(r.output.map((i) => i.type)).toEqual(["message"]);
+    const finish = chat.choices[0]!.finish_reason;
+    expect(r.status).toBe(finish === "length" ? "incomplete" : "completed");
+    if (finish === "length") expect(r.incomplete_details).toEqual({ reason: "max_output_tokens" });
+    expect(r.usage).toMatchObject({
+      input_tokens: chat.usage!.prompt_tokens,
+      output_tokens: chat.usage!.completion_tokens,
+      total_tokens: chat.usage!.total_tokens,
+      output_tokens_details: { reasoning_tokens: 0 },
+    });
+    expect(r.instructions).toBe("Answer briefly.");
+    expect(r.max_output_tokens).toBe(12);
+  });
+
+  it("takes the conversation as input items: messages, content parts, a call and its output", async () => {
+    const weather = {
+      type: "function" as const,
+      name: "get_weather",
+      description: "The weather in a city",
+      parameters: { type: "object", properties: { city: { type: "string" } } },
+      strict: false,
+    };
+    const r = await gw.client.responses.create({
+      model: "tiny",
+      input: [
+        { role: "developer", content: "Use the tools." },
+        { role: "user", content: [{ type: "input_text", text: "Weather in Paris?" }] },
+        {
+          type: "function_call",
+          call_id: "call_1",
+          name: "get_weather",
+          arguments: '{"city":"Paris"}',
+        },
+        { type: "function_call_output", call_id: "call_1", output: '{"celsius":21}' },
+      ],
+      tools: [weather],
+      tool_choice: "none",
+      max_output_tokens: 8,
+      temperature: 0,
+    });
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [
+        { role: "system", content: "Use the tools." },
+        { role: "user", content: "Weather in Paris?" },
+        {
+          role: "assistant",
+          content: null,
+          tool_calls: [
+            {
+              id: "call_1",
+              type: "function",
+              function: { name: "get_weather", arguments: '{"city":"Paris"}' },
+            },
+          ],
+        },
+        { role: "tool", tool_call_id: "call_1", content: '{"celsius":21}' },
+      ],
+      tools: [
+        {
+          type: "function",
+          function: {
+            name: weather.name,
+            description: weather.description,
+            parameters: weather.parameters,
+            strict: false,
+          },
+        },
+      ],
+      tool_choice: "none",
+      max_tokens: 8,
+      temperature: 0,
+    });
+    expect(r.usage!.input_tokens).toBe(chat.usage!.prompt_tokens);
+    expect(r.output_text).toBe(chat.choices[0]!.message.content);
+  });
+
+  it("streams events: created, item and part openings, deltas that add up, completed", async () => {
+    const body = {
+      model: "tiny",
+      input: "Tell me a story.",
+      max_output_tokens: 16,
+      temperature: 0,
+    };
+    const whole = await gw.client.responses.create(body);
+    const es = await events(gw, body);
+    expect(es.map((e) => e.sequence_number)).toEqual(es.map((_, i) => i));
+    const types = es.map((e) => e.type);
+    expect(types.slice(0, 4)).toEqual([
+      "response.created",
+      "response.in_progress",
+      "response.output_item.added",
+      "response.content_part.added",
+    ]);
+    expect(types.slice(-4)).toEqual([
+      "response.output_text.done",
+      "response.content_part.done",
+      "response.output_item.done",
+      whole.status === "completed" ? "response.completed" : "response.incomplete",
+    ]);
+    const deltas = es.filter((e) => e.type === "response.output_text.delta");
+    expect(deltas.length).toBeGreaterThan(1);
+    const text = deltas.map((e) => e.delta as string).join("");
+    expect(text).toBe(whole.output_text);
+    const itemId = es[2]!["item"].id as string;
+    for (const d of deltas) expect([d["item_id"], d["output_index"]]).toEqual([itemId, 0]);
+    expect(es.find((e) => e.type === "response.output_text.done")!["text"]).toBe(text);
+    const final = es.at(-1)!["response"] as OpenAI.Responses.Response;
+    expect(final.output[0]).toMatchObject({ type: "message", id: itemId, status: "completed" });
+    expect(final.usage).toEqual(whole.usage);
+  });
+
+  it("a named function tool: the call as a function_call item, the chat's same call", async () => {
+    const params = {
+      type: "object",
+      properties: { city: { type: "string" }, days: { type: "integer" } },
+      required: ["city", "days"],
+    };
+    const extra = { seed: 5 } as object;
+    const r = await gw.client.responses.create({
+      model: "tiny",
+      input: "Weather in Paris?",
+      tools: [{ type: "function", name: "get_weather", parameters: params, strict: true }],
+      tool_choice: { type: "function", name: "get_weather" },
+      max_output_tokens: 40,
+      temperature: 1,
+      ...extra,
+    });
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Weather in Paris?"),
+      tools: [
+        { type: "function", function: { name: "get_weather", parameters: params, strict: true } },
+      ],
+      tool_choice: { type: "function", function: { name: "get_weather" } },
+      max_tokens: 40,
+      temperature: 1,
+      seed: 5,
+    });
+    const want = chat.choices[0]!.message.tool_calls![0]!;
+    expect(r.output).toHaveLength(1);
+    const call = r.output[0]! as OpenAI.Responses.ResponseFunctionToolCall;
+    expect(call).toMatchObject({ type: "function_call", name: "get_weather", status: "completed" });
+    expect(call.call_id).toMatch(/^call_/);
+    if (want.type === "function") expect(call.arguments).toBe(want.function.arguments);
+    // Streamed: the item opens with its name, the arguments come as deltas.
+    const es = await events(gw, {
+      model: "tiny",
+      input: "Weather in Paris?",
+      tools: [{ type: "function", name: "get_weather", parameters: params, strict: true }],
+      tool_choice: { type: "function", name: "get_weather" },
+      max_output_tokens: 40,
+      temperature: 1,
+      ...extra,
+    });
+    const added = es.find((e) => e.type === "response.output_item.added")!;
+    expect(added["item"]).toMatchObject({
+      type: "function_call",
+      name: "get_weather",
+      arguments: "",
+    });
+    const args = es
+      .filter((e) => e.type === "response.function_call_arguments.delta")
+      .map((e) => e.delta as string)
+      .join("");
+    expect(args).toBe(call.arguments);
+    expect(es.find((e) => e.type === "response.function_call_arguments.done")!["arguments"]).toBe(
+      args,
+    );
+  });
+
+  it("text.format json_schema: the answer follows the schema, as the chat's response_format", async () => {
+    const schema = {
+      type: "object",
+      properties: { answer: { type: "string" } },
+      required: ["answer"],
+      additionalProperties: false,
+    };
+    const r = await gw.client.responses.create({
+      model: "tiny",
+      input: "Answer in JSON.",
+      text: { format: { type: "json_schema", name: "answer", schema, strict: true } },
+      max_output_tokens: 24,
+      temperature: 0,
+    });
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Answer in JSON."),
+      response_format: {
+        type: "json_schema",
+        json_schema: { name: "answer", schema, strict: true },
+      },
+      max_tokens: 24,
+      temperature: 0,
+    });
+    expect(r.output_text).toBe(chat.choices[0]!.message.content);
+    expect(r.output_text.trimStart().startsWith("{")).toBe(true);
+    expect(r.text?.format).toMatchObject({ type: "json_schema", name: "answer" });
+  });
+
+  it("with the R1 parser: the thinking as a reasoning item, streamed as reasoning_text deltas", async () => {
+    const body = { model: "tiny", input: "What is 2 + 2?", max_output_tokens: 12, temperature: 0 };
+    const chat = await r1.client.chat.completions.create({
+      model: "tiny",
+      messages: user("What is 2 + 2?"),
+      max_tokens: 12,
+      temperature: 0,
+    });
+    const thought = (chat.choices[0]!.message as unknown as { reasoning_content: string })
+      .reasoning_content;
+    expect(thought.length).toBeGreaterThan(0);
+    const r = await r1.client.responses.create(body);
+    const reasoning = r.output[0] as OpenAI.Responses.ResponseReasoningItem;
+    expect(reasoning.type).toBe("reasoning");
+    expect(reasoning.content).toEqual([{ type: "reasoning_text", text: thought }]);
+    // This random model never closes its thought (openai.test.ts): no message item.
+    expect(r.output).toHaveLength(1);
+    expect(r.output_text).toBe("");
+    expect(r.usage!.output_tokens_details.reasoning_tokens).toBeGreaterThan(0);
+    const es = await events(r1, body);
+    expect(
+      es
+        .filter((e) => e.type === "response.reasoning_text.delta")
+        .map((e) => e.delta)
+        .join(""),
+    ).toBe(thought);
+    expect(es.find((e) => e.type === "response.reasoning_text.done")!["text"]).toBe(thought);
+  });
+
+  it("refuses what it cannot do, with the parameter named", async () => {
+    const refused = async (body: object) => {
+      const err = (await gw.client.responses
+        .create(body as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+        .catch((e: unknown) => e)) as { status: number; param: string; message: string };
+      return [err.status, err.param];
+    };
+    expect(await refused({ model: "tiny", input: "hi", previous_response_id: "resp_123" })).toEqual(
+      [400, "previous_response_id"],
+    );
+    expect(
+      await refused({ model: "tiny", input: "hi", tools: [{ type: "web_search_preview" }] }),
+    ).toEqual([400, "tools.0"]);
+    expect(await refused({ model: "gpt-4o", input: "hi" })).toEqual([404, "model"]);
+    expect((await refused({ model: "tiny", input: [] }))[0]).toBe(400);
+    // The chat machinery's refusals name the Responses field.
+    expect(
+      await refused({ model: "tiny", input: "hi", text: { format: { type: "json_schema" } } }),
+    ).toEqual([400, "text.format"]);
+    expect(await refused({ model: "tiny", input: "hi", max_output_tokens: 10 ** 6 })).toEqual([
+      400,
+      "max_output_tokens",
+    ]);
+  });
+});
