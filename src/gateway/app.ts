@@ -7,7 +7,7 @@ import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext } from "./jobs.ts";
 import { openaiRoutes } from "./openai.ts";
-import { responsesRoutes } from "./responses.ts";
+import { ResponseStore, responsesRoutes } from "./responses.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -18,6 +18,8 @@ export interface GatewayAppOptions {
   /** Whether the model can serve now (every shard answers); local mode: always. */
   readonly ready?: () => Promise<boolean>;
   readonly logger?: boolean;
+  /** Responses kept for previous_response_id and GET /v1/responses/{id} (default 1000; 0: none). */
+  readonly responsesStore?: number;
 }
 
 /** Builds the fastify app (not listening yet). */
@@ -93,6 +95,6 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     return r.metrics();
   });
   app.register(openaiRoutes(o.ctx));
-  app.register(responsesRoutes(o.ctx));
+  app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
   return app;
 }

@@ -3,8 +3,10 @@
 // messages, function tools and text.format as tools and response_format), runs as that
 // chat would, and its answer is read into output items: the model's thinking as a
 // "reasoning" item, its text as a "message", its calls as "function_call" items; streamed
-// as Responses events (response.created ... response.completed). Stateless: no response
-// is stored, so previous_response_id is refused (send the conversation as input).
+// as Responses events (response.created ... response.completed). Responses are kept in
+// this gateway's memory (store, the default; the last --responses-store of them), so a
+// request can continue one (previous_response_id) and GET/DELETE /v1/responses/{id} find
+// it; another gateway does not know it (spec.gateway.sessionAffinity: ClientIP helps).
 import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
@@ -80,15 +82,62 @@ export type ResponsesRequest = Static<typeof ResponsesRequest>;
 const bad = (message: string, param: string): ApiError =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
 
-/** The chat request a Responses request stands for. */
-export function chatRequestOf(b: ResponsesRequest): ChatCompletionRequest {
-  if (b.previous_response_id != null)
-    throw bad(
-      "previous_response_id is not supported: this gateway stores no responses (send the whole conversation as input)",
-      "previous_response_id",
-    );
-  const messages: ChatMessage[] = [];
-  if (b.instructions) messages.push({ role: "system", content: b.instructions });
+/** A kept response: the conversation up to and including its answer, and the response. */
+interface Kept {
+  readonly conversation: readonly ChatMessage[];
+  readonly response: object;
+}
+
+/** The last `capacity` responses of this gateway, by id (least recently used out first). */
+export class ResponseStore {
+  readonly capacity: number;
+  readonly #kept = new Map<string, Kept>();
+
+  constructor(capacity: number) {
+    this.capacity = capacity;
+  }
+
+  get size(): number {
+    return this.#kept.size;
+  }
+
+  get(id: string): Kept | undefined {
+    const k = this.#kept.get(id);
+    if (k) {
+      this.#kept.delete(id);
+      this.#kept.set(id, k);
+    }
+    return k;
+  }
+
+  put(id: string, kept: Kept): void {
+    if (this.capacity < 1) return;
+    this.#kept.set(id, kept);
+    while (this.#kept.size > this.capacity) this.#kept.delete(this.#kept.keys().next().value!);
+  }
+
+  delete(id: string): boolean {
+    return this.#kept.delete(id);
+  }
+}
+
+const notFound = (id: string, param: string | null) =>
+  new ApiError(
+    "EM_GATEWAY_RESPONSE_NOT_FOUND",
+    `no response '${id.slice(0, 80)}' here: it was not stored (store: false), was deleted or pushed out by newer ones, or another gateway answered it`,
+    { param },
+  );
+
+/**
+ * The chat request a Responses request stands for (after the conversation `before` it,
+ * the previous response's), and the conversation without its instructions (what a
+ * response continuing it carries over).
+ */
+export function chatRequestOf(
+  b: ResponsesRequest,
+  before: readonly ChatMessage[] = [],
+): { chat: ChatCompletionRequest; conversation: ChatMessage[] } {
+  const messages: ChatMessage[] = [...before];
   const items =
     typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;
   for (const item of items) {
@@ -111,7 +160,7 @@ export function chatRequestOf(b: ResponsesRequest): ChatCompletionRequest {
       messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
     }
   }
-  if (messages.length === 0) throw bad("input has no message", "input");
+  if (messages.length === before.length) throw bad("input has no message", "input");
   const tools = (b.tools ?? []).map((t, i) => {
     if (t["type"] !== "function")
       throw bad(
@@ -149,9 +198,11 @@ export function chatRequestOf(b: ResponsesRequest): ChatCompletionRequest {
           },
         }
       : format;
-  return {
+  const chat: ChatCompletionRequest = {
     model: b.model,
-    messages,
+    messages: b.instructions
+      ? [{ role: "system", content: b.instructions }, ...messages]
+      : messages,
     ...(b.max_output_tokens != null ? { max_completion_tokens: b.max_output_tokens } : {}),
     ...(b.temperature != null ? { temperature: b.temperature } : {}),
     ...(b.top_p != null ? { top_p: b.top_p } : {}),
@@ -163,6 +214,28 @@ export function chatRequestOf(b: ResponsesRequest): ChatCompletionRequest {
     ...(responseFormat != null ? { response_format: responseFormat } : {}),
     ...(b.chat_template_kwargs != null ? { chat_template_kwargs: b.chat_template_kwargs } : {}),
   };
+  return { chat, conversation: messages };
+}
+
+/** The answer's items as the conversation's next messages (its thinking left out). */
+function answerMessages(items: readonly OutputItem[]): ChatMessage[] {
+  const text = items.map((i) => (i.type === "message" ? i.content[0]!.text : "")).join("");
+  const calls = items.flatMap((i) =>
+    i.type === "function_call"
+      ? [
+          {
+            id: i.call_id,
+            type: "function" as const,
+            function: { name: i.name, arguments: i.arguments },
+          },
+        ]
+      : [],
+  );
+  return [
+    calls.length > 0
+      ? { role: "assistant", content: text || null, tool_calls: calls }
+      : { role: "assistant", content: text },
+  ];
 }
 
 /** A chat field a refusal names, as the Responses field it came from. */
@@ -350,24 +423,41 @@ class OutputItems {
   }
 }
 
-/** The routes plugin. */
-export function responsesRoutes(ctx: ServeContext) {
+/** The routes plugin; `store` keeps this gateway's responses. */
+export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
   return async (app: FastifyInstance) => {
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
-      (req, reply) => respond(ctx, req, reply),
+      (req, reply) => respond(ctx, store, req, reply),
     );
+    app.get<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
+      const kept = store.get(req.params.id);
+      if (!kept) throw notFound(req.params.id, null);
+      return kept.response;
+    });
+    app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
+      if (!store.delete(req.params.id)) throw notFound(req.params.id, null);
+      return { id: req.params.id, object: "response.deleted", deleted: true };
+    });
   };
 }
 
 async function respond(
   ctx: ServeContext,
+  store: ResponseStore,
   req: FastifyRequest<{ Body: ResponsesRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  const chatRequest = chatRequestOf(b);
+  let before: readonly ChatMessage[] = [];
+  if (b.previous_response_id != null) {
+    const kept = store.get(b.previous_response_id);
+    if (!kept) throw notFound(b.previous_response_id, "previous_response_id");
+    before = kept.conversation;
+  }
+  const { chat: chatRequest, conversation } = chatRequestOf(b, before);
+  const stored = b.store !== false && store.capacity > 0;
   const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
     (err: unknown) => {
       throw responsesParam(err);
@@ -392,8 +482,8 @@ async function respond(
     tool_choice: b.tool_choice ?? "auto",
     parallel_tool_calls: b.parallel_tool_calls ?? true,
     text: { format: b.text?.format ?? { type: "text" } },
-    previous_response_id: null,
-    store: false,
+    previous_response_id: b.previous_response_id ?? null,
+    store: stored,
     metadata: b.metadata ?? {},
     error: null,
     incomplete_details: null,
@@ -401,11 +491,12 @@ async function respond(
     ...extra,
   });
   let job: Job;
+  /** The finished response, kept when stored. */
   const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
     const length = finishOf(c, output) === "length";
     const usage = usageOf(job);
     const reasoning = items.map((i) => (i.type === "reasoning" ? i.content[0]!.text : "")).join("");
-    return response(length ? "incomplete" : "completed", items, {
+    const done = response(length ? "incomplete" : "completed", items, {
       ...(length ? { incomplete_details: { reason: "max_output_tokens" } } : {}),
       usage: {
         input_tokens: usage.prompt_tokens,
@@ -418,6 +509,9 @@ async function respond(
         total_tokens: usage.total_tokens,
       },
     });
+    if (stored)
+      store.put(id, { conversation: [...conversation, ...answerMessages(items)], response: done });
+    return done;
   };
 
   if (!b.stream) {

@@ -55,6 +55,8 @@ export const ERROR_CODES = {
     "the KV cache memory budget cannot hold what was asked (blocks, one max-length sequence)",
   EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
+  EM_GATEWAY_RESPONSE_NOT_FOUND:
+    "a response id this gateway does not keep (not stored, deleted, pushed out, or another gateway's) (HTTP 404)",
   EM_GATEWAY_PROMPT_TOO_LONG: "prompt plus max_tokens exceed the model's context length (HTTP 400)",
   EM_GATEWAY_BODY_TOO_LARGE: "a request body is larger than --max-request-bytes (HTTP 413)",
   EM_GATEWAY_UNAUTHORIZED: "a request lacks a valid bearer API key (HTTP 401)",

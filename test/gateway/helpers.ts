@@ -38,6 +38,7 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
   maxRequestBytes?: number;
   /** Experts on these shards over NATS instead of in process. */
   cluster?: Cluster;
+  responsesStore?: number;
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
@@ -90,6 +91,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ctx,
     ...(o.apiKeys ? { apiKeys: o.apiKeys } : {}),
     ...(o.maxRequestBytes ? { maxRequestBytes: o.maxRequestBytes } : {}),
+    ...(o.responsesStore !== undefined ? { responsesStore: o.responsesStore } : {}),
     ...(ready ? { ready } : {}),
   });
   await app.listen({ port: 0, host: "127.0.0.1" });

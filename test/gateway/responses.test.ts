@@ -285,6 +285,85 @@ describe("POST /v1/responses", () => {
     expect(es.find((e) => e.type === "response.reasoning_text.done")!["text"]).toBe(thought);
   });
 
+  it("continues a kept response (previous_response_id): its conversation, not its instructions", async () => {
+    const first = await gw.client.responses.create({
+      model: "tiny",
+      instructions: "Be brief.",
+      input: "Name a color.",
+      max_output_tokens: 6,
+      temperature: 0,
+    });
+    expect((first as unknown as { store: boolean }).store).toBe(true);
+    const next = await gw.client.responses.create({
+      model: "tiny",
+      previous_response_id: first.id,
+      input: "Another one?",
+      max_output_tokens: 6,
+      temperature: 0,
+    });
+    expect(next.previous_response_id).toBe(first.id);
+    // The same as the chat of the whole conversation (OpenAI's rule: instructions are not
+    // carried over; the previous answer's text is).
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [
+        { role: "user", content: "Name a color." },
+        { role: "assistant", content: first.output_text },
+        { role: "user", content: "Another one?" },
+      ],
+      max_tokens: 6,
+      temperature: 0,
+    });
+    expect(next.usage!.input_tokens).toBe(chat.usage!.prompt_tokens);
+    expect(next.output_text).toBe(chat.choices[0]!.message.content);
+    // Kept: retrieved as answered, deleted, then gone.
+    expect(await gw.client.responses.retrieve(first.id)).toEqual(first);
+    await gw.client.responses.delete(first.id);
+    const gone = (await gw.client.responses.retrieve(first.id).catch((e: unknown) => e)) as {
+      status: number;
+      code: string;
+    };
+    expect([gone.status, gone.code]).toEqual([404, "EM_GATEWAY_RESPONSE_NOT_FOUND"]);
+    // store: false keeps nothing.
+    const unkept = await gw.client.responses.create({
+      model: "tiny",
+      input: "hi",
+      store: false,
+      max_output_tokens: 2,
+    });
+    expect((unkept as unknown as { store: boolean }).store).toBe(false);
+    expect(
+      (
+        (await gw.client.responses.retrieve(unkept.id).catch((e: unknown) => e)) as {
+          status: number;
+        }
+      ).status,
+    ).toBe(404);
+  });
+
+  it("keeps the last --responses-store responses: an older one is pushed out", async () => {
+    const small = await startGateway(dir, { responsesStore: 2 });
+    try {
+      const ids: string[] = [];
+      for (const input of ["a", "b", "c"])
+        ids.push(
+          (await small.client.responses.create({ model: "tiny", input, max_output_tokens: 2 })).id,
+        );
+      const status = (id: string) =>
+        small.client.responses.retrieve(id).then(
+          () => 200,
+          (e: { status: number }) => e.status,
+        );
+      expect(await Promise.all(ids.map(status))).toEqual([404, 200, 200]);
+      // Streamed responses are kept too.
+      const es = await events(small, { model: "tiny", input: "d", max_output_tokens: 2 });
+      const done = es.at(-1)!["response"] as OpenAI.Responses.Response;
+      expect(await small.client.responses.retrieve(done.id)).toMatchObject(done);
+    } finally {
+      await small.close();
+    }
+  });
+
   it("refuses what it cannot do, with the parameter named", async () => {
     const refused = async (body: object) => {
       const err = (await gw.client.responses
@@ -293,7 +372,7 @@ describe("POST /v1/responses", () => {
       return [err.status, err.param];
     };
     expect(await refused({ model: "tiny", input: "hi", previous_response_id: "resp_123" })).toEqual(
-      [400, "previous_response_id"],
+      [404, "previous_response_id"],
     );
     expect(
       await refused({ model: "tiny", input: "hi", tools: [{ type: "web_search_preview" }] }),

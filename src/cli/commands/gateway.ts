@@ -70,6 +70,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             (default 0: off; at most 15)
   --prompt-lookup-max N     longest run of last tokens looked up (default 4)
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
+  --responses-store N       responses kept in memory for previous_response_id and
+                            GET /v1/responses/{id} (default 1000; 0: none)
   --tool-call-parser NAME   the model's tool-call format: deepseek-v3 (V3, R1; default) or
                             deepseek-v3.1 (V3.1: the name, then raw JSON arguments)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
@@ -112,6 +114,7 @@ export const gatewayCommand: Command = {
         "tokenizer-workers": { type: "string" },
         "kv-cache-bytes": { type: "string" },
         "kv-cache-dtype": { type: "string" },
+        "responses-store": { type: "string" },
         "block-size": { type: "string" },
         "prefix-caching": { type: "boolean" },
         "micro-batches": { type: "string" },
@@ -139,6 +142,7 @@ export const gatewayCommand: Command = {
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
+    const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
     const speculative =
       specTokens > 0
         ? checkNgramConfig({
@@ -258,7 +262,7 @@ export const gatewayCommand: Command = {
       ...(process.env["EM_API_KEYS"] ?? "").split(",").filter(Boolean),
     ];
     const maxRequestBytes = int(values["max-request-bytes"], "--max-request-bytes", 1 << 20);
-    const app = buildGatewayApp({ ctx, apiKeys, maxRequestBytes, ready });
+    const app = buildGatewayApp({ ctx, apiKeys, maxRequestBytes, ready, responsesStore });
     const host = values.host ?? "0.0.0.0";
     try {
       await app.listen({ port: httpPort, host });
