@@ -88,17 +88,28 @@ interface Kept {
   readonly response: object;
 }
 
-/** The last `capacity` responses of this gateway, by id (least recently used out first). */
+/**
+ * The last `capacity` responses of this gateway, by id, holding at most `maxChars`
+ * characters of conversations and responses in all (least recently used out first).
+ */
 export class ResponseStore {
   readonly capacity: number;
-  readonly #kept = new Map<string, Kept>();
+  readonly maxChars: number;
+  readonly #kept = new Map<string, Kept & { chars: number }>();
+  #chars = 0;
 
-  constructor(capacity: number) {
+  constructor(capacity: number, maxChars = 128 * 2 ** 20) {
     this.capacity = capacity;
+    this.maxChars = maxChars;
   }
 
   get size(): number {
     return this.#kept.size;
+  }
+
+  /** Characters held (conversations and responses, as JSON). */
+  get chars(): number {
+    return this.#chars;
   }
 
   get(id: string): Kept | undefined {
@@ -111,13 +122,21 @@ export class ResponseStore {
   }
 
   put(id: string, kept: Kept): void {
-    if (this.capacity < 1) return;
-    this.#kept.set(id, kept);
-    while (this.#kept.size > this.capacity) this.#kept.delete(this.#kept.keys().next().value!);
+    const chars = JSON.stringify(kept.conversation).length + JSON.stringify(kept.response).length;
+    if (this.capacity < 1 || chars > this.maxChars) return;
+    this.delete(id);
+    this.#kept.set(id, { ...kept, chars });
+    this.#chars += chars;
+    while (this.#kept.size > this.capacity || this.#chars > this.maxChars)
+      this.delete(this.#kept.keys().next().value!);
   }
 
   delete(id: string): boolean {
-    return this.#kept.delete(id);
+    const k = this.#kept.get(id);
+    if (!k) return false;
+    this.#kept.delete(id);
+    this.#chars -= k.chars;
+    return true;
   }
 }
 
