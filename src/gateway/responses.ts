@@ -72,6 +72,10 @@ export const ResponsesRequest = Type.Object({
   previous_response_id: Type.Optional(Nullable(Type.String())),
   store: Type.Optional(Nullable(Type.Boolean())),
   metadata: Type.Optional(Nullable(Type.Record(Type.String(), Type.String()))),
+  /** Effort "minimal"/"none" (or no field): no thinking asked for; others ask for it (V3.1). */
+  reasoning: Type.Optional(
+    Nullable(Type.Object({ effort: Type.Optional(Nullable(Type.String())) })),
+  ),
   /** vLLM's extensions, as on chat completions. */
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
@@ -217,6 +221,14 @@ export function chatRequestOf(
           },
         }
       : format;
+  // A reasoning effort asks a hybrid model (V3.1) to think: its template's `thinking`
+  // switch, unless the request sets it itself. R1 thinks whatever the request says.
+  const effort = b.reasoning?.effort;
+  const thinks = effort != null && effort !== "none" && effort !== "minimal";
+  const kwargs =
+    thinks || b.chat_template_kwargs != null
+      ? { ...(thinks ? { thinking: true } : {}), ...(b.chat_template_kwargs ?? {}) }
+      : undefined;
   const chat: ChatCompletionRequest = {
     model: b.model,
     messages: b.instructions
@@ -231,7 +243,7 @@ export function chatRequestOf(
     ...(toolChoice != null ? { tool_choice: toolChoice } : {}),
     ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),
     ...(responseFormat != null ? { response_format: responseFormat } : {}),
-    ...(b.chat_template_kwargs != null ? { chat_template_kwargs: b.chat_template_kwargs } : {}),
+    ...(kwargs ? { chat_template_kwargs: kwargs } : {}),
   };
   return { chat, conversation: messages };
 }

@@ -364,6 +364,46 @@ describe("POST /v1/responses", () => {
     }
   });
 
+  it("a reasoning effort turns V3.1's thinking on (its template's switch)", async () => {
+    const v31 = await startGateway(dir, { reasoningParser: "deepseek-v3" });
+    try {
+      const body = {
+        model: "tiny",
+        input: "What is 2 + 2?",
+        max_output_tokens: 12,
+        temperature: 0,
+      };
+      const plain = await v31.client.responses.create(body);
+      expect(plain.output.map((i) => i.type)).toEqual(["message"]);
+      const thinking = await v31.client.responses.create({
+        ...body,
+        reasoning: { effort: "high" },
+      });
+      const chat = await v31.client.chat.completions.create({
+        model: "tiny",
+        messages: user("What is 2 + 2?"),
+        max_tokens: 12,
+        temperature: 0,
+        chat_template_kwargs: { thinking: true },
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+      const thought = (chat.choices[0]!.message as unknown as { reasoning_content: string })
+        .reasoning_content;
+      expect(thinking.output[0]).toMatchObject({
+        type: "reasoning",
+        content: [{ type: "reasoning_text", text: thought }],
+      });
+      expect(thinking.usage!.input_tokens).toBe(chat.usage!.prompt_tokens);
+      // "minimal" asks for none.
+      const minimal = await v31.client.responses.create({
+        ...body,
+        reasoning: { effort: "minimal" },
+      });
+      expect(minimal.output_text).toBe(plain.output_text);
+    } finally {
+      await v31.close();
+    }
+  });
+
   it("refuses what it cannot do, with the parameter named", async () => {
     const refused = async (body: object) => {
       const err = (await gw.client.responses
