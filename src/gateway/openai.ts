@@ -242,8 +242,8 @@ export function bind(reply: FastifyReply, job: Job): void {
     });
 }
 
-/** Server-sent events on the raw response (after the job was admitted). */
-function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void } {
+/** Takes the raw response over for server-sent events: the status and headers, sent now. */
+export function eventStream(reply: FastifyReply): FastifyReply["raw"] {
   reply.hijack();
   reply.raw.writeHead(200, {
     "content-type": "text/event-stream; charset=utf-8",
@@ -252,6 +252,12 @@ function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void
   });
   // Clients wait for the headers: send them now, before the first token.
   reply.raw.flushHeaders();
+  return reply.raw;
+}
+
+/** Server-sent events on the raw response (after the job was admitted). */
+function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void } {
+  eventStream(reply);
   return {
     send: (o) => {
       if (!reply.raw.destroyed) reply.raw.write(`data: ${JSON.stringify(o)}\n\n`);

@@ -13,7 +13,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
-import { bind, chatRun, usageOf } from "./openai.ts";
+import { bind, chatRun, eventStream, usageOf } from "./openai.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -581,14 +581,7 @@ async function respond(
       items.end();
     },
   });
-  reply.hijack();
-  reply.raw.writeHead(200, {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-cache",
-    connection: "keep-alive",
-  });
-  reply.raw.flushHeaders();
-  raw = reply.raw;
+  raw = eventStream(reply);
   write("response.created", { response: response("in_progress", []) });
   write("response.in_progress", { response: response("in_progress", []) });
   for (const [type, body] of queued) write(type, body);
