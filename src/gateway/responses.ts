@@ -299,7 +299,7 @@ type OutputItem =
   | {
       type: "message";
       id: string;
-      status: "in_progress" | "completed";
+      status: "in_progress" | "completed" | "incomplete";
       role: "assistant";
       content: { type: "output_text"; text: string; annotations: [] }[];
     }
@@ -309,7 +309,7 @@ type OutputItem =
       call_id: string;
       name: string;
       arguments: string;
-      status: "in_progress" | "completed";
+      status: "in_progress" | "completed" | "incomplete";
     };
 
 /**
@@ -382,9 +382,9 @@ class OutputItems {
     }
   }
 
-  /** Closes the open item (the end of the answer). */
-  end(): void {
-    this.#close();
+  /** Closes the open item: the end of the answer, "incomplete" when the length cut it. */
+  end(status: "completed" | "incomplete" = "completed"): void {
+    this.#close(status);
   }
 
   #openOf<K extends OutputItem["type"]>(
@@ -413,7 +413,7 @@ class OutputItems {
       });
   }
 
-  #close(): void {
+  #close(status: "completed" | "incomplete" = "completed"): void {
     const item = this.#open;
     if (!item) return;
     this.#open = null;
@@ -424,7 +424,7 @@ class OutputItems {
         text: item.content[0]!.text,
       });
     else if (item.type === "message") {
-      item.status = "completed";
+      item.status = status;
       this.#emit("response.output_text.done", {
         ...this.#at(item),
         content_index: 0,
@@ -437,7 +437,7 @@ class OutputItems {
         part: item.content[0],
       });
     } else {
-      item.status = "completed";
+      item.status = status;
       this.#emit("response.function_call_arguments.done", {
         ...this.#at(item),
         arguments: item.arguments,
@@ -553,7 +553,7 @@ async function respond(
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems();
     for (const d of [...output.push(c.out.text), ...output.end()]) items.push(d);
-    items.end();
+    items.end(c.finishReason === "length" ? "incomplete" : "completed");
     return finished(c, output, items.items);
   }
 
@@ -576,9 +576,9 @@ async function respond(
     onToken: (_c, _t, text) => {
       for (const d of output.push(text)) items.push(d);
     },
-    onFinish: (_c, text) => {
+    onFinish: (c, text) => {
       for (const d of [...output.push(text), ...output.end()]) items.push(d);
-      items.end();
+      items.end(c.finishReason === "length" ? "incomplete" : "completed");
     },
   });
   raw = eventStream(reply);

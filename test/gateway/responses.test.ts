@@ -60,6 +60,10 @@ describe("POST /v1/responses", () => {
     const finish = chat.choices[0]!.finish_reason;
     expect(r.status).toBe(finish === "length" ? "incomplete" : "completed");
     if (finish === "length") expect(r.incomplete_details).toEqual({ reason: "max_output_tokens" });
+    // The item the length cut is incomplete too.
+    expect((r.output[0] as { status: string }).status).toBe(
+      finish === "length" ? "incomplete" : "completed",
+    );
     expect(r.usage).toMatchObject({
       input_tokens: chat.usage!.prompt_tokens,
       output_tokens: chat.usage!.completion_tokens,
@@ -164,7 +168,11 @@ describe("POST /v1/responses", () => {
     for (const d of deltas) expect([d["item_id"], d["output_index"]]).toEqual([itemId, 0]);
     expect(es.find((e) => e.type === "response.output_text.done")!["text"]).toBe(text);
     const final = es.at(-1)!["response"] as OpenAI.Responses.Response;
-    expect(final.output[0]).toMatchObject({ type: "message", id: itemId, status: "completed" });
+    expect(final.output[0]).toMatchObject({
+      type: "message",
+      id: itemId,
+      status: whole.status === "completed" ? "completed" : "incomplete",
+    });
     expect(final.usage).toEqual(whole.usage);
   });
 
@@ -198,7 +206,8 @@ describe("POST /v1/responses", () => {
     const want = chat.choices[0]!.message.tool_calls![0]!;
     expect(r.output).toHaveLength(1);
     const call = r.output[0]! as OpenAI.Responses.ResponseFunctionToolCall;
-    expect(call).toMatchObject({ type: "function_call", name: "get_weather", status: "completed" });
+    expect(call).toMatchObject({ type: "function_call", name: "get_weather" });
+    expect(call.status).toBe(r.status === "completed" ? "completed" : "incomplete");
     expect(call.call_id).toMatch(/^call_/);
     if (want.type === "function") expect(call.arguments).toBe(want.function.arguments);
     // Streamed: the item opens with its name, the arguments come as deltas.
