@@ -152,6 +152,20 @@ function podSpec(model: DeepSeekModel, containers: V1PodSpec["containers"]): V1P
   };
 }
 
+/**
+ * The gateway's resources: the manifest's, with a memory request of at least its KV cache
+ * (which lives in host memory) when the manifest requests none, so the scheduler does not
+ * place a gateway where its cache cannot fit.
+ */
+export function gatewayResources(model: DeepSeekModel) {
+  const r = model.spec.gateway.resources;
+  if (r?.requests?.["memory"] !== undefined) return r;
+  return {
+    ...(r ?? {}),
+    requests: { ...(r?.requests ?? {}), memory: String(model.spec.gateway.kvCache.bytes) },
+  };
+}
+
 function containerBase(
   model: DeepSeekModel,
   role: "gateway" | "shard",
@@ -320,7 +334,7 @@ export function desiredObjects(
       ...gatewayArgs(model),
     ],
     gateway.gpus,
-    gateway.resources,
+    gatewayResources(model),
   );
   const gwContainer = {
     ...gw,

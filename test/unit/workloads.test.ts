@@ -165,6 +165,22 @@ spec:
     );
   });
 
+  it("requests the gateway's KV cache bytes of memory unless the manifest requests some", () => {
+    const gatewayContainer = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0];
+    expect(gatewayContainer("").resources.requests.memory).toBe("536870912");
+    expect(
+      gatewayContainer(
+        "  gateway: { kvCache: { bytes: 2147483648 }, resources: { limits: { cpu: 2 } } }",
+      ).resources,
+    ).toMatchObject({ requests: { memory: "2147483648" }, limits: { cpu: "2" } });
+    expect(
+      gatewayContainer("  gateway: { resources: { requests: { memory: 8Gi } } }").resources.requests
+        .memory,
+    ).toBe("8Gi");
+  });
+
   it("passes the KV cache's bytes, dtype and block size to the gateway", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
