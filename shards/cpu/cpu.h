@@ -100,6 +100,7 @@ void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y);
 namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 }  // namespace avx512
 
 // isa.cpp

@@ -54,10 +54,11 @@ const Kernels kScalar = {EM_ISA_SCALAR,       scalar::gemm_nt,   scalar::gemm_nn
 #if EM_X86
 const Kernels kAvx2 = {EM_ISA_AVX2,       avx2::gemm_nt,   avx2::gemm_nn,   avx2::silu_mul,
                        avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32};
-// AVX-512 machines run the AVX2 kernels except the nt GEMM, where width matters most.
-const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx2::gemm_nn,   avx2::silu_mul,
+// AVX-512 machines run the AVX2 kernels except the nt GEMM, where width matters most, and
+// the f32 nn GEMM (attention over the latent cache).
+const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx512::gemm_nn,   avx2::silu_mul,
                          avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32};
-const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx2::gemm_nn,   avx2::silu_mul,
+const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx512::gemm_nn,   avx2::silu_mul,
                              avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum, avx2::fp8_to_f32};
 #endif
 
