@@ -22,8 +22,10 @@ export interface LatentCache {
   readonly length: number;
   /** Writes float32 rows for positions [start, start + rows.length / rowWidth) of `layer`. */
   write(layer: number, start: number, rows: Float32Array): void;
-  /** Where `layer`'s rows are: a pool, shared by sequences, and this sequence's blocks in it. */
-  pages(layer: number): { readonly pages: KvPages; readonly table: ArrayLike<number> };
+  /** `layer`'s rows: a pool, shared by the sequences of one block cache. */
+  pages(layer: number): KvPages;
+  /** This sequence's blocks in every layer's pool, in position order (fixed while a step runs). */
+  table(): ArrayLike<number>;
   /** Marks positions up to `n` as filled (after every layer wrote them). */
   setLength(n: number): void;
 }
@@ -96,9 +98,10 @@ export class BatchForward {
         h.set(this.#embed(it.tokens[j]!), t * D);
       }
     });
+    const groups = attentionGroups(items, offsets);
     for (const layer of this.#w.layers) {
       const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
-      add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets));
+      add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets, groups));
       const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
       if (!isMoeLayer(c, layer.index)) {
         add(h, this.#mlp(layer.mlp!, m, T));
@@ -164,6 +167,7 @@ export class BatchForward {
     positions: Int32Array,
     items: readonly BatchItem[],
     offsets: Int32Array,
+    groups: readonly AttentionGroup[],
   ): Float32Array {
     const c = this.config;
     const b = this.#b;
@@ -187,57 +191,83 @@ export class BatchForward {
       rows.set(normed.subarray(t * C, (t + 1) * C), t * (C + dr));
       rows.set(kv.subarray(t * (C + dr) + C, (t + 1) * (C + dr)), t * (C + dr) + C);
     }
-    const mla = (from: number, to: number, group: readonly BatchItem[]) => {
-      const pages = group[0]!.cache.pages(layer).pages;
-      const qOffsets = new Int32Array(group.length + 1);
-      const tableOffsets = new Int32Array(group.length + 1);
-      const tables = group.map((it) => it.cache.pages(layer).table);
-      let tokens = from;
-      group.forEach((it, i) => {
-        tokens += it.tokens.length;
-        qOffsets[i + 1] = tokens - from;
-        tableOffsets[i + 1] = tableOffsets[i]! + tables[i]!.length;
-      });
-      const table = new Int32Array(tableOffsets[group.length]!);
-      tables.forEach((t, i) => {
-        table.set(t, tableOffsets[i]!);
-      });
-      return b.mla({
-        heads: H,
-        nopeDim: dn,
-        ropeDim: dr,
-        vDim: c.vHeadDim,
-        kvLoraRank: C,
-        softmaxScale: this.#scale,
-        q: q.subarray(from * qw, to * qw),
-        positions: positions.subarray(from, to),
-        qOffsets,
-        pages,
-        table,
-        tableOffsets,
-        wkvB: w.kvB,
-      });
-    };
     items.forEach((it, i) => {
       const from = offsets[i]!;
       const to = offsets[i + 1]!;
       if (to > from)
         it.cache.write(layer, it.cache.length, rows.subarray(from * (C + dr), to * (C + dr)));
     });
-    // One call for the batch when its sequences share a pool (the block cache), else one
-    // per sequence (each SequenceCache has its own).
-    const live = items.filter((it) => it.tokens.length > 0);
-    const pool = live[0]?.cache.pages(layer).pages.pool;
-    if (live.every((it) => it.cache.pages(layer).pages.pool === pool))
-      return b.matmul(mla(0, T, live), T, w.o);
     const out = new Float32Array(T * H * c.vHeadDim);
-    items.forEach((it, i) => {
-      const from = offsets[i]!;
-      const to = offsets[i + 1]!;
-      if (to > from) out.set(mla(from, to, [it]), from * H * c.vHeadDim);
-    });
+    for (const g of groups) {
+      const o = b.mla({
+        heads: H,
+        nopeDim: dn,
+        ropeDim: dr,
+        vDim: c.vHeadDim,
+        kvLoraRank: C,
+        softmaxScale: this.#scale,
+        q: q.subarray(g.from * qw, g.to * qw),
+        positions: positions.subarray(g.from, g.to),
+        qOffsets: g.qOffsets,
+        // Read after the writes: a SequenceCache may have grown into a new pool.
+        pages: g.cache.pages(layer),
+        table: g.table,
+        tableOffsets: g.tableOffsets,
+        wkvB: w.kvB,
+      });
+      if (groups.length === 1) return b.matmul(o, T, w.o);
+      out.set(o, g.from * H * c.vHeadDim);
+    }
     return b.matmul(out, T, w.o);
   }
+}
+
+/**
+ * The sequences of one attention call: query tokens [from, to) of the batch, each
+ * sequence's share of them and its blocks (the same in every layer), and a cache to read
+ * the layer's pool from.
+ */
+interface AttentionGroup {
+  readonly from: number;
+  readonly to: number;
+  readonly qOffsets: Int32Array;
+  readonly table: Int32Array;
+  readonly tableOffsets: Int32Array;
+  readonly cache: LatentCache;
+}
+
+/**
+ * A step's attention calls, built once for all its layers: one for the batch when its
+ * sequences share a pool (the block cache), else one per sequence (each SequenceCache has
+ * its own).
+ */
+function attentionGroups(items: readonly BatchItem[], offsets: Int32Array): AttentionGroup[] {
+  const live = items.flatMap((it, i) => (it.tokens.length > 0 ? [{ it, from: offsets[i]! }] : []));
+  const group = (members: typeof live): AttentionGroup => {
+    const tables = members.map((m) => m.it.cache.table());
+    const qOffsets = new Int32Array(members.length + 1);
+    const tableOffsets = new Int32Array(members.length + 1);
+    members.forEach((m, i) => {
+      qOffsets[i + 1] = qOffsets[i]! + m.it.tokens.length;
+      tableOffsets[i + 1] = tableOffsets[i]! + tables[i]!.length;
+    });
+    const table = new Int32Array(tableOffsets[members.length]!);
+    tables.forEach((t, i) => {
+      table.set(t, tableOffsets[i]!);
+    });
+    const from = members[0]!.from;
+    return {
+      from,
+      to: from + qOffsets[members.length]!,
+      qOffsets,
+      table,
+      tableOffsets,
+      cache: members[0]!.it.cache,
+    };
+  };
+  const pool = live[0]?.it.cache.pages(0).pool;
+  if (live.every((m) => m.it.cache.pages(0).pool === pool)) return live.length ? [group(live)] : [];
+  return live.map((m) => group([m]));
 }
 
 function add(a: Float32Array, b: Float32Array): void {

@@ -247,7 +247,10 @@ export class BlockKvCache {
         }
       },
       pages(layer) {
-        return { pages: all[layer]!, table: alloc.table(seq) };
+        return all[layer]!;
+      },
+      table() {
+        return alloc.table(seq);
       },
       setLength(n) {
         length = n;

@@ -2,7 +2,7 @@
 // cache of one sequence, and DeepSeekForward, the one-sequence front of the forward pass.
 // The forward pass itself (following DeepSeek-V3 inference/model.py) is batch.ts.
 import { type ModelConfig, qkHeadDim } from "../model/config.ts";
-import type { Backend, GateConfig, RopeConfig } from "./backend.ts";
+import type { Backend, GateConfig, KvPages, RopeConfig } from "./backend.ts";
 import { BatchForward, type LatentCache } from "./batch.ts";
 import type { ExpertRunner } from "./experts.ts";
 import { encodeKvRows, type KvDtype, kvRowBytes } from "./kv-format.ts";
@@ -55,11 +55,12 @@ export class SequenceCache implements LatentCache {
     encodeKvRows(this.dtype, this.#C, this.#dr, rows, this.#pools[layer]!, start * this.#rowBytes);
   }
 
-  pages(layer: number) {
-    return {
-      pages: { dtype: this.dtype, pool: this.#pools[layer]!, blockSize: this.#capacity },
-      table: ONE_BLOCK,
-    };
+  pages(layer: number): KvPages {
+    return { dtype: this.dtype, pool: this.#pools[layer]!, blockSize: this.#capacity };
+  }
+
+  table(): ArrayLike<number> {
+    return ONE_BLOCK;
   }
 
   /** Marks positions up to `n` as filled (after every layer wrote them). */

@@ -496,7 +496,6 @@ async function respond(
   );
   const id = newId("resp");
   const createdAt = Math.floor(Date.now() / 1000);
-  const tools = (chatRequest.tools as object[] | undefined) ?? [];
   /** The response object, status and output as given. */
   const response = (status: string, output: OutputItem[], extra: object = {}) => ({
     id,
@@ -509,7 +508,7 @@ async function respond(
     max_output_tokens: b.max_output_tokens ?? null,
     temperature: spec.sampling.temperature,
     top_p: spec.sampling.topP,
-    tools: (b.tools ?? []).slice(0, tools.length),
+    tools: b.tools ?? [],
     tool_choice: b.tool_choice ?? "auto",
     parallel_tool_calls: b.parallel_tool_calls ?? true,
     text: { format: b.text?.format ?? { type: "text" } },
