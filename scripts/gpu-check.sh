@@ -20,7 +20,8 @@
 #
 # Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_CUDA_ARCHS
 # (default: the device's, from nvidia-smi, else "90a;80"), EM_GPU_BUILD_DIR, CUDACXX,
-# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1, EM_GPU_BUNDLE_DIR (default
+# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1, EM_GPU_SANITIZE=1 (the parity suite
+# again under compute-sanitizer memcheck, after the benchmarks), EM_GPU_BUNDLE_DIR (default
 # .gpu-bundle), EM_GPU_FORWARD_DEVICE (default cuda:0; "cpu" makes the forward a CPU
 # self-test, scalar kernels against the best ones, for checking this script without a GPU).
 set -uo pipefail
@@ -269,6 +270,29 @@ if mla:
     print("\nGB/s = latent-cache bytes read / time of the whole op (both absorption GEMMs included); the copy is a")
     print("device-to-device copy of the same bytes in the same run (2 x bytes / time). Target: >= 0.50 of copy bandwidth.")
 PY
+fi
+# --- memory checker (optional, never fails the check) ---------------------------------
+# EM_GPU_SANITIZE=1: the parity suite again under compute-sanitizer's memcheck, with what
+# is left of the budget (at most 90 s): out-of-bounds or misaligned accesses that happen
+# to give the right numbers.
+if [ "${EM_GPU_SANITIZE:-0}" = 1 ]; then
+  sanitizer=$(command -v compute-sanitizer 2>/dev/null || true)
+  [ -z "$sanitizer" ] && [ -x "$(dirname "$nvcc")/compute-sanitizer" ] && sanitizer="$(dirname "$nvcc")/compute-sanitizer"
+  if [ -n "$sanitizer" ]; then
+    log "memcheck: compute-sanitizer test_cuda_parity"
+    step 90 "$sanitizer" --tool memcheck --error-exitcode 3 "$build/test_cuda_parity" >"$out/memcheck.log" 2>&1
+    mc=$?
+    case $mc in
+      0) mc_note="clean" ;;
+      3) mc_note="ERRORS (memcheck.log)" ;;
+      124) mc_note="not finished in time" ;;
+      *) mc_note="exit $mc (memcheck.log)" ;;
+    esac
+    tail -25 "$out/memcheck.log" >&2
+    { echo; echo "## Memory checker"; echo; echo "- compute-sanitizer memcheck of the parity suite: $mc_note"; echo; echo '```'; tail -25 "$out/memcheck.log"; echo '```'; } >>"$report"
+  else
+    { echo; echo "- compute-sanitizer: not found"; } >>"$report"
+  fi
 fi
 log "report: $report"
 [ "$parity" = 0 ] || exit 1
