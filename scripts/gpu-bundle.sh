@@ -8,10 +8,11 @@
 #   node.version         its version (the bundle is rebuilt when scripts/node24.sh's changes)
 #   include/node/        node_api.h and the headers it includes (Node-API only, no V8)
 #   node-addon-api/      napi.h, napi-inl.h, napi-inl.deprecated.h (the package's headers)
+#   node_modules/        the pure-JS npm packages the forward imports (@huggingface/jinja)
 #   MANIFEST             what is here, sizes, checksums
 #
-# No npm packages: scripts/gpu-forward.ts imports only src/engine, src/model, src/util and
-# Node's builtins, and Node 24 runs the .ts sources directly (type stripping).
+# Node 24 runs the .ts sources directly (type stripping); scripts/gpu-forward.ts imports
+# src/engine, src/model, src/util, Node's builtins and the packages under node_modules/.
 #
 # Then, on the GPU machine: scripts/gpu-check.sh finds .gpu-bundle/, unpacks node, builds
 # the addon with CUDA and runs scripts/gpu-forward.ts (see shards/README.md, "GPU check").
@@ -76,6 +77,17 @@ rm -rf "$bundle/node-addon-api"
 mkdir -p "$bundle/node-addon-api"
 cp "$napi"/napi.h "$napi"/napi-inl.h "$napi"/napi-inl.deprecated.h "$napi"/package.json "$napi"/LICENSE.md \
   "$bundle/node-addon-api/"
+
+# --- npm packages the forward imports ------------------------------------------------
+# The forward's import graph (scripts/gpu-forward.ts -> src/model/tokenizer.ts) reaches these
+# pure-JS packages; gpu-check.sh links .gpu-bundle/node_modules as the tree's node_modules
+# where the tree has none. Checked by running the forward from a clone without node_modules.
+rm -rf "$bundle/node_modules"
+for pkg in @huggingface/jinja; do
+  [ -f "$root/node_modules/$pkg/package.json" ] || die "node_modules/$pkg missing: run npm ci first"
+  mkdir -p "$bundle/node_modules/$pkg"
+  cp -R "$root/node_modules/$pkg/." "$bundle/node_modules/$pkg/"
+done
 
 # --- manifest ----------------------------------------------------------------------
 {

@@ -20,7 +20,7 @@
 #
 # Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_CUDA_ARCHS
 # (default: the device's, from nvidia-smi, else "90a;80"), EM_GPU_BUILD_DIR, CUDACXX,
-# EM_BENCH_TOKENS (default 8,64,512,4096), EM_SKIP_BENCH=1, EM_GPU_SANITIZE=1 (the parity suite
+# EM_BENCH_TOKENS (default 8,64,512,4096,16384), EM_SKIP_BENCH=1, EM_GPU_SANITIZE=1 (the parity suite
 # again under compute-sanitizer memcheck, after the benchmarks), EM_GPU_BUNDLE_DIR (default
 # .gpu-bundle), EM_GPU_FORWARD_DEVICE (default cuda:0; "cpu" makes the forward a CPU
 # self-test, scalar kernels against the best ones, for checking this script without a GPU).
@@ -30,7 +30,7 @@ out_root=${OUT:-$root/gpu-check-out}
 out="$out_root/gpu-check"
 build=${EM_GPU_BUILD_DIR:-${TMPDIR:-/tmp}/expertmesh-gpu-build}
 budget=${EM_GPU_CHECK_BUDGET:-450}
-tokens=${EM_BENCH_TOKENS:-8,64,512,4096}
+tokens=${EM_BENCH_TOKENS:-8,64,512,4096,16384}
 mkdir -p "$out"
 t0=$(date +%s)
 log() { printf '[gpu-check %4ss] %s\n' "$(($(date +%s) - t0))" "$*" | tee -a "$out/steps.log" >&2; }
@@ -97,6 +97,10 @@ if [ -f "$bundle/node.xz" ]; then
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
       "$bundle/node.xz" "$node_dir/node.tmp"
   fi && chmod +x "$node_dir/node.tmp" && mv "$node_dir/node.tmp" "$node_dir/node"
+  # The forward's npm packages: the bundle's, where the tree has no node_modules (the GPU machine).
+  if [ ! -e "$root/node_modules" ] && [ -d "$bundle/node_modules" ]; then
+    ln -s "$(cd "$bundle/node_modules" && pwd)" "$root/node_modules"
+  fi
   if [ -x "$node_dir/node" ] && "$node_dir/node" --version >/dev/null 2>&1; then
     node="$node_dir/node"
     echo "- node: $("$node" --version) (from $(basename "$bundle")/)" >>"$report"

@@ -56,16 +56,28 @@ int main(int argc, char** argv) {
     std::printf("bench_cuda_moe: NO CUDA DEVICE: %s\n", em_cuda_last_status());
     return 77;
   }
+  // The loop on one stream, on the default number of streams (EM_CUDA_MOE_STREAMS_DEFAULT)
+  // and on twice that; the grouped GEMM; the fp8 lt path.
+  em_backend* loop1 = nullptr;
   em_backend* loop = nullptr;
+  em_backend* loop2x = nullptr;
   em_backend* grouped = nullptr;
   em_backend* lt = nullptr;
-  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT};
+  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, 1};
+  TRY(em_backend_create_cuda(&cfg, &loop1));
+  cfg.moe_streams = EM_CUDA_MOE_STREAMS_DEFAULT;
   TRY(em_backend_create_cuda(&cfg, &loop));
+  cfg.moe_streams = 2 * EM_CUDA_MOE_STREAMS_DEFAULT;
+  TRY(em_backend_create_cuda(&cfg, &loop2x));
+  cfg.moe_streams = 1;
   cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   TRY(em_backend_create_cuda(&cfg, &grouped));
   cfg.moe_gemm = EM_CUDA_MOE_LOOP;
   cfg.fp8_gemm = EM_CUDA_FP8_LT;
   TRY(em_backend_create_cuda(&cfg, &lt));
+  char loop_name[32], loop2x_name[32];
+  std::snprintf(loop_name, sizeof loop_name, "cublas loop x%d", EM_CUDA_MOE_STREAMS_DEFAULT);
+  std::snprintf(loop2x_name, sizeof loop2x_name, "cublas loop x%d", 2 * EM_CUDA_MOE_STREAMS_DEFAULT);
   em_backend_info info;
   em_backend_get_info(loop, &info);
 
@@ -195,7 +207,9 @@ int main(int argc, char** argv) {
     };
     std::vector<Side> sides;
     if (with_bf16) {
-      sides.push_back({loop, &a, "cublas loop", "bf16"});
+      sides.push_back({loop1, &a, "cublas loop x1", "bf16"});
+      sides.push_back({loop, &a, loop_name, "bf16"});
+      sides.push_back({loop2x, &a, loop2x_name, "bf16"});
       sides.push_back({grouped, &a, "cublas grouped", "bf16"});
     }
     if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
@@ -255,7 +269,9 @@ int main(int argc, char** argv) {
     std::fclose(json);
   }
   for (void* p : allocations) em_cuda_free(loop, p);
+  em_backend_free(loop1);
   em_backend_free(loop);
+  em_backend_free(loop2x);
   em_backend_free(grouped);
   em_backend_free(lt);
   return 0;

@@ -51,7 +51,22 @@ struct Context {
   int cc_major = 0, cc_minor = 0;
   std::string arch;  // "sm_90"
   Fp8Lt* fp8_lt = nullptr;  // set when fp8_gemm is EM_CUDA_FP8_LT (even where unavailable: it says why)
+  // moe_ffn's loop spreads its experts' GEMMs over these side streams (one cuBLAS handle
+  // each, so each has its own workspace), forked from and joined back into `stream` with
+  // events: one expert's GEMM of a few dozen rows fills a fraction of the SMs, several at
+  // once fill the GPU. Empty with moe_streams 1.
+  std::vector<cudaStream_t> lanes;
+  std::vector<cublasHandle_t> lane_blas;
+  std::vector<cudaEvent_t> lane_done;
+  cudaEvent_t lane_fork = nullptr;
 };
+
+// Where a GEMM runs: a cuBLAS handle and the stream it is bound to.
+struct Lane {
+  cublasHandle_t blas;
+  cudaStream_t stream;
+};
+inline Lane main_lane(const Context& ctx) { return {ctx.blas, ctx.stream}; }
 
 // em_cuda_last_status() of the calling thread (cuda_backend.cu).
 void set_last_status(const std::string& s);
@@ -104,8 +119,16 @@ cudaDataType_t cuda_type(em_dtype d);
 
 // cuBLAS GEMM, torch Linear layout, row-major: y[M, N] (+)= x[M, K] w[N, K]^T with fp32
 // accumulation. x and w share `ab` (f32, bf16 or f16); y is `yt` (f32, or ab).
-void gemm_nt(Context& ctx, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
+void gemm_nt(const Lane& lane, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
              int64_t ldy, cudaDataType_t yt, int64_t M, int64_t N, int64_t K, bool accumulate);
+inline void gemm_nt(Context& ctx, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
+                    int64_t ldy, cudaDataType_t yt, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  gemm_nt(main_lane(ctx), x, ldx, w, ldw, ab, y, ldy, yt, M, N, K, accumulate);
+}
+// The side streams of moe_streams (see Context::lanes): create n - 1 of them (none for n <= 1),
+// and free them (also after a partial creation).
+void lanes_create(Context& ctx, int n);
+void lanes_destroy(Context& ctx);
 
 // dst[r, c] = dtype(src[r * lds + c]) for r < rows, c < cols, src f32; dst contiguous (ld = cols)
 // of `dt` (f32, bf16, f16): activations in a weight's dtype for cuBLAS.

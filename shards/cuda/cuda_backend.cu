@@ -143,6 +143,7 @@ void destroy(void* p) {
   Context* c = ctx_of(p);
   cudaSetDevice(c->device);
   fp8_lt_destroy(*c);
+  lanes_destroy(*c);
   if (c->blas) cublasDestroy(c->blas);
   if (c->stream) cudaStreamDestroy(c->stream);
   delete c;
@@ -163,6 +164,11 @@ em_cuda_moe_gemm moe_gemm_from_env() {
   return env != nullptr && std::strcmp(env, "grouped") == 0 ? EM_CUDA_MOE_GROUPED : EM_CUDA_MOE_LOOP;
 }
 
+int moe_streams_from_env() {
+  const char* env = std::getenv("EM_CUDA_MOE_STREAMS");
+  return env != nullptr && *env != '\0' ? std::atoi(env) : EM_CUDA_MOE_STREAMS_DEFAULT;
+}
+
 em_cuda_fp8_gemm fp8_gemm_from_env() {
   const char* env = std::getenv("EM_CUDA_FP8_GEMM");
   return env != nullptr && std::strcmp(env, "lt") == 0 ? EM_CUDA_FP8_LT : EM_CUDA_FP8_DEFAULT;
@@ -171,6 +177,34 @@ em_cuda_fp8_gemm fp8_gemm_from_env() {
 }  // namespace
 
 void set_last_status(const std::string& s) { tls_status = s; }
+
+void lanes_create(Context& ctx, int n) {
+  if (n <= 1) return;
+  EMC_CUDA(cudaEventCreateWithFlags(&ctx.lane_fork, cudaEventDisableTiming));
+  for (int i = 1; i < n; ++i) {
+    cudaStream_t s = nullptr;
+    EMC_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    ctx.lanes.push_back(s);
+    cublasHandle_t h = nullptr;
+    EMC_CUBLAS(cublasCreate(&h));
+    ctx.lane_blas.push_back(h);
+    EMC_CUBLAS(cublasSetStream(h, s));
+    cudaEvent_t ev = nullptr;
+    EMC_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    ctx.lane_done.push_back(ev);
+  }
+}
+
+void lanes_destroy(Context& ctx) {
+  for (cublasHandle_t h : ctx.lane_blas) cublasDestroy(h);
+  for (cudaStream_t s : ctx.lanes) cudaStreamDestroy(s);
+  for (cudaEvent_t e : ctx.lane_done) cudaEventDestroy(e);
+  if (ctx.lane_fork) cudaEventDestroy(ctx.lane_fork);
+  ctx.lane_blas.clear();
+  ctx.lanes.clear();
+  ctx.lane_done.clear();
+  ctx.lane_fork = nullptr;
+}
 
 }  // namespace em::cuda
 
@@ -207,6 +241,9 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
   ctx->fp8_gemm = cfg && cfg->fp8_gemm != EM_CUDA_FP8_AUTO ? cfg->fp8_gemm : fp8_gemm_from_env();
   if (ctx->fp8_gemm != EM_CUDA_FP8_DEFAULT && ctx->fp8_gemm != EM_CUDA_FP8_LT)
     return em::fail(EM_ERR_ARG, "em_backend_create_cuda: unknown fp8_gemm mode %d", static_cast<int>(ctx->fp8_gemm));
+  const int streams = cfg && cfg->moe_streams != 0 ? cfg->moe_streams : moe_streams_from_env();
+  if (streams < 1 || streams > 32)
+    return em::fail(EM_ERR_ARG, "em_backend_create_cuda: moe_streams %d not in [1, 32]", streams);
   try {
     EMC_CUDA(cudaSetDevice(device));
     cudaDeviceProp prop{};
@@ -224,8 +261,10 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
     uint64_t keep = UINT64_MAX;
     EMC_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     if (ctx->fp8_gemm == EM_CUDA_FP8_LT) fp8_lt_init(*ctx);
+    lanes_create(*ctx, streams);
   } catch (const Error& e) {
     fp8_lt_destroy(*ctx);
+    lanes_destroy(*ctx);
     if (ctx->blas) cublasDestroy(ctx->blas);
     if (ctx->stream) cudaStreamDestroy(ctx->stream);
     return em::fail(e.status, "em_backend_create_cuda: %s", e.what());

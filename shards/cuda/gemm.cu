@@ -130,19 +130,19 @@ dim3 rows_grid(int64_t rows, int64_t cols, int threads) {
 
 }  // namespace
 
-void gemm_nt(Context& ctx, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
+void gemm_nt(const Lane& lane, const void* x, int64_t ldx, const void* w, int64_t ldw, cudaDataType_t ab, void* y,
              int64_t ldy, cudaDataType_t yt, int64_t M, int64_t N, int64_t K, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {  // an empty sum (cuBLAS rejects the leading dimensions of 0 it would get)
     if (accumulate) return;
     const size_t esz = yt == CUDA_R_32F ? 4 : 2;
     EMC_CUDA(cudaMemset2DAsync(y, static_cast<size_t>(ldy) * esz, 0, static_cast<size_t>(N) * esz,
-                               static_cast<size_t>(M), ctx.stream));
+                               static_cast<size_t>(M), lane.stream));
     return;
   }
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   // Row-major y[M, N] is column-major y^T[N, M] = w x^T: A = w (transposed), B = x.
-  EMC_CUBLAS(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, to_int(N, "N"), to_int(M, "M"), to_int(K, "K"), &alpha,
+  EMC_CUBLAS(cublasGemmEx(lane.blas, CUBLAS_OP_T, CUBLAS_OP_N, to_int(N, "N"), to_int(M, "M"), to_int(K, "K"), &alpha,
                           w, ab, to_int(ldw, "ldw"), x, ab, to_int(ldx, "ldx"), &beta, y, yt, to_int(ldy, "ldy"),
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }

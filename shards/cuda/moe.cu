@@ -3,8 +3,9 @@
 //
 //   1. permute: the rows of x each expert needs (x_index gather, or x as it is), in the
 //      weights' dtype, grouped by expert                          [rows, dim]
-//   2. gate/up GEMMs per expert (cuBLAS; a loop of cublasGemmEx with fp32 outputs, or one
-//      cublasGemmGroupedBatchedEx with bf16/f16 outputs)             [rows, inter] x 2
+//   2. gate/up GEMMs per expert (cuBLAS; a loop of cublasGemmEx with fp32 outputs, spread
+//      over several streams, or one cublasGemmGroupedBatchedEx with bf16/f16 outputs)
+//                                                                     [rows, inter] x 2
 //   3. fused SiLU-and-multiply into the weights' dtype                [rows, inter]
 //   4. down GEMMs per expert                                          [rows, dim]
 //   5. unpermute + weighted combine: y[o] (+)= sum of row_weight[r] * out[r] over the rows r
@@ -104,6 +105,63 @@ void launch_combine(Op& op, const void* out, int64_t ldo, const int32_t* start, 
     EMC_LAUNCHED();
   }
 }
+
+// The main stream and the context's side lanes (Context::lanes) for one op: fork() makes
+// every side lane wait for what the main stream has queued, join() makes the main stream
+// wait for every side lane. A fork left unjoined (an exception) is joined by the destructor,
+// before the Op frees the scratch memory the lanes may still read.
+class Lanes {
+ public:
+  Lanes(Context& ctx, bool use) : ctx_(ctx), n_(use ? 1 + static_cast<int>(ctx.lanes.size()) : 1) {}
+  ~Lanes() {
+    if (forked_) join_nothrow();
+  }
+  Lanes(const Lanes&) = delete;
+  Lanes& operator=(const Lanes&) = delete;
+
+  Lane at(int i) const { return i == 0 ? main_lane(ctx_) : Lane{ctx_.lane_blas[i - 1], ctx_.lanes[i - 1]}; }
+  // Each expert's lane: the least loaded (by rows) when the expert comes, in expert order.
+  std::vector<int> assign(const int32_t* offsets, int32_t E) const {
+    std::vector<int> lane(static_cast<size_t>(E), 0);
+    std::vector<int64_t> load(static_cast<size_t>(n_), 0);
+    for (int32_t e = 0; e < E; ++e) {
+      const int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      const int i = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+      lane[static_cast<size_t>(e)] = i;
+      load[static_cast<size_t>(i)] += n;
+    }
+    return lane;
+  }
+  void fork() {
+    if (n_ == 1) return;
+    EMC_CUDA(cudaEventRecord(ctx_.lane_fork, ctx_.stream));
+    for (int i = 1; i < n_; ++i) EMC_CUDA(cudaStreamWaitEvent(ctx_.lanes[i - 1], ctx_.lane_fork, 0));
+    forked_ = true;
+  }
+  void join() {
+    if (!forked_) return;
+    forked_ = false;
+    for (int i = 1; i < n_; ++i) {
+      EMC_CUDA(cudaEventRecord(ctx_.lane_done[i - 1], ctx_.lanes[i - 1]));
+      EMC_CUDA(cudaStreamWaitEvent(ctx_.stream, ctx_.lane_done[i - 1], 0));
+    }
+  }
+
+ private:
+  void join_nothrow() {
+    for (int i = 1; i < n_; ++i) {
+      if (cudaEventRecord(ctx_.lane_done[i - 1], ctx_.lanes[i - 1]) == cudaSuccess)
+        cudaStreamWaitEvent(ctx_.stream, ctx_.lane_done[i - 1], 0);
+      else
+        cudaStreamSynchronize(ctx_.lanes[i - 1]);
+    }
+    cudaGetLastError();
+  }
+  Context& ctx_;
+  int n_;
+  bool forked_ = false;
+};
 
 // One cublasGemmGroupedBatchedEx: group g computes C_g[n_g, m_g] (row-major) =
 // B_g[n_g, k_g] A_g[m_g, k_g]^T, all in `ab`, fp32 accumulation.
@@ -215,28 +273,39 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     auto hrow = [&](int64_t r) { return static_cast<char*>(h) + static_cast<size_t>(r * max_inter) * esz; };
 
     if (!grouped) {
-      // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx (or fp8_gemm) per expert and projection.
+      // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx (or fp8_gemm) per expert and
+      // projection; bf16/f16/f32 experts spread over the context's lanes (fp8 GEMMs share
+      // one weight scratch buffer: one stream).
       ScratchBuf wbuf;
-      auto expert_gemm = [&](const void* xr, int64_t ldxr, const em_tensor& w, float* yr, int64_t ldyr, int64_t n) {
+      Lanes lanes(ctx, !fp8);
+      const std::vector<int> lane_of = lanes.assign(a->expert_offsets, E);
+      auto expert_gemm = [&](int32_t e, const void* xr, int64_t ldxr, const em_tensor& w, float* yr, int64_t ldyr,
+                             int64_t n) {
         if (fp8) fp8_gemm(op, xr, dt, ldxr, w, yr, ldyr, n, wbuf);
-        else gemm_nt(ctx, xr, ldxr, w.data, w.stride[0], ab, yr, ldyr, CUDA_R_32F, n, w.shape[0], w.shape[1], false);
+        else
+          gemm_nt(lanes.at(lane_of[e]), xr, ldxr, w.data, w.stride[0], ab, yr, ldyr, CUDA_R_32F, n, w.shape[0],
+                  w.shape[1], false);
       };
       float* g = op.alloc_n<float>(rows * max_inter);
       float* u = op.alloc_n<float>(rows * max_inter);
-      for (int32_t e = 0; e < E; ++e) {
-        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
-        if (n == 0) continue;
-        expert_gemm(xrow(r0), ldx, w1[e], g + r0 * max_inter, max_inter, n);
-        expert_gemm(xrow(r0), ldx, w3[e], u + r0 * max_inter, max_inter, n);
-      }
-      launch_silu_rows<float>(op, g, u, max_inter, rows, max_inter, dt, h);
       outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
       ldo = direct ? ldy : dim;
+      lanes.fork();
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
-        expert_gemm(hrow(r0), max_inter, w2[e], outf + r0 * ldo, ldo, n);
+        expert_gemm(e, xrow(r0), ldx, w1[e], g + r0 * max_inter, max_inter, n);
+        expert_gemm(e, xrow(r0), ldx, w3[e], u + r0 * max_inter, max_inter, n);
       }
+      lanes.join();
+      launch_silu_rows<float>(op, g, u, max_inter, rows, max_inter, dt, h);
+      lanes.fork();
+      for (int32_t e = 0; e < E; ++e) {
+        const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
+        if (n == 0) continue;
+        expert_gemm(e, hrow(r0), max_inter, w2[e], outf + r0 * ldo, ldo, n);
+      }
+      lanes.join();
     } else {
       // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
       void* g = op.alloc(static_cast<size_t>(rows * max_inter) * esz);

@@ -768,7 +768,7 @@ int main(int argc, char** argv) {
   const int device = argc > 1 ? std::atoi(argv[1]) : env ? std::atoi(env) : 0;
   Backends b;
   CHECK_OK(em_backend_create_cpu(nullptr, &b.cpu));
-  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT};
+  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, 0};
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda));
   cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_grouped));

@@ -76,7 +76,12 @@ typedef struct em_cuda_config {
   int32_t device;           /* CUDA device ordinal */
   em_cuda_moe_gemm moe_gemm;
   em_cuda_fp8_gemm fp8_gemm;  /* 0 (AUTO): $EM_CUDA_FP8_GEMM */
+  int32_t moe_streams;        /* streams moe_ffn's loop spreads its experts' GEMMs over (bf16,
+                                 f16, f32 weights; fp8 stays on one): 0 = $EM_CUDA_MOE_STREAMS,
+                                 else EM_CUDA_MOE_STREAMS_DEFAULT; 1 = one stream; at most 32 */
 } em_cuda_config;
+
+#define EM_CUDA_MOE_STREAMS_DEFAULT 4
 
 /* 1 if this build contains the CUDA backend. */
 int em_cuda_compiled(void);
