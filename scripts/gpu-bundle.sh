@@ -8,7 +8,7 @@
 #   node.version         its version (the bundle is rebuilt when scripts/node24.sh's changes)
 #   include/node/        node_api.h and the headers it includes (Node-API only, no V8)
 #   node-addon-api/      napi.h, napi-inl.h, napi-inl.deprecated.h (the package's headers)
-#   node_modules/        the pure-JS npm packages the forward imports (@huggingface/jinja)
+#   node_modules/        the pure-JS npm packages the forward imports (@huggingface/jinja, @huggingface/tokenizers)
 #   MANIFEST             what is here, sizes, checksums
 #
 # Node 24 runs the .ts sources directly (type stripping); scripts/gpu-forward.ts imports
@@ -83,7 +83,7 @@ cp "$napi"/napi.h "$napi"/napi-inl.h "$napi"/napi-inl.deprecated.h "$napi"/packa
 # pure-JS packages; gpu-check.sh links .gpu-bundle/node_modules as the tree's node_modules
 # where the tree has none. Checked by running the forward from a clone without node_modules.
 rm -rf "$bundle/node_modules"
-for pkg in @huggingface/jinja; do
+for pkg in @huggingface/jinja @huggingface/tokenizers; do
   [ -f "$root/node_modules/$pkg/package.json" ] || die "node_modules/$pkg missing: run npm ci first"
   mkdir -p "$bundle/node_modules/$pkg"
   cp -R "$root/node_modules/$pkg/." "$bundle/node_modules/$pkg/"
