@@ -267,12 +267,14 @@ print("\nOurs and torch run in separate processes (interleaved within each); rat
 print("Targets (issue #8): bf16 grouped GEMM at large batch >= 0.60 of peak and >= 1.0x PyTorch's best.")
 if mla:
     print("\n## MLA decode attention, DeepSeek-V3 dims (128 heads, latent 512 + rope 64), bf16 cache\n")
-    print("| batch | cache len | cache MB | us median | GB/s median (min-max) | copy GB/s | / copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | batch | cache len | cache MB | us median | GB/s median (min-max) | copy GB/s | / copy | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in mla:
-        print(f"| {r['batch']} | {r['cache_len']} | {r['cache_bytes'] / 1e6:.0f} | {r['us_median']:.1f} | {r['gbps_median']:.0f} ({r['gbps_min']:.0f}-{r['gbps_max']:.0f}) | {r['copy_gbps_median']:.0f} | {r['ratio_to_copy']:.2f} |")
+        print(f"| {r['impl']} | {r['batch']} | {r['cache_len']} | {r['cache_bytes'] / 1e6:.0f} | {r['us_median']:.1f} | {r['gbps_median']:.0f} ({r['gbps_min']:.0f}-{r['gbps_max']:.0f}) | {r['copy_gbps_median']:.0f} | {r['ratio_to_copy']:.2f} | {r.get('tflops', 0):.0f} |")
     print("\nGB/s = latent-cache bytes read / time of the whole op (both absorption GEMMs included); the copy is a")
     print("device-to-device copy of the same bytes in the same run (2 x bytes / time). Target: >= 0.50 of copy bandwidth.")
+    print("kernel tc = the default tensor-core kernel, tc1 = its first version ($EM_CUDA_MLA=tc1). TFLOP/s counts the")
+    print("attention's own products (2 x heads x len x (576 + 512) per sequence), not the absorption GEMMs.")
 PY
 fi
 # --- memory checker (optional, never fails the check) ---------------------------------

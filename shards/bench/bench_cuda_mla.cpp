@@ -6,6 +6,8 @@
 // (copy GB/s counts read + write, as the PyTorch peer's copy_bandwidth), and their ratio.
 //
 //   em_bench_cuda_mla [--json FILE] [--batch 1,8,32,64,128] [--len 1024,4096,16384,32768] [--runs 5]
+//                     [--impls tc,tc1]   (kernels by $EM_CUDA_MLA: tc = the default choice, tc1 = the
+//                                         first tensor-core kernel, simt = the fp32 kernel)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -51,9 +53,19 @@ double seconds_per_call(Fn&& fn) {
 int main(int argc, char** argv) {
   const char* json_path = nullptr;
   std::vector<int64_t> batches = {1, 8, 32, 64, 128}, lens = {1024, 4096, 16384, 32768};
+  std::vector<std::string> impls = {"tc", "tc1"};
   int runs = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--json")) json_path = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--impls")) {
+      impls.clear();
+      std::string list = argv[i + 1];
+      for (size_t at = 0; at <= list.size();) {
+        const size_t comma = std::min(list.find(',', at), list.size());
+        if (comma > at) impls.push_back(list.substr(at, comma - at));
+        at = comma + 1;
+      }
+    }
     else if (!std::strcmp(argv[i], "--runs")) runs = std::max(3, std::atoi(argv[i + 1]));
     else if (!std::strcmp(argv[i], "--batch")) batches = parse_list(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--len")) lens = parse_list(argv[i + 1]);
@@ -103,6 +115,10 @@ int main(int argc, char** argv) {
   bool first = true;
   for (const int64_t B : batches) {
     for (const int64_t L : lens) {
+     for (const std::string& impl : impls) {
+      // The kernel: $EM_CUDA_MLA, read at each call ("tc" = the default kernel choice).
+      if (impl == "tc") unsetenv("EM_CUDA_MLA");
+      else setenv("EM_CUDA_MLA", impl.c_str(), 1);
       std::vector<em_tensor> caches;
       std::vector<int32_t> positions(static_cast<size_t>(B), static_cast<int32_t>(L - 1)), offsets;
       for (int64_t s = 0; s < B; ++s) {
@@ -129,23 +145,27 @@ int main(int argc, char** argv) {
         copy_gbps.push_back(2.0 * static_cast<double>(bytes) / tc / 1e9);
       }
       const Stats sa = stats(att_gbps), sc = stats(copy_gbps), su = stats(att_us);
-      std::printf("mla decode bf16 batch %4lld len %6lld  %9.1f us  cache %7.0f GB/s (min %.0f max %.0f)  copy %7.0f GB/s  "
-                  "ratio %.2f\n",
-                  static_cast<long long>(B), static_cast<long long>(L), su.median, sa.median, sa.min, sa.max, sc.median,
-                  sa.median / sc.median);
+      // Attention FLOPs (scores over C + dr, values over C; the absorption GEMMs not counted).
+      const double tflops = 2.0 * static_cast<double>(B * kHeads * L) * (kRow + kRank) / (su.median * 1e-6) / 1e12;
+      std::printf("mla decode bf16 %-4s batch %4lld len %6lld  %9.1f us  cache %7.0f GB/s (min %.0f max %.0f)  copy %7.0f "
+                  "GB/s  ratio %.2f  %6.1f TFLOP/s\n",
+                  impl.c_str(), static_cast<long long>(B), static_cast<long long>(L), su.median, sa.median, sa.min, sa.max,
+                  sc.median, sa.median / sc.median, tflops);
       if (json)
         std::fprintf(json,
-                     "%s  {\"what\": \"mla_decode\", \"impl\": \"cuda\", \"cache_dtype\": \"bf16\", \"weight_dtype\": \"bf16\", "
+                     "%s  {\"what\": \"mla_decode\", \"impl\": \"%s\", \"tflops\": %.2f, \"cache_dtype\": \"bf16\", \"weight_dtype\": \"bf16\", "
                      "\"batch\": %lld, \"cache_len\": %lld, \"heads\": %lld, \"kv_lora_rank\": %lld, \"rope_dim\": %lld, "
                      "\"cache_bytes\": %zu, \"us_median\": %.2f, \"gbps_median\": %.2f, \"gbps_min\": %.2f, "
                      "\"gbps_max\": %.2f, \"copy_gbps_median\": %.2f, \"ratio_to_copy\": %.4f, \"runs\": %d, "
                      "\"device\": \"%s\"}",
-                     first ? "" : ",\n", static_cast<long long>(B), static_cast<long long>(L),
+                     first ? "" : ",\n", impl.c_str(), tflops, static_cast<long long>(B), static_cast<long long>(L),
                      static_cast<long long>(kHeads), static_cast<long long>(kRank), static_cast<long long>(kRope), bytes,
                      su.median, sa.median, sa.min, sa.max, sc.median, sa.median / sc.median, runs, info.isa);
       first = false;
+     }
     }
   }
+  unsetenv("EM_CUDA_MLA");
   if (json) {
     std::fprintf(json, "\n]\n");
     std::fclose(json);

@@ -29,7 +29,8 @@
 // o_lat rounded to the weight dtype (as matmul does); fp8 is dequantized to bf16 scratch with
 // its block scales (as DeepSeek's reference weight_dequant does for the absorbed path).
 // $EM_CUDA_MLA=simt forces the fp32 SIMT kernel (debugging and benchmarks), =simt16 with
-// 16-row tiles (what GPUs with 99 KB of shared memory per block run).
+// 16-row tiles (what GPUs with 99 KB of shared memory per block run), =tc1 the first
+// tensor-core kernel (32-bit fragment loads, one accumulation chain; for comparison).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -246,6 +247,12 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_addr(p))
+               : "memory");
+}
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
@@ -261,6 +268,12 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32
 // so the score accumulators of two adjacent 8-column tiles are the A fragment of P for 16
 // cache rows (no shared-memory round trip), and V (= the latent part of the same cache
 // tile, [rows, C] row-major) is read as B fragments with ldmatrix.trans.
+//
+// kLdm (the default; $EM_CUDA_MLA=tc1 runs the first version): S = Q K^T reads its Q and K
+// fragments with ldmatrix.x4 (two instructions per k step instead of eight 32-bit loads)
+// and accumulates odd and even k steps in separate registers (two dependency chains per
+// n tile instead of one, the two halves summed at the end).
+template <bool kLdm>
 __global__ void __launch_bounds__(kTcThreads, 1) mla_tc_kernel(MlaParams p, int32_t item_first) {
 #ifdef EM_MLA_TC
   extern __shared__ __align__(16) unsigned char tsm[];
@@ -326,16 +339,41 @@ __global__ void __launch_bounds__(kTcThreads, 1) mla_tc_kernel(MlaParams p, int3
     // S[16 rows of rb][16 cache rows of ch] = Q K^T over D = 576.
     if (active) {
       float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-      const uint16_t* qa = Qs + r0 * kTcLd + tq * 2;
-      const uint16_t* kb = Kt + (ch * 16 + gq) * kTcLd + tq * 2;
-#pragma unroll 4
-      for (int k = 0; k < kTcD; k += 16) {
-        const uint32_t a[4] = {ld_u32(qa + k), ld_u32(qa + 8 * kTcLd + k), ld_u32(qa + k + 8),
-                               ld_u32(qa + 8 * kTcLd + k + 8)};
+      if constexpr (kLdm) {
+        // ldmatrix.x4, lane l addresses row (l & 15) of its 16-row block at column k + (l >> 4) * 8
+        // for Q (a0..a3 = rows 0-7 / 8-15 x k low / high), and cache row (l >> 4) * 8 + (l & 7)
+        // at column k + ((l >> 3) & 1) * 8 for K (b0, b1 of n tile 0, then of n tile 1).
+        const uint16_t* qa = Qs + (rb * 16 + (lane & 15)) * kTcLd + (lane >> 4) * 8;
+        const uint16_t* kb = Kt + (ch * 16 + (lane >> 4) * 8 + (lane & 7)) * kTcLd + ((lane >> 3) & 1) * 8;
+        float s2[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll 6
+        for (int k = 0; k < kTcD; k += 32) {
+          uint32_t a[4], b[4], a2[4], b2[4];
+          ldsm_x4(a[0], a[1], a[2], a[3], qa + k);
+          ldsm_x4(b[0], b[1], b[2], b[3], kb + k);
+          ldsm_x4(a2[0], a2[1], a2[2], a2[3], qa + k + 16);
+          ldsm_x4(b2[0], b2[1], b2[2], b2[3], kb + k + 16);
+          mma_bf16(s[0], a, b[0], b[1]);
+          mma_bf16(s[1], a, b[2], b[3]);
+          mma_bf16(s2[0], a2, b2[0], b2[1]);
+          mma_bf16(s2[1], a2, b2[2], b2[3]);
+        }
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const uint16_t* kp = kb + nt * 8 * kTcLd + k;
-          mma_bf16(s[nt], a, ld_u32(kp), ld_u32(kp + 8));
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) s[nt][j] += s2[nt][j];
+      } else {
+        const uint16_t* qa = Qs + r0 * kTcLd + tq * 2;
+        const uint16_t* kb = Kt + (ch * 16 + gq) * kTcLd + tq * 2;
+#pragma unroll 4
+        for (int k = 0; k < kTcD; k += 16) {
+          const uint32_t a[4] = {ld_u32(qa + k), ld_u32(qa + 8 * kTcLd + k), ld_u32(qa + k + 8),
+                                 ld_u32(qa + 8 * kTcLd + k + 8)};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const uint16_t* kp = kb + nt * 8 * kTcLd + k;
+            mma_bf16(s[nt], a, ld_u32(kp), ld_u32(kp + 8));
+          }
         }
       }
       float* srow = Ss + r0 * kTcSS + ch * 16 + tq * 2;
@@ -575,7 +613,8 @@ void plan_kernel(const em_mla_args* a, int64_t T, const std::vector<int32_t>& se
 }
 
 // $EM_CUDA_MLA: "simt" forces the fp32 SIMT kernel, "simt16" that kernel with 16-row tiles
-// (the small-shared-memory variant, for tests on GPUs where 32 rows fit).
+// (the small-shared-memory variant, for tests on GPUs where 32 rows fit), "tc1" the first
+// tensor-core kernel.
 bool env_is(const char* value) {
   const char* env = std::getenv("EM_CUDA_MLA");
   return env != nullptr && std::strcmp(env, value) == 0;
@@ -703,8 +742,9 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     const int32_t f = static_cast<int32_t>(item_first[k]);
     if (n > static_cast<size_t>(std::numeric_limits<int32_t>::max())) throw Error(EM_ERR_SHAPE, "mla_attention: too many blocks");
     if (k == kTensorCore) {
-      EMC_CUDA(cudaFuncSetAttribute(mla_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
-      mla_tc_kernel<<<static_cast<unsigned>(n), kTcThreads, kTcSmem, op.stream()>>>(p, f);
+      auto kernel = env_is("tc1") ? mla_tc_kernel<false> : mla_tc_kernel<true>;
+      EMC_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
+      kernel<<<static_cast<unsigned>(n), kTcThreads, kTcSmem, op.stream()>>>(p, f);
     } else if (k == kSimtF32) {
       launch_simt<float>(simt_bn, n, simt_smem, op.stream(), p, f);
     } else {

@@ -161,7 +161,9 @@ Context* cuda_ctx(em_backend* b) {
 
 em_cuda_moe_gemm moe_gemm_from_env() {
   const char* env = std::getenv("EM_CUDA_MOE_GEMM");
-  return env != nullptr && std::strcmp(env, "grouped") == 0 ? EM_CUDA_MOE_GROUPED : EM_CUDA_MOE_LOOP;
+  if (env != nullptr && std::strcmp(env, "grouped") == 0) return EM_CUDA_MOE_GROUPED;
+  if (env != nullptr && std::strcmp(env, "loop") == 0) return EM_CUDA_MOE_LOOP;
+  return EM_CUDA_MOE_AUTO;  // chosen per call by rows per expert (moe.cu)
 }
 
 int moe_streams_from_env() {

@@ -81,6 +81,13 @@ __global__ void combine_kernel(const T* out, int64_t ldo, const int32_t* start, 
 }
 
 constexpr size_t kFp8GroupedBytes = size_t{1} << 30;
+// EM_CUDA_MOE_AUTO runs the grouped GEMM below this many rows per expert (on average).
+constexpr int64_t kGroupedRowsPerExpert = 64;
+#if CUBLAS_VERSION >= 120500
+constexpr bool kGroupedBuilt = true;
+#else
+constexpr bool kGroupedBuilt = false;  // cublasGemmGroupedBatchedEx: cuBLAS 12.5+
+#endif
 
 unsigned grid_1d(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
@@ -243,8 +250,13 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   bool empty_sum = dim == 0;
   for (int32_t e = 0; e < E; ++e)
     if (a->expert_offsets[e + 1] > a->expert_offsets[e] && a->w1[e].shape[0] == 0) empty_sum = true;
-  const bool grouped =
-      ctx.moe_gemm == EM_CUDA_MOE_GROUPED && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx)) && !empty_sum;
+  // AUTO: the grouped GEMM for bf16/f16 experts of few rows each (at V3 shapes on an H200 it
+  // ran 1.4-1.7x the loop at 1-16 rows per expert, 0.8x at 128: BENCHMARKS.md), else the loop.
+  int32_t active = 0;
+  for (int32_t e = 0; e < E; ++e) active += a->expert_offsets[e + 1] > a->expert_offsets[e];
+  const bool want_grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED ||
+                            (ctx.moe_gemm == EM_CUDA_MOE_AUTO && kGroupedBuilt && !fp8 && rows < kGroupedRowsPerExpert * active);
+  const bool grouped = want_grouped && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx)) && !empty_sum;
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate && !grouped;
 
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)

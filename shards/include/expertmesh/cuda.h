@@ -47,8 +47,9 @@ extern "C" {
 #endif
 
 typedef enum em_cuda_moe_gemm {
-  EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped"), else loop */
-  EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs */
+  EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped"), else per call: grouped for
+                              bf16/f16 experts of under 64 rows each on average, else the loop */
+  EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs, over moe_streams streams */
   EM_CUDA_MOE_GROUPED = 2  /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
                               intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
 } em_cuda_moe_gemm;
