@@ -37,9 +37,11 @@ struct Backends {
   em_backend* cuda = nullptr;
   em_backend* cuda_grouped = nullptr;
   em_backend* cuda_lt = nullptr;  // EM_CUDA_FP8_LT (fp8_lt_cases)
+  em_backend* cuda_1s = nullptr;  // the loop on one stream (moe_lane_cases)
   ~Backends() {
     em_backend_free(cpu);
     em_backend_free(cuda);
+    em_backend_free(cuda_1s);
     em_backend_free(cuda_grouped);
     em_backend_free(cuda_lt);
   }
@@ -383,6 +385,43 @@ void moe_cases(Rng& rng, Backends& b) {
                    shape_str(rows, dim, inter),
                rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
       }
+    }
+  }
+}
+
+// The loop's experts spread over streams (Context::lanes): many experts of uneven rows, the
+// shard's scatter call, several times with fresh inputs; against the CPU and against the
+// same loop on one stream (same cuBLAS GEMMs per expert: a race between the lanes, or a
+// missing fork/join, shows as a difference far beyond rounding).
+void moe_lane_cases(Rng& rng, Backends& b) {
+  if (b.cuda_1s == nullptr) return;
+  const int64_t dim = 256, inter = 128;
+  std::vector<int32_t> counts(64);
+  for (auto& c : counts) c = rng.integer(0, 3) == 0 ? 0 : rng.integer(1, 40);
+  for (em_dtype dt : {EM_BF16, EM_F32}) {
+    MoeExperts ex(rng, dt, dim, inter, counts);
+    const int64_t rows = ex.offsets.back(), num_out = std::max<int64_t>(1, rows / 6);
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
+      std::vector<int32_t> out_index(static_cast<size_t>(rows));
+      for (auto& i : out_index) i = rng.integer(0, static_cast<int>(num_out - 1));
+      std::vector<float> y0(static_cast<size_t>(num_out * dim)), y1 = y0, y2 = y0;
+      em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
+      em_tensor t0 = em_tensor_2d(y0.data(), EM_F32, num_out, dim), t1 = em_tensor_2d(y1.data(), EM_F32, num_out, dim),
+                t2 = em_tensor_2d(y2.data(), EM_F32, num_out, dim);
+      em_moe_args a = ex.args(&xt);
+      a.row_weight = row_weight.data();
+      a.out_index = out_index.data();
+      a.y = &t0;
+      CHECK_OK(em_moe_ffn(b.cpu, &a));
+      a.y = &t1;
+      CHECK_OK(em_moe_ffn(b.cuda, &a));
+      a.y = &t2;
+      CHECK_OK(em_moe_ffn(b.cuda_1s, &a));
+      const std::string what = std::string(em_dtype_name(dt)) + " 64 experts, run " + std::to_string(rep) + " " +
+                               shape_str(rows, dim, inter);
+      report("moe_ffn", what + " (lanes) vs cpu", rel_err(y0, y1), gemm_tolerance(dt));
+      report("moe_ffn", what + " lanes vs 1 stream", rel_err(y2, y1), 1e-5);
     }
   }
 }
@@ -768,8 +807,11 @@ int main(int argc, char** argv) {
   const int device = argc > 1 ? std::atoi(argv[1]) : env ? std::atoi(env) : 0;
   Backends b;
   CHECK_OK(em_backend_create_cpu(nullptr, &b.cpu));
-  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, 0};
+  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, EM_CUDA_MOE_STREAMS_DEFAULT};
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda));
+  cfg.moe_streams = 1;
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_1s));
+  cfg.moe_streams = 0;
   cfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_grouped));
   cfg.fp8_gemm = EM_CUDA_FP8_LT;  // grouped + lt: moe_ffn must loop over experts on the lt path
@@ -790,6 +832,8 @@ int main(int argc, char** argv) {
   gate_cases(rng, b);
   moe_cases(rng, b);
   mla_cases(rng, b);
+  Rng lane_rng(20261130);  // its own stream: the cases around it keep their data
+  moe_lane_cases(lane_rng, b);
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, std::atoi(gi.isa + 3) / 10);  // "sm_90" -> 9
   return finish("cuda_parity");
