@@ -11,8 +11,9 @@
 // Pass: for every model, max |device - cpu| / max |cpu| <= tolerance over the prefill rows
 // and over each decode step, and the greedy (argmax) token of every row agrees, except
 // where the CPU's top two logits are within tolerance * max |cpu| of each other (a tie at
-// that precision), and at most 2 % of the router's decisions differ. The default tolerance, 5e-2, is for bf16 weights: the CUDA backend runs
-// bf16 GEMMs on tensor cores with the activations rounded to bf16 (the parity suite allows
+// that precision), and at most 2 % of the router's decisions differ (another expert set;
+// separately, a weight off by more than the tolerance). The default tolerance, 5e-2, is for
+// bf16 weights: the CUDA backend runs bf16 GEMMs on tensor cores with the activations rounded to bf16 (the parity suite allows
 // 2e-2 per GEMM; a forward chains a few dozen). The goldens (HF transformers in fp32) are
 // shown beside it for both runs.
 //
@@ -116,8 +117,10 @@ const relErr = (got: Float32Array, want: Float32Array): number => {
 interface Routing {
   /** Every gate call's result in call order (the CPU run). */
   calls: { ids: Int32Array; weights: Float32Array; k: number }[];
-  /** (token, layer) decisions whose expert set (or a weight, by > 1e-3) differs on the device. */
-  differ: number;
+  /** (token, layer) decisions whose expert set differs on the device. */
+  sets: number;
+  /** Decisions of the same set with a weight off by more than the tolerance x the largest. */
+  weights: number;
   decisions: number;
 }
 
@@ -137,17 +140,21 @@ function replayRouting(b: Backend, routing: Routing, record: boolean, replay: bo
     if (!want || want.ids.length !== got.ids.length)
       throw new Error(`gate call ${call}: not the CPU run's shape`);
     for (let i = 0; i < t; i++) {
-      // Another expert set, or the same set with a weight off by more than 1e-3 of the largest.
+      // Another expert set, or the same set with a weight off by more than tolerance x the
+      // largest (weights drift with the hidden states: the router reads bf16-rounded sums).
       const cpu = new Map<number, number>();
       for (let j = i * want.k; j < (i + 1) * want.k; j++) cpu.set(want.ids[j]!, want.weights[j]!);
       const scale = Math.max(...cpu.values(), 1e-30);
-      let same = true;
+      let set = true;
+      let weights = true;
       for (let j = i * want.k; j < (i + 1) * want.k; j++) {
         const w = cpu.get(got.ids[j]!);
-        if (w === undefined || Math.abs(w - got.weights[j]!) > 1e-3 * scale) same = false;
+        if (w === undefined) set = false;
+        else if (Math.abs(w - got.weights[j]!) > tolerance * scale) weights = false;
       }
       routing.decisions++;
-      if (!same) routing.differ++;
+      if (!set) routing.sets++;
+      else if (!weights) routing.weights++;
     }
     return replay ? { ids: want.ids.slice(), weights: want.weights.slice() } : got;
   };
@@ -197,8 +204,8 @@ interface Row {
   worstRow: number;
   medianRowErr: number;
   decodeErr: number;
-  /** Router decisions (token x MoE layer) whose expert set differs on the device. */
-  routing: { differ: number; decisions: number };
+  /** Router decisions (token x MoE layer) whose expert set / weights differ on the device. */
+  routing: { sets: number; weights: number; decisions: number };
   greedy: { agree: number; rows: number; ties: number; mismatches: string[] };
   goldenCpu: number;
   goldenDevice: number;
@@ -212,7 +219,7 @@ async function compare(name: ModelName): Promise<{ row: Row; info: NativeInfo }>
   const p = golden.prompts[1] ?? golden.prompts[0]!;
   const dir = await tinyCheckpointFor(name);
   try {
-    const routing: Routing = { calls: [], differ: 0, decisions: 0 };
+    const routing: Routing = { calls: [], sets: 0, weights: 0, decisions: 0 };
     const cpu = await trace(dir, p.token_ids, { device: "cpu", isa: "auto" }, null, routing);
     const dev = await trace(dir, p.token_ids, { device, isa }, cpu.fed, routing);
     const V = p.shape[1];
@@ -249,7 +256,7 @@ async function compare(name: ModelName): Promise<{ row: Row; info: NativeInfo }>
       medianRowErr,
       decodeErr,
       greedy,
-      routing: { differ: routing.differ, decisions: routing.decisions },
+      routing: { sets: routing.sets, weights: routing.weights, decisions: routing.decisions },
       goldenCpu: relErr(cpu.prefill, p.logits),
       goldenDevice: relErr(dev.prefill, p.logits),
       cpuMs: cpu.ms,
@@ -258,7 +265,8 @@ async function compare(name: ModelName): Promise<{ row: Row; info: NativeInfo }>
         prefillErr <= tolerance &&
         decodeErr <= tolerance &&
         greedy.mismatches.length === 0 &&
-        routing.differ <= maxRoutingDiffer(routing.decisions),
+        routing.sets <= maxRoutingDiffer(routing.decisions) &&
+        routing.weights <= maxRoutingDiffer(routing.decisions),
     };
     return { row, info: dev.info };
   } finally {
@@ -299,13 +307,13 @@ out(
 );
 out();
 out(
-  "| model | prefill rel err (worst row; median row) | decode rel err (max) | greedy agree | near-ties | routing differs | golden rel err cpu / device | ms cpu / device | result |",
+  "| model | prefill rel err (worst row; median row) | decode rel err (max) | greedy agree | near-ties | routing differs (sets, weights) | golden rel err cpu / device | ms cpu / device | result |",
 );
 out("|---|---|---|---|---|---|---|---|---|");
 for (const r of results)
   out(
     `| ${r.model} | ${e(r.prefillErr)} (row ${r.worstRow}; ${e(r.medianRowErr)}) | ${e(r.decodeErr)} | ` +
-      `${r.greedy.agree}/${r.greedy.rows} | ${r.greedy.ties} | ${r.routing.differ}/${r.routing.decisions} | ` +
+      `${r.greedy.agree}/${r.greedy.rows} | ${r.greedy.ties} | ${r.routing.sets}, ${r.routing.weights} of ${r.routing.decisions} | ` +
       `${e(r.goldenCpu)} / ${e(r.goldenDevice)} | ${r.cpuMs.toFixed(0)} / ${r.deviceMs.toFixed(0)} | ${r.pass ? "ok" : "FAIL"} |`,
   );
 for (const r of results)
@@ -321,7 +329,7 @@ out();
 out(
   "rel err = max |device - cpu| / max |cpu| over the rows; decode steps are fed the CPU run's greedy tokens, " +
     "and every MoE layer the CPU run's expert choice (the device's router runs and is compared: " +
-    "routing differs = token x layer decisions with another expert set or a weight off by > 1e-3; at most 2 % pass). " +
+    "routing differs = token x layer decisions with another expert set, or the same set with a weight off by more than the tolerance; at most 2 % of each pass). " +
     "A greedy disagreement passes only as a near-tie (the CPU's top two within the tolerance).",
 );
 if (values.json)
