@@ -1,0 +1,62 @@
+// scripts/gpu-forward.ts is what the GPU check runs on the device (CUDA against the CPU
+// backend); its CPU self-test (--device cpu: the scalar kernels against the best ones) runs
+// here so the script itself cannot rot between GPU sessions: it must pass, replay the CPU's
+// routing and count the router's decisions.
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+
+const root = resolve(import.meta.dirname, "../..");
+const dir = mkdtempSync(join(tmpdir(), "em-gpu-forward-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function forward(...args: string[]) {
+  const json = join(dir, `${args.join("_").replace(/\W/g, "")}.json`);
+  const r = spawnSync(
+    process.execPath,
+    [
+      "--no-warnings",
+      "scripts/gpu-forward.ts",
+      "--device",
+      "cpu",
+      "--models",
+      "tiny-v2",
+      "--decode",
+      "2",
+      "--json",
+      json,
+      ...args,
+    ],
+    { cwd: root, encoding: "utf8", timeout: 120_000 },
+  );
+  return {
+    status: r.status,
+    stdout: r.stdout,
+    stderr: r.stderr,
+    report: JSON.parse(readFileSync(json, "utf8")),
+  };
+}
+
+describe("gpu-forward CPU self-test", () => {
+  it("passes with the CPU run's routing replayed, counting every router decision", () => {
+    const r = forward();
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("- forward: PASS");
+    const [row] = r.report.results;
+    expect(row.model).toBe("tiny-v2");
+    expect(row.prefillErr).toBeLessThan(1e-5); // scalar vs SIMD kernels: rounding only
+    // 16 prompt tokens + 2 decode steps, each through every MoE layer of tiny-v2.
+    expect(row.routing.decisions % 18).toBe(0);
+    expect(row.routing.decisions).toBeGreaterThan(0);
+    expect(row.routing).toMatchObject({ sets: 0, weights: 0 });
+  });
+
+  it("runs with the device's own routing (--replay off) and says so", () => {
+    const r = forward("--replay", "off");
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("own routing");
+    expect(r.report.results[0].routing.sets).toBe(0);
+  });
+});
