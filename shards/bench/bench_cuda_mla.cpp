@@ -7,7 +7,8 @@
 //
 //   em_bench_cuda_mla [--json FILE] [--batch 1,8,32,64,128] [--len 1024,4096,16384,32768] [--runs 5]
 //                     [--impls tc,tc1]   (kernels by $EM_CUDA_MLA: tc = the default choice, tc1 = the
-//                                         first tensor-core kernel, simt = the fp32 kernel)
+//                                         first tensor-core kernel, wgmma = the wgmma kernel on
+//                                         compute capability 9.0 (else tc), simt = the fp32 kernel)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -51,6 +52,7 @@ double seconds_per_call(Fn&& fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a run killed by a timeout keeps its log
   const char* json_path = nullptr;
   std::vector<int64_t> batches = {1, 8, 32, 64, 128}, lens = {1024, 4096, 16384, 32768};
   std::vector<std::string> impls = {"tc", "tc1"};

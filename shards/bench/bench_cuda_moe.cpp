@@ -35,6 +35,7 @@ using bench::stats;
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a run killed by a timeout keeps its log
   const char* json_path = nullptr;
   std::vector<int64_t> token_counts = {8, 64, 512, 4096};
   int runs = 7;

@@ -37,6 +37,7 @@
 #include <limits>
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace em::cuda {
 
@@ -484,6 +485,192 @@ __global__ void __launch_bounds__(kTcThreads, 1) mla_tc_kernel(MlaParams p, int3
 #endif
 }
 
+// ------------------------------------------------------------------ step 3d: wgmma kernel (sm_90a)
+//
+// $EM_CUDA_MLA=wgmma, compute capability 9.0 with an sm_90a build; bf16 caches with C 512,
+// dr 64 (as the tensor-core kernel). Not the default: written without a GPU at hand, checked
+// by the parity suite (and its wgmma primitives, test/wgmma_probe.cu) on the next GPU run.
+// The mma.sync kernel above is bound by shared memory (every warp copies its operands into
+// registers: ~290 KB of shared-memory reads per 32-row tile); wgmma reads its operands from
+// shared memory once per warpgroup (FlashMLA's design, without its TMA and warp
+// specialization).
+//
+// 64 query rows x 64-row cache tiles, two warpgroups; Q, two cache tiles and P in shared
+// memory in the core-matrix layout of wgmma.cuh (230 KB). Per tile:
+//   S = Q K^T: warpgroup h computes the scores of cache rows 32h..32h+31 for all 64 query
+//      rows (36 x wgmma m64n32k16, A = Q, B = the tile, both K-major);
+//   softmax: row maxima exchanged through shared memory, so both warpgroups rescale with the
+//      same running max; each keeps the sum over its own columns (added at the end);
+//   P (bf16) into shared memory; O[:, 256h..256h+255] += P V (4 x wgmma m64n256k16, A = P,
+//      B = the tile read N-major: the latent part of the same rows).
+constexpr int kWgBN = 64;          // cache rows per tile (= kTcQG: Q and tiles share a size)
+constexpr int kWgThreads = 256;    // two warpgroups
+constexpr uint32_t kWgTile = static_cast<uint32_t>(kTcQG) * kTcD * 2;  // 73728 bytes
+constexpr uint32_t kWgRow8 = (kTcD / 8) * 128;                       // bytes per 8 rows of a tile
+constexpr size_t kWgSmem = 3 * static_cast<size_t>(kWgTile) + kTcQG * kWgBN * 2 + sizeof(float) * 2 * kTcQG +
+                           sizeof(int) * kTcQG;
+static_assert(kWgBN == kTcQG, "Q and the cache tiles share a layout");
+static_assert(kWgSmem <= 232448, "fits an H100/H200 block's 227 KB of shared memory");
+
+__global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, int32_t item_first) {
+#ifdef EM_WGMMA
+  extern __shared__ __align__(128) unsigned char wsm[];
+  unsigned char* Qs = wsm;
+  unsigned char* Kb = wsm + kWgTile;  // two tiles
+  unsigned char* Ps = wsm + 3 * kWgTile;
+  float* red = reinterpret_cast<float*>(Ps + kTcQG * kWgBN * 2);  // [2][64]: per warpgroup
+  int* vis = reinterpret_cast<int*>(red + 2 * kTcQG);
+
+  const MlaItem it = p.items[item_first + blockIdx.x];
+  const MlaGroup g = p.groups[it.group];
+  const MlaCache cache = p.caches[g.seq];
+  const uint16_t* cdata = static_cast<const uint16_t*>(cache.data);
+  const int tid = threadIdx.x, wg = tid >> 7, w = (tid & 127) >> 5, gq = (tid & 31) >> 2, tq = tid & 3;
+
+  // Cache rows [j0, j0 + 64) into a tile: 16-byte chunk e is tile byte 16 e (consecutive
+  // threads, consecutive bytes), i.e. row 8 ((e / 8) / 72) + e % 8, chunk (e / 8) % 72.
+  auto load_tile = [&](unsigned char* dst, int j0) {
+#pragma unroll 2
+    for (int e = tid; e < kWgBN * (kTcD / 8); e += kWgThreads) {
+      const int q8 = e >> 3, r = (q8 / (kTcD / 8)) * 8 + (e & 7), c = q8 % (kTcD / 8);
+      unsigned char* s = dst + 16 * e;
+      if (j0 + r < it.row_end)
+        cp_async16(s, cdata + static_cast<int64_t>(j0 + r) * cache.ld + c * 8);
+      else
+        *reinterpret_cast<uint4*>(s) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+
+  const int ntiles = (it.row_end - it.row_begin + kWgBN - 1) / kWgBN;
+  load_tile(Kb, it.row_begin);
+  cp_async_commit();
+  for (int e = tid; e < kTcQG * (kTcD / 2); e += kWgThreads) {
+    const int r = e / (kTcD / 2), k = 2 * (e - r * (kTcD / 2));
+    float2 v = make_float2(0.0f, 0.0f);
+    if (r < g.nrows)
+      v = *reinterpret_cast<const float2*>(
+          p.qcat + (static_cast<int64_t>(group_token(g, r)) * p.H + group_head(g, r)) * kTcD + k);
+    *reinterpret_cast<uint32_t*>(Qs + cm_offset(r, k, kTcD)) = pack_bf16(v.x, v.y);
+  }
+  if (tid < kTcQG) vis[tid] = tid < g.nrows ? min(p.positions[group_token(g, tid)] + 1, it.row_end) : 0;
+
+  const int r0 = 16 * w + gq;  // this thread's rows r0, r0 + 8 (the same in both warpgroups)
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int j0 = it.row_begin + t * kWgBN;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // tile t (and Q, vis) in place; every read of tile t - 1, P and red done
+    if (t + 1 < ntiles) {
+      load_tile(Kb + ((t + 1) & 1) * kWgTile, j0 + kWgBN);
+      cp_async_commit();
+    }
+    const unsigned char* Kt = Kb + (t & 1) * kWgTile;
+
+    float s[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = 0.0f;
+    wgmma_fence();
+#pragma unroll 4
+    for (int k = 0; k < kTcD / 16; ++k)
+      wgmma_m64n32k16<0>(s, wg_desc(Qs + 256 * k, 128, kWgRow8), wg_desc(Kt + 4 * wg * kWgRow8 + 256 * k, 128, kWgRow8),
+                         k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // Masked, scaled scores and this warpgroup's row maxima (a quad of lanes shares a row).
+    const int lim[2] = {vis[r0] - j0, vis[r0 + 8] - j0};
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int h = (i >> 1) & 1, col = 32 * wg + 8 * (i >> 2) + 2 * tq + (i & 1);
+      s[i] = col < lim[h] ? s[i] * p.scale_log2 : -INFINITY;
+      mx[h] = fmaxf(mx[h], s[i]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    if (tq == 0) {
+      red[wg * kTcQG + r0] = mx[0];
+      red[wg * kTcQG + r0 + 8] = mx[1];
+    }
+    __syncthreads();  // both warpgroups' maxima
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 8 * h;
+      const float m_new = fmaxf(m[h], fmaxf(red[r], red[kTcQG + r]));
+      m_use[h] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[h] = exp2f(m[h] - m_use[h]);
+      m[h] = m_new;
+      l[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i += 2) {
+      const int h = (i >> 1) & 1, col = 32 * wg + 8 * (i >> 2) + 2 * tq;
+      const float p0 = exp2f(s[i] - m_use[h]), p1 = exp2f(s[i + 1] - m_use[h]);
+      l[h] += p0 + p1;
+      *reinterpret_cast<uint32_t*>(Ps + cm_offset(r0 + 8 * h, col, kWgBN)) = pack_bf16(p0, p1);
+    }
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+    fence_proxy_async();
+    __syncthreads();  // P complete
+
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < kWgBN / 16; ++k)
+      wgmma_m64n256k16<1>(o, wg_desc(Ps + 256 * k, 128, (kWgBN / 8) * 128),
+                          wg_desc(Kt + 2 * k * kWgRow8 + 32 * wg * 128, kWgRow8, 128), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+
+  // Row sums: this lane's columns, the quad, then both warpgroups.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+  __syncthreads();  // every read of red done
+  if (tq == 0) {
+    red[wg * kTcQG + r0] = l[0];
+    red[wg * kTcQG + r0 + 8] = l[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + 8 * h;
+    if (r >= g.nrows) continue;
+    const float L = red[r] + red[kTcQG + r];
+    if (it.part_base < 0) {
+      const int64_t base = (static_cast<int64_t>(group_token(g, r)) * p.H + group_head(g, r)) * kTcC;
+      const float inv = 1.0f / L;
+#pragma unroll
+      for (int i = 0; i < 128; ++i)
+        if (((i >> 1) & 1) == h) store_f32(p.o_lat, p.o_dt, base + 256 * wg + 8 * (i >> 2) + 2 * tq + (i & 1), o[i] * inv);
+    } else {
+      float* dst = p.part_o + static_cast<int64_t>(it.part_base + r) * kTcC + 256 * wg + 2 * tq;
+#pragma unroll
+      for (int i = 0; i < 128; i += 2)
+        if (((i >> 1) & 1) == h) *reinterpret_cast<float2*>(dst + 8 * (i >> 2)) = make_float2(o[i], o[i + 1]);
+      if (wg == 0 && tq == 0) {
+        p.part_ml[static_cast<int64_t>(it.part_base + r) * 2] = m[h];
+        p.part_ml[static_cast<int64_t>(it.part_base + r) * 2 + 1] = L;
+      }
+    }
+  }
+#else
+  __trap();  // the host launches this kernel only on compute capability 9.0 with an sm_90a build
+#endif
+}
+
 // ------------------------------------------------------------------ step 3c: combine
 
 // grid (groups with several items, 64): block (gi, r) merges row r's partials of group gi.
@@ -531,7 +718,7 @@ void gemm_batched(Context& ctx, cublasOperation_t ta, int64_t m, int64_t n, int6
                                         to_int(batch, "heads"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-enum MlaKernel { kTensorCore = 0, kSimtF32 = 1, kSimtBf16 = 2, kKernels = 3 };
+enum MlaKernel { kTensorCore = 0, kSimtF32 = 1, kSimtBf16 = 2, kWgmma = 3, kKernels = 4 };
 
 struct Plan {
   std::vector<MlaGroup> groups;
@@ -614,7 +801,7 @@ void plan_kernel(const em_mla_args* a, int64_t T, const std::vector<int32_t>& se
 
 // $EM_CUDA_MLA: "simt" forces the fp32 SIMT kernel, "simt16" that kernel with 16-row tiles
 // (the small-shared-memory variant, for tests on GPUs where 32 rows fit), "tc1" the first
-// tensor-core kernel.
+// tensor-core kernel, "wgmma" the wgmma kernel where it can run (else the tensor-core one).
 bool env_is(const char* value) {
   const char* env = std::getenv("EM_CUDA_MLA");
   return env != nullptr && std::strcmp(env, value) == 0;
@@ -649,6 +836,13 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
   const bool force16 = env_is("simt16");
   const bool tc_ok =
       C == kTcC && dr == kTcDr && major >= 8 && static_cast<size_t>(optin) >= kTcSmem && !env_is("simt") && !force16;
+  // The wgmma kernel: opt-in, compute capability 9.0 (sm_90a code runs there only) and a
+  // build that has sm_90a code (EM_CUDA_SM90A, from CMake's architectures).
+#ifdef EM_CUDA_SM90A
+  const bool wg_ok = tc_ok && env_is("wgmma") && major == 9 && static_cast<size_t>(optin) >= kWgSmem;
+#else
+  const bool wg_ok = false;
+#endif
   int simt_bn = 0;  // the SIMT kernel's tile rows: the largest that fits (0: none)
   for (int bn : kSimtBNs)
     if (simt_bn == 0 && (!force16 || bn == 16) && simt_smem_bytes(static_cast<int>(C), static_cast<int>(D), bn) <= static_cast<size_t>(optin))
@@ -668,7 +862,8 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     const int64_t ld = c.shape[0] > 1 ? c.stride[0] : D;
     caches[static_cast<size_t>(s)] = {c.data, ld};
     const bool aligned = reinterpret_cast<uintptr_t>(c.data) % 16 == 0 && ld % 8 == 0;
-    const MlaKernel k = c.dtype == EM_BF16 ? (tc_ok && aligned ? kTensorCore : kSimtBf16) : kSimtF32;
+    const MlaKernel k =
+        c.dtype == EM_BF16 ? (tc_ok && aligned ? (wg_ok ? kWgmma : kTensorCore) : kSimtBf16) : kSimtF32;
     by_kernel[k].push_back(s);
   }
   if ((!by_kernel[kSimtF32].empty() || !by_kernel[kSimtBf16].empty()) && simt_bn == 0)
@@ -680,6 +875,8 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     item_first[k] = plan.items.size();
     if (k == kTensorCore)
       plan_kernel(a, T, by_kernel[k], kTcQG, 128, ctx.sm_count, kTcBN, plan);
+    else if (k == kWgmma)
+      plan_kernel(a, T, by_kernel[k], kTcQG, 128, ctx.sm_count, kWgBN, plan);
     else
       plan_kernel(a, T, by_kernel[k], kSimtQG, 64, 2 * static_cast<int64_t>(ctx.sm_count), simt_bn, plan);
   }
@@ -745,6 +942,9 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       auto kernel = env_is("tc1") ? mla_tc_kernel<false> : mla_tc_kernel<true>;
       EMC_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTcSmem)));
       kernel<<<static_cast<unsigned>(n), kTcThreads, kTcSmem, op.stream()>>>(p, f);
+    } else if (k == kWgmma) {
+      EMC_CUDA(cudaFuncSetAttribute(mla_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWgSmem)));
+      mla_wgmma_kernel<<<static_cast<unsigned>(n), kWgThreads, kWgSmem, op.stream()>>>(p, f);
     } else if (k == kSimtF32) {
       launch_simt<float>(simt_bn, n, simt_smem, op.stream(), p, f);
     } else {

@@ -14,6 +14,9 @@
 
 using namespace test;
 
+// test/wgmma_probe.cu: the wgmma primitives on their own (see wgmma_cases).
+int wgmma_probe(int n, int variant, double* rel_err, const char** what);
+
 namespace {
 
 constexpr int kNoDevice = 77;
@@ -426,6 +429,32 @@ void moe_lane_cases(Rng& rng, Backends& b) {
   }
 }
 
+// ------------------------------------------------------------------ wgmma primitives
+
+// cuda/wgmma.cuh on its own (sm_90a builds on compute capability 9.0 only): B K-major and
+// N-major as the MLA wgmma kernel reads them; the N-major strides swapped are printed too
+// (expected to fail), so a failure says which of the two the hardware wants.
+void wgmma_cases(int cc_major) {
+  const char* names[] = {"B K-major", "B N-major", "B N-major, strides swapped (expected to differ)"};
+  for (int n : {32, 256}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      double err = 0.0;
+      const char* what = "";
+      const int rc = wgmma_probe(n, variant, &err, &what);
+      const std::string name = std::string("m64n") + std::to_string(n) + "k16 " + names[variant];
+      if (rc == 1 || cc_major != 9) {
+        std::printf("%-9s %-44s not run: needs an sm_90a build on a compute capability 9.0 GPU\n", "wgmma",
+                    name.c_str());
+        continue;
+      }
+      CHECK(rc == 0, "wgmma %s: CUDA error %s", name.c_str(), what);
+      if (rc != 0) continue;
+      if (variant == 2) std::printf("%-9s %-44s rel_err %.3e  (information)\n", "wgmma", name.c_str(), err);
+      else report("wgmma", name, err, 1e-4);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ fp8 lt (EM_CUDA_FP8_LT)
 
 // The lt path (cuda/fp8.cu) quantizes activations per token per 128 columns to e4m3 as
@@ -781,6 +810,24 @@ void mla_cases(Rng& rng, Backends& b) {
   }
 }
 
+// The wgmma kernel ($EM_CUDA_MLA=wgmma, opt-in): it runs on compute capability 9.0 with an
+// sm_90a build (where the wgmma probe cases say "ok"; elsewhere these cases run the
+// tensor-core kernel). Last in the suite: a kernel that faults leaves the CUDA context
+// unusable, and every other case has run by then.
+void mla_wgmma_cases(Rng& rng, Backends& b) {
+  const MlaDims lite{"v2-lite", 16, 128, 64, 128, 512}, v3{"v3", 128, 128, 64, 128, 512};
+  setenv("EM_CUDA_MLA", "wgmma", 1);
+  TestWeight w = make_weight(rng, EM_BF16, v3.H * (v3.dn + v3.dv), v3.C, 0.25f);
+  mla_case(rng, b, v3, w, {{1, {0}}, {37, {36}}, {1000, {999}}, {4096, {4095}}}, EM_BF16, "decode S=1,37,1000,4096 (wgmma)");
+  mla_case(rng, b, v3, w, {{200, mla_range(0, 200)}}, EM_BF16, "prefill 200 (wgmma)");
+  mla_case(rng, b, v3, w, {{300, mla_range(250, 300)}, {40, mla_range(0, 40)}}, EM_BF16, "chunked batch (wgmma)");
+  mla_case(rng, b, v3, w, {{5000, {4999}}}, EM_BF16, "decode S=5000, ld +8 (wgmma)", 8);
+  mla_case(rng, b, v3, w, {{4096, {100, 4095}}}, EM_BF16, "tokens at 100, 4095 (wgmma)");
+  TestWeight wl = make_weight(rng, EM_BF16, lite.H * (lite.dn + lite.dv), lite.C, 0.25f);
+  mla_case(rng, b, lite, wl, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70: 4 tokens x 16 heads (wgmma)");
+  unsetenv("EM_CUDA_MLA");
+}
+
 void support_table(Backends& b) {
   std::printf("cuda supports_op (op: f32 bf16 f16 fp8):\n");
   for (int op = 0; op < EM_OP_COUNT; ++op) {
@@ -794,6 +841,7 @@ void support_table(Backends& b) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a run killed by a timeout keeps its log
   if (!em_cuda_compiled()) {
     std::printf("cuda_parity: NO CUDA DEVICE: %s\n", em_cuda_last_status());
     return kNoDevice;
@@ -836,5 +884,8 @@ int main(int argc, char** argv) {
   moe_lane_cases(lane_rng, b);
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, std::atoi(gi.isa + 3) / 10);  // "sm_90" -> 9
+  wgmma_cases(std::atoi(gi.isa + 3) / 10);
+  Rng wg_rng(20261131);
+  mla_wgmma_cases(wg_rng, b);
   return finish("cuda_parity");
 }

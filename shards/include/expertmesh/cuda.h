@@ -35,7 +35,9 @@
  * wkv_b is dequantized to bf16 first, as DeepSeek's reference does). Attention over a bf16
  * cache with kv_lora_rank 512 and rope dims 64 (DeepSeek V2/V3) runs on tensor cores, with
  * q_lat and the softmax weights rounded to bf16 (as FlashMLA); other dims and f32 caches run
- * in fp32. $EM_CUDA_MLA=simt forces the fp32 kernel for every cache.
+ * in fp32. $EM_CUDA_MLA=simt forces the fp32 kernel for every cache; =wgmma (opt-in, compute
+ * capability 9.0 with an sm_90a build) runs the bf16 caches on a wgmma kernel instead of the
+ * mma.sync one: written, compile-checked and in the parity suite, not yet run on a GPU.
  */
 #ifndef EXPERTMESH_CUDA_H
 #define EXPERTMESH_CUDA_H
