@@ -19,7 +19,9 @@
 # Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
 # failure, 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
 #
-# Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_CUDA_ARCHS
+# Environment: EM_GPU_CHECK_BUDGET (seconds for everything, default 450), EM_GPU_CHECK_COMMIT
+# (the commit to name in the report; the device's .git may be older than its files),
+# EM_GPU_CHECK_PACK=1 (pack the outputs into gpu-check.tgz + report.md at exit), EM_CUDA_ARCHS
 # (default: the device's, from nvidia-smi, else "90a;80"), EM_GPU_BUILD_DIR, CUDACXX,
 # EM_BENCH_TOKENS (default 8,64,512,4096,16384), EM_SKIP_BENCH=1, EM_GPU_SANITIZE=1 (the parity suite
 # again under compute-sanitizer memcheck, after the benchmarks), EM_GPU_BUNDLE_DIR (default
@@ -33,6 +35,12 @@ build=${EM_GPU_BUILD_DIR:-${TMPDIR:-/tmp}/expertmesh-gpu-build}
 budget=${EM_GPU_CHECK_BUDGET:-450}
 tokens=${EM_BENCH_TOKENS:-8,64,512,4096,16384}
 mkdir -p "$out"
+# EM_GPU_CHECK_PACK=1: at exit, whatever the outcome, $out becomes gpu-check.tgz beside a copy
+# of report.md (the device tool returns at most 8 files; this run writes about 15).
+if [ "${EM_GPU_CHECK_PACK:-0}" = 1 ]; then
+  pack() { (cd "$out_root" && tar czf gpu-check.tgz gpu-check && cp gpu-check/report.md report.md && rm -rf gpu-check) 2>/dev/null; }
+  trap pack EXIT
+fi
 t0=$(date +%s)
 log() { printf '[gpu-check %4ss] %s\n' "$(($(date +%s) - t0))" "$*" | tee -a "$out/steps.log" >&2; }
 left() { echo $((budget - ($(date +%s) - t0))); }
@@ -55,7 +63,13 @@ report="$out/report.md"
   echo "# expertmesh GPU check"
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet 2>/dev/null || echo ' (with local changes)')"
+  # The device machine's copy of the tree may carry an older .git than its files: a caller
+  # that knows the commit passes it (EM_GPU_CHECK_COMMIT=$(git rev-parse --short HEAD)).
+  if [ -n "${EM_GPU_CHECK_COMMIT:-}" ]; then
+    echo "- commit: $EM_GPU_CHECK_COMMIT (given by the caller)"
+  else
+    echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet 2>/dev/null || echo ' (with local changes)')"
+  fi
   echo "- host: $(nproc) cores, $(uname -m)"
   echo "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo 'nvidia-smi not found')"
 } >"$report"
