@@ -92,10 +92,26 @@ inline uint8_t f32_to_e4m3(float x) {
   return static_cast<uint8_t>(sign | (code < 0x7eu ? code : 0x7eu));
 }
 
+// out[i] = f32_to_e4m3(float(double(x[i]) * inv)): the reference of cpu's f32_to_fp8 kernels.
+inline void fp8_quantize_portable(const float* x, int64_t n, double inv, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[i]) * inv));
+}
+// max |x| (NaNs skipped, 0 for n = 0): the reference of cpu's abs_max kernels.
+inline float abs_max_portable(const float* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = std::fabs(x[i]) > m ? std::fabs(x[i]) : m;
+  return m;
+}
+
+using Fp8QuantizeFn = void (*)(const float* x, int64_t n, double inv, uint8_t* out);
+using AbsMaxFn = float (*)(const float* x, int64_t n);
+
 // Writes n float32 rows [n, C + dr] as `dtype` rows (f32, bf16 or fp8) into `out`, as
 // kv-format.ts's encodeKvRows does, bit for bit: fp8 scales are amax / 448 per 128 latent
 // values (1 for an all-zero block), values scaled in double and rounded to float first.
-inline void kv_encode_rows(em_dtype dtype, int64_t C, int64_t dr, const float* rows, int64_t n, uint8_t* out) {
+// quantize / abs_max: a CPU ISA's kernels (cpu::Kernels), the portable loops by default.
+inline void kv_encode_rows(em_dtype dtype, int64_t C, int64_t dr, const float* rows, int64_t n, uint8_t* out,
+                           Fp8QuantizeFn quantize = fp8_quantize_portable, AbsMaxFn abs_max = abs_max_portable) {
   const int64_t W = C + dr;
   if (dtype == EM_F32) {
     std::memcpy(out, rows, static_cast<size_t>(n * W) * 4);
@@ -115,12 +131,10 @@ inline void kv_encode_rows(em_dtype dtype, int64_t C, int64_t dr, const float* r
     uint8_t* o = out + static_cast<size_t>(r) * rb;
     for (int64_t b = 0; b < ns; ++b) {
       const int64_t c0 = b * EM_FP8_BLOCK, c1 = c0 + EM_FP8_BLOCK < C ? c0 + EM_FP8_BLOCK : C;
-      float amax = 0.0f;
-      for (int64_t c = c0; c < c1; ++c) amax = std::fabs(x[c]) > amax ? std::fabs(x[c]) : amax;
+      const float amax = abs_max(x + c0, c1 - c0);
       const float scale = amax > 0.0f && std::isfinite(amax) ? static_cast<float>(static_cast<double>(amax) / 448.0) : 1.0f;
       std::memcpy(o + C + 4 * b, &scale, 4);
-      const double inv = 1.0 / static_cast<double>(scale);
-      for (int64_t c = c0; c < c1; ++c) o[c] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[c]) * inv));
+      quantize(x + c0, c1 - c0, 1.0 / static_cast<double>(scale), o + c0);
     }
     uint8_t* pe = o + C + 4 * ns;
     for (int64_t i = 0; i < dr; ++i) {

@@ -15,6 +15,7 @@
 
 #include "expertmesh/cuda.h"
 #include "expertmesh/ops.h"
+#include "../cpu/cpu.h"
 #include "../kv_pages.h"
 
 namespace {
@@ -529,7 +530,9 @@ Napi::Value KvEncode(const Napi::CallbackInfo& info) {
   if (static_cast<size_t>(at) + static_cast<size_t>(n) * rb > out.size)
     shape_error(env, "out holds " + std::to_string(out.size) + " bytes, the rows need " +
                          std::to_string(static_cast<size_t>(at) + static_cast<size_t>(n) * rb));
-  em::kv_encode_rows(dt, C, dr, rows, n, static_cast<uint8_t*>(out.data) + at);
+  // The best ISA's quantizer: its output is the portable encoder's, bit for bit (test_convert).
+  const em::cpu::Kernels& k = em::cpu::kernels_for(em_cpu_best_isa());
+  em::kv_encode_rows(dt, C, dr, rows, n, static_cast<uint8_t*>(out.data) + at, k.f32_to_fp8, k.abs_max);
   return env.Undefined();
 }
 

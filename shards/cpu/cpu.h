@@ -76,6 +76,9 @@ struct Kernels {
   void (*scale_mul)(const float* x, float s, const float* w, float* y, int64_t n);  // y = x*s*w
   float (*exp_sum)(float* x, int64_t n, float shift);  // x = exp(x - shift); returns the sum
   void (*fp8_to_f32)(const uint8_t* codes, int64_t n, float scale, float* y);  // y = e4m3(codes) * scale
+  // out = e4m3(float(double(x) * inv)), rounded as kv_pages.h's f32_to_e4m3 (bit for bit)
+  void (*f32_to_fp8)(const float* x, int64_t n, double inv, uint8_t* out);
+  float (*abs_max)(const float* x, int64_t n);  // max |x|, NaNs skipped, 0 for n = 0
 };
 
 // Per-ISA kernel functions (defined next to their op family).
@@ -87,6 +90,8 @@ float sum_squares(const float* x, int64_t n);
 void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
 float exp_sum(float* x, int64_t n, float shift);
 void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y);
+void f32_to_fp8(const float* x, int64_t n, double inv, uint8_t* out);
+float abs_max(const float* x, int64_t n);
 }  // namespace scalar
 namespace avx2 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
@@ -96,6 +101,8 @@ float sum_squares(const float* x, int64_t n);
 void scale_mul(const float* x, float s, const float* w, float* y, int64_t n);
 float exp_sum(float* x, int64_t n, float shift);
 void fp8_to_f32(const uint8_t* codes, int64_t n, float scale, float* y);
+void f32_to_fp8(const float* x, int64_t n, double inv, uint8_t* out);
+float abs_max(const float* x, int64_t n);
 }  // namespace avx2
 namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);

@@ -50,16 +50,16 @@ const CpuFeatures& features() {
 
 const Kernels kScalar = {EM_ISA_SCALAR,       scalar::gemm_nt,   scalar::gemm_nn,   scalar::silu_mul,
                          scalar::sum_squares, scalar::scale_mul, scalar::exp_sum,
-                         scalar::fp8_to_f32};
+                         scalar::fp8_to_f32,  scalar::f32_to_fp8, scalar::abs_max};
 #if EM_X86
 const Kernels kAvx2 = {EM_ISA_AVX2,       avx2::gemm_nt,   avx2::gemm_nn,   avx2::silu_mul,
-                       avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32};
+                       avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 // AVX-512 machines run the AVX2 kernels except the nt GEMM, where width matters most, and
 // the f32 nn GEMM (attention over the latent cache).
 const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx512::gemm_nn,   avx2::silu_mul,
-                         avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32};
+                         avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx512::gemm_nn,   avx2::silu_mul,
-                             avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum, avx2::fp8_to_f32};
+                             avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 #endif
 
 }  // namespace

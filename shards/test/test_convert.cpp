@@ -1,6 +1,8 @@
 // convert: every bf16 / f16 / fp8 bit pattern to f32 against independent decoders,
 // f32 -> bf16 / f16 rounding (nearest even, subnormals, overflow) on chosen values and
 // random ones, and fp8 dequantization with 128x128 block scales to f32 and bf16.
+#include "cpu/cpu.h"
+#include "kv_pages.h"
 #include "test/harness.h"
 
 using namespace test;
@@ -126,6 +128,51 @@ void test_fp8(Backend& be, Rng& rng) {
 
 }  // namespace
 
+// The fp8 quantizer and abs-max kernels of every ISA this CPU runs (the paged cache's fp8
+// rows) against the portable loops of kv_pages.h, byte for byte: every rounding region of
+// e4m3 (subnormal multiples of 2^-9 and their ties, normal ties to even, the 448 / 464
+// saturation edge, infinities, NaN, signed zeros) and random values over many scales.
+void test_fp8_quantize_kernels() {
+  std::vector<float> x;
+  for (int e = -12; e <= 9; ++e)
+    for (int m = 0; m < 64; ++m) {
+      const float base = std::ldexp(1.0f + m / 64.0f, e);
+      for (float v : {base, std::nextafter(base, 0.0f), std::nextafter(base, INFINITY)}) {
+        x.push_back(v);
+        x.push_back(-v);
+      }
+    }
+  for (int k = 0; k <= 16; ++k) x.push_back(k * 0x1p-10f);  // subnormal ties (odd k: halfway)
+  for (float v : {0.0f, -0.0f, 448.0f, 464.0f, std::nextafter(464.0f, 0.0f), 465.0f, 1e30f, INFINITY, -INFINITY, NAN, -NAN,
+                  0x1p-6f, std::nextafter(0x1p-6f, 0.0f), 1e-40f, -1e-45f})
+    x.push_back(v);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  for (int i = 0; i < 20000; ++i) x.push_back(uni(gen) * std::ldexp(1.0f, static_cast<int>(gen() % 40) - 20));
+  for (int s = 0; s < 5; ++s) x.push_back(0.0f);  // a tail shorter than a vector
+  std::vector<uint8_t> want(x.size()), got(x.size());
+  for (double inv : {1.0, 448.0 / 3.7, 1.0 / 0.013, 3.0e7}) {
+    em::fp8_quantize_portable(x.data(), static_cast<int64_t>(x.size()), inv, want.data());
+    for (int isa = EM_ISA_SCALAR; isa <= em_cpu_best_isa(); ++isa) {
+      const em::cpu::Kernels& k = em::cpu::kernels_for(static_cast<em_cpu_isa>(isa));
+      std::fill(got.begin(), got.end(), 0xaa);
+      k.f32_to_fp8(x.data(), static_cast<int64_t>(x.size()), inv, got.data());
+      size_t diff = 0, first = 0;
+      for (size_t i = 0; i < x.size(); ++i)
+        if (got[i] != want[i] && diff++ == 0) first = i;
+      CHECK(diff == 0, "%s f32_to_fp8 (inv %g): %zu codes differ, first at x = %a: 0x%02x, want 0x%02x",
+            em_cpu_isa_name(static_cast<em_cpu_isa>(isa)), inv, diff, static_cast<double>(x[first]), got[first],
+            want[first]);
+      for (size_t len : {size_t{0}, size_t{5}, size_t{128}, x.size()}) {
+        const float a = k.abs_max(x.data() + x.size() - len, static_cast<int64_t>(len));
+        const float b = em::abs_max_portable(x.data() + x.size() - len, static_cast<int64_t>(len));
+        CHECK(std::memcmp(&a, &b, 4) == 0, "%s abs_max over %zu values: %g, want %g",
+              em_cpu_isa_name(static_cast<em_cpu_isa>(isa)), len, a, b);
+      }
+    }
+  }
+}
+
 int main() {
   Rng rng(8);
   for (em_cpu_isa isa : available_isas()) {
@@ -134,5 +181,6 @@ int main() {
     test_round(be, rng);
     test_fp8(be, rng);
   }
+  test_fp8_quantize_kernels();
   return finish("convert");
 }
