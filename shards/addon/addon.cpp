@@ -8,7 +8,9 @@
 #include <napi.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -55,17 +57,42 @@ void check(Napi::Env env, em_status s, const char* op) {
 // device backend when em_supports_op() says it has the op for the weight dtype, else on
 // the CPU backend (the CUDA backend has no sampler or wire codec, for instance). Both take
 // host memory, so the same TypedArrays go to either.
+//
+// Weights on a device stay there: the first op that reads a Weight object on the device
+// backend copies its data (and fp8 scales) into device memory and ties that copy to the
+// object (napi_wrap, freed when the object is collected); later ops read it in place. The
+// engine keeps one Weight view per weight (src/engine/native.ts), so a model's weights are
+// copied once. Activations, caches and indices are still copied per op.
+// EM_ADDON_RESIDENT=0 turns this off (every op stages its weights, as before).
 struct AddonState {
   em_backend* cpu = nullptr;
   em_backend* device = nullptr;
+  // Owns `device`; device copies of weights hold it too, so it outlives them.
+  std::shared_ptr<em_backend> device_owner;
+  uint64_t generation = 0;  // bumped by configure(): copies of another generation are stale
+  bool resident = true;
   std::string device_name = "cpu";
-  ~AddonState() {
-    em_backend_free(device);
-    em_backend_free(cpu);
-  }
+  ~AddonState() { em_backend_free(cpu); }
 };
 
 AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); }
+
+// A Weight object's data (and fp8 scale) in device memory, wrapped into the object.
+struct DeviceWeight {
+  std::shared_ptr<em_backend> backend;
+  uint64_t generation = 0;
+  const void* host = nullptr;
+  const float* host_scale = nullptr;
+  size_t bytes = 0, scale_bytes = 0;
+  void* data = nullptr;
+  void* scale = nullptr;
+  ~DeviceWeight() {
+    if (data) em_cuda_free(backend.get(), data);
+    if (scale) em_cuda_free(backend.get(), scale);
+  }
+};
+
+void finalize_device_weight(napi_env, void* data, void*) { delete static_cast<DeviceWeight*>(data); }
 
 em_backend* cpu_backend(Napi::Env env) {
   AddonState* st = state_of(env);
@@ -243,6 +270,52 @@ std::vector<em_tensor> weight_list(Napi::Env env, const Napi::Value& v, const ch
   return out;
 }
 
+// The tensor of Weight object `v` as backend `be` reads it: on the device backend, its data
+// (and fp8 scale) in device memory, copied on first use and kept with the object (see
+// AddonState); elsewhere, or when the object cannot hold the copy, `t` as it is (staged).
+em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tensor t) {
+  AddonState* st = state_of(env);
+  if (be == nullptr || be != st->device || !st->resident || !v.IsObject() || v.IsTypedArray()) return t;
+  const size_t n = static_cast<size_t>(t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0]);
+  const size_t bytes = n * em_dtype_size(t.dtype);
+  const size_t scale_bytes =
+      t.dtype == EM_F8_E4M3 && t.ndim == 2 ? static_cast<size_t>((t.shape[0] + 127) / 128 * t.scale_stride) * 4 : 0;
+  if (bytes == 0) return t;
+  napi_value obj = v;
+  void* raw = nullptr;
+  DeviceWeight* dw = napi_unwrap(env, obj, &raw) == napi_ok ? static_cast<DeviceWeight*>(raw) : nullptr;
+  if (dw != nullptr && (dw->generation != st->generation || dw->host != t.data || dw->bytes != bytes ||
+                        dw->host_scale != t.scale || dw->scale_bytes != scale_bytes)) {
+    napi_remove_wrap(env, obj, &raw);  // another device, or the object now views other data
+    delete dw;
+    dw = nullptr;
+  }
+  if (dw == nullptr) {
+    auto fresh = std::make_unique<DeviceWeight>();
+    fresh->backend = st->device_owner;
+    fresh->generation = st->generation;
+    fresh->host = t.data;
+    fresh->host_scale = t.scale;
+    fresh->bytes = bytes;
+    fresh->scale_bytes = scale_bytes;
+    check(env, em_cuda_malloc(be, bytes, &fresh->data), "weight to device");
+    check(env, em_cuda_copy(be, fresh->data, t.data, bytes), "weight to device");
+    if (scale_bytes > 0) {
+      check(env, em_cuda_malloc(be, scale_bytes, &fresh->scale), "weight to device");
+      check(env, em_cuda_copy(be, fresh->scale, t.scale, scale_bytes), "weight to device");
+    }
+    if (napi_wrap(env, obj, fresh.get(), finalize_device_weight, nullptr, nullptr) != napi_ok) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+      return t;  // already wrapped by someone else: staged per op
+    }
+    dw = fresh.release();
+  }
+  t.data = dw->data;
+  if (dw->scale != nullptr) t.scale = static_cast<const float*>(dw->scale);
+  return t;
+}
+
 // ------------------------------------------------------------------ info
 
 const char* const kDtypeNames[] = {"f32", "bf16", "f16", "fp8"};
@@ -357,11 +430,12 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
     em_backend_free(created_device);
     check(env, s, "configure");
   }
-  em_backend_free(st->device);
   em_backend_free(st->cpu);
+  st->device_owner.reset(created_device, [](em_backend* b) { em_backend_free(b); });
   st->device = created_device;
   st->cpu = created_cpu;
   st->device_name = device;
+  ++st->generation;
   return BackendInfo(info);
 }
 
@@ -377,7 +451,9 @@ Napi::Value Matmul(const Napi::CallbackInfo& info) {
   Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * w.shape[0]));
   em_tensor xt = em_tensor_2d(x, EM_F32, rows, w.shape[1]);
   em_tensor yt = em_tensor_2d(data_of(out), EM_F32, rows, w.shape[0]);
-  check(env, em_matmul(backend_for(env, EM_OP_MATMUL, w.dtype), &xt, &w, &yt), "matmul");
+  em_backend* be = backend_for(env, EM_OP_MATMUL, w.dtype);
+  w = on_device(env, be, arg(info, 2), w);
+  check(env, em_matmul(be, &xt, &w, &yt), "matmul");
   return out;
 }
 
@@ -392,7 +468,9 @@ Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
   const float eps = static_cast<float>(number(env, arg(info, 2), "eps"));
   Napi::Float32Array out = output(env, arg(info, 3), static_cast<size_t>(rows * dim));
   em_tensor xt = em_tensor_2d(x, EM_F32, rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, rows, dim);
-  check(env, em_rmsnorm(backend_for(env, EM_OP_RMSNORM, w.dtype), &xt, &w, eps, &yt), "rmsnorm");
+  em_backend* be = backend_for(env, EM_OP_RMSNORM, w.dtype);
+  w = on_device(env, be, arg(info, 1), w);
+  check(env, em_rmsnorm(be, &xt, &w, eps, &yt), "rmsnorm");
   return out;
 }
 
@@ -448,9 +526,9 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   int32_t* offsets = i32(env, o.Get("expertOffsets"), "expertOffsets");
   const int64_t num_experts = length_of(o.Get("expertOffsets")) - 1;
   if (num_experts < 0) shape_error(env, "expertOffsets must hold numExperts + 1 values");
-  const std::vector<em_tensor> w1 = weight_list(env, o.Get("w1"), "w1", static_cast<size_t>(num_experts));
-  const std::vector<em_tensor> w2 = weight_list(env, o.Get("w2"), "w2", static_cast<size_t>(num_experts));
-  const std::vector<em_tensor> w3 = weight_list(env, o.Get("w3"), "w3", static_cast<size_t>(num_experts));
+  std::vector<em_tensor> w1 = weight_list(env, o.Get("w1"), "w1", static_cast<size_t>(num_experts));
+  std::vector<em_tensor> w2 = weight_list(env, o.Get("w2"), "w2", static_cast<size_t>(num_experts));
+  std::vector<em_tensor> w3 = weight_list(env, o.Get("w3"), "w3", static_cast<size_t>(num_experts));
   const float* row_weight = present(o.Get("rowWeights")) ? f32(env, o.Get("rowWeights"), "rowWeights", rows) : nullptr;
   const int32_t* out_index = present(o.Get("outIndex")) ? i32(env, o.Get("outIndex"), "outIndex", rows) : nullptr;
   const int64_t out_rows = out_index ? integer(env, o.Get("outRows"), "outRows", 0) : rows;
@@ -460,9 +538,18 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   if (x_index && (num_experts > 0 ? offsets[num_experts] : 0) != rows)
     shape_error(env, "expertOffsets must end at xIndex.length (" + std::to_string(rows) + ")");
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
+  em_backend* be = moe_backend(env, w1, w2, w3);
+  // The experts with rows to its weights on the device (the others are not read).
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    const uint32_t i = static_cast<uint32_t>(e);
+    w1[i] = on_device(env, be, o.Get("w1").As<Napi::Array>().Get(i), w1[i]);
+    w2[i] = on_device(env, be, o.Get("w2").As<Napi::Array>().Get(i), w2[i]);
+    w3[i] = on_device(env, be, o.Get("w3").As<Napi::Array>().Get(i), w3[i]);
+  }
   em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,
                 out_index, accumulate ? 1 : 0, &yt, x_index};
-  check(env, em_moe_ffn(moe_backend(env, w1, w2, w3), &a), "moeFfn");
+  check(env, em_moe_ffn(be, &a), "moeFfn");
   return out;
 }
 
@@ -626,7 +713,9 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
                 &wkv_b,
                 &ot,
                 present(o.Get("pages")) ? &pages : nullptr};
-  check(env, em_mla_attention(backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype), &a), "mlaAttention");
+  em_backend* be = backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype);
+  wkv_b = on_device(env, be, o.Get("wkvB"), wkv_b);
+  check(env, em_mla_attention(be, &a), "mlaAttention");
   return out;
 }
 
@@ -671,7 +760,9 @@ Napi::Value Gate(const Napi::CallbackInfo& info) {
   em_tensor xt = em_tensor_2d(x, EM_F32, T, w.shape[1]);
   em_tensor it = em_tensor_2d(indices.Data(), EM_I32, T, c.top_k);
   em_tensor wt = em_tensor_2d(weights.Data(), EM_F32, T, c.top_k);
-  check(env, em_gate(backend_for(env, EM_OP_GATE, w.dtype), &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
+  em_backend* be = backend_for(env, EM_OP_GATE, w.dtype);
+  w = on_device(env, be, o.Get("weight"), w);
+  check(env, em_gate(be, &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
   Napi::Object result = Napi::Object::New(env);
   result.Set("indices", indices);
   result.Set("weights", weights);
@@ -826,7 +917,10 @@ Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
-  env.SetInstanceData(new AddonState());
+  AddonState* st = new AddonState();
+  const char* resident = std::getenv("EM_ADDON_RESIDENT");
+  st->resident = resident == nullptr || std::strcmp(resident, "0") != 0;
+  env.SetInstanceData(st);
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
   exports.Set("cudaStatus", Napi::Function::New(env, CudaStatus, "cudaStatus"));
