@@ -283,7 +283,14 @@ em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tens
   if (bytes == 0) return t;
   napi_value obj = v;
   void* raw = nullptr;
-  DeviceWeight* dw = napi_unwrap(env, obj, &raw) == napi_ok ? static_cast<DeviceWeight*>(raw) : nullptr;
+  DeviceWeight* dw = nullptr;
+  if (napi_unwrap(env, obj, &raw) == napi_ok) {
+    dw = static_cast<DeviceWeight*>(raw);
+  } else {  // not wrapped yet: nothing to clear normally, but leave no pending exception behind
+    bool pending = false;
+    napi_value ignored;
+    if (napi_is_exception_pending(env, &pending) == napi_ok && pending) napi_get_and_clear_last_exception(env, &ignored);
+  }
   if (dw != nullptr && (dw->generation != st->generation || dw->host != t.data || dw->bytes != bytes ||
                         dw->host_scale != t.scale || dw->scale_bytes != scale_bytes)) {
     napi_remove_wrap(env, obj, &raw);  // another device, or the object now views other data
