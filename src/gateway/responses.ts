@@ -5,8 +5,9 @@
 // "reasoning" item, its text as a "message", its calls as "function_call" items; streamed
 // as Responses events (response.created ... response.completed). Responses are kept in
 // this gateway's memory (store, the default; the last --responses-store of them), so a
-// request can continue one (previous_response_id) and GET/DELETE /v1/responses/{id} find
-// it; another gateway does not know it (spec.gateway.sessionAffinity: ClientIP helps).
+// request can continue one (previous_response_id), GET/DELETE /v1/responses/{id} find it
+// and GET /v1/responses/{id}/input_items lists its input; another gateway does not know it
+// (spec.gateway.sessionAffinity: ClientIP helps).
 import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
@@ -86,11 +87,33 @@ export type ResponsesRequest = Static<typeof ResponsesRequest>;
 const bad = (message: string, param: string): ApiError =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
 
-/** A kept response: the conversation up to and including its answer, and the response. */
+/**
+ * A kept response: the conversation up to and including its answer, the response, and its
+ * request's input as items with ids (GET /v1/responses/{id}/input_items).
+ */
 interface Kept {
   readonly conversation: readonly ChatMessage[];
   readonly response: object;
+  readonly inputItems: readonly InputListItem[];
 }
+
+/** An input item as GET /v1/responses/{id}/input_items lists it. */
+export type InputListItem = { readonly id: string; readonly type: string } & Record<
+  string,
+  unknown
+>;
+
+/**
+ * Query of GET /v1/responses/{id}/input_items (OpenAI's: newest first unless order=asc).
+ * Query values are strings (the gateway's schemas do not coerce types): limit is digits.
+ */
+const InputItemsQuery = Type.Object({
+  limit: Type.Optional(Type.String({ pattern: "^(100|[1-9][0-9]?)$" })),
+  order: Type.Optional(Type.Union([Type.Literal("asc"), Type.Literal("desc")])),
+  after: Type.Optional(Type.String()),
+  include: Type.Optional(Type.Union([Type.String(), Type.Array(Type.String())])),
+});
+type InputItemsQuery = Static<typeof InputItemsQuery>;
 
 /**
  * The last `capacity` responses of this gateway, by id, holding at most `maxChars`
@@ -126,7 +149,10 @@ export class ResponseStore {
   }
 
   put(id: string, kept: Kept): void {
-    const chars = JSON.stringify(kept.conversation).length + JSON.stringify(kept.response).length;
+    const chars =
+      JSON.stringify(kept.conversation).length +
+      JSON.stringify(kept.response).length +
+      JSON.stringify(kept.inputItems).length;
     if (this.capacity < 1 || chars > this.maxChars) return;
     this.delete(id);
     this.#kept.set(id, { ...kept, chars });
@@ -288,6 +314,33 @@ function responsesParam(err: unknown): unknown {
 }
 
 const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
+
+const ITEM_ID_PREFIX: Record<string, string> = {
+  message: "msg",
+  function_call: "fc",
+  function_call_output: "fco",
+  reasoning: "rs",
+};
+
+/**
+ * A request's input as the items GET /v1/responses/{id}/input_items lists: a string input is
+ * one user message; message content becomes content parts (input_text, or output_text for
+ * the assistant's); items keep the id they came with, others get one.
+ */
+export function inputItemsOf(input: ResponsesRequest["input"]): InputListItem[] {
+  const items = typeof input === "string" ? [{ role: "user" as const, content: input }] : input;
+  return items.map((item) => {
+    const type = item.type ?? "message";
+    const given = (item as { id?: unknown }).id;
+    const id =
+      typeof given === "string" && given.length > 0 ? given : newId(ITEM_ID_PREFIX[type] ?? "item");
+    if (!("role" in item)) return { ...item, id, type };
+    const part = item.role === "assistant" ? "output_text" : "input_text";
+    const content =
+      typeof item.content === "string" ? [{ type: part, text: item.content }] : item.content;
+    return { id, type, role: item.role, content, status: "completed" };
+  });
+}
 
 type OutputItem =
   | {
@@ -467,6 +520,34 @@ export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
       if (!kept) throw notFound(req.params.id, null);
       return kept.response;
     });
+    app.get<{ Params: { id: string }; Querystring: InputItemsQuery }>(
+      "/v1/responses/:id/input_items",
+      { schema: { querystring: InputItemsQuery } },
+      async (req) => {
+        const kept = store.get(req.params.id);
+        if (!kept) throw notFound(req.params.id, null);
+        const { order = "desc", after } = req.query;
+        const limit = req.query.limit === undefined ? 20 : Number(req.query.limit);
+        let items = order === "desc" ? [...kept.inputItems].reverse() : [...kept.inputItems];
+        if (after !== undefined) {
+          const at = items.findIndex((i) => i.id === after);
+          if (at < 0)
+            throw bad(
+              `response '${req.params.id}' has no input item '${after.slice(0, 80)}'`,
+              "after",
+            );
+          items = items.slice(at + 1);
+        }
+        const data = items.slice(0, limit);
+        return {
+          object: "list",
+          data,
+          first_id: data[0]?.id ?? null,
+          last_id: data.at(-1)?.id ?? null,
+          has_more: items.length > limit,
+        };
+      },
+    );
     app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
       if (!store.delete(req.params.id)) throw notFound(req.params.id, null);
       return { id: req.params.id, object: "response.deleted", deleted: true };
@@ -540,7 +621,11 @@ async function respond(
       },
     });
     if (stored)
-      store.put(id, { conversation: [...conversation, ...answerMessages(items)], response: done });
+      store.put(id, {
+        conversation: [...conversation, ...answerMessages(items)],
+        response: done,
+        inputItems: inputItemsOf(b.input),
+      });
     return done;
   };
 

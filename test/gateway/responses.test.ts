@@ -350,6 +350,64 @@ describe("POST /v1/responses", () => {
     ).toBe(404);
   });
 
+  it("lists a kept response's input items: newest first, in pages, with ids (input_items)", async () => {
+    const r = await gw.client.responses.create({
+      model: "tiny",
+      input: [
+        { role: "user", content: "one" },
+        { role: "assistant", content: "two" },
+        { role: "user", content: [{ type: "input_text", text: "three" }] },
+      ],
+      max_output_tokens: 2,
+      temperature: 0,
+    });
+    const text = (items: OpenAI.Responses.ResponseItem[]) =>
+      items.map((i) => (i as { content: { text: string }[] }).content[0]!.text);
+    const all = await gw.client.responses.inputItems.list(r.id);
+    expect(text(all.data)).toEqual(["three", "two", "one"]);
+    expect(all.data.map((i) => (i as { role: string }).role)).toEqual([
+      "user",
+      "assistant",
+      "user",
+    ]);
+    expect(all.data[1]).toMatchObject({
+      type: "message",
+      content: [{ type: "output_text", text: "two" }],
+    });
+    expect(all.data.every((i) => /^msg_/.test(i.id!))).toBe(true);
+    // Oldest first, two at a time: the client follows `after` to the next page.
+    const first = await gw.client.responses.inputItems.list(r.id, { order: "asc", limit: 2 });
+    expect([text(first.data), first.has_more]).toEqual([["one", "two"], true]);
+    const next = await first.getNextPage();
+    expect([text(next.data), next.has_more]).toEqual([["three"], false]);
+    // The same ids every time (kept with the response).
+    expect(next.data[0]!.id).toBe(all.data[0]!.id);
+    // A limit out of 1-100, an unknown item to start after, an unknown response.
+    for (const limit of [0, 101]) {
+      const e = (await gw.client.responses.inputItems
+        .list(r.id, { limit })
+        .catch((x: unknown) => x)) as {
+        status: number;
+      };
+      expect(e.status).toBe(400);
+    }
+    const badAfter = (await gw.client.responses.inputItems
+      .list(r.id, { after: "msg_nope" })
+      .catch((e: unknown) => e)) as { status: number; code: string; param: string };
+    expect([badAfter.status, badAfter.code, badAfter.param]).toEqual([
+      400,
+      "EM_GATEWAY_BAD_REQUEST",
+      "after",
+    ]);
+    const unknown = (await gw.client.responses.inputItems
+      .list("resp_nope")
+      .catch((e: unknown) => e)) as {
+      status: number;
+      code: string;
+    };
+    expect([unknown.status, unknown.code]).toEqual([404, "EM_GATEWAY_RESPONSE_NOT_FOUND"]);
+  });
+
   it("keeps the last --responses-store responses: an older one is pushed out", async () => {
     const small = await startGateway(dir, { responsesStore: 2 });
     try {

@@ -1,11 +1,13 @@
 // The gateway's kept responses (POST /v1/responses with store): least recently used out
-// first, bounded by count and by characters.
+// first, bounded by count and by characters; and a request's input as the items
+// GET /v1/responses/{id}/input_items lists.
 import { describe, expect, it } from "vitest";
-import { ResponseStore } from "../../src/gateway/responses.ts";
+import { inputItemsOf, ResponseStore } from "../../src/gateway/responses.ts";
 
 const kept = (text: string) => ({
   conversation: [{ role: "user" as const, content: text }],
   response: { id: text },
+  inputItems: [],
 });
 
 describe("ResponseStore", () => {
@@ -42,5 +44,87 @@ describe("ResponseStore", () => {
     expect([s.size, s.chars]).toEqual([1, one]);
     expect(s.delete("a")).toBe(true);
     expect([s.size, s.chars, s.delete("a")]).toEqual([0, 0, false]);
+  });
+});
+
+describe("inputItemsOf", () => {
+  it.each([
+    [
+      "a string: one user message of input_text",
+      "hi",
+      [
+        {
+          type: "message",
+          role: "user",
+          content: [{ type: "input_text", text: "hi" }],
+          status: "completed",
+        },
+      ],
+    ],
+    [
+      "string content: input_text, or output_text for the assistant",
+      [
+        { role: "system", content: "be brief" },
+        { role: "assistant", content: "ok" },
+      ],
+      [
+        { type: "message", role: "system", content: [{ type: "input_text", text: "be brief" }] },
+        { type: "message", role: "assistant", content: [{ type: "output_text", text: "ok" }] },
+      ],
+    ],
+    [
+      "content parts as given",
+      [
+        {
+          type: "message",
+          role: "user",
+          content: [
+            { type: "input_text", text: "a" },
+            { type: "input_text", text: "b" },
+          ],
+        },
+      ],
+      [
+        {
+          type: "message",
+          role: "user",
+          content: [
+            { type: "input_text", text: "a" },
+            { type: "input_text", text: "b" },
+          ],
+        },
+      ],
+    ],
+    [
+      "a call keeps the id it came with; its output and a reasoning item get theirs",
+      [
+        { type: "function_call", id: "fc_given", call_id: "c1", name: "f", arguments: "{}" },
+        { type: "function_call_output", call_id: "c1", output: "42" },
+        { type: "reasoning" },
+      ],
+      [
+        { id: "fc_given", type: "function_call", call_id: "c1", name: "f", arguments: "{}" },
+        { type: "function_call_output", call_id: "c1", output: "42" },
+        { type: "reasoning" },
+      ],
+    ],
+  ] as const)("%s", (_name, input, want) => {
+    const got = inputItemsOf(input as never);
+    expect(got).toMatchObject(want);
+    const prefixes = got.map((i) => i.id.split("_")[0]);
+    const expected = got.map((i) =>
+      i.id === "fc_given"
+        ? "fc"
+        : (
+            {
+              message: "msg",
+              function_call: "fc",
+              function_call_output: "fco",
+              reasoning: "rs",
+            } as Record<string, string>
+          )[i.type],
+    );
+    expect(prefixes).toEqual(expected);
+    expect(new Set(got.map((i) => i.id)).size).toBe(got.length);
   });
 });
