@@ -42,6 +42,21 @@ function tokenBytes(preset: string, dtype: string): number {
   return kvRowBytes(d, c.kvLoraRank, c.ropeDim) * resolveArchitecture(preset).numLayers;
 }
 const KV_DTYPE_NAMES = ["float32", "bfloat16", "fp8"] as const;
+/**
+ * CEL for the bytes of one token's rows of spec.model.architecture (kv-format.ts's
+ * kvRowBytes: f32 and bf16 rows of kvLoraRank + qkRopeHeadDim values; fp8 rows of e4m3
+ * latent codes, an f32 scale per 128 of them and a bf16 rope part), over numLayers.
+ */
+const archTokenBytesCel = (() => {
+  const a = "self.model.architecture";
+  const C = `${a}.kvLoraRank`;
+  const dr = `${a}.qkRopeHeadDim`;
+  return (
+    `((self.gateway.kvCache.dtype == 'float32' ? (${C} + ${dr}) * 4 : ` +
+    `self.gateway.kvCache.dtype == 'bfloat16' ? (${C} + ${dr}) * 2 : ` +
+    `${C} + 4 * ((${C} + 127) / 128) + 2 * ${dr}) * ${a}.numLayers)`
+  );
+})();
 function tokenBytesCel(): string {
   return `{${presetNames()
     .map((n) => `'${n}': {${KV_DTYPE_NAMES.map((d) => `'${d}': ${tokenBytes(n, d)}`).join(", ")}}`)
@@ -151,6 +166,29 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     rule: "!has(self.promptLookupMin) || !has(self.promptLookupMax) || self.promptLookupMin <= self.promptLookupMax",
     message: "gateway.speculative.promptLookupMin must not exceed promptLookupMax",
     check: (s) => s["promptLookupMin"] <= s["promptLookupMax"],
+  },
+  {
+    // The same check for explicit figures, when they give the MLA dims and the manifest
+    // gives the context (an architecture carries no max_position_embeddings).
+    path: "spec",
+    rule:
+      "!has(self.model.architecture) || !has(self.model.architecture.kvLoraRank) || !has(self.model.architecture.qkRopeHeadDim) || " +
+      "!has(self.gateway.limits) || !has(self.gateway.limits.maxModelLen) || !has(self.gateway.kvCache) || !has(self.gateway.kvCache.bytes) || " +
+      "!has(self.gateway.kvCache.dtype) || !has(self.gateway.kvCache.blockSize) || " +
+      `self.gateway.kvCache.bytes / (self.gateway.kvCache.blockSize * ${archTokenBytesCel}) * self.gateway.kvCache.blockSize >= self.gateway.limits.maxModelLen`,
+    message:
+      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens of model.architecture (numLayers x kvLoraRank + qkRopeHeadDim rows): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
+    check: (s) => {
+      const a = s["model"]?.architecture;
+      const g = s["gateway"];
+      if (!a?.kvLoraRank || !a?.qkRopeHeadDim || !g?.limits?.maxModelLen) return true;
+      const d = (KV_CACHE_DTYPES as Record<string, "f32" | "bf16" | "fp8">)[g.kvCache.dtype]!;
+      const token = kvRowBytes(d, a.kvLoraRank, a.qkRopeHeadDim) * a.numLayers;
+      return (
+        Math.floor(g.kvCache.bytes / (g.kvCache.blockSize * token)) * g.kvCache.blockSize >=
+        g.limits.maxModelLen
+      );
+    },
   },
 ];
 

@@ -113,6 +113,22 @@ export const ArchitectureSchema = withRules(
         description: "Inner width of one routed expert (moe_intermediate_size).",
         minimum: 1,
       }),
+      kvLoraRank: Type.Optional(
+        Type.Integer({
+          description:
+            "Width of MLA's compressed latent (kv_lora_rank). With qkRopeHeadDim and gateway.limits.maxModelLen, lets the API server check that gateway.kvCache holds one sequence (presets are checked without).",
+          minimum: 1,
+          maximum: 65536,
+        }),
+      ),
+      qkRopeHeadDim: Type.Optional(
+        Type.Integer({
+          description:
+            "Rotary part of each query/key head (qk_rope_head_dim), stored beside the latent.",
+          minimum: 1,
+          maximum: 4096,
+        }),
+      ),
     },
     {
       description:

@@ -448,6 +448,29 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[10]!.message,
       ],
       [
+        "explicit figures whose KV cache cannot hold maxModelLen",
+        {
+          model: {
+            architecture: {
+              numLayers: 4,
+              firstDenseLayers: 1,
+              routedExperts: 8,
+              expertsPerToken: 2,
+              hiddenSize: 64,
+              moeIntermediateSize: 32,
+              kvLoraRank: 32,
+              qkRopeHeadDim: 8,
+            },
+            source: { pvc: { claimName: "w" } },
+          },
+          gateway: {
+            limits: { maxModelLen: 233 },
+            kvCache: { bytes: 75000, dtype: "bfloat16", blockSize: 4 },
+          },
+        },
+        CROSS_FIELD_RULES[11]!.message,
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',

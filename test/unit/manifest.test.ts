@@ -131,6 +131,38 @@ spec:
     ).toThrow(/kvCache cannot hold/);
   });
 
+  it("checks the KV cache of explicit figures when they give the MLA dims and the context", () => {
+    // 4 layers of 32 + 8 values: 4 * 80 = 320 bytes per token of bf16 rows; 75000 bytes in
+    // blocks of 4 hold floor(75000 / 1280) * 4 = 232 tokens (as the tiny-v3 case above).
+    const arch = (mla: string) =>
+      good.replace(
+        "preset: tiny-v3",
+        `architecture: { numLayers: 4, firstDenseLayers: 1, routedExperts: 8, expertsPerToken: 2, hiddenSize: 64, moeIntermediateSize: 32${mla} }`,
+      );
+    const kv = "kvCache: { bytes: 75000, dtype: bfloat16, blockSize: 4 }";
+    const withMla = arch(", kvLoraRank: 32, qkRopeHeadDim: 8");
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { limits: { maxModelLen: 232 }, ${kv} }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { limits: { maxModelLen: 233 }, ${kv} }\n`),
+    ).toThrow(/kvCache cannot hold .* of model.architecture/);
+    // fp8 rows: 32 codes + one f32 scale + 8 bf16 = 52 bytes, 208 per token: 360 tokens.
+    const fp8 = kv.replace("bfloat16", "fp8");
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { limits: { maxModelLen: 360 }, ${fp8} }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { limits: { maxModelLen: 361 }, ${fp8} }\n`),
+    ).toThrow(/kvCache cannot hold/);
+    // Without the MLA dims, or without maxModelLen (no context to check against): the
+    // gateway checks at start instead.
+    expect(() =>
+      parseManifest(`${arch("")}  gateway: { limits: { maxModelLen: 100000 }, ${kv} }\n`),
+    ).not.toThrow();
+    expect(() => parseManifest(`${withMla}  gateway: { ${kv} }\n`)).not.toThrow();
+  });
+
   it("applies the API server's defaults", () => {
     const m = parseManifest(good);
     expect(m.metadata).toEqual({ name: "tiny", namespace: "default" });
