@@ -201,12 +201,12 @@ if [ -n "$node" ]; then
     *) forward_note="FAIL (exit $forward)" ;;
   esac
   [ "$addon_rc" = 0 ] || forward_note="$forward_note; addon test FAIL (exit $addon_rc, addon.log)"
-  # The same forward with every op staging its weights (EM_ADDON_RESIDENT=0, the addon before
-  # weights stayed on the device): its times beside the resident run's; not part of the verdict.
-  log "forward, weights staged per op (EM_ADDON_RESIDENT=0)"
-  step 120 env EM_ADDON_RESIDENT=0 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
-    "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" >"$out/forward-staged.md" 2>&1 ||
-    log "the staged forward failed (forward-staged.md)"
+  # The same forward with weights kept on the device (EM_ADDON_RESIDENT=1, opt-in until a GPU
+  # run checks it): its result and times beside the default run's; not part of the verdict.
+  log "forward, weights kept on the device (EM_ADDON_RESIDENT=1)"
+  step 120 env EM_ADDON_RESIDENT=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
+    "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" >"$out/forward-resident.md" 2>&1 ||
+    log "the resident forward failed (forward-resident.md)"
   [ "$addon_rc" = 0 ] || [ "$forward" != 0 ] || forward=1
   {
     echo
@@ -218,9 +218,9 @@ if [ -n "$node" ]; then
       echo '```'
     fi
     echo
-    echo "The same forward with weights staged per op (EM_ADDON_RESIDENT=0; information):"
+    echo "The same forward with weights kept on the device (EM_ADDON_RESIDENT=1, opt-in; information):"
     echo
-    grep -E '^\| tiny|^- forward' "$out/forward-staged.md" 2>/dev/null || echo "(no result: forward-staged.md)"
+    grep -E '^\| tiny|^- forward' "$out/forward-resident.md" 2>/dev/null || echo "(no result: forward-resident.md)"
     echo
     echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
     echo

@@ -58,19 +58,20 @@ void check(Napi::Env env, em_status s, const char* op) {
 // the CPU backend (the CUDA backend has no sampler or wire codec, for instance). Both take
 // host memory, so the same TypedArrays go to either.
 //
-// Weights on a device stay there: the first op that reads a Weight object on the device
-// backend copies its data (and fp8 scales) into device memory and ties that copy to the
-// object (napi_wrap, freed when the object is collected); later ops read it in place. The
-// engine keeps one Weight view per weight (src/engine/native.ts), so a model's weights are
-// copied once. Activations, caches and indices are still copied per op.
-// EM_ADDON_RESIDENT=0 turns this off (every op stages its weights, as before).
+// EM_ADDON_RESIDENT=1: weights on a device stay there: the first op that reads a Weight
+// object on the device backend copies its data (and fp8 scales) into device memory and ties
+// that copy to the object (napi_wrap, freed when the object is collected); later ops read it
+// in place. The engine keeps one Weight view per weight (src/engine/native.ts), so a model's
+// weights are copied once. Activations, caches and indices are still copied per op. Opt-in
+// until a GPU run has checked it (written without one; the default stages every op's
+// weights, as the H200 runs of 2026-11-30 did).
 struct AddonState {
   em_backend* cpu = nullptr;
   em_backend* device = nullptr;
   // Owns `device`; device copies of weights hold it too, so it outlives them.
   std::shared_ptr<em_backend> device_owner;
   uint64_t generation = 0;  // bumped by configure(): copies of another generation are stale
-  bool resident = true;
+  bool resident = false;
   std::string device_name = "cpu";
   ~AddonState() { em_backend_free(cpu); }
 };
@@ -926,7 +927,7 @@ Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   AddonState* st = new AddonState();
   const char* resident = std::getenv("EM_ADDON_RESIDENT");
-  st->resident = resident == nullptr || std::strcmp(resident, "0") != 0;
+  st->resident = resident != nullptr && std::strcmp(resident, "1") == 0;
   env.SetInstanceData(st);
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
