@@ -502,7 +502,8 @@ async function chat(
   return reply;
 }
 
-function chatLogprob(ctx: ServeContext, t: TokenLogprob) {
+/** A token's logprob entry as chat completions (and Responses' output_text) give it. */
+export function chatLogprob(ctx: ServeContext, t: TokenLogprob) {
   const entry = (id: number, logprob: number) => {
     const token = ctx.tokenizer.decode([id]);
     return { token, logprob, bytes: [...Buffer.from(token, "utf8")] };

@@ -14,7 +14,8 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
-import { bind, chatRun, eventStream, usageOf } from "./openai.ts";
+import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
+import { requestThinks } from "./reasoning.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -71,6 +72,9 @@ export const ResponsesRequest = Type.Object({
     ),
   ),
   previous_response_id: Type.Optional(Nullable(Type.String())),
+  /** "message.output_text.logprobs" (with top_logprobs); "reasoning.encrypted_content" is ignored. */
+  include: Type.Optional(Nullable(Type.Array(Type.String()))),
+  top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
   store: Type.Optional(Nullable(Type.Boolean())),
   metadata: Type.Optional(Nullable(Type.Record(Type.String(), Type.String()))),
   /** Effort "minimal"/"none" (or no field): no thinking asked for; others ask for it (V3.1). */
@@ -255,6 +259,16 @@ export function chatRequestOf(
     thinks || b.chat_template_kwargs != null
       ? { ...(thinks ? { thinking: true } : {}), ...(b.chat_template_kwargs ?? {}) }
       : undefined;
+  // include: the output text's token logprobs; encrypted reasoning (to carry thinking over
+  // without storing it) is ignored, as the thinking of earlier turns is (the templates drop it).
+  const include = b.include ?? [];
+  for (const [i, v] of include.entries())
+    if (v !== "message.output_text.logprobs" && v !== "reasoning.encrypted_content")
+      throw bad(
+        `include[${i}]: '${v.slice(0, 60)}' is not supported (message.output_text.logprobs is; reasoning.encrypted_content is accepted and ignored)`,
+        `include.${i}`,
+      );
+  const logprobs = include.includes("message.output_text.logprobs");
   const chat: ChatCompletionRequest = {
     model: b.model,
     messages: b.instructions
@@ -270,6 +284,7 @@ export function chatRequestOf(
     ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),
     ...(responseFormat != null ? { response_format: responseFormat } : {}),
     ...(kwargs ? { chat_template_kwargs: kwargs } : {}),
+    ...(logprobs ? { logprobs: true, top_logprobs: b.top_logprobs ?? 0 } : {}),
   };
   return { chat, conversation: messages };
 }
@@ -354,7 +369,7 @@ type OutputItem =
       id: string;
       status: "in_progress" | "completed" | "incomplete";
       role: "assistant";
-      content: { type: "output_text"; text: string; annotations: [] }[];
+      content: { type: "output_text"; text: string; annotations: []; logprobs?: object[] }[];
     }
   | {
       type: "function_call";
@@ -375,9 +390,23 @@ class OutputItems {
   /** Function-call items by the chat delta's call index. */
   readonly #calls = new Map<number, OutputItem & { type: "function_call" }>();
   readonly #emit: (type: string, body: object) => void;
+  /** With logprobs: the entries of tokens whose text has not been released yet. */
+  readonly #logprobs: boolean;
+  #pending: object[] = [];
 
-  constructor(emit: (type: string, body: object) => void = () => {}) {
+  constructor(emit: (type: string, body: object) => void = () => {}, logprobs = false) {
     this.#emit = emit;
+    this.#logprobs = logprobs;
+  }
+
+  /**
+   * Logprob entries of the tokens whose text comes next: they go with the next text delta
+   * of the message (a token whose text is held back, a possible stop sequence, goes with
+   * the text that follows), and into its output_text part. Only for answers that are one
+   * message (no thinking, no calls: the request checks).
+   */
+  addLogprobs(entries: object[]): void {
+    if (this.#logprobs) this.#pending.push(...entries);
   }
 
   push(d: ChatDelta): void {
@@ -401,14 +430,22 @@ class OutputItems {
         id: newId("msg"),
         status: "in_progress",
         role: "assistant",
-        content: [{ type: "output_text", text: "", annotations: [] }],
+        content: [
+          {
+            type: "output_text",
+            text: "",
+            annotations: [],
+            ...(this.#logprobs ? { logprobs: [] } : {}),
+          },
+        ],
       }));
       item.content[0]!.text += d.content;
+      const logprobs = this.#take(item);
       this.#emit("response.output_text.delta", {
         ...this.#at(item),
         content_index: 0,
         delta: d.content,
-        logprobs: [],
+        logprobs,
       });
     } else {
       for (const t of d.tool_calls) {
@@ -450,6 +487,14 @@ class OutputItems {
     return item;
   }
 
+  /** The pending logprob entries, moved into the message's part. */
+  #take(item: OutputItem & { type: "message" }): object[] {
+    const taken = this.#pending;
+    this.#pending = [];
+    item.content[0]!.logprobs?.push(...taken);
+    return taken;
+  }
+
   #start(item: OutputItem): void {
     this.#close();
     this.items.push(item);
@@ -462,7 +507,12 @@ class OutputItems {
       this.#emit("response.content_part.added", {
         ...this.#at(item),
         content_index: 0,
-        part: { type: "output_text", text: "", annotations: [] },
+        part: {
+          type: "output_text",
+          text: "",
+          annotations: [],
+          ...(this.#logprobs ? { logprobs: [] } : {}),
+        },
       });
   }
 
@@ -478,11 +528,12 @@ class OutputItems {
       });
     else if (item.type === "message") {
       item.status = status;
+      this.#take(item); // tokens whose text never came out (held back at the end)
       this.#emit("response.output_text.done", {
         ...this.#at(item),
         content_index: 0,
         text: item.content[0]!.text,
-        logprobs: [],
+        logprobs: item.content[0]!.logprobs ?? [],
       });
       this.#emit("response.content_part.done", {
         ...this.#at(item),
@@ -569,6 +620,19 @@ async function respond(
     before = kept.conversation;
   }
   const { chat: chatRequest, conversation } = chatRequestOf(b, before);
+  // Token logprobs go onto the message's text: an answer split into items (thinking, calls)
+  // would need each token placed in its item, which this gateway does not do.
+  const logprobs = chatRequest.logprobs === true;
+  if (logprobs && requestThinks(ctx.reasoningParser, chatRequest.chat_template_kwargs ?? undefined))
+    throw bad(
+      "include message.output_text.logprobs: not for an answer that thinks first (this gateway's reasoning parser, or reasoning.effort)",
+      "include",
+    );
+  if (logprobs && (b.tools?.length ?? 0) > 0 && b.tool_choice !== "none")
+    throw bad(
+      "include message.output_text.logprobs: not with tools (their calls are items of their own)",
+      "include",
+    );
   const stored = b.store !== false && store.capacity > 0;
   const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
     (err: unknown) => {
@@ -635,7 +699,8 @@ async function respond(
     await job.done;
     const c = job.choices[0]!;
     const output = new ChatOutput(outputOptions);
-    const items = new OutputItems();
+    const items = new OutputItems(undefined, logprobs);
+    items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
     for (const d of [...output.push(c.out.text), ...output.end()]) items.push(d);
     items.end(c.finishReason === "length" ? "incomplete" : "completed");
     return finished(c, output, items.items);
@@ -655,9 +720,10 @@ async function respond(
   const emit = (type: string, body: object) =>
     raw ? write(type, body) : queued.push([type, body]);
   const output = new ChatOutput(outputOptions);
-  const items = new OutputItems(emit);
+  const items = new OutputItems(emit, logprobs);
   job = startJob(ctx, spec, {
-    onToken: (_c, _t, text) => {
+    onToken: (_c, t, text) => {
+      items.addLogprobs([chatLogprob(ctx, t)]);
       for (const d of output.push(text)) items.push(d);
     },
     onFinish: (c, text) => {

@@ -408,6 +408,65 @@ describe("POST /v1/responses", () => {
     expect([unknown.status, unknown.code]).toEqual([404, "EM_GATEWAY_RESPONSE_NOT_FOUND"]);
   });
 
+  it("include message.output_text.logprobs: the chat's token logprobs on the text, streamed with its deltas", async () => {
+    const body = {
+      model: "tiny",
+      input: "Count: one, two,",
+      max_output_tokens: 8,
+      temperature: 0,
+      include: ["message.output_text.logprobs" as const],
+      top_logprobs: 2,
+    };
+    const r = await gw.client.responses.create(body);
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Count: one, two,"),
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 2,
+    });
+    const part = (r.output[0] as OpenAI.Responses.ResponseOutputMessage)
+      .content[0] as OpenAI.Responses.ResponseOutputText;
+    expect(part.text).toBe(chat.choices[0]!.message.content);
+    expect(part.logprobs).toEqual(chat.choices[0]!.logprobs!.content);
+    expect(part.logprobs!.map((l) => l.token).join("")).toBe(part.text);
+    expect(part.logprobs!.every((l) => l.top_logprobs.length === 2)).toBe(true);
+    // Streamed: the deltas' logprobs add up to the same list, the done event holds it all.
+    const ev = await events(gw, body);
+    const deltas = ev.filter((e) => e.type === "response.output_text.delta");
+    expect(deltas.flatMap((e) => e.logprobs)).toEqual(part.logprobs);
+    expect(ev.find((e) => e.type === "response.output_text.done")!.logprobs).toEqual(part.logprobs);
+    // Without include: no logprobs on the part.
+    const plain = await gw.client.responses.create({ ...body, include: [] });
+    expect(
+      (plain.output[0] as OpenAI.Responses.ResponseOutputMessage).content[0],
+    ).not.toHaveProperty("logprobs");
+    // Refused where tokens would be split between items, or for what is not supported.
+    const refusal = (g: TestGateway, extra: object) =>
+      g.client.responses
+        .create({ ...body, ...extra } as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+        .catch((e: unknown) => e) as Promise<{ status: number; code: string; param: string }>;
+    const thinking = await refusal(r1, {});
+    expect([thinking.status, thinking.param]).toEqual([400, "include"]);
+    const tools = await refusal(gw, {
+      tools: [{ type: "function", name: "f", parameters: { type: "object", properties: {} } }],
+    });
+    expect([tools.status, tools.param]).toEqual([400, "include"]);
+    const unknown = await refusal(gw, { include: ["file_search_call.results"] });
+    expect([unknown.status, unknown.code, unknown.param]).toEqual([
+      400,
+      "EM_GATEWAY_BAD_REQUEST",
+      "include.0",
+    ]);
+    // reasoning.encrypted_content is accepted (and ignored).
+    const enc = await gw.client.responses.create({
+      ...body,
+      include: ["reasoning.encrypted_content"],
+    });
+    expect(enc.output_text).toBe(part.text);
+  });
+
   it("keeps the last --responses-store responses: an older one is pushed out", async () => {
     const small = await startGateway(dir, { responsesStore: 2 });
     try {
