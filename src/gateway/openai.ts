@@ -504,9 +504,13 @@ async function chat(
 
 /** A token's logprob entry as chat completions (and Responses' output_text) give it. */
 export function chatLogprob(ctx: ServeContext, t: TokenLogprob) {
+  // bytes: the token's own bytes (byte-level BPE), so a character split over tokens comes
+  // back whole from their concatenation; its text alone decodes such a piece to U+FFFD.
+  const table = ctx.tokenizer.tokenBytes();
   const entry = (id: number, logprob: number) => {
     const token = ctx.tokenizer.decode([id]);
-    return { token, logprob, bytes: [...Buffer.from(token, "utf8")] };
+    const own = table?.[id];
+    return { token, logprob, bytes: [...(own ?? Buffer.from(token, "utf8"))] };
   };
   return {
     ...entry(t.id, t.logprob),

@@ -145,6 +145,10 @@ describe("chat completions", () => {
     for (const c of a.choices) {
       const content = c.logprobs!.content!;
       expect(content.length).toBeGreaterThan(0);
+      // The tokens' own bytes rebuild the text (a character split over tokens included).
+      expect(Buffer.from(content.flatMap((t) => t.bytes!)).toString("utf8")).toBe(
+        c.message.content,
+      );
       for (const t of content) {
         expect(t.logprob).toBeLessThanOrEqual(0);
         expect(t.top_logprobs).toHaveLength(3);
