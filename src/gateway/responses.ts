@@ -7,7 +7,8 @@
 // this gateway's memory (store, the default; the last --responses-store of them), so a
 // request can continue one (previous_response_id), GET/DELETE /v1/responses/{id} find it
 // and GET /v1/responses/{id}/input_items lists its input; another gateway does not know it
-// (spec.gateway.sessionAffinity: ClientIP helps).
+// (spec.gateway.sessionAffinity: ClientIP helps). background: true answers at once and runs
+// on (poll GET; POST /v1/responses/{id}/cancel stops it).
 import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
@@ -74,6 +75,8 @@ export const ResponsesRequest = Type.Object({
   previous_response_id: Type.Optional(Nullable(Type.String())),
   /** "message.output_text.logprobs" (with top_logprobs); "reasoning.encrypted_content" is ignored. */
   include: Type.Optional(Nullable(Type.Array(Type.String()))),
+  /** Answer at once (status in_progress) and run on; poll GET, or POST .../cancel. */
+  background: Type.Optional(Nullable(Type.Boolean())),
   top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
   store: Type.Optional(Nullable(Type.Boolean())),
   metadata: Type.Optional(Nullable(Type.Record(Type.String(), Type.String()))),
@@ -560,12 +563,34 @@ class OutputItems {
 
 /** The routes plugin; `store` keeps this gateway's responses. */
 export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
+  /** Background responses still running, by id (POST .../cancel stops them). */
+  const running = new Map<string, Running>();
   return async (app: FastifyInstance) => {
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
-      (req, reply) => respond(ctx, store, req, reply),
+      (req, reply) => respond(ctx, store, running, req, reply),
     );
+    app.post<{ Params: { id: string } }>("/v1/responses/:id/cancel", async (req) => {
+      const id = req.params.id;
+      const r = running.get(id);
+      if (r) {
+        r.cancel();
+        await r.settled;
+        return store.get(id)?.response ?? r.last();
+      }
+      const kept = store.get(id);
+      if (!kept) throw notFound(id, null);
+      if ((kept.response as { background?: boolean }).background !== true)
+        throw new ApiError(
+          "EM_GATEWAY_BAD_REQUEST",
+          `response '${id.slice(0, 80)}' was not created with background: true; only those can be cancelled`,
+          {
+            param: null,
+          },
+        );
+      return kept.response; // already finished: as it ended
+    });
     app.get<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
       const kept = store.get(req.params.id);
       if (!kept) throw notFound(req.params.id, null);
@@ -600,15 +625,28 @@ export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
       },
     );
     app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
+      running.get(req.params.id)?.drop(); // a background response: stopped, and not kept again
       if (!store.delete(req.params.id)) throw notFound(req.params.id, null);
       return { id: req.params.id, object: "response.deleted", deleted: true };
     });
   };
 }
 
+/** A background response while it runs. */
+interface Running {
+  cancel(): void;
+  /** Stops it and keeps nothing more of it (DELETE). */
+  drop(): void;
+  /** Resolves once the kept response has its final status. */
+  readonly settled: Promise<void>;
+  /** The response as last kept (for a gateway that keeps none any more). */
+  last(): object;
+}
+
 async function respond(
   ctx: ServeContext,
   store: ResponseStore,
+  running: Map<string, Running>,
   req: FastifyRequest<{ Body: ResponsesRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
@@ -617,8 +655,24 @@ async function respond(
   if (b.previous_response_id != null) {
     const kept = store.get(b.previous_response_id);
     if (!kept) throw notFound(b.previous_response_id, "previous_response_id");
+    const status = (kept.response as { status?: string }).status;
+    if (status === "in_progress")
+      throw bad(
+        `response '${b.previous_response_id.slice(0, 80)}' is still in progress (background): continue it once it has finished`,
+        "previous_response_id",
+      );
     before = kept.conversation;
   }
+  if (b.background && (b.store === false || store.capacity < 1))
+    throw bad(
+      "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",
+      "background",
+    );
+  if (b.background && b.stream)
+    throw bad(
+      "background: true with stream: true is not supported here; poll GET /v1/responses/{id}",
+      "stream",
+    );
   const { chat: chatRequest, conversation } = chatRequestOf(b, before);
   // Token logprobs go onto the message's text: an answer split into items (thinking, calls)
   // would need each token placed in its item, which this gateway does not do.
@@ -633,7 +687,7 @@ async function respond(
       "include message.output_text.logprobs: not with tools (their calls are items of their own)",
       "include",
     );
-  const stored = b.store !== false && store.capacity > 0;
+  let stored = b.store !== false && store.capacity > 0;
   const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
     (err: unknown) => {
       throw responsesParam(err);
@@ -659,6 +713,7 @@ async function respond(
     text: { format: b.text?.format ?? { type: "text" } },
     previous_response_id: b.previous_response_id ?? null,
     store: stored,
+    background: b.background ?? false,
     metadata: b.metadata ?? {},
     error: null,
     incomplete_details: null,
@@ -693,17 +748,67 @@ async function respond(
     return done;
   };
 
-  if (!b.stream) {
-    job = startJob(ctx, spec);
-    bind(reply, job);
-    await job.done;
+  /** The answer of a job that has ended, read into items. */
+  const answer = () => {
     const c = job.choices[0]!;
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems(undefined, logprobs);
     items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
     for (const d of [...output.push(c.out.text), ...output.end()]) items.push(d);
     items.end(c.finishReason === "length" ? "incomplete" : "completed");
-    return finished(c, output, items.items);
+    return { c, output, items: items.items };
+  };
+
+  if (b.background) {
+    // Admitted now (a refusal is still this request's error); answered at once, kept as
+    // in_progress, and kept again when it ends: completed, incomplete, cancelled or failed.
+    // The client leaving does not stop it; POST /v1/responses/{id}/cancel does.
+    job = startJob(ctx, spec);
+    let current: object = response("in_progress", []);
+    let cancelled = false;
+    const keep = (r: object, answerItems: readonly OutputItem[] = []) => {
+      current = r;
+      if (stored)
+        store.put(id, {
+          conversation: [...conversation, ...answerMessages(answerItems)],
+          response: r,
+          inputItems: inputItemsOf(b.input),
+        });
+    };
+    keep(current);
+    const settled = job.done.then(
+      () => {
+        const { c, output, items } = answer();
+        if (cancelled) keep(response("cancelled", items), items);
+        else current = finished(c, output, items);
+      },
+      (err: unknown) => {
+        const e = toApiError(err);
+        keep(response("failed", [], { error: { code: e.code, message: e.message } }));
+      },
+    );
+    running.set(id, {
+      cancel: () => {
+        cancelled = true;
+        job.cancel();
+      },
+      drop: () => {
+        stored = false;
+        cancelled = true;
+        job.cancel();
+      },
+      settled: settled.finally(() => running.delete(id)),
+      last: () => current,
+    });
+    return current;
+  }
+
+  if (!b.stream) {
+    job = startJob(ctx, spec);
+    bind(reply, job);
+    await job.done;
+    const { c, output, items } = answer();
+    return finished(c, output, items);
   }
 
   // Streamed: events as the text is released, numbered as written; written once the job is

@@ -467,6 +467,79 @@ describe("POST /v1/responses", () => {
     expect(enc.output_text).toBe(part.text);
   });
 
+  it("background: answers at once, runs on to the same answer; cancel stops one; refusals", async () => {
+    const body = {
+      model: "tiny",
+      input: "Tell me a story.",
+      max_output_tokens: 12,
+      temperature: 0,
+    };
+    const bg = await gw.client.responses.create({ ...body, background: true });
+    expect([bg.status, bg.background, bg.output]).toEqual(["in_progress", true, []]);
+    let polled = await gw.client.responses.retrieve(bg.id);
+    for (let i = 0; i < 200 && polled.status === "in_progress"; i++) {
+      await new Promise((r) => setTimeout(r, 25));
+      polled = await gw.client.responses.retrieve(bg.id);
+    }
+    const fg = await gw.client.responses.create(body);
+    expect(polled.status).toBe(fg.status);
+    expect(polled.output_text).toBe(fg.output_text);
+    expect(polled.usage).toEqual(fg.usage);
+    // A finished background response continues like any other.
+    const next = await gw.client.responses.create({ ...body, previous_response_id: bg.id });
+    expect(next.status).not.toBe("in_progress");
+    // Cancelled while it runs (200 tokens take far longer than the next request's round
+    // trip): its status says so, its output holds what was written until then.
+    const long = await gw.client.responses.create({
+      ...body,
+      max_output_tokens: 200,
+      background: true,
+    });
+    const cancelled = await gw.client.responses.cancel(long.id);
+    expect(cancelled.status).toBe("cancelled");
+    expect((await gw.client.responses.retrieve(long.id)).status).toBe("cancelled");
+    expect(cancelled.usage).toBeNull();
+    // Cancelling again answers the same; a response not made in the background cannot be.
+    expect((await gw.client.responses.cancel(long.id)).status).toBe("cancelled");
+    const notBg = (await gw.client.responses.cancel(fg.id).catch((e: unknown) => e)) as {
+      status: number;
+    };
+    expect(notBg.status).toBe(400);
+    // Deleted while running: stopped, and not kept again when it ends.
+    const dropped = await gw.client.responses.create({
+      ...body,
+      max_output_tokens: 200,
+      background: true,
+    });
+    await gw.client.responses.delete(dropped.id);
+    await new Promise((r) => setTimeout(r, 100));
+    const gone = (await gw.client.responses.retrieve(dropped.id).catch((e: unknown) => e)) as {
+      status: number;
+    };
+    expect(gone.status).toBe(404);
+    // Refused: without store (nothing to poll), with stream, continuing one still running.
+    const refusal = (extra: object) =>
+      gw.client.responses
+        .create({
+          ...body,
+          background: true,
+          ...extra,
+        } as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+        .catch((e: unknown) => e) as Promise<{ status: number; param: string }>;
+    expect(await refusal({ store: false })).toMatchObject({ status: 400, param: "background" });
+    expect(await refusal({ stream: true })).toMatchObject({ status: 400, param: "stream" });
+    const running = await gw.client.responses.create({
+      ...body,
+      max_output_tokens: 200,
+      background: true,
+    });
+    expect(await refusal({ previous_response_id: running.id })).toMatchObject({
+      status: 400,
+      param: "previous_response_id",
+    });
+    await gw.client.responses.cancel(running.id);
+  });
+
   it("keeps the last --responses-store responses: an older one is pushed out", async () => {
     const small = await startGateway(dir, { responsesStore: 2 });
     try {
