@@ -16,7 +16,7 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
+import { callsOrAnswer, jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
 import { requestThinks, thinkingFirst } from "./reasoning.ts";
 import {
   ChatCompletionRequest,
@@ -331,14 +331,14 @@ async function chatPrompt(
   let plan = toolPlan(ctx, b);
   const format = jsonMode(ctx, b);
   if (format.grammar && plan.kind !== "text") {
-    // With tool_choice "none" the format rules (its grammar allows no tool-call token).
+    // tool_choice "none": the format rules (its grammar allows no tool-call token).
+    // "auto": calls, or an answer under the format (the first token chooses).
+    // "required" or a named function: calls, which follow their functions' parameters.
     if (b.tool_choice === "none") plan = { kind: "text", tools: plan.tools };
-    else
-      throw new ApiError(
-        "EM_GATEWAY_BAD_REQUEST",
-        'calls follow their functions\' parameters: send response_format with tool_choice "none", or leave it out',
-        { param: "response_format" },
-      );
+    else if (plan.kind === "native" && !plan.named && (b.tool_choice ?? "auto") === "auto") {
+      const either = callsOrAnswer(plan.grammar, format.grammar);
+      if (either) plan = { ...plan, grammar: either, answerFormat: true };
+    }
   }
   const messages = chatMessages(ctx, b, plan.tools);
   encodablePrompt(
@@ -404,7 +404,8 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
   // at once) lets a thinking model think first (reasoning.ts: ThinkThen).
   const shapesStart =
     grammar !== undefined &&
-    !(plan.kind === "native" && [undefined, "auto", "none"].includes(b.tool_choice as string));
+    ((plan.kind === "native" && plan.answerFormat === true) ||
+      !(plan.kind === "native" && [undefined, "auto", "none"].includes(b.tool_choice as string)));
   const spec: JobSpec = {
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),

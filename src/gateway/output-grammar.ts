@@ -4,13 +4,13 @@
 
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
-import { type TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
+import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
 import { thinkingFirst } from "./reasoning.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
-import { type ToolFunction, type ToolMode, toolCallGrammar } from "./tool-calls.ts";
+import { type ToolFunction, type ToolMode, toolCallGrammar, toolSymbols } from "./tool-calls.ts";
 
 /**
  * Builds at startup, rather than on the event loop at the first request that needs it, what
@@ -44,7 +44,8 @@ export function prepareVocabulary(
  * How a chat request's tools shape its output (docs/gateway.md, Tool calls):
  * - "text": no tools (or tool_choice "none" where the tokenizer has no tool-call tokens).
  * - "native": DeepSeek's own call format (tool-calls.ts) under its grammar; `named`: a
- *   named tool_choice (OpenAI finishes those "stop", others with calls "tool_calls").
+ *   named tool_choice (OpenAI finishes those "stop", others with calls "tool_calls");
+ *   with response_format and tool_choice "auto", calls or an answer under the format.
  * - "arguments": a forced call where the tokenizer has no tool-call tokens: the output is
  *   the arguments alone, under the parameters' schema.
  */
@@ -55,6 +56,8 @@ export type ToolPlan =
       readonly tools: readonly ToolFunction[];
       readonly grammar: TokenGrammar<unknown>;
       readonly named: boolean;
+      /** The grammar is calls or an answer under response_format (callsOrAnswer). */
+      readonly answerFormat?: boolean;
     }
   | {
       readonly kind: "arguments";
@@ -183,4 +186,110 @@ export function jsonMode(
       { param: "response_format" },
     );
   return { grammar: schemaGrammar(vocabulary, format.json_schema.schema) as TokenGrammar<unknown> };
+}
+
+/** A state of CallsOrAnswer: before the first byte, in the calls, or in the answer. */
+type EitherState = { readonly side: 0 } | { readonly side: 1 | 2; readonly s: unknown };
+const EITHER_START: EitherState = { side: 0 };
+
+/**
+ * Tools with response_format (tool_choice "auto"): the answer is either calls (the tools'
+ * grammar, entered by the calls-begin token) or a JSON answer under the format, chosen by
+ * the first token. What OpenAI's structured outputs with tools give, and what agent
+ * frameworks with an output type send.
+ */
+class CallsOrAnswer implements ByteAutomaton<EitherState> {
+  readonly symbols = true;
+  readonly start = EITHER_START;
+  readonly #calls: ByteAutomaton<unknown>;
+  readonly #answer: ByteAutomaton<unknown>;
+  readonly #callsBegin: number;
+
+  constructor(calls: ByteAutomaton<unknown>, answer: ByteAutomaton<unknown>, callsBegin: number) {
+    this.#calls = calls;
+    this.#answer = answer;
+    this.#callsBegin = callsBegin;
+  }
+
+  step(st: EitherState, b: number): EitherState | null {
+    if (st.side === 0) {
+      if (b === this.#callsBegin) {
+        const s = this.#calls.step(this.#calls.start, b);
+        return s === null ? null : { side: 1, s };
+      }
+      if (b >= 256) return null; // no other symbol first: an empty answer is not JSON
+      const s = this.#answer.step(this.#answer.start, b);
+      return s === null ? null : { side: 2, s };
+    }
+    if (st.side === 1) {
+      const s = this.#calls.step(st.s, b);
+      return s === null ? null : { side: 1, s };
+    }
+    if (b >= 256 && !this.#answer.symbols) return null;
+    const s = this.#answer.step(st.s, b);
+    return s === null ? null : { side: 2, s };
+  }
+
+  isDone(st: EitherState): boolean {
+    return st.side === 1
+      ? this.#calls.isDone(st.s)
+      : st.side === 2
+        ? this.#answer.isDone(st.s)
+        : false;
+  }
+
+  key(st: EitherState): string {
+    return st.side === 0
+      ? "either"
+      : `${st.side === 1 ? "c" : "a"}|${(st.side === 1 ? this.#calls : this.#answer).key(st.s)}`;
+  }
+
+  local(st: EitherState): { key: string; byte: number } | null {
+    if (st.side === 0) return null;
+    return (st.side === 1 ? this.#calls : this.#answer).local?.(st.s) ?? null;
+  }
+
+  shared(st: EitherState): string | null {
+    // The inner automata's shared masks hold for them alone; the calls' and the answer's
+    // states keep them (neither allows the other's tokens after the first).
+    if (st.side === 0) return null;
+    return (st.side === 1 ? this.#calls : this.#answer).shared?.(st.s) ?? null;
+  }
+}
+
+/** Combined grammars by their parts (both are cached by their own builders). */
+const combined = new WeakMap<
+  TokenGrammar<unknown>,
+  WeakMap<TokenGrammar<unknown>, TokenGrammar<unknown>>
+>();
+
+/**
+ * The grammar of "calls or an answer under the format" over the calls grammar's vocabulary
+ * (tool_choice "auto" with response_format); null where the vocabulary has no tool-call
+ * tokens.
+ */
+export function callsOrAnswer(
+  calls: TokenGrammar<unknown>,
+  answer: TokenGrammar<unknown>,
+): TokenGrammar<unknown> | null {
+  const symbols = toolSymbols(calls.vocabulary);
+  if (!symbols || answer.vocabulary !== calls.vocabulary) return null;
+  let byAnswer = combined.get(calls);
+  if (!byAnswer) {
+    byAnswer = new WeakMap();
+    combined.set(calls, byAnswer);
+  }
+  let g = byAnswer.get(answer);
+  if (!g) {
+    g = new TokenGrammar(
+      new CallsOrAnswer(
+        calls.automaton,
+        answer.automaton,
+        symbols.callsBegin,
+      ) as ByteAutomaton<unknown>,
+      calls.vocabulary,
+    );
+    byAnswer.set(answer, g);
+  }
+  return g;
 }

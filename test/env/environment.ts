@@ -53,6 +53,9 @@ export class TestEnvironment {
     );
     const logDir = join(runDir, "logs");
     mkdirSync(logDir, { recursive: true });
+    // The run's port registry (freePort): the test processes, started after this, inherit it.
+    mkdirSync(join(runDir, "ports"));
+    process.env["EXPERTMESH_TEST_PORTS"] = join(runDir, "ports");
     log(`run folder ${runDir} (logs in logs/)`);
     const bin = binaries();
     const t0 = Date.now();

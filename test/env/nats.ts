@@ -32,6 +32,8 @@ export async function startNats(
   logDir: string,
   port?: number,
   maxPayload = NATS_MAX_PAYLOAD,
+  /** The process's name, and its log's (logs/<name>.log): a test's own server keeps its log. */
+  name = "nats-server",
 ): Promise<NatsServer> {
   mkdirSync(join(dir, "jetstream"), { recursive: true });
   const clientPort = port ?? (await freePort());
@@ -47,7 +49,7 @@ export async function startNats(
       "",
     ].join("\n"),
   );
-  const proc = new ManagedProcess("nats-server", binary, ["-c", configPath], logDir);
+  const proc = new ManagedProcess(name, binary, ["-c", configPath], logDir);
   const monitorUrl = `http://127.0.0.1:${monitorPort}`;
   await proc.waitUntil("healthy", async () => {
     const res = await fetch(`${monitorUrl}/healthz?js-enabled-only=true`);

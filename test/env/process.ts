@@ -4,7 +4,7 @@
 // Each one also runs in its own process group, so a terminal's Ctrl-C reaches only the
 // test runner, which then stops the services in order.
 import { type ChildProcess, spawn } from "node:child_process";
-import { createWriteStream, existsSync, readFileSync } from "node:fs";
+import { createWriteStream, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -15,8 +15,20 @@ export async function freePort(): Promise<number> {
   // "port 0" (a shard's metrics server, any outgoing connection) is never one of ours, so a
   // port chosen here stays free until its process binds it. (Ephemeral picks collided once:
   // a shard's metrics server took the port meant for the gateway.)
+  // Test files run in parallel processes, and a port is chosen some time before it is bound
+  // (a NATS server started late on purpose, or restarted on its port): each choice is
+  // claimed in the run's registry (a file per port, created exclusively), so no two choices
+  // of one run meet. (Two once did: a late nats-server found its port taken and exited.)
+  const registry = process.env["EXPERTMESH_TEST_PORTS"];
   for (let attempt = 0; attempt < 50; attempt++) {
     const port = 20_000 + Math.floor(Math.random() * 12_000);
+    if (registry) {
+      try {
+        writeFileSync(join(registry, String(port)), "", { flag: "wx" });
+      } catch {
+        continue; // claimed by another choice of this run
+      }
+    }
     const free = await new Promise<boolean>((resolve) => {
       const srv = createServer();
       srv.unref();

@@ -440,6 +440,60 @@ describe("chat completions", () => {
       },
     });
 
+    it('"auto" with response_format: calls, or an answer in the format, as the first token chooses', async () => {
+      const schema = {
+        type: "object",
+        properties: { answer: { type: "string" } },
+        required: ["answer"],
+        additionalProperties: false,
+      };
+      const format = {
+        type: "json_schema" as const,
+        json_schema: { name: "a", schema, strict: true },
+      };
+      // The calls token favoured: calls, as without the format.
+      const calls = await gw.client.chat.completions.create({
+        ...oneCall(),
+        response_format: format,
+      });
+      for (const c of calls.choices) {
+        expect(c.finish_reason, JSON.stringify(c.message)).toBe("tool_calls");
+        expect(c.message.tool_calls).toHaveLength(1);
+        JSON.parse(
+          (c.message.tool_calls![0] as { function: { arguments: string } }).function.arguments,
+        );
+      }
+      // The calls token ruled out: an instance of the schema (closers favoured so it ends).
+      const body = {
+        ...oneCall(),
+        response_format: format,
+        logit_bias: { [id(CALLS_BEGIN)]: -100, [id('"')]: 4, [id("}")]: 4, ...ws() },
+      };
+      const answers = await gw.client.chat.completions.create(body);
+      for (const c of answers.choices) {
+        expect(c.message.tool_calls ?? []).toHaveLength(0);
+        if (c.finish_reason === "length") continue; // cut short: a prefix, not checked
+        expect(c.finish_reason).toBe("stop");
+        const v = JSON.parse(c.message.content!) as Record<string, unknown>;
+        expect(Object.keys(v)).toEqual(["answer"]);
+        expect(typeof v["answer"]).toBe("string");
+      }
+      expect(answers.choices.some((c) => c.finish_reason === "stop")).toBe(true);
+      // Free sampling (no bias but whitespace): the first token is the calls token or the
+      // start of the JSON answer in every choice, never free text.
+      const free = await gw.client.chat.completions.create({
+        ...oneCall(),
+        response_format: format,
+        logit_bias: ws(),
+        max_tokens: 1,
+        logprobs: true,
+      });
+      for (const c of free.choices) {
+        const first = c.logprobs!.content![0]!.token;
+        expect(first === CALLS_BEGIN || first.startsWith("{"), first).toBe(true);
+      }
+    });
+
     it('"auto": once the model writes the calls token, calls to the tools follow, answered as tool_calls', async () => {
       const body = oneCall();
       const r = await gw.client.chat.completions.create(body);
@@ -1231,13 +1285,6 @@ describe("errors", () => {
         ],
       },
       "tools.1",
-    ],
-    [
-      {
-        tools: [{ type: "function", function: { name: "f" } }],
-        response_format: { type: "json_object" },
-      },
-      "response_format",
     ],
     [{ messages: [{ role: "tool", content: "x" }] }, "messages.0"],
     [

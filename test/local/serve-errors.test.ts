@@ -208,6 +208,8 @@ describe("serving commands on bad input", () => {
         natsDir,
         join(testEnv().runDir, "logs"),
         port,
+        undefined,
+        `late-nats-${port}`,
       );
       await waitServing(p);
       expect(p.exited).toBe(false);
