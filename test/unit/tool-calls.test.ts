@@ -14,7 +14,7 @@ import {
 } from "../../src/gateway/grammar.ts";
 import { jsonObjectGrammar } from "../../src/gateway/json-mode.ts";
 import { schemaGrammar } from "../../src/gateway/json-schema.ts";
-import { prepareVocabulary } from "../../src/gateway/output-grammar.ts";
+import { callsOrAnswer, prepareVocabulary } from "../../src/gateway/output-grammar.ts";
 import { thinkingFirst } from "../../src/gateway/reasoning.ts";
 import {
   formatCall,
@@ -144,6 +144,62 @@ describe("the tool-call automaton", () => {
     expect(a.key(check("abc", AUTO).state!)).toBe(a.key(check("", AUTO).state!));
     expect(a.key(check("x<｜", AUTO).state!)).toBe(a.key(check("<｜", AUTO).state!));
     expect(a.key(check("<｜", AUTO).state!)).not.toBe(a.key(check("<", AUTO).state!));
+  });
+});
+
+describe("calls or an answer under response_format (tool_choice auto)", () => {
+  const schema = {
+    type: "object",
+    properties: { answer: { type: "string" } },
+    required: ["answer"],
+  };
+  const grammar = () =>
+    callsOrAnswer(
+      toolCallGrammar(vocab, TOOLS, AUTO) as TokenGrammar<unknown>,
+      schemaGrammar(vocab, schema) as TokenGrammar<unknown>,
+    )!;
+  /** Where `text` is refused (-1: never), and whether it is done. */
+  const run = (text: string) => {
+    const a = grammar().automaton;
+    let st: unknown = a.start;
+    const u = units(text);
+    for (let i = 0; i < u.length; i++) {
+      st = a.step(st, u[i]!);
+      if (st === null) return { refusedAt: i, done: false };
+    }
+    return { refusedAt: -1, done: a.isDone(st) };
+  };
+  const weather = call("get_weather", '{"city": "Paris", "days": 2}');
+  it.each([
+    ["calls", calls(weather), true],
+    ["an answer", '{"answer": "sunny"}', true],
+    ["an answer's start", '{"answer": "sun', false],
+  ])("accepts %s", (_what, text, done) => {
+    expect(run(text)).toEqual({ refusedAt: -1, done });
+  });
+  it.each([
+    ["free text first", "Sure", 0],
+    ["the end-of-sentence token first", "<｜end▁of▁sentence｜>", 0],
+    ["another tool token first", T.callBegin, 0],
+    ["the calls token after the answer began", `{${T.callsBegin}`, 1],
+    ["an answer against the schema", '{"other": 1}', 2],
+    ["text after the calls", `${calls(weather)}more`, units(calls(weather)).length],
+  ])("refuses %s", (_what, text, at) => {
+    expect(run(text).refusedAt).toBe(at);
+  });
+  it("masks allow exactly the tokens it takes; the same grammar for the same parts", () => {
+    const g = grammar();
+    expect(grammar()).toBe(g);
+    const a = g.automaton;
+    const states: unknown[] = [a.start];
+    for (const text of [calls(weather), '{"answer": "a\\"b"}']) {
+      let st: unknown = a.start;
+      for (const u of units(text)) {
+        st = st === null ? null : a.step(st, u);
+        if (st !== null) states.push(st);
+      }
+    }
+    expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], V);
   });
 });
 
