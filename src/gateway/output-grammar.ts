@@ -257,11 +257,17 @@ class CallsOrAnswer implements ByteAutomaton<EitherState> {
   }
 }
 
-/** Combined grammars by their parts (both are cached by their own builders). */
-const combined = new WeakMap<
-  TokenGrammar<unknown>,
-  WeakMap<TokenGrammar<unknown>, TokenGrammar<unknown>>
->();
+/**
+ * The combined grammars used last, by their parts (both cached by their own builders). A
+ * grammar keeps up to 256 masks of a vocabulary's size (16 KB each at DeepSeek's), so these
+ * are bounded too: 16 pairs, least recently used out.
+ */
+const MAX_COMBINED = 16;
+const combined: {
+  calls: TokenGrammar<unknown>;
+  answer: TokenGrammar<unknown>;
+  grammar: TokenGrammar<unknown>;
+}[] = [];
 
 /**
  * The grammar of "calls or an answer under the format" over the calls grammar's vocabulary
@@ -274,22 +280,23 @@ export function callsOrAnswer(
 ): TokenGrammar<unknown> | null {
   const symbols = toolSymbols(calls.vocabulary);
   if (!symbols || answer.vocabulary !== calls.vocabulary) return null;
-  let byAnswer = combined.get(calls);
-  if (!byAnswer) {
-    byAnswer = new WeakMap();
-    combined.set(calls, byAnswer);
-  }
-  let g = byAnswer.get(answer);
-  if (!g) {
-    g = new TokenGrammar(
-      new CallsOrAnswer(
-        calls.automaton,
-        answer.automaton,
-        symbols.callsBegin,
-      ) as ByteAutomaton<unknown>,
-      calls.vocabulary,
-    );
-    byAnswer.set(answer, g);
-  }
-  return g;
+  const at = combined.findIndex((e) => e.calls === calls && e.answer === answer);
+  const entry =
+    at >= 0
+      ? combined.splice(at, 1)[0]!
+      : {
+          calls,
+          answer,
+          grammar: new TokenGrammar(
+            new CallsOrAnswer(
+              calls.automaton,
+              answer.automaton,
+              symbols.callsBegin,
+            ) as ByteAutomaton<unknown>,
+            calls.vocabulary,
+          ),
+        };
+  combined.push(entry);
+  if (combined.length > MAX_COMBINED) combined.shift();
+  return entry.grammar;
 }
