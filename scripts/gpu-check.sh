@@ -172,14 +172,37 @@ case $parity in
   *) verdict="FAIL (exit $parity)" ;;
 esac
 log "parity: $verdict"
+# The opt-in wgmma kernel (written without a GPU), in its own run: its verdict is reported
+# apart and does not decide the check's.
+wgmma_verdict="not run"
+if [ "$parity" != 77 ]; then
+  log "parity of the opt-in wgmma kernel: test_cuda_parity --wgmma"
+  step 120 "$build/test_cuda_parity" --wgmma >"$out/parity-wgmma.log" 2>&1
+  case $? in
+    0) wgmma_verdict="PASS" ;;
+    124) wgmma_verdict="FAIL (timed out)" ;;
+    *) wgmma_verdict="FAIL (see parity-wgmma.log)" ;;
+  esac
+  cat "$out/parity-wgmma.log" >&2
+  log "wgmma (opt-in): $wgmma_verdict"
+fi
 {
   echo "- parity: $verdict"
+  echo "- wgmma kernel (opt-in, EM_CUDA_MLA=wgmma; not part of the verdict): $wgmma_verdict"
   echo
   echo "## Parity (CUDA vs CPU backend)"
   echo
   echo '```'
   cat "$out/parity.log"
   echo '```'
+  if [ -f "$out/parity-wgmma.log" ]; then
+    echo
+    echo "## The opt-in wgmma kernel (test_cuda_parity --wgmma)"
+    echo
+    echo '```'
+    cat "$out/parity-wgmma.log"
+    echo '```'
+  fi
 } >>"$report"
 
 # --- tiny-model forward through the addon (CUDA vs CPU) -------------------------------
@@ -232,7 +255,7 @@ else
   { echo; echo "## Tiny-model forward (CUDA vs CPU through the addon)"; echo; echo "- forward: $forward_note"; } >>"$report"
 fi
 log "forward: $forward_note"
-{ echo; echo "## Summary"; echo; echo "- parity: $verdict"; echo "- forward: $forward_note"; } >>"$report"
+{ echo; echo "## Summary"; echo; echo "- parity: $verdict"; echo "- wgmma kernel (opt-in): $wgmma_verdict"; echo "- forward: $forward_note"; } >>"$report"
 if [ "$parity" = 77 ]; then exit 2; fi
 
 # --- benchmarks (never fail the check) ---------------------------------------------
