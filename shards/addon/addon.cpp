@@ -68,9 +68,9 @@ void check(Napi::Env env, em_status s, const char* op) {
 struct AddonState {
   em_backend* cpu = nullptr;
   em_backend* device = nullptr;
-  // Owns `device`; device copies of weights hold it too, so it outlives them.
+  // Owns `device`; device copies of weights hold it too, so it outlives them (and no new
+  // backend can take its address while a copy made on it is alive).
   std::shared_ptr<em_backend> device_owner;
-  uint64_t generation = 0;  // bumped by configure(): copies of another generation are stale
   bool resident = false;
   std::string device_name = "cpu";
   ~AddonState() { em_backend_free(cpu); }
@@ -80,8 +80,7 @@ AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); 
 
 // A Weight object's data (and fp8 scale) in device memory, wrapped into the object.
 struct DeviceWeight {
-  std::shared_ptr<em_backend> backend;
-  uint64_t generation = 0;
+  std::shared_ptr<em_backend> backend;  // the backend it was made on
   const void* host = nullptr;
   const float* host_scale = nullptr;
   size_t bytes = 0, scale_bytes = 0;
@@ -274,9 +273,15 @@ std::vector<em_tensor> weight_list(Napi::Env env, const Napi::Value& v, const ch
 // The tensor of Weight object `v` as backend `be` reads it: on the device backend, its data
 // (and fp8 scale) in device memory, copied on first use and kept with the object (see
 // AddonState); elsewhere, or when the object cannot hold the copy, `t` as it is (staged).
+// Whether weights read by `be` are kept on its device.
+bool keeps_weights(Napi::Env env, em_backend* be) {
+  const AddonState* st = state_of(env);
+  return be != nullptr && be == st->device && st->resident;
+}
+
 em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tensor t) {
   AddonState* st = state_of(env);
-  if (be == nullptr || be != st->device || !st->resident || !v.IsObject() || v.IsTypedArray()) return t;
+  if (!keeps_weights(env, be) || !v.IsObject() || v.IsTypedArray()) return t;
   const size_t n = static_cast<size_t>(t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0]);
   const size_t bytes = n * em_dtype_size(t.dtype);
   const size_t scale_bytes =
@@ -292,7 +297,7 @@ em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tens
     napi_value ignored;
     if (napi_is_exception_pending(env, &pending) == napi_ok && pending) napi_get_and_clear_last_exception(env, &ignored);
   }
-  if (dw != nullptr && (dw->generation != st->generation || dw->host != t.data || dw->bytes != bytes ||
+  if (dw != nullptr && (dw->backend.get() != be || dw->host != t.data || dw->bytes != bytes ||
                         dw->host_scale != t.scale || dw->scale_bytes != scale_bytes)) {
     napi_remove_wrap(env, obj, &raw);  // another device, or the object now views other data
     delete dw;
@@ -301,7 +306,6 @@ em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tens
   if (dw == nullptr) {
     auto fresh = std::make_unique<DeviceWeight>();
     fresh->backend = st->device_owner;
-    fresh->generation = st->generation;
     fresh->host = t.data;
     fresh->host_scale = t.scale;
     fresh->bytes = bytes;
@@ -443,7 +447,6 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
   st->device = created_device;
   st->cpu = created_cpu;
   st->device_name = device;
-  ++st->generation;
   return BackendInfo(info);
 }
 
@@ -548,12 +551,16 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
   em_backend* be = moe_backend(env, w1, w2, w3);
   // The experts with rows to its weights on the device (the others are not read).
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (offsets[e + 1] == offsets[e]) continue;
-    const uint32_t i = static_cast<uint32_t>(e);
-    w1[i] = on_device(env, be, o.Get("w1").As<Napi::Array>().Get(i), w1[i]);
-    w2[i] = on_device(env, be, o.Get("w2").As<Napi::Array>().Get(i), w2[i]);
-    w3[i] = on_device(env, be, o.Get("w3").As<Napi::Array>().Get(i), w3[i]);
+  if (keeps_weights(env, be)) {
+    const Napi::Array a1 = o.Get("w1").As<Napi::Array>(), a2 = o.Get("w2").As<Napi::Array>(),
+                      a3 = o.Get("w3").As<Napi::Array>();
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (offsets[e + 1] == offsets[e]) continue;
+      const uint32_t i = static_cast<uint32_t>(e);
+      w1[i] = on_device(env, be, a1.Get(i), w1[i]);
+      w2[i] = on_device(env, be, a2.Get(i), w2[i]);
+      w3[i] = on_device(env, be, a3.Get(i), w3[i]);
+    }
   }
   em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,
                 out_index, accumulate ? 1 : 0, &yt, x_index};
