@@ -694,6 +694,8 @@ async function respond(
     },
   );
   const id = newId("resp");
+  // Its input as items, ids given once: a background response is kept twice (running, ended).
+  const inputItems = stored ? inputItemsOf(b.input) : [];
   const createdAt = Math.floor(Date.now() / 1000);
   /** The response object, status and output as given. */
   const response = (status: string, output: OutputItem[], extra: object = {}) => ({
@@ -743,7 +745,7 @@ async function respond(
       store.put(id, {
         conversation: [...conversation, ...answerMessages(items)],
         response: done,
-        inputItems: inputItemsOf(b.input),
+        inputItems,
       });
     return done;
   };
@@ -772,7 +774,7 @@ async function respond(
         store.put(id, {
           conversation: [...conversation, ...answerMessages(answerItems)],
           response: r,
-          inputItems: inputItemsOf(b.input),
+          inputItems,
         });
     };
     keep(current);
