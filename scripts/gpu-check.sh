@@ -334,6 +334,19 @@ if mla:
     print("wgmma kernel ($EM_CUDA_MLA=wgmma; on compute capability 9.0 with an sm_90a build, else the tc kernel). TFLOP/s counts the")
     print("attention's own products (2 x heads x len x (576 + 512) per sequence), not the absorption GEMMs.")
 PY
+  if grep -q "moe_ffn profile" "$out/bench.log" 2>/dev/null; then
+    {
+      echo
+      echo "### Where the MoE FFN's time goes (one call per side after its timings, EM_CUDA_MOE_PROFILE=1)"
+      echo
+      echo "\"fused\" sides read each expert's gate and up weights (side by side in memory) as one weight of twice"
+      echo "the rows: one GEMM instead of two (cuda.h, moe_fuse_gate_up); the others run with the fusion off."
+      echo
+      echo '```'
+      grep "moe_ffn profile" "$out/bench.log" | sed 's/^bench_cuda_moe: //'
+      echo '```'
+    } >>"$report"
+  fi
 fi
 # --- memory checker (optional, never fails the check) ---------------------------------
 # EM_GPU_SANITIZE=1: the parity suite again under compute-sanitizer's memcheck, with what

@@ -12,7 +12,7 @@ extern "C" em_status em_backend_create_device(const char* device, em_backend** o
   *out = nullptr;
   if (device == nullptr || std::strcmp(device, "cpu") == 0) return em_backend_create_cpu(nullptr, out);
   if (std::strncmp(device, "cuda", 4) == 0) {
-    em_cuda_config cfg{0, EM_CUDA_MOE_AUTO, EM_CUDA_FP8_AUTO, 0};
+    em_cuda_config cfg{0, EM_CUDA_MOE_AUTO, EM_CUDA_FP8_AUTO, 0, 0};
     if (device[4] == ':') {
       char* end = nullptr;
       const long n = std::strtol(device + 5, &end, 10);

@@ -10,9 +10,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "expertmesh/cuda.h"
@@ -78,18 +80,25 @@ struct AddonState {
 
 AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); }
 
-// A Weight object's data (and fp8 scale) in device memory, wrapped into the object.
+// Device memory of a backend, freed with its last holder.
+struct DeviceBuffer {
+  std::shared_ptr<em_backend> backend;
+  void* ptr = nullptr;
+  ~DeviceBuffer() {
+    if (ptr) em_cuda_free(backend.get(), ptr);
+  }
+};
+
+// A Weight object's data (and fp8 scale) in device memory, wrapped into the object. An
+// expert's gate and up weights share one buffer, up right after gate (see on_device_pair).
 struct DeviceWeight {
   std::shared_ptr<em_backend> backend;  // the backend it was made on
   const void* host = nullptr;
   const float* host_scale = nullptr;
   size_t bytes = 0, scale_bytes = 0;
-  void* data = nullptr;
-  void* scale = nullptr;
-  ~DeviceWeight() {
-    if (data) em_cuda_free(backend.get(), data);
-    if (scale) em_cuda_free(backend.get(), scale);
-  }
+  std::shared_ptr<DeviceBuffer> data_buf, scale_buf;
+  void* data = nullptr;   // in data_buf
+  void* scale = nullptr;  // in scale_buf
 };
 
 void finalize_device_weight(napi_env, void* data, void*) { delete static_cast<DeviceWeight*>(data); }
@@ -270,62 +279,130 @@ std::vector<em_tensor> weight_list(Napi::Env env, const Napi::Value& v, const ch
   return out;
 }
 
-// The tensor of Weight object `v` as backend `be` reads it: on the device backend, its data
-// (and fp8 scale) in device memory, copied on first use and kept with the object (see
-// AddonState); elsewhere, or when the object cannot hold the copy, `t` as it is (staged).
 // Whether weights read by `be` are kept on its device.
 bool keeps_weights(Napi::Env env, em_backend* be) {
   const AddonState* st = state_of(env);
   return be != nullptr && be == st->device && st->resident;
 }
 
-em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tensor t) {
-  AddonState* st = state_of(env);
-  if (!keeps_weights(env, be) || !v.IsObject() || v.IsTypedArray()) return t;
+// Bytes of a weight view's data and of its fp8 scales as copied to the device.
+size_t weight_bytes(const em_tensor& t) {
   const size_t n = static_cast<size_t>(t.ndim == 2 ? t.shape[0] * t.shape[1] : t.shape[0]);
-  const size_t bytes = n * em_dtype_size(t.dtype);
-  const size_t scale_bytes =
-      t.dtype == EM_F8_E4M3 && t.ndim == 2 ? static_cast<size_t>((t.shape[0] + 127) / 128 * t.scale_stride) * 4 : 0;
-  if (bytes == 0) return t;
-  napi_value obj = v;
+  return n * em_dtype_size(t.dtype);
+}
+size_t scale_bytes_of(const em_tensor& t) {
+  return t.dtype == EM_F8_E4M3 && t.ndim == 2 ? static_cast<size_t>((t.shape[0] + 127) / 128 * t.scale_stride) * 4 : 0;
+}
+
+// The device copy wrapped into `obj` when it was made on `be` for the data `t` views now;
+// a stale one (another device, or the object views other data) is removed.
+DeviceWeight* wrapped_copy(Napi::Env env, napi_value obj, em_backend* be, const em_tensor& t) {
   void* raw = nullptr;
-  DeviceWeight* dw = nullptr;
-  if (napi_unwrap(env, obj, &raw) == napi_ok) {
-    dw = static_cast<DeviceWeight*>(raw);
-  } else {  // not wrapped yet: nothing to clear normally, but leave no pending exception behind
+  if (napi_unwrap(env, obj, &raw) != napi_ok) {  // not wrapped: leave no pending exception behind
     bool pending = false;
     napi_value ignored;
     if (napi_is_exception_pending(env, &pending) == napi_ok && pending) napi_get_and_clear_last_exception(env, &ignored);
+    return nullptr;
   }
-  if (dw != nullptr && (dw->backend.get() != be || dw->host != t.data || dw->bytes != bytes ||
-                        dw->host_scale != t.scale || dw->scale_bytes != scale_bytes)) {
-    napi_remove_wrap(env, obj, &raw);  // another device, or the object now views other data
-    delete dw;
-    dw = nullptr;
+  auto* dw = static_cast<DeviceWeight*>(raw);
+  if (dw->backend.get() == be && dw->host == t.data && dw->bytes == weight_bytes(t) && dw->host_scale == t.scale &&
+      dw->scale_bytes == scale_bytes_of(t))
+    return dw;
+  napi_remove_wrap(env, obj, &raw);
+  delete dw;
+  return nullptr;
+}
+
+// A device buffer of `bytes` holding `parts` (host pointer, bytes) one after another.
+std::shared_ptr<DeviceBuffer> device_buffer(Napi::Env env, em_backend* be, size_t bytes,
+                                            std::initializer_list<std::pair<const void*, size_t>> parts) {
+  auto buf = std::make_shared<DeviceBuffer>();
+  buf->backend = state_of(env)->device_owner;
+  check(env, em_cuda_malloc(be, bytes, &buf->ptr), "weight to device");
+  size_t at = 0;
+  for (const auto& [host, n] : parts) {
+    check(env, em_cuda_copy(be, static_cast<char*>(buf->ptr) + at, host, n), "weight to device");
+    at += n;
   }
-  if (dw == nullptr) {
-    auto fresh = std::make_unique<DeviceWeight>();
-    fresh->backend = st->device_owner;
-    fresh->host = t.data;
-    fresh->host_scale = t.scale;
-    fresh->bytes = bytes;
-    fresh->scale_bytes = scale_bytes;
-    check(env, em_cuda_malloc(be, bytes, &fresh->data), "weight to device");
-    check(env, em_cuda_copy(be, fresh->data, t.data, bytes), "weight to device");
-    if (scale_bytes > 0) {
-      check(env, em_cuda_malloc(be, scale_bytes, &fresh->scale), "weight to device");
-      check(env, em_cuda_copy(be, fresh->scale, t.scale, scale_bytes), "weight to device");
-    }
-    if (napi_wrap(env, obj, fresh.get(), finalize_device_weight, nullptr, nullptr) != napi_ok) {
-      napi_value ignored;
-      napi_get_and_clear_last_exception(env, &ignored);
-      return t;  // already wrapped by someone else: staged per op
-    }
-    dw = fresh.release();
+  return buf;
+}
+
+// A fresh device copy's record for `t`, its data at `data_off` of `data_buf` (and scale at
+// `scale_off` of `scale_buf`).
+std::unique_ptr<DeviceWeight> device_weight(Napi::Env env, const em_tensor& t, std::shared_ptr<DeviceBuffer> data_buf,
+                                            size_t data_off, std::shared_ptr<DeviceBuffer> scale_buf, size_t scale_off) {
+  auto dw = std::make_unique<DeviceWeight>();
+  dw->backend = state_of(env)->device_owner;
+  dw->host = t.data;
+  dw->host_scale = t.scale;
+  dw->bytes = weight_bytes(t);
+  dw->scale_bytes = scale_bytes_of(t);
+  dw->data = static_cast<char*>(data_buf->ptr) + data_off;
+  dw->data_buf = std::move(data_buf);
+  if (scale_buf) {
+    dw->scale = static_cast<char*>(scale_buf->ptr) + scale_off;
+    dw->scale_buf = std::move(scale_buf);
   }
+  return dw;
+}
+
+// Ties `dw` to `obj` and returns `t` reading it; `t` as it is (staged per op) when the object
+// is already wrapped by someone else.
+em_tensor attach(Napi::Env env, napi_value obj, std::unique_ptr<DeviceWeight> dw, em_tensor t) {
+  if (napi_wrap(env, obj, dw.get(), finalize_device_weight, nullptr, nullptr) != napi_ok) {
+    napi_value ignored;
+    napi_get_and_clear_last_exception(env, &ignored);
+    return t;
+  }
+  DeviceWeight* kept = dw.release();
+  t.data = kept->data;
+  if (kept->scale != nullptr) t.scale = static_cast<const float*>(kept->scale);
+  return t;
+}
+
+em_tensor reading(const DeviceWeight* dw, em_tensor t) {
   t.data = dw->data;
   if (dw->scale != nullptr) t.scale = static_cast<const float*>(dw->scale);
   return t;
+}
+
+// The tensor of Weight object `v` as backend `be` reads it: on the device backend, its data
+// (and fp8 scale) in device memory, copied on first use and kept with the object (see
+// AddonState); elsewhere, or when the object cannot hold the copy, `t` as it is (staged).
+em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tensor t) {
+  if (!keeps_weights(env, be) || !v.IsObject() || v.IsTypedArray()) return t;
+  const size_t bytes = weight_bytes(t), scale_bytes = scale_bytes_of(t);
+  if (bytes == 0) return t;
+  if (const DeviceWeight* dw = wrapped_copy(env, v, be, t)) return reading(dw, t);
+  auto data = device_buffer(env, be, bytes, {{t.data, bytes}});
+  auto scale = scale_bytes > 0 ? device_buffer(env, be, scale_bytes, {{t.scale, scale_bytes}}) : nullptr;
+  return attach(env, v, device_weight(env, t, std::move(data), 0, std::move(scale), 0), t);
+}
+
+// An expert's gate (w1) and up (w3) weights on the device, up right after gate in one buffer
+// (fp8 scales likewise) when both are copied now and have one contiguous shape: the CUDA
+// moe_ffn then runs one GEMM of twice the width for both (cuda.h, moe_fuse_gate_up).
+void on_device_pair(Napi::Env env, em_backend* be, const Napi::Value& v1, em_tensor& t1, const Napi::Value& v3,
+                    em_tensor& t3) {
+  const bool objects = v1.IsObject() && !v1.IsTypedArray() && v3.IsObject() && !v3.IsTypedArray();
+  const DeviceWeight* d1 = objects && keeps_weights(env, be) ? wrapped_copy(env, v1, be, t1) : nullptr;
+  const DeviceWeight* d3 = objects && keeps_weights(env, be) ? wrapped_copy(env, v3, be, t3) : nullptr;
+  const bool same_shape = t1.ndim == 2 && t3.ndim == 2 && t1.dtype == t3.dtype && t1.shape[0] == t3.shape[0] &&
+                          t1.shape[1] == t3.shape[1] && t1.stride[0] == t1.shape[1] && t3.stride[0] == t3.shape[1] &&
+                          t1.stride[1] == 1 && t3.stride[1] == 1 && weight_bytes(t1) > 0 &&
+                          (t1.dtype != EM_F8_E4M3 || (t1.shape[0] % 128 == 0 && t1.scale != nullptr &&
+                                                      t3.scale != nullptr && t1.scale_stride == t3.scale_stride));
+  if (!objects || !keeps_weights(env, be) || d1 != nullptr || d3 != nullptr || !same_shape ||
+      v1.StrictEquals(v3)) {
+    t1 = d1 ? reading(d1, t1) : on_device(env, be, v1, t1);
+    t3 = d3 ? reading(d3, t3) : on_device(env, be, v3, t3);
+    return;
+  }
+  const size_t bytes = weight_bytes(t1), sb = scale_bytes_of(t1);
+  auto data = device_buffer(env, be, 2 * bytes, {{t1.data, bytes}, {t3.data, bytes}});
+  auto scale = sb > 0 ? device_buffer(env, be, 2 * sb, {{t1.scale, sb}, {t3.scale, sb}}) : nullptr;
+  t1 = attach(env, v1, device_weight(env, t1, data, 0, scale, 0), t1);
+  t3 = attach(env, v3, device_weight(env, t3, data, bytes, scale, sb), t3);
 }
 
 // ------------------------------------------------------------------ info
@@ -557,9 +634,8 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
     for (int64_t e = 0; e < num_experts; ++e) {
       if (offsets[e + 1] == offsets[e]) continue;
       const uint32_t i = static_cast<uint32_t>(e);
-      w1[i] = on_device(env, be, a1.Get(i), w1[i]);
+      on_device_pair(env, be, a1.Get(i), w1[i], a3.Get(i), w3[i]);
       w2[i] = on_device(env, be, a2.Get(i), w2[i]);
-      w3[i] = on_device(env, be, a3.Get(i), w3[i]);
     }
   }
   em_moe_args a{&xt, static_cast<int32_t>(num_experts), offsets, w1.data(), w3.data(), w2.data(), row_weight,

@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
     return 77;
   }
   em_backend* be = nullptr;
-  em_cuda_config cfg{0, EM_CUDA_MOE_AUTO, EM_CUDA_FP8_AUTO, 0};
+  em_cuda_config cfg{0, EM_CUDA_MOE_AUTO, EM_CUDA_FP8_AUTO, 0, 0};
   TRY(em_backend_create_cuda(&cfg, &be));
   em_backend_info info;
   em_backend_get_info(be, &info);

@@ -11,7 +11,10 @@
 //   em_bench_cuda_moe [--json FILE] [--tokens 8,64,512,4096] [--runs 7] [--dtypes bf16,fp8]
 //                     [--peak-bf16 989] [--peak-fp8 1979]
 // Shapes: hidden 7168, moe_intermediate 2048, 256 experts, 8 experts per token, uniform
-// random routing (seeded). FLOPs = 6 * rows * hidden * inter (rows = tokens * 8).
+// random routing (seeded). FLOPs = 6 * rows * hidden * inter (rows = tokens * 8). Each
+// expert's gate and up weights lie side by side in device memory: the "fused" sides read them
+// as one weight of twice the rows (em_cuda_config::moe_fuse_gate_up), the others as two.
+// After each token count, one call per side prints its phases' times (EM_CUDA_MOE_PROFILE).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -64,7 +67,9 @@ int main(int argc, char** argv) {
   em_backend* loop2x = nullptr;
   em_backend* grouped = nullptr;
   em_backend* lt = nullptr;
-  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, 1};
+  // The gate and up weights of an expert lie side by side (as the addon's resident weights):
+  // these sides run with the fusion off (moe_fuse_gate_up -1), the "fused" ones with it on.
+  em_cuda_config cfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, 1, -1};
   TRY(em_backend_create_cuda(&cfg, &loop1));
   cfg.moe_streams = EM_CUDA_MOE_STREAMS_DEFAULT;
   TRY(em_backend_create_cuda(&cfg, &loop));
@@ -76,8 +81,16 @@ int main(int argc, char** argv) {
   cfg.moe_gemm = EM_CUDA_MOE_LOOP;
   cfg.fp8_gemm = EM_CUDA_FP8_LT;
   TRY(em_backend_create_cuda(&cfg, &lt));
-  char loop_name[32], loop2x_name[32];
+  em_backend* loop_fused = nullptr;
+  em_backend* grouped_fused = nullptr;
+  em_cuda_config fcfg{0, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, EM_CUDA_MOE_STREAMS_DEFAULT, 1};
+  TRY(em_backend_create_cuda(&fcfg, &loop_fused));
+  fcfg.moe_gemm = EM_CUDA_MOE_GROUPED;
+  fcfg.moe_streams = 1;
+  TRY(em_backend_create_cuda(&fcfg, &grouped_fused));
+  char loop_name[32], loop2x_name[32], fused_name[40];
   std::snprintf(loop_name, sizeof loop_name, "cublas loop x%d", EM_CUDA_MOE_STREAMS_DEFAULT);
+  std::snprintf(fused_name, sizeof fused_name, "cublas loop x%d fused", EM_CUDA_MOE_STREAMS_DEFAULT);
   std::snprintf(loop2x_name, sizeof loop2x_name, "cublas loop x%d", 2 * EM_CUDA_MOE_STREAMS_DEFAULT);
   em_backend_info info;
   em_backend_get_info(loop, &info);
@@ -99,12 +112,14 @@ int main(int argc, char** argv) {
   std::vector<void*> allocations;
   const auto t_load = std::chrono::steady_clock::now();
   for (int64_t e = 0; e < kExperts; ++e) {
-    void* p[3];
-    for (int j = 0; j < 3; ++j) {
-      TRY(em_cuda_malloc(loop, wn * 2, &p[j]));
-      TRY(em_cuda_copy(loop, p[j], patterns[(e + j) % 3].data(), wn * 2));
-      allocations.push_back(p[j]);
-    }
+    void* gate_up = nullptr;  // w1 then w3
+    void* down = nullptr;
+    TRY(em_cuda_malloc(loop, wn * 4, &gate_up));
+    TRY(em_cuda_malloc(loop, wn * 2, &down));
+    allocations.push_back(gate_up);
+    allocations.push_back(down);
+    void* p[3] = {gate_up, static_cast<char*>(gate_up) + wn * 2, down};
+    for (int j = 0; j < 3; ++j) TRY(em_cuda_copy(loop, p[j], patterns[(e + j) % 3].data(), wn * 2));
     w1[e] = em_tensor_2d(p[0], EM_BF16, kInter, kHidden);
     w3[e] = em_tensor_2d(p[1], EM_BF16, kInter, kHidden);
     w2[e] = em_tensor_2d(p[2], EM_BF16, kHidden, kInter);
@@ -130,15 +145,23 @@ int main(int argc, char** argv) {
     for (auto& sc : scales)
       for (auto& v : sc) v = (0.5f + uni(gen) * 25.0f) * 0.02f / 448.0f;
     for (int64_t e = 0; e < kExperts; ++e) {
-      void* p[3];
-      void* q[3];
+      void* p[3];  // codes: w1 and w3 side by side, then w2
+      void* q[3];  // their scales, the same way
+      void *codes_gu = nullptr, *codes_d = nullptr, *scales_gu = nullptr, *scales_d = nullptr;
+      TRY(em_cuda_malloc(loop, 2 * wn, &codes_gu));
+      TRY(em_cuda_malloc(loop, wn, &codes_d));
+      TRY(em_cuda_malloc(loop, 2 * sn * 4, &scales_gu));
+      TRY(em_cuda_malloc(loop, sn * 4, &scales_d));
+      for (void* a : {codes_gu, codes_d, scales_gu, scales_d}) allocations.push_back(a);
+      p[0] = codes_gu;
+      p[1] = static_cast<char*>(codes_gu) + wn;
+      p[2] = codes_d;
+      q[0] = scales_gu;
+      q[1] = static_cast<char*>(scales_gu) + sn * 4;
+      q[2] = scales_d;
       for (int j = 0; j < 3; ++j) {
-        TRY(em_cuda_malloc(loop, wn, &p[j]));
         TRY(em_cuda_copy(loop, p[j], codes[(e + j) % 3].data(), wn));
-        TRY(em_cuda_malloc(loop, sn * 4, &q[j]));
         TRY(em_cuda_copy(loop, q[j], scales[(e + j) % 3].data(), sn * 4));
-        allocations.push_back(p[j]);
-        allocations.push_back(q[j]);
       }
       f1[e] = em_tensor_fp8(p[0], static_cast<const float*>(q[0]), kInter, kHidden);
       f3[e] = em_tensor_fp8(p[1], static_cast<const float*>(q[1]), kInter, kHidden);
@@ -212,11 +235,14 @@ int main(int argc, char** argv) {
       sides.push_back({loop, &a, loop_name, "bf16"});
       sides.push_back({loop2x, &a, loop2x_name, "bf16"});
       sides.push_back({grouped, &a, "cublas grouped", "bf16"});
+      sides.push_back({loop_fused, &a, fused_name, "bf16"});
+      sides.push_back({grouped_fused, &a, "cublas grouped fused", "bf16"});
     }
     if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
       sides.push_back({loop, &af, "fp8 loop", "fp8"});
       sides.push_back({grouped, &af, "fp8 grouped", "fp8"});
       sides.push_back({lt, &af, "fp8 lt", "fp8"});  // fp8 x fp8 on cuBLASLt (sm_90+)
+      sides.push_back({loop_fused, &af, "fp8 loop fused", "fp8"});
     }
     const size_t ns = sides.size();
     std::vector<std::vector<double>> tflops(ns);
@@ -262,6 +288,15 @@ int main(int argc, char** argv) {
                      info.isa, peak_bf16, peak_fp8, of_bf16, of_fp8);
       first = false;
     }
+    // Where the time goes: one call per side with EM_CUDA_MOE_PROFILE=1 (moe.cu prints each
+    // phase's time to stderr, waiting for each; not part of the numbers above).
+    setenv("EM_CUDA_MOE_PROFILE", "1", 1);
+    for (size_t s = 0; s < ns; ++s) {
+      std::fprintf(stderr, "bench_cuda_moe: tokens %lld, %s %s: ", static_cast<long long>(tokens), sides[s].dtype,
+                   sides[s].name);
+      TRY(em_moe_ffn(sides[s].b, sides[s].args));
+    }
+    unsetenv("EM_CUDA_MOE_PROFILE");
     em_cuda_free(loop, dx);
     em_cuda_free(loop, dy);
   }
@@ -275,5 +310,7 @@ int main(int argc, char** argv) {
   em_backend_free(loop2x);
   em_backend_free(grouped);
   em_backend_free(lt);
+  em_backend_free(loop_fused);
+  em_backend_free(grouped_fused);
   return 0;
 }

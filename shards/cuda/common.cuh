@@ -47,6 +47,7 @@ struct Context {
   cublasHandle_t blas = nullptr;
   em_cuda_moe_gemm moe_gemm = EM_CUDA_MOE_LOOP;
   em_cuda_fp8_gemm fp8_gemm = EM_CUDA_FP8_DEFAULT;
+  bool moe_fuse = true;  // em_cuda_config::moe_fuse_gate_up
   int sm_count = 0;
   int cc_major = 0, cc_minor = 0;
   std::string arch;  // "sm_90"
@@ -70,6 +71,7 @@ inline Lane main_lane(const Context& ctx) { return {ctx.blas, ctx.stream}; }
 
 // em_cuda_last_status() of the calling thread (cuda_backend.cu).
 void set_last_status(const std::string& s);
+std::string last_status();
 
 // One op's device-side bookkeeping: scratch allocations (stream-ordered, freed when the op
 // ends), host tensors staged to the device, and outputs to copy back. finish() copies the

@@ -171,6 +171,11 @@ int moe_streams_from_env() {
   return env != nullptr && *env != '\0' ? std::atoi(env) : EM_CUDA_MOE_STREAMS_DEFAULT;
 }
 
+bool moe_fuse_from_env() {
+  const char* env = std::getenv("EM_CUDA_MOE_FUSE");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 em_cuda_fp8_gemm fp8_gemm_from_env() {
   const char* env = std::getenv("EM_CUDA_FP8_GEMM");
   return env != nullptr && std::strcmp(env, "lt") == 0 ? EM_CUDA_FP8_LT : EM_CUDA_FP8_DEFAULT;
@@ -179,6 +184,7 @@ em_cuda_fp8_gemm fp8_gemm_from_env() {
 }  // namespace
 
 void set_last_status(const std::string& s) { tls_status = s; }
+std::string last_status() { return tls_status; }
 
 void lanes_create(Context& ctx, int n) {
   if (n <= 1) return;
@@ -243,6 +249,7 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
   ctx->fp8_gemm = cfg && cfg->fp8_gemm != EM_CUDA_FP8_AUTO ? cfg->fp8_gemm : fp8_gemm_from_env();
   if (ctx->fp8_gemm != EM_CUDA_FP8_DEFAULT && ctx->fp8_gemm != EM_CUDA_FP8_LT)
     return em::fail(EM_ERR_ARG, "em_backend_create_cuda: unknown fp8_gemm mode %d", static_cast<int>(ctx->fp8_gemm));
+  ctx->moe_fuse = cfg && cfg->moe_fuse_gate_up != 0 ? cfg->moe_fuse_gate_up > 0 : moe_fuse_from_env();
   const int streams = cfg && cfg->moe_streams != 0 ? cfg->moe_streams : moe_streams_from_env();
   if (streams < 1 || streams > 32)
     return em::fail(EM_ERR_ARG, "em_backend_create_cuda: moe_streams %d not in [1, 32]", streams);

@@ -4,8 +4,10 @@
 //   1. permute: the rows of x each expert needs (x_index gather, or x as it is), in the
 //      weights' dtype, grouped by expert                          [rows, dim]
 //   2. gate/up GEMMs per expert (cuBLAS; a loop of cublasGemmEx with fp32 outputs, spread
-//      over several streams, or one cublasGemmGroupedBatchedEx with bf16/f16 outputs)
-//                                                                     [rows, inter] x 2
+//      over several streams, or one cublasGemmGroupedBatchedEx with bf16/f16 outputs), gate
+//      in the left half of each row and up in the right; one GEMM of twice the width where
+//      the expert's up weight directly follows its gate weight in device memory
+//                                                                     [rows, 2 x inter]
 //   3. fused SiLU-and-multiply into the weights' dtype                [rows, inter]
 //   4. down GEMMs per expert                                          [rows, dim]
 //   5. unpermute + weighted combine: y[o] (+)= sum of row_weight[r] * out[r] over the rows r
@@ -19,6 +21,11 @@
 // EM_CUDA_FP8_LT available (fp8.cu) both modes run the loop: each expert GEMM quantizes its
 // bf16 activations per token per 128 columns and runs cuBLASLt's block-scaled fp8 GEMM.
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "common.cuh"
@@ -88,6 +95,79 @@ constexpr bool kGroupedBuilt = true;
 #else
 constexpr bool kGroupedBuilt = false;  // cublasGemmGroupedBatchedEx: cuBLAS 12.5+
 #endif
+
+// Whether expert weights w1 (gate) and w3 (up) can be read as one [2 * inter, dim] weight:
+// same dtype, shape and row stride, rows contiguous, w3 starting where w1 ends (fp8: the
+// scale rows too, so inter must be a whole number of 128-row blocks), inter = max_inter (the
+// up half of the output lands at column max_inter).
+bool gate_up_adjacent(const em_tensor& w1, const em_tensor& w3, int64_t max_inter) {
+  if (w1.ndim != 2 || w3.ndim != 2 || w1.dtype != w3.dtype || w1.shape[0] != max_inter || max_inter == 0) return false;
+  if (w3.shape[0] != w1.shape[0] || w3.shape[1] != w1.shape[1] || w3.stride[0] != w1.stride[0] || w1.stride[1] != 1 ||
+      w3.stride[1] != 1 || w1.shape[1] == 0)
+    return false;
+  const size_t esz = em_dtype_size(w1.dtype);
+  if (static_cast<const char*>(w1.data) + static_cast<size_t>(w1.shape[0] * w1.stride[0]) * esz != w3.data) return false;
+  if (w1.dtype == EM_F8_E4M3) {
+    if (w1.shape[0] % EM_FP8_BLOCK != 0 || w1.scale == nullptr || w3.scale == nullptr ||
+        w1.scale_stride != w3.scale_stride)
+      return false;
+    if (w1.scale + (w1.shape[0] / EM_FP8_BLOCK) * w1.scale_stride != w3.scale) return false;
+  }
+  return true;
+}
+
+// The [2 * inter, dim] view of an adjacent gate/up pair.
+em_tensor gate_up_view(const em_tensor& w1) {
+  em_tensor w = w1;
+  w.shape[0] *= 2;
+  return w;
+}
+
+// EM_CUDA_MOE_PROFILE=1 (read per call): each moe_ffn waits for its phases one by one and
+// prints their times to stderr (for the benchmark; it serializes nothing else).
+class PhaseTimes {
+ public:
+  explicit PhaseTimes(cudaStream_t s) : stream_(s) {
+    const char* env = std::getenv("EM_CUDA_MOE_PROFILE");
+    on_ = env != nullptr && std::strcmp(env, "1") == 0;
+    if (on_) mark("start");
+  }
+  ~PhaseTimes() {
+    for (auto& m : marks_) cudaEventDestroy(m.second);
+  }
+  PhaseTimes(const PhaseTimes&) = delete;
+  PhaseTimes& operator=(const PhaseTimes&) = delete;
+  void mark(const char* phase) {
+    if (!on_) return;
+    cudaEvent_t e = nullptr;
+    EMC_CUDA(cudaEventCreate(&e));
+    marks_.emplace_back(phase, e);
+    EMC_CUDA(cudaEventRecord(e, stream_));
+  }
+  void print(const std::string& what) {
+    if (!on_ || marks_.size() < 2) return;
+    EMC_CUDA(cudaEventSynchronize(marks_.back().second));
+    std::string line = "moe_ffn profile: " + what;
+    float total = 0;
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float ms = 0;
+      EMC_CUDA(cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second));
+      total += ms;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.3f ms", i == 1 ? ": " : ", ", marks_[i].first, ms);
+      line += buf;
+    }
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "; total %.3f ms\n", total);
+    line += buf;
+    std::fputs(line.c_str(), stderr);
+  }
+
+ private:
+  cudaStream_t stream_;
+  bool on_ = false;
+  std::vector<std::pair<const char*, cudaEvent_t>> marks_;
+};
 
 unsigned grid_1d(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
@@ -227,6 +307,7 @@ em_status silu_mul(Context& ctx, const em_tensor* gate, const em_tensor* up, em_
 
 em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   Op op(ctx);
+  set_last_status("");  // what this call ran: fp8 lt GEMMs, then the fusion (below)
   const int32_t E = a->num_experts;
   const int64_t dim = a->x->shape[1];
   const int64_t rows = a->x_index != nullptr ? (E > 0 ? a->expert_offsets[E] : 0) : a->x->shape[0];
@@ -262,6 +343,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)
   void* outh = nullptr;   // bf16/f16 outputs (grouped path)
   int64_t ldo = dim;
+  PhaseTimes phases(op.stream());
+  int32_t fused_count = 0;
   if (rows > 0 && max_inter > 0) {
     // 1. permute
     const void* xg = x.data;
@@ -274,15 +357,21 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       ldx = dim;
     }
     std::vector<em_tensor> w1(static_cast<size_t>(E)), w3(static_cast<size_t>(E)), w2(static_cast<size_t>(E));
+    std::vector<char> fused(static_cast<size_t>(E), 0);  // gate and up as one GEMM (gate_up_adjacent)
     for (int32_t e = 0; e < E; ++e) {
       if (a->expert_offsets[e + 1] == a->expert_offsets[e]) continue;
       w1[e] = op.in(a->w1[e]);
       w3[e] = op.in(a->w3[e]);
       w2[e] = op.in(a->w2[e]);
+      fused[e] = ctx.moe_fuse && gate_up_adjacent(w1[e], w3[e], max_inter);
+      fused_count += fused[e];
     }
+    phases.mark("permute");
     auto xrow = [&](int64_t r) { return static_cast<const char*>(xg) + static_cast<size_t>(r * ldx) * esz; };
     void* h = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
     auto hrow = [&](int64_t r) { return static_cast<char*>(h) + static_cast<size_t>(r * max_inter) * esz; };
+    // Gate/up outputs: row r holds gate in columns [0, max_inter) and up in [max_inter, 2 x max_inter).
+    const int64_t ldgu = 2 * max_inter;
 
     if (!grouped) {
       // 2. gate/up, 3. silu * up, 4. down: one cublasGemmEx (or fp8_gemm) per expert and
@@ -298,19 +387,25 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
           gemm_nt(lanes.at(lane_of[e]), xr, ldxr, w.data, w.stride[0], ab, yr, ldyr, CUDA_R_32F, n, w.shape[0],
                   w.shape[1], false);
       };
-      float* g = op.alloc_n<float>(rows * max_inter);
-      float* u = op.alloc_n<float>(rows * max_inter);
+      float* gu = op.alloc_n<float>(rows * ldgu);
       outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
       ldo = direct ? ldy : dim;
       lanes.fork();
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
-        expert_gemm(e, xrow(r0), ldx, w1[e], g + r0 * max_inter, max_inter, n);
-        expert_gemm(e, xrow(r0), ldx, w3[e], u + r0 * max_inter, max_inter, n);
+        float* g = gu + r0 * ldgu;
+        if (fused[e]) {
+          expert_gemm(e, xrow(r0), ldx, gate_up_view(w1[e]), g, ldgu, n);
+        } else {
+          expert_gemm(e, xrow(r0), ldx, w1[e], g, ldgu, n);
+          expert_gemm(e, xrow(r0), ldx, w3[e], g + max_inter, ldgu, n);
+        }
       }
       lanes.join();
-      launch_silu_rows<float>(op, g, u, max_inter, rows, max_inter, dt, h);
+      phases.mark("gate/up");
+      launch_silu_rows<float>(op, gu, gu + max_inter, ldgu, rows, max_inter, dt, h);
+      phases.mark("silu");
       lanes.fork();
       for (int32_t e = 0; e < E; ++e) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
@@ -318,10 +413,10 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         expert_gemm(e, hrow(r0), max_inter, w2[e], outf + r0 * ldo, ldo, n);
       }
       lanes.join();
+      phases.mark("down");
     } else {
       // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
-      void* g = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
-      void* u = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
+      void* gu = op.alloc(static_cast<size_t>(rows * ldgu) * esz);
       auto at = [&](void* base, int64_t r, int64_t ld) {
         return static_cast<void*>(static_cast<char*>(base) + static_cast<size_t>(r * ld) * esz);
       };
@@ -336,9 +431,10 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         size_t up_total = 0, down_total = 0, largest = 0;
         for (int32_t e = 0; e < E; ++e) {
           if (a->expert_offsets[e + 1] == a->expert_offsets[e]) continue;
-          up_total += wbytes(w1[e]) + wbytes(w3[e]);
+          up_total += fused[e] ? wbytes(gate_up_view(w1[e])) : wbytes(w1[e]) + wbytes(w3[e]);
           down_total += wbytes(w2[e]);
           largest = std::max({largest, wbytes(w1[e]), wbytes(w3[e]), wbytes(w2[e])});
+          if (fused[e]) largest = std::max(largest, wbytes(gate_up_view(w1[e])));
         }
         wcap = std::max(largest, std::min(kFp8GroupedBytes, std::max(up_total, down_total)));
         wpool = static_cast<char*>(op.alloc(wcap));
@@ -366,16 +462,28 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         const int64_t r0 = a->expert_offsets[e], n = a->expert_offsets[e + 1] - r0;
         if (n == 0) continue;
         const int64_t inter = w1[e].shape[0];
+        void* g = at(gu, r0, ldgu);
+        if (fused[e]) {
+          int64_t ld = 0;
+          const em_tensor w = gate_up_view(w1[e]);
+          const void* p = weight(up, w, ld);
+          up.add(p, ld, xrow(r0), ldx, g, ldgu, 2 * inter, n, dim);
+          continue;
+        }
         int64_t ld1 = 0, ld3 = 0;
         const void* p1 = weight(up, w1[e], ld1);
-        up.add(p1, ld1, xrow(r0), ldx, at(g, r0, max_inter), max_inter, inter, n, dim);
+        up.add(p1, ld1, xrow(r0), ldx, g, ldgu, inter, n, dim);
         const void* p3 = weight(up, w3[e], ld3);
-        up.add(p3, ld3, xrow(r0), ldx, at(u, r0, max_inter), max_inter, inter, n, dim);
+        up.add(p3, ld3, xrow(r0), ldx, static_cast<char*>(g) + static_cast<size_t>(max_inter) * esz, ldgu, inter, n,
+               dim);
       }
       up.run(op, ab);
+      phases.mark("gate/up");
       wused = 0;
-      if (dt == EM_BF16) launch_silu_rows<__nv_bfloat16>(op, g, u, max_inter, rows, max_inter, dt, h);
-      else launch_silu_rows<__half>(op, g, u, max_inter, rows, max_inter, dt, h);
+      const void* u = static_cast<const char*>(gu) + static_cast<size_t>(max_inter) * esz;
+      if (dt == EM_BF16) launch_silu_rows<__nv_bfloat16>(op, gu, u, ldgu, rows, max_inter, dt, h);
+      else launch_silu_rows<__half>(op, gu, u, ldgu, rows, max_inter, dt, h);
+      phases.mark("silu");
       outh = op.alloc(static_cast<size_t>(rows * dim) * esz);
       Grouped down;
       for (int32_t e = 0; e < E; ++e) {
@@ -386,6 +494,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         down.add(p2, ld2, hrow(r0), max_inter, at(outh, r0, dim), dim, dim, n, w2[e].shape[1]);
       }
       down.run(op, ab);
+      phases.mark("down");
     }
   } else if (rows > 0) {  // experts with no intermediate width: the FFN is 0
     outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
@@ -393,8 +502,16 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     EMC_CUDA(cudaMemset2DAsync(outf, sizeof(float) * static_cast<size_t>(ldo), 0, sizeof(float) * static_cast<size_t>(dim),
                                static_cast<size_t>(rows), op.stream()));
   }
+  // What ran, for the profile line and em_cuda_last_status() (appended to an fp8 lt status).
+  const std::string summary = std::string(grouped ? "grouped" : "loop") + ", " + std::to_string(rows) + " rows, " +
+                              std::to_string(active) + " experts, gate/up fused for " + std::to_string(fused_count);
+  if (fused_count > 0) {
+    const std::string prev = last_status();
+    set_last_status(prev.empty() ? "moe_ffn: " + summary : prev + "; moe_ffn: " + summary);
+  }
   if (direct) {
     op.finish();
+    phases.print(summary);
     return EM_OK;
   }
 
@@ -417,7 +534,9 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   } else {
     launch_combine<__half>(op, outh, dim, d_start, d_list, d_weight, a->accumulate != 0, yd, ldy, y_rows, dim);
   }
+  phases.mark("combine");
   op.finish();
+  phases.print(summary);
   return EM_OK;
 }
 

@@ -429,6 +429,77 @@ void moe_lane_cases(Rng& rng, Backends& b) {
   }
 }
 
+// Gate and up weights side by side in device memory (as the addon keeps resident weights):
+// moe_ffn runs one GEMM of twice the width per expert (moe.cu, gate_up_adjacent), in the
+// loop and in the grouped mode, fp8 with its scales side by side too. Checked against the
+// CPU, and through em_cuda_last_status() that the fusion ran for every expert with rows.
+void moe_fused_cases(Rng& rng, Backends& b) {
+  const int64_t dim = 256, inter = 256;  // inter: whole 128-row fp8 blocks
+  const std::vector<int32_t> counts = {3, 0, 70, 9, 1, 130};
+  const int32_t E = static_cast<int32_t>(counts.size());
+  int32_t with_rows = 0;
+  for (int32_t c : counts) with_rows += c > 0;
+  for (em_dtype dt : {EM_F32, EM_BF16, EM_F16, EM_F8_E4M3}) {
+    MoeExperts ex(rng, dt, dim, inter, counts);
+    const int64_t rows = ex.offsets[E], num_out = rows / 2;
+    std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
+    std::vector<int32_t> out_index(static_cast<size_t>(rows));
+    for (auto& i : out_index) i = rng.integer(0, static_cast<int>(num_out - 1));
+    for (int variant = 0; variant < 2; ++variant) {  // loop, grouped
+      em_backend* cb = variant == 0 ? b.cuda : b.cuda_grouped;
+      if (cb == nullptr || (variant == 1 && dt == EM_F32)) continue;
+      std::vector<float> y0(static_cast<size_t>(num_out * dim)), y1 = y0;
+      em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
+      em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, num_out, dim);
+      em_moe_args a = ex.args(&xt);
+      a.row_weight = row_weight.data();
+      a.out_index = out_index.data();
+      a.y = &yt0;
+      CHECK_OK(em_moe_ffn(b.cpu, &a));
+
+      std::vector<std::unique_ptr<DeviceCopy>> keep;
+      std::vector<em_tensor> d1 = ex.v1, d2 = ex.v2, d3 = ex.v3;
+      auto side_by_side = [&](const void* p1, const void* p3, size_t bytes) {
+        std::vector<uint8_t> both(2 * bytes);
+        std::memcpy(both.data(), p1, bytes);
+        std::memcpy(both.data() + bytes, p3, bytes);
+        keep.push_back(std::make_unique<DeviceCopy>(cb, both.data(), both.size()));
+        return static_cast<char*>(keep.back()->ptr);
+      };
+      for (int32_t e = 0; e < E; ++e) {
+        const size_t bytes = static_cast<size_t>(inter * dim) * em_dtype_size(dt);
+        char* gu = side_by_side(d1[e].data, d3[e].data, bytes);
+        d1[e].data = gu;
+        d3[e].data = gu + bytes;
+        keep.push_back(std::make_unique<DeviceCopy>(cb, d2[e].data, bytes));
+        d2[e].data = keep.back()->ptr;
+        if (dt == EM_F8_E4M3) {
+          const size_t sb = ex.w1[e].scale.size() * sizeof(float);
+          char* s = side_by_side(d1[e].scale, d3[e].scale, sb);
+          d1[e].scale = reinterpret_cast<const float*>(s);
+          d3[e].scale = reinterpret_cast<const float*>(s + sb);
+          keep.push_back(std::make_unique<DeviceCopy>(cb, d2[e].scale, ex.w2[e].scale.size() * sizeof(float)));
+          d2[e].scale = static_cast<const float*>(keep.back()->ptr);
+        }
+      }
+      em_tensor yt1 = em_tensor_2d(y1.data(), EM_F32, num_out, dim);
+      a.y = &yt1;
+      a.w1 = d1.data();
+      a.w2 = d2.data();
+      a.w3 = d3.data();
+      CHECK_OK(em_moe_ffn(cb, &a));
+      const std::string st = em_cuda_last_status();
+      const std::string want = "gate/up fused for " + std::to_string(with_rows);
+      const bool ran = st.size() >= want.size() && st.compare(st.size() - want.size(), want.size(), want) == 0;
+      const std::string what = std::string(em_dtype_name(dt)) + " gate/up side by side (" +
+                               (variant == 0 ? "loop" : "grouped") + ") " + shape_str(rows, dim, inter);
+      report("moe_ffn", what, rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
+      std::printf("%-9s %-44s %s\n", "moe_ffn", (what + " fused").c_str(), ran ? "ok" : "FAIL");
+      CHECK(ran, "moe_ffn %s: the gate/up fusion did not run (status: %s)", what.c_str(), st.c_str());
+    }
+  }
+}
+
 // ------------------------------------------------------------------ wgmma primitives
 
 // cuda/wgmma.cuh on its own (sm_90a builds on compute capability 9.0 only): B K-major and
@@ -864,7 +935,7 @@ int main(int argc, char** argv) {
   const int device = device_arg ? std::atoi(device_arg) : env ? std::atoi(env) : 0;
   Backends b;
   CHECK_OK(em_backend_create_cpu(nullptr, &b.cpu));
-  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, EM_CUDA_MOE_STREAMS_DEFAULT};
+  em_cuda_config cfg{device, EM_CUDA_MOE_LOOP, EM_CUDA_FP8_DEFAULT, EM_CUDA_MOE_STREAMS_DEFAULT, 0};
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda));
   cfg.moe_streams = 1;
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_1s));
@@ -898,6 +969,8 @@ int main(int argc, char** argv) {
   mla_cases(rng, b);
   Rng lane_rng(20261130);  // its own stream: the cases around it keep their data
   moe_lane_cases(lane_rng, b);
+  Rng fused_rng(20261201);
+  moe_fused_cases(fused_rng, b);
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, cc_major);
   return finish("cuda_parity");

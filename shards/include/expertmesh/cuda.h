@@ -82,6 +82,11 @@ typedef struct em_cuda_config {
   int32_t moe_streams;        /* streams moe_ffn's loop spreads its experts' GEMMs over (bf16,
                                  f16, f32 weights; fp8 stays on one): 0 = $EM_CUDA_MOE_STREAMS,
                                  else EM_CUDA_MOE_STREAMS_DEFAULT; 1 = one stream; at most 32 */
+  int32_t moe_fuse_gate_up;   /* an expert whose up weight (w3) directly follows its gate weight
+                                 (w1) in device memory, same shape and layout (fp8: scales too,
+                                 inter a multiple of 128), gets one GEMM of twice the width for
+                                 both: 0 = $EM_CUDA_MOE_FUSE ("0" turns it off), else on;
+                                 1 = on; -1 = off. The addon's resident weights are laid out so. */
 } em_cuda_config;
 
 #define EM_CUDA_MOE_STREAMS_DEFAULT 4
