@@ -230,6 +230,12 @@ if [ -n "$node" ]; then
   step 120 env EM_ADDON_RESIDENT=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
     "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" >"$out/forward-resident.md" 2>&1 ||
     log "the resident forward failed (forward-resident.md)"
+  # And with the KV pool mirrored on the device as well (EM_ADDON_KV_MIRROR=1, ADR 0010:
+  # attention reads the rows in device memory; opt-in, written without a GPU), bf16 rows.
+  log "forward, weights and KV pool on the device (EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1)"
+  step 120 env EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
+    "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --kv-dtype bf16 >"$out/forward-mirror.md" 2>&1 ||
+    log "the mirrored forward failed (forward-mirror.md)"
   [ "$addon_rc" = 0 ] || [ "$forward" != 0 ] || forward=1
   {
     echo
@@ -244,6 +250,11 @@ if [ -n "$node" ]; then
     echo "The same forward with weights kept on the device (EM_ADDON_RESIDENT=1, opt-in; information):"
     echo
     grep -E '^\| tiny|^- forward' "$out/forward-resident.md" 2>/dev/null || echo "(no result: forward-resident.md)"
+    echo
+    echo "And with the KV pool mirrored on the device too (EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1, opt-in; information):"
+    echo
+    grep -E '^\| tiny|^- forward' "$out/forward-mirror.md" 2>/dev/null || echo "(no result: forward-mirror.md)"
+    grep -E 'Error|error' "$out/forward-mirror.md" 2>/dev/null | head -5
     echo
     echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
     echo

@@ -6,7 +6,8 @@
 // (its own router runs and is compared), so a near-tie cannot make the two runs diverge.
 //
 //   node scripts/gpu-forward.ts [--device cuda:0] [--models tiny-v2,tiny-v3,tiny-v3-fp8]
-//        [--decode 8] [--tolerance 5e-2] [--isa ISA] [--replay on|off] [--json FILE]
+//        [--decode 8] [--tolerance 5e-2] [--isa ISA] [--replay on|off] [--kv-dtype f32|bf16|fp8]
+//        [--json FILE]
 //
 // Pass: for every model, max |device - cpu| / max |cpu| <= tolerance over the prefill rows
 // and over each decode step, and the greedy (argmax) token of every row agrees, except
@@ -28,6 +29,7 @@ import { rmSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { backendSummary } from "../src/cli/device.ts";
 import type { Backend } from "../src/engine/backend.ts";
+import type { KvDtype } from "../src/engine/kv-format.ts";
 import { SequenceCache } from "../src/engine/model.ts";
 import { loadAddon, type NativeInfo, nativeBackend } from "../src/engine/native.ts";
 import { localModel, readGolden, tinyCheckpointFor } from "../test/support/golden.ts";
@@ -43,6 +45,7 @@ const { values } = parseArgs({
     tolerance: { type: "string" },
     replay: { type: "string" },
     isa: { type: "string" },
+    "kv-dtype": { type: "string" },
     json: { type: "string" },
   },
 });
@@ -56,6 +59,10 @@ const tolerance = Number(values.tolerance ?? 5e-2);
 const replay = (values.replay ?? "on") !== "off";
 if (!Number.isInteger(decodeSteps) || decodeSteps < 0) fatal("--decode must be an integer >= 0");
 if (!(tolerance > 0)) fatal("--tolerance must be > 0");
+// The latent cache's row dtype in both runs (a paged pool the attention reads in place; the
+// GPU check runs the device KV mirror over bf16 rows, as a gateway keeps them).
+const kvDtype = (values["kv-dtype"] ?? "f32") as KvDtype;
+if (!["f32", "bf16", "fp8"].includes(kvDtype)) fatal("--kv-dtype must be f32, bf16 or fp8");
 // The compared run's CPU ISA: for a CPU self-test, the scalar kernels against the best ones.
 const isa = values.isa ?? (device === "cpu" ? "scalar" : "auto");
 
@@ -183,7 +190,7 @@ async function trace(
   const { weights, model } = await localModel(dir, backend);
   const V = weights.config.vocabSize;
   const t0 = performance.now();
-  const cache = new SequenceCache(weights.config, prompt.length + decodeSteps + 1);
+  const cache = new SequenceCache(weights.config, prompt.length + decodeSteps + 1, kvDtype);
   const prefill = await model.forward(prompt, cache);
   const steps: Float32Array[] = [];
   const fed: number[] = [];
@@ -298,7 +305,7 @@ const pass = errors.length === 0 && results.every((r) => r.pass);
 const e = (x: number) => x.toExponential(2);
 out(
   `- forward: ${pass ? "PASS" : "FAIL"} (${device}${device === "cpu" ? ` isa ${isa}, a CPU self-test` : ""} vs the CPU backend${replay ? "" : ", own routing"}, ` +
-    `${models.length} tiny models, prefill + ${decodeSteps} decode steps, tolerance ${e(tolerance)} x max|logit|)`,
+    `${models.length} tiny models, prefill + ${decodeSteps} decode steps, ${kvDtype} KV rows, tolerance ${e(tolerance)} x max|logit|)`,
 );
 out();
 if (deviceInfo) out(`Device run: ${backendSummary(deviceInfo)}.`);
@@ -335,6 +342,6 @@ out(
 if (values.json)
   writeFileSync(
     values.json,
-    `${JSON.stringify({ device, isa, tolerance, decodeSteps, pass, results, errors }, null, 2)}\n`,
+    `${JSON.stringify({ device, isa, tolerance, decodeSteps, kvDtype, pass, results, errors }, null, 2)}\n`,
   );
 process.exit(pass ? 0 : 1);

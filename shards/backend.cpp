@@ -456,7 +456,7 @@ extern "C" em_status em_mla_attention(em_backend* b, const em_mla_args* a) {
       }
       EM_TRY(check_positions(s, static_cast<int64_t>(b1 - b0) * p.block_size, "paged sequence"));
     }
-    if (!b->iface->paged_kv) return em::mla_gather_pages(b, a);
+    if (b->iface->reads_pages == nullptr || !b->iface->reads_pages(b->ctx, &p)) return em::mla_gather_pages(b, a);
     return b->iface->mla_attention(b->ctx, a);
   }
   if (a->caches == nullptr) return em::fail(EM_ERR_ARG, "mla_attention: caches is NULL");

@@ -47,7 +47,8 @@ em_status guarded(const char* op, Fn&& fn) {
 template <typename Ctx>
 constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*),
                                          void (*info)(void*, em_backend_info*),
-                                         int (*supports_op)(void*, em_op, em_dtype), int paged_kv = 0) {
+                                         int (*supports_op)(void*, em_op, em_dtype),
+                                         int (*reads_pages)(void*, const em_kv_pages*) = nullptr) {
   return {
       name,
       destroy,
@@ -90,7 +91,7 @@ constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*
       [](void* p, const em_logprobs_args* a) {
         return guarded("logprobs", [&] { return logprobs(*static_cast<Ctx*>(p), a); });
       },
-      paged_kv,
+      reads_pages,
   };
 }
 

@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -67,6 +68,8 @@ void check(Napi::Env env, em_status s, const char* op) {
 // weights are copied once. Activations, caches and indices are still copied per op. Opt-in
 // until a GPU run has checked it (written without one; the default stages every op's
 // weights, as the H200 runs of 2026-11-30 did).
+struct KvMirrors;
+
 struct AddonState {
   em_backend* cpu = nullptr;
   em_backend* device = nullptr;
@@ -74,6 +77,9 @@ struct AddonState {
   // backend can take its address while a copy made on it is alive).
   std::shared_ptr<em_backend> device_owner;
   bool resident = false;
+  // EM_ADDON_KV_MIRROR=1: device mirrors of paged KV pools (see KvMirror); shared with the
+  // pools' finalizers, which may outlive this state.
+  std::shared_ptr<KvMirrors> kv_mirrors;
   std::string device_name = "cpu";
   ~AddonState() { em_backend_free(cpu); }
 };
@@ -88,6 +94,27 @@ struct DeviceBuffer {
     if (ptr) em_cuda_free(backend.get(), ptr);
   }
 };
+
+// EM_ADDON_KV_MIRROR=1 (ADR 0010; opt-in, written without a GPU): a paged KV pool that
+// mlaAttention reads on the device backend gets a device copy, made whole on that first
+// read. kvEncode keeps writing the host pool (still the source of truth) and notes the byte
+// ranges it wrote; the next device mlaAttention over the pool copies those ranges across in
+// one packed transfer (em_cuda_copy_ranges) and passes the mirror as the pool, which the CUDA
+// backend reads in place. Rows never written through kvEncode since the mirror was made are
+// never read (a block is read only after its rows were written), so a pool needs no other
+// invalidation. Keyed by the pool's host address; the pool object's finalizer drops its
+// mirror, and configure() drops them all (another device).
+struct KvMirror {
+  std::shared_ptr<DeviceBuffer> buf;
+  size_t bytes = 0;
+  std::vector<size_t> dirty_at, dirty_len;  // written on the host since the last flush
+};
+struct KvMirrors {
+  std::unordered_map<const void*, KvMirror> by_pool;
+};
+// Ranges noted before a mirror is dropped and made whole again (a pool written but not read
+// on the device for a long time).
+constexpr size_t kMirrorMaxDirty = size_t{1} << 16;
 
 // A Weight object's data (and fp8 scale) in device memory, wrapped into the object. An
 // expert's gate and up weights share one buffer, up right after gate (see on_device_pair).
@@ -520,6 +547,7 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
     check(env, s, "configure");
   }
   em_backend_free(st->cpu);
+  if (st->kv_mirrors) st->kv_mirrors->by_pool.clear();  // made on the old device
   st->device_owner.reset(created_device, [](em_backend* b) { em_backend_free(b); });
   st->device = created_device;
   st->cpu = created_cpu;
@@ -695,6 +723,74 @@ Napi::Value MlaSoftmaxScale(const Napi::CallbackInfo& info) {
 
 // kvEncode(dtype, kvLoraRank, ropeDim, rows: Float32Array [n, C + dr], out, byteOffset)
 // writes the rows as `dtype` rows (em_kv_pages' layouts) into out from byteOffset.
+// kvEncode wrote bytes [at, at + len) of the pool at `pool`: noted for its mirror, if any.
+void note_kv_write(AddonState* st, const void* pool, size_t at, size_t len) {
+  if (!st->kv_mirrors || len == 0) return;
+  auto it = st->kv_mirrors->by_pool.find(pool);
+  if (it == st->kv_mirrors->by_pool.end()) return;
+  KvMirror& m = it->second;
+  if (!m.dirty_at.empty() && m.dirty_at.back() + m.dirty_len.back() == at) {
+    m.dirty_len.back() += len;  // the next rows of the same run
+    return;
+  }
+  if (m.dirty_at.size() >= kMirrorMaxDirty) {
+    st->kv_mirrors->by_pool.erase(it);  // made whole again at its next device read
+    return;
+  }
+  m.dirty_at.push_back(at);
+  m.dirty_len.push_back(len);
+}
+
+// The device mirror of the pool `pool_value` (bytes `pool`) for an mlaAttention on the device
+// backend `be`, up to date: made whole on first use, else the ranges written since copied.
+void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, const Bytes& pool) {
+  AddonState* st = state_of(env);
+  KvMirrors& mirrors = *st->kv_mirrors;
+  auto it = mirrors.by_pool.find(pool.data);
+  if (it != mirrors.by_pool.end() && it->second.bytes != pool.size) {
+    mirrors.by_pool.erase(it);  // another pool at the same address
+    it = mirrors.by_pool.end();
+  }
+  if (it == mirrors.by_pool.end()) {
+    KvMirror m;
+    m.bytes = pool.size;
+    m.buf = std::make_shared<DeviceBuffer>();
+    m.buf->backend = st->device_owner;
+    check(env, em_cuda_malloc(be, pool.size, &m.buf->ptr), "KV pool to device");
+    check(env, em_cuda_copy(be, m.buf->ptr, pool.data, pool.size), "KV pool to device");
+    // Drop the mirror with the pool object (the table may be gone by then: weak).
+    struct Key {
+      std::weak_ptr<KvMirrors> table;
+      const void* pool;
+    };
+    auto* key = new Key{st->kv_mirrors, pool.data};
+    napi_status s = napi_add_finalizer(
+        env, pool_value, key,
+        [](napi_env, void* data, void*) {
+          std::unique_ptr<Key> k(static_cast<Key*>(data));
+          if (auto table = k->table.lock()) table->by_pool.erase(k->pool);
+        },
+        nullptr, nullptr);
+    if (s != napi_ok) {
+      delete key;
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+      arg_error(env, "pages.pool: cannot hold a device mirror");
+    }
+    it = mirrors.by_pool.emplace(pool.data, std::move(m)).first;
+    return it->second.buf->ptr;
+  }
+  KvMirror& m = it->second;
+  if (!m.dirty_at.empty()) {
+    check(env,
+          em_cuda_copy_ranges(be, m.buf->ptr, pool.data, m.dirty_at.data(), m.dirty_len.data(), m.dirty_at.size()),
+          "KV rows to device");
+    m.dirty_at.clear();
+    m.dirty_len.clear();
+  }
+  return m.buf->ptr;
+}
+
 Napi::Value KvEncode(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const em_dtype dt = parse_dtype(env, arg(info, 0), "dtype");
@@ -711,6 +807,7 @@ Napi::Value KvEncode(const Napi::CallbackInfo& info) {
   // The best ISA's quantizer: its output is the portable encoder's, bit for bit (test_convert).
   const em::cpu::Kernels& k = em::cpu::kernels_for(em_cpu_best_isa());
   em::kv_encode_rows(dt, C, dr, rows, n, static_cast<uint8_t*>(out.data) + at, k.f32_to_fp8, k.abs_max);
+  note_kv_write(state_of(env), out.data, static_cast<size_t>(at), static_cast<size_t>(n) * rb);
   return env.Undefined();
 }
 
@@ -806,6 +903,10 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
                 present(o.Get("pages")) ? &pages : nullptr};
   em_backend* be = backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype);
   wkv_b = on_device(env, be, o.Get("wkvB"), wkv_b);
+  if (a.pages != nullptr && state_of(env)->kv_mirrors && be == state_of(env)->device) {
+    const Napi::Value pool_value = o.Get("pages").As<Napi::Object>().Get("pool");
+    pages.pool = kv_mirror(env, be, pool_value, bytes_of(env, pool_value, "pages.pool"));
+  }
   check(env, em_mla_attention(be, &a), "mlaAttention");
   return out;
 }
@@ -1011,6 +1112,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   AddonState* st = new AddonState();
   const char* resident = std::getenv("EM_ADDON_RESIDENT");
   st->resident = resident != nullptr && std::strcmp(resident, "1") == 0;
+  const char* mirror = std::getenv("EM_ADDON_KV_MIRROR");
+  if (mirror != nullptr && std::strcmp(mirror, "1") == 0) st->kv_mirrors = std::make_shared<KvMirrors>();
   env.SetInstanceData(st);
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));

@@ -38,7 +38,9 @@ void info(void* p, em_backend_info* out) {
 
 void destroy(void* p) { delete ctx_of(p); }
 
-constexpr em_backend_iface kCpuIface = backend_iface<Context>("cpu", destroy, info, supports_op, /*paged_kv=*/1);
+int reads_pages(void*, const em_kv_pages*) { return 1; }  // host memory: every pool
+
+constexpr em_backend_iface kCpuIface = backend_iface<Context>("cpu", destroy, info, supports_op, reads_pages);
 
 // ISA for EM_ISA_AUTO: $EM_CPU_ISA if it names one this CPU supports, else the best one with
 // fp32 products. avx512bf16 rounds x to bf16 in bf16 GEMMs (faster prefill, ~1e-3 relative

@@ -28,6 +28,10 @@
 // Weights: f32 runs fp32 GEMMs (no TF32); bf16/f16 run tensor-core GEMMs with q_nope and
 // o_lat rounded to the weight dtype (as matmul does); fp8 is dequantized to bf16 scratch with
 // its block scales (as DeepSeek's reference weight_dequant does for the absorbed path).
+// Paged caches (em_kv_pages) reach this backend only with their pool in this device's memory
+// (reads_pages in cuda_backend.cu: the addon's mirror of a gateway's KV pool): each
+// sequence's visible rows are first gathered on the device into contiguous caches (bf16
+// stays bf16, fp8 widens to f32, as the dispatcher's host gather does), then the steps above.
 // $EM_CUDA_MLA=simt forces the fp32 SIMT kernel (debugging and benchmarks), =simt16 with
 // 16-row tiles (what GPUs with 99 KB of shared memory per block run), =tc1 the first
 // tensor-core kernel (32-bit fragment loads, one accumulation chain; for comparison).
@@ -814,9 +818,89 @@ void launch_simt(int bn, size_t n, size_t smem, cudaStream_t stream, const MlaPa
   kernel<<<static_cast<unsigned>(n), kSimtThreads, smem, stream>>>(p, first);
 }
 
+// Rows [0, first_row[s + 1] - first_row[s]) of each sequence s (blockIdx.y) from a paged
+// pool in device memory into contiguous caches: row r of sequence s becomes row
+// first_row[s] + r of `dst` (dst_row_bytes each). f32 and bf16 rows are copied; fp8 rows
+// (C e4m3 codes | ceil(C / 128) f32 scales | dr bf16) widen to f32 as kv_fp8_rows_to_f32.
+__global__ void kv_gather_kernel(const uint8_t* pool, int64_t row_bytes, int32_t block_size, const int32_t* table,
+                                 const int32_t* table_off, const int64_t* first_row, int32_t fp8, int32_t C, int32_t dr,
+                                 uint8_t* dst, int64_t dst_row_bytes) {
+  const int s = blockIdx.y;
+  const int64_t n = first_row[s + 1] - first_row[s];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const int64_t blk = table[table_off[s] + r / block_size];
+    const uint8_t* src = pool + (blk * block_size + r % block_size) * row_bytes;
+    uint8_t* d = dst + (first_row[s] + r) * dst_row_bytes;
+    if (!fp8) {
+      if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(d) | static_cast<uintptr_t>(row_bytes)) & 15) == 0) {
+        for (int64_t k = threadIdx.x; k < row_bytes / 16; k += blockDim.x)
+          reinterpret_cast<uint4*>(d)[k] = reinterpret_cast<const uint4*>(src)[k];
+      } else {
+        for (int64_t k = threadIdx.x; k < row_bytes; k += blockDim.x) d[k] = src[k];
+      }
+      continue;
+    }
+    float* o = reinterpret_cast<float*>(d);
+    const uint8_t* scales = src + C;
+    for (int32_t c = threadIdx.x; c < C; c += blockDim.x) {
+      float scale;
+      memcpy(&scale, scales + 4 * (c / EM_FP8_BLOCK), 4);
+      o[c] = fp8_e4m3_to_f32(src[c]) * scale;
+    }
+    const uint8_t* pe = scales + 4 * ((C + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK);
+    for (int32_t i = threadIdx.x; i < dr; i += blockDim.x)
+      o[C + i] = bf16_bits_to_f32(static_cast<uint16_t>(pe[2 * i] | (pe[2 * i + 1] << 8)));
+  }
+}
+
+em_status mla_attention_caches(Context& ctx, const em_mla_args* a);
+
 }  // namespace
 
 em_status mla_attention(Context& ctx, const em_mla_args* a) {
+  if (a->pages == nullptr) return mla_attention_caches(ctx, a);
+  // Pages in this device's memory: gather each sequence's visible rows (up to its largest
+  // position) into contiguous device caches, then attend over those.
+  Op op(ctx);
+  const em_kv_pages& p = *a->pages;
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr, T = a->q->shape[0];
+  const int32_t S = a->num_seqs;
+  if (S > 65535) throw Error(EM_ERR_ARG, "mla_attention: more than 65535 sequences in one call");
+  const size_t rb = em_kv_row_bytes(p.dtype, static_cast<int32_t>(C), static_cast<int32_t>(dr));
+  const em_dtype out_dt = p.dtype == EM_BF16 ? EM_BF16 : EM_F32;
+  const size_t orb = static_cast<size_t>(W) * em_dtype_size(out_dt);
+  std::vector<int64_t> first(static_cast<size_t>(S) + 1, 0);
+  int64_t longest = 0;
+  for (int32_t s = 0; s < S; ++s) {
+    const int64_t t0 = a->q_offsets ? a->q_offsets[s] : 0, t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
+    int64_t rows = 0;
+    for (int64_t t = t0; t < t1; ++t) rows = std::max<int64_t>(rows, a->positions[t] + 1);
+    first[s + 1] = first[s] + rows;
+    longest = std::max(longest, rows);
+  }
+  uint8_t* dst = static_cast<uint8_t*>(op.alloc(static_cast<size_t>(first[S]) * orb));
+  if (longest > 0) {
+    const int32_t* table = op.upload(p.block_table, p.table_offsets[S]);
+    const int32_t* table_off = op.upload(p.table_offsets, S + 1);
+    const int64_t* d_first = op.upload(first.data(), S + 1);
+    const unsigned gx = static_cast<unsigned>(std::min<int64_t>(longest, 4096));
+    kv_gather_kernel<<<dim3(gx, static_cast<unsigned>(S)), 128, 0, op.stream()>>>(
+        static_cast<const uint8_t*>(p.pool), static_cast<int64_t>(rb), p.block_size, table, table_off, d_first,
+        p.dtype == EM_F8_E4M3 ? 1 : 0, static_cast<int32_t>(C), static_cast<int32_t>(dr), dst, static_cast<int64_t>(orb));
+    EMC_LAUNCHED();
+  }
+  std::vector<em_tensor> caches;
+  for (int32_t s = 0; s < S; ++s)
+    caches.push_back(em_tensor_2d(dst + static_cast<size_t>(first[s]) * orb, out_dt, first[s + 1] - first[s], W));
+  em_mla_args c = *a;
+  c.caches = caches.data();
+  c.pages = nullptr;
+  return mla_attention_caches(ctx, &c);  // same stream: runs after the gather; `op` frees it after
+}
+
+namespace {
+
+em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
   Op op(ctx);
   const int64_t H = a->num_heads, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim,
                 C = a->kv_lora_rank, D = C + dr;
@@ -969,4 +1053,5 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
   return EM_OK;
 }
 
+}  // namespace
 }  // namespace em::cuda

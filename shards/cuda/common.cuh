@@ -60,6 +60,9 @@ struct Context {
   std::vector<cublasHandle_t> lane_blas;
   std::vector<cudaEvent_t> lane_done;
   cudaEvent_t lane_fork = nullptr;
+  // em_cuda_copy_ranges' pinned host staging buffer (grown as needed, freed with the context).
+  void* pinned = nullptr;
+  size_t pinned_bytes = 0;
 };
 
 // Where a GEMM runs: a cuBLAS handle and the stream it is bound to.

@@ -144,13 +144,26 @@ void destroy(void* p) {
   cudaSetDevice(c->device);
   fp8_lt_destroy(*c);
   lanes_destroy(*c);
+  if (c->pinned) cudaFreeHost(c->pinned);
   if (c->blas) cublasDestroy(c->blas);
   if (c->stream) cudaStreamDestroy(c->stream);
   delete c;
 }
 
 
-constexpr em_backend_iface kCudaIface = backend_iface<Context>("cuda", destroy, info, supports_op);
+// Pages whose pool lies in this device's memory (the addon's mirror of a KV pool) are read
+// here (attention.cu gathers their rows on the device); the dispatcher gathers any other
+// pool on the host and passes contiguous caches.
+int reads_pages(void* p, const em_kv_pages* pages) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, pages->pool) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return attr.type == cudaMemoryTypeDevice && attr.device == ctx_of(p)->device ? 1 : 0;
+}
+
+constexpr em_backend_iface kCudaIface = backend_iface<Context>("cuda", destroy, info, supports_op, reads_pages);
 
 thread_local std::string tls_status;
 
@@ -310,6 +323,80 @@ extern "C" em_status em_cuda_copy(em_backend* b, void* dst, const void* src, siz
     EMC_CUDA(cudaSetDevice(c->device));
     EMC_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, c->stream));
     EMC_CUDA(cudaStreamSynchronize(c->stream));
+    return EM_OK;
+  });
+}
+
+namespace em::cuda {
+namespace {
+
+// Range i: bytes [src_at[i], src_at[i] + len) of the packed staging copy go to dst + dst_at[i].
+__global__ void scatter_ranges_kernel(const uint8_t* packed, const size_t* src_at, const size_t* dst_at,
+                                      const size_t* lengths, uint8_t* dst) {
+  const size_t i = blockIdx.x, n = lengths[i];
+  const uint8_t* s = packed + src_at[i];
+  uint8_t* d = dst + dst_at[i];
+  if (((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d) | n) & 15) == 0) {
+    for (size_t k = threadIdx.x; k < n / 16; k += blockDim.x)
+      reinterpret_cast<uint4*>(d)[k] = reinterpret_cast<const uint4*>(s)[k];
+  } else {
+    for (size_t k = threadIdx.x; k < n; k += blockDim.x) d[k] = s[k];
+  }
+}
+
+void copy_ranges(Context& c, void* dst, const void* src, const size_t* offsets, const size_t* lengths, size_t n) {
+  if (n <= 2) {  // not worth a kernel
+    for (size_t i = 0; i < n; ++i)
+      if (lengths[i] > 0)
+        EMC_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + offsets[i], static_cast<const char*>(src) + offsets[i],
+                                 lengths[i], cudaMemcpyHostToDevice, c.stream));
+    EMC_CUDA(cudaStreamSynchronize(c.stream));
+    return;
+  }
+  if (n > 0x7fffffffu) throw Error(EM_ERR_ARG, "em_cuda_copy_ranges: too many ranges");
+  // Packed bytes (each range from a 16-byte boundary), then the three index arrays.
+  std::vector<size_t> src_at(n);
+  size_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    src_at[i] = total;
+    total += (lengths[i] + 15) & ~size_t{15};
+  }
+  const size_t index_bytes = 3 * n * sizeof(size_t), need = total + index_bytes;
+  if (c.pinned_bytes < need) {
+    if (c.pinned) EMC_CUDA(cudaFreeHost(c.pinned));
+    c.pinned = nullptr;
+    c.pinned_bytes = 0;
+    EMC_CUDA(cudaMallocHost(&c.pinned, need));
+    c.pinned_bytes = need;
+  }
+  uint8_t* staged = static_cast<uint8_t*>(c.pinned);
+  for (size_t i = 0; i < n; ++i) std::memcpy(staged + src_at[i], static_cast<const uint8_t*>(src) + offsets[i], lengths[i]);
+  size_t* idx = reinterpret_cast<size_t*>(staged + total);
+  std::memcpy(idx, src_at.data(), n * sizeof(size_t));
+  std::memcpy(idx + n, offsets, n * sizeof(size_t));
+  std::memcpy(idx + 2 * n, lengths, n * sizeof(size_t));
+  Op op(c);
+  uint8_t* d = static_cast<uint8_t*>(op.alloc(need));
+  EMC_CUDA(cudaMemcpyAsync(d, staged, need, cudaMemcpyHostToDevice, c.stream));
+  const size_t* di = reinterpret_cast<const size_t*>(d + total);
+  scatter_ranges_kernel<<<static_cast<unsigned>(n), 256, 0, c.stream>>>(d, di, di + n, di + 2 * n,
+                                                                          static_cast<uint8_t*>(dst));
+  EMC_LAUNCHED();
+  op.finish();
+}
+
+}  // namespace
+}  // namespace em::cuda
+
+extern "C" em_status em_cuda_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets,
+                                         const size_t* lengths, size_t n) {
+  Context* c = cuda_ctx(b);
+  if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_copy_ranges: not a CUDA backend");
+  if (n > 0 && (dst == nullptr || src == nullptr || offsets == nullptr || lengths == nullptr))
+    return em::fail(EM_ERR_ARG, "em_cuda_copy_ranges: dst, src, offsets and lengths must be set");
+  return guarded("em_cuda_copy_ranges", [&] {
+    EMC_CUDA(cudaSetDevice(c->device));
+    copy_ranges(*c, dst, src, offsets, lengths, n);
     return EM_OK;
   });
 }

@@ -22,4 +22,7 @@ extern "C" em_status em_cuda_free(em_backend*, void*) { return em::fail(EM_ERR_U
 extern "C" em_status em_cuda_copy(em_backend*, void*, const void*, size_t) {
   return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
 }
+extern "C" em_status em_cuda_copy_ranges(em_backend*, void*, const void*, const size_t*, const size_t*, size_t) {
+  return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
+}
 extern "C" em_status em_cuda_synchronize(em_backend*) { return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status()); }

@@ -150,9 +150,9 @@ void run_case(Rng& rng, const Dims& d, const std::vector<Seq>& seqs, em_dtype wd
   for (em_cpu_isa isa : available_isas()) {
     for (int threads : {1, 3}) {
       Backend be(isa, threads);
-      // A backend that does not read pages: the CPU's op table with paged_kv off.
+      // A backend that does not read pages: the CPU's op table without reads_pages.
       em_backend_iface no_pages = *be.b->iface;
-      no_pages.paged_kv = 0;
+      no_pages.reads_pages = nullptr;
       em_backend gathering{&no_pages, be.b->ctx};
       em_backend* target = layout == Layout::PagedGathered ? &gathering : be.b;
       std::vector<float> out(static_cast<size_t>(T * d.H * d.dv), 7.0f);

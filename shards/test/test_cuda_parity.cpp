@@ -772,10 +772,11 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
          rel_err(call.y0, call.y1), mla_tolerance(wkv_b.dtype, cdt));
 }
 
-// Paged rows (em_kv_pages, host memory): the CPU backend reads the blocks in place, the CUDA
-// backend (paged_kv = 0) gets them gathered by the dispatcher; blocks in reverse order.
+// Paged rows (em_kv_pages): the CPU backend reads the blocks in place; the CUDA backend gets
+// a pool in host memory gathered by the dispatcher, and gathers one in its device memory
+// itself (mem = kMlaDevice: the addon's KV mirror); blocks in reverse order.
 void mla_paged_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const std::vector<MlaSeq>& seqs,
-                    em_dtype pdt, int32_t block_size) {
+                    em_dtype pdt, int32_t block_size, MlaMemory mem = kMlaHost) {
   const size_t rb = em_kv_row_bytes(pdt, static_cast<int32_t>(d.C), static_cast<int32_t>(d.dr));
   int32_t num_blocks = 0;
   for (const MlaSeq& s : seqs) num_blocks += static_cast<int32_t>((s.cache_rows + block_size - 1) / block_size);
@@ -807,14 +808,75 @@ void mla_paged_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, 
     positions.insert(positions.end(), s.positions.begin(), s.positions.end());
     q_offsets.push_back(static_cast<int32_t>(positions.size()));
   }
-  const em_kv_pages pages{pool.data(), pdt, num_blocks, block_size, table.data(), table_offsets.data()};
+  em_kv_pages pages{pool.data(), pdt, num_blocks, block_size, table.data(), table_offsets.data()};
   MlaCall call(rng, d, wkv_b, positions, q_offsets.data(), static_cast<int32_t>(seqs.size()));
   call.a.pages = &pages;
   CHECK_OK(em_mla_attention(b.cpu, &call.a));
   call.a.out = &call.ot1;
+  std::unique_ptr<DeviceCopy> device_pool;
+  if (mem == kMlaDevice) {
+    device_pool = std::make_unique<DeviceCopy>(b.cuda, pool.data(), pool.size());
+    pages.pool = device_pool->ptr;
+  }
   CHECK_OK(em_mla_attention(b.cuda, &call.a));
-  report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/paged " + em_dtype_name(pdt) + " " + d.name,
+  report("mla",
+         std::string(em_dtype_name(wkv_b.dtype)) + "/paged " + em_dtype_name(pdt) + " " + d.name + " blocks of " +
+             std::to_string(block_size) + (mem == kMlaDevice ? ", pool in device memory" : ""),
          rel_err(call.y0, call.y1), mla_tolerance(wkv_b.dtype, pdt == EM_BF16 ? EM_BF16 : EM_F32));
+}
+
+// em_cuda_copy_ranges (the addon's KV mirror flush): host ranges into a device buffer at the
+// same offsets, 1, 2 (plain copies) and many (packed, scattered by a kernel): aligned rows,
+// odd offsets and lengths, empty and overlapping ranges; every other device byte untouched.
+void copy_ranges_cases(Rng& rng, Backends& b) {
+  const size_t bytes = 1 << 20;
+  std::vector<uint8_t> host(bytes), before(bytes);
+  for (auto& v : host) v = static_cast<uint8_t>(rng.integer(0, 255));
+  for (auto& v : before) v = static_cast<uint8_t>(rng.integer(0, 255));
+  for (int n : {1, 2, 3, 64, 700}) {
+    DeviceCopy dev(b.cuda, before.data(), bytes);
+    std::vector<size_t> at, len;
+    std::vector<uint8_t> want = before;
+    for (int i = 0; i < n; ++i) {
+      const bool row = i % 3 == 0;  // 1152-byte rows at 1152-byte offsets (V3's bf16 rows), else odd
+      const size_t l = row ? 1152 : static_cast<size_t>(rng.integer(0, 3000));
+      const size_t o = row ? 1152 * static_cast<size_t>(rng.integer(0, static_cast<int>(bytes / 1152) - 1))
+                           : static_cast<size_t>(rng.integer(0, static_cast<int>(bytes - l)));
+      at.push_back(o);
+      len.push_back(l);
+      std::memcpy(want.data() + o, host.data() + o, l);
+    }
+    if (n >= 3) {  // overlapping the first range
+      at.push_back(at[0] + len[0] / 2);
+      len.push_back(len[0]);
+      std::memcpy(want.data() + at.back(), host.data() + at.back(), len.back());
+    }
+    CHECK_OK(em_cuda_copy_ranges(b.cuda, dev.ptr, host.data(), at.data(), len.data(), at.size()));
+    std::vector<uint8_t> got(bytes);
+    CHECK_OK(em_cuda_copy(b.cuda, got.data(), dev.ptr, bytes));
+    size_t differing = 0;
+    for (size_t i = 0; i < bytes; ++i) differing += got[i] != want[i];
+    std::printf("%-9s %-44s differing bytes %zu  %s\n", "copy", (std::to_string(at.size()) + " ranges to device").c_str(),
+                differing, differing == 0 ? "ok" : "FAIL");
+    CHECK(differing == 0, "em_cuda_copy_ranges, %zu ranges: %zu bytes differ", at.size(), differing);
+  }
+}
+
+// Paged pools in device memory (the addon's KV mirror): the CUDA backend gathers the rows
+// there (attention.cu, kv_gather_kernel). V2-Lite and V3 dims; a sequence with no query token
+// in the batch; blocks of 16 and 7 rows; and tiny dims whose rows are not 16-byte multiples
+// (fp8: 40 codes, one scale, 8 bf16).
+void mla_device_pool_cases(Rng& rng, Backends& b) {
+  const MlaDims small{"small", 3, 16, 8, 12, 40}, lite{"v2-lite", 16, 128, 64, 128, 512}, v3{"v3", 128, 128, 64, 128, 512};
+  TestWeight ws = make_weight(rng, EM_BF16, small.H * (small.dn + small.dv), small.C, 0.25f);
+  TestWeight wl = make_weight(rng, EM_BF16, lite.H * (lite.dn + lite.dv), lite.C, 0.25f);
+  TestWeight w3 = make_weight(rng, EM_F8_E4M3, v3.H * (v3.dn + v3.dv), v3.C, 0.25f);
+  for (em_dtype pdt : {EM_F32, EM_BF16, EM_F8_E4M3}) {
+    mla_paged_case(rng, b, small, ws, {{33, {32}}, {5, mla_range(0, 5)}}, pdt, 4, kMlaDevice);
+    mla_paged_case(rng, b, lite, wl, {{37, {36}}, {1000, {999}}, {70, mla_range(60, 70)}}, pdt, 16, kMlaDevice);
+    mla_paged_case(rng, b, lite, wl, {{50, {49}}, {9, {}}, {300, mla_range(280, 300)}}, pdt, 7, kMlaDevice);
+  }
+  mla_paged_case(rng, b, v3, w3, {{1, {0}}, {2000, {1999}}, {4096, {4095}}}, EM_BF16, 16, kMlaDevice);
 }
 
 void mla_cases(Rng& rng, Backends& b) {
@@ -971,6 +1033,9 @@ int main(int argc, char** argv) {
   moe_lane_cases(lane_rng, b);
   Rng fused_rng(20261201);
   moe_fused_cases(fused_rng, b);
+  Rng pool_rng(20261202);
+  copy_ranges_cases(pool_rng, b);
+  mla_device_pool_cases(pool_rng, b);
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, cc_major);
   return finish("cuda_parity");

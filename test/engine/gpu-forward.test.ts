@@ -3,7 +3,7 @@
 // here so the script itself cannot rot between GPU sessions: it must pass, replay the CPU's
 // routing and count the router's decisions.
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -35,7 +35,7 @@ function forward(...args: string[]) {
     status: r.status,
     stdout: r.stdout,
     stderr: r.stderr,
-    report: JSON.parse(readFileSync(json, "utf8")),
+    report: existsSync(json) ? JSON.parse(readFileSync(json, "utf8")) : null,
   };
 }
 
@@ -58,5 +58,16 @@ describe("gpu-forward CPU self-test", () => {
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toContain("own routing");
     expect(r.report.results[0].routing.sets).toBe(0);
+  });
+
+  it("keeps the latent cache in the dtype asked for (the GPU check's mirrored run uses bf16)", () => {
+    const r = forward("--kv-dtype", "fp8");
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("fp8 KV rows");
+    expect(r.report.kvDtype).toBe("fp8");
+    expect(r.report.results[0].prefillErr).toBeLessThan(1e-5);
+    const bad = forward("--kv-dtype", "f16");
+    expect(bad.status).toBe(1);
+    expect(bad.stdout).toContain("--kv-dtype must be f32, bf16 or fp8");
   });
 });

@@ -111,6 +111,12 @@ em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out);
 em_status em_cuda_free(em_backend* b, void* ptr);
 /* Copies bytes between any two of host and device memory (unified addressing). */
 em_status em_cuda_copy(em_backend* b, void* dst, const void* src, size_t bytes);
+/* Copies n byte ranges of host memory src into device memory dst at the same offsets:
+ * dst[offsets[i] .. offsets[i] + lengths[i]) = src[the same] for each i (ranges may overlap:
+ * they carry the same bytes). Several ranges travel as one packed copy through pinned memory
+ * and a scatter kernel: the addon's KV pool mirror flushes a step's new rows with it. */
+em_status em_cuda_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets, const size_t* lengths,
+                              size_t n);
 /* Waits for all work queued by the backend. */
 em_status em_cuda_synchronize(em_backend* b);
 

@@ -192,8 +192,9 @@ typedef struct em_mla_args {
   const em_tensor* wkv_b;   /* [H * (dn + dv), C] weight, any weight dtype */
   em_tensor* out;           /* [T, H, dv] f32 */
   const em_kv_pages* pages; /* the rows in a paged cache instead of `caches` (NULL: caches). A
-                               backend that does not read pages itself (em_backend_iface.paged_kv
-                               == 0) gets them gathered into contiguous caches by the dispatcher. */
+                               backend that does not read these pages itself
+                               (em_backend_iface.reads_pages) gets them gathered into
+                               contiguous caches by the dispatcher. */
 } em_mla_args;
 
 /* Sampling per row of logits: temperature <= 0 is greedy (argmax, lowest index on ties);
@@ -290,8 +291,10 @@ typedef struct em_backend_iface {
   em_status (*wire_pack)(void* ctx, const em_wire_pack_args* args);
   em_status (*wire_unpack)(void* ctx, const em_wire_unpack_args* args);
   em_status (*logprobs)(void* ctx, const em_logprobs_args* args);
-  /* 1 if mla_attention reads em_kv_pages itself (else the dispatcher gathers them). */
-  int paged_kv;
+  /* 1 if mla_attention reads these pages itself (else the dispatcher gathers them into
+   * contiguous host caches first); NULL: never. The CPU backend reads every pool; the CUDA
+   * backend one in its device's memory (the addon's device mirror of a KV pool). */
+  int (*reads_pages)(void* ctx, const em_kv_pages* pages);
 } em_backend_iface;
 
 typedef struct em_backend {
