@@ -15,11 +15,13 @@ archs=${EM_CUDA_ARCHS:-90a;80}
 t0=$(date +%s)
 
 cuda_root=$(bash "$root/scripts/cuda-toolkit.sh")
+cutlass_dir=$(bash "$root/scripts/cutlass.sh")  # the sm_90a CUTLASS grouped GEMM's headers
 echo "[cuda-check] toolkit $cuda_root ($(($(date +%s) - t0)) s); building for $archs with $jobs job(s) in $build" >&2
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 cmake -S "$root/shards" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DEM_BUILD_ADDON=OFF -DEM_CUDA=ON \
-  -DCMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" -DEM_CUDA_ARCHS="$archs" -DCMAKE_CUDA_ARCHITECTURES="$archs" >/dev/null
+  -DCMAKE_CUDA_COMPILER="$cuda_root/bin/nvcc" -DEM_CUDA_ARCHS="$archs" -DCMAKE_CUDA_ARCHITECTURES="$archs" \
+  -DEM_CUTLASS_DIR="$cutlass_dir" >/dev/null
 # The engine with the CUDA backend, and the two CUDA executables (the CPU tests are built
 # and run by npm test already).
 cmake --build "$build" --parallel "$jobs" --target emcore test_cuda_parity em_bench_cuda_moe em_bench_cuda_mla

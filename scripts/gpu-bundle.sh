@@ -9,6 +9,8 @@
 #   include/node/        node_api.h and the headers it includes (Node-API only, no V8)
 #   node-addon-api/      napi.h, napi-inl.h, napi-inl.deprecated.h (the package's headers)
 #   node_modules/        the pure-JS npm packages the forward imports (@huggingface/jinja, @huggingface/tokenizers)
+#   cutlass-include.tar.xz  CUTLASS's and CuTe's headers (scripts/cutlass.sh; about 2 MB packed):
+#                        the CUDA backend's sm_90a grouped GEMM (cuda/cutlass_grouped.cu)
 #   MANIFEST             what is here, sizes, checksums
 #
 # Node 24 runs the .ts sources directly (type stripping); scripts/gpu-forward.ts imports
@@ -88,6 +90,19 @@ for pkg in @huggingface/jinja @huggingface/tokenizers; do
   mkdir -p "$bundle/node_modules/$pkg"
   cp -R "$root/node_modules/$pkg/." "$bundle/node_modules/$pkg/"
 done
+
+# --- CUTLASS headers ------------------------------------------------------------------
+cutlass_include=$(bash "$root/scripts/cutlass.sh")
+cutlass_version=$(basename "$(dirname "$cutlass_include")")
+if [ -f "$bundle/cutlass-include.tar.xz" ] && [ "$(cat "$bundle/cutlass.version" 2>/dev/null)" = "$cutlass_version" ]; then
+  log "cutlass-include.tar.xz is $cutlass_version already"
+else
+  log "packing $cutlass_version's headers"
+  tar -C "$cutlass_include" -cf - . | xz -T"$(nproc 2>/dev/null || echo 2)" -"$level" -c >"$bundle/cutlass-include.tar.xz.tmp"
+  mv "$bundle/cutlass-include.tar.xz.tmp" "$bundle/cutlass-include.tar.xz"
+  echo "$cutlass_version" >"$bundle/cutlass.version"
+  log "cutlass-include.tar.xz: $(du -k "$bundle/cutlass-include.tar.xz" | cut -f1) KiB"
+fi
 
 # --- manifest ----------------------------------------------------------------------
 {

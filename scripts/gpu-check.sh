@@ -133,15 +133,48 @@ gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 cuda_flags=(-DCMAKE_BUILD_TYPE=Release -DEM_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" -DEM_CUDA_ARCHS="$archs"
   -DCMAKE_CUDA_ARCHITECTURES="$archs")
+# CUTLASS's headers (the bundle's, or scripts/cutlass.sh's where the network is there): the
+# sm_90a grouped GEMM of EM_CUDA_MOE_GEMM=cutlass. A build that fails with them is retried
+# without them, so that the rest of the check still runs.
+cutlass_dir=""
+if [ -f "$bundle/cutlass-include.tar.xz" ]; then
+  cutlass_dir="${TMPDIR:-/tmp}/expertmesh-cutlass-include"
+  rm -rf "$cutlass_dir" && mkdir -p "$cutlass_dir"
+  if command -v xz >/dev/null 2>&1; then
+    xz -dc "$bundle/cutlass-include.tar.xz" | tar -C "$cutlass_dir" -xf - || cutlass_dir=""
+  else
+    python3 -c 'import lzma, sys, tarfile; tarfile.open(fileobj=lzma.open(sys.argv[1])).extractall(sys.argv[2])' \
+      "$bundle/cutlass-include.tar.xz" "$cutlass_dir" || cutlass_dir=""
+  fi
+else
+  cutlass_dir=$(bash "$root/scripts/cutlass.sh" --check 2>/dev/null || true)
+fi
+cutlass_note="not built (no CUTLASS headers: carry a bundle from scripts/gpu-bundle.sh)"
+[ -n "$cutlass_dir" ] && cutlass_note="built ($(cat "$bundle/cutlass.version" 2>/dev/null || echo "$cutlass_dir"))"
 bt0=$(date +%s)
-if ! { step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" "${cuda_flags[@]}" -DEM_BUILD_ADDON=OFF &&
-  step 300 cmake --build "$build" --parallel "$(nproc)"; } >"$out/build.log" 2>&1; then
+build_engine() {
+  step 60 cmake -S "$root/shards" -B "$build" "${gen[@]}" "${cuda_flags[@]}" "$@" -DEM_BUILD_ADDON=OFF &&
+    step 300 cmake --build "$build" --parallel "$(nproc)"
+}
+build_ok=0
+if [ -n "$cutlass_dir" ]; then
+  if build_engine -DEM_CUTLASS_DIR="$cutlass_dir" >"$out/build.log" 2>&1; then
+    build_ok=1
+    cuda_flags+=(-DEM_CUTLASS_DIR="$cutlass_dir")
+  else
+    log "the build with CUTLASS failed (build-cutlass.log): building without it"
+    mv "$out/build.log" "$out/build-cutlass.log"
+    cutlass_note="FAILED TO BUILD (build-cutlass.log); the check ran without it"
+    cuda_flags+=(-DEM_CUTLASS_DIR=)
+  fi
+fi
+if [ "$build_ok" = 0 ] && ! build_engine >"$out/build.log" 2>&1; then
   log "ERROR: build failed (tail of build.log below)"
   tail -40 "$out/build.log" >&2
   { echo "- result: FAIL (build; see build.log)"; echo; echo '```'; tail -40 "$out/build.log"; echo '```'; } >>"$report"
   exit 1
 fi
-echo "- build: $(($(date +%s) - bt0)) s" >>"$report"
+echo "- build: $(($(date +%s) - bt0)) s; CUTLASS grouped GEMM: $cutlass_note" >>"$report"
 # The addon on top of the same build (the engine's objects are reused): its own step, so an
 # addon failure still leaves the parity suite to run.
 if [ -n "$node" ]; then

@@ -88,6 +88,13 @@ int main(int argc, char** argv) {
   fcfg.moe_gemm = EM_CUDA_MOE_GROUPED;
   fcfg.moe_streams = 1;
   TRY(em_backend_create_cuda(&fcfg, &grouped_fused));
+  // The CUTLASS Hopper grouped GEMM (EM_CUDA_MOE_CUTLASS), unfused and fused.
+  em_backend* cutlass = nullptr;
+  em_backend* cutlass_fused = nullptr;
+  fcfg.moe_gemm = EM_CUDA_MOE_CUTLASS;
+  TRY(em_backend_create_cuda(&fcfg, &cutlass_fused));
+  fcfg.moe_fuse_gate_up = -1;
+  TRY(em_backend_create_cuda(&fcfg, &cutlass));
   char loop_name[32], loop2x_name[32], fused_name[40];
   std::snprintf(loop_name, sizeof loop_name, "cublas loop x%d", EM_CUDA_MOE_STREAMS_DEFAULT);
   std::snprintf(fused_name, sizeof fused_name, "cublas loop x%d fused", EM_CUDA_MOE_STREAMS_DEFAULT);
@@ -226,7 +233,7 @@ int main(int argc, char** argv) {
     struct Side {
       em_backend* b;
       const em_moe_args* args;
-      const char* name;
+      std::string name;
       const char* dtype;
     };
     std::vector<Side> sides;
@@ -237,17 +244,26 @@ int main(int argc, char** argv) {
       sides.push_back({grouped, &a, "cublas grouped", "bf16"});
       sides.push_back({loop_fused, &a, fused_name, "bf16"});
       sides.push_back({grouped_fused, &a, "cublas grouped fused", "bf16"});
+      sides.push_back({cutlass, &a, "cutlass grouped", "bf16"});
+      sides.push_back({cutlass_fused, &a, "cutlass grouped fused", "bf16"});
     }
     if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
       sides.push_back({loop, &af, "fp8 loop", "fp8"});
       sides.push_back({grouped, &af, "fp8 grouped", "fp8"});
       sides.push_back({lt, &af, "fp8 lt", "fp8"});  // fp8 x fp8 on cuBLASLt (sm_90+)
       sides.push_back({loop_fused, &af, "fp8 loop fused", "fp8"});
+      sides.push_back({cutlass_fused, &af, "fp8 cutlass fused", "fp8"});  // dequantized to bf16 per batch
     }
     const size_t ns = sides.size();
     std::vector<std::vector<double>> tflops(ns);
     for (size_t s = 0; s < ns; ++s) {  // warm-up (the lt side also plans its cuBLASLt GEMMs here)
       TRY(em_moe_ffn(sides[s].b, sides[s].args));
+      if (sides[s].b == cutlass || sides[s].b == cutlass_fused) {  // which grouped GEMM ran, and why
+        const std::string st = em_cuda_last_status();
+        if (st.find("grouped cutlass,") == std::string::npos) sides[s].name += " (fallback: cublas)";
+        std::printf("bench_cuda_moe: tokens %lld, %s: %s\n", static_cast<long long>(tokens), sides[s].name.c_str(),
+                    st.c_str());
+      }
       if (sides[s].b == lt) {
         const std::string st = em_cuda_last_status();
         if (st.rfind("fp8 lt: cublasLt", 0) != 0) sides[s].name = "fp8 lt (fallback)";
@@ -273,7 +289,7 @@ int main(int argc, char** argv) {
       const double of_bf16 = st.median / peak_bf16, of_fp8 = st.median / peak_fp8;
       std::printf("moe_ffn %-4s tokens %5lld rows %6lld  %-15s %8.2f TFLOP/s (min %.2f max %.2f, %d runs; "
                   "%.3f of bf16 peak, %.3f of fp8 peak)\n",
-                  sides[s].dtype, static_cast<long long>(tokens), static_cast<long long>(rows), sides[s].name,
+                  sides[s].dtype, static_cast<long long>(tokens), static_cast<long long>(rows), sides[s].name.c_str(),
                   st.median, st.min, st.max, runs, of_bf16, of_fp8);
       if (json)
         std::fprintf(json,
@@ -282,7 +298,7 @@ int main(int argc, char** argv) {
                      "\"tflops_min\": %.4f, \"tflops_max\": %.4f, \"runs\": %d, \"device\": \"%s\", "
                      "\"peak_bf16_tflops\": %.1f, \"peak_fp8_tflops\": %.1f, \"of_bf16_peak\": %.4f, "
                      "\"of_fp8_peak\": %.4f}",
-                     first ? "" : ",\n", sides[s].name, sides[s].dtype, static_cast<long long>(tokens),
+                     first ? "" : ",\n", sides[s].name.c_str(), sides[s].dtype, static_cast<long long>(tokens),
                      static_cast<long long>(rows), static_cast<long long>(kHidden), static_cast<long long>(kInter),
                      static_cast<long long>(kExperts), static_cast<long long>(kTopK), st.median, st.min, st.max, runs,
                      info.isa, peak_bf16, peak_fp8, of_bf16, of_fp8);
@@ -293,7 +309,7 @@ int main(int argc, char** argv) {
     setenv("EM_CUDA_MOE_PROFILE", "1", 1);
     for (size_t s = 0; s < ns; ++s) {
       std::fprintf(stderr, "bench_cuda_moe: tokens %lld, %s %s: ", static_cast<long long>(tokens), sides[s].dtype,
-                   sides[s].name);
+                   sides[s].name.c_str());
       TRY(em_moe_ffn(sides[s].b, sides[s].args));
     }
     unsetenv("EM_CUDA_MOE_PROFILE");
@@ -312,5 +328,7 @@ int main(int argc, char** argv) {
   em_backend_free(lt);
   em_backend_free(loop_fused);
   em_backend_free(grouped_fused);
+  em_backend_free(cutlass);
+  em_backend_free(cutlass_fused);
   return 0;
 }

@@ -176,6 +176,16 @@ em_status gate(Context& ctx, const em_tensor* x, const em_tensor* weight, const 
 em_status convert(Context& ctx, const em_tensor* src, em_tensor* dst);
 em_status mla_attention(Context& ctx, const em_mla_args* args);  // attention.cu
 
+// cutlass_grouped.cu: moe_ffn's bf16 grouped GEMM as one CUTLASS Hopper kernel. Group g:
+// c_g[n_g, m_g] (row-major, ld ldc) = b_g[n_g, k_g] (ld ldb) a_g[m_g, k_g]^T (ld lda) (as the
+// cuBLAS grouped call in moe.cu). False, with why, when this build or device cannot run it
+// (built without CUTLASS or sm_90a, another device, misaligned operands, can_implement);
+// the caller then runs cuBLAS.
+bool cutlass_grouped_built();
+bool cutlass_grouped_run(Op& op, int groups, const int* m, const int* n, const int* k, const void* const* a,
+                         const int* lda, const void* const* b, const int* ldb, void* const* c, const int* ldc,
+                         std::string& why);
+
 // ------------------------------------------------------------------ device helpers
 #ifdef __CUDACC__
 __device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }

@@ -176,6 +176,7 @@ em_cuda_moe_gemm moe_gemm_from_env() {
   const char* env = std::getenv("EM_CUDA_MOE_GEMM");
   if (env != nullptr && std::strcmp(env, "grouped") == 0) return EM_CUDA_MOE_GROUPED;
   if (env != nullptr && std::strcmp(env, "loop") == 0) return EM_CUDA_MOE_LOOP;
+  if (env != nullptr && std::strcmp(env, "cutlass") == 0) return EM_CUDA_MOE_CUTLASS;
   return EM_CUDA_MOE_AUTO;  // chosen per call by rows per expert (moe.cu)
 }
 

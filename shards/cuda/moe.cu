@@ -269,9 +269,20 @@ struct Grouped {
     b.push_back(B);
     c.push_back(C);
   }
-  void run(Op& op, cudaDataType_t ab) {
+  // cuBLAS's grouped GEMM, or with `cutlass` CUTLASS's Hopper kernel for bf16 where it can run
+  // (else cuBLAS, and `note` says why).
+  void run(Op& op, cudaDataType_t ab, bool cutlass = false, std::string* note = nullptr) {
     const int groups = static_cast<int>(m.size());
     if (groups == 0) return;
+    if (cutlass) {
+      std::string why = ab == CUDA_R_16BF ? "" : "the CUTLASS grouped GEMM is bf16 only";
+      if (ab == CUDA_R_16BF && cutlass_grouped_run(op, groups, m.data(), n.data(), k.data(), a.data(), lda.data(),
+                                                   b.data(), ldb.data(), c.data(), ldc.data(), why)) {
+        if (note && note->empty()) *note = "cutlass";
+        return;
+      }
+      if (note) *note = "cublas grouped (cutlass: " + why + ")";
+    }
 #if CUBLAS_VERSION >= 120500
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<float> alpha(groups, 1.0f), beta(groups, 0.0f);
@@ -335,9 +346,11 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // ran 1.4-1.7x the loop at 1-16 rows per expert, 0.8x at 128: BENCHMARKS.md), else the loop.
   int32_t active = 0;
   for (int32_t e = 0; e < E; ++e) active += a->expert_offsets[e + 1] > a->expert_offsets[e];
-  const bool want_grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED ||
+  const bool cutlass = ctx.moe_gemm == EM_CUDA_MOE_CUTLASS;
+  const bool want_grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED || cutlass ||
                             (ctx.moe_gemm == EM_CUDA_MOE_AUTO && kGroupedBuilt && !fp8 && rows < kGroupedRowsPerExpert * active);
   const bool grouped = want_grouped && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx)) && !empty_sum;
+  std::string gemm_note;  // the CUTLASS mode: which grouped GEMM ran (and why not CUTLASS)
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate && !grouped;
 
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)
@@ -447,7 +460,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         }
         const size_t bytes = wbytes(w);
         if (wused > 0 && wused + bytes > wcap) {
-          batch.run(op, ab);
+          batch.run(op, ab, cutlass, &gemm_note);
           batch = Grouped();
           wused = 0;
         }
@@ -477,7 +490,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         up.add(p3, ld3, xrow(r0), ldx, static_cast<char*>(g) + static_cast<size_t>(max_inter) * esz, ldgu, inter, n,
                dim);
       }
-      up.run(op, ab);
+      up.run(op, ab, cutlass, &gemm_note);
       phases.mark("gate/up");
       wused = 0;
       const void* u = static_cast<const char*>(gu) + static_cast<size_t>(max_inter) * esz;
@@ -493,7 +506,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
         const void* p2 = weight(down, w2[e], ld2);
         down.add(p2, ld2, hrow(r0), max_inter, at(outh, r0, dim), dim, dim, n, w2[e].shape[1]);
       }
-      down.run(op, ab);
+      down.run(op, ab, cutlass, &gemm_note);
       phases.mark("down");
     }
   } else if (rows > 0) {  // experts with no intermediate width: the FFN is 0
@@ -503,9 +516,10 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
                                static_cast<size_t>(rows), op.stream()));
   }
   // What ran, for the profile line and em_cuda_last_status() (appended to an fp8 lt status).
-  const std::string summary = std::string(grouped ? "grouped" : "loop") + ", " + std::to_string(rows) + " rows, " +
-                              std::to_string(active) + " experts, gate/up fused for " + std::to_string(fused_count);
-  if (fused_count > 0) {
+  const std::string summary = std::string(grouped ? (cutlass ? "grouped " + gemm_note : "grouped") : "loop") + ", " +
+                              std::to_string(rows) + " rows, " + std::to_string(active) + " experts, gate/up fused for " +
+                              std::to_string(fused_count);
+  if (fused_count > 0 || (grouped && cutlass)) {
     const std::string prev = last_status();
     set_last_status(prev.empty() ? "moe_ffn: " + summary : prev + "; moe_ffn: " + summary);
   }

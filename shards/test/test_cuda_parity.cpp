@@ -41,12 +41,15 @@ struct Backends {
   em_backend* cuda_grouped = nullptr;
   em_backend* cuda_lt = nullptr;  // EM_CUDA_FP8_LT (fp8_lt_cases)
   em_backend* cuda_1s = nullptr;  // the loop on one stream (moe_lane_cases)
+  em_backend* cuda_cutlass = nullptr;  // EM_CUDA_MOE_CUTLASS (sm_90a builds with CUTLASS)
+  int cc_major = 0;
   ~Backends() {
     em_backend_free(cpu);
     em_backend_free(cuda);
     em_backend_free(cuda_1s);
     em_backend_free(cuda_grouped);
     em_backend_free(cuda_lt);
+    em_backend_free(cuda_cutlass);
   }
 };
 
@@ -316,6 +319,18 @@ struct MoeExperts {
   }
 };
 
+// After a moe_ffn on b.cuda_cutlass: on compute capability 9.0 with the CUTLASS kernel built,
+// bf16 and fp8 (dequantized to bf16) experts must have run it; f16 runs cuBLAS's grouped GEMM.
+void check_cutlass_ran(const Backends& b, em_dtype dt, const std::string& what) {
+  const std::string st = em_cuda_last_status();
+  const bool ran = st.find("grouped cutlass,") != std::string::npos;
+  const bool expected = b.cc_major == 9 && dt != EM_F16 && st.find("built without the CUTLASS") == std::string::npos;
+  std::printf("%-9s %-44s %s\n", "moe_ffn", (what + " ran cutlass: " + (ran ? "yes" : "no")).c_str(),
+              ran == expected ? "ok" : "FAIL");
+  if (ran != expected) std::printf("          status: %s\n", st.c_str());
+  CHECK(ran == expected, "moe_ffn %s: CUTLASS ran %d, expected %d (status: %s)", what.c_str(), ran, expected, st.c_str());
+}
+
 void moe_cases(Rng& rng, Backends& b) {
   const int64_t dim = 256, inter = 384;
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
@@ -334,9 +349,10 @@ void moe_cases(Rng& rng, Backends& b) {
     enum Mode { kDirect, kScatter, kAccumulate, kGather };
     const char* mode_names[] = {"direct", "weighted scatter", "weighted scatter +=", "x_index gather"};
     for (int mode = kDirect; mode <= kGather; ++mode) {
-      for (int variant = 0; variant < 3; ++variant) {  // cuda loop, cuda grouped, cuda loop on device memory
-        em_backend* cb = variant == 1 ? b.cuda_grouped : b.cuda;
-        if (variant == 1 && (cb == nullptr || dt == EM_F32)) continue;
+      // cuda loop, cuda grouped, cuda loop on device memory, the CUTLASS grouped mode
+      for (int variant = 0; variant < 4; ++variant) {
+        em_backend* cb = variant == 1 ? b.cuda_grouped : variant == 3 ? b.cuda_cutlass : b.cuda;
+        if ((variant == 1 || variant == 3) && (cb == nullptr || dt == EM_F32)) continue;
         const int64_t y_rows = mode == kScatter || mode == kAccumulate ? num_out : rows;
         std::vector<float> y0(y_init.begin(), y_init.begin() + y_rows * dim), y1 = y0;
         em_tensor xt = em_tensor_2d(x.data(), EM_F32, mode == kGather ? x_rows : rows, dim);
@@ -350,7 +366,7 @@ void moe_cases(Rng& rng, Backends& b) {
         CHECK_OK(em_moe_ffn(b.cpu, &a));
 
         em_tensor yt1 = em_tensor_2d(y1.data(), EM_F32, y_rows, dim);
-        if (variant < 2) {
+        if (variant != 2) {
           a.y = &yt1;
           CHECK_OK(em_moe_ffn(cb, &a));
         } else {
@@ -382,11 +398,12 @@ void moe_cases(Rng& rng, Backends& b) {
           CHECK_OK(em_moe_ffn(cb, &a));
           CHECK_OK(em_cuda_copy(cb, y1.data(), dy.ptr, sizeof(float) * y1.size()));
         }
-        const char* vname = variant == 0 ? "loop" : variant == 1 ? "grouped" : "loop, device memory";
+        const char* vname = variant == 0 ? "loop" : variant == 1 ? "grouped" : variant == 2 ? "loop, device memory" : "cutlass";
         report("moe_ffn",
                std::string(em_dtype_name(dt)) + " " + mode_names[mode] + " (" + vname + ") " +
                    shape_str(rows, dim, inter),
-               rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
+               rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 || variant == 3 ? 2 : 1));
+        if (variant == 3) check_cutlass_ran(b, dt, std::string(em_dtype_name(dt)) + " " + mode_names[mode]);
       }
     }
   }
@@ -445,9 +462,9 @@ void moe_fused_cases(Rng& rng, Backends& b) {
     std::vector<float> x = rng.vec(static_cast<size_t>(rows * dim)), row_weight = rng.vec(static_cast<size_t>(rows), 0.1f, 1.0f);
     std::vector<int32_t> out_index(static_cast<size_t>(rows));
     for (auto& i : out_index) i = rng.integer(0, static_cast<int>(num_out - 1));
-    for (int variant = 0; variant < 2; ++variant) {  // loop, grouped
-      em_backend* cb = variant == 0 ? b.cuda : b.cuda_grouped;
-      if (cb == nullptr || (variant == 1 && dt == EM_F32)) continue;
+    for (int variant = 0; variant < 3; ++variant) {  // loop, grouped, cutlass
+      em_backend* cb = variant == 0 ? b.cuda : variant == 1 ? b.cuda_grouped : b.cuda_cutlass;
+      if (cb == nullptr || (variant > 0 && dt == EM_F32)) continue;
       std::vector<float> y0(static_cast<size_t>(num_out * dim)), y1 = y0;
       em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, dim);
       em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, num_out, dim);
@@ -492,8 +509,10 @@ void moe_fused_cases(Rng& rng, Backends& b) {
       const std::string want = "gate/up fused for " + std::to_string(with_rows);
       const bool ran = st.size() >= want.size() && st.compare(st.size() - want.size(), want.size(), want) == 0;
       const std::string what = std::string(em_dtype_name(dt)) + " gate/up side by side (" +
-                               (variant == 0 ? "loop" : "grouped") + ") " + shape_str(rows, dim, inter);
-      report("moe_ffn", what, rel_err(y0, y1), gemm_tolerance(dt) * (variant == 1 ? 2 : 1));
+                               (variant == 0 ? "loop" : variant == 1 ? "grouped" : "cutlass") + ") " +
+                               shape_str(rows, dim, inter);
+      report("moe_ffn", what, rel_err(y0, y1), gemm_tolerance(dt) * (variant > 0 ? 2 : 1));
+      if (variant == 2) check_cutlass_ran(b, dt, std::string(em_dtype_name(dt)) + " side by side");
       std::printf("%-9s %-44s %s\n", "moe_ffn", (what + " fused").c_str(), ran ? "ok" : "FAIL");
       CHECK(ran, "moe_ffn %s: the gate/up fusion did not run (status: %s)", what.c_str(), st.c_str());
     }
@@ -1006,6 +1025,9 @@ int main(int argc, char** argv) {
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_grouped));
   cfg.fp8_gemm = EM_CUDA_FP8_LT;  // grouped + lt: moe_ffn must loop over experts on the lt path
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_lt));
+  cfg.fp8_gemm = EM_CUDA_FP8_DEFAULT;
+  cfg.moe_gemm = EM_CUDA_MOE_CUTLASS;
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_cutlass));
   if (b.cpu == nullptr || b.cuda == nullptr) return finish("cuda_parity");
   em_backend_info ci, gi;
   em_backend_get_info(b.cpu, &ci);
@@ -1013,6 +1035,7 @@ int main(int argc, char** argv) {
   std::printf("cuda_parity: reference cpu/%s x%d threads, device cuda:%d %s (%d SMs), %d device(s)\n", ci.isa,
               ci.num_threads, device, gi.isa, gi.num_threads, count);
   const int cc_major = std::atoi(gi.isa + 3) / 10;  // "sm_90" -> 9
+  b.cc_major = cc_major;
   if (wgmma_only) {
     wgmma_cases(cc_major);
     Rng wg_rng(20261131);

@@ -49,11 +49,17 @@ extern "C" {
 #endif
 
 typedef enum em_cuda_moe_gemm {
-  EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped"), else per call: grouped for
+  EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped" | "cutlass"), else per call: grouped for
                               bf16/f16 experts of under 64 rows each on average, else the loop */
   EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs, over moe_streams streams */
-  EM_CUDA_MOE_GROUPED = 2  /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
+  EM_CUDA_MOE_GROUPED = 2, /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
                               intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
+  EM_CUDA_MOE_CUTLASS = 3  /* the grouped mode with one CUTLASS Hopper kernel per phase for bf16
+                              (and fp8, dequantized to bf16) experts: TMA, warpgroup MMA, a
+                              persistent scheduler over all experts' tiles. sm_90a builds with
+                              scripts/cutlass.sh's headers, on compute capability 9.0; elsewhere,
+                              or for f16, cuBLAS's grouped GEMM runs (em_cuda_last_status says
+                              which ran, and why) */
 } em_cuda_moe_gemm;
 
 /* GEMMs with fp8 e4m3 block-scaled weights (matmul, and moe_ffn's experts). */
