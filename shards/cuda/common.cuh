@@ -164,6 +164,10 @@ void fp8_to_bf16(Op& op, const em_tensor& w, void* dst);
 void fp8_lt_init(Context& ctx);
 void fp8_lt_destroy(Context& ctx);
 bool fp8_lt_available(const Context& ctx);
+// DeepSeek's act_quant (as the EM_CUDA_FP8_LT path) of x [M, K] (f32 or bf16 xdt, ld ldx; K a
+// multiple of 128) into q [M, K] e4m3 (ld K) and s [M, K/128] f32 scales, each token's together
+// (CUTLASS's K-major blockwise scale layout).
+void act_quant_k_major(Op& op, const void* x, em_dtype xdt, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* s);
 
 // Op implementations; arguments were validated by the dispatcher.
 em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);
@@ -182,6 +186,13 @@ em_status mla_attention(Context& ctx, const em_mla_args* args);  // attention.cu
 // (built without CUTLASS or sm_90a, another device, misaligned operands, can_implement);
 // the caller then runs cuBLAS.
 bool cutlass_grouped_built();
+// The fp8 variant (DeepSeek-V3's inference GEMM, one launch for all groups): group g
+// d_g[m_g, n_g] (bf16, row-major, ld ldd) = (a_g [m_g, k_g] e4m3, ld lda, scales sfa_g per token
+// per 128 columns, [m_g, k_g/128] row-major) x (b_g [n_g, k_g] e4m3, ld ldb, scales sfb_g per
+// 128 x 128 block, [n_g/128, k_g/128] row-major)^T, fp32 accumulation; k_g a multiple of 128.
+bool cutlass_grouped_fp8_run(Op& op, int groups, const int* m, const int* n, const int* k, const void* const* a,
+                             const int* lda, const float* const* sfa, const void* const* b, const int* ldb,
+                             const float* const* sfb, void* const* d, const int* ldd, std::string& why);
 bool cutlass_grouped_run(Op& op, int groups, const int* m, const int* n, const int* k, const void* const* a,
                          const int* lda, const void* const* b, const int* ldb, void* const* c, const int* ldc,
                          std::string& why);

@@ -156,11 +156,13 @@ em_tensor fp8_rows(const em_tensor& w, int64_t r0, int64_t n) {
 }
 
 // DeepSeek's act_quant on x [M, K] (K % 128 == 0), rows >= M (up to Mp) as zeros: one warp per
-// (token m, 128-column group g), 4 columns per lane. q [Mp, K] e4m3 codes (ld K), s [K/128, Mp]
-// f32 scales (s[g * Mp + m]): the layout of cuBLASLt's VEC128_32F scales of a K x Mp operand.
+// (token m, 128-column group g), 4 columns per lane. q [Mp, K] e4m3 codes (ld K), f32 scales at
+// s[m * s_m + g * s_g]: (1, Mp) is cuBLASLt's VEC128_32F layout of a K x Mp operand, (K/128, 1)
+// CUTLASS's K-major one (each token's scales together).
 template <typename XT>
 __global__ void __launch_bounds__(256)
-    act_quant_kernel(const XT* x, int64_t ldx, int64_t M, int64_t Mp, int64_t K, uint8_t* q, float* s) {
+    act_quant_kernel(const XT* x, int64_t ldx, int64_t M, int64_t Mp, int64_t K, uint8_t* q, float* s, int64_t s_m,
+                     int64_t s_g) {
   const int64_t groups = K / EM_FP8_BLOCK, total = Mp * groups;
   const int lane = threadIdx.x & 31;
   const int64_t step = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
@@ -181,7 +183,7 @@ __global__ void __launch_bounds__(256)
     for (int j = 0; j < 4; ++j)
       codes |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] / sc, __NV_SATFINITE, __NV_E4M3)) << (8 * j);
     *reinterpret_cast<uint32_t*>(q + m * K + c) = codes;
-    if (lane == 0) s[g * Mp + m] = sc;
+    if (lane == 0) s[m * s_m + g * s_g] = sc;
   }
 }
 
@@ -416,9 +418,10 @@ bool fp8_lt_gemm(Op& op, const void* x, em_dtype xdt, int64_t ldx, const em_tens
   // 1. act_quant
   const unsigned qgrid = lt_grid(Mp * Kb, 8);
   if (xdt == EM_F32) {
-    act_quant_kernel<float><<<qgrid, 256, 0, op.stream()>>>(static_cast<const float*>(x), ldx, M, Mp, K, q, xs);
+    act_quant_kernel<float><<<qgrid, 256, 0, op.stream()>>>(static_cast<const float*>(x), ldx, M, Mp, K, q, xs, 1, Mp);
   } else {
-    act_quant_kernel<uint16_t><<<qgrid, 256, 0, op.stream()>>>(static_cast<const uint16_t*>(x), ldx, M, Mp, K, q, xs);
+    act_quant_kernel<uint16_t><<<qgrid, 256, 0, op.stream()>>>(static_cast<const uint16_t*>(x), ldx, M, Mp, K, q, xs, 1,
+                                                               Mp);
   }
   EMC_LAUNCHED();
   // 2. the weight scales with cuBLASLt's stride (pads zero)
@@ -508,6 +511,17 @@ void fp8_lt_destroy(Context& ctx) {
 }
 
 bool fp8_lt_available(const Context& ctx) { return ctx.fp8_lt != nullptr && ctx.fp8_lt->available; }
+
+void act_quant_k_major(Op& op, const void* x, em_dtype xdt, int64_t ldx, int64_t M, int64_t K, uint8_t* q, float* s) {
+  if (M == 0 || K == 0) return;
+  const int64_t Kb = K / EM_FP8_BLOCK;
+  const unsigned grid = lt_grid(M * Kb, 8);
+  if (xdt == EM_F32)
+    act_quant_kernel<float><<<grid, 256, 0, op.stream()>>>(static_cast<const float*>(x), ldx, M, M, K, q, s, Kb, 1);
+  else
+    act_quant_kernel<uint16_t><<<grid, 256, 0, op.stream()>>>(static_cast<const uint16_t*>(x), ldx, M, M, K, q, s, Kb, 1);
+  EMC_LAUNCHED();
+}
 
 void* ScratchBuf::get(Op& op, size_t n) {
   if (n > bytes) {  // the old buffer stays allocated until the op ends: queued work may still read it

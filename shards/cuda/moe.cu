@@ -300,6 +300,109 @@ struct Grouped {
   }
 };
 
+// The CUTLASS mode's fp8 experts (DeepSeek-V3's inference numerics): activations quantized per
+// token per 128 columns (act_quant), one CUTLASS blockwise-scaled fp8 grouped GEMM per phase
+// with the weights' own 128 x 128 scales (cutlass_grouped_fp8_run), bf16 intermediates.
+// Needs every active expert's weights in whole 128 blocks on both sides, contiguous rows,
+// scales of the whole tensor (scale_stride = K / 128) and one intermediate width; else `why`.
+bool fp8_blockwise_ready(const std::vector<em_tensor>& w1, const std::vector<em_tensor>& w3,
+                         const std::vector<em_tensor>& w2, const int32_t* offsets, int32_t E, int64_t dim,
+                         int64_t max_inter, std::string& why) {
+  auto whole = [](const em_tensor& w) {
+    return w.ndim == 2 && w.stride[1] == 1 && w.scale != nullptr && w.shape[0] % EM_FP8_BLOCK == 0 &&
+           w.shape[1] % EM_FP8_BLOCK == 0 && w.scale_stride == w.shape[1] / EM_FP8_BLOCK && w.stride[0] % 16 == 0;
+  };
+  if (dim % EM_FP8_BLOCK != 0 || max_inter % EM_FP8_BLOCK != 0) {
+    why = "dequantized to bf16 (cutlass fp8: hidden or intermediate width not a multiple of 128)";
+    return false;
+  }
+  for (int32_t e = 0; e < E; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    if (!whole(w1[e]) || !whole(w3[e]) || !whole(w2[e]) || w1[e].shape[0] != max_inter) {
+      why = "dequantized to bf16 (cutlass fp8: expert " + std::to_string(e) +
+            "'s weights are not whole 128 x 128 blocks of one intermediate width)";
+      return false;
+    }
+  }
+  return true;
+}
+
+// One phase's groups for cutlass_grouped_fp8_run.
+struct Fp8Groups {
+  std::vector<int> m, n, k, lda, ldb, ldd;
+  std::vector<const void*> a, b;
+  std::vector<const float*> sfa, sfb;
+  std::vector<void*> d;
+  void add(const void* A, int64_t ldA, const float* sA, const em_tensor& w, void* D, int64_t ldD, int64_t M) {
+    m.push_back(static_cast<int>(M));
+    n.push_back(static_cast<int>(w.shape[0]));
+    k.push_back(static_cast<int>(w.shape[1]));
+    a.push_back(A);
+    lda.push_back(static_cast<int>(ldA));
+    sfa.push_back(sA);
+    b.push_back(w.data);
+    ldb.push_back(static_cast<int>(w.stride[0]));
+    sfb.push_back(w.scale);
+    d.push_back(D);
+    ldd.push_back(static_cast<int>(ldD));
+  }
+  bool run(Op& op, std::string& why) {
+    return cutlass_grouped_fp8_run(op, static_cast<int>(m.size()), m.data(), n.data(), k.data(), a.data(), lda.data(),
+                                   sfa.data(), b.data(), ldb.data(), sfb.data(), d.data(), ldd.data(), why);
+  }
+};
+
+// Steps 2-4 of moe_ffn for fp8 experts in the CUTLASS mode, from the permuted bf16 rows xg
+// into `outh` (bf16 [rows, dim], allocated here); h is the [rows, max_inter] bf16 scratch.
+// False (with `note`) when CUTLASS refuses the first phase: nothing is written then, and the
+// caller runs the dequantizing grouped path.
+bool run_fp8_blockwise(Op& op, const void* xg, int64_t ldx, const std::vector<em_tensor>& w1,
+                       const std::vector<em_tensor>& w3, const std::vector<em_tensor>& w2,
+                       const std::vector<char>& fused, const int32_t* offsets, int32_t E, int64_t rows, int64_t dim,
+                       int64_t max_inter, void* h, PhaseTimes& phases, std::string& note, void*& outh) {
+  const int64_t ldgu = 2 * max_inter;
+  auto at = [](void* base, int64_t elements) { return static_cast<void*>(static_cast<char*>(base) + 2 * elements); };
+  uint8_t* xq = static_cast<uint8_t*>(op.alloc(static_cast<size_t>(rows * dim)));
+  float* xs = op.alloc_n<float>(rows * (dim / EM_FP8_BLOCK));
+  act_quant_k_major(op, xg, EM_BF16, ldx, rows, dim, xq, xs);
+  void* gu = op.alloc(static_cast<size_t>(rows * ldgu) * 2);
+  Fp8Groups up;
+  for (int32_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+    if (n == 0) continue;
+    const uint8_t* xr = xq + r0 * dim;
+    const float* sr = xs + r0 * (dim / EM_FP8_BLOCK);
+    if (fused[e]) {
+      up.add(xr, dim, sr, gate_up_view(w1[e]), at(gu, r0 * ldgu), ldgu, n);
+    } else {
+      up.add(xr, dim, sr, w1[e], at(gu, r0 * ldgu), ldgu, n);
+      up.add(xr, dim, sr, w3[e], at(gu, r0 * ldgu + max_inter), ldgu, n);
+    }
+  }
+  std::string why;
+  if (!up.run(op, why)) {
+    note = "dequantized to bf16 (cutlass fp8: " + why + ")";
+    return false;
+  }
+  phases.mark("gate/up");
+  launch_silu_rows<__nv_bfloat16>(op, gu, at(gu, max_inter), ldgu, rows, max_inter, EM_BF16, h);
+  phases.mark("silu");
+  uint8_t* hq = static_cast<uint8_t*>(op.alloc(static_cast<size_t>(rows * max_inter)));
+  float* hs = op.alloc_n<float>(rows * (max_inter / EM_FP8_BLOCK));
+  act_quant_k_major(op, h, EM_BF16, max_inter, rows, max_inter, hq, hs);
+  outh = op.alloc(static_cast<size_t>(rows * dim) * 2);
+  Fp8Groups down;
+  for (int32_t e = 0; e < E; ++e) {
+    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+    if (n == 0) continue;
+    down.add(hq + r0 * max_inter, max_inter, hs + r0 * (max_inter / EM_FP8_BLOCK), w2[e], at(outh, r0 * dim), dim, n);
+  }
+  if (!down.run(op, why)) throw Error(EM_ERR_INTERNAL, "moe_ffn: CUTLASS fp8 ran the gate/up phase but refused down: " + why);
+  phases.mark("down");
+  note = "cutlass fp8 blockwise";
+  return true;
+}
+
 }  // namespace
 
 em_status silu_mul(Context& ctx, const em_tensor* gate, const em_tensor* up, em_tensor* y_) {
@@ -427,6 +530,10 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       }
       lanes.join();
       phases.mark("down");
+    } else if (fp8 && cutlass && fp8_blockwise_ready(w1, w3, w2, a->expert_offsets, E, dim, max_inter, gemm_note) &&
+               run_fp8_blockwise(op, xg, ldx, w1, w3, w2, fused, a->expert_offsets, E, rows, dim, max_inter, h,
+                                 phases, gemm_note, outh)) {
+      // done: outh holds the down projections (bf16)
     } else {
       // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
       void* gu = op.alloc(static_cast<size_t>(rows * ldgu) * esz);

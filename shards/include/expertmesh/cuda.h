@@ -54,12 +54,14 @@ typedef enum em_cuda_moe_gemm {
   EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs, over moe_streams streams */
   EM_CUDA_MOE_GROUPED = 2, /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
                               intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
-  EM_CUDA_MOE_CUTLASS = 3  /* the grouped mode with one CUTLASS Hopper kernel per phase for bf16
-                              (and fp8, dequantized to bf16) experts: TMA, warpgroup MMA, a
-                              persistent scheduler over all experts' tiles. sm_90a builds with
-                              scripts/cutlass.sh's headers, on compute capability 9.0; elsewhere,
-                              or for f16, cuBLAS's grouped GEMM runs (em_cuda_last_status says
-                              which ran, and why) */
+  EM_CUDA_MOE_CUTLASS = 3  /* the grouped mode with one CUTLASS Hopper kernel per phase: TMA,
+                              warpgroup MMA, a persistent scheduler over all experts' tiles. bf16
+                              experts; fp8 experts as fp8 x fp8 with their 128 x 128 block scales
+                              and activations quantized per token per 128 columns (DeepSeek-V3's
+                              act_quant, as EM_CUDA_FP8_LT; whole 128 blocks only, else
+                              dequantized to bf16). sm_90a builds with scripts/cutlass.sh's
+                              headers, on compute capability 9.0; elsewhere, or for f16, cuBLAS's
+                              grouped GEMM runs (em_cuda_last_status says which ran, and why) */
 } em_cuda_moe_gemm;
 
 /* GEMMs with fp8 e4m3 block-scaled weights (matmul, and moe_ffn's experts). */
