@@ -1,9 +1,10 @@
 // The gateway's gRPC port (@grpc/grpc-js; protos loaded at run time from proto/): KServe's
 // Open Inference Protocol v2, inference.GRPCInferenceService (ServerLive, ServerReady,
 // ModelReady, ServerMetadata, ModelMetadata, ModelInfer with a BYTES text input and a BYTES
-// text output), and expertmesh.v1.Generation/GenerateStream, which streams the text as it
-// is produced. Both run on the same engine as the HTTP routes; errors map to gRPC status
-// codes (with our stable code in the `em-code` trailer).
+// text output), and expertmesh.v1.Generation: GenerateStream, which streams the text as it
+// is produced, and ChatStream, a chat answered by the chat completions route's code. Both
+// run on the same engine as the HTTP routes; errors map to gRPC status codes (with our
+// stable code in the `em-code` trailer).
 import { randomInt, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -21,6 +22,8 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
+import { Value } from "@sinclair/typebox/value";
+import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import {
   encodablePrompt,
@@ -31,6 +34,8 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
+import { chatRun, usageOf } from "./openai.ts";
+import { ChatCompletionRequest } from "./schemas.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -129,7 +134,45 @@ interface GenerateRequest {
 interface GenerateResponse {
   text: string;
   finish_reason?: string;
-  usage?: { prompt_tokens: number; completion_tokens: number; total_tokens: number };
+  usage?: Usage;
+}
+
+interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
+interface ToolCallMsg {
+  index?: number;
+  id?: string;
+  name?: string;
+  arguments?: string;
+}
+
+interface ChatRequestMsg {
+  model?: string;
+  messages: { role?: string; content?: string; tool_calls: ToolCallMsg[]; tool_call_id?: string }[];
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  stop: string[];
+  presence_penalty?: number;
+  frequency_penalty?: number;
+  tools_json?: string;
+  tool_choice?: string;
+  response_format_json?: string;
+  chat_template_kwargs_json?: string;
+}
+
+interface ChatResponseMsg {
+  content?: string;
+  reasoning_content?: string;
+  tool_calls?: ToolCallMsg[];
+  finish_reason?: string;
+  usage?: Usage;
 }
 
 // ---- the server ----
@@ -346,7 +389,115 @@ function handlers(o: GrpcGatewayOptions): {
     run().catch(fail);
   };
 
-  return { inference, generation: { GenerateStream } };
+  const ChatStream: handleServerStreamingCall<ChatRequestMsg, ChatResponseMsg> = (call) => {
+    const send = (m: ChatResponseMsg) => {
+      if (!call.cancelled && !call.writableEnded) call.write(m);
+    };
+    const run = async () => {
+      authorize(call.metadata);
+      const b = chatRequest(call.request);
+      const { spec, outputOptions, finishOf } = await chatRun(ctx, b);
+      const output = new ChatOutput(outputOptions);
+      const head = output.first(); // a forced call's head (tool_choice naming a function)
+      const forced = (head["tool_calls"] as ToolCallDelta[] | undefined) ?? [];
+      if (forced.length > 0) send({ tool_calls: forced.map(toolCallMsg) });
+      const deltas = (ds: ChatDelta[]) => {
+        for (const d of ds) send(chatResponse(d));
+      };
+      const job: Job = startJob(ctx, spec, {
+        onToken: (_c, _t, text) => deltas(output.push(text)),
+        onFinish: (c, text) => {
+          deltas([...output.push(text), ...output.end()]);
+          const usage = usageOf(job);
+          send({
+            finish_reason: finishOf(c, output) ?? "",
+            usage: {
+              prompt_tokens: usage.prompt_tokens,
+              completion_tokens: usage.completion_tokens,
+              total_tokens: usage.total_tokens,
+            },
+          });
+        },
+      });
+      call.on("cancelled", () => job.cancel());
+      if (call.cancelled) job.cancel();
+      await job.done;
+      if (!call.cancelled && !call.writableEnded) call.end();
+    };
+    run().catch((err: unknown) => {
+      const st = failure(call, err);
+      if (!call.cancelled && !call.writableEnded) call.emit("error", st);
+    });
+  };
+
+  return { inference, generation: { GenerateStream, ChatStream } };
+}
+
+/** A chat delta (chat-output.ts) as a ChatStream message. */
+function chatResponse(d: ChatDelta): ChatResponseMsg {
+  if ("content" in d) return { content: d.content };
+  if ("reasoning_content" in d) return { reasoning_content: d.reasoning_content };
+  return { tool_calls: d.tool_calls.map(toolCallMsg) };
+}
+
+function toolCallMsg(t: ToolCallDelta): ToolCallMsg {
+  return {
+    index: t.index,
+    ...(t.id !== undefined ? { id: t.id } : {}),
+    ...(t.function.name !== undefined ? { name: t.function.name } : {}),
+    arguments: t.function.arguments,
+  };
+}
+
+/**
+ * A ChatStream request as the body of POST /v1/chat/completions (stream), checked against the
+ * same schema; its JSON text fields parsed (a field that is not JSON: EM_GATEWAY_BAD_REQUEST).
+ */
+export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
+  const json = (text: string | undefined, param: string): unknown => {
+    if (!text) return undefined;
+    try {
+      return JSON.parse(text);
+    } catch (e) {
+      throw bad(`'${param}' is not JSON: ${(e as Error).message}`, param);
+    }
+  };
+  const choice = r.tool_choice;
+  const body: Record<string, unknown> = {
+    model: r.model ?? "",
+    messages: r.messages.map((m) => ({
+      role: m.role ?? "",
+      ...(m.content || m.tool_calls.length === 0 ? { content: m.content ?? "" } : {}),
+      ...(m.tool_calls.length > 0
+        ? {
+            tool_calls: m.tool_calls.map((t) => ({
+              id: t.id ?? "",
+              type: "function",
+              function: { name: t.name ?? "", arguments: t.arguments ?? "" },
+            })),
+          }
+        : {}),
+      ...(m.tool_call_id ? { tool_call_id: m.tool_call_id } : {}),
+    })),
+    ...generateParameters({ ...r, prompt: "" }),
+    stream: true,
+    tools: json(r.tools_json, "tools_json"),
+    tool_choice: !choice
+      ? undefined
+      : ["auto", "none", "required"].includes(choice)
+        ? choice
+        : { type: "function", function: { name: choice } },
+    response_format: json(r.response_format_json, "response_format_json"),
+    chat_template_kwargs: json(r.chat_template_kwargs_json, "chat_template_kwargs_json"),
+  };
+  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+  if (r.stop.length === 0) delete body["stop"];
+  if (!Value.Check(ChatCompletionRequest, body)) {
+    const e = Value.Errors(ChatCompletionRequest, body).First()!;
+    const param = e.path.replace(/^\//, "").replaceAll("/", ".");
+    throw bad(`'${param || "request"}' ${e.message.toLowerCase()}`, param || "request");
+  }
+  return body as ChatCompletionRequest;
 }
 
 /** A unary handler from an async function; anything it throws becomes a gRPC status. */

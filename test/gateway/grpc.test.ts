@@ -443,6 +443,252 @@ describe("GenerateStream", () => {
   });
 });
 
+/** Reads a ChatStream to its end (messages, then the status if not OK). */
+function chat(client: Client, req: unknown): Promise<StreamResult> {
+  return new Promise((resolve) => {
+    const messages: any[] = [];
+    const s: ClientReadableStream<any> = (client as any).ChatStream(req);
+    s.on("data", (m: any) => messages.push(m));
+    s.on("error", (error: ServiceError) => resolve({ messages, error }));
+    s.on("end", () => resolve({ messages, error: null }));
+  });
+}
+
+/** A ChatStream's messages put together as one chat message. */
+function chatAnswer(messages: any[]) {
+  const calls: { id: string; name: string; arguments: string }[] = [];
+  for (const m of messages)
+    for (const t of m.tool_calls ?? []) {
+      calls[t.index] ??= { id: "", name: "", arguments: "" };
+      const c = calls[t.index]!;
+      c.id ||= t.id ?? "";
+      c.name ||= t.name ?? "";
+      c.arguments += t.arguments ?? "";
+    }
+  const last = messages.at(-1);
+  return {
+    content: messages.map((m) => m.content ?? "").join(""),
+    reasoning: messages.map((m) => m.reasoning_content ?? "").join(""),
+    calls,
+    finish: last?.finish_reason,
+    usage: last?.usage,
+  };
+}
+
+describe("ChatStream", () => {
+  const messages = [
+    { role: "system", content: "You are terse." },
+    { role: "user", content: "Name a colour." },
+  ];
+  const weather = {
+    type: "function" as const,
+    function: {
+      name: "get_weather",
+      parameters: {
+        type: "object",
+        properties: { city: { type: "string" } },
+        required: ["city"],
+        additionalProperties: false,
+      },
+    },
+  };
+
+  it("answers as /v1/chat/completions does: content deltas, finish reason, usage", async () => {
+    const http = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: messages as any,
+      max_tokens: 12,
+      temperature: 0,
+    });
+    const s = await chat(c.gen, { model: "tiny", messages, max_tokens: 12, temperature: 0 });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    expect(a.content).toBe(http.choices[0]!.message.content);
+    expect(a.content.length).toBeGreaterThan(0);
+    expect(a.finish).toBe(http.choices[0]!.finish_reason);
+    expect(a.usage).toEqual({
+      prompt_tokens: http.usage!.prompt_tokens,
+      completion_tokens: http.usage!.completion_tokens,
+      total_tokens: http.usage!.total_tokens,
+    });
+    for (const m of s.messages.slice(0, -1)) expect(m.usage).toBeUndefined();
+  });
+
+  it("tools: a required call streams its id and name, then its arguments, as over HTTP", async () => {
+    const body = { model: "tiny", max_tokens: 48, temperature: 0 };
+    const http = await gw.client.chat.completions.create({
+      ...body,
+      messages: [{ role: "user", content: "Weather in Paris?" }],
+      tools: [weather],
+      tool_choice: "required",
+    });
+    const s = await chat(c.gen, {
+      ...body,
+      messages: [{ role: "user", content: "Weather in Paris?" }],
+      tools_json: JSON.stringify([weather]),
+      tool_choice: "required",
+    });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    const want = http.choices[0]!.message.tool_calls!;
+    expect(want.length).toBeGreaterThan(0);
+    expect(a.calls.map((x) => [x.name, x.arguments])).toEqual(
+      want.map((x: any) => [x.function.name, x.function.arguments]),
+    );
+    expect(a.calls.every((x) => x.id.startsWith("call_"))).toBe(true);
+    expect(a.finish).toBe(http.choices[0]!.finish_reason);
+    // The first delta of a call names it; the pieces after carry arguments only.
+    const first = s.messages.find((m) => (m.tool_calls ?? []).length > 0)!;
+    expect(first.tool_calls[0]).toMatchObject({ index: 0, name: "get_weather" });
+  });
+
+  it("a named function, earlier calls and their results in the history", async () => {
+    // Cities from a list: the random model's call ends within the budget.
+    const cities = {
+      ...weather,
+      function: {
+        ...weather.function,
+        parameters: {
+          ...weather.function.parameters,
+          properties: { city: { enum: ["Paris", "Rome"] } },
+        },
+      },
+    };
+    const history = [
+      { role: "user", content: "Weather in Paris?" },
+      {
+        role: "assistant",
+        tool_calls: [
+          { index: 0, id: "call_1", name: "get_weather", arguments: '{"city": "Paris"}' },
+        ],
+      },
+      { role: "tool", tool_call_id: "call_1", content: "sunny" },
+      { role: "user", content: "And Rome?" },
+    ];
+    const httpHistory = [
+      history[0],
+      {
+        role: "assistant",
+        content: null,
+        tool_calls: [
+          {
+            id: "call_1",
+            type: "function",
+            function: { name: "get_weather", arguments: '{"city": "Paris"}' },
+          },
+        ],
+      },
+      history[2],
+      history[3],
+    ];
+    const http = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: httpHistory as any,
+      max_tokens: 48,
+      temperature: 0,
+      tools: [cities],
+      tool_choice: { type: "function", function: { name: "get_weather" } },
+    });
+    const s = await chat(c.gen, {
+      model: "tiny",
+      messages: history,
+      max_tokens: 48,
+      temperature: 0,
+      tools_json: JSON.stringify([cities]),
+      tool_choice: "get_weather",
+    });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    const want = http.choices[0]!.message.tool_calls![0]! as {
+      function: { name: string; arguments: string };
+    };
+    expect(a.calls).toHaveLength(1);
+    expect([a.calls[0]!.name, a.calls[0]!.arguments]).toEqual([
+      want.function.name,
+      want.function.arguments,
+    ]);
+    // (This random model pads the arguments with the grammar's whitespace until max_tokens.)
+    expect(a.calls[0]!.id.startsWith("call_")).toBe(true);
+    expect(a.finish).toBe(http.choices[0]!.finish_reason);
+  });
+
+  it("structured output: an instance of the schema, the same as over HTTP", async () => {
+    const format = {
+      type: "json_schema" as const,
+      json_schema: {
+        name: "cat",
+        schema: {
+          type: "object",
+          properties: { name: { enum: ["Tom", "Kitty"] }, age: { type: "integer" } },
+          required: ["name", "age"],
+          additionalProperties: false,
+        },
+      },
+    };
+    const body = { model: "tiny", max_tokens: 64, temperature: 0 };
+    const http = await gw.client.chat.completions.create({
+      ...body,
+      messages: messages as any,
+      response_format: format,
+    });
+    const s = await chat(c.gen, {
+      ...body,
+      messages,
+      response_format_json: JSON.stringify(format),
+    });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    expect(a.content).toBe(http.choices[0]!.message.content);
+    if (a.finish === "stop")
+      expect(Object.keys(JSON.parse(a.content)).sort()).toEqual(["age", "name"]);
+    else expect(a.content.trimStart().startsWith("{")).toBe(true);
+  });
+
+  it("a thinking model streams its thinking as reasoning_content", async () => {
+    const r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
+    const g = await startGrpcGateway({ ctx: r1.ctx }, { port: 0, host: "127.0.0.1" });
+    const gen = new generation(`127.0.0.1:${g.port}`, credentials.createInsecure());
+    try {
+      const body = { model: "tiny", max_tokens: 12, temperature: 0 };
+      const question = [{ role: "user", content: "What is 2 + 2?" }];
+      const http = await r1.client.chat.completions.create({ ...body, messages: question as any });
+      const m = http.choices[0]!.message as unknown as {
+        content: string;
+        reasoning_content: string;
+      };
+      const a = chatAnswer((await chat(gen, { ...body, messages: question })).messages);
+      // This random model never closes its thought within 12 tokens: all of it is thinking.
+      expect(m.reasoning_content.length).toBeGreaterThan(0);
+      expect([a.reasoning, a.content]).toEqual([m.reasoning_content, m.content]);
+    } finally {
+      gen.close();
+      await g.close();
+      await r1.close();
+    }
+  });
+
+  it("bad requests: INVALID_ARGUMENT naming the field; an unknown model: NOT_FOUND", async () => {
+    const ok = { model: "tiny", messages, max_tokens: 4 };
+    for (const [patch, param] of [
+      [{ messages: [] }, "messages"],
+      [{ messages: [{ role: "robot", content: "hi" }] }, "messages.0.role"],
+      [{ tools_json: "[{" }, "tools_json"],
+      [{ response_format_json: '{"type": "xml"}' }, "response_format"],
+      [{ chat_template_kwargs_json: "[1]" }, "chat_template_kwargs"],
+      [{ temperature: 5 }, "temperature"],
+      [{ tool_choice: "required" }, "tool_choice"],
+    ] as const) {
+      const s = await chat(c.gen, { ...ok, ...patch });
+      expect(s.error?.code, JSON.stringify(patch)).toBe(status.INVALID_ARGUMENT);
+      expect(trailer(s.error!, "em-code")).toBe("EM_GATEWAY_BAD_REQUEST");
+      expect(s.error!.details, JSON.stringify(patch)).toContain(param);
+      expect(s.messages).toEqual([]);
+    }
+    const s = await chat(c.gen, { ...ok, model: "gpt-4" });
+    expect(s.error?.code).toBe(status.NOT_FOUND);
+  });
+});
+
 describe("API keys and message size", () => {
   it("with keys: UNAUTHENTICATED without the bearer metadata; health stays open", async () => {
     const g = await startGrpcGateway(
