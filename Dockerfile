@@ -6,7 +6,7 @@
 #
 # Stage 1 compiles TypeScript with Node 24 and the native engine (with EM_CUDA=ON also its
 # CUDA backend, for sm_90a and sm_80, from a CUDA 13.0 toolkit of PyPI wheels:
-# scripts/cuda-toolkit.sh); stage 2 is a slim runtime that gets the Node binary from stage
+# scripts/cuda-toolkit.sh, and CUTLASS's headers for its Hopper grouped GEMM: scripts/cutlass.sh); stage 2 is a slim runtime that gets the Node binary from stage
 # 1, so any glibc base works. The CUDA image needs a base with the CUDA 13 runtime
 # libraries (cuBLAS; the CUDA runtime is linked statically): pods that request GPUs run
 # `--device=cuda:0`, and an addon built without CUDA makes them exit at start with
@@ -24,11 +24,12 @@ COPY package.json package-lock.json ./
 # Dependencies only (our npm scripts bootstrap Node 24 for bare machines; this image has it).
 RUN npm ci --ignore-scripts --no-audit --no-fund
 # The native engine (C++; node_api.h comes with the image's Node under /usr/local/include).
-COPY scripts/cuda-toolkit.sh ./scripts/cuda-toolkit.sh
+COPY scripts/cuda-toolkit.sh scripts/cutlass.sh ./scripts/
 COPY shards ./shards
 RUN if [ "$EM_CUDA" = ON ]; then \
       CUDACXX="$(PIP_BREAK_SYSTEM_PACKAGES=1 EXPERTMESH_CACHE_DIR=/opt/em-cache bash scripts/cuda-toolkit.sh)/bin/nvcc" \
-      && export CUDACXX; \
+      && EM_CUTLASS_DIR="$(EXPERTMESH_CACHE_DIR=/opt/em-cache bash scripts/cutlass.sh)" \
+      && export CUDACXX EM_CUTLASS_DIR; \
     fi \
     && EM_CUDA=$EM_CUDA EM_BUILD_TESTS=OFF EM_NODE=/usr/local/bin/node bash shards/build.sh
 COPY tsconfig.json ./

@@ -9,6 +9,8 @@
 #   EM_BUILD_ADDON      ON (default) | OFF (engine and tests only, no Node headers needed)
 #   EM_BUILD_TESTS      ON (default) | OFF
 #   EM_CUDA             AUTO (default: the CUDA backend when CMake finds nvcc >= 12) | ON | OFF
+#   EM_CUTLASS_DIR      CUTLASS's include directory (scripts/cutlass.sh): the CUDA backend's sm_90a
+#                       grouped GEMM (EM_CUDA_MOE_GEMM=cutlass); unset: built without it
 #   NODE_INCLUDE_DIR    directory with node_api.h (default: found next to the node binary)
 #   NODE_ADDON_API_DIR  directory with napi.h (default: node_modules/node-addon-api)
 #   EM_NODE             node binary (default: Node 24 from scripts/node24.sh, else `node`)
@@ -115,6 +117,7 @@ cmake -S "$here" -B "$build_dir" -G "$generator" \
   -DEM_BUILD_TESTS="$want_tests" \
   -DEM_BUILD_ADDON="$addon_flag" \
   -DEM_CUDA="${EM_CUDA:-AUTO}" \
+  -DEM_CUTLASS_DIR="${EM_CUTLASS_DIR:-}" \
   -DNODE_INCLUDE_DIR="$node_include" \
   -DNODE_ADDON_API_DIR="$addon_api" \
   -DNODE_EXECUTABLE="${node:-}" ${EM_CMAKE_ARGS:-} >&2 || die "cmake configure failed (see above)"
