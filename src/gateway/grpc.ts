@@ -118,9 +118,8 @@ interface TensorMetadata {
   shape: number[];
 }
 
-interface GenerateRequest {
-  model?: string;
-  prompt?: string;
+/** The sampling fields GenerateRequest and ChatRequest share. */
+interface SamplingRequest {
   max_tokens?: number;
   temperature?: number;
   top_p?: number;
@@ -129,6 +128,11 @@ interface GenerateRequest {
   stop: string[];
   presence_penalty?: number;
   frequency_penalty?: number;
+}
+
+interface GenerateRequest extends SamplingRequest {
+  model?: string;
+  prompt?: string;
 }
 
 interface GenerateResponse {
@@ -150,17 +154,9 @@ interface ToolCallMsg {
   arguments?: string;
 }
 
-interface ChatRequestMsg {
+interface ChatRequestMsg extends SamplingRequest {
   model?: string;
   messages: { role?: string; content?: string; tool_calls: ToolCallMsg[]; tool_call_id?: string }[];
-  max_tokens?: number;
-  temperature?: number;
-  top_p?: number;
-  top_k?: number;
-  seed?: number;
-  stop: string[];
-  presence_penalty?: number;
-  frequency_penalty?: number;
   tools_json?: string;
   tool_choice?: string;
   response_format_json?: string;
@@ -479,7 +475,7 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
         : {}),
       ...(m.tool_call_id ? { tool_call_id: m.tool_call_id } : {}),
     })),
-    ...generateParameters({ ...r, prompt: "" }),
+    ...generateParameters(r),
     stream: true,
     tools: json(r.tools_json, "tools_json"),
     tool_choice: !choice
@@ -699,7 +695,7 @@ function parameterFields(p: Parameters): SamplingFields {
   return out;
 }
 
-function generateParameters(r: GenerateRequest): SamplingFields {
+function generateParameters(r: SamplingRequest): SamplingFields {
   const { max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty } = r;
   return {
     stop: r.stop,
