@@ -8,6 +8,7 @@
 #include <napi.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -729,6 +730,7 @@ void note_kv_write(AddonState* st, const void* pool, size_t at, size_t len) {
   auto it = st->kv_mirrors->by_pool.find(pool);
   if (it == st->kv_mirrors->by_pool.end()) return;
   KvMirror& m = it->second;
+  if (!m.buf) return;  // a pool left on the host
   if (!m.dirty_at.empty() && m.dirty_at.back() + m.dirty_len.back() == at) {
     m.dirty_len.back() += len;  // the next rows of the same run
     return;
@@ -756,8 +758,15 @@ void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, co
     m.bytes = pool.size;
     m.buf = std::make_shared<DeviceBuffer>();
     m.buf->backend = st->device_owner;
-    check(env, em_cuda_malloc(be, pool.size, &m.buf->ptr), "KV pool to device");
-    check(env, em_cuda_copy(be, m.buf->ptr, pool.data, pool.size), "KV pool to device");
+    if (em_cuda_malloc(be, pool.size, &m.buf->ptr) != EM_OK) {
+      // No room on the device: this pool stays on the host (gathered per call, as without
+      // the mirror), said once per pool; the entry keeps it from being tried again.
+      std::fprintf(stderr, "expertmesh addon: no device memory for a %zu-byte KV pool mirror (%s): it stays on the host\n",
+                   pool.size, em_last_error());
+      m.buf.reset();
+    } else {
+      check(env, em_cuda_copy(be, m.buf->ptr, pool.data, pool.size), "KV pool to device");
+    }
     // Drop the mirror with the pool object (the table may be gone by then: weak).
     struct Key {
       std::weak_ptr<KvMirrors> table;
@@ -778,9 +787,10 @@ void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, co
       arg_error(env, "pages.pool: cannot hold a device mirror");
     }
     it = mirrors.by_pool.emplace(pool.data, std::move(m)).first;
-    return it->second.buf->ptr;
+    return it->second.buf ? it->second.buf->ptr : nullptr;
   }
   KvMirror& m = it->second;
+  if (!m.buf) return nullptr;
   if (!m.dirty_at.empty()) {
     check(env,
           em_cuda_copy_ranges(be, m.buf->ptr, pool.data, m.dirty_at.data(), m.dirty_len.data(), m.dirty_at.size()),
@@ -905,7 +915,7 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
   wkv_b = on_device(env, be, o.Get("wkvB"), wkv_b);
   if (a.pages != nullptr && state_of(env)->kv_mirrors && be == state_of(env)->device) {
     const Napi::Value pool_value = o.Get("pages").As<Napi::Object>().Get("pool");
-    pages.pool = kv_mirror(env, be, pool_value, bytes_of(env, pool_value, "pages.pool"));
+    if (void* mirror = kv_mirror(env, be, pool_value, bytes_of(env, pool_value, "pages.pool"))) pages.pool = mirror;
   }
   check(env, em_mla_attention(be, &a), "mlaAttention");
   return out;
