@@ -78,6 +78,7 @@ struct AddonState {
   // backend can take its address while a copy made on it is alive).
   std::shared_ptr<em_backend> device_owner;
   bool resident = false;
+  bool resident_full = false;  // the device ran out of room for resident weights (said once)
   // EM_ADDON_KV_MIRROR=1: device mirrors of paged KV pools (see KvMirror); shared with the
   // pools' finalizers, which may outlive this state.
   std::shared_ptr<KvMirrors> kv_mirrors;
@@ -342,11 +343,21 @@ DeviceWeight* wrapped_copy(Napi::Env env, napi_value obj, em_backend* be, const 
 }
 
 // A device buffer of `bytes` holding `parts` (host pointer, bytes) one after another.
+// Null when the device has no room: the weight is then staged per op, as without
+// EM_ADDON_RESIDENT (said once per environment).
 std::shared_ptr<DeviceBuffer> device_buffer(Napi::Env env, em_backend* be, size_t bytes,
                                             std::initializer_list<std::pair<const void*, size_t>> parts) {
   auto buf = std::make_shared<DeviceBuffer>();
   buf->backend = state_of(env)->device_owner;
-  check(env, em_cuda_malloc(be, bytes, &buf->ptr), "weight to device");
+  if (em_cuda_malloc(be, bytes, &buf->ptr) != EM_OK) {
+    AddonState* st = state_of(env);
+    if (!st->resident_full) {
+      std::fprintf(stderr, "expertmesh addon: no device memory for more weights (%s): the rest are copied per op\n",
+                   em_last_error());
+      st->resident_full = true;
+    }
+    return nullptr;
+  }
   size_t at = 0;
   for (const auto& [host, n] : parts) {
     check(env, em_cuda_copy(be, static_cast<char*>(buf->ptr) + at, host, n), "weight to device");
@@ -404,6 +415,7 @@ em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tens
   if (const DeviceWeight* dw = wrapped_copy(env, v, be, t)) return reading(dw, t);
   auto data = device_buffer(env, be, bytes, {{t.data, bytes}});
   auto scale = scale_bytes > 0 ? device_buffer(env, be, scale_bytes, {{t.scale, scale_bytes}}) : nullptr;
+  if (!data || (scale_bytes > 0 && !scale)) return t;
   return attach(env, v, device_weight(env, t, std::move(data), 0, std::move(scale), 0), t);
 }
 
@@ -429,6 +441,7 @@ void on_device_pair(Napi::Env env, em_backend* be, const Napi::Value& v1, em_ten
   const size_t bytes = weight_bytes(t1), sb = scale_bytes_of(t1);
   auto data = device_buffer(env, be, 2 * bytes, {{t1.data, bytes}, {t3.data, bytes}});
   auto scale = sb > 0 ? device_buffer(env, be, 2 * sb, {{t1.scale, sb}, {t3.scale, sb}}) : nullptr;
+  if (!data || (sb > 0 && !scale)) return;  // staged per op
   t1 = attach(env, v1, device_weight(env, t1, data, 0, scale, 0), t1);
   t3 = attach(env, v3, device_weight(env, t3, data, bytes, scale, sb), t3);
 }
