@@ -22,6 +22,7 @@
 #include "expertmesh/cuda.h"
 #include "expertmesh/ops.h"
 #include "../cpu/cpu.h"
+#include "../kv_dirty.h"
 #include "../kv_pages.h"
 
 namespace {
@@ -97,6 +98,10 @@ struct DeviceBuffer {
   }
 };
 
+// Ranges noted before a mirror is dropped and made whole again (a pool written but not read
+// on the device for a long time).
+constexpr size_t kMirrorMaxDirty = size_t{1} << 16;
+
 // EM_ADDON_KV_MIRROR=1 (ADR 0010; opt-in, written without a GPU): a paged KV pool that
 // mlaAttention reads on the device backend gets a device copy, made whole on that first
 // read. kvEncode keeps writing the host pool (still the source of truth) and notes the byte
@@ -107,16 +112,13 @@ struct DeviceBuffer {
 // invalidation. Keyed by the pool's host address; the pool object's finalizer drops its
 // mirror, and configure() drops them all (another device).
 struct KvMirror {
-  std::shared_ptr<DeviceBuffer> buf;
+  std::shared_ptr<DeviceBuffer> buf;  // null: a pool the device had no room for (stays on the host)
   size_t bytes = 0;
-  std::vector<size_t> dirty_at, dirty_len;  // written on the host since the last flush
+  em::DirtyRanges dirty{kMirrorMaxDirty};  // written on the host since the last flush
 };
 struct KvMirrors {
   std::unordered_map<const void*, KvMirror> by_pool;
 };
-// Ranges noted before a mirror is dropped and made whole again (a pool written but not read
-// on the device for a long time).
-constexpr size_t kMirrorMaxDirty = size_t{1} << 16;
 
 // A Weight object's data (and fp8 scale) in device memory, wrapped into the object. An
 // expert's gate and up weights share one buffer, up right after gate (see on_device_pair).
@@ -743,17 +745,7 @@ void note_kv_write(AddonState* st, const void* pool, size_t at, size_t len) {
   auto it = st->kv_mirrors->by_pool.find(pool);
   if (it == st->kv_mirrors->by_pool.end()) return;
   KvMirror& m = it->second;
-  if (!m.buf) return;  // a pool left on the host
-  if (!m.dirty_at.empty() && m.dirty_at.back() + m.dirty_len.back() == at) {
-    m.dirty_len.back() += len;  // the next rows of the same run
-    return;
-  }
-  if (m.dirty_at.size() >= kMirrorMaxDirty) {
-    st->kv_mirrors->by_pool.erase(it);  // made whole again at its next device read
-    return;
-  }
-  m.dirty_at.push_back(at);
-  m.dirty_len.push_back(len);
+  if (m.buf && !m.dirty.note(at, len)) st->kv_mirrors->by_pool.erase(it);  // made whole again at its next device read
 }
 
 // The device mirror of the pool `pool_value` (bytes `pool`) for an mlaAttention on the device
@@ -804,12 +796,10 @@ void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, co
   }
   KvMirror& m = it->second;
   if (!m.buf) return nullptr;
-  if (!m.dirty_at.empty()) {
-    check(env,
-          em_cuda_copy_ranges(be, m.buf->ptr, pool.data, m.dirty_at.data(), m.dirty_len.data(), m.dirty_at.size()),
+  if (!m.dirty.empty()) {
+    check(env, em_cuda_copy_ranges(be, m.buf->ptr, pool.data, m.dirty.offsets(), m.dirty.lengths(), m.dirty.size()),
           "KV rows to device");
-    m.dirty_at.clear();
-    m.dirty_len.clear();
+    m.dirty.clear();
   }
   return m.buf->ptr;
 }
