@@ -15,6 +15,7 @@ import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { kvCacheTables } from "./kv-cache.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
+import { poolTables } from "./pool.ts";
 import { prefixTables } from "./prefix.ts";
 import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
@@ -455,6 +456,7 @@ export const SUITES = [
   "json",
   "speculative",
   "kvcache",
+  "pool",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -463,7 +465,7 @@ export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
 export const TABLES_ONLY: Record<
-  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache",
+  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache" | "pool",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -472,6 +474,7 @@ export const TABLES_ONLY: Record<
   sampling: samplingTables,
   speculative: speculativeTables,
   kvcache: kvCacheTables,
+  pool: poolTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -20,6 +20,7 @@ import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
 import { runKvCache } from "./kv-cache.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
+import { runPool } from "./pool.ts";
 import { runPrefix } from "./prefix.ts";
 import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } from "./report.ts";
 import { runSampling } from "./sampling.ts";
@@ -54,6 +55,7 @@ const RUN_TABLES_ONLY: Record<
   sampling: runSampling,
   speculative: runSpeculative,
   kvcache: runKvCache,
+  pool: runPool,
 };
 
 async function main(): Promise<number> {

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <stdexcept>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -62,38 +63,57 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::run_items(int thread_index) {
+namespace {
+inline uint32_t generation_of(uint64_t work) { return static_cast<uint32_t>(work >> 32); }
+inline int64_t item_of(uint64_t work) { return static_cast<int64_t>(work & 0xffffffffu); }
+}  // namespace
+
+void ThreadPool::run_items(uint32_t generation, int thread_index) {
   tls_in_loop = true;
   tls_thread_index = thread_index;
+  const Job& job = jobs_[generation & 1];
   for (;;) {
-    if (failed_.load(std::memory_order_relaxed)) break;
-    const int64_t item = next_item_.fetch_add(1, std::memory_order_relaxed);
-    if (item >= num_items_) break;
-    try {
-      (*fn_)(item, thread_index);
-    } catch (...) {
+    uint64_t w = work_.load(std::memory_order_acquire);
+    int64_t item = -1;
+    while (generation_of(w) == generation) {
+      // The size read here is this loop's whenever the claim below succeeds: the next loop
+      // that reuses this slot is set up only after this loop's generation is gone from work_.
+      if (item_of(w) >= job.num_items.load(std::memory_order_relaxed)) break;
+      if (work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        item = item_of(w);
+        break;
+      }
+    }
+    if (item < 0) break;
+    if (!failed_.load(std::memory_order_relaxed)) {  // after a failure the rest are skipped
+      try {
+        (*job.fn.load(std::memory_order_relaxed))(item, thread_index);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!failed_.exchange(true)) error_ = std::current_exception();
+      }
+    }
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == job.num_items.load(std::memory_order_relaxed)) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (!failed_.exchange(true)) error_ = std::current_exception();
+      done_cv_.notify_all();
     }
   }
   tls_in_loop = false;
 }
 
 void ThreadPool::worker_main(int thread_index) {
-  uint64_t seen = 0;
+  uint32_t seen = 0;
   for (;;) {
-    auto has_work = [&] { return stopping_.load() || generation_.load(std::memory_order_acquire) != seen; };
+    auto has_work = [&] {
+      return stopping_.load() || generation_of(work_.load(std::memory_order_acquire)) != seen;
+    };
     if (!spin_until(has_work)) {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, has_work);
     }
     if (stopping_.load()) return;
-    seen = generation_.load(std::memory_order_acquire);
-    run_items(thread_index);
-    if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_cv_.notify_one();
-    }
+    seen = generation_of(work_.load(std::memory_order_acquire));
+    run_items(seen, thread_index);
   }
 }
 
@@ -112,19 +132,21 @@ void ThreadPool::parallel_for(int64_t num_items, const ItemFn& fn) {
     for (int64_t i = 0; i < num_items; ++i) fn(i, 0);
     return;
   }
+  if (num_items > 0xffffffffLL) throw std::length_error("ThreadPool::parallel_for: more than 2^32 - 1 items");
+  const uint32_t generation = generation_of(work_.load(std::memory_order_relaxed)) + 1;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    num_items_ = num_items;
-    next_item_.store(0, std::memory_order_relaxed);
+    Job& job = jobs_[generation & 1];
+    job.fn.store(&fn, std::memory_order_relaxed);
+    job.num_items.store(num_items, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
     failed_.store(false, std::memory_order_relaxed);
     error_ = nullptr;
-    busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    work_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);  // publishes the above
   }
   work_cv_.notify_all();
-  run_items(0);
-  auto all_done = [&] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  run_items(generation, 0);
+  auto all_done = [&] { return done_.load(std::memory_order_acquire) == num_items; };
   if (!spin_until(all_done)) {
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, all_done);
@@ -132,7 +154,6 @@ void ThreadPool::parallel_for(int64_t num_items, const ItemFn& fn) {
   std::exception_ptr error;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = nullptr;
     error = error_;
     error_ = nullptr;
   }
