@@ -1,0 +1,76 @@
+// What the CUTLASS grouped GEMMs (cutlass_grouped.cu: bf16, cutlass_grouped_fp8.cu: fp8
+// blockwise-scaled) share: CUTLASS's headers, the grouped problem shape, and running one
+// grouped GEMM on an op's stream. Two translation units so that a build compiles the two
+// kernels in parallel (each takes about a minute). Included only with EM_CUDA_CUTLASS.
+#pragma once
+
+#include "common.cuh"
+
+#include <string>
+#include <vector>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+
+namespace em::cuda::cutlass_detail {
+
+using namespace cute;
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
+
+inline const char* status_name(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
+
+// Copies a host array into fresh scratch of the op.
+template <typename T>
+inline T* to_device(Op& op, const T* host, size_t n) {
+  T* d = static_cast<T*>(op.alloc(sizeof(T) * n));
+  EMC_CUDA(cudaMemcpyAsync(d, host, sizeof(T) * n, cudaMemcpyHostToDevice, op.stream()));
+  return d;
+}
+
+// Runs an initialized-argument grouped GEMM: false with `why` when CUTLASS refuses it.
+template <typename G>
+inline bool run_gemm(Op& op, typename G::Arguments& args, std::string& why) {
+  G gemm;
+  cutlass::Status s = gemm.can_implement(args);
+  if (s != cutlass::Status::kSuccess) {
+    why = std::string("CUTLASS can_implement: ") + status_name(s);
+    return false;
+  }
+  void* workspace = op.alloc(G::get_workspace_size(args));
+  s = gemm.initialize(args, workspace, op.stream());
+  if (s != cutlass::Status::kSuccess) throw Error(EM_ERR_INTERNAL, std::string("CUTLASS initialize: ") + status_name(s));
+  s = gemm.run(op.stream());
+  if (s != cutlass::Status::kSuccess) throw Error(EM_ERR_INTERNAL, std::string("CUTLASS run: ") + status_name(s));
+  EMC_LAUNCHED();
+  return true;
+}
+
+// The epilogue's alpha = 1, beta = 0 (C is not read), one value for every group.
+template <typename Fusion>
+inline void plain_output(Fusion& fusion) {
+  fusion.alpha = 1.0f;
+  fusion.beta = 0.0f;
+  fusion.alpha_ptr = nullptr;
+  fusion.beta_ptr = nullptr;
+  fusion.alpha_ptr_array = nullptr;
+  fusion.beta_ptr_array = nullptr;
+  fusion.dAlpha = {_0{}, _0{}, 0};
+  fusion.dBeta = {_0{}, _0{}, 0};
+}
+
+inline bool on_sm90(const Op& op, std::string& why) {
+  if (op.ctx.cc_major == 9 && op.ctx.cc_minor == 0) return true;
+  why = "the CUTLASS grouped GEMM is built for sm_90a; this device is " + op.ctx.arch;
+  return false;
+}
+
+}  // namespace em::cuda::cutlass_detail
