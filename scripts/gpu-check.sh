@@ -415,6 +415,44 @@ if [ "${EM_GPU_SANITIZE:-0}" = 1 ]; then
     { echo; echo "- compute-sanitizer: not found"; } >>"$report"
   fi
 fi
+# --- what the run suggests (the opt-in paths against the defaults) -------------------
+python3 - "$out" >>"$report" <<'PY' || echo "(suggestions failed)" >>"$report"
+import json, os, re, sys
+out = sys.argv[1]
+def text(name):
+    p = os.path.join(out, name)
+    return open(p).read() if os.path.exists(p) else ""
+def load(name):
+    try:
+        return json.loads(text(name) or "[]")
+    except ValueError:
+        return []
+lines = []
+for name, env in (("forward-resident.md", "EM_ADDON_RESIDENT"), ("forward-mirror.md", "EM_ADDON_KV_MIRROR")):
+    t = text(name)
+    verdict = "PASS" if "- forward: PASS" in t else "FAIL" if "- forward: FAIL" in t or "ERROR" in t else "not run"
+    lines.append(f"- {env}=1 forward: {verdict}" + (" -> make it the default (shards/addon/addon.cpp, Init)" if verdict == "PASS" else ""))
+ours = load("bench.json")
+for dtype, base, cands in (("bf16", "cublas loop x4", ("cutlass grouped", "cutlass grouped fused", "cublas loop x4 fused")),
+                           ("fp8", "fp8 loop", ("fp8 cutlass blockwise fused", "fp8 loop fused"))):
+    for tok in sorted({r["tokens"] for r in ours}):
+        rows = {r["impl"]: r["tflops_median"] for r in ours if r["tokens"] == tok and r.get("dtype") == dtype}
+        if base not in rows:
+            continue
+        best = max(rows, key=rows.get)
+        wins = [f"{c} {rows[c] / rows[base]:.2f}x" for c in cands if c in rows]
+        lines.append(f"- {dtype} MoE at {tok} tokens: best {best} ({rows[best]:.0f} TFLOP/s); against {base}: "
+                     + (", ".join(wins) or "no candidate measured"))
+mla = load("mla_bench.json") + load("mla_wgmma.json")
+for key in sorted({(r["batch"], r["cache_len"]) for r in mla}):
+    rows = {r["impl"]: r["ratio_to_copy"] for r in mla if (r["batch"], r["cache_len"]) == key}
+    if "wgmma" in rows and "tc" in rows:
+        lines.append(f"- MLA batch {key[0]} x {key[1]}: wgmma {rows['wgmma']:.2f} vs tc {rows['tc']:.2f} of copy bandwidth")
+if lines:
+    print("\n## What this run suggests\n")
+    print("\n".join(lines))
+    print("\nOpt-in paths against the defaults; a path whose parity or forward failed above is not a candidate.")
+PY
 log "report: $report"
 [ "$parity" = 0 ] || exit 1
 case $forward in
