@@ -677,6 +677,9 @@ describe("ChatStream", () => {
       [{ chat_template_kwargs_json: "[1]" }, "chat_template_kwargs"],
       [{ temperature: 5 }, "temperature"],
       [{ tool_choice: "required" }, "tool_choice"],
+      // The chat route's own checks of a conversation: a tool result that names no call.
+      [{ messages: [...messages, { role: "tool", content: "sunny" }] }, "messages"],
+      [{ tools_json: '[{"type": "function", "function": {"name": ""}}]' }, "tools"],
     ] as const) {
       const s = await chat(c.gen, { ...ok, ...patch });
       expect(s.error?.code, JSON.stringify(patch)).toBe(status.INVALID_ARGUMENT);
