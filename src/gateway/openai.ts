@@ -134,7 +134,6 @@ function unsupported(fields: Record<string, unknown>): void {
       "response_format",
       `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text", "json_object" and "json_schema" are)`,
     );
-  if (typeof fields["suffix"] === "string" && fields["suffix"] !== "") refuse("suffix", "suffix");
   if (fields["best_of"] != null && fields["best_of"] !== 1)
     refuse("best_of", "best_of other than 1");
 }
@@ -529,6 +528,7 @@ async function completion(
   const b = req.body;
   checkModel(ctx, b.model);
   unsupported(b);
+  const fim = fillInTheMiddle(ctx, b);
   // One prompt or a batch; each text or token ids.
   const given: (string | number[])[] =
     typeof b.prompt === "string" || typeof b.prompt[0] === "number"
@@ -536,13 +536,19 @@ async function completion(
       : (b.prompt as string[] | number[][]);
   const param = (i: number) => (given.length > 1 ? `prompt[${i}]` : "prompt");
   const prompts: number[][] = [];
+  const suffix = fim
+    ? await ctx.encoder.encode(encodablePrompt(ctx, fim.suffix, "suffix"), false)
+    : null;
   for (const [i, p] of given.entries()) {
+    let tokens: number[];
     if (typeof p === "string") {
-      prompts.push(await ctx.encoder.encode(encodablePrompt(ctx, p, param(i))));
-      continue;
+      tokens = await ctx.encoder.encode(encodablePrompt(ctx, p, param(i)), !fim);
+    } else {
+      checkTokenIds(ctx, p, param(i));
+      tokens = p;
     }
-    checkTokenIds(ctx, p, param(i));
-    prompts.push(p);
+    // With a suffix the model writes what goes between: DeepSeek's prefix-suffix-middle form.
+    prompts.push(fim ? [...fim.bos, fim.begin, ...tokens, fim.hole, ...suffix!, fim.end] : tokens);
   }
   const echo = b.echo === true;
   const spec: JobSpec = {
@@ -623,6 +629,39 @@ async function completion(
   for (const p of pending) out.send(p);
   await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(job) }));
   return reply;
+}
+
+/** DeepSeek's fill-in-the-middle tokens: `<｜fim▁begin｜>` prefix `<｜fim▁hole｜>` suffix `<｜fim▁end｜>`. */
+export const FIM_TOKENS = {
+  begin: "<｜fim▁begin｜>",
+  hole: "<｜fim▁hole｜>",
+  end: "<｜fim▁end｜>",
+} as const;
+
+/**
+ * A completion's `suffix` (fill in the middle, as DeepSeek's FIM completions): null without
+ * one; with one, the suffix and the token ids that frame the prompt. Refused (400, `suffix`)
+ * for a tokenizer without DeepSeek's FIM tokens, and with `echo` (the answer is a middle).
+ */
+function fillInTheMiddle(
+  ctx: ServeContext,
+  b: CompletionRequest,
+): { suffix: string; bos: number[]; begin: number; hole: number; end: number } | null {
+  if (b.suffix == null || b.suffix === "") return null;
+  const bad = (message: string) =>
+    new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
+  if (typeof b.suffix !== "string") throw bad("suffix must be a string");
+  if (b.echo === true) throw bad("suffix cannot be used with echo (the answer is the middle)");
+  const t = ctx.tokenizer;
+  const [begin, hole, end] = [FIM_TOKENS.begin, FIM_TOKENS.hole, FIM_TOKENS.end].map((s) =>
+    t.tokenToId(s),
+  );
+  if (begin === undefined || hole === undefined || end === undefined)
+    throw bad(
+      `this model's tokenizer has no fill-in-the-middle tokens (${Object.values(FIM_TOKENS).join(", ")}), so suffix is not supported`,
+    );
+  const bos = t.addBosToken && t.bosTokenId !== null ? [t.bosTokenId] : [];
+  return { suffix: b.suffix, bos, begin, hole, end };
 }
 
 /** OpenAI's legacy logprobs object; with echo the prompt tokens come first (first: null). */

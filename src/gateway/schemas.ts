@@ -2,7 +2,7 @@
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
 // the ones that would change the answer and are not implemented (functions, a
-// response_format other than text, json_object or json_schema, suffix, best_of) are
+// response_format other than text, json_object or json_schema, best_of) are
 // refused by the routes (openai.ts).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
@@ -122,8 +122,9 @@ export const CompletionRequest = Type.Object({
   echo: Type.Optional(Nullable(Type.Boolean())),
   /** As in chat (vLLM takes it here too). */
   response_format: Type.Optional(Type.Unknown()),
-  /** Not implemented: refused when they would change the answer (openai.ts). */
+  /** Fill in the middle: the text after the completion (DeepSeek's FIM tokens; openai.ts). */
   suffix: Type.Optional(Type.Unknown()),
+  /** Not implemented: refused when other than 1 (openai.ts). */
   best_of: Type.Optional(Type.Unknown()),
 });
 export type CompletionRequest = Static<typeof CompletionRequest>;
