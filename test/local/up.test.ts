@@ -146,6 +146,10 @@ describe("expertmesh up", () => {
     let err = started.err();
     expect(err).toContain("creating the tiny-v3 model");
     expect(err).toMatch(/\[shard-3\.0\] .*serving/);
+    // The manifest gives every role a GPU; this machine (and CI) has none: the CPU, said so.
+    expect(err).toMatch(
+      /^\[up\] devices: everything on the CPU \(the manifest requests GPUs; .+\)$/m,
+    );
     expect(out).toContain(`over gRPC at 127.0.0.1:${grpcPort}`);
 
     // Progress: stderr is not a terminal, so plain lines, one "done" per loading process;
@@ -270,6 +274,18 @@ describe("expertmesh up", () => {
     ]);
     expect(same.code).toBe(1);
     expect(same.stderr).toContain("[EM_CLI_USAGE] the HTTP and gRPC ports are both 9123");
+    const device = await runCli(process.execPath, [main, "up", "-f", manifest, "--device=gpu"]);
+    expect(device.code).toBe(1);
+    expect(device.stderr).toContain("[EM_CLI_USAGE] --device must be auto, cpu or cuda, got 'gpu'");
+  });
+
+  it("--device cuda without a CUDA device fails before starting anything", async () => {
+    const r = await runCli(process.execPath, [main, "up", "-f", manifest, "--device=cuda"]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(
+      "[EM_NATIVE_UNSUPPORTED] --device cuda: the manifest requests GPUs but this machine has no usable CUDA device",
+    );
+    expect(r.stderr).not.toContain("nats");
   });
 
   it("says how to get a nats-server when there is none", async () => {

@@ -9,6 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { gatewayArgs, readManifest, servedModelName } from "../../api/manifest.ts";
+import { loadAddon } from "../../engine/native.ts";
+import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
 import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
@@ -30,6 +32,10 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
                      (default: spec.gateway.ports.grpc, 8001; 0 picks one)
   --host ADDR        listen address (default 127.0.0.1)
   --micro-batches N  the gateway's micro-batches in flight per step, 1 or 2 (gateway --micro-batches)
+  --device D         auto (default): the roles the manifest gives GPUs (spec.gateway.gpus,
+                     spec.experts.gpusPerShard) run on this machine's CUDA devices (shard k on
+                     cuda:k mod count, the gateway on cuda:0) when it has any, else on the CPU;
+                     cuda: the same, and no CUDA device is an error; cpu: everything on the CPU
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -139,8 +145,10 @@ export const upCommand: Command = {
         "grpc-port": { type: "string" },
         host: { type: "string" },
         "micro-batches": { type: "string" },
+        device: { type: "string" },
       },
     });
+    const deviceFlag = parseDeviceFlag(values.device);
     if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
     const m = readManifest(values.file);
     const name = m.metadata.name;
@@ -164,8 +172,25 @@ export const upCommand: Command = {
     }
     const modelDir =
       values.model ?? join(values["models-dir"] ?? join(cache, "models"), pvcPath || name);
+    // Where each role runs, decided before anything starts (--device cuda without a device
+    // fails here).
+    const cuda = (() => {
+      if (deviceFlag === "cpu") return { devices: 0, status: "" };
+      try {
+        const s = loadAddon().cudaStatus();
+        return { devices: s.devices, status: s.status };
+      } catch (e) {
+        return { devices: 0, status: (e as Error).message };
+      }
+    })();
+    const devices = localDevices(
+      deviceFlag,
+      { gateway: m.spec.gateway.gpus, perShard: m.spec.experts.gpusPerShard },
+      cuda,
+    );
     const board = new ProgressBoard(process.stderr);
     const say = (msg: string) => board.log(`[up] ${msg}`);
+    say(devices.note);
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"
@@ -289,7 +314,15 @@ export const upCommand: Command = {
             board,
             `shard-${k}.${r}`,
             process.execPath,
-            [...cli, "shard", ...common, `--shard=${k}`, `--id=r${r}`, "--metrics-port=0"],
+            [
+              ...cli,
+              "shard",
+              ...common,
+              `--shard=${k}`,
+              `--id=r${r}`,
+              "--metrics-port=0",
+              `--device=${devices.shard(k)}`,
+            ],
             /serving /,
             true,
           );
@@ -311,6 +344,7 @@ export const upCommand: Command = {
           `--grpc-port=${grpcPort}`,
           `--host=${host}`,
           "--metrics-port=0",
+          `--device=${devices.gateway}`,
           ...gatewayArgs(m),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
