@@ -34,7 +34,7 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { chatRun, usageOf } from "./openai.ts";
+import { chatRun, fimFrame, fimPrompt, usageOf } from "./openai.ts";
 import { ChatCompletionRequest } from "./schemas.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
@@ -133,6 +133,7 @@ interface SamplingRequest {
 interface GenerateRequest extends SamplingRequest {
   model?: string;
   prompt?: string;
+  suffix?: string;
 }
 
 interface GenerateResponse {
@@ -358,7 +359,7 @@ function handlers(o: GrpcGatewayOptions): {
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model, undefined, "model");
-      const spec = await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)));
+      const spec = await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix);
       const prompt = spec.prompts[0]!.tokens.length;
       const job: Job = startJob(ctx, spec, {
         onToken: (_c, _t, text) => {
@@ -744,8 +745,18 @@ function sampling(s: SamplingFields): Sampling {
 }
 
 /** The prompt tokenized as /v1/completions does, checked against the context. */
-async function jobSpec(ctx: ServeContext, text: string, s: Sampling): Promise<JobSpec> {
-  const prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"));
+async function jobSpec(
+  ctx: ServeContext,
+  text: string,
+  s: Sampling,
+  suffix?: string,
+): Promise<JobSpec> {
+  const fim = suffix ? fimFrame(ctx, suffix) : null;
+  let prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"), !fim);
+  if (fim) {
+    const after = await ctx.encoder.encode(encodablePrompt(ctx, suffix!, "suffix"), false);
+    prompt = fimPrompt(fim, prompt, after);
+  }
   if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
   const { maxTokens: requested, ...rest } = s;
   return {

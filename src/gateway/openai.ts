@@ -548,7 +548,7 @@ async function completion(
       tokens = p;
     }
     // With a suffix the model writes what goes between: DeepSeek's prefix-suffix-middle form.
-    prompts.push(fim ? [...fim.bos, fim.begin, ...tokens, fim.hole, ...suffix!, fim.end] : tokens);
+    prompts.push(fim ? fimPrompt(fim, tokens, suffix!) : tokens);
   }
   const echo = b.echo === true;
   const spec: JobSpec = {
@@ -643,15 +643,28 @@ export const FIM_TOKENS = {
  * one; with one, the suffix and the token ids that frame the prompt. Refused (400, `suffix`)
  * for a tokenizer without DeepSeek's FIM tokens, and with `echo` (the answer is a middle).
  */
-function fillInTheMiddle(
-  ctx: ServeContext,
-  b: CompletionRequest,
-): { suffix: string; bos: number[]; begin: number; hole: number; end: number } | null {
+function fillInTheMiddle(ctx: ServeContext, b: CompletionRequest): FimFrame | null {
   if (b.suffix == null || b.suffix === "") return null;
   const bad = (message: string) =>
     new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
   if (typeof b.suffix !== "string") throw bad("suffix must be a string");
   if (b.echo === true) throw bad("suffix cannot be used with echo (the answer is the middle)");
+  return fimFrame(ctx, b.suffix);
+}
+
+/** A suffix and the token ids that frame a fill-in-the-middle prompt. */
+export interface FimFrame {
+  readonly suffix: string;
+  readonly bos: readonly number[];
+  readonly begin: number;
+  readonly hole: number;
+  readonly end: number;
+}
+
+/** The frame for `suffix`; refused (400, `suffix`) for a tokenizer without the FIM tokens. */
+export function fimFrame(ctx: ServeContext, suffix: string): FimFrame {
+  const bad = (message: string) =>
+    new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
   const t = ctx.tokenizer;
   const [begin, hole, end] = [FIM_TOKENS.begin, FIM_TOKENS.hole, FIM_TOKENS.end].map((s) =>
     t.tokenToId(s),
@@ -661,7 +674,16 @@ function fillInTheMiddle(
       `this model's tokenizer has no fill-in-the-middle tokens (${Object.values(FIM_TOKENS).join(", ")}), so suffix is not supported`,
     );
   const bos = t.addBosToken && t.bosTokenId !== null ? [t.bosTokenId] : [];
-  return { suffix: b.suffix, bos, begin, hole, end };
+  return { suffix, bos, begin, hole, end };
+}
+
+/** The prompt tokens (without special tokens) and the suffix's, in the frame. */
+export function fimPrompt(
+  f: FimFrame,
+  prompt: readonly number[],
+  suffix: readonly number[],
+): number[] {
+  return [...f.bos, f.begin, ...prompt, f.hole, ...suffix, f.end];
 }
 
 /** OpenAI's legacy logprobs object; with echo the prompt tokens come first (first: null). */

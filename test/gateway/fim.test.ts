@@ -6,11 +6,14 @@
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { credentials, type ServiceError, status } from "@grpc/grpc-js";
 import type OpenAI from "openai";
 import type { APIError } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startGrpcGateway } from "../../src/gateway/grpc.ts";
 import { FIM_TOKENS } from "../../src/gateway/openai.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
+import { GenerationClient } from "../support/grpc.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
 
 let plainDir: string;
@@ -86,6 +89,36 @@ describe("fill in the middle (suffix)", () => {
     }))
       for (const c of chunk.choices) text += c.text;
     expect(text).toBe(want.choices[0]!.text);
+  });
+
+  it("over gRPC: GenerateStream's suffix gives the same middle; without FIM tokens INVALID_ARGUMENT", async () => {
+    const http = await fim.client.completions.create({ ...body, prompt: prefix, suffix });
+    for (const [gw, ok] of [
+      [fim, true],
+      [plain, false],
+    ] as const) {
+      const g = await startGrpcGateway({ ctx: gw.ctx }, { port: 0, host: "127.0.0.1" });
+      const client = new GenerationClient(`127.0.0.1:${g.port}`, credentials.createInsecure());
+      try {
+        const messages: { text: string }[] = [];
+        const error = await new Promise<ServiceError | null>((resolve) => {
+          const s = (client as any).GenerateStream({ ...body, prompt: prefix, suffix });
+          s.on("data", (m: { text: string }) => messages.push(m));
+          s.on("error", resolve);
+          s.on("end", () => resolve(null));
+        });
+        if (ok) {
+          expect(error).toBeNull();
+          expect(messages.map((m) => m.text).join("")).toBe(http.choices[0]!.text);
+        } else {
+          expect(error?.code).toBe(status.INVALID_ARGUMENT);
+          expect(error?.metadata.get("em-param")[0]).toBe("suffix");
+        }
+      } finally {
+        client.close();
+        await g.close();
+      }
+    }
   });
 
   it("refuses echo with a suffix, and a suffix that is not text", async () => {
