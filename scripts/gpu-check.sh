@@ -14,7 +14,8 @@
 # the bundle the report says the forward was NOT RUN (the exit code is parity's).
 #
 # Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
-# forward.md, forward.json, addon.log, addon-build.log, bench.json, mla_bench.json, mla_wgmma.json,
+# parity-wgmma.log, parity-optin.log, forward.md, forward-resident.md, forward-mirror.md, forward.json,
+# addon.log, addon-build.log, bench.json, bench.log (with the MoE phase profile), mla_bench.json, mla_wgmma.json,
 # torch.json, build.log.
 # Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
 # failure, 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
@@ -219,9 +220,24 @@ if [ "$parity" != 77 ]; then
   cat "$out/parity-wgmma.log" >&2
   log "wgmma (opt-in): $wgmma_verdict"
 fi
+# The other paths written without a GPU (gate/up side by side, EM_CUDA_MOE_GEMM=cutlass, the
+# KV pool in device memory), also in a run of their own and reported apart.
+optin_verdict="not run"
+if [ "$parity" != 77 ]; then
+  log "parity of the opt-in paths: test_cuda_parity --opt-in"
+  step 120 "$build/test_cuda_parity" --opt-in >"$out/parity-optin.log" 2>&1
+  case $? in
+    0) optin_verdict="PASS" ;;
+    124) optin_verdict="FAIL (timed out)" ;;
+    *) optin_verdict="FAIL (see parity-optin.log)" ;;
+  esac
+  cat "$out/parity-optin.log" >&2
+  log "opt-in paths: $optin_verdict"
+fi
 {
   echo "- parity: $verdict"
   echo "- wgmma kernel (opt-in, EM_CUDA_MLA=wgmma; not part of the verdict): $wgmma_verdict"
+  echo "- opt-in paths (gate/up fusion, EM_CUDA_MOE_GEMM=cutlass, KV pool on the device; not part of the verdict): $optin_verdict"
   echo
   echo "## Parity (CUDA vs CPU backend)"
   echo
@@ -234,6 +250,14 @@ fi
     echo
     echo '```'
     cat "$out/parity-wgmma.log"
+    echo '```'
+  fi
+  if [ -f "$out/parity-optin.log" ]; then
+    echo
+    echo "## The other opt-in paths (test_cuda_parity --opt-in)"
+    echo
+    echo '```'
+    cat "$out/parity-optin.log"
     echo '```'
   fi
 } >>"$report"
@@ -299,7 +323,7 @@ else
   { echo; echo "## Tiny-model forward (CUDA vs CPU through the addon)"; echo; echo "- forward: $forward_note"; } >>"$report"
 fi
 log "forward: $forward_note"
-{ echo; echo "## Summary"; echo; echo "- parity: $verdict"; echo "- wgmma kernel (opt-in): $wgmma_verdict"; echo "- forward: $forward_note"; } >>"$report"
+{ echo; echo "## Summary"; echo; echo "- parity: $verdict"; echo "- wgmma kernel (opt-in): $wgmma_verdict"; echo "- opt-in paths: $optin_verdict"; echo "- forward: $forward_note"; } >>"$report"
 if [ "$parity" = 77 ]; then exit 2; fi
 
 # --- benchmarks (never fail the check) ---------------------------------------------

@@ -349,7 +349,9 @@ double cutlass_tolerance(em_dtype dt) {
   return st.find("cutlass fp8 blockwise") != std::string::npos ? kLtMoeCpuTol : 2 * gemm_tolerance(dt);
 }
 
-void moe_cases(Rng& rng, Backends& b) {
+// cutlass_mode false: the loop, the grouped mode and the loop on device memory; true: the
+// opt-in CUTLASS mode alone (a case group of its own, see main).
+void moe_cases(Rng& rng, Backends& b, bool cutlass_mode) {
   const int64_t dim = 256, inter = 384;
   const std::vector<int32_t> counts = {0, 5, 1, 17, 0, 40, 3, 128};
   const int32_t E = static_cast<int32_t>(counts.size());
@@ -367,8 +369,8 @@ void moe_cases(Rng& rng, Backends& b) {
     enum Mode { kDirect, kScatter, kAccumulate, kGather };
     const char* mode_names[] = {"direct", "weighted scatter", "weighted scatter +=", "x_index gather"};
     for (int mode = kDirect; mode <= kGather; ++mode) {
-      // cuda loop, cuda grouped, cuda loop on device memory, the CUTLASS grouped mode
-      for (int variant = 0; variant < 4; ++variant) {
+      // cuda loop, cuda grouped, cuda loop on device memory; or the CUTLASS grouped mode
+      for (int variant = cutlass_mode ? 3 : 0; variant < (cutlass_mode ? 4 : 3); ++variant) {
         em_backend* cb = variant == 1 ? b.cuda_grouped : variant == 3 ? b.cuda_cutlass : b.cuda;
         if ((variant == 1 || variant == 3) && (cb == nullptr || dt == EM_F32)) continue;
         const int64_t y_rows = mode == kScatter || mode == kAccumulate ? num_out : rows;
@@ -1012,13 +1014,15 @@ int main(int argc, char** argv) {
     std::printf("cuda_parity: NO CUDA DEVICE: %s\n", em_cuda_last_status());
     return kNoDevice;
   }
-  // test_cuda_parity [device] [--wgmma]: --wgmma runs the opt-in wgmma kernel's cases alone
-  // (its primitives, then MLA with EM_CUDA_MLA=wgmma), which the default run leaves out, so
-  // that kernel's verdict (written without a GPU) stays apart from the backend's.
-  bool wgmma_only = false;
+  // test_cuda_parity [device] [--wgmma | --opt-in]: --wgmma runs the opt-in wgmma kernel's
+  // cases alone (its primitives, then MLA with EM_CUDA_MLA=wgmma), --opt-in the other opt-in
+  // paths written without a GPU (gate/up side by side, the CUTLASS mode, the KV pool in device
+  // memory); the default run leaves both out, so their verdicts stay apart from the backend's.
+  bool wgmma_only = false, opt_in_only = false;
   const char* device_arg = nullptr;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--wgmma") == 0) wgmma_only = true;
+    else if (std::strcmp(argv[i], "--opt-in") == 0) opt_in_only = true;
     else device_arg = argv[i];
   }
   const char* env = std::getenv("EM_CUDA_DEVICE");
@@ -1051,6 +1055,18 @@ int main(int argc, char** argv) {
     mla_wgmma_cases(wg_rng, b);
     return finish("cuda_parity --wgmma");
   }
+  if (opt_in_only) {
+    // The paths written on 2026-11-30 without a GPU, all opt-in: gate/up side by side (the
+    // addon's resident weights), the CUTLASS mode, the KV pool in device memory.
+    Rng fused_rng(20261201);
+    moe_fused_cases(fused_rng, b);
+    Rng cutlass_rng(20261203);
+    moe_cases(cutlass_rng, b, true);
+    Rng pool_rng(20261202);
+    copy_ranges_cases(pool_rng, b);
+    mla_device_pool_cases(pool_rng, b);
+    return finish("cuda_parity --opt-in");
+  }
   support_table(b);
   Rng rng(20261128);
   matmul_cases(rng, b);
@@ -1059,15 +1075,11 @@ int main(int argc, char** argv) {
   rope_cases(rng, b);
   convert_cases(rng, b);
   gate_cases(rng, b);
-  moe_cases(rng, b);
+  moe_cases(rng, b, false);
   mla_cases(rng, b);
   Rng lane_rng(20261130);  // its own stream: the cases around it keep their data
   moe_lane_cases(lane_rng, b);
-  Rng fused_rng(20261201);
-  moe_fused_cases(fused_rng, b);
-  Rng pool_rng(20261202);
-  copy_ranges_cases(pool_rng, b);
-  mla_device_pool_cases(pool_rng, b);
+
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, cc_major);
   return finish("cuda_parity");
