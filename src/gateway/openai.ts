@@ -677,13 +677,14 @@ export function fimFrame(ctx: ServeContext, suffix: string): FimFrame {
   return { suffix, bos, begin, hole, end };
 }
 
-/** The prompt tokens (without special tokens) and the suffix's, in the frame. */
+/** The prompt tokens and the suffix's in the frame (a prompt's own leading BOS is the frame's). */
 export function fimPrompt(
   f: FimFrame,
   prompt: readonly number[],
   suffix: readonly number[],
 ): number[] {
-  return [...f.bos, f.begin, ...prompt, f.hole, ...suffix, f.end];
+  const body = f.bos.length > 0 && prompt[0] === f.bos[0] ? prompt.slice(1) : prompt;
+  return [...f.bos, f.begin, ...body, f.hole, ...suffix, f.end];
 }
 
 /** OpenAI's legacy logprobs object; with echo the prompt tokens come first (first: null). */

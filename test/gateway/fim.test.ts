@@ -72,13 +72,12 @@ describe("fill in the middle (suffix)", () => {
     expect(got.usage!.prompt_tokens).toBe(
       4 + t.encode(prefix, false).length + t.encode(suffix, false).length,
     );
-    // Token ids as the prompt frame the same way.
-    const ids = await fim.client.completions.create({
-      ...body,
-      prompt: t.encode(prefix, false),
-      suffix,
-    });
-    expect(ids.choices[0]!.text).toBe(want.choices[0]!.text);
+    // Token ids as the prompt frame the same way (their own BOS, if any, is the frame's).
+    for (const prompt of [t.encode(prefix, false), t.encode(prefix, true)]) {
+      const ids = await fim.client.completions.create({ ...body, prompt, suffix });
+      expect(ids.choices[0]!.text).toBe(want.choices[0]!.text);
+      expect(ids.usage!.prompt_tokens).toBe(want.usage!.prompt_tokens);
+    }
     // Streamed, the same middle.
     let text = "";
     for await (const chunk of await fim.client.completions.create({
