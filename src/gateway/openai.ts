@@ -134,8 +134,6 @@ function unsupported(fields: Record<string, unknown>): void {
       "response_format",
       `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text", "json_object" and "json_schema" are)`,
     );
-  if (fields["best_of"] != null && fields["best_of"] !== 1)
-    refuse("best_of", "best_of other than 1");
 }
 
 function checkModel(ctx: ServeContext, model: string): void {
@@ -551,12 +549,17 @@ async function completion(
     prompts.push(fim ? fimPrompt(fim, tokens, suffix!) : tokens);
   }
   const echo = b.echo === true;
+  const n = b.n ?? 1;
+  const bestOf = bestOfOf(b, n);
   const spec: JobSpec = {
     ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
     ...jsonMode(ctx, b),
-    logprobs: b.logprobs ?? null,
+    // best_of: that many choices per prompt, ranked by their tokens' summed logprobs.
+    ...(bestOf > n ? { n: bestOf } : {}),
+    logprobs: b.logprobs ?? (bestOf > n ? 0 : null),
     promptLogprobs: echo && b.logprobs != null,
   };
+  const wantLogprobs = b.logprobs != null;
   const id = `cmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, object: "text_completion", created, model: ctx.servedModelName };
@@ -569,13 +572,13 @@ async function completion(
     await job.done;
     return {
       ...head,
-      choices: job.choices.map((c) => ({
-        index: c.index,
+      choices: bestChoices(job.choices, prompts.length, n).map(({ c, index }) => ({
+        index,
         text: promptTexts[c.prompt] + c.out.text,
-        logprobs:
-          spec.logprobs === null ? null : completionLogprobs(ctx, c, prompts[c.prompt]!, echo),
+        logprobs: wantLogprobs ? completionLogprobs(ctx, c, prompts[c.prompt]!, echo) : null,
         finish_reason: c.finishReason,
       })),
+      // Every generated choice counts (as OpenAI bills best_of).
       usage: usageOf(job),
     };
   }
@@ -629,6 +632,42 @@ async function completion(
   for (const p of pending) out.send(p);
   await streamJob(job, out, () => ({ ...head, choices: [], usage: usageOf(job) }));
   return reply;
+}
+
+/**
+ * `best_of` (completions): how many choices to generate per prompt, of which the `n` with the
+ * highest summed token logprob are returned; n when unset. 1..16, at least n, and not with
+ * `stream` when above n (OpenAI's rules; the choices must all end before one is chosen).
+ */
+function bestOfOf(b: CompletionRequest, n: number): number {
+  const v = b.best_of;
+  if (v == null) return n;
+  const bad = (message: string) =>
+    new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "best_of" });
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > 16)
+    throw bad(`best_of must be an integer in 1..16, got ${JSON.stringify(v)}`);
+  if (v < n) throw bad(`best_of (${v}) must be at least n (${n})`);
+  if (v > n && b.stream === true) throw bad("best_of above n cannot be streamed");
+  return v;
+}
+
+/**
+ * Per prompt, the `n` choices with the highest summed token logprob (the earlier on ties), in
+ * that order, indexed prompt * n + rank: best_of's pick (all of them when no more were made).
+ */
+function bestChoices(
+  choices: readonly Choice[],
+  prompts: number,
+  n: number,
+): { c: Choice; index: number }[] {
+  const score = (c: Choice) => c.tokens.reduce((s, t) => s + t.logprob, 0);
+  const out: { c: Choice; index: number }[] = [];
+  for (let p = 0; p < prompts; p++) {
+    const mine = choices.filter((c) => c.prompt === p);
+    const ranked = mine.length > n ? [...mine].sort((a, b) => score(b) - score(a)) : mine;
+    for (const [rank, c] of ranked.slice(0, n).entries()) out.push({ c, index: p * n + rank });
+  }
+  return out;
 }
 
 /** DeepSeek's fill-in-the-middle tokens: `<｜fim▁begin｜>` prefix `<｜fim▁hole｜>` suffix `<｜fim▁end｜>`. */

@@ -2,7 +2,7 @@
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
 // the ones that would change the answer and are not implemented (functions, a
-// response_format other than text, json_object or json_schema, best_of) are
+// response_format other than text, json_object or json_schema) are
 // refused by the routes (openai.ts).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
@@ -124,7 +124,7 @@ export const CompletionRequest = Type.Object({
   response_format: Type.Optional(Type.Unknown()),
   /** Fill in the middle: the text after the completion (DeepSeek's FIM tokens; openai.ts). */
   suffix: Type.Optional(Type.Unknown()),
-  /** Not implemented: refused when other than 1 (openai.ts). */
+  /** Choices generated per prompt, of which the n most likely are returned (openai.ts). */
   best_of: Type.Optional(Type.Unknown()),
 });
 export type CompletionRequest = Static<typeof CompletionRequest>;
