@@ -206,34 +206,27 @@ case $parity in
   *) verdict="FAIL (exit $parity)" ;;
 esac
 log "parity: $verdict"
-# The opt-in wgmma kernel (written without a GPU), in its own run: its verdict is reported
-# apart and does not decide the check's.
-wgmma_verdict="not run"
-if [ "$parity" != 77 ]; then
-  log "parity of the opt-in wgmma kernel: test_cuda_parity --wgmma"
-  step 120 "$build/test_cuda_parity" --wgmma >"$out/parity-wgmma.log" 2>&1
-  case $? in
-    0) wgmma_verdict="PASS" ;;
-    124) wgmma_verdict="FAIL (timed out)" ;;
-    *) wgmma_verdict="FAIL (see parity-wgmma.log)" ;;
+# Paths written without a GPU, each in a parity run of its own (test_cuda_parity FLAG): their
+# verdicts are reported apart and do not decide the check's. Prints the verdict.
+separate_parity() {
+  local flag=$1 log_name=$2 what=$3
+  [ "$parity" = 77 ] && { echo "not run"; return; }
+  log "parity of $what: test_cuda_parity $flag"
+  step 120 "$build/test_cuda_parity" "$flag" >"$out/$log_name" 2>&1
+  local rc=$?
+  cat "$out/$log_name" >&2
+  case $rc in
+    0) echo "PASS" ;;
+    124) echo "FAIL (timed out)" ;;
+    *) echo "FAIL (see $log_name)" ;;
   esac
-  cat "$out/parity-wgmma.log" >&2
-  log "wgmma (opt-in): $wgmma_verdict"
-fi
-# The other paths written without a GPU (gate/up side by side, EM_CUDA_MOE_GEMM=cutlass, the
-# KV pool in device memory), also in a run of their own and reported apart.
-optin_verdict="not run"
-if [ "$parity" != 77 ]; then
-  log "parity of the opt-in paths: test_cuda_parity --opt-in"
-  step 120 "$build/test_cuda_parity" --opt-in >"$out/parity-optin.log" 2>&1
-  case $? in
-    0) optin_verdict="PASS" ;;
-    124) optin_verdict="FAIL (timed out)" ;;
-    *) optin_verdict="FAIL (see parity-optin.log)" ;;
-  esac
-  cat "$out/parity-optin.log" >&2
-  log "opt-in paths: $optin_verdict"
-fi
+}
+# The opt-in wgmma kernel; the other opt-in paths (gate/up side by side,
+# EM_CUDA_MOE_GEMM=cutlass, the KV pool in device memory).
+wgmma_verdict=$(separate_parity --wgmma parity-wgmma.log "the opt-in wgmma kernel")
+log "wgmma (opt-in): $wgmma_verdict"
+optin_verdict=$(separate_parity --opt-in parity-optin.log "the opt-in paths")
+log "opt-in paths: $optin_verdict"
 {
   echo "- parity: $verdict"
   echo "- wgmma kernel (opt-in, EM_CUDA_MLA=wgmma; not part of the verdict): $wgmma_verdict"
