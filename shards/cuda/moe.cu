@@ -118,6 +118,7 @@ class PhaseTimes {
     marks_.emplace_back(phase, e);
     EMC_CUDA(cudaEventRecord(e, stream_));
   }
+  bool on() const { return on_; }
   void print(const std::string& what) {
     if (!on_ || marks_.size() < 2) return;
     EMC_CUDA(cudaEventSynchronize(marks_.back().second));
@@ -563,11 +564,15 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     EMC_CUDA(cudaMemset2DAsync(outf, sizeof(float) * static_cast<size_t>(ldo), 0, sizeof(float) * static_cast<size_t>(dim),
                                static_cast<size_t>(rows), op.stream()));
   }
-  // What ran, for the profile line and em_cuda_last_status() (appended to an fp8 lt status).
-  const std::string summary = std::string(grouped ? (cutlass ? "grouped " + gemm_note : "grouped") : "loop") + ", " +
-                              std::to_string(rows) + " rows, " + std::to_string(active) + " experts, gate/up fused for " +
-                              std::to_string(fused_count);
-  if (fused_count > 0 || (grouped && cutlass)) {
+  // What ran, for the profile line and em_cuda_last_status() (appended to an fp8 lt status);
+  // built only when one of them wants it.
+  const bool say = fused_count > 0 || (grouped && cutlass);
+  const std::string summary =
+      say || phases.on() ? std::string(grouped ? (cutlass ? "grouped " + gemm_note : "grouped") : "loop") + ", " +
+                               std::to_string(rows) + " rows, " + std::to_string(active) +
+                               " experts, gate/up fused for " + std::to_string(fused_count)
+                         : std::string();
+  if (say) {
     const std::string prev = last_status();
     set_last_status(prev.empty() ? "moe_ffn: " + summary : prev + "; moe_ffn: " + summary);
   }
