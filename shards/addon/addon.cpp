@@ -426,15 +426,16 @@ em_tensor on_device(Napi::Env env, em_backend* be, const Napi::Value& v, em_tens
 // moe_ffn then runs one GEMM of twice the width for both (cuda.h, moe_fuse_gate_up).
 void on_device_pair(Napi::Env env, em_backend* be, const Napi::Value& v1, em_tensor& t1, const Napi::Value& v3,
                     em_tensor& t3) {
+  if (!keeps_weights(env, be)) return;  // staged per op
   const bool objects = v1.IsObject() && !v1.IsTypedArray() && v3.IsObject() && !v3.IsTypedArray();
-  const DeviceWeight* d1 = objects && keeps_weights(env, be) ? wrapped_copy(env, v1, be, t1) : nullptr;
-  const DeviceWeight* d3 = objects && keeps_weights(env, be) ? wrapped_copy(env, v3, be, t3) : nullptr;
+  const DeviceWeight* d1 = objects ? wrapped_copy(env, v1, be, t1) : nullptr;
+  const DeviceWeight* d3 = objects ? wrapped_copy(env, v3, be, t3) : nullptr;
   const bool same_shape = t1.ndim == 2 && t3.ndim == 2 && t1.dtype == t3.dtype && t1.shape[0] == t3.shape[0] &&
                           t1.shape[1] == t3.shape[1] && t1.stride[0] == t1.shape[1] && t3.stride[0] == t3.shape[1] &&
                           t1.stride[1] == 1 && t3.stride[1] == 1 && weight_bytes(t1) > 0 &&
                           (t1.dtype != EM_F8_E4M3 || (t1.shape[0] % 128 == 0 && t1.scale != nullptr &&
                                                       t3.scale != nullptr && t1.scale_stride == t3.scale_stride));
-  if (!objects || !keeps_weights(env, be) || d1 != nullptr || d3 != nullptr || !same_shape ||
+  if (!objects || d1 != nullptr || d3 != nullptr || !same_shape ||
       v1.StrictEquals(v3)) {
     t1 = d1 ? reading(d1, t1) : on_device(env, be, v1, t1);
     t3 = d3 ? reading(d3, t3) : on_device(env, be, v3, t3);

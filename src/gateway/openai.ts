@@ -684,12 +684,14 @@ export const FIM_TOKENS = {
  */
 function fillInTheMiddle(ctx: ServeContext, b: CompletionRequest): FimFrame | null {
   if (b.suffix == null || b.suffix === "") return null;
-  const bad = (message: string) =>
-    new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
-  if (typeof b.suffix !== "string") throw bad("suffix must be a string");
-  if (b.echo === true) throw bad("suffix cannot be used with echo (the answer is the middle)");
+  if (typeof b.suffix !== "string") throw badSuffix("suffix must be a string");
+  if (b.echo === true)
+    throw badSuffix("suffix cannot be used with echo (the answer is the middle)");
   return fimFrame(ctx, b.suffix);
 }
+
+const badSuffix = (message: string) =>
+  new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
 
 /** A suffix and the token ids that frame a fill-in-the-middle prompt. */
 export interface FimFrame {
@@ -702,14 +704,12 @@ export interface FimFrame {
 
 /** The frame for `suffix`; refused (400, `suffix`) for a tokenizer without the FIM tokens. */
 export function fimFrame(ctx: ServeContext, suffix: string): FimFrame {
-  const bad = (message: string) =>
-    new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param: "suffix" });
   const t = ctx.tokenizer;
   const [begin, hole, end] = [FIM_TOKENS.begin, FIM_TOKENS.hole, FIM_TOKENS.end].map((s) =>
     t.tokenToId(s),
   );
   if (begin === undefined || hole === undefined || end === undefined)
-    throw bad(
+    throw badSuffix(
       `this model's tokenizer has no fill-in-the-middle tokens (${Object.values(FIM_TOKENS).join(", ")}), so suffix is not supported`,
     );
   const bos = t.addBosToken && t.bosTokenId !== null ? [t.bosTokenId] : [];
