@@ -23,7 +23,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { BatchForward } from "../src/engine/batch.ts";
 import { type ExpertRunner, LocalExperts } from "../src/engine/experts.ts";
 import { BlockKvCache } from "../src/engine/kv-blocks.ts";
-import { loadWeights } from "../src/engine/loader.ts";
+import { heldExperts, loadWeights } from "../src/engine/loader.ts";
 import { loadAddon, nativeBackend } from "../src/engine/native.ts";
 import { type Drafter, ngramSpeculation } from "../src/engine/speculative.ts";
 import { GREEDY, runToEnd, ServingEngine, type SpeculativeOptions } from "../src/gateway/engine.ts";
@@ -96,7 +96,7 @@ export async function runSpeculative(o: {
       const weights = await loadWeights(ckpt, placement === "local" ? "all" : "none");
       let experts: ExpertRunner;
       if (placement === "local") {
-        experts = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+        experts = new LocalExperts(native, heldExperts(weights));
       } else {
         const plan = planPlacement({
           architecture: modelArchitectureOf(ckpt.config),

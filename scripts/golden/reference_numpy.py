@@ -270,23 +270,57 @@ class ReferenceModel:
             y = y + self._mlp(p + "shared_experts.", x)
         return y
 
-    def forward(self, tokens: list[int]) -> np.ndarray:
-        """Logits [seq, vocab] (float64) for one sequence starting at position 0."""
+    def _block(self, layer: int, h: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+        """Block `layer` (the reference's Block) over hidden states h [seq, dim]."""
+        a = self.args
+        p = f"model.layers.{layer}."
+        x = rms_norm(h, self._w(p + "input_layernorm.weight"), a.rms_eps)
+        h = h + self._attention(p + "self_attn.", x, freqs)
+        x = rms_norm(h, self._w(p + "post_attention_layernorm.weight"), a.rms_eps)
+        if layer < a.n_dense_layers:
+            return h + self._mlp(p + "mlp.", x)
+        return h + self._moe(layer, p + "mlp.", x)
+
+    def hidden(self, tokens: list[int]) -> np.ndarray:
+        """Final hidden states [seq, dim] after the final norm (what the LM head reads)."""
         a = self.args
         self.gate_log = {}
         freqs = precompute_freqs(a, len(tokens))
         h = self._w("model.embed_tokens.weight")[np.asarray(tokens)]
         for layer in range(a.n_layers):
-            p = f"model.layers.{layer}."
-            x = rms_norm(h, self._w(p + "input_layernorm.weight"), a.rms_eps)
-            h = h + self._attention(p + "self_attn.", x, freqs)
-            x = rms_norm(h, self._w(p + "post_attention_layernorm.weight"), a.rms_eps)
-            if layer < a.n_dense_layers:
-                h = h + self._mlp(p + "mlp.", x)
-            else:
-                h = h + self._moe(layer, p + "mlp.", x)
-        h = rms_norm(h, self._w("model.norm.weight"), a.rms_eps)
+            h = self._block(layer, h, freqs)
+        return rms_norm(h, self._w("model.norm.weight"), a.rms_eps)
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        """Logits [seq, vocab] (float64) for one sequence starting at position 0."""
         head = self.t.get("lm_head.weight")
         if head is None:  # tie_word_embeddings
             head = self._w("model.embed_tokens.weight")
-        return h @ head.T
+        return self.hidden(tokens) @ head.T
+
+    def mtp_logits(self, tokens: list[int], next_token: int) -> np.ndarray:
+        """Logits [seq, vocab] of the first multi-token-prediction layer (model.layers.{L}).
+
+        DeepSeek-V3's reference (inference/model.py) has no MTP code, so this follows the
+        module as the V3 report describes it and as vLLM's DeepSeekMTP runs it on the real
+        checkpoint: row i takes the main model's final (normed) hidden state at position i and
+        the embedding of token i + 1 (the next token after the sequence for the last row),
+        with the embedding zeroed at position 0 as vLLM does; x = eh_proj([enorm(e);
+        hnorm(h)]) runs through block L (an MoE block, attending over the rows before it);
+        logits = shared_head.head(shared_head.norm(x)). Row i predicts token i + 2.
+        """
+        a = self.args
+        L = a.n_layers
+        p = f"model.layers.{L}."
+        h = self.hidden(tokens)
+        ids = np.asarray(list(tokens[1:]) + [next_token])
+        e = self.t.get(p + "embed_tokens.weight", self._w("model.embed_tokens.weight"))[ids].copy()
+        e[0] = 0.0
+        x = np.concatenate(
+            [rms_norm(e, self._w(p + "enorm.weight"), a.rms_eps), rms_norm(h, self._w(p + "hnorm.weight"), a.rms_eps)],
+            axis=-1,
+        )
+        x = x @ self._w(p + "eh_proj.weight").T
+        x = self._block(L, x, precompute_freqs(a, len(tokens)))
+        head = self.t.get(p + "shared_head.head.weight", self.t.get("lm_head.weight"))
+        return rms_norm(x, self._w(p + "shared_head.norm.weight"), a.rms_eps) @ head.T

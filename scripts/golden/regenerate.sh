@@ -3,6 +3,7 @@
 #   tiny-v2.json      make-tiny-model --arch v2 --seed 0
 #   tiny-v3.json      make-tiny-model --arch v3 --seed 0
 #   tiny-v3-fp8.json  make-tiny-model --arch v3 --seed 0 --fp8   (goldens of the dequantized weights)
+#   tiny-v3-mtp.json  make-tiny-model --arch v3 --seed 0 --mtp   (the MTP layer: make_mtp_goldens.py)
 # Builds the tiny checkpoints with this repository's own `expertmesh make-tiny-model`, then runs
 # make_goldens.py on each in the pinned Python environment of setup.sh (created on first use).
 # Extra arguments go to make_goldens.py (e.g. --no-check).
@@ -43,6 +44,12 @@ for entry in "${models[@]}"; do
   size=$(wc -c <"$out_dir/$name.json")
   [ "$size" -lt "$max_bytes" ] || die "$out_dir/$name.json is $size bytes; fixtures must stay under 1 MiB"
 done
+# The MTP layer: transformers ignores it, so its goldens come from the numpy reference alone.
+say "tiny-v3-mtp: node src/cli/main.ts make-tiny-model --arch v3 --seed 0 --mtp"
+node src/cli/main.ts make-tiny-model --arch v3 --seed 0 --mtp --out "$work/tiny-v3-mtp" >&2 \
+  || die "make-tiny-model failed for tiny-v3-mtp"
+"$py" scripts/golden/make_mtp_goldens.py "$work/tiny-v3-mtp" "$out_dir/tiny-v3-mtp.json" \
+  || die "make_mtp_goldens.py failed"
 # The repository's lint (biome check .) also formats JSON: write the fixtures in its style.
 if [ -x node_modules/.bin/biome ]; then
   node_modules/.bin/biome format --write "$out_dir" >&2 || die "biome format failed on $out_dir"

@@ -3,11 +3,12 @@
 // shared experts, LM head) run once over all the batch's tokens; MLA attention runs per
 // sequence over its own latent cache; the routed experts of a layer go out in ONE
 // ExpertRunner.run call for the whole batch (one NATS round trip per shard per layer).
-import { isMoeLayer, type ModelConfig } from "../model/config.ts";
+import type { ModelConfig } from "../model/config.ts";
 import { bf16ArrayToFloat32 } from "../model/floats.ts";
+import { ExpertMeshError } from "../util/errors.ts";
 import type { Backend, GateConfig, KvPages, RopeConfig } from "./backend.ts";
 import type { ExpertRunner } from "./experts.ts";
-import type { AttentionWeights, MlpWeights, ModelWeights } from "./loader.ts";
+import type { AttentionWeights, LayerWeights, MlpWeights, ModelWeights } from "./loader.ts";
 import { gateConfigOf, ropeConfigOf, softmaxScaleOf } from "./model.ts";
 import { weightToF32 } from "./reference.ts";
 import type { SampleRows } from "./sampling.ts";
@@ -38,6 +39,34 @@ export interface BatchItem {
   readonly tokens: ArrayLike<number>;
   readonly cache: LatentCache;
   readonly logits: LogitsWanted;
+  /**
+   * Called with the final hidden states of all its tokens, [tokens, hidden] after the final
+   * norm (what the LM head reads, and what an MTP layer takes: mtpStep).
+   */
+  readonly onHidden?: (rows: Float32Array) => void;
+}
+
+/**
+ * One sequence's part of an MTP step (ADR 0012): the MTP layer's rows for positions
+ * [start, start + n) from the main model's final hidden states there and the tokens that
+ * follow each (t[start + 1 .. start + n]). Written to the cache's MTP layer (index
+ * num_hidden_layers); the sequence's length is not changed.
+ */
+export interface MtpItem {
+  readonly start: number;
+  /** The token after each position: n tokens. */
+  readonly tokens: ArrayLike<number>;
+  /** [n, hidden]: the main model's final (normed) hidden states at the n positions. */
+  readonly hidden: Float32Array;
+  readonly cache: LatentCache;
+  /** "last": the logits of the last row (they predict the token two after it). */
+  readonly logits: "none" | "last";
+}
+
+/** What the layers read of a batch's sequences. */
+interface LayerItem {
+  readonly tokens: ArrayLike<number>;
+  readonly cache: LatentCache;
 }
 
 /** Runs batches of sequences through the model. */
@@ -50,6 +79,7 @@ export class BatchForward {
   readonly #scale: number;
   readonly #gate: GateConfig;
   readonly #embed: (row: number) => Float32Array;
+  readonly #mtpEmbed: ((row: number) => Float32Array) | null;
 
   constructor(weights: ModelWeights, backend: Backend, experts: ExpertRunner) {
     this.config = weights.config;
@@ -59,7 +89,19 @@ export class BatchForward {
     this.#rope = ropeConfigOf(this.config);
     this.#scale = softmaxScaleOf(this.config);
     this.#gate = gateConfigOf(this.config);
-    this.#embed = embeddingRows(weights);
+    this.#embed = embeddingRows(weights.embed);
+    const mtp = weights.mtp;
+    this.#mtpEmbed =
+      mtp === undefined
+        ? null
+        : mtp.embed === weights.embed
+          ? this.#embed
+          : embeddingRows(mtp.embed);
+  }
+
+  /** Whether the weights hold an MTP layer (mtpStep runs). */
+  get hasMtp(): boolean {
+    return this.#w.mtp !== undefined;
   }
 
   /** One token per row of logits [rows, vocab] (sampling.ts), on the model's backend. */
@@ -99,29 +141,105 @@ export class BatchForward {
       }
     });
     const groups = attentionGroups(items, offsets);
-    for (const layer of this.#w.layers) {
-      const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
-      add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets, groups));
-      const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
-      if (!isMoeLayer(c, layer.index)) {
-        add(h, this.#mlp(layer.mlp!, m, T));
-      } else {
-        const moe = layer.moe!;
-        const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
-        // One call for the whole batch; shared experts run while it is in flight.
-        const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
-        const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
-        const sums = await routed;
-        add(h, sums);
-        this.#experts.release?.(sums);
-        if (shared) add(h, shared);
-      }
-    }
+    for (const layer of this.#w.layers)
+      await this.#layer(layer, h, positions, items, offsets, groups);
     for (const it of items) it.cache.setLength(it.cache.length + it.tokens.length);
     return this.#lmHead(h, items, offsets);
   }
 
-  /** Final norm + LM head over only the rows some item wants, then split per item. */
+  /**
+   * One step of the MTP layer (ADR 0012, as vLLM's DeepSeekMTP): per row, the main model's
+   * hidden state h at position p and the embedding e of token p + 1 (zero at position 0)
+   * give x = eh_proj([enorm(e); hnorm(h)]), which runs through the MTP block (its attention
+   * over the MTP layer's own cache rows); the head reads norm(x). Resolves, per item, the
+   * logits of its last row or none.
+   */
+  async mtpStep(items: readonly MtpItem[]): Promise<Float32Array[]> {
+    const m = this.#w.mtp;
+    if (!m || !this.#mtpEmbed)
+      throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the weights hold no MTP layer");
+    const c = this.config;
+    const D = c.hiddenSize;
+    const eps = c.rmsNormEps;
+    const b = this.#b;
+    const offsets = new Int32Array(items.length + 1);
+    items.forEach((it, i) => {
+      offsets[i + 1] = offsets[i]! + it.tokens.length;
+    });
+    const T = offsets[items.length]!;
+    if (T === 0) return items.map(() => new Float32Array(0));
+    const positions = new Int32Array(T);
+    const e = new Float32Array(T * D);
+    const prev = new Float32Array(T * D);
+    items.forEach((it, i) => {
+      prev.set(it.hidden.subarray(0, it.tokens.length * D), offsets[i]! * D);
+      for (let j = 0; j < it.tokens.length; j++) {
+        const t = offsets[i]! + j;
+        positions[t] = it.start + j;
+        // vLLM masks the embedding at position 0 ("not needed by MTP").
+        if (positions[t] !== 0) e.set(this.#mtpEmbed!(it.tokens[j]!), t * D);
+      }
+    });
+    const en = b.rmsnorm(e, T, m.enorm, eps);
+    const hn = b.rmsnorm(prev, T, m.hnorm, eps);
+    const x = new Float32Array(T * 2 * D);
+    for (let t = 0; t < T; t++) {
+      x.set(en.subarray(t * D, (t + 1) * D), t * 2 * D);
+      x.set(hn.subarray(t * D, (t + 1) * D), t * 2 * D + D);
+    }
+    const h = b.matmul(x, T, m.ehProj);
+    await this.#layer(m.layer, h, positions, items, offsets, attentionGroups(items, offsets));
+    const last = items.flatMap((it, i) =>
+      it.logits === "last" && it.tokens.length > 0 ? [i] : [],
+    );
+    if (last.length === 0) return items.map(() => new Float32Array(0));
+    const rows = new Float32Array(last.length * D);
+    last.forEach((i, r) => {
+      rows.set(h.subarray((offsets[i + 1]! - 1) * D, offsets[i + 1]! * D), r * D);
+    });
+    const logits = b.matmul(b.rmsnorm(rows, last.length, m.headNorm, eps), last.length, m.head);
+    const V = m.head.rows;
+    const out = items.map(() => new Float32Array(0));
+    last.forEach((i, r) => {
+      out[i] = logits.slice(r * V, (r + 1) * V);
+    });
+    return out;
+  }
+
+  /** One decoder block over the batch's hidden states `h` (updated in place). */
+  async #layer(
+    layer: LayerWeights,
+    h: Float32Array,
+    positions: Int32Array,
+    items: readonly LayerItem[],
+    offsets: Int32Array,
+    groups: readonly AttentionGroup[],
+  ): Promise<void> {
+    const c = this.config;
+    const D = c.hiddenSize;
+    const T = positions.length;
+    const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
+    add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets, groups));
+    const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
+    if (layer.mlp) {
+      add(h, this.#mlp(layer.mlp, m, T));
+      return;
+    }
+    const moe = layer.moe!;
+    const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
+    // One call for the whole batch; shared experts run while it is in flight.
+    const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
+    const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
+    const sums = await routed;
+    add(h, sums);
+    this.#experts.release?.(sums);
+    if (shared) add(h, shared);
+  }
+
+  /**
+   * Final norm + LM head over only the rows some item wants, then split per item. Items
+   * asking for their hidden states get the normed rows of all their tokens.
+   */
   #lmHead(h: Float32Array, items: readonly BatchItem[], offsets: Int32Array): Float32Array[] {
     const c = this.config;
     const D = c.hiddenSize;
@@ -134,14 +252,22 @@ export class BatchForward {
     };
     const picks = items.map((_, i) => rowsOf(i));
     const R = picks.reduce((s, [, k]) => s + k, 0);
+    // With hidden states asked for, every row is normed once and the LM head reads its picks.
+    const all = items.some((it) => it.onHidden)
+      ? this.#b.rmsnorm(h, offsets[items.length]!, this.#w.norm, c.rmsNormEps)
+      : null;
+    if (all)
+      items.forEach((it, i) => {
+        it.onHidden?.(all.subarray(offsets[i]! * D, offsets[i + 1]! * D));
+      });
     if (R === 0) return items.map(() => new Float32Array(0));
     const x = new Float32Array(R * D);
     let r = 0;
     for (const [from, k] of picks) {
-      x.set(h.subarray(from * D, (from + k) * D), r * D);
+      x.set((all ?? h).subarray(from * D, (from + k) * D), r * D);
       r += k;
     }
-    const normed = this.#b.rmsnorm(x, R, this.#w.norm, c.rmsNormEps);
+    const normed = all ? x : this.#b.rmsnorm(x, R, this.#w.norm, c.rmsNormEps);
     const logits = this.#b.matmul(normed, R, this.#w.lmHead);
     r = 0;
     return picks.map(([, k]) => {
@@ -165,7 +291,7 @@ export class BatchForward {
     w: AttentionWeights,
     x: Float32Array,
     positions: Int32Array,
-    items: readonly BatchItem[],
+    items: readonly LayerItem[],
     offsets: Int32Array,
     groups: readonly AttentionGroup[],
   ): Float32Array {
@@ -195,7 +321,7 @@ export class BatchForward {
       const from = offsets[i]!;
       const to = offsets[i + 1]!;
       if (to > from)
-        it.cache.write(layer, it.cache.length, rows.subarray(from * (C + dr), to * (C + dr)));
+        it.cache.write(layer, positions[from]!, rows.subarray(from * (C + dr), to * (C + dr)));
     });
     const out = new Float32Array(T * H * c.vHeadDim);
     for (const g of groups) {
@@ -241,7 +367,7 @@ interface AttentionGroup {
  * sequences share a pool (the block cache), else one per sequence (each SequenceCache has
  * its own).
  */
-function attentionGroups(items: readonly BatchItem[], offsets: Int32Array): AttentionGroup[] {
+function attentionGroups(items: readonly LayerItem[], offsets: Int32Array): AttentionGroup[] {
   const live = items.flatMap((it, i) => (it.tokens.length > 0 ? [{ it, from: offsets[i]! }] : []));
   const group = (members: typeof live): AttentionGroup => {
     const tables = members.map((m) => m.it.cache.table());
@@ -274,9 +400,8 @@ function add(a: Float32Array, b: Float32Array): void {
   for (let i = 0; i < a.length; i++) a[i]! += b[i]!;
 }
 
-/** Row lookup in the embedding table, as float32. */
-function embeddingRows(w: ModelWeights): (row: number) => Float32Array {
-  const e = w.embed;
+/** Row lookup in an embedding table, as float32. */
+function embeddingRows(e: ModelWeights["embed"]): (row: number) => Float32Array {
   if (e.dtype === "f32")
     return (r) => (e.data as Float32Array).subarray(r * e.cols, (r + 1) * e.cols);
   if (e.dtype === "bf16")

@@ -157,6 +157,11 @@ export interface BlockKvOptions {
   memoryBytes: number;
   /** How rows are stored (kv-format.ts; default f32). */
   dtype?: KvDtype;
+  /**
+   * Layers past the model's blocks that keep rows too: the MTP layer's (index
+   * num_hidden_layers) with MTP speculative decoding. Default 0.
+   */
+  extraLayers?: number;
 }
 
 /** Bytes one block takes: blockSize rows of `dtype` (default f32) in every layer. */
@@ -164,9 +169,12 @@ export function bytesPerBlock(
   config: ModelConfig,
   blockSize: number,
   dtype: KvDtype = "f32",
+  extraLayers = 0,
 ): number {
   return (
-    blockSize * kvRowBytes(dtype, config.kvLoraRank, config.qkRopeHeadDim) * config.numHiddenLayers
+    blockSize *
+    kvRowBytes(dtype, config.kvLoraRank, config.qkRopeHeadDim) *
+    (config.numHiddenLayers + extraLayers)
   );
 }
 
@@ -182,12 +190,15 @@ export class BlockKvCache {
   constructor(config: ModelConfig, o: BlockKvOptions) {
     const blockSize = o.blockSize ?? 16;
     this.dtype = o.dtype ?? "f32";
-    const numBlocks = Math.floor(o.memoryBytes / bytesPerBlock(config, blockSize, this.dtype));
+    const layers = config.numHiddenLayers + (o.extraLayers ?? 0);
+    const numBlocks = Math.floor(
+      o.memoryBytes / bytesPerBlock(config, blockSize, this.dtype, o.extraLayers ?? 0),
+    );
     this.allocator = new BlockAllocator(numBlocks, blockSize);
     this.#C = config.kvLoraRank;
     this.#dr = config.qkRopeHeadDim;
     this.#rowBytes = kvRowBytes(this.dtype, this.#C, this.#dr);
-    this.#pages = Array.from({ length: config.numHiddenLayers }, () => ({
+    this.#pages = Array.from({ length: layers }, () => ({
       dtype: this.dtype,
       pool: new Uint8Array(numBlocks * blockSize * this.#rowBytes),
       blockSize,

@@ -9,6 +9,7 @@ import {
 } from "../model/config.ts";
 import { bf16ToFloat32, f16ToFloat32 } from "../model/floats.ts";
 import type { Dtype } from "../model/safetensors.ts";
+import { ExpertMeshError } from "../util/errors.ts";
 import type { Weight } from "./backend.ts";
 
 export interface MlpWeights {
@@ -53,6 +54,8 @@ export interface ModelWeights {
   readonly layers: LayerWeights[];
   readonly norm: Weight;
   readonly lmHead: Weight;
+  /** The first MTP layer, when loaded (LoadOptions.mtp). */
+  readonly mtp?: MtpWeights;
 }
 
 /** Which routed experts to load: all, none (a gateway), or a predicate (a shard). */
@@ -102,83 +105,158 @@ async function readMlp(
   };
 }
 
+/**
+ * DeepSeek-V3's multi-token-prediction module (one per `num_nextn_predict_layers`): the
+ * next-but-one token from the main model's final hidden state h_i and the embedding of
+ * token i + 1, as vLLM's DeepSeekMTP runs it: logits = head(norm(block(eh_proj([enorm(e);
+ * hnorm(h)])))). The block is an MoE decoder layer with index num_hidden_layers + k.
+ */
+export interface MtpWeights {
+  readonly embed: Weight;
+  readonly enorm: Weight;
+  readonly hnorm: Weight;
+  /** [hidden, 2 hidden]: the embedding's half first. */
+  readonly ehProj: Weight;
+  readonly layer: LayerWeights;
+  readonly headNorm: Weight;
+  readonly head: Weight;
+}
+
+export interface LoadOptions {
+  /**
+   * Also load the first MTP layer (the checkpoint opened with `mtp`). Throws
+   * EM_CKPT_NO_MTP when the model has none.
+   */
+  readonly mtp?: boolean;
+}
+
 /** Loads the weights; `onProgress(done, total)` after each layer. */
 export async function loadWeights(
   ckpt: Checkpoint,
   experts: ExpertFilter = "all",
   onProgress?: (done: number, total: number) => void,
+  opts: LoadOptions = {},
 ): Promise<ModelWeights> {
   const c = ckpt.config;
   const h = c.hiddenSize;
-  const H = c.numAttentionHeads;
   const wanted = (layer: number, e: number) =>
     experts === "all" ? true : experts === "none" ? false : experts(layer, e);
+  if (opts.mtp && (c.numNextnPredictLayers < 1 || !ckpt.mtp))
+    throw new ExpertMeshError(
+      "EM_CKPT_NO_MTP",
+      c.numNextnPredictLayers < 1
+        ? `${ckpt.dir}: the model has no multi-token-prediction layer (num_nextn_predict_layers is 0), so it cannot draft with MTP`
+        : `${ckpt.dir}: the checkpoint was opened without its MTP layer`,
+    );
+  const total = c.numHiddenLayers + (opts.mtp ? 1 : 0);
   const layers: LayerWeights[] = [];
   for (let i = 0; i < c.numHiddenLayers; i++) {
-    const p = `model.layers.${i}`;
-    const attention: AttentionWeights = {
-      ...(c.qLoraRank === null
-        ? { qProj: await readWeight(ckpt, `${p}.self_attn.q_proj.weight`, [H * qkHeadDim(c), h]) }
-        : {
-            qA: await readWeight(ckpt, `${p}.self_attn.q_a_proj.weight`, [c.qLoraRank, h]),
-            qANorm: await readWeight(ckpt, `${p}.self_attn.q_a_layernorm.weight`, [c.qLoraRank]),
-            qB: await readWeight(ckpt, `${p}.self_attn.q_b_proj.weight`, [
-              H * qkHeadDim(c),
-              c.qLoraRank,
-            ]),
-          }),
-      kvA: await readWeight(ckpt, `${p}.self_attn.kv_a_proj_with_mqa.weight`, [
-        c.kvLoraRank + c.qkRopeHeadDim,
-        h,
-      ]),
-      kvANorm: await readWeight(ckpt, `${p}.self_attn.kv_a_layernorm.weight`, [c.kvLoraRank]),
-      kvB: await readWeight(ckpt, `${p}.self_attn.kv_b_proj.weight`, [
-        H * (c.qkNopeHeadDim + c.vHeadDim),
-        c.kvLoraRank,
-      ]),
-      o: await readWeight(ckpt, `${p}.self_attn.o_proj.weight`, [h, H * c.vHeadDim]),
-    };
-    const base = {
-      index: i,
-      inputNorm: await readWeight(ckpt, `${p}.input_layernorm.weight`, [h]),
-      postNorm: await readWeight(ckpt, `${p}.post_attention_layernorm.weight`, [h]),
-      attention,
-    };
-    if (!isMoeLayer(c, i)) {
-      layers.push({ ...base, mlp: await readMlp(ckpt, `${p}.mlp`, h, c.intermediateSize) });
-    } else {
-      const loaded = new Map<number, MlpWeights>();
-      for (let e = 0; e < c.nRoutedExperts; e++) {
-        if (wanted(i, e))
-          loaded.set(e, await readMlp(ckpt, `${p}.mlp.experts.${e}`, h, c.moeIntermediateSize));
-      }
-      layers.push({
-        ...base,
-        moe: {
-          router: await readWeight(ckpt, `${p}.mlp.gate.weight`, [c.nRoutedExperts, h]),
-          bias:
-            c.topkMethod === "noaux_tc"
-              ? await readVector(ckpt, `${p}.mlp.gate.e_score_correction_bias`, c.nRoutedExperts)
-              : null,
-          experts: loaded,
-          shared:
-            c.nSharedExperts > 0
-              ? await readMlp(ckpt, `${p}.mlp.shared_experts`, h, sharedExpertsIntermediateSize(c))
-              : null,
-        },
-      });
-    }
-    onProgress?.(i + 1, c.numHiddenLayers);
+    layers.push(await readLayer(ckpt, i, isMoeLayer(c, i), wanted));
+    onProgress?.(i + 1, total);
   }
   const embed = await readWeight(ckpt, "model.embed_tokens.weight", [c.vocabSize, h]);
+  const lmHead = c.tieWordEmbeddings
+    ? embed
+    : await readWeight(ckpt, "lm_head.weight", [c.vocabSize, h]);
+  let mtp: MtpWeights | undefined;
+  if (opts.mtp) {
+    const i = c.numHiddenLayers;
+    const p = `model.layers.${i}`;
+    // DeepSeek-V3 stores the module's own copies of the embedding and head (the same
+    // values as the main model's); a checkpoint without them shares the main model's.
+    const own = async (name: string, shared: Weight) =>
+      ckpt.has(`${p}.${name}`) ? readWeight(ckpt, `${p}.${name}`, [c.vocabSize, h]) : shared;
+    mtp = {
+      embed: await own("embed_tokens.weight", embed),
+      enorm: await readWeight(ckpt, `${p}.enorm.weight`, [h]),
+      hnorm: await readWeight(ckpt, `${p}.hnorm.weight`, [h]),
+      ehProj: await readWeight(ckpt, `${p}.eh_proj.weight`, [h, 2 * h]),
+      layer: await readLayer(ckpt, i, c.nRoutedExperts > 0, wanted),
+      headNorm: await readWeight(ckpt, `${p}.shared_head.norm.weight`, [h]),
+      head: await own("shared_head.head.weight", lmHead),
+    };
+    onProgress?.(total, total);
+  }
   return {
     config: c,
     embed,
     layers,
     norm: await readWeight(ckpt, "model.norm.weight", [h]),
-    lmHead: c.tieWordEmbeddings
-      ? embed
-      : await readWeight(ckpt, "lm_head.weight", [c.vocabSize, h]),
+    lmHead,
+    ...(mtp ? { mtp } : {}),
+  };
+}
+
+/** Block `i`'s weights: attention, norms, and its dense MLP or MoE (routed experts `wanted`). */
+async function readLayer(
+  ckpt: Checkpoint,
+  i: number,
+  moe: boolean,
+  wanted: (layer: number, expert: number) => boolean,
+): Promise<LayerWeights> {
+  const c = ckpt.config;
+  const h = c.hiddenSize;
+  const H = c.numAttentionHeads;
+  const p = `model.layers.${i}`;
+  const attention: AttentionWeights = {
+    ...(c.qLoraRank === null
+      ? { qProj: await readWeight(ckpt, `${p}.self_attn.q_proj.weight`, [H * qkHeadDim(c), h]) }
+      : {
+          qA: await readWeight(ckpt, `${p}.self_attn.q_a_proj.weight`, [c.qLoraRank, h]),
+          qANorm: await readWeight(ckpt, `${p}.self_attn.q_a_layernorm.weight`, [c.qLoraRank]),
+          qB: await readWeight(ckpt, `${p}.self_attn.q_b_proj.weight`, [
+            H * qkHeadDim(c),
+            c.qLoraRank,
+          ]),
+        }),
+    kvA: await readWeight(ckpt, `${p}.self_attn.kv_a_proj_with_mqa.weight`, [
+      c.kvLoraRank + c.qkRopeHeadDim,
+      h,
+    ]),
+    kvANorm: await readWeight(ckpt, `${p}.self_attn.kv_a_layernorm.weight`, [c.kvLoraRank]),
+    kvB: await readWeight(ckpt, `${p}.self_attn.kv_b_proj.weight`, [
+      H * (c.qkNopeHeadDim + c.vHeadDim),
+      c.kvLoraRank,
+    ]),
+    o: await readWeight(ckpt, `${p}.self_attn.o_proj.weight`, [h, H * c.vHeadDim]),
+  };
+  const base = {
+    index: i,
+    inputNorm: await readWeight(ckpt, `${p}.input_layernorm.weight`, [h]),
+    postNorm: await readWeight(ckpt, `${p}.post_attention_layernorm.weight`, [h]),
+    attention,
+  };
+  if (!moe) return { ...base, mlp: await readMlp(ckpt, `${p}.mlp`, h, c.intermediateSize) };
+  const loaded = new Map<number, MlpWeights>();
+  for (let e = 0; e < c.nRoutedExperts; e++) {
+    if (wanted(i, e))
+      loaded.set(e, await readMlp(ckpt, `${p}.mlp.experts.${e}`, h, c.moeIntermediateSize));
+  }
+  return {
+    ...base,
+    moe: {
+      router: await readWeight(ckpt, `${p}.mlp.gate.weight`, [c.nRoutedExperts, h]),
+      bias:
+        c.topkMethod === "noaux_tc"
+          ? await readVector(ckpt, `${p}.mlp.gate.e_score_correction_bias`, c.nRoutedExperts)
+          : null,
+      experts: loaded,
+      shared:
+        c.nSharedExperts > 0
+          ? await readMlp(ckpt, `${p}.mlp.shared_experts`, h, sharedExpertsIntermediateSize(c))
+          : null,
+    },
+  };
+}
+
+/** The routed experts this process holds, by layer (the MTP layer's too): LocalExperts' lookup. */
+export function heldExperts(w: ModelWeights): (layer: number) => Map<number, MlpWeights> {
+  return (layer) => {
+    const l = layer === w.mtp?.layer.index ? w.mtp.layer : w.layers[layer];
+    const moe = l?.moe;
+    if (!moe)
+      throw new ExpertMeshError("EM_GATEWAY_INTERNAL", `layer ${layer} has no routed experts here`);
+    return moe.experts;
   };
 }
 

@@ -21,6 +21,16 @@ export interface NgramConfig {
   readonly minN: number;
 }
 
+/**
+ * A gateway's speculative decoding: prompt lookup, or the model's own MTP layer (ADR 0012),
+ * which drafts one token per step.
+ */
+export type SpeculativeConfig = ({ readonly method?: "ngram" } & NgramConfig) | MtpConfig;
+
+export interface MtpConfig {
+  readonly method: "mtp";
+}
+
 /** Draft tokens a step may verify per sequence, at most (rows sampled at once). */
 export const MAX_DRAFT_TOKENS = 15;
 

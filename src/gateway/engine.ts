@@ -18,13 +18,19 @@
 // draft tokens stay in the cache's blocks, past the sequence's length, to be overwritten.
 // Under an output grammar, row i is masked by the grammar's state after the draft's first i
 // tokens (a fork of the sequence's constraint), as decoding token by token would mask it.
-import type { BatchForward, BatchItem, LatentCache } from "../engine/batch.ts";
+//
+// With MTP drafts (ADR 0012) the model's multi-token-prediction layer guesses instead: after
+// each step's sampling, the MTP layer runs over the positions the step added to each
+// sequence (the main model's final hidden states there, and the token after each), writing
+// its own cache rows; a decoding sequence's last row gives its next draft token (argmax).
+import type { BatchForward, BatchItem, LatentCache, MtpItem } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import {
   type AddResult,
   NO_DRAFT,
+  type ScheduledChunk,
   Scheduler,
   type SchedulerConfig,
   Sequence,
@@ -108,6 +114,8 @@ export interface EngineStats {
   specDrafts: number;
   specDraftTokens: number;
   specAcceptedTokens: number;
+  /** MTP steps that failed (their sequences went on without a draft). */
+  specMtpFailures: number;
 }
 
 interface Active {
@@ -130,6 +138,8 @@ interface Active {
    * context costs few rows.
    */
   draftLength: number;
+  /** With MTP drafts: the MTP layer's guess for the token after its first `at` tokens. */
+  mtpDraft: { at: number; token: number } | null;
 }
 
 export interface EngineOptions {
@@ -147,12 +157,19 @@ export interface EngineOptions {
   readonly speculative?: SpeculativeOptions;
 }
 
-export interface SpeculativeOptions {
-  /** Draft tokens per sequence and step, at most. */
-  readonly numTokens: number;
-  /** A new sequence's drafter (speculative.ts: NgramIndex for prompt lookup). */
-  readonly drafter: (prompt: readonly number[]) => Drafter;
-}
+export type SpeculativeOptions =
+  | {
+      readonly method?: "ngram";
+      /** Draft tokens per sequence and step, at most. */
+      readonly numTokens: number;
+      /** A new sequence's drafter (speculative.ts: NgramIndex for prompt lookup). */
+      readonly drafter: (prompt: readonly number[]) => Drafter;
+    }
+  | {
+      /** The model's MTP layer drafts one token per step (BatchForward.mtpStep). */
+      readonly method: "mtp";
+      readonly numTokens: 1;
+    };
 
 export class ServingEngine {
   readonly #model: BatchForward;
@@ -169,7 +186,7 @@ export class ServingEngine {
   /** Steps run, and of them those that ran as two micro-batches. */
   numSteps = 0;
   numSplitSteps = 0;
-  readonly #spec = { drafts: 0, draftTokens: 0, acceptedTokens: 0 };
+  readonly #spec = { drafts: 0, draftTokens: 0, acceptedTokens: 0, mtpFailures: 0 };
 
   constructor(
     model: BatchForward,
@@ -185,6 +202,11 @@ export class ServingEngine {
     this.#scheduler = new Scheduler(config, kv.allocator);
     this.microBatches = mb;
     this.speculative = opts.speculative ?? null;
+    if (this.speculative?.method === "mtp" && !model.hasMtp)
+      throw new ExpertMeshError(
+        "EM_CKPT_NO_MTP",
+        "MTP drafts need the model's MTP layer: load the weights with it",
+      );
   }
 
   get stats(): EngineStats {
@@ -200,6 +222,7 @@ export class ServingEngine {
       specDrafts: this.#spec.drafts,
       specDraftTokens: this.#spec.draftTokens,
       specAcceptedTokens: this.#spec.acceptedTokens,
+      specMtpFailures: this.#spec.mtpFailures,
     };
   }
 
@@ -231,6 +254,7 @@ export class ServingEngine {
       started: false,
       drafter: null,
       draftLength: this.speculative?.numTokens ?? 0,
+      mtpDraft: null,
     };
     this.#active.set(seq.id, a);
     this.#kick();
@@ -289,7 +313,10 @@ export class ServingEngine {
     this.numPreemptions += preempted.length;
     for (const p of preempted) this.#active.get(p.id)!.cache = null;
     if (chunks.length === 0) return false;
-    const items: BatchItem[] = chunks.map((c) => {
+    const mtp = this.speculative?.method === "mtp";
+    /** With MTP drafts, each chunk's final hidden states (BatchItem.onHidden). */
+    const hidden: (Float32Array | undefined)[] = new Array(chunks.length);
+    const items: BatchItem[] = chunks.map((c, i) => {
       const a = this.#active.get(c.seq.id)!;
       // A new view holds the positions before the chunk: a prefix found in the cache.
       a.cache ??= this.#kv.view(c.seq.id, c.start);
@@ -303,7 +330,12 @@ export class ServingEngine {
       // Prompt logprobs and drafts need every row; else only the row after the chunk.
       const logits =
         a.promptLogprobs !== null || c.draft.length > 0 ? "all" : c.isComplete ? "last" : "none";
-      return { tokens, cache: a.cache, logits };
+      const onHidden = mtp
+        ? (rows: Float32Array) => {
+            hidden[i] = rows;
+          }
+        : undefined;
+      return { tokens, cache: a.cache, logits, ...(onHidden ? { onHidden } : {}) };
     });
     const groups =
       this.microBatches > 1 && chunks.length > 1
@@ -368,7 +400,56 @@ export class ServingEngine {
       this.#sample(picks.slice(i, j));
       i = j;
     }
+    if (mtp) await this.#mtpDrafts(chunks, hidden);
     return true;
+  }
+
+  /**
+   * The MTP layer over the positions this step added to each sequence still running (its
+   * own tokens and accepted draft tokens: hidden state at p, token p + 1), in one batch;
+   * each decoding sequence's last row gives its next draft. A failed MTP step (a shard of
+   * the MTP layer's experts gone) only costs drafts: its sequences go on without one.
+   */
+  async #mtpDrafts(
+    chunks: readonly ScheduledChunk[],
+    hidden: readonly (Float32Array | undefined)[],
+  ): Promise<void> {
+    const work: { a: Active; item: MtpItem }[] = [];
+    for (const [i, c] of chunks.entries()) {
+      // Hidden states came only from a forward pass that ran to its end.
+      const rows = hidden[i];
+      const a = this.#active.get(c.seq.id);
+      if (!rows || !a || a.cancelled || !a.cache || a.seq.status !== "running") continue;
+      const seq = a.seq;
+      // Positions [c.start, numComputed) are the sequence's now; the token after each is
+      // known (a prompt token, an accepted draft token, or the one just sampled).
+      const n = Math.min(c.numTokens, seq.numComputed - c.start);
+      if (n <= 0) continue;
+      const decoding = seq.numTokens - seq.numComputed === 1;
+      work.push({
+        a,
+        item: {
+          start: c.start,
+          tokens: Array.from({ length: n }, (_, j) => seq.tokenAt(c.start + j + 1)),
+          hidden: rows,
+          cache: a.cache,
+          logits: decoding ? "last" : "none",
+        },
+      });
+    }
+    if (work.length === 0) return;
+    let out: Float32Array[];
+    try {
+      out = await this.#model.mtpStep(work.map((w) => w.item));
+    } catch {
+      this.#spec.mtpFailures++;
+      for (const { a } of work) a.mtpDraft = null;
+      return;
+    }
+    work.forEach(({ a }, k) => {
+      const logits = out[k]!;
+      a.mtpDraft = logits.length > 0 ? { at: a.seq.numTokens, token: argmax(logits) } : null;
+    });
   }
 
   /**
@@ -388,6 +469,11 @@ export class ServingEngine {
         continue;
       const k = Math.min(a.draftLength, a.req.maxTokens - seq.outputTokens.length - 1);
       if (k <= 0) continue;
+      if (cfg.method === "mtp") {
+        const d = a.mtpDraft;
+        if (d !== null && d.at === seq.numTokens) seq.draft = [d.token];
+        continue;
+      }
       a.drafter ??= cfg.drafter(seq.promptTokens);
       seq.draft = a.drafter.propose(seq, k);
     }
@@ -594,6 +680,13 @@ export class ServingEngine {
       a.cb.onFinish(complete ? "stop" : "length");
     }
   }
+}
+
+/** Index of the largest value (the first of equals). */
+function argmax(row: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
+  return best;
 }
 
 /** Sampling that takes the most likely token (no penalties, no bias). */

@@ -7,7 +7,7 @@ import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
-import { type NgramConfig, ngramSpeculation } from "../engine/speculative.ts";
+import { ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
@@ -43,8 +43,11 @@ export interface GatewayConfig {
    * logits and their copy, 259 rows at DeepSeek's vocab); longer prompts take more steps.
    */
   readonly maxLogitRows?: number;
-  /** Speculative decoding by prompt lookup (default off; see ServingEngine). */
-  readonly speculative?: NgramConfig;
+  /**
+   * Speculative decoding by prompt lookup or by the model's MTP layer (the weights loaded
+   * with it; default off; see ServingEngine).
+   */
+  readonly speculative?: SpeculativeConfig;
   /** Reuse the KV blocks of prompt prefixes seen before (default true). */
   readonly prefixCaching?: boolean;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
@@ -82,12 +85,20 @@ export function createServeContext(
     );
   const blockSize = cfg.blockSize ?? 16;
   const dtype = cfg.kvCacheDtype ?? "f32";
-  const kv = new BlockKvCache(c, { blockSize, memoryBytes: cfg.kvCacheBytes, dtype });
+  const spec = cfg.speculative;
+  // MTP drafts keep the MTP layer's rows in the same blocks (one layer more per token).
+  const extraLayers = spec?.method === "mtp" ? 1 : 0;
+  const kv = new BlockKvCache(c, {
+    blockSize,
+    memoryBytes: cfg.kvCacheBytes,
+    dtype,
+    extraLayers,
+  });
   if (kv.capacityTokens < maxModelLen)
     throw new ExpertMeshError(
       "EM_KV_BUDGET",
       `the KV cache holds ${kv.capacityTokens} tokens, less than one sequence of ${maxModelLen}: ` +
-        `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize, dtype)} or lower --max-model-len` +
+        `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize, dtype, extraLayers)} or lower --max-model-len` +
         (dtype === "f32" ? " (or store rows smaller: --kv-cache-dtype bfloat16 or fp8)" : ""),
     );
   const engine = new ServingEngine(
@@ -103,7 +114,14 @@ export function createServeContext(
     },
     {
       microBatches: cfg.microBatches ?? 1,
-      ...(cfg.speculative ? { speculative: ngramSpeculation(cfg.speculative) } : {}),
+      ...(spec === undefined
+        ? {}
+        : {
+            speculative:
+              spec.method === "mtp"
+                ? { method: "mtp" as const, numTokens: 1 as const }
+                : ngramSpeculation(spec),
+          }),
     },
   );
   prepareVocabulary(tokenizer, c.vocabSize, {

@@ -1,7 +1,8 @@
 // A Hugging Face checkpoint directory: config.json plus either one `model.safetensors` or
 // `model.safetensors.index.json` and its shards. Opening reads config.json and the
 // safetensors headers only; `read` then fetches one tensor's bytes. Tensors of the
-// multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`) are skipped.
+// multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`) are skipped
+// unless the opener asks for them (MTP speculative decoding, ADR 0012).
 import { existsSync, readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -22,28 +23,34 @@ export const INDEX_FILE = "model.safetensors.index.json";
 export class Checkpoint {
   readonly dir: string;
   readonly config: ModelConfig;
-  /** Tensor locations by name (MTP tensors left out), sorted by name. */
+  /** Tensor locations by name (MTP tensors left out unless opened with them), sorted by name. */
   private readonly infos: ReadonlyMap<string, TensorInfo>;
   /** Bytes taken from disk so far: safetensors headers plus tensor data. */
   private readonly counter: ReadCounter;
+  /** Whether the MTP layers' tensors were kept (opened with `mtp`). */
+  readonly mtp: boolean;
 
   private constructor(
     dir: string,
     config: ModelConfig,
     infos: Map<string, TensorInfo>,
     headerBytes: number,
+    mtp: boolean,
   ) {
     this.dir = dir;
     this.config = config;
     this.infos = infos;
     this.counter = { bytesRead: headerBytes };
+    this.mtp = mtp;
   }
 
   /**
    * Opens the checkpoint in `dir`: parses config.json and the safetensors headers (the
-   * index wins over a single file when both exist). Throws EM_CONFIG_* and EM_CKPT_*.
+   * index wins over a single file when both exist). `mtp` keeps the MTP layers' tensors.
+   * Throws EM_CONFIG_* and EM_CKPT_*.
    */
-  static async open(dir: string): Promise<Checkpoint> {
+  static async open(dir: string, opts: { mtp?: boolean } = {}): Promise<Checkpoint> {
+    const mtp = opts.mtp ?? false;
     const config = readModelConfig(dir);
     const files = shardFiles(dir);
     const infos = new Map<string, TensorInfo>();
@@ -60,11 +67,11 @@ export class Checkpoint {
             `${join(dir, INDEX_FILE)} maps ${name} to ${file}, which has no such tensor`,
           );
         }
-        if (!isMtpTensor(name, config)) infos.set(name, info);
+        if (mtp || !isMtpTensor(name, config)) infos.set(name, info);
       }
     }
     const sorted = new Map([...infos].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
-    return new Checkpoint(dir, config, sorted, headerBytes);
+    return new Checkpoint(dir, config, sorted, headerBytes, mtp);
   }
 
   /** Names of all tensors (MTP tensors left out), sorted. */
@@ -81,9 +88,10 @@ export class Checkpoint {
   tensorInfo(name: string): TensorInfo {
     const info = this.infos.get(name);
     if (!info) {
-      const why = isMtpTensor(name, this.config)
-        ? " (it belongs to a multi-token-prediction layer, which is skipped)"
-        : "";
+      const why =
+        isMtpTensor(name, this.config) && !this.mtp
+          ? " (it belongs to a multi-token-prediction layer, which is skipped)"
+          : "";
       throw new ExpertMeshError("EM_CKPT_MISSING_TENSOR", `${this.dir}: no tensor ${name}${why}`);
     }
     return info;

@@ -508,6 +508,15 @@ export function isMoeLayer(c: ModelConfig, layer: number): boolean {
   return layer >= c.firstKDenseReplace && layer < c.numHiddenLayers;
 }
 
+/**
+ * Whether block `layer` is one of the multi-token-prediction (MTP) layers that follow the
+ * last block (`num_nextn_predict_layers` of them, DeepSeek-V3's layer 61): an MoE block of
+ * its own behind a projection of [embedding; hidden], with its own head (ADR 0012).
+ */
+export function isMtpLayer(c: ModelConfig, layer: number): boolean {
+  return layer >= c.numHiddenLayers && layer < c.numHiddenLayers + c.numNextnPredictLayers;
+}
+
 /** Width of the shared experts taken together (one MLP of this inner width). */
 export function sharedExpertsIntermediateSize(c: ModelConfig): number {
   return c.moeIntermediateSize * c.nSharedExperts;

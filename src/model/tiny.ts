@@ -19,7 +19,7 @@ import {
   writeSafetensors,
 } from "./safetensors.ts";
 import { tinyTokenizerConfigJson, tinyTokenizerJson, tinyTokenizerSize } from "./tiny-tokenizer.ts";
-import { isFp8Weight, modelWeights, scaleInvOf, type WeightSpec } from "./weights.ts";
+import { isFp8Weight, modelWeights, mtpWeights, scaleInvOf, type WeightSpec } from "./weights.ts";
 
 export type TinyArch = "v2" | "v3";
 export type TinyPreset = "tiny" | "mini";
@@ -32,6 +32,11 @@ export interface TinyModelOptions {
   readonly seed?: number;
   /** Store Linear weights as fp8 e4m3 with 128x128 block scales. */
   readonly fp8?: boolean;
+  /**
+   * Add one multi-token-prediction layer (v3 only: `num_nextn_predict_layers: 1` and the
+   * tensors of `model.layers.{L}`, random like the rest), for MTP speculative decoding.
+   */
+  readonly mtp?: boolean;
   /** Number of safetensors files; > 1 writes `model-0000k-of-0000n.safetensors` + index. */
   readonly shards?: number;
   /** Called after each tensor with the bytes written so far over all files. */
@@ -118,6 +123,7 @@ export function tinyConfigJson(
   arch: TinyArch,
   preset: TinyPreset = "tiny",
   fp8 = false,
+  mtp = false,
 ): Record<string, unknown> {
   const v3 = arch === "v3";
   const json: Record<string, unknown> = {
@@ -148,7 +154,9 @@ export function tinyConfigJson(
     use_cache: true,
     torch_dtype: "bfloat16",
   };
-  if (v3) json["num_nextn_predict_layers"] = 0;
+  if (mtp && !v3)
+    throw new ExpertMeshError("EM_CLI_USAGE", "an MTP layer is a DeepSeek-V3 part: use --arch v3");
+  if (v3) json["num_nextn_predict_layers"] = mtp ? 1 : 0;
   if (fp8) {
     json["quantization_config"] = {
       quant_method: "fp8",
@@ -191,7 +199,7 @@ export function tinyWeightValues(w: WeightSpec, seed: number): Float32Array {
 export function tinyTensors(config: ModelConfig, seed: number): TensorToWrite[][] {
   const fp8 = config.quantization !== null;
   const units: TensorToWrite[][] = [];
-  for (const w of modelWeights(config)) {
+  for (const w of [...modelWeights(config), ...mtpWeights(config)]) {
     const values = () => tinyWeightValues(w, seed);
     if (w.kind === "gate_bias") {
       units.push([{ name: w.name, dtype: "F32", shape: w.shape, data: values }]);
@@ -262,7 +270,12 @@ const jsonText = (value: unknown) => `${JSON.stringify(value, null, 2)}\n`;
  * older expertmesh wrote (the tokenizer gained DeepSeek's tool-call tokens, for one).
  */
 export function tinyModelCurrent(dir: string, opts: TinyModelOptions): boolean {
-  const configJson = tinyConfigJson(opts.arch, opts.preset ?? "tiny", opts.fp8 ?? false);
+  const configJson = tinyConfigJson(
+    opts.arch,
+    opts.preset ?? "tiny",
+    opts.fp8 ?? false,
+    opts.mtp ?? false,
+  );
   const config = parseModelConfig(configJson, `tiny ${opts.arch} config`);
   const want: [string, unknown][] = [
     ["config.json", configJson],
@@ -298,7 +311,7 @@ export async function writeTinyModel(
       `shards must be a positive integer, got ${numShards}`,
     );
   }
-  const configJson = tinyConfigJson(opts.arch, preset, opts.fp8 ?? false);
+  const configJson = tinyConfigJson(opts.arch, preset, opts.fp8 ?? false, opts.mtp ?? false);
   const config = parseModelConfig(configJson, `tiny ${opts.arch} ${preset} config`);
   const shards = splitShards(tinyTensors(config, seed), numShards);
 

@@ -4,6 +4,7 @@
 // tiny-model writer uses it to produce them.
 import {
   isMoeLayer,
+  isMtpLayer,
   type ModelConfig,
   qkHeadDim,
   sharedExpertsIntermediateSize,
@@ -69,7 +70,7 @@ export function layerWeights(c: ModelConfig, i: number): WeightSpec[] {
     add(`${prefix}.up_proj.weight`, [inner, h], "linear", expert);
     add(`${prefix}.down_proj.weight`, [h, inner], "linear", expert);
   };
-  if (!isMoeLayer(c, i)) {
+  if (!isMoeLayer(c, i) && !isMtpLayer(c, i)) {
     mlp("mlp", c.intermediateSize);
     return out;
   }
@@ -78,6 +79,29 @@ export function layerWeights(c: ModelConfig, i: number): WeightSpec[] {
     add("mlp.gate.e_score_correction_bias", [c.nRoutedExperts], "gate_bias");
   for (let j = 0; j < c.nRoutedExperts; j++) mlp(`mlp.experts.${j}`, c.moeIntermediateSize, j);
   if (c.nSharedExperts > 0) mlp("mlp.shared_experts", sharedExpertsIntermediateSize(c));
+  return out;
+}
+
+/**
+ * The weights of the MTP layers (`model.layers.{L + k}`, k < num_nextn_predict_layers), as
+ * DeepSeek-V3 ships them: the block's own (an MoE block) plus `enorm`, `hnorm`, `eh_proj`
+ * [hidden, 2 hidden], `shared_head.norm`, `shared_head.head` and a copy of `embed_tokens`.
+ */
+export function mtpWeights(c: ModelConfig): WeightSpec[] {
+  const out: WeightSpec[] = [];
+  const h = c.hiddenSize;
+  for (let k = 0; k < c.numNextnPredictLayers; k++) {
+    const i = c.numHiddenLayers + k;
+    const add = (name: string, shape: number[], kind: WeightKind) =>
+      out.push({ name: `model.layers.${i}.${name}`, shape, kind, layer: i, expert: null });
+    add("embed_tokens.weight", [c.vocabSize, h], "embedding");
+    add("enorm.weight", [h], "norm");
+    add("hnorm.weight", [h], "norm");
+    add("eh_proj.weight", [h, 2 * h], "linear");
+    out.push(...layerWeights(c, i));
+    add("shared_head.norm.weight", [h], "norm");
+    add("shared_head.head.weight", [c.vocabSize, h], "lm_head");
+  }
   return out;
 }
 

@@ -24,6 +24,8 @@ export const ERROR_CODES = {
   EM_CKPT_TRUNCATED: "a safetensors file is shorter than its header says",
   EM_CKPT_BAD_INDEX: "model.safetensors.index.json is malformed or disagrees with its shards",
   EM_CKPT_MISSING_TENSOR: "a tensor asked for is not in the checkpoint",
+  EM_CKPT_NO_MTP:
+    "MTP speculative decoding asked for, but the model has no multi-token-prediction layer",
   EM_CKPT_SHAPE_MISMATCH: "a tensor's shape differs from the expected one",
   EM_CKPT_UNSUPPORTED_DTYPE: "a tensor's dtype cannot be read or is not one the caller accepts",
   EM_CKPT_WRITE_INVALID: "tensors given to the safetensors writer are inconsistent",

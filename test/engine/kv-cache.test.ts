@@ -15,6 +15,7 @@ import {
   kvRowBytes,
   parseKvCacheDtype,
 } from "../../src/engine/kv-format.ts";
+import { heldExperts } from "../../src/engine/loader.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
 import { loadAddon, nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
@@ -234,7 +235,7 @@ describe("the block cache through the forward pass", () => {
       const model = new BatchForward(
         weights,
         backend,
-        new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts),
+        new LocalExperts(backend, heldExperts(weights)),
       );
       const c = weights.config;
       const V = c.vocabSize;

@@ -5,6 +5,7 @@ import { describe, expect, it } from "vitest";
 import { BatchForward, type BatchItem, type LatentCache } from "../../src/engine/batch.ts";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../../src/engine/kv-blocks.ts";
+import { heldExperts } from "../../src/engine/loader.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
 import { GREEDY, runToEnd, ServingEngine } from "../../src/gateway/engine.ts";
 import { maxAbsDiff, readGolden, tinyCheckpointFor } from "../support/golden.ts";
@@ -22,7 +23,7 @@ describe.each(["tiny-v2", "tiny-v3"] as const)("BatchForward on %s", (name) => {
     const golden = readGolden(name);
     const { weights, model } = await localModel(dir);
     const calls: number[] = [];
-    const local = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+    const local = new LocalExperts(native, heldExperts(weights));
     const counting: ExpertRunner = {
       run(layer, x, t, dim, ids, w, topK) {
         calls.push(layer);
@@ -92,11 +93,7 @@ describe.each(["tiny-v2", "tiny-v3"] as const)("BatchForward on %s", (name) => {
     const dir = await tinyCheckpointFor(name);
     const { weights, model } = await localModel(dir);
     const c = weights.config;
-    const batch = new BatchForward(
-      weights,
-      native,
-      new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts),
-    );
+    const batch = new BatchForward(weights, native, new LocalExperts(native, heldExperts(weights)));
     const a = [5, 6, 7, 8];
     const b = [9, 10, 11];
     const out = await batch.step([
@@ -118,7 +115,7 @@ describe("ServingEngine when sampling throws", () => {
     const forward = new BatchForward(
       weights,
       native,
-      new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts),
+      new LocalExperts(native, heldExperts(weights)),
     );
     const sample = forward.sample.bind(forward);
     forward.sample = (logits, rows) => {

@@ -7,7 +7,7 @@ import OpenAI from "openai";
 import { expect } from "vitest";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
-import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import { heldExperts, loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { buildGatewayApp } from "../../src/gateway/app.ts";
 import type { ServeContext } from "../../src/gateway/jobs.ts";
 import { createServeContext, type GatewayConfig, probeShards } from "../../src/gateway/server.ts";
@@ -42,8 +42,9 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
-  const ckpt = await Checkpoint.open(dir);
-  const weights = await loadWeights(ckpt, o.cluster ? "none" : "all");
+  const mtp = o.speculative?.method === "mtp";
+  const ckpt = await Checkpoint.open(dir, { mtp });
+  const weights = await loadWeights(ckpt, o.cluster ? "none" : "all", undefined, { mtp });
   let nc: NatsConnection | null = null;
   let remote: RemoteExperts | null = null;
   let experts: ExpertRunner;
@@ -63,7 +64,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     const plan = o.cluster.plan;
     ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize, 500);
   } else {
-    experts = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+    experts = new LocalExperts(native, heldExperts(weights));
   }
   if (o.wrap) experts = o.wrap(experts);
   const logs: string[] = [];
@@ -237,7 +238,8 @@ export async function preemptionScenario(
     ...opts,
     maxModelLen: 64,
     blockSize: 4,
-    kvCacheBytes: 16 * bytesPerBlock(config, 4),
+    // 16 blocks of 4 (an MTP layer's rows take a layer more per block).
+    kvCacheBytes: 16 * bytesPerBlock(config, 4, "f32", opts.speculative?.method === "mtp" ? 1 : 0),
     wrap: (r) => {
       h = holdable(r);
       return h.runner;

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchForward } from "../../src/engine/batch.ts";
 import { LocalExperts } from "../../src/engine/experts.ts";
 import { BlockKvCache } from "../../src/engine/kv-blocks.ts";
+import { heldExperts } from "../../src/engine/loader.ts";
 import type { Drafter, NgramConfig } from "../../src/engine/speculative.ts";
 import { GREEDY, runToEnd, ServingEngine } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -251,11 +252,7 @@ describe("draft length per sequence", () => {
   /** An engine over the plain gateway's weights whose drafter is `drafter`. */
   const engineWith = (drafter: (prompt: readonly number[]) => Drafter) => {
     const w = plain.weights;
-    const forward = new BatchForward(
-      w,
-      native,
-      new LocalExperts(native, (l) => w.layers[l]!.moe!.experts),
-    );
+    const forward = new BatchForward(w, native, new LocalExperts(native, heldExperts(w)));
     return new ServingEngine(
       forward,
       new BlockKvCache(w.config, { memoryBytes: 8 * 2 ** 20 }),

@@ -5,7 +5,12 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LocalExperts } from "../../src/engine/experts.ts";
-import { loadExperts, loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import {
+  heldExperts,
+  loadExperts,
+  loadWeights,
+  type ModelWeights,
+} from "../../src/engine/loader.ts";
 import { probeShards } from "../../src/gateway/server.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { modelArchitectureOf } from "../../src/model/config.ts";
@@ -89,7 +94,7 @@ describe("live plan switch on a shard (real NATS, real weights)", () => {
     const w = Float32Array.from({ length: ids.length }, (_, i) => 0.25 + (i % 3) * 0.25);
     const layer = plan.moeLayers[0]!;
     const got = await remote.run(layer, x, t, dim, ids, w, 2);
-    const local = new LocalExperts(native, (l) => weights.layers[l]!.moe!.experts);
+    const local = new LocalExperts(native, heldExperts(weights));
     const want = await local.run(layer, x, t, dim, ids, w, 2);
     let scale = 0;
     let worst = 0;

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Backend } from "../../src/engine/backend.ts";
 import { LocalExperts } from "../../src/engine/experts.ts";
-import { loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import { heldExperts, loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { DeepSeekForward } from "../../src/engine/model.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
@@ -37,7 +37,7 @@ export function readGolden(name: "tiny-v2" | "tiny-v3" | "tiny-v3-fp8"): Golden 
 
 /** Writes the seed-0 tiny checkpoint a golden came from into a temp folder. */
 export async function tinyCheckpointFor(
-  name: "tiny-v2" | "tiny-v3" | "tiny-v3-fp8",
+  name: "tiny-v2" | "tiny-v3" | "tiny-v3-fp8" | "tiny-v3-mtp",
 ): Promise<string> {
   const dir = mkdtempSync(join(tmpdir(), `em-${name}-`));
   await writeTinyModel(dir, {
@@ -45,6 +45,7 @@ export async function tinyCheckpointFor(
     preset: "tiny",
     seed: 0,
     fp8: name.endsWith("fp8"),
+    mtp: name.endsWith("mtp"),
     shards: 1,
   });
   return dir;
@@ -65,10 +66,6 @@ export async function localModel(
   const weights = await loadWeights(await Checkpoint.open(modelDir));
   return {
     weights,
-    model: new DeepSeekForward(
-      weights,
-      backend,
-      new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts),
-    ),
+    model: new DeepSeekForward(weights, backend, new LocalExperts(backend, heldExperts(weights))),
   };
 }

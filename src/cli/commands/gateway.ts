@@ -4,8 +4,8 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
-import { loadWeights } from "../../engine/loader.ts";
-import { checkNgramConfig } from "../../engine/speculative.ts";
+import { heldExperts, loadWeights } from "../../engine/loader.ts";
+import { checkNgramConfig, type SpeculativeConfig } from "../../engine/speculative.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
@@ -68,6 +68,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             K guessed tokens (what followed its last tokens earlier in its prompt
                             or output) with its own in one step; outputs are unchanged
                             (default 0: off; at most 15)
+  --speculative-method M    ngram (default: prompt lookup, as above) or mtp: the model's own
+                            multi-token-prediction layer (DeepSeek-V3/R1) drafts one token per
+                            step; its experts run where the others do (--local, or the shards
+                            of a plan made with --mtp)
   --prompt-lookup-max N     longest run of last tokens looked up (default 4)
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
   --responses-store N       responses kept in memory for previous_response_id and
@@ -121,6 +125,7 @@ export const gatewayCommand: Command = {
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
         "speculative-tokens": { type: "string" },
+        "speculative-method": { type: "string" },
         "prompt-lookup-max": { type: "string" },
         "prompt-lookup-min": { type: "string" },
         "api-key": { type: "string", multiple: true },
@@ -143,8 +148,17 @@ export const gatewayCommand: Command = {
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
-    const speculative =
-      specTokens > 0
+    const specMethod = values["speculative-method"] ?? "ngram";
+    if (specMethod !== "ngram" && specMethod !== "mtp")
+      usage(`--speculative-method must be ngram or mtp, got '${specMethod}'`);
+    if (specMethod === "mtp" && values["speculative-tokens"] !== undefined && specTokens !== 1)
+      usage(
+        `the MTP layer drafts one token per step: --speculative-tokens must be 1, got ${specTokens}`,
+      );
+    const mtp = specMethod === "mtp";
+    const speculative: SpeculativeConfig | undefined = mtp
+      ? { method: "mtp" }
+      : specTokens > 0
         ? checkNgramConfig({
             numTokens: specTokens,
             maxN: int(values["prompt-lookup-max"], "--prompt-lookup-max", 4),
@@ -174,17 +188,20 @@ export const gatewayCommand: Command = {
     // The files the options name, before the weights: a wrong path fails at once.
     const planText = values.plan && readOptionFile(values.plan, "--plan").toString("utf8");
     const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
-    const ckpt = await Checkpoint.open(modelDir);
+    const ckpt = await Checkpoint.open(modelDir, { mtp });
     const tokenizer = Tokenizer.load(modelDir);
     const progress = loadProgress({
       unit: "layers",
-      total: ckpt.config.numHiddenLayers,
+      total: ckpt.config.numHiddenLayers + (mtp ? 1 : 0),
       totalBytes: denseLoadBytes(ckpt, values.local === true),
       bytesRead: () => ckpt.bytesRead,
       human: (done, total) => log(`loading weights: layer ${done}/${total}`),
     });
-    const weights = await loadWeights(ckpt, values.local ? "all" : "none", (done, total) =>
-      progress.update(done, total),
+    const weights = await loadWeights(
+      ckpt,
+      values.local ? "all" : "none",
+      (done, total) => progress.update(done, total),
+      { mtp },
     );
     progress.finish();
     let experts: ExpertRunner;
@@ -192,10 +209,15 @@ export const gatewayCommand: Command = {
     let ready: () => Promise<boolean> = async () => true;
     let onRoundTrip: ((shard: number, ms: number, ok: boolean) => void) | undefined;
     if (values.local) {
-      experts = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
+      experts = new LocalExperts(backend, heldExperts(weights));
     } else {
       const plan = parsePlan(planText!);
       checkPlanFitsModel(plan, modelArchitectureOf(weights.config), values.plan!);
+      const mtpLayer = weights.config.numHiddenLayers;
+      if (mtp && !plan.moeLayers.includes(mtpLayer))
+        usage(
+          `--speculative-method mtp: the plan ${values.plan} does not place the MTP layer's experts (layer ${mtpLayer}); make it with \`expertmesh plan --mtp\``,
+        );
       nc = await connectNats({
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,

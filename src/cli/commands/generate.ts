@@ -2,7 +2,7 @@ import { parseArgs } from "node:util";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { generate } from "../../engine/generate.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
-import { loadWeights } from "../../engine/loader.ts";
+import { heldExperts, loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
@@ -87,7 +87,7 @@ export const generateCommand: Command = {
     process.stderr.write(
       `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${selected.summary})\n`,
     );
-    let experts: ExpertRunner = new LocalExperts(backend, (l) => weights.layers[l]!.moe!.experts);
+    let experts: ExpertRunner = new LocalExperts(backend, heldExperts(weights));
     let close = async () => {};
     if (values.distributed) {
       if (!values.nats || !plan)

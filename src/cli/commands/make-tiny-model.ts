@@ -11,12 +11,13 @@ import { ExpertMeshError } from "../../util/errors.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE =
-  "expertmesh make-tiny-model --arch v2|v3 --out DIR [--seed N] [--preset tiny|mini] [--fp8] [--shards N]\n\n" +
+  "expertmesh make-tiny-model --arch v2|v3 --out DIR [--seed N] [--preset tiny|mini] [--fp8] [--mtp] [--shards N]\n\n" +
   "  --arch v2|v3         DeepseekV2ForCausalLM (tiny-v2) or DeepseekV3ForCausalLM (tiny-v3)\n" +
   "  --out DIR            output directory (created; old model*.safetensors in it are removed)\n" +
   "  --seed N             PRNG seed, an integer in [0, 2^32), default 0: same seed, same bytes\n" +
   "  --preset tiny|mini   tiny (default, for tests) or mini (about 1.1 GB in bf16, for benchmarks)\n" +
   "  --fp8                Linear weights as fp8 e4m3 with 128x128 weight_scale_inv blocks\n" +
+  "  --mtp                one multi-token-prediction layer (v3), for --speculative-method mtp\n" +
   "  --shards N           split the weights into N files with model.safetensors.index.json";
 
 export const makeTinyModelCommand: Command = {
@@ -31,6 +32,7 @@ export const makeTinyModelCommand: Command = {
       preset: opts.preset,
       seed: opts.seed,
       fp8: opts.fp8,
+      mtp: opts.mtp,
       shards: opts.shards,
       onProgress: ({ bytesWritten, totalBytes, file }) => {
         // Large models report every 5%; tiny ones finish too fast to need it.
@@ -56,6 +58,7 @@ interface Options {
   seed: number;
   preset: TinyPreset;
   fp8: boolean;
+  mtp: boolean;
   shards: number;
 }
 
@@ -72,6 +75,7 @@ function parseOptions(argv: string[]): Options {
         seed: { type: "string" },
         preset: { type: "string" },
         fp8: { type: "boolean" },
+        mtp: { type: "boolean" },
         shards: { type: "string" },
       },
     }).values;
@@ -90,6 +94,7 @@ function parseOptions(argv: string[]): Options {
     preset,
     seed: intOption(values["seed"], "seed", 0, 2 ** 32 - 1) ?? 0,
     fp8: values["fp8"] === true,
+    mtp: values["mtp"] === true,
     shards: intOption(values["shards"], "shards", 1, 99999) ?? 1,
   };
 }
@@ -114,7 +119,7 @@ function usage(msg: string): never {
 function summaryText(s: TinyModelSummary, opts: Options): string {
   const c = s.config;
   const lines = [
-    `wrote ${c.architecture} (${opts.preset}, seed ${opts.seed}${opts.fp8 ? ", fp8 e4m3" : ""}) to ${s.dir}`,
+    `wrote ${c.architecture} (${opts.preset}, seed ${opts.seed}${opts.fp8 ? ", fp8 e4m3" : ""}${opts.mtp ? ", 1 MTP layer" : ""}) to ${s.dir}`,
     `  ${c.numHiddenLayers} layers (${c.firstKDenseReplace} dense), hidden ${c.hiddenSize}, ${c.nRoutedExperts} routed experts top-${c.numExpertsPerTok}, ${c.nSharedExperts} shared, vocab ${c.vocabSize}`,
     `  ${s.numTensors} tensors, ${formatBytes(s.tensorBytes)} of weights`,
     ...s.files.map((f) => `  ${f.name.padEnd(36)} ${formatBytes(f.bytes)}`),

@@ -1,0 +1,264 @@
+// MTP speculative decoding (`gateway --speculative-method mtp`, ADR 0012) against the same
+// gateway without it, on the tiny V3 checkpoint with an MTP layer, through the official
+// `openai` client. The MTP layer's random weights guess almost nothing, so these tests show
+// that drafting changes nothing but the steps; an MTP layer whose weights copy its input
+// token (built below) shows drafts accepted exactly where the output repeats a token.
+import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Weight } from "../../src/engine/backend.ts";
+import { BatchForward } from "../../src/engine/batch.ts";
+import type { ExpertRunner } from "../../src/engine/experts.ts";
+import { LocalExperts } from "../../src/engine/experts.ts";
+import { BlockKvCache } from "../../src/engine/kv-blocks.ts";
+import { heldExperts, type MlpWeights, type ModelWeights } from "../../src/engine/loader.ts";
+import { GREEDY, runToEnd, type SamplingParams, ServingEngine } from "../../src/gateway/engine.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { native } from "../support/shards.ts";
+import {
+  metric,
+  mixedGreedy,
+  preemptionScenario,
+  SEED_PROMPTS,
+  startGateway,
+  type TestGateway,
+} from "./helpers.ts";
+
+let dir: string;
+let plain: TestGateway;
+let mtp: TestGateway;
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3-mtp");
+  plain = await startGateway(dir, { maxBatchTokens: 32 });
+  mtp = await startGateway(dir, { maxBatchTokens: 32, speculative: { method: "mtp" } });
+});
+afterAll(async () => {
+  await plain?.close();
+  await mtp?.close();
+});
+
+const LOOP = "one two three four one two three four one two three four one two";
+const stats = () => mtp.ctx.engine.stats;
+
+describe("MTP speculative decoding", () => {
+  it("refuses a model without an MTP layer (EM_CKPT_NO_MTP)", async () => {
+    const v3 = await tinyCheckpointFor("tiny-v3");
+    await expect(startGateway(v3, { speculative: { method: "mtp" } })).rejects.toMatchObject({
+      code: "EM_CKPT_NO_MTP",
+    });
+  });
+
+  it("greedy: 16 concurrent requests give the texts of the gateway without it, one draft token per decode step", async () => {
+    const prompts = Array.from({ length: 16 }, (_, i) =>
+      i % 4 === 3 ? LOOP : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
+    );
+    const ask = (g: TestGateway, p: string, i: number) => mixedGreedy(g, p, i, 6 + 7 * (i % 5));
+    const before = stats();
+    const [a, b] = await Promise.all([
+      Promise.all(prompts.map((p, i) => ask(plain, p, i))),
+      Promise.all(prompts.map((p, i) => ask(mtp, p, i))),
+    ]);
+    expect(b).toEqual(a);
+    const after = stats();
+    expect(after.specDrafts - before.specDrafts).toBeGreaterThan(50);
+    expect(after.specDraftTokens - before.specDraftTokens).toBe(
+      after.specDrafts - before.specDrafts,
+    );
+    expect(after.specMtpFailures).toBe(0);
+    expect(await metric(mtp.url, "expertmesh_gateway_spec_decode_num_drafts_total")).toBe(
+      after.specDrafts,
+    );
+    expect(await metric(mtp.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
+  });
+
+  it("seeded sampling: the same tokens and logprobs, penalties and bias included", async () => {
+    const bodies: Record<string, unknown>[] = [
+      { temperature: 0.8, top_p: 0.95, seed: 7 },
+      { temperature: 1.0, top_k: 12, seed: 11, frequency_penalty: 0.5, presence_penalty: 0.3 },
+      { temperature: 0.7, seed: 3, logit_bias: { "101": 4, "32": 2 } },
+    ];
+    for (const [i, b] of bodies.entries()) {
+      const req = {
+        model: "tiny",
+        prompt: i % 2 ? LOOP : SEED_PROMPTS[i]!,
+        max_tokens: 32,
+        n: 2,
+        logprobs: 2,
+        ...b,
+      } as CompletionCreateParamsNonStreaming;
+      const [x, y] = await Promise.all([
+        plain.client.completions.create(req),
+        mtp.client.completions.create(req),
+      ]);
+      expect(y.choices.map((c) => [c.text, c.finish_reason])).toEqual(
+        x.choices.map((c) => [c.text, c.finish_reason]),
+      );
+      for (const [k, c] of y.choices.entries()) {
+        const want = x.choices[k]!.logprobs!;
+        expect(c.logprobs!.tokens).toEqual(want.tokens);
+        c.logprobs!.token_logprobs!.forEach((lp, j) => {
+          expect(lp).toBeCloseTo(want.token_logprobs![j]!, 4);
+        });
+      }
+    }
+  });
+
+  it("streams the same chat text", async () => {
+    const collect = async (g: TestGateway, content: string) => {
+      let text = "";
+      const stream = await g.client.chat.completions.create({
+        model: "tiny",
+        messages: [{ role: "user", content }],
+        max_tokens: 24,
+        temperature: 0,
+        stream: true,
+      });
+      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+      return text;
+    };
+    const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 3)];
+    const [a, b] = await Promise.all([
+      Promise.all(prompts.map((p) => collect(plain, p))),
+      Promise.all(prompts.map((p) => collect(mtp, p))),
+    ]);
+    expect(b).toEqual(a);
+  });
+
+  it("a follow-up prompt takes its blocks (the MTP layer's rows with them) from the prefix cache", async () => {
+    const prompt = mtp.ctx.tokenizer.encode(LOOP);
+    const first = await greedy(mtp.ctx.engine, prompt, 40);
+    expect(first).toEqual(await greedy(plain.ctx.engine, prompt, 40));
+    const follow = [...prompt, ...first];
+    const hitsBefore = stats().prefixHitTokens;
+    expect(await greedy(mtp.ctx.engine, follow, 24)).toEqual(
+      await greedy(plain.ctx.engine, follow, 24),
+    );
+    expect(stats().prefixHitTokens - hitsBefore).toBe(Math.floor((follow.length - 1) / 16) * 16);
+  });
+
+  it("preempts and recomputes when the cache is full, with the same text", async () => {
+    await preemptionScenario(
+      dir,
+      { speculative: { method: "mtp" } },
+      { after: (g) => expect(g.ctx.engine.stats.specDrafts).toBeGreaterThan(0) },
+    );
+  });
+
+  it("an MTP step that fails costs only drafts: the same text, the failure counted", async () => {
+    // The MTP layer's experts (layer 4) fail; the main layers' run.
+    const failing = (r: ExpertRunner): ExpertRunner => ({
+      run: (layer, ...rest) =>
+        layer === 4 ? Promise.reject(new Error("shard of layer 4 gone")) : r.run(layer, ...rest),
+    });
+    const g = await startGateway(dir, { speculative: { method: "mtp" }, wrap: failing });
+    try {
+      const prompt = g.ctx.tokenizer.encode(SEED_PROMPTS[0]!);
+      expect(await greedy(g.ctx.engine, prompt, 20)).toEqual(
+        await greedy(plain.ctx.engine, prompt, 20),
+      );
+      expect(g.ctx.engine.stats.specMtpFailures).toBeGreaterThan(0);
+      expect(g.ctx.engine.stats.specDrafts).toBe(0);
+    } finally {
+      await g.close();
+    }
+  });
+});
+
+describe("an MTP layer that copies its input token", () => {
+  /**
+   * The loaded MTP layer rewired to predict the token it is given: eh_proj keeps the
+   * normed embedding and drops the hidden state, attention and experts add nothing (zero
+   * o_proj and down_proj), and the head is the embedding table, whose row for a token
+   * scores highest against that token's own embedding.
+   */
+  function copying(w: ModelWeights): ModelWeights {
+    const m = w.mtp!;
+    const D = w.config.hiddenSize;
+    const f32 = (rows: number, cols: number, data = new Float32Array(rows * cols)): Weight => ({
+      dtype: "f32",
+      data,
+      rows,
+      cols,
+    });
+    const eh = new Float32Array(D * 2 * D);
+    for (let i = 0; i < D; i++) eh[i * 2 * D + i] = 1;
+    const silent = (x: MlpWeights): MlpWeights => ({ ...x, down: f32(x.down.rows, x.down.cols) });
+    const moe = m.layer.moe!;
+    const o = m.layer.attention.o;
+    return {
+      ...w,
+      mtp: {
+        ...m,
+        ehProj: f32(D, 2 * D, eh),
+        head: m.embed,
+        layer: {
+          ...m.layer,
+          attention: { ...m.layer.attention, o: f32(o.rows, o.cols) },
+          moe: {
+            ...moe,
+            experts: new Map([...moe.experts].map(([e, x]) => [e, silent(x)])),
+            shared: moe.shared && silent(moe.shared),
+          },
+        },
+      },
+    };
+  }
+
+  /**
+   * Drafts accepted when each draft is the last token: a step with last token o[i] keeps
+   * the draft when o[i + 1] = o[i] (and then samples o[i + 2] from the draft's row); no
+   * draft when only one token is left to generate.
+   */
+  function expectedAccepted(o: readonly number[]): { drafts: number; accepted: number } {
+    let drafts = 0;
+    let accepted = 0;
+    for (let i = 0; o.length - i - 2 >= 1; ) {
+      drafts++;
+      if (o[i + 1] === o[i]) {
+        accepted++;
+        i += 2;
+      } else i += 1;
+    }
+    return { drafts, accepted };
+  }
+
+  it("accepts a draft exactly where the output repeats its last token", async () => {
+    const w = copying(mtp.weights);
+    const engine = new ServingEngine(
+      new BatchForward(w, native, new LocalExperts(native, heldExperts(w))),
+      new BlockKvCache(w.config, { memoryBytes: 8 * 2 ** 20, extraLayers: 1 }),
+      { maxBatchTokens: 64, maxRunning: 8, maxQueueDepth: 8 },
+      { speculative: { method: "mtp", numTokens: 1 } },
+    );
+    // The first prompt's output never repeats a token (every draft rejected); a bias towards
+    // token 101 makes the second end in a long run of it (most drafts accepted).
+    const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };
+    let total = { drafts: 0, accepted: 0 };
+    for (const [text, sampling] of [
+      [SEED_PROMPTS[0]!, GREEDY],
+      [SEED_PROMPTS[3]!, biased],
+    ] as const) {
+      const prompt = plain.ctx.tokenizer.encode(text);
+      const want = await greedy(plain.ctx.engine, prompt, 40, sampling);
+      const before = engine.stats;
+      expect(await greedy(engine, prompt, 40, sampling)).toEqual(want);
+      const after = engine.stats;
+      const e = expectedAccepted(want);
+      expect(after.specDrafts - before.specDrafts).toBe(e.drafts);
+      expect(after.specAcceptedTokens - before.specAcceptedTokens).toBe(e.accepted);
+      total = { drafts: total.drafts + e.drafts, accepted: total.accepted + e.accepted };
+    }
+    expect(total.accepted).toBeGreaterThan(5);
+  });
+});
+
+/** Output ids of `prompt` straight from an engine (EOS ignored). */
+async function greedy(
+  engine: ServingEngine,
+  prompt: number[],
+  maxTokens: number,
+  sampling: SamplingParams = GREEDY,
+): Promise<number[]> {
+  const req = { prompt, maxTokens, sampling, stopTokenIds: [] };
+  return (await runToEnd(engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
+}
