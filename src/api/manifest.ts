@@ -239,8 +239,9 @@ export function kvCacheArgs(model: DeepSeekModel): string[] {
 export function speculativeArgs(model: DeepSeekModel): string[] {
   const s = model.spec.gateway.speculative;
   if (!s) return [];
+  if (s.method === "mtp") return ["--speculative-method=mtp"];
   return [
-    `--speculative-tokens=${s.numTokens}`,
+    `--speculative-tokens=${s.numTokens ?? 1}`,
     `--prompt-lookup-max=${s.promptLookupMax}`,
     `--prompt-lookup-min=${s.promptLookupMin}`,
   ];

@@ -168,6 +168,16 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     check: (s) => s["promptLookupMin"] <= s["promptLookupMax"],
   },
   {
+    path: "spec.gateway.speculative",
+    rule: "has(self.method) && self.method == 'mtp' ? (!has(self.numTokens) || self.numTokens == 1) : has(self.numTokens)",
+    message:
+      "gateway.speculative.numTokens is required with method ngram, and 1 (or absent) with method mtp (the MTP layer drafts one token per step)",
+    check: (s) =>
+      s["method"] === "mtp"
+        ? s["numTokens"] === undefined || s["numTokens"] === 1
+        : s["numTokens"] !== undefined,
+  },
+  {
     // The same check for explicit figures, when they give the MLA dims and the manifest
     // gives the context (an architecture carries no max_position_embeddings).
     path: "spec",

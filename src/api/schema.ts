@@ -345,17 +345,19 @@ export const GatewaySchema = withRules(
           "spec.gateway.speculative",
           Type.Object(
             {
-              method: StringEnum(["ngram"], {
+              method: StringEnum(["ngram", "mtp"], {
                 description:
-                  "ngram: prompt lookup (the draft is what followed the output's last tokens where they occur earlier in the prompt or output).",
+                  "ngram: prompt lookup (the draft is what followed the output's last tokens where they occur earlier in the prompt or output). mtp: the model's own multi-token-prediction layer (DeepSeek-V3/R1) drafts one token per step; the plan then places that layer's experts on the shards too.",
                 default: "ngram",
               }),
-              numTokens: Type.Integer({
-                description:
-                  "Draft tokens verified per step and sequence, at most (vLLM's num_speculative_tokens).",
-                minimum: 1,
-                maximum: 15,
-              }),
+              numTokens: Type.Optional(
+                Type.Integer({
+                  description:
+                    "Draft tokens verified per step and sequence, at most (vLLM's num_speculative_tokens); required with ngram, 1 (or absent) with mtp.",
+                  minimum: 1,
+                  maximum: 15,
+                }),
+              ),
               promptLookupMax: Type.Integer({
                 description: "Longest run of last tokens looked up.",
                 default: 4,

@@ -3,6 +3,7 @@
 import type { Checkpoint } from "../model/checkpoint.ts";
 import {
   isMoeLayer,
+  isMtpLayer,
   type ModelConfig,
   qkHeadDim,
   sharedExpertsIntermediateSize,
@@ -272,8 +273,10 @@ export async function loadExperts(
   const c = ckpt.config;
   const out = new Map<number, Map<number, MlpWeights>>();
   const jobs: [number, number][] = [];
-  for (let i = 0; i < c.numHiddenLayers; i++) {
-    if (!isMoeLayer(c, i)) continue;
+  // The MTP layers' experts too, when the checkpoint was opened with them.
+  const layers = c.numHiddenLayers + (ckpt.mtp ? c.numNextnPredictLayers : 0);
+  for (let i = 0; i < layers; i++) {
+    if (!isMoeLayer(c, i) && !isMtpLayer(c, i)) continue;
     out.set(i, new Map());
     for (let e = 0; e < c.nRoutedExperts; e++) if (wanted(i, e)) jobs.push([i, e]);
   }

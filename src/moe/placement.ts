@@ -26,6 +26,11 @@ export interface PlacementInput {
   expertLoad?: ExpertLoad;
   /** Plan version, a positive integer carried in every frame (default 1). */
   version?: number;
+  /**
+   * Multi-token-prediction layers to place after the blocks (default 0): layers numLayers..
+   * numLayers + mtpLayers - 1 are MoE layers too (DeepSeek-V3's layer 61, for MTP drafts).
+   */
+  mtpLayers?: number;
 }
 
 /** Expected per-shard load of one layer under a given expert load. */
@@ -73,11 +78,26 @@ export function checkPlanFitsModel(
   plan: PlacementPlan,
   architecture: ExpertLayout,
   source: string,
+  /** MTP layers the model has: a plan may place them too (PlacementInput.mtpLayers). */
+  mtpLayers = 0,
 ): void {
   const layout = checkExpertLayout(architecture);
   const moeLayers = range(layout.firstDenseLayers, layout.numLayers);
+  const withMtpOf = (n: number) => range(layout.firstDenseLayers, layout.numLayers + n).join();
+  const withMtp = range(layout.firstDenseLayers, layout.numLayers + mtpLayers);
   const span = (l: number[]) => (l.length === 0 ? "none" : `${l[0]}..${l[l.length - 1]}`);
-  if (plan.routedExperts !== layout.routedExperts || plan.moeLayers.join() !== moeLayers.join())
+  const layers = plan.moeLayers.join();
+  const extra = plan.moeLayers.filter((l) => l >= layout.numLayers);
+  if (mtpLayers === 0 && extra.length > 0 && plan.moeLayers.join() === withMtpOf(extra.length))
+    throw new ExpertMeshError(
+      "EM_PLAN_MISMATCH",
+      `${source} places the experts of an MTP layer (layer ${extra.join(", ")}), but the model has none ` +
+        "(num_nextn_predict_layers is 0): plan without --mtp, and drop spec.gateway.speculative.method mtp",
+    );
+  if (
+    plan.routedExperts !== layout.routedExperts ||
+    (layers !== moeLayers.join() && layers !== withMtp.join())
+  )
     throw new ExpertMeshError(
       "EM_PLAN_MISMATCH",
       `${source} places ${plan.routedExperts} experts per layer in MoE layers ${span(plan.moeLayers)}, ` +
@@ -93,9 +113,15 @@ export function planPlacement(input: PlacementInput): PlacementPlan {
   const numShards = input.numShards;
   const redundant = input.redundantExperts ?? 0;
   const version = input.version ?? 1;
+  const mtp = input.mtpLayers ?? 0;
   checkPlanShape(numExperts, numShards, redundant, version);
+  if (!Number.isInteger(mtp) || mtp < 0 || mtp > 4)
+    throw new ExpertMeshError(
+      "EM_PLAN_INVALID",
+      `mtpLayers must be an integer in 0..4, got ${mtp}`,
+    );
 
-  const moeLayers = range(layout.firstDenseLayers, layout.numLayers);
+  const moeLayers = range(layout.firstDenseLayers, layout.numLayers + mtp);
   const loads = loadPerLayer(input.expertLoad, moeLayers.length, numExperts);
   const slotsPerShard = Math.ceil((numExperts + redundant) / numShards);
   const layers = moeLayers.map((layer, i) => {

@@ -79,6 +79,7 @@ export class Reconciler {
         numShards: model.spec.experts.shards,
         redundantExperts: model.spec.experts.redundantExperts,
         version: current?.version ?? 1,
+        mtpLayers: model.spec.gateway.speculative?.method === "mtp" ? 1 : 0,
       });
       plan = !current
         ? next

@@ -13,7 +13,7 @@ import { BlockKvCache } from "../../src/engine/kv-blocks.ts";
 import { heldExperts, type MlpWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { GREEDY, runToEnd, type SamplingParams, ServingEngine } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { native } from "../support/shards.ts";
+import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
   metric,
   mixedGreedy,
@@ -158,6 +158,39 @@ describe("MTP speculative decoding", () => {
       );
       expect(g.ctx.engine.stats.specMtpFailures).toBeGreaterThan(0);
       expect(g.ctx.engine.stats.specDrafts).toBe(0);
+    } finally {
+      await g.close();
+    }
+  });
+});
+
+describe("MTP drafts with experts on shard processes (plan --mtp)", () => {
+  let cluster: Cluster | undefined;
+  afterAll(async () => {
+    await stopAll(cluster);
+  });
+
+  it("the shards hold the MTP layer's experts too; the greedy texts of the in-process gateway without it", async () => {
+    cluster = await startShards(dir, 2, { mtp: true });
+    expect(cluster.plan.moeLayers).toEqual([1, 2, 3, 4]);
+    const g = await startGateway(dir, {
+      cluster,
+      maxBatchTokens: 24,
+      microBatches: 2,
+      speculative: { method: "mtp" },
+    });
+    try {
+      const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 5)];
+      const ask = (gw: TestGateway, p: string) =>
+        gw.client.completions
+          .create({ model: "tiny", prompt: p, max_tokens: 20, temperature: 0 })
+          .then((r) => r.choices[0]!.text);
+      const want: string[] = [];
+      for (const p of prompts) want.push(await ask(plain, p));
+      expect(await Promise.all(prompts.map((p) => ask(g, p)))).toEqual(want);
+      const s = g.ctx.engine.stats;
+      expect(s.specDrafts).toBeGreaterThan(20);
+      expect(s.specMtpFailures).toBe(0);
     } finally {
       await g.close();
     }

@@ -5,7 +5,7 @@
 // SIGKILL of `up` too: its children see their standard input end).
 // Bad input (a bad port, no nats-server anywhere) fails at once with a stable code.
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import {
@@ -49,7 +49,7 @@ interface Up {
  * `expertmesh up` on the tiny manifest with a fresh models folder; `detached`: in a process
  * group of its own, like a terminal's foreground job (for a Ctrl-C to the group).
  */
-function spawnUp(port: number, grpcPort: number, detached: boolean): Up {
+function spawnUp(port: number, grpcPort: number, detached: boolean, file = manifest): Up {
   const models = mkdtempSync(join(testEnv().runDir, "models-"));
   const proc = spawn(
     process.execPath,
@@ -57,7 +57,7 @@ function spawnUp(port: number, grpcPort: number, detached: boolean): Up {
       main,
       "up",
       "-f",
-      manifest,
+      file,
       `--models-dir=${models}`,
       `--http-port=${port}`,
       `--grpc-port=${grpcPort}`,
@@ -234,6 +234,51 @@ describe("expertmesh up", () => {
     for (const k of [0, 1, 2, 3])
       expect(stopped).toMatch(new RegExp(`\\[shard-${k}\\.0\\] .*drained$`, "m"));
     expect(stopped).not.toMatch(/Uncaught|triggerUncaughtException|connection lost|Error/);
+  });
+
+  it("with MTP drafts in the manifest: the tiny model gets its MTP layer, the shards its experts, and the gateway drafts", async () => {
+    const file = join(mkdtempSync(join(testEnv().runDir, "mtp-")), "tiny-mtp.yaml");
+    writeFileSync(
+      file,
+      readFileSync(manifest, "utf8").replace(
+        "  gateway:\n",
+        "  gateway:\n    speculative: { method: mtp }\n",
+      ),
+    );
+    const port = await freePort();
+    const started = spawnUp(port, 0, true, file);
+    const proc = started.proc;
+    try {
+      await untilServing(started, port);
+      const err = started.err();
+      const c = (await Checkpoint.open(join(started.models, "tiny-v3"))).config;
+      expect(c.numNextnPredictLayers).toBe(1);
+      // 3 MoE layers and the MTP layer, 16 experts each, over 4 shards; the gateway's
+      // layers count the MTP layer's dense part.
+      let experts = 0;
+      for (const k of [0, 1, 2, 3]) {
+        const m = new RegExp(`^\\[up\\] shard-${k}\\.0: done \\((\\d+)/\\d+ experts`, "m").exec(
+          err,
+        );
+        experts += Number(m?.[1]);
+      }
+      expect(experts).toBe(4 * c.nRoutedExperts);
+      expect(err).toMatch(/^\[up\] gateway: done \(5\/5 layers/m);
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+      const r = await client.completions.create({
+        model: "tiny-v3",
+        prompt: "Hello",
+        max_tokens: 12,
+        temperature: 0,
+      });
+      expect(r.usage?.completion_tokens).toBe(12);
+      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      const drafts = /^expertmesh_gateway_spec_decode_num_drafts_total (\d+)$/m.exec(metrics);
+      expect(Number(drafts?.[1])).toBeGreaterThan(0);
+    } finally {
+      if (proc.exitCode === null) process.kill(-proc.pid!, "SIGINT");
+      await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
+    }
   });
 
   it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {

@@ -31,7 +31,14 @@ export interface Cluster {
 export async function startShards(
   modelDir: string,
   numShards: number,
-  opts: { redundant?: number; replicas?: number; natsUrl?: string; planVersion?: number } = {},
+  opts: {
+    redundant?: number;
+    replicas?: number;
+    natsUrl?: string;
+    planVersion?: number;
+    /** Place the MTP layer's experts too (plan --mtp). */
+    mtp?: boolean;
+  } = {},
 ): Promise<Cluster> {
   const ckpt = await Checkpoint.open(modelDir);
   const plan = planPlacement({
@@ -39,6 +46,7 @@ export async function startShards(
     numShards,
     redundantExperts: opts.redundant ?? 0,
     version: opts.planVersion ?? 1,
+    mtpLayers: opts.mtp ? 1 : 0,
   });
   const modelName = uniqueName("m");
   const planPath = join(testEnv().runDir, `${modelName}.plan.json`);

@@ -106,6 +106,15 @@ spec:
     ]);
   });
 
+  it("MTP drafts: the gateway gets --speculative-method=mtp (numTokens absent or 1)", () => {
+    for (const spec of ["{ method: mtp }", "{ method: mtp, numTokens: 1 }"]) {
+      const m = parseManifest(`${good}  gateway: { speculative: ${spec} }\n`);
+      expect(gatewayArgs(m).filter((a) => a.startsWith("--spec"))).toEqual([
+        "--speculative-method=mtp",
+      ]);
+    }
+  });
+
   it("takes a KV cache that holds the context: smaller rows or a shorter maxModelLen fit", () => {
     // tiny-v3: 4 layers of 32 + 8 per token; 75000 bytes of bf16 rows in blocks of 4 hold
     // floor(75000 / (4 * 80 * 4)) * 4 = 232 tokens.
@@ -252,6 +261,16 @@ spec:
     [
       "speculative without numTokens",
       `${good}  gateway: { speculative: { method: ngram } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "speculative mtp with 2 tokens",
+      `${good}  gateway: { speculative: { method: mtp, numTokens: 2 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "speculative method eagle",
+      `${good}  gateway: { speculative: { method: eagle, numTokens: 2 } }\n`,
       "EM_MANIFEST_INVALID",
     ],
     [

@@ -456,3 +456,45 @@ describe("makeDirs", () => {
     );
   });
 });
+
+describe("tiny-v3 with an MTP layer (--mtp)", () => {
+  it("adds num_nextn_predict_layers 1 and the MTP layer's tensors; the main tensors are unchanged", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "em-tiny-mtp-"));
+    const plainDir = mkdtempSync(join(tmpdir(), "em-tiny-plain-"));
+    await writeTinyModel(dir, { arch: "v3", mtp: true });
+    await writeTinyModel(plainDir, { arch: "v3" });
+    const mtp = await Checkpoint.open(dir, { mtp: true });
+    const plain = await Checkpoint.open(plainDir);
+    expect(mtp.config.numNextnPredictLayers).toBe(1);
+    const extra = mtp.names().filter((n) => !plain.has(n));
+    expect(extra.every((n) => n.startsWith("model.layers.4."))).toBe(true);
+    for (const n of [
+      "embed_tokens.weight",
+      "enorm.weight",
+      "hnorm.weight",
+      "eh_proj.weight",
+      "shared_head.norm.weight",
+      "shared_head.head.weight",
+      "mlp.gate.e_score_correction_bias",
+      "mlp.experts.15.down_proj.weight",
+      "mlp.shared_experts.up_proj.weight",
+    ])
+      expect(extra).toContain(`model.layers.4.${n}`);
+    expect(mtp.tensorInfo("model.layers.4.eh_proj.weight").shape).toEqual([64, 128]);
+    // Seeded by name: the main model's tensors are the same bytes.
+    const a = await mtp.read("model.layers.3.mlp.experts.2.up_proj.weight");
+    const b = await plain.read("model.layers.3.mlp.experts.2.up_proj.weight");
+    expect(Buffer.from(a.data.buffer)).toEqual(Buffer.from(b.data.buffer));
+    // Opened without it, the MTP layer's tensors stay hidden, and say why when asked for.
+    const skipping = await Checkpoint.open(dir);
+    expect(() => skipping.tensorInfo("model.layers.4.enorm.weight")).toThrow(
+      /multi-token-prediction layer, which is skipped/,
+    );
+    expect(tinyModelCurrent(dir, { arch: "v3", mtp: true })).toBe(true);
+    expect(tinyModelCurrent(dir, { arch: "v3" })).toBe(false);
+  });
+
+  it("is a V3 part: v2 with --mtp is refused", () => {
+    expect(() => tinyConfigJson("v2", "tiny", false, true)).toThrow(/DeepSeek-V3 part/);
+  });
+});

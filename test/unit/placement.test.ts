@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import type { ExpertLayout } from "../../src/api/presets.ts";
 import {
+  checkPlanFitsModel,
   type PlacementInput,
   type PlacementPlan,
   packReplicas,
@@ -230,6 +231,8 @@ describe("validation", () => {
     ["two copies on a shard", { redundantExperts: 52 }, "EM_PLAN_INVALID", /exceeds 48/],
     ["uneven slots", { redundantExperts: 1 }, "EM_PLAN_INVALID", /multiple of 4/],
     ["plan version 0", { version: 0 }, "EM_PLAN_INVALID", /version/],
+    ["negative MTP layers", { mtpLayers: -1 }, "EM_PLAN_INVALID", /mtpLayers/],
+    ["fractional MTP layers", { mtpLayers: 0.5 }, "EM_PLAN_INVALID", /mtpLayers/],
     ["short load", { expertLoad: new Array(15).fill(1) }, "EM_PLAN_LOAD_INVALID", /16 counts/],
     [
       "negative load",
@@ -270,6 +273,28 @@ describe("validation", () => {
     ],
   ])("%s", (_name, patch, code, message) => {
     expectCode(() => planPlacement({ ...base, ...patch }), code, message);
+  });
+});
+
+describe("MTP layers (plan --mtp)", () => {
+  // layout(16): 4 layers, the first dense.
+  it("places the MTP layer after the blocks like any MoE layer", () => {
+    const plan = planPlacement({ architecture: layout(16), numShards: 4, mtpLayers: 1 });
+    expect(plan.moeLayers).toEqual([1, 2, 3, 4]);
+    expect(plan.layers[3]!.shardExperts).toEqual(plan.layers[0]!.shardExperts);
+  });
+
+  it.each<[string, number, number, string | null]>([
+    ["a plan without it, model with one", 0, 1, null],
+    ["a plan with it, model with one", 1, 1, null],
+    ["a plan without it, model without", 0, 0, null],
+    ["a plan with it, model without", 1, 0, "an MTP layer (layer 4), but the model has none"],
+    ["a plan with two, model with one", 2, 1, "MoE layers 1..5"],
+  ])("checkPlanFitsModel: %s", (_name, planned, modelHas, error) => {
+    const plan = planPlacement({ architecture: layout(16), numShards: 4, mtpLayers: planned });
+    const check = () => checkPlanFitsModel(plan, layout(16), "plan.json", modelHas);
+    if (error === null) expect(check).not.toThrow();
+    else expectCode(check, "EM_PLAN_MISMATCH", new RegExp(error.replace(/[().]/g, "\\$&")));
   });
 });
 

@@ -1,5 +1,5 @@
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -29,6 +29,25 @@ describe("expertmesh plan", () => {
     expect(out).toMatch(/shard 0: 0-3\n {2}shard 1: 4-7\n {2}shard 2: 8-11\n {2}shard 3: 12-15\n/);
     expect(out).toContain("replicated experts in layer 1: none");
     expect(out).toContain("1.000 in layer 1, worst 1.000");
+  });
+
+  it("places the MTP layer's experts with --mtp (and for a manifest asking for MTP drafts)", () => {
+    const out = planOutput(["--preset", "deepseek-v3", "--shards", "32", "--mtp"]);
+    expect(out).toContain(
+      "MoE layers:       3-61 (58 of 61 layers, and MTP layer 61; 256 routed experts, top-8)",
+    );
+    const plain = planOutput(["--preset", "deepseek-v3", "--shards", "32"]);
+    expect(plain).toContain("MoE layers:       3-60 (58 of 61 layers; 256 routed experts, top-8)");
+    const dir = mkdtempSync(join(tmpdir(), "em-plan-"));
+    const file = join(dir, "tiny-mtp.yaml");
+    writeFileSync(
+      file,
+      readFileSync(tinyYaml, "utf8").replace(
+        "  gateway:\n",
+        "  gateway:\n    speculative: { method: mtp }\n",
+      ),
+    );
+    expect(parsePlan(planOutput(["-f", file, "--json"])).moeLayers).toEqual([1, 2, 3, 4]);
   });
 
   it("prints the serialized plan with --json, flags overriding the manifest", () => {

@@ -212,7 +212,12 @@ export const gatewayCommand: Command = {
       experts = new LocalExperts(backend, heldExperts(weights));
     } else {
       const plan = parsePlan(planText!);
-      checkPlanFitsModel(plan, modelArchitectureOf(weights.config), values.plan!);
+      checkPlanFitsModel(
+        plan,
+        modelArchitectureOf(weights.config),
+        values.plan!,
+        weights.config.numNextnPredictLayers,
+      );
       const mtpLayer = weights.config.numHiddenLayers;
       if (mtp && !plan.moeLayers.includes(mtpLayer))
         usage(

@@ -11,13 +11,16 @@ import type { Command } from "../registry.ts";
 
 const USAGE =
   "expertmesh plan (-f MANIFEST.yaml | --preset NAME | --experts N --layers L --dense-layers D --top-k K)\n" +
-  "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--json]\n\n" +
+  "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--mtp] [--json]\n\n" +
   "  -f MANIFEST.yaml   DeepSeekModel manifest; --shards/--redundant override its spec.experts\n" +
   "  --preset NAME      deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-v3.1, deepseek-r1, tiny-v2, tiny-v3\n" +
   "  --shards K         expert shards (required without -f)\n" +
   "  --redundant R      extra expert slots in total per layer (EPLB replication), default 0\n" +
   "  --load FILE.json   per-expert token counts: [n0, n1, ...] or one such array per MoE layer\n" +
   "  --plan-version V   plan version, default 1\n" +
+  "  --mtp              also place the experts of the MTP layer after the last block (DeepSeek-V3/R1's\n" +
+  "                     layer 61), for gateway --speculative-method mtp; a manifest asking for MTP\n" +
+  "                     drafts (spec.gateway.speculative.method: mtp) implies it\n" +
   "  --json             print the serialized plan instead of a summary";
 
 export const planCommand: Command = {
@@ -43,6 +46,7 @@ export function planOutput(argv: string[]): string {
     redundantExperts: intOption(opts, "redundant") ?? model.redundantExperts ?? 0,
     expertLoad: loadFile === undefined ? undefined : readLoad(loadFile),
     version: intOption(opts, "plan-version") ?? 1,
+    mtpLayers: opts["mtp"] || model.mtp ? 1 : 0,
   });
   if (opts["json"]) return serializePlan(plan);
   const loadNote = loadFile === undefined ? "uniform load" : `load from ${loadFile}`;
@@ -69,6 +73,7 @@ function parseOptions(argv: string[]): Options {
         redundant: str,
         load: str,
         "plan-version": str,
+        mtp: { type: "boolean" },
         json: { type: "boolean" },
       },
     }).values;
@@ -82,6 +87,8 @@ interface ModelChoice {
   layout: ExpertLayout;
   shards?: number;
   redundantExperts?: number;
+  /** The manifest asks for MTP drafts: its plan places the MTP layer. */
+  mtp?: boolean;
 }
 
 const EXPLICIT = ["experts", "layers", "dense-layers", "top-k"] as const;
@@ -104,6 +111,7 @@ function modelFromOptions(opts: Options): ModelChoice {
       layout: architectureOf(m),
       shards: m.spec.experts.shards,
       redundantExperts: m.spec.experts.redundantExperts,
+      mtp: m.spec.gateway.speculative?.method === "mtp",
     };
   }
   if (typeof preset === "string") {
@@ -160,13 +168,16 @@ function summary(label: string, layout: ExpertLayout, plan: PlacementPlan, loadN
   const replicated = first.replicas.flatMap((shards, e) =>
     shards.length > 1 ? [`${e} x${shards.length} (shards ${shards.join(", ")})`] : [],
   );
+  // Layers past the blocks are MTP layers (plan --mtp).
+  const blocks = plan.moeLayers.filter((l) => l < layout.numLayers);
+  const mtp = plan.moeLayers.filter((l) => l >= layout.numLayers);
   const MAX_LISTED = 16;
   if (replicated.length > MAX_LISTED) {
     replicated.splice(MAX_LISTED, Infinity, `... ${replicated.length - MAX_LISTED} more (--json)`);
   }
   const lines = [
     `model:            ${label}`,
-    `MoE layers:       ${formatRanges(plan.moeLayers)} (${plan.moeLayers.length} of ${layout.numLayers} layers; ${plan.routedExperts} routed experts, top-${layout.expertsPerToken})`,
+    `MoE layers:       ${formatRanges(plan.moeLayers)} (${blocks.length} of ${layout.numLayers} layers${mtp.length > 0 ? `, and MTP layer ${formatRanges(mtp)}` : ""}; ${plan.routedExperts} routed experts, top-${layout.expertsPerToken})`,
     `shards:           ${plan.numShards}`,
     `slots per shard:  ${plan.slotsPerShard} (${plan.routedExperts} routed + ${plan.redundantExperts} redundant experts)`,
     `plan version:     ${plan.version}`,

@@ -80,8 +80,14 @@ export const shardCommand: Command = {
       process.stderr.write(`${new Date().toISOString()} shard ${k}/${id}: ${m}\n`);
 
     const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
-    const ckpt = await Checkpoint.open(values.model!);
-    checkPlanFitsModel(plan, modelArchitectureOf(ckpt.config), values.plan!);
+    // The MTP layer's tensors too: a plan for MTP drafts places its experts (loaded only then).
+    const ckpt = await Checkpoint.open(values.model!, { mtp: true });
+    checkPlanFitsModel(
+      plan,
+      modelArchitectureOf(ckpt.config),
+      values.plan!,
+      ckpt.config.numNextnPredictLayers,
+    );
     const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
     const load = expertLoad(ckpt, mine);
     const progress = loadProgress({

@@ -197,6 +197,8 @@ export const upCommand: Command = {
         ? {
             arch: preset === "tiny-v2" ? ("v2" as const) : ("v3" as const),
             preset: "tiny" as const,
+            // MTP drafts need the layer: the tiny V3 model then gets one (random, like the rest).
+            mtp: preset === "tiny-v3" && m.spec.gateway.speculative?.method === "mtp",
           }
         : null;
     const missing = !existsSync(join(modelDir, "config.json"));
@@ -237,6 +239,7 @@ export const upCommand: Command = {
       architecture: modelArchitectureOf(config),
       numShards: m.spec.experts.shards,
       redundantExperts: m.spec.experts.redundantExperts,
+      mtpLayers: m.spec.gateway.speculative?.method === "mtp" ? 1 : 0,
     });
     const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
     const planPath = join(runDir, "plan.json");

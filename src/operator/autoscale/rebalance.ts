@@ -45,6 +45,8 @@ export function propose(
     redundantExperts: current.redundantExperts,
     expertLoad: load,
     version: current.version + 1,
+    // The MTP layer stays placed when the current plan places it.
+    mtpLayers: current.moeLayers.filter((l) => l >= architecture.numLayers).length,
   });
   const after = planStepImbalance(plan, load);
   if (after > before * (1 - s.minImprovement))
