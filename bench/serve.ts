@@ -152,14 +152,18 @@ function percentile(values: number[], p: number): number {
 }
 
 /** The mini V3 checkpoint, written once (about 30 s) and reused. */
-export async function ensureMiniModel(log: (s: string) => void): Promise<string> {
-  const dir = join(cacheDir(), "models", SERVE_MODEL);
+export async function ensureMiniModel(
+  log: (s: string) => void,
+  opts: { mtp?: boolean } = {},
+): Promise<string> {
+  // With an MTP layer (the speculative suite): its own folder; the main weights are the same.
+  const dir = join(cacheDir(), "models", opts.mtp ? `${SERVE_MODEL}-mtp` : SERVE_MODEL);
   if (existsSync(join(dir, "config.json"))) return dir;
   log(`[serve] writing the mini V3 checkpoint to ${dir} (once, ~30 s)`);
   const tmp = `${dir}.tmp-${process.pid}`;
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
-  await writeTinyModel(tmp, { arch: "v3", preset: "mini", seed: 0 });
+  await writeTinyModel(tmp, { arch: "v3", preset: "mini", seed: 0, mtp: opts.mtp ?? false });
   rmSync(dir, { recursive: true, force: true });
   renameSync(tmp, dir);
   return dir;

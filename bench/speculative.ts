@@ -12,7 +12,14 @@
 //   - ngram: prompt lookup, 4 draft tokens, lookup 4/2 (the defaults) - what this random
 //     model's own repetitions give;
 //   - oracle: drafts of 4 that are always right (the tokens the off run produced): the
-//     ceiling, what a step that verifies 5 tokens costs against one that computes 1.
+//     ceiling, what a step that verifies 5 tokens costs against one that computes 1;
+//   - oracle-1: drafts of 1 always right (what MTP at 100 % acceptance would give if its
+//     layer cost nothing);
+//   - mtp: the checkpoint's MTP layer drafts (ADR 0012): its random weights accept almost
+//     nothing, so this is the MTP layer's cost (plus a second row per step) at ~0 %;
+//   - mtp-ceiling: the MTP layer runs as in mtp, but its draft is replaced by the right
+//     token: MTP's ceiling at 100 % acceptance, its layer's cost included.
+// The checkpoint is mini-v3 with an MTP layer (the same main weights as the serve suite's).
 // Every mode's outputs are checked equal to the off run's. Tokens per second over the whole
 // batch, tokens per sequence and engine step, acceptance (accepted / draft tokens).
 import type { ChildProcess } from "node:child_process";
@@ -20,7 +27,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { BatchForward } from "../src/engine/batch.ts";
+import { BatchForward, type LatentCache, type MtpItem } from "../src/engine/batch.ts";
 import { type ExpertRunner, LocalExperts } from "../src/engine/experts.ts";
 import { BlockKvCache } from "../src/engine/kv-blocks.ts";
 import { heldExperts, loadWeights } from "../src/engine/loader.ts";
@@ -40,7 +47,7 @@ import { child, ensureMiniModel, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
 const CLI = join(REPO_ROOT, "src", "cli", "main.ts");
 const MAX_TOKENS = 64;
 const DRAFT = 4;
-const MODES = ["off", "ngram", "oracle"] as const;
+const MODES = ["off", "ngram", "oracle", "oracle-1", "mtp", "mtp-ceiling"] as const;
 type Mode = (typeof MODES)[number];
 const BATCHES = [1, 8];
 
@@ -73,14 +80,49 @@ function oracle(outputs: Map<string, number[]>): (prompt: readonly number[]) => 
   };
 }
 
+/**
+ * BatchForward whose MTP step runs as usual but whose draft logits are replaced by a one-hot
+ * row at the right next token (the off run's output): MTP's cost at 100 % acceptance.
+ */
+class CeilingForward extends BatchForward {
+  outputs = new Map<string, number[]>();
+  readonly #prompts: readonly number[][];
+  readonly #seqOf = new Map<LatentCache, number[]>();
+
+  constructor(prompts: readonly number[][], ...args: ConstructorParameters<typeof BatchForward>) {
+    super(...args);
+    this.#prompts = prompts;
+  }
+
+  override async mtpStep(items: readonly MtpItem[]): Promise<Float32Array[]> {
+    const out = await super.mtpStep(items);
+    items.forEach((it, i) => {
+      // A sequence's first MTP step starts at 0 with its prompt shifted by one.
+      if (it.start === 0) {
+        const p = this.#prompts.find((q) => q.slice(1).every((t, j) => it.tokens[j] === t));
+        const o = p && this.outputs.get(p.join(","));
+        if (p && o) this.#seqOf.set(it.cache, [...p, ...o]);
+      }
+      const full = this.#seqOf.get(it.cache);
+      const next = full?.[it.start + it.tokens.length + 1];
+      const row = out[i]!;
+      if (row.length > 0 && next !== undefined) {
+        row.fill(-1e30);
+        row[next] = 0;
+      }
+    });
+    return out;
+  }
+}
+
 export async function runSpeculative(o: {
   threads: number;
   runs: number;
   quick: boolean;
   log: (s: string) => void;
 }): Promise<SpeculativeResults> {
-  const modelDir = await ensureMiniModel(o.log);
-  const ckpt = await Checkpoint.open(modelDir);
+  const modelDir = await ensureMiniModel(o.log, { mtp: true });
+  const ckpt = await Checkpoint.open(modelDir, { mtp: true });
   const tokenizer = Tokenizer.load(modelDir);
   loadAddon().configure({ threads: o.threads });
   const native = nativeBackend();
@@ -93,7 +135,9 @@ export async function runSpeculative(o: {
   const rows: SpeculativeRow[] = [];
   try {
     for (const placement of ["local", "distributed"] as const) {
-      const weights = await loadWeights(ckpt, placement === "local" ? "all" : "none");
+      const weights = await loadWeights(ckpt, placement === "local" ? "all" : "none", undefined, {
+        mtp: true,
+      });
       let experts: ExpertRunner;
       if (placement === "local") {
         experts = new LocalExperts(native, heldExperts(weights));
@@ -101,6 +145,7 @@ export async function runSpeculative(o: {
         const plan = planPlacement({
           architecture: modelArchitectureOf(ckpt.config),
           numShards: 4,
+          mtpLayers: 1,
         });
         const planPath = join(runDir, "plan.json");
         writeFileSync(planPath, serializePlan(plan));
@@ -147,21 +192,33 @@ export async function runSpeculative(o: {
         });
       }
       const forward = new BatchForward(weights, native, experts);
-      const engine = (spec?: SpeculativeOptions) =>
+      const ceiling = new CeilingForward(prompts, weights, native, experts);
+      const engine = (spec?: SpeculativeOptions, model: BatchForward = forward) =>
         new ServingEngine(
-          forward,
-          new BlockKvCache(weights.config, { memoryBytes: 256 * 2 ** 20 }),
+          model,
+          new BlockKvCache(weights.config, {
+            memoryBytes: 256 * 2 ** 20,
+            extraLayers: spec?.method === "mtp" ? 1 : 0,
+          }),
           { maxBatchTokens: 2048, maxRunning: 64, maxQueueDepth: 64, prefixCaching: false },
           spec ? { speculative: spec } : {},
         );
+      const mtp = { method: "mtp", numTokens: 1 } as const;
       for (const batch of batches) {
         const want = new Map<string, number[]>();
+        ceiling.outputs = want;
         const engines: Record<Mode, () => ServingEngine> = {
           off: () => engine(),
           ngram: () => engine(ngramSpeculation({ numTokens: DRAFT, maxN: 4, minN: 2 })),
           oracle: () => engine({ numTokens: DRAFT, drafter: oracle(want) }),
+          "oracle-1": () => engine({ numTokens: 1, drafter: oracle(want) }),
+          mtp: () => engine(mtp),
+          "mtp-ceiling": () => engine(mtp, ceiling),
         };
-        const times: Record<Mode, number[]> = { off: [], ngram: [], oracle: [] };
+        const times = Object.fromEntries(MODES.map((m) => [m, [] as number[]])) as Record<
+          Mode,
+          number[]
+        >;
         const last: Partial<
           Record<Mode, { steps: number; tokens: number; draft: number; accepted: number }>
         > = {};

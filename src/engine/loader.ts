@@ -163,10 +163,15 @@ export async function loadWeights(
   if (opts.mtp) {
     const i = c.numHiddenLayers;
     const p = `model.layers.${i}`;
-    // DeepSeek-V3 stores the module's own copies of the embedding and head (the same
-    // values as the main model's); a checkpoint without them shares the main model's.
-    const own = async (name: string, shared: Weight) =>
-      ckpt.has(`${p}.${name}`) ? readWeight(ckpt, `${p}.${name}`, [c.vocabSize, h]) : shared;
+    // DeepSeek-V3 stores the module's own copies of the embedding and head, with the same
+    // values as the main model's (the report: shared). A copy equal to the main model's
+    // tensor is dropped for it (2 x 1.85 GB on a V3 gateway); a checkpoint without the
+    // copies shares the main model's.
+    const own = async (name: string, shared: Weight) => {
+      if (!ckpt.has(`${p}.${name}`)) return shared;
+      const w = await readWeight(ckpt, `${p}.${name}`, [c.vocabSize, h]);
+      return sameWeight(w, shared) ? shared : w;
+    };
     mtp = {
       embed: await own("embed_tokens.weight", embed),
       enorm: await readWeight(ckpt, `${p}.enorm.weight`, [h]),
@@ -186,6 +191,19 @@ export async function loadWeights(
     lmHead,
     ...(mtp ? { mtp } : {}),
   };
+}
+
+/** Whether two weights hold the same bytes (dtype, shape, data and fp8 scales). */
+function sameWeight(a: Weight, b: Weight): boolean {
+  const bytes = (x: ArrayBufferView) => Buffer.from(x.buffer, x.byteOffset, x.byteLength);
+  return (
+    a.dtype === b.dtype &&
+    a.rows === b.rows &&
+    a.cols === b.cols &&
+    bytes(a.data).equals(bytes(b.data)) &&
+    (a.scaleInv === undefined) === (b.scaleInv === undefined) &&
+    (a.scaleInv === undefined || bytes(a.scaleInv).equals(bytes(b.scaleInv!)))
+  );
 }
 
 /** Block `i`'s weights: attention, norms, and its dense MLP or MoE (routed experts `wanted`). */

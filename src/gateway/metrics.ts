@@ -131,6 +131,11 @@ export class GatewayMetrics {
       "Draft tokens accepted (the tokens the model itself produced).",
       (s) => s.specAcceptedTokens,
     );
+    specCounter(
+      "mtp_failures",
+      "MTP passes that failed (their sequences went on without a draft; MTP drafts only).",
+      (s) => s.specMtpFailures,
+    );
     this.timeToFirstToken = new Histogram({
       name: "expertmesh_gateway_time_to_first_token_seconds",
       help: "From request arrival to its first generated token.",

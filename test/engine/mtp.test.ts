@@ -2,7 +2,9 @@
 // float64 numpy reference of DeepSeek-V3's multi-token-prediction module, as vLLM runs it),
 // on both backends: BatchForward.mtpStep over the main model's hidden states, whole prompts
 // and chunk by chunk through the paged cache (the MTP layer's own rows in it).
-import { readFileSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import type { Backend } from "../../src/engine/backend.ts";
 import { BatchForward } from "../../src/engine/batch.ts";
@@ -12,6 +14,7 @@ import { heldExperts, loadWeights, type ModelWeights } from "../../src/engine/lo
 import { nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
+import { writeSafetensors } from "../../src/model/safetensors.ts";
 import { maxAbsDiff, tinyCheckpointFor } from "../support/golden.ts";
 
 interface MtpGolden {
@@ -141,6 +144,33 @@ describe("MTP weights", () => {
     await expect(loadWeights(ckpt, "all", undefined, { mtp: true })).rejects.toMatchObject({
       code: "EM_CKPT_NO_MTP",
     });
+  });
+
+  it("shares the main model's embedding and head when the MTP layer's copies hold the same bytes (as V3's do)", async () => {
+    // The tiny checkpoint with the MTP layer's copies replaced by the main model's tensors.
+    const src = await Checkpoint.open(dir, { mtp: true });
+    const shared = mkdtempSync(join(tmpdir(), "em-mtp-shared-"));
+    for (const f of ["config.json", "tokenizer.json", "tokenizer_config.json"])
+      copyFileSync(join(dir, f), join(shared, f));
+    const copyOf: Record<string, string> = {
+      "model.layers.4.embed_tokens.weight": "model.embed_tokens.weight",
+      "model.layers.4.shared_head.head.weight": "lm_head.weight",
+    };
+    const tensors = await Promise.all(
+      src.names().map(async (name) => {
+        const t = await src.read(copyOf[name] ?? name);
+        return { name, dtype: t.dtype, shape: t.shape, data: t.data };
+      }),
+    );
+    await writeSafetensors(join(shared, "model.safetensors"), tensors);
+    const w = await loadWeights(await Checkpoint.open(shared, { mtp: true }), "all", undefined, {
+      mtp: true,
+    });
+    expect(w.mtp!.embed).toBe(w.embed);
+    expect(w.mtp!.head).toBe(w.lmHead);
+    // Different bytes (the random tiny layer's): its own copies.
+    expect(weights.mtp!.embed).not.toBe(weights.embed);
+    expect(weights.mtp!.head).not.toBe(weights.lmHead);
   });
 
   it("loads the MTP layer as an MoE block with index num_hidden_layers and its own head", () => {

@@ -158,6 +158,9 @@ describe("MTP speculative decoding", () => {
       );
       expect(g.ctx.engine.stats.specMtpFailures).toBeGreaterThan(0);
       expect(g.ctx.engine.stats.specDrafts).toBe(0);
+      expect(await metric(g.url, "expertmesh_gateway_spec_decode_mtp_failures_total")).toBe(
+        g.ctx.engine.stats.specMtpFailures,
+      );
     } finally {
       await g.close();
     }
