@@ -47,7 +47,11 @@ inline bool run_gemm(Op& op, typename G::Arguments& args, std::string& why) {
   }
   void* workspace = op.alloc(G::get_workspace_size(args));
   s = gemm.initialize(args, workspace, op.stream());
-  if (s != cutlass::Status::kSuccess) throw Error(EM_ERR_INTERNAL, std::string("CUTLASS initialize: ") + status_name(s));
+  // Nothing has been launched yet: the caller can still fall back.
+  if (s != cutlass::Status::kSuccess) {
+    why = std::string("CUTLASS initialize: ") + status_name(s);
+    return false;
+  }
   s = gemm.run(op.stream());
   if (s != cutlass::Status::kSuccess) throw Error(EM_ERR_INTERNAL, std::string("CUTLASS run: ") + status_name(s));
   EMC_LAUNCHED();

@@ -46,9 +46,13 @@ inline em_tensor gate_up_view(const em_tensor& w1) {
 inline bool fp8_blockwise_ready(const std::vector<em_tensor>& w1, const std::vector<em_tensor>& w3,
                                 const std::vector<em_tensor>& w2, const int32_t* offsets, int32_t E, int64_t dim,
                                 int64_t max_inter, std::string& why) {
+  // TMA loads need 16-byte aligned rows: the data's address too, not only its row stride (an
+  // expert refused here falls back as a whole; refused later by CUTLASS, its down GEMM would
+  // fail after gate/up ran).
   auto whole = [](const em_tensor& w) {
     return w.ndim == 2 && w.stride[1] == 1 && w.scale != nullptr && w.shape[0] % EM_FP8_BLOCK == 0 &&
-           w.shape[1] % EM_FP8_BLOCK == 0 && w.scale_stride == w.shape[1] / EM_FP8_BLOCK && w.stride[0] % 16 == 0;
+           w.shape[1] % EM_FP8_BLOCK == 0 && w.scale_stride == w.shape[1] / EM_FP8_BLOCK && w.stride[0] % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(w.data) % 16 == 0;
   };
   if (dim % EM_FP8_BLOCK != 0 || max_inter % EM_FP8_BLOCK != 0) {
     why = "dequantized to bf16 (cutlass fp8: hidden or intermediate width not a multiple of 128)";

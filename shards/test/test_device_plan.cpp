@@ -108,6 +108,11 @@ void test_fp8_blockwise_ready() {
     n.w3[0].scale = nullptr;
     n.want = false;
     cases.push_back(n);
+    Case a = cases[0];
+    a.what = "an active expert's down weight not 16-byte aligned";
+    a.w2[2] = em_tensor_fp8(mem.data() + 8, sc.data(), 384, 256);
+    a.want = false;
+    cases.push_back(a);
   }
   for (const Case& c : cases) {
     std::string why;

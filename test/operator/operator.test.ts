@@ -160,7 +160,7 @@ describe.sequential("expertmesh operator", () => {
     );
   });
 
-  it("rolls out spec edits: a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones", async () => {
+  it("rolls out spec edits: a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones; MTP drafts re-plan with the MTP layer", async () => {
     const patch = (spec: Record<string, unknown>) =>
       kubectl(["patch", "dsm", "tiny", "--type=merge", "-p", JSON.stringify({ spec })]);
     expect((await patch({ image: "expertmesh/expertmesh:0.2.0" })).code).toBe(0);
@@ -195,6 +195,24 @@ describe.sequential("expertmesh operator", () => {
     expect(gw.spec?.template.metadata?.annotations?.["expertmesh.io/plan-shape"]).toMatch(
       /^2x\d+\//,
     );
+    // MTP drafts: the plan places the MTP layer's experts (layer 4 of tiny-v3) too, and the
+    // gateway drafts with it.
+    const mtp = { speculative: { method: "mtp" } };
+    expect((await patch({ gateway: mtp })).code).toBe(0);
+    const mtpPlan = await waitFor("a plan with the MTP layer", async () => {
+      const cm = await core.readNamespacedConfigMap({ name: "tiny-plan", namespace: "default" });
+      const p = JSON.parse(cm.data!["plan.json"]!);
+      return p.version === 3 ? p : undefined;
+    });
+    expect(mtpPlan.moeLayers).toEqual([1, 2, 3, 4]);
+    const args = await waitFor("the gateway's MTP flag", async () => {
+      const d = (await ownedDeployments("default", "tiny")).find(
+        (x) => x.metadata?.name === "tiny-gateway",
+      );
+      const a = d?.spec?.template.spec?.containers[0]?.args ?? [];
+      return a.includes("--speculative-method=mtp") ? a : undefined;
+    });
+    expect(args.some((a) => a.startsWith("--speculative-tokens"))).toBe(false);
   });
 
   it("restarts without duplicates or spurious updates (resourceVersions stay the same)", async () => {
@@ -448,6 +466,16 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[10]!.message,
       ],
       [
+        "MTP drafts of 2 tokens",
+        { gateway: { speculative: { method: "mtp", numTokens: 2 } } },
+        CROSS_FIELD_RULES[11]!.message,
+      ],
+      [
+        "lookup without numTokens",
+        { gateway: { speculative: { method: "ngram" } } },
+        CROSS_FIELD_RULES[11]!.message,
+      ],
+      [
         "explicit figures whose KV cache cannot hold maxModelLen",
         {
           model: {
@@ -468,7 +496,7 @@ describe.sequential("expertmesh operator", () => {
             kvCache: { bytes: 75000, dtype: "bfloat16", blockSize: 4 },
           },
         },
-        CROSS_FIELD_RULES[11]!.message,
+        CROSS_FIELD_RULES[12]!.message,
       ],
       [
         "wrong type",
