@@ -18,7 +18,9 @@
 //   - mtp: the checkpoint's MTP layer drafts (ADR 0012): its random weights accept almost
 //     nothing, so this is the MTP layer's cost (plus a second row per step) at ~0 %;
 //   - mtp-ceiling: the MTP layer runs as in mtp, but its draft is replaced by the right
-//     token: MTP's ceiling at 100 % acceptance, its layer's cost included.
+//     token: MTP's ceiling at 100 % acceptance, its layer's cost included;
+//   - mtp-ceiling-3: the same with drafts of 3 (the layer chained on its own output, each
+//     guess replaced by the right token).
 // The checkpoint is mini-v3 with an MTP layer (the same main weights as the serve suite's).
 // Every mode's outputs are checked equal to the off run's. Tokens per second over the whole
 // batch, tokens per sequence and engine step, acceptance (accepted / draft tokens).
@@ -27,7 +29,12 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { BatchForward, type LatentCache, type MtpItem } from "../src/engine/batch.ts";
+import {
+  BatchForward,
+  type LatentCache,
+  type MtpItem,
+  type MtpResult,
+} from "../src/engine/batch.ts";
 import { type ExpertRunner, LocalExperts } from "../src/engine/experts.ts";
 import { BlockKvCache } from "../src/engine/kv-blocks.ts";
 import { heldExperts, loadWeights } from "../src/engine/loader.ts";
@@ -47,7 +54,15 @@ import { child, ensureMiniModel, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
 const CLI = join(REPO_ROOT, "src", "cli", "main.ts");
 const MAX_TOKENS = 64;
 const DRAFT = 4;
-const MODES = ["off", "ngram", "oracle", "oracle-1", "mtp", "mtp-ceiling"] as const;
+const MODES = [
+  "off",
+  "ngram",
+  "oracle",
+  "oracle-1",
+  "mtp",
+  "mtp-ceiling",
+  "mtp-ceiling-3",
+] as const;
 type Mode = (typeof MODES)[number];
 const BATCHES = [1, 8];
 
@@ -94,7 +109,7 @@ class CeilingForward extends BatchForward {
     this.#prompts = prompts;
   }
 
-  override async mtpStep(items: readonly MtpItem[]): Promise<Float32Array[]> {
+  override async mtpStep(items: readonly MtpItem[]): Promise<MtpResult> {
     const out = await super.mtpStep(items);
     items.forEach((it, i) => {
       // A sequence's first MTP step starts at 0 with its prompt shifted by one.
@@ -105,7 +120,7 @@ class CeilingForward extends BatchForward {
       }
       const full = this.#seqOf.get(it.cache);
       const next = full?.[it.start + it.tokens.length + 1];
-      const row = out[i]!;
+      const row = out.logits[i]!;
       if (row.length > 0 && next !== undefined) {
         row.fill(-1e30);
         row[next] = 0;
@@ -203,7 +218,7 @@ export async function runSpeculative(o: {
           { maxBatchTokens: 2048, maxRunning: 64, maxQueueDepth: 64, prefixCaching: false },
           spec ? { speculative: spec } : {},
         );
-      const mtp = { method: "mtp", numTokens: 1 } as const;
+      const mtp = { method: "mtp", numTokens: 1 } as const satisfies SpeculativeOptions;
       for (const batch of batches) {
         const want = new Map<string, number[]>();
         ceiling.outputs = want;
@@ -214,6 +229,7 @@ export async function runSpeculative(o: {
           "oracle-1": () => engine({ numTokens: 1, drafter: oracle(want) }),
           mtp: () => engine(mtp),
           "mtp-ceiling": () => engine(mtp, ceiling),
+          "mtp-ceiling-3": () => engine({ method: "mtp", numTokens: 3 }, ceiling),
         };
         const times = Object.fromEntries(MODES.map((m) => [m, [] as number[]])) as Record<
           Mode,

@@ -9,7 +9,8 @@ DeepSeekMTP runs it). Needs numpy only; safetensors files are parsed here (bf16 
 
 Per prompt: the main model's greedy next token after the prompt (argmax of the reference's
 last logits row) and the MTP layer's logits for every position, given that token after the
-last one. The engine test (test/engine/mtp.test.ts) compares its MTP step against them.
+last one; for prompt 1, two more rows: the layer chained on its own output (its last row's
+hidden state and argmax, one position further), as chained MTP drafts run it. The engine test (test/engine/mtp.test.ts) compares its MTP step against them.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main() -> None:
         ids = prompt_ids(i, length, cfg["vocab_size"])
         main_logits = model.forward(ids)
         nxt = int(np.argmax(main_logits[-1]))
-        mtp = model.mtp_logits(ids, nxt).astype(np.float32)
+        # Prompt 1 chains the layer twice more: its logits have 2 more rows.
+        mtp = model.mtp_logits(ids, nxt, chain=2 if i == 1 else 0).astype(np.float32)
         prompts.append(
             {
                 "token_ids": ids,

@@ -298,7 +298,7 @@ class ReferenceModel:
             head = self._w("model.embed_tokens.weight")
         return self.hidden(tokens) @ head.T
 
-    def mtp_logits(self, tokens: list[int], next_token: int) -> np.ndarray:
+    def mtp_logits(self, tokens: list[int], next_token: int, chain: int = 0) -> np.ndarray:
         """Logits [seq, vocab] of the first multi-token-prediction layer (model.layers.{L}).
 
         DeepSeek-V3's reference (inference/model.py) has no MTP code, so this follows the
@@ -308,6 +308,11 @@ class ReferenceModel:
         with the embedding zeroed at position 0 as vLLM does; x = eh_proj([enorm(e);
         hnorm(h)]) runs through block L (an MoE block, attending over the rows before it);
         logits = shared_head.head(shared_head.norm(x)). Row i predicts token i + 2.
+
+        With `chain` > 0 the layer then runs on its own output `chain` times, as vLLM and
+        SGLang chain it: the next row takes the last row's x (before the head's norm) as its
+        hidden state and the last row's argmax as its token, one position further (attending
+        over all the rows before it). The logits of those rows follow the sequence's.
         """
         a = self.args
         L = a.n_layers
@@ -321,6 +326,20 @@ class ReferenceModel:
             axis=-1,
         )
         x = x @ self._w(p + "eh_proj.weight").T
-        x = self._block(L, x, precompute_freqs(a, len(tokens)))
         head = self.t.get(p + "shared_head.head.weight", self.t.get("lm_head.weight"))
-        return rms_norm(x, self._w(p + "shared_head.norm.weight"), a.rms_eps) @ head.T
+        embed = self.t.get(p + "embed_tokens.weight", self._w("model.embed_tokens.weight"))
+        rows = x  # the block's inputs so far
+        for step in range(chain + 1):
+            out = self._block(L, rows, precompute_freqs(a, rows.shape[0]))
+            logits = rms_norm(out, self._w(p + "shared_head.norm.weight"), a.rms_eps) @ head.T
+            if step == chain:
+                return logits
+            guess = int(np.argmax(logits[-1]))
+            nxt = np.concatenate(
+                [
+                    rms_norm(embed[guess][None], self._w(p + "enorm.weight"), a.rms_eps),
+                    rms_norm(out[-1:], self._w(p + "hnorm.weight"), a.rms_eps),
+                ],
+                axis=-1,
+            ) @ self._w(p + "eh_proj.weight").T
+            rows = np.concatenate([rows, nxt], axis=0)

@@ -239,7 +239,8 @@ export function kvCacheArgs(model: DeepSeekModel): string[] {
 export function speculativeArgs(model: DeepSeekModel): string[] {
   const s = model.spec.gateway.speculative;
   if (!s) return [];
-  if (s.method === "mtp") return ["--speculative-method=mtp"];
+  if (s.method === "mtp")
+    return ["--speculative-method=mtp", `--speculative-tokens=${s.numTokens ?? 1}`];
   return [
     `--speculative-tokens=${s.numTokens ?? 1}`,
     `--prompt-lookup-max=${s.promptLookupMax}`,

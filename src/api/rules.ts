@@ -169,13 +169,10 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.gateway.speculative",
-    rule: "has(self.method) && self.method == 'mtp' ? (!has(self.numTokens) || self.numTokens == 1) : has(self.numTokens)",
+    rule: "(has(self.method) && self.method == 'mtp') || has(self.numTokens)",
     message:
-      "gateway.speculative.numTokens is required with method ngram, and 1 (or absent) with method mtp (the MTP layer drafts one token per step)",
-    check: (s) =>
-      s["method"] === "mtp"
-        ? s["numTokens"] === undefined || s["numTokens"] === 1
-        : s["numTokens"] !== undefined,
+      "gateway.speculative.numTokens is required with method ngram (with mtp it defaults to 1)",
+    check: (s) => s["method"] === "mtp" || s["numTokens"] !== undefined,
   },
   {
     // The same check for explicit figures, when they give the MLA dims and the manifest

@@ -347,13 +347,13 @@ export const GatewaySchema = withRules(
             {
               method: StringEnum(["ngram", "mtp"], {
                 description:
-                  "ngram: prompt lookup (the draft is what followed the output's last tokens where they occur earlier in the prompt or output). mtp: the model's own multi-token-prediction layer (DeepSeek-V3/R1) drafts one token per step; the plan then places that layer's experts on the shards too.",
+                  "ngram: prompt lookup (the draft is what followed the output's last tokens where they occur earlier in the prompt or output). mtp: the model's own multi-token-prediction layer (DeepSeek-V3/R1) drafts numTokens per step (default 1); the plan then places that layer's experts on the shards too.",
                 default: "ngram",
               }),
               numTokens: Type.Optional(
                 Type.Integer({
                   description:
-                    "Draft tokens verified per step and sequence, at most (vLLM's num_speculative_tokens); required with ngram, 1 (or absent) with mtp.",
+                    "Draft tokens verified per step and sequence, at most (vLLM's num_speculative_tokens); required with ngram; with mtp 1 by default, more chains the MTP layer on its own output.",
                   minimum: 1,
                   maximum: 15,
                 }),

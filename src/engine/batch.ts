@@ -63,6 +63,17 @@ export interface MtpItem {
   readonly logits: "none" | "last";
 }
 
+/** What an MTP step gives per item (empty arrays for items that asked for no logits). */
+export interface MtpResult {
+  /** [vocab]: the last row's logits. */
+  readonly logits: Float32Array[];
+  /**
+   * [hidden]: the last row's output before the head's norm: the hidden state a chained MTP
+   * step takes for the next position (as vLLM chains its MTP layer).
+   */
+  readonly hidden: Float32Array[];
+}
+
 /** What the layers read of a batch's sequences. */
 interface LayerItem {
   readonly tokens: ArrayLike<number>;
@@ -152,9 +163,9 @@ export class BatchForward {
    * hidden state h at position p and the embedding e of token p + 1 (zero at position 0)
    * give x = eh_proj([enorm(e); hnorm(h)]), which runs through the MTP block (its attention
    * over the MTP layer's own cache rows); the head reads norm(x). Resolves, per item, the
-   * logits of its last row or none.
+   * logits of its last row and that row's x, or none.
    */
-  async mtpStep(items: readonly MtpItem[]): Promise<Float32Array[]> {
+  async mtpStep(items: readonly MtpItem[]): Promise<MtpResult> {
     const m = this.#w.mtp;
     if (!m || !this.#mtpEmbed)
       throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the weights hold no MTP layer");
@@ -167,7 +178,11 @@ export class BatchForward {
       offsets[i + 1] = offsets[i]! + it.tokens.length;
     });
     const T = offsets[items.length]!;
-    if (T === 0) return items.map(() => new Float32Array(0));
+    const none = () => ({
+      logits: items.map(() => new Float32Array(0)),
+      hidden: items.map(() => new Float32Array(0)),
+    });
+    if (T === 0) return none();
     const positions = new Int32Array(T);
     const e = new Float32Array(T * D);
     const prev = new Float32Array(T * D);
@@ -192,16 +207,17 @@ export class BatchForward {
     const last = items.flatMap((it, i) =>
       it.logits === "last" && it.tokens.length > 0 ? [i] : [],
     );
-    if (last.length === 0) return items.map(() => new Float32Array(0));
+    if (last.length === 0) return none();
     const rows = new Float32Array(last.length * D);
     last.forEach((i, r) => {
       rows.set(h.subarray((offsets[i + 1]! - 1) * D, offsets[i + 1]! * D), r * D);
     });
     const logits = b.matmul(b.rmsnorm(rows, last.length, m.headNorm, eps), last.length, m.head);
     const V = m.head.rows;
-    const out = items.map(() => new Float32Array(0));
+    const out = none();
     last.forEach((i, r) => {
-      out[i] = logits.slice(r * V, (r + 1) * V);
+      out.logits[i] = logits.slice(r * V, (r + 1) * V);
+      out.hidden[i] = rows.slice(r * D, (r + 1) * D);
     });
     return out;
   }

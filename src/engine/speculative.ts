@@ -22,13 +22,14 @@ export interface NgramConfig {
 }
 
 /**
- * A gateway's speculative decoding: prompt lookup, or the model's own MTP layer (ADR 0012),
- * which drafts one token per step.
+ * A gateway's speculative decoding: prompt lookup, or the model's own MTP layer (ADR 0012).
  */
 export type SpeculativeConfig = ({ readonly method?: "ngram" } & NgramConfig) | MtpConfig;
 
 export interface MtpConfig {
   readonly method: "mtp";
+  /** Draft tokens per step (default 1): the MTP layer chained on its own output past 1. */
+  readonly numTokens?: number;
 }
 
 /** Draft tokens a step may verify per sequence, at most (rows sampled at once). */
@@ -52,6 +53,16 @@ export function checkNgramConfig(c: NgramConfig): NgramConfig {
       `speculative prompt-lookup-min (${c.minN}) must not exceed prompt-lookup-max (${c.maxN})`,
     );
   return c;
+}
+
+/** Checks MTP's draft length; throws EM_CLI_USAGE. */
+export function checkMtpTokens(n: number): number {
+  if (!Number.isInteger(n) || n < 1 || n > MAX_DRAFT_TOKENS)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `speculative tokens must be an integer in [1, ${MAX_DRAFT_TOKENS}], got ${n}`,
+    );
+  return n;
 }
 
 /** The engine's speculative options for prompt lookup (checked): an index per sequence. */

@@ -23,7 +23,7 @@
 // each step's sampling, the MTP layer runs over the positions the step added to each
 // sequence (the main model's final hidden states there, and the token after each), writing
 // its own cache rows; a decoding sequence's last row gives its next draft token (argmax).
-import type { BatchForward, BatchItem, LatentCache, MtpItem } from "../engine/batch.ts";
+import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
@@ -138,8 +138,8 @@ interface Active {
    * context costs few rows.
    */
   draftLength: number;
-  /** With MTP drafts: the MTP layer's guess for the token after its first `at` tokens. */
-  mtpDraft: { at: number; token: number } | null;
+  /** With MTP drafts: the MTP layer's guesses for the tokens after its first `at` tokens. */
+  mtpDraft: { at: number; tokens: number[] } | null;
 }
 
 export interface EngineOptions {
@@ -166,9 +166,12 @@ export type SpeculativeOptions =
       readonly drafter: (prompt: readonly number[]) => Drafter;
     }
   | {
-      /** The model's MTP layer drafts one token per step (BatchForward.mtpStep). */
+      /**
+       * The model's MTP layer drafts (BatchForward.mtpStep): one token, or `numTokens` by
+       * running the layer again on its own output (chained, as vLLM and SGLang do).
+       */
       readonly method: "mtp";
-      readonly numTokens: 1;
+      readonly numTokens: number;
     };
 
 export class ServingEngine {
@@ -407,8 +410,12 @@ export class ServingEngine {
   /**
    * The MTP layer over the positions this step added to each sequence still running (its
    * own tokens and accepted draft tokens: hidden state at p, token p + 1), in one batch;
-   * each decoding sequence's last row gives its next draft. A failed MTP step (a shard of
-   * the MTP layer's experts gone) only costs drafts: its sequences go on without one.
+   * each decoding sequence's last row gives its next draft token. With drafts of K, the
+   * layer runs K - 1 times more on its own output (its hidden state and guess at the next
+   * position), for the sequences whose draft length asks for more; those rows lie past the
+   * sequence's computed positions (in blocks reserved for them, as its draft's rows will
+   * be) and are written again once the positions are computed. A failed MTP step (a shard
+   * of the MTP layer's experts gone) only costs drafts: its sequences go on without one.
    */
   async #mtpDrafts(
     chunks: readonly ScheduledChunk[],
@@ -421,6 +428,7 @@ export class ServingEngine {
       const a = this.#active.get(c.seq.id);
       if (!rows || !a || a.cancelled || !a.cache || a.seq.status !== "running") continue;
       const seq = a.seq;
+      a.mtpDraft = null;
       // Positions [c.start, numComputed) are the sequence's now; the token after each is
       // known (a prompt token, an accepted draft token, or the one just sampled).
       const n = Math.min(c.numTokens, seq.numComputed - c.start);
@@ -437,19 +445,39 @@ export class ServingEngine {
         },
       });
     }
-    if (work.length === 0) return;
-    let out: Float32Array[];
-    try {
-      out = await this.#model.mtpStep(work.map((w) => w.item));
-    } catch {
-      this.#spec.mtpFailures++;
-      for (const { a } of work) a.mtpDraft = null;
-      return;
+    let round = work;
+    for (let depth = 0; round.length > 0; depth++) {
+      let out: MtpResult;
+      try {
+        out = await this.#model.mtpStep(round.map((w) => w.item));
+      } catch {
+        this.#spec.mtpFailures++;
+        for (const { a } of round) if (depth === 0) a.mtpDraft = null;
+        return;
+      }
+      const next: { a: Active; item: MtpItem }[] = [];
+      round.forEach(({ a, item }, k) => {
+        const logits = out.logits[k]!;
+        if (logits.length === 0) return;
+        const token = argmax(logits);
+        if (depth === 0) a.mtpDraft = { at: a.seq.numTokens, tokens: [token] };
+        else a.mtpDraft!.tokens.push(token);
+        // Deeper while the sequence's draft length asks for more and a block holds the row.
+        const at = item.start + item.tokens.length;
+        if (depth + 1 >= a.draftLength || !this.#kv.allocator.reserve(a.seq.id, at + 1)) return;
+        next.push({
+          a,
+          item: {
+            start: at,
+            tokens: [token],
+            hidden: out.hidden[k]!,
+            cache: a.cache!,
+            logits: "last",
+          },
+        });
+      });
+      round = next;
     }
-    work.forEach(({ a }, k) => {
-      const logits = out[k]!;
-      a.mtpDraft = logits.length > 0 ? { at: a.seq.numTokens, token: argmax(logits) } : null;
-    });
   }
 
   /**
@@ -471,7 +499,7 @@ export class ServingEngine {
       if (k <= 0) continue;
       if (cfg.method === "mtp") {
         const d = a.mtpDraft;
-        if (d !== null && d.at === seq.numTokens) seq.draft = [d.token];
+        if (d !== null && d.at === seq.numTokens) seq.draft = d.tokens.slice(0, k);
         continue;
       }
       a.drafter ??= cfg.drafter(seq.promptTokens);

@@ -7,7 +7,7 @@ import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
-import { ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
+import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
@@ -119,7 +119,7 @@ export function createServeContext(
         : {
             speculative:
               spec.method === "mtp"
-                ? { method: "mtp" as const, numTokens: 1 as const }
+                ? { method: "mtp" as const, numTokens: checkMtpTokens(spec.numTokens ?? 1) }
                 : ngramSpeculation(spec),
           }),
     },

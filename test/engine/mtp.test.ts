@@ -83,7 +83,9 @@ async function mtpByChunks(
         },
       },
     ])) as [Float32Array];
-    const [logits] = await model.mtpStep([
+    const {
+      logits: [logits],
+    } = await model.mtpStep([
       {
         start,
         tokens: all.slice(start + 1, start + n + 1),
@@ -131,6 +133,63 @@ describe.each(backends)("MTP layer, %s backend", (_name, backend) => {
     });
   });
 });
+
+describe.each(backends)("MTP layer chained on its own output, %s backend", (_name, backend) => {
+  it("two more positions from its own hidden state and guess match the golden's extra rows", async () => {
+    const p = golden.prompts[1]!;
+    const P = p.token_ids.length;
+    const model = new BatchForward(
+      weights,
+      backend,
+      new LocalExperts(backend, heldExperts(weights)),
+    );
+    const kv = new BlockKvCache(weights.config, {
+      memoryBytes: 2 ** 20,
+      blockSize: 4,
+      extraLayers: 1,
+    });
+    const cache = kv.view(0);
+    kv.allocator.reserve(0, P + 2);
+    let hidden: Float32Array | null = null;
+    await model.step([
+      {
+        tokens: p.token_ids,
+        cache,
+        logits: "none",
+        onHidden: (rows) => {
+          hidden = rows;
+        },
+      },
+    ]);
+    let out = await model.mtpStep([
+      {
+        start: 0,
+        tokens: [...p.token_ids.slice(1), p.next_token],
+        hidden: hidden!,
+        cache,
+        logits: "last",
+      },
+    ]);
+    const tol = golden.tolerance.relative * p.max_abs_logit;
+    for (let j = 0; j <= 2; j++) {
+      const logits = out.logits[0]!;
+      expect(
+        maxAbsDiff(logits, p.logits.subarray((P - 1 + j) * V, (P + j) * V)),
+      ).toBeLessThanOrEqual(tol);
+      expect(argmax(logits)).toBe(p.argmax[P - 1 + j]);
+      if (j === 2) break;
+      out = await model.mtpStep([
+        { start: P + j, tokens: [argmax(logits)], hidden: out.hidden[0]!, cache, logits: "last" },
+      ]);
+    }
+  });
+});
+
+function argmax(row: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
+  return best;
+}
 
 describe("MTP weights", () => {
   it("a checkpoint without an MTP layer refuses MTP loading with EM_CKPT_NO_MTP", async () => {

@@ -124,6 +124,29 @@ describe("MTP speculative decoding", () => {
     expect(b).toEqual(a);
   });
 
+  it("chained drafts of 3 with random weights: the same texts as without speculation", async () => {
+    const g = await startGateway(dir, {
+      maxBatchTokens: 32,
+      speculative: { method: "mtp", numTokens: 3 },
+    });
+    try {
+      const prompts = [LOOP, ...SEED_PROMPTS];
+      const ask = (gw: TestGateway, p: string, i: number) => mixedGreedy(gw, p, i, 10 + 5 * i);
+      const [a, b] = await Promise.all([
+        Promise.all(prompts.map((p, i) => ask(plain, p, i))),
+        Promise.all(prompts.map((p, i) => ask(g, p, i))),
+      ]);
+      expect(b).toEqual(a);
+      const s = g.ctx.engine.stats;
+      expect(s.specDrafts).toBeGreaterThan(20);
+      // Nothing accepted: lengths shrink to 1 after the first wholly rejected draft.
+      expect(s.specDraftTokens).toBeLessThan(2 * s.specDrafts);
+      expect(s.specDraftTokens).toBeGreaterThan(s.specDrafts);
+    } finally {
+      await g.close();
+    }
+  });
+
   it("a follow-up prompt takes its blocks (the MTP layer's rows with them) from the prefix cache", async () => {
     const prompt = mtp.ctx.tokenizer.encode(LOOP);
     const first = await greedy(mtp.ctx.engine, prompt, 40);
@@ -258,14 +281,75 @@ describe("an MTP layer that copies its input token", () => {
     return { drafts, accepted };
   }
 
-  it("accepts a draft exactly where the output repeats its last token", async () => {
+  /** An engine over the copying layer, drafting `numTokens` per step. */
+  const copyEngine = (numTokens: number) => {
     const w = copying(mtp.weights);
-    const engine = new ServingEngine(
+    return new ServingEngine(
       new BatchForward(w, native, new LocalExperts(native, heldExperts(w))),
       new BlockKvCache(w.config, { memoryBytes: 8 * 2 ** 20, extraLayers: 1 }),
       { maxBatchTokens: 64, maxRunning: 8, maxQueueDepth: 8 },
-      { speculative: { method: "mtp", numTokens: 1 } },
+      { speculative: { method: "mtp", numTokens } },
     );
+  };
+
+  /**
+   * Drafts of up to K copies of the last token, chained: a step with last token o[i] keeps
+   * the draft's first a tokens where o[i + 1..i + a] all equal o[i]; the sequence's draft
+   * length halves after a draft with nothing accepted and doubles (up to K) after one
+   * accepted whole, and never reaches past the last token to generate.
+   */
+  function expectedChained(
+    o: readonly number[],
+    K: number,
+  ): { drafts: number; tokens: number; accepted: number } {
+    let drafts = 0;
+    let tokens = 0;
+    let accepted = 0;
+    let L = K;
+    for (let i = 0; i < o.length - 1; ) {
+      const k = Math.min(L, o.length - i - 2);
+      if (k <= 0) {
+        i++;
+        continue;
+      }
+      let a = 0;
+      while (a < k && o[i + 1 + a] === o[i]) a++;
+      drafts++;
+      tokens += k;
+      accepted += a;
+      i += a + 1;
+      if (a === 0) L = Math.max(1, L >> 1);
+      else if (a === k) L = Math.min(K, L * 2);
+    }
+    return { drafts, tokens, accepted };
+  }
+
+  it("chained drafts of 3: the layer runs on its own output, accepted exactly as far as the output repeats", async () => {
+    const engine = copyEngine(3);
+    const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };
+    let last = { drafts: 0, tokens: 0, accepted: 0 };
+    for (const [text, sampling] of [
+      [SEED_PROMPTS[0]!, GREEDY],
+      [SEED_PROMPTS[3]!, biased],
+    ] as const) {
+      const prompt = plain.ctx.tokenizer.encode(text);
+      const want = await greedy(plain.ctx.engine, prompt, 40, sampling);
+      const before = engine.stats;
+      expect(await greedy(engine, prompt, 40, sampling)).toEqual(want);
+      const after = engine.stats;
+      last = {
+        drafts: after.specDrafts - before.specDrafts,
+        tokens: after.specDraftTokens - before.specDraftTokens,
+        accepted: after.specAcceptedTokens - before.specAcceptedTokens,
+      };
+      expect(last).toEqual(expectedChained(want, 3));
+    }
+    // The biased answer's run of 101s is taken 3 at a time: more than one token per draft.
+    expect(last.accepted).toBeGreaterThan(last.drafts);
+  });
+
+  it("accepts a draft exactly where the output repeats its last token", async () => {
+    const engine = copyEngine(1);
     // The first prompt's output never repeats a token (every draft rejected); a bias towards
     // token 101 makes the second end in a long run of it (most drafts accepted).
     const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };

@@ -106,11 +106,15 @@ spec:
     ]);
   });
 
-  it("MTP drafts: the gateway gets --speculative-method=mtp (numTokens absent or 1)", () => {
-    for (const spec of ["{ method: mtp }", "{ method: mtp, numTokens: 1 }"]) {
+  it("MTP drafts: the gateway gets --speculative-method=mtp and its draft length (default 1)", () => {
+    for (const [spec, tokens] of [
+      ["{ method: mtp }", 1],
+      ["{ method: mtp, numTokens: 3 }", 3],
+    ] as const) {
       const m = parseManifest(`${good}  gateway: { speculative: ${spec} }\n`);
       expect(gatewayArgs(m).filter((a) => a.startsWith("--spec"))).toEqual([
         "--speculative-method=mtp",
+        `--speculative-tokens=${tokens}`,
       ]);
     }
   });
@@ -261,11 +265,6 @@ spec:
     [
       "speculative without numTokens",
       `${good}  gateway: { speculative: { method: ngram } }\n`,
-      "EM_MANIFEST_INVALID",
-    ],
-    [
-      "speculative mtp with 2 tokens",
-      `${good}  gateway: { speculative: { method: mtp, numTokens: 2 } }\n`,
       "EM_MANIFEST_INVALID",
     ],
     [

@@ -5,7 +5,11 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
 import { heldExperts, loadWeights } from "../../engine/loader.ts";
-import { checkNgramConfig, type SpeculativeConfig } from "../../engine/speculative.ts";
+import {
+  checkMtpTokens,
+  checkNgramConfig,
+  type SpeculativeConfig,
+} from "../../engine/speculative.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
@@ -69,9 +73,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             or output) with its own in one step; outputs are unchanged
                             (default 0: off; at most 15)
   --speculative-method M    ngram (default: prompt lookup, as above) or mtp: the model's own
-                            multi-token-prediction layer (DeepSeek-V3/R1) drafts one token per
-                            step; its experts run where the others do (--local, or the shards
-                            of a plan made with --mtp)
+                            multi-token-prediction layer (DeepSeek-V3/R1) drafts K tokens per
+                            step (default 1; past 1 the layer runs again on its own output);
+                            its experts run where the others do (--local, or the shards of a
+                            plan made with --mtp)
   --prompt-lookup-max N     longest run of last tokens looked up (default 4)
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
   --responses-store N       responses kept in memory for previous_response_id and
@@ -151,13 +156,9 @@ export const gatewayCommand: Command = {
     const specMethod = values["speculative-method"] ?? "ngram";
     if (specMethod !== "ngram" && specMethod !== "mtp")
       usage(`--speculative-method must be ngram or mtp, got '${specMethod}'`);
-    if (specMethod === "mtp" && values["speculative-tokens"] !== undefined && specTokens !== 1)
-      usage(
-        `the MTP layer drafts one token per step: --speculative-tokens must be 1, got ${specTokens}`,
-      );
     const mtp = specMethod === "mtp";
     const speculative: SpeculativeConfig | undefined = mtp
-      ? { method: "mtp" }
+      ? { method: "mtp", numTokens: checkMtpTokens(specTokens || 1) }
       : specTokens > 0
         ? checkNgramConfig({
             numTokens: specTokens,
