@@ -6,6 +6,7 @@
 
 #include "common.cuh"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -28,13 +29,40 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  //
 
 inline const char* status_name(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
 
-// Copies a host array into fresh scratch of the op.
-template <typename T>
-inline T* to_device(Op& op, const T* host, size_t n) {
-  T* d = static_cast<T*>(op.alloc(sizeof(T) * n));
-  EMC_CUDA(cudaMemcpyAsync(d, host, sizeof(T) * n, cudaMemcpyHostToDevice, op.stream()));
-  return d;
-}
+// The small host arrays a grouped GEMM reads on the device (problem sizes, pointers,
+// strides, scale layouts: 8 to 11 of them), gathered into one buffer and copied in one
+// transfer: each pageable copy stages synchronously, which a decode step would pay 8-11
+// times. add() before upload(), at() after.
+class Upload {
+ public:
+  template <typename T>
+  struct Slot {
+    size_t at;
+  };
+
+  template <typename T>
+  Slot<T> add(const T* host, size_t n) {
+    const size_t at = (bytes_.size() + 15) & ~static_cast<size_t>(15);  // 16-byte aligned
+    bytes_.resize(at + sizeof(T) * n);
+    std::memcpy(bytes_.data() + at, host, sizeof(T) * n);
+    return {at};
+  }
+
+  // One scratch allocation of the op, one copy on its stream.
+  void upload(Op& op) {
+    base_ = static_cast<char*>(op.alloc(bytes_.size()));
+    EMC_CUDA(cudaMemcpyAsync(base_, bytes_.data(), bytes_.size(), cudaMemcpyHostToDevice, op.stream()));
+  }
+
+  template <typename T>
+  T* at(Slot<T> s) const {
+    return reinterpret_cast<T*>(base_ + s.at);
+  }
+
+ private:
+  std::vector<char> bytes_;
+  char* base_ = nullptr;
+};
 
 // Runs an initialized-argument grouped GEMM: false with `why` when CUTLASS refuses it.
 template <typename G>

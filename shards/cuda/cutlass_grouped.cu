@@ -79,7 +79,18 @@ bool cutlass_grouped_run(Op& op, int groups, const int* m, const int* n, const i
     sd.push_back(make_stride(Int<1>{}, static_cast<int64_t>(ldc[g]), Int<0>{}));
   }
   const size_t G = static_cast<size_t>(groups);
-  auto* d_c = to_device(op, reinterpret_cast<Element* const*>(c), G);
+  Upload up;
+  const auto u_sizes = up.add(sizes.data(), G);
+  const auto u_a = up.add(reinterpret_cast<const Element* const*>(a), G);
+  const auto u_sa = up.add(sa.data(), G);
+  const auto u_b = up.add(reinterpret_cast<const Element* const*>(b), G);
+  const auto u_sb = up.add(sb.data(), G);
+  // C and D share pointers (C is not read).
+  const auto u_c = up.add(reinterpret_cast<Element* const*>(c), G);
+  const auto u_sc = up.add(sc.data(), G);
+  const auto u_sd = up.add(sd.data(), G);
+  up.upload(op);
+  Element** d_c = up.at(u_c);
   cutlass::KernelHardwareInfo hw;
   hw.device_id = op.ctx.device;
   hw.sm_count = op.ctx.sm_count;
@@ -87,12 +98,9 @@ bool cutlass_grouped_run(Op& op, int groups, const int* m, const int* n, const i
   decltype(args.epilogue.thread) fusion;
   plain_output(fusion);  // C is not read (its pointers are D's)
   args = typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                  {groups, to_device(op, sizes.data(), G), sizes.data()},
-                                  {to_device(op, reinterpret_cast<const Element* const*>(a), G),
-                                   to_device(op, sa.data(), G), to_device(op, reinterpret_cast<const Element* const*>(b), G),
-                                   to_device(op, sb.data(), G)},
-                                  {fusion, const_cast<const Element**>(d_c), to_device(op, sc.data(), G), d_c,
-                                   to_device(op, sd.data(), G)},
+                                  {groups, up.at(u_sizes), sizes.data()},
+                                  {up.at(u_a), up.at(u_sa), up.at(u_b), up.at(u_sb)},
+                                  {fusion, const_cast<const Element**>(d_c), up.at(u_sc), d_c, up.at(u_sd)},
                                   hw};
   return run_gemm<Gemm>(op, args, why);
 }

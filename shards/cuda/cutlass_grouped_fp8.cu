@@ -76,17 +76,29 @@ bool cutlass_grouped_fp8_run(Op& op, int groups, const int* m, const int* n, con
     lsfb.push_back(f8::ScaleConfig::tile_atom_to_shape_SFB(make_shape(m[g], n[g], k[g], 1)));
   }
   const size_t G = static_cast<size_t>(groups);
-  auto* d_d = to_device(op, reinterpret_cast<f8::ElementD* const*>(d), G);
-  auto* d_sd = to_device(op, sd.data(), G);
+  Upload up;
+  const auto u_sizes = up.add(sizes.data(), G);
+  const auto u_a = up.add(reinterpret_cast<const f8::ElementAB* const*>(a), G);
+  const auto u_sa = up.add(sa.data(), G);
+  const auto u_b = up.add(reinterpret_cast<const f8::ElementAB* const*>(b), G);
+  const auto u_sb = up.add(sb.data(), G);
+  const auto u_sfa = up.add(sfa, G);
+  const auto u_lsfa = up.add(lsfa.data(), G);
+  const auto u_sfb = up.add(sfb, G);
+  const auto u_lsfb = up.add(lsfb.data(), G);
+  const auto u_d = up.add(reinterpret_cast<f8::ElementD* const*>(d), G);
+  const auto u_sd = up.add(sd.data(), G);
+  up.upload(op);
+  f8::ElementD** d_d = up.at(u_d);
+  auto* d_sd = up.at(u_sd);
   cutlass::KernelHardwareInfo hw;
   hw.device_id = op.ctx.device;
   hw.sm_count = op.ctx.sm_count;
   typename f8::Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGrouped,
-      {groups, to_device(op, sizes.data(), G), sizes.data()},
-      {to_device(op, reinterpret_cast<const f8::ElementAB* const*>(a), G), to_device(op, sa.data(), G),
-       to_device(op, reinterpret_cast<const f8::ElementAB* const*>(b), G), to_device(op, sb.data(), G),
-       to_device(op, sfa, G), to_device(op, lsfa.data(), G), to_device(op, sfb, G), to_device(op, lsfb.data(), G)},
+      {groups, up.at(u_sizes), sizes.data()},
+      {up.at(u_a), up.at(u_sa), up.at(u_b), up.at(u_sb), up.at(u_sfa), up.at(u_lsfa), up.at(u_sfb),
+       up.at(u_lsfb)},
       {{}, const_cast<const f8::ElementD**>(d_d), d_sd, d_d, d_sd},
       hw};
   plain_output(args.epilogue.thread);

@@ -35,12 +35,19 @@ function routedOf(spec: Record<string, any>): number | undefined {
   return undefined;
 }
 
-/** Bytes of one token's KV rows over all layers, per preset and spec.gateway.kvCache.dtype. */
-function tokenBytes(preset: string, dtype: string): number {
+/** Bytes of one layer's KV row of one token, per preset and spec.gateway.kvCache.dtype. */
+function rowBytes(preset: string, dtype: string): number {
   const c = presetCache(preset);
   const d = (KV_CACHE_DTYPES as Record<string, "f32" | "bf16" | "fp8">)[dtype]!;
-  return kvRowBytes(d, c.kvLoraRank, c.ropeDim) * resolveArchitecture(preset).numLayers;
+  return kvRowBytes(d, c.kvLoraRank, c.ropeDim);
 }
+/** Layers whose rows the gateway keeps: the blocks, and the MTP layer with MTP drafts. */
+function cachedLayers(numLayers: number, gateway: Record<string, any> | undefined): number {
+  return numLayers + (gateway?.["speculative"]?.method === "mtp" ? 1 : 0);
+}
+/** CEL for cachedLayers' MTP term (the MTP layer's rows are one layer more). */
+const MTP_LAYER_CEL =
+  "(has(self.gateway.speculative) && has(self.gateway.speculative.method) && self.gateway.speculative.method == 'mtp' ? 1 : 0)";
 const KV_DTYPE_NAMES = ["float32", "bfloat16", "fp8"] as const;
 /**
  * CEL for the bytes of one token's rows of spec.model.architecture (kv-format.ts's
@@ -54,13 +61,18 @@ const archTokenBytesCel = (() => {
   return (
     `((self.gateway.kvCache.dtype == 'float32' ? (${C} + ${dr}) * 4 : ` +
     `self.gateway.kvCache.dtype == 'bfloat16' ? (${C} + ${dr}) * 2 : ` +
-    `${C} + 4 * ((${C} + 127) / 128) + 2 * ${dr}) * ${a}.numLayers)`
+    `${C} + 4 * ((${C} + 127) / 128) + 2 * ${dr}) * (${a}.numLayers + ${MTP_LAYER_CEL}))`
   );
 })();
+/** CEL for one token's row bytes over the preset's cached layers (cachedLayers). */
 function tokenBytesCel(): string {
-  return `{${presetNames()
-    .map((n) => `'${n}': {${KV_DTYPE_NAMES.map((d) => `'${d}': ${tokenBytes(n, d)}`).join(", ")}}`)
+  const rows = `{${presetNames()
+    .map((n) => `'${n}': {${KV_DTYPE_NAMES.map((d) => `'${d}': ${rowBytes(n, d)}`).join(", ")}}`)
     .join(", ")}}`;
+  const layers = `{${presetNames()
+    .map((n) => `'${n}': ${resolveArchitecture(n).numLayers}`)
+    .join(", ")}}`;
+  return `(${rows}[self.model.preset][self.gateway.kvCache.dtype] * (${layers}[self.model.preset] + ${MTP_LAYER_CEL}))`;
 }
 function contextCel(): string {
   return `{${presetNames()
@@ -68,8 +80,11 @@ function contextCel(): string {
     .join(", ")}}`;
 }
 /** Tokens a gateway's KV cache holds (whole blocks), as the gateway computes it. */
-function kvCapacity(preset: string, kv: { bytes: number; dtype: string; blockSize: number }) {
-  return Math.floor(kv.bytes / (kv.blockSize * tokenBytes(preset, kv.dtype))) * kv.blockSize;
+function kvCapacity(preset: string, gateway: Record<string, any>) {
+  const kv: { bytes: number; dtype: string; blockSize: number } = gateway["kvCache"];
+  const token =
+    rowBytes(preset, kv.dtype) * cachedLayers(resolveArchitecture(preset).numLayers, gateway);
+  return Math.floor(kv.bytes / (kv.blockSize * token)) * kv.blockSize;
 }
 
 export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
@@ -149,16 +164,16 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     path: "spec",
     rule:
       "!has(self.model.preset) || !has(self.gateway.kvCache) || !has(self.gateway.kvCache.bytes) || !has(self.gateway.kvCache.dtype) || !has(self.gateway.kvCache.blockSize) || " +
-      `self.gateway.kvCache.bytes / (self.gateway.kvCache.blockSize * ${tokenBytesCel()}[self.model.preset][self.gateway.kvCache.dtype]) * self.gateway.kvCache.blockSize >= ` +
+      `self.gateway.kvCache.bytes / (self.gateway.kvCache.blockSize * ${tokenBytesCel()}) * self.gateway.kvCache.blockSize >= ` +
       `(has(self.gateway.limits) && has(self.gateway.limits.maxModelLen) ? self.gateway.limits.maxModelLen : ${contextCel()}[self.model.preset])`,
     message:
-      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens (the model's context when unset): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
+      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens (the model's context when unset; MTP drafts keep one layer more): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
     check: (s) => {
       const preset = s["model"]?.preset;
       if (typeof preset !== "string" || !presetNames().includes(preset)) return true;
       const g = s["gateway"];
       const want = g.limits?.maxModelLen ?? presetCache(preset).context;
-      return kvCapacity(preset, g.kvCache) >= want;
+      return kvCapacity(preset, g) >= want;
     },
   },
   {
@@ -184,13 +199,13 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "!has(self.gateway.kvCache.dtype) || !has(self.gateway.kvCache.blockSize) || " +
       `self.gateway.kvCache.bytes / (self.gateway.kvCache.blockSize * ${archTokenBytesCel}) * self.gateway.kvCache.blockSize >= self.gateway.limits.maxModelLen`,
     message:
-      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens of model.architecture (numLayers x kvLoraRank + qkRopeHeadDim rows): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
+      "gateway.kvCache cannot hold one sequence of gateway.limits.maxModelLen tokens of model.architecture (numLayers x kvLoraRank + qkRopeHeadDim rows, a layer more with MTP drafts): raise kvCache.bytes, store smaller rows (kvCache.dtype bfloat16 or fp8), or lower limits.maxModelLen",
     check: (s) => {
       const a = s["model"]?.architecture;
       const g = s["gateway"];
       if (!a?.kvLoraRank || !a?.qkRopeHeadDim || !g?.limits?.maxModelLen) return true;
       const d = (KV_CACHE_DTYPES as Record<string, "f32" | "bf16" | "fp8">)[g.kvCache.dtype]!;
-      const token = kvRowBytes(d, a.kvLoraRank, a.qkRopeHeadDim) * a.numLayers;
+      const token = kvRowBytes(d, a.kvLoraRank, a.qkRopeHeadDim) * cachedLayers(a.numLayers, g);
       return (
         Math.floor(g.kvCache.bytes / (g.kvCache.blockSize * token)) * g.kvCache.blockSize >=
         g.limits.maxModelLen

@@ -461,6 +461,19 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[9]!.message,
       ],
       [
+        // tiny-v2: 3 layers of 80-byte bf16 rows; 75000 bytes in blocks of 4 hold 312 tokens,
+        // 232 with the MTP layer's rows (4 layers).
+        "a KV cache that holds the context only without the MTP layer's rows",
+        {
+          gateway: {
+            speculative: { method: "mtp" },
+            limits: { maxModelLen: 233 },
+            kvCache: { bytes: 75000, dtype: "bfloat16", blockSize: 4 },
+          },
+        },
+        CROSS_FIELD_RULES[9]!.message,
+      ],
+      [
         "speculative lookup min over max",
         { gateway: { speculative: { numTokens: 4, promptLookupMin: 6, promptLookupMax: 3 } } },
         CROSS_FIELD_RULES[10]!.message,

@@ -133,6 +133,14 @@ spec:
     expect(() =>
       parseManifest(`${good}  gateway: { ${kv.replace("bfloat16", "fp8")} }\n`),
     ).not.toThrow();
+    // MTP drafts keep the MTP layer's rows too: 5 layers, floor(75000 / (4 * 80 * 5)) * 4 = 184.
+    const mtp = "speculative: { method: mtp }";
+    expect(() =>
+      parseManifest(`${good}  gateway: { ${mtp}, limits: { maxModelLen: 184 }, ${kv} }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${good}  gateway: { ${mtp}, limits: { maxModelLen: 185 }, ${kv} }\n`),
+    ).toThrow(/kvCache cannot hold/);
     // DeepSeek-V3 at its 163840-token context: 21.4 GiB of float32 rows, 6.1 GiB of fp8.
     const v3 = good.replace("tiny-v3", "deepseek-v3");
     expect(() => parseManifest(v3)).toThrow(/kvCache cannot hold/);
@@ -159,6 +167,13 @@ spec:
     ).not.toThrow();
     expect(() =>
       parseManifest(`${withMla}  gateway: { limits: { maxModelLen: 233 }, ${kv} }\n`),
+    ).toThrow(/kvCache cannot hold .* of model.architecture/);
+    const mtp = "speculative: { method: mtp }";
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { ${mtp}, limits: { maxModelLen: 184 }, ${kv} }\n`),
+    ).not.toThrow();
+    expect(() =>
+      parseManifest(`${withMla}  gateway: { ${mtp}, limits: { maxModelLen: 185 }, ${kv} }\n`),
     ).toThrow(/kvCache cannot hold .* of model.architecture/);
     // fp8 rows: 32 codes + one f32 scale + 8 bf16 = 52 bytes, 208 per token: 360 tokens.
     const fp8 = kv.replace("bfloat16", "fp8");
