@@ -42,8 +42,13 @@ function rowBytes(preset: string, dtype: string): number {
   return kvRowBytes(d, c.kvLoraRank, c.ropeDim);
 }
 /** Layers whose rows the gateway keeps: the blocks, and the MTP layer with MTP drafts. */
-function cachedLayers(numLayers: number, gateway: Record<string, any> | undefined): number {
-  return numLayers + (gateway?.["speculative"]?.method === "mtp" ? 1 : 0);
+function cachedLayers(numLayers: number, gateway: GatewaySpecPart | undefined): number {
+  return numLayers + (gateway?.speculative?.method === "mtp" ? 1 : 0);
+}
+/** What the KV-budget rules read of spec.gateway (defaulted). */
+interface GatewaySpecPart {
+  readonly kvCache: { bytes: number; dtype: string; blockSize: number };
+  readonly speculative?: { method?: string };
 }
 /** CEL for cachedLayers' MTP term (the MTP layer's rows are one layer more). */
 const MTP_LAYER_CEL =
@@ -80,8 +85,8 @@ function contextCel(): string {
     .join(", ")}}`;
 }
 /** Tokens a gateway's KV cache holds (whole blocks), as the gateway computes it. */
-function kvCapacity(preset: string, gateway: Record<string, any>) {
-  const kv: { bytes: number; dtype: string; blockSize: number } = gateway["kvCache"];
+function kvCapacity(preset: string, gateway: GatewaySpecPart) {
+  const kv = gateway.kvCache;
   const token =
     rowBytes(preset, kv.dtype) * cachedLayers(resolveArchitecture(preset).numLayers, gateway);
   return Math.floor(kv.bytes / (kv.blockSize * token)) * kv.blockSize;
