@@ -117,6 +117,48 @@ describe("serving commands on bad input", () => {
     expect(r.stderr).toContain("[EM_PLAN_MISMATCH]");
   });
 
+  it("MTP drafts: a bad method or length, a model without the layer, a plan without its experts", async () => {
+    const gw = (model: string, ...extra: string[]) =>
+      expertmesh(["gateway", `--model=${model}`, "--http-port=0", "--metrics-port=0", ...extra]);
+    const method = await gw(dir, "--local", "--speculative-method=eagle");
+    expect(method.code).toBe(1);
+    expect(method.stderr).toContain("[EM_CLI_USAGE] --speculative-method must be ngram or mtp");
+    const tokens = await gw(dir, "--local", "--speculative-method=mtp", "--speculative-tokens=16");
+    expect(tokens.code).toBe(1);
+    expect(tokens.stderr).toContain(
+      "[EM_CLI_USAGE] speculative tokens must be an integer in [1, 15]",
+    );
+    const none = await gw(dir, "--local", "--speculative-method=mtp");
+    expect(none.code).toBe(1);
+    expect(none.stderr).toContain("[EM_CKPT_NO_MTP]");
+    // A model with the layer, and a plan that does not place its experts.
+    const mtpDir = await tinyCheckpointFor("tiny-v3-mtp");
+    try {
+      const r = await gw(
+        mtpDir,
+        `--plan=${plans["tiny-v3"]}`,
+        `--nats=${testEnv().nats.url}`,
+        "--speculative-method=mtp",
+      );
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain("does not place the MTP layer's experts (layer 4)");
+    } finally {
+      rmSync(mtpDir, { recursive: true, force: true });
+    }
+    // A shard of a model without the layer, given a plan that places it.
+    const withMtp = join(dir, "mtp.plan.json");
+    writeFileSync(
+      withMtp,
+      serializePlan(
+        planPlacement({ architecture: resolveArchitecture("tiny-v3"), numShards: 2, mtpLayers: 1 }),
+      ),
+    );
+    const sh = await shard(withMtp);
+    expect(sh.code).toBe(1);
+    expect(sh.stderr).toContain("[EM_PLAN_MISMATCH]");
+    expect(sh.stderr).toContain("but the model has none");
+  });
+
   it("a bad or taken port ends the process with its code (it kept serving, or threw)", async () => {
     const gateway = (extra: string[]) =>
       expertmesh(["gateway", `--model=${dir}`, "--local", "--host=127.0.0.1", ...extra]);
