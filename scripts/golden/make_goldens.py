@@ -43,6 +43,7 @@ import torch
 sys.dont_write_bytecode = True  # no __pycache__ in the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_numpy  # noqa: E402
+from prompts import prompt_ids  # noqa: E402
 
 FORMAT = "expertmesh-golden/1"
 PROMPT_LENGTHS = (7, 16, 24)
@@ -58,25 +59,6 @@ def log(msg: str) -> None:
 def fail(msg: str) -> NoReturn:
     print(f"[golden] ERROR: {msg}", file=sys.stderr, flush=True)
     sys.exit(1)
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------
-
-
-def prompt_ids(index: int, length: int, vocab: int) -> list[int]:
-    """Deterministic token ids in [0, vocab): a 31-bit LCG (glibc constants) seeded by the index.
-
-    x0 = 1000 + index; x_{n+1} = (1103515245 * x_n + 12345) mod 2^31; id_n = (x_{n+1} >> 8) mod vocab.
-    The ids are stored in the fixture too, so consumers never need to recompute them.
-    """
-    x = 1000 + index
-    out = []
-    for _ in range(length):
-        x = (1103515245 * x + 12345) % (1 << 31)
-        out.append((x >> 8) % vocab)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,20 +25,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import prompt_ids  # noqa: E402
 from reference_numpy import ReferenceModel  # noqa: E402
 
-# Prompt lengths; ids from the same LCG as make_goldens.py's prompt_ids.
+# Prompt lengths; ids from prompts.py, as make_goldens.py's.
 LENGTHS = [5, 12, 23]
 RELATIVE_TOLERANCE = 1e-4
-
-
-def prompt_ids(index: int, length: int, vocab: int) -> list[int]:
-    x = 1000 + index
-    out = []
-    for _ in range(length):
-        x = (1103515245 * x + 12345) % (1 << 31)
-        out.append((x >> 8) % vocab)
-    return out
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

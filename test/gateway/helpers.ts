@@ -4,11 +4,18 @@ import type { AddressInfo } from "node:net";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import type { FastifyInstance } from "fastify";
 import OpenAI from "openai";
+import type { Completion } from "openai/resources/completions";
 import { expect } from "vitest";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { heldExperts, loadWeights, type ModelWeights } from "../../src/engine/loader.ts";
 import { buildGatewayApp } from "../../src/gateway/app.ts";
+import {
+  GREEDY,
+  runToEnd,
+  type SamplingParams,
+  type ServingEngine,
+} from "../../src/gateway/engine.ts";
 import type { ServeContext } from "../../src/gateway/jobs.ts";
 import { createServeContext, type GatewayConfig, probeShards } from "../../src/gateway/server.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
@@ -315,4 +322,54 @@ export async function mixedGreedy(
     ...(i % 2 === 0 ? ({ ignore_eos: true } as object) : {}),
   });
   return `${r.choices[0]!.finish_reason}:${r.usage!.completion_tokens}:${r.choices[0]!.text}`;
+}
+
+/** A streamed greedy chat answer's content, joined. */
+export async function streamedChatText(
+  g: TestGateway,
+  content: string,
+  maxTokens: number,
+): Promise<string> {
+  let text = "";
+  const stream = await g.client.chat.completions.create({
+    model: "tiny",
+    messages: [{ role: "user", content }],
+    max_tokens: maxTokens,
+    temperature: 0,
+    stream: true,
+  });
+  for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
+  return text;
+}
+
+/**
+ * Expects two completions answers to say the same: texts, finish reasons, usage, and per
+ * choice the same tokens with the same logprobs (to 4 places) and top-logprob candidates.
+ */
+export function expectSameCompletions(got: Completion, want: Completion): void {
+  expect(got.choices.map((c) => [c.text, c.finish_reason])).toEqual(
+    want.choices.map((c) => [c.text, c.finish_reason]),
+  );
+  expect(got.usage).toEqual(want.usage);
+  for (const [k, c] of got.choices.entries()) {
+    const w = want.choices[k]!.logprobs!;
+    expect(c.logprobs!.tokens).toEqual(w.tokens);
+    c.logprobs!.token_logprobs!.forEach((lp, j) => {
+      expect(lp).toBeCloseTo(w.token_logprobs![j]!, 4);
+    });
+    expect(c.logprobs!.top_logprobs!.map((t) => Object.keys(t!).sort())).toEqual(
+      w.top_logprobs!.map((t) => Object.keys(t!).sort()),
+    );
+  }
+}
+
+/** Output ids of `prompt` straight from an engine (EOS ignored; greedy unless `sampling`). */
+export async function engineIds(
+  engine: ServingEngine,
+  prompt: number[],
+  maxTokens: number,
+  sampling: SamplingParams = GREEDY,
+): Promise<number[]> {
+  const req = { prompt, maxTokens, sampling, stopTokenIds: [] };
+  return (await runToEnd(engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
 }

@@ -11,15 +11,18 @@ import type { ExpertRunner } from "../../src/engine/experts.ts";
 import { LocalExperts } from "../../src/engine/experts.ts";
 import { BlockKvCache } from "../../src/engine/kv-blocks.ts";
 import { heldExperts, type MlpWeights, type ModelWeights } from "../../src/engine/loader.ts";
-import { GREEDY, runToEnd, type SamplingParams, ServingEngine } from "../../src/gateway/engine.ts";
+import { GREEDY, type SamplingParams, ServingEngine } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
+  engineIds,
+  expectSameCompletions,
   metric,
   mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
   startGateway,
+  streamedChatText,
   type TestGateway,
 } from "./helpers.ts";
 
@@ -90,32 +93,12 @@ describe("MTP speculative decoding", () => {
         plain.client.completions.create(req),
         mtp.client.completions.create(req),
       ]);
-      expect(y.choices.map((c) => [c.text, c.finish_reason])).toEqual(
-        x.choices.map((c) => [c.text, c.finish_reason]),
-      );
-      for (const [k, c] of y.choices.entries()) {
-        const want = x.choices[k]!.logprobs!;
-        expect(c.logprobs!.tokens).toEqual(want.tokens);
-        c.logprobs!.token_logprobs!.forEach((lp, j) => {
-          expect(lp).toBeCloseTo(want.token_logprobs![j]!, 4);
-        });
-      }
+      expectSameCompletions(y, x);
     }
   });
 
   it("streams the same chat text", async () => {
-    const collect = async (g: TestGateway, content: string) => {
-      let text = "";
-      const stream = await g.client.chat.completions.create({
-        model: "tiny",
-        messages: [{ role: "user", content }],
-        max_tokens: 24,
-        temperature: 0,
-        stream: true,
-      });
-      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
-      return text;
-    };
+    const collect = (g: TestGateway, content: string) => streamedChatText(g, content, 24);
     const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 3)];
     const [a, b] = await Promise.all([
       Promise.all(prompts.map((p) => collect(plain, p))),
@@ -149,12 +132,12 @@ describe("MTP speculative decoding", () => {
 
   it("a follow-up prompt takes its blocks (the MTP layer's rows with them) from the prefix cache", async () => {
     const prompt = mtp.ctx.tokenizer.encode(LOOP);
-    const first = await greedy(mtp.ctx.engine, prompt, 40);
-    expect(first).toEqual(await greedy(plain.ctx.engine, prompt, 40));
+    const first = await engineIds(mtp.ctx.engine, prompt, 40);
+    expect(first).toEqual(await engineIds(plain.ctx.engine, prompt, 40));
     const follow = [...prompt, ...first];
     const hitsBefore = stats().prefixHitTokens;
-    expect(await greedy(mtp.ctx.engine, follow, 24)).toEqual(
-      await greedy(plain.ctx.engine, follow, 24),
+    expect(await engineIds(mtp.ctx.engine, follow, 24)).toEqual(
+      await engineIds(plain.ctx.engine, follow, 24),
     );
     expect(stats().prefixHitTokens - hitsBefore).toBe(Math.floor((follow.length - 1) / 16) * 16);
   });
@@ -176,8 +159,8 @@ describe("MTP speculative decoding", () => {
     const g = await startGateway(dir, { speculative: { method: "mtp" }, wrap: failing });
     try {
       const prompt = g.ctx.tokenizer.encode(SEED_PROMPTS[0]!);
-      expect(await greedy(g.ctx.engine, prompt, 20)).toEqual(
-        await greedy(plain.ctx.engine, prompt, 20),
+      expect(await engineIds(g.ctx.engine, prompt, 20)).toEqual(
+        await engineIds(plain.ctx.engine, prompt, 20),
       );
       expect(g.ctx.engine.stats.specMtpFailures).toBeGreaterThan(0);
       expect(g.ctx.engine.stats.specDrafts).toBe(0);
@@ -263,24 +246,6 @@ describe("an MTP layer that copies its input token", () => {
     };
   }
 
-  /**
-   * Drafts accepted when each draft is the last token: a step with last token o[i] keeps
-   * the draft when o[i + 1] = o[i] (and then samples o[i + 2] from the draft's row); no
-   * draft when only one token is left to generate.
-   */
-  function expectedAccepted(o: readonly number[]): { drafts: number; accepted: number } {
-    let drafts = 0;
-    let accepted = 0;
-    for (let i = 0; o.length - i - 2 >= 1; ) {
-      drafts++;
-      if (o[i + 1] === o[i]) {
-        accepted++;
-        i += 2;
-      } else i += 1;
-    }
-    return { drafts, accepted };
-  }
-
   /** An engine over the copying layer, drafting `numTokens` per step. */
   const copyEngine = (numTokens: number) => {
     const w = copying(mtp.weights);
@@ -324,61 +289,34 @@ describe("an MTP layer that copies its input token", () => {
     return { drafts, tokens, accepted };
   }
 
-  it("chained drafts of 3: the layer runs on its own output, accepted exactly as far as the output repeats", async () => {
-    const engine = copyEngine(3);
-    const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };
-    let last = { drafts: 0, tokens: 0, accepted: 0 };
-    for (const [text, sampling] of [
-      [SEED_PROMPTS[0]!, GREEDY],
-      [SEED_PROMPTS[3]!, biased],
-    ] as const) {
-      const prompt = plain.ctx.tokenizer.encode(text);
-      const want = await greedy(plain.ctx.engine, prompt, 40, sampling);
-      const before = engine.stats;
-      expect(await greedy(engine, prompt, 40, sampling)).toEqual(want);
-      const after = engine.stats;
-      last = {
-        drafts: after.specDrafts - before.specDrafts,
-        tokens: after.specDraftTokens - before.specDraftTokens,
-        accepted: after.specAcceptedTokens - before.specAcceptedTokens,
-      };
-      expect(last).toEqual(expectedChained(want, 3));
-    }
-    // The biased answer's run of 101s is taken 3 at a time: more than one token per draft.
-    expect(last.accepted).toBeGreaterThan(last.drafts);
-  });
-
-  it("accepts a draft exactly where the output repeats its last token", async () => {
-    const engine = copyEngine(1);
-    // The first prompt's output never repeats a token (every draft rejected); a bias towards
-    // token 101 makes the second end in a long run of it (most drafts accepted).
-    const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };
-    let total = { drafts: 0, accepted: 0 };
-    for (const [text, sampling] of [
-      [SEED_PROMPTS[0]!, GREEDY],
-      [SEED_PROMPTS[3]!, biased],
-    ] as const) {
-      const prompt = plain.ctx.tokenizer.encode(text);
-      const want = await greedy(plain.ctx.engine, prompt, 40, sampling);
-      const before = engine.stats;
-      expect(await greedy(engine, prompt, 40, sampling)).toEqual(want);
-      const after = engine.stats;
-      const e = expectedAccepted(want);
-      expect(after.specDrafts - before.specDrafts).toBe(e.drafts);
-      expect(after.specAcceptedTokens - before.specAcceptedTokens).toBe(e.accepted);
-      total = { drafts: total.drafts + e.drafts, accepted: total.accepted + e.accepted };
-    }
-    expect(total.accepted).toBeGreaterThan(5);
-  });
+  // The first prompt's output never repeats a token (every draft rejected); a bias towards
+  // token 101 makes the second end in a long run of it (most drafts accepted). Drafts of 3
+  // chain the layer on its own output (and its guess), 3 deep while they are accepted.
+  it.each([1, 3])(
+    "drafts of %i: accepted exactly as far as the output repeats its last token",
+    async (K) => {
+      const engine = copyEngine(K);
+      const biased: SamplingParams = { ...GREEDY, logitBias: [[101, 2]] };
+      let last = { drafts: 0, tokens: 0, accepted: 0 };
+      for (const [text, sampling] of [
+        [SEED_PROMPTS[0]!, GREEDY],
+        [SEED_PROMPTS[3]!, biased],
+      ] as const) {
+        const prompt = plain.ctx.tokenizer.encode(text);
+        const want = await engineIds(plain.ctx.engine, prompt, 40, sampling);
+        const before = engine.stats;
+        expect(await engineIds(engine, prompt, 40, sampling)).toEqual(want);
+        const after = engine.stats;
+        last = {
+          drafts: after.specDrafts - before.specDrafts,
+          tokens: after.specDraftTokens - before.specDraftTokens,
+          accepted: after.specAcceptedTokens - before.specAcceptedTokens,
+        };
+        expect(last).toEqual(expectedChained(want, K));
+      }
+      expect(last.accepted).toBeGreaterThan(5);
+      // Chained, the run of 101s is taken 3 at a time: more than one token per draft.
+      if (K > 1) expect(last.accepted).toBeGreaterThan(last.drafts);
+    },
+  );
 });
-
-/** Output ids of `prompt` straight from an engine (EOS ignored). */
-async function greedy(
-  engine: ServingEngine,
-  prompt: number[],
-  maxTokens: number,
-  sampling: SamplingParams = GREEDY,
-): Promise<number[]> {
-  const req = { prompt, maxTokens, sampling, stopTokenIds: [] };
-  return (await runToEnd(engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
-}

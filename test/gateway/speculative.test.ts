@@ -14,11 +14,14 @@ import { GREEDY, runToEnd, ServingEngine } from "../../src/gateway/engine.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
+  engineIds,
+  expectSameCompletions,
   metric,
   mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
   startGateway,
+  streamedChatText,
   type TestGateway,
 } from "./helpers.ts";
 
@@ -47,10 +50,8 @@ const LOOP = "one two three four one two three four one two three four one two";
 const specStats = () => spec.ctx.engine.stats;
 
 /** Greedy output ids of `prompt` straight from a gateway's engine (EOS ignored). */
-async function generate(g: TestGateway, prompt: number[], maxTokens: number): Promise<number[]> {
-  const req = { prompt, maxTokens, sampling: GREEDY, stopTokenIds: [] };
-  return (await runToEnd(g.ctx.engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
-}
+const generate = (g: TestGateway, prompt: number[], maxTokens: number) =>
+  engineIds(g.ctx.engine, prompt, maxTokens);
 
 describe("speculative decoding (ngram)", () => {
   it("refuses bad settings", async () => {
@@ -116,37 +117,13 @@ describe("speculative decoding (ngram)", () => {
         plain.client.completions.create(req),
         spec.client.completions.create(req),
       ]);
-      expect(y.choices.map((c) => [c.text, c.finish_reason])).toEqual(
-        x.choices.map((c) => [c.text, c.finish_reason]),
-      );
-      expect(y.usage).toEqual(x.usage);
-      for (const [k, c] of y.choices.entries()) {
-        const want = x.choices[k]!.logprobs!;
-        expect(c.logprobs!.tokens).toEqual(want.tokens);
-        c.logprobs!.token_logprobs!.forEach((lp, j) => {
-          expect(lp).toBeCloseTo(want.token_logprobs![j]!, 4);
-        });
-        expect(c.logprobs!.top_logprobs!.map((t) => Object.keys(t!).sort())).toEqual(
-          want.top_logprobs!.map((t) => Object.keys(t!).sort()),
-        );
-      }
+      expectSameCompletions(y, x);
     }
     expect(specStats().specAcceptedTokens).toBeGreaterThan(before.specAcceptedTokens);
   });
 
   it("streams the same chat text", async () => {
-    const collect = async (g: TestGateway, content: string) => {
-      let text = "";
-      const stream = await g.client.chat.completions.create({
-        model: "tiny",
-        messages: user(content),
-        max_tokens: 30,
-        temperature: 0,
-        stream: true,
-      });
-      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? "";
-      return text;
-    };
+    const collect = (g: TestGateway, content: string) => streamedChatText(g, content, 30);
     const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 4)];
     const [a, b] = await Promise.all([
       Promise.all(prompts.map((p) => collect(plain, p))),
