@@ -142,10 +142,10 @@ describe("MTP speculative decoding", () => {
     expect(stats().prefixHitTokens - hitsBefore).toBe(Math.floor((follow.length - 1) / 16) * 16);
   });
 
-  it("preempts and recomputes when the cache is full, with the same text", async () => {
+  it("preempts and recomputes when the cache is full, with the same text (chained drafts reserving ahead)", async () => {
     await preemptionScenario(
       dir,
-      { speculative: { method: "mtp" } },
+      { speculative: { method: "mtp", numTokens: 3 } },
       { after: (g) => expect(g.ctx.engine.stats.specDrafts).toBeGreaterThan(0) },
     );
   });
