@@ -451,8 +451,8 @@ export class ServingEngine {
       try {
         out = await this.#model.mtpStep(round.map((w) => w.item));
       } catch {
+        // Drafts so far stand (none at depth 0: they were cleared above).
         this.#spec.mtpFailures++;
-        for (const { a } of round) if (depth === 0) a.mtpDraft = null;
         return;
       }
       const next: { a: Active; item: MtpItem }[] = [];
@@ -462,9 +462,11 @@ export class ServingEngine {
         const token = argmax(logits);
         if (depth === 0) a.mtpDraft = { at: a.seq.numTokens, tokens: [token] };
         else a.mtpDraft!.tokens.push(token);
-        // Deeper while the sequence's draft length asks for more and a block holds the row.
+        // Deeper while the sequence's draft length (and max_tokens) asks for more and a block
+        // holds the row.
         const at = item.start + item.tokens.length;
-        if (depth + 1 >= a.draftLength || !this.#kv.allocator.reserve(a.seq.id, at + 1)) return;
+        const want = Math.min(a.draftLength, a.req.maxTokens - a.seq.outputTokens.length - 1);
+        if (depth + 1 >= want || !this.#kv.allocator.reserve(a.seq.id, at + 1)) return;
         next.push({
           a,
           item: {
