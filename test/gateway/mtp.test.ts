@@ -107,7 +107,7 @@ describe("MTP speculative decoding", () => {
     expect(b).toEqual(a);
   });
 
-  it("chained drafts of 3 with random weights: the same texts as without speculation", async () => {
+  it("chained drafts of 3 with random weights: the same texts as without speculation, JSON schema included", async () => {
     const g = await startGateway(dir, {
       maxBatchTokens: 32,
       speculative: { method: "mtp", numTokens: 3 },
@@ -120,6 +120,30 @@ describe("MTP speculative decoding", () => {
         Promise.all(prompts.map((p, i) => ask(g, p, i))),
       ]);
       expect(b).toEqual(a);
+      // Under an output grammar too: drafts cut at the first token it refuses.
+      const json = {
+        model: "tiny",
+        messages: [{ role: "user" as const, content: "Numbers" }],
+        max_tokens: 40,
+        temperature: 0,
+        response_format: {
+          type: "json_schema" as const,
+          json_schema: {
+            name: "n",
+            schema: {
+              type: "object",
+              properties: { n: { type: "array", items: { type: "integer" } } },
+              required: ["n"],
+            },
+          },
+        },
+      };
+      const [x, y] = await Promise.all([
+        plain.client.chat.completions.create(json),
+        g.client.chat.completions.create(json),
+      ]);
+      expect(y.choices[0]!.message.content).toBe(x.choices[0]!.message.content);
+      expect(y.choices[0]!.finish_reason).toBe(x.choices[0]!.finish_reason);
       const s = g.ctx.engine.stats;
       expect(s.specDrafts).toBeGreaterThan(20);
       // Nothing accepted: lengths shrink to 1 after the first wholly rejected draft.
