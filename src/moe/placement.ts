@@ -83,12 +83,12 @@ export function checkPlanFitsModel(
 ): void {
   const layout = checkExpertLayout(architecture);
   const moeLayers = range(layout.firstDenseLayers, layout.numLayers);
-  const withMtpOf = (n: number) => range(layout.firstDenseLayers, layout.numLayers + n).join();
-  const withMtp = range(layout.firstDenseLayers, layout.numLayers + mtpLayers);
+  /** The MoE layers with `n` MTP layers after them, as a plan lists them. */
+  const withMtp = (n: number) => range(layout.firstDenseLayers, layout.numLayers + n).join();
   const span = (l: number[]) => (l.length === 0 ? "none" : `${l[0]}..${l[l.length - 1]}`);
   const layers = plan.moeLayers.join();
   const extra = plan.moeLayers.filter((l) => l >= layout.numLayers);
-  if (mtpLayers === 0 && extra.length > 0 && plan.moeLayers.join() === withMtpOf(extra.length))
+  if (mtpLayers === 0 && extra.length > 0 && layers === withMtp(extra.length))
     throw new ExpertMeshError(
       "EM_PLAN_MISMATCH",
       `${source} places the experts of an MTP layer (layer ${extra.join(", ")}), but the model has none ` +
@@ -96,7 +96,7 @@ export function checkPlanFitsModel(
     );
   if (
     plan.routedExperts !== layout.routedExperts ||
-    (layers !== moeLayers.join() && layers !== withMtp.join())
+    (layers !== withMtp(0) && layers !== withMtp(mtpLayers))
   )
     throw new ExpertMeshError(
       "EM_PLAN_MISMATCH",
