@@ -4,7 +4,7 @@ import type { AddressInfo } from "node:net";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import type { FastifyInstance } from "fastify";
 import OpenAI from "openai";
-import type { Completion } from "openai/resources/completions";
+import type { Completion, CompletionCreateParamsNonStreaming } from "openai/resources/completions";
 import { expect } from "vitest";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
@@ -372,4 +372,41 @@ export async function engineIds(
 ): Promise<number[]> {
   const req = { prompt, maxTokens, sampling, stopTokenIds: [] };
   return (await runToEnd(engine, { ...req, logprobs: null, promptLogprobs: false })).ids;
+}
+
+/** A prompt that repeats itself (prompt lookup finds matches from the first output token on). */
+export const LOOP_PROMPT = "one two three four one two three four one two three four one two";
+
+/** Seeded sampling settings of the speculative tests: penalties, top-p/k and logit_bias. */
+export const SEEDED_BODIES: readonly Record<string, unknown>[] = [
+  { temperature: 0.8, top_p: 0.95, seed: 7 },
+  { temperature: 1.0, top_k: 12, seed: 11, frequency_penalty: 0.5, presence_penalty: 0.3 },
+  { temperature: 0.7, seed: 3, logit_bias: { "101": 4, "32": 2 } },
+];
+
+/**
+ * Each of `bodies` as a completions request with n 2 and logprobs (body i on LOOP_PROMPT
+ * when odd, else SEED_PROMPTS[i]), sent to both gateways at once: the same answers.
+ */
+export async function expectSameSeededCompletions(
+  want: TestGateway,
+  got: TestGateway,
+  bodies: readonly Record<string, unknown>[],
+  o: { maxTokens: number; logprobs: number },
+): Promise<void> {
+  for (const [i, b] of bodies.entries()) {
+    const req = {
+      model: "tiny",
+      prompt: i % 2 ? LOOP_PROMPT : SEED_PROMPTS[i]!,
+      max_tokens: o.maxTokens,
+      n: 2,
+      logprobs: o.logprobs,
+      ...b,
+    } as CompletionCreateParamsNonStreaming;
+    const [x, y] = await Promise.all([
+      want.client.completions.create(req),
+      got.client.completions.create(req),
+    ]);
+    expectSameCompletions(y, x);
+  }
 }

@@ -3,7 +3,6 @@
 // `openai` client. The MTP layer's random weights guess almost nothing, so these tests show
 // that drafting changes nothing but the steps; an MTP layer whose weights copy its input
 // token (built below) shows drafts accepted exactly where the output repeats a token.
-import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Weight } from "../../src/engine/backend.ts";
 import { BatchForward } from "../../src/engine/batch.ts";
@@ -16,11 +15,13 @@ import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
   engineIds,
-  expectSameCompletions,
+  expectSameSeededCompletions,
+  LOOP_PROMPT,
   metric,
   mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
+  SEEDED_BODIES,
   startGateway,
   streamedChatText,
   type TestGateway,
@@ -40,7 +41,6 @@ afterAll(async () => {
   await mtp?.close();
 });
 
-const LOOP = "one two three four one two three four one two three four one two";
 const stats = () => mtp.ctx.engine.stats;
 
 describe("MTP speculative decoding", () => {
@@ -53,7 +53,7 @@ describe("MTP speculative decoding", () => {
 
   it("greedy: 16 concurrent requests give the texts of the gateway without it, one draft token per decode step", async () => {
     const prompts = Array.from({ length: 16 }, (_, i) =>
-      i % 4 === 3 ? LOOP : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
+      i % 4 === 3 ? LOOP_PROMPT : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
     );
     const ask = (g: TestGateway, p: string, i: number) => mixedGreedy(g, p, i, 6 + 7 * (i % 5));
     const before = stats();
@@ -75,31 +75,12 @@ describe("MTP speculative decoding", () => {
   });
 
   it("seeded sampling: the same tokens and logprobs, penalties and bias included", async () => {
-    const bodies: Record<string, unknown>[] = [
-      { temperature: 0.8, top_p: 0.95, seed: 7 },
-      { temperature: 1.0, top_k: 12, seed: 11, frequency_penalty: 0.5, presence_penalty: 0.3 },
-      { temperature: 0.7, seed: 3, logit_bias: { "101": 4, "32": 2 } },
-    ];
-    for (const [i, b] of bodies.entries()) {
-      const req = {
-        model: "tiny",
-        prompt: i % 2 ? LOOP : SEED_PROMPTS[i]!,
-        max_tokens: 32,
-        n: 2,
-        logprobs: 2,
-        ...b,
-      } as CompletionCreateParamsNonStreaming;
-      const [x, y] = await Promise.all([
-        plain.client.completions.create(req),
-        mtp.client.completions.create(req),
-      ]);
-      expectSameCompletions(y, x);
-    }
+    await expectSameSeededCompletions(plain, mtp, SEEDED_BODIES, { maxTokens: 32, logprobs: 2 });
   });
 
   it("streams the same chat text", async () => {
     const collect = (g: TestGateway, content: string) => streamedChatText(g, content, 24);
-    const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 3)];
+    const prompts = [LOOP_PROMPT, ...SEED_PROMPTS.slice(0, 3)];
     const [a, b] = await Promise.all([
       Promise.all(prompts.map((p) => collect(plain, p))),
       Promise.all(prompts.map((p) => collect(mtp, p))),
@@ -113,7 +94,7 @@ describe("MTP speculative decoding", () => {
       speculative: { method: "mtp", numTokens: 3 },
     });
     try {
-      const prompts = [LOOP, ...SEED_PROMPTS];
+      const prompts = [LOOP_PROMPT, ...SEED_PROMPTS];
       const ask = (gw: TestGateway, p: string, i: number) => mixedGreedy(gw, p, i, 10 + 5 * i);
       const [a, b] = await Promise.all([
         Promise.all(prompts.map((p, i) => ask(plain, p, i))),
@@ -155,7 +136,7 @@ describe("MTP speculative decoding", () => {
   });
 
   it("a follow-up prompt takes its blocks (the MTP layer's rows with them) from the prefix cache", async () => {
-    const prompt = mtp.ctx.tokenizer.encode(LOOP);
+    const prompt = mtp.ctx.tokenizer.encode(LOOP_PROMPT);
     const first = await engineIds(mtp.ctx.engine, prompt, 40);
     expect(first).toEqual(await engineIds(plain.ctx.engine, prompt, 40));
     const follow = [...prompt, ...first];
@@ -213,7 +194,7 @@ describe("MTP drafts with experts on shard processes (plan --mtp)", () => {
       speculative: { method: "mtp" },
     });
     try {
-      const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 5)];
+      const prompts = [LOOP_PROMPT, ...SEED_PROMPTS.slice(0, 5)];
       const ask = (gw: TestGateway, p: string) =>
         gw.client.completions
           .create({ model: "tiny", prompt: p, max_tokens: 20, temperature: 0 })

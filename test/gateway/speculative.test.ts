@@ -3,7 +3,6 @@
 // the official `openai` client. Speculation must change nothing but the steps: the same
 // greedy texts, the same seeded samples (penalties, logit_bias, min_tokens and logprobs
 // included), the same under preemption and prefix caching, while drafts are accepted.
-import type { CompletionCreateParamsNonStreaming } from "openai/resources/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchForward } from "../../src/engine/batch.ts";
 import { LocalExperts } from "../../src/engine/experts.ts";
@@ -15,11 +14,13 @@ import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, native, startShards, stopAll } from "../support/shards.ts";
 import {
   engineIds,
-  expectSameCompletions,
+  expectSameSeededCompletions,
+  LOOP_PROMPT,
   metric,
   mixedGreedy,
   preemptionScenario,
   SEED_PROMPTS,
+  SEEDED_BODIES,
   startGateway,
   streamedChatText,
   type TestGateway,
@@ -44,9 +45,6 @@ afterAll(async () => {
 const user = (content: string) => [{ role: "user" as const, content }];
 /** vLLM's extra body parameters (the openai client sends unknown fields as they are). */
 const extra = (o: object): object => o;
-/** A prompt that repeats itself: lookups find matches from the first output token on. */
-const LOOP = "one two three four one two three four one two three four one two";
-
 const specStats = () => spec.ctx.engine.stats;
 
 /** Greedy output ids of `prompt` straight from a gateway's engine (EOS ignored). */
@@ -65,7 +63,7 @@ describe("speculative decoding (ngram)", () => {
 
   it("greedy: 24 concurrent requests give the texts of the gateway without it", async () => {
     const prompts = Array.from({ length: 24 }, (_, i) =>
-      i % 4 === 3 ? LOOP : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
+      i % 4 === 3 ? LOOP_PROMPT : `${SEED_PROMPTS[i % 8]}${i >= 8 ? ` (${i})` : ""}`,
     );
     const ask = (g: TestGateway, p: string, i: number) => mixedGreedy(g, p, i, 6 + 7 * (i % 6));
     const before = specStats();
@@ -92,10 +90,8 @@ describe("speculative decoding (ngram)", () => {
   it("seeded sampling: the same tokens and logprobs, penalties, bias and min_tokens included", async () => {
     // The tiny tokenizer's EOS and a frequent byte token as extra stop tokens; a bias
     // towards one token makes drafts of it likely to be accepted.
-    const bodies: Record<string, unknown>[] = [
-      { temperature: 0.8, top_p: 0.95, seed: 7 },
-      { temperature: 1.0, top_k: 12, seed: 11, frequency_penalty: 0.5, presence_penalty: 0.3 },
-      { temperature: 0.7, seed: 3, logit_bias: { "101": 4, "32": 2 } },
+    const bodies = [
+      ...SEEDED_BODIES,
       {
         temperature: 0.9,
         seed: 5,
@@ -104,27 +100,13 @@ describe("speculative decoding (ngram)", () => {
       },
     ];
     const before = specStats();
-    for (const [i, b] of bodies.entries()) {
-      const req = {
-        model: "tiny",
-        prompt: i % 2 ? LOOP : SEED_PROMPTS[i]!,
-        max_tokens: 40,
-        n: 2,
-        logprobs: 3,
-        ...b,
-      } as CompletionCreateParamsNonStreaming;
-      const [x, y] = await Promise.all([
-        plain.client.completions.create(req),
-        spec.client.completions.create(req),
-      ]);
-      expectSameCompletions(y, x);
-    }
+    await expectSameSeededCompletions(plain, spec, bodies, { maxTokens: 40, logprobs: 3 });
     expect(specStats().specAcceptedTokens).toBeGreaterThan(before.specAcceptedTokens);
   });
 
   it("streams the same chat text", async () => {
     const collect = (g: TestGateway, content: string) => streamedChatText(g, content, 30);
-    const prompts = [LOOP, ...SEED_PROMPTS.slice(0, 4)];
+    const prompts = [LOOP_PROMPT, ...SEED_PROMPTS.slice(0, 4)];
     const [a, b] = await Promise.all([
       Promise.all(prompts.map((p) => collect(plain, p))),
       Promise.all(prompts.map((p) => collect(spec, p))),
@@ -202,7 +184,7 @@ describe("speculative decoding (ngram)", () => {
     // The first answer's blocks, filled partly by accepted drafts, are registered; the
     // follow-up's prompt is that prompt and answer (as token ids), so all its whole
     // blocks come from those rows, and it goes on as without speculation.
-    const prompt = spec.ctx.tokenizer.encode(LOOP);
+    const prompt = spec.ctx.tokenizer.encode(LOOP_PROMPT);
     const acceptedBefore = specStats().specAcceptedTokens;
     const first = await generate(spec, prompt, 48);
     expect(first).toEqual(await generate(plain, prompt, 48));
@@ -289,7 +271,7 @@ describe("speculative decoding with experts on shard processes and two micro-bat
       speculative: SPEC,
     });
     try {
-      const prompts = [LOOP, ...SEED_PROMPTS];
+      const prompts = [LOOP_PROMPT, ...SEED_PROMPTS];
       const ask = (gw: TestGateway, p: string) =>
         gw.client.completions
           .create({ model: "tiny", prompt: p, max_tokens: 24, temperature: 0 })
