@@ -2,8 +2,12 @@
 // /health (the process is up), /ready (every expert shard answers), /metrics, and one
 // error format for everything, OpenAI's {error: {message, type, param, code}}.
 import { timingSafeEqual } from "node:crypto";
-import { STATUS_CODES } from "node:http";
-import Fastify, { type FastifyInstance, type FastifyReply } from "fastify";
+import { type RequestListener, type Server, STATUS_CODES } from "node:http";
+import Fastify, {
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyServerFactory,
+} from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext } from "./jobs.ts";
 import { openaiRoutes } from "./openai.ts";
@@ -17,15 +21,25 @@ export interface GatewayAppOptions {
   readonly maxRequestBytes?: number;
   /** Whether the model can serve now (every shard answers); local mode: always. */
   readonly ready?: () => Promise<boolean>;
+  /** Whether the gateway is shutting down (/ready then says "draining"). */
+  readonly draining?: () => boolean;
   readonly logger?: boolean;
   /** Responses kept for previous_response_id and GET /v1/responses/{id} (default 1000; 0: none). */
   readonly responsesStore?: number;
+  /**
+   * A server already listening (the gateway's port opens before its weights load): the app
+   * takes requests from it once ready (fastify's serverFactory). Without it, app.listen.
+   */
+  readonly server?: Server;
+  /** With `server`: receives the app's request handler, to install when the app is ready. */
+  readonly onHandler?: (handler: RequestListener) => void;
 }
 
 /** Builds the fastify app (not listening yet). */
 export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   const app = Fastify({
     logger: o.logger ?? false,
+    ...(o.server ? { serverFactory: adoptServer(o.server, o.onHandler) } : {}),
     bodyLimit: o.maxRequestBytes ?? 1 << 20,
     // Validate bodies as they are: no coercion ("1" is not a number), unknown fields kept.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
@@ -87,7 +101,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.get("/ready", async (_req, reply) => {
     const ok = o.ready ? await o.ready() : true;
     reply.status(ok ? 200 : 503);
-    return { status: ok ? "ready" : "not ready" };
+    return { status: ok ? "ready" : o.draining?.() ? "draining" : "not ready" };
   });
   app.get("/metrics", async (_req, reply) => {
     const r = o.ctx.metrics.registry;
@@ -97,4 +111,26 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
   return app;
+}
+
+/**
+ * fastify's serverFactory for a server that is already listening: fastify gets `server`
+ * (with the timeouts it would give its own) and its handler goes to `onHandler`.
+ */
+function adoptServer(
+  server: Server,
+  onHandler: ((handler: RequestListener) => void) | undefined,
+): FastifyServerFactory {
+  return (handler, opts) => {
+    const t = opts as {
+      keepAliveTimeout?: number;
+      requestTimeout?: number;
+      connectionTimeout?: number;
+    };
+    server.keepAliveTimeout = t.keepAliveTimeout ?? 72_000;
+    server.requestTimeout = t.requestTimeout ?? 0;
+    server.setTimeout(t.connectionTimeout ?? 0);
+    onHandler?.(handler as RequestListener);
+    return server;
+  };
 }

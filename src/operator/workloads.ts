@@ -16,6 +16,9 @@ import { ANNOTATION_PLAN_SHAPE, type Component, labelsFor, names } from "./label
 
 export type DesiredObject = V1ConfigMap | V1Deployment | V1Service | V1PodDisruptionBudget;
 
+/** Seconds a gateway keeps serving after SIGTERM, not ready (`gateway --shutdown-delay`). */
+export const GATEWAY_SHUTDOWN_DELAY_S = 5;
+
 /** Where things are inside the pods. */
 export const PATHS = {
   plan: "/etc/expertmesh/plan.json",
@@ -331,6 +334,9 @@ export function desiredObjects(
       `--http-port=${gateway.ports.http}`,
       `--grpc-port=${gateway.ports.grpc}`,
       `--metrics-port=${gateway.ports.metrics}`,
+      // Still serving for 5 s after SIGTERM, not ready: the Service's endpoints drop the pod
+      // before its port closes (then 50 s for requests in flight, within the 60 s grace).
+      `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
       ...gatewayArgs(model),
     ],
     gateway.gpus,

@@ -64,6 +64,8 @@ export const ERROR_CODES = {
   EM_GATEWAY_UNAUTHORIZED: "a request lacks a valid bearer API key (HTTP 401)",
   EM_GATEWAY_OVERLOADED: "the admission queue is full; retry after Retry-After seconds (HTTP 429)",
   EM_GATEWAY_NOT_FOUND: "no such route (HTTP 404)",
+  EM_GATEWAY_STARTING:
+    "the gateway is still loading its weights or connecting; retry after Retry-After seconds (HTTP 503)",
   EM_GATEWAY_INTERNAL: "the gateway failed while serving a request (HTTP 500, a bug)",
   EM_PLAN_MISMATCH: "a placement plan is for another model (other expert count or MoE layers)",
   EM_LISTEN_FAILED:

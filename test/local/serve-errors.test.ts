@@ -5,17 +5,19 @@
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
+import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { resolveArchitecture } from "../../src/api/presets.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { serializePlan } from "../../src/moe/plan-json.ts";
 import { startNats } from "../env/nats.ts";
-import { freePort } from "../env/process.ts";
+import { freePort, ManagedProcess } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { startShard, waitServing } from "../support/shards.ts";
+import { metricsPort, startShard, waitServing } from "../support/shards.ts";
 
 const main = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 const expertmesh = (args: string[]) => runCli(process.execPath, [main, ...args]);
@@ -245,6 +247,22 @@ describe("serving commands on bad input", () => {
       await p.waitUntil("waiting for NATS", async () =>
         readFileSync(p.logPath, "utf8").includes("not reachable (connection refused)"),
       );
+      // Its probe port is open meanwhile: live, not ready, saying why, the load counted.
+      const at = `http://127.0.0.1:${metricsPort(p)}`;
+      const probe = async (path: string) => {
+        const r = await fetch(`${at}${path}`);
+        return { status: r.status, text: await r.text() };
+      };
+      expect(await probe("/healthz")).toEqual({ status: 200, text: "ok\n" });
+      expect(await probe("/readyz")).toEqual({
+        status: 503,
+        text: `starting: connecting to NATS at nats://127.0.0.1:${port}\n`,
+      });
+      const starting = (await probe("/metrics")).text;
+      expect(starting).toContain('expertmesh_startup_complete{role="shard"} 0');
+      const read = Number(/expertmesh_load_read_bytes\{role="shard"\} (\d+)/.exec(starting)?.[1]);
+      expect(read).toBeGreaterThan(0);
+      expect(starting).toContain(`expertmesh_load_size_bytes{role="shard"} ${read}`);
       nats = await startNats(
         testEnv().binaries.natsServer,
         natsDir,
@@ -255,9 +273,160 @@ describe("serving commands on bad input", () => {
       );
       await waitServing(p);
       expect(p.exited).toBe(false);
+      expect(await probe("/readyz")).toEqual({ status: 200, text: "ok\n" });
+      const serving = (await probe("/metrics")).text;
+      expect(serving).toContain('expertmesh_startup_complete{role="shard"} 1');
+      expect(serving).toContain('expertmesh_shard_pending_frames{shard="0"} 0');
     } finally {
       await p.stop(3000);
       await nats?.process.stop(3000);
+    }
+  });
+
+  it("a gateway started before NATS answers its probes and refuses requests with EM_GATEWAY_STARTING, then serves", async () => {
+    const port = await freePort();
+    const natsUrl = `nats://127.0.0.1:${port}`;
+    const name = `late-gw-${port}`;
+    const logs = join(testEnv().runDir, "logs");
+    const gw = new ManagedProcess(
+      `gateway-${name}`,
+      process.execPath,
+      [
+        main,
+        "gateway",
+        `--model=${dir}`,
+        `--plan=${plans["tiny-v3"]}`,
+        `--nats=${natsUrl}`,
+        "--namespace=test",
+        `--model-name=${name}`,
+        "--served-model-name=tiny",
+        "--host=127.0.0.1",
+        "--http-port=0",
+        "--metrics-port=0",
+      ],
+      logs,
+    );
+    const log = () => readFileSync(gw.logPath, "utf8");
+    const shards: ManagedProcess[] = [];
+    let nats: Awaited<ReturnType<typeof startNats>> | undefined;
+    try {
+      await gw.waitUntil("waiting for NATS", async () => log().includes("not reachable"));
+      const m = /starting; \/health and \/ready on (http:\/\/[\d.]+:\d+), metrics on :(\d+)/.exec(
+        log(),
+      );
+      expect(m, log()).not.toBeNull();
+      const [url, metrics] = [m![1]!, `http://127.0.0.1:${m![2]}/metrics`];
+      const phase = `connecting to NATS at ${natsUrl}`;
+      const get = async (at: string) => {
+        const r = await fetch(at);
+        return { status: r.status, body: await r.text() };
+      };
+      expect(await get(`${url}/health`)).toEqual({
+        status: 200,
+        body: JSON.stringify({ status: "starting", phase }),
+      });
+      expect(await get(`${url}/ready`)).toEqual({
+        status: 503,
+        body: JSON.stringify({ status: "starting", phase }),
+      });
+      expect((await get(metrics)).body).toContain('expertmesh_startup_complete{role="gateway"} 0');
+      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      const chat = () =>
+        client.chat.completions.create({
+          model: "tiny",
+          messages: [{ role: "user", content: "Hello" }],
+          max_tokens: 4,
+        });
+      const err = await chat().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(OpenAI.APIError);
+      const api = err as InstanceType<typeof OpenAI.APIError>;
+      expect(api.status).toBe(503);
+      expect(api.code).toBe("EM_GATEWAY_STARTING");
+      expect(api.message).toContain(`the gateway is starting (${phase})`);
+      expect(api.headers?.get("retry-after")).toBe("5");
+
+      nats = await startNats(
+        testEnv().binaries.natsServer,
+        join(testEnv().runDir, name),
+        logs,
+        port,
+        undefined,
+        name,
+      );
+      for (const k of [0, 1])
+        shards.push(startShard(dir, plans["tiny-v3"]!, name, k, "r0", natsUrl));
+      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
+      await Promise.all(shards.map((p) => waitServing(p)));
+      const done = await chat();
+      expect(done.usage?.completion_tokens).toBe(4);
+      expect(done.choices[0]!.finish_reason).toBe("length");
+      expect(await get(`${url}/ready`)).toEqual({
+        status: 200,
+        body: JSON.stringify({ status: "ready" }),
+      });
+      const served = (await get(metrics)).body;
+      expect(served).toContain('expertmesh_startup_complete{role="gateway"} 1');
+      expect(served).toContain("expertmesh_gateway_num_requests_running 0");
+    } finally {
+      await gw.stop(3000);
+      for (const p of shards) await p.stop(3000);
+      await nats?.process.stop(3000);
+    }
+  });
+
+  it("--shutdown-delay: after SIGTERM /ready says draining and requests are still served, then it stops", async () => {
+    for (const bad of ["x", "-1", "301"]) {
+      const r = await expertmesh([
+        "gateway",
+        "--local",
+        `--model=${dir}`,
+        `--shutdown-delay=${bad}`,
+      ]);
+      expect(r.code, bad).toBe(1);
+      expect(r.stderr, bad).toMatch(/\[EM_CLI_USAGE\] --shutdown-delay must be/);
+    }
+    const gw = new ManagedProcess(
+      `gateway-drain-${await freePort()}`,
+      process.execPath,
+      [
+        main,
+        "gateway",
+        "--local",
+        `--model=${dir}`,
+        "--served-model-name=tiny",
+        "--host=127.0.0.1",
+        "--http-port=0",
+        "--metrics-port=0",
+        "--shutdown-delay=3",
+      ],
+      join(testEnv().runDir, "logs"),
+    );
+    const log = () => readFileSync(gw.logPath, "utf8");
+    try {
+      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
+      const url = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log())![1]!;
+      const ready = async () => {
+        const r = await fetch(`${url}/ready`);
+        return { status: r.status, body: await r.text() };
+      };
+      expect(await ready()).toEqual({ status: 200, body: JSON.stringify({ status: "ready" }) });
+      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      process.kill(gw.pid!, "SIGTERM");
+      await gw.waitUntil("draining", async () => (await ready()).status === 503, 5000);
+      expect(await ready()).toEqual({ status: 503, body: JSON.stringify({ status: "draining" }) });
+      // Still serving: a request sent now is answered, and liveness holds.
+      const done = await client.completions.create({ model: "tiny", prompt: "Hi", max_tokens: 3 });
+      expect(done.usage?.completion_tokens).toBe(3);
+      expect((await fetch(`${url}/health`)).status).toBe(200);
+      expect(gw.exited).toBe(false);
+      for (let i = 0; i < 150 && !gw.exited; i++) await sleep(100);
+      expect(gw.exited).toBe(true);
+      expect(gw.child.exitCode).toBe(0);
+      expect(log()).toMatch(
+        /SIGTERM: not ready; still serving for 3 s, then stopping\n.*SIGTERM: stopping \(finishing requests in flight\)\n(.*\n)*.*stopped\n/,
+      );
+    } finally {
+      await gw.stop(3000);
     }
   });
 });

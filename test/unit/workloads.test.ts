@@ -95,6 +95,14 @@ describe("desiredObjects", () => {
     expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
   });
 
+  it("gateways keep serving 5 s after SIGTERM, within the pod's grace period", () => {
+    const gw = objects("").find((o) => o.metadata?.name === "m-gateway") as any;
+    const pod = gw.spec.template.spec;
+    expect(pod.containers[0].args).toContain("--shutdown-delay=5");
+    // The delay, then up to 50 s for gRPC calls in flight, must end before SIGKILL.
+    expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(5 + 50);
+  });
+
   it("passes --no-prefix-caching to the gateway only when spec.gateway.prefixCaching is false", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec

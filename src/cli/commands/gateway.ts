@@ -1,7 +1,8 @@
-import { createServer } from "node:http";
+import { createServer, type RequestListener } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { Registry } from "prom-client";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
 import { heldExperts, loadWeights } from "../../engine/loader.ts";
@@ -14,6 +15,7 @@ import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import { createServeContext, probeShards } from "../../gateway/server.ts";
+import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
@@ -32,12 +34,14 @@ import {
   intFlag as int,
   listenOn,
   natsWaitFlag,
+  numberFlag,
   portFlag,
   readOptionFile,
   subjectRef,
 } from "../options.ts";
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
+import { Startup } from "../startup.ts";
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
   --local                   routed experts in this process (single-process mode)
@@ -53,6 +57,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --max-batch-tokens N      tokens per engine step, prefill chunks included (default 2048)
   --max-running N           sequences in the running batch (default 256)
   --max-request-bytes N     largest request body (default 1048576)
+  --shutdown-delay SECONDS  on SIGTERM, keep serving this long with /ready answering 503 before
+                            stopping, so that a Service stops sending requests first (default 0;
+                            the operator's pods use 5)
   --max-model-len N         context length served (default: max_position_embeddings)
   --tokenizer-workers N     threads that encode long prompts (over 4 KiB) off the event loop,
                             each with its own copy of the tokenizer (default 1; 0: none)
@@ -119,6 +126,7 @@ export const gatewayCommand: Command = {
         "max-batch-tokens": { type: "string" },
         "max-running": { type: "string" },
         "max-request-bytes": { type: "string" },
+        "shutdown-delay": { type: "string" },
         "max-model-len": { type: "string" },
         "tokenizer-workers": { type: "string" },
         "kv-cache-bytes": { type: "string" },
@@ -173,6 +181,9 @@ export const gatewayCommand: Command = {
         : portFlag(values["grpc-port"], "--grpc-port", 0);
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
+    const shutdownDelayS = numberFlag(values["shutdown-delay"], "--shutdown-delay", 0);
+    if (shutdownDelayS > 300)
+      usage(`--shutdown-delay must be at most 300 s, got ${shutdownDelayS}`);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
     // On NATS the names become subject tokens; alone (--local) they only name things.
@@ -189,19 +200,46 @@ export const gatewayCommand: Command = {
     // The files the options name, before the weights: a wrong path fails at once.
     const planText = values.plan && readOptionFile(values.plan, "--plan").toString("utf8");
     const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
+    // The ports first: liveness is answered while the weights load (minutes, for a real
+    // model), /ready says which step startup is on, and requests get EM_GATEWAY_STARTING.
+    const host = values.host ?? "0.0.0.0";
+    const startupRegistry = new Registry();
+    const startup = new Startup({ role: "gateway", registry: startupRegistry });
+    let handle: RequestListener = startingHandler(startup, startupRegistry);
+    const server = createServer((req, res) => handle(req, res));
+    await listenOn(server, httpPort, host, "--http-port");
+    let metricsRegistry = startupRegistry;
+    const metricsServer = createServer(async (_req, res) => {
+      const r = metricsRegistry;
+      res.writeHead(200, { "content-type": r.contentType }).end(await r.metrics());
+    });
+    await listenOn(metricsServer, metricsPort, host, "--metrics-port");
+    const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
+    log(
+      `starting; /health and /ready on http://${host}:${port(server)}, metrics on :${port(metricsServer)}`,
+    );
+
     const ckpt = await Checkpoint.open(modelDir, { mtp });
     const tokenizer = Tokenizer.load(modelDir);
+    const totalLayers = ckpt.config.numHiddenLayers + (mtp ? 1 : 0);
+    const loadBytes = denseLoadBytes(ckpt, values.local === true);
+    const base = ckpt.bytesRead;
+    startup.bytes(() => ckpt.bytesRead - base, loadBytes);
+    startup.loading("layers", 0, totalLayers);
     const progress = loadProgress({
       unit: "layers",
-      total: ckpt.config.numHiddenLayers + (mtp ? 1 : 0),
-      totalBytes: denseLoadBytes(ckpt, values.local === true),
+      total: totalLayers,
+      totalBytes: loadBytes,
       bytesRead: () => ckpt.bytesRead,
       human: (done, total) => log(`loading weights: layer ${done}/${total}`),
     });
     const weights = await loadWeights(
       ckpt,
       values.local ? "all" : "none",
-      (done, total) => progress.update(done, total),
+      (done, total) => {
+        progress.update(done, total);
+        startup.loading("layers", done, total);
+      },
       { mtp },
     );
     progress.finish();
@@ -224,6 +262,7 @@ export const gatewayCommand: Command = {
         usage(
           `--speculative-method mtp: the plan ${values.plan} does not place the MTP layer's experts (layer ${mtpLayer}); make it with \`expertmesh plan --mtp\``,
         );
+      startup.step(`connecting to NATS at ${values.nats}`);
       nc = await connectNats({
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,
@@ -290,34 +329,39 @@ export const gatewayCommand: Command = {
       ...(process.env["EM_API_KEYS"] ?? "").split(",").filter(Boolean),
     ];
     const maxRequestBytes = int(values["max-request-bytes"], "--max-request-bytes", 1 << 20);
-    const app = buildGatewayApp({ ctx, apiKeys, maxRequestBytes, ready, responsesStore });
-    const host = values.host ?? "0.0.0.0";
-    try {
-      await app.listen({ port: httpPort, host });
-    } catch (err) {
-      throw new ExpertMeshError(
-        "EM_LISTEN_FAILED",
-        `--http-port: cannot listen on ${host}:${httpPort}: ${formatError(err)}`,
-      );
-    }
+    startup.register(ctx.metrics.registry);
+    // From SIGTERM on, with --shutdown-delay: still serving, but not ready.
+    let draining = false;
+    const serveReady = async () => !draining && (await ready());
+    let appHandler: RequestListener | null = null;
+    const app = buildGatewayApp({
+      ctx,
+      apiKeys,
+      maxRequestBytes,
+      ready: serveReady,
+      draining: () => draining,
+      responsesStore,
+      server,
+      onHandler: (h) => {
+        appHandler = h;
+      },
+    });
+    await app.ready();
     const grpc =
       grpcPort === undefined
         ? null
         : await startGrpcGateway(
-            { ctx, ready, apiKeys, maxRequestBytes },
+            { ctx, ready: serveReady, apiKeys, maxRequestBytes },
             { port: grpcPort, host },
           );
-    const metricsServer = createServer(async (_req, res) => {
-      res
-        .writeHead(200, { "content-type": ctx.metrics.registry.contentType })
-        .end(await ctx.metrics.registry.metrics());
-    });
-    await listenOn(metricsServer, metricsPort, host, "--metrics-port");
-    const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
+    handle = appHandler!;
+    metricsRegistry = ctx.metrics.registry;
+    startup.finish();
     log(
-      `serving '${ctx.servedModelName}' on http://${host}:${port(app.server)} ` +
+      `serving '${ctx.servedModelName}' on http://${host}:${port(server)} ` +
         `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}` +
-        (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : ""),
+        (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : "") +
+        ` (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
     );
     // Queue depth for the operator's autoscaler, once a second.
     const statsTimer = setInterval(() => {
@@ -339,14 +383,35 @@ export const gatewayCommand: Command = {
     statsTimer.unref();
 
     let stopping = false;
+    let endDelay = () => {};
     const stop = async (sig: string) => {
-      if (stopping) return;
+      if (stopping) {
+        // A second signal during the delay: stop now.
+        endDelay();
+        return;
+      }
       stopping = true;
+      if (shutdownDelayS > 0) {
+        // Kubernetes removes the pod from its Service's endpoints while it stops, not before:
+        // requests keep arriving for a moment, and a closed port would refuse them.
+        draining = true;
+        log(`${sig}: not ready; still serving for ${shutdownDelayS} s, then stopping`);
+        await new Promise<void>((res) => {
+          const t = setTimeout(res, shutdownDelayS * 1000);
+          endDelay = () => {
+            clearTimeout(t);
+            res();
+          };
+        });
+      }
       log(`${sig}: stopping (finishing requests in flight)`);
       clearInterval(statsTimer);
       // gRPC calls still running after 50 s are cancelled (a clean status for their clients)
       // before the pod's 60 s termination grace ends in SIGKILL; HTTP waits for its own.
-      await Promise.all([app.close(), grpc?.close(50_000)]);
+      // The app does not close a server it was given: closing it waits for open requests.
+      const closed = new Promise<void>((res) => server.close(() => res()));
+      server.closeIdleConnections();
+      await Promise.all([app.close(), closed, grpc?.close(50_000)]);
       await ctx.encoder.close();
       metricsServer.close();
       try {

@@ -1,6 +1,7 @@
 import { createServer } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
@@ -22,6 +23,7 @@ import {
 } from "../options.ts";
 import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
+import { Startup } from "../startup.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
   --nats-creds FILE     NATS credentials (.creds)
@@ -79,6 +81,35 @@ export const shardCommand: Command = {
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} shard ${k}/${id}: ${m}\n`);
 
+    // The probe port first: liveness is answered while the experts load (minutes, for a
+    // real model), and /readyz says which step startup is on.
+    const registry = new Registry();
+    const startup = new Startup({ role: "shard", registry });
+    let nc: NatsConnection | null = null;
+    let draining = false;
+    let sync = () => {};
+    const http = createServer(async (req, res) => {
+      const url = (req.url ?? "").split("?")[0];
+      if (url === "/healthz") res.writeHead(200).end("ok\n");
+      else if (url === "/readyz") {
+        const why = !startup.done
+          ? `starting: ${startup.phase}`
+          : draining
+            ? "draining"
+            : nc?.isClosed()
+              ? "NATS connection closed"
+              : null;
+        res.writeHead(why ? 503 : 200).end(`${why ?? "ok"}\n`);
+      } else if (url === "/metrics") {
+        sync();
+        res.writeHead(200, { "content-type": registry.contentType }).end(await registry.metrics());
+      } else res.writeHead(404).end();
+    });
+    await listenOn(http, metricsPort, "0.0.0.0", "--metrics-port");
+    const addr = http.address();
+    const metricsAt = typeof addr === "object" && addr ? addr.port : "?";
+    log(`starting; /healthz, /readyz and /metrics on :${metricsAt}`);
+
     const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
     // The MTP layer's tensors too: a plan for MTP drafts places its experts (loaded only then).
     const ckpt = await Checkpoint.open(values.model!, { mtp: true });
@@ -90,6 +121,9 @@ export const shardCommand: Command = {
     );
     const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
     const load = expertLoad(ckpt, mine);
+    const base = ckpt.bytesRead;
+    startup.bytes(() => ckpt.bytesRead - base, load.bytes);
+    startup.loading("experts", 0, load.experts);
     const progress = loadProgress({
       unit: "experts",
       total: load.experts,
@@ -100,7 +134,10 @@ export const shardCommand: Command = {
           log(`loading experts ${done}/${total}`);
       },
     });
-    const experts = await loadExperts(ckpt, mine, (done, total) => progress.update(done, total));
+    const experts = await loadExperts(ckpt, mine, (done, total) => {
+      progress.update(done, total);
+      startup.loading("experts", done, total);
+    });
     progress.finish();
     log(
       `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read) for plan v${plan.version}`,
@@ -108,14 +145,15 @@ export const shardCommand: Command = {
 
     const backend = selected.backend;
     log(selected.summary);
-    const nc = await connectNats({
+    startup.step(`connecting to NATS at ${values.nats}`);
+    nc = await connectNats({
       url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,
       creds: creds || undefined,
       waitMs: natsWaitMs,
       log,
     });
-    const server = new ShardServer({
+    const shard = new ShardServer({
       nc,
       model,
       shard: k,
@@ -126,9 +164,8 @@ export const shardCommand: Command = {
       log,
       loadExperts: (wanted) => loadExperts(ckpt, wanted),
     });
-    server.start();
+    shard.start();
 
-    const registry = new Registry();
     const labels = { shard: String(k) };
     new Gauge({
       name: "expertmesh_shard_pending_frames",
@@ -136,7 +173,7 @@ export const shardCommand: Command = {
       registers: [registry],
       labelNames: ["shard"],
       collect() {
-        this.set(labels, server.pendingFrames);
+        this.set(labels, shard.pendingFrames);
       },
     });
     const frames = new Counter({
@@ -158,28 +195,17 @@ export const shardCommand: Command = {
       labelNames: ["shard"],
     });
     let seen = { frames: 0, tokens: 0, errors: 0 };
-    const sync = () => {
-      const t = server.totals;
+    sync = () => {
+      const t = shard.totals;
       frames.inc(labels, t.frames - seen.frames);
       tokens.inc(labels, t.tokens - seen.tokens);
       errors.inc(labels, t.errors - seen.errors);
       seen = { frames: t.frames, tokens: t.tokens, errors: t.errors };
     };
-    let draining = false;
-    const http = createServer(async (req, res) => {
-      const url = (req.url ?? "").split("?")[0];
-      if (url === "/healthz") res.writeHead(200).end("ok\n");
-      else if (url === "/readyz")
-        res.writeHead(draining || nc.isClosed() ? 503 : 200).end(draining ? "draining\n" : "ok\n");
-      else if (url === "/metrics") {
-        sync();
-        res.writeHead(200, { "content-type": registry.contentType }).end(await registry.metrics());
-      } else res.writeHead(404).end();
-    });
-    await listenOn(http, metricsPort, "0.0.0.0", "--metrics-port");
-    const addr = http.address();
+    startup.finish();
     log(
-      `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${typeof addr === "object" && addr ? addr.port : "?"}`,
+      `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${metricsAt} ` +
+        `(started in ${startup.elapsedSeconds.toFixed(1)} s)`,
     );
 
     const stop = async (sig: string) => {
@@ -187,8 +213,8 @@ export const shardCommand: Command = {
       draining = true;
       log(`${sig}: draining (finishing accepted work, then unsubscribing)`);
       try {
-        await server.drain();
-        await nc.drain();
+        await shard.drain();
+        await nc?.drain();
         log("drained");
       } catch (e) {
         // NATS went away first (stopped with us): no reply could be delivered any more.

@@ -1,0 +1,107 @@
+// What a starting `shard` or `gateway` says about itself while it loads weights and waits
+// for NATS. Both open their probe port first, so that a pod's liveness probe is answered
+// during a load of many minutes (a probe nobody answers gets the container killed after
+// a minute), and readiness says which step the process is on, with the bytes read so far
+// also in /metrics.
+import { Gauge, type Registry } from "prom-client";
+
+const GiB = 2 ** 30;
+
+export interface StartupOptions {
+  /** "gateway" or "shard": the `role` label of the metrics. */
+  readonly role: string;
+  /** Where the startup gauges are registered (more can be added: `register`). */
+  readonly registry: Registry;
+  readonly now?: () => number;
+}
+
+/** A process's startup: the step it is on, until `done()`. */
+export class Startup {
+  readonly #now: () => number;
+  readonly #t0: number;
+  readonly #gauges: Gauge[];
+  #phase = "starting";
+  #done = false;
+  #bytes: { read: () => number; total: number } | null = null;
+
+  constructor(o: StartupOptions) {
+    this.#now = o.now ?? Date.now;
+    this.#t0 = this.#now();
+    const labels = { role: o.role };
+    const self = this;
+    this.#gauges = [
+      new Gauge({
+        name: "expertmesh_startup_complete",
+        help: "1 once the process has loaded its weights and connected (it may then serve), 0 before.",
+        labelNames: ["role"],
+        registers: [o.registry],
+        collect() {
+          this.set(labels, self.#done ? 1 : 0);
+        },
+      }),
+      new Gauge({
+        name: "expertmesh_load_read_bytes",
+        help: "Bytes of weights read from the checkpoint so far.",
+        labelNames: ["role"],
+        registers: [o.registry],
+        collect() {
+          this.set(labels, self.#bytes?.read() ?? 0);
+        },
+      }),
+      new Gauge({
+        name: "expertmesh_load_size_bytes",
+        help: "Bytes of weights this process reads from the checkpoint in all.",
+        labelNames: ["role"],
+        registers: [o.registry],
+        collect() {
+          this.set(labels, self.#bytes?.total ?? 0);
+        },
+      }),
+    ];
+  }
+
+  /** Whether startup is over. */
+  get done(): boolean {
+    return this.#done;
+  }
+
+  /** The step, for /ready and /readyz: "loading experts 3/16 (0.2 of 1.0 GiB)". */
+  get phase(): string {
+    return this.#phase;
+  }
+
+  /** Seconds since the process started starting. */
+  get elapsedSeconds(): number {
+    return (this.#now() - this.#t0) / 1000;
+  }
+
+  /** The loader's byte counts (read so far: a function; in all: a number). */
+  bytes(read: () => number, total: number): void {
+    this.#bytes = { read, total };
+  }
+
+  /** The current step. */
+  step(phase: string): void {
+    this.#phase = phase;
+  }
+
+  /** A loading step: `done` of `total` `unit` loaded, with the bytes when known. */
+  loading(unit: string, done: number, total: number): void {
+    const b = this.#bytes;
+    const gib = (n: number) => (n / GiB).toFixed(n < 10 * GiB ? 2 : 1);
+    this.#phase =
+      `loading ${unit} ${done}/${total}` +
+      (b && b.total > 0 ? ` (${gib(b.read())} of ${gib(b.total)} GiB)` : "");
+  }
+
+  /** Startup is over: the process serves from now on. */
+  finish(): void {
+    this.#done = true;
+    this.#phase = "serving";
+  }
+
+  /** Registers the startup gauges in another registry too (the served one, once built). */
+  register(registry: Registry): void {
+    for (const g of this.#gauges) registry.registerMetric(g);
+  }
+}
