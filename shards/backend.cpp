@@ -523,8 +523,16 @@ extern "C" em_status em_convert(em_backend* b, const em_tensor* src, em_tensor* 
     if (src->shape[i] != dst->shape[i]) return em::fail(EM_ERR_SHAPE, "convert: src and dst shapes differ at dim %d", i);
   }
   if (!is_weight_dtype(src->dtype)) return em::fail(EM_ERR_DTYPE, "convert src: %s not convertible", em_dtype_name(src->dtype));
-  if (dst->dtype != EM_F32 && dst->dtype != EM_BF16 && dst->dtype != EM_F16)
-    return em::fail(EM_ERR_DTYPE, "convert dst: expected f32, bf16 or f16, got %s", em_dtype_name(dst->dtype));
+  if (dst->dtype != EM_F32 && dst->dtype != EM_BF16 && dst->dtype != EM_F16 && dst->dtype != EM_F8_E4M3)
+    return em::fail(EM_ERR_DTYPE, "convert dst: expected f32, bf16, f16 or fp8, got %s", em_dtype_name(dst->dtype));
+  if (dst->dtype == EM_F8_E4M3) {
+    // Quantizing: one whole weight, its scales written to dst->scale.
+    if (src->dtype == EM_F8_E4M3) return em::fail(EM_ERR_DTYPE, "convert: src is fp8 already");
+    if (dst->ndim > 2) return em::fail(EM_ERR_SHAPE, "convert: fp8 dst must be 1-D or 2-D (one weight)");
+    EM_TRY(check_weight(dst, "convert dst", dst->ndim));
+    if (std::strcmp(b->iface->name, "cpu") != 0)
+      return em::fail(EM_ERR_UNSUPPORTED, "convert: quantizing to fp8 runs on the cpu backend only, not %s", b->iface->name);
+  }
   if (src->dtype == EM_F8_E4M3) {
     if (src->ndim > 2) return em::fail(EM_ERR_SHAPE, "convert: fp8 src must be 1-D or 2-D (one weight)");
     EM_TRY(check_weight(src, "convert src", src->ndim));

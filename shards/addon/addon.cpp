@@ -980,8 +980,25 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   em_tensor src = weight_arg(env, arg(info, 0), "w");
   const em_dtype to = parse_dtype(env, arg(info, 1), "to");
-  if (to == EM_F8_E4M3) throw_code(env, "EM_NATIVE_DTYPE", "convert: cannot quantize to fp8");
   const size_t n = static_cast<size_t>(src.ndim == 2 ? src.shape[0] * src.shape[1] : src.shape[0]);
+  if (to == EM_F8_E4M3) {
+    // Quantized on the CPU backend (the only one that does): codes and their block scales.
+    if (src.dtype == EM_F8_E4M3) throw_code(env, "EM_NATIVE_DTYPE", "convert: the weight is fp8 already");
+    const int64_t rows = src.ndim == 2 ? src.shape[0] : 1, cols = src.shape[src.ndim - 1];
+    const int64_t block_cols = (cols + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK;
+    Napi::Uint8Array codes = Napi::Uint8Array::New(env, n);
+    Napi::Float32Array scales = Napi::Float32Array::New(env, static_cast<size_t>(((rows + EM_FP8_BLOCK - 1) / EM_FP8_BLOCK) * block_cols));
+    em_tensor dst = src;
+    dst.data = codes.Data();
+    dst.dtype = EM_F8_E4M3;
+    dst.scale = scales.Data();
+    dst.scale_stride = block_cols;
+    check(env, em_convert(cpu_backend(env), &src, &dst), "convert");
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("data", codes);
+    out.Set("scaleInv", scales);
+    return out;
+  }
   Napi::TypedArray out;
   void* data;
   if (to == EM_F32) {

@@ -223,9 +223,14 @@ export interface GateArgs {
 /** Router: top-k experts per token, highest selection score first -> [T * topK] each. */
 export function gate(args: GateArgs): { indices: Int32Array; weights: Float32Array };
 
-/** Converts a weight (fp8 dequantized with its block scales) -> same shape in `to`. */
+/**
+ * Converts a weight (fp8 dequantized with its block scales) -> same shape in `to`; "fp8"
+ * quantizes a f32/bf16/f16 weight per 128x128 block on the CPU backend (scale = max|x| / 448,
+ * as DeepSeek-V3's fp8 weights): its e4m3 codes and weight_scale_inv.
+ */
 export function convert(w: Weight, to: "f32"): Float32Array;
 export function convert(w: Weight, to: "bf16" | "f16"): Uint16Array;
+export function convert(w: Weight, to: "fp8"): { data: Uint8Array; scaleInv: Float32Array };
 
 export interface SampleOptions {
   /** <= 0: greedy (argmax). A number for all rows or one per row. */

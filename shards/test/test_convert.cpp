@@ -1,6 +1,7 @@
 // convert: every bf16 / f16 / fp8 bit pattern to f32 against independent decoders,
 // f32 -> bf16 / f16 rounding (nearest even, subnormals, overflow) on chosen values and
-// random ones, and fp8 dequantization with 128x128 block scales to f32 and bf16.
+// random ones, fp8 dequantization with 128x128 block scales to f32 and bf16, and
+// quantization of f32 and bf16 weights into such blocks.
 #include "cpu/cpu.h"
 #include "kv_pages.h"
 #include "test/harness.h"
@@ -126,6 +127,72 @@ void test_fp8(Backend& be, Rng& rng) {
   CHECK(em_convert(be.b, &src, &i32) == EM_ERR_DTYPE, "i32 target");
 }
 
+// Quantizing a whole weight to fp8 with 128x128 block scales (serving a bf16 checkpoint in
+// fp8): each block's scale is max|x| / 448 in f32 (1 for a block of zeros) and each code
+// the e4m3 value nearest x / scale (ties to even), found by search over the decoder, with
+// the 448 saturation: an independent reference, not f32_to_e4m3.
+void test_fp8_quantize(Backend& be, Rng& rng) {
+  const int64_t rows = 300, cols = 200;  // partial blocks on both edges
+  for (em_dtype from : {EM_F32, EM_BF16}) {
+    TestWeight w = make_weight(rng, from, rows, cols, 3.0f);
+    // One block all zeros (rows 128..255, cols 0..127), one element far larger than the rest.
+    std::vector<float> fx(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) fx[r * cols + c] = static_cast<float>(w.at(r, c));
+    for (int64_t r = 128; r < 256; ++r)
+      for (int64_t c = 0; c < 128; ++c) fx[r * cols + c] = 0.0f;
+    fx[5 * cols + 170] = 1000.0f;
+    std::vector<uint16_t> bx(fx.size());
+    for (size_t i = 0; i < fx.size(); ++i) bx[i] = bits_bf16(fx[i]);  // truncation: some bf16 near x
+    em_tensor src = from == EM_F32 ? em_tensor_2d(fx.data(), EM_F32, rows, cols) : em_tensor_2d(bx.data(), EM_BF16, rows, cols);
+    std::vector<double> v(fx.size());
+    for (size_t i = 0; i < fx.size(); ++i) v[i] = from == EM_F32 ? fx[i] : ref_bf16(bx[i]);
+    std::vector<uint8_t> codes(fx.size(), 0xaa);
+    std::vector<float> scales(3 * 2, -1.0f);
+    em_tensor dst = em_tensor_fp8(codes.data(), scales.data(), rows, cols);
+    CHECK_OK(em_convert(be.b, &src, &dst));
+    for (int64_t br = 0; br < 3; ++br)
+      for (int64_t bc = 0; bc < 2; ++bc) {
+        double amax = 0;
+        for (int64_t r = br * 128; r < std::min(rows, br * 128 + 128); ++r)
+          for (int64_t c = bc * 128; c < std::min(cols, bc * 128 + 128); ++c) amax = std::max(amax, std::fabs(v[r * cols + c]));
+        const float want = amax > 0 ? static_cast<float>(amax / 448.0) : 1.0f;
+        CHECK(scales[br * 2 + bc] == want, "%s -> fp8 scale of block (%lld, %lld): %g, want %g", em_dtype_name(from),
+              static_cast<long long>(br), static_cast<long long>(bc), scales[br * 2 + bc], want);
+      }
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const double q = v[r * cols + c] / scales[(r / 128) * 2 + c / 128];
+        uint8_t want = 0;
+        double best = INFINITY;
+        for (int code = 0; code < 256; ++code) {
+          const double d = ref_fp8(static_cast<uint8_t>(code));
+          if (std::isnan(d) || std::signbit(d) != std::signbit(q)) continue;
+          const double err = std::fabs(d - q);
+          if (err < best || (err == best && (code & 1) == 0)) {
+            best = err;
+            want = static_cast<uint8_t>(code);
+          }
+        }
+        if (codes[r * cols + c] != want && bad++ < 5)
+          CHECK(false, "%s -> fp8 (%lld, %lld): x / scale = %.9g: code 0x%02x, want 0x%02x", em_dtype_name(from),
+                static_cast<long long>(r), static_cast<long long>(c), q, codes[r * cols + c], want);
+      }
+    CHECK(bad == 0, "%s -> fp8: %lld codes differ", em_dtype_name(from), static_cast<long long>(bad));
+    // The element that set its block's scale is exactly +-448 x scale.
+    CHECK(codes[5 * cols + 170] == 0x7e, "the block maximum is code 0x7e (448), got 0x%02x", codes[5 * cols + 170]);
+  }
+  // Refused: fp8 to fp8, no scales to write, more than 2 dims.
+  std::vector<uint8_t> codes(4);
+  std::vector<float> f(4, 1.0f), scales(1);
+  em_tensor src = em_tensor_2d(f.data(), EM_F32, 2, 2);
+  em_tensor fp8 = em_tensor_fp8(codes.data(), scales.data(), 2, 2);
+  CHECK(em_convert(be.b, &fp8, &fp8) == EM_ERR_DTYPE, "fp8 to fp8");
+  em_tensor noscale = em_tensor_2d(codes.data(), EM_F8_E4M3, 2, 2);
+  CHECK(em_convert(be.b, &src, &noscale) == EM_ERR_ARG, "fp8 dst without scales");
+}
+
 }  // namespace
 
 // The fp8 quantizer and abs-max kernels of every ISA this CPU runs (the paged cache's fp8
@@ -180,6 +247,7 @@ int main() {
     test_decode_all(be);
     test_round(be, rng);
     test_fp8(be, rng);
+    test_fp8_quantize(be, rng);
   }
   test_fp8_quantize_kernels();
   return finish("convert");

@@ -225,6 +225,15 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
   ];
 }
 
+/**
+ * The flags of both roles for spec.model: `--dtype` when the manifest serves the weights in
+ * another dtype than the checkpoint's (none for auto).
+ */
+export function modelArgs(model: DeepSeekModel): string[] {
+  const d = model.spec.model.dtype;
+  return d === "auto" ? [] : [`--dtype=${d}`];
+}
+
 /** The gateway's KV cache flags (spec.gateway.kvCache). */
 export function kvCacheArgs(model: DeepSeekModel): string[] {
   const k = model.spec.gateway.kvCache;

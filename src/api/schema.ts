@@ -217,7 +217,8 @@ export const ModelSchema = withRules(
       architecture: Type.Optional(ArchitectureSchema),
       source: ModelSourceSchema,
       dtype: StringEnum(["auto", "bf16", "fp16", "fp32", "fp8"], {
-        description: "Weight dtype to serve in; auto keeps the checkpoint's.",
+        description:
+          "Dtype of the linear layers' weights (attention projections, dense MLPs, experts), converted as they load: auto keeps the checkpoint's; fp8 is DeepSeek-V3's e4m3 with 128x128 block scales (half a bf16 checkpoint's memory). Embeddings, LM head, norms and router keep the checkpoint's dtype.",
         default: "auto",
       }),
     },

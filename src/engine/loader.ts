@@ -12,6 +12,7 @@ import { bf16ToFloat32, f16ToFloat32 } from "../model/floats.ts";
 import type { Dtype } from "../model/safetensors.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { Weight } from "./backend.ts";
+import { type ServeDtype, servedLinear } from "./weight-dtype.ts";
 
 export interface MlpWeights {
   readonly gate: Weight;
@@ -85,6 +86,16 @@ export async function readWeight(
   return { dtype: "fp8", data: t.data, rows, cols, scaleInv: scale.data as Float32Array };
 }
 
+/** A linear layer's weight, in the serving dtype (weight-dtype.ts). */
+async function readLinear(
+  ckpt: Checkpoint,
+  name: string,
+  shape: readonly [number, number],
+  dtype: ServeDtype,
+): Promise<Weight> {
+  return servedLinear(await readWeight(ckpt, name, shape), dtype);
+}
+
 /** A 1-D tensor as float32 (biases). */
 async function readVector(ckpt: Checkpoint, name: string, n: number): Promise<Float32Array> {
   const t = await ckpt.read(name, { shape: [n] });
@@ -98,11 +109,12 @@ async function readMlp(
   prefix: string,
   hidden: number,
   inner: number,
+  dtype: ServeDtype,
 ): Promise<MlpWeights> {
   return {
-    gate: await readWeight(ckpt, `${prefix}.gate_proj.weight`, [inner, hidden]),
-    up: await readWeight(ckpt, `${prefix}.up_proj.weight`, [inner, hidden]),
-    down: await readWeight(ckpt, `${prefix}.down_proj.weight`, [hidden, inner]),
+    gate: await readLinear(ckpt, `${prefix}.gate_proj.weight`, [inner, hidden], dtype),
+    up: await readLinear(ckpt, `${prefix}.up_proj.weight`, [inner, hidden], dtype),
+    down: await readLinear(ckpt, `${prefix}.down_proj.weight`, [hidden, inner], dtype),
   };
 }
 
@@ -129,6 +141,8 @@ export interface LoadOptions {
    * EM_CKPT_NO_MTP when the model has none.
    */
   readonly mtp?: boolean;
+  /** The linear layers' weight dtype (weight-dtype.ts; default auto: the checkpoint's). */
+  readonly dtype?: ServeDtype;
 }
 
 /** Loads the weights; `onProgress(done, total)` after each layer. */
@@ -140,6 +154,7 @@ export async function loadWeights(
 ): Promise<ModelWeights> {
   const c = ckpt.config;
   const h = c.hiddenSize;
+  const dtype = opts.dtype ?? "auto";
   const wanted = (layer: number, e: number) =>
     experts === "all" ? true : experts === "none" ? false : experts(layer, e);
   if (opts.mtp && (c.numNextnPredictLayers < 1 || !ckpt.mtp))
@@ -152,7 +167,7 @@ export async function loadWeights(
   const total = c.numHiddenLayers + (opts.mtp ? 1 : 0);
   const layers: LayerWeights[] = [];
   for (let i = 0; i < c.numHiddenLayers; i++) {
-    layers.push(await readLayer(ckpt, i, isMoeLayer(c, i), wanted));
+    layers.push(await readLayer(ckpt, i, isMoeLayer(c, i), wanted, dtype));
     onProgress?.(i + 1, total);
   }
   const embed = await readWeight(ckpt, "model.embed_tokens.weight", [c.vocabSize, h]);
@@ -176,8 +191,8 @@ export async function loadWeights(
       embed: await own("embed_tokens.weight", embed),
       enorm: await readWeight(ckpt, `${p}.enorm.weight`, [h]),
       hnorm: await readWeight(ckpt, `${p}.hnorm.weight`, [h]),
-      ehProj: await readWeight(ckpt, `${p}.eh_proj.weight`, [h, 2 * h]),
-      layer: await readLayer(ckpt, i, c.nRoutedExperts > 0, wanted),
+      ehProj: await readLinear(ckpt, `${p}.eh_proj.weight`, [h, 2 * h], dtype),
+      layer: await readLayer(ckpt, i, c.nRoutedExperts > 0, wanted, dtype),
       headNorm: await readWeight(ckpt, `${p}.shared_head.norm.weight`, [h]),
       head: await own("shared_head.head.weight", lmHead),
     };
@@ -212,32 +227,26 @@ async function readLayer(
   i: number,
   moe: boolean,
   wanted: (layer: number, expert: number) => boolean,
+  dtype: ServeDtype,
 ): Promise<LayerWeights> {
   const c = ckpt.config;
   const h = c.hiddenSize;
   const H = c.numAttentionHeads;
   const p = `model.layers.${i}`;
+  const linear = (name: string, rows: number, cols: number) =>
+    readLinear(ckpt, `${p}.self_attn.${name}.weight`, [rows, cols], dtype);
   const attention: AttentionWeights = {
     ...(c.qLoraRank === null
-      ? { qProj: await readWeight(ckpt, `${p}.self_attn.q_proj.weight`, [H * qkHeadDim(c), h]) }
+      ? { qProj: await linear("q_proj", H * qkHeadDim(c), h) }
       : {
-          qA: await readWeight(ckpt, `${p}.self_attn.q_a_proj.weight`, [c.qLoraRank, h]),
+          qA: await linear("q_a_proj", c.qLoraRank, h),
           qANorm: await readWeight(ckpt, `${p}.self_attn.q_a_layernorm.weight`, [c.qLoraRank]),
-          qB: await readWeight(ckpt, `${p}.self_attn.q_b_proj.weight`, [
-            H * qkHeadDim(c),
-            c.qLoraRank,
-          ]),
+          qB: await linear("q_b_proj", H * qkHeadDim(c), c.qLoraRank),
         }),
-    kvA: await readWeight(ckpt, `${p}.self_attn.kv_a_proj_with_mqa.weight`, [
-      c.kvLoraRank + c.qkRopeHeadDim,
-      h,
-    ]),
+    kvA: await linear("kv_a_proj_with_mqa", c.kvLoraRank + c.qkRopeHeadDim, h),
     kvANorm: await readWeight(ckpt, `${p}.self_attn.kv_a_layernorm.weight`, [c.kvLoraRank]),
-    kvB: await readWeight(ckpt, `${p}.self_attn.kv_b_proj.weight`, [
-      H * (c.qkNopeHeadDim + c.vHeadDim),
-      c.kvLoraRank,
-    ]),
-    o: await readWeight(ckpt, `${p}.self_attn.o_proj.weight`, [h, H * c.vHeadDim]),
+    kvB: await linear("kv_b_proj", H * (c.qkNopeHeadDim + c.vHeadDim), c.kvLoraRank),
+    o: await linear("o_proj", h, H * c.vHeadDim),
   };
   const base = {
     index: i,
@@ -245,11 +254,11 @@ async function readLayer(
     postNorm: await readWeight(ckpt, `${p}.post_attention_layernorm.weight`, [h]),
     attention,
   };
-  if (!moe) return { ...base, mlp: await readMlp(ckpt, `${p}.mlp`, h, c.intermediateSize) };
+  if (!moe) return { ...base, mlp: await readMlp(ckpt, `${p}.mlp`, h, c.intermediateSize, dtype) };
   const loaded = new Map<number, MlpWeights>();
   for (let e = 0; e < c.nRoutedExperts; e++) {
     if (wanted(i, e))
-      loaded.set(e, await readMlp(ckpt, `${p}.mlp.experts.${e}`, h, c.moeIntermediateSize));
+      loaded.set(e, await readMlp(ckpt, `${p}.mlp.experts.${e}`, h, c.moeIntermediateSize, dtype));
   }
   return {
     ...base,
@@ -262,7 +271,13 @@ async function readLayer(
       experts: loaded,
       shared:
         c.nSharedExperts > 0
-          ? await readMlp(ckpt, `${p}.mlp.shared_experts`, h, sharedExpertsIntermediateSize(c))
+          ? await readMlp(
+              ckpt,
+              `${p}.mlp.shared_experts`,
+              h,
+              sharedExpertsIntermediateSize(c),
+              dtype,
+            )
           : null,
     },
   };
@@ -287,6 +302,7 @@ export async function loadExperts(
   ckpt: Checkpoint,
   wanted: (layer: number, expert: number) => boolean,
   onProgress?: (done: number, total: number) => void,
+  opts: { readonly dtype?: ServeDtype } = {},
 ): Promise<Map<number, Map<number, MlpWeights>>> {
   const c = ckpt.config;
   const out = new Map<number, Map<number, MlpWeights>>();
@@ -309,6 +325,7 @@ export async function loadExperts(
           `model.layers.${i}.mlp.experts.${e}`,
           c.hiddenSize,
           c.moeIntermediateSize,
+          opts.dtype ?? "auto",
         ),
       );
     onProgress?.(++done, jobs.length);

@@ -46,6 +46,7 @@ export interface Addon {
   crc32: typeof Native.crc32;
   wirePack: typeof Native.wirePack;
   wireUnpack: typeof Native.wireUnpack;
+  convert(w: AddonWeight, to: string): unknown;
 }
 
 /** Where the addon is built by `npm run build` (shards/build.sh). */
@@ -82,6 +83,21 @@ function addonWeight(w: Weight): AddonWeight {
     views.set(w, v);
   }
   return v;
+}
+
+/**
+ * A weight in another dtype, converted by the addon (fp8: dequantized with its block scales;
+ * to fp8: quantized per 128x128 block on the CPU backend, as DeepSeek-V3 stores its weights).
+ */
+export function convertWeight(w: Weight, to: Weight["dtype"], addon: Addon = loadAddon()): Weight {
+  if (w.dtype === to) return w;
+  const out = addon.convert(addonWeight(w), to);
+  const shape = { rows: w.rows, cols: w.cols };
+  if (to === "fp8") {
+    const q = out as { data: Uint8Array; scaleInv: Float32Array };
+    return { dtype: "fp8", data: q.data, scaleInv: q.scaleInv, ...shape };
+  }
+  return { dtype: to, data: out as Float32Array | Uint16Array, ...shape };
 }
 
 /** The devices `--device` takes: cpu, cuda (= cuda:0) or cuda:N. */

@@ -8,7 +8,7 @@ import type {
   V1Service,
   V1Volume,
 } from "@kubernetes/client-node";
-import { architectureOf, gatewayArgs, servedModelName } from "../api/manifest.ts";
+import { architectureOf, gatewayArgs, modelArgs, servedModelName } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -203,6 +203,7 @@ function containerBase(
       `--namespace=${model.metadata.namespace}`,
       `--model-name=${model.metadata.name}`,
       ...(gpus > 0 ? ["--device=cuda:0"] : ["--device=cpu"]),
+      ...modelArgs(model),
       ...args,
     ],
     env: [

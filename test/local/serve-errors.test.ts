@@ -374,6 +374,21 @@ describe("serving commands on bad input", () => {
     }
   });
 
+  it("a --dtype that is none of auto, bf16, fp16, fp32, fp8 ends shard, gateway and generate with EM_CLI_USAGE", async () => {
+    const runs = await Promise.all([
+      shard(plans["tiny-v3"]!, "--dtype=int4"),
+      expertmesh(["gateway", "--local", `--model=${dir}`, "--dtype=int4"]),
+      expertmesh(["generate", `--model=${dir}`, "--prompt=Hi", "--dtype=int4"]),
+    ]);
+    for (const r of runs) {
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain(
+        "[EM_CLI_USAGE] --dtype must be auto, bf16, fp16, fp32, fp8, got 'int4'",
+      );
+      expect(r.stderr).not.toMatch(/loading|loaded/);
+    }
+  });
+
   it("--shutdown-delay: after SIGTERM /ready says draining and requests are still served, then it stops", async () => {
     for (const bad of ["x", "-1", "301"]) {
       const r = await expertmesh([

@@ -281,6 +281,43 @@ describe("expertmesh up", () => {
     }
   });
 
+  it("with spec.model.dtype fp8: every process loads the bf16 tiny model's linear layers as fp8, and it serves", async () => {
+    const file = join(mkdtempSync(join(testEnv().runDir, "fp8-")), "tiny-fp8.yaml");
+    writeFileSync(
+      file,
+      readFileSync(manifest, "utf8").replace(
+        "    preset: tiny-v3\n",
+        "    preset: tiny-v3\n    dtype: fp8\n",
+      ),
+    );
+    const port = await freePort();
+    const started = spawnUp(port, 0, true, file);
+    const proc = started.proc;
+    try {
+      await untilServing(started, port);
+      const err = started.err();
+      for (const k of [0, 1, 2, 3])
+        expect(err).toMatch(
+          new RegExp(
+            `^\\[shard-${k}\\.0\\] loaded 12 experts .*served in fp8\\) for plan v1$`,
+            "m",
+          ),
+        );
+      expect(err).toMatch(/^\[gateway\] linear layers served in fp8 /m);
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+      const r = await client.completions.create({
+        model: "tiny-v3",
+        prompt: "Hello",
+        max_tokens: 8,
+        temperature: 0,
+      });
+      expect(r.usage?.completion_tokens).toBe(8);
+    } finally {
+      if (proc.exitCode === null) process.kill(-proc.pid!, "SIGINT");
+      await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
+    }
+  });
+
   it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {
     const port = await freePort();
     const started = spawnUp(port, 0, false);

@@ -95,6 +95,23 @@ describe("desiredObjects", () => {
     expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
   });
 
+  it("passes spec.model.dtype to gateways and shards as --dtype, and nothing for auto", () => {
+    const dtypeArgs = (dtype: "auto" | "fp8") => {
+      const m = manifest();
+      const served = { ...m, spec: { ...m.spec, model: { ...m.spec.model, dtype } } };
+      const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+      return desiredObjects(served, plan, specReplicas(served, plan))
+        .filter((o) => o.kind === "Deployment")
+        .map((o) =>
+          ((o as any).spec.template.spec.containers[0].args as string[]).filter((a) =>
+            a.startsWith("--dtype"),
+          ),
+        );
+    };
+    expect(dtypeArgs("auto")).toEqual([[], [], [], [], []]);
+    expect(dtypeArgs("fp8")).toEqual(Array(5).fill(["--dtype=fp8"]));
+  });
+
   it("gateways keep serving 5 s after SIGTERM, within the pod's grace period", () => {
     const gw = objects("").find((o) => o.metadata?.name === "m-gateway") as any;
     const pod = gw.spec.template.spec;

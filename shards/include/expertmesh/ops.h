@@ -356,7 +356,10 @@ em_status em_gate(em_backend* b, const em_tensor* x, const em_tensor* weight, co
                   const em_gate_config* cfg, em_tensor* topk_idx, em_tensor* topk_weight);
 
 /* Copies src into dst (same shape) converting dtype: f32 <-> bf16 | f16 (round to nearest
- * even), bf16 | f16 | fp8 -> f32 | bf16 (fp8 dequantized with its block scales). */
+ * even), bf16 | f16 | fp8 -> f32 | bf16 (fp8 dequantized with its block scales), and (cpu
+ * backend only) f32 | bf16 | f16 -> fp8: one whole 1-D or 2-D weight quantized per 128x128
+ * block as DeepSeek-V3's fp8 weights are stored, its weight_scale_inv written to dst->scale
+ * (scale = max|x| / 448 of the block, 1 for zeros, NaN skipped; code = e4m3(x / scale)). */
 em_status em_convert(em_backend* b, const em_tensor* src, em_tensor* dst);
 
 /* Token sampling; see em_sample_args. */

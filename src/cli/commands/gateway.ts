@@ -11,6 +11,7 @@ import {
   checkNgramConfig,
   type SpeculativeConfig,
 } from "../../engine/speculative.ts";
+import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
@@ -98,6 +99,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
                             cuda needs the native engine built with CUDA and a CUDA device
   --backend NAME            native (default) | reference (TypeScript, cpu only)
+  --dtype DTYPE             the linear layers' weights: auto (the checkpoint's, default), bf16,
+                            fp16, fp32 or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3),
+                            converted as they load; embeddings, LM head, norms and router keep theirs
   --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)`;
 
 export const gatewayCommand: Command = {
@@ -127,6 +131,7 @@ export const gatewayCommand: Command = {
         "max-running": { type: "string" },
         "max-request-bytes": { type: "string" },
         "shutdown-delay": { type: "string" },
+        dtype: { type: "string" },
         "max-model-len": { type: "string" },
         "tokenizer-workers": { type: "string" },
         "kv-cache-bytes": { type: "string" },
@@ -181,6 +186,7 @@ export const gatewayCommand: Command = {
         : portFlag(values["grpc-port"], "--grpc-port", 0);
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
+    const dtype = parseServeDtype(values.dtype);
     const shutdownDelayS = numberFlag(values["shutdown-delay"], "--shutdown-delay", 0);
     if (shutdownDelayS > 300)
       usage(`--shutdown-delay must be at most 300 s, got ${shutdownDelayS}`);
@@ -240,9 +246,10 @@ export const gatewayCommand: Command = {
         progress.update(done, total);
         startup.loading("layers", done, total);
       },
-      { mtp },
+      { mtp, dtype },
     );
     progress.finish();
+    if (dtype !== "auto") log(`linear layers served in ${dtype} (converted from the checkpoint's)`);
     let experts: ExpertRunner;
     let nc: NatsConnection | null = null;
     let ready: () => Promise<boolean> = async () => true;

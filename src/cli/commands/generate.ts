@@ -4,6 +4,7 @@ import { generate } from "../../engine/generate.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
 import { heldExperts, loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
+import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
@@ -20,6 +21,8 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --top-k K, --top-p P  sampling filters (default off)
   --seed S              sampling seed (default 0)
   --kv-cache-dtype D    float32 (default) | bfloat16 | fp8: how the KV cache stores rows
+  --dtype DTYPE         the linear layers' weights: auto (the checkpoint's, default), bf16, fp16,
+                        fp32 or fp8 (128x128 block-scaled e4m3), converted as they load
   --chat                wrap the prompt in the model's chat template
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
@@ -53,6 +56,7 @@ export const generateCommand: Command = {
         namespace: { type: "string" },
         "model-name": { type: "string" },
         wire: { type: "string" },
+        dtype: { type: "string" },
       },
     });
     if (!values.model || values.prompt === undefined)
@@ -66,6 +70,7 @@ export const generateCommand: Command = {
       seed: intFlag(values.seed, "--seed", 0, 0),
       kvCacheDtype: parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32"),
     };
+    const dtype = parseServeDtype(values.dtype);
     if (!(sampling.topP > 0 && sampling.topP <= 1))
       throw new ExpertMeshError(
         "EM_CLI_USAGE",
@@ -81,8 +86,11 @@ export const generateCommand: Command = {
     const t0 = performance.now();
     const ckpt = await Checkpoint.open(values.model);
     const tokenizer = Tokenizer.load(values.model);
-    const weights = await loadWeights(ckpt, "all", (done, total) =>
-      process.stderr.write(`\rloading weights: layer ${done}/${total}`),
+    const weights = await loadWeights(
+      ckpt,
+      "all",
+      (done, total) => process.stderr.write(`\rloading weights: layer ${done}/${total}`),
+      { dtype },
     );
     process.stderr.write(
       `\rloaded ${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB of weights in ${((performance.now() - t0) / 1000).toFixed(1)} s (${selected.summary})\n`,

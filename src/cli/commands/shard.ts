@@ -4,6 +4,7 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
+import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
@@ -35,7 +36,9 @@ const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [op
   --device DEV          where the experts run: cpu (default), cuda (= cuda:0) or cuda:N; ops
                         the CUDA backend lacks run on the CPU. cuda needs the native engine
                         built with CUDA (EM_CUDA=ON shards/build.sh) and a CUDA device
-  --backend NAME        native (default) | reference (TypeScript, cpu only)`;
+  --backend NAME        native (default) | reference (TypeScript, cpu only)
+  --dtype DTYPE         the experts' weights: auto (the checkpoint's, default), bf16, fp16, fp32
+                        or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3), converted as they load`;
 
 export const shardCommand: Command = {
   name: "shard",
@@ -57,6 +60,7 @@ export const shardCommand: Command = {
         "metrics-port": { type: "string" },
         device: { type: "string" },
         backend: { type: "string" },
+        dtype: { type: "string" },
       },
     });
     const usage = (m: string): never => {
@@ -66,6 +70,7 @@ export const shardCommand: Command = {
       usage("--model, --plan, --shard and --nats are required");
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
+    const dtype = parseServeDtype(values.dtype);
     const model = subjectRef(
       values.namespace ?? "default",
       values["model-name"] ?? defaultModelName(values.model!),
@@ -134,13 +139,18 @@ export const shardCommand: Command = {
           log(`loading experts ${done}/${total}`);
       },
     });
-    const experts = await loadExperts(ckpt, mine, (done, total) => {
-      progress.update(done, total);
-      startup.loading("experts", done, total);
-    });
+    const experts = await loadExperts(
+      ckpt,
+      mine,
+      (done, total) => {
+        progress.update(done, total);
+        startup.loading("experts", done, total);
+      },
+      { dtype },
+    );
     progress.finish();
     log(
-      `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read) for plan v${plan.version}`,
+      `loaded ${[...experts.values()].reduce((n, m) => n + m.size, 0)} experts (${(ckpt.bytesRead / 2 ** 20).toFixed(1)} MiB read${dtype === "auto" ? "" : `, served in ${dtype}`}) for plan v${plan.version}`,
     );
 
     const backend = selected.backend;
@@ -162,7 +172,7 @@ export const shardCommand: Command = {
       backend,
       experts,
       log,
-      loadExperts: (wanted) => loadExperts(ckpt, wanted),
+      loadExperts: (wanted) => loadExperts(ckpt, wanted, undefined, { dtype }),
     });
     shard.start();
 

@@ -8,7 +8,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { gatewayArgs, readManifest, servedModelName } from "../../api/manifest.ts";
+import { gatewayArgs, modelArgs, readManifest, servedModelName } from "../../api/manifest.ts";
 import { loadAddon } from "../../engine/native.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
@@ -309,6 +309,7 @@ export const upCommand: Command = {
         `--nats=${natsUrl}`,
         `--namespace=${ns}`,
         `--model-name=${name}`,
+        ...modelArgs(m),
       ];
       const shards = [];
       for (let k = 0; k < plan.numShards; k++) {
