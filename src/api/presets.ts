@@ -101,6 +101,26 @@ const PRESET_CACHE: Readonly<Record<string, PresetCache>> = {
   "tiny-v3": TINY_CACHE,
 };
 
+/** How a preset's published checkpoint stores its linear layers (DeepSeek-V3 and R1: fp8). */
+export type CheckpointDtype = "bf16" | "fp8";
+
+const PRESET_DTYPE: Readonly<Record<string, CheckpointDtype>> = {
+  "deepseek-v2-lite": "bf16",
+  "deepseek-v2": "bf16",
+  "deepseek-v3": "fp8",
+  "deepseek-r1": "fp8",
+  "deepseek-v3.1": "fp8",
+  "tiny-v2": "bf16",
+  "tiny-v3": "bf16",
+};
+
+/** The dtype of a known preset's checkpoint (make-tiny-model's for the tiny ones). */
+export function presetCheckpointDtype(name: string): CheckpointDtype {
+  const d = Object.hasOwn(PRESET_DTYPE, name) ? PRESET_DTYPE[name] : undefined;
+  if (!d) throw new ExpertMeshError("EM_ARCH_UNKNOWN_PRESET", `unknown model preset '${name}'`);
+  return d;
+}
+
 /** The KV cache figures of a known preset. */
 export function presetCache(name: string): PresetCache {
   const c = Object.hasOwn(PRESET_CACHE, name) ? PRESET_CACHE[name] : undefined;

@@ -1,7 +1,12 @@
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
-import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
+import {
+  desiredObjects,
+  SHARD_MEMORY_OVERHEAD,
+  shardExpertBytes,
+  specReplicas,
+} from "../../src/operator/workloads.ts";
 
 function manifest(extra = "") {
   return parseManifest(`
@@ -204,6 +209,90 @@ spec:
       gatewayContainer("  gateway: { resources: { requests: { memory: 8Gi } } }").resources.requests
         .memory,
     ).toBe("8Gi");
+  });
+
+  it.each([
+    // tiny-v3, 4 shards: 3 MoE layers x 4 experts each, 3 matrices of 64 x 32.
+    { preset: "tiny-v3", dtype: "auto", shards: 4, redundant: 0, bytes: 12 * 3 * 2048 * 2 },
+    { preset: "tiny-v3", dtype: "fp32", shards: 4, redundant: 0, bytes: 12 * 3 * 2048 * 4 },
+    // fp8: a byte per weight and one f32 scale per (started) 128 x 128 block.
+    { preset: "tiny-v3", dtype: "fp8", shards: 4, redundant: 0, bytes: 12 * 3 * (2048 + 4) },
+    // DeepSeek-V3 as examples/deepseek-v3.yaml: fp8 checkpoint, 9 slots per shard per layer
+    // over 58 MoE layers, each expert 3 x (2048 x 7168 bytes + 16 x 56 scales): ~21.4 GiB.
+    {
+      preset: "deepseek-v3",
+      dtype: "auto",
+      shards: 32,
+      redundant: 32,
+      bytes: 58 * 9 * 3 * (2048 * 7168 + 16 * 56 * 4),
+    },
+    // V2 in bf16, or served in fp8 (half, plus scales).
+    {
+      preset: "deepseek-v2",
+      dtype: "auto",
+      shards: 8,
+      redundant: 0,
+      bytes: 59 * 20 * 3 * 1536 * 5120 * 2,
+    },
+    {
+      preset: "deepseek-v2",
+      dtype: "fp8",
+      shards: 8,
+      redundant: 0,
+      bytes: 59 * 20 * 3 * (1536 * 5120 + 12 * 40 * 4),
+    },
+  ] as const)(
+    "a $preset shard in $dtype requests its experts' bytes of memory ($bytes) plus room",
+    ({ preset, dtype, shards, redundant, bytes }) => {
+      const m = manifest();
+      const model = {
+        ...m,
+        spec: {
+          ...m.spec,
+          model: { ...m.spec.model, preset, dtype },
+          experts: { ...m.spec.experts, shards, redundantExperts: redundant },
+        },
+      };
+      const plan = planPlacement({
+        architecture: architectureOf(model),
+        numShards: shards,
+        redundantExperts: redundant,
+      });
+      for (const k of [0, shards - 1]) expect(shardExpertBytes(model, plan, k)).toBe(bytes);
+      const shard = desiredObjects(model, plan, specReplicas(model, plan)).find(
+        (o) => o.metadata?.name === "m-shard-0",
+      ) as any;
+      expect(shard.spec.template.spec.containers[0].resources.requests.memory).toBe(
+        String(bytes + SHARD_MEMORY_OVERHEAD),
+      );
+    },
+  );
+
+  it("a shard's memory request is the manifest's when it has one, and none when the dtype is not known", () => {
+    const m = manifest();
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+    const requests = (model: typeof m) =>
+      (
+        desiredObjects(model, plan, specReplicas(model, plan)).find(
+          (o) => o.metadata?.name === "m-shard-0",
+        ) as any
+      ).spec.template.spec.containers[0].resources.requests;
+    const own = {
+      ...m,
+      spec: {
+        ...m.spec,
+        experts: { ...m.spec.experts, resources: { requests: { memory: "3Gi", cpu: "2" } } },
+      },
+    };
+    expect(requests(own)).toEqual({ memory: "3Gi", cpu: "2", "nvidia.com/gpu": "2" });
+    // Explicit figures, dtype auto: the checkpoint's dtype is not known before it is read.
+    const { preset: _, ...explicitModel } = m.spec.model;
+    const explicit = {
+      ...m,
+      spec: { ...m.spec, model: { ...explicitModel, architecture: architectureOf(m) } },
+    };
+    expect(shardExpertBytes(explicit, plan, 0)).toBeNull();
+    expect(requests(explicit)).toEqual({ "nvidia.com/gpu": "2" });
   });
 
   it("passes the KV cache's bytes, dtype and block size to the gateway", () => {
