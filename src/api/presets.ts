@@ -101,6 +101,63 @@ const PRESET_CACHE: Readonly<Record<string, PresetCache>> = {
   "tiny-v3": TINY_CACHE,
 };
 
+/**
+ * A preset's dense figures (config.json keys in the comments): with ModelArchitecture and
+ * PresetCache, what a gateway holds (the weights of everything but the routed experts).
+ */
+export interface PresetDense {
+  /** `vocab_size` */
+  readonly vocabSize: number;
+  /** `intermediate_size`: the dense MLP of the first blocks. */
+  readonly intermediateSize: number;
+  /** `num_attention_heads` */
+  readonly heads: number;
+  /** `q_lora_rank` (null: V2-Lite's plain q_proj). */
+  readonly qLoraRank: number | null;
+  /** `qk_nope_head_dim` */
+  readonly nopeDim: number;
+  /** `v_head_dim` */
+  readonly vDim: number;
+  /** The router has `e_score_correction_bias` (V3's noaux_tc), stored in f32. */
+  readonly routerBias: boolean;
+}
+
+const V3_DENSE: PresetDense = {
+  vocabSize: 129280,
+  intermediateSize: 18432,
+  heads: 128,
+  qLoraRank: 1536,
+  nopeDim: 128,
+  vDim: 128,
+  routerBias: true,
+};
+// make-tiny-model's figures (src/model/tiny.ts); the vocabulary is its tokenizer's, rounded
+// up to 64 (test/unit/memory.test.ts checks these against written checkpoints).
+const TINY_DENSE = { vocabSize: 320, intermediateSize: 128, heads: 4, nopeDim: 16, vDim: 16 };
+const PRESET_DENSE: Readonly<Record<string, PresetDense>> = {
+  "deepseek-v2-lite": {
+    ...V3_DENSE,
+    vocabSize: 102400,
+    intermediateSize: 10944,
+    heads: 16,
+    qLoraRank: null,
+    routerBias: false,
+  },
+  "deepseek-v2": { ...V3_DENSE, vocabSize: 102400, intermediateSize: 12288, routerBias: false },
+  "deepseek-v3": V3_DENSE,
+  "deepseek-r1": V3_DENSE,
+  "deepseek-v3.1": V3_DENSE,
+  "tiny-v2": { ...TINY_DENSE, qLoraRank: null, routerBias: false },
+  "tiny-v3": { ...TINY_DENSE, qLoraRank: 32, routerBias: true },
+};
+
+/** The dense figures of a known preset. */
+export function presetDense(name: string): PresetDense {
+  const d = Object.hasOwn(PRESET_DENSE, name) ? PRESET_DENSE[name] : undefined;
+  if (!d) throw new ExpertMeshError("EM_ARCH_UNKNOWN_PRESET", `unknown model preset '${name}'`);
+  return d;
+}
+
 /** How a preset's published checkpoint stores its linear layers (DeepSeek-V3 and R1: fp8). */
 export type CheckpointDtype = "bf16" | "fp8";
 

@@ -9,7 +9,7 @@ import type {
   V1Volume,
 } from "@kubernetes/client-node";
 import { architectureOf, gatewayArgs, modelArgs, servedModelName } from "../api/manifest.ts";
-import { presetCheckpointDtype } from "../api/presets.ts";
+import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -157,47 +157,23 @@ function podSpec(model: DeepSeekModel, containers: V1PodSpec["containers"]): V1P
 }
 
 /**
- * The gateway's resources: the manifest's, with a memory request of at least its KV cache
- * (which lives in host memory) when the manifest requests none, so the scheduler does not
- * place a gateway where its cache cannot fit.
+ * The gateway's resources: the manifest's, with a memory request when the manifest requests
+ * none, so the scheduler does not place a gateway where it cannot fit: its KV cache (which
+ * lives in host memory), plus its weights and POD_MEMORY_OVERHEAD when the preset says how
+ * many bytes they take (gatewayWeightBytes).
  */
 export function gatewayResources(model: DeepSeekModel) {
   const r = model.spec.gateway.resources;
   if (r?.requests?.["memory"] !== undefined) return r;
-  return {
-    ...(r ?? {}),
-    requests: { ...(r?.requests ?? {}), memory: String(model.spec.gateway.kvCache.bytes) },
-  };
-}
-
-/** Room a shard process needs beside its experts' weights (runtime, buffers, a frame's rows). */
-export const SHARD_MEMORY_OVERHEAD = 512 * 2 ** 20;
-
-/**
- * Bytes of the routed experts shard `k` holds (its redundant copies included), in the dtype
- * it serves them in: the manifest's spec.model.dtype, or for auto the preset's checkpoint
- * dtype. Null when that is not known (explicit architecture figures with dtype auto).
- */
-export function shardExpertBytes(
-  model: DeepSeekModel,
-  plan: PlacementPlan,
-  k: number,
-): number | null {
-  const { dtype, preset } = model.spec.model;
-  const served = dtype !== "auto" ? dtype : preset ? presetCheckpointDtype(preset) : null;
-  if (served === null) return null;
-  const { hiddenSize: h, moeIntermediateSize: inner } = architectureOf(model);
-  const matrix = (rows: number, cols: number) =>
-    served === "fp8"
-      ? rows * cols + Math.ceil(rows / 128) * Math.ceil(cols / 128) * 4
-      : rows * cols * (served === "fp32" ? 4 : 2);
-  const expert = 2 * matrix(inner, h) + matrix(h, inner);
-  return plan.layers.reduce((n, l) => n + (l.shardExperts[k]?.length ?? 0) * expert, 0);
+  const weights = gatewayWeightBytes(model);
+  const bytes =
+    model.spec.gateway.kvCache.bytes + (weights === null ? 0 : weights + POD_MEMORY_OVERHEAD);
+  return { ...(r ?? {}), requests: { ...(r?.requests ?? {}), memory: String(bytes) } };
 }
 
 /**
  * A shard's resources: the manifest's, with a memory request of its experts' bytes plus
- * SHARD_MEMORY_OVERHEAD when the manifest requests none (the weights live in host memory,
+ * POD_MEMORY_OVERHEAD when the manifest requests none (the weights live in host memory,
  * GPU or not: the device copies are made from them), so the scheduler does not place a
  * shard where they cannot fit.
  */
@@ -207,7 +183,7 @@ export function shardResources(model: DeepSeekModel, plan: PlacementPlan, k: num
   if (r?.requests?.["memory"] !== undefined || bytes === null) return r;
   return {
     ...(r ?? {}),
-    requests: { ...(r?.requests ?? {}), memory: String(bytes + SHARD_MEMORY_OVERHEAD) },
+    requests: { ...(r?.requests ?? {}), memory: String(bytes + POD_MEMORY_OVERHEAD) },
   };
 }
 

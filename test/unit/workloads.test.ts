@@ -1,12 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../../src/api/memory.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
-import {
-  desiredObjects,
-  SHARD_MEMORY_OVERHEAD,
-  shardExpertBytes,
-  specReplicas,
-} from "../../src/operator/workloads.ts";
+import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 
 function manifest(extra = "") {
   return parseManifest(`
@@ -195,16 +191,24 @@ spec:
     );
   });
 
-  it("requests the gateway's KV cache bytes of memory unless the manifest requests some", () => {
+  it("requests the gateway's KV cache and weights' bytes of memory unless the manifest requests some", () => {
     const gatewayContainer = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
         .containers[0];
-    expect(gatewayContainer("").resources.requests.memory).toBe("536870912");
+    // The tiny-v3 gateway's weights: 302912 bytes (memory.test.ts checks them on a checkpoint).
+    const weights = gatewayWeightBytes(manifest())!;
+    expect(weights).toBe(302912);
+    expect(gatewayContainer("").resources.requests.memory).toBe(
+      String(536870912 + weights + POD_MEMORY_OVERHEAD),
+    );
     expect(
       gatewayContainer(
         "  gateway: { kvCache: { bytes: 2147483648 }, resources: { limits: { cpu: 2 } } }",
       ).resources,
-    ).toMatchObject({ requests: { memory: "2147483648" }, limits: { cpu: "2" } });
+    ).toMatchObject({
+      requests: { memory: String(2147483648 + weights + POD_MEMORY_OVERHEAD) },
+      limits: { cpu: "2" },
+    });
     expect(
       gatewayContainer("  gateway: { resources: { requests: { memory: 8Gi } } }").resources.requests
         .memory,
@@ -263,7 +267,7 @@ spec:
         (o) => o.metadata?.name === "m-shard-0",
       ) as any;
       expect(shard.spec.template.spec.containers[0].resources.requests.memory).toBe(
-        String(bytes + SHARD_MEMORY_OVERHEAD),
+        String(bytes + POD_MEMORY_OVERHEAD),
       );
     },
   );

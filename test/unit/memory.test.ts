@@ -1,0 +1,98 @@
+// The bytes the operator requests for each pod (src/api/memory.ts), computed from the
+// manifest and the plan alone, against what the processes really load: the tensors of
+// checkpoints written by make-tiny-model (bf16 and fp8, with and without an MTP layer).
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { gatewayWeightBytes, shardExpertBytes } from "../../src/api/memory.ts";
+import { denseLoadBytes, expertLoad } from "../../src/cli/progress.ts";
+import { Checkpoint } from "../../src/model/checkpoint.ts";
+import { writeTinyModel } from "../../src/model/tiny.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+
+function manifest(preset: string, dtype: string, mtp: boolean, kvBytes = 512 * 2 ** 20) {
+  return parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns }
+spec:
+  model: { preset: ${preset}, dtype: ${dtype}, source: { pvc: { claimName: w } } }
+  experts: { shards: 2, redundantExperts: 2 }
+  gateway: { kvCache: { bytes: ${kvBytes} }${mtp ? ", speculative: { method: mtp }" : ""} }
+`);
+}
+
+describe("pod memory from the manifest", () => {
+  it.each([
+    { arch: "v2", dtype: "auto", fp8: false, mtp: false },
+    { arch: "v3", dtype: "auto", fp8: false, mtp: false },
+    // A bf16 checkpoint served in fp8 holds what the fp8 checkpoint of the same model stores.
+    { arch: "v3", dtype: "fp8", fp8: true, mtp: false },
+    { arch: "v3", dtype: "auto", fp8: false, mtp: true },
+    { arch: "v3", dtype: "fp8", fp8: true, mtp: true },
+  ] as const)(
+    "tiny-$arch in $dtype (mtp $mtp): the gateway's and every shard's bytes are the checkpoint's",
+    async ({ arch, dtype, fp8, mtp }) => {
+      const dir = mkdtempSync(join(tmpdir(), "em-memory-"));
+      await writeTinyModel(dir, { arch, preset: "tiny", seed: 0, fp8, mtp, shards: 1 });
+      const ckpt = await Checkpoint.open(dir, { mtp });
+      const model = manifest(`tiny-${arch}`, dtype, mtp);
+      // The gateway reads every tensor but the routed experts; with MTP it drops the layer's
+      // copies of the embeddings and head (the main model's, byte for byte).
+      const copies = mtp
+        ? ["embed_tokens", "shared_head.head"].reduce(
+            (n, t) =>
+              n +
+              ckpt.tensorInfo(`model.layers.${ckpt.config.numHiddenLayers}.${t}.weight`).byteLength,
+            0,
+          )
+        : 0;
+      expect(gatewayWeightBytes(model)).toBe(denseLoadBytes(ckpt, false) - copies);
+      const plan = planPlacement({
+        architecture: architectureOf(model),
+        numShards: 2,
+        redundantExperts: 2,
+        mtpLayers: mtp ? 1 : 0,
+      });
+      for (let k = 0; k < 2; k++) {
+        const held = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
+        const load = expertLoad(ckpt, (layer, e) => held.get(layer)?.has(e) ?? false);
+        expect(load.bytes).toBeGreaterThan(0);
+        expect(shardExpertBytes(model, plan, k)).toBe(load.bytes);
+      }
+    },
+  );
+
+  it("knows nothing without a preset's figures and a dtype: explicit architecture with dtype auto", () => {
+    const m = manifest("tiny-v3", "auto", false);
+    const { preset: _, ...rest } = m.spec.model;
+    const explicit = {
+      ...m,
+      spec: { ...m.spec, model: { ...rest, architecture: architectureOf(m) } },
+    };
+    expect(gatewayWeightBytes(explicit)).toBeNull();
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 2 });
+    expect(shardExpertBytes(explicit, plan, 0)).toBeNull();
+    // With a dtype the experts are known (their figures are in every architecture); the
+    // gateway's attention figures are not.
+    const fp8 = {
+      ...explicit,
+      spec: { ...explicit.spec, model: { ...explicit.spec.model, dtype: "fp8" as const } },
+    };
+    expect(shardExpertBytes(fp8, plan, 0)).toBeGreaterThan(0);
+    expect(gatewayWeightBytes(fp8)).toBeNull();
+  });
+
+  it("DeepSeek-V3's gateway holds ~17 GiB in fp8 (its dense part: embeddings and head in bf16)", () => {
+    // Published: 671 B parameters, of which 58 x 256 routed experts of 3 x 7168 x 2048 are
+    // 654.3 B: ~16.7 B dense, 1.85 B of them each for the embeddings and the head (bf16).
+    const bytes = gatewayWeightBytes(manifest("deepseek-v3", "auto", false, 64 * 2 ** 30))!;
+    const dense = 671e9 - 58 * 256 * 3 * 7168 * 2048;
+    const bf16 = 2 * 129280 * 7168;
+    // fp8 linear layers: a byte per weight; the rest (embeddings, head, norms, routers) two.
+    expect(bytes / (dense + bf16)).toBeGreaterThan(0.98);
+    expect(bytes / (dense + bf16)).toBeLessThan(1.02);
+  });
+});
