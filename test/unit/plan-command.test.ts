@@ -29,6 +29,19 @@ describe("expertmesh plan", () => {
     expect(out).toMatch(/shard 0: 0-3\n {2}shard 1: 4-7\n {2}shard 2: 8-11\n {2}shard 3: 12-15\n/);
     expect(out).toContain("replicated experts in layer 1: none");
     expect(out).toContain("1.000 in layer 1, worst 1.000");
+    // What each pod holds (src/api/memory.ts): 12 experts of 3 x 64 x 32 bf16 weights.
+    expect(out).toContain(
+      "memory per pod (linear layers in bf16):\n  shard:   144.0 KiB of experts\n  gateway: 295.8 KiB of weights + 512.0 MiB of KV cache\n",
+    );
+  });
+
+  it("says what DeepSeek-V3's pods hold, beside the manifest's own requests", () => {
+    const out = planOutput(["-f", join(root, "examples/deepseek-v3.yaml")]);
+    expect(out).toContain("memory per pod (linear layers in fp8):");
+    expect(out).toContain("  shard:   21.42 GiB of experts (the manifest requests 64Gi)");
+    expect(out).toContain(
+      "  gateway: 17.77 GiB of weights + 48.00 GiB of KV cache (the manifest requests 128Gi)",
+    );
   });
 
   it("places the MTP layer's experts with --mtp (and for a manifest asking for MTP drafts)", () => {

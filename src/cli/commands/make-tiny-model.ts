@@ -1,6 +1,7 @@
 // `expertmesh make-tiny-model`: writes a deterministic random DeepSeek V2/V3 checkpoint in
 // the Hugging Face layout (see docs/tiny-models.md), progress on stderr, a summary on stdout.
 import { parseArgs } from "node:util";
+import { formatBytes } from "../../local/progress.ts";
 import {
   type TinyArch,
   type TinyModelSummary,
@@ -125,11 +126,4 @@ function summaryText(s: TinyModelSummary, opts: Options): string {
     ...s.files.map((f) => `  ${f.name.padEnd(36)} ${formatBytes(f.bytes)}`),
   ];
   return `${lines.join("\n")}\n`;
-}
-
-function formatBytes(n: number): string {
-  if (n < 1024) return `${n} B`;
-  if (n < MiB) return `${(n / 1024).toFixed(1)} KiB`;
-  if (n < 1024 * MiB) return `${(n / MiB).toFixed(1)} MiB`;
-  return `${(n / (1024 * MiB)).toFixed(2)} GiB`;
 }

@@ -3,7 +3,10 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { architectureOf, readManifest, servedModelName } from "../../api/manifest.ts";
+import { gatewayWeightBytes, servedLinearDtype, shardExpertBytes } from "../../api/memory.ts";
 import { type ExpertLayout, resolveArchitecture } from "../../api/presets.ts";
+import type { DeepSeekModel } from "../../api/schema.ts";
+import { formatBytes } from "../../local/progress.ts";
 import { type ExpertLoad, type PlacementPlan, planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
@@ -50,7 +53,25 @@ export function planOutput(argv: string[]): string {
   });
   if (opts["json"]) return serializePlan(plan);
   const loadNote = loadFile === undefined ? "uniform load" : `load from ${loadFile}`;
-  return summary(model.label, model.layout, plan, loadNote);
+  const memory = model.manifest ? memoryLines(model.manifest, plan) : [];
+  return summary(model.label, model.layout, plan, loadNote) + memory.map((l) => `${l}\n`).join("");
+}
+
+/** What each pod will hold in host memory, as the operator requests it (src/api/memory.ts). */
+function memoryLines(m: DeepSeekModel, plan: PlacementPlan): string[] {
+  const dtype = servedLinearDtype(m);
+  const shards = Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(m, plan, k));
+  const weights = gatewayWeightBytes(m);
+  const kv = m.spec.gateway.kvCache.bytes;
+  const lo = Math.min(...shards.map((b) => b ?? 0));
+  const hi = Math.max(...shards.map((b) => b ?? 0));
+  const own = (r: { requests?: Record<string, unknown> } | undefined) =>
+    r?.requests?.["memory"] !== undefined ? ` (the manifest requests ${r.requests["memory"]})` : "";
+  return [
+    `memory per pod (linear layers in ${dtype ?? "the checkpoint's dtype, not known before it is read"}):`,
+    `  shard:   ${dtype === null ? "not known (explicit architecture, dtype auto)" : `${lo === hi ? formatBytes(lo) : `${formatBytes(lo)}-${formatBytes(hi)}`} of experts`}${own(m.spec.experts.resources)}`,
+    `  gateway: ${weights === null ? "weights not known (no preset)" : `${formatBytes(weights)} of weights`} + ${formatBytes(kv)} of KV cache${own(m.spec.gateway.resources)}`,
+  ];
 }
 
 type Options = Record<string, string | boolean | undefined>;
@@ -89,6 +110,8 @@ interface ModelChoice {
   redundantExperts?: number;
   /** The manifest asks for MTP drafts: its plan places the MTP layer. */
   mtp?: boolean;
+  /** The manifest: what each pod will hold in memory (src/api/memory.ts). */
+  manifest?: DeepSeekModel;
 }
 
 const EXPLICIT = ["experts", "layers", "dense-layers", "top-k"] as const;
@@ -112,6 +135,7 @@ function modelFromOptions(opts: Options): ModelChoice {
       shards: m.spec.experts.shards,
       redundantExperts: m.spec.experts.redundantExperts,
       mtp: m.spec.gateway.speculative?.method === "mtp",
+      manifest: m,
     };
   }
   if (typeof preset === "string") {
