@@ -87,6 +87,42 @@ async function untilServing(u: Up, port: number): Promise<void> {
 }
 
 /** Every process below `pid` (children, their children, ...). */
+/**
+ * `expertmesh up` on the tiny manifest with one piece of text replaced, serving: runs `body`,
+ * then stops it with SIGINT and waits for it to exit.
+ */
+async function upWithVariant(
+  [from, to]: [string, string],
+  body: (started: Up, port: number) => Promise<void>,
+): Promise<void> {
+  const text = readFileSync(manifest, "utf8");
+  expect(text).toContain(from);
+  const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
+  writeFileSync(file, text.replace(from, to));
+  const port = await freePort();
+  const started = spawnUp(port, 0, true, file);
+  const proc = started.proc;
+  try {
+    await untilServing(started, port);
+    await body(started, port);
+  } finally {
+    if (proc.exitCode === null) process.kill(-proc.pid!, "SIGINT");
+    await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
+  }
+}
+
+/** The completion tokens of a greedy completion of `Hello` from the gateway on `port`. */
+async function completionTokens(port: number, maxTokens: number): Promise<number | undefined> {
+  const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+  const r = await client.completions.create({
+    model: "tiny-v3",
+    prompt: "Hello",
+    max_tokens: maxTokens,
+    temperature: 0,
+  });
+  return r.usage?.completion_tokens;
+}
+
 function descendants(pid: number): number[] {
   let kids: number[] = [];
   try {
@@ -237,85 +273,47 @@ describe("expertmesh up", () => {
   });
 
   it("with MTP drafts in the manifest: the tiny model gets its MTP layer, the shards its experts, and the gateway drafts", async () => {
-    const file = join(mkdtempSync(join(testEnv().runDir, "mtp-")), "tiny-mtp.yaml");
-    writeFileSync(
-      file,
-      readFileSync(manifest, "utf8").replace(
-        "  gateway:\n",
-        "  gateway:\n    speculative: { method: mtp }\n",
-      ),
+    await upWithVariant(
+      ["  gateway:\n", "  gateway:\n    speculative: { method: mtp }\n"],
+      async (started, port) => {
+        const err = started.err();
+        const c = (await Checkpoint.open(join(started.models, "tiny-v3"))).config;
+        expect(c.numNextnPredictLayers).toBe(1);
+        // 3 MoE layers and the MTP layer, 16 experts each, over 4 shards; the gateway's
+        // layers count the MTP layer's dense part.
+        let experts = 0;
+        for (const k of [0, 1, 2, 3]) {
+          const m = new RegExp(`^\\[up\\] shard-${k}\\.0: done \\((\\d+)/\\d+ experts`, "m").exec(
+            err,
+          );
+          experts += Number(m?.[1]);
+        }
+        expect(experts).toBe(4 * c.nRoutedExperts);
+        expect(err).toMatch(/^\[up\] gateway: done \(5\/5 layers/m);
+        expect(await completionTokens(port, 12)).toBe(12);
+        const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+        const drafts = /^expertmesh_gateway_spec_decode_num_drafts_total (\d+)$/m.exec(metrics);
+        expect(Number(drafts?.[1])).toBeGreaterThan(0);
+      },
     );
-    const port = await freePort();
-    const started = spawnUp(port, 0, true, file);
-    const proc = started.proc;
-    try {
-      await untilServing(started, port);
-      const err = started.err();
-      const c = (await Checkpoint.open(join(started.models, "tiny-v3"))).config;
-      expect(c.numNextnPredictLayers).toBe(1);
-      // 3 MoE layers and the MTP layer, 16 experts each, over 4 shards; the gateway's
-      // layers count the MTP layer's dense part.
-      let experts = 0;
-      for (const k of [0, 1, 2, 3]) {
-        const m = new RegExp(`^\\[up\\] shard-${k}\\.0: done \\((\\d+)/\\d+ experts`, "m").exec(
-          err,
-        );
-        experts += Number(m?.[1]);
-      }
-      expect(experts).toBe(4 * c.nRoutedExperts);
-      expect(err).toMatch(/^\[up\] gateway: done \(5\/5 layers/m);
-      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
-      const r = await client.completions.create({
-        model: "tiny-v3",
-        prompt: "Hello",
-        max_tokens: 12,
-        temperature: 0,
-      });
-      expect(r.usage?.completion_tokens).toBe(12);
-      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      const drafts = /^expertmesh_gateway_spec_decode_num_drafts_total (\d+)$/m.exec(metrics);
-      expect(Number(drafts?.[1])).toBeGreaterThan(0);
-    } finally {
-      if (proc.exitCode === null) process.kill(-proc.pid!, "SIGINT");
-      await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
-    }
   });
 
   it("with spec.model.dtype fp8: every process loads the bf16 tiny model's linear layers as fp8, and it serves", async () => {
-    const file = join(mkdtempSync(join(testEnv().runDir, "fp8-")), "tiny-fp8.yaml");
-    writeFileSync(
-      file,
-      readFileSync(manifest, "utf8").replace(
-        "    preset: tiny-v3\n",
-        "    preset: tiny-v3\n    dtype: fp8\n",
-      ),
+    await upWithVariant(
+      ["    preset: tiny-v3\n", "    preset: tiny-v3\n    dtype: fp8\n"],
+      async (started, port) => {
+        const err = started.err();
+        for (const k of [0, 1, 2, 3])
+          expect(err).toMatch(
+            new RegExp(
+              `^\\[shard-${k}\\.0\\] loaded 12 experts .*served in fp8\\) for plan v1$`,
+              "m",
+            ),
+          );
+        expect(err).toMatch(/^\[gateway\] linear layers served in fp8 /m);
+        expect(await completionTokens(port, 8)).toBe(8);
+      },
     );
-    const port = await freePort();
-    const started = spawnUp(port, 0, true, file);
-    const proc = started.proc;
-    try {
-      await untilServing(started, port);
-      const err = started.err();
-      for (const k of [0, 1, 2, 3])
-        expect(err).toMatch(
-          new RegExp(
-            `^\\[shard-${k}\\.0\\] loaded 12 experts .*served in fp8\\) for plan v1$`,
-            "m",
-          ),
-        );
-      expect(err).toMatch(/^\[gateway\] linear layers served in fp8 /m);
-      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
-      const r = await client.completions.create({
-        model: "tiny-v3",
-        prompt: "Hello",
-        max_tokens: 8,
-        temperature: 0,
-      });
-      expect(r.usage?.completion_tokens).toBe(8);
-    } finally {
-      if (proc.exitCode === null) process.kill(-proc.pid!, "SIGINT");
-      await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
-    }
   });
 
   it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {
