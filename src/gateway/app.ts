@@ -23,6 +23,8 @@ export interface GatewayAppOptions {
   readonly ready?: () => Promise<boolean>;
   /** Whether the gateway is shutting down (/ready then says "draining"). */
   readonly draining?: () => boolean;
+  /** Why the last `ready()` was false, for /ready's body (the shards that did not answer). */
+  readonly notReadyDetail?: () => Record<string, unknown> | undefined;
   readonly logger?: boolean;
   /** Responses kept for previous_response_id and GET /v1/responses/{id} (default 1000; 0: none). */
   readonly responsesStore?: number;
@@ -101,7 +103,9 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.get("/ready", async (_req, reply) => {
     const ok = o.ready ? await o.ready() : true;
     reply.status(ok ? 200 : 503);
-    return { status: ok ? "ready" : o.draining?.() ? "draining" : "not ready" };
+    if (ok) return { status: "ready" };
+    if (o.draining?.()) return { status: "draining" };
+    return { status: "not ready", ...o.notReadyDetail?.() };
   });
   app.get("/metrics", async (_req, reply) => {
     const r = o.ctx.metrics.registry;

@@ -149,6 +149,13 @@ export function createServeContext(
   };
 }
 
+/** The outcome of probeShards: ready, or why each shard that failed did. */
+export interface ShardProbe {
+  readonly ready: boolean;
+  /** By shard index, for the shards that did not answer: what happened instead. */
+  readonly failed: Readonly<Record<string, string>>;
+}
+
 /**
  * Readiness of distributed mode: every shard of the plan answers a one-token dispatch
  * (zero activations, weight 0, one of its own experts) within `timeoutMs`.
@@ -159,13 +166,13 @@ export async function probeShards(
   plan: PlacementPlan,
   hidden: number,
   timeoutMs = 1000,
-): Promise<boolean> {
+): Promise<ShardProbe> {
   const layer = plan.layers[0];
-  if (!layer) return true;
+  if (!layer) return { ready: true, failed: {} };
   const answers = await Promise.all(
-    Array.from({ length: plan.numShards }, async (_, k) => {
+    Array.from({ length: plan.numShards }, async (_, k): Promise<string | null> => {
       const expert = layer.shardExperts[k]?.[0];
-      if (expert === undefined) return true;
+      if (expert === undefined) return null;
       const frame = encodeDispatch({
         dtype: "f32",
         planVersion: plan.version,
@@ -179,13 +186,25 @@ export async function probeShards(
         expert: Uint32Array.of(expert),
         weight: Float32Array.of(0),
       });
+      const subject = subjects.shard(model, k);
       try {
-        const msg = await nc.request(subjects.shard(model, k), frame, { timeout: timeoutMs });
-        return decodeFrame(msg.data).kind === "combine";
-      } catch {
-        return false;
+        const msg = await nc.request(subject, frame, { timeout: timeoutMs });
+        const f = decodeFrame(msg.data);
+        if (f.kind === "combine") return null;
+        if (f.kind !== "error") return `answered with a ${f.kind} frame`;
+        return f.message.startsWith(`[${f.code}]`) ? f.message : `[${f.code}] ${f.message}`;
+      } catch (e) {
+        const text = e instanceof Error ? e.message : String(e);
+        if (/no responders|503/i.test(text) || (e as { code?: unknown }).code === "503")
+          return `no replica serves ${subject} (no responders)`;
+        if (/timeout/i.test(text)) return `no answer on ${subject} within ${timeoutMs} ms`;
+        return `${subject}: ${text}`;
       }
     }),
   );
-  return answers.every(Boolean);
+  const failed: Record<string, string> = {};
+  answers.forEach((why, k) => {
+    if (why !== null) failed[String(k)] = why;
+  });
+  return { ready: Object.keys(failed).length === 0, failed };
 }

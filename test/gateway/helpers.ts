@@ -69,7 +69,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     });
     experts = remote;
     const plan = o.cluster.plan;
-    ready = () => probeShards(conn, ref, plan, weights.config.hiddenSize, 500);
+    ready = async () => (await probeShards(conn, ref, plan, weights.config.hiddenSize, 500)).ready;
   } else {
     experts = new LocalExperts(native, heldExperts(weights));
   }

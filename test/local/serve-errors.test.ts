@@ -353,9 +353,19 @@ describe("serving commands on bad input", () => {
         undefined,
         name,
       );
+      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
+      // Serving, but not ready: /ready names the shards nobody serves yet.
+      expect(await get(`${url}/ready`)).toEqual({
+        status: 503,
+        body: JSON.stringify({
+          status: "not ready",
+          shards: Object.fromEntries(
+            [0, 1].map((k) => [k, `no replica serves em.test.${name}.shard.${k} (no responders)`]),
+          ),
+        }),
+      });
       for (const k of [0, 1])
         shards.push(startShard(dir, plans["tiny-v3"]!, name, k, "r0", natsUrl));
-      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
       await Promise.all(shards.map((p) => waitServing(p)));
       const done = await chat();
       expect(done.usage?.completion_tokens).toBe(4);

@@ -110,7 +110,10 @@ describe("live plan switch on a shard (real NATS, real weights)", () => {
 
   it("readiness probes are answered but not counted as expert load", async () => {
     for (const s of servers) s.takeLoad();
-    expect(await probeShards(gw, ref, v1, weights.config.hiddenSize, 2000)).toBe(true);
+    expect(await probeShards(gw, ref, v1, weights.config.hiddenSize, 2000)).toEqual({
+      ready: true,
+      failed: {},
+    });
     for (const s of servers) {
       const load = s.takeLoad();
       expect(load.frames).toBe(1);
@@ -119,6 +122,27 @@ describe("live plan switch on a shard (real NATS, real weights)", () => {
     expect(await roundTrip(v1)).toBeLessThan(1e-5);
     const counted = servers.map((s) => s.takeLoad().expertTokens);
     expect(counted.some((c) => Object.keys(c).length > 0)).toBe(true);
+  });
+
+  it("a probe that fails says why, per shard: a plan the shards lack, or no shard at all", async () => {
+    const v9 = { ...v1, version: 9 };
+    const lacking = await probeShards(gw, ref, v9, weights.config.hiddenSize, 2000);
+    expect(lacking.ready).toBe(false);
+    expect(Object.keys(lacking.failed)).toEqual(["0", "1"]);
+    for (const why of Object.values(lacking.failed))
+      expect(why).toMatch(
+        /^\[EM_WIRE_PLAN_VERSION\] frame routed with plan v9; this shard has plan v1/,
+      );
+    const nobody = { namespace: ref.namespace, model: `${ref.model}-none` };
+    const absent = await probeShards(gw, nobody, v1, weights.config.hiddenSize, 2000);
+    expect(absent).toEqual({
+      ready: false,
+      failed: {
+        "0": `no replica serves ${subjects.shard(nobody, 0)} (no responders)`,
+        "1": `no replica serves ${subjects.shard(nobody, 1)} (no responders)`,
+      },
+    });
+    for (const s of servers) s.takeLoad();
   });
 
   it("prepare serves both plans; activate switches and retires the old one after the grace", async () => {

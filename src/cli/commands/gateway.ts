@@ -15,7 +15,7 @@ import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
-import { createServeContext, probeShards } from "../../gateway/server.ts";
+import { createServeContext, probeShards, type ShardProbe } from "../../gateway/server.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { stopWhenParentGone } from "../../local/parent-watch.ts";
@@ -253,6 +253,7 @@ export const gatewayCommand: Command = {
     let experts: ExpertRunner;
     let nc: NatsConnection | null = null;
     let ready: () => Promise<boolean> = async () => true;
+    let lastProbe: ShardProbe | null = null;
     let onRoundTrip: ((shard: number, ms: number, ok: boolean) => void) | undefined;
     if (values.local) {
       experts = new LocalExperts(backend, heldExperts(weights));
@@ -287,7 +288,10 @@ export const gatewayCommand: Command = {
       });
       const conn = nc;
       const remote = experts as RemoteExperts;
-      ready = () => probeShards(conn, ref, remote.plan, weights.config.hiddenSize);
+      ready = async () => {
+        lastProbe = await probeShards(conn, ref, remote.plan, weights.config.hiddenSize);
+        return lastProbe.ready;
+      };
       // Live plan changes from the operator (ADR 0003): switch when told to activate.
       conn.subscribe(subjects.planControl(ref), {
         callback: (err, msg) => {
@@ -347,6 +351,7 @@ export const gatewayCommand: Command = {
       maxRequestBytes,
       ready: serveReady,
       draining: () => draining,
+      notReadyDetail: () => (lastProbe?.ready === false ? { shards: lastProbe.failed } : undefined),
       responsesStore,
       server,
       onHandler: (h) => {
