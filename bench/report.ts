@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
+import { dtypeTables } from "./dtype.ts";
 import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { kvCacheTables } from "./kv-cache.ts";
@@ -457,6 +458,7 @@ export const SUITES = [
   "speculative",
   "kvcache",
   "pool",
+  "dtype",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -465,7 +467,7 @@ export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
 export const TABLES_ONLY: Record<
-  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache" | "pool",
+  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache" | "pool" | "dtype",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -475,6 +477,7 @@ export const TABLES_ONLY: Record<
   speculative: speculativeTables,
   kvcache: kvCacheTables,
   pool: poolTables,
+  dtype: dtypeTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -16,6 +16,7 @@ import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
+import { runDtype } from "./dtype.ts";
 import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
 import { runKvCache } from "./kv-cache.ts";
@@ -56,6 +57,7 @@ const RUN_TABLES_ONLY: Record<
   speculative: runSpeculative,
   kvcache: runKvCache,
   pool: runPool,
+  dtype: runDtype,
 };
 
 async function main(): Promise<number> {

@@ -14,32 +14,33 @@ namespace em::cpu {
 namespace {
 
 // dst [rows, cols] fp8 from any src: per 128 x 128 block, scale = amax / 448 (1 for a block
-// of zeros; NaN skipped) stored in dst->scale, code = e4m3(f32(double(x) / scale)): the
-// division and rounding of floats.ts's quantizeE4m3Blocks, bit for bit.
+// of zeros; NaN skipped) stored in dst->scale, code = e4m3(x / scale): the division and
+// rounding of floats.ts's quantizeE4m3Blocks, bit for bit. (x / scale in f32 is the f32
+// rounding of the exact quotient, as floats.ts's double division then rounding to f32 is:
+// a double holds more than twice f32's bits. f32_to_fp8 with inv 1 then rounds it to e4m3.)
+// One work item per block, so that a matrix of a few row blocks still fills the threads.
 em_status quantize_fp8(Context& ctx, const Weight& w, int64_t rows, int64_t cols, em_tensor* dst) {
   const int64_t dst_ld = dst->ndim >= 2 ? dst->stride[dst->ndim - 2] : cols;
   const int64_t block_cols = (cols + 127) / 128;
   const int64_t scale_stride = dst->scale_stride > 0 ? dst->scale_stride : block_cols;
-  ctx.pool.parallel_for((rows + 127) / 128, [&](int64_t br, int) {
+  const Kernels& k = *ctx.k;
+  ctx.pool.parallel_for(((rows + 127) / 128) * block_cols, [&](int64_t item, int) {
+    const int64_t br = item / block_cols, bc = item % block_cols;
     const int64_t r0 = br * 128, r1 = std::min(rows, r0 + 128);
-    std::vector<float> f(static_cast<size_t>((r1 - r0) * cols));
-    for (int64_t r = r0; r < r1; ++r) w.row_to_f32(r, 0, cols, f.data() + (r - r0) * cols);
-    for (int64_t bc = 0; bc < block_cols; ++bc) {
-      const int64_t c0 = bc * 128, c1 = std::min(cols, c0 + 128);
-      float amax = 0.0f;
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) {
-          const float a = std::fabs(f[(r - r0) * cols + c]);
-          if (a > amax) amax = a;  // NaN compares false: skipped
-        }
-      const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
-      const_cast<float*>(dst->scale)[br * scale_stride + bc] = scale;
-      for (int64_t r = r0; r < r1; ++r) {
-        uint8_t* o = static_cast<uint8_t*>(dst->data) + r * dst_ld;
-        const float* x = f.data() + (r - r0) * cols;
-        for (int64_t c = c0; c < c1; ++c)
-          o[c] = f32_to_e4m3(static_cast<float>(static_cast<double>(x[c]) / static_cast<double>(scale)));
-      }
+    const int64_t c0 = bc * 128, n = std::min(cols, c0 + 128) - c0;
+    float f[128 * 128];
+    float amax = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* x = f + (r - r0) * 128;
+      w.row_to_f32(r, c0, n, x);
+      amax = std::max(amax, k.abs_max(x, n));
+    }
+    const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+    const_cast<float*>(dst->scale)[br * scale_stride + bc] = scale;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* x = f + (r - r0) * 128;
+      for (int64_t c = 0; c < n; ++c) x[c] = x[c] / scale;
+      k.f32_to_fp8(x, n, 1.0, static_cast<uint8_t*>(dst->data) + r * dst_ld + c0);
     }
   });
   return EM_OK;
