@@ -4,6 +4,7 @@ import { Registry } from "prom-client";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { shardExpertBytes } from "../../src/api/memory.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { parseKvCacheDtype } from "../../src/engine/kv-format.ts";
 import type { ModelConfig } from "../../src/model/config.ts";
@@ -30,6 +31,18 @@ describe("examples/", () => {
     const tokens =
       Math.floor(bytes / bytesPerBlock(v3, blockSize, parseKvCacheDtype(dtype))) * blockSize;
     expect(tokens).toBeGreaterThanOrEqual(m.spec.gateway.limits.maxModelLen!);
+  });
+  it("deepseek-v2-fp8.yaml: fp8 halves what a shard holds, to fit one 80 GB GPU with room", () => {
+    const m = parseManifest(readFileSync(new URL("deepseek-v2-fp8.yaml", dir), "utf8"), "v2");
+    const plan = planPlacement({
+      architecture: architectureOf(m),
+      numShards: m.spec.experts.shards,
+      redundantExperts: m.spec.experts.redundantExperts,
+    });
+    const bf16 = { ...m, spec: { ...m.spec, model: { ...m.spec.model, dtype: "auto" as const } } };
+    const fp8Bytes = shardExpertBytes(m, plan, 0)!;
+    expect(fp8Bytes / shardExpertBytes(bf16, plan, 0)!).toBeCloseTo(0.5, 3);
+    expect(fp8Bytes).toBeLessThan(0.4 * 80e9);
   });
   it.each(manifests)("%s is valid and plans", (file) => {
     const m = parseManifest(readFileSync(new URL(file, dir), "utf8"), file);
