@@ -4,9 +4,11 @@
 // from them). The operator requests these bytes (plus POD_MEMORY_OVERHEAD) for pods whose
 // manifest requests no memory; test/unit/memory.test.ts checks them against written
 // checkpoints.
+import { formatBytes } from "../local/progress.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { architectureOf } from "./manifest.ts";
 import { presetCache, presetCheckpointDtype, presetDense } from "./presets.ts";
+import { quantityValue } from "./quantity.ts";
 import type { DeepSeekModel } from "./schema.ts";
 
 /** Room a process needs beside its weights and KV cache (runtime, buffers, a batch's rows). */
@@ -97,4 +99,39 @@ export function gatewayWeightBytes(model: DeepSeekModel): number | null {
     moeLayers * moeDense +
     mtp
   );
+}
+
+/**
+ * Where the manifest's memory limits are below what a pod holds for certain (its weights,
+ * and a gateway's KV cache): each such pod would be killed for memory while loading, again
+ * and again. One message per role, naming the field, the limit and the bytes.
+ */
+export function memoryLimitShortfalls(model: DeepSeekModel, plan: PlacementPlan): string[] {
+  const out: string[] = [];
+  const limit = (r: { limits?: Record<string, string | number> } | undefined) => {
+    const q = r?.limits?.["memory"];
+    return q === undefined ? null : { text: String(q), bytes: quantityValue(q) };
+  };
+  const dtype = servedLinearDtype(model);
+  const shardLimit = limit(model.spec.experts.resources);
+  if (shardLimit?.bytes != null) {
+    const bytes = plan.layers.length
+      ? Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(model, plan, k) ?? 0)
+      : [];
+    const worst = Math.max(0, ...bytes);
+    if (worst > shardLimit.bytes)
+      out.push(
+        `spec.experts.resources.limits.memory ${shardLimit.text} is less than shard ${bytes.indexOf(worst)}'s experts alone (${formatBytes(worst)} in ${dtype}): a shard holds its experts in host memory; raise the limit above that, plus room (expertmesh plan -f prints what each pod holds)`,
+      );
+  }
+  const gatewayLimit = limit(model.spec.gateway.resources);
+  if (gatewayLimit?.bytes != null) {
+    const kv = model.spec.gateway.kvCache.bytes;
+    const weights = gatewayWeightBytes(model);
+    if (kv + (weights ?? 0) > gatewayLimit.bytes)
+      out.push(
+        `spec.gateway.resources.limits.memory ${gatewayLimit.text} is less than the gateway's ${weights === null ? "" : `weights (${formatBytes(weights)}) and `}KV cache (${formatBytes(kv)}, spec.gateway.kvCache.bytes): raise the limit above ${weights === null ? "that" : "their sum"}, plus room`,
+      );
+  }
+  return out;
 }

@@ -4,6 +4,7 @@
 // touched (a no-op apply keeps their resourceVersion).
 import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/client-node";
 import { architectureOf } from "../api/manifest.ts";
+import { memoryLimitShortfalls } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
@@ -97,6 +98,11 @@ export class Reconciler {
       if (!(err instanceof ExpertMeshError)) throw err;
       problems.push({ reason: "PlanInvalid", message: err.message });
     }
+    // Limits below what the pods hold for certain: they would be killed for memory while
+    // loading, over and over; nothing is applied until the spec changes.
+    if (plan)
+      for (const message of memoryLimitShortfalls(model, plan))
+        problems.push({ reason: "MemoryLimitTooLow", message });
 
     // 3. Apply what is wanted (unless a dependency is missing), delete what is not.
     if (plan && problems.length === 0) {

@@ -6,7 +6,13 @@ import { LABEL_COMPONENT } from "./labels.ts";
 
 /** A problem that makes the model Degraded: a stable reason and a precise message. */
 export interface Problem {
-  reason: "PVCNotFound" | "SecretNotFound" | "PlanInvalid" | "Unschedulable" | "ApplyFailed";
+  reason:
+    | "PVCNotFound"
+    | "SecretNotFound"
+    | "PlanInvalid"
+    | "MemoryLimitTooLow"
+    | "Unschedulable"
+    | "ApplyFailed";
   message: string;
 }
 

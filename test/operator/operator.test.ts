@@ -330,6 +330,42 @@ describe.sequential("expertmesh operator", () => {
     expect(events.stdout).toMatch(/Normal\s+Recovered/);
   });
 
+  it("reports a memory limit below what the pods hold as Degraded: MemoryLimitTooLow, applies nothing, and recovers when raised", async () => {
+    const ns = await newNamespace("memory");
+    await createWeightsVolume(ns);
+    // tiny-v2 over 2 shards: 4 experts in each of 2 MoE layers, 3 x 64 x 32 bf16: 96 KiB.
+    const experts = (memory: string) => ({
+      shards: 2,
+      resources: { requests: { memory }, limits: { memory } },
+    });
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("tight", ns, { experts: experts("64Ki") }),
+    });
+    const m = await waitForCondition(ns, "tight", "Degraded", "True", "MemoryLimitTooLow");
+    expect(condition(m, "Degraded")?.message).toBe(
+      "spec.experts.resources.limits.memory 64Ki is less than shard 0's experts alone (96.0 KiB in bf16): a shard holds its experts in host memory; raise the limit above that, plus room (expertmesh plan -f prints what each pod holds)",
+    );
+    expect(await ownedDeployments(ns, "tight")).toHaveLength(0);
+    const patched = await kubectl([
+      "patch",
+      "dsm",
+      "tight",
+      "-n",
+      ns,
+      "--type=merge",
+      "-p",
+      JSON.stringify({ spec: { experts: experts("1Gi") } }),
+    ]);
+    expect(patched.code).toBe(0);
+    await waitForCondition(ns, "tight", "Ready", "True", undefined, 90_000);
+    const shard = (await ownedDeployments(ns, "tight")).find(
+      (d) => d.metadata?.name === "tight-shard-0",
+    )!;
+    expect(shard.spec?.template.spec?.containers[0]?.resources?.limits?.["memory"]).toBe("1Gi");
+  });
+
   it("reports pods that no GPU node can take as Degraded: Unschedulable", async () => {
     const ns = await newNamespace("gpus");
     await createWeightsVolume(ns);

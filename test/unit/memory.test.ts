@@ -6,7 +6,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
-import { gatewayWeightBytes, shardExpertBytes } from "../../src/api/memory.ts";
+import {
+  gatewayWeightBytes,
+  memoryLimitShortfalls,
+  shardExpertBytes,
+} from "../../src/api/memory.ts";
+import { quantityValue } from "../../src/api/quantity.ts";
 import { denseLoadBytes, expertLoad } from "../../src/cli/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
@@ -94,5 +99,95 @@ describe("pod memory from the manifest", () => {
     // fp8 linear layers: a byte per weight; the rest (embeddings, head, norms, routers) two.
     expect(bytes / (dense + bf16)).toBeGreaterThan(0.98);
     expect(bytes / (dense + bf16)).toBeLessThan(1.02);
+  });
+});
+
+describe("quantityValue", () => {
+  it.each([
+    ["64Gi", 64 * 2 ** 30],
+    ["512Mi", 512 * 2 ** 20],
+    ["1.5Gi", 1.5 * 2 ** 30],
+    ["100Ki", 102400],
+    ["2Ti", 2 * 2 ** 40],
+    ["500M", 5e8],
+    ["1G", 1e9],
+    ["3k", 3000],
+    ["1500m", 1.5],
+    ["1e9", 1e9],
+    ["2E3", 2000],
+    ["1E", 1e18],
+    ["17179869184", 17179869184],
+    [4096, 4096],
+    [" 8Gi ", 8 * 2 ** 30],
+    ["8gi", null],
+    ["8GB", null],
+    ["Gi", null],
+    ["", null],
+    ["1.2.3", null],
+  ] as const)("%j -> %j", (q, want) => {
+    expect(quantityValue(q)).toBe(want);
+  });
+});
+
+describe("memoryLimitShortfalls", () => {
+  const base = manifest("tiny-v3", "auto", false);
+  const plan = planPlacement({
+    architecture: architectureOf(base),
+    numShards: 2,
+    redundantExperts: 2,
+  });
+  const shardBytes = shardExpertBytes(base, plan, 0)!;
+  const gatewayBytes = gatewayWeightBytes(base)! + base.spec.gateway.kvCache.bytes;
+  const withLimits = (shard?: string | number, gateway?: string | number) => ({
+    ...base,
+    spec: {
+      ...base.spec,
+      experts: {
+        ...base.spec.experts,
+        ...(shard === undefined ? {} : { resources: { limits: { memory: shard } } }),
+      },
+      gateway: {
+        ...base.spec.gateway,
+        ...(gateway === undefined ? {} : { resources: { limits: { memory: gateway } } }),
+      },
+    },
+  });
+  it.each([
+    { name: "no limits", shard: undefined, gateway: undefined, want: [] },
+    { name: "limits with room", shard: "1Gi", gateway: "2Gi", want: [] },
+    { name: "exactly the bytes", shard: shardBytes, gateway: gatewayBytes, want: [] },
+    {
+      name: "an unparseable limit is the API server's to refuse",
+      shard: "lots",
+      gateway: undefined,
+      want: [],
+    },
+    {
+      name: "a shard limit a byte short",
+      shard: shardBytes - 1,
+      gateway: undefined,
+      want: ["spec.experts.resources.limits.memory"],
+    },
+    {
+      name: "a gateway limit below its KV cache",
+      shard: undefined,
+      gateway: "256Mi",
+      want: ["spec.gateway.resources.limits.memory"],
+    },
+    {
+      name: "both",
+      shard: "100Ki",
+      gateway: "256Mi",
+      want: ["spec.experts.resources.limits.memory", "spec.gateway.resources.limits.memory"],
+    },
+  ])("$name", ({ shard, gateway, want }) => {
+    const got = memoryLimitShortfalls(withLimits(shard, gateway), plan);
+    expect(got.map((m) => m.split(" ")[0])).toEqual(want);
+  });
+  it("names the limit, the shard and the bytes", () => {
+    expect(memoryLimitShortfalls(withLimits("100Ki", "256Mi"), plan)).toEqual([
+      `spec.experts.resources.limits.memory 100Ki is less than shard 0's experts alone (${(shardBytes / 1024).toFixed(1)} KiB in bf16): a shard holds its experts in host memory; raise the limit above that, plus room (expertmesh plan -f prints what each pod holds)`,
+      "spec.gateway.resources.limits.memory 256Mi is less than the gateway's weights (295.8 KiB) and KV cache (512.0 MiB, spec.gateway.kvCache.bytes): raise the limit above their sum, plus room",
+    ]);
   });
 });
