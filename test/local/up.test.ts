@@ -186,6 +186,11 @@ describe("expertmesh up", () => {
     expect(err).toMatch(
       /^\[up\] devices: everything on the CPU \(the manifest requests GPUs; .+\)$/m,
     );
+    // What the processes will hold (4 shards of 12 experts x 12 KiB, the gateway's weights
+    // and 512 MiB of KV cache), against this machine's memory.
+    expect(err).toMatch(
+      /^\[up\] memory: the processes will hold ~512\.\d MiB \(shards 576\.0 KiB, gateway 512\.3 MiB with its KV cache\); this machine has [\d.]+ GiB$/m,
+    );
     expect(out).toContain(`over gRPC at 127.0.0.1:${grpcPort}`);
 
     // Progress: stderr is not a terminal, so plain lines, one "done" per loading process;

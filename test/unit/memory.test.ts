@@ -12,6 +12,7 @@ import {
   shardExpertBytes,
 } from "../../src/api/memory.ts";
 import { quantityValue } from "../../src/api/quantity.ts";
+import { upMemory } from "../../src/cli/commands/up.ts";
 import { denseLoadBytes, expertLoad } from "../../src/cli/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
@@ -189,5 +190,31 @@ describe("memoryLimitShortfalls", () => {
       `spec.experts.resources.limits.memory 100Ki is less than shard 0's experts alone (${(shardBytes / 1024).toFixed(1)} KiB in bf16): a shard holds its experts in host memory; raise the limit above that, plus room (expertmesh plan -f prints what each pod holds)`,
       "spec.gateway.resources.limits.memory 256Mi is less than the gateway's weights (295.8 KiB) and KV cache (512.0 MiB, spec.gateway.kvCache.bytes): raise the limit above their sum, plus room",
     ]);
+  });
+});
+
+describe("expertmesh up's memory line", () => {
+  const m = manifest("tiny-v3", "auto", false);
+  const plan = planPlacement({
+    architecture: architectureOf(m),
+    numShards: 2,
+    redundantExperts: 2,
+  });
+  // 2 shards x 9 experts per layer x 3 MoE layers x 12 KiB; the gateway 295.8 KiB + 512 MiB.
+  const shards = 2 * shardExpertBytes(m, plan, 0)!;
+  const gateway = gatewayWeightBytes(m)! + m.spec.gateway.kvCache.bytes;
+
+  it("says what the processes will hold against the machine's memory", () => {
+    expect(shards).toBe(2 * 9 * 3 * 12288);
+    expect(upMemory(m, plan, 24 * 2 ** 30)).toBe(
+      "memory: the processes will hold ~512.9 MiB (shards 648.0 KiB, gateway 512.3 MiB with its KV cache); this machine has 24.00 GiB",
+    );
+  });
+
+  it("warns when that is over 90 % of it", () => {
+    expect(upMemory(m, plan, Math.ceil((shards + gateway) / 0.9) + 1)).not.toMatch(/too little/);
+    expect(upMemory(m, plan, Math.floor((shards + gateway) / 0.9) - 1)).toMatch(
+      /: too little, expect one to be killed while loading \(a smaller spec\.gateway\.kvCache\.bytes, or spec\.model\.dtype fp8, holds less\)$/,
+    );
   });
 });

@@ -5,19 +5,21 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
-import { tmpdir } from "node:os";
+import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { gatewayArgs, modelArgs, readManifest, servedModelName } from "../../api/manifest.ts";
+import { gatewayWeightBytes, shardExpertBytes } from "../../api/memory.ts";
+import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
-import { PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
+import { formatBytes, PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
 import { ProgressBoard } from "../../local/progress-board.ts";
 import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
 import { tinyModelCurrent, writeTinyModel } from "../../model/tiny.ts";
-import { planPlacement } from "../../moe/placement.ts";
+import { type PlacementPlan, planPlacement } from "../../moe/placement.ts";
 import { serializePlan } from "../../moe/plan-json.ts";
 import { cacheDir } from "../../util/cache-dir.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
@@ -247,6 +249,8 @@ export const upCommand: Command = {
     say(
       `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
     );
+    const memory = upMemory(m, plan);
+    if (memory) say(memory);
 
     const children: ChildProcess[] = [];
     let stopping = false;
@@ -390,3 +394,27 @@ export const upCommand: Command = {
     return 0;
   },
 };
+
+/**
+ * What the processes `up` starts will hold in memory (weights and the gateway's KV cache,
+ * src/api/memory.ts), against this machine's: a warning before minutes of loading end in the
+ * kernel killing one of them. Null when the preset's figures are not known.
+ */
+export function upMemory(
+  m: DeepSeekModel,
+  plan: PlacementPlan,
+  machineBytes = totalmem(),
+): string | null {
+  const shards = Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(m, plan, k));
+  const weights = gatewayWeightBytes(m);
+  if (weights === null || shards.some((b) => b === null)) return null;
+  const shardBytes = shards.reduce((a, b) => a! + b!, 0)! * m.spec.experts.replicas.min;
+  const gateway = weights + m.spec.gateway.kvCache.bytes;
+  const total = shardBytes + gateway;
+  const line =
+    `memory: the processes will hold ~${formatBytes(total)} (shards ${formatBytes(shardBytes)}, ` +
+    `gateway ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`;
+  return total > 0.9 * machineBytes
+    ? `${line}: too little, expect one to be killed while loading (a smaller spec.gateway.kvCache.bytes, or spec.model.dtype fp8, holds less)`
+    : line;
+}
