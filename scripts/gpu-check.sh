@@ -286,6 +286,14 @@ if [ -n "$node" ]; then
   step 120 env EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
     "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --kv-dtype bf16 >"$out/forward-mirror.md" 2>&1 ||
     log "the mirrored forward failed (forward-mirror.md)"
+  # An fp8 checkpoint served in bf16 (--dtype bf16: dequantized once at load, in each run on
+  # its own device, instead of in every wide GEMM), and a bf16 one in fp8; information.
+  log "forward, linear layers converted at load (--dtype bf16 of tiny-v3-fp8, --dtype fp8 of tiny-v3)"
+  { step 60 env EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings "$root/scripts/gpu-forward.ts" \
+      --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --models tiny-v3-fp8 --dtype bf16 &&
+    step 60 env EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings "$root/scripts/gpu-forward.ts" \
+      --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --models tiny-v3 --dtype fp8; } >"$out/forward-dtype.md" 2>&1 ||
+    log "a converted-weights forward failed (forward-dtype.md)"
   [ "$addon_rc" = 0 ] || [ "$forward" != 0 ] || forward=1
   {
     echo
@@ -305,6 +313,10 @@ if [ -n "$node" ]; then
     echo
     grep -E '^\| tiny|^- forward' "$out/forward-mirror.md" 2>/dev/null || echo "(no result: forward-mirror.md)"
     grep -E 'Error|error' "$out/forward-mirror.md" 2>/dev/null | head -5
+    echo
+    echo "With the linear layers converted at load (--dtype bf16 of tiny-v3-fp8, then --dtype fp8 of tiny-v3; information):"
+    echo
+    grep -E '^\| tiny|^- forward' "$out/forward-dtype.md" 2>/dev/null || echo "(no result: forward-dtype.md)"
     echo
     echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
     echo

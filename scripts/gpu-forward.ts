@@ -7,7 +7,11 @@
 //
 //   node scripts/gpu-forward.ts [--device cuda:0] [--models tiny-v2,tiny-v3,tiny-v3-fp8]
 //        [--decode 8] [--tolerance 5e-2] [--isa ISA] [--replay on|off] [--kv-dtype f32|bf16|fp8]
-//        [--json FILE]
+//        [--dtype auto|bf16|fp16|fp32|fp8] [--json FILE]
+//
+// --dtype serves the linear layers in that dtype (the loader converts them, in each run on
+// its own configured device: bf16 of an fp8 checkpoint is a GPU gateway's way to dequantize
+// once at load).
 //
 // Pass: for every model, max |device - cpu| / max |cpu| <= tolerance over the prefill rows
 // and over each decode step, and the greedy (argmax) token of every row agrees, except
@@ -29,10 +33,14 @@ import { rmSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { backendSummary } from "../src/cli/device.ts";
 import type { Backend } from "../src/engine/backend.ts";
+import { LocalExperts } from "../src/engine/experts.ts";
 import type { KvDtype } from "../src/engine/kv-format.ts";
-import { SequenceCache } from "../src/engine/model.ts";
+import { heldExperts, loadWeights } from "../src/engine/loader.ts";
+import { DeepSeekForward, SequenceCache } from "../src/engine/model.ts";
 import { loadAddon, type NativeInfo, nativeBackend } from "../src/engine/native.ts";
-import { localModel, readGolden, tinyCheckpointFor } from "../test/support/golden.ts";
+import { parseServeDtype } from "../src/engine/weight-dtype.ts";
+import { Checkpoint } from "../src/model/checkpoint.ts";
+import { readGolden, tinyCheckpointFor } from "../test/support/golden.ts";
 
 type ModelName = "tiny-v2" | "tiny-v3" | "tiny-v3-fp8";
 const MODELS: readonly ModelName[] = ["tiny-v2", "tiny-v3", "tiny-v3-fp8"];
@@ -46,6 +54,7 @@ const { values } = parseArgs({
     replay: { type: "string" },
     isa: { type: "string" },
     "kv-dtype": { type: "string" },
+    dtype: { type: "string" },
     json: { type: "string" },
   },
 });
@@ -63,6 +72,13 @@ if (!(tolerance > 0)) fatal("--tolerance must be > 0");
 // GPU check runs the device KV mirror over bf16 rows, as a gateway keeps them).
 const kvDtype = (values["kv-dtype"] ?? "f32") as KvDtype;
 if (!["f32", "bf16", "fp8"].includes(kvDtype)) fatal("--kv-dtype must be f32, bf16 or fp8");
+const dtype = (() => {
+  try {
+    return parseServeDtype(values.dtype);
+  } catch (e) {
+    return fatal((e as Error).message);
+  }
+})();
 // The compared run's CPU ISA: for a CPU self-test, the scalar kernels against the best ones.
 const isa = values.isa ?? (device === "cpu" ? "scalar" : "auto");
 
@@ -187,7 +203,12 @@ async function trace(
 ): Promise<Trace> {
   const info = addon.configure(configure);
   const backend: Backend = replayRouting(nativeBackend(), routing, feed === null, replay);
-  const { weights, model } = await localModel(dir, backend);
+  const weights = await loadWeights(await Checkpoint.open(dir), "all", undefined, { dtype });
+  const model = new DeepSeekForward(
+    weights,
+    backend,
+    new LocalExperts(backend, heldExperts(weights)),
+  );
   const V = weights.config.vocabSize;
   const t0 = performance.now();
   const cache = new SequenceCache(weights.config, prompt.length + decodeSteps + 1, kvDtype);
@@ -305,7 +326,7 @@ const pass = errors.length === 0 && results.every((r) => r.pass);
 const e = (x: number) => x.toExponential(2);
 out(
   `- forward: ${pass ? "PASS" : "FAIL"} (${device}${device === "cpu" ? ` isa ${isa}, a CPU self-test` : ""} vs the CPU backend${replay ? "" : ", own routing"}, ` +
-    `${models.length} tiny models, prefill + ${decodeSteps} decode steps, ${kvDtype} KV rows, tolerance ${e(tolerance)} x max|logit|)`,
+    `${models.length} tiny models, prefill + ${decodeSteps} decode steps, ${kvDtype} KV rows, ${dtype === "auto" ? "" : `linear layers served in ${dtype}, `}tolerance ${e(tolerance)} x max|logit|)`,
 );
 out();
 if (deviceInfo) out(`Device run: ${backendSummary(deviceInfo)}.`);

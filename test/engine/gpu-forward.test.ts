@@ -70,4 +70,16 @@ describe("gpu-forward CPU self-test", () => {
     expect(bad.status).toBe(1);
     expect(bad.stdout).toContain("--kv-dtype must be f32, bf16 or fp8");
   });
+
+  it("serves the linear layers in the dtype asked for (the GPU check's converted-weights runs)", () => {
+    const r = forward("--dtype", "fp8");
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("linear layers served in fp8");
+    // tiny-v2 quantized: far from the bf16 golden, the same on both runs.
+    expect(r.report.results[0].prefillErr).toBeLessThan(1e-5);
+    expect(r.report.results[0].goldenCpu).toBeGreaterThan(1e-3);
+    const bad = forward("--dtype", "int4");
+    expect(bad.status).toBe(1);
+    expect(bad.stdout).toContain("--dtype must be auto, bf16, fp16, fp32, fp8, got 'int4'");
+  });
 });
