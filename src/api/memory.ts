@@ -54,6 +54,12 @@ export function shardExpertBytes(
   return plan.layers.reduce((n, l) => n + new Set(l.shardExperts[k]).size * expert, 0);
 }
 
+/** shardExpertBytes of every shard of the plan, by index; null when not known. */
+export function everyShardExpertBytes(model: DeepSeekModel, plan: PlacementPlan): number[] | null {
+  const bytes = Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(model, plan, k));
+  return bytes.some((b) => b === null) ? null : (bytes as number[]);
+}
+
 /**
  * Bytes of a gateway's weights: embeddings, LM head, every block's attention and norms, the
  * dense MLPs, routers and shared experts, and with MTP drafts the MTP layer's dense part
@@ -115,9 +121,7 @@ export function memoryLimitShortfalls(model: DeepSeekModel, plan: PlacementPlan)
   const dtype = servedLinearDtype(model);
   const shardLimit = limit(model.spec.experts.resources);
   if (shardLimit?.bytes != null) {
-    const bytes = plan.layers.length
-      ? Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(model, plan, k) ?? 0)
-      : [];
+    const bytes = everyShardExpertBytes(model, plan) ?? [];
     const worst = Math.max(0, ...bytes);
     if (worst > shardLimit.bytes)
       out.push(

@@ -410,3 +410,16 @@ export async function expectSameSeededCompletions(
     expectSameCompletions(y, x);
   }
 }
+
+/** A json_schema response_format: {"n": [integers]} (the speculative tests' structured answer). */
+export const NUMBERS_FORMAT = {
+  type: "json_schema" as const,
+  json_schema: {
+    name: "n",
+    schema: {
+      type: "object",
+      properties: { n: { type: "array", items: { type: "integer" } } },
+      required: ["n"],
+    },
+  },
+};

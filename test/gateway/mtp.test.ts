@@ -19,6 +19,7 @@ import {
   LOOP_PROMPT,
   metric,
   mixedGreedy,
+  NUMBERS_FORMAT,
   preemptionScenario,
   SEED_PROMPTS,
   SEEDED_BODIES,
@@ -107,17 +108,7 @@ describe("MTP speculative decoding", () => {
         messages: [{ role: "user" as const, content: "Numbers" }],
         max_tokens: 40,
         temperature: 0,
-        response_format: {
-          type: "json_schema" as const,
-          json_schema: {
-            name: "n",
-            schema: {
-              type: "object",
-              properties: { n: { type: "array", items: { type: "integer" } } },
-              required: ["n"],
-            },
-          },
-        },
+        response_format: NUMBERS_FORMAT,
       };
       const [x, y] = await Promise.all([
         plain.client.chat.completions.create(json),

@@ -18,6 +18,7 @@ import {
   LOOP_PROMPT,
   metric,
   mixedGreedy,
+  NUMBERS_FORMAT,
   preemptionScenario,
   SEED_PROMPTS,
   SEEDED_BODIES,
@@ -125,17 +126,7 @@ describe("speculative decoding (ngram)", () => {
       max_tokens: 48,
       temperature: 0,
       logit_bias: { [id("1")]: 12, [id(",")]: 11, [id("[")]: 10 },
-      response_format: {
-        type: "json_schema" as const,
-        json_schema: {
-          name: "n",
-          schema: {
-            type: "object",
-            properties: { n: { type: "array", items: { type: "integer" } } },
-            required: ["n"],
-          },
-        },
-      },
+      response_format: NUMBERS_FORMAT,
     };
     const before = specStats();
     const x = await plain.client.chat.completions.create(req);

@@ -3,7 +3,7 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { architectureOf, readManifest, servedModelName } from "../../api/manifest.ts";
-import { gatewayWeightBytes, servedLinearDtype, shardExpertBytes } from "../../api/memory.ts";
+import { everyShardExpertBytes, gatewayWeightBytes, servedLinearDtype } from "../../api/memory.ts";
 import { type ExpertLayout, resolveArchitecture } from "../../api/presets.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { formatBytes } from "../../local/progress.ts";
@@ -60,11 +60,11 @@ export function planOutput(argv: string[]): string {
 /** What each pod will hold in host memory, as the operator requests it (src/api/memory.ts). */
 function memoryLines(m: DeepSeekModel, plan: PlacementPlan): string[] {
   const dtype = servedLinearDtype(m);
-  const shards = Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(m, plan, k));
+  const shards = everyShardExpertBytes(m, plan) ?? [0];
   const weights = gatewayWeightBytes(m);
   const kv = m.spec.gateway.kvCache.bytes;
-  const lo = Math.min(...shards.map((b) => b ?? 0));
-  const hi = Math.max(...shards.map((b) => b ?? 0));
+  const lo = Math.min(...shards);
+  const hi = Math.max(...shards);
   const own = (r: { requests?: Record<string, unknown> } | undefined) =>
     r?.requests?.["memory"] !== undefined ? ` (the manifest requests ${r.requests["memory"]})` : "";
   return [

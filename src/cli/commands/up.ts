@@ -9,7 +9,7 @@ import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { gatewayArgs, modelArgs, readManifest, servedModelName } from "../../api/manifest.ts";
-import { gatewayWeightBytes, shardExpertBytes } from "../../api/memory.ts";
+import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
@@ -405,10 +405,10 @@ export function upMemory(
   plan: PlacementPlan,
   machineBytes = totalmem(),
 ): string | null {
-  const shards = Array.from({ length: plan.numShards }, (_, k) => shardExpertBytes(m, plan, k));
+  const shards = everyShardExpertBytes(m, plan);
   const weights = gatewayWeightBytes(m);
-  if (weights === null || shards.some((b) => b === null)) return null;
-  const shardBytes = shards.reduce((a, b) => a! + b!, 0)! * m.spec.experts.replicas.min;
+  if (weights === null || shards === null) return null;
+  const shardBytes = shards.reduce((a, b) => a + b, 0) * m.spec.experts.replicas.min;
   const gateway = weights + m.spec.gateway.kvCache.bytes;
   const total = shardBytes + gateway;
   const line =
