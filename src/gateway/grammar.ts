@@ -118,6 +118,8 @@ export class Vocabulary implements Walk {
   readonly sorted: Int32Array;
   readonly lcp: Uint16Array;
   readonly bytesEnd: number;
+  /** The longest token's length in bytes (so it holds at most as many characters). */
+  readonly maxTokenBytes: number;
   /** Masks and local parts every grammar over this vocabulary shares (ByteAutomaton). */
   readonly masks = new Lru<Uint32Array>(MAX_MASKS);
   readonly #symbols: ReadonlyMap<string, number>;
@@ -136,7 +138,13 @@ export class Vocabulary implements Walk {
     this.bytes = bytes;
     this.#symbols = symbols;
     const ids: number[] = [];
-    for (let id = 0; id < Math.min(bytes.length, size); id++) if (bytes[id]?.length) ids.push(id);
+    let longest = 0;
+    for (let id = 0; id < Math.min(bytes.length, size); id++)
+      if (bytes[id]?.length) {
+        ids.push(id);
+        longest = Math.max(longest, bytes[id]!.length);
+      }
+    this.maxTokenBytes = longest;
     // As latin1 strings, whose code units are the bytes: string order is byte order, and
     // comparing strings is several times faster than Buffer.compare.
     const keys: string[] = [];

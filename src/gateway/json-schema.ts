@@ -8,8 +8,10 @@
 // and nothing else; `type` (one, or several with different first bytes: ["string",
 // "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`, `minItems` /
 // `maxItems`, `anyOf` / `oneOf` of alternatives with different first bytes, `$ref` into
-// `$defs` / `definitions` (recursion included). An object without `properties` and a
-// schema without a type are any JSON value (json-mode.ts's automaton). Annotations
+// `$defs` / `definitions` (recursion included); strings' `pattern`, `format`, `minLength`
+// and `maxLength` (json-string.ts), numbers' `minimum`, `maximum`, `exclusiveMinimum`,
+// `exclusiveMaximum` and `multipleOf` (json-number.ts). An object without `properties` and
+// a schema without a type are any JSON value (json-mode.ts's automaton). Annotations
 // (`description`, `title`, `default`, `additionalProperties`, ...) are ignored; any other
 // keyword is refused (400) rather than not enforced.
 import { ApiError } from "./errors.ts";
@@ -24,12 +26,26 @@ import {
   Mode,
   stringLocal,
 } from "./json-mode.ts";
+import {
+  canEnd,
+  continuesNumber,
+  type NumberRule,
+  type NumberState,
+  numberKey,
+  numberRule,
+  stepNumber,
+} from "./json-number.ts";
+import { CLOSED, StringRule, type StringState } from "./json-string.ts";
+import { compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } from "./regex.ts";
 
 type Node =
   /** Properties in the schema's order; `required[i]`: property i must be written. */
   | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
   | { kind: "array"; id: number; items: NodeRef; min: number; max: number }
-  | { kind: "string" | "number" | "integer" | "any" | "anyObject"; id: number }
+  /** rule null: any string / number. */
+  | { kind: "string"; id: number; rule: StringRule | null }
+  | { kind: "number" | "integer"; id: number; rule: NumberRule | null }
+  | { kind: "any" | "anyObject"; id: number }
   /** JSON texts of the allowed values (booleans and null are literals too). */
   | { kind: "literal"; id: number; values: Uint8Array[] }
   | { kind: "anyOf"; id: number; options: NodeRef[] };
@@ -54,6 +70,15 @@ const ANNOTATIONS = new Set([
   "readOnly",
   "writeOnly",
 ]);
+/** Keywords of strings (json-string.ts) and numbers (json-number.ts). */
+const STRING_KEYWORDS = ["pattern", "format", "minLength", "maxLength"];
+const NUMBER_KEYWORDS = [
+  "minimum",
+  "maximum",
+  "exclusiveMinimum",
+  "exclusiveMaximum",
+  "multipleOf",
+];
 const KNOWN = new Set([
   ...ANNOTATIONS,
   // Of one schema only (two would need their intersection).
@@ -65,6 +90,8 @@ const KNOWN = new Set([
   "const",
   "minItems",
   "maxItems",
+  ...STRING_KEYWORDS,
+  ...NUMBER_KEYWORDS,
   "anyOf",
   "oneOf",
   "$ref",
@@ -90,6 +117,17 @@ const RESPONSE_FORMAT: SchemaSource = {
   label: "response_format json_schema",
 };
 
+export interface CompileOptions {
+  /** Keywords outside the subset are not enforced rather than refused. */
+  readonly lenient?: boolean;
+  /**
+   * The vocabulary's longest token in bytes: string states whose lengths differ only
+   * further ahead than one token can reach share a key (json-string.ts). Without it every
+   * length is its own state (exact, more masks).
+   */
+  readonly tokenBytes?: number;
+}
+
 /**
  * Compiles `schema`; throws 400 (EM_GATEWAY_BAD_REQUEST) for what is not supported. With
  * `lenient`, keywords outside the subset (`pattern`, `minimum`, ...) are not enforced
@@ -98,10 +136,10 @@ const RESPONSE_FORMAT: SchemaSource = {
 export function compileSchema(
   schema: unknown,
   source: SchemaSource = RESPONSE_FORMAT,
-  o: { lenient?: boolean } = {},
+  o: CompileOptions = {},
 ): SchemaAutomaton {
   try {
-    return build(schema, o.lenient ?? false);
+    return build(schema, o);
   } catch (err) {
     if (!(err instanceof SchemaError)) throw err;
     throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${source.label}: ${err.message}`, {
@@ -110,7 +148,8 @@ export function compileSchema(
   }
 }
 
-function build(schema: unknown, lenient: boolean): SchemaAutomaton {
+function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
+  const lenient = o.lenient ?? false;
   if (!isObject(schema)) bad("schema must be an object");
   let nextId = 0;
   const defs =
@@ -181,17 +220,38 @@ function build(schema: unknown, lenient: boolean): SchemaAutomaton {
         };
       }
       case "string":
+        return {
+          kind: "string",
+          id: nextId++,
+          rule: kept(() => stringRule(s, at, o.tokenBytes)),
+        };
       case "number":
-      case "integer":
-        return { kind: type, id: nextId++ };
+      case "integer": {
+        const rule = kept(() => numberRule(s, type === "integer", (m) => bad(`${at}: ${m}`)));
+        return { kind: type, id: nextId++, rule };
+      }
       case "boolean":
         return literal([true, false], at);
       case "null":
         return literal([null], at);
-      case undefined:
+      case undefined: {
+        // Any value, but a string or number one would have to obey these.
+        const k = [...STRING_KEYWORDS, ...NUMBER_KEYWORDS].find((k) => k in s);
+        if (k && !lenient) bad(`${at}: '${k}' needs a "type" (string, number or integer)`);
         return { kind: "any", id: nextId++ };
+      }
       default:
         return bad(`${at}: type ${JSON.stringify(type)} is not a JSON Schema type`);
+    }
+  };
+  // A string's or number's keywords: refused when they cannot be enforced, or (lenient) not
+  // enforced.
+  const kept = <R>(rule: () => R | null): R | null => {
+    try {
+      return rule();
+    } catch (err) {
+      if (lenient && err instanceof SchemaError) return null;
+      throw err;
     }
   };
   const literal = (values: unknown[], at: string): Node => {
@@ -227,6 +287,49 @@ function build(schema: unknown, lenient: boolean): SchemaAutomaton {
   // Every anyOf must be decidable by its first byte.
   checkAnyOf(root, new Set());
   return new SchemaAutomaton(root);
+}
+
+/** A string schema's rule (pattern or format, minLength, maxLength); null when it has none. */
+function stringRule(
+  s: Record<string, unknown>,
+  at: string,
+  tokenBytes: number | undefined,
+): StringRule | null {
+  const length = (k: string, fallback: number): number => {
+    const v = s[k] ?? fallback;
+    if (!Number.isInteger(v) || (v as number) < 0) bad(`${at}: '${k}' must be an integer >= 0`);
+    return v as number;
+  };
+  const min = length("minLength", 0);
+  const max = s["maxLength"] === undefined ? Number.POSITIVE_INFINITY : length("maxLength", 0);
+  if (min > max) bad(`${at}: minLength is above maxLength`);
+  const { pattern, format } = s;
+  if (pattern !== undefined && format !== undefined)
+    bad(`${at}: 'pattern' and 'format' together are not supported`);
+  let nfa: Nfa | null = null;
+  try {
+    if (pattern !== undefined) {
+      if (typeof pattern !== "string") bad(`${at}: 'pattern' must be a string`);
+      nfa = compilePattern(pattern as string);
+    } else if (format !== undefined) {
+      const source = typeof format === "string" ? FORMAT_PATTERNS[format] : undefined;
+      if (source === undefined)
+        bad(
+          `${at}: format ${JSON.stringify(format)} is not supported (${Object.keys(FORMAT_PATTERNS).join(", ")} are)`,
+        );
+      nfa = compilePattern(source!);
+    }
+  } catch (err) {
+    if (err instanceof RegexError) bad(`${at}.pattern: ${err.message}`);
+    throw err;
+  }
+  if (!nfa && min === 0 && max === Number.POSITIVE_INFINITY) return null;
+  try {
+    return new StringRule(nfa, min, max, tokenBytes);
+  } catch (err) {
+    if (err instanceof RangeError) bad(`${at}: ${err.message}`);
+    throw err;
+  }
 }
 
 /** The bytes a value of `node` may start with. */
@@ -304,7 +407,8 @@ export function schemaGrammar(
   if (g) {
     byText.delete(text);
   } else {
-    g = new TokenGrammar(compileSchema(schema, source, o), vocabulary);
+    const a = compileSchema(schema, source, { ...o, tokenBytes: vocabulary.maxTokenBytes });
+    g = new TokenGrammar(a, vocabulary);
     if (byText.size >= MAX_SCHEMAS) byText.delete(byText.keys().next().value!);
   }
   byText.set(text, g);
@@ -331,7 +435,11 @@ type Frame =
    */
   | { t: "literal"; values: Uint8Array[]; at: number; id: string; tags?: number[] }
   /** A value by json-mode.ts's automaton (strings, numbers, free values). */
-  | { t: "json"; s: JsonState; integer: boolean };
+  | { t: "json"; s: JsonState; integer: boolean }
+  /** A string with a rule (json-string.ts), after its opening quote. */
+  | { t: "string"; rule: StringRule; id: number; s: StringState }
+  /** A number with a rule (json-number.ts). */
+  | { t: "number"; rule: NumberRule; id: number; s: NumberState };
 
 export interface SchemaState {
   /** Innermost last; empty: the root value is complete (then only whitespace). */
@@ -452,6 +560,18 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         if (top.values.some((v) => v.length === top.at)) return this.step({ frames: below }, b);
         return null;
       }
+      case "string": {
+        const next = top.rule.step(top.s, b);
+        if (next === CLOSED) return { frames: below };
+        return next && replace({ ...top, s: next });
+      }
+      case "number": {
+        // A number ends at the first byte that does not continue it.
+        if (!continuesNumber(b))
+          return canEnd(top.rule, top.s) ? this.step({ frames: below }, b) : null;
+        const next = stepNumber(top.rule, top.s, b);
+        return next && replace({ ...top, s: next });
+      }
       case "json": {
         const { s: js, integer } = top;
         if (complete(js)) {
@@ -486,13 +606,24 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           ? { frames: [...frames, { t: "array", node, count: 0, phase: 0, n: 0 }] }
           : null;
       case "string":
-        return b === 0x22
-          ? { frames: [...frames, { t: "json", s: valueState(Mode.ValueString), integer: false }] }
-          : null;
+        if (b !== 0x22) return null;
+        return {
+          frames: [
+            ...frames,
+            node.rule
+              ? { t: "string", rule: node.rule, id: node.id, s: node.rule.start }
+              : { t: "json", s: valueState(Mode.ValueString), integer: false },
+          ],
+        };
       case "number":
-      case "integer":
+      case "integer": {
+        if (node.rule) {
+          const s = stepNumber(node.rule, null, b);
+          return s && { frames: [...frames, { t: "number", rule: node.rule, id: node.id, s }] };
+        }
         if (b !== 0x2d && !isDigit(b)) return null;
         return push({ t: "json", s: valueState(Mode.Value), integer: node.kind === "integer" });
+      }
       case "any":
         return push({ t: "json", s: valueState(Mode.Value), integer: false });
       case "anyObject":
@@ -543,6 +674,10 @@ function frameKey(f: Frame): string {
       return `${f.id}@${Buffer.from(f.values[0]!.subarray(0, f.at)).toString("hex")}`;
     case "json":
       return `j${f.s.mode},${f.s.n},${f.s.stack},${f.integer ? 1 : 0}`;
+    case "string":
+      return `s${f.id},${f.rule.key(f.s)}`;
+    case "number":
+      return `n${f.id},${numberKey(f.rule, f.s)}`;
   }
 }
 

@@ -29,6 +29,8 @@ export interface ToolCallOptions {
   readonly parallel: boolean;
   /** The model's call format (default deepseek-v3). */
   readonly format?: ToolCallFormat;
+  /** The vocabulary's longest token in bytes (json-schema.ts CompileOptions). */
+  readonly tokenBytes?: number;
 }
 
 /**
@@ -118,14 +120,14 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
     const head = v31 ? [symbols.callBegin] : [symbols.callBegin, ...utf8("function"), symbols.sep];
     const close = v31 ? [symbols.callEnd] : [...utf8(ARGS_CLOSE), symbols.callEnd];
     this.#literals = [[symbols.callsBegin, ...head], head, close];
-    // Lenient: real tools' parameters carry `minimum`, `format`, ... which a call need not
-    // be refused for (they are not enforced; the structure is).
+    // Lenient: what the subset does not cover (`uniqueItems`, a `pattern` with lookahead,
+    // ...) is not enforced rather than refused; the rest of the parameters' schema is.
     this.#args = tools.map(
       (f) =>
         compileSchema(
           f.parameters,
           { param: "tools", label: `tool '${f.name}' parameters` },
-          { lenient: true },
+          { lenient: true, tokenBytes: o.tokenBytes },
         ) as ByteAutomaton<unknown>,
     );
     tools.forEach((f, t) => {
@@ -289,7 +291,8 @@ export function toolCallGrammar(
   if (g) {
     byText.delete(text);
   } else {
-    g = new TokenGrammar(new ToolCallAutomaton(symbols, tools, o), vocabulary);
+    const a = new ToolCallAutomaton(symbols, tools, { ...o, tokenBytes: vocabulary.maxTokenBytes });
+    g = new TokenGrammar(a, vocabulary);
     if (byText.size >= MAX_GRAMMARS) byText.delete(byText.keys().next().value!);
   }
   byText.set(text, g);

@@ -274,7 +274,7 @@ describe("chat completions", () => {
         type: "json_schema",
         json_schema: {
           name: "x",
-          schema: { type: "object", properties: { s: { type: "string", format: "email" } } },
+          schema: { type: "object", properties: { s: { type: "string", format: "color" } } },
         },
       },
       { type: "json_schema", json_schema: { name: "x" } },
@@ -286,6 +286,52 @@ describe("chat completions", () => {
           (e: APIError) => e,
         );
       expect([err.status, err.param], JSON.stringify(format)).toEqual([400, "response_format"]);
+    }
+  });
+
+  it("response_format json_schema: pattern, format, lengths and bounds hold in every choice", async () => {
+    const schema = {
+      type: "object",
+      properties: {
+        code: { type: "string", pattern: "^[A-Z]{2}-\\d{3}$" },
+        day: { type: "string", format: "date" },
+        name: { type: "string", minLength: 2, maxLength: 6 },
+        n: { type: "integer", minimum: 3, maximum: 7 },
+        score: { type: "number", multipleOf: 0.5, minimum: -2, exclusiveMaximum: 10 },
+      },
+      required: ["code", "day", "name", "n", "score"],
+      additionalProperties: false,
+    };
+    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    const bias = {
+      ...Object.fromEntries(['"', "}", ","].map((t) => [id(t), 4])),
+      ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
+    };
+    const r = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("A record"),
+      max_tokens: 150,
+      temperature: 1,
+      seed: 5,
+      n: 6,
+      response_format: {
+        type: "json_schema",
+        json_schema: { name: "record", schema, strict: true },
+      },
+      logit_bias: bias,
+    });
+    for (const c of r.choices) {
+      expect(c.finish_reason, c.message.content!).toBe("stop");
+      const v = JSON.parse(c.message.content!) as Record<string, unknown>;
+      expect(v["code"]).toMatch(/^[A-Z]{2}-\d{3}$/);
+      expect(v["day"]).toMatch(/^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$/);
+      const name = [...(v["name"] as string)];
+      expect(name.length >= 2 && name.length <= 6, v["name"] as string).toBe(true);
+      expect(Number.isInteger(v["n"]) && (v["n"] as number) >= 3 && (v["n"] as number) <= 7).toBe(
+        true,
+      );
+      const score = v["score"] as number;
+      expect(score >= -2 && score < 10 && Number.isInteger(score * 2), String(score)).toBe(true);
     }
   });
 
