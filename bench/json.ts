@@ -29,6 +29,7 @@ import {
   Vocabulary,
 } from "../src/gateway/grammar.ts";
 import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
+import { compileSchema, type SchemaState } from "../src/gateway/json-schema.ts";
 import { type ToolState, toolCallGrammar } from "../src/gateway/tool-calls.ts";
 import { Prng } from "../src/model/prng.ts";
 import { TOOL_TOKENS } from "../src/model/tokenizer.ts";
@@ -49,6 +50,8 @@ export interface JsonResults {
   tokens: number;
   /** Masks computed (cache misses) over the documents, per run. */
   misses: number;
+  /** json_schema states under a string's or number's keywords: their first masks. */
+  schemaCold?: { state: string; allowed: number; ms: Stats }[];
   tools: {
     cold: { state: string; allowed: number; ms: Stats }[];
     /** Per token of plain text under tool_choice "auto" (mask cached), and without. */
@@ -196,6 +199,34 @@ export async function runJson(o: {
     },
   ];
   const toolCold = new Map<string, { allowed: number; ms: number[] }>();
+  const schemaCold = new Map<string, { allowed: number; ms: number[] }>();
+  const keyed = {
+    type: "object",
+    properties: {
+      code: { type: "string", pattern: "^[A-Z]{2}-\\d{3}$" },
+      day: { type: "string", format: "date" },
+      email: { type: "string", format: "email" },
+      name: { type: "string", maxLength: 200 },
+      n: { type: "integer", minimum: 1, maximum: 250 },
+    },
+    required: ["code", "day", "email", "name", "n"],
+  };
+  const schemaStates: [string, string][] = [
+    ["a pattern ^[A-Z]{2}-\\d{3}$ after 'AB'", '{"code": "AB'],
+    ["format date after '2026-1'", '{"code": "AB-123", "day": "2026-1'],
+    [
+      "format email after 'ann.lee@ex'",
+      '{"code": "AB-123", "day": "2026-11-30", "email": "ann.lee@ex',
+    ],
+    [
+      "maxLength 200, 10 characters in",
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "0123456789',
+    ],
+    [
+      "an integer 1..250 after '2'",
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "n": 2',
+    ],
+  ];
   const textSteps: number[] = [];
   const plainSteps: number[] = [];
   const build: number[] = [];
@@ -272,6 +303,14 @@ export async function runJson(o: {
       ["in an argument's string", g1, inString],
     ];
     for (const [name, g, s] of toolStates) firstMask(toolCold, name, g, s, r >= 0);
+    // json_schema keywords, over the same fresh vocabulary (these states have no part kept
+    // per vocabulary: each walks the whole vocabulary).
+    const sa = compileSchema(keyed, undefined, { tokenBytes: tv.maxTokenBytes });
+    const sg = new TokenGrammar(sa, tv);
+    for (const [name, text] of schemaStates) {
+      const s = [...Buffer.from(text)].reduce<SchemaState>((x, b) => sa.step(x, b)!, sa.start);
+      firstMask(schemaCold, name, sg, s, r >= 0);
+    }
     // Plain text under "auto": the cached text mask on every row, against none.
     const textMask = g1.mask(a.start);
     let tt = 0;
@@ -305,6 +344,11 @@ export async function runJson(o: {
     stepMs: { cold: stats(coldSteps), warm: stats(warmSteps), plain: stats(plain) },
     tokens,
     misses,
+    schemaCold: [...schemaCold.entries()].map(([state, c]) => ({
+      state,
+      allowed: c.allowed,
+      ms: stats(c.ms),
+    })),
     tools: {
       cold: [...toolCold.entries()].map(([state, c]) => ({
         state,
@@ -338,7 +382,17 @@ ${coldRows}
 | a step of JSON mode per token, first pass over ${r.tokens} tokens of indented JSON (${r.misses} masks computed on the way) | ${ms(cold, 3)} |
 | the same, second pass (every mask cached) | ${ms(warm, 3)} |
 | the same step without JSON mode (peer: sampling alone) | ${ms(plain, 3)} |
-| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${toolRows(r)}`;
+| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${schemaRows(r)}${toolRows(r)}`;
+}
+
+/** The json_schema keyword rows, each after a newline (none in results from before them). */
+function schemaRows(r: JsonResults): string {
+  return (r.schemaCold ?? [])
+    .map(
+      (c) =>
+        `\n| json_schema, first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
+    )
+    .join("");
 }
 
 /** The tool-call rows, each after a newline (results written before they were measured have none). */
