@@ -223,6 +223,30 @@ describe("chat completions", () => {
     expect(JSON.parse(completion.choices[0]!.text)).toBeTypeOf("object");
   });
 
+  /**
+   * 6 choices of a json_schema request, closing tokens favoured and whitespace banned
+   * (compact JSON), so that this random model finishes within max_tokens.
+   */
+  const schemaChoices = (
+    schema: Record<string, unknown>,
+    o: { name: string; seed: number; maxTokens: number },
+  ) => {
+    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    return gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user(`A ${o.name}`),
+      max_tokens: o.maxTokens,
+      temperature: 1,
+      seed: o.seed,
+      n: 6,
+      response_format: { type: "json_schema", json_schema: { name: o.name, schema, strict: true } },
+      logit_bias: {
+        ...Object.fromEntries(['"', "}", "]", ","].map((t) => [id(t), 4])),
+        ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
+      },
+    });
+  };
+
   it("response_format json_schema: each choice is an instance of the schema", async () => {
     const schema = {
       type: "object",
@@ -236,26 +260,7 @@ describe("chat completions", () => {
       required: ["name", "age", "mood", "tags", "pet"],
       additionalProperties: false,
     };
-    // Closing tokens favoured and whitespace banned (compact JSON), so that this random
-    // model finishes within max_tokens.
-    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
-    const bias = {
-      ...Object.fromEntries(['"', "}", "]", ","].map((t) => [id(t), 4])),
-      ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
-    };
-    const r = await gw.client.chat.completions.create({
-      model: "tiny",
-      messages: user("A person"),
-      max_tokens: 120,
-      temperature: 1,
-      seed: 9,
-      n: 6,
-      response_format: {
-        type: "json_schema",
-        json_schema: { name: "person", schema, strict: true },
-      },
-      logit_bias: bias,
-    });
+    const r = await schemaChoices(schema, { name: "person", seed: 9, maxTokens: 120 });
     for (const c of r.choices) {
       expect(c.finish_reason, c.message.content!).toBe("stop");
       const v = JSON.parse(c.message.content!) as Record<string, unknown>;
@@ -302,24 +307,7 @@ describe("chat completions", () => {
       required: ["code", "day", "name", "n", "score"],
       additionalProperties: false,
     };
-    const id = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
-    const bias = {
-      ...Object.fromEntries(['"', "}", ","].map((t) => [id(t), 4])),
-      ...Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [id(t), -100])),
-    };
-    const r = await gw.client.chat.completions.create({
-      model: "tiny",
-      messages: user("A record"),
-      max_tokens: 150,
-      temperature: 1,
-      seed: 5,
-      n: 6,
-      response_format: {
-        type: "json_schema",
-        json_schema: { name: "record", schema, strict: true },
-      },
-      logit_bias: bias,
-    });
+    const r = await schemaChoices(schema, { name: "record", seed: 5, maxTokens: 150 });
     for (const c of r.choices) {
       expect(c.finish_reason, c.message.content!).toBe("stop");
       const v = JSON.parse(c.message.content!) as Record<string, unknown>;
@@ -428,7 +416,7 @@ describe("chat completions", () => {
     });
     const weather = fn("get_weather", {
       type: "object",
-      // `minimum` is outside the schema subset: a tool's is not enforced (not refused).
+      // Bounds are enforced in tools' arguments as in response_format.
       properties: { city: { type: "string" }, days: { type: "integer", minimum: 1 } },
       required: ["city", "days"],
     });
@@ -555,7 +543,7 @@ describe("chat completions", () => {
           if (call.function.name === "get_weather") {
             expect(Object.keys(args)).toEqual(["city", "days"]);
             expect(typeof args["city"]).toBe("string");
-            expect(Number.isInteger(args["days"])).toBe(true);
+            expect(Number.isInteger(args["days"]) && (args["days"] as number) >= 1).toBe(true);
           }
         }
       }
