@@ -2,18 +2,20 @@
 // {"name", "schema"}}): the output is one JSON object valid against the schema, by
 // constrained decoding (grammar.ts) over an automaton compiled from it.
 //
-// The subset, as OpenAI's strict mode: the root is an object; an object with `properties`
-// is written with its properties in the schema's order, the `required` ones always and the
-// others where the model writes them (strict mode requires every one, so all are written),
-// and nothing else; `type` (one, or several with different first bytes: ["string",
+// The subset, OpenAI's strict mode's and a little more: the root is an object; an object
+// with `properties` is written with its properties in the schema's order, the `required`
+// ones always and the others where the model writes them (strict mode requires every one,
+// so all are written), and nothing else; an object without them is a map when
+// `additionalProperties` is a schema (any keys, values of it), `{}` when it is false, any
+// object otherwise. `type` (one, or several with different first bytes: ["string",
 // "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`, `minItems` /
-// `maxItems`, `anyOf` / `oneOf` of alternatives with different first bytes, `$ref` into
-// `$defs` / `definitions` (recursion included); strings' `pattern`, `format`, `minLength`
-// and `maxLength` (json-string.ts), numbers' `minimum`, `maximum`, `exclusiveMinimum`,
-// `exclusiveMaximum` and `multipleOf` (json-number.ts). An object without `properties` and
-// a schema without a type are any JSON value (json-mode.ts's automaton). Annotations
-// (`description`, `title`, `default`, `additionalProperties`, ...) are ignored; any other
-// keyword is refused (400) rather than not enforced.
+// `maxItems`, tuples (`prefixItems`, draft 4's `items` array), `anyOf` / `oneOf` of
+// alternatives with different first bytes, `$ref` into `$defs` / `definitions` (recursion
+// included); strings' `pattern`, `format`, `minLength` and `maxLength` (json-string.ts),
+// numbers' `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and `multipleOf`
+// (json-number.ts). A schema without a type is any JSON value (json-mode.ts's automaton).
+// Annotations (`description`, `title`, `default`, ...) are ignored; any other keyword is
+// refused (400) rather than not enforced.
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import {
@@ -41,7 +43,10 @@ import { compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } from "./regex.t
 type Node =
   /** Properties in the schema's order; `required[i]`: property i must be written. */
   | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
-  | { kind: "array"; id: number; items: NodeRef; min: number; max: number }
+  /** Item i is of `prefix[i]` (prefixItems, a tuple), the ones after it of `items`. */
+  | { kind: "array"; id: number; prefix: NodeRef[]; items: NodeRef; min: number; max: number }
+  /** An object of any keys, every value of `values` (additionalProperties: a schema). */
+  | { kind: "map"; id: number; values: NodeRef }
   /** rule null: any string / number. */
   | { kind: "string"; id: number; rule: StringRule | null }
   | { kind: "number" | "integer"; id: number; rule: NumberRule | null }
@@ -61,7 +66,6 @@ const ANNOTATIONS = new Set([
   "$schema",
   "$id",
   "$comment",
-  "additionalProperties",
   "required",
   "strict",
   "$defs",
@@ -90,6 +94,8 @@ const KNOWN = new Set([
   "const",
   "minItems",
   "maxItems",
+  "prefixItems",
+  "additionalProperties",
   ...STRING_KEYWORDS,
   ...NUMBER_KEYWORDS,
   "anyOf",
@@ -157,8 +163,7 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     (schema as Record<string, unknown>)["definitions"];
   const byRef = new Map<string, Node>();
   const compile = (s: unknown, at: string): Node => {
-    if (s === true || (isObject(s) && Object.keys(s).every((k) => ANNOTATIONS.has(k))))
-      return { kind: "any", id: nextId++ };
+    if (s === true || (isObject(s) && isAny(s))) return { kind: "any", id: nextId++ };
     if (!isObject(s)) return bad(`${at}: a schema must be an object`);
     if (!lenient)
       for (const k of Object.keys(s)) if (!KNOWN.has(k)) bad(`${at}: '${k}' is not supported`);
@@ -185,6 +190,17 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     switch (type) {
       case "object": {
         const props = s["properties"];
+        // Without properties: any object, none (false), or any keys with values of a schema.
+        // With them, only they are written, whatever additionalProperties allows besides.
+        const extra = s["additionalProperties"];
+        if (props === undefined && extra === false)
+          return { kind: "object", id: nextId++, keys: [], props: [], required: [] };
+        if (props === undefined && isObject(extra) && !isAny(extra))
+          return {
+            kind: "map",
+            id: nextId++,
+            values: lazy(extra, `${at}.additionalProperties`),
+          };
         if (props === undefined) return { kind: "anyObject", id: nextId++ };
         if (!isObject(props)) return bad(`${at}.properties must be an object`);
         const keys = Object.keys(props);
@@ -204,7 +220,13 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
       }
       case "array": {
         const min = s["minItems"] ?? 0;
-        const max = s["maxItems"] ?? Number.POSITIVE_INFINITY;
+        let max = s["maxItems"] ?? Number.POSITIVE_INFINITY;
+        // A tuple: prefixItems (draft 2020), or items as an array (draft 4-2019).
+        const tuple = s["prefixItems"] ?? (Array.isArray(s["items"]) ? s["items"] : []);
+        if (!Array.isArray(tuple)) return bad(`${at}.prefixItems must be an array of schemas`);
+        const rest = Array.isArray(s["items"]) ? true : (s["items"] ?? true);
+        // items false: nothing after the tuple.
+        if (rest === false) max = Math.min(max as number, tuple.length);
         if (
           !Number.isInteger(min) ||
           (max !== Number.POSITIVE_INFINITY && !Number.isInteger(max)) ||
@@ -214,7 +236,8 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
         return {
           kind: "array",
           id: nextId++,
-          items: lazy(s["items"] ?? true, `${at}.items`),
+          prefix: tuple.map((t, i) => lazy(t, `${at}.prefixItems[${i}]`)),
+          items: lazy(rest === false ? true : rest, `${at}.items`),
           min: min as number,
           max: max as number,
         };
@@ -235,9 +258,12 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
       case "null":
         return literal([null], at);
       case undefined: {
-        // Any value, but a string or number one would have to obey these.
-        const k = [...STRING_KEYWORDS, ...NUMBER_KEYWORDS].find((k) => k in s);
-        if (k && !lenient) bad(`${at}: '${k}' needs a "type" (string, number or integer)`);
+        // Any value, but a string, number, object or array one would have to obey these.
+        const k = [...STRING_KEYWORDS, ...NUMBER_KEYWORDS, "prefixItems"].find((k) => k in s);
+        if (k && !lenient) bad(`${at}: '${k}' needs a "type"`);
+        const extra = s["additionalProperties"];
+        if (!lenient && (extra === false || (isObject(extra) && !isAny(extra))))
+          bad(`${at}: 'additionalProperties' needs "type": "object"`);
         return { kind: "any", id: nextId++ };
       }
       default:
@@ -283,7 +309,8 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     return () => node;
   };
   const root = compile(schema, "schema");
-  if (root.kind !== "object" && root.kind !== "anyObject") bad("the root must be an object schema");
+  if (root.kind !== "object" && root.kind !== "anyObject" && root.kind !== "map")
+    bad("the root must be an object schema");
   // Every anyOf must be decidable by its first byte.
   checkAnyOf(root, new Set());
   return new SchemaAutomaton(root);
@@ -340,6 +367,7 @@ function firstBytes(node: Node, seen: Set<Node> = new Set()): Set<number> {
   switch (node.kind) {
     case "object":
     case "anyObject":
+    case "map":
       return new Set([0x7b]);
     case "array":
       return new Set([0x5b]);
@@ -376,10 +404,12 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
     node.kind === "object"
       ? node.props
       : node.kind === "array"
-        ? [node.items]
-        : node.kind === "anyOf"
-          ? node.options
-          : [];
+        ? [node.items, ...node.prefix]
+        : node.kind === "map"
+          ? [node.values]
+          : node.kind === "anyOf"
+            ? node.options
+            : [];
   for (const c of children) checkAnyOf(c(), seen);
 }
 
@@ -426,6 +456,8 @@ type Frame =
    * ','; in phases 0 and 3 the next key is one of properties i.. up to the first required one.
    */
   | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2 | 3; n: number }
+  /** In a map: phase 0 after '{', 1 after a key, 2 after a value, 3 after ','. */
+  | { t: "map"; node: Node & { kind: "map" }; phase: 0 | 1 | 2 | 3; n: number }
   /** In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ','. */
   | { t: "array"; node: Node & { kind: "array" }; count: number; phase: 0 | 1 | 2; n: number }
   /**
@@ -521,6 +553,23 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           b,
         );
       }
+      case "map": {
+        const { node, phase } = top;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (phase === 1)
+          return b === 0x3a
+            ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.values(), n: 0 })
+            : null;
+        if (b === 0x7d) return phase === 0 || phase === 2 ? { frames: below } : null;
+        if (phase === 2) return b === 0x2c ? replace({ ...top, phase: 3, n: 0 }) : null;
+        // A key: any string (json-mode.ts's, inside it after this quote).
+        return b === 0x22
+          ? replace(
+              { ...top, phase: 1, n: 0 },
+              { t: "json", s: valueState(Mode.ValueString), integer: false },
+            )
+          : null;
+      }
       case "array": {
         const { node, count, phase } = top;
         if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
@@ -533,11 +582,8 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         // After '[' (phase 0: ']' if it may be empty) or ',' (phase 2): an item.
         if (b === 0x5d) return phase === 0 && node.min === 0 ? { frames: below } : null;
         if (count >= node.max) return null;
-        return this.begin(
-          [...below, { ...top, count: count + 1, phase: 1, n: 0 }],
-          node.items(),
-          b,
-        );
+        const item = count < node.prefix.length ? node.prefix[count]! : node.items;
+        return this.begin([...below, { ...top, count: count + 1, phase: 1, n: 0 }], item(), b);
       }
       case "literal": {
         const kept = top.values.flatMap((v, k) =>
@@ -605,6 +651,8 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         return b === 0x5b
           ? { frames: [...frames, { t: "array", node, count: 0, phase: 0, n: 0 }] }
           : null;
+      case "map":
+        return b === 0x7b ? { frames: [...frames, { t: "map", node, phase: 0, n: 0 }] } : null;
       case "string":
         if (b !== 0x22) return null;
         return {
@@ -666,9 +714,16 @@ function frameKey(f: Frame): string {
       return `v${f.node.id},${f.n}`;
     case "object":
       return `o${f.node.id},${f.i},${f.phase},${f.n}`;
-    case "array":
-      // Without maxItems, counts from minItems on have the same future.
-      return `a${f.node.id},${Number.isFinite(f.node.max) ? f.count : Math.min(f.count, f.node.min)},${f.phase},${f.n}`;
+    case "map":
+      return `m${f.node.id},${f.phase},${f.n}`;
+    case "array": {
+      // Without maxItems, counts past minItems and the tuple have the same future.
+      const { max, min, prefix } = f.node;
+      const count = Number.isFinite(max)
+        ? f.count
+        : Math.min(f.count, Math.max(min, prefix.length));
+      return `a${f.node.id},${count},${f.phase},${f.n}`;
+    }
     case "literal":
       // The candidates left share the bytes matched so far: they name them.
       return `${f.id}@${Buffer.from(f.values[0]!.subarray(0, f.at)).toString("hex")}`;
@@ -683,6 +738,11 @@ function frameKey(f: Frame): string {
 
 function utf8(s: string): Uint8Array {
   return new Uint8Array(Buffer.from(s, "utf8"));
+}
+
+/** A schema of annotations only: any value. */
+function isAny(s: Record<string, unknown>): boolean {
+  return Object.keys(s).every((k) => ANNOTATIONS.has(k));
 }
 
 function isObject(x: unknown): x is Record<string, unknown> {

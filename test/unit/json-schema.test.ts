@@ -74,6 +74,25 @@ const OPTIONAL: Schema = {
   required: ["b"],
 };
 
+/** Maps (additionalProperties: a schema) and tuples (prefixItems, and draft 4's items array). */
+const SHAPES: Schema = {
+  type: "object",
+  properties: {
+    scores: { type: "object", additionalProperties: { type: "integer" } },
+    tags: { type: "object", additionalProperties: { type: "array", items: { type: "string" } } },
+    none: { type: "object", additionalProperties: false },
+    pair: { type: "array", prefixItems: [{ type: "string" }, { type: "integer" }], items: false },
+    head: {
+      type: "array",
+      prefixItems: [{ type: "boolean" }],
+      items: { type: "null" },
+      minItems: 1,
+    },
+    old: { type: "array", items: [{ type: "integer" }, { enum: ["x", "y"] }] },
+  },
+  required: ["scores", "tags", "none", "pair", "head", "old"],
+};
+
 const TREE: Schema = {
   $defs: {
     node: {
@@ -169,6 +188,29 @@ describe("a schema's automaton", () => {
     expect(check(OPTIONAL, text).refusedAt).toBe(at);
   });
 
+  const shapes = {
+    scores: { a: 1, "b c": -2 },
+    tags: { x: ["p"], y: [] },
+    none: {},
+    pair: ["s", 3],
+    head: [true, null, null],
+    old: [7, "y", { any: 1 }],
+  };
+  it.each([
+    ["maps, tuples", shapes, true],
+    ["empty maps, short tuples", { ...shapes, scores: {}, tags: {}, pair: [], old: [] }, true],
+    ["a map value of the wrong type", { ...shapes, scores: { a: "1" } }, false],
+    ["a key in an object that allows none", { ...shapes, none: { a: 1 } }, false],
+    ["a tuple item of the wrong type", { ...shapes, pair: [3, "s"] }, false],
+    ["an item after a closed tuple", { ...shapes, pair: ["s", 3, 4] }, false],
+    ["an item after a tuple of the wrong type", { ...shapes, head: [true, 1] }, false],
+    ["a tuple shorter than minItems", { ...shapes, head: [] }, false],
+    ["a draft-4 tuple item of the wrong type", { ...shapes, old: [7, "z"] }, false],
+  ])("maps and tuples: %s", (_what, value, ok) => {
+    const r = check(SHAPES, JSON.stringify(value));
+    expect(r.refusedAt < 0 && r.done).toBe(ok);
+  });
+
   it("follows a recursive $ref", () => {
     const tree = {
       v: 1,
@@ -216,6 +258,11 @@ describe("what the subset does not cover is refused with 400", () => {
       /does not name/,
     ],
     ["an empty enum", { type: "object", properties: { a: { enum: [] } } }, /empty enum/],
+    [
+      "prefixItems that is not an array",
+      { type: "object", properties: { a: { type: "array", prefixItems: {} } } },
+      /prefixItems must be an array/,
+    ],
     [
       "a required property that is not among the properties",
       { type: "object", properties: { a: {} }, required: ["b"] },
@@ -315,6 +362,9 @@ function conforms(v: unknown, s: Schema, root: Schema): boolean {
     case "object": {
       if (!isObject(v)) return false;
       const props = s["properties"] as Record<string, Schema> | undefined;
+      const extra = s["additionalProperties"];
+      if (!props && extra === false) return Object.keys(v).length === 0;
+      if (!props && isObject(extra)) return Object.values(v).every((x) => conforms(x, extra, root));
       if (!props) return true;
       const keys = Object.keys(props);
       const required = (s["required"] as string[] | undefined) ?? [];
@@ -329,10 +379,16 @@ function conforms(v: unknown, s: Schema, root: Schema): boolean {
       if (!Array.isArray(v)) return false;
       const min = (s["minItems"] as number) ?? 0;
       const max = (s["maxItems"] as number) ?? Number.POSITIVE_INFINITY;
+      const tuple = (s["prefixItems"] ?? (Array.isArray(s["items"]) ? s["items"] : [])) as Schema[];
+      const rest = Array.isArray(s["items"]) ? {} : ((s["items"] as Schema | false) ?? {});
       return (
         v.length >= min &&
         v.length <= max &&
-        v.every((x) => conforms(x, (s["items"] as Schema) ?? {}, root))
+        v.every((x, i) =>
+          i < tuple.length
+            ? conforms(x, tuple[i]!, root)
+            : rest !== false && conforms(x, rest, root),
+        )
       );
     }
     case "string":
@@ -368,6 +424,15 @@ function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
   switch (type) {
     case "object": {
       const props = s["properties"] as Record<string, Schema> | undefined;
+      const extra = s["additionalProperties"];
+      if (!props && extra === false) return {};
+      if (!props && isObject(extra))
+        return Object.fromEntries(
+          Array.from({ length: Math.floor(rng.uniform() * 3) }, (_, i) => [
+            pick(WORDS) + i,
+            instance(extra, root, rng, depth + 1),
+          ]),
+        );
       if (!props) return { k: pick(WORDS), n: [1, null] };
       // Optional properties written half the time.
       const required = (s["required"] as string[] | undefined) ?? [];
@@ -378,11 +443,14 @@ function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
       );
     }
     case "array": {
+      const tuple = (s["prefixItems"] ?? (Array.isArray(s["items"]) ? s["items"] : [])) as Schema[];
+      const rest = Array.isArray(s["items"]) ? {} : ((s["items"] as Schema | false) ?? {});
       const min = (s["minItems"] as number) ?? 0;
-      const max = Math.min((s["maxItems"] as number) ?? 3, depth > 3 ? min : min + 3);
+      const cap = rest === false ? tuple.length : Number.POSITIVE_INFINITY;
+      const max = Math.min((s["maxItems"] as number) ?? 3, cap, depth > 3 ? min : min + 3);
       const n = min + Math.floor(rng.uniform() * (max - min + 1));
-      return Array.from({ length: n }, () =>
-        instance((s["items"] as Schema) ?? {}, root, rng, depth + 1),
+      return Array.from({ length: n }, (_, i) =>
+        instance(i < tuple.length ? tuple[i]! : (rest as Schema), root, rng, depth + 1),
       );
     }
     case "string":
@@ -408,6 +476,7 @@ describe.each([
   ["a flat and nested schema", PERSON],
   ["a schema with optional properties", OPTIONAL],
   ["a recursive schema", TREE],
+  ["maps and tuples", SHAPES],
 ])("%s against the validator", (_name, schema) => {
   const rng = new Prng(77);
   const docs = Array.from({ length: 150 }, (_, i) =>

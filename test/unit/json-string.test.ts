@@ -346,6 +346,7 @@ describe("string and number keywords refused with 400", () => {
     [{ type: "string", pattern: "^a{500}$", maxLength: 100000 }, /too large/],
     [{ pattern: "^a" }, /'pattern' needs a "type"/],
     [{ minimum: 1 }, /'minimum' needs a "type"/],
+    [{ additionalProperties: { type: "integer" } }, /'additionalProperties' needs "type"/],
     [{ type: "integer", minimum: 3, maximum: 2 }, /no number/],
     [{ type: "number", multipleOf: -1 }, /greater than 0/],
   ] as [Schema, RegExp][])("%o", (rule, message) => {
