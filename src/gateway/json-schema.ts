@@ -7,12 +7,13 @@
 // ones always and the others where the model writes them (strict mode requires every one,
 // so all are written), and nothing else; an object without them is a map when
 // `additionalProperties` is a schema (any keys, values of it), `{}` when it is false, any
-// object otherwise. `type` (one, or several with different first bytes: ["string",
-// "null"]), `enum` / `const` of strings, numbers, booleans and null, `items`, `minItems` /
-// `maxItems`, tuples (`prefixItems`, draft 4's `items` array), `anyOf` / `oneOf` of
-// alternatives with different first bytes, `$ref` into `$defs` / `definitions` (recursion
-// included); strings' `pattern`, `format`, `minLength` and `maxLength` (json-string.ts),
-// numbers' `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and `multipleOf`
+// object otherwise. `type` (one or several: ["string", "null"]), `enum` / `const` of
+// strings, numbers, booleans and null, `items`, `minItems` / `maxItems`, tuples
+// (`prefixItems`, draft 4's `items` array), `anyOf` of any alternatives (every reading the
+// output allows is followed: SchemaState), `oneOf` of alternatives with different first
+// bytes or a discriminator, `$ref` into `$defs` / `definitions` (recursion included);
+// strings' `pattern`, `format`, `minLength` and `maxLength` (json-string.ts), numbers'
+// `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and `multipleOf`
 // (json-number.ts). A schema without a type is any JSON value (json-mode.ts's automaton).
 // Annotations (`description`, `title`, `default`, ...) are ignored; any other keyword is
 // refused (400) rather than not enforced.
@@ -53,7 +54,8 @@ type Node =
   | { kind: "any" | "anyObject"; id: number }
   /** JSON texts of the allowed values (booleans and null are literals too). */
   | { kind: "literal"; id: number; values: Uint8Array[] }
-  | { kind: "anyOf"; id: number; options: NodeRef[] };
+  /** `exclusive`: oneOf (its alternatives must not overlap: compileSchema checks). */
+  | { kind: "anyOf"; id: number; options: NodeRef[]; exclusive: boolean };
 
 /** A node, resolved on first use ($ref cycles are fine). */
 type NodeRef = () => Node;
@@ -71,6 +73,8 @@ const ANNOTATIONS = new Set([
   "$defs",
   "definitions",
   "deprecated",
+  // OpenAPI's (Pydantic writes it beside a discriminated union's oneOf).
+  "discriminator",
   "readOnly",
   "writeOnly",
 ]);
@@ -176,16 +180,18 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     if ("const" in s) return literal([s["const"]], at);
     if (Array.isArray(s["enum"])) return literal(s["enum"], at);
     const alternatives = s["anyOf"] ?? s["oneOf"];
+    const exclusive = s["anyOf"] === undefined;
     if (Array.isArray(alternatives)) {
       const id = nextId++;
-      const options = alternatives.map((a, i) => lazy(a, `${at}.anyOf[${i}]`));
-      return { kind: "anyOf", id, options };
+      const word = exclusive ? "oneOf" : "anyOf";
+      const options = alternatives.map((a, i) => lazy(a, `${at}.${word}[${i}]`));
+      return { kind: "anyOf", id, options, exclusive };
     }
     const type = s["type"];
     if (Array.isArray(type)) {
       const id = nextId++;
       const options = type.map((t) => lazy({ ...s, type: t }, at));
-      return { kind: "anyOf", id, options };
+      return { kind: "anyOf", id, options, exclusive: false };
     }
     switch (type) {
       case "object": {
@@ -311,7 +317,7 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
   const root = compile(schema, "schema");
   if (root.kind !== "object" && root.kind !== "anyObject" && root.kind !== "map")
     bad("the root must be an object schema");
-  // Every anyOf must be decidable by its first byte.
+  // A oneOf's alternatives must not both match a value.
   checkAnyOf(root, new Set());
   return new SchemaAutomaton(root);
 }
@@ -388,14 +394,16 @@ function firstBytes(node: Node, seen: Set<Node> = new Set()): Set<number> {
 function checkAnyOf(node: Node, seen: Set<Node>): void {
   if (seen.has(node)) return;
   seen.add(node);
-  if (node.kind === "anyOf") {
+  // A oneOf's alternatives may overlap only where a first byte or a discriminator (a
+  // required property of constant values, different in each) tells them apart.
+  if (node.kind === "anyOf" && node.exclusive && !discriminated(node.options.map((o) => o()))) {
     const taken = new Set<number>();
     for (const o of node.options) {
       const first = firstBytes(o());
       for (const b of first)
         if (taken.has(b))
           bad(
-            `alternatives (anyOf, oneOf or several types) that can start alike (${JSON.stringify(String.fromCharCode(b))}) are not supported`,
+            `oneOf alternatives that can start alike (${JSON.stringify(String.fromCharCode(b))}) and have no discriminator (a required property of different const values) are not supported; anyOf is`,
           );
       for (const b of first) taken.add(b);
     }
@@ -411,6 +419,25 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
             ? node.options
             : [];
   for (const c of children) checkAnyOf(c(), seen);
+}
+
+/** Whether objects all require one property whose constant values differ between them. */
+function discriminated(options: Node[]): boolean {
+  if (!options.every((o) => o.kind === "object")) return false;
+  const objects = options as (Node & { kind: "object" })[];
+  const text = (b: Uint8Array) => Buffer.from(b).toString();
+  return objects[0]!.keys.some((key) => {
+    const seen = new Set<string>();
+    return objects.every((o) => {
+      const i = o.keys.findIndex((k) => text(k) === text(key));
+      const prop = i >= 0 && o.required[i] ? o.props[i]!() : null;
+      if (prop?.kind !== "literal") return false;
+      const values = prop.values.map(text);
+      if (values.some((v) => seen.has(v))) return false;
+      for (const v of values) seen.add(v);
+      return true;
+    });
+  });
 }
 
 /** Grammars of the schemas seen last, per vocabulary (clients send the same schema again). */
@@ -473,12 +500,28 @@ type Frame =
   /** A number with a rule (json-number.ts). */
   | { t: "number"; rule: NumberRule; id: number; s: NumberState };
 
-export interface SchemaState {
+/** One reading of the output so far. */
+interface Stack {
   /** Innermost last; empty: the root value is complete (then only whitespace). */
   readonly frames: readonly Frame[];
   /** Whitespace after the root value. */
   readonly n?: number;
 }
+
+/**
+ * The readings the output so far allows: one, unless anyOf alternatives that start alike
+ * are both still possible (each reading is a valid prefix, so the output is valid whichever
+ * one it completes).
+ */
+export interface SchemaState {
+  readonly stacks: readonly Stack[];
+}
+
+/**
+ * Readings kept at most: more are dropped (the output stays valid under those kept, only
+ * fewer continuations are allowed). Overlapping alternatives nested in each other multiply.
+ */
+const MAX_STACKS = 64;
 
 /** json-mode.ts modes where a number may end. */
 const NUMBER_MODES = new Set<number>([Mode.Zero, Mode.Integer, Mode.Fraction, Mode.ExponentDigits]);
@@ -488,57 +531,70 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
   readonly start: SchemaState;
 
   constructor(root: Node) {
-    this.start = { frames: [{ t: "value", node: root, n: 0 }] };
+    this.start = { stacks: [{ frames: [{ t: "value", node: root, n: 0 }] }] };
   }
 
   isDone(s: SchemaState): boolean {
-    return s.frames.length === 0;
+    return s.stacks.some((k) => k.frames.length === 0);
   }
 
   local(s: SchemaState): { key: string; byte: number } | null {
-    const top = s.frames[s.frames.length - 1];
+    if (s.stacks.length !== 1) return null;
+    const frames = s.stacks[0]!.frames;
+    const top = frames[frames.length - 1];
     return top?.t === "json" ? stringLocal(top.s) : null;
   }
 
   key(s: SchemaState): string {
-    return s.frames.length === 0 ? `done,${s.n ?? 0}` : s.frames.map(frameKey).join("|");
+    return s.stacks.length === 1 ? stackKey(s.stacks[0]!) : s.stacks.map(stackKey).join(" / ");
   }
 
   step(s: SchemaState, b: number): SchemaState | null {
+    if (s.stacks.length === 1) {
+      const next = this.#step(s.stacks[0]!, b);
+      if (next.length === 0) return null;
+      return { stacks: next.length === 1 ? next : distinct(next) };
+    }
+    const next = distinct(s.stacks.flatMap((k) => this.#step(k, b)));
+    return next.length > 0 ? { stacks: next } : null;
+  }
+
+  /** The readings of stack `s` after byte `b` (none: refused). */
+  #step(s: Stack, b: number): Stack[] {
     const frames = s.frames;
     if (frames.length === 0) {
       const n = s.n ?? 0;
-      return isWs(b) && n < MAX_WHITESPACE ? { frames, n: n + 1 } : null;
+      return isWs(b) && n < MAX_WHITESPACE ? [{ frames, n: n + 1 }] : [];
     }
     const top = frames[frames.length - 1]!;
     const below = frames.slice(0, -1);
-    const replace = (...f: Frame[]): SchemaState => ({ frames: [...below, ...f] });
+    const replace = (...f: Frame[]): Stack[] => [{ frames: [...below, ...f] }];
+    const pop: Stack[] = [{ frames: below }];
     switch (top.t) {
       case "value": {
-        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
-        return this.begin(below, top.node, b);
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : [];
+        return this.#begin(below, top.node, b);
       }
       case "object": {
         const { node, i, phase } = top;
-        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : [];
         if (phase === 1)
           return b === 0x3a
             ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.props[i]!(), n: 0 })
-            : null;
+            : [];
         // '}' once no required property is left (after '{', or after value i).
         const from = phase === 2 ? i + 1 : i;
-        if (b === 0x7d)
-          return phase !== 3 && !node.required.includes(true, from) ? { frames: below } : null;
+        if (b === 0x7d) return phase !== 3 && !node.required.includes(true, from) ? pop : [];
         if (phase === 2)
           return b === 0x2c && from < node.keys.length
             ? replace({ ...top, i: from, phase: 3, n: 0 })
-            : null;
+            : [];
         // A key: of properties i.. up to the first required one (the schema's order).
         const next = node.required.indexOf(true, i);
         const last = next < 0 ? node.keys.length - 1 : next;
-        if (last < i) return null;
+        if (last < i) return [];
         const tags = Array.from({ length: last - i + 1 }, (_, k) => i + k);
-        return this.step(
+        return this.#step(
           {
             frames: [
               ...below,
@@ -555,35 +611,35 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
       }
       case "map": {
         const { node, phase } = top;
-        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : [];
         if (phase === 1)
           return b === 0x3a
             ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.values(), n: 0 })
-            : null;
-        if (b === 0x7d) return phase === 0 || phase === 2 ? { frames: below } : null;
-        if (phase === 2) return b === 0x2c ? replace({ ...top, phase: 3, n: 0 }) : null;
+            : [];
+        if (b === 0x7d) return phase === 0 || phase === 2 ? pop : [];
+        if (phase === 2) return b === 0x2c ? replace({ ...top, phase: 3, n: 0 }) : [];
         // A key: any string (json-mode.ts's, inside it after this quote).
         return b === 0x22
           ? replace(
               { ...top, phase: 1, n: 0 },
               { t: "json", s: valueState(Mode.ValueString), integer: false },
             )
-          : null;
+          : [];
       }
       case "array": {
         const { node, count, phase } = top;
-        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : null;
+        if (isWs(b)) return top.n < MAX_WHITESPACE ? replace({ ...top, n: top.n + 1 }) : [];
         if (phase === 1) {
           // After an item: ',' while below maxItems, ']' from minItems on.
-          if (b === 0x2c) return count < node.max ? replace({ ...top, phase: 2, n: 0 }) : null;
-          if (b === 0x5d) return count >= node.min ? { frames: below } : null;
-          return null;
+          if (b === 0x2c) return count < node.max ? replace({ ...top, phase: 2, n: 0 }) : [];
+          if (b === 0x5d) return count >= node.min ? pop : [];
+          return [];
         }
         // After '[' (phase 0: ']' if it may be empty) or ',' (phase 2): an item.
-        if (b === 0x5d) return phase === 0 && node.min === 0 ? { frames: below } : null;
-        if (count >= node.max) return null;
+        if (b === 0x5d) return phase === 0 && node.min === 0 ? pop : [];
+        if (count >= node.max) return [];
         const item = count < node.prefix.length ? node.prefix[count]! : node.items;
-        return this.begin([...below, { ...top, count: count + 1, phase: 1, n: 0 }], item(), b);
+        return this.#begin([...below, { ...top, count: count + 1, phase: 1, n: 0 }], item(), b);
       }
       case "literal": {
         const kept = top.values.flatMap((v, k) =>
@@ -595,28 +651,28 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           // A value fully matched and nothing longer left: the literal is complete.
           const at = top.at + 1;
           if (values.length === 1 && values[0]!.length === at) {
-            if (!tags) return { frames: below };
+            if (!tags) return pop;
             // A key: the object below learns which property it is.
             const object = below[below.length - 1] as Frame & { t: "object" };
-            return { frames: [...below.slice(0, -1), { ...object, i: tags[0]! }] };
+            return [{ frames: [...below.slice(0, -1), { ...object, i: tags[0]! }] }];
           }
           return replace({ ...top, values, at, ...(tags ? { tags } : {}) });
         }
         // Ended before this byte (an enum value that is a prefix of another: 1 and 12).
-        if (top.values.some((v) => v.length === top.at)) return this.step({ frames: below }, b);
-        return null;
+        if (top.values.some((v) => v.length === top.at)) return this.#step({ frames: below }, b);
+        return [];
       }
       case "string": {
         const next = top.rule.step(top.s, b);
-        if (next === CLOSED) return { frames: below };
-        return next && replace({ ...top, s: next });
+        if (next === CLOSED) return pop;
+        return next ? replace({ ...top, s: next }) : [];
       }
       case "number": {
         // A number ends at the first byte that does not continue it.
         if (!continuesNumber(b))
-          return canEnd(top.rule, top.s) ? this.step({ frames: below }, b) : null;
+          return canEnd(top.rule, top.s) ? this.#step({ frames: below }, b) : [];
         const next = stepNumber(top.rule, top.s, b);
-        return next && replace({ ...top, s: next });
+        return next ? replace({ ...top, s: next }) : [];
       }
       case "json": {
         const { s: js, integer } = top;
@@ -625,78 +681,88 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           const continues =
             NUMBER_MODES.has(js.mode) &&
             (isDigit(b) || (!integer && (b === 0x2e || b === 0x65 || b === 0x45)));
-          if (!continues) return this.step({ frames: below }, b);
+          if (!continues) return this.#step({ frames: below }, b);
         }
         if (integer && (b === 0x2e || b === 0x65 || b === 0x45) && NUMBER_MODES.has(js.mode))
-          return null;
+          return [];
         const next = jsonStep(js, b);
-        if (next === null) return null;
+        if (next === null) return [];
         // Strings, objects and arrays end on their closing byte.
-        if ((next.mode === Mode.After && next.stack === "") || jsonDone(next))
-          return { frames: below };
+        if ((next.mode === Mode.After && next.stack === "") || jsonDone(next)) return pop;
         return replace({ ...top, s: next });
       }
     }
   }
 
   /** The first byte `b` of a value of `node`, with `frames` below it. */
-  begin(frames: readonly Frame[], node: Node, b: number): SchemaState | null {
-    const push = (f: Frame): SchemaState | null => this.step({ frames: [...frames, f] }, b);
+  #begin(frames: readonly Frame[], node: Node, b: number): Stack[] {
+    const push = (f: Frame): Stack[] => this.#step({ frames: [...frames, f] }, b);
+    const open = (f: Frame): Stack[] => [{ frames: [...frames, f] }];
     switch (node.kind) {
       case "object":
-        return b === 0x7b
-          ? { frames: [...frames, { t: "object", node, i: 0, phase: 0, n: 0 }] }
-          : null;
+        return b === 0x7b ? open({ t: "object", node, i: 0, phase: 0, n: 0 }) : [];
       case "array":
-        return b === 0x5b
-          ? { frames: [...frames, { t: "array", node, count: 0, phase: 0, n: 0 }] }
-          : null;
+        return b === 0x5b ? open({ t: "array", node, count: 0, phase: 0, n: 0 }) : [];
       case "map":
-        return b === 0x7b ? { frames: [...frames, { t: "map", node, phase: 0, n: 0 }] } : null;
+        return b === 0x7b ? open({ t: "map", node, phase: 0, n: 0 }) : [];
       case "string":
-        if (b !== 0x22) return null;
-        return {
-          frames: [
-            ...frames,
-            node.rule
-              ? { t: "string", rule: node.rule, id: node.id, s: node.rule.start }
-              : { t: "json", s: valueState(Mode.ValueString), integer: false },
-          ],
-        };
+        if (b !== 0x22) return [];
+        return open(
+          node.rule
+            ? { t: "string", rule: node.rule, id: node.id, s: node.rule.start }
+            : { t: "json", s: valueState(Mode.ValueString), integer: false },
+        );
       case "number":
       case "integer": {
         if (node.rule) {
           const s = stepNumber(node.rule, null, b);
-          return s && { frames: [...frames, { t: "number", rule: node.rule, id: node.id, s }] };
+          return s ? open({ t: "number", rule: node.rule, id: node.id, s }) : [];
         }
-        if (b !== 0x2d && !isDigit(b)) return null;
+        if (b !== 0x2d && !isDigit(b)) return [];
         return push({ t: "json", s: valueState(Mode.Value), integer: node.kind === "integer" });
       }
       case "any":
         return push({ t: "json", s: valueState(Mode.Value), integer: false });
       case "anyObject":
-        return b === 0x7b ? push({ t: "json", s: valueState(Mode.Value), integer: false }) : null;
+        return b === 0x7b ? push({ t: "json", s: valueState(Mode.Value), integer: false }) : [];
       case "literal":
         return push(literalFrame(node.values, `l${node.id}`));
-      case "anyOf": {
-        const option = dispatch(node).get(b);
-        return option ? this.begin(frames, option, b) : null;
-      }
+      case "anyOf":
+        return (dispatch(node).get(b) ?? []).flatMap((o) => this.#begin(frames, o, b));
     }
   }
 }
 
-const dispatches = new WeakMap<Node, Map<number, Node>>();
+const dispatches = new WeakMap<Node, Map<number, Node[]>>();
 
-/** An anyOf's option per first byte (compileSchema checked they do not overlap). */
-function dispatch(node: Node & { kind: "anyOf" }): Map<number, Node> {
+/** An anyOf's options that may start with each byte. */
+function dispatch(node: Node & { kind: "anyOf" }): Map<number, Node[]> {
   let d = dispatches.get(node);
   if (!d) {
     d = new Map();
-    for (const o of node.options) for (const b of firstBytes(o())) d.set(b, o());
+    for (const o of node.options)
+      for (const b of firstBytes(o())) d.set(b, [...(d.get(b) ?? []), o()]);
     dispatches.set(node, d);
   }
   return d;
+}
+
+/** The stacks with different keys (the first of each), at most MAX_STACKS. */
+function distinct(stacks: Stack[]): Stack[] {
+  const seen = new Set<string>();
+  const out: Stack[] = [];
+  for (const k of stacks) {
+    const key = stackKey(k);
+    if (seen.has(key)) continue;
+    seen.add(key);
+    out.push(k);
+    if (out.length === MAX_STACKS) break;
+  }
+  return out;
+}
+
+function stackKey(s: Stack): string {
+  return s.frames.length === 0 ? `done,${s.n ?? 0}` : s.frames.map(frameKey).join("|");
 }
 
 function literalFrame(values: Uint8Array[], id: string, tags?: number[]): Frame {

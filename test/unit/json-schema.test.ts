@@ -93,6 +93,53 @@ const SHAPES: Schema = {
   required: ["scores", "tags", "none", "pair", "head", "old"],
 };
 
+/**
+ * Alternatives that start alike (Pydantic's unions): anyOf of objects, of numbers, of
+ * strings; a discriminated oneOf; a union inside a union.
+ */
+const UNIONS: Schema = {
+  type: "object",
+  properties: {
+    pet: { anyOf: [{ $ref: "#/$defs/cat" }, { $ref: "#/$defs/dog" }, { type: "null" }] },
+    size: { anyOf: [{ type: "integer" }, { type: "number" }, { type: "string" }] },
+    code: { anyOf: [{ enum: ["ab", "abc"] }, { type: "string" }] },
+    shape: {
+      oneOf: [
+        {
+          type: "object",
+          properties: { kind: { const: "circle" }, r: { type: "number" } },
+          required: ["kind", "r"],
+        },
+        {
+          type: "object",
+          properties: { kind: { enum: ["square", "box"] }, side: { type: "number" } },
+          required: ["kind", "side"],
+        },
+      ],
+      discriminator: { propertyName: "kind" },
+    },
+    deep: {
+      anyOf: [
+        { type: "array", items: { anyOf: [{ $ref: "#/$defs/cat" }, { type: "object" }] } },
+        { type: "array", items: { type: "integer" } },
+      ],
+    },
+  },
+  required: ["pet", "size", "code", "shape", "deep"],
+  $defs: {
+    cat: {
+      type: "object",
+      properties: { name: { type: "string" }, lives: { type: "integer" } },
+      required: ["name", "lives"],
+    },
+    dog: {
+      type: "object",
+      properties: { name: { type: "string" }, good: { type: "boolean" } },
+      required: ["name"],
+    },
+  },
+};
+
 const TREE: Schema = {
   $defs: {
     node: {
@@ -211,6 +258,19 @@ describe("a schema's automaton", () => {
     expect(r.refusedAt < 0 && r.done).toBe(ok);
   });
 
+  it("keeps every reading of alternatives that start alike until one is ruled out", () => {
+    const base = { size: 1, code: "ab", shape: { kind: "box", side: 2 }, deep: [] };
+    const ok = (v: object) => check(UNIONS, JSON.stringify(v));
+    expect(ok({ pet: { name: "c", lives: 9 }, ...base })).toEqual({ refusedAt: -1, done: true });
+    expect(ok({ pet: { name: "d", good: true }, ...base })).toEqual({ refusedAt: -1, done: true });
+    expect(ok({ pet: { name: "d" }, ...base })).toEqual({ refusedAt: -1, done: true });
+    expect(ok({ pet: { name: "x", lives: 9, good: true }, ...base }).refusedAt).toBeGreaterThan(0);
+    expect(ok({ pet: null, ...base, size: 2.5, code: "abcd" }).done).toBe(true);
+    expect(ok({ pet: null, ...base, shape: { kind: "box", r: 1 } }).refusedAt).toBeGreaterThan(0);
+    expect(ok({ pet: null, ...base, deep: [{ name: "n", lives: 1 }, {}] }).done).toBe(true);
+    expect(ok({ pet: null, ...base, deep: [1, {}] }).refusedAt).toBeGreaterThan(0);
+  });
+
   it("follows a recursive $ref", () => {
     const tree = {
       v: 1,
@@ -248,9 +308,9 @@ describe("what the subset does not cover is refused with 400", () => {
       /'uniqueItems' is not supported/,
     ],
     [
-      "alternatives starting alike",
-      { type: "object", properties: { a: { anyOf: [{ type: "string" }, { enum: ["x"] }] } } },
-      /start alike/,
+      "oneOf alternatives starting alike, without a discriminator",
+      { type: "object", properties: { a: { oneOf: [{ type: "string" }, { enum: ["x"] }] } } },
+      /oneOf alternatives that can start alike/,
     ],
     [
       "an unknown $ref",
@@ -356,6 +416,8 @@ function conforms(v: unknown, s: Schema, root: Schema): boolean {
   if ("const" in s) return v === s["const"];
   if (Array.isArray(s["enum"])) return (s["enum"] as unknown[]).includes(v);
   if (Array.isArray(s["anyOf"])) return (s["anyOf"] as Schema[]).some((o) => conforms(v, o, root));
+  if (Array.isArray(s["oneOf"]))
+    return (s["oneOf"] as Schema[]).filter((o) => conforms(v, o, root)).length === 1;
   const type = s["type"];
   if (Array.isArray(type)) return type.some((t) => conforms(v, { ...s, type: t }, root));
   switch (type) {
@@ -419,7 +481,9 @@ function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
     );
   if ("const" in s) return s["const"];
   if (Array.isArray(s["enum"])) return pick(s["enum"] as unknown[]);
-  if (Array.isArray(s["anyOf"])) return instance(pick(s["anyOf"] as Schema[]), root, rng, depth);
+  const alternatives = s["anyOf"] ?? s["oneOf"];
+  if (Array.isArray(alternatives))
+    return instance(pick(alternatives as Schema[]), root, rng, depth);
   const type = Array.isArray(s["type"]) ? pick(s["type"] as string[]) : s["type"];
   switch (type) {
     case "object": {
@@ -477,6 +541,7 @@ describe.each([
   ["a schema with optional properties", OPTIONAL],
   ["a recursive schema", TREE],
   ["maps and tuples", SHAPES],
+  ["alternatives that start alike", UNIONS],
 ])("%s against the validator", (_name, schema) => {
   const rng = new Prng(77);
   const docs = Array.from({ length: 150 }, (_, i) =>
@@ -563,5 +628,22 @@ describe("a schema's masks", () => {
 
   it(`equal checking every token, in ${states.length} states along random instances`, () => {
     expectExactMasks(grammar, a, states, tokenBytes, V);
+  });
+
+  // States with several readings at once (unions).
+  const u = compileSchema(UNIONS);
+  const unionGrammar = new TokenGrammar(u, new Vocabulary(tokenBytes, V));
+  const unionStates: SchemaState[] = [u.start];
+  for (let d = 0; d < 30; d++) {
+    let s: SchemaState | null = u.start;
+    for (const x of bytes(JSON.stringify(instance(UNIONS, UNIONS, rng), null, d % 2))) {
+      s = u.step(s!, x);
+      if (rng.uniform() < 0.25) unionStates.push(s!);
+    }
+  }
+
+  it(`equal checking every token in ${unionStates.length} states of a schema of unions`, () => {
+    expect(unionStates.some((s) => s.stacks.length > 1)).toBe(true);
+    expectExactMasks(unionGrammar, u, unionStates, tokenBytes, V);
   });
 });
