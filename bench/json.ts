@@ -208,8 +208,14 @@ export async function runJson(o: {
       email: { type: "string", format: "email" },
       name: { type: "string", maxLength: 200 },
       n: { type: "integer", minimum: 1, maximum: 250 },
+      pet: {
+        anyOf: [
+          { type: "object", properties: { name: { type: "string" }, lives: { type: "integer" } } },
+          { type: "object", properties: { name: { type: "string" }, good: { type: "boolean" } } },
+        ],
+      },
     },
-    required: ["code", "day", "email", "name", "n"],
+    required: ["code", "day", "email", "name", "n", "pet"],
   };
   const schemaStates: [string, string][] = [
     ["a pattern ^[A-Z]{2}-\\d{3}$ after 'AB'", '{"code": "AB'],
@@ -225,6 +231,10 @@ export async function runJson(o: {
     [
       "an integer 1..250 after '2'",
       '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "n": 2',
+    ],
+    [
+      "anyOf of two objects, in the name both have (2 readings)",
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "n": 2, "pet": {"name": "Re',
     ],
   ];
   const textSteps: number[] = [];

@@ -539,10 +539,16 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
   }
 
   local(s: SchemaState): { key: string; byte: number } | null {
-    if (s.stacks.length !== 1) return null;
-    const frames = s.stacks[0]!.frames;
-    const top = frames[frames.length - 1];
-    return top?.t === "json" ? stringLocal(top.s) : null;
+    // Every reading inside a free string in the same state: a token without a quote stays
+    // in it in each, allowed or not alike.
+    let local: { key: string; byte: number } | null = null;
+    for (const k of s.stacks) {
+      const top = k.frames[k.frames.length - 1];
+      const l = top?.t === "json" ? stringLocal(top.s) : null;
+      if (!l || (local && l.key !== local.key)) return null;
+      local = l;
+    }
+    return local;
   }
 
   key(s: SchemaState): string {
@@ -555,7 +561,14 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
       if (next.length === 0) return null;
       return { stacks: next.length === 1 ? next : distinct(next) };
     }
-    const next = distinct(s.stacks.flatMap((k) => this.#step(k, b)));
+    let next = s.stacks.flatMap((k) => this.#step(k, b));
+    // Readings meet again only where frames are pushed or popped (after alternatives that
+    // end alike): only then are their keys compared.
+    if (
+      next.length !== s.stacks.length ||
+      next.some((k, i) => k.frames.length !== s.stacks[i]!.frames.length)
+    )
+      next = distinct(next);
     return next.length > 0 ? { stacks: next } : null;
   }
 
