@@ -265,6 +265,25 @@ export class StringRule {
     }
   }
 
+  /**
+   * The state after byte `b` of raw text (guided.ts: the whole output under a pattern):
+   * UTF-8 only, no escapes, no closing quote; control characters are characters.
+   */
+  stepRaw(st: StringState, b: number): StringState | null {
+    if (st.dec === Dec.Utf8) return this.step(st, b) as StringState | null;
+    if (b < 0x80) return this.#char(st, b);
+    return this.#lead(st, b);
+  }
+
+  /** Whether another character can follow (raw text: else the output must end here). */
+  canContinue(st: StringState): boolean {
+    if (st.dec !== Dec.None) return true;
+    return (
+      this.#canReach(st.q, st.count, 0, SURROGATES[0] - 1) ||
+      this.#canReach(st.q, st.count, SURROGATES[1] + 1, MAX_CP)
+    );
+  }
+
   /** A UTF-8 lead byte. */
   #lead(st: StringState, b: number): StringState | null {
     const [n, bits, floor] =

@@ -16,7 +16,13 @@ import {
   type ServeContext,
   startJob,
 } from "./jobs.ts";
-import { callsOrAnswer, jsonMode, type ToolPlan, toolPlan } from "./output-grammar.ts";
+import {
+  callsOrAnswer,
+  type OutputFormat,
+  outputFormat,
+  type ToolPlan,
+  toolPlan,
+} from "./output-grammar.ts";
 import { requestThinks, thinkingFirst } from "./reasoning.ts";
 import {
   ChatCompletionRequest,
@@ -324,9 +330,15 @@ async function chatPrompt(
   ctx: ServeContext,
   b: ChatCompletionRequest,
   addGenerationPrompt = true,
-): Promise<{ plan: ToolPlan; format: ReturnType<typeof jsonMode>; prompt: number[] }> {
+): Promise<{ plan: ToolPlan; format: OutputFormat; prompt: number[] }> {
   let plan = toolPlan(ctx, b);
-  const format = jsonMode(ctx, b);
+  const format = outputFormat(ctx, b);
+  if (format.kind === "text" && plan.kind !== "text" && b.tool_choice !== "none")
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `${format.param} with tools needs tool_choice "none" (calls are JSON; a pattern constrains text)`,
+      { param: format.param! },
+    );
   if (format.grammar && plan.kind !== "text") {
     // tool_choice "none": the format rules (its grammar allows no tool-call token).
     // "auto": calls, or an answer under the format (the first token chooses).
@@ -553,7 +565,7 @@ async function completion(
   const bestOf = bestOfOf(b, n);
   const spec: JobSpec = {
     ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
-    ...jsonMode(ctx, b),
+    ...outputFormat(ctx, b),
     // best_of: that many choices per prompt, ranked by their tokens' summed logprobs.
     ...(bestOf > n ? { n: bestOf } : {}),
     logprobs: b.logprobs ?? (bestOf > n ? 0 : null),

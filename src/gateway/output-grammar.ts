@@ -1,10 +1,11 @@
 // What constrains a request's output (docs/gateway.md): response_format json_object or
-// json_schema, and tools (tool-calls.ts), each turned into the grammar (grammar.ts) its
-// choices are decoded under.
+// json_schema, vLLM's guided_json / guided_regex / guided_choice (guided.ts), and tools
+// (tool-calls.ts), each turned into the grammar (grammar.ts) its choices are decoded under.
 
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
+import { choicePattern, patternGrammar } from "./guided.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
@@ -164,28 +165,114 @@ function vocabularyOf(ctx: ServeContext, what: string, param: string): Vocabular
   return vocabulary;
 }
 
+/** What constrains a request's output, and the grammar of it. */
+export interface OutputFormat {
+  readonly grammar?: TokenGrammar<unknown>;
+  /** The request field that asked for it ("response_format", "guided_regex", ...). */
+  readonly param?: string;
+  /** JSON (an object), or plain text under a pattern (guided_regex, guided_choice). */
+  readonly kind?: "json" | "text";
+}
+
+/** Strings in a guided_choice, at most. */
+const MAX_CHOICES = 1024;
+
+/**
+ * The grammar that constrains each choice (docs/gateway.md, JSON mode and structured
+ * outputs; guided decoding): response_format json_object or json_schema, or vLLM's
+ * guided_json, guided_regex, guided_choice, or their structured_outputs form. At most one
+ * may be given (400 naming the second).
+ */
+export function outputFormat(
+  ctx: ServeContext,
+  b: ChatCompletionRequest | CompletionRequest,
+): OutputFormat {
+  const r = b as Record<string, unknown>;
+  const given = r["structured_outputs"];
+  if (given != null && !isRecord(given))
+    refuse("structured_outputs", "structured_outputs must be an object");
+  const so = (given ?? {}) as Record<string, unknown>;
+  const guided: [string, "json" | "regex" | "choice", unknown][] = [];
+  for (const [param, kind, value] of [
+    ["guided_json", "json", r["guided_json"]],
+    ["guided_regex", "regex", r["guided_regex"]],
+    ["guided_choice", "choice", r["guided_choice"]],
+    ["structured_outputs.json", "json", so["json"]],
+    ["structured_outputs.regex", "regex", so["regex"]],
+    ["structured_outputs.choice", "choice", so["choice"]],
+  ] as const)
+    if (value != null) guided.push([param, kind, value]);
+  for (const k of Object.keys(so))
+    if (!["json", "regex", "choice"].includes(k) && so[k] != null)
+      refuse(
+        `structured_outputs.${k}`,
+        `structured_outputs.${k} is not supported (json, regex and choice are)`,
+      );
+  const format = jsonMode(ctx, b);
+  const asked = [...(format.grammar ? ["response_format"] : []), ...guided.map((g) => g[0])];
+  if (asked.length > 1)
+    refuse(asked[1]!, `${asked.join(" and ")} both constrain the output: give one`);
+  if (guided.length === 0) return format;
+  const [param, kind, value] = guided[0]!;
+  const vocabulary = vocabularyOf(ctx, param, param);
+  if (kind === "json") {
+    let schema = value;
+    if (typeof value === "string")
+      try {
+        schema = JSON.parse(value);
+      } catch {
+        refuse(param, `${param}: a string must be a JSON schema's text`);
+      }
+    const source = { param, label: param };
+    return {
+      grammar: schemaGrammar(vocabulary, schema, source) as TokenGrammar<unknown>,
+      param,
+      kind: "json",
+    };
+  }
+  let pattern: string;
+  if (kind === "regex") {
+    if (typeof value !== "string") return refuse(param, `${param} must be a string`);
+    pattern = value;
+  } else {
+    if (
+      !Array.isArray(value) ||
+      value.length === 0 ||
+      value.length > MAX_CHOICES ||
+      value.some((c) => typeof c !== "string")
+    )
+      return refuse(param, `${param} must be 1 to ${MAX_CHOICES} strings`);
+    pattern = choicePattern(value as string[]);
+  }
+  const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
+  const grammar = patternGrammar(vocabulary, pattern, eos, param);
+  return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
+}
+
+const isRecord = (x: unknown): x is Record<string, unknown> =>
+  typeof x === "object" && x !== null && !Array.isArray(x);
+
 /**
  * response_format json_object or json_schema: the grammar that constrains each choice
  * (docs/gateway.md, JSON mode and structured outputs).
  */
-export function jsonMode(
-  ctx: ServeContext,
-  b: ChatCompletionRequest | CompletionRequest,
-): { grammar?: TokenGrammar<unknown> } {
+function jsonMode(ctx: ServeContext, b: ChatCompletionRequest | CompletionRequest): OutputFormat {
   const format = (
     b as { response_format?: { type?: unknown; json_schema?: { schema?: unknown } } | null }
   ).response_format;
   if (format?.type !== "json_object" && format?.type !== "json_schema") return {};
   const vocabulary = vocabularyOf(ctx, `response_format ${format.type}`, "response_format");
+  const param = "response_format";
   if (format.type === "json_object")
-    return { grammar: jsonObjectGrammar(vocabulary) as TokenGrammar<unknown> };
+    return { grammar: jsonObjectGrammar(vocabulary) as TokenGrammar<unknown>, param, kind: "json" };
   if (format.json_schema?.schema === undefined)
     throw new ApiError(
       "EM_GATEWAY_BAD_REQUEST",
       "response_format json_schema: json_schema.schema is missing",
       { param: "response_format" },
     );
-  return { grammar: schemaGrammar(vocabulary, format.json_schema.schema) as TokenGrammar<unknown> };
+  const grammar = schemaGrammar(vocabulary, format.json_schema.schema) as TokenGrammar<unknown>;
+  return { grammar, param, kind: "json" };
 }
 
 /** A state of CallsOrAnswer: before the first byte, in the calls, or in the answer. */

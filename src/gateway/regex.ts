@@ -475,8 +475,21 @@ function buildNfa(alternatives: readonly TopAlternative[], maxStates: number): N
  * leading `^` gets "any string" before it and one without a trailing `$` any string after it.
  * Throws RegexError for syntax errors and for what is not supported.
  */
-export function compilePattern(pattern: string, o: { maxStates?: number } = {}): Nfa {
-  return buildNfa(parse(pattern), o.maxStates ?? DEFAULT_MAX_STATES);
+export function compilePattern(
+  pattern: string,
+  o: {
+    maxStates?: number;
+    /** The whole string must match (as vLLM's guided_regex): every alternative anchored. */
+    fullMatch?: boolean;
+  } = {},
+): Nfa {
+  const alternatives = parse(pattern);
+  return buildNfa(
+    o.fullMatch
+      ? alternatives.map((a) => ({ ...a, anchoredStart: true, anchoredEnd: true }))
+      : alternatives,
+    o.maxStates ?? DEFAULT_MAX_STATES,
+  );
 }
 
 /** The states reachable from `states` by epsilon edges (them included), ascending. */

@@ -294,6 +294,88 @@ describe("chat completions", () => {
     }
   });
 
+  it("vLLM's guided_choice, guided_regex and guided_json (and structured_outputs): every choice obeys", async () => {
+    const ask = (extra: Record<string, unknown>, o: { n?: number; stream?: boolean } = {}) =>
+      gw.client.chat.completions.create({
+        model: "tiny",
+        messages: user("Pick"),
+        max_tokens: 40,
+        temperature: 1,
+        seed: 3,
+        n: o.n ?? 6,
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+    const choices = ["red", "green", "blue (light)"];
+    for (const extra of [{ guided_choice: choices }, { structured_outputs: { choice: choices } }]) {
+      const r = await ask(extra);
+      for (const c of r.choices) {
+        expect(choices, JSON.stringify(extra)).toContain(c.message.content);
+        expect(c.finish_reason).toBe("stop");
+      }
+    }
+    // A pattern with a bounded tail: the model ends it (EOS is allowed once it matches) or
+    // reaches the bound, where only the end remains.
+    const pattern = "[A-Z]{2}-[0-9]{2,4}( [a-z]{1,3})?";
+    for (const extra of [{ guided_regex: pattern }, { structured_outputs: { regex: pattern } }]) {
+      const r = await ask(extra);
+      for (const c of r.choices) {
+        expect(c.message.content).toMatch(new RegExp(`^(?:${pattern})$`));
+        expect(c.finish_reason).toBe("stop");
+      }
+    }
+    // Streamed: the deltas add up to a match.
+    let text = "";
+    for await (const chunk of await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Pick"),
+      max_tokens: 40,
+      seed: 4,
+      stream: true,
+      guided_regex: pattern,
+    } as unknown as OpenAI.ChatCompletionCreateParamsStreaming))
+      text += chunk.choices[0]?.delta.content ?? "";
+    expect(text).toMatch(new RegExp(`^(?:${pattern})$`));
+    // Completions take them too.
+    const done = await gw.client.completions.create({
+      model: "tiny",
+      prompt: "Colour:",
+      max_tokens: 20,
+      n: 4,
+      seed: 2,
+      guided_choice: choices,
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    for (const c of done.choices) expect(choices).toContain(c.text);
+    // guided_json: a schema (or its text), as response_format json_schema.
+    const schema = { type: "object", properties: { n: { enum: [1, 2] } }, required: ["n"] };
+    // Whitespace banned (this random model would pile it up within max_tokens).
+    const ws = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    const logit_bias = Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [ws(t), -100]));
+    for (const guided_json of [schema, JSON.stringify(schema)]) {
+      const r = await ask({ guided_json, logit_bias }, { n: 2 });
+      for (const c of r.choices)
+        expect([{ n: 1 }, { n: 2 }]).toContainEqual(JSON.parse(c.message.content!));
+    }
+    // Refused with 400 naming the field.
+    for (const [extra, param] of [
+      [{ guided_regex: "(?=a)" }, "guided_regex"],
+      [{ guided_choice: [] }, "guided_choice"],
+      [{ guided_choice: choices, guided_regex: "a" }, "guided_choice"],
+      [{ response_format: { type: "json_object" }, guided_choice: choices }, "guided_choice"],
+      [{ structured_outputs: { grammar: "root ::= x" } }, "structured_outputs.grammar"],
+      [{ guided_json: "{not json" }, "guided_json"],
+      [
+        { guided_choice: choices, tools: [{ type: "function", function: { name: "f" } }] },
+        "guided_choice",
+      ],
+    ] as [Record<string, unknown>, string][]) {
+      const err = await ask(extra, { n: 1 }).then(
+        () => expect.unreachable(JSON.stringify(extra)),
+        (e: APIError) => e,
+      );
+      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
+    }
+  });
+
   it("response_format json_schema: pattern, format, lengths and bounds hold in every choice", async () => {
     const schema = {
       type: "object",

@@ -1,0 +1,87 @@
+// vLLM's guided decoding of plain text (docs/gateway.md): `guided_regex` (the whole output
+// matches the pattern) and `guided_choice` (the output is one of the strings), also as
+// `structured_outputs: {"regex" | "choice"}` (vLLM's newer form). The pattern compiles as a
+// JSON Schema pattern does (regex.ts, json-string.ts), over the output's raw UTF-8; the
+// end-of-sequence token is allowed exactly where the text so far matches, and where nothing
+// can follow a match the choice ends there without it.
+import { ApiError } from "./errors.ts";
+import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import { StringRule, type StringState } from "./json-string.ts";
+import { compilePattern, RegexError } from "./regex.ts";
+
+/** After the end-of-sequence token. */
+const DONE = "done";
+export type TextState = StringState | typeof DONE;
+
+/** The output's bytes under a pattern, then the end-of-sequence symbol where it matches. */
+export class PatternText implements ByteAutomaton<TextState> {
+  readonly symbols = true;
+  readonly start: TextState;
+  readonly #rule: StringRule;
+  readonly #eos: number | null;
+
+  /** `eos`: the end-of-sequence token's symbol (none: the output ends only where forced). */
+  constructor(rule: StringRule, eos: number | null) {
+    this.#rule = rule;
+    this.#eos = eos;
+    this.start = rule.start;
+  }
+
+  step(s: TextState, b: number): TextState | null {
+    if (s === DONE) return null;
+    if (b >= SYMBOL_BASE) return b === this.#eos && this.#rule.canClose(s) ? DONE : null;
+    return this.#rule.stepRaw(s, b);
+  }
+
+  isDone(s: TextState): boolean {
+    return s === DONE || (this.#rule.canClose(s) && !this.#rule.canContinue(s));
+  }
+
+  key(s: TextState): string {
+    return s === DONE ? DONE : this.#rule.key(s);
+  }
+}
+
+/** The pattern of "one of these strings", each matched literally. */
+export function choicePattern(choices: readonly string[]): string {
+  return choices.map((c) => c.replace(/[\\^$.*+?()[\]{}|/-]/g, "\\$&")).join("|");
+}
+
+/** Grammars of the patterns seen last, per vocabulary and end-of-sequence symbol. */
+const MAX_PATTERNS = 16;
+const grammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<TextState>>>();
+
+/**
+ * The grammar of outputs that match `pattern` whole (400 naming `param` for one that cannot
+ * be compiled or matches nothing).
+ */
+export function patternGrammar(
+  vocabulary: Vocabulary,
+  pattern: string,
+  eos: number | null,
+  param: string,
+): TokenGrammar<TextState> {
+  let byText = grammars.get(vocabulary);
+  if (!byText) {
+    byText = new Map();
+    grammars.set(vocabulary, byText);
+  }
+  const key = `${eos} ${pattern}`;
+  let g = byText.get(key);
+  if (g) {
+    byText.delete(key);
+  } else {
+    let rule: StringRule;
+    try {
+      const nfa = compilePattern(pattern, { fullMatch: true });
+      rule = new StringRule(nfa, 0, Number.POSITIVE_INFINITY, vocabulary.maxTokenBytes);
+    } catch (err) {
+      if (!(err instanceof RegexError || err instanceof RangeError)) throw err;
+      throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${err.message}`, { param });
+    }
+    g = new TokenGrammar(new PatternText(rule, eos), vocabulary);
+    if (byText.size >= MAX_PATTERNS) byText.delete(byText.keys().next().value!);
+  }
+  byText.set(key, g);
+  return g;
+}
