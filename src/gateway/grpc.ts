@@ -162,6 +162,7 @@ interface ChatRequestMsg extends SamplingRequest {
   tool_choice?: string;
   response_format_json?: string;
   chat_template_kwargs_json?: string;
+  structured_outputs_json?: string;
 }
 
 interface ChatResponseMsg {
@@ -485,6 +486,7 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
         ? choice
         : { type: "function", function: { name: choice } },
     response_format: json(r.response_format_json, "response_format_json"),
+    structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
     chat_template_kwargs: json(r.chat_template_kwargs_json, "chat_template_kwargs_json"),
   };
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];

@@ -644,6 +644,34 @@ describe("ChatStream", () => {
     else expect(a.content.trimStart().startsWith("{")).toBe(true);
   });
 
+  it("structured_outputs_json: vLLM's regex and choice, the same answer as over HTTP", async () => {
+    const body = { model: "tiny", max_tokens: 24, temperature: 0 };
+    for (const so of [{ regex: "[a-c]{2,5}( [0-9])?" }, { choice: ["yes", "no", "maybe"] }]) {
+      const http = await gw.client.chat.completions.create({
+        ...body,
+        messages: messages as any,
+        structured_outputs: so,
+      } as any);
+      const s = await chat(c.gen, {
+        ...body,
+        messages,
+        structured_outputs_json: JSON.stringify(so),
+      });
+      expect(s.error).toBeNull();
+      const a = chatAnswer(s.messages);
+      expect(a.content).toBe(http.choices[0]!.message.content);
+      expect(a.finish).toBe("stop");
+      if ("regex" in so) expect(a.content).toMatch(/^[a-c]{2,5}( [0-9])?$/);
+      else expect(so.choice).toContain(a.content);
+    }
+    const bad = await chat(c.gen, {
+      ...body,
+      messages,
+      structured_outputs_json: '{"regex": "(?=x)"}',
+    });
+    expect(bad.error?.code).toBe(status.INVALID_ARGUMENT);
+  });
+
   it("a thinking model streams its thinking as reasoning_content", async () => {
     const r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
     const g = await startGrpcGateway({ ctx: r1.ctx }, { port: 0, host: "127.0.0.1" });
