@@ -42,11 +42,6 @@ export class PatternText implements ByteAutomaton<TextState> {
   }
 }
 
-/** The pattern of "one of these strings", each matched literally. */
-export function choicePattern(choices: readonly string[]): string {
-  return choices.map((c) => c.replace(/[\\^$.*+?()[\]{}|/-]/g, "\\$&")).join("|");
-}
-
 /** Grammars of the patterns seen last, per vocabulary and end-of-sequence symbol. */
 const MAX_PATTERNS = 16;
 const grammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<TextState>>>();

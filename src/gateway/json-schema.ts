@@ -39,15 +39,18 @@ import {
   stepNumber,
 } from "./json-number.ts";
 import { CLOSED, StringRule, type StringState } from "./json-string.ts";
-import { compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } from "./regex.ts";
+import { choicePattern, compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } from "./regex.ts";
 
 type Node =
   /** Properties in the schema's order; `required[i]`: property i must be written. */
   | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
   /** Item i is of `prefix[i]` (prefixItems, a tuple), the ones after it of `items`. */
   | { kind: "array"; id: number; prefix: NodeRef[]; items: NodeRef; min: number; max: number }
-  /** An object of any keys, every value of `values` (additionalProperties: a schema). */
-  | { kind: "map"; id: number; values: NodeRef }
+  /**
+   * An object of any keys (of `keys`: propertyNames), every value of `values`
+   * (additionalProperties), at most `max` of them (maxProperties).
+   */
+  | { kind: "map"; id: number; values: NodeRef; keys: StringRule | null; max: number }
   /** rule null: any string / number. */
   | { kind: "string"; id: number; rule: StringRule | null }
   | { kind: "number" | "integer"; id: number; rule: NumberRule | null }
@@ -100,6 +103,9 @@ const KNOWN = new Set([
   "maxItems",
   "prefixItems",
   "additionalProperties",
+  "propertyNames",
+  "minProperties",
+  "maxProperties",
   ...STRING_KEYWORDS,
   ...NUMBER_KEYWORDS,
   "anyOf",
@@ -199,15 +205,37 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
         // Without properties: any object, none (false), or any keys with values of a schema.
         // With them, only they are written, whatever additionalProperties allows besides.
         const extra = s["additionalProperties"];
-        if (props === undefined && extra === false)
+        const count = (k: string, fallback: number): number => {
+          const v = s[k] ?? fallback;
+          if (v !== fallback && (!Number.isInteger(v) || (v as number) < 0))
+            bad(`${at}: '${k}' must be an integer >= 0`);
+          return v as number;
+        };
+        const minProps = count("minProperties", 0);
+        const maxProps = count("maxProperties", Number.POSITIVE_INFINITY);
+        const names = s["propertyNames"];
+        const keyRule =
+          names === undefined
+            ? null
+            : kept(() => namesRule(names, `${at}.propertyNames`, o.tokenBytes));
+        if (props === undefined && extra === false) {
+          if (minProps > 0) bad(`${at}: minProperties above 0 with additionalProperties false`);
           return { kind: "object", id: nextId++, keys: [], props: [], required: [] };
-        if (props === undefined && isObject(extra) && !isAny(extra))
-          return {
-            kind: "map",
-            id: nextId++,
-            values: lazy(extra, `${at}.additionalProperties`),
-          };
-        if (props === undefined) return { kind: "anyObject", id: nextId++ };
+        }
+        if (props === undefined) {
+          // Duplicate keys would make the object smaller than the keys written: not counted.
+          if (minProps > 0 && !lenient)
+            bad(`${at}: minProperties on an object without properties is not supported`);
+          if ((isObject(extra) && !isAny(extra)) || keyRule || Number.isFinite(maxProps))
+            return {
+              kind: "map",
+              id: nextId++,
+              values: lazy(isObject(extra) ? extra : true, `${at}.additionalProperties`),
+              keys: keyRule,
+              max: maxProps,
+            };
+          return { kind: "anyObject", id: nextId++ };
+        }
         if (!isObject(props)) return bad(`${at}.properties must be an object`);
         const keys = Object.keys(props);
         const required = s["required"] ?? [];
@@ -216,6 +244,15 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
         for (const k of required)
           if (!keys.includes(k))
             bad(`${at}.required names '${k}', which is not among its properties`);
+        // With properties, only they are written: the counts and names must hold for any
+        // subset the schema allows (the required ones up to all).
+        if ((minProps > required.length || maxProps < keys.length) && !lenient)
+          bad(
+            `${at}: minProperties / maxProperties that the properties and required do not decide are not supported`,
+          );
+        if (keyRule && !lenient)
+          for (const k of keys)
+            if (!keyRule.matches(k)) bad(`${at}: property '${k}' is not allowed by propertyNames`);
         return {
           kind: "object",
           id: nextId++,
@@ -320,6 +357,24 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
   // A oneOf's alternatives must not both match a value.
   checkAnyOf(root, new Set());
   return new SchemaAutomaton(root);
+}
+
+/** The rule of an object's keys (propertyNames: a string schema, or an enum of strings). */
+function namesRule(s: unknown, at: string, tokenBytes?: number): StringRule | null {
+  if (s === true || (isObject(s) && isAny(s))) return null;
+  if (!isObject(s)) return bad(`${at} must be a schema`);
+  const values = "const" in s ? [s["const"]] : s["enum"];
+  if (Array.isArray(values)) {
+    if (values.length === 0 || values.some((v) => typeof v !== "string"))
+      bad(`${at}: enum / const must be strings`);
+    const nfa = compilePattern(choicePattern(values as string[]), { fullMatch: true });
+    return new StringRule(nfa, 0, Number.POSITIVE_INFINITY, tokenBytes);
+  }
+  for (const k of Object.keys(s))
+    if (!ANNOTATIONS.has(k) && k !== "type" && !STRING_KEYWORDS.includes(k))
+      bad(`${at}: '${k}' is not supported (a string schema's keywords are)`);
+  if (s["type"] !== undefined && s["type"] !== "string") bad(`${at}: keys are strings`);
+  return stringRule(s, at, tokenBytes);
 }
 
 /** A string schema's rule (pattern or format, minLength, maxLength); null when it has none. */
@@ -484,7 +539,7 @@ type Frame =
    */
   | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2 | 3; n: number }
   /** In a map: phase 0 after '{', 1 after a key, 2 after a value, 3 after ','. */
-  | { t: "map"; node: Node & { kind: "map" }; phase: 0 | 1 | 2 | 3; n: number }
+  | { t: "map"; node: Node & { kind: "map" }; count: number; phase: 0 | 1 | 2 | 3; n: number }
   /** In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ','. */
   | { t: "array"; node: Node & { kind: "array" }; count: number; phase: 0 | 1 | 2; n: number }
   /**
@@ -630,14 +685,14 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
             ? replace({ ...top, phase: 2, n: 0 }, { t: "value", node: node.values(), n: 0 })
             : [];
         if (b === 0x7d) return phase === 0 || phase === 2 ? pop : [];
-        if (phase === 2) return b === 0x2c ? replace({ ...top, phase: 3, n: 0 }) : [];
-        // A key: any string (json-mode.ts's, inside it after this quote).
-        return b === 0x22
-          ? replace(
-              { ...top, phase: 1, n: 0 },
-              { t: "json", s: valueState(Mode.ValueString), integer: false },
-            )
-          : [];
+        if (phase === 2)
+          return b === 0x2c && top.count < node.max ? replace({ ...top, phase: 3, n: 0 }) : [];
+        // A key (inside it after this quote): of propertyNames, or any string.
+        if (b !== 0x22 || top.count >= node.max) return [];
+        const key: Frame = node.keys
+          ? { t: "string", rule: node.keys, id: node.id, s: node.keys.start }
+          : { t: "json", s: valueState(Mode.ValueString), integer: false };
+        return replace({ ...top, count: top.count + 1, phase: 1, n: 0 }, key);
       }
       case "array": {
         const { node, count, phase } = top;
@@ -717,7 +772,7 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
       case "array":
         return b === 0x5b ? open({ t: "array", node, count: 0, phase: 0, n: 0 }) : [];
       case "map":
-        return b === 0x7b ? open({ t: "map", node, phase: 0, n: 0 }) : [];
+        return b === 0x7b ? open({ t: "map", node, count: 0, phase: 0, n: 0 }) : [];
       case "string":
         if (b !== 0x22) return [];
         return open(
@@ -794,7 +849,7 @@ function frameKey(f: Frame): string {
     case "object":
       return `o${f.node.id},${f.i},${f.phase},${f.n}`;
     case "map":
-      return `m${f.node.id},${f.phase},${f.n}`;
+      return `m${f.node.id},${Number.isFinite(f.node.max) ? f.count : 0},${f.phase},${f.n}`;
     case "array": {
       // Without maxItems, counts past minItems and the tuple have the same future.
       const { max, min, prefix } = f.node;

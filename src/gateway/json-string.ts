@@ -215,6 +215,19 @@ export class StringRule {
     return ok ? next : null;
   }
 
+  /** Whether the string `text` is allowed (its JSON text, run through the rule). */
+  matches(text: string): boolean {
+    const bytes = Buffer.from(JSON.stringify(text).slice(1), "utf8");
+    let st: StringState = this.start;
+    for (let i = 0; i < bytes.length; i++) {
+      const next = this.step(st, bytes[i]!);
+      if (next === CLOSED) return i === bytes.length - 1;
+      if (next === null) return false;
+      st = next;
+    }
+    return false;
+  }
+
   /** Whether the string may close here. */
   canClose(st: StringState): boolean {
     return (

@@ -5,11 +5,12 @@
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
-import { choicePattern, patternGrammar } from "./guided.ts";
+import { patternGrammar } from "./guided.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
 import { thinkingFirst } from "./reasoning.ts";
+import { choicePattern } from "./regex.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 import { type ToolFunction, type ToolMode, toolCallGrammar, toolSymbols } from "./tool-calls.ts";
 

@@ -492,6 +492,11 @@ export function compilePattern(
   );
 }
 
+/** The pattern of "one of these strings", each matched literally (with fullMatch). */
+export function choicePattern(choices: readonly string[]): string {
+  return choices.map((c) => c.replace(/[\\^$.*+?()[\]{}|/-]/g, "\\$&")).join("|");
+}
+
 /** The states reachable from `states` by epsilon edges (them included), ascending. */
 export function epsilonClosure(nfa: Nfa, states: Iterable<number>): number[] {
   const seen = new Uint8Array(nfa.size);

@@ -4,8 +4,8 @@
 import { describe, expect, it } from "vitest";
 import { ApiError } from "../../src/gateway/errors.ts";
 import { runBytes, SYMBOL_BASE, Vocabulary } from "../../src/gateway/grammar.ts";
-import { choicePattern, patternGrammar, type TextState } from "../../src/gateway/guided.ts";
-import { compilePattern, nfaMatches } from "../../src/gateway/regex.ts";
+import { patternGrammar, type TextState } from "../../src/gateway/guided.ts";
+import { choicePattern, compilePattern, nfaMatches } from "../../src/gateway/regex.ts";
 import { Prng } from "../../src/model/prng.ts";
 import { expectExactMasks, utf8 } from "../support/grammar.ts";
 

@@ -258,6 +258,77 @@ describe("a schema's automaton", () => {
     expect(r.refusedAt < 0 && r.done).toBe(ok);
   });
 
+  it.each([
+    [
+      "propertyNames (a pattern) and maxProperties on a map",
+      {
+        type: "object",
+        additionalProperties: { type: "integer" },
+        propertyNames: { pattern: "^[a-z]+$" },
+        maxProperties: 2,
+      },
+      ['{"ab":1,"c":2}', "{}", '{"\u0061":1}'],
+      ['{"A":1}', '{"a":1,"b":2,"c":3}', '{"a":"x"}', '{"":1}'],
+    ],
+    [
+      "propertyNames as an enum",
+      {
+        type: "object",
+        additionalProperties: { type: "null" },
+        propertyNames: { enum: ["x", "yz"] },
+      },
+      ['{"x":null,"yz":null}'],
+      ['{"y":null}', '{"xy":null}', '{"z":null}'],
+    ],
+    [
+      "maxProperties alone: a map of any values",
+      { type: "object", maxProperties: 1 },
+      ['{"a":[1,{"b":null}]}', "{}"],
+      ['{"a":1,"b":2}'],
+    ],
+    [
+      "counts that the properties decide",
+      {
+        type: "object",
+        properties: { a: { type: "integer" }, b: { type: "integer" } },
+        required: ["a"],
+        minProperties: 1,
+        maxProperties: 2,
+        propertyNames: { maxLength: 1 },
+      },
+      ['{"a":1}', '{"a":1,"b":2}'],
+      ["{}", '{"b":2}'],
+    ],
+  ] as [string, Schema, string[], string[]][])("%s", (_what, schema, good, badOnes) => {
+    const root = { type: "object", properties: { v: schema }, required: ["v"] };
+    for (const g of good)
+      expect(check(root, `{"v":${g}}`), g).toEqual({ refusedAt: -1, done: true });
+    for (const b of badOnes) {
+      const r = check(root, `{"v":${b}}`);
+      expect(r.refusedAt >= 0 || !r.done, b).toBe(true);
+    }
+  });
+
+  it.each([
+    [
+      { type: "object", additionalProperties: { type: "integer" }, minProperties: 1 },
+      /minProperties on an object without properties/,
+    ],
+    [{ type: "object", properties: { a: {} }, minProperties: 1 }, /do not decide/],
+    [{ type: "object", properties: { a: {}, b: {} }, maxProperties: 1 }, /do not decide/],
+    [
+      { type: "object", properties: { Ab: {} }, propertyNames: { pattern: "^[a-z]+$" } },
+      /'Ab' is not allowed/,
+    ],
+    [{ type: "object", propertyNames: { type: "integer" } }, /keys are strings/],
+    [{ type: "object", maxProperties: -1 }, /'maxProperties' must be an integer/],
+  ] as [Schema, RegExp][])("refuses %o (400; lenient: not enforced)", (schema, message) => {
+    const root = { type: "object", properties: { v: schema } };
+    expect(() => compileSchema(root)).toThrow(message);
+    if (!/must be an integer|keys are strings/.test(message.source))
+      expect(() => compileSchema(root, undefined, { lenient: true })).not.toThrow();
+  });
+
   it("keeps every reading of alternatives that start alike until one is ruled out", () => {
     const base = { size: 1, code: "ab", shape: { kind: "box", side: 2 }, deep: [] };
     const ok = (v: object) => check(UNIONS, JSON.stringify(v));
