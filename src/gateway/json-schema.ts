@@ -2,21 +2,23 @@
 // {"name", "schema"}}): the output is one JSON object valid against the schema, by
 // constrained decoding (grammar.ts) over an automaton compiled from it.
 //
-// The subset, OpenAI's strict mode's and a little more: the root is an object; an object
-// with `properties` is written with its properties in the schema's order, the `required`
-// ones always and the others where the model writes them (strict mode requires every one,
-// so all are written), and nothing else; an object without them is a map when
-// `additionalProperties` is a schema (any keys, values of it), `{}` when it is false, any
-// object otherwise. `type` (one or several: ["string", "null"]), `enum` / `const` of
-// strings, numbers, booleans and null, `items`, `minItems` / `maxItems`, tuples
-// (`prefixItems`, draft 4's `items` array), `anyOf` of any alternatives (every reading the
-// output allows is followed: SchemaState), `oneOf` of alternatives with different first
-// bytes or a discriminator, `$ref` into `$defs` / `definitions` (recursion included);
-// strings' `pattern`, `format`, `minLength` and `maxLength` (json-string.ts), numbers'
-// `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and `multipleOf`
-// (json-number.ts). A schema without a type is any JSON value (json-mode.ts's automaton).
-// Annotations (`description`, `title`, `default`, ...) are ignored; any other keyword is
-// refused (400) rather than not enforced.
+// The subset, OpenAI's strict mode's and a little more (docs/gateway.md lists it):
+// - objects: with `properties`, written in the schema's order, the `required` ones always,
+//   the others where the model writes them, nothing else; without them, a map when
+//   `additionalProperties` is a schema (keys under `propertyNames`, at most
+//   `maxProperties`), `{}` when it is false, any object otherwise;
+// - arrays: `items`, `minItems` / `maxItems`, tuples (`prefixItems`, draft 4's `items`
+//   array), `uniqueItems` of constants;
+// - `type` (one or several), `enum` / `const` of strings, numbers, booleans and null,
+//   `anyOf` of any alternatives (every reading the output allows is followed:
+//   SchemaState), `oneOf` of alternatives with different first bytes or a discriminator,
+//   `allOf` of one schema, `$ref` into `$defs` / `definitions` (recursion included);
+// - strings' `pattern`, `format`, `minLength`, `maxLength` (json-string.ts); numbers'
+//   `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`
+//   (json-number.ts).
+// A schema without a type is any JSON value (json-mode.ts's automaton). Annotations
+// (`description`, `title`, `default`, ...) are ignored; any other keyword is refused (400)
+// rather than not enforced.
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import {
@@ -44,8 +46,19 @@ import { choicePattern, compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } 
 type Node =
   /** Properties in the schema's order; `required[i]`: property i must be written. */
   | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
-  /** Item i is of `prefix[i]` (prefixItems, a tuple), the ones after it of `items`. */
-  | { kind: "array"; id: number; prefix: NodeRef[]; items: NodeRef; min: number; max: number }
+  /**
+   * Item i is of `prefix[i]` (prefixItems, a tuple), the ones after it of `items`; `unique`:
+   * items (literals) not repeated (uniqueItems).
+   */
+  | {
+      kind: "array";
+      id: number;
+      prefix: NodeRef[];
+      items: NodeRef;
+      min: number;
+      max: number;
+      unique: boolean;
+    }
   /**
    * An object of any keys (of `keys`: propertyNames), every value of `values`
    * (additionalProperties), at most `max` of them (maxProperties).
@@ -106,6 +119,7 @@ const KNOWN = new Set([
   "propertyNames",
   "minProperties",
   "maxProperties",
+  "uniqueItems",
   ...STRING_KEYWORDS,
   ...NUMBER_KEYWORDS,
   "anyOf",
@@ -276,13 +290,25 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
           (min as number) > (max as number)
         )
           bad(`${at}: minItems / maxItems must be integers, minItems <= maxItems`);
+        const prefix = tuple.map((t, i) => lazy(t, `${at}.prefixItems[${i}]`));
+        const items = lazy(rest === false ? true : rest, `${at}.items`);
+        // uniqueItems: enforced where the items are constants (enum, const, boolean), each
+        // written at most once; other items would need every value written kept.
+        const unique =
+          s["uniqueItems"] === true && kept(() => uniqueOf(prefix, items(), at)) !== null;
+        if (unique) {
+          const n = (items() as Node & { kind: "literal" }).values.length;
+          if ((min as number) > n) bad(`${at}: minItems ${min} with ${n} distinct items allowed`);
+          max = Math.min(max as number, n);
+        }
         return {
           kind: "array",
           id: nextId++,
-          prefix: tuple.map((t, i) => lazy(t, `${at}.prefixItems[${i}]`)),
-          items: lazy(rest === false ? true : rest, `${at}.items`),
+          prefix,
+          items,
           min: min as number,
           max: max as number,
+          unique,
         };
       }
       case "string":
@@ -357,6 +383,13 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
   // A oneOf's alternatives must not both match a value.
   checkAnyOf(root, new Set());
   return new SchemaAutomaton(root);
+}
+
+/** Whether uniqueItems can be enforced: items that are constants, no tuple (else 400). */
+function uniqueOf(prefix: NodeRef[], items: Node, at: string): true {
+  if (prefix.length > 0 || items.kind !== "literal")
+    bad(`${at}: uniqueItems is supported where the items are constants (enum, const, boolean)`);
+  return true;
 }
 
 /** The rule of an object's keys (propertyNames: a string schema, or an enum of strings). */
@@ -540,8 +573,18 @@ type Frame =
   | { t: "object"; node: Node & { kind: "object" }; i: number; phase: 0 | 1 | 2 | 3; n: number }
   /** In a map: phase 0 after '{', 1 after a key, 2 after a value, 3 after ','. */
   | { t: "map"; node: Node & { kind: "map" }; count: number; phase: 0 | 1 | 2 | 3; n: number }
-  /** In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ','. */
-  | { t: "array"; node: Node & { kind: "array" }; count: number; phase: 0 | 1 | 2; n: number }
+  /**
+   * In an array: `count` items written; phase 0 after '[', 1 after an item, 2 after ',';
+   * `used`: with uniqueItems, the items' literal values written (indices, ascending).
+   */
+  | {
+      t: "array";
+      node: Node & { kind: "array" };
+      count: number;
+      phase: 0 | 1 | 2;
+      n: number;
+      used?: readonly number[];
+    }
   /**
    * Matching literal byte strings (keys, enum values): the candidates left, `at` bytes in;
    * a key's `tags` (parallel to values) are property indices, the one matched set as the
@@ -706,8 +749,19 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         // After '[' (phase 0: ']' if it may be empty) or ',' (phase 2): an item.
         if (b === 0x5d) return phase === 0 && node.min === 0 ? pop : [];
         if (count >= node.max) return [];
+        const next: Frame = { ...top, count: count + 1, phase: 1, n: 0 };
+        if (node.unique) {
+          // The values not written yet; the one matched is added to `used`.
+          const all = (node.items() as Node & { kind: "literal" }).values;
+          const tags = all.flatMap((_, k) => (top.used?.includes(k) ? [] : [k]));
+          const values = tags.map((k) => all[k]!);
+          return this.#step(
+            { frames: [...below, next, literalFrame(values, `u${node.id}`, tags)] },
+            b,
+          );
+        }
         const item = count < node.prefix.length ? node.prefix[count]! : node.items;
-        return this.#begin([...below, { ...top, count: count + 1, phase: 1, n: 0 }], item(), b);
+        return this.#begin([...below, next], item(), b);
       }
       case "literal": {
         const kept = top.values.flatMap((v, k) =>
@@ -718,17 +772,14 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           const tags = top.tags && kept.map((k) => top.tags![k]!);
           // A value fully matched and nothing longer left: the literal is complete.
           const at = top.at + 1;
-          if (values.length === 1 && values[0]!.length === at) {
-            if (!tags) return pop;
-            // A key: the object below learns which property it is.
-            const object = below[below.length - 1] as Frame & { t: "object" };
-            return [{ frames: [...below.slice(0, -1), { ...object, i: tags[0]! }] }];
-          }
+          if (values.length === 1 && values[0]!.length === at)
+            return [{ frames: tags ? learn(below, tags[0]!) : below }];
           return replace({ ...top, values, at, ...(tags ? { tags } : {}) });
         }
         // Ended before this byte (an enum value that is a prefix of another: 1 and 12).
-        if (top.values.some((v) => v.length === top.at)) return this.#step({ frames: below }, b);
-        return [];
+        const ended = top.values.findIndex((v) => v.length === top.at);
+        if (ended < 0) return [];
+        return this.#step({ frames: top.tags ? learn(below, top.tags[ended]!) : below }, b);
       }
       case "string": {
         const next = top.rule.step(top.s, b);
@@ -833,6 +884,18 @@ function stackKey(s: Stack): string {
   return s.frames.length === 0 ? `done,${s.n ?? 0}` : s.frames.map(frameKey).join("|");
 }
 
+/**
+ * The frame below a tagged literal learns which value it was: an object, the property it
+ * names; an array under uniqueItems, the item it wrote.
+ */
+function learn(frames: readonly Frame[], tag: number): readonly Frame[] {
+  const f = frames[frames.length - 1];
+  if (f?.t === "object") return [...frames.slice(0, -1), { ...f, i: tag }];
+  if (f?.t === "array")
+    return [...frames.slice(0, -1), { ...f, used: [...(f.used ?? []), tag].sort((a, b) => a - b) }];
+  return frames;
+}
+
 function literalFrame(values: Uint8Array[], id: string, tags?: number[]): Frame {
   return { t: "literal", values, at: 0, id, ...(tags ? { tags } : {}) };
 }
@@ -856,7 +919,7 @@ function frameKey(f: Frame): string {
       const count = Number.isFinite(max)
         ? f.count
         : Math.min(f.count, Math.max(min, prefix.length));
-      return `a${f.node.id},${count},${f.phase},${f.n}`;
+      return `a${f.node.id},${count},${f.phase},${f.n}${f.used ? `,u${f.used.join(".")}` : ""}`;
     }
     case "literal":
       // The candidates left share the bytes matched so far: they name them.

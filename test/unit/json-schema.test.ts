@@ -89,8 +89,9 @@ const SHAPES: Schema = {
       minItems: 1,
     },
     old: { type: "array", items: [{ type: "integer" }, { enum: ["x", "y"] }] },
+    set: { type: "array", items: { enum: [1, 12, "x", null] }, uniqueItems: true },
   },
-  required: ["scores", "tags", "none", "pair", "head", "old"],
+  required: ["scores", "tags", "none", "pair", "head", "old", "set"],
 };
 
 /**
@@ -242,6 +243,7 @@ describe("a schema's automaton", () => {
     pair: ["s", 3],
     head: [true, null, null],
     old: [7, "y", { any: 1 }],
+    set: [12, null, 1],
   };
   it.each([
     ["maps, tuples", shapes, true],
@@ -253,6 +255,9 @@ describe("a schema's automaton", () => {
     ["an item after a tuple of the wrong type", { ...shapes, head: [true, 1] }, false],
     ["a tuple shorter than minItems", { ...shapes, head: [] }, false],
     ["a draft-4 tuple item of the wrong type", { ...shapes, old: [7, "z"] }, false],
+    ["a repeated item under uniqueItems", { ...shapes, set: [1, 12, 1] }, false],
+    ["a repeated item that prefixes another", { ...shapes, set: [12, 12] }, false],
+    ["every item once", { ...shapes, set: [null, "x", 12, 1] }, true],
   ])("maps and tuples: %s", (_what, value, ok) => {
     const r = check(SHAPES, JSON.stringify(value));
     expect(r.refusedAt < 0 && r.done).toBe(ok);
@@ -322,10 +327,18 @@ describe("a schema's automaton", () => {
     ],
     [{ type: "object", propertyNames: { type: "integer" } }, /keys are strings/],
     [{ type: "object", maxProperties: -1 }, /'maxProperties' must be an integer/],
+    [
+      { type: "array", items: { type: "string" }, uniqueItems: true },
+      /uniqueItems is supported where/,
+    ],
+    [
+      { type: "array", items: { enum: [1, 2] }, uniqueItems: true, minItems: 3 },
+      /minItems 3 with 2 distinct/,
+    ],
   ] as [Schema, RegExp][])("refuses %o (400; lenient: not enforced)", (schema, message) => {
     const root = { type: "object", properties: { v: schema } };
     expect(() => compileSchema(root)).toThrow(message);
-    if (!/must be an integer|keys are strings/.test(message.source))
+    if (!/must be an integer|keys are strings|distinct/.test(message.source))
       expect(() => compileSchema(root, undefined, { lenient: true })).not.toThrow();
   });
 
@@ -375,8 +388,8 @@ describe("what the subset does not cover is refused with 400", () => {
     ["a root that is not an object", { type: "array", items: {} }, /root must be an object/],
     [
       "an unsupported keyword",
-      { type: "object", properties: { s: { type: "array", uniqueItems: true } } },
-      /'uniqueItems' is not supported/,
+      { type: "object", properties: { s: { type: "object", patternProperties: {} } } },
+      /'patternProperties' is not supported/,
     ],
     [
       "oneOf alternatives starting alike, without a discriminator",
@@ -514,6 +527,8 @@ function conforms(v: unknown, s: Schema, root: Schema): boolean {
       const max = (s["maxItems"] as number) ?? Number.POSITIVE_INFINITY;
       const tuple = (s["prefixItems"] ?? (Array.isArray(s["items"]) ? s["items"] : [])) as Schema[];
       const rest = Array.isArray(s["items"]) ? {} : ((s["items"] as Schema | false) ?? {});
+      const texts = v.map((x) => JSON.stringify(x));
+      if (s["uniqueItems"] === true && new Set(texts).size < texts.length) return false;
       return (
         v.length >= min &&
         v.length <= max &&
@@ -584,6 +599,11 @@ function instance(s: Schema, root: Schema, rng: Prng, depth = 0): unknown {
       const cap = rest === false ? tuple.length : Number.POSITIVE_INFINITY;
       const max = Math.min((s["maxItems"] as number) ?? 3, cap, depth > 3 ? min : min + 3);
       const n = min + Math.floor(rng.uniform() * (max - min + 1));
+      if (s["uniqueItems"] === true) {
+        // Distinct values of the enum, in a random order.
+        const values = [...((rest as Schema)["enum"] as unknown[])].sort(() => rng.uniform() - 0.5);
+        return values.slice(0, Math.min(n, values.length));
+      }
       return Array.from({ length: n }, (_, i) =>
         instance(i < tuple.length ? tuple[i]! : (rest as Schema), root, rng, depth + 1),
       );
