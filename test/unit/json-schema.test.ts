@@ -383,6 +383,112 @@ describe("a schema's automaton", () => {
   });
 });
 
+/**
+ * A schema as Pydantic v2 writes it (model_json_schema of an Order with an Enum, Optional,
+ * a union of models, constr / conint / condecimal-like bounds, datetime, dict, tuple, set).
+ */
+const PYDANTIC: Schema = {
+  $defs: {
+    Colour: { enum: ["red", "green"], title: "Colour", type: "string" },
+    Card: {
+      properties: {
+        kind: { const: "card", title: "Kind", type: "string" },
+        last4: { pattern: "^[0-9]{4}$", title: "Last4", type: "string" },
+      },
+      required: ["kind", "last4"],
+      title: "Card",
+      type: "object",
+    },
+    Cash: {
+      properties: {
+        kind: { const: "cash", title: "Kind", type: "string" },
+        change: { anyOf: [{ type: "number" }, { type: "null" }], default: null, title: "Change" },
+      },
+      required: ["kind"],
+      title: "Cash",
+      type: "object",
+    },
+  },
+  properties: {
+    id: { format: "uuid", title: "Id", type: "string" },
+    placed: { format: "date-time", title: "Placed", type: "string" },
+    qty: { maximum: 99, minimum: 1, title: "Qty", type: "integer" },
+    price: { exclusiveMinimum: 0, multipleOf: 0.01, title: "Price", type: "number" },
+    note: {
+      anyOf: [{ maxLength: 20, type: "string" }, { type: "null" }],
+      default: null,
+      title: "Note",
+    },
+    colours: {
+      items: { $ref: "#/$defs/Colour" },
+      title: "Colours",
+      type: "array",
+      uniqueItems: true,
+    },
+    payment: {
+      discriminator: {
+        mapping: { card: "#/$defs/Card", cash: "#/$defs/Cash" },
+        propertyName: "kind",
+      },
+      oneOf: [{ $ref: "#/$defs/Card" }, { $ref: "#/$defs/Cash" }],
+      title: "Payment",
+    },
+    extras: { additionalProperties: { type: "integer" }, title: "Extras", type: "object" },
+    size: {
+      maxItems: 2,
+      minItems: 2,
+      prefixItems: [{ type: "integer" }, { type: "integer" }],
+      title: "Size",
+      type: "array",
+    },
+    value: { anyOf: [{ type: "integer" }, { type: "number" }, { type: "string" }], title: "Value" },
+  },
+  required: ["id", "placed", "qty", "price", "colours", "payment", "extras", "size", "value"],
+  title: "Order",
+  type: "object",
+};
+
+describe("a schema as Pydantic writes it", () => {
+  const order = {
+    id: "123e4567-e89b-12d3-a456-426614174000",
+    placed: "2026-11-30T12:00:00Z",
+    qty: 3,
+    price: 19.99,
+    note: null,
+    colours: ["green", "red"],
+    payment: { kind: "cash", change: 0.5 },
+    extras: { gift: 1 },
+    size: [2, 3],
+    value: 2.5,
+  };
+
+  it.each([
+    ["an order", order, true],
+    [
+      "with a card and a note",
+      { ...order, note: "ring twice", payment: { kind: "card", last4: "4242" } },
+      true,
+    ],
+    ["a string value, no note", { ...order, note: undefined, value: "x" }, true],
+    ["a price off the cent grid", { ...order, price: 19.999 }, false],
+    ["a price of 0", { ...order, price: 0 }, false],
+    ["qty 100", { ...order, qty: 100 }, false],
+    ["a colour twice", { ...order, colours: ["red", "red"] }, false],
+    ["a card without four digits", { ...order, payment: { kind: "card", last4: "42" } }, false],
+    [
+      "a cash payment with a card's field",
+      { ...order, payment: { kind: "cash", last4: "4242" } },
+      false,
+    ],
+    ["a bad date", { ...order, placed: "2026-13-30T12:00:00Z" }, false],
+    ["a size of three", { ...order, size: [1, 2, 3] }, false],
+    ["a note too long", { ...order, note: "x".repeat(21) }, false],
+  ])("%s: taken and complete = %s", (_what, value, ok) => {
+    const r = check(PYDANTIC, JSON.stringify(value));
+    expect(r.refusedAt < 0 && r.done).toBe(ok);
+  });
+});
+
 describe("what the subset does not cover is refused with 400", () => {
   it.each([
     ["a root that is not an object", { type: "array", items: {} }, /root must be an object/],
