@@ -14,7 +14,7 @@
 import { epsilonClosure, inRanges, type Nfa } from "./regex.ts";
 
 /** Pairs (NFA state, count) are at most this many (maxLength times the pattern's size). */
-const MAX_PAIRS = 1 << 22;
+const MAX_PAIRS = 1 << 20;
 
 const SURROGATES: readonly [number, number] = [0xd800, 0xdfff];
 const MAX_CP = 0x10ffff;
