@@ -637,12 +637,18 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
   }
 
   local(s: SchemaState): { key: string; byte: number } | null {
-    // Every reading inside a free string in the same state: a token without a quote stays
-    // in it in each, allowed or not alike.
+    // Every reading inside a string in the same local state (a free one, or one under
+    // lengths far from its bound): a token without a quote stays in it in each, allowed or
+    // not alike.
     let local: { key: string; byte: number } | null = null;
     for (const k of s.stacks) {
       const top = k.frames[k.frames.length - 1];
-      const l = top?.t === "json" ? stringLocal(top.s) : null;
+      const l =
+        top?.t === "json"
+          ? stringLocal(top.s)
+          : top?.t === "string"
+            ? localOf(top.rule.local(top.s))
+            : null;
       if (!l || (local && l.key !== local.key)) return null;
       local = l;
     }
@@ -865,6 +871,8 @@ function dispatch(node: Node & { kind: "anyOf" }): Map<number, Node[]> {
   }
   return d;
 }
+
+const localOf = (key: string | null) => (key === null ? null : { key, byte: 0x22 });
 
 /** The stacks with different keys (the first of each), at most MAX_STACKS. */
 function distinct(stacks: Stack[]): Stack[] {

@@ -76,6 +76,8 @@ export class StringRule {
   readonly #next: Map<number, number>[] = [];
   /** Characters one token can hold at most (Infinity: unknown). */
   readonly #window: number;
+  /** No pattern: only the lengths constrain. */
+  readonly #lengthsOnly: boolean;
   /** Interned rows of the live table (with whether the count may end), and count classes. */
   readonly #rows = new Map<string, number>();
   readonly #rowOf = new Map<number, number>();
@@ -89,6 +91,7 @@ export class StringRule {
    */
   constructor(nfa: Nfa | null, min: number, max: number, tokenBytes = Number.POSITIVE_INFINITY) {
     this.#window = tokenBytes;
+    this.#lengthsOnly = nfa === null;
     this.#nfa = nfa ?? anyString();
     this.#min = min;
     this.#max = max;
@@ -312,6 +315,17 @@ export class StringRule {
     const lo = Math.max(bits * span, floor);
     const hi = Math.min((bits + 1) * span - 1, MAX_CP);
     return this.#partial(st, { ...st, dec: Dec.Utf8, n, bits, floor }, lo, hi);
+  }
+
+  /**
+   * grammar.ts's local key: without a pattern, and where no token can reach maxLength, a
+   * token without a quote is allowed or not by its bytes alone (valid string content,
+   * whatever the count): the same in every such state of every rule, keyed by where in a
+   * character it is.
+   */
+  local(st: StringState): string | null {
+    if (!this.#lengthsOnly || this.#max - st.count < this.#window) return null;
+    return `utf8 string ${st.dec},${st.n},${st.bits},${st.floor}`;
   }
 
   key(st: StringState): string {
