@@ -207,6 +207,7 @@ export async function runJson(o: {
       day: { type: "string", format: "date" },
       email: { type: "string", format: "email" },
       name: { type: "string", maxLength: 200 },
+      title: { type: "string", minLength: 1, maxLength: 80 },
       n: { type: "integer", minimum: 1, maximum: 250 },
       pet: {
         anyOf: [
@@ -215,7 +216,7 @@ export async function runJson(o: {
         ],
       },
     },
-    required: ["code", "day", "email", "name", "n", "pet"],
+    required: ["code", "day", "email", "name", "title", "n", "pet"],
   };
   const schemaStates: [string, string][] = [
     ["a pattern ^[A-Z]{2}-\\d{3}$ after 'AB'", '{"code": "AB'],
@@ -229,12 +230,16 @@ export async function runJson(o: {
       '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "0123456789',
     ],
     [
+      "another string under lengths (the part above kept per vocabulary)",
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "title": "Ab',
+    ],
+    [
       "an integer 1..250 after '2'",
-      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "n": 2',
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "title": "t", "n": 2',
     ],
     [
       "anyOf of two objects, in the name both have (2 readings)",
-      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "n": 2, "pet": {"name": "Re',
+      '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "title": "t", "n": 2, "pet": {"name": "Re',
     ],
   ];
   const textSteps: number[] = [];

@@ -17,7 +17,8 @@ import { type ToolFunction, type ToolMode, toolCallGrammar, toolSymbols } from "
 /**
  * Builds at startup, rather than on the event loop at the first request that needs it, what
  * constrained decoding keeps per vocabulary (grammar.ts): the vocabulary sorted and split by
- * the quote byte (~0.6 s at 129k tokens), the string parts of JSON (~65 ms each), the text
+ * the quote byte (~0.6 s at 129k tokens), the string parts of JSON and of a schema string
+ * under lengths (~65 ms each), the text
  * of tool_choice "auto" and "none" (~60 ms each) and, for a thinking model, the thought's
  * first mask. Nothing for a tokenizer that is not byte-level.
  */
@@ -32,6 +33,17 @@ export function prepareVocabulary(
   const json = jsonObjectGrammar(v);
   for (const prefix of ['{"', '{"a": "'])
     json.mask(run(START, new Uint8Array(Buffer.from(prefix)))!);
+  // A string under lengths (json-string.ts local): its part, kept per vocabulary.
+  const lengths = schemaGrammar(v, {
+    type: "object",
+    properties: { a: { type: "string", minLength: 1 } },
+    required: ["a"],
+  });
+  const inString = [...Buffer.from('{"a": "')].reduce(
+    (s, b) => lengths.automaton.step(s, b)!,
+    lengths.automaton.start,
+  );
+  lengths.mask(inString);
   for (const mode of ["auto", "none"] as const) {
     const g = toolCallGrammar(v, [], { mode, parallel: true });
     g?.mask(g.automaton.start);
