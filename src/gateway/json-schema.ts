@@ -204,6 +204,7 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     if (Array.isArray(alternatives)) {
       const id = nextId++;
       const word = exclusive ? "oneOf" : "anyOf";
+      if (alternatives.length === 0) bad(`${at}: an empty ${word} allows nothing`);
       const options = alternatives.map((a, i) => lazy(a, `${at}.${word}[${i}]`));
       return { kind: "anyOf", id, options, exclusive };
     }
@@ -482,6 +483,7 @@ function firstBytes(node: Node, seen: Set<Node> = new Set()): Set<number> {
 function checkAnyOf(node: Node, seen: Set<Node>): void {
   if (seen.has(node)) return;
   seen.add(node);
+  if (node.kind === "anyOf") noLeftCycle(node, new Set());
   // A oneOf's alternatives may overlap only where a first byte or a discriminator (a
   // required property of constant values, different in each) tells them apart.
   if (node.kind === "anyOf" && node.exclusive && !discriminated(node.options.map((o) => o()))) {
@@ -509,9 +511,22 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
   for (const c of children) checkAnyOf(c(), seen);
 }
 
+/**
+ * An alternative that is, through $refs, the anyOf it is in (`x: anyOf [.., $ref x]`) would
+ * be chosen forever before any byte: refused.
+ */
+function noLeftCycle(node: Node, path: Set<Node>): void {
+  if (node.kind !== "anyOf") return;
+  if (path.has(node))
+    bad("an anyOf / oneOf that is its own alternative (through $ref) is not supported");
+  path.add(node);
+  for (const o of node.options) noLeftCycle(o(), path);
+  path.delete(node);
+}
+
 /** Whether objects all require one property whose constant values differ between them. */
 function discriminated(options: Node[]): boolean {
-  if (!options.every((o) => o.kind === "object")) return false;
+  if (options.length === 0 || !options.every((o) => o.kind === "object")) return false;
   const objects = options as (Node & { kind: "object" })[];
   const text = (b: Uint8Array) => Buffer.from(b).toString();
   return objects[0]!.keys.some((key) => {

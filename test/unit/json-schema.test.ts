@@ -542,6 +542,159 @@ describe("what the subset does not cover is refused with 400", () => {
   });
 });
 
+describe("random schemas, well-formed or not", () => {
+  const KEYS = [
+    "type",
+    "properties",
+    "required",
+    "items",
+    "prefixItems",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "pattern",
+    "format",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "additionalProperties",
+    "propertyNames",
+    "maxProperties",
+    "minProperties",
+    "uniqueItems",
+    "minItems",
+    "maxItems",
+    "discriminator",
+    "title",
+  ];
+  const TYPES = ["string", "integer", "number", "object", "array", "boolean", "null"];
+  const rng = new Prng(1);
+  const pick = <T>(xs: readonly T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+  const junk = (): unknown =>
+    pick([
+      null,
+      true,
+      false,
+      0,
+      -1,
+      1.5,
+      1e300,
+      "",
+      "x",
+      "(",
+      [],
+      {},
+      [1, "a"],
+      { a: 1 },
+      Number.NaN,
+    ]);
+  const schema = (d: number): unknown => {
+    if (d > 3 || rng.uniform() < 0.2) return rng.uniform() < 0.3 ? junk() : { type: pick(TYPES) };
+    const s: Record<string, unknown> = {};
+    for (let i = Math.floor(rng.uniform() * 4); i > 0; i--) {
+      const k = pick(KEYS);
+      const sub = rng.uniform() < 0.7;
+      s[k] =
+        k === "type"
+          ? sub
+            ? pick(TYPES)
+            : pick([["string", "null"], ["integer", "number"], junk()])
+          : k === "properties"
+            ? sub
+              ? { a: schema(d + 1), b: schema(d + 1) }
+              : junk()
+            : k === "required"
+              ? sub
+                ? pick([["a"], ["a", "b"], ["c"]])
+                : junk()
+              : ["items", "additionalProperties", "propertyNames"].includes(k)
+                ? sub
+                  ? schema(d + 1)
+                  : junk()
+                : ["prefixItems", "anyOf", "oneOf", "allOf"].includes(k)
+                  ? sub
+                    ? pick([[], [schema(d + 1)], [schema(d + 1), schema(d + 1)]])
+                    : junk()
+                  : k === "enum"
+                    ? sub
+                      ? ["a", 1, null, "ab"]
+                      : junk()
+                    : k === "$ref"
+                      ? pick(["#/$defs/x", "#/$defs/nope", "#/definitions/x", junk()])
+                      : k === "$defs"
+                        ? { x: schema(d + 1) }
+                        : k === "pattern"
+                          ? pick(["^[a-z]+$", "a{2,", "(?=x)", "[", "a|", "^$", junk()])
+                          : k === "format"
+                            ? pick(["date", "email", "color", junk()])
+                            : sub
+                              ? pick([0, 1, 3, 10, 0.5, -2])
+                              : junk();
+    }
+    return s;
+  };
+
+  it("compile or answer 400, and their automata step any bytes without throwing", () => {
+    let compiled = 0;
+    let refused = 0;
+    for (let i = 0; i < 3000; i++) {
+      const root =
+        rng.uniform() < 0.9
+          ? {
+              type: "object",
+              properties: { v: schema(0) },
+              required: ["v"],
+              $defs: { x: schema(1) },
+            }
+          : schema(0);
+      for (const lenient of [false, true]) {
+        let a: ReturnType<typeof compileSchema>;
+        try {
+          a = compileSchema(root, undefined, { lenient });
+        } catch (e) {
+          expect(e, JSON.stringify(root)).toBeInstanceOf(ApiError);
+          refused++;
+          continue;
+        }
+        compiled++;
+        let s = a.start;
+        for (const b of [
+          ...bytes('{"v": '),
+          ...Array.from({ length: 30 }, () => Math.floor(rng.uniform() * 128)),
+        ]) {
+          const next = a.step(s, b);
+          if (next) s = next;
+          a.key(s);
+          a.local(s);
+        }
+      }
+    }
+    expect(compiled).toBeGreaterThan(1000);
+    expect(refused).toBeGreaterThan(1000);
+  });
+
+  it.each([
+    [{ anyOf: [] }, /empty anyOf/],
+    [{ oneOf: [] }, /empty oneOf/],
+    [{ $ref: "#/$defs/x" }, /its own alternative/],
+  ])("refuses %o", (v, message) => {
+    const root = {
+      type: "object",
+      properties: { v },
+      $defs: { x: { anyOf: [{ type: "string" }, { $ref: "#/$defs/x" }] } },
+    };
+    expect(() => compileSchema(root)).toThrow(message);
+  });
+});
+
 describe("allOf and leniency (tools' parameters)", () => {
   const real: Schema = {
     type: "object",
