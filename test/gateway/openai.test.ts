@@ -376,7 +376,7 @@ describe("chat completions", () => {
     }
   });
 
-  it("response_format json_schema: pattern, format, lengths and bounds hold in every choice", async () => {
+  it("response_format json_schema: pattern, format, lengths, bounds, a union, a map and a set hold in every choice", async () => {
     const schema = {
       type: "object",
       properties: {
@@ -385,11 +385,24 @@ describe("chat completions", () => {
         name: { type: "string", minLength: 2, maxLength: 6 },
         n: { type: "integer", minimum: 3, maximum: 7 },
         score: { type: "number", multipleOf: 0.5, minimum: -2, exclusiveMaximum: 10 },
+        pet: {
+          anyOf: [
+            { type: "object", properties: { a: { type: "integer", maximum: 9 } }, required: ["a"] },
+            { type: "object", properties: { b: { type: "boolean" } }, required: ["b"] },
+          ],
+        },
+        counts: {
+          type: "object",
+          additionalProperties: { type: "integer", minimum: 0, maximum: 9 },
+          propertyNames: { enum: ["k1", "k2"] },
+          maxProperties: 2,
+        },
+        set: { type: "array", items: { enum: ["x", "y"] }, uniqueItems: true },
       },
-      required: ["code", "day", "name", "n", "score"],
+      required: ["code", "day", "name", "n", "score", "pet", "counts", "set"],
       additionalProperties: false,
     };
-    const r = await schemaChoices(schema, { name: "record", seed: 5, maxTokens: 150 });
+    const r = await schemaChoices(schema, { name: "record", seed: 5, maxTokens: 200 });
     for (const c of r.choices) {
       expect(c.finish_reason, c.message.content!).toBe("stop");
       const v = JSON.parse(c.message.content!) as Record<string, unknown>;
@@ -402,6 +415,18 @@ describe("chat completions", () => {
       );
       const score = v["score"] as number;
       expect(score >= -2 && score < 10 && Number.isInteger(score * 2), String(score)).toBe(true);
+      const pet = v["pet"] as Record<string, unknown>;
+      const one = (k: string) => JSON.stringify(Object.keys(pet)) === JSON.stringify([k]);
+      expect(
+        (one("a") && (pet["a"] as number) <= 9) || (one("b") && typeof pet["b"] === "boolean"),
+      ).toBe(true);
+      const counts = Object.entries(v["counts"] as Record<string, number>);
+      expect(counts.length).toBeLessThanOrEqual(2);
+      for (const [k, n] of counts) expect(["k1", "k2"].includes(k) && n >= 0 && n <= 9).toBe(true);
+      const set = v["set"] as string[];
+      expect(new Set(set).size === set.length && set.every((x) => x === "x" || x === "y")).toBe(
+        true,
+      );
     }
   });
 
