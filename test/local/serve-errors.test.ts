@@ -331,12 +331,14 @@ describe("serving commands on bad input", () => {
       });
       expect((await get(metrics)).body).toContain('expertmesh_startup_complete{role="gateway"} 0');
       const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      // ignore_eos: always 4 tokens (sampled, this random model may end sooner).
       const chat = () =>
         client.chat.completions.create({
           model: "tiny",
           messages: [{ role: "user", content: "Hello" }],
           max_tokens: 4,
-        });
+          ignore_eos: true,
+        } as OpenAI.ChatCompletionCreateParamsNonStreaming);
       const err = await chat().catch((e: unknown) => e);
       expect(err).toBeInstanceOf(OpenAI.APIError);
       const api = err as InstanceType<typeof OpenAI.APIError>;
@@ -440,7 +442,12 @@ describe("serving commands on bad input", () => {
       await gw.waitUntil("draining", async () => (await ready()).status === 503, 5000);
       expect(await ready()).toEqual({ status: 503, body: JSON.stringify({ status: "draining" }) });
       // Still serving: a request sent now is answered, and liveness holds.
-      const done = await client.completions.create({ model: "tiny", prompt: "Hi", max_tokens: 3 });
+      const done = await client.completions.create({
+        model: "tiny",
+        prompt: "Hi",
+        max_tokens: 3,
+        ignore_eos: true,
+      } as OpenAI.CompletionCreateParamsNonStreaming);
       expect(done.usage?.completion_tokens).toBe(3);
       expect((await fetch(`${url}/health`)).status).toBe(200);
       expect(gw.exited).toBe(false);
