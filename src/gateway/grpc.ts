@@ -35,7 +35,8 @@ import {
   startJob,
 } from "./jobs.ts";
 import { chatRun, fimFrame, fimPrompt, usageOf } from "./openai.ts";
-import { ChatCompletionRequest } from "./schemas.ts";
+import { outputFormat } from "./output-grammar.ts";
+import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -134,6 +135,8 @@ interface GenerateRequest extends SamplingRequest {
   model?: string;
   prompt?: string;
   suffix?: string;
+  response_format_json?: string;
+  structured_outputs_json?: string;
 }
 
 interface GenerateResponse {
@@ -360,7 +363,15 @@ function handlers(o: GrpcGatewayOptions): {
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model, undefined, "model");
-      const spec = await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix);
+      // Structured output as on /v1/completions (output-grammar.ts).
+      const { grammar } = outputFormat(ctx, {
+        response_format: json(r.response_format_json, "response_format_json"),
+        structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
+      } as unknown as CompletionRequest);
+      const spec = {
+        ...(await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix)),
+        ...(grammar ? { grammar } : {}),
+      };
       const prompt = spec.prompts[0]!.tokens.length;
       const job: Job = startJob(ctx, spec, {
         onToken: (_c, _t, text) => {
@@ -447,19 +458,21 @@ function toolCallMsg(t: ToolCallDelta): ToolCallMsg {
   };
 }
 
+/** A request's JSON text field, parsed (not JSON: EM_GATEWAY_BAD_REQUEST naming it). */
+function json(text: string | undefined, param: string): unknown {
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw bad(`'${param}' is not JSON: ${(e as Error).message}`, param);
+  }
+}
+
 /**
  * A ChatStream request as the body of POST /v1/chat/completions (stream), checked against the
  * same schema; its JSON text fields parsed (a field that is not JSON: EM_GATEWAY_BAD_REQUEST).
  */
 export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
-  const json = (text: string | undefined, param: string): unknown => {
-    if (!text) return undefined;
-    try {
-      return JSON.parse(text);
-    } catch (e) {
-      throw bad(`'${param}' is not JSON: ${(e as Error).message}`, param);
-    }
-  };
   const choice = r.tool_choice;
   const body: Record<string, unknown> = {
     model: r.model ?? "",

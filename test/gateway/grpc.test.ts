@@ -424,6 +424,26 @@ describe("GenerateStream", () => {
     expect(cut.messages.at(-1).finish_reason).toBe("stop");
   });
 
+  it("structured output: the same text as /v1/completions under the same constraint", async () => {
+    const req = { model: "tiny", prompt: "Colour:", max_tokens: 24, temperature: 0 };
+    for (const [field, body] of [
+      ["structured_outputs_json", { structured_outputs: { choice: ["red", "green", "blue"] } }],
+      ["structured_outputs_json", { structured_outputs: { regex: "[a-c]{2,4}" } }],
+      ["response_format_json", { response_format: { type: "json_object" } }],
+    ] as const) {
+      const value = Object.values(body)[0];
+      const http = await gw.client.completions.create({ ...req, ...body } as never);
+      const s = await generate(c, { ...req, [field]: JSON.stringify(value) });
+      expect(s.error, JSON.stringify(body)).toBeNull();
+      expect(s.messages.map((m) => m.text).join("")).toBe(
+        (http as { choices: { text: string }[] }).choices[0]!.text,
+      );
+    }
+    const bad = await generate(c, { ...req, structured_outputs_json: '{"choice": []}' });
+    expect(bad.error?.code).toBe(status.INVALID_ARGUMENT);
+    expect(trailer(bad.error!, "em-param")).toBe("structured_outputs.choice");
+  });
+
   it("bad requests: INVALID_ARGUMENT; an unknown model: NOT_FOUND", async () => {
     for (const patch of [
       { temperature: 5 },
