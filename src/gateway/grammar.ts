@@ -285,6 +285,34 @@ export class TokenGrammar<S> {
   }
 }
 
+/**
+ * Grammars built from requests (schemas, tool sets, patterns), kept per vocabulary by the
+ * text they were built from: the last `max` used (clients send the same ones again).
+ */
+export class GrammarCache<S> {
+  readonly #max: number;
+  readonly #byVocabulary = new WeakMap<Vocabulary, Lru<TokenGrammar<S>>>();
+
+  constructor(max: number) {
+    this.#max = max;
+  }
+
+  /** The grammar built from `key` over `vocabulary`: kept, or `build()` (and kept). */
+  get(vocabulary: Vocabulary, key: string, build: () => TokenGrammar<S>): TokenGrammar<S> {
+    let lru = this.#byVocabulary.get(vocabulary);
+    if (!lru) {
+      lru = new Lru(this.#max);
+      this.#byVocabulary.set(vocabulary, lru);
+    }
+    let g = lru.get(key);
+    if (!g) {
+      g = build();
+      lru.set(key, g);
+    }
+    return g;
+  }
+}
+
 /** One choice's constraint: its state, advanced by each token it samples. */
 export class GrammarConstraint<S> implements TokenConstraint {
   readonly #grammar: TokenGrammar<S>;

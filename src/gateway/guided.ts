@@ -5,7 +5,13 @@
 // end-of-sequence token is allowed exactly where the text so far matches, and where nothing
 // can follow a match the choice ends there without it.
 import { ApiError } from "./errors.ts";
-import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import {
+  type ByteAutomaton,
+  GrammarCache,
+  SYMBOL_BASE,
+  TokenGrammar,
+  type Vocabulary,
+} from "./grammar.ts";
 import { StringRule, type StringState } from "./json-string.ts";
 import { compilePattern, RegexError } from "./regex.ts";
 
@@ -42,9 +48,8 @@ export class PatternText implements ByteAutomaton<TextState> {
   }
 }
 
-/** Grammars of the patterns seen last, per vocabulary and end-of-sequence symbol. */
-const MAX_PATTERNS = 16;
-const grammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<TextState>>>();
+/** Grammars of the last 16 patterns (with their end-of-sequence symbol), per vocabulary. */
+const grammars = new GrammarCache<TextState>(16);
 
 /**
  * The grammar of outputs that match `pattern` whole (400 naming `param` for one that cannot
@@ -56,16 +61,7 @@ export function patternGrammar(
   eos: number | null,
   param: string,
 ): TokenGrammar<TextState> {
-  let byText = grammars.get(vocabulary);
-  if (!byText) {
-    byText = new Map();
-    grammars.set(vocabulary, byText);
-  }
-  const key = `${eos} ${pattern}`;
-  let g = byText.get(key);
-  if (g) {
-    byText.delete(key);
-  } else {
+  return grammars.get(vocabulary, `${eos} ${pattern}`, () => {
     let rule: StringRule;
     try {
       const nfa = compilePattern(pattern, { fullMatch: true });
@@ -74,9 +70,6 @@ export function patternGrammar(
       if (!(err instanceof RegexError || err instanceof RangeError)) throw err;
       throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${err.message}`, { param });
     }
-    g = new TokenGrammar(new PatternText(rule, eos), vocabulary);
-    if (byText.size >= MAX_PATTERNS) byText.delete(byText.keys().next().value!);
-  }
-  byText.set(key, g);
-  return g;
+    return new TokenGrammar(new PatternText(rule, eos), vocabulary);
+  });
 }

@@ -11,6 +11,8 @@
 // read from their shortest decimal text. Bounded numbers are written without an exponent
 // (plain decimals, as a model writes them), which keeps the intervals above simple.
 
+import { isDigit } from "./json-mode.ts";
+
 /** A decimal n / 10^s. */
 interface Dec {
   readonly n: bigint;
@@ -158,8 +160,6 @@ export function canEnd(rule: NumberRule, st: NumberState): boolean {
   const x = st.negative ? neg(v) : v;
   return holds(rule, closed(x), closed(x));
 }
-
-const isDigit = (b: number) => b >= 0x30 && b <= 0x39;
 
 /**
  * The state after byte `b` (the first byte: `st` null), or null when `b` does not continue

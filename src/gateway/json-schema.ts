@@ -20,7 +20,7 @@
 // (`description`, `title`, `default`, ...) are ignored; any other keyword is refused (400)
 // rather than not enforced.
 import { ApiError } from "./errors.ts";
-import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import { type ByteAutomaton, GrammarCache, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import {
   isDigit,
   isWs,
@@ -543,9 +543,8 @@ function discriminated(options: Node[]): boolean {
   });
 }
 
-/** Grammars of the schemas seen last, per vocabulary (clients send the same schema again). */
-const MAX_SCHEMAS = 16;
-const schemaGrammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<SchemaState>>>();
+/** Grammars of the last 16 schemas, per vocabulary. */
+const schemaGrammars = new GrammarCache<SchemaState>(16);
 
 /**
  * The grammar of `schema` over `vocabulary` (compiled once per distinct schema text and
@@ -557,22 +556,11 @@ export function schemaGrammar(
   source: SchemaSource = RESPONSE_FORMAT,
   o: { lenient?: boolean } = {},
 ): TokenGrammar<SchemaState> {
-  let byText = schemaGrammars.get(vocabulary);
-  if (!byText) {
-    byText = new Map();
-    schemaGrammars.set(vocabulary, byText);
-  }
   const text = (o.lenient ? "lenient " : "") + JSON.stringify(schema);
-  let g = byText.get(text);
-  if (g) {
-    byText.delete(text);
-  } else {
+  return schemaGrammars.get(vocabulary, text, () => {
     const a = compileSchema(schema, source, { ...o, tokenBytes: vocabulary.maxTokenBytes });
-    g = new TokenGrammar(a, vocabulary);
-    if (byText.size >= MAX_SCHEMAS) byText.delete(byText.keys().next().value!);
-  }
-  byText.set(text, g);
-  return g;
+    return new TokenGrammar(a, vocabulary);
+  });
 }
 
 // ---- the automaton ----
@@ -671,7 +659,7 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
   }
 
   key(s: SchemaState): string {
-    return s.stacks.length === 1 ? stackKey(s.stacks[0]!) : s.stacks.map(stackKey).join(" / ");
+    return s.stacks.map(stackKey).join(" / ");
   }
 
   step(s: SchemaState, b: number): SchemaState | null {

@@ -9,7 +9,7 @@
 // free except that it cannot spell the calls-begin marker in plain bytes, so a marker in
 // the decoded text is always the token: the parser, reading text, sees what the grammar saw.
 import { type ChatMessage, TOOL_TOKENS } from "../model/tokenizer.ts";
-import { type ByteAutomaton, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import { type ByteAutomaton, GrammarCache, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import { compileSchema } from "./json-schema.ts";
 
 /** A function of the request's `tools`. */
@@ -260,9 +260,8 @@ export function toolSymbols(
   return out as Record<keyof typeof TOOL_TOKENS, number>;
 }
 
-/** Grammars of the tool sets seen last, per vocabulary (clients send the same tools again). */
-const MAX_GRAMMARS = 16;
-const grammars = new WeakMap<Vocabulary, Map<string, TokenGrammar<ToolState>>>();
+/** Grammars of the last 16 tool sets (with their options), per vocabulary. */
+const grammars = new GrammarCache<ToolState>(16);
 
 /**
  * The grammar of calls to `tools` over `vocabulary` (built once per distinct tool set and
@@ -276,27 +275,16 @@ export function toolCallGrammar(
 ): TokenGrammar<ToolState> | null {
   const symbols = toolSymbols(vocabulary);
   if (!symbols) return null;
-  let byText = grammars.get(vocabulary);
-  if (!byText) {
-    byText = new Map();
-    grammars.set(vocabulary, byText);
-  }
   const text = JSON.stringify([
     o.format ?? "deepseek-v3",
     o.mode,
     o.parallel,
     tools.map((f) => [f.name, f.parameters]),
   ]);
-  let g = byText.get(text);
-  if (g) {
-    byText.delete(text);
-  } else {
+  return grammars.get(vocabulary, text, () => {
     const a = new ToolCallAutomaton(symbols, tools, { ...o, tokenBytes: vocabulary.maxTokenBytes });
-    g = new TokenGrammar(a, vocabulary);
-    if (byText.size >= MAX_GRAMMARS) byText.delete(byText.keys().next().value!);
-  }
-  byText.set(text, g);
-  return g;
+    return new TokenGrammar(a, vocabulary);
+  });
 }
 
 /** What the parser finds in the text, in order. */
