@@ -219,6 +219,7 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     ...(g.limits.maxModelLen ? [`--max-model-len=${g.limits.maxModelLen}`] : []),
     ...kvCacheArgs(model),
     ...(g.prefixCaching ? [] : ["--no-prefix-caching"]),
+    ...(g.schedulingPolicy === "priority" ? ["--scheduling-policy=priority"] : []),
     `--reasoning-parser=${reasoningParserOf(model)}`,
     `--tool-call-parser=${toolCallParserOf(model)}`,
     ...speculativeArgs(model),

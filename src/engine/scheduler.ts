@@ -8,7 +8,11 @@
 // sequence admitted takes the cached blocks of its longest known prefix (kv-blocks.ts) and
 // starts computing after them. With speculative decoding, a decoding sequence's draft
 // tokens ride in its chunk when the budgets and blocks allow (never preempting for them);
-// they count as computed only once the engine accepts them. Never touches a device.
+// they count as computed only once the engine accepts them. With the priority policy
+// (vLLM's --scheduling-policy priority, ADR 0016) both queues are kept in (priority,
+// arrival) order, so the running list's end holds the sequence preempted first, and a
+// waiting sequence of higher priority preempts lower ones that keep it out. Never touches
+// a device.
 import { createHash } from "node:crypto";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { BlockAllocator } from "./kv-blocks.ts";
@@ -30,6 +34,11 @@ export class Sequence {
   status: SequenceStatus = "waiting";
   /** Times it was preempted (and recomputed). */
   numPreemptions = 0;
+  /**
+   * With the priority policy: lower runs first (vLLM's `priority`); equal ones in arrival
+   * (id) order. Ignored under fcfs.
+   */
+  priority = 0;
   /**
    * Every row's logits are wanted (prompt logprobs), not just the last: its chunks count
    * against the scheduler's maxLogitRows.
@@ -123,9 +132,18 @@ export interface SchedulerConfig {
    * every row's logits: those need every prompt row computed.
    */
   readonly prefixCaching?: boolean;
+  /** Default fcfs. */
+  readonly policy?: SchedulingPolicy;
 }
 
 export type AddResult = "ok" | "queue_full" | "too_large";
+
+/**
+ * fcfs: arrival order, the newest admitted is preempted first. priority: (priority, id)
+ * order, the lowest is preempted first, and also to let in a waiting one of higher priority.
+ */
+export const SCHEDULING_POLICIES = ["fcfs", "priority"] as const;
+export type SchedulingPolicy = (typeof SCHEDULING_POLICIES)[number];
 
 export class Scheduler {
   readonly config: SchedulerConfig;
@@ -145,9 +163,17 @@ export class Scheduler {
           `scheduler ${k} must be a positive integer, got ${config[k]}`,
         );
     }
+    if (config.policy !== undefined && !SCHEDULING_POLICIES.includes(config.policy))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `scheduling policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${config.policy}`,
+      );
     this.config = config;
     this.#blocks = blocks;
+    this.#byPriority = config.policy === "priority";
   }
+
+  readonly #byPriority: boolean;
 
   get numWaiting(): number {
     return this.#waiting.length;
@@ -169,7 +195,8 @@ export class Scheduler {
     if (this.#blocks.blocksFor(seq.maxTotalTokens) > this.#blocks.numBlocks) return "too_large";
     if (this.#waiting.length >= this.config.maxQueueDepth) return "queue_full";
     seq.status = "waiting";
-    this.#waiting.push(seq);
+    if (this.#byPriority) insertOrdered(this.#waiting, seq);
+    else this.#waiting.push(seq);
     return "ok";
   }
 
@@ -182,6 +209,9 @@ export class Scheduler {
       Math.min(seq.numTokens - seq.numComputed, budget, seq.wantsAllLogits ? logitRows : budget);
     const chunks: ScheduledChunk[] = [];
     const preempted: Sequence[] = [];
+    if (this.#byPriority) this.#makeRoomForPriority(preempted);
+    // Preempted for a waiting sequence of higher priority: that one is admitted below.
+    const forPriority = preempted.length;
     const take = (seq: Sequence, n: number, draft: readonly number[] = NO_DRAFT) => {
       chunks.push(chunkOf(seq, n, draft));
       budget -= n;
@@ -220,7 +250,7 @@ export class Scheduler {
     }
     // Admitting while preempting would only preempt again.
     while (
-      preempted.length === 0 &&
+      preempted.length === forPriority &&
       budget > 0 &&
       this.#waiting.length > 0 &&
       this.#running.length < this.config.maxRunning
@@ -257,7 +287,8 @@ export class Scheduler {
       }
       this.#waiting.shift();
       seq.status = "running";
-      this.#running.push(seq);
+      if (this.#byPriority) insertOrdered(this.#running, seq);
+      else this.#running.push(seq);
       take(seq, n);
     }
     return { chunks, preempted };
@@ -311,14 +342,62 @@ export class Scheduler {
     seq.status = "finished";
   }
 
+  /**
+   * Priority policy: while the first waiting sequence has a higher priority (a lower
+   * value) than the last running one and cannot be admitted for want of a running slot or
+   * of blocks for its first chunk, preempts the last running one (the lowest); not when
+   * preempting all lower ones could not free enough blocks. Blocks kept by the prefix
+   * cache count as free; a prefix hit only makes the chunk smaller.
+   */
+  #makeRoomForPriority(preempted: Sequence[]): void {
+    const head = this.#waiting[0];
+    if (!head) return;
+    const firstChunk = Math.min(
+      head.numTokens,
+      this.config.maxBatchTokens,
+      head.wantsAllLogits ? (this.config.maxLogitRows ?? head.numTokens) : head.numTokens,
+    );
+    const need = this.#blocks.blocksFor(firstChunk);
+    // At most what preempting every lower one frees (shared blocks may stay held): when
+    // even that is short, preempting would not let it in.
+    let freeable = this.#blocks.numFreeBlocks;
+    for (const s of this.#running)
+      if (s.priority > head.priority) freeable += this.#blocks.table(s.id).length;
+    if (freeable < need) return;
+    for (;;) {
+      const low = this.#running.at(-1);
+      if (!low || low.priority <= head.priority) return;
+      if (this.#running.length < this.config.maxRunning && this.#blocks.numFreeBlocks >= need)
+        return;
+      this.#preempt(low);
+      preempted.push(low);
+    }
+  }
+
   #preempt(seq: Sequence): void {
     this.#running = this.#running.filter((s) => s !== seq);
     this.#blocks.free(seq.id);
     seq.numComputed = 0;
     seq.numPreemptions++;
     seq.status = "waiting";
-    this.#waiting.unshift(seq);
+    // fcfs: first to be readmitted. priority: behind the waiting ones of higher priority
+    // and those of its own that arrived before it.
+    if (this.#byPriority) insertOrdered(this.#waiting, seq);
+    else this.#waiting.unshift(seq);
   }
+}
+
+/** Inserts `seq` into `list`, kept in (priority, id) order. */
+function insertOrdered(list: Sequence[], seq: Sequence): void {
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    const m = list[mid]!;
+    if (m.priority < seq.priority || (m.priority === seq.priority && m.id < seq.id)) lo = mid + 1;
+    else hi = mid;
+  }
+  list.splice(lo, 0, seq);
 }
 
 function chunkOf(seq: Sequence, n: number, draft: readonly number[]): ScheduledChunk {

@@ -33,6 +33,7 @@ import {
   type ScheduledChunk,
   Scheduler,
   type SchedulerConfig,
+  type SchedulingPolicy,
   Sequence,
 } from "../engine/scheduler.ts";
 import type { Drafter } from "../engine/speculative.ts";
@@ -72,6 +73,8 @@ export interface GenerationRequest {
   readonly constraint?: TokenConstraint;
   /** The stop tokens cannot be sampled before this many output tokens (vLLM's min_tokens). */
   readonly minTokens?: number;
+  /** Lower runs first, with the priority scheduling policy (default 0; scheduler.ts). */
+  readonly priority?: number;
 }
 
 /** Which tokens a sequence may sample next, and what it sampled (json-mode.ts). */
@@ -212,6 +215,11 @@ export class ServingEngine {
       );
   }
 
+  /** In which order waiting sequences are admitted and running ones preempted. */
+  get schedulingPolicy(): SchedulingPolicy {
+    return this.#scheduler.config.policy ?? "fcfs";
+  }
+
   get stats(): EngineStats {
     return {
       numWaiting: this.#scheduler.numWaiting,
@@ -241,6 +249,7 @@ export class ServingEngine {
     | { ok: false; reason: Exclude<AddResult, "ok"> } {
     const seq = new Sequence(this.#nextId++, req.prompt, req.prompt.length + req.maxTokens);
     seq.wantsAllLogits = req.promptLogprobs;
+    seq.priority = req.priority ?? 0;
     if (req.promptFrom !== undefined)
       seq.promptFrom = this.#active.get(req.promptFrom)?.seq ?? null;
     const added = this.#scheduler.add(seq);

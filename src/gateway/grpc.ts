@@ -129,6 +129,7 @@ interface SamplingRequest {
   stop: string[];
   presence_penalty?: number;
   frequency_penalty?: number;
+  priority?: number;
 }
 
 interface GenerateRequest extends SamplingRequest {
@@ -672,6 +673,7 @@ interface SamplingFields {
   seed?: number;
   presence_penalty?: number;
   frequency_penalty?: number;
+  priority?: number;
   stop: string[];
 }
 
@@ -704,6 +706,7 @@ function parameterFields(p: Parameters): SamplingFields {
     "seed",
     "presence_penalty",
     "frequency_penalty",
+    "priority",
   ] as const) {
     const v = num(k);
     if (v !== undefined) out[k] = v;
@@ -712,7 +715,16 @@ function parameterFields(p: Parameters): SamplingFields {
 }
 
 function generateParameters(r: SamplingRequest): SamplingFields {
-  const { max_tokens, temperature, top_p, top_k, seed, presence_penalty, frequency_penalty } = r;
+  const {
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    presence_penalty,
+    frequency_penalty,
+    priority,
+  } = r;
   return {
     stop: r.stop,
     ...(max_tokens !== undefined ? { max_tokens } : {}),
@@ -722,6 +734,7 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     ...(seed !== undefined ? { seed } : {}),
     ...(presence_penalty !== undefined ? { presence_penalty } : {}),
     ...(frequency_penalty !== undefined ? { frequency_penalty } : {}),
+    ...(priority !== undefined ? { priority } : {}),
   };
 }
 
@@ -741,6 +754,11 @@ function sampling(s: SamplingFields): Sampling {
   check("seed", (v) => Number.isInteger(v), "an integer");
   check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
   check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
+  check(
+    "priority",
+    (v) => Number.isInteger(v) && v >= -(2 ** 31) && v < 2 ** 31,
+    "a 32-bit integer",
+  );
   if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
   return {
     ...(s.max_tokens !== undefined ? { maxTokens: s.max_tokens } : {}),
@@ -756,6 +774,7 @@ function sampling(s: SamplingFields): Sampling {
     stops: s.stop.filter((x) => x.length > 0),
     logprobs: null,
     promptLogprobs: false,
+    ...(s.priority ? { priority: s.priority } : {}),
   };
 }
 

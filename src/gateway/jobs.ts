@@ -105,6 +105,11 @@ export interface JobSpec {
   readonly minTokens?: number;
   /** Constrained decoding (JSON mode, a JSON schema): each choice follows this grammar. */
   readonly grammar?: TokenGrammar<unknown>;
+  /**
+   * vLLM's priority: lower runs first (default 0). Needs a gateway scheduling by priority
+   * (--scheduling-policy priority); startJob refuses a non-zero one otherwise.
+   */
+  readonly priority?: number;
 }
 
 export interface Choice {
@@ -142,6 +147,12 @@ export interface Job {
 
 /** Submits the request's choices; throws 429 (queue full) or 400 (cannot fit) at once. */
 export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {}): Job {
+  if (spec.priority && ctx.engine.schedulingPolicy !== "priority")
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `priority ${spec.priority} needs a gateway that schedules by priority (--scheduling-policy priority); this one serves in arrival order (fcfs): send priority 0 or none`,
+      { param: "priority" },
+    );
   const t0 = performance.now();
   const { metrics } = ctx;
   let firstToken = true;
@@ -211,6 +222,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         ...(spec.stopTokenIds ?? []),
       ],
       ...(spec.minTokens ? { minTokens: spec.minTokens } : {}),
+      ...(spec.priority ? { priority: spec.priority } : {}),
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
       ...(first !== undefined ? { promptFrom: first } : {}),

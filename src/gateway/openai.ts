@@ -196,6 +196,7 @@ function jobSpec(
     },
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
+    ...(b.priority ? { priority: b.priority } : {}),
     ...stopTokens(ctx, b, jobPrompts),
   };
 }

@@ -87,6 +87,7 @@ export const ResponsesRequest = Type.Object({
   /** vLLM's extensions, as on chat completions. */
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
@@ -282,6 +283,7 @@ export function chatRequestOf(
     ...(b.top_p != null ? { top_p: b.top_p } : {}),
     ...(b.seed != null ? { seed: b.seed } : {}),
     ...(b.top_k != null ? { top_k: b.top_k } : {}),
+    ...(b.priority != null ? { priority: b.priority } : {}),
     ...(tools.length ? { tools } : {}),
     ...(toolChoice != null ? { tool_choice: toolChoice } : {}),
     ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),

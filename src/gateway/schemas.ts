@@ -21,6 +21,11 @@ const common = {
   ignore_eos: Type.Optional(Nullable(Type.Boolean())),
   /** vLLM's extension: no stop token (end-of-sequence, stop_token_ids) before this many. */
   min_tokens: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
+  /**
+   * vLLM's extension: lower is scheduled first, and may preempt higher (default 0); only
+   * with --scheduling-policy priority (startJob refuses others).
+   */
+  priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
   stop_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),

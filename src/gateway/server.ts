@@ -7,6 +7,7 @@ import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
+import type { SchedulingPolicy } from "../engine/scheduler.ts";
 import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
@@ -50,6 +51,8 @@ export interface GatewayConfig {
   readonly speculative?: SpeculativeConfig;
   /** Reuse the KV blocks of prompt prefixes seen before (default true). */
   readonly prefixCaching?: boolean;
+  /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
+  readonly schedulingPolicy?: SchedulingPolicy;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
@@ -111,6 +114,7 @@ export function createServeContext(
       maxLogitRows:
         cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
       prefixCaching: cfg.prefixCaching ?? true,
+      policy: cfg.schedulingPolicy ?? "fcfs",
     },
     {
       microBatches: cfg.microBatches ?? 1,

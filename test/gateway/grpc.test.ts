@@ -353,6 +353,9 @@ describe("ModelInfer", () => {
       ["max_tokens 0", { ...ok, parameters: { max_tokens: param.int(0) } }],
       ["max_tokens 2.5", { ...ok, parameters: { max_tokens: param.dbl(2.5) } }],
       ["stop a number", { ...ok, parameters: { stop: param.int(3) } }],
+      ["priority 2.5", { ...ok, parameters: { priority: param.dbl(2.5) } }],
+      // This gateway schedules in arrival order (priority.test.ts has one that does not).
+      ["priority on an fcfs gateway", { ...ok, parameters: { priority: param.int(2) } }],
     ];
     for (const [what, req] of cases) {
       const err = await callError(c.kserve, "ModelInfer", req);
@@ -452,6 +455,8 @@ describe("GenerateStream", () => {
       { presence_penalty: -3 },
       { stop: ["a", "b", "c", "d", "e"] },
       { max_tokens: 100_000 },
+      // An fcfs gateway (priority.test.ts has one that schedules by priority).
+      { priority: -1 },
     ]) {
       const s = await generate(c, { model: "tiny", prompt: "hi", ...patch });
       expect(s.error?.code, JSON.stringify(patch)).toBe(status.INVALID_ARGUMENT);
@@ -728,6 +733,8 @@ describe("ChatStream", () => {
       // The chat route's own checks of a conversation: a tool result that names no call.
       [{ messages: [...messages, { role: "tool", content: "sunny" }] }, "messages"],
       [{ tools_json: '[{"type": "function", "function": {"name": ""}}]' }, "tools"],
+      // An fcfs gateway (priority.test.ts has one that schedules by priority).
+      [{ priority: 3 }, "priority"],
     ] as const) {
       const s = await chat(c.gen, { ...ok, ...patch });
       expect(s.error?.code, JSON.stringify(patch)).toBe(status.INVALID_ARGUMENT);

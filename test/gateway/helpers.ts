@@ -75,25 +75,15 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
   }
   if (o.wrap) experts = o.wrap(experts);
   const logs: string[] = [];
+  // The test's own options apart, the rest is the gateway's configuration.
+  const { wrap: _w, apiKeys: _k, maxRequestBytes: _b, cluster: _c, responsesStore: _s, ...cfg } = o;
   const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir), {
     servedModelName: "tiny",
+    maxBatchTokens: 64,
+    maxQueueDepth: 64,
+    kvCacheBytes: 8 * 2 ** 20,
+    ...cfg,
     log: (m) => logs.push(m),
-    maxBatchTokens: o.maxBatchTokens ?? 64,
-    maxQueueDepth: o.maxQueueDepth ?? 64,
-    kvCacheBytes: o.kvCacheBytes ?? 8 * 2 ** 20,
-    ...(o.maxRunning !== undefined ? { maxRunning: o.maxRunning } : {}),
-    ...(o.maxModelLen !== undefined ? { maxModelLen: o.maxModelLen } : {}),
-    ...(o.blockSize !== undefined ? { blockSize: o.blockSize } : {}),
-    ...(o.kvCacheDtype !== undefined ? { kvCacheDtype: o.kvCacheDtype } : {}),
-    ...(o.microBatches !== undefined ? { microBatches: o.microBatches } : {}),
-    ...(o.speculative !== undefined ? { speculative: o.speculative } : {}),
-    ...(o.maxLogitRows !== undefined ? { maxLogitRows: o.maxLogitRows } : {}),
-    ...(o.prefixCaching !== undefined ? { prefixCaching: o.prefixCaching } : {}),
-    ...(o.reasoningParser !== undefined ? { reasoningParser: o.reasoningParser } : {}),
-    ...(o.toolCallParser !== undefined ? { toolCallParser: o.toolCallParser } : {}),
-    ...(o.tokenizerInlineBytes !== undefined
-      ? { tokenizerInlineBytes: o.tokenizerInlineBytes }
-      : {}),
   });
   const app = buildGatewayApp({
     ctx,

@@ -327,3 +327,132 @@ describe("Scheduler with drafts (speculative decoding)", () => {
     expect(r.preempted).toEqual([b]);
   });
 });
+
+describe("Scheduler with the priority policy", () => {
+  // Each step: sequences added before it ([id, prompt tokens, priority]), sequences
+  // finished before it, and the chunks and preemptions it gives. Every sequence may grow
+  // to its prompt + 8 tokens.
+  interface Step {
+    add?: [number, number, number][];
+    finish?: number[];
+    chunks: string[];
+    preempted?: number[];
+  }
+  // biome-ignore format: a table
+  const cases: { name: string; policy: "fcfs" | "priority"; maxRunning?: number; blocks?: number; steps: Step[] }[] = [
+    {
+      name: "admits in (priority, arrival) order",
+      policy: "priority",
+      steps: [{ add: [[1, 2, 0], [2, 2, 5], [3, 2, -1], [4, 2, 0]], chunks: ["3:0+2!", "1:0+2!", "4:0+2!", "2:0+2!"] }],
+    },
+    {
+      name: "fcfs ignores priorities",
+      policy: "fcfs",
+      steps: [{ add: [[1, 2, 0], [2, 2, 5], [3, 2, -1], [4, 2, 0]], chunks: ["1:0+2!", "2:0+2!", "3:0+2!", "4:0+2!"] }],
+    },
+    {
+      name: "a higher priority takes the running slot of the lowest, which waits behind it",
+      policy: "priority", maxRunning: 2,
+      steps: [
+        { add: [[1, 2, 0], [2, 2, 5]], chunks: ["1:0+2!", "2:0+2!"] },
+        { add: [[3, 2, 1]], chunks: ["1:2+1!", "3:0+2!"], preempted: [2] },
+        { chunks: ["1:3+1!", "3:2+1!"] },
+        // A slot frees: the preempted one recomputes its prompt and its sampled token.
+        { finish: [1], chunks: ["3:3+1!", "2:0+3!"] },
+      ],
+    },
+    {
+      name: "under fcfs the newcomer waits for a slot",
+      policy: "fcfs", maxRunning: 2,
+      steps: [
+        { add: [[1, 2, 0], [2, 2, 5]], chunks: ["1:0+2!", "2:0+2!"] },
+        { add: [[3, 2, 1]], chunks: ["1:2+1!", "2:2+1!"] },
+      ],
+    },
+    {
+      name: "equal priority does not preempt",
+      policy: "priority", maxRunning: 2,
+      steps: [
+        { add: [[1, 2, 0], [2, 2, 5]], chunks: ["1:0+2!", "2:0+2!"] },
+        { add: [[3, 2, 5]], chunks: ["1:2+1!", "2:2+1!"] },
+      ],
+    },
+    {
+      name: "a higher priority short of blocks preempts the lowest for them",
+      // 4 blocks of 4: 1 holds one, 2 holds two; 3 needs two.
+      policy: "priority", blocks: 4,
+      steps: [
+        { add: [[1, 3, 0], [2, 5, 2]], chunks: ["1:0+3!", "2:0+5!"] },
+        { add: [[3, 6, 1]], chunks: ["1:3+1!", "3:0+6!"], preempted: [2] },
+      ],
+    },
+    {
+      name: "no preemption when even all lower ones could not free enough blocks",
+      // 3 needs three blocks; 1 (higher) holds three, 2 (lower) one, one is free.
+      policy: "priority", blocks: 5,
+      steps: [
+        { add: [[1, 11, 0], [2, 3, 2]], chunks: ["1:0+11!", "2:0+3!"] },
+        { add: [[3, 12, 1]], chunks: ["1:11+1!", "2:3+1!"] },
+      ],
+    },
+    {
+      name: "out of blocks, the lowest running is preempted, not the newest",
+      // 3 blocks of 4: both hold one and need a second at their 5th token.
+      policy: "priority", blocks: 3,
+      steps: [
+        { add: [[1, 4, 5]], chunks: ["1:0+4!"] },
+        // Running ones first, then the one admitted; from then on in priority order.
+        { add: [[2, 3, 0]], chunks: ["1:4+1!", "2:0+3!"] },
+        { chunks: ["2:3+1!", "1:5+1!"] },
+        { chunks: ["2:4+1!"], preempted: [1] },
+      ],
+    },
+    {
+      name: "the same under fcfs preempts the newest",
+      policy: "fcfs", blocks: 3,
+      steps: [
+        { add: [[1, 4, 5]], chunks: ["1:0+4!"] },
+        { add: [[2, 3, 0]], chunks: ["1:4+1!", "2:0+3!"] },
+        { chunks: ["1:5+1!", "2:3+1!"] },
+        { chunks: ["1:6+1!"], preempted: [2] },
+      ],
+    },
+    {
+      name: "a preempted sequence waits behind higher priorities and before later equals",
+      policy: "priority", maxRunning: 1,
+      steps: [
+        { add: [[1, 2, 3]], chunks: ["1:0+2!"] },
+        // 2 preempts 1; 3 (same priority as 1, later) waits behind 1.
+        { add: [[2, 2, 0], [3, 2, 3]], chunks: ["2:0+2!"], preempted: [1] },
+        { finish: [2], chunks: ["1:0+3!"] },
+      ],
+    },
+  ];
+  it.each(cases)("$name", ({ policy, maxRunning, blocks, steps }) => {
+    const s = new Scheduler(
+      { maxBatchTokens: 16, maxRunning: maxRunning ?? 8, maxQueueDepth: 8, policy },
+      new BlockAllocator(blocks ?? 64, 4),
+    );
+    const all = new Map<number, Sequence>();
+    for (const st of steps) {
+      for (const [id, prompt, priority] of st.add ?? []) {
+        const q = seq(id, prompt);
+        q.priority = priority;
+        all.set(id, q);
+        expect(s.add(q)).toBe("ok");
+      }
+      for (const id of st.finish ?? []) s.finish(all.get(id)!);
+      expect(step(s)).toEqual({ chunks: st.chunks, preempted: st.preempted ?? [] });
+    }
+  });
+
+  it("refuses an unknown policy", () => {
+    expect(
+      () =>
+        new Scheduler(
+          { maxBatchTokens: 8, maxRunning: 1, maxQueueDepth: 1, policy: "lifo" as "fcfs" },
+          new BlockAllocator(4, 4),
+        ),
+    ).toThrow(/scheduling policy must be fcfs or priority, got lifo/);
+  });
+});

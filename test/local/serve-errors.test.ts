@@ -167,6 +167,11 @@ describe("serving commands on bad input", () => {
     const dtype = await gateway(["--http-port=0", "--kv-cache-dtype=int4"]);
     expect(dtype.code).toBe(1);
     expect(dtype.stderr).toContain("[EM_CLI_USAGE] unknown KV cache dtype 'int4'");
+    const policy = await gateway(["--http-port=0", "--scheduling-policy=lifo"]);
+    expect(policy.code).toBe(1);
+    expect(policy.stderr).toContain(
+      "[EM_CLI_USAGE] --scheduling-policy must be fcfs or priority, got lifo",
+    );
     const bad = await gateway(["--http-port=0", "--metrics-port=abc"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toContain(

@@ -85,6 +85,7 @@ spec:
     limits: { maxQueueDepth: 7, maxBatchTokens: 99, maxRequestBytes: 4096, maxModelLen: 200 }
     kvCache: { bytes: 1048576, dtype: bfloat16, blockSize: 8 }
     prefixCaching: false
+    schedulingPolicy: priority
     speculative: { numTokens: 2 }
 `,
     );
@@ -98,6 +99,7 @@ spec:
       "--kv-cache-dtype=bfloat16",
       "--block-size=8",
       "--no-prefix-caching",
+      "--scheduling-policy=priority",
       "--reasoning-parser=none",
       "--tool-call-parser=deepseek-v3",
       "--speculative-tokens=2",
@@ -290,6 +292,11 @@ spec:
     [
       "speculative numTokens over 15",
       `${good}  gateway: { speculative: { numTokens: 16 } }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "scheduling policy lifo",
+      `${good}  gateway: { schedulingPolicy: lifo }\n`,
       "EM_MANIFEST_INVALID",
     ],
     [

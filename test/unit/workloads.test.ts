@@ -129,6 +129,19 @@ describe("desiredObjects", () => {
     expect(args("  gateway: { prefixCaching: false }")).toContain("--no-prefix-caching");
   });
 
+  it("passes --scheduling-policy=priority only when spec.gateway.schedulingPolicy asks", () => {
+    const args = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+        .containers[0].args as string[];
+    expect(args("").filter((a) => a.startsWith("--scheduling"))).toEqual([]);
+    expect(
+      args("  gateway: { schedulingPolicy: fcfs }").filter((a) => a.startsWith("--scheduling")),
+    ).toEqual([]);
+    expect(args("  gateway: { schedulingPolicy: priority }")).toContain(
+      "--scheduling-policy=priority",
+    );
+  });
+
   it.each([
     ["tiny-v3", "", "none"],
     ["deepseek-r1", "", "deepseek-r1"],

@@ -6,6 +6,7 @@ import { Registry } from "prom-client";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
 import { heldExperts, loadWeights } from "../../engine/loader.ts";
+import { SCHEDULING_POLICIES, type SchedulingPolicy } from "../../engine/scheduler.ts";
 import {
   checkMtpTokens,
   checkNgramConfig,
@@ -57,6 +58,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --max-queue-depth N       requests waiting for admission before 429 (default 64)
   --max-batch-tokens N      tokens per engine step, prefill chunks included (default 2048)
   --max-running N           sequences in the running batch (default 256)
+  --scheduling-policy NAME  fcfs (default): requests run in arrival order, the newest is preempted
+                            first when the KV cache runs short; priority: by the requests'
+                            \`priority\` field (lower first, vLLM's), a waiting request preempts
+                            running ones of lower priority that keep it out (docs/gateway.md)
   --max-request-bytes N     largest request body (default 1048576)
   --shutdown-delay SECONDS  on SIGTERM, keep serving this long with /ready answering 503 before
                             stopping, so that a Service stops sending requests first (default 0;
@@ -129,6 +134,7 @@ export const gatewayCommand: Command = {
         "max-queue-depth": { type: "string" },
         "max-batch-tokens": { type: "string" },
         "max-running": { type: "string" },
+        "scheduling-policy": { type: "string" },
         "max-request-bytes": { type: "string" },
         "shutdown-delay": { type: "string" },
         dtype: { type: "string" },
@@ -162,6 +168,11 @@ export const gatewayCommand: Command = {
     if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
       usage(`--wire must be bf16, fp8 or f32, got '${wire}'`);
     const microBatches = int(values["micro-batches"], "--micro-batches", 1);
+    const schedulingPolicy = values["scheduling-policy"] ?? "fcfs";
+    if (!(SCHEDULING_POLICIES as readonly string[]).includes(schedulingPolicy))
+      usage(
+        `--scheduling-policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${schedulingPolicy}`,
+      );
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
@@ -327,6 +338,7 @@ export const gatewayCommand: Command = {
       blockSize: int(values["block-size"], "--block-size", 16),
       microBatches,
       prefixCaching: values["prefix-caching"] !== false,
+      schedulingPolicy: schedulingPolicy as SchedulingPolicy,
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
       toolCallParser: toolCallParser as ToolCallFormat,
