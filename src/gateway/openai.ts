@@ -226,13 +226,34 @@ function stopTokens(
   return { ...(ids.length ? { stopTokenIds: ids } : {}), ...(min ? { minTokens: min } : {}) };
 }
 
-export const usageOf = (job: Job) => ({
+/**
+ * A job's usage as chat and completions answer it; `reasoningTokens` (chat answers that
+ * think) as OpenAI's completion_tokens_details.
+ */
+export const usageOf = (job: Job, reasoningTokens?: number) => ({
   prompt_tokens: job.promptTokens,
   completion_tokens: job.completionTokens,
   total_tokens: job.promptTokens + job.completionTokens,
   // OpenAI's: prompt tokens served from the prefix cache.
   prompt_tokens_details: { cached_tokens: job.cachedTokens },
+  ...(reasoningTokens !== undefined
+    ? { completion_tokens_details: { reasoning_tokens: reasoningTokens } }
+    : {}),
+  // DeepSeek's API: the same split, as its clients read it.
+  prompt_cache_hit_tokens: job.cachedTokens,
+  prompt_cache_miss_tokens: job.promptTokens - job.cachedTokens,
 });
+
+/**
+ * The output tokens a chat answer's thinking spans: its text encoded again, near enough
+ * (undefined when the request does not think).
+ */
+function reasoningTokens(ctx: ServeContext, thinks: boolean, texts: Iterable<string>) {
+  if (!thinks) return undefined;
+  let n = 0;
+  for (const t of texts) if (t) n += ctx.tokenizer.encode(t).length;
+  return n;
+}
 
 /**
  * Binds a job to the HTTP exchange: a connection closed before the end cancels it (also
@@ -451,20 +472,23 @@ async function chat(
     const job = startJob(ctx, spec);
     bind(reply, job);
     await job.done;
+    const thoughts: string[] = [];
+    const choices = job.choices.map((c) => {
+      const output = new ChatOutput(outputOptions);
+      const message = output.message(c.out.text);
+      if ("reasoning_content" in message) thoughts.push(message.reasoning_content as string);
+      return {
+        index: c.index,
+        message,
+        logprobs: lp(c.tokens),
+        finish_reason: finishOf(c, output),
+      };
+    });
     return {
       ...head,
       object: "chat.completion",
-      choices: job.choices.map((c) => {
-        const output = new ChatOutput(outputOptions);
-        const message = output.message(c.out.text);
-        return {
-          index: c.index,
-          message,
-          logprobs: lp(c.tokens),
-          finish_reason: finishOf(c, output),
-        };
-      }),
-      usage: usageOf(job),
+      choices,
+      usage: usageOf(job, reasoningTokens(ctx, outputOptions.reasoning, thoughts)),
     };
   }
   const chunk = (choices: unknown[]) => ({ ...head, object: "chat.completion.chunk", choices });
@@ -472,6 +496,13 @@ async function chat(
   const pending: unknown[] = [];
   const send = (o: unknown) => (out ? out.send(o) : pending.push(o));
   const outputs = new Map<number, ChatOutput>();
+  /** Each choice's thinking so far, for the usage. */
+  const thoughts = new Map<number, string>();
+  const think = (c: Choice, ds: readonly object[]) => {
+    for (const d of ds)
+      if ("reasoning_content" in d)
+        thoughts.set(c.index, (thoughts.get(c.index) ?? "") + (d.reasoning_content as string));
+  };
   const outputOf = (c: Choice) => {
     const o = outputs.get(c.index) ?? new ChatOutput(outputOptions);
     outputs.set(c.index, o);
@@ -480,6 +511,7 @@ async function chat(
   const job = startJob(ctx, spec, {
     onToken: (c, t, text) => {
       const ds: object[] = outputOf(c).push(text);
+      think(c, ds);
       if (ds.length === 0 && spec.logprobs !== null) ds.push({});
       for (const [i, delta] of ds.entries())
         send(
@@ -491,6 +523,7 @@ async function chat(
     onFinish: (c, text) => {
       const output = outputOf(c);
       const ds: object[] = [...output.push(text), ...output.end()];
+      think(c, ds);
       const last = ds.pop() ?? {};
       for (const delta of ds)
         send(chunk([{ index: c.index, delta, logprobs: null, finish_reason: null }]));
@@ -509,7 +542,10 @@ async function chat(
     );
   for (const p of pending) out.send(p);
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
-  await streamJob(job, out, () => ({ ...chunk([]), usage: usageOf(job) }));
+  await streamJob(job, out, () => ({
+    ...chunk([]),
+    usage: usageOf(job, reasoningTokens(ctx, outputOptions.reasoning, thoughts.values())),
+  }));
   return reply;
 }
 

@@ -76,6 +76,9 @@ describe("chat completions", () => {
       // Whole 16-token blocks of the prompt an earlier request computed (none yet, or the
       // chat template's start).
       prompt_tokens_details: { cached_tokens: expect.any(Number) },
+      // DeepSeek's API's names for the same split.
+      prompt_cache_hit_tokens: r.usage!.prompt_tokens_details!.cached_tokens,
+      prompt_cache_miss_tokens: prompt.length - r.usage!.prompt_tokens_details!.cached_tokens!,
     });
     expect(r.usage!.prompt_tokens_details!.cached_tokens! % 16).toBe(0);
     if (c.finish_reason === "length") expect(r.usage!.completion_tokens).toBe(10);
@@ -107,8 +110,18 @@ describe("chat completions", () => {
     expect(text).toBe(whole.choices[0]!.message.content);
     expect(finish).toBe(whole.choices[0]!.finish_reason);
     // The same counts; the stream found the prompt's whole blocks in the prefix cache.
-    const { prompt_tokens_details: cachedWhole, ...counts } = whole.usage!;
-    expect(usage).toEqual({ ...counts, prompt_tokens_details: expect.anything() });
+    const {
+      prompt_tokens_details: cachedWhole,
+      prompt_cache_hit_tokens: _hit,
+      prompt_cache_miss_tokens: _miss,
+      ...counts
+    } = whole.usage as OpenAI.CompletionUsage & Record<string, number>;
+    expect(usage).toEqual({
+      ...counts,
+      prompt_tokens_details: expect.anything(),
+      prompt_cache_hit_tokens: usage!.prompt_tokens_details!.cached_tokens,
+      prompt_cache_miss_tokens: counts.prompt_tokens - usage!.prompt_tokens_details!.cached_tokens!,
+    });
     expect(usage!.prompt_tokens_details!.cached_tokens).toBe(
       Math.floor((counts.prompt_tokens - 1) / 16) * 16,
     );
@@ -839,15 +852,29 @@ describe("chat completions", () => {
       expect(plain).not.toContain("</think>");
       expect(m.reasoning_content).toBe(plain);
       expect(m.content).toBe("");
+      // The thinking's tokens in the usage (its text encoded again); none without a parser.
+      const reasoning = { reasoning_tokens: r1.ctx.tokenizer.encode(plain).length };
+      expect(r.usage!.completion_tokens_details).toEqual(reasoning);
+      expect(reasoning.reasoning_tokens).toBeGreaterThan(0);
+      expect((await gw.client.chat.completions.create(body)).usage).not.toHaveProperty(
+        "completion_tokens_details",
+      );
       let thought = "";
       let content = "";
-      for await (const chunk of await r1.client.chat.completions.create({ ...body, stream: true }))
+      let usage: OpenAI.CompletionUsage | undefined;
+      for await (const chunk of await r1.client.chat.completions.create({
+        ...body,
+        stream: true,
+      })) {
         for (const c of chunk.choices) {
           const d = c.delta as unknown as Thinking;
           thought += d.reasoning_content ?? "";
           content += d.content ?? "";
         }
+        if (chunk.usage) usage = chunk.usage;
+      }
       expect([thought, content]).toEqual([plain, ""]);
+      expect(usage!.completion_tokens_details).toEqual(reasoning);
     });
 
     it("thinks before a grammar's answer: the structure applies after </think>", async () => {
@@ -1046,6 +1073,8 @@ describe("completions", () => {
       total_tokens: ids.length + 5,
       // Prompt logprobs need every prompt row computed: nothing from the prefix cache.
       prompt_tokens_details: { cached_tokens: 0 },
+      prompt_cache_hit_tokens: 0,
+      prompt_cache_miss_tokens: ids.length,
     });
     expect(lp.tokens).toHaveLength(ids.length + 5);
     expect(lp.token_logprobs![0]).toBeNull();
@@ -1801,6 +1830,11 @@ describe("distributed mode", () => {
       expect(hits).toBe(P + 5 - computedSecond);
       expect(second.usage!.prompt_tokens_details).toEqual({ cached_tokens: hits });
       expect(first.usage!.prompt_tokens_details).toEqual({ cached_tokens: 0 });
+      // DeepSeek's API's fields say the same.
+      expect(second.usage).toMatchObject({
+        prompt_cache_hit_tokens: hits,
+        prompt_cache_miss_tokens: P - hits,
+      });
       // The same text as computing everything (the distributed gateway, no cache).
       for (const [got, q] of [
         [first, "What is a fox?"],
