@@ -2,7 +2,7 @@
 // the flag, and listening on a flag's address.
 import { readFileSync } from "node:fs";
 import type { Server } from "node:net";
-import { ExpertMeshError } from "../util/errors.ts";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
 
 /** A port flag (`dflt` when absent): an integer in 0..65535 (0: any free port). */
 export function portFlag(v: string | undefined, flag: string, dflt: number): number {
@@ -54,6 +54,35 @@ export function natsWaitFlag(v: string | undefined): number {
   if (!/^\d+(\.\d+)?$/.test(v) || s > 3600)
     throw new ExpertMeshError("EM_CLI_USAGE", `--nats-wait must be seconds, 0..3600, got '${v}'`);
   return s * 1000;
+}
+
+/**
+ * --load-stall-timeout: seconds without progress while loading weights before the process
+ * gives up (default 300; 0: never).
+ */
+export function loadStallFlag(v: string | undefined): number {
+  if (v === undefined) return 300;
+  const s = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v) || s > 86_400)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--load-stall-timeout must be seconds, 0..86400, got '${v}'`,
+    );
+  return s;
+}
+
+/**
+ * Ends a starting process whose load stalled (Startup.watchStalls): its code on stderr,
+ * then SIGKILL. process.exit() would wait for the read that hangs: Node joins its I/O
+ * threads on exit, and one of them is stuck in the hung open() or read().
+ */
+export function exitOnStall(log: (m: string) => void): (why: string) => void {
+  return (why) => {
+    log(
+      `${formatError(new ExpertMeshError("EM_CKPT_READ_STALLED", why))}; killing this process (a pod's container is restarted)`,
+    );
+    process.kill(process.pid, "SIGKILL");
+  };
 }
 
 /** An integer flag (`dflt` when absent), at least `min`. */

@@ -94,10 +94,61 @@ export class Startup {
       (b && b.total > 0 ? ` (${gib(b.read())} of ${gib(b.total)} GiB)` : "");
   }
 
+  /** Reading the checkpoint's headers: `done` of `total` files. */
+  opening(done: number, total: number): void {
+    this.#phase = `opening the checkpoint: file ${done}/${total}`;
+  }
+
   /** Startup is over: the process serves from now on. */
   finish(): void {
     this.#done = true;
     this.#phase = "serving";
+  }
+
+  /**
+   * The stall in seconds, as a message, when opening the checkpoint or loading the weights
+   * has made no progress for `seconds`: no byte read and no step taken since the last
+   * progress seen by an earlier call. Null otherwise, and once a later step (connecting
+   * to NATS, which --nats-wait bounds) or serving began.
+   */
+  stalled(seconds: number): string | null {
+    const p = this.#phase;
+    if (this.#done || !(p === "starting" || p.startsWith("opening") || p.startsWith("loading")))
+      return null;
+    const now = this.#now();
+    const mark = `${this.#phase}\u0000${this.#bytes?.read() ?? 0}`;
+    if (mark !== this.#mark) {
+      this.#mark = mark;
+      this.#since = now;
+      return null;
+    }
+    const idle = (now - this.#since) / 1000;
+    return idle >= seconds
+      ? `no progress for ${idle < 10 ? idle.toFixed(1) : Math.floor(idle)} s while ${p === "starting" ? "starting" : p}: the weights' volume may hang (a network file system, a FUSE mount)`
+      : null;
+  }
+
+  #mark = "";
+  #since = 0;
+
+  /**
+   * Calls `onStall` (once) when stalled(seconds) says so, checking every `seconds`/10
+   * (at most 5 s); 0 never. The timer does not keep the process alive.
+   */
+  watchStalls(seconds: number, onStall: (message: string) => void): void {
+    if (seconds <= 0) return;
+    const timer = setInterval(
+      () => {
+        if (this.#done) return clearInterval(timer);
+        const why = this.stalled(seconds);
+        if (why === null) return;
+        clearInterval(timer);
+        onStall(why);
+      },
+      Math.min(5000, seconds * 100),
+    );
+    timer.unref();
+    this.stalled(seconds);
   }
 
   /** Registers the startup gauges in another registry too (the served one, once built). */

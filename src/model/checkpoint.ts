@@ -49,14 +49,20 @@ export class Checkpoint {
    * index wins over a single file when both exist). `mtp` keeps the MTP layers' tensors.
    * Throws EM_CONFIG_* and EM_CKPT_*.
    */
-  static async open(dir: string, opts: { mtp?: boolean } = {}): Promise<Checkpoint> {
+  static async open(
+    dir: string,
+    opts: { mtp?: boolean; onFile?: (done: number, total: number) => void } = {},
+  ): Promise<Checkpoint> {
     const mtp = opts.mtp ?? false;
     const config = readModelConfig(dir);
     const files = shardFiles(dir);
     const infos = new Map<string, TensorInfo>();
     let headerBytes = 0;
+    let done = 0;
+    opts.onFile?.(0, files.size);
     for (const [file, wanted] of files) {
-      const header = readSafetensorsHeader(join(dir, file));
+      const header = await readSafetensorsHeader(join(dir, file));
+      opts.onFile?.(++done, files.size);
       headerBytes += header.headerBytes;
       const names = wanted ?? [...header.tensors.keys()];
       for (const name of names) {

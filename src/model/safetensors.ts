@@ -3,7 +3,6 @@
 // "__metadata__": {...}}`, then the tensors' bytes, contiguous, with offsets relative to
 // the end of the header. Reading parses the header and then reads only the byte ranges of
 // the tensors asked for (positional reads); writing streams one tensor at a time.
-import { closeSync, openSync, readSync, statSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { endianness } from "node:os";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -104,20 +103,26 @@ function readError(path: string, err: unknown): ExpertMeshError {
 
 /**
  * Parses and validates the header of the safetensors file at `path`, reading only its
- * first 8 + N bytes. Throws EM_CKPT_READ, EM_CKPT_BAD_HEADER or EM_CKPT_TRUNCATED.
+ * first 8 + N bytes. Throws EM_CKPT_READ, EM_CKPT_BAD_HEADER or EM_CKPT_TRUNCATED. Async
+ * I/O: a volume that hangs blocks this read, not the event loop (probes, watchdogs).
  */
-export function readSafetensorsHeader(path: string): SafetensorsHeader {
-  let fd: number;
+export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+  let fd: FileHandle;
   try {
-    fd = openSync(path, "r");
+    fd = await open(path, "r");
   } catch (err) {
     throw readError(path, err);
   }
   try {
-    const fileSize = statSync(path).size;
+    let fileSize: number;
+    try {
+      fileSize = (await fd.stat()).size;
+    } catch (err) {
+      throw readError(path, err);
+    }
     if (fileSize < 8) badHeader(path, `file has ${fileSize} bytes, fewer than the 8-byte length`);
     const lenBuf = Buffer.alloc(8);
-    readFully(fd, lenBuf, 0, path);
+    await readFully(fd, lenBuf, 0, path);
     const n = lenBuf.readBigUInt64LE(0);
     if (n === 0n || n > BigInt(MAX_HEADER_BYTES)) {
       badHeader(path, `header length ${n} is not in 1..${MAX_HEADER_BYTES}`);
@@ -127,19 +132,29 @@ export function readSafetensorsHeader(path: string): SafetensorsHeader {
       badHeader(path, `header length ${headerLen} runs past the end of the ${fileSize}-byte file`);
     }
     const json = Buffer.alloc(headerLen);
-    readFully(fd, json, 8, path);
+    await readFully(fd, json, 8, path);
     return parseHeader(path, fileSize, headerLen, json);
   } finally {
-    closeSync(fd);
+    await fd.close();
   }
 }
 
-function readFully(fd: number, buf: Uint8Array, position: number, path: string): void {
+async function readFully(
+  fd: FileHandle,
+  buf: Uint8Array,
+  position: number,
+  path: string,
+): Promise<void> {
   let done = 0;
   while (done < buf.length) {
     let got: number;
     try {
-      got = readSync(fd, buf, done, Math.min(buf.length - done, MAX_READ_BYTES), position + done);
+      ({ bytesRead: got } = await fd.read(
+        buf,
+        done,
+        Math.min(buf.length - done, MAX_READ_BYTES),
+        position + done,
+      ));
     } catch (err) {
       throw readError(path, err);
     }
@@ -330,8 +345,9 @@ export async function readTensor(
         );
       }
       done += got;
+      // Per read, not per tensor: a 2 GiB embedding read slowly still shows progress.
+      if (counter) counter.bytesRead += got;
     }
-    if (counter) counter.bytesRead += done;
   } finally {
     await fh.close();
   }

@@ -22,6 +22,7 @@ export const ERROR_CODES = {
   EM_CKPT_READ: "a checkpoint file is missing or cannot be read",
   EM_CKPT_BAD_HEADER: "a safetensors file's header is malformed",
   EM_CKPT_TRUNCATED: "a safetensors file is shorter than its header says",
+  EM_CKPT_READ_STALLED: "loading the weights made no progress for --load-stall-timeout seconds",
   EM_CKPT_BAD_INDEX: "model.safetensors.index.json is malformed or disagrees with its shards",
   EM_CKPT_MISSING_TENSOR: "a tensor asked for is not in the checkpoint",
   EM_CKPT_NO_MTP:

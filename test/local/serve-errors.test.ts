@@ -2,6 +2,8 @@
 // taken: one line with a stable code and a prompt exit, even after they connected to NATS or
 // opened a server (before, a late error was printed and the process ran on, still serving),
 // and never an unhandled 'error' event. A plan made for another model is refused at start.
+import { spawn } from "node:child_process";
+import { once } from "node:events";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { join } from "node:path";
@@ -159,6 +161,65 @@ describe("serving commands on bad input", () => {
     expect(sh.code).toBe(1);
     expect(sh.stderr).toContain("[EM_PLAN_MISMATCH]");
     expect(sh.stderr).toContain("but the model has none");
+  });
+
+  it("a load that hangs (its volume blocks) ends gateway and shard with EM_CKPT_READ_STALLED", async () => {
+    // A real hang, as a network volume gone away gives one: a write lease (fcntl
+    // F_SETLEASE, taken by python3) blocks every open() of the weights file until its
+    // holder lets go, or for the kernel's lease-break-time (45 s by default).
+    const hung = await tinyCheckpointFor("tiny-v3");
+    const lease = spawn(
+      "python3",
+      [
+        "-c",
+        "import fcntl, os, signal, sys, time\n" +
+          "signal.signal(signal.SIGIO, signal.SIG_IGN)\n" +
+          "fd = os.open(sys.argv[1], os.O_WRONLY)\n" +
+          "fcntl.fcntl(fd, 1024, fcntl.F_WRLCK)\n" +
+          "print('leased', flush=True)\n" +
+          "time.sleep(120)\n",
+        join(hung, "model.safetensors"),
+      ],
+      { stdio: ["ignore", "pipe", "inherit"] },
+    );
+    try {
+      const [first] = (await once(lease.stdout!, "data")) as [Buffer];
+      expect(first.toString()).toBe("leased\n");
+      const stall = ["--load-stall-timeout=1", "--metrics-port=0"];
+      for (const args of [
+        ["gateway", `--model=${hung}`, "--local", "--http-port=0", ...stall],
+        [
+          "shard",
+          `--model=${hung}`,
+          `--plan=${plans["tiny-v3"]}`,
+          "--shard=0",
+          `--nats=${testEnv().nats.url}`,
+          ...stall,
+        ],
+      ]) {
+        const t0 = performance.now();
+        const r = await expertmesh(args);
+        expect(r.code, args[0]).toBe(1);
+        expect(r.stderr, args[0]).toMatch(
+          /\[EM_CKPT_READ_STALLED\] no progress for \d\.\d s while opening the checkpoint: file 0\/1/,
+        );
+        // Well before the kernel would have broken the lease.
+        expect(performance.now() - t0, args[0]).toBeLessThan(30_000);
+      }
+      const bad = await expertmesh([
+        "gateway",
+        `--model=${dir}`,
+        "--local",
+        "--load-stall-timeout=soon",
+      ]);
+      expect(bad.code).toBe(1);
+      expect(bad.stderr).toContain(
+        "[EM_CLI_USAGE] --load-stall-timeout must be seconds, 0..86400, got 'soon'",
+      );
+    } finally {
+      lease.kill();
+      rmSync(hung, { recursive: true, force: true });
+    }
   });
 
   it("a bad or taken port ends the process with its code (it kept serving, or threw)", async () => {

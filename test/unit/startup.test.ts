@@ -59,3 +59,48 @@ describe("Startup", () => {
       ]);
   });
 });
+
+describe("Startup.stalled", () => {
+  // Each row: checks at these times (s), with the bytes read and the step at each; what
+  // stalled(60) says at the last one.
+  // biome-ignore format: a table
+  it.each([
+    { name: "bytes keep coming", at: [[0, 0, "l"], [50, 10, "l"], [100, 20, "l"], [150, 30, "l"]], stalled: null },
+    { name: "no byte for 60 s", at: [[0, 0, "l"], [30, 10, "l"], [90, 10, "l"]], stalled: "no progress for 60 s while loading layers 1/4" },
+    { name: "59 s is not yet", at: [[0, 0, "l"], [59, 0, "l"]], stalled: null },
+    { name: "a step taken counts as progress", at: [[0, 0, "l"], [50, 0, "l2"], [100, 0, "l2"]], stalled: null },
+    { name: "opening the checkpoint counts", at: [[0, 0, "o"], [61, 0, "o"]], stalled: "no progress for 61 s while opening the checkpoint: file 1/3" },
+    { name: "so does starting", at: [[0, 0, "s"], [60, 0, "s"]], stalled: "no progress for 60 s while starting" },
+    { name: "waiting for NATS is --nats-wait's", at: [[0, 0, "n"], [500, 0, "n"]], stalled: null },
+    { name: "serving is never stalled", at: [[0, 0, "l"], [500, 0, "done"]], stalled: null },
+  ] as const)("$name", ({ at, stalled }) => {
+    let now = 0;
+    let read = 0;
+    const s = new Startup({ role: "gateway", registry: new Registry(), now: () => now });
+    s.bytes(() => read, 1000);
+    let last: string | null = null;
+    for (const [t, bytes, step] of at) {
+      now = t * 1000;
+      read = bytes;
+      if (step === "l") s.loading("layers", 1, 4);
+      else if (step === "l2") s.loading("layers", 2, 4);
+      else if (step === "o") s.opening(1, 3);
+      else if (step === "n") s.step("connecting to NATS at nats://x:4222");
+      else if (step === "done") s.finish();
+      last = s.stalled(60);
+    }
+    if (stalled === null) expect(last).toBeNull();
+    else expect(last).toMatch(new RegExp(`^${stalled.replace(/[()]/g, "\\$&")}`));
+  });
+
+  it("watchStalls calls back once on a real timer, and not at all with 0", async () => {
+    const s = new Startup({ role: "shard", registry: new Registry() });
+    s.loading("experts", 0, 2);
+    const calls: string[] = [];
+    s.watchStalls(0, (m) => calls.push(m));
+    s.watchStalls(0.3, (m) => calls.push(m));
+    await new Promise((r) => setTimeout(r, 900));
+    expect(calls).toHaveLength(1);
+    expect(calls[0]).toMatch(/^no progress for 0\.\d s while loading experts 0\/2/);
+  });
+});

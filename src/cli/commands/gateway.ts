@@ -33,8 +33,10 @@ import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import {
   defaultModelName,
+  exitOnStall,
   intFlag as int,
   listenOn,
+  loadStallFlag,
   natsWaitFlag,
   numberFlag,
   portFlag,
@@ -50,6 +52,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --nats URL, --plan FILE   routed experts on shard processes over NATS (distributed mode)
   --nats-creds FILE         NATS credentials
   --nats-wait SECONDS       how long to wait at start for a NATS server not reachable yet (default 60)
+  --load-stall-timeout S    give up loading the weights (exit, EM_CKPT_READ_STALLED) after this many
+                            seconds without a byte read, so that a hung volume gets the pod restarted
+                            (default 300; 0: never)
   --namespace NS, --model-name NAME   NATS subjects (default default, the folder name)
   --served-model-name NAME  the "model" clients ask for (default: --model-name)
   --http-port PORT          OpenAI-compatible HTTP API (default 8000; 0 picks one)
@@ -124,6 +129,7 @@ export const gatewayCommand: Command = {
         nats: { type: "string" },
         "nats-creds": { type: "string" },
         "nats-wait": { type: "string" },
+        "load-stall-timeout": { type: "string" },
         namespace: { type: "string" },
         "model-name": { type: "string" },
         "served-model-name": { type: "string" },
@@ -197,6 +203,7 @@ export const gatewayCommand: Command = {
         : portFlag(values["grpc-port"], "--grpc-port", 0);
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
+    const stallSeconds = loadStallFlag(values["load-stall-timeout"]);
     const dtype = parseServeDtype(values.dtype);
     const shutdownDelayS = numberFlag(values["shutdown-delay"], "--shutdown-delay", 0);
     if (shutdownDelayS > 300)
@@ -222,6 +229,7 @@ export const gatewayCommand: Command = {
     const host = values.host ?? "0.0.0.0";
     const startupRegistry = new Registry();
     const startup = new Startup({ role: "gateway", registry: startupRegistry });
+    startup.watchStalls(stallSeconds, exitOnStall(log));
     let handle: RequestListener = startingHandler(startup, startupRegistry);
     const server = createServer((req, res) => handle(req, res));
     await listenOn(server, httpPort, host, "--http-port");
@@ -236,7 +244,7 @@ export const gatewayCommand: Command = {
       `starting; /health and /ready on http://${host}:${port(server)}, metrics on :${port(metricsServer)}`,
     );
 
-    const ckpt = await Checkpoint.open(modelDir, { mtp });
+    const ckpt = await Checkpoint.open(modelDir, { mtp, onFile: (d, n) => startup.opening(d, n) });
     const tokenizer = Tokenizer.load(modelDir);
     const totalLayers = ckpt.config.numHiddenLayers + (mtp ? 1 : 0);
     const loadBytes = denseLoadBytes(ckpt, values.local === true);

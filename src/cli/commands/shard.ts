@@ -16,7 +16,9 @@ import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import {
   defaultModelName,
+  exitOnStall,
   listenOn,
+  loadStallFlag,
   natsWaitFlag,
   portFlag,
   readOptionFile,
@@ -29,6 +31,10 @@ import { Startup } from "../startup.ts";
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
   --nats-creds FILE     NATS credentials (.creds)
   --nats-wait SECONDS   how long to wait at start for a NATS server not reachable yet (default 60)
+  --load-stall-timeout SECONDS
+                        give up loading the weights (exit, EM_CKPT_READ_STALLED) after this many
+                        seconds without a byte read, so that a hung volume gets the pod restarted
+                        (default 300; 0: never)
   --namespace NS        model namespace in NATS subjects (default default)
   --model-name NAME     model name in NATS subjects (default: the model folder's name)
   --id ID               this replica's id in load reports (default hostname-pid)
@@ -54,6 +60,7 @@ export const shardCommand: Command = {
         nats: { type: "string" },
         "nats-creds": { type: "string" },
         "nats-wait": { type: "string" },
+        "load-stall-timeout": { type: "string" },
         namespace: { type: "string" },
         "model-name": { type: "string" },
         id: { type: "string" },
@@ -70,6 +77,7 @@ export const shardCommand: Command = {
       usage("--model, --plan, --shard and --nats are required");
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
+    const stallSeconds = loadStallFlag(values["load-stall-timeout"]);
     const dtype = parseServeDtype(values.dtype);
     const model = subjectRef(
       values.namespace ?? "default",
@@ -90,6 +98,7 @@ export const shardCommand: Command = {
     // real model), and /readyz says which step startup is on.
     const registry = new Registry();
     const startup = new Startup({ role: "shard", registry });
+    startup.watchStalls(stallSeconds, exitOnStall(log));
     let nc: NatsConnection | null = null;
     let draining = false;
     let sync = () => {};
@@ -117,7 +126,10 @@ export const shardCommand: Command = {
 
     const holds = new Map(plan.layers.map((l) => [l.layer, new Set(l.shardExperts[k])]));
     // The MTP layer's tensors too: a plan for MTP drafts places its experts (loaded only then).
-    const ckpt = await Checkpoint.open(values.model!, { mtp: true });
+    const ckpt = await Checkpoint.open(values.model!, {
+      mtp: true,
+      onFile: (d, n) => startup.opening(d, n),
+    });
     checkPlanFitsModel(
       plan,
       modelArchitectureOf(ckpt.config),
