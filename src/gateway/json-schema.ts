@@ -12,7 +12,8 @@
 // - `type` (one or several), `enum` / `const` of strings, numbers, booleans and null,
 //   `anyOf` of any alternatives (every reading the output allows is followed:
 //   SchemaState), `oneOf` of alternatives with different first bytes or a discriminator,
-//   `allOf` of one schema, `$ref` into `$defs` / `definitions` (recursion included);
+//   `allOf` (several: their intersection, json-schema-allof.ts), `$ref` into `$defs` /
+//   `definitions` (recursion included);
 // - strings' `pattern`, `format`, `minLength`, `maxLength` (json-string.ts); numbers'
 //   `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`
 //   (json-number.ts).
@@ -40,6 +41,7 @@ import {
   numberRule,
   stepNumber,
 } from "./json-number.ts";
+import { mergeAllOf } from "./json-schema-allof.ts";
 import { CLOSED, StringRule, type StringState } from "./json-string.ts";
 import { choicePattern, compilePattern, FORMAT_PATTERNS, type Nfa, RegexError } from "./regex.ts";
 
@@ -94,6 +96,8 @@ const ANNOTATIONS = new Set([
   "readOnly",
   "writeOnly",
 ]);
+/** Annotations that do not change an intersection (`required` does: allOf unites them). */
+const DESCRIBING = new Set([...ANNOTATIONS].filter((k) => k !== "required"));
 /** Keywords of strings (json-string.ts) and numbers (json-number.ts). */
 const STRING_KEYWORDS = ["pattern", "format", "minLength", "maxLength"];
 const NUMBER_KEYWORDS = [
@@ -105,7 +109,7 @@ const NUMBER_KEYWORDS = [
 ];
 const KNOWN = new Set([
   ...ANNOTATIONS,
-  // Of one schema only (two would need their intersection).
+  // Several: their intersection (json-schema-allof.ts).
   "allOf",
   "type",
   "properties",
@@ -191,12 +195,26 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
     if (!isObject(s)) return bad(`${at}: a schema must be an object`);
     if (!lenient)
       for (const k of Object.keys(s)) if (!KNOWN.has(k)) bad(`${at}: '${k}' is not supported`);
-    if (typeof s["$ref"] === "string") return resolve(s["$ref"], at);
-    // One schema in allOf is that schema (Pydantic wraps a nested model's $ref so).
     const all = s["allOf"];
-    if (Array.isArray(all) && all.length === 1) return compile(all[0], `${at}.allOf[0]`);
-    if (all !== undefined && !lenient)
-      bad(`${at}: allOf of other than one schema is not supported`);
+    const ref = s["$ref"];
+    const alone = Object.keys(s).every((k) => k === "allOf" || k === "$ref" || DESCRIBING.has(k));
+    if (typeof ref === "string" && all === undefined && alone) return resolve(ref, at);
+    // One schema in allOf is that schema (Pydantic wraps a nested model's $ref so): compiled
+    // as itself, so that a $ref in it may recur.
+    if (Array.isArray(all) && all.length === 1 && alone && ref === undefined)
+      return compile(all[0], `${at}.allOf[0]`);
+    // Several, or beside other keywords (a $ref's siblings too): their intersection
+    // (json-schema-allof.ts).
+    if (all !== undefined || ref !== undefined) {
+      const merged = kept(() =>
+        mergeAllOf(s, at, { resolve: rawRef, annotations: DESCRIBING, bad }),
+      );
+      if (merged) return compile(merged, at);
+      // Lenient, and no schema for the intersection: the $ref, or the rest without allOf.
+      if (typeof ref === "string") return resolve(ref, at);
+      const { allOf: _, $ref: _ref, ...rest } = s;
+      return compile(rest, at);
+    }
     if ("const" in s) return literal([s["const"]], at);
     if (Array.isArray(s["enum"])) return literal(s["enum"], at);
     const alternatives = s["anyOf"] ?? s["oneOf"];
@@ -356,6 +374,13 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
       if (v !== null && !["string", "number", "boolean"].includes(typeof v))
         bad(`${at}: enum and const values must be strings, numbers, booleans or null`);
     return { kind: "literal", id: nextId++, values: values.map((v) => utf8(JSON.stringify(v))) };
+  };
+  /** The schema `ref` names, as written. */
+  const rawRef = (ref: string, at: string): unknown => {
+    const m = /^#\/(\$defs|definitions)\/([^/]+)$/.exec(ref);
+    if (!m || !isObject(defs) || !(m[2]! in defs))
+      return bad(`${at}: $ref ${ref} does not name one of the schema's $defs`);
+    return (defs as Record<string, unknown>)[m[2]!];
   };
   const resolve = (ref: string, at: string): Node => {
     const m = /^#\/(\$defs|definitions)\/([^/]+)$/.exec(ref);

@@ -725,17 +725,132 @@ describe("allOf and leniency (tools' parameters)", () => {
     expect(run('{"count":3,"place":{}}')).toBe(true);
   });
 
-  it("takes an allOf of one schema as that schema; refuses one of two unless lenient", () => {
+  it("takes an allOf of one schema as that schema; refuses what has no intersection unless lenient", () => {
     const one = { type: "object", properties: { a: { allOf: [{ type: "integer" }] } } };
     const a = compileSchema(one);
     expect(runBytes(a, a.start, bytes('{"a":"s"}'))).toBeNull();
     expect(a.isDone(runBytes(a, a.start, bytes('{"a":3}'))!)).toBe(true);
     const two = {
       type: "object",
-      properties: { a: { allOf: [{ type: "integer" }, { minimum: 2 }] } },
+      properties: {
+        a: { allOf: [{ type: "string", pattern: "^a" }, { pattern: "b$" }] },
+      },
     };
-    expect(() => compileSchema(two)).toThrow(/allOf of other than one schema/);
-    expect(() => compileSchema(two, undefined, { lenient: true })).not.toThrow();
+    expect(() => compileSchema(two)).toThrow(/allOf of two different 'pattern'/);
+    const lenient = compileSchema(two, undefined, { lenient: true });
+    // Lenient: written by the schema without its allOf (any value).
+    expect(lenient.isDone(runBytes(lenient, lenient.start, bytes('{"a":1}'))!)).toBe(true);
+  });
+});
+
+describe("allOf of several schemas: their intersection", () => {
+  const defs = {
+    base: {
+      type: "object",
+      properties: { id: { type: "integer", minimum: 1 }, name: { type: "string" } },
+      required: ["id"],
+    },
+    closed: {
+      type: "object",
+      properties: { id: { type: "integer" } },
+      required: ["id"],
+      additionalProperties: false,
+    },
+    typed: { type: "object", additionalProperties: { type: "integer" } },
+    self: { allOf: [{ $ref: "#/$defs/self" }, { type: "object" }] },
+  };
+  /** `{"v": <value>}` accepted and complete under a root whose v is `schema`. */
+  const accepts = (schema: unknown, value: string) => {
+    const a = compileSchema({
+      type: "object",
+      properties: { v: schema },
+      required: ["v"],
+      $defs: defs,
+    });
+    const s = runBytes(a, a.start, bytes(`{"v":${value}}`));
+    return s !== null && a.isDone(s);
+  };
+  // biome-ignore format: a table
+  it.each([
+    {
+      name: "an object extending a $ref'd base: properties and required unite, in order",
+      schema: { allOf: [{ $ref: "#/$defs/base" }, { properties: { tags: { type: "array", items: { type: "string" } } }, required: ["tags"] }] },
+      yes: ['{"id":2,"tags":[]}', '{"id":2,"name":"x","tags":["a"]}'],
+      no: ['{"id":2}', '{"id":0,"tags":[]}', '{"tags":[],"id":2}', '{"id":2,"tags":[1]}'],
+    },
+    {
+      name: "a property in two parts obeys both",
+      schema: { allOf: [{ $ref: "#/$defs/base" }, { properties: { id: { maximum: 5 } } }] },
+      yes: ['{"id":1}', '{"id":5,"name":"n"}'],
+      no: ['{"id":6}', '{"id":0}', '{"id":"3"}'],
+    },
+    {
+      name: "additionalProperties false forbids the other part's optional properties",
+      schema: { allOf: [{ $ref: "#/$defs/closed" }, { properties: { extra: { type: "string" } } }] },
+      yes: ['{"id":3}'],
+      no: ['{"id":3,"extra":"x"}'],
+    },
+    {
+      name: "additionalProperties as a schema joins the other part's properties",
+      schema: { allOf: [{ $ref: "#/$defs/typed" }, { properties: { n: {} }, required: ["n"] }] },
+      yes: ['{"n":4}'],
+      no: ['{"n":"four"}', '{"n":4.5}'],
+    },
+    {
+      name: "numbers: the tightest bounds, integer over number, the larger multipleOf",
+      schema: { allOf: [{ type: "number", minimum: 0, multipleOf: 2 }, { type: "integer", maximum: 10, multipleOf: 4 }, { exclusiveMinimum: 3 }] },
+      yes: ["4", "8"],
+      no: ["0", "2", "6", "12", "4.5", "-4"],
+    },
+    {
+      name: "strings: lengths and one pattern",
+      schema: { allOf: [{ type: "string", minLength: 2 }, { maxLength: 3, pattern: "^[a-z]+$" }] },
+      yes: ['"ab"', '"abc"'],
+      no: ['"a"', '"abcd"', '"AB"'],
+    },
+    {
+      name: "enums intersect, and keep the merged type's values",
+      schema: { allOf: [{ enum: ["a", "b", 1, null] }, { enum: ["b", 1, null, "c"] }, { type: ["string", "integer"] }] },
+      yes: ['"b"', "1"],
+      no: ['"a"', '"c"', "null"],
+    },
+    {
+      name: "an anyOf distributes over the other parts",
+      schema: { allOf: [{ anyOf: [{ type: "string" }, { type: "integer" }] }, { minimum: 5, maxLength: 2 }] },
+      yes: ['"ab"', "7"],
+      no: ['"abc"', "3", "true"],
+    },
+    {
+      name: "a $ref beside other keywords is their allOf",
+      schema: { $ref: "#/$defs/base", required: ["id", "name"] },
+      yes: ['{"id":1,"name":"n"}'],
+      no: ['{"id":1}'],
+    },
+    {
+      name: "items of arrays join",
+      schema: { allOf: [{ type: "array", items: { type: "integer" }, maxItems: 3 }, { items: { minimum: 0 }, minItems: 1 }] },
+      yes: ["[0]", "[1,2,3]"],
+      no: ["[]", "[-1]", "[1,2,3,4]", '["a"]'],
+    },
+  ])("$name", ({ schema, yes, no }) => {
+    for (const v of yes) expect(accepts(schema, v), v).toBe(true);
+    for (const v of no) expect(accepts(schema, v), v).toBe(false);
+  });
+
+  // biome-ignore format: a table
+  it.each([
+    ["types with nothing in common", { allOf: [{ type: "string" }, { type: "integer" }] }, /types that have no value in common/],
+    ["enums with nothing in common", { allOf: [{ enum: [1] }, { const: 2 }] }, /no value in common/],
+    ["a required property a closed part forbids", { allOf: [{ $ref: "#/$defs/closed" }, { properties: { x: {} }, required: ["x"] }] }, /requires property 'x'/],
+    ["two formats", { allOf: [{ type: "string", format: "date" }, { format: "email" }] }, /two different 'format'/],
+    ["multipleOf 2 and 3", { allOf: [{ type: "integer", multipleOf: 2 }, { multipleOf: 3 }] }, /neither divides the other/],
+    ["anyOf in two parts", { allOf: [{ anyOf: [{ type: "string" }] }, { anyOf: [{ type: "integer" }] }] }, /anyOf \/ oneOf in two parts/],
+    ["an enum beside bounds", { allOf: [{ enum: [1, 2] }, { minimum: 2 }] }, /enum \/ const and 'minimum'/],
+    ["false", { allOf: [{ type: "string" }, false] }, /allows nothing/],
+    ["a cycle", { $ref: "#/$defs/self", description: "d", minProperties: 0 }, /nest too deep/],
+    ["a refused keyword inside stays refused", { allOf: [{ type: "object" }, { not: { type: "string" } }] }, /'not' is not supported/],
+  ])("refuses %s", (_name, schema, message) => {
+    expect(() => accepts(schema, "1")).toThrow(message);
   });
 });
 
