@@ -201,6 +201,26 @@ function jobSpec(
   };
 }
 
+/**
+ * vLLM's truncate_prompt_tokens: how many of a prompt's last tokens to keep (-1: the
+ * context's worth); null when the request keeps them all.
+ */
+function truncation(ctx: ServeContext, b: Common): number | null {
+  const k = b.truncate_prompt_tokens;
+  if (k == null) return null;
+  if (k === 0)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "truncate_prompt_tokens must be at least 1 (or -1: the context length)",
+      { param: "truncate_prompt_tokens" },
+    );
+  return k === -1 ? ctx.maxModelLen : k;
+}
+
+/** The last `k` of `tokens` (left truncation). */
+const lastTokens = (tokens: number[], k: number): number[] =>
+  tokens.length > k ? tokens.slice(tokens.length - k) : tokens;
+
 /** vLLM's stop_token_ids and min_tokens, checked against the vocabulary and max_tokens. */
 function stopTokens(
   ctx: ServeContext,
@@ -372,21 +392,24 @@ async function chatPrompt(
     }
   }
   const messages = chatMessages(ctx, b, plan.tools);
-  encodablePrompt(
-    ctx,
-    messages
-      .map(
-        (m) => (m.content ?? "") + (m.tool_calls ?? []).map((c) => c.function.arguments).join(""),
-      )
-      .join(""),
-    "messages",
-  );
+  const keep = truncation(ctx, b);
+  // Truncated, a prompt may be longer than the context before it is.
+  if (keep === null)
+    encodablePrompt(
+      ctx,
+      messages
+        .map(
+          (m) => (m.content ?? "") + (m.tool_calls ?? []).map((c) => c.function.arguments).join(""),
+        )
+        .join(""),
+      "messages",
+    );
   const kwargs = templateKwargs(b.chat_template_kwargs);
   const prompt = await ctx.encoder.encodeChat(messages, addGenerationPrompt, {
     ...(plan.tools.length ? { tools: b.tools as unknown[] } : {}),
     ...(kwargs ? { kwargs } : {}),
   });
-  return { plan, format, prompt };
+  return { plan, format, prompt: keep === null ? prompt : lastTokens(prompt, keep) };
 }
 
 /** Variables the template itself sets: a request may not give them. */
@@ -586,14 +609,22 @@ async function completion(
   const suffix = fim
     ? await ctx.encoder.encode(encodablePrompt(ctx, fim.suffix, "suffix"), false)
     : null;
+  // Left truncation (with a suffix, of the text before it).
+  const keep = truncation(ctx, b);
+  const truncated: boolean[] = [];
   for (const [i, p] of given.entries()) {
     let tokens: number[];
     if (typeof p === "string") {
-      tokens = await ctx.encoder.encode(encodablePrompt(ctx, p, param(i)), !fim);
+      tokens = await ctx.encoder.encode(
+        keep === null ? encodablePrompt(ctx, p, param(i)) : p,
+        !fim,
+      );
     } else {
       checkTokenIds(ctx, p, param(i));
       tokens = p;
     }
+    truncated.push(keep !== null && tokens.length > keep);
+    if (keep !== null) tokens = lastTokens(tokens, keep);
     // With a suffix the model writes what goes between: DeepSeek's prefix-suffix-middle form.
     prompts.push(fim ? fimPrompt(fim, tokens, suffix!) : tokens);
   }
@@ -613,7 +644,11 @@ async function completion(
   const created = Math.floor(Date.now() / 1000);
   const head = { id, object: "text_completion", created, model: ctx.servedModelName };
   const promptTexts = given.map((p, i) =>
-    !echo ? "" : typeof p === "string" ? p : ctx.tokenizer.decode(prompts[i]!, true),
+    !echo
+      ? ""
+      : typeof p === "string" && !truncated[i]
+        ? p
+        : ctx.tokenizer.decode(prompts[i]!, true),
   );
   if (!b.stream) {
     const job = startJob(ctx, spec);

@@ -26,6 +26,11 @@ const common = {
    * with --scheduling-policy priority (startJob refuses others).
    */
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
+  /**
+   * vLLM's extension: only the prompt's last k tokens are used (left truncation; -1: the
+   * context length).
+   */
+  truncate_prompt_tokens: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
   /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
   stop_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),

@@ -991,6 +991,59 @@ describe("chat completions", () => {
 });
 
 describe("completions", () => {
+  it("truncate_prompt_tokens (vLLM's): only the prompt's last k tokens, also past the context", async () => {
+    const text = "one two three four five six seven eight nine ten";
+    const ids = gw.ctx.tokenizer.encode(text);
+    const greedy = { model: "tiny", max_tokens: 5, temperature: 0 } as const;
+    const cut = await gw.client.completions.create({
+      ...greedy,
+      prompt: text,
+      echo: true,
+      truncate_prompt_tokens: 3,
+    } as never);
+    const last3 = await gw.client.completions.create({ ...greedy, prompt: ids.slice(-3) });
+    expect(cut.usage!.prompt_tokens).toBe(3);
+    // The text of the last 3 tokens is echoed, and the answer is theirs.
+    const echoed = gw.ctx.tokenizer.decode(ids.slice(-3), true);
+    expect(cut.choices[0]!.text).toBe(echoed + last3.choices[0]!.text);
+    // A prompt longer than the context fits once truncated; -1 keeps a context's worth.
+    const long = "word ".repeat(gw.ctx.maxModelLen + 50);
+    const fits = await gw.client.completions.create({
+      ...greedy,
+      prompt: long,
+      truncate_prompt_tokens: 20,
+    } as never);
+    expect(fits.usage!.prompt_tokens).toBe(20);
+    const whole = await gw.client.completions
+      .create({ ...greedy, prompt: long, truncate_prompt_tokens: -1 } as never)
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
+    // A context's worth of prompt leaves no room for max_tokens.
+    expect(whole).toBeInstanceOf(OpenAI.BadRequestError);
+    expect((whole as Error).message).toMatch(
+      new RegExp(`the prompt has ${gw.ctx.maxModelLen} tokens and max_tokens is 5`),
+    );
+    // Chat: the rendered conversation's last tokens.
+    const chat = await gw.client.chat.completions.create({
+      ...greedy,
+      messages: user(long),
+      truncate_prompt_tokens: 12,
+    } as never);
+    expect(chat.usage!.prompt_tokens).toBe(12);
+    const zero = await gw.client.completions
+      .create({ ...greedy, prompt: text, truncate_prompt_tokens: 0 } as never)
+      .then(
+        () => null,
+        (e: unknown) => e,
+      );
+    expect(zero).toBeInstanceOf(OpenAI.BadRequestError);
+    expect((zero as InstanceType<typeof OpenAI.BadRequestError>).param).toBe(
+      "truncate_prompt_tokens",
+    );
+  });
+
   it("min_tokens and stop_token_ids (vLLM's extra parameters)", async () => {
     const eos = gw.ctx.tokenizer.eosTokenId!;
     const a = gw.ctx.tokenizer.encode("a", false)[0]!;
