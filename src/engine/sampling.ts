@@ -122,6 +122,16 @@ export interface TokenLogprob {
   readonly id: number;
   readonly logprob: number;
   readonly top: readonly (readonly [number, number])[];
+  /** 1 + the tokens more likely than it (vLLM's rank), where asked for (prompt logprobs). */
+  readonly rank?: number;
+}
+
+/** 1 + the entries of `row` above row[id]: the token's rank (ties share the best). */
+export function rankIn(row: Float32Array, id: number): number {
+  const v = row[id]!;
+  let above = 0;
+  for (let i = 0; i < row.length; i++) if (row[i]! > v) above++;
+  return above + 1;
 }
 
 /**

@@ -26,7 +26,7 @@
 import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
-import { type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
+import { rankIn, type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import {
   type AddResult,
   NO_DRAFT,
@@ -63,6 +63,10 @@ export interface GenerationRequest {
   readonly logprobs: number | null;
   /** Also the logprob of every prompt token (for completions' echo). */
   readonly promptLogprobs: boolean;
+  /** The most likely tokens given per prompt position (default: logprobs, or 0). */
+  readonly promptTopLogprobs?: number;
+  /** Prompt tokens' ranks too (vLLM's prompt_logprobs): a pass over each row. */
+  readonly promptRanks?: boolean;
   /**
    * The id (from submit) of a request with the same prompt (another choice of the same API
    * request): with prefix caching this one starts after that one's prompt is computed and
@@ -528,13 +532,19 @@ export class ServingEngine {
     const j1 = Math.min(rows.length / V, P - start - 1);
     if (j0 >= 0 && j1 > j0) {
       const ids = a.seq.promptTokens.slice(start + j0 + 1, start + j1 + 1);
-      const k = a.req.logprobs ?? 0;
+      const k = a.req.promptTopLogprobs ?? a.req.logprobs ?? 0;
+      const taken = this.#logprobs(
+        rows.subarray(j0 * V, j1 * V),
+        Int32Array.from(ids),
+        ids.map(() => k),
+      );
       out.push(
-        ...this.#logprobs(
-          rows.subarray(j0 * V, j1 * V),
-          Int32Array.from(ids),
-          ids.map(() => k),
-        ),
+        ...(a.req.promptRanks
+          ? taken.map((t, j) => ({
+              ...t,
+              rank: rankIn(rows.subarray((j0 + j) * V, (j0 + j + 1) * V), t.id),
+            }))
+          : taken),
       );
     }
     if (out.length === P) {

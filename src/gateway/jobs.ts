@@ -97,6 +97,9 @@ export interface JobSpec {
   readonly stops: readonly string[];
   readonly logprobs: number | null;
   readonly promptLogprobs: boolean;
+  /** Top tokens per prompt position (default: logprobs), and their ranks (prompt_logprobs). */
+  readonly promptTopLogprobs?: number;
+  readonly promptRanks?: boolean;
   /** Generate past the end-of-sequence token, up to maxTokens (vLLM's ignore_eos). */
   readonly ignoreEos?: boolean;
   /** More tokens that end a choice, like the end-of-sequence one (vLLM's stop_token_ids). */
@@ -225,6 +228,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       ...(spec.priority ? { priority: spec.priority } : {}),
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
+      ...(spec.promptTopLogprobs !== undefined
+        ? { promptTopLogprobs: spec.promptTopLogprobs }
+        : {}),
+      ...(spec.promptRanks ? { promptRanks: true } : {}),
       ...(first !== undefined ? { promptFrom: first } : {}),
       ...(spec.grammar ? { constraint: new GrammarConstraint(spec.grammar) } : {}),
     };

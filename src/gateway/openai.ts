@@ -464,7 +464,7 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
-    promptLogprobs: false,
+    ...promptLogprobsSpec(b, 0),
   };
   const outputOptions: ChatOutputOptions = {
     tools: plan.kind === "native" ? "calls" : plan.kind === "arguments" ? "arguments" : "text",
@@ -507,10 +507,21 @@ async function chat(
         finish_reason: finishOf(c, output),
       };
     });
+    const promptLps = b.prompt_logprobs;
     return {
       ...head,
       object: "chat.completion",
       choices,
+      ...(promptLps != null
+        ? {
+            prompt_logprobs: vllmPromptLogprobs(
+              ctx,
+              spec.prompts[0]!.tokens,
+              job.choices[0]!.promptLogprobs,
+              promptLps,
+            ),
+          }
+        : {}),
       usage: usageOf(job, reasoningTokens(ctx, outputOptions.reasoning, thoughts)),
     };
   }
@@ -631,14 +642,16 @@ async function completion(
   const echo = b.echo === true;
   const n = b.n ?? 1;
   const bestOf = bestOfOf(b, n);
-  const spec: JobSpec = {
+  let spec: JobSpec = {
     ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
     ...outputFormat(ctx, b),
     // best_of: that many choices per prompt, ranked by their tokens' summed logprobs.
     ...(bestOf > n ? { n: bestOf } : {}),
     logprobs: b.logprobs ?? (bestOf > n ? 0 : null),
-    promptLogprobs: echo && b.logprobs != null,
+    ...promptLogprobsSpec(b, echo ? (b.logprobs ?? 0) : 0),
   };
+  // echo with logprobs takes the prompt's logprobs too.
+  if (echo && b.logprobs != null) spec = { ...spec, promptLogprobs: true };
   const wantLogprobs = b.logprobs != null;
   const id = `cmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
@@ -659,8 +672,20 @@ async function completion(
       choices: bestChoices(job.choices, prompts.length, n).map(({ c, index }) => ({
         index,
         text: promptTexts[c.prompt] + c.out.text,
-        logprobs: wantLogprobs ? completionLogprobs(ctx, c, prompts[c.prompt]!, echo) : null,
+        logprobs: wantLogprobs
+          ? completionLogprobs(ctx, c, prompts[c.prompt]!, echo, b.logprobs ?? 0)
+          : null,
         finish_reason: c.finishReason,
+        ...(b.prompt_logprobs != null
+          ? {
+              prompt_logprobs: vllmPromptLogprobs(
+                ctx,
+                prompts[c.prompt]!,
+                c.promptLogprobs,
+                b.prompt_logprobs,
+              ),
+            }
+          : {}),
       })),
       // Every generated choice counts (as OpenAI bills best_of).
       usage: usageOf(job),
@@ -697,7 +722,7 @@ async function completion(
           c.index,
           promptTexts[c.prompt]!,
           null,
-          logprobsAt(c, promptEntries(prompt, lps), prompt),
+          logprobsAt(c, promptEntries(prompt, lps, b.logprobs ?? 0), prompt),
         ),
       );
     },
@@ -816,12 +841,13 @@ function completionLogprobs(
   c: Choice,
   prompt: readonly number[],
   echo: boolean,
+  k: number,
 ) {
   const entries: (TokenLogprob | null)[] = [];
   const ids: number[] = [];
   if (echo) {
     ids.push(...prompt);
-    entries.push(...promptEntries(prompt, c.promptLogprobs));
+    entries.push(...promptEntries(prompt, c.promptLogprobs, k));
   }
   for (const t of c.tokens) {
     ids.push(t.id);
@@ -834,12 +860,64 @@ function completionLogprobs(
   );
 }
 
-/** One entry per prompt token (null where there is none: the first token, or none asked). */
+/**
+ * One entry per prompt token (null where there is none: the first token, or none asked),
+ * with at most `k` top tokens.
+ */
 function promptEntries(
   prompt: readonly number[],
   lps: readonly (TokenLogprob | null)[] | null,
+  k: number,
 ): (TokenLogprob | null)[] {
-  return prompt.map((_, i) => lps?.[i] ?? null);
+  return prompt.map((_, i) => {
+    const e = lps?.[i] ?? null;
+    return e && e.top.length > k ? { ...e, top: e.top.slice(0, k) } : e;
+  });
+}
+
+/**
+ * vLLM's prompt_logprobs: the job fields for it (none when the request does not ask),
+ * beside completions' echo logprobs (`echoTop`: their top tokens). Refused with stream.
+ */
+function promptLogprobsSpec(
+  b: Common,
+  echoTop: number,
+): Pick<JobSpec, "promptLogprobs" | "promptTopLogprobs" | "promptRanks"> {
+  const k = b.prompt_logprobs;
+  if (k == null) return { promptLogprobs: false };
+  if (b.stream)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "prompt_logprobs is not available with stream: send the request without stream",
+      { param: "prompt_logprobs" },
+    );
+  return { promptLogprobs: true, promptTopLogprobs: Math.max(k, echoTop), promptRanks: true };
+}
+
+/**
+ * vLLM's prompt_logprobs answer: per prompt token (the first: null) its id -> logprob, rank
+ * and text, and as much for the `k` most likely tokens there.
+ */
+function vllmPromptLogprobs(
+  ctx: ServeContext,
+  prompt: readonly number[],
+  lps: readonly (TokenLogprob | null)[] | null,
+  k: number,
+) {
+  const entry = (logprob: number, rank: number, id: number) => ({
+    logprob,
+    rank,
+    decoded_token: ctx.tokenizer.decode([id]),
+  });
+  return prompt.map((id, i) => {
+    const e = lps?.[i];
+    if (!e) return null;
+    const out: Record<string, ReturnType<typeof entry>> = {
+      [id]: entry(e.logprob, e.rank ?? 0, id),
+    };
+    for (const [r, [t, lp]] of e.top.slice(0, k).entries()) out[t] ??= entry(lp, r + 1, t);
+    return out;
+  });
 }
 
 function logprobsOf(

@@ -31,6 +31,11 @@ const common = {
    * context length).
    */
   truncate_prompt_tokens: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  /**
+   * vLLM's extension: every prompt token's logprob and rank, with this many most likely
+   * tokens per position (not with stream).
+   */
+  prompt_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
   /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
   stop_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),

@@ -1044,6 +1044,56 @@ describe("completions", () => {
     );
   });
 
+  it("prompt_logprobs (vLLM's): each prompt token's logprob and rank, and the top tokens", async () => {
+    type Entry = { logprob: number; rank: number; decoded_token: string };
+    type WithPrompt = { prompt_logprobs: (Record<string, Entry> | null)[] };
+    const prompt = "The quick brown fox jumps over the lazy dog";
+    const ids = gw.ctx.tokenizer.encode(prompt);
+    const body = { model: "tiny", prompt, max_tokens: 2, temperature: 0 } as const;
+    const r = await gw.client.completions.create({ ...body, prompt_logprobs: 2 } as never);
+    const got = (r.choices[0] as unknown as WithPrompt).prompt_logprobs;
+    // The same logprobs as echo with logprobs (which has no ranks).
+    const echo = await gw.client.completions.create({ ...body, echo: true, logprobs: 2 });
+    const want = echo.choices[0]!.logprobs!.token_logprobs!.slice(0, ids.length);
+    expect(got).toHaveLength(ids.length);
+    expect(got[0]).toBeNull();
+    for (let i = 1; i < ids.length; i++) {
+      const e = got[i]!;
+      const own = e[ids[i]!]!;
+      expect(own.logprob).toBeCloseTo(want[i]!, 9);
+      expect(own.decoded_token).toBe(gw.ctx.tokenizer.decode([ids[i]!]));
+      // Top 2 by rank; the prompt token's rank agrees with them.
+      const top = Object.entries(e)
+        .filter(([id, x]) => Number(id) !== ids[i] || x.rank <= 2)
+        .sort((a, b) => a[1].rank - b[1].rank);
+      expect(top.map(([, x]) => x.rank).slice(0, 2)).toEqual([1, 2]);
+      expect(top[0]![1].logprob).toBeGreaterThanOrEqual(top[1]![1].logprob);
+      if (own.rank > 2) expect(own.logprob).toBeLessThanOrEqual(top[1]![1].logprob);
+      else expect(top[own.rank - 1]![0]).toBe(String(ids[i]));
+      expect(Object.keys(e).length).toBe(own.rank > 2 ? 3 : 2);
+    }
+    // Chat: for the rendered conversation, at the top of the answer.
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("hi"),
+      max_tokens: 2,
+      prompt_logprobs: 0,
+    } as never);
+    const chatLps = (chat as unknown as WithPrompt).prompt_logprobs;
+    expect(chatLps).toHaveLength(chat.usage!.prompt_tokens);
+    expect(chatLps.slice(1).every((e) => e !== null && Object.keys(e).length === 1)).toBe(true);
+    // Not with stream; at most 20.
+    for (const extra of [{ stream: true }, { prompt_logprobs: 21 }]) {
+      const err = await gw.client.completions
+        .create({ ...body, prompt_logprobs: 1, ...extra } as never)
+        .then(
+          () => null,
+          (e: unknown) => e,
+        );
+      expect(err, JSON.stringify(extra)).toBeInstanceOf(OpenAI.BadRequestError);
+    }
+  });
+
   it("min_tokens and stop_token_ids (vLLM's extra parameters)", async () => {
     const eos = gw.ctx.tokenizer.eosTokenId!;
     const a = gw.ctx.tokenizer.encode("a", false)[0]!;
