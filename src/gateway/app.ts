@@ -1,6 +1,7 @@
-// The gateway's HTTP server (fastify): the OpenAI routes behind optional bearer API keys,
-// /health (the process is up), /ready (every expert shard answers), /metrics, and one
-// error format for everything, OpenAI's {error: {message, type, param, code}}.
+// The gateway's HTTP server (fastify): the OpenAI routes and KServe's v2 REST routes
+// (kserve-rest.ts: their own error format) behind optional bearer API keys, /health (the
+// process is up), /ready (every expert shard answers), /metrics, and one error format for
+// everything else, OpenAI's {error: {message, type, param, code}}.
 import { timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import Fastify, {
@@ -10,6 +11,7 @@ import Fastify, {
 } from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext } from "./jobs.ts";
+import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 
@@ -86,7 +88,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
 
   // Every route needs a key except the probes and metrics. Decided by the route fastify
   // matched, never by the raw URL: '/%76%31/models' is routed as '/v1/models'.
-  const open = new Set(["/health", "/ready", "/metrics"]);
+  const open = new Set(["/health", "/ready", "/metrics", ...KSERVE_OPEN_ROUTES]);
   app.addHook("onRequest", async (req) => {
     if (keys.length === 0 || open.has(req.routeOptions.url ?? "")) return;
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "");
@@ -114,6 +116,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   });
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
+  app.register(kserveRestRoutes({ ctx: o.ctx, ...(o.ready ? { ready: o.ready } : {}) }));
   return app;
 }
 

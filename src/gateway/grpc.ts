@@ -5,8 +5,7 @@
 // is produced, and ChatStream, a chat answered by the chat completions route's code. Both
 // run on the same engine as the HTTP routes; errors map to gRPC status codes (with our
 // stable code in the `em-code` trailer).
-import { randomInt, timingSafeEqual } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { timingSafeEqual } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
   type handleServerStreamingCall,
@@ -25,18 +24,20 @@ import { loadSync } from "@grpc/proto-loader";
 import { Value } from "@sinclair/typebox/value";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
-import {
-  encodablePrompt,
-  type Job,
-  type JobSpec,
-  jobPrompt,
-  logServerError,
-  type ServeContext,
-  startJob,
-} from "./jobs.ts";
-import { chatRun, fimFrame, fimPrompt, usageOf } from "./openai.ts";
+import { type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
+import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
+import {
+  bad,
+  MODEL_VERSION,
+  packageVersion,
+  type SamplingFields,
+  sampling,
+  TEXT_INPUT,
+  TEXT_OUTPUT,
+  textJobSpec,
+} from "./text-model.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -53,13 +54,6 @@ export const PROTO_LOADER_OPTIONS = {
   oneofs: true,
   includeDirs: [PROTO_DIR],
 };
-
-/** The model's only version. */
-const MODEL_VERSION = "1";
-const TEXT_INPUT = "text_input";
-const TEXT_OUTPUT = "text_output";
-/** Completion length when the request sets none (as /v1/completions). */
-const DEFAULT_MAX_TOKENS = 16;
 
 // ---- the messages, as proto-loader gives them (defaults: false, arrays/objects: true) ----
 
@@ -322,7 +316,7 @@ function handlers(o: GrpcGatewayOptions): {
             `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
             "outputs",
           );
-      const spec = await jobSpec(ctx, text, sampling(parameterFields(r.parameters)));
+      const spec = await textJobSpec(ctx, text, sampling(parameterFields(r.parameters)));
       const job = startJob(ctx, spec);
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
@@ -370,7 +364,7 @@ function handlers(o: GrpcGatewayOptions): {
         structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
       } as unknown as CompletionRequest);
       const spec = {
-        ...(await jobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix)),
+        ...(await textJobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix)),
         ...(grammar ? { grammar } : {}),
       };
       const prompt = spec.prompts[0]!.tokens.length;
@@ -568,9 +562,6 @@ function grpcCode(httpStatus: number): status {
   }
 }
 
-const bad = (message: string, param: string) =>
-  new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
-
 /**
  * The prompt of a ModelInfer request: the one element of the input named `text_input`, or
  * of the first BYTES input, from `contents.bytes_contents` or `raw_input_contents`.
@@ -664,19 +655,6 @@ function encodeRawBytes(elements: Buffer[]): Buffer {
   );
 }
 
-/** Sampling fields, wherever they came from (already numbers, strings or absent). */
-interface SamplingFields {
-  max_tokens?: number;
-  temperature?: number;
-  top_p?: number;
-  top_k?: number;
-  seed?: number;
-  presence_penalty?: number;
-  frequency_penalty?: number;
-  priority?: number;
-  stop: string[];
-}
-
 /** The KServe request's parameters map: numbers as int64/uint64/double or numeric strings. */
 function parameterFields(p: Parameters): SamplingFields {
   const num = (name: string): number | undefined => {
@@ -736,75 +714,4 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     ...(frequency_penalty !== undefined ? { frequency_penalty } : {}),
     ...(priority !== undefined ? { priority } : {}),
   };
-}
-
-type Sampling = Omit<JobSpec, "prompts"> & { maxTokens?: number };
-
-/** Validated sampling settings (the HTTP API's ranges) with their defaults. */
-function sampling(s: SamplingFields): Sampling {
-  const check = (name: keyof SamplingFields, ok: (v: number) => boolean, rule: string) => {
-    const v = s[name] as number | undefined;
-    if (v !== undefined && !ok(v)) throw bad(`'${name}' must be ${rule}, got ${v}`, name);
-  };
-  check("max_tokens", (v) => Number.isSafeInteger(v) && v >= 1, "an integer >= 1");
-  check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
-  check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
-  check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
-  // Any integer, as over HTTP: 64-bit seeds arrive as (inexact) numbers and still seed.
-  check("seed", (v) => Number.isInteger(v), "an integer");
-  check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
-  check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
-  check(
-    "priority",
-    (v) => Number.isInteger(v) && v >= -(2 ** 31) && v < 2 ** 31,
-    "a 32-bit integer",
-  );
-  if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
-  return {
-    ...(s.max_tokens !== undefined ? { maxTokens: s.max_tokens } : {}),
-    n: 1,
-    sampling: {
-      temperature: s.temperature ?? 1,
-      topP: s.top_p ?? 1,
-      topK: s.top_k !== undefined && s.top_k > 0 ? s.top_k : 0,
-      presencePenalty: s.presence_penalty ?? 0,
-      frequencyPenalty: s.frequency_penalty ?? 0,
-      seed: s.seed ?? randomInt(2 ** 32 - 1),
-    },
-    stops: s.stop.filter((x) => x.length > 0),
-    logprobs: null,
-    promptLogprobs: false,
-    ...(s.priority ? { priority: s.priority } : {}),
-  };
-}
-
-/** The prompt tokenized as /v1/completions does, checked against the context. */
-async function jobSpec(
-  ctx: ServeContext,
-  text: string,
-  s: Sampling,
-  suffix?: string,
-): Promise<JobSpec> {
-  const fim = suffix ? fimFrame(ctx, suffix) : null;
-  let prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"), !fim);
-  if (fim) {
-    const after = await ctx.encoder.encode(encodablePrompt(ctx, suffix!, "suffix"), false);
-    prompt = fimPrompt(fim, prompt, after);
-  }
-  if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
-  const { maxTokens: requested, ...rest } = s;
-  return {
-    ...rest,
-    prompts: [jobPrompt(ctx, prompt, requested, DEFAULT_MAX_TOKENS, { param: "prompt" })],
-  };
-}
-
-let version: string | undefined;
-function packageVersion(): string {
-  version ??= (
-    JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
-      version: string;
-    }
-  ).version;
-  return version;
 }

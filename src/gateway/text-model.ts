@@ -1,0 +1,104 @@
+// What KServe's Open Inference Protocol serves here, over gRPC (grpc.ts) and REST
+// (kserve-rest.ts) alike: one text model, its prompt a BYTES input `text_input` and its
+// answer a BYTES output `text_output`, sampled with the completions route's fields and
+// ranges; and Triton's generate extension's text fields.
+import { randomInt } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { ApiError } from "./errors.ts";
+import { encodablePrompt, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
+import { fimFrame, fimPrompt } from "./openai.ts";
+
+/** A 400 naming the field. */
+export const bad = (message: string, param: string) =>
+  new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
+
+/** The model's only version. */
+export const MODEL_VERSION = "1";
+export const TEXT_INPUT = "text_input";
+export const TEXT_OUTPUT = "text_output";
+/** Completion length when the request sets none (as /v1/completions). */
+export const DEFAULT_MAX_TOKENS = 16;
+
+/** Sampling fields, wherever they came from (already numbers, strings or absent). */
+export interface SamplingFields {
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  presence_penalty?: number;
+  frequency_penalty?: number;
+  priority?: number;
+  stop: string[];
+}
+
+export type Sampling = Omit<JobSpec, "prompts"> & { maxTokens?: number };
+
+/** Validated sampling settings (the HTTP API's ranges) with their defaults. */
+export function sampling(s: SamplingFields): Sampling {
+  const check = (name: keyof SamplingFields, ok: (v: number) => boolean, rule: string) => {
+    const v = s[name] as number | undefined;
+    if (v !== undefined && !ok(v)) throw bad(`'${name}' must be ${rule}, got ${v}`, name);
+  };
+  check("max_tokens", (v) => Number.isSafeInteger(v) && v >= 1, "an integer >= 1");
+  check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
+  check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
+  check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
+  // Any integer, as over HTTP: 64-bit seeds arrive as (inexact) numbers and still seed.
+  check("seed", (v) => Number.isInteger(v), "an integer");
+  check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
+  check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
+  check(
+    "priority",
+    (v) => Number.isInteger(v) && v >= -(2 ** 31) && v < 2 ** 31,
+    "a 32-bit integer",
+  );
+  if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
+  return {
+    ...(s.max_tokens !== undefined ? { maxTokens: s.max_tokens } : {}),
+    n: 1,
+    sampling: {
+      temperature: s.temperature ?? 1,
+      topP: s.top_p ?? 1,
+      topK: s.top_k !== undefined && s.top_k > 0 ? s.top_k : 0,
+      presencePenalty: s.presence_penalty ?? 0,
+      frequencyPenalty: s.frequency_penalty ?? 0,
+      seed: s.seed ?? randomInt(2 ** 32 - 1),
+    },
+    stops: s.stop.filter((x) => x.length > 0),
+    logprobs: null,
+    promptLogprobs: false,
+    ...(s.priority ? { priority: s.priority } : {}),
+  };
+}
+
+/** The prompt tokenized as /v1/completions does, checked against the context. */
+export async function textJobSpec(
+  ctx: ServeContext,
+  text: string,
+  s: Sampling,
+  suffix?: string,
+): Promise<JobSpec> {
+  const fim = suffix ? fimFrame(ctx, suffix) : null;
+  let prompt = await ctx.encoder.encode(encodablePrompt(ctx, text, "prompt"), !fim);
+  if (fim) {
+    const after = await ctx.encoder.encode(encodablePrompt(ctx, suffix!, "suffix"), false);
+    prompt = fimPrompt(fim, prompt, after);
+  }
+  if (prompt.length === 0) throw bad("the prompt is empty", "prompt");
+  const { maxTokens: requested, ...rest } = s;
+  return {
+    ...rest,
+    prompts: [jobPrompt(ctx, prompt, requested, DEFAULT_MAX_TOKENS, { param: "prompt" })],
+  };
+}
+
+let version: string | undefined;
+export function packageVersion(): string {
+  version ??= (
+    JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
+      version: string;
+    }
+  ).version;
+  return version;
+}
