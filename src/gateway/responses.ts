@@ -221,7 +221,7 @@ export function chatRequestOf(
   const tools = (b.tools ?? []).map((t, i) => {
     if (t["type"] !== "function")
       throw bad(
-        `tools[${i}]: only function tools are supported (got ${JSON.stringify(t["type"]).slice(0, 40)})`,
+        `tools[${i}]: only function tools are supported (got ${JSON.stringify(t["type"] ?? null).slice(0, 40)})`,
         `tools.${i}`,
       );
     const { name, description, parameters, strict } = t;

@@ -616,6 +616,11 @@ describe("POST /v1/responses", () => {
     expect(
       await refused({ model: "tiny", input: "hi", tools: [{ type: "web_search_preview" }] }),
     ).toEqual([400, "tools.0"]);
+    // A tool without a type (found by fuzzing: it was a 500).
+    expect(await refused({ model: "tiny", input: "hi", tools: [{ name: "f" }] })).toEqual([
+      400,
+      "tools.0",
+    ]);
     expect(await refused({ model: "gpt-4o", input: "hi" })).toEqual([404, "model"]);
     expect((await refused({ model: "tiny", input: [] }))[0]).toBe(400);
     // The chat machinery's refusals name the Responses field.
