@@ -37,18 +37,19 @@ type Common = ChatCompletionRequest | CompletionRequest;
 /** The route plugin. */
 export function openaiRoutes(ctx: ServeContext) {
   return async (app: FastifyInstance) => {
-    app.get("/v1/models", async () => ({
-      object: "list",
-      data: [
-        {
-          id: ctx.servedModelName,
-          object: "model",
-          created: 0,
-          owned_by: "expertmesh",
-          max_model_len: ctx.maxModelLen,
-        },
-      ],
-    }));
+    const model = {
+      id: ctx.servedModelName,
+      object: "model",
+      created: 0,
+      owned_by: "expertmesh",
+      max_model_len: ctx.maxModelLen,
+    };
+    app.get("/v1/models", async () => ({ object: "list", data: [model] }));
+    // OpenAI's retrieve (client.models.retrieve(id)).
+    app.get<{ Params: { id: string } }>("/v1/models/:id", async (req) => {
+      checkModel(ctx, req.params.id);
+      return model;
+    });
     app.post<{ Body: ChatCompletionRequest }>(
       "/v1/chat/completions",
       { schema: { body: ChatCompletionRequest } },

@@ -1721,6 +1721,11 @@ describe("limits and lifecycle", () => {
       expect(denied.code).toBe("EM_GATEWAY_UNAUTHORIZED");
       const models = await g.client.models.list();
       expect(models.data.map((m) => m.id)).toEqual(["tiny"]);
+      // retrieve: the same model; another name is 404 naming it.
+      expect(await g.client.models.retrieve("tiny")).toEqual(models.data[0]);
+      const other = await g.client.models.retrieve("gpt-4").catch((e) => e);
+      expect(other).toBeInstanceOf(OpenAI.NotFoundError);
+      expect(other.code).toBe("EM_GATEWAY_UNKNOWN_MODEL");
       // Paths that fastify decodes to an API route need the key too ('%76%31' is 'v1').
       for (const path of ["/%76%31/models", "/v%31/models", "/nope"]) {
         const r = await fetch(`${g.url}${path}`);
