@@ -18,6 +18,7 @@ import { kvCacheTables } from "./kv-cache.ts";
 import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
 import { poolTables } from "./pool.ts";
 import { prefixTables } from "./prefix.ts";
+import { priorityTables } from "./priority.ts";
 import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
@@ -459,6 +460,7 @@ export const SUITES = [
   "kvcache",
   "pool",
   "dtype",
+  "priority",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -467,7 +469,15 @@ export type SuiteFiles = { [S in Suite]?: string | undefined };
 
 /** The section of each suite that is its tables alone: results file JSON -> Markdown. */
 export const TABLES_ONLY: Record<
-  "tokenize" | "prefix" | "json" | "sampling" | "speculative" | "kvcache" | "pool" | "dtype",
+  | "tokenize"
+  | "prefix"
+  | "json"
+  | "sampling"
+  | "speculative"
+  | "kvcache"
+  | "pool"
+  | "dtype"
+  | "priority",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -477,6 +487,7 @@ export const TABLES_ONLY: Record<
   speculative: speculativeTables,
   kvcache: kvCacheTables,
   pool: poolTables,
+  priority: priorityTables,
   dtype: dtypeTables,
 };
 

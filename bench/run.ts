@@ -23,6 +23,7 @@ import { runKvCache } from "./kv-cache.ts";
 import { formatLikeRepo, gitCommit, machineInfo, REPO_ROOT, RESULTS_DIR, today } from "./lib.ts";
 import { runPool } from "./pool.ts";
 import { runPrefix } from "./prefix.ts";
+import { runPriority } from "./priority.ts";
 import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } from "./report.ts";
 import { runSampling } from "./sampling.ts";
 import { runServe } from "./serve.ts";
@@ -58,6 +59,7 @@ const RUN_TABLES_ONLY: Record<
   kvcache: runKvCache,
   pool: runPool,
   dtype: runDtype,
+  priority: runPriority,
 };
 
 async function main(): Promise<number> {

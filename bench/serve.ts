@@ -223,13 +223,14 @@ export interface RequestResult {
 
 /**
  * One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by
- * hand. `system`: a system message before the prompt.
+ * hand. `system`: a system message before the prompt; `extra`: more request fields.
  */
 export async function chat(
   base: string,
   prompt: string,
   maxTokens: number,
   system?: string,
+  extra: Record<string, unknown> = {},
 ): Promise<RequestResult> {
   const t0 = performance.now();
   const res = await fetch(`${base}/v1/chat/completions`, {
@@ -246,6 +247,7 @@ export async function chat(
       ignore_eos: true,
       stream: true,
       stream_options: { include_usage: true },
+      ...extra,
     }),
   });
   if (!res.ok || !res.body) {

@@ -341,6 +341,11 @@ export const GatewaySchema = withRules(
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",
         default: true,
       }),
+      logRequests: Type.Boolean({
+        description:
+          "Log a line per HTTP request when it ends (its x-request-id, route, status, time and tokens).",
+        default: false,
+      }),
       schedulingPolicy: StringEnum(["fcfs", "priority"], {
         description:
           "The order in which each gateway admits requests and preempts running ones when its KV cache runs short: fcfs (arrival order, the newest preempted first) or priority (by the requests' `priority` field, lower first; a waiting request preempts running ones of lower priority that keep it out; with fcfs a non-zero priority is refused).",

@@ -2,7 +2,7 @@
 // (kserve-rest.ts: their own error format) behind optional bearer API keys, /health (the
 // process is up), /ready (every expert shard answers), /metrics, and one error format for
 // everything else, OpenAI's {error: {message, type, param, code}}.
-import { timingSafeEqual } from "node:crypto";
+import { randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import Fastify, {
   type FastifyInstance,
@@ -12,7 +12,7 @@ import Fastify, {
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
-import { openaiRoutes } from "./openai.ts";
+import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 
 export interface GatewayAppOptions {
@@ -37,6 +37,8 @@ export interface GatewayAppOptions {
   readonly server?: Server;
   /** With `server`: receives the app's request handler, to install when the app is ready. */
   readonly onHandler?: (handler: RequestListener) => void;
+  /** Where a line per finished request goes (--log-requests); default: none. */
+  readonly logRequest?: (line: string) => void;
 }
 
 /** Builds the fastify app (not listening yet). */
@@ -74,6 +76,30 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     },
   });
   const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
+
+  // Every answer carries an x-request-id: the client's (vLLM's and most proxies' header),
+  // or a new one. With logRequest, a line when the exchange ends (streams included).
+  app.addHook("onRequest", async (req, reply) => {
+    const given = req.headers["x-request-id"];
+    const id =
+      typeof given === "string" && /^[\x21-\x7e]{1,128}$/.test(given) ? given : randomUUID();
+    reply.header("x-request-id", id);
+    if (!o.logRequest) return;
+    const t0 = performance.now();
+    const log = o.logRequest;
+    reply.raw.once("close", () => {
+      const job = jobOf(reply.raw);
+      const ms = Math.round(performance.now() - t0);
+      const finished = job?.choices.map((c) => c.finishReason ?? "abort").join(",");
+      log(
+        `request ${id} ${req.method} ${req.url.split("?")[0]} ${reply.raw.statusCode}` +
+          `${reply.raw.writableFinished ? "" : " (client gone)"} in ${ms} ms` +
+          (job
+            ? ` prompt=${job.promptTokens} cached=${job.cachedTokens} completion=${job.completionTokens} finish=${finished}`
+            : ""),
+      );
+    });
+  });
 
   app.setErrorHandler((err, req, reply) => {
     const e = toApiError(err);

@@ -281,6 +281,7 @@ function reasoningTokens(ctx: ServeContext, thinks: boolean, texts: Iterable<str
  * one that closed while the prompt was being encoded).
  */
 export function bind(reply: FastifyReply, job: Job): void {
+  jobs.set(reply.raw, job);
   if (reply.raw.closed) job.cancel();
   else
     reply.raw.on("close", () => {
@@ -288,10 +289,20 @@ export function bind(reply: FastifyReply, job: Job): void {
     });
 }
 
+/** The job each HTTP response runs (bind), for the access log. */
+const jobs = new WeakMap<object, Job>();
+
+/** The job bound to a raw response, if any. */
+export function jobOf(raw: object): Job | undefined {
+  return jobs.get(raw);
+}
+
 /** Takes the raw response over for server-sent events: the status and headers, sent now. */
 export function eventStream(reply: FastifyReply): FastifyReply["raw"] {
   reply.hijack();
   reply.raw.writeHead(200, {
+    // Those set before (x-request-id), then the stream's own.
+    ...(reply.getHeaders() as Record<string, string>),
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
     connection: "keep-alive",

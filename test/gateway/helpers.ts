@@ -46,6 +46,8 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
   /** Experts on these shards over NATS instead of in process. */
   cluster?: Cluster;
   responsesStore?: number;
+  /** Access log lines (--log-requests) go to `logs` too. */
+  logRequests?: boolean;
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
@@ -76,7 +78,15 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
   if (o.wrap) experts = o.wrap(experts);
   const logs: string[] = [];
   // The test's own options apart, the rest is the gateway's configuration.
-  const { wrap: _w, apiKeys: _k, maxRequestBytes: _b, cluster: _c, responsesStore: _s, ...cfg } = o;
+  const {
+    wrap: _w,
+    apiKeys: _k,
+    maxRequestBytes: _b,
+    cluster: _c,
+    responsesStore: _s,
+    logRequests: _l,
+    ...cfg
+  } = o;
   const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir), {
     servedModelName: "tiny",
     maxBatchTokens: 64,
@@ -90,6 +100,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.apiKeys ? { apiKeys: o.apiKeys } : {}),
     ...(o.maxRequestBytes ? { maxRequestBytes: o.maxRequestBytes } : {}),
     ...(o.responsesStore !== undefined ? { responsesStore: o.responsesStore } : {}),
+    ...(o.logRequests ? { logRequest: (line: string) => logs.push(line) } : {}),
     ...(ready ? { ready } : {}),
   });
   await app.listen({ port: 0, host: "127.0.0.1" });

@@ -1707,6 +1707,46 @@ describe("errors", () => {
 });
 
 describe("limits and lifecycle", () => {
+  it("x-request-id on every answer (the client's, or a new one); --log-requests logs each exchange", async () => {
+    const g = await startGateway(dir, { logRequests: true });
+    try {
+      const body = { model: "tiny", messages: user("hi"), max_tokens: 3 };
+      const post = (b: object, headers: Record<string, string> = {}) =>
+        fetch(`${g.url}/v1/chat/completions`, {
+          method: "POST",
+          headers: { "content-type": "application/json", ...headers },
+          body: JSON.stringify(b),
+        });
+      const mine = await post(body, { "x-request-id": "trace-42" });
+      expect(mine.headers.get("x-request-id")).toBe("trace-42");
+      const chat = (await mine.json()) as OpenAI.ChatCompletion;
+      const fresh = await post({ ...body, stream: true });
+      const id = fresh.headers.get("x-request-id")!;
+      expect(id).toMatch(/^[0-9a-f-]{36}$/);
+      await fresh.text();
+      const bad = await post({ ...body, temperature: 9 }, { "x-request-id": "bad one" });
+      expect(bad.status).toBe(400);
+      // Not a printable token: replaced.
+      expect(bad.headers.get("x-request-id")).not.toBe("bad one");
+      await waitFor("three log lines", async () =>
+        g.logs.filter((l) => l.startsWith("request ")).length === 3 ? true : undefined,
+      );
+      const lines = g.logs.filter((l) => l.startsWith("request "));
+      const u = chat.usage!;
+      expect(lines[0]).toMatch(
+        new RegExp(
+          `^request trace-42 POST /v1/chat/completions 200 in \\d+ ms prompt=${u.prompt_tokens} cached=\\d+ completion=${u.completion_tokens} finish=(stop|length)$`,
+        ),
+      );
+      expect(lines[1]).toMatch(
+        new RegExp(`^request ${id} POST /v1/chat/completions 200 in \\d+ ms prompt=`),
+      );
+      expect(lines[2]).toMatch(/^request \S+ POST \/v1\/chat\/completions 400 in \d+ ms$/);
+    } finally {
+      await g.close();
+    }
+  });
+
   it("a body over --max-request-bytes: 413; a missing API key: 401", async () => {
     const g = await startGateway(dir, { cluster, maxRequestBytes: 2048, apiKeys: ["sekret"] });
     try {

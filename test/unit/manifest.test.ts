@@ -86,6 +86,7 @@ spec:
     kvCache: { bytes: 1048576, dtype: bfloat16, blockSize: 8 }
     prefixCaching: false
     schedulingPolicy: priority
+    logRequests: true
     speculative: { numTokens: 2 }
 `,
     );
@@ -100,6 +101,7 @@ spec:
       "--block-size=8",
       "--no-prefix-caching",
       "--scheduling-policy=priority",
+      "--log-requests",
       "--reasoning-parser=none",
       "--tool-call-parser=deepseek-v3",
       "--speculative-tokens=2",

@@ -104,6 +104,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
+  --log-requests            log a line per HTTP request when it ends: its x-request-id (the
+                            client's, or a new one), route, status, time, and its tokens
+                            (prompt, cached, completion) and finish reasons
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device DEV              where the dense layers (and --local experts) run: cpu (default),
                             cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
@@ -159,6 +162,7 @@ export const gatewayCommand: Command = {
         "prompt-lookup-max": { type: "string" },
         "prompt-lookup-min": { type: "string" },
         "api-key": { type: "string", multiple: true },
+        "log-requests": { type: "boolean" },
         wire: { type: "string" },
         device: { type: "string" },
         backend: { type: "string" },
@@ -374,6 +378,7 @@ export const gatewayCommand: Command = {
       notReadyDetail: () => (lastProbe?.ready === false ? { shards: lastProbe.failed } : undefined),
       responsesStore,
       server,
+      ...(values["log-requests"] ? { logRequest: log } : {}),
       onHandler: (h) => {
         appHandler = h;
       },
