@@ -10,7 +10,8 @@
 // 10 on the priority gateway); after a second, an urgent client sends URGENT requests one
 // after another, URGENT_GAP_MS apart (chats of URGENT_TOKENS tokens; priority 0). Per
 // urgent request: the time to its first token and to its end. Per phase: the batch
-// clients' output tokens per second and the preemptions the gateway counted.
+// clients' output tokens per second while the urgent ones ran (the gateway's sampled
+// tokens, the urgent ones' taken out) and the preemptions the gateway counted.
 import type { ChildProcess } from "node:child_process";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -54,9 +55,11 @@ async function phase(
   const field = (p: number): Record<string, unknown> =>
     priorities === null ? {} : { priority: p };
   const preempted0 = await metricValue(base, "expertmesh_gateway_num_preemptions");
+  const generated = () => metricValue(base, "expertmesh_gateway_generation_tokens_total");
   let running = true;
-  let batchTokens = 0;
-  const t0 = performance.now();
+  // Counted from 1 s in: the slots are full by then.
+  let generated0 = Number.NaN;
+  let t0 = Number.NaN;
   const batch = Array.from({ length: BATCH_CLIENTS }, async (_, c) => {
     for (let i = 0; running; i++) {
       const r = await chat(
@@ -67,10 +70,11 @@ async function phase(
         field(priorities?.batch ?? 0),
       );
       if (!r.ok) throw new Error(`batch request failed: ${r.error}`);
-      batchTokens += r.tokens;
     }
   });
   await sleep(1000);
+  generated0 = await generated();
+  t0 = performance.now();
   const ttft: number[] = [];
   const total: number[] = [];
   for (let i = 0; i < URGENT; i++) {
@@ -87,9 +91,10 @@ async function phase(
     total.push(r.totalMs);
     await sleep(URGENT_GAP_MS);
   }
-  // The batch tokens of the phase so far (the requests in flight finish after it).
+  // Tokens sampled while the urgent requests came and went, theirs taken out (a batch
+  // request's tokens count as they are sampled, not when it ends).
   const seconds = (performance.now() - t0) / 1000;
-  const tokens = batchTokens;
+  const tokens = (await generated()) - generated0 - URGENT * URGENT_TOKENS;
   running = false;
   await Promise.all(batch);
   return {
