@@ -4,7 +4,7 @@
 //
 // Two single-process gateways (`gateway --local`) on the mini V3 checkpoint with
 // `--max-running=4`: the peer schedules in arrival order (fcfs, the default), the other by
-// priority. Phases alternate between them (fcfs first, then priority, `runs` rounds, 2 for
+// priority. Phases alternate between them (fcfs first, then priority, --runs rounds, default 5;
 // --quick: 1), one gateway loaded at a time. In a phase, 4 batch clients keep every running
 // slot busy in a closed loop (streaming chats of BATCH_TOKENS tokens, ignore_eos; priority
 // 10 on the priority gateway); after a second, an urgent client sends URGENT requests one
@@ -112,7 +112,7 @@ export async function runPriority(o: {
 }): Promise<PriorityResults> {
   const modelDir = await ensureMiniModel(o.log);
   const children: ChildProcess[] = [];
-  const rounds = o.quick ? 1 : 2;
+  const rounds = o.quick ? 1 : o.runs;
   try {
     const start = async (name: string, extra: string[]) => {
       const c = child(
