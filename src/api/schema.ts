@@ -341,6 +341,12 @@ export const GatewaySchema = withRules(
           "Reuse the KV cache blocks of prompt prefixes seen before (a shared system prompt is computed once per gateway); false computes every prompt in full.",
         default: true,
       }),
+      apiKeySecret: Type.Optional(
+        SecretKeyRef(
+          "Secret whose key holds the API keys the gateway accepts (Authorization: Bearer), comma-separated; without it the gateway's HTTP and gRPC routes are open.",
+          "api-keys",
+        ),
+      ),
       logRequests: Type.Boolean({
         description:
           "Log a line per HTTP request when it ends (its x-request-id, route, status, time and tokens).",

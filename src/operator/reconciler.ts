@@ -272,6 +272,9 @@ export class Reconciler {
       ...(model.spec.nats.credentialsSecret
         ? [["spec.nats.credentialsSecret", model.spec.nats.credentialsSecret.name] as const]
         : []),
+      ...(model.spec.gateway.apiKeySecret
+        ? [["spec.gateway.apiKeySecret", model.spec.gateway.apiKeySecret.name] as const]
+        : []),
     ];
     for (const [field, secret] of secrets) {
       if (!(await this.#kube.exists("Secret", ns, secret))) {

@@ -361,8 +361,21 @@ export function desiredObjects(
     gateway.gpus,
     gatewayResources(model),
   );
+  const keys = gateway.apiKeySecret;
   const gwContainer = {
     ...gw,
+    // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
+    env: [
+      ...gw.env,
+      ...(keys
+        ? [
+            {
+              name: "EM_API_KEYS",
+              valueFrom: { secretKeyRef: { name: keys.name, key: keys.key } },
+            },
+          ]
+        : []),
+    ],
     ports: [
       { name: "http", containerPort: gateway.ports.http },
       { name: "grpc", containerPort: gateway.ports.grpc },

@@ -328,6 +328,30 @@ describe.sequential("expertmesh operator", () => {
     const events = await kubectl(["describe", "dsm", "nosecret", "-n", ns]);
     expect(events.stdout).toMatch(/Warning\s+SecretNotFound/);
     expect(events.stdout).toMatch(/Normal\s+Recovered/);
+
+    // The gateway's API keys: a Secret that must exist, given to the gateway as EM_API_KEYS.
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("nokeys", ns, { gateway: { apiKeySecret: { name: "gw-keys", key: "keys" } } }),
+    });
+    m = await waitForCondition(ns, "nokeys", "Degraded", "True", "SecretNotFound");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `Secret ${ns}/gw-keys (spec.gateway.apiKeySecret) does not exist`,
+    );
+    await core.createNamespacedSecret({
+      namespace: ns,
+      body: { metadata: { name: "gw-keys" }, stringData: { keys: "k1,k2" } },
+    });
+    await waitForCondition(ns, "nokeys", "Ready", "True", undefined, 90_000);
+    const keyed = (await ownedDeployments(ns, "nokeys")).find(
+      (d) => d.metadata?.name === "nokeys-gateway",
+    )!;
+    const env = keyed.spec?.template.spec?.containers[0]?.env ?? [];
+    expect(env.find((e) => e.name === "EM_API_KEYS")?.valueFrom?.secretKeyRef).toEqual({
+      name: "gw-keys",
+      key: "keys",
+    });
   });
 
   it("reports a memory limit below what the pods hold as Degraded: MemoryLimitTooLow, applies nothing, and recovers when raised", async () => {

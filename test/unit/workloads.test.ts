@@ -129,6 +129,25 @@ describe("desiredObjects", () => {
     expect(args("  gateway: { prefixCaching: false }")).toContain("--no-prefix-caching");
   });
 
+  it("gives the gateway (only) EM_API_KEYS from spec.gateway.apiKeySecret, never in its args", () => {
+    const pods = (extra: string) =>
+      objects(extra)
+        .filter((o) => o.kind === "Deployment")
+        .map((o) => (o as any).spec.template.spec.containers[0]);
+    const keyEnv = (c: any) => c.env.find((e: any) => e.name === "EM_API_KEYS");
+    expect(pods("").map(keyEnv)).toEqual(pods("").map(() => undefined));
+    const withKeys = pods("  gateway: { apiKeySecret: { name: keys } }");
+    const gateway = withKeys.find((c) => c.name === "gateway");
+    expect(keyEnv(gateway)).toEqual({
+      name: "EM_API_KEYS",
+      valueFrom: { secretKeyRef: { name: "keys", key: "api-keys" } },
+    });
+    expect(withKeys.filter((c) => c.name !== "gateway").map(keyEnv)).not.toContainEqual(
+      expect.anything(),
+    );
+    expect(gateway.args.join(" ")).not.toContain("keys");
+  });
+
   it("passes --scheduling-policy=priority only when spec.gateway.schedulingPolicy asks", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec

@@ -193,6 +193,13 @@ export const upCommand: Command = {
     const board = new ProgressBoard(process.stderr);
     const say = (msg: string) => board.log(`[up] ${msg}`);
     say(devices.note);
+    const keySecret = m.spec.gateway.apiKeySecret;
+    if (keySecret)
+      say(
+        process.env["EM_API_KEYS"]
+          ? `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret: the gateway takes its keys from $EM_API_KEYS here`
+          : `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret, which this machine cannot read: the gateway is open; set EM_API_KEYS (comma-separated) to require keys`,
+      );
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"
