@@ -215,6 +215,7 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     `--served-model-name=${servedModelName(model)}`,
     `--max-queue-depth=${g.limits.maxQueueDepth}`,
     `--max-batch-tokens=${g.limits.maxBatchTokens}`,
+    `--max-running=${g.limits.maxRunning}`,
     `--max-request-bytes=${g.limits.maxRequestBytes}`,
     ...(g.limits.maxModelLen ? [`--max-model-len=${g.limits.maxModelLen}`] : []),
     ...kvCacheArgs(model),

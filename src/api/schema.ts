@@ -265,6 +265,12 @@ const GatewayLimits = Type.Object(
       default: 8192,
       minimum: 1,
     }),
+    maxRunning: Type.Integer({
+      description:
+        "Sequences in the running batch at once (each choice of a request is one); more wait for a slot, or with schedulingPolicy priority take one from a lower priority.",
+      default: 256,
+      minimum: 1,
+    }),
     maxModelLen: Type.Optional(
       Type.Integer({
         description:

@@ -82,7 +82,7 @@ spec:
   it("gives the gateway (pods and `up` alike) every serving setting of spec.gateway", () => {
     const m = parseManifest(
       `${good}  gateway:
-    limits: { maxQueueDepth: 7, maxBatchTokens: 99, maxRequestBytes: 4096, maxModelLen: 200 }
+    limits: { maxQueueDepth: 7, maxBatchTokens: 99, maxRunning: 5, maxRequestBytes: 4096, maxModelLen: 200 }
     kvCache: { bytes: 1048576, dtype: bfloat16, blockSize: 8 }
     prefixCaching: false
     schedulingPolicy: priority
@@ -94,6 +94,7 @@ spec:
       "--served-model-name=tiny",
       "--max-queue-depth=7",
       "--max-batch-tokens=99",
+      "--max-running=5",
       "--max-request-bytes=4096",
       "--max-model-len=200",
       "--kv-cache-bytes=1048576",
