@@ -12,12 +12,10 @@
 // computes the system prompt there, once); then `runs` passes, the two gateways alternating
 // request by request. The gateways' /metrics give the prompt tokens looked up and found.
 import type { ChildProcess } from "node:child_process";
-import { join } from "node:path";
-import { medianRange, REPO_ROOT, type Stats, stats } from "./lib.ts";
-import { chat, child, ensureMiniModel, PROMPTS, stop } from "./serve.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
+import { chat, ensureMiniModel, localGateway, PROMPTS, stop } from "./serve.ts";
 import { promptText } from "./tokenize.ts";
 
-const CLI = join(REPO_ROOT, "src", "cli", "main.ts");
 /** Bytes of the shared system prompt: ~1,500 tokens of the tiny tokenizer. */
 const SYSTEM_BYTES = 2048;
 const MAX_TOKENS = 8;
@@ -53,26 +51,8 @@ export async function runPrefix(o: {
   const system = promptText(SYSTEM_BYTES);
   const children: ChildProcess[] = [];
   try {
-    const start = async (name: string, extra: string[]) => {
-      const c = child(
-        name,
-        process.execPath,
-        [
-          CLI,
-          "gateway",
-          `--model=${modelDir}`,
-          "--local",
-          "--host=127.0.0.1",
-          "--http-port=0",
-          "--metrics-port=0",
-          "--max-batch-tokens=2048",
-          ...extra,
-        ],
-        /serving '[^']*' on http:\/\/[^:]+:(\d+)/,
-      );
-      children.push(c.proc);
-      return `http://127.0.0.1:${(await c.ready)[1]}`;
-    };
+    const start = (name: string, extra: string[]) =>
+      localGateway(name, modelDir, ["--max-batch-tokens=2048", ...extra], children);
     o.log("[prefix] starting two gateways on mini-v3 (with and without --prefix-caching)");
     const [cached, uncached] = await Promise.all([
       start("gateway-cached", ["--prefix-caching"]),

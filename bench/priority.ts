@@ -13,12 +13,10 @@
 // clients' output tokens per second while the urgent ones ran (the gateway's sampled
 // tokens, the urgent ones' taken out) and the preemptions the gateway counted.
 import type { ChildProcess } from "node:child_process";
-import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { medianRange, REPO_ROOT, type Stats, stats } from "./lib.ts";
-import { chat, child, ensureMiniModel, PROMPTS, stop } from "./serve.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
+import { chat, ensureMiniModel, localGateway, PROMPTS, stop } from "./serve.ts";
 
-const CLI = join(REPO_ROOT, "src", "cli", "main.ts");
 const MAX_RUNNING = 4;
 const BATCH_CLIENTS = 4;
 const BATCH_TOKENS = 64;
@@ -114,26 +112,8 @@ export async function runPriority(o: {
   const children: ChildProcess[] = [];
   const rounds = o.quick ? 1 : o.runs;
   try {
-    const start = async (name: string, extra: string[]) => {
-      const c = child(
-        name,
-        process.execPath,
-        [
-          CLI,
-          "gateway",
-          `--model=${modelDir}`,
-          "--local",
-          "--host=127.0.0.1",
-          "--http-port=0",
-          "--metrics-port=0",
-          `--max-running=${MAX_RUNNING}`,
-          ...extra,
-        ],
-        /serving '[^']*' on http:\/\/[^:]+:(\d+)/,
-      );
-      children.push(c.proc);
-      return `http://127.0.0.1:${(await c.ready)[1]}`;
-    };
+    const start = (name: string, extra: string[]) =>
+      localGateway(name, modelDir, [`--max-running=${MAX_RUNNING}`, ...extra], children);
     o.log("[priority] starting two gateways on mini-v3 (fcfs and --scheduling-policy priority)");
     const [fcfs, prio] = await Promise.all([
       start("gateway-fcfs", []),

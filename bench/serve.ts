@@ -211,6 +211,35 @@ export async function stop(c: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+/**
+ * A single-process gateway (`gateway --local`) on `modelDir` with `extra` flags, on a free
+ * port of 127.0.0.1; resolves its base URL once it serves. Its process goes in `children`.
+ */
+export async function localGateway(
+  name: string,
+  modelDir: string,
+  extra: string[],
+  children: ChildProcess[],
+): Promise<string> {
+  const c = child(
+    name,
+    process.execPath,
+    [
+      join(REPO_ROOT, "src", "cli", "main.ts"),
+      "gateway",
+      `--model=${modelDir}`,
+      "--local",
+      "--host=127.0.0.1",
+      "--http-port=0",
+      "--metrics-port=0",
+      ...extra,
+    ],
+    /serving '[^']*' on http:\/\/[^:]+:(\d+)/,
+  );
+  children.push(c.proc);
+  return `http://127.0.0.1:${(await c.ready)[1]}`;
+}
+
 export interface RequestResult {
   ok: boolean;
   /** Why it failed (status and body, or the error event). */

@@ -30,7 +30,9 @@ import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
 import {
   bad,
+  decimal,
   MODEL_VERSION,
+  NUMBER_FIELDS,
   packageVersion,
   type SamplingFields,
   sampling,
@@ -663,9 +665,7 @@ function parameterFields(p: Parameters): SamplingFields {
     const x = v.int64_param ?? v.uint64_param ?? v.double_param;
     if (x !== undefined) return x;
     if (v.string_param !== undefined) {
-      // Decimal numbers only: Number() would also read "0x10" as 16 and "" as 0.
-      const s = v.string_param.trim();
-      const n = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(s) ? Number(s) : Number.NaN;
+      const n = decimal(v.string_param);
       if (Number.isFinite(n)) return n;
       throw bad(`parameter '${name}' must be a number, got '${v.string_param}'`, name);
     }
@@ -676,16 +676,7 @@ function parameterFields(p: Parameters): SamplingFields {
   if (stop?.parameter_choice && stop.string_param === undefined)
     throw bad("parameter 'stop' must be a string", "stop");
   const out: SamplingFields = { stop: stop?.string_param ? [stop.string_param] : [] };
-  for (const k of [
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "priority",
-  ] as const) {
+  for (const k of NUMBER_FIELDS) {
     const v = num(k);
     if (v !== undefined) out[k] = v;
   }

@@ -9,7 +9,9 @@ import { logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, eventStream } from "./openai.ts";
 import {
   bad,
+  decimal,
   MODEL_VERSION,
+  NUMBER_FIELDS,
   packageVersion,
   type SamplingFields,
   sampling,
@@ -247,17 +249,6 @@ function inferText(b: Record<string, unknown>): string {
   return data[0];
 }
 
-const NUMBER_FIELDS = [
-  "max_tokens",
-  "temperature",
-  "top_p",
-  "top_k",
-  "seed",
-  "presence_penalty",
-  "frequency_penalty",
-  "priority",
-] as const;
-
 /**
  * Sampling fields from a JSON object: numbers, or numeric strings (KServe clients send
  * parameters as strings too); `stop` a string or strings. Other parameters are left
@@ -270,12 +261,7 @@ function jsonFields(p: unknown, param: string): SamplingFields {
   for (const [k, v] of Object.entries(p)) {
     if ((NUMBER_FIELDS as readonly string[]).includes(k)) {
       if (v === null) continue;
-      const n =
-        typeof v === "number"
-          ? v
-          : typeof v === "string" && /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(v.trim())
-            ? Number(v)
-            : Number.NaN;
+      const n = typeof v === "number" ? v : typeof v === "string" ? decimal(v) : Number.NaN;
       if (!Number.isFinite(n)) throw bad(`parameter '${k}' must be a number`, `${param}.${k}`);
       out[k as (typeof NUMBER_FIELDS)[number]] = n;
     } else if (k === "stop") {

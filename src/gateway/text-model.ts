@@ -8,6 +8,27 @@ import { ApiError } from "./errors.ts";
 import { encodablePrompt, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
 
+/** The numeric sampling fields (SamplingFields' numbers), as parameters name them. */
+export const NUMBER_FIELDS = [
+  "max_tokens",
+  "temperature",
+  "top_p",
+  "top_k",
+  "seed",
+  "presence_penalty",
+  "frequency_penalty",
+  "priority",
+] as const;
+
+/**
+ * A parameter sent as a string, read as a decimal number (NaN when it is none): Number()
+ * would also read "0x10" as 16 and "" as 0.
+ */
+export function decimal(s: string): number {
+  const t = s.trim();
+  return /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(t) ? Number(t) : Number.NaN;
+}
+
 /** A 400 naming the field. */
 export const bad = (message: string, param: string) =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
