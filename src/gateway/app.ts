@@ -10,7 +10,7 @@ import Fastify, {
   type FastifyServerFactory,
 } from "fastify";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
-import { logServerError, type ServeContext } from "./jobs.ts";
+import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
@@ -81,8 +81,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   // or a new one. With logRequest, a line when the exchange ends (streams included).
   app.addHook("onRequest", async (req, reply) => {
     const given = req.headers["x-request-id"];
-    const id =
-      typeof given === "string" && /^[\x21-\x7e]{1,128}$/.test(given) ? given : randomUUID();
+    const id = typeof given === "string" && REQUEST_ID.test(given) ? given : randomUUID();
     reply.header("x-request-id", id);
     if (!o.logRequest) return;
     const t0 = performance.now();

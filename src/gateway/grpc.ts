@@ -5,15 +5,19 @@
 // is produced, and ChatStream, a chat answered by the chat completions route's code. Both
 // run on the same engine as the HTTP routes; errors map to gRPC status codes (with our
 // stable code in the `em-code` trailer).
-import { timingSafeEqual } from "node:crypto";
+import { randomUUID, timingSafeEqual } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
   type handleServerStreamingCall,
   type handleUnaryCall,
   loadPackageDefinition,
   Metadata,
+  ResponderBuilder,
   Server,
   ServerCredentials,
+  ServerInterceptingCall,
+  type ServerInterceptor,
+  ServerListenerBuilder,
   type ServerUnaryCall,
   type ServiceClientConstructor,
   type StatusObject,
@@ -24,7 +28,7 @@ import { loadSync } from "@grpc/proto-loader";
 import { Value } from "@sinclair/typebox/value";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
-import { type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
+import { type Job, logServerError, REQUEST_ID, type ServeContext, startJob } from "./jobs.ts";
 import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
@@ -183,6 +187,8 @@ export interface GrpcGatewayOptions {
   readonly apiKeys?: readonly string[];
   /** Largest request message (bytes); default: grpc-js's 4 MiB. */
   readonly maxRequestBytes?: number;
+  /** Where a line per finished call goes (--log-requests); default: none. */
+  readonly logRequest?: (line: string) => void;
 }
 
 export interface GrpcGateway {
@@ -208,9 +214,12 @@ export async function startGrpcGateway(
     (path.split(".").reduce<unknown>((o, k) => (o as Record<string, unknown>)[k], pkg) as
       | ServiceClientConstructor
       | undefined)!.service;
-  const server = new Server(
-    o.maxRequestBytes !== undefined ? { "grpc.max_receive_message_length": o.maxRequestBytes } : {},
-  );
+  const server = new Server({
+    ...(o.maxRequestBytes !== undefined
+      ? { "grpc.max_receive_message_length": o.maxRequestBytes }
+      : {}),
+    interceptors: [requestIds(o.logRequest)],
+  });
   const h = handlers(o);
   server.addService(service("inference.GRPCInferenceService"), h.inference);
   server.addService(service("expertmesh.v1.Generation"), h.generation);
@@ -507,6 +516,45 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
     throw bad(`'${param || "request"}' ${e.message.toLowerCase()}`, param || "request");
   }
   return body as ChatCompletionRequest;
+}
+
+/**
+ * Every call's x-request-id (the client's metadata, or a new UUID) in its response metadata
+ * and trailers, as HTTP answers carry the header; with `log`, a line when the call ends.
+ */
+function requestIds(log: ((line: string) => void) | undefined): ServerInterceptor {
+  return (method, call) => {
+    let id = "";
+    const t0 = performance.now();
+    return new ServerInterceptingCall(
+      call,
+      new ResponderBuilder()
+        .withStart((next) =>
+          next(
+            new ServerListenerBuilder()
+              .withOnReceiveMetadata((md, nextMd) => {
+                const given = md.get("x-request-id")[0];
+                id = typeof given === "string" && REQUEST_ID.test(given) ? given : randomUUID();
+                nextMd(md);
+              })
+              .build(),
+          ),
+        )
+        .withSendMetadata((md, next) => {
+          md.set("x-request-id", id);
+          next(md);
+        })
+        .withSendStatus((st, next) => {
+          const metadata = st.metadata ?? new Metadata();
+          metadata.set("x-request-id", id);
+          log?.(
+            `rpc ${id} ${method.path} ${status[st.code] ?? st.code} in ${Math.round(performance.now() - t0)} ms`,
+          );
+          next({ ...st, metadata });
+        })
+        .build(),
+    );
+  };
 }
 
 /** A unary handler from an async function; anything it throws becomes a gRPC status. */

@@ -30,6 +30,9 @@ export interface ServeContext {
   readonly log?: (message: string) => void;
 }
 
+/** A request id taken from a client (x-request-id): printable ASCII, up to 128 characters. */
+export const REQUEST_ID = /^[\x21-\x7e]{1,128}$/;
+
 const logged = new WeakSet<object>();
 
 /**

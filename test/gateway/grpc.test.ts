@@ -747,6 +747,56 @@ describe("ChatStream", () => {
   });
 });
 
+describe("request ids and the request log", () => {
+  it("x-request-id in every answer's metadata (the client's, or a new one); a log line per call", async () => {
+    const lines: string[] = [];
+    const g = await startGrpcGateway(
+      { ctx: gw.ctx, logRequest: (l) => lines.push(l) },
+      { port: 0, host: "127.0.0.1" },
+    );
+    const k = clients(g.port);
+    // A unary call's response metadata and trailers.
+    const ids = (method: string, req: unknown, md: Metadata) =>
+      new Promise<{ header?: string; trailer?: string; code: number }>((resolve) => {
+        let header: string | undefined;
+        const c = (k.kserve as any)[method](req, md, () => {});
+        c.on("metadata", (m: Metadata) => {
+          header = m.get("x-request-id")[0] as string;
+        });
+        c.on("status", (st: { code: number; metadata: Metadata }) =>
+          resolve({
+            ...(header !== undefined ? { header } : {}),
+            trailer: st.metadata.get("x-request-id")[0] as string,
+            code: st.code,
+          }),
+        );
+      });
+    try {
+      const md = new Metadata();
+      md.set("x-request-id", "trace-7");
+      const ok = await ids("ModelInfer", inferRequest("hi", { max_tokens: param.int(2) }), md);
+      expect(ok).toEqual({ header: "trace-7", trailer: "trace-7", code: status.OK });
+      const missing = await ids("ModelMetadata", { name: "gpt-4" }, new Metadata());
+      expect(missing.code).toBe(status.NOT_FOUND);
+      expect(missing.trailer).toMatch(/^[0-9a-f-]{36}$/);
+      expect(lines).toEqual([
+        expect.stringMatching(
+          /^rpc trace-7 \/inference.GRPCInferenceService\/ModelInfer OK in \d+ ms$/,
+        ),
+        expect.stringMatching(
+          new RegExp(
+            `^rpc ${missing.trailer} /inference.GRPCInferenceService/ModelMetadata NOT_FOUND in \\d+ ms$`,
+          ),
+        ),
+      ]);
+    } finally {
+      k.kserve.close();
+      k.gen.close();
+      await g.close();
+    }
+  });
+});
+
 describe("API keys and message size", () => {
   it("with keys: UNAUTHENTICATED without the bearer metadata; health stays open", async () => {
     const g = await startGrpcGateway(

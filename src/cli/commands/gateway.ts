@@ -106,7 +106,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
   --log-requests            log a line per HTTP request when it ends: its x-request-id (the
                             client's, or a new one), route, status, time, and its tokens
-                            (prompt, cached, completion) and finish reasons
+                            (prompt, cached, completion) and finish reasons; and per gRPC call
+                            its id, method, status and time
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device DEV              where the dense layers (and --local experts) run: cpu (default),
                             cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
@@ -388,7 +389,13 @@ export const gatewayCommand: Command = {
       grpcPort === undefined
         ? null
         : await startGrpcGateway(
-            { ctx, ready: serveReady, apiKeys, maxRequestBytes },
+            {
+              ctx,
+              ready: serveReady,
+              apiKeys,
+              maxRequestBytes,
+              ...(values["log-requests"] ? { logRequest: log } : {}),
+            },
             { port: grpcPort, host },
           );
     handle = appHandler!;
