@@ -6,7 +6,8 @@
 // - objects: with `properties`, written in the schema's order, the `required` ones always,
 //   the others where the model writes them, nothing else; without them, a map when
 //   `additionalProperties` is a schema (keys under `propertyNames`, at most
-//   `maxProperties`), `{}` when it is false, any object otherwise;
+//   `maxProperties`) or with one `patternProperties` (keys matching it, values of its
+//   schema), `{}` when it is false, any object otherwise;
 // - arrays: `items`, `minItems` / `maxItems`, tuples (`prefixItems`, draft 4's `items`
 //   array), `uniqueItems` of constants;
 // - `type` (one or several), `enum` / `const` of strings, numbers, booleans and null,
@@ -121,6 +122,7 @@ const KNOWN = new Set([
   "prefixItems",
   "additionalProperties",
   "propertyNames",
+  "patternProperties",
   "minProperties",
   "maxProperties",
   "uniqueItems",
@@ -251,6 +253,31 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
           names === undefined
             ? null
             : kept(() => namesRule(names, `${at}.propertyNames`, o.tokenBytes));
+        const patterns = s["patternProperties"];
+        if (patterns !== undefined) {
+          // One pattern: the keys written match it (a search, as JSON Schema's patterns are)
+          // and their values follow its schema; keys additionalProperties would allow besides
+          // are not written. Several, or beside properties or propertyNames: refused.
+          if (!isObject(patterns)) return bad(`${at}.patternProperties must be an object`);
+          const entries = Object.entries(patterns);
+          if (entries.length === 1 && props === undefined && names === undefined) {
+            if (minProps > 0 && !lenient)
+              bad(`${at}: minProperties on an object without properties is not supported`);
+            const [pattern, values] = entries[0]!;
+            const where = `${at}.patternProperties[${JSON.stringify(pattern)}]`;
+            return {
+              kind: "map",
+              id: nextId++,
+              values: lazy(values, where),
+              keys: kept(() => namesRule({ type: "string", pattern }, where, o.tokenBytes)),
+              max: maxProps,
+            };
+          }
+          if (!lenient)
+            bad(
+              `${at}: patternProperties is supported as one pattern, without properties or propertyNames`,
+            );
+        }
         if (props === undefined && extra === false) {
           if (minProps > 0) bad(`${at}: minProperties above 0 with additionalProperties false`);
           return { kind: "object", id: nextId++, keys: [], props: [], required: [] };

@@ -494,8 +494,8 @@ describe("what the subset does not cover is refused with 400", () => {
     ["a root that is not an object", { type: "array", items: {} }, /root must be an object/],
     [
       "an unsupported keyword",
-      { type: "object", properties: { s: { type: "object", patternProperties: {} } } },
-      /'patternProperties' is not supported/,
+      { type: "object", properties: { s: { type: "object", not: {} } } },
+      /'not' is not supported/,
     ],
     [
       "oneOf alternatives starting alike, without a discriminator",
@@ -1110,5 +1110,48 @@ describe("a schema's masks", () => {
   it(`equal checking every token in ${unionStates.length} states of a schema of unions`, () => {
     expect(unionStates.some((s) => s.stacks.length > 1)).toBe(true);
     expectExactMasks(unionGrammar, u, unionStates, tokenBytes, V);
+  });
+});
+
+describe("patternProperties: one pattern, as a map", () => {
+  const accepted = (schema: Schema, text: string) => {
+    const r = check(schema, text);
+    return r.refusedAt < 0 && r.done;
+  };
+  // biome-ignore format: a table
+  it.each([
+    {
+      name: "keys match the pattern, values its schema",
+      schema: { type: "object", patternProperties: { "^x-[a-z]+$": { type: "integer" } }, additionalProperties: false },
+      yes: ["{}", '{"x-a":1}', '{"x-a":1,"x-bc":-2}'],
+      no: ['{"y":1}', '{"x-a":"s"}', '{"x-A":1}', '{"x-":1}'],
+    },
+    {
+      name: "a pattern is a search, not anchored",
+      schema: { type: "object", patternProperties: { ab: { type: "boolean" } } },
+      yes: ['{"xaby":true}', '{"ab":false}'],
+      no: ['{"xy":true}', '{"ab":1}'],
+    },
+    {
+      name: "with maxProperties",
+      schema: { type: "object", patternProperties: { "^[a-z]$": {} }, maxProperties: 1 },
+      yes: ['{"a":[1]}'],
+      no: ['{"a":1,"b":2}'],
+    },
+  ])("$name", ({ schema, yes, no }) => {
+    for (const t of yes) expect(accepted(schema, t), t).toBe(true);
+    for (const t of no) expect(accepted(schema, t), t).toBe(false);
+  });
+
+  // biome-ignore format: a table
+  it.each([
+    ["two patterns", { type: "object", patternProperties: { a: {}, b: {} } }],
+    ["beside properties", { type: "object", properties: { a: {} }, patternProperties: { b: {} } }],
+    ["beside propertyNames", { type: "object", propertyNames: { maxLength: 3 }, patternProperties: { b: {} } }],
+    ["not an object", { type: "object", patternProperties: [] }],
+  ])("refuses %s (lenient: not enforced)", (_name, schema) => {
+    expect(() => compileSchema(schema)).toThrow(ApiError);
+    if (_name !== "not an object")
+      expect(() => compileSchema(schema, undefined, { lenient: true })).not.toThrow();
   });
 });
