@@ -120,7 +120,16 @@ export function deepSeekModelCrd(): Json {
           name: VERSION,
           served: true,
           storage: true,
-          subresources: { status: {} },
+          // scale: `kubectl scale dsm NAME --replicas N`, or an HPA / KEDA aimed at the model,
+          // sets the gateway's replicas (spec.gateway.replicas).
+          subresources: {
+            status: {},
+            scale: {
+              specReplicasPath: ".spec.gateway.replicas",
+              statusReplicasPath: ".status.gateway.desiredReplicas",
+              labelSelectorPath: ".status.gateway.selector",
+            },
+          },
           additionalPrinterColumns: [
             {
               name: "Ready",

@@ -730,6 +730,11 @@ const RoleStatus = (role: string) =>
     {
       desiredReplicas: Type.Integer({ description: `Desired ${role} pods.` }),
       readyReplicas: Type.Integer({ description: `Ready ${role} pods.` }),
+      selector: Type.Optional(
+        Type.String({
+          description: `Label selector of the ${role} pods (the scale subresource's, for an HPA).`,
+        }),
+      ),
       queueDepth: Type.Optional(
         Type.Number({ description: `Mean reported queue depth of the ${role} pods.` }),
       ),

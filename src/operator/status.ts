@@ -2,7 +2,7 @@
 // the model, its Deployments and Pods, and the problems the reconciler met.
 import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
 import type { DeepSeekModel, DeepSeekModelStatus, ModelCondition } from "../api/schema.ts";
-import { LABEL_COMPONENT } from "./labels.ts";
+import { LABEL_COMPONENT, labelsFor } from "./labels.ts";
 
 /** A problem that makes the model Degraded: a stable reason and a precise message. */
 export interface Problem {
@@ -85,6 +85,9 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
     o.deployments.filter((d) => d.metadata?.labels?.[LABEL_COMPONENT] === role);
   const gateway = {
     ...roleCounts(byRole("gateway")),
+    selector: Object.entries(labelsFor(model, "gateway"))
+      .map(([k, v]) => `${k}=${v}`)
+      .join(","),
     ...(o.queueDepth?.gateway !== undefined ? { queueDepth: o.queueDepth.gateway } : {}),
   };
   const shards = {

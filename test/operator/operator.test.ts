@@ -158,6 +158,30 @@ describe.sequential("expertmesh operator", () => {
     expect(describe.stdout).toMatch(
       /Normal\s+Created\s+\S+\s+expertmesh-operator\s+created Deployment\/tiny-shard-0/,
     );
+
+    // The scale subresource: kubectl scale (or an HPA aimed at the model) sets the gateway's
+    // replicas; its selector finds the gateway pods.
+    const scaleTo = async (n: number) => {
+      const r = await kubectl(["scale", "dsm", "tiny", `--replicas=${n}`]);
+      expect(r.code, r.stderr).toBe(0);
+      await waitFor(`${n} gateway pods ready`, async () =>
+        (await getModel("default", "tiny")).status?.gateways === `${n}/${n}` ? true : undefined,
+      );
+    };
+    await scaleTo(2);
+    const scale = JSON.parse(
+      (await kubectl(["get", "dsm", "tiny", "--subresource=scale", "-o", "json"])).stdout,
+    );
+    expect(scale).toMatchObject({ kind: "Scale", spec: { replicas: 2 }, status: { replicas: 2 } });
+    const gatewayPods = await core.listNamespacedPod({
+      namespace: "default",
+      labelSelector: scale.status.selector,
+    });
+    expect(gatewayPods.items.map((p) => p.metadata?.labels?.["app.kubernetes.io/component"])).toEqual([
+      "gateway",
+      "gateway",
+    ]);
+    await scaleTo(1);
   });
 
   it("rolls out spec edits: a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones; MTP drafts re-plan with the MTP layer", async () => {
