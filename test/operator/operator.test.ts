@@ -177,10 +177,9 @@ describe.sequential("expertmesh operator", () => {
       namespace: "default",
       labelSelector: scale.status.selector,
     });
-    expect(gatewayPods.items.map((p) => p.metadata?.labels?.["app.kubernetes.io/component"])).toEqual([
-      "gateway",
-      "gateway",
-    ]);
+    expect(
+      gatewayPods.items.map((p) => p.metadata?.labels?.["app.kubernetes.io/component"]),
+    ).toEqual(["gateway", "gateway"]);
     await scaleTo(1);
   });
 
