@@ -23,6 +23,9 @@ export class Startup {
   #phase = "starting";
   #done = false;
   #bytes: { read: () => number; total: number } | null = null;
+  /** stalled(): the step and bytes last seen, and since when (ms). */
+  #mark = "";
+  #since = 0;
 
   constructor(o: StartupOptions) {
     this.#now = o.now ?? Date.now;
@@ -127,9 +130,6 @@ export class Startup {
       ? `no progress for ${idle < 10 ? idle.toFixed(1) : Math.floor(idle)} s while ${p === "starting" ? "starting" : p}: the weights' volume may hang (a network file system, a FUSE mount)`
       : null;
   }
-
-  #mark = "";
-  #since = 0;
 
   /**
    * Calls `onStall` (once) when stalled(seconds) says so, checking every `seconds`/10

@@ -148,6 +148,8 @@ export type SchedulingPolicy = (typeof SCHEDULING_POLICIES)[number];
 export class Scheduler {
   readonly config: SchedulerConfig;
   readonly #blocks: BlockAllocator;
+  /** The priority policy: both lists in (priority, id) order. */
+  readonly #byPriority: boolean;
   #waiting: Sequence[] = [];
   #running: Sequence[] = [];
   /** Tokens of admitted sequences looked up in the prefix cache, and found there. */
@@ -172,8 +174,6 @@ export class Scheduler {
     this.#blocks = blocks;
     this.#byPriority = config.policy === "priority";
   }
-
-  readonly #byPriority: boolean;
 
   get numWaiting(): number {
     return this.#waiting.length;

@@ -12,6 +12,7 @@
 // multipleOf values neither of which divides the other, anyOf in two parts, an enum beside
 // other constraints than a type. Annotations are taken from the first part that has them.
 import { isDeepStrictEqual } from "node:util";
+import { isObject } from "../util/objects.ts";
 
 type Schema = Record<string, unknown>;
 
@@ -53,14 +54,18 @@ export function mergeAllOf(s: Schema, at: string, cx: MergeContext): Schema {
 }
 
 /** The parts of `s`: its allOf's, their $refs resolved, their own allOfs flattened. */
-function flatten(s: unknown, at: string, depth: number, out: Schema[], cx: MergeContext): void {
+function flatten(
+  s: unknown,
+  at: string,
+  depth: number,
+  out: Schema[],
+  cx: MergeContext,
+): undefined {
   if (depth > MAX_DEPTH) cx.bad(`${at}: allOf and $ref nest too deep (a cycle?)`);
   if (s === true) return;
   if (s === false) cx.bad(`${at}: allOf with false allows nothing`);
-  if (typeof s !== "object" || s === null || Array.isArray(s)) {
-    cx.bad(`${at}: a schema must be an object`);
-  }
-  const { allOf, $ref, ...own } = s as Schema;
+  if (!isObject(s)) return cx.bad(`${at}: a schema must be an object`);
+  const { allOf, $ref, ...own } = s;
   if (typeof $ref === "string") flatten(cx.resolve($ref, at), $ref, depth + 1, out, cx);
   else if ($ref !== undefined) cx.bad(`${at}: $ref must be a string`);
   if (allOf !== undefined) {
@@ -182,8 +187,7 @@ function mergeObject(parts: Schema[], out: Schema, at: string, cx: MergeContext)
   }
   const declaring = parts.filter((p) => p["properties"] !== undefined);
   for (const p of declaring)
-    if (typeof p["properties"] !== "object" || p["properties"] === null)
-      cx.bad(`${at}: properties must be an object`);
+    if (!isObject(p["properties"])) cx.bad(`${at}: properties must be an object`);
   const extras = parts.filter((p) => p["additionalProperties"] !== undefined);
   if (declaring.length > 0) {
     const names: string[] = [];

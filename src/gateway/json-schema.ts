@@ -21,6 +21,8 @@
 // A schema without a type is any JSON value (json-mode.ts's automaton). Annotations
 // (`description`, `title`, `default`, ...) are ignored; any other keyword is refused (400)
 // rather than not enforced.
+
+import { isObject } from "../util/objects.ts";
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, GrammarCache, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import {
@@ -1003,8 +1005,4 @@ function utf8(s: string): Uint8Array {
 /** A schema of annotations only: any value. */
 function isAny(s: Record<string, unknown>): boolean {
   return Object.keys(s).every((k) => ANNOTATIONS.has(k));
-}
-
-function isObject(x: unknown): x is Record<string, unknown> {
-  return typeof x === "object" && x !== null && !Array.isArray(x);
 }

@@ -4,6 +4,7 @@
 // `generate_stream`: the prompt and sampling fields as plain JSON). Errors are the
 // protocol's {"error": message}, with our stable `code` and the `param` beside it.
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { isObject } from "../util/objects.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, eventStream } from "./openai.ts";
@@ -191,10 +192,6 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       return reply;
     });
   };
-}
-
-function isObject(x: unknown): x is Record<string, unknown> {
-  return typeof x === "object" && x !== null && !Array.isArray(x);
 }
 
 function objectBody(body: unknown): Record<string, unknown> {

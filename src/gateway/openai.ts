@@ -654,16 +654,17 @@ async function completion(
   const echo = b.echo === true;
   const n = b.n ?? 1;
   const bestOf = bestOfOf(b, n);
-  let spec: JobSpec = {
+  const promptLps = promptLogprobsSpec(b, echo ? (b.logprobs ?? 0) : 0);
+  const spec: JobSpec = {
     ...jobSpec(ctx, b, prompts, b.max_tokens, 16, "prompt"),
     ...outputFormat(ctx, b),
     // best_of: that many choices per prompt, ranked by their tokens' summed logprobs.
     ...(bestOf > n ? { n: bestOf } : {}),
     logprobs: b.logprobs ?? (bestOf > n ? 0 : null),
-    ...promptLogprobsSpec(b, echo ? (b.logprobs ?? 0) : 0),
+    ...promptLps,
+    // echo with logprobs takes the prompt's logprobs too.
+    promptLogprobs: promptLps.promptLogprobs || (echo && b.logprobs != null),
   };
-  // echo with logprobs takes the prompt's logprobs too.
-  if (echo && b.logprobs != null) spec = { ...spec, promptLogprobs: true };
   const wantLogprobs = b.logprobs != null;
   const id = `cmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);

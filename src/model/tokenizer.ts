@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ExpertMeshError } from "../util/errors.ts";
+import { isObject } from "../util/objects.ts";
 
 /**
  * DeepSeek-V3's tool-call tokens (added, not special: decoding keeps them). A call is
@@ -323,10 +324,6 @@ export class Tokenizer {
   encodeChat(messages: readonly ChatMessage[], addGenerationPrompt = false): number[] {
     return this.encode(this.applyChatTemplate(messages, addGenerationPrompt), false);
   }
-}
-
-function isObject(x: unknown): x is Record<string, unknown> {
-  return typeof x === "object" && x !== null && !Array.isArray(x);
 }
 
 /** The text of a special token given as a string or as `{content: ...}` (AddedToken). */
