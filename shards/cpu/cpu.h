@@ -41,6 +41,7 @@ class AlignedBuffer {
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   T* data() { return data_; }
+  const T* data() const { return data_; }
 
  private:
   T* data_;
@@ -60,6 +61,9 @@ struct Gemm {
   int64_t ldy = 0;
   int64_t M = 0, N = 0, K = 0;
   bool accumulate = false;  // y += result instead of y = result
+  // x rows [0, M) already packed for the AMX kernel (amx::pack_x), or null: the AMX tile
+  // function then packs its rows itself. Tiles must then start at rows that are multiples of 16.
+  const uint32_t* x_vnni = nullptr;
 };
 
 // Computes the tile y[m0:m1, n0:n1] of a Gemm on the calling thread. For nn, n0 must
@@ -109,6 +113,18 @@ void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 }  // namespace avx512
+namespace amx {
+// Fewer x rows go to the AVX512_BF16 dot-product kernel, which streams weights faster there
+// (measured at V2-Lite and V3 shapes: 1-3 rows take 1.0-1.6x as long with AMX, 4 rows 0.85x).
+constexpr int64_t kMinRows = 4;
+// Whether the AMX kernel takes this GEMM (bf16 weights, K >= 32, enough rows): then packing x
+// once (pack_x into packed_x_size uint32s, 64-byte aligned) and setting Gemm::x_vnni saves
+// every tile from packing its rows again.
+bool wants(const Gemm& g);
+int64_t packed_x_size(int64_t M, int64_t K);
+void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out);
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+}  // namespace amx
 
 // isa.cpp
 bool isa_supported(em_cpu_isa isa);
@@ -127,6 +143,8 @@ void gemm_nt(Context& ctx, const Gemm& g);
 // gemm_nt with fp32 products whatever the ISA (x never rounded to bf16): the gate's logits.
 void gemm_nt_f32(Context& ctx, const Gemm& g);
 void gemm_nn(Context& ctx, const Gemm& g);
+// amx::pack_x of rows [0, M) on the pool (out: amx::packed_x_size(M, K) uint32s).
+void pack_x_amx(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out);
 
 // Op implementations; arguments were validated by the dispatcher.
 em_status matmul(Context& ctx, const em_tensor* x, const em_tensor* w, em_tensor* y);

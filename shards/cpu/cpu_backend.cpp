@@ -43,16 +43,16 @@ int reads_pages(void*, const em_kv_pages*) { return 1; }  // host memory: every 
 constexpr em_backend_iface kCpuIface = backend_iface<Context>("cpu", destroy, info, supports_op, reads_pages);
 
 // ISA for EM_ISA_AUTO: $EM_CPU_ISA if it names one this CPU supports, else the best one with
-// fp32 products. avx512bf16 rounds x to bf16 in bf16 GEMMs (faster prefill, ~1e-3 relative
-// error, other greedy tokens than the fp32 goldens now and then), so it is opt-in: every
-// machine then computes the same numbers up to summation order.
+// fp32 products. avx512bf16 and amx round x to bf16 in bf16 GEMMs (faster prefill, ~1e-3
+// relative error, other greedy tokens than the fp32 goldens now and then), so they are opt-in:
+// every machine then computes the same numbers up to summation order.
 em_cpu_isa auto_isa() {
   if (const char* env = std::getenv("EM_CPU_ISA")) {
     const int parsed = em_cpu_isa_parse(env);
     if (parsed > EM_ISA_AUTO && isa_supported(static_cast<em_cpu_isa>(parsed))) return static_cast<em_cpu_isa>(parsed);
   }
   const em_cpu_isa best = em_cpu_best_isa();
-  return best == EM_ISA_AVX512_BF16 ? EM_ISA_AVX512 : best;
+  return best >= EM_ISA_AVX512_BF16 ? EM_ISA_AVX512 : best;
 }
 
 }  // namespace
@@ -64,7 +64,7 @@ extern "C" em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend*
   *out = nullptr;
   em_cpu_isa isa = cfg ? cfg->isa : EM_ISA_AUTO;
   if (isa == EM_ISA_AUTO) isa = auto_isa();
-  if (isa < EM_ISA_SCALAR || isa > EM_ISA_AVX512_BF16) return em::fail(EM_ERR_ARG, "unknown ISA %d", static_cast<int>(isa));
+  if (isa < EM_ISA_SCALAR || isa > EM_ISA_AMX) return em::fail(EM_ERR_ARG, "unknown ISA %d", static_cast<int>(isa));
   if (!isa_supported(isa))
     return em::fail(EM_ERR_UNSUPPORTED, "this CPU does not support ISA '%s' (best: '%s')", em_cpu_isa_name(isa),
                     em_cpu_isa_name(em_cpu_best_isa()));

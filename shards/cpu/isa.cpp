@@ -8,6 +8,10 @@
 #if EM_X86
 #include <cpuid.h>
 #endif
+#if EM_X86 && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace em::cpu {
 
@@ -17,7 +21,22 @@ struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA + F16C with YMM state enabled by the OS
   bool avx512 = false;      // AVX-512 F + BW + VL with ZMM state enabled
   bool avx512_bf16 = false;
+  bool amx = false;         // AMX-TILE + AMX-BF16, tile state enabled and granted by the OS
 };
+
+#if EM_X86
+// Linux enables the 8 KiB tile state per process, on request (arch_prctl ARCH_REQ_XCOMP_PERM
+// for XTILEDATA, feature 18); until then a tile instruction faults. Granted for the process and
+// every thread in it. Other systems: not asked, so AMX stays off.
+bool request_tile_state() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -34,10 +53,14 @@ CpuFeatures detect() {
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
   f.avx2 = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw && avx512vl;
+  const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
+  const bool tile_state = (xcr0_lo & 0x60000u) == 0x60000u;  // XTILECFG + XTILEDATA
   if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
+  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && tile_state && request_tile_state();
 #if defined(EM_EMULATE_AVX512)
-  // Test build: the AVX-512 kernels run on SIMDe over AVX2 (avx512_emulation.h).
-  f.avx512 = f.avx512_bf16 = f.avx2;
+  // Test build: the AVX-512 kernels run on SIMDe over AVX2 (avx512_emulation.h), the AMX
+  // kernels' tile instructions in C++ (amx_emulation.h).
+  f.avx512 = f.avx512_bf16 = f.amx = f.avx2;
 #endif
 #endif
   return f;
@@ -60,6 +83,9 @@ const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx512::gemm_nn,   
                          avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx512::gemm_nn,   avx2::silu_mul,
                              avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
+// AMX: the AVX512_BF16 table with the tile unit for nt GEMMs over bf16 weights.
+const Kernels kAmx = {EM_ISA_AMX,        amx::gemm_nt,    avx512::gemm_nn, avx2::silu_mul, avx2::sum_squares,
+                      avx2::scale_mul,   avx2::exp_sum,   avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 #endif
 
 }  // namespace
@@ -70,6 +96,7 @@ bool isa_supported(em_cpu_isa isa) {
     case EM_ISA_AVX2: return features().avx2;
     case EM_ISA_AVX512: return features().avx512;
     case EM_ISA_AVX512_BF16: return features().avx512_bf16;
+    case EM_ISA_AMX: return features().amx;
     default: return false;
   }
 }
@@ -80,6 +107,7 @@ const Kernels& kernels_for(em_cpu_isa isa) {
     case EM_ISA_AVX2: return kAvx2;
     case EM_ISA_AVX512: return kAvx512;
     case EM_ISA_AVX512_BF16: return kAvx512Bf16;
+    case EM_ISA_AMX: return kAmx;
     default: break;
   }
 #endif
@@ -91,6 +119,7 @@ const Kernels& kernels_for(em_cpu_isa isa) {
 
 extern "C" em_cpu_isa em_cpu_best_isa(void) {
   using namespace em::cpu;
+  if (isa_supported(EM_ISA_AMX)) return EM_ISA_AMX;
   if (isa_supported(EM_ISA_AVX512_BF16)) return EM_ISA_AVX512_BF16;
   if (isa_supported(EM_ISA_AVX512)) return EM_ISA_AVX512;
   if (isa_supported(EM_ISA_AVX2)) return EM_ISA_AVX2;
@@ -104,13 +133,14 @@ extern "C" const char* em_cpu_isa_name(em_cpu_isa isa) {
     case EM_ISA_AVX2: return "avx2";
     case EM_ISA_AVX512: return "avx512";
     case EM_ISA_AVX512_BF16: return "avx512bf16";
+    case EM_ISA_AMX: return "amx";
   }
   return "unknown";
 }
 
 extern "C" int em_cpu_isa_parse(const char* name) {
   if (name == nullptr) return -1;
-  for (int i = EM_ISA_AUTO; i <= EM_ISA_AVX512_BF16; ++i) {
+  for (int i = EM_ISA_AUTO; i <= EM_ISA_AMX; ++i) {
     if (std::strcmp(name, em_cpu_isa_name(static_cast<em_cpu_isa>(i))) == 0) return i;
   }
   return -1;

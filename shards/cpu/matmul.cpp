@@ -168,13 +168,31 @@ void run_tiles(Context& ctx, const Gemm& g, GemmTileFn tile, const TilePlan& p) 
 
 void gemm_nt(Context& ctx, const Gemm& g) {
   if (g.M == 0 || g.N == 0) return;
-  run_tiles(ctx, g, ctx.k->gemm_nt, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
+  const TilePlan plan = plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16);
+  if (ctx.isa == EM_ISA_AMX && amx::wants(g)) {
+    // x packed once for every tile (row blocks start at multiples of 16: plan.mb is M or 256).
+    AlignedBuffer<uint32_t> xp(static_cast<size_t>(amx::packed_x_size(g.M, g.K)));
+    pack_x_amx(ctx, g.x, g.ldx, g.M, g.K, xp.data());
+    Gemm packed = g;
+    packed.x_vnni = xp.data();
+    return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
+  }
+  run_tiles(ctx, g, ctx.k->gemm_nt, plan);
+}
+
+void pack_x_amx(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out) {
+  constexpr int64_t kRowsPerItem = 64;
+  const int64_t block = amx::packed_x_size(16, K);
+  ctx.pool.parallel_for(ceil_div(M, kRowsPerItem), [&](int64_t item, int) {
+    const int64_t m0 = item * kRowsPerItem;
+    amx::pack_x(x + m0 * ldx, ldx, std::min(kRowsPerItem, M - m0), K, out + (m0 / 16) * block);
+  });
 }
 
 void gemm_nt_f32(Context& ctx, const Gemm& g) {
   if (g.M == 0 || g.N == 0) return;
-  // The AVX512_BF16 kernel rounds x to bf16 for bf16 weights; the plain AVX-512 one does not.
-  const GemmTileFn tile = ctx.isa == EM_ISA_AVX512_BF16 ? kernels_for(EM_ISA_AVX512).gemm_nt : ctx.k->gemm_nt;
+  // The AVX512_BF16 and AMX kernels round x to bf16 for bf16 weights; the plain AVX-512 one does not.
+  const GemmTileFn tile = ctx.isa >= EM_ISA_AVX512_BF16 ? kernels_for(EM_ISA_AVX512).gemm_nt : ctx.k->gemm_nt;
   run_tiles(ctx, g, tile, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
 }
 

@@ -3,6 +3,7 @@
 // (expert, row block, weight-row block) items so each expert's weights are streamed
 // once for all of its rows, and all threads share the experts of the call.
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "cpu.h"
@@ -42,6 +43,50 @@ std::vector<Item> plan_items(const em_moe_args* a, const std::vector<int64_t>& o
   return items;
 }
 
+// AMX: each expert's rows of src packed once (amx::pack_x) for all of its weight-row blocks
+// (and, in phase 1, for both w1 and w3). at[e]: where expert e's rows start in the buffer, or
+// -1 when its GEMMs do not take the AMX kernel. Null when no expert's do.
+std::unique_ptr<AlignedBuffer<uint32_t>> pack_expert_rows(Context& ctx, const em_moe_args* a, const float* src,
+                                                          int64_t ld, const std::vector<int64_t>& K,
+                                                          const em_tensor* w, std::vector<int64_t>& at) {
+  at.assign(static_cast<size_t>(a->num_experts), -1);
+  if (ctx.isa != EM_ISA_AMX) return nullptr;
+  struct Job {
+    int32_t expert;
+    int64_t m0, m1;  // rows within the expert's
+  };
+  constexpr int64_t kRowsPerJob = 64;
+  std::vector<Job> jobs;
+  int64_t total = 0;
+  for (int32_t e = 0; e < a->num_experts; ++e) {
+    Gemm probe;
+    probe.M = a->expert_offsets[e + 1] - a->expert_offsets[e];
+    probe.K = K[e];
+    probe.w.dtype = w[e].dtype;
+    if (probe.M == 0 || !amx::wants(probe)) continue;
+    at[e] = total;
+    total += amx::packed_x_size(probe.M, probe.K);
+    for (int64_t m = 0; m < probe.M; m += kRowsPerJob) jobs.push_back({e, m, std::min(probe.M, m + kRowsPerJob)});
+  }
+  if (total == 0) return nullptr;
+  auto buf = std::make_unique<AlignedBuffer<uint32_t>>(static_cast<size_t>(total));
+  ctx.pool.parallel_for(static_cast<int64_t>(jobs.size()), [&](int64_t i, int) {
+    const Job& j = jobs[static_cast<size_t>(i)];
+    const int64_t k = K[j.expert];
+    amx::pack_x(src + (a->expert_offsets[j.expert] + j.m0) * ld, ld, j.m1 - j.m0, k,
+                buf->data() + at[j.expert] + (j.m0 / 16) * amx::packed_x_size(16, k));
+  });
+  return buf;
+}
+
+// Item `it`'s rows in a pack_expert_rows buffer (its m0 is 256-aligned within its expert).
+const uint32_t* packed_rows(const AlignedBuffer<uint32_t>* buf, const std::vector<int64_t>& at, const em_moe_args* a,
+                            const Item& it, int64_t K) {
+  if (buf == nullptr || at[it.expert] < 0) return nullptr;
+  const int64_t block = (it.m0 - a->expert_offsets[it.expert]) / 16;
+  return buf->data() + at[it.expert] + block * amx::packed_x_size(16, K);
+}
+
 }  // namespace
 
 em_status moe_ffn(Context& ctx, const em_moe_args* a) {
@@ -79,6 +124,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // Phase 1: h[rows, inter] = silu(x w1^T) * (x w3^T), per (expert, rows, inter block).
   std::vector<float> h(static_cast<size_t>(rows * max_inter));
   const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
+  std::vector<int64_t> x_at;
+  const auto x_packed = pack_expert_rows(ctx, a, x, ldx, dims, a->w1, x_at);
   ctx.pool.parallel_for(static_cast<int64_t>(up_items.size()), [&](int64_t i, int) {
     const Item& it = up_items[static_cast<size_t>(i)];
     const int64_t m = it.m1 - it.m0, n = it.n1 - it.n0;
@@ -89,6 +136,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.M = m;
     g.N = n;
     g.K = dim;
+    g.x_vnni = packed_rows(x_packed.get(), x_at, a, it, dim);
     g.w = weight_view(a->w1[it.expert]).row_slice(it.n0, n);
     g.y = h.data() + it.m0 * max_inter + it.n0;
     g.ldy = max_inter;
@@ -110,6 +158,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   float* out = direct ? y : scratch.data();
   const int64_t ldo = direct ? ldy : dim;
   const std::vector<Item> down_items = plan_items(a, dims, ctx.pool.num_threads());
+  std::vector<int64_t> h_at;
+  const auto h_packed = pack_expert_rows(ctx, a, h.data(), max_inter, inter, a->w2, h_at);
   ctx.pool.parallel_for(static_cast<int64_t>(down_items.size()), [&](int64_t i, int) {
     const Item& it = down_items[static_cast<size_t>(i)];
     Gemm g;
@@ -118,6 +168,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.M = it.m1 - it.m0;
     g.N = it.n1 - it.n0;
     g.K = inter[it.expert];
+    g.x_vnni = packed_rows(h_packed.get(), h_at, a, it, g.K);
     g.w = weight_view(a->w2[it.expert]).row_slice(it.n0, g.N);
     g.y = out + it.m0 * ldo + it.n0;
     g.ldy = ldo;

@@ -304,11 +304,12 @@ typedef struct em_backend {
 
 typedef enum em_cpu_isa {
   EM_ISA_AUTO = 0, /* $EM_CPU_ISA if set and supported, else the best the CPU supports short of
-                      AVX512_BF16 (which rounds x: opt-in) */
+                      AVX512_BF16 and AMX (which round x: opt-in) */
   EM_ISA_SCALAR = 1,
   EM_ISA_AVX2 = 2,       /* AVX2 + FMA + F16C */
   EM_ISA_AVX512 = 3,     /* AVX-512 F/BW/VL */
-  EM_ISA_AVX512_BF16 = 4 /* AVX-512 + AVX512_BF16 (bf16 dot products; x rounded to bf16) */
+  EM_ISA_AVX512_BF16 = 4, /* AVX-512 + AVX512_BF16 (bf16 dot products; x rounded to bf16) */
+  EM_ISA_AMX = 5          /* AVX512_BF16 + AMX-BF16 tiles for bf16-weight GEMMs (x rounded to bf16) */
 } em_cpu_isa;
 
 typedef struct em_cpu_config {
@@ -319,7 +320,7 @@ typedef struct em_cpu_config {
 /* Best ISA this CPU (and OS) supports. */
 em_cpu_isa em_cpu_best_isa(void);
 const char* em_cpu_isa_name(em_cpu_isa isa);
-/* Parses "scalar" | "avx2" | "avx512" | "avx512bf16" | "auto"; returns -1 if unknown. */
+/* Parses "scalar" | "avx2" | "avx512" | "avx512bf16" | "amx" | "auto"; returns -1 if unknown. */
 int em_cpu_isa_parse(const char* name);
 
 /* Creates a CPU backend; EM_ERR_UNSUPPORTED if the requested ISA is not available here. */

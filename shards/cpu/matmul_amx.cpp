@@ -1,0 +1,279 @@
+// AMX (Intel Advanced Matrix Extensions, Sapphire Rapids and later) nt GEMM for bf16 weights:
+// y = x W^T with x rounded to bf16 and fp32 accumulation, as the AVX512_BF16 kernel computes,
+// on the tile unit (one TDPBF16PS is 16 x 16 x 32 multiply-adds).
+//
+// Orientation: the tiles compute y^T = W x^T. W's rows (n) are the A operand, loaded straight
+// from the checkpoint's row-major [N, K] layout with a stride, so weights are never repacked
+// (decode reads each weight byte once, as the dot-product kernels do). x is the B operand, which
+// the tile unit wants in "VNNI" layout: B row r holds, for each of 16 x rows, the bf16 pair at
+// k = 2r, 2r+1. pack_x builds that once per GEMM (the drivers in matmul.cpp and moe.cpp call it
+// and pass the result in Gemm::x_vnni), a 16 x 16 dword transpose per 32 k of 16 x rows; x is
+// small next to W except at large prefill, where it is read from L2/L3 once per 32 weight rows.
+//
+// Register plan (8 tiles of 16 rows x 64 bytes): C0..C3 accumulate a 32 (n) x 32 (m) block of
+// y^T, A4/A5 hold 16 weight rows each, B6/B7 16 x rows each; every loaded tile feeds two
+// products. Edges: a last m block of 16 rows uses the 2 x 1 kernel; a last 16 weight rows the
+// 1 x n kernels; fewer than 16 weight rows, and k past the last multiple of 32, go to the
+// AVX512_BF16 kernel (same numerics).
+//
+// The OS must grant the tile state first (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), done once per
+// process in isa.cpp). Each tile function loads the tile configuration on its thread and
+// releases the tiles when done, so threads that never run AMX code carry no tile state.
+//
+// The emulated test build (CMake -DEM_EMULATE_AVX512=ON) runs this file on any AVX2 machine:
+// the AVX-512 intrinsics come from SIMDe and the six tile instructions from amx_emulation.h.
+#include <algorithm>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "cpu.h"
+#include "simd.h"
+
+#if EM_X86
+#if defined(EM_EMULATE_AVX512) && defined(EM_AVX512_TU)
+#include "amx_emulation.h"
+#define EM_AMX EM_AVX2
+#else
+#define EM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+#endif
+
+namespace em::cpu::amx {
+namespace {
+
+constexpr int64_t kStepK = 32;       // k per tile product
+constexpr int64_t kTileDwords = 256;  // one 16 x 64-byte tile, in 32-bit elements
+
+// The palette-1 configuration: 64 bytes, as LDTILECFG reads them.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// Tiles 0..7: 16 rows of 64 bytes (C: 16 x 16 fp32; A: 16 x 32 bf16; B: 16 x 16 bf16 pairs).
+EM_AMX void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+#if defined(EM_EMULATE_AVX512) && defined(EM_AVX512_TU)
+  _tile_loadconfig(&cfg);
+#else
+  // Not _tile_loadconfig: GCC 12's version hands the asm an 8-byte memory operand, so the
+  // compiler may leave the rest of cfg unwritten when the instruction reads it.
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+#endif
+}
+
+// The four kernels: y^T[32 or 16 n, 32 or 16 m] over `steps` 32-k steps. w: the first weight
+// row at k = 0, ldw its row pitch in bytes; b0/b1: x blocks (packed, step-major); c: 16 x 16
+// fp32 tiles, n-major, one after the other (C0, C1, C2, C3 = (n0,m0), (n0,m1), (n1,m0), (n1,m1)).
+EM_AMX void tiles_2x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
+                      float* c) {
+  const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(6, b0 + s * kTileDwords, 64);
+    _tile_loadd(7, b1 + s * kTileDwords, 64);
+    _tile_loadd(5, w1 + s * kStepK, ldw);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTileDwords, 64);
+  _tile_stored(2, c + 2 * kTileDwords, 64);
+  _tile_stored(3, c + 3 * kTileDwords, 64);
+}
+
+// 32 weight rows x 16 x rows: C0 = (n0, m0), C1 = (n1, m0).
+EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c) {
+  const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(6, b0 + s * kTileDwords, 64);
+    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(5, w1 + s * kStepK, ldw);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTileDwords, 64);
+}
+
+// 16 weight rows x 32 x rows: C0 = (n0, m0), C1 = (n0, m1).
+EM_AMX void tiles_1x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
+                      float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(6, b0 + s * kTileDwords, 64);
+    _tile_loadd(7, b1 + s * kTileDwords, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTileDwords, 64);
+}
+
+EM_AMX void tiles_1x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c) {
+  _tile_zero(0);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(6, b0 + s * kTileDwords, 64);
+    _tile_dpbf16ps(0, 4, 6);
+  }
+  _tile_stored(0, c, 64);
+}
+
+// In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i).
+EM_AVX512 inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j.
+  __m512i u[16];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // Row 4L + j gathers lane L of u[j], u[4 + j], u[8 + j], u[12 + j].
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512i p = _mm512_shuffle_i32x4(u[j], u[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i q = _mm512_shuffle_i32x4(u[j], u[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i p2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i q2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    r[0 + j] = _mm512_shuffle_i32x4(p, p2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + j] = _mm512_shuffle_i32x4(p, p2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + j] = _mm512_shuffle_i32x4(q, q2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + j] = _mm512_shuffle_i32x4(q, q2, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// y[m0 + j, n0 + i] (+)= c[i * 16 + j] for j < mr, i < 16: one C tile written back transposed.
+EM_AVX512 void store_tile(const float* c, float* y, int64_t ldy, int mr, bool overwrite) {
+  __m512i r[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + i * 16);
+  transpose16(r);
+  for (int j = 0; j < mr; ++j) {
+    float* yr = y + j * ldy;
+    const __m512 v = _mm512_castsi512_ps(r[j]);
+    _mm512_storeu_ps(yr, overwrite ? v : _mm512_add_ps(_mm512_loadu_ps(yr), v));
+  }
+}
+
+}  // namespace
+
+int64_t packed_x_size(int64_t M, int64_t K) { return ((M + 15) / 16) * (K / kStepK) * kTileDwords; }
+
+// Block b (x rows 16b .. 16b + 15, rows past M zero), step s: out[(b * steps + s) * 256 + r * 16 + j]
+// = bf16 pair (x[16b + j][32s + 2r], x[16b + j][32s + 2r + 1]), the low half the even k.
+EM_AVX512BF16 void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out) {
+  const int64_t steps = K / kStepK;
+  for (int64_t b = 0; b * 16 < M; ++b) {
+    const int live = static_cast<int>(std::min<int64_t>(16, M - b * 16));
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        if (j < live) {
+          const float* src = x + (b * 16 + j) * ldx + s * kStepK;
+          r[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+        } else {
+          r[j] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(r);
+      uint32_t* dst = out + (b * steps + s) * kTileDwords;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(dst + i * 16, r[i]);
+    }
+  }
+}
+
+bool wants(const Gemm& g) { return g.w.dtype == EM_BF16 && g.K >= kStepK && g.M >= kMinRows; }
+
+EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.w.dtype != EM_BF16 || g.K < kStepK || m1 - m0 < kMinRows || n1 - n0 < 16) {
+    return avx512::gemm_nt_bf16dot(g, m0, m1, n0, n1);
+  }
+  const int64_t steps = g.K / kStepK, k32 = steps * kStepK;
+  // x packed for these rows: the driver's (rows from m0, a multiple of 16) or our own.
+  AlignedBuffer<uint32_t> own(g.x_vnni != nullptr ? 0 : static_cast<size_t>(packed_x_size(m1 - m0, g.K)));
+  const uint32_t* xp = g.x_vnni;
+  if (xp != nullptr) {
+    xp += (m0 / 16) * steps * kTileDwords;
+  } else {
+    pack_x(g.x + m0 * g.ldx, g.ldx, m1 - m0, g.K, own.data());
+    xp = own.data();
+  }
+  const uint16_t* wbase = static_cast<const uint16_t*>(g.w.data);
+  const int64_t ldw = g.w.ld * 2;
+  const int64_t n16 = n0 + ((n1 - n0) & ~int64_t{15});
+  const int64_t mblocks = (m1 - m0 + 15) / 16;
+  const int64_t block_dwords = steps * kTileDwords;
+  alignas(64) float c[4 * kTileDwords];
+  configure_tiles();
+  for (int64_t n = n0; n < n16;) {
+    const int nt = n + 32 <= n16 ? 2 : 1;
+    const uint16_t* w = wbase + n * g.w.ld;
+    for (int64_t b = 0; b < mblocks;) {
+      const int mt = b + 2 <= mblocks ? 2 : 1;
+      const uint32_t* b0 = xp + b * block_dwords;
+      if (nt == 2 && mt == 2) {
+        tiles_2x2(w, ldw, b0, b0 + block_dwords, steps, c);
+      } else if (nt == 2) {
+        tiles_2x1(w, ldw, b0, steps, c);
+      } else if (mt == 2) {
+        tiles_1x2(w, ldw, b0, b0 + block_dwords, steps, c);
+      } else {
+        tiles_1x1(w, ldw, b0, steps, c);
+      }
+      for (int i = 0; i < nt; ++i) {
+        for (int j = 0; j < mt; ++j) {
+          const int64_t m = m0 + (b + j) * 16;
+          const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m));
+          store_tile(c + (i * mt + j) * kTileDwords, g.y + m * g.ldy + n + i * 16, g.ldy, mr, !g.accumulate);
+        }
+      }
+      b += mt;
+    }
+    n += 16 * nt;
+  }
+  _tile_release();
+  // The k past the last multiple of 32 (added), and weight rows past the last 16 (whole).
+  if (k32 < g.K) {
+    Gemm tail = g;
+    tail.x = g.x + k32;
+    tail.w.data = wbase + k32;
+    tail.K = g.K - k32;
+    tail.accumulate = true;
+    tail.x_vnni = nullptr;
+    avx512::gemm_nt_bf16dot(tail, m0, m1, n0, n16);
+  }
+  if (n16 < n1) avx512::gemm_nt_bf16dot(g, m0, m1, n16, n1);
+}
+
+}  // namespace em::cpu::amx
+#endif  // EM_X86
