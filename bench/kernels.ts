@@ -28,7 +28,7 @@ interface AddonWeight {
   data: Float32Array | Uint16Array;
 }
 
-interface Addon {
+export interface Addon {
   backendInfo(): { backend: string; isa: string; threads: number; availableIsas: string[] };
   configure(o: { isa?: string; threads?: number }): { isa: string; threads: number };
   matmul(x: Float32Array, rows: number, w: AddonWeight): Float32Array;
@@ -42,7 +42,7 @@ interface Addon {
   }): Float32Array;
 }
 
-function loadAddon(): Addon {
+export function loadAddon(): Addon {
   const path =
     process.env["EM_NATIVE_ADDON"] ?? join(REPO_ROOT, "shards", "build", "expertmesh.node");
   return createRequire(import.meta.url)(path) as Addon;
@@ -195,7 +195,7 @@ function bf16ToF32(src: Uint16Array): Float32Array {
 /** Runs `calls` calls and returns the wall seconds they took. */
 type Runner = (calls: number) => Promise<number>;
 
-interface SideSetup {
+export interface SideSetup {
   run: Runner;
   weightBytes: number;
   copies: number;
@@ -207,7 +207,7 @@ function copiesFor(setBytes: number, coldBytes: number): number {
   return Math.max(1, Math.min(256, Math.ceil(coldBytes / setBytes)));
 }
 
-function oursSetup(
+export function oursSetup(
   addon: Addon,
   op: "matmul" | "ffn",
   m: ModelShape,
@@ -303,7 +303,7 @@ function oursSetup(
   };
 }
 
-async function peerSetup(
+export async function peerSetup(
   worker: LineClient,
   key: string,
   lib: "torch" | "numpy",
@@ -341,7 +341,11 @@ async function peerSetup(
 
 // ------------------------------------------------------------------ the suite
 
-function gemmsOf(op: "matmul" | "ffn", m: ModelShape, t: number): [number, number, number][] {
+export function gemmsOf(
+  op: "matmul" | "ffn",
+  m: ModelShape,
+  t: number,
+): [number, number, number][] {
   return op === "matmul"
     ? [[t, m.inter, m.hidden]]
     : [
@@ -351,7 +355,7 @@ function gemmsOf(op: "matmul" | "ffn", m: ModelShape, t: number): [number, numbe
       ];
 }
 
-function paired(a: number[], b: number[], f: (x: number, y: number) => number): number[] {
+export function paired(a: number[], b: number[], f: (x: number, y: number) => number): number[] {
   const n = Math.min(a.length, b.length);
   const out: number[] = [];
   for (let i = 0; i < n; i++) out.push(f(a[i]!, b[i]!));

@@ -12,6 +12,7 @@ import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
+import { isaTables } from "./isa.ts";
 import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { kvCacheTables } from "./kv-cache.ts";
@@ -461,6 +462,7 @@ export const SUITES = [
   "pool",
   "dtype",
   "priority",
+  "isa",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -477,7 +479,8 @@ export const TABLES_ONLY: Record<
   | "kvcache"
   | "pool"
   | "dtype"
-  | "priority",
+  | "priority"
+  | "isa",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -489,6 +492,7 @@ export const TABLES_ONLY: Record<
   pool: poolTables,
   priority: priorityTables,
   dtype: dtypeTables,
+  isa: isaTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

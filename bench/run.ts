@@ -17,6 +17,7 @@ import { autoscaleTables } from "./autoscale-report.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
+import { runIsa } from "./isa.ts";
 import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
 import { runKvCache } from "./kv-cache.ts";
@@ -60,6 +61,7 @@ const RUN_TABLES_ONLY: Record<
   pool: runPool,
   dtype: runDtype,
   priority: runPriority,
+  isa: runIsa,
 };
 
 async function main(): Promise<number> {

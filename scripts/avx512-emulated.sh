@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The native engine's C++ tests once more, with the AVX-512 and AVX512_BF16 kernels emulated:
-# on a machine without AVX-512 (every development and CI machine so far) those kernels never
-# run otherwise, yet they are what most x86 servers select. SIMDe (header-only, from its PyPI
-# sdist, pinned by sha256, cached) supplies the AVX-512 intrinsics as AVX2 code, and the
-# build reports the emulated ISAs as present, so every test also runs them (shards/cpu/
-# avx512_emulation.h says what this checks and what it cannot). Called by `npm test`.
+# The native engine's C++ tests once more, with the AVX-512, AVX512_BF16 and AMX kernels
+# emulated: on a machine without them (most development and CI machines so far) those kernels
+# never run otherwise, yet they are what most x86 servers select. SIMDe (header-only, from its
+# PyPI sdist, pinned by sha256, cached) supplies the AVX-512 intrinsics as AVX2 code,
+# shards/cpu/amx_emulation.h the tile instructions, and the build reports the emulated ISAs as
+# present, so every test also runs them (avx512_emulation.h and amx_emulation.h say what this
+# checks and what it cannot). Called by `npm test`.
 #
 # Needs an x86-64 CPU with AVX2; elsewhere there are no AVX-512 kernels to test and it says
 # so. Environment: EM_BUILD_JOBS (default: number of CPUs), EXPERTMESH_CACHE_DIR.
@@ -60,8 +61,8 @@ addon=$(EM_BUILD_DIR="$build" EM_CUDA=OFF EM_BUILD_JOBS="$jobs" \
   die "build or C++ tests failed with emulated AVX-512 (above; whole log $build.log)"
 }
 grep -E "tests passed|Test +#" "$build.log" >&2 || true
-# The tests cover every ISA up to the best one the build reports: make sure that was avx512bf16.
-"$build/test_matmul" | grep -q "CPU kernels up to avx512bf16" || die "the build did not offer the emulated ISAs"
+# The tests cover every ISA up to the best one the build reports: make sure that was amx.
+"$build/test_matmul" | grep -q "CPU kernels up to amx" || die "the build did not offer the emulated ISAs"
 
 # The whole engine on the default ISA such a machine picks (avx512), against the goldens.
 vitest="$root/node_modules/vitest/vitest.mjs"

@@ -538,7 +538,7 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
     const Napi::Value isa = o.Get("isa");
     if (present(isa)) {
       const int parsed = isa.IsString() ? em_cpu_isa_parse(isa.As<Napi::String>().Utf8Value().c_str()) : -1;
-      if (parsed < 0) arg_error(env, "isa must be 'auto', 'scalar', 'avx2', 'avx512' or 'avx512bf16'");
+      if (parsed < 0) arg_error(env, "isa must be 'auto', 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx'");
       cfg.isa = static_cast<em_cpu_isa>(parsed);
     }
     cfg.num_threads = static_cast<int32_t>(integer_or(env, o, "threads", 0, 0));

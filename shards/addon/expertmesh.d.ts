@@ -23,7 +23,7 @@ export interface Weight {
   scale?: Float32Array;
 }
 
-export type Isa = "scalar" | "avx2" | "avx512" | "avx512bf16";
+export type Isa = "scalar" | "avx2" | "avx512" | "avx512bf16" | "amx";
 
 /** Exported op functions (the keys of BackendInfo.ops). */
 export type OpFunction =

@@ -230,11 +230,14 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
 
 /**
  * The flags of both roles for spec.model: `--dtype` when the manifest serves the weights in
- * another dtype than the checkpoint's (none for auto).
+ * another dtype than the checkpoint's (none for auto), `--cpu-matmul=bf16` when asked for.
  */
 export function modelArgs(model: DeepSeekModel): string[] {
-  const d = model.spec.model.dtype;
-  return d === "auto" ? [] : [`--dtype=${d}`];
+  const { dtype, cpuMatmul } = model.spec.model;
+  return [
+    ...(dtype === "auto" ? [] : [`--dtype=${dtype}`]),
+    ...(cpuMatmul === "bf16" ? ["--cpu-matmul=bf16"] : []),
+  ];
 }
 
 /** The gateway's KV cache flags (spec.gateway.kvCache). */

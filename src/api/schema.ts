@@ -221,6 +221,11 @@ export const ModelSchema = withRules(
           "Dtype of the linear layers' weights (attention projections, dense MLPs, experts), converted as they load: auto keeps the checkpoint's; fp8 is DeepSeek-V3's e4m3 with 128x128 block scales (half a bf16 checkpoint's memory). Embeddings, LM head, norms and router keep the checkpoint's dtype.",
         default: "auto",
       }),
+      cpuMatmul: StringEnum(["fp32", "bf16"], {
+        description:
+          "How the CPU backend multiplies activations by bf16 weights (both roles; GPU devices are unaffected): fp32 keeps the activations in fp32 (the default); bf16 rounds them to bf16, as PyTorch's bf16 Linear does, and runs on AMX tiles or AVX512_BF16 where the CPU has them (several times faster prefill, ~1e-3 relative error); a CPU with neither keeps fp32.",
+        default: "fp32",
+      }),
     },
     {
       description:

@@ -1,7 +1,13 @@
 // --backend and --device of the commands that run the model (shard, gateway, generate):
 // one place that picks the Backend, so the three agree on names, defaults and errors.
 import type { Backend } from "../engine/backend.ts";
-import { DEVICE_HELP, type NativeInfo, nativeBackend } from "../engine/native.ts";
+import {
+  CPU_MATMULS,
+  type CpuMatmul,
+  DEVICE_HELP,
+  type NativeInfo,
+  nativeBackend,
+} from "../engine/native.ts";
 import { referenceBackend } from "../engine/reference.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -15,13 +21,15 @@ export interface SelectedBackend {
 
 /**
  * The Backend for `--backend` (native, default, or reference) on `--device` (cpu, default,
- * cuda or cuda:N). Throws EM_CLI_USAGE for unknown names and for a device with the
- * reference backend, and the addon's EM_NATIVE_UNSUPPORTED / EM_NATIVE_ARG when the
- * device is not there (this build has no CUDA, no CUDA device) or is not a device string.
+ * cuda or cuda:N), its CPU kernels chosen by `--cpu-matmul` (fp32, default, or bf16).
+ * Throws EM_CLI_USAGE for unknown names and for a device or bf16 matmuls with the reference
+ * backend, and the addon's EM_NATIVE_UNSUPPORTED / EM_NATIVE_ARG when the device is not
+ * there (this build has no CUDA, no CUDA device) or is not a device string.
  */
 export function selectBackend(
   backendFlag: string | undefined,
   deviceFlag: string | undefined,
+  cpuMatmulFlag?: string,
 ): SelectedBackend {
   const name = backendFlag ?? "native";
   const device = deviceFlag ?? "cpu";
@@ -30,18 +38,32 @@ export function selectBackend(
       "EM_CLI_USAGE",
       `--backend must be native or reference, got '${name}'`,
     );
+  if (cpuMatmulFlag !== undefined && !(CPU_MATMULS as readonly string[]).includes(cpuMatmulFlag))
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--cpu-matmul must be ${CPU_MATMULS.join(" or ")}, got '${cpuMatmulFlag}'`,
+    );
+  const cpuMatmul = cpuMatmulFlag as CpuMatmul | undefined;
   if (name === "reference") {
     if (device !== "cpu")
       throw new ExpertMeshError(
         "EM_CLI_USAGE",
         `--device ${device}: the reference backend runs on the CPU only (use --backend native)`,
       );
+    if (cpuMatmul === "bf16")
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        "--cpu-matmul bf16: the reference backend computes in fp32 only (use --backend native)",
+      );
     return { backend: referenceBackend, device, summary: "reference backend (TypeScript, CPU)" };
   }
   if (device === "")
     throw new ExpertMeshError("EM_CLI_USAGE", `--device must be ${DEVICE_HELP}, got ''`);
-  const backend = nativeBackend({ device });
-  return { backend, device: backend.info.device, summary: backendSummary(backend.info) };
+  const backend = nativeBackend({ device, ...(cpuMatmul ? { cpuMatmul } : {}) });
+  let summary = backendSummary(backend.info);
+  if (cpuMatmul === "bf16" && !["amx", "avx512bf16"].includes(backend.info.cpu.isa))
+    summary += "; --cpu-matmul bf16: this CPU has neither AMX nor AVX512_BF16, so fp32 products";
+  return { backend, device: backend.info.device, summary };
 }
 
 /** "native backend on cuda:0 (cuda sm_90, 132 SMs; on the CPU (avx512, 16 threads): sample, ...)". */

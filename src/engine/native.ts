@@ -108,9 +108,13 @@ export const DEVICE_HELP = "cpu | cuda | cuda:N";
  * Throws ExpertMeshError: EM_NATIVE_UNSUPPORTED when the device is not there (no CUDA in
  * this build, no CUDA device), EM_NATIVE_ARG for a string that is not a device.
  */
-export function configureDevice(device: string, addon: Addon = loadAddon()): NativeInfo {
+export function configureDevice(
+  device: string,
+  addon: Addon = loadAddon(),
+  isa?: string,
+): NativeInfo {
   try {
-    return addon.configure({ device });
+    return addon.configure({ device, ...(isa ? { isa } : {}) });
   } catch (e) {
     const code = (e as { code?: unknown }).code;
     if (typeof code === "string" && code in ERROR_CODES) {
@@ -124,13 +128,36 @@ export function configureDevice(device: string, addon: Addon = loadAddon()): Nat
   }
 }
 
-/** The Backend over the addon; with `device`, configures the addon for it first. */
+/** How the CPU backend multiplies by bf16 weights (`--cpu-matmul`, spec.model.cpuMatmul). */
+export const CPU_MATMULS = ["fp32", "bf16"] as const;
+export type CpuMatmul = (typeof CPU_MATMULS)[number];
+
+/**
+ * The CPU ISA for `--cpu-matmul`: bf16 takes AMX tiles, else AVX512_BF16 dot products, where
+ * the CPU has them (x rounded to bf16); fp32, or a CPU with neither, the default (fp32
+ * products). undefined: the addon's default (auto, or $EM_CPU_ISA).
+ */
+export function cpuIsaFor(matmul: CpuMatmul, available: readonly string[]): string | undefined {
+  if (matmul === "fp32") return undefined;
+  return ["amx", "avx512bf16"].find((isa) => available.includes(isa));
+}
+
+/**
+ * The Backend over the addon; with `device`, configures the addon for it first, and with
+ * `cpuMatmul` its CPU backend (cpuIsaFor).
+ */
 export function nativeBackend(
-  options: { device?: string; addon?: Addon } = {},
+  options: { device?: string; addon?: Addon; cpuMatmul?: CpuMatmul } = {},
 ): Backend & { info: NativeInfo } {
   const addon = options.addon ?? loadAddon();
+  const isa =
+    options.cpuMatmul === undefined
+      ? undefined
+      : cpuIsaFor(options.cpuMatmul, addon.backendInfo().availableIsas);
   const info =
-    options.device === undefined ? addon.backendInfo() : configureDevice(options.device, addon);
+    options.device === undefined && isa === undefined
+      ? addon.backendInfo()
+      : configureDevice(options.device ?? addon.backendInfo().device, addon, isa);
   return {
     name: "native",
     info,

@@ -1,11 +1,11 @@
 // The engine against the goldens (Hugging Face transformers patched to follow DeepSeek's
 // reference; see docs/fidelity.md), on both backends: the native kernels, and the
 // TypeScript reference, which checks the model code independently of the kernels.
-import { describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Backend } from "../../src/engine/backend.ts";
 import { generate } from "../../src/engine/generate.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
-import { nativeBackend } from "../../src/engine/native.ts";
+import { cpuIsaFor, loadAddon, nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
 import { localModel, maxAbsDiff, readGolden, tinyCheckpointFor } from "../support/golden.ts";
 
@@ -47,4 +47,41 @@ describe.each(backends)("%s backend", (_name, backend) => {
       expect(tokens).toEqual(golden.greedy.tokens);
     });
   });
+});
+
+// --cpu-matmul bf16: activations rounded to bf16 in the bf16-weight GEMMs (AMX tiles or
+// AVX512_BF16 where this CPU has them; on a CPU with neither this is the fp32 path again).
+// Rounding x costs ~2^-9 relative per product; in these tiny random models that now and then
+// flips a near-tie expert choice, which moves a few logits by up to ~8% of the largest (measured:
+// mean error 0.1-0.4%, max 0.4-8%). The bounds leave room for that and none for a wrong tile
+// layout or write-back, which puts every logit off by about the logits' own size.
+describe("native backend, --cpu-matmul bf16", () => {
+  let backend: ReturnType<typeof nativeBackend>;
+  beforeAll(() => {
+    backend = nativeBackend({ cpuMatmul: "bf16" });
+  });
+  afterAll(() => {
+    loadAddon().configure({ isa: "auto" });
+  });
+
+  it("runs the bf16 kernels this CPU has", () => {
+    const bf16 = cpuIsaFor("bf16", backend.info.availableIsas);
+    if (bf16) expect(backend.info.cpu.isa).toBe(bf16);
+    else expect(["scalar", "avx2", "avx512"]).toContain(backend.info.cpu.isa);
+  });
+
+  it.each(["tiny-v2", "tiny-v3"] as const)(
+    "%s: logits within 1%% (mean) and 15%% (max) of max|logit| of the golden",
+    async (name) => {
+      const golden = readGolden(name);
+      const { weights, model } = await localModel(await tinyCheckpointFor(name), backend);
+      for (const p of golden.prompts) {
+        const logits = await model.forward(p.token_ids, new SequenceCache(weights.config));
+        let sum = 0;
+        for (let i = 0; i < logits.length; i++) sum += Math.abs(logits[i]! - p.logits[i]!);
+        expect(sum / logits.length).toBeLessThanOrEqual(1e-2 * p.max_abs_logit);
+        expect(maxAbsDiff(logits, p.logits)).toBeLessThanOrEqual(0.15 * p.max_abs_logit);
+      }
+    },
+  );
 });

@@ -474,6 +474,27 @@ describe("serving commands on bad input", () => {
     }
   });
 
+  it("--cpu-matmul: int8 ends shard, gateway and generate with EM_CLI_USAGE; bf16 generates", async () => {
+    const runs = await Promise.all([
+      shard(plans["tiny-v3"]!, "--cpu-matmul=int8"),
+      expertmesh(["gateway", "--local", `--model=${dir}`, "--cpu-matmul=int8"]),
+      expertmesh(["generate", `--model=${dir}`, "--prompt=Hi", "--cpu-matmul=int8"]),
+    ]);
+    for (const r of runs) {
+      expect(r.code).toBe(1);
+      expect(r.stderr).toContain("[EM_CLI_USAGE] --cpu-matmul must be fp32 or bf16, got 'int8'");
+    }
+    const ok = await expertmesh([
+      "generate",
+      `--model=${dir}`,
+      "--prompt=Hi",
+      "--max-tokens=4",
+      "--cpu-matmul=bf16",
+    ]);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stdout.length).toBeGreaterThan(0);
+  });
+
   it("--shutdown-delay: after SIGTERM /ready says draining and requests are still served, then it stops", async () => {
     for (const bad of ["x", "-1", "301"]) {
       const r = await expertmesh([

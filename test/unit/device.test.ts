@@ -6,7 +6,7 @@ import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { backendSummary, selectBackend } from "../../src/cli/device.ts";
-import { configureDevice, loadAddon, nativeBackend } from "../../src/engine/native.ts";
+import { configureDevice, cpuIsaFor, loadAddon, nativeBackend } from "../../src/engine/native.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
 const addon = loadAddon();
@@ -131,6 +131,38 @@ describe("selectBackend (--backend, --device)", () => {
     expect(text).toBe(
       "native backend on cuda:0 (cuda sm_90, 132 SMs; on the CPU (avx2, 16 threads): sample, matmul (fp8))",
     );
+  });
+});
+
+describe("--cpu-matmul fp32|bf16", () => {
+  it.each([
+    ["fp32", ["scalar", "avx2", "avx512", "avx512bf16", "amx"], undefined],
+    ["bf16", ["scalar", "avx2", "avx512", "avx512bf16", "amx"], "amx"],
+    ["bf16", ["scalar", "avx2", "avx512", "avx512bf16"], "avx512bf16"],
+    ["bf16", ["scalar", "avx2", "avx512"], undefined],
+    ["bf16", ["scalar"], undefined],
+  ] as const)("cpuIsaFor(%s, %j) = %s", (matmul, isas, want) => {
+    expect(cpuIsaFor(matmul, isas)).toBe(want);
+  });
+
+  it("refuses other values, and bf16 on the reference backend", () => {
+    expect(codeOf(() => selectBackend(undefined, "cpu", "int8"))).toBe("EM_CLI_USAGE");
+    expect(codeOf(() => selectBackend("reference", "cpu", "bf16"))).toBe("EM_CLI_USAGE");
+    expect(selectBackend("reference", "cpu", "fp32").backend.name).toBe("reference");
+  });
+
+  it("bf16 runs this CPU's bf16 kernels, or says it keeps fp32; fp32 goes back", () => {
+    const s = selectBackend(undefined, "cpu", "bf16");
+    const want = cpuIsaFor("bf16", addon.backendInfo().availableIsas);
+    const info = addon.backendInfo();
+    if (want) {
+      expect(info.cpu.isa).toBe(want);
+      expect(s.summary).toBe(`native backend on cpu (${want}, ${info.threads} threads)`);
+    } else {
+      expect(s.summary).toContain("this CPU has neither AMX nor AVX512_BF16, so fp32 products");
+    }
+    selectBackend(undefined, "cpu", "fp32");
+    expect(["scalar", "avx2", "avx512"]).toContain(addon.backendInfo().cpu.isa);
   });
 });
 

@@ -113,6 +113,23 @@ describe("desiredObjects", () => {
     expect(dtypeArgs("fp8")).toEqual(Array(5).fill(["--dtype=fp8"]));
   });
 
+  it("passes spec.model.cpuMatmul bf16 to gateways and shards as --cpu-matmul, nothing for fp32", () => {
+    const args = (cpuMatmul: "fp32" | "bf16") => {
+      const m = manifest();
+      const served = { ...m, spec: { ...m.spec, model: { ...m.spec.model, cpuMatmul } } };
+      const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+      return desiredObjects(served, plan, specReplicas(served, plan))
+        .filter((o) => o.kind === "Deployment")
+        .map((o) =>
+          ((o as any).spec.template.spec.containers[0].args as string[]).filter((a) =>
+            a.startsWith("--cpu-matmul"),
+          ),
+        );
+    };
+    expect(args("fp32")).toEqual([[], [], [], [], []]);
+    expect(args("bf16")).toEqual(Array(5).fill(["--cpu-matmul=bf16"]));
+  });
+
   it("gateways keep serving 5 s after SIGTERM, within the pod's grace period", () => {
     const gw = objects("").find((o) => o.metadata?.name === "m-gateway") as any;
     const pod = gw.spec.template.spec;

@@ -26,6 +26,8 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --chat                wrap the prompt in the model's chat template
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
+  --cpu-matmul fp32|bf16  how the CPU multiplies by bf16 weights: fp32 (default) or bf16
+                        (activations rounded to bf16: AMX or AVX512_BF16 where the CPU has them)
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
   --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
@@ -50,6 +52,7 @@ export const generateCommand: Command = {
         chat: { type: "boolean" },
         backend: { type: "string" },
         device: { type: "string" },
+        "cpu-matmul": { type: "string" },
         distributed: { type: "boolean" },
         nats: { type: "string" },
         plan: { type: "string" },
@@ -76,7 +79,7 @@ export const generateCommand: Command = {
         "EM_CLI_USAGE",
         `--top-p must be in (0, 1], got '${values["top-p"]}'`,
       );
-    const selected = selectBackend(values.backend, values.device);
+    const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
     const backend = selected.backend;
     // Before the weights: a wrong --plan path fails at once.
     const plan =
