@@ -12,7 +12,8 @@
 //
 // Register plan (8 tiles of 16 rows x 64 bytes): C0..C3 accumulate a 32 (n) x 32 (m) block of
 // y^T, A4/A5 hold 16 weight rows each, B6/B7 16 x rows each; every loaded tile feeds two
-// products. Edges: a last m block of 16 rows uses the 2 x 1 kernel; a last 16 weight rows the
+// products. K is cut into slices (slice_k) so a slice of packed x stays in L2 while all the
+// tile's weight rows stream past it; the accumulators live in memory between slices. Edges: a last m block of 16 rows uses the 2 x 1 kernel; a last 16 weight rows the
 // 1 x n kernels; fewer than 16 weight rows, and k past the last multiple of 32, go to the
 // AVX512_BF16 kernel (same numerics).
 //
@@ -72,16 +73,24 @@ EM_AMX void configure_tiles() {
 #endif
 }
 
-// The four kernels: y^T[32 or 16 n, 32 or 16 m] over `steps` 32-k steps. w: the first weight
-// row at k = 0, ldw its row pitch in bytes; b0/b1: x blocks (packed, step-major); c: 16 x 16
-// fp32 tiles, n-major, one after the other (C0, C1, C2, C3 = (n0,m0), (n0,m1), (n1,m0), (n1,m1)).
+// The four kernels: y^T[32 or 16 n, 32 or 16 m] += W x^T over `steps` 32-k steps. w: the first
+// weight row at the slice's first k, ldw its row pitch in bytes; b0/b1: x blocks (packed, at the
+// slice's first step); c: the accumulator of tile (n0, m0), 16 x 16 fp32; the tile for m1 is
+// 256 floats on, for n1 `cstride` floats on. `fresh`: start from zero instead of c.
+#define EM_AMX_C_IN(t, p) \
+  if (fresh) {            \
+    _tile_zero(t);        \
+  } else {                \
+    _tile_loadd(t, p, 64); \
+  }
+
 EM_AMX void tiles_2x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
-                      float* c) {
+                      float* c, int64_t cstride, bool fresh) {
   const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  EM_AMX_C_IN(0, c)
+  EM_AMX_C_IN(1, c + kTileDwords)
+  EM_AMX_C_IN(2, c + cstride)
+  EM_AMX_C_IN(3, c + cstride + kTileDwords)
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, w + s * kStepK, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
@@ -94,15 +103,16 @@ EM_AMX void tiles_2x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const 
   }
   _tile_stored(0, c, 64);
   _tile_stored(1, c + kTileDwords, 64);
-  _tile_stored(2, c + 2 * kTileDwords, 64);
-  _tile_stored(3, c + 3 * kTileDwords, 64);
+  _tile_stored(2, c + cstride, 64);
+  _tile_stored(3, c + cstride + kTileDwords, 64);
 }
 
-// 32 weight rows x 16 x rows: C0 = (n0, m0), C1 = (n1, m0).
-EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c) {
+// 32 weight rows x 16 x rows.
+EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c, int64_t cstride,
+                      bool fresh) {
   const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
-  _tile_zero(0);
-  _tile_zero(1);
+  EM_AMX_C_IN(0, c)
+  EM_AMX_C_IN(1, c + cstride)
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(6, b0 + s * kTileDwords, 64);
     _tile_loadd(4, w + s * kStepK, ldw);
@@ -111,14 +121,14 @@ EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_
     _tile_dpbf16ps(1, 5, 6);
   }
   _tile_stored(0, c, 64);
-  _tile_stored(1, c + kTileDwords, 64);
+  _tile_stored(1, c + cstride, 64);
 }
 
-// 16 weight rows x 32 x rows: C0 = (n0, m0), C1 = (n0, m1).
+// 16 weight rows x 32 x rows.
 EM_AMX void tiles_1x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
-                      float* c) {
-  _tile_zero(0);
-  _tile_zero(1);
+                      float* c, bool fresh) {
+  EM_AMX_C_IN(0, c)
+  EM_AMX_C_IN(1, c + kTileDwords)
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, w + s * kStepK, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
@@ -130,8 +140,8 @@ EM_AMX void tiles_1x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const 
   _tile_stored(1, c + kTileDwords, 64);
 }
 
-EM_AMX void tiles_1x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c) {
-  _tile_zero(0);
+EM_AMX void tiles_1x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c, bool fresh) {
+  EM_AMX_C_IN(0, c)
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, w + s * kStepK, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
@@ -139,6 +149,7 @@ EM_AMX void tiles_1x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_
   }
   _tile_stored(0, c, 64);
 }
+#undef EM_AMX_C_IN
 
 // In-register transpose of a 16 x 16 matrix of 32-bit elements (r[i] = row i).
 EM_AVX512 inline void transpose16(__m512i r[16]) {
@@ -214,6 +225,14 @@ EM_AVX512BF16 void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uin
 
 bool wants(const Gemm& g) { return g.w.dtype == EM_BF16 && g.K >= kStepK && g.M >= kMinRows; }
 
+// k per slice: the x rows' packed slice stays within ~512 KiB (L2) while every weight-row pair
+// streams past it, instead of the whole row block (256 rows x 7168 k is 3.5 MiB) coming from L3
+// once per pair. A multiple of 32; whole K for up to 64 rows at K <= 4096.
+int64_t slice_k(int64_t rows, int64_t K) {
+  const int64_t kc = std::max<int64_t>(256, (int64_t{512} * 1024 / 2 / std::max<int64_t>(rows, 16)) & ~int64_t{31});
+  return std::min(kc, K & ~int64_t{31});
+}
+
 EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (g.w.dtype != EM_BF16 || g.K < kStepK || m1 - m0 < kMinRows || n1 - n0 < 16) {
     return avx512::gemm_nt_bf16dot(g, m0, m1, n0, n1);
@@ -231,37 +250,45 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const uint16_t* wbase = static_cast<const uint16_t*>(g.w.data);
   const int64_t ldw = g.w.ld * 2;
   const int64_t n16 = n0 + ((n1 - n0) & ~int64_t{15});
-  const int64_t mblocks = (m1 - m0 + 15) / 16;
+  const int64_t mblocks = (m1 - m0 + 15) / 16, nblocks = (n16 - n0) / 16;
   const int64_t block_dwords = steps * kTileDwords;
-  alignas(64) float c[4 * kTileDwords];
+  // The accumulators of the whole tile, 16 x 16 fp32 per (n block, m block), across k slices.
+  const int64_t cstride = mblocks * kTileDwords;  // from one n block to the next
+  AlignedBuffer<float> acc(static_cast<size_t>(nblocks * cstride));
+  const int64_t kc = slice_k(m1 - m0, g.K);
   configure_tiles();
-  for (int64_t n = n0; n < n16;) {
-    const int nt = n + 32 <= n16 ? 2 : 1;
-    const uint16_t* w = wbase + n * g.w.ld;
-    for (int64_t b = 0; b < mblocks;) {
-      const int mt = b + 2 <= mblocks ? 2 : 1;
-      const uint32_t* b0 = xp + b * block_dwords;
-      if (nt == 2 && mt == 2) {
-        tiles_2x2(w, ldw, b0, b0 + block_dwords, steps, c);
-      } else if (nt == 2) {
-        tiles_2x1(w, ldw, b0, steps, c);
-      } else if (mt == 2) {
-        tiles_1x2(w, ldw, b0, b0 + block_dwords, steps, c);
-      } else {
-        tiles_1x1(w, ldw, b0, steps, c);
-      }
-      for (int i = 0; i < nt; ++i) {
-        for (int j = 0; j < mt; ++j) {
-          const int64_t m = m0 + (b + j) * 16;
-          const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m));
-          store_tile(c + (i * mt + j) * kTileDwords, g.y + m * g.ldy + n + i * 16, g.ldy, mr, !g.accumulate);
+  for (int64_t k0 = 0; k0 < k32; k0 += kc) {
+    const int64_t s0 = k0 / kStepK, ns = std::min(kc, k32 - k0) / kStepK;
+    const bool fresh = k0 == 0;
+    for (int64_t i = 0; i < nblocks;) {
+      const int nt = i + 2 <= nblocks ? 2 : 1;
+      const uint16_t* w = wbase + (n0 + i * 16) * g.w.ld + k0;
+      for (int64_t b = 0; b < mblocks;) {
+        const int mt = b + 2 <= mblocks ? 2 : 1;
+        const uint32_t* b0 = xp + b * block_dwords + s0 * kTileDwords;
+        float* c = acc.data() + i * cstride + b * kTileDwords;
+        if (nt == 2 && mt == 2) {
+          tiles_2x2(w, ldw, b0, b0 + block_dwords, ns, c, cstride, fresh);
+        } else if (nt == 2) {
+          tiles_2x1(w, ldw, b0, ns, c, cstride, fresh);
+        } else if (mt == 2) {
+          tiles_1x2(w, ldw, b0, b0 + block_dwords, ns, c, fresh);
+        } else {
+          tiles_1x1(w, ldw, b0, ns, c, fresh);
         }
+        b += mt;
       }
-      b += mt;
+      i += nt;
     }
-    n += 16 * nt;
   }
   _tile_release();
+  for (int64_t i = 0; i < nblocks; ++i) {
+    for (int64_t b = 0; b < mblocks; ++b) {
+      const int64_t m = m0 + b * 16;
+      const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m));
+      store_tile(acc.data() + i * cstride + b * kTileDwords, g.y + m * g.ldy + n0 + i * 16, g.ldy, mr, !g.accumulate);
+    }
+  }
   // The k past the last multiple of 32 (added), and weight rows past the last 16 (whole).
   if (k32 < g.K) {
     Gemm tail = g;

@@ -55,8 +55,9 @@ std::vector<float> run(Backend& be, const std::vector<float>& x, int64_t ldx, Te
 void test_shapes() {
   const Shape shapes[] = {{1, 1, 1},   {1, 7, 16},   {3, 13, 37},   {4, 64, 128},  {5, 130, 272},
                           {2, 9, 1024}, {17, 70, 531}, {64, 96, 1040}, {9, 260, 300}, {1, 300, 2048},
-                          // AMX: 16 weight rows beside 32 (1 x 2 tiles); row blocks of 256 past 512 rows
-                          {33, 48, 96}, {530, 40, 64}};
+                          // AMX: 16 weight rows beside 32 (1 x 2 tiles); row blocks of 256 past 512 rows;
+                          // k in two slices (1024 + 32 for 256 rows) and a tail of 5
+                          {33, 48, 96}, {530, 40, 64}, {256, 48, 1061}};
   Rng rng(1);
   std::vector<std::unique_ptr<Backend>> backends;
   for (em_cpu_isa isa : available_isas())
