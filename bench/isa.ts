@@ -1,9 +1,8 @@
-// The isa suite: our bf16-weight expert matmul and expert FFN on every CPU kernel set that
-// computes with bf16 activations or could (avx512: the default, fp32 products; avx512bf16: bf16
-// dot products; amx: the tile unit), against PyTorch's bf16 Linear (oneDNN) in the same run,
+// The isa suite: our bf16-weight expert matmul and expert FFN on the CPU kernel sets an AVX-512
+// machine with AMX offers (avx512: the default, fp32 products; avx512bf16: bf16 dot products;
+// amx: the tile unit), against PyTorch's bf16 Linear (oneDNN) in the same run,
 // interleaved, same threads, weights rotated over copies so they come from memory.
 // The subject is amx: the suite refuses to run on a CPU without it.
-import { join } from "node:path";
 import {
   type Addon,
   gemmsOf,
@@ -13,17 +12,9 @@ import {
   paired,
   peerSetup,
   type SideSetup,
+  torchWorker,
 } from "./kernels.ts";
-import {
-  goldenPython,
-  LineClient,
-  type machineInfo,
-  medianRange,
-  peerEnv,
-  REPO_ROOT,
-  type Stats,
-  stats,
-} from "./lib.ts";
+import { type machineInfo, medianRange, type Stats, stats } from "./lib.ts";
 
 const TOKENS = [1, 4, 16, 64, 256, 1024];
 const OURS = ["avx512", "avx512bf16", "amx"] as const;
@@ -74,13 +65,7 @@ export async function runIsa(o: {
       `the isa suite measures the AMX kernels, and this CPU offers ${have.join(", ")} (no amx)`,
     );
   }
-  const py = goldenPython(o.log);
-  const worker = new LineClient(
-    "torch worker",
-    py,
-    [join(REPO_ROOT, "bench", "torch_worker.py"), String(o.threads)],
-    peerEnv(),
-  );
+  const worker = torchWorker(o.threads, o.log);
   const torch = await worker.call<Record<string, unknown>>({ cmd: "hello" });
   const coldBytes = 512 * 2 ** 20;
   const targetRunSeconds = o.quick ? 0.1 : 0.25;

@@ -341,6 +341,16 @@ export async function peerSetup(
 
 // ------------------------------------------------------------------ the suite
 
+/** The PyTorch peer (bench/torch_worker.py in the golden venv), on `threads` threads. */
+export function torchWorker(threads: number, log: (s: string) => void): LineClient {
+  return new LineClient(
+    "torch worker",
+    goldenPython(log),
+    [join(REPO_ROOT, "bench", "torch_worker.py"), String(threads)],
+    peerEnv(),
+  );
+}
+
 export function gemmsOf(
   op: "matmul" | "ffn",
   m: ModelShape,
@@ -374,13 +384,7 @@ export async function runKernels(opts: KernelOptions): Promise<KernelResults> {
   log(`[bench] ours: addon isa=${info.isa} threads=${info.threads}`);
 
   const limitsBin = buildLimits(log);
-  const py = goldenPython(log);
-  const worker = new LineClient(
-    "torch worker",
-    py,
-    [join(REPO_ROOT, "bench", "torch_worker.py"), String(opts.threads)],
-    peerEnv(),
-  );
+  const worker = torchWorker(opts.threads, log);
   const torchInfo = await worker.call<Record<string, unknown>>({ cmd: "hello" });
   const torchKernels = await worker.call<Record<string, string[]>>({ cmd: "probe" });
   log(

@@ -96,38 +96,33 @@ describe("desiredObjects", () => {
     expect(cpu.spec.template.spec.containers[0].args).toContain("--device=cpu");
   });
 
+  /** Each Deployment's args that start with `prefix`, for a manifest with `model` patched in. */
+  const roleArgs = (
+    model: Partial<ReturnType<typeof manifest>["spec"]["model"]>,
+    prefix: string,
+  ) => {
+    const m = manifest();
+    const served = { ...m, spec: { ...m.spec, model: { ...m.spec.model, ...model } } };
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
+    return desiredObjects(served, plan, specReplicas(served, plan))
+      .filter((o) => o.kind === "Deployment")
+      .map((o) =>
+        ((o as any).spec.template.spec.containers[0].args as string[]).filter((a) =>
+          a.startsWith(prefix),
+        ),
+      );
+  };
+
   it("passes spec.model.dtype to gateways and shards as --dtype, and nothing for auto", () => {
-    const dtypeArgs = (dtype: "auto" | "fp8") => {
-      const m = manifest();
-      const served = { ...m, spec: { ...m.spec, model: { ...m.spec.model, dtype } } };
-      const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
-      return desiredObjects(served, plan, specReplicas(served, plan))
-        .filter((o) => o.kind === "Deployment")
-        .map((o) =>
-          ((o as any).spec.template.spec.containers[0].args as string[]).filter((a) =>
-            a.startsWith("--dtype"),
-          ),
-        );
-    };
-    expect(dtypeArgs("auto")).toEqual([[], [], [], [], []]);
-    expect(dtypeArgs("fp8")).toEqual(Array(5).fill(["--dtype=fp8"]));
+    expect(roleArgs({ dtype: "auto" }, "--dtype")).toEqual([[], [], [], [], []]);
+    expect(roleArgs({ dtype: "fp8" }, "--dtype")).toEqual(Array(5).fill(["--dtype=fp8"]));
   });
 
   it("passes spec.model.cpuMatmul bf16 to gateways and shards as --cpu-matmul, nothing for fp32", () => {
-    const args = (cpuMatmul: "fp32" | "bf16") => {
-      const m = manifest();
-      const served = { ...m, spec: { ...m.spec, model: { ...m.spec.model, cpuMatmul } } };
-      const plan = planPlacement({ architecture: architectureOf(m), numShards: 4 });
-      return desiredObjects(served, plan, specReplicas(served, plan))
-        .filter((o) => o.kind === "Deployment")
-        .map((o) =>
-          ((o as any).spec.template.spec.containers[0].args as string[]).filter((a) =>
-            a.startsWith("--cpu-matmul"),
-          ),
-        );
-    };
-    expect(args("fp32")).toEqual([[], [], [], [], []]);
-    expect(args("bf16")).toEqual(Array(5).fill(["--cpu-matmul=bf16"]));
+    expect(roleArgs({ cpuMatmul: "fp32" }, "--cpu-matmul")).toEqual([[], [], [], [], []]);
+    expect(roleArgs({ cpuMatmul: "bf16" }, "--cpu-matmul")).toEqual(
+      Array(5).fill(["--cpu-matmul=bf16"]),
+    );
   });
 
   it("gateways keep serving 5 s after SIGTERM, within the pod's grace period", () => {
