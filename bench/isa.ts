@@ -3,6 +3,8 @@
 // amx: the tile unit), against PyTorch's bf16 Linear (oneDNN) in the same run,
 // interleaved, same threads, weights rotated over copies so they come from memory.
 // The subject is amx: the suite refuses to run on a CPU without it.
+
+import type { ChildProcess } from "node:child_process";
 import {
   type Addon,
   gemmsOf,
@@ -15,6 +17,7 @@ import {
   torchWorker,
 } from "./kernels.ts";
 import { type machineInfo, medianRange, type Stats, stats } from "./lib.ts";
+import { chat, ensureMiniModel, localGateway, PROMPTS, stop } from "./serve.ts";
 
 const TOKENS = [1, 4, 16, 64, 256, 1024];
 const OURS = ["avx512", "avx512bf16", "amx"] as const;
@@ -35,11 +38,87 @@ export interface IsaRow {
   maxRelError: number;
 }
 
+/** The whole model: two mini-v3 gateways, `--cpu-matmul` fp32 (default) and bf16, in turns. */
+export interface IsaServe {
+  promptTokens: number;
+  clients: number;
+  decodeTokens: number;
+  /** Time to first token of one long prompt, ms per round. */
+  prefillMs: { fp32: Stats; bf16: Stats };
+  /** Output tokens/s of `clients` concurrent chats of `decodeTokens` tokens, per round. */
+  decodeTokPerS: { fp32: Stats; bf16: Stats };
+}
+
 export interface IsaResults {
   runs: number;
   threads: number;
   torch: Record<string, unknown>;
   rows: IsaRow[];
+  serve: IsaServe;
+}
+
+const SERVE_CLIENTS = 16;
+const SERVE_DECODE_TOKENS = 32;
+
+/** fp32 and bf16 gateways on mini-v3, measured in alternating turns (prefix caching off, so
+ *  every prompt is computed). */
+async function serveRounds(runs: number, log: (s: string) => void): Promise<IsaServe> {
+  const modelDir = await ensureMiniModel(log);
+  const children: ChildProcess[] = [];
+  try {
+    log("[isa] starting two mini-v3 gateways (--cpu-matmul fp32 and bf16)");
+    const extra = ["--no-prefix-caching", "--max-running=32"];
+    const bases = {
+      fp32: await localGateway("gateway-fp32", modelDir, extra, children),
+      bf16: await localGateway("gateway-bf16", modelDir, [...extra, "--cpu-matmul=bf16"], children),
+    };
+    // A long prompt: the serve prompts repeated to ~1,500 characters (mini-v3's byte-level
+    // tokenizer: about as many tokens), a different first line per request.
+    const long = (i: number) => `${i}: ${PROMPTS.join(" ").repeat(4).slice(0, 1500)}`;
+    let promptTokens = 0;
+    const acc = {
+      fp32: { prefill: [] as number[], decode: [] as number[] },
+      bf16: { prefill: [] as number[], decode: [] as number[] },
+    };
+    for (let r = -1; r < runs; r++) {
+      for (const side of r % 2 === 0 ? (["fp32", "bf16"] as const) : (["bf16", "fp32"] as const)) {
+        const p = await chat(bases[side], long(r + 10), 1, undefined, {});
+        if (!p.ok) throw new Error(`${side}: long prompt failed: ${p.error}`);
+        const t0 = performance.now();
+        const all = await Promise.all(
+          Array.from({ length: SERVE_CLIENTS }, (_, c) =>
+            chat(bases[side], `${r}.${c} ${PROMPTS[c % PROMPTS.length]}`, SERVE_DECODE_TOKENS),
+          ),
+        );
+        const seconds = (performance.now() - t0) / 1000;
+        const bad = all.find((x) => !x.ok || x.tokens !== SERVE_DECODE_TOKENS);
+        if (bad) throw new Error(`${side}: decode request failed: ${bad.error ?? bad.tokens}`);
+        if (r < 0) continue; // warm-up round
+        acc[side].prefill.push(p.ttftMs);
+        acc[side].decode.push((SERVE_CLIENTS * SERVE_DECODE_TOKENS) / seconds);
+      }
+      if (r >= 0) {
+        log(
+          `[isa] serve round ${r + 1}/${runs}: prefill ${acc.fp32.prefill.at(-1)!.toFixed(0)} vs ${acc.bf16.prefill.at(-1)!.toFixed(0)} ms, decode ${acc.fp32.decode.at(-1)!.toFixed(1)} vs ${acc.bf16.decode.at(-1)!.toFixed(1)} tok/s (fp32 vs bf16)`,
+        );
+      }
+    }
+    const usage = await fetch(`${bases.fp32}/tokenize`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ prompt: long(0) }),
+    });
+    promptTokens = ((await usage.json()) as { count: number }).count;
+    return {
+      promptTokens,
+      clients: SERVE_CLIENTS,
+      decodeTokens: SERVE_DECODE_TOKENS,
+      prefillMs: { fp32: stats(acc.fp32.prefill), bf16: stats(acc.bf16.prefill) },
+      decodeTokPerS: { fp32: stats(acc.fp32.decode), bf16: stats(acc.bf16.decode) },
+    };
+  } finally {
+    await Promise.all(children.map((c) => stop(c)));
+  }
 }
 
 function withIsa(addon: Addon, isa: string, threads: number, s: SideSetup): SideSetup {
@@ -139,7 +218,8 @@ export async function runIsa(o: {
     addon.configure({ isa: "auto", threads: o.threads });
     await worker.close(JSON.stringify({ cmd: "quit" }));
   }
-  return { runs: o.runs, threads: o.threads, torch, rows };
+  const serve = await serveRounds(o.quick ? 1 : o.runs, o.log);
+  return { runs: o.runs, threads: o.threads, torch, rows, serve };
 }
 
 const ratio = (s: Stats | undefined) => (s ? medianRange(s, 2) : "");
@@ -165,5 +245,12 @@ export function isaTables(
 
 | model | op | tokens | amx ms | amx GFLOP/s | avx512 (default ISA) / amx | avx512bf16 / amx | torch bf16 / amx |
 |---|---|---:|---:|---:|---:|---:|---:|
-${lines.join("\n")}`;
+${lines.join("\n")}
+
+The whole model: two \`gateway --local\` processes on mini-v3 (bf16 weights, hidden 1024, 64 experts top-6, 8 layers), the default and \`--cpu-matmul bf16\`, \`--no-prefix-caching\`, measured in alternating turns (${r.runs} rounds after a warm-up): the time to first token of one ${r.serve.promptTokens}-token prompt, then ${r.serve.clients} concurrent chats of ${r.serve.decodeTokens} tokens. Median (min-max).
+
+| measure | fp32 (default) | bf16 | bf16 / fp32 |
+|---|---:|---:|---:|
+| prefill: time to first token, ms | ${medianRange(r.serve.prefillMs.fp32, 0)} | ${medianRange(r.serve.prefillMs.bf16, 0)} | ${(r.serve.prefillMs.bf16.median / r.serve.prefillMs.fp32.median).toFixed(3)}x |
+| decode, ${r.serve.clients} clients: output tok/s | ${medianRange(r.serve.decodeTokPerS.fp32, 1)} | ${medianRange(r.serve.decodeTokPerS.bf16, 1)} | ${(r.serve.decodeTokPerS.bf16.median / r.serve.decodeTokPerS.fp32.median).toFixed(3)}x |`;
 }
