@@ -40,6 +40,7 @@ export interface IsaRow {
 
 /** The whole model: two mini-v3 gateways, `--cpu-matmul` fp32 (default) and bf16, in turns. */
 export interface IsaServe {
+  rounds: number;
   promptTokens: number;
   clients: number;
   decodeTokens: number;
@@ -110,6 +111,7 @@ async function serveRounds(runs: number, log: (s: string) => void): Promise<IsaS
     });
     promptTokens = ((await usage.json()) as { count: number }).count;
     return {
+      rounds: runs,
       promptTokens,
       clients: SERVE_CLIENTS,
       decodeTokens: SERVE_DECODE_TOKENS,
@@ -247,7 +249,7 @@ export function isaTables(
 |---|---|---:|---:|---:|---:|---:|---:|
 ${lines.join("\n")}
 
-The whole model: two \`gateway --local\` processes on mini-v3 (bf16 weights, hidden 1024, 64 experts top-6, 8 layers), the default and \`--cpu-matmul bf16\`, \`--no-prefix-caching\`, measured in alternating turns (${r.runs} rounds after a warm-up): the time to first token of one ${r.serve.promptTokens}-token prompt, then ${r.serve.clients} concurrent chats of ${r.serve.decodeTokens} tokens. Median (min-max).
+The whole model: two \`gateway --local\` processes on mini-v3 (bf16 weights, hidden 1024, 64 experts top-6, 8 layers), the default and \`--cpu-matmul bf16\`, \`--no-prefix-caching\`, measured in alternating turns (${r.serve.rounds} rounds after a warm-up): the time to first token of one ${r.serve.promptTokens}-token prompt, then ${r.serve.clients} concurrent chats of ${r.serve.decodeTokens} tokens. Median (min-max).
 
 | measure | fp32 (default) | bf16 | bf16 / fp32 |
 |---|---:|---:|---:|
