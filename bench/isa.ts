@@ -27,6 +27,8 @@ const SUBJECT = "amx";
 export interface IsaRow {
   model: string;
   op: "matmul" | "ffn";
+  /** The weights' dtype (x is f32 on every side). */
+  dtype: "bf16" | "fp8";
   tokens: number;
   flops: number;
   /** Seconds per call, median (min-max) over the rounds, per side. */
@@ -150,72 +152,90 @@ export async function runIsa(o: {
   const torch = await worker.call<Record<string, unknown>>({ cmd: "hello" });
   const coldBytes = 512 * 2 ** 20;
   const targetRunSeconds = o.quick ? 0.1 : 0.25;
-  const sides: IsaSide[] = [...OURS, "torch-bf16"];
   const rows: IsaRow[] = [];
   let key = 0;
-  try {
-    for (const m of o.quick ? MODELS.slice(0, 1) : MODELS) {
-      for (const op of ["matmul", "ffn"] as const) {
-        for (const tokens of o.quick ? [1, 16, 256] : TOKENS) {
-          const flops = gemmsOf(op, m, tokens).reduce((a, [M, N, K]) => a + 2 * M * N * K, 0);
-          const setups = new Map<IsaSide, SideSetup>();
-          let maxRelError = 0;
-          for (const side of sides) {
-            if (side === "torch-bf16") {
-              setups.set(
-                side,
-                await peerSetup(worker, `i${key++}`, "torch", op, m, tokens, "bf16", coldBytes),
-              );
-              continue;
-            }
-            const s = oursSetup(addon, op, m, tokens, "bf16", coldBytes, 99 + tokens);
-            if (side === SUBJECT) {
-              addon.configure({ isa: side, threads: o.threads });
-              maxRelError = s.check().maxRelError;
-              if (!(maxRelError < 1e-2)) {
-                throw new Error(
-                  `${m.name} ${op} T=${tokens}: amx disagrees with a plain dot product (${maxRelError})`,
-                );
-              }
-            }
-            setups.set(side, withIsa(addon, side, o.threads, s));
-          }
-          const calls = new Map<IsaSide, number>();
-          for (const side of sides) {
-            const t = await setups.get(side)!.run(1);
-            calls.set(side, Math.max(1, Math.min(2000, Math.ceil(targetRunSeconds / t))));
-            await setups.get(side)!.run(calls.get(side)!);
-          }
-          const secs = new Map<IsaSide, number[]>(sides.map((s) => [s, []]));
-          for (let r = 0; r < o.runs; r++) {
-            for (const side of r % 2 === 0 ? sides : [...sides].reverse()) {
-              const n = calls.get(side)!;
-              secs.get(side)!.push((await setups.get(side)!.run(n)) / n);
-            }
-          }
-          for (const s of setups.values()) await s.free();
-          const amx = secs.get(SUBJECT)!;
-          const row: IsaRow = {
-            model: m.name,
-            op,
-            tokens,
-            flops,
-            time: Object.fromEntries(sides.map((s) => [s, stats(secs.get(s)!)])),
-            vsAmx: Object.fromEntries(
-              sides
-                .filter((s) => s !== SUBJECT)
-                .map((s) => [s, stats(paired(secs.get(s)!, amx, (p, a) => p / a))]),
-            ),
-            amxGflops: stats(amx.map((s) => flops / s / 1e9)),
-            maxRelError,
-          };
-          rows.push(row);
-          o.log(
-            `[isa] ${m.name} ${op} T=${tokens}: amx ${(row.time.amx!.median * 1e3).toFixed(3)} ms (${row.amxGflops.median.toFixed(0)} GFLOP/s); avx512 x${row.vsAmx.avx512!.median.toFixed(2)}, avx512bf16 x${row.vsAmx.avx512bf16!.median.toFixed(2)}, torch-bf16 x${row.vsAmx["torch-bf16"]!.median.toFixed(2)}`,
+
+  /** One row: every side set up, warmed, then `runs` rounds in alternating order. */
+  const measure = async (
+    m: (typeof MODELS)[number],
+    op: "matmul" | "ffn",
+    tokens: number,
+    dtype: "bf16" | "fp8",
+    sides: IsaSide[],
+  ): Promise<IsaRow> => {
+    const flops = gemmsOf(op, m, tokens).reduce((a, [M, N, K]) => a + 2 * M * N * K, 0);
+    const setups = new Map<IsaSide, SideSetup>();
+    let maxRelError = 0;
+    for (const side of sides) {
+      if (side === "torch-bf16") {
+        setups.set(
+          side,
+          await peerSetup(worker, `i${key++}`, "torch", op, m, tokens, "bf16", coldBytes),
+        );
+        continue;
+      }
+      const s = oursSetup(addon, op, m, tokens, dtype, coldBytes, 99 + tokens);
+      if (side === SUBJECT) {
+        addon.configure({ isa: side, threads: o.threads });
+        maxRelError = s.check().maxRelError;
+        if (!(maxRelError < 1e-2)) {
+          throw new Error(
+            `${m.name} ${op} ${dtype} T=${tokens}: amx disagrees with a plain dot product (${maxRelError})`,
           );
         }
       }
+      setups.set(side, withIsa(addon, side, o.threads, s));
     }
+    const calls = new Map<IsaSide, number>();
+    for (const side of sides) {
+      const t = await setups.get(side)!.run(1);
+      calls.set(side, Math.max(1, Math.min(2000, Math.ceil(targetRunSeconds / t))));
+      await setups.get(side)!.run(calls.get(side)!);
+    }
+    const secs = new Map<IsaSide, number[]>(sides.map((s) => [s, []]));
+    for (let r = 0; r < o.runs; r++) {
+      for (const side of r % 2 === 0 ? sides : [...sides].reverse()) {
+        const n = calls.get(side)!;
+        secs.get(side)!.push((await setups.get(side)!.run(n)) / n);
+      }
+    }
+    for (const s of setups.values()) await s.free();
+    const amx = secs.get(SUBJECT)!;
+    const row: IsaRow = {
+      model: m.name,
+      op,
+      dtype,
+      tokens,
+      flops,
+      time: Object.fromEntries(sides.map((s) => [s, stats(secs.get(s)!)])),
+      vsAmx: Object.fromEntries(
+        sides
+          .filter((s) => s !== SUBJECT)
+          .map((s) => [s, stats(paired(secs.get(s)!, amx, (p, a) => p / a))]),
+      ),
+      amxGflops: stats(amx.map((s) => flops / s / 1e9)),
+      maxRelError,
+    };
+    const vs = Object.entries(row.vsAmx).map(([s, v]) => `${s} x${v.median.toFixed(2)}`);
+    o.log(
+      `[isa] ${m.name} ${op} ${dtype} T=${tokens}: amx ${(row.time.amx!.median * 1e3).toFixed(3)} ms (${row.amxGflops.median.toFixed(0)} GFLOP/s); ${vs.join(", ")}`,
+    );
+    return row;
+  };
+
+  try {
+    const models = o.quick ? MODELS.slice(0, 1) : MODELS;
+    const tokensList = o.quick ? [1, 16, 256] : TOKENS;
+    for (const m of models)
+      for (const op of ["matmul", "ffn"] as const)
+        for (const tokens of tokensList)
+          rows.push(await measure(m, op, tokens, "bf16", [...OURS, "torch-bf16"]));
+    // fp8 weights (DeepSeek-V3's format), at the last model's shapes: amx dequantizes them to
+    // bf16 tiles; the default ISA's fp8 kernel is the peer (PyTorch has no fp8 CPU matmul).
+    const m = models[models.length - 1]!;
+    for (const op of ["matmul", "ffn"] as const)
+      for (const tokens of tokensList)
+        rows.push(await measure(m, op, tokens, "fp8", ["avx512", "amx"]));
   } finally {
     addon.configure({ isa: "auto", threads: o.threads });
     await worker.close(JSON.stringify({ cmd: "quit" }));
@@ -231,25 +251,31 @@ export function isaTables(
   r: IsaResults & { date: string; commit: string; machine: ReturnType<typeof machineInfo> },
   source: string,
 ): string {
-  const lines = r.rows.map(
-    (row) =>
-      `| ${row.model} | ${row.op} | ${row.tokens} | ${medianRange(
-        {
-          ...row.time.amx!,
-          median: row.time.amx!.median * 1e3,
-          min: row.time.amx!.min * 1e3,
-          max: row.time.amx!.max * 1e3,
-        },
-        3,
-      )} | ${row.amxGflops.median.toFixed(0)} | ${ratio(row.vsAmx.avx512)} | ${ratio(row.vsAmx.avx512bf16)} | ${ratio(row.vsAmx["torch-bf16"])} |`,
-  );
+  const ms = (t: Stats) =>
+    medianRange({ ...t, median: t.median * 1e3, min: t.min * 1e3, max: t.max * 1e3 }, 3);
+  const fp8 = r.rows.filter((row) => row.dtype === "fp8");
+  const lines = r.rows
+    .filter((row) => row.dtype !== "fp8")
+    .map(
+      (row) =>
+        `| ${row.model} | ${row.op} | ${row.tokens} | ${ms(row.time.amx!)} | ${row.amxGflops.median.toFixed(0)} | ${ratio(row.vsAmx.avx512)} | ${ratio(row.vsAmx.avx512bf16)} | ${ratio(row.vsAmx["torch-bf16"])} |`,
+    );
+  const fp8Table = fp8.length
+    ? `fp8 weights (e4m3 with 128 x 128 block scales, DeepSeek-V3's format), same method: amx dequantizes each weight slice to bf16 tiles; the peer is the default ISA's fp8 kernel (fp32 products).
+
+| model | op | tokens | amx ms | amx GFLOP/s | avx512 ms | avx512 / amx |
+|---|---|---:|---:|---:|---:|---:|
+${fp8.map((row) => `| ${row.model} | ${row.op} | ${row.tokens} | ${ms(row.time.amx!)} | ${row.amxGflops.median.toFixed(0)} | ${ms(row.time.avx512!)} | ${ratio(row.vsAmx.avx512)} |`).join("\n")}
+
+`
+    : "";
   return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.threads} threads, torch ${String(r.torch["torch"])} (bf16 Linear, \`cpu_capability\` ${String(r.torch["cpu_capability"])}), ${r.runs} interleaved rounds; from \`${source}\`. Weights bf16, rotated over copies of at least 512 MiB (cold caches); x f32. Ratios are the other side's time over amx's, paired by round, median (min-max): above 1, amx is faster.
 
 | model | op | tokens | amx ms | amx GFLOP/s | avx512 (default ISA) / amx | avx512bf16 / amx | torch bf16 / amx |
 |---|---|---:|---:|---:|---:|---:|---:|
 ${lines.join("\n")}
 
-The whole model: two \`gateway --local\` processes on mini-v3 (bf16 weights, hidden 1024, 64 experts top-6, 8 layers), the default and \`--cpu-matmul bf16\`, \`--no-prefix-caching\`, measured in alternating turns (${r.serve.rounds} rounds after a warm-up): the time to first token of one ${r.serve.promptTokens}-token prompt, then ${r.serve.clients} concurrent chats of ${r.serve.decodeTokens} tokens. Median (min-max).
+${fp8Table}The whole model: two \`gateway --local\` processes on mini-v3 (bf16 weights, hidden 1024, 64 experts top-6, 8 layers), the default and \`--cpu-matmul bf16\`, \`--no-prefix-caching\`, measured in alternating turns (${r.serve.rounds} rounds after a warm-up): the time to first token of one ${r.serve.promptTokens}-token prompt, then ${r.serve.clients} concurrent chats of ${r.serve.decodeTokens} tokens. Median (min-max).
 
 | measure | fp32 (default) | bf16 | bf16 / fp32 |
 |---|---:|---:|---:|

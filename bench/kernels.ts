@@ -23,14 +23,17 @@ import {
 // ------------------------------------------------------------------ the addon
 
 interface AddonWeight {
-  dtype: "f32" | "bf16";
+  dtype: "f32" | "bf16" | "fp8";
   shape: [number, number];
-  data: Float32Array | Uint16Array;
+  data: Float32Array | Uint16Array | Uint8Array;
+  /** fp8: one scale per 128 x 128 block. */
+  scale?: Float32Array;
 }
 
 export interface Addon {
   backendInfo(): { backend: string; isa: string; threads: number; availableIsas: string[] };
   configure(o: { isa?: string; threads?: number }): { isa: string; threads: number };
+  convert(w: AddonWeight, to: string): unknown;
   matmul(x: Float32Array, rows: number, w: AddonWeight): Float32Array;
   moeFfn(o: {
     x: Float32Array;
@@ -87,7 +90,7 @@ export interface KernelOptions {
 }
 
 export interface SideResult {
-  dtype: "bf16" | "f32";
+  dtype: "bf16" | "f32" | "fp8";
   /** Weight bytes one call streams. */
   weightBytes: number;
   copies: number;
@@ -199,7 +202,7 @@ export interface SideSetup {
   run: Runner;
   weightBytes: number;
   copies: number;
-  dtype: "bf16" | "f32";
+  dtype: "bf16" | "f32" | "fp8";
   free: () => Promise<void>;
 }
 
@@ -212,14 +215,15 @@ export function oursSetup(
   op: "matmul" | "ffn",
   m: ModelShape,
   tokens: number,
-  dtype: "bf16" | "f32",
+  dtype: "bf16" | "f32" | "fp8",
   coldBytes: number,
   seed: number,
 ): SideSetup & { check: () => { maxRelError: number; samples: number } } {
   const { hidden, inter } = m;
   const x = fillUniform(new Float32Array(tokens * hidden), seed, 1);
   // Weight values: uniform +-0.04 (about a trained layer's scale), stored as bf16, and the
-  // f32 side gets the same values widened.
+  // f32 side gets the same values widened; fp8: those bf16 values quantized (DeepSeek-V3's
+  // e4m3 with 128 x 128 block scales, by the addon's converter).
   const shapes: [number, number][] =
     op === "matmul"
       ? [[inter, hidden]]
@@ -228,22 +232,21 @@ export function oursSetup(
           [inter, hidden],
           [hidden, inter],
         ];
-  const base = shapes.map(([r, c], i) => {
+  const base: AddonWeight[] = shapes.map(([r, c], i) => {
     const bits = toBf16(fillUniform(new Float32Array(r * c), seed + 17 * (i + 1), 0.04));
-    return dtype === "bf16" ? bits : bf16ToF32(bits);
+    if (dtype === "bf16") return { dtype, shape: [r, c], data: bits };
+    if (dtype === "f32") return { dtype, shape: [r, c], data: bf16ToF32(bits) };
+    const q = addon.convert({ dtype: "bf16", shape: [r, c], data: bits }, "fp8") as {
+      data: Uint8Array;
+      scaleInv: Float32Array;
+    };
+    return { dtype, shape: [r, c], data: q.data, scale: q.scaleInv };
   });
-  const esize = dtype === "bf16" ? 2 : 4;
-  const setBytes = shapes.reduce((a, [r, c]) => a + r * c * esize, 0);
+  const setBytes = base.reduce((a, w) => a + w.data.byteLength, 0);
   const copies = copiesFor(setBytes, coldBytes);
   const sets: AddonWeight[][] = [];
   for (let k = 0; k < copies; k++) {
-    sets.push(
-      base.map((d, i) => ({
-        dtype,
-        shape: shapes[i]!,
-        data: k === 0 ? d : d.slice(),
-      })),
-    );
+    sets.push(base.map((w) => (k === 0 ? w : { ...w, data: w.data.slice() })));
   }
   const offsets = new Int32Array([0, tokens]);
   let next = 0;
@@ -273,8 +276,13 @@ export function oursSetup(
       const finite = y.every((v) => Number.isFinite(v));
       return { maxRelError: finite ? 0 : Number.POSITIVE_INFINITY, samples: 0 };
     }
-    const w = sets[0]![0]!.data;
-    const wf = w instanceof Uint16Array ? bf16ToF32(w) : w;
+    const w0 = sets[0]![0]!;
+    const wf =
+      w0.dtype === "fp8"
+        ? (addon.convert(w0, "f32") as Float32Array)
+        : w0.data instanceof Uint16Array
+          ? bf16ToF32(w0.data)
+          : (w0.data as Float32Array);
     let worst = 0;
     let samples = 0;
     for (const t of [0, tokens - 1]) {

@@ -1,6 +1,9 @@
-// AMX (Intel Advanced Matrix Extensions, Sapphire Rapids and later) nt GEMM for bf16 weights:
-// y = x W^T with x rounded to bf16 and fp32 accumulation, as the AVX512_BF16 kernel computes,
-// on the tile unit (one TDPBF16PS is 16 x 16 x 32 multiply-adds).
+// AMX (Intel Advanced Matrix Extensions, Sapphire Rapids and later) nt GEMM for bf16 and fp8
+// weights: y = x W^T with x rounded to bf16 and fp32 accumulation, as the AVX512_BF16 kernel
+// computes, on the tile unit (one TDPBF16PS is 16 x 16 x 32 multiply-adds). fp8 (e4m3, 128 x 128
+// block scales) is dequantized to bf16 tiles slice by slice (value x scale rounded to bf16, as
+// DeepSeek's own fp8-to-bf16 conversion stores V3's weights), once per weight-row pair and slice
+// for all the x rows.
 //
 // Orientation: the tiles compute y^T = W x^T. W's rows (n) are the A operand, loaded straight
 // from the checkpoint's row-major [N, K] layout with a stride, so weights are never repacked
@@ -46,6 +49,7 @@ namespace {
 
 constexpr int64_t kStepK = 32;       // k per tile product
 constexpr int64_t kTileDwords = 256;  // one 16 x 64-byte tile, in 32-bit elements
+constexpr int64_t kTileElems = 512;   // ... in bf16 elements
 
 // The palette-1 configuration: 64 bytes, as LDTILECFG reads them.
 struct alignas(64) TileConfig {
@@ -73,10 +77,11 @@ EM_AMX void configure_tiles() {
 #endif
 }
 
-// The four kernels: y^T[32 or 16 n, 32 or 16 m] += W x^T over `steps` 32-k steps. w: the first
-// weight row at the slice's first k, ldw its row pitch in bytes; b0/b1: x blocks (packed, at the
-// slice's first step); c: the accumulator of tile (n0, m0), 16 x 16 fp32; the tile for m1 is
-// 256 floats on, for n1 `cstride` floats on. `fresh`: start from zero instead of c.
+// The four kernels: y^T[32 or 16 n, 32 or 16 m] += W x^T over `steps` 32-k steps. w0/w1: the
+// first A tile of weight rows 0-15 / 16-31, ldw their row pitch in bytes, wstep elements from one
+// step's tile to the next (32 in a bf16 checkpoint, 512 in converted fp8 tiles); b0/b1: x blocks
+// (packed, at the slice's first step); c: the accumulator of tile (n0, m0), 16 x 16 fp32; the
+// tile for m1 is 256 floats on, for n1 `cstride` floats on. `fresh`: start from zero, not c.
 #define EM_AMX_C_IN(t, p) \
   if (fresh) {            \
     _tile_zero(t);        \
@@ -84,18 +89,17 @@ EM_AMX void configure_tiles() {
     _tile_loadd(t, p, 64); \
   }
 
-EM_AMX void tiles_2x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
-                      float* c, int64_t cstride, bool fresh) {
-  const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
+EM_AMX void tiles_2x2(const uint16_t* w0, const uint16_t* w1, int64_t ldw, int64_t wstep, const uint32_t* b0,
+                      const uint32_t* b1, int64_t steps, float* c, int64_t cstride, bool fresh) {
   EM_AMX_C_IN(0, c)
   EM_AMX_C_IN(1, c + kTileDwords)
   EM_AMX_C_IN(2, c + cstride)
   EM_AMX_C_IN(3, c + cstride + kTileDwords)
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(4, w0 + s * wstep, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
     _tile_loadd(7, b1 + s * kTileDwords, 64);
-    _tile_loadd(5, w1 + s * kStepK, ldw);
+    _tile_loadd(5, w1 + s * wstep, ldw);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
@@ -108,15 +112,14 @@ EM_AMX void tiles_2x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const 
 }
 
 // 32 weight rows x 16 x rows.
-EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c, int64_t cstride,
-                      bool fresh) {
-  const uint16_t* w1 = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(w) + 16 * ldw);
+EM_AMX void tiles_2x1(const uint16_t* w0, const uint16_t* w1, int64_t ldw, int64_t wstep, const uint32_t* b0,
+                      int64_t steps, float* c, int64_t cstride, bool fresh) {
   EM_AMX_C_IN(0, c)
   EM_AMX_C_IN(1, c + cstride)
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(6, b0 + s * kTileDwords, 64);
-    _tile_loadd(4, w + s * kStepK, ldw);
-    _tile_loadd(5, w1 + s * kStepK, ldw);
+    _tile_loadd(4, w0 + s * wstep, ldw);
+    _tile_loadd(5, w1 + s * wstep, ldw);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 5, 6);
   }
@@ -125,12 +128,12 @@ EM_AMX void tiles_2x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_
 }
 
 // 16 weight rows x 32 x rows.
-EM_AMX void tiles_1x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const uint32_t* b1, int64_t steps,
-                      float* c, bool fresh) {
+EM_AMX void tiles_1x2(const uint16_t* w0, int64_t ldw, int64_t wstep, const uint32_t* b0, const uint32_t* b1,
+                      int64_t steps, float* c, bool fresh) {
   EM_AMX_C_IN(0, c)
   EM_AMX_C_IN(1, c + kTileDwords)
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(4, w0 + s * wstep, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
     _tile_loadd(7, b1 + s * kTileDwords, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -140,10 +143,11 @@ EM_AMX void tiles_1x2(const uint16_t* w, int64_t ldw, const uint32_t* b0, const 
   _tile_stored(1, c + kTileDwords, 64);
 }
 
-EM_AMX void tiles_1x1(const uint16_t* w, int64_t ldw, const uint32_t* b0, int64_t steps, float* c, bool fresh) {
+EM_AMX void tiles_1x1(const uint16_t* w0, int64_t ldw, int64_t wstep, const uint32_t* b0, int64_t steps, float* c,
+                      bool fresh) {
   EM_AMX_C_IN(0, c)
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, w + s * kStepK, ldw);
+    _tile_loadd(4, w0 + s * wstep, ldw);
     _tile_loadd(6, b0 + s * kTileDwords, 64);
     _tile_dpbf16ps(0, 4, 6);
   }
@@ -223,7 +227,38 @@ EM_AVX512BF16 void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uin
   }
 }
 
-bool wants(const Gemm& g) { return g.w.dtype == EM_BF16 && g.K >= kStepK && g.M >= kMinRows; }
+namespace {
+bool takes(em_dtype d) { return d == EM_BF16 || d == EM_F8_E4M3; }
+}  // namespace
+
+bool wants(const Gemm& g) { return takes(g.w.dtype) && g.K >= kStepK && g.M >= kMinRows; }
+
+// fp8 weight rows [n, n + rows) (16 or 32) x `steps` 32-k steps from k0, dequantized to bf16 A
+// tiles in order: out + (t * steps + s) * 512 is the tile of rows n + 16t.. and step s. Each value
+// is fp8 x its block scale rounded to bf16 (what DeepSeek's fp8-to-bf16 conversion stores). A step
+// never straddles a 128-k scale block.
+EM_AVX512BF16 void dequant_fp8_tiles(const Weight& w, int64_t n, int rows, int64_t k0, int64_t steps, uint16_t* out) {
+  const uint8_t* base = static_cast<const uint8_t*>(w.data);
+  const __m256i low7 = _mm256_set1_epi16(0x7f), sign = _mm256_set1_epi16(static_cast<short>(0x80));
+  for (int r = 0; r < rows; ++r) {
+    const uint8_t* src = base + (n + r) * w.ld + k0;
+    const float* scales = w.scale_row(n + r);
+    uint16_t* dst = out + (r / 16) * steps * kTileElems + (r % 16) * kStepK;
+    for (int64_t s = 0; s < steps; ++s) {
+      // e4m3 -> f16 bits of value / 256 (exponent bias 7 vs 15), then f32 x (scale x 256).
+      const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s * kStepK)));
+      const __m256i b2 =
+          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s * kStepK + 16)));
+      const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, low7), 7),
+                                        _mm256_slli_epi16(_mm256_and_si256(b, sign), 8));
+      const __m256i h2 = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b2, low7), 7),
+                                         _mm256_slli_epi16(_mm256_and_si256(b2, sign), 8));
+      const __m512 sc = _mm512_set1_ps(scales[(k0 + s * kStepK) / EM_FP8_BLOCK] * 256.0f);
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(h), sc), hi = _mm512_mul_ps(_mm512_cvtph_ps(h2), sc);
+      _mm512_store_si512(dst + s * kTileElems, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
 
 // k per slice: the x rows' packed slice stays within ~512 KiB (L2) while every weight-row pair
 // streams past it, instead of the whole row block (256 rows x 7168 k is 3.5 MiB) coming from L3
@@ -234,7 +269,10 @@ int64_t slice_k(int64_t rows, int64_t K) {
 }
 
 EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.w.dtype != EM_BF16 || g.K < kStepK || m1 - m0 < kMinRows || n1 - n0 < 16) {
+  const bool fp8 = g.w.dtype == EM_F8_E4M3;
+  // (fp8 with a k tail: the tail's scales are indexed from the row start, so the whole GEMM goes
+  // to the AVX-512 kernel; DeepSeek's K are multiples of 128.)
+  if (!takes(g.w.dtype) || g.K < kStepK || m1 - m0 < kMinRows || n1 - n0 < 16 || (fp8 && g.K % kStepK != 0)) {
     return avx512::gemm_nt_bf16dot(g, m0, m1, n0, n1);
   }
   const int64_t steps = g.K / kStepK, k32 = steps * kStepK;
@@ -256,25 +294,36 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const int64_t cstride = mblocks * kTileDwords;  // from one n block to the next
   AlignedBuffer<float> acc(static_cast<size_t>(nblocks * cstride));
   const int64_t kc = slice_k(m1 - m0, g.K);
+  // fp8: each slice of a weight-row pair dequantized to bf16 tiles, for all the x blocks.
+  AlignedBuffer<uint16_t> wtiles(fp8 ? static_cast<size_t>(2 * (kc / kStepK) * kTileElems) : 0);
   configure_tiles();
   for (int64_t k0 = 0; k0 < k32; k0 += kc) {
     const int64_t s0 = k0 / kStepK, ns = std::min(kc, k32 - k0) / kStepK;
     const bool fresh = k0 == 0;
     for (int64_t i = 0; i < nblocks;) {
       const int nt = i + 2 <= nblocks ? 2 : 1;
-      const uint16_t* w = wbase + (n0 + i * 16) * g.w.ld + k0;
+      const uint16_t* w0 = wbase + (n0 + i * 16) * g.w.ld + k0;
+      const uint16_t* w1 = w0 + 16 * g.w.ld;
+      int64_t lda = ldw, wstep = kStepK;
+      if (fp8) {
+        dequant_fp8_tiles(g.w, n0 + i * 16, nt * 16, k0, ns, wtiles.data());
+        w0 = wtiles.data();
+        w1 = w0 + ns * kTileElems;
+        lda = 64;
+        wstep = kTileElems;
+      }
       for (int64_t b = 0; b < mblocks;) {
         const int mt = b + 2 <= mblocks ? 2 : 1;
         const uint32_t* b0 = xp + b * block_dwords + s0 * kTileDwords;
         float* c = acc.data() + i * cstride + b * kTileDwords;
         if (nt == 2 && mt == 2) {
-          tiles_2x2(w, ldw, b0, b0 + block_dwords, ns, c, cstride, fresh);
+          tiles_2x2(w0, w1, lda, wstep, b0, b0 + block_dwords, ns, c, cstride, fresh);
         } else if (nt == 2) {
-          tiles_2x1(w, ldw, b0, ns, c, cstride, fresh);
+          tiles_2x1(w0, w1, lda, wstep, b0, ns, c, cstride, fresh);
         } else if (mt == 2) {
-          tiles_1x2(w, ldw, b0, b0 + block_dwords, ns, c, fresh);
+          tiles_1x2(w0, lda, wstep, b0, b0 + block_dwords, ns, c, fresh);
         } else {
-          tiles_1x1(w, ldw, b0, ns, c, fresh);
+          tiles_1x1(w0, lda, wstep, b0, ns, c, fresh);
         }
         b += mt;
       }
@@ -293,7 +342,7 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   if (k32 < g.K) {
     Gemm tail = g;
     tail.x = g.x + k32;
-    tail.w.data = wbase + k32;
+    tail.w.data = wbase + k32;  // bf16 (fp8 has no tail here)
     tail.K = g.K - k32;
     tail.accumulate = true;
     tail.x_vnni = nullptr;

@@ -70,7 +70,7 @@ describe("native backend, --cpu-matmul bf16", () => {
     else expect(["scalar", "avx2", "avx512"]).toContain(backend.info.cpu.isa);
   });
 
-  it.each(["tiny-v2", "tiny-v3"] as const)(
+  it.each(["tiny-v2", "tiny-v3", "tiny-v3-fp8"] as const)(
     "%s: logits within 1%% (mean) and 15%% (max) of max|logit| of the golden",
     async (name) => {
       const golden = readGolden(name);
