@@ -114,9 +114,12 @@ void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t 
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 }  // namespace avx512
 namespace amx {
-// Fewer x rows go to the AVX512_BF16 / AVX-512 dot-product kernels, which stream weights faster there
-// (measured at V2-Lite and V3 shapes: 1-3 rows take 1.0-1.6x as long with AMX, 4 rows 0.85x).
+// Fewer x rows go to the AVX512_BF16 / AVX-512 dot-product kernels, which stream weights faster
+// there (measured at V2-Lite and V3 shapes: bf16 at 1-3 rows took 1.0-1.6x as long with AMX, 4
+// rows 0.85x; fp8, which AMX must dequantize first, ties at 4 rows and wins from 5, where the
+// fp8 dot kernel starts a second pass over the weights).
 constexpr int64_t kMinRows = 4;
+constexpr int64_t kMinRowsFp8 = 5;
 // Whether the AMX kernel takes this GEMM (bf16 or fp8 weights, K >= 32, enough rows): then packing x
 // once (pack_x into packed_x_size uint32s, 64-byte aligned) and setting Gemm::x_vnni saves
 // every tile from packing its rows again.

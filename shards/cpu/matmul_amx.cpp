@@ -229,9 +229,10 @@ EM_AVX512BF16 void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uin
 
 namespace {
 bool takes(em_dtype d) { return d == EM_BF16 || d == EM_F8_E4M3; }
+int64_t min_rows(em_dtype d) { return d == EM_F8_E4M3 ? kMinRowsFp8 : kMinRows; }
 }  // namespace
 
-bool wants(const Gemm& g) { return takes(g.w.dtype) && g.K >= kStepK && g.M >= kMinRows; }
+bool wants(const Gemm& g) { return takes(g.w.dtype) && g.K >= kStepK && g.M >= min_rows(g.w.dtype); }
 
 // fp8 weight rows [n, n + rows) (16 or 32) x `steps` 32-k steps from k0, dequantized to bf16 A
 // tiles in order: out + (t * steps + s) * 512 is the tile of rows n + 16t.. and step s. Each value
@@ -272,7 +273,8 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const bool fp8 = g.w.dtype == EM_F8_E4M3;
   // (fp8 with a k tail: the tail's scales are indexed from the row start, so the whole GEMM goes
   // to the AVX-512 kernel; DeepSeek's K are multiples of 128.)
-  if (!takes(g.w.dtype) || g.K < kStepK || m1 - m0 < kMinRows || n1 - n0 < 16 || (fp8 && g.K % kStepK != 0)) {
+  if (!takes(g.w.dtype) || g.K < kStepK || m1 - m0 < min_rows(g.w.dtype) || n1 - n0 < 16 ||
+      (fp8 && g.K % kStepK != 0)) {
     return avx512::gemm_nt_bf16dot(g, m0, m1, n0, n1);
   }
   const int64_t steps = g.K / kStepK, k32 = steps * kStepK;

@@ -223,7 +223,7 @@ export const ModelSchema = withRules(
       }),
       cpuMatmul: StringEnum(["fp32", "bf16"], {
         description:
-          "How the CPU backend multiplies activations by bf16 weights (both roles; GPU devices are unaffected): fp32 keeps the activations in fp32 (the default); bf16 rounds them to bf16, as PyTorch's bf16 Linear does, and runs on AMX tiles or AVX512_BF16 where the CPU has them (several times faster prefill, ~1e-3 relative error); a CPU with neither keeps fp32.",
+          "How the CPU backend multiplies activations by bf16 and fp8 weights (both roles; GPU devices are unaffected): fp32 keeps the activations in fp32 (the default); bf16 rounds them to bf16, as PyTorch's bf16 Linear does, and runs on AMX tiles or AVX512_BF16 where the CPU has them (several times faster prefill, ~1e-3 relative error); a CPU with neither keeps fp32.",
         default: "fp32",
       }),
     },

@@ -128,7 +128,7 @@ export function configureDevice(
   }
 }
 
-/** How the CPU backend multiplies by bf16 weights (`--cpu-matmul`, spec.model.cpuMatmul). */
+/** How the CPU backend multiplies by bf16 and fp8 weights (`--cpu-matmul`, spec.model.cpuMatmul). */
 export const CPU_MATMULS = ["fp32", "bf16"] as const;
 export type CpuMatmul = (typeof CPU_MATMULS)[number];
 

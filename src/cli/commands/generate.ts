@@ -26,7 +26,7 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --chat                wrap the prompt in the model's chat template
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
-  --cpu-matmul fp32|bf16  how the CPU multiplies by bf16 weights: fp32 (default) or bf16
+  --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
                         (activations rounded to bf16: AMX or AVX512_BF16 where the CPU has them)
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
