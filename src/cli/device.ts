@@ -2,6 +2,7 @@
 // one place that picks the Backend, so the three agree on names, defaults and errors.
 import type { Backend } from "../engine/backend.ts";
 import {
+  BF16_ISAS,
   CPU_MATMULS,
   type CpuMatmul,
   DEVICE_HELP,
@@ -61,7 +62,7 @@ export function selectBackend(
     throw new ExpertMeshError("EM_CLI_USAGE", `--device must be ${DEVICE_HELP}, got ''`);
   const backend = nativeBackend({ device, ...(cpuMatmul ? { cpuMatmul } : {}) });
   let summary = backendSummary(backend.info);
-  if (cpuMatmul === "bf16" && !["amx", "avx512bf16"].includes(backend.info.cpu.isa))
+  if (cpuMatmul === "bf16" && !BF16_ISAS.includes(backend.info.cpu.isa))
     summary += "; --cpu-matmul bf16: this CPU has neither AMX nor AVX512_BF16, so fp32 products";
   return { backend, device: backend.info.device, summary };
 }

@@ -139,8 +139,11 @@ export type CpuMatmul = (typeof CPU_MATMULS)[number];
  */
 export function cpuIsaFor(matmul: CpuMatmul, available: readonly string[]): string | undefined {
   if (matmul === "fp32") return undefined;
-  return ["amx", "avx512bf16"].find((isa) => available.includes(isa));
+  return BF16_ISAS.find((isa) => available.includes(isa));
 }
+
+/** The CPU ISAs that round x to bf16 in bf16 GEMMs, the fastest first. */
+export const BF16_ISAS: readonly string[] = ["amx", "avx512bf16"];
 
 /**
  * The Backend over the addon; with `device`, configures the addon for it first, and with
@@ -150,14 +153,13 @@ export function nativeBackend(
   options: { device?: string; addon?: Addon; cpuMatmul?: CpuMatmul } = {},
 ): Backend & { info: NativeInfo } {
   const addon = options.addon ?? loadAddon();
-  const isa =
-    options.cpuMatmul === undefined
-      ? undefined
-      : cpuIsaFor(options.cpuMatmul, addon.backendInfo().availableIsas);
+  const current = addon.backendInfo();
+  // With cpuMatmul the CPU backend is always configured (fp32 undoes an earlier bf16).
+  const isa = options.cpuMatmul && (cpuIsaFor(options.cpuMatmul, current.availableIsas) ?? "auto");
   const info =
     options.device === undefined && isa === undefined
-      ? addon.backendInfo()
-      : configureDevice(options.device ?? addon.backendInfo().device, addon, isa);
+      ? current
+      : configureDevice(options.device ?? current.device, addon, isa);
   return {
     name: "native",
     info,
