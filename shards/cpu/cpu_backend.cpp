@@ -65,6 +65,10 @@ extern "C" em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend*
   em_cpu_isa isa = cfg ? cfg->isa : EM_ISA_AUTO;
   if (isa == EM_ISA_AUTO) isa = auto_isa();
   if (isa < EM_ISA_SCALAR || isa > EM_ISA_AMX) return em::fail(EM_ERR_ARG, "unknown ISA %d", static_cast<int>(isa));
+  if (isa == EM_ISA_AMX && em_cpu_best_isa() == EM_ISA_AMX && !isa_supported(isa))
+    return em::fail(EM_ERR_UNSUPPORTED,
+                    "this CPU has AMX but the OS refused this process the tile state (arch_prctl "
+                    "ARCH_REQ_XCOMP_PERM); use 'avx512bf16'");
   if (!isa_supported(isa))
     return em::fail(EM_ERR_UNSUPPORTED, "this CPU does not support ISA '%s' (best: '%s')", em_cpu_isa_name(isa),
                     em_cpu_isa_name(em_cpu_best_isa()));

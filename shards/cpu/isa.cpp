@@ -21,13 +21,15 @@ struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA + F16C with YMM state enabled by the OS
   bool avx512 = false;      // AVX-512 F + BW + VL with ZMM state enabled
   bool avx512_bf16 = false;
-  bool amx = false;         // AMX-TILE + AMX-BF16, tile state enabled and granted by the OS
+  bool amx = false;         // AMX-TILE + AMX-BF16 with the tile state enabled by the OS (XCR0)
 };
 
 #if EM_X86
 // Linux enables the 8 KiB tile state per process, on request (arch_prctl ARCH_REQ_XCOMP_PERM
 // for XTILEDATA, feature 18); until then a tile instruction faults. Granted for the process and
-// every thread in it. Other systems: not asked, so AMX stays off.
+// every thread in it. Other systems: not asked, so AMX stays off. Asked only when AMX is about
+// to be used (tile_state_granted): once granted, Linux refuses a later sigaltstack smaller than
+// the bigger signal frame, so a process that never selects AMX never asks.
 bool request_tile_state() {
 #if defined(__linux__) && defined(SYS_arch_prctl)
   constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -56,7 +58,7 @@ CpuFeatures detect() {
   const bool amx_tile = d & (1u << 24), amx_bf16 = d & (1u << 22);
   const bool tile_state = (xcr0_lo & 0x60000u) == 0x60000u;  // XTILECFG + XTILEDATA
   if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512_bf16 = a & (1u << 5);
-  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && tile_state && request_tile_state();
+  f.amx = f.avx512_bf16 && amx_tile && amx_bf16 && tile_state;
 #if defined(EM_EMULATE_AVX512)
   // Test build: the AVX-512 kernels run on SIMDe over AVX2 (avx512_emulation.h), the AMX
   // kernels' tile instructions in C++ (amx_emulation.h).
@@ -69,6 +71,18 @@ CpuFeatures detect() {
 const CpuFeatures& features() {
   static const CpuFeatures f = detect();
   return f;
+}
+
+// The tile state for this process: asked for once, on first use.
+bool tile_state_granted() {
+#if EM_X86 && defined(EM_EMULATE_AVX512)
+  return true;  // emulated tiles need no OS state
+#elif EM_X86
+  static const bool granted = features().amx && request_tile_state();
+  return granted;
+#else
+  return false;
+#endif
 }
 
 const Kernels kScalar = {EM_ISA_SCALAR,       scalar::gemm_nt,   scalar::gemm_nn,   scalar::silu_mul,
@@ -96,7 +110,7 @@ bool isa_supported(em_cpu_isa isa) {
     case EM_ISA_AVX2: return features().avx2;
     case EM_ISA_AVX512: return features().avx512;
     case EM_ISA_AVX512_BF16: return features().avx512_bf16;
-    case EM_ISA_AMX: return features().amx;
+    case EM_ISA_AMX: return features().amx && tile_state_granted();
     default: return false;
   }
 }
@@ -117,9 +131,11 @@ const Kernels& kernels_for(em_cpu_isa isa) {
 
 }  // namespace em::cpu
 
+// The hardware's best, without asking Linux for the tile state (em_backend_create_cpu asks when
+// it is given amx, and fails if Linux refuses).
 extern "C" em_cpu_isa em_cpu_best_isa(void) {
   using namespace em::cpu;
-  if (isa_supported(EM_ISA_AMX)) return EM_ISA_AMX;
+  if (features().amx) return EM_ISA_AMX;
   if (isa_supported(EM_ISA_AVX512_BF16)) return EM_ISA_AVX512_BF16;
   if (isa_supported(EM_ISA_AVX512)) return EM_ISA_AVX512;
   if (isa_supported(EM_ISA_AVX2)) return EM_ISA_AVX2;

@@ -4,6 +4,11 @@
 #include <algorithm>
 #include <memory>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "test/harness.h"
 
 using namespace test;
@@ -125,9 +130,52 @@ void test_errors() {
   CHECK(em_supports_op(be.b, EM_OP_MATMUL, EM_I32) == 0, "no i32 weights");
 }
 
+// Linux's tile state (XTILEDATA, feature 18) in this process's permitted set, -1 where there is
+// no such call (the emulated build needs none).
+int tile_state_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl) && !defined(EM_EMULATE_AVX512)
+  constexpr int kArchGetXcompPerm = 0x1022;
+  uint64_t mask = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &mask) != 0) return -1;
+  return static_cast<int>((mask >> 18) & 1);
+#else
+  return -1;
+#endif
+}
+
+// The tile state is asked for when an amx backend is created, not before: a process on the
+// other ISAs keeps Linux's default signal frame (runs first, before any amx backend exists).
+void test_tile_state() {
+  const int before = tile_state_permitted();
+  {
+    Backend be(em_cpu_best_isa() >= EM_ISA_AVX512 ? EM_ISA_AVX512 : EM_ISA_SCALAR, 1);
+    std::vector<float> x(32 * 64, 0.5f), w(16 * 64, 0.25f), y(32 * 16);
+    em_tensor xt = em_tensor_2d(x.data(), EM_F32, 32, 64), wt = em_tensor_2d(w.data(), EM_F32, 16, 64);
+    em_tensor yt = em_tensor_2d(y.data(), EM_F32, 32, 16);
+    CHECK_OK(em_matmul(be.b, &xt, &wt, &yt));
+  }
+  const int after_other = tile_state_permitted();
+  if (before >= 0) {
+    CHECK(before == 0 && after_other == 0, "tile state asked for without amx: %d, %d", before, after_other);
+  }
+  if (em_cpu_best_isa() == EM_ISA_AMX) {
+    Backend amx(EM_ISA_AMX, 1);
+    CHECK(amx.b != nullptr, "amx backend: %s", em_last_error());
+    if (before >= 0) CHECK(tile_state_permitted() == 1, "amx backend without the tile state");
+    std::printf("tile state: asked for by the amx backend only (%s)\n",
+                before >= 0 ? "checked with ARCH_GET_XCOMP_PERM" : "emulated tiles");
+  } else {
+    em_backend* b = nullptr;
+    em_cpu_config cfg{EM_ISA_AMX, 1};
+    CHECK(em_backend_create_cpu(&cfg, &b) == EM_ERR_UNSUPPORTED && b == nullptr, "amx without AMX");
+    std::printf("tile state: no AMX on this CPU; the other ISAs never asked for it\n");
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_tile_state();
   test_shapes();
   test_errors();
   return finish("matmul");
