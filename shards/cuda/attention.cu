@@ -579,7 +579,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, i
 #pragma unroll
     for (int i = 0; i < 16; ++i) s[i] = 0.0f;
     wgmma_fence();
-#pragma unroll 4
+    // Fully unrolled: with `unroll 4` ptxas injected warpgroup.arrive fences inside the chain
+    // (C7519), each one waiting on the MMAs issued so far.
+#pragma unroll
     for (int k = 0; k < kTcD / 16; ++k)
       wgmma_m64n32k16<0>(s, wg_desc(Qs + 256 * k, 128, kWgRow8), wg_desc(Kt + 4 * wg * kWgRow8 + 256 * k, 128, kWgRow8),
                          k > 0);
@@ -957,6 +959,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
   size_t item_first[kKernels + 1];
   for (int k = 0; k < kKernels; ++k) {
     item_first[k] = plan.items.size();
+    if (by_kernel[k].empty()) continue;  // (an unused SIMT kernel may have simt_bn 0)
     if (k == kTensorCore)
       plan_kernel(a, T, by_kernel[k], kTcQG, 128, ctx.sm_count, kTcBN, plan);
     else if (k == kWgmma)

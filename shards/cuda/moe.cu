@@ -46,7 +46,8 @@ __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(
 
 __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-// h[r, c] = dt(silu(g[r, c]) * u[r, c]); g, u, h share the leading dimension ld.
+// h[r, c] = dt(silu(g[r, c]) * u[r, c]); g and u share the leading dimension ld (gate and up
+// side by side: ld is twice cols), h is dense (leading dimension cols).
 template <typename T>
 __global__ void silu_mul_rows_kernel(const T* g, const T* u, int64_t ld, int64_t rows, int64_t cols, em_dtype dt,
                                      void* h) {
@@ -54,7 +55,7 @@ __global__ void silu_mul_rows_kernel(const T* g, const T* u, int64_t ld, int64_t
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols, k = r * ld + c;
-    store_f32(h, dt, k, silu_times(to_f32(g[k]), to_f32(u[k])));
+    store_f32(h, dt, i, silu_times(to_f32(g[k]), to_f32(u[k])));
   }
 }
 
