@@ -5,7 +5,8 @@
 #   build   build the native engine (shards/) and compile TypeScript to dist/
 #   lint    biome (format + lint) and a strict type-check of src, test and bench
 #   test    the C++ tests (also with AVX-512 emulated: scripts/avx512-emulated.sh), the test
-#           environment (test/env/provision.sh), then vitest run
+#           environment (test/env/provision.sh), the Triton client's venv
+#           (scripts/triton-client.sh), then vitest run
 #   test:unit  only the pure-logic tests, no services
 #   bench   the benchmark set (bench/)
 #   start   the main job on the embedded default (see README)
@@ -13,7 +14,8 @@
 #
 # Everything it installs lives in node_modules or in ~/.cache/expertmesh, so a fresh clone
 # needs only bash, npm (any version, to fetch Node 24 once), curl and unzip (for a Go
-# toolchain from the Go module proxy when Go is missing), cmake and a C++17 compiler.
+# toolchain from the Go module proxy when Go is missing), cmake and a C++17 compiler; and for
+# `test`, python3 with venv and pip.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -81,6 +83,7 @@ case "$job" in
     bash shards/build.sh test >&2
     bash scripts/avx512-emulated.sh
     bash test/env/provision.sh >&2
+    bash scripts/triton-client.sh >/dev/null
     exec vitest run "$@"
     ;;
   test:unit)

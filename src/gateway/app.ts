@@ -43,10 +43,11 @@ export interface GatewayAppOptions {
 
 /** Builds the fastify app (not listening yet). */
 export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
+  const bodyLimit = o.maxRequestBytes ?? 1 << 20;
   const app = Fastify({
     logger: o.logger ?? false,
     ...(o.server ? { serverFactory: adoptServer(o.server, o.onHandler) } : {}),
-    bodyLimit: o.maxRequestBytes ?? 1 << 20,
+    bodyLimit,
     // Validate bodies as they are: no coercion ("1" is not a number), unknown fields kept.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
     // Errors before routing (a bad percent-escape in the path) in our format too.
@@ -141,7 +142,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   });
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
-  app.register(kserveRestRoutes({ ctx: o.ctx, ...(o.ready ? { ready: o.ready } : {}) }));
+  app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
   return app;
 }
 

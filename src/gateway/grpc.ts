@@ -29,12 +29,16 @@ import { Value } from "@sinclair/typebox/value";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { type Job, logServerError, REQUEST_ID, type ServeContext, startJob } from "./jobs.ts";
+import { decodeBytesElements, encodeBytesElements } from "./kserve-tensors.ts";
 import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
 import {
   bad,
+  checkPromptShape,
   decimal,
+  inferJobSpec,
+  inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
   packageVersion,
@@ -285,7 +289,8 @@ function handlers(o: GrpcGatewayOptions): {
         { param: "version" },
       );
   };
-  const tensor = (name: string): TensorMetadata => ({ name, datatype: "BYTES", shape: [1] });
+  // Any shape: a batch of prompts, its answers in the same shape.
+  const tensor = (name: string): TensorMetadata => ({ name, datatype: "BYTES", shape: [-1] });
   // A failed call's status; the server's own failures (5xx) are logged.
   const failure = (call: { getPath(): string }, err: unknown) => {
     logServerError(ctx, call.getPath(), err);
@@ -320,39 +325,40 @@ function handlers(o: GrpcGatewayOptions): {
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model_name, r.model_version, "model_name");
-      const { text, raw } = inferText(r);
+      const { texts, shape, raw } = inferTexts(r);
       for (const out of r.outputs)
         if (out.name !== TEXT_OUTPUT)
           throw bad(
             `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
             "outputs",
           );
-      const spec = await textJobSpec(ctx, text, sampling(parameterFields(r.parameters)));
+      const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
       const job = startJob(ctx, spec);
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;
-      const choice = job.choices[0]!;
-      const data = Buffer.from(choice.out.text, "utf8");
+      const o = inferOutcome(job, spec);
+      const data = o.texts.map((t) => Buffer.from(t, "utf8"));
       return {
         model_name: ctx.servedModelName,
         model_version: MODEL_VERSION,
         id: r.id ?? "",
         parameters: {
-          finish_reason: { string_param: choice.finishReason ?? "abort" },
-          prompt_tokens: { int64_param: spec.prompts[0]!.tokens.length },
-          completion_tokens: { int64_param: job.completionTokens },
+          finish_reason: { string_param: o.finishReason },
+          prompt_tokens: { int64_param: o.promptTokens },
+          completion_tokens: { int64_param: o.completionTokens },
         },
-        // Answer in the form asked: raw contents for raw inputs (as KServe does).
+        // Answer in the form asked: raw contents for raw inputs (as KServe does); the
+        // output has the input's shape.
         outputs: [
           {
             name: TEXT_OUTPUT,
             datatype: "BYTES",
-            shape: [1],
-            ...(raw ? {} : { contents: { bytes_contents: [data] } }),
+            shape,
+            ...(raw ? {} : { contents: { bytes_contents: data } }),
           },
         ],
-        raw_output_contents: raw ? [encodeRawBytes([data])] : [],
+        raw_output_contents: raw ? [encodeBytesElements(data)] : [],
       };
     }),
   };
@@ -613,10 +619,10 @@ function grpcCode(httpStatus: number): status {
 }
 
 /**
- * The prompt of a ModelInfer request: the one element of the input named `text_input`, or
- * of the first BYTES input, from `contents.bytes_contents` or `raw_input_contents`.
+ * The prompts of a ModelInfer request: the elements of the BYTES input named `text_input`,
+ * or of the first BYTES input, from `contents.bytes_contents` or `raw_input_contents`.
  */
-function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
+function inferTexts(r: ModelInferRequest): { texts: string[]; shape: number[]; raw: boolean } {
   let i = r.inputs.findIndex((t) => t.name === TEXT_INPUT);
   if (i < 0) i = r.inputs.findIndex((t) => t.datatype === "BYTES");
   const input = r.inputs[i];
@@ -641,7 +647,11 @@ function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
       );
     if (r.inputs.some((t) => Object.values(t.contents ?? {}).some((v) => v && v.length > 0)))
       throw bad("give tensor contents or raw_input_contents, not both", "raw_input_contents");
-    elements = decodeRawBytes(r.raw_input_contents[i]!, name);
+    elements = decodeBytesElements(
+      r.raw_input_contents[i]!,
+      `raw contents of input '${name}'`,
+      "raw_input_contents",
+    );
   } else {
     const other = Object.entries(input.contents ?? {}).find(
       ([k, v]) => k !== "bytes_contents" && Array.isArray(v) && v.length > 0,
@@ -653,56 +663,13 @@ function inferText(r: ModelInferRequest): { text: string; raw: boolean } {
       );
     elements = input.contents?.bytes_contents ?? [];
   }
-  if (input.shape.length === 0 || input.shape.some((d) => !Number.isInteger(d) || d < 0))
-    throw bad(
-      `input '${name}' has shape [${input.shape.join(", ")}]: dimensions must be integers >= 0`,
-      "inputs.shape",
-    );
-  const declared = input.shape.reduce((a, b) => a * b, 1);
-  if (declared !== elements.length)
-    throw bad(
-      `input '${name}' has shape [${input.shape.join(", ")}] but holds ${elements.length} elements`,
-      "inputs.shape",
-    );
-  if (elements.length !== 1)
-    throw bad(
-      `input '${name}' must hold exactly one prompt (shape [1]), got ${elements.length}`,
-      "inputs.shape",
-    );
+  checkPromptShape(name, input.shape, elements.length, "inputs.shape");
+  const utf8 = new TextDecoder("utf-8", { fatal: true });
   try {
-    return { text: new TextDecoder("utf-8", { fatal: true }).decode(elements[0]!), raw };
+    return { texts: elements.map((e) => utf8.decode(e)), shape: input.shape, raw };
   } catch {
     throw bad(`input '${name}' is not valid UTF-8 text`, "inputs.contents");
   }
-}
-
-/** BYTES elements in raw form: each a 4-byte little-endian length, then its bytes. */
-function decodeRawBytes(buf: Buffer, name: string): Buffer[] {
-  const out: Buffer[] = [];
-  let at = 0;
-  while (at < buf.length) {
-    if (at + 4 > buf.length) break;
-    const n = buf.readUInt32LE(at);
-    if (at + 4 + n > buf.length) break;
-    out.push(buf.subarray(at + 4, at + 4 + n));
-    at += 4 + n;
-  }
-  if (at !== buf.length)
-    throw bad(
-      `raw contents of input '${name}' are not BYTES elements (4-byte length prefixes)`,
-      "raw_input_contents",
-    );
-  return out;
-}
-
-function encodeRawBytes(elements: Buffer[]): Buffer {
-  return Buffer.concat(
-    elements.flatMap((e) => {
-      const len = Buffer.alloc(4);
-      len.writeUInt32LE(e.length);
-      return [len, e];
-    }),
-  );
 }
 
 /** The KServe request's parameters map: numbers as int64/uint64/double or numeric strings. */

@@ -1,16 +1,31 @@
 // KServe's Open Inference Protocol v2 over REST, beside the gRPC one (grpc.ts), for the same
 // text model (text-model.ts): health, server and model metadata, model readiness, `infer`
-// with a BYTES `text_input` tensor, and Triton's generate extension (`generate`,
-// `generate_stream`: the prompt and sampling fields as plain JSON). Errors are the
-// protocol's {"error": message}, with our stable `code` and the `param` beside it.
+// with a BYTES `text_input` tensor (a batch of prompts; as JSON or in Triton's binary tensor
+// data extension, kserve-tensors.ts; compressed or not), and Triton's generate extension
+// (`generate`, `generate_stream`: the prompt and sampling fields as plain JSON). Errors are
+// the protocol's {"error": message}, with our stable `code` and the `param` beside it.
+
+import { deflateSync, gzipSync } from "node:zlib";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext, startJob } from "./jobs.ts";
+import {
+  decodeBytesElements,
+  encodeBytesElements,
+  HEADER_LENGTH,
+  inflateBody,
+  inputBinaries,
+  responseBody,
+  splitBody,
+} from "./kserve-tensors.ts";
 import { bind, eventStream } from "./openai.ts";
 import {
   bad,
+  checkPromptShape,
   decimal,
+  inferJobSpec,
+  inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
   packageVersion,
@@ -25,6 +40,8 @@ export interface KserveRestOptions {
   readonly ctx: ServeContext;
   /** Whether the model can serve now (every shard answers). */
   readonly ready?: () => Promise<boolean>;
+  /** Request bodies, inflated, at most this many bytes (the HTTP API's limit). */
+  readonly bodyLimit: number;
 }
 
 /** The health routes, open without an API key (as /health and /ready). */
@@ -36,6 +53,18 @@ type ModelParams = { name: string; version?: string };
 export function kserveRestRoutes(o: KserveRestOptions) {
   const { ctx } = o;
   return async (app: FastifyInstance) => {
+    // Bodies come as bytes, whatever their content type (Triton's client sends none, binary
+    // ones are JSON and then tensor bytes): readBody splits, inflates and parses them.
+    app.removeAllContentTypeParsers();
+    app.addContentTypeParser("*", { parseAs: "buffer" }, (_req, body, done) => done(null, body));
+    const readBody = (req: FastifyRequest) => {
+      const raw = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+      const header = req.headers[HEADER_LENGTH];
+      return splitBody(
+        inflateBody(raw, req.headers["content-encoding"], o.bodyLimit),
+        Array.isArray(header) ? header[0] : header,
+      );
+    };
     app.setErrorHandler((err, req, reply) => {
       const e = toApiError(err);
       logServerError(ctx, `${req.method} ${req.url}`, err);
@@ -87,9 +116,10 @@ export function kserveRestRoutes(o: KserveRestOptions) {
     app.get("/v2", async () => ({
       name: "expertmesh",
       version: packageVersion(),
-      extensions: ["generate"],
+      extensions: ["binary_tensor_data", "generate"],
     }));
-    const tensor = (name: string) => ({ name, datatype: "BYTES", shape: [1] });
+    // Any shape: a batch of prompts, its answers in the same shape.
+    const tensor = (name: string) => ({ name, datatype: "BYTES", shape: [-1] });
     model("get", "", async () => ({
       name: ctx.servedModelName,
       versions: [MODEL_VERSION],
@@ -104,40 +134,59 @@ export function kserveRestRoutes(o: KserveRestOptions) {
     });
 
     model("post", "/infer", async (req, reply) => {
-      const b = objectBody(req.body);
-      const text = inferText(b);
-      for (const [i, out] of list(b["outputs"], "outputs").entries())
-        if (!isObject(out) || out["name"] !== TEXT_OUTPUT)
-          throw bad(
-            `outputs[${i}]: the model's only output is '${TEXT_OUTPUT}'`,
-            `outputs.${i}.name`,
-          );
-      const spec = await textJobSpec(
-        ctx,
-        text,
-        sampling(jsonFields(b["parameters"], "parameters")),
-      );
+      const { json: b, binary } = readBody(req);
+      const inputs = list(b["inputs"], "inputs");
+      const { texts, shape } = inferTexts(inputs, inputBinaries(inputs, binary));
+      const parameters = jsonFields(b["parameters"], "parameters");
+      const binaryOut = wantsBinary(b);
+      const spec = await inferJobSpec(ctx, texts, sampling(parameters));
       const job = startJob(ctx, spec);
       bind(reply, job);
       await job.done;
-      const c = job.choices[0]!;
-      return {
+      const r = inferOutcome(job, spec);
+      const data = r.texts.map((t) => Buffer.from(t, "utf8"));
+      const bytes = binaryOut ? encodeBytesElements(data) : null;
+      const answer = {
         model_name: ctx.servedModelName,
         model_version: MODEL_VERSION,
         ...(typeof b["id"] === "string" ? { id: b["id"] } : {}),
         parameters: {
-          finish_reason: c.finishReason ?? "abort",
-          prompt_tokens: spec.prompts[0]!.tokens.length,
-          completion_tokens: job.completionTokens,
+          finish_reason: r.finishReason,
+          prompt_tokens: r.promptTokens,
+          completion_tokens: r.completionTokens,
         },
-        outputs: [{ ...tensor(TEXT_OUTPUT), data: [c.out.text] }],
+        outputs: [
+          {
+            name: TEXT_OUTPUT,
+            datatype: "BYTES",
+            shape,
+            ...(bytes ? { parameters: { binary_data_size: bytes.length } } : { data: r.texts }),
+          },
+        ],
       };
+      const encoding = responseEncoding(req.headers["accept-encoding"]);
+      if (!bytes && !encoding) return answer;
+      let body: Buffer;
+      if (bytes) {
+        const split = responseBody(answer, [bytes]);
+        reply.header(HEADER_LENGTH, String(split.headerLength));
+        reply.header("content-type", "application/octet-stream");
+        body = split.body;
+      } else {
+        reply.header("content-type", "application/json; charset=utf-8");
+        body = Buffer.from(JSON.stringify(answer), "utf8");
+      }
+      if (encoding) {
+        reply.header("content-encoding", encoding);
+        body = encoding === "gzip" ? gzipSync(body) : deflateSync(body);
+      }
+      return reply.send(body);
     });
 
     // Triton's generate extension: {"text_input": "...", "parameters": {...}}, the sampling
     // fields also at the top.
-    const generateSpec = async (body: unknown) => {
-      const b = objectBody(body);
+    const generateSpec = async (req: FastifyRequest) => {
+      const b = readBody(req).json;
       const text = b[TEXT_INPUT];
       if (typeof text !== "string")
         throw bad(`'${TEXT_INPUT}' must be the prompt, a string`, TEXT_INPUT);
@@ -149,7 +198,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
     };
     const head = () => ({ model_name: ctx.servedModelName, model_version: MODEL_VERSION });
     model("post", "/generate", async (req, reply) => {
-      const spec = await generateSpec(req.body);
+      const spec = await generateSpec(req);
       const job = startJob(ctx, spec);
       bind(reply, job);
       await job.done;
@@ -163,7 +212,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       };
     });
     model("post", "/generate_stream", async (req, reply) => {
-      const spec = await generateSpec(req.body);
+      const spec = await generateSpec(req);
       const pending: string[] = [];
       let raw: FastifyReply["raw"] | null = null;
       const send = (o: unknown) => {
@@ -194,11 +243,6 @@ export function kserveRestRoutes(o: KserveRestOptions) {
   };
 }
 
-function objectBody(body: unknown): Record<string, unknown> {
-  if (!isObject(body)) throw bad("the request body must be a JSON object", "body");
-  return body;
-}
-
 function list(x: unknown, param: string): unknown[] {
   if (x === undefined || x === null) return [];
   if (!Array.isArray(x)) throw bad(`'${param}' must be an array`, param);
@@ -206,11 +250,51 @@ function list(x: unknown, param: string): unknown[] {
 }
 
 /**
- * The prompt of an infer request: the one element of the input named text_input, or of
- * the first BYTES input (its data flat or nested, as row-major tensor data may be).
+ * Whether the answer's text goes in binary: asked on the requested output
+ * (`parameters.binary_data`) or for every output (the request's `binary_data_output`). Any
+ * other requested output is refused.
  */
-function inferText(b: Record<string, unknown>): string {
-  const inputs = list(b["inputs"], "inputs");
+function wantsBinary(b: Record<string, unknown>): boolean {
+  const flag = (x: unknown, param: string): boolean | undefined => {
+    if (x === undefined || x === null) return undefined;
+    if (typeof x !== "boolean") throw bad(`'${param}' must be true or false`, param);
+    return x;
+  };
+  const all = flag(
+    isObject(b["parameters"]) ? b["parameters"]["binary_data_output"] : undefined,
+    "parameters.binary_data_output",
+  );
+  let asked: boolean | undefined;
+  for (const [i, out] of list(b["outputs"], "outputs").entries()) {
+    if (!isObject(out) || out["name"] !== TEXT_OUTPUT)
+      throw bad(`outputs[${i}]: the model's only output is '${TEXT_OUTPUT}'`, `outputs.${i}.name`);
+    const p = out["parameters"];
+    if (p !== undefined && !isObject(p))
+      throw bad("an output's 'parameters' must be an object", `outputs.${i}.parameters`);
+    asked = flag(p?.["binary_data"], `outputs.${i}.parameters.binary_data`) ?? asked;
+  }
+  return asked ?? all ?? false;
+}
+
+/** gzip or deflate when the client accepts it (Triton's response_compression_algorithm). */
+function responseEncoding(accept: string | undefined): "gzip" | "deflate" | null {
+  const offered = (accept ?? "")
+    .split(",")
+    .map((e) => e.trim().toLowerCase())
+    .filter((e) => !/;\s*q=0(\.0*)?$/.test(e))
+    .map((e) => e.split(";")[0]!.trim());
+  return offered.includes("gzip") ? "gzip" : offered.includes("deflate") ? "deflate" : null;
+}
+
+/**
+ * The prompts of an infer request: the elements of the input named text_input, or of the
+ * first BYTES input (its data flat or nested, as row-major tensor data may be; or its bytes
+ * in the binary section), with its shape.
+ */
+function inferTexts(
+  inputs: readonly unknown[],
+  binaries: readonly (Buffer | null)[],
+): { texts: string[]; shape: number[] } {
   let i = inputs.findIndex((t) => isObject(t) && t["name"] === TEXT_INPUT);
   if (i < 0) i = inputs.findIndex((t) => isObject(t) && t["datatype"] === "BYTES");
   const input = inputs[i];
@@ -223,27 +307,26 @@ function inferText(b: Record<string, unknown>): string {
       `inputs.${i}.datatype`,
     );
   const shape = input["shape"];
-  if (
-    !Array.isArray(shape) ||
-    shape.length === 0 ||
-    shape.some((d) => !Number.isInteger(d) || (d as number) < 0)
-  )
-    throw bad(`input '${name}': shape must be an array of integers >= 0`, `inputs.${i}.shape`);
-  const data = list(input["data"], `inputs.${i}.data`).flat(shape.length);
-  const declared = (shape as number[]).reduce((a, d) => a * d, 1);
-  if (declared !== data.length)
-    throw bad(
-      `input '${name}' has shape [${shape.join(", ")}] but holds ${data.length} elements`,
-      `inputs.${i}.shape`,
+  const depth = Array.isArray(shape) ? shape.length : 1;
+  const bytes = binaries[i];
+  let texts: unknown[];
+  if (bytes) {
+    const utf8 = new TextDecoder("utf-8", { fatal: true });
+    const elements = decodeBytesElements(
+      bytes,
+      `the binary data of input '${name}'`,
+      `inputs.${i}.parameters.binary_data_size`,
     );
-  if (data.length !== 1)
-    throw bad(
-      `input '${name}' must hold exactly one prompt (shape [1]), got ${data.length}`,
-      `inputs.${i}.shape`,
-    );
-  if (typeof data[0] !== "string")
-    throw bad(`input '${name}': its element must be the prompt, a string`, `inputs.${i}.data`);
-  return data[0];
+    try {
+      texts = elements.map((e) => utf8.decode(e));
+    } catch {
+      throw bad(`input '${name}' is not valid UTF-8 text`, `inputs.${i}.data`);
+    }
+  } else texts = list(input["data"], `inputs.${i}.data`).flat(depth);
+  checkPromptShape(name, shape, texts.length, `inputs.${i}.shape`);
+  if (texts.some((t) => typeof t !== "string"))
+    throw bad(`input '${name}': its elements must be prompts, strings`, `inputs.${i}.data`);
+  return { texts: texts as string[], shape: shape as number[] };
 }
 
 /**

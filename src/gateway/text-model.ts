@@ -5,8 +5,9 @@
 import { randomInt } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { ApiError } from "./errors.ts";
-import { encodablePrompt, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
+import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
+import { MAX_PROMPTS } from "./schemas.ts";
 
 /** The numeric sampling fields (SamplingFields' numbers), as parameters name them. */
 export const NUMBER_FIELDS = [
@@ -111,6 +112,49 @@ export async function textJobSpec(
   return {
     ...rest,
     prompts: [jobPrompt(ctx, prompt, requested, DEFAULT_MAX_TOKENS, { param: "prompt" })],
+  };
+}
+
+/** An infer request's prompts (a batch: one job, a choice per prompt, as a completions batch). */
+export async function inferJobSpec(
+  ctx: ServeContext,
+  texts: readonly string[],
+  s: Sampling,
+): Promise<JobSpec> {
+  const specs = await Promise.all(texts.map((t) => textJobSpec(ctx, t, s)));
+  return { ...specs[0]!, prompts: specs.map((p) => p.prompts[0]!) };
+}
+
+/**
+ * The prompts a text input holds, row-major: any shape whose elements are 1 to MAX_PROMPTS
+ * (`[1]`, `[1, 1]`, `[4, 1]`, ...). `count` is the elements it holds.
+ */
+export function checkPromptShape(name: string, shape: unknown, count: number, param: string) {
+  if (
+    !Array.isArray(shape) ||
+    shape.length === 0 ||
+    shape.some((d) => !Number.isSafeInteger(d) || (d as number) < 0)
+  )
+    throw bad(`input '${name}': shape must be an array of integers >= 0`, param);
+  const declared = (shape as number[]).reduce((a, d) => a * d, 1);
+  if (declared !== count)
+    throw bad(`input '${name}' has shape [${shape.join(", ")}] but holds ${count} elements`, param);
+  if (count < 1 || count > MAX_PROMPTS)
+    throw bad(
+      `input '${name}' must hold 1 to ${MAX_PROMPTS} prompts (a batch), got ${count}`,
+      param,
+    );
+}
+
+/** What an infer answer reports of a finished job, its texts in the prompts' order. */
+export function inferOutcome(job: Job, spec: JobSpec) {
+  const choices = [...job.choices].sort((a, b) => a.index - b.index);
+  return {
+    texts: choices.map((c) => c.out.text),
+    // One reason a prompt, comma-separated (KServe parameters are scalars).
+    finishReason: choices.map((c) => c.finishReason ?? "abort").join(","),
+    promptTokens: spec.prompts.reduce((a, p) => a + p.tokens.length, 0),
+    completionTokens: job.completionTokens,
   };
 }
 

@@ -108,18 +108,29 @@ const inferRequest = (text: string, parameters: Record<string, unknown> = {}, ex
   ...extra,
 });
 
-const outputText = (res: any): string => {
+/** The text_output elements, from contents or raw contents (4-byte length, then bytes). */
+const outputTexts = (res: any): string[] => {
   const out = res.outputs[0];
   expect(out.name).toBe("text_output");
   expect(out.datatype).toBe("BYTES");
-  expect(out.shape).toEqual([1]);
   if (res.raw_output_contents.length > 0) {
     const raw: Buffer = res.raw_output_contents[0];
-    expect(raw.readUInt32LE(0)).toBe(raw.length - 4);
-    return raw.subarray(4).toString("utf8");
+    const texts: string[] = [];
+    for (let at = 0; at < raw.length; ) {
+      const n = raw.readUInt32LE(at);
+      texts.push(raw.subarray(at + 4, at + 4 + n).toString("utf8"));
+      at += 4 + n;
+    }
+    return texts;
   }
-  expect(out.contents.bytes_contents).toHaveLength(1);
-  return out.contents.bytes_contents[0].toString("utf8");
+  return out.contents.bytes_contents.map((b: Buffer) => b.toString("utf8"));
+};
+
+const outputText = (res: any): string => {
+  expect(res.outputs[0].shape.reduce((a: number, d: number) => a * d, 1)).toBe(1);
+  const texts = outputTexts(res);
+  expect(texts).toHaveLength(1);
+  return texts[0]!;
 };
 
 const trailer = (err: ServiceError, key: string) => err.metadata?.get(key)[0];
@@ -160,8 +171,8 @@ describe("KServe v2 health and metadata", () => {
       name: "tiny",
       versions: ["1"],
       platform: "expertmesh",
-      inputs: [{ name: "text_input", datatype: "BYTES", shape: [1] }],
-      outputs: [{ name: "text_output", datatype: "BYTES", shape: [1] }],
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [-1] }],
+      outputs: [{ name: "text_output", datatype: "BYTES", shape: [-1] }],
     });
   });
 
@@ -255,7 +266,42 @@ describe("ModelInfer", () => {
     });
     expect(raw.raw_output_contents).toHaveLength(1);
     expect(raw.outputs[0].contents).toBeUndefined();
+    expect(raw.outputs[0].shape).toEqual([1, 1]);
     expect(outputText(raw)).toBe(text);
+  });
+
+  it("a batch of prompts: one answer each, in the input's shape, as each alone", async () => {
+    const greedy = { max_tokens: param.int(6), temperature: param.dbl(0) };
+    const prompts = ["The weather today", "Tell me", "Once upon a time"];
+    const alone = [];
+    for (const p of prompts)
+      alone.push(outputText(await call(c.kserve, "ModelInfer", inferRequest(p, greedy))));
+    const batch = await call(c.kserve, "ModelInfer", {
+      model_name: "tiny",
+      inputs: [bytesInput(prompts, [3, 1])],
+      parameters: greedy,
+    });
+    expect(batch.outputs[0].shape).toEqual([3, 1]);
+    expect(outputTexts(batch)).toEqual(alone);
+    expect(batch.parameters.finish_reason.string_param.split(",")).toHaveLength(3);
+    expect(Number(batch.parameters.completion_tokens.int64_param)).toBeGreaterThan(3);
+    // Raw contents: the elements one after the other, the answer raw too.
+    const raw = await call(c.kserve, "ModelInfer", {
+      model_name: "tiny",
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [3] }],
+      raw_input_contents: [
+        Buffer.concat(
+          prompts.flatMap((p) => {
+            const len = Buffer.alloc(4);
+            len.writeUInt32LE(Buffer.byteLength(p));
+            return [len, Buffer.from(p)];
+          }),
+        ),
+      ],
+      parameters: greedy,
+    });
+    expect(raw.outputs[0].shape).toEqual([3]);
+    expect(outputTexts(raw)).toEqual(alone);
   });
 
   it("a seed repeats a sampled answer; the stream samples the same way", async () => {
@@ -302,7 +348,8 @@ describe("ModelInfer", () => {
           ],
         },
       ],
-      ["two prompts", { model_name: "tiny", inputs: [bytesInput(["a", "b"], [2])] }],
+      ["no prompts", { model_name: "tiny", inputs: [bytesInput([], [0])] }],
+      ["65 prompts", { model_name: "tiny", inputs: [bytesInput(Array(65).fill("a"), [65])] }],
       ["shape mismatch", { model_name: "tiny", inputs: [bytesInput("a", [3])] }],
       ["negative dimensions", { model_name: "tiny", inputs: [bytesInput("a", [-1, -1])] }],
       ["no dimensions", { model_name: "tiny", inputs: [bytesInput("a", [])] }],

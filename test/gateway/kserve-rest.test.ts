@@ -2,6 +2,7 @@
 // a gateway started in this process on the tiny V3 checkpoint: health and metadata, infer
 // and Triton's generate extension giving the text /v1/completions gives for the same greedy
 // request, and bad requests answered {"error": message} with our code, never a 5xx.
+import { deflateSync, gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
@@ -48,6 +49,50 @@ const inferBody = (parameters: Record<string, unknown> = {}, extra: object = {})
   ...extra,
 });
 
+/** BYTES elements in binary form: a 4-byte little-endian length, then the bytes, each. */
+function bytesElements(texts: string[]): Buffer {
+  return Buffer.concat(
+    texts.flatMap((t) => {
+      const len = Buffer.alloc(4);
+      len.writeUInt32LE(Buffer.byteLength(t));
+      return [len, Buffer.from(t)];
+    }),
+  );
+}
+
+function parseElements(buf: Buffer): string[] {
+  const out: string[] = [];
+  for (let at = 0; at < buf.length; ) {
+    const n = buf.readUInt32LE(at);
+    out.push(buf.subarray(at + 4, at + 4 + n).toString("utf8"));
+    at += 4 + n;
+  }
+  return out;
+}
+
+/** A JSON header and binary tensor data after it. */
+function withBinary(header: unknown, parts: Buffer[]) {
+  const head = Buffer.from(JSON.stringify(header));
+  return { bytes: Buffer.concat([head, ...parts]), headerLength: head.length };
+}
+
+/** A body and its header-length header, as a rawCall's arguments. */
+function binary(header: unknown, parts: Buffer[]): [Buffer, Record<string, string>] {
+  const b = withBinary(header, parts);
+  return [b.bytes, { "inference-header-content-length": String(b.headerLength) }];
+}
+
+/** A POST of raw bytes without a content type (as Triton's client sends), the body as bytes. */
+async function rawCall(
+  g: TestGateway,
+  path: string,
+  body: Buffer,
+  headers: Record<string, string>,
+) {
+  const r = await fetch(`${g.url}${path}`, { method: "POST", headers, body });
+  return { status: r.status, headers: r.headers, body: Buffer.from(await r.arrayBuffer()) };
+}
+
 async function completion(max_tokens = 8): Promise<string> {
   const r = await gw.client.completions.create({
     model: "tiny",
@@ -69,9 +114,12 @@ describe("KServe v2 REST", () => {
       json: { ready: true },
     });
     const server = await call(gw, "GET", "/v2");
-    expect(server.json).toMatchObject({ name: "expertmesh", extensions: ["generate"] });
+    expect(server.json).toMatchObject({
+      name: "expertmesh",
+      extensions: ["binary_tensor_data", "generate"],
+    });
     expect(typeof server.json.version).toBe("string");
-    const tensor = { datatype: "BYTES", shape: [1] };
+    const tensor = { datatype: "BYTES", shape: [-1] };
     for (const path of ["/v2/models/tiny", "/v2/models/tiny/versions/1"])
       expect((await call(gw, "GET", path)).json).toEqual({
         name: "tiny",
@@ -141,6 +189,148 @@ describe("KServe v2 REST", () => {
     expect(events.slice(0, -1).every((e) => e.finish_reason === undefined)).toBe(true);
   });
 
+  it("infer with a batch of prompts: one answer each, in the input's shape, as each alone", async () => {
+    const prompts = [PROMPT, "Tell me", "Once upon a time"];
+    const alone: string[] = [];
+    for (const p of prompts) {
+      const r = await call(gw, "POST", "/v2/models/tiny/infer", {
+        inputs: [{ name: "text_input", datatype: "BYTES", shape: [1], data: [p] }],
+        parameters: { max_tokens: 6, temperature: 0 },
+      });
+      alone.push(r.json.outputs[0].data[0]);
+    }
+    const r = await call(gw, "POST", "/v2/models/tiny/infer", {
+      inputs: [
+        { name: "text_input", datatype: "BYTES", shape: [3, 1], data: prompts.map((p) => [p]) },
+      ],
+      parameters: { max_tokens: 6, temperature: 0 },
+    });
+    expect(r.status).toBe(200);
+    expect(r.json.outputs).toEqual([
+      { name: "text_output", datatype: "BYTES", shape: [3, 1], data: alone },
+    ]);
+    expect(r.json.parameters.finish_reason.split(",")).toHaveLength(3);
+    expect(r.json.parameters.prompt_tokens).toBe(
+      prompts.reduce((a, p) => a + gw.ctx.tokenizer.encode(p).length, 0),
+    );
+  });
+
+  it("binary tensor data: inputs and outputs after the JSON header, compressed or not", async () => {
+    const prompts = [PROMPT, "Tell me"];
+    const want = await call(gw, "POST", "/v2/models/tiny/infer", {
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [2], data: prompts }],
+      parameters: { max_tokens: 6, temperature: 0 },
+    });
+    const bytes = bytesElements(prompts);
+    const header = {
+      inputs: [
+        { name: "flag", datatype: "BOOL", shape: [1], parameters: { binary_data_size: 1 } },
+        {
+          name: "text_input",
+          datatype: "BYTES",
+          shape: [2],
+          parameters: { binary_data_size: bytes.length },
+        },
+      ],
+      outputs: [{ name: "text_output", parameters: { binary_data: true } }],
+      parameters: { max_tokens: 6, temperature: 0 },
+    };
+    const body = withBinary(header, [Buffer.from([1]), bytes]);
+    // (fetch asks for gzip unless told otherwise, and inflates what it gets.)
+    for (const [what, sent, headers, encoding] of [
+      ["plain", body.bytes, { "accept-encoding": "identity" }, ""],
+      [
+        "gzip",
+        gzipSync(body.bytes),
+        { "content-encoding": "gzip", "accept-encoding": "gzip" },
+        "gzip",
+      ],
+      [
+        "deflate",
+        deflateSync(body.bytes),
+        { "content-encoding": "deflate", "accept-encoding": "deflate" },
+        "deflate",
+      ],
+    ] as const) {
+      const r = await rawCall(gw, "/v2/models/tiny/infer", sent, {
+        "inference-header-content-length": String(body.headerLength),
+        ...headers,
+      });
+      expect(r.status, what).toBe(200);
+      expect(r.headers.get("content-encoding") ?? "", what).toBe(encoding);
+      const length = Number(r.headers.get("inference-header-content-length"));
+      const json = JSON.parse(r.body.subarray(0, length).toString("utf8"));
+      expect(json.outputs, what).toEqual([
+        {
+          name: "text_output",
+          datatype: "BYTES",
+          shape: [2],
+          parameters: { binary_data_size: r.body.length - length },
+        },
+      ]);
+      expect(parseElements(r.body.subarray(length)), what).toEqual(want.json.outputs[0].data);
+    }
+    // JSON in, binary out for every output (binary_data_output), and JSON again when the
+    // output says binary_data: false.
+    const all = await rawCall(
+      gw,
+      "/v2/models/tiny/infer",
+      Buffer.from(JSON.stringify(inferBody({ binary_data_output: true, max_tokens: 6 }))),
+      {},
+    );
+    const n = Number(all.headers.get("inference-header-content-length"));
+    expect(n).toBeGreaterThan(0);
+    expect(parseElements(all.body.subarray(n))).toHaveLength(1);
+    const off = await call(gw, "POST", "/v2/models/tiny/infer", {
+      ...inferBody({ binary_data_output: true }),
+      outputs: [{ name: "text_output", parameters: { binary_data: false } }],
+    });
+    expect(off.json.outputs[0].data).toHaveLength(1);
+  });
+
+  it("bad binary bodies: 400 (415 for an unknown encoding) naming the part; the gateway keeps serving", async () => {
+    const input = (size: unknown, extra = {}) => ({
+      inputs: [
+        {
+          name: "text_input",
+          datatype: "BYTES",
+          shape: [1],
+          parameters: { binary_data_size: size },
+          ...extra,
+        },
+      ],
+    });
+    const one = bytesElements(["hi"]);
+    // biome-ignore format: a table
+    const cases: [string, Buffer, Record<string, string>, number, string | undefined][] = [
+      ["header length not a number", one, { "inference-header-content-length": "x" }, 400, "Inference-Header-Content-Length"],
+      ["header length past the body", one, { "inference-header-content-length": "999" }, 400, "Inference-Header-Content-Length"],
+      ["JSON header cut short", withBinary(input(6), [one]).bytes, { "inference-header-content-length": "5" }, 400, undefined],
+      ["size past the bytes", ...binary(input(one.length + 1), [one]), 400, "inputs.0.parameters.binary_data_size"],
+      ["bytes left over", ...binary(input(one.length - 1), [one]), 400, "inputs"],
+      ["negative size", ...binary(input(-1), []), 400, "inputs.0.parameters.binary_data_size"],
+      ["data and binary", ...binary(input(one.length, { data: ["hi"] }), [one]), 400, "inputs.0.data"],
+      ["not BYTES elements", ...binary(input(3), [Buffer.from([9, 0, 0])]), 400, "inputs.0.parameters.binary_data_size"],
+      ["not UTF-8", ...binary(input(6), [Buffer.from([2, 0, 0, 0, 0xff, 0xfe])]), 400, "inputs.0.data"],
+      ["brotli", one, { "content-encoding": "br" }, 415, "Content-Encoding"],
+      ["gzip that is not", one, { "content-encoding": "gzip" }, 400, "Content-Encoding"],
+    ];
+    for (const [what, body, headers, status, param] of cases) {
+      const r = await rawCall(gw, "/v2/models/tiny/infer", body, headers);
+      expect(r.status, what).toBe(status);
+      const json = JSON.parse(r.body.toString("utf8"));
+      expect(json.code, what).toBe("EM_GATEWAY_BAD_REQUEST");
+      expect(typeof json.error, what).toBe("string");
+      expect(json.param, what).toBe(param);
+    }
+    // A body that inflates past the limit (1 MiB here) is 413, not a 1 GiB buffer.
+    const bomb = gzipSync(Buffer.alloc(8 << 20, 0x20));
+    const r = await rawCall(gw, "/v2/models/tiny/infer", bomb, { "content-encoding": "gzip" });
+    expect(r.status).toBe(413);
+    expect(JSON.parse(r.body.toString("utf8")).code).toBe("EM_GATEWAY_BODY_TOO_LARGE");
+    expect((await call(gw, "POST", "/v2/models/tiny/infer", inferBody())).status).toBe(200);
+  });
+
   it("bad requests: 400 with the protocol's error and our code; the gateway keeps serving", async () => {
     const ok = inferBody();
     const input = ok.inputs[0]!;
@@ -151,7 +341,10 @@ describe("KServe v2 REST", () => {
       ["no inputs", "/infer", { inputs: [] }, "inputs"],
       ["FP32 text", "/infer", { inputs: [{ ...input, datatype: "FP32", data: [1] }] }, "inputs.0.datatype"],
       ["shape mismatch", "/infer", { inputs: [{ ...input, shape: [2] }] }, "inputs.0.shape"],
-      ["two prompts", "/infer", { inputs: [{ ...input, shape: [2], data: ["a", "b"] }] }, "inputs.0.shape"],
+      ["no prompts", "/infer", { inputs: [{ ...input, shape: [0], data: [] }] }, "inputs.0.shape"],
+      ["65 prompts", "/infer", { inputs: [{ ...input, shape: [65], data: Array(65).fill("a") }] }, "inputs.0.shape"],
+      ["binary_data not a flag", "/infer", { ...ok, outputs: [{ name: "text_output", parameters: { binary_data: "yes" } }] }, "outputs.0.parameters.binary_data"],
+      ["binary_data_output not a flag", "/infer", inferBody({ binary_data_output: 1 }), "parameters.binary_data_output"],
       ["a number for the prompt", "/infer", { inputs: [{ ...input, data: [5] }] }, "inputs.0.data"],
       ["negative shape", "/infer", { inputs: [{ ...input, shape: [-1] }] }, "inputs.0.shape"],
       ["an unknown output", "/infer", { ...ok, outputs: [{ name: "logits" }] }, "outputs.0.name"],
