@@ -1,10 +1,11 @@
 // The gateway's gRPC port (@grpc/grpc-js; protos loaded at run time from proto/): KServe's
 // Open Inference Protocol v2, inference.GRPCInferenceService (ServerLive, ServerReady,
 // ModelReady, ServerMetadata, ModelMetadata, ModelInfer with a BYTES text input and a BYTES
-// text output), and expertmesh.v1.Generation: GenerateStream, which streams the text as it
-// is produced, and ChatStream, a chat answered by the chat completions route's code. Both
-// run on the same engine as the HTTP routes; errors map to gRPC status codes (with our
-// stable code in the `em-code` trailer).
+// text output, a batch of prompts, and Triton's streaming ModelStreamInfer), and
+// expertmesh.v1.Generation: GenerateStream, which streams the text as it is produced, and
+// ChatStream, a chat answered by the chat completions route's code. Both run on the same
+// engine as the HTTP routes; errors map to gRPC status codes (with our stable code in the
+// `em-code` trailer).
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
@@ -15,6 +16,7 @@ import {
   ResponderBuilder,
   Server,
   ServerCredentials,
+  type ServerDuplexStream,
   ServerInterceptingCall,
   type ServerInterceptor,
   ServerListenerBuilder,
@@ -110,6 +112,11 @@ interface ModelInferResponse {
     contents?: { bytes_contents: Buffer[] };
   }[];
   raw_output_contents: Buffer[];
+}
+
+interface ModelStreamInferResponse {
+  error_message?: string;
+  infer_response: ModelInferResponse;
 }
 
 interface ModelRequest {
@@ -324,44 +331,152 @@ function handlers(o: GrpcGatewayOptions): {
     ModelInfer: unary<ModelInferRequest, ModelInferResponse>(async (call) => {
       authorize(call.metadata);
       const r = call.request;
-      checkModel(r.model_name, r.model_version, "model_name");
-      const { texts, shape, raw } = inferTexts(r);
-      for (const out of r.outputs)
-        if (out.name !== TEXT_OUTPUT)
-          throw bad(
-            `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
-            "outputs",
-          );
-      const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
+      const { spec, shape, raw } = await inferRequest(r);
       const job = startJob(ctx, spec);
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;
       const o = inferOutcome(job, spec);
-      const data = o.texts.map((t) => Buffer.from(t, "utf8"));
-      return {
-        model_name: ctx.servedModelName,
-        model_version: MODEL_VERSION,
-        id: r.id ?? "",
-        parameters: {
-          finish_reason: { string_param: o.finishReason },
-          prompt_tokens: { int64_param: o.promptTokens },
-          completion_tokens: { int64_param: o.completionTokens },
-        },
-        // Answer in the form asked: raw contents for raw inputs (as KServe does); the
-        // output has the input's shape.
-        outputs: [
-          {
-            name: TEXT_OUTPUT,
-            datatype: "BYTES",
-            shape,
-            ...(raw ? {} : { contents: { bytes_contents: data } }),
-          },
-        ],
-        raw_output_contents: raw ? [encodeBytesElements(data)] : [],
-      };
+      return inferResponse(r, shape, raw, o.texts, {
+        finish_reason: { string_param: o.finishReason },
+        prompt_tokens: { int64_param: o.promptTokens },
+        completion_tokens: { int64_param: o.completionTokens },
+      });
     }),
+    ModelStreamInfer,
   };
+
+  /** A ModelInfer request checked, its prompts tokenized into a job. */
+  async function inferRequest(r: ModelInferRequest) {
+    checkModel(r.model_name, r.model_version, "model_name");
+    const { texts, shape, raw } = inferTexts(r);
+    for (const out of r.outputs)
+      if (out.name !== TEXT_OUTPUT)
+        throw bad(
+          `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
+          "outputs",
+        );
+    const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
+    return { spec, shape, raw, stream: streamFlag(r) };
+  }
+
+  /**
+   * An answer to `r`: text_output in the input's shape, in the form asked (raw contents for
+   * raw inputs, as KServe does).
+   */
+  function inferResponse(
+    r: ModelInferRequest,
+    shape: number[],
+    raw: boolean,
+    texts: readonly string[] | null,
+    parameters: Parameters,
+  ): ModelInferResponse {
+    const data = (texts ?? []).map((t) => Buffer.from(t, "utf8"));
+    return {
+      model_name: ctx.servedModelName,
+      model_version: MODEL_VERSION,
+      id: r.id ?? "",
+      parameters,
+      outputs:
+        texts === null
+          ? []
+          : [
+              {
+                name: TEXT_OUTPUT,
+                datatype: "BYTES",
+                shape,
+                ...(raw ? {} : { contents: { bytes_contents: data } }),
+              },
+            ],
+      raw_output_contents: raw && texts !== null ? [encodeBytesElements(data)] : [],
+    };
+  }
+
+  /**
+   * Triton's streaming inference (ModelStreamInfer, what tritonclient's start_stream and
+   * async_stream_infer use): every request on the stream runs as it arrives, several at once.
+   * With `stream` (a parameter or a BOOL input; default true) a request gets a response per
+   * piece of text, text_output in the input's shape holding that piece at its prompt's place
+   * and "" elsewhere, so the pieces add up element by element; the last one has finish_reason,
+   * prompt_tokens and completion_tokens. Without, one response as ModelInfer's. Every response
+   * has `triton_final_response` (true on a request's last); with the request's
+   * `triton_enable_empty_final_response`, the last is an empty one after the text. A request
+   * that fails gets a response with `error_message` (and its id), and the stream goes on.
+   */
+  function ModelStreamInfer(call: ServerDuplexStream<ModelInferRequest, ModelStreamInferResponse>) {
+    const jobs = new Set<Job>();
+    const running = new Set<Promise<void>>();
+    let ended = false;
+    const send = (m: ModelStreamInferResponse) => {
+      if (!call.cancelled && !call.writableEnded) call.write(m);
+    };
+    const finishIfDone = () => {
+      if (ended && running.size === 0 && !call.cancelled && !call.writableEnded) call.end();
+    };
+    const final = (last: boolean): Parameters => ({ triton_final_response: { bool_param: last } });
+    const one = async (r: ModelInferRequest) => {
+      try {
+        authorize(call.metadata);
+        const { spec, shape, raw, stream } = await inferRequest(r);
+        const emptyFinal = r.parameters["triton_enable_empty_final_response"]?.bool_param === true;
+        const n = spec.prompts.length;
+        const tail = Array<string>(n).fill("");
+        const piece = (prompt: number, text: string) => {
+          const texts = Array<string>(n).fill("");
+          texts[prompt] = text;
+          send({ infer_response: inferResponse(r, shape, raw, texts, final(false)) });
+        };
+        const job = startJob(ctx, spec, {
+          onToken: (c, _t, text) => {
+            if (stream && text) piece(c.prompt, text);
+          },
+          onFinish: (c, text) => {
+            tail[c.prompt] = text;
+          },
+        });
+        jobs.add(job);
+        try {
+          await job.done;
+        } finally {
+          jobs.delete(job);
+        }
+        const o = inferOutcome(job, spec);
+        send({
+          infer_response: inferResponse(r, shape, raw, stream ? tail : o.texts, {
+            finish_reason: { string_param: o.finishReason },
+            prompt_tokens: { int64_param: o.promptTokens },
+            completion_tokens: { int64_param: o.completionTokens },
+            ...final(!emptyFinal),
+          }),
+        });
+        if (emptyFinal) send({ infer_response: inferResponse(r, shape, raw, null, final(true)) });
+      } catch (err) {
+        const e = toApiError(err);
+        if (e.status >= 500) logServerError(ctx, call.getPath(), err);
+        send({
+          error_message: `${e.code}: ${e.message}`,
+          infer_response: inferResponse(r, [], false, null, {
+            em_code: { string_param: e.code },
+            ...final(true),
+          }),
+        });
+      }
+    };
+    call.on("data", (r: ModelInferRequest) => {
+      const p = one(r).finally(() => {
+        running.delete(p);
+        finishIfDone();
+      });
+      running.add(p);
+    });
+    call.on("end", () => {
+      ended = true;
+      finishIfDone();
+    });
+    call.on("cancelled", () => {
+      for (const job of jobs) job.cancel();
+    });
+  }
 
   const GenerateStream: handleServerStreamingCall<GenerateRequest, GenerateResponse> = (call) => {
     const send = (m: GenerateResponse) => {
@@ -696,6 +811,26 @@ function parameterFields(p: Parameters): SamplingFields {
     if (v !== undefined) out[k] = v;
   }
   return out;
+}
+
+/**
+ * Whether a streaming request streams its text: the parameter `stream`, else a BOOL input
+ * named `stream` (as Triton's LLM backends take it); true when neither says.
+ */
+function streamFlag(r: ModelInferRequest): boolean {
+  const p = r.parameters["stream"];
+  if (p?.parameter_choice !== undefined || p?.bool_param !== undefined) {
+    if (p.bool_param === undefined) throw bad("parameter 'stream' must be a bool", "stream");
+    return p.bool_param;
+  }
+  const i = r.inputs.findIndex((t) => t.name === "stream");
+  const input = r.inputs[i];
+  if (!input) return true;
+  if (input.datatype !== "BOOL") throw bad("input 'stream' must have datatype BOOL", "inputs");
+  const raw = r.raw_input_contents[i];
+  const values = raw ? [...raw].map((b) => b !== 0) : (input.contents?.["bool_contents"] ?? []);
+  if (values.length !== 1) throw bad("input 'stream' must hold one bool", "inputs.shape");
+  return Boolean(values[0]);
 }
 
 function generateParameters(r: SamplingRequest): SamplingFields {

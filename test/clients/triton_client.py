@@ -8,6 +8,7 @@ Usage: triton_client.py --http HOST:PORT --grpc HOST:PORT --model NAME --prompts
 
 import argparse
 import json
+import queue
 import sys
 
 import numpy as np
@@ -78,6 +79,39 @@ def grpc_calls(url, model, prompts):
 
     got["single"] = infer(prompts[:1])
     got["batch"] = infer(prompts)
+
+    # Streaming (ModelStreamInfer): pieces of each request's text as it is produced; a bad
+    # request answered by an error on the callback while the stream goes on.
+    events = queue.Queue()
+    c.start_stream(callback=lambda result, error: events.put((result, error)))
+    for n, prompt in enumerate(prompts[:2]):
+        shape = [1, 1]
+        i = grpcclient.InferInput("text_input", shape, "BYTES")
+        i.set_data_from_numpy(prompt_array([prompt], shape))
+        c.async_stream_infer(
+            model, [i], request_id=f"s{n}", parameters=GREEDY, enable_empty_final_response=True
+        )
+    bad = grpcclient.InferInput("text_input", [1], "BYTES")
+    bad.set_data_from_numpy(prompt_array(["x"], [1]))
+    c.async_stream_infer("no-such-model", [bad], request_id="bad")
+    pieces = {"s0": [], "s1": []}
+    done, errors = set(), []
+    while len(done) < 2 or not errors:
+        result, error = events.get(timeout=60)
+        if error is not None:
+            errors.append(str(error))
+            continue
+        r = result.get_response()
+        if r.parameters["triton_final_response"].bool_param:
+            done.add(r.id)
+        if r.outputs:
+            pieces[r.id].append(texts(result)["texts"][0])
+    c.stop_stream()
+    got["stream"] = {
+        "texts": ["".join(pieces["s0"]), "".join(pieces["s1"])],
+        "pieces": [len(pieces["s0"]), len(pieces["s1"])],
+        "errors": errors,
+    }
     c.close()
     return got
 

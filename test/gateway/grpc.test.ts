@@ -436,6 +436,142 @@ describe("ModelInfer", () => {
   });
 });
 
+/** A ModelStreamInfer call: writes `requests`, half-closes, reads every response. */
+function streamInfer(requests: unknown[]): Promise<StreamResult> {
+  return new Promise((resolve) => {
+    const messages: any[] = [];
+    const s = (c.kserve as any).ModelStreamInfer();
+    s.on("data", (m: any) => messages.push(m));
+    s.on("error", (error: ServiceError) => resolve({ messages, error }));
+    s.on("end", () => resolve({ messages, error: null }));
+    for (const r of requests) s.write(r);
+    s.end();
+  });
+}
+
+const isFinal = (m: any) => m.infer_response.parameters.triton_final_response?.bool_param === true;
+
+describe("ModelStreamInfer (Triton's streaming inference)", () => {
+  const greedy = { max_tokens: param.int(6), temperature: param.dbl(0) };
+
+  it("streams each request's text in pieces that add up to ModelInfer's, several requests at once", async () => {
+    const prompts = ["The weather today", "Tell me"];
+    const want: string[] = [];
+    for (const p of prompts)
+      want.push(outputText(await call(c.kserve, "ModelInfer", inferRequest(p, greedy))));
+    const r = await streamInfer([
+      inferRequest(prompts[0]!, greedy, { id: "a" }),
+      { ...inferRequest("x", greedy, { id: "bad" }), model_name: "gpt-4" },
+      inferRequest(prompts[1]!, greedy, { id: "b" }),
+      // Not streamed (the parameter): one response with the whole text.
+      inferRequest(prompts[1]!, { ...greedy, stream: param.bool(false) }, { id: "c" }),
+    ]);
+    expect(r.error).toBeNull();
+    const of = (id: string) => r.messages.filter((m) => m.infer_response.id === id);
+    for (const [id, text] of [
+      ["a", want[0]],
+      ["b", want[1]],
+    ] as const) {
+      const ms = of(id);
+      expect(ms.length, id).toBeGreaterThan(2);
+      expect(ms.every((m) => !m.error_message)).toBe(true);
+      expect(ms.map((m) => outputText(m.infer_response)).join(""), id).toBe(text);
+      // Only the last is final, and it has the reason and the counts.
+      expect(ms.map(isFinal), id).toEqual([...Array(ms.length - 1).fill(false), true]);
+      const last = ms.at(-1)!.infer_response.parameters;
+      expect(last.finish_reason.string_param).toMatch(/^(stop|length)$/);
+      expect(Number(last.completion_tokens.int64_param)).toBeGreaterThan(0);
+    }
+    const whole = of("c");
+    expect(whole).toHaveLength(1);
+    expect(outputText(whole[0].infer_response)).toBe(want[1]);
+    expect(isFinal(whole[0])).toBe(true);
+    // The bad request: an error response naming it; the others went on.
+    const bad = of("bad");
+    expect(bad).toHaveLength(1);
+    expect(bad[0].error_message).toMatch(/^EM_GATEWAY_UNKNOWN_MODEL: .*gpt-4/);
+    expect(bad[0].infer_response.parameters.em_code.string_param).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+  });
+
+  it("a batch streams element by element; raw in, raw out; an empty final response on request", async () => {
+    const prompts = ["The weather today", "Tell me"];
+    const want = outputTexts(
+      await call(c.kserve, "ModelInfer", {
+        model_name: "tiny",
+        inputs: [bytesInput(prompts, [2])],
+        parameters: greedy,
+      }),
+    );
+    const raw = Buffer.concat(
+      prompts.flatMap((p) => {
+        const len = Buffer.alloc(4);
+        len.writeUInt32LE(Buffer.byteLength(p));
+        return [len, Buffer.from(p)];
+      }),
+    );
+    const r = await streamInfer([
+      {
+        model_name: "tiny",
+        id: "batch",
+        inputs: [
+          { name: "text_input", datatype: "BYTES", shape: [2] },
+          { name: "stream", datatype: "BOOL", shape: [1] },
+        ],
+        raw_input_contents: [raw, Buffer.from([1])],
+        parameters: { ...greedy, triton_enable_empty_final_response: param.bool(true) },
+      },
+    ]);
+    expect(r.error).toBeNull();
+    const ms = r.messages;
+    const last = ms.at(-1)!;
+    expect(isFinal(last)).toBe(true);
+    expect(last.infer_response.outputs).toEqual([]);
+    expect(ms.slice(0, -1).some(isFinal)).toBe(false);
+    const pieces = ms.slice(0, -1).map((m) => {
+      expect(m.infer_response.outputs[0].shape).toEqual([2]);
+      expect(m.infer_response.raw_output_contents).toHaveLength(1);
+      return outputTexts(m.infer_response);
+    });
+    expect([0, 1].map((i) => pieces.map((p) => p[i]).join(""))).toEqual(want);
+    expect(ms.at(-2)!.infer_response.parameters.finish_reason.string_param.split(",")).toHaveLength(
+      2,
+    );
+  });
+
+  it("bad stream flags are request errors; a cancelled stream cancels its requests", async () => {
+    const r = await streamInfer([
+      inferRequest("hi", { ...greedy, stream: param.int(1) }, { id: "p" }),
+      {
+        ...inferRequest("hi", greedy, { id: "i" }),
+        inputs: [
+          bytesInput("hi"),
+          { name: "stream", datatype: "FP32", shape: [1], contents: { fp32_contents: [1] } },
+        ],
+      },
+    ]);
+    expect(r.error).toBeNull();
+    expect(r.messages.map((m) => [m.infer_response.id, m.error_message.split(":")[0]])).toEqual(
+      expect.arrayContaining([
+        ["p", "EM_GATEWAY_BAD_REQUEST"],
+        ["i", "EM_GATEWAY_BAD_REQUEST"],
+      ]),
+    );
+    // Cancel after the first piece: the job stops well before its 200 tokens.
+    const before = await metric(gw.url, "expertmesh_gateway_generation_tokens_total");
+    await new Promise<void>((resolve) => {
+      const s = (c.kserve as any).ModelStreamInfer();
+      s.on("data", () => s.cancel());
+      s.on("error", () => resolve());
+      s.write(inferRequest("Tell me", { max_tokens: param.int(200), temperature: param.dbl(0) }));
+    });
+    await waitFor("the cancelled request to stop", async () =>
+      (await metric(gw.url, "expertmesh_gateway_num_requests_running")) === 0 ? true : undefined,
+    );
+    const generated = (await metric(gw.url, "expertmesh_gateway_generation_tokens_total")) - before;
+    expect(generated).toBeLessThan(200);
+  });
+});
+
 describe("GenerateStream", () => {
   it("streams deltas that add up to ModelInfer's text, then usage", async () => {
     const prompt = "In the beginning";

@@ -1,7 +1,8 @@
 // KServe v2 through NVIDIA's Triton client (tritonclient, Python; the protocol's official
 // client), over REST and gRPC, against a gateway started in this process on the tiny V3
 // checkpoint: the client's defaults (binary tensor data in and out), JSON tensors, a batch of
-// prompts, gzip and deflate bodies, and an unknown model. Each text must be the one
+// prompts, gzip and deflate bodies, an unknown model, and gRPC streaming (start_stream,
+// async_stream_infer). Each text must be the one
 // /v1/completions gives for the same greedy prompt. scripts/triton-client.sh installs the
 // client into a cached venv (once, about 30 s); without python3 or PyPI this test fails.
 import { execFile } from "node:child_process";
@@ -32,7 +33,7 @@ afterAll(async () => {
 });
 
 describe("tritonclient (HTTP and gRPC)", () => {
-  it("infers what /v1/completions gives: binary and JSON tensors, batches, compressed bodies", async () => {
+  it("infers what /v1/completions gives: binary and JSON tensors, batches, compressed bodies, streams", async () => {
     const want: string[] = [];
     for (const prompt of PROMPTS) {
       const r = await gw.client.completions.create({
@@ -76,5 +77,10 @@ describe("tritonclient (HTTP and gRPC)", () => {
     expect(got.http.unknown_model.status).toBe("404");
     expect(got.http.unknown_model.message).toContain("no-such-model");
     expect(got.grpc).toMatchObject({ live: true, model_ready: true, single: one, batch: all });
+    // Streaming: the pieces add up to the texts, and the unknown model is an error on the
+    // stream, not its end.
+    expect(got.grpc.stream.texts).toEqual(want.slice(0, 2));
+    expect(Math.min(...got.grpc.stream.pieces)).toBeGreaterThan(1);
+    expect(got.grpc.stream.errors).toEqual([expect.stringContaining("EM_GATEWAY_UNKNOWN_MODEL")]);
   });
 });
