@@ -115,9 +115,12 @@ struct KvMirror {
   std::shared_ptr<DeviceBuffer> buf;  // null: a pool the device had no room for (stays on the host)
   size_t bytes = 0;
   em::DirtyRanges dirty{kMirrorMaxDirty};  // written on the host since the last flush
+  bool whole = false;                      // more ranges than dirty holds: copy it all at the next read
+  uint64_t generation = 0;                 // which pool object at this address (its finalizer's)
 };
 struct KvMirrors {
   std::unordered_map<const void*, KvMirror> by_pool;
+  uint64_t next_generation = 1;
 };
 
 // A Weight object's data (and fp8 scale) in device memory, wrapped into the object. An
@@ -746,7 +749,10 @@ void note_kv_write(AddonState* st, const void* pool, size_t at, size_t len) {
   auto it = st->kv_mirrors->by_pool.find(pool);
   if (it == st->kv_mirrors->by_pool.end()) return;
   KvMirror& m = it->second;
-  if (m.buf && !m.dirty.note(at, len)) st->kv_mirrors->by_pool.erase(it);  // made whole again at its next device read
+  if (m.buf && !m.whole && !m.dirty.note(at, len)) {
+    m.whole = true;  // made whole again at its next device read
+    m.dirty.clear();
+  }
 }
 
 // The device mirror of the pool `pool_value` (bytes `pool`) for an mlaAttention on the device
@@ -773,17 +779,23 @@ void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, co
     } else {
       check(env, em_cuda_copy(be, m.buf->ptr, pool.data, pool.size), "KV pool to device");
     }
-    // Drop the mirror with the pool object (the table may be gone by then: weak).
+    // Drop the mirror with the pool object (the table may be gone by then: weak). Node may
+    // run the finalizer after a new pool took the address: the generation tells them apart.
     struct Key {
       std::weak_ptr<KvMirrors> table;
       const void* pool;
+      uint64_t generation;
     };
-    auto* key = new Key{st->kv_mirrors, pool.data};
+    m.generation = mirrors.next_generation++;
+    auto* key = new Key{st->kv_mirrors, pool.data, m.generation};
     napi_status s = napi_add_finalizer(
         env, pool_value, key,
         [](napi_env, void* data, void*) {
           std::unique_ptr<Key> k(static_cast<Key*>(data));
-          if (auto table = k->table.lock()) table->by_pool.erase(k->pool);
+          auto table = k->table.lock();
+          if (!table) return;
+          auto found = table->by_pool.find(k->pool);
+          if (found != table->by_pool.end() && found->second.generation == k->generation) table->by_pool.erase(found);
         },
         nullptr, nullptr);
     if (s != napi_ok) {
@@ -797,7 +809,10 @@ void* kv_mirror(Napi::Env env, em_backend* be, const Napi::Value& pool_value, co
   }
   KvMirror& m = it->second;
   if (!m.buf) return nullptr;
-  if (!m.dirty.empty()) {
+  if (m.whole) {
+    check(env, em_cuda_copy(be, m.buf->ptr, pool.data, pool.size), "KV pool to device");
+    m.whole = false;
+  } else if (!m.dirty.empty()) {
     check(env, em_cuda_copy_ranges(be, m.buf->ptr, pool.data, m.dirty.offsets(), m.dirty.lengths(), m.dirty.size()),
           "KV rows to device");
     m.dirty.clear();
