@@ -578,6 +578,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, i
     float s[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) s[i] = 0.0f;
+    wgmma_fence_operands(s);
     wgmma_fence();
     // Fully unrolled: with `unroll 4` ptxas injected warpgroup.arrive fences inside the chain
     // (C7519), each one waiting on the MMAs issued so far.
@@ -587,6 +588,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, i
                          k > 0);
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_fence_operands(s);
 
     // Masked, scaled scores and this warpgroup's row maxima (a quad of lanes shares a row).
     const int lim[2] = {vis[r0] - j0, vis[r0 + 8] - j0};
@@ -629,6 +631,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, i
     fence_proxy_async();
     __syncthreads();  // P complete
 
+    wgmma_fence_operands(o);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < kWgBN / 16; ++k)
@@ -636,6 +639,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_wgmma_kernel(MlaParams p, i
                           wg_desc(Kt + 2 * k * kWgRow8 + 32 * wg * 128, kWgRow8, 128), 1);
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_fence_operands(o);
   }
 
   // Row sums: this lane's columns, the quad, then both warpgroups.

@@ -44,6 +44,16 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// Pins accumulator registers in program order (CUTLASS's warpgroup_fence_operand). The wgmma
+// asm takes them as "+f", so the compiler thinks they are ready when it is issued, not after
+// wgmma_wait, and does not see that wgmma_fence must follow every register write before it:
+// call this after wgmma_wait (no read moves above it) and before wgmma_fence (no write moves
+// below it). Volatile asm keeps its place among the wgmma asm statements.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
 // Generic-proxy writes to shared memory (st.shared, cp.async) made visible to the async
 // proxy (wgmma's operand reads): each writing thread, before the barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

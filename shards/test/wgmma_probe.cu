@@ -41,6 +41,7 @@ __global__ void probe_kernel(const uint16_t* a, const uint16_t* b, int variant, 
   __syncthreads();
   float d[N / 2];
   for (float& v : d) v = 0.0f;
+  em::cuda::wgmma_fence_operands(d);
   em::cuda::wgmma_fence();
   for (int s = 0; s < kK / 16; ++s) {
     const uint64_t da = em::cuda::wg_desc(as + 256 * s, 128, (kK / 8) * 128);
@@ -58,6 +59,7 @@ __global__ void probe_kernel(const uint16_t* a, const uint16_t* b, int variant, 
   }
   em::cuda::wgmma_commit();
   em::cuda::wgmma_wait<0>();
+  em::cuda::wgmma_fence_operands(d);
   const int w = t / 32, g = (t % 32) / 4, q = t % 4;
   for (int i = 0; i < N / 2; ++i) {
     const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
