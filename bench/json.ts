@@ -13,6 +13,8 @@
 // samples the same row unmasked.
 // Also timed: building the grammar (sorting the vocabulary, once per gateway), and
 // computing a state's mask the first time (cold), for a few kinds of states.
+// GBNF (guided_grammar, src/gateway/cfg.ts): a JSON grammar in GBNF over the same documents,
+// step by step as JSON mode (its peer in the same run: the hand-written JSON automaton).
 // Tool calls (src/gateway/tool-calls.ts): the same vocabulary with its last 818 tokens made
 // added tokens (DeepSeek-V3 has 818, its tool-call tokens among them): the first masks of
 // the call grammar's states, and a step of plain text under tool_choice "auto" (the mask
@@ -20,6 +22,7 @@
 
 import { nativeBackend } from "../src/engine/native.ts";
 import { uniform32 } from "../src/engine/sampling.ts";
+import { type CfgState, compileGrammar, GrammarText } from "../src/gateway/cfg.ts";
 import { applyMask } from "../src/gateway/engine.ts";
 import {
   GrammarConstraint,
@@ -38,6 +41,17 @@ import { promptText } from "./tokenize.ts";
 
 const VOCAB = 129_280;
 
+/** JSON in GBNF (as llama.cpp's json.gbnf, whitespace as JSON.stringify indents it). */
+export const JSON_GBNF = String.raw`
+root   ::= object
+value  ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws ( string ws ":" ws value ws ( "," ws string ws ":" ws value ws )* )? "}"
+array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws     ::= [ \t\n]*
+`;
+
 export interface JsonResults {
   runs: number;
   vocab: number;
@@ -50,6 +64,12 @@ export interface JsonResults {
   tokens: number;
   /** Masks computed (cache misses) over the documents, per run. */
   misses: number;
+  /** The GBNF JSON grammar over the same documents: steps as stepMs', and first masks. */
+  gbnf?: {
+    stepMs: { cold: Stats; warm: Stats };
+    misses: number;
+    cold: { state: string; allowed: number; ms: Stats }[];
+  };
   /** json_schema states under a string's or number's keywords: their first masks. */
   schemaCold?: { state: string; allowed: number; ms: Stats }[];
   tools: {
@@ -242,6 +262,15 @@ export async function runJson(o: {
       '{"code": "AB-123", "day": "2026-11-30", "email": "a@b.c", "name": "x", "title": "t", "n": 2, "pet": {"name": "Re',
     ],
   ];
+  const gbnfStates: [string, string][] = [
+    ["after '{'", "{"],
+    ["in a value string", '{\n  "name": "Par'],
+    ["in a number", '{\n  "n": 12'],
+  ];
+  const gbnfCold = new Map<string, { allowed: number; ms: number[] }>();
+  const gbnfColdSteps: number[] = [];
+  const gbnfWarmSteps: number[] = [];
+  let gbnfMisses = 0;
   const textSteps: number[] = [];
   const plainSteps: number[] = [];
   const build: number[] = [];
@@ -264,11 +293,11 @@ export async function runJson(o: {
     // documents meets each state for the first time in this grammar (cold: its mask is
     // computed then); the second finds every mask cached (warm).
     const before = grammar.computed;
-    const pass = () => {
+    const pass = <S>(g: TokenGrammar<S> = grammar as unknown as TokenGrammar<S>) => {
       let tc = 0;
       let tp = 0;
       for (const doc of docs) {
-        const json = new GrammarConstraint(grammar);
+        const json = new GrammarConstraint(g);
         for (const [i, id] of doc.entries()) {
           const u = (i * 0.618) % 1;
           let t = performance.now();
@@ -288,7 +317,21 @@ export async function runJson(o: {
     const first = pass();
     const computed = grammar.computed - before;
     const second = pass();
+    // The same documents under the GBNF JSON grammar, fresh (cold), then cached (warm).
+    const gbnf = new TokenGrammar(new GrammarText(compileGrammar(JSON_GBNF), null), vocabulary);
+    const ga = gbnf.automaton;
+    for (const [name, text] of gbnfStates) {
+      const s = [...Buffer.from(text)].reduce<CfgState>((x, b) => ga.step(x, b)!, ga.start);
+      firstMask(gbnfCold, name, gbnf, s, r >= 0);
+    }
+    const gBefore = gbnf.computed;
+    const gFirst = pass(gbnf);
+    const gComputed = gbnf.computed - gBefore;
+    const gSecond = pass(gbnf);
     if (r < 0) continue;
+    gbnfColdSteps.push(gFirst.constrained);
+    gbnfWarmSteps.push(gSecond.constrained);
+    gbnfMisses = gComputed;
     build.push(built);
     split.push(splitMs);
     coldSteps.push(first.constrained);
@@ -359,6 +402,15 @@ export async function runJson(o: {
     stepMs: { cold: stats(coldSteps), warm: stats(warmSteps), plain: stats(plain) },
     tokens,
     misses,
+    gbnf: {
+      stepMs: { cold: stats(gbnfColdSteps), warm: stats(gbnfWarmSteps) },
+      misses: gbnfMisses,
+      cold: [...gbnfCold.entries()].map(([state, c]) => ({
+        state,
+        allowed: c.allowed,
+        ms: stats(c.ms),
+      })),
+    },
     schemaCold: [...schemaCold.entries()].map(([state, c]) => ({
       state,
       allowed: c.allowed,
@@ -397,7 +449,24 @@ ${coldRows}
 | a step of JSON mode per token, first pass over ${r.tokens} tokens of indented JSON (${r.misses} masks computed on the way) | ${ms(cold, 3)} |
 | the same, second pass (every mask cached) | ${ms(warm, 3)} |
 | the same step without JSON mode (peer: sampling alone) | ${ms(plain, 3)} |
-| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${schemaRows(r)}${toolRows(r)}`;
+| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${gbnfRows(r)}${schemaRows(r)}${toolRows(r)}`;
+}
+
+/** The GBNF JSON grammar's rows, each after a newline (none in results from before them). */
+function gbnfRows(r: JsonResults): string {
+  if (!r.gbnf) return "";
+  const g = r.gbnf;
+  const { cold, warm } = r.stepMs;
+  return [
+    "",
+    ...g.cold.map(
+      (c) =>
+        `| guided_grammar (JSON in GBNF), first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
+    ),
+    `| guided_grammar (JSON in GBNF), a step per token, first pass (${g.misses} masks computed on the way) | ${ms(g.stepMs.cold, 3)} |`,
+    "| the same, second pass (every mask cached) | " + ms(g.stepMs.warm, 3) + " |",
+    `| GBNF / JSON mode (peer: the hand-written automaton): first pass, second pass | ${(g.stepMs.cold.median / cold.median).toFixed(2)}x, ${(g.stepMs.warm.median / warm.median).toFixed(2)}x |`,
+  ].join("\n");
 }
 
 /** The json_schema keyword rows, each after a newline (none in results from before them). */

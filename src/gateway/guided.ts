@@ -1,9 +1,11 @@
 // vLLM's guided decoding of plain text (docs/gateway.md): `guided_regex` (the whole output
-// matches the pattern) and `guided_choice` (the output is one of the strings), also as
-// `structured_outputs: {"regex" | "choice"}` (vLLM's newer form). The pattern compiles as a
+// matches the pattern), `guided_choice` (the output is one of the strings) and
+// `guided_grammar` (a GBNF grammar, cfg.ts), also as `structured_outputs: {"regex" |
+// "choice" | "grammar"}` (vLLM's newer form). The pattern compiles as a
 // JSON Schema pattern does (regex.ts, json-string.ts), over the output's raw UTF-8; the
 // end-of-sequence token is allowed exactly where the text so far matches, and where nothing
 // can follow a match the choice ends there without it.
+import { type CfgState, compileGrammar, GrammarError, GrammarText } from "./cfg.ts";
 import { ApiError } from "./errors.ts";
 import {
   type ByteAutomaton,
@@ -71,5 +73,28 @@ export function patternGrammar(
       throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${err.message}`, { param });
     }
     return new TokenGrammar(new PatternText(rule, eos), vocabulary);
+  });
+}
+
+/** Grammars of the last 16 GBNF texts (with their end-of-sequence symbol), per vocabulary. */
+const cfgGrammars = new GrammarCache<CfgState>(16);
+
+/**
+ * The grammar of outputs in the language of GBNF `text` (400 naming `param` for one that
+ * cannot be compiled: the reason, with line and column).
+ */
+export function gbnfGrammar(
+  vocabulary: Vocabulary,
+  text: string,
+  eos: number | null,
+  param: string,
+): TokenGrammar<CfgState> {
+  return cfgGrammars.get(vocabulary, `${eos} ${text}`, () => {
+    try {
+      return new TokenGrammar(new GrammarText(compileGrammar(text), eos), vocabulary);
+    } catch (err) {
+      if (!(err instanceof GrammarError)) throw err;
+      throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${err.message}`, { param });
+    }
   });
 }

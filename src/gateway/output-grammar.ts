@@ -5,7 +5,7 @@
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
-import { patternGrammar } from "./guided.ts";
+import { gbnfGrammar, patternGrammar } from "./guided.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
@@ -183,7 +183,7 @@ export interface OutputFormat {
   readonly grammar?: TokenGrammar<unknown>;
   /** The request field that asked for it ("response_format", "guided_regex", ...). */
   readonly param?: string;
-  /** JSON (an object), or plain text under a pattern (guided_regex, guided_choice). */
+  /** JSON (an object), or plain text (guided_regex, guided_choice, guided_grammar). */
   readonly kind?: "json" | "text";
 }
 
@@ -193,8 +193,8 @@ const MAX_CHOICES = 1024;
 /**
  * The grammar that constrains each choice (docs/gateway.md, JSON mode and structured
  * outputs; guided decoding): response_format json_object or json_schema, or vLLM's
- * guided_json, guided_regex, guided_choice, or their structured_outputs form. At most one
- * may be given (400 naming the second).
+ * guided_json, guided_regex, guided_choice, guided_grammar, or their structured_outputs
+ * form. At most one may be given (400 naming the second).
  */
 export function outputFormat(
   ctx: ServeContext,
@@ -205,21 +205,23 @@ export function outputFormat(
   if (given != null && !isRecord(given))
     refuse("structured_outputs", "structured_outputs must be an object");
   const so = (given ?? {}) as Record<string, unknown>;
-  const guided: [string, "json" | "regex" | "choice", unknown][] = [];
+  const guided: [string, "json" | "regex" | "choice" | "grammar", unknown][] = [];
   for (const [param, kind, value] of [
     ["guided_json", "json", r["guided_json"]],
     ["guided_regex", "regex", r["guided_regex"]],
     ["guided_choice", "choice", r["guided_choice"]],
+    ["guided_grammar", "grammar", r["guided_grammar"]],
     ["structured_outputs.json", "json", so["json"]],
     ["structured_outputs.regex", "regex", so["regex"]],
     ["structured_outputs.choice", "choice", so["choice"]],
+    ["structured_outputs.grammar", "grammar", so["grammar"]],
   ] as const)
     if (value != null) guided.push([param, kind, value]);
   for (const k of Object.keys(so))
-    if (!["json", "regex", "choice"].includes(k) && so[k] != null)
+    if (!["json", "regex", "choice", "grammar"].includes(k) && so[k] != null)
       refuse(
         `structured_outputs.${k}`,
-        `structured_outputs.${k} is not supported (json, regex and choice are)`,
+        `structured_outputs.${k} is not supported (json, regex, choice and grammar are)`,
       );
   const format = jsonMode(ctx, b);
   const asked = [...(format.grammar ? ["response_format"] : []), ...guided.map((g) => g[0])];
@@ -243,6 +245,13 @@ export function outputFormat(
       kind: "json",
     };
   }
+  const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
+  if (kind === "grammar") {
+    if (typeof value !== "string" || value.trim() === "")
+      return refuse(param, `${param} must be a GBNF grammar's text`);
+    const grammar = gbnfGrammar(vocabulary, value, eos, param);
+    return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
+  }
   let pattern: string;
   if (kind === "regex") {
     if (typeof value !== "string") return refuse(param, `${param} must be a string`);
@@ -257,7 +266,6 @@ export function outputFormat(
       return refuse(param, `${param} must be 1 to ${MAX_CHOICES} strings`);
     pattern = choicePattern(value as string[]);
   }
-  const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
   const grammar = patternGrammar(vocabulary, pattern, eos, param);
   return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
 }

@@ -65,12 +65,13 @@ const common = {
   ),
   /**
    * vLLM's guided decoding (output-grammar.ts outputFormat): a JSON schema (or its text), a
-   * pattern the whole output matches, strings it is one of; or those as structured_outputs
-   * {json, regex, choice}. At most one of them and response_format.
+   * pattern the whole output matches, strings it is one of, a GBNF grammar; or those as
+   * structured_outputs {json, regex, choice, grammar}. At most one of them and response_format.
    */
   guided_json: Type.Optional(Type.Unknown()),
   guided_regex: Type.Optional(Type.Unknown()),
   guided_choice: Type.Optional(Type.Unknown()),
+  guided_grammar: Type.Optional(Type.Unknown()),
   structured_outputs: Type.Optional(Type.Unknown()),
   stream: Type.Optional(Nullable(Type.Boolean())),
   stream_options: Type.Optional(

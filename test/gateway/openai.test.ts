@@ -389,6 +389,77 @@ describe("chat completions", () => {
     }
   });
 
+  it("vLLM's guided_grammar (and structured_outputs.grammar): every choice is in the GBNF grammar's language", async () => {
+    const ask = (extra: Record<string, unknown>, n = 6) =>
+      gw.client.chat.completions.create({
+        model: "tiny",
+        messages: user("List"),
+        max_tokens: 40,
+        temperature: 1,
+        seed: 5,
+        n,
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+    // A bounded list (at most 26 characters: the model must end it within 40 tokens).
+    const list = `
+      root ::= "(" item ("," item){0,3} ")"   # up to four items
+      item ::= [0-9]{1,2} | "x" | "(" [0-9] ")"
+    `;
+    const item = String.raw`(?:[0-9]{1,2}|x|\([0-9]\))`;
+    const listRe = new RegExp(String.raw`^\(${item}(?:,${item}){0,3}\)$`);
+    for (const extra of [{ guided_grammar: list }, { structured_outputs: { grammar: list } }]) {
+      const r = await ask(extra);
+      for (const c of r.choices) {
+        expect(c.message.content, JSON.stringify(extra)).toMatch(listRe);
+        expect(c.finish_reason).toBe("stop");
+      }
+    }
+    // Not a regular language: a^n b^n in brackets. Complete answers balance; one cut by
+    // max_tokens is a prefix of such.
+    const nested = `root ::= "[" s "]"\ns ::= "a" s "b" | ""`;
+    const r = await ask({ guided_grammar: nested, max_tokens: 12 });
+    for (const c of r.choices) {
+      const t = c.message.content!;
+      const m = /^\[(a*)(b*)(\]?)$/.exec(t);
+      expect(m, t).not.toBeNull();
+      const [, a, b, close] = m!;
+      expect(b!.length, t).toBeLessThanOrEqual(a!.length);
+      if (c.finish_reason === "stop") expect([b!.length, close], t).toEqual([a!.length, "]"]);
+      else expect(close, t).toBe("");
+    }
+    // Streamed, and on /v1/completions: the same language.
+    let text = "";
+    for await (const chunk of await gw.client.completions.create({
+      model: "tiny",
+      prompt: "Items:",
+      max_tokens: 40,
+      seed: 6,
+      stream: true,
+      guided_grammar: list,
+    } as unknown as OpenAI.CompletionCreateParamsStreaming))
+      text += chunk.choices[0]?.text ?? "";
+    expect(text).toMatch(listRe);
+    // Refused with 400 naming the field and the reason.
+    for (const [extra, param, message] of [
+      [{ guided_grammar: `root ::= e\ne ::= e "+" "1" | "1"` }, "guided_grammar", /left recursion/],
+      [{ guided_grammar: "root ::= [" }, "guided_grammar", /unterminated character class/],
+      [{ guided_grammar: 5 }, "guided_grammar", /GBNF/],
+      [
+        { structured_outputs: { grammar: `start ::= "a"` } },
+        "structured_outputs.grammar",
+        /'root'/,
+      ],
+      [{ guided_grammar: list, guided_regex: "a" }, "guided_grammar", /both/],
+    ] as [Record<string, unknown>, string, RegExp][]) {
+      const err = await ask(extra, 1).then(
+        () => expect.unreachable(JSON.stringify(extra)),
+        (e: APIError) => e,
+      );
+      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
+      expect(err.message).toMatch(message);
+    }
+  });
+
   it("response_format json_schema: pattern, format, lengths, bounds, a union, a map and a set hold in every choice", async () => {
     const schema = {
       type: "object",

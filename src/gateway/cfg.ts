@@ -1,0 +1,597 @@
+// Context-free grammars in GBNF (llama.cpp's grammar format, which xgrammar's EBNF and vLLM's
+// `guided_grammar` also take) as a byte automaton for constrained decoding (guided.ts).
+//
+//   root   ::= answer ("," answer)*      # rules: name ::= alternatives; `root` is the start
+//   answer ::= "yes" | "no" | [0-9]+ | ( "maybe" ws )? [a-z]{2,4} | .
+//
+// Elements: "literals" and 'literals' (escapes \n \r \t \\ \" \' \xHH \uHHHH \UHHHHHHHH),
+// character classes [a-z_] and [^"\\] (the same escapes, ranges), `.` (any character),
+// rule names, ( groups ); postfix `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}`. `#` starts a comment.
+// Newlines are spaces: a rule ends where the next `name ::=` begins.
+//
+// The recognizer is llama.cpp's: a state is a set of stacks of grammar positions, each stack
+// one way the text so far can continue, its top the character class the next character must
+// match. A character advances every stack whose top matches it; rule references on top are
+// expanded into their alternatives at once. Characters arrive as UTF-8 bytes: between a
+// character's bytes the state keeps what the character can still become, and a byte is
+// allowed while some stack accepts one of those characters. Compile-time checks keep the
+// expansion finite and every state alive: undefined rules, left recursion and rules that
+// derive no finite string are refused (alternatives using the latter are dropped).
+import type { ByteAutomaton } from "./grammar.ts";
+import { SYMBOL_BASE } from "./grammar.ts";
+
+/** A grammar that cannot be compiled; the message says where. */
+export class GrammarError extends Error {}
+
+const MAX_CP = 0x10ffff;
+/** Grammar text, at most (characters). */
+export const MAX_GRAMMAR_CHARS = 64 * 1024;
+/** Positions in the compiled grammar, at most (repetitions expand). */
+const MAX_POSITIONS = 100_000;
+/** Ways to continue a state keeps, at most: past it an ambiguous grammar keeps a subset. */
+const MAX_STACKS = 1024;
+/** Interned stack sets per grammar before the table starts over (ids never repeat). */
+const MAX_INTERNED = 20_000;
+
+// ---- parsing: text to rules of alternatives of elements ----
+
+/** A character class: sorted, disjoint, inclusive ranges [lo0, hi0, lo1, hi1, ...]. */
+type Ranges = readonly number[];
+type Element = { readonly chars: Ranges } | { readonly rule: number };
+type Alternative = Element[];
+
+function normalize(ranges: [number, number][], negated: boolean): Ranges {
+  const sorted = ranges.filter(([lo, hi]) => lo <= hi).sort((a, b) => a[0] - b[0]);
+  const merged: [number, number][] = [];
+  for (const [lo, hi] of sorted) {
+    const last = merged.at(-1);
+    if (last && lo <= last[1] + 1) last[1] = Math.max(last[1], hi);
+    else merged.push([lo, hi]);
+  }
+  if (!negated) return merged.flat();
+  const out: number[] = [];
+  let next = 0;
+  for (const [lo, hi] of merged) {
+    if (lo > next) out.push(next, lo - 1);
+    next = hi + 1;
+  }
+  if (next <= MAX_CP) out.push(next, MAX_CP);
+  return out;
+}
+
+class Parser {
+  readonly #src: string;
+  #at = 0;
+  readonly names = new Map<string, number>();
+  readonly rules: (Alternative[] | null)[] = [];
+  readonly ruleNames: string[] = [];
+  /** Where each named rule was first referenced (for the undefined-rule message). */
+  readonly referencedAt = new Map<number, number>();
+  #generated = 0;
+
+  constructor(src: string) {
+    this.#src = src;
+  }
+
+  parse(): void {
+    this.#space();
+    if (this.#at >= this.#src.length) this.#fail("the grammar is empty");
+    while (this.#at < this.#src.length) {
+      const start = this.#at;
+      const name = this.#name();
+      this.#space();
+      if (!this.#src.startsWith("::=", this.#at))
+        this.#fail(`expected '::=' after rule name '${name}'`);
+      this.#at += 3;
+      const id = this.#ruleId(name);
+      if (this.rules[id]) this.#fail(`rule '${name}' is defined twice`, start);
+      this.rules[id] = this.#alternatives(false);
+    }
+  }
+
+  #fail(message: string, at = this.#at): never {
+    const line = this.#src.slice(0, at).split("\n").length;
+    const col = at - this.#src.lastIndexOf("\n", at - 1);
+    throw new GrammarError(`${message} (line ${line}, column ${col})`);
+  }
+
+  #ruleId(name: string): number {
+    let id = this.names.get(name);
+    if (id === undefined) {
+      id = this.rules.length;
+      this.names.set(name, id);
+      this.rules.push(null);
+      this.ruleNames.push(name);
+    }
+    return id;
+  }
+
+  #newRule(alts: Alternative[]): number {
+    const id = this.rules.length;
+    this.rules.push(alts);
+    this.ruleNames.push(`(generated ${++this.#generated})`);
+    return id;
+  }
+
+  /** Spaces, newlines and comments. */
+  #space(): void {
+    const s = this.#src;
+    while (this.#at < s.length) {
+      const c = s[this.#at]!;
+      if (c === "#") while (this.#at < s.length && s[this.#at] !== "\n") this.#at++;
+      else if (c === " " || c === "\t" || c === "\n" || c === "\r") this.#at++;
+      else break;
+    }
+  }
+
+  #name(): string {
+    const m = /^[A-Za-z0-9_-]+/.exec(this.#src.slice(this.#at, this.#at + 256));
+    if (!m) this.#fail("expected a rule name");
+    this.#at += m[0].length;
+    return m[0];
+  }
+
+  /** Whether a `name ::=` starts here (the current rule ends before it). */
+  #ruleStart(): boolean {
+    return /^[A-Za-z0-9_-]+[ \t\r\n]*::=/.test(this.#src.slice(this.#at, this.#at + 300));
+  }
+
+  #alternatives(nested: boolean): Alternative[] {
+    const alts: Alternative[] = [this.#sequence(nested)];
+    while (this.#src[this.#at] === "|") {
+      this.#at++;
+      alts.push(this.#sequence(nested));
+    }
+    return alts;
+  }
+
+  #sequence(nested: boolean): Alternative {
+    const seq: Alternative = [];
+    for (;;) {
+      this.#space();
+      const c = this.#src[this.#at];
+      if (c === undefined || c === "|" || c === ")") break;
+      if (!nested && this.#ruleStart()) break;
+      const start = seq.length;
+      this.#element(seq);
+      this.#space();
+      this.#postfix(seq, start);
+    }
+    return seq;
+  }
+
+  /** One element (a literal: one per character) appended to `seq`. */
+  #element(seq: Alternative): void {
+    const s = this.#src;
+    const c = s[this.#at]!;
+    if (c === '"' || c === "'") {
+      this.#at++;
+      while (s[this.#at] !== c) {
+        if (this.#at >= s.length) this.#fail("unterminated literal");
+        const cp = this.#char();
+        seq.push({ chars: [cp, cp] });
+      }
+      this.#at++;
+      return;
+    }
+    if (c === "[") {
+      this.#at++;
+      const negated = s[this.#at] === "^";
+      if (negated) this.#at++;
+      const ranges: [number, number][] = [];
+      while (s[this.#at] !== "]") {
+        if (this.#at >= s.length) this.#fail("unterminated character class");
+        const lo = this.#char();
+        let hi = lo;
+        if (s[this.#at] === "-" && s[this.#at + 1] !== "]") {
+          this.#at++;
+          hi = this.#char();
+          if (hi < lo) this.#fail("a character range runs backwards");
+        }
+        ranges.push([lo, hi]);
+      }
+      this.#at++;
+      const chars = normalize(ranges, negated);
+      if (chars.length === 0) this.#fail("the character class matches no character");
+      seq.push({ chars });
+      return;
+    }
+    if (c === ".") {
+      this.#at++;
+      seq.push({ chars: [0, MAX_CP] });
+      return;
+    }
+    if (c === "(") {
+      this.#at++;
+      const alts = this.#alternatives(true);
+      if (s[this.#at] !== ")") this.#fail("expected ')'");
+      this.#at++;
+      seq.push({ rule: this.#newRule(alts) });
+      return;
+    }
+    if (/[A-Za-z0-9_-]/.test(c)) {
+      const at = this.#at;
+      const id = this.#ruleId(this.#name());
+      if (!this.referencedAt.has(id)) this.referencedAt.set(id, at);
+      seq.push({ rule: id });
+      return;
+    }
+    this.#fail(`unexpected '${c}'`);
+  }
+
+  /** One character of a literal or class, escapes decoded. */
+  #char(): number {
+    const s = this.#src;
+    const cp = s.codePointAt(this.#at)!;
+    if (cp !== 0x5c) {
+      this.#at += cp > 0xffff ? 2 : 1;
+      return cp;
+    }
+    const e = s[this.#at + 1];
+    this.#at += 2;
+    const simple: Record<string, number> = { n: 10, r: 13, t: 9, "0": 0 };
+    if (e !== undefined && e in simple) return simple[e]!;
+    const hex = { x: 2, u: 4, U: 8 }[e as "x" | "u" | "U"];
+    if (hex) {
+      const digits = s.slice(this.#at, this.#at + hex);
+      if (!new RegExp(`^[0-9a-fA-F]{${hex}}$`).test(digits))
+        this.#fail(`\\${e} needs ${hex} hex digits`);
+      this.#at += hex;
+      const v = Number.parseInt(digits, 16);
+      if (v > MAX_CP || (v >= 0xd800 && v <= 0xdfff))
+        this.#fail(`\\${e}${digits} is not a character`);
+      return v;
+    }
+    if (e === undefined) this.#fail("a lone backslash");
+    return e.codePointAt(0)!; // \\ \" \' \[ \] \- \^ \/ ...: the character itself
+  }
+
+  /** `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` on the element(s) from `start` (one element). */
+  #postfix(seq: Alternative, start: number): void {
+    const s = this.#src;
+    const op = s[this.#at];
+    if (op !== "*" && op !== "+" && op !== "?" && op !== "{") return;
+    // A literal's characters: the operator binds to the whole literal, as in llama.cpp.
+    const item: Element =
+      seq.length - start === 1 ? seq[start]! : { rule: this.#newRule([seq.slice(start)]) };
+    seq.length = start;
+    let min: number;
+    let max: number;
+    if (op === "{") {
+      const m = /^\{\s*(\d+)\s*(,\s*(\d*)\s*)?\}/.exec(s.slice(this.#at, this.#at + 32));
+      if (!m) this.#fail("expected {m}, {m,} or {m,n}");
+      this.#at += m[0].length;
+      min = Number(m[1]);
+      max = m[2] === undefined ? min : m[3] === "" ? Number.POSITIVE_INFINITY : Number(m[3]);
+      if (max < min) this.#fail("{m,n} with n < m");
+      if (min > 1000 || (Number.isFinite(max) && max > 1000))
+        this.#fail("repetition counts above 1000");
+    } else {
+      this.#at++;
+      [min, max] =
+        op === "*"
+          ? [0, Number.POSITIVE_INFINITY]
+          : op === "+"
+            ? [1, Number.POSITIVE_INFINITY]
+            : [0, 1];
+    }
+    for (let i = 0; i < min; i++) seq.push(item);
+    if (max === Number.POSITIVE_INFINITY) {
+      // star ::= item star | ""  (right recursion: the stack does not grow)
+      const star = this.#newRule([]);
+      this.rules[star] = [[item, { rule: star }], []];
+      seq.push({ rule: star });
+    } else if (max > min) {
+      // opt_k ::= item opt_{k-1} | ""  for the max - min optional copies
+      let tail: number | null = null;
+      for (let k = 0; k < max - min; k++)
+        tail = this.#newRule([tail === null ? [item] : [item, { rule: tail }], []]);
+      seq.push({ rule: tail! });
+    }
+  }
+}
+
+// ---- compiling: checks, then rules flattened into positions ----
+
+/** A compiled grammar: positions, each a character class or a rule reference or an end. */
+export class Grammar {
+  /** Per position: -1 the end of an alternative, -2 - ruleId a reference, else a class index. */
+  readonly code: Int32Array;
+  readonly classes: Ranges[];
+  /** Per rule: the positions its alternatives start at. */
+  readonly starts: number[][];
+  readonly root: number;
+
+  constructor(code: Int32Array, classes: Ranges[], starts: number[][], root: number) {
+    this.code = code;
+    this.classes = classes;
+    this.starts = starts;
+    this.root = root;
+  }
+}
+
+/** Compiles GBNF text (GrammarError for anything wrong, with line and column). */
+export function compileGrammar(text: string, rootName = "root"): Grammar {
+  if (text.length > MAX_GRAMMAR_CHARS)
+    throw new GrammarError(`the grammar is longer than ${MAX_GRAMMAR_CHARS} characters`);
+  const p = new Parser(text);
+  p.parse();
+  const root = p.names.get(rootName);
+  if (root === undefined || !p.rules[root])
+    throw new GrammarError(`the grammar has no '${rootName}' rule`);
+  for (const [id, at] of p.referencedAt)
+    if (!p.rules[id]) {
+      const line = text.slice(0, at).split("\n").length;
+      throw new GrammarError(`rule '${p.ruleNames[id]}' is used (line ${line}) but not defined`);
+    }
+  const rules = p.rules as Alternative[][];
+  const n = rules.length;
+  const isRef = (e: Element): e is { rule: number } => "rule" in e;
+
+  // Rules that derive a finite string; alternatives through the others are dropped.
+  const productive = new Uint8Array(n);
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (let r = 0; r < n; r++)
+      if (
+        !productive[r] &&
+        rules[r]!.some((alt) => alt.every((e) => !isRef(e) || productive[e.rule]))
+      ) {
+        productive[r] = 1;
+        changed = true;
+      }
+  }
+  if (!productive[root])
+    throw new GrammarError(`'${rootName}' derives no finite string (every way recurses forever)`);
+  for (let r = 0; r < n; r++)
+    rules[r] = rules[r]!.filter((alt) => alt.every((e) => !isRef(e) || productive[e.rule]));
+
+  // Left recursion (through nullable prefixes) would make the expansion endless.
+  const nullable = new Uint8Array(n);
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (let r = 0; r < n; r++)
+      if (!nullable[r] && rules[r]!.some((alt) => alt.every((e) => isRef(e) && nullable[e.rule]))) {
+        nullable[r] = 1;
+        changed = true;
+      }
+  }
+  const left: number[][] = rules.map((alts) => {
+    const out: number[] = [];
+    for (const alt of alts)
+      for (const e of alt) {
+        if (!isRef(e)) break;
+        out.push(e.rule);
+        if (!nullable[e.rule]) break;
+      }
+    return out;
+  });
+  const mark = new Uint8Array(n); // 1 on the path, 2 done
+  const path: number[] = [];
+  const visit = (r: number): void => {
+    mark[r] = 1;
+    path.push(r);
+    for (const s of left[r]!) {
+      if (mark[s] === 1) {
+        const cycle = [...path.slice(path.indexOf(s)), s].map((x) => p.ruleNames[x]);
+        throw new GrammarError(
+          `left recursion: ${cycle.join(" -> ")} (rewrite it with repetition)`,
+        );
+      }
+      if (mark[s] === 0) visit(s);
+    }
+    path.pop();
+    mark[r] = 2;
+  };
+  for (let r = 0; r < n; r++) if (mark[r] === 0) visit(r);
+
+  // Flatten: each alternative's elements, then -1.
+  const code: number[] = [];
+  const classes: Ranges[] = [];
+  const classIds = new Map<string, number>();
+  const starts: number[][] = rules.map((alts) =>
+    alts.map((alt) => {
+      const at = code.length;
+      for (const e of alt) {
+        if ("rule" in e) code.push(-2 - e.rule);
+        else {
+          const k = e.chars.join(",");
+          let id = classIds.get(k);
+          if (id === undefined) {
+            id = classes.length;
+            classes.push(e.chars);
+            classIds.set(k, id);
+          }
+          code.push(id);
+        }
+      }
+      code.push(-1);
+      if (code.length > MAX_POSITIONS)
+        throw new GrammarError(`the grammar expands to more than ${MAX_POSITIONS} positions`);
+      return at;
+    }),
+  );
+  return new Grammar(Int32Array.from(code), classes, starts, root);
+}
+
+// ---- recognizing: stack sets, stepped by code points, fed by UTF-8 bytes ----
+
+/** Whether the class has a character in [lo, hi]. */
+function meets(r: Ranges, lo: number, hi: number): boolean {
+  for (let i = 0; i < r.length; i += 2) {
+    if (r[i]! > hi) return false;
+    if (r[i + 1]! >= lo) return true;
+  }
+  return false;
+}
+
+function contains(r: Ranges, cp: number): boolean {
+  return meets(r, cp, cp);
+}
+
+/** Ways the text so far can continue: stacks of positions, top last ([] = complete). */
+interface StackSet {
+  readonly id: number;
+  readonly stacks: readonly Int32Array[];
+  /** Some stack is empty: the text so far is in the language. */
+  readonly accepting: boolean;
+  /** Some stack has a character class on top: more text may follow. */
+  readonly open: boolean;
+  readonly next: Map<number, StackSet | null>;
+  /** The state between characters with these stacks (one object per set). */
+  state?: CfgState;
+}
+
+/** Between characters (n 0), or n continuation bytes still to come of `bits`. */
+export interface CfgState {
+  readonly set: StackSet;
+  readonly n: number;
+  readonly bits: number;
+  /** The first code point of the character's UTF-8 length (no overlong forms). */
+  readonly floor: number;
+}
+
+/** After the end-of-sequence symbol. */
+const DONE: CfgState = {
+  set: { id: -1, stacks: [], accepting: true, open: false, next: new Map() },
+  n: 0,
+  bits: 0,
+  floor: 0,
+};
+
+/** A grammar's outputs as a byte automaton, then the end-of-sequence symbol where complete. */
+export class GrammarText implements ByteAutomaton<CfgState> {
+  readonly symbols = true;
+  readonly start: CfgState;
+  readonly #g: Grammar;
+  readonly #eos: number | null;
+  readonly #interned = new Map<string, StackSet>();
+  #ids = 0;
+
+  /** `eos`: the end-of-sequence token's symbol (none: the output ends only where forced). */
+  constructor(g: Grammar, eos: number | null) {
+    this.#g = g;
+    this.#eos = eos;
+    const out = new Map<string, Int32Array>();
+    for (const a of g.starts[g.root]!) this.#expand(g.code[a] === -1 ? [] : [a], out);
+    this.start = this.#at(this.#intern(out));
+  }
+
+  step(s: CfgState, b: number): CfgState | null {
+    if (s === DONE) return null;
+    if (b >= SYMBOL_BASE) return b === this.#eos && s.n === 0 && s.set.accepting ? DONE : null;
+    const { set } = s;
+    if (s.n === 0) {
+      if (b < 0x80) {
+        const next = this.#advance(set, b);
+        return next ? this.#at(next) : null;
+      }
+      let n: number;
+      let bits: number;
+      let floor: number;
+      if (b >= 0xc2 && b <= 0xdf) [n, bits, floor] = [1, b & 0x1f, 0x80];
+      else if (b >= 0xe0 && b <= 0xef) [n, bits, floor] = [2, b & 0x0f, 0x800];
+      else if (b >= 0xf0 && b <= 0xf4) [n, bits, floor] = [3, b & 0x07, 0x10000];
+      else return null;
+      return this.#possible(set, n, bits, floor) ? { set, n, bits, floor } : null;
+    }
+    if (b < 0x80 || b > 0xbf) return null;
+    const bits = (s.bits << 6) | (b & 0x3f);
+    const n = s.n - 1;
+    if (n > 0)
+      return this.#possible(set, n, bits, s.floor) ? { set, n, bits, floor: s.floor } : null;
+    if (bits < s.floor || bits > MAX_CP || (bits >= 0xd800 && bits <= 0xdfff)) return null;
+    const next = this.#advance(set, bits);
+    return next ? this.#at(next) : null;
+  }
+
+  #at(set: StackSet): CfgState {
+    set.state ??= { set, n: 0, bits: 0, floor: 0 };
+    return set.state;
+  }
+
+  isDone(s: CfgState): boolean {
+    return s === DONE || (s.n === 0 && s.set.accepting && !s.set.open);
+  }
+
+  key(s: CfgState): string {
+    return s === DONE
+      ? "done"
+      : s.n === 0
+        ? `${s.set.id}`
+        : `${s.set.id}:${s.n}:${s.bits}:${s.floor}`;
+  }
+
+  /** Some character that `bits` with n more bytes can become is accepted by some stack. */
+  #possible(set: StackSet, n: number, bits: number, floor: number): boolean {
+    const span = 2 ** (6 * n); // the code points the n bytes still to come can add
+    const lo = Math.max(bits * span, floor);
+    const hi = Math.min(bits * span + span - 1, MAX_CP);
+    if (lo > hi) return false;
+    const { code, classes } = this.#g;
+    for (const st of set.stacks) {
+      if (st.length === 0) continue;
+      const r = classes[code[st[st.length - 1]!]!]!;
+      // Surrogates are not characters: look at [lo, hi] without them.
+      if (
+        hi < 0xd800 || lo > 0xdfff ? meets(r, lo, hi) : meets(r, lo, 0xd7ff) || meets(r, 0xe000, hi)
+      )
+        return true;
+    }
+    return false;
+  }
+
+  /** The stacks after code point `cp`, or null when none accepts it. */
+  #advance(set: StackSet, cp: number): StackSet | null {
+    const memo = set.next.get(cp);
+    if (memo !== undefined) return memo;
+    const { code, classes } = this.#g;
+    const out = new Map<string, Int32Array>();
+    for (const st of set.stacks) {
+      if (st.length === 0 || !contains(classes[code[st[st.length - 1]!]!]!, cp)) continue;
+      const rest = Array.from(st.subarray(0, st.length - 1));
+      const after = st[st.length - 1]! + 1;
+      if (code[after] !== -1) rest.push(after);
+      this.#expand(rest, out);
+      if (out.size >= MAX_STACKS) break;
+    }
+    const next = out.size === 0 ? null : this.#intern(out);
+    set.next.set(cp, next);
+    return next;
+  }
+
+  /** `stack` with rule references on top replaced by their alternatives, into `out`. */
+  #expand(stack: number[], out: Map<string, Int32Array>): void {
+    if (out.size >= MAX_STACKS) return;
+    const { code, starts } = this.#g;
+    const top = stack.length === 0 ? -1 : code[stack[stack.length - 1]!]!;
+    if (top > -2) {
+      const key = stack.join(",");
+      if (!out.has(key)) out.set(key, Int32Array.from(stack));
+      return;
+    }
+    const rest = stack.slice(0, -1);
+    const after = stack[stack.length - 1]! + 1;
+    if (code[after] !== -1) rest.push(after);
+    for (const a of starts[-2 - top]!) this.#expand(code[a] === -1 ? rest : [...rest, a], out);
+  }
+
+  #intern(out: Map<string, Int32Array>): StackSet {
+    const keys = [...out.keys()].sort();
+    const key = keys.join("|");
+    const found = this.#interned.get(key);
+    if (found) return found;
+    if (this.#interned.size >= MAX_INTERNED) this.#interned.clear();
+    const { code } = this.#g;
+    const stacks = keys.map((k) => out.get(k)!);
+    const set: StackSet = {
+      id: this.#ids++,
+      stacks,
+      accepting: stacks.some((s) => s.length === 0),
+      open: stacks.some((s) => s.length > 0 && code[s[s.length - 1]!]! >= 0),
+      next: new Map(),
+    };
+    this.#interned.set(key, set);
+    return set;
+  }
+}

@@ -1,0 +1,110 @@
+// GBNF grammars (src/gateway/cfg.ts): which texts each grammar accepts whole, which only as a
+// prefix, which not at all (byte by byte, as the token masks step it), and the grammars
+// refused at compile time with the reason.
+import { describe, expect, it } from "vitest";
+import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
+import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
+
+const EOS = SYMBOL_BASE + 7;
+
+/** "whole" (complete: the end-of-sequence symbol is allowed), "prefix", or "no". */
+function verdict(a: GrammarText, text: string): "whole" | "prefix" | "no" {
+  let s: CfgState | null = a.start;
+  for (const b of new TextEncoder().encode(text)) {
+    s = a.step(s, b);
+    if (s === null) return "no";
+  }
+  return a.step(s, EOS) !== null ? "whole" : "prefix";
+}
+
+const ARITH = `
+  root   ::= expr
+  expr   ::= term (("+" | "-") term)*
+  term   ::= factor (("*" | "/") factor)*
+  factor ::= [0-9]+ | "(" expr ")"
+`;
+
+// biome-ignore format: a table
+const cases: [string, string, [string, "whole" | "prefix" | "no"][]][] = [
+  ["alternatives", `root ::= "yes" | "no"`, [["yes", "whole"], ["no", "whole"], ["ye", "prefix"], ["", "prefix"], ["yess", "no"], ["maybe", "no"]]],
+  ["repetition and classes", `root ::= [a-c]+ "." [^x]? [0-9]{2,3}`, [["ab.12", "whole"], ["ab.y123", "whole"], ["a.x12", "no"], ["ab.1", "prefix"], ["ab.y1234", "no"], [".12", "no"]]],
+  ["rules across lines, comments", `root ::= item ("," item)*  # a list\nitem ::=\n  "a"\n  | "b"`, [["a,b,a", "whole"], ["a,", "prefix"], ["a,,", "no"]]],
+  ["recursion (balanced)", ARITH, [["1+2*3", "whole"], ["(1+2)*3", "whole"], ["((4))", "whole"], ["(1+2", "prefix"], ["1+*2", "no"], [")", "no"]]],
+  ["escapes and quotes", String.raw`root ::= "\"" [^"\\\n]* "\"" '\x41' "\u00e9"`, [['"hi"Aé', "whole"], ['"h"A', "prefix"], ['"a\nb"Aé', "no"]]],
+  ["any character, UTF-8", `root ::= . . "!"`, [["é€!", "whole"], ["a😀!", "whole"], ["ab", "prefix"], ["abc", "no"]]],
+  ["a class of non-ASCII characters", `root ::= [α-ω]+`, [["λόγος".replace("ό", "ο"), "whole"], ["abc", "no"], ["λ", "whole"]]],
+  ["an empty alternative", `root ::= "a" opt\nopt ::= "b" | ""`, [["a", "whole"], ["ab", "whole"], ["abb", "no"]]],
+  ["a nullable prefix before recursion", `root ::= s\ns ::= pre "x" s | "y"\npre ::= "p"?`, [["pxpxy", "whole"], ["xy", "whole"], ["pp", "no"]]],
+  ["an unproductive alternative dropped", `root ::= "a" | loop\nloop ::= "b" loop`, [["a", "whole"], ["b", "no"]]],
+];
+
+describe("GBNF: what each grammar accepts", () => {
+  it.each(cases)("%s", (_what, text, checks) => {
+    const a = new GrammarText(compileGrammar(text), EOS);
+    for (const [input, want] of checks) expect(verdict(a, input), JSON.stringify(input)).toBe(want);
+  });
+
+  it("ends a choice where nothing can follow, and stops stepping after the end symbol", () => {
+    const a = new GrammarText(compileGrammar(`root ::= "ok" "!"?`), EOS);
+    let s = a.start;
+    for (const b of new TextEncoder().encode("ok")) s = a.step(s, b)!;
+    expect(a.isDone(s)).toBe(false); // "!" may still come
+    const bang = a.step(s, 0x21)!;
+    expect(a.isDone(bang)).toBe(true);
+    const done = a.step(s, EOS)!;
+    expect(a.isDone(done)).toBe(true);
+    expect(a.step(done, 0x21)).toBeNull();
+    expect(a.step(s, EOS + 1)).toBeNull(); // another added token
+  });
+
+  it("refuses overlong UTF-8 and encoded surrogates", () => {
+    const a = new GrammarText(compileGrammar("root ::= .*"), EOS);
+    const bytes = (...b: number[]) =>
+      b.reduce<CfgState | null>((s, x) => (s ? a.step(s, x) : null), a.start);
+    expect(bytes(0xc3, 0xa9)).not.toBeNull();
+    expect(bytes(0xc0, 0x80)).toBeNull();
+    expect(bytes(0xed, 0xa0, 0x80)).toBeNull();
+    expect(bytes(0xf4, 0x90, 0x80, 0x80)).toBeNull();
+  });
+
+  it("keeps equal futures under one key", () => {
+    const a = new GrammarText(compileGrammar(`root ::= ("a" | "b")*`), EOS);
+    const stateAfter = (t: string) =>
+      [...new TextEncoder().encode(t)].reduce<CfgState>((s, b) => a.step(s, b)!, a.start);
+    expect(a.key(stateAfter("ab"))).toBe(a.key(stateAfter("ba")));
+    expect(a.key(stateAfter("a"))).toBe(a.key(a.start));
+  });
+});
+
+describe("GBNF: refusals", () => {
+  // biome-ignore format: a table
+  const bad: [string, string, RegExp][] = [
+    ["empty", "  # nothing\n", /empty/],
+    ["no root", `start ::= "a"`, /no 'root' rule/],
+    ["an undefined rule", `root ::= a b\na ::= "x"`, /rule 'b' is used \(line 1\) but not defined/],
+    ["left recursion", `root ::= e\ne ::= e "+" "1" | "1"`, /left recursion: e -> e/],
+    ["left recursion through a nullable rule", `root ::= n root "x" | "y"\nn ::= "" | "n"`, /left recursion/],
+    ["nothing finite", `root ::= "a" root`, /derives no finite string/],
+    ["a rule defined twice", `root ::= "a"\nroot ::= "b"`, /defined twice/],
+    ["no ::=", `root "a"`, /expected '::='/],
+    ["an unterminated literal", `root ::= "abc`, /unterminated literal/],
+    ["an unterminated class", `root ::= [abc`, /unterminated character class/],
+    ["a backwards range", `root ::= [z-a]`, /runs backwards/],
+    ["an empty class", `root ::= [^\\x00-\\U0010FFFF]`, /matches no character/],
+    ["an unclosed group", `root ::= ("a" | "b"`, /expected '\)'/],
+    ["a bad count", `root ::= "a"{3,1}`, /n < m/],
+    ["a huge count", `root ::= "a"{5000}`, /above 1000/],
+    ["a bad escape", String.raw`root ::= "\x4"`, /needs 2 hex digits/],
+    ["a surrogate escape", String.raw`root ::= "\ud800"`, /not a character/],
+    ["a stray character", `root ::= "a" ; "b"`, /unexpected ';' \(line 1, column 14\)/],
+  ];
+  it.each(bad)("%s", (_what, text, message) => {
+    expect(() => compileGrammar(text)).toThrow(GrammarError);
+    expect(() => compileGrammar(text)).toThrow(message);
+  });
+
+  it("caps the text and the expansion", () => {
+    expect(() => compileGrammar(`root ::= "${"a".repeat(70_000)}"`)).toThrow(/longer than/);
+    expect(() => compileGrammar(`root ::= ${"[a]{1000} ".repeat(101)}`)).toThrow(/positions/);
+  });
+});
