@@ -12,6 +12,7 @@ import Fastify, {
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
+import { messagesRoutes } from "./messages.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 
@@ -118,12 +119,15 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.addHook("onRequest", async (req) => {
     if (keys.length === 0 || open.has(req.routeOptions.url ?? "")) return;
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "");
+    // Anthropic's clients send x-api-key instead.
+    const xKey = req.headers["x-api-key"];
+    const key = m?.[1]?.trim() ?? (typeof xKey === "string" ? xKey.trim() : "");
     // Node gives header bytes as latin1 characters; the keys are compared as UTF-8 bytes.
-    const given = Buffer.from(m?.[1]?.trim() ?? "", "latin1");
+    const given = Buffer.from(key, "latin1");
     if (!keys.some((k) => k.length === given.length && timingSafeEqual(k, given)))
       throw new ApiError(
         "EM_GATEWAY_UNAUTHORIZED",
-        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+        "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
       );
   });
 
@@ -142,6 +146,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   });
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
+  app.register(messagesRoutes(o.ctx));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
   return app;
 }

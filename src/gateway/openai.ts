@@ -380,7 +380,7 @@ function chatMessages(
  * A chat request's tool plan, output format and prompt tokens (checked): the tokens its
  * completion runs on, and what POST /tokenize counts for it.
  */
-async function chatPrompt(
+export async function chatPrompt(
   ctx: ServeContext,
   b: ChatCompletionRequest,
   addGenerationPrompt = true,

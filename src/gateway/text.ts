@@ -23,6 +23,8 @@ export class OutputText {
   #read = 0;
   /** Set when a stop string was found: the final text ends before it. */
   stopped = false;
+  /** The stop string found (the first in the text), when stopped. */
+  stoppedBy: string | null = null;
 
   constructor(tokenizer: Tokenizer, stops: readonly string[]) {
     this.#tok = tokenizer;
@@ -43,13 +45,18 @@ export class OutputText {
     if (added === null) return "";
     this.#text += added;
     let cut = -1;
+    let by: string | null = null;
     for (const s of this.#stops) {
       // Released text held no stop string: a new one ends in the text after it.
       const at = this.#text.indexOf(s, Math.max(0, this.#released - s.length + 1));
-      if (at >= 0 && (cut < 0 || at < cut)) cut = at;
+      if (at >= 0 && (cut < 0 || at < cut)) {
+        cut = at;
+        by = s;
+      }
     }
     if (cut >= 0) {
       this.stopped = true;
+      this.stoppedBy = by;
       this.#text = this.#text.slice(0, cut);
       return this.#release(this.#text.length);
     }

@@ -1,0 +1,279 @@
+// POST /v1/messages (Anthropic's Messages API) through Anthropic's official TypeScript SDK
+// (@anthropic-ai/sdk), against gateways started in this process on the tiny V3 checkpoint. A
+// Messages request is the chat request it stands for: the same tokens come out, as content
+// blocks (text, thinking, tool_use), streamed as Anthropic's events; errors in Anthropic's
+// shape, which the SDK turns into its error classes.
+import Anthropic from "@anthropic-ai/sdk";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { startGateway, type TestGateway } from "./helpers.ts";
+
+let gw: TestGateway;
+let r1: TestGateway;
+let keyed: TestGateway;
+let client: Anthropic;
+
+/** Bodies with sampling fields (temperature), which this SDK's types leave out: sent as given. */
+type Body = Anthropic.MessageCreateParamsNonStreaming;
+
+const asBody = (body: object) => body as Body;
+const ask = (c: Anthropic, body: object) => c.messages.create(asBody(body));
+
+const sdk = (g: TestGateway, apiKey = "unused") =>
+  new Anthropic({ apiKey, baseURL: g.url, maxRetries: 0 });
+
+beforeAll(async () => {
+  const dir = await tinyCheckpointFor("tiny-v3");
+  gw = await startGateway(dir);
+  r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
+  keyed = await startGateway(dir, { apiKeys: ["sekret"] });
+  client = sdk(gw);
+});
+afterAll(async () => {
+  await gw?.close();
+  await r1?.close();
+  await keyed?.close();
+});
+
+const SYSTEM = "Answer briefly.";
+const QUESTION = "What is the capital of France?";
+
+/** The chat completion the same greedy request gives. */
+async function chatAnswer(g: TestGateway, max_tokens: number, extra: object = {}) {
+  return g.client.chat.completions.create({
+    model: "tiny",
+    messages: [
+      { role: "system", content: SYSTEM },
+      { role: "user", content: QUESTION },
+    ],
+    max_tokens,
+    temperature: 0,
+    ...extra,
+  });
+}
+
+const WEATHER: Anthropic.Tool = {
+  name: "get_weather",
+  description: "The weather in a city",
+  input_schema: {
+    type: "object",
+    properties: { city: { type: "string", enum: ["Paris", "Rome"] } },
+    required: ["city"],
+    additionalProperties: false,
+  },
+};
+
+describe("POST /v1/messages", () => {
+  it("answers what the chat request it stands for answers: text, stop reason, usage", async () => {
+    const m = await ask(client, {
+      model: "tiny",
+      system: SYSTEM,
+      messages: [{ role: "user", content: QUESTION }],
+      max_tokens: 10,
+      temperature: 0,
+    });
+    const chat = await chatAnswer(gw, 10);
+    expect(m.type).toBe("message");
+    expect(m.role).toBe("assistant");
+    expect(m.id).toMatch(/^msg_/);
+    expect(m.content).toEqual([{ type: "text", text: chat.choices[0]!.message.content }]);
+    expect(m.stop_reason).toBe(
+      chat.choices[0]!.finish_reason === "length" ? "max_tokens" : "end_turn",
+    );
+    expect(m.usage.output_tokens).toBe(chat.usage!.completion_tokens);
+    expect(m.usage.input_tokens + (m.usage.cache_read_input_tokens ?? 0)).toBe(
+      chat.usage!.prompt_tokens,
+    );
+    // System as blocks, the turn as blocks: the same.
+    const blocks = await ask(client, {
+      model: "tiny",
+      system: [{ type: "text", text: SYSTEM }],
+      messages: [{ role: "user", content: [{ type: "text", text: QUESTION }] }],
+      max_tokens: 10,
+      temperature: 0,
+    });
+    expect(blocks.content).toEqual(m.content);
+    // count_tokens: the prompt's tokens.
+    const counted = await client.messages.countTokens({
+      model: "tiny",
+      system: SYSTEM,
+      messages: [{ role: "user", content: QUESTION }],
+    });
+    expect(counted.input_tokens).toBe(chat.usage!.prompt_tokens);
+  });
+
+  it("streams Anthropic's events; the final message is the one create gives", async () => {
+    const body = {
+      model: "tiny",
+      system: SYSTEM,
+      messages: [{ role: "user" as const, content: QUESTION }],
+      max_tokens: 12,
+      temperature: 0,
+    };
+    const whole = await client.messages.create(body);
+    const types: string[] = [];
+    let text = "";
+    const stream = client.messages.stream(body);
+    stream.on("streamEvent", (e) => types.push(e.type));
+    stream.on("text", (t) => {
+      text += t;
+    });
+    const final = await stream.finalMessage();
+    expect(final.content).toEqual(whole.content);
+    expect(final.stop_reason).toBe(whole.stop_reason);
+    expect(final.usage.output_tokens).toBe(whole.usage.output_tokens);
+    expect(text).toBe((whole.content[0] as Anthropic.TextBlock).text);
+    expect(types[0]).toBe("message_start");
+    expect(types.slice(-2)).toEqual(["message_delta", "message_stop"]);
+    expect(types).toContain("content_block_delta");
+  });
+
+  it("stop_sequences: the text ends before the sequence, stop_reason stop_sequence", async () => {
+    const base = {
+      model: "tiny",
+      system: SYSTEM,
+      messages: [{ role: "user" as const, content: QUESTION }],
+      max_tokens: 16,
+      temperature: 0,
+    };
+    const full = ((await client.messages.create(base)).content[0] as Anthropic.TextBlock).text;
+    const seq = full.slice(3, 6);
+    expect(seq.length).toBe(3);
+    const cut = await client.messages.create({ ...base, stop_sequences: ["\u0000never", seq] });
+    expect(cut.stop_reason).toBe("stop_sequence");
+    expect(cut.stop_sequence).toBe(seq);
+    expect((cut.content[0] as Anthropic.TextBlock).text).toBe(full.slice(0, full.indexOf(seq)));
+  });
+
+  it("tools: a forced tool_use with parsed input, streamed as input_json_delta; results in the next turn", async () => {
+    const body = {
+      model: "tiny",
+      messages: [{ role: "user" as const, content: "Weather in Paris?" }],
+      // Room for the whitespace runs JSON allows (24 bytes at most each) around six places.
+      max_tokens: 200,
+      temperature: 1,
+      tools: [WEATHER],
+      tool_choice: { type: "tool" as const, name: "get_weather" },
+    };
+    const m = await client.messages.create(body);
+    expect(m.stop_reason).toBe("tool_use");
+    const use = m.content.find((b) => b.type === "tool_use") as Anthropic.ToolUseBlock;
+    expect(use.name).toBe("get_weather");
+    expect(use.id.length).toBeGreaterThan(0);
+    expect(["Paris", "Rome"]).toContain((use.input as { city: string }).city);
+    const stream = client.messages.stream(body);
+    const partial: string[] = [];
+    stream.on("inputJson", (delta) => partial.push(delta));
+    const final = await stream.finalMessage();
+    const streamed = final.content.find((b) => b.type === "tool_use") as Anthropic.ToolUseBlock;
+    expect(final.stop_reason).toBe("tool_use");
+    expect(JSON.parse(partial.join(""))).toEqual(streamed.input);
+    // The next turn carries the call and its result (any tool_choice): answered.
+    const next = await ask(client, {
+      model: "tiny",
+      max_tokens: 8,
+      temperature: 0,
+      tools: [WEATHER],
+      messages: [
+        { role: "user", content: "Weather in Paris?" },
+        { role: "assistant", content: [{ type: "text", text: "Let me look." }, use] },
+        {
+          role: "user",
+          content: [
+            {
+              type: "tool_result",
+              tool_use_id: use.id,
+              content: [{ type: "text", text: "sunny" }],
+            },
+            { type: "text", text: "And tomorrow?" },
+          ],
+        },
+      ],
+    });
+    expect(next.content.length).toBeGreaterThan(0);
+    expect(next.usage.output_tokens).toBeGreaterThan(0);
+  });
+
+  it("thinking: a thinking model's thought as a thinking block, before the text", async () => {
+    const a = sdk(r1);
+    const m = await ask(a, {
+      model: "tiny",
+      messages: [{ role: "user", content: "What is 2 + 2?" }],
+      max_tokens: 12,
+      temperature: 0,
+    });
+    const chat = await r1.client.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "What is 2 + 2?" }],
+      max_tokens: 12,
+      temperature: 0,
+    });
+    const msg = chat.choices[0]!.message as unknown as {
+      reasoning_content: string;
+      content: string;
+    };
+    expect(m.content[0]).toEqual({
+      type: "thinking",
+      thinking: msg.reasoning_content,
+      signature: "",
+    });
+    const text = m.content.find((b) => b.type === "text") as Anthropic.TextBlock | undefined;
+    expect(text?.text ?? "").toBe(msg.content ?? "");
+    // Streamed: thinking_delta events add up to the same thought.
+    let thought = "";
+    const stream = a.messages.stream(
+      asBody({
+        model: "tiny",
+        messages: [{ role: "user", content: "What is 2 + 2?" }],
+        max_tokens: 12,
+        temperature: 0,
+      }),
+    );
+    stream.on("thinking", (delta) => {
+      thought += delta;
+    });
+    await stream.finalMessage();
+    expect(thought).toBe(msg.reasoning_content);
+  });
+
+  it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
+    const ok = {
+      model: "tiny",
+      messages: [{ role: "user" as const, content: "hi" }],
+      max_tokens: 4,
+    };
+    // biome-ignore format: a table
+    const cases: [string, object, number, string, string | undefined][] = [
+      ["no max_tokens", { model: "tiny", messages: ok.messages }, 400, "invalid_request_error", "max_tokens"],
+      ["no messages", { ...ok, messages: [] }, 400, "invalid_request_error", "messages"],
+      ["an image", { ...ok, messages: [{ role: "user", content: [{ type: "image", source: {} }] }] }, 400, "invalid_request_error", "messages.0.content.0"],
+      ["a server tool", { ...ok, tools: [{ type: "web_search_20250305", name: "web_search" }] }, 400, "invalid_request_error", "tools.0.type"],
+      ["tool choice without a name", { ...ok, tools: [WEATHER], tool_choice: { type: "tool" } }, 400, "invalid_request_error", "tool_choice.name"],
+      ["past the context", { ...ok, max_tokens: 300 }, 400, "invalid_request_error", "max_tokens"],
+      ["temperature 1.5", { ...ok, temperature: 1.5 }, 400, "invalid_request_error", "temperature"],
+      ["an unknown model", { ...ok, model: "claude-x" }, 404, "not_found_error", "model"],
+    ];
+    for (const [what, body, status, type, param] of cases) {
+      const err = await client.messages.create(body as never).then(
+        () => expect.unreachable(what),
+        (e: unknown) => e as InstanceType<typeof Anthropic.APIError>,
+      );
+      expect(err, what).toBeInstanceOf(Anthropic.APIError);
+      expect(err.status, what).toBe(status);
+      const e = (err.error as { error: { type: string; code: string; param?: string } }).error;
+      expect(e.type, what).toBe(type);
+      expect(e.code, what).toMatch(/^EM_GATEWAY_/);
+      expect(e.param, what).toBe(param);
+    }
+    // API keys: Anthropic's x-api-key header (the SDK's), refused when wrong.
+    expect((await sdk(keyed, "sekret").messages.create(ok)).type).toBe("message");
+    const denied = await sdk(keyed, "wrong")
+      .messages.create(ok)
+      .then(
+        () => expect.unreachable("wrong key"),
+        (e: unknown) => e as InstanceType<typeof Anthropic.APIError>,
+      );
+    expect(denied).toBeInstanceOf(Anthropic.AuthenticationError);
+    expect((await client.messages.create(ok)).type).toBe("message");
+  });
+});
