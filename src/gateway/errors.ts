@@ -85,3 +85,19 @@ export function toApiError(err: unknown): ApiError {
 export function errorBody(e: ApiError): ApiErrorBody {
   return { error: { message: e.message, type: typeOf(e.status), param: e.param, code: e.code } };
 }
+
+/**
+ * `err` with its param renamed by the first rule whose pattern matches it (the match
+ * replaced, as String.replace does), else as it is: a refusal of the chat machinery naming
+ * the field of the API the request came in (Responses, Messages).
+ */
+export function renameParam(err: unknown, rules: readonly [RegExp, string][]): unknown {
+  if (!(err instanceof ApiError) || err.param === null) return err;
+  const hit = rules.find(([re]) => re.test(err.param!));
+  if (!hit) return err;
+  return new ApiError(err.code, err.message, {
+    status: err.status,
+    param: err.param.replace(hit[0], hit[1]),
+    ...(err.retryAfter !== undefined ? { retryAfter: err.retryAfter } : {}),
+  });
+}

@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
-import { ApiError, toApiError } from "./errors.ts";
+import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatPrompt, chatRun, eventStream } from "./openai.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
@@ -207,17 +207,6 @@ const PARAMS: [RegExp, string][] = [
   [/^chat_template_kwargs/, "thinking"],
 ];
 
-function messagesParam(err: unknown): unknown {
-  if (!(err instanceof ApiError) || err.param === null) return err;
-  const hit = PARAMS.find(([re]) => re.test(err.param!));
-  if (!hit) return err;
-  return new ApiError(err.code, err.message, {
-    status: err.status,
-    param: err.param.replace(hit[0], hit[1]),
-    ...(err.retryAfter !== undefined ? { retryAfter: err.retryAfter } : {}),
-  });
-}
-
 /** Anthropic's error type for an HTTP status. */
 function errorType(status: number): string {
   if (status === 401) return "authentication_error";
@@ -275,7 +264,7 @@ function inputOf(args: string): unknown {
 export function messagesRoutes(ctx: ServeContext) {
   return async (app: FastifyInstance) => {
     app.setErrorHandler((err, req, reply) => {
-      const e = toApiError(messagesParam(err));
+      const e = toApiError(renameParam(err, PARAMS));
       logServerError(ctx, `${req.method} ${req.url}`, err);
       if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
       reply.status(e.status).send(errorBody(e));

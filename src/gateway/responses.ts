@@ -13,7 +13,7 @@ import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
-import { ApiError, toApiError } from "./errors.ts";
+import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
@@ -315,23 +315,12 @@ function answerMessages(items: readonly OutputItem[]): ChatMessage[] {
   ];
 }
 
-/** A chat field a refusal names, as the Responses field it came from. */
+/** A chat field a refusal names, as the Responses field it came from (the whole param). */
 const PARAMS: [RegExp, string][] = [
-  [/^messages(\.|$)/, "input"],
-  [/^response_format/, "text.format"],
+  [/^messages(\..*)?$/, "input"],
+  [/^response_format.*$/, "text.format"],
   [/^(max_tokens|max_completion_tokens)$/, "max_output_tokens"],
 ];
-
-function responsesParam(err: unknown): unknown {
-  if (!(err instanceof ApiError) || err.param === null) return err;
-  const hit = PARAMS.find(([re]) => re.test(err.param!));
-  if (!hit) return err;
-  return new ApiError(err.code, err.message, {
-    status: err.status,
-    param: hit[1],
-    ...(err.retryAfter !== undefined ? { retryAfter: err.retryAfter } : {}),
-  });
-}
 
 const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
 
@@ -692,7 +681,7 @@ async function respond(
   let stored = b.store !== false && store.capacity > 0;
   const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
     (err: unknown) => {
-      throw responsesParam(err);
+      throw renameParam(err, PARAMS);
     },
   );
   const id = newId("resp");

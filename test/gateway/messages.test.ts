@@ -38,6 +38,15 @@ afterAll(async () => {
 const SYSTEM = "Answer briefly.";
 const QUESTION = "What is the capital of France?";
 
+/** The question, greedy, as a Messages request. */
+const question = (max_tokens: number) => ({
+  model: "tiny",
+  system: SYSTEM,
+  messages: [{ role: "user" as const, content: QUESTION }],
+  max_tokens,
+  temperature: 0,
+});
+
 /** The chat completion the same greedy request gives. */
 async function chatAnswer(g: TestGateway, max_tokens: number, extra: object = {}) {
   return g.client.chat.completions.create({
@@ -103,13 +112,7 @@ describe("POST /v1/messages", () => {
   });
 
   it("streams Anthropic's events; the final message is the one create gives", async () => {
-    const body = {
-      model: "tiny",
-      system: SYSTEM,
-      messages: [{ role: "user" as const, content: QUESTION }],
-      max_tokens: 12,
-      temperature: 0,
-    };
+    const body = question(12);
     const whole = await client.messages.create(body);
     const types: string[] = [];
     let text = "";
@@ -129,13 +132,7 @@ describe("POST /v1/messages", () => {
   });
 
   it("stop_sequences: the text ends before the sequence, stop_reason stop_sequence", async () => {
-    const base = {
-      model: "tiny",
-      system: SYSTEM,
-      messages: [{ role: "user" as const, content: QUESTION }],
-      max_tokens: 16,
-      temperature: 0,
-    };
+    const base = question(16);
     const full = ((await client.messages.create(base)).content[0] as Anthropic.TextBlock).text;
     const seq = full.slice(3, 6);
     expect(seq.length).toBe(3);
