@@ -30,6 +30,11 @@ export const MAX_GRAMMAR_CHARS = 64 * 1024;
 const MAX_POSITIONS = 100_000;
 /** Ways to continue a state keeps, at most: past it an ambiguous grammar keeps a subset. */
 const MAX_STACKS = 1024;
+/**
+ * Stacks one expansion visits, at most: past it a step keeps the ways found so far (a grammar
+ * whose start needs more is refused).
+ */
+const MAX_EXPANSIONS = 50_000;
 /** Interned stack sets per grammar before the table starts over (ids never repeat). */
 const MAX_INTERNED = 20_000;
 
@@ -473,7 +478,12 @@ export class GrammarText implements ByteAutomaton<CfgState> {
     this.#g = g;
     this.#eos = eos;
     const out = new Map<string, Int32Array>();
-    for (const a of g.starts[g.root]!) this.#expand(g.code[a] === -1 ? [] : [a], out);
+    const seen = new Set<string>();
+    for (const a of g.starts[g.root]!) this.#expand(g.code[a] === -1 ? [] : [a], out, seen);
+    if (seen.size >= MAX_EXPANSIONS)
+      throw new GrammarError(
+        `the grammar is too ambiguous: its start expands into more than ${MAX_EXPANSIONS} ways`,
+      );
     this.start = this.#at(this.#intern(out));
   }
 
@@ -547,12 +557,13 @@ export class GrammarText implements ByteAutomaton<CfgState> {
     if (memo !== undefined) return memo;
     const { code, classes } = this.#g;
     const out = new Map<string, Int32Array>();
+    const seen = new Set<string>();
     for (const st of set.stacks) {
       if (st.length === 0 || !contains(classes[code[st[st.length - 1]!]!]!, cp)) continue;
       const rest = Array.from(st.subarray(0, st.length - 1));
       const after = st[st.length - 1]! + 1;
       if (code[after] !== -1) rest.push(after);
-      this.#expand(rest, out);
+      this.#expand(rest, out, seen);
       if (out.size >= MAX_STACKS) break;
     }
     const next = out.size === 0 ? null : this.#intern(out);
@@ -561,19 +572,22 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   }
 
   /** `stack` with rule references on top replaced by their alternatives, into `out`. */
-  #expand(stack: number[], out: Map<string, Int32Array>): void {
-    if (out.size >= MAX_STACKS) return;
+  #expand(stack: number[], out: Map<string, Int32Array>, seen = new Set<string>()): void {
+    if (out.size >= MAX_STACKS || seen.size >= MAX_EXPANSIONS) return;
     const { code, starts } = this.#g;
+    const key = stack.join(",");
+    if (seen.has(key)) return; // reached before by another path: the same stacks follow
+    seen.add(key);
     const top = stack.length === 0 ? -1 : code[stack[stack.length - 1]!]!;
     if (top > -2) {
-      const key = stack.join(",");
-      if (!out.has(key)) out.set(key, Int32Array.from(stack));
+      out.set(key, Int32Array.from(stack));
       return;
     }
     const rest = stack.slice(0, -1);
     const after = stack[stack.length - 1]! + 1;
     if (code[after] !== -1) rest.push(after);
-    for (const a of starts[-2 - top]!) this.#expand(code[a] === -1 ? rest : [...rest, a], out);
+    for (const a of starts[-2 - top]!)
+      this.#expand(code[a] === -1 ? rest : [...rest, a], out, seen);
   }
 
   #intern(out: Map<string, Int32Array>): StackSet {

@@ -67,6 +67,13 @@ describe("GBNF: what each grammar accepts", () => {
     expect(bytes(0xf4, 0x90, 0x80, 0x80)).toBeNull();
   });
 
+  it("expands a rule reached by many paths once (2^24 paths to one stack here)", () => {
+    const rules = Array.from({ length: 24 }, (_, i) => `r${i} ::= r${i + 1} | r${i + 1}`);
+    const a = new GrammarText(compileGrammar(`root ::= r0\n${rules.join("\n")}\nr24 ::= "x"`), EOS);
+    expect(verdict(a, "x")).toBe("whole");
+    expect(verdict(a, "y")).toBe("no");
+  });
+
   it("keeps equal futures under one key", () => {
     const a = new GrammarText(compileGrammar(`root ::= ("a" | "b")*`), EOS);
     const stateAfter = (t: string) =>
