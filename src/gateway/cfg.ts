@@ -29,14 +29,16 @@ export const MAX_GRAMMAR_CHARS = 64 * 1024;
 /** Positions in the compiled grammar, at most (repetitions expand). */
 const MAX_POSITIONS = 100_000;
 /** Ways to continue a state keeps, at most: past it an ambiguous grammar keeps a subset. */
-const MAX_STACKS = 1024;
+const MAX_STACKS = 512;
 /**
- * Stacks one expansion visits, at most: past it a step keeps the ways found so far (a grammar
+ * Stacks one step visits, at most: past it the step keeps the ways found so far (a grammar
  * whose start needs more is refused).
  */
-const MAX_EXPANSIONS = 50_000;
-/** Interned stack sets per grammar before the table starts over (ids never repeat). */
-const MAX_INTERNED = 20_000;
+const MAX_EXPANSIONS = 20_000;
+/** Entries of each table that only saves work (nodes, stack sets, steps) before it starts over. */
+const MAX_TABLE = 200_000;
+/** Groups nested in groups, at most (the parser recurses). */
+const MAX_NESTING = 100;
 
 // ---- parsing: text to rules of alternatives of elements ----
 
@@ -45,7 +47,20 @@ type Ranges = readonly number[];
 type Element = { readonly chars: Ranges } | { readonly rule: number };
 type Alternative = Element[];
 
+/** Ranges sorted and merged (complemented when negated), surrogates taken out. */
 function normalize(ranges: [number, number][], negated: boolean): Ranges {
+  const r = characters(ranges, negated);
+  const out: number[] = [];
+  for (let i = 0; i < r.length; i += 2) {
+    const lo = r[i]!;
+    const hi = r[i + 1]!;
+    if (lo < 0xd800) out.push(lo, Math.min(hi, 0xd7ff));
+    if (hi > 0xdfff) out.push(Math.max(lo, 0xe000), hi);
+  }
+  return out;
+}
+
+function characters(ranges: [number, number][], negated: boolean): Ranges {
   const sorted = ranges.filter(([lo, hi]) => lo <= hi).sort((a, b) => a[0] - b[0]);
   const merged: [number, number][] = [];
   for (const [lo, hi] of sorted) {
@@ -73,6 +88,8 @@ class Parser {
   /** Where each named rule was first referenced (for the undefined-rule message). */
   readonly referencedAt = new Map<number, number>();
   #generated = 0;
+  /** Groups open around the current position. */
+  #depth = 0;
 
   constructor(src: string) {
     this.#src = src;
@@ -160,7 +177,11 @@ class Parser {
       const start = seq.length;
       this.#element(seq);
       this.#space();
-      this.#postfix(seq, start);
+      // Operators apply in turn to what is there ("a"*? is ("a"*)?, as llama.cpp reads it).
+      while ("*+?{".includes(this.#src[this.#at] ?? " ")) {
+        this.#postfix(seq, start);
+        this.#space();
+      }
     }
     return seq;
   }
@@ -207,8 +228,10 @@ class Parser {
       return;
     }
     if (c === "(") {
+      if (++this.#depth > MAX_NESTING) this.#fail(`groups nested more than ${MAX_NESTING} deep`);
       this.#at++;
       const alts = this.#alternatives(true);
+      this.#depth--;
       if (s[this.#at] !== ")") this.#fail("expected ')'");
       this.#at++;
       seq.push({ rule: this.#newRule(alts) });
@@ -229,6 +252,7 @@ class Parser {
     const s = this.#src;
     const cp = s.codePointAt(this.#at)!;
     if (cp !== 0x5c) {
+      if (cp >= 0xd800 && cp <= 0xdfff) this.#fail("a lone surrogate is not a character");
       this.#at += cp > 0xffff ? 2 : 1;
       return cp;
     }
@@ -423,6 +447,7 @@ export function compileGrammar(text: string, rootName = "root"): Grammar {
 
 /** Whether the class has a character in [lo, hi]. */
 function meets(r: Ranges, lo: number, hi: number): boolean {
+  if (lo > hi) return false;
   for (let i = 0; i < r.length; i += 2) {
     if (r[i]! > hi) return false;
     if (r[i + 1]! >= lo) return true;
@@ -434,15 +459,25 @@ function contains(r: Ranges, cp: number): boolean {
   return meets(r, cp, cp);
 }
 
-/** Ways the text so far can continue: stacks of positions, top last ([] = complete). */
+/**
+ * A stack of grammar positions as a linked list, top first, hash-consed: one node per
+ * (position, rest), so equal stacks are one object with one id, and a step costs the same
+ * at any depth. The empty stack (the text is complete) is null.
+ */
+interface Node {
+  readonly pos: number;
+  readonly up: Node | null;
+  readonly id: number;
+}
+
+/** Ways the text so far can continue: stacks, each with a class on top, or empty. */
 interface StackSet {
   readonly id: number;
-  readonly stacks: readonly Int32Array[];
+  readonly stacks: readonly (Node | null)[];
   /** Some stack is empty: the text so far is in the language. */
   readonly accepting: boolean;
   /** Some stack has a character class on top: more text may follow. */
   readonly open: boolean;
-  readonly next: Map<number, StackSet | null>;
   /** The state between characters with these stacks (one object per set). */
   state?: CfgState;
 }
@@ -458,7 +493,7 @@ export interface CfgState {
 
 /** After the end-of-sequence symbol. */
 const DONE: CfgState = {
-  set: { id: -1, stacks: [], accepting: true, open: false, next: new Map() },
+  set: { id: -1, stacks: [], accepting: true, open: false },
   n: 0,
   bits: 0,
   floor: 0,
@@ -470,21 +505,30 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   readonly start: CfgState;
   readonly #g: Grammar;
   readonly #eos: number | null;
-  readonly #interned = new Map<string, StackSet>();
+  /**
+   * Tables that only save work, each started over when full: nodes by (position, rest),
+   * stack sets by their stacks, and steps by (set, code point). Ids never repeat, so a set
+   * made again after a table starts over has a new key (a mask computed again), never a
+   * wrong one.
+   */
+  readonly #nodes = new Map<string, Node>();
+  readonly #sets = new Map<string, StackSet>();
+  readonly #steps = new Map<string, StackSet | null>();
   #ids = 0;
 
   /** `eos`: the end-of-sequence token's symbol (none: the output ends only where forced). */
   constructor(g: Grammar, eos: number | null) {
     this.#g = g;
     this.#eos = eos;
-    const out = new Map<string, Int32Array>();
-    const seen = new Set<string>();
-    for (const a of g.starts[g.root]!) this.#expand(g.code[a] === -1 ? [] : [a], out, seen);
-    if (seen.size >= MAX_EXPANSIONS)
+    const first: (Node | null)[] = g.starts[g.root]!.map((a) =>
+      g.code[a] === -1 ? null : this.#node(a, null),
+    );
+    const found = this.#expand(first);
+    if (found.budgetHit)
       throw new GrammarError(
         `the grammar is too ambiguous: its start expands into more than ${MAX_EXPANSIONS} ways`,
       );
-    this.start = this.#at(this.#intern(out));
+    this.start = this.#at(this.#intern(found.out));
   }
 
   step(s: CfgState, b: number): CfgState | null {
@@ -515,11 +559,6 @@ export class GrammarText implements ByteAutomaton<CfgState> {
     return next ? this.#at(next) : null;
   }
 
-  #at(set: StackSet): CfgState {
-    set.state ??= { set, n: 0, bits: 0, floor: 0 };
-    return set.state;
-  }
-
   isDone(s: CfgState): boolean {
     return s === DONE || (s.n === 0 && s.set.accepting && !s.set.open);
   }
@@ -532,80 +571,103 @@ export class GrammarText implements ByteAutomaton<CfgState> {
         : `${s.set.id}:${s.n}:${s.bits}:${s.floor}`;
   }
 
+  #at(set: StackSet): CfgState {
+    set.state ??= { set, n: 0, bits: 0, floor: 0 };
+    return set.state;
+  }
+
+  #node(pos: number, up: Node | null): Node {
+    const key = `${pos}:${up === null ? -1 : up.id}`;
+    let n = this.#nodes.get(key);
+    if (n === undefined) {
+      if (this.#nodes.size >= MAX_TABLE) this.#nodes.clear();
+      n = { pos, up, id: this.#ids++ };
+      this.#nodes.set(key, n);
+    }
+    return n;
+  }
+
   /** Some character that `bits` with n more bytes can become is accepted by some stack. */
   #possible(set: StackSet, n: number, bits: number, floor: number): boolean {
     const span = 2 ** (6 * n); // the code points the n bytes still to come can add
     const lo = Math.max(bits * span, floor);
     const hi = Math.min(bits * span + span - 1, MAX_CP);
-    if (lo > hi) return false;
     const { code, classes } = this.#g;
     for (const st of set.stacks) {
-      if (st.length === 0) continue;
-      const r = classes[code[st[st.length - 1]!]!]!;
-      // Surrogates are not characters: look at [lo, hi] without them.
-      if (
-        hi < 0xd800 || lo > 0xdfff ? meets(r, lo, hi) : meets(r, lo, 0xd7ff) || meets(r, 0xe000, hi)
-      )
-        return true;
+      if (st === null) continue;
+      const r = classes[code[st.pos]!]!;
+      // Surrogates are not characters (classes hold none; this is for the range's ends).
+      if (meets(r, lo, Math.min(hi, 0xd7ff)) || meets(r, Math.max(lo, 0xe000), hi)) return true;
     }
     return false;
   }
 
   /** The stacks after code point `cp`, or null when none accepts it. */
   #advance(set: StackSet, cp: number): StackSet | null {
-    const memo = set.next.get(cp);
+    const key = `${set.id},${cp}`;
+    const memo = this.#steps.get(key);
     if (memo !== undefined) return memo;
     const { code, classes } = this.#g;
-    const out = new Map<string, Int32Array>();
-    const seen = new Set<string>();
-    for (const st of set.stacks) {
-      if (st.length === 0 || !contains(classes[code[st[st.length - 1]!]!]!, cp)) continue;
-      const rest = Array.from(st.subarray(0, st.length - 1));
-      const after = st[st.length - 1]! + 1;
-      if (code[after] !== -1) rest.push(after);
-      this.#expand(rest, out, seen);
-      if (out.size >= MAX_STACKS) break;
-    }
-    const next = out.size === 0 ? null : this.#intern(out);
-    set.next.set(cp, next);
+    const moved: (Node | null)[] = [];
+    for (const st of set.stacks)
+      if (st !== null && contains(classes[code[st.pos]!]!, cp)) moved.push(this.#pop(st));
+    const next = moved.length === 0 ? null : this.#intern(this.#expand(moved).out);
+    if (this.#steps.size >= MAX_TABLE) this.#steps.clear();
+    this.#steps.set(key, next);
     return next;
   }
 
-  /** `stack` with rule references on top replaced by their alternatives, into `out`. */
-  #expand(stack: number[], out: Map<string, Int32Array>, seen = new Set<string>()): void {
-    if (out.size >= MAX_STACKS || seen.size >= MAX_EXPANSIONS) return;
-    const { code, starts } = this.#g;
-    const key = stack.join(",");
-    if (seen.has(key)) return; // reached before by another path: the same stacks follow
-    seen.add(key);
-    const top = stack.length === 0 ? -1 : code[stack[stack.length - 1]!]!;
-    if (top > -2) {
-      out.set(key, Int32Array.from(stack));
-      return;
-    }
-    const rest = stack.slice(0, -1);
-    const after = stack[stack.length - 1]! + 1;
-    if (code[after] !== -1) rest.push(after);
-    for (const a of starts[-2 - top]!)
-      this.#expand(code[a] === -1 ? rest : [...rest, a], out, seen);
+  /** The stack after its top position is done: the next position of its sequence, if any. */
+  #pop(st: Node): Node | null {
+    const after = st.pos + 1;
+    return this.#g.code[after] === -1 ? st.up : this.#node(after, st.up);
   }
 
-  #intern(out: Map<string, Int32Array>): StackSet {
-    const keys = [...out.keys()].sort();
-    const key = keys.join("|");
-    const found = this.#interned.get(key);
+  /**
+   * The stacks with rule references on top replaced by their alternatives, until every top
+   * is a character class (or the stack is empty); each stack reached is expanded once, and
+   * at most MAX_EXPANSIONS are (past that, the ways found so far).
+   */
+  #expand(todo: (Node | null)[]): { out: Map<number, Node | null>; budgetHit: boolean } {
+    const { code, starts } = this.#g;
+    const out = new Map<number, Node | null>();
+    const seen = new Set<number>();
+    while (todo.length > 0) {
+      if (out.size >= MAX_STACKS || seen.size >= MAX_EXPANSIONS)
+        return { out, budgetHit: seen.size >= MAX_EXPANSIONS };
+      const st = todo.pop()!;
+      if (st === null) {
+        out.set(-1, null);
+        continue;
+      }
+      if (seen.has(st.id)) continue; // reached before by another path: the same stacks follow
+      seen.add(st.id);
+      const c = code[st.pos]!;
+      if (c >= 0) {
+        out.set(st.id, st);
+        continue;
+      }
+      const rest = this.#pop(st);
+      for (const a of starts[-2 - c]!) todo.push(code[a] === -1 ? rest : this.#node(a, rest));
+    }
+    return { out, budgetHit: false };
+  }
+
+  #intern(out: Map<number, Node | null>): StackSet {
+    const ids = [...out.keys()].sort((a, b) => a - b);
+    const key = ids.join(",");
+    const found = this.#sets.get(key);
     if (found) return found;
-    if (this.#interned.size >= MAX_INTERNED) this.#interned.clear();
+    if (this.#sets.size >= MAX_TABLE) this.#sets.clear();
     const { code } = this.#g;
-    const stacks = keys.map((k) => out.get(k)!);
+    const stacks: (Node | null)[] = ids.map((id) => out.get(id) ?? null);
     const set: StackSet = {
       id: this.#ids++,
       stacks,
-      accepting: stacks.some((s) => s.length === 0),
-      open: stacks.some((s) => s.length > 0 && code[s[s.length - 1]!]! >= 0),
-      next: new Map(),
+      accepting: stacks.includes(null),
+      open: stacks.some((st) => st !== null && code[st.pos]! >= 0),
     };
-    this.#interned.set(key, set);
+    this.#sets.set(key, set);
     return set;
   }
 }

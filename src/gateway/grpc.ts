@@ -435,6 +435,7 @@ function handlers(o: GrpcGatewayOptions): {
           },
         });
         jobs.add(job);
+        if (call.cancelled) job.cancel(); // cancelled while the prompt was being encoded
         try {
           await job.done;
         } finally {

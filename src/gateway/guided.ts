@@ -93,7 +93,8 @@ export function gbnfGrammar(
     try {
       return new TokenGrammar(new GrammarText(compileGrammar(text), eos), vocabulary);
     } catch (err) {
-      if (!(err instanceof GrammarError)) throw err;
+      // RangeError: a grammar past what the recognizer's tables or the call stack hold.
+      if (!(err instanceof GrammarError || err instanceof RangeError)) throw err;
       throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${err.message}`, { param });
     }
   });

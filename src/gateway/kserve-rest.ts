@@ -23,6 +23,7 @@ import { bind, eventStream } from "./openai.ts";
 import {
   bad,
   checkPromptShape,
+  checkShape,
   decimal,
   inferJobSpec,
   inferOutcome,
@@ -307,7 +308,9 @@ function inferTexts(
       `inputs.${i}.datatype`,
     );
   const shape = input["shape"];
-  const depth = Array.isArray(shape) ? shape.length : 1;
+  // Checked before the data is flattened to its depth (a deeper nesting stays nested and is
+  // then refused as a count or a non-string).
+  checkShape(name, shape, `inputs.${i}.shape`);
   const bytes = binaries[i];
   let texts: unknown[];
   if (bytes) {
@@ -322,7 +325,7 @@ function inferTexts(
     } catch {
       throw bad(`input '${name}' is not valid UTF-8 text`, `inputs.${i}.data`);
     }
-  } else texts = list(input["data"], `inputs.${i}.data`).flat(depth);
+  } else texts = list(input["data"], `inputs.${i}.data`).flat(shape.length);
   checkPromptShape(name, shape, texts.length, `inputs.${i}.shape`);
   if (texts.some((t) => typeof t !== "string"))
     throw bad(`input '${name}': its elements must be prompts, strings`, `inputs.${i}.data`);

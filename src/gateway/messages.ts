@@ -10,6 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { isObject } from "../util/objects.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
@@ -90,11 +91,12 @@ const bad = (message: string, param: string) =>
 /** The text of a content field: a string, or its text blocks (others refused). */
 function textOf(content: Blocks, param: string): string {
   if (typeof content === "string") return content;
-  return (content as AnyBlock[])
-    .map((b, i) => {
+  return (content as unknown[])
+    .map((x, i) => {
+      const b = (isObject(x) ? x : { type: "not an object" }) as AnyBlock;
       if (b.type !== "text" || typeof b["text"] !== "string")
         throw bad(
-          `${param}[${i}]: a '${b.type.slice(0, 40)}' block is not supported here (text is)`,
+          `${param}[${i}]: a '${String(b.type).slice(0, 40)}' block is not supported here (text is)`,
           `${param}.${i}`,
         );
       return b["text"] as string;
@@ -359,10 +361,12 @@ async function messages(
   for (const e of pending) raw.write(e);
   try {
     await job.done;
+    // The whole usage again: message_start's came before the prefix cache was looked up.
+    const { output_tokens, ...input } = usageOf(job);
     send({
       type: "message_delta",
       delta: stop ?? { stop_reason: "end_turn", stop_sequence: null },
-      usage: { output_tokens: job.completionTokens },
+      usage: { ...input, output_tokens },
     } as { type: string });
     send({ type: "message_stop" });
   } catch (err) {

@@ -130,12 +130,8 @@ export async function inferJobSpec(
  * (`[1]`, `[1, 1]`, `[4, 1]`, ...). `count` is the elements it holds.
  */
 export function checkPromptShape(name: string, shape: unknown, count: number, param: string) {
-  if (
-    !Array.isArray(shape) ||
-    shape.length === 0 ||
-    shape.some((d) => !Number.isSafeInteger(d) || (d as number) < 0)
-  )
-    throw bad(`input '${name}': shape must be an array of integers >= 0`, param);
+  checkShape(name, shape, param);
+  if (!Array.isArray(shape)) return;
   const declared = (shape as number[]).reduce((a, d) => a * d, 1);
   if (declared !== count)
     throw bad(`input '${name}' has shape [${shape.join(", ")}] but holds ${count} elements`, param);
@@ -144,6 +140,20 @@ export function checkPromptShape(name: string, shape: unknown, count: number, pa
       `input '${name}' must hold 1 to ${MAX_PROMPTS} prompts (a batch), got ${count}`,
       param,
     );
+}
+
+/** Tensor dimensions at most (KServe's tensors have a few; data nests this deep at most). */
+export const MAX_RANK = 16;
+
+/** A shape: 1 to MAX_RANK integers >= 0. */
+export function checkShape(name: string, shape: unknown, param: string): asserts shape is number[] {
+  if (
+    !Array.isArray(shape) ||
+    shape.length === 0 ||
+    shape.length > MAX_RANK ||
+    shape.some((d) => !Number.isSafeInteger(d) || (d as number) < 0)
+  )
+    throw bad(`input '${name}': shape must be 1 to ${MAX_RANK} integers >= 0`, param);
 }
 
 /** What an infer answer reports of a finished job, its texts in the prompts' order. */

@@ -347,6 +347,8 @@ describe("KServe v2 REST", () => {
       ["binary_data_output not a flag", "/infer", inferBody({ binary_data_output: 1 }), "parameters.binary_data_output"],
       ["a number for the prompt", "/infer", { inputs: [{ ...input, data: [5] }] }, "inputs.0.data"],
       ["negative shape", "/infer", { inputs: [{ ...input, shape: [-1] }] }, "inputs.0.shape"],
+      ["17 dimensions", "/infer", { inputs: [{ ...input, shape: Array(17).fill(1) }] }, "inputs.0.shape"],
+      ["data nested 100,000 deep", "/infer", `{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ${"[".repeat(100_000)}"a"${"]".repeat(100_000)}}]}`, "inputs.0.data"],
       ["an unknown output", "/infer", { ...ok, outputs: [{ name: "logits" }] }, "outputs.0.name"],
       ["temperature 5", "/infer", inferBody({ temperature: 5 }), "temperature"],
       ["temperature hot", "/infer", inferBody({ temperature: "hot" }), "parameters.temperature"],

@@ -125,6 +125,10 @@ describe("POST /v1/messages", () => {
     expect(final.content).toEqual(whole.content);
     expect(final.stop_reason).toBe(whole.stop_reason);
     expect(final.usage.output_tokens).toBe(whole.usage.output_tokens);
+    // The input split (cache reads) as message_delta gives it, after the prefix lookup.
+    const input = (u: Anthropic.Usage) => u.input_tokens + (u.cache_read_input_tokens ?? 0);
+    expect(input(final.usage)).toBe(input(whole.usage));
+    expect(final.usage.cache_read_input_tokens).toBeGreaterThan(0); // the same prompt again
     expect(text).toBe((whole.content[0] as Anthropic.TextBlock).text);
     expect(types[0]).toBe("message_start");
     expect(types.slice(-2)).toEqual(["message_delta", "message_stop"]);
@@ -243,6 +247,7 @@ describe("POST /v1/messages", () => {
     const cases: [string, object, number, string, string | undefined][] = [
       ["no max_tokens", { model: "tiny", messages: ok.messages }, 400, "invalid_request_error", "max_tokens"],
       ["no messages", { ...ok, messages: [] }, 400, "invalid_request_error", "messages"],
+      ["a tool_result block that is no block", { ...ok, messages: [{ role: "user", content: [{ type: "tool_result", tool_use_id: "t", content: [{ foo: 1 }] }] }] }, 400, "invalid_request_error", "messages.0.content.0.content.0"],
       ["an image", { ...ok, messages: [{ role: "user", content: [{ type: "image", source: {} }] }] }, 400, "invalid_request_error", "messages.0.content.0"],
       ["a server tool", { ...ok, tools: [{ type: "web_search_20250305", name: "web_search" }] }, 400, "invalid_request_error", "tools.0.type"],
       ["tool choice without a name", { ...ok, tools: [WEATHER], tool_choice: { type: "tool" } }, 400, "invalid_request_error", "tool_choice.name"],

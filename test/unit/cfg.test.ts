@@ -62,6 +62,9 @@ describe("GBNF: what each grammar accepts", () => {
     const bytes = (...b: number[]) =>
       b.reduce<CfgState | null>((s, x) => (s ? a.step(s, x) : null), a.start);
     expect(bytes(0xc3, 0xa9)).not.toBeNull();
+    // 0xED 0xA0..0xBF can only become a surrogate: refused at the second byte, not a dead end.
+    expect(bytes(0xed, 0x9f)).not.toBeNull();
+    expect(bytes(0xed, 0xa0)).toBeNull();
     expect(bytes(0xc0, 0x80)).toBeNull();
     expect(bytes(0xed, 0xa0, 0x80)).toBeNull();
     expect(bytes(0xf4, 0x90, 0x80, 0x80)).toBeNull();
@@ -72,6 +75,26 @@ describe("GBNF: what each grammar accepts", () => {
     const a = new GrammarText(compileGrammar(`root ::= r0\n${rules.join("\n")}\nr24 ::= "x"`), EOS);
     expect(verdict(a, "x")).toBe("whole");
     expect(verdict(a, "y")).toBe("no");
+  });
+
+  it("nests 20,000 deep in linear work (stacks share their tails)", () => {
+    const a = new GrammarText(compileGrammar(`root ::= "(" root ")" | ""`), EOS);
+    let st: CfgState | null = a.start;
+    for (let i = 0; i < 20_000 && st; i++) st = a.step(st, 0x28);
+    for (let i = 0; i < 20_000 && st; i++) st = a.step(st, 0x29);
+    expect(st && a.step(st, EOS)).not.toBeNull();
+  });
+
+  it("expands long chains of empty rules without recursion, and chained operators", () => {
+    const a = new GrammarText(compileGrammar(`root ::= "x" ((""){1000}){10} "y"`), EOS);
+    expect(verdict(a, "xy")).toBe("whole");
+    const b = new GrammarText(compileGrammar(`root ::= "a"*? "b"`), EOS);
+    expect(["b", "ab", "aaab", "ba"].map((t) => verdict(b, t))).toEqual([
+      "whole",
+      "whole",
+      "whole",
+      "no",
+    ]);
   });
 
   it("keeps equal futures under one key", () => {
@@ -104,6 +127,9 @@ describe("GBNF: refusals", () => {
     ["a bad escape", String.raw`root ::= "\x4"`, /needs 2 hex digits/],
     ["a surrogate escape", String.raw`root ::= "\ud800"`, /not a character/],
     ["a stray character", `root ::= "a" ; "b"`, /unexpected ';' \(line 1, column 14\)/],
+    ["a class of surrogates only", String.raw`root ::= [^\x00-\uD7FF\uE000-\U0010FFFF]`, /matches no character/],
+    ["a lone surrogate", `root ::= "\ud800"`, /lone surrogate/],
+    ["groups nested too deep", `root ::= ${"(".repeat(150)}"a"${")".repeat(150)}`, /nested more than 100/],
   ];
   it.each(bad)("%s", (_what, text, message) => {
     expect(() => compileGrammar(text)).toThrow(GrammarError);
