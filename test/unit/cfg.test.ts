@@ -4,6 +4,7 @@
 import { describe, expect, it } from "vitest";
 import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
 import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
+import { Prng } from "../../src/model/prng.ts";
 
 const EOS = SYMBOL_BASE + 7;
 
@@ -139,5 +140,80 @@ describe("GBNF: refusals", () => {
   it("caps the text and the expansion", () => {
     expect(() => compileGrammar(`root ::= "${"a".repeat(70_000)}"`)).toThrow(/longer than/);
     expect(() => compileGrammar(`root ::= ${"[a]{1000} ".repeat(101)}`)).toThrow(/positions/);
+  });
+});
+
+/** A random grammar over a few rules: literals, classes (some non-ASCII), groups, operators. */
+function randomGrammar(rng: Prng): string {
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng.uniform() * xs.length)]!;
+  const names = ["root", "a", "b", "c"];
+  const atoms = [
+    '"x"',
+    '"yz"',
+    '""',
+    '"é"',
+    '"€"',
+    "[0-9]",
+    "[^a-z]",
+    "[α-ω]",
+    ".",
+    "[\\u00ff-\\u0101]",
+    "[^\\x00-\\uD7FF]",
+    "[\\uD7F0-\\uE010]",
+  ];
+  const element = (depth: number): string => {
+    const r = rng.uniform();
+    let e: string;
+    if (r < 0.45) e = pick(atoms);
+    else if (r < 0.75) e = pick(names.slice(1));
+    else if (depth < 2) e = `(${sequence(depth + 1)} | ${sequence(depth + 1)})`;
+    else e = pick(atoms);
+    return e + pick(["", "", "", "*", "+", "?", "{1,2}", "{0,2}"]);
+  };
+  // Each sequence starts with a character (so no left recursion), then anything.
+  const first = () => pick(atoms.filter((x) => x !== '""')) + pick(["", "+", "{1,2}"]);
+  const sequence = (depth: number) =>
+    [first(), ...Array.from({ length: Math.floor(rng.uniform() * 3) }, () => element(depth))].join(
+      " ",
+    );
+  return names
+    .map(
+      (n) =>
+        `${n} ::= ${Array.from({ length: 1 + Math.floor(rng.uniform() * 3) }, () => sequence(0)).join(" | ")}`,
+    )
+    .join("\n");
+}
+
+describe("GBNF: random grammars", () => {
+  it("compile or are refused with a GrammarError, and no reachable state is a dead end", () => {
+    const rng = new Prng(18);
+    let compiled = 0;
+    for (let g = 0; g < 300; g++) {
+      const text = randomGrammar(rng);
+      let a: GrammarText;
+      try {
+        a = new GrammarText(compileGrammar(text), EOS);
+      } catch (e) {
+        expect(e, text).toBeInstanceOf(GrammarError);
+        continue;
+      }
+      compiled++;
+      // Random walks: every state reached allows some byte or the end symbol.
+      for (let walk = 0; walk < 3; walk++) {
+        let st: CfgState = a.start;
+        for (let step = 0; step < 24; step++) {
+          const next: CfgState[] = [];
+          for (let b = 0; b < 256; b++) {
+            const n = a.step(st, b);
+            if (n) next.push(n);
+          }
+          const ends = a.step(st, EOS) !== null;
+          expect(next.length > 0 || ends, `${text}\nafter ${step} bytes`).toBe(true);
+          if (next.length === 0) break;
+          st = next[Math.floor(rng.uniform() * next.length)]!;
+        }
+      }
+    }
+    expect(compiled).toBeGreaterThan(200); // most random grammars are usable
   });
 });
