@@ -324,10 +324,10 @@ async function messages(
   // Streamed: Anthropic's events, each `event: <type>` and its JSON.
   let raw: FastifyReply["raw"] | null = null;
   const pending: string[] = [];
+  const event = (o: { type: string }) => `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
   const send = (o: { type: string }) => {
-    const e = `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
-    if (raw === null) pending.push(e);
-    else if (!raw.destroyed) raw.write(e);
+    if (raw === null) pending.push(event(o));
+    else if (!raw.destroyed) raw.write(event(o));
   };
   const blocks = new BlockStream(send);
   const output = new ChatOutput(outputOptions);
@@ -347,7 +347,7 @@ async function messages(
   raw = eventStream(reply);
   bind(reply, job);
   raw.write(
-    `event: message_start\ndata: ${JSON.stringify({
+    event({
       type: "message_start",
       message: {
         ...head,
@@ -356,17 +356,16 @@ async function messages(
         stop_sequence: null,
         usage: { ...usageOf(job), output_tokens: 0 },
       },
-    })}\n\n`,
+    } as { type: string }),
   );
   for (const e of pending) raw.write(e);
   try {
     await job.done;
     // The whole usage again: message_start's came before the prefix cache was looked up.
-    const { output_tokens, ...input } = usageOf(job);
     send({
       type: "message_delta",
       delta: stop ?? { stop_reason: "end_turn", stop_sequence: null },
-      usage: { ...input, output_tokens },
+      usage: usageOf(job),
     } as { type: string });
     send({ type: "message_stop" });
   } catch (err) {
