@@ -395,7 +395,8 @@ function handlers(o: GrpcGatewayOptions): {
   /**
    * Triton's streaming inference (ModelStreamInfer, what tritonclient's start_stream and
    * async_stream_infer use): every request on the stream runs as it arrives, several at once.
-   * With `stream` (a parameter or a BOOL input; default true) a request gets a response per
+   * With `stream` (a parameter or a BOOL input, as Triton's LLM backends take it; default
+   * false, as theirs) a request gets a response per
    * piece of text, text_output in the input's shape holding that piece at its prompt's place
    * and "" elsewhere, so the pieces add up element by element; the last one has finish_reason,
    * prompt_tokens and completion_tokens. Without, one response as ModelInfer's. Every response
@@ -816,7 +817,8 @@ function parameterFields(p: Parameters): SamplingFields {
 
 /**
  * Whether a streaming request streams its text: the parameter `stream`, else a BOOL input
- * named `stream` (as Triton's LLM backends take it); true when neither says.
+ * named `stream` (as Triton's LLM backends take it); false when neither says (their default:
+ * a client that does not ask gets one response per request, as from any Triton model).
  */
 function streamFlag(r: ModelInferRequest): boolean {
   const p = r.parameters["stream"];
@@ -826,7 +828,7 @@ function streamFlag(r: ModelInferRequest): boolean {
   }
   const i = r.inputs.findIndex((t) => t.name === "stream");
   const input = r.inputs[i];
-  if (!input) return true;
+  if (!input) return false;
   if (input.datatype !== "BOOL") throw bad("input 'stream' must have datatype BOOL", "inputs");
   const raw = r.raw_input_contents[i];
   const values = raw ? [...raw].map((b) => b !== 0) : (input.contents?.["bool_contents"] ?? []);

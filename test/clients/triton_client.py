@@ -89,7 +89,11 @@ def grpc_calls(url, model, prompts):
         i = grpcclient.InferInput("text_input", shape, "BYTES")
         i.set_data_from_numpy(prompt_array([prompt], shape))
         c.async_stream_infer(
-            model, [i], request_id=f"s{n}", parameters=GREEDY, enable_empty_final_response=True
+            model,
+            [i],
+            request_id=f"s{n}",
+            parameters={**GREEDY, "stream": True},
+            enable_empty_final_response=True,
         )
     bad = grpcclient.InferInput("text_input", [1], "BYTES")
     bad.set_data_from_numpy(prompt_array(["x"], [1]))

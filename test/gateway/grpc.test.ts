@@ -459,12 +459,13 @@ describe("ModelStreamInfer (Triton's streaming inference)", () => {
     const want: string[] = [];
     for (const p of prompts)
       want.push(outputText(await call(c.kserve, "ModelInfer", inferRequest(p, greedy))));
+    const streamed = { ...greedy, stream: param.bool(true) };
     const r = await streamInfer([
-      inferRequest(prompts[0]!, greedy, { id: "a" }),
-      { ...inferRequest("x", greedy, { id: "bad" }), model_name: "gpt-4" },
-      inferRequest(prompts[1]!, greedy, { id: "b" }),
-      // Not streamed (the parameter): one response with the whole text.
-      inferRequest(prompts[1]!, { ...greedy, stream: param.bool(false) }, { id: "c" }),
+      inferRequest(prompts[0]!, streamed, { id: "a" }),
+      { ...inferRequest("x", streamed, { id: "bad" }), model_name: "gpt-4" },
+      inferRequest(prompts[1]!, streamed, { id: "b" }),
+      // Not streamed (no stream flag, as Triton's LLM backends default): one response.
+      inferRequest(prompts[1]!, greedy, { id: "c" }),
     ]);
     expect(r.error).toBeNull();
     const of = (id: string) => r.messages.filter((m) => m.infer_response.id === id);
@@ -562,7 +563,13 @@ describe("ModelStreamInfer (Triton's streaming inference)", () => {
       const s = (c.kserve as any).ModelStreamInfer();
       s.on("data", () => s.cancel());
       s.on("error", () => resolve());
-      s.write(inferRequest("Tell me", { max_tokens: param.int(200), temperature: param.dbl(0) }));
+      s.write(
+        inferRequest("Tell me", {
+          max_tokens: param.int(200),
+          temperature: param.dbl(0),
+          stream: param.bool(true),
+        }),
+      );
     });
     await waitFor("the cancelled request to stop", async () =>
       (await metric(gw.url, "expertmesh_gateway_num_requests_running")) === 0 ? true : undefined,
