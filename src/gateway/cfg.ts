@@ -480,6 +480,8 @@ interface StackSet {
   readonly open: boolean;
   /** The state between characters with these stacks (one object per set). */
   state?: CfgState;
+  /** Its local part (GrammarText.local), once worked out. */
+  local?: { key: string; byte: number } | null;
 }
 
 /** Between characters (n 0), or n continuation bytes still to come of `bits`. */
@@ -490,6 +492,11 @@ export interface CfgState {
   /** The first code point of the character's UTF-8 length (no overlong forms). */
   readonly floor: number;
 }
+
+/** Automata made so far (each one's local keys name it). */
+let automata = 0;
+/** Positions a local key looks at, down each stack, at most. */
+const MAX_LOCAL_DEPTH = 64;
 
 /** After the end-of-sequence symbol. */
 const DONE: CfgState = {
@@ -515,6 +522,8 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   readonly #sets = new Map<string, StackSet>();
   readonly #steps = new Map<string, StackSet | null>();
   #ids = 0;
+  /** This automaton among all (local keys are kept per vocabulary, for every grammar). */
+  readonly #uid = ++automata;
 
   /** `eos`: the end-of-sequence token's symbol (none: the output ends only where forced). */
   constructor(g: Grammar, eos: number | null) {
@@ -569,6 +578,54 @@ export class GrammarText implements ByteAutomaton<CfgState> {
       : s.n === 0
         ? `${s.set.id}`
         : `${s.set.id}:${s.n}:${s.bits}:${s.floor}`;
+  }
+
+  /**
+   * grammar.ts's local part: when every stack holds, under its top, a position whose class is
+   * one ASCII character b (a string's closing quote), no token without b can reach below it,
+   * so such tokens are judged by the positions above it alone. Those positions, per stack,
+   * and b are the key (with this grammar's id: within it, every string of a kind shares the
+   * part of the vocabulary without b, walked once).
+   */
+  local(s: CfgState): { key: string; byte: number } | null {
+    if (s === DONE || s.n !== 0) return null;
+    const set = s.set;
+    if (set.local === undefined) set.local = this.#local(set);
+    return set.local;
+  }
+
+  #local(set: StackSet): { key: string; byte: number } | null {
+    const { code, classes } = this.#g;
+    const single = (pos: number) => {
+      const c = code[pos]!;
+      const r = c >= 0 ? classes[c]! : null;
+      return r && r.length === 2 && r[0] === r[1] && r[0]! < 0x80 ? r[0]! : -1;
+    };
+    // Positions from the top down to the first of class {b} (null: none within the limit).
+    const above = (st: Node | null, b: number): number[] | null => {
+      const out: number[] = [];
+      for (let n = st; n !== null && out.length < MAX_LOCAL_DEPTH; n = n.up) {
+        out.push(n.pos);
+        if (single(n.pos) === b) return out;
+      }
+      return null;
+    };
+    const first = set.stacks[0];
+    if (first === null || first === undefined) return null;
+    const candidates = new Set<number>();
+    for (let n: Node | null = first, k = 0; n !== null && k < MAX_LOCAL_DEPTH; n = n.up, k++)
+      if (single(n.pos) >= 0) candidates.add(single(n.pos));
+    for (const b of candidates) {
+      const parts: string[] = [];
+      for (const st of set.stacks) {
+        const a = above(st, b);
+        if (a === null) break;
+        parts.push(a.join(","));
+      }
+      if (parts.length === set.stacks.length)
+        return { key: `gbnf ${this.#uid} ${b} ${parts.sort().join("|")}`, byte: b };
+    }
+    return null;
   }
 
   #at(set: StackSet): CfgState {

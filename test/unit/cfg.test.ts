@@ -3,8 +3,9 @@
 // refused at compile time with the reason.
 import { describe, expect, it } from "vitest";
 import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
-import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
+import { SYMBOL_BASE, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import { Prng } from "../../src/model/prng.ts";
+import { expectExactMasks, utf8 } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE + 7;
 
@@ -215,5 +216,54 @@ describe("GBNF: random grammars", () => {
       }
     }
     expect(compiled).toBeGreaterThan(200); // most random grammars are usable
+  });
+});
+
+describe("GBNF: masks", () => {
+  const JSON_GBNF = String.raw`
+    root   ::= object
+    value  ::= object | array | string | number | "true" | "false" | "null"
+    object ::= "{" ws ( string ws ":" ws value ws ( "," ws string ws ":" ws value ws )* )? "}"
+    array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+    string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
+    number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+    ws     ::= [ \t\n]*
+  `;
+  // biome-ignore format: a list
+  const texts = [
+    "{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-", "ab", '"a"', '":', '","', "\\n", "\\u",
+    "00e9", "é", "東京", "\u0001", "12", "1.5e", "true", "null", '"}', "a b", 'x"y', '\\"', "\t\t",
+  ];
+  const units = [null, ...texts.map(utf8), Uint16Array.of(SYMBOL_BASE)];
+  const a = new GrammarText(compileGrammar(JSON_GBNF), SYMBOL_BASE);
+  const grammar = new TokenGrammar(a, new Vocabulary(units, units.length));
+  const docs = [
+    String.raw`{"a": "x y", "b": [1, -2.5e3, "q\"\u00e9"], "c": {"d": null}}`,
+    '{ "k" : [ { "x" : "東京" } , true ] }',
+    String.raw`{"s": "a\nb", "t": "", "u": []}`,
+  ];
+  const states: CfgState[] = [];
+  for (const d of docs) {
+    let st: CfgState | null = a.start;
+    for (const b of utf8(d)) {
+      st = a.step(st!, b);
+      expect(st, d).not.toBeNull();
+      states.push(st!);
+    }
+  }
+
+  it("use the local part inside strings (the closing quote below every stack)", () => {
+    const inString = a.step(a.step(a.start, 0x7b)!, 0x22)!; // {"
+    expect(a.local(inString)).toMatchObject({ byte: 0x22 });
+    expect(a.local(a.step(a.start, 0x7b)!)).toBeNull(); // after '{': a quote opens a key
+    // Strings of a kind share one key: fewer keys than string states.
+    const keyed = states.filter((st) => a.local(st));
+    const keys = new Set(keyed.map((st) => a.local(st)!.key));
+    expect(keys.size).toBeGreaterThan(0);
+    expect(keys.size).toBeLessThan(keyed.length);
+  });
+
+  it(`equal checking every token, in ${states.length} states along documents`, () => {
+    expectExactMasks(grammar, a, states, units, units.length);
   });
 });
