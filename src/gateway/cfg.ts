@@ -582,10 +582,10 @@ export class GrammarText implements ByteAutomaton<CfgState> {
 
   /**
    * grammar.ts's local part: when every stack holds, under its top, a position whose class is
-   * one ASCII character b (a string's closing quote), no token without b can reach below it,
+   * the quote alone (a string's closing quote), no token without a quote can reach below it,
    * so such tokens are judged by the positions above it alone. Those positions, per stack,
-   * and b are the key (with this grammar's id: within it, every string of a kind shares the
-   * part of the vocabulary without b, walked once).
+   * are the key (with this grammar's id: within it, every string of a kind shares the part
+   * of the vocabulary without a quote, walked once).
    */
   local(s: CfgState): { key: string; byte: number } | null {
     if (s === DONE || s.n !== 0) return null;
@@ -610,22 +610,17 @@ export class GrammarText implements ByteAutomaton<CfgState> {
       }
       return null;
     };
-    const first = set.stacks[0];
-    if (first === null || first === undefined) return null;
-    const candidates = new Set<number>();
-    for (let n: Node | null = first, k = 0; n !== null && k < MAX_LOCAL_DEPTH; n = n.up, k++)
-      if (single(n.pos) >= 0) candidates.add(single(n.pos));
-    for (const b of candidates) {
-      const parts: string[] = [];
-      for (const st of set.stacks) {
-        const a = above(st, b);
-        if (a === null) break;
-        parts.push(a.join(","));
-      }
-      if (parts.length === set.stacks.length)
-        return { key: `gbnf ${this.#uid} ${b} ${parts.sort().join("|")}`, byte: b };
+    // Only the quote: the vocabulary's split by it is made at startup (JSON mode's), and
+    // strings are where whole-vocabulary walks repeat. Another byte's split would cost a
+    // first mask ~0.1 s, for states (numbers, structure) whose walks are cheap anyway.
+    const b = 0x22;
+    const parts: string[] = [];
+    for (const st of set.stacks) {
+      const a = above(st, b);
+      if (a === null) return null;
+      parts.push(a.join(","));
     }
-    return null;
+    return { key: `gbnf ${this.#uid} ${b} ${parts.sort().join("|")}`, byte: b };
   }
 
   #at(set: StackSet): CfgState {
