@@ -16,7 +16,10 @@
 // character's bytes the state keeps what the character can still become, and a byte is
 // allowed while some stack accepts one of those characters. Compile-time checks keep the
 // expansion finite and every state alive: undefined rules, left recursion and rules that
-// derive no finite string are refused (alternatives using the latter are dropped). ADR 0018.
+// derive no finite string are refused (alternatives using the latter are dropped). Stacks
+// are hash-consed linked nodes, so a step costs the same at any nesting depth; inside a
+// string, the closing quote under every stack gives grammar.ts's local part (quote-free
+// tokens judged once per kind of string). ADR 0018.
 import type { ByteAutomaton } from "./grammar.ts";
 import { SYMBOL_BASE } from "./grammar.ts";
 
