@@ -2,6 +2,7 @@
 // prefix, which not at all (byte by byte, as the token masks step it), and the grammars
 // refused at compile time with the reason.
 import { describe, expect, it } from "vitest";
+import { JSON_GBNF } from "../../bench/json.ts";
 import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
 import { SYMBOL_BASE, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import { Prng } from "../../src/model/prng.ts";
@@ -219,16 +220,7 @@ describe("GBNF: random grammars", () => {
   });
 });
 
-describe("GBNF: masks", () => {
-  const JSON_GBNF = String.raw`
-    root   ::= object
-    value  ::= object | array | string | number | "true" | "false" | "null"
-    object ::= "{" ws ( string ws ":" ws value ws ( "," ws string ws ":" ws value ws )* )? "}"
-    array  ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
-    string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\""
-    number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
-    ws     ::= [ \t\n]*
-  `;
+describe("GBNF: masks (the JSON grammar the json bench suite measures)", () => {
   // biome-ignore format: a list
   const texts = [
     "{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-", "ab", '"a"', '":', '","', "\\n", "\\u",
