@@ -131,8 +131,7 @@ export async function inferJobSpec(
  */
 export function checkPromptShape(name: string, shape: unknown, count: number, param: string) {
   checkShape(name, shape, param);
-  if (!Array.isArray(shape)) return;
-  const declared = (shape as number[]).reduce((a, d) => a * d, 1);
+  const declared = shape.reduce((a, d) => a * d, 1);
   if (declared !== count)
     throw bad(`input '${name}' has shape [${shape.join(", ")}] but holds ${count} elements`, param);
   if (count < 1 || count > MAX_PROMPTS)
