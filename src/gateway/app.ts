@@ -79,6 +79,24 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   });
   const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
 
+  // Closing waits for the requests in flight; the keep-alive connections they leave idle
+  // (72 s keepAliveTimeout) would hold the close, and a pod's stop, until SIGKILL. So from
+  // close on, answers end their connection, and idle connections are closed as they occur.
+  let closing = false;
+  let idleTimer: NodeJS.Timeout | undefined;
+  app.addHook("preClose", async () => {
+    closing = true;
+    const server = app.server;
+    server.closeIdleConnections();
+    idleTimer = setInterval(() => server.closeIdleConnections(), 100);
+    idleTimer.unref();
+    server.once("close", () => clearInterval(idleTimer));
+  });
+  app.addHook("onClose", async () => clearInterval(idleTimer));
+  app.addHook("onSend", async (_req, reply) => {
+    if (closing && !reply.raw.headersSent) reply.header("connection", "close");
+  });
+
   // Every answer carries an x-request-id: the client's (vLLM's and most proxies' header),
   // or a new one. With logRequest, a line when the exchange ends (streams included).
   app.addHook("onRequest", async (req, reply) => {

@@ -495,6 +495,60 @@ describe("serving commands on bad input", () => {
     expect(ok.stdout.length).toBeGreaterThan(0);
   });
 
+  it("SIGTERM with requests in flight: they end whole, then the process exits (keep-alive does not hold it)", async () => {
+    const gw = new ManagedProcess(
+      `gateway-stop-${await freePort()}`,
+      process.execPath,
+      [
+        main,
+        "gateway",
+        "--local",
+        `--model=${dir}`,
+        "--served-model-name=tiny",
+        "--host=127.0.0.1",
+        "--http-port=0",
+        "--metrics-port=0",
+      ],
+      join(testEnv().runDir, "logs"),
+    );
+    const log = () => readFileSync(gw.logPath, "utf8");
+    try {
+      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
+      const url = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log())![1]!;
+      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      // A plain request and a stream in flight at SIGTERM, each on its own connection.
+      const plain = client.completions.create({
+        model: "tiny",
+        prompt: "Once upon a time",
+        max_tokens: 64,
+        ignore_eos: true,
+      } as OpenAI.CompletionCreateParamsNonStreaming);
+      const stream = await client.completions.create({
+        model: "tiny",
+        prompt: "Once upon a time",
+        max_tokens: 48,
+        ignore_eos: true,
+        stream: true,
+      } as OpenAI.CompletionCreateParamsStreaming);
+      let chunks = 0;
+      let finish: string | null = null;
+      for await (const c of stream) {
+        if (chunks++ === 0) process.kill(gw.pid!, "SIGTERM");
+        finish = c.choices[0]?.finish_reason ?? finish;
+      }
+      expect(finish).toBe("length");
+      expect(chunks).toBeGreaterThan(1);
+      expect((await plain).usage?.completion_tokens).toBe(64);
+      // The client keeps its connection for reuse; the server closes it (the default
+      // keepAliveTimeout, 72 s, would otherwise hold the stop past a pod's grace period).
+      for (let i = 0; i < 100 && !gw.exited; i++) await sleep(100);
+      expect(gw.exited).toBe(true);
+      expect(gw.child.exitCode).toBe(0);
+    } finally {
+      await gw.stop(3000);
+    }
+  });
+
   it("--shutdown-delay: after SIGTERM /ready says draining and requests are still served, then it stops", async () => {
     for (const bad of ["x", "-1", "301"]) {
       const r = await expertmesh([
