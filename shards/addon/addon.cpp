@@ -840,6 +840,21 @@ Napi::Value KvEncode(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// kvWrite(src, out, byteOffset) copies encoded rows (a block the prefix cache's disk tier
+// read back) into the pool `out` from byteOffset, noted for its device mirror as kvEncode's.
+Napi::Value KvWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Bytes src = bytes_of(env, arg(info, 0), "src");
+  const Bytes out = bytes_of(env, arg(info, 1), "out");
+  const int64_t at = integer(env, arg(info, 2), "byteOffset", 0);
+  if (static_cast<size_t>(at) + src.size > out.size)
+    shape_error(env, "out holds " + std::to_string(out.size) + " bytes, the rows need " +
+                         std::to_string(static_cast<size_t>(at) + src.size));
+  std::memmove(static_cast<uint8_t*>(out.data) + at, src.data, src.size);
+  note_kv_write(state_of(env), out.data, static_cast<size_t>(at), src.size);
+  return env.Undefined();
+}
+
 // kvRowBytes(dtype, kvLoraRank, ropeDim) -> bytes of one paged latent cache row
 Napi::Value KvRowBytes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1174,6 +1189,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mlaAttention", Napi::Function::New(env, MlaAttention, "mlaAttention"));
   exports.Set("kvRowBytes", Napi::Function::New(env, KvRowBytes, "kvRowBytes"));
   exports.Set("kvEncode", Napi::Function::New(env, KvEncode, "kvEncode"));
+  exports.Set("kvWrite", Napi::Function::New(env, KvWrite, "kvWrite"));
   exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
   exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
   exports.Set("sample", Napi::Function::New(env, Sample, "sample"));

@@ -171,6 +171,12 @@ export function kvEncode(
   byteOffset: number,
 ): void;
 
+/**
+ * Copies encoded rows (kvEncode's bytes, e.g. read back from the prefix cache's disk tier)
+ * into out from byteOffset; a device mirror of out learns of them as of kvEncode's.
+ */
+export function kvWrite(src: ArrayBufferView, out: ArrayBufferView, byteOffset: number): void;
+
 /** Bytes of one paged cache row of `dtype`. */
 export function kvRowBytes(
   dtype: "f32" | "bf16" | "fp8",

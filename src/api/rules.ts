@@ -182,6 +182,12 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     },
   },
   {
+    path: "spec.gateway",
+    rule: "!has(self.kvCache) || !has(self.kvCache.diskBytes) || self.kvCache.diskBytes == 0 || !has(self.prefixCaching) || self.prefixCaching",
+    message: "gateway.kvCache.diskBytes (the prefix cache's disk tier) needs gateway.prefixCaching",
+    check: (s) => !(s["kvCache"]?.diskBytes > 0) || s["prefixCaching"] !== false,
+  },
+  {
     path: "spec.gateway.speculative",
     rule: "!has(self.promptLookupMin) || !has(self.promptLookupMax) || self.promptLookupMin <= self.promptLookupMax",
     message: "gateway.speculative.promptLookupMin must not exceed promptLookupMax",

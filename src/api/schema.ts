@@ -339,6 +339,12 @@ export const GatewaySchema = withRules(
             minimum: 1,
             maximum: 1024,
           }),
+          diskBytes: Type.Integer({
+            description:
+              "A disk tier under the prefix cache, in bytes (0: none): blocks the cache forgets are written to an emptyDir of each gateway pod and read back instead of computed when a prompt starts with them again; the cached blocks are written at a graceful stop, so a restarted container finds them (ADR 0019). Needs prefixCaching.",
+            default: 0,
+            minimum: 0,
+          }),
         },
         { description: "The MLA latent KV cache of each gateway.", default: {} },
       ),

@@ -10,11 +10,25 @@
 // takes those blocks into its table (shared, counted by reference) and skips computing
 // them. A block no sequence holds keeps its rows and hash until a reservation needs it
 // (least recently freed first), so a prefix outlives the requests that computed it.
+// With a second tier (PrefixTier: the disk, ADR 0019) a registered block is handed to it
+// when its block is taken for other rows, and a prefix continues with the tier's blocks,
+// read back into free blocks, past those still in the pool.
 import type { ModelConfig } from "../model/config.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { KvPages } from "./backend.ts";
 import type { LatentCache } from "./batch.ts";
-import { encodeKvRows, type KvDtype, kvRowBytes } from "./kv-format.ts";
+import type { DiskPrefixStore } from "./kv-disk.ts";
+import { encodeKvRows, type KvDtype, kvRowBytes, writeKvBytes } from "./kv-format.ts";
+
+/** Where registered blocks go when the pool forgets them, and come back from. */
+export interface PrefixTier {
+  /** Block `block`, registered under `hash`, is about to be forgotten: keep its rows. */
+  evicting(block: number, hash: string): void;
+  /** Whether rows are kept under `hash`. */
+  has(hash: string): boolean;
+  /** Writes the rows kept under `hash` into `block`; false when they could not be had. */
+  load(hash: string, block: number): boolean;
+}
 
 /** Free list and block tables; knows nothing about the rows stored in the blocks. */
 export class BlockAllocator {
@@ -30,6 +44,10 @@ export class BlockAllocator {
   readonly #hashOf = new Map<number, string>();
   /** Registered blocks no sequence holds, least recently freed first (reusable). */
   readonly #cached = new Set<number>();
+  /** The second tier under the registered blocks (none: forgotten ones are gone). */
+  tier: PrefixTier | null = null;
+  /** Blocks attachPrefix took from the tier since start. */
+  tierHitBlocks = 0;
 
   constructor(numBlocks: number, blockSize: number) {
     if (
@@ -82,14 +100,7 @@ export class BlockAllocator {
     const more = this.blocksFor(numTokens) - table.length;
     if (more > this.numFreeBlocks) return false;
     for (let i = 0; i < more; i++) {
-      let b = this.#free.pop();
-      if (b === undefined) {
-        // The least recently freed cached block: its prefix is forgotten.
-        b = this.#cached.values().next().value!;
-        this.#cached.delete(b);
-        this.#byHash.delete(this.#hashOf.get(b)!);
-        this.#hashOf.delete(b);
-      }
+      const b = this.#take();
       this.#refs[b] = 1;
       table.push(b);
     }
@@ -97,22 +108,59 @@ export class BlockAllocator {
     return true;
   }
 
+  /** An empty block, else the least recently freed cached one (its prefix forgotten). */
+  #take(): number {
+    const free = this.#free.pop();
+    if (free !== undefined) return free;
+    const b: number = this.#cached.values().next().value!;
+    const hash = this.#hashOf.get(b)!;
+    this.tier?.evicting(b, hash);
+    this.#cached.delete(b);
+    this.#byHash.delete(hash);
+    this.#hashOf.delete(b);
+    return b;
+  }
+
   /**
    * Gives `seq` (holding no blocks yet) the registered blocks of the longest run of
-   * `hashes` (its blocks' prefix hashes, in order); resolves how many it got.
+   * `hashes` (its blocks' prefix hashes, in order); resolves how many it got. A block not
+   * in the pool but in the tier is read back into a free block (registered again), while
+   * one more block stays free for the positions the sequence computes.
    */
   attachPrefix(seq: number, hashes: readonly string[]): number {
     if (this.#tables.has(seq)) return 0;
     const table: number[] = [];
     for (const h of hashes) {
-      const b = this.#byHash.get(h);
-      if (b === undefined) break;
-      this.#cached.delete(b);
-      this.#refs[b]!++;
+      let b = this.#byHash.get(h);
+      if (b !== undefined) {
+        this.#cached.delete(b);
+        this.#refs[b]!++;
+      } else {
+        if (!this.tier?.has(h) || this.numFreeBlocks < 2) break;
+        b = this.#take();
+        if (!this.tier.load(h, b)) {
+          this.#free.push(b);
+          break;
+        }
+        this.#refs[b] = 1;
+        this.#byHash.set(h, b);
+        this.#hashOf.set(b, h);
+        this.tierHitBlocks++;
+      }
       table.push(b);
     }
     if (table.length > 0) this.#tables.set(seq, table);
     return table.length;
+  }
+
+  /** The registered blocks (held or cached) and their hashes, in registration order. */
+  registered(): [block: number, hash: string][] {
+    return [...this.#hashOf];
+  }
+
+  /** The block registered under `hash`, if any. */
+  blockOf(hash: string): number | undefined {
+    return this.#byHash.get(hash);
   }
 
   /**
@@ -162,6 +210,8 @@ export interface BlockKvOptions {
    * num_hidden_layers) with MTP speculative decoding. Default 0.
    */
   extraLayers?: number;
+  /** The prefix cache's disk tier, opened for this cache's blockBytes (ADR 0019). */
+  disk?: DiskPrefixStore;
 }
 
 /** Bytes one block takes: blockSize rows of `dtype` (default f32) in every layer. */
@@ -182,6 +232,8 @@ export function bytesPerBlock(
 export class BlockKvCache {
   readonly allocator: BlockAllocator;
   readonly dtype: KvDtype;
+  /** The prefix cache's disk tier, if any. */
+  readonly disk: DiskPrefixStore | null;
   readonly #C: number;
   readonly #dr: number;
   readonly #rowBytes: number;
@@ -203,6 +255,57 @@ export class BlockKvCache {
       pool: new Uint8Array(numBlocks * blockSize * this.#rowBytes),
       blockSize,
     }));
+    this.disk = o.disk ?? null;
+    if (this.disk) {
+      if (this.disk.blockBytes !== this.blockBytes)
+        throw new ExpertMeshError(
+          "EM_GATEWAY_INTERNAL",
+          `the disk tier holds blocks of ${this.disk.blockBytes} bytes, this cache's are ${this.blockBytes}`,
+        );
+      const disk = this.disk;
+      this.allocator.tier = {
+        evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
+        has: (hash) => disk.has(hash),
+        load: (hash, b) =>
+          disk.load(hash, (payload) => {
+            const per = blockSize * this.#rowBytes;
+            this.#pages.forEach((p, l) => {
+              writeKvBytes(payload.subarray(l * per, (l + 1) * per), p.pool, b * per);
+            });
+          }),
+      };
+    }
+  }
+
+  /** Bytes of one block's rows over all layers (what the disk tier keeps per block). */
+  get blockBytes(): number {
+    return this.allocator.blockSize * this.bytesPerToken;
+  }
+
+  /** Block `b`'s rows in each layer (views of the pool). */
+  #blockRows(b: number): Uint8Array[] {
+    const per = this.allocator.blockSize * this.#rowBytes;
+    return this.#pages.map((p) => p.pool.subarray(b * per, (b + 1) * per));
+  }
+
+  /**
+   * Writes every registered block the disk tier lacks to it, and waits for the writes: at
+   * a graceful stop, so that the next start finds them. Resolves how many were written.
+   */
+  async persist(): Promise<number> {
+    const disk = this.disk;
+    if (!disk) return 0;
+    let n = 0;
+    // Newest last: the disk's least recently used order keeps the pool's.
+    for (const [b, hash] of this.allocator.registered()) {
+      if (disk.has(hash)) continue;
+      await disk.room();
+      // The engine may have run meanwhile: only a block that still holds these rows.
+      if (this.allocator.blockOf(hash) !== b) continue;
+      if (disk.save(hash, this.#blockRows(b))) n++;
+    }
+    await disk.flush();
+    return n;
   }
 
   /** Positions the whole cache holds (all blocks). */

@@ -82,6 +82,26 @@ export const encodeKvRows: KvEncoder = (dtype, C, dr, rows, out, at) => {
   (nativeEncode ?? encodeKvRowsPortable)(dtype, C, dr, rows, out, at);
 };
 
+/** The native raw writer (the addon's kvWrite), when the addon is built; else null. */
+let nativeWrite: ((src: Uint8Array, out: Uint8Array, at: number) => void) | null | undefined;
+
+/**
+ * Writes rows already encoded (`src`, whole rows) into `out` from byte `at`: through the
+ * addon when it is built, so that a device mirror of the pool (ADR 0010) sees them.
+ */
+export function writeKvBytes(src: Uint8Array, out: Uint8Array, at: number): void {
+  if (nativeWrite === undefined) {
+    try {
+      const addon = loadAddon();
+      nativeWrite = (s, o, a) => addon.kvWrite(s, o, a);
+    } catch {
+      nativeWrite = null;
+    }
+  }
+  if (nativeWrite) nativeWrite(src, out, at);
+  else out.set(src, at);
+}
+
 /** encodeKvRows in TypeScript: the reference the native encoder is tested against. */
 export const encodeKvRowsPortable: KvEncoder = (dtype, C, dr, rows, out, at) => {
   const W = C + dr;

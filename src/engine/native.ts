@@ -40,6 +40,7 @@ export interface Addon {
     out: Uint8Array,
     byteOffset: number,
   ): void;
+  kvWrite(src: Uint8Array, out: Uint8Array, byteOffset: number): void;
   gate(o: Record<string, unknown>): { indices: Int32Array; weights: Float32Array };
   sample: typeof Native.sample;
   logprobs: typeof Native.logprobs;

@@ -25,6 +25,7 @@
 // its own cache rows; a decoding sequence's last row gives its next draft token (argmax).
 import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
+import type { DiskPrefixStats } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import { rankIn, type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
 import {
@@ -117,6 +118,8 @@ export interface EngineStats {
   /** Tokens of admitted sequences looked up in the prefix cache, and found (not computed). */
   prefixQueryTokens: number;
   prefixHitTokens: number;
+  /** The prefix cache's disk tier (ADR 0019), when there is one; hitTokens are of prefixHitTokens. */
+  prefixDisk: (DiskPrefixStats & { hitTokens: number }) | null;
   /** Speculative decoding: drafts run, their tokens, and those accepted. */
   specDrafts: number;
   specDraftTokens: number;
@@ -219,6 +222,14 @@ export class ServingEngine {
       );
   }
 
+  /**
+   * Writes the prefix cache's blocks to its disk tier, if it has one (at a graceful stop,
+   * when no step runs); resolves how many blocks were written.
+   */
+  persistPrefixes(): Promise<number> {
+    return this.#kv.persist();
+  }
+
   /** In which order waiting sequences are admitted and running ones preempted. */
   get schedulingPolicy(): SchedulingPolicy {
     return this.#scheduler.config.policy ?? "fcfs";
@@ -234,6 +245,12 @@ export class ServingEngine {
       numPreemptions: this.numPreemptions,
       prefixQueryTokens: this.#scheduler.prefixQueryTokens,
       prefixHitTokens: this.#scheduler.prefixHitTokens,
+      prefixDisk: this.#kv.disk
+        ? {
+            ...this.#kv.disk.stats,
+            hitTokens: this.#kv.allocator.tierHitBlocks * this.#kv.allocator.blockSize,
+          }
+        : null,
       specDrafts: this.#spec.drafts,
       specDraftTokens: this.#spec.draftTokens,
       specAcceptedTokens: this.#spec.acceptedTokens,

@@ -105,6 +105,40 @@ export class GatewayMetrics {
         this.set(stats().prefixHitTokens);
       },
     });
+    if (stats().prefixDisk) {
+      const disk = (
+        name: string,
+        help: string,
+        of: (d: NonNullable<EngineStats["prefixDisk"]>) => number,
+      ) =>
+        new Gauge({
+          name: `expertmesh_gateway_prefix_cache_disk_${name}`,
+          help,
+          registers,
+          collect() {
+            const d = stats().prefixDisk;
+            if (d) this.set(of(d));
+          },
+        });
+      disk(
+        "hits",
+        "Of prefix_cache_hits, tokens read back from the disk tier since start (--prefix-cache-disk).",
+        (d) => d.hitTokens,
+      );
+      disk("bytes", "Bytes of the disk tier's block files.", (d) => d.bytes);
+      disk("files", "Block files in the disk tier.", (d) => d.files);
+      disk("written", "Blocks written to the disk tier since start.", (d) => d.written);
+      disk(
+        "dropped",
+        "Blocks the pool forgot that were not written (64 MiB of writes already pending) since start.",
+        (d) => d.dropped,
+      );
+      disk(
+        "errors",
+        "Disk tier reads and writes that failed, and damaged files removed, since start.",
+        (d) => d.errors,
+      );
+    }
     // Speculative decoding (vLLM's spec_decode counters): acceptance rate is
     // accepted / draft tokens; tokens per drafted step 1 + accepted / drafts.
     const specCounter = (name: string, help: string, of: (s: EngineStats) => number) => {

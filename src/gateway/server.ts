@@ -5,6 +5,7 @@ import type { Backend } from "../engine/backend.ts";
 import { BatchForward } from "../engine/batch.ts";
 import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
+import { DiskPrefixStore } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import type { SchedulingPolicy } from "../engine/scheduler.ts";
@@ -51,6 +52,15 @@ export interface GatewayConfig {
   readonly speculative?: SpeculativeConfig;
   /** Reuse the KV blocks of prompt prefixes seen before (default true). */
   readonly prefixCaching?: boolean;
+  /**
+   * The prefix cache's disk tier (ADR 0019): the folder, its byte budget, and what the rows
+   * depend on besides the KV layout (the weights and how they are served; prefixCacheIdentity).
+   */
+  readonly prefixCacheDisk?: {
+    readonly dir: string;
+    readonly bytes: number;
+    readonly identity: Record<string, unknown>;
+  };
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
@@ -91,11 +101,40 @@ export function createServeContext(
   const spec = cfg.speculative;
   // MTP drafts keep the MTP layer's rows in the same blocks (one layer more per token).
   const extraLayers = spec?.method === "mtp" ? 1 : 0;
+  const diskCfg = cfg.prefixCacheDisk;
+  if (diskCfg && cfg.prefixCaching === false)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      "--prefix-cache-disk needs prefix caching (drop --no-prefix-caching)",
+    );
+  const disk =
+    diskCfg &&
+    DiskPrefixStore.open({
+      dir: diskCfg.dir,
+      maxBytes: diskCfg.bytes,
+      blockBytes: bytesPerBlock(c, blockSize, dtype, extraLayers),
+      identity: {
+        format: 1,
+        ...diskCfg.identity,
+        kvCacheDtype: dtype,
+        blockSize,
+        layers: c.numHiddenLayers + extraLayers,
+        kvLoraRank: c.kvLoraRank,
+        qkRopeHeadDim: c.qkRopeHeadDim,
+      },
+      ...(cfg.log ? { log: cfg.log } : {}),
+    });
+  if (disk)
+    cfg.log?.(
+      `prefix cache disk tier in ${disk.dir}: ${disk.stats.files} blocks kept from before, ` +
+        `${(disk.stats.bytes / 2 ** 20).toFixed(1)} of ${(disk.maxBytes / 2 ** 20).toFixed(1)} MiB`,
+    );
   const kv = new BlockKvCache(c, {
     blockSize,
     memoryBytes: cfg.kvCacheBytes,
     dtype,
     extraLayers,
+    ...(disk ? { disk } : {}),
   });
   if (kv.capacityTokens < maxModelLen)
     throw new ExpertMeshError(

@@ -3,7 +3,7 @@
 // safetensors headers only; `read` then fetches one tensor's bytes. Tensors of the
 // multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`) are skipped
 // unless the opener asks for them (MTP speculative decoding, ADR 0012).
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ExpertMeshError } from "../util/errors.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
@@ -110,6 +110,22 @@ export class Checkpoint {
    */
   async read(name: string, opts: ReadOptions = {}): Promise<Tensor> {
     return readTensor(this.tensorInfo(name), opts, this.counter);
+  }
+
+  /**
+   * What tells these weights from others without reading them: config.json and each
+   * safetensors file's name, size and modification time (the prefix cache's disk tier keys
+   * its files by it, ADR 0019).
+   */
+  identity(): { config: string; files: { name: string; size: number; mtimeMs: number }[] } {
+    const files = [...new Set([...this.infos.values()].map((i) => i.file))].sort();
+    return {
+      config: readFileSync(join(this.dir, "config.json"), "utf8"),
+      files: files.map((f) => {
+        const st = statSync(f);
+        return { name: basename(f), size: st.size, mtimeMs: st.mtimeMs };
+      }),
+    };
   }
 
   /** Bytes taken from disk since opening (headers plus the tensors read). */

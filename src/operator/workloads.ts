@@ -8,7 +8,13 @@ import type {
   V1Service,
   V1Volume,
 } from "@kubernetes/client-node";
-import { architectureOf, gatewayArgs, modelArgs, servedModelName } from "../api/manifest.ts";
+import {
+  architectureOf,
+  gatewayArgs,
+  modelArgs,
+  prefixCacheDiskArgs,
+  servedModelName,
+} from "../api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
@@ -25,6 +31,8 @@ export const PATHS = {
   plan: "/etc/expertmesh/plan.json",
   planDir: "/etc/expertmesh",
   models: "/models",
+  /** The gateway's prefix cache disk tier (spec.gateway.kvCache.diskBytes), an emptyDir. */
+  prefixCache: "/var/cache/expertmesh/prefix",
 };
 
 /** Replica counts chosen for this reconcile (the autoscaler's, or the spec's). */
@@ -126,7 +134,11 @@ function modelVolume(model: DeepSeekModel): {
 }
 
 /** Pod spec parts every role shares: scheduling, volumes, security, pull secrets. */
-function podSpec(model: DeepSeekModel, containers: V1PodSpec["containers"]): V1PodSpec {
+function podSpec(
+  model: DeepSeekModel,
+  containers: V1PodSpec["containers"],
+  extraVolumes: V1Volume[] = [],
+): V1PodSpec {
   const { scheduling, imagePullSecrets, nats } = model.spec;
   const weights = modelVolume(model);
   const volumes: V1Volume[] = [
@@ -135,6 +147,7 @@ function podSpec(model: DeepSeekModel, containers: V1PodSpec["containers"]): V1P
     ...(nats.credentialsSecret
       ? [{ name: "nats-creds", secret: { secretName: nats.credentialsSecret.name } }]
       : []),
+    ...extraVolumes,
   ];
   return {
     ...(weights.initContainers ? { initContainers: weights.initContainers } : {}),
@@ -357,13 +370,25 @@ export function desiredObjects(
       // before its port closes (then 50 s for requests in flight, within the 60 s grace).
       `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
       ...gatewayArgs(model),
+      ...prefixCacheDiskArgs(model, PATHS.prefixCache),
     ],
     gateway.gpus,
     gatewayResources(model),
   );
   const keys = gateway.apiKeySecret;
+  const diskBytes = gateway.kvCache.diskBytes;
+  // The disk tier's files, their temporary copies and fingerprint.json: the budget, and
+  // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
+  const prefixVolumes: V1Volume[] =
+    diskBytes > 0
+      ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes + 128 * 2 ** 20) } }]
+      : [];
   const gwContainer = {
     ...gw,
+    volumeMounts: [
+      ...gw.volumeMounts,
+      ...(diskBytes > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
+    ],
     // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
     env: [
       ...gw.env,
@@ -395,7 +420,7 @@ export function desiredObjects(
       "gateway",
       replicas.gateway,
       plan,
-      podSpec(model, [gwContainer]),
+      podSpec(model, [gwContainer], prefixVolumes),
     ),
   );
   objects.push(pdb(model, names.gateway(name), "gateway"));

@@ -14,6 +14,7 @@ import {
   type KvDtype,
   kvRowBytes,
   parseKvCacheDtype,
+  writeKvBytes,
 } from "../../src/engine/kv-format.ts";
 import { heldExperts } from "../../src/engine/loader.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
@@ -80,6 +81,16 @@ describe("row formats", () => {
     expect(() => addon.kvEncode("fp8", 32, 8, new Float32Array(40), new Uint8Array(50), 0)).toThrow(
       /out holds 50 bytes, the rows need 52/,
     );
+  });
+
+  it("the addon's kvWrite copies encoded rows into a pool, and refuses a range past it", () => {
+    const rng = new Prng(4);
+    const src = Uint8Array.from({ length: 40 }, () => Math.floor(rng.uniform() * 256));
+    const pool = new Uint8Array(100);
+    writeKvBytes(src, pool, 60);
+    expect(pool.subarray(60)).toEqual(src);
+    expect(pool.subarray(0, 60).every((b) => b === 0)).toBe(true);
+    expect(() => loadAddon().kvWrite(src, pool, 61)).toThrow(/EM_NATIVE_SHAPE|holds 100 bytes/);
   });
 
   it("f32 is exact, bf16 rounds to nearest even, fp8 is within half a step of e4m3", () => {

@@ -557,14 +557,19 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[9]!.message,
       ],
       [
+        "a prefix cache disk tier without prefix caching",
+        { gateway: { prefixCaching: false, kvCache: { diskBytes: 2 ** 30 } } },
+        CROSS_FIELD_RULES[10]!.message,
+      ],
+      [
         "speculative lookup min over max",
         { gateway: { speculative: { numTokens: 4, promptLookupMin: 6, promptLookupMax: 3 } } },
-        CROSS_FIELD_RULES[10]!.message,
+        CROSS_FIELD_RULES[11]!.message,
       ],
       [
         "lookup without numTokens",
         { gateway: { speculative: { method: "ngram" } } },
-        CROSS_FIELD_RULES[11]!.message,
+        CROSS_FIELD_RULES[12]!.message,
       ],
       [
         "explicit figures whose KV cache cannot hold maxModelLen",
@@ -587,7 +592,7 @@ describe.sequential("expertmesh operator", () => {
             kvCache: { bytes: 75000, dtype: "bfloat16", blockSize: 4 },
           },
         },
-        CROSS_FIELD_RULES[12]!.message,
+        CROSS_FIELD_RULES[13]!.message,
       ],
       [
         "wrong type",

@@ -16,9 +16,10 @@ export interface GatewayProcess {
   log(): string;
 }
 
+/** Distributed mode with `planPath`; without it, --local (experts in the process). */
 export async function startGatewayProcess(o: {
   modelDir: string;
-  planPath: string;
+  planPath?: string;
   namespace: string;
   modelName: string;
   args?: string[];
@@ -30,8 +31,9 @@ export async function startGatewayProcess(o: {
       mainTs,
       "gateway",
       `--model=${o.modelDir}`,
-      `--plan=${o.planPath}`,
-      `--nats=${testEnv().nats.url}`,
+      ...(o.planPath === undefined
+        ? ["--local"]
+        : [`--plan=${o.planPath}`, `--nats=${testEnv().nats.url}`]),
       `--namespace=${o.namespace}`,
       `--model-name=${o.modelName}`,
       "--served-model-name=tiny",

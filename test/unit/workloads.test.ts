@@ -141,6 +141,34 @@ describe("desiredObjects", () => {
     expect(args("  gateway: { prefixCaching: false }")).toContain("--no-prefix-caching");
   });
 
+  it("gives the gateway an emptyDir and the disk tier's flags only when kvCache.diskBytes is set", () => {
+    const gwPod = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec;
+    const plain = gwPod("");
+    expect(plain.containers[0].args.join(" ")).not.toContain("--prefix-cache-disk");
+    expect(plain.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
+    const pod = gwPod("  gateway: { kvCache: { diskBytes: 8589934592 } }");
+    expect(pod.containers[0].args).toEqual(
+      expect.arrayContaining([
+        "--prefix-cache-disk=/var/cache/expertmesh/prefix",
+        "--prefix-cache-disk-bytes=8589934592",
+      ]),
+    );
+    expect(pod.volumes).toContainEqual({
+      name: "prefix-cache",
+      emptyDir: { sizeLimit: String(8589934592 + 128 * 2 ** 20) },
+    });
+    expect(pod.containers[0].volumeMounts).toContainEqual({
+      name: "prefix-cache",
+      mountPath: "/var/cache/expertmesh/prefix",
+    });
+    // Shards have no prefix cache.
+    const shard = objects("  gateway: { kvCache: { diskBytes: 8589934592 } }").find(
+      (o) => o.metadata?.name === "m-shard-0",
+    ) as any;
+    expect(shard.spec.template.spec.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
+  });
+
   it("gives the gateway (only) EM_API_KEYS from spec.gateway.apiKeySecret, never in its args", () => {
     const pods = (extra: string) =>
       objects(extra)

@@ -82,6 +82,13 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --no-prefix-caching       compute every prompt in full (by default the KV cache blocks of
                             prompt prefixes seen before are reused: a shared system prompt is
                             computed once)
+  --prefix-cache-disk DIR   a second tier under the prefix cache: blocks the KV cache forgets are
+                            written to files in DIR (a folder per model and cache layout) and read
+                            back instead of computed when a prompt starts with them again; the
+                            blocks still cached are written at a graceful stop (SIGTERM), so a
+                            restart finds them (ADR 0019). Clear DIR if the weights change in place
+                            keeping their files' sizes and times
+  --prefix-cache-disk-bytes N   the files' budget, least recently used go first (default 4294967296)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
                             reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
                             thinking): only answers whose request sets chat_template_kwargs
@@ -159,6 +166,8 @@ export const gatewayCommand: Command = {
         "responses-store": { type: "string" },
         "block-size": { type: "string" },
         "prefix-caching": { type: "boolean" },
+        "prefix-cache-disk": { type: "string" },
+        "prefix-cache-disk-bytes": { type: "string" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
@@ -190,6 +199,11 @@ export const gatewayCommand: Command = {
         `--scheduling-policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${schedulingPolicy}`,
       );
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
+    if (
+      values["prefix-cache-disk-bytes"] !== undefined &&
+      values["prefix-cache-disk"] === undefined
+    )
+      usage("--prefix-cache-disk-bytes needs --prefix-cache-disk DIR");
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
@@ -356,6 +370,27 @@ export const gatewayCommand: Command = {
       blockSize: int(values["block-size"], "--block-size", 16),
       microBatches,
       prefixCaching: values["prefix-caching"] !== false,
+      ...(values["prefix-cache-disk"] !== undefined
+        ? {
+            prefixCacheDisk: {
+              dir: values["prefix-cache-disk"],
+              bytes: int(
+                values["prefix-cache-disk-bytes"],
+                "--prefix-cache-disk-bytes",
+                4 * 2 ** 30,
+              ),
+              // What the rows depend on besides the cache's layout.
+              identity: {
+                weights: ckpt.identity(),
+                mtp,
+                dtype,
+                cpuMatmul: values["cpu-matmul"] ?? "fp32",
+                device: selected.device,
+                backend: values.backend ?? "native",
+              },
+            },
+          }
+        : {}),
       schedulingPolicy: schedulingPolicy as SchedulingPolicy,
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
@@ -462,6 +497,12 @@ export const gatewayCommand: Command = {
       server.closeIdleConnections();
       await Promise.all([app.close(), closed, grpc?.close(50_000)]);
       await ctx.encoder.close();
+      if (values["prefix-cache-disk"] !== undefined) {
+        const n = await ctx.engine.persistPrefixes();
+        log(
+          `prefix cache: ${n} blocks written to ${values["prefix-cache-disk"]} for the next start`,
+        );
+      }
       metricsServer.close();
       try {
         await nc?.drain();

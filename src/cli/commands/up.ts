@@ -8,7 +8,13 @@ import { createServer } from "node:net";
 import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { gatewayArgs, modelArgs, readManifest, servedModelName } from "../../api/manifest.ts";
+import {
+  gatewayArgs,
+  modelArgs,
+  prefixCacheDiskArgs,
+  readManifest,
+  servedModelName,
+} from "../../api/manifest.ts";
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
@@ -361,6 +367,8 @@ export const upCommand: Command = {
           "--metrics-port=0",
           `--device=${devices.gateway}`,
           ...gatewayArgs(m),
+          // Outlives the run folder: the next `up` of this model starts with the blocks.
+          ...prefixCacheDiskArgs(m, join(cacheDir(), "prefix-cache", `${ns}-${name}`)),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,

@@ -1,0 +1,363 @@
+// The prefix cache's disk tier (ADR 0019): a block the KV pool forgets is written to a file
+// named by its prefix hash, and a sequence whose prefix continues past the pool's blocks
+// reads the next ones back instead of computing them. One folder per fingerprint of what
+// the rows depend on (model, weights, KV dtype, block size), so a file is only ever read
+// by a gateway that would have computed the same bytes.
+//
+// A file: a 48-byte header (magic "EMKV", version, payload bytes, CRC-32 of the payload,
+// the block's 32-byte hash) and the block's rows, layer after layer. Written under a
+// temporary name and renamed. Reads check everything; a file that fails is a miss, removed.
+import { createHash } from "node:crypto";
+import {
+  closeSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readSync,
+  statSync,
+  unlinkSync,
+  writeFileSync,
+} from "node:fs";
+import { rename, unlink, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { crc32 } from "node:zlib";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
+
+const MAGIC = 0x564b4d45; // "EMKV" read as a little-endian u32
+const VERSION = 1;
+export const DISK_HEADER_BYTES = 48;
+/** Rows copied out of the pool and not yet on disk, at most (more spills are dropped). */
+const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
+const FILE_RE = /^[A-Za-z0-9_-]{43}\.kv$/;
+
+export interface DiskPrefixOptions {
+  /** The folder given (--prefix-cache-disk); the files go in a folder per fingerprint under it. */
+  readonly dir: string;
+  /** Bytes the files of this fingerprint may take (headers included). */
+  readonly maxBytes: number;
+  /** Payload bytes of one block: its rows in every layer. */
+  readonly blockBytes: number;
+  /**
+   * What the rows depend on (JSON): hashed into the fingerprint and written beside the files
+   * as fingerprint.json, for people.
+   */
+  readonly identity: Record<string, unknown>;
+  /** Copied rows waiting for their write, at most (default 64 MiB; more are dropped). */
+  readonly maxPendingBytes?: number;
+  readonly log?: (message: string) => void;
+}
+
+/** Counts since start. Blocks unless named bytes. */
+export interface DiskPrefixStats {
+  files: number;
+  bytes: number;
+  /** Blocks read back (from a file or a pending write's copy). */
+  hits: number;
+  /** Blocks written. */
+  written: number;
+  /** Spills dropped: too many bytes pending, or a write of the same block still running. */
+  dropped: number;
+  /** Files that failed their checks (removed) and reads or writes that failed. */
+  errors: number;
+}
+
+interface Entry {
+  readonly fileBytes: number;
+  /** The file's bytes while its write runs (a read takes them from here). */
+  pending: Buffer | null;
+}
+
+/** The 64-bit hex fingerprint of `identity` (canonical JSON: keys sorted). */
+export function fingerprintOf(identity: Record<string, unknown>): string {
+  const canon = (v: unknown): unknown =>
+    v && typeof v === "object" && !Array.isArray(v)
+      ? Object.fromEntries(
+          Object.keys(v)
+            .sort()
+            .map((k) => [k, canon((v as Record<string, unknown>)[k])]),
+        )
+      : Array.isArray(v)
+        ? v.map(canon)
+        : v;
+  return createHash("sha256")
+    .update(JSON.stringify(canon(identity)))
+    .digest("hex")
+    .slice(0, 16);
+}
+
+/** A prefix hash (base64 of 32 bytes, kv-blocks' Sequence.blockHashes) as a file name. */
+function fileName(hash: string): string {
+  const raw = Buffer.from(hash, "base64");
+  if (raw.length !== 32)
+    throw new ExpertMeshError("EM_GATEWAY_INTERNAL", `a block hash is 32 bytes, got '${hash}'`);
+  return `${raw.toString("base64url")}.kv`;
+}
+
+export class DiskPrefixStore {
+  /** The fingerprint's folder. */
+  readonly dir: string;
+  readonly maxBytes: number;
+  readonly blockBytes: number;
+  readonly fileBytes: number;
+  readonly #maxPending: number;
+  readonly #log: (message: string) => void;
+  /** By hash, least recently used first (a use moves an entry to the end). */
+  readonly #entries = new Map<string, Entry>();
+  /** Hashes whose write is running. */
+  readonly #writing = new Map<string, Promise<void>>();
+  #bytes = 0;
+  #pending = 0;
+  #tmp = 0;
+  #loggedError = false;
+  /** One file's bytes, for reads. */
+  #scratch: Buffer | null = null;
+  readonly #stats = { hits: 0, written: 0, dropped: 0, errors: 0 };
+
+  /**
+   * Opens (makes) the fingerprint's folder under `o.dir` and indexes the files there,
+   * dropping leftovers of interrupted writes, files of another size, and the least
+   * recently written past the budget. Throws EM_PREFIX_DISK when the folder is unusable.
+   */
+  static open(o: DiskPrefixOptions): DiskPrefixStore {
+    const fp = fingerprintOf(o.identity);
+    const dir = join(o.dir, fp);
+    try {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(
+        join(dir, "fingerprint.json"),
+        `${JSON.stringify({ fingerprint: fp, ...o.identity }, null, 2)}\n`,
+      );
+    } catch (e) {
+      throw new ExpertMeshError(
+        "EM_PREFIX_DISK",
+        `--prefix-cache-disk ${o.dir}: cannot write there (${formatError(e)})`,
+      );
+    }
+    return new DiskPrefixStore(dir, o);
+  }
+
+  private constructor(dir: string, o: DiskPrefixOptions) {
+    if (!Number.isInteger(o.blockBytes) || o.blockBytes < 1)
+      throw new ExpertMeshError("EM_GATEWAY_INTERNAL", `block bytes ${o.blockBytes}`);
+    this.dir = dir;
+    this.blockBytes = o.blockBytes;
+    this.fileBytes = DISK_HEADER_BYTES + o.blockBytes;
+    if (!Number.isSafeInteger(o.maxBytes) || o.maxBytes < this.fileBytes)
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--prefix-cache-disk-bytes must hold one block of ${this.fileBytes} bytes, got ${o.maxBytes}`,
+      );
+    this.maxBytes = o.maxBytes;
+    this.#maxPending = Math.max(o.maxPendingBytes ?? DEFAULT_MAX_PENDING, this.fileBytes);
+    this.#log = o.log ?? (() => {});
+    this.#scan();
+  }
+
+  #scan(): void {
+    const found: { hash: string; mtime: number }[] = [];
+    for (const name of readdirSync(this.dir)) {
+      const path = join(this.dir, name);
+      if (name.includes(".tmp-")) {
+        this.#remove(path); // an interrupted write
+        continue;
+      }
+      if (!FILE_RE.test(name)) continue;
+      let st: ReturnType<typeof statSync>;
+      try {
+        st = statSync(path);
+      } catch {
+        continue;
+      }
+      if (st.size !== this.fileBytes) {
+        this.#remove(path);
+        continue;
+      }
+      found.push({
+        hash: Buffer.from(name.slice(0, -3), "base64url").toString("base64"),
+        mtime: st.mtimeMs,
+      });
+    }
+    found.sort((a, b) => a.mtime - b.mtime);
+    for (const f of found) {
+      this.#entries.set(f.hash, { fileBytes: this.fileBytes, pending: null });
+      this.#bytes += this.fileBytes;
+    }
+    this.#trim(0);
+  }
+
+  get stats(): DiskPrefixStats {
+    return { files: this.#entries.size, bytes: this.#bytes, ...this.#stats };
+  }
+
+  has(hash: string): boolean {
+    return this.#entries.has(hash);
+  }
+
+  /**
+   * Keeps a block's rows under `hash`: `parts` (its layers' rows, in order, blockBytes in
+   * all) are copied now and written in the background. False when dropped (too many bytes
+   * pending, or this block's previous write still running); true when kept or already there.
+   */
+  save(hash: string, parts: readonly Uint8Array[]): boolean {
+    const known = this.#entries.get(hash);
+    if (known) {
+      this.#touch(hash, known);
+      return true;
+    }
+    if (this.#pending + this.fileBytes > this.#maxPending || this.#writing.has(hash)) {
+      this.#stats.dropped++;
+      return false;
+    }
+    const name = fileName(hash);
+    const buf = Buffer.allocUnsafe(this.fileBytes);
+    let at = DISK_HEADER_BYTES;
+    for (const p of parts) {
+      buf.set(p, at);
+      at += p.length;
+    }
+    if (at !== this.fileBytes)
+      throw new ExpertMeshError(
+        "EM_GATEWAY_INTERNAL",
+        `a spilled block has ${at - DISK_HEADER_BYTES} bytes, not ${this.blockBytes}`,
+      );
+    const payload = buf.subarray(DISK_HEADER_BYTES);
+    buf.writeUInt32LE(MAGIC, 0);
+    buf.writeUInt32LE(VERSION, 4);
+    buf.writeUInt32LE(this.blockBytes, 8);
+    buf.writeUInt32LE(crc32(payload), 12);
+    Buffer.from(hash, "base64").copy(buf, 16);
+    this.#trim(this.fileBytes);
+    const entry: Entry = { fileBytes: this.fileBytes, pending: buf };
+    this.#entries.set(hash, entry);
+    this.#bytes += this.fileBytes;
+    this.#pending += this.fileBytes;
+    const path = join(this.dir, name);
+    const tmp = `${path}.tmp-${process.pid}-${this.#tmp++}`;
+    const write = (async () => {
+      try {
+        await writeFile(tmp, buf);
+        await rename(tmp, path);
+        this.#stats.written++;
+        // Evicted while it was written: nothing keeps it.
+        if (this.#entries.get(hash) !== entry) await unlink(path).catch(() => {});
+      } catch (e) {
+        this.#error(`writing ${path}`, e);
+        await unlink(tmp).catch(() => {});
+        if (this.#entries.get(hash) === entry) this.#drop(hash, entry);
+      } finally {
+        entry.pending = null;
+        this.#pending -= this.fileBytes;
+        this.#writing.delete(hash);
+      }
+    })();
+    this.#writing.set(hash, write);
+    return true;
+  }
+
+  /**
+   * Hands the rows kept under `hash` (blockBytes, layer after layer; valid during the call)
+   * to `sink`. False when there are none, or their file fails its checks (then removed).
+   */
+  load(hash: string, sink: (payload: Uint8Array) => void): boolean {
+    const entry = this.#entries.get(hash);
+    if (!entry) return false;
+    this.#touch(hash, entry);
+    if (entry.pending) {
+      sink(entry.pending.subarray(DISK_HEADER_BYTES));
+      this.#stats.hits++;
+      return true;
+    }
+    const path = join(this.dir, fileName(hash));
+    this.#scratch ??= Buffer.allocUnsafe(this.fileBytes);
+    const buf = this.#scratch;
+    let got = 0;
+    try {
+      const fd = openSync(path, "r");
+      try {
+        while (got < this.fileBytes) {
+          const n = readSync(fd, buf, got, this.fileBytes - got, got);
+          if (n === 0) break;
+          got += n;
+        }
+      } finally {
+        closeSync(fd);
+      }
+    } catch (e) {
+      this.#error(`reading ${path}`, e);
+      this.#drop(hash, entry);
+      return false;
+    }
+    const payload = buf.subarray(DISK_HEADER_BYTES);
+    const bad =
+      got !== this.fileBytes
+        ? `${got} bytes, not ${this.fileBytes}`
+        : buf.readUInt32LE(0) !== MAGIC || buf.readUInt32LE(4) !== VERSION
+          ? "not a version 1 block file"
+          : buf.readUInt32LE(8) !== this.blockBytes
+            ? "another block size"
+            : !buf.subarray(16, 48).equals(Buffer.from(hash, "base64"))
+              ? "another block's hash"
+              : buf.readUInt32LE(12) !== crc32(payload)
+                ? "CRC-32 mismatch"
+                : null;
+    if (bad !== null) {
+      this.#error(`${path} is damaged (${bad}); removed`, null);
+      this.#drop(hash, entry);
+      this.#remove(path);
+      return false;
+    }
+    sink(payload);
+    this.#stats.hits++;
+    return true;
+  }
+
+  /** Waits until one more block's write fits under the pending limit (flushes of many blocks). */
+  async room(): Promise<void> {
+    while (this.#pending + this.fileBytes > this.#maxPending && this.#writing.size > 0)
+      await Promise.race(this.#writing.values());
+  }
+
+  /** Resolves once every write started so far has ended. */
+  async flush(): Promise<void> {
+    while (this.#writing.size > 0) await Promise.all(this.#writing.values());
+  }
+
+  #touch(hash: string, entry: Entry): void {
+    this.#entries.delete(hash);
+    this.#entries.set(hash, entry);
+  }
+
+  /** Evicts the least recently used files until `more` bytes fit in the budget. */
+  #trim(more: number): void {
+    for (const [hash, entry] of this.#entries) {
+      if (this.#bytes + more <= this.maxBytes) break;
+      this.#drop(hash, entry);
+      // A pending write removes its own file when it ends (it is no longer the entry).
+      if (!entry.pending) void unlink(join(this.dir, fileName(hash))).catch(() => {});
+    }
+  }
+
+  #drop(hash: string, entry: Entry): void {
+    if (this.#entries.get(hash) !== entry) return;
+    this.#entries.delete(hash);
+    this.#bytes -= entry.fileBytes;
+  }
+
+  #remove(path: string): void {
+    try {
+      unlinkSync(path);
+    } catch {
+      // gone already
+    }
+  }
+
+  #error(what: string, e: unknown): void {
+    this.#stats.errors++;
+    // Once in the log: a full or read-only disk would otherwise log every block.
+    if (this.#loggedError) return;
+    this.#loggedError = true;
+    this.#log(
+      `prefix cache disk: ${what}${e ? ` (${formatError(e)})` : ""}; further errors are counted in /metrics only`,
+    );
+  }
+}

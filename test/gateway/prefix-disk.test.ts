@@ -1,0 +1,134 @@
+// The prefix cache's disk tier (--prefix-cache-disk, ADR 0019) through the official `openai`
+// client: blocks a tight KV cache forgets come back from disk as cached tokens with the same
+// text as computing them; a gateway process writes its cached blocks at SIGTERM and the next
+// one starts with them.
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type OpenAI from "openai";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
+import { readModelConfig } from "../../src/model/config.ts";
+import { startGatewayProcess } from "../support/gateway-process.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { metric, startGateway } from "./helpers.ts";
+
+let dir: string;
+let disk: string;
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  disk = mkdtempSync(join(tmpdir(), "em-prefix-disk-"));
+});
+afterAll(() => rmSync(disk, { recursive: true, force: true }));
+
+const B = 4;
+/** 24 blocks of 4 tokens: two ~35-token prompts with their answers push out a third's blocks. */
+const tight = () => ({
+  maxModelLen: 64,
+  blockSize: B,
+  kvCacheBytes: 24 * bytesPerBlock(readModelConfig(dir), B),
+  maxBatchTokens: 64,
+});
+const PROMPTS = [
+  "In a quiet village by the sea, an old sailor said",
+  "The committee met on Tuesday to discuss the budget",
+  "Once upon a time there was a small red fox who",
+];
+const complete = (client: OpenAI, prompt: string) =>
+  client.completions.create({
+    model: "tiny",
+    prompt,
+    max_tokens: 8,
+    temperature: 0,
+    ignore_eos: true,
+  } as OpenAI.CompletionCreateParamsNonStreaming);
+/** Whole blocks before the prompt's last token: what a full prefix hit gives. */
+const wholeBlocks = (promptTokens: number) => Math.floor((promptTokens - 1) / B) * B;
+
+describe("prefix cache disk tier", () => {
+  it("a prefix the KV cache forgot comes back from disk: cached tokens, the same text", async () => {
+    const folder = join(disk, "in-process");
+    const [cached, plain] = await Promise.all([
+      startGateway(dir, {
+        ...tight(),
+        prefixCacheDisk: { dir: folder, bytes: 2 ** 20, identity: {} },
+      }),
+      startGateway(dir, { ...tight(), prefixCaching: false }),
+    ]);
+    try {
+      const want = await Promise.all(PROMPTS.map((p) => complete(plain.client, p)));
+      const first = [];
+      for (const p of PROMPTS) first.push(await complete(cached.client, p));
+      // The first prompt's blocks were taken for the next two's: they went to disk.
+      expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(0);
+      const again = await complete(cached.client, PROMPTS[0]!);
+      const P = again.usage!.prompt_tokens;
+      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      const fromDisk = await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits");
+      expect(fromDisk).toBeGreaterThan(0);
+      expect(fromDisk).toBeLessThanOrEqual(wholeBlocks(P));
+      expect(first.map((r) => r.choices[0]!.text)).toEqual(want.map((r) => r.choices[0]!.text));
+      expect(again.choices[0]!.text).toBe(want[0]!.choices[0]!.text);
+      // Round after round, every text stays that of computing everything.
+      for (let round = 0; round < 2; round++)
+        for (const [i, p] of PROMPTS.entries())
+          expect((await complete(cached.client, p)).choices[0]!.text).toBe(
+            want[i]!.choices[0]!.text,
+          );
+      expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
+    } finally {
+      await Promise.all([cached.close(), plain.close()]);
+    }
+  });
+
+  it("is refused without prefix caching", async () => {
+    await expect(
+      startGateway(dir, {
+        prefixCaching: false,
+        prefixCacheDisk: { dir: join(disk, "refused"), bytes: 2 ** 20, identity: {} },
+      }),
+    ).rejects.toMatchObject({ code: "EM_CLI_USAGE" });
+  });
+
+  it("a gateway process writes its cached blocks at SIGTERM; the next one starts with them", async () => {
+    const folder = join(disk, "process");
+    const t = tight();
+    const args = [
+      `--prefix-cache-disk=${folder}`,
+      "--prefix-cache-disk-bytes=1048576",
+      `--block-size=${t.blockSize}`,
+      `--max-model-len=${t.maxModelLen}`,
+      `--kv-cache-bytes=${t.kvCacheBytes}`,
+    ];
+    // Two names: each process has its own log file.
+    const start = (modelName: string) =>
+      startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args });
+    const one = await start("disk-1");
+    let first: OpenAI.Completion;
+    try {
+      expect(one.log()).toContain("0 blocks kept from before");
+      first = await complete(one.client, PROMPTS[1]!);
+      expect(first.usage!.prompt_tokens_details?.cached_tokens).toBe(0);
+    } finally {
+      await one.process.stop();
+    }
+    expect(one.log()).toMatch(/prefix cache: [1-9]\d* blocks written to /);
+    const [fp] = readdirSync(folder);
+    expect(readdirSync(join(folder, fp!)).filter((f) => f.endsWith(".kv")).length).toBeGreaterThan(
+      0,
+    );
+    const two = await start("disk-2");
+    try {
+      expect(two.log()).toMatch(/prefix cache disk tier in .*: [1-9]\d* blocks kept from before/);
+      const again = await complete(two.client, PROMPTS[1]!);
+      const P = again.usage!.prompt_tokens;
+      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      expect(await metric(two.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(
+        wholeBlocks(P),
+      );
+      expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
+    } finally {
+      await two.process.stop();
+    }
+  });
+});

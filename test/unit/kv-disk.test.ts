@@ -1,0 +1,287 @@
+// The prefix cache's disk tier (ADR 0019): DiskPrefixStore on a real folder (round trips,
+// the byte budget, restarts, damaged files, failed writes) and the allocator's use of a
+// second tier (eviction hands blocks down, a prefix continues with the tier's blocks).
+import { createHash } from "node:crypto";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { BlockAllocator, type PrefixTier } from "../../src/engine/kv-blocks.ts";
+import { DISK_HEADER_BYTES, DiskPrefixStore, fingerprintOf } from "../../src/engine/kv-disk.ts";
+
+const hashOf = (s: string) => createHash("sha256").update(s).digest("base64");
+const fileOf = (h: string) => `${Buffer.from(h, "base64").toString("base64url")}.kv`;
+/** A block of `per` bytes in each of `layers` layers, filled from `seed`. */
+const rows = (seed: number, layers = 2, per = 24) =>
+  Array.from({ length: layers }, (_, l) =>
+    Uint8Array.from({ length: per }, (_, i) => (seed * 31 + l * 7 + i) & 0xff),
+  );
+const joined = (parts: Uint8Array[]) => Buffer.concat(parts);
+
+const dirs: string[] = [];
+function tempDir(): string {
+  const d = mkdtempSync(join(tmpdir(), "em-kv-disk-"));
+  dirs.push(d);
+  return d;
+}
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+const BLOCK = 48; // 2 layers x 24 bytes
+const FILE = DISK_HEADER_BYTES + BLOCK;
+const open = (
+  dir: string,
+  files: number,
+  more: Partial<{ identity: object; pending: number }> = {},
+) =>
+  DiskPrefixStore.open({
+    dir,
+    maxBytes: files * FILE,
+    blockBytes: BLOCK,
+    identity: { model: "tiny", ...more.identity },
+    ...(more.pending !== undefined ? { maxPendingBytes: more.pending } : {}),
+  });
+const loaded = (s: DiskPrefixStore, h: string): Buffer | null => {
+  let got: Buffer | null = null;
+  return s.load(h, (p) => {
+    got = Buffer.from(p);
+  })
+    ? got
+    : null;
+};
+
+describe("DiskPrefixStore", () => {
+  it("gives back the bytes it kept: from the pending copy, then from the file", async () => {
+    const s = open(tempDir(), 4);
+    const h = hashOf("a");
+    expect(s.has(h)).toBe(false);
+    expect(loaded(s, h)).toBeNull();
+    expect(s.save(h, rows(1))).toBe(true);
+    expect(loaded(s, h)).toEqual(joined(rows(1)));
+    await s.flush();
+    expect(readdirSync(s.dir).sort()).toEqual([fileOf(h), "fingerprint.json"].sort());
+    expect(loaded(s, h)).toEqual(joined(rows(1)));
+    // Saving again keeps the first bytes (a hash stands for one content).
+    expect(s.save(h, rows(2))).toBe(true);
+    await s.flush();
+    expect(loaded(s, h)).toEqual(joined(rows(1)));
+    expect(s.stats).toMatchObject({ files: 1, bytes: FILE, hits: 3, written: 1, errors: 0 });
+  });
+
+  it("keeps to its budget, least recently used first", async () => {
+    const s = open(tempDir(), 3);
+    const [a, b, c, d] = ["a", "b", "c", "d"].map(hashOf) as [string, string, string, string];
+    s.save(a, rows(1));
+    s.save(b, rows(2));
+    s.save(c, rows(3));
+    await s.flush();
+    expect(loaded(s, a)).not.toBeNull(); // a is now the most recent: b goes first
+    s.save(d, rows(4));
+    await s.flush();
+    expect([a, b, c, d].map((h) => s.has(h))).toEqual([true, false, true, true]);
+    expect(existsSync(join(s.dir, fileOf(b)))).toBe(false);
+    expect(s.stats).toMatchObject({ files: 3, bytes: 3 * FILE });
+  });
+
+  it("finds its files after a restart, and another fingerprint does not", async () => {
+    const dir = tempDir();
+    const s = open(dir, 4);
+    const hs = ["x", "y", "z"].map(hashOf);
+    for (const [i, h] of hs.entries()) s.save(h, rows(i));
+    await s.flush();
+    const again = open(dir, 4);
+    expect(again.dir).toBe(s.dir);
+    expect(hs.map((h, i) => loaded(again, h)?.equals(joined(rows(i))))).toEqual([true, true, true]);
+    const other = open(dir, 4, { identity: { model: "other" } });
+    expect(other.dir).not.toBe(s.dir);
+    expect(hs.some((h) => other.has(h))).toBe(false);
+    // A smaller budget at the next start drops the oldest files.
+    const small = open(dir, 2);
+    expect(hs.map((h) => small.has(h)).filter(Boolean)).toHaveLength(2);
+    await small.flush();
+    expect(JSON.parse(readFileSync(join(s.dir, "fingerprint.json"), "utf8"))).toMatchObject({
+      fingerprint: fingerprintOf({ model: "tiny" }),
+      model: "tiny",
+    });
+  });
+
+  it("the fingerprint ignores key order and sees every value", () => {
+    expect(fingerprintOf({ a: 1, b: { c: [1, 2], d: "x" } })).toBe(
+      fingerprintOf({ b: { d: "x", c: [1, 2] }, a: 1 }),
+    );
+    expect(fingerprintOf({ a: 1, b: { c: [1, 2] } })).not.toBe(
+      fingerprintOf({ a: 1, b: { c: [2, 1] } }),
+    );
+    expect(fingerprintOf({ a: 1 })).toMatch(/^[0-9a-f]{16}$/);
+  });
+
+  // biome-ignore format: a table
+  it.each([
+    ["a payload byte flipped", (f: Buffer) => { f[FILE - 1]! ^= 1; }],
+    ["a header byte flipped", (f: Buffer) => { f[0]! ^= 1; }],
+    ["another block's hash", (f: Buffer) => { f[20]! ^= 1; }],
+    ["another version", (f: Buffer) => { f.writeUInt32LE(2, 4); }],
+    ["another block size", (f: Buffer) => { f.writeUInt32LE(BLOCK - 1, 8); }],
+  ])("a damaged file (%s) is a miss, counted and removed", async (_what, damage) => {
+    const s = open(tempDir(), 4);
+    const h = hashOf("d");
+    s.save(h, rows(5));
+    await s.flush();
+    const path = join(s.dir, fileOf(h));
+    const bytes = readFileSync(path);
+    damage(bytes);
+    writeFileSync(path, bytes);
+    expect(loaded(s, h)).toBeNull();
+    expect(s.has(h)).toBe(false);
+    expect(existsSync(path)).toBe(false);
+    expect(s.stats).toMatchObject({ files: 0, bytes: 0, errors: 1 });
+  });
+
+  it("at start drops leftovers of interrupted writes and files of another size", async () => {
+    const dir = tempDir();
+    const s = open(dir, 4);
+    const good = hashOf("good");
+    s.save(good, rows(1));
+    await s.flush();
+    const short = fileOf(hashOf("short"));
+    writeFileSync(join(s.dir, short), Buffer.alloc(FILE - 1));
+    writeFileSync(join(s.dir, `${fileOf(hashOf("t"))}.tmp-1-0`), Buffer.alloc(FILE));
+    writeFileSync(join(s.dir, "notes.txt"), "kept");
+    const again = open(dir, 4);
+    expect(again.stats.files).toBe(1);
+    expect(readdirSync(s.dir).sort()).toEqual(
+      [fileOf(good), "fingerprint.json", "notes.txt"].sort(),
+    );
+  });
+
+  it("a file gone from under it is a miss; a failed write is counted and forgotten", async () => {
+    const s = open(tempDir(), 4);
+    const h = hashOf("gone");
+    s.save(h, rows(1));
+    await s.flush();
+    rmSync(join(s.dir, fileOf(h)));
+    expect(loaded(s, h)).toBeNull();
+    expect(s.has(h)).toBe(false);
+    // The folder itself gone: the write fails; the block is not kept.
+    rmSync(s.dir, { recursive: true });
+    const h2 = hashOf("nowhere");
+    expect(s.save(h2, rows(2))).toBe(true);
+    await s.flush();
+    expect(s.has(h2)).toBe(false);
+    expect(s.stats).toMatchObject({ files: 0, bytes: 0, errors: 2, written: 1 });
+  });
+
+  it("drops spills past the pending limit until the writes end", async () => {
+    const s = open(tempDir(), 8, { pending: FILE });
+    expect(s.save(hashOf("1"), rows(1))).toBe(true);
+    expect(s.save(hashOf("2"), rows(2))).toBe(false);
+    expect(s.stats.dropped).toBe(1);
+    await s.room();
+    expect(s.save(hashOf("2"), rows(2))).toBe(true);
+    await s.flush();
+    expect(s.stats).toMatchObject({ files: 2, written: 2, dropped: 1 });
+  });
+
+  it("refuses a budget under one block and a folder it cannot make", () => {
+    const dir = tempDir();
+    expect(() =>
+      DiskPrefixStore.open({ dir, maxBytes: FILE - 1, blockBytes: BLOCK, identity: {} }),
+    ).toThrow(expect.objectContaining({ code: "EM_CLI_USAGE" }));
+    writeFileSync(join(dir, "file"), "");
+    expect(() =>
+      DiskPrefixStore.open({
+        dir: join(dir, "file"),
+        maxBytes: FILE,
+        blockBytes: BLOCK,
+        identity: {},
+      }),
+    ).toThrow(expect.objectContaining({ code: "EM_PREFIX_DISK" }));
+  });
+
+  it("refuses a block of the wrong size (a bug, not a user's error)", () => {
+    const s = open(tempDir(), 4);
+    expect(() => s.save(hashOf("w"), rows(1, 2, 23))).toThrow(
+      expect.objectContaining({ code: "EM_GATEWAY_INTERNAL" }),
+    );
+  });
+});
+
+/** A second tier in a Map: what the allocator asks of one, and when. */
+class MapTier implements PrefixTier {
+  readonly kept = new Map<string, number>();
+  readonly log: string[] = [];
+  /** Hashes whose load fails. */
+  readonly broken = new Set<string>();
+  evicting(block: number, hash: string): void {
+    this.log.push(`evict ${hash}@${block}`);
+    this.kept.set(hash, block);
+  }
+  has(hash: string): boolean {
+    return this.kept.has(hash);
+  }
+  load(hash: string, block: number): boolean {
+    this.log.push(`load ${hash}@${block}`);
+    return !this.broken.has(hash);
+  }
+}
+
+describe("BlockAllocator with a second tier", () => {
+  /** 4 blocks of 2; sequence 1 computes and registers h0..h3, then ends (all cached). */
+  function filled() {
+    const a = new BlockAllocator(4, 2);
+    const tier = new MapTier();
+    a.tier = tier;
+    a.reserve(1, 8);
+    for (const [i, h] of ["h0", "h1", "h2", "h3"].entries()) a.register(1, i, h);
+    a.free(1);
+    return { a, tier };
+  }
+
+  it("hands a registered block to the tier when its block is taken", () => {
+    const { a, tier } = filled();
+    // free() cached the last block first: h3 and h2 are the least recently freed.
+    expect(a.reserve(2, 4)).toBe(true);
+    expect(tier.log).toEqual(["evict h3@3", "evict h2@2"]);
+    expect(a.blockOf("h3")).toBeUndefined();
+    expect(a.blockOf("h0")).toBe(0);
+  });
+
+  it("continues a prefix with the tier's blocks, keeping one block free", () => {
+    const { a, tier } = filled();
+    a.reserve(2, 6); // takes h3, h2, h1's blocks: only h0 stays in the pool
+    a.free(2);
+    tier.log.length = 0;
+    // h0 from the pool, then h1, h2 from the tier while two blocks can be had: h3 would
+    // leave none for the positions to compute.
+    expect(a.attachPrefix(3, ["h0", "h1", "h2", "h3"])).toBe(3);
+    expect(a.tierHitBlocks).toBe(2);
+    expect(tier.log.filter((l) => l.startsWith("load"))).toHaveLength(2);
+    expect(a.numFreeBlocks).toBe(1);
+    // The loaded blocks are registered as if computed: another sequence shares them.
+    expect(a.attachPrefix(4, ["h0", "h1", "h2"])).toBe(3);
+    expect(a.table(4)).toEqual(a.table(3));
+  });
+
+  it("stops at a block the tier cannot give back, the block staying free", () => {
+    const { a, tier } = filled();
+    a.reserve(2, 8);
+    a.free(2); // everything evicted to the tier
+    tier.broken.add("h1");
+    const free = a.numFreeBlocks;
+    expect(a.attachPrefix(3, ["h0", "h1", "h2"])).toBe(1);
+    expect(a.numFreeBlocks).toBe(free - 1);
+    expect(a.blockOf("h1")).toBeUndefined();
+  });
+
+  it("without a tier, a forgotten prefix is gone", () => {
+    const a = new BlockAllocator(2, 2);
+    a.reserve(1, 4);
+    a.register(1, 0, "h0");
+    a.free(1);
+    a.reserve(2, 4);
+    a.free(2);
+    expect(a.attachPrefix(3, ["h0"])).toBe(0);
+    expect(a.tierHitBlocks).toBe(0);
+  });
+});
