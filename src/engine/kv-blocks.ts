@@ -26,8 +26,11 @@ export interface PrefixTier {
   evicting(block: number, hash: string): void;
   /** Whether rows are kept under `hash`. */
   has(hash: string): boolean;
-  /** Writes the rows kept under `hash` into `block`; false when they could not be had. */
-  load(hash: string, block: number): boolean;
+  /**
+   * Reads the rows kept under `hash`: a function that writes them into a block (false if
+   * that failed; valid until the next fetch), or null when they could not be had.
+   */
+  fetch(hash: string): ((block: number) => boolean) | null;
 }
 
 /** Free list and block tables; knows nothing about the rows stored in the blocks. */
@@ -46,8 +49,8 @@ export class BlockAllocator {
   readonly #cached = new Set<number>();
   /** The second tier under the registered blocks (none: forgotten ones are gone). */
   tier: PrefixTier | null = null;
-  /** Blocks attachPrefix took from the tier since start. */
-  tierHitBlocks = 0;
+  /** Of the blocks the last attachPrefix gave, those read back from the tier. */
+  lastLoaded = 0;
 
   constructor(numBlocks: number, blockSize: number) {
     if (
@@ -124,10 +127,17 @@ export class BlockAllocator {
   /**
    * Gives `seq` (holding no blocks yet) the registered blocks of the longest run of
    * `hashes` (its blocks' prefix hashes, in order); resolves how many it got. A block not
-   * in the pool but in the tier is read back into a free block (registered again), while
-   * one more block stays free for the positions the sequence computes.
+   * in the pool but in the tier is read back into a free block (registered again) while
+   * `keepFree(n)` blocks stay free besides, with n blocks attached: the blocks the
+   * sequence's first chunk then needs, so that reading never keeps it from being
+   * admitted. lastLoaded says how many were read.
    */
-  attachPrefix(seq: number, hashes: readonly string[]): number {
+  attachPrefix(
+    seq: number,
+    hashes: readonly string[],
+    keepFree: (attached: number) => number = () => 1,
+  ): number {
+    this.lastLoaded = 0;
     if (this.#tables.has(seq)) return 0;
     const table: number[] = [];
     for (const h of hashes) {
@@ -136,16 +146,19 @@ export class BlockAllocator {
         this.#cached.delete(b);
         this.#refs[b]!++;
       } else {
-        if (!this.tier?.has(h) || this.numFreeBlocks < 2) break;
+        if (!this.tier?.has(h) || this.numFreeBlocks - 1 < keepFree(table.length + 1)) break;
+        // Read first: a miss costs no block of the pool.
+        const put = this.tier.fetch(h);
+        if (!put) break;
         b = this.#take();
-        if (!this.tier.load(h, b)) {
+        if (!put(b)) {
           this.#free.push(b);
           break;
         }
         this.#refs[b] = 1;
         this.#byHash.set(h, b);
         this.#hashOf.set(b, h);
-        this.tierHitBlocks++;
+        this.lastLoaded++;
       }
       table.push(b);
     }
@@ -153,9 +166,13 @@ export class BlockAllocator {
     return table.length;
   }
 
-  /** The registered blocks (held or cached) and their hashes, in registration order. */
+  /**
+   * The registered blocks and their hashes, least recently used first: the cached ones in
+   * the order they were freed, then those sequences hold.
+   */
   registered(): [block: number, hash: string][] {
-    return [...this.#hashOf];
+    const held = [...this.#hashOf].filter(([b]) => !this.#cached.has(b));
+    return [...[...this.#cached].map((b): [number, string] => [b, this.#hashOf.get(b)!]), ...held];
   }
 
   /** The block registered under `hash`, if any. */
@@ -263,16 +280,25 @@ export class BlockKvCache {
           `the disk tier holds blocks of ${this.disk.blockBytes} bytes, this cache's are ${this.blockBytes}`,
         );
       const disk = this.disk;
+      const per = blockSize * this.#rowBytes;
       this.allocator.tier = {
         evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
         has: (hash) => disk.has(hash),
-        load: (hash, b) =>
-          disk.load(hash, (payload) => {
-            const per = blockSize * this.#rowBytes;
-            this.#pages.forEach((p, l) => {
-              writeKvBytes(payload.subarray(l * per, (l + 1) * per), p.pool, b * per);
-            });
-          }),
+        fetch: (hash) => {
+          const payload = disk.read(hash);
+          if (!payload) return null;
+          return (b) => {
+            try {
+              this.#pages.forEach((p, l) => {
+                writeKvBytes(payload.subarray(l * per, (l + 1) * per), p.pool, b * per);
+              });
+              return true;
+            } catch (e) {
+              disk.noteError("writing a block read back into the KV cache", e);
+              return false;
+            }
+          };
+        },
       };
     }
   }
@@ -295,17 +321,19 @@ export class BlockKvCache {
   async persist(): Promise<number> {
     const disk = this.disk;
     if (!disk) return 0;
-    let n = 0;
-    // Newest last: the disk's least recently used order keeps the pool's.
-    for (const [b, hash] of this.allocator.registered()) {
+    const written = disk.stats.written;
+    // The most recently used that fit in the budget, oldest first: the disk's least
+    // recently used order (file times, after a restart) keeps the pool's.
+    const fit = Math.floor(disk.maxBytes / disk.fileBytes);
+    for (const [b, hash] of this.allocator.registered().slice(-fit)) {
       if (disk.has(hash)) continue;
       await disk.room();
       // The engine may have run meanwhile: only a block that still holds these rows.
       if (this.allocator.blockOf(hash) !== b) continue;
-      if (disk.save(hash, this.#blockRows(b))) n++;
+      disk.save(hash, this.#blockRows(b));
     }
     await disk.flush();
-    return n;
+    return disk.stats.written - written;
   }
 
   /** Positions the whole cache holds (all blocks). */

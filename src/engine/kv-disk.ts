@@ -16,9 +16,10 @@ import {
   readSync,
   statSync,
   unlinkSync,
+  utimesSync,
   writeFileSync,
 } from "node:fs";
-import { rename, unlink, writeFile } from "node:fs/promises";
+import { mkdir, rename, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
@@ -85,6 +86,16 @@ export function fingerprintOf(identity: Record<string, unknown>): string {
     .slice(0, 16);
 }
 
+/** Whether process `pid` runs (ours included). */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 /** A prefix hash (base64 of 32 bytes, kv-blocks' Sequence.blockHashes) as a file name. */
 function fileName(hash: string): string {
   const raw = Buffer.from(hash, "base64");
@@ -105,6 +116,8 @@ export class DiskPrefixStore {
   readonly #entries = new Map<string, Entry>();
   /** Hashes whose write is running. */
   readonly #writing = new Map<string, Promise<void>>();
+  /** Hashes whose file is being removed (a new write of one waits for it). */
+  readonly #unlinking = new Map<string, Promise<void>>();
   #bytes = 0;
   #pending = 0;
   #tmp = 0;
@@ -157,8 +170,11 @@ export class DiskPrefixStore {
     const found: { hash: string; mtime: number }[] = [];
     for (const name of readdirSync(this.dir)) {
       const path = join(this.dir, name);
-      if (name.includes(".tmp-")) {
-        this.#remove(path); // an interrupted write
+      const tmp = /\.tmp-(\d+)-\d+$/.exec(name);
+      if (tmp) {
+        // An interrupted write, unless its process is still writing (another gateway on
+        // the same folder).
+        if (!alive(Number(tmp[1]))) this.#remove(path);
         continue;
       }
       if (!FILE_RE.test(name)) continue;
@@ -172,10 +188,13 @@ export class DiskPrefixStore {
         this.#remove(path);
         continue;
       }
-      found.push({
-        hash: Buffer.from(name.slice(0, -3), "base64url").toString("base64"),
-        mtime: st.mtimeMs,
-      });
+      const hash = Buffer.from(name.slice(0, -3), "base64url").toString("base64");
+      // base64url's spare bits: only the name this store would write stands for the hash.
+      if (fileName(hash) !== name) {
+        this.#remove(path);
+        continue;
+      }
+      found.push({ hash, mtime: st.mtimeMs });
     }
     found.sort((a, b) => a.mtime - b.mtime);
     for (const f of found) {
@@ -235,11 +254,20 @@ export class DiskPrefixStore {
     const tmp = `${path}.tmp-${process.pid}-${this.#tmp++}`;
     const write = (async () => {
       try {
-        await writeFile(tmp, buf);
+        // An earlier file of this hash still being removed: after that, not over this one.
+        await this.#unlinking.get(hash);
+        try {
+          await writeFile(tmp, buf);
+        } catch (e) {
+          // The folder removed from under us: made again, once.
+          if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+          await mkdir(this.dir, { recursive: true });
+          await writeFile(tmp, buf);
+        }
         await rename(tmp, path);
         this.#stats.written++;
         // Evicted while it was written: nothing keeps it.
-        if (this.#entries.get(hash) !== entry) await unlink(path).catch(() => {});
+        if (this.#entries.get(hash) !== entry) await this.#unlink(hash);
       } catch (e) {
         this.#error(`writing ${path}`, e);
         await unlink(tmp).catch(() => {});
@@ -255,17 +283,16 @@ export class DiskPrefixStore {
   }
 
   /**
-   * Hands the rows kept under `hash` (blockBytes, layer after layer; valid during the call)
-   * to `sink`. False when there are none, or their file fails its checks (then removed).
+   * The rows kept under `hash` (blockBytes, layer after layer; valid until the next read),
+   * or null when there are none, or their file fails its checks (then removed).
    */
-  load(hash: string, sink: (payload: Uint8Array) => void): boolean {
+  read(hash: string): Uint8Array | null {
     const entry = this.#entries.get(hash);
-    if (!entry) return false;
+    if (!entry) return null;
     this.#touch(hash, entry);
     if (entry.pending) {
-      sink(entry.pending.subarray(DISK_HEADER_BYTES));
       this.#stats.hits++;
-      return true;
+      return entry.pending.subarray(DISK_HEADER_BYTES);
     }
     const path = join(this.dir, fileName(hash));
     this.#scratch ??= Buffer.allocUnsafe(this.fileBytes);
@@ -285,7 +312,8 @@ export class DiskPrefixStore {
     } catch (e) {
       this.#error(`reading ${path}`, e);
       this.#drop(hash, entry);
-      return false;
+      this.#remove(path); // unreadable: not left outside the budget's count
+      return null;
     }
     const payload = buf.subarray(DISK_HEADER_BYTES);
     const bad =
@@ -304,11 +332,22 @@ export class DiskPrefixStore {
       this.#error(`${path} is damaged (${bad}); removed`, null);
       this.#drop(hash, entry);
       this.#remove(path);
-      return false;
+      return null;
     }
-    sink(payload);
+    // Its time says when it was last used: the order of eviction after a restart.
+    try {
+      const now = new Date();
+      utimesSync(path, now, now);
+    } catch {
+      // only an order
+    }
     this.#stats.hits++;
-    return true;
+    return payload;
+  }
+
+  /** Counts (and logs, the first time) an error of the tier's user. */
+  noteError(what: string, e: unknown): void {
+    this.#error(what, e);
   }
 
   /** Waits until one more block's write fits under the pending limit (flushes of many blocks). */
@@ -317,9 +356,10 @@ export class DiskPrefixStore {
       await Promise.race(this.#writing.values());
   }
 
-  /** Resolves once every write started so far has ended. */
+  /** Resolves once every write and removal started so far has ended. */
   async flush(): Promise<void> {
-    while (this.#writing.size > 0) await Promise.all(this.#writing.values());
+    while (this.#writing.size > 0 || this.#unlinking.size > 0)
+      await Promise.all([...this.#writing.values(), ...this.#unlinking.values()]);
   }
 
   #touch(hash: string, entry: Entry): void {
@@ -333,8 +373,21 @@ export class DiskPrefixStore {
       if (this.#bytes + more <= this.maxBytes) break;
       this.#drop(hash, entry);
       // A pending write removes its own file when it ends (it is no longer the entry).
-      if (!entry.pending) void unlink(join(this.dir, fileName(hash))).catch(() => {});
+      if (!entry.pending) void this.#unlink(hash);
     }
+  }
+
+  /** Removes `hash`'s file in the background; a new write of it waits for that. */
+  #unlink(hash: string): Promise<void> {
+    const before = this.#unlinking.get(hash);
+    const done: Promise<void> = (async () => {
+      await before;
+      await unlink(join(this.dir, fileName(hash))).catch(() => {});
+    })().finally(() => {
+      if (this.#unlinking.get(hash) === done) this.#unlinking.delete(hash);
+    });
+    this.#unlinking.set(hash, done);
+    return done;
   }
 
   #drop(hash: string, entry: Entry): void {

@@ -93,7 +93,9 @@ export function writeKvBytes(src: Uint8Array, out: Uint8Array, at: number): void
   if (nativeWrite === undefined) {
     try {
       const addon = loadAddon();
-      nativeWrite = (s, o, a) => addon.kvWrite(s, o, a);
+      // An addon built before kvWrite existed: no device mirror can be there either.
+      nativeWrite =
+        typeof addon.kvWrite === "function" ? (s, o, a) => addon.kvWrite(s, o, a) : null;
     } catch {
       nativeWrite = null;
     }

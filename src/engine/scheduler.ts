@@ -155,6 +155,8 @@ export class Scheduler {
   /** Tokens of admitted sequences looked up in the prefix cache, and found there. */
   prefixQueryTokens = 0;
   prefixHitTokens = 0;
+  /** Of prefixHitTokens, those read back from the allocator's second tier (the disk). */
+  prefixTierHitTokens = 0;
 
   constructor(config: SchedulerConfig, blocks: BlockAllocator) {
     for (const k of ["maxBatchTokens", "maxRunning", "maxQueueDepth", "maxLogitRows"] as const) {
@@ -266,11 +268,22 @@ export class Scheduler {
       )
         break;
       let hit = 0;
+      let loaded = 0;
       if (lookup && seq.numComputed === 0) {
         const B = this.#blocks.blockSize;
         // Whole blocks only, and never the last token: its logits come from computing it.
         const blocks = Math.floor((seq.numTokens - 1) / B);
-        hit = this.#blocks.attachPrefix(seq.id, seq.blockHashes(blocks, B).slice(0, blocks)) * B;
+        // Blocks read back from a second tier leave free those the first chunk then needs
+        // (the rest of the prompt, within the step's budget).
+        const chunkBlocks = (attached: number) =>
+          Math.ceil(Math.min(budget, seq.numTokens - attached * B) / B);
+        hit =
+          this.#blocks.attachPrefix(
+            seq.id,
+            seq.blockHashes(blocks, B).slice(0, blocks),
+            chunkBlocks,
+          ) * B;
+        loaded = this.#blocks.lastLoaded * B;
         seq.numComputed = hit;
       }
       const n = tokensOf(seq);
@@ -284,6 +297,7 @@ export class Scheduler {
       if (lookup) {
         this.prefixQueryTokens += seq.numTokens;
         this.prefixHitTokens += hit;
+        this.prefixTierHitTokens += loaded;
       }
       this.#waiting.shift();
       seq.status = "running";

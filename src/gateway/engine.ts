@@ -248,7 +248,7 @@ export class ServingEngine {
       prefixDisk: this.#kv.disk
         ? {
             ...this.#kv.disk.stats,
-            hitTokens: this.#kv.allocator.tierHitBlocks * this.#kv.allocator.blockSize,
+            hitTokens: this.#scheduler.prefixTierHitTokens,
           }
         : null,
       specDrafts: this.#spec.drafts,

@@ -5,7 +5,7 @@
 // SIGKILL of `up` too: its children see their standard input end).
 // Bad input (a bad port, no nats-server anywhere) fails at once with a stable code.
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import {
@@ -49,7 +49,13 @@ interface Up {
  * `expertmesh up` on the tiny manifest with a fresh models folder; `detached`: in a process
  * group of its own, like a terminal's foreground job (for a Ctrl-C to the group).
  */
-function spawnUp(port: number, grpcPort: number, detached: boolean, file = manifest): Up {
+function spawnUp(
+  port: number,
+  grpcPort: number,
+  detached: boolean,
+  file = manifest,
+  env: NodeJS.ProcessEnv = {},
+): Up {
   const models = mkdtempSync(join(testEnv().runDir, "models-"));
   const proc = spawn(
     process.execPath,
@@ -63,7 +69,7 @@ function spawnUp(port: number, grpcPort: number, detached: boolean, file = manif
       `--grpc-port=${grpcPort}`,
     ],
     {
-      env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer },
+      env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer, ...env },
       stdio: ["ignore", "pipe", "pipe"],
       detached,
     },
@@ -94,13 +100,14 @@ async function untilServing(u: Up, port: number): Promise<void> {
 async function upWithVariant(
   [from, to]: [string, string],
   body: (started: Up, port: number) => Promise<void>,
+  env: NodeJS.ProcessEnv = {},
 ): Promise<void> {
   const text = readFileSync(manifest, "utf8");
   expect(text).toContain(from);
   const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
   writeFileSync(file, text.replace(from, to));
   const port = await freePort();
-  const started = spawnUp(port, 0, true, file);
+  const started = spawnUp(port, 0, true, file, env);
   const proc = started.proc;
   try {
     await untilServing(started, port);
@@ -318,6 +325,37 @@ describe("expertmesh up", () => {
         expect(err).toMatch(/^\[gateway\] linear layers served in fp8 /m);
         expect(await completionTokens(port, 8)).toBe(8);
       },
+    );
+  });
+
+  it("with gateway.kvCache.diskBytes: the prefix cache's disk tier outlives the run, and the next run starts with it", async () => {
+    const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
+    const variant: [string, string] = [
+      "  gateway:\n",
+      "  gateway:\n    kvCache: { diskBytes: 1048576 }\n",
+    ];
+    const folder = join(cache, "prefix-cache", "default-tiny");
+    const kept = /^\[gateway\] prefix cache disk tier in (\S+): (\d+) blocks kept from before/m;
+    await upWithVariant(
+      variant,
+      async (started, port) => {
+        const m = kept.exec(started.err());
+        expect(m?.[1]).toContain(folder);
+        expect(m?.[2]).toBe("0");
+        expect(await completionTokens(port, 8)).toBe(8);
+      },
+      { EXPERTMESH_CACHE_DIR: cache },
+    );
+    // Ctrl-C stopped the gateway gracefully: it wrote its cached blocks.
+    const [fp] = readdirSync(folder);
+    expect(readdirSync(join(folder, fp!)).some((f) => f.endsWith(".kv"))).toBe(true);
+    await upWithVariant(
+      variant,
+      async (started, port) => {
+        expect(Number(kept.exec(started.err())?.[2])).toBeGreaterThan(0);
+        expect(await completionTokens(port, 8)).toBe(8);
+      },
+      { EXPERTMESH_CACHE_DIR: cache },
     );
   });
 

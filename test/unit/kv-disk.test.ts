@@ -1,13 +1,24 @@
 // The prefix cache's disk tier (ADR 0019): DiskPrefixStore on a real folder (round trips,
 // the byte budget, restarts, damaged files, failed writes) and the allocator's use of a
 // second tier (eviction hands blocks down, a prefix continues with the tier's blocks).
+import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { BlockAllocator, type PrefixTier } from "../../src/engine/kv-blocks.ts";
 import { DISK_HEADER_BYTES, DiskPrefixStore, fingerprintOf } from "../../src/engine/kv-disk.ts";
+import { Scheduler, Sequence } from "../../src/engine/scheduler.ts";
 
 const hashOf = (s: string) => createHash("sha256").update(s).digest("base64");
 const fileOf = (h: string) => `${Buffer.from(h, "base64").toString("base64url")}.kv`;
@@ -43,12 +54,8 @@ const open = (
     ...(more.pending !== undefined ? { maxPendingBytes: more.pending } : {}),
   });
 const loaded = (s: DiskPrefixStore, h: string): Buffer | null => {
-  let got: Buffer | null = null;
-  return s.load(h, (p) => {
-    got = Buffer.from(p);
-  })
-    ? got
-    : null;
+  const p = s.read(h);
+  return p && Buffer.from(p);
 };
 
 describe("DiskPrefixStore", () => {
@@ -90,16 +97,28 @@ describe("DiskPrefixStore", () => {
     const hs = ["x", "y", "z"].map(hashOf);
     for (const [i, h] of hs.entries()) s.save(h, rows(i));
     await s.flush();
+    // A read marks the file used now (its time orders evictions after a restart).
+    const mtime = (h: string) => statSync(join(s.dir, fileOf(h))).mtimeMs;
+    utimesSync(join(s.dir, fileOf(hs[0]!)), 1000, 1000);
+    expect(loaded(s, hs[0]!)).not.toBeNull();
+    expect(mtime(hs[0]!)).toBeGreaterThan(Date.now() - 60_000);
     const again = open(dir, 4);
     expect(again.dir).toBe(s.dir);
     expect(hs.map((h, i) => loaded(again, h)?.equals(joined(rows(i))))).toEqual([true, true, true]);
     const other = open(dir, 4, { identity: { model: "other" } });
     expect(other.dir).not.toBe(s.dir);
     expect(hs.some((h) => other.has(h))).toBe(false);
-    // A smaller budget at the next start drops the oldest files.
+    // A smaller budget at the next start drops the least recently used file (y), and its file.
+    for (const [h, t] of [
+      [hs[0]!, 3000],
+      [hs[1]!, 1000],
+      [hs[2]!, 2000],
+    ] as const)
+      utimesSync(join(s.dir, fileOf(h)), t, t);
     const small = open(dir, 2);
-    expect(hs.map((h) => small.has(h)).filter(Boolean)).toHaveLength(2);
+    expect(hs.map((h) => small.has(h))).toEqual([true, false, true]);
     await small.flush();
+    expect(existsSync(join(s.dir, fileOf(hs[1]!)))).toBe(false);
     expect(JSON.parse(readFileSync(join(s.dir, "fingerprint.json"), "utf8"))).toMatchObject({
       fingerprint: fingerprintOf({ model: "tiny" }),
       model: "tiny",
@@ -138,7 +157,7 @@ describe("DiskPrefixStore", () => {
     expect(s.stats).toMatchObject({ files: 0, bytes: 0, errors: 1 });
   });
 
-  it("at start drops leftovers of interrupted writes and files of another size", async () => {
+  it("at start drops leftovers of interrupted writes, files of another size and names it would not write", async () => {
     const dir = tempDir();
     const s = open(dir, 4);
     const good = hashOf("good");
@@ -146,12 +165,23 @@ describe("DiskPrefixStore", () => {
     await s.flush();
     const short = fileOf(hashOf("short"));
     writeFileSync(join(s.dir, short), Buffer.alloc(FILE - 1));
-    writeFileSync(join(s.dir, `${fileOf(hashOf("t"))}.tmp-1-0`), Buffer.alloc(FILE));
+    // A process that has exited left a temporary file; a live one (this one) is writing one.
+    const dead = spawnSync("true").pid;
+    const gone = `${fileOf(hashOf("t"))}.tmp-${dead}-0`;
+    const writing = `${fileOf(hashOf("w"))}.tmp-${process.pid}-0`;
+    writeFileSync(join(s.dir, gone), Buffer.alloc(FILE));
+    writeFileSync(join(s.dir, writing), Buffer.alloc(FILE));
+    // The same 32 bytes under another spelling (base64url's last character has 2 spare bits).
+    const name = fileOf(good);
+    const last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const twin = `${name.slice(0, 42)}${last[last.indexOf(name[42]!) ^ 1]}.kv`;
+    expect(Buffer.from(twin.slice(0, -3), "base64url")).toEqual(Buffer.from(good, "base64"));
+    writeFileSync(join(s.dir, twin), readFileSync(join(s.dir, name)));
     writeFileSync(join(s.dir, "notes.txt"), "kept");
     const again = open(dir, 4);
-    expect(again.stats.files).toBe(1);
+    expect(again.stats).toMatchObject({ files: 1, bytes: FILE });
     expect(readdirSync(s.dir).sort()).toEqual(
-      [fileOf(good), "fingerprint.json", "notes.txt"].sort(),
+      [name, "fingerprint.json", "notes.txt", writing].sort(),
     );
   });
 
@@ -163,13 +193,20 @@ describe("DiskPrefixStore", () => {
     rmSync(join(s.dir, fileOf(h)));
     expect(loaded(s, h)).toBeNull();
     expect(s.has(h)).toBe(false);
-    // The folder itself gone: the write fails; the block is not kept.
+    // The folder itself gone: made again.
     rmSync(s.dir, { recursive: true });
-    const h2 = hashOf("nowhere");
+    const h2 = hashOf("again");
     expect(s.save(h2, rows(2))).toBe(true);
     await s.flush();
-    expect(s.has(h2)).toBe(false);
-    expect(s.stats).toMatchObject({ files: 0, bytes: 0, errors: 2, written: 1 });
+    expect(loaded(s, h2)).toEqual(joined(rows(2)));
+    // A file where the folder was: the write fails, the block is not kept.
+    rmSync(s.dir, { recursive: true });
+    writeFileSync(s.dir, "");
+    const h3 = hashOf("nowhere");
+    expect(s.save(h3, rows(3))).toBe(true);
+    await s.flush();
+    expect(s.has(h3)).toBe(false);
+    expect(s.stats).toMatchObject({ files: 1, errors: 2, written: 2 });
   });
 
   it("drops spills past the pending limit until the writes end", async () => {
@@ -211,8 +248,9 @@ describe("DiskPrefixStore", () => {
 class MapTier implements PrefixTier {
   readonly kept = new Map<string, number>();
   readonly log: string[] = [];
-  /** Hashes whose load fails. */
-  readonly broken = new Set<string>();
+  /** Hashes whose read fails, and whose write into a block fails. */
+  readonly unreadable = new Set<string>();
+  readonly unwritable = new Set<string>();
   evicting(block: number, hash: string): void {
     this.log.push(`evict ${hash}@${block}`);
     this.kept.set(hash, block);
@@ -220,9 +258,12 @@ class MapTier implements PrefixTier {
   has(hash: string): boolean {
     return this.kept.has(hash);
   }
-  load(hash: string, block: number): boolean {
-    this.log.push(`load ${hash}@${block}`);
-    return !this.broken.has(hash);
+  fetch(hash: string): ((block: number) => boolean) | null {
+    if (this.unreadable.has(hash)) return null;
+    return (block) => {
+      this.log.push(`load ${hash}@${block}`);
+      return !this.unwritable.has(hash);
+    };
   }
 }
 
@@ -255,7 +296,7 @@ describe("BlockAllocator with a second tier", () => {
     // h0 from the pool, then h1, h2 from the tier while two blocks can be had: h3 would
     // leave none for the positions to compute.
     expect(a.attachPrefix(3, ["h0", "h1", "h2", "h3"])).toBe(3);
-    expect(a.tierHitBlocks).toBe(2);
+    expect(a.lastLoaded).toBe(2);
     expect(tier.log.filter((l) => l.startsWith("load"))).toHaveLength(2);
     expect(a.numFreeBlocks).toBe(1);
     // The loaded blocks are registered as if computed: another sequence shares them.
@@ -263,15 +304,43 @@ describe("BlockAllocator with a second tier", () => {
     expect(a.table(4)).toEqual(a.table(3));
   });
 
-  it("stops at a block the tier cannot give back, the block staying free", () => {
+  it("keeps free the blocks it is told to", () => {
+    const { a } = filled();
+    a.reserve(2, 8);
+    a.free(2); // everything in the tier, 4 blocks free
+    expect(a.attachPrefix(3, ["h0", "h1", "h2", "h3"], () => 2)).toBe(2);
+    expect([a.lastLoaded, a.numFreeBlocks]).toEqual([2, 2]);
+  });
+
+  it("stops at a block the tier cannot read, taking no block of the pool for it", () => {
+    const { a, tier } = filled();
+    a.reserve(2, 4); // h3, h2 to the tier; h1, h0 stay cached
+    a.free(2);
+    tier.unreadable.add("h2");
+    tier.log.length = 0;
+    expect(a.attachPrefix(3, ["h0", "h1", "h2", "h3"])).toBe(2);
+    expect(tier.log).toEqual([]); // nothing evicted for it, nothing written
+    expect(a.numFreeBlocks).toBe(2);
+  });
+
+  it("stops at a block it cannot write, the block going back free", () => {
     const { a, tier } = filled();
     a.reserve(2, 8);
     a.free(2); // everything evicted to the tier
-    tier.broken.add("h1");
+    tier.unwritable.add("h1");
     const free = a.numFreeBlocks;
     expect(a.attachPrefix(3, ["h0", "h1", "h2"])).toBe(1);
+    expect(a.lastLoaded).toBe(1);
     expect(a.numFreeBlocks).toBe(free - 1);
     expect(a.blockOf("h1")).toBeUndefined();
+  });
+
+  it("lists registered blocks least recently used first, held ones last", () => {
+    const { a } = filled(); // freed h3, h2, h1, h0 in that order
+    a.attachPrefix(2, ["h0"]);
+    expect(a.registered().map(([, h]) => h)).toEqual(["h3", "h2", "h1", "h0"]);
+    a.reserve(3, 2); // takes h3's block
+    expect(a.registered().map(([, h]) => h)).toEqual(["h2", "h1", "h0"]);
   });
 
   it("without a tier, a forgotten prefix is gone", () => {
@@ -282,6 +351,76 @@ describe("BlockAllocator with a second tier", () => {
     a.reserve(2, 4);
     a.free(2);
     expect(a.attachPrefix(3, ["h0"])).toBe(0);
-    expect(a.tierHitBlocks).toBe(0);
+    expect(a.lastLoaded).toBe(0);
+  });
+});
+
+describe("Scheduler over a second tier", () => {
+  /** A sequence of `tokens` tokens counting up from `from` (others share no block with it). */
+  const seqOf = (id: number, tokens: number, from = 1) =>
+    new Sequence(
+      id,
+      Array.from({ length: tokens }, (_, i) => (i % 50) + from),
+      tokens + 8,
+    );
+
+  it("admits a prompt whose prefix is in the tier at once, next to a running one, and counts what it read", () => {
+    // 20 blocks of 4; a running sequence holds 8 of them; a 61-token prompt's first 15
+    // blocks are in the tier. Reading them all would leave no block for its first chunk.
+    const a = new BlockAllocator(20, 4);
+    const tier = new MapTier();
+    a.tier = tier;
+    const s = new Scheduler(
+      { maxBatchTokens: 16, maxQueueDepth: 8, maxRunning: 8, prefixCaching: true },
+      a,
+    );
+    const prompt = seqOf(2, 61);
+    for (const h of prompt.blockHashes(15, 4)) tier.kept.set(h, -1);
+    const running = seqOf(1, 30, 100);
+    expect(s.add(running)).toBe("ok");
+    for (let i = 0; i < 2; i++) s.commit(s.schedule().chunks); // its prompt, 16 + 14
+    expect(s.add(prompt)).toBe("ok");
+    const { chunks } = s.schedule();
+    const mine = chunks.find((c) => c.seq === prompt);
+    expect(mine).toBeDefined();
+    // The running one holds 8 blocks (it waits for a sampled token here); the prompt's chunk
+    // has 16 tokens of budget, 4 blocks: read while 4 stay free besides, 20 - 8 - 4 = 8.
+    expect(mine!.start).toBe(8 * 4);
+    expect(mine!.numTokens).toBe(16);
+    expect(a.lastLoaded).toBe(8);
+    expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([32, 32]);
+    expect(a.numFreeBlocks).toBe(0);
+  });
+
+  it("reads a whole prefix when the rest of the prompt needs only its last block", () => {
+    const a = new BlockAllocator(20, 4);
+    const tier = new MapTier();
+    a.tier = tier;
+    const s = new Scheduler(
+      { maxBatchTokens: 16, maxQueueDepth: 8, maxRunning: 8, prefixCaching: true },
+      a,
+    );
+    const prompt = seqOf(2, 61);
+    for (const h of prompt.blockHashes(15, 4)) tier.kept.set(h, -1);
+    expect(s.add(prompt)).toBe("ok");
+    const [c] = s.schedule().chunks;
+    expect([c!.start, c!.numTokens, a.lastLoaded]).toEqual([60, 1, 15]);
+  });
+
+  it("counts nothing read for a prompt it could not admit", () => {
+    const a = new BlockAllocator(8, 4);
+    const tier = new MapTier();
+    a.tier = tier;
+    const s = new Scheduler(
+      { maxBatchTokens: 64, maxQueueDepth: 8, maxRunning: 1, prefixCaching: true },
+      a,
+    );
+    expect(s.add(seqOf(1, 8))).toBe("ok");
+    s.commit(s.schedule().chunks);
+    const prompt = seqOf(2, 9);
+    for (const h of prompt.blockHashes(2, 4)) tier.kept.set(h, -1);
+    expect(s.add(prompt)).toBe("ok");
+    s.schedule(); // maxRunning 1: not admitted, nothing looked up
+    expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([0, 0]);
   });
 });

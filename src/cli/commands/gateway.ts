@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { createServer, type RequestListener } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
@@ -46,6 +47,12 @@ import {
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
+
+/** This build's version (package.json), for what the disk tier's rows depend on. */
+function packageVersion(): string {
+  const pkg = new URL("../../../package.json", import.meta.url);
+  return (JSON.parse(readFileSync(pkg, "utf8")) as { version: string }).version;
+}
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
   --local                   routed experts in this process (single-process mode)
@@ -381,12 +388,17 @@ export const gatewayCommand: Command = {
               ),
               // What the rows depend on besides the cache's layout.
               identity: {
+                version: packageVersion(),
                 weights: ckpt.identity(),
                 mtp,
                 dtype,
                 cpuMatmul: values["cpu-matmul"] ?? "fp32",
+                // The kernels that run (ISA, and a bf16 matmul this CPU cannot do).
+                backendSummary: selected.summary.replace(/, \d+ threads?/, ""),
                 device: selected.device,
                 backend: values.backend ?? "native",
+                // The experts' activations cross the wire in this dtype (distributed mode).
+                wire: values.local ? null : wire,
               },
             },
           }
