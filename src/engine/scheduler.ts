@@ -51,6 +51,11 @@ export class Sequence {
    */
   promptFrom: Sequence | null = null;
   /**
+   * vLLM's cache_salt: mixed into its first block's hash (and so every later one), so that
+   * only sequences with the same salt share cached blocks (null: unsalted).
+   */
+  cacheSalt: string | null = null;
+  /**
    * Tokens guessed to follow its last one (speculative.ts), set by the engine before each
    * step: a decoding sequence runs them with its last token in one chunk, cache room
    * and budgets allowing, and the engine keeps those the model confirms (accept()).
@@ -89,9 +94,11 @@ export class Sequence {
     for (let i = h.length; i < count; i++) {
       const tokens = new Uint32Array(blockSize);
       for (let j = 0; j < blockSize; j++) tokens[j] = this.tokenAt(i * blockSize + j);
+      const seed =
+        this.cacheSalt === null ? `b${blockSize}` : `b${blockSize}\0salt:${this.cacheSalt}`;
       h.push(
         createHash("sha256")
-          .update(i > 0 ? h[i - 1]! : `b${blockSize}`)
+          .update(i > 0 ? h[i - 1]! : seed)
           .update(tokens)
           .digest("base64"),
       );

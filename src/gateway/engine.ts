@@ -80,6 +80,8 @@ export interface GenerationRequest {
   readonly minTokens?: number;
   /** Lower runs first, with the priority scheduling policy (default 0; scheduler.ts). */
   readonly priority?: number;
+  /** vLLM's cache_salt: shares cached prompt blocks only with requests of the same salt. */
+  readonly cacheSalt?: string;
 }
 
 /** Which tokens a sequence may sample next, and what it sampled (json-mode.ts). */
@@ -271,6 +273,7 @@ export class ServingEngine {
     const seq = new Sequence(this.#nextId++, req.prompt, req.prompt.length + req.maxTokens);
     seq.wantsAllLogits = req.promptLogprobs;
     seq.priority = req.priority ?? 0;
+    seq.cacheSalt = req.cacheSalt ?? null;
     if (req.promptFrom !== undefined)
       seq.promptFrom = this.#active.get(req.promptFrom)?.seq ?? null;
     const added = this.#scheduler.add(seq);

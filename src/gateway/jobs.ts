@@ -116,6 +116,8 @@ export interface JobSpec {
    * (--scheduling-policy priority); startJob refuses a non-zero one otherwise.
    */
   readonly priority?: number;
+  /** vLLM's cache_salt: prompt blocks are shared only with jobs of the same salt. */
+  readonly cacheSalt?: string;
 }
 
 export interface Choice {
@@ -229,6 +231,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       ],
       ...(spec.minTokens ? { minTokens: spec.minTokens } : {}),
       ...(spec.priority ? { priority: spec.priority } : {}),
+      ...(spec.cacheSalt !== undefined ? { cacheSalt: spec.cacheSalt } : {}),
       logprobs: spec.logprobs,
       promptLogprobs: spec.promptLogprobs,
       ...(spec.promptTopLogprobs !== undefined

@@ -198,6 +198,7 @@ function jobSpec(
     stops: stop.filter((s) => s.length > 0),
     ignoreEos: b.ignore_eos ?? false,
     ...(b.priority ? { priority: b.priority } : {}),
+    ...(b.cache_salt != null ? { cacheSalt: b.cache_salt } : {}),
     ...stopTokens(ctx, b, jobPrompts),
   };
 }

@@ -88,6 +88,7 @@ export const ResponsesRequest = Type.Object({
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
+  cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
@@ -284,6 +285,7 @@ export function chatRequestOf(
     ...(b.seed != null ? { seed: b.seed } : {}),
     ...(b.top_k != null ? { top_k: b.top_k } : {}),
     ...(b.priority != null ? { priority: b.priority } : {}),
+    ...(b.cache_salt != null ? { cache_salt: b.cache_salt } : {}),
     ...(tools.length ? { tools } : {}),
     ...(toolChoice != null ? { tool_choice: toolChoice } : {}),
     ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),

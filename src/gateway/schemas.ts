@@ -27,6 +27,12 @@ const common = {
    */
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   /**
+   * vLLM's extension: a secret mixed into the prompt's cached blocks' hashes, so that only
+   * requests with the same salt share them (tenants cannot probe each other's prompts by
+   * timing); non-empty.
+   */
+  cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),
+  /**
    * vLLM's extension: only the prompt's last k tokens are used (left truncation; -1: the
    * context length).
    */

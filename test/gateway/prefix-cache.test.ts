@@ -1,7 +1,7 @@
-// The prefix cache's disk tier (--prefix-cache-disk, ADR 0019) through the official `openai`
-// client: blocks a tight KV cache forgets come back from disk as cached tokens with the same
-// text as computing them; a gateway process writes its cached blocks at SIGTERM and the next
-// one starts with them.
+// The prefix cache through the official `openai` client: vLLM's cache_salt keeps tenants'
+// cached blocks apart; the disk tier (--prefix-cache-disk, ADR 0019) gives back the blocks a
+// tight KV cache forgot, as cached tokens with the same text as computing them, and a gateway
+// process writes its cached blocks at SIGTERM so that the next one starts with them.
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -44,6 +44,76 @@ const complete = (client: OpenAI, prompt: string) =>
   } as OpenAI.CompletionCreateParamsNonStreaming);
 /** Whole blocks before the prompt's last token: what a full prefix hit gives. */
 const wholeBlocks = (promptTokens: number) => Math.floor((promptTokens - 1) / B) * B;
+
+describe("cache_salt (vLLM's)", () => {
+  it("shares cached blocks only between requests of the same salt; the text is the same", async () => {
+    const g = await startGateway(dir, { blockSize: B, maxBatchTokens: 256 });
+    try {
+      const ask = (salt?: string, api: "chat" | "completions" = "completions") => {
+        const extra = salt === undefined ? {} : { cache_salt: salt };
+        return api === "chat"
+          ? g.client.chat.completions
+              .create({
+                model: "tiny",
+                messages: [{ role: "user", content: PROMPTS[2]! }],
+                max_tokens: 4,
+                temperature: 0,
+                ...extra,
+              } as OpenAI.ChatCompletionCreateParamsNonStreaming)
+              .then((r) => ({
+                cached: r.usage!.prompt_tokens_details!.cached_tokens,
+                text: r.choices[0]!.message.content,
+              }))
+          : g.client.completions
+              .create({
+                model: "tiny",
+                prompt: PROMPTS[2]!,
+                max_tokens: 4,
+                temperature: 0,
+                ...extra,
+              } as OpenAI.CompletionCreateParamsNonStreaming)
+              .then((r) => ({
+                cached: r.usage!.prompt_tokens_details!.cached_tokens,
+                text: r.choices[0]!.text,
+              }));
+      };
+      const a1 = await ask("tenant-a");
+      expect(a1.cached).toBe(0);
+      // Another salt, and none, find nothing of tenant a's; the same salt finds it all.
+      expect((await ask("tenant-b")).cached).toBe(0);
+      const plain = await ask();
+      expect(plain.cached).toBe(0);
+      const a2 = await ask("tenant-a");
+      expect(a2.cached).toBeGreaterThan(0);
+      expect((await ask()).cached).toBe(a2.cached);
+      expect(new Set([a1.text, a2.text, plain.text]).size).toBe(1);
+      // Chat completions take it too.
+      expect((await ask("tenant-c", "chat")).cached).toBe(0);
+      expect((await ask("tenant-c", "chat")).cached).toBeGreaterThan(0);
+      // And the Responses API.
+      const respond = (salt: string) =>
+        g.client.responses
+          .create({
+            model: "tiny",
+            input: PROMPTS[1]!,
+            max_output_tokens: 4,
+            temperature: 0,
+            cache_salt: salt,
+          } as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+          .then((r) => r.usage!.input_tokens_details.cached_tokens);
+      expect(await respond("tenant-d")).toBe(0);
+      expect(await respond("tenant-e")).toBe(0);
+      expect(await respond("tenant-d")).toBeGreaterThan(0);
+      // An empty salt is refused, naming the field.
+      await expect(ask("")).rejects.toMatchObject({
+        status: 400,
+        error: expect.objectContaining({ param: expect.stringContaining("cache_salt") }),
+      });
+    } finally {
+      await g.close();
+    }
+  });
+});
 
 describe("prefix cache disk tier", () => {
   it("a prefix the KV cache forgot comes back from disk: cached tokens, the same text", async () => {
