@@ -169,19 +169,36 @@ function podSpec(
   };
 }
 
+/** Room in the prefix cache's emptyDir past its budget: temporary files of pending writes. */
+const PREFIX_DISK_HEADROOM = 128 * 2 ** 20;
+
+/** The emptyDir size of the gateway's prefix cache disk tier (0: none). */
+export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
+  const d = model.spec.gateway.kvCache.diskBytes;
+  return d > 0 ? d + PREFIX_DISK_HEADROOM : 0;
+}
+
 /**
  * The gateway's resources: the manifest's, with a memory request when the manifest requests
  * none, so the scheduler does not place a gateway where it cannot fit: its KV cache (which
  * lives in host memory), plus its weights and POD_MEMORY_OVERHEAD when the preset says how
- * many bytes they take (gatewayWeightBytes).
+ * many bytes they take (gatewayWeightBytes); and with the prefix cache's disk tier, an
+ * ephemeral-storage request of its emptyDir when the manifest requests none (else the
+ * kubelet could evict the pod from a node whose disk is short).
  */
 export function gatewayResources(model: DeepSeekModel) {
   const r = model.spec.gateway.resources;
-  if (r?.requests?.["memory"] !== undefined) return r;
-  const weights = gatewayWeightBytes(model);
-  const bytes =
-    model.spec.gateway.kvCache.bytes + (weights === null ? 0 : weights + POD_MEMORY_OVERHEAD);
-  return { ...(r ?? {}), requests: { ...(r?.requests ?? {}), memory: String(bytes) } };
+  const requests: Record<string, string | number> = { ...(r?.requests ?? {}) };
+  if (requests["memory"] === undefined) {
+    const weights = gatewayWeightBytes(model);
+    requests["memory"] = String(
+      model.spec.gateway.kvCache.bytes + (weights === null ? 0 : weights + POD_MEMORY_OVERHEAD),
+    );
+  }
+  const disk = prefixDiskVolumeBytes(model);
+  if (disk > 0 && requests["ephemeral-storage"] === undefined)
+    requests["ephemeral-storage"] = String(disk);
+  return { ...(r ?? {}), requests };
 }
 
 /**
@@ -376,13 +393,11 @@ export function desiredObjects(
     gatewayResources(model),
   );
   const keys = gateway.apiKeySecret;
-  const diskBytes = gateway.kvCache.diskBytes;
   // The disk tier's files, their temporary copies and fingerprint.json: the budget, and
   // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
+  const diskBytes = prefixDiskVolumeBytes(model);
   const prefixVolumes: V1Volume[] =
-    diskBytes > 0
-      ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes + 128 * 2 ** 20) } }]
-      : [];
+    diskBytes > 0 ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }] : [];
   const gwContainer = {
     ...gw,
     volumeMounts: [

@@ -162,6 +162,15 @@ describe("desiredObjects", () => {
       name: "prefix-cache",
       mountPath: "/var/cache/expertmesh/prefix",
     });
+    // The scheduler places the pod where the emptyDir fits (unless the manifest says).
+    expect(pod.containers[0].resources.requests["ephemeral-storage"]).toBe(
+      String(8589934592 + 128 * 2 ** 20),
+    );
+    expect(plain.containers[0].resources.requests["ephemeral-storage"]).toBeUndefined();
+    const given = gwPod(
+      '  gateway: { kvCache: { diskBytes: 8589934592 }, resources: { requests: { ephemeral-storage: "20Gi" } } }',
+    );
+    expect(given.containers[0].resources.requests["ephemeral-storage"]).toBe("20Gi");
     // Shards have no prefix cache.
     const shard = objects("  gateway: { kvCache: { diskBytes: 8589934592 } }").find(
       (o) => o.metadata?.name === "m-shard-0",
