@@ -8,6 +8,7 @@ import { join } from "node:path";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
+import type { KvDtype } from "../../src/engine/kv-format.ts";
 import { readModelConfig } from "../../src/model/config.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -23,10 +24,11 @@ afterAll(() => rmSync(disk, { recursive: true, force: true }));
 
 const B = 4;
 /** 24 blocks of 4 tokens: two ~35-token prompts with their answers push out a third's blocks. */
-const tight = () => ({
+const tight = (kvCacheDtype: KvDtype = "f32") => ({
   maxModelLen: 64,
   blockSize: B,
-  kvCacheBytes: 24 * bytesPerBlock(readModelConfig(dir), B),
+  kvCacheDtype,
+  kvCacheBytes: 24 * bytesPerBlock(readModelConfig(dir), B, kvCacheDtype),
   maxBatchTokens: 64,
 });
 const PROMPTS = [
@@ -116,40 +118,43 @@ describe("cache_salt (vLLM's)", () => {
 });
 
 describe("prefix cache disk tier", () => {
-  it("a prefix the KV cache forgot comes back from disk: cached tokens, the same text", async () => {
-    const folder = join(disk, "in-process");
-    const [cached, plain] = await Promise.all([
-      startGateway(dir, {
-        ...tight(),
-        prefixCacheDisk: { dir: folder, bytes: 2 ** 20, identity: {} },
-      }),
-      startGateway(dir, { ...tight(), prefixCaching: false }),
-    ]);
-    try {
-      const want = await Promise.all(PROMPTS.map((p) => complete(plain.client, p)));
-      const first = [];
-      for (const p of PROMPTS) first.push(await complete(cached.client, p));
-      // The first prompt's blocks were taken for the next two's: they went to disk.
-      expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(0);
-      const again = await complete(cached.client, PROMPTS[0]!);
-      const P = again.usage!.prompt_tokens;
-      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
-      const fromDisk = await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits");
-      expect(fromDisk).toBeGreaterThan(0);
-      expect(fromDisk).toBeLessThanOrEqual(wholeBlocks(P));
-      expect(first.map((r) => r.choices[0]!.text)).toEqual(want.map((r) => r.choices[0]!.text));
-      expect(again.choices[0]!.text).toBe(want[0]!.choices[0]!.text);
-      // Round after round, every text stays that of computing everything.
-      for (let round = 0; round < 2; round++)
-        for (const [i, p] of PROMPTS.entries())
-          expect((await complete(cached.client, p)).choices[0]!.text).toBe(
-            want[i]!.choices[0]!.text,
-          );
-      expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
-    } finally {
-      await Promise.all([cached.close(), plain.close()]);
-    }
-  });
+  it.each(["f32", "bf16", "fp8"] as const)(
+    "a prefix the KV cache forgot comes back from disk: cached tokens, the same text (%s rows)",
+    async (dtype) => {
+      const folder = join(disk, "in-process");
+      const [cached, plain] = await Promise.all([
+        startGateway(dir, {
+          ...tight(dtype),
+          prefixCacheDisk: { dir: folder, bytes: 2 ** 20, identity: {} },
+        }),
+        startGateway(dir, { ...tight(dtype), prefixCaching: false }),
+      ]);
+      try {
+        const want = await Promise.all(PROMPTS.map((p) => complete(plain.client, p)));
+        const first = [];
+        for (const p of PROMPTS) first.push(await complete(cached.client, p));
+        // The first prompt's blocks were taken for the next two's: they went to disk.
+        expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(0);
+        const again = await complete(cached.client, PROMPTS[0]!);
+        const P = again.usage!.prompt_tokens;
+        expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+        const fromDisk = await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_hits");
+        expect(fromDisk).toBeGreaterThan(0);
+        expect(fromDisk).toBeLessThanOrEqual(wholeBlocks(P));
+        expect(first.map((r) => r.choices[0]!.text)).toEqual(want.map((r) => r.choices[0]!.text));
+        expect(again.choices[0]!.text).toBe(want[0]!.choices[0]!.text);
+        // Round after round, every text stays that of computing everything.
+        for (let round = 0; round < 2; round++)
+          for (const [i, p] of PROMPTS.entries())
+            expect((await complete(cached.client, p)).choices[0]!.text).toBe(
+              want[i]!.choices[0]!.text,
+            );
+        expect(await metric(cached.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
+      } finally {
+        await Promise.all([cached.close(), plain.close()]);
+      }
+    },
+  );
 
   it("is refused without prefix caching", async () => {
     await expect(
