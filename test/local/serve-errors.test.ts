@@ -17,6 +17,7 @@ import { startNats } from "../env/nats.ts";
 import { freePort, ManagedProcess } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv } from "../support/env.ts";
+import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metricsPort, startShard, waitServing } from "../support/shards.ts";
 
@@ -496,26 +497,14 @@ describe("serving commands on bad input", () => {
   });
 
   it("SIGTERM with requests in flight: they end whole, then the process exits (keep-alive does not hold it)", async () => {
-    const gw = new ManagedProcess(
-      `gateway-stop-${await freePort()}`,
-      process.execPath,
-      [
-        main,
-        "gateway",
-        "--local",
-        `--model=${dir}`,
-        "--served-model-name=tiny",
-        "--host=127.0.0.1",
-        "--http-port=0",
-        "--metrics-port=0",
-      ],
-      join(testEnv().runDir, "logs"),
-    );
-    const log = () => readFileSync(gw.logPath, "utf8");
+    const started = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "local",
+      modelName: `stop-${await freePort()}`,
+    });
+    const gw = started.process;
     try {
-      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
-      const url = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log())![1]!;
-      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      const client = started.client;
       // A plain request and a stream in flight at SIGTERM, each on its own connection.
       const plain = client.completions.create({
         model: "tiny",
@@ -560,32 +549,21 @@ describe("serving commands on bad input", () => {
       expect(r.code, bad).toBe(1);
       expect(r.stderr, bad).toMatch(/\[EM_CLI_USAGE\] --shutdown-delay must be/);
     }
-    const gw = new ManagedProcess(
-      `gateway-drain-${await freePort()}`,
-      process.execPath,
-      [
-        main,
-        "gateway",
-        "--local",
-        `--model=${dir}`,
-        "--served-model-name=tiny",
-        "--host=127.0.0.1",
-        "--http-port=0",
-        "--metrics-port=0",
-        "--shutdown-delay=3",
-      ],
-      join(testEnv().runDir, "logs"),
-    );
-    const log = () => readFileSync(gw.logPath, "utf8");
+    const started = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "local",
+      modelName: `drain-${await freePort()}`,
+      args: ["--shutdown-delay=3"],
+    });
+    const gw = started.process;
+    const { url, log } = started;
     try {
-      await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
-      const url = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log())![1]!;
       const ready = async () => {
         const r = await fetch(`${url}/ready`);
         return { status: r.status, body: await r.text() };
       };
       expect(await ready()).toEqual({ status: 200, body: JSON.stringify({ status: "ready" }) });
-      const client = new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 });
+      const client = started.client;
       process.kill(gw.pid!, "SIGTERM");
       await gw.waitUntil("draining", async () => (await ready()).status === 503, 5000);
       expect(await ready()).toEqual({ status: 503, body: JSON.stringify({ status: "draining" }) });

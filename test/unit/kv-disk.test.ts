@@ -363,19 +363,28 @@ describe("Scheduler over a second tier", () => {
       Array.from({ length: tokens }, (_, i) => (i % 50) + from),
       tokens + 8,
     );
+  /** A scheduler (prefix caching on) over `blocks` blocks of 4 with a MapTier under them. */
+  function tiered(blocks: number, maxBatchTokens: number, maxRunning = 8) {
+    const a = new BlockAllocator(blocks, 4);
+    const tier = new MapTier();
+    a.tier = tier;
+    const s = new Scheduler(
+      { maxBatchTokens, maxQueueDepth: 8, maxRunning, prefixCaching: true },
+      a,
+    );
+    /** Puts the first `n` blocks of `seq` in the tier. */
+    const keep = (seq: Sequence, n: number) => {
+      for (const h of seq.blockHashes(n, 4)) tier.kept.set(h, -1);
+    };
+    return { a, s, keep };
+  }
 
   it("admits a prompt whose prefix is in the tier at once, next to a running one, and counts what it read", () => {
     // 20 blocks of 4; a running sequence holds 8 of them; a 61-token prompt's first 15
     // blocks are in the tier. Reading them all would leave no block for its first chunk.
-    const a = new BlockAllocator(20, 4);
-    const tier = new MapTier();
-    a.tier = tier;
-    const s = new Scheduler(
-      { maxBatchTokens: 16, maxQueueDepth: 8, maxRunning: 8, prefixCaching: true },
-      a,
-    );
+    const { a, s, keep } = tiered(20, 16);
     const prompt = seqOf(2, 61);
-    for (const h of prompt.blockHashes(15, 4)) tier.kept.set(h, -1);
+    keep(prompt, 15);
     const running = seqOf(1, 30, 100);
     expect(s.add(running)).toBe("ok");
     for (let i = 0; i < 2; i++) s.commit(s.schedule().chunks); // its prompt, 16 + 14
@@ -393,32 +402,20 @@ describe("Scheduler over a second tier", () => {
   });
 
   it("reads a whole prefix when the rest of the prompt needs only its last block", () => {
-    const a = new BlockAllocator(20, 4);
-    const tier = new MapTier();
-    a.tier = tier;
-    const s = new Scheduler(
-      { maxBatchTokens: 16, maxQueueDepth: 8, maxRunning: 8, prefixCaching: true },
-      a,
-    );
+    const { a, s, keep } = tiered(20, 16);
     const prompt = seqOf(2, 61);
-    for (const h of prompt.blockHashes(15, 4)) tier.kept.set(h, -1);
+    keep(prompt, 15);
     expect(s.add(prompt)).toBe("ok");
     const [c] = s.schedule().chunks;
     expect([c!.start, c!.numTokens, a.lastLoaded]).toEqual([60, 1, 15]);
   });
 
   it("counts nothing read for a prompt it could not admit", () => {
-    const a = new BlockAllocator(8, 4);
-    const tier = new MapTier();
-    a.tier = tier;
-    const s = new Scheduler(
-      { maxBatchTokens: 64, maxQueueDepth: 8, maxRunning: 1, prefixCaching: true },
-      a,
-    );
+    const { s, keep } = tiered(8, 64, 1);
     expect(s.add(seqOf(1, 8))).toBe("ok");
     s.commit(s.schedule().chunks);
     const prompt = seqOf(2, 9);
-    for (const h of prompt.blockHashes(2, 4)) tier.kept.set(h, -1);
+    keep(prompt, 2);
     expect(s.add(prompt)).toBe("ok");
     s.schedule(); // maxRunning 1: not admitted, nothing looked up
     expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([0, 0]);
