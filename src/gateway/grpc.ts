@@ -141,6 +141,7 @@ interface SamplingRequest {
   presence_penalty?: number;
   frequency_penalty?: number;
   priority?: number;
+  cache_salt?: string;
 }
 
 interface GenerateRequest extends SamplingRequest {
@@ -808,6 +809,10 @@ function parameterFields(p: Parameters): SamplingFields {
   if (stop?.parameter_choice && stop.string_param === undefined)
     throw bad("parameter 'stop' must be a string", "stop");
   const out: SamplingFields = { stop: stop?.string_param ? [stop.string_param] : [] };
+  const salt = p["cache_salt"];
+  if (salt?.parameter_choice && salt.string_param === undefined)
+    throw bad("parameter 'cache_salt' must be a string", "cache_salt");
+  if (salt?.string_param !== undefined) out.cache_salt = salt.string_param;
   for (const k of NUMBER_FIELDS) {
     const v = num(k);
     if (v !== undefined) out[k] = v;
@@ -846,6 +851,7 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     presence_penalty,
     frequency_penalty,
     priority,
+    cache_salt,
   } = r;
   return {
     stop: r.stop,
@@ -857,5 +863,6 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     ...(presence_penalty !== undefined ? { presence_penalty } : {}),
     ...(frequency_penalty !== undefined ? { frequency_penalty } : {}),
     ...(priority !== undefined ? { priority } : {}),
+    ...(cache_salt !== undefined && cache_salt !== null ? { cache_salt } : {}),
   };
 }

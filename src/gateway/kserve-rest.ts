@@ -347,6 +347,11 @@ function jsonFields(p: unknown, param: string): SamplingFields {
       const n = typeof v === "number" ? v : typeof v === "string" ? decimal(v) : Number.NaN;
       if (!Number.isFinite(n)) throw bad(`parameter '${k}' must be a number`, `${param}.${k}`);
       out[k as (typeof NUMBER_FIELDS)[number]] = n;
+    } else if (k === "cache_salt") {
+      if (v === null) continue;
+      if (typeof v !== "string")
+        throw bad("parameter 'cache_salt' must be a string", `${param}.cache_salt`);
+      out.cache_salt = v;
     } else if (k === "stop") {
       if (v === null) continue;
       const stops = typeof v === "string" ? [v] : v;

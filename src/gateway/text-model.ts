@@ -51,6 +51,8 @@ export interface SamplingFields {
   presence_penalty?: number;
   frequency_penalty?: number;
   priority?: number;
+  /** vLLM's cache_salt: prompt blocks cached for requests of the same salt only. */
+  cache_salt?: string;
   stop: string[];
 }
 
@@ -76,6 +78,9 @@ export function sampling(s: SamplingFields): Sampling {
     "a 32-bit integer",
   );
   if (s.stop.length > 4) throw bad("at most 4 stop strings", "stop");
+  const salt = s.cache_salt;
+  if (salt !== undefined && (salt.length === 0 || salt.length > 1024))
+    throw bad("'cache_salt' must be a string of 1 to 1024 characters", "cache_salt");
   return {
     ...(s.max_tokens !== undefined ? { maxTokens: s.max_tokens } : {}),
     n: 1,
@@ -91,6 +96,7 @@ export function sampling(s: SamplingFields): Sampling {
     logprobs: null,
     promptLogprobs: false,
     ...(s.priority ? { priority: s.priority } : {}),
+    ...(salt !== undefined ? { cacheSalt: salt } : {}),
   };
 }
 

@@ -1151,3 +1151,54 @@ describe("status mapping", () => {
     expect(grpcStatus(new Error("boom")).code).toBe(status.INTERNAL);
   });
 });
+
+describe("cache_salt (vLLM's) over KServe v2 and GenerateStream", () => {
+  it("a salted prompt's cached blocks serve the same salt only, whichever API sent it", async () => {
+    const prompt = "The lighthouse keeper climbed the stairs to light the lamp at dusk. ".repeat(3);
+    const hits = () => metric(gw.url, "expertmesh_gateway_prefix_cache_hits");
+    /** Prefix cache hits (tokens) of one call. */
+    const hitsOf = async (f: () => Promise<unknown>) => {
+      const before = await hits();
+      await f();
+      return (await hits()) - before;
+    };
+    const infer = (salt: string) =>
+      call(
+        c.kserve,
+        "ModelInfer",
+        inferRequest(prompt, { max_tokens: param.int(2), cache_salt: param.str(salt) }),
+      );
+    const rest = (salt: unknown) =>
+      fetch(`${gw.url}/v2/models/tiny/infer`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({
+          inputs: [{ name: "text_input", datatype: "BYTES", shape: [1], data: [prompt] }],
+          parameters: { max_tokens: 2, cache_salt: salt },
+        }),
+      });
+    expect(await hitsOf(() => infer("kserve-a"))).toBe(0);
+    expect(await hitsOf(() => infer("kserve-b"))).toBe(0);
+    const again = await hitsOf(() => infer("kserve-a"));
+    expect(again).toBeGreaterThan(0);
+    // REST and GenerateStream with the same salt find the same blocks.
+    expect(await hitsOf(async () => expect((await rest("kserve-a")).status).toBe(200))).toBe(again);
+    const gen = await hitsOf(() =>
+      generate(c, { model: "tiny", prompt, max_tokens: 2, cache_salt: "kserve-a" }),
+    );
+    expect(gen).toBe(again);
+    expect(await hitsOf(() => generate(c, { model: "tiny", prompt, max_tokens: 2 }))).toBe(0);
+    // Refused: empty, or not a string.
+    for (const bad of [param.str(""), param.bool(true)]) {
+      const err = await callError(
+        c.kserve,
+        "ModelInfer",
+        inferRequest(prompt, { cache_salt: bad }),
+      );
+      expect(err.code).toBe(status.INVALID_ARGUMENT);
+    }
+    const r = await rest(7);
+    expect(r.status).toBe(400);
+    expect(((await r.json()) as { param: string }).param).toBe("parameters.cache_salt");
+  });
+});
