@@ -172,9 +172,15 @@ export class DiskPrefixStore {
       const path = join(this.dir, name);
       const tmp = /\.tmp-(\d+)-\d+$/.exec(name);
       if (tmp) {
-        // An interrupted write, unless its process is still writing (another gateway on
-        // the same folder).
-        if (!alive(Number(tmp[1]))) this.#remove(path);
+        // An interrupted write, unless another live process (a gateway on the same folder)
+        // is writing it: not ours (this process has written nothing yet; in a restarted
+        // container an earlier one had the same pid), and not older than a write can take.
+        const pid = Number(tmp[1]);
+        const writing =
+          pid !== process.pid &&
+          alive(pid) &&
+          Date.now() - (statSync(path, { throwIfNoEntry: false })?.mtimeMs ?? 0) < 300_000;
+        if (!writing) this.#remove(path);
         continue;
       }
       if (!FILE_RE.test(name)) continue;

@@ -384,7 +384,7 @@ export function desiredObjects(
       `--grpc-port=${gateway.ports.grpc}`,
       `--metrics-port=${gateway.ports.metrics}`,
       // Still serving for 5 s after SIGTERM, not ready: the Service's endpoints drop the pod
-      // before its port closes (then 50 s for requests in flight, within the 60 s grace).
+      // before its port closes (then 45 s for requests in flight, within the 60 s grace).
       `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
       ...gatewayArgs(model),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),

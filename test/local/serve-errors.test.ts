@@ -4,7 +4,7 @@
 // and never an unhandled 'error' event. A plan made for another model is refused at start.
 import { spawn } from "node:child_process";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, type Server } from "node:net";
+import { connect, createServer, type Server } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
@@ -213,6 +213,26 @@ describe("serving commands on bad input", () => {
         );
         // Well before the kernel would have broken the lease.
         expect(performance.now() - t0, args[0]).toBeLessThan(30_000);
+      }
+      // SIGTERM while the weights load (hung here, with no stall limit): it exits at once,
+      // cleanly (in a container, as PID 1, a process without a handler would ignore it).
+      const loading = new ManagedProcess(
+        `gateway-loading-${await freePort()}`,
+        process.execPath,
+        [main, "gateway", `--model=${hung}`, "--local", "--http-port=0", "--metrics-port=0"],
+        join(testEnv().runDir, "logs"),
+      );
+      try {
+        const log = () => readFileSync(loading.logPath, "utf8");
+        await loading.waitUntil("listening", async () => log().includes("starting; /health"));
+        const t0 = performance.now();
+        process.kill(loading.pid!, "SIGTERM");
+        for (let i = 0; i < 100 && !loading.exited; i++) await sleep(100);
+        expect(loading.exited).toBe(true);
+        expect(performance.now() - t0).toBeLessThan(5_000);
+        expect(log()).toContain("SIGTERM while starting: exiting");
+      } finally {
+        await loading.stop(1000);
       }
       const bad = await expertmesh([
         "gateway",
@@ -535,6 +555,40 @@ describe("serving commands on bad input", () => {
       expect(gw.child.exitCode).toBe(0);
     } finally {
       await gw.stop(3000);
+    }
+  });
+
+  it("--shutdown-timeout: a request still running then is cut, and the process exits", async () => {
+    expect(
+      (await expertmesh(["gateway", "--local", `--model=${dir}`, "--shutdown-timeout=x"])).stderr,
+    ).toMatch(/\[EM_CLI_USAGE\] --shutdown-timeout must be a number/);
+    const started = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "local",
+      modelName: `cut-${await freePort()}`,
+      args: ["--shutdown-timeout=1"],
+    });
+    const gw = started.process;
+    try {
+      // A request whose body never ends (a stalled upload): in flight for as long as it likes.
+      const { port } = new URL(started.url);
+      const socket = connect(Number(port), "127.0.0.1");
+      await new Promise<void>((r) => socket.once("connect", () => r()));
+      socket.write(
+        'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mo',
+      );
+      const closed = new Promise<void>((r) => socket.once("close", () => r()));
+      await sleep(200);
+      const t0 = performance.now();
+      process.kill(gw.pid!, "SIGTERM");
+      for (let i = 0; i < 100 && !gw.exited; i++) await sleep(100);
+      expect(gw.exited).toBe(true);
+      await closed;
+      expect(gw.child.exitCode).toBe(0);
+      expect(performance.now() - t0).toBeLessThan(6_000);
+      expect(started.log()).toContain("requests still running after 1 s: cut");
+    } finally {
+      await gw.stop(1000);
     }
   });
 

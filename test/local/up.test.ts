@@ -381,13 +381,32 @@ describe("expertmesh up", () => {
     );
   });
 
-  it("stops every process it started when it is killed outright (SIGKILL: no handler runs)", async () => {
+  it("stops every process it started when it is killed outright (SIGKILL: no handler runs); the gateway still stops gracefully", async () => {
     const port = await freePort();
-    const started = spawnUp(port, 0, false);
+    // With a disk tier: the gateway's graceful stop writes it (its log pipe is gone by
+    // then: a write to it must not end the process first).
+    const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
+    writeFileSync(
+      file,
+      readFileSync(manifest, "utf8").replace(
+        "  gateway:\n",
+        "  gateway:\n    kvCache: { diskBytes: 1048576 }\n",
+      ),
+    );
+    const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
+    const started = spawnUp(port, 0, false, file, { EXPERTMESH_CACHE_DIR: cache });
     const killed = started.proc;
     let all: number[] = [];
     try {
       await untilServing(started, port);
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+      await client.completions.create({
+        model: "tiny-v3",
+        prompt: "The lighthouse keeper climbed the stairs every evening to light the lamp. ".repeat(
+          3,
+        ),
+        max_tokens: 2,
+      });
       all = descendants(killed.pid!);
       // nats-server (under its watching shell), 4 shards, the gateway.
       expect(all.length).toBeGreaterThanOrEqual(7);
@@ -399,6 +418,9 @@ describe("expertmesh up", () => {
       ).catch((e) => {
         throw new Error(`${e}: still running ${all.filter(alive).join(", ")}`);
       });
+      const folder = join(cache, "prefix-cache", "default-tiny");
+      const [fp] = readdirSync(folder);
+      expect(readdirSync(join(folder, fp!)).some((f) => f.endsWith(".kv"))).toBe(true);
     } finally {
       if (killed.exitCode === null) killed.kill("SIGKILL");
       for (const pid of all.filter(alive)) process.kill(pid, "SIGKILL"); // after a failure

@@ -1,7 +1,7 @@
 // The prefix cache's disk tier (ADR 0019): DiskPrefixStore on a real folder (round trips,
 // the byte budget, restarts, damaged files, failed writes) and the allocator's use of a
 // second tier (eviction hands blocks down, a prefix continues with the tier's blocks).
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
   existsSync,
@@ -165,12 +165,16 @@ describe("DiskPrefixStore", () => {
     await s.flush();
     const short = fileOf(hashOf("short"));
     writeFileSync(join(s.dir, short), Buffer.alloc(FILE - 1));
-    // A process that has exited left a temporary file; a live one (this one) is writing one.
+    // Temporary files: of a process that has exited, of this pid (an earlier process with
+    // it: a restarted container's), of a live process but too old: removed; of a live
+    // process, recent: it is writing.
     const dead = spawnSync("true").pid;
-    const gone = `${fileOf(hashOf("t"))}.tmp-${dead}-0`;
-    const writing = `${fileOf(hashOf("w"))}.tmp-${process.pid}-0`;
-    writeFileSync(join(s.dir, gone), Buffer.alloc(FILE));
-    writeFileSync(join(s.dir, writing), Buffer.alloc(FILE));
+    const live = spawn("sleep", ["30"]);
+    const tmp = (what: string, pid: number) => `${fileOf(hashOf(what))}.tmp-${pid}-0`;
+    const writing = tmp("w", live.pid!);
+    for (const name of [tmp("t", dead), tmp("own", process.pid), tmp("old", live.pid!), writing])
+      writeFileSync(join(s.dir, name), Buffer.alloc(FILE));
+    utimesSync(join(s.dir, tmp("old", live.pid!)), 1000, 1000);
     // The same 32 bytes under another spelling (base64url's last character has 2 spare bits).
     const name = fileOf(good);
     const last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -179,6 +183,7 @@ describe("DiskPrefixStore", () => {
     writeFileSync(join(s.dir, twin), readFileSync(join(s.dir, name)));
     writeFileSync(join(s.dir, "notes.txt"), "kept");
     const again = open(dir, 4);
+    live.kill();
     expect(again.stats).toMatchObject({ files: 1, bytes: FILE });
     expect(readdirSync(s.dir).sort()).toEqual(
       [name, "fingerprint.json", "notes.txt", writing].sort(),

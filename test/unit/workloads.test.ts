@@ -129,8 +129,9 @@ describe("desiredObjects", () => {
     const gw = objects("").find((o) => o.metadata?.name === "m-gateway") as any;
     const pod = gw.spec.template.spec;
     expect(pod.containers[0].args).toContain("--shutdown-delay=5");
-    // The delay, then up to 50 s for gRPC calls in flight, must end before SIGKILL.
-    expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(5 + 50);
+    // The delay, then up to 45 s (--shutdown-timeout) for requests in flight, then the prefix
+    // cache's writes and the NATS drain must end before SIGKILL.
+    expect(pod.terminationGracePeriodSeconds).toBeGreaterThanOrEqual(5 + 45 + 10);
   });
 
   it("passes --no-prefix-caching to the gateway only when spec.gateway.prefixCaching is false", () => {

@@ -20,7 +20,6 @@ import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reaso
 import { createServeContext, probeShards, type ShardProbe } from "../../gateway/server.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
-import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
@@ -47,6 +46,7 @@ import {
 import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
+import { stopSignals } from "../stop-signals.ts";
 
 /** This build's version (package.json), for what the disk tier's rows depend on. */
 function packageVersion(): string {
@@ -78,6 +78,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --shutdown-delay SECONDS  on SIGTERM, keep serving this long with /ready answering 503 before
                             stopping, so that a Service stops sending requests first (default 0;
                             the operator's pods use 5)
+  --shutdown-timeout SECONDS  then wait this long for the requests in flight (HTTP and gRPC) to
+                            end, and cut those still running (default 45: with the operator's 5 s
+                            delay, within a pod's 60 s grace, leaving time to write the prefix
+                            cache's disk tier and drain NATS)
   --max-model-len N         context length served (default: max_position_embeddings)
   --tokenizer-workers N     threads that encode long prompts (over 4 KiB) off the event loop,
                             each with its own copy of the tokenizer (default 1; 0: none)
@@ -165,6 +169,7 @@ export const gatewayCommand: Command = {
         "scheduling-policy": { type: "string" },
         "max-request-bytes": { type: "string" },
         "shutdown-delay": { type: "string" },
+        "shutdown-timeout": { type: "string" },
         dtype: { type: "string" },
         "max-model-len": { type: "string" },
         "tokenizer-workers": { type: "string" },
@@ -239,6 +244,9 @@ export const gatewayCommand: Command = {
     const shutdownDelayS = numberFlag(values["shutdown-delay"], "--shutdown-delay", 0);
     if (shutdownDelayS > 300)
       usage(`--shutdown-delay must be at most 300 s, got ${shutdownDelayS}`);
+    const shutdownTimeoutS = numberFlag(values["shutdown-timeout"], "--shutdown-timeout", 45);
+    if (shutdownTimeoutS > 3600)
+      usage(`--shutdown-timeout must be at most 3600 s, got ${shutdownTimeoutS}`);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
     // On NATS the names become subject tokens; alone (--local) they only name things.
@@ -248,6 +256,7 @@ export const gatewayCommand: Command = {
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
+    const signals = stopSignals(log);
 
     const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
     const backend = selected.backend;
@@ -502,18 +511,29 @@ export const gatewayCommand: Command = {
       }
       log(`${sig}: stopping (finishing requests in flight)`);
       clearInterval(statsTimer);
-      // gRPC calls still running after 50 s are cancelled (a clean status for their clients)
-      // before the pod's 60 s termination grace ends in SIGKILL; HTTP waits for its own.
+      // Requests still running after --shutdown-timeout are cut (gRPC calls get a clean
+      // CANCELLED status; HTTP connections are closed), before the pod's termination grace
+      // ends in SIGKILL, which would also skip the prefix cache's writes and the NATS drain.
       // The app does not close a server it was given: closing it waits for open requests.
       const closed = new Promise<void>((res) => server.close(() => res()));
       server.closeIdleConnections();
-      await Promise.all([app.close(), closed, grpc?.close(50_000)]);
+      const cut = setTimeout(() => {
+        log(`requests still running after ${shutdownTimeoutS} s: cut`);
+        server.closeAllConnections();
+      }, shutdownTimeoutS * 1000);
+      await Promise.all([app.close(), closed, grpc?.close(shutdownTimeoutS * 1000)]);
+      clearTimeout(cut);
       await ctx.encoder.close();
       if (values["prefix-cache-disk"] !== undefined) {
-        const n = await ctx.engine.persistPrefixes();
-        log(
-          `prefix cache: ${n} blocks written to ${values["prefix-cache-disk"]} for the next start`,
-        );
+        try {
+          const n = await ctx.engine.persistPrefixes();
+          log(
+            `prefix cache: ${n} blocks written to ${values["prefix-cache-disk"]} for the next start`,
+          );
+        } catch (e) {
+          // Not a reason to skip the rest of the stop.
+          log(`prefix cache: not written (${formatError(e)})`);
+        }
       }
       metricsServer.close();
       try {
@@ -525,10 +545,7 @@ export const gatewayCommand: Command = {
       log("stopped");
       process.exit(0);
     };
-    process.on("SIGTERM", () => void stop("SIGTERM"));
-    process.on("SIGINT", () => void stop("SIGINT"));
-    // A child of `expertmesh up` whose parent is gone (even SIGKILLed): stop the same way.
-    stopWhenParentGone(() => void stop("parent gone"));
+    signals.serving((why) => void stop(why));
     await new Promise(() => {});
     return 0;
   },

@@ -5,7 +5,6 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
-import { stopWhenParentGone } from "../../local/parent-watch.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
@@ -27,6 +26,7 @@ import {
 import { expertLoad, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
+import { stopSignals } from "../stop-signals.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
   --nats-creds FILE     NATS credentials (.creds)
@@ -97,6 +97,7 @@ export const shardCommand: Command = {
     const id = values.id ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} shard ${k}/${id}: ${m}\n`);
+    const signals = stopSignals(log);
 
     // The probe port first: liveness is answered while the experts load (minutes, for a
     // real model), and /readyz says which step startup is on.
@@ -249,10 +250,7 @@ export const shardCommand: Command = {
       http.close();
       process.exit(0);
     };
-    process.on("SIGTERM", () => void stop("SIGTERM"));
-    process.on("SIGINT", () => void stop("SIGINT"));
-    // A child of `expertmesh up` whose parent is gone (even SIGKILLed): stop the same way.
-    stopWhenParentGone(() => void stop("parent gone"));
+    signals.serving((why) => void stop(why));
     await new Promise(() => {});
     return 0;
   },

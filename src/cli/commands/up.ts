@@ -268,11 +268,16 @@ export const upCommand: Command = {
     const children: ChildProcess[] = [];
     let stopping = false;
     const stopAll = async (code: number) => {
-      if (stopping) return;
+      if (stopping) {
+        // A second Ctrl-C: no more waiting.
+        say("stopping now");
+        process.exit(code);
+      }
       stopping = true;
       board.close("stopped");
-      say("stopping");
-      // Gateway first (finishes requests in flight), then shards (drain), then NATS.
+      say("stopping (Ctrl-C again to stop at once)");
+      // Gateway first (finishes requests in flight, up to its --shutdown-timeout of 45 s,
+      // and writes its prefix cache's disk tier), then shards (drain), then NATS.
       for (const c of [...children].reverse()) {
         if (c.exitCode !== null || c.signalCode !== null) continue;
         c.kill("SIGTERM");
@@ -280,7 +285,7 @@ export const upCommand: Command = {
           const t = setTimeout(() => {
             c.kill("SIGKILL");
             r();
-          }, 10_000);
+          }, 60_000);
           c.once("exit", () => {
             clearTimeout(t);
             r();
