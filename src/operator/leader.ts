@@ -26,17 +26,26 @@ function statusOf(err: unknown): number | undefined {
   return (err as { code?: number })?.code;
 }
 
+/** The Lease calls the elector makes (CoordinationV1Api's). */
+export type LeaseApi = Pick<
+  CoordinationV1Api,
+  "readNamespacedLease" | "createNamespacedLease" | "replaceNamespacedLease"
+>;
+
 export class LeaderElector {
-  readonly #api: CoordinationV1Api;
+  readonly #api: LeaseApi;
   readonly #o: Required<Omit<LeaderElectionOptions, "log">> & Pick<LeaderElectionOptions, "log">;
   #leading = false;
   #stopped = false;
   #timer: NodeJS.Timeout | undefined;
   #lastRenew = 0;
   #onLost: (() => void) | undefined;
+  /** A renewal under way (release waits for it, so that it cannot write after). */
+  #renewing: Promise<boolean> | null = null;
 
-  constructor(kc: KubeConfig, opts: LeaderElectionOptions) {
-    this.#api = kc.makeApiClient(CoordinationV1Api);
+  /** `kc`, or the Lease calls themselves (tests). */
+  constructor(kc: KubeConfig | LeaseApi, opts: LeaderElectionOptions) {
+    this.#api = "makeApiClient" in kc ? kc.makeApiClient(CoordinationV1Api) : kc;
     this.#o = { leaseDurationSeconds: 15, renewDeadlineMs: 10_000, retryPeriodMs: 2_000, ...opts };
   }
 
@@ -66,7 +75,10 @@ export class LeaderElector {
   #scheduleRenew(): void {
     this.#timer = setTimeout(async () => {
       if (this.#stopped) return;
-      const ok = await this.#tryAcquireOrRenew().catch(() => false);
+      this.#renewing = this.#tryAcquireOrRenew().catch(() => false);
+      const ok = await this.#renewing;
+      this.#renewing = null;
+      if (this.#stopped) return;
       if (ok) this.#lastRenew = Date.now();
       if (!ok && Date.now() - this.#lastRenew > this.#o.renewDeadlineMs) {
         this.#leading = false;
@@ -86,7 +98,7 @@ export class LeaderElector {
     try {
       lease = await this.#api.readNamespacedLease({ name, namespace });
     } catch (err) {
-      if (statusOf(err) !== 404) return false;
+      if (statusOf(err) !== 404 || this.#stopped) return false;
       try {
         await this.#api.createNamespacedLease({
           namespace,
@@ -106,6 +118,8 @@ export class LeaderElector {
         return false;
       }
     }
+    // Released meanwhile: writing now would take the lease back, or make release fail.
+    if (this.#stopped) return false;
     const spec = lease.spec ?? {};
     const holder = spec.holderIdentity ?? "";
     const renewed = spec.renewTime ? new Date(spec.renewTime as unknown as string).getTime() : 0;
@@ -137,6 +151,7 @@ export class LeaderElector {
   async release(): Promise<void> {
     this.#stopped = true;
     clearTimeout(this.#timer);
+    await this.#renewing;
     if (!this.#leading) return;
     this.#leading = false;
     const { namespace, name, identity } = this.#o;
