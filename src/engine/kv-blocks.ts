@@ -51,6 +51,10 @@ export class BlockAllocator {
   tier: PrefixTier | null = null;
   /** Of the blocks the last attachPrefix gave, those read back from the tier. */
   lastLoaded = 0;
+  /** The last attachPrefix stopped at its read limit with more of the prefix in the tier. */
+  lastCapped = false;
+  /** Blocks one attachPrefix reads from the tier at most (a bound on a step's reads). */
+  maxTierReads = Number.POSITIVE_INFINITY;
 
   constructor(numBlocks: number, blockSize: number) {
     if (
@@ -130,7 +134,8 @@ export class BlockAllocator {
    * in the pool but in the tier is read back into a free block (registered again) while
    * `keepFree(n)` blocks stay free besides, with n blocks attached: the blocks the
    * sequence's first chunk then needs, so that reading never keeps it from being
-   * admitted. lastLoaded says how many were read.
+   * admitted; and at most maxTierReads (lastCapped says when that stopped it). lastLoaded
+   * says how many were read.
    */
   attachPrefix(
     seq: number,
@@ -138,6 +143,7 @@ export class BlockAllocator {
     keepFree: (attached: number) => number = () => 1,
   ): number {
     this.lastLoaded = 0;
+    this.lastCapped = false;
     if (this.#tables.has(seq)) return 0;
     const table: number[] = [];
     for (const h of hashes) {
@@ -147,6 +153,10 @@ export class BlockAllocator {
         this.#refs[b]!++;
       } else {
         if (!this.tier?.has(h) || this.numFreeBlocks - 1 < keepFree(table.length + 1)) break;
+        if (this.lastLoaded >= this.maxTierReads) {
+          this.lastCapped = true;
+          break;
+        }
         // Read first: a miss costs no block of the pool.
         const put = this.tier.fetch(h);
         if (!put) break;
@@ -281,6 +291,8 @@ export class BlockKvCache {
         );
       const disk = this.disk;
       const per = blockSize * this.#rowBytes;
+      // A step reads at most 256 MiB of blocks (a prompt with more takes several steps).
+      this.allocator.maxTierReads = Math.max(1, Math.floor(2 ** 28 / this.blockBytes));
       this.allocator.tier = {
         evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
         has: (hash) => disk.has(hash),

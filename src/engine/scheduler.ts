@@ -55,6 +55,8 @@ export class Sequence {
    * only sequences with the same salt share cached blocks (null: unsalted).
    */
   cacheSalt: string | null = null;
+  /** Tokens read back from a second tier for it while it waited (counted when admitted). */
+  tierLoaded = 0;
   /**
    * Tokens guessed to follow its last one (speculative.ts), set by the engine before each
    * step: a decoding sequence runs them with its last token in one chunk, cache room
@@ -290,8 +292,16 @@ export class Scheduler {
             seq.blockHashes(blocks, B).slice(0, blocks),
             chunkBlocks,
           ) * B;
-        loaded = this.#blocks.lastLoaded * B;
+        seq.tierLoaded += this.#blocks.lastLoaded * B;
+        loaded = seq.tierLoaded;
         seq.numComputed = hit;
+        if (this.#blocks.lastCapped) {
+          // More of its prefix to read than one step may: the blocks read stay cached in the
+          // pool, and the next steps find them there and read on (first in line, it waits).
+          this.#blocks.free(seq.id);
+          seq.numComputed = 0;
+          break;
+        }
       }
       const n = tokensOf(seq);
       if (n === 0 || !this.#blocks.reserve(seq.id, seq.numComputed + n)) {
@@ -304,7 +314,8 @@ export class Scheduler {
       if (lookup) {
         this.prefixQueryTokens += seq.numTokens;
         this.prefixHitTokens += hit;
-        this.prefixTierHitTokens += loaded;
+        this.prefixTierHitTokens += Math.min(loaded, hit);
+        seq.tierLoaded = 0;
       }
       this.#waiting.shift();
       seq.status = "running";

@@ -415,6 +415,23 @@ describe("Scheduler over a second tier", () => {
     expect([c!.start, c!.numTokens, a.lastLoaded]).toEqual([60, 1, 15]);
   });
 
+  it("reads a long prefix over several steps, at most maxTierReads blocks each, then admits it", () => {
+    const { a, s, keep } = tiered(20, 64);
+    a.maxTierReads = 3;
+    const prompt = seqOf(2, 33); // 8 whole blocks before its last token, all in the tier
+    keep(prompt, 8);
+    expect(s.add(prompt)).toBe("ok");
+    const steps: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const { chunks } = s.schedule();
+      steps.push(`${a.lastLoaded} read, ${chunks.map((c) => `${c.start}+${c.numTokens}`)}`);
+      s.commit(chunks);
+    }
+    // 3 read (first in line, it waits), then 3 from the pool and 3 read, then 6 and the last 2.
+    expect(steps).toEqual(["3 read, ", "3 read, ", "2 read, 32+1"]);
+    expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([32, 32]);
+  });
+
   it("counts nothing read for a prompt it could not admit", () => {
     const { s, keep } = tiered(8, 64, 1);
     expect(s.add(seqOf(1, 8))).toBe("ok");
