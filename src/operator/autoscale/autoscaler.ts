@@ -95,6 +95,9 @@ const round = (n: number) => Math.round(n * 100) / 100;
 const TIMER_SLACK_MS = 100;
 const rfc3339 = (ms: number) => new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");
 
+/** How long stop() waits for connections to NATS still being made (ms). */
+const STOP_WAIT_MS = 1000;
+
 export class Autoscaler {
   readonly #o: AutoscalerOptions;
   readonly #models = new Map<string, ModelState>();
@@ -183,7 +186,20 @@ export class Autoscaler {
     this.#models.clear();
     const conns = [...this.#conns.values()];
     this.#conns.clear();
-    await Promise.all(conns.map(async (c) => (await c.catch(() => undefined))?.close()));
+    // Each connection is closed once it is made. A connect still under way (a NATS server
+    // that does not answer: up to its 20 s timeout) is not waited for past a second, since
+    // the operator releases its lease after this, within the pod's grace period.
+    const closed = Promise.all(
+      conns.map((c) =>
+        c.then(
+          (nc) => nc.close(),
+          () => {},
+        ),
+      ),
+    );
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([closed, new Promise((r) => (timer = setTimeout(r, STOP_WAIT_MS)))]);
+    clearTimeout(timer);
   }
 
   /** Called by every reconcile: the model and what the cluster has. */
