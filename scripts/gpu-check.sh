@@ -15,7 +15,7 @@
 #
 # Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
 # parity-wgmma.log, parity-optin.log, forward.md, forward-resident.md, forward-mirror.md, forward.json,
-# addon.log, addon-build.log, bench.json, bench.log (with the MoE phase profile), mla_bench.json, mla_wgmma.json,
+# addon.log, addon-mirror.log, addon-build.log, bench.json, bench.log (with the MoE phase profile), mla_bench.json, mla_wgmma.json,
 # torch.json, build.log.
 # Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
 # failure, 2 no CUDA device (never a silent pass). The benchmarks never fail the check.
@@ -262,6 +262,12 @@ if [ -n "$node" ]; then
   step 60 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" >"$out/addon.log" 2>&1
   addon_rc=$?
   cat "$out/addon.log" >&2
+  # Again with the device KV mirror (ADR 0010; opt-in): rows written by kvWrite (the prefix
+  # cache's disk tier) after the mirror was made must reach it. Information, as the mirror is.
+  log "addon test with EM_ADDON_KV_MIRROR=1"
+  if step 60 env EM_ADDON_KV_MIRROR=1 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" \
+    >"$out/addon-mirror.log" 2>&1; then addon_mirror_note="ok"; else addon_mirror_note="FAIL (addon-mirror.log)"; fi
+  cat "$out/addon-mirror.log" >&2
   log "forward: scripts/gpu-forward.ts --device ${EM_GPU_FORWARD_DEVICE:-cuda:0}"
   step 180 env EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings "$root/scripts/gpu-forward.ts" \
     --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --json "$out/forward.json" >"$out/forward.md" 2>"$out/forward.err"
@@ -319,6 +325,7 @@ if [ -n "$node" ]; then
     grep -E '^\| tiny|^- forward' "$out/forward-dtype.md" 2>/dev/null || echo "(no result: forward-dtype.md)"
     echo
     echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
+    echo "Addon test with the device KV mirror (EM_ADDON_KV_MIRROR=1, opt-in; information): ${addon_mirror_note:-not run}"
     echo
     echo '```'
     tail -15 "$out/addon.log"

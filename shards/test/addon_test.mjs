@@ -261,6 +261,65 @@ for (let t = 0; t < T; t++)
   );
 }
 
+// kvWrite: encoded rows copied into a paged pool are what attention then reads, on every
+// device; on a CUDA device with its KV mirror (EM_ADDON_KV_MIRROR=1: gpu-check runs this test
+// again so) the rows written after the mirror was made must reach it.
+{
+  const C = 8,
+    dr = 4,
+    Hh = 2,
+    dn = 4,
+    dv = 3,
+    B = 4,
+    nb = 3;
+  const rb = em.kvRowBytes("bf16", C, dr);
+  const pool = new Uint8Array(nb * B * rb);
+  em.kvEncode("bf16", C, dr, randArray(nb * B * (C + dr)), pool, 0);
+  const wkvB = { dtype: "f32", shape: [Hh * (dn + dv), C], data: randArray(Hh * (dn + dv) * C) };
+  const q = randArray(Hh * (dn + dr));
+  const attend = (device) => {
+    em.configure({ device });
+    try {
+      return em.mlaAttention({
+        q,
+        positions: Int32Array.from([nb * B - 1]),
+        pages: {
+          pool,
+          dtype: "bf16",
+          blockSize: B,
+          table: Int32Array.from([0, 1, 2]),
+          tableOffsets: Int32Array.from([0, 3]),
+        },
+        numHeads: Hh,
+        qkNopeHeadDim: dn,
+        qkRopeHeadDim: dr,
+        vHeadDim: dv,
+        kvLoraRank: C,
+        wkvB,
+        softmaxScale: em.mlaSoftmaxScale(dn + dr, 1, 1),
+      });
+    } finally {
+      em.configure({ device: "cpu" });
+    }
+  };
+  const devices = cuda.devices > 0 ? ["cpu", "cuda:0"] : ["cpu"];
+  const before = devices.map(attend); // on CUDA with the mirror: made here
+  const rows = new Uint8Array(B * rb);
+  em.kvEncode("bf16", C, dr, randArray(B * (C + dr), -3, 3), rows, 0);
+  em.kvWrite(rows, pool, B * rb); // block 1
+  assert.deepEqual(pool.subarray(B * rb, 2 * B * rb), rows);
+  const after = devices.map(attend);
+  assert.ok(
+    after[0].some((v, i) => Math.abs(v - before[0][i]) > 1e-3),
+    "kvWrite: the new rows change attention",
+  );
+  for (let d = 1; d < devices.length; d++) {
+    close(before[d], before[0], 5e-2, `kvWrite: ${devices[d]} before the write`);
+    close(after[d], after[0], 5e-2, `kvWrite: ${devices[d]} after the write`);
+  }
+  throwsCode(() => em.kvWrite(rows, pool, pool.length - rows.length + 1), "EM_NATIVE_SHAPE");
+}
+
 // gate: softmax greedy top-2 of 4 experts, renormalized and scaled
 {
   const gwt = {
