@@ -135,7 +135,8 @@ export class DiskPrefixStore {
     const fp = fingerprintOf(o.identity);
     const dir = join(o.dir, fp);
     try {
-      mkdirSync(dir, { recursive: true });
+      // The rows are users' prompts, in a form: for this user alone.
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
       writeFileSync(
         join(dir, "fingerprint.json"),
         `${JSON.stringify({ fingerprint: fp, ...o.identity }, null, 2)}\n`,
@@ -263,12 +264,12 @@ export class DiskPrefixStore {
         // An earlier file of this hash still being removed: after that, not over this one.
         await this.#unlinking.get(hash);
         try {
-          await writeFile(tmp, buf);
+          await writeFile(tmp, buf, { mode: 0o600 });
         } catch (e) {
           // The folder removed from under us: made again, once.
           if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
-          await mkdir(this.dir, { recursive: true });
-          await writeFile(tmp, buf);
+          await mkdir(this.dir, { recursive: true, mode: 0o700 });
+          await writeFile(tmp, buf, { mode: 0o600 });
         }
         await rename(tmp, path);
         this.#stats.written++;

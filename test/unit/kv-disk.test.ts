@@ -68,6 +68,9 @@ describe("DiskPrefixStore", () => {
     expect(loaded(s, h)).toEqual(joined(rows(1)));
     await s.flush();
     expect(readdirSync(s.dir).sort()).toEqual([fileOf(h), "fingerprint.json"].sort());
+    // Users' prompts, in a form: for this user alone.
+    expect(statSync(s.dir).mode & 0o777).toBe(0o700);
+    expect(statSync(join(s.dir, fileOf(h))).mode & 0o777).toBe(0o600);
     expect(loaded(s, h)).toEqual(joined(rows(1)));
     // Saving again keeps the first bytes (a hash stands for one content).
     expect(s.save(h, rows(2))).toBe(true);
