@@ -28,6 +28,7 @@ import {
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { Value } from "@sinclair/typebox/value";
+import { packageVersion } from "../util/version.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { type Job, logServerError, REQUEST_ID, type ServeContext, startJob } from "./jobs.ts";
@@ -43,7 +44,6 @@ import {
   inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
-  packageVersion,
   type SamplingFields,
   sampling,
   TEXT_INPUT,

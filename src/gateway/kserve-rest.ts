@@ -8,6 +8,7 @@
 import { deflateSync, gzipSync } from "node:zlib";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
+import { packageVersion } from "../util/version.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext, startJob } from "./jobs.ts";
 import {
@@ -29,7 +30,6 @@ import {
   inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
-  packageVersion,
   type SamplingFields,
   sampling,
   TEXT_INPUT,

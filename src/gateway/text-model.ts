@@ -3,7 +3,6 @@
 // answer a BYTES output `text_output`, sampled with the completions route's fields and
 // ranges; and Triton's generate extension's text fields.
 import { randomInt } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { ApiError } from "./errors.ts";
 import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
@@ -171,14 +170,4 @@ export function inferOutcome(job: Job, spec: JobSpec) {
     promptTokens: spec.prompts.reduce((a, p) => a + p.tokens.length, 0),
     completionTokens: job.completionTokens,
   };
-}
-
-let version: string | undefined;
-export function packageVersion(): string {
-  version ??= (
-    JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
-      version: string;
-    }
-  ).version;
-  return version;
 }

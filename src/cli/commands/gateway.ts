@@ -1,4 +1,3 @@
-import { readFileSync } from "node:fs";
 import { createServer, type RequestListener } from "node:http";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
@@ -30,6 +29,7 @@ import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
+import { packageVersion } from "../../util/version.ts";
 import { selectBackend } from "../device.ts";
 import {
   defaultModelName,
@@ -47,12 +47,6 @@ import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
-
-/** This build's version (package.json), for what the disk tier's rows depend on. */
-function packageVersion(): string {
-  const pkg = new URL("../../../package.json", import.meta.url);
-  return (JSON.parse(readFileSync(pkg, "utf8")) as { version: string }).version;
-}
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
   --local                   routed experts in this process (single-process mode)

@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs";
+import { packageVersion } from "../../util/version.ts";
 import type { Command } from "../registry.ts";
 
 export const versionCommand: Command = {
@@ -6,9 +6,7 @@ export const versionCommand: Command = {
   summary: "print the expertmesh version and the Node.js runtime",
   usage: "expertmesh version",
   async run() {
-    const pkgUrl = new URL("../../../package.json", import.meta.url);
-    const pkg = JSON.parse(readFileSync(pkgUrl, "utf8")) as { version: string };
-    process.stdout.write(`expertmesh ${pkg.version} (node ${process.version})\n`);
+    process.stdout.write(`expertmesh ${packageVersion()} (node ${process.version})\n`);
     return 0;
   },
 };
