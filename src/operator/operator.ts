@@ -24,6 +24,12 @@ export interface OperatorOptions {
   metricsPort: number;
   metricsHost?: string;
   workers: number;
+  /**
+   * How long stop() waits for reconciles in flight before it hands back the lease anyway
+   * (default 15 s: the chart's grace period is 30 s, and a lease left to expire costs the
+   * successor its whole duration).
+   */
+  stopTimeoutMs?: number;
   log: (msg: string) => void;
 }
 
@@ -196,16 +202,45 @@ export class Operator {
     }
   }
 
-  /** Graceful shutdown: stop watching, finish in-flight reconciles, hand back the lease. */
+  /**
+   * Graceful shutdown: stop watching, finish in-flight reconciles (for at most
+   * stopTimeoutMs: a Kubernetes call can hang with no timeout of its own), hand back the
+   * lease. The process exits after this, which ends whatever reconcile was left; its
+   * writes are server-side applies of the same desired state the successor computes.
+   */
   async stop(): Promise<void> {
     for (const inf of this.#informers) inf.stop();
     this.#queue.shutdown();
-    await this.#workers;
+    const waitMs = this.#o.stopTimeoutMs ?? 15_000;
+    if (this.#workers && !(await settlesWithin(this.#workers, waitMs))) {
+      this.#o.log(
+        `stop: reconcile of ${this.#queue.inFlight.join(", ")} still running after ${waitMs / 1000} s: handing back the lease without it`,
+      );
+    }
     await this.#autoscaler?.stop();
     await this.#elector?.release();
     this.#metrics.isLeader.set(0);
     await new Promise<void>((resolve) =>
       this.#server ? this.#server.close(() => resolve()) : resolve(),
     );
+  }
+}
+
+/** Whether `p` settles (either way) within `ms`. */
+async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    return await Promise.race([
+      p.then(
+        () => true,
+        () => true,
+      ),
+      late,
+    ]);
+  } finally {
+    clearTimeout(timer);
   }
 }

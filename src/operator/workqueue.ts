@@ -29,6 +29,11 @@ export class WorkQueue {
     this.#maxDelayMs = opts.maxDelayMs ?? 60_000;
   }
 
+  /** Keys being processed now, in no particular order. */
+  get inFlight(): string[] {
+    return [...this.#processing];
+  }
+
   /** Keys waiting (not counting those being processed or waiting for a timer). */
   get depth(): number {
     return this.#queue.length;

@@ -53,6 +53,8 @@ export async function startOperator(opts: {
   leaseNamespace: string;
   leaseDurationSeconds?: number;
   namespaces?: string[];
+  /** More `expertmesh operator` flags. */
+  args?: string[];
 }): Promise<RunningOperator> {
   const env = testEnv();
   const args = [
@@ -65,6 +67,7 @@ export async function startOperator(opts: {
     "--metrics-port=0",
     "--metrics-host=127.0.0.1",
     ...(opts.namespaces ?? []).map((n) => `--namespace=${n}`),
+    ...(opts.args ?? []),
   ];
   const proc = new ManagedProcess(
     `operator-${opts.identity}`,
@@ -211,6 +214,7 @@ export async function operatorForNamespaces(o: {
   releaseNs: string;
   identity: string;
   namespaces: string[];
+  args?: string[];
 }): Promise<RunningOperator> {
   await helmInstall(o.release, o.releaseNs);
   const op = await startOperator({
@@ -218,6 +222,7 @@ export async function operatorForNamespaces(o: {
     identity: o.identity,
     leaseNamespace: o.releaseNs,
     namespaces: o.namespaces,
+    ...(o.args ? { args: o.args } : {}),
   });
   await waitForLeadership(op);
   for (const ns of o.namespaces) {

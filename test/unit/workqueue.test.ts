@@ -89,4 +89,23 @@ describe("WorkQueue", () => {
     await run;
     expect(runs).toBe(3);
   });
+
+  it("lists the keys being processed, and none once they finish", async () => {
+    const q = new WorkQueue();
+    let release = () => {};
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    for (const k of ["a", "b", "c"]) q.add(k);
+    const run = q.run(async () => {
+      await gate;
+      return undefined;
+    }, 2);
+    await until(() => q.inFlight.length === 2);
+    expect(q.inFlight.sort()).toEqual(["a", "b"]);
+    q.shutdown(); // c is never started
+    release();
+    await run;
+    expect(q.inFlight).toEqual([]);
+  });
 });

@@ -2,7 +2,7 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import { Operator } from "../../operator/operator.ts";
-import { boolFlag as bool, intFlag as int } from "../options.ts";
+import { boolFlag as bool, intFlag as int, numberFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh operator [options]
@@ -14,7 +14,10 @@ const USAGE = `expertmesh operator [options]
   --lease-duration SECONDS   lease validity without renewal (default 15)
   --identity NAME            this replica's identity (default: $POD_NAME or hostname-pid)
   --metrics-port PORT        /metrics, /healthz, /readyz (default 8080; 0 picks a free port)
-  --workers N                concurrent reconciles (default 2)`;
+  --workers N                concurrent reconciles (default 2)
+  --shutdown-timeout SECONDS at SIGTERM, wait this long for reconciles in flight, then hand
+                             back the lease anyway and exit (default 15; the chart's grace
+                             period is 30 s)`;
 
 export const operatorCommand: Command = {
   name: "operator",
@@ -34,6 +37,7 @@ export const operatorCommand: Command = {
         "metrics-port": { type: "string" },
         "metrics-host": { type: "string" },
         workers: { type: "string" },
+        "shutdown-timeout": { type: "string" },
       },
     });
     const kc = new KubeConfig();
@@ -53,6 +57,7 @@ export const operatorCommand: Command = {
       metricsPort: int(values["metrics-port"], "--metrics-port", 8080, 0),
       ...(values["metrics-host"] ? { metricsHost: values["metrics-host"] } : {}),
       workers: int(values.workers, "--workers", 2, 1),
+      stopTimeoutMs: numberFlag(values["shutdown-timeout"], "--shutdown-timeout", 15) * 1000,
       log,
     });
     let stopping = false;
