@@ -11,6 +11,11 @@
 namespace em::cuda {
 
 void throw_cuda(cudaError_t e, const char* expr, const char* file, int line) {
+  // A failed call (cudaMalloc's out of memory, say) is also the thread's last error: left
+  // there, the next op's launch check would report it again, failing the op that a caller's
+  // fallback (weights staged per op instead of resident) was meant to run. Sticky errors
+  // stay in the context whatever this clears.
+  (void)cudaGetLastError();
   const em_status s = e == cudaErrorMemoryAllocation ? EM_ERR_NOMEM : EM_ERR_INTERNAL;
   throw Error(s, std::string("cuda: ") + cudaGetErrorString(e) + " (" + expr + " at " + file + ":" +
                      std::to_string(line) + ")");
@@ -302,7 +307,18 @@ extern "C" em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out) {
   *out = nullptr;
   return guarded("em_cuda_malloc", [&] {
     EMC_CUDA(cudaSetDevice(c->device));
-    EMC_CUDA(cudaMalloc(out, bytes > 0 ? bytes : 1));
+    cudaError_t e = cudaMalloc(out, bytes > 0 ? bytes : 1);
+    if (e == cudaErrorMemoryAllocation) {
+      // The stream-ordered pool keeps freed scratch (release threshold: everything), which
+      // cudaMalloc cannot use: give it back to the device and try once more.
+      (void)cudaGetLastError();
+      EMC_CUDA(cudaStreamSynchronize(c->stream));
+      cudaMemPool_t pool;
+      EMC_CUDA(cudaDeviceGetDefaultMemPool(&pool, c->device));
+      EMC_CUDA(cudaMemPoolTrimTo(pool, 0));
+      e = cudaMalloc(out, bytes > 0 ? bytes : 1);
+    }
+    EMC_CUDA(e);
     return EM_OK;
   });
 }

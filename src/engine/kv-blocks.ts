@@ -31,6 +31,13 @@ export interface PrefixTier {
    * that failed; valid until the next fetch), or null when they could not be had.
    */
   fetch(hash: string): ((block: number) => boolean) | null;
+  /**
+   * Starts reading the rows of `hashes` ahead of their fetch, in the background; a tier
+   * without reads of its own (in memory) leaves it out.
+   */
+  prefetch?(hashes: readonly string[]): void;
+  /** Whether a read ahead of `hash`'s rows is still running. */
+  loading?(hash: string): boolean;
 }
 
 /** Free list and block tables; knows nothing about the rows stored in the blocks. */
@@ -177,6 +184,26 @@ export class BlockAllocator {
   }
 
   /**
+   * Starts reading ahead the blocks attachPrefix(`hashes`) would read from the tier (those
+   * past the pool's, up to the first the tier lacks, at most maxTierReads), and says whether
+   * any of those reads still runs: then the sequence waits, and the running ones go on,
+   * instead of the whole step waiting for the disk.
+   */
+  prefetchPrefix(hashes: readonly string[]): boolean {
+    const tier = this.tier;
+    if (!tier?.prefetch || !tier.loading) return false;
+    const want: string[] = [];
+    for (const h of hashes) {
+      if (this.#byHash.has(h)) continue;
+      if (!tier.has(h) || want.length >= this.maxTierReads) break;
+      want.push(h);
+    }
+    if (want.length === 0) return false;
+    tier.prefetch(want);
+    return want.some((h) => tier.loading!(h));
+  }
+
+  /**
    * The registered blocks and their hashes, least recently used first: the cached ones in
    * the order they were freed, then those sequences hold.
    */
@@ -291,11 +318,14 @@ export class BlockKvCache {
         );
       const disk = this.disk;
       const per = blockSize * this.#rowBytes;
-      // A step reads at most 256 MiB of blocks (a prompt with more takes several steps).
+      // A step reads at most 256 MiB of blocks (a prompt with more takes several steps);
+      // the store reads that much ahead (disk.maxStagedBytes).
       this.allocator.maxTierReads = Math.max(1, Math.floor(2 ** 28 / this.blockBytes));
       this.allocator.tier = {
         evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
         has: (hash) => disk.has(hash),
+        prefetch: (hashes) => disk.prefetch(hashes),
+        loading: (hash) => disk.loading(hash),
         fetch: (hash) => {
           const payload = disk.read(hash);
           if (!payload) return null;

@@ -14,12 +14,13 @@ import {
   openSync,
   readdirSync,
   readSync,
+  rmSync,
   statSync,
   unlinkSync,
   utimesSync,
   writeFileSync,
 } from "node:fs";
-import { mkdir, rename, unlink, writeFile } from "node:fs/promises";
+import { mkdir, open as openFile, rename, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
@@ -29,6 +30,8 @@ const VERSION = 1;
 export const DISK_HEADER_BYTES = 48;
 /** Rows copied out of the pool and not yet on disk, at most (more spills are dropped). */
 const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
+/** Rows of files read ahead of their use and held in memory, at most. */
+const DEFAULT_MAX_STAGED = 256 * 2 ** 20;
 const FILE_RE = /^[A-Za-z0-9_-]{43}\.kv$/;
 
 export interface DiskPrefixOptions {
@@ -45,6 +48,11 @@ export interface DiskPrefixOptions {
   readonly identity: Record<string, unknown>;
   /** Copied rows waiting for their write, at most (default 64 MiB; more are dropped). */
   readonly maxPendingBytes?: number;
+  /**
+   * Files read ahead of their use (prefetch) and held in memory, at most (default: those of
+   * 256 MiB of rows; at least one file).
+   */
+  readonly maxStagedBytes?: number;
   readonly log?: (message: string) => void;
 }
 
@@ -54,6 +62,8 @@ export interface DiskPrefixStats {
   bytes: number;
   /** Blocks read back (from a file or a pending write's copy). */
   hits: number;
+  /** Of hits, blocks whose file was read ahead of its use (prefetch). */
+  readAhead: number;
   /** Blocks written. */
   written: number;
   /** Spills dropped: too many bytes pending, or a write of the same block still running. */
@@ -66,6 +76,14 @@ interface Entry {
   readonly fileBytes: number;
   /** The file's bytes while its write runs (a read takes them from here). */
   pending: Buffer | null;
+}
+
+/** A file read ahead of its use: its bytes once the read has ended (null while it runs). */
+interface Staged {
+  readonly entry: Entry;
+  buf: Buffer | null;
+  /** Bytes the read got (fewer than the file's: a short file, caught by read()). */
+  got: number;
 }
 
 /** The 64-bit hex fingerprint of `identity` (canonical JSON: keys sorted). */
@@ -104,6 +122,71 @@ function fileName(hash: string): string {
   return `${raw.toString("base64url")}.kv`;
 }
 
+/** Another fingerprint's folder is removed only after this long unused. */
+const OTHER_IDLE_MS = 3_600_000;
+const TMP_RE = /^[A-Za-z0-9_-]{43}\.kv\.tmp-\d+-\d+$/;
+
+/**
+ * Folders of other fingerprints under `root` (older builds, models or settings) count
+ * against the budget too: while they and this one's `ownBytes` exceed `maxBytes`, those
+ * unused for over an hour (by their files' times: reads refresh them, a start rewrites
+ * fingerprint.json) are removed, least recently used first. Only folders this store would
+ * have written (a fingerprint's name, fingerprint.json, block and temporary files only) are
+ * counted or touched.
+ */
+function removeIdleFingerprints(
+  root: string,
+  own: string,
+  ownBytes: number,
+  maxBytes: number,
+): { folders: number; bytes: number } {
+  const others: { path: string; bytes: number; used: number }[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(root);
+  } catch {
+    return { folders: 0, bytes: 0 };
+  }
+  for (const name of names) {
+    if (name === own || !/^[0-9a-f]{16}$/.test(name)) continue;
+    const path = join(root, name);
+    try {
+      const files = readdirSync(path);
+      if (!files.includes("fingerprint.json")) continue;
+      if (files.some((f) => f !== "fingerprint.json" && !FILE_RE.test(f) && !TMP_RE.test(f)))
+        continue;
+      let bytes = 0;
+      let used = 0;
+      for (const f of files) {
+        const st = statSync(join(path, f), { throwIfNoEntry: false });
+        if (!st?.isFile()) continue;
+        bytes += st.size;
+        used = Math.max(used, st.mtimeMs);
+      }
+      others.push({ path, bytes, used });
+    } catch {
+      // not a folder, or not ours to read
+    }
+  }
+  let total = ownBytes + others.reduce((n, f) => n + f.bytes, 0);
+  const gone = { folders: 0, bytes: 0 };
+  const idle = others
+    .filter((f) => Date.now() - f.used > OTHER_IDLE_MS)
+    .sort((a, b) => a.used - b.used);
+  for (const f of idle) {
+    if (total <= maxBytes) break;
+    try {
+      rmSync(f.path, { recursive: true, force: true });
+      total -= f.bytes;
+      gone.folders++;
+      gone.bytes += f.bytes;
+    } catch {
+      // left: counted still
+    }
+  }
+  return gone;
+}
+
 export class DiskPrefixStore {
   /** The fingerprint's folder. */
   readonly dir: string;
@@ -124,7 +207,13 @@ export class DiskPrefixStore {
   #loggedError = false;
   /** One file's bytes, for reads. */
   #scratch: Buffer | null = null;
-  readonly #stats = { hits: 0, written: 0, dropped: 0, errors: 0 };
+  /** Files read ahead (prefetch), oldest first, and their bytes. */
+  readonly #staged = new Map<string, Staged>();
+  readonly #maxStaged: number;
+  #stagedBytes = 0;
+  /** Called when a read ahead ends (the scheduler's user then schedules again). */
+  onStaged: (() => void) | null = null;
+  readonly #stats = { hits: 0, readAhead: 0, written: 0, dropped: 0, errors: 0 };
 
   /**
    * Opens (makes) the fingerprint's folder under `o.dir` and indexes the files there,
@@ -147,7 +236,14 @@ export class DiskPrefixStore {
         `--prefix-cache-disk ${o.dir}: cannot write there (${formatError(e)})`,
       );
     }
-    return new DiskPrefixStore(dir, o);
+    const store = new DiskPrefixStore(dir, o);
+    const gone = removeIdleFingerprints(o.dir, fp, store.#bytes, o.maxBytes);
+    if (gone.folders > 0)
+      store.#log(
+        `prefix cache disk: removed ${gone.folders} folder(s) of other fingerprints under ${o.dir} ` +
+          `(${(gone.bytes / 2 ** 20).toFixed(1)} MiB, unused for over an hour) to keep it within its budget`,
+      );
+    return store;
   }
 
   private constructor(dir: string, o: DiskPrefixOptions) {
@@ -163,6 +259,11 @@ export class DiskPrefixStore {
       );
     this.maxBytes = o.maxBytes;
     this.#maxPending = Math.max(o.maxPendingBytes ?? DEFAULT_MAX_PENDING, this.fileBytes);
+    // By default the files of 256 MiB of rows: what one step may read (kv-blocks.ts).
+    this.#maxStaged = Math.max(
+      o.maxStagedBytes ?? Math.floor(DEFAULT_MAX_STAGED / this.blockBytes) * this.fileBytes,
+      this.fileBytes,
+    );
     this.#log = o.log ?? (() => {});
     this.#scan();
   }
@@ -302,6 +403,14 @@ export class DiskPrefixStore {
       return entry.pending.subarray(DISK_HEADER_BYTES);
     }
     const path = join(this.dir, fileName(hash));
+    const staged = this.#staged.get(hash);
+    if (staged) this.#unstage(hash, staged);
+    if (staged?.buf) {
+      const payload = this.#check(hash, entry, path, staged.buf, staged.got);
+      if (payload) this.#stats.readAhead++;
+      return payload;
+    }
+    // Not read ahead, or that read still runs: read now (its result is then dropped).
     this.#scratch ??= Buffer.allocUnsafe(this.fileBytes);
     const buf = this.#scratch;
     let got = 0;
@@ -322,6 +431,11 @@ export class DiskPrefixStore {
       this.#remove(path); // unreadable: not left outside the budget's count
       return null;
     }
+    return this.#check(hash, entry, path, buf, got);
+  }
+
+  /** read()'s end: `buf` (`got` bytes of the file) checked, its payload or null. */
+  #check(hash: string, entry: Entry, path: string, buf: Buffer, got: number): Uint8Array | null {
     const payload = buf.subarray(DISK_HEADER_BYTES);
     const bad =
       got !== this.fileBytes
@@ -350,6 +464,86 @@ export class DiskPrefixStore {
     }
     this.#stats.hits++;
     return payload;
+  }
+
+  /**
+   * Starts reading the files of `hashes` (in order, stopping at one not kept) into memory
+   * in the background, while the staging budget allows, so that read() then takes their
+   * bytes without waiting on the disk. onStaged is called as each read ends. Reads already
+   * started or done are not started again; files read ahead and not used are dropped,
+   * oldest first, to make room.
+   */
+  prefetch(hashes: readonly string[]): void {
+    for (const hash of hashes) {
+      const entry = this.#entries.get(hash);
+      if (!entry) return;
+      if (entry.pending || this.#staged.has(hash)) continue;
+      if (!this.#stageRoom()) return;
+      const staged: Staged = { entry, buf: null, got: 0 };
+      this.#staged.set(hash, staged);
+      this.#stagedBytes += this.fileBytes;
+      void this.#readAhead(hash, staged);
+    }
+  }
+
+  /** Whether a read ahead of `hash`'s file is running. */
+  loading(hash: string): boolean {
+    return this.#staged.get(hash)?.buf === null;
+  }
+
+  /** Bytes held by reads ahead (running or done, not yet used). */
+  get stagedBytes(): number {
+    return this.#stagedBytes;
+  }
+
+  async #readAhead(hash: string, staged: Staged): Promise<void> {
+    const path = join(this.dir, fileName(hash));
+    const buf = Buffer.allocUnsafe(this.fileBytes);
+    let got = 0;
+    let failed: unknown = null;
+    try {
+      const fh = await openFile(path, "r");
+      try {
+        while (got < this.fileBytes) {
+          const { bytesRead } = await fh.read(buf, got, this.fileBytes - got, got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
+        }
+      } finally {
+        await fh.close();
+      }
+    } catch (e) {
+      failed = e;
+    }
+    // Used, dropped or evicted meanwhile: its bytes are not wanted (the call below still
+    // lets a waiting prompt be scheduled again).
+    if (this.#staged.get(hash) !== staged) {
+      // nothing to keep
+    } else if (failed) {
+      this.#unstage(hash, staged);
+      this.#error(`reading ${path}`, failed);
+      this.#drop(hash, staged.entry);
+      this.#remove(path);
+    } else {
+      staged.buf = buf;
+      staged.got = got;
+    }
+    this.onStaged?.();
+  }
+
+  /** Makes room for one more file read ahead: drops done ones, oldest first. */
+  #stageRoom(): boolean {
+    for (const [hash, staged] of this.#staged) {
+      if (this.#stagedBytes + this.fileBytes <= this.#maxStaged) break;
+      if (staged.buf) this.#unstage(hash, staged);
+    }
+    return this.#stagedBytes + this.fileBytes <= this.#maxStaged;
+  }
+
+  #unstage(hash: string, staged: Staged): void {
+    if (this.#staged.get(hash) !== staged) return;
+    this.#staged.delete(hash);
+    this.#stagedBytes -= this.fileBytes;
   }
 
   /** Counts (and logs, the first time) an error of the tier's user. */
@@ -401,6 +595,8 @@ export class DiskPrefixStore {
     if (this.#entries.get(hash) !== entry) return;
     this.#entries.delete(hash);
     this.#bytes -= entry.fileBytes;
+    const staged = this.#staged.get(hash);
+    if (staged) this.#unstage(hash, staged);
   }
 
   #remove(path: string): void {

@@ -5,7 +5,7 @@ import { type ModelConfig, qkHeadDim } from "../model/config.ts";
 import type { Backend, GateConfig, KvPages, RopeConfig } from "./backend.ts";
 import { BatchForward, type LatentCache } from "./batch.ts";
 import type { ExpertRunner } from "./experts.ts";
-import { encodeKvRows, type KvDtype, kvRowBytes } from "./kv-format.ts";
+import { encodeKvRows, type KvDtype, kvRowBytes, writeKvBytes } from "./kv-format.ts";
 import type { ModelWeights } from "./loader.ts";
 import type { SampleRows } from "./sampling.ts";
 
@@ -47,7 +47,9 @@ export class SequenceCache implements LatentCache {
       const capacity = Math.max(end, this.#capacity * 2);
       this.#pools = this.#pools.map((old) => {
         const grown = new Uint8Array(capacity * this.#rowBytes);
-        grown.set(old);
+        // Through the addon, which tells a device mirror of a pool at this address (a freed
+        // pool's address can come back) that these rows changed.
+        writeKvBytes(old, grown, 0);
         return grown;
       });
       this.#capacity = capacity;

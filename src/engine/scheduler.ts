@@ -286,12 +286,11 @@ export class Scheduler {
         // (the rest of the prompt, within the step's budget).
         const chunkBlocks = (attached: number) =>
           Math.ceil(Math.min(budget, seq.numTokens - attached * B) / B);
-        hit =
-          this.#blocks.attachPrefix(
-            seq.id,
-            seq.blockHashes(blocks, B).slice(0, blocks),
-            chunkBlocks,
-          ) * B;
+        const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
+        // Its blocks in the second tier are read in the background: until they are in
+        // memory it waits (first in line), while the running sequences step on.
+        if (this.#blocks.prefetchPrefix(hashes)) break;
+        hit = this.#blocks.attachPrefix(seq.id, hashes, chunkBlocks) * B;
         seq.tierLoaded += this.#blocks.lastLoaded * B;
         loaded = seq.tierLoaded;
         seq.numComputed = hit;
@@ -300,6 +299,7 @@ export class Scheduler {
           // pool, and the next steps find them there and read on (first in line, it waits).
           this.#blocks.free(seq.id);
           seq.numComputed = 0;
+          this.#blocks.prefetchPrefix(hashes); // the next ones, read while this step runs
           break;
         }
       }

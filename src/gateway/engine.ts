@@ -215,6 +215,8 @@ export class ServingEngine {
     this.#model = model;
     this.#kv = kv;
     this.#scheduler = new Scheduler(config, kv.allocator);
+    // A prompt waiting for its prefix's blocks from the disk is scheduled once they are read.
+    if (kv.disk) kv.disk.onStaged = () => this.#kick();
     this.microBatches = mb;
     this.speculative = opts.speculative ?? null;
     if (this.speculative?.method === "mtp" && !model.hasMtp)

@@ -125,6 +125,11 @@ export class GatewayMetrics {
         "Of prefix_cache_hits, tokens read back from the disk tier since start (--prefix-cache-disk).",
         (d) => d.hitTokens,
       );
+      disk(
+        "read_ahead",
+        "Blocks read back from the disk tier whose file was read in the background, ahead of their use, since start.",
+        (d) => d.readAhead,
+      );
       disk("bytes", "Bytes of the disk tier's block files.", (d) => d.bytes);
       disk("files", "Block files in the disk tier.", (d) => d.files);
       disk("written", "Blocks written to the disk tier since start.", (d) => d.written);

@@ -201,6 +201,11 @@ describe("prefix cache disk tier", () => {
       expect(await metric(two.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(
         wholeBlocks(P),
       );
+      // Each block's file was read in the background while the prompt waited (nothing else
+      // ran: the read's end scheduled it).
+      expect(await metric(two.url, "expertmesh_gateway_prefix_cache_disk_read_ahead")).toBe(
+        wholeBlocks(P) / t.blockSize,
+      );
       expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
     } finally {
       await two.process.stop();

@@ -5,6 +5,7 @@ import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
   existsSync,
+  mkdirSync,
   mkdtempSync,
   readdirSync,
   readFileSync,
@@ -44,7 +45,7 @@ const FILE = DISK_HEADER_BYTES + BLOCK;
 const open = (
   dir: string,
   files: number,
-  more: Partial<{ identity: object; pending: number }> = {},
+  more: Partial<{ identity: object; pending: number; staged: number }> = {},
 ) =>
   DiskPrefixStore.open({
     dir,
@@ -52,7 +53,24 @@ const open = (
     blockBytes: BLOCK,
     identity: { model: "tiny", ...more.identity },
     ...(more.pending !== undefined ? { maxPendingBytes: more.pending } : {}),
+    ...(more.staged !== undefined ? { maxStagedBytes: more.staged } : {}),
   });
+/** Saves blocks 1..n (hashes of "1".."n") and waits for their files. */
+async function saved(s: DiskPrefixStore, n: number): Promise<string[]> {
+  const hs = Array.from({ length: n }, (_, i) => hashOf(`${i + 1}`));
+  hs.forEach((h, i) => s.save(h, rows(i + 1)));
+  await s.flush();
+  return hs;
+}
+/** Resolves once `s` has ended `n` more reads ahead. */
+function staged(s: DiskPrefixStore, n: number): Promise<void> {
+  return new Promise((resolve) => {
+    let left = n;
+    s.onStaged = () => {
+      if (--left === 0) resolve();
+    };
+  });
+}
 const loaded = (s: DiskPrefixStore, h: string): Buffer | null => {
   const p = s.read(h);
   return p && Buffer.from(p);
@@ -126,6 +144,48 @@ describe("DiskPrefixStore", () => {
       fingerprint: fingerprintOf({ model: "tiny" }),
       model: "tiny",
     });
+  });
+
+  it("removes other fingerprints' folders unused for an hour, oldest first, while over the budget", async () => {
+    const dir = tempDir();
+    const filled = async (model: string, blocks: number, hoursAgo: number) => {
+      const st = open(dir, 100, { identity: { model } }); // a budget that removes nothing
+      for (let i = 0; i < blocks; i++) st.save(hashOf(`${model}${i}`), rows(i));
+      await st.flush();
+      const t = (Date.now() - hoursAgo * 3_600_000) / 1000;
+      for (const f of readdirSync(st.dir)) utimesSync(join(st.dir, f), t, t);
+      return st.dir;
+    };
+    const a = await filled("a", 2, 3);
+    const b = await filled("b", 2, 2);
+    const c = await filled("c", 1, 0.5); // used half an hour ago: kept whatever the budget
+    // Not a folder this store writes (a file of another kind): never counted or removed.
+    const foreign = join(dir, "0123456789abcdef");
+    mkdirSync(foreign);
+    writeFileSync(join(foreign, "fingerprint.json"), "{}");
+    writeFileSync(join(foreign, "notes.txt"), "x".repeat(10_000));
+    const size = (d: string) => readdirSync(d).reduce((n, f) => n + statSync(join(d, f)).size, 0);
+    const logs: string[] = [];
+    const budget = size(b) + size(c); // room for b and c, not a as well
+    const opened = () =>
+      DiskPrefixStore.open({
+        dir,
+        maxBytes: budget,
+        blockBytes: BLOCK,
+        identity: { model: "d" },
+        log: (m) => logs.push(m),
+      });
+    opened();
+    expect([a, b, c, foreign].map((d) => existsSync(d))).toEqual([false, true, true, true]);
+    expect(logs).toEqual([
+      expect.stringMatching(
+        /removed 1 folder\(s\) of other fingerprints .*unused for over an hour/,
+      ),
+    ]);
+    // Under budget now: nothing more goes.
+    opened();
+    expect(existsSync(b)).toBe(true);
+    expect(logs).toHaveLength(1);
   });
 
   it("the fingerprint ignores key order and sees every value", () => {
@@ -228,6 +288,67 @@ describe("DiskPrefixStore", () => {
     expect(s.stats).toMatchObject({ files: 2, written: 2, dropped: 1 });
   });
 
+  it("reads ahead: read() then takes the bytes read, not the disk", async () => {
+    const s = open(tempDir(), 4);
+    const [a, b, c] = await saved(s, 3);
+    const done = staged(s, 2);
+    s.prefetch([a!, b!, hashOf("not kept"), c!]); // stops at the first it lacks
+    expect([a, b, c].map((h) => s.loading(h!))).toEqual([true, true, false]);
+    expect(s.stagedBytes).toBe(2 * FILE);
+    await done;
+    expect([a, b].map((h) => s.loading(h!))).toEqual([false, false]);
+    // Gone from the disk since: the bytes read ahead are still good.
+    rmSync(join(s.dir, fileOf(a!)));
+    expect(loaded(s, a!)).toEqual(joined(rows(1)));
+    expect(s.stagedBytes).toBe(FILE);
+    expect(s.stats).toMatchObject({ hits: 1, readAhead: 1, errors: 0 });
+    // Nothing read ahead for c: read from the disk, as before.
+    expect(loaded(s, c!)).toEqual(joined(rows(3)));
+    expect(s.stats).toMatchObject({ hits: 2, readAhead: 1 });
+  });
+
+  it("reads ahead within its budget, dropping unused reads oldest first", async () => {
+    const s = open(tempDir(), 4, { staged: 2 * FILE });
+    const [a, b, c] = await saved(s, 3);
+    let done = staged(s, 2);
+    s.prefetch([a!, b!, c!]);
+    expect([a, b, c].map((h) => s.loading(h!))).toEqual([true, true, false]);
+    await done;
+    done = staged(s, 1);
+    s.prefetch([c!]); // a, read first and not used, makes room
+    expect(s.loading(c!)).toBe(true);
+    await done;
+    expect(s.stagedBytes).toBe(2 * FILE);
+    rmSync(join(s.dir, fileOf(a!)));
+    rmSync(join(s.dir, fileOf(b!)));
+    expect(loaded(s, b!)).toEqual(joined(rows(2))); // still held
+    expect(loaded(s, a!)).toBeNull(); // dropped from memory, and gone from the disk
+    // A read ahead still running is not dropped for another.
+    const t = open(tempDir(), 4, { staged: FILE });
+    const [x, y] = await saved(t, 2);
+    t.prefetch([x!, y!]);
+    expect([t.loading(x!), t.loading(y!)]).toEqual([true, false]);
+  });
+
+  it("a file gone or damaged before its read ahead is a miss, and removed", async () => {
+    const s = open(tempDir(), 4);
+    const [a, b] = await saved(s, 2);
+    rmSync(join(s.dir, fileOf(a!)));
+    const path = join(s.dir, fileOf(b!));
+    const bytes = readFileSync(path);
+    bytes[DISK_HEADER_BYTES + 3]! ^= 0xff;
+    writeFileSync(path, bytes);
+    const done = staged(s, 2);
+    s.prefetch([a!, b!]);
+    await done;
+    // a: the read failed, so it is forgotten at once (no wait for it: loading is false).
+    expect([s.has(a!), s.loading(a!)]).toEqual([false, false]);
+    // b: read whole, its CRC checked when used.
+    expect(loaded(s, b!)).toBeNull();
+    expect([s.has(b!), existsSync(path)]).toEqual([false, false]);
+    expect(s.stats).toMatchObject({ files: 0, errors: 2, hits: 0 });
+  });
+
   it("refuses a budget under one block and a folder it cannot make", () => {
     const dir = tempDir();
     expect(() =>
@@ -272,6 +393,26 @@ class MapTier implements PrefixTier {
       this.log.push(`load ${hash}@${block}`);
       return !this.unwritable.has(hash);
     };
+  }
+}
+
+/** A tier whose reads ahead run until finish() (the disk's, without the disk). */
+class ReadAheadTier extends MapTier {
+  readonly inFlight = new Set<string>();
+  readonly read = new Set<string>();
+  /** What each prefetch started. */
+  readonly asked: string[][] = [];
+  prefetch(hashes: readonly string[]): void {
+    const start = hashes.filter((h) => !this.inFlight.has(h) && !this.read.has(h));
+    if (start.length > 0) this.asked.push(start);
+    for (const h of start) this.inFlight.add(h);
+  }
+  loading(hash: string): boolean {
+    return this.inFlight.has(hash);
+  }
+  finish(): void {
+    for (const h of this.inFlight) this.read.add(h);
+    this.inFlight.clear();
   }
 }
 
@@ -372,9 +513,8 @@ describe("Scheduler over a second tier", () => {
       tokens + 8,
     );
   /** A scheduler (prefix caching on) over `blocks` blocks of 4 with a MapTier under them. */
-  function tiered(blocks: number, maxBatchTokens: number, maxRunning = 8) {
+  function tiered(blocks: number, maxBatchTokens: number, maxRunning = 8, tier = new MapTier()) {
     const a = new BlockAllocator(blocks, 4);
-    const tier = new MapTier();
     a.tier = tier;
     const s = new Scheduler(
       { maxBatchTokens, maxQueueDepth: 8, maxRunning, prefixCaching: true },
@@ -384,7 +524,7 @@ describe("Scheduler over a second tier", () => {
     const keep = (seq: Sequence, n: number) => {
       for (const h of seq.blockHashes(n, 4)) tier.kept.set(h, -1);
     };
-    return { a, s, keep };
+    return { a, s, keep, tier };
   }
 
   it("admits a prompt whose prefix is in the tier at once, next to a running one, and counts what it read", () => {
@@ -432,6 +572,39 @@ describe("Scheduler over a second tier", () => {
     }
     // 3 read (first in line, it waits), then 3 from the pool and 3 read, then 6 and the last 2.
     expect(steps).toEqual(["3 read, ", "3 read, ", "2 read, 32+1"]);
+    expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([32, 32]);
+  });
+
+  it("lets a prompt wait for its prefix's reads ahead while the running one steps on", () => {
+    const tier = new ReadAheadTier();
+    const { a, s, keep } = tiered(40, 16, 8, tier);
+    a.maxTierReads = 6;
+    const running = seqOf(1, 8, 100);
+    expect(s.add(running)).toBe("ok");
+    s.commit(s.schedule().chunks); // its prompt; from now on it decodes a token a step
+    const prompt = seqOf(2, 41); // 10 whole blocks before its last token
+    keep(prompt, 8);
+    const hashes = prompt.blockHashes(10, 4);
+    expect(s.add(prompt)).toBe("ok");
+    /** One step with the running sequence's next token: the ids of the chunks. */
+    const step = () => {
+      running.outputTokens.push(7);
+      const { chunks } = s.schedule();
+      s.commit(chunks);
+      return chunks.map((c) => `${c.seq.id}@${c.start}`);
+    };
+    // Its first 8 blocks are in the tier: read ahead, maxTierReads of them; it waits.
+    expect(step()).toEqual(["1@8"]);
+    expect(tier.asked).toEqual([hashes.slice(0, 6)]);
+    expect([prompt.status, a.lastLoaded]).toEqual(["waiting", 0]);
+    expect(step()).toEqual(["1@9"]); // still reading
+    tier.finish();
+    // The 6 read are taken into the pool (the cap); the other 2 are read ahead next.
+    expect(step()).toEqual(["1@10"]);
+    expect(a.lastLoaded).toBe(6);
+    expect(tier.asked.at(-1)).toEqual(hashes.slice(6, 8));
+    tier.finish();
+    expect(step()).toEqual(["1@11", "2@32"]);
     expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([32, 32]);
   });
 
