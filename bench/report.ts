@@ -10,6 +10,7 @@ import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
+import { diskReadTables } from "./disk-read.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
 import { isaTables } from "./isa.ts";
@@ -463,6 +464,7 @@ export const SUITES = [
   "dtype",
   "priority",
   "isa",
+  "diskread",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -480,7 +482,8 @@ export const TABLES_ONLY: Record<
   | "pool"
   | "dtype"
   | "priority"
-  | "isa",
+  | "isa"
+  | "diskread",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -493,6 +496,7 @@ export const TABLES_ONLY: Record<
   priority: priorityTables,
   dtype: dtypeTables,
   isa: isaTables,
+  diskread: diskReadTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

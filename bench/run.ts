@@ -14,6 +14,7 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
+import { runDiskRead } from "./disk-read.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
@@ -62,6 +63,7 @@ const RUN_TABLES_ONLY: Record<
   dtype: runDtype,
   priority: runPriority,
   isa: runIsa,
+  diskread: runDiskRead,
 };
 
 async function main(): Promise<number> {

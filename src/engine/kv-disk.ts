@@ -53,6 +53,8 @@ export interface DiskPrefixOptions {
    * 256 MiB of rows; at least one file).
    */
   readonly maxStagedBytes?: number;
+  /** False: prefetch() reads nothing, and read() reads in the caller's step (default true). */
+  readonly readAhead?: boolean;
   readonly log?: (message: string) => void;
 }
 
@@ -210,6 +212,7 @@ export class DiskPrefixStore {
   /** Files read ahead (prefetch), oldest first, and their bytes. */
   readonly #staged = new Map<string, Staged>();
   readonly #maxStaged: number;
+  readonly #readsAhead: boolean;
   #stagedBytes = 0;
   /** Called when a read ahead ends (the scheduler's user then schedules again). */
   onStaged: (() => void) | null = null;
@@ -264,6 +267,7 @@ export class DiskPrefixStore {
       o.maxStagedBytes ?? Math.floor(DEFAULT_MAX_STAGED / this.blockBytes) * this.fileBytes,
       this.fileBytes,
     );
+    this.#readsAhead = o.readAhead ?? true;
     this.#log = o.log ?? (() => {});
     this.#scan();
   }
@@ -474,6 +478,7 @@ export class DiskPrefixStore {
    * oldest first, to make room.
    */
   prefetch(hashes: readonly string[]): void {
+    if (!this.#readsAhead) return;
     for (const hash of hashes) {
       const entry = this.#entries.get(hash);
       if (!entry) return;

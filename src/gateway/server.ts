@@ -60,6 +60,8 @@ export interface GatewayConfig {
     readonly dir: string;
     readonly bytes: number;
     readonly identity: Record<string, unknown>;
+    /** Read files ahead of their use, off the step (default true). */
+    readonly readAhead?: boolean;
   };
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
@@ -122,6 +124,7 @@ export function createServeContext(
         kvLoraRank: c.kvLoraRank,
         qkRopeHeadDim: c.qkRopeHeadDim,
       },
+      ...(diskCfg.readAhead === false ? { readAhead: false } : {}),
       ...(cfg.log ? { log: cfg.log } : {}),
     });
   if (disk)

@@ -58,7 +58,7 @@ const open = (
 /** Saves blocks 1..n (hashes of "1".."n") and waits for their files. */
 async function saved(s: DiskPrefixStore, n: number): Promise<string[]> {
   const hs = Array.from({ length: n }, (_, i) => hashOf(`${i + 1}`));
-  hs.forEach((h, i) => s.save(h, rows(i + 1)));
+  for (const [i, h] of hs.entries()) s.save(h, rows(i + 1));
   await s.flush();
   return hs;
 }
@@ -305,6 +305,16 @@ describe("DiskPrefixStore", () => {
     // Nothing read ahead for c: read from the disk, as before.
     expect(loaded(s, c!)).toEqual(joined(rows(3)));
     expect(s.stats).toMatchObject({ hits: 2, readAhead: 1 });
+    // Read-ahead off (the bench's peer): nothing starts.
+    const off = DiskPrefixStore.open({
+      dir: join(s.dir, ".."),
+      maxBytes: 4 * FILE,
+      blockBytes: BLOCK,
+      identity: { model: "tiny" },
+      readAhead: false,
+    });
+    off.prefetch([b!, c!]);
+    expect([off.loading(b!), off.loading(c!), off.stagedBytes]).toEqual([false, false, 0]);
   });
 
   it("reads ahead within its budget, dropping unused reads oldest first", async () => {

@@ -403,6 +403,10 @@ export const gatewayCommand: Command = {
                 // The experts' activations cross the wire in this dtype (distributed mode).
                 wire: values.local ? null : wire,
               },
+              // Read in the step, as before read-ahead: the bench's peer (bench/disk-read.ts).
+              ...(process.env["EXPERTMESH_PREFIX_DISK_READ_AHEAD"] === "0"
+                ? { readAhead: false }
+                : {}),
             },
           }
         : {}),
