@@ -43,7 +43,7 @@ export interface DiskReadSide {
   /** The running stream's largest and median gap between tokens, one value per round. */
   maxGapMs: Stats;
   medianGapMs: Stats;
-  /** From /metrics over the counted rounds. */
+  /** From /metrics, the prefix requests of the counted rounds. */
   diskHitTokens: number;
   readAheadBlocks: number;
 }
@@ -113,14 +113,13 @@ export async function runDiskRead(o: {
       fromDisk: await metricValue(base, "expertmesh_gateway_prefix_cache_disk_hits"),
       ahead: await metricValue(base, "expertmesh_gateway_prefix_cache_disk_read_ahead"),
     });
-    const before = { readAhead: await counters(readAhead), inStep: await counters(inStep) };
+    /** Of the prefix requests alone (the evicting ones read from disk too). */
+    const fromDisk: Record<Side, number> = { readAhead: 0, inStep: 0 };
+    const ahead: Record<Side, number> = { readAhead: 0, inStep: 0 };
     let cold = true;
     const rounds = o.quick ? 2 : o.runs;
     // Round -1 computes the prefix once (and writes it to disk when evicted); not counted.
     for (let run = -1; run < rounds; run++) {
-      if (run === 0)
-        for (const side of ["readAhead", "inStep"] as const)
-          before[side] = await counters(sides[side]);
       const order: Side[] = run % 2 === 0 ? ["readAhead", "inStep"] : ["inStep", "readAhead"];
       for (const side of order) {
         const base = sides[side];
@@ -132,8 +131,14 @@ export async function runDiskRead(o: {
         cold = dropPageCache() && cold;
         const stream = chat(base, `Round ${run + 2}: count to a hundred.`, DECODE_TOKENS);
         await sleep(ARRIVE_AFTER_MS);
+        const at = await counters(base);
         const hit = await chat(base, `Round ${run + 2}: and then?`, 1, prefix);
         const s = await stream;
+        const after = await counters(base);
+        if (run >= 0) {
+          fromDisk[side] += after.fromDisk - at.fromDisk;
+          ahead[side] += after.ahead - at.ahead;
+        }
         if (!hit.ok || !s.ok || s.tokens !== DECODE_TOKENS)
           throw new Error(
             `${side}: request failed: ${hit.error ?? s.error ?? `${s.tokens} tokens`}`,
@@ -145,25 +150,21 @@ export async function runDiskRead(o: {
       }
       o.log(`[diskread] round ${run + 1 > 0 ? `${run + 1}/${rounds}` : "warm-up"} done`);
     }
-    const side = async (s: Side): Promise<DiskReadSide> => {
-      const end = await counters(sides[s]);
-      return {
-        ttftMs: stats(ttft[s]),
-        maxGapMs: stats(maxGap[s]),
-        medianGapMs: stats(medGap[s]),
-        diskHitTokens: end.fromDisk - before[s].fromDisk,
-        readAheadBlocks: end.ahead - before[s].ahead,
-      };
-    };
-    const ra = await side("readAhead");
-    const perRound = ra.diskHitTokens / rounds;
+    const side = (s: Side): DiskReadSide => ({
+      ttftMs: stats(ttft[s]),
+      maxGapMs: stats(maxGap[s]),
+      medianGapMs: stats(medGap[s]),
+      diskHitTokens: fromDisk[s],
+      readAheadBlocks: ahead[s],
+    });
+    const perRound = fromDisk.readAhead / rounds;
     return {
       runs: rounds,
       prefixTokens: perRound,
       readBytes: (perRound / 16) * (blockBytes + 48),
       coldCache: cold,
-      readAhead: ra,
-      inStep: await side("inStep"),
+      readAhead: side("readAhead"),
+      inStep: side("inStep"),
     };
   } finally {
     await Promise.all(children.map((c) => stop(c)));

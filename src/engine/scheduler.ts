@@ -287,9 +287,10 @@ export class Scheduler {
         const chunkBlocks = (attached: number) =>
           Math.ceil(Math.min(budget, seq.numTokens - attached * B) / B);
         const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
-        // Its blocks in the second tier are read in the background: until they are in
-        // memory it waits (first in line), while the running sequences step on.
-        if (this.#blocks.prefetchPrefix(hashes)) break;
+        // With sequences running, its blocks in the second tier are read in the background:
+        // until they are in memory it waits (first in line), while those step on. Alone, it
+        // reads them in the step: no one else waits, and it starts a step sooner.
+        if (this.#running.length > 0 && this.#blocks.prefetchPrefix(hashes)) break;
         hit = this.#blocks.attachPrefix(seq.id, hashes, chunkBlocks) * B;
         seq.tierLoaded += this.#blocks.lastLoaded * B;
         loaded = seq.tierLoaded;
@@ -299,7 +300,8 @@ export class Scheduler {
           // pool, and the next steps find them there and read on (first in line, it waits).
           this.#blocks.free(seq.id);
           seq.numComputed = 0;
-          this.#blocks.prefetchPrefix(hashes); // the next ones, read while this step runs
+          // The next ones, read while this step runs (in the next one, if it runs alone).
+          if (this.#running.length > 0) this.#blocks.prefetchPrefix(hashes);
           break;
         }
       }

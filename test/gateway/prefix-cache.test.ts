@@ -168,16 +168,16 @@ describe("prefix cache disk tier", () => {
   it("a gateway process writes its cached blocks at SIGTERM; the next one starts with them", async () => {
     const folder = join(disk, "process");
     const t = tight();
-    const args = [
+    const args = (pool: number) => [
       `--prefix-cache-disk=${folder}`,
       "--prefix-cache-disk-bytes=1048576",
       `--block-size=${t.blockSize}`,
-      `--max-model-len=${t.maxModelLen}`,
-      `--kv-cache-bytes=${t.kvCacheBytes}`,
+      `--max-model-len=${t.maxModelLen * pool}`,
+      `--kv-cache-bytes=${t.kvCacheBytes * pool}`,
     ];
-    // Two names: each process has its own log file.
-    const start = (modelName: string) =>
-      startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args });
+    // Two names: each process has its own log file. The second has room for a long stream.
+    const start = (modelName: string, pool = 1) =>
+      startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args: args(pool) });
     const one = await start("disk-1");
     let first: OpenAI.Completion;
     try {
@@ -192,17 +192,29 @@ describe("prefix cache disk tier", () => {
     expect(readdirSync(join(folder, fp!)).filter((f) => f.endsWith(".kv")).length).toBeGreaterThan(
       0,
     );
-    const two = await start("disk-2");
+    const two = await start("disk-2", 4);
     try {
       expect(two.log()).toMatch(/prefix cache disk tier in .*: [1-9]\d* blocks kept from before/);
+      // A stream runs (and runs on: 200 tokens) while the prefix comes back from disk.
+      const stream = await two.client.completions.create({
+        model: "tiny",
+        prompt: "Count with me:",
+        max_tokens: 200,
+        temperature: 0,
+        ignore_eos: true,
+        stream: true,
+      } as OpenAI.CompletionCreateParamsStreaming);
+      const tokens = stream[Symbol.asyncIterator]();
+      await tokens.next();
       const again = await complete(two.client, PROMPTS[1]!);
+      stream.controller.abort();
       const P = again.usage!.prompt_tokens;
       expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
       expect(await metric(two.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(
         wholeBlocks(P),
       );
-      // Each block's file was read in the background while the prompt waited (nothing else
-      // ran: the read's end scheduled it).
+      // Each block's file was read in the background while the prompt waited and the
+      // stream stepped on.
       expect(await metric(two.url, "expertmesh_gateway_prefix_cache_disk_read_ahead")).toBe(
         wholeBlocks(P) / t.blockSize,
       );

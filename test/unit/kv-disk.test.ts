@@ -618,6 +618,17 @@ describe("Scheduler over a second tier", () => {
     expect([s.prefixHitTokens, s.prefixTierHitTokens]).toEqual([32, 32]);
   });
 
+  it("reads a prompt's prefix in the step when nothing runs (no one to keep waiting)", () => {
+    const tier = new ReadAheadTier();
+    const { a, s, keep } = tiered(20, 64, 8, tier);
+    const prompt = seqOf(2, 33);
+    keep(prompt, 8);
+    expect(s.add(prompt)).toBe("ok");
+    const [c] = s.schedule().chunks;
+    expect([c?.seq.id, c?.start, a.lastLoaded]).toEqual([2, 32, 8]);
+    expect(tier.asked).toEqual([]);
+  });
+
   it("counts nothing read for a prompt it could not admit", () => {
     const { s, keep } = tiered(8, 64, 1);
     expect(s.add(seqOf(1, 8))).toBe("ok");
