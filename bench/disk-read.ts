@@ -33,9 +33,9 @@ const PREFIX_BYTES = 4200;
 const CONTEXT = 3328;
 /** Bytes of the evicting prompt: about the whole pool. */
 const EVICT_BYTES = 4500;
-const DECODE_TOKENS = 48;
-/** How long the stream runs before the prefix request arrives. */
-const ARRIVE_AFTER_MS = 1500;
+const DECODE_TOKENS = 160;
+/** How long the stream runs before the prefix request arrives (it runs ~2 s more). */
+const ARRIVE_AFTER_MS = 500;
 
 export interface DiskReadSide {
   /** The prefix request's time to first token. */
@@ -157,6 +157,12 @@ export async function runDiskRead(o: {
       diskHitTokens: fromDisk[s],
       readAheadBlocks: ahead[s],
     });
+    // Read ahead only happens next to a running stream: a stream that ended first would make
+    // both sides read in the step.
+    if (ahead.readAhead * 16 !== fromDisk.readAhead || fromDisk.readAhead === 0)
+      throw new Error(
+        `diskread: ${ahead.readAhead} blocks read ahead of ${fromDisk.readAhead / 16} read back: the stream was not running`,
+      );
     const perRound = fromDisk.readAhead / rounds;
     return {
       runs: rounds,
