@@ -20,10 +20,14 @@ import {
   utimesSync,
   writeFileSync,
 } from "node:fs";
-import { mkdir, open as openFile, rename, unlink, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { mkdir, rename, unlink, writeFile } from "node:fs/promises";
+import { extname, join } from "node:path";
+import { Worker } from "node:worker_threads";
 import { crc32 } from "node:zlib";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import type { ReadRequest, ReadResult } from "./kv-disk-reader.ts";
+
+const readerUrl = new URL(`./kv-disk-reader${extname(import.meta.url)}`, import.meta.url);
 
 const MAGIC = 0x564b4d45; // "EMKV" read as a little-endian u32
 const VERSION = 1;
@@ -212,10 +216,14 @@ export class DiskPrefixStore {
   /** Files read ahead (prefetch), oldest first, and their bytes. */
   readonly #staged = new Map<string, Staged>();
   readonly #maxStaged: number;
-  readonly #readsAhead: boolean;
+  #readsAhead: boolean;
   #stagedBytes = 0;
   /** Called when a read ahead ends (the scheduler's user then schedules again). */
   onStaged: (() => void) | null = null;
+  /** The thread that reads ahead (made at the first prefetch), and its reads by id. */
+  #reader: Worker | null = null;
+  readonly #reads = new Map<number, { hash: string; staged: Staged }>();
+  #readId = 0;
   readonly #stats = { hits: 0, readAhead: 0, written: 0, dropped: 0, errors: 0 };
 
   /**
@@ -479,16 +487,89 @@ export class DiskPrefixStore {
    */
   prefetch(hashes: readonly string[]): void {
     if (!this.#readsAhead) return;
+    const reads: ReadRequest[] = [];
     for (const hash of hashes) {
       const entry = this.#entries.get(hash);
-      if (!entry) return;
+      if (!entry) break;
       if (entry.pending || this.#staged.has(hash)) continue;
-      if (!this.#stageRoom()) return;
+      if (!this.#stageRoom()) break;
       const staged: Staged = { entry, buf: null, got: 0 };
       this.#staged.set(hash, staged);
       this.#stagedBytes += this.fileBytes;
-      void this.#readAhead(hash, staged);
+      const id = this.#readId++;
+      this.#reads.set(id, { hash, staged });
+      reads.push({ id, path: join(this.dir, fileName(hash)), bytes: this.fileBytes });
     }
+    if (reads.length === 0) return;
+    try {
+      this.#readerThread().postMessage(reads);
+    } catch (e) {
+      this.#readerLost(e);
+    }
+  }
+
+  /**
+   * Ends the reader thread and drops what it read (reads ahead stop; read() reads in its
+   * caller's step).
+   */
+  async close(): Promise<void> {
+    const r = this.#reader;
+    this.#readsAhead = false;
+    this.#reader = null;
+    this.#abandonReads();
+    for (const [hash, staged] of this.#staged) this.#unstage(hash, staged);
+    await r?.terminate();
+  }
+
+  #readerThread(): Worker {
+    if (this.#reader) return this.#reader;
+    const w = new Worker(readerUrl, { name: "expertmesh-kv-disk-reader" });
+    // It never keeps the process alive.
+    w.unref();
+    w.on("message", (m: ReadResult) => this.#readDone(m));
+    w.on("error", (e) => this.#readerLost(e));
+    w.on("exit", (code) => {
+      if (this.#reader === w) this.#readerLost(new Error(`exited with code ${code}`));
+    });
+    this.#reader = w;
+    return w;
+  }
+
+  /** The reader thread failed: no more reads ahead; those started are read in the step. */
+  #readerLost(e: unknown): void {
+    if (!this.#readsAhead) return;
+    this.#readsAhead = false;
+    this.#reader = null;
+    this.#error("its reader thread failed, files are read in the engine's step from now on", e);
+    this.#abandonReads();
+    this.onStaged?.();
+  }
+
+  #abandonReads(): void {
+    for (const { hash, staged } of this.#reads.values()) this.#unstage(hash, staged);
+    this.#reads.clear();
+  }
+
+  #readDone(m: ReadResult): void {
+    const read = this.#reads.get(m.id);
+    if (!read) return;
+    this.#reads.delete(m.id);
+    const { hash, staged } = read;
+    // Used, dropped or evicted meanwhile: its bytes are not wanted (the call below still
+    // lets a waiting prompt be scheduled again).
+    if (this.#staged.get(hash) !== staged) {
+      // nothing to keep
+    } else if (m.error !== null || m.buf === null) {
+      const path = join(this.dir, fileName(hash));
+      this.#unstage(hash, staged);
+      this.#error(`reading ${path}`, m.error);
+      this.#drop(hash, staged.entry);
+      this.#remove(path);
+    } else {
+      staged.buf = Buffer.from(m.buf);
+      staged.got = m.got;
+    }
+    this.onStaged?.();
   }
 
   /** Whether a read ahead of `hash`'s file is running. */
@@ -499,41 +580,6 @@ export class DiskPrefixStore {
   /** Bytes held by reads ahead (running or done, not yet used). */
   get stagedBytes(): number {
     return this.#stagedBytes;
-  }
-
-  async #readAhead(hash: string, staged: Staged): Promise<void> {
-    const path = join(this.dir, fileName(hash));
-    const buf = Buffer.allocUnsafe(this.fileBytes);
-    let got = 0;
-    let failed: unknown = null;
-    try {
-      const fh = await openFile(path, "r");
-      try {
-        while (got < this.fileBytes) {
-          const { bytesRead } = await fh.read(buf, got, this.fileBytes - got, got);
-          if (bytesRead === 0) break;
-          got += bytesRead;
-        }
-      } finally {
-        await fh.close();
-      }
-    } catch (e) {
-      failed = e;
-    }
-    // Used, dropped or evicted meanwhile: its bytes are not wanted (the call below still
-    // lets a waiting prompt be scheduled again).
-    if (this.#staged.get(hash) !== staged) {
-      // nothing to keep
-    } else if (failed) {
-      this.#unstage(hash, staged);
-      this.#error(`reading ${path}`, failed);
-      this.#drop(hash, staged.entry);
-      this.#remove(path);
-    } else {
-      staged.buf = buf;
-      staged.got = got;
-    }
-    this.onStaged?.();
   }
 
   /** Makes room for one more file read ahead: drops done ones, oldest first. */

@@ -315,6 +315,14 @@ describe("DiskPrefixStore", () => {
     });
     off.prefetch([b!, c!]);
     expect([off.loading(b!), off.loading(c!), off.stagedBytes]).toEqual([false, false, 0]);
+    // Closed (its reader thread ended): reads started are dropped, read() reads on its own.
+    s.prefetch([c!]);
+    expect(s.loading(c!)).toBe(true);
+    await s.close();
+    expect([s.loading(c!), s.stagedBytes]).toEqual([false, 0]);
+    s.prefetch([c!]);
+    expect(s.loading(c!)).toBe(false);
+    expect(loaded(s, c!)).toEqual(joined(rows(3)));
   });
 
   it("reads ahead within its budget, dropping unused reads oldest first", async () => {
