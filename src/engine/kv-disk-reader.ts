@@ -1,8 +1,9 @@
 // The disk tier's reader thread (kv-disk.ts, ADR 0019): reads block files ahead of their
 // use and hands each file's bytes back whole, in one message. On the engine's thread each
-// file would take an event-loop turn per open, read and close, and the loop turns only
-// between steps: three or four steps for a read. This thread answers in one.
-import { closeSync, openSync, readSync } from "node:fs";
+// file would take an event-loop turn per open, read and close, and that loop turns only
+// between steps: three or four steps for a read. This thread's loop is free: it keeps
+// several reads in flight (libuv's thread pool), and answers each in one turn.
+import { open } from "node:fs/promises";
 import { parentPort } from "node:worker_threads";
 
 /** One file to read: `bytes` from the start of `path`. */
@@ -20,31 +21,55 @@ export interface ReadResult {
   readonly error: string | null;
 }
 
+/** Reads in flight at once (deep enough for an SSD's queue, within libuv's 4 threads). */
+const IN_FLIGHT = 4;
+
 const port = parentPort;
 if (!port) throw new Error("kv-disk-reader.ts runs as a worker thread");
 
-port.on("message", (reads: readonly ReadRequest[]) => {
-  for (const r of reads) {
-    const buf = new ArrayBuffer(r.bytes);
-    const view = new Uint8Array(buf);
-    let got = 0;
-    let error: string | null = null;
+const queue: ReadRequest[] = [];
+let running = 0;
+
+async function read(r: ReadRequest): Promise<ReadResult> {
+  const buf = new ArrayBuffer(r.bytes);
+  const view = new Uint8Array(buf);
+  let got = 0;
+  try {
+    const fh = await open(r.path, "r");
     try {
-      const fd = openSync(r.path, "r");
-      try {
-        while (got < r.bytes) {
-          const n = readSync(fd, view, got, r.bytes - got, got);
-          if (n === 0) break;
-          got += n;
-        }
-      } finally {
-        closeSync(fd);
+      while (got < r.bytes) {
+        const { bytesRead } = await fh.read(view, got, r.bytes - got, got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
       }
-    } catch (e) {
-      const err = e as NodeJS.ErrnoException;
-      error = err.code ? `${err.code}: ${err.message}` : String(e);
+    } finally {
+      await fh.close();
     }
-    const result: ReadResult = { id: r.id, buf: error ? null : buf, got, error };
-    port.postMessage(result, error ? [] : [buf]);
+    return { id: r.id, buf, got, error: null };
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    return {
+      id: r.id,
+      buf: null,
+      got,
+      error: err.code ? `${err.code}: ${err.message}` : String(e),
+    };
   }
+}
+
+function pump(): void {
+  while (running < IN_FLIGHT && queue.length > 0) {
+    const r = queue.shift()!;
+    running++;
+    void read(r).then((result) => {
+      running--;
+      port!.postMessage(result, result.buf ? [result.buf] : []);
+      pump();
+    });
+  }
+}
+
+port.on("message", (reads: readonly ReadRequest[]) => {
+  queue.push(...reads);
+  pump();
 });

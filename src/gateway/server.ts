@@ -127,6 +127,7 @@ export function createServeContext(
       ...(diskCfg.readAhead === false ? { readAhead: false } : {}),
       ...(cfg.log ? { log: cfg.log } : {}),
     });
+  disk?.startReader();
   if (disk)
     cfg.log?.(
       `prefix cache disk tier in ${disk.dir}: ${disk.stats.files} blocks kept from before, ` +
