@@ -318,9 +318,12 @@ export class BlockKvCache {
         );
       const disk = this.disk;
       const per = blockSize * this.#rowBytes;
-      // A step reads at most 256 MiB of blocks (a prompt with more takes several steps);
-      // the store reads that much ahead (disk.maxStagedBytes).
-      this.allocator.maxTierReads = Math.max(1, Math.floor(2 ** 28 / this.blockBytes));
+      // A step reads at most 256 MiB of blocks (a prompt with more takes several steps), and
+      // no more than the store holds read ahead (else it would drop the head's own reads).
+      this.allocator.maxTierReads = Math.max(
+        1,
+        Math.min(Math.floor(2 ** 28 / this.blockBytes), disk.maxStagedFiles),
+      );
       this.allocator.tier = {
         evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
         has: (hash) => disk.has(hash),

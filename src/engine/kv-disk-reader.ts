@@ -60,16 +60,29 @@ async function read(r: ReadRequest): Promise<ReadResult> {
 function pump(): void {
   while (running < IN_FLIGHT && queue.length > 0) {
     const r = queue.shift()!;
+    if (cancelled.delete(r.id)) continue;
     running++;
     void read(r).then((result) => {
       running--;
-      port!.postMessage(result, result.buf ? [result.buf] : []);
+      if (!cancelled.delete(r.id)) port!.postMessage(result, result.buf ? [result.buf] : []);
       pump();
     });
   }
+  if (queue.length === 0 && running === 0) cancelled.clear();
 }
 
-port.on("message", (reads: readonly ReadRequest[]) => {
-  queue.push(...reads);
+/** Reads cancelled while queued or running (cleared whenever nothing is). */
+const cancelled = new Set<number>();
+
+/** What the store posts: reads to do, or ids of reads it no longer wants. */
+export type ReaderMessage = { reads: readonly ReadRequest[] } | { cancel: readonly number[] };
+
+port.on("message", (m: ReaderMessage) => {
+  if ("cancel" in m) {
+    // With nothing queued or running, those reads have ended already.
+    if (queue.length > 0 || running > 0) for (const id of m.cancel) cancelled.add(id);
+    return;
+  }
+  queue.push(...m.reads);
   pump();
 });

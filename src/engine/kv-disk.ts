@@ -87,6 +87,8 @@ interface Entry {
 /** A file read ahead of its use: its bytes once the read has ended (null while it runs). */
 interface Staged {
   readonly entry: Entry;
+  /** The reader's id of the read while it runs. */
+  readonly id: number;
   buf: Buffer | null;
   /** Bytes the read got (fewer than the file's: a short file, caught by read()). */
   got: number;
@@ -130,6 +132,12 @@ function fileName(hash: string): string {
 
 /** Another fingerprint's folder is removed only after this long unused. */
 const OTHER_IDLE_MS = 3_600_000;
+/** A running store refreshes its fingerprint.json's time this often (in use, not idle). */
+const HEARTBEAT_MS = 600_000;
+
+function fingerprintText(fp: string, identity: Record<string, unknown>): string {
+  return `${JSON.stringify({ fingerprint: fp, ...identity }, null, 2)}\n`;
+}
 const TMP_RE = /^[A-Za-z0-9_-]{43}\.kv\.tmp-\d+-\d+$/;
 
 /**
@@ -138,7 +146,8 @@ const TMP_RE = /^[A-Za-z0-9_-]{43}\.kv\.tmp-\d+-\d+$/;
  * unused for over an hour (by their files' times: reads refresh them, a start rewrites
  * fingerprint.json) are removed, least recently used first. Only folders this store would
  * have written (a fingerprint's name, fingerprint.json, block and temporary files only) are
- * counted or touched.
+ * counted or touched. A running store refreshes its fingerprint.json every 10 minutes, so a
+ * gateway's folder is never idle while the gateway runs.
  */
 function removeIdleFingerprints(
   root: string,
@@ -220,6 +229,9 @@ export class DiskPrefixStore {
   #stagedBytes = 0;
   /** Called when a read ahead ends (the scheduler's user then schedules again). */
   onStaged: (() => void) | null = null;
+  /** fingerprint.json's text, and the timer that refreshes its time while this store runs. */
+  readonly #fingerprintJson: string;
+  readonly #heartbeat: NodeJS.Timeout;
   /** The thread that reads ahead (made at the first prefetch), and its reads by id. */
   #reader: Worker | null = null;
   readonly #reads = new Map<number, { hash: string; staged: Staged }>();
@@ -237,10 +249,7 @@ export class DiskPrefixStore {
     try {
       // The rows are users' prompts, in a form: for this user alone.
       mkdirSync(dir, { recursive: true, mode: 0o700 });
-      writeFileSync(
-        join(dir, "fingerprint.json"),
-        `${JSON.stringify({ fingerprint: fp, ...o.identity }, null, 2)}\n`,
-      );
+      writeFileSync(join(dir, "fingerprint.json"), fingerprintText(fp, o.identity));
     } catch (e) {
       throw new ExpertMeshError(
         "EM_PREFIX_DISK",
@@ -277,7 +286,19 @@ export class DiskPrefixStore {
     );
     this.#readsAhead = o.readAhead ?? true;
     this.#log = o.log ?? (() => {});
+    this.#fingerprintJson = fingerprintText(fingerprintOf(o.identity), o.identity);
     this.#scan();
+    // Its folder is in use while it runs, even with no block read or written: another
+    // fingerprint's store removes folders unused for an hour (removeIdleFingerprints).
+    this.#heartbeat = setInterval(() => {
+      const now = new Date();
+      try {
+        utimesSync(join(this.dir, "fingerprint.json"), now, now);
+      } catch {
+        // gone: made again with the next write
+      }
+    }, HEARTBEAT_MS);
+    this.#heartbeat.unref();
   }
 
   #scan(): void {
@@ -382,6 +403,7 @@ export class DiskPrefixStore {
           // The folder removed from under us: made again, once.
           if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
           await mkdir(this.dir, { recursive: true, mode: 0o700 });
+          await writeFile(join(this.dir, "fingerprint.json"), this.#fingerprintJson);
           await writeFile(tmp, buf, { mode: 0o600 });
         }
         await rename(tmp, path);
@@ -488,21 +510,29 @@ export class DiskPrefixStore {
   prefetch(hashes: readonly string[]): void {
     if (!this.#readsAhead) return;
     const reads: ReadRequest[] = [];
+    // Those wanted and read already become the newest: making room drops others first.
+    for (const hash of hashes) {
+      const staged = this.#staged.get(hash);
+      if (staged) {
+        this.#staged.delete(hash);
+        this.#staged.set(hash, staged);
+      }
+    }
     for (const hash of hashes) {
       const entry = this.#entries.get(hash);
       if (!entry) break;
       if (entry.pending || this.#staged.has(hash)) continue;
       if (!this.#stageRoom()) break;
-      const staged: Staged = { entry, buf: null, got: 0 };
+      const id = this.#readId++;
+      const staged: Staged = { entry, id, buf: null, got: 0 };
       this.#staged.set(hash, staged);
       this.#stagedBytes += this.fileBytes;
-      const id = this.#readId++;
       this.#reads.set(id, { hash, staged });
       reads.push({ id, path: join(this.dir, fileName(hash)), bytes: this.fileBytes });
     }
     if (reads.length === 0) return;
     try {
-      this.#readerThread().postMessage(reads);
+      this.#readerThread().postMessage({ reads });
     } catch (e) {
       this.#readerLost(e);
     }
@@ -514,6 +544,7 @@ export class DiskPrefixStore {
    */
   async close(): Promise<void> {
     const r = this.#reader;
+    clearInterval(this.#heartbeat);
     this.#readsAhead = false;
     this.#reader = null;
     this.#abandonReads();
@@ -556,7 +587,7 @@ export class DiskPrefixStore {
   }
 
   #abandonReads(): void {
-    for (const { hash, staged } of this.#reads.values()) this.#unstage(hash, staged);
+    for (const { hash, staged } of [...this.#reads.values()]) this.#unstage(hash, staged);
     this.#reads.clear();
   }
 
@@ -587,6 +618,16 @@ export class DiskPrefixStore {
     return this.#staged.get(hash)?.buf === null;
   }
 
+  /** Reads ahead running or queued on the reader thread (not yet ended nor given up). */
+  get readsInFlight(): number {
+    return this.#reads.size;
+  }
+
+  /** Files the store holds read ahead at most. */
+  get maxStagedFiles(): number {
+    return Math.floor(this.#maxStaged / this.fileBytes);
+  }
+
   /** Bytes held by reads ahead (running or done, not yet used). */
   get stagedBytes(): number {
     return this.#stagedBytes;
@@ -605,6 +646,15 @@ export class DiskPrefixStore {
     if (this.#staged.get(hash) !== staged) return;
     this.#staged.delete(hash);
     this.#stagedBytes -= this.fileBytes;
+    // A read still queued is not wanted now: the reader skips it (one already running ends,
+    // and its bytes are dropped here).
+    if (staged.buf === null && this.#reads.delete(staged.id)) {
+      try {
+        this.#reader?.postMessage({ cancel: [staged.id] });
+      } catch {
+        // the reader is gone: nothing to skip
+      }
+    }
   }
 
   /** Counts (and logs, the first time) an error of the tier's user. */

@@ -220,7 +220,9 @@ export class Scheduler {
       Math.min(seq.numTokens - seq.numComputed, budget, seq.wantsAllLogits ? logitRows : budget);
     const chunks: ScheduledChunk[] = [];
     const preempted: Sequence[] = [];
-    if (this.#byPriority) this.#makeRoomForPriority(preempted);
+    // A head whose prefix is still being read from disk preempts no one yet: the room would
+    // stand empty for the read.
+    if (this.#byPriority && !this.#headReadsAhead()) this.#makeRoomForPriority(preempted);
     // Preempted for a waiting sequence of higher priority: that one is admitted below.
     const forPriority = preempted.length;
     const take = (seq: Sequence, n: number, draft: readonly number[] = NO_DRAFT) => {
@@ -280,17 +282,12 @@ export class Scheduler {
       let loaded = 0;
       if (lookup && seq.numComputed === 0) {
         const B = this.#blocks.blockSize;
-        // Whole blocks only, and never the last token: its logits come from computing it.
-        const blocks = Math.floor((seq.numTokens - 1) / B);
         // Blocks read back from a second tier leave free those the first chunk then needs
         // (the rest of the prompt, within the step's budget).
         const chunkBlocks = (attached: number) =>
           Math.ceil(Math.min(budget, seq.numTokens - attached * B) / B);
-        const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
-        // With sequences running, its blocks in the second tier are read in the background:
-        // until they are in memory it waits (first in line), while those step on. Alone, it
-        // reads them in the step: no one else waits, and it starts a step sooner.
-        if (this.#running.length > 0 && this.#blocks.prefetchPrefix(hashes)) break;
+        const hashes = this.#prefixHashes(seq);
+        if (this.#headReadsAhead()) break;
         hit = this.#blocks.attachPrefix(seq.id, hashes, chunkBlocks) * B;
         seq.tierLoaded += this.#blocks.lastLoaded * B;
         loaded = seq.tierLoaded;
@@ -300,9 +297,7 @@ export class Scheduler {
           // pool, and the next steps find them there and read on (first in line, it waits).
           this.#blocks.free(seq.id);
           seq.numComputed = 0;
-          // The next ones, read while this step runs (in the next one, if it runs alone).
-          if (this.#running.length > 0) this.#blocks.prefetchPrefix(hashes);
-          break;
+          break; // the next ones are read ahead below, while this step runs
         }
       }
       const n = tokensOf(seq);
@@ -325,7 +320,34 @@ export class Scheduler {
       else this.#running.push(seq);
       take(seq, n);
     }
+    // A head kept out (no slot, no budget) has its prefix's files read meanwhile.
+    this.#headReadsAhead();
     return { chunks, preempted };
+  }
+
+  /** The hashes of `seq`'s whole blocks before its last token (whose logits are computed). */
+  #prefixHashes(seq: Sequence): readonly string[] {
+    const B = this.#blocks.blockSize;
+    const blocks = Math.floor((seq.numTokens - 1) / B);
+    return seq.blockHashes(blocks, B).slice(0, blocks);
+  }
+
+  /**
+   * Whether the first waiting sequence waits for its prefix's blocks from the second tier,
+   * read in the background (started here): only while sequences run, which step on
+   * meanwhile. Alone, it reads them in its step: no one else waits, and it starts sooner.
+   */
+  #headReadsAhead(): boolean {
+    const head = this.#waiting[0];
+    if (
+      !head ||
+      this.#running.length === 0 ||
+      this.config.prefixCaching !== true ||
+      head.wantsAllLogits ||
+      head.numComputed !== 0
+    )
+      return false;
+    return this.#blocks.prefetchPrefix(this.#prefixHashes(head));
   }
 
   /**

@@ -234,6 +234,11 @@ export class ServingEngine {
     return this.#kv.persist();
   }
 
+  /** Ends the disk tier's reader thread, if any (at a stop, after persistPrefixes). */
+  async close(): Promise<void> {
+    await this.#kv.disk?.close();
+  }
+
   /** In which order waiting sequences are admitted and running ones preempted. */
   get schedulingPolicy(): SchedulingPolicy {
     return this.#scheduler.config.policy ?? "fcfs";

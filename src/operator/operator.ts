@@ -218,7 +218,9 @@ export class Operator {
       );
     }
     await this.#autoscaler?.stop();
-    await this.#elector?.release();
+    // A hung API server would hold the release too: the lease then expires on its own.
+    if (this.#elector && !(await settlesWithin(this.#elector.release(), 5000)))
+      this.#o.log("stop: the lease release got no answer in 5 s: it expires on its own");
     this.#metrics.isLeader.set(0);
     await new Promise<void>((resolve) =>
       this.#server ? this.#server.close(() => resolve()) : resolve(),

@@ -121,6 +121,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     close: async () => {
       await app.close();
       await ctx.encoder.close();
+      await ctx.engine.close();
       await nc?.close();
     },
   };

@@ -261,12 +261,15 @@ describe("DiskPrefixStore", () => {
     rmSync(join(s.dir, fileOf(h)));
     expect(loaded(s, h)).toBeNull();
     expect(s.has(h)).toBe(false);
-    // The folder itself gone: made again.
+    // The folder itself gone: made again, fingerprint.json too.
     rmSync(s.dir, { recursive: true });
     const h2 = hashOf("again");
     expect(s.save(h2, rows(2))).toBe(true);
     await s.flush();
     expect(loaded(s, h2)).toEqual(joined(rows(2)));
+    expect(JSON.parse(readFileSync(join(s.dir, "fingerprint.json"), "utf8"))).toMatchObject({
+      model: "tiny",
+    });
     // A file where the folder was: the write fails, the block is not kept.
     rmSync(s.dir, { recursive: true });
     writeFileSync(s.dir, "");
@@ -346,6 +349,42 @@ describe("DiskPrefixStore", () => {
     const [x, y] = await saved(t, 2);
     t.prefetch([x!, y!]);
     expect([t.loading(x!), t.loading(y!)]).toEqual([true, false]);
+  });
+
+  it("making room for reads ahead keeps those the same prefetch wants", async () => {
+    const s = open(tempDir(), 8, { staged: 3 * FILE });
+    const [a, b, c, d] = await saved(s, 4);
+    let done = staged(s, 3);
+    s.prefetch([b!, c!, d!]);
+    await done;
+    done = staged(s, 1);
+    s.prefetch([a!, b!, c!]); // room for a: d goes, not b or c
+    expect([a, b, c, d].map((h) => s.loading(h!))).toEqual([true, false, false, false]);
+    await done;
+    expect(s.readsInFlight).toBe(0);
+    for (const h of [a, b, c]) rmSync(join(s.dir, fileOf(h!)));
+    expect([a, b, c].map((h, i) => loaded(s, h!)?.equals(joined(rows(i + 1))))).toEqual([
+      true,
+      true,
+      true,
+    ]);
+    expect(s.stats.readAhead).toBe(3);
+  });
+
+  it("gives up reads ahead that read() or a drop got to first", async () => {
+    const s = open(tempDir(), 8);
+    const hs = await saved(s, 6);
+    s.prefetch(hs);
+    expect(s.readsInFlight).toBe(6);
+    // Read in the step before the reader got to them: their reads are given up.
+    for (const [i, h] of hs.entries()) expect(loaded(s, h)).toEqual(joined(rows(i + 1)));
+    expect([s.readsInFlight, s.stagedBytes, s.stats.readAhead]).toEqual([0, 0, 0]);
+    // The reader goes on with new reads.
+    const done = staged(s, 1);
+    s.prefetch([hs[0]!]);
+    await done;
+    expect(s.loading(hs[0]!)).toBe(false);
+    expect(s.stagedBytes).toBe(FILE);
   });
 
   it("a file gone or damaged before its read ahead is a miss, and removed", async () => {
@@ -635,6 +674,44 @@ describe("Scheduler over a second tier", () => {
     const [c] = s.schedule().chunks;
     expect([c?.seq.id, c?.start, a.lastLoaded]).toEqual([2, 32, 8]);
     expect(tier.asked).toEqual([]);
+  });
+
+  it("with the priority policy, a head still reading its prefix preempts no one yet", () => {
+    const tier = new ReadAheadTier();
+    const a = new BlockAllocator(40, 4);
+    a.tier = tier;
+    const s = new Scheduler(
+      {
+        maxBatchTokens: 64,
+        maxQueueDepth: 8,
+        maxRunning: 2,
+        prefixCaching: true,
+        policy: "priority",
+      },
+      a,
+    );
+    const high = seqOf(1, 8, 100);
+    const low = seqOf(2, 8, 200);
+    low.priority = 5;
+    for (const q of [high, low]) expect(s.add(q)).toBe("ok");
+    s.commit(s.schedule().chunks);
+    const urgent = seqOf(3, 33);
+    urgent.priority = 1;
+    for (const h of urgent.blockHashes(8, 4)) tier.kept.set(h, -1);
+    expect(s.add(urgent)).toBe("ok");
+    const step = () => {
+      for (const q of [high, low]) q.outputTokens.push(7);
+      const { chunks, preempted } = s.schedule();
+      s.commit(chunks);
+      return { ids: chunks.map((c) => c.seq.id), preempted: preempted.map((q) => q.id) };
+    };
+    // Its reads run: both keep running, no slot stands empty for the read.
+    expect(step()).toEqual({ ids: [1, 2], preempted: [] });
+    expect(low.numPreemptions).toBe(0);
+    tier.finish();
+    // Read: now the low one makes room, and the urgent one comes in with its prefix.
+    expect(step()).toEqual({ ids: [1, 3], preempted: [2] });
+    expect(a.lastLoaded).toBe(8);
   });
 
   it("counts nothing read for a prompt it could not admit", () => {

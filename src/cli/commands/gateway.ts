@@ -532,6 +532,7 @@ export const gatewayCommand: Command = {
           // Not a reason to skip the rest of the stop.
           log(`prefix cache: not written (${formatError(e)})`);
         }
+        await ctx.engine.close();
       }
       metricsServer.close();
       try {
