@@ -478,7 +478,11 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
                                  phases, gemm_note, outh)) {
       // done: outh holds the down projections (bf16)
     } else {
-      // The same with one grouped GEMM per phase; intermediates in the weights' dtype.
+      // The same with one grouped GEMM per phase; intermediates in the weights' dtype. Why the
+      // fp8 blockwise path did not run (if it was tried) goes after what runs here, so that
+      // the status says "cutlass" when the bf16 kernel ran on the dequantized weights.
+      const std::string fp8_refusal = std::move(gemm_note);
+      gemm_note.clear();
       void* gu = op.alloc(static_cast<size_t>(rows * ldgu) * esz);
       auto at = [&](void* base, int64_t r, int64_t ld) {
         return static_cast<void*>(static_cast<char*>(base) + static_cast<size_t>(r * ld) * esz);
@@ -558,6 +562,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       }
       down.run(op, ab, cutlass, &gemm_note);
       phases.mark("down");
+      if (!fp8_refusal.empty()) gemm_note += (gemm_note.empty() ? "(" : " (") + fp8_refusal + ")";
     }
   } else if (rows > 0) {  // experts with no intermediate width: the FFN is 0
     outf = direct ? static_cast<float*>(y.data) : op.alloc_n<float>(rows * dim);
