@@ -678,6 +678,35 @@ export const SchedulingSchema = Type.Object(
   { description: "Where the pods run; passed through to every pod.", default: {} },
 );
 
+export const MonitoringSchema = Type.Object(
+  {
+    podMonitor: Type.Object(
+      {
+        enabled: Type.Boolean({
+          description:
+            "Create a PodMonitor (monitoring.coreos.com/v1, the Prometheus Operator's) that scrapes every gateway's and shard's /metrics. The cluster must serve that CRD; without it the model is Degraded (PodMonitorCRDNotFound) and serves on.",
+          default: false,
+        }),
+        interval: Type.Optional(
+          Type.String({
+            description:
+              "Scrape interval (a Prometheus duration, e.g. 15s); default: Prometheus's.",
+            pattern: "^([0-9]+(ms|s|m|h))+$",
+            maxLength: 32,
+          }),
+        ),
+        labels: Type.Optional(
+          StringMap(
+            "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
+          ),
+        ),
+      },
+      { description: "A PodMonitor for the model's pods.", default: {} },
+    ),
+  },
+  { description: "How Prometheus finds the model's metrics.", default: {} },
+);
+
 export const SpecSchema = withRules(
   "spec",
   Type.Object(
@@ -714,6 +743,7 @@ export const SpecSchema = withRules(
       nats: NatsSchema,
       autoscaling: AutoscalingSchema,
       scheduling: SchedulingSchema,
+      monitoring: MonitoringSchema,
     },
     { description: "Desired state of a served DeepSeek-style MoE model." },
   ),

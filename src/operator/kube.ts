@@ -26,12 +26,28 @@ export function httpStatus(err: unknown): number | undefined {
   return (err as { code?: number })?.code;
 }
 
-/** The kinds the operator creates, for listing what it owns. */
+/**
+ * Whether `err` says the cluster does not serve the object's kind (another project's CRD
+ * not installed): the client's discovery of the group answers 404, or lists no such kind.
+ */
+export function kindNotServed(err: unknown): boolean {
+  return (
+    httpStatus(err) === 404 ||
+    /Unrecognized API version and kind/.test((err as Error | undefined)?.message ?? "")
+  );
+}
+
+/**
+ * The kinds the operator creates, for listing what it owns. Optional ones (another
+ * project's CRD) may not be served, or not be readable under an older chart's RBAC: then
+ * the operator cannot have made any.
+ */
 const OWNED_KINDS = [
   { apiVersion: "v1", kind: "ConfigMap" },
   { apiVersion: "apps/v1", kind: "Deployment" },
   { apiVersion: "v1", kind: "Service" },
   { apiVersion: "policy/v1", kind: "PodDisruptionBudget" },
+  { apiVersion: "monitoring.coreos.com/v1", kind: "PodMonitor", optional: true },
 ] as const;
 
 export class KubeClient {
@@ -77,18 +93,24 @@ export class KubeClient {
   async listOwned(namespace: string, name: string): Promise<KubernetesObject[]> {
     const selector = ownedSelector(name);
     const lists = await Promise.all(
-      OWNED_KINDS.map(async ({ apiVersion, kind }) => {
-        const list = await this.objects.list(
-          apiVersion,
-          kind,
-          namespace,
-          undefined,
-          undefined,
-          undefined,
-          undefined,
-          selector,
-        );
-        return list.items.map((o) => ({ ...o, apiVersion, kind }));
+      OWNED_KINDS.map(async (k) => {
+        const { apiVersion, kind } = k;
+        try {
+          const list = await this.objects.list(
+            apiVersion,
+            kind,
+            namespace,
+            undefined,
+            undefined,
+            undefined,
+            undefined,
+            selector,
+          );
+          return list.items.map((o) => ({ ...o, apiVersion, kind }));
+        } catch (err) {
+          if ("optional" in k && (kindNotServed(err) || httpStatus(err) === 403)) return [];
+          throw err;
+        }
       }),
     );
     return lists.flat();

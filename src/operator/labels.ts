@@ -12,7 +12,7 @@ export const LABEL_SHARD = "expertmesh.io/shard";
  */
 export const ANNOTATION_PLAN_SHAPE = "expertmesh.io/plan-shape";
 
-export type Component = "gateway" | "shard" | "plan";
+export type Component = "gateway" | "shard" | "plan" | "monitoring";
 
 export const names = {
   plan: (m: string) => `${m}-plan`,

@@ -11,7 +11,7 @@ import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
-import { httpStatus, type KubeClient } from "./kube.ts";
+import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
 import { computeStatus, type Problem, statusChanged, unschedulableProblem } from "./status.ts";
 import {
@@ -109,7 +109,7 @@ export class Reconciler {
       const before = await this.#kube.listDeployments(namespace, name);
       const desired = desiredObjects(model, plan, this.#replicas(key, model, plan, before));
       try {
-        await this.#converge(model, desired);
+        problems.push(...(await this.#converge(model, desired)));
       } catch (err) {
         if (httpStatus(err) === 409 || httpStatus(err) === undefined) throw err;
         problems.push({ reason: "ApplyFailed", message: formatError(err) });
@@ -301,15 +301,31 @@ export class Reconciler {
     }
   }
 
-  /** Applies every desired object in order; deletes owned objects no longer desired. */
-  async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<void> {
+  /**
+   * Applies every desired object in order; deletes owned objects no longer desired. A
+   * PodMonitor the cluster has no CRD for is a problem that leaves serving alone.
+   */
+  async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
+    const problems: Problem[] = [];
     const existing = new Map(
       (await this.#kube.listOwned(ns, model.metadata.name)).map((o) => [keyOf(o), o]),
     );
     for (const obj of desired) {
       const before = existing.get(keyOf(obj as KubernetesObject));
-      const after = await this.#kube.apply(obj as KubernetesObject);
+      let after: KubernetesObject;
+      try {
+        after = await this.#kube.apply(obj as KubernetesObject);
+      } catch (err) {
+        if (obj.kind !== "PodMonitor" || !kindNotServed(err)) throw err;
+        problems.push({
+          reason: "PodMonitorCRDNotFound",
+          message:
+            "spec.monitoring.podMonitor.enabled, but this cluster does not serve monitoring.coreos.com/v1 PodMonitor: install the Prometheus Operator's CRDs, or turn it off",
+          servingUnaffected: true,
+        });
+        continue;
+      }
       if (!before)
         await this.#event(model, "Normal", "Created", `created ${keyOf(obj as KubernetesObject)}`);
       else if (before.metadata?.resourceVersion !== after.metadata?.resourceVersion) {
@@ -322,6 +338,7 @@ export class Reconciler {
       await this.#kube.delete(obj);
       await this.#event(model, "Normal", "Deleted", `deleted ${key} (no longer in the spec)`);
     }
+    return problems;
   }
 
   async #event(

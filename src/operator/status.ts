@@ -4,7 +4,10 @@ import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
 import type { DeepSeekModel, DeepSeekModelStatus, ModelCondition } from "../api/schema.ts";
 import { LABEL_COMPONENT, labelsFor } from "./labels.ts";
 
-/** A problem that makes the model Degraded: a stable reason and a precise message. */
+/**
+ * A problem that makes the model Degraded: a stable reason and a precise message;
+ * servingUnaffected ones (a PodMonitor that cannot be made) leave Ready alone.
+ */
 export interface Problem {
   reason:
     | "PVCNotFound"
@@ -12,8 +15,10 @@ export interface Problem {
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"
-    | "ApplyFailed";
+    | "ApplyFailed"
+    | "PodMonitorCRDNotFound";
   message: string;
+  servingUnaffected?: boolean;
 }
 
 export interface Observed {
@@ -125,8 +130,10 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
         reason: "RollingOut",
         message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
       };
+  // Degraded reports every problem; Ready only those that keep the model from serving.
+  const blocking = o.problems.find((p) => !p.servingUnaffected);
   const ready =
-    allRolledOut && !problem
+    allRolledOut && !blocking
       ? {
           type: "Ready",
           status: "True" as const,
@@ -136,8 +143,8 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
       : {
           type: "Ready",
           status: "False" as const,
-          reason: problem ? problem.reason : "ReplicasNotReady",
-          message: problem ? problem.message : progressing.message,
+          reason: blocking ? blocking.reason : "ReplicasNotReady",
+          message: blocking ? blocking.message : progressing.message,
         };
 
   return {

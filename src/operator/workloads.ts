@@ -19,9 +19,37 @@ import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../ap
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
-import { ANNOTATION_PLAN_SHAPE, type Component, labelsFor, names } from "./labels.ts";
+import {
+  ANNOTATION_PLAN_SHAPE,
+  type Component,
+  LABEL_MODEL,
+  labelsFor,
+  MANAGED_BY,
+  names,
+} from "./labels.ts";
 
-export type DesiredObject = V1ConfigMap | V1Deployment | V1Service | V1PodDisruptionBudget;
+/** The Prometheus Operator's PodMonitor (monitoring.coreos.com/v1), the fields set here. */
+export interface PodMonitor {
+  apiVersion: "monitoring.coreos.com/v1";
+  kind: "PodMonitor";
+  metadata: ReturnType<typeof meta>;
+  spec: {
+    selector: { matchLabels: Record<string, string> };
+    podMetricsEndpoints: {
+      port: string;
+      path: string;
+      honorLabels: boolean;
+      interval?: string;
+    }[];
+  };
+}
+
+export type DesiredObject =
+  | V1ConfigMap
+  | V1Deployment
+  | V1Service
+  | V1PodDisruptionBudget
+  | PodMonitor;
 
 /** Seconds a gateway keeps serving after SIGTERM, not ready (`gateway --shutdown-delay`). */
 export const GATEWAY_SHUTDOWN_DELAY_S = 5;
@@ -458,7 +486,40 @@ export function desiredObjects(
       ],
     },
   });
+  if (model.spec.monitoring?.podMonitor.enabled) objects.push(podMonitor(model));
   return objects;
+}
+
+/**
+ * The PodMonitor that has Prometheus scrape every gateway and shard pod of the model on its
+ * `metrics` port. Applied last: a cluster without the Prometheus Operator's CRD refuses it,
+ * and that must not keep the rest from being applied. honorLabels: the series' own
+ * `namespace` (the model's) wins over the one Prometheus adds (docs/autoscaling.md).
+ */
+export function podMonitor(model: DeepSeekModel): PodMonitor {
+  const pm = model.spec.monitoring.podMonitor;
+  const base = meta(model, model.metadata.name, "monitoring");
+  return {
+    apiVersion: "monitoring.coreos.com/v1",
+    kind: "PodMonitor",
+    metadata: { ...base, labels: { ...pm.labels, ...base.labels } },
+    spec: {
+      selector: {
+        matchLabels: {
+          [LABEL_MODEL]: model.metadata.name,
+          "app.kubernetes.io/managed-by": MANAGED_BY,
+        },
+      },
+      podMetricsEndpoints: [
+        {
+          port: "metrics",
+          path: "/metrics",
+          honorLabels: true,
+          ...(pm.interval ? { interval: pm.interval } : {}),
+        },
+      ],
+    },
+  };
 }
 
 /** What must stay the same for a plan to replace another without restarting pods. */

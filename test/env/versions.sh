@@ -8,5 +8,7 @@ HELM_VERSION=v3.21.4
 # The Go toolchain provision.sh fetches from the module proxy when no usable go is installed
 # (and the one an older go >= 1.21 switches to: kwok needs Go 1.26).
 GO_TOOLCHAIN_VERSION=go1.26.8
-# KEDA release whose ScaledObject CRD keda-crd.sh fetches to check examples/autoscaling.
+# KEDA release whose ScaledObject CRD crd.sh fetches to check examples/autoscaling.
 KEDA_VERSION=v2.21.0
+# Prometheus Operator release whose PodMonitor CRD crd.sh fetches (spec.monitoring.podMonitor).
+PROMETHEUS_OPERATOR_VERSION=v0.87.1

@@ -512,8 +512,8 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
   });
 
   it("the documented KEDA ScaledObjects are valid against KEDA's own CRD", async () => {
-    // KEDA's CRD at the version pinned in test/env/versions.sh (fetched by test/env/keda-crd.sh from the Go module proxy, cached).
-    const fetched = await runCli("bash", [`${root}test/env/keda-crd.sh`]);
+    // KEDA's CRD at the version pinned in test/env/versions.sh (fetched by test/env/crd.sh from the Go module proxy, cached).
+    const fetched = await runCli("bash", [`${root}test/env/crd.sh`, "keda"]);
     expect(fetched.code, fetched.stderr).toBe(0);
     const crdPath = fetched.stdout.trim().split("\n").at(-1)!;
     expect(existsSync(crdPath), crdPath).toBe(true);

@@ -57,6 +57,11 @@ const OPERATOR_RULES = [
     resources: ["poddisruptionbudgets"],
     verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
   },
+  {
+    apiGroups: ["monitoring.coreos.com"],
+    resources: ["podmonitors"],
+    verbs: ["get", "list", "create", "update", "patch", "delete"],
+  },
 ];
 
 const LEASE_RULES = [

@@ -92,6 +92,35 @@ describe("computeStatus", () => {
       ["True", "RollingOut"],
       ["True", "PVCNotFound"],
     ],
+    [
+      "no PodMonitor CRD (serving is not affected)",
+      healthy,
+      [
+        {
+          reason: "PodMonitorCRDNotFound" as const,
+          message: "no crd",
+          servingUnaffected: true,
+        },
+      ],
+      ["True", "AllReplicasReady"],
+      ["False", "RolloutComplete"],
+      ["True", "PodMonitorCRDNotFound"],
+    ],
+    [
+      "no PodMonitor CRD and a missing Secret",
+      healthy,
+      [
+        {
+          reason: "PodMonitorCRDNotFound" as const,
+          message: "no crd",
+          servingUnaffected: true,
+        },
+        { reason: "SecretNotFound" as const, message: "no secret" },
+      ],
+      ["False", "SecretNotFound"],
+      ["False", "RolloutComplete"],
+      ["True", "PodMonitorCRDNotFound"],
+    ],
   ])("%s", (_name, deployments, problems, ready, progressing, degraded) => {
     const s = computeStatus(model, { ...obs, deployments, problems }, now);
     expect([cond(s, "Ready").status, cond(s, "Ready").reason]).toEqual(ready);

@@ -30,6 +30,58 @@ function objects(extra = "") {
 }
 
 describe("desiredObjects", () => {
+  it("adds a PodMonitor last when asked, scraping every pod's metrics port", () => {
+    expect(objects().some((o) => o.kind === "PodMonitor")).toBe(false);
+    expect(objects("  monitoring: { podMonitor: { enabled: false } }").at(-1)?.kind).toBe(
+      "Service",
+    );
+    const all = objects(
+      "  monitoring: { podMonitor: { enabled: true, interval: 15s, labels: { release: kps, expertmesh.io/model: other } } }",
+    );
+    const pm = all.at(-1)!;
+    expect(pm).toMatchObject({
+      apiVersion: "monitoring.coreos.com/v1",
+      kind: "PodMonitor",
+      metadata: {
+        name: "m",
+        namespace: "ns",
+        // The user's labels, but never over the ones that say who owns it.
+        labels: { release: "kps", "expertmesh.io/model": "m" },
+        ownerReferences: [{ kind: "DeepSeekModel", name: "m", uid: "u-1", controller: true }],
+      },
+      spec: {
+        selector: {
+          matchLabels: {
+            "expertmesh.io/model": "m",
+            "app.kubernetes.io/managed-by": "expertmesh-operator",
+          },
+        },
+        podMetricsEndpoints: [
+          { port: "metrics", path: "/metrics", honorLabels: true, interval: "15s" },
+        ],
+      },
+    });
+    // Its selector finds the gateway's and every shard's pods, which all name a metrics port.
+    const sel = (pm as { spec: { selector: { matchLabels: Record<string, string> } } }).spec
+      .selector.matchLabels;
+    const deployments = all.filter((o) => o.kind === "Deployment") as {
+      spec: {
+        template: {
+          metadata: { labels: Record<string, string> };
+          spec: { containers: { ports?: { name: string }[] }[] };
+        };
+      };
+    }[];
+    expect(deployments).toHaveLength(5);
+    for (const d of deployments) {
+      expect(d.spec.template.metadata.labels).toMatchObject(sel);
+      expect(d.spec.template.spec.containers[0]!.ports!.map((p) => p.name)).toContain("metrics");
+    }
+    expect(() =>
+      objects("  monitoring: { podMonitor: { enabled: true, interval: soon } }"),
+    ).toThrow(/interval/);
+  });
+
   it("makes the plan first, shards before the gateway, and a PDB per Deployment", () => {
     const names = objects().map((o) => `${o.kind}/${o.metadata?.name}`);
     expect(names).toEqual([

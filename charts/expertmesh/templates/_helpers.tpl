@@ -109,6 +109,9 @@ Leases are not here: leader election gets its own Role in the release namespace.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["get", "list", "create", "update", "patch", "delete"]
 {{- end }}
 
 {{/*

@@ -1,0 +1,151 @@
+// spec.monitoring.podMonitor against the real control plane: the operator (a process under
+// the chart's ServiceAccount, so under the chart's RBAC) applies a PodMonitor of the
+// Prometheus Operator's own CRD (fetched by test/env/crd.sh at the pinned version from the
+// Go module proxy), reports a cluster without that CRD as Degraded while the model serves
+// on, and deletes the PodMonitor when it is turned off.
+import { fileURLToPath } from "node:url";
+import { CustomObjectsApi } from "@kubernetes/client-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { kubectl, runCli } from "../support/cli.ts";
+import { adminKubeConfig, uniqueName, waitFor } from "../support/env.ts";
+import {
+  getModel,
+  model,
+  operatorForNamespaces,
+  type RunningOperator,
+} from "../support/operator.ts";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+const custom = adminKubeConfig().makeApiClient(CustomObjectsApi);
+const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
+const PM = { group: "monitoring.coreos.com", version: "v1", plural: "podmonitors" };
+const CRD = "podmonitors.monitoring.coreos.com";
+
+const condition = (m: DeepSeekModel, type: string) =>
+  m.status?.conditions?.find((c) => c.type === type);
+
+describe("PodMonitor (spec.monitoring.podMonitor)", () => {
+  const ns = uniqueName("em-mon");
+  const releaseNs = uniqueName("em-mon-system");
+  const name = "mon";
+  let op: RunningOperator;
+  let crdPath = "";
+
+  beforeAll(async () => {
+    const fetched = await runCli("bash", [`${root}test/env/crd.sh`, "podmonitor"]);
+    expect(fetched.code, fetched.stderr).toBe(0);
+    crdPath = fetched.stdout.trim().split("\n").at(-1)!;
+    // Whatever an earlier run left: this test starts from a cluster without the CRD.
+    await kubectl(["delete", "crd", CRD, "--ignore-not-found", "--wait=true"]);
+    op = await operatorForNamespaces({
+      release: "expertmesh-mon",
+      releaseNs,
+      identity: "op-mon",
+      namespaces: [ns],
+    });
+  });
+
+  afterAll(async () => {
+    await op?.process.stop();
+    await kubectl(["delete", "crd", CRD, "--ignore-not-found", "--wait=false"]);
+  });
+
+  it("is Degraded without the CRD but serves; applies the PodMonitor once it exists; deletes it when off", async () => {
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model(name, ns, {
+        monitoring: { podMonitor: { enabled: true, interval: "20s", labels: { release: "kps" } } },
+      }),
+    });
+    // No CRD: Degraded says why, and Ready is still the pods' (the model serves).
+    let m = await waitFor(
+      "Degraded PodMonitorCRDNotFound with Ready True",
+      async () => {
+        const got = await getModel(ns, name);
+        return condition(got, "Degraded")?.reason === "PodMonitorCRDNotFound" &&
+          condition(got, "Ready")?.status === "True"
+          ? got
+          : undefined;
+      },
+      90_000,
+    );
+    expect(condition(m, "Degraded")?.message).toMatch(/does not serve monitoring.coreos.com\/v1/);
+
+    const install = await kubectl([
+      "apply",
+      "--server-side",
+      "--field-manager=expertmesh-test",
+      "-f",
+      crdPath,
+    ]);
+    expect(install.code, install.stderr).toBe(0);
+    await waitFor(`${CRD} Established`, async () => {
+      const r = await kubectl([
+        "get",
+        "crd",
+        CRD,
+        "-o",
+        'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+      ]);
+      return r.code === 0 && r.stdout.trim() === "True" ? true : undefined;
+    });
+    // The operator retries on its own, and the Prometheus Operator's schema accepts it.
+    const pm = (await waitFor(
+      "the PodMonitor",
+      async () => {
+        try {
+          return await custom.getNamespacedCustomObject({ ...PM, namespace: ns, name });
+        } catch {
+          return undefined;
+        }
+      },
+      60_000,
+    )) as {
+      metadata: { labels: Record<string, string>; ownerReferences: { name: string }[] };
+      spec: Record<string, unknown>;
+    };
+    expect(pm.metadata.labels).toMatchObject({ release: "kps", "expertmesh.io/model": name });
+    expect(pm.metadata.ownerReferences.map((o) => o.name)).toEqual([name]);
+    expect(pm.spec).toMatchObject({
+      selector: { matchLabels: { "expertmesh.io/model": name } },
+      podMetricsEndpoints: [
+        { port: "metrics", path: "/metrics", honorLabels: true, interval: "20s" },
+      ],
+    });
+    // Its selector finds the model's pods: the gateway and both shards.
+    const pods = await kubectl([
+      "get",
+      "pods",
+      "-n",
+      ns,
+      "-l",
+      `expertmesh.io/model=${name},app.kubernetes.io/managed-by=expertmesh-operator`,
+      "-o",
+      "name",
+    ]);
+    expect(pods.stdout.trim().split("\n").length).toBeGreaterThanOrEqual(3);
+    m = await waitFor("Degraded False", async () => {
+      const got = await getModel(ns, name);
+      return condition(got, "Degraded")?.status === "False" ? got : undefined;
+    });
+    expect(condition(m, "Ready")?.status).toBe("True");
+
+    // Turned off: deleted.
+    await custom.patchNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      name,
+      body: [{ op: "replace", path: "/spec/monitoring/podMonitor/enabled", value: false }],
+    });
+    await waitFor("the PodMonitor deleted", async () => {
+      try {
+        await custom.getNamespacedCustomObject({ ...PM, namespace: ns, name });
+        return undefined;
+      } catch (err) {
+        return (err as { code?: number }).code === 404 ? true : undefined;
+      }
+    });
+  });
+});
