@@ -8,7 +8,9 @@
 #   podmonitor  the Prometheus Operator's PodMonitor (example/prometheus-operator-crd/
 #               monitoring.coreos.com_podmonitors.yaml of
 #               github.com/prometheus-operator/prometheus-operator): the operator's
-#               PodMonitors (spec.monitoring.podMonitor) are applied against it.
+#               PodMonitors (spec.monitoring.podMonitor) are applied against it;
+#   servicemonitor  its ServiceMonitor (the file beside it): the chart's
+#               (metrics.serviceMonitor) is checked against it.
 #
 # `go mod download` fetches the module's zip from GOPROXY (checked against GOSUMDB, as every
 # module provision.sh builds), and this copies that one file into the cache, keyed by
@@ -16,7 +18,7 @@
 #   $EXPERTMESH_CACHE_DIR/crd/<name>-<version>/<file>   (default ~/.cache/expertmesh)
 # A second run finds it and fetches nothing.
 #
-# Usage: test/env/crd.sh keda|podmonitor
+# Usage: test/env/crd.sh keda|podmonitor|servicemonitor
 # Prints the CRD file's absolute path on the last line of stdout; progress goes to stderr.
 set -euo pipefail
 
@@ -34,8 +36,14 @@ case "${1:-}" in
     CRD_IN_MODULE=example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml
     CRD_NAME=podmonitors.monitoring.coreos.com
     ;;
+  servicemonitor)
+    NAME=prometheus-operator VERSION=$PROMETHEUS_OPERATOR_VERSION
+    MODULE=github.com/prometheus-operator/prometheus-operator
+    CRD_IN_MODULE=example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
+    CRD_NAME=servicemonitors.monitoring.coreos.com
+    ;;
   *)
-    echo "usage: test/env/crd.sh keda|podmonitor" >&2
+    echo "usage: test/env/crd.sh keda|podmonitor|servicemonitor" >&2
     exit 2
     ;;
 esac

@@ -215,6 +215,67 @@ describe("Helm chart charts/expertmesh", () => {
     await expect(render("em", "ops", ["--set", "nosuchvalue=1"])).rejects.toThrow(/nosuchvalue/);
   });
 
+  it("renders a ServiceMonitor when asked, which the Prometheus Operator's CRD accepts", async () => {
+    expect((await render("em", "default")).some((o) => o.kind === "ServiceMonitor")).toBe(false);
+    const objects = await render("em", "default", [
+      "--set",
+      "metrics.serviceMonitor.enabled=true",
+      "--set",
+      "metrics.serviceMonitor.interval=30s",
+      "--set",
+      "metrics.serviceMonitor.labels.release=kps",
+    ]);
+    const sm = only(objects, "ServiceMonitor");
+    const svc = only(objects, "Service");
+    expect(sm.metadata.labels.release).toBe("kps");
+    expect(sm.spec).toEqual({
+      selector: { matchLabels: svc.spec.selector },
+      namespaceSelector: { matchNames: ["default"] },
+      endpoints: [{ port: "metrics", path: "/metrics", honorLabels: true, interval: "30s" }],
+    });
+    // It selects the metrics Service (which carries the selector's labels).
+    expect(svc.metadata.labels).toMatchObject(sm.spec.selector.matchLabels);
+    await expect(
+      render("em", "default", ["--set", "metrics.serviceMonitor.interval=soon"]),
+    ).rejects.toThrow(/interval/);
+    // The CRD at the version pinned in test/env/versions.sh, in the real API server.
+    const fetched = await run("bash", [join(repoRoot, "test/env/crd.sh"), "servicemonitor"]);
+    const crdPath = fetched.stdout.trim().split("\n").at(-1)!;
+    const crd = "servicemonitors.monitoring.coreos.com";
+    const kubectl = (args: string[], input?: string) =>
+      new Promise<{ code: number; out: string }>((resolve) => {
+        const child = execFile(
+          testEnv().binaries.kubectl,
+          [`--kubeconfig=${testEnv().kube.kubeconfig}`, ...args],
+          (err, stdout, stderr) =>
+            resolve({
+              code: err ? ((err as { code?: number }).code ?? 1) : 0,
+              out: stdout + stderr,
+            }),
+        );
+        child.stdin?.end(input ?? "");
+      });
+    try {
+      const install = await kubectl(["apply", "--server-side", "-f", crdPath]);
+      expect(install.code, install.out).toBe(0);
+      await waitFor(`${crd} Established`, async () => {
+        const r = await kubectl([
+          "get",
+          "crd",
+          crd,
+          "-o",
+          'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+        ]);
+        return r.out.trim() === "True" ? true : undefined;
+      });
+      const dry = await kubectl(["apply", "--dry-run=server", "-f", "-"], JSON.stringify(sm));
+      expect(dry.code, dry.out).toBe(0);
+      expect(dry.out).toContain("servicemonitor.monitoring.coreos.com/em-expertmesh created");
+    } finally {
+      await kubectl(["delete", "crd", crd, "--ignore-not-found", "--wait=false"]);
+    }
+  });
+
   it("ships the CRD as an identical copy of crds/" + CRD_FILE, () => {
     if (!existsSync(chartCrd)) throw new Error(crdMissingMessage());
     if (!existsSync(repoCrd)) throw new Error(`${repoCrd} is missing: run the CRD generator`);
