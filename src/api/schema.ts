@@ -690,14 +690,26 @@ export const MonitoringSchema = Type.Object(
         interval: Type.Optional(
           Type.String({
             description:
-              "Scrape interval (a Prometheus duration, e.g. 15s); default: Prometheus's.",
-            pattern: "^([0-9]+(ms|s|m|h))+$",
+              "Scrape interval (a Prometheus duration, e.g. 15s or 1m30s, units in falling order); default: Prometheus's.",
+            // The Prometheus Operator's own pattern for a Duration.
+            pattern:
+              "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
             maxLength: 32,
           }),
         ),
         labels: Type.Optional(
-          StringMap(
-            "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
+          Type.Record(
+            Type.String(),
+            Type.String({
+              description: "Label value.",
+              maxLength: 63,
+              pattern: "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+            }),
+            {
+              description:
+                "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
+              maxProperties: 32,
+            },
           ),
         ),
       },

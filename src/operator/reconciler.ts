@@ -317,13 +317,23 @@ export class Reconciler {
       try {
         after = await this.#kube.apply(obj as KubernetesObject);
       } catch (err) {
-        if (obj.kind !== "PodMonitor" || !kindNotServed(err)) throw err;
-        problems.push({
-          reason: "PodMonitorCRDNotFound",
-          message:
-            "spec.monitoring.podMonitor.enabled, but this cluster does not serve monitoring.coreos.com/v1 PodMonitor: install the Prometheus Operator's CRDs, or turn it off",
-          servingUnaffected: true,
-        });
+        if (obj.kind !== "PodMonitor") throw err;
+        // The PodMonitor is an extra: whatever keeps it out (no CRD, an older chart's RBAC, a
+        // policy) is reported, and the rest converges (deletes below included).
+        problems.push(
+          kindNotServed(err)
+            ? {
+                reason: "PodMonitorCRDNotFound",
+                message:
+                  "spec.monitoring.podMonitor.enabled, but this cluster does not serve monitoring.coreos.com/v1 PodMonitor: install the Prometheus Operator's CRDs, or turn it off",
+                servingUnaffected: true,
+              }
+            : {
+                reason: "PodMonitorApplyFailed",
+                message: `PodMonitor ${keyOf(obj as KubernetesObject)} (spec.monitoring.podMonitor): ${formatError(err)}`,
+                servingUnaffected: true,
+              },
+        );
         continue;
       }
       if (!before)

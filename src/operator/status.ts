@@ -16,7 +16,8 @@ export interface Problem {
     | "MemoryLimitTooLow"
     | "Unschedulable"
     | "ApplyFailed"
-    | "PodMonitorCRDNotFound";
+    | "PodMonitorCRDNotFound"
+    | "PodMonitorApplyFailed";
   message: string;
   servingUnaffected?: boolean;
 }
@@ -102,14 +103,19 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
   const expectedDeployments = 1 + model.spec.experts.shards;
   const allRolledOut =
     o.deployments.length === expectedDeployments && o.deployments.every(rolledOut);
-  const problem = o.problems[0];
+  // Degraded reports every problem, led by the first that keeps the model from serving;
+  // Ready only those.
+  const blocking = o.problems.find((p) => !p.servingUnaffected);
+  const problem = blocking ?? o.problems[0];
 
   const degraded = problem
     ? {
         type: "Degraded",
         status: "True" as const,
         reason: problem.reason,
-        message: o.problems.map((p) => p.message).join("; "),
+        message: [problem, ...o.problems.filter((p) => p !== problem)]
+          .map((p) => p.message)
+          .join("; "),
       }
     : {
         type: "Degraded",
@@ -130,8 +136,6 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
         reason: "RollingOut",
         message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
       };
-  // Degraded reports every problem; Ready only those that keep the model from serving.
-  const blocking = o.problems.find((p) => !p.servingUnaffected);
   const ready =
     allRolledOut && !blocking
       ? {

@@ -114,23 +114,119 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
         { port: "metrics", path: "/metrics", honorLabels: true, interval: "20s" },
       ],
     });
-    // Its selector finds the model's pods: the gateway and both shards.
+    // Its own selector finds the model's pods: the gateway and both shards.
+    const selector = Object.entries(
+      (pm.spec as { selector: { matchLabels: Record<string, string> } }).selector.matchLabels,
+    )
+      .map(([k, v]) => `${k}=${v}`)
+      .join(",");
     const pods = await kubectl([
       "get",
       "pods",
       "-n",
       ns,
       "-l",
-      `expertmesh.io/model=${name},app.kubernetes.io/managed-by=expertmesh-operator`,
+      selector,
       "-o",
-      "name",
+      "jsonpath={.items[*].metadata.labels.app\\.kubernetes\\.io/component}",
     ]);
-    expect(pods.stdout.trim().split("\n").length).toBeGreaterThanOrEqual(3);
+    expect(pods.stdout.trim().split(" ").sort()).toEqual(["gateway", "shard", "shard"]);
     m = await waitFor("Degraded False", async () => {
       const got = await getModel(ns, name);
       return condition(got, "Degraded")?.status === "False" ? got : undefined;
     });
     expect(condition(m, "Ready")?.status).toBe("True");
+
+    // A policy refuses the PodMonitor (as an older chart's RBAC or a webhook could): that is
+    // reported, the model serves on, and the rest of the spec still converges (a shard fewer).
+    const policy = `${ns}-no-45s`;
+    const vap = {
+      apiVersion: "admissionregistration.k8s.io/v1",
+      kind: "ValidatingAdmissionPolicy",
+      metadata: { name: policy },
+      spec: {
+        failurePolicy: "Fail",
+        matchConstraints: {
+          resourceRules: [
+            {
+              apiGroups: ["monitoring.coreos.com"],
+              apiVersions: ["v1"],
+              operations: ["CREATE", "UPDATE"],
+              resources: ["podmonitors"],
+            },
+          ],
+        },
+        validations: [
+          {
+            expression:
+              "object.spec.podMetricsEndpoints.all(e, !has(e.interval) || e.interval != '45s')",
+            message: "45s scrapes are not allowed here",
+          },
+        ],
+      },
+    };
+    const binding = {
+      apiVersion: "admissionregistration.k8s.io/v1",
+      kind: "ValidatingAdmissionPolicyBinding",
+      metadata: { name: policy },
+      spec: {
+        policyName: policy,
+        validationActions: ["Deny"],
+        matchResources: {
+          namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": ns } },
+        },
+      },
+    };
+    try {
+      for (const o of [vap, binding]) {
+        const r = await kubectl(["apply", "--server-side", "-f", "-"], JSON.stringify(o));
+        expect(r.code, r.stderr).toBe(0);
+      }
+      // In force once a PodMonitor of 45s is refused (policies load within a second or two).
+      const probe = {
+        apiVersion: "monitoring.coreos.com/v1",
+        kind: "PodMonitor",
+        metadata: { name: "probe", namespace: ns },
+        spec: {
+          selector: { matchLabels: { none: "none" } },
+          podMetricsEndpoints: [{ port: "metrics", interval: "45s" }],
+        },
+      };
+      await waitFor("the policy in force", async () => {
+        const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], JSON.stringify(probe));
+        return r.code !== 0 && /45s scrapes are not allowed/.test(r.stderr) ? true : undefined;
+      });
+      await custom.patchNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        name,
+        body: [
+          { op: "replace", path: "/spec/monitoring/podMonitor/interval", value: "45s" },
+          { op: "replace", path: "/spec/experts/shards", value: 1 },
+        ],
+      });
+      m = await waitFor(
+        "Degraded PodMonitorApplyFailed, a shard fewer",
+        async () => {
+          const got = await getModel(ns, name);
+          const shards = await kubectl(["get", "deployment", `${name}-shard-1`, "-n", ns]);
+          return condition(got, "Degraded")?.reason === "PodMonitorApplyFailed" &&
+            shards.code !== 0 &&
+            /NotFound/.test(shards.stderr)
+            ? got
+            : undefined;
+        },
+        90_000,
+      );
+      expect(condition(m, "Degraded")?.message).toMatch(/45s scrapes are not allowed here/);
+      await waitFor("Ready True with one shard", async () => {
+        const got = await getModel(ns, name);
+        return condition(got, "Ready")?.status === "True" ? true : undefined;
+      });
+    } finally {
+      await kubectl(["delete", "validatingadmissionpolicybinding", policy, "--ignore-not-found"]);
+      await kubectl(["delete", "validatingadmissionpolicy", policy, "--ignore-not-found"]);
+    }
 
     // Turned off: deleted.
     await custom.patchNamespacedCustomObject({

@@ -107,7 +107,7 @@ describe("computeStatus", () => {
       ["True", "PodMonitorCRDNotFound"],
     ],
     [
-      "no PodMonitor CRD and a missing Secret",
+      "no PodMonitor CRD, and pods that cannot be scheduled: the blocking one leads",
       healthy,
       [
         {
@@ -115,11 +115,11 @@ describe("computeStatus", () => {
           message: "no crd",
           servingUnaffected: true,
         },
-        { reason: "SecretNotFound" as const, message: "no secret" },
+        { reason: "Unschedulable" as const, message: "no gpus" },
       ],
-      ["False", "SecretNotFound"],
+      ["False", "Unschedulable"],
       ["False", "RolloutComplete"],
-      ["True", "PodMonitorCRDNotFound"],
+      ["True", "Unschedulable"],
     ],
   ])("%s", (_name, deployments, problems, ready, progressing, degraded) => {
     const s = computeStatus(model, { ...obs, deployments, problems }, now);

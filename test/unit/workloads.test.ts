@@ -77,9 +77,19 @@ describe("desiredObjects", () => {
       expect(d.spec.template.metadata.labels).toMatchObject(sel);
       expect(d.spec.template.spec.containers[0]!.ports!.map((p) => p.name)).toContain("metrics");
     }
+    // Prometheus durations, units in falling order (the Prometheus Operator's own pattern).
+    for (const ok of ["1m30s", "1d", "0", "500ms"])
+      expect(
+        objects(`  monitoring: { podMonitor: { enabled: true, interval: "${ok}" } }`).at(-1),
+      ).toMatchObject({ spec: { podMetricsEndpoints: [{ interval: ok }] } });
+    for (const bad of ["soon", "30s1m", "1s1s", "15"])
+      expect(
+        () => objects(`  monitoring: { podMonitor: { enabled: true, interval: "${bad}" } }`),
+        bad,
+      ).toThrow(/interval/);
     expect(() =>
-      objects("  monitoring: { podMonitor: { enabled: true, interval: soon } }"),
-    ).toThrow(/interval/);
+      objects(`  monitoring: { podMonitor: { enabled: true, labels: { team: "a b" } } }`),
+    ).toThrow(/labels/);
   });
 
   it("makes the plan first, shards before the gateway, and a PDB per Deployment", () => {
