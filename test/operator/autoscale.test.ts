@@ -1,14 +1,15 @@
 // The operator's autoscaler against the real control plane and the real nats-server: the
 // test publishes load reports on em.<ns>.<model>.stats.> exactly as gateways and shards do,
 // and watches the operator (a process under the chart's ServiceAccount) scale Deployments.
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { CoreV1Api, type CoreV1Event, CustomObjectsApi } from "@kubernetes/client-node";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { parse, parseAllDocuments, stringify } from "yaml";
-import { type CliResult, kubectl, runCli } from "../support/cli.ts";
+import { parseAllDocuments, stringify } from "yaml";
+import { type CliResult, kubectl } from "../support/cli.ts";
+import { fetchCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 import {
   getModel,
@@ -512,36 +513,11 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
   });
 
   it("the documented KEDA ScaledObjects are valid against KEDA's own CRD", async () => {
-    // KEDA's CRD at the version pinned in test/env/versions.sh (fetched by test/env/crd.sh from the Go module proxy, cached).
-    const fetched = await runCli("bash", [`${root}test/env/crd.sh`, "keda"]);
-    expect(fetched.code, fetched.stderr).toBe(0);
-    const crdPath = fetched.stdout.trim().split("\n").at(-1)!;
-    expect(existsSync(crdPath), crdPath).toBe(true);
-    const crd = parse(readFileSync(crdPath, "utf8"));
-    expect(crd).toMatchObject({ kind: "CustomResourceDefinition", metadata: { name: kedaCrd } });
+    // KEDA's CRD at the version pinned in test/env/versions.sh (test/env/crd.sh).
+    const { path: crdPath, name: fetchedName } = await fetchCrd("keda");
+    expect(fetchedName).toBe(kedaCrd);
     try {
-      const install = await kubectl([
-        "apply",
-        "--server-side",
-        "--field-manager=expertmesh-test",
-        "-f",
-        crdPath,
-      ]);
-      expect(install.code, install.stderr).toBe(0);
-      await waitFor(
-        `${kedaCrd} Established`,
-        async () => {
-          const r = await kubectl([
-            "get",
-            "crd",
-            kedaCrd,
-            "-o",
-            'jsonpath={.status.conditions[?(@.type=="Established")].status}',
-          ]);
-          return r.code === 0 && r.stdout.trim() === "True" ? true : undefined;
-        },
-        60_000,
-      );
+      await installCrd("keda", crdPath);
 
       const manifest = localize(readExample("keda.yaml"));
       const objects = docsOf(manifest);

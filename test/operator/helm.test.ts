@@ -18,6 +18,8 @@ import {
 } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
+import { kubectl } from "../support/cli.ts";
+import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 
 const run = promisify(execFile);
@@ -239,40 +241,13 @@ describe("Helm chart charts/expertmesh", () => {
       render("em", "default", ["--set", "metrics.serviceMonitor.interval=soon"]),
     ).rejects.toThrow(/interval/);
     // The CRD at the version pinned in test/env/versions.sh, in the real API server.
-    const fetched = await run("bash", [join(repoRoot, "test/env/crd.sh"), "servicemonitor"]);
-    const crdPath = fetched.stdout.trim().split("\n").at(-1)!;
-    const crd = "servicemonitors.monitoring.coreos.com";
-    const kubectl = (args: string[], input?: string) =>
-      new Promise<{ code: number; out: string }>((resolve) => {
-        const child = execFile(
-          testEnv().binaries.kubectl,
-          [`--kubeconfig=${testEnv().kube.kubeconfig}`, ...args],
-          (err, stdout, stderr) =>
-            resolve({
-              code: err ? ((err as { code?: number }).code ?? 1) : 0,
-              out: stdout + stderr,
-            }),
-        );
-        child.stdin?.end(input ?? "");
-      });
+    const crd = await installCrd("servicemonitor");
     try {
-      const install = await kubectl(["apply", "--server-side", "-f", crdPath]);
-      expect(install.code, install.out).toBe(0);
-      await waitFor(`${crd} Established`, async () => {
-        const r = await kubectl([
-          "get",
-          "crd",
-          crd,
-          "-o",
-          'jsonpath={.status.conditions[?(@.type=="Established")].status}',
-        ]);
-        return r.out.trim() === "True" ? true : undefined;
-      });
       const dry = await kubectl(["apply", "--dry-run=server", "-f", "-"], JSON.stringify(sm));
-      expect(dry.code, dry.out).toBe(0);
-      expect(dry.out).toContain("servicemonitor.monitoring.coreos.com/em-expertmesh created");
+      expect(dry.code, dry.stderr).toBe(0);
+      expect(dry.stdout).toContain("servicemonitor.monitoring.coreos.com/em-expertmesh created");
     } finally {
-      await kubectl(["delete", "crd", crd, "--ignore-not-found", "--wait=false"]);
+      await deleteCrd(crd);
     }
   });
 

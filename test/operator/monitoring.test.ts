@@ -3,11 +3,11 @@
 // Prometheus Operator's own CRD (fetched by test/env/crd.sh at the pinned version from the
 // Go module proxy), reports a cluster without that CRD as Degraded while the model serves
 // on, and deletes the PodMonitor when it is turned off.
-import { fileURLToPath } from "node:url";
 import { CustomObjectsApi } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
-import { kubectl, runCli } from "../support/cli.ts";
+import { kubectl } from "../support/cli.ts";
+import { deleteCrd, fetchCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, uniqueName, waitFor } from "../support/env.ts";
 import {
   getModel,
@@ -16,7 +16,6 @@ import {
   type RunningOperator,
 } from "../support/operator.ts";
 
-const root = fileURLToPath(new URL("../../", import.meta.url));
 const custom = adminKubeConfig().makeApiClient(CustomObjectsApi);
 const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
 const PM = { group: "monitoring.coreos.com", version: "v1", plural: "podmonitors" };
@@ -30,14 +29,11 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
   const releaseNs = uniqueName("em-mon-system");
   const name = "mon";
   let op: RunningOperator;
-  let crdPath = "";
 
   beforeAll(async () => {
-    const fetched = await runCli("bash", [`${root}test/env/crd.sh`, "podmonitor"]);
-    expect(fetched.code, fetched.stderr).toBe(0);
-    crdPath = fetched.stdout.trim().split("\n").at(-1)!;
+    await fetchCrd("podmonitor"); // fetched now, not while the model waits
     // Whatever an earlier run left: this test starts from a cluster without the CRD.
-    await kubectl(["delete", "crd", CRD, "--ignore-not-found", "--wait=true"]);
+    await deleteCrd(CRD, true);
     op = await operatorForNamespaces({
       release: "expertmesh-mon",
       releaseNs,
@@ -48,7 +44,7 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
 
   afterAll(async () => {
     await op?.process.stop();
-    await kubectl(["delete", "crd", CRD, "--ignore-not-found", "--wait=false"]);
+    await deleteCrd(CRD);
   });
 
   it("is Degraded without the CRD but serves; applies the PodMonitor once it exists; deletes it when off", async () => {
@@ -73,24 +69,7 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
     );
     expect(condition(m, "Degraded")?.message).toMatch(/does not serve monitoring.coreos.com\/v1/);
 
-    const install = await kubectl([
-      "apply",
-      "--server-side",
-      "--field-manager=expertmesh-test",
-      "-f",
-      crdPath,
-    ]);
-    expect(install.code, install.stderr).toBe(0);
-    await waitFor(`${CRD} Established`, async () => {
-      const r = await kubectl([
-        "get",
-        "crd",
-        CRD,
-        "-o",
-        'jsonpath={.status.conditions[?(@.type=="Established")].status}',
-      ]);
-      return r.code === 0 && r.stdout.trim() === "True" ? true : undefined;
-    });
+    await installCrd("podmonitor");
     // The operator retries on its own, and the Prometheus Operator's schema accepts it.
     const pm = (await waitFor(
       "the PodMonitor",
