@@ -36,7 +36,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { bytesPerBlock } from "../src/engine/kv-blocks.ts";
 import { readModelConfig } from "../src/model/config.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { chat, ensureMiniModel, localGateway, stop } from "./serve.ts";
+import { chat, ensureMiniModel, localGateway, metricValue, stop } from "./serve.ts";
 import { promptText } from "./tokenize.ts";
 
 /** Bytes of the shared prefix: ~3,000 tokens of the tiny tokenizer. */
@@ -76,11 +76,6 @@ export interface DiskReadResults {
   prefixTokens: number;
   readBytes: number;
   disks: DiskReadConfig[];
-}
-
-async function metricValue(base: string, name: string): Promise<number> {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  return Number(new RegExp(`^${name} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
 }
 
 /** The throttled disk's read speed: a network volume's baseline (EBS gp3: 125 MB/s). */

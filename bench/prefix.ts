@@ -23,7 +23,7 @@ import { join } from "node:path";
 import { bytesPerBlock } from "../src/engine/kv-blocks.ts";
 import { readModelConfig } from "../src/model/config.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { chat, ensureMiniModel, localGateway, PROMPTS, stop } from "./serve.ts";
+import { chat, ensureMiniModel, localGateway, metricValue, PROMPTS, stop } from "./serve.ts";
 import { promptText } from "./tokenize.ts";
 
 /** Bytes of the shared system prompt: ~1,500 tokens of the tiny tokenizer. */
@@ -54,11 +54,6 @@ export interface PrefixResults {
   uncached: PrefixSide;
   /** The disk tier under a pool that forgets between requests (absent in older results). */
   disk?: PrefixSide;
-}
-
-async function metricValue(base: string, name: string): Promise<number> {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  return Number(new RegExp(`^${name} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
 }
 
 export async function runPrefix(o: {

@@ -15,7 +15,7 @@
 import type { ChildProcess } from "node:child_process";
 import { setTimeout as sleep } from "node:timers/promises";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { chat, ensureMiniModel, localGateway, PROMPTS, stop } from "./serve.ts";
+import { chat, ensureMiniModel, localGateway, metricValue, PROMPTS, stop } from "./serve.ts";
 
 const MAX_RUNNING = 4;
 const BATCH_CLIENTS = 4;
@@ -38,11 +38,6 @@ export interface PriorityResults {
   runs: number;
   fcfs: PrioritySide;
   priority: PrioritySide;
-}
-
-async function metricValue(base: string, name: string): Promise<number> {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  return Number(new RegExp(`^${name} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
 }
 
 /** One phase on `base`: the batch load, and the urgent requests through it. */

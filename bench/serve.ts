@@ -240,6 +240,12 @@ export async function localGateway(
   return `http://127.0.0.1:${(await c.ready)[1]}`;
 }
 
+/** A gateway's metric (an unlabelled series) from its /metrics, or NaN. */
+export async function metricValue(base: string, name: string): Promise<number> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  return Number(new RegExp(`^${name} (\\S+)$`, "m").exec(text)?.[1] ?? Number.NaN);
+}
+
 export interface RequestResult {
   ok: boolean;
   /** Why it failed (status and body, or the error event). */
