@@ -286,9 +286,8 @@ export class Scheduler {
         // (the rest of the prompt, within the step's budget).
         const chunkBlocks = (attached: number) =>
           Math.ceil(Math.min(budget, seq.numTokens - attached * B) / B);
-        const hashes = this.#prefixHashes(seq);
         if (this.#headReadsAhead()) break;
-        hit = this.#blocks.attachPrefix(seq.id, hashes, chunkBlocks) * B;
+        hit = this.#blocks.attachPrefix(seq.id, this.#prefixHashes(seq), chunkBlocks) * B;
         seq.tierLoaded += this.#blocks.lastLoaded * B;
         loaded = seq.tierLoaded;
         seq.numComputed = hit;

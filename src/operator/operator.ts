@@ -4,6 +4,7 @@ import type { Server } from "node:http";
 import type { KubeConfig, V1Deployment, V1Pod } from "@kubernetes/client-node";
 import { type DeepSeekModel, GROUP, PLURAL, VERSION } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
+import { settlesWithin } from "../util/settle.ts";
 import { Autoscaler } from "./autoscale/autoscaler.ts";
 import { Informer } from "./informer.ts";
 import { KubeClient } from "./kube.ts";
@@ -225,24 +226,5 @@ export class Operator {
     await new Promise<void>((resolve) =>
       this.#server ? this.#server.close(() => resolve()) : resolve(),
     );
-  }
-}
-
-/** Whether `p` settles (either way) within `ms`. */
-async function settlesWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<false>((resolve) => {
-    timer = setTimeout(() => resolve(false), ms);
-  });
-  try {
-    return await Promise.race([
-      p.then(
-        () => true,
-        () => true,
-      ),
-      late,
-    ]);
-  } finally {
-    clearTimeout(timer);
   }
 }

@@ -17,6 +17,7 @@ import type { PlacementPlan } from "../../moe/placement.ts";
 import { encodePlanControl } from "../../moe/plan-control.ts";
 import { type ModelRef, subjects } from "../../moe/subjects.ts";
 import { formatError } from "../../util/errors.ts";
+import { settlesWithin } from "../../util/settle.ts";
 import {
   type DecisionReason,
   decide,
@@ -197,9 +198,7 @@ export class Autoscaler {
         ),
       ),
     );
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([closed, new Promise((r) => (timer = setTimeout(r, STOP_WAIT_MS)))]);
-    clearTimeout(timer);
+    await settlesWithin(closed, STOP_WAIT_MS);
   }
 
   /** Called by every reconcile: the model and what the cluster has. */
