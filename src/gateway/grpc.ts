@@ -40,10 +40,15 @@ import {
   bad,
   checkPromptShape,
   decimal,
+  FINISH_OUTPUT,
   inferJobSpec,
   inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
+  OUTPUTS,
+  type OutputName,
+  type OutputValues,
+  outputName,
   type SamplingFields,
   sampling,
   TEXT_INPUT,
@@ -326,19 +331,20 @@ function handlers(o: GrpcGatewayOptions): {
         versions: [MODEL_VERSION],
         platform: "expertmesh",
         inputs: [tensor(TEXT_INPUT)],
-        outputs: [tensor(TEXT_OUTPUT)],
+        outputs: OUTPUTS.map(tensor),
       };
     }),
     ModelInfer: unary<ModelInferRequest, ModelInferResponse>(async (call) => {
       authorize(call.metadata);
       const r = call.request;
-      const { spec, shape, raw } = await inferRequest(r);
+      const { spec, shape, raw, outputs } = await inferRequest(r);
       const job = startJob(ctx, spec);
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;
       const o = inferOutcome(job, spec);
-      return inferResponse(r, shape, raw, o.texts, {
+      const values = { [TEXT_OUTPUT]: o.texts, [FINISH_OUTPUT]: o.finishReasons };
+      return inferResponse(r, shape, raw, outputs, values, {
         finish_reason: { string_param: o.finishReason },
         prompt_tokens: { int64_param: o.promptTokens },
         completion_tokens: { int64_param: o.completionTokens },
@@ -351,45 +357,44 @@ function handlers(o: GrpcGatewayOptions): {
   async function inferRequest(r: ModelInferRequest) {
     checkModel(r.model_name, r.model_version, "model_name");
     const { texts, shape, raw } = inferTexts(r);
-    for (const out of r.outputs)
-      if (out.name !== TEXT_OUTPUT)
-        throw bad(
-          `unknown output '${out.name ?? ""}': the model's only output is '${TEXT_OUTPUT}'`,
-          "outputs",
-        );
+    // Those named (each once), or all of the model's.
+    const outputs: OutputName[] = [];
+    for (const out of r.outputs) {
+      const name = outputName(out.name, "outputs");
+      if (outputs.includes(name)) throw bad(`output '${name}' is asked for twice`, "outputs");
+      outputs.push(name);
+    }
+    if (outputs.length === 0) outputs.push(...OUTPUTS);
     const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
-    return { spec, shape, raw, stream: streamFlag(r) };
+    return { spec, shape, raw, outputs, stream: streamFlag(r) };
   }
 
   /**
-   * An answer to `r`: text_output in the input's shape, in the form asked (raw contents for
-   * raw inputs, as KServe does).
+   * An answer to `r`: the `outputs` asked, each in the input's shape, in the form asked (raw
+   * contents for raw inputs, as KServe does); none with `values` null.
    */
   function inferResponse(
     r: ModelInferRequest,
     shape: number[],
     raw: boolean,
-    texts: readonly string[] | null,
+    outputs: readonly OutputName[],
+    values: OutputValues | null,
     parameters: Parameters,
   ): ModelInferResponse {
-    const data = (texts ?? []).map((t) => Buffer.from(t, "utf8"));
+    const answered = values === null ? [] : outputs;
+    const data = answered.map((name) => values![name].map((t) => Buffer.from(t, "utf8")));
     return {
       model_name: ctx.servedModelName,
       model_version: MODEL_VERSION,
       id: r.id ?? "",
       parameters,
-      outputs:
-        texts === null
-          ? []
-          : [
-              {
-                name: TEXT_OUTPUT,
-                datatype: "BYTES",
-                shape,
-                ...(raw ? {} : { contents: { bytes_contents: data } }),
-              },
-            ],
-      raw_output_contents: raw && texts !== null ? [encodeBytesElements(data)] : [],
+      outputs: answered.map((name, i) => ({
+        name,
+        datatype: "BYTES",
+        shape,
+        ...(raw ? {} : { contents: { bytes_contents: data[i]! } }),
+      })),
+      raw_output_contents: raw ? data.map(encodeBytesElements) : [],
     };
   }
 
@@ -397,10 +402,10 @@ function handlers(o: GrpcGatewayOptions): {
    * Triton's streaming inference (ModelStreamInfer, what tritonclient's start_stream and
    * async_stream_infer use): every request on the stream runs as it arrives, several at once.
    * With `stream` (a parameter or a BOOL input, as Triton's LLM backends take it; default
-   * false, as theirs) a request gets a response per
-   * piece of text, text_output in the input's shape holding that piece at its prompt's place
-   * and "" elsewhere, so the pieces add up element by element; the last one has finish_reason,
-   * prompt_tokens and completion_tokens. Without, one response as ModelInfer's. Every response
+   * false, as theirs) a request gets a response per piece of text, text_output in the input's
+   * shape holding that piece at its prompt's place and "" elsewhere (finish_reason all ""),
+   * so the pieces add up element by element; the last one has the reasons in finish_reason,
+   * and the parameters finish_reason, prompt_tokens and completion_tokens. Without, one response as ModelInfer's. Every response
    * has `triton_final_response` (true on a request's last); with the request's
    * `triton_enable_empty_final_response`, the last is an empty one after the text. A request
    * that fails gets a response with `error_message` (and its id), and the stream goes on.
@@ -419,14 +424,17 @@ function handlers(o: GrpcGatewayOptions): {
     const one = async (r: ModelInferRequest) => {
       try {
         authorize(call.metadata);
-        const { spec, shape, raw, stream } = await inferRequest(r);
+        const { spec, shape, raw, outputs, stream } = await inferRequest(r);
         const emptyFinal = r.parameters["triton_enable_empty_final_response"]?.bool_param === true;
         const n = spec.prompts.length;
         const tail = Array<string>(n).fill("");
+        // A piece's finish_reason elements are "" (the last response has the reasons).
+        const unfinished = Array<string>(n).fill("");
         const piece = (prompt: number, text: string) => {
           const texts = Array<string>(n).fill("");
           texts[prompt] = text;
-          send({ infer_response: inferResponse(r, shape, raw, texts, final(false)) });
+          const values = { [TEXT_OUTPUT]: texts, [FINISH_OUTPUT]: unfinished };
+          send({ infer_response: inferResponse(r, shape, raw, outputs, values, final(false)) });
         };
         const job = startJob(ctx, spec, {
           onToken: (c, _t, text) => {
@@ -444,21 +452,23 @@ function handlers(o: GrpcGatewayOptions): {
           jobs.delete(job);
         }
         const o = inferOutcome(job, spec);
+        const values = { [TEXT_OUTPUT]: stream ? tail : o.texts, [FINISH_OUTPUT]: o.finishReasons };
         send({
-          infer_response: inferResponse(r, shape, raw, stream ? tail : o.texts, {
+          infer_response: inferResponse(r, shape, raw, outputs, values, {
             finish_reason: { string_param: o.finishReason },
             prompt_tokens: { int64_param: o.promptTokens },
             completion_tokens: { int64_param: o.completionTokens },
             ...final(!emptyFinal),
           }),
         });
-        if (emptyFinal) send({ infer_response: inferResponse(r, shape, raw, null, final(true)) });
+        if (emptyFinal)
+          send({ infer_response: inferResponse(r, shape, raw, outputs, null, final(true)) });
       } catch (err) {
         const e = toApiError(err);
         if (e.status >= 500) logServerError(ctx, call.getPath(), err);
         send({
           error_message: `${e.code}: ${e.message}`,
-          infer_response: inferResponse(r, [], false, null, {
+          infer_response: inferResponse(r, [], false, [], null, {
             em_code: { string_param: e.code },
             ...final(true),
           }),

@@ -26,10 +26,15 @@ import {
   checkPromptShape,
   checkShape,
   decimal,
+  FINISH_OUTPUT,
   inferJobSpec,
   inferOutcome,
   MODEL_VERSION,
   NUMBER_FIELDS,
+  OUTPUTS,
+  type OutputName,
+  type OutputValues,
+  outputName,
   type SamplingFields,
   sampling,
   TEXT_INPUT,
@@ -126,7 +131,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       versions: [MODEL_VERSION],
       platform: "expertmesh",
       inputs: [tensor(TEXT_INPUT)],
-      outputs: [tensor(TEXT_OUTPUT)],
+      outputs: OUTPUTS.map(tensor),
     }));
     model("get", "/ready", async (_req, reply) => {
       const ready = await isReady();
@@ -139,14 +144,20 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       const inputs = list(b["inputs"], "inputs");
       const { texts, shape } = inferTexts(inputs, inputBinaries(inputs, binary));
       const parameters = jsonFields(b["parameters"], "parameters");
-      const binaryOut = wantsBinary(b);
+      const wanted = requestedOutputs(b);
       const spec = await inferJobSpec(ctx, texts, sampling(parameters));
       const job = startJob(ctx, spec);
       bind(reply, job);
       await job.done;
       const r = inferOutcome(job, spec);
-      const data = r.texts.map((t) => Buffer.from(t, "utf8"));
-      const bytes = binaryOut ? encodeBytesElements(data) : null;
+      const values: OutputValues = { [TEXT_OUTPUT]: r.texts, [FINISH_OUTPUT]: r.finishReasons };
+      const binaries: Buffer[] = [];
+      const outputs = wanted.map(({ name, binary }) => {
+        if (!binary) return { name, datatype: "BYTES", shape, data: values[name] };
+        const bytes = encodeBytesElements(values[name].map((t) => Buffer.from(t, "utf8")));
+        binaries.push(bytes);
+        return { name, datatype: "BYTES", shape, parameters: { binary_data_size: bytes.length } };
+      });
       const answer = {
         model_name: ctx.servedModelName,
         model_version: MODEL_VERSION,
@@ -156,20 +167,13 @@ export function kserveRestRoutes(o: KserveRestOptions) {
           prompt_tokens: r.promptTokens,
           completion_tokens: r.completionTokens,
         },
-        outputs: [
-          {
-            name: TEXT_OUTPUT,
-            datatype: "BYTES",
-            shape,
-            ...(bytes ? { parameters: { binary_data_size: bytes.length } } : { data: r.texts }),
-          },
-        ],
+        outputs,
       };
       const encoding = responseEncoding(req.headers["accept-encoding"]);
-      if (!bytes && !encoding) return answer;
+      if (binaries.length === 0 && !encoding) return answer;
       let body: Buffer;
-      if (bytes) {
-        const split = responseBody(answer, [bytes]);
+      if (binaries.length > 0) {
+        const split = responseBody(answer, binaries);
         reply.header(HEADER_LENGTH, String(split.headerLength));
         reply.header("content-type", "application/octet-stream");
         body = split.body;
@@ -251,11 +255,11 @@ function list(x: unknown, param: string): unknown[] {
 }
 
 /**
- * Whether the answer's text goes in binary: asked on the requested output
- * (`parameters.binary_data`) or for every output (the request's `binary_data_output`). Any
- * other requested output is refused.
+ * The outputs to answer with, in order: those the request names (each once), or all of the
+ * model's; and whether each goes in binary: asked on the output (`parameters.binary_data`)
+ * or for every output (the request's `binary_data_output`).
  */
-function wantsBinary(b: Record<string, unknown>): boolean {
+function requestedOutputs(b: Record<string, unknown>): { name: OutputName; binary: boolean }[] {
   const flag = (x: unknown, param: string): boolean | undefined => {
     if (x === undefined || x === null) return undefined;
     if (typeof x !== "boolean") throw bad(`'${param}' must be true or false`, param);
@@ -265,16 +269,21 @@ function wantsBinary(b: Record<string, unknown>): boolean {
     isObject(b["parameters"]) ? b["parameters"]["binary_data_output"] : undefined,
     "parameters.binary_data_output",
   );
-  let asked: boolean | undefined;
-  for (const [i, out] of list(b["outputs"], "outputs").entries()) {
-    if (!isObject(out) || out["name"] !== TEXT_OUTPUT)
-      throw bad(`outputs[${i}]: the model's only output is '${TEXT_OUTPUT}'`, `outputs.${i}.name`);
-    const p = out["parameters"];
+  const asked = list(b["outputs"], "outputs");
+  if (asked.length === 0) return OUTPUTS.map((name) => ({ name, binary: all ?? false }));
+  const seen = new Set<OutputName>();
+  return asked.map((out, i) => {
+    const name = outputName(isObject(out) ? out["name"] : undefined, `outputs.${i}.name`);
+    if (seen.has(name)) throw bad(`output '${name}' is asked for twice`, `outputs.${i}.name`);
+    seen.add(name);
+    const p = (out as Record<string, unknown>)["parameters"];
     if (p !== undefined && !isObject(p))
       throw bad("an output's 'parameters' must be an object", `outputs.${i}.parameters`);
-    asked = flag(p?.["binary_data"], `outputs.${i}.parameters.binary_data`) ?? asked;
-  }
-  return asked ?? all ?? false;
+    return {
+      name,
+      binary: flag(p?.["binary_data"], `outputs.${i}.parameters.binary_data`) ?? all ?? false,
+    };
+  });
 }
 
 /** gzip or deflate when the client accepts it (Triton's response_compression_algorithm). */

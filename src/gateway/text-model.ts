@@ -1,7 +1,8 @@
 // What KServe's Open Inference Protocol serves here, over gRPC (grpc.ts) and REST
-// (kserve-rest.ts) alike: one text model, its prompt a BYTES input `text_input` and its
-// answer a BYTES output `text_output`, sampled with the completions route's fields and
-// ranges; and Triton's generate extension's text fields.
+// (kserve-rest.ts) alike: one text model, its prompt a BYTES input `text_input`, its answer
+// a BYTES output `text_output` and why each answer ended a BYTES output `finish_reason`, both
+// in the input's shape; sampled with the completions route's fields and ranges; and
+// Triton's generate extension's text fields.
 import { randomInt } from "node:crypto";
 import { ApiError } from "./errors.ts";
 import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
@@ -37,6 +38,23 @@ export const bad = (message: string, param: string) =>
 export const MODEL_VERSION = "1";
 export const TEXT_INPUT = "text_input";
 export const TEXT_OUTPUT = "text_output";
+export const FINISH_OUTPUT = "finish_reason";
+/** The model's outputs, in the order they are returned when a request names none. */
+export const OUTPUTS = [TEXT_OUTPUT, FINISH_OUTPUT] as const;
+export type OutputName = (typeof OUTPUTS)[number];
+
+/** An output's name checked: one of the model's (a 400 naming `param` else). */
+export function outputName(name: unknown, param: string): OutputName {
+  if (typeof name === "string" && (OUTPUTS as readonly string[]).includes(name))
+    return name as OutputName;
+  throw bad(
+    `unknown output '${String(name ?? "").slice(0, 64)}': the model's outputs are ${OUTPUTS.map((o) => `'${o}'`).join(" and ")}`,
+    param,
+  );
+}
+
+/** An answer's values of each output, an element a prompt. */
+export type OutputValues = Record<OutputName, readonly string[]>;
 /** Completion length when the request sets none (as /v1/completions). */
 export const DEFAULT_MAX_TOKENS = 16;
 
@@ -165,7 +183,10 @@ export function inferOutcome(job: Job, spec: JobSpec) {
   const choices = [...job.choices].sort((a, b) => a.index - b.index);
   return {
     texts: choices.map((c) => c.out.text),
-    // One reason a prompt, comma-separated (KServe parameters are scalars).
+    /** Why each prompt's answer ended: the finish_reason output. */
+    finishReasons: choices.map((c) => c.finishReason ?? "abort"),
+    // Also the response's parameter: one reason a prompt, comma-separated (parameters are
+    // scalars; kept for clients that read it).
     finishReason: choices.map((c) => c.finishReason ?? "abort").join(","),
     promptTokens: spec.prompts.reduce((a, p) => a + p.tokens.length, 0),
     completionTokens: job.completionTokens,

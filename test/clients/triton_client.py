@@ -48,7 +48,10 @@ def http_calls(url, model, prompts):
             outputs = [httpclient.InferRequestedOutput("text_output", binary_data=binary_out)]
         r = c.infer(model, [i], outputs=outputs, parameters=GREEDY, request_id="r1", **kw)
         body = r.get_response()
-        return {**texts(r), "id": body.get("id"), "parameters": body.get("parameters")}
+        # No outputs named: every output comes back, finish_reason too.
+        reasons = texts(r, "finish_reason")["texts"] if outputs is None else None
+        got = {**texts(r), "id": body.get("id"), "parameters": body.get("parameters")}
+        return {**got, "reasons": reasons}
 
     # The client's defaults: binary input, every output in binary (binary_data_output).
     got["single"] = infer(prompts[:1])
@@ -75,7 +78,7 @@ def grpc_calls(url, model, prompts):
         i = grpcclient.InferInput("text_input", shape, "BYTES")
         i.set_data_from_numpy(prompt_array(batch, shape))
         r = c.infer(model, [i], parameters=GREEDY)
-        return texts(r)
+        return {**texts(r), "reasons": texts(r, "finish_reason")["texts"]}
 
     got["single"] = infer(prompts[:1])
     got["batch"] = infer(prompts)

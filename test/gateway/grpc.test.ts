@@ -108,13 +108,18 @@ const inferRequest = (text: string, parameters: Record<string, unknown> = {}, ex
   ...extra,
 });
 
-/** The text_output elements, from contents or raw contents (4-byte length, then bytes). */
-const outputTexts = (res: any): string[] => {
-  const out = res.outputs[0];
-  expect(out.name).toBe("text_output");
+/**
+ * The elements of output `name` (text_output unless named), from contents or raw contents
+ * (4-byte length, then bytes; one raw content per output, in the outputs' order).
+ */
+const outputTexts = (res: any, name = "text_output"): string[] => {
+  const i = res.outputs.findIndex((o: { name: string }) => o.name === name);
+  expect(i, `output ${name}`).toBeGreaterThanOrEqual(0);
+  const out = res.outputs[i];
   expect(out.datatype).toBe("BYTES");
   if (res.raw_output_contents.length > 0) {
-    const raw: Buffer = res.raw_output_contents[0];
+    expect(res.raw_output_contents).toHaveLength(res.outputs.length);
+    const raw: Buffer = res.raw_output_contents[i];
     const texts: string[] = [];
     for (let at = 0; at < raw.length; ) {
       const n = raw.readUInt32LE(at);
@@ -166,13 +171,16 @@ describe("KServe v2 health and metadata", () => {
     expect(meta.version).toMatch(/^\d+\.\d+\.\d+/);
   });
 
-  it("describes the model: one BYTES input text_input, one BYTES output text_output", async () => {
+  it("describes the model: one BYTES input text_input, BYTES outputs text_output and finish_reason", async () => {
     expect(await call(c.kserve, "ModelMetadata", { name: "tiny" })).toEqual({
       name: "tiny",
       versions: ["1"],
       platform: "expertmesh",
       inputs: [{ name: "text_input", datatype: "BYTES", shape: [-1] }],
-      outputs: [{ name: "text_output", datatype: "BYTES", shape: [-1] }],
+      outputs: [
+        { name: "text_output", datatype: "BYTES", shape: [-1] },
+        { name: "finish_reason", datatype: "BYTES", shape: [-1] },
+      ],
     });
   });
 
@@ -216,6 +224,12 @@ describe("ModelInfer", () => {
     expect(res.id).toBe("r1");
     expect(res.raw_output_contents).toEqual([]);
     expect(outputText(res)).toBe(http.choices[0]!.text);
+    // No outputs named: both, text_output first.
+    expect(res.outputs.map((o: { name: string }) => o.name)).toEqual([
+      "text_output",
+      "finish_reason",
+    ]);
+    expect(outputTexts(res, "finish_reason")).toEqual([http.choices[0]!.finish_reason]);
     expect(res.parameters).toEqual({
       finish_reason: {
         string_param: http.choices[0]!.finish_reason,
@@ -254,6 +268,7 @@ describe("ModelInfer", () => {
       parameters: { max_tokens: param.int(8), temperature: param.int(0) },
     });
     expect(outputText(renamed)).toBe(text);
+    expect(renamed.outputs).toHaveLength(1);
     // Raw form (as Triton's client sends it): 4-byte little-endian length, then the bytes.
     const body = Buffer.from(prompt);
     const len = Buffer.alloc(4);
@@ -264,7 +279,7 @@ describe("ModelInfer", () => {
       raw_input_contents: [Buffer.concat([len, body])],
       parameters: { max_tokens: { uint64_param: 8 }, temperature: param.dbl(0) },
     });
-    expect(raw.raw_output_contents).toHaveLength(1);
+    expect(raw.raw_output_contents).toHaveLength(2); // text_output, finish_reason
     expect(raw.outputs[0].contents).toBeUndefined();
     expect(raw.outputs[0].shape).toEqual([1, 1]);
     expect(outputText(raw)).toBe(text);
@@ -273,7 +288,7 @@ describe("ModelInfer", () => {
   it("a batch of prompts: one answer each, in the input's shape, as each alone", async () => {
     const greedy = { max_tokens: param.int(6), temperature: param.dbl(0) };
     const prompts = ["The weather today", "Tell me", "Once upon a time"];
-    const alone = [];
+    const alone: string[] = [];
     for (const p of prompts)
       alone.push(outputText(await call(c.kserve, "ModelInfer", inferRequest(p, greedy))));
     const batch = await call(c.kserve, "ModelInfer", {
@@ -283,7 +298,26 @@ describe("ModelInfer", () => {
     });
     expect(batch.outputs[0].shape).toEqual([3, 1]);
     expect(outputTexts(batch)).toEqual(alone);
-    expect(batch.parameters.finish_reason.string_param.split(",")).toHaveLength(3);
+    // Why each ended, element by element (and comma-separated in the parameter).
+    expect(batch.outputs[1].shape).toEqual([3, 1]);
+    const reasons = outputTexts(batch, "finish_reason");
+    expect(reasons.join(",")).toBe(batch.parameters.finish_reason.string_param);
+    // A stop that ends the second prompt's answer at once: "stop" there, "length" elsewhere.
+    const first = alone[1]!.trim().split(/\s+/)[0]!;
+    const stopped = await call(c.kserve, "ModelInfer", {
+      model_name: "tiny",
+      inputs: [bytesInput(prompts, [3])],
+      outputs: [{ name: "finish_reason" }, { name: "text_output" }],
+      parameters: { ...greedy, stop: param.str(first) },
+    });
+    expect(stopped.outputs.map((o: { name: string }) => o.name)).toEqual([
+      "finish_reason",
+      "text_output",
+    ]);
+    expect(outputTexts(stopped, "finish_reason")[1]).toBe("stop");
+    expect(outputTexts(stopped, "finish_reason")).toEqual(
+      outputTexts(stopped).map((t, i) => (t === alone[i] ? reasons[i] : "stop")),
+    );
     expect(Number(batch.parameters.completion_tokens.int64_param)).toBeGreaterThan(3);
     // Raw contents: the elements one after the other, the answer raw too.
     const raw = await call(c.kserve, "ModelInfer", {
@@ -302,6 +336,7 @@ describe("ModelInfer", () => {
     });
     expect(raw.outputs[0].shape).toEqual([3]);
     expect(outputTexts(raw)).toEqual(alone);
+    expect(outputTexts(raw, "finish_reason")).toEqual(reasons);
   });
 
   it("a seed repeats a sampled answer; the stream samples the same way", async () => {
@@ -391,6 +426,10 @@ describe("ModelInfer", () => {
         },
       ],
       ["unknown output", { ...ok, outputs: [{ name: "logits" }] }],
+      [
+        "an output asked for twice",
+        { ...ok, outputs: [{ name: "finish_reason" }, { name: "finish_reason" }] },
+      ],
       ["temperature 5", { ...ok, parameters: { temperature: param.dbl(5) } }],
       ["temperature a bool", { ...ok, parameters: { temperature: param.bool(true) } }],
       ["temperature not numeric", { ...ok, parameters: { temperature: param.str("hot") } }],
@@ -530,13 +569,16 @@ describe("ModelStreamInfer (Triton's streaming inference)", () => {
     expect(ms.slice(0, -1).some(isFinal)).toBe(false);
     const pieces = ms.slice(0, -1).map((m) => {
       expect(m.infer_response.outputs[0].shape).toEqual([2]);
-      expect(m.infer_response.raw_output_contents).toHaveLength(1);
+      expect(m.infer_response.raw_output_contents).toHaveLength(2);
       return outputTexts(m.infer_response);
     });
     expect([0, 1].map((i) => pieces.map((p) => p[i]).join(""))).toEqual(want);
-    expect(ms.at(-2)!.infer_response.parameters.finish_reason.string_param.split(",")).toHaveLength(
-      2,
-    );
+    // The reasons come with the last text: "" in every piece before.
+    const reasons = outputTexts(ms.at(-2)!.infer_response, "finish_reason");
+    expect(reasons.every((f) => /^(stop|length)$/.test(f))).toBe(true);
+    expect(reasons.join(",")).toBe(ms.at(-2)!.infer_response.parameters.finish_reason.string_param);
+    for (const m of ms.slice(0, -2))
+      expect(outputTexts(m.infer_response, "finish_reason")).toEqual(["", ""]);
   });
 
   it("bad stream flags are request errors; a cancelled stream cancels its requests", async () => {

@@ -126,7 +126,10 @@ describe("KServe v2 REST", () => {
         versions: ["1"],
         platform: "expertmesh",
         inputs: [{ name: "text_input", ...tensor }],
-        outputs: [{ name: "text_output", ...tensor }],
+        outputs: [
+          { name: "text_output", ...tensor },
+          { name: "finish_reason", ...tensor },
+        ],
       });
     expect(await call(gw, "GET", "/v2/models/tiny/ready")).toMatchObject({
       status: 200,
@@ -153,7 +156,15 @@ describe("KServe v2 REST", () => {
         prompt_tokens: gw.ctx.tokenizer.encode(PROMPT).length,
         completion_tokens: expect.any(Number),
       },
-      outputs: [{ name: "text_output", datatype: "BYTES", shape: [1], data: [want] }],
+      outputs: [
+        { name: "text_output", datatype: "BYTES", shape: [1], data: [want] },
+        {
+          name: "finish_reason",
+          datatype: "BYTES",
+          shape: [1],
+          data: [r.json.parameters.finish_reason],
+        },
+      ],
     });
     // Strings for numbers (as KServe's clients may send them), nested data, a version.
     const nested = await call(gw, "POST", "/v2/models/tiny/versions/1/infer", {
@@ -161,7 +172,9 @@ describe("KServe v2 REST", () => {
       parameters: { max_tokens: "8", temperature: "0", custom: true },
       outputs: [{ name: "text_output" }],
     });
-    expect(nested.json.outputs[0].data).toEqual([want]);
+    expect(nested.json.outputs).toEqual([
+      { name: "text_output", datatype: "BYTES", shape: [1, 1], data: [want] },
+    ]);
     expect(nested.json).not.toHaveProperty("id");
   });
 
@@ -206,10 +219,23 @@ describe("KServe v2 REST", () => {
       parameters: { max_tokens: 6, temperature: 0 },
     });
     expect(r.status).toBe(200);
+    const reasons = r.json.parameters.finish_reason.split(",");
+    expect(reasons).toHaveLength(3);
     expect(r.json.outputs).toEqual([
       { name: "text_output", datatype: "BYTES", shape: [3, 1], data: alone },
+      { name: "finish_reason", datatype: "BYTES", shape: [3, 1], data: reasons },
     ]);
-    expect(r.json.parameters.finish_reason.split(",")).toHaveLength(3);
+    // A stop that ends the second answer at once: "stop" there, the others as before.
+    const first = alone[1]!.trim().split(/\s+/)[0]!;
+    const stopped = await call(gw, "POST", "/v2/models/tiny/infer", {
+      inputs: [{ name: "text_input", datatype: "BYTES", shape: [3], data: prompts }],
+      outputs: [{ name: "finish_reason" }],
+      parameters: { max_tokens: 6, temperature: 0, stop: first },
+    });
+    expect(stopped.json.outputs).toHaveLength(1);
+    expect(stopped.json.outputs[0].name).toBe("finish_reason");
+    expect(stopped.json.outputs[0].data[1]).toBe("stop");
+    expect(stopped.json.outputs[0].data.join(",")).toBe(stopped.json.parameters.finish_reason);
     expect(r.json.parameters.prompt_tokens).toBe(
       prompts.reduce((a, p) => a + gw.ctx.tokenizer.encode(p).length, 0),
     );
@@ -280,12 +306,38 @@ describe("KServe v2 REST", () => {
     );
     const n = Number(all.headers.get("inference-header-content-length"));
     expect(n).toBeGreaterThan(0);
-    expect(parseElements(all.body.subarray(n))).toHaveLength(1);
-    const off = await call(gw, "POST", "/v2/models/tiny/infer", {
-      ...inferBody({ binary_data_output: true }),
-      outputs: [{ name: "text_output", parameters: { binary_data: false } }],
-    });
-    expect(off.json.outputs[0].data).toHaveLength(1);
+    const allJson = JSON.parse(all.body.subarray(0, n).toString("utf8"));
+    const sizes = allJson.outputs.map(
+      (o: { parameters: { binary_data_size: number } }) => o.parameters.binary_data_size,
+    );
+    expect(allJson.outputs.map((o: { name: string }) => o.name)).toEqual([
+      "text_output",
+      "finish_reason",
+    ]);
+    expect(n + sizes[0] + sizes[1]).toBe(all.body.length);
+    expect(parseElements(all.body.subarray(n, n + sizes[0]))).toHaveLength(1);
+    expect(parseElements(all.body.subarray(n + sizes[0]))).toEqual([
+      allJson.parameters.finish_reason,
+    ]);
+    // Per output: finish_reason in binary, text_output in JSON (binary_data: false wins).
+    const mixed = await rawCall(
+      gw,
+      "/v2/models/tiny/infer",
+      Buffer.from(
+        JSON.stringify({
+          ...inferBody({ binary_data_output: true, max_tokens: 6 }),
+          outputs: [
+            { name: "text_output", parameters: { binary_data: false } },
+            { name: "finish_reason" },
+          ],
+        }),
+      ),
+      {},
+    );
+    const m = Number(mixed.headers.get("inference-header-content-length"));
+    const mixedJson = JSON.parse(mixed.body.subarray(0, m).toString("utf8"));
+    expect(mixedJson.outputs[0].data).toHaveLength(1);
+    expect(parseElements(mixed.body.subarray(m))).toEqual([mixedJson.parameters.finish_reason]);
   });
 
   it("bad binary bodies: 400 (415 for an unknown encoding) naming the part; the gateway keeps serving", async () => {
@@ -350,6 +402,7 @@ describe("KServe v2 REST", () => {
       ["17 dimensions", "/infer", { inputs: [{ ...input, shape: Array(17).fill(1) }] }, "inputs.0.shape"],
       ["data nested 100,000 deep", "/infer", `{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ${"[".repeat(100_000)}"a"${"]".repeat(100_000)}}]}`, "inputs.0.data"],
       ["an unknown output", "/infer", { ...ok, outputs: [{ name: "logits" }] }, "outputs.0.name"],
+      ["an output twice", "/infer", { ...ok, outputs: [{ name: "text_output" }, { name: "text_output" }] }, "outputs.1.name"],
       ["temperature 5", "/infer", inferBody({ temperature: 5 }), "temperature"],
       ["temperature hot", "/infer", inferBody({ temperature: "hot" }), "parameters.temperature"],
       ["stop a number", "/infer", inferBody({ stop: 3 }), "parameters.stop"],

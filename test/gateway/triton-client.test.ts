@@ -35,6 +35,7 @@ afterAll(async () => {
 describe("tritonclient (HTTP and gRPC)", () => {
   it("infers what /v1/completions gives: binary and JSON tensors, batches, compressed bodies, streams", async () => {
     const want: string[] = [];
+    const reasons: string[] = [];
     for (const prompt of PROMPTS) {
       const r = await gw.client.completions.create({
         model: "tiny",
@@ -43,6 +44,7 @@ describe("tritonclient (HTTP and gRPC)", () => {
         temperature: 0,
       });
       want.push(r.choices[0]!.text);
+      reasons.push(r.choices[0]!.finish_reason);
     }
     const { stdout } = await run(
       python,
@@ -74,6 +76,10 @@ describe("tritonclient (HTTP and gRPC)", () => {
       compressed: all,
     });
     expect(got.http.batch.parameters.finish_reason.split(",")).toHaveLength(3);
+    // The client's defaults ask for every output: finish_reason, element by element, too.
+    expect(got.http.single.reasons).toEqual(reasons.slice(0, 1));
+    expect(got.http.compressed.reasons).toEqual(reasons);
+    expect(got.grpc.batch.reasons).toEqual(reasons);
     expect(got.http.unknown_model.status).toBe("404");
     expect(got.http.unknown_model.message).toContain("no-such-model");
     expect(got.grpc).toMatchObject({ live: true, model_ready: true, single: one, batch: all });
