@@ -58,10 +58,14 @@ export class KubeClient {
   readonly policy: PolicyV1Api;
   readonly custom: CustomObjectsApi;
   readonly identity: string;
+  readonly #log: (message: string) => void;
+  /** "namespace kind" pairs whose list was forbidden, logged once each. */
+  readonly #forbidden = new Set<string>();
 
-  constructor(kc: KubeConfig, identity: string) {
+  constructor(kc: KubeConfig, identity: string, log: (message: string) => void = () => {}) {
     this.kc = kc;
     this.identity = identity;
+    this.#log = log;
     this.objects = KubernetesObjectApi.makeApiClient(kc);
     this.core = kc.makeApiClient(CoreV1Api);
     this.apps = kc.makeApiClient(AppsV1Api);
@@ -108,8 +112,20 @@ export class KubeClient {
           );
           return list.items.map((o) => ({ ...o, apiVersion, kind }));
         } catch (err) {
-          if ("optional" in k && (kindNotServed(err) || httpStatus(err) === 403)) return [];
-          throw err;
+          if (!("optional" in k)) throw err;
+          if (kindNotServed(err)) return [];
+          if (httpStatus(err) !== 403) throw err;
+          // An older chart's RBAC: nothing of this kind can be seen, so none made earlier can
+          // be deleted either. Said once per namespace, not on every reconcile.
+          const key = `${namespace} ${kind}`;
+          if (!this.#forbidden.has(key)) {
+            this.#forbidden.add(key);
+            this.#log(
+              `cannot list ${kind} objects in ${namespace} (403 Forbidden): the operator's RBAC predates them ` +
+                `(upgrade the chart); a ${kind} made earlier for a model there is not deleted when it is turned off`,
+            );
+          }
+          return [];
         }
       }),
     );

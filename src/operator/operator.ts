@@ -52,7 +52,7 @@ export class Operator {
   constructor(kc: KubeConfig, opts: OperatorOptions) {
     this.#kc = kc;
     this.#o = opts;
-    this.#kube = new KubeClient(kc, opts.identity);
+    this.#kube = new KubeClient(kc, opts.identity, opts.log);
   }
 
   get metricsPort(): number {

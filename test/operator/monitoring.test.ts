@@ -3,12 +3,13 @@
 // Prometheus Operator's own CRD (fetched by test/env/crd.sh at the pinned version from the
 // Go module proxy), reports a cluster without that CRD as Degraded while the model serves
 // on, and deletes the PodMonitor when it is turned off.
-import { CustomObjectsApi } from "@kubernetes/client-node";
+import { CoreV1Api, CustomObjectsApi, RbacAuthorizationV1Api } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { KubeClient } from "../../src/operator/kube.ts";
 import { kubectl } from "../support/cli.ts";
 import { deleteCrd, fetchCrd, installCrd } from "../support/crd.ts";
-import { adminKubeConfig, uniqueName, waitFor } from "../support/env.ts";
+import { adminKubeConfig, tokenKubeConfig, uniqueName, waitFor } from "../support/env.ts";
 import {
   getModel,
   model,
@@ -222,5 +223,75 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
         return (err as { code?: number }).code === 404 ? true : undefined;
       }
     });
+  });
+
+  it("under RBAC without podmonitors (an older chart), lists none and says so once per namespace", async () => {
+    await installCrd("podmonitor");
+    const admin = adminKubeConfig();
+    const core = admin.makeApiClient(CoreV1Api);
+    const rbac = admin.makeApiClient(RbacAuthorizationV1Api);
+    const oldNs = uniqueName("em-mon-old");
+    const sa = "old-operator";
+    await core.createNamespace({ body: { metadata: { name: oldNs } } });
+    try {
+      await core.createNamespacedServiceAccount({
+        namespace: oldNs,
+        body: { metadata: { name: sa } },
+      });
+      // What the operator's Role granted before PodMonitors: the kinds it made then.
+      await rbac.createNamespacedRole({
+        namespace: oldNs,
+        body: {
+          metadata: { name: sa },
+          rules: [
+            { apiGroups: [""], resources: ["configmaps", "services"], verbs: ["list"] },
+            { apiGroups: ["apps"], resources: ["deployments"], verbs: ["list"] },
+            { apiGroups: ["policy"], resources: ["poddisruptionbudgets"], verbs: ["list"] },
+          ],
+        },
+      });
+      await rbac.createNamespacedRoleBinding({
+        namespace: oldNs,
+        body: {
+          metadata: { name: sa },
+          roleRef: { apiGroup: "rbac.authorization.k8s.io", kind: "Role", name: sa },
+          subjects: [{ kind: "ServiceAccount", name: sa, namespace: oldNs }],
+        },
+      });
+      const token = await core.createNamespacedServiceAccountToken({
+        name: sa,
+        namespace: oldNs,
+        body: { spec: { audiences: [], expirationSeconds: 600 } },
+      });
+      const said: string[] = [];
+      const kube = new KubeClient(tokenKubeConfig(token.status!.token!), "op-old", (m) =>
+        said.push(m),
+      );
+      const owned = await waitFor("RBAC in force", async () => {
+        try {
+          return await kube.listOwned(oldNs, name);
+        } catch {
+          return undefined; // the binding not yet seen by the authorizer
+        }
+      });
+      expect(owned).toEqual([]);
+      await kube.listOwned(oldNs, name);
+      expect(said).toHaveLength(1);
+      expect(said[0]).toMatch(
+        new RegExp(
+          `cannot list PodMonitor objects in ${oldNs} \\(403 Forbidden\\).*upgrade the chart`,
+        ),
+      );
+      // A kind it must see, forbidden, is an error (not an empty list).
+      await rbac.deleteNamespacedRole({ namespace: oldNs, name: sa });
+      await waitFor("the Role's removal in force", async () =>
+        kube.listOwned(oldNs, name).then(
+          () => undefined,
+          (err: { code?: number }) => (err.code === 403 ? true : undefined),
+        ),
+      );
+    } finally {
+      await core.deleteNamespace({ name: oldNs });
+    }
   });
 });
