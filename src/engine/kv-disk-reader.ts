@@ -2,23 +2,31 @@
 // use and hands each file's bytes back whole, in one message. On the engine's thread each
 // file would take an event-loop turn per open, read and close, and that loop turns only
 // between steps: three or four steps for a read. This thread's loop is free: it keeps
-// several reads in flight (libuv's thread pool), and answers each in one turn.
+// several reads in flight (libuv's thread pool), and answers each in one turn. It also checks
+// each file (header and CRC-32: ~0.6 ms per MiB) and sets its time (the order of use), which
+// would otherwise take the engine's step.
 import { open } from "node:fs/promises";
 import { parentPort } from "node:worker_threads";
+import { blockFileProblem, DISK_HEADER_BYTES } from "./kv-disk-file.ts";
 
-/** One file to read: `bytes` from the start of `path`. */
+/** One block file to read: the whole of `path`, holding `blockBytes` of rows of block `hash`. */
 export interface ReadRequest {
   readonly id: number;
   readonly path: string;
-  readonly bytes: number;
+  readonly blockBytes: number;
+  /** The block's prefix hash (base64 of 32 bytes), checked against the file's. */
+  readonly hash: string;
 }
 
-/** A file read: its bytes (`got` of them read), or why it could not be. */
+/**
+ * A file read: its checked bytes (the whole file, header first), or why there are none: it
+ * could not be read (`error`), or it failed its checks (`damaged`).
+ */
 export interface ReadResult {
   readonly id: number;
   readonly buf: ArrayBuffer | null;
-  readonly got: number;
   readonly error: string | null;
+  readonly damaged: string | null;
 }
 
 /** Reads in flight at once (deep enough for an SSD's queue, within libuv's 4 threads). */
@@ -31,28 +39,34 @@ const queue: ReadRequest[] = [];
 let running = 0;
 
 async function read(r: ReadRequest): Promise<ReadResult> {
-  const buf = new ArrayBuffer(r.bytes);
-  const view = new Uint8Array(buf);
+  const bytes = DISK_HEADER_BYTES + r.blockBytes;
+  const buf = new ArrayBuffer(bytes);
+  const view = Buffer.from(buf);
   let got = 0;
   try {
     const fh = await open(r.path, "r");
     try {
-      while (got < r.bytes) {
-        const { bytesRead } = await fh.read(view, got, r.bytes - got, got);
+      while (got < bytes) {
+        const { bytesRead } = await fh.read(view, got, bytes - got, got);
         if (bytesRead === 0) break;
         got += bytesRead;
       }
+      const damaged = blockFileProblem(view, got, r.blockBytes, Buffer.from(r.hash, "base64"));
+      if (damaged !== null) return { id: r.id, buf: null, error: null, damaged };
+      // Its time says when it was last used: the order of eviction after a restart.
+      const now = new Date();
+      await fh.utimes(now, now).catch(() => {});
     } finally {
       await fh.close();
     }
-    return { id: r.id, buf, got, error: null };
+    return { id: r.id, buf, error: null, damaged: null };
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
     return {
       id: r.id,
       buf: null,
-      got,
       error: err.code ? `${err.code}: ${err.message}` : String(e),
+      damaged: null,
     };
   }
 }

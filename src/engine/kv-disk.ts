@@ -4,9 +4,9 @@
 // the rows depend on (model, weights, KV dtype, block size), so a file is only ever read
 // by a gateway that would have computed the same bytes.
 //
-// A file: a 48-byte header (magic "EMKV", version, payload bytes, CRC-32 of the payload,
-// the block's 32-byte hash) and the block's rows, layer after layer. Written under a
-// temporary name and renamed. Reads check everything; a file that fails is a miss, removed.
+// A file (kv-disk-file.ts): a 48-byte header and the block's rows, layer after layer. Written
+// under a temporary name and renamed. Reads check everything (those read ahead on the reader
+// thread, the others here); a file that fails is a miss, removed.
 import { createHash } from "node:crypto";
 import {
   closeSync,
@@ -23,15 +23,14 @@ import {
 import { mkdir, rename, unlink, writeFile } from "node:fs/promises";
 import { extname, join } from "node:path";
 import { Worker } from "node:worker_threads";
-import { crc32 } from "node:zlib";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { blockFileProblem, DISK_HEADER_BYTES, writeBlockHeader } from "./kv-disk-file.ts";
 import type { ReadRequest, ReadResult } from "./kv-disk-reader.ts";
 
 const readerUrl = new URL(`./kv-disk-reader${extname(import.meta.url)}`, import.meta.url);
 
-const MAGIC = 0x564b4d45; // "EMKV" read as a little-endian u32
-const VERSION = 1;
-export const DISK_HEADER_BYTES = 48;
+export { DISK_HEADER_BYTES };
+
 /** Rows copied out of the pool and not yet on disk, at most (more spills are dropped). */
 const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
 /** Rows of files read ahead of their use and held in memory, at most. */
@@ -84,14 +83,15 @@ interface Entry {
   pending: Buffer | null;
 }
 
-/** A file read ahead of its use: its bytes once the read has ended (null while it runs). */
+/**
+ * A file read ahead of its use: its payload, checked on the reader thread, once the read has
+ * ended (null while it runs).
+ */
 interface Staged {
   readonly entry: Entry;
   /** The reader's id of the read while it runs. */
   readonly id: number;
-  buf: Buffer | null;
-  /** Bytes the read got (fewer than the file's: a short file, caught by read()). */
-  got: number;
+  payload: Buffer | null;
 }
 
 /** The 64-bit hex fingerprint of `identity` (canonical JSON: keys sorted). */
@@ -380,12 +380,7 @@ export class DiskPrefixStore {
         "EM_GATEWAY_INTERNAL",
         `a spilled block has ${at - DISK_HEADER_BYTES} bytes, not ${this.blockBytes}`,
       );
-    const payload = buf.subarray(DISK_HEADER_BYTES);
-    buf.writeUInt32LE(MAGIC, 0);
-    buf.writeUInt32LE(VERSION, 4);
-    buf.writeUInt32LE(this.blockBytes, 8);
-    buf.writeUInt32LE(crc32(payload), 12);
-    Buffer.from(hash, "base64").copy(buf, 16);
+    writeBlockHeader(buf, this.blockBytes, Buffer.from(hash, "base64"));
     this.#trim(this.fileBytes);
     const entry: Entry = { fileBytes: this.fileBytes, pending: buf };
     this.#entries.set(hash, entry);
@@ -439,10 +434,11 @@ export class DiskPrefixStore {
     const path = join(this.dir, fileName(hash));
     const staged = this.#staged.get(hash);
     if (staged) this.#unstage(hash, staged);
-    if (staged?.buf) {
-      const payload = this.#check(hash, entry, path, staged.buf, staged.got);
-      if (payload) this.#stats.readAhead++;
-      return payload;
+    if (staged?.payload) {
+      // Checked, and its time set, on the reader thread.
+      this.#stats.hits++;
+      this.#stats.readAhead++;
+      return staged.payload;
     }
     // Not read ahead, or that read still runs: read now (its result is then dropped).
     this.#scratch ??= Buffer.allocUnsafe(this.fileBytes);
@@ -470,23 +466,9 @@ export class DiskPrefixStore {
 
   /** read()'s end: `buf` (`got` bytes of the file) checked, its payload or null. */
   #check(hash: string, entry: Entry, path: string, buf: Buffer, got: number): Uint8Array | null {
-    const payload = buf.subarray(DISK_HEADER_BYTES);
-    const bad =
-      got !== this.fileBytes
-        ? `${got} bytes, not ${this.fileBytes}`
-        : buf.readUInt32LE(0) !== MAGIC || buf.readUInt32LE(4) !== VERSION
-          ? "not a version 1 block file"
-          : buf.readUInt32LE(8) !== this.blockBytes
-            ? "another block size"
-            : !buf.subarray(16, 48).equals(Buffer.from(hash, "base64"))
-              ? "another block's hash"
-              : buf.readUInt32LE(12) !== crc32(payload)
-                ? "CRC-32 mismatch"
-                : null;
+    const bad = blockFileProblem(buf, got, this.blockBytes, Buffer.from(hash, "base64"));
     if (bad !== null) {
-      this.#error(`${path} is damaged (${bad}); removed`, null);
-      this.#drop(hash, entry);
-      this.#remove(path);
+      this.#damaged(hash, entry, path, bad);
       return null;
     }
     // Its time says when it was last used: the order of eviction after a restart.
@@ -497,7 +479,14 @@ export class DiskPrefixStore {
       // only an order
     }
     this.#stats.hits++;
-    return payload;
+    return buf.subarray(DISK_HEADER_BYTES);
+  }
+
+  /** A file that failed its checks: a miss from now on, and removed. */
+  #damaged(hash: string, entry: Entry, path: string, why: string): void {
+    this.#error(`${path} is damaged (${why}); removed`, null);
+    this.#drop(hash, entry);
+    this.#remove(path);
   }
 
   /**
@@ -524,11 +513,11 @@ export class DiskPrefixStore {
       if (entry.pending || this.#staged.has(hash)) continue;
       if (!this.#stageRoom()) break;
       const id = this.#readId++;
-      const staged: Staged = { entry, id, buf: null, got: 0 };
+      const staged: Staged = { entry, id, payload: null };
       this.#staged.set(hash, staged);
       this.#stagedBytes += this.fileBytes;
       this.#reads.set(id, { hash, staged });
-      reads.push({ id, path: join(this.dir, fileName(hash)), bytes: this.fileBytes });
+      reads.push({ id, path: join(this.dir, fileName(hash)), blockBytes: this.blockBytes, hash });
     }
     if (reads.length === 0) return;
     try {
@@ -600,22 +589,24 @@ export class DiskPrefixStore {
     // lets a waiting prompt be scheduled again).
     if (this.#staged.get(hash) !== staged) {
       // nothing to keep
-    } else if (m.error !== null || m.buf === null) {
+    } else if (m.buf === null) {
       const path = join(this.dir, fileName(hash));
       this.#unstage(hash, staged);
-      this.#error(`reading ${path}`, m.error);
-      this.#drop(hash, staged.entry);
-      this.#remove(path);
+      if (m.damaged !== null) this.#damaged(hash, staged.entry, path, m.damaged);
+      else {
+        this.#error(`reading ${path}`, m.error);
+        this.#drop(hash, staged.entry);
+        this.#remove(path);
+      }
     } else {
-      staged.buf = Buffer.from(m.buf);
-      staged.got = m.got;
+      staged.payload = Buffer.from(m.buf, DISK_HEADER_BYTES);
     }
     this.onStaged?.();
   }
 
   /** Whether a read ahead of `hash`'s file is running. */
   loading(hash: string): boolean {
-    return this.#staged.get(hash)?.buf === null;
+    return this.#staged.get(hash)?.payload === null;
   }
 
   /** Reads ahead running or queued on the reader thread (not yet ended nor given up). */
@@ -637,7 +628,7 @@ export class DiskPrefixStore {
   #stageRoom(): boolean {
     for (const [hash, staged] of this.#staged) {
       if (this.#stagedBytes + this.fileBytes <= this.#maxStaged) break;
-      if (staged.buf) this.#unstage(hash, staged);
+      if (staged.payload) this.#unstage(hash, staged);
     }
     return this.#stagedBytes + this.fileBytes <= this.#maxStaged;
   }
@@ -648,7 +639,7 @@ export class DiskPrefixStore {
     this.#stagedBytes -= this.fileBytes;
     // A read still queued is not wanted now: the reader skips it (one already running ends,
     // and its bytes are dropped here).
-    if (staged.buf === null && this.#reads.delete(staged.id)) {
+    if (staged.payload === null && this.#reads.delete(staged.id)) {
       try {
         this.#reader?.postMessage({ cancel: [staged.id] });
       } catch {

@@ -400,10 +400,32 @@ describe("DiskPrefixStore", () => {
     await done;
     // a: the read failed, so it is forgotten at once (no wait for it: loading is false).
     expect([s.has(a!), s.loading(a!)]).toEqual([false, false]);
-    // b: read whole, its CRC checked when used.
+    // b: read whole, its CRC checked on the reader thread: forgotten and removed too.
+    expect([s.has(b!), s.loading(b!), existsSync(path)]).toEqual([false, false, false]);
     expect(loaded(s, b!)).toBeNull();
-    expect([s.has(b!), existsSync(path)]).toEqual([false, false]);
     expect(s.stats).toMatchObject({ files: 0, errors: 2, hits: 0 });
+    // Each check: a file of another block's hash (copied over) fails too.
+    const t = open(tempDir(), 4);
+    const [x, y] = await saved(t, 2);
+    writeFileSync(join(t.dir, fileOf(x!)), readFileSync(join(t.dir, fileOf(y!))));
+    const checked = staged(t, 2);
+    t.prefetch([x!, y!]);
+    await checked;
+    expect([t.has(x!), t.has(y!)]).toEqual([false, true]);
+    expect(loaded(t, y!)).toEqual(joined(rows(2)));
+  });
+
+  it("a read ahead sets its file's time: the order of use after a restart", async () => {
+    const s = open(tempDir(), 4);
+    const [a, b] = await saved(s, 2);
+    const old = new Date(Date.now() - 3_600_000);
+    for (const h of [a, b]) utimesSync(join(s.dir, fileOf(h!)), old, old);
+    const done = staged(s, 1);
+    s.prefetch([a!]);
+    await done;
+    const mtime = (h: string) => statSync(join(s.dir, fileOf(h))).mtimeMs;
+    expect(mtime(a!)).toBeGreaterThan(old.getTime() + 1000);
+    expect(mtime(b!)).toBeLessThan(old.getTime() + 1000);
   });
 
   it("refuses a budget under one block and a folder it cannot make", () => {

@@ -1,0 +1,41 @@
+// The disk tier's block file (ADR 0019), shared by the store (kv-disk.ts), which writes and
+// checks files, and its reader thread (kv-disk-reader.ts), which checks the files it reads
+// ahead off the engine's thread. A file: a 48-byte header (magic "EMKV", version, payload
+// bytes, CRC-32 of the payload, the block's 32-byte hash) and the payload, the block's rows
+// layer after layer.
+import { crc32 } from "node:zlib";
+
+const MAGIC = 0x564b4d45; // "EMKV" read as a little-endian u32
+const VERSION = 1;
+export const DISK_HEADER_BYTES = 48;
+
+/** Writes the header of `buf` (a whole file: its payload in place after the header). */
+export function writeBlockHeader(buf: Buffer, blockBytes: number, hash: Buffer): void {
+  buf.writeUInt32LE(MAGIC, 0);
+  buf.writeUInt32LE(VERSION, 4);
+  buf.writeUInt32LE(blockBytes, 8);
+  buf.writeUInt32LE(crc32(buf.subarray(DISK_HEADER_BYTES)), 12);
+  hash.copy(buf, 16);
+}
+
+/**
+ * What is wrong with `buf` (`got` bytes read of a file that should hold `blockBytes` of
+ * payload for the block `hash`), or null when nothing is: its length, its header, its hash
+ * and the CRC-32 of its payload.
+ */
+export function blockFileProblem(
+  buf: Buffer,
+  got: number,
+  blockBytes: number,
+  hash: Buffer,
+): string | null {
+  const fileBytes = DISK_HEADER_BYTES + blockBytes;
+  if (got !== fileBytes) return `${got} bytes, not ${fileBytes}`;
+  if (buf.readUInt32LE(0) !== MAGIC || buf.readUInt32LE(4) !== VERSION)
+    return "not a version 1 block file";
+  if (buf.readUInt32LE(8) !== blockBytes) return "another block size";
+  if (!buf.subarray(16, DISK_HEADER_BYTES).equals(hash)) return "another block's hash";
+  if (buf.readUInt32LE(12) !== crc32(buf.subarray(DISK_HEADER_BYTES, fileBytes)))
+    return "CRC-32 mismatch";
+  return null;
+}
