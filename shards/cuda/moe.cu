@@ -258,10 +258,18 @@ struct Grouped {
                                           alpha.data(), da, ab, lda.data(), db, ab, ldb.data(), beta.data(), dc, ab,
                                           ldc.data(), groups, size.data(), CUBLAS_COMPUTE_32F));
 #else
-    (void)op;
-    (void)ab;
-    throw Error(EM_ERR_UNSUPPORTED, "grouped GEMM needs cuBLAS >= 12.5");
+    // cublasGemmGroupedBatchedEx is cuBLAS 12.5+: one GEMM per group instead (AUTO never
+    // picks this path then; EM_CUDA_MOE_GEMM=grouped or cutlass does).
+    if (note && (cutlass || note->empty())) *note = "cublas loop (grouped GEMM: cuBLAS < 12.5)";
+    run_each(op, ab);
 #endif
+  }
+  // The groups one cublasGemmEx at a time (built always, so that compile checks cover it).
+  void run_each(Op& op, cudaDataType_t ab) {
+    const float alpha = 1.0f, beta = 0.0f;
+    for (size_t g = 0; g < m.size(); ++g)
+      EMC_CUBLAS(cublasGemmEx(op.ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, m[g], n[g], k[g], &alpha, a[g], ab, lda[g], b[g],
+                              ab, ldb[g], &beta, c[g], ab, ldc[g], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 };
 
