@@ -252,11 +252,17 @@ export function kvCacheArgs(model: DeepSeekModel): string[] {
 
 /**
  * The gateway's disk tier flags (spec.gateway.kvCache.diskBytes; none when 0), with the
- * folder where the caller puts it: an emptyDir in a pod, a folder that outlives `up`'s runs.
+ * folder where the caller puts it: an emptyDir in a pod (or the shared claim's volume), a
+ * folder that outlives `up`'s runs.
  */
 export function prefixCacheDiskArgs(model: DeepSeekModel, dir: string): string[] {
-  const bytes = model.spec.gateway.kvCache.diskBytes;
-  return bytes > 0 ? [`--prefix-cache-disk=${dir}`, `--prefix-cache-disk-bytes=${bytes}`] : [];
+  const { diskBytes: bytes, diskSharedClaim } = model.spec.gateway.kvCache;
+  if (bytes <= 0) return [];
+  return [
+    `--prefix-cache-disk=${dir}`,
+    `--prefix-cache-disk-bytes=${bytes}`,
+    ...(diskSharedClaim !== undefined ? ["--prefix-cache-disk-shared"] : []),
+  ];
 }
 
 /** The gateway's speculative decoding flags (none when spec.gateway.speculative is absent). */

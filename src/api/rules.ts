@@ -223,6 +223,13 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       );
     },
   },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.kvCache) || !has(self.kvCache.diskSharedClaim) || (has(self.kvCache.diskBytes) && self.kvCache.diskBytes > 0)",
+    message:
+      "gateway.kvCache.diskSharedClaim (a disk tier the gateways share) needs gateway.kvCache.diskBytes, its budget",
+    check: (s) => s["kvCache"]?.diskSharedClaim === undefined || s["kvCache"].diskBytes > 0,
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

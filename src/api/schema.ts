@@ -345,12 +345,20 @@ export const GatewaySchema = withRules(
             default: 0,
             minimum: 0,
           }),
+          diskSharedClaim: Type.Optional(
+            Type.String({
+              description:
+                "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the disk tier instead of an emptyDir each: blocks are written as they are computed, and a prompt whose prefix another gateway computed reads it (DeepSeek's context caching on shared storage). diskBytes is then the shared folder's budget. Needs diskBytes.",
+              minLength: 1,
+              maxLength: 253,
+            }),
+          ),
         },
         { description: "The MLA latent KV cache of each gateway.", default: {} },
       ),
       sessionAffinity: StringEnum(["None", "ClientIP"], {
         description:
-          "The gateway Service's session affinity: ClientIP sends a client's new connections to the gateway it reached before, so the next turn of its conversation finds the earlier turns in that gateway's prefix cache (each gateway caches its own); None spreads them.",
+          "The gateway Service's session affinity: ClientIP sends a client's new connections to the gateway it reached before, so the next turn of its conversation finds the earlier turns in that gateway's prefix cache (each gateway caches its own, unless kvCache.diskSharedClaim shares a disk tier); None spreads them.",
         default: "None",
       }),
       prefixCaching: Type.Boolean({

@@ -38,6 +38,11 @@ export interface PrefixTier {
   prefetch?(hashes: readonly string[]): void;
   /** Whether a read ahead of `hash`'s rows is still running. */
   loading?(hash: string): boolean;
+  /**
+   * Block `block`'s rows are all computed and registered under `hash`: a tier that others
+   * read too (a shared disk tier) keeps them now, not only once they are forgotten.
+   */
+  computed?(block: number, hash: string): void;
 }
 
 /** Free list and block tables; knows nothing about the rows stored in the blocks. */
@@ -226,6 +231,7 @@ export class BlockAllocator {
     if (b === undefined || this.#hashOf.has(b) || this.#byHash.has(hash)) return;
     this.#byHash.set(hash, b);
     this.#hashOf.set(b, hash);
+    this.tier?.computed?.(b, hash);
   }
 
   /** The blocks of `seq`, in position order (empty when it holds none). */
@@ -329,6 +335,11 @@ export class BlockKvCache {
         has: (hash) => disk.has(hash),
         prefetch: (hashes) => disk.prefetch(hashes),
         loading: (hash) => disk.loading(hash),
+        // A folder other gateways read too gets each block as it is computed (write-through;
+        // save() skips those its index knows: no look on a network disk per block).
+        ...(disk.shared
+          ? { computed: (b: number, hash: string) => void disk.save(hash, this.#blockRows(b)) }
+          : {}),
         fetch: (hash) => {
           const payload = disk.read(hash);
           if (!payload) return null;

@@ -58,6 +58,13 @@ export interface DiskPrefixOptions {
   readonly maxStagedBytes?: number;
   /** False: prefetch() reads nothing, and read() reads in the caller's step (default true). */
   readonly readAhead?: boolean;
+  /**
+   * Other gateways use the folder too (a ReadWriteMany volume): has() looks for a file it
+   * does not know before saying no, the folder is scanned again every minute (files the
+   * others wrote or removed), a file gone is a plain miss, and the caller writes blocks as
+   * they are computed (kv-blocks.ts), not only when the pool forgets them.
+   */
+  readonly shared?: boolean;
   readonly log?: (message: string) => void;
 }
 
@@ -134,6 +141,10 @@ function fileName(hash: string): string {
 const OTHER_IDLE_MS = 3_600_000;
 /** A running store refreshes its fingerprint.json's time this often (in use, not idle). */
 const HEARTBEAT_MS = 600_000;
+/** A shared folder is scanned again this often (files the other gateways wrote or removed). */
+const SHARED_RESCAN_MS = 60_000;
+/** A shared folder's file found missing is looked for again after this long. */
+const SHARED_MISS_MS = 1_000;
 
 function fingerprintText(fp: string, identity: Record<string, unknown>): string {
   return `${JSON.stringify({ fingerprint: fp, ...identity }, null, 2)}\n`;
@@ -232,6 +243,10 @@ export class DiskPrefixStore {
   /** fingerprint.json's text, and the timer that refreshes its time while this store runs. */
   readonly #fingerprintJson: string;
   readonly #heartbeat: NodeJS.Timeout;
+  /** Other gateways use the folder too (DiskPrefixOptions.shared). */
+  readonly shared: boolean;
+  /** Shared: hashes looked for on the disk and not found, and when (SHARED_MISS_MS). */
+  readonly #missedAt = new Map<string, number>();
   /** The thread that reads ahead (made at the first prefetch), and its reads by id. */
   #reader: Worker | null = null;
   readonly #reads = new Map<number, { hash: string; staged: Staged }>();
@@ -285,19 +300,27 @@ export class DiskPrefixStore {
       this.fileBytes,
     );
     this.#readsAhead = o.readAhead ?? true;
+    this.shared = o.shared ?? false;
     this.#log = o.log ?? (() => {});
     this.#fingerprintJson = fingerprintText(fingerprintOf(o.identity), o.identity);
     this.#scan();
     // Its folder is in use while it runs, even with no block read or written: another
-    // fingerprint's store removes folders unused for an hour (removeIdleFingerprints).
+    // fingerprint's store removes folders unused for an hour (removeIdleFingerprints). A
+    // shared folder is scanned again meanwhile.
+    let beat = 0;
+    const every = this.shared ? SHARED_RESCAN_MS : HEARTBEAT_MS;
     this.#heartbeat = setInterval(() => {
+      beat += every;
+      if (this.shared) this.rescan();
+      if (beat < HEARTBEAT_MS) return;
+      beat = 0;
       const now = new Date();
       try {
         utimesSync(join(this.dir, "fingerprint.json"), now, now);
       } catch {
         // gone: made again with the next write
       }
-    }, HEARTBEAT_MS);
+    }, every);
     this.#heartbeat.unref();
   }
 
@@ -310,10 +333,11 @@ export class DiskPrefixStore {
         // An interrupted write, unless another live process (a gateway on the same folder)
         // is writing it: not ours (this process has written nothing yet; in a restarted
         // container an earlier one had the same pid), and not older than a write can take.
+        // In a shared folder the writer may be another pod's process, whose pid says nothing
+        // here: its age alone decides.
         const pid = Number(tmp[1]);
         const writing =
-          pid !== process.pid &&
-          alive(pid) &&
+          (this.shared || (pid !== process.pid && alive(pid))) &&
           Date.now() - (statSync(path, { throwIfNoEntry: false })?.mtimeMs ?? 0) < 300_000;
         if (!writing) this.#remove(path);
         continue;
@@ -349,8 +373,62 @@ export class DiskPrefixStore {
     return { files: this.#entries.size, bytes: this.#bytes, ...this.#stats };
   }
 
+  /**
+   * Whether rows are kept under `hash`. In a shared folder, a file this store does not know
+   * is looked for (once a second at most per hash), and known from then on if found: another
+   * gateway wrote it.
+   */
   has(hash: string): boolean {
-    return this.#entries.has(hash);
+    if (this.#entries.has(hash)) return true;
+    if (!this.shared) return false;
+    const now = Date.now();
+    const missed = this.#missedAt.get(hash);
+    if (missed !== undefined && now - missed < SHARED_MISS_MS) return false;
+    const st = statSync(join(this.dir, fileName(hash)), { throwIfNoEntry: false });
+    if (st?.isFile() && st.size === this.fileBytes) {
+      this.#missedAt.delete(hash);
+      this.#know(hash);
+      return true;
+    }
+    if (this.#missedAt.size >= 4096) this.#missedAt.clear();
+    this.#missedAt.set(hash, now);
+    return false;
+  }
+
+  /** Indexes a file another gateway wrote (the most recently used), within the budget. */
+  #know(hash: string): void {
+    this.#trim(this.fileBytes);
+    this.#entries.set(hash, { fileBytes: this.fileBytes, pending: null });
+    this.#bytes += this.fileBytes;
+  }
+
+  /**
+   * A shared folder scanned again: files the other gateways wrote are indexed (by their
+   * times, as at start), and those they removed are forgotten. Runs every minute; also
+   * callable (tests).
+   */
+  rescan(): void {
+    let names: string[];
+    try {
+      names = readdirSync(this.dir);
+    } catch {
+      return; // gone: made again with the next write
+    }
+    const onDisk = new Set<string>();
+    const found: { hash: string; mtime: number }[] = [];
+    for (const name of names) {
+      if (!FILE_RE.test(name)) continue;
+      const hash = Buffer.from(name.slice(0, -3), "base64url").toString("base64");
+      if (fileName(hash) !== name) continue;
+      onDisk.add(hash);
+      if (this.#entries.has(hash)) continue;
+      const st = statSync(join(this.dir, name), { throwIfNoEntry: false });
+      if (st?.isFile() && st.size === this.fileBytes) found.push({ hash, mtime: st.mtimeMs });
+    }
+    for (const [hash, entry] of this.#entries)
+      if (!entry.pending && !this.#writing.has(hash) && !onDisk.has(hash)) this.#drop(hash, entry);
+    found.sort((a, b) => a.mtime - b.mtime);
+    for (const f of found) this.#know(f.hash);
   }
 
   /**
@@ -456,7 +534,8 @@ export class DiskPrefixStore {
         closeSync(fd);
       }
     } catch (e) {
-      this.#error(`reading ${path}`, e);
+      if (!this.#goneFromShared((e as NodeJS.ErrnoException).code))
+        this.#error(`reading ${path}`, e);
       this.#drop(hash, entry);
       this.#remove(path); // unreadable: not left outside the budget's count
       return null;
@@ -594,7 +673,7 @@ export class DiskPrefixStore {
       this.#unstage(hash, staged);
       if (m.damaged !== null) this.#damaged(hash, staged.entry, path, m.damaged);
       else {
-        this.#error(`reading ${path}`, m.error);
+        if (!this.#goneFromShared(m.error?.split(":")[0])) this.#error(`reading ${path}`, m.error);
         this.#drop(hash, staged.entry);
         this.#remove(path);
       }
@@ -646,6 +725,11 @@ export class DiskPrefixStore {
         // the reader is gone: nothing to skip
       }
     }
+  }
+
+  /** Whether a read's error code says another gateway removed the file (a plain miss). */
+  #goneFromShared(code: string | undefined): boolean {
+    return this.shared && code === "ENOENT";
   }
 
   /** Counts (and logs, the first time) an error of the tier's user. */

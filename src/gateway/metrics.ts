@@ -135,7 +135,7 @@ export class GatewayMetrics {
       disk("written", "Blocks written to the disk tier since start.", (d) => d.written);
       disk(
         "dropped",
-        "Blocks the pool forgot that were not written (64 MiB of writes already pending) since start.",
+        "Blocks not written to the disk tier (64 MiB of writes already pending) since start.",
         (d) => d.dropped,
       );
       disk(

@@ -62,6 +62,8 @@ export interface GatewayConfig {
     readonly identity: Record<string, unknown>;
     /** Read files ahead of their use, off the step (default true). */
     readonly readAhead?: boolean;
+    /** Other gateways use the folder too: write-through, and their files found (kv-disk.ts). */
+    readonly shared?: boolean;
   };
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
@@ -125,6 +127,7 @@ export function createServeContext(
         qkRopeHeadDim: c.qkRopeHeadDim,
       },
       ...(diskCfg.readAhead === false ? { readAhead: false } : {}),
+      ...(diskCfg.shared ? { shared: true } : {}),
       ...(cfg.log ? { log: cfg.log } : {}),
     });
   disk?.startReader();

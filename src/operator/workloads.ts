@@ -200,10 +200,10 @@ function podSpec(
 /** Room in the prefix cache's emptyDir past its budget: temporary files of pending writes. */
 const PREFIX_DISK_HEADROOM = 128 * 2 ** 20;
 
-/** The emptyDir size of the gateway's prefix cache disk tier (0: none). */
+/** The emptyDir size of the gateway's prefix cache disk tier (0: none, or a shared claim). */
 export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
-  const d = model.spec.gateway.kvCache.diskBytes;
-  return d > 0 ? d + PREFIX_DISK_HEADROOM : 0;
+  const { diskBytes: d, diskSharedClaim } = model.spec.gateway.kvCache;
+  return d > 0 && diskSharedClaim === undefined ? d + PREFIX_DISK_HEADROOM : 0;
 }
 
 /**
@@ -423,14 +423,22 @@ export function desiredObjects(
   const keys = gateway.apiKeySecret;
   // The disk tier's files, their temporary copies and fingerprint.json: the budget, and
   // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
+  // With a shared claim, every gateway mounts that volume instead (ReadWriteMany).
   const diskBytes = prefixDiskVolumeBytes(model);
-  const prefixVolumes: V1Volume[] =
-    diskBytes > 0 ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }] : [];
+  const sharedClaim =
+    model.spec.gateway.kvCache.diskBytes > 0
+      ? model.spec.gateway.kvCache.diskSharedClaim
+      : undefined;
+  const prefixVolumes: V1Volume[] = sharedClaim
+    ? [{ name: "prefix-cache", persistentVolumeClaim: { claimName: sharedClaim } }]
+    : diskBytes > 0
+      ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }]
+      : [];
   const gwContainer = {
     ...gw,
     volumeMounts: [
       ...gw.volumeMounts,
-      ...(diskBytes > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
+      ...(prefixVolumes.length > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
     ],
     // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
     env: [

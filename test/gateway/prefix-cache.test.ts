@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import type { KvDtype } from "../../src/engine/kv-format.ts";
 import { readModelConfig } from "../../src/model/config.ts";
+import { waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway } from "./helpers.ts";
@@ -221,6 +222,46 @@ describe("prefix cache disk tier", () => {
       expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
     } finally {
       await two.process.stop();
+    }
+  });
+
+  it("shared by two gateway processes: a prefix one computed, the other reads (--prefix-cache-disk-shared)", async () => {
+    const folder = join(disk, "shared");
+    const t = tight();
+    const args = [
+      `--prefix-cache-disk=${folder}`,
+      "--prefix-cache-disk-bytes=1048576",
+      "--prefix-cache-disk-shared",
+      `--block-size=${t.blockSize}`,
+      `--max-model-len=${t.maxModelLen}`,
+      `--kv-cache-bytes=${t.kvCacheBytes}`,
+    ];
+    const start = (modelName: string) =>
+      startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args });
+    const [a, b] = await Promise.all([start("shared-a"), start("shared-b")]);
+    try {
+      const first = await complete(a.client, PROMPTS[2]!);
+      const P = first.usage!.prompt_tokens;
+      expect(first.usage!.prompt_tokens_details?.cached_tokens).toBe(0);
+      // Written as computed (the blocks are still in a's pool), in the background.
+      await waitFor("a's blocks written", async () =>
+        ((await metric(a.url, "expertmesh_gateway_prefix_cache_disk_written")) ?? 0) >=
+        wholeBlocks(P) / B
+          ? true
+          : undefined,
+      );
+      const again = await complete(b.client, PROMPTS[2]!);
+      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(wholeBlocks(P));
+      expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
+      // b read those blocks rather than computing them: it wrote only the blocks after them.
+      expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_written")).toBeLessThan(
+        wholeBlocks(P) / B,
+      );
+      expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
+      expect(await metric(a.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
+    } finally {
+      await Promise.all([a.process.stop(), b.process.stop()]);
     }
   });
 });

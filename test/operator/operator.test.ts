@@ -595,6 +595,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[13]!.message,
       ],
       [
+        "a shared disk tier without its budget",
+        { gateway: { kvCache: { diskSharedClaim: "prefix-rwx" } } },
+        CROSS_FIELD_RULES[14]!.message,
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',

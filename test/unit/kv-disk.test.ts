@@ -45,7 +45,7 @@ const FILE = DISK_HEADER_BYTES + BLOCK;
 const open = (
   dir: string,
   files: number,
-  more: Partial<{ identity: object; pending: number; staged: number }> = {},
+  more: Partial<{ identity: object; pending: number; staged: number; shared: boolean }> = {},
 ) =>
   DiskPrefixStore.open({
     dir,
@@ -54,6 +54,7 @@ const open = (
     identity: { model: "tiny", ...more.identity },
     ...(more.pending !== undefined ? { maxPendingBytes: more.pending } : {}),
     ...(more.staged !== undefined ? { maxStagedBytes: more.staged } : {}),
+    ...(more.shared ? { shared: true } : {}),
   });
 /** Saves blocks 1..n (hashes of "1".."n") and waits for their files. */
 async function saved(s: DiskPrefixStore, n: number): Promise<string[]> {
@@ -444,6 +445,71 @@ describe("DiskPrefixStore", () => {
     ).toThrow(expect.objectContaining({ code: "EM_PREFIX_DISK" }));
   });
 
+  it("shared by gateways: one finds and reads the files another wrote; alone, a store does not", async () => {
+    const dir = tempDir();
+    const a = open(dir, 8, { shared: true });
+    const b = open(dir, 8, { shared: true });
+    const local = open(dir, 8);
+    const [h1, h2] = await saved(a, 2);
+    expect(b.stats.files).toBe(0);
+    expect(b.has(h1!)).toBe(true); // looked for on the disk, and known from then on
+    expect(loaded(b, h1!)).toEqual(joined(rows(1)));
+    expect(b.stats).toMatchObject({ files: 1, hits: 1, errors: 0 });
+    expect(local.has(h1!)).toBe(false); // not shared: its index is all it knows
+    // A file read ahead, too.
+    const done = staged(b, 1);
+    expect(b.has(h2!)).toBe(true);
+    b.prefetch([h2!]);
+    await done;
+    expect(loaded(b, h2!)).toEqual(joined(rows(2)));
+    expect(b.stats.readAhead).toBe(1);
+    // Not there: no, and not looked for again at once.
+    const h3 = hashOf("3");
+    expect(b.has(h3)).toBe(false);
+    a.save(h3, rows(3));
+    await a.flush();
+    expect(b.has(h3)).toBe(false);
+    // The scan every minute finds it (and forgets the files the others removed).
+    rmSync(join(dir, fingerprintOf({ model: "tiny" }), fileOf(h1!)));
+    b.rescan();
+    expect([b.has(h3), b.stats.files]).toEqual([true, 2]);
+    expect(loaded(b, h3)).toEqual(joined(rows(3)));
+    for (const s of [a, b, local]) await s.close();
+  });
+
+  it("shared: a file another gateway removed is a plain miss, not an error", async () => {
+    const dir = tempDir();
+    const a = open(dir, 8, { shared: true });
+    const [h1, h2] = await saved(a, 2);
+    for (const h of [h1, h2]) rmSync(join(a.dir, fileOf(h!)));
+    expect(loaded(a, h1!)).toBeNull();
+    const done = staged(a, 1);
+    a.prefetch([h2!]);
+    await done;
+    expect([a.has(h1!), a.has(h2!)]).toEqual([false, false]);
+    expect(a.stats).toMatchObject({ files: 0, errors: 0 });
+    // Alone, a file gone from under it is an error (something else touched its folder).
+    const b = open(tempDir(), 8);
+    const [g] = await saved(b, 1);
+    rmSync(join(b.dir, fileOf(g!)));
+    expect(loaded(b, g!)).toBeNull();
+    expect(b.stats.errors).toBe(1);
+    await a.close();
+  });
+
+  it("shared: a young temporary file is another pod's write under way, whatever its pid", async () => {
+    const dir = tempDir();
+    const fp = join(dir, fingerprintOf({ model: "tiny" }));
+    mkdirSync(fp, { recursive: true });
+    // Our own pid: in a folder of its own, a leftover of this process's earlier life.
+    const tmp = join(fp, `${fileOf(hashOf("x"))}.tmp-${process.pid}-0`);
+    writeFileSync(tmp, "partial");
+    await open(dir, 4, { shared: true }).close();
+    expect(existsSync(tmp)).toBe(true);
+    await open(dir, 4).close();
+    expect(existsSync(tmp)).toBe(false);
+  });
+
   it("refuses a block of the wrong size (a bug, not a user's error)", () => {
     const s = open(tempDir(), 4);
     expect(() => s.save(hashOf("w"), rows(1, 2, 23))).toThrow(
@@ -569,6 +635,26 @@ describe("BlockAllocator with a second tier", () => {
     expect(a.registered().map(([, h]) => h)).toEqual(["h3", "h2", "h1", "h0"]);
     a.reserve(3, 2); // takes h3's block
     expect(a.registered().map(([, h]) => h)).toEqual(["h2", "h1", "h0"]);
+  });
+
+  it("tells the tier of each block computed, not of those read back", () => {
+    const a = new BlockAllocator(4, 2);
+    const computed: string[] = [];
+    const tier = new MapTier();
+    a.tier = Object.assign(tier, {
+      computed: (b: number, h: string) => computed.push(`${h}@${b}`),
+    });
+    a.reserve(1, 4);
+    a.register(1, 0, "h0");
+    a.register(1, 1, "h1");
+    a.register(1, 1, "h1"); // again: known already
+    expect(computed).toEqual(["h0@0", "h1@1"]);
+    a.free(1);
+    a.reserve(2, 8); // both evicted to the tier
+    a.free(2);
+    a.attachPrefix(3, ["h0", "h1"]);
+    expect(a.lastLoaded).toBe(2);
+    expect(computed).toHaveLength(2);
   });
 
   it("without a tier, a forgotten prefix is gone", () => {

@@ -241,6 +241,31 @@ describe("desiredObjects", () => {
     expect(shard.spec.template.spec.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
   });
 
+  it("with kvCache.diskSharedClaim, every gateway mounts that claim for a shared disk tier", () => {
+    const gw = objects(
+      "  gateway:\n    replicas: 2\n    kvCache: { diskBytes: 8589934592, diskSharedClaim: prefix-rwx }",
+    ).find((o) => o.metadata?.name === "m-gateway") as any;
+    const pod = gw.spec.template.spec;
+    expect(pod.volumes).toContainEqual({
+      name: "prefix-cache",
+      persistentVolumeClaim: { claimName: "prefix-rwx" },
+    });
+    expect(pod.volumes.filter((v: any) => v.name === "prefix-cache")).toHaveLength(1);
+    expect(pod.containers[0].volumeMounts).toContainEqual({
+      name: "prefix-cache",
+      mountPath: "/var/cache/expertmesh/prefix",
+    });
+    expect(pod.containers[0].args).toEqual(
+      expect.arrayContaining([
+        "--prefix-cache-disk=/var/cache/expertmesh/prefix",
+        "--prefix-cache-disk-bytes=8589934592",
+        "--prefix-cache-disk-shared",
+      ]),
+    );
+    // The volume's own capacity holds the files: no emptyDir to request room for.
+    expect(pod.containers[0].resources.requests["ephemeral-storage"]).toBeUndefined();
+  });
+
   it("gives the gateway (only) EM_API_KEYS from spec.gateway.apiKeySecret, never in its args", () => {
     const pods = (extra: string) =>
       objects(extra)

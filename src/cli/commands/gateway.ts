@@ -94,6 +94,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             restart finds them (ADR 0019). Clear DIR if the weights change in place
                             keeping their files' sizes and times
   --prefix-cache-disk-bytes N   the files' budget, least recently used go first (default 4294967296)
+  --prefix-cache-disk-shared    other gateways use DIR too (a ReadWriteMany volume): blocks are
+                            written as they are computed, and a prompt whose prefix another
+                            gateway computed reads its files
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
                             reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
                             thinking): only answers whose request sets chat_template_kwargs
@@ -174,6 +177,7 @@ export const gatewayCommand: Command = {
         "prefix-caching": { type: "boolean" },
         "prefix-cache-disk": { type: "string" },
         "prefix-cache-disk-bytes": { type: "string" },
+        "prefix-cache-disk-shared": { type: "boolean" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
@@ -210,6 +214,8 @@ export const gatewayCommand: Command = {
       values["prefix-cache-disk"] === undefined
     )
       usage("--prefix-cache-disk-bytes needs --prefix-cache-disk DIR");
+    if (values["prefix-cache-disk-shared"] === true && values["prefix-cache-disk"] === undefined)
+      usage("--prefix-cache-disk-shared needs --prefix-cache-disk DIR");
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
@@ -403,6 +409,7 @@ export const gatewayCommand: Command = {
                 // The experts' activations cross the wire in this dtype (distributed mode).
                 wire: values.local ? null : wire,
               },
+              ...(values["prefix-cache-disk-shared"] === true ? { shared: true } : {}),
               // Read in the step, as before read-ahead: the bench's peer (bench/disk-read.ts).
               ...(process.env["EXPERTMESH_PREFIX_DISK_READ_AHEAD"] === "0"
                 ? { readAhead: false }
