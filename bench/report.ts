@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { diskReadTables } from "./disk-read.ts";
+import { diskSharedTables } from "./disk-shared.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
 import { isaTables } from "./isa.ts";
@@ -465,6 +466,7 @@ export const SUITES = [
   "priority",
   "isa",
   "diskread",
+  "diskshared",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -483,7 +485,8 @@ export const TABLES_ONLY: Record<
   | "dtype"
   | "priority"
   | "isa"
-  | "diskread",
+  | "diskread"
+  | "diskshared",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -497,6 +500,7 @@ export const TABLES_ONLY: Record<
   dtype: dtypeTables,
   isa: isaTables,
   diskread: diskReadTables,
+  diskshared: diskSharedTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -15,6 +15,7 @@ import { parseArgs } from "node:util";
 import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
 import { runDiskRead } from "./disk-read.ts";
+import { runDiskShared } from "./disk-shared.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
@@ -64,6 +65,7 @@ const RUN_TABLES_ONLY: Record<
   priority: runPriority,
   isa: runIsa,
   diskread: runDiskRead,
+  diskshared: runDiskShared,
 };
 
 async function main(): Promise<number> {
