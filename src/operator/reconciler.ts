@@ -259,11 +259,20 @@ export class Reconciler {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
     const { pvc, huggingFace } = model.spec.model.source;
-    if (pvc && !(await this.#kube.exists("PersistentVolumeClaim", ns, pvc.claimName))) {
-      out.push({
-        reason: "PVCNotFound",
-        message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
-      });
+    const { diskBytes, diskSharedClaim } = model.spec.gateway.kvCache;
+    const claims = [
+      ...(pvc ? [["spec.model.source.pvc.claimName", pvc.claimName] as const] : []),
+      ...(diskSharedClaim && diskBytes > 0
+        ? [["spec.gateway.kvCache.diskSharedClaim", diskSharedClaim] as const]
+        : []),
+    ];
+    for (const [field, claim] of claims) {
+      if (!(await this.#kube.exists("PersistentVolumeClaim", ns, claim))) {
+        out.push({
+          reason: "PVCNotFound",
+          message: `PersistentVolumeClaim ${ns}/${claim} (${field}) does not exist`,
+        });
+      }
     }
     const secrets = [
       ...(huggingFace?.tokenSecret

@@ -375,6 +375,30 @@ describe.sequential("expertmesh operator", () => {
       name: "gw-keys",
       key: "keys",
     });
+
+    // A disk tier the gateways share: its ReadWriteMany claim must exist too.
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("noshared", ns, {
+        gateway: { kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwx" } },
+      }),
+    });
+    m = await waitForCondition(ns, "noshared", "Degraded", "True", "PVCNotFound");
+    expect(condition(m, "Degraded")?.message).toBe(
+      `PersistentVolumeClaim ${ns}/prefix-rwx (spec.gateway.kvCache.diskSharedClaim) does not exist`,
+    );
+    await createWeightsVolume(ns, "prefix-rwx", "ReadWriteMany");
+    await waitForCondition(ns, "noshared", "Ready", "True", undefined, 90_000);
+    const sharing = (await ownedDeployments(ns, "noshared")).find(
+      (d) => d.metadata?.name === "noshared-gateway",
+    )!;
+    expect(sharing.spec?.template.spec?.volumes).toContainEqual(
+      expect.objectContaining({
+        name: "prefix-cache",
+        persistentVolumeClaim: { claimName: "prefix-rwx" },
+      }),
+    );
   });
 
   it("reports a memory limit below what the pods hold as Degraded: MemoryLimitTooLow, applies nothing, and recovers when raised", async () => {

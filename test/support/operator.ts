@@ -132,14 +132,18 @@ export async function getModel(namespace: string, name: string): Promise<DeepSee
 }
 
 /** A bound volume for the weights: a hostPath PV pre-bound to a claim `weights` in `namespace`. */
-export async function createWeightsVolume(namespace: string, claim = "weights"): Promise<void> {
+export async function createWeightsVolume(
+  namespace: string,
+  claim = "weights",
+  mode: "ReadOnlyMany" | "ReadWriteMany" = "ReadOnlyMany",
+): Promise<void> {
   const pv = `${namespace}-${claim}`;
   await core().createPersistentVolume({
     body: {
       metadata: { name: pv },
       spec: {
         capacity: { storage: "1Gi" },
-        accessModes: ["ReadOnlyMany"],
+        accessModes: [mode],
         storageClassName: "",
         hostPath: { path: `/tmp/${pv}` },
         claimRef: { namespace, name: claim },
@@ -151,7 +155,7 @@ export async function createWeightsVolume(namespace: string, claim = "weights"):
     body: {
       metadata: { name: claim },
       spec: {
-        accessModes: ["ReadOnlyMany"],
+        accessModes: [mode],
         storageClassName: "",
         volumeName: pv,
         resources: { requests: { storage: "1Gi" } },
