@@ -4,10 +4,31 @@
 // bytes, CRC-32 of the payload, the block's 32-byte hash) and the payload, the block's rows
 // layer after layer.
 import { crc32 } from "node:zlib";
+import { ExpertMeshError } from "../util/errors.ts";
 
 const MAGIC = 0x564b4d45; // "EMKV" read as a little-endian u32
 const VERSION = 1;
 export const DISK_HEADER_BYTES = 48;
+/** A block file's name: its prefix hash in base64url, then .kv. */
+export const BLOCK_FILE_RE = /^[A-Za-z0-9_-]{43}\.kv$/;
+
+/** A prefix hash (base64 of 32 bytes, kv-blocks' Sequence.blockHashes) as a file name. */
+export function blockFileName(hash: string): string {
+  const raw = Buffer.from(hash, "base64");
+  if (raw.length !== 32)
+    throw new ExpertMeshError("EM_GATEWAY_INTERNAL", `a block hash is 32 bytes, got '${hash}'`);
+  return `${raw.toString("base64url")}.kv`;
+}
+
+/**
+ * The prefix hash a block file's name stands for, or null when it is not a name this tier
+ * writes (base64url's spare bits: only the name written for a hash stands for it).
+ */
+export function hashOfBlockFile(name: string): string | null {
+  if (!BLOCK_FILE_RE.test(name)) return null;
+  const hash = Buffer.from(name.slice(0, -3), "base64url").toString("base64");
+  return blockFileName(hash) === name ? hash : null;
+}
 
 /** Writes the header of `buf` (a whole file: its payload in place after the header). */
 export function writeBlockHeader(buf: Buffer, blockBytes: number, hash: Buffer): void {

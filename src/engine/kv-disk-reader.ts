@@ -4,10 +4,12 @@
 // between steps: three or four steps for a read. This thread's loop is free: it keeps
 // several reads in flight (libuv's thread pool), and answers each in one turn. It also checks
 // each file (header and CRC-32: ~0.6 ms per MiB) and sets its time (the order of use), which
-// would otherwise take the engine's step.
-import { open } from "node:fs/promises";
+// would otherwise take the engine's step. A shared folder's scans (what the other gateways
+// wrote and removed) run here too.
+import { open, readdir, stat } from "node:fs/promises";
+import { join } from "node:path";
 import { parentPort } from "node:worker_threads";
-import { blockFileProblem, DISK_HEADER_BYTES } from "./kv-disk-file.ts";
+import { BLOCK_FILE_RE, blockFileProblem, DISK_HEADER_BYTES } from "./kv-disk-file.ts";
 
 /** One block file to read: the whole of `path`, holding `blockBytes` of rows of block `hash`. */
 export interface ReadRequest {
@@ -28,6 +30,15 @@ export interface ReadResult {
   readonly error: string | null;
   readonly damaged: string | null;
 }
+
+/** What a scan of the folder found since the last: block files added (and their times), removed. */
+export interface ScanResult {
+  readonly added: readonly { readonly name: string; readonly mtime: number }[];
+  readonly removed: readonly string[];
+}
+
+/** What the reader posts back: a read's result, or a scan's. */
+export type ReaderReply = ReadResult | { readonly scanned: ScanResult };
 
 /** Reads in flight at once (deep enough for an SSD's queue, within libuv's 4 threads). */
 const IN_FLIGHT = 4;
@@ -88,10 +99,44 @@ function pump(): void {
 /** Reads cancelled while queued or running (cleared whenever nothing is). */
 const cancelled = new Set<number>();
 
-/** What the store posts: reads to do, or ids of reads it no longer wants. */
-export type ReaderMessage = { reads: readonly ReadRequest[] } | { cancel: readonly number[] };
+/**
+ * What the store posts: reads to do, ids of reads it no longer wants, or a scan of `dir`
+ * (`known`: the block files it found at start, the first time).
+ */
+export type ReaderMessage =
+  | { reads: readonly ReadRequest[] }
+  | { cancel: readonly number[] }
+  | { scan: { dir: string; fileBytes: number; known?: readonly string[] } };
+
+/** The block files the last scan listed. */
+let listed = new Set<string>();
+
+async function scan(dir: string, fileBytes: number): Promise<ScanResult> {
+  let names: string[];
+  try {
+    names = (await readdir(dir)).filter((n) => BLOCK_FILE_RE.test(n));
+  } catch {
+    return { added: [], removed: [] }; // gone: made again with the next write
+  }
+  const now = new Set(names);
+  const removed = [...listed].filter((n) => !now.has(n));
+  const added: { name: string; mtime: number }[] = [];
+  for (const name of names) {
+    if (listed.has(name)) continue;
+    const st = await stat(join(dir, name)).catch(() => null);
+    if (st?.isFile() && st.size === fileBytes) added.push({ name, mtime: st.mtimeMs });
+    else now.delete(name); // gone, or a size it never has: looked at again next time
+  }
+  listed = now;
+  return { added, removed };
+}
 
 port.on("message", (m: ReaderMessage) => {
+  if ("scan" in m) {
+    if (m.scan.known) listed = new Set(m.scan.known);
+    void scan(m.scan.dir, m.scan.fileBytes).then((scanned) => port!.postMessage({ scanned }));
+    return;
+  }
   if ("cancel" in m) {
     // With nothing queued or running, those reads have ended already.
     if (queue.length > 0 || running > 0) for (const id of m.cancel) cancelled.add(id);

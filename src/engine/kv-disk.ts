@@ -24,8 +24,15 @@ import { mkdir, rename, unlink, writeFile } from "node:fs/promises";
 import { extname, join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
-import { blockFileProblem, DISK_HEADER_BYTES, writeBlockHeader } from "./kv-disk-file.ts";
-import type { ReadRequest, ReadResult } from "./kv-disk-reader.ts";
+import {
+  BLOCK_FILE_RE,
+  blockFileProblem,
+  DISK_HEADER_BYTES,
+  blockFileName as fileName,
+  hashOfBlockFile,
+  writeBlockHeader,
+} from "./kv-disk-file.ts";
+import type { ReaderReply, ReadRequest, ReadResult, ScanResult } from "./kv-disk-reader.ts";
 
 const readerUrl = new URL(`./kv-disk-reader${extname(import.meta.url)}`, import.meta.url);
 
@@ -35,7 +42,6 @@ export { DISK_HEADER_BYTES };
 const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
 /** Rows of files read ahead of their use and held in memory, at most. */
 const DEFAULT_MAX_STAGED = 256 * 2 ** 20;
-const FILE_RE = /^[A-Za-z0-9_-]{43}\.kv$/;
 
 export interface DiskPrefixOptions {
   /** The folder given (--prefix-cache-disk); the files go in a folder per fingerprint under it. */
@@ -129,14 +135,6 @@ function alive(pid: number): boolean {
   }
 }
 
-/** A prefix hash (base64 of 32 bytes, kv-blocks' Sequence.blockHashes) as a file name. */
-function fileName(hash: string): string {
-  const raw = Buffer.from(hash, "base64");
-  if (raw.length !== 32)
-    throw new ExpertMeshError("EM_GATEWAY_INTERNAL", `a block hash is 32 bytes, got '${hash}'`);
-  return `${raw.toString("base64url")}.kv`;
-}
-
 /** Another fingerprint's folder is removed only after this long unused. */
 const OTHER_IDLE_MS = 3_600_000;
 /** A running store refreshes its fingerprint.json's time this often (in use, not idle). */
@@ -179,7 +177,7 @@ function removeIdleFingerprints(
     try {
       const files = readdirSync(path);
       if (!files.includes("fingerprint.json")) continue;
-      if (files.some((f) => f !== "fingerprint.json" && !FILE_RE.test(f) && !TMP_RE.test(f)))
+      if (files.some((f) => f !== "fingerprint.json" && !BLOCK_FILE_RE.test(f) && !TMP_RE.test(f)))
         continue;
       let bytes = 0;
       let used = 0;
@@ -247,6 +245,9 @@ export class DiskPrefixStore {
   readonly shared: boolean;
   /** Shared: hashes looked for on the disk and not found, and when (SHARED_MISS_MS). */
   readonly #missedAt = new Map<string, number>();
+  /** Shared: callers of the rescan() running on the reader thread, and whether one ran. */
+  #scanWaiters: (() => void)[] | null = null;
+  #scanned = false;
   /** The thread that reads ahead (made at the first prefetch), and its reads by id. */
   #reader: Worker | null = null;
   readonly #reads = new Map<number, { hash: string; staged: Staged }>();
@@ -311,7 +312,7 @@ export class DiskPrefixStore {
     const every = this.shared ? SHARED_RESCAN_MS : HEARTBEAT_MS;
     this.#heartbeat = setInterval(() => {
       beat += every;
-      if (this.shared) this.rescan();
+      if (this.shared) void this.rescan();
       if (beat < HEARTBEAT_MS) return;
       beat = 0;
       const now = new Date();
@@ -342,20 +343,16 @@ export class DiskPrefixStore {
         if (!writing) this.#remove(path);
         continue;
       }
-      if (!FILE_RE.test(name)) continue;
+      if (!BLOCK_FILE_RE.test(name)) continue;
       let st: ReturnType<typeof statSync>;
       try {
         st = statSync(path);
       } catch {
         continue;
       }
-      if (st.size !== this.fileBytes) {
-        this.#remove(path);
-        continue;
-      }
-      const hash = Buffer.from(name.slice(0, -3), "base64url").toString("base64");
-      // base64url's spare bits: only the name this store would write stands for the hash.
-      if (fileName(hash) !== name) {
+      // base64url's spare bits: only the name this store would write stands for a hash.
+      const hash = hashOfBlockFile(name);
+      if (st.size !== this.fileBytes || hash === null) {
         this.#remove(path);
         continue;
       }
@@ -403,32 +400,51 @@ export class DiskPrefixStore {
   }
 
   /**
-   * A shared folder scanned again: files the other gateways wrote are indexed (by their
-   * times, as at start), and those they removed are forgotten. Runs every minute; also
-   * callable (tests).
+   * A shared folder scanned again, on the reader thread (a folder of a few hundred thousand
+   * files on a network volume takes seconds to list): files the other gateways wrote since
+   * the last scan are indexed (by their times, as at start), and those they removed are
+   * forgotten. Runs every minute; resolves once applied (at once without a reader thread:
+   * has() still finds the others' files one by one).
    */
-  rescan(): void {
-    let names: string[];
-    try {
-      names = readdirSync(this.dir);
-    } catch {
-      return; // gone: made again with the next write
+  rescan(): Promise<void> {
+    if (!this.#readsAhead) return Promise.resolve();
+    this.#scanWaiters ??= [];
+    const done = new Promise<void>((resolve) => this.#scanWaiters!.push(resolve));
+    if (this.#scanWaiters.length === 1) {
+      try {
+        // The first scan starts from what the start's scan found (no stat of each again).
+        const known = this.#scanned ? undefined : [...this.#entries.keys()].map(fileName);
+        this.#readerThread().postMessage({
+          scan: { dir: this.dir, fileBytes: this.fileBytes, known },
+        });
+        this.#scanned = true;
+      } catch (e) {
+        this.#readerLost(e);
+      }
     }
-    const onDisk = new Set<string>();
-    const found: { hash: string; mtime: number }[] = [];
-    for (const name of names) {
-      if (!FILE_RE.test(name)) continue;
-      const hash = Buffer.from(name.slice(0, -3), "base64url").toString("base64");
-      if (fileName(hash) !== name) continue;
-      onDisk.add(hash);
-      if (this.#entries.has(hash)) continue;
-      const st = statSync(join(this.dir, name), { throwIfNoEntry: false });
-      if (st?.isFile() && st.size === this.fileBytes) found.push({ hash, mtime: st.mtimeMs });
+    return done;
+  }
+
+  /** A scan's differences applied (rescan). */
+  #scanDone(m: ScanResult): void {
+    for (const name of m.removed) {
+      const hash = hashOfBlockFile(name);
+      const entry = hash === null ? undefined : this.#entries.get(hash);
+      if (entry && !entry.pending && !this.#writing.has(hash!)) this.#drop(hash!, entry);
     }
-    for (const [hash, entry] of this.#entries)
-      if (!entry.pending && !this.#writing.has(hash) && !onDisk.has(hash)) this.#drop(hash, entry);
-    found.sort((a, b) => a.mtime - b.mtime);
+    const found = m.added
+      .map((f) => ({ hash: hashOfBlockFile(f.name), mtime: f.mtime }))
+      .filter((f): f is { hash: string; mtime: number } => f.hash !== null)
+      .filter((f) => !this.#entries.has(f.hash))
+      .sort((a, b) => a.mtime - b.mtime);
     for (const f of found) this.#know(f.hash);
+    this.#endScans();
+  }
+
+  #endScans(): void {
+    const waiters = this.#scanWaiters ?? [];
+    this.#scanWaiters = null;
+    for (const w of waiters) w();
   }
 
   /**
@@ -616,6 +632,7 @@ export class DiskPrefixStore {
     this.#readsAhead = false;
     this.#reader = null;
     this.#abandonReads();
+    this.#endScans();
     for (const [hash, staged] of this.#staged) this.#unstage(hash, staged);
     await r?.terminate();
   }
@@ -635,7 +652,9 @@ export class DiskPrefixStore {
     const w = new Worker(readerUrl, { name: "expertmesh-kv-disk-reader" });
     // It never keeps the process alive.
     w.unref();
-    w.on("message", (m: ReadResult) => this.#readDone(m));
+    w.on("message", (m: ReaderReply) =>
+      "scanned" in m ? this.#scanDone(m.scanned) : this.#readDone(m),
+    );
     w.on("error", (e) => this.#readerLost(e));
     w.on("exit", (code) => {
       if (this.#reader === w) this.#readerLost(new Error(`exited with code ${code}`));
@@ -651,6 +670,7 @@ export class DiskPrefixStore {
     this.#reader = null;
     this.#error("its reader thread failed, files are read in the engine's step from now on", e);
     this.#abandonReads();
+    this.#endScans();
     this.onStaged?.();
   }
 

@@ -471,8 +471,16 @@ describe("DiskPrefixStore", () => {
     expect(b.has(h3)).toBe(false);
     // The scan every minute finds it (and forgets the files the others removed).
     rmSync(join(dir, fingerprintOf({ model: "tiny" }), fileOf(h1!)));
-    b.rescan();
+    await b.rescan();
     expect([b.has(h3), b.stats.files]).toEqual([true, 2]);
+    // Each scan reports what changed since the last: a file written since, and none twice.
+    const h4 = hashOf("4");
+    a.save(h4, rows(4));
+    await a.flush();
+    await b.rescan();
+    expect(b.stats.files).toBe(3);
+    await b.rescan();
+    expect(b.stats.files).toBe(3);
     expect(loaded(b, h3)).toEqual(joined(rows(3)));
     for (const s of [a, b, local]) await s.close();
   });
