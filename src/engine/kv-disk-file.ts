@@ -11,6 +11,10 @@ const VERSION = 1;
 export const DISK_HEADER_BYTES = 48;
 /** A block file's name: its prefix hash in base64url, then .kv. */
 export const BLOCK_FILE_RE = /^[A-Za-z0-9_-]{43}\.kv$/;
+/** A block file's temporary name while it is written: the writer's pid, and a count. */
+export const BLOCK_TMP_RE = /^[A-Za-z0-9_-]{43}\.kv\.tmp-(\d+)-\d+$/;
+/** A temporary file older than this is a write that died (a write takes far less). */
+export const STALE_TMP_MS = 300_000;
 
 /** A prefix hash (base64 of 32 bytes, kv-blocks' Sequence.blockHashes) as a file name. */
 export function blockFileName(hash: string): string {

@@ -6,10 +6,16 @@
 // each file (header and CRC-32: ~0.6 ms per MiB) and sets its time (the order of use), which
 // would otherwise take the engine's step. A shared folder's scans (what the other gateways
 // wrote and removed) run here too.
-import { open, readdir, stat } from "node:fs/promises";
+import { open, readdir, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { parentPort } from "node:worker_threads";
-import { BLOCK_FILE_RE, blockFileProblem, DISK_HEADER_BYTES } from "./kv-disk-file.ts";
+import {
+  BLOCK_FILE_RE,
+  BLOCK_TMP_RE,
+  blockFileProblem,
+  DISK_HEADER_BYTES,
+  STALE_TMP_MS,
+} from "./kv-disk-file.ts";
 
 /** One block file to read: the whole of `path`, holding `blockBytes` of rows of block `hash`. */
 export interface ReadRequest {
@@ -111,13 +117,23 @@ export type ReaderMessage =
 /** The block files the last scan listed. */
 let listed = new Set<string>();
 
+/**
+ * The block files of `dir` added and removed since the last scan. Left-overs go: temporary
+ * files of writes that died (older than STALE_TMP_MS, whoever wrote them: in a shared folder
+ * a pid says nothing), and block files of a size this tier never writes.
+ */
 async function scan(dir: string, fileBytes: number): Promise<ScanResult> {
-  let names: string[];
+  let all: string[];
   try {
-    names = (await readdir(dir)).filter((n) => BLOCK_FILE_RE.test(n));
+    all = await readdir(dir);
   } catch {
     return { added: [], removed: [] }; // gone: made again with the next write
   }
+  for (const tmp of all.filter((n) => BLOCK_TMP_RE.test(n))) {
+    const st = await stat(join(dir, tmp)).catch(() => null);
+    if (st && Date.now() - st.mtimeMs > STALE_TMP_MS) await unlink(join(dir, tmp)).catch(() => {});
+  }
+  const names = all.filter((n) => BLOCK_FILE_RE.test(n));
   const now = new Set(names);
   const removed = [...listed].filter((n) => !now.has(n));
   const added: { name: string; mtime: number }[] = [];
@@ -125,7 +141,11 @@ async function scan(dir: string, fileBytes: number): Promise<ScanResult> {
     if (listed.has(name)) continue;
     const st = await stat(join(dir, name)).catch(() => null);
     if (st?.isFile() && st.size === fileBytes) added.push({ name, mtime: st.mtimeMs });
-    else now.delete(name); // gone, or a size it never has: looked at again next time
+    else {
+      // Gone, or damaged (written whole under a temporary name, a block file has its size).
+      if (st?.isFile()) await unlink(join(dir, name)).catch(() => {});
+      now.delete(name);
+    }
   }
   listed = now;
   return { added, removed };

@@ -26,10 +26,12 @@ import { Worker } from "node:worker_threads";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import {
   BLOCK_FILE_RE,
+  BLOCK_TMP_RE,
   blockFileProblem,
   DISK_HEADER_BYTES,
   blockFileName as fileName,
   hashOfBlockFile,
+  STALE_TMP_MS,
   writeBlockHeader,
 } from "./kv-disk-file.ts";
 import type { ReaderReply, ReadRequest, ReadResult, ScanResult } from "./kv-disk-reader.ts";
@@ -147,7 +149,7 @@ const SHARED_MISS_MS = 1_000;
 function fingerprintText(fp: string, identity: Record<string, unknown>): string {
   return `${JSON.stringify({ fingerprint: fp, ...identity }, null, 2)}\n`;
 }
-const TMP_RE = /^[A-Za-z0-9_-]{43}\.kv\.tmp-\d+-\d+$/;
+const TMP_RE = BLOCK_TMP_RE;
 
 /**
  * Folders of other fingerprints under `root` (older builds, models or settings) count
@@ -304,7 +306,10 @@ export class DiskPrefixStore {
     this.shared = o.shared ?? false;
     this.#log = o.log ?? (() => {});
     this.#fingerprintJson = fingerprintText(fingerprintOf(o.identity), o.identity);
-    this.#scan();
+    // A shared folder may hold hundreds of thousands of files on a network volume: it is
+    // scanned on the reader thread, in the background (has() finds files meanwhile).
+    if (this.shared) void this.rescan();
+    else this.#scan();
     // Its folder is in use while it runs, even with no block read or written: another
     // fingerprint's store removes folders unused for an hour (removeIdleFingerprints). A
     // shared folder is scanned again meanwhile.
@@ -334,12 +339,11 @@ export class DiskPrefixStore {
         // An interrupted write, unless another live process (a gateway on the same folder)
         // is writing it: not ours (this process has written nothing yet; in a restarted
         // container an earlier one had the same pid), and not older than a write can take.
-        // In a shared folder the writer may be another pod's process, whose pid says nothing
-        // here: its age alone decides.
         const pid = Number(tmp[1]);
         const writing =
-          (this.shared || (pid !== process.pid && alive(pid))) &&
-          Date.now() - (statSync(path, { throwIfNoEntry: false })?.mtimeMs ?? 0) < 300_000;
+          pid !== process.pid &&
+          alive(pid) &&
+          Date.now() - (statSync(path, { throwIfNoEntry: false })?.mtimeMs ?? 0) < STALE_TMP_MS;
         if (!writing) this.#remove(path);
         continue;
       }
@@ -412,7 +416,7 @@ export class DiskPrefixStore {
     const done = new Promise<void>((resolve) => this.#scanWaiters!.push(resolve));
     if (this.#scanWaiters.length === 1) {
       try {
-        // The first scan starts from what the start's scan found (no stat of each again).
+        // The first scan starts from what the index knows (no stat of each again).
         const known = this.#scanned ? undefined : [...this.#entries.keys()].map(fileName);
         this.#readerThread().postMessage({
           scan: { dir: this.dir, fileBytes: this.fileBytes, known },

@@ -133,7 +133,7 @@ export function createServeContext(
   disk?.startReader();
   if (disk)
     cfg.log?.(
-      `prefix cache disk tier in ${disk.dir}: ${disk.stats.files} blocks kept from before, ` +
+      `prefix cache disk tier in ${disk.dir}: ${disk.shared ? "shared with other gateways (scanned in the background), " : ""}${disk.stats.files} blocks kept from before, ` +
         `${(disk.stats.bytes / 2 ** 20).toFixed(1)} of ${(disk.maxBytes / 2 ** 20).toFixed(1)} MiB`,
     );
   const kv = new BlockKvCache(c, {

@@ -450,6 +450,8 @@ describe("DiskPrefixStore", () => {
     const a = open(dir, 8, { shared: true });
     const b = open(dir, 8, { shared: true });
     const local = open(dir, 8);
+    // Their first scans run in the background (a call joins the one running).
+    await Promise.all([a.rescan(), b.rescan()]);
     const [h1, h2] = await saved(a, 2);
     expect(b.stats.files).toBe(0);
     expect(b.has(h1!)).toBe(true); // looked for on the disk, and known from then on
@@ -469,10 +471,12 @@ describe("DiskPrefixStore", () => {
     a.save(h3, rows(3));
     await a.flush();
     expect(b.has(h3)).toBe(false);
-    // The scan every minute finds it (and forgets the files the others removed).
+    // The scan every minute finds it, and then forgets the files the others removed.
+    await b.rescan();
+    expect([b.has(h3), b.stats.files]).toEqual([true, 3]);
     rmSync(join(dir, fingerprintOf({ model: "tiny" }), fileOf(h1!)));
     await b.rescan();
-    expect([b.has(h3), b.stats.files]).toEqual([true, 2]);
+    expect([b.stats.files, b.stats.errors]).toEqual([2, 0]);
     // Each scan reports what changed since the last: a file written since, and none twice.
     const h4 = hashOf("4");
     a.save(h4, rows(4));
@@ -488,6 +492,7 @@ describe("DiskPrefixStore", () => {
   it("shared: a file another gateway removed is a plain miss, not an error", async () => {
     const dir = tempDir();
     const a = open(dir, 8, { shared: true });
+    await a.rescan();
     const [h1, h2] = await saved(a, 2);
     for (const h of [h1, h2]) rmSync(join(a.dir, fileOf(h!)));
     expect(loaded(a, h1!)).toBeNull();
@@ -505,15 +510,28 @@ describe("DiskPrefixStore", () => {
     await a.close();
   });
 
-  it("shared: a young temporary file is another pod's write under way, whatever its pid", async () => {
+  it("shared: scanned in the background; a young temporary file is another pod's write, whatever its pid", async () => {
     const dir = tempDir();
+    const writer = open(dir, 4);
+    const [h1] = await saved(writer, 1);
+    await writer.close();
     const fp = join(dir, fingerprintOf({ model: "tiny" }));
-    mkdirSync(fp, { recursive: true });
     // Our own pid: in a folder of its own, a leftover of this process's earlier life.
     const tmp = join(fp, `${fileOf(hashOf("x"))}.tmp-${process.pid}-0`);
     writeFileSync(tmp, "partial");
-    await open(dir, 4, { shared: true }).close();
-    expect(existsSync(tmp)).toBe(true);
+    // A write that died long ago, and a block file of another size (damaged).
+    const stale = join(fp, `${fileOf(hashOf("y"))}.tmp-1-0`);
+    writeFileSync(stale, "partial");
+    const old = new Date(Date.now() - 3_600_000);
+    utimesSync(stale, old, old);
+    const short = join(fp, fileOf(hashOf("z")));
+    writeFileSync(short, "short");
+    const s = open(dir, 4, { shared: true });
+    expect(s.stats.files).toBe(0); // not scanned at open: a network volume's listing waits
+    await s.rescan();
+    expect([s.stats.files, s.has(h1!)]).toEqual([1, true]);
+    expect([existsSync(tmp), existsSync(stale), existsSync(short)]).toEqual([true, false, false]);
+    await s.close();
     await open(dir, 4).close();
     expect(existsSync(tmp)).toBe(false);
   });
