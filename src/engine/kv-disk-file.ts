@@ -3,6 +3,8 @@
 // ahead off the engine's thread. A file: a 48-byte header (magic "EMKV", version, payload
 // bytes, CRC-32 of the payload, the block's 32-byte hash) and the payload, the block's rows
 // layer after layer.
+import { mkdir, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { crc32 } from "node:zlib";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -34,13 +36,43 @@ export function hashOfBlockFile(name: string): string | null {
   return blockFileName(hash) === name ? hash : null;
 }
 
-/** Writes the header of `buf` (a whole file: its payload in place after the header). */
-export function writeBlockHeader(buf: Buffer, blockBytes: number, hash: Buffer): void {
+/**
+ * Writes the header of `buf` (a whole file: its payload in place after the header); the
+ * CRC-32 of the payload too unless `crc` is false (then the writer fills it: fillBlockCrc).
+ */
+export function writeBlockHeader(buf: Buffer, blockBytes: number, hash: Buffer, crc = true): void {
   buf.writeUInt32LE(MAGIC, 0);
   buf.writeUInt32LE(VERSION, 4);
   buf.writeUInt32LE(blockBytes, 8);
-  buf.writeUInt32LE(crc32(buf.subarray(DISK_HEADER_BYTES)), 12);
+  if (crc) fillBlockCrc(buf);
   hash.copy(buf, 16);
+}
+
+/** Sets the header's CRC-32 of `buf`'s payload. */
+export function fillBlockCrc(buf: Buffer): void {
+  buf.writeUInt32LE(crc32(buf.subarray(DISK_HEADER_BYTES)), 12);
+}
+
+/**
+ * Writes a whole block file `buf` under `tmp` and renames it to `path`, both in `dir`; a
+ * folder removed from under the store is made again (with its fingerprint.json), once.
+ */
+export async function writeBlockFile(
+  buf: Uint8Array,
+  tmp: string,
+  path: string,
+  dir: string,
+  fingerprintJson: string,
+): Promise<void> {
+  try {
+    await writeFile(tmp, buf, { mode: 0o600 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await writeFile(join(dir, "fingerprint.json"), fingerprintJson);
+    await writeFile(tmp, buf, { mode: 0o600 });
+  }
+  await rename(tmp, path);
 }
 
 /**

@@ -14,7 +14,9 @@ import {
   BLOCK_TMP_RE,
   blockFileProblem,
   DISK_HEADER_BYTES,
+  fillBlockCrc,
   STALE_TMP_MS,
+  writeBlockFile,
 } from "./kv-disk-file.ts";
 
 /** One block file to read: the whole of `path`, holding `blockBytes` of rows of block `hash`. */
@@ -43,8 +45,25 @@ export interface ScanResult {
   readonly removed: readonly string[];
 }
 
-/** What the reader posts back: a read's result, or a scan's. */
-export type ReaderReply = ReadResult | { readonly scanned: ScanResult };
+/**
+ * A block file to write for the store (its writes' CRC and system calls kept off the
+ * engine's thread): the whole file in shared memory (the store serves reads of it from there
+ * meanwhile), its CRC field filled here.
+ */
+export interface WriteRequest {
+  readonly id: number;
+  readonly file: SharedArrayBuffer;
+  readonly tmp: string;
+  readonly path: string;
+  readonly dir: string;
+  readonly fingerprintJson: string;
+}
+
+/** What the reader posts back: a read's result, a scan's, or a write's end. */
+export type ReaderReply =
+  | ReadResult
+  | { readonly scanned: ScanResult }
+  | { readonly wrote: { readonly id: number; readonly error: string | null } };
 
 /** Reads in flight at once (deep enough for an SSD's queue, within libuv's 4 threads). */
 const IN_FLIGHT = 4;
@@ -112,7 +131,21 @@ const cancelled = new Set<number>();
 export type ReaderMessage =
   | { reads: readonly ReadRequest[] }
   | { cancel: readonly number[] }
-  | { scan: { dir: string; fileBytes: number; known?: readonly string[] } };
+  | { scan: { dir: string; fileBytes: number; known?: readonly string[] } }
+  | { write: WriteRequest };
+
+async function write(w: WriteRequest): Promise<string | null> {
+  try {
+    const buf = Buffer.from(w.file);
+    fillBlockCrc(buf);
+    await writeBlockFile(buf, w.tmp, w.path, w.dir, w.fingerprintJson);
+    return null;
+  } catch (e) {
+    await unlink(w.tmp).catch(() => {});
+    const err = e as NodeJS.ErrnoException;
+    return err.code ? `${err.code}: ${err.message}` : String(e);
+  }
+}
 
 /** The block files the last scan listed. */
 let listed = new Set<string>();
@@ -152,6 +185,11 @@ async function scan(dir: string, fileBytes: number): Promise<ScanResult> {
 }
 
 port.on("message", (m: ReaderMessage) => {
+  if ("write" in m) {
+    const id = m.write.id;
+    void write(m.write).then((error) => port!.postMessage({ wrote: { id, error } }));
+    return;
+  }
   if ("scan" in m) {
     if (m.scan.known) listed = new Set(m.scan.known);
     void scan(m.scan.dir, m.scan.fileBytes).then((scanned) => port!.postMessage({ scanned }));

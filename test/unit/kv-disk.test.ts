@@ -536,6 +536,36 @@ describe("DiskPrefixStore", () => {
     expect(existsSync(tmp)).toBe(false);
   });
 
+  it("writes on its reader thread (CRC there); a close with writes under way ends them", async () => {
+    const dir = tempDir();
+    const s = open(dir, 8);
+    const hs = await saved(s, 3);
+    await s.close();
+    // Read back where the step checks every byte: the reader thread's CRCs are right.
+    const again = DiskPrefixStore.open({
+      dir,
+      maxBytes: 8 * FILE,
+      blockBytes: BLOCK,
+      identity: { model: "tiny" },
+      readAhead: false,
+    });
+    for (const [i, h] of hs.entries()) expect(loaded(again, h)).toEqual(joined(rows(i + 1)));
+    expect(again.stats).toMatchObject({ hits: 3, errors: 0 });
+    // Without a reader thread (read ahead off), it writes on its own thread.
+    again.save(hashOf("4"), rows(4));
+    await again.flush();
+    expect(again.stats.written).toBe(1);
+    await again.close();
+    // Closed mid-write: the writes end (failed or done), nothing waits forever.
+    const t = open(tempDir(), 400);
+    for (let i = 0; i < 400; i++) t.save(hashOf(`w${i}`), rows(i + 1));
+    await new Promise((r) => setImmediate(r)); // handed to the thread
+    await t.close();
+    await t.flush();
+    expect(t.stats.written + t.stats.errors).toBe(400);
+    expect(t.stats.errors).toBeGreaterThan(0); // some were still running
+  });
+
   it("refuses a block of the wrong size (a bug, not a user's error)", () => {
     const s = open(tempDir(), 4);
     expect(() => s.save(hashOf("w"), rows(1, 2, 23))).toThrow(
