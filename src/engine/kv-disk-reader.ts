@@ -4,8 +4,9 @@
 // between steps: three or four steps for a read. This thread's loop is free: it keeps
 // several reads in flight (libuv's thread pool), and answers each in one turn. It also checks
 // each file (header and CRC-32: ~0.6 ms per MiB) and sets its time (the order of use), which
-// would otherwise take the engine's step. A shared folder's scans (what the other gateways
-// wrote and removed) run here too.
+// would otherwise take the engine's step. The store's writes (a block file's CRC-32 and its
+// system calls) and a shared folder's scans (what the other gateways wrote and removed) run
+// here too: the disk tier's I/O off the engine's thread, under the name "reader".
 import { open, readdir, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { parentPort } from "node:worker_threads";
