@@ -330,15 +330,18 @@ export class BlockKvCache {
         1,
         Math.min(Math.floor(2 ** 28 / this.blockBytes), disk.maxStagedFiles),
       );
+      if (disk.shared) disk.onWritten = () => this.#writeUnwritten();
       this.allocator.tier = {
         evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
         has: (hash) => disk.has(hash),
         prefetch: (hashes) => disk.prefetch(hashes),
         loading: (hash) => disk.loading(hash),
         // A folder other gateways read too gets each block as it is computed (write-through;
-        // save() skips those its index knows: no look on a network disk per block).
+        // save() skips those its index knows: no look on a network disk per block). A long
+        // prefill computes blocks faster than the disk takes them: those past the pending
+        // limit are written as earlier writes end, while the pool still holds them.
         ...(disk.shared
-          ? { computed: (b: number, hash: string) => void disk.save(hash, this.#blockRows(b)) }
+          ? { computed: (b: number, hash: string) => this.#writeThrough(b, hash) }
           : {}),
         fetch: (hash) => {
           const payload = disk.read(hash);
@@ -356,6 +359,34 @@ export class BlockKvCache {
           };
         },
       };
+    }
+  }
+
+  /** Shared disk tier: computed blocks not yet written (no room then), oldest first. */
+  readonly #unwritten = new Set<string>();
+
+  #writeThrough(b: number, hash: string): void {
+    const disk = this.disk!;
+    if (this.#unwritten.size === 0 && disk.hasRoom) {
+      disk.save(hash, this.#blockRows(b));
+      return;
+    }
+    this.#unwritten.add(hash);
+    // Registered blocks bound it; those evicted meanwhile went to the tier with their rows.
+    if (this.#unwritten.size > this.allocator.numBlocks) {
+      for (const h of this.#unwritten)
+        if (this.allocator.blockOf(h) === undefined) this.#unwritten.delete(h);
+    }
+  }
+
+  /** A write ended: the computed blocks still waiting, while there is room. */
+  #writeUnwritten(): void {
+    const disk = this.disk!;
+    for (const hash of this.#unwritten) {
+      if (!disk.hasRoom) return;
+      this.#unwritten.delete(hash);
+      const b = this.allocator.blockOf(hash);
+      if (b !== undefined) disk.save(hash, this.#blockRows(b));
     }
   }
 

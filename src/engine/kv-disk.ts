@@ -242,6 +242,8 @@ export class DiskPrefixStore {
   #stagedBytes = 0;
   /** Called when a read ahead ends (the scheduler's user then schedules again). */
   onStaged: (() => void) | null = null;
+  /** Called when a write ends (room for more: kv-blocks.ts retries the blocks it could not save). */
+  onWritten: (() => void) | null = null;
   /** fingerprint.json's text, and the timer that refreshes its time while this store runs. */
   readonly #fingerprintJson: string;
   readonly #heartbeat: NodeJS.Timeout;
@@ -518,6 +520,7 @@ export class DiskPrefixStore {
         entry.pending = null;
         this.#pending -= this.fileBytes;
         this.#writing.delete(hash);
+        this.onWritten?.();
       }
     })();
     this.#writing.set(hash, write);
@@ -800,6 +803,11 @@ export class DiskPrefixStore {
   /** Counts (and logs, the first time) an error of the tier's user. */
   noteError(what: string, e: unknown): void {
     this.#error(what, e);
+  }
+
+  /** Whether save() would take one more block now (its copy fits under the pending limit). */
+  get hasRoom(): boolean {
+    return this.#pending + this.fileBytes <= this.#maxPending;
   }
 
   /** Waits until one more block's write fits under the pending limit (flushes of many blocks). */

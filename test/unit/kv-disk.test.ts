@@ -17,9 +17,15 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { BlockAllocator, type PrefixTier } from "../../src/engine/kv-blocks.ts";
+import {
+  BlockAllocator,
+  BlockKvCache,
+  bytesPerBlock,
+  type PrefixTier,
+} from "../../src/engine/kv-blocks.ts";
 import { DISK_HEADER_BYTES, DiskPrefixStore, fingerprintOf } from "../../src/engine/kv-disk.ts";
 import { Scheduler, Sequence } from "../../src/engine/scheduler.ts";
+import type { ModelConfig } from "../../src/model/config.ts";
 
 const hashOf = (s: string) => createHash("sha256").update(s).digest("base64");
 const fileOf = (h: string) => `${Buffer.from(h, "base64").toString("base64url")}.kv`;
@@ -564,6 +570,42 @@ describe("DiskPrefixStore", () => {
     await t.flush();
     expect(t.stats.written + t.stats.errors).toBe(400);
     expect(t.stats.errors).toBeGreaterThan(0); // some were still running
+  });
+
+  it("shared: blocks computed past the pending limit are written as earlier writes end", async () => {
+    const config = { numHiddenLayers: 2, kvLoraRank: 4, qkRopeHeadDim: 2 } as ModelConfig;
+    const blockSize = 2;
+    const block = bytesPerBlock(config, blockSize);
+    const disk = DiskPrefixStore.open({
+      dir: tempDir(),
+      maxBytes: 64 * (DISK_HEADER_BYTES + block),
+      blockBytes: block,
+      identity: { model: "write-through" },
+      shared: true,
+      maxPendingBytes: DISK_HEADER_BYTES + block, // one write at a time
+    });
+    await disk.rescan();
+    const kv = new BlockKvCache(config, { memoryBytes: 16 * block, blockSize, disk });
+    const a = kv.allocator;
+    a.reserve(1, 16); // 8 blocks, computed in one step
+    for (let i = 0; i < 8; i++) a.register(1, i, hashOf(`p${i}`));
+    expect(disk.stats.written).toBe(0);
+    for (let i = 0; i < 50 && disk.stats.written < 8; i++)
+      await new Promise((r) => setTimeout(r, 20));
+    expect(disk.stats).toMatchObject({ written: 8, dropped: 0, errors: 0 });
+    // A block the pool takes before its turn: handed to the tier on its way out, dropped
+    // there for want of room (counted), and not retried (its rows are gone).
+    a.reserve(2, 4);
+    a.register(2, 0, hashOf("q0")); // written at once
+    a.register(2, 1, hashOf("q1")); // waits for q0's write
+    a.free(2);
+    a.free(1);
+    a.reserve(3, 32); // takes every block, q1's while q0's write runs
+    await disk.flush();
+    await new Promise((r) => setTimeout(r, 20));
+    expect(disk.stats).toMatchObject({ written: 9, dropped: 1, errors: 0 });
+    expect(disk.has(hashOf("q1"))).toBe(false);
+    await disk.close();
   });
 
   it("refuses a block of the wrong size (a bug, not a user's error)", () => {
