@@ -154,7 +154,7 @@ function throttleReads(pids: number[], dir: string, bps: number): (() => void) |
 }
 
 /** Drops the page cache (needs root); false when not allowed. */
-function dropPageCache(): boolean {
+export function dropPageCache(): boolean {
   try {
     writeFileSync("/proc/sys/vm/drop_caches", "1");
     return true;

@@ -15,10 +15,11 @@
 //   4. the peer answers it: it computes the prompt, as the reader would without the tier.
 // Measured: each answer's time to first token (all three alone on the machine).
 import { type ChildProcess, execSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { dropPageCache } from "./disk-read.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
 import { chat, ensureMiniModel, localGateway, metricValue, stop } from "./serve.ts";
 import { promptText } from "./tokenize.ts";
@@ -37,16 +38,6 @@ export interface DiskSharedResults {
   writerTtftMs: Stats;
   readerTtftMs: Stats;
   peerTtftMs: Stats;
-}
-
-/** Drops the page cache (needs root); false when not allowed. */
-function dropPageCache(): boolean {
-  try {
-    writeFileSync("/proc/sys/vm/drop_caches", "1");
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 export async function runDiskShared(o: {
