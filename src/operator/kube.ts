@@ -196,6 +196,17 @@ export class KubeClient {
     }
   }
 
+  /** A PersistentVolumeClaim's access modes (its status's once bound), or null when it does not exist. */
+  async claimAccessModes(namespace: string, name: string): Promise<string[] | null> {
+    try {
+      const pvc = await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
+      return pvc.status?.accessModes ?? pvc.spec?.accessModes ?? [];
+    } catch (err) {
+      if (httpStatus(err) === 404) return null;
+      throw err;
+    }
+  }
+
   /** Records an Event on the model (shown by `kubectl describe dsm`). */
   async event(
     model: DeepSeekModel,

@@ -104,8 +104,9 @@ export class Reconciler {
       for (const message of memoryLimitShortfalls(model, plan))
         problems.push({ reason: "MemoryLimitTooLow", message });
 
-    // 3. Apply what is wanted (unless a dependency is missing), delete what is not.
-    if (plan && problems.length === 0) {
+    // 3. Apply what is wanted (unless a dependency is missing), delete what is not; a
+    //    problem that leaves serving alone (a claim of the wrong access mode) applies all.
+    if (plan && problems.every((p) => p.servingUnaffected)) {
       const before = await this.#kube.listDeployments(namespace, name);
       const desired = desiredObjects(model, plan, this.#replicas(key, model, plan, before));
       try {
@@ -259,20 +260,28 @@ export class Reconciler {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
     const { pvc, huggingFace } = model.spec.model.source;
-    const { diskBytes, diskSharedClaim } = model.spec.gateway.kvCache;
-    const claims = [
-      ...(pvc ? [["spec.model.source.pvc.claimName", pvc.claimName] as const] : []),
-      ...(diskSharedClaim && diskBytes > 0
-        ? [["spec.gateway.kvCache.diskSharedClaim", diskSharedClaim] as const]
-        : []),
-    ];
-    for (const [field, claim] of claims) {
-      if (!(await this.#kube.exists("PersistentVolumeClaim", ns, claim))) {
+    if (pvc && !(await this.#kube.exists("PersistentVolumeClaim", ns, pvc.claimName))) {
+      out.push({
+        reason: "PVCNotFound",
+        message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
+      });
+    }
+    const { diskBytes, diskSharedClaim: shared } = model.spec.gateway.kvCache;
+    if (shared && diskBytes > 0) {
+      const field = "spec.gateway.kvCache.diskSharedClaim";
+      const modes = await this.#kube.claimAccessModes(ns, shared);
+      if (modes === null)
         out.push({
           reason: "PVCNotFound",
-          message: `PersistentVolumeClaim ${ns}/${claim} (${field}) does not exist`,
+          message: `PersistentVolumeClaim ${ns}/${shared} (${field}) does not exist`,
         });
-      }
+      else if (!modes.includes("ReadWriteMany"))
+        // Gateways on one node may still share it (ReadWriteOnce): serving goes on, said.
+        out.push({
+          reason: "SharedPVCNotReadWriteMany",
+          message: `PersistentVolumeClaim ${ns}/${shared} (${field}) is ${modes.join(", ") || "of no access mode"}, not ReadWriteMany: gateway pods on other nodes cannot mount it`,
+          servingUnaffected: true,
+        });
     }
     const secrets = [
       ...(huggingFace?.tokenSecret

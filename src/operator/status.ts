@@ -17,7 +17,8 @@ export interface Problem {
     | "Unschedulable"
     | "ApplyFailed"
     | "PodMonitorCRDNotFound"
-    | "PodMonitorApplyFailed";
+    | "PodMonitorApplyFailed"
+    | "SharedPVCNotReadWriteMany";
   message: string;
   servingUnaffected?: boolean;
 }

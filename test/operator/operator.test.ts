@@ -399,6 +399,21 @@ describe.sequential("expertmesh operator", () => {
         persistentVolumeClaim: { claimName: "prefix-rwx" },
       }),
     );
+    // A claim of one node at a time: said (Degraded), while the model serves on.
+    await createWeightsVolume(ns, "prefix-rwo", "ReadWriteOnce");
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("rwo", ns, {
+        gateway: { kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwo" } },
+      }),
+    });
+    m = await waitForCondition(ns, "rwo", "Ready", "True", undefined, 90_000);
+    expect(condition(m, "Degraded")).toMatchObject({
+      status: "True",
+      reason: "SharedPVCNotReadWriteMany",
+      message: `PersistentVolumeClaim ${ns}/prefix-rwo (spec.gateway.kvCache.diskSharedClaim) is ReadWriteOnce, not ReadWriteMany: gateway pods on other nodes cannot mount it`,
+    });
   });
 
   it("reports a memory limit below what the pods hold as Degraded: MemoryLimitTooLow, applies nothing, and recovers when raised", async () => {

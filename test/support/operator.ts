@@ -135,7 +135,7 @@ export async function getModel(namespace: string, name: string): Promise<DeepSee
 export async function createWeightsVolume(
   namespace: string,
   claim = "weights",
-  mode: "ReadOnlyMany" | "ReadWriteMany" = "ReadOnlyMany",
+  mode: "ReadOnlyMany" | "ReadWriteMany" | "ReadWriteOnce" = "ReadOnlyMany",
 ): Promise<void> {
   const pv = `${namespace}-${claim}`;
   await core().createPersistentVolume({
