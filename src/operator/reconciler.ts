@@ -48,6 +48,12 @@ function roleOf(name: string, d: V1Deployment): RoleKey | undefined {
   return n.startsWith(prefix) ? `shard-${n.slice(prefix.length)}` : undefined;
 }
 
+/** Whether the model may have more than one gateway pod (the spec's, or the autoscaler's). */
+function mayRunSeveralGateways(model: DeepSeekModel): boolean {
+  const g = model.spec.gateway;
+  return g.replicas > 1 || (model.spec.autoscaling.enabled && g.maxReplicas > 1);
+}
+
 export class Reconciler {
   readonly #kube: KubeClient;
   readonly #opts: ReconcilerOptions;
@@ -275,7 +281,7 @@ export class Reconciler {
           reason: "PVCNotFound",
           message: `PersistentVolumeClaim ${ns}/${shared} (${field}) does not exist`,
         });
-      else if (!modes.includes("ReadWriteMany"))
+      else if (!modes.includes("ReadWriteMany") && mayRunSeveralGateways(model))
         // Gateways on one node may still share it (ReadWriteOnce): serving goes on, said.
         out.push({
           reason: "SharedPVCNotReadWriteMany",

@@ -399,15 +399,21 @@ describe.sequential("expertmesh operator", () => {
         persistentVolumeClaim: { claimName: "prefix-rwx" },
       }),
     );
-    // A claim of one node at a time: said (Degraded), while the model serves on.
+    // A claim of one node at a time, for two gateways: said (Degraded), the model serving on.
+    // For one gateway it is enough.
     await createWeightsVolume(ns, "prefix-rwo", "ReadWriteOnce");
-    await custom.createNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      body: model("rwo", ns, {
-        gateway: { kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwo" } },
-      }),
-    });
+    const rwo = (name: string, replicas: number) =>
+      custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model(name, ns, {
+          gateway: { replicas, kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwo" } },
+        }),
+      });
+    await rwo("rwo", 2);
+    await rwo("rwo-one", 1);
+    m = await waitForCondition(ns, "rwo-one", "Ready", "True", undefined, 90_000);
+    expect(condition(m, "Degraded")?.status).toBe("False");
     m = await waitForCondition(ns, "rwo", "Ready", "True", undefined, 90_000);
     expect(condition(m, "Degraded")).toMatchObject({
       status: "True",
