@@ -13,7 +13,13 @@ import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
 import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
-import { computeStatus, type Problem, statusChanged, unschedulableProblem } from "./status.ts";
+import {
+  computeStatus,
+  type Problem,
+  pollAfterMs,
+  statusChanged,
+  unschedulableProblem,
+} from "./status.ts";
 import {
   type DesiredObject,
   desiredObjects,
@@ -30,6 +36,12 @@ export class RetryLater extends Error {}
 export interface ReconcilerOptions {
   /** Poll interval while a rollout is in progress (ms). */
   progressPollMs?: number;
+  /**
+   * Poll interval while the model serves, rolled out, and is Degraded only by problems that
+   * leave serving alone (a PodMonitor without its CRD, a claim of the wrong access mode):
+   * nothing to wait for but a change outside the operator's watch (ms; default 15 s).
+   */
+  degradedPollMs?: number;
   log?: (msg: string) => void;
   /** Load reports, replica decisions and rebalanced plans (absent: replicas from the spec only). */
   autoscaler?: Pick<
@@ -207,10 +219,11 @@ export class Reconciler {
     ) {
       throw new RetryLater(problems.map((p) => p.message).join("; "));
     }
-    const settled = status.conditions!.every((c) =>
-      c.type === "Ready" ? c.status === "True" : c.status === "False",
-    );
-    return settled ? undefined : { requeueAfterMs: this.#opts.progressPollMs ?? 5_000 };
+    const after = pollAfterMs(status.conditions!, problems, {
+      progress: this.#opts.progressPollMs ?? 5_000,
+      degraded: this.#opts.degradedPollMs ?? 15_000,
+    });
+    return after === undefined ? undefined : { requeueAfterMs: after };
   }
 
   /**

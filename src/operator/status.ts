@@ -189,3 +189,22 @@ function normalize(s: DeepSeekModelStatus | undefined): unknown {
     conditions: [...(s.conditions ?? [])].sort((x, y) => x.type.localeCompare(y.type)),
   });
 }
+
+/**
+ * When to reconcile a model again without an event: never when it is settled (Ready, not
+ * Progressing, not Degraded); after `degraded` ms when it serves, rolled out, and only
+ * problems that leave serving alone make it Degraded (nothing to wait for but a change the
+ * operator does not watch); else after `progress` ms (a rollout under way).
+ */
+export function pollAfterMs(
+  conditions: readonly ModelCondition[],
+  problems: readonly Problem[],
+  ms: { progress: number; degraded: number },
+): number | undefined {
+  const state = (type: string) => conditions.find((c) => c.type === type)?.status;
+  if (state("Ready") === "True" && state("Progressing") === "False") {
+    if (state("Degraded") === "False") return undefined;
+    if (problems.every((p) => p.servingUnaffected)) return ms.degraded;
+  }
+  return ms.progress;
+}

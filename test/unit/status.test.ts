@@ -1,7 +1,13 @@
 import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
 import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
-import { computeStatus, statusChanged, unschedulableProblem } from "../../src/operator/status.ts";
+import {
+  computeStatus,
+  type Problem,
+  pollAfterMs,
+  statusChanged,
+  unschedulableProblem,
+} from "../../src/operator/status.ts";
 
 const model = parseManifest(`
 apiVersion: expertmesh.io/v1alpha1
@@ -182,5 +188,47 @@ describe("unschedulableProblem", () => {
     ],
   ])("%#", (pods, message) => {
     expect(unschedulableProblem(pods)?.message).toBe(message);
+  });
+});
+
+describe("pollAfterMs", () => {
+  type S = "True" | "False";
+  const cond = (ready: S, progressing: S, degraded: S) =>
+    (
+      [
+        ["Ready", ready],
+        ["Progressing", progressing],
+        ["Degraded", degraded],
+      ] as const
+    ).map(([type, status]) => ({
+      type,
+      status,
+      reason: "r",
+      message: "m",
+      lastTransitionTime: "2026-12-01T00:00:00Z",
+      observedGeneration: 1,
+    }));
+  const monitor: Problem = {
+    reason: "PodMonitorCRDNotFound",
+    message: "m",
+    servingUnaffected: true,
+  };
+  const rwo: Problem = {
+    reason: "SharedPVCNotReadWriteMany",
+    message: "m",
+    servingUnaffected: true,
+  };
+  const limit: Problem = { reason: "MemoryLimitTooLow", message: "m" };
+  const ms = { progress: 5, degraded: 15 };
+  it.each([
+    ["settled", cond("True", "False", "False"), [], undefined],
+    ["rolling out", cond("False", "True", "False"), [], 5],
+    ["serving, a PodMonitor it cannot make", cond("True", "False", "True"), [monitor], 15],
+    ["serving, two such problems", cond("True", "False", "True"), [monitor, rwo], 15],
+    ["still rolling out with one", cond("True", "True", "True"), [monitor], 5],
+    ["a problem that blocks serving", cond("False", "False", "True"), [limit], 5],
+    ["a blocking one beside", cond("True", "False", "True"), [monitor, limit], 5],
+  ] as const)("%s", (_name, conditions, problems, want) => {
+    expect(pollAfterMs(conditions, problems, ms)).toBe(want);
   });
 });
