@@ -70,9 +70,10 @@ export interface DiskPrefixOptions {
   readonly readAhead?: boolean;
   /**
    * Other gateways use the folder too (a ReadWriteMany volume): has() looks for a file it
-   * does not know before saying no, the folder is scanned again every minute (files the
-   * others wrote or removed), a file gone is a plain miss, and the caller writes blocks as
-   * they are computed (kv-blocks.ts), not only when the pool forgets them.
+   * does not know before saying no, the folder is scanned on the reader thread at open and
+   * every minute after (files the others wrote or removed; nothing is listed on the caller's
+   * thread), a file gone is a plain miss, and the caller writes blocks as they are computed
+   * (kv-blocks.ts), not only when the pool forgets them.
    */
   readonly shared?: boolean;
   readonly log?: (message: string) => void;
