@@ -87,6 +87,11 @@ export interface DiskPrefixStats {
   hits: number;
   /** Of hits, blocks whose file was read ahead of its use (prefetch). */
   readAhead: number;
+  /**
+   * Of hits, in a shared folder: blocks whose file this store found there rather than wrote
+   * (another gateway's, or an earlier run's).
+   */
+  sharedHits: number;
   /** Blocks written. */
   written: number;
   /** Spills dropped: too many bytes pending, or a write of the same block still running. */
@@ -99,6 +104,8 @@ interface Entry {
   readonly fileBytes: number;
   /** The file's bytes while its write runs (a read takes them from here). */
   pending: Buffer | null;
+  /** Shared folder: a file this store found there (another gateway's, or an earlier run's). */
+  readonly found?: true;
 }
 
 /**
@@ -262,7 +269,7 @@ export class DiskPrefixStore {
   #reader: Worker | null = null;
   readonly #reads = new Map<number, { hash: string; staged: Staged }>();
   #readId = 0;
-  readonly #stats = { hits: 0, readAhead: 0, written: 0, dropped: 0, errors: 0 };
+  readonly #stats = { hits: 0, readAhead: 0, sharedHits: 0, written: 0, dropped: 0, errors: 0 };
 
   /**
    * Opens (makes) the fingerprint's folder under `o.dir` and indexes the files there,
@@ -407,7 +414,7 @@ export class DiskPrefixStore {
   /** Indexes a file another gateway wrote (the most recently used), within the budget. */
   #know(hash: string): void {
     this.#trim(this.fileBytes);
-    this.#entries.set(hash, { fileBytes: this.fileBytes, pending: null });
+    this.#entries.set(hash, { fileBytes: this.fileBytes, pending: null, found: true });
     this.#bytes += this.fileBytes;
   }
 
@@ -545,7 +552,7 @@ export class DiskPrefixStore {
     if (staged) this.#unstage(hash, staged);
     if (staged?.payload) {
       // Checked, and its time set, on the reader thread.
-      this.#stats.hits++;
+      this.#hit(entry);
       this.#stats.readAhead++;
       return staged.payload;
     }
@@ -588,8 +595,14 @@ export class DiskPrefixStore {
     } catch {
       // only an order
     }
-    this.#stats.hits++;
+    this.#hit(entry);
     return buf.subarray(DISK_HEADER_BYTES);
+  }
+
+  /** Counts a block read back from its file. */
+  #hit(entry: Entry): void {
+    this.#stats.hits++;
+    if (entry.found) this.#stats.sharedHits++;
   }
 
   /** A file that failed its checks: a miss from now on, and removed. */

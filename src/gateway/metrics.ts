@@ -130,6 +130,11 @@ export class GatewayMetrics {
         "Blocks read back from the disk tier whose file was read in the background, ahead of their use, since start.",
         (d) => d.readAhead,
       );
+      disk(
+        "shared_hits",
+        "Of the blocks read back, those from files this gateway found in a shared disk tier (--prefix-cache-disk-shared) rather than wrote: another gateway's, or an earlier run's, since start.",
+        (d) => d.sharedHits,
+      );
       disk("bytes", "Bytes of the disk tier's block files.", (d) => d.bytes);
       disk("files", "Block files in the disk tier.", (d) => d.files);
       disk("written", "Blocks written to the disk tier since start.", (d) => d.written);

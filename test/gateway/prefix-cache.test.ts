@@ -253,6 +253,10 @@ describe("prefix cache disk tier", () => {
       const again = await complete(b.client, PROMPTS[2]!);
       expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
       expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBe(wholeBlocks(P));
+      // Every one of them from a file a wrote (found in the folder, not written by b).
+      expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_shared_hits")).toBe(
+        wholeBlocks(P) / B,
+      );
       expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
       // b read those blocks rather than computing them: it wrote only the blocks after them.
       expect(await metric(b.url, "expertmesh_gateway_prefix_cache_disk_written")).toBeLessThan(

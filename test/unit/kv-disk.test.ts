@@ -462,7 +462,7 @@ describe("DiskPrefixStore", () => {
     expect(b.stats.files).toBe(0);
     expect(b.has(h1!)).toBe(true); // looked for on the disk, and known from then on
     expect(loaded(b, h1!)).toEqual(joined(rows(1)));
-    expect(b.stats).toMatchObject({ files: 1, hits: 1, errors: 0 });
+    expect(b.stats).toMatchObject({ files: 1, hits: 1, sharedHits: 1, errors: 0 });
     expect(local.has(h1!)).toBe(false); // not shared: its index is all it knows
     // A file read ahead, too.
     const done = staged(b, 1);
@@ -470,7 +470,10 @@ describe("DiskPrefixStore", () => {
     b.prefetch([h2!]);
     await done;
     expect(loaded(b, h2!)).toEqual(joined(rows(2)));
-    expect(b.stats.readAhead).toBe(1);
+    expect([b.stats.readAhead, b.stats.sharedHits]).toEqual([1, 2]);
+    // What a wrote itself is not found there.
+    expect(loaded(a, h1!)).toEqual(joined(rows(1)));
+    expect(a.stats).toMatchObject({ hits: 1, sharedHits: 0 });
     // Not there: no, and not looked for again at once.
     const h3 = hashOf("3");
     expect(b.has(h3)).toBe(false);
