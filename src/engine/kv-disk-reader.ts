@@ -37,7 +37,15 @@ export interface ReadResult {
   readonly id: number;
   readonly buf: ArrayBuffer | null;
   readonly error: string | null;
+  /** The failed read's system error code (ENOENT: the file is gone). */
+  readonly code?: string;
   readonly damaged: string | null;
+}
+
+/** A system call's failure as text ("CODE: message"), and its code. */
+function failure(e: unknown): { error: string; code?: string } {
+  const err = e as NodeJS.ErrnoException;
+  return err.code ? { error: `${err.code}: ${err.message}`, code: err.code } : { error: String(e) };
 }
 
 /** What a scan of the folder found since the last: block files added (and their times), removed. */
@@ -98,13 +106,7 @@ async function read(r: ReadRequest): Promise<ReadResult> {
     }
     return { id: r.id, buf, error: null, damaged: null };
   } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    return {
-      id: r.id,
-      buf: null,
-      error: err.code ? `${err.code}: ${err.message}` : String(e),
-      damaged: null,
-    };
+    return { id: r.id, buf: null, ...failure(e), damaged: null };
   }
 }
 
@@ -143,8 +145,7 @@ async function write(w: WriteRequest): Promise<string | null> {
     return null;
   } catch (e) {
     await unlink(w.tmp).catch(() => {});
-    const err = e as NodeJS.ErrnoException;
-    return err.code ? `${err.code}: ${err.message}` : String(e);
+    return failure(e).error;
   }
 }
 

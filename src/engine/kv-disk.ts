@@ -159,7 +159,6 @@ const SHARED_MISS_MS = 1_000;
 function fingerprintText(fp: string, identity: Record<string, unknown>): string {
   return `${JSON.stringify({ fingerprint: fp, ...identity }, null, 2)}\n`;
 }
-const TMP_RE = BLOCK_TMP_RE;
 
 /**
  * Folders of other fingerprints under `root` (older builds, models or settings) count
@@ -189,7 +188,11 @@ function removeIdleFingerprints(
     try {
       const files = readdirSync(path);
       if (!files.includes("fingerprint.json")) continue;
-      if (files.some((f) => f !== "fingerprint.json" && !BLOCK_FILE_RE.test(f) && !TMP_RE.test(f)))
+      if (
+        files.some(
+          (f) => f !== "fingerprint.json" && !BLOCK_FILE_RE.test(f) && !BLOCK_TMP_RE.test(f),
+        )
+      )
         continue;
       let bytes = 0;
       let used = 0;
@@ -349,7 +352,7 @@ export class DiskPrefixStore {
     const found: { hash: string; mtime: number }[] = [];
     for (const name of readdirSync(this.dir)) {
       const path = join(this.dir, name);
-      const tmp = /\.tmp-(\d+)-\d+$/.exec(name);
+      const tmp = BLOCK_TMP_RE.exec(name);
       if (tmp) {
         // An interrupted write, unless another live process (a gateway on the same folder)
         // is writing it: not ours (this process has written nothing yet; in a restarted
@@ -755,7 +758,7 @@ export class DiskPrefixStore {
       this.#unstage(hash, staged);
       if (m.damaged !== null) this.#damaged(hash, staged.entry, path, m.damaged);
       else {
-        if (!this.#goneFromShared(m.error?.split(":")[0])) this.#error(`reading ${path}`, m.error);
+        if (!this.#goneFromShared(m.code)) this.#error(`reading ${path}`, m.error);
         this.#drop(hash, staged.entry);
         this.#remove(path);
       }

@@ -48,7 +48,7 @@ import {
   OUTPUTS,
   type OutputName,
   type OutputValues,
-  outputName,
+  outputsAsked,
   type SamplingFields,
   sampling,
   TEXT_INPUT,
@@ -357,14 +357,10 @@ function handlers(o: GrpcGatewayOptions): {
   async function inferRequest(r: ModelInferRequest) {
     checkModel(r.model_name, r.model_version, "model_name");
     const { texts, shape, raw } = inferTexts(r);
-    // Those named (each once), or all of the model's.
-    const outputs: OutputName[] = [];
-    for (const out of r.outputs) {
-      const name = outputName(out.name, "outputs");
-      if (outputs.includes(name)) throw bad(`output '${name}' is asked for twice`, "outputs");
-      outputs.push(name);
-    }
-    if (outputs.length === 0) outputs.push(...OUTPUTS);
+    const outputs = outputsAsked(
+      r.outputs.map((o) => o.name),
+      () => "outputs",
+    );
     const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
     return { spec, shape, raw, outputs, stream: streamFlag(r) };
   }

@@ -34,7 +34,7 @@ import {
   OUTPUTS,
   type OutputName,
   type OutputValues,
-  outputName,
+  outputsAsked,
   type SamplingFields,
   sampling,
   TEXT_INPUT,
@@ -270,13 +270,12 @@ function requestedOutputs(b: Record<string, unknown>): { name: OutputName; binar
     "parameters.binary_data_output",
   );
   const asked = list(b["outputs"], "outputs");
-  if (asked.length === 0) return OUTPUTS.map((name) => ({ name, binary: all ?? false }));
-  const seen = new Set<OutputName>();
-  return asked.map((out, i) => {
-    const name = outputName(isObject(out) ? out["name"] : undefined, `outputs.${i}.name`);
-    if (seen.has(name)) throw bad(`output '${name}' is asked for twice`, `outputs.${i}.name`);
-    seen.add(name);
-    const p = (out as Record<string, unknown>)["parameters"];
+  const names = outputsAsked(
+    asked.map((out) => (isObject(out) ? out["name"] : undefined)),
+    (i) => `outputs.${i}.name`,
+  );
+  return names.map((name, i) => {
+    const p = isObject(asked[i]) ? asked[i]["parameters"] : undefined;
     if (p !== undefined && !isObject(p))
       throw bad("an output's 'parameters' must be an object", `outputs.${i}.parameters`);
     return {

@@ -43,14 +43,27 @@ export const FINISH_OUTPUT = "finish_reason";
 export const OUTPUTS = [TEXT_OUTPUT, FINISH_OUTPUT] as const;
 export type OutputName = (typeof OUTPUTS)[number];
 
-/** An output's name checked: one of the model's (a 400 naming `param` else). */
-export function outputName(name: unknown, param: string): OutputName {
-  if (typeof name === "string" && (OUTPUTS as readonly string[]).includes(name))
-    return name as OutputName;
-  throw bad(
-    `unknown output '${String(name ?? "").slice(0, 64)}': the model's outputs are ${OUTPUTS.map((o) => `'${o}'`).join(" and ")}`,
-    param,
-  );
+/**
+ * The outputs a request names, checked (each one of the model's, each once; a 400 naming
+ * `paramOf(i)` else), or all of the model's when it names none.
+ */
+export function outputsAsked(
+  names: readonly unknown[],
+  paramOf: (i: number) => string,
+): OutputName[] {
+  if (names.length === 0) return [...OUTPUTS];
+  const out: OutputName[] = [];
+  for (const [i, name] of names.entries()) {
+    if (typeof name !== "string" || !(OUTPUTS as readonly string[]).includes(name))
+      throw bad(
+        `unknown output '${String(name ?? "").slice(0, 64)}': the model's outputs are ${OUTPUTS.map((o) => `'${o}'`).join(" and ")}`,
+        paramOf(i),
+      );
+    if (out.includes(name as OutputName))
+      throw bad(`output '${name}' is asked for twice`, paramOf(i));
+    out.push(name as OutputName);
+  }
+  return out;
 }
 
 /** An answer's values of each output, an element a prompt. */
