@@ -18,6 +18,9 @@ import {
 } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
+import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { kubectl } from "../support/cli.ts";
 import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
@@ -251,6 +254,47 @@ describe("Helm chart charts/expertmesh", () => {
     }
   });
 
+  it("selects neither the pods nor the Services of a model named like the release", async () => {
+    const objects = await render("em", "default", ["--set", "metrics.serviceMonitor.enabled=true"]);
+    const svc = only(objects, "Service");
+    const sm = only(objects, "ServiceMonitor");
+    const deployment = only(objects, "Deployment");
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: em, namespace: default, uid: u-1 }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
+  experts: { shards: 2 }
+  monitoring: { podMonitor: { enabled: true } }
+`);
+    const plan = planPlacement({
+      architecture: architectureOf(m),
+      numShards: m.spec.experts.shards,
+      redundantExperts: 0,
+    });
+    const model = desiredObjects(m, plan, specReplicas(m, plan));
+    const matches = (
+      labels: Record<string, string> | undefined,
+      selector: Record<string, string>,
+    ) => Object.entries(selector).every(([k, v]) => labels?.[k] === v);
+    const pods = model.flatMap((o) =>
+      "spec" in o && o.spec && "template" in o.spec ? [o.spec.template?.metadata?.labels] : [],
+    );
+    const services = model.filter((o) => o.kind === "Service").map((o) => o.metadata?.labels);
+    expect(pods.length).toBeGreaterThanOrEqual(3);
+    expect(services.length).toBeGreaterThanOrEqual(1);
+    // What the test guards against: the Deployment's selector alone matches the model's pods.
+    expect(pods.every((l) => matches(l, deployment.spec.selector.matchLabels))).toBe(true);
+    for (const labels of pods)
+      expect(matches(labels, svc.spec.selector), JSON.stringify(labels)).toBe(false);
+    for (const labels of services)
+      expect(matches(labels, sm.spec.selector.matchLabels), JSON.stringify(labels)).toBe(false);
+    // And the operator's own pods and Service still are.
+    expect(matches(deployment.spec.template.metadata.labels, svc.spec.selector)).toBe(true);
+    expect(matches(svc.metadata.labels, sm.spec.selector.matchLabels)).toBe(true);
+  });
+
   it("ships the CRD as an identical copy of crds/" + CRD_FILE, () => {
     if (!existsSync(chartCrd)) throw new Error(crdMissingMessage());
     if (!existsSync(repoCrd)) throw new Error(`${repoCrd} is missing: run the CRD generator`);
@@ -362,7 +406,12 @@ describe("Helm chart charts/expertmesh", () => {
       expect(svc.spec.ports).toEqual([
         { name: "metrics", port: 8080, targetPort: "metrics", protocol: "TCP" },
       ]);
-      expect(svc.spec.selector).toEqual(only(objects, "Deployment").spec.selector.matchLabels);
+      // The Deployment's selector and the component: not the pods of a model named like the
+      // release, which carry the same name and instance labels.
+      expect(svc.spec.selector).toEqual({
+        ...only(objects, "Deployment").spec.selector.matchLabels,
+        "app.kubernetes.io/component": "operator",
+      });
       expect(svc.metadata.annotations).toMatchObject({
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "8080",

@@ -45,6 +45,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels that select the operator pods for the metrics Service and the ServiceMonitor: the
+Deployment's selector plus the component. Model pods carry app.kubernetes.io/name
+expertmesh and their model's name as the instance, so a model named like the release would
+match the Deployment's selector alone. Services' selectors can change on upgrade; the
+Deployment's cannot, so it keeps the two labels.
+*/}}
+{{- define "expertmesh.operatorSelectorLabels" -}}
+{{ include "expertmesh.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
 Name of the operator's ServiceAccount.
 */}}
 {{- define "expertmesh.serviceAccountName" -}}
