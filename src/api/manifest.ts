@@ -221,6 +221,7 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     ...kvCacheArgs(model),
     ...(g.prefixCaching ? [] : ["--no-prefix-caching"]),
     ...(g.schedulingPolicy === "priority" ? ["--scheduling-policy=priority"] : []),
+    ...(g.priorityAgingSeconds ? [`--priority-aging=${g.priorityAgingSeconds}`] : []),
     ...(g.logRequests ? ["--log-requests"] : []),
     `--reasoning-parser=${reasoningParserOf(model)}`,
     `--tool-call-parser=${toolCallParserOf(model)}`,

@@ -230,6 +230,12 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "gateway.kvCache.diskSharedClaim (a disk tier the gateways share) needs gateway.kvCache.diskBytes, its budget",
     check: (s) => s["kvCache"]?.diskSharedClaim === undefined || s["kvCache"].diskBytes > 0,
   },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.priorityAgingSeconds) || self.priorityAgingSeconds == 0.0 || (has(self.schedulingPolicy) && self.schedulingPolicy == 'priority')",
+    message: "gateway.priorityAgingSeconds needs gateway.schedulingPolicy priority",
+    check: (s) => !(s["priorityAgingSeconds"] > 0) || s["schedulingPolicy"] === "priority",
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -382,6 +382,13 @@ export const GatewaySchema = withRules(
           "The order in which each gateway admits requests and preempts running ones when its KV cache runs short: fcfs (arrival order, the newest preempted first) or priority (by the requests' `priority` field, lower first; a waiting request preempts running ones of lower priority that keep it out; with fcfs a non-zero priority is refused).",
         default: "fcfs",
       }),
+      priorityAgingSeconds: Type.Optional(
+        Type.Number({
+          minimum: 0,
+          description:
+            "With schedulingPolicy priority: a waiting request counts as one priority better per this many seconds since it arrived, so that a steady stream of higher priorities cannot keep it out for ever. Only the admission order ages: preempting a running request still takes a better `priority` as given. 0 or unset: no aging.",
+        }),
+      ),
       speculative: Type.Optional(
         withRules(
           "spec.gateway.speculative",

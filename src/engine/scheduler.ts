@@ -11,7 +11,9 @@
 // they count as computed only once the engine accepts them. With the priority policy
 // (vLLM's --scheduling-policy priority, ADR 0016) both queues are kept in (priority,
 // arrival) order, so the running list's end holds the sequence preempted first, and a
-// waiting sequence of higher priority preempts lower ones that keep it out. Never touches
+// waiting sequence of higher priority preempts lower ones that keep it out. With aging,
+// the waiting queue counts a priority better by one per priorityAgingMs since arrival, so
+// a steady stream of higher priorities cannot keep a request out for ever. Never touches
 // a device.
 import { createHash } from "node:crypto";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -39,6 +41,11 @@ export class Sequence {
    * (id) order. Ignored under fcfs.
    */
   priority = 0;
+  /**
+   * When it arrived (performance.now(), ms): with priority aging its place in the waiting
+   * queue improves with the time since.
+   */
+  arrivedAt = performance.now();
   /**
    * Every row's logits are wanted (prompt logprobs), not just the last: its chunks count
    * against the scheduler's maxLogitRows.
@@ -143,13 +150,20 @@ export interface SchedulerConfig {
   readonly prefixCaching?: boolean;
   /** Default fcfs. */
   readonly policy?: SchedulingPolicy;
+  /**
+   * With the priority policy: a waiting sequence counts as one priority better per this
+   * many ms since it arrived (default 0: no aging). Only the waiting queue's order ages:
+   * preemption still needs a better priority as given, and then also a better aged one.
+   */
+  readonly priorityAgingMs?: number;
 }
 
 export type AddResult = "ok" | "queue_full" | "too_large";
 
 /**
  * fcfs: arrival order, the newest admitted is preempted first. priority: (priority, id)
- * order, the lowest is preempted first, and also to let in a waiting one of higher priority.
+ * order, the lowest is preempted first, and also to let in a waiting one of higher priority
+ * (with aging, the waiting ones in (aged priority, id) order).
  */
 export const SCHEDULING_POLICIES = ["fcfs", "priority"] as const;
 export type SchedulingPolicy = (typeof SCHEDULING_POLICIES)[number];
@@ -157,8 +171,10 @@ export type SchedulingPolicy = (typeof SCHEDULING_POLICIES)[number];
 export class Scheduler {
   readonly config: SchedulerConfig;
   readonly #blocks: BlockAllocator;
-  /** The priority policy: both lists in (priority, id) order. */
+  /** The priority policy: the running list in (priority, id) order, the waiting one aged. */
   readonly #byPriority: boolean;
+  /** Priority aging: ms per level (0: none). */
+  readonly #agingMs: number;
   #waiting: Sequence[] = [];
   #running: Sequence[] = [];
   /** Tokens of admitted sequences looked up in the prefix cache, and found there. */
@@ -181,9 +197,18 @@ export class Scheduler {
         "EM_CLI_USAGE",
         `scheduling policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${config.policy}`,
       );
+    const aging = config.priorityAgingMs ?? 0;
+    if (!Number.isFinite(aging) || aging < 0)
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `priority aging must be a number of ms >= 0, got ${config.priorityAgingMs}`,
+      );
+    if (aging > 0 && config.policy !== "priority")
+      throw new ExpertMeshError("EM_CLI_USAGE", "priority aging needs the priority policy");
     this.config = config;
     this.#blocks = blocks;
     this.#byPriority = config.policy === "priority";
+    this.#agingMs = aging;
   }
 
   get numWaiting(): number {
@@ -206,7 +231,7 @@ export class Scheduler {
     if (this.#blocks.blocksFor(seq.maxTotalTokens) > this.#blocks.numBlocks) return "too_large";
     if (this.#waiting.length >= this.config.maxQueueDepth) return "queue_full";
     seq.status = "waiting";
-    if (this.#byPriority) insertOrdered(this.#waiting, seq);
+    if (this.#byPriority) insertOrdered(this.#waiting, seq, this.#waitsBefore);
     else this.#waiting.push(seq);
     return "ok";
   }
@@ -315,7 +340,7 @@ export class Scheduler {
       }
       this.#waiting.shift();
       seq.status = "running";
-      if (this.#byPriority) insertOrdered(this.#running, seq);
+      if (this.#byPriority) insertOrdered(this.#running, seq, runsBefore);
       else this.#running.push(seq);
       take(seq, n);
     }
@@ -398,11 +423,25 @@ export class Scheduler {
   }
 
   /**
-   * Priority policy: while the first waiting sequence has a higher priority (a lower
-   * value) than the last running one and cannot be admitted for want of a running slot or
-   * of blocks for its first chunk, preempts the last running one (the lowest); not when
-   * preempting all lower ones could not free enough blocks. Blocks kept by the prefix
-   * cache count as free; a prefix hit only makes the chunk smaller.
+   * The waiting queue's order: (priority, id), where with aging a priority counts one
+   * better per #agingMs since arrival. That key is fixed per sequence (priority +
+   * arrivedAt / agingMs: all age at the same rate), so the queue stays sorted.
+   */
+  readonly #waitsBefore = (a: Sequence, b: Sequence): boolean => {
+    const ka = this.#agingMs > 0 ? a.priority + a.arrivedAt / this.#agingMs : a.priority;
+    const kb = this.#agingMs > 0 ? b.priority + b.arrivedAt / this.#agingMs : b.priority;
+    return ka < kb || (ka === kb && a.id < b.id);
+  };
+
+  /**
+   * Priority policy: while the first waiting sequence outranks a running one and cannot be
+   * admitted for want of a running slot or of blocks for its first chunk, preempts the
+   * last running one it outranks (the lowest); not when preempting all it outranks could
+   * not free enough blocks. Outranking takes a better priority as given and, with aging,
+   * a place before it in the aged order too: an aged head of low priority only gets the
+   * next free slot, and a victim always waits behind the head it made room for (no two
+   * sequences preempt each other in turn). Blocks kept by the prefix cache count as free;
+   * a prefix hit only makes the chunk smaller.
    */
   #makeRoomForPriority(preempted: Sequence[]): void {
     const head = this.#waiting[0];
@@ -413,17 +452,15 @@ export class Scheduler {
       head.wantsAllLogits ? (this.config.maxLogitRows ?? head.numTokens) : head.numTokens,
     );
     const need = this.#blocks.blocksFor(firstChunk);
+    const outranked = (s: Sequence) => s.priority > head.priority && this.#waitsBefore(head, s);
     // At most what preempting every lower one frees (shared blocks may stay held): when
     // even that is short, preempting would not let it in.
     let freeable = this.#blocks.numFreeBlocks;
-    for (const s of this.#running)
-      if (s.priority > head.priority) freeable += this.#blocks.table(s.id).length;
+    for (const s of this.#running) if (outranked(s)) freeable += this.#blocks.table(s.id).length;
     if (freeable < need) return;
-    for (;;) {
-      const low = this.#running.at(-1);
-      if (!low || low.priority <= head.priority) return;
-      if (this.#running.length < this.config.maxRunning && this.#blocks.numFreeBlocks >= need)
-        return;
+    while (this.#running.length >= this.config.maxRunning || this.#blocks.numFreeBlocks < need) {
+      const low = this.#running.findLast(outranked);
+      if (!low) return;
       this.#preempt(low);
       preempted.push(low);
     }
@@ -437,19 +474,27 @@ export class Scheduler {
     seq.status = "waiting";
     // fcfs: first to be readmitted. priority: behind the waiting ones of higher priority
     // and those of its own that arrived before it.
-    if (this.#byPriority) insertOrdered(this.#waiting, seq);
+    if (this.#byPriority) insertOrdered(this.#waiting, seq, this.#waitsBefore);
     else this.#waiting.unshift(seq);
   }
 }
 
-/** Inserts `seq` into `list`, kept in (priority, id) order. */
-function insertOrdered(list: Sequence[], seq: Sequence): void {
+/** The running list's order: (priority, id), as given. */
+function runsBefore(a: Sequence, b: Sequence): boolean {
+  return a.priority < b.priority || (a.priority === b.priority && a.id < b.id);
+}
+
+/** Inserts `seq` into `list`, kept in the order `before` gives. */
+function insertOrdered(
+  list: Sequence[],
+  seq: Sequence,
+  before: (a: Sequence, b: Sequence) => boolean,
+): void {
   let lo = 0;
   let hi = list.length;
   while (lo < hi) {
     const mid = (lo + hi) >>> 1;
-    const m = list[mid]!;
-    if (m.priority < seq.priority || (m.priority === seq.priority && m.id < seq.id)) lo = mid + 1;
+    if (before(list[mid]!, seq)) lo = mid + 1;
     else hi = mid;
   }
   list.splice(lo, 0, seq);

@@ -67,6 +67,8 @@ export interface GatewayConfig {
   };
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
+  /** With the priority policy: ms of waiting per priority level gained (default 0: none). */
+  readonly priorityAgingMs?: number;
   /** Threads that encode long prompts off the event loop (default 1; 0: none). */
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
@@ -161,6 +163,7 @@ export function createServeContext(
         cfg.maxLogitRows ?? Math.max(16, Math.floor(PROMPT_LOGITS_BYTES / (8 * c.vocabSize))),
       prefixCaching: cfg.prefixCaching ?? true,
       policy: cfg.schedulingPolicy ?? "fcfs",
+      ...(cfg.priorityAgingMs ? { priorityAgingMs: cfg.priorityAgingMs } : {}),
     },
     {
       microBatches: cfg.microBatches ?? 1,

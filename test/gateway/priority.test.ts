@@ -12,6 +12,8 @@ let dir: string;
 let fcfs: TestGateway;
 let prio: TestGateway;
 let hold: ReturnType<typeof holdable>;
+let aged: TestGateway;
+let agedHold: ReturnType<typeof holdable>;
 
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
@@ -24,12 +26,23 @@ beforeAll(async () => {
       return hold.runner;
     },
   });
+  aged = await startGateway(dir, {
+    schedulingPolicy: "priority",
+    priorityAgingMs: 200,
+    maxRunning: 1,
+    wrap: (r) => {
+      agedHold = holdable(r);
+      return agedHold.runner;
+    },
+  });
 });
 
 afterAll(async () => {
   hold?.release();
+  agedHold?.release();
   await fcfs?.close();
   await prio?.close();
+  await aged?.close();
 });
 
 const LOW = {
@@ -117,6 +130,42 @@ describe("--scheduling-policy priority", () => {
     } as never);
     // 3 tokens: cut short by max_output_tokens, or ended before.
     expect(["completed", "incomplete"]).toContain(resp.status);
+  });
+});
+
+describe("--priority-aging", () => {
+  /**
+   * The long request runs; a low-priority one waits, and 1.5 s later a high-priority one
+   * (equal to the running one's: it preempts nothing). Resolves the order they finished in.
+   */
+  async function queueBehind(g: TestGateway, h: ReturnType<typeof holdable>) {
+    const before = await metric(g.url, "expertmesh_gateway_num_preemptions");
+    const order: string[] = [];
+    const ask = (name: string, body: object) =>
+      g.client.completions.create(body as never).then(() => order.push(name));
+    const count = (what: "running" | "waiting", n: number) => async () =>
+      (await metric(g.url, `expertmesh_gateway_num_requests_${what}`)) === n ? true : undefined;
+    h.hold();
+    const running = ask("running", { ...LOW, priority: 0 });
+    await waitFor("the long request to run", count("running", 1));
+    const low = ask("low", { ...HIGH, priority: 5 });
+    await waitFor("the low request to wait", count("waiting", 1));
+    // 1.5 s at 0.2 s per level: the low one ranks 7.5 levels better than it arrived.
+    await new Promise((r) => setTimeout(r, 1500));
+    const high = ask("high", { ...HIGH, priority: 0 });
+    await waitFor("the high request to wait", count("waiting", 2));
+    h.release();
+    await Promise.all([running, low, high]);
+    expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(before);
+    return order;
+  }
+
+  it("admits a low priority that waited long enough before a newer high one", async () => {
+    expect(await queueBehind(aged, agedHold)).toEqual(["running", "low", "high"]);
+  });
+
+  it("without aging the newer high one goes first", async () => {
+    expect(await queueBehind(prio, hold)).toEqual(["running", "high", "low"]);
   });
 });
 

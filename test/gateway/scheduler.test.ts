@@ -329,17 +329,17 @@ describe("Scheduler with drafts (speculative decoding)", () => {
 });
 
 describe("Scheduler with the priority policy", () => {
-  // Each step: sequences added before it ([id, prompt tokens, priority]), sequences
-  // finished before it, and the chunks and preemptions it gives. Every sequence may grow
-  // to its prompt + 8 tokens.
+  // Each step: sequences added before it ([id, prompt tokens, priority, arrival ms (0 when
+  // left out)]), sequences finished before it, and the chunks and preemptions it gives.
+  // Every sequence may grow to its prompt + 8 tokens.
   interface Step {
-    add?: [number, number, number][];
+    add?: ([number, number, number] | [number, number, number, number])[];
     finish?: number[];
     chunks: string[];
     preempted?: number[];
   }
   // biome-ignore format: a table
-  const cases: { name: string; policy: "fcfs" | "priority"; maxRunning?: number; blocks?: number; steps: Step[] }[] = [
+  const cases: { name: string; policy: "fcfs" | "priority"; maxRunning?: number; blocks?: number; agingMs?: number; steps: Step[] }[] = [
     {
       name: "admits in (priority, arrival) order",
       policy: "priority",
@@ -427,17 +427,78 @@ describe("Scheduler with the priority policy", () => {
         { finish: [2], chunks: ["1:0+3!"] },
       ],
     },
+    {
+      name: "aging: a low priority that waited long enough is admitted before newer higher ones",
+      // 1 s per level: 2 (priority 5, arrived at 0) ranks as 3 (priority 0) arriving at 5 s.
+      policy: "priority", maxRunning: 1, agingMs: 1000,
+      steps: [
+        { add: [[1, 2, 0, 0], [2, 2, 5, 0], [3, 2, 0, 6000]], chunks: ["1:0+2!"] },
+        { finish: [1], chunks: ["2:0+2!"] },
+      ],
+    },
+    {
+      name: "without aging the same newer higher one goes first",
+      policy: "priority", maxRunning: 1,
+      steps: [
+        { add: [[1, 2, 0, 0], [2, 2, 5, 0], [3, 2, 0, 6000]], chunks: ["1:0+2!"] },
+        { finish: [1], chunks: ["3:0+2!"] },
+      ],
+    },
+    {
+      name: "aging: a higher priority also first in the aged order preempts; its victim stays behind it",
+      policy: "priority", maxRunning: 1, agingMs: 1000,
+      steps: [
+        { add: [[1, 2, 5, 5000]], chunks: ["1:0+2!"] },
+        { add: [[2, 2, 0, 6000]], chunks: ["2:0+2!"], preempted: [1] },
+        { chunks: ["2:2+1!"] },
+      ],
+    },
+    {
+      name: "aging: a higher priority does not preempt one the aged order puts before it",
+      // 1 (priority 5, at 0) ranks as priority 0 at 5 s; 2 (priority 0) arrives at 10 s.
+      policy: "priority", maxRunning: 1, agingMs: 1000,
+      steps: [
+        { add: [[1, 2, 5, 0]], chunks: ["1:0+2!"] },
+        { add: [[2, 2, 0, 10000]], chunks: ["1:2+1!"] },
+      ],
+    },
+    {
+      name: "aging: an aged head of lower priority waits for a free slot, and so do those behind it",
+      policy: "priority", maxRunning: 1, agingMs: 1000,
+      steps: [
+        { add: [[1, 2, 3, 0]], chunks: ["1:0+2!"] },
+        // 2 (priority 5, at 0) is first in line: it may not preempt 1, so 3 waits too.
+        { add: [[2, 2, 5, 0], [3, 2, 1, 10000]], chunks: ["1:2+1!"] },
+        { finish: [1], chunks: ["2:0+2!"] },
+      ],
+    },
+    {
+      name: "aging: the victim is the lowest running one the head outranks, not just the last",
+      // Aged ranks: 1 is 3 + 10 = 13, 2 is 5 + 0 = 5, 3 is 1 + 10 = 11: 3 outranks 1 only.
+      policy: "priority", maxRunning: 2, agingMs: 1000,
+      steps: [
+        { add: [[1, 2, 3, 10000], [2, 2, 5, 0]], chunks: ["2:0+2!", "1:0+2!"] },
+        { add: [[3, 2, 1, 10000]], chunks: ["2:2+1!", "3:0+2!"], preempted: [1] },
+      ],
+    },
   ];
-  it.each(cases)("$name", ({ policy, maxRunning, blocks, steps }) => {
+  it.each(cases)("$name", ({ policy, maxRunning, blocks, agingMs, steps }) => {
     const s = new Scheduler(
-      { maxBatchTokens: 16, maxRunning: maxRunning ?? 8, maxQueueDepth: 8, policy },
+      {
+        maxBatchTokens: 16,
+        maxRunning: maxRunning ?? 8,
+        maxQueueDepth: 8,
+        policy,
+        priorityAgingMs: agingMs,
+      },
       new BlockAllocator(blocks ?? 64, 4),
     );
     const all = new Map<number, Sequence>();
     for (const st of steps) {
-      for (const [id, prompt, priority] of st.add ?? []) {
+      for (const [id, prompt, priority, arrival] of st.add ?? []) {
         const q = seq(id, prompt);
         q.priority = priority;
+        q.arrivedAt = arrival ?? 0;
         all.set(id, q);
         expect(s.add(q)).toBe("ok");
       }
@@ -454,5 +515,22 @@ describe("Scheduler with the priority policy", () => {
           new BlockAllocator(4, 4),
         ),
     ).toThrow(/scheduling policy must be fcfs or priority, got lifo/);
+  });
+
+  it.each([
+    [{ policy: "fcfs", priorityAgingMs: 1000 }, /priority aging needs the priority policy/],
+    [
+      { policy: "priority", priorityAgingMs: -1 },
+      /priority aging must be a number of ms >= 0, got -1/,
+    ],
+    [{ policy: "priority", priorityAgingMs: Number.NaN }, /got NaN/],
+  ] as const)("refuses aging %j", (cfg, error) => {
+    expect(
+      () =>
+        new Scheduler(
+          { maxBatchTokens: 8, maxRunning: 1, maxQueueDepth: 1, ...cfg },
+          new BlockAllocator(4, 4),
+        ),
+    ).toThrow(error);
   });
 });

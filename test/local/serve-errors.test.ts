@@ -261,6 +261,18 @@ describe("serving commands on bad input", () => {
     expect(policy.stderr).toContain(
       "[EM_CLI_USAGE] --scheduling-policy must be fcfs or priority, got lifo",
     );
+    const aging = await gateway(["--http-port=0", "--priority-aging=30"]);
+    expect(aging.code).toBe(1);
+    expect(aging.stderr).toContain(
+      "[EM_CLI_USAGE] --priority-aging needs --scheduling-policy priority",
+    );
+    const agingBad = await gateway([
+      "--http-port=0",
+      "--scheduling-policy=priority",
+      "--priority-aging=-1",
+    ]);
+    expect(agingBad.code).toBe(1);
+    expect(agingBad.stderr).toContain("[EM_CLI_USAGE] --priority-aging must be a number >= 0");
     const bad = await gateway(["--http-port=0", "--metrics-port=abc"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toContain(

@@ -645,6 +645,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[14]!.message,
       ],
       [
+        "priority aging without the priority policy",
+        { gateway: { priorityAgingSeconds: 30 } },
+        CROSS_FIELD_RULES[15]!.message,
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',
@@ -660,6 +665,16 @@ describe.sequential("expertmesh operator", () => {
         "spec.experts.shards: Invalid value: 0: spec.experts.shards in body should be greater than or equal to 1",
       ],
     ];
+    it("accepts priority aging with the priority policy, and 0 without it", async () => {
+      for (const gateway of [
+        { schedulingPolicy: "priority", priorityAgingSeconds: 2.5 },
+        { priorityAgingSeconds: 0 },
+      ]) {
+        const body = JSON.stringify(model("aging", "default", { ...spec, gateway }));
+        const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+        expect(r.code, r.stderr).toBe(0);
+      }
+    });
     it("covers every cross-field rule", () => {
       const covered = new Set(cases.map(([, , msg]) => msg));
       for (const r of CROSS_FIELD_RULES) expect(covered.has(r.message), r.message).toBe(true);

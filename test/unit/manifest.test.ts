@@ -303,6 +303,16 @@ spec:
       "EM_MANIFEST_INVALID",
     ],
     [
+      "priority aging under fcfs",
+      `${good}  gateway: { priorityAgingSeconds: 30 }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "negative priority aging",
+      `${good}  gateway: { schedulingPolicy: priority, priorityAgingSeconds: -1 }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
+    [
       "kv cache dtype fp8_e5m2",
       `${good}  gateway: { kvCache: { dtype: fp8_e5m2 } }\n`,
       "EM_MANIFEST_INVALID",

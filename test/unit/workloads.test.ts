@@ -296,6 +296,14 @@ describe("desiredObjects", () => {
     expect(args("  gateway: { schedulingPolicy: priority }")).toContain(
       "--scheduling-policy=priority",
     );
+    expect(
+      args("  gateway: { schedulingPolicy: priority }").filter((a) => a.startsWith("--priority")),
+    ).toEqual([]);
+    expect(
+      args("  gateway: { schedulingPolicy: priority, priorityAgingSeconds: 2.5 }").filter((a) =>
+        a.startsWith("--priority"),
+      ),
+    ).toEqual(["--priority-aging=2.5"]);
   });
 
   it.each([

@@ -68,6 +68,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             first when the KV cache runs short; priority: by the requests'
                             \`priority\` field (lower first, vLLM's), a waiting request preempts
                             running ones of lower priority that keep it out (docs/gateway.md)
+  --priority-aging SECONDS  with --scheduling-policy priority: a waiting request counts as one
+                            priority better per SECONDS since it arrived, so that higher ones
+                            cannot keep it out for ever (default 0: no aging)
   --max-request-bytes N     largest request body (default 1048576)
   --shutdown-delay SECONDS  on SIGTERM, keep serving this long with /ready answering 503 before
                             stopping, so that a Service stops sending requests first (default 0;
@@ -164,6 +167,7 @@ export const gatewayCommand: Command = {
         "max-batch-tokens": { type: "string" },
         "max-running": { type: "string" },
         "scheduling-policy": { type: "string" },
+        "priority-aging": { type: "string" },
         "max-request-bytes": { type: "string" },
         "shutdown-delay": { type: "string" },
         "shutdown-timeout": { type: "string" },
@@ -207,6 +211,11 @@ export const gatewayCommand: Command = {
     if (!(SCHEDULING_POLICIES as readonly string[]).includes(schedulingPolicy))
       usage(
         `--scheduling-policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${schedulingPolicy}`,
+      );
+    const priorityAgingS = numberFlag(values["priority-aging"], "--priority-aging", 0);
+    if (priorityAgingS > 0 && schedulingPolicy !== "priority")
+      usage(
+        `--priority-aging needs --scheduling-policy priority (requests run in arrival order under ${schedulingPolicy})`,
       );
     if (microBatches > 2) usage(`--micro-batches must be 1 or 2, got ${microBatches}`);
     if (
@@ -418,6 +427,7 @@ export const gatewayCommand: Command = {
           }
         : {}),
       schedulingPolicy: schedulingPolicy as SchedulingPolicy,
+      ...(priorityAgingS > 0 ? { priorityAgingMs: priorityAgingS * 1000 } : {}),
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
       toolCallParser: toolCallParser as ToolCallFormat,
