@@ -92,6 +92,17 @@ function kvCapacity(preset: string, gateway: GatewaySpecPart) {
   return Math.floor(kv.bytes / (kv.blockSize * token)) * kv.blockSize;
 }
 
+/**
+ * A label key (Kubernetes' qualified name): an optional DNS subdomain prefix of at most 253
+ * characters and a '/', then a name of at most 63 characters.
+ */
+const LABEL_KEY_RE =
+  "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+export function isLabelKey(k: string): boolean {
+  return new RegExp(LABEL_KEY_RE).test(k) && (!k.includes("/") || k.indexOf("/") <= 253);
+}
+
 export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   {
     path: "spec.model",
@@ -235,6 +246,13 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     rule: "!has(self.priorityAgingSeconds) || self.priorityAgingSeconds == 0.0 || (has(self.schedulingPolicy) && self.schedulingPolicy == 'priority')",
     message: "gateway.priorityAgingSeconds needs gateway.schedulingPolicy priority",
     check: (s) => !(s["priorityAgingSeconds"] > 0) || s["schedulingPolicy"] === "priority",
+  },
+  {
+    path: "spec.monitoring.podMonitor",
+    rule: `!has(self.labels) || self.labels.all(k, k.matches('${LABEL_KEY_RE}') && (!k.contains('/') || k.indexOf('/') <= 253))`,
+    message:
+      "monitoring.podMonitor.labels keys must be label keys: an optional DNS subdomain prefix (at most 253 characters) and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    check: (s) => Object.keys(s["labels"] ?? {}).every(isLabelKey),
   },
 ];
 

@@ -695,40 +695,43 @@ export const SchedulingSchema = Type.Object(
 
 export const MonitoringSchema = Type.Object(
   {
-    podMonitor: Type.Object(
-      {
-        enabled: Type.Boolean({
-          description:
-            "Create a PodMonitor (monitoring.coreos.com/v1, the Prometheus Operator's) that scrapes every gateway's and shard's /metrics. The cluster must serve that CRD; without it the model is Degraded (PodMonitorCRDNotFound) and serves on.",
-          default: false,
-        }),
-        interval: Type.Optional(
-          Type.String({
+    podMonitor: withRules(
+      "spec.monitoring.podMonitor",
+      Type.Object(
+        {
+          enabled: Type.Boolean({
             description:
-              "Scrape interval (a Prometheus duration, e.g. 15s or 1m30s, units in falling order); default: Prometheus's.",
-            // The Prometheus Operator's own pattern for a Duration.
-            pattern:
-              "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
-            maxLength: 32,
+              "Create a PodMonitor (monitoring.coreos.com/v1, the Prometheus Operator's) that scrapes every gateway's and shard's /metrics. The cluster must serve that CRD; without it the model is Degraded (PodMonitorCRDNotFound) and serves on.",
+            default: false,
           }),
-        ),
-        labels: Type.Optional(
-          Type.Record(
-            Type.String(),
+          interval: Type.Optional(
             Type.String({
-              description: "Label value.",
-              maxLength: 63,
-              pattern: "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
-            }),
-            {
               description:
-                "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
-              maxProperties: 32,
-            },
+                "Scrape interval (a Prometheus duration, e.g. 15s or 1m30s, units in falling order); default: Prometheus's.",
+              // The Prometheus Operator's own pattern for a Duration.
+              pattern:
+                "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+              maxLength: 32,
+            }),
           ),
-        ),
-      },
-      { description: "A PodMonitor for the model's pods.", default: {} },
+          labels: Type.Optional(
+            Type.Record(
+              Type.String(),
+              Type.String({
+                description: "Label value.",
+                maxLength: 63,
+                pattern: "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+              }),
+              {
+                description:
+                  "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
+                maxProperties: 32,
+              },
+            ),
+          ),
+        },
+        { description: "A PodMonitor for the model's pods.", default: {} },
+      ),
     ),
   },
   { description: "How Prometheus finds the model's metrics.", default: {} },

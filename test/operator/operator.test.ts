@@ -650,6 +650,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[15]!.message,
       ],
       [
+        "a PodMonitor label key with a space",
+        { monitoring: { podMonitor: { enabled: true, labels: { "my release": "kps" } } } },
+        CROSS_FIELD_RULES[16]!.message,
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',
@@ -665,6 +670,22 @@ describe.sequential("expertmesh operator", () => {
         "spec.experts.shards: Invalid value: 0: spec.experts.shards in body should be greater than or equal to 1",
       ],
     ];
+    it("accepts PodMonitor label keys with a prefix, of the longest lengths", async () => {
+      const labels = {
+        [`${"a".repeat(63)}.${"b".repeat(63)}.${"c".repeat(63)}.${"d".repeat(61)}/${"n".repeat(63)}`]:
+          "x",
+        "app.kubernetes.io/part-of": "kps",
+        release: "",
+      };
+      const body = JSON.stringify(
+        model("labels", "default", {
+          ...spec,
+          monitoring: { podMonitor: { enabled: true, labels } },
+        }),
+      );
+      const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+      expect(r.code, r.stderr).toBe(0);
+    });
     it("accepts priority aging with the priority policy, and 0 without it", async () => {
       for (const gateway of [
         { schedulingPolicy: "priority", priorityAgingSeconds: 2.5 },

@@ -6,6 +6,7 @@ import {
   servedModelName,
 } from "../../src/api/manifest.ts";
 import { type ModelArchitecture, presetNames, resolveArchitecture } from "../../src/api/presets.ts";
+import { isLabelKey } from "../../src/api/rules.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
 function codeOf(fn: () => unknown): string | undefined {
@@ -67,6 +68,47 @@ describe("presets", () => {
       ...tiny,
       sharedExperts: 0,
     });
+  });
+});
+
+describe("isLabelKey (spec.monitoring.podMonitor.labels)", () => {
+  it.each([
+    ["release", true],
+    ["app.kubernetes.io/part-of", true],
+    ["a_b-c.d", true],
+    ["A", true],
+    ["n".repeat(63), true],
+    ["n".repeat(64), false],
+    [`${"p".repeat(63)}.${"q".repeat(63)}.${"r".repeat(63)}.${"s".repeat(61)}/x`, true],
+    [`${"p".repeat(63)}.${"q".repeat(63)}.${"r".repeat(63)}.${"s".repeat(62)}/x`, false],
+    ["my release", false],
+    ["", false],
+    ["-release", false],
+    ["release-", false],
+    ["Example.com/x", false],
+    ["example.com/", false],
+    ["/x", false],
+    ["a/b/c", false],
+    ["example..com/x", false],
+  ])("%j: %s", (key, ok) => {
+    expect(isLabelKey(key)).toBe(ok);
+  });
+
+  it("refuses a manifest with a bad key, naming the rule", () => {
+    expect(() =>
+      parseManifest(
+        `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
+  monitoring: { podMonitor: { enabled: true, labels: { "my release": kps } } }
+`,
+        "m.yaml",
+      ),
+    ).toThrow(
+      /m\.yaml: spec\.monitoring\.podMonitor: monitoring\.podMonitor\.labels keys must be label keys/,
+    );
   });
 });
 
