@@ -510,7 +510,7 @@ __global__ void __launch_bounds__(kTcThreads, 1) mla_tc_kernel(MlaParams p, int3
 constexpr int kWgBN = 64;          // cache rows per tile (= kTcQG: Q and tiles share a size)
 constexpr int kWgThreads = 256;    // two warpgroups
 constexpr uint32_t kWgTile = static_cast<uint32_t>(kTcQG) * kTcD * 2;  // 73728 bytes
-constexpr uint32_t kWgRow8 = (kTcD / 8) * 128;                       // bytes per 8 rows of a tile
+[[maybe_unused]] constexpr uint32_t kWgRow8 = (kTcD / 8) * 128;                      // bytes per 8 rows of a tile
 constexpr size_t kWgSmem = 3 * static_cast<size_t>(kWgTile) + kTcQG * kWgBN * 2 + sizeof(float) * 2 * kTcQG +
                            sizeof(int) * kTcQG;
 static_assert(kWgBN == kTcQG, "Q and the cache tiles share a layout");
@@ -691,13 +691,13 @@ __global__ void mla_combine_kernel(MlaParams p, const int32_t* multi) {
   float M = -INFINITY;
   for (int i = g.item_begin; i < g.item_end; ++i)
     M = fmaxf(M, p.part_ml[static_cast<int64_t>(p.items[i].part_base + r) * 2]);
-  if (M == -INFINITY) M = 0.0f;  // cannot happen (row 0 is always visible); keeps NaN out
+  if (M == -INFINITY) M = 0.0f;  // cannot happen (row 0 is always visible)
   float L = 0.0f;
   for (int i = g.item_begin; i < g.item_end; ++i) {
     const float* ml = p.part_ml + static_cast<int64_t>(p.items[i].part_base + r) * 2;
     L += exp2f(ml[0] - M) * ml[1];
   }
-  const float inv = 1.0f / L;
+  const float inv = L > 0.0f ? 1.0f / L : 0.0f;  // a row that saw no cache row: zeros, not NaN
   const int64_t row = static_cast<int64_t>(group_token(g, r)) * p.H + group_head(g, r);
   for (int c = threadIdx.x; c < p.C; c += blockDim.x) {
     float acc = 0.0f;
@@ -913,6 +913,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
   const em_tensor q = op.in(*a->q), out = op.out(*a->out);
   const int64_t T = q.shape[0];
   if (T == 0) {
+    set_last_status("mla_attention: no tokens");
     op.finish();
     return EM_OK;
   }
@@ -972,6 +973,16 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
       plan_kernel(a, T, by_kernel[k], kSimtQG, 64, 2 * static_cast<int64_t>(ctx.sm_count), simt_bn, plan);
   }
   item_first[kKernels] = plan.items.size();
+  {
+    // What ran, for em_cuda_last_status(): the parity test checks that EM_CUDA_MLA=wgmma
+    // really ran the wgmma kernel (it falls back to the tensor-core one quietly).
+    static const char* const kNames[kKernels] = {"tc", "simt_f32", "simt_bf16", "wgmma"};
+    std::string ran = "mla_attention:";
+    for (int k = 0; k < kKernels; ++k)
+      if (item_first[k + 1] > item_first[k])
+        ran += std::string(" ") + kNames[k] + "=" + std::to_string(item_first[k + 1] - item_first[k]);
+    set_last_status(ran);
+  }
 
   // Weight operands of the two absorption GEMMs.
   const void* wd = w.data;

@@ -193,11 +193,13 @@ class Lanes {
   }
   void join() {
     if (!forked_) return;
-    forked_ = false;
     for (int i = 1; i < n_; ++i) {
       EMC_CUDA(cudaEventRecord(ctx_.lane_done[i - 1], ctx_.lanes[i - 1]));
       EMC_CUDA(cudaStreamWaitEvent(ctx_.stream, ctx_.lane_done[i - 1], 0));
     }
+    // Only once every lane is joined: a throw above leaves the destructor to join them all
+    // (again), before the scratch they write goes back to the pool.
+    forked_ = false;
   }
 
  private:
@@ -249,6 +251,16 @@ struct Grouped {
       if (note) *note = "cublas grouped (cutlass: " + why + ")";
     }
 #if CUBLAS_VERSION >= 120500
+    // cuBLAS cannot look at the pointers it is given in device arrays, and may take them as
+    // 16-byte aligned. A misaligned one (a width that is not a multiple of 8) runs the groups
+    // one at a time instead, where cuBLAS sees each pointer.
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    for (int g = 0; g < groups; ++g) {
+      if (aligned(a[g]) && aligned(b[g]) && aligned(c[g])) continue;
+      if (note && (cutlass || note->empty())) *note = "cublas loop (an operand not 16-byte aligned)";
+      run_each(op, ab);
+      return;
+    }
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<float> alpha(groups, 1.0f), beta(groups, 0.0f);
     const void** da = op.upload(a.data(), groups);
@@ -302,6 +314,20 @@ struct Fp8Groups {
                                    sfa.data(), b.data(), ldb.data(), sfb.data(), d.data(), ldd.data(), why);
   }
 };
+
+// Whether the CUTLASS fp8 kernel can run in this build on this device, before quantizing the
+// activations and allocating for it (the fallback would allocate its own buffers as well).
+bool cutlass_fp8_here(const Op& op, std::string& why) {
+  if (!cutlass_grouped_built()) {
+    why = "dequantized to bf16 (cutlass fp8: this build has no CUTLASS sm_90a code)";
+    return false;
+  }
+  if (op.ctx.cc_major != 9 || op.ctx.cc_minor != 0) {
+    why = "dequantized to bf16 (cutlass fp8: built for sm_90a; this device is " + op.ctx.arch + ")";
+    return false;
+  }
+  return true;
+}
 
 // Steps 2-4 of moe_ffn for fp8 experts in the CUTLASS mode, from the permuted bf16 rows xg
 // into `outh` (bf16 [rows, dim], allocated here); h is the [rows, max_inter] bf16 scratch.
@@ -481,7 +507,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       }
       lanes.join();
       phases.mark("down");
-    } else if (fp8 && cutlass && fp8_blockwise_ready(w1, w3, w2, a->expert_offsets, E, dim, max_inter, gemm_note) &&
+    } else if (fp8 && cutlass && cutlass_fp8_here(op, gemm_note) &&
+               fp8_blockwise_ready(w1, w3, w2, a->expert_offsets, E, dim, max_inter, gemm_note) &&
                run_fp8_blockwise(op, xg, ldx, w1, w3, w2, fused, a->expert_offsets, E, rows, dim, max_inter, h,
                                  phases, gemm_note, outh)) {
       // done: outh holds the down projections (bf16)

@@ -544,6 +544,9 @@ void moe_fused_cases(Rng& rng, Backends& b) {
 // cuda/wgmma.cuh on its own (sm_90a builds on compute capability 9.0 only): B K-major and
 // N-major as the MLA wgmma kernel reads them; the N-major strides swapped are printed too
 // (expected to fail), so a failure says which of the two the hardware wants.
+// Set when a wgmma probe ran here: EM_CUDA_MLA=wgmma must then run the wgmma kernel.
+bool g_wgmma_probed = false;
+
 void wgmma_cases(int cc_major) {
   const char* names[] = {"B K-major", "B N-major", "B N-major, strides swapped (expected to differ)"};
   for (int n : {32, 256}) {
@@ -559,6 +562,7 @@ void wgmma_cases(int cc_major) {
       }
       CHECK(rc == 0, "wgmma %s: CUDA error %s", name.c_str(), what);
       if (rc != 0) continue;
+      g_wgmma_probed = true;
       if (variant == 2) std::printf("%-9s %-44s rel_err %.3e  (information)\n", "wgmma", name.c_str(), err);
       else report("wgmma", name, err, 1e-4);
     }
@@ -751,6 +755,15 @@ struct MlaCall {
   MlaCall& operator=(const MlaCall&) = delete;
 };
 
+// With EM_CUDA_MLA=wgmma where the probe ran: the wgmma kernel is what ran (the backend
+// falls back to the tensor-core kernel quietly: a pass would say nothing about wgmma).
+void expect_wgmma_ran(const std::string& what) {
+  const char* want = std::getenv("EM_CUDA_MLA");
+  if (!g_wgmma_probed || want == nullptr || std::strcmp(want, "wgmma") != 0) return;
+  const std::string st = em_cuda_last_status();
+  CHECK(st.find("wgmma=") != std::string::npos, "%s: the wgmma kernel did not run (%s)", what.c_str(), st.c_str());
+}
+
 // One em_mla_attention call on both backends. cache_pad: extra elements per cache row (a
 // strided view; an odd pad on a bf16 cache takes the fp32 kernel's unaligned fallback).
 void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const std::vector<MlaSeq>& seqs,
@@ -777,6 +790,7 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
   if (mem == kMlaHost) {
     a.out = &call.ot1;
     CHECK_OK(em_mla_attention(b.cuda, &a));
+    expect_wgmma_ran(what);
   } else {
     // The production path: q, wkv_b (and its scales), caches and out in device memory.
     std::vector<std::unique_ptr<DeviceCopy>> keep;
@@ -796,6 +810,7 @@ void mla_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, const 
     a.caches = dcaches.data();
     a.out = &dout;
     CHECK_OK(em_mla_attention(b.cuda, &a));
+    expect_wgmma_ran(what);
     CHECK_OK(em_cuda_copy(b.cuda, call.y1.data(), dout.data, call.y1.size() * sizeof(float)));
   }
   report("mla", std::string(em_dtype_name(wkv_b.dtype)) + "/" + em_dtype_name(cdt) + " " + d.name + " " + what,
@@ -988,6 +1003,17 @@ void mla_wgmma_cases(Rng& rng, Backends& b) {
   mla_case(rng, b, v3, w, {{4096, {100, 4095}}}, EM_BF16, "tokens at 100, 4095 (wgmma)");
   TestWeight wl = make_weight(rng, EM_BF16, lite.H * (lite.dn + lite.dv), lite.C, 0.25f);
   mla_case(rng, b, lite, wl, {{70, mla_range(0, 70)}}, EM_BF16, "prefill 70: 4 tokens x 16 heads (wgmma)");
+  // Rows fully masked in a split group (merged by the combine kernel), decode with 16 live
+  // rows of 64, and 60-row groups.
+  mla_case(rng, b, lite, wl, {{4096, {100, 4095}}}, EM_BF16, "tokens at 100, 4095: masked split rows (wgmma)");
+  mla_case(rng, b, lite, wl, {{1, {0}}, {37, {36}}, {1000, {999}}}, EM_BF16, "decode, 16 rows (wgmma)");
+  {
+    const MlaDims h20{"h20", 20, 128, 64, 128, 512};
+    TestWeight wh = make_weight(rng, EM_BF16, h20.H * (h20.dn + h20.dv), h20.C, 0.25f);
+    mla_case(rng, b, h20, wh, {{4096, {1000, 2000, 4095}}}, EM_BF16, "60-row groups (wgmma)");
+  }
+  // The addon's KV mirror: the pool gathered on the device, then the wgmma kernel.
+  mla_paged_case(rng, b, v3, w, {{1, {0}}, {2000, {1999}}}, EM_BF16, 16, kMlaDevice);
   unsetenv("EM_CUDA_MLA");
 }
 
