@@ -864,6 +864,7 @@ void mla_paged_case(Rng& rng, Backends& b, const MlaDims& d, TestWeight& wkv_b, 
     pages.pool = device_pool->ptr;
   }
   CHECK_OK(em_mla_attention(b.cuda, &call.a));
+  if (pdt == EM_BF16) expect_wgmma_ran(std::string("paged bf16 ") + d.name);  // (others gather to f32)
   report("mla",
          std::string(em_dtype_name(wkv_b.dtype)) + "/paged " + em_dtype_name(pdt) + " " + d.name + " blocks of " +
              std::to_string(block_size) + (mem == kMlaDevice ? ", pool in device memory" : ""),
