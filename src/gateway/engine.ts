@@ -41,6 +41,11 @@ import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 
+/** float32's smallest normal number. */
+const FLT_MIN = 1.1754943508222875e-38;
+/** Temperatures below are greedy (vLLM's _SAMPLING_EPS). */
+const MIN_TEMPERATURE = 1e-5;
+
 export interface SamplingParams {
   /** 0: greedy. */
   readonly temperature: number;
@@ -644,9 +649,13 @@ export class ServingEngine {
             if (i === 0) failed.set(a, err);
             else limit = Math.min(limit, i - 1);
           }
-        rows.temperature[r] = s.temperature;
+        // vLLM's rule: below 1e-5 is greedy. (A float32 denormal made logits / T overflow to
+        // infinity, and the sampler's weights NaN: tokens drawn at random.)
+        rows.temperature[r] = s.temperature < MIN_TEMPERATURE ? 0 : s.temperature;
         rows.topK[r] = s.topK;
-        rows.topP[r] = s.topP;
+        // A top_p under float32's smallest normal would round to 0, which the sampler refuses
+        // (HTTP 500 before); any top_p that small keeps only the most likely token, as this does.
+        rows.topP[r] = Math.max(s.topP, FLT_MIN);
         rows.uniform[r] = uniform32(rng.uniform());
         const d = draft[i];
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);

@@ -192,6 +192,8 @@ export class Tokenizer {
    * DeepSeek's tool-call tokens, even where a tokenizer marks them special).
    */
   decode(ids: readonly number[], skipSpecialTokens = false): string {
+    // The tokenizers library refuses an empty list ("token_ids must be a non-empty array").
+    if (ids.length === 0) return "";
     const options = {
       skip_special_tokens: skipSpecialTokens,
       clean_up_tokenization_spaces: this.config["clean_up_tokenization_spaces"] === true,

@@ -1333,6 +1333,24 @@ describe("completions", () => {
     );
   });
 
+  it("samples greedily below temperature 1e-5, and takes a top_p below float32's range", async () => {
+    const body = { model: "tiny", prompt: "The cat sat on", max_tokens: 6, ignore_eos: true };
+    const greedy = (await gw.client.completions.create({ ...body, temperature: 0 })).choices[0]!
+      .text;
+    // 1e-40 is a float32 denormal: logits / T overflowed to infinity, and the draws were noise.
+    for (const [temperature, seed] of [
+      [1e-40, 1],
+      [1e-40, 2],
+      [9e-6, 3],
+    ] as const) {
+      const r = await gw.client.completions.create({ ...body, temperature, seed } as never);
+      expect(r.choices[0]!.text, `temperature ${temperature}`).toBe(greedy);
+    }
+    // 1e-320 is 0 in float32, which the sampler refused (500 before): it keeps the top token.
+    const tiny = await gw.client.completions.create({ ...body, temperature: 1, top_p: 1e-320 });
+    expect(tiny.choices[0]!.text).toBe(greedy);
+  });
+
   it("applies logit_bias: +100 forces a token, -100 bans the greedy one", async () => {
     const body = {
       model: "tiny",
@@ -1528,6 +1546,11 @@ describe("tokenize and detokenize (vLLM's routes)", () => {
     expect([tool.status, code(tool)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
     const types = await post("/detokenize", { tokens: "1 2" });
     expect([types.status, code(types)]).toEqual([400, "EM_GATEWAY_BAD_REQUEST"]);
+    // No tokens: no text (the tokenizers library throws on an empty list: 500 before).
+    expect(await post("/detokenize", { tokens: [] })).toEqual({
+      status: 200,
+      body: { prompt: "" },
+    });
   });
 });
 

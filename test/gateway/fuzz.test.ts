@@ -1,0 +1,452 @@
+// Malformed requests against every POST route of a gateway (OpenAI, Anthropic Messages,
+// Responses, KServe v2 REST, tokenize): valid bodies mutated at random (values swapped for
+// odd ones, fields added from the routes' own vocabulary, fields removed, bodies cut short
+// or sent with odd bytes), from a fixed seed. Each answer must be a success or a 4xx/429
+// with a stable EM_* code: never a 5xx, a hang or a dead process; streams must end. After
+// the run, plain requests still answer.
+//
+// EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign:
+//   EM_FUZZ_ITERATIONS=20000 EM_FUZZ_SEED=7 npx vitest run test/gateway/fuzz.test.ts
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { metric, startGateway, type TestGateway } from "./helpers.ts";
+
+const ITERATIONS = Number(process.env["EM_FUZZ_ITERATIONS"] ?? 400);
+const SEED = Number(process.env["EM_FUZZ_SEED"] ?? 20261201);
+
+let g: TestGateway;
+
+beforeAll(async () => {
+  const dir = await tinyCheckpointFor("tiny-v3");
+  g = await startGateway(dir, { schedulingPolicy: "priority", maxRequestBytes: 256 * 1024 });
+});
+
+afterAll(async () => {
+  await g?.close();
+});
+
+/** mulberry32: a small seeded generator, so that a failure replays from its seed. */
+function rng(seed: number) {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const int = (n: number) => Math.floor(next() * n);
+  const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
+  return { next, int, pick };
+}
+type Rng = ReturnType<typeof rng>;
+
+const MESSAGES = [{ role: "user", content: "hi" }];
+/** Each route with a valid body (small max tokens: the tiny model answers in milliseconds). */
+const ROUTES: { path: string; body: Record<string, unknown> }[] = [
+  { path: "/v1/chat/completions", body: { model: "tiny", messages: MESSAGES, max_tokens: 3 } },
+  { path: "/v1/completions", body: { model: "tiny", prompt: "one two", max_tokens: 3 } },
+  { path: "/v1/responses", body: { model: "tiny", input: "hi", max_output_tokens: 3 } },
+  { path: "/v1/messages", body: { model: "tiny", max_tokens: 3, messages: MESSAGES } },
+  { path: "/v1/messages/count_tokens", body: { model: "tiny", messages: MESSAGES } },
+  { path: "/tokenize", body: { model: "tiny", prompt: "one two" } },
+  { path: "/detokenize", body: { model: "tiny", tokens: [5, 6, 7] } },
+  {
+    path: "/v2/models/tiny/infer",
+    body: {
+      inputs: [{ name: "text_input", shape: [1], datatype: "BYTES", data: ["hi"] }],
+      parameters: { max_tokens: 3 },
+    },
+  },
+  { path: "/v2/models/tiny/generate", body: { text_input: "hi", parameters: { max_tokens: 3 } } },
+  {
+    path: "/v2/models/tiny/generate_stream",
+    body: { text_input: "hi", parameters: { max_tokens: 3 } },
+  },
+];
+
+/** Fields the routes know, added with odd values (or plausible ones). */
+const FIELDS = [
+  "temperature",
+  "top_p",
+  "top_k",
+  "min_p",
+  "n",
+  "best_of",
+  "logprobs",
+  "top_logprobs",
+  "stop",
+  "seed",
+  "response_format",
+  "tools",
+  "tool_choice",
+  "stream",
+  "stream_options",
+  "logit_bias",
+  "presence_penalty",
+  "frequency_penalty",
+  "repetition_penalty",
+  "max_tokens",
+  "max_completion_tokens",
+  "max_output_tokens",
+  "priority",
+  "echo",
+  "suffix",
+  "guided_json",
+  "guided_regex",
+  "guided_choice",
+  "guided_grammar",
+  "prompt_logprobs",
+  "truncate_prompt_tokens",
+  "ignore_eos",
+  "min_tokens",
+  "user",
+  "cache_salt",
+  "chat_template_kwargs",
+  "previous_response_id",
+  "background",
+  "store",
+  "instructions",
+  "reasoning",
+  "text",
+  "thinking",
+  "system",
+  "metadata",
+  "stop_sequences",
+  "include_stop_str_in_output",
+  "skip_special_tokens",
+  "add_special_tokens",
+  "messages",
+  "prompt",
+  "input",
+  "model",
+  "inputs",
+  "outputs",
+  "parameters",
+  "text_input",
+  "tokens",
+  "binary_data",
+  "id",
+  "parallel_tool_calls",
+  "continue_final_message",
+  "add_generation_prompt",
+  "documents",
+  "return_tokens_as_token_ids",
+] as const;
+
+function oddValue(r: Rng, depth = 0): unknown {
+  switch (r.int(depth > 2 ? 14 : 20)) {
+    case 0:
+      return null;
+    case 1:
+      return r.next() < 0.5;
+    case 2:
+      return r.pick([-1, 0, 1, 2, 3, 7, 255, 256, 4096]);
+    case 3:
+      return r.pick([1e308, -1e308, 2 ** 53 + 1, -(2 ** 31), 2 ** 31, 2 ** 32, -0]);
+    case 4:
+      return r.pick([0.5, -0.5, 1.5, 1e-320, 3.999999]);
+    case 5:
+      return "";
+    case 6:
+      return "x".repeat(r.pick([1, 1000, 20_000]));
+    case 7:
+      return r.pick(["\ud800", "\u0000", "🦊", "NaN", "Infinity", "-1", "1e400", "true"]);
+    case 8:
+      return r.pick(["tiny", "user", "assistant", "system", "tool", "auto", "none"]);
+    case 9:
+      return r.pick(["json_object", "json_schema", "text", "function", "required"]);
+    case 10:
+      return [];
+    case 11:
+      return {};
+    case 12:
+      return [r.int(300), r.int(300), -5];
+    case 13:
+      return "[a-z]+";
+    case 14:
+      return Array.from({ length: r.int(4) }, () => oddValue(r, depth + 1));
+    case 15:
+      return { type: r.pick(["json_object", "json_schema", "text", "function", "object"]) };
+    case 16:
+      return { [r.pick(FIELDS)]: oddValue(r, depth + 1) };
+    case 17:
+      return [
+        {
+          role: r.pick(["user", "assistant", "system", "tool", "x"]),
+          content: oddValue(r, depth + 1),
+        },
+      ];
+    case 18:
+      return {
+        type: "object",
+        properties: { a: { type: r.pick(["string", "integer", "array"]) } },
+      };
+    default:
+      return Array.from({ length: 2 }, () => ({ [r.pick(FIELDS)]: oddValue(r, depth + 1) }));
+  }
+}
+
+/** Containers in `v` (objects and arrays), with the value itself first. */
+function containers(v: unknown, out: (Record<string, unknown> | unknown[])[] = []) {
+  if (v && typeof v === "object") {
+    out.push(v as Record<string, unknown>);
+    for (const x of Object.values(v)) containers(x, out);
+  }
+  return out;
+}
+
+const SCHEMA = {
+  type: "object",
+  properties: { a: { type: "integer", minimum: 0, maximum: 9 }, b: { enum: ["x", "y"] } },
+  required: ["a"],
+};
+const TOOL = {
+  type: "function",
+  function: {
+    name: "get_weather",
+    parameters: { type: "object", properties: { city: { type: "string" } } },
+  },
+};
+/** Values each field takes when valid: mixed, they reach the features' combinations. */
+const PLAUSIBLE: Record<string, unknown[]> = {
+  temperature: [0, 0.7, 1, 2],
+  top_p: [0.1, 0.9, 1],
+  top_k: [1, 5, -1],
+  min_p: [0.1],
+  n: [1, 2, 3],
+  best_of: [2, 3],
+  logprobs: [true, 0, 2, 5],
+  top_logprobs: [0, 3],
+  stop: ["\n", ["a", "the"]],
+  seed: [1, 42],
+  response_format: [
+    { type: "json_object" },
+    { type: "json_schema", json_schema: { name: "s", schema: SCHEMA } },
+    { type: "text" },
+  ],
+  tools: [[TOOL]],
+  tool_choice: [
+    "auto",
+    "required",
+    "none",
+    { type: "function", function: { name: "get_weather" } },
+  ],
+  stream: [true, false],
+  stream_options: [{ include_usage: true }, { include_usage: true, continuous_usage_stats: true }],
+  logit_bias: [{ "5": 100 }, { "7": -100 }],
+  presence_penalty: [0.5, -2, 2],
+  frequency_penalty: [1, -1],
+  repetition_penalty: [1.1],
+  max_tokens: [1, 2, 8, 40],
+  max_completion_tokens: [2, 5],
+  max_output_tokens: [2, 16],
+  priority: [-3, 0, 4],
+  echo: [true],
+  suffix: [" end"],
+  guided_json: [SCHEMA],
+  guided_regex: ["[a-c]{2,4}"],
+  guided_choice: [["yes", "no"]],
+  guided_grammar: ['root ::= "a" | "b" root'],
+  prompt_logprobs: [0, 2],
+  truncate_prompt_tokens: [1, 2, 100],
+  ignore_eos: [true],
+  min_tokens: [1, 4],
+  user: ["u"],
+  cache_salt: ["s"],
+  chat_template_kwargs: [{ thinking: true }],
+  background: [true],
+  store: [true, false],
+  instructions: ["be brief"],
+  reasoning: [{ effort: "low" }],
+  text: [{ format: { type: "json_object" } }],
+  thinking: [{ type: "enabled", budget_tokens: 1024 }],
+  system: ["be brief", [{ type: "text", text: "be brief" }]],
+  stop_sequences: [["the"]],
+  include_stop_str_in_output: [true],
+  skip_special_tokens: [false],
+  add_special_tokens: [false],
+  messages: [
+    [
+      { role: "system", content: "s" },
+      { role: "user", content: "hi" },
+    ],
+    [{ role: "user", content: [{ type: "text", text: "hi" }] }],
+    [{ role: "assistant", content: "par" }],
+  ],
+  prompt: ["a b", ["a", "b"], [1, 2, 3], [[1, 2], [3]]],
+  input: ["hi", [{ role: "user", content: "hi" }]],
+  parallel_tool_calls: [false],
+  continue_final_message: [true],
+  add_generation_prompt: [false],
+  return_tokens_as_token_ids: [true],
+  parameters: [{ max_tokens: 2, temperature: 0 }, { stop: ["a"] }],
+  outputs: [[{ name: "text_output" }], [{ name: "finish_reason" }, { name: "text_output" }]],
+};
+
+function fieldValue(r: Rng, field: string): unknown {
+  const plausible = PLAUSIBLE[field];
+  return plausible && r.next() < 0.7 ? structuredClone(r.pick(plausible)) : oddValue(r);
+}
+
+function mutate(r: Rng, body: Record<string, unknown>): void {
+  // Now and then only valid fields added: the features' combinations, not their refusals.
+  if (r.next() < 0.3) {
+    for (let i = 1 + r.int(4); i > 0; i--) {
+      const field = r.pick(Object.keys(PLAUSIBLE));
+      body[field] = structuredClone(r.pick(PLAUSIBLE[field]!));
+    }
+    return;
+  }
+  const steps = 1 + r.int(3);
+  for (let i = 0; i < steps; i++) {
+    const c = r.pick(containers(body));
+    const keys = Object.keys(c);
+    const op = r.int(4);
+    if (Array.isArray(c)) {
+      if (op === 0 && c.length) c.splice(r.int(c.length), 1);
+      else if (op === 1) c.push(oddValue(r));
+      else if (c.length) c[r.int(c.length)] = oddValue(r);
+    } else if (op === 0 && keys.length) delete c[r.pick(keys)];
+    else if (op === 1 || !keys.length) {
+      const field = r.pick(FIELDS);
+      c[field] = fieldValue(r, field);
+    } else {
+      const key = r.pick(keys);
+      c[key] = fieldValue(r, key);
+    }
+  }
+}
+
+/** A body's bytes: JSON, or now and then cut short, odd bytes, or no JSON at all. */
+function encode(r: Rng, body: Record<string, unknown>): { bytes: Buffer; type: string } {
+  const json = Buffer.from(JSON.stringify(body));
+  switch (r.int(40)) {
+    case 0:
+      return { bytes: json.subarray(0, r.int(json.length)), type: "application/json" };
+    case 1:
+      return {
+        bytes: Buffer.concat([json.subarray(0, 5), Buffer.from([0xff, 0xfe, 0xc0])]),
+        type: "application/json",
+      };
+    case 2:
+      return { bytes: json, type: "text/plain" };
+    case 3:
+      return {
+        bytes: Buffer.from(r.pick(["null", "[]", "1", '"x"', "{}{}", "{"])),
+        type: "application/json",
+      };
+    case 4:
+      return { bytes: json, type: "application/json; charset=latin1" };
+    default:
+      return { bytes: json, type: "application/json" };
+  }
+}
+
+interface Failure {
+  iteration: number;
+  path: string;
+  body: string;
+  why: string;
+}
+
+async function send(path: string, bytes: Buffer, type: string) {
+  const res = await fetch(`${g.url}${path}`, {
+    method: "POST",
+    headers: { "content-type": type },
+    body: bytes,
+    signal: AbortSignal.timeout(60_000),
+  });
+  // Read it all: a stream must end.
+  const text = await res.text();
+  return { status: res.status, text, type: res.headers.get("content-type") ?? "" };
+}
+
+/** How each API's event stream ends. */
+const STREAM_END: [RegExp, RegExp][] = [
+  [/^\/v1\/(chat\/)?completions$/, /data: \[DONE\]\n\n$/],
+  [/^\/v1\/messages$/, /event: (message_stop|error)\ndata: [^\n]*\n\n$/],
+  [
+    /^\/v1\/responses$/,
+    /event: (response\.(completed|incomplete|failed)|error)\ndata: [^\n]*\n\n$/,
+  ],
+];
+
+/** What is wrong with an answer (null: fine). */
+function problem(path: string, status: number, text: string, type: string): string | null {
+  if (status >= 500 && status !== 503) return `status ${status}`;
+  if (status < 400) {
+    // A stream that failed midway says so in an event; it must still be a stable code.
+    if (/"code":"EM_GATEWAY_INTERNAL"/.test(text)) return "internal error in a 2xx body";
+    const end = STREAM_END.find(([route]) => route.test(path))?.[1];
+    if (type.startsWith("text/event-stream") && end && !end.test(text))
+      return `a stream that does not end as its API's do: ...${JSON.stringify(text.slice(-200))}`;
+    return null;
+  }
+  if (!type.includes("json")) return `status ${status} with content-type ${type}`;
+  let parsed: any;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    return `status ${status}: body is not JSON`;
+  }
+  const code = parsed?.error?.code ?? parsed?.code ?? parsed?.error?.type;
+  if (typeof code !== "string" || !/^(EM_[A-Z0-9_]+|[a-z_]+_error)$/.test(code))
+    return `status ${status}: no stable code (${text.slice(0, 200)})`;
+  if (code === "EM_GATEWAY_INTERNAL") return `status ${status}: EM_GATEWAY_INTERNAL`;
+  return null;
+}
+
+describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
+  it("answers every malformed request with a success or a stable 4xx, and keeps serving", async () => {
+    const r = rng(SEED);
+    const failures: Failure[] = [];
+    const statuses = new Map<number, number>();
+    for (let i = 0; i < ITERATIONS; i++) {
+      const route = r.pick(ROUTES);
+      const body = structuredClone(route.body);
+      mutate(r, body);
+      const { bytes, type } = encode(r, body);
+      let why: string | null;
+      try {
+        const res = await send(route.path, bytes, type);
+        statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1);
+        why = problem(route.path, res.status, res.text, res.type);
+      } catch (e) {
+        why = `no answer: ${(e as Error).message}`;
+      }
+      if (why) {
+        failures.push({
+          iteration: i,
+          path: route.path,
+          body: bytes.toString("utf8", 0, 400),
+          why,
+        });
+        if (failures.length >= 10) break;
+      }
+    }
+    if (process.env["EM_FUZZ_VERBOSE"]) console.log(Object.fromEntries(statuses));
+    expect(failures, JSON.stringify(failures, null, 2)).toEqual([]);
+    // Not every request refused: the mutations leave many valid ones.
+    expect(statuses.get(200) ?? 0).toBeGreaterThan(ITERATIONS / 10);
+    expect([...statuses.keys()].some((s) => s >= 400 && s < 500)).toBe(true);
+    // Still serving: plain requests on each API.
+    const chat = await g.client.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "hi" }],
+      max_tokens: 2,
+    });
+    expect(chat.choices[0]!.finish_reason).toBeDefined();
+    for (const route of ROUTES) {
+      const res = await send(
+        route.path,
+        Buffer.from(JSON.stringify(route.body)),
+        "application/json",
+      );
+      expect(res.status, `${route.path}: ${res.text.slice(0, 200)}`).toBe(200);
+    }
+    // Nothing left behind: every accepted request ended and freed its KV blocks.
+    for (const name of ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"])
+      expect(await metric(g.url, `expertmesh_gateway_${name}`), name).toBe(0);
+  });
+});
