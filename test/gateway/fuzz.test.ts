@@ -8,6 +8,7 @@
 // EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign:
 //   EM_FUZZ_ITERATIONS=20000 EM_FUZZ_SEED=7 npx vitest run test/gateway/fuzz.test.ts
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mutate, type Rng, rng, type Vocabulary } from "../support/fuzz.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway, type TestGateway } from "./helpers.ts";
 
@@ -24,22 +25,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await g?.close();
 });
-
-/** mulberry32: a small seeded generator, so that a failure replays from its seed. */
-function rng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const int = (n: number) => Math.floor(next() * n);
-  const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
-  return { next, int, pick };
-}
-type Rng = ReturnType<typeof rng>;
 
 const MESSAGES = [{ role: "user", content: "hi" }];
 /** Each route with a valid body (small max tokens: the tiny model answers in milliseconds). */
@@ -134,68 +119,6 @@ const FIELDS = [
   "return_tokens_as_token_ids",
 ] as const;
 
-function oddValue(r: Rng, depth = 0): unknown {
-  switch (r.int(depth > 2 ? 14 : 20)) {
-    case 0:
-      return null;
-    case 1:
-      return r.next() < 0.5;
-    case 2:
-      return r.pick([-1, 0, 1, 2, 3, 7, 255, 256, 4096]);
-    case 3:
-      return r.pick([1e308, -1e308, 2 ** 53 + 1, -(2 ** 31), 2 ** 31, 2 ** 32, -0]);
-    case 4:
-      return r.pick([0.5, -0.5, 1.5, 1e-320, 3.999999]);
-    case 5:
-      return "";
-    case 6:
-      return "x".repeat(r.pick([1, 1000, 20_000]));
-    case 7:
-      return r.pick(["\ud800", "\u0000", "🦊", "NaN", "Infinity", "-1", "1e400", "true"]);
-    case 8:
-      return r.pick(["tiny", "user", "assistant", "system", "tool", "auto", "none"]);
-    case 9:
-      return r.pick(["json_object", "json_schema", "text", "function", "required"]);
-    case 10:
-      return [];
-    case 11:
-      return {};
-    case 12:
-      return [r.int(300), r.int(300), -5];
-    case 13:
-      return "[a-z]+";
-    case 14:
-      return Array.from({ length: r.int(4) }, () => oddValue(r, depth + 1));
-    case 15:
-      return { type: r.pick(["json_object", "json_schema", "text", "function", "object"]) };
-    case 16:
-      return { [r.pick(FIELDS)]: oddValue(r, depth + 1) };
-    case 17:
-      return [
-        {
-          role: r.pick(["user", "assistant", "system", "tool", "x"]),
-          content: oddValue(r, depth + 1),
-        },
-      ];
-    case 18:
-      return {
-        type: "object",
-        properties: { a: { type: r.pick(["string", "integer", "array"]) } },
-      };
-    default:
-      return Array.from({ length: 2 }, () => ({ [r.pick(FIELDS)]: oddValue(r, depth + 1) }));
-  }
-}
-
-/** Containers in `v` (objects and arrays), with the value itself first. */
-function containers(v: unknown, out: (Record<string, unknown> | unknown[])[] = []) {
-  if (v && typeof v === "object") {
-    out.push(v as Record<string, unknown>);
-    for (const x of Object.values(v)) containers(x, out);
-  }
-  return out;
-}
-
 const SCHEMA = {
   type: "object",
   properties: { a: { type: "integer", minimum: 0, maximum: 9 }, b: { enum: ["x", "y"] } },
@@ -284,39 +207,27 @@ const PLAUSIBLE: Record<string, unknown[]> = {
   outputs: [[{ name: "text_output" }], [{ name: "finish_reason" }, { name: "text_output" }]],
 };
 
-function fieldValue(r: Rng, field: string): unknown {
-  const plausible = PLAUSIBLE[field];
-  return plausible && r.next() < 0.7 ? structuredClone(r.pick(plausible)) : oddValue(r);
-}
-
-function mutate(r: Rng, body: Record<string, unknown>): void {
-  // Now and then only valid fields added: the features' combinations, not their refusals.
-  if (r.next() < 0.3) {
-    for (let i = 1 + r.int(4); i > 0; i--) {
-      const field = r.pick(Object.keys(PLAUSIBLE));
-      body[field] = structuredClone(r.pick(PLAUSIBLE[field]!));
-    }
-    return;
-  }
-  const steps = 1 + r.int(3);
-  for (let i = 0; i < steps; i++) {
-    const c = r.pick(containers(body));
-    const keys = Object.keys(c);
-    const op = r.int(4);
-    if (Array.isArray(c)) {
-      if (op === 0 && c.length) c.splice(r.int(c.length), 1);
-      else if (op === 1) c.push(oddValue(r));
-      else if (c.length) c[r.int(c.length)] = oddValue(r);
-    } else if (op === 0 && keys.length) delete c[r.pick(keys)];
-    else if (op === 1 || !keys.length) {
-      const field = r.pick(FIELDS);
-      c[field] = fieldValue(r, field);
-    } else {
-      const key = r.pick(keys);
-      c[key] = fieldValue(r, key);
-    }
-  }
-}
+const VOCABULARY: Vocabulary = {
+  fields: FIELDS,
+  plausible: PLAUSIBLE,
+  words: [
+    "tiny",
+    "user",
+    "assistant",
+    "system",
+    "tool",
+    "auto",
+    "none",
+    "json_object",
+    "json_schema",
+    "text",
+    "function",
+    "required",
+    "object",
+    "string",
+    "integer",
+  ],
+};
 
 /** A body's bytes: JSON, or now and then cut short, odd bytes, or no JSON at all. */
 function encode(r: Rng, body: Record<string, unknown>): { bytes: Buffer; type: string } {
@@ -405,7 +316,7 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
     for (let i = 0; i < ITERATIONS; i++) {
       const route = r.pick(ROUTES);
       const body = structuredClone(route.body);
-      mutate(r, body);
+      mutate(r, VOCABULARY, body);
       const { bytes, type } = encode(r, body);
       let why: string | null;
       try {
