@@ -78,7 +78,8 @@ export function fieldValue(r: Rng, v: Vocabulary, field: string, depth = 0): unk
 
 /** Containers in `value` (objects and arrays), with the value itself first. */
 function containers(value: unknown, out: (Record<string, unknown> | unknown[])[] = []) {
-  if (value && typeof value === "object") {
+  // Byte buffers are values, not containers.
+  if (value && typeof value === "object" && !ArrayBuffer.isView(value)) {
     out.push(value as Record<string, unknown>);
     for (const x of Object.values(value)) containers(x, out);
   }
