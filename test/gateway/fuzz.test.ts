@@ -8,6 +8,7 @@
 // EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign:
 //   EM_FUZZ_ITERATIONS=20000 EM_FUZZ_SEED=7 npx vitest run test/gateway/fuzz.test.ts
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "../support/env.ts";
 import { mutate, type Rng, rng, type Vocabulary } from "../support/fuzz.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway, type TestGateway } from "./helpers.ts";
@@ -356,8 +357,60 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
       );
       expect(res.status, `${route.path}: ${res.text.slice(0, 200)}`).toBe(200);
     }
-    // Nothing left behind: every accepted request ended and freed its KV blocks.
-    for (const name of ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"])
-      expect(await metric(g.url, `expertmesh_gateway_${name}`), name).toBe(0);
+    await expectNothingLeft();
+  });
+
+  it("the same from 8 clients at once, a third of whom hang up midway", async () => {
+    const r = rng(SEED + 1);
+    const failures: string[] = [];
+    let done = 0;
+    let hungUp = 0;
+    const client = async () => {
+      while (done < ITERATIONS / 2 && failures.length < 10) {
+        done++;
+        const route = r.pick(ROUTES);
+        const body = structuredClone(route.body);
+        mutate(r, VOCABULARY, body);
+        // Longer answers now and then, for a hang-up to land mid-generation.
+        if (r.next() < 0.3) body["max_tokens"] = 40 + r.int(40);
+        const abort = new AbortController();
+        const hangUp = r.next() < 0.33;
+        if (hangUp) setTimeout(() => abort.abort(), r.int(30));
+        try {
+          const res = await fetch(`${g.url}${route.path}`, {
+            method: "POST",
+            headers: { "content-type": "application/json" },
+            body: JSON.stringify(body),
+            signal: hangUp ? abort.signal : AbortSignal.timeout(60_000),
+          });
+          const text = await res.text();
+          const why = problem(route.path, res.status, text, res.headers.get("content-type") ?? "");
+          if (why) failures.push(`${route.path} ${why}: ${JSON.stringify(body).slice(0, 400)}`);
+        } catch (e) {
+          if (hangUp && abort.signal.aborted) hungUp++;
+          else failures.push(`${route.path} no answer (${(e as Error).message})`);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: 8 }, client));
+    expect(failures, failures.join("\n")).toEqual([]);
+    expect(hungUp).toBeGreaterThan(0);
+    // What the clients that hung up had started is cancelled and its blocks freed.
+    await expectNothingLeft();
   });
 });
+
+/** Every accepted request ended and freed its KV blocks (once cancellations land). */
+async function expectNothingLeft() {
+  const names = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"];
+  const left = async () =>
+    Object.fromEntries(
+      await Promise.all(
+        names.map(async (n) => [n, await metric(g.url, `expertmesh_gateway_${n}`)] as const),
+      ),
+    );
+  await waitFor("the engine to be idle", async () =>
+    Object.values(await left()).every((v) => v === 0) ? true : undefined,
+  ).catch(() => {});
+  expect(await left()).toEqual(Object.fromEntries(names.map((n) => [n, 0])));
+}
