@@ -46,6 +46,10 @@ function convert(s: Json): Json {
       variants.some((v) => v["type"] === "string")
     ) {
       out["x-kubernetes-int-or-string"] = true;
+      // The variants' own checks at the top, as controller-gen writes resource.Quantity's:
+      // each applies to the values of its type only.
+      for (const v of variants)
+        for (const k of ["pattern", "maxLength", "minimum"]) if (k in v) out[k] = v[k];
     } else {
       throw new Error(`unsupported union in CRD schema: ${JSON.stringify(s).slice(0, 200)}`);
     }

@@ -151,14 +151,71 @@ function editDistance(a: string, b: string): number {
   return prev[b.length]!;
 }
 
+/**
+ * Drops the fields whose value is null, as the API server does before defaulting (none of
+ * the schema's fields is nullable): `maxModelLen: ~` means unset, under kubectl as here.
+ * Objects that keep unknown fields (metadata's labels and annotations, affinity) are left.
+ */
+function pruneNulls(schema: unknown, value: unknown): void {
+  const s = schema as SchemaNode | undefined;
+  if (s === undefined || typeof value !== "object" || value === null) return;
+  if (Array.isArray(value)) {
+    for (const v of value) pruneNulls(s.items, v);
+    return;
+  }
+  if (s.type !== "object" || s["x-kubernetes-preserve-unknown-fields"]) return;
+  const o = value as Record<string, unknown>;
+  for (const [key, v] of Object.entries(o)) {
+    const sub =
+      s.properties?.[key] ??
+      (s.patternProperties ? Object.values(s.patternProperties)[0] : undefined) ??
+      (typeof s.additionalProperties === "object" ? s.additionalProperties : undefined);
+    if (v === null && sub !== undefined) delete o[key];
+    else pruneNulls(sub, v);
+  }
+}
+
+/** Fields of an object's metadata that the API server knows (ObjectMeta's). */
+const OBJECT_META_FIELDS = new Set([
+  "name",
+  "generateName",
+  "namespace",
+  "selfLink",
+  "uid",
+  "resourceVersion",
+  "generation",
+  "creationTimestamp",
+  "deletionTimestamp",
+  "deletionGracePeriodSeconds",
+  "labels",
+  "annotations",
+  "ownerReferences",
+  "finalizers",
+  "managedFields",
+]);
+
 /** Applies defaults, checks the schema and the cross-field rules; returns a typed copy. */
 export function validateModel(
   doc: unknown,
   invalid: (field: string, msg: string) => never,
 ): DeepSeekModel {
+  doc = structuredClone(doc);
+  pruneNulls(DeepSeekModelSchema, doc);
   const shape = shapeError(DeepSeekModelSchema, doc, "");
   if (shape) invalid(shape.field, shape.message);
-  const value = Value.Default(DeepSeekModelSchema, structuredClone(doc)) as Record<string, any>;
+  // A status is not the spec: past the unknown fields (refused when the API server decodes
+  // it), the API server drops it (the status subresource's), and so does this.
+  if (typeof doc === "object" && doc !== null) delete (doc as Record<string, unknown>)["status"];
+  // kubectl's strict field validation refuses unknown metadata fields too.
+  const meta = (doc as Record<string, unknown>)["metadata"];
+  if (typeof meta === "object" && meta !== null && !Array.isArray(meta))
+    for (const key of Object.keys(meta))
+      if (!OBJECT_META_FIELDS.has(key))
+        invalid(
+          `metadata.${key}`,
+          "unknown field; metadata has the fields of a Kubernetes ObjectMeta",
+        );
+  const value = Value.Default(DeepSeekModelSchema, doc) as Record<string, any>;
   const first = Value.Errors(DeepSeekModelSchema, value).First();
   if (first) {
     const field = first.path.replace(/^\//, "").replaceAll("/", ".") || "(document)";

@@ -4,6 +4,7 @@
 // test applies invalid manifests to the real API server and compares the messages.
 import { KV_CACHE_DTYPES, kvRowBytes } from "../engine/kv-format.ts";
 import { presetCache, presetNames, resolveArchitecture } from "./presets.ts";
+import { quantityValue } from "./quantity.ts";
 
 export interface CrossFieldRule {
   /** Dotted path of the object the rule is attached to (CEL's `self`). */
@@ -101,6 +102,60 @@ const LABEL_KEY_RE =
 
 export function isLabelKey(k: string): boolean {
   return new RegExp(LABEL_KEY_RE).test(k) && (!k.includes("/") || k.indexOf("/") <= 253);
+}
+/** The same in CEL, of the string `v`. */
+const labelKeyCel = (v: string) =>
+  `${v}.matches('${LABEL_KEY_RE}') && (!${v}.contains('/') || ${v}.indexOf('/') <= 253)`;
+
+/**
+ * A container resource's name: a standard one (cpu, memory, ephemeral-storage, hugepages-
+ * of a size), or an extended one qualified by a domain (nvidia.com/gpu), outside
+ * kubernetes.io and not starting "requests." (as the API server checks a PodSpec's).
+ */
+const RESOURCE_NAME_RE =
+  "^(cpu|memory|ephemeral-storage|hugepages-[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|[kMGTPE])?|[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$";
+
+export function isResourceName(k: string): boolean {
+  return (
+    new RegExp(RESOURCE_NAME_RE).test(k) &&
+    !k.includes("kubernetes.io/") &&
+    !k.startsWith("requests.") &&
+    (!k.includes("/") || k.indexOf("/") <= 253)
+  );
+}
+const resourceNameCel = (v: string) =>
+  `${v}.matches('${RESOURCE_NAME_RE}') && !${v}.contains('kubernetes.io/') && !${v}.startsWith('requests.') && (!${v}.contains('/') || ${v}.indexOf('/') <= 253)`;
+
+/**
+ * The rules of a role's resources (gateway or experts, at `path`): resource names, and no
+ * request above its limit (the API server refuses such a container, but only when the
+ * operator applies the workloads).
+ */
+function resourceRules(path: string): CrossFieldRule[] {
+  const field = path.replace(/^spec\./, "");
+  return [
+    {
+      path,
+      rule: `(!has(self.requests) || self.requests.all(k, ${resourceNameCel("k")})) && (!has(self.limits) || self.limits.all(k, ${resourceNameCel("k")}))`,
+      message: `${field} requests and limits must name container resources: cpu, memory, ephemeral-storage, hugepages-<size>, or an extended resource qualified by its domain (e.g. example.com/device)`,
+      check: (s) =>
+        [...Object.keys(s["requests"] ?? {}), ...Object.keys(s["limits"] ?? {})].every(
+          isResourceName,
+        ),
+    },
+    {
+      path,
+      rule: "!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+      message: `${field}: a request must not exceed its limit`,
+      check: (s) =>
+        Object.entries<string | number>(s["requests"] ?? {}).every(([k, q]) => {
+          const limit = s["limits"]?.[k];
+          if (limit === undefined) return true;
+          const [r, l] = [quantityValue(q), quantityValue(limit)];
+          return r === null || l === null || r <= l;
+        }),
+    },
+  ];
 }
 
 export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
@@ -249,10 +304,23 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.monitoring.podMonitor",
-    rule: `!has(self.labels) || self.labels.all(k, k.matches('${LABEL_KEY_RE}') && (!k.contains('/') || k.indexOf('/') <= 253))`,
+    rule: `!has(self.labels) || self.labels.all(k, ${labelKeyCel("k")})`,
     message:
       "monitoring.podMonitor.labels keys must be label keys: an optional DNS subdomain prefix (at most 253 characters) and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
     check: (s) => Object.keys(s["labels"] ?? {}).every(isLabelKey),
+  },
+  ...resourceRules("spec.gateway.resources"),
+  ...resourceRules("spec.experts.resources"),
+  {
+    path: "spec.scheduling",
+    rule: `(!has(self.nodeSelector) || self.nodeSelector.all(k, ${labelKeyCel("k")})) && (!has(self.tolerations) || self.tolerations.all(t, !has(t.key) || t.key == '' || ${labelKeyCel("t.key")}))`,
+    message:
+      "scheduling.nodeSelector keys and scheduling.tolerations keys must be label keys: an optional DNS subdomain prefix (at most 253 characters) and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    check: (s) =>
+      Object.keys(s["nodeSelector"] ?? {}).every(isLabelKey) &&
+      (s["tolerations"] ?? []).every(
+        (t: { key?: string }) => t.key === undefined || t.key === "" || isLabelKey(t.key),
+      ),
   },
 ];
 

@@ -25,15 +25,18 @@ function StringEnum<T extends string[]>(
 }
 
 /** An int-or-string Kubernetes quantity ("500m", "16Gi", 2). */
-const Quantity = Type.Union([Type.Integer(), Type.String({ maxLength: 64 })], {
-  description: "A Kubernetes quantity, e.g. 500m, 16Gi or 2.",
-});
+/**
+ * A Kubernetes resource quantity (resource.Quantity's syntax, as controller-gen's CRDs
+ * check it), without a sign: the API server refuses negative requests and limits anyway,
+ * but only when the workloads are applied, long after the model was admitted.
+ */
+export const QUANTITY_PATTERN =
+  "^\\+?(([0-9]+(\\.[0-9]*)?)|(\\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\\.[0-9]*)?)|(\\.[0-9]+))))?$";
 
-const StringMap = (description: string) =>
-  Type.Record(Type.String(), Type.String({ maxLength: 1024, description: "Label value." }), {
-    description,
-    maxProperties: 64,
-  });
+const Quantity = Type.Union(
+  [Type.Integer({ minimum: 0 }), Type.String({ maxLength: 64, pattern: QUANTITY_PATTERN })],
+  { description: "A Kubernetes quantity, e.g. 500m, 16Gi or 2." },
+);
 
 /** Adds the CEL rules registered for `path` in rules.ts. */
 function withRules<T extends TSchema>(path: string, schema: T): T {
@@ -41,23 +44,27 @@ function withRules<T extends TSchema>(path: string, schema: T): T {
   return rules.length ? ({ ...schema, "x-kubernetes-validations": rules } as T) : schema;
 }
 
-const ResourceRequirements = Type.Object(
-  {
-    requests: Type.Optional(
-      Type.Record(Type.String(), Quantity, {
-        description: "Minimum resources, e.g. {cpu: 4, memory: 32Gi}.",
-        maxProperties: 16,
-      }),
+const ResourceRequirements = (path: string) =>
+  withRules(
+    path,
+    Type.Object(
+      {
+        requests: Type.Optional(
+          Type.Record(Type.String(), Quantity, {
+            description: "Minimum resources, e.g. {cpu: 4, memory: 32Gi}.",
+            maxProperties: 16,
+          }),
+        ),
+        limits: Type.Optional(
+          Type.Record(Type.String(), Quantity, {
+            description: "Maximum resources. GPUs are set by the gpus fields, not here.",
+            maxProperties: 16,
+          }),
+        ),
+      },
+      { description: "CPU and memory for each pod of the role (as in a container's resources)." },
     ),
-    limits: Type.Optional(
-      Type.Record(Type.String(), Quantity, {
-        description: "Maximum resources. GPUs are set by the gpus fields, not here.",
-        maxProperties: 16,
-      }),
-    ),
-  },
-  { description: "CPU and memory for each pod of the role (as in a container's resources)." },
-);
+  );
 
 const SecretKeyRef = (description: string, defaultKey: string) =>
   Type.Object(
@@ -317,7 +324,7 @@ export const GatewaySchema = withRules(
         minimum: 0,
         maximum: 16,
       }),
-      resources: Type.Optional(ResourceRequirements),
+      resources: Type.Optional(ResourceRequirements("spec.gateway.resources")),
       ports: Ports,
       limits: GatewayLimits,
       kvCache: Type.Object(
@@ -531,7 +538,7 @@ export const ExpertsSchema = withRules(
         minimum: 0,
         maximum: 16,
       }),
-      resources: Type.Optional(ResourceRequirements),
+      resources: Type.Optional(ResourceRequirements("spec.experts.resources")),
     },
     { description: "Expert shards: how the routed experts are spread over pods.", default: {} },
   ),
@@ -637,6 +644,14 @@ export const AutoscalingSchema = Type.Object(
   { description: "Autoscaling of gateways and shards by queue depth.", default: {} },
 );
 
+/** A label's value: at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends. */
+const LabelValue = (description: string) =>
+  Type.String({
+    description,
+    maxLength: 63,
+    pattern: "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+  });
+
 const Toleration = Type.Object(
   {
     key: Type.Optional(
@@ -648,9 +663,7 @@ const Toleration = Type.Object(
     operator: Type.Optional(
       StringEnum(["Exists", "Equal"], { description: "Exists or Equal (default Equal)." }),
     ),
-    value: Type.Optional(
-      Type.String({ description: "Taint value for operator Equal.", maxLength: 263 }),
-    ),
+    value: Type.Optional(LabelValue("Taint value for operator Equal.")),
     effect: Type.Optional(
       StringEnum(["NoSchedule", "PreferNoSchedule", "NoExecute"], {
         description: "Taint effect to match; empty matches all.",
@@ -665,32 +678,39 @@ const Toleration = Type.Object(
   { description: "A pod toleration (as in a PodSpec)." },
 );
 
-export const SchedulingSchema = Type.Object(
-  {
-    nodeSelector: Type.Optional(
-      StringMap("Node labels every pod requires, e.g. nvidia.com/gpu.product: NVIDIA-H200."),
-    ),
-    tolerations: Type.Optional(
-      Type.Array(Toleration, {
-        description: "Tolerations of every pod (e.g. for tainted GPU nodes).",
-        maxItems: 32,
-      }),
-    ),
-    affinity: Type.Optional(
-      Type.Object(
-        {},
-        {
-          description: "Pod affinity and anti-affinity (a PodSpec affinity, passed through as is).",
-          additionalProperties: true,
-          "x-kubernetes-preserve-unknown-fields": true,
-        },
+export const SchedulingSchema = withRules(
+  "spec.scheduling",
+  Type.Object(
+    {
+      nodeSelector: Type.Optional(
+        Type.Record(Type.String(), LabelValue("Label value."), {
+          description: "Node labels every pod requires, e.g. nvidia.com/gpu.product: NVIDIA-H200.",
+          maxProperties: 64,
+        }),
       ),
-    ),
-    priorityClassName: Type.Optional(
-      Type.String({ description: "PriorityClass of every pod.", maxLength: 253 }),
-    ),
-  },
-  { description: "Where the pods run; passed through to every pod.", default: {} },
+      tolerations: Type.Optional(
+        Type.Array(Toleration, {
+          description: "Tolerations of every pod (e.g. for tainted GPU nodes).",
+          maxItems: 32,
+        }),
+      ),
+      affinity: Type.Optional(
+        Type.Object(
+          {},
+          {
+            description:
+              "Pod affinity and anti-affinity (a PodSpec affinity, passed through as is).",
+            additionalProperties: true,
+            "x-kubernetes-preserve-unknown-fields": true,
+          },
+        ),
+      ),
+      priorityClassName: Type.Optional(
+        Type.String({ description: "PriorityClass of every pod.", maxLength: 253 }),
+      ),
+    },
+    { description: "Where the pods run; passed through to every pod.", default: {} },
+  ),
 );
 
 export const MonitoringSchema = Type.Object(

@@ -16,6 +16,7 @@ import {
   servedModelName,
 } from "../api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../api/memory.ts";
+import { quantityValue } from "../api/quantity.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
@@ -219,14 +220,25 @@ export function gatewayResources(model: DeepSeekModel) {
   const requests: Record<string, string | number> = { ...(r?.requests ?? {}) };
   if (requests["memory"] === undefined) {
     const weights = gatewayWeightBytes(model);
-    requests["memory"] = String(
+    requests["memory"] = withinLimit(
       model.spec.gateway.kvCache.bytes + (weights === null ? 0 : weights + POD_MEMORY_OVERHEAD),
+      r?.limits?.["memory"],
     );
   }
   const disk = prefixDiskVolumeBytes(model);
   if (disk > 0 && requests["ephemeral-storage"] === undefined)
-    requests["ephemeral-storage"] = String(disk);
+    requests["ephemeral-storage"] = withinLimit(disk, r?.limits?.["ephemeral-storage"]);
   return { ...(r ?? {}), requests };
+}
+
+/**
+ * A request the operator computes (`bytes`), never above the manifest's limit: the API
+ * server refuses a container whose request exceeds its limit (a limit under the weights
+ * alone is MemoryLimitTooLow, before anything is applied).
+ */
+function withinLimit(bytes: number, limit: string | number | undefined): string {
+  const l = limit === undefined ? null : quantityValue(limit);
+  return l !== null && l < bytes ? String(limit) : String(bytes);
 }
 
 /**
@@ -241,7 +253,10 @@ export function shardResources(model: DeepSeekModel, plan: PlacementPlan, k: num
   if (r?.requests?.["memory"] !== undefined || bytes === null) return r;
   return {
     ...(r ?? {}),
-    requests: { ...(r?.requests ?? {}), memory: String(bytes + POD_MEMORY_OVERHEAD) },
+    requests: {
+      ...(r?.requests ?? {}),
+      memory: withinLimit(bytes + POD_MEMORY_OVERHEAD, r?.limits?.["memory"]),
+    },
   };
 }
 

@@ -655,6 +655,41 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[16]!.message,
       ],
       [
+        "a gateway resource that is not one",
+        { gateway: { resources: { requests: { blockSize: 4 } } } },
+        CROSS_FIELD_RULES[17]!.message,
+      ],
+      [
+        "a gateway request over its limit",
+        { gateway: { resources: { requests: { memory: "2Gi" }, limits: { memory: 1073741824 } } } },
+        CROSS_FIELD_RULES[18]!.message,
+      ],
+      [
+        "a shard resource in kubernetes.io",
+        { experts: { shards: 2, resources: { limits: { "kubernetes.io/gpu": 1 } } } },
+        CROSS_FIELD_RULES[19]!.message,
+      ],
+      [
+        "a shard request over its limit",
+        { experts: { shards: 2, resources: { requests: { cpu: "1500m" }, limits: { cpu: 1 } } } },
+        CROSS_FIELD_RULES[20]!.message,
+      ],
+      [
+        "a node selector key with a space",
+        { scheduling: { nodeSelector: { "gpu type": "h200" } } },
+        CROSS_FIELD_RULES[21]!.message,
+      ],
+      [
+        "a node selector value that is no label value",
+        { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
+        "spec.scheduling.nodeSelector.gpu: Invalid value",
+      ],
+      [
+        "a quantity that is not one",
+        { gateway: { resources: { requests: { memory: "lots" } } } },
+        "spec.gateway.resources.requests.memory: Invalid value",
+      ],
+      [
         "wrong type",
         { experts: { shards: "two" } },
         'spec.experts.shards: Invalid value: "string": spec.experts.shards in body must be of type integer',

@@ -6,7 +6,7 @@ import {
   servedModelName,
 } from "../../src/api/manifest.ts";
 import { type ModelArchitecture, presetNames, resolveArchitecture } from "../../src/api/presets.ts";
-import { isLabelKey } from "../../src/api/rules.ts";
+import { isLabelKey, isResourceName } from "../../src/api/rules.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 
 function codeOf(fn: () => unknown): string | undefined {
@@ -109,6 +109,69 @@ spec:
     ).toThrow(
       /m\.yaml: spec\.monitoring\.podMonitor: monitoring\.podMonitor\.labels keys must be label keys/,
     );
+  });
+});
+
+describe("isResourceName (spec.gateway.resources, spec.experts.resources)", () => {
+  it.each([
+    ["cpu", true],
+    ["memory", true],
+    ["ephemeral-storage", true],
+    ["hugepages-2Mi", true],
+    ["hugepages-1Gi", true],
+    ["nvidia.com/gpu", true],
+    ["example.com/fpga-x", true],
+    ["gpu", false],
+    ["blockSize", false],
+    ["kubernetes.io/gpu", false],
+    ["requests.example.com/x", false],
+    ["Example.com/x", false],
+    ["hugepages-", false],
+    ["", false],
+  ])("%j: %s", (name, ok) => {
+    expect(isResourceName(name)).toBe(ok);
+  });
+});
+
+describe("manifests as the API server reads them", () => {
+  const base = `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
+`;
+  it("takes a null field as unset (the API server prunes it before defaulting)", () => {
+    const m = parseManifest(
+      `${base}  gateway: { limits: { maxModelLen: ~ }, resources: ~ }\n  experts: { shards: null }\n`,
+    );
+    expect(m.spec.gateway.limits.maxModelLen).toBeUndefined();
+    expect(m.spec.gateway.resources).toBeUndefined();
+    expect(m.spec.experts.shards).toBe(1);
+  });
+  it("ignores a status (the status subresource's)", () => {
+    const m = parseManifest(`${base}status: Unknown\n`);
+    expect(m.spec.model.preset).toBe("tiny-v3");
+  });
+  it("refuses unknown metadata fields, as kubectl's strict validation does", () => {
+    expect(() =>
+      parseManifest(base.replace("{ name: m }", "{ name: m, image: x }"), "m.yaml"),
+    ).toThrow(/m\.yaml: metadata\.image: unknown field/);
+  });
+  it.each([
+    ["a quantity that is not one", "  gateway: { resources: { requests: { memory: lots } } }\n"],
+    ["a negative quantity", "  gateway: { resources: { limits: { cpu: -1 } } }\n"],
+    ["a resource that is not one", "  experts: { resources: { requests: { blockSize: 4 } } }\n"],
+    ["a node selector key with a space", '  scheduling: { nodeSelector: { "gpu type": h200 } }\n'],
+    [
+      "a node selector value that is no label value",
+      '  scheduling: { nodeSelector: { gpu: "[a-z]+" } }\n',
+    ],
+    [
+      "a toleration key with a space",
+      '  scheduling: { tolerations: [{ key: "a b", operator: Exists }] }\n',
+    ],
+  ])("refuses %s (the workloads' own validation would, later)", (_what, extra) => {
+    expect(() => parseManifest(base + extra)).toThrow(ExpertMeshError);
   });
 });
 

@@ -390,6 +390,16 @@ spec:
       gatewayContainer("  gateway: { resources: { requests: { memory: 8Gi } } }").resources.requests
         .memory,
     ).toBe("8Gi");
+    // A limit above the weights and KV cache but under them plus the overhead: the request
+    // is the limit (one above it made the API server refuse the Deployment).
+    const tight = 536870912 + weights + 1024;
+    expect(
+      gatewayContainer(`  gateway: { resources: { limits: { memory: ${tight} } } }`).resources,
+    ).toMatchObject({ requests: { memory: String(tight) }, limits: { memory: String(tight) } });
+    expect(
+      gatewayContainer("  gateway: { resources: { limits: { memory: 64Gi } } }").resources.requests
+        .memory,
+    ).toBe(String(536870912 + weights + POD_MEMORY_OVERHEAD));
   });
 
   it.each([
@@ -466,6 +476,12 @@ spec:
       },
     };
     expect(requests(own)).toEqual({ memory: "3Gi", cpu: "2", "nvidia.com/gpu": "2" });
+    // Only a limit, under the computed request: the request is the limit.
+    const limited = {
+      ...m,
+      spec: { ...m.spec, experts: { ...m.spec.experts, resources: { limits: { memory: "1Mi" } } } },
+    };
+    expect(requests(limited).memory).toBe("1Mi");
     // Explicit figures, dtype auto: the checkpoint's dtype is not known before it is read.
     const { preset: _, ...explicitModel } = m.spec.model;
     const explicit = {
