@@ -5,8 +5,10 @@
 // with a stable EM_* code: never a 5xx, a hang or a dead process; streams must end. After
 // the run, plain requests still answer.
 //
-// EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign:
+// EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign,
+// EM_FUZZ_ROUTE (a part of a path) narrows it to one API:
 //   EM_FUZZ_ITERATIONS=20000 EM_FUZZ_SEED=7 npx vitest run test/gateway/fuzz.test.ts
+import { deflateSync, gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { waitFor } from "../support/env.ts";
 import { mutate, type Rng, rng, type Vocabulary } from "../support/fuzz.ts";
@@ -14,6 +16,8 @@ import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway, type TestGateway } from "./helpers.ts";
 
 const ITERATIONS = Number(process.env["EM_FUZZ_ITERATIONS"] ?? 400);
+/** Only the routes whose path contains this (a campaign on one API). */
+const ROUTE_FILTER = process.env["EM_FUZZ_ROUTE"] ?? "";
 const SEED = Number(process.env["EM_FUZZ_SEED"] ?? 20261201);
 
 let g: TestGateway;
@@ -50,6 +54,8 @@ const ROUTES: { path: string; body: Record<string, unknown> }[] = [
     body: { text_input: "hi", parameters: { max_tokens: 3 } },
   },
 ];
+
+const FUZZED = ROUTES.filter((route) => route.path.includes(ROUTE_FILTER));
 
 /** Fields the routes know, added with odd values (or plausible ones). */
 const FIELDS = [
@@ -230,28 +236,114 @@ const VOCABULARY: Vocabulary = {
   ],
 };
 
-/** A body's bytes: JSON, or now and then cut short, odd bytes, or no JSON at all. */
-function encode(r: Rng, body: Record<string, unknown>): { bytes: Buffer; type: string } {
+/** BYTES elements in Triton's binary form: each a 4-byte little-endian length, then its bytes. */
+function bytesElements(elements: Buffer[]): Buffer {
+  return Buffer.concat(
+    elements.flatMap((e) => {
+      const len = Buffer.alloc(4);
+      len.writeUInt32LE(e.length);
+      return [len, e];
+    }),
+  );
+}
+
+interface Encoded {
+  bytes: Buffer;
+  headers: Record<string, string>;
+}
+
+/**
+ * A body's bytes and headers: JSON, or now and then cut short, odd bytes, no JSON at all,
+ * compressed (validly or not), or in Triton's binary tensor form (a JSON header, then the
+ * inputs' bytes, with an Inference-Header-Content-Length that may lie).
+ */
+function encode(r: Rng, body: Record<string, unknown>): Encoded {
   const json = Buffer.from(JSON.stringify(body));
-  switch (r.int(40)) {
+  const plain = (bytes: Buffer, type = "application/json"): Encoded => ({
+    bytes,
+    headers: { "content-type": type },
+  });
+  switch (r.int(48)) {
     case 0:
-      return { bytes: json.subarray(0, r.int(json.length)), type: "application/json" };
+      return plain(json.subarray(0, r.int(json.length)));
     case 1:
-      return {
-        bytes: Buffer.concat([json.subarray(0, 5), Buffer.from([0xff, 0xfe, 0xc0])]),
-        type: "application/json",
-      };
+      return plain(Buffer.concat([json.subarray(0, 5), Buffer.from([0xff, 0xfe, 0xc0])]));
     case 2:
-      return { bytes: json, type: "text/plain" };
+      return plain(json, "text/plain");
     case 3:
-      return {
-        bytes: Buffer.from(r.pick(["null", "[]", "1", '"x"', "{}{}", "{"])),
-        type: "application/json",
-      };
+      return plain(Buffer.from(r.pick(["null", "[]", "1", '"x"', "{}{}", "{"])));
     case 4:
-      return { bytes: json, type: "application/json; charset=latin1" };
+      return plain(json, "application/json; charset=latin1");
+    case 5:
+    case 6:
+    case 7: {
+      // Binary tensor data: the first input's elements moved out of the JSON.
+      const inputs = Array.isArray(body["inputs"]) ? (body["inputs"] as unknown[]) : [];
+      const first = inputs[0] as Record<string, unknown> | undefined;
+      const elements = [Buffer.from("hi"), Buffer.from([0xff, 0xfe]), Buffer.alloc(0)].slice(
+        0,
+        1 + r.int(3),
+      );
+      let binary = bytesElements(elements);
+      if (r.next() < 0.3) binary = binary.subarray(0, r.int(binary.length + 1));
+      if (r.next() < 0.2) binary = Buffer.concat([binary, Buffer.from([1, 2, 3])]);
+      if (first && typeof first === "object") {
+        delete first["data"];
+        first["parameters"] = {
+          binary_data_size: r.pick([binary.length, binary.length + 1, 0, -1, 2 ** 40, "x"]),
+        };
+      }
+      const header = Buffer.from(JSON.stringify(body));
+      const length = r.pick([
+        header.length,
+        header.length,
+        header.length - 1,
+        header.length + 3,
+        0,
+        -5,
+      ]);
+      return {
+        bytes: Buffer.concat([header, binary]),
+        headers: {
+          "content-type": r.pick(["application/octet-stream", "application/json"]),
+          "inference-header-content-length": String(r.next() < 0.1 ? "abc" : length),
+        },
+      };
+    }
+    case 8:
+      return {
+        bytes: gzipSync(json),
+        headers: { "content-type": "application/json", "content-encoding": "gzip" },
+      };
+    case 9:
+      return {
+        bytes: deflateSync(json),
+        headers: { "content-type": "application/json", "content-encoding": "deflate" },
+      };
+    case 10: {
+      const z = gzipSync(json);
+      z[10 + r.int(Math.max(1, z.length - 10))]! ^= 0xff;
+      return {
+        bytes: z,
+        headers: { "content-type": "application/json", "content-encoding": "gzip" },
+      };
+    }
+    case 11:
+      return {
+        bytes: json,
+        headers: {
+          "content-type": "application/json",
+          "content-encoding": r.pick(["br", "gzip", "x"]),
+        },
+      };
     default:
-      return { bytes: json, type: "application/json" };
+      return {
+        bytes: json,
+        headers: {
+          "content-type": "application/json",
+          ...(r.next() < 0.1 ? { "accept-encoding": r.pick(["gzip", "deflate", "br", "*"]) } : {}),
+        },
+      };
   }
 }
 
@@ -262,10 +354,10 @@ interface Failure {
   why: string;
 }
 
-async function send(path: string, bytes: Buffer, type: string) {
+async function send(path: string, { bytes, headers }: Encoded) {
   const res = await fetch(`${g.url}${path}`, {
     method: "POST",
-    headers: { "content-type": type },
+    headers,
     body: bytes,
     signal: AbortSignal.timeout(60_000),
   });
@@ -315,13 +407,13 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
     const failures: Failure[] = [];
     const statuses = new Map<number, number>();
     for (let i = 0; i < ITERATIONS; i++) {
-      const route = r.pick(ROUTES);
+      const route = r.pick(FUZZED);
       const body = structuredClone(route.body);
       mutate(r, VOCABULARY, body);
-      const { bytes, type } = encode(r, body);
+      const encoded = encode(r, body);
       let why: string | null;
       try {
-        const res = await send(route.path, bytes, type);
+        const res = await send(route.path, encoded);
         statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1);
         why = problem(route.path, res.status, res.text, res.type);
       } catch (e) {
@@ -331,7 +423,7 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
         failures.push({
           iteration: i,
           path: route.path,
-          body: bytes.toString("utf8", 0, 400),
+          body: `${JSON.stringify(encoded.headers)} ${encoded.bytes.toString("utf8", 0, 400)}`,
           why,
         });
         if (failures.length >= 10) break;
@@ -350,11 +442,10 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
     });
     expect(chat.choices[0]!.finish_reason).toBeDefined();
     for (const route of ROUTES) {
-      const res = await send(
-        route.path,
-        Buffer.from(JSON.stringify(route.body)),
-        "application/json",
-      );
+      const res = await send(route.path, {
+        bytes: Buffer.from(JSON.stringify(route.body)),
+        headers: { "content-type": "application/json" },
+      });
       expect(res.status, `${route.path}: ${res.text.slice(0, 200)}`).toBe(200);
     }
     await expectNothingLeft();
@@ -368,7 +459,7 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
     const client = async () => {
       while (done < ITERATIONS / 2 && failures.length < 10) {
         done++;
-        const route = r.pick(ROUTES);
+        const route = r.pick(FUZZED);
         const body = structuredClone(route.body);
         mutate(r, VOCABULARY, body);
         // Longer answers now and then, for a hang-up to land mid-generation.
