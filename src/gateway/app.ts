@@ -4,6 +4,7 @@
 // everything else, OpenAI's {error: {message, type, param, code}}.
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
+import type { Socket } from "node:net";
 import Fastify, {
   type FastifyInstance,
   type FastifyReply,
@@ -82,13 +83,27 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   // Closing waits for the requests in flight; the keep-alive connections they leave idle
   // (72 s keepAliveTimeout) would hold the close, and a pod's stop, until SIGKILL. So from
   // close on, answers end their connection, and idle connections are closed as they occur.
+  // So are connections that never sent a byte (a client's preconnect, or one it opened for
+  // a request it then gave up): Node counts them neither idle nor active, and the close
+  // waited for its headers timeout, 60 s and more (found by test/gateway/fuzz.test.ts).
+  const sockets = new Set<Socket>();
+  app.server.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.once("close", () => sockets.delete(socket));
+  });
+  const closeIdle = (server: typeof app.server) => {
+    server.closeIdleConnections();
+    for (const socket of sockets)
+      if (socket.bytesRead === 0 && !(socket as { _httpMessage?: unknown })._httpMessage)
+        socket.destroy();
+  };
   let closing = false;
   let idleTimer: NodeJS.Timeout | undefined;
   app.addHook("preClose", async () => {
     closing = true;
     const server = app.server;
-    server.closeIdleConnections();
-    idleTimer = setInterval(() => server.closeIdleConnections(), 100);
+    closeIdle(server);
+    idleTimer = setInterval(() => closeIdle(server), 100);
     idleTimer.unref();
     server.once("close", () => clearInterval(idleTimer));
   });

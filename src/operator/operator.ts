@@ -223,8 +223,12 @@ export class Operator {
     if (this.#elector && !(await settlesWithin(this.#elector.release(), 5000)))
       this.#o.log("stop: the lease release got no answer in 5 s: it expires on its own");
     this.#metrics.isLeader.set(0);
-    await new Promise<void>((resolve) =>
-      this.#server ? this.#server.close(() => resolve()) : resolve(),
-    );
+    // The metrics server's connections are closed with it: a scraper's keep-alive one (5 s),
+    // or one that never sent a byte (60 s and more), would otherwise hold the stop.
+    await new Promise<void>((resolve) => {
+      if (!this.#server) return resolve();
+      this.#server.close(() => resolve());
+      this.#server.closeAllConnections();
+    });
   }
 }

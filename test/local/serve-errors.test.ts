@@ -604,6 +604,35 @@ describe("serving commands on bad input", () => {
     }
   });
 
+  it("SIGTERM with a connection that never sent a byte (a preconnect): it is closed, and the stop does not wait for it", async () => {
+    const started = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "local",
+      modelName: `pre-${await freePort()}`,
+      // Long: were the connection waited for, the stop would cut it only after a minute.
+      args: ["--shutdown-timeout=60"],
+    });
+    const gw = started.process;
+    try {
+      const { port } = new URL(started.url);
+      const socket = connect(Number(port), "127.0.0.1");
+      await new Promise<void>((r) => socket.once("connect", () => r()));
+      const closed = new Promise<void>((r) => socket.once("close", () => r()));
+      socket.on("error", () => {});
+      await sleep(200);
+      process.kill(gw.pid!, "SIGTERM");
+      // Node counts such a connection neither idle nor active: before, the stop waited for
+      // its headers timeout (60 s), and here for --shutdown-timeout.
+      for (let i = 0; i < 100 && !gw.exited; i++) await sleep(100);
+      expect(gw.exited).toBe(true);
+      await closed;
+      expect(gw.child.exitCode).toBe(0);
+      expect(started.log()).not.toContain("still running");
+    } finally {
+      await gw.stop(1000);
+    }
+  });
+
   it("--shutdown-delay: after SIGTERM /ready says draining and requests are still served, then it stops", async () => {
     for (const bad of ["x", "-1", "301"]) {
       const r = await expertmesh([

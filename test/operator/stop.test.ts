@@ -1,11 +1,13 @@
 // The operator's stop when a Kubernetes call hangs: a real admission webhook (served by this
 // test, called by the real kube-apiserver) holds the operator's apply of a Deployment without
 // answering, as a stuck webhook or a hung apiserver connection does. SIGTERM must still hand
-// back the lease within --shutdown-timeout, not wait for the held call.
+// back the lease within --shutdown-timeout, not wait for the held call (nor for an idle
+// connection to its metrics port).
 
 import { readFileSync } from "node:fs";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { createServer, type Server } from "node:https";
+import { connect } from "node:net";
 import { dirname, join } from "node:path";
 import {
   AdmissionregistrationV1Api,
@@ -106,9 +108,17 @@ describe("operator stop with a reconcile stuck in a Kubernetes call", () => {
     });
     expect(lease.spec?.holderIdentity).toBe("op-stop");
 
+    // And a connection to its metrics port that never sent a byte (a scraper's preconnect):
+    // closing the metrics server waited for it (Node's 60 s headers timeout) before.
+    const { port } = new URL(op.metricsUrl);
+    const idle = connect(Number(port), "127.0.0.1");
+    idle.on("error", () => {});
+    await new Promise<void>((r) => idle.once("connect", () => r()));
+
     // SIGKILL comes 25 s after SIGTERM: without the bound, stop waits for the apiserver's
     // 30 s webhook timeout, is killed first (no exit code 0), and leaves the lease held.
     await op.process.stop(25_000);
+    idle.destroy();
     expect(op.process.child.exitCode).toBe(0);
     expect(op.log()).toMatch(/reconcile of .*held.* still running after 2 s/);
     expect(op.log()).toContain("released the lease");
