@@ -604,28 +604,39 @@ describe("serving commands on bad input", () => {
     }
   });
 
-  it("SIGTERM with a connection that never sent a byte (a preconnect): it is closed, and the stop does not wait for it", async () => {
+  it("SIGTERM with connections that never sent a byte (preconnects, HTTP and gRPC): they are closed, and the stop does not wait for them", async () => {
     const started = await startGatewayProcess({
       modelDir: dir,
       namespace: "local",
       modelName: `pre-${await freePort()}`,
-      // Long: were the connection waited for, the stop would cut it only after a minute.
-      args: ["--shutdown-timeout=60"],
+      // Long: were the connections waited for, the stop would cut them only after a minute.
+      args: ["--shutdown-timeout=60", "--grpc-port=0"],
     });
     const gw = started.process;
     try {
-      const { port } = new URL(started.url);
-      const socket = connect(Number(port), "127.0.0.1");
-      await new Promise<void>((r) => socket.once("connect", () => r()));
-      const closed = new Promise<void>((r) => socket.once("close", () => r()));
-      socket.on("error", () => {});
+      const http = Number(new URL(started.url).port);
+      const grpc = Number(/gRPC \(KServe v2\) on :(\d+)/.exec(started.log())?.[1]);
+      expect(grpc).toBeGreaterThan(0);
+      // Half-open allowed, as a client that never reads (Python's socket, a stalled proxy)
+      // behaves: a Node socket would answer the server's FIN at once, and the graceful
+      // close would not wait for it.
+      const silent = [http, grpc].map((port) =>
+        connect({ port, host: "127.0.0.1", allowHalfOpen: true }),
+      );
+      await Promise.all(silent.map((s) => new Promise<void>((r) => s.once("connect", () => r()))));
+      // The server's end of each (the gRPC server first sends its HTTP/2 settings: read on).
+      const ended = Promise.all(
+        silent.map((s) => new Promise<void>((r) => s.once("end", () => r()))),
+      );
+      for (const s of silent) s.on("error", () => {}).resume();
       await sleep(200);
       process.kill(gw.pid!, "SIGTERM");
-      // Node counts such a connection neither idle nor active: before, the stop waited for
-      // its headers timeout (60 s), and here for --shutdown-timeout.
+      // Node counts such a connection neither idle nor active, and grpc-js's graceful
+      // shutdown waits for its session: before, the stop waited for --shutdown-timeout.
       for (let i = 0; i < 100 && !gw.exited; i++) await sleep(100);
       expect(gw.exited).toBe(true);
-      await closed;
+      await ended;
+      for (const s of silent) s.destroy();
       expect(gw.child.exitCode).toBe(0);
       expect(started.log()).not.toContain("still running");
     } finally {
