@@ -1,17 +1,3 @@
-// The CRD and the local parser agree, and what the API server admits the operator can run:
-// the examples mutated at random (as in test/unit/manifest-fuzz.test.ts), each sent to the
-// real kube-apiserver as a server-side dry run (strict field validation, as kubectl's), and
-// parsed by `expertmesh`'s own parser (what `expertmesh up` runs):
-// - the two must agree on admitting it (else `expertmesh up` runs what the cluster refuses,
-//   or the other way round);
-// - the object the API server admits (with its defaults) must render, and every workload
-//   the operator would apply for it (when its memory limits hold its weights: else it says
-//   MemoryLimitTooLow and applies nothing) must be admitted by the API server too (a dry
-//   run): a spec the CRD lets in must never leave the operator with objects the cluster
-//   refuses.
-// EM_FUZZ_ITERATIONS (default 40: each is a few API calls) and EM_FUZZ_SEED widen a campaign.
-import { readdirSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import {
   CoreV1Api,
   CustomObjectsApi,
@@ -19,17 +5,16 @@ import {
   KubernetesObjectApi,
 } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { parseAllDocuments, stringify } from "yaml";
-import { deepSeekModelCrd } from "../../src/api/crd.ts";
+import { stringify } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { memoryLimitShortfalls } from "../../src/api/memory.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
-import { kubectl } from "../support/cli.ts";
-import { adminKubeConfig, uniqueName, waitFor } from "../support/env.ts";
-import { mutate, rng, type Vocabulary } from "../support/fuzz.ts";
+import { installModelCrd } from "../support/crd.ts";
+import { adminKubeConfig, uniqueName } from "../support/env.ts";
+import { crdVocabulary, exampleModels, mutate, rng } from "../support/fuzz.ts";
 
 const ITERATIONS = Number(process.env["EM_FUZZ_ITERATIONS"] ?? 40);
 const SEED = Number(process.env["EM_FUZZ_SEED"] ?? 20261201);
@@ -40,35 +25,8 @@ const core = kc.makeApiClient(CoreV1Api);
 const custom = kc.makeApiClient(CustomObjectsApi);
 const objects = KubernetesObjectApi.makeApiClient(kc);
 const namespace = uniqueName("em-admit");
-const crd = fileURLToPath(new URL("../../crds/deepseekmodels.expertmesh.io.yaml", import.meta.url));
 
-const dir = new URL("../../examples/", import.meta.url);
-const examples = readdirSync(dir)
-  .filter((f) => f.endsWith(".yaml"))
-  .map((f) =>
-    parseAllDocuments(readFileSync(new URL(f, dir), "utf8"))
-      .map((d) => d.toJS())
-      .find((d) => d?.kind === "DeepSeekModel"),
-  )
-  .filter((d): d is Record<string, unknown> => d !== undefined);
-
-/** Field names and enum values of the CRD's schema (as the manifest fuzz's). */
-function vocabulary(): Vocabulary {
-  const fields = new Set<string>();
-  const plausible: Record<string, unknown[]> = {};
-  const walk = (node: Record<string, any>) => {
-    for (const [name, child] of Object.entries<Record<string, any>>(node["properties"] ?? {})) {
-      fields.add(name);
-      const values = [...(child["enum"] ?? []), ...("default" in child ? [child["default"]] : [])];
-      if (values.length) plausible[name] = [...(plausible[name] ?? []), ...values];
-      walk(child);
-    }
-    if (node["items"]) walk(node["items"]);
-    if (typeof node["additionalProperties"] === "object") walk(node["additionalProperties"]);
-  };
-  walk(deepSeekModelCrd().spec.versions[0].schema.openAPIV3Schema);
-  return { fields: [...fields], plausible, words: ["tiny-v3", "deepseek-v3", "bfloat16", "fp8"] };
-}
+const examples = exampleModels();
 
 /** The API server's answer to a dry-run create: admitted (with the stored object) or why not. */
 async function admits(body: object): Promise<{ ok: true; obj: any } | { ok: false; why: string }> {
@@ -90,11 +48,7 @@ async function admits(body: object): Promise<{ ok: true; obj: any } | { ok: fals
 
 beforeAll(async () => {
   await core.createNamespace({ body: { metadata: { name: namespace } } });
-  expect((await kubectl(["apply", "--server-side", "-f", crd])).code).toBe(0);
-  await waitFor(
-    "the CRD served",
-    async () => (await kubectl(["get", "dsm", "-n", namespace])).code === 0 || undefined,
-  );
+  await installModelCrd(namespace);
 });
 
 afterAll(async () => {
@@ -103,7 +57,7 @@ afterAll(async () => {
 
 describe(`admission fuzz (${ITERATIONS} manifests, seed ${SEED})`, () => {
   it("the CRD and the parser agree, and what is admitted renders workloads the API server admits", async () => {
-    const v = vocabulary();
+    const v = crdVocabulary();
     const r = rng(SEED);
     const failures: string[] = [];
     let admitted = 0;

@@ -4,14 +4,16 @@ import { fileURLToPath } from "node:url";
 import { CoreV1Api, CustomObjectsApi } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Informer } from "../../src/operator/informer.ts";
-import { kubectl } from "../support/cli.ts";
+import { installModelCrd } from "../support/crd.ts";
 import { adminKubeConfig, uniqueName, waitFor } from "../support/env.ts";
 
 const kc = adminKubeConfig();
 const core = kc.makeApiClient(CoreV1Api);
 const custom = kc.makeApiClient(CustomObjectsApi);
 const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
-const crd = fileURLToPath(new URL("../../crds/deepseekmodels.expertmesh.io.yaml", import.meta.url));
+const _crd = fileURLToPath(
+  new URL("../../crds/deepseekmodels.expertmesh.io.yaml", import.meta.url),
+);
 
 function dsm(name: string) {
   return {
@@ -29,11 +31,7 @@ describe("Informer", () => {
     await core.createNamespace({ body: { metadata: { name: namespace } } });
     // DeepSeekModels: a kind whose watch cache starts when the CRD is created, so an early
     // resourceVersion is certainly expired.
-    expect((await kubectl(["apply", "--server-side", "-f", crd])).code).toBe(0);
-    await waitFor(
-      "the CRD served",
-      async () => (await kubectl(["get", "dsm", "-n", namespace])).code === 0 || undefined,
-    );
+    await installModelCrd(namespace);
   });
   afterAll(async () => {
     for (const i of informers) i.stop();

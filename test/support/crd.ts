@@ -50,3 +50,17 @@ export async function installCrd(which: ForeignCrd, path?: string): Promise<stri
 export async function deleteCrd(name: string, wait = false): Promise<void> {
   await kubectl(["delete", "crd", name, "--ignore-not-found", `--wait=${wait}`]);
 }
+
+const modelCrd = fileURLToPath(
+  new URL("../../crds/deepseekmodels.expertmesh.io.yaml", import.meta.url),
+);
+
+/** This project's DeepSeekModel CRD, applied server-side; resolves once it is served. */
+export async function installModelCrd(namespace: string): Promise<void> {
+  const r = await kubectl(["apply", "--server-side", "-f", modelCrd]);
+  expect(r.code, r.stderr).toBe(0);
+  await waitFor(
+    "the DeepSeekModel CRD served",
+    async () => (await kubectl(["get", "dsm", "-n", namespace])).code === 0 || undefined,
+  );
+}

@@ -1,5 +1,8 @@
 // Seeded mutation of JSON-like values, for fuzz tests (test/gateway/fuzz.test.ts,
-// test/unit/manifest-fuzz.test.ts): a failure replays from its seed.
+// test/unit/manifest-fuzz.test.ts, ...): a failure replays from its seed.
+import { readdirSync, readFileSync } from "node:fs";
+import { parseAllDocuments } from "yaml";
+import { deepSeekModelCrd } from "../../src/api/crd.ts";
 
 /** mulberry32: a small seeded generator. */
 export function rng(seed: number) {
@@ -118,4 +121,37 @@ export function mutate(r: Rng, v: Vocabulary, body: Record<string, unknown>): vo
       c[key] = fieldValue(r, v, key);
     }
   }
+}
+
+/** The DeepSeekModel of each manifest in examples/ (tiny-storage.yaml holds none). */
+export function exampleModels(): Record<string, unknown>[] {
+  const dir = new URL("../../examples/", import.meta.url);
+  return readdirSync(dir)
+    .filter((f) => f.endsWith(".yaml"))
+    .map((f) =>
+      parseAllDocuments(readFileSync(new URL(f, dir), "utf8"))
+        .map((d) => d.toJS())
+        .find((d) => d?.kind === "DeepSeekModel"),
+    )
+    .filter((d): d is Record<string, unknown> => d !== undefined);
+}
+
+/** Field names, and the values the schema names (enums, defaults), of the CRD's schema. */
+export function crdVocabulary(): Vocabulary {
+  const fields = new Set<string>();
+  const plausible: Record<string, unknown[]> = {};
+  const words = new Set<string>();
+  const walk = (node: Record<string, any>) => {
+    for (const [name, child] of Object.entries<Record<string, any>>(node["properties"] ?? {})) {
+      fields.add(name);
+      const values = [...(child["enum"] ?? []), ...("default" in child ? [child["default"]] : [])];
+      for (const v of values) if (typeof v === "string") words.add(v);
+      if (values.length) plausible[name] = [...(plausible[name] ?? []), ...values];
+      walk(child);
+    }
+    if (node["items"]) walk(node["items"]);
+    if (typeof node["additionalProperties"] === "object") walk(node["additionalProperties"]);
+  };
+  walk(deepSeekModelCrd().spec.versions[0].schema.openAPIV3Schema);
+  return { fields: [...fields], plausible, words: [...words] };
 }
