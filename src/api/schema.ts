@@ -735,19 +735,11 @@ export const MonitoringSchema = Type.Object(
             }),
           ),
           labels: Type.Optional(
-            Type.Record(
-              Type.String(),
-              Type.String({
-                description: "Label value.",
-                maxLength: 63,
-                pattern: "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
-              }),
-              {
-                description:
-                  "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
-                maxProperties: 32,
-              },
-            ),
+            Type.Record(Type.String(), LabelValue("Label value."), {
+              description:
+                "Labels of the PodMonitor, for a Prometheus's podMonitorSelector (e.g. release: kube-prometheus-stack).",
+              maxProperties: 32,
+            }),
           ),
         },
         { description: "A PodMonitor for the model's pods.", default: {} },

@@ -4,7 +4,7 @@
 import { Prng } from "../model/prng.ts";
 import type { KvDtype } from "./kv-format.ts";
 import { type DeepSeekForward, SequenceCache } from "./model.ts";
-import { uniform32 } from "./sampling.ts";
+import { temperature32, topP32, uniform32 } from "./sampling.ts";
 
 export interface SamplingOptions {
   maxTokens: number;
@@ -43,9 +43,9 @@ export async function generate(
   const stop = new Set(opts.stopTokens ?? []);
   const pick = (logits: Float32Array) =>
     model.sample(logits, {
-      temperature: Float32Array.of(opts.temperature ?? 0),
+      temperature: Float32Array.of(temperature32(opts.temperature ?? 0)),
       topK: Int32Array.of(opts.topK ?? 0),
-      topP: Float32Array.of(opts.topP ?? 1),
+      topP: Float32Array.of(topP32(opts.topP ?? 1)),
       uniform: Float32Array.of(uniform32(rng.uniform())),
     })[0]!;
   const tokens: number[] = [];

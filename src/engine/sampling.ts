@@ -28,6 +28,27 @@ export function uniform32(u: number): number {
   return Math.min(Math.fround(u), BELOW_ONE);
 }
 
+/** float32's smallest normal number. */
+const FLT_MIN = 1.1754943508222875e-38;
+/** Temperatures below are greedy (vLLM's _SAMPLING_EPS). */
+const MIN_TEMPERATURE = 1e-5;
+
+/**
+ * A temperature as samplers take it: below 1e-5 greedy (0), as in vLLM. A float32
+ * denormal made logits / T overflow to infinity, and the weights NaN: tokens at random.
+ */
+export function temperature32(t: number): number {
+  return t < MIN_TEMPERATURE ? 0 : t;
+}
+
+/**
+ * A top_p as samplers take it: at least float32's smallest normal (a smaller one rounds to
+ * 0, which samplers refuse; any top_p that small keeps only the most likely token).
+ */
+export function topP32(p: number): number {
+  return Math.max(p, FLT_MIN);
+}
+
 /** The reference sampler: one token per row (see the rule above). */
 export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array {
   const n = logits.length / vocab;

@@ -27,7 +27,14 @@ import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from ".
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { DiskPrefixStats } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
-import { rankIn, type SampleRows, type TokenLogprob, uniform32 } from "../engine/sampling.ts";
+import {
+  rankIn,
+  type SampleRows,
+  type TokenLogprob,
+  temperature32,
+  topP32,
+  uniform32,
+} from "../engine/sampling.ts";
 import {
   type AddResult,
   NO_DRAFT,
@@ -40,11 +47,6 @@ import {
 import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
-
-/** float32's smallest normal number. */
-const FLT_MIN = 1.1754943508222875e-38;
-/** Temperatures below are greedy (vLLM's _SAMPLING_EPS). */
-const MIN_TEMPERATURE = 1e-5;
 
 export interface SamplingParams {
   /** 0: greedy. */
@@ -649,13 +651,9 @@ export class ServingEngine {
             if (i === 0) failed.set(a, err);
             else limit = Math.min(limit, i - 1);
           }
-        // vLLM's rule: below 1e-5 is greedy. (A float32 denormal made logits / T overflow to
-        // infinity, and the sampler's weights NaN: tokens drawn at random.)
-        rows.temperature[r] = s.temperature < MIN_TEMPERATURE ? 0 : s.temperature;
+        rows.temperature[r] = temperature32(s.temperature);
         rows.topK[r] = s.topK;
-        // A top_p under float32's smallest normal would round to 0, which the sampler refuses
-        // (HTTP 500 before); any top_p that small keeps only the most likely token, as this does.
-        rows.topP[r] = Math.max(s.topP, FLT_MIN);
+        rows.topP[r] = topP32(s.topP);
         rows.uniform[r] = uniform32(rng.uniform());
         const d = draft[i];
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);

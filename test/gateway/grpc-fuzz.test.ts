@@ -49,6 +49,12 @@ const text = (t: string) => ({
   shape: [1],
   contents: { bytes_contents: [Buffer.from(t)] },
 });
+/** A valid KServe request, for ModelInfer and ModelStreamInfer. */
+const INFER = {
+  model_name: "tiny",
+  inputs: [text("hi")],
+  parameters: { max_tokens: { int64_param: 3 } },
+};
 const SCHEMA = JSON.stringify({ type: "object", properties: { a: { type: "integer" } } });
 
 /** Each method with a valid request. */
@@ -62,21 +68,13 @@ const METHODS: {
     method: "ModelInfer",
     client: () => kserve,
     stream: "none",
-    req: {
-      model_name: "tiny",
-      inputs: [text("hi")],
-      parameters: { max_tokens: { int64_param: 3 } },
-    },
+    req: INFER,
   },
   {
     method: "ModelStreamInfer",
     client: () => kserve,
     stream: "bidi",
-    req: {
-      model_name: "tiny",
-      inputs: [text("hi")],
-      parameters: { max_tokens: { int64_param: 3 } },
-    },
+    req: INFER,
   },
   {
     method: "GenerateStream",
