@@ -564,6 +564,8 @@ extern "C" em_status em_sample(em_backend* b, const em_sample_args* a) {
       return em::fail(EM_ERR_ARG, "sample: uniform[%lld] not in [0, 1)", static_cast<long long>(t));
     if (a->top_p != nullptr && !(a->top_p[t] > 0.0f))
       return em::fail(EM_ERR_ARG, "sample: top_p[%lld] must be > 0", static_cast<long long>(t));
+    if (a->min_p != nullptr && !(a->min_p[t] >= 0.0f && a->min_p[t] <= 1.0f))
+      return em::fail(EM_ERR_ARG, "sample: min_p[%lld] not in [0, 1]", static_cast<long long>(t));
   }
   EM_TRY(check_supported(b, EM_OP_SAMPLE, EM_F32));
   return b->iface->sample(b->ctx, a);

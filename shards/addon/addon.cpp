@@ -1064,7 +1064,7 @@ std::vector<T> per_row(Napi::Env env, const Napi::Object& o, const char* key, in
   }
 }
 
-// sample(logits: Float32Array [T * vocab], vocab, { temperature, topK?, topP?, uniform? })
+// sample(logits: Float32Array [T * vocab], vocab, { temperature, minP?, topK?, topP?, uniform? })
 // -> Int32Array [T]; each option is a number or one value per row.
 Napi::Value Sample(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -1075,11 +1075,13 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   std::vector<float> temperature = per_row<float>(env, o, "temperature", T, 0.0f);
   std::vector<int32_t> top_k = per_row<int32_t>(env, o, "topK", T, 0);
   std::vector<float> top_p = per_row<float>(env, o, "topP", T, 1.0f);
+  std::vector<float> min_p = per_row<float>(env, o, "minP", T, 0.0f);
   const bool has_u = present(o.Get("uniform"));
   std::vector<float> uniform = per_row<float>(env, o, "uniform", T, 0.0f);
   Napi::Int32Array out = Napi::Int32Array::New(env, static_cast<size_t>(T));
   em_tensor lt = em_tensor_2d(logits, EM_F32, T, vocab);
-  em_sample_args a{&lt, temperature.data(), top_k.data(), top_p.data(), has_u ? uniform.data() : nullptr, out.Data()};
+  em_sample_args a{&lt, temperature.data(), top_k.data(), top_p.data(), has_u ? uniform.data() : nullptr, out.Data(),
+                   min_p.data()};
   check(env, em_sample(backend_for(env, EM_OP_SAMPLE, EM_F32), &a), "sample");
   return out;
 }

@@ -1,4 +1,4 @@
-// Sampling family: greedy, temperature, top-k and top-p (nucleus) sampling of one token
+// Sampling family: greedy, temperature, min-p, top-k and top-p (nucleus) sampling of one token
 // per row of logits, driven by caller-supplied uniform numbers (see em_sample_args).
 #include <algorithm>
 #include <cmath>
@@ -70,14 +70,26 @@ void at_least(const float* v, int64_t n, float lo, std::vector<int32_t>& out) {
 constexpr float kWeightBand = 5.9604645e-8f;  // 2^-24 (the max weight is 1)
 constexpr int kBands = 3;                     // then the whole vocabulary
 
-int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float temperature, int32_t top_k, float top_p,
-                   float u, std::vector<float>& w, std::vector<int32_t>& order) {
+int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float temperature, float min_p, int32_t top_k,
+                   float top_p, float u, std::vector<float>& w, std::vector<int32_t>& order) {
   if (temperature <= 0.0f) return argmax(logits, V);
   w.resize(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
   order.clear();  // kept tokens, most likely first; empty: all, vocabulary order
   double mass;
-  if (top_k > 0 && top_k < V) {
+  if (min_p > 0.0f) {
+    // p_i >= min_p * p_max  <=>  w_i >= w_max + log(min_p): the kept ones in id order, then
+    // by value (a short list: the tokens within a factor 1 / min_p of the most likely).
+    const float top = *std::max_element(w.begin(), w.end());
+    at_least(w.data(), V, top + std::log(min_p), order);
+    std::sort(order.begin(), order.end(), ByValue{w.data()});
+    if (top_k > 0 && static_cast<size_t>(top_k) < order.size()) order.resize(static_cast<size_t>(top_k));
+    mass = 0.0;
+    for (int32_t id : order) {
+      w[id] = std::exp(w[id] - top);
+      mass += w[id];
+    }
+  } else if (top_k > 0 && top_k < V) {
     top_k_of(w.data(), V, static_cast<size_t>(top_k), order);
     const float top = w[order[0]];
     mass = 0.0;
@@ -176,8 +188,8 @@ em_status sample(Context& ctx, const em_sample_args* a) {
     thread_local std::vector<float> w;
     thread_local std::vector<int32_t> order;
     a->out_tokens[t] = sample_row(*ctx.k, logits + t * a->logits->stride[0], V, a->temperature[t],
-                                  a->top_k ? a->top_k[t] : 0, a->top_p ? a->top_p[t] : 1.0f,
-                                  a->uniform ? a->uniform[t] : 0.0f, w, order);
+                                  a->min_p ? a->min_p[t] : 0.0f, a->top_k ? a->top_k[t] : 0,
+                                  a->top_p ? a->top_p[t] : 1.0f, a->uniform ? a->uniform[t] : 0.0f, w, order);
   });
   return EM_OK;
 }

@@ -15,14 +15,19 @@ struct RefPick {
   std::vector<double> cdf;    // normalized cumulative mass along `kept`
 };
 
-RefPick reference(const float* logits, int64_t V, float temp, int32_t top_k, float top_p) {
+RefPick reference(const float* logits, int64_t V, float temp, float min_p, int32_t top_k, float top_p) {
   std::vector<int32_t> order(static_cast<size_t>(V));
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   const double mx = logits[order[0]] / static_cast<double>(temp);
   std::vector<double> w(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) w[i] = std::exp(logits[i] / static_cast<double>(temp) - mx);
-  const bool cut_k = top_k > 0 && top_k < V, cut_p = top_p < 1.0f;
+  const bool cut_m = min_p > 0.0f, cut_p = top_p < 1.0f;
+  // min_p: the tokens with probability >= min_p x the largest (w is 1 for the largest).
+  if (cut_m)
+    order.erase(std::find_if(order.begin(), order.end(), [&](int32_t id) { return w[id] < min_p * (1.0 - 1e-6); }),
+                order.end());
+  const bool cut_k = top_k > 0 && static_cast<size_t>(top_k) < order.size();
   if (cut_k) order.resize(static_cast<size_t>(top_k));
   double mass = 0.0;
   for (int32_t id : order) mass += w[id];
@@ -40,7 +45,7 @@ RefPick reference(const float* logits, int64_t V, float temp, int32_t top_k, flo
     mass = cum;
   }
   RefPick r;
-  if (!cut_k && !cut_p) {  // vocabulary order
+  if (!cut_m && !cut_k && !cut_p) {  // vocabulary order
     r.kept.resize(static_cast<size_t>(V));
     std::iota(r.kept.begin(), r.kept.end(), 0);
   } else {
@@ -54,16 +59,17 @@ RefPick reference(const float* logits, int64_t V, float temp, int32_t top_k, flo
 void test_against_reference(Backend& be, Rng& rng) {
   const int64_t T = 40, V = 3001;
   std::vector<float> logits = rng.vec(static_cast<size_t>(T * V), -6.0f, 6.0f);
-  std::vector<float> temp(T), top_p(T), u(T);
+  std::vector<float> temp(T), min_p(T), top_p(T), u(T);
   std::vector<int32_t> top_k(T), out(T);
   for (int64_t t = 0; t < T; ++t) {
     temp[t] = t % 10 == 0 ? 0.0f : rng.uniform(0.3f, 1.5f);
     top_k[t] = t % 3 == 0 ? 0 : rng.integer(1, 100);
     top_p[t] = t % 4 == 0 ? 1.0f : rng.uniform(0.2f, 0.99f);
+    min_p[t] = t % 5 < 2 ? 0.0f : rng.uniform(0.001f, 0.5f);
     u[t] = rng.uniform(0.0f, 0.999f);
   }
   em_tensor lt = em_tensor_2d(logits.data(), EM_F32, T, V);
-  em_sample_args a{&lt, temp.data(), top_k.data(), top_p.data(), u.data(), out.data()};
+  em_sample_args a{&lt, temp.data(), top_k.data(), top_p.data(), u.data(), out.data(), min_p.data()};
   CHECK_OK(em_sample(be.b, &a));
   for (int64_t t = 0; t < T; ++t) {
     const float* row = logits.data() + t * V;
@@ -71,7 +77,7 @@ void test_against_reference(Backend& be, Rng& rng) {
       CHECK(out[t] == std::max_element(row, row + V) - row, "greedy row %lld", static_cast<long long>(t));
       continue;
     }
-    const RefPick r = reference(row, V, temp[t], top_k[t], top_p[t]);
+    const RefPick r = reference(row, V, temp[t], min_p[t], top_k[t], top_p[t]);
     const auto it = std::find(r.kept.begin(), r.kept.end(), out[t]);
     CHECK(it != r.kept.end(), "%s row %lld: token %d was filtered out", be.label.c_str(), static_cast<long long>(t), out[t]);
     if (it == r.kept.end()) continue;
@@ -114,6 +120,26 @@ void test_special(Backend& be) {
   d.uniform = &u_high;
   CHECK_OK(em_sample(be.b, &d));
   CHECK(tok == 2, "top_p: u=0.6 -> token 2, got %d", tok);
+  // min_p 0.7 keeps {3 (0.4), 2 (0.3 >= 0.28)}: the same pair as top_p 0.5, most likely
+  // first; min_p 1 keeps only the most likely; min_p 0.3 keeps {3, 2, 1}, renormalized
+  // 4/9, 3/9, 2/9: u = 0.8 falls on token 1.
+  float mp = 0.7f, mp1 = 1.0f, mp_low = 0.3f, u_8 = 0.8f;
+  em_sample_args m{&l2t, &temp1, nullptr, nullptr, &u_low, &tok, &mp};
+  CHECK_OK(em_sample(be.b, &m));
+  CHECK(tok == 3, "min_p: u=0.5 -> token 3, got %d", tok);
+  m.uniform = &u_high;
+  CHECK_OK(em_sample(be.b, &m));
+  CHECK(tok == 2, "min_p: u=0.6 -> token 2, got %d", tok);
+  m.min_p = &mp1;
+  CHECK_OK(em_sample(be.b, &m));
+  CHECK(tok == 3, "min_p 1 -> argmax, got %d", tok);
+  m.min_p = &mp_low;
+  m.uniform = &u_8;
+  CHECK_OK(em_sample(be.b, &m));
+  CHECK(tok == 1, "min_p 0.3: u=0.8 -> token 1, got %d", tok);
+  float bad_mp = 1.5f;
+  m.min_p = &bad_mp;
+  CHECK(em_sample(be.b, &m) == EM_ERR_ARG, "min_p 1.5");
   // Errors: u outside [0, 1), missing u.
   float bad_u = 1.0f;
   em_sample_args e{&l2t, &temp1, nullptr, nullptr, &bad_u, &tok};

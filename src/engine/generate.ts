@@ -1,10 +1,10 @@
 // Single-sequence generation: prefill the prompt, then decode one token at a time with the
-// latent KV cache, sampling with temperature / top-k / top-p (sampling.ts, on the model's
-// backend) from a seeded generator.
+// latent KV cache, sampling with temperature / min-p / top-k / top-p and the repetition
+// penalty (sampling.ts, on the model's backend) from a seeded generator.
 import { Prng } from "../model/prng.ts";
 import type { KvDtype } from "./kv-format.ts";
 import { type DeepSeekForward, SequenceCache } from "./model.ts";
-import { temperature32, topP32, uniform32 } from "./sampling.ts";
+import { applyPenalties, temperature32, topP32, uniform32 } from "./sampling.ts";
 
 export interface SamplingOptions {
   maxTokens: number;
@@ -12,6 +12,10 @@ export interface SamplingOptions {
   temperature?: number;
   topK?: number;
   topP?: number;
+  /** 0: off. */
+  minP?: number;
+  /** 1: off (sampling.ts applyPenalties). */
+  repetitionPenalty?: number;
   seed?: number;
   /** Token ids that end generation (not included in the output). */
   stopTokens?: readonly number[];
@@ -41,19 +45,27 @@ export async function generate(
   );
   const rng = new Prng(opts.seed ?? 0);
   const stop = new Set(opts.stopTokens ?? []);
-  const pick = (logits: Float32Array) =>
-    model.sample(logits, {
+  const repetition = opts.repetitionPenalty ?? 1;
+  const seen = new Set(prompt);
+  const none = new Map<number, number>();
+  const pick = (logits: Float32Array) => {
+    if (repetition !== 1)
+      applyPenalties(logits, { presence: 0, frequency: 0, repetition }, none, seen);
+    return model.sample(logits, {
       temperature: Float32Array.of(temperature32(opts.temperature ?? 0)),
       topK: Int32Array.of(opts.topK ?? 0),
       topP: Float32Array.of(topP32(opts.topP ?? 1)),
+      minP: Float32Array.of(opts.minP ?? 0),
       uniform: Float32Array.of(uniform32(rng.uniform())),
     })[0]!;
+  };
   const tokens: number[] = [];
   const t0 = performance.now();
   let next = pick(await model.forward(prompt, cache, true));
   const t1 = performance.now();
   while (tokens.length < opts.maxTokens && !stop.has(next)) {
     tokens.push(next);
+    seen.add(next);
     onToken?.(next);
     if (tokens.length === opts.maxTokens) break;
     next = pick(await model.forward([next], cache, true));

@@ -1,12 +1,13 @@
 // Token sampling and logprobs over rows of logits [vocab].
 //
 // The rule (shards/include/expertmesh/ops.h, em_sample_args): temperature <= 0 is greedy
-// (argmax, lowest id on ties); otherwise softmax(logits / temperature), keep the top_k most
-// likely (top_k <= 0: all), then the smallest most-likely prefix whose mass reaches top_p
-// (top_p >= 1: all), renormalize, and pick by inverse CDF with the caller's uniform number
-// u: the kept tokens are walked from most to least likely (ties: lower id first) when
-// top_k or top_p cut, else in vocabulary order (the same distribution without sorting the
-// vocabulary). The native backend implements it in C++ over all rows of a step at once
+// (argmax, lowest id on ties); otherwise softmax(logits / temperature), keep the tokens at
+// least min_p times as likely as the most likely one (min_p <= 0: all; vLLM's min_p), of
+// those the top_k most likely (top_k <= 0: all), then the smallest most-likely prefix whose
+// mass reaches top_p (top_p >= 1: all), renormalize, and pick by inverse CDF with the
+// caller's uniform number u: the kept tokens are walked from most to least likely (ties:
+// lower id first) when min_p, top_k or top_p cut, else in vocabulary order (the same
+// distribution without sorting the vocabulary). The native backend implements it in C++ over all rows of a step at once
 // (threads); `sampleToken` is the TypeScript reference, with float32 weights as there.
 
 /** Per-row settings of one sampling call over rows of logits [rows, vocab]. */
@@ -18,6 +19,8 @@ export interface SampleRows {
   readonly topP: Float32Array;
   /** In [0, 1): see `uniform32`. */
   readonly uniform: Float32Array;
+  /** In [0, 1]; 0 (or absent): no cut. */
+  readonly minP?: Float32Array;
 }
 
 /** The largest float32 below 1. */
@@ -49,6 +52,43 @@ export function topP32(p: number): number {
   return Math.max(p, FLT_MIN);
 }
 
+/** The penalties on a row of logits, as vLLM applies them. */
+export interface Penalties {
+  /** Subtracted once from a token generated at least once (OpenAI's). */
+  readonly presence: number;
+  /** Subtracted per time a token was generated (OpenAI's). */
+  readonly frequency: number;
+  /**
+   * 1: off. A token of the prompt or generated so far has its logit divided by it when
+   * positive, multiplied when not (Hugging Face's and vLLM's repetition_penalty): > 1
+   * makes seen tokens less likely, < 1 more.
+   */
+  readonly repetition: number;
+}
+
+/**
+ * Applies `p` to `row` in place, repetition first (vLLM's order): `counts` are the output
+ * tokens' counts so far, `prompt` the prompt's token ids (read only when repetition != 1).
+ */
+export function applyPenalties(
+  row: Float32Array,
+  p: Penalties,
+  counts: ReadonlyMap<number, number>,
+  prompt: ReadonlySet<number> | null,
+): void {
+  if (p.repetition !== 1) {
+    const r = p.repetition;
+    const scale = (id: number) => {
+      const v = row[id]!;
+      row[id] = v > 0 ? v / r : v * r;
+    };
+    for (const id of prompt ?? []) scale(id);
+    for (const id of counts.keys()) if (!prompt?.has(id)) scale(id);
+  }
+  if (p.presence !== 0 || p.frequency !== 0)
+    for (const [id, n] of counts) row[id]! -= p.presence + p.frequency * n;
+}
+
 /** The reference sampler: one token per row (see the rule above). */
 export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array {
   const n = logits.length / vocab;
@@ -60,6 +100,7 @@ export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows
       rows.topK[r]!,
       rows.topP[r]!,
       rows.uniform[r]!,
+      rows.minP?.[r] ?? 0,
     );
   return out;
 }
@@ -71,6 +112,7 @@ export function sampleToken(
   topK: number,
   topP: number,
   u: number,
+  minP = 0,
 ): number {
   const V = logits.length;
   if (temperature <= 0) return argmax(logits);
@@ -79,7 +121,17 @@ export function sampleToken(
   // Kept tokens, most likely first; null: all of them, in vocabulary order.
   let order: Int32Array | null = null;
   let mass = 0;
-  if (topK > 0 && topK < V) {
+  if (minP > 0) {
+    // p_i >= min_p * p_max  <=>  w_i >= w_max + log(min_p) (in float32, as the native one).
+    const top = w[argmax(w)]!;
+    const cut = Math.fround(top + Math.fround(Math.log(minP)));
+    const kept = byValue(w).filter((id) => w[id]! >= cut);
+    order = topK > 0 && topK < kept.length ? kept.subarray(0, topK) : kept;
+    for (const id of order) {
+      w[id] = Math.exp(w[id]! - top);
+      mass += w[id]!;
+    }
+  } else if (topK > 0 && topK < V) {
     order = byValue(w).subarray(0, topK);
     const mx = w[order[0]!]!;
     for (const id of order) {

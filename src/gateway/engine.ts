@@ -28,6 +28,8 @@ import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { DiskPrefixStats } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import {
+  applyPenalties,
+  type Penalties,
   rankIn,
   type SampleRows,
   type TokenLogprob,
@@ -56,6 +58,10 @@ export interface SamplingParams {
   readonly topK: number;
   readonly presencePenalty: number;
   readonly frequencyPenalty: number;
+  /** vLLM's repetition_penalty (sampling.ts applyPenalties); absent: 1, off. */
+  readonly repetitionPenalty?: number;
+  /** vLLM's min_p, in [0, 1] (sampling.ts's rule); absent: 0, off. */
+  readonly minP?: number;
   readonly seed: number;
   /** [token id, bias] added to the logits before sampling (OpenAI's logit_bias). */
   readonly logitBias?: readonly (readonly [number, number])[];
@@ -145,6 +151,8 @@ interface Active {
   cache: LatentCache | null;
   /** Output token counts, for the penalties. */
   counts: Map<number, number>;
+  /** The prompt's token ids, for the repetition penalty (null without one). */
+  promptIds: ReadonlySet<number> | null;
   promptLogprobs: (TokenLogprob | null)[] | null;
   cancelled: boolean;
   /** Its first step was scheduled (onStarted told). */
@@ -299,6 +307,7 @@ export class ServingEngine {
       rng: new Prng(req.sampling.seed),
       cache: null,
       counts: new Map(),
+      promptIds: (req.sampling.repetitionPenalty ?? 1) !== 1 ? new Set(req.prompt) : null,
       promptLogprobs: req.promptLogprobs ? [null] : null,
       cancelled: false,
       started: false,
@@ -601,12 +610,13 @@ export class ServingEngine {
     const n = picks.reduce((s, p) => s + 1 + p.draft.length, 0);
     if (this.#logits.length < n * V) this.#logits = new Float32Array(n * V);
     const logits = this.#logits.subarray(0, n * V);
-    const rows: SampleRows = {
+    const rows = {
       temperature: new Float32Array(n),
       topK: new Int32Array(n),
       topP: new Float32Array(n),
       uniform: new Float32Array(n),
-    };
+      minP: new Float32Array(n),
+    } satisfies SampleRows;
     const failed = new Map<Active, unknown>();
     /** First row of each pick. */
     const first: number[] = [];
@@ -623,7 +633,13 @@ export class ServingEngine {
       const grammar =
         a.req.constraint && draft.length > 0 ? a.req.constraint.fork() : a.req.constraint;
       const s = a.req.sampling;
-      const penalized = s.presencePenalty !== 0 || s.frequencyPenalty !== 0;
+      const penalties: Penalties = {
+        presence: s.presencePenalty,
+        frequency: s.frequencyPenalty,
+        repetition: s.repetitionPenalty ?? 1,
+      };
+      const penalized =
+        penalties.presence !== 0 || penalties.frequency !== 0 || penalties.repetition !== 1;
       // Row i samples output position out + i, after the draft's first i tokens: the
       // penalties count them, and its random draw is the one that position gets unspeculated
       // (drawn from a copy: the generator advances by the tokens kept).
@@ -633,8 +649,7 @@ export class ServingEngine {
       for (let i = 0; i <= draft.length; i++, r++) {
         const row = logits.subarray(r * V, (r + 1) * V);
         row.set(raw.subarray(i * V, (i + 1) * V));
-        if (penalized)
-          for (const [id, n] of counts) row[id]! -= s.presencePenalty + s.frequencyPenalty * n;
+        if (penalized) applyPenalties(row, penalties, counts, a.promptIds);
         for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
         if (a.req.minTokens && out + i < a.req.minTokens)
           for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
@@ -654,6 +669,7 @@ export class ServingEngine {
         rows.temperature[r] = temperature32(s.temperature);
         rows.topK[r] = s.topK;
         rows.topP[r] = topP32(s.topP);
+        rows.minP[r] = s.minP ?? 0;
         rows.uniform[r] = uniform32(rng.uniform());
         const d = draft[i];
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);

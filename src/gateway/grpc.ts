@@ -141,6 +141,8 @@ interface SamplingRequest {
   temperature?: number;
   top_p?: number;
   top_k?: number;
+  min_p?: number;
+  repetition_penalty?: number;
   seed?: number;
   stop: string[];
   presence_penalty?: number;
@@ -891,6 +893,8 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     temperature,
     top_p,
     top_k,
+    min_p,
+    repetition_penalty,
     seed,
     presence_penalty,
     frequency_penalty,
@@ -903,6 +907,8 @@ function generateParameters(r: SamplingRequest): SamplingFields {
     ...(temperature !== undefined ? { temperature } : {}),
     ...(top_p !== undefined ? { top_p } : {}),
     ...(top_k !== undefined ? { top_k } : {}),
+    ...(min_p !== undefined ? { min_p } : {}),
+    ...(repetition_penalty !== undefined ? { repetition_penalty } : {}),
     ...(seed !== undefined ? { seed } : {}),
     ...(presence_penalty !== undefined ? { presence_penalty } : {}),
     ...(frequency_penalty !== undefined ? { frequency_penalty } : {}),

@@ -192,6 +192,10 @@ function jobSpec(
       topK: b.top_k != null && b.top_k > 0 ? b.top_k : 0,
       presencePenalty: b.presence_penalty ?? 0,
       frequencyPenalty: b.frequency_penalty ?? 0,
+      ...(b.min_p ? { minP: b.min_p } : {}),
+      ...(b.repetition_penalty != null && b.repetition_penalty !== 1
+        ? { repetitionPenalty: b.repetition_penalty }
+        : {}),
       seed: b.seed ?? randomInt(2 ** 32 - 1),
       ...(logitBias.length ? { logitBias } : {}),
     },

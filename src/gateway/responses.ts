@@ -17,7 +17,7 @@ import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
-import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
+import { type ChatCompletionRequest, type ChatMessage, MAX_REPETITION_PENALTY } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
@@ -87,6 +87,10 @@ export const ResponsesRequest = Type.Object({
   /** vLLM's extensions, as on chat completions. */
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  min_p: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 1 }))),
+  repetition_penalty: Type.Optional(
+    Nullable(Type.Number({ exclusiveMinimum: 0, maximum: MAX_REPETITION_PENALTY })),
+  ),
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
@@ -284,6 +288,8 @@ export function chatRequestOf(
     ...(b.top_p != null ? { top_p: b.top_p } : {}),
     ...(b.seed != null ? { seed: b.seed } : {}),
     ...(b.top_k != null ? { top_k: b.top_k } : {}),
+    ...(b.min_p != null ? { min_p: b.min_p } : {}),
+    ...(b.repetition_penalty != null ? { repetition_penalty: b.repetition_penalty } : {}),
     ...(b.priority != null ? { priority: b.priority } : {}),
     ...(b.cache_salt != null ? { cache_salt: b.cache_salt } : {}),
     ...(tools.length ? { tools } : {}),

@@ -8,6 +8,9 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
+/** The largest repetition_penalty taken (see the field). */
+export const MAX_REPETITION_PENALTY = 100;
+
 /** Sampling and length fields shared by both routes. */
 const common = {
   model: Type.String({ minLength: 1 }),
@@ -16,6 +19,20 @@ const common = {
   top_p: Type.Optional(Nullable(Type.Number({ exclusiveMinimum: 0, maximum: 1 }))),
   /** vLLM's extension: -1 or 0 turns it off. */
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
+  /**
+   * vLLM's extension: only tokens at least this many times as likely as the most likely one
+   * are sampled (0 turns it off).
+   */
+  min_p: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 1 }))),
+  /**
+   * vLLM's extension: the logits of the prompt's and the output's tokens divided by it when
+   * positive, multiplied when not (> 1 discourages repeating them; 1 turns it off). At most
+   * 100 (vLLM has no bound): a larger one could push logits to -inf, and a row of them has
+   * nothing to sample.
+   */
+  repetition_penalty: Type.Optional(
+    Nullable(Type.Number({ exclusiveMinimum: 0, maximum: MAX_REPETITION_PENALTY })),
+  ),
   seed: Type.Optional(Nullable(Type.Integer())),
   /** vLLM's extension: keep generating past the end-of-sequence token (up to max_tokens). */
   ignore_eos: Type.Optional(Nullable(Type.Boolean())),

@@ -7,7 +7,7 @@ import { randomInt } from "node:crypto";
 import { ApiError } from "./errors.ts";
 import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
-import { MAX_PROMPTS } from "./schemas.ts";
+import { MAX_PROMPTS, MAX_REPETITION_PENALTY } from "./schemas.ts";
 
 /** The numeric sampling fields (SamplingFields' numbers), as parameters name them. */
 export const NUMBER_FIELDS = [
@@ -15,6 +15,8 @@ export const NUMBER_FIELDS = [
   "temperature",
   "top_p",
   "top_k",
+  "min_p",
+  "repetition_penalty",
   "seed",
   "presence_penalty",
   "frequency_penalty",
@@ -77,6 +79,8 @@ export interface SamplingFields {
   temperature?: number;
   top_p?: number;
   top_k?: number;
+  min_p?: number;
+  repetition_penalty?: number;
   seed?: number;
   presence_penalty?: number;
   frequency_penalty?: number;
@@ -98,6 +102,12 @@ export function sampling(s: SamplingFields): Sampling {
   check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
   check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
   check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
+  check("min_p", (v) => v >= 0 && v <= 1, "in 0..1");
+  check(
+    "repetition_penalty",
+    (v) => v > 0 && v <= MAX_REPETITION_PENALTY,
+    `in (0, ${MAX_REPETITION_PENALTY}]`,
+  );
   // Any integer, as over HTTP: 64-bit seeds arrive as (inexact) numbers and still seed.
   check("seed", (v) => Number.isInteger(v), "an integer");
   check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
@@ -120,6 +130,10 @@ export function sampling(s: SamplingFields): Sampling {
       topK: s.top_k !== undefined && s.top_k > 0 ? s.top_k : 0,
       presencePenalty: s.presence_penalty ?? 0,
       frequencyPenalty: s.frequency_penalty ?? 0,
+      ...(s.min_p ? { minP: s.min_p } : {}),
+      ...(s.repetition_penalty !== undefined && s.repetition_penalty !== 1
+        ? { repetitionPenalty: s.repetition_penalty }
+        : {}),
       seed: s.seed ?? randomInt(2 ** 32 - 1),
     },
     stops: s.stop.filter((x) => x.length > 0),

@@ -370,6 +370,48 @@ describe("ModelInfer", () => {
     expect(outputText(big).length).toBeGreaterThan(0);
   });
 
+  it("min_p and repetition_penalty: the text /v1/completions samples with them, over ModelInfer and GenerateStream", async () => {
+    const prompt = "Tell me";
+    const http = (extra: object) =>
+      gw.client.completions
+        .create({ model: "tiny", prompt, max_tokens: 16, temperature: 1, seed: 99, ...extra })
+        .then((r) => r.choices[0]!.text);
+    const both = { min_p: 0.3, repetition_penalty: 1.5 };
+    const want = await http(both);
+    // They change this seeded answer.
+    expect(want).not.toBe(await http({}));
+    const infer = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest(prompt, {
+        max_tokens: param.int(16),
+        temperature: param.dbl(1),
+        seed: param.int(99),
+        min_p: param.dbl(0.3),
+        // As a string, as KServe clients may send numbers.
+        repetition_penalty: { string_param: "1.5" },
+      }),
+    );
+    expect(outputText(infer)).toBe(want);
+    const s = await generate(c, {
+      model: "tiny",
+      prompt,
+      max_tokens: 16,
+      temperature: 1,
+      seed: 99,
+      ...both,
+    });
+    expect(s.error).toBeNull();
+    expect(s.messages.map((m) => m.text).join("")).toBe(want);
+    const bad = await call(
+      c.kserve,
+      "ModelInfer",
+      inferRequest(prompt, { min_p: param.dbl(1.5) }),
+    ).catch((e) => e);
+    expect(bad.code).toBe(status.INVALID_ARGUMENT);
+    expect(trailer(bad, "em-param")).toBe("min_p");
+  });
+
   it("bad requests: INVALID_ARGUMENT with EM_GATEWAY_BAD_REQUEST", async () => {
     const ok = inferRequest("hi");
     const cases: [string, unknown][] = [
@@ -769,6 +811,24 @@ describe("ChatStream", () => {
       total_tokens: http.usage!.total_tokens,
     });
     for (const m of s.messages.slice(0, -1)) expect(m.usage).toBeUndefined();
+  });
+
+  it("min_p 1 answers the greedy text at any temperature; repetition_penalty as over HTTP", async () => {
+    const req = { model: "tiny", messages, max_tokens: 24 };
+    const greedy = chatAnswer((await chat(c.gen, { ...req, temperature: 0 })).messages);
+    const hot = await chat(c.gen, { ...req, temperature: 2, seed: 3, min_p: 1 });
+    expect(hot.error).toBeNull();
+    expect(chatAnswer(hot.messages).content).toBe(greedy.content);
+    const http = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: messages as any,
+      max_tokens: 24,
+      temperature: 0,
+      repetition_penalty: 50,
+    } as never);
+    const s = await chat(c.gen, { ...req, temperature: 0, repetition_penalty: 50 });
+    expect(chatAnswer(s.messages).content).toBe(http.choices[0]!.message.content);
+    expect(chatAnswer(s.messages).content).not.toBe(greedy.content);
   });
 
   it("tools: a required call streams its id and name, then its arguments, as over HTTP", async () => {

@@ -173,6 +173,90 @@ describe("chat completions", () => {
     );
   });
 
+  it("min_p: every sampled token at least min_p times as likely as the most likely one", async () => {
+    const body = {
+      model: "tiny",
+      messages: user("Tell me a story"),
+      max_tokens: 12,
+      temperature: 1,
+      seed: 77,
+      n: 6,
+      logprobs: true,
+      top_logprobs: 1,
+    };
+    // How far below the most likely token each sampled one was (log of the ratio).
+    const gaps = (r: OpenAI.ChatCompletion) =>
+      r.choices.flatMap((c) =>
+        c.logprobs!.content!.map((t) => t.logprob - t.top_logprobs[0]!.logprob),
+      );
+    const free = await gw.client.chat.completions.create(body);
+    const cut = await gw.client.chat.completions.create({ ...body, min_p: 0.3 } as never);
+    // This random model's distribution is flat: unconstrained, it samples far below the top.
+    expect(Math.min(...gaps(free))).toBeLessThan(Math.log(0.3));
+    expect(gaps(cut).length).toBeGreaterThan(0);
+    for (const g of gaps(cut)) expect(g).toBeGreaterThanOrEqual(Math.log(0.3) - 1e-4);
+    // min_p 1 keeps only the most likely token: any temperature answers the greedy text.
+    const greedy = await gw.client.chat.completions.create({ ...body, n: 1, temperature: 0 });
+    const hot = await gw.client.chat.completions.create({
+      ...body,
+      n: 1,
+      temperature: 2,
+      min_p: 1,
+    } as never);
+    expect(hot.choices[0]!.message.content).toBe(greedy.choices[0]!.message.content);
+    const bad = await gw.client.chat.completions
+      .create({ ...body, min_p: 1.5 } as never)
+      .catch((e: APIError) => e);
+    expect((bad as APIError).status).toBe(400);
+  });
+
+  it("repetition_penalty: a large one keeps greedy decoding off the prompt's and its own tokens", async () => {
+    const messages = user("Hello Hello Hello, say hello again and again");
+    const body = {
+      model: "tiny",
+      messages,
+      max_tokens: 24,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 1,
+      ...ignoreEos,
+    };
+    // Token ids of the answer, from each token's bytes (special tokens: by name).
+    const tk = gw.ctx.tokenizer;
+    const idOf = new Map<string, number>();
+    for (const [id, b] of tk.tokenBytes()!.entries())
+      if (b) idOf.set(Buffer.from(b).toString("hex"), id);
+    const ids = (r: OpenAI.ChatCompletion) =>
+      r.choices[0]!.logprobs!.content!.map(
+        (t) => idOf.get(Buffer.from(t.bytes!).toString("hex")) ?? tk.tokenToId(t.token),
+      );
+    const prompt = new Set(tk.encodeChat(messages, true));
+    const repeats = (out: (number | undefined)[]) =>
+      out.filter((id, i) => id === undefined || prompt.has(id) || out.indexOf(id) < i).length;
+    const plain = ids(await gw.client.chat.completions.create(body));
+    expect(plain).toHaveLength(24);
+    // This random model repeats itself (or its prompt) when left alone.
+    expect(repeats(plain)).toBeGreaterThan(0);
+    const penalized = await gw.client.chat.completions.create({
+      ...body,
+      repetition_penalty: 50,
+    } as never);
+    expect(ids(penalized)).toHaveLength(24);
+    expect(repeats(ids(penalized))).toBe(0);
+    // The logprobs are the penalized ones: greedy takes their most likely token.
+    for (const t of penalized.choices[0]!.logprobs!.content!)
+      expect(t.logprob).toBe(t.top_logprobs[0]!.logprob);
+    // 1 is off.
+    const one = ids(
+      await gw.client.chat.completions.create({ ...body, repetition_penalty: 1 } as never),
+    );
+    expect(one).toEqual(plain);
+    const bad = await gw.client.chat.completions
+      .create({ ...body, repetition_penalty: 0 } as never)
+      .catch((e: APIError) => e);
+    expect((bad as APIError).status).toBe(400);
+  });
+
   it("response_format json_object: each choice is a JSON object, or its start when cut short", async () => {
     const body = {
       model: "tiny",

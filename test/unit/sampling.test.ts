@@ -7,7 +7,9 @@ import type { Backend } from "../../src/engine/backend.ts";
 import { nativeBackend } from "../../src/engine/native.ts";
 import { referenceBackend } from "../../src/engine/reference.ts";
 import {
+  applyPenalties,
   logprobRows,
+  type Penalties,
   type SampleRows,
   tokenLogprob,
   uniform32,
@@ -21,6 +23,7 @@ const backends: [string, Backend][] = [
 
 interface Setting {
   temperature: number;
+  minP?: number;
   topK?: number;
   topP?: number;
 }
@@ -30,6 +33,7 @@ const rowsOf = (settings: readonly Setting[], uniform: readonly number[]): Sampl
   topK: Int32Array.from(settings, (s) => s.topK ?? 0),
   topP: Float32Array.from(settings, (s) => s.topP ?? 1),
   uniform: Float32Array.from(uniform, uniform32),
+  minP: Float32Array.from(settings, (s) => s.minP ?? 0),
 });
 
 /** The rule in float64: kept ids in walk order, their probabilities (summing to 1). */
@@ -38,12 +42,15 @@ function oracle(logits: ArrayLike<number>, s: Setting): { ids: number[]; probs: 
   const z = Array.from({ length: V }, (_, i) => Math.fround(logits[i]! / s.temperature));
   const byValue = (ids: number[]) => ids.sort((a, b) => z[b]! - z[a]! || a - b);
   const all = Array.from({ length: V }, (_, i) => i);
+  const minP = s.minP ?? 0;
   const topK = s.topK ?? 0;
   const topP = s.topP ?? 1;
-  const cut = (topK > 0 && topK < V) || topP < 1;
+  const cut = minP > 0 || (topK > 0 && topK < V) || topP < 1;
   let ids = cut ? byValue(all) : all;
-  if (topK > 0 && topK < V) ids = ids.slice(0, topK);
   const max = ids.reduce((m, i) => Math.max(m, z[i]!), -Infinity);
+  // min_p: probability at least min_p x the largest (up to float32 rounding of the cut).
+  if (minP > 0) ids = ids.filter((i) => Math.exp(z[i]! - max) >= minP * (1 - 1e-6));
+  if (topK > 0 && topK < ids.length) ids = ids.slice(0, topK);
   let w = ids.map((i) => Math.exp(z[i]! - max));
   if (topP < 1) {
     const total = w.reduce((a, b) => a + b, 0);
@@ -83,6 +90,19 @@ describe.each(backends)("sampling on the %s backend", (_name, backend) => {
     // exp(3)=20.1 twice, exp(2)=7.39, exp(1)=2.72, 1: top_p 0.8 of 51.3 keeps 1, 2, 4 (47.6).
     ["top_p keeps the smallest prefix reaching it", { temperature: 1, topP: 0.8 }, 0.99, 4],
     ["a cold temperature sharpens towards the pair", { temperature: 0.05 }, 0.3, 1],
+    // Weights 20.1, 20.1, 7.39, 2.72, 1 (of the max: 1, 1, 0.37, 0.14, 0.05).
+    ["min_p 1 keeps the tied pair only", { temperature: 1, minP: 1 }, 0.99, 2],
+    [
+      "min_p 0.3 keeps the pair and token 4, most likely first",
+      { temperature: 1, minP: 0.3 },
+      0.99,
+      4,
+    ],
+    ["min_p 0.3, lower u: the pair", { temperature: 1, minP: 0.3 }, 0.8, 2],
+    ["min_p then top_k: top_k 1 of min_p's", { temperature: 1, minP: 0.3, topK: 1 }, 0.99, 1],
+    ["greedy ignores min_p", { temperature: 0, minP: 1 }, 0.99, 1],
+    // At temperature 3 token 3's weight is exp(-1) = 0.37 of the max: min_p 0.3 keeps it.
+    ["min_p after temperature", { temperature: 3, minP: 0.3 }, 0.999, 3],
   ];
   it.each(table)("%s", (_what, s, u, want) => {
     expect(backend.sample(L, 5, rowsOf([s], [u]))[0]).toBe(want);
@@ -93,16 +113,21 @@ describe.each(backends)("sampling on the %s backend", (_name, backend) => {
     const V = 700;
     const cases: { s: Setting; scale: number }[] = [];
     for (const temperature of [0.3, 1, 1.7])
-      for (const [topK, topP] of [
-        [0, 1],
-        [0, 0.9],
-        [0, 0.3],
-        [40, 1],
-        [40, 0.7],
-        [1, 1],
-        [V, 1],
+      for (const [topK, topP, minP] of [
+        [0, 1, 0],
+        [0, 0.9, 0],
+        [0, 0.3, 0],
+        [40, 1, 0],
+        [40, 0.7, 0],
+        [1, 1, 0],
+        [V, 1, 0],
+        [0, 1, 0.05],
+        [0, 1, 0.5],
+        [40, 0.9, 0.1],
+        [3, 1, 0.01],
       ] as const)
-        for (const scale of [0.5, 4, 16]) cases.push({ s: { temperature, topK, topP }, scale });
+        for (const scale of [0.5, 4, 16])
+          cases.push({ s: { temperature, topK, topP, minP }, scale });
     const settings = cases.map((c) => c.s);
     const n = settings.length;
     const logits = new Float32Array(n * V);
@@ -246,5 +271,42 @@ describe("logprobs on the native backend", () => {
     };
     expect(code(() => native.logprobs(x, 3, Int32Array.of(3), 1))).toBe("EM_NATIVE_ARG");
     expect(code(() => native.logprobs(x, 3, Int32Array.of(0), 4))).toBe("EM_NATIVE_ARG");
+  });
+});
+
+describe("applyPenalties", () => {
+  // Logits of a 6-token vocabulary; the prompt holds 0 and 1, the output so far 1 (twice)
+  // and 2 (once).
+  const L = [2, -1, 4, 0.5, -3, 1];
+  const counts = new Map([
+    [1, 2],
+    [2, 1],
+  ]);
+  const prompt = new Set([0, 1]);
+  const off: Penalties = { presence: 0, frequency: 0, repetition: 1 };
+  const table: [string, Partial<Penalties>, number[]][] = [
+    ["none", {}, L],
+    ["presence: once per generated token", { presence: 0.5 }, [2, -1.5, 3.5, 0.5, -3, 1]],
+    ["frequency: per time generated", { frequency: 0.25 }, [2, -1.5, 3.75, 0.5, -3, 1]],
+    // Seen (prompt or output): 0, 1, 2. Positive logits divided, others multiplied.
+    ["repetition 2: seen tokens, prompt included", { repetition: 2 }, [1, -2, 2, 0.5, -3, 1]],
+    ["repetition 0.5 favours them", { repetition: 0.5 }, [4, -0.5, 8, 0.5, -3, 1]],
+    // Repetition first, then the additive ones: token 1: -1 * 2 - (1 + 2) = -5.
+    [
+      "repetition, then presence and frequency",
+      { repetition: 2, presence: 1, frequency: 1 },
+      [1, -5, 0, 0.5, -3, 1],
+    ],
+  ];
+  it.each(table)("%s", (_what, p, want) => {
+    const row = Float32Array.from(L);
+    applyPenalties(row, { ...off, ...p }, counts, prompt);
+    expect(Array.from(row)).toEqual(want);
+  });
+
+  it("a token in both the prompt and the output is scaled once", () => {
+    const row = Float32Array.of(8, 8);
+    applyPenalties(row, { ...off, repetition: 2 }, new Map([[0, 3]]), new Set([0]));
+    expect(Array.from(row)).toEqual([4, 8]);
   });
 });

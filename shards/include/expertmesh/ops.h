@@ -198,11 +198,13 @@ typedef struct em_mla_args {
 } em_mla_args;
 
 /* Sampling per row of logits: temperature <= 0 is greedy (argmax, lowest index on ties);
- * otherwise softmax(logits / temperature), keep the top_k most likely (top_k <= 0: all),
- * then the smallest most-likely prefix whose mass reaches top_p (top_p >= 1: all),
- * renormalize, and pick by inverse CDF with the caller's uniform number u: the kept tokens
- * are walked from most to least likely (ties: lower id first) when top_k or top_p cut,
- * else in vocabulary order (same distribution, no full sort). Deterministic for a given u. */
+ * otherwise softmax(logits / temperature), keep the tokens at least min_p times as likely
+ * as the most likely one (min_p <= 0: all; vLLM's min_p), of those the top_k most likely
+ * (top_k <= 0: all), then the smallest most-likely prefix whose mass reaches top_p
+ * (top_p >= 1: all), renormalize, and pick by inverse CDF with the caller's uniform number
+ * u: the kept tokens are walked from most to least likely (ties: lower id first) when
+ * min_p, top_k or top_p cut, else in vocabulary order (same distribution, no full sort).
+ * Deterministic for a given u. */
 typedef struct em_sample_args {
   const em_tensor* logits;  /* [T, V] f32 */
   const float* temperature; /* [T] */
@@ -210,6 +212,7 @@ typedef struct em_sample_args {
   const float* top_p;       /* [T] or NULL (1) */
   const float* uniform;     /* [T] in [0, 1); may be NULL when every temperature <= 0 */
   int32_t* out_tokens;      /* [T] */
+  const float* min_p;       /* [T] in [0, 1], or NULL (0) */
 } em_sample_args;
 
 /* Log-probabilities per row of logits [T, V] (log-softmax: exponentials in float, their sum

@@ -19,6 +19,9 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --max-tokens N        tokens to generate (default 32)
   --temperature T       0 = greedy (default 0)
   --top-k K, --top-p P  sampling filters (default off)
+  --min-p P             keep tokens at least P times as likely as the most likely (default 0, off)
+  --repetition-penalty R  divide (multiply, when negative) the logits of the prompt's and the
+                        output's tokens by R (default 1, off)
   --seed S              sampling seed (default 0)
   --kv-cache-dtype D    float32 (default) | bfloat16 | fp8: how the KV cache stores rows
   --dtype DTYPE         the linear layers' weights: auto (the checkpoint's, default), bf16, fp16,
@@ -47,6 +50,8 @@ export const generateCommand: Command = {
         temperature: { type: "string" },
         "top-k": { type: "string" },
         "top-p": { type: "string" },
+        "min-p": { type: "string" },
+        "repetition-penalty": { type: "string" },
         seed: { type: "string" },
         "kv-cache-dtype": { type: "string" },
         chat: { type: "boolean" },
@@ -70,6 +75,8 @@ export const generateCommand: Command = {
       temperature: num(values.temperature, "--temperature", 0),
       topK: intFlag(values["top-k"], "--top-k", 0, 0),
       topP: num(values["top-p"], "--top-p", 1),
+      minP: num(values["min-p"], "--min-p", 0),
+      repetitionPenalty: num(values["repetition-penalty"], "--repetition-penalty", 1),
       seed: intFlag(values.seed, "--seed", 0, 0),
       kvCacheDtype: parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32"),
     };
@@ -78,6 +85,16 @@ export const generateCommand: Command = {
       throw new ExpertMeshError(
         "EM_CLI_USAGE",
         `--top-p must be in (0, 1], got '${values["top-p"]}'`,
+      );
+    if (!(sampling.minP >= 0 && sampling.minP <= 1))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--min-p must be in [0, 1], got '${values["min-p"]}'`,
+      );
+    if (!(sampling.repetitionPenalty > 0 && sampling.repetitionPenalty <= 100))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--repetition-penalty must be in (0, 100], got '${values["repetition-penalty"]}'`,
       );
     const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
     const backend = selected.backend;
