@@ -283,6 +283,28 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     `--reasoning-parser=${reasoningParserOf(model)}`,
     `--tool-call-parser=${toolCallParserOf(model)}`,
     ...speculativeArgs(model),
+    ...samplingArgs(model),
+  ];
+}
+
+/**
+ * The gateway's sampling default flags (spec.gateway.sampling): --generation-config=none
+ * when asked, the fields set as --override-generation-config JSON.
+ */
+export function samplingArgs(model: DeepSeekModel): string[] {
+  const { generationConfig, temperature, topP, topK, minP, repetitionPenalty } =
+    model.spec.gateway.sampling;
+  const fields: [string, number | undefined][] = [
+    ["temperature", temperature],
+    ["top_p", topP],
+    ["top_k", topK],
+    ["min_p", minP],
+    ["repetition_penalty", repetitionPenalty],
+  ];
+  const set = Object.fromEntries(fields.filter(([, v]) => v !== undefined));
+  return [
+    ...(generationConfig === "none" ? ["--generation-config=none"] : []),
+    ...(Object.keys(set).length ? [`--override-generation-config=${JSON.stringify(set)}`] : []),
   ];
 }
 

@@ -434,6 +434,54 @@ export const GatewaySchema = withRules(
           ),
         ),
       ),
+      sampling: Type.Object(
+        {
+          generationConfig: StringEnum(["auto", "none"], {
+            description:
+              "Where the defaults of the sampling fields a request leaves out come from: auto takes the model's generation_config.json (DeepSeek-V3's and R1's recommend temperature 0.6 and top_p 0.95), as vLLM does; none takes the APIs' own (temperature 1, top_p 1).",
+            default: "auto",
+          }),
+          temperature: Type.Optional(
+            Type.Number({
+              description: "Default temperature, over the file's.",
+              minimum: 0,
+              maximum: 2,
+            }),
+          ),
+          topP: Type.Optional(
+            Type.Number({
+              description: "Default top_p, over the file's.",
+              exclusiveMinimum: 0,
+              maximum: 1,
+            }),
+          ),
+          topK: Type.Optional(
+            Type.Integer({
+              description: "Default top_k (-1 or 0: off), over the file's.",
+              minimum: -1,
+            }),
+          ),
+          minP: Type.Optional(
+            Type.Number({
+              description: "Default min_p (0: off), over the file's.",
+              minimum: 0,
+              maximum: 1,
+            }),
+          ),
+          repetitionPenalty: Type.Optional(
+            Type.Number({
+              description: "Default repetition_penalty (1: off), over the file's.",
+              exclusiveMinimum: 0,
+              maximum: 100,
+            }),
+          ),
+        },
+        {
+          description:
+            "Defaults of the sampling fields requests leave out (a request's own always win).",
+          default: {},
+        },
+      ),
       toolCallParser: Type.Optional(
         StringEnum(["deepseek-v3", "deepseek-v3.1"], {
           description:

@@ -401,7 +401,11 @@ function handlers(o: GrpcGatewayOptions): {
       r.outputs.map((o) => o.name),
       () => "outputs",
     );
-    const spec = await inferJobSpec(ctx, texts, sampling(parameterFields(r.parameters)));
+    const spec = await inferJobSpec(
+      ctx,
+      texts,
+      sampling(parameterFields(r.parameters), ctx.samplingDefaults),
+    );
     return { spec, shape, raw, outputs, stream: streamFlag(r) };
   }
 
@@ -545,7 +549,12 @@ function handlers(o: GrpcGatewayOptions): {
         structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
       } as unknown as CompletionRequest);
       const spec = {
-        ...(await textJobSpec(ctx, r.prompt ?? "", sampling(generateParameters(r)), r.suffix)),
+        ...(await textJobSpec(
+          ctx,
+          r.prompt ?? "",
+          sampling(generateParameters(r), ctx.samplingDefaults),
+          r.suffix,
+        )),
         ...(grammar ? { grammar } : {}),
       };
       const prompt = spec.prompts[0]!.tokens.length;

@@ -1,6 +1,7 @@
 // One API request's generation: its n choices as engine sequences, their text with stop
 // strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
 import type { TokenLogprob } from "../engine/sampling.ts";
+import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { FinishReason, GenerationRequest, SamplingParams, ServingEngine } from "./engine.ts";
 import { ApiError, toApiError } from "./errors.ts";
@@ -25,6 +26,11 @@ export interface ServeContext {
   readonly reasoningParser: ReasoningParserName;
   /** The model's tool-call format (tool-calls.ts). */
   readonly toolCallFormat: ToolCallFormat;
+  /**
+   * Sampling fields a request leaves out take these (the model's generation_config.json;
+   * generation-config.ts), then the APIs' own defaults.
+   */
+  readonly samplingDefaults: SamplingDefaults;
   readonly metrics: GatewayMetrics;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;

@@ -145,7 +145,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       const { texts, shape } = inferTexts(inputs, inputBinaries(inputs, binary));
       const parameters = jsonFields(b["parameters"], "parameters");
       const wanted = requestedOutputs(b);
-      const spec = await inferJobSpec(ctx, texts, sampling(parameters));
+      const spec = await inferJobSpec(ctx, texts, sampling(parameters, ctx.samplingDefaults));
       const job = startJob(ctx, spec);
       bind(reply, job);
       await job.done;
@@ -199,7 +199,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       const p = { ...top, ...(isObject(parameters) ? parameters : {}) };
       if (parameters !== undefined && !isObject(parameters))
         throw bad("'parameters' must be an object", "parameters");
-      return textJobSpec(ctx, text, sampling(jsonFields(p, "parameters")));
+      return textJobSpec(ctx, text, sampling(jsonFields(p, "parameters"), ctx.samplingDefaults));
     };
     const head = () => ({ model_name: ctx.servedModelName, model_version: MODEL_VERSION });
     model("post", "/generate", async (req, reply) => {

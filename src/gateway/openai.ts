@@ -183,19 +183,22 @@ function jobSpec(
       );
     return [id, bias] as const;
   });
+  // Fields left out: the model's recommendations (generation_config.json), then OpenAI's.
+  const d = ctx.samplingDefaults;
+  const topK = b.top_k ?? d.top_k ?? 0;
+  const minP = b.min_p ?? d.min_p ?? 0;
+  const repetition = b.repetition_penalty ?? d.repetition_penalty ?? 1;
   return {
     prompts: jobPrompts,
     n: b.n ?? 1,
     sampling: {
-      temperature: b.temperature ?? 1,
-      topP: b.top_p ?? 1,
-      topK: b.top_k != null && b.top_k > 0 ? b.top_k : 0,
+      temperature: b.temperature ?? d.temperature ?? 1,
+      topP: b.top_p ?? d.top_p ?? 1,
+      topK: Math.max(topK, 0),
       presencePenalty: b.presence_penalty ?? 0,
       frequencyPenalty: b.frequency_penalty ?? 0,
-      ...(b.min_p ? { minP: b.min_p } : {}),
-      ...(b.repetition_penalty != null && b.repetition_penalty !== 1
-        ? { repetitionPenalty: b.repetition_penalty }
-        : {}),
+      ...(minP ? { minP } : {}),
+      ...(repetition !== 1 ? { repetitionPenalty: repetition } : {}),
       seed: b.seed ?? randomInt(2 ** 32 - 1),
       ...(logitBias.length ? { logitBias } : {}),
     },

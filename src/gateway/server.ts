@@ -10,6 +10,7 @@ import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import type { SchedulingPolicy } from "../engine/scheduler.ts";
 import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
+import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
@@ -77,6 +78,8 @@ export interface GatewayConfig {
   readonly reasoningParser?: ReasoningParserName;
   /** The model's tool-call format (default deepseek-v3; tool-calls.ts). */
   readonly toolCallParser?: ToolCallFormat;
+  /** Defaults of the sampling fields requests leave out (default: none; generation-config.ts). */
+  readonly samplingDefaults?: SamplingDefaults;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
@@ -194,6 +197,7 @@ export function createServeContext(
     vocabSize: c.vocabSize,
     reasoningParser: cfg.reasoningParser ?? "none",
     toolCallFormat: cfg.toolCallParser ?? "deepseek-v3",
+    samplingDefaults: cfg.samplingDefaults ?? {},
     metrics: new GatewayMetrics(
       () => engine.stats,
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),

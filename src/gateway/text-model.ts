@@ -4,6 +4,7 @@
 // in the input's shape; sampled with the completions route's fields and ranges; and
 // Triton's generate extension's text fields.
 import { randomInt } from "node:crypto";
+import type { SamplingDefaults } from "../model/generation-config.ts";
 import { ApiError } from "./errors.ts";
 import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
@@ -92,8 +93,12 @@ export interface SamplingFields {
 
 export type Sampling = Omit<JobSpec, "prompts"> & { maxTokens?: number };
 
-/** Validated sampling settings (the HTTP API's ranges) with their defaults. */
-export function sampling(s: SamplingFields): Sampling {
+/**
+ * Validated sampling settings (the HTTP API's ranges) with their defaults: the model's
+ * (`defaults`, generation-config.ts) for the fields `fields` leaves out, then the API's.
+ */
+export function sampling(fields: SamplingFields, defaults: SamplingDefaults = {}): Sampling {
+  const s: SamplingFields = { ...defaults, ...fields };
   const check = (name: keyof SamplingFields, ok: (v: number) => boolean, rule: string) => {
     const v = s[name] as number | undefined;
     if (v !== undefined && !ok(v)) throw bad(`'${name}' must be ${rule}, got ${v}`, name);

@@ -19,6 +19,8 @@ export const ERROR_CODES = {
   EM_CONFIG_UNKNOWN_ARCH: "config.json names an architecture other than DeepseekV2/V3ForCausalLM",
   EM_CONFIG_MISSING_FIELD: "config.json lacks a field that has no default",
   EM_CONFIG_INVALID: "a config.json field has the wrong type, an unsupported or inconsistent value",
+  EM_GENERATION_CONFIG_INVALID:
+    "generation_config.json or --override-generation-config is unreadable, not JSON, or has a sampling field out of range",
   EM_CKPT_READ: "a checkpoint file is missing or cannot be read",
   EM_CKPT_BAD_HEADER: "a safetensors file's header is malformed",
   EM_CKPT_TRUNCATED: "a safetensors file is shorter than its header says",

@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { isDone, run, START } from "../../src/gateway/json-mode.ts";
 import { formatCall } from "../../src/gateway/tool-calls.ts";
+import { loadSamplingDefaults } from "../../src/model/generation-config.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -2050,6 +2051,65 @@ describe("limits and lifecycle", () => {
   });
 });
 
+describe("sampling defaults (the model's generation_config.json)", () => {
+  it("fill in what requests leave out, on every API; what a request sets wins", async () => {
+    const { defaults } = loadSamplingDefaults(dir, "auto");
+    // The tiny model's file is DeepSeek-V3's.
+    expect(defaults).toEqual({ temperature: 0.6, top_p: 0.95 });
+    const d = await startGateway(dir, { cluster, samplingDefaults: defaults });
+    try {
+      const recommended = { temperature: 0.6, top_p: 0.95 };
+      const chat = { model: "tiny", messages: user("Pick a word"), max_tokens: 10, seed: 8 };
+      const chatText = (g: TestGateway, extra: object) =>
+        g.client.chat.completions
+          .create({ ...chat, ...extra })
+          .then((r) => r.choices[0]!.message.content);
+      const want = await chatText(gw, recommended);
+      expect(await chatText(d, {})).toBe(want);
+      // The defaults mattered: without them this seed samples another answer.
+      expect(await chatText(gw, {})).not.toBe(want);
+      // A field the request sets is its own (here: greedy).
+      expect(await chatText(d, { temperature: 0 })).toBe(await chatText(gw, { temperature: 0 }));
+
+      const completion = { model: "tiny", prompt: "Once", max_tokens: 10, seed: 8 };
+      const completionText = (g: TestGateway, extra: object) =>
+        g.client.completions.create({ ...completion, ...extra }).then((r) => r.choices[0]!.text);
+      expect(await completionText(d, {})).toBe(await completionText(gw, recommended));
+
+      // KServe v2 REST: the text model samples with the same defaults.
+      const infer = async (g: TestGateway, parameters: object) => {
+        const r = await fetch(`${g.url}/v2/models/tiny/infer`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({
+            inputs: [{ name: "text_input", datatype: "BYTES", shape: [1], data: ["Once"] }],
+            parameters: { max_tokens: 10, seed: 8, ...parameters },
+          }),
+        });
+        return ((await r.json()) as { outputs: { data: string[] }[] }).outputs[0]!.data[0];
+      };
+      expect(await infer(d, {})).toBe(await infer(gw, recommended));
+      expect(await infer(d, {})).toBe(await completionText(d, {}));
+
+      // The Responses API (a chat underneath).
+      const respond = (g: TestGateway, extra: object) =>
+        g.client.responses
+          .create({
+            model: "tiny",
+            input: "Pick a word",
+            max_output_tokens: 10,
+            store: false,
+            ...extra,
+            seed: 8,
+          } as never)
+          .then((r) => (r as unknown as OpenAI.Responses.Response).output_text);
+      expect(await respond(d, {})).toBe(await respond(gw, recommended));
+    } finally {
+      await d.close();
+    }
+  });
+});
+
 describe("distributed mode", () => {
   it("gives the same greedy text as one process with its experts in process", async () => {
     const local = await startGateway(dir, { maxBatchTokens: 24 });
@@ -2306,6 +2366,23 @@ describe("distributed mode", () => {
         expect(count, `shard ${k}`).toBe(frames[k]);
         expect(sums.find((s) => s.labels["shard"] === String(k))!.value).toBeGreaterThan(0);
       }
+      // The command takes the model's generation_config.json (the tiny model's is
+      // DeepSeek-V3's: temperature 0.6, top_p 0.95) for requests that leave them out; the
+      // in-process gateway here has no defaults.
+      expect(p.log()).toContain(
+        "sampling defaults of requests that leave them out: temperature 0.6, top_p 0.95",
+      );
+      const sampled = { ...body, seed: 11, temperature: undefined };
+      const recommended = await gw.client.chat.completions.create({
+        ...sampled,
+        temperature: 0.6,
+        top_p: 0.95,
+      });
+      const unset = await p.client.chat.completions.create(sampled);
+      expect(unset.choices[0]!.message.content).toBe(recommended.choices[0]!.message.content);
+      expect(
+        (await gw.client.chat.completions.create(sampled)).choices[0]!.message.content,
+      ).not.toBe(recommended.choices[0]!.message.content);
 
       // Load reports, once a second: idle, then busy while the shards are stopped (the
       // first step cannot finish: 2 sequences running, 3 waiting), then idle again.

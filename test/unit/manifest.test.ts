@@ -216,6 +216,34 @@ spec:
     ]);
   });
 
+  it("sampling defaults: the model's file unless none, the fields set as an override", () => {
+    const args = (sampling: string) =>
+      gatewayArgs(parseManifest(`${good}  gateway: { sampling: ${sampling} }\n`)).filter((a) =>
+        a.includes("generation-config"),
+      );
+    const table: [string, string[]][] = [
+      ["{}", []],
+      ["{ generationConfig: auto }", []],
+      ["{ generationConfig: none }", ["--generation-config=none"]],
+      [
+        "{ temperature: 0.3, minP: 0.05 }",
+        ['--override-generation-config={"temperature":0.3,"min_p":0.05}'],
+      ],
+      [
+        "{ generationConfig: none, topP: 0.9, topK: 20, repetitionPenalty: 1.1 }",
+        [
+          "--generation-config=none",
+          '--override-generation-config={"top_p":0.9,"top_k":20,"repetition_penalty":1.1}',
+        ],
+      ],
+    ];
+    for (const [sampling, want] of table) expect(args(sampling), sampling).toEqual(want);
+    for (const bad of ["{ temperature: 3 }", "{ topP: 0 }", "{ generationConfig: vllm }"])
+      expect(() => parseManifest(`${good}  gateway: { sampling: ${bad} }\n`), bad).toThrow(
+        /spec\.gateway\.sampling/,
+      );
+  });
+
   it("MTP drafts: the gateway gets --speculative-method=mtp and its draft length (default 1)", () => {
     for (const [spec, tokens] of [
       ["{ method: mtp }", 1],

@@ -21,6 +21,11 @@ import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
+import {
+  describeSamplingDefaults,
+  loadSamplingDefaults,
+  parseGenerationConfigFlag,
+} from "../../model/generation-config.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
@@ -119,6 +124,12 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             GET /v1/responses/{id} (default 1000; 0: none)
   --tool-call-parser NAME   the model's tool-call format: deepseek-v3 (V3, R1; default) or
                             deepseek-v3.1 (V3.1: the name, then raw JSON arguments)
+  --generation-config auto|none|DIR   the sampling defaults of requests that leave a field out
+                            (temperature, top_p, top_k, min_p, repetition_penalty): auto (default)
+                            takes the model's generation_config.json (DeepSeek-V3's and R1's:
+                            temperature 0.6, top_p 0.95), as vLLM does; none: the APIs' own
+                            (temperature 1, top_p 1); DIR: DIR/generation_config.json
+  --override-generation-config JSON   fields over those, e.g. '{"temperature": 0.3}'
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -185,6 +196,8 @@ export const gatewayCommand: Command = {
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
+        "generation-config": { type: "string" },
+        "override-generation-config": { type: "string" },
         "speculative-tokens": { type: "string" },
         "speculative-method": { type: "string" },
         "prompt-lookup-max": { type: "string" },
@@ -258,6 +271,12 @@ export const gatewayCommand: Command = {
       usage(`--shutdown-timeout must be at most 3600 s, got ${shutdownTimeoutS}`);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
+    // Before the weights: a bad file or override fails at once.
+    const generationConfig = loadSamplingDefaults(
+      modelDir,
+      parseGenerationConfigFlag(values["generation-config"]),
+      values["override-generation-config"],
+    );
     // On NATS the names become subject tokens; alone (--local) they only name things.
     const ref = values.local
       ? { namespace: values.namespace ?? "default", model: modelName }
@@ -384,8 +403,17 @@ export const gatewayCommand: Command = {
     const toolCallParser = values["tool-call-parser"] ?? "deepseek-v3";
     if (!(TOOL_CALL_FORMATS as readonly string[]).includes(toolCallParser))
       usage(`--tool-call-parser must be ${TOOL_CALL_FORMATS.join(", ")}, got ${toolCallParser}`);
+    const { defaults: samplingDefaults, file: generationFile } = generationConfig;
+    if (Object.keys(samplingDefaults).length > 0)
+      log(
+        `sampling defaults of requests that leave them out: ${describeSamplingDefaults(samplingDefaults)}` +
+          (generationFile
+            ? ` (${generationFile}; --generation-config none for the APIs' own)`
+            : ""),
+      );
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
+      samplingDefaults,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
       maxBatchTokens: int(values["max-batch-tokens"], "--max-batch-tokens", 2048),
       maxQueueDepth: int(values["max-queue-depth"], "--max-queue-depth", 64),
