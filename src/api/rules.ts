@@ -322,6 +322,17 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
         (t: { key?: string }) => t.key === undefined || t.key === "" || isLabelKey(t.key),
       ),
   },
+  {
+    path: "spec.scheduling",
+    rule: `!has(self.topologySpreadConstraints) || self.topologySpreadConstraints.all(c, ${labelKeyCel("c.topologyKey")} && (!has(c.matchLabelKeys) || c.matchLabelKeys.all(k, ${labelKeyCel("k")})))`,
+    message:
+      "scheduling.topologySpreadConstraints topologyKey and matchLabelKeys must be label keys: an optional DNS subdomain prefix (at most 253 characters) and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    check: (s) =>
+      (s["topologySpreadConstraints"] ?? []).every(
+        (c: { topologyKey: string; matchLabelKeys?: string[] }) =>
+          isLabelKey(c.topologyKey) && (c.matchLabelKeys ?? []).every(isLabelKey),
+      ),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -726,6 +726,55 @@ const Toleration = Type.Object(
   { description: "A pod toleration (as in a PodSpec)." },
 );
 
+const TopologySpreadConstraint = Type.Object(
+  {
+    maxSkew: Type.Integer({
+      description: "Most pods one domain may have beyond the least loaded one.",
+      minimum: 1,
+    }),
+    topologyKey: Type.String({
+      description: "Node label whose values are the domains, e.g. topology.kubernetes.io/zone.",
+      minLength: 1,
+      maxLength: 317,
+    }),
+    whenUnsatisfiable: StringEnum(["DoNotSchedule", "ScheduleAnyway"], {
+      description: "DoNotSchedule keeps a pod pending; ScheduleAnyway only prefers the spread.",
+    }),
+    labelSelector: Type.Optional(
+      Type.Object(
+        {},
+        {
+          description:
+            "The pods counted (a LabelSelector, passed through). Default: the pods of the same role of this model (gateways among its gateways, shards among its shards).",
+          additionalProperties: true,
+          "x-kubernetes-preserve-unknown-fields": true,
+        },
+      ),
+    ),
+    matchLabelKeys: Type.Optional(
+      Type.Array(Type.String({ description: "A pod label key.", maxLength: 317 }), {
+        description:
+          "Pod label keys whose values also select the pods counted (e.g. pod-template-hash: the current rollout's pods only).",
+        maxItems: 16,
+      }),
+    ),
+    minDomains: Type.Optional(
+      Type.Integer({ description: "With DoNotSchedule: domains counted at least.", minimum: 1 }),
+    ),
+    nodeAffinityPolicy: Type.Optional(
+      StringEnum(["Honor", "Ignore"], {
+        description: "Whether the pod's node affinity and selector limit the domains.",
+      }),
+    ),
+    nodeTaintsPolicy: Type.Optional(
+      StringEnum(["Honor", "Ignore"], {
+        description: "Whether tainted nodes the pod does not tolerate are left out.",
+      }),
+    ),
+  },
+  { description: "A pod topology spread constraint (as in a PodSpec)." },
+);
+
 export const SchedulingSchema = withRules(
   "spec.scheduling",
   Type.Object(
@@ -755,6 +804,13 @@ export const SchedulingSchema = withRules(
       ),
       priorityClassName: Type.Optional(
         Type.String({ description: "PriorityClass of every pod.", maxLength: 253 }),
+      ),
+      topologySpreadConstraints: Type.Optional(
+        Type.Array(TopologySpreadConstraint, {
+          description:
+            "How pods spread over zones or nodes (e.g. gateways over zones); every role gets them, each counting its own pods unless a constraint names a labelSelector.",
+          maxItems: 16,
+        }),
       ),
     },
     { description: "Where the pods run; passed through to every pod.", default: {} },

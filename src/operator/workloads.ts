@@ -3,6 +3,7 @@
 import type {
   V1ConfigMap,
   V1Deployment,
+  V1LabelSelector,
   V1PodDisruptionBudget,
   V1PodSpec,
   V1Service,
@@ -23,6 +24,7 @@ import { serializePlan } from "../moe/plan-json.ts";
 import {
   ANNOTATION_PLAN_SHAPE,
   type Component,
+  LABEL_COMPONENT,
   LABEL_MODEL,
   labelsFor,
   MANAGED_BY,
@@ -162,9 +164,13 @@ function modelVolume(model: DeepSeekModel): {
   };
 }
 
-/** Pod spec parts every role shares: scheduling, volumes, security, pull secrets. */
+/**
+ * Pod spec parts every role shares: scheduling, volumes, security, pull secrets. `role`'s
+ * pods are those a topology spread constraint without a labelSelector counts.
+ */
 function podSpec(
   model: DeepSeekModel,
+  role: "gateway" | "shard",
   containers: V1PodSpec["containers"],
   extraVolumes: V1Volume[] = [],
 ): V1PodSpec {
@@ -194,6 +200,16 @@ function podSpec(
     ...(scheduling.tolerations ? { tolerations: scheduling.tolerations } : {}),
     ...(scheduling.affinity ? { affinity: scheduling.affinity as V1PodSpec["affinity"] } : {}),
     ...(scheduling.priorityClassName ? { priorityClassName: scheduling.priorityClassName } : {}),
+    ...(scheduling.topologySpreadConstraints
+      ? {
+          topologySpreadConstraints: scheduling.topologySpreadConstraints.map((c) => ({
+            ...c,
+            labelSelector: (c.labelSelector as V1LabelSelector | undefined) ?? {
+              matchLabels: { [LABEL_MODEL]: model.metadata.name, [LABEL_COMPONENT]: role },
+            },
+          })),
+        }
+      : {}),
     ...(imagePullSecrets ? { imagePullSecrets } : {}),
   };
 }
@@ -413,7 +429,7 @@ export function desiredObjects(
         "shard",
         replicas.shards[k],
         plan,
-        podSpec(model, [withProbes]),
+        podSpec(model, "shard", [withProbes]),
         k,
       ),
     );
@@ -486,7 +502,7 @@ export function desiredObjects(
       "gateway",
       replicas.gateway,
       plan,
-      podSpec(model, [gwContainer], prefixVolumes),
+      podSpec(model, "gateway", [gwContainer], prefixVolumes),
     ),
   );
   objects.push(pdb(model, names.gateway(name), "gateway"));

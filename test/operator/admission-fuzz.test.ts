@@ -55,6 +55,44 @@ afterAll(async () => {
   await core.deleteNamespace({ name: namespace }).catch(() => {});
 });
 
+/** Dry-run creates of `model`'s workloads, as the API server stored it: the refusals. */
+async function renderRefusals(model: DeepSeekModel, what: string): Promise<string[]> {
+  model.metadata.uid ??= "00000000-0000-0000-0000-000000000000";
+  const plan = planPlacement({
+    architecture: architectureOf(model),
+    numShards: model.spec.experts.shards,
+    redundantExperts: model.spec.experts.redundantExperts,
+  });
+  const refusals: string[] = [];
+  for (const o of desiredObjects(model, plan, specReplicas(model, plan))) {
+    if (o.kind === "PodMonitor") continue; // the Prometheus Operator's CRD is not installed here
+    try {
+      await objects.create(o as KubernetesObject, undefined, "All");
+    } catch (e: any) {
+      refusals.push(
+        `${what}: the API server admits the model but refuses its ${o.kind} ${o.metadata?.name}: ${String(e?.body ?? e?.message).slice(0, 400)}`,
+      );
+    }
+  }
+  return refusals;
+}
+
+describe("the examples", () => {
+  it("are admitted, and render workloads the API server admits", async () => {
+    expect(examples.length).toBeGreaterThanOrEqual(3);
+    for (const [i, example] of examples.entries()) {
+      const doc = structuredClone(example);
+      Object.assign(doc["metadata"] as object, { namespace, name: `example${i}` });
+      const server = await admits(doc);
+      expect(server.ok, server.ok ? "" : server.why).toBe(true);
+      if (!server.ok) continue;
+      expect(await renderRefusals(server.obj, String((example["metadata"] as any)?.name))).toEqual(
+        [],
+      );
+    }
+  });
+});
+
 describe(`admission fuzz (${ITERATIONS} manifests, seed ${SEED})`, () => {
   it("the CRD and the parser agree, and what is admitted renders workloads the API server admits", async () => {
     const v = crdVocabulary();
@@ -88,7 +126,6 @@ describe(`admission fuzz (${ITERATIONS} manifests, seed ${SEED})`, () => {
       admitted++;
       // What the operator does with it: the stored object (the API server's defaults) rendered.
       const model = server.obj as DeepSeekModel;
-      model.metadata.uid ??= "00000000-0000-0000-0000-000000000000";
       const plan = planPlacement({
         architecture: architectureOf(model),
         numShards: model.spec.experts.shards,
@@ -96,16 +133,8 @@ describe(`admission fuzz (${ITERATIONS} manifests, seed ${SEED})`, () => {
       });
       // Limits under what the pods hold: the reconciler applies nothing (MemoryLimitTooLow).
       if (memoryLimitShortfalls(model, plan).length > 0) continue;
-      for (const o of desiredObjects(model, plan, specReplicas(model, plan))) {
-        if (o.kind === "PodMonitor") continue; // the Prometheus Operator's CRD is not installed here
-        try {
-          await objects.create(o as KubernetesObject, undefined, "All");
-        } catch (e: any) {
-          failures.push(
-            `#${i}: the API server admits the model but refuses its ${o.kind} ${o.metadata?.name}: ${String(e?.body ?? e?.message).slice(0, 400)}\n${text.slice(0, 1200)}`,
-          );
-        }
-      }
+      for (const refusal of await renderRefusals(model, `#${i}`))
+        failures.push(`${refusal}\n${text.slice(0, 1200)}`);
       rendered++;
     }
     if (process.env["EM_FUZZ_VERBOSE"]) console.log({ admitted, rendered });

@@ -680,6 +680,17 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[21]!.message,
       ],
       [
+        "a topology spread key with a space",
+        {
+          scheduling: {
+            topologySpreadConstraints: [
+              { maxSkew: 1, topologyKey: "my zone", whenUnsatisfiable: "ScheduleAnyway" },
+            ],
+          },
+        },
+        CROSS_FIELD_RULES[22]!.message,
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",

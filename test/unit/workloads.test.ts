@@ -123,6 +123,46 @@ describe("desiredObjects", () => {
     }
   });
 
+  it("spreads each role's pods by its own labels unless a constraint names a labelSelector", () => {
+    expect(
+      (objects().find((o) => o.kind === "Deployment") as any).spec.template.spec
+        .topologySpreadConstraints,
+    ).toBeUndefined();
+    const all = objects(`    topologySpreadConstraints:
+      - { maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway }
+      - maxSkew: 2
+        topologyKey: kubernetes.io/hostname
+        whenUnsatisfiable: DoNotSchedule
+        labelSelector: { matchLabels: { team: a } }
+        matchLabelKeys: [pod-template-hash]
+`);
+    const spread = (name: string) =>
+      (all.find((o) => o.metadata?.name === name) as any).spec.template.spec
+        .topologySpreadConstraints;
+    const byRole = (component: string) => ({
+      maxSkew: 1,
+      topologyKey: "topology.kubernetes.io/zone",
+      whenUnsatisfiable: "ScheduleAnyway",
+      labelSelector: {
+        matchLabels: { "expertmesh.io/model": "m", "app.kubernetes.io/component": component },
+      },
+    });
+    const given = {
+      maxSkew: 2,
+      topologyKey: "kubernetes.io/hostname",
+      whenUnsatisfiable: "DoNotSchedule",
+      labelSelector: { matchLabels: { team: "a" } },
+      matchLabelKeys: ["pod-template-hash"],
+    };
+    expect(spread("m-gateway")).toEqual([byRole("gateway"), given]);
+    // Every shard's Deployment counts all the model's shards (one replica each, usually).
+    for (const k of [0, 3]) expect(spread(`m-shard-${k}`)).toEqual([byRole("shard"), given]);
+    // The pods carry the labels the default selector names.
+    const labels = (all.find((o) => o.metadata?.name === "m-shard-3") as any).spec.template.metadata
+      .labels;
+    expect(labels).toMatchObject(byRole("shard").labelSelector.matchLabels);
+  });
+
   it("requests GPUs, passes scheduling through and mounts the weights read-only", () => {
     const shard = objects().find((o) => o.metadata?.name === "m-shard-2") as any;
     const pod = shard.spec.template.spec;
