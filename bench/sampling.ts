@@ -32,6 +32,8 @@ export interface Setting {
   temperature: number;
   topK: number;
   topP: number;
+  /** vLLM's min_p (0: off). */
+  minP?: number;
   /** Logprobs with this many alternatives instead of sampling. */
   logprobs?: number;
 }
@@ -42,6 +44,8 @@ const SETTINGS: Setting[] = [
   { name: "top_k 50", temperature: 0.7, topK: 50, topP: 1 },
   { name: "top_p 0.9", temperature: 0.7, topK: 0, topP: 0.9 },
   { name: "top_k 50 + top_p 0.9", temperature: 0.7, topK: 50, topP: 0.9 },
+  { name: "min_p 0.05", temperature: 0.7, topK: 0, topP: 1, minP: 0.05 },
+  { name: "min_p 0.05 + top_p 0.9", temperature: 0.7, topK: 0, topP: 0.9, minP: 0.05 },
   // Not a pick: the logprobs of a token and the 5 most likely (completions' maximum); the
   // check takes the most likely one, the argmax.
   { name: "logprobs, top 5", temperature: 0, topK: 0, topP: 1, logprobs: 5 },
@@ -87,10 +91,16 @@ function kept(row: Float32Array, s: Setting): Set<number> | null {
     for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
     return new Set([best]);
   }
-  if (s.topK <= 0 && s.topP >= 1) return null;
+  if (s.topK <= 0 && s.topP >= 1 && !s.minP) return null;
   let ids = Array.from({ length: row.length }, (_, i) => i).sort(
     (a, b) => row[b]! - row[a]! || a - b,
   );
+  if (s.minP) {
+    // Rounding on either side may keep one more.
+    const top = row[ids[0]!]! / s.temperature;
+    const n = ids.filter((i) => Math.exp(row[i]! / s.temperature - top) >= s.minP!).length;
+    ids = ids.slice(0, n + 1);
+  }
   if (s.topK > 0) ids = ids.slice(0, s.topK);
   // Rounding on either side may keep one more.
   if (s.topP < 1) ids = ids.slice(0, nucleus(row, ids, s.temperature, s.topP) + 1);
@@ -163,6 +173,7 @@ export async function runSampling(o: {
           temperature: s.temperature,
           top_k: s.topK,
           top_p: s.topP,
+          min_p: s.minP ?? 0,
           ...(s.logprobs !== undefined ? { logprobs: s.logprobs } : {}),
         });
         const rng = new Prng(7);
@@ -170,6 +181,7 @@ export async function runSampling(o: {
           temperature: new Float32Array(n).fill(s.temperature),
           topK: new Int32Array(n).fill(s.topK),
           topP: new Float32Array(n).fill(s.topP),
+          minP: new Float32Array(n).fill(s.minP ?? 0),
           uniform: Float32Array.from({ length: n }, () => uniform32(rng.uniform())),
         });
         const ours = (calls: number) => {

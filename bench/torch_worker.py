@@ -10,7 +10,7 @@ Commands:
   {"cmd": "probe"}                                   -> which kernels torch runs (oneDNN / MKL verbose)
   {"cmd": "setup", "key", "op": "matmul"|"ffn", "tokens", "dim", "inter", "dtype": "bf16"|"f32", "copies",
    "lib": "torch"|"numpy"}
-  {"cmd": "setup", "key", "op": "sample", "file", "rows", "vocab", "temperature", "top_k", "top_p",
+  {"cmd": "setup", "key", "op": "sample", "file", "rows", "vocab", "temperature", "top_k", "top_p", "min_p",
    "logprobs"?: k}                                   (with logprobs: vLLM's logprobs instead of a pick)
   {"cmd": "run", "key", "calls"}                     -> {"seconds": wall time of `calls` calls}
   {"cmd": "free", "key"}
@@ -158,6 +158,7 @@ def setup_sample(c):
         "temperature": float(c["temperature"]),
         "top_k": int(c.get("top_k") or 0),
         "top_p": float(c.get("top_p") or 1.0),
+        "min_p": float(c.get("min_p") or 0.0),
         "gen": torch.Generator().manual_seed(0),
         "logprobs": c.get("logprobs"),
     }
@@ -182,6 +183,11 @@ def sample(case):
         return logits.argmax(dim=-1)
     logits = logits / t
     vocab = logits.shape[-1]
+    if case["min_p"] > 0:
+        # vLLM's min_p: after the temperature, before top-k and top-p.
+        probs = logits.softmax(dim=-1)
+        top = probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < case["min_p"] * top, -float("inf"))
     if p < 1.0:
         logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
         if 0 < k < vocab:

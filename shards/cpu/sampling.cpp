@@ -74,22 +74,30 @@ int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float tempe
                    float top_p, float u, std::vector<float>& w, std::vector<int32_t>& order) {
   if (temperature <= 0.0f) return argmax(logits, V);
   w.resize(static_cast<size_t>(V));
-  for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
   order.clear();  // kept tokens, most likely first; empty: all, vocabulary order
   double mass;
   if (min_p > 0.0f) {
-    // p_i >= min_p * p_max  <=>  w_i >= w_max + log(min_p): the kept ones in id order, then
-    // by value (a short list: the tokens within a factor 1 / min_p of the most likely).
-    const float top = *std::max_element(w.begin(), w.end());
-    at_least(w.data(), V, top + std::log(min_p), order);
-    std::sort(order.begin(), order.end(), ByValue{w.data()});
-    if (top_k > 0 && static_cast<size_t>(top_k) < order.size()) order.resize(static_cast<size_t>(top_k));
+    // p_i >= min_p * p_max  <=>  l_i >= l_max + T log(min_p), in logits: two passes over
+    // the row, and only the kept tokens scaled. They stay in id order (the walk order when
+    // nothing else cuts), by value when top_k or top_p will cut.
+    const float lmax = *std::max_element(logits, logits + V);
+    at_least(logits, V, lmax + temperature * std::log(min_p), order);
+    for (int32_t id : order) w[id] = logits[id] / temperature;
+    const float top = lmax / temperature;
+    const ByValue by_value{w.data()};
+    if (top_k > 0 && static_cast<size_t>(top_k) < order.size()) {
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), by_value);
+      order.resize(static_cast<size_t>(top_k));
+    } else if (top_p < 1.0f) {
+      std::sort(order.begin(), order.end(), by_value);
+    }
     mass = 0.0;
     for (int32_t id : order) {
       w[id] = std::exp(w[id] - top);
       mass += w[id];
     }
   } else if (top_k > 0 && top_k < V) {
+    for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
     top_k_of(w.data(), V, static_cast<size_t>(top_k), order);
     const float top = w[order[0]];
     mass = 0.0;
@@ -98,6 +106,7 @@ int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float tempe
       mass += w[id];
     }
   } else {
+    for (int64_t i = 0; i < V; ++i) w[i] = logits[i] / temperature;
     // The weights by the vectorized exp; their sum again in double: exp_sum's float lanes
     // drop a long tail's tiny weights next to a large one (1 + 4e-8 == 1 in float).
     k.exp_sum(w.data(), V, *std::max_element(w.begin(), w.end()));

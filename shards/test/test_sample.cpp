@@ -45,9 +45,9 @@ RefPick reference(const float* logits, int64_t V, float temp, float min_p, int32
     mass = cum;
   }
   RefPick r;
-  if (!cut_m && !cut_k && !cut_p) {  // vocabulary order
-    r.kept.resize(static_cast<size_t>(V));
-    std::iota(r.kept.begin(), r.kept.end(), 0);
+  if (!cut_k && !cut_p) {  // vocabulary order (of the tokens min_p keeps)
+    r.kept = order;
+    std::sort(r.kept.begin(), r.kept.end());
   } else {
     r.kept = order;
   }
@@ -120,23 +120,30 @@ void test_special(Backend& be) {
   d.uniform = &u_high;
   CHECK_OK(em_sample(be.b, &d));
   CHECK(tok == 2, "top_p: u=0.6 -> token 2, got %d", tok);
-  // min_p 0.7 keeps {3 (0.4), 2 (0.3 >= 0.28)}: the same pair as top_p 0.5, most likely
-  // first; min_p 1 keeps only the most likely; min_p 0.3 keeps {3, 2, 1}, renormalized
-  // 4/9, 3/9, 2/9: u = 0.8 falls on token 1.
-  float mp = 0.7f, mp1 = 1.0f, mp_low = 0.3f, u_8 = 0.8f;
-  em_sample_args m{&l2t, &temp1, nullptr, nullptr, &u_low, &tok, &mp};
+  // min_p 0.7 keeps {2 (0.3 >= 0.28), 3 (0.4)}, renormalized 3/7 and 4/7 in id order (no
+  // top_k or top_p: no sort); min_p 1 keeps only the most likely; min_p 0.3 keeps {1, 2,
+  // 3}, renormalized 2/9, 3/9, 4/9: u = 0.3 falls on token 2.
+  float mp = 0.7f, mp1 = 1.0f, mp_low = 0.3f, u_4 = 0.4f, u_3 = 0.3f;
+  em_sample_args m{&l2t, &temp1, nullptr, nullptr, &u_4, &tok, &mp};
+  CHECK_OK(em_sample(be.b, &m));
+  CHECK(tok == 2, "min_p: u=0.4 -> token 2, got %d", tok);
+  m.uniform = &u_low;
   CHECK_OK(em_sample(be.b, &m));
   CHECK(tok == 3, "min_p: u=0.5 -> token 3, got %d", tok);
-  m.uniform = &u_high;
+  // With top_p, most likely first: top_p 1 - 1e-7 cuts nothing here but orders.
+  float almost = 0.9999999f;
+  m.top_p = &almost;
+  m.uniform = &u_4;
   CHECK_OK(em_sample(be.b, &m));
-  CHECK(tok == 2, "min_p: u=0.6 -> token 2, got %d", tok);
+  CHECK(tok == 3, "min_p + top_p: u=0.4 -> token 3, got %d", tok);
+  m.top_p = nullptr;
   m.min_p = &mp1;
   CHECK_OK(em_sample(be.b, &m));
   CHECK(tok == 3, "min_p 1 -> argmax, got %d", tok);
   m.min_p = &mp_low;
-  m.uniform = &u_8;
+  m.uniform = &u_3;
   CHECK_OK(em_sample(be.b, &m));
-  CHECK(tok == 1, "min_p 0.3: u=0.8 -> token 1, got %d", tok);
+  CHECK(tok == 2, "min_p 0.3: u=0.3 -> token 2, got %d", tok);
   float bad_mp = 1.5f;
   m.min_p = &bad_mp;
   CHECK(em_sample(be.b, &m) == EM_ERR_ARG, "min_p 1.5");

@@ -6,8 +6,8 @@
 // those the top_k most likely (top_k <= 0: all), then the smallest most-likely prefix whose
 // mass reaches top_p (top_p >= 1: all), renormalize, and pick by inverse CDF with the
 // caller's uniform number u: the kept tokens are walked from most to least likely (ties:
-// lower id first) when min_p, top_k or top_p cut, else in vocabulary order (the same
-// distribution without sorting the vocabulary). The native backend implements it in C++ over all rows of a step at once
+// lower id first) when top_k or top_p cut, else in vocabulary order (the same distribution
+// without sorting the vocabulary). The native backend implements it in C++ over all rows of a step at once
 // (threads); `sampleToken` is the TypeScript reference, with float32 weights as there.
 
 /** Per-row settings of one sampling call over rows of logits [rows, vocab]. */
@@ -122,11 +122,15 @@ export function sampleToken(
   let order: Int32Array | null = null;
   let mass = 0;
   if (minP > 0) {
-    // p_i >= min_p * p_max  <=>  w_i >= w_max + log(min_p) (in float32, as the native one).
-    const top = w[argmax(w)]!;
-    const cut = Math.fround(top + Math.fround(Math.log(minP)));
-    const kept = byValue(w).filter((id) => w[id]! >= cut);
-    order = topK > 0 && topK < kept.length ? kept.subarray(0, topK) : kept;
+    // p_i >= min_p * p_max  <=>  l_i >= l_max + T log(min_p) (in float32, as the native
+    // one); the kept ones in id order unless top_k or top_p cut.
+    const lmax = logits[argmax(logits)]!;
+    const top = Math.fround(lmax / temperature);
+    const cut = Math.fround(lmax + Math.fround(temperature * Math.fround(Math.log(minP))));
+    const kept = Int32Array.from({ length: V }, (_, i) => i).filter((id) => logits[id]! >= cut);
+    const sorted = () => kept.sort((a, b) => w[b]! - w[a]! || a - b);
+    order =
+      topK > 0 && topK < kept.length ? sorted().subarray(0, topK) : topP < 1 ? sorted() : kept;
     for (const id of order) {
       w[id] = Math.exp(w[id]! - top);
       mass += w[id]!;

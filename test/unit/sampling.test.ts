@@ -45,11 +45,11 @@ function oracle(logits: ArrayLike<number>, s: Setting): { ids: number[]; probs: 
   const minP = s.minP ?? 0;
   const topK = s.topK ?? 0;
   const topP = s.topP ?? 1;
-  const cut = minP > 0 || (topK > 0 && topK < V) || topP < 1;
-  let ids = cut ? byValue(all) : all;
-  const max = ids.reduce((m, i) => Math.max(m, z[i]!), -Infinity);
+  const max = all.reduce((m, i) => Math.max(m, z[i]!), -Infinity);
   // min_p: probability at least min_p x the largest (up to float32 rounding of the cut).
-  if (minP > 0) ids = ids.filter((i) => Math.exp(z[i]! - max) >= minP * (1 - 1e-6));
+  let ids = minP > 0 ? all.filter((i) => Math.exp(z[i]! - max) >= minP * (1 - 1e-6)) : all;
+  // Most likely first when top_k or top_p cut, else in id order.
+  if ((topK > 0 && topK < ids.length) || topP < 1) ids = byValue(ids);
   if (topK > 0 && topK < ids.length) ids = ids.slice(0, topK);
   let w = ids.map((i) => Math.exp(z[i]! - max));
   if (topP < 1) {
@@ -92,17 +92,14 @@ describe.each(backends)("sampling on the %s backend", (_name, backend) => {
     ["a cold temperature sharpens towards the pair", { temperature: 0.05 }, 0.3, 1],
     // Weights 20.1, 20.1, 7.39, 2.72, 1 (of the max: 1, 1, 0.37, 0.14, 0.05).
     ["min_p 1 keeps the tied pair only", { temperature: 1, minP: 1 }, 0.99, 2],
-    [
-      "min_p 0.3 keeps the pair and token 4, most likely first",
-      { temperature: 1, minP: 0.3 },
-      0.99,
-      4,
-    ],
+    ["min_p 0.3 keeps the pair and token 4, in id order", { temperature: 1, minP: 0.3 }, 0.99, 4],
     ["min_p 0.3, lower u: the pair", { temperature: 1, minP: 0.3 }, 0.8, 2],
     ["min_p then top_k: top_k 1 of min_p's", { temperature: 1, minP: 0.3, topK: 1 }, 0.99, 1],
     ["greedy ignores min_p", { temperature: 0, minP: 1 }, 0.99, 1],
-    // At temperature 3 token 3's weight is exp(-1) = 0.37 of the max: min_p 0.3 keeps it.
-    ["min_p after temperature", { temperature: 3, minP: 0.3 }, 0.999, 3],
+    // At temperature 3 token 3's weight is exp(-1) = 0.37 of the max: min_p 0.3 keeps it,
+    // and token 0 (0.51): u = 0.01 is token 0 (id order), or the pair's first under top_p.
+    ["min_p after temperature", { temperature: 3, minP: 0.3 }, 0.01, 0],
+    ["min_p then top_p: most likely first", { temperature: 3, minP: 0.3, topP: 0.999 }, 0.01, 1],
   ];
   it.each(table)("%s", (_what, s, u, want) => {
     expect(backend.sample(L, 5, rowsOf([s], [u]))[0]).toBe(want);

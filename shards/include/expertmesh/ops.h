@@ -203,7 +203,7 @@ typedef struct em_mla_args {
  * (top_k <= 0: all), then the smallest most-likely prefix whose mass reaches top_p
  * (top_p >= 1: all), renormalize, and pick by inverse CDF with the caller's uniform number
  * u: the kept tokens are walked from most to least likely (ties: lower id first) when
- * min_p, top_k or top_p cut, else in vocabulary order (same distribution, no full sort).
+ * top_k or top_p cut, else in vocabulary order (same distribution, no full sort).
  * Deterministic for a given u. */
 typedef struct em_sample_args {
   const em_tensor* logits;  /* [T, V] f32 */
