@@ -288,6 +288,15 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
 }
 
 /**
+ * The gateway's --chat-template flag (none without spec.gateway.chatTemplate), with the file
+ * where the caller puts the template: the plan ConfigMap's mount in a pod, the run folder of
+ * `up`.
+ */
+export function chatTemplateArgs(model: DeepSeekModel, file: string): string[] {
+  return model.spec.gateway.chatTemplate === undefined ? [] : [`--chat-template=${file}`];
+}
+
+/**
  * The gateway's sampling default flags (spec.gateway.sampling): --generation-config=none
  * when asked, the fields set as --override-generation-config JSON.
  */

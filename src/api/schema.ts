@@ -434,6 +434,14 @@ export const GatewaySchema = withRules(
           ),
         ),
       ),
+      chatTemplate: Type.Optional(
+        Type.String({
+          description:
+            "A chat template (Jinja) that chats are rendered with instead of the tokenizer_config.json's (vLLM's --chat-template), e.g. vLLM's tool_chat_template_deepseekv31.jinja. Kept in the model's plan ConfigMap; a change rolls the gateways.",
+          minLength: 1,
+          maxLength: 262144,
+        }),
+      ),
       sampling: Type.Object(
         {
           generationConfig: StringEnum(["auto", "none"], {

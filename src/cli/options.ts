@@ -1,6 +1,6 @@
 // Parsing of the option values the commands share, with EM_CLI_USAGE errors that name
 // the flag, and listening on a flag's address.
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import type { Server } from "node:net";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 
@@ -45,6 +45,16 @@ export function readOptionFile(path: string, flag: string): Buffer {
       cause: err,
     });
   }
+}
+
+/**
+ * The template of --chat-template, as vLLM reads the flag: the value itself when it is a
+ * Jinja template (it holds `{{`, `{%` or `{#`) and names no file, else the file it names.
+ * Throws EM_CLI_FILE for a file that cannot be read.
+ */
+export function chatTemplateOption(value: string): string {
+  if (/\{[{%#]/.test(value) && !existsSync(value)) return value;
+  return readOptionFile(value, "--chat-template").toString("utf8");
 }
 
 /** Seconds to wait for NATS at start (`--nats-wait`), in milliseconds. */

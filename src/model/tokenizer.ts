@@ -79,13 +79,15 @@ export class Tokenizer {
   /**
    * A tokenizer from the parsed `tokenizer.json` and `tokenizer_config.json`; `source`
    * names them in messages, `dir` is where they were read from (for loading them again in
-   * another thread). Throws EM_TOKENIZER_INVALID or EM_TOKENIZER_TEMPLATE.
+   * another thread); `chatTemplate` replaces the config's chat_template (vLLM's
+   * --chat-template). Throws EM_TOKENIZER_INVALID or EM_TOKENIZER_TEMPLATE.
    */
   constructor(
     tokenizerJson: unknown,
     tokenizerConfig: unknown,
     source = "tokenizer",
     dir: string | null = null,
+    chatTemplate?: string,
   ) {
     this.source = source;
     this.dir = dir;
@@ -147,18 +149,25 @@ export class Tokenizer {
     let most = 1;
     for (const token of vocab.keys()) most = Math.max(most, Buffer.byteLength(token));
     this.maxTokenBytes = most;
-    const compiled = compileTemplate(tokenizerConfig["chat_template"], source);
+    const compiled =
+      chatTemplate === undefined
+        ? compileTemplate(tokenizerConfig["chat_template"], source)
+        : compileTemplate(chatTemplate, "--chat-template");
     this.template = compiled?.template ?? null;
     this.templatePresentsTools = compiled?.presentsTools ?? false;
   }
 
-  /** Loads `dir/tokenizer.json` and `dir/tokenizer_config.json`. Throws EM_TOKENIZER_*. */
-  static load(dir: string): Tokenizer {
+  /**
+   * Loads `dir/tokenizer.json` and `dir/tokenizer_config.json`, with `chatTemplate` in place
+   * of the config's when given. Throws EM_TOKENIZER_*.
+   */
+  static load(dir: string, chatTemplate?: string): Tokenizer {
     return new Tokenizer(
       readJson(join(dir, "tokenizer.json")),
       readJson(join(dir, "tokenizer_config.json")),
       dir,
       dir,
+      chatTemplate,
     );
   }
 

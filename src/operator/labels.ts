@@ -11,6 +11,8 @@ export const LABEL_SHARD = "expertmesh.io/shard";
  * a rebalanced plan of the same shape switches live, without a restart (ADR 0003).
  */
 export const ANNOTATION_PLAN_SHAPE = "expertmesh.io/plan-shape";
+/** On the gateway's pod template: a hash of spec.gateway.chatTemplate (a new one rolls it). */
+export const ANNOTATION_CHAT_TEMPLATE = "expertmesh.io/chat-template";
 
 export type Component = "gateway" | "shard" | "plan" | "monitoring";
 

@@ -1,5 +1,6 @@
 // The desired Kubernetes objects of one DeepSeekModel: a pure function of the model, its
 // placement plan and the operator's settings. Only the reconciler does I/O.
+import { createHash } from "node:crypto";
 import type {
   V1ConfigMap,
   V1Deployment,
@@ -11,6 +12,7 @@ import type {
 } from "@kubernetes/client-node";
 import {
   architectureOf,
+  chatTemplateArgs,
   gatewayArgs,
   modelArgs,
   prefixCacheDiskArgs,
@@ -22,6 +24,7 @@ import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
 import {
+  ANNOTATION_CHAT_TEMPLATE,
   ANNOTATION_PLAN_SHAPE,
   type Component,
   LABEL_COMPONENT,
@@ -61,10 +64,15 @@ export const GATEWAY_SHUTDOWN_DELAY_S = 5;
 export const PATHS = {
   plan: "/etc/expertmesh/plan.json",
   planDir: "/etc/expertmesh",
+  /** spec.gateway.chatTemplate, a key of the plan ConfigMap. */
+  chatTemplate: "/etc/expertmesh/chat_template.jinja",
   models: "/models",
   /** The gateway's prefix cache disk tier (spec.gateway.kvCache.diskBytes), an emptyDir. */
   prefixCache: "/var/cache/expertmesh/prefix",
 };
+
+/** The first 16 hex digits of a text's SHA-256 (an annotation that changes with the text). */
+const sha256Short = (text: string) => createHash("sha256").update(text).digest("hex").slice(0, 16);
 
 /** Replica counts chosen for this reconcile (the autoscaler's, or the spec's). */
 export interface Replicas {
@@ -345,6 +353,9 @@ function planConfigMap(model: DeepSeekModel, plan: PlacementPlan): V1ConfigMap {
     data: {
       "plan.json": serializePlan(plan),
       "model.json": `${JSON.stringify({ servedModelName: servedModelName(model), preset: model.spec.model.preset ?? null, architecture: arch, dtype: model.spec.model.dtype }, null, 2)}\n`,
+      ...(model.spec.gateway.chatTemplate !== undefined
+        ? { "chat_template.jinja": model.spec.gateway.chatTemplate }
+        : {}),
     },
   };
 }
@@ -357,6 +368,7 @@ function deployment(
   plan: PlacementPlan,
   spec: V1PodSpec,
   shard?: number,
+  annotations: Record<string, string> = {},
 ): V1Deployment {
   const selector = labelsFor(model, component, shard);
   return {
@@ -370,7 +382,7 @@ function deployment(
       template: {
         metadata: {
           labels: selector,
-          annotations: { [ANNOTATION_PLAN_SHAPE]: planShape(plan) },
+          annotations: { [ANNOTATION_PLAN_SHAPE]: planShape(plan), ...annotations },
         },
         spec,
       },
@@ -447,6 +459,7 @@ export function desiredObjects(
       `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
       ...gatewayArgs(model),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
+      ...chatTemplateArgs(model, PATHS.chatTemplate),
     ],
     gateway.gpus,
     gatewayResources(model),
@@ -503,6 +516,11 @@ export function desiredObjects(
       replicas.gateway,
       plan,
       podSpec(model, "gateway", [gwContainer], prefixVolumes),
+      undefined,
+      // The template is read at start: a new one rolls the gateways.
+      model.spec.gateway.chatTemplate === undefined
+        ? {}
+        : { [ANNOTATION_CHAT_TEMPLATE]: sha256Short(model.spec.gateway.chatTemplate) },
     ),
   );
   objects.push(pdb(model, names.gateway(name), "gateway"));

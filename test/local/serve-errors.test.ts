@@ -317,6 +317,36 @@ describe("serving commands on bad input", () => {
     expect(gateway.stderr).not.toContain("loading weights");
   });
 
+  it("--chat-template: a file that is not there, a template that does not parse or render: refused before the weights", async () => {
+    const gateway = (template: string) =>
+      expertmesh(["gateway", `--model=${dir}`, "--local", `--chat-template=${template}`]);
+    const missing = await gateway(join(dir, "no-such.jinja"));
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toMatch(
+      /\[EM_CLI_FILE\] --chat-template .*no-such\.jinja: cannot read it: no such file/,
+    );
+    const broken = await gateway("{% if %}");
+    expect(broken.code).toBe(1);
+    expect(broken.stderr).toMatch(
+      /\[EM_TOKENIZER_TEMPLATE\] --chat-template: chat_template does not parse/,
+    );
+    const raising = await gateway("{{ raise_exception('no chats here') }}");
+    expect(raising.code).toBe(1);
+    expect(raising.stderr).toMatch(
+      /\[EM_TOKENIZER_TEMPLATE\] .*chat template failed: .*no chats here/,
+    );
+    for (const r of [missing, broken, raising]) expect(r.stderr).not.toContain("loading weights");
+    const generate = await expertmesh([
+      "generate",
+      `--model=${dir}`,
+      "--prompt=hi",
+      "--chat",
+      `--chat-template=${join(dir, "no-such.jinja")}`,
+    ]);
+    expect(generate.code).toBe(1);
+    expect(generate.stderr).toMatch(/\[EM_CLI_FILE\] --chat-template /);
+  });
+
   it("NATS that cannot be reached, refuses the credentials, or is no URL: EM_NATS_CONNECT", async () => {
     const closed = await freePort();
     const gone = await shard(

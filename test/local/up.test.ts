@@ -20,6 +20,7 @@ import { denseLoadBytes } from "../../src/cli/progress.ts";
 import { PROGRESS_PREFIX } from "../../src/local/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { isMoeLayer } from "../../src/model/config.ts";
+import { Tokenizer } from "../../src/model/tokenizer.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
@@ -307,6 +308,42 @@ describe("expertmesh up", () => {
         const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
         const drafts = /^expertmesh_gateway_spec_decode_num_drafts_total (\d+)$/m.exec(metrics);
         expect(Number(drafts?.[1])).toBeGreaterThan(0);
+      },
+    );
+  });
+
+  it("with gateway.chatTemplate and gateway.sampling: chats render with that template, and requests without a temperature take the manifest's", async () => {
+    const template =
+      "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+    await upWithVariant(
+      [
+        "  gateway:\n",
+        `  gateway:\n    chatTemplate: ${JSON.stringify(template)}\n    sampling: { temperature: 0 }\n`,
+      ],
+      async (started, port) => {
+        expect(started.err()).toMatch(
+          /^\[gateway\] .*chat template from --chat-template \(\d+ bytes\)$/m,
+        );
+        expect(started.err()).toMatch(
+          /^\[gateway\] .*sampling defaults of requests that leave them out: temperature 0, top_p 0\.95 /m,
+        );
+        const tokenize = await fetch(`http://127.0.0.1:${port}/tokenize`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ messages: [{ role: "user", content: "hi" }] }),
+        });
+        const tokenizer = Tokenizer.load(join(started.models, "tiny-v3"));
+        expect(((await tokenize.json()) as { tokens: number[] }).tokens).toEqual(
+          tokenizer.encode("<|user|>hi<|assistant|>", false),
+        );
+        // The file's top_p 0.95 stays; the manifest's temperature 0 is greedy.
+        const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+        const ask = (extra: object) =>
+          client.completions
+            .create({ model: "tiny-v3", prompt: "Hello", max_tokens: 12, seed: 3, ...extra })
+            .then((r) => r.choices[0]!.text);
+        expect(await ask({})).toBe(await ask({ temperature: 0 }));
+        expect(await ask({ temperature: 1.5 })).not.toBe(await ask({}));
       },
     );
   });

@@ -123,6 +123,46 @@ describe("desiredObjects", () => {
     }
   });
 
+  it("a chat template: in the plan ConfigMap, named to the gateway, its hash on the gateway's pods", () => {
+    const gatewayOf = (all: ReturnType<typeof objects>) =>
+      all.find((o) => o.metadata?.name === "m-gateway") as any;
+    const plain = objects();
+    expect((plain.find((o) => o.kind === "ConfigMap") as any).data["chat_template.jinja"]).toBe(
+      undefined,
+    );
+    expect(gatewayOf(plain).spec.template.spec.containers[0].args.join(" ")).not.toContain(
+      "--chat-template",
+    );
+    expect(
+      gatewayOf(plain).spec.template.metadata.annotations["expertmesh.io/chat-template"],
+    ).toBeUndefined();
+    const withTemplate = (t: string) =>
+      objects(`  gateway:\n    chatTemplate: ${JSON.stringify(t)}\n`);
+    const a = withTemplate("{{ messages[0].content }}");
+    expect((a.find((o) => o.kind === "ConfigMap") as any).data["chat_template.jinja"]).toBe(
+      "{{ messages[0].content }}",
+    );
+    const gw = gatewayOf(a).spec.template;
+    expect(gw.spec.containers[0].args).toContain(
+      "--chat-template=/etc/expertmesh/chat_template.jinja",
+    );
+    // The plan ConfigMap is mounted at /etc/expertmesh.
+    expect(gw.spec.containers[0].volumeMounts).toContainEqual({
+      name: "plan",
+      mountPath: "/etc/expertmesh",
+      readOnly: true,
+    });
+    const hash = gw.metadata.annotations["expertmesh.io/chat-template"];
+    expect(hash).toMatch(/^[0-9a-f]{16}$/);
+    // Another template, another hash (the gateways roll); shards do not carry it.
+    const b = withTemplate("{{ messages[-1].content }}");
+    expect(gatewayOf(b).spec.template.metadata.annotations["expertmesh.io/chat-template"]).not.toBe(
+      hash,
+    );
+    const shard = a.find((o) => o.metadata?.name === "m-shard-0") as any;
+    expect(shard.spec.template.metadata.annotations["expertmesh.io/chat-template"]).toBeUndefined();
+  });
+
   it("spreads each role's pods by its own labels unless a constraint names a labelSelector", () => {
     expect(
       (objects().find((o) => o.kind === "Deployment") as any).spec.template.spec

@@ -37,6 +37,7 @@ import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { packageVersion } from "../../util/version.ts";
 import { selectBackend } from "../device.ts";
 import {
+  chatTemplateOption,
   defaultModelName,
   exitOnStall,
   intFlag as int,
@@ -130,6 +131,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             temperature 0.6, top_p 0.95), as vLLM does; none: the APIs' own
                             (temperature 1, top_p 1); DIR: DIR/generation_config.json
   --override-generation-config JSON   fields over those, e.g. '{"temperature": 0.3}'
+  --chat-template FILE|TEMPLATE   the chat template (Jinja) chats are rendered with, in place of
+                            tokenizer_config.json's: a file, or the template itself (vLLM's flag)
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
@@ -197,6 +200,7 @@ export const gatewayCommand: Command = {
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
         "generation-config": { type: "string" },
+        "chat-template": { type: "string" },
         "override-generation-config": { type: "string" },
         "speculative-tokens": { type: "string" },
         "speculative-method": { type: "string" },
@@ -271,6 +275,10 @@ export const gatewayCommand: Command = {
       usage(`--shutdown-timeout must be at most 3600 s, got ${shutdownTimeoutS}`);
     const modelDir = values.model!;
     const modelName = values["model-name"] ?? defaultModelName(modelDir);
+    const chatTemplate =
+      values["chat-template"] === undefined
+        ? undefined
+        : chatTemplateOption(values["chat-template"]);
     // Before the weights: a bad file or override fails at once.
     const generationConfig = loadSamplingDefaults(
       modelDir,
@@ -313,7 +321,12 @@ export const gatewayCommand: Command = {
     );
 
     const ckpt = await Checkpoint.open(modelDir, { mtp, onFile: (d, n) => startup.opening(d, n) });
-    const tokenizer = Tokenizer.load(modelDir);
+    const tokenizer = Tokenizer.load(modelDir, chatTemplate);
+    if (chatTemplate !== undefined) {
+      // A template that cannot render a one-message chat would fail every chat request.
+      tokenizer.applyChatTemplate([{ role: "user", content: "Hello" }], true);
+      log(`chat template from --chat-template (${Buffer.byteLength(chatTemplate)} bytes)`);
+    }
     const totalLayers = ckpt.config.numHiddenLayers + (mtp ? 1 : 0);
     const loadBytes = denseLoadBytes(ckpt, values.local === true);
     const base = ckpt.bytesRead;

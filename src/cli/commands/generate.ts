@@ -12,7 +12,13 @@ import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
-import { defaultModelName, intFlag, numberFlag as num, readOptionFile } from "../options.ts";
+import {
+  chatTemplateOption,
+  defaultModelName,
+  intFlag,
+  numberFlag as num,
+  readOptionFile,
+} from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
@@ -27,6 +33,7 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --dtype DTYPE         the linear layers' weights: auto (the checkpoint's, default), bf16, fp16,
                         fp32 or fp8 (128x128 block-scaled e4m3), converted as they load
   --chat                wrap the prompt in the model's chat template
+  --chat-template FILE|TEMPLATE  with --chat: this template instead of tokenizer_config.json's
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
   --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
@@ -51,6 +58,7 @@ export const generateCommand: Command = {
         "top-k": { type: "string" },
         "top-p": { type: "string" },
         "min-p": { type: "string" },
+        "chat-template": { type: "string" },
         "repetition-penalty": { type: "string" },
         seed: { type: "string" },
         "kv-cache-dtype": { type: "string" },
@@ -105,7 +113,12 @@ export const generateCommand: Command = {
         : undefined;
     const t0 = performance.now();
     const ckpt = await Checkpoint.open(values.model);
-    const tokenizer = Tokenizer.load(values.model);
+    const tokenizer = Tokenizer.load(
+      values.model,
+      values["chat-template"] === undefined
+        ? undefined
+        : chatTemplateOption(values["chat-template"]),
+    );
     const weights = await loadWeights(
       ckpt,
       "all",

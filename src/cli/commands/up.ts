@@ -9,6 +9,7 @@ import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import {
+  chatTemplateArgs,
   gatewayArgs,
   modelArgs,
   prefixCacheDiskArgs,
@@ -259,6 +260,9 @@ export const upCommand: Command = {
     const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
     const planPath = join(runDir, "plan.json");
     writeFileSync(planPath, serializePlan(plan));
+    const chatTemplatePath = join(runDir, "chat_template.jinja");
+    if (m.spec.gateway.chatTemplate !== undefined)
+      writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
     say(
       `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
     );
@@ -374,6 +378,7 @@ export const upCommand: Command = {
           ...gatewayArgs(m),
           // Outlives the run folder: the next `up` of this model starts with the blocks.
           ...prefixCacheDiskArgs(m, join(cacheDir(), "prefix-cache", `${ns}-${name}`)),
+          ...chatTemplateArgs(m, chatTemplatePath),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
         /serving '/,
