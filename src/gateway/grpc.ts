@@ -186,6 +186,7 @@ interface ChatRequestMsg extends SamplingRequest {
   response_format_json?: string;
   chat_template_kwargs_json?: string;
   structured_outputs_json?: string;
+  continue_final_message?: boolean;
 }
 
 interface ChatResponseMsg {
@@ -686,6 +687,7 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
     response_format: json(r.response_format_json, "response_format_json"),
     structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
     chat_template_kwargs: json(r.chat_template_kwargs_json, "chat_template_kwargs_json"),
+    continue_final_message: r.continue_final_message || undefined,
   };
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   if (r.stop.length === 0) delete body["stop"];

@@ -184,9 +184,13 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
             : { type: "function", function: { name: choice.name } };
   const thinking = b.thinking?.type;
   const r = b as Partial<MessagesRequest>;
+  // Anthropic's prefill: a last assistant turn is the start of the answer, continued.
+  const final = messages.at(-1);
+  const prefill = final?.role === "assistant" && !final.tool_calls;
   return {
     model: b.model,
     messages,
+    ...(prefill ? { continue_final_message: true } : {}),
     ...(r.max_tokens !== undefined ? { max_completion_tokens: r.max_tokens } : {}),
     ...(r.stop_sequences?.length ? { stop: r.stop_sequences } : {}),
     ...(r.temperature !== undefined ? { temperature: r.temperature } : {}),
@@ -207,6 +211,7 @@ const PARAMS: [RegExp, string][] = [
   [/^tools\.(\d+)\.function\.parameters/, "tools.$1.input_schema"],
   [/^tools\.(\d+)\.function\.name/, "tools.$1.name"],
   [/^chat_template_kwargs/, "thinking"],
+  [/^continue_final_message$/, "messages"],
 ];
 
 /** Anthropic's error type for an HTTP status. */

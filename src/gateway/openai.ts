@@ -101,8 +101,14 @@ async function tokenize(ctx: ServeContext, b: TokenizeRequest): Promise<object> 
       ...(b.tools !== undefined ? { tools: b.tools } : {}),
       ...(b.tool_choice !== undefined ? { tool_choice: b.tool_choice } : {}),
       ...(b.chat_template_kwargs != null ? { chat_template_kwargs: b.chat_template_kwargs } : {}),
+      ...(b.add_generation_prompt != null
+        ? { add_generation_prompt: b.add_generation_prompt }
+        : {}),
+      ...(b.continue_final_message != null
+        ? { continue_final_message: b.continue_final_message }
+        : {}),
     } as ChatCompletionRequest;
-    tokens = (await chatPrompt(ctx, chatBody, b.add_generation_prompt ?? true)).prompt;
+    tokens = (await chatPrompt(ctx, chatBody)).prompt;
   }
   return {
     count: tokens.length,
@@ -391,10 +397,17 @@ function chatMessages(
 export async function chatPrompt(
   ctx: ServeContext,
   b: ChatCompletionRequest,
-  addGenerationPrompt = true,
-): Promise<{ plan: ToolPlan; format: OutputFormat; prompt: number[] }> {
+): Promise<{ plan: ToolPlan; format: OutputFormat; prompt: number[]; continues: boolean }> {
   let plan = toolPlan(ctx, b);
   const format = outputFormat(ctx, b);
+  const continues = continuesFinalMessage(b);
+  if (continues && (format.grammar || plan.kind === "arguments" || b.tool_choice === "required"))
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "a continued message cannot be shaped by a response format or required tool calls (they start a new answer)",
+      { param: format.grammar ? format.param! : "tool_choice" },
+    );
+  const addGenerationPrompt = !continues && b.add_generation_prompt !== false;
   if (format.kind === "text" && plan.kind !== "text" && b.tool_choice !== "none")
     throw new ApiError(
       "EM_GATEWAY_BAD_REQUEST",
@@ -428,8 +441,38 @@ export async function chatPrompt(
   const prompt = await ctx.encoder.encodeChat(messages, addGenerationPrompt, {
     ...(plan.tools.length ? { tools: b.tools as unknown[] } : {}),
     ...(kwargs ? { kwargs } : {}),
+    ...(continues ? { continueFinalMessage: true } : {}),
   });
-  return { plan, format, prompt: keep === null ? prompt : lastTokens(prompt, keep) };
+  return { plan, format, prompt: keep === null ? prompt : lastTokens(prompt, keep), continues };
+}
+
+/**
+ * Whether a chat continues its last message, an assistant's (vLLM's continue_final_message,
+ * DeepSeek API's `prefix: true` on that message); refuses what cannot be continued.
+ */
+function continuesFinalMessage(b: ChatCompletionRequest): boolean {
+  const last = b.messages.length - 1;
+  const marked = b.messages.findIndex((m) => m.prefix === true);
+  if (marked >= 0 && marked !== last)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "only the last message may be a prefix to continue",
+      { param: `messages.${marked}.prefix` },
+    );
+  if (b.continue_final_message !== true && marked < 0) return false;
+  const param = marked >= 0 ? `messages.${last}.prefix` : "continue_final_message";
+  const refuse = (why: string): never => {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", why, { param });
+  };
+  const m = b.messages[last]!;
+  if (m.role !== "assistant") refuse("only an assistant's message can be continued (the last one)");
+  if (m.tool_calls?.length) refuse("an assistant message with tool_calls cannot be continued");
+  const content =
+    typeof m.content === "string" ? m.content : (m.content ?? []).map((p) => p.text).join("");
+  if (content === "") refuse("the message to continue has no content");
+  if (b.add_generation_prompt === true)
+    refuse("continue_final_message and add_generation_prompt cannot both be true");
+  return true;
 }
 
 /** Variables the template itself sets: a request may not give them. */
@@ -470,8 +513,10 @@ export interface ChatRun {
 export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Promise<ChatRun> {
   checkModel(ctx, b.model);
   unsupported(b);
-  const { plan, format, prompt } = await chatPrompt(ctx, b);
-  const thinks = requestThinks(ctx.reasoningParser, b.chat_template_kwargs ?? undefined);
+  const { plan, format, prompt, continues } = await chatPrompt(ctx, b);
+  // A continued answer picks up its own text: no thinking first.
+  const thinks =
+    !continues && requestThinks(ctx.reasoningParser, b.chat_template_kwargs ?? undefined);
   const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
   const grammar = plan.kind !== "text" ? plan.grammar : format.grammar;
   // A grammar that shapes the answer from its first token (response_format, calls required

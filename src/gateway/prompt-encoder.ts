@@ -7,7 +7,7 @@
 // are encoded in place: accepted work is never lost, only the event loop pays again.
 import { extname } from "node:path";
 import { Worker } from "node:worker_threads";
-import type { ChatMessage, Tokenizer } from "../model/tokenizer.ts";
+import type { ChatMessage, ChatTemplateExtra, Tokenizer } from "../model/tokenizer.ts";
 import { type ErrorCode, ExpertMeshError } from "../util/errors.ts";
 
 /** To a worker: encode `text`. */
@@ -84,7 +84,7 @@ export class PromptEncoder {
   encodeChat(
     messages: readonly ChatMessage[],
     addGenerationPrompt = false,
-    extra: { tools?: readonly unknown[]; kwargs?: Readonly<Record<string, unknown>> } = {},
+    extra: ChatTemplateExtra = {},
   ): Promise<number[]> {
     return this.encode(
       this.tokenizer.applyChatTemplate(messages, addGenerationPrompt, extra),

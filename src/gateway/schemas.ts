@@ -128,6 +128,11 @@ export const ChatMessage = Type.Object({
   ),
   tool_calls: Type.Optional(Nullable(Type.Array(ToolCall))),
   tool_call_id: Type.Optional(Type.String()),
+  /**
+   * DeepSeek API's chat prefix completion: on the last message, an assistant's, the answer
+   * continues its content (as continue_final_message).
+   */
+  prefix: Type.Optional(Nullable(Type.Boolean())),
 });
 export type ChatMessage = Static<typeof ChatMessage>;
 
@@ -147,6 +152,13 @@ export const ChatCompletionRequest = Type.Object({
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
   logprobs: Type.Optional(Nullable(Type.Boolean())),
   top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
+  /**
+   * vLLM's: the answer continues the last message (an assistant's) instead of opening a new
+   * turn; its text is the continuation only.
+   */
+  continue_final_message: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's: open the assistant's turn after the messages (default true). */
+  add_generation_prompt: Type.Optional(Nullable(Type.Boolean())),
 });
 export type ChatCompletionRequest = Static<typeof ChatCompletionRequest>;
 
@@ -189,6 +201,8 @@ export const TokenizeRequest = Type.Object({
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
   /** With messages: the assistant's turn opened, as chat completions open it (default true). */
   add_generation_prompt: Type.Optional(Nullable(Type.Boolean())),
+  /** With messages: the last (assistant) message left open, as chat completions continue it. */
+  continue_final_message: Type.Optional(Nullable(Type.Boolean())),
   return_token_strs: Type.Optional(Nullable(Type.Boolean())),
 });
 export type TokenizeRequest = Static<typeof TokenizeRequest>;

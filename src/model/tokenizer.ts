@@ -275,12 +275,31 @@ export class Tokenizer {
   /**
    * The prompt text for `messages` by the config's chat template (as HF's
    * `apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=False)`).
-   * Throws EM_TOKENIZER_TEMPLATE.
+   * With `continueFinalMessage` (HF's continue_final_message), the text ends with the last
+   * message's content, its turn left open for the model to continue: the rendering is cut
+   * after that content's last occurrence. Throws EM_TOKENIZER_TEMPLATE.
    */
   applyChatTemplate(
     messages: readonly ChatMessage[],
     addGenerationPrompt = false,
-    extra: { tools?: readonly unknown[]; kwargs?: Readonly<Record<string, unknown>> } = {},
+    extra: ChatTemplateExtra = {},
+  ): string {
+    const text = this.renderChat(messages, addGenerationPrompt, extra);
+    if (!extra.continueFinalMessage) return text;
+    const last = messages.at(-1)?.content;
+    const at = last ? text.lastIndexOf(last) : -1;
+    if (at < 0)
+      throw new ExpertMeshError(
+        "EM_TOKENIZER_TEMPLATE",
+        `${this.source}: the chat template does not render the final message's content as it is, so it cannot be continued`,
+      );
+    return text.slice(0, at + last!.length);
+  }
+
+  private renderChat(
+    messages: readonly ChatMessage[],
+    addGenerationPrompt: boolean,
+    extra: ChatTemplateExtra,
   ): string {
     if (this.template === null) {
       throw new ExpertMeshError(
@@ -335,6 +354,14 @@ export class Tokenizer {
   encodeChat(messages: readonly ChatMessage[], addGenerationPrompt = false): number[] {
     return this.encode(this.applyChatTemplate(messages, addGenerationPrompt), false);
   }
+}
+
+/** What a chat is rendered with besides its messages (Tokenizer.applyChatTemplate). */
+export interface ChatTemplateExtra {
+  readonly tools?: readonly unknown[];
+  readonly kwargs?: Readonly<Record<string, unknown>>;
+  /** End the text with the last message's content, its turn open (HF's continue_final_message). */
+  readonly continueFinalMessage?: boolean;
 }
 
 /** The text of a special token given as a string or as `{content: ...}` (AddedToken). */

@@ -831,6 +831,24 @@ describe("ChatStream", () => {
     expect(chatAnswer(s.messages).content).not.toBe(greedy.content);
   });
 
+  it("continue_final_message: the continuation, as over HTTP", async () => {
+    const prefixed = [...messages, { role: "assistant", content: "It is sunny in" }];
+    const body = { model: "tiny", max_tokens: 8, temperature: 0 };
+    const http = await gw.client.chat.completions.create({
+      ...body,
+      messages: prefixed as any,
+      continue_final_message: true,
+    } as never);
+    const s = await chat(c.gen, { ...body, messages: prefixed, continue_final_message: true });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    expect(a.content).toBe(http.choices[0]!.message.content);
+    expect(a.usage.prompt_tokens).toBe(http.usage!.prompt_tokens);
+    const bad = await chat(c.gen, { ...body, messages, continue_final_message: true });
+    expect(bad.error?.code).toBe(status.INVALID_ARGUMENT);
+    expect(trailer(bad.error!, "em-param")).toBe("continue_final_message");
+  });
+
   it("tools: a required call streams its id and name, then its arguments, as over HTTP", async () => {
     const body = { model: "tiny", max_tokens: 48, temperature: 0 };
     const http = await gw.client.chat.completions.create({

@@ -4,6 +4,7 @@
 // blocks (text, thinking, tool_use), streamed as Anthropic's events; errors in Anthropic's
 // shape, which the SDK turns into its error classes.
 import Anthropic from "@anthropic-ai/sdk";
+import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
@@ -109,6 +110,32 @@ describe("POST /v1/messages", () => {
       messages: [{ role: "user", content: QUESTION }],
     });
     expect(counted.input_tokens).toBe(chat.usage!.prompt_tokens);
+  });
+
+  it("prefill: a last assistant turn is the start of the answer, which continues it", async () => {
+    const messages: Anthropic.MessageParam[] = [
+      { role: "user", content: QUESTION },
+      { role: "assistant", content: "The answer is" },
+    ];
+    const m = await ask(client, { model: "tiny", messages, max_tokens: 10, temperature: 0 });
+    // The chat request it stands for continues the message (continue_final_message).
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: messages as OpenAI.ChatCompletionMessageParam[],
+      max_tokens: 10,
+      temperature: 0,
+      continue_final_message: true,
+    } as never);
+    expect(m.content).toEqual([{ type: "text", text: chat.choices[0]!.message.content }]);
+    const prompt = gw.ctx.tokenizer.encode(
+      gw.ctx.tokenizer.applyChatTemplate(
+        messages.map((x) => ({ role: x.role, content: x.content as string })),
+        false,
+        { continueFinalMessage: true },
+      ),
+      false,
+    );
+    expect(m.usage.input_tokens + (m.usage.cache_read_input_tokens ?? 0)).toBe(prompt.length);
   });
 
   it("streams Anthropic's events; the final message is the one create gives", async () => {

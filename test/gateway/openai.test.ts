@@ -174,6 +174,75 @@ describe("chat completions", () => {
     );
   });
 
+  it("continues a final assistant message (vLLM's continue_final_message, DeepSeek's prefix: true): the answer is the continuation", async () => {
+    const messages = [
+      { role: "user" as const, content: "Write a story" },
+      { role: "assistant" as const, content: "Once upon a time" },
+    ];
+    const body = { model: "tiny", max_tokens: 10, temperature: 0, ...ignoreEos };
+    const continued = await gw.client.chat.completions.create({
+      ...body,
+      messages,
+      continue_final_message: true,
+      add_generation_prompt: false,
+    } as never);
+    // The prompt is the conversation up to the message's content, its turn open.
+    const text = gw.ctx.tokenizer.applyChatTemplate(messages, false, {
+      continueFinalMessage: true,
+    });
+    expect(text.endsWith("<｜Assistant｜>Once upon a time")).toBe(true);
+    const prompt = gw.ctx.tokenizer.encode(text, false);
+    expect(continued.usage!.prompt_tokens).toBe(prompt.length);
+    // The same tokens as a completion of that prompt: the continuation only.
+    const completion = await gw.client.completions.create({ ...body, prompt });
+    const answer = continued.choices[0]!.message.content;
+    expect(answer).toBe(completion.choices[0]!.text);
+    // Not what a new turn after the message would say.
+    const fresh = await gw.client.chat.completions.create({ ...body, messages });
+    expect(fresh.usage!.prompt_tokens).not.toBe(prompt.length);
+    // DeepSeek's API: prefix: true on the last message.
+    const prefixed = await gw.client.chat.completions.create({
+      ...body,
+      messages: [messages[0]!, { ...messages[1]!, prefix: true }],
+    } as never);
+    expect(prefixed.choices[0]!.message.content).toBe(answer);
+    // /tokenize counts it the same way.
+    const counted = await fetch(`${gw.url}/tokenize`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        messages,
+        continue_final_message: true,
+        add_generation_prompt: false,
+      }),
+    });
+    expect(((await counted.json()) as { tokens: number[] }).tokens).toEqual(prompt);
+    // What cannot be continued: 400 naming the field.
+    const refusals: [object, string][] = [
+      [{ messages: [messages[0]], continue_final_message: true }, "continue_final_message"],
+      [
+        { messages, continue_final_message: true, add_generation_prompt: true },
+        "continue_final_message",
+      ],
+      [{ messages: [{ ...messages[0]!, prefix: true }, messages[1]] }, "messages.0.prefix"],
+      [
+        { messages: [messages[0], { role: "assistant", content: "", prefix: true }] },
+        "messages.1.prefix",
+      ],
+      [
+        { messages, continue_final_message: true, response_format: { type: "json_object" } },
+        "response_format",
+      ],
+    ];
+    for (const [patch, param] of refusals) {
+      const e = (await gw.client.chat.completions
+        .create({ ...body, messages, ...patch } as never)
+        .catch((err: APIError) => err)) as APIError;
+      expect(e.status, JSON.stringify(patch)).toBe(400);
+      expect(e.param, JSON.stringify(patch)).toBe(param);
+    }
+  });
+
   it("min_p: every sampled token at least min_p times as likely as the most likely one", async () => {
     const body = {
       model: "tiny",

@@ -108,6 +108,27 @@ describe("chat template", () => {
     );
   });
 
+  it("continues the final message: the text ends with its content, the turn left open", () => {
+    const prefix: ChatMessage[] = [
+      { role: "user", content: "Hello!" },
+      { role: "assistant", content: "Hello" },
+    ];
+    // The last occurrence is cut after, not the user's "Hello!".
+    expect(tok.applyChatTemplate(prefix, false, { continueFinalMessage: true })).toBe(
+      "<｜begin▁of▁sentence｜><｜User｜>Hello!<｜Assistant｜>Hello",
+    );
+    // A template that changes the content (R1's drops what precedes </think>) cannot be
+    // continued: refused, not cut somewhere else.
+    const r1Like = new Tokenizer(tinyTokenizerJson(), {
+      ...tinyTokenizerConfigJson(256),
+      chat_template: "{% for m in messages %}{{ m.content.split('</think>')[-1] }}|{% endfor %}",
+    });
+    const thought: ChatMessage[] = [{ role: "assistant", content: "<think>a</think>b" }];
+    expect(
+      codeOf(() => r1Like.applyChatTemplate(thought, false, { continueFinalMessage: true })),
+    ).toBe("EM_TOKENIZER_TEMPLATE");
+  });
+
   it("renders tool calls and their results as DeepSeek-V3's template does", () => {
     const call = (id: string, args: string) => ({
       id,
