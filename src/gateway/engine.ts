@@ -65,6 +65,8 @@ export interface SamplingParams {
   readonly seed: number;
   /** [token id, bias] added to the logits before sampling (OpenAI's logit_bias). */
   readonly logitBias?: readonly (readonly [number, number])[];
+  /** vLLM's allowed_token_ids, as a bit set over the vocabulary: only these are sampled. */
+  readonly allowedTokens?: Uint32Array;
 }
 
 export interface GenerationRequest {
@@ -651,6 +653,7 @@ export class ServingEngine {
         row.set(raw.subarray(i * V, (i + 1) * V));
         if (penalized) applyPenalties(row, penalties, counts, a.promptIds);
         for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
+        if (s.allowedTokens) applyMask(row, s.allowedTokens);
         if (a.req.minTokens && out + i < a.req.minTokens)
           for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
         if (grammar && i <= limit)

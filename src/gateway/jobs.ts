@@ -124,6 +124,10 @@ export interface JobSpec {
   readonly priority?: number;
   /** vLLM's cache_salt: prompt blocks are shared only with jobs of the same salt. */
   readonly cacheSalt?: string;
+  /** vLLM's include_stop_str_in_output: a choice's text ends after its stop string. */
+  readonly includeStopStr?: boolean;
+  /** vLLM's skip_special_tokens (default true): false keeps special tokens in the text. */
+  readonly skipSpecialTokens?: boolean;
 }
 
 export interface Choice {
@@ -220,7 +224,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     const choice: Choice = {
       index: i,
       prompt: p,
-      out: new OutputText(ctx.tokenizer, spec.stops),
+      out: new OutputText(ctx.tokenizer, spec.stops, {
+        includeStop: spec.includeStopStr ?? false,
+        skipSpecialTokens: spec.skipSpecialTokens ?? true,
+      }),
       tokens: [],
       promptLogprobs: null,
       finishReason: null,

@@ -118,6 +118,14 @@ async function tokenize(ctx: ServeContext, b: TokenizeRequest): Promise<object> 
   };
 }
 
+/** Token ids given by a client (inside the vocabulary) as a bit set over it. */
+function tokenSet(ctx: ServeContext, ids: readonly number[], param: string): Uint32Array {
+  checkTokenIds(ctx, ids, param);
+  const set = new Uint32Array(Math.ceil(ctx.vocabSize / 32));
+  for (const id of ids) set[id >>> 5]! |= 1 << (id & 31);
+  return set;
+}
+
 /** Token ids given by a client, each inside the vocabulary. */
 function checkTokenIds(ctx: ServeContext, ids: readonly number[], param: string): void {
   const bad = ids.find((t) => t >= ctx.vocabSize);
@@ -205,10 +213,15 @@ function jobSpec(
       frequencyPenalty: b.frequency_penalty ?? 0,
       ...(minP ? { minP } : {}),
       ...(repetition !== 1 ? { repetitionPenalty: repetition } : {}),
+      ...(b.allowed_token_ids != null
+        ? { allowedTokens: tokenSet(ctx, b.allowed_token_ids, "allowed_token_ids") }
+        : {}),
       seed: b.seed ?? randomInt(2 ** 32 - 1),
       ...(logitBias.length ? { logitBias } : {}),
     },
     stops: stop.filter((s) => s.length > 0),
+    ...(b.include_stop_str_in_output ? { includeStopStr: true } : {}),
+    ...(b.skip_special_tokens === false ? { skipSpecialTokens: false } : {}),
     ignoreEos: b.ignore_eos ?? false,
     ...(b.priority ? { priority: b.priority } : {}),
     ...(b.cache_salt != null ? { cacheSalt: b.cache_salt } : {}),

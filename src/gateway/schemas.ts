@@ -59,6 +59,14 @@ const common = {
    * tokens per position (not with stream).
    */
   prompt_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
+  /** vLLM's extension: the text ends after the stop string that ended it, not before. */
+  include_stop_str_in_output: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's extension (default true): false keeps special tokens in the text. */
+  skip_special_tokens: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's extension: only these token ids are sampled. */
+  allowed_token_ids: Type.Optional(
+    Nullable(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, maxItems: 1 << 18 })),
+  ),
   /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
   stop_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),

@@ -26,10 +26,24 @@ export class OutputText {
   /** The stop string found (the first in the text), when stopped. */
   stoppedBy: string | null = null;
 
-  constructor(tokenizer: Tokenizer, stops: readonly string[]) {
+  readonly #includeStop: boolean;
+  readonly #skipSpecial: boolean;
+
+  /**
+   * `includeStop` (vLLM's include_stop_str_in_output): the text ends after the stop string
+   * found, not before; `skipSpecialTokens` (default true, vLLM's): special tokens other than
+   * tool-call tokens are left out of the text.
+   */
+  constructor(
+    tokenizer: Tokenizer,
+    stops: readonly string[],
+    o: { includeStop?: boolean; skipSpecialTokens?: boolean } = {},
+  ) {
     this.#tok = tokenizer;
     this.#stops = stops.filter((s) => s.length > 0);
     this.#holdBack = Math.max(0, ...this.#stops.map((s) => s.length - 1));
+    this.#includeStop = o.includeStop ?? false;
+    this.#skipSpecial = o.skipSpecialTokens ?? true;
   }
 
   /** The final (or, while generating, current) text. */
@@ -57,7 +71,7 @@ export class OutputText {
     if (cut >= 0) {
       this.stopped = true;
       this.stoppedBy = by;
-      this.#text = this.#text.slice(0, cut);
+      this.#text = this.#text.slice(0, cut + (this.#includeStop ? by!.length : 0));
       return this.#release(this.#text.length);
     }
     return this.#release(this.#text.length - this.#holdBack);
@@ -77,8 +91,8 @@ export class OutputText {
     if (this.#read === this.ids.length) return "";
     const window = this.ids.slice(this.#prefix);
     const head = window.slice(0, this.#read - this.#prefix);
-    const known = head.length > 0 ? this.#tok.decode(head, true) : "";
-    const all = this.#tok.decode(window, true);
+    const known = head.length > 0 ? this.#tok.decode(head, this.#skipSpecial) : "";
+    const all = this.#tok.decode(window, this.#skipSpecial);
     if (!final && (all.length <= known.length || all.endsWith("\uFFFD"))) return null;
     this.#prefix = this.#read;
     this.#read = this.ids.length;

@@ -1216,6 +1216,43 @@ describe("chat completions", () => {
 });
 
 describe("completions", () => {
+  it("vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids", async () => {
+    const greedy = { model: "tiny", prompt: "Hi", max_tokens: 24, temperature: 0, ...ignoreEos };
+    const text = (extra: object) =>
+      gw.client.completions
+        .create({ ...greedy, ...extra } as never)
+        .then((r) => (r as OpenAI.Completion).choices[0]!.text);
+    const full = await text({});
+    const stop = full.slice(4, 6);
+    const at = full.indexOf(stop);
+    expect(await text({ stop: [stop] })).toBe(full.slice(0, at));
+    expect(await text({ stop: [stop], include_stop_str_in_output: true })).toBe(
+      full.slice(0, at + stop.length),
+    );
+    // Special tokens: left out by default (the tool-call ones apart, which parsers read);
+    // kept with skip_special_tokens false. Past its end-of-sequence (ignore_eos) this
+    // random model writes some.
+    const tk = gw.ctx.tokenizer;
+    const special = tk.addedTokens
+      .map((t) => t.content)
+      .filter((t) => t.startsWith("<｜") && !t.includes("tool"));
+    const kept = await text({ skip_special_tokens: false, max_tokens: 60 });
+    expect(special.some((t) => kept.includes(t))).toBe(true);
+    let stripped = kept;
+    for (const t of special) stripped = stripped.replaceAll(t, "");
+    expect(stripped).toBe(await text({ max_tokens: 60 }));
+    // allowed_token_ids: only those tokens, at any temperature.
+    const allowed = ["a", "b", " c"].map((t) => tk.encode(t, false)[0]!);
+    const sampled = await text({ temperature: 1.5, seed: 4, allowed_token_ids: allowed });
+    expect(sampled).toMatch(/^(a|b| c)+$/);
+    expect(sampled).not.toBe(full);
+    const outside = await gw.client.completions
+      .create({ ...greedy, allowed_token_ids: [gw.ctx.vocabSize] } as never)
+      .catch((e: APIError) => e);
+    expect((outside as APIError).status).toBe(400);
+    expect((outside as APIError).param).toBe("allowed_token_ids");
+  });
+
   it("truncate_prompt_tokens (vLLM's): only the prompt's last k tokens, also past the context", async () => {
     const text = "one two three four five six seven eight nine ten";
     const ids = gw.ctx.tokenizer.encode(text);
