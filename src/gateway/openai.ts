@@ -149,6 +149,17 @@ function unsupported(fields: Record<string, unknown>): void {
   };
   if (Array.isArray(fields["functions"]) && fields["functions"].length > 0)
     refuse("functions", "functions (the legacy form of tools; send tools and tool_choice)");
+  // vLLM's fields that would change the answer, not implemented here.
+  const given = (k: string) => {
+    const v = fields[k];
+    return v === true || (Array.isArray(v) && v.length > 0);
+  };
+  if (given("bad_words")) refuse("bad_words", "vLLM's bad_words");
+  if (given("use_beam_search")) refuse("use_beam_search", "beam search (vLLM's use_beam_search)");
+  if (given("return_tokens_as_token_ids"))
+    refuse("return_tokens_as_token_ids", "vLLM's return_tokens_as_token_ids");
+  if (given("logits_processors")) refuse("logits_processors", "vLLM's logits_processors");
+  if (fields["prompt_embeds"] != null) refuse("prompt_embeds", "vLLM's prompt_embeds");
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
   if (format != null && !["text", "json_object", "json_schema"].includes(format.type as string))
     refuse(

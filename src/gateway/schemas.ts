@@ -2,8 +2,8 @@
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
 // the ones that would change the answer and are not implemented (functions, a
-// response_format other than text, json_object or json_schema) are
-// refused by the routes (openai.ts).
+// response_format other than text, json_object or json_schema, vLLM's bad_words, beam
+// search, ...) are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);

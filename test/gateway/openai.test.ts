@@ -1251,6 +1251,21 @@ describe("completions", () => {
       .catch((e: APIError) => e);
     expect((outside as APIError).status).toBe(400);
     expect((outside as APIError).param).toBe("allowed_token_ids");
+    // vLLM's fields that would change the answer and are not implemented: refused, not
+    // ignored; their off values pass.
+    for (const [field, on, off] of [
+      ["bad_words", ["x"], []],
+      ["use_beam_search", true, false],
+      ["return_tokens_as_token_ids", true, false],
+      ["logits_processors", ["p"], []],
+    ] as const) {
+      const e = await gw.client.completions
+        .create({ ...greedy, max_tokens: 1, [field]: on } as never)
+        .catch((err: APIError) => err);
+      expect((e as APIError).status, field).toBe(400);
+      expect((e as APIError).param, field).toBe(field);
+      expect(await text({ max_tokens: 1, [field]: off })).toBe(await text({ max_tokens: 1 }));
+    }
   });
 
   it("truncate_prompt_tokens (vLLM's): only the prompt's last k tokens, also past the context", async () => {
