@@ -89,6 +89,26 @@ export function applyPenalties(
     for (const [id, n] of counts) row[id]! -= p.presence + p.frequency * n;
 }
 
+/**
+ * vLLM's bad_words on a row of logits: each word's token ids (the word alone and with a
+ * leading space, as `badWordTokens` gives them) may not be completed. A one-token word is
+ * never sampled; a longer one's last token is masked where the output so far (`past`, the
+ * generated tokens only) ends with the rest.
+ */
+export function maskBadWords(
+  row: Float32Array,
+  words: readonly (readonly number[])[],
+  past: readonly number[],
+): void {
+  for (const w of words) {
+    const n = w.length - 1;
+    if (n > past.length) continue;
+    let match = true;
+    for (let j = 0; j < n && match; j++) match = past[past.length - n + j] === w[j];
+    if (match) row[w[n]!] = Number.NEGATIVE_INFINITY;
+  }
+}
+
 /** The reference sampler: one token per row (see the rule above). */
 export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows): Int32Array {
   const n = logits.length / vocab;

@@ -29,6 +29,7 @@ import type { DiskPrefixStats } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import {
   applyPenalties,
+  maskBadWords,
   type Penalties,
   rankIn,
   type SampleRows,
@@ -67,6 +68,8 @@ export interface SamplingParams {
   readonly logitBias?: readonly (readonly [number, number])[];
   /** vLLM's allowed_token_ids, as a bit set over the vocabulary: only these are sampled. */
   readonly allowedTokens?: Uint32Array;
+  /** vLLM's bad_words as token id sequences (sampling.ts maskBadWords). */
+  readonly badWords?: readonly (readonly number[])[];
 }
 
 export interface GenerationRequest {
@@ -654,6 +657,12 @@ export class ServingEngine {
         if (penalized) applyPenalties(row, penalties, counts, a.promptIds);
         for (const [id, bias] of s.logitBias ?? []) row[id]! += bias;
         if (s.allowedTokens) applyMask(row, s.allowedTokens);
+        if (s.badWords)
+          maskBadWords(
+            row,
+            s.badWords,
+            i === 0 ? a.seq.outputTokens : [...a.seq.outputTokens, ...draft.slice(0, i)],
+          );
         if (a.req.minTokens && out + i < a.req.minTokens)
           for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
         if (grammar && i <= limit)

@@ -118,6 +118,22 @@ async function tokenize(ctx: ServeContext, b: TokenizeRequest): Promise<object> 
   };
 }
 
+/**
+ * vLLM's bad_words as token ids: each word as it is and with a leading space (a word's
+ * start in the middle of text), the latter only when it is another token sequence of the
+ * same length (vLLM's rule).
+ */
+function badWordTokens(ctx: ServeContext, words: readonly string[]): number[][] {
+  const out: number[][] = [];
+  for (const word of words) {
+    const bare = ctx.tokenizer.encode(word.trimStart(), false);
+    const spaced = ctx.tokenizer.encode(` ${word.trimStart()}`, false);
+    if (bare.length > 0) out.push(bare);
+    if (spaced.length === bare.length && spaced[0] !== bare[0]) out.push(spaced);
+  }
+  return out;
+}
+
 /** Token ids given by a client (inside the vocabulary) as a bit set over it. */
 function tokenSet(ctx: ServeContext, ids: readonly number[], param: string): Uint32Array {
   checkTokenIds(ctx, ids, param);
@@ -154,7 +170,6 @@ function unsupported(fields: Record<string, unknown>): void {
     const v = fields[k];
     return v === true || (Array.isArray(v) && v.length > 0);
   };
-  if (given("bad_words")) refuse("bad_words", "vLLM's bad_words");
   if (given("use_beam_search")) refuse("use_beam_search", "beam search (vLLM's use_beam_search)");
   if (given("return_tokens_as_token_ids"))
     refuse("return_tokens_as_token_ids", "vLLM's return_tokens_as_token_ids");
@@ -227,6 +242,7 @@ function jobSpec(
       ...(b.allowed_token_ids != null
         ? { allowedTokens: tokenSet(ctx, b.allowed_token_ids, "allowed_token_ids") }
         : {}),
+      ...(b.bad_words?.length ? { badWords: badWordTokens(ctx, b.bad_words) } : {}),
       seed: b.seed ?? randomInt(2 ** 32 - 1),
       ...(logitBias.length ? { logitBias } : {}),
     },

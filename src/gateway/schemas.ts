@@ -2,8 +2,8 @@
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
 // the ones that would change the answer and are not implemented (functions, a
-// response_format other than text, json_object or json_schema, vLLM's bad_words, beam
-// search, ...) are refused by the routes (openai.ts: unsupported).
+// response_format other than text, json_object or json_schema, vLLM's beam search, ...)
+// are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -63,6 +63,10 @@ const common = {
   include_stop_str_in_output: Type.Optional(Nullable(Type.Boolean())),
   /** vLLM's extension (default true): false keeps special tokens in the text. */
   skip_special_tokens: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's extension: words (strings) the output may not contain (openai.ts badWordTokens). */
+  bad_words: Type.Optional(
+    Nullable(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 256 })),
+  ),
   /** vLLM's extension: only these token ids are sampled. */
   allowed_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, maxItems: 1 << 18 })),

@@ -1216,6 +1216,32 @@ describe("chat completions", () => {
 });
 
 describe("completions", () => {
+  it("vLLM's bad_words: the word's last token is not sampled where the output would complete it", async () => {
+    const tk = gw.ctx.tokenizer;
+    const body = { model: "tiny", prompt: "Hi", max_tokens: 16, temperature: 0, logprobs: 0 };
+    const tokensOf = async (extra: object) =>
+      ((await gw.client.completions.create({ ...body, ...extra } as never)) as OpenAI.Completion)
+        .choices[0]!.logprobs!.tokens!;
+    const full = await tokensOf(ignoreEos);
+    // A token of the greedy answer that is one printable word, alone or after a space.
+    const k = full.findIndex((t) => {
+      const w = t.trimStart();
+      return (
+        /^[\x21-\x7e]+$/.test(w) &&
+        [w, ` ${w}`].some((x) => {
+          const ids = tk.encode(x, false);
+          return ids.length === 1 && tk.decode(ids) === t;
+        })
+      );
+    });
+    expect(k).toBeGreaterThanOrEqual(0);
+    const word = full[k]!.trim();
+    const banned = await tokensOf({ ...ignoreEos, bad_words: [word] });
+    expect(banned.slice(0, k)).toEqual(full.slice(0, k));
+    expect(banned[k]).not.toBe(full[k]);
+    expect(banned.map((t) => t.trim())).not.toContain(word);
+  });
+
   it("vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids", async () => {
     const greedy = { model: "tiny", prompt: "Hi", max_tokens: 24, temperature: 0, ...ignoreEos };
     const text = (extra: object) =>
@@ -1254,7 +1280,6 @@ describe("completions", () => {
     // vLLM's fields that would change the answer and are not implemented: refused, not
     // ignored; their off values pass.
     for (const [field, on, off] of [
-      ["bad_words", ["x"], []],
       ["use_beam_search", true, false],
       ["return_tokens_as_token_ids", true, false],
       ["logits_processors", ["p"], []],

@@ -9,6 +9,7 @@ import { referenceBackend } from "../../src/engine/reference.ts";
 import {
   applyPenalties,
   logprobRows,
+  maskBadWords,
   type Penalties,
   type SampleRows,
   tokenLogprob,
@@ -305,5 +306,23 @@ describe("applyPenalties", () => {
     const row = Float32Array.of(8, 8);
     applyPenalties(row, { ...off, repetition: 2 }, new Map([[0, 3]]), new Set([0]));
     expect(Array.from(row)).toEqual([4, 8]);
+  });
+});
+
+describe("maskBadWords", () => {
+  // Words as token ids: [7] (one token), [1, 2, 3], [4, 5].
+  const words = [[7], [1, 2, 3], [4, 5]];
+  const table: [string, number[], number[]][] = [
+    ["nothing generated: only one-token words", [], [7]],
+    ["a word's start: its next token", [9, 1, 2], [7, 3]],
+    ["the start of a word but not its prefix", [1, 9, 2], [7]],
+    ["two words at once", [1, 2, 4], [7, 5]],
+    ["a completed word again", [4, 5, 1, 2], [7, 3]],
+  ];
+  it.each(table)("%s", (_what, past, masked) => {
+    const row = new Float32Array(10).fill(1);
+    maskBadWords(row, words, past);
+    const got = [...row.keys()].filter((i) => row[i] === Number.NEGATIVE_INFINITY);
+    expect(got).toEqual([...masked].sort((a, b) => a - b));
   });
 });
