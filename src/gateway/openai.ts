@@ -171,8 +171,6 @@ function unsupported(fields: Record<string, unknown>): void {
     return v === true || (Array.isArray(v) && v.length > 0);
   };
   if (given("use_beam_search")) refuse("use_beam_search", "beam search (vLLM's use_beam_search)");
-  if (given("return_tokens_as_token_ids"))
-    refuse("return_tokens_as_token_ids", "vLLM's return_tokens_as_token_ids");
   if (given("logits_processors")) refuse("logits_processors", "vLLM's logits_processors");
   if (fields["prompt_embeds"] != null) refuse("prompt_embeds", "vLLM's prompt_embeds");
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
@@ -594,8 +592,9 @@ async function chat(
   const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };
+  const asIds = b.return_tokens_as_token_ids === true;
   const lp = (tokens: TokenLogprob[]) =>
-    spec.logprobs === null ? null : { content: tokens.map((t) => chatLogprob(ctx, t)) };
+    spec.logprobs === null ? null : { content: tokens.map((t) => chatLogprob(ctx, t, asIds)) };
   if (!b.stream) {
     const job = startJob(ctx, spec);
     bind(reply, job);
@@ -689,11 +688,16 @@ async function chat(
 }
 
 /** A token's logprob entry as chat completions (and Responses' output_text) give it. */
-export function chatLogprob(ctx: ServeContext, t: TokenLogprob) {
+export function chatLogprob(ctx: ServeContext, t: TokenLogprob, asIds = false) {
   // bytes: the token's own bytes (byte-level BPE), so a character split over tokens comes
   // back whole from their concatenation; its text alone decodes such a piece to U+FFFD.
+  // With vLLM's return_tokens_as_token_ids, "token_id:<id>" and that string's bytes.
   const table = ctx.tokenizer.tokenBytes();
   const entry = (id: number, logprob: number) => {
+    if (asIds) {
+      const token = `token_id:${id}`;
+      return { token, logprob, bytes: [...Buffer.from(token, "utf8")] };
+    }
     const token = ctx.tokenizer.decode([id]);
     const own = table?.[id];
     return { token, logprob, bytes: [...(own ?? Buffer.from(token, "utf8"))] };
@@ -745,6 +749,7 @@ async function completion(
     prompts.push(fim ? fimPrompt(fim, tokens, suffix!) : tokens);
   }
   const echo = b.echo === true;
+  const asIds = b.return_tokens_as_token_ids === true;
   const n = b.n ?? 1;
   const bestOf = bestOfOf(b, n);
   const promptLps = promptLogprobsSpec(b, echo ? (b.logprobs ?? 0) : 0);
@@ -779,7 +784,7 @@ async function completion(
         index,
         text: promptTexts[c.prompt] + c.out.text,
         logprobs: wantLogprobs
-          ? completionLogprobs(ctx, c, prompts[c.prompt]!, echo, b.logprobs ?? 0)
+          ? completionLogprobs(ctx, c, prompts[c.prompt]!, echo, b.logprobs ?? 0, asIds)
           : null,
         finish_reason: c.finishReason,
         ...(b.prompt_logprobs != null
@@ -816,7 +821,7 @@ async function completion(
       c.index,
       texts.reduce((n, t) => n + t.length, at),
     );
-    return logprobsOf(ctx, entries, texts, at);
+    return logprobsOf(ctx, entries, texts, at, asIds ? ids : null);
   };
   const job = startJob(ctx, spec, {
     // With logprobs, the echo waits for the prompt's logprobs (they come before the first
@@ -948,6 +953,7 @@ function completionLogprobs(
   prompt: readonly number[],
   echo: boolean,
   k: number,
+  asIds: boolean,
 ) {
   const entries: (TokenLogprob | null)[] = [];
   const ids: number[] = [];
@@ -963,6 +969,8 @@ function completionLogprobs(
     ctx,
     entries,
     ids.map((id) => ctx.tokenizer.decode([id])),
+    0,
+    asIds ? ids : null,
   );
 }
 
@@ -1026,11 +1034,16 @@ function vllmPromptLogprobs(
   });
 }
 
+/**
+ * Completions' logprobs of tokens whose texts are `texts`: offsets count those texts; with
+ * `ids` (vLLM's return_tokens_as_token_ids) the tokens are named "token_id:<id>".
+ */
 function logprobsOf(
   ctx: ServeContext,
   entries: (TokenLogprob | null)[],
   texts: string[],
   start = 0,
+  ids: readonly number[] | null = null,
 ) {
   let offset = start;
   const textOffset = texts.map((t) => {
@@ -1038,11 +1051,12 @@ function logprobsOf(
     offset += t.length;
     return at;
   });
+  const name = (id: number) => (ids ? `token_id:${id}` : ctx.tokenizer.decode([id]));
   return {
-    tokens: texts,
+    tokens: ids ? ids.map(name) : texts,
     token_logprobs: entries.map((e) => (e ? e.logprob : null)),
     top_logprobs: entries.map((e) =>
-      e ? Object.fromEntries(e.top.map(([id, lp]) => [ctx.tokenizer.decode([id]), lp])) : null,
+      e ? Object.fromEntries(e.top.map(([id, lp]) => [name(id), lp])) : null,
     ),
     text_offset: textOffset,
   };

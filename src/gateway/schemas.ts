@@ -67,6 +67,8 @@ const common = {
   bad_words: Type.Optional(
     Nullable(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 256 })),
   ),
+  /** vLLM's extension: logprobs name tokens "token_id:<id>" (exact ids, for RL trainers). */
+  return_tokens_as_token_ids: Type.Optional(Nullable(Type.Boolean())),
   /** vLLM's extension: only these token ids are sampled. */
   allowed_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, maxItems: 1 << 18 })),

@@ -1242,6 +1242,58 @@ describe("completions", () => {
     expect(banned.map((t) => t.trim())).not.toContain(word);
   });
 
+  it("vLLM's return_tokens_as_token_ids: logprobs name tokens token_id:<id>, on chat and completions, streamed or not", async () => {
+    const tk = gw.ctx.tokenizer;
+    const idOf = (name: string) => {
+      expect(name).toMatch(/^token_id:\d+$/);
+      return Number(name.slice("token_id:".length));
+    };
+    const chatBody = {
+      model: "tiny",
+      messages: user("Count"),
+      max_tokens: 6,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 2,
+    };
+    const plain = (await gw.client.chat.completions.create(chatBody)).choices[0]!.logprobs!
+      .content!;
+    const named = (
+      await gw.client.chat.completions.create({
+        ...chatBody,
+        return_tokens_as_token_ids: true,
+      } as never)
+    ).choices[0]!.logprobs!.content!;
+    expect(named.map((t) => tk.decode([idOf(t.token)]))).toEqual(plain.map((t) => t.token));
+    expect(named.map((t) => t.logprob)).toEqual(plain.map((t) => t.logprob));
+    expect(Buffer.from(named[0]!.bytes!).toString()).toBe(named[0]!.token);
+    expect(named[0]!.top_logprobs.map((t) => tk.decode([idOf(t.token)]))).toEqual(
+      plain[0]!.top_logprobs.map((t) => t.token),
+    );
+    const body = { model: "tiny", prompt: "Count", max_tokens: 6, temperature: 0, logprobs: 2 };
+    const text = (await gw.client.completions.create(body)).choices[0]!;
+    const ids = (
+      (await gw.client.completions.create({
+        ...body,
+        return_tokens_as_token_ids: true,
+      } as never)) as OpenAI.Completion
+    ).choices[0]!;
+    expect(ids.text).toBe(text.text);
+    expect(ids.logprobs!.tokens!.map((t) => tk.decode([idOf(t)]))).toEqual(text.logprobs!.tokens);
+    expect(ids.logprobs!.text_offset).toEqual(text.logprobs!.text_offset);
+    for (const top of ids.logprobs!.top_logprobs!) for (const k of Object.keys(top!)) idOf(k);
+    // Streamed: the same names.
+    const stream = await gw.client.completions.create({
+      ...body,
+      stream: true,
+      return_tokens_as_token_ids: true,
+    } as never);
+    const streamed: string[] = [];
+    for await (const chunk of stream as unknown as AsyncIterable<OpenAI.Completion>)
+      streamed.push(...(chunk.choices[0]?.logprobs?.tokens ?? []));
+    expect(streamed).toEqual(ids.logprobs!.tokens);
+  });
+
   it("vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids", async () => {
     const greedy = { model: "tiny", prompt: "Hi", max_tokens: 24, temperature: 0, ...ignoreEos };
     const text = (extra: object) =>
@@ -1281,7 +1333,6 @@ describe("completions", () => {
     // ignored; their off values pass.
     for (const [field, on, off] of [
       ["use_beam_search", true, false],
-      ["return_tokens_as_token_ids", true, false],
       ["logits_processors", ["p"], []],
     ] as const) {
       const e = await gw.client.completions
