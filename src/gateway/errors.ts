@@ -29,6 +29,9 @@ export class ApiError extends ExpertMeshError {
 const STATUS: Partial<Record<ErrorCode, number>> = {
   EM_GATEWAY_BAD_REQUEST: 400,
   EM_GATEWAY_PROMPT_TOO_LONG: 400,
+  // The template compiled at start: failing on a request's messages is the request's fault
+  // (a conversation it refuses, a message to continue that it rewrites).
+  EM_TOKENIZER_TEMPLATE: 400,
   EM_GATEWAY_UNAUTHORIZED: 401,
   EM_GATEWAY_UNKNOWN_MODEL: 404,
   EM_GATEWAY_RESPONSE_NOT_FOUND: 404,

@@ -48,6 +48,8 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
   responsesStore?: number;
   /** Access log lines (--log-requests) go to `logs` too. */
   logRequests?: boolean;
+  /** A chat template in place of the tokenizer's (--chat-template). */
+  chatTemplate?: string;
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
@@ -85,9 +87,10 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     cluster: _c,
     responsesStore: _s,
     logRequests: _l,
+    chatTemplate,
     ...cfg
   } = o;
-  const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir), {
+  const ctx = createServeContext(weights, native, experts, Tokenizer.load(dir, chatTemplate), {
     servedModelName: "tiny",
     maxBatchTokens: 64,
     maxQueueDepth: 64,

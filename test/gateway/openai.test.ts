@@ -243,6 +243,41 @@ describe("chat completions", () => {
     }
   });
 
+  it("a chat template that refuses a conversation, or rewrites a message to continue: 400 EM_TOKENIZER_TEMPLATE", async () => {
+    // R1's habit: the text before </think> is dropped from an assistant's message.
+    const template =
+      "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system prompts here') }}{% endif %}" +
+      "<｜{{ m.role }}｜>{{ m.content.split('</think>')[-1] }}{% endfor %}" +
+      "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}";
+    const g = await startGateway(dir, { cluster, chatTemplate: template });
+    try {
+      const ask = (messages: object[], extra: object = {}) =>
+        g.client.chat.completions
+          .create({ model: "tiny", messages, max_tokens: 2, ...extra } as never)
+          .catch((e: APIError) => e);
+      const ok = await ask([{ role: "user", content: "hi" }]);
+      expect((ok as OpenAI.ChatCompletion).choices).toHaveLength(1);
+      const system = (await ask([
+        { role: "system", content: "s" },
+        { role: "user", content: "hi" },
+      ])) as APIError;
+      expect(system.status).toBe(400);
+      expect(system.code).toBe("EM_TOKENIZER_TEMPLATE");
+      expect(system.message).toContain("no system prompts here");
+      const rewritten = (await ask(
+        [
+          { role: "user", content: "hi" },
+          { role: "assistant", content: "<think>hm</think>Well" },
+        ],
+        { continue_final_message: true },
+      )) as APIError;
+      expect(rewritten.status).toBe(400);
+      expect(rewritten.message).toContain("cannot be continued");
+    } finally {
+      await g.close();
+    }
+  });
+
   it("min_p: every sampled token at least min_p times as likely as the most likely one", async () => {
     const body = {
       model: "tiny",
