@@ -12,12 +12,13 @@
 import { randomBytes } from "node:crypto";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
+import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
-import { type ChatCompletionRequest, type ChatMessage, MAX_REPETITION_PENALTY } from "./schemas.ts";
+import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 

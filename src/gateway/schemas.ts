@@ -5,11 +5,9 @@
 // response_format other than text, json_object or json_schema, vLLM's beam search, ...)
 // are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
+import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
-
-/** The largest repetition_penalty taken (see the field). */
-export const MAX_REPETITION_PENALTY = 100;
 
 /** Sampling and length fields shared by both routes. */
 const common = {
@@ -26,9 +24,8 @@ const common = {
   min_p: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 1 }))),
   /**
    * vLLM's extension: the logits of the prompt's and the output's tokens divided by it when
-   * positive, multiplied when not (> 1 discourages repeating them; 1 turns it off). At most
-   * 100 (vLLM has no bound): a larger one could push logits to -inf, and a row of them has
-   * nothing to sample.
+   * positive, multiplied when not (> 1 discourages repeating them; 1 turns it off); at most
+   * MAX_REPETITION_PENALTY.
    */
   repetition_penalty: Type.Optional(
     Nullable(Type.Number({ exclusiveMinimum: 0, maximum: MAX_REPETITION_PENALTY })),

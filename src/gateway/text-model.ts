@@ -4,11 +4,15 @@
 // in the input's shape; sampled with the completions route's fields and ranges; and
 // Triton's generate extension's text fields.
 import { randomInt } from "node:crypto";
-import type { SamplingDefaults } from "../model/generation-config.ts";
+import {
+  SAMPLING_DEFAULT_FIELDS,
+  SAMPLING_FIELD_RULES,
+  type SamplingDefaults,
+} from "../model/generation-config.ts";
 import { ApiError } from "./errors.ts";
 import { encodablePrompt, type Job, type JobSpec, jobPrompt, type ServeContext } from "./jobs.ts";
 import { fimFrame, fimPrompt } from "./openai.ts";
-import { MAX_PROMPTS, MAX_REPETITION_PENALTY } from "./schemas.ts";
+import { MAX_PROMPTS } from "./schemas.ts";
 
 /** The numeric sampling fields (SamplingFields' numbers), as parameters name them. */
 export const NUMBER_FIELDS = [
@@ -104,16 +108,8 @@ export function sampling(fields: SamplingFields, defaults: SamplingDefaults = {}
     if (v !== undefined && !ok(v)) throw bad(`'${name}' must be ${rule}, got ${v}`, name);
   };
   check("max_tokens", (v) => Number.isSafeInteger(v) && v >= 1, "an integer >= 1");
-  check("temperature", (v) => v >= 0 && v <= 2, "in 0..2");
-  check("top_p", (v) => v > 0 && v <= 1, "in (0, 1]");
-  check("top_k", (v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1");
-  check("min_p", (v) => v >= 0 && v <= 1, "in 0..1");
-  check(
-    "repetition_penalty",
-    (v) => v > 0 && v <= MAX_REPETITION_PENALTY,
-    `in (0, ${MAX_REPETITION_PENALTY}]`,
-  );
-  // Any integer, as over HTTP: 64-bit seeds arrive as (inexact) numbers and still seed.
+  // The fields a generation config may default: its ranges (the HTTP API's).
+  for (const k of SAMPLING_DEFAULT_FIELDS) check(k, ...SAMPLING_FIELD_RULES[k]);
   check("seed", (v) => Number.isInteger(v), "an integer");
   check("presence_penalty", (v) => v >= -2 && v <= 2, "in -2..2");
   check("frequency_penalty", (v) => v >= -2 && v <= 2, "in -2..2");

@@ -21,16 +21,25 @@ export interface SamplingDefaults {
 
 type Field = keyof SamplingDefaults;
 
-/** Each field read, with the HTTP API's range for it. */
-const RULES: Record<Field, [(v: number) => boolean, string]> = {
+/**
+ * The largest repetition_penalty taken (vLLM has no bound): a larger one could push logits
+ * to -inf, and a row of them has nothing to sample.
+ */
+export const MAX_REPETITION_PENALTY = 100;
+
+/** Each field read, with the HTTP API's range for it (KServe's parameters check them too). */
+export const SAMPLING_FIELD_RULES: Record<Field, [(v: number) => boolean, string]> = {
   temperature: [(v) => v >= 0 && v <= 2, "in 0..2"],
   top_p: [(v) => v > 0 && v <= 1, "in (0, 1]"],
   top_k: [(v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1"],
   min_p: [(v) => v >= 0 && v <= 1, "in 0..1"],
-  repetition_penalty: [(v) => v > 0 && v <= 100, "in (0, 100]"],
+  repetition_penalty: [
+    (v) => v > 0 && v <= MAX_REPETITION_PENALTY,
+    `in (0, ${MAX_REPETITION_PENALTY}]`,
+  ],
 };
 
-export const SAMPLING_DEFAULT_FIELDS = Object.keys(RULES) as readonly Field[];
+export const SAMPLING_DEFAULT_FIELDS = Object.keys(SAMPLING_FIELD_RULES) as readonly Field[];
 
 const invalid = (message: string) => new ExpertMeshError("EM_GENERATION_CONFIG_INVALID", message);
 
@@ -44,7 +53,7 @@ export function samplingDefaults(json: unknown, source: string, strict = false):
     throw invalid(`${source}: not a JSON object`);
   const out: Partial<Record<Field, number>> = {};
   for (const [key, value] of Object.entries(json)) {
-    const rule = RULES[key as Field];
+    const rule = SAMPLING_FIELD_RULES[key as Field];
     if (!rule) {
       if (strict)
         throw invalid(
