@@ -50,6 +50,7 @@ import {
 import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
+import { ApiError } from "./errors.ts";
 
 export interface SamplingParams {
   /** 0: greedy. */
@@ -663,8 +664,8 @@ export class ServingEngine {
             s.badWords,
             i === 0 ? a.seq.outputTokens : [...a.seq.outputTokens, ...draft.slice(0, i)],
           );
-        if (a.req.minTokens && out + i < a.req.minTokens)
-          for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
+        const holdsStops = a.req.minTokens !== undefined && out + i < a.req.minTokens;
+        if (holdsStops) for (const id of a.req.stopTokenIds) row[id] = Number.NEGATIVE_INFINITY;
         if (grammar && i <= limit)
           try {
             const allowed = grammar.allowed();
@@ -678,6 +679,15 @@ export class ServingEngine {
             if (i === 0) failed.set(a, err);
             else limit = Math.min(limit, i - 1);
           }
+        // Constraints that each leave tokens can together leave none (allowed_token_ids
+        // outside a grammar's, min_tokens holding back the only allowed ones): the request
+        // asks for the impossible, and a pick from a row of -inf would be any token.
+        if ((s.allowedTokens || s.badWords || holdsStops || grammar) && !failed.has(a)) {
+          if (!hasFiniteLogit(row)) {
+            if (i === 0) failed.set(a, noTokenLeft(a, s, holdsStops));
+            else limit = Math.min(limit, i - 1);
+          }
+        }
         rows.temperature[r] = temperature32(s.temperature);
         rows.topK[r] = s.topK;
         rows.topP[r] = topP32(s.topP);
@@ -851,6 +861,28 @@ export function applyMask(row: Float32Array, allowed: Uint32Array): void {
   }
   if (!any)
     throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the output constraint allows no token");
+}
+
+/** Whether `row` has a value above -inf: a token that sampling can pick. */
+export function hasFiniteLogit(row: Float32Array): boolean {
+  for (let i = 0; i < row.length; i++) if (row[i]! > Number.NEGATIVE_INFINITY) return true;
+  return false;
+}
+
+/** The error for a request whose constraints together leave no token at its next position. */
+function noTokenLeft(a: Active, s: SamplingParams, holdsStops: boolean): ApiError {
+  const by = [
+    s.allowedTokens && "allowed_token_ids",
+    s.badWords && "bad_words",
+    holdsStops && "min_tokens",
+    a.req.constraint && "the output's format (response_format, guided_*, tools)",
+  ].filter(Boolean);
+  return new ApiError(
+    "EM_GATEWAY_BAD_REQUEST",
+    `no token is left to sample at output position ${a.seq.outputTokens.length}: ` +
+      `${by.join(", ")} together exclude every token`,
+    { param: s.allowedTokens ? "allowed_token_ids" : null },
+  );
 }
 
 /** A sequence to sample for, with its logits rows [1 + draft.length, vocab] from the step. */

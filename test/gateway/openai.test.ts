@@ -1364,6 +1364,33 @@ describe("completions", () => {
       .catch((e: APIError) => e);
     expect((outside as APIError).status).toBe(400);
     expect((outside as APIError).param).toBe("allowed_token_ids");
+    // Constraints that leave no token together: a 400 naming them, not a pick from a row of
+    // -inf: tokens outside a guided choice's; only the EOS while min_tokens holds it back.
+    // Streamed, the error ends the stream.
+    const conflicts = [
+      [{ allowed_token_ids: allowed, guided_choice: ["xyz"] }, /the output's format/],
+      [{ allowed_token_ids: [tk.eosTokenId!], min_tokens: 2, ignore_eos: false }, /min_tokens/],
+    ] as const;
+    for (const [extra, names] of conflicts) {
+      const e = await gw.client.completions
+        .create({ ...greedy, ...extra } as never)
+        .catch((err: APIError) => err);
+      expect(e, JSON.stringify(extra)).toBeInstanceOf(OpenAI.BadRequestError);
+      expect((e as APIError).message).toMatch(/no token is left to sample at output position 0/);
+      expect((e as APIError).message).toMatch(names);
+      expect((e as APIError).param).toBe("allowed_token_ids");
+    }
+    const stream = await gw.client.completions.create({
+      ...greedy,
+      ...conflicts[0][0],
+      stream: true,
+    } as never);
+    const streamed = await (async () => {
+      for await (const _ of stream as unknown as AsyncIterable<unknown>);
+    })().catch((err: Error) => err);
+    expect((streamed as Error).message).toMatch(/no token is left to sample/);
+    // The gateway goes on serving.
+    expect(await text({})).toBe(full);
     // vLLM's fields that would change the answer and are not implemented: refused, not
     // ignored; their off values pass.
     for (const [field, on, off] of [
