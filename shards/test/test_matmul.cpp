@@ -62,7 +62,9 @@ void test_shapes() {
                           {2, 9, 1024}, {17, 70, 531}, {64, 96, 1040}, {9, 260, 300}, {1, 300, 2048},
                           // AMX: 16 weight rows beside 32 (1 x 2 tiles); row blocks of 256 past 512 rows;
                           // k in two slices (1024 + 32 for 256 rows) and a tail of 5
-                          {33, 48, 96}, {530, 40, 64}, {256, 48, 1061}};
+                          {33, 48, 96}, {530, 40, 64}, {256, 48, 1061},
+                          // AVX-512 many rows: x panels of 2048 k, 2048 + 2048 + 96 and a tail of 8
+                          {18, 20, 4200}};
   Rng rng(1);
   std::vector<std::unique_ptr<Backend>> backends;
   for (em_cpu_isa isa : available_isas())
