@@ -249,7 +249,8 @@ export interface SampleOptions {
   uniform?: number | Float32Array;
 }
 
-/** One token per row of logits [T, vocab] -> Int32Array [T]. */
+/** One token per row of logits [T, vocab] -> Int32Array [T]; -1 for a row with nothing to
+ *  pick (a NaN or +Infinity among its logits, or every one -Infinity). */
 export function sample(logits: Float32Array, vocab: number, options?: SampleOptions): Int32Array;
 
 /** Per row of logits [T, vocab]: the logprob of ids[t] and the k most likely tokens (highest

@@ -70,8 +70,26 @@ void at_least(const float* v, int64_t n, float lo, std::vector<int32_t>& out) {
 constexpr float kWeightBand = 5.9604645e-8f;  // 2^-24 (the max weight is 1)
 constexpr int kBands = 3;                     // then the whole vocabulary
 
+// Whether a row has a token to pick: no NaN or +inf (numbers that overflowed before the
+// sampler would make every weight NaN, and any token the pick) and something above -inf
+// (constraints that exclude every token). One pass over the bits, integer operations only,
+// which the compiler vectorizes (float compares with NaN it did not: 0.08 ms a row at 129k).
+bool pickable(const float* v, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint32_t*>(v);
+  constexpr uint32_t kNegInf = 0xff800000u, kExpMask = 0x7f800000u;
+  uint32_t bad = 0, any = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = bits[i];
+    const uint32_t not_neg_inf = u != kNegInf;
+    any |= not_neg_inf;
+    bad |= ((u & kExpMask) == kExpMask) & not_neg_inf;  // NaN or +inf: the exponent all ones
+  }
+  return any && !bad;
+}
+
 int32_t sample_row(const Kernels& k, const float* logits, int64_t V, float temperature, float min_p, int32_t top_k,
                    float top_p, float u, std::vector<float>& w, std::vector<int32_t>& order) {
+  if (!pickable(logits, V)) return -1;
   if (temperature <= 0.0f) return argmax(logits, V);
   w.resize(static_cast<size_t>(V));
   order.clear();  // kept tokens, most likely first; empty: all, vocabulary order

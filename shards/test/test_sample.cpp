@@ -147,6 +147,26 @@ void test_special(Backend& be) {
   float bad_mp = 1.5f;
   m.min_p = &bad_mp;
   CHECK(em_sample(be.b, &m) == EM_ERR_ARG, "min_p 1.5");
+  // Nothing to pick: -1, greedy or sampled, for a NaN or +inf anywhere in the row (upstream
+  // overflow) and for a row of -inf (constraints that exclude every token); one -inf among
+  // finite logits is only a masked token. Rows are independent.
+  const float inf = INFINITY;
+  const std::vector<std::vector<float>> unpickable = {
+      {0.5f, NAN, 1.0f, 0.0f}, {0.5f, 1.0f, 0.0f, inf}, {-inf, -inf, -inf, -inf}, {NAN, NAN, NAN, NAN}};
+  for (const auto& row : unpickable) {
+    std::vector<float> two(row);
+    two.insert(two.end(), {-inf, 0.0f, 3.0f, -inf});
+    em_tensor rt = em_tensor_2d(two.data(), EM_F32, 2, 4);
+    for (float* temp : {&temp0, &temp1}) {
+      float temps[2] = {*temp, *temp}, us[2] = {0.5f, 0.5f};
+      int32_t toks[2] = {7, 7};
+      em_sample_args r{&rt, temps, nullptr, nullptr, us, toks};
+      CHECK_OK(em_sample(be.b, &r));
+      CHECK(toks[0] == -1, "row {%g, %g, %g, %g}, temperature %g: -1, got %d", row[0], row[1], row[2], row[3], *temp,
+            toks[0]);
+      CHECK(toks[1] == 2, "the next row is sampled: got %d", toks[1]);
+    }
+  }
   // Errors: u outside [0, 1), missing u.
   float bad_u = 1.0f;
   em_sample_args e{&l2t, &temp1, nullptr, nullptr, &bad_u, &tok};

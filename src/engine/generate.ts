@@ -2,6 +2,7 @@
 // latent KV cache, sampling with temperature / min-p / top-k / top-p and the repetition
 // penalty (sampling.ts, on the model's backend) from a seeded generator.
 import { Prng } from "../model/prng.ts";
+import { ExpertMeshError } from "../util/errors.ts";
 import type { KvDtype } from "./kv-format.ts";
 import { type DeepSeekForward, SequenceCache } from "./model.ts";
 import { applyPenalties, temperature32, topP32, uniform32 } from "./sampling.ts";
@@ -51,13 +52,20 @@ export async function generate(
   const pick = (logits: Float32Array) => {
     if (repetition !== 1)
       applyPenalties(logits, { presence: 0, frequency: 0, repetition }, none, seen);
-    return model.sample(logits, {
+    const [id] = model.sample(logits, {
       temperature: Float32Array.of(temperature32(opts.temperature ?? 0)),
       topK: Int32Array.of(opts.topK ?? 0),
       topP: Float32Array.of(topP32(opts.topP ?? 1)),
       minP: Float32Array.of(opts.minP ?? 0),
       uniform: Float32Array.of(uniform32(rng.uniform())),
-    })[0]!;
+    });
+    if (id === -1)
+      throw new ExpertMeshError(
+        "EM_ENGINE_NONFINITE",
+        `the model's logits after ${tokens.length} generated tokens hold NaN or infinity ` +
+          "(its weights or activations overflowed)",
+      );
+    return id!;
   };
   const tokens: number[] = [];
   const t0 = performance.now();

@@ -7,7 +7,8 @@
 // mass reaches top_p (top_p >= 1: all), renormalize, and pick by inverse CDF with the
 // caller's uniform number u: the kept tokens are walked from most to least likely (ties:
 // lower id first) when top_k or top_p cut, else in vocabulary order (the same distribution
-// without sorting the vocabulary). The native backend implements it in C++ over all rows of a step at once
+// without sorting the vocabulary). A row with nothing to pick (a NaN or +Infinity among its
+// logits, or every one -Infinity) gets -1. The native backend implements it in C++ over all rows of a step at once
 // (threads); `sampleToken` is the TypeScript reference, with float32 weights as there.
 
 /** Per-row settings of one sampling call over rows of logits [rows, vocab]. */
@@ -125,7 +126,22 @@ export function sampleRows(logits: Float32Array, vocab: number, rows: SampleRows
   return out;
 }
 
-/** One token from logits [vocab] (see the rule above). */
+/**
+ * Whether `row` has a token to pick: no NaN or +Infinity (numbers that overflowed upstream)
+ * and something above -Infinity (constraints that exclude every token). Samplers give -1
+ * for a row without.
+ */
+export function pickable(row: Float32Array): boolean {
+  let any = false;
+  for (let i = 0; i < row.length; i++) {
+    const v = row[i]!;
+    if (!(v < Number.POSITIVE_INFINITY)) return false;
+    if (v > Number.NEGATIVE_INFINITY) any = true;
+  }
+  return any;
+}
+
+/** One token from logits [vocab] (see the rule above); -1 when none is `pickable`. */
 export function sampleToken(
   logits: Float32Array,
   temperature: number,
@@ -135,6 +151,7 @@ export function sampleToken(
   minP = 0,
 ): number {
   const V = logits.length;
+  if (!pickable(logits)) return -1;
   if (temperature <= 0) return argmax(logits);
   const w = new Float32Array(V);
   for (let i = 0; i < V; i++) w[i] = logits[i]! / temperature;

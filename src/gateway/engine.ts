@@ -631,6 +631,8 @@ export class ServingEngine {
      * grammar refuses or that completes it (the rows after can never be kept).
      */
     const usable: number[] = [];
+    /** Per pick, whether min_tokens holds its stop tokens back at its first row. */
+    const holds: boolean[] = [];
     let r = 0;
     for (const { a, raw, draft } of picks) {
       first.push(r);
@@ -679,15 +681,6 @@ export class ServingEngine {
             if (i === 0) failed.set(a, err);
             else limit = Math.min(limit, i - 1);
           }
-        // Constraints that each leave tokens can together leave none (allowed_token_ids
-        // outside a grammar's, min_tokens holding back the only allowed ones): the request
-        // asks for the impossible, and a pick from a row of -inf would be any token.
-        if ((s.allowedTokens || s.badWords || holdsStops || grammar) && !failed.has(a)) {
-          if (!hasFiniteLogit(row)) {
-            if (i === 0) failed.set(a, noTokenLeft(a, s, holdsStops));
-            else limit = Math.min(limit, i - 1);
-          }
-        }
         rows.temperature[r] = temperature32(s.temperature);
         rows.topK[r] = s.topK;
         rows.topP[r] = topP32(s.topP);
@@ -697,8 +690,21 @@ export class ServingEngine {
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);
       }
       usable.push(limit);
+      holds.push(a.req.minTokens !== undefined && out < a.req.minTokens);
     }
     const ids = this.#model.sample(logits, rows);
+    // Rows with nothing to pick (-1). At the first row the request ends: numbers that
+    // overflowed (NaN, +inf) would give a random token, and a row of -inf is the request's
+    // constraints excluding every token (allowed_token_ids outside a grammar's tokens,
+    // min_tokens holding back the only allowed ones). Past it only the draft leads there:
+    // the draft is cut before.
+    picks.forEach(({ a }, p) => {
+      if (failed.has(a)) return;
+      const r = first[p]!;
+      if (ids[r] === -1)
+        failed.set(a, unpickable(a, logits.subarray(r * V, (r + 1) * V), holds[p]!));
+      for (let i = 1; i <= usable[p]!; i++) if (ids[r + i] === -1) usable[p] = i - 1;
+    });
     // The rows whose samples are kept: the draft's while they agree, then one more.
     const kept = picks.map(({ a, draft }, p) => {
       let i = 0;
@@ -711,7 +717,7 @@ export class ServingEngine {
     });
     // Logprobs of the kept tokens, for the picks that ask, in one call.
     const asking = picks.flatMap(({ a }, p) =>
-      a.req.logprobs === null
+      a.req.logprobs === null || failed.has(a)
         ? []
         : Array.from({ length: kept[p]! }, (_, i) => ({ p, row: first[p]! + i })),
     );
@@ -863,14 +869,19 @@ export function applyMask(row: Float32Array, allowed: Uint32Array): void {
     throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the output constraint allows no token");
 }
 
-/** Whether `row` has a value above -inf: a token that sampling can pick. */
-export function hasFiniteLogit(row: Float32Array): boolean {
-  for (let i = 0; i < row.length; i++) if (row[i]! > Number.NEGATIVE_INFINITY) return true;
-  return false;
-}
-
-/** The error for a request whose constraints together leave no token at its next position. */
-function noTokenLeft(a: Active, s: SamplingParams, holdsStops: boolean): ApiError {
+/**
+ * The error for a request whose first row had nothing to pick: numbers that overflowed, or
+ * constraints that together exclude every token.
+ */
+function unpickable(a: Active, row: Float32Array, holdsStops: boolean): ExpertMeshError {
+  if (row.some((v) => Number.isNaN(v) || v === Number.POSITIVE_INFINITY))
+    return new ExpertMeshError(
+      "EM_ENGINE_NONFINITE",
+      `the model's logits at output position ${a.seq.outputTokens.length} hold NaN or ` +
+        "infinity (its weights or activations overflowed); the request ends rather than " +
+        "return a random token",
+    );
+  const s = a.req.sampling;
   const by = [
     s.allowedTokens && "allowed_token_ids",
     s.badWords && "bad_words",
@@ -880,7 +891,7 @@ function noTokenLeft(a: Active, s: SamplingParams, holdsStops: boolean): ApiErro
   return new ApiError(
     "EM_GATEWAY_BAD_REQUEST",
     `no token is left to sample at output position ${a.seq.outputTokens.length}: ` +
-      `${by.join(", ")} together exclude every token`,
+      (by.length > 0 ? `${by.join(", ")} together exclude every token` : "every logit is -inf"),
     { param: s.allowedTokens ? "allowed_token_ids" : null },
   );
 }

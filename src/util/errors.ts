@@ -54,6 +54,8 @@ export const ERROR_CODES = {
   EM_NATIVE_ARG: "a native op got an invalid argument",
   EM_NATIVE_UNSUPPORTED:
     "the native backend does not implement this op, dtype or ISA here, or the --device is not there",
+  EM_ENGINE_NONFINITE:
+    "the model's logits hold NaN or infinity (weights or activations overflowed): the request ends instead of returning a random token",
   EM_NATIVE_NOMEM: "the native engine could not allocate memory",
   EM_NATIVE_INTERNAL: "the native engine hit an internal error (a bug)",
   EM_KV_BUDGET:

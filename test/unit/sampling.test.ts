@@ -106,6 +106,32 @@ describe.each(backends)("sampling on the %s backend", (_name, backend) => {
     expect(backend.sample(L, 5, rowsOf([s], [u]))[0]).toBe(want);
   });
 
+  // Nothing to pick: -1, at any setting, for a NaN or +Infinity anywhere in the row (numbers
+  // that overflowed upstream) or a row of -Infinity; a -Infinity among finite logits is
+  // only a masked token. The next row is sampled as usual.
+  const inf = Number.POSITIVE_INFINITY;
+  const unpickable: [string, number[]][] = [
+    ["a NaN", [1, Number.NaN, 3, 0, 2]],
+    ["+Infinity", [1, 3, inf, 0, 2]],
+    ["every logit -Infinity", [-inf, -inf, -inf, -inf, -inf]],
+    ["all NaN", [Number.NaN, Number.NaN, Number.NaN, Number.NaN, Number.NaN]],
+  ];
+  const settings: Setting[] = [
+    { temperature: 0 },
+    { temperature: 1 },
+    { temperature: 1, topK: 2 },
+    { temperature: 1, topP: 0.5 },
+    { temperature: 1, minP: 0.3 },
+  ];
+  it.each(unpickable)("-1 for a row with %s", (_what, row) => {
+    const two = Float32Array.of(...row, -inf, 3, 3, -inf, 2);
+    for (const s of settings)
+      expect(
+        Array.from(backend.sample(two, 5, rowsOf([s, s], [0.3, 0.3]))),
+        JSON.stringify(s),
+      ).toEqual([-1, 1]);
+  });
+
   it("random rows: the token whose renormalized CDF interval holds u", () => {
     const rng = new Prng(42);
     const V = 700;

@@ -204,7 +204,8 @@ typedef struct em_mla_args {
  * (top_p >= 1: all), renormalize, and pick by inverse CDF with the caller's uniform number
  * u: the kept tokens are walked from most to least likely (ties: lower id first) when
  * top_k or top_p cut, else in vocabulary order (same distribution, no full sort).
- * Deterministic for a given u. */
+ * Deterministic for a given u. A row with nothing to pick gets -1: a NaN or +inf among its
+ * logits (numbers that overflowed upstream), or every logit -inf. */
 typedef struct em_sample_args {
   const em_tensor* logits;  /* [T, V] f32 */
   const float* temperature; /* [T] */
