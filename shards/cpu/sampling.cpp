@@ -1,7 +1,9 @@
 // Sampling family: greedy, temperature, min-p, top-k and top-p (nucleus) sampling of one token
 // per row of logits, driven by caller-supplied uniform numbers (see em_sample_args).
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -10,12 +12,33 @@
 namespace em::cpu {
 namespace {
 
+// The id of the largest value, the lowest of equals, in a row with no NaN (`pickable`). Two
+// passes the compiler vectorizes, where a compare-and-keep-the-index loop does not: the
+// largest value as an integer max over keys that order as the floats do (negative floats
+// with their magnitude bits flipped), then the first block of 64 that holds it. The key of
+// +0 is above that of -0, but the second pass compares floats, so the first zero wins.
 int32_t argmax(const float* v, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (v[i] > v[best]) best = i;
+  const auto* bits = reinterpret_cast<const int32_t*>(v);
+  const auto key = [](int32_t b) { return b ^ ((b >> 31) & 0x7fffffff); };  // its own inverse
+  int32_t best = INT32_MIN;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t k = key(bits[i]);
+    best = k > best ? k : best;
   }
-  return static_cast<int32_t>(best);
+  const int32_t top_bits = key(best);
+  float top;
+  std::memcpy(&top, &top_bits, sizeof top);
+  constexpr int64_t kBlock = 64;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    int hit = 0;
+    for (int64_t j = 0; j < kBlock; ++j) hit |= v[i + j] == top;
+    if (hit) break;
+  }
+  for (; i < n; ++i) {
+    if (v[i] == top) return static_cast<int32_t>(i);
+  }
+  return 0;  // not reached: the row holds `top`
 }
 
 // Indices ordered by value, highest first, lower index on ties.

@@ -88,6 +88,33 @@ void test_against_reference(Backend& be, Rng& rng) {
   }
 }
 
+// Greedy against a plain first-of-max loop on rows built to trip a vectorized argmax: values
+// from a small set (many ties), signed zeros, -inf, negatives only, the maximum in the last
+// block or the last element, lengths off the block size.
+void test_greedy_rows(Backend& be, Rng& rng) {
+  const float inf = INFINITY;
+  const float pool[] = {-inf, -3.5f, -1.0f, -0.0f, 0.0f, 0.25f, 2.0f};
+  for (int64_t V : {1, 2, 63, 64, 65, 130, 1000}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      std::vector<float> row(static_cast<size_t>(V));
+      const int top = trial % 7;  // the row's values from pool[0..top]: negatives only when small
+      for (auto& x : row) x = pool[rng.integer(0, top)];
+      if (trial % 5 == 1) row.back() = 9.0f;
+      if (std::all_of(row.begin(), row.end(), [](float x) { return x == -INFINITY; })) row[0] = -7.0f;
+      int64_t want = 0;
+      for (int64_t i = 1; i < V; ++i)
+        if (row[i] > row[want]) want = i;
+      float temp0 = 0.0f;
+      int32_t tok = -2;
+      em_tensor rt = em_tensor_2d(row.data(), EM_F32, 1, V);
+      em_sample_args a{&rt, &temp0, nullptr, nullptr, nullptr, &tok};
+      CHECK_OK(em_sample(be.b, &a));
+      CHECK(tok == want, "%s greedy V=%lld trial %d: got %d, want %lld", be.label.c_str(), static_cast<long long>(V),
+            trial, tok, static_cast<long long>(want));
+    }
+  }
+}
+
 void test_special(Backend& be) {
   // Greedy ties go to the lower id; top_k = 1 is greedy.
   std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f};
@@ -226,6 +253,7 @@ int main() {
       Backend be(isa, threads);
       test_against_reference(be, rng);
       test_special(be);
+      test_greedy_rows(be, rng);
       test_logprobs(be, rng);
     }
   }
