@@ -4,6 +4,7 @@
 // machine's measured memory bandwidth, prefill rows against its measured FMA peak.
 import { createRequire } from "node:module";
 import { join } from "node:path";
+import { cpuIsaFor } from "../src/engine/native.ts";
 import {
   buildLimits,
   type FmaSample,
@@ -68,14 +69,17 @@ export const PREFILL_TOKENS = [256, 1024];
 
 /** The sides of a row. ours-bf16 is the subject; torch-bf16 / torch-f32 are the peers;
  *  ours-f32 (same kernel, fp32 weights), numpy-f32 (OpenBLAS) and, for decode rows,
- *  ours-bf16-hot (one copy of the weights, so they stay in cache) are diagnostics. */
+ *  ours-bf16-hot (one copy of the weights, so they stay in cache) are diagnostics.
+ *  ours-matmul-bf16 is ours as `--cpu-matmul bf16` runs it (x rounded to bf16: AMX tiles or
+ *  AVX512_BF16 dot products), on CPUs that have one: torch bf16's like-for-like peer. */
 export type Side =
   | "ours-bf16"
   | "torch-bf16"
   | "torch-f32"
   | "ours-f32"
   | "numpy-f32"
-  | "ours-bf16-hot";
+  | "ours-bf16-hot"
+  | "ours-matmul-bf16";
 export const SUBJECT: Side = "ours-bf16";
 
 export interface KernelOptions {
@@ -148,6 +152,8 @@ export interface KernelResults {
     coldBytes: number;
     limitsArrayMiB: number;
     sides: Side[];
+    /** The CPU ISA of the ours-matmul-bf16 side (absent: the CPU has none). */
+    matmulBf16Isa?: string;
   };
   limits: {
     /** Large-array passes before and after the rows (1 GiB arrays; --quick: 256 MiB). */
@@ -409,9 +415,14 @@ export async function runKernels(opts: KernelOptions): Promise<KernelResults> {
   );
   const limits = await Limits.start(limitsBin, opts.threads, roundMiB);
 
+  const matmulBf16Isa = cpuIsaFor("bf16", backend.availableIsas);
   const sides: Side[] = opts.quick
     ? ["ours-bf16", "torch-bf16", "torch-f32"]
     : ["ours-bf16", "torch-bf16", "torch-f32", "ours-f32", "numpy-f32"];
+  // Beside the subject, so that in both orders of a round it follows one of ours, as the
+  // subject does: a side run right after a peer's can share the cores with the peer's threads
+  // still spinning (decode rows measured 0.6-0.8x of their time when it followed numpy's).
+  if (matmulBf16Isa && !opts.quick) sides.splice(1, 0, "ours-matmul-bf16");
   const models = opts.quick ? MODELS.slice(0, 1) : MODELS;
   const tokensList = opts.quick ? [1, 16, 256] : [...DECODE_TOKENS, ...PREFILL_TOKENS];
   const rows: RowResult[] = [];
@@ -435,6 +446,28 @@ export async function runKernels(opts: KernelOptions): Promise<KernelResults> {
             const cold = side.endsWith("-hot") ? 0 : opts.coldBytes;
             const s = oursSetup(addon, op, m, tokens, dtype, cold, 1234 + tokens);
             if (side === SUBJECT) check = s.check();
+            if (side === "ours-matmul-bf16") {
+              // The addon's CPU kernels switched for this side's runs only (not timed), with a
+              // call before each timed run. Its
+              // output is checked as the isa suite checks it: x in bf16 is ~1e-3 off.
+              addon.configure({ isa: matmulBf16Isa!, threads: opts.threads });
+              const { maxRelError } = s.check();
+              addon.configure({ isa: info.isa, threads: opts.threads });
+              if (!(maxRelError < 1e-2))
+                throw new Error(
+                  `${label}: ${side} disagrees with a plain dot product (${maxRelError})`,
+                );
+              const run = s.run;
+              s.run = async (calls) => {
+                addon.configure({ isa: matmulBf16Isa!, threads: opts.threads });
+                try {
+                  await run(1); // a new backend's first call (its threads, its scratch) untimed
+                  return await run(calls);
+                } finally {
+                  addon.configure({ isa: info.isa, threads: opts.threads });
+                }
+              };
+            }
             setups.set(side, s);
           } else {
             const lib = side.startsWith("numpy") ? "numpy" : "torch";
@@ -580,6 +613,7 @@ export async function runKernels(opts: KernelOptions): Promise<KernelResults> {
       coldBytes: opts.coldBytes,
       limitsArrayMiB: roundMiB,
       sides,
+      ...(matmulBf16Isa && !opts.quick ? { matmulBf16Isa } : {}),
     },
     limits: {
       membw: {

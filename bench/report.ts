@@ -18,7 +18,7 @@ import { isaTables } from "./isa.ts";
 import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
 import { kvCacheTables } from "./kv-cache.ts";
-import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread } from "./lib.ts";
+import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread, stats } from "./lib.ts";
 import { poolTables } from "./pool.ts";
 import { prefixTables } from "./prefix.ts";
 import { priorityTables } from "./priority.ts";
@@ -296,6 +296,39 @@ function numpyTable(res: KernelResults): string | undefined {
   );
 }
 
+/**
+ * Ours as `--cpu-matmul bf16` runs it against torch bf16, like for like (both round x to
+ * bf16), and against ours by default: ratios paired by round from the speedups against the
+ * subject (side / ours-bf16 each round).
+ */
+function matmulBf16Table(res: KernelResults): string | undefined {
+  const side = "ours-matmul-bf16" as const;
+  if (!res.rows.some((r) => r.sides[side])) return undefined;
+  const per = (r: RowResult, f: (x: number, i: number) => number) =>
+    stats(r.speedup[side]!.values.map(f));
+  const rows = res.rows
+    .filter((r) => r.sides[side])
+    .map((r) => [
+      rowName(r),
+      ms(r.sides[side]?.time),
+      `${num(r.compute[side]?.gflops.median, 1)} = ${num(r.compute[side]?.ofPeak.median)}`,
+      range(per(r, (x, i) => r.speedup["torch-bf16"]!.values[i]! / x)),
+      range(per(r, (x) => 1 / x)),
+    ]);
+  return table(
+    [
+      "model",
+      "op",
+      "tokens",
+      "ours --cpu-matmul bf16 ms",
+      "GFLOP/s = / FMA peak",
+      "speedup vs torch bf16",
+      "speedup vs ours (default)",
+    ],
+    rows,
+  );
+}
+
 function summary(res: KernelResults): string {
   const prefill = res.rows.filter((r) => r.phase === "prefill");
   const decode = res.rows.filter((r) => r.phase === "decode");
@@ -352,6 +385,17 @@ export function kernelTables(res: KernelResults, source: string, plot?: string):
     computeTable(res),
     "",
   );
+  const mb = matmulBf16Table(res);
+  if (mb) {
+    parts.push(
+      `### Ours with \`--cpu-matmul bf16\` against torch bf16`,
+      "",
+      `The same rows with our CPU kernels for \`--cpu-matmul bf16\` (${res.method.matmulBf16Isa}: x rounded to bf16, as torch's bf16 Linear does), in the same rounds. Speedups are paired by round; above 1 ours is faster. A bf16 dot product does two multiply-adds per fp32 lane, so this side's ceiling is about twice the FMA peak.`,
+      "",
+      mb,
+      "",
+    );
+  }
   const np = numpyTable(res);
   if (np) {
     parts.push(
