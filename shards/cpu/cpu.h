@@ -64,6 +64,10 @@ struct Gemm {
   // x rows [0, M) already packed for the AMX kernel (amx::pack_x), or null: the AMX tile
   // function then packs its rows itself. Tiles must then start at rows that are multiples of 16.
   const uint32_t* x_vnni = nullptr;
+  // x rows [0, M) already rounded to bf16 for the AVX512_BF16 kernel (avx512::pack_x_bf16:
+  // rows of x_bf16_ld elements, zero past K), or null: each tile then rounds its own rows.
+  const uint16_t* x_bf16 = nullptr;
+  int64_t x_bf16_ld = 0;
 };
 
 // Computes the tile y[m0:m1, n0:n1] of a Gemm on the calling thread. For nn, n0 must
@@ -112,6 +116,10 @@ namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Whether gemm_nt_bf16dot should get x rounded to bf16 once for all its tiles (bf16 weights,
+// enough rows): pack_x_bf16 into rows of ld >= K elements (zero past K), then Gemm::x_bf16.
+bool wants_x_bf16(const Gemm& g);
+void pack_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* out, int64_t ld);
 }  // namespace avx512
 namespace amx {
 // Fewer x rows go to the AVX512_BF16 / AVX-512 dot-product kernels, which stream weights faster
