@@ -79,7 +79,7 @@ struct AddonState {
   // backend can take its address while a copy made on it is alive).
   std::shared_ptr<em_backend> device_owner;
   bool resident = false;
-  bool resident_full = false;  // the device ran out of room for resident weights (said once)
+  bool resident_full = false;  // the device ran out of room for resident weights: no more tries until configure()
   // EM_ADDON_KV_MIRROR=1: device mirrors of paged KV pools (see KvMirror); shared with the
   // pools' finalizers, which may outlive this state.
   std::shared_ptr<KvMirrors> kv_mirrors;
@@ -348,19 +348,21 @@ DeviceWeight* wrapped_copy(Napi::Env env, napi_value obj, em_backend* be, const 
 }
 
 // A device buffer of `bytes` holding `parts` (host pointer, bytes) one after another.
-// Null when the device has no room: the weight is then staged per op, as without
-// EM_ADDON_RESIDENT (said once per environment).
+// Null when the device has no room, or had none before: the weight is then staged per op,
+// as without EM_ADDON_RESIDENT (said once per configure()).
 std::shared_ptr<DeviceBuffer> device_buffer(Napi::Env env, em_backend* be, size_t bytes,
                                             std::initializer_list<std::pair<const void*, size_t>> parts) {
+  AddonState* st = state_of(env);
+  // Full once: no more tries until the next configure(). A failed em_cuda_malloc trims the
+  // ops' scratch pool to make room, so trying again for every op would cost each op a sync
+  // and a trim, and a try that succeeded would take the scratch the next op needs.
+  if (st->resident_full) return nullptr;
   auto buf = std::make_shared<DeviceBuffer>();
-  buf->backend = state_of(env)->device_owner;
+  buf->backend = st->device_owner;
   if (em_cuda_malloc(be, bytes, &buf->ptr) != EM_OK) {
-    AddonState* st = state_of(env);
-    if (!st->resident_full) {
-      std::fprintf(stderr, "expertmesh addon: no device memory for more weights (%s): the rest are copied per op\n",
-                   em_last_error());
-      st->resident_full = true;
-    }
+    std::fprintf(stderr, "expertmesh addon: no device memory for more weights (%s): the rest are copied per op\n",
+                 em_last_error());
+    st->resident_full = true;
     return nullptr;
   }
   size_t at = 0;
@@ -568,6 +570,7 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
   }
   em_backend_free(st->cpu);
   if (st->kv_mirrors) st->kv_mirrors->by_pool.clear();  // made on the old device
+  st->resident_full = false;
   st->device_owner.reset(created_device, [](em_backend* b) { em_backend_free(b); });
   st->device = created_device;
   st->cpu = created_cpu;
