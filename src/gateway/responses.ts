@@ -18,7 +18,7 @@ import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
-import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
+import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
@@ -95,6 +95,7 @@ export const ResponsesRequest = Type.Object({
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
+  ...VLLM_OUTPUT_FIELDS,
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
 
@@ -293,6 +294,12 @@ export function chatRequestOf(
     ...(b.repetition_penalty != null ? { repetition_penalty: b.repetition_penalty } : {}),
     ...(b.priority != null ? { priority: b.priority } : {}),
     ...(b.cache_salt != null ? { cache_salt: b.cache_salt } : {}),
+    ...Object.fromEntries(
+      Object.keys(VLLM_OUTPUT_FIELDS).flatMap((k) => {
+        const v = b[k as keyof typeof VLLM_OUTPUT_FIELDS];
+        return v == null ? [] : [[k, v]];
+      }),
+    ),
     ...(tools.length ? { tools } : {}),
     ...(toolChoice != null ? { tool_choice: toolChoice } : {}),
     ...(b.parallel_tool_calls != null ? { parallel_tool_calls: b.parallel_tool_calls } : {}),

@@ -9,6 +9,23 @@ import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
+/**
+ * vLLM's fields that shape what is sampled and how it reads, shared by chat, completions and
+ * the Responses API (which has no stop strings, so no include_stop_str_in_output).
+ */
+export const VLLM_OUTPUT_FIELDS = {
+  /** vLLM's extension (default true): false keeps special tokens in the text. */
+  skip_special_tokens: Type.Optional(Nullable(Type.Boolean())),
+  /** vLLM's extension: words (strings) the output may not contain (openai.ts badWordTokens). */
+  bad_words: Type.Optional(
+    Nullable(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 256 })),
+  ),
+  /** vLLM's extension: only these token ids are sampled. */
+  allowed_token_ids: Type.Optional(
+    Nullable(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, maxItems: 1 << 18 })),
+  ),
+};
+
 /** Sampling and length fields shared by both routes. */
 const common = {
   model: Type.String({ minLength: 1 }),
@@ -56,20 +73,11 @@ const common = {
    * tokens per position (not with stream).
    */
   prompt_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
+  ...VLLM_OUTPUT_FIELDS,
   /** vLLM's extension: the text ends after the stop string that ended it, not before. */
   include_stop_str_in_output: Type.Optional(Nullable(Type.Boolean())),
-  /** vLLM's extension (default true): false keeps special tokens in the text. */
-  skip_special_tokens: Type.Optional(Nullable(Type.Boolean())),
-  /** vLLM's extension: words (strings) the output may not contain (openai.ts badWordTokens). */
-  bad_words: Type.Optional(
-    Nullable(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 256 })),
-  ),
   /** vLLM's extension: logprobs name tokens "token_id:<id>" (exact ids, for RL trainers). */
   return_tokens_as_token_ids: Type.Optional(Nullable(Type.Boolean())),
-  /** vLLM's extension: only these token ids are sampled. */
-  allowed_token_ids: Type.Optional(
-    Nullable(Type.Array(Type.Integer({ minimum: 0 }), { minItems: 1, maxItems: 1 << 18 })),
-  ),
   /** vLLM's extension: token ids that end a choice like the end-of-sequence token. */
   stop_token_ids: Type.Optional(
     Nullable(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 64 })),

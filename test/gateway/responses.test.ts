@@ -74,6 +74,45 @@ describe("POST /v1/responses", () => {
     expect(r.max_output_tokens).toBe(12);
   });
 
+  it("vLLM's output fields as on chat: allowed_token_ids, bad_words, skip_special_tokens", async () => {
+    const tk = gw.ctx.tokenizer;
+    const input = "Write something.";
+    const base = { model: "tiny", input, max_output_tokens: 16, temperature: 1.2, seed: 3 };
+    const chatBase = {
+      model: "tiny",
+      messages: user(input),
+      max_tokens: 16,
+      temperature: 1.2,
+      seed: 3,
+    };
+    const allowed = ["a", "b", " c"].map((t) => tk.encode(t, false)[0]!);
+    const cases: object[] = [
+      { allowed_token_ids: allowed },
+      { bad_words: ["the", "a"] },
+      { skip_special_tokens: false, max_output_tokens: 40 },
+    ];
+    for (const extra of cases) {
+      const r = await gw.client.responses.create({ ...base, ...extra } as never);
+      const { max_output_tokens: m, ...chatExtra } = extra as { max_output_tokens?: number };
+      const chat = await gw.client.chat.completions.create({
+        ...chatBase,
+        ...chatExtra,
+        ...(m ? { max_tokens: m } : {}),
+      } as never);
+      expect((r as OpenAI.Responses.Response).output_text, JSON.stringify(extra)).toBe(
+        (chat as OpenAI.ChatCompletion).choices[0]!.message.content,
+      );
+    }
+    // The field works, not only passes: only the allowed tokens.
+    const only = await gw.client.responses.create({ ...base, allowed_token_ids: allowed } as never);
+    expect((only as OpenAI.Responses.Response).output_text).toMatch(/^(a|b| c)+$/);
+    // An id past the vocabulary: refused, with the field named.
+    const e = await gw.client.responses
+      .create({ ...base, allowed_token_ids: [gw.ctx.vocabSize] } as never)
+      .catch((err: { status: number; param: string }) => err);
+    expect(e).toMatchObject({ status: 400, param: "allowed_token_ids" });
+  });
+
   it("takes the conversation as input items: messages, content parts, a call and its output", async () => {
     const weather = {
       type: "function" as const,
