@@ -7,6 +7,10 @@
 // Float32Arrays. Failures throw an Error whose `code` is EM_NATIVE_<WHAT>.
 #include <napi.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -1174,7 +1178,22 @@ Napi::Value WireUnpack(const Napi::CallbackInfo& info) {
   return want_crc ? Napi::Value(Napi::Number::New(env, crc)) : env.Undefined();
 }
 
+// glibc's malloc, tuned for this process's large short-lived buffers (a prefill's activations,
+// the MoE's gathered rows and hidden states: tens of MiB per op): below 32 MiB they come from
+// the heap and go back to it, and up to 128 MiB of free heap top is kept, so the next op
+// reuses the pages instead of mapping fresh ones and faulting them in. On mini-v3 a
+// 1,202-token prompt took 10% less time and 105k fewer page faults, for ~20 MiB more peak
+// memory (512 MiB kept was no faster; 128 MiB stays well inside the operator's
+// POD_MEMORY_OVERHEAD). glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ win when set.
+void tune_malloc() {
+#if defined(__GLIBC__)
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr) mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  if (std::getenv("MALLOC_TRIM_THRESHOLD_") == nullptr) mallopt(M_TRIM_THRESHOLD, 128 << 20);
+#endif
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  tune_malloc();
   AddonState* st = new AddonState();
   const char* resident = std::getenv("EM_ADDON_RESIDENT");
   st->resident = resident != nullptr && std::strcmp(resident, "1") == 0;
