@@ -68,6 +68,10 @@ struct Gemm {
   // rows of x_bf16_ld elements, zero past K), or null: each tile then rounds its own rows.
   const uint16_t* x_bf16 = nullptr;
   int64_t x_bf16_ld = 0;
+  // x rows [0, M) already packed for the AVX-512 kernel with bf16 weights (avx512::pack_x_deint:
+  // each 32 k as its even then its odd elements; K rounded down to 32), or null.
+  const float* x_deint = nullptr;
+  int64_t x_deint_ld = 0;
 };
 
 // Computes the tile y[m0:m1, n0:n1] of a Gemm on the calling thread. For nn, n0 must
@@ -119,6 +123,8 @@ void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 // Whether gemm_nt_bf16dot should get x rounded to bf16 once for all its tiles (bf16 weights,
 // enough rows): pack_x_bf16 into rows of ld >= K elements (zero past K), then Gemm::x_bf16.
 bool wants_x_bf16(const Gemm& g);
+bool wants_x_deint(const Gemm& g);
+void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int64_t ld);
 void pack_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* out, int64_t ld);
 }  // namespace avx512
 namespace amx {

@@ -191,6 +191,20 @@ void gemm_nt(Context& ctx, const Gemm& g) {
     packed.x_bf16_ld = ld;
     return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
   }
+  if (ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(g)) {
+    // x packed once for every tile in the order the bf16-weight kernel reads it.
+    const int64_t ld = (g.K + 31) & ~int64_t{31};
+    AlignedBuffer<float> xd(static_cast<size_t>(g.M * ld));
+    constexpr int64_t kRowsPerItem = 16;
+    ctx.pool.parallel_for(ceil_div(g.M, kRowsPerItem), [&](int64_t item, int) {
+      const int64_t m0 = item * kRowsPerItem;
+      avx512::pack_x_deint(g.x + m0 * g.ldx, g.ldx, std::min(kRowsPerItem, g.M - m0), g.K, xd.data() + m0 * ld, ld);
+    });
+    Gemm packed = g;
+    packed.x_deint = xd.data();
+    packed.x_deint_ld = ld;
+    return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
+  }
   run_tiles(ctx, g, ctx.k->gemm_nt, plan);
 }
 

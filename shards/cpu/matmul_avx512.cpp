@@ -99,8 +99,8 @@ EM_AVX512 void pack_x(const float* x, int64_t ldx, int mr, int64_t k0, int64_t k
 }
 
 template <typename W, int MR, int NR>
-EM_AVX512 void micro_nt(const float* panel, int64_t steps, const typename W::T* const* rows,
-                        const float* const* scale_rows, int64_t k0, float* sums) {
+EM_AVX512 void micro_nt(const float* panel, int64_t step_m, int64_t step_s, int64_t steps,
+                        const typename W::T* const* rows, const float* const* scale_rows, int64_t k0, float* sums) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -108,12 +108,12 @@ EM_AVX512 void micro_nt(const float* panel, int64_t steps, const typename W::T* 
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t k = k0 + s * 32;
-    const float* p = panel + s * MR * 32;
+    const float* p = panel + s * step_s;
     __m512 xa[MR], xb[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      xa[m] = _mm512_load_ps(p + m * 32);
-      xb[m] = _mm512_load_ps(p + m * 32 + 16);
+      xa[m] = _mm512_loadu_ps(p + m * step_m);
+      xb[m] = _mm512_loadu_ps(p + m * step_m + 16);
     }
 #pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) {
@@ -138,7 +138,8 @@ EM_AVX512 void micro_nt(const float* panel, int64_t steps, const typename W::T* 
 }
 
 template <typename W>
-using MicroFn = void (*)(const float*, int64_t, const typename W::T* const*, const float* const*, int64_t, float*);
+using MicroFn = void (*)(const float*, int64_t, int64_t, int64_t, const typename W::T* const*, const float* const*,
+                         int64_t, float*);
 
 // 32 zmm registers: MR * NR accumulators + 2 * MR x vectors + 2 weight vectors.
 constexpr int kMaxNr = 4;
@@ -207,14 +208,23 @@ EM_AVX512 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, i
       const bool overwrite = k0 == 0 && !g.accumulate;
       for (int64_t m = m0; m < m1; m += kMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - m));
-        pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, k0, kc, panel.data());
+        // x packed by the caller for all tiles (bf16 weights' order), or here for these rows.
+        const float* xs = panel.data();
+        int64_t step_m = 32, step_s = 32 * mr;
+        if (W::kDeinterleave && g.x_deint != nullptr) {
+          xs = g.x_deint + m * g.x_deint_ld + k0;
+          step_m = g.x_deint_ld;
+          step_s = 32;
+        } else {
+          pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, k0, kc, panel.data());
+        }
         for (int64_t n = nb0; n < nb1; n += kMaxNr) {
           const int nr = static_cast<int>(std::min<int64_t>(kMaxNr, nb1 - n));
           for (int j = 0; j < nr; ++j) {
             rows[j] = base + (n + j) * g.w.ld;
             if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
           }
-          pick_micro<W>(mr, nr)(panel.data(), kc / 32, rows, scale_rows, k0, sums);
+          pick_micro<W>(mr, nr)(xs, step_m, step_s, kc / 32, rows, scale_rows, k0, sums);
           store_sums(g, m, mr, n, nr, sums, overwrite);
         }
       }
@@ -411,6 +421,28 @@ void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 // otherwise rounds its rows again, and for a large x reads them from far (V3 shapes on a
 // Zen 4, em_bench: 1.06-1.19x from 256 rows; decode keeps its one parallel loop).
 constexpr int64_t kPrepackMinRows = 16;
+
+// Rows from which gemm_nt packs x once for all tiles with bf16 weights (Gemm::x_deint), as
+// for the bf16 kernel: 1.02-1.08x from 64 rows at V3 and V2-Lite shapes on a Zen 4
+// (em_bench); at 16 rows no gain beyond the noise.
+constexpr int64_t kDeintMinRows = 64;
+
+bool wants_x_deint(const Gemm& g) { return g.w.dtype == EM_BF16 && g.M >= kDeintMinRows && g.K >= 32; }
+
+EM_AVX512 void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int64_t ld) {
+  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const int64_t k32 = K & ~int64_t{31};
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * ldx;
+    float* dst = out + m * ld;  // any alignment: the kernel loads these rows unaligned
+    for (int64_t k = 0; k < k32; k += 32) {
+      const __m512 x0 = _mm512_loadu_ps(src + k), x1 = _mm512_loadu_ps(src + k + 16);
+      _mm512_storeu_ps(dst + k, _mm512_permutex2var_ps(x0, even_idx, x1));
+      _mm512_storeu_ps(dst + k + 16, _mm512_permutex2var_ps(x0, odd_idx, x1));
+    }
+  }
+}
 
 bool wants_x_bf16(const Gemm& g) { return g.w.dtype == EM_BF16 && g.M >= kPrepackMinRows && g.K >= 32; }
 

@@ -87,27 +87,48 @@ const uint32_t* packed_rows(const AlignedBuffer<uint32_t>* buf, const std::vecto
   return buf->data() + at[it.expert] + block * amx::packed_x_size(16, K);
 }
 
-// AVX512_BF16: src's rows [0, rows) rounded to bf16 once for every item and both phase-1
-// GEMMs (each tile would round its rows again), in rows of *ld elements. Empty when the
-// kernel would not read it (another ISA, other weights, few rows).
-std::vector<uint16_t> round_rows_bf16(Context& ctx, const float* src, int64_t ld_src, int64_t rows, int64_t K,
-                                      const em_tensor* w, int32_t num_experts, int64_t* ld) {
-  *ld = (K + 31) & ~int64_t{31};
-  std::vector<uint16_t> out;
+// src's rows [0, rows) packed once for every item's tiles (and both phase-1 GEMMs), in the
+// form this ISA's kernel for bf16 weights reads (each tile would pack its rows again):
+// AVX512_BF16 rounds them to bf16 (Gemm::x_bf16), AVX-512 puts each 32 k's even elements
+// before its odd ones (Gemm::x_deint). Empty when no kernel would read them.
+struct PackedRows {
+  std::vector<uint16_t> bf16;
+  std::vector<float> deint;
+  int64_t ld = 0;
+
+  // Points g (rows from m0 of src) at these rows.
+  void attach(Gemm& g, int64_t m0) const {
+    if (!bf16.empty()) {
+      g.x_bf16 = bf16.data() + m0 * ld;
+      g.x_bf16_ld = ld;
+    } else if (!deint.empty()) {
+      g.x_deint = deint.data() + m0 * ld;
+      g.x_deint_ld = ld;
+    }
+  }
+};
+
+PackedRows pack_rows(Context& ctx, const float* src, int64_t ld_src, int64_t rows, int64_t K, const em_tensor* w,
+                     int32_t num_experts) {
+  PackedRows out;
   bool bf16 = false;
   for (int32_t e = 0; e < num_experts; ++e) bf16 = bf16 || w[e].dtype == EM_BF16;
   Gemm probe;
   probe.M = rows;
   probe.K = K;
   probe.w.dtype = EM_BF16;
-  if (ctx.isa != EM_ISA_AVX512_BF16 || !bf16 || !avx512::wants_x_bf16(probe)) return out;
-  out.resize(static_cast<size_t>(rows * *ld));
+  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(probe);
+  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(probe);
+  if (!bf16 || !(to_bf16 || to_deint)) return out;
+  out.ld = (K + 31) & ~int64_t{31};
+  if (to_bf16) out.bf16.resize(static_cast<size_t>(rows * out.ld));
+  if (to_deint) out.deint.resize(static_cast<size_t>(rows * out.ld));
   constexpr int64_t kRowsPerItem = 16;
-  const int64_t stride = *ld;
+  const int64_t ld = out.ld;
   ctx.pool.parallel_for((rows + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t item, int) {
-    const int64_t m0 = item * kRowsPerItem;
-    avx512::pack_x_bf16(src + m0 * ld_src, ld_src, std::min(kRowsPerItem, rows - m0), K, out.data() + m0 * stride,
-                        stride);
+    const int64_t m0 = item * kRowsPerItem, n = std::min(kRowsPerItem, rows - m0);
+    if (to_bf16) avx512::pack_x_bf16(src + m0 * ld_src, ld_src, n, K, out.bf16.data() + m0 * ld, ld);
+    if (to_deint) avx512::pack_x_deint(src + m0 * ld_src, ld_src, n, K, out.deint.data() + m0 * ld, ld);
   });
   return out;
 }
@@ -151,8 +172,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
   std::vector<int64_t> x_at;
   const auto x_packed = pack_expert_rows(ctx, a, x, ldx, dims, a->w1, x_at);
-  int64_t x_ld16 = 0;
-  const std::vector<uint16_t> x16 = round_rows_bf16(ctx, x, ldx, rows, dim, a->w1, a->num_experts, &x_ld16);
+  const PackedRows x_rows = pack_rows(ctx, x, ldx, rows, dim, a->w1, a->num_experts);
   ctx.pool.parallel_for(static_cast<int64_t>(up_items.size()), [&](int64_t i, int) {
     const Item& it = up_items[static_cast<size_t>(i)];
     const int64_t m = it.m1 - it.m0, n = it.n1 - it.n0;
@@ -164,10 +184,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.N = n;
     g.K = dim;
     g.x_vnni = packed_rows(x_packed.get(), x_at, a, it, dim);
-    if (!x16.empty()) {
-      g.x_bf16 = x16.data() + it.m0 * x_ld16;
-      g.x_bf16_ld = x_ld16;
-    }
+    x_rows.attach(g, it.m0);
     g.w = weight_view(a->w1[it.expert]).row_slice(it.n0, n);
     g.y = h.data() + it.m0 * max_inter + it.n0;
     g.ldy = max_inter;
@@ -193,11 +210,9 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   const auto h_packed = pack_expert_rows(ctx, a, h.data(), max_inter, inter, a->w2, h_at);
   // Experts of one call share their inter size in every model; with mixed sizes, tiles round
   // their own rows.
-  int64_t h_ld16 = 0;
   const bool same_inter = std::all_of(inter.begin(), inter.end(), [&](int64_t v) { return v == max_inter; });
-  const std::vector<uint16_t> h16 =
-      same_inter ? round_rows_bf16(ctx, h.data(), max_inter, rows, max_inter, a->w2, a->num_experts, &h_ld16)
-                 : std::vector<uint16_t>{};
+  const PackedRows h_rows =
+      same_inter ? pack_rows(ctx, h.data(), max_inter, rows, max_inter, a->w2, a->num_experts) : PackedRows{};
   ctx.pool.parallel_for(static_cast<int64_t>(down_items.size()), [&](int64_t i, int) {
     const Item& it = down_items[static_cast<size_t>(i)];
     Gemm g;
@@ -207,10 +222,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.N = it.n1 - it.n0;
     g.K = inter[it.expert];
     g.x_vnni = packed_rows(h_packed.get(), h_at, a, it, g.K);
-    if (!h16.empty()) {
-      g.x_bf16 = h16.data() + it.m0 * h_ld16;
-      g.x_bf16_ld = h_ld16;
-    }
+    h_rows.attach(g, it.m0);
     g.w = weight_view(a->w2[it.expert]).row_slice(it.n0, g.N);
     g.y = out + it.m0 * ldo + it.n0;
     g.ldy = ldo;
