@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <new>
 
 #include "expertmesh/ops.h"
@@ -157,6 +158,29 @@ struct Context {
 
 // Parallel GEMM drivers (matmul.cpp): split y into tiles over the thread pool.
 void gemm_nt(Context& ctx, const Gemm& g);
+// x rows [0, M) packed once for every tile of the GEMMs that read them, in the form this ISA's
+// kernel for bf16 weights reads (each tile would pack its rows again): AVX512_BF16 rounds
+// them to bf16 (Gemm::x_bf16), AVX-512 puts each 32 k's even elements before its odd ones
+// (Gemm::x_deint). Empty for other ISAs and weights, and too few rows.
+// Rows of ld elements (a multiple of 32), 64-byte aligned: every 32-element load stays in
+// one cache line.
+struct PackedRows {
+  std::unique_ptr<AlignedBuffer<uint16_t>> bf16;
+  std::unique_ptr<AlignedBuffer<float>> deint;
+  int64_t ld = 0;
+  bool empty() const { return !bf16 && !deint; }
+  // Points g, whose rows start at row m0 of the packed x, at them.
+  void attach(Gemm& g, int64_t m0) const {
+    if (bf16) {
+      g.x_bf16 = bf16->data() + m0 * ld;
+      g.x_bf16_ld = ld;
+    } else if (deint) {
+      g.x_deint = deint->data() + m0 * ld;
+      g.x_deint_ld = ld;
+    }
+  }
+};
+PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights);
 // gemm_nt with fp32 products whatever the ISA (x never rounded to bf16): the gate's logits.
 void gemm_nt_f32(Context& ctx, const Gemm& g);
 void gemm_nn(Context& ctx, const Gemm& g);

@@ -2,6 +2,7 @@
 // the matmul op. The AVX2 / AVX-512 tile kernels live in matmul_avx2.cpp / matmul_avx512.cpp.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "cpu.h"
 #include "dtype.h"
@@ -177,35 +178,34 @@ void gemm_nt(Context& ctx, const Gemm& g) {
     packed.x_vnni = xp.data();
     return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
   }
-  if (ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(g)) {
-    // x rounded to bf16 once for every tile (each would round its rows again).
-    const int64_t ld = (g.K + 31) & ~int64_t{31};
-    AlignedBuffer<uint16_t> xb(static_cast<size_t>(g.M * ld));
-    constexpr int64_t kRowsPerItem = 16;
-    ctx.pool.parallel_for(ceil_div(g.M, kRowsPerItem), [&](int64_t item, int) {
-      const int64_t m0 = item * kRowsPerItem;
-      avx512::pack_x_bf16(g.x + m0 * g.ldx, g.ldx, std::min(kRowsPerItem, g.M - m0), g.K, xb.data() + m0 * ld, ld);
-    });
+  if (const PackedRows rows = pack_rows(ctx, g.x, g.ldx, g.M, g.K, g.w.dtype == EM_BF16); !rows.empty()) {
     Gemm packed = g;
-    packed.x_bf16 = xb.data();
-    packed.x_bf16_ld = ld;
-    return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
-  }
-  if (ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(g)) {
-    // x packed once for every tile in the order the bf16-weight kernel reads it.
-    const int64_t ld = (g.K + 31) & ~int64_t{31};
-    AlignedBuffer<float> xd(static_cast<size_t>(g.M * ld));
-    constexpr int64_t kRowsPerItem = 16;
-    ctx.pool.parallel_for(ceil_div(g.M, kRowsPerItem), [&](int64_t item, int) {
-      const int64_t m0 = item * kRowsPerItem;
-      avx512::pack_x_deint(g.x + m0 * g.ldx, g.ldx, std::min(kRowsPerItem, g.M - m0), g.K, xd.data() + m0 * ld, ld);
-    });
-    Gemm packed = g;
-    packed.x_deint = xd.data();
-    packed.x_deint_ld = ld;
+    rows.attach(packed, 0);
     return run_tiles(ctx, packed, ctx.k->gemm_nt, plan);
   }
   run_tiles(ctx, g, ctx.k->gemm_nt, plan);
+}
+
+PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights) {
+  PackedRows out;
+  Gemm probe;
+  probe.M = M;
+  probe.K = K;
+  probe.w.dtype = EM_BF16;
+  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(probe);
+  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(probe);
+  if (!bf16_weights || !(to_bf16 || to_deint)) return out;
+  out.ld = (K + 31) & ~int64_t{31};
+  if (to_bf16) out.bf16 = std::make_unique<AlignedBuffer<uint16_t>>(static_cast<size_t>(M * out.ld));
+  if (to_deint) out.deint = std::make_unique<AlignedBuffer<float>>(static_cast<size_t>(M * out.ld));
+  constexpr int64_t kRowsPerItem = 16;
+  const int64_t ld = out.ld;
+  ctx.pool.parallel_for(ceil_div(M, kRowsPerItem), [&](int64_t item, int) {
+    const int64_t m0 = item * kRowsPerItem, n = std::min(kRowsPerItem, M - m0);
+    if (to_bf16) avx512::pack_x_bf16(x + m0 * ldx, ldx, n, K, out.bf16->data() + m0 * ld, ld);
+    if (to_deint) avx512::pack_x_deint(x + m0 * ldx, ldx, n, K, out.deint->data() + m0 * ld, ld);
+  });
+  return out;
 }
 
 void pack_x_amx(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out) {

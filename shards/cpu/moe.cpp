@@ -87,50 +87,11 @@ const uint32_t* packed_rows(const AlignedBuffer<uint32_t>* buf, const std::vecto
   return buf->data() + at[it.expert] + block * amx::packed_x_size(16, K);
 }
 
-// src's rows [0, rows) packed once for every item's tiles (and both phase-1 GEMMs), in the
-// form this ISA's kernel for bf16 weights reads (each tile would pack its rows again):
-// AVX512_BF16 rounds them to bf16 (Gemm::x_bf16), AVX-512 puts each 32 k's even elements
-// before its odd ones (Gemm::x_deint). Empty when no kernel would read them.
-struct PackedRows {
-  std::vector<uint16_t> bf16;
-  std::vector<float> deint;
-  int64_t ld = 0;
-
-  // Points g (rows from m0 of src) at these rows.
-  void attach(Gemm& g, int64_t m0) const {
-    if (!bf16.empty()) {
-      g.x_bf16 = bf16.data() + m0 * ld;
-      g.x_bf16_ld = ld;
-    } else if (!deint.empty()) {
-      g.x_deint = deint.data() + m0 * ld;
-      g.x_deint_ld = ld;
-    }
-  }
-};
-
-PackedRows pack_rows(Context& ctx, const float* src, int64_t ld_src, int64_t rows, int64_t K, const em_tensor* w,
-                     int32_t num_experts) {
-  PackedRows out;
-  bool bf16 = false;
-  for (int32_t e = 0; e < num_experts; ++e) bf16 = bf16 || w[e].dtype == EM_BF16;
-  Gemm probe;
-  probe.M = rows;
-  probe.K = K;
-  probe.w.dtype = EM_BF16;
-  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(probe);
-  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(probe);
-  if (!bf16 || !(to_bf16 || to_deint)) return out;
-  out.ld = (K + 31) & ~int64_t{31};
-  if (to_bf16) out.bf16.resize(static_cast<size_t>(rows * out.ld));
-  if (to_deint) out.deint.resize(static_cast<size_t>(rows * out.ld));
-  constexpr int64_t kRowsPerItem = 16;
-  const int64_t ld = out.ld;
-  ctx.pool.parallel_for((rows + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t item, int) {
-    const int64_t m0 = item * kRowsPerItem, n = std::min(kRowsPerItem, rows - m0);
-    if (to_bf16) avx512::pack_x_bf16(src + m0 * ld_src, ld_src, n, K, out.bf16.data() + m0 * ld, ld);
-    if (to_deint) avx512::pack_x_deint(src + m0 * ld_src, ld_src, n, K, out.deint.data() + m0 * ld, ld);
-  });
-  return out;
+// Whether any expert's weights are bf16 (pack_rows prepares rows for their kernels only).
+bool any_bf16(const em_tensor* w, int32_t num_experts) {
+  for (int32_t e = 0; e < num_experts; ++e)
+    if (w[e].dtype == EM_BF16) return true;
+  return false;
 }
 
 }  // namespace
@@ -172,7 +133,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
   std::vector<int64_t> x_at;
   const auto x_packed = pack_expert_rows(ctx, a, x, ldx, dims, a->w1, x_at);
-  const PackedRows x_rows = pack_rows(ctx, x, ldx, rows, dim, a->w1, a->num_experts);
+  const PackedRows x_rows = pack_rows(ctx, x, ldx, rows, dim, any_bf16(a->w1, a->num_experts));
   ctx.pool.parallel_for(static_cast<int64_t>(up_items.size()), [&](int64_t i, int) {
     const Item& it = up_items[static_cast<size_t>(i)];
     const int64_t m = it.m1 - it.m0, n = it.n1 - it.n0;
@@ -212,7 +173,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // their own rows.
   const bool same_inter = std::all_of(inter.begin(), inter.end(), [&](int64_t v) { return v == max_inter; });
   const PackedRows h_rows =
-      same_inter ? pack_rows(ctx, h.data(), max_inter, rows, max_inter, a->w2, a->num_experts) : PackedRows{};
+      same_inter ? pack_rows(ctx, h.data(), max_inter, rows, max_inter, any_bf16(a->w2, a->num_experts)) : PackedRows{};
   ctx.pool.parallel_for(static_cast<int64_t>(down_items.size()), [&](int64_t i, int) {
     const Item& it = down_items[static_cast<size_t>(i)];
     Gemm g;
