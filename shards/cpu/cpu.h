@@ -121,12 +121,14 @@ namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-// Whether gemm_nt_bf16dot should get x rounded to bf16 once for all its tiles (bf16 weights,
-// enough rows): pack_x_bf16 into rows of ld >= K elements (zero past K), then Gemm::x_bf16.
-bool wants_x_bf16(const Gemm& g);
-bool wants_x_deint(const Gemm& g);
-void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int64_t ld);
+// Whether x of M rows and K columns, multiplied by bf16 weights, is worth packing once for
+// every tile (pack_rows): for gemm_nt_bf16dot as bf16 (pack_x_bf16, Gemm::x_bf16), for
+// gemm_nt with each 32 k's even elements first (pack_x_deint, Gemm::x_deint), in rows of
+// ld >= K elements (pack_x_bf16 zeroes past K; pack_x_deint writes K rounded down to 32).
+bool wants_x_bf16(int64_t M, int64_t K);
+bool wants_x_deint(int64_t M, int64_t K);
 void pack_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* out, int64_t ld);
+void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int64_t ld);
 }  // namespace avx512
 namespace amx {
 // Fewer x rows go to the AVX512_BF16 / AVX-512 dot-product kernels, which stream weights faster

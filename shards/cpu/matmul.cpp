@@ -188,12 +188,8 @@ void gemm_nt(Context& ctx, const Gemm& g) {
 
 PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights) {
   PackedRows out;
-  Gemm probe;
-  probe.M = M;
-  probe.K = K;
-  probe.w.dtype = EM_BF16;
-  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(probe);
-  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(probe);
+  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(M, K);
+  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(M, K);
   if (!bf16_weights || !(to_bf16 || to_deint)) return out;
   out.ld = (K + 31) & ~int64_t{31};
   if (to_bf16) out.bf16 = std::make_unique<AlignedBuffer<uint16_t>>(static_cast<size_t>(M * out.ld));

@@ -427,7 +427,7 @@ constexpr int64_t kPrepackMinRows = 16;
 // (em_bench); at 16 rows no gain beyond the noise.
 constexpr int64_t kDeintMinRows = 64;
 
-bool wants_x_deint(const Gemm& g) { return g.w.dtype == EM_BF16 && g.M >= kDeintMinRows && g.K >= 32; }
+bool wants_x_deint(int64_t M, int64_t K) { return M >= kDeintMinRows && K >= 32; }
 
 EM_AVX512 void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int64_t ld) {
   const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -444,7 +444,7 @@ EM_AVX512 void pack_x_deint(const float* x, int64_t ldx, int64_t M, int64_t K, f
   }
 }
 
-bool wants_x_bf16(const Gemm& g) { return g.w.dtype == EM_BF16 && g.M >= kPrepackMinRows && g.K >= 32; }
+bool wants_x_bf16(int64_t M, int64_t K) { return M >= kPrepackMinRows && K >= 32; }
 
 EM_AVX512BF16 void pack_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K, uint16_t* out, int64_t ld) {
   const int64_t k32 = K & ~int64_t{31};

@@ -631,8 +631,6 @@ export class ServingEngine {
      * grammar refuses or that completes it (the rows after can never be kept).
      */
     const usable: number[] = [];
-    /** Per pick, whether min_tokens holds its stop tokens back at its first row. */
-    const holds: boolean[] = [];
     let r = 0;
     for (const { a, raw, draft } of picks) {
       first.push(r);
@@ -690,7 +688,6 @@ export class ServingEngine {
         if (penalized && d !== undefined) counts.set(d, (counts.get(d) ?? 0) + 1);
       }
       usable.push(limit);
-      holds.push(a.req.minTokens !== undefined && out < a.req.minTokens);
     }
     const ids = this.#model.sample(logits, rows);
     // Rows with nothing to pick (-1). At the first row the request ends: numbers that
@@ -701,8 +698,7 @@ export class ServingEngine {
     picks.forEach(({ a }, p) => {
       if (failed.has(a)) return;
       const r = first[p]!;
-      if (ids[r] === -1)
-        failed.set(a, unpickable(a, logits.subarray(r * V, (r + 1) * V), holds[p]!));
+      if (ids[r] === -1) failed.set(a, unpickable(a, logits.subarray(r * V, (r + 1) * V)));
       for (let i = 1; i <= usable[p]!; i++) if (ids[r + i] === -1) usable[p] = i - 1;
     });
     // The rows whose samples are kept: the draft's while they agree, then one more.
@@ -873,7 +869,7 @@ export function applyMask(row: Float32Array, allowed: Uint32Array): void {
  * The error for a request whose first row had nothing to pick: numbers that overflowed, or
  * constraints that together exclude every token.
  */
-function unpickable(a: Active, row: Float32Array, holdsStops: boolean): ExpertMeshError {
+function unpickable(a: Active, row: Float32Array): ExpertMeshError {
   if (row.some((v) => Number.isNaN(v) || v === Number.POSITIVE_INFINITY))
     return new ExpertMeshError(
       "EM_ENGINE_NONFINITE",
@@ -882,6 +878,7 @@ function unpickable(a: Active, row: Float32Array, holdsStops: boolean): ExpertMe
         "return a random token",
     );
   const s = a.req.sampling;
+  const holdsStops = a.req.minTokens !== undefined && a.seq.outputTokens.length < a.req.minTokens;
   const by = [
     s.allowedTokens && "allowed_token_ids",
     s.badWords && "bad_words",
