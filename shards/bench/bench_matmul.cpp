@@ -1,9 +1,14 @@
 // Matmul throughput: GFLOP/s (and weight GB/s) of y = x W^T per weight dtype and ISA.
 //   em_bench [M N K [threads [isa]]]    default: prefill 256x1408x2048 and decode 1x1408x2048
+// EM_BENCH_ROTATE_MIB=N rotates over copies of the weights at least N MiB in all, so that every
+// call streams them from memory as a shard's decode does (without it they stay in cache);
+// EM_BENCH_DTYPES=bf16,fp8 narrows the weight dtypes.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "expertmesh/ops.h"
@@ -11,13 +16,18 @@
 namespace {
 
 // Best of five ~0.2 s windows: the fastest window is the least disturbed by other load.
-double seconds_per_call(em_backend* b, em_tensor& x, em_tensor& w, em_tensor& y) {
-  em_matmul(b, &x, &w, &y);  // warm-up
+// ws: one weight tensor per copy; call i uses copy i mod copies.
+double seconds_per_call(em_backend* b, em_tensor& x, std::vector<em_tensor>& ws, em_tensor& y) {
+  for (auto& w : ws) em_matmul(b, &x, &w, &y);  // warm-up
   int iters = 1;
   double best = 1e30;
+  size_t next = 0;
   for (int window = 0; window < 5;) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < iters; ++i) em_matmul(b, &x, &w, &y);
+    for (int i = 0; i < iters; ++i) {
+      em_matmul(b, &x, &ws[next], &y);
+      next = (next + 1) % ws.size();
+    }
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (s < 0.2 && iters < (1 << 20)) {
       iters *= 2;
@@ -39,12 +49,19 @@ void bench(int64_t M, int64_t N, int64_t K, int threads, em_cpu_isa isa) {
   em_backend_info info;
   em_backend_get_info(b, &info);
   std::vector<float> xs(static_cast<size_t>(M * K), 0.01f), ys(static_cast<size_t>(M * N));
-  std::vector<uint8_t> ws(static_cast<size_t>(N * K * 4), 0x3c);
+  const size_t bytes = static_cast<size_t>(N * K * 4);
+  const char* rotate = std::getenv("EM_BENCH_ROTATE_MIB");
+  const size_t copies = rotate ? std::max<size_t>(1, (std::strtoull(rotate, nullptr, 10) << 20) / (bytes / 4) + 1) : 1;
+  std::vector<std::vector<uint8_t>> wbufs(copies, std::vector<uint8_t>(bytes, 0x3c));
   std::vector<float> scale(static_cast<size_t>(((N + 127) / 128) * ((K + 127) / 128)), 1.0f);
   em_tensor x = em_tensor_2d(xs.data(), EM_F32, M, K), y = em_tensor_2d(ys.data(), EM_F32, M, N);
+  const char* only = std::getenv("EM_BENCH_DTYPES");
   for (em_dtype dt : {EM_BF16, EM_F16, EM_F32, EM_F8_E4M3}) {
-    em_tensor w = dt == EM_F8_E4M3 ? em_tensor_fp8(ws.data(), scale.data(), N, K) : em_tensor_2d(ws.data(), dt, N, K);
-    const double s = seconds_per_call(b, x, w, y);
+    if (only && !std::strstr(only, em_dtype_name(dt))) continue;
+    std::vector<em_tensor> ws;
+    for (auto& buf : wbufs)
+      ws.push_back(dt == EM_F8_E4M3 ? em_tensor_fp8(buf.data(), scale.data(), N, K) : em_tensor_2d(buf.data(), dt, N, K));
+    const double s = seconds_per_call(b, x, ws, y);
     const double gflops = 2.0 * M * N * K / s / 1e9;
     const double gbs = static_cast<double>(N * K * em_dtype_size(dt)) / s / 1e9;
     std::printf("%-10s threads=%d M=%-5lld N=%-6lld K=%-6lld %-4s %8.3f ms %8.1f GFLOP/s %7.1f GB/s(weights)\n",

@@ -95,9 +95,10 @@ EM_AVX2 void pack_x(const float* x, int64_t ldx, int mr, int64_t k0, int64_t kc,
 // Register plans (16 ymm): MR >= 3, NR <= 2 keeps the converted weights of all NR rows
 // while x rows stream; MR >= 3, NR = 3 takes x straight from the (L1) panel; MR <= 2
 // keeps the x vectors while up to 8 weight rows stream (more rows in flight for decode).
+// pf: bytes from each weight row to what the next call will read (simd::prefetch_l2).
 template <typename W, int MR, int NR>
 EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* const* rows,
-                      const float* const* scale_rows, int64_t k0, float* sums) {
+                      const float* const* scale_rows, int64_t k0, int64_t pf, float* sums) {
   __m256 acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
@@ -111,6 +112,7 @@ EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* co
       __m256 wa[NR], wb[NR];
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) {
+        simd::prefetch_l2<16 * sizeof(typename W::T)>(rows[n] + k, pf);
         W::load16(rows[n] + k, wa[n], wb[n]);
         if constexpr (W::kScaled) {
           const __m256 sc = _mm256_set1_ps(scale_rows[n][k >> 7] * 256.0f);
@@ -131,6 +133,7 @@ EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* co
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) {
         __m256 wa, wb;
+        simd::prefetch_l2<16 * sizeof(typename W::T)>(rows[n] + k, pf);
         W::load16(rows[n] + k, wa, wb);
         if constexpr (W::kScaled) {
           const __m256 sc = _mm256_set1_ps(scale_rows[n][k >> 7] * 256.0f);
@@ -153,6 +156,7 @@ EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* co
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) {
         __m256 wa, wb;
+        simd::prefetch_l2<16 * sizeof(typename W::T)>(rows[n] + k, pf);
         W::load16(rows[n] + k, wa, wb);
         if constexpr (W::kScaled) {
           const __m256 sc = _mm256_set1_ps(scale_rows[n][k >> 7] * 256.0f);
@@ -178,7 +182,7 @@ EM_AVX2 void micro_nt(const float* panel, int64_t steps, const typename W::T* co
 // conversion, not the scaling, the cost. k0 must start a scale block (it is 0 here).
 template <int MR, int NR>
 EM_AVX2 void micro_nt_fp8(const float* panel, int64_t steps, const uint8_t* const* rows,
-                          const float* const* scale_rows, int64_t k0, float* sums) {
+                          const float* const* scale_rows, int64_t k0, int64_t pf, float* sums) {
   constexpr int64_t kStepsPerBlock = EM_FP8_BLOCK / 16;
   __m256 acc[MR][NR];
 #pragma GCC unroll 8
@@ -203,6 +207,7 @@ EM_AVX2 void micro_nt_fp8(const float* panel, int64_t steps, const uint8_t* cons
 #pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) {
         __m256 wa, wb;
+        simd::prefetch_l2<16>(rows[n] + k0 + s * 16, pf);
         Fp8W::load16(rows[n] + k0 + s * 16, wa, wb);
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
@@ -225,7 +230,8 @@ EM_AVX2 void micro_nt_fp8(const float* panel, int64_t steps, const uint8_t* cons
 }
 
 template <typename W>
-using MicroNtFn = void (*)(const float*, int64_t, const typename W::T* const*, const float* const*, int64_t, float*);
+using MicroNtFn = void (*)(const float*, int64_t, const typename W::T* const*, const float* const*, int64_t, int64_t,
+                           float*);
 
 // Widest weight-row count per x-row count (register budget: 16 ymm; the fp8 decode
 // kernel holds two accumulators per dot product).
@@ -306,7 +312,8 @@ EM_AVX2 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
           rows[j] = base + (n + j) * g.w.ld;
           if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
         }
-        pick_micro_nt<W>(mr, nr)(panel.data(), k16 / 16, rows, scale_rows, 0, sums);
+        const int64_t pf = nr * g.w.ld * static_cast<int64_t>(sizeof(T));  // the next call's rows
+        pick_micro_nt<W>(mr, nr)(panel.data(), k16 / 16, rows, scale_rows, 0, pf, sums);
         for (int i = 0; i < mr; ++i) {
           float* yr = g.y + (m + i) * g.ldy + n;
           for (int j = 0; j < nr; ++j) yr[j] = g.accumulate ? yr[j] + sums[i * nr + j] : sums[i * nr + j];
