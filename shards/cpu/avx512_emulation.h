@@ -15,7 +15,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 
-// SIMDe 0.8.2 lacks these two; written after Intel's pseudo-code.
+// SIMDe 0.8.2 lacks these three; written after Intel's pseudo-code.
 
 // float -> bf16 as VCVTNE2PS2BF16 does: NaN quieted, denormal inputs as zero, round to
 // nearest even.
@@ -53,3 +53,13 @@ static inline float em_emulated_mm512_reduce_add_ps(simde__m512 v) {
   return s;
 }
 #define _mm512_reduce_add_ps(v) em_emulated_mm512_reduce_add_ps(v)
+
+// 16 bytes, sign-extended to 16 int32 (VPMOVSXBD).
+static inline simde__m512i em_emulated_mm512_cvtepi8_epi32(simde__m128i a) {
+  int8_t b[16];
+  int32_t out[16];
+  simde_mm_storeu_si128(reinterpret_cast<simde__m128i*>(b), a);
+  for (int i = 0; i < 16; ++i) out[i] = b[i];
+  return simde_mm512_loadu_si512(out);
+}
+#define _mm512_cvtepi8_epi32(a) em_emulated_mm512_cvtepi8_epi32(a)

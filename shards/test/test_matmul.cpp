@@ -174,11 +174,58 @@ void test_tile_state() {
   }
 }
 
+// Every fp8 byte times its block scale, exactly: x rows are one-hot, so y[m, n] is one
+// weight times its scale, which every kernel must round once, as float(value * scale) does.
+// The scales cover the AVX-512 decode kernel's two routes (2^120 below scale 2^7, fp16 at
+// and above it) and both fp8 subnormals and the largest magnitudes. AMX rounds fp8 x scale
+// to bf16 and is left out.
+void test_fp8_exact() {
+  constexpr int64_t N = 16, K = 256;  // row n holds byte (n * 37 + k) & 255 at k; NaN bytes read 0
+  for (const float scale : {1.0f / 448.0f, 3.0e-7f, 1.0f, 100.0f, 128.0f, 200.0f, 300.0f, 1.0e6f}) {
+    TestWeight w{EM_F8_E4M3, N, K, {}, {}, {}};
+    w.bytes.resize(static_cast<size_t>(N * K));
+    w.ref.resize(w.bytes.size());
+    w.scale.assign(2, scale);  // one 128-row block, two 128-k blocks
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        uint8_t b = static_cast<uint8_t>((n * 37 + k) & 255);
+        if ((b & 0x7f) == 0x7f) b = 0;
+        w.bytes[static_cast<size_t>(n * K + k)] = b;
+        w.ref[static_cast<size_t>(n * K + k)] = ref_fp8(b);
+      }
+    for (const em_cpu_isa isa : available_isas()) {
+      if (isa == EM_ISA_AMX) continue;
+      Backend be(isa, 1);
+      for (const int64_t M : {int64_t{1}, int64_t{3}, int64_t{4}}) {
+        int bad = 0;
+        for (int64_t k0 = 0; k0 + M <= K; k0 += M) {
+          std::vector<float> x(static_cast<size_t>(M * K), 0.0f);
+          for (int64_t m = 0; m < M; ++m) x[static_cast<size_t>(m * K + k0 + m)] = 1.0f;
+          const std::vector<float> y = run(be, x, K, w, M, 0);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              const float want = static_cast<float>(w.at(n, k0 + m) * static_cast<double>(scale));
+              const float got = y[static_cast<size_t>(m * N + n)];
+              if (got != want && bad++ < 3)
+                std::fprintf(stderr, "  %s scale %g M %lld: byte 0x%02x -> %.9g, want %.9g\n", be.label.c_str(),
+                             static_cast<double>(scale), static_cast<long long>(M),
+                             w.bytes[static_cast<size_t>(n * K + k0 + m)], static_cast<double>(got),
+                             static_cast<double>(want));
+            }
+        }
+        CHECK(bad == 0, "%s: %d fp8 weights x scale %g not exact (M=%lld)", be.label.c_str(), bad,
+              static_cast<double>(scale), static_cast<long long>(M));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   test_tile_state();
   test_shapes();
+  test_fp8_exact();
   test_errors();
   return finish("matmul");
 }
