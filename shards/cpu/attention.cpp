@@ -141,11 +141,15 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
                     static_cast<size_t>(dr) * sizeof(float));
     }
 
-    // scores = [q_lat | q_pe] . cache rows [0, L)
+    // scores = [q_lat | q_pe] . cache rows [0, L). A paged cache is a GEMM per block: with
+    // bf16 rows the query rows are packed for their kernel once here, not in every block.
+    const em_dtype cache_dtype = a->pages ? a->pages->dtype : a->caches[it.seq].dtype;
+    const PackedRows packed = pack_rows_here(ctx.isa, qcat.data(), row_len, rows, row_len, cache_dtype == EM_BF16);
     for_each_run(a, it.seq, L, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
       Gemm sg;
       sg.x = qcat.data();
       sg.ldx = row_len;
+      packed.attach(sg, 0);
       sg.w = run;
       sg.y = scores.data() + r0;
       sg.ldy = L;

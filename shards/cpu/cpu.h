@@ -183,6 +183,9 @@ struct PackedRows {
   }
 };
 PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights);
+// The same on this thread, whatever the row count: for a caller already on a pool worker
+// whose rows meet many GEMMs (attention's query rows meet every block of a paged cache).
+PackedRows pack_rows_here(em_cpu_isa isa, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights);
 // gemm_nt with fp32 products whatever the ISA (x never rounded to bf16): the gate's logits.
 void gemm_nt_f32(Context& ctx, const Gemm& g);
 void gemm_nn(Context& ctx, const Gemm& g);

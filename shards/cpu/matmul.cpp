@@ -186,21 +186,43 @@ void gemm_nt(Context& ctx, const Gemm& g) {
   run_tiles(ctx, g, ctx.k->gemm_nt, plan);
 }
 
-PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights) {
+namespace {
+
+// The buffers for M packed rows of K, in the form isa's kernel for bf16 weights reads.
+PackedRows packed_rows_for(em_cpu_isa isa, int64_t M, int64_t K, bool to_bf16, bool to_deint) {
   PackedRows out;
-  const bool to_bf16 = ctx.isa == EM_ISA_AVX512_BF16 && avx512::wants_x_bf16(M, K);
-  const bool to_deint = ctx.isa == EM_ISA_AVX512 && avx512::wants_x_deint(M, K);
-  if (!bf16_weights || !(to_bf16 || to_deint)) return out;
+  to_bf16 = to_bf16 && isa == EM_ISA_AVX512_BF16;
+  to_deint = to_deint && isa == EM_ISA_AVX512;
+  if (!(to_bf16 || to_deint) || K < 32) return out;
   out.ld = (K + 31) & ~int64_t{31};
   if (to_bf16) out.bf16 = std::make_unique<AlignedBuffer<uint16_t>>(static_cast<size_t>(M * out.ld));
   if (to_deint) out.deint = std::make_unique<AlignedBuffer<float>>(static_cast<size_t>(M * out.ld));
+  return out;
+}
+
+void pack_rows_range(const PackedRows& out, const float* x, int64_t ldx, int64_t m0, int64_t n, int64_t K) {
+  if (out.bf16) avx512::pack_x_bf16(x + m0 * ldx, ldx, n, K, out.bf16->data() + m0 * out.ld, out.ld);
+  if (out.deint) avx512::pack_x_deint(x + m0 * ldx, ldx, n, K, out.deint->data() + m0 * out.ld, out.ld);
+}
+
+}  // namespace
+
+PackedRows pack_rows(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights) {
+  if (!bf16_weights) return {};
+  PackedRows out = packed_rows_for(ctx.isa, M, K, avx512::wants_x_bf16(M, K), avx512::wants_x_deint(M, K));
+  if (out.empty()) return out;
   constexpr int64_t kRowsPerItem = 16;
-  const int64_t ld = out.ld;
   ctx.pool.parallel_for(ceil_div(M, kRowsPerItem), [&](int64_t item, int) {
-    const int64_t m0 = item * kRowsPerItem, n = std::min(kRowsPerItem, M - m0);
-    if (to_bf16) avx512::pack_x_bf16(x + m0 * ldx, ldx, n, K, out.bf16->data() + m0 * ld, ld);
-    if (to_deint) avx512::pack_x_deint(x + m0 * ldx, ldx, n, K, out.deint->data() + m0 * ld, ld);
+    const int64_t m0 = item * kRowsPerItem;
+    pack_rows_range(out, x, ldx, m0, std::min(kRowsPerItem, M - m0), K);
   });
+  return out;
+}
+
+PackedRows pack_rows_here(em_cpu_isa isa, const float* x, int64_t ldx, int64_t M, int64_t K, bool bf16_weights) {
+  if (!bf16_weights) return {};
+  PackedRows out = packed_rows_for(isa, M, K, true, true);
+  if (!out.empty()) pack_rows_range(out, x, ldx, 0, M, K);
   return out;
 }
 
