@@ -7,7 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -39,6 +39,16 @@ double seconds_per_call(em_backend* b, em_tensor& x, std::vector<em_tensor>& ws,
   return best;
 }
 
+// EM_BENCH_DTYPES, a comma-separated list of dtype names (exact: "bf16" is not "f16"), or all.
+bool wanted(em_dtype dt) {
+  const char* only = std::getenv("EM_BENCH_DTYPES");
+  if (only == nullptr) return true;
+  std::istringstream names(only);
+  for (std::string name; std::getline(names, name, ',');)
+    if (name == em_dtype_name(dt)) return true;
+  return false;
+}
+
 void bench(int64_t M, int64_t N, int64_t K, int threads, em_cpu_isa isa) {
   em_cpu_config cfg{isa, threads};
   em_backend* b = nullptr;
@@ -49,15 +59,16 @@ void bench(int64_t M, int64_t N, int64_t K, int threads, em_cpu_isa isa) {
   em_backend_info info;
   em_backend_get_info(b, &info);
   std::vector<float> xs(static_cast<size_t>(M * K), 0.01f), ys(static_cast<size_t>(M * N));
-  const size_t bytes = static_cast<size_t>(N * K * 4);
+  // Each copy is sized for f32 and viewed as every dtype; counting copies by fp8's N x K bytes
+  // gives every dtype at least the asked MiB.
+  const size_t bytes = static_cast<size_t>(N * K * 4), smallest = static_cast<size_t>(N * K);
   const char* rotate = std::getenv("EM_BENCH_ROTATE_MIB");
-  const size_t copies = rotate ? std::max<size_t>(1, (std::strtoull(rotate, nullptr, 10) << 20) / (bytes / 4) + 1) : 1;
+  const size_t copies = rotate ? (std::strtoull(rotate, nullptr, 10) << 20) / smallest + 1 : 1;
   std::vector<std::vector<uint8_t>> wbufs(copies, std::vector<uint8_t>(bytes, 0x3c));
   std::vector<float> scale(static_cast<size_t>(((N + 127) / 128) * ((K + 127) / 128)), 1.0f);
   em_tensor x = em_tensor_2d(xs.data(), EM_F32, M, K), y = em_tensor_2d(ys.data(), EM_F32, M, N);
-  const char* only = std::getenv("EM_BENCH_DTYPES");
   for (em_dtype dt : {EM_BF16, EM_F16, EM_F32, EM_F8_E4M3}) {
-    if (only && !std::strstr(only, em_dtype_name(dt))) continue;
+    if (!wanted(dt)) continue;
     std::vector<em_tensor> ws;
     for (auto& buf : wbufs)
       ws.push_back(dt == EM_F8_E4M3 ? em_tensor_fp8(buf.data(), scale.data(), N, K) : em_tensor_2d(buf.data(), dt, N, K));
