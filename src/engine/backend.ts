@@ -58,6 +58,8 @@ export interface MoeArgs {
   readonly outIndex: Int32Array;
   /** Output rows; the result is [numOut, dim], zero where no row lands. */
   readonly numOut: number;
+  /** Where to write the result ([numOut * dim], any contents; returned). */
+  readonly out?: Float32Array;
 }
 
 /** A paged latent cache's rows of one layer: [numBlocks, blockSize] rows (kv-format.ts). */
@@ -94,16 +96,29 @@ export interface MlaArgs {
   readonly tableOffsets: Int32Array;
   /** kv_b_proj [heads * (nopeDim + vDim), kvLoraRank]. */
   readonly wkvB: Weight;
+  /** Where to write the result ([T * heads * vDim], any contents; returned). */
+  readonly out?: Float32Array;
 }
 
+/**
+ * The ops. Those that make a float32 result take an optional `out` of the result's length
+ * (any contents, not aliasing an input) and then write it there and return it: the forward
+ * pass hands them scratch arrays (scratch.ts) instead of a fresh array per call.
+ */
 export interface Backend {
   readonly name: string;
   /** x [m, w.cols] -> [m, w.rows] = x W^T, fp32 accumulation. */
-  matmul(x: Float32Array, m: number, w: Weight): Float32Array;
+  matmul(x: Float32Array, m: number, w: Weight, out?: Float32Array): Float32Array;
   /** x [m, d] -> x * rsqrt(mean(x^2) + eps) * weight. */
-  rmsnorm(x: Float32Array, m: number, weight: Weight, eps: number): Float32Array;
+  rmsnorm(
+    x: Float32Array,
+    m: number,
+    weight: Weight,
+    eps: number,
+    out?: Float32Array,
+  ): Float32Array;
   /** silu(gate) * up, elementwise. */
-  siluMul(gate: Float32Array, up: Float32Array): Float32Array;
+  siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
   /** Rotates, in place, the ropeDim elements at `offset` of each of the t*heads rows of width `stride`. */
   rope(
     x: Float32Array,

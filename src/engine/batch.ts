@@ -12,6 +12,7 @@ import type { AttentionWeights, LayerWeights, MlpWeights, ModelWeights } from ".
 import { gateConfigOf, ropeConfigOf, softmaxScaleOf } from "./model.ts";
 import { weightToF32 } from "./reference.ts";
 import type { SampleRows } from "./sampling.ts";
+import { Scratch } from "./scratch.ts";
 
 /**
  * The latent KV cache of one sequence as the forward pass sees it: per layer, rows of
@@ -91,6 +92,8 @@ export class BatchForward {
   readonly #gate: GateConfig;
   readonly #embed: (row: number) => Float32Array;
   readonly #mtpEmbed: ((row: number) => Float32Array) | null;
+  /** Scratch arrays of steps not running (one per step in flight: micro-batches overlap). */
+  readonly #scratch: Scratch[] = [];
 
   constructor(weights: ModelWeights, backend: Backend, experts: ExpertRunner) {
     this.config = weights.config;
@@ -141,21 +144,27 @@ export class BatchForward {
     });
     const T = offsets[items.length]!;
     if (T === 0) return items.map(() => new Float32Array(0));
-    const positions = new Int32Array(T);
-    const h = new Float32Array(T * D);
-    items.forEach((it, i) => {
-      const start = it.cache.length;
-      for (let j = 0; j < it.tokens.length; j++) {
-        const t = offsets[i]! + j;
-        positions[t] = start + j;
-        h.set(this.#embed(it.tokens[j]!), t * D);
-      }
-    });
-    const groups = attentionGroups(items, offsets);
-    for (const layer of this.#w.layers)
-      await this.#layer(layer, h, positions, items, offsets, groups);
-    for (const it of items) it.cache.setLength(it.cache.length + it.tokens.length);
-    return this.#lmHead(h, items, offsets);
+    const s = this.#scratch.pop() ?? new Scratch();
+    try {
+      const positions = new Int32Array(T);
+      const h = s.take(T * D);
+      items.forEach((it, i) => {
+        const start = it.cache.length;
+        for (let j = 0; j < it.tokens.length; j++) {
+          const t = offsets[i]! + j;
+          positions[t] = start + j;
+          h.set(this.#embed(it.tokens[j]!), t * D);
+        }
+      });
+      const groups = attentionGroups(items, offsets);
+      for (const layer of this.#w.layers)
+        await this.#layer(layer, h, positions, items, offsets, groups, s);
+      for (const it of items) it.cache.setLength(it.cache.length + it.tokens.length);
+      return this.#lmHead(h, items, offsets, s);
+    } finally {
+      s.release(0);
+      this.#scratch.push(s);
+    }
   }
 
   /**
@@ -166,13 +175,8 @@ export class BatchForward {
    * logits of its last row and that row's x, or none.
    */
   async mtpStep(items: readonly MtpItem[]): Promise<MtpResult> {
-    const m = this.#w.mtp;
-    if (!m || !this.#mtpEmbed)
+    if (!this.#w.mtp || !this.#mtpEmbed)
       throw new ExpertMeshError("EM_GATEWAY_INTERNAL", "the weights hold no MTP layer");
-    const c = this.config;
-    const D = c.hiddenSize;
-    const eps = c.rmsNormEps;
-    const b = this.#b;
     const offsets = new Int32Array(items.length + 1);
     items.forEach((it, i) => {
       offsets[i + 1] = offsets[i]! + it.tokens.length;
@@ -183,9 +187,31 @@ export class BatchForward {
       hidden: items.map(() => new Float32Array(0)),
     });
     if (T === 0) return none();
+    const s = this.#scratch.pop() ?? new Scratch();
+    try {
+      return await this.#mtpStep(items, offsets, T, none, s);
+    } finally {
+      s.release(0);
+      this.#scratch.push(s);
+    }
+  }
+
+  /** mtpStep for T > 0 tokens, its arrays from `s`. */
+  async #mtpStep(
+    items: readonly MtpItem[],
+    offsets: Int32Array,
+    T: number,
+    none: () => MtpResult,
+    s: Scratch,
+  ): Promise<MtpResult> {
+    const m = this.#w.mtp!;
+    const D = this.config.hiddenSize;
+    const eps = this.config.rmsNormEps;
+    const b = this.#b;
     const positions = new Int32Array(T);
-    const e = new Float32Array(T * D);
-    const prev = new Float32Array(T * D);
+    // Zero: rows at position 0 keep no embedding.
+    const e = s.take(T * D).fill(0);
+    const prev = s.take(T * D);
     items.forEach((it, i) => {
       prev.set(it.hidden.subarray(0, it.tokens.length * D), offsets[i]! * D);
       for (let j = 0; j < it.tokens.length; j++) {
@@ -195,25 +221,26 @@ export class BatchForward {
         if (positions[t] !== 0) e.set(this.#mtpEmbed!(it.tokens[j]!), t * D);
       }
     });
-    const en = b.rmsnorm(e, T, m.enorm, eps);
-    const hn = b.rmsnorm(prev, T, m.hnorm, eps);
-    const x = new Float32Array(T * 2 * D);
+    const en = b.rmsnorm(e, T, m.enorm, eps, s.take(T * D));
+    const hn = b.rmsnorm(prev, T, m.hnorm, eps, s.take(T * D));
+    const x = s.take(T * 2 * D);
     for (let t = 0; t < T; t++) {
       x.set(en.subarray(t * D, (t + 1) * D), t * 2 * D);
       x.set(hn.subarray(t * D, (t + 1) * D), t * 2 * D + D);
     }
-    const h = b.matmul(x, T, m.ehProj);
-    await this.#layer(m.layer, h, positions, items, offsets, attentionGroups(items, offsets));
+    const h = b.matmul(x, T, m.ehProj, s.take(T * D));
+    await this.#layer(m.layer, h, positions, items, offsets, attentionGroups(items, offsets), s);
     const last = items.flatMap((it, i) =>
       it.logits === "last" && it.tokens.length > 0 ? [i] : [],
     );
     if (last.length === 0) return none();
-    const rows = new Float32Array(last.length * D);
+    const rows = s.take(last.length * D);
     last.forEach((i, r) => {
       rows.set(h.subarray((offsets[i + 1]! - 1) * D, offsets[i + 1]! * D), r * D);
     });
-    const logits = b.matmul(b.rmsnorm(rows, last.length, m.headNorm, eps), last.length, m.head);
     const V = m.head.rows;
+    const normed = b.rmsnorm(rows, last.length, m.headNorm, eps, s.take(last.length * D));
+    const logits = b.matmul(normed, last.length, m.head, s.take(last.length * V));
     const out = none();
     last.forEach((i, r) => {
       out.logits[i] = logits.slice(r * V, (r + 1) * V);
@@ -222,7 +249,10 @@ export class BatchForward {
     return out;
   }
 
-  /** One decoder block over the batch's hidden states `h` (updated in place). */
+  /**
+   * One decoder block over the batch's hidden states `h` (updated in place). Its own
+   * arrays come from `s` and go back to it at the end.
+   */
   async #layer(
     layer: LayerWeights,
     h: Float32Array,
@@ -230,33 +260,41 @@ export class BatchForward {
     items: readonly LayerItem[],
     offsets: Int32Array,
     groups: readonly AttentionGroup[],
+    s: Scratch,
   ): Promise<void> {
     const c = this.config;
     const D = c.hiddenSize;
     const T = positions.length;
-    const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps);
-    add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets, groups));
-    const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps);
+    const mark = s.mark();
+    const a = this.#b.rmsnorm(h, T, layer.inputNorm, c.rmsNormEps, s.take(T * D));
+    add(h, this.#attention(layer.index, layer.attention, a, positions, items, offsets, groups, s));
+    const m = this.#b.rmsnorm(h, T, layer.postNorm, c.rmsNormEps, s.take(T * D));
     if (layer.mlp) {
-      add(h, this.#mlp(layer.mlp, m, T));
-      return;
+      add(h, this.#mlp(layer.mlp, m, T, s));
+    } else {
+      const moe = layer.moe!;
+      const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
+      // One call for the whole batch; shared experts run while it is in flight.
+      const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
+      const shared = moe.shared ? this.#mlp(moe.shared, m, T, s) : null;
+      const sums = await routed;
+      add(h, sums);
+      this.#experts.release?.(sums);
+      if (shared) add(h, shared);
     }
-    const moe = layer.moe!;
-    const { ids, weights } = this.#b.gate(m, T, moe.router, moe.bias, this.#gate);
-    // One call for the whole batch; shared experts run while it is in flight.
-    const routed = this.#experts.run(layer.index, m, T, D, ids, weights, this.#gate.topK);
-    const shared = moe.shared ? this.#mlp(moe.shared, m, T) : null;
-    const sums = await routed;
-    add(h, sums);
-    this.#experts.release?.(sums);
-    if (shared) add(h, shared);
+    s.release(mark);
   }
 
   /**
    * Final norm + LM head over only the rows some item wants, then split per item. Items
    * asking for their hidden states get the normed rows of all their tokens.
    */
-  #lmHead(h: Float32Array, items: readonly BatchItem[], offsets: Int32Array): Float32Array[] {
+  #lmHead(
+    h: Float32Array,
+    items: readonly BatchItem[],
+    offsets: Int32Array,
+    s: Scratch,
+  ): Float32Array[] {
     const c = this.config;
     const D = c.hiddenSize;
     const V = this.#w.lmHead.rows;
@@ -269,6 +307,7 @@ export class BatchForward {
     const picks = items.map((_, i) => rowsOf(i));
     const R = picks.reduce((s, [, k]) => s + k, 0);
     // With hidden states asked for, every row is normed once and the LM head reads its picks.
+    // (A fresh array: the callbacks may keep their rows.)
     const all = items.some((it) => it.onHidden)
       ? this.#b.rmsnorm(h, offsets[items.length]!, this.#w.norm, c.rmsNormEps)
       : null;
@@ -277,14 +316,15 @@ export class BatchForward {
         it.onHidden?.(all.subarray(offsets[i]! * D, offsets[i + 1]! * D));
       });
     if (R === 0) return items.map(() => new Float32Array(0));
-    const x = new Float32Array(R * D);
+    const x = s.take(R * D);
     let r = 0;
     for (const [from, k] of picks) {
       x.set((all ?? h).subarray(from * D, (from + k) * D), r * D);
       r += k;
     }
-    const normed = all ? x : this.#b.rmsnorm(x, R, this.#w.norm, c.rmsNormEps);
-    const logits = this.#b.matmul(normed, R, this.#w.lmHead);
+    const normed = all ? x : this.#b.rmsnorm(x, R, this.#w.norm, c.rmsNormEps, s.take(R * D));
+    // Sliced (copied) per item below: the items own their logits.
+    const logits = this.#b.matmul(normed, R, this.#w.lmHead, s.take(R * V));
     r = 0;
     return picks.map(([, k]) => {
       const out = logits.slice(r * V, (r + k) * V);
@@ -293,9 +333,12 @@ export class BatchForward {
     });
   }
 
-  #mlp(w: MlpWeights, x: Float32Array, t: number): Float32Array {
+  #mlp(w: MlpWeights, x: Float32Array, t: number, s: Scratch): Float32Array {
     const b = this.#b;
-    return b.matmul(b.siluMul(b.matmul(x, t, w.gate), b.matmul(x, t, w.up)), t, w.down);
+    const gate = b.matmul(x, t, w.gate, s.take(t * w.gate.rows));
+    const up = b.matmul(x, t, w.up, s.take(t * w.up.rows));
+    const act = b.siluMul(gate, up, s.take(gate.length));
+    return b.matmul(act, t, w.down, s.take(t * w.down.rows));
   }
 
   /**
@@ -310,6 +353,7 @@ export class BatchForward {
     items: readonly LayerItem[],
     offsets: Int32Array,
     groups: readonly AttentionGroup[],
+    s: Scratch,
   ): Float32Array {
     const c = this.config;
     const b = this.#b;
@@ -319,16 +363,20 @@ export class BatchForward {
     const dr = c.qkRopeHeadDim;
     const C = c.kvLoraRank;
     const qw = H * (dn + dr);
-    const q = w.qProj
-      ? b.matmul(x, T, w.qProj)
-      : b.matmul(b.rmsnorm(b.matmul(x, T, w.qA!), T, w.qANorm!, c.rmsNormEps), T, w.qB!);
+    let q: Float32Array;
+    if (w.qProj) q = b.matmul(x, T, w.qProj, s.take(T * qw));
+    else {
+      const qa = b.matmul(x, T, w.qA!, s.take(T * w.qA!.rows));
+      const qn = b.rmsnorm(qa, T, w.qANorm!, c.rmsNormEps, s.take(qa.length));
+      q = b.matmul(qn, T, w.qB!, s.take(T * qw));
+    }
     b.rope(q, T, H, dn + dr, dn, positions, this.#rope);
-    const kv = b.matmul(x, T, w.kvA); // [T, C + dr]
-    const latent = new Float32Array(T * C);
+    const kv = b.matmul(x, T, w.kvA, s.take(T * (C + dr))); // [T, C + dr]
+    const latent = s.take(T * C);
     for (let t = 0; t < T; t++) latent.set(kv.subarray(t * (C + dr), t * (C + dr) + C), t * C);
-    const normed = b.rmsnorm(latent, T, w.kvANorm, c.rmsNormEps);
+    const normed = b.rmsnorm(latent, T, w.kvANorm, c.rmsNormEps, s.take(T * C));
     b.rope(kv, T, 1, C + dr, C, positions, this.#rope);
-    const rows = new Float32Array(T * (C + dr));
+    const rows = s.take(T * (C + dr));
     for (let t = 0; t < T; t++) {
       rows.set(normed.subarray(t * C, (t + 1) * C), t * (C + dr));
       rows.set(kv.subarray(t * (C + dr) + C, (t + 1) * (C + dr)), t * (C + dr) + C);
@@ -339,9 +387,10 @@ export class BatchForward {
       if (to > from)
         it.cache.write(layer, positions[from]!, rows.subarray(from * (C + dr), to * (C + dr)));
     });
-    const out = new Float32Array(T * H * c.vHeadDim);
+    const dv = c.vHeadDim;
+    const out = s.take(T * H * dv);
     for (const g of groups) {
-      const o = b.mla({
+      b.mla({
         heads: H,
         nopeDim: dn,
         ropeDim: dr,
@@ -356,11 +405,10 @@ export class BatchForward {
         table: g.table,
         tableOffsets: g.tableOffsets,
         wkvB: w.kvB,
+        out: out.subarray(g.from * H * dv, g.to * H * dv),
       });
-      if (groups.length === 1) return b.matmul(o, T, w.o);
-      out.set(o, g.from * H * c.vHeadDim);
     }
-    return b.matmul(out, T, w.o);
+    return b.matmul(out, T, w.o, s.take(T * w.o.rows));
   }
 }
 

@@ -142,13 +142,14 @@ function sortByExpert(
   return order;
 }
 
-/** Runs grouped rows through the given experts' weights: [numOut, dim]. */
+/** Runs grouped rows through the given experts' weights: [numOut, dim] (in `out` if given). */
 export function runGrouped(
   backend: Backend,
   g: GroupedRows,
   dim: number,
   numOut: number,
   weightsOf: (expert: number) => MlpWeights,
+  out?: Float32Array,
 ): Float32Array {
   const w = g.experts.map(weightsOf);
   return backend.moe({
@@ -162,6 +163,7 @@ export function runGrouped(
     rowWeight: g.rowWeight,
     outIndex: g.outIndex,
     numOut,
+    out,
   });
 }
 
@@ -169,6 +171,8 @@ export function runGrouped(
 export class LocalExperts implements ExpertRunner {
   readonly #backend: Backend;
   readonly #experts: (layer: number) => Map<number, MlpWeights>;
+  /** Results handed back (release()), reused by a later run() of the same size. */
+  readonly #free: Float32Array[] = [];
 
   constructor(backend: Backend, experts: (layer: number) => Map<number, MlpWeights>) {
     this.#backend = backend;
@@ -184,13 +188,30 @@ export class LocalExperts implements ExpertRunner {
     weights: Float32Array,
     topK: number,
   ): Promise<Float32Array> {
-    const token = Int32Array.from({ length: t * topK }, (_, i) => Math.floor(i / topK));
+    const token = new Int32Array(t * topK);
+    for (let i = 0; i < token.length; i++) token[i] = Math.floor(i / topK);
     const g = groupByExpert(x, dim, token, ids, weights);
     const held = this.#experts(layer);
-    return runGrouped(this.#backend, g, dim, t, (e) => {
-      const w = held.get(e);
-      if (!w) throw new Error(`expert ${e} of layer ${layer} is not loaded here`);
-      return w;
-    });
+    const n = t * dim;
+    const at = this.#free.findIndex((f) => f.length === n);
+    const out = at < 0 ? undefined : this.#free.splice(at, 1)[0];
+    return runGrouped(
+      this.#backend,
+      g,
+      dim,
+      t,
+      (e) => {
+        const w = held.get(e);
+        if (!w) throw new Error(`expert ${e} of layer ${layer} is not loaded here`);
+        return w;
+      },
+      out,
+    );
+  }
+
+  release(result: Float32Array): void {
+    if (this.#free.includes(result)) return;
+    if (this.#free.length >= 4) this.#free.shift();
+    this.#free.push(result);
   }
 }

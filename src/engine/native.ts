@@ -25,9 +25,9 @@ export interface Addon {
   backendInfo(): NativeInfo;
   configure(o: { device?: string; isa?: string; threads?: number }): NativeInfo;
   cudaStatus(): { compiled: boolean; devices: number; status: string };
-  matmul(x: Float32Array, rows: number, w: AddonWeight): Float32Array;
-  rmsnorm(x: Float32Array, weight: AddonWeight, eps: number): Float32Array;
-  siluMul(gate: Float32Array, up: Float32Array): Float32Array;
+  matmul(x: Float32Array, rows: number, w: AddonWeight, out?: Float32Array): Float32Array;
+  rmsnorm(x: Float32Array, weight: AddonWeight, eps: number, out?: Float32Array): Float32Array;
+  siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
   moeFfn(o: Record<string, unknown>): Float32Array;
   rope(x: Float32Array, positions: Int32Array, o: Record<string, unknown>): Float32Array;
   mlaAttention(o: Record<string, unknown>): Float32Array;
@@ -164,9 +164,9 @@ export function nativeBackend(
   return {
     name: "native",
     info,
-    matmul: (x, m, w) => addon.matmul(x, m, addonWeight(w)),
-    rmsnorm: (x, _m, weight, eps) => addon.rmsnorm(x, addonWeight(weight), eps),
-    siluMul: (gate, up) => addon.siluMul(gate, up),
+    matmul: (x, m, w, out) => addon.matmul(x, m, addonWeight(w), out),
+    rmsnorm: (x, _m, weight, eps, out) => addon.rmsnorm(x, addonWeight(weight), eps, out),
+    siluMul: (gate, up, out) => addon.siluMul(gate, up, out),
     rope(x, _t, _heads, stride, offset, positions, cfg: RopeConfig) {
       addon.rope(x, positions, { ...cfg, headDim: stride, offset });
     },
@@ -197,6 +197,7 @@ export function nativeBackend(
         outIndex: a.outIndex,
         outRows: a.numOut,
         ...(a.xIndex ? { xIndex: a.xIndex } : {}),
+        out: a.out,
       }),
     mla: (a: MlaArgs) =>
       addon.mlaAttention({
@@ -217,6 +218,7 @@ export function nativeBackend(
         kvLoraRank: a.kvLoraRank,
         wkvB: addonWeight(a.wkvB),
         softmaxScale: a.softmaxScale,
+        out: a.out,
       }),
     sample: (logits, vocab, rows) => addon.sample(logits, vocab, rows),
     logprobs: (logits, vocab, ids, k) => addon.logprobs(logits, vocab, ids, k),

@@ -52,10 +52,17 @@ function topk(values: ArrayLike<number>, k: number): number[] {
     .slice(0, k);
 }
 
+/** The result in `out` when the caller gave one (Backend's contract), else as made. */
+function into(out: Float32Array | undefined, y: Float32Array): Float32Array {
+  if (!out) return y;
+  out.set(y);
+  return out;
+}
+
 export const referenceBackend: Backend = {
   name: "reference",
 
-  matmul(x, m, w) {
+  matmul(x, m, w, out) {
     const W = weightToF32(w);
     const { rows: n, cols: k } = w;
     const y = new Float32Array(m * n);
@@ -66,10 +73,10 @@ export const referenceBackend: Backend = {
         y[i * n + j] = s;
       }
     }
-    return y;
+    return into(out, y);
   },
 
-  rmsnorm(x, m, weight, eps) {
+  rmsnorm(x, m, weight, eps, out) {
     const g = weightToF32(weight);
     const d = x.length / m;
     const y = new Float32Array(x.length);
@@ -79,11 +86,14 @@ export const referenceBackend: Backend = {
       const inv = 1 / Math.sqrt(ss / d + eps);
       for (let j = 0; j < d; j++) y[i * d + j] = x[i * d + j]! * inv * g[j]!;
     }
-    return y;
+    return into(out, y);
   },
 
-  siluMul(gate, up) {
-    return Float32Array.from(gate, (g, i) => (g / (1 + Math.exp(-g))) * up[i]!);
+  siluMul(gate, up, out) {
+    return into(
+      out,
+      Float32Array.from(gate, (g, i) => (g / (1 + Math.exp(-g))) * up[i]!),
+    );
   },
 
   rope(x, t, heads, stride, offset, positions, cfg: RopeConfig) {
@@ -158,7 +168,7 @@ export const referenceBackend: Backend = {
         for (let j = 0; j < a.dim; j++) y[dst + j]! += wgt * out[r * a.dim + j]!;
       }
     }
-    return y;
+    return into(a.out, y);
   },
 
   mla(a: MlaArgs) {
@@ -212,7 +222,7 @@ export const referenceBackend: Backend = {
         }
       }
     }
-    return out;
+    return into(a.out, out);
   },
 
   sample: sampleRows,
