@@ -294,6 +294,7 @@ export class ShardServer {
     this.#queue = [];
     const t0 = performance.now();
     let table: Float32Array | undefined;
+    let out: Float32Array | undefined;
     try {
       const dim = batch[0]!.frame.hidden;
       // Rows of all frames in one table: token row = frame's base + token index.
@@ -312,13 +313,15 @@ export class ShardServer {
         });
       }
       for (const p of batch) this.#countLoad(p.frame);
+      // The weighted sums, in a pooled buffer (encoded into the replies, then free).
+      out = this.#acts.f32(base * dim);
       let sums: Float32Array;
       if (batch.length === 1) {
         // One frame (the common case): grouped by expert straight from its arrays.
         const f = batch[0]!.frame;
         const held = this.#o.experts.get(f.layer)!;
         const g = groupByExpert(x, dim, f.token, f.expert, f.weight);
-        sums = runGrouped(this.#o.backend, g, dim, base, (e) => held.get(e)!);
+        sums = runGrouped(this.#o.backend, g, dim, base, (e) => held.get(e)!, out);
       } else {
         // Group by (layer, expert): key = layer * 65536 + expert keeps layers apart.
         const assignments = batch.reduce((n, p) => n + p.frame.token.length, 0);
@@ -341,6 +344,7 @@ export class ShardServer {
           dim,
           base,
           (k) => this.#o.experts.get(Math.floor(k / 65536))!.get(k % 65536)!,
+          out,
         );
       }
       // Every reply buffer of the previous batch was published (or dropped) by now.
@@ -385,6 +389,7 @@ export class ShardServer {
       // Every reply is encoded (or the batch failed): the activations are free again.
       for (const p of batch) this.#acts.give(p.frame.activations);
       if (table) this.#acts.give(table);
+      if (out) this.#acts.give(out);
       this.#interval.processingMs += performance.now() - t0;
       this.#busy = false;
       this.#addPending(-batch.reduce((n, p) => n + p.frame.numTokens, 0));

@@ -38,7 +38,8 @@ const scaling = {
   name: "scaling",
   moe(a: MoeArgs) {
     moeCalls++;
-    const out = new Float32Array(a.numOut * a.dim);
+    // Into the caller's array when given (the Backend contract; the shard's is pooled).
+    const out = a.out?.fill(0) ?? new Float32Array(a.numOut * a.dim);
     for (let g = 0; g + 1 < a.offsets.length; g++) {
       const s = (a.w1[g] as unknown as { scale: number }).scale;
       for (let r = a.offsets[g]!; r < a.offsets[g + 1]!; r++) {
