@@ -33,6 +33,8 @@ constexpr int64_t kKc = 2048;
 constexpr int kMr = 4;        // x rows per micro-tile
 constexpr int64_t kNb = 64;   // weight rows per L2 block
 
+// load32: 32 weights for the nt kernels (Bf16W's deinterleaved: even elements in a, odd in b).
+// load16: 16 consecutive weights, in order, for the nn kernel.
 struct F32W {
   using T = float;
   static constexpr bool kDeinterleave = false, kScaled = false;
@@ -40,6 +42,7 @@ struct F32W {
     a = _mm512_loadu_ps(p);
     b = _mm512_loadu_ps(p + 16);
   }
+  EM_AVX512 static inline __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
 };
 
 struct Bf16W {
@@ -50,6 +53,10 @@ struct Bf16W {
     a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
   }
+  EM_AVX512 static inline __m512 load16(const T* p) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
 };
 
 struct F16W {
@@ -58,6 +65,9 @@ struct F16W {
   EM_AVX512 static inline void load32(const T* p, __m512& a, __m512& b) {
     a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+  }
+  EM_AVX512 static inline __m512 load16(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 };
 
@@ -402,19 +412,20 @@ EM_AVX512BF16 void gemm_nt_bf16dot_tile(const Gemm& g, int64_t m0, int64_t m1, i
   finish_tail(g, m0, m1, n0, n1, k32);
 }
 
-// ------------------------------------------------------------------ nn, f32 weights
+// ------------------------------------------------------------------ nn: f32, bf16 and f16 weights
 
 // y[m0 + i, n .. n + 32) for MR rows over k in [k0, k1): broadcast x, two zmm of w per k
-// (the AVX2 kernel's design at 16 lanes; attention's probability-weighted latent sums).
-template <int MR>
-EM_AVX512 void micro_nn_f32(const Gemm& g, int64_t m0, int64_t n, int64_t k0, int64_t k1, bool accumulate) {
-  const float* w = static_cast<const float*>(g.w.data) + n;
+// (the AVX2 kernel's design at 16 lanes): attention's q_nope W_uk (bf16 kv_b_proj) and its
+// probability-weighted latent sums (f32 or bf16 cache rows).
+template <typename W, int MR>
+EM_AVX512 void micro_nn(const Gemm& g, int64_t m0, int64_t n, int64_t k0, int64_t k1, bool accumulate) {
+  const typename W::T* w = static_cast<const typename W::T*>(g.w.data) + n;
   const float* x = g.x + m0 * g.ldx;
   __m512 acc[MR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(w + k * g.w.ld), w1 = _mm512_loadu_ps(w + k * g.w.ld + 16);
+    const __m512 w0 = W::load16(w + k * g.w.ld), w1 = W::load16(w + k * g.w.ld + 16);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512 b = _mm512_set1_ps(x[m * g.ldx + k]);
@@ -434,22 +445,24 @@ EM_AVX512 void micro_nn_f32(const Gemm& g, int64_t m0, int64_t n, int64_t k0, in
   }
 }
 
-EM_AVX512 void micro_nn_f32_rows(const Gemm& g, int64_t m, int mr, int64_t n, int64_t k0, int64_t k1, bool acc) {
+template <typename W>
+EM_AVX512 void micro_nn_rows(const Gemm& g, int64_t m, int mr, int64_t n, int64_t k0, int64_t k1, bool acc) {
   switch (mr) {
-    case 8: return micro_nn_f32<8>(g, m, n, k0, k1, acc);
-    case 7: return micro_nn_f32<7>(g, m, n, k0, k1, acc);
-    case 6: return micro_nn_f32<6>(g, m, n, k0, k1, acc);
-    case 5: return micro_nn_f32<5>(g, m, n, k0, k1, acc);
-    case 4: return micro_nn_f32<4>(g, m, n, k0, k1, acc);
-    case 3: return micro_nn_f32<3>(g, m, n, k0, k1, acc);
-    case 2: return micro_nn_f32<2>(g, m, n, k0, k1, acc);
-    default: return micro_nn_f32<1>(g, m, n, k0, k1, acc);
+    case 8: return micro_nn<W, 8>(g, m, n, k0, k1, acc);
+    case 7: return micro_nn<W, 7>(g, m, n, k0, k1, acc);
+    case 6: return micro_nn<W, 6>(g, m, n, k0, k1, acc);
+    case 5: return micro_nn<W, 5>(g, m, n, k0, k1, acc);
+    case 4: return micro_nn<W, 4>(g, m, n, k0, k1, acc);
+    case 3: return micro_nn<W, 3>(g, m, n, k0, k1, acc);
+    case 2: return micro_nn<W, 2>(g, m, n, k0, k1, acc);
+    default: return micro_nn<W, 1>(g, m, n, k0, k1, acc);
   }
 }
 
 constexpr int64_t kNnKb = 128;  // weight rows (k) per L2 block, as the AVX2 kernel
 
-EM_AVX512 void gemm_nn_f32_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+template <typename W>
+EM_AVX512 void gemm_nn_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t n32 = n0 + ((n1 - n0) & ~int64_t{31});
   if (g.K == 0 && !g.accumulate) {
     for (int64_t m = m0; m < m1; ++m) std::fill(g.y + m * g.ldy + n0, g.y + m * g.ldy + n32, 0.0f);
@@ -459,7 +472,7 @@ EM_AVX512 void gemm_nn_f32_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n
     const bool acc = g.accumulate || k0 > 0;
     for (int64_t n = n0; n < n32; n += 32)
       for (int64_t m = m0; m < m1; m += 8)
-        micro_nn_f32_rows(g, m, static_cast<int>(std::min<int64_t>(8, m1 - m)), n, k0, k1, acc);
+        micro_nn_rows<W>(g, m, static_cast<int>(std::min<int64_t>(8, m1 - m)), n, k0, k1, acc);
   }
   // Columns past the last 32 (n32 - n0 is a multiple of 16, as the AVX2 kernel needs).
   if (n32 < n1) avx2::gemm_nn(g, m0, m1, n32, n1);
@@ -467,10 +480,15 @@ EM_AVX512 void gemm_nn_f32_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n
 
 }  // namespace
 
-// f32 weights on 16 lanes; the other dtypes convert as the AVX2 kernel does.
+// f32, bf16 and f16 weights on 16 lanes; fp8 (block scales per 128 columns) as the AVX2
+// kernel does.
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.w.dtype == EM_F32) return gemm_nn_f32_tile(g, m0, m1, n0, n1);
-  avx2::gemm_nn(g, m0, m1, n0, n1);
+  switch (g.w.dtype) {
+    case EM_F32: return gemm_nn_tile<F32W>(g, m0, m1, n0, n1);
+    case EM_BF16: return gemm_nn_tile<Bf16W>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nn_tile<F16W>(g, m0, m1, n0, n1);
+    default: return avx2::gemm_nn(g, m0, m1, n0, n1);
+  }
 }
 
 // fp8 weights from this many rows: the AVX2 packed kernel, which widens each weight block
