@@ -9,6 +9,13 @@
 // of a sequence sees the cache rows up to its positions. The rows are read in place: a
 // contiguous cache as one run, a paged cache (em_kv_pages) block by block, fp8 blocks
 // decoded into a small scratch first.
+//
+// The context is read in chunks of cache rows small enough to stay in L2 (kChunkBytes): a
+// chunk's scores, then its share of o_lat while its rows are still cached, with the softmax
+// kept online (a running max and sum per query row; o_lat rescaled when the max grows, and
+// divided by the sum at the end), as FlashAttention does. Scores over the whole context
+// first and then o_lat read every row from memory twice: at 8192 tokens the second pass
+// spent most of its time waiting for the rows.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -27,6 +34,7 @@ struct Item {
 };
 
 constexpr int64_t kMaxQueryBlock = 16;
+constexpr int64_t kChunkBytes = int64_t{256} << 10;  // cache row bytes per chunk (L2-resident)
 constexpr int64_t kScoreBudget = int64_t{1} << 21;  // floats of scores per item (8 MiB)
 
 std::vector<Item> plan_items(const em_mla_args* a, int threads) {
@@ -65,22 +73,31 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   return items;
 }
 
-// Calls f(r0, n, rows) for consecutive runs of the rows [0, L) of sequence s, `rows` a view
-// [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one (fp8
-// blocks decoded into `scratch`).
+// Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
+int64_t chunk_rows(const em_mla_args* a, int32_t s) {
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim;
+  const em_dtype dt = a->pages ? a->pages->dtype : a->caches[s].dtype;
+  const int64_t bytes = static_cast<int64_t>(kv_row_bytes(dt == EM_F8_E4M3 ? EM_F32 : dt, C, dr));
+  const int64_t unit = a->pages ? a->pages->block_size : 16;
+  return std::max<int64_t>(1, kChunkBytes / bytes / unit) * unit;
+}
+
+// Calls f(r0, n, rows) for consecutive runs of the rows [c0, c1) of sequence s, `rows` a
+// view [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one
+// (fp8 blocks decoded into `scratch`). c0 is a multiple of a paged cache's block size.
 template <typename F>
-void for_each_run(const em_mla_args* a, int32_t s, int64_t L, std::vector<float>& scratch, Fp8Widen widen,
-                  F&& f) {
+void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, std::vector<float>& scratch,
+                  Fp8Widen widen, F&& f) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
   if (a->pages == nullptr) {
-    f(int64_t{0}, L, weight_view(a->caches[s]).row_slice(0, L));
+    f(c0, c1 - c0, weight_view(a->caches[s]).row_slice(c0, c1 - c0));
     return;
   }
   const em_kv_pages& p = *a->pages;
   const int64_t B = p.block_size;
   const size_t rb = kv_row_bytes(p.dtype, C, dr);
-  for (int64_t r0 = 0; r0 < L; r0 += B) {
-    const int64_t n = std::min(B, L - r0);
+  for (int64_t r0 = c0; r0 < c1; r0 += B) {
+    const int64_t n = std::min(B, c1 - r0);
     const uint8_t* block = kv_row(p, s, r0, rb);
     Weight w;
     w.rows = n;
@@ -118,10 +135,15 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     int32_t max_pos = 0;
     for (int64_t t = it.t0; t < it.t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
     const int64_t L = static_cast<int64_t>(max_pos) + 1;  // cache rows this block can see
+    const int64_t chunk = std::min(L, chunk_rows(a, it.seq));
+    // Scores of one chunk; their row stride a cache line more than a multiple of 4 KiB, so
+    // the o_lat product's column of 8 rows does not fall in one L1 set.
+    const int64_t ls = (chunk + 15) / 16 * 16 + ((chunk + 15) / 16 * 16 % 1024 == 0 ? 16 : 0);
     std::vector<float> scratch;
     std::vector<float> qcat(static_cast<size_t>(rows * row_len));
-    std::vector<float> scores(static_cast<size_t>(rows * L));
+    std::vector<float> scores(static_cast<size_t>(rows * ls));
     std::vector<float> o_lat(static_cast<size_t>(rows * C));
+    std::vector<float> run_max(static_cast<size_t>(rows), -INFINITY), run_sum(static_cast<size_t>(rows), 0.0f);
 
     // q_lat = q_nope W_uk[h]; q_pe copied beside it.
     for (int64_t hl = 0; hl < nh; ++hl) {
@@ -141,52 +163,71 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
                     static_cast<size_t>(dr) * sizeof(float));
     }
 
-    // scores = [q_lat | q_pe] . cache rows [0, L). A paged cache is a GEMM per block: with
-    // bf16 rows the query rows are packed for their kernel once here, not in every block.
+    // A paged cache is a GEMM per block: with bf16 rows the query rows are packed for their
+    // kernel once here, not in every block.
     const em_dtype cache_dtype = a->pages ? a->pages->dtype : a->caches[it.seq].dtype;
     const PackedRows packed = pack_rows_here(ctx.isa, qcat.data(), row_len, rows, row_len, cache_dtype == EM_BF16);
-    for_each_run(a, it.seq, L, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
-      Gemm sg;
-      sg.x = qcat.data();
-      sg.ldx = row_len;
-      packed.attach(sg, 0);
-      sg.w = run;
-      sg.y = scores.data() + r0;
-      sg.ldy = L;
-      sg.M = rows;
-      sg.N = n;
-      sg.K = row_len;
-      k.gemm_nt(sg, 0, rows, 0, n);
-    });
+    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+      const int64_t c1 = std::min(L, c0 + chunk), n_c = c1 - c0;
+      // scores = [q_lat | q_pe] . cache rows [c0, c1)
+      for_each_run(a, it.seq, c0, c1, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
+        Gemm sg;
+        sg.x = qcat.data();
+        sg.ldx = row_len;
+        packed.attach(sg, 0);
+        sg.w = run;
+        sg.y = scores.data() + (r0 - c0);
+        sg.ldy = ls;
+        sg.M = rows;
+        sg.N = n;
+        sg.K = row_len;
+        k.gemm_nt(sg, 0, rows, 0, n);
+      });
 
-    // Causal softmax in fp32: token t sees rows [0, pos[t]].
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = scores.data() + r * L;
-      const int64_t visible = static_cast<int64_t>(a->positions[it.t0 + r % nq]) + 1;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < visible; ++j) {
-        s[j] *= a->softmax_scale;
-        mx = std::max(mx, s[j]);
+      // Causal softmax in fp32, online: token t sees rows [0, pos[t]]. A row's probabilities
+      // are exp(score - its running max); what o_lat and the sum hold is rescaled to a new max.
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = scores.data() + r * ls;
+        const int64_t visible =
+            std::clamp<int64_t>(static_cast<int64_t>(a->positions[it.t0 + r % nq]) + 1 - c0, 0, n_c);
+        float mx = run_max[static_cast<size_t>(r)];
+        for (int64_t j = 0; j < visible; ++j) {
+          s[j] *= a->softmax_scale;
+          mx = std::max(mx, s[j]);
+        }
+        std::fill(s + visible, s + n_c, 0.0f);
+        if (visible == 0) continue;
+        const float old = run_max[static_cast<size_t>(r)];
+        if (mx > old && c0 > 0) {
+          const float alpha = std::exp(old - mx);
+          run_sum[static_cast<size_t>(r)] *= alpha;
+          float* o = o_lat.data() + r * C;
+          for (int64_t c = 0; c < C; ++c) o[c] *= alpha;
+        }
+        run_max[static_cast<size_t>(r)] = mx;
+        run_sum[static_cast<size_t>(r)] += k.exp_sum(s, visible, mx);
       }
-      const float inv = 1.0f / k.exp_sum(s, visible, mx);
-      for (int64_t j = 0; j < visible; ++j) s[j] *= inv;
-      std::fill(s + visible, s + L, 0.0f);
-    }
 
-    // o_lat = P latent, summed over the runs
-    for_each_run(a, it.seq, L, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
-      Gemm pg;
-      pg.x = scores.data() + r0;
-      pg.ldx = L;
-      pg.w = run;
-      pg.y = o_lat.data();
-      pg.ldy = C;
-      pg.M = rows;
-      pg.N = C;
-      pg.K = n;
-      pg.accumulate = r0 > 0;
-      k.gemm_nn(pg, 0, rows, 0, C);
-    });
+      // o_lat += P latent rows [c0, c1)
+      for_each_run(a, it.seq, c0, c1, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
+        Gemm pg;
+        pg.x = scores.data() + (r0 - c0);
+        pg.ldx = ls;
+        pg.w = run;
+        pg.y = o_lat.data();
+        pg.ldy = C;
+        pg.M = rows;
+        pg.N = C;
+        pg.K = n;
+        pg.accumulate = r0 > 0;
+        k.gemm_nn(pg, 0, rows, 0, C);
+      });
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / run_sum[static_cast<size_t>(r)];
+      float* o = o_lat.data() + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+    }
 
     // out[t, h] = W_uv[h] o_lat
     for (int64_t hl = 0; hl < nh; ++hl) {
