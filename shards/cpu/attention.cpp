@@ -8,7 +8,7 @@
 // [q_lat | q_pe] with the cache row. Prefill and decode are the same code: a query block
 // of a sequence sees the cache rows up to its positions. The rows are read in place: a
 // contiguous cache as one run, a paged cache (em_kv_pages) block by block, fp8 blocks
-// decoded into a small scratch first.
+// widened to f32 a chunk at a time.
 //
 // The context is read in chunks of cache rows small enough to stay in L2 (kChunkBytes): a
 // chunk's scores, then its share of o_lat while its rows are still cached, with the softmax
@@ -84,10 +84,10 @@ int64_t chunk_rows(const em_mla_args* a, int32_t s) {
 
 // Calls f(r0, n, rows) for consecutive runs of the rows [c0, c1) of sequence s, `rows` a
 // view [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one
-// (fp8 blocks decoded into `scratch`). c0 is a multiple of a paged cache's block size.
+// (f32 or bf16 rows; fp8 pages go through gather_fp8_rows). c0 is a multiple of a paged
+// cache's block size.
 template <typename F>
-void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, std::vector<float>& scratch,
-                  Fp8Widen widen, F&& f) {
+void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, F&& f) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
   if (a->pages == nullptr) {
     f(c0, c1 - c0, weight_view(a->caches[s]).row_slice(c0, c1 - c0));
@@ -103,17 +103,30 @@ void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, std::
     w.rows = n;
     w.cols = W;
     w.ld = W;
-    if (p.dtype == EM_F8_E4M3) {
-      scratch.resize(static_cast<size_t>(B * W));
-      kv_fp8_rows_to_f32(block, n, C, dr, scratch.data(), widen);
-      w.data = scratch.data();
-      w.dtype = EM_F32;
-    } else {
-      w.data = block;
-      w.dtype = p.dtype;
-    }
+    w.data = block;
+    w.dtype = p.dtype;
     f(r0, n, w);
   }
+}
+
+// The fp8 rows [c0, c1) of paged sequence s widened to f32 into `buf`, contiguous: once for
+// both of the chunk's GEMMs (a block at a time widened them twice), and one GEMM per chunk.
+// (Copying f32 or bf16 rows so was measured too: no faster than reading them in place.)
+Weight gather_fp8_rows(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, std::vector<float>& buf,
+                   Fp8Widen widen) {
+  const em_kv_pages& p = *a->pages;
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr, B = p.block_size, n = c1 - c0;
+  const size_t rb = kv_row_bytes(p.dtype, C, dr);
+  buf.resize(static_cast<size_t>(n * W));
+  for (int64_t r0 = c0; r0 < c1; r0 += B)
+    kv_fp8_rows_to_f32(kv_row(p, s, r0, rb), std::min(B, c1 - r0), C, dr, buf.data() + (r0 - c0) * W, widen);
+  Weight w;
+  w.rows = n;
+  w.cols = W;
+  w.ld = W;
+  w.data = buf.data();
+  w.dtype = EM_F32;
+  return w;
 }
 
 }  // namespace
@@ -139,7 +152,6 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     // Scores of one chunk; their row stride a cache line more than a multiple of 4 KiB, so
     // the o_lat product's column of 8 rows does not fall in one L1 set.
     const int64_t ls = (chunk + 15) / 16 * 16 + ((chunk + 15) / 16 * 16 % 1024 == 0 ? 16 : 0);
-    std::vector<float> scratch;
     std::vector<float> qcat(static_cast<size_t>(rows * row_len));
     std::vector<float> scores(static_cast<size_t>(rows * ls));
     std::vector<float> o_lat(static_cast<size_t>(rows * C));
@@ -167,10 +179,19 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     // kernel once here, not in every block.
     const em_dtype cache_dtype = a->pages ? a->pages->dtype : a->caches[it.seq].dtype;
     const PackedRows packed = pack_rows_here(ctx.isa, qcat.data(), row_len, rows, row_len, cache_dtype == EM_BF16);
+    const bool widen = a->pages != nullptr && cache_dtype == EM_F8_E4M3;
+    std::vector<float> widened;
+    Weight chunk_rows_f32;
+    // Runs of the chunk's rows: its widened fp8 rows, or as for_each_run reads them in place.
+    auto runs = [&](int64_t c0, int64_t c1, auto&& f) {
+      if (widen) return f(c0, c1 - c0, chunk_rows_f32);
+      for_each_run(a, it.seq, c0, c1, f);
+    };
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int64_t c1 = std::min(L, c0 + chunk), n_c = c1 - c0;
+      if (widen) chunk_rows_f32 = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
       // scores = [q_lat | q_pe] . cache rows [c0, c1)
-      for_each_run(a, it.seq, c0, c1, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
+      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run) {
         Gemm sg;
         sg.x = qcat.data();
         sg.ldx = row_len;
@@ -209,7 +230,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       }
 
       // o_lat += P latent rows [c0, c1)
-      for_each_run(a, it.seq, c0, c1, scratch, k.fp8_to_f32, [&](int64_t r0, int64_t n, const Weight& run) {
+      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run) {
         Gemm pg;
         pg.x = scores.data() + (r0 - c0);
         pg.ldx = ls;
