@@ -1,4 +1,5 @@
-// Scratch float32 arrays for a forward step, reused from one layer and step to the next.
+// Scratch float32 arrays for a forward step, reused from one layer and step to the next
+// (ADR 0022).
 //
 // A forward step makes a dozen arrays per layer (norms, projections, attention's rows,
 // the MLP's activations), each dead by the end of the layer. Made fresh, every one over
