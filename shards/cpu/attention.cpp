@@ -82,15 +82,16 @@ int64_t chunk_rows(const em_mla_args* a, int32_t s) {
   return std::max<int64_t>(1, kChunkBytes / bytes / unit) * unit;
 }
 
-// Calls f(r0, n, rows) for consecutive runs of the rows [c0, c1) of sequence s, `rows` a
-// view [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged one
-// (f32 or bf16 rows; fp8 pages go through gather_fp8_rows). c0 is a multiple of a paged
-// cache's block size.
+// Calls f(r0, n, rows, next) for consecutive runs of the rows [c0, c1) of sequence s, `rows`
+// a view [n, C + dr]: the whole range of a contiguous cache, a block at a time of a paged
+// one (f32 or bf16 rows; fp8 pages go through gather_fp8_rows). `next`: bytes from the run
+// to the sequence's next block (rows up to `L`), for Gemm::w_next; 0 for none. c0 is a
+// multiple of a paged cache's block size.
 template <typename F>
-void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, F&& f) {
+void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, int64_t L, F&& f) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
   if (a->pages == nullptr) {
-    f(c0, c1 - c0, weight_view(a->caches[s]).row_slice(c0, c1 - c0));
+    f(c0, c1 - c0, weight_view(a->caches[s]).row_slice(c0, c1 - c0), int64_t{0});
     return;
   }
   const em_kv_pages& p = *a->pages;
@@ -105,7 +106,7 @@ void for_each_run(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, F&& f
     w.ld = W;
     w.data = block;
     w.dtype = p.dtype;
-    f(r0, n, w);
+    f(r0, n, w, r0 + B < L ? kv_row(p, s, r0 + B, rb) - block : int64_t{0});
   }
 }
 
@@ -184,14 +185,14 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     Weight chunk_rows_f32;
     // Runs of the chunk's rows: its widened fp8 rows, or as for_each_run reads them in place.
     auto runs = [&](int64_t c0, int64_t c1, auto&& f) {
-      if (widen) return f(c0, c1 - c0, chunk_rows_f32);
-      for_each_run(a, it.seq, c0, c1, f);
+      if (widen) return f(c0, c1 - c0, chunk_rows_f32, int64_t{0});
+      for_each_run(a, it.seq, c0, c1, L, f);
     };
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int64_t c1 = std::min(L, c0 + chunk), n_c = c1 - c0;
       if (widen) chunk_rows_f32 = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
       // scores = [q_lat | q_pe] . cache rows [c0, c1)
-      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run) {
+      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t next) {
         Gemm sg;
         sg.x = qcat.data();
         sg.ldx = row_len;
@@ -202,6 +203,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
         sg.M = rows;
         sg.N = n;
         sg.K = row_len;
+        sg.w_next = next;  // the next block's rows come into L2 while this one computes
         k.gemm_nt(sg, 0, rows, 0, n);
       });
 
@@ -230,7 +232,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       }
 
       // o_lat += P latent rows [c0, c1)
-      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run) {
+      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t) {
         Gemm pg;
         pg.x = scores.data() + (r0 - c0);
         pg.ldx = ls;

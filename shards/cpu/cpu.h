@@ -62,6 +62,10 @@ struct Gemm {
   int64_t ldy = 0;
   int64_t M = 0, N = 0, K = 0;
   bool accumulate = false;  // y += result instead of y = result
+  // nt with few x rows: bytes from each weight row to the same row of the weight the next
+  // call will read (a paged cache's next block), fetched into L2 while this call computes;
+  // 0: the rows after this tile's, as in a contiguous weight.
+  int64_t w_next = 0;
   // x rows [0, M) already packed for the AMX kernel (amx::pack_x), or null: the AMX tile
   // function then packs its rows itself. Tiles must then start at rows that are multiples of 16.
   const uint32_t* x_vnni = nullptr;

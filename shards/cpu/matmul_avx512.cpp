@@ -304,7 +304,8 @@ EM_AVX512 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, i
             rows[j] = base + (n + j) * g.w.ld;
             if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
           }
-          const int64_t pf = prefetch_ahead(m0, m1, m, nr * g.w.ld * static_cast<int64_t>(sizeof(T)));
+          const int64_t pf =
+              prefetch_ahead(m0, m1, m, g.w_next != 0 ? g.w_next : nr * g.w.ld * static_cast<int64_t>(sizeof(T)));
           pick_micro<W>(mr, nr)(xs, step_m, step_s, kc / 32, rows, scale_rows, k0, pf, sums);
           store_sums(g, m, mr, n, nr, sums, overwrite);
         }
@@ -402,7 +403,7 @@ EM_AVX512BF16 void gemm_nt_bf16dot_tile(const Gemm& g, int64_t m0, int64_t m1, i
         for (int64_t n = nb0; n < nb1; n += kMaxNr) {
           const int nr = static_cast<int>(std::min<int64_t>(kMaxNr, nb1 - n));
           for (int j = 0; j < nr; ++j) rows[j] = base + (n + j) * g.w.ld;
-          const int64_t pf = prefetch_ahead(m0, m1, m, nr * g.w.ld * 2);
+          const int64_t pf = prefetch_ahead(m0, m1, m, g.w_next != 0 ? g.w_next : nr * g.w.ld * 2);
           pick_bf16(mr, nr)(xs, step_m, step_s, kc / 32, rows, k0, pf, sums);
           store_sums(g, m, mr, n, nr, sums, overwrite);
         }
