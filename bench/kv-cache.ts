@@ -25,6 +25,23 @@ const DV = 128;
 const C = 512;
 const W = C + DR;
 const BATCH = 8;
+/** The attention measured: DeepSeek-V3's latent, 16 heads (also bench/attn-quick.ts's). */
+export const MLA_SHAPE = {
+  heads: H,
+  nopeDim: DN,
+  ropeDim: DR,
+  vDim: DV,
+  kvLoraRank: C,
+  softmaxScale: (DN + DR) ** -0.5,
+} as const;
+export const KV_BATCH = BATCH;
+
+/** A random bf16 kv_b_proj of MLA_SHAPE. */
+export function randomKvB(rng: Prng): Weight {
+  const w = new Float32Array(H * (DN + DV) * C);
+  rng.fillNormal(w, 0.05);
+  return { dtype: "bf16", data: Uint16Array.from(w, float32ToBf16), rows: H * (DN + DV), cols: C };
+}
 const BLOCK = Number(process.env["EM_BENCH_KV_BLOCK"] ?? 16);
 const CONTEXTS = [512, 2048, 8192];
 const QUICK_CONTEXTS = [2048];
@@ -80,14 +97,7 @@ export async function runKvCache(o: {
   const native = nativeBackend();
   const rng = new Prng(7);
   const runs = o.quick ? 2 : o.runs;
-  const w = new Float32Array(H * (DN + DV) * C);
-  rng.fillNormal(w, 0.05);
-  const wkvB: Weight = {
-    dtype: "bf16",
-    data: Uint16Array.from(w, float32ToBf16),
-    rows: H * (DN + DV),
-    cols: C,
-  };
+  const wkvB = randomKvB(rng);
   const rows: KvCacheRow[] = [];
   const limits = await Limits.start(buildLimits(o.log), o.threads, 256);
   const readGbs: number[] = [];
@@ -119,15 +129,7 @@ export async function runKvCache(o: {
     rng.fillNormal(q, 1);
     const positions = Int32Array.from({ length: BATCH }, () => context - 1);
     const qOffsets = Int32Array.from({ length: BATCH + 1 }, (_, i) => i);
-    const common = {
-      heads: H,
-      nopeDim: DN,
-      ropeDim: DR,
-      vDim: DV,
-      kvLoraRank: C,
-      softmaxScale: (DN + DR) ** -0.5,
-      wkvB,
-    };
+    const common = { ...MLA_SHAPE, wkvB };
     const f32Pool = pools.get("f32")!.pool;
     const run = (side: Side): Float32Array => {
       if (side !== "copy (peer)")
