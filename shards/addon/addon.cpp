@@ -88,10 +88,29 @@ struct AddonState {
   // pools' finalizers, which may outlive this state.
   std::shared_ptr<KvMirrors> kv_mirrors;
   std::string device_name = "cpu";
+  // Property names the argument parsers read on every call, as JS strings made once and kept
+  // in an array (a reference cannot hold a string), by the address of their literal:
+  // napi_get_named_property internalizes its C string on every call.
+  Napi::Reference<Napi::Array> key_strings;
+  std::unordered_map<const char*, uint32_t> key_index;
   ~AddonState() { em_backend_free(cpu); }
 };
 
 AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); }
+
+// o[key] for a string-literal key (see AddonState::keys).
+Napi::Value prop(Napi::Env env, const Napi::Object& o, const char* key) {
+  AddonState* st = state_of(env);
+  if (st->key_strings.IsEmpty()) st->key_strings = Napi::Persistent(Napi::Array::New(env));
+  const Napi::Array strings = st->key_strings.Value();
+  auto it = st->key_index.find(key);
+  if (it == st->key_index.end()) {
+    const uint32_t i = static_cast<uint32_t>(st->key_index.size());
+    strings.Set(i, Napi::String::New(env, key));
+    it = st->key_index.emplace(key, i).first;
+  }
+  return o.Get(strings.Get(it->second));
+}
 
 // Device memory of a backend, freed with its last holder.
 struct DeviceBuffer {
@@ -185,12 +204,12 @@ int64_t integer(Napi::Env env, const Napi::Value& v, const char* name, int64_t m
 }
 
 double number_or(Napi::Env env, const Napi::Object& o, const char* key, double fallback) {
-  const Napi::Value v = o.Get(key);
+  const Napi::Value v = prop(env, o, key);
   return present(v) ? number(env, v, key) : fallback;
 }
 
 int64_t integer_or(Napi::Env env, const Napi::Object& o, const char* key, int64_t fallback, int64_t min) {
-  const Napi::Value v = o.Get(key);
+  const Napi::Value v = prop(env, o, key);
   return present(v) ? integer(env, v, key, min) : fallback;
 }
 
@@ -257,38 +276,56 @@ int64_t rows_of(Napi::Env env, int64_t length, int64_t cols, const char* name) {
   return length / cols;
 }
 
-em_dtype parse_dtype(Napi::Env env, const Napi::Value& v, const char* name) {
-  if (!v.IsString()) arg_error(env, std::string(name) + " must be 'f32', 'bf16', 'f16' or 'fp8'");
-  const std::string s = v.As<Napi::String>().Utf8Value();
-  if (s == "f32") return EM_F32;
-  if (s == "bf16") return EM_BF16;
-  if (s == "f16") return EM_F16;
-  if (s == "fp8" || s == "f8_e4m3") return EM_F8_E4M3;
-  throw_code(env, "EM_NATIVE_DTYPE", std::string(name) + ": unknown dtype '" + s + "'");
+// `name` + `suffix` names the value in errors (built only then).
+em_dtype parse_dtype(Napi::Env env, const Napi::Value& v, const char* name, const char* suffix = "") {
+  if (!v.IsString()) arg_error(env, std::string(name) + suffix + " must be 'f32', 'bf16', 'f16' or 'fp8'");
+  // Into a stack buffer: this runs for every weight of every call.
+  char s[16];
+  size_t len = 0;
+  if (napi_get_value_string_latin1(env, v, s, sizeof s, &len) != napi_ok) len = sizeof s - 1;
+  const std::string_view sv(s, len);
+  if (sv == "f32") return EM_F32;
+  if (sv == "bf16") return EM_BF16;
+  if (sv == "f16") return EM_F16;
+  if (sv == "fp8" || sv == "f8_e4m3") return EM_F8_E4M3;
+  throw_code(env, "EM_NATIVE_DTYPE",
+             std::string(name) + suffix + ": unknown dtype '" + v.As<Napi::String>().Utf8Value() + "'");
 }
 
-// A Weight object { dtype, shape: [rows, cols] | [n], data, scale? } as a tensor view.
+// A Weight object { dtype, shape: [rows, cols] | [n], data, scale? } as a tensor view. The
+// names in errors ("w.shape[0]") are built only when one is thrown: this runs for every
+// weight of every call.
 em_tensor weight_arg(Napi::Env env, const Napi::Value& v, const char* name) {
   const Napi::Object o = object_arg(env, v, name);
-  const std::string n(name);
-  const em_dtype dtype = parse_dtype(env, o.Get("dtype"), (n + ".dtype").c_str());
-  const Napi::Value shape_v = o.Get("shape");
-  if (!shape_v.IsArray()) arg_error(env, n + ".shape must be [rows, cols] or [n]");
+  auto field = [&](const char* suffix) { return std::string(name) + suffix; };
+  const em_dtype dtype = parse_dtype(env, prop(env, o, "dtype"), name, ".dtype");
+  const Napi::Value shape_v = prop(env, o, "shape");
+  if (!shape_v.IsArray()) arg_error(env, field(".shape must be [rows, cols] or [n]"));
   const Napi::Array shape = shape_v.As<Napi::Array>();
-  if (shape.Length() != 1 && shape.Length() != 2) arg_error(env, n + ".shape must be [rows, cols] or [n]");
-  const int64_t rows = shape.Length() == 2 ? integer(env, shape.Get(0u), (n + ".shape[0]").c_str(), 0) : 1;
-  const int64_t cols = integer(env, shape.Get(shape.Length() - 1), (n + ".shape[-1]").c_str(), 0);
-  const Bytes b = bytes_of(env, o.Get("data"), (n + ".data").c_str());
+  const uint32_t ndim = shape.Length();
+  if (ndim != 1 && ndim != 2) arg_error(env, field(".shape must be [rows, cols] or [n]"));
+  auto dim = [&](uint32_t i, const char* suffix) {
+    const Napi::Value d = shape.Get(i);
+    if (d.IsNumber()) {
+      const double x = d.As<Napi::Number>().DoubleValue();
+      if (x >= 0 && x <= 9007199254740991.0 && std::floor(x) == x) return static_cast<int64_t>(x);
+    }
+    return integer(env, d, field(suffix).c_str(), 0);  // throws
+  };
+  const int64_t rows = ndim == 2 ? dim(0, ".shape[0]") : 1;
+  const int64_t cols = dim(ndim - 1, ".shape[-1]");
+  const Napi::Value data_v = prop(env, o, "data");
+  const Bytes b = data_v.IsTypedArray() ? bytes_of(env, data_v, name) : bytes_of(env, data_v, field(".data").c_str());
   const size_t esize = em_dtype_size(dtype);
   if (b.size != static_cast<size_t>(rows * cols) * esize)
-    shape_error(env, n + ".data has " + std::to_string(b.size) + " bytes, shape needs " +
+    shape_error(env, field(".data has ") + std::to_string(b.size) + " bytes, shape needs " +
                          std::to_string(static_cast<size_t>(rows * cols) * esize));
   if (reinterpret_cast<uintptr_t>(b.data) % esize != 0)
-    arg_error(env, n + ".data is not aligned to its " + std::to_string(esize) + "-byte elements; copy it first");
-  em_tensor t = shape.Length() == 2 ? em_tensor_2d(b.data, dtype, rows, cols) : em_tensor_1d(b.data, dtype, cols);
+    arg_error(env, field(".data is not aligned to its ") + std::to_string(esize) + "-byte elements; copy it first");
+  em_tensor t = ndim == 2 ? em_tensor_2d(b.data, dtype, rows, cols) : em_tensor_1d(b.data, dtype, cols);
   if (dtype == EM_F8_E4M3) {
     const int64_t blocks = ((rows + 127) / 128) * ((cols + 127) / 128);
-    t.scale = f32(env, o.Get("scale"), (n + ".scale").c_str(), blocks);
+    t.scale = f32(env, prop(env, o, "scale"), field(".scale").c_str(), blocks);
     t.scale_stride = (cols + 127) / 128;
   }
   return t;
@@ -544,14 +581,14 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
   std::string device = st->device_name;
   if (present(arg(info, 0))) {
     const Napi::Object o = object_arg(env, arg(info, 0), "options");
-    const Napi::Value isa = o.Get("isa");
+    const Napi::Value isa = prop(env, o, "isa");
     if (present(isa)) {
       const int parsed = isa.IsString() ? em_cpu_isa_parse(isa.As<Napi::String>().Utf8Value().c_str()) : -1;
       if (parsed < 0) arg_error(env, "isa must be 'auto', 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx'");
       cfg.isa = static_cast<em_cpu_isa>(parsed);
     }
     cfg.num_threads = static_cast<int32_t>(integer_or(env, o, "threads", 0, 0));
-    const Napi::Value dev = o.Get("device");
+    const Napi::Value dev = prop(env, o, "device");
     if (present(dev)) {
       if (!dev.IsString()) arg_error(env, "device must be 'cpu', 'cuda' or 'cuda:N'");
       device = dev.As<Napi::String>().Utf8Value();
@@ -660,24 +697,24 @@ em_backend* moe_backend(Napi::Env env, const std::vector<em_tensor>& w1, const s
 Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Napi::Object o = object_arg(env, arg(info, 0), "moeFfn arguments");
-  const int64_t dim = integer(env, o.Get("dim"), "dim", 1);
-  float* x = f32(env, o.Get("x"), "x");
-  const int64_t x_rows = rows_of(env, length_of(o.Get("x")), dim, "x");
+  const int64_t dim = integer(env, prop(env, o, "dim"), "dim", 1);
+  float* x = f32(env, prop(env, o, "x"), "x");
+  const int64_t x_rows = rows_of(env, length_of(prop(env, o, "x")), dim, "x");
   // xIndex: grouped row r reads x row xIndex[r] (a gather); rows = its length.
-  const int32_t* x_index = present(o.Get("xIndex")) ? index_arg(env, o.Get("xIndex"), "xIndex") : nullptr;
-  const int64_t rows = x_index ? length_of(o.Get("xIndex")) : x_rows;
-  int32_t* offsets = i32(env, o.Get("expertOffsets"), "expertOffsets");
-  const int64_t num_experts = length_of(o.Get("expertOffsets")) - 1;
+  const int32_t* x_index = present(prop(env, o, "xIndex")) ? index_arg(env, prop(env, o, "xIndex"), "xIndex") : nullptr;
+  const int64_t rows = x_index ? length_of(prop(env, o, "xIndex")) : x_rows;
+  int32_t* offsets = i32(env, prop(env, o, "expertOffsets"), "expertOffsets");
+  const int64_t num_experts = length_of(prop(env, o, "expertOffsets")) - 1;
   if (num_experts < 0) shape_error(env, "expertOffsets must hold numExperts + 1 values");
   std::vector<em_tensor> w1 = weight_list(env, o.Get("w1"), "w1", static_cast<size_t>(num_experts));
   std::vector<em_tensor> w2 = weight_list(env, o.Get("w2"), "w2", static_cast<size_t>(num_experts));
   std::vector<em_tensor> w3 = weight_list(env, o.Get("w3"), "w3", static_cast<size_t>(num_experts));
-  const float* row_weight = present(o.Get("rowWeights")) ? f32(env, o.Get("rowWeights"), "rowWeights", rows) : nullptr;
-  const int32_t* out_index = present(o.Get("outIndex")) ? i32(env, o.Get("outIndex"), "outIndex", rows) : nullptr;
-  const int64_t out_rows = out_index ? integer(env, o.Get("outRows"), "outRows", 0) : rows;
-  const bool accumulate = o.Get("accumulate").ToBoolean().Value();
-  if (accumulate && !present(o.Get("out"))) arg_error(env, "accumulate needs an out array to add into");
-  Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(out_rows * dim));
+  const float* row_weight = present(prop(env, o, "rowWeights")) ? f32(env, prop(env, o, "rowWeights"), "rowWeights", rows) : nullptr;
+  const int32_t* out_index = present(prop(env, o, "outIndex")) ? i32(env, prop(env, o, "outIndex"), "outIndex", rows) : nullptr;
+  const int64_t out_rows = out_index ? integer(env, prop(env, o, "outRows"), "outRows", 0) : rows;
+  const bool accumulate = prop(env, o, "accumulate").ToBoolean().Value();
+  if (accumulate && !present(prop(env, o, "out"))) arg_error(env, "accumulate needs an out array to add into");
+  Napi::Float32Array out = output(env, prop(env, o, "out"), static_cast<size_t>(out_rows * dim));
   if (x_index && (num_experts > 0 ? offsets[num_experts] : 0) != rows)
     shape_error(env, "expertOffsets must end at xIndex.length (" + std::to_string(rows) + ")");
   em_tensor xt = em_tensor_2d(x, EM_F32, x_rows, dim), yt = em_tensor_2d(data_of(out), EM_F32, out_rows, dim);
@@ -701,8 +738,8 @@ Napi::Value MoeFfn(const Napi::CallbackInfo& info) {
 
 em_rope_config rope_config(Napi::Env env, const Napi::Object& o) {
   em_rope_config c{};
-  c.rope_dim = static_cast<int32_t>(integer(env, o.Get("ropeDim"), "ropeDim", 2));
-  c.theta = number(env, o.Get("theta"), "theta");
+  c.rope_dim = static_cast<int32_t>(integer(env, prop(env, o, "ropeDim"), "ropeDim", 2));
+  c.theta = number(env, prop(env, o, "theta"), "theta");
   c.factor = number_or(env, o, "factor", 1.0);
   c.original_max_position = integer_or(env, o, "originalMaxPosition", 0, 0);
   c.beta_fast = number_or(env, o, "betaFast", 32.0);
@@ -883,39 +920,39 @@ Napi::Value KvRowBytes(const Napi::CallbackInfo& info) {
 Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Napi::Object o = object_arg(env, arg(info, 0), "mlaAttention arguments");
-  const int64_t H = integer(env, o.Get("numHeads"), "numHeads", 1);
-  const int64_t dn = integer(env, o.Get("qkNopeHeadDim"), "qkNopeHeadDim", 1);
-  const int64_t dr = integer(env, o.Get("qkRopeHeadDim"), "qkRopeHeadDim", 1);
-  const int64_t dv = integer(env, o.Get("vHeadDim"), "vHeadDim", 1);
-  const int64_t C = integer(env, o.Get("kvLoraRank"), "kvLoraRank", 1);
-  const float scale = static_cast<float>(number(env, o.Get("softmaxScale"), "softmaxScale"));
-  int32_t* pos = i32(env, o.Get("positions"), "positions");
-  const int64_t T = length_of(o.Get("positions"));
-  float* q = f32(env, o.Get("q"), "q", T * H * (dn + dr));
-  em_tensor wkv_b = weight_arg(env, o.Get("wkvB"), "wkvB");
+  const int64_t H = integer(env, prop(env, o, "numHeads"), "numHeads", 1);
+  const int64_t dn = integer(env, prop(env, o, "qkNopeHeadDim"), "qkNopeHeadDim", 1);
+  const int64_t dr = integer(env, prop(env, o, "qkRopeHeadDim"), "qkRopeHeadDim", 1);
+  const int64_t dv = integer(env, prop(env, o, "vHeadDim"), "vHeadDim", 1);
+  const int64_t C = integer(env, prop(env, o, "kvLoraRank"), "kvLoraRank", 1);
+  const float scale = static_cast<float>(number(env, prop(env, o, "softmaxScale"), "softmaxScale"));
+  int32_t* pos = i32(env, prop(env, o, "positions"), "positions");
+  const int64_t T = length_of(prop(env, o, "positions"));
+  float* q = f32(env, prop(env, o, "q"), "q", T * H * (dn + dr));
+  em_tensor wkv_b = weight_arg(env, prop(env, o, "wkvB"), "wkvB");
 
   std::vector<em_tensor> caches;
   em_kv_pages pages{};
   int32_t num_seqs = 0;
-  if (present(o.Get("pages"))) {
-    const Napi::Object p = object_arg(env, o.Get("pages"), "pages");
-    pages.dtype = parse_dtype(env, p.Get("dtype"), "pages.dtype");
+  if (present(prop(env, o, "pages"))) {
+    const Napi::Object p = object_arg(env, prop(env, o, "pages"), "pages");
+    pages.dtype = parse_dtype(env, prop(env, p, "dtype"), "pages.dtype");
     const size_t rb = em_kv_row_bytes(pages.dtype, static_cast<int32_t>(C), static_cast<int32_t>(dr));
     if (rb == 0) throw_code(env, "EM_NATIVE_DTYPE", "pages.dtype must be 'f32', 'bf16' or 'fp8'");
-    pages.block_size = static_cast<int32_t>(integer(env, p.Get("blockSize"), "pages.blockSize", 1));
-    const Bytes pool = bytes_of(env, p.Get("pool"), "pages.pool");
+    pages.block_size = static_cast<int32_t>(integer(env, prop(env, p, "blockSize"), "pages.blockSize", 1));
+    const Bytes pool = bytes_of(env, prop(env, p, "pool"), "pages.pool");
     pages.pool = pool.data;
     pages.num_blocks = static_cast<int64_t>(pool.size / (rb * static_cast<size_t>(pages.block_size)));
     if (pages.num_blocks < 1) shape_error(env, "pages.pool holds no whole block");
-    pages.block_table = index_arg(env, p.Get("table"), "pages.table");
-    const Napi::Value offsets = p.Get("tableOffsets");
+    pages.block_table = index_arg(env, prop(env, p, "table"), "pages.table");
+    const Napi::Value offsets = prop(env, p, "tableOffsets");
     pages.table_offsets = i32(env, offsets, "pages.tableOffsets");
     num_seqs = static_cast<int32_t>(length_of(offsets)) - 1;
     if (num_seqs < 1) shape_error(env, "pages.tableOffsets needs numSeqs + 1 >= 2 entries");
-    if (pages.table_offsets[num_seqs] > length_of(p.Get("table")))
+    if (pages.table_offsets[num_seqs] > length_of(prop(env, p, "table")))
       shape_error(env, "pages.tableOffsets reaches past pages.table");
   } else {
-    Napi::Value caches_v = o.Get("caches");
+    Napi::Value caches_v = prop(env, o, "caches");
     std::vector<Napi::Value> cache_values;
     if (caches_v.IsArray()) {
       const Napi::Array a = caches_v.As<Napi::Array>();
@@ -938,8 +975,8 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
     num_seqs = static_cast<int32_t>(caches.size());
   }
   const int32_t* q_offsets =
-      present(o.Get("qOffsets")) ? i32(env, o.Get("qOffsets"), "qOffsets", num_seqs + 1) : nullptr;
-  Napi::Float32Array out = output(env, o.Get("out"), static_cast<size_t>(T * H * dv));
+      present(prop(env, o, "qOffsets")) ? i32(env, prop(env, o, "qOffsets"), "qOffsets", num_seqs + 1) : nullptr;
+  Napi::Float32Array out = output(env, prop(env, o, "out"), static_cast<size_t>(T * H * dv));
   em_tensor qt = em_tensor_3d(q, EM_F32, T, H, dn + dr), ot = em_tensor_3d(data_of(out), EM_F32, T, H, dv);
   em_mla_args a{static_cast<int32_t>(H), static_cast<int32_t>(dn), static_cast<int32_t>(dr), static_cast<int32_t>(dv),
                 static_cast<int32_t>(C),
@@ -951,11 +988,11 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
                 caches.empty() ? nullptr : caches.data(),
                 &wkv_b,
                 &ot,
-                present(o.Get("pages")) ? &pages : nullptr};
+                present(prop(env, o, "pages")) ? &pages : nullptr};
   em_backend* be = backend_for(env, EM_OP_MLA_ATTENTION, wkv_b.dtype);
-  wkv_b = on_device(env, be, o.Get("wkvB"), wkv_b);
+  wkv_b = on_device(env, be, prop(env, o, "wkvB"), wkv_b);
   if (a.pages != nullptr && state_of(env)->kv_mirrors && be == state_of(env)->device) {
-    const Napi::Value pool_value = o.Get("pages").As<Napi::Object>().Get("pool");
+    const Napi::Value pool_value = prop(env, o, "pages").As<Napi::Object>().Get("pool");
     if (void* mirror = kv_mirror(env, be, pool_value, bytes_of(env, pool_value, "pages.pool"))) pages.pool = mirror;
   }
   check(env, em_mla_attention(be, &a), "mlaAttention");
@@ -967,12 +1004,12 @@ Napi::Value MlaAttention(const Napi::CallbackInfo& info) {
 Napi::Value Gate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Napi::Object o = object_arg(env, arg(info, 0), "gate arguments");
-  em_tensor w = weight_arg(env, o.Get("weight"), "weight");
+  em_tensor w = weight_arg(env, prop(env, o, "weight"), "weight");
   if (w.ndim != 2) shape_error(env, "weight must be 2-D [experts, dim]");
-  float* x = f32(env, o.Get("x"), "x");
-  const int64_t T = rows_of(env, length_of(o.Get("x")), w.shape[1], "x");
+  float* x = f32(env, prop(env, o, "x"), "x");
+  const int64_t T = rows_of(env, length_of(prop(env, o, "x")), w.shape[1], "x");
   em_gate_config c{};
-  const std::string sf = o.Get("scoreFunc").IsString() ? o.Get("scoreFunc").As<Napi::String>().Utf8Value() : "";
+  const std::string sf = prop(env, o, "scoreFunc").IsString() ? prop(env, o, "scoreFunc").As<Napi::String>().Utf8Value() : "";
   if (sf == "softmax") {
     c.score_func = EM_SCORE_SOFTMAX;
   } else if (sf == "sigmoid") {
@@ -980,7 +1017,7 @@ Napi::Value Gate(const Napi::CallbackInfo& info) {
   } else {
     arg_error(env, "scoreFunc must be 'softmax' or 'sigmoid'");
   }
-  const std::string tm = o.Get("topkMethod").IsString() ? o.Get("topkMethod").As<Napi::String>().Utf8Value() : "";
+  const std::string tm = prop(env, o, "topkMethod").IsString() ? prop(env, o, "topkMethod").As<Napi::String>().Utf8Value() : "";
   if (tm == "greedy" || tm == "gready") {  // "gready": DeepSeek-V2's own spelling
     c.topk_method = EM_TOPK_GREEDY;
   } else if (tm == "group_limited_greedy") {
@@ -990,21 +1027,21 @@ Napi::Value Gate(const Napi::CallbackInfo& info) {
   } else {
     arg_error(env, "topkMethod must be 'greedy', 'group_limited_greedy' or 'noaux_tc'");
   }
-  c.top_k = static_cast<int32_t>(integer(env, o.Get("topK"), "topK", 1));
+  c.top_k = static_cast<int32_t>(integer(env, prop(env, o, "topK"), "topK", 1));
   c.n_group = static_cast<int32_t>(integer_or(env, o, "nGroup", 1, 1));
   c.topk_group = static_cast<int32_t>(integer_or(env, o, "topkGroup", 1, 1));
-  c.norm_topk_prob = o.Get("normTopkProb").ToBoolean().Value() ? 1 : 0;
+  c.norm_topk_prob = prop(env, o, "normTopkProb").ToBoolean().Value() ? 1 : 0;
   c.routed_scaling_factor = static_cast<float>(number_or(env, o, "routedScalingFactor", 1.0));
   em_tensor bias{};
-  const bool has_bias = present(o.Get("bias"));
-  if (has_bias) bias = em_tensor_1d(f32(env, o.Get("bias"), "bias", w.shape[0]), EM_F32, w.shape[0]);
+  const bool has_bias = present(prop(env, o, "bias"));
+  if (has_bias) bias = em_tensor_1d(f32(env, prop(env, o, "bias"), "bias", w.shape[0]), EM_F32, w.shape[0]);
   Napi::Int32Array indices = Napi::Int32Array::New(env, static_cast<size_t>(T * c.top_k));
   Napi::Float32Array weights = Napi::Float32Array::New(env, static_cast<size_t>(T * c.top_k));
   em_tensor xt = em_tensor_2d(x, EM_F32, T, w.shape[1]);
   em_tensor it = em_tensor_2d(indices.Data(), EM_I32, T, c.top_k);
   em_tensor wt = em_tensor_2d(weights.Data(), EM_F32, T, c.top_k);
   em_backend* be = backend_for(env, EM_OP_GATE, w.dtype);
-  w = on_device(env, be, o.Get("weight"), w);
+  w = on_device(env, be, prop(env, o, "weight"), w);
   check(env, em_gate(be, &xt, &w, has_bias ? &bias : nullptr, &c, &it, &wt), "gate");
   Napi::Object result = Napi::Object::New(env);
   result.Set("indices", indices);
@@ -1059,7 +1096,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
 // A per-row parameter: a number for every row, or a typed array of `rows` values.
 template <typename T>
 std::vector<T> per_row(Napi::Env env, const Napi::Object& o, const char* key, int64_t rows, T fallback) {
-  const Napi::Value v = o.Get(key);
+  const Napi::Value v = prop(env, o, key);
   if (!present(v)) return std::vector<T>(static_cast<size_t>(rows), fallback);
   if (v.IsNumber()) return std::vector<T>(static_cast<size_t>(rows), static_cast<T>(number(env, v, key)));
   if constexpr (std::is_same_v<T, int32_t>) {
@@ -1083,7 +1120,7 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   std::vector<int32_t> top_k = per_row<int32_t>(env, o, "topK", T, 0);
   std::vector<float> top_p = per_row<float>(env, o, "topP", T, 1.0f);
   std::vector<float> min_p = per_row<float>(env, o, "minP", T, 0.0f);
-  const bool has_u = present(o.Get("uniform"));
+  const bool has_u = present(prop(env, o, "uniform"));
   std::vector<float> uniform = per_row<float>(env, o, "uniform", T, 0.0f);
   Napi::Int32Array out = Napi::Int32Array::New(env, static_cast<size_t>(T));
   em_tensor lt = em_tensor_2d(logits, EM_F32, T, vocab);
