@@ -144,8 +144,7 @@ export class BatchForward {
     });
     const T = offsets[items.length]!;
     if (T === 0) return items.map(() => new Float32Array(0));
-    const s = this.#scratch.pop() ?? new Scratch();
-    try {
+    return this.#withScratch(async (s) => {
       const positions = new Int32Array(T);
       const h = s.take(T * D);
       items.forEach((it, i) => {
@@ -161,6 +160,17 @@ export class BatchForward {
         await this.#layer(layer, h, positions, items, offsets, groups, s);
       for (const it of items) it.cache.setLength(it.cache.length + it.tokens.length);
       return this.#lmHead(h, items, offsets, s);
+    });
+  }
+
+  /**
+   * Runs `f` with a Scratch no other step in flight uses, and takes back all of its arrays
+   * when `f` settles.
+   */
+  async #withScratch<R>(f: (s: Scratch) => Promise<R>): Promise<R> {
+    const s = this.#scratch.pop() ?? new Scratch();
+    try {
+      return await f(s);
     } finally {
       s.release(0);
       this.#scratch.push(s);
@@ -187,13 +197,7 @@ export class BatchForward {
       hidden: items.map(() => new Float32Array(0)),
     });
     if (T === 0) return none();
-    const s = this.#scratch.pop() ?? new Scratch();
-    try {
-      return await this.#mtpStep(items, offsets, T, none, s);
-    } finally {
-      s.release(0);
-      this.#scratch.push(s);
-    }
+    return this.#withScratch((s) => this.#mtpStep(items, offsets, T, none, s));
   }
 
   /** mtpStep for T > 0 tokens, its arrays from `s`. */
