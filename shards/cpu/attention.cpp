@@ -73,6 +73,14 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   return items;
 }
 
+// The row stride of a chunk's scores [rows, n]: n rounded up to a cache line, one line more
+// when that is a multiple of 4 KiB, so that the o_lat product's column of 8 rows does not
+// fall in one L1 set.
+int64_t score_stride(int64_t n) {
+  const int64_t lines = (n + 15) / 16 * 16;
+  return lines % 1024 == 0 ? lines + 16 : lines;
+}
+
 // Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
 int64_t chunk_rows(const em_mla_args* a, int32_t s) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim;
@@ -150,9 +158,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     for (int64_t t = it.t0; t < it.t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
     const int64_t L = static_cast<int64_t>(max_pos) + 1;  // cache rows this block can see
     const int64_t chunk = std::min(L, chunk_rows(a, it.seq));
-    // Scores of one chunk; their row stride a cache line more than a multiple of 4 KiB, so
-    // the o_lat product's column of 8 rows does not fall in one L1 set.
-    const int64_t ls = (chunk + 15) / 16 * 16 + ((chunk + 15) / 16 * 16 % 1024 == 0 ? 16 : 0);
+    const int64_t ls = score_stride(chunk);
     std::vector<float> qcat(static_cast<size_t>(rows * row_len));
     std::vector<float> scores(static_cast<size_t>(rows * ls));
     std::vector<float> o_lat(static_cast<size_t>(rows * C));
@@ -182,15 +188,15 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     const PackedRows packed = pack_rows_here(ctx.isa, qcat.data(), row_len, rows, row_len, cache_dtype == EM_BF16);
     const bool widen = a->pages != nullptr && cache_dtype == EM_F8_E4M3;
     std::vector<float> widened;
-    Weight chunk_rows_f32;
+    Weight widened_rows;
     // Runs of the chunk's rows: its widened fp8 rows, or as for_each_run reads them in place.
     auto runs = [&](int64_t c0, int64_t c1, auto&& f) {
-      if (widen) return f(c0, c1 - c0, chunk_rows_f32, int64_t{0});
+      if (widen) return f(c0, c1 - c0, widened_rows, int64_t{0});
       for_each_run(a, it.seq, c0, c1, L, f);
     };
     for (int64_t c0 = 0; c0 < L; c0 += chunk) {
       const int64_t c1 = std::min(L, c0 + chunk), n_c = c1 - c0;
-      if (widen) chunk_rows_f32 = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
+      if (widen) widened_rows = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
       // scores = [q_lat | q_pe] . cache rows [c0, c1)
       runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t next) {
         Gemm sg;
