@@ -312,7 +312,8 @@ EM_AVX2 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
           rows[j] = base + (n + j) * g.w.ld;
           if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
         }
-        const int64_t pf = g.w_next != 0 ? g.w_next : nr * g.w.ld * static_cast<int64_t>(sizeof(T));  // the next call's rows
+        // What the next call reads: the same rows of the next block (w_next), else the next rows.
+        const int64_t pf = g.w_next != 0 ? g.w_next : nr * g.w.ld * static_cast<int64_t>(sizeof(T));
         pick_micro_nt<W>(mr, nr)(panel.data(), k16 / 16, rows, scale_rows, 0, pf, sums);
         for (int i = 0; i < mr; ++i) {
           float* yr = g.y + (m + i) * g.ldy + n;

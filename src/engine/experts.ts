@@ -1,6 +1,7 @@
 // Routed experts of one MoE layer: grouping a batch's (token, expert) pairs by expert and
 // running them in one grouped-FFN call. The single-process engine runs them in place; the
 // shard server runs the same function on the experts it holds, so both sum the same way.
+import { BufferPool } from "../util/buffer-pool.ts";
 import type { Backend } from "./backend.ts";
 import type { MlpWeights } from "./loader.ts";
 
@@ -171,8 +172,8 @@ export function runGrouped(
 export class LocalExperts implements ExpertRunner {
   readonly #backend: Backend;
   readonly #experts: (layer: number) => Map<number, MlpWeights>;
-  /** Results handed back (release()), reused by a later run() of the same size. */
-  readonly #free: Float32Array[] = [];
+  /** Results handed back (release()), reused by later run()s. */
+  readonly #results = new BufferPool(4);
 
   constructor(backend: Backend, experts: (layer: number) => Map<number, MlpWeights>) {
     this.#backend = backend;
@@ -192,9 +193,6 @@ export class LocalExperts implements ExpertRunner {
     for (let i = 0; i < token.length; i++) token[i] = Math.floor(i / topK);
     const g = groupByExpert(x, dim, token, ids, weights);
     const held = this.#experts(layer);
-    const n = t * dim;
-    const at = this.#free.findIndex((f) => f.length === n);
-    const out = at < 0 ? undefined : this.#free.splice(at, 1)[0];
     return runGrouped(
       this.#backend,
       g,
@@ -205,13 +203,11 @@ export class LocalExperts implements ExpertRunner {
         if (!w) throw new Error(`expert ${e} of layer ${layer} is not loaded here`);
         return w;
       },
-      out,
+      this.#results.f32(t * dim),
     );
   }
 
   release(result: Float32Array): void {
-    if (this.#free.includes(result)) return;
-    if (this.#free.length >= 4) this.#free.shift();
-    this.#free.push(result);
+    this.#results.give(result);
   }
 }

@@ -6,8 +6,8 @@
 // fails with EM_DISPATCH_UNAVAILABLE instead of hanging or returning partial sums.
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { ExpertRunner } from "../engine/experts.ts";
+import { BufferPool } from "../util/buffer-pool.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
-import { BufferPool } from "./buffer-pool.ts";
 import { layerOf, type PlacementPlan, shardsForExperts } from "./placement.ts";
 import { checkSwitchable } from "./plan-control.ts";
 import { Requester } from "./requester.ts";

@@ -13,7 +13,7 @@
 // PING / PONG: one more wakeup of the shard per batch) and small ones allocated fresh
 // (~10 µs each, on the hot path of every layer).
 import type { NatsConnection } from "@nats-io/transport-node";
-import { BufferPool } from "./buffer-pool.ts";
+import { BufferPool } from "../util/buffer-pool.ts";
 
 /** What this module reads of the client: its queue of buffers not yet copied out. */
 interface ClientInternals {

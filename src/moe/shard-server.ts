@@ -6,8 +6,8 @@ import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node"
 import type { Backend } from "../engine/backend.ts";
 import { groupByExpert, runGrouped } from "../engine/experts.ts";
 import type { MlpWeights } from "../engine/loader.ts";
+import { BufferPool } from "../util/buffer-pool.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
-import { BufferPool } from "./buffer-pool.ts";
 import type { PlacementPlan } from "./placement.ts";
 import { checkSwitchable, decodePlanControl, type PlanControl } from "./plan-control.ts";
 import { serializePlan } from "./plan-json.ts";

@@ -1,7 +1,7 @@
-// The data plane's buffer pool (src/moe/buffer-pool.ts): reuse after give, best fit,
+// The data plane's buffer pool (src/util/buffer-pool.ts): reuse after give, best fit,
 // offset-0 views, bounded free list.
 import { describe, expect, it } from "vitest";
-import { BufferPool } from "../../src/moe/buffer-pool.ts";
+import { BufferPool } from "../../src/util/buffer-pool.ts";
 
 describe("BufferPool", () => {
   it("gives n bytes at offset 0 and reuses a buffer once it is given back", () => {

@@ -1,9 +1,10 @@
 // Reusable buffers for the data plane's largest allocations (dispatch frames on the
-// gateway, decoded activations on a shard). A fresh multi-MiB ArrayBuffer per frame costs
-// page faults on first touch and collector pressure (external memory), each of them more
-// than the codec pass that fills it; a pool of a few buffers per process takes both off
-// every layer of every step. The owner decides when a buffer is free again: give() must
-// only see a buffer that nothing (NATS client, backend, caller) still reads or writes.
+// gateway, decoded activations on a shard, expert sums in one process). A fresh multi-MiB
+// ArrayBuffer per frame costs page faults on first touch and collector pressure (external
+// memory), each of them more than the codec pass that fills it; a pool of a few buffers per
+// process takes both off every layer of every step. The owner decides when a buffer is free
+// again: give() must only see a buffer that nothing (NATS client, backend, caller) still
+// reads or writes.
 
 /** Best fit among at most `maxFree` free buffers; new ones get 1/8 of headroom. */
 export class BufferPool {
