@@ -53,11 +53,68 @@ function typeOf(status: number): string {
   return "invalid_request_error";
 }
 
+/** One of ajv's errors, as fastify hands them over in `error.validation`. */
+export interface SchemaError {
+  keyword?: string;
+  instancePath?: string;
+  params?: Record<string, unknown>;
+  message?: string;
+}
+
 interface FastifyLikeError {
   code?: string;
   statusCode?: number;
   message: string;
-  validation?: { instancePath?: string; params?: Record<string, unknown>; message?: string }[];
+  validation?: SchemaError[];
+}
+
+/**
+ * What ajv's errors say, for a person: the failures of a nullable field's `null` branch and
+ * the anyOf/oneOf summaries left out where a real failure at that place or inside it says more, a
+ * field's const failures (one per allowed value) merged into "must be one of ...", the name
+ * of an unknown property given, and each sentence once.
+ */
+export function describeSchemaErrors(errors: readonly SchemaError[]): string {
+  const where = (e: SchemaError) => `body${e.instancePath ?? ""}`;
+  const specific = new Set(errors.filter((e) => !isUnionSummary(e) && !isNullBranch(e)).map(where));
+  // a real failure at this place or inside it
+  const saysMore = (at: string) => [...specific].some((p) => p === at || p.startsWith(`${at}/`));
+  // a field's allowed values, gathered over its const failures; its sentence keeps the place
+  // of the first one
+  const allowed = new Map<string, unknown[]>();
+  const parts: (string | { oneOf: string })[] = [];
+  for (const e of errors) {
+    const at = where(e);
+    if (e.keyword === "const") {
+      if (!allowed.has(at)) {
+        allowed.set(at, []);
+        parts.push({ oneOf: at });
+      }
+      allowed.get(at)!.push(e.params?.["allowedValue"]);
+      continue;
+    }
+    if ((isUnionSummary(e) || isNullBranch(e)) && saysMore(at)) continue;
+    let text = `${at} ${e.message ?? "is invalid"}`;
+    const extra = e.params?.["additionalProperty"];
+    if (e.keyword === "additionalProperties" && typeof extra === "string") text += ` ('${extra}')`;
+    parts.push(text);
+  }
+  const sentences = parts.map((p) => {
+    if (typeof p === "string") return p;
+    const values = allowed.get(p.oneOf)!.map((v) => JSON.stringify(v));
+    return values.length === 1
+      ? `${p.oneOf} must be ${values[0]}`
+      : `${p.oneOf} must be one of ${values.join(", ")}`;
+  });
+  return [...new Set(sentences)].join(", ");
+}
+
+function isUnionSummary(e: SchemaError): boolean {
+  return e.keyword === "anyOf" || e.keyword === "oneOf";
+}
+
+function isNullBranch(e: SchemaError): boolean {
+  return e.keyword === "type" && e.params?.["type"] === "null";
 }
 
 /** Maps anything thrown while serving a request to an ApiError. */
@@ -71,7 +128,8 @@ export function toApiError(err: unknown): ApiError {
     const path = (v.instancePath ?? "").replace(/^\//, "").replaceAll("/", ".");
     const missing = v.params?.["missingProperty"];
     const param = [path, typeof missing === "string" ? missing : ""].filter(Boolean).join(".");
-    return new ApiError("EM_GATEWAY_BAD_REQUEST", `invalid request: ${e.message}`, {
+    const what = describeSchemaErrors(e.validation) || e.message;
+    return new ApiError("EM_GATEWAY_BAD_REQUEST", `invalid request: ${what}`, {
       param: param || null,
     });
   }

@@ -2045,6 +2045,19 @@ describe("errors", () => {
     );
   });
 
+  it("says what a field must be, once: not the failures of its null branch or of each allowed value", async () => {
+    const err = await gw.client.chat.completions
+      .create({ model: "tiny", messages: [{ role: "robot", content: "x" }] as any })
+      .catch((e) => e);
+    expect(err.message).toMatch(
+      /invalid request: body\/messages\/0\/role must be one of "system", "developer", "user", "assistant", "tool"$/,
+    );
+    const bound = await gw.client.chat.completions
+      .create({ model: "tiny", messages: user("hi"), n: 99 })
+      .catch((e) => e);
+    expect(bound.message).toMatch(/invalid request: body\/n must be <= 16$/);
+  });
+
   it("missing model: 400", async () => {
     const r = await post("/v1/completions", JSON.stringify({ prompt: "x" }));
     expect(r.status).toBe(400);
