@@ -96,3 +96,15 @@ constexpr em_backend_iface backend_iface(const char* name, void (*destroy)(void*
 }
 
 }  // namespace em
+
+// The CUDA backend's device memory (cuda/cuda_backend.cu; cuda/stub.cpp without CUDA).
+// The public em_cuda_malloc & co. (device.cpp) call these, or the sim device's for a sim
+// backend (sim/sim.h).
+extern "C" {
+em_status em_cuda_backend_malloc(em_backend* b, size_t bytes, void** out);
+em_status em_cuda_backend_free(em_backend* b, void* ptr);
+em_status em_cuda_backend_copy(em_backend* b, void* dst, const void* src, size_t bytes);
+em_status em_cuda_backend_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets,
+                                      const size_t* lengths, size_t n);
+em_status em_cuda_backend_synchronize(em_backend* b);
+}

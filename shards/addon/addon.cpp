@@ -25,6 +25,7 @@
 
 #include "expertmesh/cuda.h"
 #include "expertmesh/ops.h"
+#include "expertmesh/sim.h"
 #include "../cpu/cpu.h"
 #include "../kv_dirty.h"
 #include "../kv_pages.h"
@@ -559,6 +560,22 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// simStats() -> the sim device's counters (expertmesh/sim.h), or null on another device.
+Napi::Value SimStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  em_sim_stats s{};
+  if (em_sim_get_stats(state_of(env)->device, &s) != EM_OK) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("allocations", static_cast<double>(s.allocations));
+  o.Set("bytes", static_cast<double>(s.bytes));
+  o.Set("allocatedTotal", static_cast<double>(s.allocated_total));
+  o.Set("copies", static_cast<double>(s.copies));
+  o.Set("rangeCopies", static_cast<double>(s.range_copies));
+  o.Set("ranges", static_cast<double>(s.ranges));
+  o.Set("copiedBytes", static_cast<double>(s.copied_bytes));
+  return o;
+}
+
 // cudaStatus() -> { compiled, devices, status }: asks the CUDA driver (initializes the CUDA
 // runtime on a CUDA build, so backendInfo() leaves it out).
 Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
@@ -571,14 +588,24 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// configure({ device?, isa?, threads? }): replaces the backends; returns backendInfo().
-// isa and threads configure the CPU backend (which also runs the ops a device lacks);
-// device is "cpu", "cuda" or "cuda:N" (default: keep the current one).
+// configure({ device?, isa?, threads?, resident?, kvMirror? }): replaces the backends;
+// returns backendInfo(). isa and threads configure the CPU backend (which also runs the ops a
+// device lacks); device is "cpu", "cuda", "cuda:N", or the stand-in "sim" / "sim:BYTES"
+// (expertmesh/sim.h) (default: keep the current one). resident and kvMirror switch what
+// EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
+bool optional_bool(Napi::Env env, const Napi::Value& v, const char* name, bool fallback) {
+  if (!present(v)) return fallback;
+  if (!v.IsBoolean()) arg_error(env, std::string(name) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+
 Napi::Value Configure(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonState* st = state_of(env);
   em_cpu_config cfg{EM_ISA_AUTO, 0};
   std::string device = st->device_name;
+  bool resident = st->resident, kv_mirror = st->kv_mirrors != nullptr;
   if (present(arg(info, 0))) {
     const Napi::Object o = object_arg(env, arg(info, 0), "options");
     const Napi::Value isa = prop(env, o, "isa");
@@ -593,6 +620,8 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
       if (!dev.IsString()) arg_error(env, "device must be 'cpu', 'cuda' or 'cuda:N'");
       device = dev.As<Napi::String>().Utf8Value();
     }
+    resident = optional_bool(env, prop(env, o, "resident"), "resident", resident);
+    kv_mirror = optional_bool(env, prop(env, o, "kvMirror"), "kvMirror", kv_mirror);
   }
   // The device first: a device that is not there leaves the current backends as they were.
   em_backend* created_device = nullptr;
@@ -612,6 +641,9 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
   em_backend_free(st->cpu);
   if (st->kv_mirrors) st->kv_mirrors->by_pool.clear();  // made on the old device
   st->resident_full = false;
+  st->resident = resident;
+  if (!kv_mirror) st->kv_mirrors.reset();  // the pools' finalizers hold it weakly
+  else if (!st->kv_mirrors) st->kv_mirrors = std::make_shared<KvMirrors>();
   st->device_owner.reset(created_device, [](em_backend* b) { em_backend_free(b); });
   st->device = created_device;
   st->cpu = created_cpu;
@@ -1240,6 +1272,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
   exports.Set("cudaStatus", Napi::Function::New(env, CudaStatus, "cudaStatus"));
+  exports.Set("simStats", Napi::Function::New(env, SimStats, "simStats"));
   exports.Set("matmul", Napi::Function::New(env, Matmul, "matmul"));
   exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm, "rmsnorm"));
   exports.Set("siluMul", Napi::Function::New(env, SiluMul, "siluMul"));

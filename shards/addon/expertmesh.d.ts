@@ -40,15 +40,18 @@ export type OpFunction =
   | "wireUnpack"
   | "logprobs";
 
-/** Where ops run: the CPU backend, or a CUDA device by ordinal ("cuda" = "cuda:0"). */
-export type Device = "cpu" | "cuda" | `cuda:${number}`;
+/** Where ops run: the CPU backend, or a CUDA device by ordinal ("cuda" = "cuda:0"); "sim"
+ *  ("sim:BYTES": that much device memory) is a stand-in for a GPU, for tests: the CPU's
+ *  kernels, behind the device paths (expertmesh/sim.h). */
+export type Device = "cpu" | "cuda" | `cuda:${number}` | "sim" | `sim:${number}`;
 
 export interface BackendInfo {
-  /** The backend of `device`: "cpu", or "cuda" when a CUDA device was configured. */
-  backend: "cpu" | "cuda";
+  /** The backend of `device`: "cpu", or "cuda" when a CUDA device was configured ("sim" for
+   *  the stand-in). */
+  backend: "cpu" | "cuda" | "sim";
   /** The device string configure() was given ("cpu" by default). */
   device: string;
-  /** The CPU ISA, or the GPU architecture ("sm_90") for cuda. */
+  /** The CPU ISA, or the GPU architecture ("sm_90") for cuda (sim: the CPU ISA it runs). */
   isa: Isa | `sm_${number}`;
   /** CPU threads, or the GPU's multiprocessors for cuda. */
   threads: number;
@@ -68,8 +71,8 @@ export interface BackendInfo {
 
 export function backendInfo(): BackendInfo;
 
-/** Replaces the backends and returns the new backendInfo(). `device`: "cpu", "cuda" or
- *  "cuda:N" (default: keep the current one); each op then runs on the device when it has
+/** Replaces the backends and returns the new backendInfo(). `device`: "cpu", "cuda",
+ *  "cuda:N" or "sim" (default: keep the current one); each op then runs on the device when it has
  *  the op for the weight dtype, else on the CPU backend. A device that is not there throws
  *  EM_NATIVE_UNSUPPORTED (no CUDA in this build, no CUDA device) or EM_NATIVE_ARG (not a
  *  device string, ordinal out of range) and leaves the backends as they were. `isa` (the
@@ -79,7 +82,25 @@ export function configure(options?: {
   device?: Device;
   isa?: Isa | "auto";
   threads?: number;
+  /** Keep weights in device memory after their first use (default: $EM_ADDON_RESIDENT=1 at
+   *  load, else false). */
+  resident?: boolean;
+  /** Mirror paged KV pools in device memory (ADR 0010; default: $EM_ADDON_KV_MIRROR=1 at
+   *  load, else false). */
+  kvMirror?: boolean;
 }): BackendInfo;
+
+/** The "sim" device's counters (device memory it holds, copies made), or null on another
+ *  device. */
+export function simStats(): {
+  allocations: number;
+  bytes: number;
+  allocatedTotal: number;
+  copies: number;
+  rangeCopies: number;
+  ranges: number;
+  copiedBytes: number;
+} | null;
 
 /** What the CUDA driver reports (initializes the CUDA runtime on a CUDA build). */
 export function cudaStatus(): { compiled: boolean; devices: number; status: string };

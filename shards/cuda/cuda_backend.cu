@@ -301,7 +301,7 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config* cfg, em_backen
   return EM_OK;
 }
 
-extern "C" em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out) {
+extern "C" em_status em_cuda_backend_malloc(em_backend* b, size_t bytes, void** out) {
   Context* c = cuda_ctx(b);
   if (c == nullptr || out == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_malloc: not a CUDA backend, or out is NULL");
   *out = nullptr;
@@ -323,7 +323,7 @@ extern "C" em_status em_cuda_malloc(em_backend* b, size_t bytes, void** out) {
   });
 }
 
-extern "C" em_status em_cuda_free(em_backend* b, void* ptr) {
+extern "C" em_status em_cuda_backend_free(em_backend* b, void* ptr) {
   Context* c = cuda_ctx(b);
   if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_free: not a CUDA backend");
   return guarded("em_cuda_free", [&] {
@@ -333,7 +333,7 @@ extern "C" em_status em_cuda_free(em_backend* b, void* ptr) {
   });
 }
 
-extern "C" em_status em_cuda_copy(em_backend* b, void* dst, const void* src, size_t bytes) {
+extern "C" em_status em_cuda_backend_copy(em_backend* b, void* dst, const void* src, size_t bytes) {
   Context* c = cuda_ctx(b);
   if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_copy: not a CUDA backend");
   return guarded("em_cuda_copy", [&] {
@@ -405,7 +405,7 @@ void copy_ranges(Context& c, void* dst, const void* src, const size_t* offsets, 
 }  // namespace
 }  // namespace em::cuda
 
-extern "C" em_status em_cuda_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets,
+extern "C" em_status em_cuda_backend_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets,
                                          const size_t* lengths, size_t n) {
   Context* c = cuda_ctx(b);
   if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_copy_ranges: not a CUDA backend");
@@ -418,7 +418,7 @@ extern "C" em_status em_cuda_copy_ranges(em_backend* b, void* dst, const void* s
   });
 }
 
-extern "C" em_status em_cuda_synchronize(em_backend* b) {
+extern "C" em_status em_cuda_backend_synchronize(em_backend* b) {
   Context* c = cuda_ctx(b);
   if (c == nullptr) return em::fail(EM_ERR_ARG, "em_cuda_synchronize: not a CUDA backend");
   return guarded("em_cuda_synchronize", [&] {

@@ -14,15 +14,15 @@ extern "C" em_status em_backend_create_cuda(const em_cuda_config*, em_backend** 
   return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
 }
 
-extern "C" em_status em_cuda_malloc(em_backend*, size_t, void** out) {
+extern "C" em_status em_cuda_backend_malloc(em_backend*, size_t, void** out) {
   if (out != nullptr) *out = nullptr;
   return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
 }
-extern "C" em_status em_cuda_free(em_backend*, void*) { return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status()); }
-extern "C" em_status em_cuda_copy(em_backend*, void*, const void*, size_t) {
+extern "C" em_status em_cuda_backend_free(em_backend*, void*) { return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status()); }
+extern "C" em_status em_cuda_backend_copy(em_backend*, void*, const void*, size_t) {
   return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
 }
-extern "C" em_status em_cuda_copy_ranges(em_backend*, void*, const void*, const size_t*, const size_t*, size_t) {
+extern "C" em_status em_cuda_backend_copy_ranges(em_backend*, void*, const void*, const size_t*, const size_t*, size_t) {
   return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status());
 }
-extern "C" em_status em_cuda_synchronize(em_backend*) { return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status()); }
+extern "C" em_status em_cuda_backend_synchronize(em_backend*) { return em::fail(EM_ERR_UNSUPPORTED, "%s", em_cuda_last_status()); }

@@ -58,6 +58,42 @@ if (cuda.devices === 0) {
   assert.deepEqual(ci.fallback.sample, ["f32"]);
   em.configure({ device: "cpu" });
 }
+// the stand-in device "sim" (expertmesh/sim.h): the CUDA backend's op table, the CPU's kernels
+{
+  for (const d of ["sim:", "sim:0", "sim:-1", "simx"])
+    throwsCode(() => em.configure({ device: d }), "EM_NATIVE_ARG");
+  const si = em.configure({ device: "sim" });
+  assert.equal(si.backend, "sim");
+  assert.deepEqual(
+    Object.keys(si.fallback).sort(),
+    ["logprobs", "sample", "wireUnpack", "wirePack"].sort(),
+  );
+  assert.deepEqual(em.simStats(), {
+    allocations: 0,
+    bytes: 0,
+    allocatedTotal: 0,
+    copies: 0,
+    rangeCopies: 0,
+    ranges: 0,
+    copiedBytes: 0,
+  });
+  throwsCode(() => em.configure({ resident: "yes" }), "EM_NATIVE_ARG");
+  // resident weights: copied to the device once, then read there (the copy is what ops read)
+  em.configure({ device: "sim", resident: true });
+  const w = { dtype: "f32", shape: [3, 2], data: Float32Array.from([1, 2, 3, 4, 5, 6]) };
+  const x = Float32Array.from([1, -1]);
+  assert.deepEqual(Array.from(em.matmul(x, 1, w)), [-1, -1, -1]);
+  assert.deepEqual(Array.from(em.matmul(x, 1, w)), [-1, -1, -1]);
+  assert.equal(em.simStats().allocatedTotal, 1);
+  assert.equal(em.simStats().copiedBytes, 24);
+  // a device too small for the weight: staged per op, the same answer
+  em.configure({ device: "sim:16", resident: true });
+  const w2 = { dtype: "f32", shape: [3, 2], data: Float32Array.from([1, 2, 3, 4, 5, 6]) };
+  assert.deepEqual(Array.from(em.matmul(x, 1, w2)), [-1, -1, -1]);
+  assert.equal(em.simStats().allocations, 0);
+  em.configure({ device: "cpu", resident: process.env.EM_ADDON_RESIDENT === "1" });
+  assert.equal(em.simStats(), null);
+}
 
 // matmul with bf16 weights, on every ISA: y = x W^T
 const M = 5,
@@ -262,8 +298,10 @@ for (let t = 0; t < T; t++)
 }
 
 // kvWrite: encoded rows copied into a paged pool are what attention then reads, on every
-// device; on a CUDA device with its KV mirror (EM_ADDON_KV_MIRROR=1: gpu-check runs this test
-// again so) the rows written after the mirror was made must reach it.
+// device. With a device's KV mirror (EM_ADDON_KV_MIRROR=1, or configure({ kvMirror: true }))
+// the mirror is made at the first read and the rows written after it reach it: on "sim"
+// always (its device memory starts as NaN, and stale rows change the answer), on CUDA when
+// gpu-check runs this test so.
 {
   const C = 8,
     dr = 4,
@@ -277,46 +315,67 @@ for (let t = 0; t < T; t++)
   em.kvEncode("bf16", C, dr, randArray(nb * B * (C + dr)), pool, 0);
   const wkvB = { dtype: "f32", shape: [Hh * (dn + dv), C], data: randArray(Hh * (dn + dv) * C) };
   const q = randArray(Hh * (dn + dr));
-  const attend = (device) => {
-    em.configure({ device });
-    try {
-      return em.mlaAttention({
-        q,
-        positions: Int32Array.from([nb * B - 1]),
-        pages: {
-          pool,
-          dtype: "bf16",
-          blockSize: B,
-          table: Int32Array.from([0, 1, 2]),
-          tableOffsets: Int32Array.from([0, 3]),
-        },
-        numHeads: Hh,
-        qkNopeHeadDim: dn,
-        qkRopeHeadDim: dr,
-        vHeadDim: dv,
-        kvLoraRank: C,
-        wkvB,
-        softmaxScale: em.mlaSoftmaxScale(dn + dr, 1, 1),
-      });
-    } finally {
-      em.configure({ device: "cpu" });
-    }
-  };
-  const devices = cuda.devices > 0 ? ["cpu", "cuda:0"] : ["cpu"];
-  const before = devices.map(attend); // on CUDA with the mirror: made here
+  const attend = (rows) =>
+    em.mlaAttention({
+      q,
+      positions: Int32Array.from([nb * B - 1]),
+      pages: {
+        pool: rows,
+        dtype: "bf16",
+        blockSize: B,
+        table: Int32Array.from([0, 1, 2]),
+        tableOffsets: Int32Array.from([0, 3]),
+      },
+      numHeads: Hh,
+      qkNopeHeadDim: dn,
+      qkRopeHeadDim: dr,
+      vHeadDim: dv,
+      kvLoraRank: C,
+      wkvB,
+      softmaxScale: em.mlaSoftmaxScale(dn + dr, 1, 1),
+    });
   const rows = new Uint8Array(B * rb);
   em.kvEncode("bf16", C, dr, randArray(B * (C + dr), -3, 3), rows, 0);
-  em.kvWrite(rows, pool, B * rb); // block 1
-  assert.deepEqual(pool.subarray(B * rb, 2 * B * rb), rows);
-  const after = devices.map(attend);
+  const written = pool.slice();
+  written.set(rows, B * rb); // block 1
+  em.configure({ device: "cpu" });
+  const want = [attend(pool.slice()), attend(written)];
   assert.ok(
-    after[0].some((v, i) => Math.abs(v - before[0][i]) > 1e-3),
+    want[1].some((v, i) => Math.abs(v - want[0][i]) > 1e-3),
     "kvWrite: the new rows change attention",
   );
-  for (let d = 1; d < devices.length; d++) {
-    close(before[d], before[0], 5e-2, `kvWrite: ${devices[d]} before the write`);
-    close(after[d], after[0], 5e-2, `kvWrite: ${devices[d]} after the write`);
+  const mirrored = process.env.EM_ADDON_KV_MIRROR === "1";
+  const devices = [["sim", true], ...(cuda.devices > 0 ? [["cuda:0", mirrored]] : [])];
+  for (const [device, kvMirror] of devices) {
+    const pages = pool.slice();
+    em.configure({ device, kvMirror });
+    const before = attend(pages); // the mirror is made here
+    em.kvWrite(rows, pages, B * rb);
+    assert.deepEqual(pages, written);
+    const after = attend(pages); // and brought up to date here
+    if (device === "sim") {
+      // the same kernels on the same bytes: exactly the CPU's
+      assert.deepEqual(before, want[0], "kvWrite: sim before the write");
+      assert.deepEqual(after, want[1], "kvWrite: sim after the write");
+      const st = em.simStats();
+      assert.equal(st.allocations, 1, "sim: one mirror");
+      assert.equal(st.rangeCopies, 1, "sim: the written rows went across in one range copy");
+      assert.equal(st.copiedBytes, pool.length + rows.length);
+    } else {
+      close(before, want[0], 5e-2, `kvWrite: ${device} before the write`);
+      close(after, want[1], 5e-2, `kvWrite: ${device} after the write`);
+    }
   }
+  // A pool written behind the addon's back (not through kvWrite or kvEncode) is not seen by
+  // the mirror: the rule the engine keeps (src/engine/kv-format.ts writeKvBytes).
+  {
+    const pages = pool.slice();
+    em.configure({ device: "sim", kvMirror: true });
+    attend(pages);
+    pages.set(rows, B * rb);
+    assert.deepEqual(attend(pages), want[0], "sim: the mirror keeps the rows it was given");
+  }
+  em.configure({ device: "cpu", kvMirror: mirrored });
   throwsCode(() => em.kvWrite(rows, pool, pool.length - rows.length + 1), "EM_NATIVE_SHAPE");
 }
 

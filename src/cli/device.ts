@@ -78,8 +78,10 @@ export function backendSummary(
       dtypes.length === info.ops[op]?.length ? op : `${op} (${dtypes.join(", ")})`,
     )
     .join(", ");
+  // sim: the stand-in device (shards/include/expertmesh/sim.h), the CPU kernels behind it
+  const units = info.backend === "sim" ? "threads, a stand-in for a GPU" : "SMs";
   return (
-    `native backend on ${info.device} (${info.backend} ${info.isa}, ${info.threads} SMs; ` +
+    `native backend on ${info.device} (${info.backend} ${info.isa}, ${info.threads} ${units}; ` +
     `on the CPU (${info.cpu.isa}, ${info.cpu.threads} threads): ${fallback || "nothing"})`
   );
 }

@@ -23,8 +23,15 @@ export type NativeInfo = Native.BackendInfo;
 /** The addon's functions (see shards/addon/addon.cpp). */
 export interface Addon {
   backendInfo(): NativeInfo;
-  configure(o: { device?: string; isa?: string; threads?: number }): NativeInfo;
+  configure(o: {
+    device?: string;
+    isa?: string;
+    threads?: number;
+    resident?: boolean;
+    kvMirror?: boolean;
+  }): NativeInfo;
   cudaStatus(): { compiled: boolean; devices: number; status: string };
+  simStats: typeof Native.simStats;
   matmul(x: Float32Array, rows: number, w: AddonWeight, out?: Float32Array): Float32Array;
   rmsnorm(x: Float32Array, weight: AddonWeight, eps: number, out?: Float32Array): Float32Array;
   siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;

@@ -23,6 +23,8 @@ export async function startGatewayProcess(o: {
   namespace: string;
   modelName: string;
   args?: string[];
+  /** The process's environment (default: this one's). */
+  env?: NodeJS.ProcessEnv;
 }): Promise<GatewayProcess> {
   const proc = new ManagedProcess(
     `gateway-${o.namespace}-${o.modelName}`,
@@ -43,6 +45,7 @@ export async function startGatewayProcess(o: {
       ...(o.args ?? []),
     ],
     join(testEnv().runDir, "logs"),
+    o.env,
   );
   const log = () => readFileSync(proc.logPath, "utf8");
   let url = "";
