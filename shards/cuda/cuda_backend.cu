@@ -124,6 +124,7 @@ Context* ctx_of(void* p) { return static_cast<Context*>(p); }
 
 bool gemm_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16; }
 
+// sim/sim_backend.cpp copies this table (the sim device falls back where this one does).
 int supports_op(void*, em_op op, em_dtype dtype) {
   switch (op) {
     case EM_OP_MATMUL:

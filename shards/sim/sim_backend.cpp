@@ -76,7 +76,8 @@ em_status wire_unpack(Context&, const em_wire_unpack_args*) {
 
 namespace {
 
-// The CUDA backend's answers (cuda/cuda_backend.cu supports_op), so the same ops fall back.
+// The CUDA backend's answers (cuda/cuda_backend.cu supports_op), so the same ops fall back:
+// a change there is made here too.
 int supports_op(void*, em_op op, em_dtype dtype) {
   const bool gemm = dtype == EM_F32 || dtype == EM_BF16 || dtype == EM_F16;
   switch (op) {
