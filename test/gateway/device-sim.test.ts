@@ -7,15 +7,19 @@
 // cache's disk tier reads back) or a weight read before it was copied changes the answers;
 // with the same kernels on the same bytes they must be the CPU gateway's, exactly. What this
 // cannot show is the CUDA kernels themselves (test_cuda_parity and scripts/gpu-check.sh).
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { resolveArchitecture } from "../../src/api/presets.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { readModelConfig } from "../../src/model/config.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import { serializePlan } from "../../src/moe/plan-json.ts";
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
+import { startShard, waitServing } from "../support/shards.ts";
 import { metric } from "./helpers.ts";
 
 const ON_DEVICE = { EM_ADDON_RESIDENT: "1", EM_ADDON_KV_MIRROR: "1" };
@@ -141,6 +145,43 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
     } finally {
       await second.process.stop();
     }
+  });
+
+  it("shards on the sim device, experts resident (gate and up in one buffer): the distributed gateway's answers as with CPU shards", async () => {
+    const planPath = join(disk, "plan.json");
+    writeFileSync(
+      planPath,
+      serializePlan(planPlacement({ architecture: resolveArchitecture("tiny-v3"), numShards: 2 })),
+    );
+    const run = async (device: string) => {
+      const name = `sim-dist-${device}`;
+      const shards = [0, 1].map((k) =>
+        startShard(dir, planPath, name, k, "r0", undefined, "test", {
+          args: [`--device=${device}`],
+          ...(device === "sim" ? { env: { ...process.env, ...ON_DEVICE } } : {}),
+        }),
+      );
+      try {
+        await Promise.all(shards.map((p) => waitServing(p)));
+        if (device === "sim")
+          for (const p of shards)
+            expect(readFileSync(p.logPath, "utf8")).toContain("native backend on sim");
+        const g = await startGatewayProcess({
+          modelDir: dir,
+          planPath,
+          namespace: "test",
+          modelName: name,
+        });
+        try {
+          return await answers(g, PROMPTS);
+        } finally {
+          await g.process.stop();
+        }
+      } finally {
+        await Promise.all(shards.map((p) => p.stop()));
+      }
+    };
+    expect(await run("sim")).toEqual(await run("cpu"));
   });
 
   it("on a device too small for all of it: what does not fit stays on the host, the answers within rounding", async () => {

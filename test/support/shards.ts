@@ -68,6 +68,7 @@ export function startShard(
   id: string,
   natsUrl = testEnv().nats.url,
   namespace = "test",
+  extra: { args?: string[]; env?: NodeJS.ProcessEnv } = {},
 ): ManagedProcess {
   return new ManagedProcess(
     `shard-${modelName}-${k}-${id}`,
@@ -83,8 +84,10 @@ export function startShard(
       `--namespace=${namespace}`,
       `--id=${id}`,
       "--metrics-port=0",
+      ...(extra.args ?? []),
     ],
     join(testEnv().runDir, "logs"),
+    extra.env,
   );
 }
 
