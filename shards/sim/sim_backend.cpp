@@ -8,7 +8,8 @@
 //   0xFF bytes when allocated (NaN in f32, bf16 and e4m3), so a read of bytes never copied
 //   there shows in the results; copies into or out of it are checked against the bounds of
 //   their allocation, and a free of memory it did not give fails. A capacity ("sim:BYTES")
-//   makes it run out as a full GPU does.
+//   makes it run out as a full GPU does. The index arrays the CUDA backend reads on the host
+//   are refused in it.
 // - reads_pages answers as the CUDA backend's: 1 for a pool in its memory (the addon's
 //   mirror), else the dispatcher gathers the rows on the host.
 #include <cstdlib>
@@ -40,6 +41,17 @@ const em_backend_iface& inner(Context& c) { return *c.cpu->iface; }
 
 }  // namespace
 
+namespace {
+bool in_device_memory(Context& c, const void* p);
+
+// The CUDA backend plans its launches from the small index arrays on the host (cuda.h, the
+// memory contract): the sim refuses them in its memory, as a GPU's would fail.
+void host_only(Context& c, const void* p, const char* what) {
+  if (p != nullptr && in_device_memory(c, p))
+    throw StatusError(EM_ERR_ARG, std::string(what) + " must be host memory (the CUDA backend reads it there)");
+}
+}  // namespace
+
 // The ops: the inner CPU backend's (the dispatcher validated the arguments already).
 em_status matmul(Context& c, const em_tensor* x, const em_tensor* w, em_tensor* y) {
   return inner(c).matmul(c.cpu->ctx, x, w, y);
@@ -50,11 +62,25 @@ em_status rmsnorm(Context& c, const em_tensor* x, const em_tensor* w, float eps,
 em_status silu_mul(Context& c, const em_tensor* g, const em_tensor* u, em_tensor* y) {
   return inner(c).silu_mul(c.cpu->ctx, g, u, y);
 }
-em_status moe_ffn(Context& c, const em_moe_args* a) { return inner(c).moe_ffn(c.cpu->ctx, a); }
+em_status moe_ffn(Context& c, const em_moe_args* a) {
+  host_only(c, a->expert_offsets, "moe_ffn expert_offsets");
+  host_only(c, a->x_index, "moe_ffn x_index");
+  host_only(c, a->out_index, "moe_ffn out_index");
+  host_only(c, a->row_weight, "moe_ffn row_weight");
+  return inner(c).moe_ffn(c.cpu->ctx, a);
+}
 em_status rope(Context& c, em_tensor* x, const int32_t* pos, const em_rope_config* cfg) {
   return inner(c).rope(c.cpu->ctx, x, pos, cfg);
 }
-em_status mla_attention(Context& c, const em_mla_args* a) { return inner(c).mla_attention(c.cpu->ctx, a); }
+em_status mla_attention(Context& c, const em_mla_args* a) {
+  host_only(c, a->positions, "mla_attention positions");
+  host_only(c, a->q_offsets, "mla_attention q_offsets");
+  if (a->pages != nullptr) {
+    host_only(c, a->pages->block_table, "mla_attention pages.block_table");
+    host_only(c, a->pages->table_offsets, "mla_attention pages.table_offsets");
+  }
+  return inner(c).mla_attention(c.cpu->ctx, a);
+}
 em_status gate(Context& c, const em_tensor* x, const em_tensor* w, const em_tensor* bias, const em_gate_config* cfg,
                em_tensor* idx, em_tensor* wt) {
   return inner(c).gate(c.cpu->ctx, x, w, bias, cfg, idx, wt);
@@ -106,6 +132,11 @@ std::map<uintptr_t, size_t>::const_iterator holding(const Context& c, const void
                                       std::to_string(at - it->first) + " run past the end of a " +
                                       std::to_string(it->second) + "-byte device allocation");
   return it;
+}
+
+bool in_device_memory(Context& c, const void* p) {
+  std::lock_guard<std::mutex> lock(c.mu);
+  return holding(c, p, 1, "a pointer") != c.allocations.end();
 }
 
 int reads_pages(void* p, const em_kv_pages* pages) {

@@ -131,6 +131,18 @@ void test_pages() {
   CHECK_OK(em_cuda_malloc(sim, pool_bytes, &dev));
   CHECK_OK(em_cuda_copy(sim, dev, rows.data(), pool_bytes));
   CHECK(attend(sim, dev) == want, "a pool in device memory, read in place: the CPU's answer");
+  // The block table is the host's (the CUDA backend plans from it): refused in device memory.
+  void* dev_table = nullptr;
+  CHECK_OK(em_cuda_malloc(sim, sizeof table, &dev_table));
+  CHECK_OK(em_cuda_copy(sim, dev_table, table, sizeof table));
+  {
+    std::vector<float> out(static_cast<size_t>(H * dv));
+    em_tensor ot = em_tensor_3d(out.data(), EM_F32, 1, H, dv);
+    em_kv_pages pages{dev, EM_F32, nb, B, static_cast<const int32_t*>(dev_table), offsets};
+    em_mla_args a{H, dn, dr, dv, C, 0.25f, &qt, pos, 1, nullptr, nullptr, &wt, &ot, &pages};
+    CHECK(em_mla_attention(sim, &a) == EM_ERR_ARG, "a block table in device memory is refused");
+  }
+  CHECK_OK(em_cuda_free(sim, dev_table));
   CHECK_OK(em_cuda_free(sim, dev));
   em_backend_free(sim);
   em_backend_free(cpu);

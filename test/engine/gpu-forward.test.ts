@@ -13,14 +13,18 @@ const dir = mkdtempSync(join(tmpdir(), "em-gpu-forward-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 function forward(...args: string[]) {
-  const json = join(dir, `${args.join("_").replace(/\W/g, "")}.json`);
+  return forwardOn("cpu", {}, ...args);
+}
+
+function forwardOn(device: string, env: Record<string, string>, ...args: string[]) {
+  const json = join(dir, `${device}${args.join("_").replace(/\W/g, "")}.json`);
   const r = spawnSync(
     process.execPath,
     [
       "--no-warnings",
       "scripts/gpu-forward.ts",
       "--device",
-      "cpu",
+      device,
       "--models",
       "tiny-v2",
       "--decode",
@@ -29,7 +33,7 @@ function forward(...args: string[]) {
       json,
       ...args,
     ],
-    { cwd: root, encoding: "utf8", timeout: 120_000 },
+    { cwd: root, encoding: "utf8", timeout: 120_000, env: { ...process.env, ...env } },
   );
   return {
     status: r.status,
@@ -81,5 +85,22 @@ describe("gpu-forward CPU self-test", () => {
     const bad = forward("--dtype", "int4");
     expect(bad.status).toBe(1);
     expect(bad.stdout).toContain("--dtype must be auto, bf16, fp16, fp32, fp8, got 'int4'");
+  });
+
+  it("runs the GPU check's resident and mirrored forward on the sim device: the CPU's logits exactly", () => {
+    // sim (shards/include/expertmesh/sim.h): the CPU kernels behind the addon's device paths
+    const r = forwardOn(
+      "sim",
+      { EM_ADDON_RESIDENT: "1", EM_ADDON_KV_MIRROR: "1" },
+      "--kv-dtype",
+      "bf16",
+      "--isa",
+      "auto",
+    );
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("native backend on sim");
+    const [row] = r.report.results;
+    expect(row.prefillErr).toBe(0);
+    expect(row.decodeErr).toBe(0);
   });
 });

@@ -20,7 +20,7 @@ import { serializePlan } from "../../src/moe/plan-json.ts";
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startShard, waitServing } from "../support/shards.ts";
-import { metric } from "./helpers.ts";
+import { metric, SEED_PROMPTS } from "./helpers.ts";
 
 const ON_DEVICE = { EM_ADDON_RESIDENT: "1", EM_ADDON_KV_MIRROR: "1" };
 
@@ -39,21 +39,15 @@ function start(device: string, args: string[] = []): Promise<GatewayProcess> {
     modelDir: dir,
     namespace: "test",
     modelName: `sim-${device.replace(/\W/g, "")}-${started++}`,
-    args: [`--device=${device}`, ...args],
+    // A pool of 16 MiB, not the default 512: the sim fills its mirror's memory (NaN), so
+    // all of it is resident.
+    args: [`--device=${device}`, "--kv-cache-bytes=16777216", ...args],
     ...(device.startsWith("sim") ? { env: { ...process.env, ...ON_DEVICE } } : {}),
   });
 }
 
-const PROMPTS = [
-  "The quick brown fox jumps over the lazy dog",
-  "The quick brown fox jumps over the lazy cat, and then",
-  "In the beginning",
-  "What is the capital of France? Tell me with all the details you know",
-  "a b c d e f g",
-  "To be or not to be",
-  "1 2 3 4 5 6 7 8 9 10 11 12",
-  "The weather today",
-];
+// Prompts of different lengths, two of them with a common prefix (prefix caching).
+const PROMPTS = [...SEED_PROMPTS, "The quick brown fox jumps over the lazy cat, and then"];
 
 interface Answer {
   tokens: string[];
