@@ -12,6 +12,13 @@
 // since mark() (a stack, so a step's arrays outlive its layers' arrays). An array handed
 // out is NOT zeroed: whoever takes it writes every element before reading it.
 
+/**
+ * EM_SCRATCH_POISON=1 (the test suite sets it, vitest.config.ts): every array handed out is
+ * filled with NaN first, so an element nobody writes shows in the results on the first step,
+ * not only when a reused array happens to hold something else.
+ */
+const POISON = process.env["EM_SCRATCH_POISON"] === "1";
+
 /** Arrays of more than this many floats are allocated fresh, not kept (16 MiB). */
 const MAX_POOLED = 1 << 22;
 /** What one Scratch keeps at most, in floats (256 MiB); past it take() allocates fresh. */
@@ -41,6 +48,12 @@ export class Scratch {
 
   /** An array of n floats, valid until the release() of a mark taken before it; NOT zeroed. */
   take(n: number): Float32Array {
+    const a = this.#take(n);
+    if (POISON) a.fill(Number.NaN);
+    return a;
+  }
+
+  #take(n: number): Float32Array {
     if (n > MAX_POOLED) return new Float32Array(n);
     const cap = bucketOf(n);
     this.#used.add(cap);

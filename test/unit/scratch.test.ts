@@ -34,6 +34,15 @@ describe("Scratch", () => {
     expect(s.keptFloats).toBe(2048);
   });
 
+  it("in the test suite (EM_SCRATCH_POISON=1, vitest's config): every array handed out is NaN", () => {
+    expect(process.env["EM_SCRATCH_POISON"]).toBe("1");
+    const s = new Scratch();
+    s.take(100).fill(7);
+    s.release(0);
+    for (const n of [100, 16, (1 << 22) + 1])
+      expect(s.take(n).every(Number.isNaN), `${n}`).toBe(true);
+  });
+
   it("releases in stack order: arrays taken before the mark stay out", () => {
     const s = new Scratch();
     const step = s.take(64);
