@@ -10,6 +10,16 @@
 // contiguous cache as one run, a paged cache (em_kv_pages) block by block, fp8 blocks
 // widened to f32 a chunk at a time.
 //
+// A sequence with many query tokens in the call (a prefill chunk; kMhaMinQueries) runs the
+// other form instead, DeepSeek's "naive" one (vLLM's MLA prefill): each chunk of cache rows
+// is up-projected once through wkv_b to per-head keys and values, and attention is ordinary
+// multi-head attention over them:
+//   k[s, h] = [W_uk[h] latent[s] | pe[s]],  v[s, h] = W_uv[h] latent[s]
+//   out[t, h] = softmax(q[t, h] . k[., h] * softmax_scale) @ v[., h]
+// The same numbers in another order: a pair of query token and cache row costs H * (dn + dr
+// + dv) multiply-adds instead of H * (2C + dr), 3.4x fewer at V3's and mini-v3's dims, for
+// the up-projection's H * (dn + dv) * C per cache row and call, which many queries share.
+//
 // The context is read in chunks of cache rows small enough to stay in L2 (kChunkBytes): a
 // chunk's scores, then its share of o_lat while its rows are still cached, with the softmax
 // kept online (a running max and sum per query row; o_lat rescaled when the max grows, and
@@ -18,7 +28,9 @@
 // spent most of its time waiting for the rows.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../kv_pages.h"
@@ -36,6 +48,29 @@ struct Item {
 constexpr int64_t kMaxQueryBlock = 16;
 constexpr int64_t kChunkBytes = int64_t{256} << 10;  // cache row bytes per chunk (L2-resident)
 constexpr int64_t kScoreBudget = int64_t{1} << 21;  // floats of scores per item (8 MiB)
+// The multi-head form: from this many query tokens of a sequence in one call (see the top;
+// $EM_MLA_MHA_MIN_QUERIES overrides it, 0 turns the form off), cache rows up-projected this
+// many at a time, and query tokens per item.
+constexpr int64_t kMhaMinQueries = 128;
+constexpr int64_t kMhaKeyChunk = 256;
+constexpr int64_t kMhaQueryBlock = 64;
+
+// The query tokens of sequence s in this call.
+int64_t queries_of(const em_mla_args* a, int32_t s) {
+  return a->q_offsets ? a->q_offsets[s + 1] - a->q_offsets[s] : a->q->shape[0];
+}
+
+int64_t mha_min_queries() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES");
+    if (env == nullptr || *env == '\0') return kMhaMinQueries;
+    const long long n = std::atoll(env);
+    return n > 0 ? static_cast<int64_t>(n) : std::numeric_limits<int64_t>::max();
+  }();
+  return v;
+}
+
+bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(); }
 
 std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   const int64_t H = a->num_heads, T = a->q->shape[0];
@@ -54,6 +89,7 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   auto count = [&](int64_t heads) {
     int64_t n = 0;
     for (int32_t s = 0; s < a->num_seqs; ++s) {
+      if (multi_head_form(a, s)) continue;
       int64_t t0, t1;
       seq_range(s, t0, t1);
       const int64_t qb = query_block(s, heads);
@@ -64,6 +100,7 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   while (hb > 1 && count(hb) < 2 * static_cast<int64_t>(threads)) hb = (hb + 1) / 2;
   std::vector<Item> items;
   for (int32_t s = 0; s < a->num_seqs; ++s) {
+    if (multi_head_form(a, s)) continue;
     int64_t t0, t1;
     seq_range(s, t0, t1);
     const int64_t qb = query_block(s, hb);
@@ -136,6 +173,134 @@ Weight gather_fp8_rows(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, 
   w.data = buf.data();
   w.dtype = EM_F32;
   return w;
+}
+
+// Cache rows [c0, c1) of sequence s as f32 rows of C + dr into `out`.
+void rows_to_f32(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, float* out, Fp8Widen widen) {
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim, W = C + dr;
+  if (a->pages != nullptr && a->pages->dtype == EM_F8_E4M3) {
+    const em_kv_pages& p = *a->pages;
+    const size_t rb = kv_row_bytes(p.dtype, C, dr);
+    for (int64_t r0 = c0; r0 < c1; r0 += p.block_size)
+      kv_fp8_rows_to_f32(kv_row(p, s, r0, rb), std::min<int64_t>(p.block_size, c1 - r0), C, dr, out + (r0 - c0) * W,
+                         widen);
+    return;
+  }
+  for_each_run(a, s, c0, c1, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t) {
+    for (int64_t r = 0; r < n; ++r) run.row_to_f32(r, 0, W, out + (r0 - c0 + r) * W);
+  });
+}
+
+// Sequence s in the multi-head form (see the top): per chunk of cache rows, their keys and
+// values for every head in one GEMM over the pool, then (head, query block) items over the
+// pool, each with its online softmax across the chunks, accumulating into `out`.
+void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
+  const int64_t H = a->num_heads, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim,
+                C = a->kv_lora_rank, W = C + dr, KV = H * (dn + dv);
+  const int64_t t0 = a->q_offsets ? a->q_offsets[s] : 0, nq = queries_of(a, s);
+  const float* q = static_cast<const float*>(a->q->data);
+  const int64_t q_tok = a->q->stride[0], q_head = a->q->stride[1];
+  float* out = static_cast<float*>(a->out->data);
+  const int64_t o_tok = a->out->stride[0], o_head = a->out->stride[1];
+  const Kernels& k = *ctx.k;
+  int32_t max_pos = 0;
+  for (int64_t t = t0; t < t0 + nq; ++t) max_pos = std::max(max_pos, a->positions[t]);
+  const int64_t L = static_cast<int64_t>(max_pos) + 1;
+  const int64_t blocks = (nq + kMhaQueryBlock - 1) / kMhaQueryBlock, ls = score_stride(kMhaKeyChunk);
+
+  std::vector<float> rows(static_cast<size_t>(kMhaKeyChunk * W)), kv(static_cast<size_t>(kMhaKeyChunk * KV));
+  // Per (token, head): the running max and sum of the online softmax.
+  std::vector<float> run_max(static_cast<size_t>(nq * H), -INFINITY), run_sum(static_cast<size_t>(nq * H), 0.0f);
+  const Weight wkv_b = weight_view(*a->wkv_b);
+  for (int64_t c0 = 0; c0 < L; c0 += kMhaKeyChunk) {
+    const int64_t c1 = std::min(L, c0 + kMhaKeyChunk), n = c1 - c0;
+    rows_to_f32(a, s, c0, c1, rows.data(), k.fp8_to_f32);
+    // kv[r] = [k_nope(h) | v(h)] for every head h: the latent part of the rows times wkv_b^T
+    Gemm up;
+    up.x = rows.data();
+    up.ldx = W;
+    up.w = wkv_b;
+    up.y = kv.data();
+    up.ldy = KV;
+    up.M = n;
+    up.N = KV;
+    up.K = C;
+    gemm_nt(ctx, up);
+
+    ctx.pool.parallel_for(H * blocks, [&](int64_t item, int) {
+      const int64_t h = item / blocks, b0 = (item % blocks) * kMhaQueryBlock, nb = std::min(kMhaQueryBlock, nq - b0);
+      int32_t block_max = 0;
+      for (int64_t i = 0; i < nb; ++i) block_max = std::max(block_max, a->positions[t0 + b0 + i]);
+      if (block_max < c0) return;  // no token of the block sees this chunk
+      std::vector<float> scores(static_cast<size_t>(nb * ls));
+      const float* qh = q + (t0 + b0) * q_tok + h * q_head;
+      auto view = [&](const float* data, int64_t cols, int64_t ld) {
+        Weight w;
+        w.data = data;
+        w.dtype = EM_F32;
+        w.rows = n;
+        w.cols = cols;
+        w.ld = ld;
+        return w;
+      };
+      // scores = q_nope . k_nope + q_pe . pe
+      Gemm sg;
+      sg.x = qh;
+      sg.ldx = q_tok;
+      sg.w = view(kv.data() + h * (dn + dv), dn, KV);
+      sg.y = scores.data();
+      sg.ldy = ls;
+      sg.M = nb;
+      sg.N = n;
+      sg.K = dn;
+      k.gemm_nt(sg, 0, nb, 0, n);
+      sg.x = qh + dn;
+      sg.w = view(rows.data() + C, dr, W);
+      sg.K = dr;
+      sg.accumulate = true;
+      k.gemm_nt(sg, 0, nb, 0, n);
+
+      for (int64_t i = 0; i < nb; ++i) {
+        float* sc = scores.data() + i * ls;
+        const size_t st = static_cast<size_t>((b0 + i) * H + h);
+        const int64_t visible = std::clamp<int64_t>(static_cast<int64_t>(a->positions[t0 + b0 + i]) + 1 - c0, 0, n);
+        float mx = run_max[st];
+        for (int64_t j = 0; j < visible; ++j) {
+          sc[j] *= a->softmax_scale;
+          mx = std::max(mx, sc[j]);
+        }
+        std::fill(sc + visible, sc + n, 0.0f);
+        if (visible == 0) continue;
+        if (mx > run_max[st] && c0 > 0) {
+          const float alpha = std::exp(run_max[st] - mx);
+          run_sum[st] *= alpha;
+          float* o = out + (t0 + b0 + i) * o_tok + h * o_head;
+          for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
+        }
+        run_max[st] = mx;
+        run_sum[st] += k.exp_sum(sc, visible, mx);
+      }
+      // out += P v
+      Gemm pg;
+      pg.x = scores.data();
+      pg.ldx = ls;
+      pg.w = view(kv.data() + h * (dn + dv) + dn, dv, KV);
+      pg.y = out + (t0 + b0) * o_tok + h * o_head;
+      pg.ldy = o_tok;
+      pg.M = nb;
+      pg.N = dv;
+      pg.K = n;
+      pg.accumulate = c0 > 0;
+      k.gemm_nn(pg, 0, nb, 0, dv);
+    });
+  }
+  ctx.pool.parallel_for(nq, [&](int64_t i, int) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float inv = 1.0f / run_sum[static_cast<size_t>(i * H + h)];
+      float* o = out + (t0 + i) * o_tok + h * o_head;
+      for (int64_t d = 0; d < dv; ++d) o[d] *= inv;
+    }
+  });
 }
 
 }  // namespace
@@ -273,6 +438,8 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       k.gemm_nt(og, 0, nq, 0, dv);
     }
   });
+  for (int32_t s = 0; s < a->num_seqs; ++s)
+    if (multi_head_form(a, s)) mla_multi_head(ctx, a, s);
   return EM_OK;
 }
 

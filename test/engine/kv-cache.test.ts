@@ -215,6 +215,15 @@ describe("paged MLA attention", () => {
             [1, 1],
           ],
         ],
+        // A prefill chunk of 200 tokens (the multi-head form: shards/cpu/attention.cpp from
+        // 128 queries) beside a decoding sequence.
+        [
+          16,
+          [
+            [300, 200],
+            [20, 1],
+          ],
+        ],
       ] as [number, [number, number][]][]) {
         const b = batch(rng, d, blockSize, seqs);
         const args = {
