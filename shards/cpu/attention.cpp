@@ -10,7 +10,7 @@
 // contiguous cache as one run, a paged cache (em_kv_pages) block by block, fp8 blocks
 // widened to f32 a chunk at a time.
 //
-// A sequence with many query tokens in the call (a prefill chunk; kMhaMinQueries) runs the
+// A sequence with many query tokens in the call (a prefill chunk; mha_min_queries) runs the
 // other form instead, DeepSeek's "naive" one (vLLM's MLA prefill): each chunk of cache rows
 // is up-projected once through wkv_b to per-head keys and values, and attention is ordinary
 // multi-head attention over them:
@@ -48,10 +48,7 @@ struct Item {
 constexpr int64_t kMaxQueryBlock = 16;
 constexpr int64_t kChunkBytes = int64_t{256} << 10;  // cache row bytes per chunk (L2-resident)
 constexpr int64_t kScoreBudget = int64_t{1} << 21;  // floats of scores per item (8 MiB)
-// The multi-head form: from this many query tokens of a sequence in one call (see the top;
-// $EM_MLA_MHA_MIN_QUERIES overrides it, 0 turns the form off), cache rows up-projected this
-// many at a time, and query tokens per item.
-constexpr int64_t kMhaMinQueries = 128;
+// The multi-head form: cache rows up-projected this many at a time, and query tokens per item.
 constexpr int64_t kMhaKeyChunk = 256;
 constexpr int64_t kMhaQueryBlock = 64;
 
@@ -60,17 +57,25 @@ int64_t queries_of(const em_mla_args* a, int32_t s) {
   return a->q_offsets ? a->q_offsets[s + 1] - a->q_offsets[s] : a->q->shape[0];
 }
 
-int64_t mha_min_queries() {
-  static const int64_t v = [] {
+// From how many query tokens of a sequence the multi-head form costs less: its up-projection,
+// H (dn + dv) C multiply-adds per cache row, against what it saves per query token and row,
+// H (2C + dr) - H (dn + dr + dv). V3's dims: 171 (measured at 16 heads and 4096 rows: equal
+// at about 150); mini-v3's: 86. $EM_MLA_MHA_MIN_QUERIES overrides it (0: never).
+int64_t mha_min_queries(const em_mla_args* a) {
+  static const int64_t forced = [] {
     const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES");
-    if (env == nullptr || *env == '\0') return kMhaMinQueries;
+    if (env == nullptr || *env == '\0') return int64_t{-1};
     const long long n = std::atoll(env);
     return n > 0 ? static_cast<int64_t>(n) : std::numeric_limits<int64_t>::max();
   }();
-  return v;
+  if (forced >= 0) return forced;
+  const int64_t C = a->kv_lora_rank, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim;
+  const int64_t saved = (2 * C + dr) - (dn + dr + dv);
+  if (saved <= 0) return std::numeric_limits<int64_t>::max();
+  return ((dn + dv) * C + saved - 1) / saved + 1;
 }
 
-bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(); }
+bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(a); }
 
 std::vector<Item> plan_items(const em_mla_args* a, int threads) {
   const int64_t H = a->num_heads, T = a->q->shape[0];
@@ -191,6 +196,17 @@ void rows_to_f32(const em_mla_args* a, int32_t s, int64_t c0, int64_t c1, float*
   });
 }
 
+// f32 rows [rows, cols] of stride ld as a Weight.
+Weight f32_rows(const float* data, int64_t rows, int64_t cols, int64_t ld) {
+  Weight w;
+  w.data = data;
+  w.dtype = EM_F32;
+  w.rows = rows;
+  w.cols = cols;
+  w.ld = ld;
+  return w;
+}
+
 // Sequence s in the multi-head form (see the top): per chunk of cache rows, their keys and
 // values for every head in one GEMM over the pool, then (head, query block) items over the
 // pool, each with its online softmax across the chunks, accumulating into `out`.
@@ -209,6 +225,10 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
   const int64_t blocks = (nq + kMhaQueryBlock - 1) / kMhaQueryBlock, ls = score_stride(kMhaKeyChunk);
 
   std::vector<float> rows(static_cast<size_t>(kMhaKeyChunk * W)), kv(static_cast<size_t>(kMhaKeyChunk * KV));
+  // The keys transposed, [H][dn][ldk], then the rope parts [dr][ldk]: the scores as nn
+  // products (nt ones reduce over the short dn: 1.2-1.3x slower at V3's dims).
+  const int64_t ldk = score_stride(kMhaKeyChunk);
+  std::vector<float> kt(static_cast<size_t>((H * dn + dr) * ldk));
   // Per (token, head): the running max and sum of the online softmax.
   std::vector<float> run_max(static_cast<size_t>(nq * H), -INFINITY), run_sum(static_cast<size_t>(nq * H), 0.0f);
   const Weight wkv_b = weight_view(*a->wkv_b);
@@ -226,6 +246,14 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
     up.N = KV;
     up.K = C;
     gemm_nt(ctx, up);
+    // ... and transposed: head h's keys [dn, n] (item H: the rope parts [dr, n])
+    ctx.pool.parallel_for(H + 1, [&](int64_t h, int) {
+      const int64_t dims = h < H ? dn : dr, ld_src = h < H ? KV : W;
+      const float* src = h < H ? kv.data() + h * (dn + dv) : rows.data() + C;
+      float* dst = kt.data() + h * dn * ldk;
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t d = 0; d < dims; ++d) dst[d * ldk + r] = src[r * ld_src + d];
+    });
 
     ctx.pool.parallel_for(H * blocks, [&](int64_t item, int) {
       const int64_t h = item / blocks, b0 = (item % blocks) * kMhaQueryBlock, nb = std::min(kMhaQueryBlock, nq - b0);
@@ -234,31 +262,22 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
       if (block_max < c0) return;  // no token of the block sees this chunk
       std::vector<float> scores(static_cast<size_t>(nb * ls));
       const float* qh = q + (t0 + b0) * q_tok + h * q_head;
-      auto view = [&](const float* data, int64_t cols, int64_t ld) {
-        Weight w;
-        w.data = data;
-        w.dtype = EM_F32;
-        w.rows = n;
-        w.cols = cols;
-        w.ld = ld;
-        return w;
-      };
-      // scores = q_nope . k_nope + q_pe . pe
+      // scores = q_nope . k_nope + q_pe . pe, nn products over the transposed keys
       Gemm sg;
       sg.x = qh;
       sg.ldx = q_tok;
-      sg.w = view(kv.data() + h * (dn + dv), dn, KV);
+      sg.w = f32_rows(kt.data() + h * dn * ldk, dn, n, ldk);
       sg.y = scores.data();
       sg.ldy = ls;
       sg.M = nb;
       sg.N = n;
       sg.K = dn;
-      k.gemm_nt(sg, 0, nb, 0, n);
+      k.gemm_nn(sg, 0, nb, 0, n);
       sg.x = qh + dn;
-      sg.w = view(rows.data() + C, dr, W);
+      sg.w = f32_rows(kt.data() + H * dn * ldk, dr, n, ldk);
       sg.K = dr;
       sg.accumulate = true;
-      k.gemm_nt(sg, 0, nb, 0, n);
+      k.gemm_nn(sg, 0, nb, 0, n);
 
       for (int64_t i = 0; i < nb; ++i) {
         float* sc = scores.data() + i * ls;
@@ -284,7 +303,7 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
       Gemm pg;
       pg.x = scores.data();
       pg.ldx = ls;
-      pg.w = view(kv.data() + h * (dn + dv) + dn, dv, KV);
+      pg.w = f32_rows(kv.data() + h * (dn + dv) + dn, n, dv, KV);
       pg.y = out + (t0 + b0) * o_tok + h * o_head;
       pg.ldy = o_tok;
       pg.M = nb;

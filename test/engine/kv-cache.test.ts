@@ -215,8 +215,8 @@ describe("paged MLA attention", () => {
             [1, 1],
           ],
         ],
-        // A prefill chunk of 200 tokens (the multi-head form: shards/cpu/attention.cpp from
-        // 128 queries) beside a decoding sequence.
+        // A prefill chunk of 200 tokens (the multi-head form: shards/cpu/attention.cpp takes
+        // it from 17 query tokens at these dims) beside a decoding sequence.
         [
           16,
           [
