@@ -71,6 +71,19 @@ export interface KvWriteRow {
   portableUsPerRow: Stats;
 }
 
+/** A prefill chunk's attention in each MLA form (shards/cpu/attention.cpp). */
+export interface KvPrefillRow {
+  context: number;
+  /** Query tokens: the context's last ones. */
+  queries: number;
+  /** The absorbed form (EM_MLA_MHA_MIN_QUERIES=0), the peer. */
+  absorbedMs: Stats;
+  /** The multi-head form (the default for so many queries). */
+  multiHeadMs: Stats;
+  /** max |multi-head - absorbed| / max |absorbed|. */
+  relErr: number;
+}
+
 export interface KvCacheResults {
   threads: number;
   runs: number;
@@ -78,6 +91,8 @@ export interface KvCacheResults {
   blockSize: number;
   rows: KvCacheRow[];
   writes: KvWriteRow[];
+  /** Absent in results from before 2026-12-01 16:40. */
+  prefill?: KvPrefillRow[];
   bytesPerRow: Record<KvDtype, number>;
   /** Limits measured in the same run: read bandwidth (GB/s) and FMA peak (GFLOP/s). */
   readGbs: Stats;
@@ -202,6 +217,7 @@ export async function runKvCache(o: {
       throw new Error("paged f32 attention differs from the peer's");
   }
   await limits.close();
+  const prefill = prefillForms(native, wkvB, rng, runs, o.quick ? [2048] : [1024, 4096], o.log);
   // Writing: a 2048-token chunk's rows of one layer.
   const chunk = new Float32Array(2048 * W);
   rng.fillNormal(chunk, 1);
@@ -231,6 +247,7 @@ export async function runKvCache(o: {
     blockSize: BLOCK,
     rows,
     writes,
+    prefill,
     readGbs: stats(readGbs),
     fmaGflops: stats(fmaGflops),
     flops,
@@ -240,6 +257,84 @@ export async function runKvCache(o: {
       fp8: kvRowBytes("fp8", C, DR),
     },
   };
+}
+
+/**
+ * One sequence's prefill chunk (its last 512 tokens of `context`, bf16 rows) in the absorbed
+ * and the multi-head form, alternating; the form is switched by EM_MLA_MHA_MIN_QUERIES, which
+ * the addon reads per call.
+ */
+function prefillForms(
+  native: ReturnType<typeof nativeBackend>,
+  wkvB: Weight,
+  rng: Prng,
+  runs: number,
+  contexts: number[],
+  log: (s: string) => void,
+): KvPrefillRow[] {
+  const queries = 512;
+  const rb = kvRowBytes("bf16", C, DR);
+  const out: KvPrefillRow[] = [];
+  const was = process.env["EM_MLA_MHA_MIN_QUERIES"];
+  try {
+    for (const context of contexts) {
+      const blocks = Math.ceil(context / BLOCK);
+      const pool = new Uint8Array(blocks * BLOCK * rb);
+      const latent = new Float32Array(blocks * BLOCK * W);
+      rng.fillNormal(latent, 1);
+      encodeKvRows("bf16", C, DR, latent, pool, 0);
+      const q = new Float32Array(queries * H * (DN + DR));
+      rng.fillNormal(q, 1);
+      const args = {
+        ...MLA_SHAPE,
+        wkvB,
+        q,
+        positions: Int32Array.from({ length: queries }, (_, t) => context - queries + t),
+        qOffsets: Int32Array.from([0, queries]),
+        pages: { dtype: "bf16" as const, pool, blockSize: BLOCK },
+        table: Int32Array.from({ length: blocks }, (_, b) => b),
+        tableOffsets: Int32Array.from([0, blocks]),
+      };
+      const forms = ["absorbed", "multi-head"] as const;
+      const call = (form: (typeof forms)[number]) => {
+        if (form === "absorbed") process.env["EM_MLA_MHA_MIN_QUERIES"] = "0";
+        else delete process.env["EM_MLA_MHA_MIN_QUERIES"];
+        return native.mla(args);
+      };
+      const peer = call("absorbed");
+      const got = call("multi-head");
+      let peerMax = 0;
+      let err = 0;
+      for (let i = 0; i < peer.length; i++) {
+        peerMax = Math.max(peerMax, Math.abs(peer[i]!));
+        err = Math.max(err, Math.abs(got[i]! - peer[i]!));
+      }
+      const ms: [number[], number[]] = [[], []];
+      for (let r = 0; r < runs; r++)
+        for (let k = 0; k < 2; k++) {
+          const f = (k + r) % 2;
+          const t0 = performance.now();
+          call(forms[f]!);
+          ms[f]!.push(performance.now() - t0);
+        }
+      const row = {
+        context,
+        queries,
+        absorbedMs: stats(ms[0]),
+        multiHeadMs: stats(ms[1]),
+        relErr: err / peerMax,
+      };
+      out.push(row);
+      log(
+        `kvcache: prefill ${queries} of ${context}: absorbed ${medianRange(row.absorbedMs, 1)} ms, multi-head ${medianRange(row.multiHeadMs, 1)} ms, err ${row.relErr.toExponential(1)}`,
+      );
+      if (row.relErr > 1e-4) throw new Error("the two MLA forms differ by more than rounding");
+    }
+  } finally {
+    if (was === undefined) delete process.env["EM_MLA_MHA_MIN_QUERIES"];
+    else process.env["EM_MLA_MHA_MIN_QUERIES"] = was;
+  }
+  return out;
 }
 
 export function kvCacheTables(
@@ -267,5 +362,20 @@ Row sizes and what writing them costs (a 2048-token chunk of one layer): the nat
 
 | dtype | bytes per row | tokens per byte vs f32 | µs per row | TypeScript (peer) µs | vs peer |
 |---|---:|---:|---:|---:|---:|
-${writes.join("\n")}`;
+${writes.join("\n")}${prefillTable(r)}`;
+}
+
+function prefillTable(r: KvCacheResults): string {
+  if (!r.prefill?.length) return "";
+  const lines = r.prefill.map(
+    (p) =>
+      `| ${p.context} | ${p.queries} | ${medianRange(p.absorbedMs, 1)} | ${medianRange(p.multiHeadMs, 1)} | ${(p.absorbedMs.median / p.multiHeadMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+  );
+  return `
+
+A prefill chunk's attention (one sequence, its last ${r.prefill[0]!.queries} tokens as queries over the whole context, bf16 rows, the same shape otherwise) in MLA's two forms, alternating: the absorbed one (peer; decode's) and the multi-head one the engine takes for a sequence with many query tokens (cache rows up-projected through kv_b_proj once per call, \`shards/cpu/attention.cpp\`). Error: max |multi-head - absorbed| / max |absorbed|.
+
+| context | query tokens | absorbed (peer) ms | multi-head ms | vs peer | error |
+|---:|---:|---:|---:|---:|---:|
+${lines.join("\n")}`;
 }

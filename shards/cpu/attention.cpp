@@ -62,13 +62,11 @@ int64_t queries_of(const em_mla_args* a, int32_t s) {
 // H (2C + dr) - H (dn + dr + dv). V3's dims: 171 (measured at 16 heads and 4096 rows: equal
 // at about 150); mini-v3's: 86. $EM_MLA_MHA_MIN_QUERIES overrides it (0: never).
 int64_t mha_min_queries(const em_mla_args* a) {
-  static const int64_t forced = [] {
-    const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES");
-    if (env == nullptr || *env == '\0') return int64_t{-1};
+  // Read per call (a benchmark switches it in process; a call costs far more than getenv).
+  if (const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES"); env != nullptr && *env != '\0') {
     const long long n = std::atoll(env);
     return n > 0 ? static_cast<int64_t>(n) : std::numeric_limits<int64_t>::max();
-  }();
-  if (forced >= 0) return forced;
+  }
   const int64_t C = a->kv_lora_rank, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim;
   const int64_t saved = (2 * C + dr) - (dn + dr + dv);
   if (saved <= 0) return std::numeric_limits<int64_t>::max();
