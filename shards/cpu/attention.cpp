@@ -60,7 +60,8 @@ int64_t queries_of(const em_mla_args* a, int32_t s) {
 // From how many query tokens of a sequence the multi-head form costs less: its up-projection,
 // H (dn + dv) C multiply-adds per cache row, against what it saves per query token and row,
 // H (2C + dr) - H (dn + dr + dv). V3's dims: 171 (measured at 16 heads and 4096 rows: equal
-// at about 150); mini-v3's: 86. $EM_MLA_MHA_MIN_QUERIES overrides it (0: never).
+// at about 150); mini-v3's: 86; never under 32. $EM_MLA_MHA_MIN_QUERIES overrides it (0:
+// never).
 int64_t mha_min_queries(const em_mla_args* a) {
   // Read per call (a benchmark switches it in process; a call costs far more than getenv).
   if (const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES"); env != nullptr && *env != '\0') {
@@ -70,7 +71,9 @@ int64_t mha_min_queries(const em_mla_args* a) {
   const int64_t C = a->kv_lora_rank, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim;
   const int64_t saved = (2 * C + dr) - (dn + dr + dv);
   if (saved <= 0) return std::numeric_limits<int64_t>::max();
-  return ((dn + dv) * C + saved - 1) / saved + 1;
+  // At least 32: a decode step's few tokens (speculative drafts: up to 16) stay absorbed
+  // whatever the dims, where the multi-head form's per-call buffers would dominate.
+  return std::max<int64_t>(32, ((dn + dv) * C + saved - 1) / saved + 1);
 }
 
 bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(a); }

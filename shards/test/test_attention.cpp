@@ -267,7 +267,7 @@ int main() {
     run_case(rng, long_rows, {{300, {299}}, {113, {112}}, {230, range(100, 230)}}, EM_BF16, cdt, Layout::Paged, 16);
     if (cdt != EM_F8_E4M3) run_case(rng, long_rows, {{300, {299}}, {260, range(100, 260)}}, EM_F32, cdt);
   }
-  // The multi-head form (from 23 query tokens of a sequence at these dims; mha_min_queries):
+  // The multi-head form (from 32 query tokens of a sequence at these dims; mha_min_queries):
   // query blocks of 64 with a partial last one, cache rows up-projected 256 at a time (three
   // chunks, the last partial), beside sequences in the absorbed form in the same call. (ctest
   // also runs every case in each form: attention_absorbed, attention_multi_head.)

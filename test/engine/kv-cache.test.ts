@@ -216,7 +216,7 @@ describe("paged MLA attention", () => {
           ],
         ],
         // A prefill chunk of 200 tokens (the multi-head form: shards/cpu/attention.cpp takes
-        // it from 17 query tokens at these dims) beside a decoding sequence.
+        // it from 32 query tokens at these dims) beside a decoding sequence.
         [
           16,
           [
