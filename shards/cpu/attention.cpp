@@ -124,6 +124,28 @@ int64_t score_stride(int64_t n) {
   return lines % 1024 == 0 ? lines + 16 : lines;
 }
 
+// One query row's scores over a chunk of n cache rows into its online softmax: scaled, the
+// first `visible` kept and the rest zeroed, then exp(score - the new running max) in place;
+// the running max and sum brought up to date, and the row's output so far `o` (dims values)
+// rescaled when the max grows (not in the first chunk, where it holds nothing yet).
+void online_softmax_row(const Kernels& k, float* sc, int64_t n, int64_t visible, float scale, bool later_chunk,
+                        float& run_max, float& run_sum, float* o, int64_t dims) {
+  float mx = run_max;
+  for (int64_t j = 0; j < visible; ++j) {
+    sc[j] *= scale;
+    mx = std::max(mx, sc[j]);
+  }
+  std::fill(sc + visible, sc + n, 0.0f);
+  if (visible == 0) return;
+  if (mx > run_max && later_chunk) {
+    const float alpha = std::exp(run_max - mx);
+    run_sum *= alpha;
+    for (int64_t d = 0; d < dims; ++d) o[d] *= alpha;
+  }
+  run_max = mx;
+  run_sum += k.exp_sum(sc, visible, mx);
+}
+
 // Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
 int64_t chunk_rows(const em_mla_args* a, int32_t s) {
   const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim;
@@ -281,24 +303,10 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
       k.gemm_nn(sg, 0, nb, 0, n);
 
       for (int64_t i = 0; i < nb; ++i) {
-        float* sc = scores.data() + i * ls;
+        const int64_t pos = a->positions[t0 + b0 + i];
         const size_t st = static_cast<size_t>((b0 + i) * H + h);
-        const int64_t visible = std::clamp<int64_t>(static_cast<int64_t>(a->positions[t0 + b0 + i]) + 1 - c0, 0, n);
-        float mx = run_max[st];
-        for (int64_t j = 0; j < visible; ++j) {
-          sc[j] *= a->softmax_scale;
-          mx = std::max(mx, sc[j]);
-        }
-        std::fill(sc + visible, sc + n, 0.0f);
-        if (visible == 0) continue;
-        if (mx > run_max[st] && c0 > 0) {
-          const float alpha = std::exp(run_max[st] - mx);
-          run_sum[st] *= alpha;
-          float* o = out + (t0 + b0 + i) * o_tok + h * o_head;
-          for (int64_t d = 0; d < dv; ++d) o[d] *= alpha;
-        }
-        run_max[st] = mx;
-        run_sum[st] += k.exp_sum(sc, visible, mx);
+        online_softmax_row(k, scores.data() + i * ls, n, std::clamp<int64_t>(pos + 1 - c0, 0, n), a->softmax_scale,
+                           c0 > 0, run_max[st], run_sum[st], out + (t0 + b0 + i) * o_tok + h * o_head, dv);
       }
       // out += P v
       Gemm pg;
@@ -401,25 +409,10 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       // Causal softmax in fp32, online: token t sees rows [0, pos[t]]. A row's probabilities
       // are exp(score - its running max); what o_lat and the sum hold is rescaled to a new max.
       for (int64_t r = 0; r < rows; ++r) {
-        float* s = scores.data() + r * ls;
-        const int64_t visible =
-            std::clamp<int64_t>(static_cast<int64_t>(a->positions[it.t0 + r % nq]) + 1 - c0, 0, n_c);
-        float mx = run_max[static_cast<size_t>(r)];
-        for (int64_t j = 0; j < visible; ++j) {
-          s[j] *= a->softmax_scale;
-          mx = std::max(mx, s[j]);
-        }
-        std::fill(s + visible, s + n_c, 0.0f);
-        if (visible == 0) continue;
-        const float old = run_max[static_cast<size_t>(r)];
-        if (mx > old && c0 > 0) {
-          const float alpha = std::exp(old - mx);
-          run_sum[static_cast<size_t>(r)] *= alpha;
-          float* o = o_lat.data() + r * C;
-          for (int64_t c = 0; c < C; ++c) o[c] *= alpha;
-        }
-        run_max[static_cast<size_t>(r)] = mx;
-        run_sum[static_cast<size_t>(r)] += k.exp_sum(s, visible, mx);
+        const int64_t pos = a->positions[it.t0 + r % nq];
+        online_softmax_row(k, scores.data() + r * ls, n_c, std::clamp<int64_t>(pos + 1 - c0, 0, n_c),
+                           a->softmax_scale, c0 > 0, run_max[static_cast<size_t>(r)], run_sum[static_cast<size_t>(r)],
+                           o_lat.data() + r * C, C);
       }
 
       // o_lat += P latent rows [c0, c1)

@@ -113,32 +113,38 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
   });
 
   it("with the prefix cache's disk tier: blocks read back from files reach the mirror", async () => {
-    const tier = [`--prefix-cache-disk=${join(disk, "tier")}`, "--prefix-cache-disk-bytes=4194304"];
-    const cpu = await start("cpu");
-    let want: Answer[];
-    try {
-      want = await answers(cpu, PROMPTS);
-    } finally {
-      await cpu.process.stop();
-    }
-    // The first sim gateway computes the prompts and writes their blocks at SIGTERM; the
-    // second reads them back from the files into a pool already mirrored.
-    const first = await start("sim", tier);
-    try {
-      expect(await answers(first, PROMPTS)).toEqual(want);
-    } finally {
-      await first.process.stop();
-    }
-    const second = await start("sim", tier);
-    try {
-      await answers(second, ["a prompt of its own, so the mirror is made before the reads"]);
-      expect(await answers(second, PROMPTS)).toEqual(want);
-      expect(await metric(second.url, "expertmesh_gateway_prefix_cache_disk_hits")).toBeGreaterThan(
-        0,
-      );
-    } finally {
-      await second.process.stop();
-    }
+    // On each device: a first gateway computes the prompts and writes their blocks at
+    // SIGTERM; a second reads them back from the files into a pool already mirrored, and
+    // computes only the rest of each prompt (so its sums differ from the first's by rounding:
+    // the two devices are compared run for run).
+    const run = async (device: string) => {
+      const tier = [
+        `--prefix-cache-disk=${join(disk, device)}`,
+        "--prefix-cache-disk-bytes=4194304",
+      ];
+      const first = await start(device, tier);
+      let computed: Answer[];
+      try {
+        computed = await answers(first, PROMPTS);
+      } finally {
+        await first.process.stop();
+      }
+      const second = await start(device, tier);
+      try {
+        await answers(second, ["a prompt of its own, so the mirror is made before the reads"]);
+        const read = await answers(second, PROMPTS);
+        const hits = await metric(second.url, "expertmesh_gateway_prefix_cache_disk_hits");
+        return { computed, read, hits };
+      } finally {
+        await second.process.stop();
+      }
+    };
+    const cpu = await run("cpu");
+    const sim = await run("sim");
+    expect(sim.hits).toBeGreaterThan(0);
+    expect(sim.hits).toBe(cpu.hits);
+    expect(sim.computed).toEqual(cpu.computed);
+    expect(sim.read).toEqual(cpu.read);
   });
 
   it("shards on the sim device, experts resident (gate and up in one buffer): the distributed gateway's answers as with CPU shards", async () => {
