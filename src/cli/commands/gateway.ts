@@ -143,7 +143,9 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device DEV              where the dense layers (and --local experts) run: cpu (default),
                             cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
-                            cuda needs the native engine built with CUDA and a CUDA device
+                            cuda needs the native engine built with CUDA and a CUDA device;
+                            sim is a stand-in for one, for tests (the CPU's kernels behind the
+                            device paths: shards/README.md)
   --cpu-matmul fp32|bf16    how the CPU multiplies by bf16/fp8 weights: fp32 (default; activations
                             stay fp32) or bf16 (activations rounded to bf16, as PyTorch's bf16 Linear:
                             AMX tiles or AVX512_BF16 where the CPU has them, several times faster

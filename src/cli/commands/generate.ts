@@ -37,6 +37,7 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
   --chat-template FILE|TEMPLATE  with --chat: this template instead of tokenizer_config.json's
   --backend NAME        native (default) | reference (slow TypeScript ops, for checking)
   --device DEV          native backend's device: cpu (default), cuda (= cuda:0) or cuda:N
+                        (sim: a stand-in for a GPU, for tests; shards/README.md)
   --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
                         (activations rounded to bf16: AMX or AVX512_BF16 where the CPU has them)
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)

@@ -41,7 +41,8 @@ const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [op
   --metrics-port PORT   /metrics, /healthz, /readyz (default 9090; 0 picks one)
   --device DEV          where the experts run: cpu (default), cuda (= cuda:0) or cuda:N; ops
                         the CUDA backend lacks run on the CPU. cuda needs the native engine
-                        built with CUDA (EM_CUDA=ON shards/build.sh) and a CUDA device
+                        built with CUDA (EM_CUDA=ON shards/build.sh) and a CUDA device;
+                        sim is a stand-in for one, for tests (shards/README.md)
   --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
                         (activations rounded to bf16: AMX tiles or AVX512_BF16 where the CPU
                         has them, several times faster on many tokens; see gateway --help)
