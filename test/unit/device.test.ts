@@ -132,6 +132,18 @@ describe("selectBackend (--backend, --device)", () => {
       "native backend on cuda:0 (cuda sm_90, 132 SMs; on the CPU (avx2, 16 threads): sample, matmul (fp8))",
     );
   });
+
+  it("says the sim device is a stand-in, with the CUDA backend's fallbacks", () => {
+    const info = addon.configure({ device: "sim" });
+    try {
+      expect(backendSummary(info)).toBe(
+        `native backend on sim (sim ${info.cpu.isa}, ${info.threads} threads, a stand-in for a GPU; ` +
+          `on the CPU (${info.cpu.isa}, ${info.cpu.threads} threads): sample, wirePack, wireUnpack, logprobs)`,
+      );
+    } finally {
+      addon.configure({ device: "cpu" });
+    }
+  });
 });
 
 describe("--cpu-matmul fp32|bf16", () => {
