@@ -94,6 +94,22 @@ bool any_bf16(const em_tensor* w, int32_t num_experts) {
   return false;
 }
 
+// Float buffers that this thread's moe_ffn calls reuse, NOT zeroed (each use writes all of
+// what it reads), kept at the largest size asked for. A prefill chunk's gathered rows, hidden
+// activations and outputs are tens of MiB each; made afresh per call, malloc maps them and
+// the kernel faults their pages in and zeroes them every time.
+enum Slot { kGathered, kHidden, kOut, kSlots };
+float* reused(Slot slot, size_t n) {
+  thread_local std::unique_ptr<float[]> bufs[kSlots];
+  thread_local size_t caps[kSlots] = {};
+  if (caps[slot] < n) {
+    bufs[slot].reset();  // before the new one: the two need not coexist
+    bufs[slot].reset(new float[n]);
+    caps[slot] = n;
+  }
+  return bufs[slot].get();
+}
+
 }  // namespace
 
 em_status moe_ffn(Context& ctx, const em_moe_args* a) {
@@ -103,19 +119,18 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   int64_t rows = a->x->shape[0];
   // A gather index: copy the rows into expert order once, in parallel (the GEMMs want
   // contiguous row blocks); the caller keeps one copy of each token's activations.
-  std::vector<float> gathered;
   if (a->x_index != nullptr) {
     rows = a->num_experts > 0 ? a->expert_offsets[a->num_experts] : 0;
-    gathered.resize(static_cast<size_t>(rows * dim));
+    float* gathered = reused(kGathered, static_cast<size_t>(rows * dim));
     constexpr int64_t kGatherRows = 16;
     const float* src = x;
     const int64_t ld = ldx;
     ctx.pool.parallel_for((rows + kGatherRows - 1) / kGatherRows, [&](int64_t item, int) {
       const int64_t r1 = std::min(rows, (item + 1) * kGatherRows);
       for (int64_t r = item * kGatherRows; r < r1; ++r)
-        std::copy(src + a->x_index[r] * ld, src + a->x_index[r] * ld + dim, gathered.data() + r * dim);
+        std::copy(src + a->x_index[r] * ld, src + a->x_index[r] * ld + dim, gathered + r * dim);
     });
-    x = gathered.data();
+    x = gathered;
     ldx = dim;
   }
   float* y = static_cast<float*>(a->y->data);
@@ -129,7 +144,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   }
 
   // Phase 1: h[rows, inter] = silu(x w1^T) * (x w3^T), per (expert, rows, inter block).
-  std::vector<float> h(static_cast<size_t>(rows * max_inter));
+  // (an expert with a narrower inter leaves the columns past it unwritten, and unread)
+  float* const h = reused(kHidden, static_cast<size_t>(rows * max_inter));
   const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
   std::vector<int64_t> x_at;
   const auto x_packed = pack_expert_rows(ctx, a, x, ldx, dims, a->w1, x_at);
@@ -147,7 +163,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.x_vnni = packed_rows(x_packed.get(), x_at, a, it, dim);
     x_rows.attach(g, it.m0);
     g.w = weight_view(a->w1[it.expert]).row_slice(it.n0, n);
-    g.y = h.data() + it.m0 * max_inter + it.n0;
+    g.y = h + it.m0 * max_inter + it.n0;
     g.ldy = max_inter;
     ctx.k->gemm_nt(g, 0, m, 0, n);
     g.w = weight_view(a->w3[it.expert]).row_slice(it.n0, n);
@@ -155,7 +171,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
     g.ldy = n;
     ctx.k->gemm_nt(g, 0, m, 0, n);
     for (int64_t r = 0; r < m; ++r) {
-      float* hr = h.data() + (it.m0 + r) * max_inter + it.n0;
+      float* hr = h + (it.m0 + r) * max_inter + it.n0;
       ctx.k->silu_mul(hr, up.data() + r * n, hr, n);
     }
   });
@@ -163,21 +179,20 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // Phase 2: out = h w2^T, straight into y when rows map 1:1 and are unweighted,
   // otherwise into a scratch that phase 3 combines.
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate;
-  std::vector<float> scratch(direct ? 0 : static_cast<size_t>(rows * dim));
-  float* out = direct ? y : scratch.data();
+  float* out = direct ? y : reused(kOut, static_cast<size_t>(rows * dim));
   const int64_t ldo = direct ? ldy : dim;
   const std::vector<Item> down_items = plan_items(a, dims, ctx.pool.num_threads());
   std::vector<int64_t> h_at;
-  const auto h_packed = pack_expert_rows(ctx, a, h.data(), max_inter, inter, a->w2, h_at);
+  const auto h_packed = pack_expert_rows(ctx, a, h, max_inter, inter, a->w2, h_at);
   // Experts of one call share their inter size in every model; with mixed sizes, tiles round
   // their own rows.
   const bool same_inter = std::all_of(inter.begin(), inter.end(), [&](int64_t v) { return v == max_inter; });
   const PackedRows h_rows =
-      same_inter ? pack_rows(ctx, h.data(), max_inter, rows, max_inter, any_bf16(a->w2, a->num_experts)) : PackedRows{};
+      same_inter ? pack_rows(ctx, h, max_inter, rows, max_inter, any_bf16(a->w2, a->num_experts)) : PackedRows{};
   ctx.pool.parallel_for(static_cast<int64_t>(down_items.size()), [&](int64_t i, int) {
     const Item& it = down_items[static_cast<size_t>(i)];
     Gemm g;
-    g.x = h.data() + it.m0 * max_inter;
+    g.x = h + it.m0 * max_inter;
     g.ldx = max_inter;
     g.M = it.m1 - it.m0;
     g.N = it.n1 - it.n0;
