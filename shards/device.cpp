@@ -64,11 +64,9 @@ extern "C" em_status em_cuda_copy(em_backend* b, void* dst, const void* src, siz
 
 extern "C" em_status em_cuda_copy_ranges(em_backend* b, void* dst, const void* src, const size_t* offsets,
                                          const size_t* lengths, size_t n) {
-  if (em::sim::Context* c = em::sim::sim_ctx(b)) {
-    if (n > 0 && (dst == nullptr || src == nullptr || offsets == nullptr || lengths == nullptr))
-      return em::fail(EM_ERR_ARG, "em_cuda_copy_ranges: dst, src, offsets and lengths must be set");
-    return em::sim::copy_ranges(*c, dst, src, offsets, lengths, n);
-  }
+  if (n > 0 && (dst == nullptr || src == nullptr || offsets == nullptr || lengths == nullptr))
+    return em::fail(EM_ERR_ARG, "em_cuda_copy_ranges: dst, src, offsets and lengths must be set");
+  if (em::sim::Context* c = em::sim::sim_ctx(b)) return em::sim::copy_ranges(*c, dst, src, offsets, lengths, n);
   return em_cuda_backend_copy_ranges(b, dst, src, offsets, lengths, n);
 }
 

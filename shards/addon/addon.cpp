@@ -588,18 +588,18 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// configure({ device?, isa?, threads?, resident?, kvMirror? }): replaces the backends;
-// returns backendInfo(). isa and threads configure the CPU backend (which also runs the ops a
-// device lacks); device is "cpu", "cuda", "cuda:N", or the stand-in "sim" / "sim:BYTES"
-// (expertmesh/sim.h) (default: keep the current one). resident and kvMirror switch what
-// EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
+// v as a boolean; `fallback` when it is absent.
 bool optional_bool(Napi::Env env, const Napi::Value& v, const char* name, bool fallback) {
   if (!present(v)) return fallback;
   if (!v.IsBoolean()) arg_error(env, std::string(name) + " must be a boolean");
   return v.As<Napi::Boolean>().Value();
 }
 
-
+// configure({ device?, isa?, threads?, resident?, kvMirror? }): replaces the backends;
+// returns backendInfo(). isa and threads configure the CPU backend (which also runs the ops a
+// device lacks); device is "cpu", "cuda", "cuda:N", or the stand-in "sim" / "sim:BYTES"
+// (expertmesh/sim.h) (default: keep the current one). resident and kvMirror switch what
+// EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
 Napi::Value Configure(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonState* st = state_of(env);

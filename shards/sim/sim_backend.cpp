@@ -39,10 +39,25 @@ namespace {
 Context* ctx_of(void* p) { return static_cast<Context*>(p); }
 const em_backend_iface& inner(Context& c) { return *c.cpu->iface; }
 
-}  // namespace
+// The allocation holding [p, p + bytes), or end() when p is in none; throws when p is in one
+// and the range runs past its end.
+std::map<uintptr_t, size_t>::const_iterator holding(const Context& c, const void* p, size_t bytes, const char* what) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p);
+  auto it = c.allocations.upper_bound(at);
+  if (it == c.allocations.begin()) return c.allocations.end();
+  --it;
+  if (at >= it->first + it->second) return c.allocations.end();
+  if (bytes > it->first + it->second - at)
+    throw StatusError(EM_ERR_ARG, std::string(what) + ": " + std::to_string(bytes) + " bytes at offset " +
+                                      std::to_string(at - it->first) + " run past the end of a " +
+                                      std::to_string(it->second) + "-byte device allocation");
+  return it;
+}
 
-namespace {
-bool in_device_memory(Context& c, const void* p);
+bool in_device_memory(Context& c, const void* p) {
+  std::lock_guard<std::mutex> lock(c.mu);
+  return holding(c, p, 1, "a pointer") != c.allocations.end();
+}
 
 // The CUDA backend plans its launches from the small index arrays on the host (cuda.h, the
 // memory contract): the sim refuses them in its memory, as a GPU's would fail.
@@ -119,31 +134,7 @@ int supports_op(void*, em_op op, em_dtype dtype) {
   }
 }
 
-// The allocation holding [p, p + bytes), or end() when p is in none; throws when p is in one
-// and the range runs past its end.
-std::map<uintptr_t, size_t>::const_iterator holding(const Context& c, const void* p, size_t bytes, const char* what) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(p);
-  auto it = c.allocations.upper_bound(at);
-  if (it == c.allocations.begin()) return c.allocations.end();
-  --it;
-  if (at >= it->first + it->second) return c.allocations.end();
-  if (bytes > it->first + it->second - at)
-    throw StatusError(EM_ERR_ARG, std::string(what) + ": " + std::to_string(bytes) + " bytes at offset " +
-                                      std::to_string(at - it->first) + " run past the end of a " +
-                                      std::to_string(it->second) + "-byte device allocation");
-  return it;
-}
-
-bool in_device_memory(Context& c, const void* p) {
-  std::lock_guard<std::mutex> lock(c.mu);
-  return holding(c, p, 1, "a pointer") != c.allocations.end();
-}
-
-int reads_pages(void* p, const em_kv_pages* pages) {
-  Context& c = *ctx_of(p);
-  std::lock_guard<std::mutex> lock(c.mu);
-  return holding(c, pages->pool, 1, "reads_pages") != c.allocations.end() ? 1 : 0;
-}
+int reads_pages(void* p, const em_kv_pages* pages) { return in_device_memory(*ctx_of(p), pages->pool) ? 1 : 0; }
 
 void info(void* p, em_backend_info* out) {
   out->name = "sim";

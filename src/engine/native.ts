@@ -31,7 +31,6 @@ export interface Addon {
     kvMirror?: boolean;
   }): NativeInfo;
   cudaStatus(): { compiled: boolean; devices: number; status: string };
-  simStats: typeof Native.simStats;
   matmul(x: Float32Array, rows: number, w: AddonWeight, out?: Float32Array): Float32Array;
   rmsnorm(x: Float32Array, weight: AddonWeight, eps: number, out?: Float32Array): Float32Array;
   siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
