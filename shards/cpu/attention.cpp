@@ -247,11 +247,11 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
   const int64_t L = static_cast<int64_t>(max_pos) + 1;
   const int64_t blocks = (nq + kMhaQueryBlock - 1) / kMhaQueryBlock, ls = score_stride(kMhaKeyChunk);
 
-  std::vector<float> rows(static_cast<size_t>(kMhaKeyChunk * W)), kv(static_cast<size_t>(kMhaKeyChunk * KV));
+  AlignedBuffer<float> rows(static_cast<size_t>(kMhaKeyChunk * W)), kv(static_cast<size_t>(kMhaKeyChunk * KV));
   // The keys transposed, [H][dn][ldk], then the rope parts [dr][ldk]: the scores as nn
   // products (nt ones reduce over the short dn: 1.2-1.3x slower at V3's dims).
   const int64_t ldk = score_stride(kMhaKeyChunk);
-  std::vector<float> kt(static_cast<size_t>((H * dn + dr) * ldk));
+  AlignedBuffer<float> kt(static_cast<size_t>((H * dn + dr) * ldk));
   // Per (token, head): the running max and sum of the online softmax.
   std::vector<float> run_max(static_cast<size_t>(nq * H), -INFINITY), run_sum(static_cast<size_t>(nq * H), 0.0f);
   const Weight wkv_b = weight_view(*a->wkv_b);

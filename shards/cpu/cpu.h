@@ -32,19 +32,28 @@ struct Weight {
   void row_to_f32(int64_t r, int64_t c0, int64_t n, float* out) const;
 };
 
-// A 64-byte aligned scratch array (SIMD panels), uninitialized.
+// Scratch memory, 64-byte aligned, NOT initialized (scratch.cpp): arrays of 1 MiB or more
+// are recycled through a cache of the thread that frees them, so a call finds the pages of
+// the last one's arrays already mapped. With EM_SCRATCH_POISON=1 every array is handed out
+// filled with 0xFF bytes (NaN). *capacity receives the bytes the memory really has.
+void* scratch_acquire(size_t bytes, size_t* capacity);
+void scratch_release(void* p, size_t capacity);
+// The bytes this thread's cache holds (for tests).
+size_t scratch_cached_bytes();
+
+// A scratch array of n T's (SIMD panels, packed rows, a call's intermediates), uninitialized.
 template <typename T>
 class AlignedBuffer {
  public:
-  explicit AlignedBuffer(size_t n)
-      : data_(static_cast<T*>(::operator new(sizeof(T) * (n > 0 ? n : 1), std::align_val_t{64}))) {}
-  ~AlignedBuffer() { ::operator delete(data_, std::align_val_t{64}); }
+  explicit AlignedBuffer(size_t n) : data_(static_cast<T*>(scratch_acquire(sizeof(T) * n, &capacity_))) {}
+  ~AlignedBuffer() { scratch_release(data_, capacity_); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   T* data() { return data_; }
   const T* data() const { return data_; }
 
  private:
+  size_t capacity_ = 0;
   T* data_;
 };
 

@@ -94,22 +94,6 @@ bool any_bf16(const em_tensor* w, int32_t num_experts) {
   return false;
 }
 
-// Float buffers that this thread's moe_ffn calls reuse, NOT zeroed (each use writes all of
-// what it reads), kept at the largest size asked for. A prefill chunk's gathered rows, hidden
-// activations and outputs are tens of MiB each; made afresh per call, malloc maps them and
-// the kernel faults their pages in and zeroes them every time.
-enum Slot { kGathered, kHidden, kOut, kSlots };
-float* reused(Slot slot, size_t n) {
-  thread_local std::unique_ptr<float[]> bufs[kSlots];
-  thread_local size_t caps[kSlots] = {};
-  if (caps[slot] < n) {
-    bufs[slot].reset();  // before the new one: the two need not coexist
-    bufs[slot].reset(new float[n]);
-    caps[slot] = n;
-  }
-  return bufs[slot].get();
-}
-
 }  // namespace
 
 em_status moe_ffn(Context& ctx, const em_moe_args* a) {
@@ -119,18 +103,21 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   int64_t rows = a->x->shape[0];
   // A gather index: copy the rows into expert order once, in parallel (the GEMMs want
   // contiguous row blocks); the caller keeps one copy of each token's activations.
+  // (The call's large arrays are scratch, recycled per thread: cpu.h AlignedBuffer.)
+  std::unique_ptr<AlignedBuffer<float>> gathered;
   if (a->x_index != nullptr) {
     rows = a->num_experts > 0 ? a->expert_offsets[a->num_experts] : 0;
-    float* gathered = reused(kGathered, static_cast<size_t>(rows * dim));
+    gathered = std::make_unique<AlignedBuffer<float>>(static_cast<size_t>(rows * dim));
     constexpr int64_t kGatherRows = 16;
     const float* src = x;
     const int64_t ld = ldx;
+    float* dst = gathered->data();
     ctx.pool.parallel_for((rows + kGatherRows - 1) / kGatherRows, [&](int64_t item, int) {
       const int64_t r1 = std::min(rows, (item + 1) * kGatherRows);
       for (int64_t r = item * kGatherRows; r < r1; ++r)
-        std::copy(src + a->x_index[r] * ld, src + a->x_index[r] * ld + dim, gathered + r * dim);
+        std::copy(src + a->x_index[r] * ld, src + a->x_index[r] * ld + dim, dst + r * dim);
     });
-    x = gathered;
+    x = dst;
     ldx = dim;
   }
   float* y = static_cast<float*>(a->y->data);
@@ -145,7 +132,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
 
   // Phase 1: h[rows, inter] = silu(x w1^T) * (x w3^T), per (expert, rows, inter block).
   // (an expert with a narrower inter leaves the columns past it unwritten, and unread)
-  float* const h = reused(kHidden, static_cast<size_t>(rows * max_inter));
+  AlignedBuffer<float> h_buf(static_cast<size_t>(rows * max_inter));
+  float* const h = h_buf.data();
   const std::vector<Item> up_items = plan_items(a, inter, ctx.pool.num_threads());
   std::vector<int64_t> x_at;
   const auto x_packed = pack_expert_rows(ctx, a, x, ldx, dims, a->w1, x_at);
@@ -179,7 +167,8 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // Phase 2: out = h w2^T, straight into y when rows map 1:1 and are unweighted,
   // otherwise into a scratch that phase 3 combines.
   const bool direct = a->out_index == nullptr && a->row_weight == nullptr && !a->accumulate;
-  float* out = direct ? y : reused(kOut, static_cast<size_t>(rows * dim));
+  AlignedBuffer<float> out_buf(direct ? 0 : static_cast<size_t>(rows * dim));
+  float* out = direct ? y : out_buf.data();
   const int64_t ldo = direct ? ldy : dim;
   const std::vector<Item> down_items = plan_items(a, dims, ctx.pool.num_threads());
   std::vector<int64_t> h_at;
