@@ -84,6 +84,18 @@ export interface KvPrefillRow {
   relErr: number;
 }
 
+/** One sequence's decode attention with its context split or not (shards/cpu/attention.cpp). */
+export interface KvSplitRow {
+  shape: string;
+  context: number;
+  /** Not split (EM_MLA_SPLIT_ROWS=2^30), the peer. */
+  unsplitMs: Stats;
+  /** Split (the default). */
+  splitMs: Stats;
+  /** max |split - unsplit| / max |unsplit|. */
+  relErr: number;
+}
+
 export interface KvCacheResults {
   threads: number;
   runs: number;
@@ -93,6 +105,8 @@ export interface KvCacheResults {
   writes: KvWriteRow[];
   /** Absent in results from before 2026-12-01 16:40. */
   prefill?: KvPrefillRow[];
+  /** Absent in results from before 2026-12-01 18:30. */
+  splits?: KvSplitRow[];
   bytesPerRow: Record<KvDtype, number>;
   /** Limits measured in the same run: read bandwidth (GB/s) and FMA peak (GFLOP/s). */
   readGbs: Stats;
@@ -218,6 +232,14 @@ export async function runKvCache(o: {
   }
   await limits.close();
   const prefill = prefillForms(native, wkvB, rng, runs, o.quick ? [2048] : [1024, 4096], o.log);
+  const splits = decodeSplits(
+    native,
+    wkvB,
+    rng,
+    runs,
+    o.quick ? [2048] : [1024, 4096, 16384],
+    o.log,
+  );
   // Writing: a 2048-token chunk's rows of one layer.
   const chunk = new Float32Array(2048 * W);
   rng.fillNormal(chunk, 1);
@@ -248,6 +270,7 @@ export async function runKvCache(o: {
     rows,
     writes,
     prefill,
+    splits,
     readGbs: stats(readGbs),
     fmaGflops: stats(fmaGflops),
     flops,
@@ -259,10 +282,100 @@ export async function runKvCache(o: {
   };
 }
 
+/** mini-v3's attention (8 heads, kv_lora_rank 256, rope 32, nope/v 64): the split table's second shape. */
+const MINI_SHAPE = {
+  heads: 8,
+  nopeDim: 64,
+  ropeDim: 32,
+  vDim: 64,
+  kvLoraRank: 256,
+  softmaxScale: 96 ** -0.5,
+};
+type MlaShape = typeof MINI_SHAPE;
+
+/** A bf16 kv_b_proj for `shape`. */
+function randomKvBOf(rng: Prng, shape: MlaShape): Weight {
+  const rows = shape.heads * (shape.nopeDim + shape.vDim);
+  const w = new Float32Array(rows * shape.kvLoraRank);
+  rng.fillNormal(w, 0.05);
+  return { dtype: "bf16", data: Uint16Array.from(w, float32ToBf16), rows, cols: shape.kvLoraRank };
+}
+
+/** One sequence's attention call over a bf16 paged cache of `context` rows, its last `queries` tokens as queries. */
+function oneSequence(
+  wkvB: Weight,
+  rng: Prng,
+  context: number,
+  queries: number,
+  shape: MlaShape = MLA_SHAPE,
+) {
+  const rowWidth = shape.kvLoraRank + shape.ropeDim;
+  const rb = kvRowBytes("bf16", shape.kvLoraRank, shape.ropeDim);
+  const blocks = Math.ceil(context / BLOCK);
+  const pool = new Uint8Array(blocks * BLOCK * rb);
+  const latent = new Float32Array(blocks * BLOCK * rowWidth);
+  rng.fillNormal(latent, 1);
+  encodeKvRows("bf16", shape.kvLoraRank, shape.ropeDim, latent, pool, 0);
+  const q = new Float32Array(queries * shape.heads * (shape.nopeDim + shape.ropeDim));
+  rng.fillNormal(q, 1);
+  return {
+    ...shape,
+    wkvB,
+    q,
+    positions: Int32Array.from({ length: queries }, (_, t) => context - queries + t),
+    qOffsets: Int32Array.from([0, queries]),
+    pages: { dtype: "bf16" as const, pool, blockSize: BLOCK },
+    table: Int32Array.from({ length: blocks }, (_, b) => b),
+    tableOffsets: Int32Array.from([0, blocks]),
+  };
+}
+
+/**
+ * One call timed under two settings of an environment variable the addon reads per call
+ * (`peer` first, then `subject`; undefined: unset), alternating: ms of each and
+ * max |subject - peer| / max |peer|.
+ */
+function alternateEnv(
+  name: string,
+  values: { peer: string | undefined; subject: string | undefined },
+  runs: number,
+  call: () => Float32Array,
+): { peerMs: Stats; subjectMs: Stats; relErr: number } {
+  const was = process.env[name];
+  const set = (v: string | undefined) => {
+    if (v === undefined) delete process.env[name];
+    else process.env[name] = v;
+  };
+  try {
+    const sides = [values.peer, values.subject];
+    set(sides[0]);
+    const peer = call();
+    set(sides[1]);
+    const got = call();
+    let peerMax = 0;
+    let err = 0;
+    for (let i = 0; i < peer.length; i++) {
+      peerMax = Math.max(peerMax, Math.abs(peer[i]!));
+      err = Math.max(err, Math.abs(got[i]! - peer[i]!));
+    }
+    const ms: [number[], number[]] = [[], []];
+    for (let r = 0; r < runs; r++)
+      for (let k = 0; k < 2; k++) {
+        const f = (k + r) % 2;
+        set(sides[f]);
+        const t0 = performance.now();
+        call();
+        ms[f]!.push(performance.now() - t0);
+      }
+    return { peerMs: stats(ms[0]), subjectMs: stats(ms[1]), relErr: err / peerMax };
+  } finally {
+    set(was);
+  }
+}
+
 /**
  * One sequence's prefill chunk (its last 512 tokens of `context`, bf16 rows) in the absorbed
- * and the multi-head form, alternating; the form is switched by EM_MLA_MHA_MIN_QUERIES, which
- * the addon reads per call.
+ * and the multi-head form, alternating; the form is switched by EM_MLA_MHA_MIN_QUERIES.
  */
 function prefillForms(
   native: ReturnType<typeof nativeBackend>,
@@ -273,68 +386,67 @@ function prefillForms(
   log: (s: string) => void,
 ): KvPrefillRow[] {
   const queries = 512;
-  const rb = kvRowBytes("bf16", C, DR);
-  const out: KvPrefillRow[] = [];
-  const was = process.env["EM_MLA_MHA_MIN_QUERIES"];
-  try {
-    for (const context of contexts) {
-      const blocks = Math.ceil(context / BLOCK);
-      const pool = new Uint8Array(blocks * BLOCK * rb);
-      const latent = new Float32Array(blocks * BLOCK * W);
-      rng.fillNormal(latent, 1);
-      encodeKvRows("bf16", C, DR, latent, pool, 0);
-      const q = new Float32Array(queries * H * (DN + DR));
-      rng.fillNormal(q, 1);
-      const args = {
-        ...MLA_SHAPE,
-        wkvB,
-        q,
-        positions: Int32Array.from({ length: queries }, (_, t) => context - queries + t),
-        qOffsets: Int32Array.from([0, queries]),
-        pages: { dtype: "bf16" as const, pool, blockSize: BLOCK },
-        table: Int32Array.from({ length: blocks }, (_, b) => b),
-        tableOffsets: Int32Array.from([0, blocks]),
-      };
-      const forms = ["absorbed", "multi-head"] as const;
-      const call = (form: (typeof forms)[number]) => {
-        if (form === "absorbed") process.env["EM_MLA_MHA_MIN_QUERIES"] = "0";
-        else delete process.env["EM_MLA_MHA_MIN_QUERIES"];
-        return native.mla(args);
-      };
-      const peer = call("absorbed");
-      const got = call("multi-head");
-      let peerMax = 0;
-      let err = 0;
-      for (let i = 0; i < peer.length; i++) {
-        peerMax = Math.max(peerMax, Math.abs(peer[i]!));
-        err = Math.max(err, Math.abs(got[i]! - peer[i]!));
-      }
-      const ms: [number[], number[]] = [[], []];
-      for (let r = 0; r < runs; r++)
-        for (let k = 0; k < 2; k++) {
-          const f = (k + r) % 2;
-          const t0 = performance.now();
-          call(forms[f]!);
-          ms[f]!.push(performance.now() - t0);
-        }
-      const row = {
-        context,
-        queries,
-        absorbedMs: stats(ms[0]),
-        multiHeadMs: stats(ms[1]),
-        relErr: err / peerMax,
-      };
-      out.push(row);
-      log(
-        `kvcache: prefill ${queries} of ${context}: absorbed ${medianRange(row.absorbedMs, 1)} ms, multi-head ${medianRange(row.multiHeadMs, 1)} ms, err ${row.relErr.toExponential(1)}`,
+  return contexts.map((context) => {
+    const args = oneSequence(wkvB, rng, context, queries);
+    const r = alternateEnv("EM_MLA_MHA_MIN_QUERIES", { peer: "0", subject: undefined }, runs, () =>
+      native.mla(args),
+    );
+    const row = {
+      context,
+      queries,
+      absorbedMs: r.peerMs,
+      multiHeadMs: r.subjectMs,
+      relErr: r.relErr,
+    };
+    log(
+      `kvcache: prefill ${queries} of ${context}: absorbed ${medianRange(row.absorbedMs, 1)} ms, multi-head ${medianRange(row.multiHeadMs, 1)} ms, err ${row.relErr.toExponential(1)}`,
+    );
+    if (row.relErr > 1e-4) throw new Error("the two MLA forms differ by more than rounding");
+    return row;
+  });
+}
+
+/**
+ * One sequence's decode token (bf16 rows) with its context split across the threads (the
+ * default) and not split (EM_MLA_SPLIT_ROWS past the context: heads cut into groups that
+ * each read the whole cache, the plan before splits), alternating.
+ */
+function decodeSplits(
+  native: ReturnType<typeof nativeBackend>,
+  wkvB: Weight,
+  rng: Prng,
+  runs: number,
+  contexts: number[],
+  log: (s: string) => void,
+): KvSplitRow[] {
+  const shapes = [
+    { name: "V3 latent, 16 heads", shape: MLA_SHAPE as MlaShape, wkvB },
+    { name: "mini-v3, 8 heads", shape: MINI_SHAPE, wkvB: randomKvBOf(rng, MINI_SHAPE) },
+  ];
+  return shapes.flatMap(({ name, shape, wkvB }) =>
+    contexts.map((context) => {
+      const args = oneSequence(wkvB, rng, context, 1, shape);
+      const r = alternateEnv(
+        "EM_MLA_SPLIT_ROWS",
+        { peer: String(2 ** 30), subject: undefined },
+        runs * 4,
+        () => native.mla(args),
       );
-      if (row.relErr > 1e-4) throw new Error("the two MLA forms differ by more than rounding");
-    }
-  } finally {
-    if (was === undefined) delete process.env["EM_MLA_MHA_MIN_QUERIES"];
-    else process.env["EM_MLA_MHA_MIN_QUERIES"] = was;
-  }
-  return out;
+      const row = {
+        shape: name,
+        context,
+        unsplitMs: r.peerMs,
+        splitMs: r.subjectMs,
+        relErr: r.relErr,
+      };
+      log(
+        `kvcache: one sequence's decode, ${name}, at ${context}: unsplit ${medianRange(row.unsplitMs, 2)} ms, split ${medianRange(row.splitMs, 2)} ms, err ${row.relErr.toExponential(1)}`,
+      );
+      if (row.relErr > 1e-4)
+        throw new Error("split and unsplit attention differ by more than rounding");
+      return row;
+    }),
+  );
 }
 
 export function kvCacheTables(
@@ -362,7 +474,7 @@ Row sizes and what writing them costs (a 2048-token chunk of one layer): the nat
 
 | dtype | bytes per row | tokens per byte vs f32 | µs per row | TypeScript (peer) µs | vs peer |
 |---|---:|---:|---:|---:|---:|
-${writes.join("\n")}${prefillTable(r)}`;
+${writes.join("\n")}${prefillTable(r)}${splitTable(r)}`;
 }
 
 function prefillTable(r: KvCacheResults): string {
@@ -377,5 +489,20 @@ A prefill chunk's attention (one sequence, its last ${r.prefill[0]!.queries} tok
 
 | context | query tokens | absorbed (peer) ms | multi-head ms | vs peer | error |
 |---:|---:|---:|---:|---:|---:|
+${lines.join("\n")}`;
+}
+
+function splitTable(r: KvCacheResults): string {
+  if (!r.splits?.length) return "";
+  const lines = r.splits.map(
+    (p) =>
+      `| ${p.shape} | ${p.context} | ${medianRange(p.unsplitMs, 2)} | ${medianRange(p.splitMs, 2)} | ${(p.unsplitMs.median / p.splitMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+  );
+  return `
+
+One sequence's decode attention (one query token over the whole context, bf16 rows; the shape above, and mini-v3's: 8 heads, kv_lora_rank 256, rope 32, nope/v 64), alternating: its context not split (peer: \`EM_MLA_SPLIT_ROWS\` past the context; with one sequence the heads are cut into groups so that every thread has work, and each group reads the whole cache) and split at fixed rows, each split an item and the splits' softmax states merged (the default, \`shards/cpu/attention.cpp\`). Error: max |split - unsplit| / max |unsplit|.
+
+| shape | context | unsplit (peer) ms | split ms | vs peer | error |
+|---|---:|---:|---:|---:|---:|
 ${lines.join("\n")}`;
 }

@@ -39,10 +39,32 @@
 namespace em::cpu {
 namespace {
 
+// Work of the absorbed form: query tokens [t0, t1) of sequence `seq`, heads [h0, h1), over
+// cache rows [r0, r1): all the rows the tokens see, or one split of them. A split writes its
+// online softmax's state (unnormalized o_lat, running max and sum per query row) to its
+// group's place, and a pass after the items merges a group's splits (flash-decoding).
 struct Item {
   int32_t seq;
-  int64_t t0, t1;  // query tokens
-  int64_t h0, h1;  // heads
+  int64_t t0, t1;
+  int64_t h0, h1;
+  int64_t r0, r1;
+  int64_t group = -1;  // index into Plan::groups, or -1: the item writes its output itself
+  int64_t split = 0;
+};
+
+// The splits of one (sequence, query block, head group).
+struct Group {
+  int32_t seq;
+  int64_t t0, t1, h0, h1;
+  int64_t splits;
+  int64_t state;  // floats into the call's split state: splits x [rows x C o_lat | rows max | rows sum]
+  int64_t qcat;   // floats into the call's shared [q_lat | q_pe] rows, or -1: each split makes its own
+};
+
+struct Plan {
+  std::vector<Item> items;
+  std::vector<Group> groups;
+  int64_t state_floats = 0, qcat_floats = 0;
 };
 
 constexpr int64_t kMaxQueryBlock = 16;
@@ -78,8 +100,33 @@ int64_t mha_min_queries(const em_mla_args* a) {
 
 bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(a); }
 
-std::vector<Item> plan_items(const em_mla_args* a, int threads) {
-  const int64_t H = a->num_heads, T = a->q->shape[0];
+// Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
+int64_t chunk_rows(const em_mla_args* a, int32_t s) {
+  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim;
+  const em_dtype dt = a->pages ? a->pages->dtype : a->caches[s].dtype;
+  const int64_t bytes = static_cast<int64_t>(kv_row_bytes(dt == EM_F8_E4M3 ? EM_F32 : dt, C, dr));
+  const int64_t unit = a->pages ? a->pages->block_size : 16;
+  return std::max<int64_t>(1, kChunkBytes / bytes / unit) * unit;
+}
+
+// Where a sequence's context is split: at multiples of this many rows. A split's state is
+// H (C + 2) floats per query token against its rows' C + dr each, so splits are at least
+// 16 H rows (the state ~1/16 of what the split reads) and two chunks. Fixed by the sequence
+// and the dims alone, never by the batch or the thread count: a sequence's output is the
+// same bits whatever else the call holds. $EM_MLA_SPLIT_ROWS (read per call; rounded up to
+// whole blocks) overrides it, for tests.
+int64_t split_rows(const em_mla_args* a, int32_t s) {
+  const int64_t unit = a->pages ? a->pages->block_size : 16;
+  if (const char* env = std::getenv("EM_MLA_SPLIT_ROWS"); env != nullptr && *env != '\0') {
+    const long long n = std::atoll(env);
+    if (n > 0) return (static_cast<int64_t>(n) + unit - 1) / unit * unit;
+  }
+  const int64_t chunk = chunk_rows(a, s);
+  return chunk * std::max<int64_t>(2, (16 * a->num_heads + chunk - 1) / chunk);
+}
+
+Plan plan_items(const em_mla_args* a, int threads) {
+  const int64_t H = a->num_heads, T = a->q->shape[0], row_len = a->kv_lora_rank + a->qk_rope_head_dim;
   auto seq_range = [&](int32_t s, int64_t& t0, int64_t& t1) {
     t0 = a->q_offsets ? a->q_offsets[s] : 0;
     t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
@@ -90,30 +137,58 @@ std::vector<Item> plan_items(const em_mla_args* a, int threads) {
                     : a->caches[s].shape[0]);
     return std::clamp<int64_t>(kScoreBudget / (heads * rows), 1, kMaxQueryBlock);
   };
-  // Fewer heads per item means more items but one more pass over the cache each.
-  int64_t hb = H;
-  auto count = [&](int64_t heads) {
-    int64_t n = 0;
+  auto visible = [&](int64_t t0, int64_t t1) {
+    int32_t max_pos = 0;
+    for (int64_t t = t0; t < t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
+    return static_cast<int64_t>(max_pos) + 1;
+  };
+  // Calls f(s, t0, t1, L, splits) for every query block of the absorbed sequences.
+  auto blocks = [&](int64_t heads, auto&& f) {
     for (int32_t s = 0; s < a->num_seqs; ++s) {
       if (multi_head_form(a, s)) continue;
       int64_t t0, t1;
       seq_range(s, t0, t1);
-      const int64_t qb = query_block(s, heads);
-      n += ((t1 - t0 + qb - 1) / qb) * ((H + heads - 1) / heads);
+      const int64_t qb = query_block(s, heads), sr = split_rows(a, s);
+      for (int64_t t = t0; t < t1; t += qb) {
+        const int64_t L = visible(t, std::min(t1, t + qb));
+        f(s, t, std::min(t1, t + qb), L, sr, (L + sr - 1) / sr);
+      }
     }
+  };
+  // Fewer heads per item means more items but one more pass over the cache each (splits
+  // come first: they cost no extra pass).
+  int64_t hb = H;
+  auto count = [&](int64_t heads) {
+    int64_t n = 0;
+    blocks(heads, [&](int32_t, int64_t, int64_t, int64_t, int64_t, int64_t splits) {
+      n += splits * ((H + heads - 1) / heads);
+    });
     return n;
   };
   while (hb > 1 && count(hb) < 2 * static_cast<int64_t>(threads)) hb = (hb + 1) / 2;
-  std::vector<Item> items;
-  for (int32_t s = 0; s < a->num_seqs; ++s) {
-    if (multi_head_form(a, s)) continue;
-    int64_t t0, t1;
-    seq_range(s, t0, t1);
-    const int64_t qb = query_block(s, hb);
-    for (int64_t t = t0; t < t1; t += qb)
-      for (int64_t h = 0; h < H; h += hb) items.push_back({s, t, std::min(t1, t + qb), h, std::min(H, h + hb)});
-  }
-  return items;
+  Plan plan;
+  constexpr int64_t kSharedQcatFloats = int64_t{8} << 20;  // 32 MiB; past it splits make their own
+  blocks(hb, [&](int32_t s, int64_t t0, int64_t t1, int64_t L, int64_t sr, int64_t splits) {
+    for (int64_t h = 0; h < H; h += hb) {
+      const int64_t h1 = std::min(H, h + hb);
+      if (splits == 1) {
+        plan.items.push_back({s, t0, t1, h, h1, 0, L});
+        continue;
+      }
+      const int64_t rows = (t1 - t0) * (h1 - h);
+      Group g{s, t0, t1, h, h1, splits, plan.state_floats, -1};
+      plan.state_floats += splits * rows * (a->kv_lora_rank + 2);
+      if (plan.qcat_floats + rows * row_len <= kSharedQcatFloats) {
+        g.qcat = plan.qcat_floats;
+        plan.qcat_floats += rows * row_len;
+      }
+      for (int64_t k = 0; k < splits; ++k)
+        plan.items.push_back({s, t0, t1, h, h1, k * sr, std::min(L, (k + 1) * sr),
+                              static_cast<int64_t>(plan.groups.size()), k});
+      plan.groups.push_back(g);
+    }
+  });
+  return plan;
 }
 
 // The row stride of a chunk's scores [rows, n]: n rounded up to a cache line, one line more
@@ -144,15 +219,6 @@ void online_softmax_row(const Kernels& k, float* sc, int64_t n, int64_t visible,
   }
   run_max = mx;
   run_sum += k.exp_sum(sc, visible, mx);
-}
-
-// Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
-int64_t chunk_rows(const em_mla_args* a, int32_t s) {
-  const int64_t C = a->kv_lora_rank, dr = a->qk_rope_head_dim;
-  const em_dtype dt = a->pages ? a->pages->dtype : a->caches[s].dtype;
-  const int64_t bytes = static_cast<int64_t>(kv_row_bytes(dt == EM_F8_E4M3 ? EM_F32 : dt, C, dr));
-  const int64_t unit = a->pages ? a->pages->block_size : 16;
-  return std::max<int64_t>(1, kChunkBytes / bytes / unit) * unit;
 }
 
 // Calls f(r0, n, rows, next) for consecutive runs of the rows [c0, c1) of sequence s, `rows`
@@ -331,125 +397,190 @@ void mla_multi_head(Context& ctx, const em_mla_args* a, int32_t s) {
   });
 }
 
-}  // namespace
-
-em_status mla_attention(Context& ctx, const em_mla_args* a) {
+// [q_lat | q_pe] of query tokens [t0, t0 + nq) and heads [h0, h0 + nh) into qcat, row
+// hl * nq + tl: q_lat = q_nope W_uk[h], q_pe copied beside it.
+void make_qcat(const Kernels& k, const em_mla_args* a, int64_t t0, int64_t nq, int64_t h0, int64_t nh, float* qcat) {
   const int64_t dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim, C = a->kv_lora_rank;
-  const int64_t row_len = C + dr;  // cache row and [q_lat | q_pe]
+  const int64_t row_len = C + dr;
   const Weight wkv_b = weight_view(*a->wkv_b);
   const float* q = static_cast<const float*>(a->q->data);
   const int64_t q_tok = a->q->stride[0], q_head = a->q->stride[1];
+  for (int64_t hl = 0; hl < nh; ++hl) {
+    const int64_t h = h0 + hl;
+    Gemm g;
+    g.x = q + t0 * q_tok + h * q_head;
+    g.ldx = q_tok;
+    g.w = wkv_b.row_slice(h * (dn + dv), dn);
+    g.y = qcat + hl * nq * row_len;
+    g.ldy = row_len;
+    g.M = nq;
+    g.N = C;
+    g.K = dn;
+    k.gemm_nn(g, 0, nq, 0, C);
+    for (int64_t tl = 0; tl < nq; ++tl)
+      std::memcpy(qcat + (hl * nq + tl) * row_len + C, q + (t0 + tl) * q_tok + h * q_head + dn,
+                  static_cast<size_t>(dr) * sizeof(float));
+  }
+}
+
+// out[t, h] = W_uv[h] o_lat for the same rows as make_qcat (o_lat normalized).
+void project_out(const Kernels& k, const em_mla_args* a, int64_t t0, int64_t nq, int64_t h0, int64_t nh,
+                 const float* o_lat) {
+  const int64_t dn = a->qk_nope_head_dim, dv = a->v_head_dim, C = a->kv_lora_rank;
+  const Weight wkv_b = weight_view(*a->wkv_b);
   float* out = static_cast<float*>(a->out->data);
   const int64_t o_tok = a->out->stride[0], o_head = a->out->stride[1];
+  for (int64_t hl = 0; hl < nh; ++hl) {
+    const int64_t h = h0 + hl;
+    Gemm og;
+    og.x = o_lat + hl * nq * C;
+    og.ldx = C;
+    og.w = wkv_b.row_slice(h * (dn + dv) + dn, dv);
+    og.y = out + t0 * o_tok + h * o_head;
+    og.ldy = o_tok;
+    og.M = nq;
+    og.N = dv;
+    og.K = C;
+    k.gemm_nt(og, 0, nq, 0, dv);
+  }
+}
+
+// One item of the absorbed form (Item). qcat: its rows' [q_lat | q_pe] made already, or null.
+// state: where a split writes its online softmax's state ([rows x C] o_lat, [rows] max,
+// [rows] sum); null for an item that covers all its rows and writes the output.
+void absorbed_item(Context& ctx, const em_mla_args* a, const Item& it, const float* qcat, float* state) {
+  const int64_t C = a->kv_lora_rank, row_len = C + a->qk_rope_head_dim;  // cache row and [q_lat | q_pe]
   const Kernels& k = *ctx.k;
+  const int64_t nq = it.t1 - it.t0, nh = it.h1 - it.h0, rows = nq * nh;  // row r = head * nq + token
+  const int64_t chunk = std::min(it.r1 - it.r0, chunk_rows(a, it.seq));
+  const int64_t ls = score_stride(chunk);
+  std::vector<float> own_qcat;
+  if (qcat == nullptr) {
+    own_qcat.resize(static_cast<size_t>(rows * row_len));
+    make_qcat(k, a, it.t0, nq, it.h0, nh, own_qcat.data());
+    qcat = own_qcat.data();
+  }
+  std::vector<float> scores(static_cast<size_t>(rows * ls));
+  std::vector<float> o_lat_own(state ? 0 : static_cast<size_t>(rows * C));
+  float* const o_lat = state ? state : o_lat_own.data();
+  std::vector<float> run_max_own(state ? 0 : static_cast<size_t>(rows)), run_sum_own(state ? 0 : static_cast<size_t>(rows));
+  float* const run_max = state ? state + rows * C : run_max_own.data();
+  float* const run_sum = state ? state + rows * (C + 1) : run_sum_own.data();
+  std::fill(run_max, run_max + rows, -INFINITY);
+  std::fill(run_sum, run_sum + rows, 0.0f);
 
-  const std::vector<Item> items = plan_items(a, ctx.pool.num_threads());
-  ctx.pool.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t i, int) {
-    const Item& it = items[static_cast<size_t>(i)];
-    const int64_t nq = it.t1 - it.t0, nh = it.h1 - it.h0, rows = nq * nh;  // row r = head * nq + token
-    int32_t max_pos = 0;
-    for (int64_t t = it.t0; t < it.t1; ++t) max_pos = std::max(max_pos, a->positions[t]);
-    const int64_t L = static_cast<int64_t>(max_pos) + 1;  // cache rows this block can see
-    const int64_t chunk = std::min(L, chunk_rows(a, it.seq));
-    const int64_t ls = score_stride(chunk);
-    std::vector<float> qcat(static_cast<size_t>(rows * row_len));
-    std::vector<float> scores(static_cast<size_t>(rows * ls));
-    std::vector<float> o_lat(static_cast<size_t>(rows * C));
-    std::vector<float> run_max(static_cast<size_t>(rows), -INFINITY), run_sum(static_cast<size_t>(rows), 0.0f);
+  // A paged cache is a GEMM per block: with bf16 rows the query rows are packed for their
+  // kernel once here, not in every block.
+  const em_dtype cache_dtype = a->pages ? a->pages->dtype : a->caches[it.seq].dtype;
+  const PackedRows packed = pack_rows_here(ctx.isa, qcat, row_len, rows, row_len, cache_dtype == EM_BF16);
+  const bool widen = a->pages != nullptr && cache_dtype == EM_F8_E4M3;
+  std::vector<float> widened;
+  Weight widened_rows;
+  // Runs of the chunk's rows: its widened fp8 rows, or as for_each_run reads them in place.
+  auto runs = [&](int64_t c0, int64_t c1, auto&& f) {
+    if (widen) return f(c0, c1 - c0, widened_rows, int64_t{0});
+    for_each_run(a, it.seq, c0, c1, it.r1, f);
+  };
+  for (int64_t c0 = it.r0; c0 < it.r1; c0 += chunk) {
+    const int64_t c1 = std::min(it.r1, c0 + chunk), n_c = c1 - c0;
+    if (widen) widened_rows = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
+    // scores = [q_lat | q_pe] . cache rows [c0, c1)
+    runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t next) {
+      Gemm sg;
+      sg.x = qcat;
+      sg.ldx = row_len;
+      packed.attach(sg, 0);
+      sg.w = run;
+      sg.y = scores.data() + (r0 - c0);
+      sg.ldy = ls;
+      sg.M = rows;
+      sg.N = n;
+      sg.K = row_len;
+      sg.w_next = next;  // the next block's rows come into L2 while this one computes
+      k.gemm_nt(sg, 0, rows, 0, n);
+    });
 
-    // q_lat = q_nope W_uk[h]; q_pe copied beside it.
-    for (int64_t hl = 0; hl < nh; ++hl) {
-      const int64_t h = it.h0 + hl;
-      Gemm g;
-      g.x = q + it.t0 * q_tok + h * q_head;
-      g.ldx = q_tok;
-      g.w = wkv_b.row_slice(h * (dn + dv), dn);
-      g.y = qcat.data() + hl * nq * row_len;
-      g.ldy = row_len;
-      g.M = nq;
-      g.N = C;
-      g.K = dn;
-      k.gemm_nn(g, 0, nq, 0, C);
-      for (int64_t tl = 0; tl < nq; ++tl)
-        std::memcpy(qcat.data() + (hl * nq + tl) * row_len + C, q + (it.t0 + tl) * q_tok + h * q_head + dn,
-                    static_cast<size_t>(dr) * sizeof(float));
-    }
-
-    // A paged cache is a GEMM per block: with bf16 rows the query rows are packed for their
-    // kernel once here, not in every block.
-    const em_dtype cache_dtype = a->pages ? a->pages->dtype : a->caches[it.seq].dtype;
-    const PackedRows packed = pack_rows_here(ctx.isa, qcat.data(), row_len, rows, row_len, cache_dtype == EM_BF16);
-    const bool widen = a->pages != nullptr && cache_dtype == EM_F8_E4M3;
-    std::vector<float> widened;
-    Weight widened_rows;
-    // Runs of the chunk's rows: its widened fp8 rows, or as for_each_run reads them in place.
-    auto runs = [&](int64_t c0, int64_t c1, auto&& f) {
-      if (widen) return f(c0, c1 - c0, widened_rows, int64_t{0});
-      for_each_run(a, it.seq, c0, c1, L, f);
-    };
-    for (int64_t c0 = 0; c0 < L; c0 += chunk) {
-      const int64_t c1 = std::min(L, c0 + chunk), n_c = c1 - c0;
-      if (widen) widened_rows = gather_fp8_rows(a, it.seq, c0, c1, widened, k.fp8_to_f32);
-      // scores = [q_lat | q_pe] . cache rows [c0, c1)
-      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t next) {
-        Gemm sg;
-        sg.x = qcat.data();
-        sg.ldx = row_len;
-        packed.attach(sg, 0);
-        sg.w = run;
-        sg.y = scores.data() + (r0 - c0);
-        sg.ldy = ls;
-        sg.M = rows;
-        sg.N = n;
-        sg.K = row_len;
-        sg.w_next = next;  // the next block's rows come into L2 while this one computes
-        k.gemm_nt(sg, 0, rows, 0, n);
-      });
-
-      // Causal softmax in fp32, online: token t sees rows [0, pos[t]]. A row's probabilities
-      // are exp(score - its running max); what o_lat and the sum hold is rescaled to a new max.
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t pos = a->positions[it.t0 + r % nq];
-        online_softmax_row(k, scores.data() + r * ls, n_c, std::clamp<int64_t>(pos + 1 - c0, 0, n_c),
-                           a->softmax_scale, c0 > 0, run_max[static_cast<size_t>(r)], run_sum[static_cast<size_t>(r)],
-                           o_lat.data() + r * C, C);
-      }
-
-      // o_lat += P latent rows [c0, c1)
-      runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t) {
-        Gemm pg;
-        pg.x = scores.data() + (r0 - c0);
-        pg.ldx = ls;
-        pg.w = run;
-        pg.y = o_lat.data();
-        pg.ldy = C;
-        pg.M = rows;
-        pg.N = C;
-        pg.K = n;
-        pg.accumulate = r0 > 0;
-        k.gemm_nn(pg, 0, rows, 0, C);
-      });
-    }
+    // Causal softmax in fp32, online: token t sees rows [0, pos[t]]. A row's probabilities
+    // are exp(score - its running max); what o_lat and the sum hold is rescaled to a new max.
     for (int64_t r = 0; r < rows; ++r) {
-      const float inv = 1.0f / run_sum[static_cast<size_t>(r)];
-      float* o = o_lat.data() + r * C;
-      for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+      const int64_t pos = a->positions[it.t0 + r % nq];
+      online_softmax_row(k, scores.data() + r * ls, n_c, std::clamp<int64_t>(pos + 1 - c0, 0, n_c), a->softmax_scale,
+                         c0 > it.r0, run_max[r], run_sum[r], o_lat + r * C, C);
     }
 
-    // out[t, h] = W_uv[h] o_lat
-    for (int64_t hl = 0; hl < nh; ++hl) {
-      const int64_t h = it.h0 + hl;
-      Gemm og;
-      og.x = o_lat.data() + hl * nq * C;
-      og.ldx = C;
-      og.w = wkv_b.row_slice(h * (dn + dv) + dn, dv);
-      og.y = out + it.t0 * o_tok + h * o_head;
-      og.ldy = o_tok;
-      og.M = nq;
-      og.N = dv;
-      og.K = C;
-      k.gemm_nt(og, 0, nq, 0, dv);
+    // o_lat += P latent rows [c0, c1)
+    runs(c0, c1, [&](int64_t r0, int64_t n, const Weight& run, int64_t) {
+      Gemm pg;
+      pg.x = scores.data() + (r0 - c0);
+      pg.ldx = ls;
+      pg.w = run;
+      pg.y = o_lat;
+      pg.ldy = C;
+      pg.M = rows;
+      pg.N = C;
+      pg.K = n;
+      pg.accumulate = r0 > it.r0;
+      k.gemm_nn(pg, 0, rows, 0, C);
+    });
+  }
+  if (state != nullptr) return;  // merge_splits finishes it
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.0f / run_sum[r];
+    float* o = o_lat + r * C;
+    for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+  }
+  project_out(k, a, it.t0, nq, it.h0, nh, o_lat);
+}
+
+// A group's splits merged: per query row, the splits' o_lat weighted by exp(their max - the
+// largest), over their sums so weighted; then the output. A split the row sees nothing of
+// (max -inf) weighs 0, so a row that sees only the first split gets that split's numbers
+// exactly as an unsplit item would.
+void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, const float* state) {
+  const int64_t C = a->kv_lora_rank, nq = g.t1 - g.t0, nh = g.h1 - g.h0, rows = nq * nh;
+  const int64_t per_split = rows * (C + 2);
+  std::vector<float> o_lat(static_cast<size_t>(rows * C), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float m = -INFINITY;
+    for (int64_t sp = 0; sp < g.splits; ++sp) m = std::max(m, state[sp * per_split + rows * C + r]);
+    float sum = 0.0f;
+    float* o = o_lat.data() + r * C;
+    for (int64_t sp = 0; sp < g.splits; ++sp) {
+      const float* st = state + sp * per_split;
+      const float w = std::exp(st[rows * C + r] - m);
+      if (w == 0.0f) continue;
+      sum += w * st[rows * (C + 1) + r];
+      const float* so = st + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] += w * so[c];
     }
+    const float inv = 1.0f / sum;
+    for (int64_t c = 0; c < C; ++c) o[c] *= inv;
+  }
+  project_out(k, a, g.t0, nq, g.h0, nh, o_lat.data());
+}
+
+}  // namespace
+
+em_status mla_attention(Context& ctx, const em_mla_args* a) {
+  const Kernels& k = *ctx.k;
+  const Plan plan = plan_items(a, ctx.pool.num_threads());
+  AlignedBuffer<float> state(static_cast<size_t>(plan.state_floats)), qcat(static_cast<size_t>(plan.qcat_floats));
+  // The [q_lat | q_pe] rows a group's splits share, made once.
+  ctx.pool.parallel_for(static_cast<int64_t>(plan.groups.size()), [&](int64_t gi, int) {
+    const Group& g = plan.groups[static_cast<size_t>(gi)];
+    if (g.qcat >= 0) make_qcat(k, a, g.t0, g.t1 - g.t0, g.h0, g.h1 - g.h0, qcat.data() + g.qcat);
+  });
+  ctx.pool.parallel_for(static_cast<int64_t>(plan.items.size()), [&](int64_t i, int) {
+    const Item& it = plan.items[static_cast<size_t>(i)];
+    if (it.group < 0) return absorbed_item(ctx, a, it, nullptr, nullptr);
+    const Group& g = plan.groups[static_cast<size_t>(it.group)];
+    const int64_t rows = (g.t1 - g.t0) * (g.h1 - g.h0);
+    absorbed_item(ctx, a, it, g.qcat >= 0 ? qcat.data() + g.qcat : nullptr,
+                  state.data() + g.state + it.split * rows * (a->kv_lora_rank + 2));
+  });
+  ctx.pool.parallel_for(static_cast<int64_t>(plan.groups.size()), [&](int64_t gi, int) {
+    const Group& g = plan.groups[static_cast<size_t>(gi)];
+    merge_splits(k, a, g, state.data() + g.state);
   });
   for (int32_t s = 0; s < a->num_seqs; ++s)
     if (multi_head_form(a, s)) mla_multi_head(ctx, a, s);

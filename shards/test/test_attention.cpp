@@ -196,6 +196,54 @@ std::vector<int32_t> range(int32_t a, int32_t b) {
   return v;
 }
 
+// A long sequence's context is split at fixed rows (cpu/attention.cpp split_rows), never by
+// what else the call holds or the thread count: its output must be the same bits alone, beside
+// other sequences (which change how the call is cut into items), and on 1, 2 or 3 threads.
+// Contiguous f32 caches; its one decode token sees 700 rows (splits of 224 rows at C 512).
+void test_split_invariance() {
+  const Dims d{4, 16, 8, 16, 512};
+  const int64_t row = d.C + d.dr;
+  Rng rng(11);
+  TestWeight wkv_b = make_weight(rng, EM_BF16, d.H * (d.dn + d.dv), d.C, 0.25f);
+  em_tensor wt = wkv_b.view();
+  const std::vector<int64_t> lengths = {700, 90, 300, 16};  // the first is the subject
+  std::vector<std::vector<float>> cache;
+  for (int64_t n : lengths) cache.push_back(rng.vec(static_cast<size_t>(n * row)));
+  const std::vector<float> q_all = rng.vec(static_cast<size_t>(lengths.size() * d.H * (d.dn + d.dr)));
+  const double scale = em_mla_softmax_scale(static_cast<int32_t>(d.dn + d.dr), 40.0, 0.707);
+  // The subject's output (its one decode token) for the first `n` sequences on `threads`.
+  auto subject = [&](em_cpu_isa isa, int threads, size_t n) {
+    Backend be(isa, threads);
+    std::vector<em_tensor> caches;
+    std::vector<int32_t> positions, q_offsets = {0};
+    for (size_t s = 0; s < n; ++s) {
+      caches.push_back(em_tensor_2d(cache[s].data(), EM_F32, lengths[s], row));
+      positions.push_back(static_cast<int32_t>(lengths[s] - 1));
+      q_offsets.push_back(static_cast<int32_t>(s + 1));
+    }
+    const int64_t T = static_cast<int64_t>(n);
+    em_tensor qt = em_tensor_3d(const_cast<float*>(q_all.data()), EM_F32, T, d.H, d.dn + d.dr);
+    std::vector<float> out(static_cast<size_t>(T * d.H * d.dv), 7.0f);
+    em_tensor ot = em_tensor_3d(out.data(), EM_F32, T, d.H, d.dv);
+    em_mla_args a{static_cast<int32_t>(d.H), static_cast<int32_t>(d.dn), static_cast<int32_t>(d.dr),
+                  static_cast<int32_t>(d.dv), static_cast<int32_t>(d.C), static_cast<float>(scale),
+                  &qt, positions.data(), static_cast<int32_t>(n), q_offsets.data(), caches.data(), &wt, &ot, nullptr};
+    CHECK_OK(em_mla_attention(be.b, &a));
+    out.resize(static_cast<size_t>(d.H * d.dv));
+    return out;
+  };
+  for (em_cpu_isa isa : available_isas()) {
+    const std::vector<float> alone = subject(isa, 1, 1);
+    for (int threads : {1, 2, 3})
+      for (size_t n : {size_t{1}, size_t{2}, lengths.size()}) {
+        const std::vector<float> got = subject(isa, threads, n);
+        CHECK(std::memcmp(got.data(), alone.data(), alone.size() * sizeof(float)) == 0,
+              "%s: the split sequence's output changed with %d threads and %zu sequences", em_cpu_isa_name(isa),
+              threads, n);
+      }
+  }
+}
+
 void test_errors() {
   Backend be(EM_ISA_SCALAR, 1);
   std::vector<float> q(2 * 2 * 6), cache(4 * 6), w(2 * 8 * 4), out(2 * 2 * 4);
@@ -261,7 +309,10 @@ int main() {
   run_case(rng, Dims{2, 8, 6, 8, 45}, {{20, {19}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 4);  // SIMD tail of 5 codes
   // Contexts of several chunks (kChunkBytes of cache rows: 112-row chunks of f32 rows at
   // C 512): the online softmax's rescaling when a later chunk raises the max, and query
-  // tokens that see none of a later chunk (positions 100.. in blocks of 16 queries).
+  // tokens that see none of a later chunk (positions 100.. in blocks of 16 queries). Past
+  // 224 rows (split_rows at these dims) the context is split and the splits merged, with
+  // query tokens that see nothing of the later splits. (ctest also runs every case split
+  // every 16 rows: attention_split.)
   const Dims long_rows{2, 16, 8, 16, 512};
   for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3}) {
     run_case(rng, long_rows, {{300, {299}}, {113, {112}}, {230, range(100, 230)}}, EM_BF16, cdt, Layout::Paged, 16);
@@ -279,6 +330,7 @@ int main() {
   // Blocks in pool order (a prompt's blocks, reserved together, usually are).
   for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3})
     run_case(rng, small, {{150, {149}}, {7, range(2, 7)}, {66, range(60, 66)}}, EM_BF16, cdt, Layout::Paged, 4, false);
+  test_split_invariance();
   test_errors();
   return finish("attention");
 }
