@@ -104,7 +104,10 @@ case "$job" in
     # 4 shards, the gateway); `expertmesh up` creates the tiny model on first run.
     ensure_deps
     ensure_native
-    ensure_nats > /dev/null
+    case " $* " in
+      *" --single-process "*) ;;  # the gateway alone: no nats-server to find or build
+      *) ensure_nats > /dev/null ;;
+    esac
     exec node src/cli/main.ts up -f examples/tiny.yaml "$@"
     ;;
   nats)

@@ -57,6 +57,11 @@ function spawnUp(
   file = manifest,
   env: NodeJS.ProcessEnv = {},
   models = mkdtempSync(join(testEnv().runDir, "models-")),
+  args: string[] = [],
+  baseEnv: NodeJS.ProcessEnv = {
+    ...process.env,
+    EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer,
+  },
 ): Up {
   const proc = spawn(
     process.execPath,
@@ -68,9 +73,10 @@ function spawnUp(
       `--models-dir=${models}`,
       `--http-port=${port}`,
       `--grpc-port=${grpcPort}`,
+      ...args,
     ],
     {
-      env: { ...process.env, EXPERTMESH_NATS_SERVER: testEnv().binaries.natsServer, ...env },
+      env: { ...baseEnv, ...env },
       stdio: ["ignore", "pipe", "pipe"],
       detached,
     },
@@ -464,6 +470,42 @@ describe("expertmesh up", () => {
     }
   });
 
+  it("--single-process: one gateway runs every expert itself; no nats-server (none is installed here) and no shard starts, and Ctrl-C stops it", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "single-"));
+    const env: NodeJS.ProcessEnv = { ...process.env, PATH: "/usr/bin:/bin" };
+    delete env["EXPERTMESH_NATS_SERVER"];
+    env["EXPERTMESH_CACHE_DIR"] = join(dir, "cache"); // no nats-server build there either
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, manifest, {}, join(dir, "models"), ["--single-process"], env);
+    try {
+      await untilServing(u, port);
+      expect(u.err()).toContain("one process, the gateway running every expert");
+      expect(u.err()).toMatch(/serving 'tiny-v3' on http:\/\/127\.0\.0\.1:\d+ \(single-process\)/);
+      expect(u.err()).not.toContain("[shard-");
+      const procs = descendants(u.proc.pid!);
+      expect(procs).toHaveLength(1); // the gateway
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+      const r = await client.chat.completions.create({
+        model: "tiny-v3",
+        messages: [{ role: "user", content: "Hello!" }],
+        max_tokens: 8,
+        temperature: 0,
+      });
+      expect(r.choices[0]!.message.content!.length).toBeGreaterThan(0);
+      expect(await completionTokens(port, 6)).toBe(6);
+      process.kill(-u.proc.pid!, "SIGINT");
+      await waitFor(
+        "up to exit",
+        async () => (u.proc.exitCode !== null ? true : undefined),
+        30_000,
+      );
+      expect(u.proc.exitCode).toBe(0);
+      expect(procs.filter(alive)).toEqual([]);
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
+    }
+  });
+
   it("rejects a bad port before starting anything", async () => {
     const r = await runCli(process.execPath, [main, "up", "-f", manifest, "--grpc-port=eighty"]);
     expect(r.code).toBe(1);
@@ -481,6 +523,18 @@ describe("expertmesh up", () => {
     const device = await runCli(process.execPath, [main, "up", "-f", manifest, "--device=gpu"]);
     expect(device.code).toBe(1);
     expect(device.stderr).toContain("[EM_CLI_USAGE] --device must be auto, cpu or cuda, got 'gpu'");
+    const mb = await runCli(process.execPath, [
+      main,
+      "up",
+      "-f",
+      manifest,
+      "--single-process",
+      "--micro-batches=2",
+    ]);
+    expect(mb.code).toBe(1);
+    expect(mb.stderr).toContain(
+      "[EM_CLI_USAGE] --micro-batches overlaps one half's expert round trip",
+    );
   });
 
   it("--device cuda without a CUDA device fails before starting anything", async () => {

@@ -1,7 +1,8 @@
 // `expertmesh up -f MANIFEST`: runs a DeepSeekModel manifest on this machine as child
 // processes — a nats-server, the expert shards (replicas.min of each) and one gateway —
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
-// prints the endpoints, and stops everything on Ctrl-C.
+// prints the endpoints, and stops everything on Ctrl-C. With --single-process, one gateway
+// runs the routed experts itself (gateway --local): no nats-server, no shards.
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -41,6 +42,10 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
                      (default: spec.gateway.ports.grpc, 8001; 0 picks one)
   --host ADDR        listen address (default 127.0.0.1)
   --micro-batches N  the gateway's micro-batches in flight per step, 1 or 2 (gateway --micro-batches)
+  --single-process   one gateway process that runs the routed experts itself (gateway --local):
+                     no nats-server and no shards. The fastest way on one machine (the shards'
+                     processes add a NATS round trip per layer and share its cores), but
+                     spec.experts (shards, replicas) is not exercised
   --device D         auto (default): the roles the manifest gives GPUs (spec.gateway.gpus,
                      spec.experts.gpusPerShard) run on this machine's CUDA devices (shard k on
                      cuda:k mod count, the gateway on cuda:0) when it has any, else on the CPU;
@@ -155,8 +160,15 @@ export const upCommand: Command = {
         host: { type: "string" },
         "micro-batches": { type: "string" },
         device: { type: "string" },
+        "single-process": { type: "boolean" },
       },
     });
+    const single = values["single-process"] === true;
+    if (single && values["micro-batches"] !== undefined && values["micro-batches"] !== "1")
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        "--micro-batches overlaps one half's expert round trip over NATS with the other's attention; with --single-process there is none",
+      );
     const deviceFlag = parseDeviceFlag(values.device);
     if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
     const m = readManifest(values.file);
@@ -251,10 +263,11 @@ export const upCommand: Command = {
     }
 
     const config = readModelConfig(modelDir);
+    // (single process: one "shard", the gateway, holds every expert once)
     const plan = planPlacement({
       architecture: modelArchitectureOf(config),
-      numShards: m.spec.experts.shards,
-      redundantExperts: m.spec.experts.redundantExperts,
+      numShards: single ? 1 : m.spec.experts.shards,
+      redundantExperts: single ? 0 : m.spec.experts.redundantExperts,
       mtpLayers: m.spec.gateway.speculative?.method === "mtp" ? 1 : 0,
     });
     const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
@@ -264,9 +277,11 @@ export const upCommand: Command = {
     if (m.spec.gateway.chatTemplate !== undefined)
       writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
     say(
-      `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
+      single
+        ? `${ns}/${name}: one process, the gateway running every expert (--single-process: spec.experts' ${m.spec.experts.shards} shard(s) are not started), run folder ${runDir}`
+        : `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
     );
-    const memory = upMemory(m, plan);
+    const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
 
     const children: ChildProcess[] = [];
@@ -307,60 +322,65 @@ export const upCommand: Command = {
     });
 
     try {
-      const natsPort = await freePort();
-      const nats = child(
-        board,
-        "nats",
-        "sh",
-        [
-          "-c",
-          NATS_UNDER_WATCH,
-          "nats-server",
-          findNatsServer(),
-          "-a",
-          "127.0.0.1",
-          "-p",
-          String(natsPort),
-        ],
-        /Server is ready/,
-        false,
-      );
-      children.push(nats.proc);
-      await nats.ready;
-      const natsUrl = `nats://127.0.0.1:${natsPort}`;
       const cli = [process.argv[1]!];
-      const common = [
+      const named = [
         `--model=${modelDir}`,
-        `--plan=${planPath}`,
-        `--nats=${natsUrl}`,
         `--namespace=${ns}`,
         `--model-name=${name}`,
         ...modelArgs(m),
       ];
-      const shards = [];
-      for (let k = 0; k < plan.numShards; k++) {
-        for (let r = 0; r < m.spec.experts.replicas.min; r++) {
-          const s = child(
-            board,
-            `shard-${k}.${r}`,
-            process.execPath,
-            [
-              ...cli,
-              "shard",
-              ...common,
-              `--shard=${k}`,
-              `--id=r${r}`,
-              "--metrics-port=0",
-              `--device=${devices.shard(k)}`,
-            ],
-            /serving /,
-            true,
-          );
-          children.push(s.proc);
-          shards.push(s.ready);
+      // nats-server and the shards; resolves with the gateway's flags to reach them.
+      async function startShards(): Promise<string[]> {
+        const natsPort = await freePort();
+        const nats = child(
+          board,
+          "nats",
+          "sh",
+          [
+            "-c",
+            NATS_UNDER_WATCH,
+            "nats-server",
+            findNatsServer(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            String(natsPort),
+          ],
+          /Server is ready/,
+          false,
+        );
+        children.push(nats.proc);
+        await nats.ready;
+        const natsUrl = `nats://127.0.0.1:${natsPort}`;
+        const common = [...named, `--plan=${planPath}`, `--nats=${natsUrl}`];
+        const shards = [];
+        for (let k = 0; k < plan.numShards; k++) {
+          for (let r = 0; r < m.spec.experts.replicas.min; r++) {
+            const s = child(
+              board,
+              `shard-${k}.${r}`,
+              process.execPath,
+              [
+                ...cli,
+                "shard",
+                ...common,
+                `--shard=${k}`,
+                `--id=r${r}`,
+                "--metrics-port=0",
+                `--device=${devices.shard(k)}`,
+              ],
+              /serving /,
+              true,
+            );
+            children.push(s.proc);
+            shards.push(s.ready);
+          }
         }
+        await Promise.all(shards);
+        return [`--plan=${planPath}`, `--nats=${natsUrl}`];
       }
-      await Promise.all(shards);
+      // Where the gateway finds its experts: in process, or on the shards (started first).
+      const experts = single ? ["--local"] : await startShards();
       const host = values.host ?? "127.0.0.1";
       const gw = child(
         board,
@@ -369,7 +389,8 @@ export const upCommand: Command = {
         [
           ...cli,
           "gateway",
-          ...common,
+          ...named,
+          ...experts,
           `--http-port=${httpPort}`,
           `--grpc-port=${grpcPort}`,
           `--host=${host}`,
@@ -429,16 +450,20 @@ export function upMemory(
   m: DeepSeekModel,
   plan: PlacementPlan,
   machineBytes = totalmem(),
+  singleProcess = false,
 ): string | null {
   const shards = everyShardExpertBytes(m, plan);
   const weights = gatewayWeightBytes(m);
   if (weights === null || shards === null) return null;
-  const shardBytes = shards.reduce((a, b) => a + b, 0) * m.spec.experts.replicas.min;
+  const expertBytes =
+    shards.reduce((a, b) => a + b, 0) * (singleProcess ? 1 : m.spec.experts.replicas.min);
   const gateway = weights + m.spec.gateway.kvCache.bytes;
-  const total = shardBytes + gateway;
-  const line =
-    `memory: the processes will hold ~${formatBytes(total)} (shards ${formatBytes(shardBytes)}, ` +
-    `gateway ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`;
+  const total = expertBytes + gateway;
+  const line = singleProcess
+    ? `memory: the gateway will hold ~${formatBytes(total)} (experts ${formatBytes(expertBytes)}, ` +
+      `the rest ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`
+    : `memory: the processes will hold ~${formatBytes(total)} (shards ${formatBytes(expertBytes)}, ` +
+      `gateway ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`;
   return total > 0.9 * machineBytes
     ? `${line}: too little, expect one to be killed while loading (a smaller spec.gateway.kvCache.bytes, or spec.model.dtype fp8, holds less)`
     : line;
