@@ -211,6 +211,18 @@ describe("expertmesh up's memory line", () => {
     );
   });
 
+  it("with --single-process: the gateway holds every expert once (a plan of one shard, no copies)", () => {
+    const one = planPlacement({
+      architecture: architectureOf(m),
+      numShards: 1,
+      redundantExperts: 0,
+    });
+    // 16 experts per layer x 3 MoE layers x 12 KiB: the 2 copies of hot experts per layer gone
+    expect(upMemory(m, one, 24 * 2 ** 30, true)).toBe(
+      "memory: the gateway will hold ~512.9 MiB (experts 576.0 KiB, the rest 512.3 MiB with its KV cache); this machine has 24.00 GiB",
+    );
+  });
+
   it("warns when that is over 90 % of it", () => {
     expect(upMemory(m, plan, Math.ceil((shards + gateway) / 0.9) + 1)).not.toMatch(/too little/);
     expect(upMemory(m, plan, Math.floor((shards + gateway) / 0.9) - 1)).toMatch(
