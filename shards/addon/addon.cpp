@@ -99,8 +99,8 @@ struct AddonState {
 
 AddonState* state_of(Napi::Env env) { return env.GetInstanceData<AddonState>(); }
 
-// o[key] for a string-literal key (see AddonState::keys).
-Napi::Value prop(Napi::Env env, const Napi::Object& o, const char* key) {
+// o[key] for a key kept by its address (see AddonState::key_strings): only prop() below calls it.
+Napi::Value prop_by_address(Napi::Env env, const Napi::Object& o, const char* key) {
   AddonState* st = state_of(env);
   if (st->key_strings.IsEmpty()) st->key_strings = Napi::Persistent(Napi::Array::New(env));
   const Napi::Array strings = st->key_strings.Value();
@@ -111,6 +111,14 @@ Napi::Value prop(Napi::Env env, const Napi::Object& o, const char* key) {
     it = st->key_index.emplace(key, i).first;
   }
   return o.Get(strings.Get(it->second));
+}
+
+// o[key] for a string literal: the key is an array reference, so a pointer into a temporary
+// (a std::string's c_str(), which could come back at the same address with other text)
+// does not compile. The helpers that pass a key on take it the same way.
+template <size_t N>
+Napi::Value prop(Napi::Env env, const Napi::Object& o, const char (&key)[N]) {
+  return prop_by_address(env, o, key);
 }
 
 // Device memory of a backend, freed with its last holder.
@@ -204,12 +212,14 @@ int64_t integer(Napi::Env env, const Napi::Value& v, const char* name, int64_t m
   return static_cast<int64_t>(d);
 }
 
-double number_or(Napi::Env env, const Napi::Object& o, const char* key, double fallback) {
+template <size_t N>
+double number_or(Napi::Env env, const Napi::Object& o, const char (&key)[N], double fallback) {
   const Napi::Value v = prop(env, o, key);
   return present(v) ? number(env, v, key) : fallback;
 }
 
-int64_t integer_or(Napi::Env env, const Napi::Object& o, const char* key, int64_t fallback, int64_t min) {
+template <size_t N>
+int64_t integer_or(Napi::Env env, const Napi::Object& o, const char (&key)[N], int64_t fallback, int64_t min) {
   const Napi::Value v = prop(env, o, key);
   return present(v) ? integer(env, v, key, min) : fallback;
 }
@@ -1126,8 +1136,8 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
 }
 
 // A per-row parameter: a number for every row, or a typed array of `rows` values.
-template <typename T>
-std::vector<T> per_row(Napi::Env env, const Napi::Object& o, const char* key, int64_t rows, T fallback) {
+template <typename T, size_t N>
+std::vector<T> per_row(Napi::Env env, const Napi::Object& o, const char (&key)[N], int64_t rows, T fallback) {
   const Napi::Value v = prop(env, o, key);
   if (!present(v)) return std::vector<T>(static_cast<size_t>(rows), fallback);
   if (v.IsNumber()) return std::vector<T>(static_cast<size_t>(rows), static_cast<T>(number(env, v, key)));
