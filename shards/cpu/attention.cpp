@@ -48,23 +48,23 @@ struct Item {
   int64_t t0, t1;
   int64_t h0, h1;
   int64_t r0, r1;
-  int64_t group = -1;  // index into Plan::groups, or -1: the item writes its output itself
-  int64_t split = 0;
+  int64_t split = 0;  // of its group (split items only)
 };
 
-// The splits of one (sequence, query block, head group).
+// The splits of one (sequence, query block, head group): Plan::split_items [first, first +
+// splits), whose states are splits x [rows x C o_lat | rows max | rows sum] floats, and who
+// share the group's [q_lat | q_pe] rows (rows x (C + dr)), made once.
 struct Group {
   int32_t seq;
   int64_t t0, t1, h0, h1;
-  int64_t splits;
-  int64_t state;  // floats into the call's split state: splits x [rows x C o_lat | rows max | rows sum]
-  int64_t qcat;   // floats into the call's shared [q_lat | q_pe] rows, or -1: each split makes its own
+  int64_t first, splits;
+  int64_t rows() const { return (t1 - t0) * (h1 - h0); }
 };
 
 struct Plan {
-  std::vector<Item> items;
+  std::vector<Item> whole;        // items that cover all their rows and write their output
+  std::vector<Item> split_items;  // by group, in order
   std::vector<Group> groups;
-  int64_t state_floats = 0, qcat_floats = 0;
 };
 
 constexpr int64_t kMaxQueryBlock = 16;
@@ -126,7 +126,7 @@ int64_t split_rows(const em_mla_args* a, int32_t s) {
 }
 
 Plan plan_items(const em_mla_args* a, int threads) {
-  const int64_t H = a->num_heads, T = a->q->shape[0], row_len = a->kv_lora_rank + a->qk_rope_head_dim;
+  const int64_t H = a->num_heads, T = a->q->shape[0];
   auto seq_range = [&](int32_t s, int64_t& t0, int64_t& t1) {
     t0 = a->q_offsets ? a->q_offsets[s] : 0;
     t1 = a->q_offsets ? a->q_offsets[s + 1] : T;
@@ -167,25 +167,16 @@ Plan plan_items(const em_mla_args* a, int threads) {
   };
   while (hb > 1 && count(hb) < 2 * static_cast<int64_t>(threads)) hb = (hb + 1) / 2;
   Plan plan;
-  constexpr int64_t kSharedQcatFloats = int64_t{8} << 20;  // 32 MiB; past it splits make their own
   blocks(hb, [&](int32_t s, int64_t t0, int64_t t1, int64_t L, int64_t sr, int64_t splits) {
     for (int64_t h = 0; h < H; h += hb) {
       const int64_t h1 = std::min(H, h + hb);
       if (splits == 1) {
-        plan.items.push_back({s, t0, t1, h, h1, 0, L});
+        plan.whole.push_back({s, t0, t1, h, h1, 0, L});
         continue;
       }
-      const int64_t rows = (t1 - t0) * (h1 - h);
-      Group g{s, t0, t1, h, h1, splits, plan.state_floats, -1};
-      plan.state_floats += splits * rows * (a->kv_lora_rank + 2);
-      if (plan.qcat_floats + rows * row_len <= kSharedQcatFloats) {
-        g.qcat = plan.qcat_floats;
-        plan.qcat_floats += rows * row_len;
-      }
+      plan.groups.push_back({s, t0, t1, h, h1, static_cast<int64_t>(plan.split_items.size()), splits});
       for (int64_t k = 0; k < splits; ++k)
-        plan.items.push_back({s, t0, t1, h, h1, k * sr, std::min(L, (k + 1) * sr),
-                              static_cast<int64_t>(plan.groups.size()), k});
-      plan.groups.push_back(g);
+        plan.split_items.push_back({s, t0, t1, h, h1, k * sr, std::min(L, (k + 1) * sr), k});
     }
   });
   return plan;
@@ -563,25 +554,59 @@ void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, const 
 
 em_status mla_attention(Context& ctx, const em_mla_args* a) {
   const Kernels& k = *ctx.k;
+  const int64_t C = a->kv_lora_rank, row_len = C + a->qk_rope_head_dim;
   const Plan plan = plan_items(a, ctx.pool.num_threads());
-  AlignedBuffer<float> state(static_cast<size_t>(plan.state_floats)), qcat(static_cast<size_t>(plan.qcat_floats));
-  // The [q_lat | q_pe] rows a group's splits share, made once.
-  ctx.pool.parallel_for(static_cast<int64_t>(plan.groups.size()), [&](int64_t gi, int) {
-    const Group& g = plan.groups[static_cast<size_t>(gi)];
-    if (g.qcat >= 0) make_qcat(k, a, g.t0, g.t1 - g.t0, g.h0, g.h1 - g.h0, qcat.data() + g.qcat);
-  });
-  ctx.pool.parallel_for(static_cast<int64_t>(plan.items.size()), [&](int64_t i, int) {
-    const Item& it = plan.items[static_cast<size_t>(i)];
-    if (it.group < 0) return absorbed_item(ctx, a, it, nullptr, nullptr);
-    const Group& g = plan.groups[static_cast<size_t>(it.group)];
-    const int64_t rows = (g.t1 - g.t0) * (g.h1 - g.h0);
-    absorbed_item(ctx, a, it, g.qcat >= 0 ? qcat.data() + g.qcat : nullptr,
-                  state.data() + g.state + it.split * rows * (a->kv_lora_rank + 2));
-  });
-  ctx.pool.parallel_for(static_cast<int64_t>(plan.groups.size()), [&](int64_t gi, int) {
-    const Group& g = plan.groups[static_cast<size_t>(gi)];
-    merge_splits(k, a, g, state.data() + g.state);
-  });
+  // The split groups run in waves whose states fit wave_budget (a group larger than that is a
+  // wave alone): a call of many query tokens over long contexts (short chunks of many
+  // sequences after their cached prefixes) would otherwise hold gigabytes of states at V3's
+  // dims. The whole items run with the first wave. Waves change no number.
+  // $EM_MLA_WAVE_FLOATS (read per call) overrides the 64 MiB, for tests.
+  int64_t wave_budget = int64_t{16} << 20;
+  if (const char* env = std::getenv("EM_MLA_WAVE_FLOATS"); env != nullptr && *env != '\0')
+    wave_budget = std::max<int64_t>(1, std::atoll(env));
+  const auto state_floats = [&](const Group& g) { return g.splits * g.rows() * (C + 2); };
+  size_t g0 = 0;
+  for (bool first = true; first || g0 < plan.groups.size(); first = false) {
+    size_t g1 = g0;
+    int64_t wave_floats = 0, qcat_floats = 0;
+    std::vector<int64_t> state_at, qcat_at;  // per group of the wave
+    while (g1 < plan.groups.size() &&
+           (g1 == g0 || wave_floats + state_floats(plan.groups[g1]) <= wave_budget)) {
+      state_at.push_back(wave_floats);
+      qcat_at.push_back(qcat_floats);
+      wave_floats += state_floats(plan.groups[g1]);
+      qcat_floats += plan.groups[g1].rows() * row_len;
+      ++g1;
+    }
+    AlignedBuffer<float> state(static_cast<size_t>(wave_floats)), qcat(static_cast<size_t>(qcat_floats));
+    const int64_t groups = static_cast<int64_t>(g1 - g0);
+    // The [q_lat | q_pe] rows each group's splits share, made once.
+    ctx.pool.parallel_for(groups, [&](int64_t i, int) {
+      const Group& g = plan.groups[g0 + static_cast<size_t>(i)];
+      make_qcat(k, a, g.t0, g.t1 - g.t0, g.h0, g.h1 - g.h0, qcat.data() + qcat_at[static_cast<size_t>(i)]);
+    });
+    // This wave's split items, then (first wave) the whole ones.
+    const int64_t s0 = groups > 0 ? plan.groups[g0].first : 0;
+    const int64_t s1 = groups > 0 ? plan.groups[g1 - 1].first + plan.groups[g1 - 1].splits : 0;
+    const int64_t whole = first ? static_cast<int64_t>(plan.whole.size()) : 0;
+    size_t gi = 0;  // the wave's group of each split item, found in order below
+    std::vector<int32_t> group_of(static_cast<size_t>(s1 - s0));
+    for (int64_t i = s0; i < s1; ++i) {
+      while (i >= plan.groups[g0 + gi].first + plan.groups[g0 + gi].splits) ++gi;
+      group_of[static_cast<size_t>(i - s0)] = static_cast<int32_t>(gi);
+    }
+    ctx.pool.parallel_for((s1 - s0) + whole, [&](int64_t i, int) {
+      if (i >= s1 - s0) return absorbed_item(ctx, a, plan.whole[static_cast<size_t>(i - (s1 - s0))], nullptr, nullptr);
+      const Item& it = plan.split_items[static_cast<size_t>(s0 + i)];
+      const size_t w = static_cast<size_t>(group_of[static_cast<size_t>(i)]);
+      const Group& g = plan.groups[g0 + w];
+      absorbed_item(ctx, a, it, qcat.data() + qcat_at[w], state.data() + state_at[w] + it.split * g.rows() * (C + 2));
+    });
+    ctx.pool.parallel_for(groups, [&](int64_t i, int) {
+      merge_splits(k, a, plan.groups[g0 + static_cast<size_t>(i)], state.data() + state_at[static_cast<size_t>(i)]);
+    });
+    g0 = g1;
+  }
   for (int32_t s = 0; s < a->num_seqs; ++s)
     if (multi_head_form(a, s)) mla_multi_head(ctx, a, s);
   return EM_OK;
