@@ -477,32 +477,31 @@ Row sizes and what writing them costs (a 2048-token chunk of one layer): the nat
 ${writes.join("\n")}${prefillTable(r)}${splitTable(r)}`;
 }
 
+/** A table after the others: a blank line, what it shows, its header rows and its rows. */
+function laterTable(intro: string, header: string, rows: string[]): string {
+  return `\n\n${intro}\n\n${header}\n${rows.join("\n")}`;
+}
+
 function prefillTable(r: KvCacheResults): string {
   if (!r.prefill?.length) return "";
-  const lines = r.prefill.map(
-    (p) =>
-      `| ${p.context} | ${p.queries} | ${medianRange(p.absorbedMs, 1)} | ${medianRange(p.multiHeadMs, 1)} | ${(p.absorbedMs.median / p.multiHeadMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+  return laterTable(
+    `A prefill chunk's attention (one sequence, its last ${r.prefill[0]!.queries} tokens as queries over the whole context, bf16 rows, the same shape otherwise) in MLA's two forms, alternating: the absorbed one (peer; decode's) and the multi-head one the engine takes for a sequence with many query tokens (cache rows up-projected through kv_b_proj once per call, \`shards/cpu/attention.cpp\`). Error: max |multi-head - absorbed| / max |absorbed|.`,
+    "| context | query tokens | absorbed (peer) ms | multi-head ms | vs peer | error |\n|---:|---:|---:|---:|---:|---:|",
+    r.prefill.map(
+      (p) =>
+        `| ${p.context} | ${p.queries} | ${medianRange(p.absorbedMs, 1)} | ${medianRange(p.multiHeadMs, 1)} | ${(p.absorbedMs.median / p.multiHeadMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+    ),
   );
-  return `
-
-A prefill chunk's attention (one sequence, its last ${r.prefill[0]!.queries} tokens as queries over the whole context, bf16 rows, the same shape otherwise) in MLA's two forms, alternating: the absorbed one (peer; decode's) and the multi-head one the engine takes for a sequence with many query tokens (cache rows up-projected through kv_b_proj once per call, \`shards/cpu/attention.cpp\`). Error: max |multi-head - absorbed| / max |absorbed|.
-
-| context | query tokens | absorbed (peer) ms | multi-head ms | vs peer | error |
-|---:|---:|---:|---:|---:|---:|
-${lines.join("\n")}`;
 }
 
 function splitTable(r: KvCacheResults): string {
   if (!r.splits?.length) return "";
-  const lines = r.splits.map(
-    (p) =>
-      `| ${p.shape} | ${p.context} | ${medianRange(p.unsplitMs, 2)} | ${medianRange(p.splitMs, 2)} | ${(p.unsplitMs.median / p.splitMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+  return laterTable(
+    "One sequence's decode attention (one query token over the whole context, bf16 rows; the shape above, and mini-v3's: 8 heads, kv_lora_rank 256, rope 32, nope/v 64), alternating: its context not split (peer: `EM_MLA_SPLIT_ROWS` past the context; with one sequence the heads are cut into groups so that every thread has work, and each group reads the whole cache) and split at fixed rows, each split an item and the splits' softmax states merged (the default, `shards/cpu/attention.cpp`). Error: max |split - unsplit| / max |unsplit|.",
+    "| shape | context | unsplit (peer) ms | split ms | vs peer | error |\n|---|---:|---:|---:|---:|---:|",
+    r.splits.map(
+      (p) =>
+        `| ${p.shape} | ${p.context} | ${medianRange(p.unsplitMs, 2)} | ${medianRange(p.splitMs, 2)} | ${(p.unsplitMs.median / p.splitMs.median).toFixed(2)}x | ${p.relErr.toExponential(1)} |`,
+    ),
   );
-  return `
-
-One sequence's decode attention (one query token over the whole context, bf16 rows; the shape above, and mini-v3's: 8 heads, kv_lora_rank 256, rope 32, nope/v 64), alternating: its context not split (peer: \`EM_MLA_SPLIT_ROWS\` past the context; with one sequence the heads are cut into groups so that every thread has work, and each group reads the whole cache) and split at fixed rows, each split an item and the splits' softmax states merged (the default, \`shards/cpu/attention.cpp\`). Error: max |split - unsplit| / max |unsplit|.
-
-| shape | context | unsplit (peer) ms | split ms | vs peer | error |
-|---|---:|---:|---:|---:|---:|
-${lines.join("\n")}`;
 }
