@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 
+#include "../cuda_ops.h"
 #include "common.cuh"
 
 namespace em::cuda {
@@ -122,22 +123,8 @@ namespace {
 
 Context* ctx_of(void* p) { return static_cast<Context*>(p); }
 
-bool gemm_dtype(em_dtype d) { return d == EM_F32 || d == EM_BF16 || d == EM_F16; }
-
-// sim/sim_backend.cpp copies this table (the sim device falls back where this one does).
-int supports_op(void*, em_op op, em_dtype dtype) {
-  switch (op) {
-    case EM_OP_MATMUL:
-    case EM_OP_MOE_FFN:
-    case EM_OP_GATE: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;  // fp8: see fp8.cu
-    case EM_OP_CONVERT: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;
-    case EM_OP_RMSNORM: return gemm_dtype(dtype);
-    case EM_OP_SILU_MUL:
-    case EM_OP_ROPE: return dtype == EM_F32;
-    case EM_OP_MLA_ATTENTION: return gemm_dtype(dtype) || dtype == EM_F8_E4M3;  // wkv_b dtype; see attention.cu
-    default: return 0;  // sample, logprobs, wire_pack, wire_unpack: not yet
-  }
-}
+// The table lives in cuda_ops.h, shared with the sim device (which falls back where this does).
+int supports_op(void*, em_op op, em_dtype dtype) { return cuda_supports_op(op, dtype); }
 
 void info(void* p, em_backend_info* out) {
   out->name = "cuda";

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <string>
 
+#include "../cuda_ops.h"
 #include "../internal.h"
 #include "expertmesh/sim.h"
 #include "sim.h"
@@ -117,22 +118,8 @@ em_status wire_unpack(Context&, const em_wire_unpack_args*) {
 
 namespace {
 
-// The CUDA backend's answers (cuda/cuda_backend.cu supports_op), so the same ops fall back:
-// a change there is made here too.
-int supports_op(void*, em_op op, em_dtype dtype) {
-  const bool gemm = dtype == EM_F32 || dtype == EM_BF16 || dtype == EM_F16;
-  switch (op) {
-    case EM_OP_MATMUL:
-    case EM_OP_MOE_FFN:
-    case EM_OP_GATE:
-    case EM_OP_CONVERT:
-    case EM_OP_MLA_ATTENTION: return gemm || dtype == EM_F8_E4M3;
-    case EM_OP_RMSNORM: return gemm;
-    case EM_OP_SILU_MUL:
-    case EM_OP_ROPE: return dtype == EM_F32;
-    default: return 0;
-  }
-}
+// The CUDA backend's answers, so the same ops fall back.
+int supports_op(void*, em_op op, em_dtype dtype) { return cuda_supports_op(op, dtype); }
 
 int reads_pages(void* p, const em_kv_pages* pages) { return in_device_memory(*ctx_of(p), pages->pool) ? 1 : 0; }
 
