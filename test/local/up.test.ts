@@ -292,6 +292,67 @@ describe("expertmesh up", () => {
     expect(stopped).not.toMatch(/Uncaught|triggerUncaughtException|connection lost|Error/);
   });
 
+  it("a shard or the gateway that dies while serving is started again (the gateway on its port), and Ctrl-C stops the new ones", async () => {
+    const port = await freePort();
+    const u = spawnUp(port, 0, true);
+    const completes = async () => (await completionTokens(port, 4)) === 4;
+    const pidOf = (pattern: RegExp) =>
+      descendants(u.proc.pid!).find((pid) => {
+        try {
+          return pattern.test(readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "));
+        } catch {
+          return false;
+        }
+      });
+    try {
+      await untilServing(u, port);
+      expect(await completes()).toBe(true);
+      for (const [label, pattern] of [
+        ["shard-2.0", / shard .*--shard=2 /],
+        ["gateway", / gateway /],
+      ] as const) {
+        const before = pidOf(pattern);
+        expect(before, label).toBeDefined();
+        process.kill(before!, "SIGKILL");
+        await waitFor(
+          `${label} again`,
+          async () => (u.err().includes(`[up] ${label} is serving again`) ? true : undefined),
+          60_000,
+        );
+        expect(u.err()).toContain(
+          `[up] ${label} exited (SIGKILL); starting it again in 1 s (restart 1)`,
+        );
+        const after = pidOf(pattern);
+        expect(after).toBeDefined();
+        expect(after).not.toBe(before);
+        // Served through the new process (the gateway's on the same port), with every shard.
+        expect(
+          await waitFor(
+            "a completion",
+            async () => ((await completes().catch(() => false)) ? true : undefined),
+            30_000,
+          ),
+        ).toBe(true);
+      }
+      const procs = descendants(u.proc.pid!);
+      process.kill(-u.proc.pid!, "SIGINT");
+      await waitFor(
+        "up to exit",
+        async () => (u.proc.exitCode !== null ? true : undefined),
+        30_000,
+      );
+      expect(u.proc.exitCode).toBe(0);
+      // (nats-server, under its watcher shell, may take a moment longer)
+      await waitFor(
+        "every process gone",
+        async () => (procs.some(alive) ? undefined : true),
+        10_000,
+      );
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
+    }
+  });
+
   it("with MTP drafts in the manifest: the tiny model gets its MTP layer, the shards its experts, and the gateway drafts", async () => {
     await upWithVariant(
       ["  gateway:\n", "  gateway:\n    speculative: { method: mtp }\n"],

@@ -1,8 +1,9 @@
 // `expertmesh up -f MANIFEST`: runs a DeepSeekModel manifest on this machine as child
 // processes — a nats-server, the expert shards (replicas.min of each) and one gateway —
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
-// prints the endpoints, and stops everything on Ctrl-C. With --single-process, one gateway
-// runs the routed experts itself (gateway --local): no nats-server, no shards.
+// prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
+// started again, with a back-off (Restarts). With --single-process, one gateway runs the
+// routed experts itself (gateway --local): no nats-server, no shards.
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -141,6 +142,52 @@ function child(
     );
   });
   return { proc, ready };
+}
+
+/** A child `up` starts (and starts again when it exits while serving). */
+interface ChildSpec {
+  name: string;
+  cmd: string;
+  args: string[];
+  readyLine: RegExp;
+  /** A progress bar while it first loads. */
+  bar: boolean;
+}
+
+interface Supervised {
+  spec: ChildSpec;
+  proc: ChildProcess;
+}
+
+/**
+ * When a child that exited while serving starts again: after 1 s, then twice as long for each
+ * restart of the same child in the last 10 minutes, at most 30 s (a Deployment's pods back
+ * off the same way); the 6th exit within 10 minutes stops `up` instead, an error that comes
+ * back each time being no use restarting.
+ */
+export class Restarts {
+  static readonly WINDOW_MS = 10 * 60_000;
+  static readonly MAX = 5;
+  readonly #at = new Map<string, number[]>();
+  readonly #now: () => number;
+
+  constructor(now: () => number = Date.now) {
+    this.#now = now;
+  }
+
+  next(name: string): { count: number; delayS: number; giveUp?: string } {
+    const t = this.#now();
+    const recent = (this.#at.get(name) ?? []).filter((x) => t - x < Restarts.WINDOW_MS);
+    if (recent.length >= Restarts.MAX)
+      return {
+        count: recent.length,
+        delayS: 0,
+        giveUp: `for the ${recent.length + 1}th time in ${Restarts.WINDOW_MS / 60_000} minutes`,
+      };
+    recent.push(t);
+    this.#at.set(name, recent);
+    return { count: recent.length, delayS: Math.min(30, 2 ** (recent.length - 1)) };
+  }
 }
 
 export const upCommand: Command = {
@@ -284,8 +331,50 @@ export const upCommand: Command = {
     const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
 
-    const children: ChildProcess[] = [];
+    // The children in start order (nats-server, shards, gateway), each with its process now:
+    // one that exits after everything is serving is started again, as a Deployment's pod
+    // would be (see Restarts).
+    const children: Supervised[] = [];
+    const restarts = new Restarts();
+    let serving = false;
     let stopping = false;
+    const start = (spec: ChildSpec, afterStart: boolean): Promise<string> => {
+      // (no progress bar the second time: the board is closed once everything serves)
+      const c = child(
+        board,
+        spec.name,
+        spec.cmd,
+        spec.args,
+        spec.readyLine,
+        spec.bar && !afterStart,
+      );
+      let entry = children.find((e) => e.spec === spec);
+      if (!entry) {
+        entry = { spec, proc: c.proc };
+        children.push(entry);
+      }
+      entry.proc = c.proc;
+      c.proc.on("exit", (code, sig) => {
+        if (!serving || stopping) return; // while starting, `ready` fails up as a whole
+        const verdict = restarts.next(spec.name);
+        if (verdict.giveUp) {
+          say(`${spec.name} exited (${sig ?? code}) ${verdict.giveUp}; stopping`);
+          void stopAll(1);
+          return;
+        }
+        say(
+          `${spec.name} exited (${sig ?? code}); starting it again in ${verdict.delayS} s (restart ${verdict.count})`,
+        );
+        setTimeout(() => {
+          if (stopping) return;
+          start(spec, true).then(
+            () => say(`${spec.name} is serving again`),
+            () => {}, // its exit handler (above) decides what comes next
+          );
+        }, verdict.delayS * 1000);
+      });
+      return c.ready;
+    };
     const stopAll = async (code: number) => {
       if (stopping) {
         // A second Ctrl-C: no more waiting.
@@ -297,7 +386,7 @@ export const upCommand: Command = {
       say("stopping (Ctrl-C again to stop at once)");
       // Gateway first (finishes requests in flight, up to its --shutdown-timeout of 45 s,
       // and writes its prefix cache's disk tier), then shards (drain), then NATS.
-      for (const c of [...children].reverse()) {
+      for (const { proc: c } of [...children].reverse()) {
         if (c.exitCode !== null || c.signalCode !== null) continue;
         c.kill("SIGTERM");
         await new Promise<void>((r) => {
@@ -318,7 +407,7 @@ export const upCommand: Command = {
     // The terminal closed: the children, in groups of their own, would not hear of it.
     process.on("SIGHUP", () => void stopAll(0));
     process.on("exit", () => {
-      for (const c of children) if (c.exitCode === null) c.kill("SIGKILL");
+      for (const { proc: c } of children) if (c.exitCode === null) c.kill("SIGKILL");
     });
 
     try {
@@ -332,48 +421,50 @@ export const upCommand: Command = {
       // nats-server and the shards; resolves with the gateway's flags to reach them.
       async function startShards(): Promise<string[]> {
         const natsPort = await freePort();
-        const nats = child(
-          board,
-          "nats",
-          "sh",
-          [
-            "-c",
-            NATS_UNDER_WATCH,
-            "nats-server",
-            findNatsServer(),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            String(natsPort),
-          ],
-          /Server is ready/,
+        await start(
+          {
+            name: "nats",
+            cmd: "sh",
+            args: [
+              "-c",
+              NATS_UNDER_WATCH,
+              "nats-server",
+              findNatsServer(),
+              "-a",
+              "127.0.0.1",
+              "-p",
+              String(natsPort),
+            ],
+            readyLine: /Server is ready/,
+            bar: false,
+          },
           false,
         );
-        children.push(nats.proc);
-        await nats.ready;
         const natsUrl = `nats://127.0.0.1:${natsPort}`;
         const common = [...named, `--plan=${planPath}`, `--nats=${natsUrl}`];
         const shards = [];
         for (let k = 0; k < plan.numShards; k++) {
           for (let r = 0; r < m.spec.experts.replicas.min; r++) {
-            const s = child(
-              board,
-              `shard-${k}.${r}`,
-              process.execPath,
-              [
-                ...cli,
-                "shard",
-                ...common,
-                `--shard=${k}`,
-                `--id=r${r}`,
-                "--metrics-port=0",
-                `--device=${devices.shard(k)}`,
-              ],
-              /serving /,
-              true,
+            shards.push(
+              start(
+                {
+                  name: `shard-${k}.${r}`,
+                  cmd: process.execPath,
+                  args: [
+                    ...cli,
+                    "shard",
+                    ...common,
+                    `--shard=${k}`,
+                    `--id=r${r}`,
+                    "--metrics-port=0",
+                    `--device=${devices.shard(k)}`,
+                  ],
+                  readyLine: /serving /,
+                  bar: true,
+                },
+                false,
+              ),
             );
-            children.push(s.proc);
-            shards.push(s.ready);
           }
         }
         await Promise.all(shards);
@@ -382,11 +473,10 @@ export const upCommand: Command = {
       // Where the gateway finds its experts: in process, or on the shards (started first).
       const experts = single ? ["--local"] : await startShards();
       const host = values.host ?? "127.0.0.1";
-      const gw = child(
-        board,
-        "gateway",
-        process.execPath,
-        [
+      const gateway: ChildSpec = {
+        name: "gateway",
+        cmd: process.execPath,
+        args: [
           ...cli,
           "gateway",
           ...named,
@@ -402,15 +492,22 @@ export const upCommand: Command = {
           ...chatTemplateArgs(m, chatTemplatePath),
           ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         ],
-        /serving '/,
-        true,
-      );
-      children.push(gw.proc);
-      const serving = await gw.ready;
+        readyLine: /serving '/,
+        bar: true,
+      };
+      const servingLine = await start(gateway, false);
       board.close();
-      // The ports the gateway listens on (not the flags: those may be 0).
-      const http = /on http:\/\/\S+?:(\d+)/.exec(serving)?.[1] ?? String(httpPort);
-      const grpc = /gRPC \(KServe v2\) on :(\d+)/.exec(serving)?.[1] ?? String(grpcPort);
+      // The ports the gateway listens on (not the flags: those may be 0); a gateway started
+      // again takes the same ones.
+      const http = /on http:\/\/\S+?:(\d+)/.exec(servingLine)?.[1] ?? String(httpPort);
+      const grpc = /gRPC \(KServe v2\) on :(\d+)/.exec(servingLine)?.[1] ?? String(grpcPort);
+      gateway.args = gateway.args.map((a) =>
+        a.startsWith("--http-port=")
+          ? `--http-port=${http}`
+          : a.startsWith("--grpc-port=")
+            ? `--grpc-port=${grpc}`
+            : a,
+      );
       const at = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
       const model = servedModelName(m);
       process.stdout.write(
@@ -420,14 +517,7 @@ export const upCommand: Command = {
           `    -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
           "Ctrl-C stops everything.\n\n",
       );
-      for (const c of children) {
-        c.on("exit", (code, sig) => {
-          if (!stopping) {
-            say(`a child exited unexpectedly (${sig ?? code}); stopping`);
-            void stopAll(1);
-          }
-        });
-      }
+      serving = true;
     } catch (err) {
       // (Ctrl-C while starting makes children exit "before they were ready": not news.)
       if (!stopping) {
