@@ -161,9 +161,9 @@ interface Supervised {
 
 /**
  * When a child that exited while serving starts again: after 1 s, then twice as long for each
- * restart of the same child in the last 10 minutes, at most 30 s (a Deployment's pods back
- * off the same way); the 6th exit within 10 minutes stops `up` instead, an error that comes
- * back each time being no use restarting.
+ * restart of the same child in the last 10 minutes (1, 2, 4, 8, 16 s; a Deployment's pods
+ * back off the same way); the 6th exit within 10 minutes stops `up` instead, an error that
+ * comes back each time being no use restarting.
  */
 export class Restarts {
   static readonly WINDOW_MS = 10 * 60_000;
@@ -186,7 +186,7 @@ export class Restarts {
       };
     recent.push(t);
     this.#at.set(name, recent);
-    return { count: recent.length, delayS: Math.min(30, 2 ** (recent.length - 1)) };
+    return { count: recent.length, delayS: 2 ** (recent.length - 1) };
   }
 }
 
