@@ -109,20 +109,27 @@ int64_t chunk_rows(const em_mla_args* a, int32_t s) {
   return std::max<int64_t>(1, kChunkBytes / bytes / unit) * unit;
 }
 
-// Where a sequence's context is split: at multiples of this many rows. A split's state is
-// H (C + 2) floats per query token against its rows' C + dr each, so splits are at least
-// 16 H rows (the state ~1/16 of what the split reads) and two chunks. Fixed by the sequence
-// and the dims alone, never by the batch or the thread count: a sequence's output is the
-// same bits whatever else the call holds. $EM_MLA_SPLIT_ROWS (read per call; rounded up to
-// whole blocks) overrides it, for tests.
-int64_t split_rows(const em_mla_args* a, int32_t s) {
+// Where the context of sequence s, whose query tokens see at most L rows, is split: at
+// multiples of the rows returned (L or more: not split). A split's state is H (C + 2) floats
+// per query token against its rows' C + dr each, so a split has at least 16 H rows (the
+// state ~1/16 of what the split reads) and two chunks; the context is cut into an even number
+// of near-equal splits (2 or 4 threads get equal shares). Fixed by the sequence's own query
+// tokens and the dims, never by the batch, the query blocks or the thread count: a
+// sequence's output is the same bits whatever else the call holds. $EM_MLA_SPLIT_ROWS (read
+// per call; rounded up to whole blocks) splits every that many rows instead, for tests.
+int64_t split_rows(const em_mla_args* a, int32_t s, int64_t L) {
   const int64_t unit = a->pages ? a->pages->block_size : 16;
   if (const char* env = std::getenv("EM_MLA_SPLIT_ROWS"); env != nullptr && *env != '\0') {
     const long long n = std::atoll(env);
     if (n > 0) return (static_cast<int64_t>(n) + unit - 1) / unit * unit;
   }
   const int64_t chunk = chunk_rows(a, s);
-  return chunk * std::max<int64_t>(2, (16 * a->num_heads + chunk - 1) / chunk);
+  const int64_t min_rows = chunk * std::max<int64_t>(2, (16 * a->num_heads + chunk - 1) / chunk);
+  int64_t n = L / min_rows;
+  if (n < 2) return std::max<int64_t>(L, 1);
+  n -= n % 2;
+  const int64_t per = (L + n - 1) / n;
+  return (per + unit - 1) / unit * unit;
 }
 
 Plan plan_items(const em_mla_args* a, int threads) {
@@ -148,7 +155,7 @@ Plan plan_items(const em_mla_args* a, int threads) {
       if (multi_head_form(a, s)) continue;
       int64_t t0, t1;
       seq_range(s, t0, t1);
-      const int64_t qb = query_block(s, heads), sr = split_rows(a, s);
+      const int64_t qb = query_block(s, heads), sr = split_rows(a, s, visible(t0, t1));
       for (int64_t t = t0; t < t1; t += qb) {
         const int64_t L = visible(t, std::min(t1, t + qb));
         f(s, t, std::min(t1, t + qb), L, sr, (L + sr - 1) / sr);
@@ -527,15 +534,16 @@ void absorbed_item(Context& ctx, const em_mla_args* a, const Item& it, const flo
 // largest), over their sums so weighted; then the output. A split the row sees nothing of
 // (max -inf) weighs 0, so a row that sees only the first split gets that split's numbers
 // exactly as an unsplit item would.
-void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, const float* state) {
-  const int64_t C = a->kv_lora_rank, nq = g.t1 - g.t0, nh = g.h1 - g.h0, rows = nq * nh;
+// Head hl of the group (its rows hl * nq ...), so that one group's merge spreads over the pool.
+void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, int64_t hl, const float* state) {
+  const int64_t C = a->kv_lora_rank, nq = g.t1 - g.t0, rows = g.rows();
   const int64_t per_split = rows * (C + 2);
-  std::vector<float> o_lat(static_cast<size_t>(rows * C), 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
+  std::vector<float> o_lat(static_cast<size_t>(nq * C), 0.0f);
+  for (int64_t r = hl * nq; r < (hl + 1) * nq; ++r) {
     float m = -INFINITY;
     for (int64_t sp = 0; sp < g.splits; ++sp) m = std::max(m, state[sp * per_split + rows * C + r]);
     float sum = 0.0f;
-    float* o = o_lat.data() + r * C;
+    float* o = o_lat.data() + (r - hl * nq) * C;
     for (int64_t sp = 0; sp < g.splits; ++sp) {
       const float* st = state + sp * per_split;
       const float w = std::exp(st[rows * C + r] - m);
@@ -547,7 +555,7 @@ void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, const 
     const float inv = 1.0f / sum;
     for (int64_t c = 0; c < C; ++c) o[c] *= inv;
   }
-  project_out(k, a, g.t0, nq, g.h0, nh, o_lat.data());
+  project_out(k, a, g.t0, nq, g.h0 + hl, 1, o_lat.data());
 }
 
 }  // namespace
@@ -580,10 +588,18 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     }
     AlignedBuffer<float> state(static_cast<size_t>(wave_floats)), qcat(static_cast<size_t>(qcat_floats));
     const int64_t groups = static_cast<int64_t>(g1 - g0);
-    // The [q_lat | q_pe] rows each group's splits share, made once.
-    ctx.pool.parallel_for(groups, [&](int64_t i, int) {
+    // The [q_lat | q_pe] rows each group's splits share, made once, a head per item (one
+    // sequence's decode is one group: its heads spread over the pool).
+    std::vector<std::pair<int32_t, int32_t>> heads;  // (group of the wave, head of the group)
+    for (size_t i = 0; i < g1 - g0; ++i)
+      for (int64_t hl = 0; hl < plan.groups[g0 + i].h1 - plan.groups[g0 + i].h0; ++hl)
+        heads.emplace_back(static_cast<int32_t>(i), static_cast<int32_t>(hl));
+    const int64_t n_heads = static_cast<int64_t>(heads.size());
+    ctx.pool.parallel_for(n_heads, [&](int64_t j, int) {
+      const auto [i, hl] = heads[static_cast<size_t>(j)];
       const Group& g = plan.groups[g0 + static_cast<size_t>(i)];
-      make_qcat(k, a, g.t0, g.t1 - g.t0, g.h0, g.h1 - g.h0, qcat.data() + qcat_at[static_cast<size_t>(i)]);
+      const int64_t nq = g.t1 - g.t0;
+      make_qcat(k, a, g.t0, nq, g.h0 + hl, 1, qcat.data() + qcat_at[static_cast<size_t>(i)] + hl * nq * row_len);
     });
     // This wave's split items, then (first wave) the whole ones.
     const int64_t s0 = groups > 0 ? plan.groups[g0].first : 0;
@@ -602,8 +618,9 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
       const Group& g = plan.groups[g0 + w];
       absorbed_item(ctx, a, it, qcat.data() + qcat_at[w], state.data() + state_at[w] + it.split * g.rows() * (C + 2));
     });
-    ctx.pool.parallel_for(groups, [&](int64_t i, int) {
-      merge_splits(k, a, plan.groups[g0 + static_cast<size_t>(i)], state.data() + state_at[static_cast<size_t>(i)]);
+    ctx.pool.parallel_for(n_heads, [&](int64_t j, int) {
+      const auto [i, hl] = heads[static_cast<size_t>(j)];
+      merge_splits(k, a, plan.groups[g0 + static_cast<size_t>(i)], hl, state.data() + state_at[static_cast<size_t>(i)]);
     });
     g0 = g1;
   }

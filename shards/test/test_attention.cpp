@@ -199,7 +199,7 @@ std::vector<int32_t> range(int32_t a, int32_t b) {
 // A long sequence's context is split at fixed rows (cpu/attention.cpp split_rows), never by
 // what else the call holds or the thread count: its output must be the same bits alone, beside
 // other sequences (which change how the call is cut into items), and on 1, 2 or 3 threads.
-// Contiguous f32 caches; its one decode token sees 700 rows (splits of 224 rows at C 512).
+// Contiguous f32 caches; its one decode token sees 700 rows (two splits of 352 at C 512).
 void test_split_invariance() {
   const Dims d{4, 16, 8, 16, 512};
   const int64_t row = d.C + d.dr;
@@ -309,14 +309,15 @@ int main() {
   run_case(rng, Dims{2, 8, 6, 8, 45}, {{20, {19}}}, EM_F32, EM_F8_E4M3, Layout::Paged, 4);  // SIMD tail of 5 codes
   // Contexts of several chunks (kChunkBytes of cache rows: 112-row chunks of f32 rows at
   // C 512): the online softmax's rescaling when a later chunk raises the max, and query
-  // tokens that see none of a later chunk (positions 100.. in blocks of 16 queries). Past
-  // 224 rows (split_rows at these dims) the context is split and the splits merged, with
-  // query tokens that see nothing of the later splits. (ctest also runs every case split
-  // every 16 rows: attention_split.)
+  // tokens that see none of a later chunk (positions 100.. in blocks of 16 queries). From
+  // 448 rows (twice split_rows' minimum at these dims) the context is split and the splits
+  // merged. (ctest also runs every case split every 16 rows: attention_split.)
   const Dims long_rows{2, 16, 8, 16, 512};
   for (em_dtype cdt : {EM_F32, EM_BF16, EM_F8_E4M3}) {
     run_case(rng, long_rows, {{300, {299}}, {113, {112}}, {230, range(100, 230)}}, EM_BF16, cdt, Layout::Paged, 16);
     if (cdt != EM_F8_E4M3) run_case(rng, long_rows, {{300, {299}}, {260, range(100, 260)}}, EM_F32, cdt);
+    // Split contexts (two near-equal splits of 352 and of 240 rows at these dims).
+    run_case(rng, long_rows, {{700, {699}}, {460, range(440, 460)}}, EM_BF16, cdt, Layout::Paged, 16);
   }
   // The multi-head form (from 32 query tokens of a sequence at these dims; mha_min_queries):
   // query blocks of 64 with a partial last one, cache rows up-projected 256 at a time (three
