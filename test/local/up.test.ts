@@ -126,6 +126,13 @@ async function upWithVariant(
   }
 }
 
+/** Ctrl-C in a terminal (SIGINT to `up`'s process group); resolves with its exit code. */
+async function ctrlC(proc: ChildProcess): Promise<number | null> {
+  process.kill(-proc.pid!, "SIGINT");
+  await waitFor("up to exit", async () => (proc.exitCode !== null ? true : undefined), 30_000);
+  return proc.exitCode;
+}
+
 /** The completion tokens of a greedy completion of `Hello` from the gateway on `port`. */
 async function completionTokens(port: number, maxTokens: number): Promise<number | undefined> {
   const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
@@ -335,13 +342,7 @@ describe("expertmesh up", () => {
         ).toBe(true);
       }
       const procs = descendants(u.proc.pid!);
-      process.kill(-u.proc.pid!, "SIGINT");
-      await waitFor(
-        "up to exit",
-        async () => (u.proc.exitCode !== null ? true : undefined),
-        30_000,
-      );
-      expect(u.proc.exitCode).toBe(0);
+      expect(await ctrlC(u.proc)).toBe(0);
       // (nats-server, under its watcher shell, may take a moment longer)
       await waitFor(
         "every process gone",
@@ -554,13 +555,7 @@ describe("expertmesh up", () => {
       });
       expect(r.choices[0]!.message.content!.length).toBeGreaterThan(0);
       expect(await completionTokens(port, 6)).toBe(6);
-      process.kill(-u.proc.pid!, "SIGINT");
-      await waitFor(
-        "up to exit",
-        async () => (u.proc.exitCode !== null ? true : undefined),
-        30_000,
-      );
-      expect(u.proc.exitCode).toBe(0);
+      expect(await ctrlC(u.proc)).toBe(0);
       expect(procs.filter(alive)).toEqual([]);
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
