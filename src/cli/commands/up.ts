@@ -51,6 +51,8 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
                      spec.experts.gpusPerShard) run on this machine's CUDA devices (shard k on
                      cuda:k mod count, the gateway on cuda:0) when it has any, else on the CPU;
                      cuda: the same, and no CUDA device is an error; cpu: everything on the CPU
+A process that dies while serving is started again (after 1, 2, 4, 8, 16 s; the 6th exit of one
+process within 10 minutes stops everything), the gateway on the same ports.
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
