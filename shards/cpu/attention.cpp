@@ -48,7 +48,7 @@ struct Item {
   int64_t t0, t1;
   int64_t h0, h1;
   int64_t r0, r1;
-  int64_t split = 0;  // of its group (split items only)
+  int64_t group = -1, split = 0;  // split items: the group (Plan::groups) and which split
 };
 
 // The splits of one (sequence, query block, head group): Plan::split_items [first, first +
@@ -182,8 +182,9 @@ Plan plan_items(const em_mla_args* a, int threads) {
         continue;
       }
       plan.groups.push_back({s, t0, t1, h, h1, static_cast<int64_t>(plan.split_items.size()), splits});
+      const int64_t group = static_cast<int64_t>(plan.groups.size()) - 1;
       for (int64_t k = 0; k < splits; ++k)
-        plan.split_items.push_back({s, t0, t1, h, h1, k * sr, std::min(L, (k + 1) * sr), k});
+        plan.split_items.push_back({s, t0, t1, h, h1, k * sr, std::min(L, (k + 1) * sr), group, k});
     }
   });
   return plan;
@@ -605,17 +606,11 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     const int64_t s0 = groups > 0 ? plan.groups[g0].first : 0;
     const int64_t s1 = groups > 0 ? plan.groups[g1 - 1].first + plan.groups[g1 - 1].splits : 0;
     const int64_t whole = first ? static_cast<int64_t>(plan.whole.size()) : 0;
-    size_t gi = 0;  // the wave's group of each split item, found in order below
-    std::vector<int32_t> group_of(static_cast<size_t>(s1 - s0));
-    for (int64_t i = s0; i < s1; ++i) {
-      while (i >= plan.groups[g0 + gi].first + plan.groups[g0 + gi].splits) ++gi;
-      group_of[static_cast<size_t>(i - s0)] = static_cast<int32_t>(gi);
-    }
     ctx.pool.parallel_for((s1 - s0) + whole, [&](int64_t i, int) {
       if (i >= s1 - s0) return absorbed_item(ctx, a, plan.whole[static_cast<size_t>(i - (s1 - s0))], nullptr, nullptr);
       const Item& it = plan.split_items[static_cast<size_t>(s0 + i)];
-      const size_t w = static_cast<size_t>(group_of[static_cast<size_t>(i)]);
-      const Group& g = plan.groups[g0 + w];
+      const size_t w = static_cast<size_t>(it.group) - g0;  // the group's place in this wave
+      const Group& g = plan.groups[static_cast<size_t>(it.group)];
       absorbed_item(ctx, a, it, qcat.data() + qcat_at[w], state.data() + state_at[w] + it.split * g.rows() * (C + 2));
     });
     ctx.pool.parallel_for(n_heads, [&](int64_t j, int) {
