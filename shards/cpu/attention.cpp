@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "../kv_pages.h"
@@ -74,6 +75,14 @@ constexpr int64_t kScoreBudget = int64_t{1} << 21;  // floats of scores per item
 constexpr int64_t kMhaKeyChunk = 256;
 constexpr int64_t kMhaQueryBlock = 64;
 
+// An integer setting from the environment, or none when unset or empty. Read per call, not
+// once: a benchmark or a test switches it in process (a call costs far more than getenv).
+std::optional<int64_t> env_override(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return std::nullopt;
+  return static_cast<int64_t>(std::atoll(env));
+}
+
 // The query tokens of sequence s in this call.
 int64_t queries_of(const em_mla_args* a, int32_t s) {
   return a->q_offsets ? a->q_offsets[s + 1] - a->q_offsets[s] : a->q->shape[0];
@@ -85,11 +94,8 @@ int64_t queries_of(const em_mla_args* a, int32_t s) {
 // at about 150); mini-v3's: 86; never under 32. $EM_MLA_MHA_MIN_QUERIES overrides it (0:
 // never).
 int64_t mha_min_queries(const em_mla_args* a) {
-  // Read per call (a benchmark switches it in process; a call costs far more than getenv).
-  if (const char* env = std::getenv("EM_MLA_MHA_MIN_QUERIES"); env != nullptr && *env != '\0') {
-    const long long n = std::atoll(env);
-    return n > 0 ? static_cast<int64_t>(n) : std::numeric_limits<int64_t>::max();
-  }
+  if (const std::optional<int64_t> n = env_override("EM_MLA_MHA_MIN_QUERIES"))
+    return *n > 0 ? *n : std::numeric_limits<int64_t>::max();
   const int64_t C = a->kv_lora_rank, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim;
   const int64_t saved = (2 * C + dr) - (dn + dr + dv);
   if (saved <= 0) return std::numeric_limits<int64_t>::max();
@@ -119,10 +125,8 @@ int64_t chunk_rows(const em_mla_args* a, int32_t s) {
 // per call; rounded up to whole blocks) splits every that many rows instead, for tests.
 int64_t split_rows(const em_mla_args* a, int32_t s, int64_t L) {
   const int64_t unit = a->pages ? a->pages->block_size : 16;
-  if (const char* env = std::getenv("EM_MLA_SPLIT_ROWS"); env != nullptr && *env != '\0') {
-    const long long n = std::atoll(env);
-    if (n > 0) return (static_cast<int64_t>(n) + unit - 1) / unit * unit;
-  }
+  if (const std::optional<int64_t> n = env_override("EM_MLA_SPLIT_ROWS"); n && *n > 0)
+    return (*n + unit - 1) / unit * unit;
   const int64_t chunk = chunk_rows(a, s);
   const int64_t min_rows = chunk * std::max<int64_t>(2, (16 * a->num_heads + chunk - 1) / chunk);
   int64_t n = L / min_rows;
@@ -570,9 +574,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
   // sequences after their cached prefixes) would otherwise hold gigabytes of states at V3's
   // dims. The whole items run with the first wave. Waves change no number.
   // $EM_MLA_WAVE_FLOATS (read per call) overrides the 64 MiB, for tests.
-  int64_t wave_budget = int64_t{16} << 20;
-  if (const char* env = std::getenv("EM_MLA_WAVE_FLOATS"); env != nullptr && *env != '\0')
-    wave_budget = std::max<int64_t>(1, std::atoll(env));
+  const int64_t wave_budget = std::max<int64_t>(1, env_override("EM_MLA_WAVE_FLOATS").value_or(int64_t{16} << 20));
   const auto state_floats = [&](const Group& g) { return g.splits * g.rows() * (C + 2); };
   size_t g0 = 0;
   for (bool first = true; first || g0 < plan.groups.size(); first = false) {
