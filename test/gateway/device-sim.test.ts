@@ -5,8 +5,12 @@
 // opt-in on CUDA until a GPU run checks them. The sim's memory starts as NaN bytes, so a
 // mirror that missed rows (a step's, a preempted sequence's recomputed ones, those the prefix
 // cache's disk tier reads back) or a weight read before it was copied changes the answers;
-// with the same kernels on the same bytes they must be the CPU gateway's, exactly. What this
-// cannot show is the CUDA kernels themselves (test_cuda_parity and scripts/gpu-check.sh).
+// with the same kernels on the same bytes they must be the CPU gateway's: the same tokens, and
+// logprobs within 1e-5 (sameAnswers). Not bit for bit: the two gateways may group the same
+// concurrent requests into steps differently (arrival times), and a GEMM's summation order
+// depends on a step's row count (observed: 5e-7); a mirror or weight bug reads NaN or stale
+// rows, far past that. What this cannot show is the CUDA kernels themselves
+// (test_cuda_parity and scripts/gpu-check.sh).
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -72,6 +76,17 @@ async function answers(g: GatewayProcess, prompts: readonly string[], maxTokens 
   );
 }
 
+/** Asserts `got` and `want` the same answers: equal tokens, logprobs within 1e-5 (see the top). */
+function sameAnswers(got: readonly Answer[], want: readonly Answer[]): void {
+  expect(got.map((a) => a.tokens)).toEqual(want.map((a) => a.tokens));
+  got.forEach((a, i) =>
+    a.logprobs.forEach((lp, t) => {
+      const w = want[i]!.logprobs[t]!;
+      expect(Math.abs(lp - w), `prompt ${i} token ${t}: ${lp} against ${w}`).toBeLessThan(1e-5);
+    }),
+  );
+}
+
 /** The same requests on a CPU gateway and a sim one with `args`: [cpu, sim] answers. */
 async function pair(args: string[], prompts = PROMPTS, simDevice = "sim") {
   const [cpu, sim] = await Promise.all([start("cpu", args), start(simDevice, args)]);
@@ -88,9 +103,9 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
     ["float32 rows", "float32"],
     ["bfloat16 rows, two micro-batches", "bfloat16", "--micro-batches=2"],
     ["fp8 rows", "fp8"],
-  ])("answers as the CPU gateway, exactly: %s", async (_what, dtype, ...extra) => {
+  ])("answers as the CPU gateway: %s", async (_what, dtype, ...extra) => {
     const { cpu, sim } = await pair([`--kv-cache-dtype=${dtype}`, ...extra]);
-    expect(sim).toEqual(cpu);
+    sameAnswers(sim, cpu);
   });
 
   it("through preemption: the blocks of a recomputed sequence reach the mirror", async () => {
@@ -106,7 +121,7 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
       const want = await answers(cpu, prompts, 30);
       const got = await answers(sim, prompts, 30);
       expect(await metric(sim.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
-      expect(got).toEqual(want);
+      sameAnswers(got, want);
     } finally {
       await Promise.all([cpu.process.stop(), sim.process.stop()]);
     }
@@ -143,8 +158,8 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
     const sim = await run("sim");
     expect(sim.hits).toBeGreaterThan(0);
     expect(sim.hits).toBe(cpu.hits);
-    expect(sim.computed).toEqual(cpu.computed);
-    expect(sim.read).toEqual(cpu.read);
+    sameAnswers(sim.computed, cpu.computed);
+    sameAnswers(sim.read, cpu.read);
   });
 
   it("shards on the sim device, experts resident (gate and up in one buffer): the distributed gateway's answers as with CPU shards", async () => {
@@ -181,7 +196,7 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
         await Promise.all(shards.map((p) => p.stop()));
       }
     };
-    expect(await run("sim")).toEqual(await run("cpu"));
+    sameAnswers(await run("sim"), await run("cpu"));
   });
 
   it("on a device too small for all of it: what does not fit stays on the host, the answers within rounding", async () => {
