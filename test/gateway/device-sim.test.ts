@@ -79,12 +79,11 @@ async function answers(g: GatewayProcess, prompts: readonly string[], maxTokens 
 /** Asserts `got` and `want` the same answers: equal tokens, logprobs within 1e-5 (see the top). */
 function sameAnswers(got: readonly Answer[], want: readonly Answer[]): void {
   expect(got.map((a) => a.tokens)).toEqual(want.map((a) => a.tokens));
-  got.forEach((a, i) =>
-    a.logprobs.forEach((lp, t) => {
+  for (const [i, a] of got.entries())
+    for (const [t, lp] of a.logprobs.entries()) {
       const w = want[i]!.logprobs[t]!;
       expect(Math.abs(lp - w), `prompt ${i} token ${t}: ${lp} against ${w}`).toBeLessThan(1e-5);
-    }),
-  );
+    }
 }
 
 /** The same requests on a CPU gateway and a sim one with `args`: [cpu, sim] answers. */
