@@ -172,7 +172,7 @@ void finalize_device_weight(napi_env, void* data, void*) { delete static_cast<De
 em_backend* cpu_backend(Napi::Env env) {
   AddonState* st = state_of(env);
   if (st->cpu == nullptr) {
-    em_cpu_config cfg{EM_ISA_AUTO, 0};
+    em_cpu_config cfg{EM_ISA_AUTO, 0, 0};
     check(env, em_backend_create_cpu(&cfg, &st->cpu), "backend");
   }
   return st->cpu;
@@ -547,6 +547,7 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   Napi::Object cpu_info = Napi::Object::New(env);
   cpu_info.Set("isa", ci.isa);
   cpu_info.Set("threads", ci.num_threads);
+  cpu_info.Set("batchInvariant", Napi::Boolean::New(env, ci.batch_invariant != 0));
   o.Set("cpu", cpu_info);
   o.Set("cudaCompiled", Napi::Boolean::New(env, em_cuda_compiled() != 0));
   // ops: what each function accepts (on the device or by falling back to the CPU);
@@ -605,15 +606,16 @@ bool optional_bool(Napi::Env env, const Napi::Value& v, const char* name, bool f
   return v.As<Napi::Boolean>().Value();
 }
 
-// configure({ device?, isa?, threads?, resident?, kvMirror? }): replaces the backends;
-// returns backendInfo(). isa and threads configure the CPU backend (which also runs the ops a
-// device lacks); device is "cpu", "cuda", "cuda:N", or the stand-in "sim" / "sim:BYTES"
-// (expertmesh/sim.h) (default: keep the current one). resident and kvMirror switch what
-// EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
+// configure({ device?, isa?, threads?, batchInvariant?, resident?, kvMirror? }): replaces the
+// backends; returns backendInfo(). isa, threads and batchInvariant (default false) configure
+// the CPU backend (which also runs the ops a device lacks); device is "cpu", "cuda",
+// "cuda:N", or the stand-in "sim" / "sim:BYTES" (expertmesh/sim.h) (default: keep the current
+// one); batchInvariant needs "cpu" (a device's kernels promise no such thing). resident and
+// kvMirror switch what EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
 Napi::Value Configure(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonState* st = state_of(env);
-  em_cpu_config cfg{EM_ISA_AUTO, 0};
+  em_cpu_config cfg{EM_ISA_AUTO, 0, 0};
   std::string device = st->device_name;
   bool resident = st->resident, kv_mirror = st->kv_mirrors != nullptr;
   if (present(arg(info, 0))) {
@@ -632,7 +634,10 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
     }
     resident = optional_bool(env, prop(env, o, "resident"), "resident", resident);
     kv_mirror = optional_bool(env, prop(env, o, "kvMirror"), "kvMirror", kv_mirror);
+    cfg.batch_invariant = optional_bool(env, prop(env, o, "batchInvariant"), "batchInvariant", false) ? 1 : 0;
   }
+  if (cfg.batch_invariant != 0 && device != "cpu")
+    arg_error(env, "batchInvariant needs device 'cpu', not '" + device + "': only the CPU backend has batch-invariant kernels");
   // The device first: a device that is not there leaves the current backends as they were.
   em_backend* created_device = nullptr;
   if (device != "cpu") {

@@ -50,7 +50,7 @@ bool wanted(em_dtype dt) {
 }
 
 void bench(int64_t M, int64_t N, int64_t K, int threads, em_cpu_isa isa) {
-  em_cpu_config cfg{isa, threads};
+  em_cpu_config cfg{isa, threads, 0};
   em_backend* b = nullptr;
   if (em_backend_create_cpu(&cfg, &b) != EM_OK) {
     std::printf("%s: %s\n", em_cpu_isa_name(isa), em_last_error());

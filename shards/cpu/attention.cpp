@@ -104,7 +104,11 @@ int64_t mha_min_queries(const em_mla_args* a) {
   return std::max<int64_t>(32, ((dn + dv) * C + saved - 1) / saved + 1);
 }
 
-bool multi_head_form(const em_mla_args* a, int32_t s) { return queries_of(a, s) >= mha_min_queries(a); }
+// A batch-invariant backend never takes it: a query token's numbers would then depend on how
+// many tokens of its sequence share the call.
+bool multi_head_form(const Context& ctx, const em_mla_args* a, int32_t s) {
+  return !ctx.invariant && queries_of(a, s) >= mha_min_queries(a);
+}
 
 // Cache rows per chunk: about kChunkBytes of them, a whole number of blocks of a paged cache.
 int64_t chunk_rows(const em_mla_args* a, int32_t s) {
@@ -123,12 +127,17 @@ int64_t chunk_rows(const em_mla_args* a, int32_t s) {
 // tokens and the dims, never by the batch, the query blocks or the thread count: a
 // sequence's output is the same bits whatever else the call holds. $EM_MLA_SPLIT_ROWS (read
 // per call; rounded up to whole blocks) splits every that many rows instead, for tests.
-int64_t split_rows(const em_mla_args* a, int32_t s, int64_t L) {
+// A batch-invariant backend splits every min_rows rows whatever L is, so that where a query
+// token's splits fall depends on its dims alone, not on which of its sequence's tokens share
+// the call (a row that sees only the first splits merges exactly as if the others were not
+// there; later chunks it does not see add zeros).
+int64_t split_rows(const em_mla_args* a, int32_t s, int64_t L, bool invariant) {
   const int64_t unit = a->pages ? a->pages->block_size : 16;
   if (const std::optional<int64_t> n = env_override("EM_MLA_SPLIT_ROWS"); n && *n > 0)
     return (*n + unit - 1) / unit * unit;
   const int64_t chunk = chunk_rows(a, s);
   const int64_t min_rows = chunk * std::max<int64_t>(2, (16 * a->num_heads + chunk - 1) / chunk);
+  if (invariant) return min_rows;
   int64_t n = L / min_rows;
   if (n < 2) return std::max<int64_t>(L, 1);
   n -= n % 2;
@@ -136,7 +145,8 @@ int64_t split_rows(const em_mla_args* a, int32_t s, int64_t L) {
   return (per + unit - 1) / unit * unit;
 }
 
-Plan plan_items(const em_mla_args* a, int threads) {
+Plan plan_items(const Context& ctx, const em_mla_args* a) {
+  const int threads = ctx.pool.num_threads();
   const int64_t H = a->num_heads, T = a->q->shape[0];
   auto seq_range = [&](int32_t s, int64_t& t0, int64_t& t1) {
     t0 = a->q_offsets ? a->q_offsets[s] : 0;
@@ -156,10 +166,10 @@ Plan plan_items(const em_mla_args* a, int threads) {
   // Calls f(s, t0, t1, L, splits) for every query block of the absorbed sequences.
   auto blocks = [&](int64_t heads, auto&& f) {
     for (int32_t s = 0; s < a->num_seqs; ++s) {
-      if (multi_head_form(a, s)) continue;
+      if (multi_head_form(ctx, a, s)) continue;
       int64_t t0, t1;
       seq_range(s, t0, t1);
-      const int64_t qb = query_block(s, heads), sr = split_rows(a, s, visible(t0, t1));
+      const int64_t qb = query_block(s, heads), sr = split_rows(a, s, visible(t0, t1), ctx.invariant);
       for (int64_t t = t0; t < t1; t += qb) {
         const int64_t L = visible(t, std::min(t1, t + qb));
         f(s, t, std::min(t1, t + qb), L, sr, (L + sr - 1) / sr);
@@ -568,7 +578,7 @@ void merge_splits(const Kernels& k, const em_mla_args* a, const Group& g, int64_
 em_status mla_attention(Context& ctx, const em_mla_args* a) {
   const Kernels& k = *ctx.k;
   const int64_t C = a->kv_lora_rank, row_len = C + a->qk_rope_head_dim;
-  const Plan plan = plan_items(a, ctx.pool.num_threads());
+  const Plan plan = plan_items(ctx, a);
   // The split groups run in waves whose states fit wave_budget (a group larger than that is a
   // wave alone): a call of many query tokens over long contexts (short chunks of many
   // sequences after their cached prefixes) would otherwise hold gigabytes of states at V3's
@@ -622,7 +632,7 @@ em_status mla_attention(Context& ctx, const em_mla_args* a) {
     g0 = g1;
   }
   for (int32_t s = 0; s < a->num_seqs; ++s)
-    if (multi_head_form(a, s)) mla_multi_head(ctx, a, s);
+    if (multi_head_form(ctx, a, s)) mla_multi_head(ctx, a, s);
   return EM_OK;
 }
 

@@ -121,6 +121,7 @@ float abs_max(const float* x, int64_t n);
 }  // namespace scalar
 namespace avx2 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void silu_mul(const float* gate, const float* up, float* y, int64_t n);
 float sum_squares(const float* x, int64_t n);
@@ -133,6 +134,8 @@ float abs_max(const float* x, int64_t n);
 namespace avx512 {
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void gemm_nt_bf16dot_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 // Whether x of M rows and K columns, multiplied by bf16 weights, is worth packing once for
 // every tile (pack_rows): for gemm_nt_bf16dot as bf16 (pack_x_bf16, Gemm::x_bf16), for
@@ -161,12 +164,19 @@ void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
 // isa.cpp
 bool isa_supported(em_cpu_isa isa);
-const Kernels& kernels_for(em_cpu_isa isa);
+// The kernels of an ISA; `invariant`: those whose every output row is the same bits whatever
+// rows share the call (one nt kernel for every row count, fixed panels over k; AMX has none:
+// em_backend_create_cpu runs a batch-invariant backend asked for AMX on AVX512_BF16's).
+const Kernels& kernels_for(em_cpu_isa isa, bool invariant = false);
 
 // The CPU backend's private state (em_backend::ctx).
 struct Context {
-  Context(em_cpu_isa isa_, int num_threads) : isa(isa_), k(&kernels_for(isa_)), pool(num_threads) {}
+  Context(em_cpu_isa isa_, int num_threads, bool invariant_ = false)
+      : isa(isa_), invariant(invariant_), k(&kernels_for(isa_, invariant_)), pool(num_threads) {}
   em_cpu_isa isa;
+  // Batch-invariant (em_cpu_config::batch_invariant): every op computes a row, or a sequence's
+  // attention for a query token, in an order fixed by that row alone.
+  bool invariant;
   const Kernels* k;
   ThreadPool pool;
 };

@@ -97,6 +97,18 @@ const Kernels kAvx512 = {EM_ISA_AVX512,     avx512::gemm_nt, avx512::gemm_nn,   
                          avx2::sum_squares, avx2::scale_mul, avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
 const Kernels kAvx512Bf16 = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot, avx512::gemm_nn,   avx2::silu_mul,
                              avx2::sum_squares,  avx2::scale_mul,         avx2::exp_sum, avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
+// Batch-invariant: the same with the invariant nt GEMMs.
+const Kernels kAvx2Invariant = {EM_ISA_AVX2,       avx2::gemm_nt_invariant, avx2::gemm_nn,    avx2::silu_mul,
+                                avx2::sum_squares, avx2::scale_mul,         avx2::exp_sum,    avx2::fp8_to_f32,
+                                avx2::f32_to_fp8,  avx2::abs_max};
+const Kernels kAvx512Invariant = {EM_ISA_AVX512,     avx512::gemm_nt_invariant, avx512::gemm_nn,  avx2::silu_mul,
+                                  avx2::sum_squares, avx2::scale_mul,           avx2::exp_sum,    avx2::fp8_to_f32,
+                                  avx2::f32_to_fp8,  avx2::abs_max};
+const Kernels kAvx512Bf16Invariant = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16dot_invariant,
+                                      avx512::gemm_nn,    avx2::silu_mul,
+                                      avx2::sum_squares,  avx2::scale_mul,
+                                      avx2::exp_sum,      avx2::fp8_to_f32,
+                                      avx2::f32_to_fp8,   avx2::abs_max};
 // AMX: the AVX512_BF16 table with the tile unit for nt GEMMs over bf16 weights.
 const Kernels kAmx = {EM_ISA_AMX,        amx::gemm_nt,    avx512::gemm_nn, avx2::silu_mul, avx2::sum_squares,
                       avx2::scale_mul,   avx2::exp_sum,   avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
@@ -115,8 +127,17 @@ bool isa_supported(em_cpu_isa isa) {
   }
 }
 
-const Kernels& kernels_for(em_cpu_isa isa) {
+const Kernels& kernels_for(em_cpu_isa isa, bool invariant) {
 #if EM_X86
+  if (invariant) {
+    switch (isa) {
+      case EM_ISA_AVX2: return kAvx2Invariant;
+      case EM_ISA_AVX512: return kAvx512Invariant;
+      case EM_ISA_AVX512_BF16:
+      case EM_ISA_AMX: return kAvx512Bf16Invariant;
+      default: break;
+    }
+  }
   switch (isa) {
     case EM_ISA_AVX2: return kAvx2;
     case EM_ISA_AVX512: return kAvx512;
@@ -126,7 +147,8 @@ const Kernels& kernels_for(em_cpu_isa isa) {
   }
 #endif
   (void)isa;
-  return kScalar;
+  (void)invariant;
+  return kScalar;  // scalar::gemm_nt's order is the same for every row already
 }
 
 }  // namespace em::cpu

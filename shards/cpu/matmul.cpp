@@ -238,7 +238,7 @@ void pack_x_amx(Context& ctx, const float* x, int64_t ldx, int64_t M, int64_t K,
 void gemm_nt_f32(Context& ctx, const Gemm& g) {
   if (g.M == 0 || g.N == 0) return;
   // The AVX512_BF16 and AMX kernels round x to bf16 for bf16 weights; the plain AVX-512 one does not.
-  const GemmTileFn tile = ctx.isa >= EM_ISA_AVX512_BF16 ? kernels_for(EM_ISA_AVX512).gemm_nt : ctx.k->gemm_nt;
+  const GemmTileFn tile = ctx.isa >= EM_ISA_AVX512_BF16 ? kernels_for(EM_ISA_AVX512, ctx.invariant).gemm_nt : ctx.k->gemm_nt;
   run_tiles(ctx, g, tile, plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16));
 }
 

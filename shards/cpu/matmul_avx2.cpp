@@ -576,15 +576,19 @@ EM_AVX2 void gemm_nn_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
 
 }  // namespace
 
-void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 >= kPackedMinRows) {
-    switch (g.w.dtype) {
-      case EM_BF16: return gemm_nt_tile_packed<Bf16W>(g, m0, m1, n0, n1);
-      case EM_F16: return gemm_nt_tile_packed<F16W>(g, m0, m1, n0, n1);
-      case EM_F8_E4M3: return gemm_nt_tile_packed<Fp8W>(g, m0, m1, n0, n1);
-      default: return gemm_nt_tile_packed<F32W>(g, m0, m1, n0, n1);
-    }
+// Batch-invariant: the packed kernel for every row count (its order of sums over k is the
+// same for every row; the dot kernel's differs).
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (g.w.dtype) {
+    case EM_BF16: return gemm_nt_tile_packed<Bf16W>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nt_tile_packed<F16W>(g, m0, m1, n0, n1);
+    case EM_F8_E4M3: return gemm_nt_tile_packed<Fp8W>(g, m0, m1, n0, n1);
+    default: return gemm_nt_tile_packed<F32W>(g, m0, m1, n0, n1);
   }
+}
+
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m1 - m0 >= kPackedMinRows) return gemm_nt_invariant(g, m0, m1, n0, n1);
   switch (g.w.dtype) {
     case EM_BF16: return gemm_nt_tile<Bf16W>(g, m0, m1, n0, n1);
     case EM_F16: return gemm_nt_tile<F16W>(g, m0, m1, n0, n1);

@@ -253,8 +253,14 @@ void store_sums(const Gemm& g, int64_t m, int mr, int64_t n, int nr, const float
 }
 
 // k per x panel: whole rows when x has few rows (decode streams every weight row once,
-// sequentially), else kKc so the panel stays in L1 while a weight block sits in L2.
-int64_t panel_k(int64_t rows, int64_t k32) { return rows < 16 ? k32 : std::min(kKc, k32); }
+// sequentially), else kKc so the panel stays in L1 while a weight block sits in L2. Each
+// panel's sums are added to y, so the panels decide the summation order: kFixed (the
+// batch-invariant kernels) takes kKc whatever the rows, and a row's result no longer
+// depends on how many rows its tile has.
+template <bool kFixed>
+int64_t panel_k(int64_t rows, int64_t k32) {
+  return rows < 16 && !kFixed ? k32 : std::min(kKc, k32);
+}
 
 // What the micro-kernel at rows m prefetches (simd::prefetch_l2): the next call's weight
 // rows, `next` bytes on. With few rows every pass streams whole rows, and a 64-row block of
@@ -263,11 +269,11 @@ int64_t panel_k(int64_t rows, int64_t k32) { return rows < 16 ? k32 : std::min(k
 // into L2 for the others, whose prefetches would only take load slots.
 int64_t prefetch_ahead(int64_t m0, int64_t m1, int64_t m, int64_t next) { return m1 - m0 < 16 || m == m0 ? next : 0; }
 
-template <typename W>
+template <typename W, bool kFixed>
 EM_AVX512 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   using T = typename W::T;
   const int64_t k32 = g.K & ~int64_t{31};
-  const int64_t kc_max = panel_k(m1 - m0, k32);
+  const int64_t kc_max = panel_k<kFixed>(m1 - m0, k32);
   const T* base = static_cast<const T*>(g.w.data);
   const bool x_in_place = !W::kDeinterleave && (g.ldx * static_cast<int64_t>(sizeof(float))) % 4096 != 0;
   AlignedBuffer<float> panel(static_cast<size_t>(x_in_place ? 0 : kMr * kc_max));
@@ -376,9 +382,10 @@ MicroBf16Fn pick_bf16(int mr, int nr) {
   }
 }
 
+template <bool kFixed>
 EM_AVX512BF16 void gemm_nt_bf16dot_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t k32 = g.K & ~int64_t{31};
-  const int64_t kc_max = panel_k(m1 - m0, k32);
+  const int64_t kc_max = panel_k<kFixed>(m1 - m0, k32);
   const uint16_t* base = static_cast<const uint16_t*>(g.w.data);
   AlignedBuffer<uint16_t> panel(static_cast<size_t>(kMr * kc_max));
   float sums[kMr * kMaxNr];
@@ -497,14 +504,24 @@ void gemm_nn(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 // V3 shapes (em_bench): equal at 16 rows, 1.2x at 24, 1.4-1.6x from 48.
 constexpr int64_t kFp8PackedMinRows = 16;
 
+template <bool kFixed>
+void gemm_nt_by_dtype(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (g.w.dtype) {
+    case EM_BF16: return gemm_nt_tile<Bf16W, kFixed>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nt_tile<F16W, kFixed>(g, m0, m1, n0, n1);
+    case EM_F8_E4M3: return gemm_nt_tile<Fp8W, kFixed>(g, m0, m1, n0, n1);
+    default: return gemm_nt_tile<F32W, kFixed>(g, m0, m1, n0, n1);
+  }
+}
+
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (g.w.dtype == EM_F8_E4M3 && m1 - m0 >= kFp8PackedMinRows) return avx2::gemm_nt(g, m0, m1, n0, n1);
-  switch (g.w.dtype) {
-    case EM_BF16: return gemm_nt_tile<Bf16W>(g, m0, m1, n0, n1);
-    case EM_F16: return gemm_nt_tile<F16W>(g, m0, m1, n0, n1);
-    case EM_F8_E4M3: return gemm_nt_tile<Fp8W>(g, m0, m1, n0, n1);
-    default: return gemm_nt_tile<F32W>(g, m0, m1, n0, n1);
-  }
+  gemm_nt_by_dtype<false>(g, m0, m1, n0, n1);
+}
+
+// Batch-invariant: one kernel for every row count (fp8 too) and fixed panels.
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  gemm_nt_by_dtype<true>(g, m0, m1, n0, n1);
 }
 
 // Rows from which gemm_nt rounds x to bf16 once for all tiles (Gemm::x_bf16): each tile
@@ -551,8 +568,13 @@ EM_AVX512BF16 void pack_x_bf16(const float* x, int64_t ldx, int64_t M, int64_t K
 }
 
 void gemm_nt_bf16dot(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.w.dtype == EM_BF16) return gemm_nt_bf16dot_tile(g, m0, m1, n0, n1);
+  if (g.w.dtype == EM_BF16) return gemm_nt_bf16dot_tile<false>(g, m0, m1, n0, n1);
   gemm_nt(g, m0, m1, n0, n1);
+}
+
+void gemm_nt_bf16dot_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.w.dtype == EM_BF16) return gemm_nt_bf16dot_tile<true>(g, m0, m1, n0, n1);
+  gemm_nt_invariant(g, m0, m1, n0, n1);
 }
 
 }  // namespace em::cpu::avx512

@@ -151,7 +151,7 @@ em_status create(size_t capacity, em_backend** out) {
   *out = nullptr;
   auto ctx = std::make_unique<Context>();
   ctx->capacity = capacity;
-  const em_cpu_config cfg{EM_ISA_AUTO, 0};
+  const em_cpu_config cfg{EM_ISA_AUTO, 0, 0};
   if (const em_status s = em_backend_create_cpu(&cfg, &ctx->cpu); s != EM_OK) return s;
   em_backend_info ci;
   em_backend_get_info(ctx->cpu, &ci);

@@ -188,11 +188,11 @@ struct Backend {
   em_cpu_isa isa;
   int threads;
   std::string label;
-  Backend(em_cpu_isa isa_, int threads_) : isa(isa_), threads(threads_) {
-    em_cpu_config cfg{isa_, threads_};
+  Backend(em_cpu_isa isa_, int threads_, bool invariant = false) : isa(isa_), threads(threads_) {
+    em_cpu_config cfg{isa_, threads_, invariant ? 1 : 0};
     const em_status s = em_backend_create_cpu(&cfg, &b);
     if (s != EM_OK) std::fprintf(stderr, "backend %s: %s\n", em_cpu_isa_name(isa_), em_last_error());
-    label = std::string(em_cpu_isa_name(isa_)) + "/t" + std::to_string(threads_);
+    label = std::string(em_cpu_isa_name(isa_)) + "/t" + std::to_string(threads_) + (invariant ? "/invariant" : "");
   }
   ~Backend() { em_backend_free(b); }
   Backend(const Backend&) = delete;

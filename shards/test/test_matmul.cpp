@@ -168,7 +168,7 @@ void test_tile_state() {
                 before >= 0 ? "checked with ARCH_GET_XCOMP_PERM" : "emulated tiles");
   } else {
     em_backend* b = nullptr;
-    em_cpu_config cfg{EM_ISA_AMX, 1};
+    em_cpu_config cfg{EM_ISA_AMX, 1, 0};
     CHECK(em_backend_create_cpu(&cfg, &b) == EM_ERR_UNSUPPORTED && b == nullptr, "amx without AMX");
     std::printf("tile state: no AMX on this CPU; the other ISAs never asked for it\n");
   }

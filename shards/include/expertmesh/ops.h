@@ -270,6 +270,7 @@ typedef struct em_backend_info {
   const char* name;    /* "cpu", later "cuda" */
   const char* isa;     /* cpu: "scalar" | "avx2" | "avx512" | "avx512bf16" */
   int32_t num_threads; /* worker threads including the caller */
+  int32_t batch_invariant; /* cpu: em_cpu_config::batch_invariant */
 } em_backend_info;
 
 /*
@@ -319,6 +320,12 @@ typedef enum em_cpu_isa {
 typedef struct em_cpu_config {
   em_cpu_isa isa;      /* EM_ISA_AUTO normally; a specific ISA for tests and benchmarks */
   int32_t num_threads; /* 0: $EM_NUM_THREADS, else the hardware concurrency */
+  /* 1: batch-invariant. Every op computes each row (attention: each query token of a sequence)
+     in an order fixed by that row alone, so a row's result is the same bits whatever other
+     rows or sequences share the call and however a sequence's tokens are split into calls:
+     one nt GEMM kernel for every row count with fixed panels over k, no AMX, MLA attention
+     always absorbed, split at fixed multiples of rows. Slower (docs/adr/0027). */
+  int32_t batch_invariant;
 } em_cpu_config;
 
 /* Best ISA this CPU (and OS) supports. */
