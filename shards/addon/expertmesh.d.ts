@@ -58,8 +58,9 @@ export interface BackendInfo {
   abiVersion: number;
   /** CPU ISAs this machine can run. */
   availableIsas: Isa[];
-  /** The CPU backend, which also runs every op the device lacks. */
-  cpu: { isa: Isa; threads: number };
+  /** The CPU backend, which also runs every op the device lacks; batchInvariant: configured
+   *  so (every row's result the same bits whatever else shares its call; ADR 0027). */
+  cpu: { isa: Isa; threads: number; batchInvariant: boolean };
   /** Whether this build contains the CUDA backend. */
   cudaCompiled: boolean;
   /** Exported op function -> weight dtypes it accepts (on the device or the CPU). */
@@ -88,6 +89,9 @@ export function configure(options?: {
   /** Mirror paged KV pools in device memory (ADR 0010; default: $EM_ADDON_KV_MIRROR=1 at
    *  load, else false). */
   kvMirror?: boolean;
+  /** Batch-invariant CPU kernels (default false; ADR 0027): slower, and every row's result
+   *  the same bits whatever shares its call. Needs device "cpu" (EM_NATIVE_ARG otherwise). */
+  batchInvariant?: boolean;
 }): BackendInfo;
 
 /** The "sim" device's counters (device memory it holds, copies made), or null on another

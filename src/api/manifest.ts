@@ -319,13 +319,15 @@ export function samplingArgs(model: DeepSeekModel): string[] {
 
 /**
  * The flags of both roles for spec.model: `--dtype` when the manifest serves the weights in
- * another dtype than the checkpoint's (none for auto), `--cpu-matmul=bf16` when asked for.
+ * another dtype than the checkpoint's (none for auto), `--cpu-matmul=bf16` and
+ * `--batch-invariant` when asked for.
  */
 export function modelArgs(model: DeepSeekModel): string[] {
-  const { dtype, cpuMatmul } = model.spec.model;
+  const { dtype, cpuMatmul, batchInvariant } = model.spec.model;
   return [
     ...(dtype === "auto" ? [] : [`--dtype=${dtype}`]),
     ...(cpuMatmul === "bf16" ? ["--cpu-matmul=bf16"] : []),
+    ...(batchInvariant ? ["--batch-invariant"] : []),
   ];
 }
 

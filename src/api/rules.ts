@@ -333,6 +333,17 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
           isLabelKey(c.topologyKey) && (c.matchLabelKeys ?? []).every(isLabelKey),
       ),
   },
+  {
+    path: "spec",
+    rule:
+      "!has(self.model.batchInvariant) || !self.model.batchInvariant || " +
+      "((!has(self.gateway.gpus) || self.gateway.gpus == 0) && (!has(self.experts.gpusPerShard) || self.experts.gpusPerShard == 0))",
+    message:
+      "model.batchInvariant needs gateway.gpus and experts.gpusPerShard to be 0: only the CPU kernels are batch-invariant",
+    check: (s) =>
+      s["model"]?.batchInvariant !== true ||
+      ((s["gateway"]?.gpus ?? 0) === 0 && (s["experts"]?.gpusPerShard ?? 0) === 0),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -234,6 +234,11 @@ export const ModelSchema = withRules(
           "How the CPU backend multiplies activations by bf16 and fp8 weights (both roles; GPU devices are unaffected): fp32 keeps the activations in fp32 (the default); bf16 rounds them to bf16, as PyTorch's bf16 Linear does, and runs on AMX tiles or AVX512_BF16 where the CPU has them (several times faster prefill, ~1e-3 relative error); a CPU with neither keeps fp32.",
         default: "fp32",
       }),
+      batchInvariant: Type.Boolean({
+        description:
+          "Batch-invariant CPU kernels (both roles; docs/adr/0027): a request's greedy tokens and logprobs are the same bits whatever other requests share its steps, however its prompt is chunked and whatever prefix of it is cached. Slower prefill. Only the CPU kernels have it: gateway.gpus and experts.gpusPerShard must be 0.",
+        default: false,
+      }),
     },
     {
       description:

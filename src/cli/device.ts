@@ -22,15 +22,17 @@ export interface SelectedBackend {
 
 /**
  * The Backend for `--backend` (native, default, or reference) on `--device` (cpu, default,
- * cuda or cuda:N), its CPU kernels chosen by `--cpu-matmul` (fp32, default, or bf16).
- * Throws EM_CLI_USAGE for unknown names and for a device or bf16 matmuls with the reference
- * backend, and the addon's EM_NATIVE_UNSUPPORTED / EM_NATIVE_ARG when the device is not
- * there (this build has no CUDA, no CUDA device) or is not a device string.
+ * cuda or cuda:N), its CPU kernels chosen by `--cpu-matmul` (fp32, default, or bf16) and
+ * `--batch-invariant` (ADR 0027). Throws EM_CLI_USAGE for unknown names, for a device or bf16
+ * matmuls with the reference backend, and for --batch-invariant anywhere but the native
+ * backend on the CPU; and the addon's EM_NATIVE_UNSUPPORTED / EM_NATIVE_ARG when the device
+ * is not there (this build has no CUDA, no CUDA device) or is not a device string.
  */
 export function selectBackend(
   backendFlag: string | undefined,
   deviceFlag: string | undefined,
   cpuMatmulFlag?: string,
+  batchInvariant = false,
 ): SelectedBackend {
   const name = backendFlag ?? "native";
   const device = deviceFlag ?? "cpu";
@@ -45,6 +47,16 @@ export function selectBackend(
       `--cpu-matmul must be ${CPU_MATMULS.join(" or ")}, got '${cpuMatmulFlag}'`,
     );
   const cpuMatmul = cpuMatmulFlag as CpuMatmul | undefined;
+  if (batchInvariant && name !== "native")
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      "--batch-invariant: only the native backend has batch-invariant kernels (use --backend native)",
+    );
+  if (batchInvariant && device !== "cpu")
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--batch-invariant needs --device cpu, not '${device}': only the CPU backend has batch-invariant kernels`,
+    );
   if (name === "reference") {
     if (device !== "cpu")
       throw new ExpertMeshError(
@@ -60,7 +72,11 @@ export function selectBackend(
   }
   if (device === "")
     throw new ExpertMeshError("EM_CLI_USAGE", `--device must be ${DEVICE_HELP}, got ''`);
-  const backend = nativeBackend({ device, ...(cpuMatmul ? { cpuMatmul } : {}) });
+  const backend = nativeBackend({
+    device,
+    ...(cpuMatmul ? { cpuMatmul } : {}),
+    ...(batchInvariant ? { batchInvariant } : {}),
+  });
   let summary = backendSummary(backend.info);
   if (cpuMatmul === "bf16" && !BF16_ISAS.includes(backend.info.cpu.isa))
     summary += "; --cpu-matmul bf16: this CPU has neither AMX nor AVX512_BF16, so fp32 products";
@@ -71,7 +87,8 @@ export function selectBackend(
 export function backendSummary(
   info: Omit<NativeInfo, "ops" | "abiVersion"> & { ops: Partial<NativeInfo["ops"]> },
 ): string {
-  if (info.backend === "cpu") return `native backend on cpu (${info.isa}, ${info.threads} threads)`;
+  if (info.backend === "cpu")
+    return `native backend on cpu (${info.isa}, ${info.threads} threads${info.cpu.batchInvariant ? ", batch-invariant" : ""})`;
   type Op = keyof NativeInfo["ops"];
   const fallback = (Object.entries(info.fallback) as [Op, string[]][])
     .map(([op, dtypes]) =>

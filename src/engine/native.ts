@@ -29,6 +29,7 @@ export interface Addon {
     threads?: number;
     resident?: boolean;
     kvMirror?: boolean;
+    batchInvariant?: boolean;
   }): NativeInfo;
   cudaStatus(): { compiled: boolean; devices: number; status: string };
   matmul(x: Float32Array, rows: number, w: AddonWeight, out?: Float32Array): Float32Array;
@@ -119,9 +120,14 @@ export function configureDevice(
   device: string,
   addon: Addon = loadAddon(),
   isa?: string,
+  batchInvariant?: boolean,
 ): NativeInfo {
   try {
-    return addon.configure({ device, ...(isa ? { isa } : {}) });
+    return addon.configure({
+      device,
+      ...(isa ? { isa } : {}),
+      ...(batchInvariant ? { batchInvariant } : {}),
+    });
   } catch (e) {
     const code = (e as { code?: unknown }).code;
     if (typeof code === "string" && code in ERROR_CODES) {
@@ -153,20 +159,21 @@ export function cpuIsaFor(matmul: CpuMatmul, available: readonly string[]): stri
 export const BF16_ISAS: readonly string[] = ["amx", "avx512bf16"];
 
 /**
- * The Backend over the addon; with `device`, configures the addon for it first, and with
- * `cpuMatmul` its CPU backend (cpuIsaFor).
+ * The Backend over the addon; with `device`, configures the addon for it first, with
+ * `cpuMatmul` its CPU backend (cpuIsaFor), and with `batchInvariant` that backend's
+ * batch-invariant kernels (ADR 0027).
  */
 export function nativeBackend(
-  options: { device?: string; addon?: Addon; cpuMatmul?: CpuMatmul } = {},
+  options: { device?: string; addon?: Addon; cpuMatmul?: CpuMatmul; batchInvariant?: boolean } = {},
 ): Backend & { info: NativeInfo } {
   const addon = options.addon ?? loadAddon();
   const current = addon.backendInfo();
   // With cpuMatmul the CPU backend is always configured (fp32 undoes an earlier bf16).
   const isa = options.cpuMatmul && (cpuIsaFor(options.cpuMatmul, current.availableIsas) ?? "auto");
   const info =
-    options.device === undefined && isa === undefined
+    options.device === undefined && isa === undefined && !options.batchInvariant
       ? current
-      : configureDevice(options.device ?? current.device, addon, isa);
+      : configureDevice(options.device ?? current.device, addon, isa, options.batchInvariant);
   return {
     name: "native",
     info,

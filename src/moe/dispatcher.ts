@@ -52,6 +52,12 @@ export interface DispatcherOptions {
   attemptTimeoutMs?: number;
   /** Observes each shard round trip (for metrics). */
   onRoundTrip?: (shard: number, ms: number, ok: boolean) => void;
+  /**
+   * Picks each token's copy of a redundant expert by a hash of its own activations instead of
+   * its place in the step (`--batch-invariant`, ADR 0027): a token's experts then fall into the
+   * same shards' partial sums whatever else the step holds. Default false.
+   */
+  batchInvariant?: boolean;
 }
 
 /** Routed experts on remote shards, over NATS. */
@@ -100,6 +106,7 @@ export class RemoteExperts implements ExpertRunner {
       combineDtype: "bf16",
       deadlineMs: 10_000,
       attemptTimeoutMs: 2_000,
+      batchInvariant: false,
       ...o,
     };
     this.#requester = new Requester(o.nc);
@@ -133,12 +140,14 @@ export class RemoteExperts implements ExpertRunner {
     const tokens = new Int32Array(plan.numShards);
     const assigns = new Int32Array(plan.numShards);
     const last = new Int32Array(plan.numShards).fill(-1);
+    const bits = this.#o.batchInvariant ? new Uint32Array(x.buffer, x.byteOffset, t * dim) : null;
     for (let tok = 0; tok < t; tok++) {
+      const pick = bits ? copyHash(bits, tok * dim, dim) : tok;
       for (let k = 0; k < topK; k++) {
         const i = tok * topK + k;
         const copies = replicas[ids[i]!];
         if (!copies) shardsForExperts(plan, layer, [ids[i]!], tok); // throws EM_PLAN_LOOKUP
-        const s = copies![tok % copies!.length]!;
+        const s = copies![pick % copies!.length]!;
         shardOf[i] = s;
         assigns[s]!++;
         if (last[s] !== tok) {
@@ -338,4 +347,10 @@ export class RemoteExperts implements ExpertRunner {
       `no replica of shard ${shard} (${subject}) answered layer ${d.layer} within the ${this.#o.deadlineMs} ms deadline: ${last ? formatError(last) : "timed out"}`,
     );
   }
+}
+
+/** A token's copy choice from its row's first and last activations' bits (non-negative). */
+export function copyHash(bits: Uint32Array, at: number, dim: number): number {
+  const h = Math.imul(bits[at]! ^ Math.imul(bits[at + dim - 1]!, 0x9e3779b1), 0x85ebca6b);
+  return (h ^ (h >>> 15)) >>> 0;
 }

@@ -691,6 +691,15 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[22]!.message,
       ],
       [
+        "batch-invariant kernels with GPU shards",
+        {
+          model: { ...spec.model, batchInvariant: true },
+          gateway: { gpus: 0 },
+          experts: { shards: 2, gpusPerShard: 1 },
+        },
+        CROSS_FIELD_RULES[23]!.message,
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",
@@ -741,6 +750,18 @@ describe.sequential("expertmesh operator", () => {
         const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
         expect(r.code, r.stderr).toBe(0);
       }
+    });
+    it("accepts batch-invariant kernels with CPU roles", async () => {
+      const body = JSON.stringify(
+        model("invariant", "default", {
+          ...spec,
+          model: { ...spec.model, batchInvariant: true },
+          gateway: { gpus: 0 },
+          experts: { ...spec.experts, gpusPerShard: 0 },
+        }),
+      );
+      const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+      expect(r.code, r.stderr).toBe(0);
     });
     it("covers every cross-field rule", () => {
       const covered = new Set(cases.map(([, , msg]) => msg));

@@ -38,6 +38,8 @@ export async function startShards(
     planVersion?: number;
     /** Place the MTP layer's experts too (plan --mtp). */
     mtp?: boolean;
+    /** More flags for every shard. */
+    args?: string[];
   } = {},
 ): Promise<Cluster> {
   const ckpt = await Checkpoint.open(modelDir);
@@ -54,7 +56,11 @@ export async function startShards(
   const shards: ManagedProcess[] = [];
   for (let k = 0; k < numShards; k++) {
     for (let r = 0; r < (opts.replicas ?? 1); r++)
-      shards.push(startShard(modelDir, planPath, modelName, k, `r${r}`, opts.natsUrl));
+      shards.push(
+        startShard(modelDir, planPath, modelName, k, `r${r}`, opts.natsUrl, "test", {
+          args: opts.args ?? [],
+        }),
+      );
   }
   await Promise.all(shards.map((s) => waitServing(s)));
   return { modelDir, modelName, plan, planPath, shards };

@@ -123,7 +123,7 @@ describe("selectBackend (--backend, --device)", () => {
       isa: "sm_90",
       threads: 132,
       availableIsas: ["scalar", "avx2"],
-      cpu: { isa: "avx2", threads: 16 },
+      cpu: { isa: "avx2", threads: 16, batchInvariant: false },
       cudaCompiled: true,
       ops: { sample: ["f32"], matmul: ["f32", "bf16", "f16", "fp8"] },
       fallback: { sample: ["f32"], matmul: ["fp8"] },
@@ -208,5 +208,38 @@ describe.skipIf(hasCudaDevice)("the commands with --device cuda on a machine wit
     expect(r.status).toBe(0);
     expect(r.stdout).toContain("--device DEV");
     expect(r.stdout).toContain("cuda:N");
+  });
+});
+
+describe("--batch-invariant", () => {
+  it("configures the CPU backend's batch-invariant kernels, and says so; without it they go", () => {
+    try {
+      const s = selectBackend(undefined, "cpu", undefined, true);
+      const info = addon.backendInfo();
+      expect(info.cpu.batchInvariant).toBe(true);
+      expect(s.summary).toBe(
+        `native backend on cpu (${info.isa}, ${info.threads} threads, batch-invariant)`,
+      );
+      // AMX has no batch-invariant kernel: asked for bf16, such a CPU runs AVX512_BF16's.
+      selectBackend(undefined, "cpu", "bf16", true);
+      expect(addon.backendInfo().cpu.isa).not.toBe("amx");
+    } finally {
+      selectBackend(undefined, "cpu", "fp32");
+    }
+    expect(addon.backendInfo().cpu.batchInvariant).toBe(false);
+  });
+
+  it("is refused on the reference backend and on a device, by the CLI and by the addon", () => {
+    expect(codeOf(() => selectBackend("reference", "cpu", undefined, true))).toBe("EM_CLI_USAGE");
+    expect(codeOf(() => selectBackend(undefined, "sim", undefined, true))).toBe("EM_CLI_USAGE");
+    expect(codeOf(() => selectBackend(undefined, "cuda:0", undefined, true))).toBe("EM_CLI_USAGE");
+    expect(codeOf(() => addon.configure({ device: "sim", batchInvariant: true }))).toBe(
+      "EM_NATIVE_ARG",
+    );
+    // The refusal left the backends as they were.
+    expect(addon.backendInfo().device).toBe("cpu");
+    expect(codeOf(() => addon.configure({ batchInvariant: "yes" as unknown as boolean }))).toBe(
+      "EM_NATIVE_ARG",
+    );
   });
 });

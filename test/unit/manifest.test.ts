@@ -461,8 +461,28 @@ spec:
       "EM_MANIFEST_INVALID",
     ],
     ["kv cache of 0 bytes", `${good}  gateway: { kvCache: { bytes: 0 } }\n`, "EM_MANIFEST_INVALID"],
+    [
+      "batch-invariant with GPUs (gateway.gpus defaults to 1)",
+      good.replace("preset: tiny-v3,", "preset: tiny-v3, batchInvariant: true,"),
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "batch-invariant with GPU shards",
+      `${good.replace("preset: tiny-v3,", "preset: tiny-v3, batchInvariant: true,").replace("shards: 4", "shards: 4, gpusPerShard: 1")}  gateway: { gpus: 0 }\n`,
+      "EM_MANIFEST_INVALID",
+    ],
   ])("rejects %s", (_name, text, code) => {
     expect(codeOf(() => parseManifest(text))).toBe(code);
+  });
+
+  it("takes batchInvariant with CPU roles only, and says why not otherwise", () => {
+    const inv = good.replace("preset: tiny-v3,", "preset: tiny-v3, batchInvariant: true,");
+    const cpu = `${inv.replace("shards: 4", "shards: 4, gpusPerShard: 0")}  gateway: { gpus: 0 }\n`;
+    expect(parseManifest(cpu).spec.model.batchInvariant).toBe(true);
+    expect(parseManifest(good).spec.model.batchInvariant).toBe(false);
+    expect(() => parseManifest(inv, "m.yaml")).toThrow(
+      "m.yaml: spec: model.batchInvariant needs gateway.gpus and experts.gpusPerShard to be 0: only the CPU kernels are batch-invariant",
+    );
   });
 
   it("names the field in the message", () => {

@@ -267,6 +267,13 @@ describe("desiredObjects", () => {
     );
   });
 
+  it("passes spec.model.batchInvariant to gateways and shards as --batch-invariant", () => {
+    expect(roleArgs({ batchInvariant: false }, "--batch-invariant")).toEqual([[], [], [], [], []]);
+    expect(roleArgs({ batchInvariant: true }, "--batch-invariant")).toEqual(
+      Array(5).fill(["--batch-invariant"]),
+    );
+  });
+
   it("gateways keep serving 5 s after SIGTERM, within the pod's grace period", () => {
     const gw = objects("").find((o) => o.metadata?.name === "m-gateway") as any;
     const pod = gw.spec.template.spec;

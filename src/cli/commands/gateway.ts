@@ -150,6 +150,10 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             stay fp32) or bf16 (activations rounded to bf16, as PyTorch's bf16 Linear:
                             AMX tiles or AVX512_BF16 where the CPU has them, several times faster
                             prefill, ~1e-3 relative error; a CPU with neither keeps fp32)
+  --batch-invariant         the CPU kernels that compute every token the same whatever shares
+                            its step: a request's output no longer depends on the other
+                            requests, its chunking or cached prefixes (same greedy tokens and
+                            logprobs, bit for bit); slower prefill (docs/adr/0027); cpu only
   --backend NAME            native (default) | reference (TypeScript, cpu only)
   --dtype DTYPE             the linear layers' weights: auto (the checkpoint's, default), bf16,
                             fp16, fp32 or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3),
@@ -213,6 +217,7 @@ export const gatewayCommand: Command = {
         wire: { type: "string" },
         device: { type: "string" },
         "cpu-matmul": { type: "string" },
+        "batch-invariant": { type: "boolean" },
         backend: { type: "string" },
       },
     });
@@ -296,7 +301,12 @@ export const gatewayCommand: Command = {
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
     const signals = stopSignals(log);
 
-    const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
+    const selected = selectBackend(
+      values.backend,
+      values.device,
+      values["cpu-matmul"],
+      values["batch-invariant"] === true,
+    );
     const backend = selected.backend;
     log(selected.summary);
     // The files the options name, before the weights: a wrong path fails at once.
@@ -387,6 +397,7 @@ export const gatewayCommand: Command = {
         dispatchDtype: wire as "bf16" | "fp8" | "f32",
         combineDtype: wire === "f32" ? "f32" : "bf16",
         onRoundTrip: (shard, ms, ok) => onRoundTrip?.(shard, ms, ok),
+        batchInvariant: values["batch-invariant"] === true,
       });
       const conn = nc;
       const remote = experts as RemoteExperts;

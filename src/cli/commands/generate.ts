@@ -40,6 +40,8 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
                         (sim: a stand-in for a GPU, for tests; shards/README.md)
   --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
                         (activations rounded to bf16: AMX or AVX512_BF16 where the CPU has them)
+  --batch-invariant     kernels that compute each token the same however the prompt is
+                        chunked (see gateway --help; cpu only)
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
   --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
@@ -68,6 +70,7 @@ export const generateCommand: Command = {
         backend: { type: "string" },
         device: { type: "string" },
         "cpu-matmul": { type: "string" },
+        "batch-invariant": { type: "boolean" },
         distributed: { type: "boolean" },
         nats: { type: "string" },
         plan: { type: "string" },
@@ -106,7 +109,12 @@ export const generateCommand: Command = {
         "EM_CLI_USAGE",
         `--repetition-penalty must be in (0, ${MAX_REPETITION_PENALTY}], got '${values["repetition-penalty"]}'`,
       );
-    const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
+    const selected = selectBackend(
+      values.backend,
+      values.device,
+      values["cpu-matmul"],
+      values["batch-invariant"] === true,
+    );
     const backend = selected.backend;
     // Before the weights: a wrong --plan path fails at once.
     const plan =
@@ -149,6 +157,7 @@ export const generateCommand: Command = {
         plan,
         dispatchDtype: wire,
         combineDtype: wire === "f32" ? "f32" : "bf16",
+        batchInvariant: values["batch-invariant"] === true,
       });
     }
     const model = new DeepSeekForward(weights, backend, experts);

@@ -46,6 +46,9 @@ const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [op
   --cpu-matmul fp32|bf16  how the CPU multiplies by bf16/fp8 weights: fp32 (default) or bf16
                         (activations rounded to bf16: AMX tiles or AVX512_BF16 where the CPU
                         has them, several times faster on many tokens; see gateway --help)
+  --batch-invariant     kernels that compute each token the same whatever tokens share its
+                        call (a distributed gateway's --batch-invariant needs its shards so;
+                        see gateway --help; cpu only)
   --backend NAME        native (default) | reference (TypeScript, cpu only)
   --dtype DTYPE         the experts' weights: auto (the checkpoint's, default), bf16, fp16, fp32
                         or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3), converted as they load`;
@@ -71,6 +74,7 @@ export const shardCommand: Command = {
         "metrics-port": { type: "string" },
         device: { type: "string" },
         "cpu-matmul": { type: "string" },
+        "batch-invariant": { type: "boolean" },
         backend: { type: "string" },
         dtype: { type: "string" },
       },
@@ -89,7 +93,12 @@ export const shardCommand: Command = {
       values["model-name"] ?? defaultModelName(values.model!),
     );
     // Before reading anything: a device that is not there fails at once (pods restart).
-    const selected = selectBackend(values.backend, values.device, values["cpu-matmul"]);
+    const selected = selectBackend(
+      values.backend,
+      values.device,
+      values["cpu-matmul"],
+      values["batch-invariant"] === true,
+    );
     const plan = parsePlan(readOptionFile(values.plan!, "--plan").toString("utf8"));
     const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
     const k = /^\d+$/.test(values.shard!) ? Number(values.shard) : -1;
