@@ -14,6 +14,7 @@ import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
+import { invariantTables } from "./invariant.ts";
 import { isaTables } from "./isa.ts";
 import { jsonTables } from "./json.ts";
 import type { KernelResults, RowResult, Side } from "./kernels.ts";
@@ -511,6 +512,7 @@ export const SUITES = [
   "isa",
   "diskread",
   "diskshared",
+  "invariant",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -530,7 +532,8 @@ export const TABLES_ONLY: Record<
   | "priority"
   | "isa"
   | "diskread"
-  | "diskshared",
+  | "diskshared"
+  | "invariant",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -545,6 +548,7 @@ export const TABLES_ONLY: Record<
   isa: isaTables,
   diskread: diskReadTables,
   diskshared: diskSharedTables,
+  invariant: invariantTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -19,6 +19,7 @@ import { runDiskShared } from "./disk-shared.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
+import { runInvariant } from "./invariant.ts";
 import { runIsa } from "./isa.ts";
 import { runJson } from "./json.ts";
 import { runKernels } from "./kernels.ts";
@@ -66,6 +67,7 @@ const RUN_TABLES_ONLY: Record<
   isa: runIsa,
   diskread: runDiskRead,
   diskshared: runDiskShared,
+  invariant: runInvariant,
 };
 
 async function main(): Promise<number> {
