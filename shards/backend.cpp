@@ -227,7 +227,7 @@ extern "C" void em_backend_free(em_backend* backend) {
 }
 
 extern "C" void em_backend_get_info(const em_backend* backend, em_backend_info* out) {
-  *out = em_backend_info{"none", "none", 0};
+  *out = em_backend_info{"none", "none", 0, 0};
   if (backend != nullptr) backend->iface->info(backend->ctx, out);
 }
 

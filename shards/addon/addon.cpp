@@ -587,6 +587,15 @@ Napi::Value SimStats(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// scratchBytes(): what the CPU backend's per-thread scratch caches hold (ADR 0025);
+// trimScratch(): frees it all, returns the bytes freed.
+Napi::Value ScratchBytes(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(em_scratch_cached_bytes()));
+}
+Napi::Value TrimScratch(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(em_scratch_trim()));
+}
+
 // cudaStatus() -> { compiled, devices, status }: asks the CUDA driver (initializes the CUDA
 // runtime on a CUDA build, so backendInfo() leaves it out).
 Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
@@ -1288,6 +1297,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
   exports.Set("cudaStatus", Napi::Function::New(env, CudaStatus, "cudaStatus"));
   exports.Set("simStats", Napi::Function::New(env, SimStats, "simStats"));
+  exports.Set("scratchBytes", Napi::Function::New(env, ScratchBytes, "scratchBytes"));
+  exports.Set("trimScratch", Napi::Function::New(env, TrimScratch, "trimScratch"));
   exports.Set("matmul", Napi::Function::New(env, Matmul, "matmul"));
   exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm, "rmsnorm"));
   exports.Set("siluMul", Napi::Function::New(env, SiluMul, "siluMul"));

@@ -109,6 +109,12 @@ export function simStats(): {
 /** What the CUDA driver reports (initializes the CUDA runtime on a CUDA build). */
 export function cudaStatus(): { compiled: boolean; devices: number; status: string };
 
+/** Bytes the CPU backend's scratch caches hold: arrays of 1 MiB or more kept, per thread, for
+ *  the next calls (ADR 0025), at the largest call's peak until trimmed. */
+export function scratchBytes(): number;
+/** Frees every thread's cached scratch arrays; returns the bytes freed. Safe while ops run. */
+export function trimScratch(): number;
+
 /** y [rows, N] = x [rows, K] W^T for w [N, K]. */
 export function matmul(x: Float32Array, rows: number, w: Weight, out?: Float32Array): Float32Array;
 

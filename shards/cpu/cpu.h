@@ -40,6 +40,10 @@ void* scratch_acquire(size_t bytes, size_t* capacity);
 void scratch_release(void* p, size_t capacity);
 // The bytes this thread's cache holds (for tests).
 size_t scratch_cached_bytes();
+// Frees every thread's cached arrays (any thread may call it); returns their bytes.
+size_t scratch_trim();
+// The bytes every thread's cache holds.
+size_t scratch_cached_bytes_all();
 
 // A scratch array of n T's (SIMD panels, packed rows, a call's intermediates), uninitialized.
 template <typename T>

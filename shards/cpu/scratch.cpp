@@ -11,9 +11,14 @@
 //
 // EM_SCRATCH_POISON=1 (the test suites set it) fills every array handed out with 0xFF
 // bytes (NaN as f32, bf16 and e4m3), so that a read of an element no one wrote shows.
+//
+// The caches hold memory at the largest call's peak until the thread ends: scratch_trim
+// (em_scratch_trim, the addon's trimScratch) frees every thread's cached arrays, from any
+// thread (each cache has a lock, uncontended but for a trim; every cache is in a registry).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <utility>
 #include <vector>
@@ -35,13 +40,45 @@ bool poison_enabled() {
   return on;
 }
 
+struct Cache;
+
+// Every live thread's cache. Never destroyed: threads may end after static destructors run.
+struct Registry {
+  std::mutex m;
+  std::vector<Cache*> caches;
+};
+Registry& registry() {
+  static Registry* r = new Registry;
+  return *r;
+}
+
 struct Cache {
+  std::mutex m;                                // guards free (this thread, or a trim)
   std::vector<std::pair<size_t, void*>> free;  // (capacity in bytes, memory)
-  Cache() = default;
+  Cache() {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.m);
+    r.caches.push_back(this);
+  }
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
   ~Cache() {
-    for (const auto& [cap, p] : free) ::operator delete(p, kAlign);
+    {
+      Registry& r = registry();
+      std::lock_guard<std::mutex> lock(r.m);
+      r.caches.erase(std::find(r.caches.begin(), r.caches.end(), this));
+    }
+    clear();
+  }
+  // Frees every cached array; returns their bytes. Caller holds m (or owns the cache alone).
+  size_t clear() {
+    size_t n = 0;
+    for (const auto& [cap, p] : free) {
+      ::operator delete(p, kAlign);
+      n += cap;
+    }
+    free.clear();
+    return n;
   }
   size_t bytes() const {
     size_t n = 0;
@@ -68,7 +105,9 @@ void* scratch_acquire(size_t bytes, size_t* capacity) {
     *capacity = bytes;
     return handed_out(::operator new(bytes, kAlign), bytes);
   }
-  auto& free = cache().free;
+  Cache& c = cache();
+  std::unique_lock<std::mutex> lock(c.m);
+  auto& free = c.free;
   // The smallest cached array that fits.
   auto best = free.end();
   for (auto it = free.begin(); it != free.end(); ++it)
@@ -76,6 +115,7 @@ void* scratch_acquire(size_t bytes, size_t* capacity) {
   if (best != free.end()) {
     const auto [cap, p] = *best;
     free.erase(best);
+    lock.unlock();
     *capacity = cap;
     return handed_out(p, bytes);
   }
@@ -85,6 +125,7 @@ void* scratch_acquire(size_t bytes, size_t* capacity) {
     ::operator delete(largest->second, kAlign);
     free.erase(largest);
   }
+  lock.unlock();
   *capacity = bytes;
   return handed_out(::operator new(bytes, kAlign), bytes);
 }
@@ -94,7 +135,9 @@ void scratch_release(void* p, size_t capacity) {
     ::operator delete(p, kAlign);
     return;
   }
-  auto& free = cache().free;
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.m);
+  auto& free = c.free;
   free.emplace_back(capacity, p);
   if (free.size() > kMaxCached) {
     const auto smallest = std::min_element(free.begin(), free.end());
@@ -103,6 +146,35 @@ void scratch_release(void* p, size_t capacity) {
   }
 }
 
-size_t scratch_cached_bytes() { return cache().bytes(); }
+size_t scratch_cached_bytes() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.m);
+  return c.bytes();
+}
+
+size_t scratch_trim() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  size_t n = 0;
+  for (Cache* c : r.caches) {
+    std::lock_guard<std::mutex> cl(c->m);
+    n += c->clear();
+  }
+  return n;
+}
+
+size_t scratch_cached_bytes_all() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.m);
+  size_t n = 0;
+  for (Cache* c : r.caches) {
+    std::lock_guard<std::mutex> cl(c->m);
+    n += c->bytes();
+  }
+  return n;
+}
 
 }  // namespace em::cpu
+
+extern "C" size_t em_scratch_trim(void) { return em::cpu::scratch_trim(); }
+extern "C" size_t em_scratch_cached_bytes(void) { return em::cpu::scratch_cached_bytes_all(); }

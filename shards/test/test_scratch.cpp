@@ -3,6 +3,8 @@
 // with EM_SCRATCH_POISON=1 every array is handed out as 0xFF bytes.
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -112,5 +114,43 @@ int main() {
     CHECK(b.data() == first, "AlignedBuffer did not recycle");
     CHECK(all_ff(b.data(), 4), "a recycled AlignedBuffer is not poisoned");
   }
+  {
+    // em_scratch_trim frees every thread's cache, from another thread; an array alive during
+    // the trim is not touched, and goes to the (now empty) cache when freed.
+    em::cpu::AlignedBuffer<float> alive(2 * MiB);  // 8 MiB, taken from this thread's cache or new
+    const size_t here = em::cpu::scratch_cached_bytes();
+    std::mutex m;
+    std::condition_variable cv;
+    bool cached = false, trimmed = false;
+    size_t other_after = 1;
+    std::thread t([&] {
+      { em::cpu::AlignedBuffer<float> a(MiB); }  // 4 MiB into this thread's cache
+      std::unique_lock<std::mutex> lock(m);
+      cached = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return trimmed; });
+      other_after = em::cpu::scratch_cached_bytes();
+    });
+    {
+      std::unique_lock<std::mutex> lock(m);
+      cv.wait(lock, [&] { return cached; });
+    }
+    CHECK(em_scratch_cached_bytes() >= here + 4 * MiB, "all caches: %zu, want >= %zu", em_scratch_cached_bytes(),
+          here + 4 * MiB);
+    const size_t freed = em_scratch_trim();
+    CHECK(freed >= here + 4 * MiB, "trim freed %zu, want >= %zu", freed, here + 4 * MiB);
+    CHECK(em_scratch_cached_bytes() == 0, "after a trim the caches hold %zu", em_scratch_cached_bytes());
+    {
+      std::lock_guard<std::mutex> lock(m);
+      trimmed = true;
+    }
+    cv.notify_all();
+    t.join();
+    CHECK(other_after == 0, "the other thread's cache holds %zu after the trim", other_after);
+    alive.data()[0] = 1.0f;  // still ours
+  }
+  CHECK(em::cpu::scratch_cached_bytes() == 8 * MiB, "the array alive during the trim was cached after it: %zu",
+        em::cpu::scratch_cached_bytes());
+  CHECK(em_scratch_trim() == 8 * MiB && em_scratch_cached_bytes() == 0, "a second trim");
   return test::finish("scratch");
 }

@@ -153,4 +153,11 @@ export interface Backend {
     ids: Int32Array,
     k: number,
   ): { logprob: Float64Array; topIds: Int32Array; topLogprobs: Float64Array };
+  /**
+   * The bytes of scratch memory the backend keeps between calls (the native CPU backend's
+   * per-thread caches, ADR 0025); absent for a backend that keeps none.
+   */
+  scratchBytes?(): number;
+  /** Frees that memory; returns the bytes freed (scratch-trim.ts calls it when idle). */
+  trimScratch?(): number;
 }

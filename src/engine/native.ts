@@ -32,6 +32,8 @@ export interface Addon {
     batchInvariant?: boolean;
   }): NativeInfo;
   cudaStatus(): { compiled: boolean; devices: number; status: string };
+  scratchBytes(): number;
+  trimScratch(): number;
   matmul(x: Float32Array, rows: number, w: AddonWeight, out?: Float32Array): Float32Array;
   rmsnorm(x: Float32Array, weight: AddonWeight, eps: number, out?: Float32Array): Float32Array;
   siluMul(gate: Float32Array, up: Float32Array, out?: Float32Array): Float32Array;
@@ -178,6 +180,8 @@ export function nativeBackend(
     name: "native",
     info,
     matmul: (x, m, w, out) => addon.matmul(x, m, addonWeight(w), out),
+    scratchBytes: () => addon.scratchBytes(),
+    trimScratch: () => addon.trimScratch(),
     rmsnorm: (x, _m, weight, eps, out) => addon.rmsnorm(x, addonWeight(weight), eps, out),
     siluMul: (gate, up, out) => addon.siluMul(gate, up, out),
     rope(x, _t, _heads, stride, offset, positions, cfg: RopeConfig) {

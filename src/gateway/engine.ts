@@ -23,6 +23,7 @@
 // each step's sampling, the MTP layer runs over the positions the step added to each
 // sequence (the main model's final hidden states there, and the token after each), writing
 // its own cache rows; a decoding sequence's last row gives its next draft token (argmax).
+
 import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
 import type { DiskPrefixStats } from "../engine/kv-disk.ts";
@@ -47,6 +48,7 @@ import {
   type SchedulingPolicy,
   Sequence,
 } from "../engine/scheduler.ts";
+import type { ScratchTrimmer } from "../engine/scratch-trim.ts";
 import type { Drafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
@@ -188,6 +190,11 @@ export interface EngineOptions {
    * asking for prompt logprobs do not speculate.
    */
   readonly speculative?: SpeculativeOptions;
+  /**
+   * Trims the backend's scratch memory after a quiet time (scratch-trim.ts); the engine
+   * touches it at each step and closes it with the engine.
+   */
+  readonly scratchTrimmer?: ScratchTrimmer;
 }
 
 export type SpeculativeOptions =
@@ -218,6 +225,7 @@ export class ServingEngine {
   readonly speculative: SpeculativeOptions | null;
   #nextId = 1;
   #looping = false;
+  readonly #trimmer: ScratchTrimmer | undefined;
   numPreemptions = 0;
   /** Steps run, and of them those that ran as two micro-batches. */
   numSteps = 0;
@@ -235,6 +243,7 @@ export class ServingEngine {
       throw new ExpertMeshError("EM_CLI_USAGE", `micro-batches must be 1 or 2, got ${mb}`);
     this.#model = model;
     this.#kv = kv;
+    this.#trimmer = opts.scratchTrimmer;
     this.#scheduler = new Scheduler(config, kv.allocator);
     // A prompt waiting for its prefix's blocks from the disk is scheduled once they are read.
     if (kv.disk) kv.disk.onStaged = () => this.#kick();
@@ -257,6 +266,7 @@ export class ServingEngine {
 
   /** Ends the disk tier's reader thread, if any (at a stop, after persistPrefixes). */
   async close(): Promise<void> {
+    this.#trimmer?.close();
     await this.#kv.disk?.close();
   }
 
@@ -344,7 +354,9 @@ export class ServingEngine {
       for (;;) {
         this.#reap();
         if (this.#scheduler.isIdle) break;
+        this.#trimmer?.touch();
         const ran = await this.#step();
+        this.#trimmer?.touch();
         if (!ran) break;
         // Let HTTP I/O (new requests, disconnects, stream writes) in between steps.
         await new Promise((r) => setImmediate(r));

@@ -24,8 +24,19 @@ export class GatewayMetrics {
   constructor(
     stats: () => EngineStats,
     encoder?: () => { liveWorkers: number; offloaded: number; inline: number },
+    scratchBytes?: () => number,
   ) {
     const registers = [this.registry];
+    if (scratchBytes) {
+      new Gauge({
+        name: "expertmesh_native_scratch_bytes",
+        help: "Scratch memory the native engine keeps between calls (per-thread caches of its large arrays; freed after a quiet time).",
+        registers,
+        collect() {
+          this.set(scratchBytes());
+        },
+      });
+    }
     if (encoder) {
       new Gauge({
         name: "expertmesh_gateway_tokenizer_workers",

@@ -9,6 +9,7 @@ import { DiskPrefixStore } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import type { SchedulingPolicy } from "../engine/scheduler.ts";
+import { ScratchTrimmer, scratchTrimAfterMs } from "../engine/scratch-trim.ts";
 import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -34,6 +35,11 @@ export interface GatewayConfig {
   readonly maxQueueDepth: number;
   /** Sequences running at once (default 256). */
   readonly maxRunning?: number;
+  /**
+   * Quiet time (ms) after which the backend's scratch caches are freed (scratch-trim.ts;
+   * default $EM_SCRATCH_TRIM_MS or 30 s; 0: never).
+   */
+  readonly scratchTrimMs?: number;
   /** KV cache budget (bytes) and block size (tokens). */
   readonly kvCacheBytes: number;
   readonly blockSize?: number;
@@ -155,6 +161,19 @@ export function createServeContext(
         `give --kv-cache-bytes at least ${Math.ceil(maxModelLen / blockSize) * bytesPerBlock(c, blockSize, dtype, extraLayers)} or lower --max-model-len` +
         (dtype === "f32" ? " (or store rows smaller: --kv-cache-dtype bfloat16 or fp8)" : ""),
     );
+  // The native engine's scratch caches, given back after a quiet time.
+  const trimAfter = cfg.scratchTrimMs ?? scratchTrimAfterMs();
+  const trimmer =
+    backend.trimScratch && trimAfter > 0
+      ? new ScratchTrimmer(
+          () => backend.trimScratch!(),
+          trimAfter,
+          (bytes) =>
+            cfg.log?.(
+              `idle for ${trimAfter / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
+            ),
+        )
+      : undefined;
   const engine = new ServingEngine(
     new BatchForward(weights, backend, experts),
     kv,
@@ -170,6 +189,7 @@ export function createServeContext(
     },
     {
       microBatches: cfg.microBatches ?? 1,
+      ...(trimmer ? { scratchTrimmer: trimmer } : {}),
       ...(spec === undefined
         ? {}
         : {
@@ -201,6 +221,7 @@ export function createServeContext(
     metrics: new GatewayMetrics(
       () => engine.stats,
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),
+      backend.scratchBytes ? () => backend.scratchBytes!() : undefined,
     ),
     ...(cfg.log ? { log: cfg.log } : {}),
   };

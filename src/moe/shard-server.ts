@@ -66,6 +66,8 @@ export interface ShardServerOptions {
   /** How long an older plan stays loaded after a newer one is activated (ms, default 10 s). */
   retireAfterMs?: number;
   log?: (msg: string) => void;
+  /** Called as each batch starts and ends (the scratch trimmer's touch). */
+  onBatch?: () => void;
 }
 
 /** What plan `version` gives this shard: (layer -> experts). */
@@ -290,6 +292,7 @@ export class ShardServer {
   #drainQueue(): void {
     if (this.#busy || this.#queue.length === 0) return;
     this.#busy = true;
+    this.#o.onBatch?.();
     const batch = this.#queue;
     this.#queue = [];
     const t0 = performance.now();
@@ -392,6 +395,7 @@ export class ShardServer {
       if (out) this.#acts.give(out);
       this.#interval.processingMs += performance.now() - t0;
       this.#busy = false;
+      this.#o.onBatch?.();
       this.#addPending(-batch.reduce((n, p) => n + p.frame.numTokens, 0));
       if (this.#queue.length) setImmediate(() => this.#drainQueue());
       else for (const r of this.#idle.splice(0)) r();

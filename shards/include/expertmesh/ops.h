@@ -334,6 +334,13 @@ const char* em_cpu_isa_name(em_cpu_isa isa);
 /* Parses "scalar" | "avx2" | "avx512" | "avx512bf16" | "amx" | "auto"; returns -1 if unknown. */
 int em_cpu_isa_parse(const char* name);
 
+/* The CPU backend's scratch arrays of 1 MiB or more are kept, when freed, in a cache of the
+ * thread that freed them, for its next calls (ADR 0025): memory stays at the largest call's
+ * peak. em_scratch_cached_bytes: what every thread's cache holds; em_scratch_trim frees it
+ * all (from any thread, while calls run too) and returns the bytes freed. */
+size_t em_scratch_cached_bytes(void);
+size_t em_scratch_trim(void);
+
 /* Creates a CPU backend; EM_ERR_UNSUPPORTED if the requested ISA is not available here. */
 em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend** out);
 void em_backend_free(em_backend* backend);

@@ -4,6 +4,7 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
+import { ScratchTrimmer, scratchTrimAfterMs } from "../../engine/scratch-trim.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
@@ -190,6 +191,19 @@ export const shardCommand: Command = {
       waitMs: natsWaitMs,
       log,
     });
+    // The native engine's scratch caches, given back after a quiet time.
+    const trimAfter = scratchTrimAfterMs();
+    const trimmer =
+      backend.trimScratch && trimAfter > 0
+        ? new ScratchTrimmer(
+            () => backend.trimScratch!(),
+            trimAfter,
+            (bytes) =>
+              log(
+                `idle for ${trimAfter / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
+              ),
+          )
+        : undefined;
     const shard = new ShardServer({
       nc,
       model,
@@ -200,8 +214,20 @@ export const shardCommand: Command = {
       experts,
       log,
       loadExperts: (wanted) => loadExperts(ckpt, wanted, undefined, { dtype }),
+      ...(trimmer ? { onBatch: () => trimmer.touch() } : {}),
     });
     shard.start();
+    if (backend.scratchBytes) {
+      const bytes = () => backend.scratchBytes!();
+      new Gauge({
+        name: "expertmesh_native_scratch_bytes",
+        help: "Scratch memory the native engine keeps between calls (per-thread caches of its large arrays; freed after a quiet time).",
+        registers: [registry],
+        collect() {
+          this.set(bytes());
+        },
+      });
+    }
 
     const labels = { shard: String(k) };
     new Gauge({
