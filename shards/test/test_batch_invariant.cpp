@@ -75,8 +75,10 @@ void test_matmul() {
         em_tensor xt = em_tensor_2d(const_cast<float*>(x.data()), EM_F32, max_m, K);
         em_tensor yt = em_tensor_2d(y.data(), EM_F32, max_m, N);
         CHECK_OK(em_matmul(def.b, &xt, &wt, &yt));
+        // (AMX rounds fp8 weights x scale to bf16 and the invariant backend's AVX512_BF16
+        // kernels do not: accumulation_tolerance says which pairs round.)
         const double d = max_rel_diff(y, alone);
-        CHECK(d < 1e-5, "%s %s K=%lld: invariant vs default %g", def.label.c_str(), em_dtype_name(dt),
+        CHECK(d < (accumulation_tolerance(isa, dt) > 1e-3 ? 1e-2 : 1e-5), "%s %s K=%lld: invariant vs default %g", def.label.c_str(), em_dtype_name(dt),
               static_cast<long long>(K), d);
       }
     }
