@@ -2,7 +2,8 @@
 //   em_bench [M N K [threads [isa]]]    default: prefill 256x1408x2048 and decode 1x1408x2048
 // EM_BENCH_ROTATE_MIB=N rotates over copies of the weights at least N MiB in all, so that every
 // call streams them from memory as a shard's decode does (without it they stay in cache);
-// EM_BENCH_DTYPES=bf16,fp8 narrows the weight dtypes.
+// EM_BENCH_DTYPES=bf16,fp8 narrows the weight dtypes; EM_BENCH_INVARIANT=1 runs the
+// batch-invariant kernels (em_cpu_config::batch_invariant).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -50,7 +51,8 @@ bool wanted(em_dtype dt) {
 }
 
 void bench(int64_t M, int64_t N, int64_t K, int threads, em_cpu_isa isa) {
-  em_cpu_config cfg{isa, threads, 0};
+  const char* inv = std::getenv("EM_BENCH_INVARIANT");
+  em_cpu_config cfg{isa, threads, inv != nullptr && std::string(inv) == "1" ? 1 : 0};
   em_backend* b = nullptr;
   if (em_backend_create_cpu(&cfg, &b) != EM_OK) {
     std::printf("%s: %s\n", em_cpu_isa_name(isa), em_last_error());
