@@ -290,36 +290,49 @@ MicroNtFn<W> pick_micro_nt(int mr, int nr) {
   }
 }
 
+// k per panel of the batch-invariant dot kernel (a multiple of 16 and of fp8's 128-k blocks).
+constexpr int64_t kInvariantKc = 2048;
+
 // Few rows of x (decode): the x rows are packed once per block of weight rows, then every
 // weight row is streamed whole, once, for all of them (long sequential reads prefetch well).
-template <typename W>
+// kInvariant (the batch-invariant kernel, for every row count): k in panels of
+// kInvariantKc, so a block of weight rows stays in L2 while many rows use it, and fp8 x rows
+// two at a time (micro_nt_fp8, whose order of sums differs from micro_nt's). A row's result
+// then follows the same order whatever rows share its tile.
+template <typename W, bool kInvariant>
 EM_AVX2 void gemm_nt_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   using T = typename W::T;
   const int64_t k16 = g.K & ~int64_t{15};
+  const int64_t kc_max = kInvariant ? std::min(kInvariantKc, k16) : k16;
+  constexpr int kMrMax = kInvariant && W::kScaled ? 2 : kMr;
   const T* base = static_cast<const T*>(g.w.data);
-  AlignedBuffer<float> panel(static_cast<size_t>(kMr * k16));
+  AlignedBuffer<float> panel(static_cast<size_t>(kMrMax * kc_max));
   float sums[32];
   const T* rows[8];
   const float* scale_rows[8];
   for (int64_t nb0 = n0; nb0 < n1; nb0 += kNb) {
     const int64_t nb1 = std::min(n1, nb0 + kNb);
-    for (int64_t m = m0; m < m1; m += kMr) {
-      const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - m));
-      pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, 0, k16, panel.data());
-      for (int64_t n = nb0; n < nb1;) {
-        const int nr = static_cast<int>(std::min<int64_t>(max_nr<W>(mr), nb1 - n));
-        for (int j = 0; j < nr; ++j) {
-          rows[j] = base + (n + j) * g.w.ld;
-          if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
+    for (int64_t k0 = 0; k0 < k16; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k16 - k0);
+      const bool overwrite = k0 == 0 && !g.accumulate;
+      for (int64_t m = m0; m < m1; m += kMrMax) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMrMax, m1 - m));
+        pack_x<W::kDeinterleave>(g.x + m * g.ldx, g.ldx, mr, k0, kc, panel.data());
+        for (int64_t n = nb0; n < nb1;) {
+          const int nr = static_cast<int>(std::min<int64_t>(max_nr<W>(mr), nb1 - n));
+          for (int j = 0; j < nr; ++j) {
+            rows[j] = base + (n + j) * g.w.ld;
+            if constexpr (W::kScaled) scale_rows[j] = g.w.scale_row(n + j);
+          }
+          // What the next call reads: the same rows of the next block (w_next), else the next rows.
+          const int64_t pf = g.w_next != 0 ? g.w_next : nr * g.w.ld * static_cast<int64_t>(sizeof(T));
+          pick_micro_nt<W>(mr, nr)(panel.data(), kc / 16, rows, scale_rows, k0, pf, sums);
+          for (int i = 0; i < mr; ++i) {
+            float* yr = g.y + (m + i) * g.ldy + n;
+            for (int j = 0; j < nr; ++j) yr[j] = overwrite ? sums[i * nr + j] : yr[j] + sums[i * nr + j];
+          }
+          n += nr;
         }
-        // What the next call reads: the same rows of the next block (w_next), else the next rows.
-        const int64_t pf = g.w_next != 0 ? g.w_next : nr * g.w.ld * static_cast<int64_t>(sizeof(T));
-        pick_micro_nt<W>(mr, nr)(panel.data(), k16 / 16, rows, scale_rows, 0, pf, sums);
-        for (int i = 0; i < mr; ++i) {
-          float* yr = g.y + (m + i) * g.ldy + n;
-          for (int j = 0; j < nr; ++j) yr[j] = g.accumulate ? yr[j] + sums[i * nr + j] : sums[i * nr + j];
-        }
-        n += nr;
       }
     }
   }
@@ -576,24 +589,30 @@ EM_AVX2 void gemm_nn_tile(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int
 
 }  // namespace
 
-// Batch-invariant: the packed kernel for every row count (its order of sums over k is the
-// same for every row; the dot kernel's differs).
+// Batch-invariant: the dot kernel with fixed k panels for every row count (gemm_nt_tile).
 void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (g.w.dtype) {
-    case EM_BF16: return gemm_nt_tile_packed<Bf16W>(g, m0, m1, n0, n1);
-    case EM_F16: return gemm_nt_tile_packed<F16W>(g, m0, m1, n0, n1);
-    case EM_F8_E4M3: return gemm_nt_tile_packed<Fp8W>(g, m0, m1, n0, n1);
-    default: return gemm_nt_tile_packed<F32W>(g, m0, m1, n0, n1);
+    case EM_BF16: return gemm_nt_tile<Bf16W, true>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nt_tile<F16W, true>(g, m0, m1, n0, n1);
+    case EM_F8_E4M3: return gemm_nt_tile<Fp8W, true>(g, m0, m1, n0, n1);
+    default: return gemm_nt_tile<F32W, true>(g, m0, m1, n0, n1);
   }
 }
 
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 >= kPackedMinRows) return gemm_nt_invariant(g, m0, m1, n0, n1);
+  if (m1 - m0 >= kPackedMinRows) {
+    switch (g.w.dtype) {
+      case EM_BF16: return gemm_nt_tile_packed<Bf16W>(g, m0, m1, n0, n1);
+      case EM_F16: return gemm_nt_tile_packed<F16W>(g, m0, m1, n0, n1);
+      case EM_F8_E4M3: return gemm_nt_tile_packed<Fp8W>(g, m0, m1, n0, n1);
+      default: return gemm_nt_tile_packed<F32W>(g, m0, m1, n0, n1);
+    }
+  }
   switch (g.w.dtype) {
-    case EM_BF16: return gemm_nt_tile<Bf16W>(g, m0, m1, n0, n1);
-    case EM_F16: return gemm_nt_tile<F16W>(g, m0, m1, n0, n1);
-    case EM_F8_E4M3: return gemm_nt_tile<Fp8W>(g, m0, m1, n0, n1);
-    default: return gemm_nt_tile<F32W>(g, m0, m1, n0, n1);
+    case EM_BF16: return gemm_nt_tile<Bf16W, false>(g, m0, m1, n0, n1);
+    case EM_F16: return gemm_nt_tile<F16W, false>(g, m0, m1, n0, n1);
+    case EM_F8_E4M3: return gemm_nt_tile<Fp8W, false>(g, m0, m1, n0, n1);
+    default: return gemm_nt_tile<F32W, false>(g, m0, m1, n0, n1);
   }
 }
 
