@@ -67,17 +67,17 @@ interface Answer {
   logprobs: number[];
 }
 
-/** Greedy completion of `prompt` (token ids): its tokens and their logprobs. */
+/** Completion of `prompt` (token ids), greedy unless `seed`: its tokens and their logprobs. */
 async function complete(
   client: OpenAI,
   prompt: number[],
-  o: { maxTokens?: number; salt?: string } = {},
+  o: { maxTokens?: number; salt?: string; seed?: number } = {},
 ): Promise<Answer> {
   const r = await client.completions.create({
     model: "tiny",
     prompt,
     max_tokens: o.maxTokens ?? 16,
-    temperature: 0,
+    ...(o.seed === undefined ? { temperature: 0 } : { temperature: 1, seed: o.seed }),
     logprobs: 0,
     // vLLM's: the output as token ids, so no text round trip can blur them
     return_tokens_as_token_ids: true,
@@ -117,6 +117,17 @@ describe.each(["local", "distributed"])("gateway --batch-invariant (%s experts)"
     });
     const warm = await complete(client(), subject(), { salt: "warm" });
     expect(warm).toEqual(alone);
+  });
+
+  it("samples the same tokens with a seed, alone and among others", async () => {
+    const alone = await complete(client(), subject(), { salt: "seed-alone", seed: 7 });
+    const others = [
+      complete(client(), tokens(60, 12), { maxTokens: 20, seed: 1 }),
+      complete(client(), tokens(110, 13), { maxTokens: 6 }),
+    ];
+    const among = await complete(client(), subject(), { salt: "seed-among", seed: 7 });
+    await Promise.all(others);
+    expect(among).toEqual(alone);
   });
 
   it("gives a token the same logprob decoded as prefilled", async () => {
