@@ -5,6 +5,7 @@
 // idle would hold them for ever; after `afterMs` without a step (or a shard's batch) this
 // frees them. A burst keeps them: any activity restarts the wait.
 import { ExpertMeshError } from "../util/errors.ts";
+import type { Backend } from "./backend.ts";
 
 /** Default quiet time before a trim (ms); `EM_SCRATCH_TRIM_MS` overrides it, 0 never trims. */
 export const DEFAULT_SCRATCH_TRIM_MS = 30_000;
@@ -63,4 +64,22 @@ export class ScratchTrimmer {
   close(): void {
     clearInterval(this.#timer);
   }
+}
+
+/**
+ * The trimmer of a serving process's backend (gateway, shard): none for a backend without
+ * scratch memory or when `afterMs` is 0; each trim logged.
+ */
+export function scratchTrimmerFor(
+  backend: Backend,
+  log: ((line: string) => void) | undefined,
+  afterMs = scratchTrimAfterMs(),
+): ScratchTrimmer | undefined {
+  const trim = backend.trimScratch?.bind(backend);
+  if (!trim || afterMs <= 0) return undefined;
+  return new ScratchTrimmer(trim, afterMs, (bytes) =>
+    log?.(
+      `idle for ${afterMs / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
+    ),
+  );
 }

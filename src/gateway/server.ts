@@ -9,7 +9,7 @@ import { DiskPrefixStore } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import type { SchedulingPolicy } from "../engine/scheduler.ts";
-import { ScratchTrimmer, scratchTrimAfterMs } from "../engine/scratch-trim.ts";
+import { scratchTrimAfterMs, scratchTrimmerFor } from "../engine/scratch-trim.ts";
 import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -162,18 +162,7 @@ export function createServeContext(
         (dtype === "f32" ? " (or store rows smaller: --kv-cache-dtype bfloat16 or fp8)" : ""),
     );
   // The native engine's scratch caches, given back after a quiet time.
-  const trimAfter = cfg.scratchTrimMs ?? scratchTrimAfterMs();
-  const trimmer =
-    backend.trimScratch && trimAfter > 0
-      ? new ScratchTrimmer(
-          () => backend.trimScratch!(),
-          trimAfter,
-          (bytes) =>
-            cfg.log?.(
-              `idle for ${trimAfter / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
-            ),
-        )
-      : undefined;
+  const trimmer = scratchTrimmerFor(backend, cfg.log, cfg.scratchTrimMs ?? scratchTrimAfterMs());
   const engine = new ServingEngine(
     new BatchForward(weights, backend, experts),
     kv,

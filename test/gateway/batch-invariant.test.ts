@@ -83,7 +83,7 @@ async function complete(
     return_tokens_as_token_ids: true,
     // vLLM's: this request shares cached prompt blocks only with others of its salt
     ...(o.salt ? { cache_salt: o.salt } : {}),
-  } as OpenAI.CompletionCreateParamsNonStreaming);
+  } as unknown as OpenAI.CompletionCreateParamsNonStreaming);
   const lp = r.choices[0]!.logprobs!;
   return {
     tokens: lp.tokens!.map((t) => Number(t.replace(/^token_id:/, ""))),
@@ -142,7 +142,7 @@ describe.each(["local", "distributed"])("gateway --batch-invariant (%s experts)"
       temperature: 0,
       prompt_logprobs: 0,
       cache_salt: "prefilled",
-    } as OpenAI.CompletionCreateParamsNonStreaming);
+    } as unknown as OpenAI.CompletionCreateParamsNonStreaming);
     const entries = (
       r.choices[0] as unknown as {
         prompt_logprobs: (Record<string, { logprob: number }> | null)[];

@@ -4,7 +4,7 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
-import { ScratchTrimmer, scratchTrimAfterMs } from "../../engine/scratch-trim.ts";
+import { scratchTrimmerFor } from "../../engine/scratch-trim.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
@@ -192,18 +192,7 @@ export const shardCommand: Command = {
       log,
     });
     // The native engine's scratch caches, given back after a quiet time.
-    const trimAfter = scratchTrimAfterMs();
-    const trimmer =
-      backend.trimScratch && trimAfter > 0
-        ? new ScratchTrimmer(
-            () => backend.trimScratch!(),
-            trimAfter,
-            (bytes) =>
-              log(
-                `idle for ${trimAfter / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
-              ),
-          )
-        : undefined;
+    const trimmer = scratchTrimmerFor(backend, log);
     const shard = new ShardServer({
       nc,
       model,
