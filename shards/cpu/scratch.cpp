@@ -152,26 +152,27 @@ size_t scratch_cached_bytes() {
   return c.bytes();
 }
 
-size_t scratch_trim() {
+namespace {
+// The sum of f(cache) over every thread's cache, each under its lock.
+template <typename F>
+size_t sum_over_caches(F&& f) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.m);
   size_t n = 0;
   for (Cache* c : r.caches) {
     std::lock_guard<std::mutex> cl(c->m);
-    n += c->clear();
+    n += f(*c);
   }
   return n;
 }
+}  // namespace
+
+size_t scratch_trim() {
+  return sum_over_caches([](Cache& c) { return c.clear(); });
+}
 
 size_t scratch_cached_bytes_all() {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.m);
-  size_t n = 0;
-  for (Cache* c : r.caches) {
-    std::lock_guard<std::mutex> cl(c->m);
-    n += c->bytes();
-  }
-  return n;
+  return sum_over_caches([](Cache& c) { return c.bytes(); });
 }
 
 }  // namespace em::cpu
