@@ -12,9 +12,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { loadAddon } from "../../src/engine/native.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
-import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import { allAtOnce, holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
 
 let dir: string;
 let g: TestGateway;
@@ -65,18 +64,8 @@ describe("batch invariance through preemption", () => {
     const alone = [];
     for (const p of prompts) alone.push(await ask(p));
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
-    // All four in the scheduler at once: hold the first step until the others queued.
-    h.hold();
-    const together = Promise.all(prompts.map(ask));
-    await waitFor("all four requests to be queued", async () =>
-      (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
-        (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
-      4
-        ? true
-        : undefined,
-    );
-    h.release();
-    expect(await together).toEqual(alone);
+    // All four in the scheduler at once: they do not fit the cache together.
+    expect(await allAtOnce(g, h, () => prompts.map(ask))).toEqual(alone);
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
   });
 });

@@ -239,6 +239,29 @@ export async function natsDelivered(name: string, subject: string): Promise<numb
  * same, that preemption happened and that the cache ends empty. `before` / `after` add
  * checks on the gateway after the one-by-one and the together runs.
  */
+/**
+ * The requests `start` sends, all in the scheduler at once: the first step is held (`h`)
+ * until every one of them is waiting or running.
+ */
+export async function allAtOnce<T>(
+  g: TestGateway,
+  h: ReturnType<typeof holdable>,
+  start: () => Promise<T>[],
+): Promise<T[]> {
+  h.hold();
+  const requests = start();
+  const together = Promise.all(requests);
+  await waitFor(`all ${requests.length} requests to be queued`, async () =>
+    (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
+      (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
+    requests.length
+      ? true
+      : undefined,
+  );
+  h.release();
+  return together;
+}
+
 export async function preemptionScenario(
   dir: string,
   opts: TestGatewayOptions,
@@ -267,18 +290,7 @@ export async function preemptionScenario(
     for (const p of prompts) alone.push(await ask(p));
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
     checks.before?.(g);
-    // All four in the scheduler at once: hold the first step until the others queued.
-    h.hold();
-    const together = Promise.all(prompts.map(ask));
-    await waitFor("all four requests to be queued", async () =>
-      (await metric(g.url, "expertmesh_gateway_num_requests_waiting")) +
-        (await metric(g.url, "expertmesh_gateway_num_requests_running")) ===
-      4
-        ? true
-        : undefined,
-    );
-    h.release();
-    expect(await together).toEqual(alone);
+    expect(await allAtOnce(g, h, () => prompts.map(ask))).toEqual(alone);
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
     checks.after?.(g);
     expect(await metric(g.url, "expertmesh_gateway_kv_cache_usage_perc")).toBe(0);
