@@ -83,10 +83,12 @@ export async function runInvariant(o: {
   );
   const prompts = o.quick ? [PROMPTS[0]] : PROMPTS;
 
-  // [prompt][mode] -> per-round figures
-  const prefill = new Map<string, number[]>();
-  const decode = new Map<string, number[]>();
+  // "prompt/mode" -> per-round figures
   const key = (p: number, m: Mode) => `${p}/${m}`;
+  const perRound = () =>
+    new Map(prompts.flatMap((p) => MODES.map((m): [string, number[]] => [key(p, m), []])));
+  const prefill = perRound();
+  const decode = perRound();
   for (let round = 0; round < runs; round++) {
     for (const p of prompts) {
       const prompt = Array.from({ length: p }, (_, i) => (i * 37 + 11) % 300);
@@ -95,8 +97,8 @@ export async function runInvariant(o: {
         const r = await generate(model, prompt, { maxTokens: NEW_TOKENS });
         const pre = p / (r.stats.prefillMs / 1000);
         const dec = (r.stats.generatedTokens - 1) / (r.stats.decodeMs / 1000);
-        (prefill.get(key(p, mode)) ?? prefill.set(key(p, mode), []).get(key(p, mode))!).push(pre);
-        (decode.get(key(p, mode)) ?? decode.set(key(p, mode), []).get(key(p, mode))!).push(dec);
+        prefill.get(key(p, mode))!.push(pre);
+        decode.get(key(p, mode))!.push(dec);
         o.log(
           `[bench] invariant round ${round + 1}/${runs} ${mode} ${p}-token prompt: prefill ${pre.toFixed(1)} tok/s, decode ${dec.toFixed(1)} tok/s`,
         );

@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define EM_ABI_VERSION 3
+#define EM_ABI_VERSION 4
 #define EM_MAX_DIMS 4
 /* fp8 checkpoints quantize weights in 128x128 blocks (DeepSeek-V3 `block_size`). */
 #define EM_FP8_BLOCK 128
