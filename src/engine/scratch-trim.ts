@@ -4,6 +4,7 @@
 // the next long prompt reuses without faulting pages in. A serving process that then sits
 // idle would hold them for ever; after `afterMs` without a step (or a shard's batch) this
 // frees them. A burst keeps them: any activity restarts the wait.
+import { Gauge, type Registry } from "prom-client";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { Backend } from "./backend.ts";
 
@@ -82,4 +83,16 @@ export function scratchTrimmerFor(
       `idle for ${afterMs / 1000} s: freed ${(bytes / 2 ** 20).toFixed(0)} MiB of native scratch`,
     ),
   );
+}
+
+/** `expertmesh_native_scratch_bytes` in `registry` (gateways and shards), read at each scrape. */
+export function registerScratchGauge(registry: Registry, scratchBytes: () => number): void {
+  new Gauge({
+    name: "expertmesh_native_scratch_bytes",
+    help: "Scratch memory the native engine keeps between calls (per-thread caches of its large arrays; freed after a quiet time).",
+    registers: [registry],
+    collect() {
+      this.set(scratchBytes());
+    },
+  });
 }

@@ -2,6 +2,7 @@
 // expertmesh_gateway_X): queue depth, KV cache usage, latencies, token counts, and the
 // round trip of each expert shard. One registry per gateway (tests run several).
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { registerScratchGauge } from "../engine/scratch-trim.ts";
 import type { EngineStats } from "./engine.ts";
 
 const LATENCY_BUCKETS = [
@@ -27,16 +28,7 @@ export class GatewayMetrics {
     scratchBytes?: () => number,
   ) {
     const registers = [this.registry];
-    if (scratchBytes) {
-      new Gauge({
-        name: "expertmesh_native_scratch_bytes",
-        help: "Scratch memory the native engine keeps between calls (per-thread caches of its large arrays; freed after a quiet time).",
-        registers,
-        collect() {
-          this.set(scratchBytes());
-        },
-      });
-    }
+    if (scratchBytes) registerScratchGauge(this.registry, scratchBytes);
     if (encoder) {
       new Gauge({
         name: "expertmesh_gateway_tokenizer_workers",

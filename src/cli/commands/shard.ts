@@ -4,7 +4,7 @@ import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Counter, Gauge, Registry } from "prom-client";
 import { loadExperts } from "../../engine/loader.ts";
-import { scratchTrimmerFor } from "../../engine/scratch-trim.ts";
+import { registerScratchGauge, scratchTrimmerFor } from "../../engine/scratch-trim.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
@@ -206,17 +206,7 @@ export const shardCommand: Command = {
       ...(trimmer ? { onBatch: () => trimmer.touch() } : {}),
     });
     shard.start();
-    if (backend.scratchBytes) {
-      const bytes = () => backend.scratchBytes!();
-      new Gauge({
-        name: "expertmesh_native_scratch_bytes",
-        help: "Scratch memory the native engine keeps between calls (per-thread caches of its large arrays; freed after a quiet time).",
-        registers: [registry],
-        collect() {
-          this.set(bytes());
-        },
-      });
-    }
+    if (backend.scratchBytes) registerScratchGauge(registry, () => backend.scratchBytes!());
 
     const labels = { shard: String(k) };
     new Gauge({
