@@ -157,20 +157,23 @@ namespace amx {
 // fp8 dot kernel starts a second pass over the weights).
 constexpr int64_t kMinRows = 4;
 constexpr int64_t kMinRowsFp8 = 5;
-// Whether the AMX kernel takes this GEMM (bf16 or fp8 weights, K >= 32, enough rows): then packing x
-// once (pack_x into packed_x_size uint32s, 64-byte aligned) and setting Gemm::x_vnni saves
-// every tile from packing its rows again.
-bool wants(const Gemm& g);
+// Whether the AMX kernel takes this GEMM (bf16 or fp8 weights, K >= 32, enough rows; the
+// batch-invariant kernel takes every row count): then packing x once (pack_x into
+// packed_x_size uint32s, 64-byte aligned) and setting Gemm::x_vnni saves every tile from packing
+// its rows again.
+bool wants(const Gemm& g, bool invariant = false);
 int64_t packed_x_size(int64_t M, int64_t K);
 void pack_x(const float* x, int64_t ldx, int64_t M, int64_t K, uint32_t* out);
 void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+// Batch-invariant: the tile unit from one row up (1-3 rows then stream the weights up to 1.6x
+// slower than the dot kernel; the tiles' sums are another order than AVX512_BF16's).
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 }  // namespace amx
 
 // isa.cpp
 bool isa_supported(em_cpu_isa isa);
 // The kernels of an ISA; `invariant`: those whose every output row is the same bits whatever
-// rows share the call (one nt kernel for every row count, fixed panels over k; AMX has none:
-// em_backend_create_cpu runs a batch-invariant backend asked for AMX on AVX512_BF16's).
+// rows share the call (one nt kernel for every row count: fixed panels over k, or AMX's tiles).
 const Kernels& kernels_for(em_cpu_isa isa, bool invariant = false);
 
 // The CPU backend's private state (em_backend::ctx).

@@ -75,9 +75,6 @@ extern "C" em_status em_backend_create_cpu(const em_cpu_config* cfg, em_backend*
                     em_cpu_isa_name(em_cpu_best_isa()));
   const int threads = cfg && cfg->num_threads > 0 ? cfg->num_threads : default_num_threads();
   const bool invariant = cfg != nullptr && cfg->batch_invariant != 0;
-  // The tile unit's kernel takes only calls of 4 rows or more (fewer go to AVX512_BF16's,
-  // which sum in another order): a batch-invariant backend runs AVX512_BF16's for every call.
-  if (invariant && isa == EM_ISA_AMX) isa = EM_ISA_AVX512_BF16;
   try {
     auto ctx = std::make_unique<Context>(isa, threads, invariant);
     *out = new em_backend{&kCpuIface, ctx.get()};

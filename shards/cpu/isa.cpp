@@ -112,6 +112,10 @@ const Kernels kAvx512Bf16Invariant = {EM_ISA_AVX512_BF16, avx512::gemm_nt_bf16do
 // AMX: the AVX512_BF16 table with the tile unit for nt GEMMs over bf16 weights.
 const Kernels kAmx = {EM_ISA_AMX,        amx::gemm_nt,    avx512::gemm_nn, avx2::silu_mul, avx2::sum_squares,
                       avx2::scale_mul,   avx2::exp_sum,   avx2::fp8_to_f32, avx2::f32_to_fp8, avx2::abs_max};
+// Batch-invariant AMX: the tile unit from one x row and one weight row up.
+const Kernels kAmxInvariant = {EM_ISA_AMX,        amx::gemm_nt_invariant, avx512::gemm_nn,  avx2::silu_mul,
+                               avx2::sum_squares, avx2::scale_mul,        avx2::exp_sum,    avx2::fp8_to_f32,
+                               avx2::f32_to_fp8,  avx2::abs_max};
 #endif
 
 }  // namespace
@@ -133,8 +137,8 @@ const Kernels& kernels_for(em_cpu_isa isa, bool invariant) {
     switch (isa) {
       case EM_ISA_AVX2: return kAvx2Invariant;
       case EM_ISA_AVX512: return kAvx512Invariant;
-      case EM_ISA_AVX512_BF16:
-      case EM_ISA_AMX: return kAvx512Bf16Invariant;
+      case EM_ISA_AVX512_BF16: return kAvx512Bf16Invariant;
+      case EM_ISA_AMX: return kAmxInvariant;
       default: break;
     }
   }

@@ -170,7 +170,7 @@ void run_tiles(Context& ctx, const Gemm& g, GemmTileFn tile, const TilePlan& p) 
 void gemm_nt(Context& ctx, const Gemm& g) {
   if (g.M == 0 || g.N == 0) return;
   const TilePlan plan = plan_tiles(g.M, g.N, ctx.pool.num_threads(), 64, 16);
-  if (ctx.isa == EM_ISA_AMX && amx::wants(g)) {
+  if (ctx.isa == EM_ISA_AMX && amx::wants(g, ctx.invariant)) {
     // x packed once for every tile (row blocks start at multiples of 16: plan.mb is M or 256).
     AlignedBuffer<uint32_t> xp(static_cast<size_t>(amx::packed_x_size(g.M, g.K)));
     pack_x_amx(ctx, g.x, g.ldx, g.M, g.K, xp.data());

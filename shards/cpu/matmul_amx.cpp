@@ -186,8 +186,8 @@ EM_AVX512 inline void transpose16(__m512i r[16]) {
   }
 }
 
-// y[m0 + j, n0 + i] (+)= c[i * 16 + j] for j < mr, i < 16: one C tile written back transposed.
-EM_AVX512 void store_tile(const float* c, float* y, int64_t ldy, int mr, bool overwrite) {
+// y[m0 + j, n0 + i] (+)= c[i * 16 + j] for j < mr, i < nc: one C tile written back transposed.
+EM_AVX512 void store_tile(const float* c, float* y, int64_t ldy, int mr, int nc, bool overwrite) {
   __m512i r[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + i * 16);
@@ -195,7 +195,14 @@ EM_AVX512 void store_tile(const float* c, float* y, int64_t ldy, int mr, bool ov
   for (int j = 0; j < mr; ++j) {
     float* yr = y + j * ldy;
     const __m512 v = _mm512_castsi512_ps(r[j]);
-    _mm512_storeu_ps(yr, overwrite ? v : _mm512_add_ps(_mm512_loadu_ps(yr), v));
+    if (nc == 16) {
+      _mm512_storeu_ps(yr, overwrite ? v : _mm512_add_ps(_mm512_loadu_ps(yr), v));
+      continue;
+    }
+    // (Not a masked store: SIMDe's, in the emulated build, writes zeros past the mask.)
+    alignas(64) float part[16];
+    _mm512_store_ps(part, v);
+    for (int i = 0; i < nc; ++i) yr[i] = overwrite ? part[i] : yr[i] + part[i];
   }
 }
 
@@ -232,7 +239,9 @@ bool takes(em_dtype d) { return d == EM_BF16 || d == EM_F8_E4M3; }
 int64_t min_rows(em_dtype d) { return d == EM_F8_E4M3 ? kMinRowsFp8 : kMinRows; }
 }  // namespace
 
-bool wants(const Gemm& g) { return takes(g.w.dtype) && g.K >= kStepK && g.M >= min_rows(g.w.dtype); }
+bool wants(const Gemm& g, bool invariant) {
+  return takes(g.w.dtype) && g.K >= kStepK && (invariant || g.M >= min_rows(g.w.dtype));
+}
 
 // fp8 weight rows [n, n + rows) (16 or 32) x `steps` 32-k steps from k0, dequantized to bf16 A
 // tiles in order: out + (t * steps + s) * 512 is the tile of rows n + 16t.. and step s. Each value
@@ -269,13 +278,24 @@ int64_t slice_k(int64_t rows, int64_t K) {
   return std::min(kc, K & ~int64_t{31});
 }
 
-EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+namespace {
+
+// kInvariant: the tile unit for every row count and every weight row (a row's sums then do not
+// depend on the rows beside it, or on where a call's weight rows end: each element of a
+// TDPBF16PS is its own chain over k, the k slices reload the accumulators exactly, and padding
+// rows are zeros). The weight rows past the last 16 are copied into a zero-padded tile; the
+// AVX512_BF16 invariant kernel takes what the tiles cannot (dtypes they do not take, the k past
+// the last 32: both fixed by the weight). The default kernel hands those rows, and calls of
+// few x rows, to the dot kernel instead.
+template <bool kInvariant>
+EM_AMX void gemm_nt_tiles(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const GemmTileFn dot = kInvariant ? avx512::gemm_nt_bf16dot_invariant : avx512::gemm_nt_bf16dot;
   const bool fp8 = g.w.dtype == EM_F8_E4M3;
   // (fp8 with a k tail: the tail's scales are indexed from the row start, so the whole GEMM goes
   // to the AVX-512 kernel; DeepSeek's K are multiples of 128.)
-  if (!takes(g.w.dtype) || g.K < kStepK || m1 - m0 < min_rows(g.w.dtype) || n1 - n0 < 16 ||
-      (fp8 && g.K % kStepK != 0)) {
-    return avx512::gemm_nt_bf16dot(g, m0, m1, n0, n1);
+  if (!takes(g.w.dtype) || g.K < kStepK || (fp8 && g.K % kStepK != 0) ||
+      (!kInvariant && (m1 - m0 < min_rows(g.w.dtype) || n1 - n0 < 16))) {
+    return dot(g, m0, m1, n0, n1);
   }
   const int64_t steps = g.K / kStepK, k32 = steps * kStepK;
   // x packed for these rows: the driver's (rows from m0, a multiple of 16) or our own.
@@ -289,26 +309,44 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   }
   const uint16_t* wbase = static_cast<const uint16_t*>(g.w.data);
   const int64_t ldw = g.w.ld * 2;
+  // Weight rows [n0, n16) in whole tiles; [n16, nt_end) in one zero-padded tile (invariant only).
   const int64_t n16 = n0 + ((n1 - n0) & ~int64_t{15});
-  const int64_t mblocks = (m1 - m0 + 15) / 16, nblocks = (n16 - n0) / 16;
+  const int64_t nt_end = kInvariant ? n1 : n16;
+  const int64_t mblocks = (m1 - m0 + 15) / 16, nblocks = (nt_end - n0 + 15) / 16;
+  // bf16: the padded tile's rows, at the weight's pitch (fp8 pads its dequantized tiles).
+  const bool padded = !fp8 && nt_end > n16;
+  AlignedBuffer<uint16_t> pad(padded ? static_cast<size_t>(16 * g.w.ld) : 0);
+  if (padded) {
+    std::fill(pad.data(), pad.data() + 16 * g.w.ld, uint16_t{0});
+    for (int64_t n = n16; n < nt_end; ++n)
+      std::copy(wbase + n * g.w.ld, wbase + n * g.w.ld + g.K, pad.data() + (n - n16) * g.w.ld);
+  }
   const int64_t block_dwords = steps * kTileDwords;
   // The accumulators of the whole tile, 16 x 16 fp32 per (n block, m block), across k slices.
   const int64_t cstride = mblocks * kTileDwords;  // from one n block to the next
   AlignedBuffer<float> acc(static_cast<size_t>(nblocks * cstride));
   const int64_t kc = slice_k(m1 - m0, g.K);
   // fp8: each slice of a weight-row pair dequantized to bf16 tiles, for all the x blocks.
-  AlignedBuffer<uint16_t> wtiles(fp8 ? static_cast<size_t>(2 * (kc / kStepK) * kTileElems) : 0);
+  const int64_t wtiles_size = fp8 ? 2 * (kc / kStepK) * kTileElems : 0;
+  AlignedBuffer<uint16_t> wtiles(static_cast<size_t>(wtiles_size));
+  // Block i's first weight row at k0 (bf16).
+  auto rows_at = [&](int64_t i, int64_t k0) {
+    const int64_t n = n0 + i * 16;
+    return (n < n16 ? wbase + n * g.w.ld : pad.data()) + k0;
+  };
   configure_tiles();
   for (int64_t k0 = 0; k0 < k32; k0 += kc) {
     const int64_t s0 = k0 / kStepK, ns = std::min(kc, k32 - k0) / kStepK;
     const bool fresh = k0 == 0;
     for (int64_t i = 0; i < nblocks;) {
       const int nt = i + 2 <= nblocks ? 2 : 1;
-      const uint16_t* w0 = wbase + (n0 + i * 16) * g.w.ld + k0;
-      const uint16_t* w1 = w0 + 16 * g.w.ld;
+      const uint16_t* w0 = rows_at(i, k0);
+      const uint16_t* w1 = nt == 2 ? rows_at(i + 1, k0) : nullptr;
       int64_t lda = ldw, wstep = kStepK;
       if (fp8) {
-        dequant_fp8_tiles(g.w, n0 + i * 16, nt * 16, k0, ns, wtiles.data());
+        const int64_t rows = std::min<int64_t>(nt * 16, nt_end - (n0 + i * 16));
+        if (rows < nt * 16) std::fill(wtiles.data(), wtiles.data() + wtiles_size, uint16_t{0});
+        dequant_fp8_tiles(g.w, n0 + i * 16, static_cast<int>(rows), k0, ns, wtiles.data());
         w0 = wtiles.data();
         w1 = w0 + ns * kTileElems;
         lda = 64;
@@ -334,13 +372,15 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   }
   _tile_release();
   for (int64_t i = 0; i < nblocks; ++i) {
+    const int nc = static_cast<int>(std::min<int64_t>(16, nt_end - (n0 + i * 16)));
     for (int64_t b = 0; b < mblocks; ++b) {
       const int64_t m = m0 + b * 16;
       const int mr = static_cast<int>(std::min<int64_t>(16, m1 - m));
-      store_tile(acc.data() + i * cstride + b * kTileDwords, g.y + m * g.ldy + n0 + i * 16, g.ldy, mr, !g.accumulate);
+      store_tile(acc.data() + i * cstride + b * kTileDwords, g.y + m * g.ldy + n0 + i * 16, g.ldy, mr, nc,
+                 !g.accumulate);
     }
   }
-  // The k past the last multiple of 32 (added), and weight rows past the last 16 (whole).
+  // The k past the last multiple of 32 (added), and weight rows past the tiles' (whole).
   if (k32 < g.K) {
     Gemm tail = g;
     tail.x = g.x + k32;
@@ -348,9 +388,19 @@ EM_AMX void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
     tail.K = g.K - k32;
     tail.accumulate = true;
     tail.x_vnni = nullptr;
-    avx512::gemm_nt_bf16dot(tail, m0, m1, n0, n16);
+    dot(tail, m0, m1, n0, nt_end);
   }
-  if (n16 < n1) avx512::gemm_nt_bf16dot(g, m0, m1, n16, n1);
+  if (nt_end < n1) dot(g, m0, m1, nt_end, n1);
+}
+
+}  // namespace
+
+void gemm_nt(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  gemm_nt_tiles<false>(g, m0, m1, n0, n1);
+}
+
+void gemm_nt_invariant(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  gemm_nt_tiles<true>(g, m0, m1, n0, n1);
 }
 
 }  // namespace em::cpu::amx

@@ -63,7 +63,7 @@ std::unique_ptr<AlignedBuffer<uint32_t>> pack_expert_rows(Context& ctx, const em
     probe.M = a->expert_offsets[e + 1] - a->expert_offsets[e];
     probe.K = K[e];
     probe.w.dtype = w[e].dtype;
-    if (probe.M == 0 || !amx::wants(probe)) continue;
+    if (probe.M == 0 || !amx::wants(probe, ctx.invariant)) continue;
     at[e] = total;
     total += amx::packed_x_size(probe.M, probe.K);
     for (int64_t m = 0; m < probe.M; m += kRowsPerJob) jobs.push_back({e, m, std::min(probe.M, m + kRowsPerJob)});
