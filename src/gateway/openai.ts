@@ -6,6 +6,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
 import { ChatOutput, type ChatOutputOptions } from "./chat-output.ts";
+import { textOfParts } from "./content-parts.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import {
   type Choice,
@@ -26,6 +27,7 @@ import {
 import { requestThinks, thinkingFirst } from "./reasoning.ts";
 import {
   ChatCompletionRequest,
+  type ChatMessage,
   CompletionRequest,
   DetokenizeRequest,
   TokenizeRequest,
@@ -394,6 +396,12 @@ async function streamJob(
 
 // ---- chat ----
 
+/** Message i's content as text (null: none); parts that are not text are refused. */
+export function chatContentText(m: ChatMessage, i: number): string | null {
+  if (m.content == null || typeof m.content === "string") return m.content ?? null;
+  return textOfParts(m.content, ["messages", i, "content"], ["text"]);
+}
+
 /** The request's messages for the template (withTools: the functions presented). */
 function chatMessages(
   ctx: ServeContext,
@@ -406,12 +414,7 @@ function chatMessages(
     });
   };
   const messages = b.messages.map((m, i): TemplateMessage => {
-    const content =
-      m.content == null
-        ? null
-        : typeof m.content === "string"
-          ? m.content
-          : m.content.map((p) => p.text).join("");
+    const content = chatContentText(m, i);
     const calls = m.tool_calls ?? [];
     if (calls.length > 0 && m.role !== "assistant")
       refuse(i, "only assistant messages have tool_calls");
@@ -505,8 +508,7 @@ function continuesFinalMessage(b: ChatCompletionRequest): boolean {
   const m = b.messages[last]!;
   if (m.role !== "assistant") refuse("only an assistant's message can be continued (the last one)");
   if (m.tool_calls?.length) refuse("an assistant message with tool_calls cannot be continued");
-  const content =
-    typeof m.content === "string" ? m.content : (m.content ?? []).map((p) => p.text).join("");
+  const content = chatContentText(m, last) ?? "";
   if (content === "") refuse("the message to continue has no content");
   if (b.add_generation_prompt === true)
     refuse("continue_final_message and add_generation_prompt cannot both be true");

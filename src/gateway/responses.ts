@@ -14,6 +14,7 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
+import { ContentPart, textOfParts } from "./content-parts.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
@@ -21,11 +22,6 @@ import { requestThinks } from "./reasoning.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
-
-const InputText = Type.Object({
-  type: Type.Union([Type.Literal("input_text"), Type.Literal("output_text")]),
-  text: Type.String(),
-});
 
 /** An input item: a message (type "message" or none), a call of the history, its output. */
 const InputItem = Type.Union([
@@ -37,7 +33,8 @@ const InputItem = Type.Union([
       Type.Literal("developer"),
       Type.Literal("assistant"),
     ]),
-    content: Type.Union([Type.String(), Type.Array(InputText, { minItems: 1 })]),
+    // (parts of any type: chatRequestOf refuses those that are not text, naming them)
+    content: Type.Union([Type.String(), Type.Array(ContentPart, { minItems: 1 })]),
   }),
   Type.Object({
     type: Type.Literal("function_call"),
@@ -204,11 +201,13 @@ export function chatRequestOf(
   const messages: ChatMessage[] = [...before];
   const items =
     typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;
-  for (const item of items) {
+  for (const [j, item] of items.entries()) {
     if (!("type" in item) || item.type === undefined || item.type === "message") {
-      const m = item as { role: ChatMessage["role"]; content: string | { text: string }[] };
+      const m = item as { role: ChatMessage["role"]; content: string | ContentPart[] };
       const content =
-        typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("");
+        typeof m.content === "string"
+          ? m.content
+          : textOfParts(m.content, ["input", j, "content"], ["input_text", "output_text"]);
       messages.push({ role: m.role, content });
     } else if (item.type === "function_call") {
       const call = {

@@ -6,6 +6,7 @@
 // are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
+import { ContentPart } from "./content-parts.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
@@ -121,8 +122,6 @@ const common = {
   ),
 };
 
-const TextPart = Type.Object({ type: Type.Literal("text"), text: Type.String() });
-
 /** A call in an assistant message of the history (its arguments: JSON text). */
 const ToolCall = Type.Object({
   id: Type.String(),
@@ -143,7 +142,8 @@ export const ChatMessage = Type.Object({
     Type.Literal("tool"),
   ]),
   content: Type.Optional(
-    Type.Union([Type.String(), Type.Array(TextPart, { minItems: 1 }), Type.Null()]),
+    // (parts of any type: openai.ts refuses those that are not text, naming them)
+    Type.Union([Type.String(), Type.Array(ContentPart, { minItems: 1 }), Type.Null()]),
   ),
   tool_calls: Type.Optional(Nullable(Type.Array(ToolCall))),
   tool_call_id: Type.Optional(Type.String()),

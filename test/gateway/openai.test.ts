@@ -2058,6 +2058,73 @@ describe("errors", () => {
     expect(bound.message).toMatch(/invalid request: body\/n must be <= 16$/);
   });
 
+  it("content parts that are not text (images, audio, files): 400 naming the part and its type", async () => {
+    const parts = (...rest: object[]) => [
+      { role: "system", content: "be brief" },
+      { role: "user", content: [{ type: "text", text: "What is this?" }, ...rest] },
+    ];
+    for (const [part, type] of [
+      [
+        { type: "image_url", image_url: { url: "data:image/png;base64,iVBORw0KGgo=" } },
+        "image_url",
+      ],
+      [{ type: "input_audio", input_audio: { data: "UklGRg==", format: "wav" } }, "input_audio"],
+      [{ type: "file", file: { file_id: "file-1" } }, "file"],
+    ] as const) {
+      const err = await gw.client.chat.completions
+        .create({ model: "tiny", messages: parts(part) as any, max_tokens: 2 })
+        .catch((e) => e);
+      expectApiError(
+        err,
+        OpenAI.BadRequestError,
+        "invalid_request_error",
+        "EM_GATEWAY_BAD_REQUEST",
+        "messages.1.content.1",
+      );
+      expect(err.message).toContain(
+        `messages[1].content[1]: content parts of type '${type}' are not supported: this model reads text only (type 'text')`,
+      );
+    }
+    // A text part without its text, and /tokenize's messages, the same way.
+    const noText = await gw.client.chat.completions
+      .create({ model: "tiny", messages: parts({ type: "text" }) as any, max_tokens: 2 })
+      .catch((e) => e);
+    expect(noText.error.param).toBe("messages.1.content.1");
+    expect(noText.message).toContain("a part of type 'text' needs a string 'text'");
+    const r = await post(
+      "/tokenize",
+      JSON.stringify({
+        model: "tiny",
+        messages: parts({ type: "image_url", image_url: { url: "x" } }),
+      }),
+    );
+    expect(r.status).toBe(400);
+    expect(((await r.json()) as any).error.param).toBe("messages.1.content.1");
+    // Text parts alone are read as their text, joined.
+    const ok = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [
+        {
+          role: "user",
+          content: [
+            { type: "text", text: "Hel" },
+            { type: "text", text: "lo" },
+          ],
+        },
+      ],
+      max_tokens: 3,
+      temperature: 0,
+    });
+    const plain = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Hello"),
+      max_tokens: 3,
+      temperature: 0,
+    });
+    expect(ok.choices[0]!.message.content).toBe(plain.choices[0]!.message.content);
+    expect(ok.usage!.prompt_tokens).toBe(plain.usage!.prompt_tokens);
+  });
+
   it("missing model: 400", async () => {
     const r = await post("/v1/completions", JSON.stringify({ prompt: "x" }));
     expect(r.status).toBe(400);

@@ -670,5 +670,29 @@ describe("POST /v1/responses", () => {
       400,
       "max_output_tokens",
     ]);
+    // An image in the input: refused by name, not as a schema error.
+    const image = (await gw.client.responses
+      .create({
+        model: "tiny",
+        input: [
+          { role: "user", content: "hi" },
+          {
+            role: "user",
+            content: [
+              { type: "input_text", text: "What is this?" },
+              {
+                type: "input_image",
+                image_url: "data:image/png;base64,iVBORw0KGgo=",
+                detail: "auto",
+              },
+            ],
+          },
+        ],
+      })
+      .catch((e: unknown) => e)) as { status: number; param: string; message: string };
+    expect([image.status, image.param]).toEqual([400, "input.1.content.1"]);
+    expect(image.message).toContain(
+      "input[1].content[1]: content parts of type 'input_image' are not supported: this model reads text only (type 'input_text' or 'output_text')",
+    );
   });
 });
