@@ -14,6 +14,7 @@ import {
   credentials,
   type ServiceError,
 } from "@grpc/grpc-js";
+import { connect } from "@nats-io/transport-node";
 import OpenAI from "openai";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
@@ -432,6 +433,84 @@ describe("expertmesh up", () => {
         expect(await completionTokens(port, 8)).toBe(8);
       },
     );
+  });
+
+  it("with spec.autoscaling: a shard's queue depth above target starts replicas up to max, which serve; below it, they are stopped after the window", async () => {
+    // The load: a reporter the test adds for shard 0 (as test/operator/autoscale.test.ts
+    // does), on the nats-server `up` started; the replicas' own reports and their work are
+    // the real processes'.
+    const autoscaling = [
+      "    gpusPerShard: 1\n",
+      "    gpusPerShard: 1\n    replicas: { min: 1, max: 3 }\n" +
+        "  autoscaling: { enabled: true, intervalSeconds: 1, metricWindowSeconds: 2, staleAfterSeconds: 3, " +
+        "scaleDownStabilizationSeconds: 3, policyPeriodSeconds: 1, shardTargetQueueDepth: 10 }\n",
+    ] as [string, string];
+    await upWithVariant(autoscaling, async (u, port) => {
+      const err = () => u.err();
+      expect(err()).toContain("[up] autoscaling: each shard between 1 and 3 replicas, target 10");
+      const natsUrl = /\[up\] nats-server on (nats:\/\/\S+)/.exec(err())?.[1];
+      expect(natsUrl).toBeDefined();
+      const nc = await connect({ servers: natsUrl! });
+      // Which replicas of shard 0 reported tokens they served (their own reports).
+      const worked = new Set<string>();
+      const reports = nc.subscribe("em.default.tiny.stats.shard.>", {
+        callback: (_e, msg) => {
+          const r = JSON.parse(new TextDecoder().decode(msg.data));
+          if (r.shard === 0 && Object.keys(r.expertTokens ?? {}).length > 0) worked.add(r.id);
+        },
+      });
+      const load = setInterval(
+        () =>
+          nc.publish(
+            "em.default.tiny.stats.shard.test-load",
+            JSON.stringify({
+              role: "shard",
+              shard: 0,
+              id: "test-load",
+              planVersion: 1,
+              pendingTokens: 200,
+            }),
+          ),
+        250,
+      );
+      const until = (what: string, text: string, ms = 60_000) =>
+        waitFor(what, async () => (err().includes(text) ? true : undefined), ms).catch((e) => {
+          throw new Error(`${e}\n${err().slice(-3000)}`);
+        });
+      try {
+        await until("two more replicas of shard 0", "[up] shard-0.2 is serving");
+        await until("the other", "[up] shard-0.1 is serving");
+        expect(err()).toMatch(
+          /autoscaler: default\/tiny: shard-0: 1 -> 3 replicas \(AtMaximum\)/,
+        );
+        // Capped at max; the other shards, without load, stay at one replica.
+        await new Promise((r) => setTimeout(r, 2500));
+        expect(err()).not.toContain("shard-0.3");
+        expect(err()).not.toMatch(/starting shard-[123]\.1/);
+        // The new replicas take their part of the work (NATS's queue group).
+        await waitFor(
+          "every replica of shard 0 to serve tokens",
+          async () => {
+            expect(await completionTokens(port, 8)).toBe(8);
+            return worked.size === 3 ? true : undefined;
+          },
+          30_000,
+        );
+      } finally {
+        clearInterval(load);
+      }
+      // The load gone, shard 0 goes back to min after the 3 s window, the newest first.
+      await until("shard 0 back to one replica", "[up] shard-0.1 stopped (scaled down; exit 0)");
+      expect(err()).toContain("[up] shard-0.2 stopped (scaled down; exit 0)");
+      expect(err().indexOf("stopping shard-0.2 (scaled down)")).toBeLessThan(
+        err().indexOf("stopping shard-0.1 (scaled down)"),
+      );
+      expect(err()).not.toContain("shard-0.0 stopped");
+      expect(err()).not.toMatch(/shard-0\.[12] exited/);
+      expect(await completionTokens(port, 8)).toBe(8);
+      reports.unsubscribe();
+      await nc.close();
+    });
   });
 
   it("with gateway.kvCache.diskBytes: the prefix cache's disk tier outlives the run, and the next run starts with it", async () => {

@@ -3,7 +3,8 @@
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
 // prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
-// routed experts itself (gateway --local): no nats-server, no shards.
+// routed experts itself (gateway --local): no nats-server, no shards. With autoscaling on,
+// shard replicas follow the operator's autoscaler (src/local/autoscale.ts).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -21,6 +22,7 @@ import {
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
+import { LocalAutoscaler, localAutoscalingOff } from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
@@ -53,6 +55,9 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
                      cuda: the same, and no CUDA device is an error; cpu: everything on the CPU
 A process that dies while serving is started again (after 1, 2, 4, 8, 16 s; the 6th exit of one
 process within 10 minutes stops everything), the gateway on the same ports.
+With spec.autoscaling.enabled (mode operator), the operator's autoscaler scales each shard
+between spec.experts.replicas.min and max by its queue depth: shard processes are started, or
+stopped after draining (docs/autoscaling.md); the gateway stays one process.
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -159,6 +164,10 @@ interface ChildSpec {
 interface Supervised {
   spec: ChildSpec;
   proc: ChildProcess;
+  /** Its process printed its ready line (and has not exited since). */
+  ready: boolean;
+  /** Stopped on purpose (a shard replica the autoscaler scaled down): not started again. */
+  retired: boolean;
 }
 
 /**
@@ -332,12 +341,14 @@ export const upCommand: Command = {
     );
     const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
+    const autoscalingOff = localAutoscalingOff(m, single);
 
     // The children in start order (nats-server, shards, gateway), each with its process now:
     // one that exits after everything is serving is started again, as a Deployment's pod
     // would be (see Restarts).
     const children: Supervised[] = [];
     const restarts = new Restarts();
+    let scaler: LocalAutoscaler | undefined;
     let serving = false;
     let stopping = false;
     const start = (spec: ChildSpec, afterStart: boolean): Promise<string> => {
@@ -352,12 +363,25 @@ export const upCommand: Command = {
       );
       let entry = children.find((e) => e.spec === spec);
       if (!entry) {
-        entry = { spec, proc: c.proc };
+        entry = { spec, proc: c.proc, ready: false, retired: false };
         children.push(entry);
       }
-      entry.proc = c.proc;
+      const self = entry;
+      self.proc = c.proc;
+      self.ready = false;
+      c.ready.then(
+        () => {
+          if (self.proc === c.proc) self.ready = true;
+        },
+        () => {},
+      );
       c.proc.on("exit", (code, sig) => {
+        self.ready = false;
         if (!serving || stopping) return; // while starting, `ready` fails up as a whole
+        if (self.retired) {
+          say(`${spec.name} stopped (scaled down; exit ${sig ?? code})`);
+          return;
+        }
         const verdict = restarts.next(spec.name);
         if (verdict.giveUp) {
           say(`${spec.name} exited (${sig ?? code}) ${verdict.giveUp}; stopping`);
@@ -368,7 +392,7 @@ export const upCommand: Command = {
           `${spec.name} exited (${sig ?? code}); starting it again in ${verdict.delayS} s (restart ${verdict.count})`,
         );
         setTimeout(() => {
-          if (stopping) return;
+          if (stopping || self.retired) return;
           start(spec, true).then(
             () => say(`${spec.name} is serving again`),
             () => {}, // its exit handler (above) decides what comes next
@@ -384,6 +408,7 @@ export const upCommand: Command = {
         process.exit(code);
       }
       stopping = true;
+      void scaler?.stop();
       board.close("stopped");
       say("stopping (Ctrl-C again to stop at once)");
       // Gateway first (finishes requests in flight, up to its --shutdown-timeout of 45 s,
@@ -442,36 +467,40 @@ export const upCommand: Command = {
           },
           false,
         );
-        const natsUrl = `nats://127.0.0.1:${natsPort}`;
-        const common = [...named, `--plan=${planPath}`, `--nats=${natsUrl}`];
+        natsUrl = `nats://127.0.0.1:${natsPort}`;
+        say(`nats-server on ${natsUrl}`);
         const shards = [];
-        for (let k = 0; k < plan.numShards; k++) {
-          for (let r = 0; r < m.spec.experts.replicas.min; r++) {
-            shards.push(
-              start(
-                {
-                  name: `shard-${k}.${r}`,
-                  cmd: process.execPath,
-                  args: [
-                    ...cli,
-                    "shard",
-                    ...common,
-                    `--shard=${k}`,
-                    `--id=r${r}`,
-                    "--metrics-port=0",
-                    `--device=${devices.shard(k)}`,
-                  ],
-                  readyLine: /serving /,
-                  bar: true,
-                },
-                false,
-              ),
-            );
-          }
-        }
+        for (let k = 0; k < plan.numShards; k++)
+          for (let r = 0; r < m.spec.experts.replicas.min; r++)
+            shards.push(start(shardSpec(k, natsUrl), false));
         await Promise.all(shards);
         return [`--plan=${planPath}`, `--nats=${natsUrl}`];
       }
+      // Replica r of shard k (r counts up per shard: a replica started by the autoscaler
+      // never takes the name, or the restart history, of one it stopped).
+      const replicasStarted = new Map<number, number>();
+      function shardSpec(k: number, nats: string): ChildSpec {
+        const r = replicasStarted.get(k) ?? 0;
+        replicasStarted.set(k, r + 1);
+        return {
+          name: `shard-${k}.${r}`,
+          cmd: process.execPath,
+          args: [
+            ...cli,
+            "shard",
+            ...named,
+            `--plan=${planPath}`,
+            `--nats=${nats}`,
+            `--shard=${k}`,
+            `--id=r${r}`,
+            "--metrics-port=0",
+            `--device=${devices.shard(k)}`,
+          ],
+          readyLine: /serving /,
+          bar: true,
+        };
+      }
+      let natsUrl = "";
       // Where the gateway finds its experts: in process, or on the shards (started first).
       const experts = single ? ["--local"] : await startShards();
       const host = values.host ?? "127.0.0.1";
@@ -520,6 +549,40 @@ export const upCommand: Command = {
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
+      if (autoscalingOff) say(autoscalingOff);
+      else if (m.spec.autoscaling.enabled) {
+        const live = (k: number) =>
+          children.filter((e) => !e.retired && e.spec.name.startsWith(`shard-${k}.`));
+        scaler = new LocalAutoscaler({
+          model: m,
+          plan,
+          natsUrl,
+          say,
+          shards: {
+            replicas: (k) => live(k).length,
+            ready: (k) => live(k).filter((e) => e.ready).length,
+            scale: (k, n) => {
+              if (stopping) return;
+              const now = live(k);
+              for (let i = now.length; i < n; i++) {
+                const spec = shardSpec(k, natsUrl);
+                say(`starting ${spec.name} (scaled up)`);
+                start(spec, true).then(
+                  () => say(`${spec.name} is serving`),
+                  () => {}, // its exit handler decides what comes next
+                );
+              }
+              // The newest first; each drains what it has before it exits.
+              for (const e of now.slice(n).reverse()) {
+                e.retired = true;
+                say(`stopping ${e.spec.name} (scaled down)`);
+                if (e.proc.exitCode === null && e.proc.signalCode === null) e.proc.kill("SIGTERM");
+              }
+            },
+          },
+        });
+        scaler.start();
+      }
     } catch (err) {
       // (Ctrl-C while starting makes children exit "before they were ready": not news.)
       if (!stopping) {
