@@ -480,9 +480,7 @@ describe("expertmesh up", () => {
       try {
         await until("two more replicas of shard 0", "[up] shard-0.2 is serving");
         await until("the other", "[up] shard-0.1 is serving");
-        expect(err()).toMatch(
-          /autoscaler: default\/tiny: shard-0: 1 -> 3 replicas \(AtMaximum\)/,
-        );
+        expect(err()).toMatch(/autoscaler: default\/tiny: shard-0: 1 -> 3 replicas \(AtMaximum\)/);
         // Capped at max; the other shards, without load, stay at one replica.
         await new Promise((r) => setTimeout(r, 2500));
         expect(err()).not.toContain("shard-0.3");
