@@ -1,15 +1,19 @@
-// Autoscaling in local mode (`expertmesh up` of a manifest with spec.autoscaling.enabled):
-// the operator's own autoscaler (src/operator/autoscale/autoscaler.ts: the same load reports
-// on NATS, HPA's algorithm, the same windows and limits) decides each shard's replicas, and
-// `up` starts or stops shard processes where the operator would scale Deployments. What is
-// told to the operator's reconciler (replicas per role, ready per role) comes from the
-// processes here.
+// Autoscaling and expert rebalancing in local mode (`expertmesh up` of a manifest with
+// spec.autoscaling.enabled or spec.experts.rebalance.enabled): the operator's own autoscaler
+// (src/operator/autoscale/autoscaler.ts: the same load reports on NATS, HPA's algorithm, the
+// same windows and limits, the same live plan rollout) runs here, and `up` does what the
+// operator's reconciler would: it starts or stops shard processes where the operator scales
+// Deployments, and writes a rebalanced plan to the plan file the processes start from, where
+// the operator writes the plan ConfigMap. What the reconciler shows the autoscaler (replicas
+// and ready replicas per role) comes from the processes here.
 //
 // Only shards scale: a gateway's HTTP and gRPC ports are one process's here (Kubernetes puts a
 // Service in front of the gateway pods), so the gateway role is never shown to the autoscaler.
+import { renameSync, writeFileSync } from "node:fs";
 import { Registry } from "prom-client";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
+import { serializePlan } from "../moe/plan-json.ts";
 import { Autoscaler, type WorkloadView } from "../operator/autoscale/autoscaler.ts";
 import type { RoleKey } from "../operator/autoscale/load.ts";
 
@@ -25,7 +29,9 @@ export interface LocalShards {
 
 export interface LocalAutoscalerOptions {
   model: DeepSeekModel;
+  /** The plan the processes started on, and its file (a rebalanced plan replaces it). */
   plan: PlacementPlan;
+  planPath: string;
   /** The nats-server `up` started (the manifest's spec.nats.url is the cluster's). */
   natsUrl: string;
   shards: LocalShards;
@@ -34,15 +40,29 @@ export interface LocalAutoscalerOptions {
   observeEveryMs?: number;
 }
 
-/** Why `up` does not autoscale this manifest (null: it does). */
-export function localAutoscalingOff(m: DeepSeekModel, singleProcess: boolean): string | null {
-  const a = m.spec.autoscaling;
-  if (!a.enabled) return null;
+/**
+ * Whether `up` runs the autoscaler for this manifest (autoscaling or rebalancing on, and
+ * shards to act on), and what it says about the parts local mode leaves out.
+ */
+export function localScaling(
+  m: DeepSeekModel,
+  singleProcess: boolean,
+): { run: boolean; notes: string[] } {
+  const scaling = m.spec.autoscaling.enabled;
+  const rebalancing = m.spec.experts.rebalance.enabled;
+  if (!scaling && !rebalancing) return { run: false, notes: [] };
+  const what = [scaling && "spec.autoscaling", rebalancing && "spec.experts.rebalance"]
+    .filter(Boolean)
+    .join(" and ");
   if (singleProcess)
-    return "spec.autoscaling: --single-process runs no shards, so nothing is scaled";
-  if (a.mode !== "operator")
-    return `spec.autoscaling.mode is ${a.mode}: replicas are left to an HPA or KEDA, which local mode has not; shards stay at replicas.min`;
-  return null;
+    return { run: false, notes: [`${what}: --single-process runs no shards, so neither runs`] };
+  const notes =
+    scaling && m.spec.autoscaling.mode !== "operator"
+      ? [
+          `spec.autoscaling.mode is ${m.spec.autoscaling.mode}: replicas are left to an HPA or KEDA, which local mode has not; shards stay at replicas.min`,
+        ]
+      : [];
+  return { run: true, notes };
 }
 
 const shardKey = /^shard-(\d+)$/;
@@ -52,43 +72,45 @@ export class LocalAutoscaler {
   readonly #key: string;
   readonly #model: DeepSeekModel;
   readonly #autoscaler: Autoscaler;
+  #plan: PlacementPlan;
   #timer: NodeJS.Timeout | undefined;
   #stopped = false;
 
   constructor(o: LocalAutoscalerOptions) {
     this.#o = o;
+    this.#plan = o.plan;
     const ns = o.model.metadata.namespace ?? "default";
     this.#key = `${ns}/${o.model.metadata.name}`;
-    // The local nats-server; rebalancing is not run here (a new plan would have to reach the
-    // plan file of every process `up` starts later).
     this.#model = {
       ...o.model,
       metadata: { ...o.model.metadata, namespace: ns },
-      spec: {
-        ...o.model.spec,
-        nats: { ...o.model.spec.nats, url: o.natsUrl },
-        experts: {
-          ...o.model.spec.experts,
-          rebalance: { ...o.model.spec.experts.rebalance, enabled: false },
-        },
-      },
+      spec: { ...o.model.spec, nats: { ...o.model.spec.nats, url: o.natsUrl } },
     };
     this.#autoscaler = new Autoscaler({
       registry: new Registry(),
       requeue: () => this.#reconcile(),
-      // (its log has every decision, as the Event's text)
-      event: () => {},
+      // What the operator makes Events of (decisions, rebalances), as lines.
+      event: (_model, type, reason, message) =>
+        o.say(`${type === "Warning" ? "warning: " : ""}${reason}: ${message}`),
+      logDecisions: false,
       log: (message) => o.say(message),
     });
   }
 
   start(): void {
-    const a = this.#model.spec.autoscaling;
-    this.#o.say(
-      `autoscaling: each shard between ${this.#model.spec.experts.replicas.min} and ${this.#model.spec.experts.replicas.max} replicas, ` +
-        `target ${a.shardTargetQueueDepth} pending tokens per replica, decided every ${a.intervalSeconds} s ` +
-        "(the operator's autoscaler; the gateway stays one process here)",
-    );
+    const { autoscaling: a, experts } = this.#model.spec;
+    if (a.enabled && a.mode === "operator")
+      this.#o.say(
+        `autoscaling: each shard between ${experts.replicas.min} and ${experts.replicas.max} replicas, ` +
+          `target ${a.shardTargetQueueDepth} pending tokens per replica, decided every ${a.intervalSeconds} s ` +
+          "(the operator's autoscaler; the gateway stays one process here)",
+      );
+    if (experts.rebalance.enabled)
+      this.#o.say(
+        `rebalancing: the placement of the ${experts.redundantExperts} redundant expert slot(s) follows the load ` +
+          `(over ${experts.rebalance.threshold} max/mean per shard, every ${experts.rebalance.cooldownSeconds} s at most); ` +
+          `a new plan is rolled out live and written to ${this.#o.planPath}`,
+      );
     this.#reconcile();
     this.#autoscaler.start();
     this.#timer = setInterval(() => this.#reconcile(), this.#o.observeEveryMs ?? 1000);
@@ -101,13 +123,26 @@ export class LocalAutoscaler {
     await this.#autoscaler.stop();
   }
 
-  /** What the reconciler does: shows the autoscaler the processes, then applies its replicas. */
+  /**
+   * What the reconciler does: shows the autoscaler the processes, applies its replicas, and
+   * writes a plan every shard has activated where processes started later read it.
+   */
   #reconcile(): void {
     if (this.#stopped) return;
+    const next = this.#autoscaler.planFor(this.#key);
+    if (next && next.version > this.#plan.version) {
+      const tmp = `${this.#o.planPath}.tmp`;
+      writeFileSync(tmp, serializePlan(next));
+      renameSync(tmp, this.#o.planPath);
+      this.#plan = next;
+      this.#o.say(
+        `plan v${next.version} written to ${this.#o.planPath}: processes started from now on load it`,
+      );
+    }
     this.#autoscaler.observe(this.#key, this.#model, this.#view());
     for (const [role, n] of this.#autoscaler.replicasFor(this.#key) ?? []) {
       const k = Number(shardKey.exec(role)?.[1] ?? -1);
-      if (k >= 0 && k < this.#o.plan.numShards && this.#o.shards.replicas(k) !== n)
+      if (k >= 0 && k < this.#plan.numShards && this.#o.shards.replicas(k) !== n)
         this.#o.shards.scale(k, n);
     }
   }
@@ -115,10 +150,10 @@ export class LocalAutoscaler {
   #view(): WorkloadView {
     const replicas = new Map<RoleKey, number>();
     const ready = new Map<RoleKey, number>();
-    for (let k = 0; k < this.#o.plan.numShards; k++) {
+    for (let k = 0; k < this.#plan.numShards; k++) {
       replicas.set(`shard-${k}`, this.#o.shards.replicas(k));
       ready.set(`shard-${k}`, this.#o.shards.ready(k));
     }
-    return { plan: this.#o.plan, replicas, ready };
+    return { plan: this.#plan, replicas, ready };
   }
 }

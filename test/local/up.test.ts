@@ -22,6 +22,7 @@ import { PROGRESS_PREFIX } from "../../src/local/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { isMoeLayer } from "../../src/model/config.ts";
 import { Tokenizer } from "../../src/model/tokenizer.ts";
+import { parsePlan } from "../../src/moe/plan-json.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
@@ -89,15 +90,24 @@ function spawnUp(
   return { proc, models, out: () => out, err: () => err };
 }
 
-/** Resolves once `up` prints its HTTP endpoint (it has created the model and started all). */
+/**
+ * Resolves once `up` prints its HTTP endpoint (it has created the model and started all);
+ * fails at once if `up` exits first.
+ */
 async function untilServing(u: Up, port: number): Promise<void> {
-  await waitFor(
+  const got = await waitFor(
     "the endpoint",
-    async () => (u.out().includes(`http://127.0.0.1:${port}/v1`) ? true : undefined),
+    async () =>
+      u.out().includes(`http://127.0.0.1:${port}/v1`)
+        ? "serving"
+        : u.proc.exitCode !== null
+          ? "exited"
+          : undefined,
     90_000,
   ).catch((e) => {
     throw new Error(`${e}\n${u.err().slice(-3000)}`);
   });
+  if (got === "exited") throw new Error(`up exited (${u.proc.exitCode})\n${u.err().slice(-3000)}`);
 }
 
 /** Every process below `pid` (children, their children, ...). */
@@ -480,7 +490,7 @@ describe("expertmesh up", () => {
       try {
         await until("two more replicas of shard 0", "[up] shard-0.2 is serving");
         await until("the other", "[up] shard-0.1 is serving");
-        expect(err()).toMatch(/autoscaler: default\/tiny: shard-0: 1 -> 3 replicas \(AtMaximum\)/);
+        expect(err()).toMatch(/\[up\] ScaledUp: shard-0: 1 -> 3 replicas \(AtMaximum\)/);
         // Capped at max; the other shards, without load, stay at one replica.
         await new Promise((r) => setTimeout(r, 2500));
         expect(err()).not.toContain("shard-0.3");
@@ -508,6 +518,90 @@ describe("expertmesh up", () => {
       expect(await completionTokens(port, 8)).toBe(8);
       reports.unsubscribe();
       await nc.close();
+    });
+  });
+
+  it("with spec.experts.rebalance: a skewed load is re-planned and switched live, no request fails, and a shard started later loads the new plan", async () => {
+    const rebalance = [
+      "    redundantExperts: 0\n",
+      "    redundantExperts: 4\n    rebalance: { enabled: true, threshold: 1.01, minImprovement: 0.01, " +
+        "windowSeconds: 60, minTokens: 1500, cooldownSeconds: 3600 }\n",
+    ] as [string, string];
+    await upWithVariant(rebalance, async (u, port) => {
+      const err = () => u.err();
+      expect(err()).toMatch(
+        /\[up\] rebalancing: the placement of the 4 redundant expert slot\(s\)/,
+      );
+      expect(err()).not.toContain("[up] autoscaling:");
+      const planPath = /a new plan is rolled out live and written to (\S+)$/m.exec(err())?.[1];
+      expect(parsePlan(readFileSync(planPath!, "utf8")).version).toBe(1);
+      // The workload: 8 clients asking the same thing over and over (a skewed expert load).
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+      let running = true;
+      const outcomes = { ok: 0, failed: [] as string[] };
+      const clients = Array.from({ length: 8 }, async () => {
+        while (running) {
+          try {
+            const r = await client.chat.completions.create({
+              model: "tiny-v3",
+              messages: [{ role: "user", content: "tell me about the sea" }],
+              max_tokens: 24,
+              temperature: 0,
+            });
+            if (r.usage?.completion_tokens !== 24) throw new Error("short answer");
+            outcomes.ok++;
+          } catch (e) {
+            outcomes.failed.push(String(e));
+          }
+        }
+      });
+      try {
+        await waitFor(
+          "a finished rebalance",
+          async () =>
+            err().includes("[up] Rebalanced: plan v2 active on every gateway and shard")
+              ? true
+              : undefined,
+          120_000,
+        ).catch((e) => {
+          throw new Error(`${e}\n${err().slice(-3000)}`);
+        });
+        expect(err()).toMatch(/\[up\] RebalanceStarted: .*loading it on every shard/);
+        expect(err()).toMatch(/^\[gateway\] .*routing with plan v2/m);
+        expect(parsePlan(readFileSync(planPath!, "utf8")).version).toBe(2);
+        expect(err()).toContain(`[up] plan v2 written to ${planPath}`);
+        // The switch failed no request.
+        expect(outcomes.failed).toEqual([]);
+        // A shard that dies now starts again on the file's plan, and serves it.
+        const shard = descendants(u.proc.pid!).find((pid) => {
+          try {
+            return / shard .*--shard=1 /.test(
+              readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "),
+            );
+          } catch {
+            return false;
+          }
+        });
+        process.kill(shard!, "SIGKILL");
+        await waitFor(
+          "shard-1.0 again",
+          async () => (err().includes("[up] shard-1.0 is serving again") ? true : undefined),
+          60_000,
+        );
+        expect(err()).toMatch(/^\[shard-1\.0\] loaded \d+ experts .*for plan v2$/m);
+        const okBefore = outcomes.ok;
+        await waitFor(
+          "more answers",
+          async () => (outcomes.ok > okBefore + 8 ? true : undefined),
+          30_000,
+        );
+      } finally {
+        running = false;
+        await Promise.all(clients);
+      }
+      // While the killed shard (its only replica) is down, its requests fail with 503.
+      expect(outcomes.failed.filter((f) => !/503/.test(f))).toEqual([]);
+      expect(outcomes.ok).toBeGreaterThan(10);
     });
   });
 

@@ -3,8 +3,8 @@
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
 // prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
-// routed experts itself (gateway --local): no nats-server, no shards. With autoscaling on,
-// shard replicas follow the operator's autoscaler (src/local/autoscale.ts).
+// routed experts itself (gateway --local): no nats-server, no shards. With autoscaling or
+// rebalancing on, the operator's autoscaler runs here (src/local/autoscale.ts).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -22,7 +22,7 @@ import {
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
-import { LocalAutoscaler, localAutoscalingOff } from "../../local/autoscale.ts";
+import { LocalAutoscaler, localScaling } from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
@@ -57,7 +57,8 @@ A process that dies while serving is started again (after 1, 2, 4, 8, 16 s; the 
 process within 10 minutes stops everything), the gateway on the same ports.
 With spec.autoscaling.enabled (mode operator), the operator's autoscaler scales each shard
 between spec.experts.replicas.min and max by its queue depth: shard processes are started, or
-stopped after draining (docs/autoscaling.md); the gateway stays one process.
+stopped after draining; the gateway stays one process. With spec.experts.rebalance.enabled, a
+skewed expert load is re-planned and rolled out live (docs/autoscaling.md).
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -341,7 +342,7 @@ export const upCommand: Command = {
     );
     const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
-    const autoscalingOff = localAutoscalingOff(m, single);
+    const scaling = localScaling(m, single);
 
     // The children in start order (nats-server, shards, gateway), each with its process now:
     // one that exits after everything is serving is started again, as a Deployment's pod
@@ -549,13 +550,14 @@ export const upCommand: Command = {
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
-      if (autoscalingOff) say(autoscalingOff);
-      else if (m.spec.autoscaling.enabled) {
+      for (const note of scaling.notes) say(note);
+      if (scaling.run) {
         const live = (k: number) =>
           children.filter((e) => !e.retired && e.spec.name.startsWith(`shard-${k}.`));
         scaler = new LocalAutoscaler({
           model: m,
           plan,
+          planPath,
           natsUrl,
           say,
           shards: {

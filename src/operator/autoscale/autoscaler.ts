@@ -63,6 +63,8 @@ export interface AutoscalerOptions {
     message: string,
   ) => void;
   log: (msg: string) => void;
+  /** Log each scaling decision as well as its Event (default true). */
+  logDecisions?: boolean;
   /** Connects to a model's NATS (tests may pass their own). */
   connect?: (url: string, creds?: Uint8Array) => Promise<NatsConnection>;
   /** Rollout timing (ms). */
@@ -483,7 +485,7 @@ export class Autoscaler {
       { time: rfc3339(now), role, from, to, queueDepth: round(observed), target, reason },
     ].slice(-10);
     const text = `${role}: ${from} -> ${to} replicas (${reason}): ${message}`;
-    this.#o.log(`autoscaler: ${s.key}: ${text}`);
+    if (this.#o.logDecisions !== false) this.#o.log(`autoscaler: ${s.key}: ${text}`);
     this.#o.event(s.model, "Normal", direction === "up" ? "ScaledUp" : "ScaledDown", text);
   }
 
