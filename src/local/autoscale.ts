@@ -7,8 +7,8 @@
 // the operator writes the plan ConfigMap. What the reconciler shows the autoscaler (replicas
 // and ready replicas per role) comes from the processes here.
 //
-// Only shards scale: a gateway's HTTP and gRPC ports are one process's here (Kubernetes puts a
-// Service in front of the gateway pods), so the gateway role is never shown to the autoscaler.
+// Gateways scale too when `up` runs its front (src/local/front.ts, the gateways' Service here:
+// localGateways says when); otherwise the gateway role is never shown to the autoscaler.
 import { renameSync, writeFileSync } from "node:fs";
 import { Registry } from "prom-client";
 import type { DeepSeekModel } from "../api/schema.ts";
@@ -17,14 +17,16 @@ import { serializePlan } from "../moe/plan-json.ts";
 import { Autoscaler, type WorkloadView } from "../operator/autoscale/autoscaler.ts";
 import type { RoleKey } from "../operator/autoscale/load.ts";
 
-/** The shard processes, as the autoscaler sees and changes them. */
-export interface LocalShards {
-  /** Replicas of shard k that run or are starting (not those told to stop). */
-  replicas(k: number): number;
+/** The processes of each role ("gateway", "shard-<k>"), as the autoscaler sees and changes them. */
+export interface LocalRoles {
+  /** The roles it may scale. */
+  roles: readonly RoleKey[];
+  /** Replicas of a role that run or are starting (not those told to stop). */
+  replicas(role: RoleKey): number;
   /** ... of which serve. */
-  ready(k: number): number;
-  /** Starts or stops replicas of shard k until `n` run. */
-  scale(k: number, n: number): void;
+  ready(role: RoleKey): number;
+  /** Starts or stops replicas of a role until `n` run. */
+  scale(role: RoleKey, n: number): void;
 }
 
 export interface LocalAutoscalerOptions {
@@ -34,10 +36,36 @@ export interface LocalAutoscalerOptions {
   planPath: string;
   /** The nats-server `up` started (the manifest's spec.nats.url is the cluster's). */
   natsUrl: string;
-  shards: LocalShards;
+  processes: LocalRoles;
   say: (message: string) => void;
   /** How often the processes are shown to the autoscaler (ms; default 1000). */
   observeEveryMs?: number;
+}
+
+/**
+ * How many gateway processes `up` starts (the operator's count: spec.gateway.replicas within
+ * minReplicas and maxReplicas, at least one), and whether it needs its front: more than one
+ * gateway, now or once the autoscaler scales them (operator mode). --single-process runs one.
+ */
+export function localGateways(
+  m: DeepSeekModel,
+  singleProcess: boolean,
+): { initial: number; front: boolean; note?: string } {
+  const g = m.spec.gateway;
+  const a = m.spec.autoscaling;
+  const initial = Math.max(1, Math.min(Math.max(g.replicas, g.minReplicas), g.maxReplicas));
+  if (singleProcess)
+    return {
+      initial: 1,
+      front: false,
+      ...(initial > 1
+        ? { note: `spec.gateway asks for ${initial} gateways: --single-process runs one` }
+        : {}),
+    };
+  return {
+    initial,
+    front: initial > 1 || (a.enabled && a.mode === "operator" && g.maxReplicas > 1),
+  };
 }
 
 /**
@@ -64,8 +92,6 @@ export function localScaling(
       : [];
   return { run: true, notes };
 }
-
-const shardKey = /^shard-(\d+)$/;
 
 export class LocalAutoscaler {
   readonly #o: LocalAutoscalerOptions;
@@ -98,12 +124,15 @@ export class LocalAutoscaler {
   }
 
   start(): void {
-    const { autoscaling: a, experts } = this.#model.spec;
+    const { autoscaling: a, experts, gateway } = this.#model.spec;
     if (a.enabled && a.mode === "operator")
       this.#o.say(
         `autoscaling: each shard between ${experts.replicas.min} and ${experts.replicas.max} replicas, ` +
-          `target ${a.shardTargetQueueDepth} pending tokens per replica, decided every ${a.intervalSeconds} s ` +
-          "(the operator's autoscaler; the gateway stays one process here)",
+          `target ${a.shardTargetQueueDepth} pending tokens per replica; ` +
+          (this.#o.processes.roles.includes("gateway")
+            ? `gateways between ${gateway.minReplicas} and ${gateway.maxReplicas}, target ${a.gatewayTargetQueueDepth} waiting requests per gateway; `
+            : "the gateway stays one process; ") +
+          `decided every ${a.intervalSeconds} s (the operator's autoscaler)`,
       );
     if (experts.rebalance.enabled)
       this.#o.say(
@@ -140,19 +169,18 @@ export class LocalAutoscaler {
       );
     }
     this.#autoscaler.observe(this.#key, this.#model, this.#view());
-    for (const [role, n] of this.#autoscaler.replicasFor(this.#key) ?? []) {
-      const k = Number(shardKey.exec(role)?.[1] ?? -1);
-      if (k >= 0 && k < this.#plan.numShards && this.#o.shards.replicas(k) !== n)
-        this.#o.shards.scale(k, n);
-    }
+    const p = this.#o.processes;
+    for (const [role, n] of this.#autoscaler.replicasFor(this.#key) ?? [])
+      if (p.roles.includes(role) && p.replicas(role) !== n) p.scale(role, n);
   }
 
   #view(): WorkloadView {
+    const p = this.#o.processes;
     const replicas = new Map<RoleKey, number>();
     const ready = new Map<RoleKey, number>();
-    for (let k = 0; k < this.#plan.numShards; k++) {
-      replicas.set(`shard-${k}`, this.#o.shards.replicas(k));
-      ready.set(`shard-${k}`, this.#o.shards.ready(k));
+    for (const role of p.roles) {
+      replicas.set(role, p.replicas(role));
+      ready.set(role, p.ready(role));
     }
     return { plan: this.#plan, replicas, ready };
   }

@@ -521,6 +521,94 @@ describe("expertmesh up", () => {
     });
   });
 
+  it("with more than one gateway: up listens on the ports and spreads connections over them; the autoscaler scales gateways by waiting requests", async () => {
+    const gateways = [
+      "  gateway:\n    replicas: 1\n    gpus: 1\n",
+      "  gateway:\n    replicas: 1\n    minReplicas: 1\n    maxReplicas: 3\n    gpus: 1\n    logRequests: true\n" +
+        "  autoscaling: { enabled: true, intervalSeconds: 1, metricWindowSeconds: 2, staleAfterSeconds: 3, " +
+        "scaleDownStabilizationSeconds: 3, policyPeriodSeconds: 1, gatewayTargetQueueDepth: 4, shardTargetQueueDepth: 100000 }\n",
+    ] as [string, string];
+    await upWithVariant(gateways, async (u, port) => {
+      const err = () => u.err();
+      const until = (what: string, text: string | RegExp, ms = 60_000) =>
+        waitFor(
+          what,
+          async () =>
+            (typeof text === "string" ? err().includes(text) : text.test(err())) ? true : undefined,
+          ms,
+        ).catch((e) => {
+          throw new Error(`${e}\n${err().slice(-3000)}`);
+        });
+      const grpcPort = Number(
+        /\[up\] 1 gateway\(s\) behind 127\.0\.0\.1:\d+ and :(\d+)/.exec(err())?.[1],
+      );
+      expect(err()).toMatch(
+        new RegExp(`\\[up\\] 1 gateway\\(s\\) behind 127\\.0\\.0\\.1:${port} and :`),
+      );
+      expect(err()).toContain("gateways between 1 and 3, target 4 waiting requests per gateway");
+      const natsUrl = /\[up\] nats-server on (nats:\/\/\S+)/.exec(err())?.[1];
+      const nc = await connect({ servers: natsUrl! });
+      const load = setInterval(
+        () =>
+          nc.publish(
+            "em.default.tiny.stats.gateway.test-load",
+            JSON.stringify({ role: "gateway", id: "test-load", waiting: 100 }),
+          ),
+        250,
+      );
+      try {
+        await until("three gateways", "[up] gateway.2 is serving");
+        await until("three gateways", "[up] gateway.1 is serving");
+        expect(err()).toMatch(/\[up\] ScaledUp: gateway: 1 -> 3 replicas \(AtMaximum\)/);
+        // Concurrent requests, each on a connection of its own, reach every gateway.
+        const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+        const answers = await Promise.all(
+          Array.from({ length: 12 }, () =>
+            client.completions.create({
+              model: "tiny-v3",
+              prompt: "Hello",
+              max_tokens: 16,
+              temperature: 0,
+            }),
+          ),
+        );
+        for (const a of answers) expect(a.usage?.completion_tokens).toBe(16);
+        for (const g of [0, 1, 2])
+          expect(err()).toMatch(
+            new RegExp(`^\\[gateway\\.${g}\\] request \\S+ POST /v1/completions 200 `, "m"),
+          );
+        // gRPC through the front too.
+        const kserve = new Inference(`127.0.0.1:${grpcPort}`, credentials.createInsecure());
+        expect(await unary(kserve, "ServerLive", {})).toEqual({ live: true });
+        kserve.close();
+        // A gateway that dies leaves the rotation: requests go on through the others, and it
+        // rejoins when it serves again.
+        const pid = descendants(u.proc.pid!).find((p) => {
+          try {
+            return / gateway /.test(
+              readFileSync(`/proc/${p}/cmdline`, "utf8").replaceAll("\0", " "),
+            );
+          } catch {
+            return false;
+          }
+        });
+        process.kill(pid!, "SIGKILL");
+        await until("its exit", /\[up\] gateway\.\d exited \(SIGKILL\)/);
+        for (let i = 0; i < 6; i++) expect(await completionTokens(port, 4)).toBe(4);
+        const dead = /\[up\] (gateway\.\d) exited \(SIGKILL\)/.exec(err())![1]!;
+        await until("it again", `[up] ${dead} is serving again`);
+      } finally {
+        clearInterval(load);
+      }
+      // The load gone: back to one gateway after the window, the newest stopped first.
+      await until("one gateway", /\[up\] gateway\.1 stopped \(scaled down; exit 0\)/, 90_000);
+      expect(err()).toContain("[up] gateway.2 stopped (scaled down; exit 0)");
+      expect(err()).not.toContain("gateway.0 stopped");
+      for (let i = 0; i < 4; i++) expect(await completionTokens(port, 4)).toBe(4);
+      await nc.close();
+    });
+  });
+
   it("with spec.experts.rebalance: a skewed load is re-planned and switched live, no request fails, and a shard started later loads the new plan", async () => {
     const rebalance = [
       "    redundantExperts: 0\n",

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
-import { localScaling } from "../../src/local/autoscale.ts";
+import { localGateways, localScaling } from "../../src/local/autoscale.ts";
 
 const manifest = (autoscaling: string, rebalance = false) =>
   parseManifest(`
@@ -50,6 +50,39 @@ describe("localScaling: whether `up` runs the operator's autoscaler, and what it
       expect(got.run).toBe(run);
       expect(got.notes).toHaveLength(notes.length);
       for (const [i, n] of notes.entries()) expect(got.notes[i]).toMatch(n);
+    },
+  );
+});
+
+describe("localGateways: how many gateways `up` starts, and whether it runs its front", () => {
+  const gw = (gateway: string, autoscaling = "{ enabled: false }") =>
+    parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
+  gateway: ${gateway}
+  autoscaling: ${autoscaling}
+`);
+  it.each([
+    // (replicas within min and max, at least one; the front when more than one may run)
+    ["{}", "{ enabled: false }", false, 1, false],
+    ["{ replicas: 2 }", "{ enabled: false }", false, 2, true],
+    ["{ replicas: 0, minReplicas: 0 }", "{ enabled: false }", false, 1, false],
+    ["{ replicas: 9, maxReplicas: 3 }", "{ enabled: false }", false, 3, true],
+    ["{ replicas: 1, minReplicas: 2 }", "{ enabled: false }", false, 2, true],
+    ["{}", "{ enabled: true }", false, 1, true],
+    ["{ maxReplicas: 1 }", "{ enabled: true }", false, 1, false],
+    ["{}", "{ enabled: true, mode: external }", false, 1, false],
+    ["{ replicas: 3 }", "{ enabled: true }", true, 1, false],
+  ] as const)(
+    "gateway %s, autoscaling %s, single %s: %i gateway(s), front %s",
+    (g, a, single, initial, front) => {
+      const got = localGateways(gw(g, a), single);
+      expect(got.initial).toBe(initial);
+      expect(got.front).toBe(front);
+      expect(got.note !== undefined).toBe(single && g.includes("replicas: 3"));
     },
   );
 });

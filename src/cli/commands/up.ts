@@ -1,5 +1,6 @@
 // `expertmesh up -f MANIFEST`: runs a DeepSeekModel manifest on this machine as child
-// processes — a nats-server, the expert shards (replicas.min of each) and one gateway —
+// processes — a nats-server, the expert shards (replicas.min of each) and the gateways (behind
+// a front of its own when there are several: src/local/front.ts) —
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
 // prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
@@ -22,8 +23,9 @@ import {
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
-import { LocalAutoscaler, localScaling } from "../../local/autoscale.ts";
+import { LocalAutoscaler, localGateways, localScaling } from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
+import { GatewayFront } from "../../local/front.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
 import { formatBytes, PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
@@ -55,10 +57,12 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [options]
                      cuda: the same, and no CUDA device is an error; cpu: everything on the CPU
 A process that dies while serving is started again (after 1, 2, 4, 8, 16 s; the 6th exit of one
 process within 10 minutes stops everything), the gateway on the same ports.
-With spec.autoscaling.enabled (mode operator), the operator's autoscaler scales each shard
-between spec.experts.replicas.min and max by its queue depth: shard processes are started, or
-stopped after draining; the gateway stays one process. With spec.experts.rebalance.enabled, a
-skewed expert load is re-planned and rolled out live (docs/autoscaling.md).
+With more than one gateway (spec.gateway.replicas, or autoscaling), up listens on the ports and
+hands each connection to a serving gateway, as a Service. With spec.autoscaling.enabled (mode
+operator), the operator's autoscaler scales the gateways and each shard by queue depth:
+processes are started, or stopped after they finish their work. With
+spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled out live
+(docs/autoscaling.md).
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -160,6 +164,10 @@ interface ChildSpec {
   readyLine: RegExp;
   /** A progress bar while it first loads. */
   bar: boolean;
+  /** Each time it serves (its ready line). */
+  onReady?: (line: string) => void;
+  /** Each time it exits, or is told to stop. */
+  onStop?: () => void;
 }
 
 interface Supervised {
@@ -343,6 +351,8 @@ export const upCommand: Command = {
     const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
     const scaling = localScaling(m, single);
+    const gateways = localGateways(m, single);
+    if (gateways.note) say(gateways.note);
 
     // The children in start order (nats-server, shards, gateway), each with its process now:
     // one that exits after everything is serving is started again, as a Deployment's pod
@@ -350,6 +360,7 @@ export const upCommand: Command = {
     const children: Supervised[] = [];
     const restarts = new Restarts();
     let scaler: LocalAutoscaler | undefined;
+    let front: GatewayFront | undefined;
     let serving = false;
     let stopping = false;
     const start = (spec: ChildSpec, afterStart: boolean): Promise<string> => {
@@ -371,13 +382,16 @@ export const upCommand: Command = {
       self.proc = c.proc;
       self.ready = false;
       c.ready.then(
-        () => {
-          if (self.proc === c.proc) self.ready = true;
+        (line) => {
+          if (self.proc !== c.proc || c.proc.exitCode !== null) return;
+          self.ready = true;
+          spec.onReady?.(line);
         },
         () => {},
       );
       c.proc.on("exit", (code, sig) => {
         self.ready = false;
+        spec.onStop?.();
         if (!serving || stopping) return; // while starting, `ready` fails up as a whole
         if (self.retired) {
           say(`${spec.name} stopped (scaled down; exit ${sig ?? code})`);
@@ -410,11 +424,15 @@ export const upCommand: Command = {
       }
       stopping = true;
       void scaler?.stop();
+      front?.close();
       board.close("stopped");
       say("stopping (Ctrl-C again to stop at once)");
-      // Gateway first (finishes requests in flight, up to its --shutdown-timeout of 45 s,
-      // and writes its prefix cache's disk tier), then shards (drain), then NATS.
-      for (const { proc: c } of [...children].reverse()) {
+      // Gateways first (each finishes its requests in flight, up to its --shutdown-timeout of
+      // 45 s, and writes its prefix cache's disk tier), then shards (drain), then NATS; the
+      // autoscaler's replicas came later, but keep that order.
+      const rank = (n: string) => (n.startsWith("gateway") ? 0 : n.startsWith("shard-") ? 1 : 2);
+      const order = [...children].reverse().sort((a, b) => rank(a.spec.name) - rank(b.spec.name));
+      for (const { proc: c } of order) {
         if (c.exitCode !== null || c.signalCode !== null) continue;
         c.kill("SIGTERM");
         await new Promise<void>((r) => {
@@ -505,41 +523,83 @@ export const upCommand: Command = {
       // Where the gateway finds its experts: in process, or on the shards (started first).
       const experts = single ? ["--local"] : await startShards();
       const host = values.host ?? "127.0.0.1";
-      const gateway: ChildSpec = {
-        name: "gateway",
-        cmd: process.execPath,
-        args: [
-          ...cli,
-          "gateway",
-          ...named,
-          ...experts,
-          `--http-port=${httpPort}`,
-          `--grpc-port=${grpcPort}`,
-          `--host=${host}`,
-          "--metrics-port=0",
-          `--device=${devices.gateway}`,
-          ...gatewayArgs(m),
-          // Outlives the run folder: the next `up` of this model starts with the blocks.
-          ...prefixCacheDiskArgs(m, join(cacheDir(), "prefix-cache", `${ns}-${name}`)),
-          ...chatTemplateArgs(m, chatTemplatePath),
-          ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
-        ],
-        readyLine: /serving '/,
-        bar: true,
+      // More than one gateway: `up` listens on the ports (the gateways' Service) and each
+      // gateway on loopback ports of its own (src/local/front.ts).
+      let ports: { http: string; grpc: string } | undefined;
+      if (gateways.front) {
+        front = new GatewayFront();
+        const p = await front.listen(host, httpPort, grpcPort);
+        ports = { http: String(p.http), grpc: String(p.grpc) };
+      }
+      const portsOf = (line: string) => ({
+        http: /on http:\/\/\S+?:(\d+)/.exec(line)?.[1],
+        grpc: /gRPC \(KServe v2\) on :(\d+)/.exec(line)?.[1],
+      });
+      // Outlives the run folder: the next `up` of this model starts with the blocks (which
+      // several gateways here share, as on a ReadWriteMany volume).
+      const disk = prefixCacheDiskArgs(m, join(cacheDir(), "prefix-cache", `${ns}-${name}`));
+      if (front && disk.length > 0 && !disk.includes("--prefix-cache-disk-shared"))
+        disk.push("--prefix-cache-disk-shared");
+      let gatewaysStarted = 0;
+      const gatewaySpec = (): ChildSpec => {
+        const r = gatewaysStarted++;
+        const gwName = front ? `gateway.${r}` : "gateway";
+        return {
+          name: gwName,
+          cmd: process.execPath,
+          args: [
+            ...cli,
+            "gateway",
+            ...named,
+            ...experts,
+            `--http-port=${front ? 0 : httpPort}`,
+            `--grpc-port=${front ? 0 : grpcPort}`,
+            `--host=${front ? "127.0.0.1" : host}`,
+            "--metrics-port=0",
+            `--device=${devices.gateway}`,
+            ...gatewayArgs(m),
+            ...disk,
+            ...chatTemplateArgs(m, chatTemplatePath),
+            ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
+          ],
+          readyLine: /serving '/,
+          bar: true,
+          ...(front
+            ? {
+                onReady: (line: string) => {
+                  const p = portsOf(line);
+                  if (p.http && p.grpc) front!.add(gwName, { http: +p.http, grpc: +p.grpc });
+                },
+                onStop: () => front!.remove(gwName),
+              }
+            : {}),
+        };
       };
-      const servingLine = await start(gateway, false);
+      const first = gatewaySpec();
+      const servingLines = await Promise.all([
+        start(first, false),
+        ...Array.from({ length: gateways.initial - 1 }, () => start(gatewaySpec(), false)),
+      ]);
       board.close();
-      // The ports the gateway listens on (not the flags: those may be 0); a gateway started
-      // again takes the same ones.
-      const http = /on http:\/\/\S+?:(\d+)/.exec(servingLine)?.[1] ?? String(httpPort);
-      const grpc = /gRPC \(KServe v2\) on :(\d+)/.exec(servingLine)?.[1] ?? String(grpcPort);
-      gateway.args = gateway.args.map((a) =>
-        a.startsWith("--http-port=")
-          ? `--http-port=${http}`
-          : a.startsWith("--grpc-port=")
-            ? `--grpc-port=${grpc}`
-            : a,
-      );
+      if (!ports) {
+        // The ports the gateway listens on (not the flags: those may be 0); a gateway started
+        // again takes the same ones.
+        const p = portsOf(servingLines[0]!);
+        ports = { http: p.http ?? String(httpPort), grpc: p.grpc ?? String(grpcPort) };
+        const { http, grpc } = ports;
+        first.args = first.args.map((a) =>
+          a.startsWith("--http-port=")
+            ? `--http-port=${http}`
+            : a.startsWith("--grpc-port=")
+              ? `--grpc-port=${grpc}`
+              : a,
+        );
+      } else {
+        say(
+          `${gateways.initial} gateway(s) behind ${host}:${ports.http} and :${ports.grpc}, each connection to the one with the fewest`,
+        );
+      }
+      const { http, grpc } = ports;
       const at = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
       const model = servedModelName(m);
       process.stdout.write(
@@ -552,31 +612,42 @@ export const upCommand: Command = {
       serving = true;
       for (const note of scaling.notes) say(note);
       if (scaling.run) {
-        const live = (k: number) =>
-          children.filter((e) => !e.retired && e.spec.name.startsWith(`shard-${k}.`));
+        // A role's processes: "gateway" (with the front) and "shard-<k>".
+        const prefix = (role: string) => (role === "gateway" ? "gateway." : `${role}.`);
+        const live = (role: string) =>
+          children.filter((e) => !e.retired && e.spec.name.startsWith(prefix(role)));
+        const specFor = (role: string) =>
+          role === "gateway"
+            ? gatewaySpec()
+            : shardSpec(Number(role.slice("shard-".length)), natsUrl);
         scaler = new LocalAutoscaler({
           model: m,
           plan,
           planPath,
           natsUrl,
           say,
-          shards: {
-            replicas: (k) => live(k).length,
-            ready: (k) => live(k).filter((e) => e.ready).length,
-            scale: (k, n) => {
+          processes: {
+            roles: [
+              ...(front ? ["gateway"] : []),
+              ...Array.from({ length: plan.numShards }, (_, k) => `shard-${k}`),
+            ],
+            replicas: (role) => live(role).length,
+            ready: (role) => live(role).filter((e) => e.ready).length,
+            scale: (role, n) => {
               if (stopping) return;
-              const now = live(k);
+              const now = live(role);
               for (let i = now.length; i < n; i++) {
-                const spec = shardSpec(k, natsUrl);
+                const spec = specFor(role);
                 say(`starting ${spec.name} (scaled up)`);
                 start(spec, true).then(
                   () => say(`${spec.name} is serving`),
                   () => {}, // its exit handler decides what comes next
                 );
               }
-              // The newest first; each drains what it has before it exits.
+              // The newest first: out of the rotation, then each finishes what it has.
               for (const e of now.slice(n).reverse()) {
                 e.retired = true;
+                e.spec.onStop?.();
                 say(`stopping ${e.spec.name} (scaled down)`);
                 if (e.proc.exitCode === null && e.proc.signalCode === null) e.proc.kill("SIGTERM");
               }
