@@ -14,6 +14,7 @@ import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
+import { frontTables } from "./front.ts";
 import { invariantTables } from "./invariant.ts";
 import { isaTables } from "./isa.ts";
 import { jsonTables } from "./json.ts";
@@ -513,6 +514,7 @@ export const SUITES = [
   "diskread",
   "diskshared",
   "invariant",
+  "front",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -533,7 +535,8 @@ export const TABLES_ONLY: Record<
   | "isa"
   | "diskread"
   | "diskshared"
-  | "invariant",
+  | "invariant"
+  | "front",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -549,6 +552,7 @@ export const TABLES_ONLY: Record<
   diskread: diskReadTables,
   diskshared: diskSharedTables,
   invariant: invariantTables,
+  front: frontTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

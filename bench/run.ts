@@ -19,6 +19,7 @@ import { runDiskShared } from "./disk-shared.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
+import { runFront } from "./front.ts";
 import { runInvariant } from "./invariant.ts";
 import { runIsa } from "./isa.ts";
 import { runJson } from "./json.ts";
@@ -68,6 +69,7 @@ const RUN_TABLES_ONLY: Record<
   diskread: runDiskRead,
   diskshared: runDiskShared,
   invariant: runInvariant,
+  front: runFront,
 };
 
 async function main(): Promise<number> {

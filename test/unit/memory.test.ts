@@ -211,6 +211,13 @@ describe("expertmesh up's memory line", () => {
     );
   });
 
+  it("with several gateways: each holds its weights and KV cache", () => {
+    const two = { ...m, spec: { ...m.spec, gateway: { ...m.spec.gateway, replicas: 2 } } };
+    expect(upMemory(two, plan, 24 * 2 ** 30)).toBe(
+      "memory: the processes will hold ~1.00 GiB (shards 648.0 KiB, 2 gateways 512.3 MiB each with its KV cache); this machine has 24.00 GiB",
+    );
+  });
+
   it("with --single-process: the gateway holds every expert once (a plan of one shard, no copies)", () => {
     const one = planPlacement({
       architecture: architectureOf(m),

@@ -686,12 +686,16 @@ export function upMemory(
   const expertBytes =
     shards.reduce((a, b) => a + b, 0) * (singleProcess ? 1 : m.spec.experts.replicas.min);
   const gateway = weights + m.spec.gateway.kvCache.bytes;
-  const total = expertBytes + gateway;
+  const gateways = localGateways(m, singleProcess).initial;
+  const total = expertBytes + gateways * gateway;
   const line = singleProcess
     ? `memory: the gateway will hold ~${formatBytes(total)} (experts ${formatBytes(expertBytes)}, ` +
       `the rest ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`
     : `memory: the processes will hold ~${formatBytes(total)} (shards ${formatBytes(expertBytes)}, ` +
-      `gateway ${formatBytes(gateway)} with its KV cache); this machine has ${formatBytes(machineBytes)}`;
+      (gateways > 1
+        ? `${gateways} gateways ${formatBytes(gateway)} each with its KV cache`
+        : `gateway ${formatBytes(gateway)} with its KV cache`) +
+      `); this machine has ${formatBytes(machineBytes)}`;
   return total > 0.9 * machineBytes
     ? `${line}: too little, expect one to be killed while loading (a smaller spec.gateway.kvCache.bytes, or spec.model.dtype fp8, holds less)`
     : line;
