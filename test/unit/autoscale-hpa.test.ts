@@ -6,6 +6,7 @@ import {
   emptyHistory,
   type RoleHistory,
   type ScalePolicy,
+  startingHistory,
 } from "../../src/operator/autoscale/hpa.ts";
 
 const policy: ScalePolicy = {
@@ -158,6 +159,24 @@ describe("decide over time", () => {
       decisions.map(() => [0, 2, "AtMinimum"]),
     );
     expect(decisions.at(-1)!.message).toMatch(/recommend 0; kept at min 2$/);
+  });
+
+  it("from the start (HPA's seed): idle replicas go down only after a whole window; a load goes up at once", () => {
+    const from = (h: RoleHistory, start: number, totals: number[]) => {
+      let current = start;
+      return totals.map((total, i) => {
+        const d = decide(policy, h, current, current, { reporters: current, total }, i * 15_000);
+        h = d.history;
+        current = d.desired;
+        return current;
+      });
+    };
+    // 4 replicas idle: the seed (4, just before t=0) holds them through the 60 s window.
+    expect(from(startingHistory(4, 0), 4, [0, 0, 0, 0, 0, 0])).toEqual([4, 4, 4, 4, 1, 1]);
+    // Without it the first low recommendation is followed at once.
+    expect(from(emptyHistory(), 4, [0, 0])).toEqual([1, 1]);
+    // The seed does not hold a scale-up (the scale-up window is 0 here).
+    expect(from(startingHistory(2, 0), 2, [40, 40])).toEqual([4, 4]);
   });
 
   it("unknown metrics never scale down, even after the window", () => {

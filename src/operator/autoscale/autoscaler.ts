@@ -21,9 +21,9 @@ import { settlesWithin } from "../../util/settle.ts";
 import {
   type DecisionReason,
   decide,
-  emptyHistory,
   type RoleHistory,
   type ScalePolicy,
+  startingHistory,
 } from "./hpa.ts";
 import {
   type GatewayReport,
@@ -437,7 +437,8 @@ export class Autoscaler {
         status.message = "external mode: replicas are left to an HPA or KEDA";
       } else if (due) {
         const ready = s.view.ready.get(role) ?? 0;
-        const d = decide(policy, s.history.get(role) ?? emptyHistory(), current, ready, obs, now);
+        const history = s.history.get(role) ?? startingHistory(current, now);
+        const d = decide(policy, history, current, ready, obs, now);
         s.history.set(role, d.history);
         status = { ...status, desiredReplicas: d.desired, message: `${d.reason}: ${d.message}` };
         if (d.desired !== current) {

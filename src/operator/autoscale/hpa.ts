@@ -68,6 +68,18 @@ export interface Decision {
 export const emptyHistory = (): RoleHistory => ({ recommendations: [], changes: [] });
 
 /**
+ * A role's history when the autoscaler first sees it (it started, or another operator replica
+ * took the lead): its current replicas as a recommendation made just before `now`, as HPA
+ * seeds it. A scale-down then waits for a whole window from the start, instead of following
+ * the first low recommendation at once; a scale-up window of 0 does not hold it (HPA keeps a
+ * recommendation in that window only if made after now - window).
+ */
+export const startingHistory = (current: number, now: number): RoleHistory => ({
+  recommendations: [{ at: now - 1, replicas: current }],
+  changes: [],
+});
+
+/**
  * Decides the replicas of one role. `current` is the Deployment's replicas, `ready` how many
  * of its pods are ready (replicas that should report). Pure: the caller stores `history`.
  */
