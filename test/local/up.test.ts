@@ -170,6 +170,29 @@ function descendants(pid: number): number[] {
   return kids.flatMap((k) => [k, ...descendants(k)]);
 }
 
+/** A process under `up` whose command line matches `pattern`. */
+function pidUnder(u: Up, pattern: RegExp): number | undefined {
+  return descendants(u.proc.pid!).find((pid) => {
+    try {
+      return pattern.test(readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "));
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** Resolves once `up`'s stderr has `text`; on a timeout, the error shows its tail. */
+function untilLogged(u: Up, what: string, text: string | RegExp, ms = 60_000): Promise<true> {
+  return waitFor(
+    what,
+    async () =>
+      (typeof text === "string" ? u.err().includes(text) : text.test(u.err())) ? true : undefined,
+    ms,
+  ).catch((e) => {
+    throw new Error(`${e}\n${u.err().slice(-3000)}`);
+  });
+}
+
 const Inference = InferenceClient;
 const Generation = GenerationClient;
 
@@ -314,14 +337,7 @@ describe("expertmesh up", () => {
     const port = await freePort();
     const u = spawnUp(port, 0, true);
     const completes = async () => (await completionTokens(port, 4)) === 4;
-    const pidOf = (pattern: RegExp) =>
-      descendants(u.proc.pid!).find((pid) => {
-        try {
-          return pattern.test(readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "));
-        } catch {
-          return false;
-        }
-      });
+    const pidOf = (pattern: RegExp) => pidUnder(u, pattern);
     try {
       await untilServing(u, port);
       expect(await completes()).toBe(true);
@@ -483,10 +499,7 @@ describe("expertmesh up", () => {
           ),
         250,
       );
-      const until = (what: string, text: string, ms = 60_000) =>
-        waitFor(what, async () => (err().includes(text) ? true : undefined), ms).catch((e) => {
-          throw new Error(`${e}\n${err().slice(-3000)}`);
-        });
+      const until = (what: string, text: string) => untilLogged(u, what, text);
       try {
         await until("two more replicas of shard 0", "[up] shard-0.2 is serving");
         await until("the other", "[up] shard-0.1 is serving");
@@ -530,15 +543,8 @@ describe("expertmesh up", () => {
     ] as [string, string];
     await upWithVariant(gateways, async (u, port) => {
       const err = () => u.err();
-      const until = (what: string, text: string | RegExp, ms = 60_000) =>
-        waitFor(
-          what,
-          async () =>
-            (typeof text === "string" ? err().includes(text) : text.test(err())) ? true : undefined,
-          ms,
-        ).catch((e) => {
-          throw new Error(`${e}\n${err().slice(-3000)}`);
-        });
+      const until = (what: string, text: string | RegExp, ms?: number) =>
+        untilLogged(u, what, text, ms);
       const grpcPort = Number(
         /\[up\] 1 gateway\(s\) behind 127\.0\.0\.1:\d+ and :(\d+)/.exec(err())?.[1],
       );
@@ -583,16 +589,7 @@ describe("expertmesh up", () => {
         kserve.close();
         // A gateway that dies leaves the rotation: requests go on through the others, and it
         // rejoins when it serves again.
-        const pid = descendants(u.proc.pid!).find((p) => {
-          try {
-            return / gateway /.test(
-              readFileSync(`/proc/${p}/cmdline`, "utf8").replaceAll("\0", " "),
-            );
-          } catch {
-            return false;
-          }
-        });
-        process.kill(pid!, "SIGKILL");
+        process.kill(pidUnder(u, / gateway /)!, "SIGKILL");
         await until("its exit", /\[up\] gateway\.\d exited \(SIGKILL\)/);
         for (let i = 0; i < 6; i++) expect(await completionTokens(port, 4)).toBe(4);
         const dead = /\[up\] (gateway\.\d) exited \(SIGKILL\)/.exec(err())![1]!;
@@ -644,16 +641,12 @@ describe("expertmesh up", () => {
         }
       });
       try {
-        await waitFor(
+        await untilLogged(
+          u,
           "a finished rebalance",
-          async () =>
-            err().includes("[up] Rebalanced: plan v2 active on every gateway and shard")
-              ? true
-              : undefined,
+          "[up] Rebalanced: plan v2 active on every gateway and shard",
           120_000,
-        ).catch((e) => {
-          throw new Error(`${e}\n${err().slice(-3000)}`);
-        });
+        );
         expect(err()).toMatch(/\[up\] RebalanceStarted: .*loading it on every shard/);
         expect(err()).toMatch(/^\[gateway\] .*routing with plan v2/m);
         expect(parsePlan(readFileSync(planPath!, "utf8")).version).toBe(2);
@@ -661,21 +654,8 @@ describe("expertmesh up", () => {
         // The switch failed no request.
         expect(outcomes.failed).toEqual([]);
         // A shard that dies now starts again on the file's plan, and serves it.
-        const shard = descendants(u.proc.pid!).find((pid) => {
-          try {
-            return / shard .*--shard=1 /.test(
-              readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "),
-            );
-          } catch {
-            return false;
-          }
-        });
-        process.kill(shard!, "SIGKILL");
-        await waitFor(
-          "shard-1.0 again",
-          async () => (err().includes("[up] shard-1.0 is serving again") ? true : undefined),
-          60_000,
-        );
+        process.kill(pidUnder(u, / shard .*--shard=1 /)!, "SIGKILL");
+        await untilLogged(u, "shard-1.0 again", "[up] shard-1.0 is serving again");
         expect(err()).toMatch(/^\[shard-1\.0\] loaded \d+ experts .*for plan v2$/m);
         const okBefore = outcomes.ok;
         await waitFor(
