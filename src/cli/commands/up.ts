@@ -175,7 +175,7 @@ interface Supervised {
   proc: ChildProcess;
   /** Its process printed its ready line (and has not exited since). */
   ready: boolean;
-  /** Stopped on purpose (a shard replica the autoscaler scaled down): not started again. */
+  /** Stopped on purpose (a replica the autoscaler scaled down): not started again. */
   retired: boolean;
 }
 
@@ -429,13 +429,10 @@ export const upCommand: Command = {
       say("stopping (Ctrl-C again to stop at once)");
       // Gateways first (each finishes its requests in flight, up to its --shutdown-timeout of
       // 45 s, and writes its prefix cache's disk tier), then shards (drain), then NATS; the
-      // autoscaler's replicas came later, but keep that order.
-      const rank = (n: string) => (n.startsWith("gateway") ? 0 : n.startsWith("shard-") ? 1 : 2);
-      const order = [...children].reverse().sort((a, b) => rank(a.spec.name) - rank(b.spec.name));
-      for (const { proc: c } of order) {
-        if (c.exitCode !== null || c.signalCode !== null) continue;
-        c.kill("SIGTERM");
-        await new Promise<void>((r) => {
+      // replicas of a role together, whatever order they started in.
+      const stopOne = (c: ChildProcess) =>
+        new Promise<void>((r) => {
+          if (c.exitCode !== null || c.signalCode !== null) return r();
           const t = setTimeout(() => {
             c.kill("SIGKILL");
             r();
@@ -444,8 +441,13 @@ export const upCommand: Command = {
             clearTimeout(t);
             r();
           });
+          c.kill("SIGTERM");
         });
-      }
+      const rank = (n: string) => (n.startsWith("gateway") ? 0 : n.startsWith("shard-") ? 1 : 2);
+      for (const group of [0, 1, 2])
+        await Promise.all(
+          children.filter((e) => rank(e.spec.name) === group).map((e) => stopOne(e.proc)),
+        );
       process.exit(code);
     };
     process.on("SIGINT", () => void stopAll(0));
