@@ -397,7 +397,7 @@ async function streamJob(
 // ---- chat ----
 
 /** Message i's content as text (null: none); parts that are not text are refused. */
-export function chatContentText(m: ChatMessage, i: number): string | null {
+function chatContentText(m: ChatMessage, i: number): string | null {
   if (m.content == null || typeof m.content === "string") return m.content ?? null;
   return textOfParts(m.content, ["messages", i, "content"], ["text"]);
 }

@@ -81,34 +81,30 @@ export class GatewayFront {
     this.#sockets.add(upstream);
     let connected = false;
     let done = false;
-    const finish = () => {
+    // Ends this attempt: both sockets closed, or (handOn) only the gateway's, the client's
+    // connection going to the next gateway.
+    const finish = (handOn = false) => {
       if (done) return;
       done = true;
       target.open--;
-      this.#sockets.delete(client);
       this.#sockets.delete(upstream);
-      client.destroy();
       upstream.destroy();
+      client.off("error", onClient).off("close", onClient);
+      if (handOn) return this.#pass(kind, client, tried.add(target.name));
+      this.#sockets.delete(client);
+      client.destroy();
     };
+    const onClient = () => finish();
     upstream.once("connect", () => {
       connected = true;
       client.pipe(upstream);
       upstream.pipe(client);
     });
-    upstream.on("error", () => {
-      if (connected || client.destroyed) return finish();
-      // Refused before a byte passed: the next gateway, if any.
-      done = true;
-      target.open--;
-      this.#sockets.delete(upstream);
-      this.#sockets.delete(client);
-      upstream.destroy();
-      this.#pass(kind, client, tried.add(target.name));
-    });
+    // Refused before a byte passed (the gateway has just exited): the next one, if any.
+    upstream.on("error", () => finish(!connected && !client.destroyed));
     upstream.on("close", () => {
       if (connected) finish();
     });
-    client.on("error", finish);
-    client.on("close", finish);
+    client.on("error", onClient).on("close", onClient);
   }
 }

@@ -14,7 +14,7 @@ import {
   credentials,
   type ServiceError,
 } from "@grpc/grpc-js";
-import { connect } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import OpenAI from "openai";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
@@ -191,6 +191,31 @@ function untilLogged(u: Up, what: string, text: string | RegExp, ms = 60_000): P
   ).catch((e) => {
     throw new Error(`${e}\n${u.err().slice(-3000)}`);
   });
+}
+
+/**
+ * Autoscaling that decides every second over 2 s of reports, scales down after 3 s (the
+ * manifest's `spec.autoscaling` fields, `extra` appended).
+ */
+const fastAutoscaling = (extra: string) =>
+  "  autoscaling: { enabled: true, intervalSeconds: 1, metricWindowSeconds: 2, staleAfterSeconds: 3, " +
+  `scaleDownStabilizationSeconds: 3, policyPeriodSeconds: 1, ${extra} }\n`;
+
+/** A connection to the nats-server `up` started (it says where). */
+async function natsOfUp(u: Up): Promise<NatsConnection> {
+  const url = /\[up\] nats-server on (nats:\/\/\S+)/.exec(u.err())?.[1];
+  expect(url).toBeDefined();
+  return connect({ servers: url! });
+}
+
+/**
+ * The test's own load reporter (as test/operator/autoscale.test.ts's): `report` on the model's
+ * stats subject of `role` every 250 ms, until the returned function is called.
+ */
+function reportLoad(nc: NatsConnection, role: "shard" | "gateway", report: object): () => void {
+  const body = JSON.stringify({ role, id: "test-load", ...report });
+  const timer = setInterval(() => nc.publish(`em.default.tiny.stats.${role}.test-load`, body), 250);
+  return () => clearInterval(timer);
 }
 
 const Inference = InferenceClient;
@@ -468,15 +493,12 @@ describe("expertmesh up", () => {
     const autoscaling = [
       "    gpusPerShard: 1\n",
       "    gpusPerShard: 1\n    replicas: { min: 1, max: 3 }\n" +
-        "  autoscaling: { enabled: true, intervalSeconds: 1, metricWindowSeconds: 2, staleAfterSeconds: 3, " +
-        "scaleDownStabilizationSeconds: 3, policyPeriodSeconds: 1, shardTargetQueueDepth: 10 }\n",
+        fastAutoscaling("shardTargetQueueDepth: 10"),
     ] as [string, string];
     await upWithVariant(autoscaling, async (u, port) => {
       const err = () => u.err();
       expect(err()).toContain("[up] autoscaling: each shard between 1 and 3 replicas, target 10");
-      const natsUrl = /\[up\] nats-server on (nats:\/\/\S+)/.exec(err())?.[1];
-      expect(natsUrl).toBeDefined();
-      const nc = await connect({ servers: natsUrl! });
+      const nc = await natsOfUp(u);
       // Which replicas of shard 0 reported tokens they served (their own reports).
       const worked = new Set<string>();
       const reports = nc.subscribe("em.default.tiny.stats.shard.>", {
@@ -485,20 +507,7 @@ describe("expertmesh up", () => {
           if (r.shard === 0 && Object.keys(r.expertTokens ?? {}).length > 0) worked.add(r.id);
         },
       });
-      const load = setInterval(
-        () =>
-          nc.publish(
-            "em.default.tiny.stats.shard.test-load",
-            JSON.stringify({
-              role: "shard",
-              shard: 0,
-              id: "test-load",
-              planVersion: 1,
-              pendingTokens: 200,
-            }),
-          ),
-        250,
-      );
+      const stopLoad = reportLoad(nc, "shard", { shard: 0, planVersion: 1, pendingTokens: 200 });
       const until = (what: string, text: string) => untilLogged(u, what, text);
       try {
         await until("two more replicas of shard 0", "[up] shard-0.2 is serving");
@@ -518,7 +527,7 @@ describe("expertmesh up", () => {
           30_000,
         );
       } finally {
-        clearInterval(load);
+        stopLoad();
       }
       // The load gone, shard 0 goes back to min after the 3 s window, the newest first.
       await until("shard 0 back to one replica", "[up] shard-0.1 stopped (scaled down; exit 0)");
@@ -538,8 +547,7 @@ describe("expertmesh up", () => {
     const gateways = [
       "  gateway:\n    replicas: 1\n    gpus: 1\n",
       "  gateway:\n    replicas: 1\n    minReplicas: 1\n    maxReplicas: 3\n    gpus: 1\n    logRequests: true\n" +
-        "  autoscaling: { enabled: true, intervalSeconds: 1, metricWindowSeconds: 2, staleAfterSeconds: 3, " +
-        "scaleDownStabilizationSeconds: 3, policyPeriodSeconds: 1, gatewayTargetQueueDepth: 4, shardTargetQueueDepth: 100000 }\n",
+        fastAutoscaling("gatewayTargetQueueDepth: 4, shardTargetQueueDepth: 100000"),
     ] as [string, string];
     await upWithVariant(gateways, async (u, port) => {
       const err = () => u.err();
@@ -552,16 +560,8 @@ describe("expertmesh up", () => {
         new RegExp(`\\[up\\] 1 gateway\\(s\\) behind 127\\.0\\.0\\.1:${port} and :`),
       );
       expect(err()).toContain("gateways between 1 and 3, target 4 waiting requests per gateway");
-      const natsUrl = /\[up\] nats-server on (nats:\/\/\S+)/.exec(err())?.[1];
-      const nc = await connect({ servers: natsUrl! });
-      const load = setInterval(
-        () =>
-          nc.publish(
-            "em.default.tiny.stats.gateway.test-load",
-            JSON.stringify({ role: "gateway", id: "test-load", waiting: 100 }),
-          ),
-        250,
-      );
+      const nc = await natsOfUp(u);
+      const stopLoad = reportLoad(nc, "gateway", { waiting: 100 });
       try {
         await until("three gateways", "[up] gateway.2 is serving");
         await until("three gateways", "[up] gateway.1 is serving");
@@ -595,7 +595,7 @@ describe("expertmesh up", () => {
         const dead = /\[up\] (gateway\.\d) exited \(SIGKILL\)/.exec(err())![1]!;
         await until("it again", `[up] ${dead} is serving again`);
       } finally {
-        clearInterval(load);
+        stopLoad();
       }
       // The load gone: back to one gateway after the window, the newest stopped first.
       await until("one gateway", /\[up\] gateway\.1 stopped \(scaled down; exit 0\)/, 90_000);
