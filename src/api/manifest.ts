@@ -277,6 +277,7 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     ...(g.limits.maxModelLen ? [`--max-model-len=${g.limits.maxModelLen}`] : []),
     ...kvCacheArgs(model),
     ...(g.prefixCaching ? [] : ["--no-prefix-caching"]),
+    ...prefixCacheRemoteArgs(model),
     ...(g.schedulingPolicy === "priority" ? ["--scheduling-policy=priority"] : []),
     ...(g.priorityAgingSeconds ? [`--priority-aging=${g.priorityAgingSeconds}`] : []),
     ...(g.logRequests ? ["--log-requests"] : []),
@@ -353,6 +354,22 @@ export function prefixCacheDiskArgs(model: DeepSeekModel, dir: string): string[]
     `--prefix-cache-disk=${dir}`,
     `--prefix-cache-disk-bytes=${bytes}`,
     ...(diskSharedClaim !== undefined ? ["--prefix-cache-disk-shared"] : []),
+  ];
+}
+
+/** The NATS tier's bucket of a model: one per DeepSeekModel (names take no dots). */
+export function prefixCacheBucket(model: DeepSeekModel): string {
+  const { namespace, name } = model.metadata;
+  return `expertmesh-prefix-${namespace ?? "default"}-${name}`.replace(/[^A-Za-z0-9_-]/g, "_");
+}
+
+/** The gateway's NATS tier flags (spec.gateway.kvCache.remoteBytes; none when 0). */
+export function prefixCacheRemoteArgs(model: DeepSeekModel): string[] {
+  const bytes = model.spec.gateway.kvCache.remoteBytes;
+  if (bytes <= 0) return [];
+  return [
+    `--prefix-cache-remote=${prefixCacheBucket(model)}`,
+    `--prefix-cache-remote-bytes=${bytes}`,
   ];
 }
 

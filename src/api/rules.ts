@@ -344,6 +344,20 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       s["model"]?.batchInvariant !== true ||
       ((s["gateway"]?.gpus ?? 0) === 0 && (s["experts"]?.gpusPerShard ?? 0) === 0),
   },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || !has(self.prefixCaching) || self.prefixCaching",
+    message:
+      "gateway.kvCache.remoteBytes (the prefix cache's NATS tier) needs gateway.prefixCaching",
+    check: (s) => !(s["kvCache"]?.remoteBytes > 0) || s["prefixCaching"] !== false,
+  },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || !has(self.kvCache.diskBytes) || self.kvCache.diskBytes == 0",
+    message:
+      "gateway.kvCache.remoteBytes and diskBytes: the prefix cache takes one second tier, a NATS bucket or a disk; set the other to 0",
+    check: (s) => !(s["kvCache"]?.remoteBytes > 0 && s["kvCache"]?.diskBytes > 0),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -10,15 +10,15 @@
 // takes those blocks into its table (shared, counted by reference) and skips computing
 // them. A block no sequence holds keeps its rows and hash until a reservation needs it
 // (least recently freed first), so a prefix outlives the requests that computed it.
-// With a second tier (PrefixTier: the disk, ADR 0019) a registered block is handed to it
-// when its block is taken for other rows, and a prefix continues with the tier's blocks,
-// read back into free blocks, past those still in the pool.
+// With a second tier (PrefixTier: a disk, ADR 0019, or a NATS bucket, ADR 0028) a
+// registered block is handed to it when its block is taken for other rows, and a prefix
+// continues with the tier's blocks, read back into free blocks, past those still in the pool.
 import type { ModelConfig } from "../model/config.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { KvPages } from "./backend.ts";
 import type { LatentCache } from "./batch.ts";
-import type { DiskPrefixStore } from "./kv-disk.ts";
 import { encodeKvRows, type KvDtype, kvRowBytes, writeKvBytes } from "./kv-format.ts";
+import type { PrefixStore } from "./prefix-store.ts";
 
 /** Where registered blocks go when the pool forgets them, and come back from. */
 export interface PrefixTier {
@@ -39,8 +39,14 @@ export interface PrefixTier {
   /** Whether a read ahead of `hash`'s rows is still running. */
   loading?(hash: string): boolean;
   /**
+   * fetch() reads rows not read ahead itself (a local disk): a prompt alone reads them in its
+   * step rather than waiting for reads ahead. Without it (the NATS tier), only rows read
+   * ahead are fetched, and a prompt alone waits for their reads too.
+   */
+  readonly readsInStep?: boolean;
+  /**
    * Block `block`'s rows are all computed and registered under `hash`: a tier that others
-   * read too (a shared disk tier) keeps them now, not only once they are forgotten.
+   * read too (a shared disk or a NATS bucket) keeps them now, not only once they are forgotten.
    */
   computed?(block: number, hash: string): void;
 }
@@ -270,8 +276,11 @@ export interface BlockKvOptions {
    * num_hidden_layers) with MTP speculative decoding. Default 0.
    */
   extraLayers?: number;
-  /** The prefix cache's disk tier, opened for this cache's blockBytes (ADR 0019). */
-  disk?: DiskPrefixStore;
+  /**
+   * The prefix cache's second tier, opened for this cache's blockBytes: a disk (ADR 0019)
+   * or a NATS bucket (ADR 0028).
+   */
+  store?: PrefixStore;
 }
 
 /** Bytes one block takes: blockSize rows of `dtype` (default f32) in every layer. */
@@ -292,8 +301,8 @@ export function bytesPerBlock(
 export class BlockKvCache {
   readonly allocator: BlockAllocator;
   readonly dtype: KvDtype;
-  /** The prefix cache's disk tier, if any. */
-  readonly disk: DiskPrefixStore | null;
+  /** The prefix cache's second tier, if any. */
+  readonly store: PrefixStore | null;
   readonly #C: number;
   readonly #dr: number;
   readonly #rowBytes: number;
@@ -315,36 +324,37 @@ export class BlockKvCache {
       pool: new Uint8Array(numBlocks * blockSize * this.#rowBytes),
       blockSize,
     }));
-    this.disk = o.disk ?? null;
-    if (this.disk) {
-      if (this.disk.blockBytes !== this.blockBytes)
+    this.store = o.store ?? null;
+    if (this.store) {
+      if (this.store.blockBytes !== this.blockBytes)
         throw new ExpertMeshError(
           "EM_GATEWAY_INTERNAL",
-          `the disk tier holds blocks of ${this.disk.blockBytes} bytes, this cache's are ${this.blockBytes}`,
+          `the ${this.store.kind} tier holds blocks of ${this.store.blockBytes} bytes, this cache's are ${this.blockBytes}`,
         );
-      const disk = this.disk;
+      const store = this.store;
       const per = blockSize * this.#rowBytes;
       // A step reads at most 256 MiB of blocks (a prompt with more takes several steps), and
       // no more than the store holds read ahead (else it would drop the head's own reads).
       this.allocator.maxTierReads = Math.max(
         1,
-        Math.min(Math.floor(2 ** 28 / this.blockBytes), disk.maxStagedFiles),
+        Math.min(Math.floor(2 ** 28 / this.blockBytes), store.maxStagedFiles),
       );
-      if (disk.shared) disk.onWritten = () => this.#writeUnwritten();
+      if (store.shared) store.onWritten = () => this.#writeUnwritten();
       this.allocator.tier = {
-        evicting: (b, hash) => disk.save(hash, this.#blockRows(b)),
-        has: (hash) => disk.has(hash),
-        prefetch: (hashes) => disk.prefetch(hashes),
-        loading: (hash) => disk.loading(hash),
-        // A folder other gateways read too gets each block as it is computed (write-through;
+        evicting: (b, hash) => store.save(hash, this.#blockRows(b)),
+        has: (hash) => store.has(hash),
+        readsInStep: store.readsInStep,
+        prefetch: (hashes) => store.prefetch(hashes),
+        loading: (hash) => store.loading(hash),
+        // A store other gateways read too gets each block as it is computed (write-through;
         // save() skips those its index knows: no look on a network disk per block). A long
-        // prefill computes blocks faster than the disk takes them: those past the pending
+        // prefill computes blocks faster than the store takes them: those past the pending
         // limit are written as earlier writes end, while the pool still holds them.
-        ...(disk.shared
+        ...(store.shared
           ? { computed: (b: number, hash: string) => this.#writeThrough(b, hash) }
           : {}),
         fetch: (hash) => {
-          const payload = disk.read(hash);
+          const payload = store.read(hash);
           if (!payload) return null;
           return (b) => {
             try {
@@ -353,7 +363,7 @@ export class BlockKvCache {
               });
               return true;
             } catch (e) {
-              disk.noteError("writing a block read back into the KV cache", e);
+              store.noteError("writing a block read back into the KV cache", e);
               return false;
             }
           };
@@ -362,13 +372,13 @@ export class BlockKvCache {
     }
   }
 
-  /** Shared disk tier: computed blocks not yet written (no room then), oldest first. */
+  /** Shared tier: computed blocks not yet written (no room then), oldest first. */
   readonly #unwritten = new Set<string>();
 
   #writeThrough(b: number, hash: string): void {
-    const disk = this.disk!;
-    if (this.#unwritten.size === 0 && disk.hasRoom) {
-      disk.save(hash, this.#blockRows(b));
+    const store = this.store!;
+    if (this.#unwritten.size === 0 && store.hasRoom) {
+      store.save(hash, this.#blockRows(b));
       return;
     }
     this.#unwritten.add(hash);
@@ -381,16 +391,16 @@ export class BlockKvCache {
 
   /** A write ended: the computed blocks still waiting, while there is room. */
   #writeUnwritten(): void {
-    const disk = this.disk!;
+    const store = this.store!;
     for (const hash of this.#unwritten) {
-      if (!disk.hasRoom) return;
+      if (!store.hasRoom) return;
       this.#unwritten.delete(hash);
       const b = this.allocator.blockOf(hash);
-      if (b !== undefined) disk.save(hash, this.#blockRows(b));
+      if (b !== undefined) store.save(hash, this.#blockRows(b));
     }
   }
 
-  /** Bytes of one block's rows over all layers (what the disk tier keeps per block). */
+  /** Bytes of one block's rows over all layers (what the second tier keeps per block). */
   get blockBytes(): number {
     return this.allocator.blockSize * this.bytesPerToken;
   }
@@ -402,25 +412,25 @@ export class BlockKvCache {
   }
 
   /**
-   * Writes every registered block the disk tier lacks to it, and waits for the writes: at
+   * Writes every registered block the second tier lacks to it, and waits for the writes: at
    * a graceful stop, so that the next start finds them. Resolves how many were written.
    */
   async persist(): Promise<number> {
-    const disk = this.disk;
-    if (!disk) return 0;
-    const written = disk.stats.written;
+    const store = this.store;
+    if (!store) return 0;
+    const written = store.stats.written;
     // The most recently used that fit in the budget, oldest first: the disk's least
     // recently used order (file times, after a restart) keeps the pool's.
-    const fit = Math.floor(disk.maxBytes / disk.fileBytes);
+    const fit = Math.floor(store.maxBytes / store.fileBytes);
     for (const [b, hash] of this.allocator.registered().slice(-fit)) {
-      if (disk.has(hash)) continue;
-      await disk.room();
+      if (store.has(hash)) continue;
+      await store.room();
       // The engine may have run meanwhile: only a block that still holds these rows.
       if (this.allocator.blockOf(hash) !== b) continue;
-      disk.save(hash, this.#blockRows(b));
+      store.save(hash, this.#blockRows(b));
     }
-    await disk.flush();
-    return disk.stats.written - written;
+    await store.flush();
+    return store.stats.written - written;
   }
 
   /** Positions the whole cache holds (all blocks). */

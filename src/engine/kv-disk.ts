@@ -37,6 +37,7 @@ import {
   writeBlockHeader,
 } from "./kv-disk-file.ts";
 import type { ReaderReply, ReadRequest, ReadResult, ScanResult } from "./kv-disk-reader.ts";
+import type { PrefixStore, PrefixStoreStats } from "./prefix-store.ts";
 
 const readerUrl = new URL(`./kv-disk-reader${extname(import.meta.url)}`, import.meta.url);
 
@@ -79,26 +80,8 @@ export interface DiskPrefixOptions {
   readonly log?: (message: string) => void;
 }
 
-/** Counts since start. Blocks unless named bytes. */
-export interface DiskPrefixStats {
-  files: number;
-  bytes: number;
-  /** Blocks read back (from a file or a pending write's copy). */
-  hits: number;
-  /** Of hits, blocks whose file was read ahead of its use (prefetch). */
-  readAhead: number;
-  /**
-   * Of hits, in a shared folder: blocks whose file this store found there rather than wrote
-   * (another gateway's, or an earlier run's).
-   */
-  sharedHits: number;
-  /** Blocks written. */
-  written: number;
-  /** Spills dropped: too many bytes pending, or a write of the same block still running. */
-  dropped: number;
-  /** Files that failed their checks (removed) and reads or writes that failed. */
-  errors: number;
-}
+/** Counts since start (a file per block). */
+export type DiskPrefixStats = PrefixStoreStats;
 
 interface Entry {
   readonly fileBytes: number;
@@ -226,7 +209,9 @@ function removeIdleFingerprints(
   return gone;
 }
 
-export class DiskPrefixStore {
+export class DiskPrefixStore implements PrefixStore {
+  readonly kind = "disk";
+  readonly readsInStep = true;
   /** The fingerprint's folder. */
   readonly dir: string;
   readonly maxBytes: number;

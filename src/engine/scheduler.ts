@@ -359,13 +359,14 @@ export class Scheduler {
   /**
    * Whether the first waiting sequence waits for its prefix's blocks from the second tier,
    * read in the background (started here): only while sequences run, which step on
-   * meanwhile. Alone, it reads them in its step: no one else waits, and it starts sooner.
+   * meanwhile. Alone, it reads them in its step: no one else waits, and it starts sooner;
+   * unless the tier reads nothing in a step (the NATS tier), then it waits alone too.
    */
   #headReadsAhead(): boolean {
     const head = this.#waiting[0];
     if (
       !head ||
-      this.#running.length === 0 ||
+      (this.#running.length === 0 && this.#blocks.tier?.readsInStep !== false) ||
       this.config.prefixCaching !== true ||
       head.wantsAllLogits ||
       head.numComputed !== 0

@@ -26,8 +26,8 @@
 
 import type { BatchForward, BatchItem, LatentCache, MtpItem, MtpResult } from "../engine/batch.ts";
 import type { BlockKvCache } from "../engine/kv-blocks.ts";
-import type { DiskPrefixStats } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
+import type { PrefixStore, PrefixStoreStats } from "../engine/prefix-store.ts";
 import {
   applyPenalties,
   maskBadWords,
@@ -130,6 +130,9 @@ export interface GenerationCallbacks {
   onError(err: unknown): void;
 }
 
+/** A second tier's counts, and the prompt tokens read back from it since start. */
+export type PrefixTierStats = PrefixStoreStats & { hitTokens: number };
+
 export interface EngineStats {
   numWaiting: number;
   numRunning: number;
@@ -142,7 +145,9 @@ export interface EngineStats {
   prefixQueryTokens: number;
   prefixHitTokens: number;
   /** The prefix cache's disk tier (ADR 0019), when there is one; hitTokens are of prefixHitTokens. */
-  prefixDisk: (DiskPrefixStats & { hitTokens: number }) | null;
+  prefixDisk: PrefixTierStats | null;
+  /** The prefix cache's NATS tier (ADR 0028), when there is one; hitTokens as prefixDisk's. */
+  prefixRemote: PrefixTierStats | null;
   /** Speculative decoding: drafts run, their tokens, and those accepted. */
   specDrafts: number;
   specDraftTokens: number;
@@ -246,7 +251,7 @@ export class ServingEngine {
     this.#trimmer = opts.scratchTrimmer;
     this.#scheduler = new Scheduler(config, kv.allocator);
     // A prompt waiting for its prefix's blocks from the disk is scheduled once they are read.
-    if (kv.disk) kv.disk.onStaged = () => this.#kick();
+    if (kv.store) kv.store.onStaged = () => this.#kick();
     this.microBatches = mb;
     this.speculative = opts.speculative ?? null;
     if (this.speculative?.method === "mtp" && !model.hasMtp)
@@ -267,12 +272,19 @@ export class ServingEngine {
   /** Ends the disk tier's reader thread, if any (at a stop, after persistPrefixes). */
   async close(): Promise<void> {
     this.#trimmer?.close();
-    await this.#kv.disk?.close();
+    await this.#kv.store?.close();
   }
 
   /** In which order waiting sequences are admitted and running ones preempted. */
   get schedulingPolicy(): SchedulingPolicy {
     return this.#scheduler.config.policy ?? "fcfs";
+  }
+
+  /** The second tier's counts, when it is of `kind`. */
+  #tierStats(kind: PrefixStore["kind"]): PrefixTierStats | null {
+    const store = this.#kv.store;
+    if (store?.kind !== kind) return null;
+    return { ...store.stats, hitTokens: this.#scheduler.prefixTierHitTokens };
   }
 
   get stats(): EngineStats {
@@ -285,12 +297,8 @@ export class ServingEngine {
       numPreemptions: this.numPreemptions,
       prefixQueryTokens: this.#scheduler.prefixQueryTokens,
       prefixHitTokens: this.#scheduler.prefixHitTokens,
-      prefixDisk: this.#kv.disk
-        ? {
-            ...this.#kv.disk.stats,
-            hitTokens: this.#scheduler.prefixTierHitTokens,
-          }
-        : null,
+      prefixDisk: this.#tierStats("disk"),
+      prefixRemote: this.#tierStats("remote"),
       specDrafts: this.#spec.drafts,
       specDraftTokens: this.#spec.draftTokens,
       specAcceptedTokens: this.#spec.acceptedTokens,

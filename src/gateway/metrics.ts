@@ -3,7 +3,7 @@
 // round trip of each expert shard. One registry per gateway (tests run several).
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { registerScratchGauge } from "../engine/scratch-trim.ts";
-import type { EngineStats } from "./engine.ts";
+import type { EngineStats, PrefixTierStats } from "./engine.ts";
 
 const LATENCY_BUCKETS = [
   0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20,
@@ -149,6 +149,44 @@ export class GatewayMetrics {
       disk(
         "errors",
         "Disk tier reads and writes that failed, and damaged files removed, since start.",
+        (d) => d.errors,
+      );
+    }
+    if (stats().prefixRemote) {
+      const remote = (name: string, help: string, of: (d: PrefixTierStats) => number) =>
+        new Gauge({
+          name: `expertmesh_gateway_prefix_cache_remote_${name}`,
+          help,
+          registers,
+          collect() {
+            const d = stats().prefixRemote;
+            if (d) this.set(of(d));
+          },
+        });
+      remote(
+        "hits",
+        "Of prefix_cache_hits, tokens read back from the NATS tier since start (--prefix-cache-remote).",
+        (d) => d.hitTokens,
+      );
+      remote(
+        "shared_hits",
+        "Of the blocks read back from the NATS tier, those this gateway did not write: another gateway's, or an earlier run's, since start.",
+        (d) => d.sharedHits,
+      );
+      remote(
+        "blocks",
+        "Blocks of this gateway's model the NATS tier's bucket holds, as its watch says.",
+        (d) => d.files,
+      );
+      remote("written", "Blocks written to the NATS tier since start.", (d) => d.written);
+      remote(
+        "dropped",
+        "Blocks not written to the NATS tier (64 MiB of writes already pending) since start.",
+        (d) => d.dropped,
+      );
+      remote(
+        "errors",
+        "NATS tier reads and writes that failed, and damaged values removed, since start.",
         (d) => d.errors,
       );
     }

@@ -7,10 +7,12 @@ import type { ExpertRunner } from "../engine/experts.ts";
 import { BlockKvCache, bytesPerBlock } from "../engine/kv-blocks.ts";
 import { DiskPrefixStore } from "../engine/kv-disk.ts";
 import type { KvDtype } from "../engine/kv-format.ts";
+import type { RemotePrefixStore } from "../engine/kv-remote.ts";
 import type { ModelWeights } from "../engine/loader.ts";
 import type { SchedulingPolicy } from "../engine/scheduler.ts";
 import { scratchTrimAfterMs, scratchTrimmerFor } from "../engine/scratch-trim.ts";
 import { checkMtpTokens, ngramSpeculation, type SpeculativeConfig } from "../engine/speculative.ts";
+import type { ModelConfig } from "../model/config.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
@@ -72,6 +74,11 @@ export interface GatewayConfig {
     /** Other gateways use the folder too: write-through, and their files found (kv-disk.ts). */
     readonly shared?: boolean;
   };
+  /**
+   * The prefix cache's NATS tier (ADR 0028), opened by the caller for this gateway's
+   * prefixTierLayout; closed with the engine. Not with prefixCacheDisk.
+   */
+  readonly prefixCacheRemote?: RemotePrefixStore;
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
   /** With the priority policy: ms of waiting per priority level gained (default 0: none). */
@@ -88,6 +95,33 @@ export interface GatewayConfig {
   readonly samplingDefaults?: SamplingDefaults;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
+}
+
+/**
+ * One block of the prefix cache's second tier: its bytes, and what its rows depend on
+ * (`identity`: the weights and how they are served; the KV layout is added here).
+ */
+export function prefixTierLayout(
+  c: ModelConfig,
+  cfg: Pick<GatewayConfig, "blockSize" | "kvCacheDtype" | "speculative">,
+  identity: Record<string, unknown>,
+): { blockBytes: number; identity: Record<string, unknown> } {
+  const blockSize = cfg.blockSize ?? 16;
+  const dtype = cfg.kvCacheDtype ?? "f32";
+  // MTP drafts keep the MTP layer's rows in the same blocks (one layer more per token).
+  const extraLayers = cfg.speculative?.method === "mtp" ? 1 : 0;
+  return {
+    blockBytes: bytesPerBlock(c, blockSize, dtype, extraLayers),
+    identity: {
+      format: 1,
+      ...identity,
+      kvCacheDtype: dtype,
+      blockSize,
+      layers: c.numHiddenLayers + extraLayers,
+      kvLoraRank: c.kvLoraRank,
+      qkRopeHeadDim: c.qkRopeHeadDim,
+    },
+  };
 }
 
 /** Bytes of prompt logits (float32, held twice: the LM head's output and its split) a step may hold. */
@@ -117,26 +151,23 @@ export function createServeContext(
   // MTP drafts keep the MTP layer's rows in the same blocks (one layer more per token).
   const extraLayers = spec?.method === "mtp" ? 1 : 0;
   const diskCfg = cfg.prefixCacheDisk;
-  if (diskCfg && cfg.prefixCaching === false)
+  const remote = cfg.prefixCacheRemote;
+  if ((diskCfg || remote) && cfg.prefixCaching === false)
     throw new ExpertMeshError(
       "EM_CLI_USAGE",
-      "--prefix-cache-disk needs prefix caching (drop --no-prefix-caching)",
+      `${diskCfg ? "--prefix-cache-disk" : "--prefix-cache-remote"} needs prefix caching (drop --no-prefix-caching)`,
+    );
+  if (diskCfg && remote)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      "--prefix-cache-disk and --prefix-cache-remote: the prefix cache takes one second tier, choose one",
     );
   const disk =
     diskCfg &&
     DiskPrefixStore.open({
       dir: diskCfg.dir,
       maxBytes: diskCfg.bytes,
-      blockBytes: bytesPerBlock(c, blockSize, dtype, extraLayers),
-      identity: {
-        format: 1,
-        ...diskCfg.identity,
-        kvCacheDtype: dtype,
-        blockSize,
-        layers: c.numHiddenLayers + extraLayers,
-        kvLoraRank: c.kvLoraRank,
-        qkRopeHeadDim: c.qkRopeHeadDim,
-      },
+      ...prefixTierLayout(c, cfg, diskCfg.identity),
       ...(diskCfg.readAhead === false ? { readAhead: false } : {}),
       ...(diskCfg.shared ? { shared: true } : {}),
       ...(cfg.log ? { log: cfg.log } : {}),
@@ -152,7 +183,7 @@ export function createServeContext(
     memoryBytes: cfg.kvCacheBytes,
     dtype,
     extraLayers,
-    ...(disk ? { disk } : {}),
+    ...(disk || remote ? { store: disk || remote } : {}),
   });
   if (kv.capacityTokens < maxModelLen)
     throw new ExpertMeshError(

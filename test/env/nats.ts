@@ -34,6 +34,8 @@ export async function startNats(
   maxPayload = NATS_MAX_PAYLOAD,
   /** The process's name, and its log's (logs/<name>.log): a test's own server keeps its log. */
   name = "nats-server",
+  /** JetStream on (default); off: a plain server, as some clusters run. */
+  jetStream = true,
 ): Promise<NatsServer> {
   mkdirSync(join(dir, "jetstream"), { recursive: true });
   const clientPort = port ?? (await freePort());
@@ -45,14 +47,14 @@ export async function startNats(
       `listen: "127.0.0.1:${clientPort}"`,
       `http: "127.0.0.1:${monitorPort}"`,
       `max_payload: ${maxPayload}`,
-      `jetstream { store_dir: "${join(dir, "jetstream")}" }`,
+      ...(jetStream ? [`jetstream { store_dir: "${join(dir, "jetstream")}" }`] : []),
       "",
     ].join("\n"),
   );
   const proc = new ManagedProcess(name, binary, ["-c", configPath], logDir);
   const monitorUrl = `http://127.0.0.1:${monitorPort}`;
   await proc.waitUntil("healthy", async () => {
-    const res = await fetch(`${monitorUrl}/healthz?js-enabled-only=true`);
+    const res = await fetch(`${monitorUrl}/healthz${jetStream ? "?js-enabled-only=true" : ""}`);
     return res.ok;
   });
   return {

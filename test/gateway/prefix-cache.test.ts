@@ -1,20 +1,27 @@
 // The prefix cache through the official `openai` client: vLLM's cache_salt keeps tenants'
 // cached blocks apart; the disk tier (--prefix-cache-disk, ADR 0019) gives back the blocks a
 // tight KV cache forgot, as cached tokens with the same text as computing them, and a gateway
-// process writes its cached blocks at SIGTERM so that the next one starts with them.
+// process writes its cached blocks at SIGTERM so that the next one starts with them; the NATS
+// tier (--prefix-cache-remote, ADR 0028) shares blocks between gateway processes through a
+// JetStream bucket on the real nats-server.
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { connect } from "@nats-io/transport-node";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import type { KvDtype } from "../../src/engine/kv-format.ts";
+import { RemotePrefixStore } from "../../src/engine/kv-remote.ts";
 import { readModelConfig } from "../../src/model/config.ts";
-import { waitFor } from "../support/env.ts";
+import { runCli } from "../support/cli.ts";
+import { testEnv, uniqueName, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway } from "./helpers.ts";
 
+const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 let dir: string;
 let disk: string;
 beforeAll(async () => {
@@ -267,5 +274,101 @@ describe("prefix cache disk tier", () => {
     } finally {
       await Promise.all([a.process.stop(), b.process.stop()]);
     }
+  });
+});
+
+describe("the NATS tier (--prefix-cache-remote, ADR 0028)", () => {
+  const remoteArgs = (bucket: string) => {
+    const t = tight();
+    return [
+      `--nats=${testEnv().nats.url}`,
+      `--prefix-cache-remote=${bucket}`,
+      "--prefix-cache-remote-bytes=4194304",
+      `--block-size=${t.blockSize}`,
+      `--max-model-len=${t.maxModelLen}`,
+      `--kv-cache-bytes=${t.kvCacheBytes}`,
+    ];
+  };
+  const startRemote = (modelName: string, bucket: string) =>
+    startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args: remoteArgs(bucket) });
+  const remoteMetric = (url: string, name: string) =>
+    metric(url, `expertmesh_gateway_prefix_cache_remote_${name}`);
+
+  it("a prefix one gateway computed, another reads from the bucket; a gateway started later finds it", async () => {
+    const bucket = uniqueName("prefix").replace(/[^A-Za-z0-9_-]/g, "_");
+    const [a, b] = await Promise.all([
+      startRemote("remote-a", bucket),
+      startRemote("remote-b", bucket),
+    ]);
+    let first: OpenAI.Completion;
+    let P: number;
+    try {
+      first = await complete(a.client, PROMPTS[2]!);
+      P = first.usage!.prompt_tokens;
+      expect(first.usage!.prompt_tokens_details?.cached_tokens).toBe(0);
+      // Written as computed, in the background; b's watch learns the keys.
+      await waitFor("a's blocks in b's view of the bucket", async () =>
+        ((await remoteMetric(b.url, "blocks")) ?? 0) >= wholeBlocks(P) / B ? true : undefined,
+      );
+      expect(await remoteMetric(a.url, "written")).toBeGreaterThanOrEqual(wholeBlocks(P) / B);
+      const again = await complete(b.client, PROMPTS[2]!);
+      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      expect(await remoteMetric(b.url, "hits")).toBe(wholeBlocks(P));
+      // Every one of them a wrote.
+      expect(await remoteMetric(b.url, "shared_hits")).toBe(wholeBlocks(P) / B);
+      expect(again.choices[0]!.text).toBe(first.choices[0]!.text);
+      expect(await remoteMetric(b.url, "written")).toBeLessThan(wholeBlocks(P) / B);
+      for (const g of [a, b]) expect(await remoteMetric(g.url, "errors")).toBe(0);
+    } finally {
+      await Promise.all([a.process.stop(), b.process.stop()]);
+    }
+    // A new pod of the model: the blocks are in the bucket, listed at its start.
+    const c = await startRemote("remote-c", bucket);
+    try {
+      const later = await complete(c.client, PROMPTS[2]!);
+      expect(later.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      expect(later.choices[0]!.text).toBe(first.choices[0]!.text);
+    } finally {
+      await c.process.stop();
+    }
+  });
+
+  it("is refused with the disk tier, without prefix caching, and without --nats", async () => {
+    const nc = await connect({ servers: testEnv().nats.url, name: "prefix-refused" });
+    const store = await RemotePrefixStore.open({
+      nc,
+      bucket: uniqueName("prefix").replace(/[^A-Za-z0-9_-]/g, "_"),
+      maxBytes: 2 ** 20,
+      blockBytes: bytesPerBlock(readModelConfig(dir), 16, "f32"),
+      identity: {},
+      storage: "memory",
+    });
+    try {
+      await expect(
+        startGateway(dir, {
+          prefixCacheRemote: store,
+          prefixCacheDisk: { dir: join(disk, "refused"), bytes: 2 ** 20, identity: {} },
+        }),
+      ).rejects.toMatchObject({
+        code: "EM_CLI_USAGE",
+        message: expect.stringContaining("one second tier"),
+      });
+      await expect(
+        startGateway(dir, { prefixCaching: false, prefixCacheRemote: store }),
+      ).rejects.toMatchObject({ code: "EM_CLI_USAGE" });
+    } finally {
+      await store.close();
+      await nc.close();
+    }
+    const run = await runCli(process.execPath, [
+      mainTs,
+      "gateway",
+      `--model=${dir}`,
+      "--local",
+      "--prefix-cache-remote=prefix",
+    ]);
+    expect(run.code).not.toBe(0);
+    expect(run.stderr).toContain("EM_CLI_USAGE");
+    expect(run.stderr).toContain("--prefix-cache-remote needs --nats");
   });
 });

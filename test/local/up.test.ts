@@ -673,57 +673,70 @@ describe("expertmesh up", () => {
     });
   });
 
-  it("with gateway.kvCache.diskBytes: the prefix cache's disk tier outlives the run, and the next run starts with it", async () => {
-    const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
-    // The same weights both times (the fingerprint covers their files' times).
-    const models = mkdtempSync(join(testEnv().runDir, "models-"));
-    const variant: [string, string] = [
-      "  gateway:\n",
-      "  gateway:\n    kvCache: { diskBytes: 1048576 }\n",
-    ];
-    const folder = join(cache, "prefix-cache", "default-tiny");
-    const kept = /^\[gateway\] prefix cache disk tier in (\S+): (\d+) blocks kept from before/m;
-    // Blocks of 16 tokens: a prompt of several.
-    const ask = async (port: number) => {
-      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
-      const r = await client.completions.create({
-        model: "tiny-v3",
-        prompt: "The lighthouse keeper climbed the stairs every evening to light the lamp. ".repeat(
-          3,
-        ),
-        max_tokens: 4,
-        temperature: 0,
-      });
-      return { cached: r.usage?.prompt_tokens_details?.cached_tokens, text: r.choices[0]!.text };
-    };
-    let first = { cached: undefined as number | undefined, text: "" };
-    await upWithVariant(
-      variant,
-      async (started, port) => {
-        const m = kept.exec(started.err());
-        expect(m?.[1]).toContain(folder);
-        expect(m?.[2]).toBe("0");
-        first = await ask(port);
-        expect(first.cached).toBe(0);
-      },
-      { EXPERTMESH_CACHE_DIR: cache },
-      models,
-    );
-    // Ctrl-C stopped the gateway gracefully: it wrote its cached blocks.
-    const [fp] = readdirSync(folder);
-    expect(readdirSync(join(folder, fp!)).some((f) => f.endsWith(".kv"))).toBe(true);
-    await upWithVariant(
-      variant,
-      async (started, port) => {
-        expect(Number(kept.exec(started.err())?.[2])).toBeGreaterThan(0);
-        const again = await ask(port);
-        expect(again.cached).toBeGreaterThan(0);
-        expect(again.text).toBe(first.text);
-      },
-      { EXPERTMESH_CACHE_DIR: cache },
-      models,
-    );
-  });
+  it.each([
+    {
+      tier: "diskBytes: the prefix cache's disk tier",
+      kvCache: "{ diskBytes: 1048576 }",
+      kept: /^\[gateway\] prefix cache disk tier in (\S+): (\d+) blocks kept from before/m,
+      where: join("prefix-cache", "default-tiny"),
+    },
+    {
+      tier: "remoteBytes: the prefix cache's NATS tier (up's nats-server with JetStream)",
+      kvCache: "{ remoteBytes: 4194304 }",
+      kept: /^\[gateway\] prefix cache NATS tier in bucket '(\S+)': (\d+) blocks of this model there/m,
+      where: "expertmesh-prefix-default-tiny",
+    },
+  ])(
+    "with gateway.kvCache.$tier outlives the run, and the next run starts with it",
+    async ({ kvCache, kept, where }) => {
+      const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
+      // The same weights both times (the fingerprint covers their files' times).
+      const models = mkdtempSync(join(testEnv().runDir, "models-"));
+      const variant: [string, string] = ["  gateway:\n", `  gateway:\n    kvCache: ${kvCache}\n`];
+      // Blocks of 16 tokens: a prompt of several.
+      const ask = async (port: number) => {
+        const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+        const r = await client.completions.create({
+          model: "tiny-v3",
+          prompt:
+            "The lighthouse keeper climbed the stairs every evening to light the lamp. ".repeat(3),
+          max_tokens: 4,
+          temperature: 0,
+        });
+        return { cached: r.usage?.prompt_tokens_details?.cached_tokens, text: r.choices[0]!.text };
+      };
+      let first = { cached: undefined as number | undefined, text: "" };
+      await upWithVariant(
+        variant,
+        async (started, port) => {
+          const m = kept.exec(started.err());
+          expect(m?.[1]).toContain(where);
+          expect(m?.[2]).toBe("0");
+          first = await ask(port);
+          expect(first.cached).toBe(0);
+        },
+        { EXPERTMESH_CACHE_DIR: cache },
+        models,
+      );
+      // Ctrl-C stopped the gateway gracefully: its cached blocks were written (the disk
+      // tier's files in its folder; the NATS tier's in JetStream's, under the same cache).
+      const folder = kvCache.includes("disk")
+        ? join(cache, where)
+        : join(cache, "jetstream", "default-tiny");
+      expect(readdirSync(folder).length).toBeGreaterThan(0);
+      await upWithVariant(
+        variant,
+        async (started, port) => {
+          expect(Number(kept.exec(started.err())?.[2])).toBeGreaterThan(0);
+          const again = await ask(port);
+          expect(again.cached).toBeGreaterThan(0);
+          expect(again.text).toBe(first.text);
+        },
+        { EXPERTMESH_CACHE_DIR: cache },
+        models,
+      );
+    },
+  );
 
   it("stops every process it started when it is killed outright (SIGKILL: no handler runs); the gateway still stops gracefully", async () => {
     const port = await freePort();

@@ -700,6 +700,16 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[23]!.message,
       ],
       [
+        "a NATS prefix cache tier without prefix caching",
+        { gateway: { prefixCaching: false, kvCache: { remoteBytes: 2 ** 30 } } },
+        CROSS_FIELD_RULES[24]!.message,
+      ],
+      [
+        "a NATS prefix cache tier with a disk tier",
+        { gateway: { kvCache: { remoteBytes: 2 ** 30, diskBytes: 2 ** 30 } } },
+        CROSS_FIELD_RULES[25]!.message,
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { architectureOf, parseManifest, prefixCacheBucket } from "../../src/api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../../src/api/memory.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
@@ -326,6 +326,29 @@ describe("desiredObjects", () => {
       (o) => o.metadata?.name === "m-shard-0",
     ) as any;
     expect(shard.spec.template.spec.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
+  });
+
+  it("passes the NATS tier's bucket and budget only when kvCache.remoteBytes is set", () => {
+    const gw = (extra: string) =>
+      (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec;
+    expect(gw("").containers[0].args.join(" ")).not.toContain("--prefix-cache-remote");
+    const pod = gw("  gateway: { kvCache: { remoteBytes: 8589934592 } }");
+    expect(pod.containers[0].args).toEqual(
+      expect.arrayContaining([
+        "--prefix-cache-remote=expertmesh-prefix-ns-m",
+        "--prefix-cache-remote-bytes=8589934592",
+      ]),
+    );
+    // No volume: the blocks live on the NATS server.
+    expect(pod.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
+  });
+
+  it.each([
+    ["m", "default", "expertmesh-prefix-default-m"],
+    ["v3.chat", "team-a", "expertmesh-prefix-team-a-v3_chat"],
+  ])("names the bucket of model %s in %s %s (NATS takes no dots)", (name, namespace, bucket) => {
+    const m = manifest();
+    expect(prefixCacheBucket({ ...m, metadata: { name, namespace } })).toBe(bucket);
   });
 
   it("with kvCache.diskSharedClaim, every gateway mounts that claim for a shared disk tier", () => {

@@ -5,6 +5,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Registry } from "prom-client";
 import { type ExpertRunner, LocalExperts } from "../../engine/experts.ts";
 import { parseKvCacheDtype } from "../../engine/kv-format.ts";
+import { RemotePrefixStore } from "../../engine/kv-remote.ts";
 import { heldExperts, loadWeights } from "../../engine/loader.ts";
 import { SCHEDULING_POLICIES, type SchedulingPolicy } from "../../engine/scheduler.ts";
 import {
@@ -16,7 +17,12 @@ import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
-import { createServeContext, probeShards, type ShardProbe } from "../../gateway/server.ts";
+import {
+  createServeContext,
+  prefixTierLayout,
+  probeShards,
+  type ShardProbe,
+} from "../../gateway/server.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
@@ -106,6 +112,13 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --prefix-cache-disk-shared    other gateways use DIR too (a ReadWriteMany volume): blocks are
                             written as they are computed, and a prompt whose prefix another
                             gateway computed reads its files
+  --prefix-cache-remote BUCKET  a second tier under the prefix cache on the NATS server (--nats;
+                            JetStream on): blocks are written to the key-value bucket BUCKET
+                            (made when missing) as they are computed, and a prompt whose prefix
+                            any gateway of the model computed reads them (ADR 0028). Not with
+                            --prefix-cache-disk
+  --prefix-cache-remote-bytes N the bucket's budget when this gateway makes it; the oldest blocks
+                            go first (default 4294967296)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
                             reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
                             thinking): only answers whose request sets chat_template_kwargs
@@ -202,6 +215,8 @@ export const gatewayCommand: Command = {
         "prefix-cache-disk": { type: "string" },
         "prefix-cache-disk-bytes": { type: "string" },
         "prefix-cache-disk-shared": { type: "boolean" },
+        "prefix-cache-remote": { type: "string" },
+        "prefix-cache-remote-bytes": { type: "string" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
@@ -249,6 +264,19 @@ export const gatewayCommand: Command = {
       usage("--prefix-cache-disk-bytes needs --prefix-cache-disk DIR");
     if (values["prefix-cache-disk-shared"] === true && values["prefix-cache-disk"] === undefined)
       usage("--prefix-cache-disk-shared needs --prefix-cache-disk DIR");
+    const remoteBucket = values["prefix-cache-remote"];
+    if (values["prefix-cache-remote-bytes"] !== undefined && remoteBucket === undefined)
+      usage("--prefix-cache-remote-bytes needs --prefix-cache-remote BUCKET");
+    if (remoteBucket !== undefined && values["prefix-cache-disk"] !== undefined)
+      usage(
+        "--prefix-cache-disk and --prefix-cache-remote: the prefix cache takes one second tier, choose one",
+      );
+    if (remoteBucket !== undefined && values["prefix-caching"] === false)
+      usage("--prefix-cache-remote needs prefix caching (drop --no-prefix-caching)");
+    if (remoteBucket !== undefined && !values.nats)
+      usage(
+        "--prefix-cache-remote needs --nats URL (with --local too: the server that keeps the blocks)",
+      );
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
@@ -437,6 +465,53 @@ export const gatewayCommand: Command = {
             ? ` (${generationFile}; --generation-config none for the APIs' own)`
             : ""),
       );
+    // What the prefix cache's second tier's rows depend on besides the cache's layout.
+    const tierIdentity = {
+      version: packageVersion(),
+      weights: ckpt.identity(),
+      mtp,
+      dtype,
+      cpuMatmul: values["cpu-matmul"] ?? "fp32",
+      // The kernels that run (ISA, and a bf16 matmul this CPU cannot do).
+      backendSummary: selected.summary.replace(/, \d+ threads?/, ""),
+      device: selected.device,
+      backend: values.backend ?? "native",
+      // The experts' activations cross the wire in this dtype (distributed mode).
+      wire: values.local ? null : wire,
+    };
+    const blockSize = int(values["block-size"], "--block-size", 16);
+    let prefixCacheRemote: RemotePrefixStore | undefined;
+    if (remoteBucket !== undefined) {
+      if (!nc) {
+        startup.step(`connecting to NATS at ${values.nats} (the prefix cache's blocks)`);
+        nc = await connectNats({
+          url: values.nats!,
+          name: `expertmesh-gateway-${id}`,
+          creds: creds || undefined,
+          waitMs: natsWaitMs,
+          log,
+        });
+      }
+      startup.step(`opening the prefix cache's bucket '${remoteBucket}'`);
+      prefixCacheRemote = await RemotePrefixStore.open({
+        nc,
+        bucket: remoteBucket,
+        maxBytes: int(
+          values["prefix-cache-remote-bytes"],
+          "--prefix-cache-remote-bytes",
+          4 * 2 ** 30,
+        ),
+        ...prefixTierLayout(
+          weights.config,
+          { blockSize, kvCacheDtype, ...(speculative ? { speculative } : {}) },
+          tierIdentity,
+        ),
+        log,
+      });
+      log(
+        `prefix cache NATS tier in bucket '${remoteBucket}': ${prefixCacheRemote.stats.files} blocks of this model there, budget ${(prefixCacheRemote.maxBytes / 2 ** 20).toFixed(1)} MiB`,
+      );
+    }
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       servedModelName: values["served-model-name"] ?? modelName,
       samplingDefaults,
@@ -446,8 +521,9 @@ export const gatewayCommand: Command = {
       maxRunning: int(values["max-running"], "--max-running", 256),
       kvCacheBytes: int(values["kv-cache-bytes"], "--kv-cache-bytes", 512 * 2 ** 20),
       kvCacheDtype,
-      blockSize: int(values["block-size"], "--block-size", 16),
+      blockSize,
       microBatches,
+      ...(prefixCacheRemote ? { prefixCacheRemote } : {}),
       prefixCaching: values["prefix-caching"] !== false,
       ...(values["prefix-cache-disk"] !== undefined
         ? {
@@ -458,20 +534,7 @@ export const gatewayCommand: Command = {
                 "--prefix-cache-disk-bytes",
                 4 * 2 ** 30,
               ),
-              // What the rows depend on besides the cache's layout.
-              identity: {
-                version: packageVersion(),
-                weights: ckpt.identity(),
-                mtp,
-                dtype,
-                cpuMatmul: values["cpu-matmul"] ?? "fp32",
-                // The kernels that run (ISA, and a bf16 matmul this CPU cannot do).
-                backendSummary: selected.summary.replace(/, \d+ threads?/, ""),
-                device: selected.device,
-                backend: values.backend ?? "native",
-                // The experts' activations cross the wire in this dtype (distributed mode).
-                wire: values.local ? null : wire,
-              },
+              identity: tierIdentity,
               ...(values["prefix-cache-disk-shared"] === true ? { shared: true } : {}),
               // Read in the step, as before read-ahead: the bench's peer (bench/disk-read.ts).
               ...(process.env["EXPERTMESH_PREFIX_DISK_READ_AHEAD"] === "0"
@@ -593,12 +656,13 @@ export const gatewayCommand: Command = {
       await Promise.all([app.close(), closed, grpc?.close(shutdownTimeoutS * 1000)]);
       clearTimeout(cut);
       await ctx.encoder.close();
-      if (values["prefix-cache-disk"] !== undefined) {
+      const tierName =
+        values["prefix-cache-disk"] ??
+        (remoteBucket === undefined ? undefined : `bucket '${remoteBucket}'`);
+      if (tierName !== undefined) {
         try {
           const n = await ctx.engine.persistPrefixes();
-          log(
-            `prefix cache: ${n} blocks written to ${values["prefix-cache-disk"]} for the next start`,
-          );
+          log(`prefix cache: ${n} blocks written to ${tierName} for the next start`);
         } catch (e) {
           // Not a reason to skip the rest of the stop.
           log(`prefix cache: not written (${formatError(e)})`);

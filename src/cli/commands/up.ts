@@ -210,6 +210,21 @@ export class Restarts {
   }
 }
 
+/**
+ * The flags of the nats-server `up` starts on loopback `port`: with JetStream, stored in
+ * `storeDir` (a folder that outlives up's runs, as the disk tier's), when the manifest keeps
+ * the prefix cache's blocks on it (spec.gateway.kvCache.remoteBytes).
+ */
+export function localNatsArgs(m: DeepSeekModel, port: number, storeDir: string): string[] {
+  return [
+    "-a",
+    "127.0.0.1",
+    "-p",
+    String(port),
+    ...(m.spec.gateway.kvCache.remoteBytes > 0 ? ["-js", "-sd", storeDir] : []),
+  ];
+}
+
 export const upCommand: Command = {
   name: "up",
   summary:
@@ -478,10 +493,7 @@ export const upCommand: Command = {
               NATS_UNDER_WATCH,
               "nats-server",
               findNatsServer(),
-              "-a",
-              "127.0.0.1",
-              "-p",
-              String(natsPort),
+              ...localNatsArgs(m, natsPort, join(cacheDir(), "jetstream", `${ns}-${name}`)),
             ],
             readyLine: /Server is ready/,
             bar: false,

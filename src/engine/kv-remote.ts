@@ -1,0 +1,420 @@
+// The prefix cache's NATS tier (ADR 0028): blocks kept as values of a JetStream key-value
+// bucket on the NATS server the gateways already use, so that every gateway of a model
+// reads the prefixes any of them computed, on any node, and a new pod starts with them.
+//
+// A value is a block file (kv-disk-file.ts: a 48-byte header with the block's hash and the
+// CRC-32 of its rows, then the rows), under the key `<fingerprint>.<hash in base64url>`: a
+// gateway only reads blocks of its own fingerprint (model, weights, kernels, KV layout).
+// The bucket's stream drops its oldest values when full (discard old, not the KV default of
+// refusing writes); a block read back from the older half of the bucket is written again, so
+// the blocks in use stay. Every gateway watches the keys of its fingerprint (headers only:
+// no rows cross the wire but those read), so has() answers from memory; a key the bucket
+// dropped without telling (its budget) is a miss when read.
+import {
+  DiscardPolicy,
+  jetstream,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+} from "@nats-io/jetstream";
+import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { fingerprintOf } from "./kv-disk.ts";
+import {
+  blockFileName,
+  blockFileProblem,
+  DISK_HEADER_BYTES,
+  writeBlockHeader,
+} from "./kv-disk-file.ts";
+import type { PrefixStore, PrefixStoreStats } from "./prefix-store.ts";
+
+/** Rows copied out of the pool and not yet in the bucket, at most (more are dropped). */
+const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
+/** Blocks read ahead of their use and held in memory, at most. */
+const DEFAULT_MAX_STAGED = 256 * 2 ** 20;
+/** A JetStream request (a block's read or write) that takes longer fails. */
+const READ_TIMEOUT_MS = 2000;
+/** A bucket name NATS takes (the stream is KV_<name>). */
+export const BUCKET_RE = /^[A-Za-z0-9_-]{1,200}$/;
+
+export interface RemotePrefixOptions {
+  /** A connection to a NATS server with JetStream (not closed by the store). */
+  readonly nc: NatsConnection;
+  /** The key-value bucket (--prefix-cache-remote); made when missing. */
+  readonly bucket: string;
+  /** The bucket's budget when this store makes it (one made before keeps its own). */
+  readonly maxBytes: number;
+  /** Payload bytes of one block: its rows in every layer. */
+  readonly blockBytes: number;
+  /** What the rows depend on: hashed into the fingerprint that prefixes the keys. */
+  readonly identity: Record<string, unknown>;
+  /** Copied rows waiting for their write, at most (default 64 MiB; more are dropped). */
+  readonly maxPendingBytes?: number;
+  /** Blocks read ahead and held in memory, at most (default 256 MiB of them; at least one). */
+  readonly maxStagedBytes?: number;
+  /** File storage (default) or memory (lost when the NATS server stops). */
+  readonly storage?: "file" | "memory";
+  readonly log?: (message: string) => void;
+}
+
+/** A read ahead: its payload once checked, null while the read runs. */
+interface Staged {
+  payload: Buffer | null;
+}
+
+export class RemotePrefixStore implements PrefixStore {
+  readonly kind = "remote";
+  readonly shared = true;
+  /** Only blocks read ahead are read: the network is never waited on in a step. */
+  readonly readsInStep = false;
+  readonly bucket: string;
+  readonly blockBytes: number;
+  readonly fileBytes: number;
+  /** The fingerprint the keys start with. */
+  readonly fingerprint: string;
+  /** The bucket's budget (its own, when another gateway made it). */
+  maxBytes: number;
+  onStaged: (() => void) | null = null;
+  onWritten: (() => void) | null = null;
+  readonly #o: RemotePrefixOptions;
+  readonly #log: (message: string) => void;
+  readonly #maxPending: number;
+  readonly #maxStaged: number;
+  #kv: KV | null = null;
+  #stopWatch: (() => void) | null = null;
+  /** Keys of this fingerprint in the bucket, as their hashes -> the value's revision. */
+  readonly #index = new Map<string, number>();
+  /** Hashes this store wrote (a hit on another is a shared hit). */
+  readonly #mine = new Set<string>();
+  /** Values being written: their bytes (a read takes them from here). */
+  readonly #pending = new Map<string, Buffer>();
+  readonly #writing = new Map<string, Promise<void>>();
+  #pendingBytes = 0;
+  readonly #staged = new Map<string, Staged>();
+  #stagedBytes = 0;
+  /** The highest revision (stream sequence) seen: how far the bucket's writes have gone. */
+  #lastRevision = 0;
+  #closed = false;
+  #loggedError = false;
+  readonly #stats = { hits: 0, readAhead: 0, sharedHits: 0, written: 0, dropped: 0, errors: 0 };
+
+  /**
+   * Opens the bucket (made when missing) and lists the keys of this fingerprint. Throws
+   * EM_PREFIX_REMOTE when the server has no JetStream, a block would not fit in one message,
+   * or the bucket cannot be made or read.
+   */
+  static async open(o: RemotePrefixOptions): Promise<RemotePrefixStore> {
+    const store = new RemotePrefixStore(o);
+    await store.#open();
+    return store;
+  }
+
+  private constructor(o: RemotePrefixOptions) {
+    if (!BUCKET_RE.test(o.bucket))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--prefix-cache-remote '${o.bucket}' is no bucket name: letters, digits, '-' and '_' only`,
+      );
+    this.#o = o;
+    this.bucket = o.bucket;
+    this.blockBytes = o.blockBytes;
+    this.fileBytes = DISK_HEADER_BYTES + o.blockBytes;
+    this.maxBytes = o.maxBytes;
+    this.fingerprint = fingerprintOf(o.identity);
+    this.#log = o.log ?? (() => {});
+    this.#maxPending = Math.max(this.fileBytes, o.maxPendingBytes ?? DEFAULT_MAX_PENDING);
+    this.#maxStaged = Math.max(this.fileBytes, o.maxStagedBytes ?? DEFAULT_MAX_STAGED);
+    if (o.maxBytes < this.fileBytes)
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--prefix-cache-remote-bytes must hold one block of ${this.fileBytes} bytes, got ${o.maxBytes}`,
+      );
+  }
+
+  async #open(): Promise<void> {
+    const { nc, bucket } = this.#o;
+    const where = `bucket '${bucket}' on ${nc.getServer()}`;
+    const fail = (why: string, e?: unknown): never => {
+      throw new ExpertMeshError(
+        "EM_PREFIX_REMOTE",
+        `prefix cache ${where}: ${why}${e === undefined ? "" : ` (${formatError(e)})`}`,
+        { cause: e },
+      );
+    };
+    if (nc.info?.jetstream !== true)
+      fail(
+        "the NATS server has no JetStream: start it with JetStream on (nats-server -js, or `jetstream {}` in its configuration), or drop --prefix-cache-remote",
+      );
+    const maxPayload = nc.info?.max_payload ?? 0;
+    if (this.fileBytes > maxPayload)
+      fail(
+        `one block takes ${this.fileBytes} bytes, more than the server's max_payload ${maxPayload}: raise max_payload in its configuration, or make blocks smaller (--block-size, --kv-cache-dtype)`,
+      );
+    const stream = `KV_${bucket}`;
+    try {
+      const jsm = await jetstreamManager(nc);
+      let info = await jsm.streams.info(stream).catch((e: unknown) => {
+        if (/stream not found/i.test(String((e as Error).message))) return null;
+        throw e;
+      });
+      if (info === null) {
+        // A key-value bucket's stream (as @nats-io/kv makes it), but full means the oldest
+        // values go, not that writes are refused: a cache, not a record.
+        const config = {
+          name: stream,
+          subjects: [`$KV.${bucket}.>`],
+          retention: RetentionPolicy.Limits,
+          max_msgs_per_subject: 1,
+          max_bytes: this.maxBytes,
+          max_msg_size: this.fileBytes + 1024, // and headers
+          discard: DiscardPolicy.Old,
+          storage: this.#o.storage === "memory" ? StorageType.Memory : StorageType.File,
+          num_replicas: 1,
+          allow_rollup_hdrs: true,
+          allow_direct: true,
+          description: "expertmesh prefix cache blocks (ADR 0028)",
+        };
+        info = await jsm.streams.add(config).catch(async (e: unknown) => {
+          // Another gateway made it meanwhile.
+          const again = await jsm.streams.info(stream).catch(() => null);
+          if (again) return again;
+          throw e;
+        });
+      } else if (info.config.max_bytes !== this.maxBytes) {
+        this.#log(
+          `prefix cache ${where}: keeps the budget it was made with, ${info.config.max_bytes} bytes (not ${this.maxBytes})`,
+        );
+      }
+      if (info.config.max_bytes > 0) this.maxBytes = info.config.max_bytes;
+      if (info.config.max_msg_size > 0 && info.config.max_msg_size < this.fileBytes)
+        fail(
+          `the bucket takes values of ${info.config.max_msg_size} bytes at most, and one block takes ${this.fileBytes}: use another bucket, or make blocks smaller`,
+        );
+      this.#lastRevision = info.state.last_seq;
+      // A read that takes longer is a miss (the prompt waiting for it computes instead).
+      this.#kv = await new Kvm(jetstream(nc, { timeout: READ_TIMEOUT_MS })).open(bucket, {
+        allow_direct: info.config.allow_direct,
+      });
+      // Changes from now on, then what is there: a key written between the two is seen twice.
+      const watch = await this.#kv.watch({
+        key: `${this.fingerprint}.>`,
+        headers_only: true,
+        include: KvWatchInclude.UpdatesOnly,
+      });
+      this.#stopWatch = () => watch.stop();
+      void (async () => {
+        for await (const e of watch) this.#seen(e.key, e.operation, e.revision);
+      })().catch((e: unknown) => this.#error("watching the bucket's keys", e));
+      const keys = await this.#kv.keys(`${this.fingerprint}.>`);
+      for await (const key of keys) this.#seen(key, "PUT", 0);
+    } catch (e) {
+      if (e instanceof ExpertMeshError) throw e;
+      fail("cannot make or open the bucket", e);
+    }
+  }
+
+  /** A key of this fingerprint was written (or removed), as the watch or the listing says. */
+  #seen(key: string, op: string, revision: number): void {
+    const hash = hashOfKey(key, this.fingerprint);
+    if (hash === null) return;
+    if (op === "PUT") this.#index.set(hash, Math.max(revision, this.#index.get(hash) ?? 0));
+    else this.#index.delete(hash);
+    if (revision > this.#lastRevision) this.#lastRevision = revision;
+  }
+
+  #key(hash: string): string {
+    return `${this.fingerprint}.${blockFileName(hash).slice(0, -3)}`;
+  }
+
+  get stats(): PrefixStoreStats {
+    return {
+      files: this.#index.size,
+      bytes: this.#index.size * this.fileBytes,
+      ...this.#stats,
+    };
+  }
+
+  has(hash: string): boolean {
+    return this.#index.has(hash) || this.#pending.has(hash);
+  }
+
+  save(hash: string, parts: readonly Uint8Array[]): boolean {
+    if (this.has(hash)) return true;
+    if (this.#closed || !this.hasRoom || this.#writing.has(hash)) {
+      this.#stats.dropped++;
+      return false;
+    }
+    const buf = Buffer.allocUnsafe(this.fileBytes);
+    let at = DISK_HEADER_BYTES;
+    for (const p of parts) {
+      buf.set(p, at);
+      at += p.length;
+    }
+    if (at !== this.fileBytes)
+      throw new ExpertMeshError(
+        "EM_GATEWAY_INTERNAL",
+        `a block has ${at - DISK_HEADER_BYTES} bytes, not ${this.blockBytes}`,
+      );
+    writeBlockHeader(buf, this.blockBytes, Buffer.from(hash, "base64"));
+    this.#put(hash, buf);
+    return true;
+  }
+
+  /** Writes the block file `buf` under `hash`'s key in the background. */
+  #put(hash: string, buf: Buffer): void {
+    this.#pending.set(hash, buf);
+    this.#pendingBytes += buf.length;
+    const write = (async () => {
+      try {
+        const revision = await this.#kv!.put(this.#key(hash), buf);
+        this.#stats.written++;
+        this.#mine.add(hash);
+        this.#seen(this.#key(hash), "PUT", revision);
+      } catch (e) {
+        this.#error("writing a block", e);
+      } finally {
+        this.#pending.delete(hash);
+        this.#pendingBytes -= buf.length;
+        this.#writing.delete(hash);
+        this.onWritten?.();
+      }
+    })();
+    this.#writing.set(hash, write);
+  }
+
+  read(hash: string): Uint8Array | null {
+    const pending = this.#pending.get(hash);
+    if (pending) {
+      this.#stats.hits++;
+      return pending.subarray(DISK_HEADER_BYTES);
+    }
+    const staged = this.#staged.get(hash);
+    if (!staged?.payload) return null; // not read ahead: a miss (no wait on the network here)
+    this.#unstage(hash);
+    this.#stats.hits++;
+    this.#stats.readAhead++;
+    if (!this.#mine.has(hash)) this.#stats.sharedHits++;
+    return staged.payload;
+  }
+
+  prefetch(hashes: readonly string[]): void {
+    if (this.#closed) return;
+    for (const hash of hashes) {
+      if (!this.#index.has(hash) && !this.#pending.has(hash)) break;
+      if (this.#pending.has(hash) || this.#staged.has(hash)) continue;
+      if (!this.#stageRoom()) break;
+      const staged: Staged = { payload: null };
+      this.#staged.set(hash, staged);
+      this.#stagedBytes += this.fileBytes;
+      void this.#fetch(hash, staged);
+    }
+  }
+
+  /** Reads `hash`'s value into `staged`, checked; a value missing or damaged is a miss. */
+  async #fetch(hash: string, staged: Staged): Promise<void> {
+    const key = this.#key(hash);
+    try {
+      const e = await this.#kv!.get(key);
+      if (this.#staged.get(hash) !== staged) return; // given up meanwhile
+      if (e === null || e.operation !== "PUT") {
+        // The bucket dropped it for room (no one is told): a plain miss.
+        this.#index.delete(hash);
+        this.#unstage(hash);
+        return;
+      }
+      const value = Buffer.from(e.value.buffer, e.value.byteOffset, e.value.byteLength);
+      const bad = blockFileProblem(
+        value,
+        value.length,
+        this.blockBytes,
+        Buffer.from(hash, "base64"),
+      );
+      if (bad !== null) {
+        this.#error(`the value of ${key} is damaged (${bad}); removed`, null);
+        this.#index.delete(hash);
+        this.#unstage(hash);
+        await this.#kv!.purge(key).catch(() => {});
+        return;
+      }
+      staged.payload = value.subarray(DISK_HEADER_BYTES);
+      // Read from the older half of the bucket: written again, so that a block in use is not
+      // the next to go.
+      const blocks = Math.floor(this.maxBytes / this.fileBytes);
+      if (this.#lastRevision - e.revision > blocks / 2 && !this.#writing.has(hash) && this.hasRoom)
+        this.#put(hash, Buffer.from(value));
+    } catch (e) {
+      if (this.#staged.get(hash) !== staged) return;
+      this.#error("reading a block", e);
+      this.#unstage(hash);
+    } finally {
+      this.onStaged?.();
+    }
+  }
+
+  loading(hash: string): boolean {
+    return this.#staged.get(hash)?.payload === null;
+  }
+
+  get maxStagedFiles(): number {
+    return Math.floor(this.#maxStaged / this.fileBytes);
+  }
+
+  /** Makes room for one more block read ahead: drops those read and unused, oldest first. */
+  #stageRoom(): boolean {
+    for (const [hash, staged] of this.#staged) {
+      if (this.#stagedBytes + this.fileBytes <= this.#maxStaged) break;
+      if (staged.payload) this.#unstage(hash);
+    }
+    return this.#stagedBytes + this.fileBytes <= this.#maxStaged;
+  }
+
+  #unstage(hash: string): void {
+    if (!this.#staged.delete(hash)) return;
+    this.#stagedBytes -= this.fileBytes;
+  }
+
+  noteError(what: string, e: unknown): void {
+    this.#error(what, e);
+  }
+
+  get hasRoom(): boolean {
+    return this.#pendingBytes + this.fileBytes <= this.#maxPending;
+  }
+
+  async room(): Promise<void> {
+    while (!this.hasRoom && this.#writing.size > 0) await Promise.race(this.#writing.values());
+  }
+
+  async flush(): Promise<void> {
+    while (this.#writing.size > 0) await Promise.all(this.#writing.values());
+  }
+
+  /** Ends the watch after the writes started so far; the connection stays open. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.flush();
+    this.#stopWatch?.();
+    this.#staged.clear();
+    this.#stagedBytes = 0;
+  }
+
+  #error(what: string, e: unknown): void {
+    this.#stats.errors++;
+    if (this.#loggedError) return;
+    this.#loggedError = true;
+    this.#log(
+      `prefix cache bucket '${this.bucket}': ${what}${e ? ` (${formatError(e)})` : ""}; further errors are counted in /metrics only`,
+    );
+  }
+}
+
+/** The hash a key of fingerprint `fp` stands for, or null when it is no key this store writes. */
+export function hashOfKey(key: string, fp: string): string | null {
+  if (!key.startsWith(`${fp}.`)) return null;
+  const name = key.slice(fp.length + 1);
+  if (!/^[A-Za-z0-9_-]{43}$/.test(name)) return null;
+  const hash = Buffer.from(name, "base64url").toString("base64");
+  return blockFileName(hash) === `${name}.kv` ? hash : null;
+}

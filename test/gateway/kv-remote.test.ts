@@ -1,0 +1,210 @@
+// The prefix cache's NATS tier (kv-remote.ts, ADR 0028) against the real nats-server with
+// JetStream: what one gateway's store writes another's reads back (found by its watch),
+// checked; other fingerprints' keys are not seen; damaged values and values the bucket
+// dropped for room are misses, not errors of the caller; a full bucket drops its oldest
+// values instead of refusing writes; a server without JetStream, or a max_payload under one
+// block, is refused at open with EM_PREFIX_REMOTE.
+import { createHash } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import { join } from "node:path";
+import { Kvm } from "@nats-io/kv";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { RemotePrefixStore } from "../../src/engine/kv-remote.ts";
+import { startNats } from "../env/nats.ts";
+import { testEnv, uniqueName, waitFor } from "../support/env.ts";
+
+const BLOCK = 4096;
+const identity = { model: "test", layers: 2 };
+const hashOf = (i: number) => createHash("sha256").update(`block ${i}`).digest("base64");
+/** Block i's rows, in two layers' parts. */
+const rows = (i: number): Uint8Array[] => {
+  const a = new Uint8Array(BLOCK);
+  for (let k = 0; k < BLOCK; k++) a[k] = (i * 31 + k * 7) & 255;
+  return [a.subarray(0, BLOCK / 2), a.subarray(BLOCK / 2)];
+};
+const joined = (i: number) => Buffer.concat(rows(i));
+
+let nc: NatsConnection;
+let other: NatsConnection;
+const opened: RemotePrefixStore[] = [];
+const open = async (
+  o: Partial<Parameters<typeof RemotePrefixStore.open>[0]> & { bucket: string },
+) => {
+  const s = await RemotePrefixStore.open({
+    nc,
+    maxBytes: 1 << 20,
+    blockBytes: BLOCK,
+    identity,
+    storage: "memory",
+    ...o,
+  });
+  opened.push(s);
+  return s;
+};
+/** Reads `hash` ahead and waits for the read to end; resolves read()'s answer. */
+const readBack = async (s: RemotePrefixStore, hash: string) => {
+  s.prefetch([hash]);
+  await waitFor("the read ahead", async () => (s.loading(hash) ? undefined : true));
+  const got = s.read(hash);
+  return got === null ? null : Buffer.from(got);
+};
+
+beforeAll(async () => {
+  nc = await connect({ servers: testEnv().nats.url, name: "kv-remote-a" });
+  other = await connect({ servers: testEnv().nats.url, name: "kv-remote-b" });
+});
+afterAll(async () => {
+  for (const s of opened) await s.close();
+  await nc?.close();
+  await other?.close();
+});
+
+describe("RemotePrefixStore", () => {
+  it("a block one store writes, another store of the same fingerprint reads back", async () => {
+    const bucket = uniqueName("prefix");
+    const a = await open({ bucket });
+    const b = await open({ bucket, nc: other });
+    expect(a.has(hashOf(1))).toBe(false);
+    expect(a.save(hashOf(1), rows(1))).toBe(true);
+    // Its own write is read from the pending copy until the server has it.
+    expect(a.has(hashOf(1))).toBe(true);
+    await a.flush();
+    expect(a.stats.written).toBe(1);
+    // b learns of the key from its watch, with no read of the rows.
+    await waitFor("b sees the key", async () => (b.has(hashOf(1)) ? true : undefined));
+    expect(b.stats.files).toBe(1);
+    expect(await readBack(b, hashOf(1))).toEqual(joined(1));
+    expect(b.stats).toMatchObject({ hits: 1, readAhead: 1, sharedHits: 1, errors: 0 });
+    // Saving what the bucket has writes nothing.
+    expect(b.save(hashOf(1), rows(1))).toBe(true);
+    await b.flush();
+    expect(b.stats.written).toBe(0);
+    // Not read ahead: a miss, not a wait on the network in the caller's step.
+    expect(b.read(hashOf(1))).toBeNull();
+    // A third store opened later finds the key in its listing at open.
+    const c = await open({ bucket });
+    expect(c.has(hashOf(1))).toBe(true);
+    expect(await readBack(c, hashOf(1))).toEqual(joined(1));
+  });
+
+  it("keys of another fingerprint are not seen", async () => {
+    const bucket = uniqueName("prefix");
+    const a = await open({ bucket });
+    const b = await open({ bucket, nc: other, identity: { ...identity, model: "other" } });
+    expect(a.fingerprint).not.toBe(b.fingerprint);
+    a.save(hashOf(2), rows(2));
+    await a.flush();
+    const c = await open({ bucket });
+    expect(c.has(hashOf(2))).toBe(true);
+    expect(b.has(hashOf(2))).toBe(false);
+    b.prefetch([hashOf(2)]);
+    expect(b.loading(hashOf(2))).toBe(false);
+  });
+
+  it("a damaged value is a miss, counted and removed; one the bucket dropped is a plain miss", async () => {
+    const bucket = uniqueName("prefix");
+    const a = await open({ bucket });
+    const b = await open({ bucket, nc: other });
+    a.save(hashOf(3), rows(3));
+    a.save(hashOf(4), rows(4));
+    await a.flush();
+    await waitFor("b sees both", async () =>
+      b.has(hashOf(3)) && b.has(hashOf(4)) ? true : undefined,
+    );
+    // Another client overwrites block 3's value with another block's bytes, and purges 4.
+    const kv = await new Kvm(nc).open(bucket);
+    const key3 = `${a.fingerprint}.${Buffer.from(hashOf(3), "base64").toString("base64url")}`;
+    const value = (await kv.get(key3))!.value;
+    const bad = Buffer.from(value);
+    bad[bad.length - 1]! ^= 1;
+    await kv.put(key3, bad);
+    expect(await readBack(b, hashOf(3))).toBeNull();
+    expect(b.stats.errors).toBe(1);
+    expect(b.has(hashOf(3))).toBe(false);
+    await waitFor("the damaged value removed", async () =>
+      (await kv.get(key3))?.operation === "PURGE" || (await kv.get(key3)) === null
+        ? true
+        : undefined,
+    );
+    // A key gone without the watch's word (as a full bucket drops it) reads as a miss.
+    const key4 = key3.replace(
+      /\.[^.]+$/,
+      `.${Buffer.from(hashOf(4), "base64").toString("base64url")}`,
+    );
+    const jsm = await (await import("@nats-io/jetstream")).jetstreamManager(nc);
+    const seq = (await kv.get(key4))!.revision;
+    await jsm.streams.deleteMessage(`KV_${bucket}`, seq);
+    expect(b.has(hashOf(4))).toBe(true);
+    expect(await readBack(b, hashOf(4))).toBeNull();
+    expect(b.has(hashOf(4))).toBe(false);
+    expect(b.stats.errors).toBe(1);
+  });
+
+  it("a full bucket drops its oldest blocks and keeps taking new ones", async () => {
+    const bucket = uniqueName("prefix");
+    // Room for about 8 blocks (each a 48-byte header, the rows, and the message's overhead).
+    const a = await open({ bucket, maxBytes: 8 * (BLOCK + 200) });
+    for (let i = 0; i < 20; i++) {
+      expect(a.save(hashOf(100 + i), rows(100 + i))).toBe(true);
+      await a.flush();
+    }
+    expect(a.stats).toMatchObject({ written: 20, errors: 0 });
+    const b = await open({ bucket, nc: other });
+    // The newest are there, the oldest went.
+    expect(b.has(hashOf(119))).toBe(true);
+    expect(b.has(hashOf(100))).toBe(false);
+    expect(b.stats.files).toBeLessThanOrEqual(8);
+    expect(await readBack(b, hashOf(119))).toEqual(joined(119));
+  });
+
+  it("refuses a bucket name NATS cannot take, and a budget under one block", async () => {
+    await expect(open({ bucket: "no.dots" })).rejects.toMatchObject({ code: "EM_CLI_USAGE" });
+    await expect(open({ bucket: uniqueName("prefix"), maxBytes: 100 })).rejects.toMatchObject({
+      code: "EM_CLI_USAGE",
+    });
+  });
+
+  it("refuses at open a block over the server's max_payload, naming it", async () => {
+    await expect(
+      open({ bucket: uniqueName("prefix"), blockBytes: 9 * 2 ** 20, maxBytes: 2 ** 26 }),
+    ).rejects.toMatchObject({
+      code: "EM_PREFIX_REMOTE",
+      message: expect.stringContaining("max_payload 8388608"),
+    });
+  });
+});
+
+describe("RemotePrefixStore on a server without JetStream", () => {
+  it("is refused at open with EM_PREFIX_REMOTE, saying how to turn JetStream on", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-nojs-"));
+    const server = await startNats(
+      testEnv().binaries.natsServer,
+      dir,
+      join(testEnv().runDir, "logs"),
+      undefined,
+      undefined,
+      "nats-nojs",
+      false,
+    );
+    const plain = await connect({ servers: server.info.url, name: "kv-remote-nojs" });
+    try {
+      expect(plain.info?.jetstream ?? false).toBe(false);
+      await expect(
+        RemotePrefixStore.open({
+          nc: plain,
+          bucket: "prefix",
+          maxBytes: 1 << 20,
+          blockBytes: BLOCK,
+          identity,
+        }),
+      ).rejects.toMatchObject({
+        code: "EM_PREFIX_REMOTE",
+        message: expect.stringContaining("no JetStream"),
+      });
+    } finally {
+      await plain.close();
+      await server.process.stop();
+    }
+  });
+});
