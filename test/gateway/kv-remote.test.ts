@@ -3,7 +3,8 @@
 // checked; other fingerprints' keys are not seen; damaged values and values the bucket
 // dropped for room are misses, not errors of the caller; a full bucket drops its oldest
 // values instead of refusing writes; a server without JetStream, or a max_payload under one
-// block, is refused at open with EM_PREFIX_REMOTE.
+// block, is refused at open with EM_PREFIX_REMOTE; a restart of the server loses nothing
+// kept in file storage, and the stores go on.
 import { createHash } from "node:crypto";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
@@ -204,6 +205,66 @@ describe("RemotePrefixStore on a server without JetStream", () => {
       });
     } finally {
       await plain.close();
+      await server.process.stop();
+    }
+  });
+});
+
+describe("RemotePrefixStore across a NATS server restart", () => {
+  it("goes on: writes and reads fail as misses meanwhile, and the watch sees new keys after", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-restart-prefix-"));
+    const logs = join(testEnv().runDir, "logs");
+    let server = await startNats(
+      testEnv().binaries.natsServer,
+      dir,
+      logs,
+      undefined,
+      undefined,
+      "nats-prefix",
+    );
+    const port = server.info.port;
+    const opts = { servers: server.info.url, reconnectTimeWait: 200, maxReconnectAttempts: -1 };
+    const ncA = await connect({ ...opts, name: "restart-a" });
+    const ncB = await connect({ ...opts, name: "restart-b" });
+    const common = { bucket: "restart", maxBytes: 1 << 20, blockBytes: BLOCK, identity };
+    const a = await RemotePrefixStore.open({ ...common, nc: ncA });
+    const b = await RemotePrefixStore.open({ ...common, nc: ncB });
+    try {
+      a.save(hashOf(7), rows(7));
+      await a.flush();
+      await waitFor("b sees block 7", async () => (b.has(hashOf(7)) ? true : undefined));
+      await server.process.stop();
+      // Meanwhile: a write fails (counted), a read ahead is a miss; nothing throws.
+      expect(a.save(hashOf(9), rows(9))).toBe(true);
+      await a.flush();
+      expect(a.stats.errors).toBe(1);
+      expect(a.has(hashOf(9))).toBe(false);
+      expect(await readBack(b, hashOf(7))).toBeNull();
+      expect(b.stats.errors).toBe(1);
+      server = await startNats(
+        testEnv().binaries.natsServer,
+        dir,
+        logs,
+        port,
+        undefined,
+        "nats-prefix",
+      );
+      // Block 7 is still there (file storage), and a block written after the restart
+      // reaches b through its watch.
+      await waitFor("a written again", async () => {
+        a.save(hashOf(8), rows(8));
+        await a.flush();
+        return a.stats.written >= 2 ? true : undefined;
+      });
+      await waitFor("b sees block 8", async () => (b.has(hashOf(8)) ? true : undefined), 30_000);
+      expect(await readBack(b, hashOf(8))).toEqual(joined(8));
+      // The read that failed did not forget block 7: it is read back now.
+      expect(await readBack(b, hashOf(7))).toEqual(joined(7));
+    } finally {
+      await a.close();
+      await b.close();
+      await ncA.close();
+      await ncB.close();
       await server.process.stop();
     }
   });
