@@ -159,6 +159,34 @@ describe("RemotePrefixStore", () => {
     expect(await readBack(b, hashOf(119))).toEqual(joined(119));
   });
 
+  it("a block read back from the older half of a full bucket is written again, so it stays", async () => {
+    const bucket = uniqueName("prefix");
+    // Room for 8 blocks (the message's overhead is under 200 bytes).
+    const a = await open({ bucket, maxBytes: 8 * (BLOCK + 200) });
+    const b = await open({ bucket, nc: other, maxBytes: 8 * (BLOCK + 200) });
+    for (let i = 0; i < 6; i++) {
+      a.save(hashOf(200 + i), rows(200 + i));
+      await a.flush();
+    }
+    await waitFor("b sees them", async () => (b.has(hashOf(205)) ? true : undefined));
+    // Block 200 is 5 writes behind the newest of a bucket of 8: read, and written again.
+    expect(await readBack(b, hashOf(200))).toEqual(joined(200));
+    await b.flush();
+    expect(b.stats.written).toBe(1);
+    // A block from the young half is only read.
+    expect(await readBack(b, hashOf(204))).toEqual(joined(204));
+    await b.flush();
+    expect(b.stats.written).toBe(1);
+    for (let i = 6; i < 12; i++) {
+      a.save(hashOf(200 + i), rows(200 + i));
+      await a.flush();
+    }
+    const c = await open({ bucket });
+    expect(c.has(hashOf(200))).toBe(true);
+    expect(c.has(hashOf(201))).toBe(false);
+    expect(await readBack(c, hashOf(200))).toEqual(joined(200));
+  });
+
   it("refuses a bucket name NATS cannot take, and a budget under one block", async () => {
     await expect(open({ bucket: "no.dots" })).rejects.toMatchObject({ code: "EM_CLI_USAGE" });
     await expect(open({ bucket: uniqueName("prefix"), maxBytes: 100 })).rejects.toMatchObject({
