@@ -48,6 +48,30 @@ export function writeBlockHeader(buf: Buffer, blockBytes: number, hash: Buffer, 
   hash.copy(buf, 16);
 }
 
+/**
+ * Fills `buf` (a whole block file of `blockBytes` of payload) with `parts`, the block's rows
+ * layer after layer, and its header for `hash` (with the CRC-32 unless `crc` is false).
+ */
+export function fillBlockFile(
+  buf: Buffer,
+  parts: readonly Uint8Array[],
+  blockBytes: number,
+  hash: string,
+  crc = true,
+): void {
+  let at = DISK_HEADER_BYTES;
+  for (const p of parts) {
+    buf.set(p, at);
+    at += p.length;
+  }
+  if (at !== DISK_HEADER_BYTES + blockBytes)
+    throw new ExpertMeshError(
+      "EM_GATEWAY_INTERNAL",
+      `a block has ${at - DISK_HEADER_BYTES} bytes, not ${blockBytes}`,
+    );
+  writeBlockHeader(buf, blockBytes, Buffer.from(hash, "base64"), crc);
+}
+
 /** Sets the header's CRC-32 of `buf`'s payload. */
 export function fillBlockCrc(buf: Buffer): void {
   buf.writeUInt32LE(crc32(buf.subarray(DISK_HEADER_BYTES)), 12);

@@ -31,10 +31,10 @@ import {
   DISK_HEADER_BYTES,
   blockFileName as fileName,
   fillBlockCrc,
+  fillBlockFile,
   hashOfBlockFile,
   STALE_TMP_MS,
   writeBlockFile,
-  writeBlockHeader,
 } from "./kv-disk-file.ts";
 import type { ReaderReply, ReadRequest, ReadResult, ScanResult } from "./kv-disk-reader.ts";
 import type { PrefixStore, PrefixStoreStats } from "./prefix-store.ts";
@@ -476,17 +476,7 @@ export class DiskPrefixStore implements PrefixStore {
     const buf = onReader
       ? Buffer.from(new SharedArrayBuffer(this.fileBytes))
       : Buffer.allocUnsafe(this.fileBytes);
-    let at = DISK_HEADER_BYTES;
-    for (const p of parts) {
-      buf.set(p, at);
-      at += p.length;
-    }
-    if (at !== this.fileBytes)
-      throw new ExpertMeshError(
-        "EM_GATEWAY_INTERNAL",
-        `a spilled block has ${at - DISK_HEADER_BYTES} bytes, not ${this.blockBytes}`,
-      );
-    writeBlockHeader(buf, this.blockBytes, Buffer.from(hash, "base64"), !onReader);
+    fillBlockFile(buf, parts, this.blockBytes, hash, !onReader);
     this.#trim(this.fileBytes);
     const entry: Entry = { fileBytes: this.fileBytes, pending: buf };
     this.#entries.set(hash, entry);

@@ -25,7 +25,7 @@ import {
   blockFileName,
   blockFileProblem,
   DISK_HEADER_BYTES,
-  writeBlockHeader,
+  fillBlockFile,
 } from "./kv-disk-file.ts";
 import type { PrefixStore, PrefixStoreStats } from "./prefix-store.ts";
 
@@ -246,17 +246,7 @@ export class RemotePrefixStore implements PrefixStore {
       return false;
     }
     const buf = Buffer.allocUnsafe(this.fileBytes);
-    let at = DISK_HEADER_BYTES;
-    for (const p of parts) {
-      buf.set(p, at);
-      at += p.length;
-    }
-    if (at !== this.fileBytes)
-      throw new ExpertMeshError(
-        "EM_GATEWAY_INTERNAL",
-        `a block has ${at - DISK_HEADER_BYTES} bytes, not ${this.blockBytes}`,
-      );
-    writeBlockHeader(buf, this.blockBytes, Buffer.from(hash, "base64"));
+    fillBlockFile(buf, parts, this.blockBytes, hash);
     this.#put(hash, buf);
     return true;
   }

@@ -392,6 +392,14 @@ export const gatewayCommand: Command = {
     if (dtype !== "auto") log(`linear layers served in ${dtype} (converted from the checkpoint's)`);
     let experts: ExpertRunner;
     let nc: NatsConnection | null = null;
+    const connectToNats = () =>
+      connectNats({
+        url: values.nats!,
+        name: `expertmesh-gateway-${id}`,
+        creds: creds || undefined,
+        waitMs: natsWaitMs,
+        log,
+      });
     let ready: () => Promise<boolean> = async () => true;
     let lastProbe: ShardProbe | null = null;
     let onRoundTrip: ((shard: number, ms: number, ok: boolean) => void) | undefined;
@@ -411,13 +419,7 @@ export const gatewayCommand: Command = {
           `--speculative-method mtp: the plan ${values.plan} does not place the MTP layer's experts (layer ${mtpLayer}); make it with \`expertmesh plan --mtp\``,
         );
       startup.step(`connecting to NATS at ${values.nats}`);
-      nc = await connectNats({
-        url: values.nats!,
-        name: `expertmesh-gateway-${id}`,
-        creds: creds || undefined,
-        waitMs: natsWaitMs,
-        log,
-      });
+      nc = await connectToNats();
       experts = new RemoteExperts({
         nc,
         model: ref,
@@ -484,13 +486,7 @@ export const gatewayCommand: Command = {
     if (remoteBucket !== undefined) {
       if (!nc) {
         startup.step(`connecting to NATS at ${values.nats} (the prefix cache's blocks)`);
-        nc = await connectNats({
-          url: values.nats!,
-          name: `expertmesh-gateway-${id}`,
-          creds: creds || undefined,
-          waitMs: natsWaitMs,
-          log,
-        });
+        nc = await connectToNats();
       }
       startup.step(`opening the prefix cache's bucket '${remoteBucket}'`);
       prefixCacheRemote = await RemotePrefixStore.open({
