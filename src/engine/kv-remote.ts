@@ -210,7 +210,10 @@ export class RemotePrefixStore implements PrefixStore {
       for await (const key of keys) this.#seen(key, "PUT", 0);
     } catch (e) {
       if (e instanceof ExpertMeshError) throw e;
-      fail("cannot make or open the bucket", e);
+      fail(
+        `cannot make or open the bucket (a budget of ${this.maxBytes} bytes over what the server's JetStream may store, or an account without JetStream, are the usual causes)`,
+        e,
+      );
     }
   }
 

@@ -194,6 +194,21 @@ describe("RemotePrefixStore", () => {
     });
   });
 
+  it("refuses at open a budget the server's JetStream cannot store, saying so", async () => {
+    await expect(
+      RemotePrefixStore.open({
+        nc,
+        bucket: uniqueName("prefix"),
+        maxBytes: 2 ** 60,
+        blockBytes: BLOCK,
+        identity,
+      }),
+    ).rejects.toMatchObject({
+      code: "EM_PREFIX_REMOTE",
+      message: expect.stringMatching(/cannot make or open the bucket .*JetStream may store/),
+    });
+  });
+
   it("refuses at open a block over the server's max_payload, naming it", async () => {
     await expect(
       open({ bucket: uniqueName("prefix"), blockBytes: 9 * 2 ** 20, maxBytes: 2 ** 26 }),
