@@ -83,10 +83,12 @@ export class RemotePrefixStore implements PrefixStore {
   readonly #maxStaged: number;
   #kv: KV | null = null;
   #stopWatch: (() => void) | null = null;
-  /** Keys of this fingerprint in the bucket, as their hashes -> the value's revision. */
-  readonly #index = new Map<string, number>();
-  /** Hashes this store wrote (a hit on another is a shared hit). */
-  readonly #mine = new Set<string>();
+  /**
+   * Keys of this fingerprint in the bucket, as their hashes, oldest write first: the value's
+   * revision, and whether this store computed the block (a hit on another is a shared hit).
+   * No more than the bucket holds: those past it are gone (it drops its oldest first).
+   */
+  readonly #index = new Map<string, { revision: number; mine: boolean }>();
   /** Values being written: their bytes (a read takes them from here). */
   readonly #pending = new Map<string, Buffer>();
   readonly #writing = new Map<string, Promise<void>>();
@@ -217,13 +219,31 @@ export class RemotePrefixStore implements PrefixStore {
     }
   }
 
-  /** A key of this fingerprint was written (or removed), as the watch or the listing says. */
-  #seen(key: string, op: string, revision: number): void {
+  /**
+   * A key of this fingerprint was written (or removed), as the watch, the listing or this
+   * store's own write (`mine`) says.
+   */
+  #seen(key: string, op: string, revision: number, mine = false): void {
     const hash = hashOfKey(key, this.fingerprint);
     if (hash === null) return;
-    if (op === "PUT") this.#index.set(hash, Math.max(revision, this.#index.get(hash) ?? 0));
-    else this.#index.delete(hash);
     if (revision > this.#lastRevision) this.#lastRevision = revision;
+    const known = this.#index.get(hash);
+    // A write seen again (the listing after the watch, the watch after the write's answer)
+    // keeps its place.
+    if (op === "PUT" && known && revision <= known.revision) {
+      known.mine ||= mine;
+      return;
+    }
+    this.#index.delete(hash);
+    if (op === "PUT") {
+      // The newest now.
+      this.#index.set(hash, { revision, mine: mine || !!known?.mine });
+      const fit = Math.floor(this.maxBytes / this.fileBytes);
+      for (const old of this.#index.keys()) {
+        if (this.#index.size <= fit) break;
+        this.#index.delete(old);
+      }
+    }
   }
 
   #key(hash: string): string {
@@ -255,15 +275,15 @@ export class RemotePrefixStore implements PrefixStore {
   }
 
   /** Writes the block file `buf` under `hash`'s key in the background. */
-  #put(hash: string, buf: Buffer): void {
+  /** `mine`: a block this store computed (not one read back and written again). */
+  #put(hash: string, buf: Buffer, mine = true): void {
     this.#pending.set(hash, buf);
     this.#pendingBytes += buf.length;
     const write = (async () => {
       try {
         const revision = await this.#kv!.put(this.#key(hash), buf);
         this.#stats.written++;
-        this.#mine.add(hash);
-        this.#seen(this.#key(hash), "PUT", revision);
+        this.#seen(this.#key(hash), "PUT", revision, mine);
       } catch (e) {
         this.#error("writing a block", e);
       } finally {
@@ -287,7 +307,7 @@ export class RemotePrefixStore implements PrefixStore {
     this.#unstage(hash);
     this.#stats.hits++;
     this.#stats.readAhead++;
-    if (!this.#mine.has(hash)) this.#stats.sharedHits++;
+    if (!this.#index.get(hash)?.mine) this.#stats.sharedHits++;
     return staged.payload;
   }
 
@@ -335,7 +355,7 @@ export class RemotePrefixStore implements PrefixStore {
       // the next to go.
       const blocks = Math.floor(this.maxBytes / this.fileBytes);
       if (this.#lastRevision - e.revision > blocks / 2 && !this.#writing.has(hash) && this.hasRoom)
-        this.#put(hash, Buffer.from(value));
+        this.#put(hash, Buffer.from(value), false);
     } catch (e) {
       if (this.#staged.get(hash) !== staged) return;
       this.#error("reading a block", e);

@@ -151,6 +151,10 @@ describe("RemotePrefixStore", () => {
       await a.flush();
     }
     expect(a.stats).toMatchObject({ written: 20, errors: 0 });
+    // The writer's index keeps no more than the bucket holds (no event tells it of drops).
+    expect(a.stats.files).toBeLessThanOrEqual(8);
+    expect(a.has(hashOf(100))).toBe(false);
+    expect(a.has(hashOf(119))).toBe(true);
     const b = await open({ bucket, nc: other });
     // The newest are there, the oldest went.
     expect(b.has(hashOf(119))).toBe(true);
