@@ -2,9 +2,10 @@
 // bucket on the NATS server the gateways already use, so that every gateway of a model
 // reads the prefixes any of them computed, on any node, and a new pod starts with them.
 //
-// A value is a block file (kv-disk-file.ts: a 48-byte header with the block's hash and the
-// CRC-32 of its rows, then the rows), under the key `<fingerprint>.<hash in base64url>`: a
-// gateway only reads blocks of its own fingerprint (model, weights, kernels, KV layout).
+// A block is a block file (kv-disk-file.ts: a 48-byte header with the block's hash and the
+// CRC-32 of its rows, then the rows), in as many values as the server's max_payload needs
+// (one mostly), under the keys `<fingerprint>.<hash in base64url>.<parts>.<part>`: a gateway
+// only reads blocks of its own fingerprint (model, weights, kernels, KV layout), whole.
 // The bucket's stream drops its oldest values when full (discard old, not the KV default of
 // refusing writes); a block read back from the older half of the bucket is written again, so
 // the blocks in use stay. Every gateway watches the keys of its fingerprint (headers only:
@@ -33,6 +34,8 @@ import type { PrefixStore, PrefixStoreStats } from "./prefix-store.ts";
 const DEFAULT_MAX_PENDING = 64 * 2 ** 20;
 /** Blocks read ahead of their use and held in memory, at most. */
 const DEFAULT_MAX_STAGED = 256 * 2 ** 20;
+/** Values one block may be split into (under the server's max_payload). */
+const MAX_PARTS = 64;
 /** A JetStream request (a block's read or write) that takes longer fails. */
 const READ_TIMEOUT_MS = 2000;
 /** A bucket name NATS takes (the stream is KV_<name>). */
@@ -56,6 +59,17 @@ export interface RemotePrefixOptions {
   /** File storage (default) or memory (lost when the NATS server stops). */
   readonly storage?: "file" | "memory";
   readonly log?: (message: string) => void;
+}
+
+/** A block the bucket holds (some of its parts, until all are seen). */
+interface IndexEntry {
+  /** The newest revision of its parts seen. */
+  revision: number;
+  /** This store computed it (a hit on another is a shared hit). */
+  mine: boolean;
+  /** Values it is written in, and a bit per part seen. */
+  parts: number;
+  seen: bigint;
 }
 
 /** A read ahead: its payload once checked, null while the read runs. */
@@ -88,7 +102,9 @@ export class RemotePrefixStore implements PrefixStore {
    * revision, and whether this store computed the block (a hit on another is a shared hit).
    * No more than the bucket holds: those past it are gone (it drops its oldest first).
    */
-  readonly #index = new Map<string, { revision: number; mine: boolean }>();
+  readonly #index = new Map<string, IndexEntry>();
+  /** Values one block is written in (its file split under the server's max_payload). */
+  #parts = 1;
   /** Values being written: their bytes (a read takes them from here). */
   readonly #pending = new Map<string, Buffer>();
   readonly #writing = new Map<string, Promise<void>>();
@@ -148,11 +164,14 @@ export class RemotePrefixStore implements PrefixStore {
       fail(
         "the NATS server has no JetStream: start it with JetStream on (nats-server -js, or `jetstream {}` in its configuration), or drop --prefix-cache-remote",
       );
-    const maxPayload = nc.info?.max_payload ?? 0;
-    if (this.fileBytes > maxPayload)
+    // Room for the message's subject and headers besides the part.
+    const partRoom = (nc.info?.max_payload ?? 0) - 1024;
+    this.#parts = Math.ceil(this.fileBytes / partRoom);
+    if (partRoom <= 0 || this.#parts > MAX_PARTS)
       fail(
-        `one block takes ${this.fileBytes} bytes, more than the server's max_payload ${maxPayload}: raise max_payload in its configuration, or make blocks smaller (--block-size, --kv-cache-dtype)`,
+        `one block takes ${this.fileBytes} bytes, more than ${MAX_PARTS} values under the server's max_payload ${nc.info?.max_payload}: raise max_payload in its configuration, or make blocks smaller (--block-size, --kv-cache-dtype)`,
       );
+    const partBytes = Math.ceil(this.fileBytes / this.#parts);
     const stream = `KV_${bucket}`;
     try {
       const jsm = await jetstreamManager(nc);
@@ -169,7 +188,7 @@ export class RemotePrefixStore implements PrefixStore {
           retention: RetentionPolicy.Limits,
           max_msgs_per_subject: 1,
           max_bytes: this.maxBytes,
-          max_msg_size: this.fileBytes + 1024, // and headers
+          max_msg_size: partBytes + 1024, // and headers
           discard: DiscardPolicy.Old,
           storage: this.#o.storage === "memory" ? StorageType.Memory : StorageType.File,
           num_replicas: 1,
@@ -189,9 +208,9 @@ export class RemotePrefixStore implements PrefixStore {
         );
       }
       if (info.config.max_bytes > 0) this.maxBytes = info.config.max_bytes;
-      if (info.config.max_msg_size > 0 && info.config.max_msg_size < this.fileBytes)
+      if (info.config.max_msg_size > 0 && info.config.max_msg_size < partBytes)
         fail(
-          `the bucket takes values of ${info.config.max_msg_size} bytes at most, and one block takes ${this.fileBytes}: use another bucket, or make blocks smaller`,
+          `the bucket takes values of ${info.config.max_msg_size} bytes at most, and one block takes ${this.#parts} of ${partBytes}: use another bucket, or make blocks smaller`,
         );
       this.#lastRevision = info.state.last_seq;
       // A read that takes longer is a miss (the prompt waiting for it computes instead).
@@ -224,42 +243,62 @@ export class RemotePrefixStore implements PrefixStore {
    * store's own write (`mine`) says.
    */
   #seen(key: string, op: string, revision: number, mine = false): void {
-    const hash = hashOfKey(key, this.fingerprint);
-    if (hash === null) return;
+    const k = parseKey(key, this.fingerprint);
+    if (k === null) return;
     if (revision > this.#lastRevision) this.#lastRevision = revision;
-    const known = this.#index.get(hash);
-    // A write seen again (the listing after the watch, the watch after the write's answer)
-    // keeps its place.
-    if (op === "PUT" && known && revision <= known.revision) {
+    const known = this.#index.get(k.hash);
+    if (op !== "PUT") {
+      // A part gone: the block is.
+      this.#index.delete(k.hash);
+      return;
+    }
+    const bit = 1n << BigInt(k.part);
+    // A part seen again (the listing after the watch, the watch after the write's answer)
+    // keeps the block's place.
+    if (known && known.parts === k.parts && revision <= known.revision && known.seen & bit) {
       known.mine ||= mine;
       return;
     }
-    this.#index.delete(hash);
-    if (op === "PUT") {
-      // The newest now.
-      this.#index.set(hash, { revision, mine: mine || !!known?.mine });
-      const fit = Math.floor(this.maxBytes / this.fileBytes);
-      for (const old of this.#index.keys()) {
-        if (this.#index.size <= fit) break;
-        this.#index.delete(old);
-      }
+    // The newest now; a write in another number of parts starts over.
+    const same = known?.parts === k.parts;
+    this.#index.delete(k.hash);
+    this.#index.set(k.hash, {
+      revision: Math.max(revision, same ? known.revision : 0),
+      mine: mine || (same && known.mine),
+      parts: k.parts,
+      seen: (same ? known.seen : 0n) | bit,
+    });
+    const fit = Math.floor(this.maxBytes / this.fileBytes);
+    for (const old of this.#index.keys()) {
+      if (this.#index.size <= fit) break;
+      this.#index.delete(old);
     }
   }
 
-  #key(hash: string): string {
-    return `${this.fingerprint}.${blockFileName(hash).slice(0, -3)}`;
+  /** Whether every part of `hash`'s block is in the bucket, as far as this store knows. */
+  #whole(hash: string): boolean {
+    const e = this.#index.get(hash);
+    return e !== undefined && e.seen === (1n << BigInt(e.parts)) - 1n;
+  }
+
+  /** The keys of `hash`'s block: one per part. */
+  #keys(hash: string, parts = this.#parts): string[] {
+    const name = blockFileName(hash).slice(0, -3);
+    return Array.from({ length: parts }, (_, i) => `${this.fingerprint}.${name}.${parts}.${i}`);
   }
 
   get stats(): PrefixStoreStats {
+    let whole = 0;
+    for (const hash of this.#index.keys()) if (this.#whole(hash)) whole++;
     return {
-      files: this.#index.size,
-      bytes: this.#index.size * this.fileBytes,
+      files: whole,
+      bytes: whole * this.fileBytes,
       ...this.#stats,
     };
   }
 
   has(hash: string): boolean {
-    return this.#index.has(hash) || this.#pending.has(hash);
+    return this.#whole(hash) || this.#pending.has(hash);
   }
 
   save(hash: string, parts: readonly Uint8Array[]): boolean {
@@ -281,9 +320,14 @@ export class RemotePrefixStore implements PrefixStore {
     this.#pendingBytes += buf.length;
     const write = (async () => {
       try {
-        const revision = await this.#kv!.put(this.#key(hash), buf);
+        const keys = this.#keys(hash);
+        const size = Math.ceil(buf.length / keys.length);
+        // In order: the bucket drops its oldest first, part 0 before the others.
+        for (const [i, key] of keys.entries()) {
+          const revision = await this.#kv!.put(key, buf.subarray(i * size, (i + 1) * size));
+          this.#seen(key, "PUT", revision, mine);
+        }
         this.#stats.written++;
-        this.#seen(this.#key(hash), "PUT", revision, mine);
       } catch (e) {
         this.#error("writing a block", e);
       } finally {
@@ -314,7 +358,7 @@ export class RemotePrefixStore implements PrefixStore {
   prefetch(hashes: readonly string[]): void {
     if (this.#closed) return;
     for (const hash of hashes) {
-      if (!this.#index.has(hash) && !this.#pending.has(hash)) break;
+      if (!this.has(hash)) break;
       if (this.#pending.has(hash) || this.#staged.has(hash)) continue;
       if (!this.#stageRoom()) break;
       const staged: Staged = { payload: null };
@@ -324,19 +368,23 @@ export class RemotePrefixStore implements PrefixStore {
     }
   }
 
-  /** Reads `hash`'s value into `staged`, checked; a value missing or damaged is a miss. */
+  /** Reads `hash`'s values into `staged`, checked; a part missing or damaged is a miss. */
   async #fetch(hash: string, staged: Staged): Promise<void> {
-    const key = this.#key(hash);
+    const keys = this.#keys(hash, this.#index.get(hash)?.parts);
     try {
-      const e = await this.#kv!.get(key);
+      const entries = await Promise.all(keys.map((k) => this.#kv!.get(k)));
       if (this.#staged.get(hash) !== staged) return; // given up meanwhile
-      if (e === null || e.operation !== "PUT") {
-        // The bucket dropped it for room (no one is told): a plain miss.
+      if (entries.some((e) => e === null || e.operation !== "PUT")) {
+        // The bucket dropped a part for room (no one is told): a plain miss.
         this.#index.delete(hash);
         this.#unstage(hash);
         return;
       }
-      const value = Buffer.from(e.value.buffer, e.value.byteOffset, e.value.byteLength);
+      const values = entries.map((e) => e!.value);
+      const value =
+        values.length === 1
+          ? Buffer.from(values[0]!.buffer, values[0]!.byteOffset, values[0]!.byteLength)
+          : Buffer.concat(values);
       const bad = blockFileProblem(
         value,
         value.length,
@@ -344,17 +392,18 @@ export class RemotePrefixStore implements PrefixStore {
         Buffer.from(hash, "base64"),
       );
       if (bad !== null) {
-        this.#error(`the value of ${key} is damaged (${bad}); removed`, null);
+        this.#error(`the block under ${keys[0]} is damaged (${bad}); removed`, null);
         this.#index.delete(hash);
         this.#unstage(hash);
-        await this.#kv!.purge(key).catch(() => {});
+        await Promise.all(keys.map((k) => this.#kv!.purge(k).catch(() => {})));
         return;
       }
       staged.payload = value.subarray(DISK_HEADER_BYTES);
       // Read from the older half of the bucket: written again, so that a block in use is not
       // the next to go.
-      const blocks = Math.floor(this.maxBytes / this.fileBytes);
-      if (this.#lastRevision - e.revision > blocks / 2 && !this.#writing.has(hash) && this.hasRoom)
+      const oldest = Math.min(...entries.map((e) => e!.revision));
+      const blocks = Math.floor(this.maxBytes / this.fileBytes) * keys.length;
+      if (this.#lastRevision - oldest > blocks / 2 && !this.#writing.has(hash) && this.hasRoom)
         this.#put(hash, Buffer.from(value), false);
     } catch (e) {
       if (this.#staged.get(hash) !== staged) return;
@@ -423,11 +472,21 @@ export class RemotePrefixStore implements PrefixStore {
   }
 }
 
-/** The hash a key of fingerprint `fp` stands for, or null when it is no key this store writes. */
-export function hashOfKey(key: string, fp: string): string | null {
-  if (!key.startsWith(`${fp}.`)) return null;
-  const name = key.slice(fp.length + 1);
-  if (!/^[A-Za-z0-9_-]{43}$/.test(name)) return null;
-  const hash = Buffer.from(name, "base64url").toString("base64");
-  return blockFileName(hash) === `${name}.kv` ? hash : null;
+/**
+ * The block and part a key of fingerprint `fp` stands for, or null when it is no key this
+ * store writes.
+ */
+export function parseKey(
+  key: string,
+  fp: string,
+): { hash: string; parts: number; part: number } | null {
+  const m = /^([A-Za-z0-9_-]{43})\.(\d{1,3})\.(\d{1,3})$/.exec(
+    key.startsWith(`${fp}.`) ? key.slice(fp.length + 1) : "",
+  );
+  if (!m) return null;
+  const parts = Number(m[2]);
+  const part = Number(m[3]);
+  if (parts < 1 || parts > MAX_PARTS || part >= parts) return null;
+  const hash = Buffer.from(m[1]!, "base64url").toString("base64");
+  return blockFileName(hash) === `${m[1]}.kv` ? { hash, parts, part } : null;
 }

@@ -63,7 +63,7 @@ export const ERROR_CODES = {
   EM_PREFIX_DISK:
     "the prefix cache's disk folder (--prefix-cache-disk) cannot be made or written at start",
   EM_PREFIX_REMOTE:
-    "the prefix cache's NATS tier (--prefix-cache-remote) cannot be used: no JetStream, a block over max_payload, or the bucket cannot be made",
+    "the prefix cache's NATS tier (--prefix-cache-remote) cannot be used: no JetStream, a block over 64 values of max_payload, or the bucket cannot be made",
   EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:

@@ -2,8 +2,8 @@
 // JetStream: what one gateway's store writes another's reads back (found by its watch),
 // checked; other fingerprints' keys are not seen; damaged values and values the bucket
 // dropped for room are misses, not errors of the caller; a full bucket drops its oldest
-// values instead of refusing writes; a server without JetStream, or a max_payload under one
-// block, is refused at open with EM_PREFIX_REMOTE; a restart of the server loses nothing
+// values instead of refusing writes; a block over max_payload is written in parts and read
+// whole; a server without JetStream is refused at open with EM_PREFIX_REMOTE; a restart of the server loses nothing
 // kept in file storage, and the stores go on.
 import { createHash } from "node:crypto";
 import { mkdtempSync } from "node:fs";
@@ -115,7 +115,9 @@ describe("RemotePrefixStore", () => {
     );
     // Another client overwrites block 3's value with another block's bytes, and purges 4.
     const kv = await new Kvm(nc).open(bucket);
-    const key3 = `${a.fingerprint}.${Buffer.from(hashOf(3), "base64").toString("base64url")}`;
+    const keyOf = (h: string, parts = 1, part = 0) =>
+      `${a.fingerprint}.${Buffer.from(h, "base64").toString("base64url")}.${parts}.${part}`;
+    const key3 = keyOf(hashOf(3));
     const value = (await kv.get(key3))!.value;
     const bad = Buffer.from(value);
     bad[bad.length - 1]! ^= 1;
@@ -129,10 +131,7 @@ describe("RemotePrefixStore", () => {
         : undefined,
     );
     // A key gone without the watch's word (as a full bucket drops it) reads as a miss.
-    const key4 = key3.replace(
-      /\.[^.]+$/,
-      `.${Buffer.from(hashOf(4), "base64").toString("base64url")}`,
-    );
+    const key4 = keyOf(hashOf(4));
     const jsm = await (await import("@nats-io/jetstream")).jetstreamManager(nc);
     const seq = (await kv.get(key4))!.revision;
     await jsm.streams.deleteMessage(`KV_${bucket}`, seq);
@@ -213,9 +212,43 @@ describe("RemotePrefixStore", () => {
     });
   });
 
-  it("refuses at open a block over the server's max_payload, naming it", async () => {
+  it("writes a block over the server's max_payload in parts, read back whole; a part gone is a miss", async () => {
+    const bucket = uniqueName("prefix");
+    const big = 9 * 2 ** 20; // two values under max_payload 8 MiB
+    const a = await open({ bucket, blockBytes: big, maxBytes: 2 ** 26 });
+    const b = await open({ bucket, nc: other, blockBytes: big, maxBytes: 2 ** 26 });
+    const bigRows = (i: number) => {
+      const r = Buffer.alloc(big);
+      for (let k = 0; k < big; k += 4093) r[k] = (i + k) & 255;
+      return r;
+    };
+    for (const i of [1, 2]) a.save(hashOf(i), [bigRows(i)]);
+    await a.flush();
+    expect(a.stats).toMatchObject({ written: 2, errors: 0 });
+    const kv = await new Kvm(nc).open(bucket);
+    const keys: string[] = [];
+    for await (const k of await kv.keys()) keys.push(k);
+    expect(keys.filter((k) => k.endsWith(".2.0") || k.endsWith(".2.1"))).toHaveLength(4);
+    await waitFor("b sees both whole", async () =>
+      b.has(hashOf(1)) && b.has(hashOf(2)) ? true : undefined,
+    );
+    // (equals: toEqual walks 9 MiB element by element.)
+    expect((await readBack(b, hashOf(1)))?.equals(bigRows(1))).toBe(true);
+    // Block 2's second part dropped without a word: the block is a miss, not half of one.
+    const part = keys.find(
+      (k) =>
+        k.includes(Buffer.from(hashOf(2), "base64").toString("base64url")) && k.endsWith(".2.1"),
+    )!;
+    const jsm = await (await import("@nats-io/jetstream")).jetstreamManager(nc);
+    await jsm.streams.deleteMessage(`KV_${bucket}`, (await kv.get(part))!.revision);
+    expect(await readBack(b, hashOf(2))).toBeNull();
+    expect(b.has(hashOf(2))).toBe(false);
+    expect(b.stats.errors).toBe(0);
+  });
+
+  it("refuses at open a block over 64 values of the server's max_payload, naming it", async () => {
     await expect(
-      open({ bucket: uniqueName("prefix"), blockBytes: 9 * 2 ** 20, maxBytes: 2 ** 26 }),
+      open({ bucket: uniqueName("prefix"), blockBytes: 2 ** 29, maxBytes: 2 ** 30 }),
     ).rejects.toMatchObject({
       code: "EM_PREFIX_REMOTE",
       message: expect.stringContaining("max_payload 8388608"),
