@@ -207,6 +207,10 @@ export class RemotePrefixStore implements PrefixStore {
           `prefix cache ${where}: keeps the budget it was made with, ${info.config.max_bytes} bytes (not ${this.maxBytes})`,
         );
       }
+      if (info.config.discard !== DiscardPolicy.Old)
+        this.#log(
+          `prefix cache ${where}: the bucket refuses writes once full (discard ${info.config.discard}, made elsewhere): no block is written after that; let the gateway make it, or make it with discard old`,
+        );
       if (info.config.max_bytes > 0) this.maxBytes = info.config.max_bytes;
       if (info.config.max_msg_size > 0 && info.config.max_msg_size < partBytes)
         fail(

@@ -190,6 +190,14 @@ describe("RemotePrefixStore", () => {
     expect(await readBack(c, hashOf(200))).toEqual(joined(200));
   });
 
+  it("says so when the bucket was made elsewhere to refuse writes once full (a plain KV bucket)", async () => {
+    const bucket = uniqueName("prefix");
+    await new Kvm(nc).create(bucket, { max_bytes: 1 << 20 });
+    const logs: string[] = [];
+    await open({ bucket, log: (m) => logs.push(m) });
+    expect(logs.join("\n")).toMatch(/refuses writes once full \(discard new/);
+  });
+
   it("refuses a bucket name NATS cannot take, and a budget under one block", async () => {
     await expect(open({ bucket: "no.dots" })).rejects.toMatchObject({ code: "EM_CLI_USAGE" });
     await expect(open({ bucket: uniqueName("prefix"), maxBytes: 100 })).rejects.toMatchObject({
