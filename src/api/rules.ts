@@ -353,10 +353,10 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.gateway",
-    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || !has(self.kvCache.diskBytes) || self.kvCache.diskBytes == 0",
+    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || !has(self.kvCache.diskSharedClaim)",
     message:
-      "gateway.kvCache.remoteBytes and diskBytes: the prefix cache takes one second tier, a NATS bucket or a disk; set the other to 0",
-    check: (s) => !(s["kvCache"]?.remoteBytes > 0 && s["kvCache"]?.diskBytes > 0),
+      "gateway.kvCache.remoteBytes and diskSharedClaim: the gateways share blocks through the NATS bucket, and a disk tier under it is each gateway's own; drop diskSharedClaim",
+    check: (s) => !(s["kvCache"]?.remoteBytes > 0 && s["kvCache"]?.diskSharedClaim !== undefined),
   },
 ];
 

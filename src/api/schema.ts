@@ -360,7 +360,7 @@ export const GatewaySchema = withRules(
           }),
           remoteBytes: Type.Integer({
             description:
-              "A tier under the prefix cache on spec.nats's server, in bytes (0: none; the server needs JetStream on): the gateways write each block as it is computed to a JetStream key-value bucket, expertmesh-prefix-<namespace>-<name>, and a prompt whose prefix any gateway computed reads it back, on any node; the oldest blocks go first once the bucket holds remoteBytes (ADR 0028). Needs prefixCaching; not with diskBytes.",
+              "A tier under the prefix cache on spec.nats's server, in bytes (0: none; the server needs JetStream on): the gateways write each block as it is computed to a JetStream key-value bucket, expertmesh-prefix-<namespace>-<name>, and a prompt whose prefix any gateway computed reads it back, on any node; the oldest blocks go first once the bucket holds remoteBytes (ADR 0028). With diskBytes, each gateway looks in its own disk tier first, and keeps there what its pool forgets. Needs prefixCaching; not with diskSharedClaim.",
             default: 0,
             minimum: 0,
           }),

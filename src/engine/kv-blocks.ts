@@ -277,10 +277,11 @@ export interface BlockKvOptions {
    */
   extraLayers?: number;
   /**
-   * The prefix cache's second tier, opened for this cache's blockBytes: a disk (ADR 0019)
-   * or a NATS bucket (ADR 0028).
+   * The prefix cache's tiers under the pool, nearest first, opened for this cache's
+   * blockBytes: a disk (ADR 0019), a NATS bucket (ADR 0028), or both (at most one that
+   * other gateways share).
    */
-  store?: PrefixStore;
+  stores?: readonly PrefixStore[];
 }
 
 /** Bytes one block takes: blockSize rows of `dtype` (default f32) in every layer. */
@@ -301,8 +302,8 @@ export function bytesPerBlock(
 export class BlockKvCache {
   readonly allocator: BlockAllocator;
   readonly dtype: KvDtype;
-  /** The prefix cache's second tier, if any. */
-  readonly store: PrefixStore | null;
+  /** The prefix cache's tiers under the pool, nearest first (none: forgotten is gone). */
+  readonly stores: readonly PrefixStore[];
   readonly #C: number;
   readonly #dr: number;
   readonly #rowBytes: number;
@@ -324,59 +325,85 @@ export class BlockKvCache {
       pool: new Uint8Array(numBlocks * blockSize * this.#rowBytes),
       blockSize,
     }));
-    this.store = o.store ?? null;
-    if (this.store) {
-      if (this.store.blockBytes !== this.blockBytes)
+    this.stores = o.stores ?? [];
+    for (const store of this.stores)
+      if (store.blockBytes !== this.blockBytes)
         throw new ExpertMeshError(
           "EM_GATEWAY_INTERNAL",
-          `the ${this.store.kind} tier holds blocks of ${this.store.blockBytes} bytes, this cache's are ${this.blockBytes}`,
+          `the ${store.kind} tier holds blocks of ${store.blockBytes} bytes, this cache's are ${this.blockBytes}`,
         );
-      const store = this.store;
-      const per = blockSize * this.#rowBytes;
+    const shared = this.stores.filter((s) => s.shared);
+    if (shared.length > 1)
+      throw new ExpertMeshError(
+        "EM_GATEWAY_INTERNAL",
+        "the prefix cache takes one tier that other gateways share",
+      );
+    this.#shared = shared[0] ?? null;
+    if (this.stores.length > 0) {
+      const stores = this.stores;
       // A step reads at most 256 MiB of blocks (a prompt with more takes several steps), and
-      // no more than the store holds read ahead (else it would drop the head's own reads).
+      // no more than a store holds read ahead (else it would drop the head's own reads).
       this.allocator.maxTierReads = Math.max(
         1,
-        Math.min(Math.floor(2 ** 28 / this.blockBytes), store.maxStagedFiles),
+        Math.min(Math.floor(2 ** 28 / this.blockBytes), ...stores.map((s) => s.maxStagedFiles)),
       );
-      if (store.shared) store.onWritten = () => this.#writeUnwritten();
+      if (this.#shared) this.#shared.onWritten = () => this.#writeUnwritten();
+      /** The nearest store that keeps `hash`'s rows. */
+      const keeper = (hash: string) => stores.find((s) => s.has(hash));
       this.allocator.tier = {
-        evicting: (b, hash) => store.save(hash, this.#blockRows(b)),
-        has: (hash) => store.has(hash),
-        readsInStep: store.readsInStep,
-        prefetch: (hashes) => store.prefetch(hashes),
-        loading: (hash) => store.loading(hash),
+        // Every store keeps it (one that has it already, or is written through, skips it).
+        evicting: (b, hash) => {
+          for (const s of stores) s.save(hash, this.#blockRows(b));
+        },
+        has: (hash) => keeper(hash) !== undefined,
+        readsInStep: stores.every((s) => s.readsInStep),
+        // Each store reads ahead the blocks it is the nearest keeper of.
+        prefetch: (hashes) => {
+          for (const s of stores) s.prefetch(hashes.filter((h) => keeper(h) === s));
+        },
+        loading: (hash) => keeper(hash)?.loading(hash) ?? false,
         // A store other gateways read too gets each block as it is computed (write-through;
         // save() skips those its index knows: no look on a network disk per block). A long
         // prefill computes blocks faster than the store takes them: those past the pending
         // limit are written as earlier writes end, while the pool still holds them.
-        ...(store.shared
+        ...(this.#shared
           ? { computed: (b: number, hash: string) => this.#writeThrough(b, hash) }
           : {}),
         fetch: (hash) => {
-          const payload = store.read(hash);
-          if (!payload) return null;
-          return (b) => {
-            try {
-              this.#pages.forEach((p, l) => {
-                writeKvBytes(payload.subarray(l * per, (l + 1) * per), p.pool, b * per);
-              });
-              return true;
-            } catch (e) {
-              store.noteError("writing a block read back into the KV cache", e);
-              return false;
-            }
-          };
+          for (const store of stores) {
+            if (!store.has(hash)) continue;
+            const payload = store.read(hash);
+            if (!payload) continue;
+            return (b) => this.#writeBlock(store, payload, b);
+          }
+          return null;
         },
       };
     }
   }
 
+  /** Writes `payload` (a block's rows, layer after layer, read from `store`) into block `b`. */
+  #writeBlock(store: PrefixStore, payload: Uint8Array, b: number): boolean {
+    const per = this.allocator.blockSize * this.#rowBytes;
+    try {
+      this.#pages.forEach((p, l) => {
+        writeKvBytes(payload.subarray(l * per, (l + 1) * per), p.pool, b * per);
+      });
+      return true;
+    } catch (e) {
+      store.noteError("writing a block read back into the KV cache", e);
+      return false;
+    }
+  }
+
+  /** The store other gateways read too, if any: it gets blocks as they are computed. */
+  readonly #shared: PrefixStore | null;
+
   /** Shared tier: computed blocks not yet written (no room then), oldest first. */
   readonly #unwritten = new Set<string>();
 
   #writeThrough(b: number, hash: string): void {
-    const store = this.store!;
+    const store = this.#shared!;
     if (this.#unwritten.size === 0 && store.hasRoom) {
       store.save(hash, this.#blockRows(b));
       return;
@@ -391,7 +418,7 @@ export class BlockKvCache {
 
   /** A write ended: the computed blocks still waiting, while there is room. */
   #writeUnwritten(): void {
-    const store = this.store!;
+    const store = this.#shared!;
     for (const hash of this.#unwritten) {
       if (!store.hasRoom) return;
       this.#unwritten.delete(hash);
@@ -412,25 +439,27 @@ export class BlockKvCache {
   }
 
   /**
-   * Writes every registered block the second tier lacks to it, and waits for the writes: at
+   * Writes every registered block each tier lacks to it, and waits for the writes: at
    * a graceful stop, so that the next start finds them. Resolves how many were written.
    */
   async persist(): Promise<number> {
-    const store = this.store;
-    if (!store) return 0;
-    const written = store.stats.written;
-    // The most recently used that fit in the budget, oldest first: the disk's least
-    // recently used order (file times, after a restart) keeps the pool's.
-    const fit = Math.floor(store.maxBytes / store.fileBytes);
-    for (const [b, hash] of this.allocator.registered().slice(-fit)) {
-      if (store.has(hash)) continue;
-      await store.room();
-      // The engine may have run meanwhile: only a block that still holds these rows.
-      if (this.allocator.blockOf(hash) !== b) continue;
-      store.save(hash, this.#blockRows(b));
+    let n = 0;
+    for (const store of this.stores) {
+      const written = store.stats.written;
+      // The most recently used that fit in the budget, oldest first: the disk's least
+      // recently used order (file times, after a restart) keeps the pool's.
+      const fit = Math.floor(store.maxBytes / store.fileBytes);
+      for (const [b, hash] of this.allocator.registered().slice(-fit)) {
+        if (store.has(hash)) continue;
+        await store.room();
+        // The engine may have run meanwhile: only a block that still holds these rows.
+        if (this.allocator.blockOf(hash) !== b) continue;
+        store.save(hash, this.#blockRows(b));
+      }
+      await store.flush();
+      n += store.stats.written - written;
     }
-    await store.flush();
-    return store.stats.written - written;
+    return n;
   }
 
   /** Positions the whole cache holds (all blocks). */

@@ -250,8 +250,8 @@ export class ServingEngine {
     this.#kv = kv;
     this.#trimmer = opts.scratchTrimmer;
     this.#scheduler = new Scheduler(config, kv.allocator);
-    // A prompt waiting for its prefix's blocks from the disk is scheduled once they are read.
-    if (kv.store) kv.store.onStaged = () => this.#kick();
+    // A prompt waiting for its prefix's blocks from a tier is scheduled once they are read.
+    for (const store of kv.stores) store.onStaged = () => this.#kick();
     this.microBatches = mb;
     this.speculative = opts.speculative ?? null;
     if (this.speculative?.method === "mtp" && !model.hasMtp)
@@ -262,17 +262,17 @@ export class ServingEngine {
   }
 
   /**
-   * Writes the prefix cache's blocks to its disk tier, if it has one (at a graceful stop,
+   * Writes the prefix cache's blocks to its tiers, if it has any (at a graceful stop,
    * when no step runs); resolves how many blocks were written.
    */
   persistPrefixes(): Promise<number> {
     return this.#kv.persist();
   }
 
-  /** Ends the disk tier's reader thread, if any (at a stop, after persistPrefixes). */
+  /** Ends the tiers' reads ahead and watches, if any (at a stop, after persistPrefixes). */
   async close(): Promise<void> {
     this.#trimmer?.close();
-    await this.#kv.store?.close();
+    for (const store of this.#kv.stores) await store.close();
   }
 
   /** In which order waiting sequences are admitted and running ones preempted. */
@@ -282,9 +282,15 @@ export class ServingEngine {
 
   /** The second tier's counts, when it is of `kind`. */
   #tierStats(kind: PrefixStore["kind"]): PrefixTierStats | null {
-    const store = this.#kv.store;
-    if (store?.kind !== kind) return null;
-    return { ...store.stats, hitTokens: this.#scheduler.prefixTierHitTokens };
+    const stores = this.#kv.stores;
+    const store = stores.find((s) => s.kind === kind);
+    if (!store) return null;
+    // Alone, the scheduler's count; with two tiers, the blocks each one gave.
+    const hitTokens =
+      stores.length === 1
+        ? this.#scheduler.prefixTierHitTokens
+        : store.stats.hits * this.#kv.allocator.blockSize;
+    return { ...store.stats, hitTokens };
   }
 
   get stats(): EngineStats {

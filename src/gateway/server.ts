@@ -76,7 +76,8 @@ export interface GatewayConfig {
   };
   /**
    * The prefix cache's NATS tier (ADR 0028), opened by the caller for this gateway's
-   * prefixTierLayout; closed with the engine. Not with prefixCacheDisk.
+   * prefixTierLayout; closed with the engine. Under prefixCacheDisk when both are given
+   * (not a shared one).
    */
   readonly prefixCacheRemote?: RemotePrefixStore;
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
@@ -157,10 +158,10 @@ export function createServeContext(
       "EM_CLI_USAGE",
       `${diskCfg ? "--prefix-cache-disk" : "--prefix-cache-remote"} needs prefix caching (drop --no-prefix-caching)`,
     );
-  if (diskCfg && remote)
+  if (diskCfg?.shared && remote)
     throw new ExpertMeshError(
       "EM_CLI_USAGE",
-      "--prefix-cache-disk and --prefix-cache-remote: the prefix cache takes one second tier, choose one",
+      "--prefix-cache-disk-shared and --prefix-cache-remote: the gateways share blocks through the bucket, and the disk tier under it is each gateway's own (drop --prefix-cache-disk-shared)",
     );
   const disk =
     diskCfg &&
@@ -183,7 +184,8 @@ export function createServeContext(
     memoryBytes: cfg.kvCacheBytes,
     dtype,
     extraLayers,
-    ...(disk || remote ? { store: disk || remote } : {}),
+    // The local disk first (nearest), then the bucket.
+    stores: [disk, remote].filter((t) => !!t),
   });
   if (kv.capacityTokens < maxModelLen)
     throw new ExpertMeshError(

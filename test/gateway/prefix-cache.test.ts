@@ -289,8 +289,13 @@ describe("the NATS tier (--prefix-cache-remote, ADR 0028)", () => {
       `--kv-cache-bytes=${t.kvCacheBytes}`,
     ];
   };
-  const startRemote = (modelName: string, bucket: string) =>
-    startGatewayProcess({ modelDir: dir, namespace: "test", modelName, args: remoteArgs(bucket) });
+  const startRemote = (modelName: string, bucket: string, extra: string[] = []) =>
+    startGatewayProcess({
+      modelDir: dir,
+      namespace: "test",
+      modelName,
+      args: [...remoteArgs(bucket), ...extra],
+    });
   const remoteMetric = (url: string, name: string) =>
     metric(url, `expertmesh_gateway_prefix_cache_remote_${name}`);
 
@@ -333,7 +338,45 @@ describe("the NATS tier (--prefix-cache-remote, ADR 0028)", () => {
     }
   });
 
-  it("is refused with the disk tier, without prefix caching, and without --nats", async () => {
+  it("under each gateway's own disk tier: the bucket gives what another computed, the disk what this one's pool forgot", async () => {
+    const bucket = uniqueName("prefix").replace(/[^A-Za-z0-9_-]/g, "_");
+    const own = (name: string) => [
+      `--prefix-cache-disk=${join(disk, `stacked-${name}`)}`,
+      "--prefix-cache-disk-bytes=1048576",
+    ];
+    const [a, b] = await Promise.all([
+      startRemote("stacked-a", bucket, own("a")),
+      startRemote("stacked-b", bucket, own("b")),
+    ]);
+    const diskHits = (url: string) => metric(url, "expertmesh_gateway_prefix_cache_disk_hits");
+    try {
+      const first = await complete(a.client, PROMPTS[2]!);
+      const P = first.usage!.prompt_tokens;
+      await waitFor("a's blocks in b's view of the bucket", async () =>
+        ((await remoteMetric(b.url, "blocks")) ?? 0) >= wholeBlocks(P) / B ? true : undefined,
+      );
+      const fromBucket = await complete(b.client, PROMPTS[2]!);
+      expect(fromBucket.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      expect(await remoteMetric(b.url, "hits")).toBe(wholeBlocks(P));
+      expect(await diskHits(b.url)).toBe(0);
+      // Two other prompts take b's blocks: the third's go to b's own disk tier.
+      for (const p of PROMPTS.slice(0, 2)) await complete(b.client, p);
+      const again = await complete(b.client, PROMPTS[2]!);
+      expect(again.usage!.prompt_tokens_details?.cached_tokens).toBe(wholeBlocks(P));
+      // The nearest tier gave them: b's disk, not the bucket.
+      expect(await diskHits(b.url)).toBeGreaterThan(0);
+      expect(await remoteMetric(b.url, "hits")).toBe(wholeBlocks(P));
+      expect(new Set([first, fromBucket, again].map((r) => r.choices[0]!.text)).size).toBe(1);
+      for (const g of [a, b]) {
+        expect(await remoteMetric(g.url, "errors")).toBe(0);
+        expect(await metric(g.url, "expertmesh_gateway_prefix_cache_disk_errors")).toBe(0);
+      }
+    } finally {
+      await Promise.all([a.process.stop(), b.process.stop()]);
+    }
+  });
+
+  it("is refused with a shared disk tier, without prefix caching, and without --nats", async () => {
     const nc = await connect({ servers: testEnv().nats.url, name: "prefix-refused" });
     const store = await RemotePrefixStore.open({
       nc,
@@ -347,11 +390,16 @@ describe("the NATS tier (--prefix-cache-remote, ADR 0028)", () => {
       await expect(
         startGateway(dir, {
           prefixCacheRemote: store,
-          prefixCacheDisk: { dir: join(disk, "refused"), bytes: 2 ** 20, identity: {} },
+          prefixCacheDisk: {
+            dir: join(disk, "refused"),
+            bytes: 2 ** 20,
+            identity: {},
+            shared: true,
+          },
         }),
       ).rejects.toMatchObject({
         code: "EM_CLI_USAGE",
-        message: expect.stringContaining("one second tier"),
+        message: expect.stringContaining("drop --prefix-cache-disk-shared"),
       });
       await expect(
         startGateway(dir, { prefixCaching: false, prefixCacheRemote: store }),

@@ -705,8 +705,12 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[24]!.message,
       ],
       [
-        "a NATS prefix cache tier with a disk tier",
-        { gateway: { kvCache: { remoteBytes: 2 ** 30, diskBytes: 2 ** 30 } } },
+        "a NATS prefix cache tier with a shared disk tier",
+        {
+          gateway: {
+            kvCache: { remoteBytes: 2 ** 30, diskBytes: 2 ** 30, diskSharedClaim: "prefix-rwx" },
+          },
+        },
         CROSS_FIELD_RULES[25]!.message,
       ],
       [

@@ -588,7 +588,7 @@ describe("DiskPrefixStore", () => {
       maxPendingBytes: DISK_HEADER_BYTES + block, // one write at a time
     });
     await disk.rescan();
-    const kv = new BlockKvCache(config, { memoryBytes: 16 * block, blockSize, store: disk });
+    const kv = new BlockKvCache(config, { memoryBytes: 16 * block, blockSize, stores: [disk] });
     const a = kv.allocator;
     a.reserve(1, 16); // 8 blocks, computed in one step
     for (let i = 0; i < 8; i++) a.register(1, i, hashOf(`p${i}`));

@@ -115,8 +115,8 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --prefix-cache-remote BUCKET  a second tier under the prefix cache on the NATS server (--nats;
                             JetStream on): blocks are written to the key-value bucket BUCKET
                             (made when missing) as they are computed, and a prompt whose prefix
-                            any gateway of the model computed reads them (ADR 0028). Not with
-                            --prefix-cache-disk
+                            any gateway of the model computed reads them (ADR 0028). With
+                            --prefix-cache-disk, blocks are looked for on the disk first
   --prefix-cache-remote-bytes N the bucket's budget when this gateway makes it; the oldest blocks
                             go first (default 4294967296)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
@@ -267,9 +267,9 @@ export const gatewayCommand: Command = {
     const remoteBucket = values["prefix-cache-remote"];
     if (values["prefix-cache-remote-bytes"] !== undefined && remoteBucket === undefined)
       usage("--prefix-cache-remote-bytes needs --prefix-cache-remote BUCKET");
-    if (remoteBucket !== undefined && values["prefix-cache-disk"] !== undefined)
+    if (remoteBucket !== undefined && values["prefix-cache-disk-shared"] === true)
       usage(
-        "--prefix-cache-disk and --prefix-cache-remote: the prefix cache takes one second tier, choose one",
+        "--prefix-cache-disk-shared and --prefix-cache-remote: the gateways share blocks through the bucket, and the disk tier under it is each gateway's own (drop --prefix-cache-disk-shared)",
       );
     if (remoteBucket !== undefined && values["prefix-caching"] === false)
       usage("--prefix-cache-remote needs prefix caching (drop --no-prefix-caching)");
@@ -652,10 +652,13 @@ export const gatewayCommand: Command = {
       await Promise.all([app.close(), closed, grpc?.close(shutdownTimeoutS * 1000)]);
       clearTimeout(cut);
       await ctx.encoder.close();
-      const tierName =
-        values["prefix-cache-disk"] ??
-        (remoteBucket === undefined ? undefined : `bucket '${remoteBucket}'`);
-      if (tierName !== undefined) {
+      const tierName = [
+        values["prefix-cache-disk"],
+        remoteBucket === undefined ? undefined : `bucket '${remoteBucket}'`,
+      ]
+        .filter((t) => t !== undefined)
+        .join(" and ");
+      if (tierName !== "") {
         try {
           const n = await ctx.engine.persistPrefixes();
           log(`prefix cache: ${n} blocks written to ${tierName} for the next start`);

@@ -225,6 +225,25 @@ export function localNatsArgs(m: DeepSeekModel, port: number, storeDir: string):
   ];
 }
 
+/**
+ * The disk tier's flags of `up`'s gateway replica `r` (none without kvCache.diskBytes), in
+ * `dir`, a folder that outlives up's runs: `several` gateways share it, as on a ReadWriteMany
+ * volume, unless they share a NATS tier (kvCache.remoteBytes): then each has a folder of its
+ * own under it.
+ */
+export function localDiskArgs(
+  m: DeepSeekModel,
+  dir: string,
+  r: number,
+  several: boolean,
+): string[] {
+  const own = several && m.spec.gateway.kvCache.remoteBytes > 0;
+  const disk = prefixCacheDiskArgs(m, own ? join(dir, `gateway-${r}`) : dir);
+  if (several && !own && disk.length > 0 && !disk.includes("--prefix-cache-disk-shared"))
+    disk.push("--prefix-cache-disk-shared");
+  return disk;
+}
+
 export const upCommand: Command = {
   name: "up",
   summary:
@@ -549,11 +568,9 @@ export const upCommand: Command = {
         http: /on http:\/\/\S+?:(\d+)/.exec(line)?.[1],
         grpc: /gRPC \(KServe v2\) on :(\d+)/.exec(line)?.[1],
       });
-      // Outlives the run folder: the next `up` of this model starts with the blocks (which
-      // several gateways here share, as on a ReadWriteMany volume).
-      const disk = prefixCacheDiskArgs(m, join(cacheDir(), "prefix-cache", `${ns}-${name}`));
-      if (front && disk.length > 0 && !disk.includes("--prefix-cache-disk-shared"))
-        disk.push("--prefix-cache-disk-shared");
+      // Outlives the run folder: the next `up` of this model starts with the blocks.
+      const diskDir = join(cacheDir(), "prefix-cache", `${ns}-${name}`);
+      const diskOf = (r: number) => localDiskArgs(m, diskDir, r, front !== undefined);
       let gatewaysStarted = 0;
       const gatewaySpec = (): ChildSpec => {
         const r = gatewaysStarted++;
@@ -572,7 +589,7 @@ export const upCommand: Command = {
             "--metrics-port=0",
             `--device=${devices.gateway}`,
             ...gatewayArgs(m),
-            ...disk,
+            ...diskOf(r),
             ...chatTemplateArgs(m, chatTemplatePath),
             ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
           ],

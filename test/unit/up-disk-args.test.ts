@@ -1,0 +1,63 @@
+// `up`'s prefix cache flags (src/cli/commands/up.ts localDiskArgs, localNatsArgs): one gateway
+// has the disk tier's folder to itself; several share it (--prefix-cache-disk-shared), unless
+// they share a NATS tier, when each has a folder of its own under it; nats-server runs with
+// JetStream only when the manifest keeps the prefix cache's blocks on it.
+import { describe, expect, it } from "vitest";
+import { parseManifest } from "../../src/api/manifest.ts";
+import { localDiskArgs, localNatsArgs } from "../../src/cli/commands/up.ts";
+
+const manifest = (kvCache: string) =>
+  parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: tiny, namespace: default }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
+  gateway:
+    kvCache: ${kvCache}
+`);
+
+describe("up's prefix cache flags", () => {
+  it.each([
+    ["no disk tier", "{}", false, []],
+    [
+      "one gateway",
+      "{ diskBytes: 1048576 }",
+      false,
+      ["--prefix-cache-disk=/c", "--prefix-cache-disk-bytes=1048576"],
+    ],
+    [
+      "several gateways: one folder, shared",
+      "{ diskBytes: 1048576 }",
+      true,
+      ["--prefix-cache-disk=/c", "--prefix-cache-disk-bytes=1048576", "--prefix-cache-disk-shared"],
+    ],
+    [
+      "several gateways over a NATS tier: a folder each",
+      "{ diskBytes: 1048576, remoteBytes: 4194304 }",
+      true,
+      ["--prefix-cache-disk=/c/gateway-2", "--prefix-cache-disk-bytes=1048576"],
+    ],
+    [
+      "one gateway over a NATS tier",
+      "{ diskBytes: 1048576, remoteBytes: 4194304 }",
+      false,
+      ["--prefix-cache-disk=/c", "--prefix-cache-disk-bytes=1048576"],
+    ],
+  ])("%s", (_name, kvCache, several, want) => {
+    expect(localDiskArgs(manifest(kvCache), "/c", 2, several)).toEqual(want);
+  });
+
+  it("starts nats-server with JetStream, stored in the folder given, only for a NATS tier", () => {
+    expect(localNatsArgs(manifest("{}"), 4222, "/js")).toEqual(["-a", "127.0.0.1", "-p", "4222"]);
+    expect(localNatsArgs(manifest("{ remoteBytes: 4194304 }"), 4222, "/js")).toEqual([
+      "-a",
+      "127.0.0.1",
+      "-p",
+      "4222",
+      "-js",
+      "-sd",
+      "/js",
+    ]);
+  });
+});
