@@ -10,9 +10,10 @@
 // takes those blocks into its table (shared, counted by reference) and skips computing
 // them. A block no sequence holds keeps its rows and hash until a reservation needs it
 // (least recently freed first), so a prefix outlives the requests that computed it.
-// With a second tier (PrefixTier: a disk, ADR 0019, or a NATS bucket, ADR 0028) a
-// registered block is handed to it when its block is taken for other rows, and a prefix
-// continues with the tier's blocks, read back into free blocks, past those still in the pool.
+// With tiers under the pool (PrefixTier over stores, nearest first: a disk, ADR 0019, a NATS
+// bucket, ADR 0028, or both) a registered block is handed to them when its block is taken for
+// other rows, and a prefix continues with their blocks, read back into free blocks, past
+// those still in the pool.
 import type { ModelConfig } from "../model/config.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { KvPages } from "./backend.ts";
