@@ -108,21 +108,21 @@ export class GatewayMetrics {
         this.set(stats().prefixHitTokens);
       },
     });
-    if (stats().prefixDisk) {
-      const disk = (
-        name: string,
-        help: string,
-        of: (d: NonNullable<EngineStats["prefixDisk"]>) => number,
-      ) =>
+    /** A gauge of a tier's counts: expertmesh_gateway_prefix_cache_<tier>_<name>. */
+    const tierGauge =
+      (tier: "disk" | "remote") =>
+      (name: string, help: string, of: (d: PrefixTierStats) => number) =>
         new Gauge({
-          name: `expertmesh_gateway_prefix_cache_disk_${name}`,
+          name: `expertmesh_gateway_prefix_cache_${tier}_${name}`,
           help,
           registers,
           collect() {
-            const d = stats().prefixDisk;
+            const d = tier === "disk" ? stats().prefixDisk : stats().prefixRemote;
             if (d) this.set(of(d));
           },
         });
+    if (stats().prefixDisk) {
+      const disk = tierGauge("disk");
       disk(
         "hits",
         "Of prefix_cache_hits, tokens read back from the disk tier since start (--prefix-cache-disk).",
@@ -153,16 +153,7 @@ export class GatewayMetrics {
       );
     }
     if (stats().prefixRemote) {
-      const remote = (name: string, help: string, of: (d: PrefixTierStats) => number) =>
-        new Gauge({
-          name: `expertmesh_gateway_prefix_cache_remote_${name}`,
-          help,
-          registers,
-          collect() {
-            const d = stats().prefixRemote;
-            if (d) this.set(of(d));
-          },
-        });
+      const remote = tierGauge("remote");
       remote(
         "hits",
         "Of prefix_cache_hits, tokens read back from the NATS tier since start (--prefix-cache-remote).",
