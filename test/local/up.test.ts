@@ -843,6 +843,17 @@ describe("expertmesh up", () => {
     expect(mb.stderr).toContain(
       "[EM_CLI_USAGE] --micro-batches overlaps one half's expert round trip",
     );
+    const remote = join(mkdtempSync(join(testEnv().runDir, "remote-")), "tiny.yaml");
+    writeFileSync(
+      remote,
+      readFileSync(manifest, "utf8").replace(
+        "  gateway:\n",
+        "  gateway:\n    kvCache: { remoteBytes: 4194304 }\n",
+      ),
+    );
+    const single = await runCli(process.execPath, [main, "up", "-f", remote, "--single-process"]);
+    expect(single.code).toBe(1);
+    expect(single.stderr).toContain("[EM_CLI_USAGE] --single-process starts no nats-server");
   });
 
   it("--device cuda without a CUDA device fails before starting anything", async () => {

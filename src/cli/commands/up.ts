@@ -275,6 +275,11 @@ export const upCommand: Command = {
     const m = readManifest(values.file);
     const name = m.metadata.name;
     const ns = m.metadata.namespace ?? "default";
+    if (single && m.spec.gateway.kvCache.remoteBytes > 0)
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        "--single-process starts no nats-server, and spec.gateway.kvCache.remoteBytes keeps the prefix cache's blocks on one: drop --single-process, or set remoteBytes to 0",
+      );
     const ports = m.spec.gateway.ports;
     const httpPort = portFlag(values["http-port"], "--http-port", ports.http);
     const grpcPort = portFlag(values["grpc-port"], "--grpc-port", ports.grpc);
