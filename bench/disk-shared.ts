@@ -179,7 +179,7 @@ export function diskSharedTables(
 | reader | reads its blocks from the writer's files | ${ms(r.readerTtftMs)} | ${(r.readerTtftMs.median / p).toFixed(3)}x |
 ${
   r.nats
-    ? `| NATS writer | computes it, writing each block to a JetStream bucket (nats-server ${"on loopback"}) as it is computed | ${ms(r.nats.writerTtftMs)} | ${(r.nats.writerTtftMs.median / p).toFixed(3)}x |
+    ? `| NATS writer | computes it, writing each block to a JetStream bucket (nats-server on loopback) as it is computed | ${ms(r.nats.writerTtftMs)} | ${(r.nats.writerTtftMs.median / p).toFixed(3)}x |
 | NATS reader | reads its blocks (~${Math.round(r.nats.sharedTokens)} tokens) from the bucket | ${ms(r.nats.readerTtftMs)} | ${(r.nats.readerTtftMs.median / p).toFixed(3)}x |
 `
     : ""

@@ -39,7 +39,7 @@ const MAX_PARTS = 64;
 /** A JetStream request (a block's read or write) that takes longer fails. */
 const READ_TIMEOUT_MS = 2000;
 /** A bucket name NATS takes (the stream is KV_<name>). */
-export const BUCKET_RE = /^[A-Za-z0-9_-]{1,200}$/;
+const BUCKET_RE = /^[A-Za-z0-9_-]{1,200}$/;
 
 export interface RemotePrefixOptions {
   /** A connection to a NATS server with JetStream (not closed by the store). */
@@ -72,6 +72,9 @@ interface IndexEntry {
   seen: bigint;
 }
 
+/** Whether every part of the block is seen. */
+const isWhole = (e: IndexEntry) => e.seen === (1n << BigInt(e.parts)) - 1n;
+
 /** A read ahead: its payload once checked, null while the read runs. */
 interface Staged {
   payload: Buffer | null;
@@ -103,6 +106,8 @@ export class RemotePrefixStore implements PrefixStore {
    * No more than the bucket holds: those past it are gone (it drops its oldest first).
    */
   readonly #index = new Map<string, IndexEntry>();
+  /** Of those, blocks whose every part is seen. */
+  #wholeBlocks = 0;
   /** Values one block is written in (its file split under the server's max_payload). */
   #parts = 1;
   /** Values being written: their bytes (a read takes them from here). */
@@ -253,7 +258,7 @@ export class RemotePrefixStore implements PrefixStore {
     const known = this.#index.get(k.hash);
     if (op !== "PUT") {
       // A part gone: the block is.
-      this.#index.delete(k.hash);
+      this.#forget(k.hash);
       return;
     }
     const bit = 1n << BigInt(k.part);
@@ -265,24 +270,34 @@ export class RemotePrefixStore implements PrefixStore {
     }
     // The newest now; a write in another number of parts starts over.
     const same = known?.parts === k.parts;
-    this.#index.delete(k.hash);
-    this.#index.set(k.hash, {
+    this.#forget(k.hash);
+    const entry = {
       revision: Math.max(revision, same ? known.revision : 0),
       mine: mine || (same && known.mine),
       parts: k.parts,
       seen: (same ? known.seen : 0n) | bit,
-    });
+    };
+    this.#index.set(k.hash, entry);
+    if (isWhole(entry)) this.#wholeBlocks++;
     const fit = Math.floor(this.maxBytes / this.fileBytes);
     for (const old of this.#index.keys()) {
       if (this.#index.size <= fit) break;
-      this.#index.delete(old);
+      this.#forget(old);
     }
+  }
+
+  /** Takes `hash`'s block out of the index. */
+  #forget(hash: string): void {
+    const e = this.#index.get(hash);
+    if (!e) return;
+    this.#index.delete(hash);
+    if (isWhole(e)) this.#wholeBlocks--;
   }
 
   /** Whether every part of `hash`'s block is in the bucket, as far as this store knows. */
   #whole(hash: string): boolean {
     const e = this.#index.get(hash);
-    return e !== undefined && e.seen === (1n << BigInt(e.parts)) - 1n;
+    return e !== undefined && isWhole(e);
   }
 
   /** The keys of `hash`'s block: one per part. */
@@ -292,11 +307,9 @@ export class RemotePrefixStore implements PrefixStore {
   }
 
   get stats(): PrefixStoreStats {
-    let whole = 0;
-    for (const hash of this.#index.keys()) if (this.#whole(hash)) whole++;
     return {
-      files: whole,
-      bytes: whole * this.fileBytes,
+      files: this.#wholeBlocks,
+      bytes: this.#wholeBlocks * this.fileBytes,
       ...this.#stats,
     };
   }
@@ -380,7 +393,7 @@ export class RemotePrefixStore implements PrefixStore {
       if (this.#staged.get(hash) !== staged) return; // given up meanwhile
       if (entries.some((e) => e === null || e.operation !== "PUT")) {
         // The bucket dropped a part for room (no one is told): a plain miss.
-        this.#index.delete(hash);
+        this.#forget(hash);
         this.#unstage(hash);
         return;
       }
@@ -397,7 +410,7 @@ export class RemotePrefixStore implements PrefixStore {
       );
       if (bad !== null) {
         this.#error(`the block under ${keys[0]} is damaged (${bad}); removed`, null);
-        this.#index.delete(hash);
+        this.#forget(hash);
         this.#unstage(hash);
         await Promise.all(keys.map((k) => this.#kv!.purge(k).catch(() => {})));
         return;
@@ -480,10 +493,7 @@ export class RemotePrefixStore implements PrefixStore {
  * The block and part a key of fingerprint `fp` stands for, or null when it is no key this
  * store writes.
  */
-export function parseKey(
-  key: string,
-  fp: string,
-): { hash: string; parts: number; part: number } | null {
+function parseKey(key: string, fp: string): { hash: string; parts: number; part: number } | null {
   const m = /^([A-Za-z0-9_-]{43})\.(\d{1,3})\.(\d{1,3})$/.exec(
     key.startsWith(`${fp}.`) ? key.slice(fp.length + 1) : "",
   );

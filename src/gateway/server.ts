@@ -125,6 +125,30 @@ export function prefixTierLayout(
   };
 }
 
+/**
+ * Refuses prefix cache tiers that do not go together (EM_CLI_USAGE): a tier without prefix
+ * caching, and a shared disk tier beside the NATS tier (the gateways share through the
+ * bucket). The gateway command checks before it opens any.
+ */
+export function checkPrefixTiers(t: {
+  disk: boolean;
+  diskShared: boolean;
+  remote: boolean;
+  prefixCaching: boolean;
+}): void {
+  const refuse = (why: string): never => {
+    throw new ExpertMeshError("EM_CLI_USAGE", why);
+  };
+  if ((t.disk || t.remote) && !t.prefixCaching)
+    refuse(
+      `${t.disk ? "--prefix-cache-disk" : "--prefix-cache-remote"} needs prefix caching (drop --no-prefix-caching)`,
+    );
+  if (t.diskShared && t.remote)
+    refuse(
+      "--prefix-cache-disk-shared and --prefix-cache-remote: the gateways share blocks through the bucket, and the disk tier under it is each gateway's own (drop --prefix-cache-disk-shared)",
+    );
+}
+
 /** Bytes of prompt logits (float32, held twice: the LM head's output and its split) a step may hold. */
 const PROMPT_LOGITS_BYTES = 256 * 2 ** 20;
 
@@ -153,16 +177,12 @@ export function createServeContext(
   const extraLayers = spec?.method === "mtp" ? 1 : 0;
   const diskCfg = cfg.prefixCacheDisk;
   const remote = cfg.prefixCacheRemote;
-  if ((diskCfg || remote) && cfg.prefixCaching === false)
-    throw new ExpertMeshError(
-      "EM_CLI_USAGE",
-      `${diskCfg ? "--prefix-cache-disk" : "--prefix-cache-remote"} needs prefix caching (drop --no-prefix-caching)`,
-    );
-  if (diskCfg?.shared && remote)
-    throw new ExpertMeshError(
-      "EM_CLI_USAGE",
-      "--prefix-cache-disk-shared and --prefix-cache-remote: the gateways share blocks through the bucket, and the disk tier under it is each gateway's own (drop --prefix-cache-disk-shared)",
-    );
+  checkPrefixTiers({
+    disk: diskCfg !== undefined,
+    diskShared: diskCfg?.shared === true,
+    remote: remote !== undefined,
+    prefixCaching: cfg.prefixCaching !== false,
+  });
   const disk =
     diskCfg &&
     DiskPrefixStore.open({

@@ -115,16 +115,22 @@ async function untilServing(u: Up, port: number): Promise<void> {
  * `expertmesh up` on the tiny manifest with one piece of text replaced, serving: runs `body`,
  * then stops it with SIGINT and waits for it to exit.
  */
+/** examples/tiny.yaml with `from` replaced by `to`, in a folder of its own: its path. */
+function variantManifest(from: string, to: string): string {
+  const text = readFileSync(manifest, "utf8");
+  expect(text).toContain(from);
+  const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
+  writeFileSync(file, text.replace(from, to));
+  return file;
+}
+
 async function upWithVariant(
   [from, to]: [string, string],
   body: (started: Up, port: number) => Promise<void>,
   env: NodeJS.ProcessEnv = {},
   models?: string,
 ): Promise<void> {
-  const text = readFileSync(manifest, "utf8");
-  expect(text).toContain(from);
-  const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
-  writeFileSync(file, text.replace(from, to));
+  const file = variantManifest(from, to);
   const port = await freePort();
   const started = spawnUp(port, 0, true, file, env, models);
   const proc = started.proc;
@@ -742,13 +748,9 @@ describe("expertmesh up", () => {
     const port = await freePort();
     // With a disk tier: the gateway's graceful stop writes it (its log pipe is gone by
     // then: a write to it must not end the process first).
-    const file = join(mkdtempSync(join(testEnv().runDir, "variant-")), "tiny.yaml");
-    writeFileSync(
-      file,
-      readFileSync(manifest, "utf8").replace(
-        "  gateway:\n",
-        "  gateway:\n    kvCache: { diskBytes: 1048576 }\n",
-      ),
+    const file = variantManifest(
+      "  gateway:\n",
+      "  gateway:\n    kvCache: { diskBytes: 1048576 }\n",
     );
     const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
     const started = spawnUp(port, 0, false, file, { EXPERTMESH_CACHE_DIR: cache });
@@ -843,13 +845,9 @@ describe("expertmesh up", () => {
     expect(mb.stderr).toContain(
       "[EM_CLI_USAGE] --micro-batches overlaps one half's expert round trip",
     );
-    const remote = join(mkdtempSync(join(testEnv().runDir, "remote-")), "tiny.yaml");
-    writeFileSync(
-      remote,
-      readFileSync(manifest, "utf8").replace(
-        "  gateway:\n",
-        "  gateway:\n    kvCache: { remoteBytes: 4194304 }\n",
-      ),
+    const remote = variantManifest(
+      "  gateway:\n",
+      "  gateway:\n    kvCache: { remoteBytes: 4194304 }\n",
     );
     const single = await runCli(process.execPath, [main, "up", "-f", remote, "--single-process"]);
     expect(single.code).toBe(1);

@@ -18,6 +18,7 @@ import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import {
+  checkPrefixTiers,
   createServeContext,
   prefixTierLayout,
   probeShards,
@@ -267,12 +268,12 @@ export const gatewayCommand: Command = {
     const remoteBucket = values["prefix-cache-remote"];
     if (values["prefix-cache-remote-bytes"] !== undefined && remoteBucket === undefined)
       usage("--prefix-cache-remote-bytes needs --prefix-cache-remote BUCKET");
-    if (remoteBucket !== undefined && values["prefix-cache-disk-shared"] === true)
-      usage(
-        "--prefix-cache-disk-shared and --prefix-cache-remote: the gateways share blocks through the bucket, and the disk tier under it is each gateway's own (drop --prefix-cache-disk-shared)",
-      );
-    if (remoteBucket !== undefined && values["prefix-caching"] === false)
-      usage("--prefix-cache-remote needs prefix caching (drop --no-prefix-caching)");
+    checkPrefixTiers({
+      disk: values["prefix-cache-disk"] !== undefined,
+      diskShared: values["prefix-cache-disk-shared"] === true,
+      remote: remoteBucket !== undefined,
+      prefixCaching: values["prefix-caching"] !== false,
+    });
     if (remoteBucket !== undefined && !values.nats)
       usage(
         "--prefix-cache-remote needs --nats URL (with --local too: the server that keeps the blocks)",
