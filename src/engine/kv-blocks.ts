@@ -463,6 +463,26 @@ export class BlockKvCache {
     return n;
   }
 
+  /**
+   * Writes the blocks of `hashes` the pool holds and the shared tier lacks to it, and waits
+   * for the writes (a prefill gateway's job, ADR 0029: most were written through as they
+   * were computed). Resolves how many of `hashes` the shared tier then keeps.
+   */
+  async share(hashes: readonly string[]): Promise<number> {
+    const store = this.#shared;
+    if (!store) return 0;
+    for (const hash of hashes) {
+      if (store.has(hash)) continue;
+      const b = this.allocator.blockOf(hash);
+      if (b === undefined) continue;
+      await store.room();
+      // The engine may have run meanwhile: only a block that still holds these rows.
+      if (this.allocator.blockOf(hash) === b) store.save(hash, this.#blockRows(b));
+    }
+    await store.flush();
+    return hashes.filter((h) => store.has(h)).length;
+  }
+
   /** Positions the whole cache holds (all blocks). */
   get capacityTokens(): number {
     return this.allocator.numBlocks * this.allocator.blockSize;

@@ -120,6 +120,8 @@ export class RemotePrefixStore implements PrefixStore {
   #lastRevision = 0;
   #closed = false;
   #loggedError = false;
+  /** whenKnown()'s callers: the blocks each still waits to see whole. */
+  readonly #waiters = new Set<{ missing: Set<string>; done: (known: boolean) => void }>();
   readonly #stats = { hits: 0, readAhead: 0, sharedHits: 0, written: 0, dropped: 0, errors: 0 };
 
   /**
@@ -278,7 +280,11 @@ export class RemotePrefixStore implements PrefixStore {
       seen: (same ? known.seen : 0n) | bit,
     };
     this.#index.set(k.hash, entry);
-    if (isWhole(entry)) this.#wholeBlocks++;
+    if (isWhole(entry)) {
+      this.#wholeBlocks++;
+      for (const w of this.#waiters)
+        if (w.missing.delete(k.hash) && w.missing.size === 0) w.done(true);
+    }
     const fit = Math.floor(this.maxBytes / this.fileBytes);
     for (const old of this.#index.keys()) {
       if (this.#index.size <= fit) break;
@@ -316,6 +322,29 @@ export class RemotePrefixStore implements PrefixStore {
 
   has(hash: string): boolean {
     return this.#whole(hash) || this.#pending.has(hash);
+  }
+
+  /**
+   * Resolves true once every block of `hashes` is known to be in the bucket (another
+   * gateway wrote them: a prefill gateway, ADR 0029), false when some are not within
+   * `timeoutMs` or the store closes.
+   */
+  whenKnown(hashes: readonly string[], timeoutMs: number): Promise<boolean> {
+    const missing = new Set(hashes.filter((h) => !this.has(h)));
+    if (missing.size === 0) return Promise.resolve(true);
+    if (this.#closed) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const w = {
+        missing,
+        done: (known: boolean) => {
+          clearTimeout(timer);
+          this.#waiters.delete(w);
+          resolve(known);
+        },
+      };
+      const timer = setTimeout(() => w.done(false), timeoutMs);
+      this.#waiters.add(w);
+    });
   }
 
   save(hash: string, parts: readonly Uint8Array[]): boolean {
@@ -473,6 +502,7 @@ export class RemotePrefixStore implements PrefixStore {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    for (const w of this.#waiters) w.done(false);
     await this.flush();
     this.#stopWatch?.();
     this.#staged.clear();

@@ -224,12 +224,23 @@ export class Scheduler {
   }
 
   /**
-   * Queues a new sequence: "queue_full" when maxQueueDepth sequences already wait,
-   * "too_large" when it could not fit in the whole cache even alone.
+   * Whether add() would take `seq`: "queue_full" when maxQueueDepth sequences already wait
+   * (with `also` more waiting elsewhere: for a prefill gateway), "too_large" when it could
+   * not fit in the whole cache even alone.
    */
-  add(seq: Sequence): AddResult {
+  check(seq: Sequence, also = 0): AddResult {
     if (this.#blocks.blocksFor(seq.maxTotalTokens) > this.#blocks.numBlocks) return "too_large";
-    if (this.#waiting.length >= this.config.maxQueueDepth) return "queue_full";
+    if (this.#waiting.length + also >= this.config.maxQueueDepth) return "queue_full";
+    return "ok";
+  }
+
+  /**
+   * Queues a new sequence, when check(seq) says "ok". One `accepted` before (checked then;
+   * its prompt was computed by a prefill gateway meanwhile) is queued past the queue's depth.
+   */
+  add(seq: Sequence, accepted = false): AddResult {
+    const checked = this.check(seq, accepted ? Number.NEGATIVE_INFINITY : 0);
+    if (checked !== "ok") return checked;
     seq.status = "waiting";
     if (this.#byPriority) insertOrdered(this.#waiting, seq, this.#waitsBefore);
     else this.#waiting.push(seq);

@@ -148,6 +148,8 @@ export interface EngineStats {
   prefixDisk: PrefixTierStats | null;
   /** The prefix cache's NATS tier (ADR 0028), when there is one; hitTokens as prefixDisk's. */
   prefixRemote: PrefixTierStats | null;
+  /** Disaggregated prefill (ADR 0029): sequences whose prompt a prefill gateway computes now. */
+  numPrefilling: number;
   /** Speculative decoding: drafts run, their tokens, and those accepted. */
   specDrafts: number;
   specDraftTokens: number;
@@ -168,6 +170,11 @@ interface Active {
   promptIds: ReadonlySet<number> | null;
   promptLogprobs: (TokenLogprob | null)[] | null;
   cancelled: boolean;
+  /**
+   * Disaggregated prefill: ends when a prefill gateway has computed its prompt (or gave up);
+   * it joins the scheduler then. Null once it has.
+   */
+  prefilled: Promise<void> | null;
   /** Its first step was scheduled (onStarted told). */
   started: boolean;
   /** Its drafter, with speculative decoding (created at its first draft). */
@@ -200,6 +207,33 @@ export interface EngineOptions {
    * touches it at each step and closes it with the engine.
    */
   readonly scratchTrimmer?: ScratchTrimmer;
+  /**
+   * Disaggregated prefill (ADR 0029): a prompt lacking at least `minTokens` tokens in this
+   * gateway's prefix cache and tiers is computed by a prefill gateway first (prefill.ts).
+   * Needs prefix caching and a shared tier: this gateway reads the blocks from it.
+   */
+  readonly prefillOffload?: PrefillOffload;
+}
+
+/** A prompt for a prefill gateway to compute (ADR 0029). */
+export interface PrefillJob {
+  readonly prompt: readonly number[];
+  readonly cacheSalt: string | null;
+  readonly priority: number;
+  /** Its whole blocks before the last token: what the prefill gateway is to write. */
+  readonly hashes: readonly string[];
+}
+
+/** Where long prompts are computed when prefill is disaggregated (prefill.ts). */
+export interface PrefillOffload {
+  /** Prompts lacking fewer tokens than this are computed here. */
+  readonly minTokens: number;
+  /**
+   * Has `job`'s blocks computed elsewhere, and resolves once this gateway's shared tier
+   * knows them, or once that failed: this gateway computes what it lacks itself then.
+   * Never rejects.
+   */
+  prefill(job: PrefillJob): Promise<void>;
 }
 
 export type SpeculativeOptions =
@@ -231,6 +265,9 @@ export class ServingEngine {
   #nextId = 1;
   #looping = false;
   readonly #trimmer: ScratchTrimmer | undefined;
+  readonly #offload: PrefillOffload | null;
+  /** Sequences whose prompt a prefill gateway computes (not yet in the scheduler). */
+  readonly #prefilling = new Set<Active>();
   numPreemptions = 0;
   /** Steps run, and of them those that ran as two micro-batches. */
   numSteps = 0;
@@ -254,6 +291,12 @@ export class ServingEngine {
     for (const store of kv.stores) store.onStaged = () => this.#kick();
     this.microBatches = mb;
     this.speculative = opts.speculative ?? null;
+    this.#offload = opts.prefillOffload ?? null;
+    if (this.#offload && !(config.prefixCaching && kv.stores.some((s) => s.shared)))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        "disaggregated prefill needs prefix caching and a tier the prefill gateways write (--prefix-cache-remote)",
+      );
     if (this.speculative?.method === "mtp" && !model.hasMtp)
       throw new ExpertMeshError(
         "EM_CKPT_NO_MTP",
@@ -273,6 +316,46 @@ export class ServingEngine {
   async close(): Promise<void> {
     this.#trimmer?.close();
     for (const store of this.#kv.stores) await store.close();
+  }
+
+  /**
+   * Computes a prompt for another gateway (a prefill job, ADR 0029): runs it as a request
+   * for one token (discarded), then has its whole blocks before the last token in the shared
+   * tier. Resolves how many of those blocks the tier keeps, of how many. Rejects with
+   * EM_GATEWAY_OVERLOADED when the queue is full, EM_GATEWAY_PROMPT_TOO_LONG when it cannot
+   * fit, or the engine's error.
+   */
+  async prefill(job: Omit<PrefillJob, "hashes">): Promise<{ shared: number; blocks: number }> {
+    const seq = new Sequence(0, job.prompt, job.prompt.length);
+    seq.cacheSalt = job.cacheSalt;
+    const B = this.#kv.allocator.blockSize;
+    const blocks = Math.floor((job.prompt.length - 1) / B);
+    const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
+    await new Promise<void>((resolve, reject) => {
+      const r = this.submit(
+        {
+          prompt: job.prompt,
+          maxTokens: 1,
+          sampling: GREEDY,
+          stopTokenIds: [],
+          logprobs: null,
+          promptLogprobs: false,
+          priority: job.priority,
+          ...(job.cacheSalt === null ? {} : { cacheSalt: job.cacheSalt }),
+        },
+        { onToken: () => {}, onFinish: () => resolve(), onError: reject },
+      );
+      if (!r.ok)
+        reject(
+          r.reason === "queue_full"
+            ? new ExpertMeshError("EM_GATEWAY_OVERLOADED", "the prefill gateway's queue is full")
+            : new ExpertMeshError(
+                "EM_GATEWAY_PROMPT_TOO_LONG",
+                `a prompt of ${job.prompt.length} tokens does not fit in the prefill gateway's KV cache`,
+              ),
+        );
+    });
+    return { shared: await this.#kv.share(hashes), blocks: hashes.length };
   }
 
   /** In which order waiting sequences are admitted and running ones preempted. */
@@ -305,6 +388,7 @@ export class ServingEngine {
       prefixHitTokens: this.#scheduler.prefixHitTokens,
       prefixDisk: this.#tierStats("disk"),
       prefixRemote: this.#tierStats("remote"),
+      numPrefilling: this.#prefilling.size,
       specDrafts: this.#spec.drafts,
       specDraftTokens: this.#spec.draftTokens,
       specAcceptedTokens: this.#spec.acceptedTokens,
@@ -326,10 +410,17 @@ export class ServingEngine {
     seq.wantsAllLogits = req.promptLogprobs;
     seq.priority = req.priority ?? 0;
     seq.cacheSalt = req.cacheSalt ?? null;
-    if (req.promptFrom !== undefined)
-      seq.promptFrom = this.#active.get(req.promptFrom)?.seq ?? null;
-    const added = this.#scheduler.add(seq);
+    const from = req.promptFrom === undefined ? undefined : this.#active.get(req.promptFrom);
+    if (from) seq.promptFrom = from.seq;
+    // Another choice of a prompt a prefill gateway computes waits for it too.
+    const offload = from ? null : this.#offloadable(seq, req);
+    const waitsFor = from?.prefilled ?? null;
+    const added =
+      waitsFor || offload
+        ? this.#scheduler.check(seq, this.#prefilling.size)
+        : this.#scheduler.add(seq);
     if (added !== "ok") return { ok: false, reason: added };
+    const held = waitsFor ?? (offload ? this.#offload!.prefill(offload) : null);
     const a: Active = {
       seq,
       req,
@@ -340,12 +431,23 @@ export class ServingEngine {
       promptIds: (req.sampling.repetitionPenalty ?? 1) !== 1 ? new Set(req.prompt) : null,
       promptLogprobs: req.promptLogprobs ? [null] : null,
       cancelled: false,
+      prefilled: held,
       started: false,
       drafter: null,
       draftLength: this.speculative?.numTokens ?? 0,
       mtpDraft: null,
     };
     this.#active.set(seq.id, a);
+    if (held) {
+      this.#prefilling.add(a);
+      const join = () => {
+        a.prefilled = null;
+        if (!this.#prefilling.delete(a)) return; // cancelled meanwhile
+        this.#scheduler.add(seq, true);
+        this.#kick();
+      };
+      held.then(join, join);
+    }
     this.#kick();
     return {
       ok: true,
@@ -392,7 +494,28 @@ export class ServingEngine {
     for (const a of this.#active.values()) if (a.cancelled) this.#end(a);
   }
 
+  /**
+   * The job for a prefill gateway, when `seq`'s prompt lacks at least the offload's
+   * minTokens tokens in the cache and its tiers; else null (computed here).
+   */
+  #offloadable(seq: Sequence, req: GenerationRequest): PrefillJob | null {
+    const o = this.#offload;
+    if (!o || req.promptLogprobs || seq.promptTokens.length < o.minTokens) return null;
+    const B = this.#kv.allocator.blockSize;
+    const blocks = Math.floor((seq.promptTokens.length - 1) / B);
+    const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
+    const tier = this.#kv.allocator.tier;
+    let cached = 0;
+    for (const h of hashes) {
+      if (this.#kv.allocator.blockOf(h) === undefined && !tier?.has(h)) break;
+      cached++;
+    }
+    if (seq.promptTokens.length - cached * B < o.minTokens) return null;
+    return { prompt: seq.promptTokens, cacheSalt: seq.cacheSalt, priority: seq.priority, hashes };
+  }
+
   #end(a: Active): void {
+    this.#prefilling.delete(a);
     this.#scheduler.finish(a.seq);
     this.#active.delete(a.seq.id);
   }

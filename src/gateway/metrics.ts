@@ -4,6 +4,7 @@
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { registerScratchGauge } from "../engine/scratch-trim.ts";
 import type { EngineStats, PrefixTierStats } from "./engine.ts";
+import type { PrefillClientStats, PrefillWorkerStats } from "./prefill.ts";
 
 const LATENCY_BUCKETS = [
   0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20,
@@ -259,5 +260,86 @@ export class GatewayMetrics {
       buckets: LATENCY_BUCKETS,
       registers,
     });
+  }
+
+  /**
+   * Disaggregated prefill (ADR 0029): a decode gateway's jobs by outcome, and a prefill
+   * gateway's jobs. Counters that follow the given counts (collected at each scrape).
+   */
+  addPrefill(of: { client?: () => PrefillClientStats; worker?: () => PrefillWorkerStats }): void {
+    const registers = [this.registry];
+    const { client, worker } = of;
+    if (client) {
+      const seen = new Map<string, number>();
+      new Counter({
+        name: "expertmesh_gateway_prefill_remote_total",
+        help: "Prompts handed to prefill gateways (--disaggregation-mode decode), by outcome: done (their blocks read from the bucket), no_workers, timeout, failed (refused there, or the blocks not seen); all but done were computed here.",
+        labelNames: ["outcome"],
+        registers,
+        collect() {
+          const s = client();
+          for (const [outcome, v] of [
+            ["done", s.done],
+            ["no_workers", s.noWorkers],
+            ["timeout", s.timeout],
+            ["failed", s.failed],
+          ] as const) {
+            this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
+            seen.set(outcome, v);
+          }
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prefill_remote_pending",
+        help: "Prompts a prefill gateway computes for this gateway now.",
+        registers,
+        collect() {
+          this.set(client().pending);
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prefill_remote_shared_blocks",
+        help: "Blocks prefill gateways wrote to the bucket for this gateway's prompts, since start.",
+        registers,
+        collect() {
+          this.set(client().sharedBlocks);
+        },
+      });
+    }
+    if (worker) {
+      const seen = new Map<string, number>();
+      new Counter({
+        name: "expertmesh_gateway_prefill_jobs_total",
+        help: "Prefill jobs this gateway took (--disaggregation-mode prefill), by outcome: done, failed (refused or failed; answered with the error's code).",
+        labelNames: ["outcome"],
+        registers,
+        collect() {
+          const s = worker();
+          for (const [outcome, v] of [
+            ["done", s.done],
+            ["failed", s.failed],
+          ] as const) {
+            this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
+            seen.set(outcome, v);
+          }
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prefill_jobs_running",
+        help: "Prefill jobs this gateway computes now.",
+        registers,
+        collect() {
+          this.set(worker().running);
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prefill_job_tokens",
+        help: "Prompt tokens of the prefill jobs done, since start.",
+        registers,
+        collect() {
+          this.set(worker().tokens);
+        },
+      });
+    }
   }
 }

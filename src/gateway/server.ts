@@ -19,7 +19,7 @@ import type { PlacementPlan } from "../moe/placement.ts";
 import { type ModelRef, subjects } from "../moe/subjects.ts";
 import { decodeFrame, encodeDispatch } from "../moe/wire.ts";
 import { ExpertMeshError } from "../util/errors.ts";
-import { ServingEngine } from "./engine.ts";
+import { type PrefillOffload, ServingEngine } from "./engine.ts";
 import type { ServeContext } from "./jobs.ts";
 import { GatewayMetrics } from "./metrics.ts";
 import { prepareVocabulary } from "./output-grammar.ts";
@@ -80,6 +80,11 @@ export interface GatewayConfig {
    * (not a shared one).
    */
   readonly prefixCacheRemote?: RemotePrefixStore;
+  /**
+   * Disaggregated prefill, decode side (ADR 0029; prefill.ts's PrefillClient): long prompts
+   * are computed by prefill gateways, their blocks read from prefixCacheRemote.
+   */
+  readonly prefillOffload?: PrefillOffload;
   /** Admission and preemption order (default fcfs; priority: by requests' `priority`). */
   readonly schedulingPolicy?: SchedulingPolicy;
   /** With the priority policy: ms of waiting per priority level gained (default 0: none). */
@@ -232,6 +237,7 @@ export function createServeContext(
     {
       microBatches: cfg.microBatches ?? 1,
       ...(trimmer ? { scratchTrimmer: trimmer } : {}),
+      ...(cfg.prefillOffload ? { prefillOffload: cfg.prefillOffload } : {}),
       ...(spec === undefined
         ? {}
         : {

@@ -64,6 +64,10 @@ export const ERROR_CODES = {
     "the prefix cache's disk folder (--prefix-cache-disk) cannot be made or written at start",
   EM_PREFIX_REMOTE:
     "the prefix cache's NATS tier (--prefix-cache-remote) cannot be used: no JetStream, a block over 64 values of max_payload, or the bucket cannot be made",
+  EM_PREFILL_FRAME:
+    "a prefill job (disaggregated prefill, ADR 0029) or its answer is malformed: refused, never run",
+  EM_PREFILL_MISMATCH:
+    "a prefill job is for blocks of another fingerprint (model, weights, kernels or KV cache layout) than the prefill gateway writes",
   EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:

@@ -25,9 +25,11 @@ export async function startGatewayProcess(o: {
   args?: string[];
   /** The process's environment (default: this one's). */
   env?: NodeJS.ProcessEnv;
+  /** Its name (log file), for several gateways of one model (default gateway-<ns>-<model>). */
+  name?: string;
 }): Promise<GatewayProcess> {
   const proc = new ManagedProcess(
-    `gateway-${o.namespace}-${o.modelName}`,
+    o.name ?? `gateway-${o.namespace}-${o.modelName}`,
     process.execPath,
     [
       mainTs,

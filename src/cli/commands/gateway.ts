@@ -16,6 +16,7 @@ import {
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
+import { PrefillClient, PrefillWorker } from "../../gateway/prefill.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import {
   checkPrefixTiers,
@@ -120,6 +121,14 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
                             --prefix-cache-disk, blocks are looked for on the disk first
   --prefix-cache-remote-bytes N the bucket's budget when this gateway makes it; the oldest blocks
                             go first (default 4294967296)
+  --disaggregation-mode M   null (default): this gateway computes its prompts; decode: prompts
+                            lacking at least --disaggregation-min-tokens tokens in its prefix cache
+                            go to the model's prefill gateways first (over NATS), and their blocks
+                            are read from the bucket; prefill: also computes prompts for the decode
+                            gateways. Both need --prefix-cache-remote, the same bucket (ADR 0029)
+  --disaggregation-min-tokens N   decode: shorter remainders are computed here (default 512)
+  --disaggregation-timeout S      decode: a prompt with no answer from a prefill gateway within S
+                            seconds is computed here (default 60)
   --reasoning-parser NAME   deepseek-r1: chat answers carry the thinking (<think>...</think>) as
                             reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
                             thinking): only answers whose request sets chat_template_kwargs
@@ -218,6 +227,9 @@ export const gatewayCommand: Command = {
         "prefix-cache-disk-shared": { type: "boolean" },
         "prefix-cache-remote": { type: "string" },
         "prefix-cache-remote-bytes": { type: "string" },
+        "disaggregation-mode": { type: "string" },
+        "disaggregation-min-tokens": { type: "string" },
+        "disaggregation-timeout": { type: "string" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
         "tool-call-parser": { type: "string" },
@@ -278,6 +290,28 @@ export const gatewayCommand: Command = {
       usage(
         "--prefix-cache-remote needs --nats URL (with --local too: the server that keeps the blocks)",
       );
+    const disaggregation = values["disaggregation-mode"] ?? "null";
+    if (disaggregation !== "null" && disaggregation !== "prefill" && disaggregation !== "decode")
+      usage(`--disaggregation-mode must be null, prefill or decode, got '${disaggregation}'`);
+    if (disaggregation !== "null" && remoteBucket === undefined)
+      usage(
+        `--disaggregation-mode ${disaggregation} needs --prefix-cache-remote BUCKET: the prompts' blocks go through it`,
+      );
+    for (const flag of ["disaggregation-min-tokens", "disaggregation-timeout"] as const)
+      if (values[flag] !== undefined && disaggregation !== "decode")
+        usage(`--${flag} needs --disaggregation-mode decode`);
+    const disaggMinTokens = int(
+      values["disaggregation-min-tokens"],
+      "--disaggregation-min-tokens",
+      512,
+    );
+    const disaggTimeoutS = numberFlag(
+      values["disaggregation-timeout"],
+      "--disaggregation-timeout",
+      60,
+    );
+    if (!(disaggTimeoutS > 0))
+      usage(`--disaggregation-timeout must be above 0, got ${disaggTimeoutS}`);
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
@@ -509,7 +543,24 @@ export const gatewayCommand: Command = {
         `prefix cache NATS tier in bucket '${remoteBucket}': ${prefixCacheRemote.stats.files} blocks of this model there, budget ${(prefixCacheRemote.maxBytes / 2 ** 20).toFixed(1)} MiB`,
       );
     }
+    // Prefill jobs' subject: its names are subject tokens (with --local too).
+    const prefillSubject =
+      disaggregation === "null"
+        ? ""
+        : subjects.prefill(subjectRef(values.namespace ?? "default", modelName));
+    const prefillClient =
+      disaggregation === "decode"
+        ? new PrefillClient({
+            nc: nc!,
+            subject: prefillSubject,
+            store: prefixCacheRemote!,
+            minTokens: disaggMinTokens,
+            timeoutMs: disaggTimeoutS * 1000,
+            log,
+          })
+        : undefined;
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
+      ...(prefillClient ? { prefillOffload: prefillClient } : {}),
       servedModelName: values["served-model-name"] ?? modelName,
       samplingDefaults,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
@@ -590,7 +641,30 @@ export const gatewayCommand: Command = {
           );
     handle = appHandler!;
     metricsRegistry = ctx.metrics.registry;
+    const prefillWorker =
+      disaggregation === "prefill"
+        ? new PrefillWorker({
+            nc: nc!,
+            subject: prefillSubject,
+            engine: ctx.engine,
+            fingerprint: prefixCacheRemote!.fingerprint,
+            vocabSize: ctx.vocabSize,
+            maxModelLen: ctx.maxModelLen,
+            log,
+          })
+        : undefined;
+    if (prefillClient || prefillWorker)
+      ctx.metrics.addPrefill({
+        ...(prefillClient ? { client: () => prefillClient.stats } : {}),
+        ...(prefillWorker ? { worker: () => prefillWorker.stats } : {}),
+      });
     startup.finish();
+    if (disaggregation !== "null")
+      log(
+        disaggregation === "prefill"
+          ? `prefill gateway: computing prompts sent to ${prefillSubject}`
+          : `decode gateway: prompts lacking ${disaggMinTokens} tokens or more go to ${prefillSubject}`,
+      );
     log(
       `serving '${ctx.servedModelName}' on http://${host}:${port(server)} ` +
         `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}` +
@@ -650,7 +724,13 @@ export const gatewayCommand: Command = {
         log(`requests still running after ${shutdownTimeoutS} s: cut`);
         server.closeAllConnections();
       }, shutdownTimeoutS * 1000);
-      await Promise.all([app.close(), closed, grpc?.close(shutdownTimeoutS * 1000)]);
+      // Prefill jobs taken are finished and answered (decode gateways wait for them).
+      await Promise.all([
+        app.close(),
+        closed,
+        grpc?.close(shutdownTimeoutS * 1000),
+        prefillWorker?.close(),
+      ]);
       clearTimeout(cut);
       await ctx.encoder.close();
       const tierName = [
