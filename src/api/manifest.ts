@@ -266,7 +266,7 @@ export function toolCallParserOf(model: DeepSeekModel): "deepseek-v3" | "deepsee
  * the same for the operator's pods and `expertmesh up`'s process, which add their own
  * ports and addresses.
  */
-export function gatewayArgs(model: DeepSeekModel): string[] {
+export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway"): string[] {
   const g = model.spec.gateway;
   return [
     `--served-model-name=${servedModelName(model)}`,
@@ -285,7 +285,27 @@ export function gatewayArgs(model: DeepSeekModel): string[] {
     `--tool-call-parser=${toolCallParserOf(model)}`,
     ...speculativeArgs(model),
     ...samplingArgs(model),
+    ...disaggregationArgs(model, role),
   ];
+}
+
+/**
+ * Which gateways: those that serve clients (behind the Service), or with
+ * spec.gateway.disaggregation, the prefill gateways that compute their long prompts.
+ */
+export type GatewayRole = "gateway" | "prefill";
+
+/** The disaggregated prefill flags of a `role` gateway (none without spec.gateway.disaggregation). */
+export function disaggregationArgs(model: DeepSeekModel, role: GatewayRole): string[] {
+  const d = model.spec.gateway.disaggregation;
+  if (d === undefined) return [];
+  return role === "prefill"
+    ? ["--disaggregation-mode=prefill"]
+    : [
+        "--disaggregation-mode=decode",
+        `--disaggregation-min-tokens=${d.minPromptTokens}`,
+        `--disaggregation-timeout=${d.timeoutSeconds}`,
+      ];
 }
 
 /**

@@ -358,6 +358,13 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "gateway.kvCache.remoteBytes and diskSharedClaim: the gateways share blocks through the NATS bucket, and a disk tier under it is each gateway's own; drop diskSharedClaim",
     check: (s) => !(s["kvCache"]?.remoteBytes > 0 && s["kvCache"]?.diskSharedClaim !== undefined),
   },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.disaggregation) || (has(self.kvCache) && has(self.kvCache.remoteBytes) && self.kvCache.remoteBytes > 0)",
+    message:
+      "gateway.disaggregation needs gateway.kvCache.remoteBytes: the prompts' blocks go from the prefill gateways to the others through the NATS tier",
+    check: (s) => s["disaggregation"] === undefined || s["kvCache"]?.remoteBytes > 0,
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

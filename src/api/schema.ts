@@ -375,6 +375,34 @@ export const GatewaySchema = withRules(
         },
         { description: "The MLA latent KV cache of each gateway.", default: {} },
       ),
+      disaggregation: Type.Optional(
+        Type.Object(
+          {
+            prefillReplicas: Type.Integer({
+              description:
+                "Prefill gateway pods (a Deployment <name>-prefill, outside the Service): they compute the long prompts of the serving gateways, which then only decode.",
+              default: 1,
+              minimum: 1,
+            }),
+            minPromptTokens: Type.Integer({
+              description:
+                "A prompt goes to a prefill gateway when it lacks at least this many tokens in the serving gateway's prefix cache; shorter remainders (a chat turn over a cached history) are computed in place.",
+              default: 512,
+              minimum: 1,
+            }),
+            timeoutSeconds: Type.Number({
+              description:
+                "A prompt without an answer from a prefill gateway within this many seconds is computed by the serving gateway itself (as is one that no prefill gateway takes).",
+              default: 60,
+              exclusiveMinimum: 0,
+            }),
+          },
+          {
+            description:
+              "Disaggregated prefill (ADR 0029): prefill gateways compute long prompts, whose blocks reach the serving (decode) gateways through the prefix cache's NATS tier, so that the decode gateways' streams are not slowed by prompts arriving. Needs kvCache.remoteBytes.",
+          },
+        ),
+      ),
       sessionAffinity: StringEnum(["None", "ClientIP"], {
         description:
           "The gateway Service's session affinity: ClientIP sends a client's new connections to the gateway it reached before, so the next turn of its conversation finds the earlier turns in that gateway's prefix cache (each gateway caches its own, unless kvCache.diskSharedClaim shares a disk tier); None spreads them.",

@@ -11,7 +11,7 @@ export interface ModelRef {
 export const subjects = {
   shard: (m: ModelRef, k: number) => `em.${m.namespace}.${m.model}.shard.${k}`,
   shardQueue: (k: number) => `shard-${k}`,
-  stats: (m: ModelRef, role: "shard" | "gateway", id: string) =>
+  stats: (m: ModelRef, role: "shard" | "gateway" | "prefill", id: string) =>
     `em.${m.namespace}.${m.model}.stats.${role}.${id}`,
   allStats: (m: ModelRef) => `em.${m.namespace}.${m.model}.stats.>`,
   /** Disaggregated prefill jobs (gateway/prefill.ts); prefill gateways share a queue group. */

@@ -14,11 +14,13 @@ export const ANNOTATION_PLAN_SHAPE = "expertmesh.io/plan-shape";
 /** On the gateway's pod template: a hash of spec.gateway.chatTemplate (a new one rolls it). */
 export const ANNOTATION_CHAT_TEMPLATE = "expertmesh.io/chat-template";
 
-export type Component = "gateway" | "shard" | "plan" | "monitoring";
+export type Component = "gateway" | "prefill" | "shard" | "plan" | "monitoring";
 
 export const names = {
   plan: (m: string) => `${m}-plan`,
   gateway: (m: string) => `${m}-gateway`,
+  /** Prefill gateways (spec.gateway.disaggregation, ADR 0029). */
+  prefill: (m: string) => `${m}-prefill`,
   service: (m: string) => m,
   shard: (m: string, k: number) => `${m}-shard-${k}`,
 };

@@ -13,6 +13,7 @@ import type {
 import {
   architectureOf,
   chatTemplateArgs,
+  type GatewayRole,
   gatewayArgs,
   modelArgs,
   prefixCacheDiskArgs,
@@ -178,7 +179,7 @@ function modelVolume(model: DeepSeekModel): {
  */
 function podSpec(
   model: DeepSeekModel,
-  role: "gateway" | "shard",
+  role: "gateway" | "prefill" | "shard",
   containers: V1PodSpec["containers"],
   extraVolumes: V1Volume[] = [],
 ): V1PodSpec {
@@ -363,7 +364,7 @@ function planConfigMap(model: DeepSeekModel, plan: PlacementPlan): V1ConfigMap {
 function deployment(
   model: DeepSeekModel,
   name: string,
-  component: "gateway" | "shard",
+  component: "gateway" | "prefill" | "shard",
   replicas: number | undefined,
   plan: PlacementPlan,
   spec: V1PodSpec,
@@ -393,7 +394,7 @@ function deployment(
 function pdb(
   model: DeepSeekModel,
   name: string,
-  component: "gateway" | "shard",
+  component: "gateway" | "prefill" | "shard",
   shard?: number,
 ): V1PodDisruptionBudget {
   return {
@@ -405,48 +406,11 @@ function pdb(
 }
 
 /**
- * Every object the model needs, in apply order: the plan ConfigMap first (pods mount it),
- * then shards (a new plan reaches shards before gateways), then the gateway and Service.
+ * The pod of a gateway: one that serves clients (behind the Service), or a prefill gateway
+ * (spec.gateway.disaggregation; the same container but for its mode).
  */
-export function desiredObjects(
-  model: DeepSeekModel,
-  plan: PlacementPlan,
-  replicas: Replicas,
-): DesiredObject[] {
-  const name = model.metadata.name;
-  const { gateway, experts } = model.spec;
-  const objects: DesiredObject[] = [planConfigMap(model, plan)];
-  for (let k = 0; k < plan.numShards; k++) {
-    const container = containerBase(
-      model,
-      "shard",
-      [`--shard=${k}`, "--metrics-port=9090"],
-      experts.gpusPerShard,
-      shardResources(model, plan, k),
-    );
-    const withProbes = {
-      ...container,
-      ports: [{ name: "metrics", containerPort: 9090 }],
-      readinessProbe: { httpGet: { path: "/readyz", port: "metrics" }, periodSeconds: 5 },
-      livenessProbe: {
-        httpGet: { path: "/healthz", port: "metrics" },
-        periodSeconds: 10,
-        failureThreshold: 6,
-      },
-    };
-    objects.push(
-      deployment(
-        model,
-        names.shard(name, k),
-        "shard",
-        replicas.shards[k],
-        plan,
-        podSpec(model, "shard", [withProbes]),
-        k,
-      ),
-    );
-    objects.push(pdb(model, names.shard(name, k), "shard", k));
-  }
+function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
+  const { gateway } = model.spec;
   const gw = containerBase(
     model,
     "gateway",
@@ -457,7 +421,7 @@ export function desiredObjects(
       // Still serving for 5 s after SIGTERM, not ready: the Service's endpoints drop the pod
       // before its port closes (then 45 s for requests in flight, within the 60 s grace).
       `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
-      ...gatewayArgs(model),
+      ...gatewayArgs(model, role),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
       ...chatTemplateArgs(model, PATHS.chatTemplate),
     ],
@@ -508,6 +472,57 @@ export function desiredObjects(
       failureThreshold: 6,
     },
   };
+  return podSpec(model, role, [gwContainer], prefixVolumes);
+}
+
+/**
+ * Every object the model needs, in apply order: the plan ConfigMap first (pods mount it),
+ * then shards (a new plan reaches shards before gateways), then the gateway and Service.
+ */
+export function desiredObjects(
+  model: DeepSeekModel,
+  plan: PlacementPlan,
+  replicas: Replicas,
+): DesiredObject[] {
+  const name = model.metadata.name;
+  const { gateway, experts } = model.spec;
+  const objects: DesiredObject[] = [planConfigMap(model, plan)];
+  for (let k = 0; k < plan.numShards; k++) {
+    const container = containerBase(
+      model,
+      "shard",
+      [`--shard=${k}`, "--metrics-port=9090"],
+      experts.gpusPerShard,
+      shardResources(model, plan, k),
+    );
+    const withProbes = {
+      ...container,
+      ports: [{ name: "metrics", containerPort: 9090 }],
+      readinessProbe: { httpGet: { path: "/readyz", port: "metrics" }, periodSeconds: 5 },
+      livenessProbe: {
+        httpGet: { path: "/healthz", port: "metrics" },
+        periodSeconds: 10,
+        failureThreshold: 6,
+      },
+    };
+    objects.push(
+      deployment(
+        model,
+        names.shard(name, k),
+        "shard",
+        replicas.shards[k],
+        plan,
+        podSpec(model, "shard", [withProbes]),
+        k,
+      ),
+    );
+    objects.push(pdb(model, names.shard(name, k), "shard", k));
+  }
+  // The template is read at start: a new one rolls the gateways.
+  const templateHash: Record<string, string> =
+    model.spec.gateway.chatTemplate === undefined
+      ? {}
+      : { [ANNOTATION_CHAT_TEMPLATE]: sha256Short(model.spec.gateway.chatTemplate) };
   objects.push(
     deployment(
       model,
@@ -515,15 +530,29 @@ export function desiredObjects(
       "gateway",
       replicas.gateway,
       plan,
-      podSpec(model, "gateway", [gwContainer], prefixVolumes),
+      gatewayPod(model, "gateway"),
       undefined,
-      // The template is read at start: a new one rolls the gateways.
-      model.spec.gateway.chatTemplate === undefined
-        ? {}
-        : { [ANNOTATION_CHAT_TEMPLATE]: sha256Short(model.spec.gateway.chatTemplate) },
+      templateHash,
     ),
   );
   objects.push(pdb(model, names.gateway(name), "gateway"));
+  // Disaggregated prefill (ADR 0029): gateways of their own, outside the Service.
+  const disaggregation = model.spec.gateway.disaggregation;
+  if (disaggregation) {
+    objects.push(
+      deployment(
+        model,
+        names.prefill(name),
+        "prefill",
+        disaggregation.prefillReplicas,
+        plan,
+        gatewayPod(model, "prefill"),
+        undefined,
+        templateHash,
+      ),
+    );
+    objects.push(pdb(model, names.prefill(name), "prefill"));
+  }
   objects.push({
     apiVersion: "v1",
     kind: "Service",

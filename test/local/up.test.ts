@@ -679,6 +679,37 @@ describe("expertmesh up", () => {
     });
   });
 
+  it("with gateway.disaggregation starts prefill gateways, which compute the long prompts", async () => {
+    const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
+    await upWithVariant(
+      [
+        "  gateway:\n",
+        "  gateway:\n    kvCache: { remoteBytes: 8388608 }\n    disaggregation: { prefillReplicas: 1, minPromptTokens: 16 }\n",
+      ],
+      async (started, port) => {
+        expect(started.err()).toMatch(
+          /^\[prefill\.0\] .*prefill gateway: computing prompts sent to em\.default\.tiny\.prefill$/m,
+        );
+        expect(started.err()).toMatch(
+          /^\[gateway\] .*decode gateway: prompts lacking 16 tokens or more go to em\.default\.tiny\.prefill$/m,
+        );
+        const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+        const r = await client.completions.create({
+          model: "tiny-v3",
+          prompt: "The ferry left the harbour at dawn with forty passengers aboard. ".repeat(3),
+          max_tokens: 4,
+          temperature: 0,
+        });
+        const P = r.usage!.prompt_tokens;
+        // Every whole block came through the bucket from the prefill gateway.
+        expect(r.usage?.prompt_tokens_details?.cached_tokens).toBe(Math.floor((P - 1) / 16) * 16);
+        const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+        expect(metrics).toMatch(/^expertmesh_gateway_prefill_remote_total\{outcome="done"\} 1$/m);
+      },
+      { EXPERTMESH_CACHE_DIR: cache },
+    );
+  });
+
   it.each([
     {
       tier: "diskBytes: the prefix cache's disk tier",

@@ -714,6 +714,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[25]!.message,
       ],
       [
+        "disaggregated prefill without a NATS prefix cache tier",
+        { gateway: { disaggregation: { prefillReplicas: 2 } } },
+        CROSS_FIELD_RULES[26]!.message,
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",

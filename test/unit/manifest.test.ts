@@ -94,6 +94,34 @@ describe("isLabelKey (spec.monitoring.podMonitor.labels)", () => {
     expect(isLabelKey(key)).toBe(ok);
   });
 
+  it("refuses gateway.disaggregation without the NATS tier its blocks go through, naming the rule", () => {
+    const m = (gateway: string) => `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
+  gateway: ${gateway}
+`;
+    expect(() => parseManifest(m("{ disaggregation: {} }"), "m.yaml")).toThrow(
+      /m\.yaml: spec\.gateway: gateway\.disaggregation needs gateway\.kvCache\.remoteBytes/,
+    );
+    const ok = parseManifest(m("{ disaggregation: {}, kvCache: { remoteBytes: 1048576 } }"));
+    expect(ok.spec.gateway.disaggregation).toEqual({
+      prefillReplicas: 1,
+      minPromptTokens: 512,
+      timeoutSeconds: 60,
+    });
+    expect(gatewayArgs(ok).slice(-3)).toEqual([
+      "--disaggregation-mode=decode",
+      "--disaggregation-min-tokens=512",
+      "--disaggregation-timeout=60",
+    ]);
+    expect(gatewayArgs(ok, "prefill").at(-1)).toBe("--disaggregation-mode=prefill");
+    expect(() =>
+      parseManifest(m("{ disaggregation: { timeoutSeconds: 0 }, kvCache: { remoteBytes: 1 } }")),
+    ).toThrow(ExpertMeshError);
+  });
+
   it("refuses a manifest with a bad key, naming the rule", () => {
     expect(() =>
       parseManifest(

@@ -48,6 +48,27 @@ describe("up's prefix cache flags", () => {
     expect(localDiskArgs(manifest(kvCache), "/c", 2, several)).toEqual(want);
   });
 
+  it("gives the gateway and each prefill gateway a folder of its own with disaggregated prefill", () => {
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: tiny, namespace: default }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
+  gateway:
+    kvCache: { diskBytes: 1048576, remoteBytes: 4194304 }
+    disaggregation: { prefillReplicas: 2 }
+`);
+    expect(localDiskArgs(m, "/c", 0, false)).toEqual([
+      "--prefix-cache-disk=/c/gateway-0",
+      "--prefix-cache-disk-bytes=1048576",
+    ]);
+    expect(localDiskArgs(m, "/c", 1, true, "prefill")).toEqual([
+      "--prefix-cache-disk=/c/prefill-1",
+      "--prefix-cache-disk-bytes=1048576",
+    ]);
+  });
+
   it("starts nats-server with JetStream, stored in the folder given, only for a NATS tier", () => {
     expect(localNatsArgs(manifest("{}"), 4222, "/js")).toEqual(["-a", "127.0.0.1", "-p", "4222"]);
     expect(localNatsArgs(manifest("{ remoteBytes: 4194304 }"), 4222, "/js")).toEqual([

@@ -343,6 +343,58 @@ describe("desiredObjects", () => {
     expect(pod.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
   });
 
+  it("with gateway.disaggregation, runs prefill gateways outside the Service and hands them long prompts", () => {
+    const plain = objects("  gateway: { kvCache: { remoteBytes: 8589934592 } }");
+    expect(plain.some((o) => o.metadata?.name === "m-prefill")).toBe(false);
+    expect(
+      (plain.find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec.containers[0]
+        .args,
+    ).not.toContain("--disaggregation-mode=decode");
+    const all = objects(
+      "  gateway:\n    kvCache: { remoteBytes: 8589934592 }\n    disaggregation: { prefillReplicas: 3, minPromptTokens: 1024 }",
+    );
+    const gw = all.find((o) => o.metadata?.name === "m-gateway") as any;
+    const prefill = all.find((o) => o.metadata?.name === "m-prefill") as any;
+    const args = (d: any): string[] => d.spec.template.spec.containers[0].args;
+    expect(args(gw)).toEqual(
+      expect.arrayContaining([
+        "--disaggregation-mode=decode",
+        "--disaggregation-min-tokens=1024",
+        "--disaggregation-timeout=60",
+        "--prefix-cache-remote=expertmesh-prefix-ns-m",
+      ]),
+    );
+    expect(prefill.kind).toBe("Deployment");
+    expect(prefill.spec.replicas).toBe(3);
+    expect(args(prefill)[0]).toBe("gateway");
+    expect(args(prefill)).toEqual(
+      expect.arrayContaining([
+        "--disaggregation-mode=prefill",
+        "--prefix-cache-remote=expertmesh-prefix-ns-m",
+      ]),
+    );
+    expect(args(prefill).join(" ")).not.toContain("--disaggregation-min-tokens");
+    // The same gateway otherwise (GPUs, resources, probes).
+    const strip = (a: string[]) => a.filter((x) => !x.startsWith("--disaggregation-"));
+    expect(strip(args(prefill))).toEqual(strip(args(gw)));
+    expect(prefill.spec.template.spec.containers[0].resources).toEqual(
+      gw.spec.template.spec.containers[0].resources,
+    );
+    // Its own component: the Service (and the gateways' PDB) select the serving gateways only.
+    const labels = prefill.spec.template.metadata.labels;
+    expect(labels["app.kubernetes.io/component"]).toBe("prefill");
+    const service = all.find((o) => o.kind === "Service") as any;
+    expect(Object.entries(service.spec.selector).every(([k, v]) => labels[k] === v)).toBe(false);
+    expect(
+      all.some(
+        (o: any) =>
+          o.kind === "PodDisruptionBudget" &&
+          o.metadata.name === "m-prefill" &&
+          o.spec.selector.matchLabels["app.kubernetes.io/component"] === "prefill",
+      ),
+    ).toBe(true);
+  });
+
   it.each([
     ["m", "default", "expertmesh-prefix-default-m"],
     ["v3.chat", "team-a", "expertmesh-prefix-team-a-v3_chat"],

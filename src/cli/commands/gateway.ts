@@ -675,12 +675,16 @@ export const gatewayCommand: Command = {
     const statsTimer = setInterval(() => {
       if (!nc || nc.isClosed()) return;
       const s = ctx.engine.stats;
+      // A prefill gateway's queue is its own role's (the autoscaler's gateway role is the
+      // gateways that serve clients).
+      const role = disaggregation === "prefill" ? "prefill" : "gateway";
       nc.publish(
-        subjects.stats(ref, "gateway", id),
+        subjects.stats(ref, role, id),
         JSON.stringify({
-          role: "gateway",
+          role,
           id,
           waiting: s.numWaiting,
+          ...(prefillClient ? { prefilling: s.numPrefilling } : {}),
           running: s.numRunning,
           kvUsage: s.kvUsage,
           ...(experts instanceof RemoteExperts ? { planVersion: experts.plan.version } : {}),

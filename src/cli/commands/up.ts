@@ -14,6 +14,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import {
   chatTemplateArgs,
+  type GatewayRole,
   gatewayArgs,
   modelArgs,
   prefixCacheDiskArgs,
@@ -229,16 +230,20 @@ export function localNatsArgs(m: DeepSeekModel, port: number, storeDir: string):
  * The disk tier's flags of `up`'s gateway replica `r` (none without kvCache.diskBytes), in
  * `dir`, a folder that outlives up's runs: `several` gateways share it, as on a ReadWriteMany
  * volume, unless they share a NATS tier (kvCache.remoteBytes): then each has a folder of its
- * own under it.
+ * own under it (as does each gateway and prefill gateway with spec.gateway.disaggregation).
  */
 export function localDiskArgs(
   m: DeepSeekModel,
   dir: string,
   r: number,
   several: boolean,
+  role: GatewayRole = "gateway",
 ): string[] {
-  const own = several && m.spec.gateway.kvCache.remoteBytes > 0;
-  const disk = prefixCacheDiskArgs(m, own ? join(dir, `gateway-${r}`) : dir);
+  // Prefill gateways (spec.gateway.disaggregation) are more gateways over the NATS tier.
+  const own =
+    (several || m.spec.gateway.disaggregation !== undefined) &&
+    m.spec.gateway.kvCache.remoteBytes > 0;
+  const disk = prefixCacheDiskArgs(m, own ? join(dir, `${role}-${r}`) : dir);
   if (several && !own && disk.length > 0 && !disk.includes("--prefix-cache-disk-shared"))
     disk.push("--prefix-cache-disk-shared");
   return disk;
@@ -482,7 +487,8 @@ export const upCommand: Command = {
           });
           c.kill("SIGTERM");
         });
-      const rank = (n: string) => (n.startsWith("gateway") ? 0 : n.startsWith("shard-") ? 1 : 2);
+      const rank = (n: string) =>
+        n.startsWith("gateway") || n.startsWith("prefill.") ? 0 : n.startsWith("shard-") ? 1 : 2;
       for (const group of [0, 1, 2])
         await Promise.all(
           children.filter((e) => rank(e.spec.name) === group).map((e) => stopOne(e.proc)),
@@ -611,11 +617,38 @@ export const upCommand: Command = {
             : {}),
         };
       };
+      // Prefill gateways (spec.gateway.disaggregation, ADR 0029): on loopback, out of the
+      // front's rotation; the gateways hand them long prompts over NATS.
+      const prefillSpec = (r: number): ChildSpec => ({
+        name: `prefill.${r}`,
+        cmd: process.execPath,
+        args: [
+          ...cli,
+          "gateway",
+          ...named,
+          ...experts,
+          "--http-port=0",
+          "--grpc-port=0",
+          "--host=127.0.0.1",
+          "--metrics-port=0",
+          `--device=${devices.gateway}`,
+          ...gatewayArgs(m, "prefill"),
+          ...localDiskArgs(m, diskDir, r, true, "prefill"),
+          ...chatTemplateArgs(m, chatTemplatePath),
+        ],
+        readyLine: /serving '/,
+        bar: true,
+      });
+      const prefills = Array.from(
+        { length: m.spec.gateway.disaggregation?.prefillReplicas ?? 0 },
+        (_, r) => start(prefillSpec(r), false),
+      );
       const first = gatewaySpec();
       const servingLines = await Promise.all([
         start(first, false),
         ...Array.from({ length: gateways.initial - 1 }, () => start(gatewaySpec(), false)),
       ]);
+      await Promise.all(prefills);
       board.close();
       if (!ports) {
         // The ports the gateway listens on (not the flags: those may be 0); a gateway started
