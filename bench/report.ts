@@ -10,6 +10,7 @@ import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
+import { disaggTables } from "./disagg.ts";
 import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
@@ -515,6 +516,7 @@ export const SUITES = [
   "diskshared",
   "invariant",
   "front",
+  "disagg",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -536,7 +538,8 @@ export const TABLES_ONLY: Record<
   | "diskread"
   | "diskshared"
   | "invariant"
-  | "front",
+  | "front"
+  | "disagg",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -553,6 +556,7 @@ export const TABLES_ONLY: Record<
   diskshared: diskSharedTables,
   invariant: invariantTables,
   front: frontTables,
+  disagg: disaggTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

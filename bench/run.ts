@@ -14,6 +14,7 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
+import { runDisagg } from "./disagg.ts";
 import { runDiskRead } from "./disk-read.ts";
 import { runDiskShared } from "./disk-shared.ts";
 import { runDispatch } from "./dispatch.ts";
@@ -68,6 +69,7 @@ const RUN_TABLES_ONLY: Record<
   isa: runIsa,
   diskread: runDiskRead,
   diskshared: runDiskShared,
+  disagg: runDisagg,
   invariant: runInvariant,
   front: runFront,
 };

@@ -258,7 +258,9 @@ export interface RequestResult {
 
 /**
  * One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by
- * hand. `system`: a system message before the prompt; `extra`: more request fields.
+ * hand. `system`: a system message before the prompt; `extra`: more request fields (with
+ * `logprobs: true` every token makes a chunk, text or not); `onContent`: called with
+ * performance.now() as each content chunk arrives.
  */
 export async function chat(
   base: string,
@@ -266,6 +268,7 @@ export async function chat(
   maxTokens: number,
   system?: string,
   extra: Record<string, unknown> = {},
+  onContent?: (now: number) => void,
 ): Promise<RequestResult> {
   const t0 = performance.now();
   const res = await fetch(`${base}/v1/chat/completions`, {
@@ -316,7 +319,7 @@ export async function chat(
         const data = line.slice(5).trim();
         if (data === "[DONE]") continue;
         const msg = JSON.parse(data) as {
-          choices?: { delta?: { content?: string } }[];
+          choices?: { delta?: { content?: string }; logprobs?: { content?: unknown[] } | null }[];
           usage?: { completion_tokens: number };
           error?: unknown;
         };
@@ -325,11 +328,14 @@ export async function chat(
           error ??= JSON.stringify(msg.error).slice(0, 300);
         }
         if (msg.usage) tokens = msg.usage.completion_tokens;
-        if (msg.choices?.some((c) => c.delta?.content)) {
+        // A token's chunk: its text, or (with logprobs) its logprobs when its text is held
+        // back (a character's first bytes).
+        if (msg.choices?.some((c) => c.delta?.content || c.logprobs?.content?.length)) {
           const now = performance.now();
           if (Number.isNaN(first)) first = now - t0;
           else gaps.push(now - last);
           last = now;
+          onContent?.(now);
         }
       }
     }

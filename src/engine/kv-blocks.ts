@@ -465,7 +465,7 @@ export class BlockKvCache {
 
   /**
    * Writes the blocks of `hashes` the pool holds and the shared tier lacks to it, and waits
-   * for the writes (a prefill gateway's job, ADR 0029: most were written through as they
+   * for their writes (a prefill gateway's job, ADR 0029: most were written through as they
    * were computed). Resolves how many of `hashes` the shared tier then keeps.
    */
   async share(hashes: readonly string[]): Promise<number> {
@@ -479,7 +479,8 @@ export class BlockKvCache {
       // The engine may have run meanwhile: only a block that still holds these rows.
       if (this.allocator.blockOf(hash) === b) store.save(hash, this.#blockRows(b));
     }
-    await store.flush();
+    // Only these: the blocks of the prompts computed meanwhile keep being written.
+    await store.flushed(hashes);
     return hashes.filter((h) => store.has(h)).length;
   }
 

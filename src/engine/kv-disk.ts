@@ -808,6 +808,11 @@ export class DiskPrefixStore implements PrefixStore {
       await Promise.race(this.#writing.values());
   }
 
+  /** Resolves once the writes of `hashes` started so far have ended. */
+  async flushed(hashes: readonly string[]): Promise<void> {
+    await Promise.all(hashes.map((h) => this.#writing.get(h)));
+  }
+
   /** Resolves once every write and removal started so far has ended. */
   async flush(): Promise<void> {
     while (this.#writing.size > 0 || this.#unlinking.size > 0)

@@ -498,6 +498,10 @@ export class RemotePrefixStore implements PrefixStore {
     while (this.#writing.size > 0) await Promise.all(this.#writing.values());
   }
 
+  async flushed(hashes: readonly string[]): Promise<void> {
+    await Promise.all(hashes.map((h) => this.#writing.get(h)));
+  }
+
   /** Ends the watch after the writes started so far; the connection stays open. */
   async close(): Promise<void> {
     if (this.#closed) return;

@@ -67,6 +67,11 @@ export interface PrefixStore {
   room(): Promise<void>;
   /** Resolves once every write started so far has ended. */
   flush(): Promise<void>;
+  /**
+   * Resolves once the writes of `hashes` started so far have ended (not those of other
+   * blocks, which a busy gateway keeps starting).
+   */
+  flushed(hashes: readonly string[]): Promise<void>;
   /** Stops reading ahead and lets go of what the store holds open. */
   close(): Promise<void>;
 }
