@@ -365,6 +365,12 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "gateway.disaggregation needs gateway.kvCache.remoteBytes: the prompts' blocks go from the prefill gateways to the others through the NATS tier",
     check: (s) => s["disaggregation"] === undefined || s["kvCache"]?.remoteBytes > 0,
   },
+  {
+    path: "spec.gateway.disaggregation",
+    rule: "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+    message: "gateway.disaggregation.minReplicas must not exceed its maxReplicas",
+    check: (s) => s["minReplicas"] <= s["maxReplicas"],
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

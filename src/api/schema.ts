@@ -376,31 +376,45 @@ export const GatewaySchema = withRules(
         { description: "The MLA latent KV cache of each gateway.", default: {} },
       ),
       disaggregation: Type.Optional(
-        Type.Object(
-          {
-            prefillReplicas: Type.Integer({
+        withRules(
+          "spec.gateway.disaggregation",
+          Type.Object(
+            {
+              replicas: Type.Integer({
+                description:
+                  "Prefill gateway pods (a Deployment <name>-prefill, outside the Service) when autoscaling is off; the starting count when it is on. They compute the long prompts of the serving gateways, which then only decode.",
+                default: 1,
+                minimum: 1,
+              }),
+              minReplicas: Type.Integer({
+                description: "Fewest prefill gateway pods the autoscaler keeps.",
+                default: 1,
+                minimum: 1,
+              }),
+              maxReplicas: Type.Integer({
+                description:
+                  "Most prefill gateway pods the autoscaler creates (on autoscaling.prefillTargetQueueDepth).",
+                default: 4,
+                minimum: 1,
+              }),
+              minPromptTokens: Type.Integer({
+                description:
+                  "A prompt goes to a prefill gateway when it lacks at least this many tokens in the serving gateway's prefix cache; shorter remainders (a chat turn over a cached history) are computed in place.",
+                default: 512,
+                minimum: 1,
+              }),
+              timeoutSeconds: Type.Number({
+                description:
+                  "A prompt without an answer from a prefill gateway within this many seconds is computed by the serving gateway itself (as is one that no prefill gateway takes).",
+                default: 60,
+                exclusiveMinimum: 0,
+              }),
+            },
+            {
               description:
-                "Prefill gateway pods (a Deployment <name>-prefill, outside the Service): they compute the long prompts of the serving gateways, which then only decode.",
-              default: 1,
-              minimum: 1,
-            }),
-            minPromptTokens: Type.Integer({
-              description:
-                "A prompt goes to a prefill gateway when it lacks at least this many tokens in the serving gateway's prefix cache; shorter remainders (a chat turn over a cached history) are computed in place.",
-              default: 512,
-              minimum: 1,
-            }),
-            timeoutSeconds: Type.Number({
-              description:
-                "A prompt without an answer from a prefill gateway within this many seconds is computed by the serving gateway itself (as is one that no prefill gateway takes).",
-              default: 60,
-              exclusiveMinimum: 0,
-            }),
-          },
-          {
-            description:
-              "Disaggregated prefill (ADR 0029): prefill gateways compute long prompts, whose blocks reach the serving (decode) gateways through the prefix cache's NATS tier, so that the decode gateways' streams are not slowed by prompts arriving. Needs kvCache.remoteBytes.",
-          },
+                "Disaggregated prefill (ADR 0029): prefill gateways compute long prompts, whose blocks reach the serving (decode) gateways through the prefix cache's NATS tier, so that the decode gateways' streams are not slowed by prompts arriving. Needs kvCache.remoteBytes.",
+            },
+          ),
         ),
       ),
       sessionAffinity: StringEnum(["None", "ClientIP"], {
@@ -669,6 +683,12 @@ export const AutoscalingSchema = Type.Object(
     gatewayTargetQueueDepth: Type.Number({
       description: "Target waiting requests per gateway pod.",
       default: 8,
+      exclusiveMinimum: 0,
+    }),
+    prefillTargetQueueDepth: Type.Number({
+      description:
+        "Target prompts waiting per prefill gateway pod (spec.gateway.disaggregation): each is a long prompt, so a few.",
+      default: 2,
       exclusiveMinimum: 0,
     }),
     shardTargetQueueDepth: Type.Number({

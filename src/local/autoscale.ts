@@ -17,7 +17,10 @@ import { serializePlan } from "../moe/plan-json.ts";
 import { Autoscaler, type WorkloadView } from "../operator/autoscale/autoscaler.ts";
 import type { RoleKey } from "../operator/autoscale/load.ts";
 
-/** The processes of each role ("gateway", "shard-<k>"), as the autoscaler sees and changes them. */
+/**
+ * The processes of each role ("gateway", "prefill", "shard-<k>"), as the autoscaler sees and
+ * changes them.
+ */
 export interface LocalRoles {
   /** The roles it may scale. */
   roles: readonly RoleKey[];
@@ -66,6 +69,15 @@ export function localGateways(
     initial,
     front: initial > 1 || (a.enabled && a.mode === "operator" && g.maxReplicas > 1),
   };
+}
+
+/**
+ * How many prefill gateway processes `up` starts (spec.gateway.disaggregation's replicas
+ * within its minReplicas and maxReplicas, as the operator's Deployment; 0 without).
+ */
+export function localPrefills(m: DeepSeekModel): number {
+  const d = m.spec.gateway.disaggregation;
+  return d ? Math.min(Math.max(d.replicas, d.minReplicas), d.maxReplicas) : 0;
 }
 
 /**
@@ -132,6 +144,9 @@ export class LocalAutoscaler {
           (this.#o.processes.roles.includes("gateway")
             ? `gateways between ${gateway.minReplicas} and ${gateway.maxReplicas}, target ${a.gatewayTargetQueueDepth} waiting requests per gateway; `
             : "the gateway stays one process; ") +
+          (gateway.disaggregation && this.#o.processes.roles.includes("prefill")
+            ? `prefill gateways between ${gateway.disaggregation.minReplicas} and ${gateway.disaggregation.maxReplicas}, target ${a.prefillTargetQueueDepth} waiting prompts each; `
+            : "") +
           `decided every ${a.intervalSeconds} s (the operator's autoscaler)`,
       );
     if (experts.rebalance.enabled)

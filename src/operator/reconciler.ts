@@ -52,10 +52,11 @@ export interface ReconcilerOptions {
 
 const keyOf = (o: KubernetesObject) => `${o.kind}/${o.metadata?.name}`;
 
-/** The role a Deployment of model `name` serves: gateway or shard-<k>. */
+/** The role a Deployment of model `name` serves: gateway, prefill or shard-<k>. */
 function roleOf(name: string, d: V1Deployment): RoleKey | undefined {
   const n = d.metadata?.name ?? "";
   if (n === names.gateway(name)) return "gateway";
+  if (n === names.prefill(name)) return "prefill";
   const prefix = `${names.shard(name, 0).slice(0, -1)}`;
   return n.startsWith(prefix) ? `shard-${n.slice(prefix.length)}` : undefined;
 }
@@ -250,8 +251,12 @@ export class Reconciler {
       const n = decided?.get(role) ?? now.get(role);
       return n === undefined ? fallback : Math.min(Math.max(n, min), max);
     };
+    const prefill = gateway.disaggregation;
     return {
       gateway: pick("gateway", base.gateway, gateway.minReplicas, gateway.maxReplicas),
+      ...(prefill
+        ? { prefill: pick("prefill", base.prefill, prefill.minReplicas, prefill.maxReplicas) }
+        : {}),
       shards: base.shards.map((n, k) =>
         pick(`shard-${k}`, n, experts.replicas.min, experts.replicas.max),
       ),

@@ -78,6 +78,8 @@ const sha256Short = (text: string) => createHash("sha256").update(text).digest("
 /** Replica counts chosen for this reconcile (the autoscaler's, or the spec's). */
 export interface Replicas {
   gateway: number | undefined;
+  /** Prefill gateways (spec.gateway.disaggregation; absent without). */
+  prefill?: number | undefined;
   /** Per shard; undefined leaves replicas to an external autoscaler. */
   shards: (number | undefined)[];
 }
@@ -86,11 +88,11 @@ export interface Replicas {
 export function specReplicas(model: DeepSeekModel, plan: PlacementPlan): Replicas {
   const { autoscaling, gateway, experts } = model.spec;
   const external = autoscaling.enabled && autoscaling.mode === "external";
-  const gw = external
-    ? undefined
-    : Math.min(Math.max(gateway.replicas, gateway.minReplicas), gateway.maxReplicas);
+  const clamp = (r: { replicas: number; minReplicas: number; maxReplicas: number }) =>
+    external ? undefined : Math.min(Math.max(r.replicas, r.minReplicas), r.maxReplicas);
   return {
-    gateway: gw,
+    gateway: clamp(gateway),
+    ...(gateway.disaggregation ? { prefill: clamp(gateway.disaggregation) } : {}),
     shards: Array.from({ length: plan.numShards }, () =>
       external ? undefined : experts.replicas.min,
     ),
@@ -544,7 +546,7 @@ export function desiredObjects(
         model,
         names.prefill(name),
         "prefill",
-        disaggregation.prefillReplicas,
+        replicas.prefill,
         plan,
         gatewayPod(model, "prefill"),
         undefined,

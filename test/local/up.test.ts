@@ -684,7 +684,7 @@ describe("expertmesh up", () => {
     await upWithVariant(
       [
         "  gateway:\n",
-        "  gateway:\n    kvCache: { remoteBytes: 8388608 }\n    disaggregation: { prefillReplicas: 1, minPromptTokens: 16 }\n",
+        "  gateway:\n    kvCache: { remoteBytes: 8388608 }\n    disaggregation: { replicas: 1, minPromptTokens: 16 }\n",
       ],
       async (started, port) => {
         expect(started.err()).toMatch(

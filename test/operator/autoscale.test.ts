@@ -85,9 +85,9 @@ class Reporters {
       meanPendingTokens: pending,
     }));
   }
-  gateway(id: string, waiting: () => number): void {
-    this.#reports.set(`${this.prefix}.gateway.${id}`, () => ({
-      role: "gateway",
+  gateway(id: string, waiting: () => number, role: "gateway" | "prefill" = "gateway"): void {
+    this.#reports.set(`${this.prefix}.${role}.${id}`, () => ({
+      role,
       id,
       waiting: waiting(),
     }));
@@ -591,6 +591,81 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
     expect(left).not.toMatch(/\btiny\b|\bdefault\b/);
     return out;
   }
+});
+
+describe("prefill gateways scale as a role of their own (spec.gateway.disaggregation)", () => {
+  const releaseNs = uniqueName("em-asp");
+  const ns = uniqueName("asp");
+  const name = "dis";
+  let op: RunningOperator;
+  let nc: NatsConnection;
+  let reporters: Reporters;
+  const replicas = async (deployment: string) =>
+    (await ownedDeployments(ns, name)).find((d) => d.metadata?.name === deployment)?.spec?.replicas;
+
+  beforeAll(async () => {
+    op = await operatorForNamespaces({
+      release: "expertmesh-asp",
+      releaseNs,
+      identity: "op-asp",
+      namespaces: [ns],
+    });
+    nc = await connect({ servers: testEnv().nats.url });
+    reporters = new Reporters(nc, `em.${ns}.${name}.stats`);
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model(name, ns, {
+        gateway: {
+          ...GATEWAY,
+          kvCache: { remoteBytes: 2 ** 30 },
+          disaggregation: { replicas: 1, minReplicas: 1, maxReplicas: 3 },
+        },
+        experts: { shards: 2, gpusPerShard: 0, replicas: SHARD_REPLICAS },
+        nats: { url: testEnv().nats.url },
+        autoscaling: { ...AS, prefillTargetQueueDepth: 2 },
+      }),
+    });
+    await waitFor("the prefill Deployment at 1 replica", async () =>
+      (await replicas(`${name}-prefill`)) === 1 ? true : undefined,
+    );
+  });
+
+  afterAll(async () => {
+    reporters?.stop();
+    await nc?.close();
+    await op?.process.stop();
+    await core.deleteNamespace({ name: ns }).catch(() => {});
+  });
+
+  it("prompts waiting on the prefill gateways scale their Deployment, not the gateways'", async () => {
+    reporters.gateway("g0", () => 0);
+    reporters.shard(0, "r0", 5);
+    reporters.shard(1, "r0", 5);
+    // 5x the target on the one prefill gateway: wants 5, max is 3.
+    reporters.gateway("p0", () => 10, "prefill");
+    await waitFor("the prefill Deployment at 3 replicas", async () =>
+      (await replicas(`${name}-prefill`)) === 3 ? true : undefined,
+    );
+    expect(await replicas(`${name}-gateway`)).toBe(1);
+    const m = await waitFor("the decision in status", async () => {
+      const m = await getModel(ns, name);
+      return m.status?.autoscaling?.decisions.some((d) => d.role === "prefill") ? m : undefined;
+    });
+    expect(m.status!.autoscaling!.decisions.find((d) => d.role === "prefill")).toMatchObject({
+      from: 1,
+      to: 3,
+      target: 2,
+      reason: "AtMaximum",
+    });
+    expect(m.status!.autoscaling!.decisions.some((d) => d.role === "gateway")).toBe(false);
+    expect(
+      await op.metric(`expertmesh_queue_depth{namespace="${ns}",model="${name}",role="prefill"}`),
+    ).toBeGreaterThan(2);
+    expect(
+      await op.metric(`expertmesh_queue_depth{namespace="${ns}",model="${name}",role="gateway"}`),
+    ).toBe(0);
+  });
 });
 
 interface KedaObject {

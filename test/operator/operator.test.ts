@@ -715,8 +715,18 @@ describe.sequential("expertmesh operator", () => {
       ],
       [
         "disaggregated prefill without a NATS prefix cache tier",
-        { gateway: { disaggregation: { prefillReplicas: 2 } } },
+        { gateway: { disaggregation: { replicas: 2 } } },
         CROSS_FIELD_RULES[26]!.message,
+      ],
+      [
+        "prefill gateways of more minReplicas than maxReplicas",
+        {
+          gateway: {
+            kvCache: { remoteBytes: 2 ** 30 },
+            disaggregation: { minReplicas: 3, maxReplicas: 2 },
+          },
+        },
+        CROSS_FIELD_RULES[27]!.message,
       ],
       [
         "a node selector value that is no label value",

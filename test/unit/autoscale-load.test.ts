@@ -36,6 +36,8 @@ const shard = (
 describe("parseReport", () => {
   it.each([
     ["gateway", JSON.stringify(gw("a", 3)), true],
+    ["prefill gateway", JSON.stringify({ ...gw("a", 3), role: "prefill" }), true],
+    ["prefill gateway without a depth", JSON.stringify({ role: "prefill", id: "a" }), false],
     ["shard", JSON.stringify(shard(0, "a", 5)), true],
     ["not JSON", "{", false],
     ["no id", JSON.stringify({ role: "gateway", waiting: 1 }), false],
@@ -59,6 +61,14 @@ describe("LoadTracker.observe", () => {
     t.add(gw("a", 8), 10_500);
     t.add(gw("b", 10), 10_500);
     expect(t.observe("gateway", 10_500)).toEqual({ reporters: 2, total: 6 + 10 });
+  });
+
+  it("keeps prefill gateways' reports apart from the gateways'", () => {
+    const t = new LoadTracker(opts);
+    t.add(gw("a", 2), 0);
+    t.add({ ...gw("p", 6), role: "prefill" }, 0);
+    expect(t.observe("gateway", 0)).toEqual({ reporters: 1, total: 2 });
+    expect(t.observe("prefill", 0)).toEqual({ reporters: 1, total: 6 });
   });
 
   it("a reporter silent for longer than staleMs is absent; all silent is unknown", () => {

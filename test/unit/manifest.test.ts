@@ -107,7 +107,9 @@ spec:
     );
     const ok = parseManifest(m("{ disaggregation: {}, kvCache: { remoteBytes: 1048576 } }"));
     expect(ok.spec.gateway.disaggregation).toEqual({
-      prefillReplicas: 1,
+      replicas: 1,
+      minReplicas: 1,
+      maxReplicas: 4,
       minPromptTokens: 512,
       timeoutSeconds: 60,
     });
@@ -120,6 +122,12 @@ spec:
     expect(() =>
       parseManifest(m("{ disaggregation: { timeoutSeconds: 0 }, kvCache: { remoteBytes: 1 } }")),
     ).toThrow(ExpertMeshError);
+    expect(() =>
+      parseManifest(
+        m("{ disaggregation: { minReplicas: 3, maxReplicas: 2 }, kvCache: { remoteBytes: 1 } }"),
+        "m.yaml",
+      ),
+    ).toThrow(/gateway\.disaggregation\.minReplicas must not exceed its maxReplicas/);
   });
 
   it("refuses a manifest with a bad key, naming the rule", () => {

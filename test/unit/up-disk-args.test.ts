@@ -57,7 +57,7 @@ spec:
   model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
   gateway:
     kvCache: { diskBytes: 1048576, remoteBytes: 4194304 }
-    disaggregation: { prefillReplicas: 2 }
+    disaggregation: { replicas: 2 }
 `);
     expect(localDiskArgs(m, "/c", 0, false)).toEqual([
       "--prefix-cache-disk=/c/gateway-0",

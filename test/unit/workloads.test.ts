@@ -351,7 +351,7 @@ describe("desiredObjects", () => {
         .args,
     ).not.toContain("--disaggregation-mode=decode");
     const all = objects(
-      "  gateway:\n    kvCache: { remoteBytes: 8589934592 }\n    disaggregation: { prefillReplicas: 3, minPromptTokens: 1024 }",
+      "  gateway:\n    kvCache: { remoteBytes: 8589934592 }\n    disaggregation: { replicas: 3, minPromptTokens: 1024 }",
     );
     const gw = all.find((o) => o.metadata?.name === "m-gateway") as any;
     const prefill = all.find((o) => o.metadata?.name === "m-prefill") as any;

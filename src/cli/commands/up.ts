@@ -24,7 +24,12 @@ import {
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
-import { LocalAutoscaler, localGateways, localScaling } from "../../local/autoscale.ts";
+import {
+  LocalAutoscaler,
+  localGateways,
+  localPrefills,
+  localScaling,
+} from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
@@ -619,7 +624,9 @@ export const upCommand: Command = {
       };
       // Prefill gateways (spec.gateway.disaggregation, ADR 0029): on loopback, out of the
       // front's rotation; the gateways hand them long prompts over NATS.
-      const prefillSpec = (r: number): ChildSpec => ({
+      // r counts up, as the gateways' (a replica the autoscaler starts takes a new name).
+      let prefillsStarted = 0;
+      const prefillSpec = (r = prefillsStarted++): ChildSpec => ({
         name: `prefill.${r}`,
         cmd: process.execPath,
         args: [
@@ -639,10 +646,7 @@ export const upCommand: Command = {
         readyLine: /serving '/,
         bar: true,
       });
-      const prefills = Array.from(
-        { length: m.spec.gateway.disaggregation?.prefillReplicas ?? 0 },
-        (_, r) => start(prefillSpec(r), false),
-      );
+      const prefills = Array.from({ length: localPrefills(m) }, () => start(prefillSpec(), false));
       const first = gatewaySpec();
       const servingLines = await Promise.all([
         start(first, false),
@@ -681,14 +685,16 @@ export const upCommand: Command = {
       serving = true;
       for (const note of scaling.notes) say(note);
       if (scaling.run) {
-        // A role's processes: "gateway" (with the front) and "shard-<k>".
-        const prefix = (role: string) => (role === "gateway" ? "gateway." : `${role}.`);
+        // A role's processes: "gateway" (with the front), "prefill" and "shard-<k>".
+        const prefix = (role: string) => `${role}.`;
         const live = (role: string) =>
           children.filter((e) => !e.retired && e.spec.name.startsWith(prefix(role)));
         const specFor = (role: string) =>
           role === "gateway"
             ? gatewaySpec()
-            : shardSpec(Number(role.slice("shard-".length)), natsUrl);
+            : role === "prefill"
+              ? prefillSpec()
+              : shardSpec(Number(role.slice("shard-".length)), natsUrl);
         scaler = new LocalAutoscaler({
           model: m,
           plan,
@@ -698,6 +704,7 @@ export const upCommand: Command = {
           processes: {
             roles: [
               ...(front ? ["gateway"] : []),
+              ...(m.spec.gateway.disaggregation ? ["prefill"] : []),
               ...Array.from({ length: plan.numShards }, (_, k) => `shard-${k}`),
             ],
             replicas: (role) => live(role).length,
@@ -755,7 +762,8 @@ export function upMemory(
   const expertBytes =
     shards.reduce((a, b) => a + b, 0) * (singleProcess ? 1 : m.spec.experts.replicas.min);
   const gateway = weights + m.spec.gateway.kvCache.bytes;
-  const gateways = localGateways(m, singleProcess).initial;
+  // Prefill gateways (spec.gateway.disaggregation) hold as much as a gateway each.
+  const gateways = localGateways(m, singleProcess).initial + (singleProcess ? 0 : localPrefills(m));
   const total = expertBytes + gateways * gateway;
   const line = singleProcess
     ? `memory: the gateway will hold ~${formatBytes(total)} (experts ${formatBytes(expertBytes)}, ` +

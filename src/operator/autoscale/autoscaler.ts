@@ -372,17 +372,24 @@ export class Autoscaler {
   #rolesOf(s: ModelState): RoleKey[] {
     return [
       "gateway",
+      ...(s.model.spec.gateway.disaggregation ? ["prefill"] : []),
       ...Array.from({ length: s.view.plan?.numShards ?? 0 }, (_, k) => shardRole(k)),
     ];
   }
 
   #policy(s: ModelState, role: RoleKey): ScalePolicy {
     const { autoscaling: a, gateway, experts } = s.model.spec;
-    const isGateway = role === "gateway";
+    const prefill = gateway.disaggregation;
+    const [min, max, target] =
+      role === "gateway"
+        ? [gateway.minReplicas, gateway.maxReplicas, a.gatewayTargetQueueDepth]
+        : role === "prefill" && prefill
+          ? [prefill.minReplicas, prefill.maxReplicas, a.prefillTargetQueueDepth]
+          : [experts.replicas.min, experts.replicas.max, a.shardTargetQueueDepth];
     return {
-      min: isGateway ? gateway.minReplicas : experts.replicas.min,
-      max: isGateway ? gateway.maxReplicas : experts.replicas.max,
-      target: isGateway ? a.gatewayTargetQueueDepth : a.shardTargetQueueDepth,
+      min,
+      max,
+      target,
       tolerance: a.tolerance,
       scaleUpStabilizationMs: a.scaleUpStabilizationSeconds * 1000,
       scaleDownStabilizationMs: a.scaleDownStabilizationSeconds * 1000,
@@ -544,7 +551,11 @@ export class Autoscaler {
   #catchUp(s: ModelState, plan: PlacementPlan, now: number): void {
     const resend = this.#o.rolloutResendMs ?? 2000;
     if (now - (s.lastCatchUpAt ?? 0) < resend) return;
-    const roles = ["gateway", ...plan.layers[0]!.shardExperts.map((_, k) => shardRole(k))];
+    const roles = [
+      "gateway",
+      "prefill",
+      ...plan.layers[0]!.shardExperts.map((_, k) => shardRole(k)),
+    ];
     const behind = roles.some((role) =>
       s.tracker
         .fresh(role, now)

@@ -2,13 +2,14 @@
 // (em.<ns>.<model>.stats.<role>.<id>, once a second each). Pure: every call takes the time,
 // so the windows and staleness are table-testable.
 //
-// Queue depth per role: gateways report requests waiting; shards the time-averaged tokens
+// Queue depth per role: gateways (and prefill gateways) report requests waiting; shards the time-averaged tokens
 // pending since their last report. Each reporter's samples are averaged over the metric
 // window; a reporter whose last report is older than `staleMs` counts as absent.
 import type { Observation } from "./hpa.ts";
 
+/** A gateway's, or a prefill gateway's (spec.gateway.disaggregation): their own roles. */
 export interface GatewayReport {
-  role: "gateway";
+  role: "gateway" | "prefill";
   id: string;
   waiting: number;
   running?: number;
@@ -30,7 +31,7 @@ export interface ShardReport {
 
 export type LoadReport = GatewayReport | ShardReport;
 
-/** `gateway` or `shard-<k>`. */
+/** `gateway`, `prefill` or `shard-<k>`. */
 export type RoleKey = string;
 export const shardRole = (k: number): RoleKey => `shard-${k}`;
 
@@ -58,7 +59,8 @@ export function parseReport(data: Uint8Array | string): LoadReport | undefined {
   }
   if (!v || typeof v !== "object" || typeof v["id"] !== "string") return undefined;
   const num = (x: unknown) => typeof x === "number" && Number.isFinite(x) && x >= 0;
-  if (v["role"] === "gateway" && num(v["waiting"])) return v as unknown as GatewayReport;
+  if ((v["role"] === "gateway" || v["role"] === "prefill") && num(v["waiting"]))
+    return v as unknown as GatewayReport;
   if (
     v["role"] === "shard" &&
     Number.isInteger(v["shard"]) &&
@@ -88,9 +90,9 @@ export class LoadTracker {
   }
 
   add(r: LoadReport, now: number): void {
-    const role = r.role === "gateway" ? "gateway" : shardRole(r.shard);
+    const role = r.role === "shard" ? shardRole(r.shard) : r.role;
     const key = `${role}/${r.id}`;
-    const depth = r.role === "gateway" ? r.waiting : (r.meanPendingTokens ?? r.pendingTokens);
+    const depth = r.role === "shard" ? (r.meanPendingTokens ?? r.pendingTokens) : r.waiting;
     let rep = this.#reporters.get(key);
     if (!rep) {
       rep = { role, samples: [], last: r, lastAt: now };
