@@ -101,7 +101,10 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
     ...roleCounts(byRole("shard")),
     ...(o.queueDepth?.shard !== undefined ? { queueDepth: o.queueDepth.shard } : {}),
   };
-  const expectedDeployments = 1 + model.spec.experts.shards;
+  const prefill = roleCounts(byRole("prefill"));
+  // The gateways', the prefill gateways' (spec.gateway.disaggregation) and each shard's.
+  const expectedDeployments =
+    1 + (model.spec.gateway.disaggregation ? 1 : 0) + model.spec.experts.shards;
   const allRolledOut =
     o.deployments.length === expectedDeployments && o.deployments.every(rolledOut);
   // Degraded reports every problem, led by the first that keeps the model from serving;
@@ -135,7 +138,7 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
         type: "Progressing",
         status: "True" as const,
         reason: "RollingOut",
-        message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
+        message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, ${model.spec.gateway.disaggregation ? `prefill ${prefill.readyReplicas}/${prefill.desiredReplicas}, ` : ""}shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
       };
   const ready =
     allRolledOut && !blocking

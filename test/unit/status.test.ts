@@ -136,6 +136,34 @@ describe("computeStatus", () => {
     for (const c of s.conditions!) expect(c.observedGeneration).toBe(3);
   });
 
+  it("with disaggregated prefill, waits for the prefill gateways' Deployment too", () => {
+    const disagg = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns, generation: 3 }
+spec:
+  model: { preset: tiny-v2, source: { pvc: { claimName: w } } }
+  experts: { shards: 2 }
+  gateway: { kvCache: { remoteBytes: 1048576 }, disaggregation: { replicas: 2 } }
+`);
+    const status = (deployments: V1Deployment[]) =>
+      computeStatus(disagg, { ...obs, deployments, problems: [] }, now);
+    const missing = status(healthy);
+    expect(cond(missing, "Ready").status).toBe("False");
+    expect(cond(missing, "Progressing").message).toBe(
+      "3/4 Deployments rolled out; pods ready: gateway 1/1, prefill 0/0, shards 3/3",
+    );
+    const starting = status([...healthy, deployment("prefill", "m-prefill", 2, 1)]);
+    expect(cond(starting, "Progressing").message).toContain("prefill 1/2");
+    const all = status([...healthy, deployment("prefill", "m-prefill", 2, 2)]);
+    expect([cond(all, "Ready").status, cond(all, "Progressing").reason]).toEqual([
+      "True",
+      "RolloutComplete",
+    ]);
+    // The gateways' counts are the serving gateways' alone.
+    expect(all.gateways).toBe("1/1");
+  });
+
   it("counts replicas per role for the printer columns", () => {
     const s = computeStatus(
       model,
