@@ -34,7 +34,7 @@
 // only partly visible here, and the disaggregated streams' ITL still rises while the prefill
 // gateway computes. The numbers are what they are.
 import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -47,6 +47,7 @@ import {
   localGateway,
   PROMPTS,
   percentile,
+  procCpuSeconds,
   SERVE_MODEL,
   stop,
 } from "./serve.ts";
@@ -117,20 +118,6 @@ export interface DisaggResults {
   };
 }
 
-const CLK_TCK = 100;
-
-/** utime + stime of a process in seconds (Linux /proc), or NaN. */
-function cpuSeconds(pid: number | undefined): number {
-  if (pid === undefined) return Number.NaN;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return Number.NaN;
-  }
-}
-
 /** A labelled series of a gateway's /metrics (`name{outcome="..."}`), 0 when absent. */
 async function outcomeCount(base: string, name: string, outcome: string): Promise<number> {
   const text = await (await fetch(`${base}/metrics`)).text();
@@ -198,7 +185,7 @@ async function round(o: {
   const all = Promise.all(clients);
   await Promise.race([Promise.all(first), all]);
   await sleep(BASELINE_MS);
-  const cpu0 = [cpuSeconds(o.servingPid), cpuSeconds(o.prefillPid)];
+  const cpu0 = [procCpuSeconds(o.servingPid), procCpuSeconds(o.prefillPid)];
   const windowStart = performance.now();
   let longs: { ttftMs: number; totalMs: number }[];
   try {
@@ -217,7 +204,7 @@ async function round(o: {
     longDone = true;
   }
   const windowEnd = performance.now();
-  const cpu1 = [cpuSeconds(o.servingPid), cpuSeconds(o.prefillPid)];
+  const cpu1 = [procCpuSeconds(o.servingPid), procCpuSeconds(o.prefillPid)];
   await all;
   const windowS = (windowEnd - windowStart) / 1000;
   return {

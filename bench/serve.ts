@@ -374,7 +374,7 @@ async function level(
 const CLK_TCK = 100;
 
 /** utime + stime of a process in seconds (Linux /proc), or NaN. */
-function procCpuSeconds(pid: number | undefined): number {
+export function procCpuSeconds(pid: number | undefined): number {
   if (pid === undefined) return Number.NaN;
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");

@@ -466,7 +466,7 @@ export class BlockKvCache {
   /**
    * Writes the blocks of `hashes` the pool holds and the shared tier lacks to it, and waits
    * for their writes (a prefill gateway's job, ADR 0029: most were written through as they
-   * were computed). Resolves how many of `hashes` the shared tier then keeps.
+   * were computed). Resolves how many of `hashes`, from the first, the shared tier then keeps.
    */
   async share(hashes: readonly string[]): Promise<number> {
     const store = this.#shared;
@@ -481,7 +481,9 @@ export class BlockKvCache {
     }
     // Only these: the blocks of the prompts computed meanwhile keep being written.
     await store.flushed(hashes);
-    return hashes.filter((h) => store.has(h)).length;
+    // A prefix is read up to its first block missing: those after it are of no use.
+    const missing = hashes.findIndex((h) => !store.has(h));
+    return missing === -1 ? hashes.length : missing;
   }
 
   /** Positions the whole cache holds (all blocks). */

@@ -321,9 +321,9 @@ export class ServingEngine {
   /**
    * Computes a prompt for another gateway (a prefill job, ADR 0029): runs it as a request
    * for one token (discarded), then has its whole blocks before the last token in the shared
-   * tier. Resolves how many of those blocks the tier keeps, of how many. Rejects with
-   * EM_GATEWAY_OVERLOADED when the queue is full, EM_GATEWAY_PROMPT_TOO_LONG when it cannot
-   * fit, or the engine's error.
+   * tier. Resolves how many of those blocks, from the first, the tier keeps, of how many.
+   * Rejects with EM_GATEWAY_OVERLOADED when the queue is full, EM_GATEWAY_PROMPT_TOO_LONG
+   * when it cannot fit, or the engine's error.
    */
   async prefill(job: Omit<PrefillJob, "hashes">): Promise<{ shared: number; blocks: number }> {
     const seq = new Sequence(0, job.prompt, job.prompt.length);

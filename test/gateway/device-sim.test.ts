@@ -58,22 +58,32 @@ interface Answer {
   logprobs: number[];
 }
 
-/** Greedy completions of `prompts`, all at once, with each token's logprob. */
-async function answers(g: GatewayProcess, prompts: readonly string[], maxTokens = 24) {
-  return Promise.all(
-    prompts.map(async (prompt): Promise<Answer> => {
-      const r = await g.client.completions.create({
-        model: "tiny",
-        prompt,
-        max_tokens: maxTokens,
-        temperature: 0,
-        logprobs: 1,
-        ignore_eos: true,
-      } as OpenAI.CompletionCreateParamsNonStreaming);
-      const lp = r.choices[0]!.logprobs!;
-      return { tokens: lp.tokens!, logprobs: lp.token_logprobs! };
-    }),
-  );
+/**
+ * Greedy completions of `prompts`, all at once (or one after another), with each token's
+ * logprob.
+ */
+async function answers(
+  g: GatewayProcess,
+  prompts: readonly string[],
+  maxTokens = 24,
+  oneByOne = false,
+) {
+  const ask = async (prompt: string): Promise<Answer> => {
+    const r = await g.client.completions.create({
+      model: "tiny",
+      prompt,
+      max_tokens: maxTokens,
+      temperature: 0,
+      logprobs: 1,
+      ignore_eos: true,
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    const lp = r.choices[0]!.logprobs!;
+    return { tokens: lp.tokens!, logprobs: lp.token_logprobs! };
+  };
+  if (!oneByOne) return Promise.all(prompts.map(ask));
+  const out: Answer[] = [];
+  for (const prompt of prompts) out.push(await ask(prompt));
+  return out;
 }
 
 /** Asserts `got` and `want` the same answers: equal tokens, logprobs within 1e-5 (see the top). */
@@ -187,7 +197,11 @@ describe("the gateway on the sim device, weights resident and KV pool mirrored",
           modelName: name,
         });
         try {
-          return await answers(g, PROMPTS);
+          // One after another: the experts' activations cross the wire in bf16, where the
+          // 5e-7 of another grouping into steps (see the top) can round to the next bf16
+          // value and move a logprob by 1e-3 (seen in CI). Alone, each request's steps are
+          // the same on both sides.
+          return await answers(g, PROMPTS, 24, true);
         } finally {
           await g.process.stop();
         }

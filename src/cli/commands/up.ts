@@ -587,6 +587,26 @@ export const upCommand: Command = {
       // Outlives the run folder: the next `up` of this model starts with the blocks.
       const diskDir = join(cacheDir(), "prefix-cache", `${ns}-${name}`);
       const diskOf = (r: number) => localDiskArgs(m, diskDir, r, front !== undefined);
+      /** A gateway process's flags: a serving gateway's or a prefill gateway's, replica r. */
+      const gatewayFlags = (
+        role: GatewayRole,
+        r: number,
+        listen: { http: number; grpc: number; host: string },
+      ) => [
+        ...cli,
+        "gateway",
+        ...named,
+        ...experts,
+        `--http-port=${listen.http}`,
+        `--grpc-port=${listen.grpc}`,
+        `--host=${listen.host}`,
+        "--metrics-port=0",
+        `--device=${devices.gateway}`,
+        ...gatewayArgs(m, role),
+        ...(role === "prefill" ? localDiskArgs(m, diskDir, r, true, "prefill") : diskOf(r)),
+        ...chatTemplateArgs(m, chatTemplatePath),
+        ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
+      ];
       let gatewaysStarted = 0;
       const gatewaySpec = (): ChildSpec => {
         const r = gatewaysStarted++;
@@ -594,21 +614,13 @@ export const upCommand: Command = {
         return {
           name: gwName,
           cmd: process.execPath,
-          args: [
-            ...cli,
+          args: gatewayFlags(
             "gateway",
-            ...named,
-            ...experts,
-            `--http-port=${front ? 0 : httpPort}`,
-            `--grpc-port=${front ? 0 : grpcPort}`,
-            `--host=${front ? "127.0.0.1" : host}`,
-            "--metrics-port=0",
-            `--device=${devices.gateway}`,
-            ...gatewayArgs(m),
-            ...diskOf(r),
-            ...chatTemplateArgs(m, chatTemplatePath),
-            ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
-          ],
+            r,
+            front
+              ? { http: 0, grpc: 0, host: "127.0.0.1" }
+              : { http: httpPort, grpc: grpcPort, host },
+          ),
           readyLine: /serving '/,
           bar: true,
           ...(front
@@ -623,26 +635,13 @@ export const upCommand: Command = {
         };
       };
       // Prefill gateways (spec.gateway.disaggregation, ADR 0029): on loopback, out of the
-      // front's rotation; the gateways hand them long prompts over NATS.
-      // r counts up, as the gateways' (a replica the autoscaler starts takes a new name).
+      // front's rotation; the gateways hand them long prompts over NATS. r counts up, as the
+      // gateways' (a replica the autoscaler starts takes a new name).
       let prefillsStarted = 0;
       const prefillSpec = (r = prefillsStarted++): ChildSpec => ({
         name: `prefill.${r}`,
         cmd: process.execPath,
-        args: [
-          ...cli,
-          "gateway",
-          ...named,
-          ...experts,
-          "--http-port=0",
-          "--grpc-port=0",
-          "--host=127.0.0.1",
-          "--metrics-port=0",
-          `--device=${devices.gateway}`,
-          ...gatewayArgs(m, "prefill"),
-          ...localDiskArgs(m, diskDir, r, true, "prefill"),
-          ...chatTemplateArgs(m, chatTemplatePath),
-        ],
+        args: gatewayFlags("prefill", r, { http: 0, grpc: 0, host: "127.0.0.1" }),
         readyLine: /serving '/,
         bar: true,
       });
