@@ -13,6 +13,7 @@ import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
 import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
+import { JetStreamProbe } from "./nats-probe.ts";
 import {
   computeStatus,
   type Problem,
@@ -70,6 +71,7 @@ function mayRunSeveralGateways(model: DeepSeekModel): boolean {
 export class Reconciler {
   readonly #kube: KubeClient;
   readonly #opts: ReconcilerOptions;
+  readonly #jetStream = new JetStreamProbe();
 
   constructor(kube: KubeClient, opts: ReconcilerOptions = {}) {
     this.#kube = kube;
@@ -305,6 +307,17 @@ export class Reconciler {
           reason: "SharedPVCNotReadWriteMany",
           message: `PersistentVolumeClaim ${ns}/${shared} (${field}) is ${modes.join(", ") || "of no access mode"}, not ReadWriteMany: gateway pods on other nodes cannot mount it`,
           servingUnaffected: true,
+        });
+    }
+    // The prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream: the
+    // gateways would exit at start without it. A server that does not answer is not judged.
+    if (model.spec.gateway.kvCache.remoteBytes > 0) {
+      const { natsCreds } = await this.#natsCreds(model);
+      const url = model.spec.nats.url;
+      if ((await this.#jetStream.jetStream(url, natsCreds)) === false)
+        out.push({
+          reason: "NATSJetStreamMissing",
+          message: `the NATS server at ${url} (spec.nats.url) has no JetStream, which spec.gateway.kvCache.remoteBytes (the prefix cache's NATS tier${model.spec.gateway.disaggregation ? ", and disaggregated prefill through it" : ""}) needs: turn JetStream on (nats-server -js, or jetstream {} in its configuration) or set remoteBytes to 0`,
         });
     }
     const secrets = [

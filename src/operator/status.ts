@@ -18,7 +18,8 @@ export interface Problem {
     | "ApplyFailed"
     | "PodMonitorCRDNotFound"
     | "PodMonitorApplyFailed"
-    | "SharedPVCNotReadWriteMany";
+    | "SharedPVCNotReadWriteMany"
+    | "NATSJetStreamMissing";
   message: string;
   servingUnaffected?: boolean;
 }

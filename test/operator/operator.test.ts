@@ -1,11 +1,14 @@
 // The operator against the real control plane (kube-apiserver + etcd + controller-manager
 // + scheduler + kwok GPU nodes), running as a separate process under the Helm chart's
 // RBAC identity, never as admin.
+import { mkdtempSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CoordinationV1Api, CoreV1Api, CustomObjectsApi } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { startNats } from "../env/nats.ts";
 import { kubectl } from "../support/cli.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 import {
@@ -306,6 +309,54 @@ describe.sequential("expertmesh operator", () => {
     await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("m2", ns) });
     await waitForCondition(ns, "m2", "Ready", "True");
     leader = standby;
+  });
+
+  it("reports a NATS server without the JetStream the NATS prefix cache tier needs, and applies nothing until it has it", async () => {
+    const ns = await newNamespace("nojs");
+    await createWeightsVolume(ns);
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-nojs-"));
+    const plain = await startNats(
+      testEnv().binaries.natsServer,
+      join(dir, "store"),
+      join(testEnv().runDir, "logs"),
+      undefined,
+      undefined,
+      "nats-server-nojs",
+      false,
+    );
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("nojs", ns, {
+          nats: { url: plain.info.url },
+          gateway: {
+            kvCache: { remoteBytes: 2 ** 30 },
+            disaggregation: { replicas: 1 },
+          },
+        }),
+      });
+      const m = await waitForCondition(ns, "nojs", "Degraded", "True", "NATSJetStreamMissing");
+      expect(condition(m, "Degraded")?.message).toContain(
+        `the NATS server at ${plain.info.url} (spec.nats.url) has no JetStream`,
+      );
+      expect(condition(m, "Degraded")?.message).toContain("disaggregated prefill");
+      expect(condition(m, "Ready")?.status).toBe("False");
+      expect(await ownedDeployments(ns, "nojs")).toHaveLength(0);
+      // A server with JetStream: applied, the prefill gateways' Deployment with the rest.
+      await custom.patchNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        name: "nojs",
+        body: [{ op: "replace", path: "/spec/nats/url", value: testEnv().nats.url }],
+      });
+      await waitForCondition(ns, "nojs", "Ready", "True", undefined, 90_000);
+      expect((await ownedDeployments(ns, "nojs")).map((d) => d.metadata?.name)).toContain(
+        "nojs-prefill",
+      );
+    } finally {
+      await plain.process.stop();
+    }
   });
 
   it("reports a missing PVC or Secret as Degraded with the reason, and recovers when created", async () => {
