@@ -268,78 +268,68 @@ export class GatewayMetrics {
    */
   addPrefill(of: { client?: () => PrefillClientStats; worker?: () => PrefillWorkerStats }): void {
     const registers = [this.registry];
+    /** A counter by outcome following `counts` (each outcome's count since start). */
+    const byOutcome = (name: string, help: string, counts: () => Record<string, number>) => {
+      const seen = new Map<string, number>();
+      new Counter({
+        name,
+        help,
+        labelNames: ["outcome"],
+        registers,
+        collect() {
+          for (const [outcome, v] of Object.entries(counts())) {
+            this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
+            seen.set(outcome, v);
+          }
+        },
+      });
+    };
+    const gauge = (name: string, help: string, value: () => number) =>
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          this.set(value());
+        },
+      });
     const { client, worker } = of;
     if (client) {
-      const seen = new Map<string, number>();
-      new Counter({
-        name: "expertmesh_gateway_prefill_remote_total",
-        help: "Prompts handed to prefill gateways (--disaggregation-mode decode), by outcome: done (their blocks read from the bucket), no_workers, timeout, failed (refused there, or the blocks not seen); all but done were computed here.",
-        labelNames: ["outcome"],
-        registers,
-        collect() {
+      byOutcome(
+        "expertmesh_gateway_prefill_remote_total",
+        "Prompts handed to prefill gateways (--disaggregation-mode decode), by outcome: done (their blocks read from the bucket), no_workers, timeout, failed (refused there, or the blocks not seen); all but done were computed here.",
+        () => {
           const s = client();
-          for (const [outcome, v] of [
-            ["done", s.done],
-            ["no_workers", s.noWorkers],
-            ["timeout", s.timeout],
-            ["failed", s.failed],
-          ] as const) {
-            this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
-            seen.set(outcome, v);
-          }
+          return { done: s.done, no_workers: s.noWorkers, timeout: s.timeout, failed: s.failed };
         },
-      });
-      new Gauge({
-        name: "expertmesh_gateway_prefill_remote_pending",
-        help: "Prompts a prefill gateway computes for this gateway now.",
-        registers,
-        collect() {
-          this.set(client().pending);
-        },
-      });
-      new Gauge({
-        name: "expertmesh_gateway_prefill_remote_shared_blocks",
-        help: "Blocks prefill gateways wrote to the bucket for this gateway's prompts, since start.",
-        registers,
-        collect() {
-          this.set(client().sharedBlocks);
-        },
-      });
+      );
+      gauge(
+        "expertmesh_gateway_prefill_remote_pending",
+        "Prompts a prefill gateway computes for this gateway now.",
+        () => client().pending,
+      );
+      gauge(
+        "expertmesh_gateway_prefill_remote_shared_blocks",
+        "Blocks prefill gateways wrote to the bucket for this gateway's prompts, since start.",
+        () => client().sharedBlocks,
+      );
     }
     if (worker) {
-      const seen = new Map<string, number>();
-      new Counter({
-        name: "expertmesh_gateway_prefill_jobs_total",
-        help: "Prefill jobs this gateway took (--disaggregation-mode prefill), by outcome: done, failed (refused or failed; answered with the error's code).",
-        labelNames: ["outcome"],
-        registers,
-        collect() {
-          const s = worker();
-          for (const [outcome, v] of [
-            ["done", s.done],
-            ["failed", s.failed],
-          ] as const) {
-            this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
-            seen.set(outcome, v);
-          }
-        },
-      });
-      new Gauge({
-        name: "expertmesh_gateway_prefill_jobs_running",
-        help: "Prefill jobs this gateway computes now.",
-        registers,
-        collect() {
-          this.set(worker().running);
-        },
-      });
-      new Gauge({
-        name: "expertmesh_gateway_prefill_job_tokens",
-        help: "Prompt tokens of the prefill jobs done, since start.",
-        registers,
-        collect() {
-          this.set(worker().tokens);
-        },
-      });
+      byOutcome(
+        "expertmesh_gateway_prefill_jobs_total",
+        "Prefill jobs this gateway took (--disaggregation-mode prefill), by outcome: done, failed (refused or failed; answered with the error's code).",
+        () => ({ done: worker().done, failed: worker().failed }),
+      );
+      gauge(
+        "expertmesh_gateway_prefill_jobs_running",
+        "Prefill jobs this gateway computes now.",
+        () => worker().running,
+      );
+      gauge(
+        "expertmesh_gateway_prefill_job_tokens",
+        "Prompt tokens of the prefill jobs done, since start.",
+        () => worker().tokens,
+      );
     }
   }
 }

@@ -13,7 +13,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { RemotePrefixStore } from "../../src/engine/kv-remote.ts";
 import { startNats } from "../env/nats.ts";
-import { testEnv, uniqueName, waitFor } from "../support/env.ts";
+import { startNatsWithoutJetStream, testEnv, uniqueName, waitFor } from "../support/env.ts";
 
 const BLOCK = 4096;
 const identity = { model: "test", layers: 2 };
@@ -266,16 +266,7 @@ describe("RemotePrefixStore", () => {
 
 describe("RemotePrefixStore on a server without JetStream", () => {
   it("is refused at open with EM_PREFIX_REMOTE, saying how to turn JetStream on", async () => {
-    const dir = mkdtempSync(join(testEnv().runDir, "nats-nojs-"));
-    const server = await startNats(
-      testEnv().binaries.natsServer,
-      dir,
-      join(testEnv().runDir, "logs"),
-      undefined,
-      undefined,
-      "nats-nojs",
-      false,
-    );
+    const server = await startNatsWithoutJetStream("nats-nojs");
     const plain = await connect({ servers: server.info.url, name: "kv-remote-nojs" });
     try {
       expect(plain.info?.jetstream ?? false).toBe(false);

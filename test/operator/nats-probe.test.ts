@@ -1,12 +1,9 @@
 // The operator's JetStream probe (src/operator/nats-probe.ts) against real nats-servers: the
 // test environment's (JetStream on), a plain one, and a port where none listens.
-import { mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
-import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { JetStreamProbe } from "../../src/operator/nats-probe.ts";
-import { startNats } from "../env/nats.ts";
-import { testEnv } from "../support/env.ts";
+import { startNatsWithoutJetStream, testEnv } from "../support/env.ts";
 
 /** A loopback port nothing listens on (taken, then given back). */
 async function closedPort(): Promise<number> {
@@ -19,16 +16,7 @@ async function closedPort(): Promise<number> {
 
 describe("JetStreamProbe", () => {
   it("tells a server with JetStream from one without, and does not judge one that is not there", async () => {
-    const dir = mkdtempSync(join(testEnv().runDir, "probe-"));
-    const plain = await startNats(
-      testEnv().binaries.natsServer,
-      join(dir, "store"),
-      join(testEnv().runDir, "logs"),
-      undefined,
-      undefined,
-      "nats-server-probe",
-      false,
-    );
+    const plain = await startNatsWithoutJetStream("nats-server-probe");
     let now = 0;
     const probe = new JetStreamProbe({ now: () => now });
     try {

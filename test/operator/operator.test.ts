@@ -1,16 +1,19 @@
 // The operator against the real control plane (kube-apiserver + etcd + controller-manager
 // + scheduler + kwok GPU nodes), running as a separate process under the Helm chart's
 // RBAC identity, never as admin.
-import { mkdtempSync } from "node:fs";
-import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CoordinationV1Api, CoreV1Api, CustomObjectsApi } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
-import { startNats } from "../env/nats.ts";
 import { kubectl } from "../support/cli.ts";
-import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
+import {
+  adminKubeConfig,
+  startNatsWithoutJetStream,
+  testEnv,
+  uniqueName,
+  waitFor,
+} from "../support/env.ts";
 import {
   createWeightsVolume,
   getModel,
@@ -314,16 +317,7 @@ describe.sequential("expertmesh operator", () => {
   it("reports a NATS server without the JetStream the NATS prefix cache tier needs, and applies nothing until it has it", async () => {
     const ns = await newNamespace("nojs");
     await createWeightsVolume(ns);
-    const dir = mkdtempSync(join(testEnv().runDir, "nats-nojs-"));
-    const plain = await startNats(
-      testEnv().binaries.natsServer,
-      join(dir, "store"),
-      join(testEnv().runDir, "logs"),
-      undefined,
-      undefined,
-      "nats-server-nojs",
-      false,
-    );
+    const plain = await startNatsWithoutJetStream("nats-server-nojs");
     try {
       await custom.createNamespacedCustomObject({
         ...G,

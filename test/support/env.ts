@@ -1,13 +1,32 @@
 // What tests use to reach the real services started by the global setup.
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { KubeConfig } from "@kubernetes/client-node";
 import { inject } from "vitest";
 import type { TestEnvInfo } from "../env/environment.ts";
+import { type NatsServer, startNats } from "../env/nats.ts";
 
 /** Connection info of this run's nats-server and control plane. */
 export function testEnv(): TestEnvInfo {
   return inject("testEnv");
+}
+
+/**
+ * A nats-server of the test's own without JetStream (as some clusters run), its log in the
+ * run's logs/<name>.log; the caller stops it.
+ */
+export function startNatsWithoutJetStream(name: string): Promise<NatsServer> {
+  const dir = mkdtempSync(join(testEnv().runDir, `${name}-`));
+  return startNats(
+    testEnv().binaries.natsServer,
+    dir,
+    join(testEnv().runDir, "logs"),
+    undefined,
+    undefined,
+    name,
+    false,
+  );
 }
 
 /** A KubeConfig for the admin identity (system:masters). */
