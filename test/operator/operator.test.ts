@@ -322,12 +322,15 @@ describe.sequential("expertmesh operator", () => {
       await custom.createNamespacedCustomObject({
         ...G,
         namespace: ns,
+        // No GPUs: the kwok nodes' GPUs are the later tests' (their pods stay until the end).
         body: model("nojs", ns, {
           nats: { url: plain.info.url },
           gateway: {
+            gpus: 0,
             kvCache: { remoteBytes: 2 ** 30 },
             disaggregation: { replicas: 1 },
           },
+          experts: { shards: 2, gpusPerShard: 0 },
         }),
       });
       const m = await waitForCondition(ns, "nojs", "Degraded", "True", "NATSJetStreamMissing");
@@ -350,6 +353,7 @@ describe.sequential("expertmesh operator", () => {
       );
     } finally {
       await plain.process.stop();
+      await kubectl(["delete", "dsm", "nojs", "-n", ns, "--wait=false"]);
     }
   });
 
