@@ -450,13 +450,8 @@ export class BlockKvCache {
       // The most recently used that fit in the budget, oldest first: the disk's least
       // recently used order (file times, after a restart) keeps the pool's.
       const fit = Math.floor(store.maxBytes / store.fileBytes);
-      for (const [b, hash] of this.allocator.registered().slice(-fit)) {
-        if (store.has(hash)) continue;
-        await store.room();
-        // The engine may have run meanwhile: only a block that still holds these rows.
-        if (this.allocator.blockOf(hash) !== b) continue;
-        store.save(hash, this.#blockRows(b));
-      }
+      for (const [b, hash] of this.allocator.registered().slice(-fit))
+        if (!store.has(hash)) await this.#saveWhenRoom(store, b, hash);
       await store.flush();
       n += store.stats.written - written;
     }
@@ -472,18 +467,21 @@ export class BlockKvCache {
     const store = this.#shared;
     if (!store) return 0;
     for (const hash of hashes) {
-      if (store.has(hash)) continue;
       const b = this.allocator.blockOf(hash);
-      if (b === undefined) continue;
-      await store.room();
-      // The engine may have run meanwhile: only a block that still holds these rows.
-      if (this.allocator.blockOf(hash) === b) store.save(hash, this.#blockRows(b));
+      if (b !== undefined && !store.has(hash)) await this.#saveWhenRoom(store, b, hash);
     }
     // Only these: the blocks of the prompts computed meanwhile keep being written.
     await store.flushed(hashes);
     // A prefix is read up to its first block missing: those after it are of no use.
     const missing = hashes.findIndex((h) => !store.has(h));
     return missing === -1 ? hashes.length : missing;
+  }
+
+  /** Writes block `b` to `store` under `hash` once it has room, if `b` still holds those rows. */
+  async #saveWhenRoom(store: PrefixStore, b: number, hash: string): Promise<void> {
+    await store.room();
+    // The engine may have run meanwhile: only a block that still holds these rows.
+    if (this.allocator.blockOf(hash) === b) store.save(hash, this.#blockRows(b));
   }
 
   /** Positions the whole cache holds (all blocks). */

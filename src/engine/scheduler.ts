@@ -116,6 +116,15 @@ export class Sequence {
   }
 }
 
+/**
+ * The hashes of `seq`'s whole blocks of `blockSize` before its last token (whose logits are
+ * computed): what a prefix hit can give it.
+ */
+export function prefixHashes(seq: Sequence, blockSize: number): readonly string[] {
+  const blocks = Math.floor((seq.numTokens - 1) / blockSize);
+  return seq.blockHashes(blocks, blockSize).slice(0, blocks);
+}
+
 /** Part of a sequence to run in one step: positions [start, start + numTokens). */
 export interface ScheduledChunk {
   readonly seq: Sequence;
@@ -239,8 +248,8 @@ export class Scheduler {
    * its prompt was computed by a prefill gateway meanwhile) is queued past the queue's depth.
    */
   add(seq: Sequence, accepted = false): AddResult {
-    const checked = this.check(seq, accepted ? Number.NEGATIVE_INFINITY : 0);
-    if (checked !== "ok") return checked;
+    const checked = this.check(seq);
+    if (checked === "too_large" || (checked === "queue_full" && !accepted)) return checked;
     seq.status = "waiting";
     if (this.#byPriority) insertOrdered(this.#waiting, seq, this.#waitsBefore);
     else this.#waiting.push(seq);
@@ -360,11 +369,8 @@ export class Scheduler {
     return { chunks, preempted };
   }
 
-  /** The hashes of `seq`'s whole blocks before its last token (whose logits are computed). */
   #prefixHashes(seq: Sequence): readonly string[] {
-    const B = this.#blocks.blockSize;
-    const blocks = Math.floor((seq.numTokens - 1) / B);
-    return seq.blockHashes(blocks, B).slice(0, blocks);
+    return prefixHashes(seq, this.#blocks.blockSize);
   }
 
   /**

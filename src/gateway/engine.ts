@@ -42,6 +42,7 @@ import {
 import {
   type AddResult,
   NO_DRAFT,
+  prefixHashes,
   type ScheduledChunk,
   Scheduler,
   type SchedulerConfig,
@@ -328,9 +329,7 @@ export class ServingEngine {
   async prefill(job: Omit<PrefillJob, "hashes">): Promise<{ shared: number; blocks: number }> {
     const seq = new Sequence(0, job.prompt, job.prompt.length);
     seq.cacheSalt = job.cacheSalt;
-    const B = this.#kv.allocator.blockSize;
-    const blocks = Math.floor((job.prompt.length - 1) / B);
-    const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
+    const hashes = prefixHashes(seq, this.#kv.allocator.blockSize);
     await new Promise<void>((resolve, reject) => {
       const r = this.submit(
         {
@@ -502,8 +501,7 @@ export class ServingEngine {
     const o = this.#offload;
     if (!o || req.promptLogprobs || seq.promptTokens.length < o.minTokens) return null;
     const B = this.#kv.allocator.blockSize;
-    const blocks = Math.floor((seq.promptTokens.length - 1) / B);
-    const hashes = seq.blockHashes(blocks, B).slice(0, blocks);
+    const hashes = prefixHashes(seq, B);
     const tier = this.#kv.allocator.tier;
     let cached = 0;
     for (const h of hashes) {
