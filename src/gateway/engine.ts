@@ -172,10 +172,10 @@ interface Active {
   promptLogprobs: (TokenLogprob | null)[] | null;
   cancelled: boolean;
   /**
-   * Disaggregated prefill: ends when a prefill gateway has computed its prompt (or gave up);
-   * it joins the scheduler then. Null once it has.
+   * Disaggregated prefill: the job computing its prompt at a prefill gateway; it joins the
+   * scheduler when the job ends. Null once it has.
    */
-  prefilled: Promise<void> | null;
+  prefilled: HeldPrefill | null;
   /** Its first step was scheduled (onStarted told). */
   started: boolean;
   /** Its drafter, with speculative decoding (created at its first draft). */
@@ -232,9 +232,18 @@ export interface PrefillOffload {
   /**
    * Has `job`'s blocks computed elsewhere, and resolves once this gateway's shared tier
    * knows them, or once that failed: this gateway computes what it lacks itself then.
-   * Never rejects.
+   * `signal` aborts when no request waits for the job any more (the job is cancelled there
+   * too, and the promise resolves at once). Never rejects.
    */
-  prefill(job: PrefillJob): Promise<void>;
+  prefill(job: PrefillJob, signal: AbortSignal): Promise<void>;
+}
+
+/** A prefill job the sequences of one prompt (its `n` choices) wait for. */
+interface HeldPrefill {
+  readonly done: Promise<void>;
+  readonly abort: AbortController;
+  /** Sequences still waiting for it: the last one cancelled aborts the job. */
+  waiters: number;
 }
 
 export type SpeculativeOptions =
@@ -324,12 +333,19 @@ export class ServingEngine {
    * for one token (discarded), then has its whole blocks before the last token in the shared
    * tier. Resolves how many of those blocks, from the first, the tier keeps, of how many.
    * Rejects with EM_GATEWAY_OVERLOADED when the queue is full, EM_GATEWAY_PROMPT_TOO_LONG
-   * when it cannot fit, or the engine's error.
+   * when it cannot fit, EM_PREFILL_CANCELLED when `signal` aborts first (the request is
+   * dropped, queued or running), or the engine's error.
    */
-  async prefill(job: Omit<PrefillJob, "hashes">): Promise<{ shared: number; blocks: number }> {
+  async prefill(
+    job: Omit<PrefillJob, "hashes">,
+    signal?: AbortSignal,
+  ): Promise<{ shared: number; blocks: number }> {
     const seq = new Sequence(0, job.prompt, job.prompt.length);
     seq.cacheSalt = job.cacheSalt;
     const hashes = prefixHashes(seq, this.#kv.allocator.blockSize);
+    const cancelled = () =>
+      new ExpertMeshError("EM_PREFILL_CANCELLED", "the prefill job was cancelled by its gateway");
+    if (signal?.aborted) throw cancelled();
     await new Promise<void>((resolve, reject) => {
       const r = this.submit(
         {
@@ -344,7 +360,16 @@ export class ServingEngine {
         },
         { onToken: () => {}, onFinish: () => resolve(), onError: reject },
       );
-      if (!r.ok)
+      if (r.ok)
+        signal?.addEventListener(
+          "abort",
+          () => {
+            r.cancel();
+            reject(cancelled());
+          },
+          { once: true },
+        );
+      else
         reject(
           r.reason === "queue_full"
             ? new ExpertMeshError("EM_GATEWAY_OVERLOADED", "the prefill gateway's queue is full")
@@ -419,7 +444,12 @@ export class ServingEngine {
         ? this.#scheduler.check(seq, this.#prefilling.size)
         : this.#scheduler.add(seq);
     if (added !== "ok") return { ok: false, reason: added };
-    const held = waitsFor ?? (offload ? this.#offload!.prefill(offload) : null);
+    let held = waitsFor;
+    if (held) held.waiters++;
+    else if (offload) {
+      const abort = new AbortController();
+      held = { done: this.#offload!.prefill(offload, abort.signal), abort, waiters: 1 };
+    }
     const a: Active = {
       seq,
       req,
@@ -445,7 +475,7 @@ export class ServingEngine {
         this.#scheduler.add(seq, true);
         this.#kick();
       };
-      held.then(join, join);
+      held.done.then(join, join);
     }
     this.#kick();
     return {
@@ -513,7 +543,9 @@ export class ServingEngine {
   }
 
   #end(a: Active): void {
-    this.#prefilling.delete(a);
+    // The last sequence waiting for a prefill job cancels it.
+    if (this.#prefilling.delete(a) && a.prefilled && --a.prefilled.waiters === 0)
+      a.prefilled.abort.abort();
     this.#scheduler.finish(a.seq);
     this.#active.delete(a.seq.id);
   }

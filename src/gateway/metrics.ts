@@ -297,11 +297,22 @@ export class GatewayMetrics {
     if (client) {
       byOutcome(
         "expertmesh_gateway_prefill_remote_total",
-        "Prompts handed to prefill gateways (--disaggregation-mode decode), by outcome: done (their blocks read from the bucket), no_workers, timeout, failed (refused there, or the blocks not seen); all but done were computed here.",
+        "Prompts handed to prefill gateways (--disaggregation-mode decode), by outcome: done (their blocks read from the bucket), no_workers, timeout, failed (refused there, or the blocks not seen), cancelled (no request waited any more); all but done and cancelled were computed here.",
         () => {
           const s = client();
-          return { done: s.done, no_workers: s.noWorkers, timeout: s.timeout, failed: s.failed };
+          return {
+            done: s.done,
+            no_workers: s.noWorkers,
+            timeout: s.timeout,
+            failed: s.failed,
+            cancelled: s.cancelled,
+          };
         },
+      );
+      gauge(
+        "expertmesh_gateway_prefill_workers",
+        "Prefill gateways whose load this gateway knows (each job goes to the least loaded; with none, to any).",
+        () => client().workers,
       );
       gauge(
         "expertmesh_gateway_prefill_remote_pending",
@@ -317,8 +328,8 @@ export class GatewayMetrics {
     if (worker) {
       byOutcome(
         "expertmesh_gateway_prefill_jobs_total",
-        "Prefill jobs this gateway took (--disaggregation-mode prefill), by outcome: done, failed (refused or failed; answered with the error's code).",
-        () => ({ done: worker().done, failed: worker().failed }),
+        "Prefill jobs this gateway took (--disaggregation-mode prefill), by outcome: done, failed (refused or failed; answered with the error's code), cancelled (by their decode gateway, before done).",
+        () => ({ done: worker().done, failed: worker().failed, cancelled: worker().cancelled }),
       );
       gauge(
         "expertmesh_gateway_prefill_jobs_running",

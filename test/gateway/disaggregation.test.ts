@@ -62,8 +62,11 @@ afterAll(async () => {
   await reference?.close();
 });
 
-/** Two in-process gateways of one model over one bucket: decode (with the client) and prefill. */
-async function pair(o: { timeoutMs?: number; worker?: boolean; holdPrefill?: boolean } = {}) {
+/**
+ * In-process gateways of one model over one bucket: decode (with the client) and `workers`
+ * prefill gateways (default 1; each with a runner `hold(i)` can stop).
+ */
+async function pair(o: { timeoutMs?: number; workers?: number } = {}) {
   const nc = await connect({ servers: testEnv().nats.url, name: uniqueName("disagg") });
   const bucket = bucketName();
   const subject = subjects.prefill({ namespace: "test", model: uniqueName("disagg") });
@@ -76,7 +79,7 @@ async function pair(o: { timeoutMs?: number; worker?: boolean; holdPrefill?: boo
       identity: { test: "disaggregation" },
       storage: "memory",
     });
-  const [dStore, pStore] = await Promise.all([open(), open()]);
+  const dStore = await open();
   const client = new PrefillClient({
     nc,
     subject,
@@ -89,41 +92,45 @@ async function pair(o: { timeoutMs?: number; worker?: boolean; holdPrefill?: boo
     prefixCacheRemote: dStore,
     prefillOffload: client,
   });
-  let hold: ReturnType<typeof holdable> | null = null;
-  const prefill =
-    o.worker === false
-      ? null
-      : await startGateway(dir, {
-          blockSize: B,
-          prefixCacheRemote: pStore,
-          wrap: (inner) => {
-            hold = holdable(inner);
-            return hold.runner;
-          },
-        });
-  const worker = prefill
-    ? new PrefillWorker({
+  const prefills = await Promise.all(
+    Array.from({ length: o.workers ?? 1 }, async (_, i) => {
+      let hold: ReturnType<typeof holdable> | null = null;
+      const store = await open();
+      const gateway = await startGateway(dir, {
+        blockSize: B,
+        prefixCacheRemote: store,
+        wrap: (inner) => {
+          hold = holdable(inner);
+          return hold.runner;
+        },
+      });
+      const worker = new PrefillWorker({
         nc,
         subject,
-        engine: prefill.ctx.engine,
-        fingerprint: pStore.fingerprint,
-        vocabSize: prefill.ctx.vocabSize,
-        maxModelLen: prefill.ctx.maxModelLen,
-      })
-    : null;
+        id: `prefill-${i}`,
+        engine: gateway.ctx.engine,
+        fingerprint: store.fingerprint,
+        vocabSize: gateway.ctx.vocabSize,
+        maxModelLen: gateway.ctx.maxModelLen,
+      });
+      return { gateway, worker, hold: hold! as ReturnType<typeof holdable> };
+    }),
+  );
   return {
     nc,
     subject,
     client,
     decode,
-    prefill,
-    worker,
+    prefill: prefills[0]?.gateway ?? null,
+    worker: prefills[0]?.worker ?? null,
+    prefills,
     fingerprint: dStore.fingerprint,
-    hold: () => hold!,
+    hold: () => prefills[0]!.hold,
     close: async () => {
-      await worker?.close();
-      await Promise.all([decode.close(), prefill?.close()]);
-      if (prefill === null) await pStore.close();
+      for (const p of prefills) p.hold.release();
+      await Promise.all(prefills.map((p) => p.worker.close()));
+      client.close();
+      await Promise.all([decode.close(), ...prefills.map((p) => p.gateway.close())]);
       await nc.close();
     },
   };
@@ -206,12 +213,24 @@ describe("disaggregated prefill (ADR 0029)", () => {
       await waitFor("the cancelled request gone", async () =>
         p.decode.ctx.engine.stats.numPrefilling === 0 ? true : undefined,
       );
+      // Its job is cancelled at the prefill gateway too, while that one's step still runs.
+      await waitFor("the job cancelled there", async () =>
+        p.worker!.stats.cancelled === 1 ? true : undefined,
+      );
+      expect(p.worker!.stats).toMatchObject({ done: 0, failed: 0, running: 0 });
+      expect(p.client.stats).toMatchObject({ cancelled: 1, done: 0, failed: 0, pending: 0 });
       p.hold().release();
-      await waitFor("the job done", async () => (p.client.stats.done === 1 ? true : undefined));
+      // The prefill gateway drops the sequence after the step it was in.
+      await waitFor("the prefill gateway idle", async () => {
+        const s = p.prefill!.ctx.engine.stats;
+        return s.numRunning === 0 && s.numWaiting === 0 ? true : undefined;
+      });
       expect(events).toEqual([]);
       expect(p.decode.ctx.engine.stats).toMatchObject({ numWaiting: 0, numRunning: 0 });
       const next = await complete(p.decode.client, LONG[1]!);
       expect(next.choices[0]!.text).toBe(await expect8(LONG[1]!));
+      expect(p.client.stats).toMatchObject({ cancelled: 1, done: 1 });
+      expect(p.worker!.stats).toMatchObject({ cancelled: 1, done: 1 });
     } finally {
       p.hold().release();
       await p.close();
@@ -219,7 +238,7 @@ describe("disaggregated prefill (ADR 0029)", () => {
   });
 
   it("without a prefill gateway, or past the timeout, the decode gateway computes the prompt itself", async () => {
-    const alone = await pair({ worker: false });
+    const alone = await pair({ workers: 0 });
     try {
       const got = await complete(alone.decode.client, LONG[2]!);
       expect(got.choices[0]!.text).toBe(await expect8(LONG[2]!));
@@ -234,9 +253,61 @@ describe("disaggregated prefill (ADR 0029)", () => {
       const got = await complete(slow.decode.client, LONG[2]!);
       expect(got.choices[0]!.text).toBe(await expect8(LONG[2]!));
       expect(slow.client.stats).toMatchObject({ done: 0, timeout: 1 });
+      // The decode gateway computed it: the prefill gateway's job is cancelled, not finished.
+      await waitFor("the late job cancelled", async () =>
+        slow.worker!.stats.cancelled === 1 ? true : undefined,
+      );
+      expect(slow.worker!.stats).toMatchObject({ done: 0, running: 0 });
     } finally {
       slow.hold().release();
       await slow.close();
+    }
+  });
+
+  it("jobs go to the least loaded prefill gateway; one that vanished is forgotten", async () => {
+    const p = await pair({ workers: 2 });
+    const running = () => p.prefills.map((x) => x.worker.stats.running);
+    try {
+      await waitFor("both prefill gateways known", async () =>
+        p.client.stats.workers === 2 ? true : undefined,
+      );
+      for (const x of p.prefills) x.hold.hold();
+      const first = complete(p.decode.client, LONG[0]!);
+      await waitFor("the first job running", async () =>
+        running().includes(1) ? true : undefined,
+      );
+      // The second goes to the other one (random routing would pick the busy one half the time).
+      const second = complete(p.decode.client, LONG[1]!);
+      await waitFor("the second job running", async () =>
+        running().every((n) => n === 1) ? true : undefined,
+      );
+
+      // A gateway that stopped without a word (its last report: idle) is the least loaded:
+      // it is asked, does not answer (no responders), is forgotten, and the job goes to the
+      // queue group (one of the two, busy as they are).
+      p.nc.publish(`${p.subject}.load`, JSON.stringify({ id: "ghost-0", tokens: 0, jobs: 0 }));
+      await waitFor("the ghost known", async () =>
+        p.client.stats.workers === 3 ? true : undefined,
+      );
+      const third = complete(p.decode.client, LONG[2]!);
+      await waitFor("the third job running", async () =>
+        running().reduce((a, b) => a + b) === 3 ? true : undefined,
+      );
+      expect(p.client.stats.workers).toBe(2);
+      for (const x of p.prefills) x.hold.release();
+      const answers = await Promise.all([first, second, third]);
+      for (const [k, a] of answers.entries())
+        expect(a.choices[0]!.text).toBe(await expect8(LONG[k]!));
+      expect(p.client.stats).toMatchObject({ done: 3, failed: 0, noWorkers: 0, timeout: 0 });
+      expect(p.prefills.map((x) => x.worker.stats.done).sort()).toEqual([1, 2]);
+
+      // A prefill gateway that stops says so: the decode gateway knows one.
+      await p.prefills[0]!.worker.close();
+      await waitFor("one prefill gateway known", async () =>
+        p.client.stats.workers === 1 ? true : undefined,
+      );
+    } finally {
+      await p.close();
     }
   });
 

@@ -646,6 +646,7 @@ export const gatewayCommand: Command = {
         ? new PrefillWorker({
             nc: nc!,
             subject: prefillSubject,
+            id,
             engine: ctx.engine,
             fingerprint: prefixCacheRemote!.fingerprint,
             vocabSize: ctx.vocabSize,
@@ -735,6 +736,7 @@ export const gatewayCommand: Command = {
         grpc?.close(shutdownTimeoutS * 1000),
         prefillWorker?.close(),
       ]);
+      prefillClient?.close();
       clearTimeout(cut);
       await ctx.encoder.close();
       const tierName = [
