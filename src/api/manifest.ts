@@ -281,6 +281,10 @@ export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway")
     ...(g.schedulingPolicy === "priority" ? ["--scheduling-policy=priority"] : []),
     ...(g.priorityAgingSeconds ? [`--priority-aging=${g.priorityAgingSeconds}`] : []),
     ...(g.logRequests ? ["--log-requests"] : []),
+    ...(g.tracing ? [`--otlp-traces-endpoint=${g.tracing.otlpEndpoint}`] : []),
+    ...(g.tracing && g.tracing.sampleRatio < 1
+      ? [`--otlp-traces-sample-ratio=${g.tracing.sampleRatio}`]
+      : []),
     `--reasoning-parser=${reasoningParserOf(model)}`,
     `--tool-call-parser=${toolCallParserOf(model)}`,
     ...speculativeArgs(model),

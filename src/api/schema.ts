@@ -438,6 +438,29 @@ export const GatewaySchema = withRules(
           "Log a line per HTTP request when it ends (its x-request-id, route, status, time and tokens).",
         default: false,
       }),
+      tracing: Type.Optional(
+        Type.Object(
+          {
+            otlpEndpoint: Type.String({
+              description:
+                "An OpenTelemetry collector's OTLP/HTTP receiver (http://otel-collector.observability:4318, or a full .../v1/traces URL). OTLP/gRPC (4317) is not spoken.",
+              pattern: "^https?://[^\\s]+$",
+              maxLength: 2048,
+            }),
+            sampleRatio: Type.Number({
+              description:
+                "Of the requests that start a trace (no caller's traceparent), the share traced; a caller's sampling decision is always followed.",
+              default: 1,
+              minimum: 0,
+              maximum: 1,
+            }),
+          },
+          {
+            description:
+              "OpenTelemetry traces of the gateways' requests (ADR 0030): a span per request (GenAI semantic conventions: tokens, time to first token, time in queue), a child of the caller's W3C traceparent; with disaggregation the prefill gateways' spans join the same traces.",
+          },
+        ),
+      ),
       schedulingPolicy: StringEnum(["fcfs", "priority"], {
         description:
           "The order in which each gateway admits requests and preempts running ones when its KV cache runs short: fcfs (arrival order, the newest preempted first) or priority (by the requests' `priority` field, lower first; a waiting request preempts running ones of lower priority that keep it out; with fcfs a non-zero priority is refused).",

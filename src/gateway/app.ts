@@ -16,6 +16,7 @@ import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { messagesRoutes } from "./messages.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
+import { operationOfRoute, requestTraces } from "./tracing.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -134,6 +135,30 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       );
     });
   });
+
+  // Tracing (tracing.ts): the routes that run generation jobs handle their request inside
+  // its trace, from which startJob makes the span. Entered before the handler (after the body
+  // is read: the body's stream events would run outside it).
+  const tracing = o.ctx.tracing;
+  if (tracing)
+    app.addHook("preHandler", (req, reply, done) => {
+      const route = req.routeOptions.url ?? "";
+      const operation = operationOfRoute(route);
+      if (!operation) return done();
+      const id = reply.getHeader("x-request-id");
+      requestTraces.run(
+        {
+          tracing,
+          parent: tracing.extract(req.headers),
+          operation,
+          startTime: Date.now() - reply.elapsedTime,
+          ...(typeof id === "string" ? { requestId: id } : {}),
+          attributes: { "http.route": route, "http.request.method": req.method },
+          span: null,
+        },
+        done,
+      );
+    });
 
   app.setErrorHandler((err, req, reply) => {
     const e = toApiError(err);

@@ -55,6 +55,7 @@ import {
   TEXT_OUTPUT,
   textJobSpec,
 } from "./text-model.ts";
+import { type GenAiOperation, requestTraces } from "./tracing.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -352,6 +353,37 @@ function handlers(o: GrpcGatewayOptions): {
   };
   const unary = <Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) =>
     unaryCall(fn, failure);
+  /**
+   * startJob inside the call's trace (tracing.ts), when tracing is on: its span starts at
+   * `t0` (epoch ms, when the call or the stream's request came), a child of the caller's
+   * span named by `traceparent` metadata.
+   */
+  const traced = (
+    call: { metadata: Metadata; getPath(): string },
+    operation: GenAiOperation,
+    t0: number,
+    start: () => Job,
+  ): Job => {
+    const tracing = ctx.tracing;
+    if (!tracing) return start();
+    const md = (key: string) => {
+      const v = call.metadata.get(key)[0];
+      return typeof v === "string" ? v : undefined;
+    };
+    const id = md("x-request-id");
+    return requestTraces.run(
+      {
+        tracing,
+        parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
+        operation,
+        startTime: t0,
+        ...(id !== undefined && REQUEST_ID.test(id) ? { requestId: id } : {}),
+        attributes: { "rpc.system": "grpc", "rpc.method": call.getPath() },
+        span: null,
+      },
+      start,
+    );
+  };
 
   const inference: UntypedServiceImplementation = {
     ServerLive: unary(async () => ({ live: true })),
@@ -376,10 +408,11 @@ function handlers(o: GrpcGatewayOptions): {
       };
     }),
     ModelInfer: unary<ModelInferRequest, ModelInferResponse>(async (call) => {
+      const t0 = Date.now();
       authorize(call.metadata);
       const r = call.request;
       const { spec, shape, raw, outputs } = await inferRequest(r);
-      const job = startJob(ctx, spec);
+      const job = traced(call, "text_completion", t0, () => startJob(ctx, spec));
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;
@@ -463,6 +496,7 @@ function handlers(o: GrpcGatewayOptions): {
     };
     const final = (last: boolean): Parameters => ({ triton_final_response: { bool_param: last } });
     const one = async (r: ModelInferRequest) => {
+      const t0 = Date.now();
       try {
         authorize(call.metadata);
         const { spec, shape, raw, outputs, stream } = await inferRequest(r);
@@ -477,14 +511,16 @@ function handlers(o: GrpcGatewayOptions): {
           const values = { [TEXT_OUTPUT]: texts, [FINISH_OUTPUT]: unfinished };
           send({ infer_response: inferResponse(r, shape, raw, outputs, values, final(false)) });
         };
-        const job = startJob(ctx, spec, {
-          onToken: (c, _t, text) => {
-            if (stream && text) piece(c.prompt, text);
-          },
-          onFinish: (c, text) => {
-            tail[c.prompt] = text;
-          },
-        });
+        const job = traced(call, "text_completion", t0, () =>
+          startJob(ctx, spec, {
+            onToken: (c, _t, text) => {
+              if (stream && text) piece(c.prompt, text);
+            },
+            onFinish: (c, text) => {
+              tail[c.prompt] = text;
+            },
+          }),
+        );
         jobs.add(job);
         if (call.cancelled) job.cancel(); // cancelled while the prompt was being encoded
         try {
@@ -541,6 +577,7 @@ function handlers(o: GrpcGatewayOptions): {
       if (!call.cancelled && !call.writableEnded) call.emit("error", st);
     };
     const run = async () => {
+      const t0 = Date.now();
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model, undefined, "model");
@@ -559,23 +596,25 @@ function handlers(o: GrpcGatewayOptions): {
         ...(grammar ? { grammar } : {}),
       };
       const prompt = spec.prompts[0]!.tokens.length;
-      const job: Job = startJob(ctx, spec, {
-        onToken: (_c, _t, text) => {
-          if (text) send({ text });
-        },
-        onFinish: (c, text) => {
-          const completion = job.completionTokens;
-          send({
-            text,
-            finish_reason: c.finishReason ?? "",
-            usage: {
-              prompt_tokens: prompt,
-              completion_tokens: completion,
-              total_tokens: prompt + completion,
-            },
-          });
-        },
-      });
+      const job: Job = traced(call, "text_completion", t0, () =>
+        startJob(ctx, spec, {
+          onToken: (_c, _t, text) => {
+            if (text) send({ text });
+          },
+          onFinish: (c, text) => {
+            const completion = job.completionTokens;
+            send({
+              text,
+              finish_reason: c.finishReason ?? "",
+              usage: {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_tokens: prompt + completion,
+              },
+            });
+          },
+        }),
+      );
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;
@@ -589,6 +628,7 @@ function handlers(o: GrpcGatewayOptions): {
       if (!call.cancelled && !call.writableEnded) call.write(m);
     };
     const run = async () => {
+      const t0 = Date.now();
       authorize(call.metadata);
       const b = chatRequest(call.request);
       const { spec, outputOptions, finishOf } = await chatRun(ctx, b);
@@ -599,21 +639,23 @@ function handlers(o: GrpcGatewayOptions): {
       const deltas = (ds: ChatDelta[]) => {
         for (const d of ds) send(chatResponse(d));
       };
-      const job: Job = startJob(ctx, spec, {
-        onToken: (_c, _t, text) => deltas(output.push(text)),
-        onFinish: (c, text) => {
-          deltas([...output.push(text), ...output.end()]);
-          const usage = usageOf(job);
-          send({
-            finish_reason: finishOf(c, output) ?? "",
-            usage: {
-              prompt_tokens: usage.prompt_tokens,
-              completion_tokens: usage.completion_tokens,
-              total_tokens: usage.total_tokens,
-            },
-          });
-        },
-      });
+      const job: Job = traced(call, "chat", t0, () =>
+        startJob(ctx, spec, {
+          onToken: (_c, _t, text) => deltas(output.push(text)),
+          onFinish: (c, text) => {
+            deltas([...output.push(text), ...output.end()]);
+            const usage = usageOf(job);
+            send({
+              finish_reason: finishOf(c, output) ?? "",
+              usage: {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                total_tokens: usage.total_tokens,
+              },
+            });
+          },
+        }),
+      );
       call.on("cancelled", () => job.cancel());
       if (call.cancelled) job.cancel();
       await job.done;

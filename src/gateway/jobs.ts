@@ -1,5 +1,6 @@
 // One API request's generation: its n choices as engine sequences, their text with stop
 // strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
+import { type Attributes, SpanStatusCode } from "@opentelemetry/api";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -11,6 +12,7 @@ import type { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
 import { OutputText } from "./text.ts";
 import type { ToolCallFormat } from "./tool-calls.ts";
+import { startJobSpan, type Tracing } from "./tracing.ts";
 
 /** What the routes share: the engine and the model's facts. */
 export interface ServeContext {
@@ -32,6 +34,8 @@ export interface ServeContext {
    */
   readonly samplingDefaults: SamplingDefaults;
   readonly metrics: GatewayMetrics;
+  /** OpenTelemetry traces of the requests (--otlp-traces-endpoint), when on. */
+  readonly tracing?: Tracing;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;
 }
@@ -163,6 +167,20 @@ export interface Job {
   readonly cachedTokens: number;
 }
 
+/** A job's request as GenAI span attributes (tracing.ts). */
+function requestAttributes(spec: JobSpec): Attributes {
+  const s = spec.sampling;
+  return {
+    "gen_ai.request.max_tokens": Math.max(...spec.prompts.map((p) => p.maxTokens)),
+    "gen_ai.request.temperature": s.temperature,
+    ...(s.topP < 1 ? { "gen_ai.request.top_p": s.topP } : {}),
+    ...(s.topK > 0 ? { "gen_ai.request.top_k": s.topK } : {}),
+    ...(spec.n !== 1 ? { "gen_ai.request.choice.count": spec.n } : {}),
+    ...(spec.prompts.length > 1 ? { "expertmesh.request.prompts": spec.prompts.length } : {}),
+    ...(spec.priority ? { "expertmesh.request.priority": spec.priority } : {}),
+  };
+}
+
 /** Submits the request's choices; throws 429 (queue full) or 400 (cannot fit) at once. */
 export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {}): Job {
   if (spec.priority && ctx.engine.schedulingPolicy !== "priority")
@@ -174,6 +192,11 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   const t0 = performance.now();
   const { metrics } = ctx;
   let firstToken = true;
+  /** When the first token came, and when the first choice was scheduled (performance.now()). */
+  let firstTokenAt = 0;
+  let startedAt = 0;
+  const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
+  const span = startJobSpan(ctx.servedModelName, requestAttributes(spec));
   const total = spec.n * spec.prompts.length;
   let remaining = total;
   let settled = false;
@@ -203,6 +226,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       const length = choices.some((c) => c.finishReason === "length");
       metrics.requests.inc({ finished_reason: length ? "length" : reason });
       metrics.e2eLatency.observe((performance.now() - t0) / 1000);
+      endSpan(null);
       resolve();
     }
   };
@@ -212,7 +236,30 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     logServerError(ctx, "a request", err);
     cancelAll();
     metrics.requests.inc({ finished_reason: "error" });
+    endSpan(err);
     reject(err);
+  };
+  /** Ends the job's span with what the job did (err: it failed; "abort": the client left). */
+  const endSpan = (err: unknown) => {
+    if (!span) return;
+    const now = performance.now();
+    const secs = (at: number) => Math.round(at - t0) / 1000;
+    span.setAttributes({
+      "gen_ai.response.model": ctx.servedModelName,
+      "gen_ai.response.finish_reasons": choices.map((c) => c.finishReason ?? "abort"),
+      "gen_ai.usage.input_tokens": promptTokens,
+      "gen_ai.usage.output_tokens": choices.reduce((n, c) => n + c.tokens.length, 0),
+      "gen_ai.usage.cache_read.input_tokens": cachedTokens,
+      "gen_ai.latency.e2e": secs(now),
+      ...(startedAt > 0 ? { "gen_ai.latency.time_in_queue": secs(startedAt) } : {}),
+      ...(firstTokenAt > 0 ? { "gen_ai.latency.time_to_first_token": secs(firstTokenAt) } : {}),
+    });
+    if (err !== null && err !== "abort") {
+      const e = toApiError(err);
+      span.setAttribute("error.type", e.code);
+      span.setStatus({ code: SpanStatusCode.ERROR, message: e.message });
+    }
+    span.end();
   };
   // Per prompt, its first choice's engine id: the others take the prompt from its cached
   // blocks.
@@ -256,6 +303,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {
+        if (startedAt === 0) startedAt = performance.now();
         if (i % spec.n === 0) cachedTokens += cached;
       },
       onPromptLogprobs: (lps) => {
@@ -266,8 +314,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       onToken: (t) => {
         if (settled || choice.finishReason !== null) return;
         const now = performance.now();
-        if (firstToken) metrics.timeToFirstToken.observe((now - t0) / 1000);
-        else if (last > 0) metrics.interTokenLatency.observe((now - last) / 1000);
+        if (firstToken) {
+          metrics.timeToFirstToken.observe((now - t0) / 1000);
+          firstTokenAt = now;
+        } else if (last > 0) metrics.interTokenLatency.observe((now - last) / 1000);
         firstToken = false;
         last = now;
         metrics.generationTokens.inc();
@@ -285,23 +335,28 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     if (!r.ok) {
       cancelAll();
       metrics.rejected.inc({ reason: r.reason });
-      if (r.reason === "queue_full")
-        throw new ApiError(
-          "EM_GATEWAY_OVERLOADED",
-          "the gateway's admission queue is full: retry later",
-          { retryAfter: 1 },
-        );
-      throw new ApiError(
-        "EM_GATEWAY_PROMPT_TOO_LONG",
-        `${prompt.tokens.length} prompt tokens + ${prompt.maxTokens} max_tokens do not fit in the KV cache`,
-        spec.prompts.length > 1 ? { param: "prompt" } : {},
-      );
+      const e =
+        r.reason === "queue_full"
+          ? new ApiError(
+              "EM_GATEWAY_OVERLOADED",
+              "the gateway's admission queue is full: retry later",
+              {
+                retryAfter: 1,
+              },
+            )
+          : new ApiError(
+              "EM_GATEWAY_PROMPT_TOO_LONG",
+              `${prompt.tokens.length} prompt tokens + ${prompt.maxTokens} max_tokens do not fit in the KV cache`,
+              spec.prompts.length > 1 ? { param: "prompt" } : {},
+            );
+      settled = true;
+      endSpan(e);
+      throw e;
     }
     cancels.push(r.cancel);
     choices.push(choice);
     first ??= r.id;
   }
-  const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
   metrics.promptTokens.inc(promptTokens);
   return {
     choices,
@@ -311,6 +366,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       settled = true;
       cancelAll();
       metrics.requests.inc({ finished_reason: "abort" });
+      endSpan("abort");
       resolve();
     },
     get completionTokens() {

@@ -19,10 +19,12 @@
 // The decode gateway never depends on an answer: without a prefill gateway (no responders),
 // past the timeout, or on a refusal, it computes the prompt itself, from the blocks it finds.
 import { randomBytes } from "node:crypto";
-import type { Msg, NatsConnection, Subscription } from "@nats-io/transport-node";
+import { headers, type Msg, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import type { RemotePrefixStore } from "../engine/kv-remote.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import type { PrefillJob, PrefillOffload, ServingEngine } from "./engine.ts";
+import { requestTraces, type Tracing, traceHeaders } from "./tracing.ts";
 
 const MAGIC = Buffer.from("EMPF", "latin1");
 const VERSION = 1;
@@ -258,6 +260,8 @@ export interface PrefillWorkerOptions {
   readonly vocabSize: number;
   /** Prompt tokens plus one, at most (--max-model-len). */
   readonly maxModelLen: number;
+  /** A span per job, in the trace of the request it came from (its NATS headers). */
+  readonly tracing?: Tracing;
   readonly log?: (message: string) => void;
 }
 
@@ -322,6 +326,7 @@ export class PrefillWorker {
     let answer: PrefillAnswer;
     let tokens = 0;
     let id: string | undefined;
+    const span = this.#span(msg);
     try {
       const job = decodePrefillJob(msg.data);
       if (job.fingerprint !== this.#o.fingerprint)
@@ -348,13 +353,20 @@ export class PrefillWorker {
       tokens = job.prompt.length;
       this.#tokens += tokens;
       this.#report();
+      span?.setAttribute("expertmesh.prefill.prompt_tokens", tokens);
       const r = await this.#o.engine.prefill(job, abort.signal);
       this.#stats.done++;
       this.#stats.tokens += job.prompt.length;
       answer = { ok: true, ...r, ms: performance.now() - t0 };
+      span?.setAttributes({
+        "expertmesh.prefill.shared_blocks": r.shared,
+        "expertmesh.prefill.blocks": r.blocks,
+      });
     } catch (e) {
       const code = e instanceof ExpertMeshError ? e.code : "EM_GATEWAY_INTERNAL";
       answer = { ok: false, code, message: formatError(e) };
+      span?.setAttribute("error.type", code);
+      span?.setStatus({ code: SpanStatusCode.ERROR, message: answer.message });
       if (code === "EM_PREFILL_CANCELLED") this.#stats.cancelled++;
       else {
         this.#stats.failed++;
@@ -370,7 +382,24 @@ export class PrefillWorker {
       this.#tokens -= tokens;
     }
     if (msg.reply) msg.respond(JSON.stringify(answer));
+    span?.end();
     if (tokens > 0) this.#report();
+  }
+
+  /** The job's span, a child of the request's at the decode gateway; null without tracing. */
+  #span(msg: Msg): Span | null {
+    const tracing = this.#o.tracing;
+    if (!tracing) return null;
+    const h = msg.headers;
+    const parent = tracing.extract({
+      traceparent: h?.get("traceparent") || undefined,
+      tracestate: h?.get("tracestate") || undefined,
+    });
+    return tracing.tracer.startSpan(
+      "prefill_job",
+      { kind: SpanKind.SERVER, attributes: { "messaging.destination.name": msg.subject } },
+      parent,
+    );
   }
 
   /** Takes no more jobs (telling the decode gateways), and waits for those running. */
@@ -468,6 +497,16 @@ export class PrefillClient implements PrefillOffload {
 
   async prefill(job: PrefillJob, signal: AbortSignal): Promise<void> {
     const s = this.#stats;
+    // The span of the request this job is for (tracing.ts): read now, while startJob runs.
+    const span = requestTraces.getStore()?.span ?? null;
+    const t0 = performance.now();
+    const outcome = (what: "done" | "noWorkers" | "timeout" | "failed" | "cancelled") => {
+      s[what]++;
+      span?.addEvent("prefill_remote", {
+        "expertmesh.prefill.outcome": what,
+        "expertmesh.prefill.ms": Math.round(performance.now() - t0),
+      });
+    };
     const id = randomBytes(12).toString("base64url");
     const frame = encodePrefillJob({ ...job, id, fingerprint: this.#o.store.fingerprint });
     const cancel = () => {
@@ -485,18 +524,18 @@ export class PrefillClient implements PrefillOffload {
       let answer: Msg | "aborted";
       if (sent) this.#sent.add(sent);
       try {
-        answer = await Promise.race([this.#ask(frame, sent), aborted]);
+        answer = await Promise.race([this.#ask(frame, sent, span), aborted]);
       } finally {
         if (sent) this.#sent.delete(sent);
       }
       if (answer === "aborted") {
-        s.cancelled++;
+        outcome("cancelled");
         cancel();
         return;
       }
       const a = decodePrefillAnswer(answer.data);
       if (!a.ok) {
-        s.failed++;
+        outcome("failed");
         this.#note(`refused (${a.code}: ${a.message})`);
         return;
       }
@@ -506,25 +545,25 @@ export class PrefillClient implements PrefillOffload {
         aborted,
       ]);
       if (seen === "aborted") {
-        s.cancelled++;
+        outcome("cancelled");
         return;
       }
       if (!seen) {
-        s.failed++;
+        outcome("failed");
         this.#note(`its blocks not seen in the bucket within ${WATCH_WAIT_MS} ms`);
         return;
       }
-      s.done++;
+      outcome("done");
       this.#note("ok");
     } catch (e) {
       const name = (e as Error).name;
       const noWorkers = isNoResponders(e);
-      if (noWorkers) s.noWorkers++;
+      if (noWorkers) outcome("noWorkers");
       else if (name === "TimeoutError") {
-        s.timeout++;
+        outcome("timeout");
         // This gateway computes the prompt now: the prefill gateway need not.
         cancel();
-      } else s.failed++;
+      } else outcome("failed");
       this.#note(
         noWorkers
           ? "no prefill gateway is there"
@@ -541,8 +580,15 @@ export class PrefillClient implements PrefillOffload {
    * Sends the job to `sent`'s prefill gateway, or to the queue group without one. A named
    * gateway that is gone (no responders) is forgotten, and the job goes to the queue group.
    */
-  async #ask(frame: Uint8Array, sent: SentPrefillJob | null): Promise<Msg> {
-    const opts = { timeout: this.#o.timeoutMs };
+  async #ask(frame: Uint8Array, sent: SentPrefillJob | null, span: Span | null): Promise<Msg> {
+    const opts: { timeout: number; headers?: ReturnType<typeof headers> } = {
+      timeout: this.#o.timeoutMs,
+    };
+    if (span) {
+      // The prefill gateway's span joins the request's trace.
+      opts.headers = headers();
+      for (const [k, v] of Object.entries(traceHeaders(span))) opts.headers.set(k, v);
+    }
     if (sent) {
       try {
         return await this.#o.nc.request(this.#subjects.to(sent.worker), frame, opts);

@@ -26,6 +26,7 @@ import { prepareVocabulary } from "./output-grammar.ts";
 import { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
 import type { ToolCallFormat } from "./tool-calls.ts";
+import type { Tracing } from "./tracing.ts";
 
 export interface GatewayConfig {
   readonly servedModelName: string;
@@ -99,6 +100,8 @@ export interface GatewayConfig {
   readonly toolCallParser?: ToolCallFormat;
   /** Defaults of the sampling fields requests leave out (default: none; generation-config.ts). */
   readonly samplingDefaults?: SamplingDefaults;
+  /** OpenTelemetry traces of the requests (tracing.ts), when on. */
+  readonly tracing?: Tracing;
   /** Where requests that fail on the server's side (5xx) are logged. */
   readonly log?: (message: string) => void;
 }
@@ -271,6 +274,7 @@ export function createServeContext(
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),
       backend.scratchBytes ? () => backend.scratchBytes!() : undefined,
     ),
+    ...(cfg.tracing ? { tracing: cfg.tracing } : {}),
     ...(cfg.log ? { log: cfg.log } : {}),
   };
 }

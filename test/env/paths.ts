@@ -10,6 +10,7 @@ export interface ToolVersions {
   etcd: string;
   kwok: string;
   helm: string;
+  otelcol: string;
   /** The Go toolchain provision.sh fetches when no usable go is installed. */
   goToolchain: string;
   keda: string;
@@ -29,6 +30,7 @@ export function toolVersions(): ToolVersions {
     etcd: get("ETCD_VERSION"),
     kwok: get("KWOK_VERSION"),
     helm: get("HELM_VERSION"),
+    otelcol: get("OTELCOL_VERSION"),
     goToolchain: get("GO_TOOLCHAIN_VERSION"),
     keda: get("KEDA_VERSION"),
   };
@@ -52,5 +54,6 @@ export function binaries() {
     kwok: join(bin, `kwok-${v.kwok}`, "kwok"),
     kwokStages: join(bin, `kwok-${v.kwok}`, "stage"),
     helm: join(bin, `helm-${v.helm}`, "helm"),
+    otelcol: join(bin, `otelcol-${v.otelcol}`, "otelcol"),
   };
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test environment's binaries with the go command from the Go module proxy:
 # nats-server, etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-# kwok and helm, at the versions pinned in versions.sh.
+# kwok, helm and an OpenTelemetry Collector (otelcol: OTLP in, OTLP/HTTP and debug out, for
+# the tracing tests), at the versions pinned in versions.sh.
 #
 # Binaries are cached outside the repository, keyed by version:
 #   $EXPERTMESH_CACHE_DIR/bin/<tool>-<version>/<binary>   (default ~/.cache/expertmesh)
@@ -17,8 +18,8 @@
 # first) and unpacked into $EXPERTMESH_CACHE_DIR/go/go1.26.8. EXPERTMESH_GO_TOOLCHAIN=fetch
 # uses that toolchain even when another go is installed.
 #
-# Usage: test/env/provision.sh [tool ...]   (tools: nats etcd kube kwok helm go; default
-# all but go, which only makes sure a go command is there)
+# Usage: test/env/provision.sh [tool ...]   (tools: nats etcd kube kwok helm otelcol go;
+# default all but go, which only makes sure a go command is there)
 # Prints the bin directory of every tool on the last lines as NAME=DIR.
 set -euo pipefail
 
@@ -354,8 +355,78 @@ build_helm() {
   echo "HELM_BIN=$dir"
 }
 
+build_otelcol() {
+  local v=$OTELCOL_VERSION api=$OTELCOL_API_VERSION
+  local dir="$bin_root/otelcol-$v"
+  [ -f "$(done_marker "otelcol-$v")" ] && { log "otelcol $v: cached"; echo "OTELCOL_BIN=$dir"; return; }
+  ensure_go
+  log "otelcol $v: building (the collector core's otlp receiver, otlphttp and debug exporters)"
+  local w="$work_root/otelcol-$v"
+  new_module "$w" expertmesh.test/otelcol
+  for m in otelcol service receiver/otlpreceiver exporter/otlphttpexporter exporter/debugexporter; do
+    require "$w" "go.opentelemetry.io/collector/$m@$v"
+  done
+  for m in component confmap confmap/provider/envprovider confmap/provider/fileprovider exporter receiver; do
+    require "$w" "go.opentelemetry.io/collector/$m@$api"
+  done
+  # What the collector builder (ocb) generates for these components, in one file.
+  cat > "$w/main.go" <<'GO'
+package main
+
+import (
+	"log"
+
+	"go.opentelemetry.io/collector/component"
+	"go.opentelemetry.io/collector/confmap"
+	"go.opentelemetry.io/collector/confmap/provider/envprovider"
+	"go.opentelemetry.io/collector/confmap/provider/fileprovider"
+	"go.opentelemetry.io/collector/exporter"
+	"go.opentelemetry.io/collector/exporter/debugexporter"
+	"go.opentelemetry.io/collector/exporter/otlphttpexporter"
+	"go.opentelemetry.io/collector/otelcol"
+	"go.opentelemetry.io/collector/receiver"
+	"go.opentelemetry.io/collector/receiver/otlpreceiver"
+	"go.opentelemetry.io/collector/service/telemetry/otelconftelemetry"
+)
+
+func components() (otelcol.Factories, error) {
+	receivers, err := otelcol.MakeFactoryMap[receiver.Factory](otlpreceiver.NewFactory())
+	if err != nil {
+		return otelcol.Factories{}, err
+	}
+	exporters, err := otelcol.MakeFactoryMap[exporter.Factory](otlphttpexporter.NewFactory(), debugexporter.NewFactory())
+	if err != nil {
+		return otelcol.Factories{}, err
+	}
+	return otelcol.Factories{Receivers: receivers, Exporters: exporters, Telemetry: otelconftelemetry.NewFactory()}, nil
+}
+
+func main() {
+	set := otelcol.CollectorSettings{
+		BuildInfo: component.BuildInfo{Command: "otelcol", Description: "OpenTelemetry Collector for expertmesh's tests", Version: "__VERSION__"},
+		Factories: components,
+		ConfigProviderSettings: otelcol.ConfigProviderSettings{
+			ResolverSettings: confmap.ResolverSettings{
+				ProviderFactories: []confmap.ProviderFactory{envprovider.NewFactory(), fileprovider.NewFactory()},
+			},
+		},
+	}
+	if err := otelcol.NewCommand(set).Execute(); err != nil {
+		log.Fatal(err)
+	}
+}
+GO
+  sed -i "s/__VERSION__/${v#v}/" "$w/main.go"
+  rm -f "$w/tools.go"
+  (cd "$w" && go mod tidy >/dev/null 2>&1) || die "resolving the collector's modules failed (go mod tidy in $w)"
+  mkdir -p "$dir"
+  (cd "$w" && go_build_progress otelcol -trimpath -ldflags "-s -w" -o "$dir/otelcol" .)
+  touch "$(done_marker "otelcol-$v")"
+  echo "OTELCOL_BIN=$dir"
+}
+
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(nats etcd kwok helm kube)
+[ ${#tools[@]} -gt 0 ] || tools=(nats etcd kwok helm otelcol kube)
 for t in "${tools[@]}"; do
   case "$t" in
     go) ensure_go; echo "GO_BIN=$(dirname "$(command -v go)")" ;;
@@ -364,7 +435,8 @@ for t in "${tools[@]}"; do
     kube) build_kube ;;
     kwok) build_kwok ;;
     helm) build_helm ;;
-    *) die "unknown tool '$t' (known: nats etcd kube kwok helm go)" ;;
+    otelcol) build_otelcol ;;
+    *) die "unknown tool '$t' (known: nats etcd kube kwok helm otelcol go)" ;;
   esac
 done
 log "all requested tools ready in $bin_root"

@@ -5,6 +5,11 @@ KUBERNETES_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
+# OpenTelemetry Collector core release (its otlp receiver and otlphttp exporter) that
+# provision.sh builds as the tracing tests' collector; OTELCOL_API_VERSION is the same
+# release's stable modules (component, confmap, ...: v1.x beside v0.x).
+OTELCOL_VERSION=v0.165.0
+OTELCOL_API_VERSION=v1.71.0
 # The Go toolchain provision.sh fetches from the module proxy when no usable go is installed
 # (and the one an older go >= 1.21 switches to: kwok needs Go 1.26).
 GO_TOOLCHAIN_VERSION=go1.26.8

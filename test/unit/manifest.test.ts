@@ -130,6 +130,38 @@ spec:
     ).toThrow(/gateway\.disaggregation\.minReplicas must not exceed its maxReplicas/);
   });
 
+  it("gateway.tracing becomes the gateways' OTLP flags (both roles); a URL that is not http(s) is refused", () => {
+    const m = (gateway: string) => `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
+  gateway: ${gateway}
+`;
+    const all = parseManifest(m("{ tracing: { otlpEndpoint: 'http://otel:4318' } }"));
+    expect(all.spec.gateway.tracing).toEqual({ otlpEndpoint: "http://otel:4318", sampleRatio: 1 });
+    expect(gatewayArgs(all).filter((a) => a.startsWith("--otlp"))).toEqual([
+      "--otlp-traces-endpoint=http://otel:4318",
+    ]);
+    const some = parseManifest(
+      m(
+        "{ tracing: { otlpEndpoint: 'https://otel/v1/traces', sampleRatio: 0.25 }, disaggregation: {}, kvCache: { remoteBytes: 1 } }",
+      ),
+    );
+    for (const role of ["gateway", "prefill"] as const)
+      expect(gatewayArgs(some, role).filter((a) => a.startsWith("--otlp"))).toEqual([
+        "--otlp-traces-endpoint=https://otel/v1/traces",
+        "--otlp-traces-sample-ratio=0.25",
+      ]);
+    expect(gatewayArgs(parseManifest(m("{}"))).some((a) => a.startsWith("--otlp"))).toBe(false);
+    for (const bad of [
+      "{ tracing: { otlpEndpoint: 'grpc://otel:4317' } }",
+      "{ tracing: { otlpEndpoint: 'http://otel:4318', sampleRatio: 1.5 } }",
+      "{ tracing: {} }",
+    ])
+      expect(() => parseManifest(m(bad), "m.yaml")).toThrow(/spec\.gateway\.tracing/);
+  });
+
   it("refuses a manifest with a bad key, naming the rule", () => {
     expect(() =>
       parseManifest(

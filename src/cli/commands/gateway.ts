@@ -27,6 +27,7 @@ import {
 } from "../../gateway/server.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
+import { Tracing, tracesUrl, tracingFromEnv } from "../../gateway/tracing.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
 import {
@@ -181,7 +182,17 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --dtype DTYPE             the linear layers' weights: auto (the checkpoint's, default), bf16,
                             fp16, fp32 or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3),
                             converted as they load; embeddings, LM head, norms and router keep theirs
-  --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)`;
+  --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)
+  --otlp-traces-endpoint URL    OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector
+                            (http://host:4318, or a full .../v1/traces URL): a span per request
+                            (GenAI semantic conventions: tokens, time to first token, queue time),
+                            a child of the caller's W3C traceparent; a prefill gateway's span
+                            joins the trace of the request it computes for. Without the flag,
+                            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT turn
+                            it on (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and
+                            OTEL_EXPORTER_OTLP_HEADERS are honored; docs/gateway.md)
+  --otlp-traces-sample-ratio R  of the requests without a sampled caller, the share traced (0 to 1,
+                            default 1); a caller's sampling decision is always followed`;
 
 export const gatewayCommand: Command = {
   name: "gateway",
@@ -247,6 +258,8 @@ export const gatewayCommand: Command = {
         "cpu-matmul": { type: "string" },
         "batch-invariant": { type: "boolean" },
         backend: { type: "string" },
+        "otlp-traces-endpoint": { type: "string" },
+        "otlp-traces-sample-ratio": { type: "string" },
       },
     });
     const usage = (m: string): never => {
@@ -362,6 +375,36 @@ export const gatewayCommand: Command = {
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
     const log = (m: string) =>
       process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
+    const tracesEndpoint = values["otlp-traces-endpoint"];
+    const sampleRatio = numberFlag(
+      values["otlp-traces-sample-ratio"],
+      "--otlp-traces-sample-ratio",
+      1,
+    );
+    if (values["otlp-traces-sample-ratio"] !== undefined && !tracesEndpoint && !tracingFromEnv())
+      usage(
+        "--otlp-traces-sample-ratio needs --otlp-traces-endpoint URL (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
+      );
+    const tracing =
+      tracesEndpoint !== undefined || tracingFromEnv()
+        ? new Tracing({
+            ...(tracesEndpoint !== undefined ? { url: tracesUrl(tracesEndpoint) } : {}),
+            sampleRatio,
+            serviceName: disaggregation === "prefill" ? "expertmesh-prefill" : "expertmesh-gateway",
+            resource: {
+              "service.version": packageVersion(),
+              "service.instance.id": id,
+              "expertmesh.model": `${ref.namespace}/${ref.model}`,
+              "expertmesh.role": disaggregation === "prefill" ? "prefill" : "gateway",
+            },
+            log,
+          })
+        : undefined;
+    if (tracing)
+      log(
+        `OpenTelemetry traces to ${tracing.url ?? "the OTEL_EXPORTER_OTLP_* endpoint"}` +
+          (sampleRatio < 1 ? ` (${sampleRatio} of the requests that start a trace)` : ""),
+      );
     const signals = stopSignals(log);
 
     const selected = selectBackend(
@@ -561,6 +604,7 @@ export const gatewayCommand: Command = {
         : undefined;
     const ctx = createServeContext(weights, backend, experts, tokenizer, {
       ...(prefillClient ? { prefillOffload: prefillClient } : {}),
+      ...(tracing ? { tracing } : {}),
       servedModelName: values["served-model-name"] ?? modelName,
       samplingDefaults,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
@@ -651,6 +695,7 @@ export const gatewayCommand: Command = {
             fingerprint: prefixCacheRemote!.fingerprint,
             vocabSize: ctx.vocabSize,
             maxModelLen: ctx.maxModelLen,
+            ...(tracing ? { tracing } : {}),
             log,
           })
         : undefined;
@@ -737,6 +782,8 @@ export const gatewayCommand: Command = {
         prefillWorker?.close(),
       ]);
       prefillClient?.close();
+      // The last requests' spans go out before the process does.
+      await tracing?.shutdown();
       clearTimeout(cut);
       await ctx.encoder.close();
       const tierName = [

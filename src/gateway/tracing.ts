@@ -1,0 +1,225 @@
+// OpenTelemetry traces of the gateway's requests (ADR 0030), exported over OTLP/HTTP
+// (protobuf) to a collector: one span per generation job, a child of the caller's span when
+// the request carries W3C trace context (`traceparent`), named and described by OpenTelemetry's
+// GenAI semantic conventions ("chat <model>", gen_ai.usage.*), with vLLM's latency
+// attributes (gen_ai.latency.*). A prompt a prefill gateway computes (ADR 0029) carries the
+// context in its job's NATS headers, and the prefill gateway's span joins the same trace.
+//
+// The API request being handled is found through an AsyncLocalStorage (requestTraces): the
+// HTTP routes and gRPC handlers enter it, startJob (jobs.ts) makes the span from it, and the
+// prefill client (prefill.ts), called synchronously from startJob through the engine, reads
+// the span to name it as the job's parent.
+import { AsyncLocalStorage } from "node:async_hooks";
+import {
+  type Attributes,
+  type Context,
+  defaultTextMapGetter,
+  defaultTextMapSetter,
+  ROOT_CONTEXT,
+  type Span,
+  SpanKind,
+  type Tracer,
+  trace,
+} from "@opentelemetry/api";
+import { setGlobalErrorHandler, W3CTraceContextPropagator } from "@opentelemetry/core";
+import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-proto";
+import { detectResources, envDetector, resourceFromAttributes } from "@opentelemetry/resources";
+import {
+  BatchSpanProcessor,
+  ParentBasedSampler,
+  TraceIdRatioBasedSampler,
+  TracerProvider,
+} from "@opentelemetry/sdk-trace";
+import { ExpertMeshError } from "../util/errors.ts";
+
+/** GenAI semantic conventions' operation names of the gateway's APIs. */
+export type GenAiOperation = "chat" | "text_completion";
+
+/** The operation of an HTTP route that runs generation jobs; null for the others. */
+export function operationOfRoute(route: string): GenAiOperation | null {
+  if (route === "/v1/chat/completions" || route === "/v1/messages" || route === "/v1/responses")
+    return "chat";
+  if (
+    route === "/v1/completions" ||
+    route === "/v2/models/:name/infer" ||
+    route === "/v2/models/:name/versions/:version/infer" ||
+    route === "/v2/models/:name/generate" ||
+    route === "/v2/models/:name/generate_stream"
+  )
+    return "text_completion";
+  return null;
+}
+
+/**
+ * The OTLP/HTTP traces URL of --otlp-traces-endpoint: a collector's base URL gets OTLP's
+ * path (/v1/traces), as OTEL_EXPORTER_OTLP_ENDPOINT does; a URL with a path is taken as is,
+ * as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is. Throws EM_CLI_USAGE for anything but http(s).
+ */
+export function tracesUrl(endpoint: string): string {
+  let u: URL;
+  try {
+    u = new URL(endpoint);
+  } catch {
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--otlp-traces-endpoint must be an http(s) URL (an OTLP/HTTP collector, e.g. http://otel-collector:4318), got '${endpoint}'`,
+    );
+  }
+  if (u.protocol !== "http:" && u.protocol !== "https:")
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--otlp-traces-endpoint speaks OTLP over HTTP: an http:// or https:// URL, got '${endpoint}' (OTLP/gRPC's port 4317 is the collector's other receiver; use its HTTP one, 4318)`,
+    );
+  if (u.pathname === "/" || u.pathname === "") u.pathname = "/v1/traces";
+  return u.toString();
+}
+
+export interface TracingOptions {
+  /** The OTLP/HTTP traces URL; undefined: the exporter's environment (OTEL_EXPORTER_OTLP_*). */
+  readonly url?: string;
+  /** Of the traces that start here (no sampled parent), the share recorded (default 1). */
+  readonly sampleRatio?: number;
+  /** service.name unless OTEL_SERVICE_NAME says otherwise. */
+  readonly serviceName: string;
+  /** More resource attributes (service.instance.id, the model, the role). */
+  readonly resource?: Attributes;
+  /** How long spans wait to be sent in a batch (ms, default 1000). */
+  readonly exportDelayMs?: number;
+  /** Where failed exports are told (the first, then at most once a minute). */
+  readonly log?: (message: string) => void;
+}
+
+/** Failed exports are logged at most this often (a collector down fails every batch). */
+const EXPORT_ERROR_LOG_MS = 60_000;
+
+/** Whether the environment asks for traces without a flag (OpenTelemetry's variables). */
+export function tracingFromEnv(env: NodeJS.ProcessEnv = process.env): boolean {
+  if (env["OTEL_SDK_DISABLED"] === "true" || env["OTEL_TRACES_EXPORTER"] === "none") return false;
+  return Boolean(env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] || env["OTEL_EXPORTER_OTLP_ENDPOINT"]);
+}
+
+const propagator = new W3CTraceContextPropagator();
+
+/** A gateway's tracer and its export pipeline. */
+export class Tracing {
+  readonly tracer: Tracer;
+  readonly url: string | undefined;
+  readonly #provider: TracerProvider;
+
+  constructor(o: TracingOptions) {
+    const ratio = o.sampleRatio ?? 1;
+    if (!(ratio >= 0 && ratio <= 1))
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--otlp-traces-sample-ratio must be between 0 and 1, got ${ratio}`,
+      );
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over ours, as in any OpenTelemetry SDK.
+    const resource = resourceFromAttributes({
+      "service.name": o.serviceName,
+      ...o.resource,
+    }).merge(detectResources({ detectors: [envDetector] }));
+    this.url = o.url;
+    this.#provider = new TracerProvider({
+      resource,
+      sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio) }),
+      spanProcessors: [
+        new BatchSpanProcessor({
+          exporter: new OTLPTraceExporter(o.url === undefined ? {} : { url: o.url }),
+          scheduledDelayMillis: o.exportDelayMs ?? 1000,
+        }),
+      ],
+    });
+    this.tracer = this.#provider.getTracer("expertmesh");
+    // The SDK reports failed exports to its process-wide handler (silent by default).
+    const log = o.log;
+    if (log) {
+      let lastAt = Number.NEGATIVE_INFINITY;
+      let failed = 0;
+      setGlobalErrorHandler((e) => {
+        failed++;
+        const now = performance.now();
+        if (now - lastAt < EXPORT_ERROR_LOG_MS) return;
+        lastAt = now;
+        const message = e instanceof Error ? e.message : String(e);
+        log(
+          `traces not sent to ${o.url ?? "the OTEL_EXPORTER_OTLP_* endpoint"} (${failed} failure${failed === 1 ? "" : "s"} since the last line): ${message}; requests are served regardless`,
+        );
+        failed = 0;
+      });
+    }
+  }
+
+  /** The caller's context named by W3C trace context in `carrier` (HTTP headers, NATS headers). */
+  extract(carrier: Record<string, string | string[] | undefined>): Context {
+    return propagator.extract(ROOT_CONTEXT, carrier, defaultTextMapGetter);
+  }
+
+  /**
+   * Sends the spans still waiting (at a stop), for at most `timeoutMs`: a collector that is
+   * down must not hold a pod's stop. Never throws.
+   */
+  async shutdown(timeoutMs = 5000): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      this.#provider.shutdown().catch(() => {}),
+      new Promise<void>((r) => {
+        timer = setTimeout(r, timeoutMs);
+      }),
+    ]);
+    clearTimeout(timer);
+  }
+
+  /** Sends the spans waiting now (tests, before reading the collector). */
+  async flush(): Promise<void> {
+    await this.#provider.forceFlush();
+  }
+}
+
+/** W3C trace context naming `span` as the parent (traceparent, tracestate), for a carrier. */
+export function traceHeaders(span: Span): Record<string, string> {
+  const carrier: Record<string, string> = {};
+  propagator.inject(trace.setSpan(ROOT_CONTEXT, span), carrier, defaultTextMapSetter);
+  return carrier;
+}
+
+/** The API request being handled: what startJob needs to make its span. */
+export interface RequestTrace {
+  readonly tracing: Tracing;
+  /** The caller's context (ROOT_CONTEXT without one). */
+  readonly parent: Context;
+  readonly operation: GenAiOperation;
+  /** When the request arrived (epoch ms): the span starts then, before the prompt's encoding. */
+  readonly startTime: number;
+  /** x-request-id of the exchange. */
+  readonly requestId?: string;
+  /** Attributes of the transport (http.route, rpc.method). */
+  readonly attributes?: Attributes;
+  /** The span of the job running now (set by startJob; the prefill client names it). */
+  span: Span | null;
+}
+
+/** The request each route and gRPC call handles (see the top of this file). */
+export const requestTraces = new AsyncLocalStorage<RequestTrace>();
+
+/** Starts a job's span for the request being handled (startJob); null without tracing. */
+export function startJobSpan(model: string, attributes: Attributes): Span | null {
+  const request = requestTraces.getStore();
+  if (!request) return null;
+  const span = request.tracing.tracer.startSpan(
+    `${request.operation} ${model}`,
+    {
+      kind: SpanKind.SERVER,
+      startTime: request.startTime,
+      attributes: {
+        "gen_ai.operation.name": request.operation,
+        "gen_ai.request.model": model,
+        ...request.attributes,
+        ...(request.requestId ? { "gen_ai.request.id": request.requestId } : {}),
+        ...attributes,
+      },
+    },
+    request.parent,
+  );
+  request.span = span;
+  return span;
+}

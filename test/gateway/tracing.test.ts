@@ -1,0 +1,373 @@
+// OpenTelemetry traces (src/gateway/tracing.ts, ADR 0030) into a real OpenTelemetry Collector
+// (built by test/env/provision.sh), which forwards what it accepted to the test as OTLP JSON:
+// a span per request over HTTP (the official openai client) and gRPC, a child of the caller's
+// W3C traceparent, with the GenAI attributes matching the answer's usage; and across a
+// disaggregated pair of gateway processes, the prefill gateway's span in the same trace.
+import { randomBytes } from "node:crypto";
+import { fileURLToPath } from "node:url";
+import { type ClientReadableStream, credentials, Metadata } from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type GrpcGateway, startGrpcGateway } from "../../src/gateway/grpc.ts";
+import { Tracing } from "../../src/gateway/tracing.ts";
+import { runCli } from "../support/cli.ts";
+import { testEnv, uniqueName, waitFor } from "../support/env.ts";
+import { startGatewayProcess } from "../support/gateway-process.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { GenerationClient } from "../support/grpc.ts";
+import { type Collector, type ReceivedSpan, startCollector } from "../support/otelcol.ts";
+import { holdable, startGateway, type TestGateway } from "./helpers.ts";
+
+const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+const hex = (bytes: number) => randomBytes(bytes).toString("hex");
+/** A caller's span: W3C traceparent, sampled. */
+const caller = () => {
+  const traceId = hex(16);
+  const spanId = hex(8);
+  return { traceId, spanId, traceparent: `00-${traceId}-${spanId}-01` };
+};
+const inTrace = (traceId: string) => (spans: ReceivedSpan[]) => {
+  const found = spans.filter((s) => s.traceId === traceId);
+  return found.length > 0 ? found : undefined;
+};
+
+let dir: string;
+let collector: Collector;
+let tracing: Tracing;
+let gw: TestGateway;
+let grpc: GrpcGateway;
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  collector = await startCollector(uniqueName("otelcol"));
+  tracing = new Tracing({
+    url: `${collector.endpoint}/v1/traces`,
+    serviceName: "expertmesh-gateway",
+    resource: { "service.instance.id": "test-gateway" },
+    exportDelayMs: 100,
+  });
+  gw = await startGateway(dir, { tracing });
+  grpc = await startGrpcGateway({ ctx: gw.ctx }, { port: 0, host: "127.0.0.1" });
+});
+afterAll(async () => {
+  await grpc?.close();
+  await gw?.close();
+  await tracing?.shutdown();
+  await collector?.close();
+});
+
+describe("request spans", () => {
+  it("a chat request's span is a child of the caller's, with its usage and latencies", async () => {
+    const c = caller();
+    const got = await gw.client.chat.completions.create(
+      {
+        model: "tiny",
+        messages: [{ role: "user", content: "Hello there, how are you?" }],
+        max_tokens: 6,
+        temperature: 0.5,
+        top_p: 0.9,
+      },
+      { headers: { traceparent: c.traceparent, "x-request-id": "req-chat-1" } },
+    );
+    const [span] = await collector.waitFor("the chat span", inTrace(c.traceId));
+    expect(span).toMatchObject({
+      name: "chat tiny",
+      kind: 2, // SERVER
+      parentSpanId: c.spanId,
+      status: { code: 0 },
+    });
+    expect(span!.attributes).toMatchObject({
+      "gen_ai.operation.name": "chat",
+      "gen_ai.request.model": "tiny",
+      "gen_ai.response.model": "tiny",
+      "gen_ai.request.id": "req-chat-1",
+      "gen_ai.request.max_tokens": 6,
+      "gen_ai.request.temperature": 0.5,
+      "gen_ai.request.top_p": expect.closeTo(0.9, 5),
+      "gen_ai.usage.input_tokens": got.usage!.prompt_tokens,
+      "gen_ai.usage.output_tokens": got.usage!.completion_tokens,
+      "gen_ai.usage.cache_read.input_tokens": 0,
+      "gen_ai.response.finish_reasons": [got.choices[0]!.finish_reason],
+      "http.route": "/v1/chat/completions",
+      "http.request.method": "POST",
+    });
+    const a = span!.attributes;
+    const e2e = a["gen_ai.latency.e2e"] as number;
+    const ttft = a["gen_ai.latency.time_to_first_token"] as number;
+    const queued = a["gen_ai.latency.time_in_queue"] as number;
+    expect(queued).toBeGreaterThanOrEqual(0);
+    expect(ttft).toBeGreaterThanOrEqual(queued);
+    expect(e2e).toBeGreaterThanOrEqual(ttft);
+    // The span lasts the request: at least its e2e (which starts later, after the body).
+    expect(Number(span!.endNs - span!.startNs) / 1e9).toBeGreaterThanOrEqual(e2e - 0.002);
+    expect(span!.resource).toMatchObject({
+      "service.name": "expertmesh-gateway",
+      "service.instance.id": "test-gateway",
+    });
+  });
+
+  it("a streamed completion without a caller starts its own trace; its second run reads the cache", async () => {
+    const prompt = "The quick brown fox jumps over the lazy dog and then";
+    const run = async () => {
+      const before = collector.spans.length;
+      const stream = await gw.client.completions.create({
+        model: "tiny",
+        prompt,
+        max_tokens: 5,
+        stream: true,
+        temperature: 0,
+      });
+      for await (const _ of stream);
+      return collector.waitFor("the completion span", (spans) =>
+        spans.slice(before).find((s) => s.attributes["http.route"] === "/v1/completions"),
+      );
+    };
+    const first = await run();
+    expect(first.name).toBe("text_completion tiny");
+    expect(first.parentSpanId).toBe("");
+    expect(first.attributes).toMatchObject({
+      "gen_ai.operation.name": "text_completion",
+      "gen_ai.usage.output_tokens": 5,
+      "gen_ai.response.finish_reasons": ["length"],
+      "gen_ai.usage.cache_read.input_tokens": 0,
+    });
+    const second = await run();
+    expect(second.traceId).not.toBe(first.traceId);
+    expect(second.attributes["gen_ai.usage.cache_read.input_tokens"]).toBeGreaterThan(0);
+  });
+
+  it("a client that leaves mid-stream: the span ends with finish reason abort", async () => {
+    const c = caller();
+    const controller = new AbortController();
+    const stream = await gw.client.completions.create(
+      {
+        model: "tiny",
+        prompt: "Count with me:",
+        max_tokens: 200,
+        stream: true,
+        ignore_eos: true,
+      } as never,
+      { headers: { traceparent: c.traceparent }, signal: controller.signal },
+    );
+    try {
+      for await (const _ of stream as unknown as AsyncIterable<unknown>) controller.abort();
+    } catch {}
+    const [span] = await collector.waitFor("the aborted span", inTrace(c.traceId));
+    expect(span!.attributes["gen_ai.response.finish_reasons"]).toEqual(["abort"]);
+    expect(span!.attributes["gen_ai.usage.output_tokens"]).toBeLessThan(200);
+  });
+
+  it("a request refused at admission is a span with status error and its code", async () => {
+    // One request held in its step, one waiting: the queue (depth 1) is full.
+    let hold: ReturnType<typeof holdable> | null = null;
+    const full = await startGateway(dir, {
+      tracing,
+      maxQueueDepth: 1,
+      wrap: (inner) => {
+        hold = holdable(inner);
+        return hold.runner;
+      },
+    });
+    const held = hold! as ReturnType<typeof holdable>;
+    held.hold();
+    const ask = () =>
+      full.client.completions.create({ model: "tiny", prompt: "Hi", max_tokens: 2 });
+    const running = ask();
+    await held.entered;
+    const waiting = ask();
+    await waitFor("one waiting", async () =>
+      full.ctx.engine.stats.numWaiting === 1 ? true : undefined,
+    );
+    try {
+      const c = caller();
+      await expect(
+        full.client.completions.create(
+          { model: "tiny", prompt: "Hi", max_tokens: 4 },
+          { headers: { traceparent: c.traceparent } },
+        ),
+      ).rejects.toMatchObject({ status: 429 });
+      const [span] = await collector.waitFor("the refused span", inTrace(c.traceId));
+      expect(span!.status.code).toBe(2); // ERROR
+      expect(span!.attributes["error.type"]).toBe("EM_GATEWAY_OVERLOADED");
+      expect(span!.attributes["gen_ai.usage.output_tokens"]).toBe(0);
+    } finally {
+      held.release();
+      await Promise.all([running, waiting]);
+      await full.close();
+    }
+  });
+
+  it("a gRPC ChatStream call's span is a child of the traceparent in its metadata", async () => {
+    const c = caller();
+    const client = new GenerationClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
+    const md = new Metadata();
+    md.set("traceparent", c.traceparent);
+    await new Promise<void>((resolve, reject) => {
+      const s: ClientReadableStream<any> = (client as any).ChatStream(
+        { model: "tiny", messages: [{ role: "user", content: "Hi!" }], max_tokens: 4 },
+        md,
+      );
+      s.on("data", () => {});
+      s.on("error", reject);
+      s.on("end", resolve);
+    });
+    client.close();
+    const [span] = await collector.waitFor("the gRPC span", inTrace(c.traceId));
+    expect(span).toMatchObject({ name: "chat tiny", parentSpanId: c.spanId });
+    expect(span!.attributes).toMatchObject({
+      "rpc.system": "grpc",
+      "rpc.method": "/expertmesh.v1.Generation/ChatStream",
+      "gen_ai.usage.output_tokens": 4,
+    });
+  });
+});
+
+describe("gateway processes with --otlp-traces-endpoint", () => {
+  it("a prompt a prefill gateway computes: its job's span joins the request's trace", async () => {
+    const bucket = uniqueName("trace").replace(/[^A-Za-z0-9_-]/g, "_");
+    const modelName = uniqueName("traced");
+    const args = (mode: string) => [
+      `--nats=${testEnv().nats.url}`,
+      `--prefix-cache-remote=${bucket}`,
+      "--prefix-cache-remote-bytes=8388608",
+      "--block-size=4",
+      `--disaggregation-mode=${mode}`,
+      ...(mode === "decode" ? ["--disaggregation-min-tokens=16"] : []),
+      `--otlp-traces-endpoint=${collector.endpoint}`,
+    ];
+    const [decode, prefill] = await Promise.all(
+      (["decode", "prefill"] as const).map((mode) =>
+        startGatewayProcess({
+          modelDir: dir,
+          namespace: "test",
+          modelName,
+          name: `gateway-${modelName}-${mode}`,
+          args: args(mode),
+        }),
+      ),
+    );
+    try {
+      const c = caller();
+      const got = await decode!.client.completions.create(
+        {
+          model: "tiny",
+          prompt: "In a quiet village by the sea, an old sailor said that the tide would turn",
+          max_tokens: 4,
+          temperature: 0,
+        },
+        { headers: { traceparent: c.traceparent } },
+      );
+      expect(got.usage!.prompt_tokens_details?.cached_tokens).toBeGreaterThan(0);
+      const spans = await collector.waitFor("both gateways' spans", (all) => {
+        const found = all.filter((s) => s.traceId === c.traceId);
+        return found.length >= 2 ? found : undefined;
+      });
+      const request = spans.find((s) => s.name === "text_completion tiny")!;
+      const job = spans.find((s) => s.name === "prefill_job")!;
+      expect(request.parentSpanId).toBe(c.spanId);
+      expect(request.resource).toMatchObject({
+        "service.name": "expertmesh-gateway",
+        "expertmesh.role": "gateway",
+      });
+      expect(request.events).toContainEqual({
+        name: "prefill_remote",
+        attributes: expect.objectContaining({ "expertmesh.prefill.outcome": "done" }),
+      });
+      // The job's span: a child of the request's, at the prefill gateway, inside its time.
+      expect(job.parentSpanId).toBe(request.spanId);
+      expect(job.resource).toMatchObject({
+        "service.name": "expertmesh-prefill",
+        "expertmesh.role": "prefill",
+      });
+      expect(job.attributes).toMatchObject({
+        "expertmesh.prefill.prompt_tokens": got.usage!.prompt_tokens,
+      });
+      expect(job.attributes["expertmesh.prefill.shared_blocks"]).toBeGreaterThan(0);
+      expect(job.startNs).toBeGreaterThanOrEqual(request.startNs);
+      expect(job.endNs).toBeLessThanOrEqual(request.endNs);
+      expect(decode!.log()).toContain("OpenTelemetry traces to");
+    } finally {
+      await Promise.all([decode!.process.stop(), prefill!.process.stop()]);
+    }
+  });
+
+  it("a sample ratio of 0 traces no new request but follows a sampled caller", async () => {
+    const gateway = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "test",
+      modelName: uniqueName("sampled"),
+      args: [
+        `--otlp-traces-endpoint=${collector.endpoint}/v1/traces`,
+        "--otlp-traces-sample-ratio=0",
+      ],
+    });
+    try {
+      const ask = (headers: Record<string, string>) =>
+        gateway.client.completions.create(
+          { model: "tiny", prompt: "Hello", max_tokens: 2 },
+          { headers },
+        );
+      const unsampled = caller();
+      // Not sampled upstream (flags 00): not here either.
+      await ask({
+        traceparent: unsampled.traceparent.replace(/-01$/, "-00"),
+        "x-request-id": "r-unsampled",
+      });
+      await ask({ "x-request-id": "r-root" });
+      const sampled = caller();
+      await ask({ traceparent: sampled.traceparent });
+      const [span] = await collector.waitFor("the sampled caller's span", inTrace(sampled.traceId));
+      expect(span!.parentSpanId).toBe(sampled.spanId);
+      // Spans go out in batches after 1 s: those of the first two would be there by now.
+      await new Promise((r) => setTimeout(r, 1500));
+      const ids = collector.spans.map((s) => s.attributes["gen_ai.request.id"]);
+      expect(ids).not.toContain("r-unsampled");
+      expect(ids).not.toContain("r-root");
+    } finally {
+      await gateway.process.stop();
+    }
+  });
+
+  it("a collector that is not there costs the spans, never a request; the gateway says so", async () => {
+    const gateway = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "test",
+      modelName: uniqueName("nocollector"),
+      args: ["--otlp-traces-endpoint=http://127.0.0.1:1"],
+    });
+    try {
+      for (let i = 0; i < 3; i++) {
+        const got = await gateway.client.completions.create({
+          model: "tiny",
+          prompt: `Hello ${i}`,
+          max_tokens: 2,
+        });
+        expect(got.usage!.completion_tokens).toBe(2);
+      }
+      await waitFor("the export failure logged", async () =>
+        /traces not sent to http:\/\/127\.0\.0\.1:1\/v1\/traces \(\d+ failures? since the last line\)/.test(
+          gateway.log(),
+        )
+          ? true
+          : undefined,
+      );
+    } finally {
+      await gateway.process.stop();
+    }
+  });
+
+  it.each([
+    [["--otlp-traces-endpoint=grpc://collector:4317"], "an http:// or https:// URL"],
+    [["--otlp-traces-endpoint=not a url"], "must be an http(s) URL"],
+    [["--otlp-traces-endpoint=http://c:4318", "--otlp-traces-sample-ratio=2"], "between 0 and 1"],
+    [["--otlp-traces-sample-ratio=0.5"], "needs --otlp-traces-endpoint"],
+  ])("refuses %j", async (flags, message) => {
+    const run = await runCli(
+      process.execPath,
+      [mainTs, "gateway", `--model=${dir}`, "--local", ...flags],
+      undefined,
+      { ...process.env, OTEL_EXPORTER_OTLP_ENDPOINT: "", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "" },
+    );
+    expect(run.code).not.toBe(0);
+    expect(run.stderr).toContain("EM_CLI_USAGE");
+    expect(run.stderr).toContain(message);
+  });
+});
