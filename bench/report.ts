@@ -30,6 +30,7 @@ import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
 import { speculativeTables } from "./speculative.ts";
 import { tokenizeTables } from "./tokenize.ts";
+import { tracingTables } from "./tracing.ts";
 
 export const BENCHMARKS_MD = join(REPO_ROOT, "BENCHMARKS.md");
 const BEGIN = (s: string) =>
@@ -517,6 +518,7 @@ export const SUITES = [
   "invariant",
   "front",
   "disagg",
+  "tracing",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -539,7 +541,8 @@ export const TABLES_ONLY: Record<
   | "diskshared"
   | "invariant"
   | "front"
-  | "disagg",
+  | "disagg"
+  | "tracing",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -557,6 +560,7 @@ export const TABLES_ONLY: Record<
   invariant: invariantTables,
   front: frontTables,
   disagg: disaggTables,
+  tracing: tracingTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -36,6 +36,7 @@ import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
 import { runSpeculative } from "./speculative.ts";
 import { runTokenize } from "./tokenize.ts";
+import { runTracing } from "./tracing.ts";
 
 const USAGE = `usage: node bench/run.ts [options]   (npm run bench -- [options])
   --suite NAME   suite to run, repeatable or comma-separated: ${SUITES.join(", ")}, all (default: all)
@@ -72,6 +73,7 @@ const RUN_TABLES_ONLY: Record<
   disagg: runDisagg,
   invariant: runInvariant,
   front: runFront,
+  tracing: runTracing,
 };
 
 async function main(): Promise<number> {

@@ -502,8 +502,9 @@ export class PrefillClient implements PrefillOffload {
     const t0 = performance.now();
     const outcome = (what: "done" | "noWorkers" | "timeout" | "failed" | "cancelled") => {
       s[what]++;
+      // The outcome as the metric's label names it (expertmesh_gateway_prefill_remote_total).
       span?.addEvent("prefill_remote", {
-        "expertmesh.prefill.outcome": what,
+        "expertmesh.prefill.outcome": what === "noWorkers" ? "no_workers" : what,
         "expertmesh.prefill.ms": Math.round(performance.now() - t0),
       });
     };
