@@ -350,6 +350,7 @@ export function samplingArgs(model: DeepSeekModel): string[] {
 export function modelArgs(model: DeepSeekModel): string[] {
   const { dtype, cpuMatmul, batchInvariant } = model.spec.model;
   return [
+    ...(model.spec.logFormat === "json" ? ["--log-format=json"] : []),
     ...(dtype === "auto" ? [] : [`--dtype=${dtype}`]),
     ...(cpuMatmul === "bf16" ? ["--cpu-matmul=bf16"] : []),
     ...(batchInvariant ? ["--batch-invariant"] : []),

@@ -966,6 +966,11 @@ export const SpecSchema = withRules(
         description: "Pull policy of that image.",
         default: "IfNotPresent",
       }),
+      logFormat: StringEnum(["text", "json"], {
+        description:
+          "How the model's gateways and shards write their log lines: text, or one JSON object per line ({time, level, component, instance, msg, ...}; a request line's id, status, tokens and trace id as keys) for a log pipeline.",
+        default: "text",
+      }),
       imagePullSecrets: Type.Optional(
         Type.Array(
           Type.Object(

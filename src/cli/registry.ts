@@ -1,4 +1,5 @@
-import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { ExpertMeshError } from "../util/errors.ts";
+import { failureLine, type LogFormat, logFormat, logFormatInArgv } from "../util/log.ts";
 
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface Command {
@@ -65,7 +66,12 @@ export async function runCli(argv: string[]): Promise<number> {
       typeof code === "string" && code.startsWith("ERR_PARSE_ARGS_")
         ? new ExpertMeshError("EM_CLI_USAGE", `${(err as Error).message} (see --help)`)
         : err;
-    process.stderr.write(`expertmesh ${name}: ${formatError(e)}\n`);
+    // A log pipeline reading JSON lines gets the failure as one too.
+    let format: LogFormat = "text";
+    try {
+      format = logFormat(logFormatInArgv(rest));
+    } catch {}
+    process.stderr.write(`${failureLine(format, name, e)}\n`);
     return 1;
   }
 }

@@ -5,18 +5,20 @@
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
+import { TraceFlags } from "@opentelemetry/api";
 import Fastify, {
   type FastifyInstance,
   type FastifyReply,
   type FastifyServerFactory,
 } from "fastify";
+import type { LogFields } from "../util/log.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { messagesRoutes } from "./messages.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
-import { operationOfRoute, requestTraces } from "./tracing.ts";
+import { operationOfRoute, type RequestTrace, requestTraces } from "./tracing.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -41,7 +43,7 @@ export interface GatewayAppOptions {
   /** With `server`: receives the app's request handler, to install when the app is ready. */
   readonly onHandler?: (handler: RequestListener) => void;
   /** Where a line per finished request goes (--log-requests); default: none. */
-  readonly logRequest?: (line: string) => void;
+  readonly logRequest?: (line: string, fields?: LogFields) => void;
 }
 
 /** Builds the fastify app (not listening yet). */
@@ -113,6 +115,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     if (closing && !reply.raw.headersSent) reply.header("connection", "close");
   });
 
+  /** Each exchange's trace (with tracing on), for its log line's trace id. */
+  const traces = new WeakMap<object, RequestTrace>();
+  const traceOf = (raw: object) => {
+    const ctx = traces.get(raw)?.span?.spanContext();
+    // Sampled: the trace is at the collector (an unsampled span's id leads nowhere).
+    return ctx && (ctx.traceFlags & TraceFlags.SAMPLED) !== 0 ? ctx.traceId : undefined;
+  };
+
   // Every answer carries an x-request-id: the client's (vLLM's and most proxies' header),
   // or a new one. With logRequest, a line when the exchange ends (streams included).
   app.addHook("onRequest", async (req, reply) => {
@@ -125,13 +135,34 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     reply.raw.once("close", () => {
       const job = jobOf(reply.raw);
       const ms = Math.round(performance.now() - t0);
-      const finished = job?.choices.map((c) => c.finishReason ?? "abort").join(",");
+      const finished = job?.choices.map((c) => c.finishReason ?? "abort");
+      const path = req.url.split("?")[0];
+      const gone = !reply.raw.writableFinished;
+      const traceId = traceOf(reply.raw);
       log(
-        `request ${id} ${req.method} ${req.url.split("?")[0]} ${reply.raw.statusCode}` +
-          `${reply.raw.writableFinished ? "" : " (client gone)"} in ${ms} ms` +
+        `request ${id} ${req.method} ${path} ${reply.raw.statusCode}` +
+          `${gone ? " (client gone)" : ""} in ${ms} ms` +
           (job
-            ? ` prompt=${job.promptTokens} cached=${job.cachedTokens} completion=${job.completionTokens} finish=${finished}`
-            : ""),
+            ? ` prompt=${job.promptTokens} cached=${job.cachedTokens} completion=${job.completionTokens} finish=${finished!.join(",")}`
+            : "") +
+          (traceId ? ` trace=${traceId}` : ""),
+        {
+          request_id: id,
+          method: req.method,
+          path,
+          status: reply.raw.statusCode,
+          duration_ms: ms,
+          ...(gone ? { client_gone: true } : {}),
+          ...(job
+            ? {
+                prompt_tokens: job.promptTokens,
+                cached_tokens: job.cachedTokens,
+                completion_tokens: job.completionTokens,
+                finish_reasons: finished,
+              }
+            : {}),
+          ...(traceId ? { trace_id: traceId } : {}),
+        },
       );
     });
   });
@@ -146,18 +177,17 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       const operation = operationOfRoute(route);
       if (!operation) return done();
       const id = reply.getHeader("x-request-id");
-      requestTraces.run(
-        {
-          tracing,
-          parent: tracing.extract(req.headers),
-          operation,
-          startTime: Date.now() - reply.elapsedTime,
-          ...(typeof id === "string" ? { requestId: id } : {}),
-          attributes: { "http.route": route, "http.request.method": req.method },
-          span: null,
-        },
-        done,
-      );
+      const trace: RequestTrace = {
+        tracing,
+        parent: tracing.extract(req.headers),
+        operation,
+        startTime: Date.now() - reply.elapsedTime,
+        ...(typeof id === "string" ? { requestId: id } : {}),
+        attributes: { "http.route": route, "http.request.method": req.method },
+        span: null,
+      };
+      traces.set(reply.raw, trace);
+      requestTraces.run(trace, done);
     });
 
   app.setErrorHandler((err, req, reply) => {

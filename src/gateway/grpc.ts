@@ -28,6 +28,7 @@ import {
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
 import { Value } from "@sinclair/typebox/value";
+import type { LogFields } from "../util/log.ts";
 import { packageVersion } from "../util/version.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
@@ -209,7 +210,7 @@ export interface GrpcGatewayOptions {
   /** Largest request message (bytes); default: grpc-js's 4 MiB. */
   readonly maxRequestBytes?: number;
   /** Where a line per finished call goes (--log-requests); default: none. */
-  readonly logRequest?: (line: string) => void;
+  readonly logRequest?: (line: string, fields?: LogFields) => void;
 }
 
 export interface GrpcGateway {
@@ -745,7 +746,9 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
  * Every call's x-request-id (the client's metadata, or a new UUID) in its response metadata
  * and trailers, as HTTP answers carry the header; with `log`, a line when the call ends.
  */
-function requestIds(log: ((line: string) => void) | undefined): ServerInterceptor {
+function requestIds(
+  log: ((line: string, fields?: LogFields) => void) | undefined,
+): ServerInterceptor {
   return (method, call) => {
     let id = "";
     const t0 = performance.now();
@@ -770,9 +773,14 @@ function requestIds(log: ((line: string) => void) | undefined): ServerIntercepto
         .withSendStatus((st, next) => {
           const metadata = st.metadata ?? new Metadata();
           metadata.set("x-request-id", id);
-          log?.(
-            `rpc ${id} ${method.path} ${status[st.code] ?? st.code} in ${Math.round(performance.now() - t0)} ms`,
-          );
+          const ms = Math.round(performance.now() - t0);
+          const code = status[st.code] ?? String(st.code);
+          log?.(`rpc ${id} ${method.path} ${code} in ${ms} ms`, {
+            request_id: id,
+            rpc_method: method.path,
+            grpc_status: code,
+            duration_ms: ms,
+          });
           next({ ...st, metadata });
         })
         .build(),

@@ -214,6 +214,7 @@ describe("Helm chart charts/expertmesh", () => {
 
   it("rejects invalid values through its schema", async () => {
     await expect(render("em", "ops", ["--set", "logLevel=loud"])).rejects.toThrow(/logLevel/);
+    await expect(render("em", "ops", ["--set", "logFormat=xml"])).rejects.toThrow(/logFormat/);
     await expect(render("em", "ops", ["--set", "watchNamespaces={Not_A_Name}"])).rejects.toThrow(
       /watchNamespaces/,
     );
@@ -497,6 +498,8 @@ spec:
       "--set",
       "logLevel=debug",
       "--set",
+      "logFormat=json",
+      "--set",
       "metrics.service.port=9102",
       "--set",
       "serviceAccount.annotations.owner=ml",
@@ -516,6 +519,9 @@ spec:
     expect(
       (pod.containers[0].env as Obj[]).find((e) => e.name === "EXPERTMESH_LOG_LEVEL")?.value,
     ).toBe("debug");
+    expect(
+      (pod.containers[0].env as Obj[]).find((e) => e.name === "EXPERTMESH_LOG_FORMAT")?.value,
+    ).toBe("json");
     expect(only(objects, "Service").spec.ports[0].port).toBe(9102);
     expect(only(objects, "ServiceAccount").metadata.annotations).toEqual({ owner: "ml" });
     // rbac.create=false: no Roles or bindings of any kind.

@@ -203,6 +203,23 @@ describe("desiredObjects", () => {
     expect(labels).toMatchObject(byRole("shard").labelSelector.matchLabels);
   });
 
+  it("spec.logFormat json: every gateway and shard container logs JSON lines", () => {
+    const args = (all: ReturnType<typeof objects>) =>
+      all
+        .filter((o) => o.kind === "Deployment")
+        .map((d) => [d.metadata!.name, (d as any).spec.template.spec.containers[0].args]);
+    for (const [, a] of args(objects())) expect(a).not.toContain("--log-format=json");
+    const json = args(
+      objects(
+        "  logFormat: json\n  gateway: { kvCache: { remoteBytes: 1048576 }, disaggregation: {} }",
+      ),
+    );
+    expect(json.map(([name]) => name)).toEqual(
+      expect.arrayContaining(["m-gateway", "m-prefill", "m-shard-0", "m-shard-3"]),
+    );
+    for (const [name, a] of json) expect(a, name as string).toContain("--log-format=json");
+  });
+
   it("requests GPUs, passes scheduling through and mounts the weights read-only", () => {
     const shard = objects().find((o) => o.metadata?.name === "m-shard-2") as any;
     const pod = shard.spec.template.spec;

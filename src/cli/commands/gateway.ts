@@ -43,6 +43,7 @@ import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
+import { logFormat, processLog } from "../../util/log.ts";
 import { packageVersion } from "../../util/version.ts";
 import { selectBackend } from "../device.ts";
 import {
@@ -162,8 +163,11 @@ const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
   --log-requests            log a line per HTTP request when it ends: its x-request-id (the
                             client's, or a new one), route, status, time, and its tokens
-                            (prompt, cached, completion) and finish reasons; and per gRPC call
-                            its id, method, status and time
+                            (prompt, cached, completion), finish reasons and trace id (with
+                            traces on); and per gRPC call its id, method, status and time
+  --log-format text|json    log lines as text (default) or one JSON object per line
+                            ({time, level, component, instance, msg, ...}: a request line's
+                            fields as keys); default $EXPERTMESH_LOG_FORMAT, else text
   --wire bf16|fp8|f32       dispatch dtype on the wire (default bf16)
   --device DEV              where the dense layers (and --local experts) run: cpu (default),
                             cuda (= cuda:0) or cuda:N; ops the CUDA backend lacks run on the CPU.
@@ -258,6 +262,7 @@ export const gatewayCommand: Command = {
         "cpu-matmul": { type: "string" },
         "batch-invariant": { type: "boolean" },
         backend: { type: "string" },
+        "log-format": { type: "string" },
         "otlp-traces-endpoint": { type: "string" },
         "otlp-traces-sample-ratio": { type: "string" },
       },
@@ -373,8 +378,12 @@ export const gatewayCommand: Command = {
       ? { namespace: values.namespace ?? "default", model: modelName }
       : subjectRef(values.namespace ?? "default", modelName);
     const id = process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
-    const log = (m: string) =>
-      process.stderr.write(`${new Date().toISOString()} gateway ${id}: ${m}\n`);
+    const log = processLog({
+      format: logFormat(values["log-format"]),
+      component: "gateway",
+      instance: id,
+      who: `gateway ${id}`,
+    });
     const tracesEndpoint = values["otlp-traces-endpoint"];
     const sampleRatio = numberFlag(
       values["otlp-traces-sample-ratio"],

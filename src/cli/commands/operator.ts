@@ -2,6 +2,7 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import { Operator } from "../../operator/operator.ts";
+import { logFormat, processLog } from "../../util/log.ts";
 import { boolFlag as bool, intFlag as int, numberFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -17,7 +18,10 @@ const USAGE = `expertmesh operator [options]
   --workers N                concurrent reconciles (default 2)
   --shutdown-timeout SECONDS at SIGTERM, wait this long for reconciles in flight, then hand
                              back the lease anyway and exit (default 15; the chart's grace
-                             period is 30 s)`;
+                             period is 30 s)
+  --log-format text|json     log lines as text (default) or one JSON object per line
+                             ({time, level, component, instance, msg}); default
+                             $EXPERTMESH_LOG_FORMAT, else text`;
 
 export const operatorCommand: Command = {
   name: "operator",
@@ -38,14 +42,22 @@ export const operatorCommand: Command = {
         "metrics-host": { type: "string" },
         workers: { type: "string" },
         "shutdown-timeout": { type: "string" },
+        "log-format": { type: "string" },
       },
     });
     const kc = new KubeConfig();
     if (values.kubeconfig) kc.loadFromFile(values.kubeconfig);
     else kc.loadFromDefault();
     const level = process.env["EXPERTMESH_LOG_LEVEL"] ?? "info";
+    const identity = values.identity ?? process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`;
+    const write = processLog({
+      format: logFormat(values["log-format"]),
+      component: "operator",
+      instance: identity,
+      who: "operator",
+    });
     const log = (msg: string) => {
-      if (level !== "error") process.stderr.write(`${new Date().toISOString()} operator: ${msg}\n`);
+      if (level !== "error") write(msg);
     };
     const op = new Operator(kc, {
       namespaces: values.namespace ?? [],
@@ -53,7 +65,7 @@ export const operatorCommand: Command = {
       leaseNamespace: values["lease-namespace"] ?? process.env["POD_NAMESPACE"] ?? "default",
       leaseName: values["lease-name"] ?? "expertmesh-operator",
       leaseDurationSeconds: int(values["lease-duration"], "--lease-duration", 15, 1),
-      identity: values.identity ?? process.env["POD_NAME"] ?? `${hostname()}-${process.pid}`,
+      identity,
       metricsPort: int(values["metrics-port"], "--metrics-port", 8080, 0),
       ...(values["metrics-host"] ? { metricsHost: values["metrics-host"] } : {}),
       workers: int(values.workers, "--workers", 2, 1),

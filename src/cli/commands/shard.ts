@@ -13,6 +13,7 @@ import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
+import { logFormat, processLog } from "../../util/log.ts";
 import { selectBackend } from "../device.ts";
 import {
   defaultModelName,
@@ -52,7 +53,9 @@ const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [op
                         see gateway --help; cpu only)
   --backend NAME        native (default) | reference (TypeScript, cpu only)
   --dtype DTYPE         the experts' weights: auto (the checkpoint's, default), bf16, fp16, fp32
-                        or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3), converted as they load`;
+                        or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3), converted as they load
+  --log-format text|json  log lines as text (default) or one JSON object per line (see gateway
+                        --help); default $EXPERTMESH_LOG_FORMAT, else text`;
 
 export const shardCommand: Command = {
   name: "shard",
@@ -62,6 +65,7 @@ export const shardCommand: Command = {
     const { values } = parseArgs({
       args: argv,
       options: {
+        "log-format": { type: "string" },
         model: { type: "string" },
         plan: { type: "string" },
         shard: { type: "string" },
@@ -106,8 +110,12 @@ export const shardCommand: Command = {
     if (k < 0 || k >= plan.numShards)
       usage(`--shard must be 0..${plan.numShards - 1}, got '${values.shard}'`);
     const id = values.id ?? `${hostname()}-${process.pid}`;
-    const log = (m: string) =>
-      process.stderr.write(`${new Date().toISOString()} shard ${k}/${id}: ${m}\n`);
+    const log = processLog({
+      format: logFormat(values["log-format"]),
+      component: "shard",
+      instance: id,
+      who: `shard ${k}/${id}`,
+    });
     const signals = stopSignals(log);
 
     // The probe port first: liveness is answered while the experts load (minutes, for a

@@ -514,7 +514,8 @@ export const upCommand: Command = {
         `--model=${modelDir}`,
         `--namespace=${ns}`,
         `--model-name=${name}`,
-        ...modelArgs(m),
+        // Text lines on up's terminal (it reads its children's lines): spec.logFormat is the pods'.
+        ...modelArgs(m).filter((a) => !a.startsWith("--log-format")),
       ];
       // nats-server and the shards; resolves with the gateway's flags to reach them.
       async function startShards(): Promise<string[]> {
