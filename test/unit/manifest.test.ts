@@ -94,14 +94,16 @@ describe("isLabelKey (spec.monitoring.podMonitor.labels)", () => {
     expect(isLabelKey(key)).toBe(ok);
   });
 
-  it("refuses gateway.disaggregation without the NATS tier its blocks go through, naming the rule", () => {
-    const m = (gateway: string) => `apiVersion: expertmesh.io/v1alpha1
+  /** A manifest of the tiny model with `gateway` (YAML flow) as its spec.gateway. */
+  const m = (gateway: string) => `apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
 metadata: { name: m }
 spec:
   model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
   gateway: ${gateway}
 `;
+
+  it("refuses gateway.disaggregation without the NATS tier its blocks go through, naming the rule", () => {
     expect(() => parseManifest(m("{ disaggregation: {} }"), "m.yaml")).toThrow(
       /m\.yaml: spec\.gateway: gateway\.disaggregation needs gateway\.kvCache\.remoteBytes/,
     );
@@ -131,13 +133,6 @@ spec:
   });
 
   it("gateway.tracing becomes the gateways' OTLP flags (both roles); a URL that is not http(s) is refused", () => {
-    const m = (gateway: string) => `apiVersion: expertmesh.io/v1alpha1
-kind: DeepSeekModel
-metadata: { name: m }
-spec:
-  model: { preset: tiny-v3, source: { pvc: { claimName: w } } }
-  gateway: ${gateway}
-`;
     const all = parseManifest(m("{ tracing: { otlpEndpoint: 'http://otel:4318' } }"));
     expect(all.spec.gateway.tracing).toEqual({ otlpEndpoint: "http://otel:4318", sampleRatio: 1 });
     expect(gatewayArgs(all).filter((a) => a.startsWith("--otlp"))).toEqual([
