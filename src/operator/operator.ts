@@ -1,9 +1,11 @@
 // The operator process: leader election, informers that turn changes into work-queue keys,
 // workers that reconcile, and the metrics/health endpoint. Reconcile logic: reconciler.ts.
+
 import type { Server } from "node:http";
 import type { KubeConfig, V1Deployment, V1Pod } from "@kubernetes/client-node";
 import { type DeepSeekModel, GROUP, PLURAL, VERSION } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
+import type { LogFields } from "../util/log.ts";
 import { settlesWithin } from "../util/settle.ts";
 import { Autoscaler } from "./autoscale/autoscaler.ts";
 import { Informer } from "./informer.ts";
@@ -31,7 +33,7 @@ export interface OperatorOptions {
    * successor its whole duration).
    */
   stopTimeoutMs?: number;
-  log: (msg: string) => void;
+  log: (msg: string, fields?: LogFields) => void;
 }
 
 export class Operator {

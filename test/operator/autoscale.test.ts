@@ -609,6 +609,8 @@ describe("prefill gateways scale as a role of their own (spec.gateway.disaggrega
       releaseNs,
       identity: "op-asp",
       namespaces: [ns],
+      // JSON lines here: the autoscaler's say which model they are about (checked below).
+      args: ["--log-format=json"],
     });
     nc = await connect({ servers: testEnv().nats.url });
     reporters = new Reporters(nc, `em.${ns}.${name}.stats`);
@@ -665,6 +667,18 @@ describe("prefill gateways scale as a role of their own (spec.gateway.disaggrega
     expect(
       await op.metric(`expertmesh_queue_depth{namespace="${ns}",model="${name}",role="gateway"}`),
     ).toBe(0);
+    // --log-format json: every line an object; the decision's line names the model as a key.
+    const lines = op
+      .log()
+      .split("\n")
+      .filter((l) => l.trim() !== "")
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.every((l) => l["component"] === "operator" && l["instance"] === "op-asp")).toBe(
+      true,
+    );
+    expect(
+      lines.find((l) => String(l["msg"]).includes("prefill") && l["model"] === `${ns}/${name}`),
+    ).toBeDefined();
   });
 });
 

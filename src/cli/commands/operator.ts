@@ -2,7 +2,7 @@ import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import { Operator } from "../../operator/operator.ts";
-import { logFormat, processLog } from "../../util/log.ts";
+import { type LogFields, logFormat, processLog } from "../../util/log.ts";
 import { boolFlag as bool, intFlag as int, numberFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -56,8 +56,8 @@ export const operatorCommand: Command = {
       instance: identity,
       who: "operator",
     });
-    const log = (msg: string) => {
-      if (level !== "error") write(msg);
+    const log = (msg: string, fields?: LogFields) => {
+      if (level !== "error") write(msg, fields);
     };
     const op = new Operator(kc, {
       namespaces: values.namespace ?? [],

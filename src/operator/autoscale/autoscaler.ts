@@ -8,6 +8,7 @@
 //    reconciler (the only writer of Deployments and status) to apply it;
 //  - with rebalancing on, proposes a better placement from the per-expert token counts and
 //    rolls it out shards first (rebalance.ts), publishing on em.<ns>.<model>.control.plan.
+
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { Counter, Gauge, type Registry } from "prom-client";
 import { architectureOf } from "../../api/manifest.ts";
@@ -17,6 +18,7 @@ import type { PlacementPlan } from "../../moe/placement.ts";
 import { encodePlanControl } from "../../moe/plan-control.ts";
 import { type ModelRef, subjects } from "../../moe/subjects.ts";
 import { formatError } from "../../util/errors.ts";
+import type { LogFields } from "../../util/log.ts";
 import { settlesWithin } from "../../util/settle.ts";
 import {
   type DecisionReason,
@@ -62,7 +64,8 @@ export interface AutoscalerOptions {
     reason: string,
     message: string,
   ) => void;
-  log: (msg: string) => void;
+  /** A line, with the model it is about as a field (a JSON log's key). */
+  log: (msg: string, fields?: LogFields) => void;
   /** Log each scaling decision as well as its Event (default true). */
   logDecisions?: boolean;
   /** Connects to a model's NATS (tests may pass their own). */
@@ -282,9 +285,11 @@ export class Autoscaler {
           if (r) s.tracker.add(r, this.#now());
         },
       });
-      this.#o.log(`autoscaler: watching load reports of ${s.key} on ${url}`);
+      this.#o.log(`autoscaler: watching load reports of ${s.key} on ${url}`, { model: s.key });
     } catch (err) {
-      this.#o.log(`autoscaler: cannot reach NATS ${url} for ${s.key}: ${formatError(err)}`);
+      this.#o.log(`autoscaler: cannot reach NATS ${url} for ${s.key}: ${formatError(err)}`, {
+        model: s.key,
+      });
       // Try again on the next observe.
       if (this.#models.get(s.key) === s) this.#models.delete(s.key);
     }
@@ -364,7 +369,7 @@ export class Autoscaler {
         if (s.model.spec.autoscaling.enabled) this.#scale(s, now);
         if (s.model.spec.experts.rebalance.enabled) this.#rebalance(s, now);
       } catch (err) {
-        this.#o.log(`autoscaler: ${s.key}: ${formatError(err)}`);
+        this.#o.log(`autoscaler: ${s.key}: ${formatError(err)}`, { model: s.key });
       }
     }
   }
@@ -493,7 +498,8 @@ export class Autoscaler {
       { time: rfc3339(now), role, from, to, queueDepth: round(observed), target, reason },
     ].slice(-10);
     const text = `${role}: ${from} -> ${to} replicas (${reason}): ${message}`;
-    if (this.#o.logDecisions !== false) this.#o.log(`autoscaler: ${s.key}: ${text}`);
+    if (this.#o.logDecisions !== false)
+      this.#o.log(`autoscaler: ${s.key}: ${text}`, { model: s.key, role });
     this.#o.event(s.model, "Normal", direction === "up" ? "ScaledUp" : "ScaledDown", text);
   }
 
@@ -566,7 +572,11 @@ export class Autoscaler {
     const ref = this.#ref(s);
     void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
       .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl("activate", plan)))
-      .catch((err) => this.#o.log(`autoscaler: ${s.key}: publish activate: ${formatError(err)}`));
+      .catch((err) =>
+        this.#o.log(`autoscaler: ${s.key}: publish activate: ${formatError(err)}`, {
+          model: s.key,
+        }),
+      );
   }
 
   #advance(s: ModelState, now: number): void {
@@ -591,7 +601,9 @@ export class Autoscaler {
     const publish = (op: "prepare" | "activate") =>
       void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
         .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl(op, r.plan)))
-        .catch((err) => this.#o.log(`autoscaler: ${s.key}: publish ${op}: ${formatError(err)}`));
+        .catch((err) =>
+          this.#o.log(`autoscaler: ${s.key}: publish ${op}: ${formatError(err)}`, { model: s.key }),
+        );
     const v = r.plan.version;
     switch (res.next) {
       case "send":
