@@ -16,6 +16,7 @@ import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { messagesRoutes } from "./messages.ts";
+import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 import { operationOfRoute, type RequestTrace, requestTraces } from "./tracing.ts";
@@ -227,10 +228,10 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     if (o.draining?.()) return { status: "draining" };
     return { status: "not ready", ...o.notReadyDetail?.() };
   });
-  app.get("/metrics", async (_req, reply) => {
-    const r = o.ctx.metrics.registry;
-    reply.header("content-type", r.contentType);
-    return r.metrics();
+  app.get("/metrics", async (req, reply) => {
+    const { contentType, body } = await exposition(o.ctx.metrics.registry, req.headers.accept);
+    reply.header("content-type", contentType);
+    return body;
   });
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));

@@ -1,6 +1,6 @@
 // One API request's generation: its n choices as engine sequences, their text with stop
 // strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
-import { type Attributes, SpanStatusCode } from "@opentelemetry/api";
+import { type Attributes, SpanStatusCode, TraceFlags } from "@opentelemetry/api";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -197,6 +197,11 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   let startedAt = 0;
   const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
   const span = startJobSpan(ctx.servedModelName, requestAttributes(spec));
+  /** The latency histograms' exemplar: the trace id, when the span is sampled (exported). */
+  const exemplar = (): Record<string, string> => {
+    const c = span?.spanContext();
+    return c && (c.traceFlags & TraceFlags.SAMPLED) !== 0 ? { trace_id: c.traceId } : {};
+  };
   const total = spec.n * spec.prompts.length;
   let remaining = total;
   let settled = false;
@@ -225,7 +230,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       // One count per request, as abort and error: 'length' if any choice ran out of tokens.
       const length = choices.some((c) => c.finishReason === "length");
       metrics.requests.inc({ finished_reason: length ? "length" : reason });
-      metrics.e2eLatency.observe((performance.now() - t0) / 1000);
+      metrics.e2eLatency.observe({
+        value: (performance.now() - t0) / 1000,
+        exemplarLabels: exemplar(),
+      });
       endSpan(null);
       resolve();
     }
@@ -315,7 +323,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         if (settled || choice.finishReason !== null) return;
         const now = performance.now();
         if (firstToken) {
-          metrics.timeToFirstToken.observe((now - t0) / 1000);
+          metrics.timeToFirstToken.observe({
+            value: (now - t0) / 1000,
+            exemplarLabels: exemplar(),
+          });
           firstTokenAt = now;
         } else if (last > 0) metrics.interTokenLatency.observe((now - last) / 1000);
         firstToken = false;

@@ -1,7 +1,7 @@
 // The gateway's Prometheus metrics, named after vLLM's where one exists (vllm:X becomes
 // expertmesh_gateway_X): queue depth, KV cache usage, latencies, token counts, and the
 // round trip of each expert shard. One registry per gateway (tests run several).
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, Gauge, Histogram, Registry, type RegistryContentType } from "prom-client";
 import { registerScratchGauge } from "../engine/scratch-trim.ts";
 import type { EngineStats, PrefixTierStats } from "./engine.ts";
 import type { PrefillClientStats, PrefillWorkerStats } from "./prefill.ts";
@@ -11,8 +11,50 @@ const LATENCY_BUCKETS = [
   40, 80,
 ];
 
+/**
+ * A registry's exposition for a scrape: OpenMetrics (with the latency histograms' exemplars:
+ * the trace id of a traced request, ADR 0030) when `accept` asks for it, as Prometheus does
+ * by default, else Prometheus's text format. The registry's content type is switched for
+ * the call, so scrapes of one registry run one at a time.
+ */
+export async function exposition(
+  registry: Registry,
+  accept: string | undefined,
+): Promise<{ contentType: string; body: string }> {
+  const type = accept?.includes("application/openmetrics-text")
+    ? Registry.OPENMETRICS_CONTENT_TYPE
+    : Registry.PROMETHEUS_CONTENT_TYPE;
+  const before = scrapes.get(registry) ?? Promise.resolve();
+  const run = before.then(async () => {
+    (registry as unknown as Registry<RegistryContentType>).setContentType(type);
+    return { contentType: type as string, body: await registry.metrics() };
+  });
+  scrapes.set(
+    registry,
+    run.then(
+      () => {},
+      () => {},
+    ),
+  );
+  return run;
+}
+
+/** A registry of OpenMetrics type (typed as the default one, which every caller takes). */
+function openMetricsRegistry(): Registry {
+  const r = new Registry<RegistryContentType>();
+  r.setContentType(Registry.OPENMETRICS_CONTENT_TYPE);
+  return r as unknown as Registry;
+}
+
+/** Each registry's last scrape (exposition runs them in turn). */
+const scrapes = new WeakMap<Registry, Promise<void>>();
+
 export class GatewayMetrics {
-  readonly registry = new Registry();
+  /**
+   * OpenMetrics at first: prom-client allows exemplars only on metrics made on such a
+   * registry. Scrapes choose their format (exposition).
+   */
+  readonly registry: Registry = openMetricsRegistry();
   readonly timeToFirstToken: Histogram;
   readonly interTokenLatency: Histogram;
   readonly e2eLatency: Histogram;
@@ -218,6 +260,9 @@ export class GatewayMetrics {
       help: "From request arrival to its first generated token.",
       buckets: LATENCY_BUCKETS,
       registers,
+      // A traced request's trace id on its bucket (OpenMetrics scrapes): from a slow bucket
+      // in a dashboard to one of its traces.
+      enableExemplars: true,
     });
     this.interTokenLatency = new Histogram({
       name: "expertmesh_gateway_inter_token_latency_seconds",
@@ -230,6 +275,7 @@ export class GatewayMetrics {
       help: "From request arrival to its last token.",
       buckets: LATENCY_BUCKETS,
       registers,
+      enableExemplars: true,
     });
     this.promptTokens = new Counter({
       name: "expertmesh_gateway_prompt_tokens_total",

@@ -195,6 +195,35 @@ describe("request spans", () => {
     }
   });
 
+  it("OpenMetrics scrapes get the trace id as the latency histograms' exemplar; plain ones do not", async () => {
+    const c = caller();
+    await gw.client.completions.create(
+      { model: "tiny", prompt: "An exemplar, please:", max_tokens: 3 },
+      { headers: { traceparent: c.traceparent } },
+    );
+    const scrape = async (accept?: string) => {
+      const r = await fetch(`${gw.url}/metrics`, accept ? { headers: { accept } } : {});
+      return { type: r.headers.get("content-type") ?? "", text: await r.text() };
+    };
+    // What Prometheus sends: OpenMetrics first.
+    const om = await scrape(
+      "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    );
+    expect(om.type).toContain("application/openmetrics-text");
+    expect(om.text.trimEnd().endsWith("# EOF")).toBe(true);
+    for (const h of ["time_to_first_token_seconds", "e2e_request_latency_seconds"])
+      expect(om.text).toMatch(
+        new RegExp(
+          `^expertmesh_gateway_${h}_bucket\\{le="[^"]+"\\} \\d+ # \\{trace_id="${c.traceId}"\\} [\\d.e-]+ \\d+(\\.\\d+)?$`,
+          "m",
+        ),
+      );
+    const plain = await scrape();
+    expect(plain.type).toContain("text/plain");
+    expect(plain.text).not.toContain("trace_id=");
+    expect(plain.text).toMatch(/^expertmesh_gateway_time_to_first_token_seconds_count \d+$/m);
+  });
+
   it("a gRPC ChatStream call's span is a child of the traceparent in its metadata", async () => {
     const c = caller();
     const client = new GenerationClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());

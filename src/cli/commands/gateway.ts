@@ -16,6 +16,7 @@ import {
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
+import { exposition } from "../../gateway/metrics.ts";
 import { PrefillClient, PrefillWorker } from "../../gateway/prefill.ts";
 import { REASONING_PARSERS, type ReasoningParserName } from "../../gateway/reasoning.ts";
 import {
@@ -437,9 +438,9 @@ export const gatewayCommand: Command = {
     const server = createServer((req, res) => handle(req, res));
     await listenOn(server, httpPort, host, "--http-port");
     let metricsRegistry = startupRegistry;
-    const metricsServer = createServer(async (_req, res) => {
-      const r = metricsRegistry;
-      res.writeHead(200, { "content-type": r.contentType }).end(await r.metrics());
+    const metricsServer = createServer(async (req, res) => {
+      const { contentType, body } = await exposition(metricsRegistry, req.headers.accept);
+      res.writeHead(200, { "content-type": contentType }).end(body);
     });
     await listenOn(metricsServer, metricsPort, host, "--metrics-port");
     const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
