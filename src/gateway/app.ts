@@ -19,7 +19,7 @@ import { messagesRoutes } from "./messages.ts";
 import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
-import { operationOfRoute, type RequestTrace, requestTraces } from "./tracing.ts";
+import { operationOfRoute, type RequestTrace, requestTraces, traceResponse } from "./tracing.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -186,6 +186,11 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
         ...(typeof id === "string" ? { requestId: id } : {}),
         attributes: { "http.route": route, "http.request.method": req.method },
         span: null,
+        // Before the answer's headers go (a stream sends them after startJob, from these).
+        onSpan: (span) => {
+          const value = traceResponse(span);
+          if (value && !reply.raw.headersSent) reply.header("traceresponse", value);
+        },
       };
       traces.set(reply.raw, trace);
       requestTraces.run(trace, done);

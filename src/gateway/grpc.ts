@@ -27,6 +27,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { loadSync } from "@grpc/proto-loader";
+import type { Span } from "@opentelemetry/api";
 import { Value } from "@sinclair/typebox/value";
 import type { LogFields } from "../util/log.ts";
 import { packageVersion } from "../util/version.ts";
@@ -56,7 +57,7 @@ import {
   TEXT_OUTPUT,
   textJobSpec,
 } from "./text-model.ts";
-import { type GenAiOperation, requestTraces } from "./tracing.ts";
+import { type GenAiOperation, requestTraces, traceResponse } from "./tracing.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -357,10 +358,15 @@ function handlers(o: GrpcGatewayOptions): {
   /**
    * startJob inside the call's trace (tracing.ts), when tracing is on: its span starts at
    * `t0` (epoch ms, when the call or the stream's request came), a child of the caller's
-   * span named by `traceparent` metadata.
+   * span named by `traceparent` metadata. A call that runs one job (not a bidirectional
+   * stream of them) answers `traceresponse` in its response metadata.
    */
   const traced = (
-    call: { metadata: Metadata; getPath(): string },
+    call: {
+      metadata: Metadata;
+      getPath(): string;
+      sendMetadata?: (md: Metadata) => void;
+    },
     operation: GenAiOperation,
     t0: number,
     start: () => Job,
@@ -381,6 +387,17 @@ function handlers(o: GrpcGatewayOptions): {
         ...(id !== undefined && REQUEST_ID.test(id) ? { requestId: id } : {}),
         attributes: { "rpc.system": "grpc", "rpc.method": call.getPath() },
         span: null,
+        ...(call.sendMetadata
+          ? {
+              onSpan: (span: Span) => {
+                const value = traceResponse(span);
+                if (!value) return;
+                const out = new Metadata();
+                out.set("traceresponse", value);
+                call.sendMetadata!(out);
+              },
+            }
+          : {}),
       },
       start,
     );
@@ -512,7 +529,9 @@ function handlers(o: GrpcGatewayOptions): {
           const values = { [TEXT_OUTPUT]: texts, [FINISH_OUTPUT]: unfinished };
           send({ infer_response: inferResponse(r, shape, raw, outputs, values, final(false)) });
         };
-        const job = traced(call, "text_completion", t0, () =>
+        // One stream, many jobs: no traceresponse (its metadata goes once).
+        const view = { metadata: call.metadata, getPath: () => call.getPath() };
+        const job = traced(view, "text_completion", t0, () =>
           startJob(ctx, spec, {
             onToken: (c, _t, text) => {
               if (stream && text) piece(c.prompt, text);
@@ -751,6 +770,8 @@ function requestIds(
 ): ServerInterceptor {
   return (method, call) => {
     let id = "";
+    /** The call's trace, from the traceresponse its handler sent (tracing on). */
+    let traceId: string | undefined;
     const t0 = performance.now();
     return new ServerInterceptingCall(
       call,
@@ -768,6 +789,8 @@ function requestIds(
         )
         .withSendMetadata((md, next) => {
           md.set("x-request-id", id);
+          const tr = md.get("traceresponse")[0];
+          if (typeof tr === "string") traceId = tr.split("-")[1];
           next(md);
         })
         .withSendStatus((st, next) => {
@@ -775,12 +798,16 @@ function requestIds(
           metadata.set("x-request-id", id);
           const ms = Math.round(performance.now() - t0);
           const code = status[st.code] ?? String(st.code);
-          log?.(`rpc ${id} ${method.path} ${code} in ${ms} ms`, {
-            request_id: id,
-            rpc_method: method.path,
-            grpc_status: code,
-            duration_ms: ms,
-          });
+          log?.(
+            `rpc ${id} ${method.path} ${code} in ${ms} ms${traceId ? ` trace=${traceId}` : ""}`,
+            {
+              request_id: id,
+              rpc_method: method.path,
+              grpc_status: code,
+              duration_ms: ms,
+              ...(traceId ? { trace_id: traceId } : {}),
+            },
+          );
           next({ ...st, metadata });
         })
         .build(),

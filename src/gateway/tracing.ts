@@ -18,6 +18,7 @@ import {
   ROOT_CONTEXT,
   type Span,
   SpanKind,
+  TraceFlags,
   type Tracer,
   trace,
 } from "@opentelemetry/api";
@@ -196,6 +197,8 @@ export interface RequestTrace {
   readonly attributes?: Attributes;
   /** The span of the job running now (set by startJob; the prefill client names it). */
   span: Span | null;
+  /** Told each job's span as it is made (the transport answers its traceresponse). */
+  readonly onSpan?: (span: Span) => void;
 }
 
 /** The request each route and gRPC call handles (see the top of this file). */
@@ -221,5 +224,18 @@ export function startJobSpan(model: string, attributes: Attributes): Span | null
     request.parent,
   );
   request.span = span;
+  request.onSpan?.(span);
   return span;
+}
+
+/**
+ * W3C Trace Context's `traceresponse` (Level 2) for a span that is recorded (sampled):
+ * `00-<trace id>-<span id>-01`, which the gateway answers in a header (HTTP) or metadata
+ * (gRPC), so a client learns the trace of its request even when it sent none. Null for a
+ * span that is not sampled (its trace is nowhere to be found).
+ */
+export function traceResponse(span: Span): string | null {
+  const c = span.spanContext();
+  if ((c.traceFlags & TraceFlags.SAMPLED) === 0) return null;
+  return `00-${c.traceId}-${c.spanId}-01`;
 }

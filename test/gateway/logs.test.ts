@@ -76,6 +76,7 @@ describe("--log-format json", () => {
       });
       expect(line["duration_ms"]).toBeGreaterThanOrEqual(0);
       expect(line["msg"]).toContain(`request logs-1 POST /v1/chat/completions 200`);
+      expect(line["msg"]).toContain(` trace=${traceId}`);
       // The span with that trace id is at the collector: logs and traces meet.
       await collector.waitFor("the request's span", (spans) =>
         spans.find((s) => s.traceId === traceId && s.attributes["gen_ai.request.id"] === "logs-1"),

@@ -57,17 +57,21 @@ afterAll(async () => {
 describe("request spans", () => {
   it("a chat request's span is a child of the caller's, with its usage and latencies", async () => {
     const c = caller();
-    const got = await gw.client.chat.completions.create(
-      {
-        model: "tiny",
-        messages: [{ role: "user", content: "Hello there, how are you?" }],
-        max_tokens: 6,
-        temperature: 0.5,
-        top_p: 0.9,
-      },
-      { headers: { traceparent: c.traceparent, "x-request-id": "req-chat-1" } },
-    );
+    const { data: got, response } = await gw.client.chat.completions
+      .create(
+        {
+          model: "tiny",
+          messages: [{ role: "user", content: "Hello there, how are you?" }],
+          max_tokens: 6,
+          temperature: 0.5,
+          top_p: 0.9,
+        },
+        { headers: { traceparent: c.traceparent, "x-request-id": "req-chat-1" } },
+      )
+      .withResponse();
     const [span] = await collector.waitFor("the chat span", inTrace(c.traceId));
+    // W3C traceresponse: the trace and the gateway's span, sampled.
+    expect(response.headers.get("traceresponse")).toBe(`00-${c.traceId}-${span!.spanId}-01`);
     expect(span).toMatchObject({
       name: "chat tiny",
       kind: 2, // SERVER
@@ -106,15 +110,13 @@ describe("request spans", () => {
 
   it("a streamed completion without a caller starts its own trace; its second run reads the cache", async () => {
     const prompt = "The quick brown fox jumps over the lazy dog and then";
+    const traceResponses: (string | null)[] = [];
     const run = async () => {
       const before = collector.spans.length;
-      const stream = await gw.client.completions.create({
-        model: "tiny",
-        prompt,
-        max_tokens: 5,
-        stream: true,
-        temperature: 0,
-      });
+      const { data: stream, response } = await gw.client.completions
+        .create({ model: "tiny", prompt, max_tokens: 5, stream: true, temperature: 0 })
+        .withResponse();
+      traceResponses.push(response.headers.get("traceresponse"));
       for await (const _ of stream);
       return collector.waitFor("the completion span", (spans) =>
         spans.slice(before).find((s) => s.attributes["http.route"] === "/v1/completions"),
@@ -122,6 +124,8 @@ describe("request spans", () => {
     };
     const first = await run();
     expect(first.name).toBe("text_completion tiny");
+    // A stream's headers carry it too, though the client sent no trace of its own.
+    expect(traceResponses.at(-1)).toBe(`00-${first.traceId}-${first.spanId}-01`);
     expect(first.parentSpanId).toBe("");
     expect(first.attributes).toMatchObject({
       "gen_ai.operation.name": "text_completion",
@@ -229,11 +233,15 @@ describe("request spans", () => {
     const client = new GenerationClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
     const md = new Metadata();
     md.set("traceparent", c.traceparent);
+    let answered: unknown;
     await new Promise<void>((resolve, reject) => {
       const s: ClientReadableStream<any> = (client as any).ChatStream(
         { model: "tiny", messages: [{ role: "user", content: "Hi!" }], max_tokens: 4 },
         md,
       );
+      s.on("metadata", (m: Metadata) => {
+        answered = m.get("traceresponse")[0];
+      });
       s.on("data", () => {});
       s.on("error", reject);
       s.on("end", resolve);
@@ -241,6 +249,7 @@ describe("request spans", () => {
     client.close();
     const [span] = await collector.waitFor("the gRPC span", inTrace(c.traceId));
     expect(span).toMatchObject({ name: "chat tiny", parentSpanId: c.spanId });
+    expect(answered).toBe(`00-${c.traceId}-${span!.spanId}-01`);
     expect(span!.attributes).toMatchObject({
       "rpc.system": "grpc",
       "rpc.method": "/expertmesh.v1.Generation/ChatStream",
