@@ -138,6 +138,53 @@ describe("request spans", () => {
     expect(second.attributes["gen_ai.usage.cache_read.input_tokens"]).toBeGreaterThan(0);
   });
 
+  it.each<[string, string, Record<string, unknown>, string]>([
+    [
+      "/v1/messages",
+      "chat",
+      { model: "tiny", max_tokens: 3, messages: [{ role: "user", content: "Hi" }] },
+      "/v1/messages",
+    ],
+    [
+      "/v1/responses",
+      "chat",
+      { model: "tiny", input: "Hi", max_output_tokens: 3 },
+      "/v1/responses",
+    ],
+    [
+      "/v2/models/tiny/infer",
+      "text_completion",
+      {
+        inputs: [{ name: "text_input", datatype: "BYTES", shape: [1, 1], data: [["Hi"]] }],
+        parameters: { max_tokens: 3 },
+      },
+      "/v2/models/:name/infer",
+    ],
+    [
+      "/v2/models/tiny/generate",
+      "text_completion",
+      { text_input: "Hi", parameters: { max_tokens: 3 } },
+      "/v2/models/:name/generate",
+    ],
+  ])("POST %s is traced as %s", async (path, operation, body, route) => {
+    const c = caller();
+    const r = await fetch(`${gw.url}${path}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", traceparent: c.traceparent },
+      body: JSON.stringify(body),
+    });
+    expect(r.status).toBe(200);
+    await r.text();
+    const [span] = await collector.waitFor(`the ${path} span`, inTrace(c.traceId));
+    expect(span).toMatchObject({ name: `${operation} tiny`, parentSpanId: c.spanId });
+    expect(span!.attributes).toMatchObject({
+      "gen_ai.operation.name": operation,
+      "http.route": route,
+      "gen_ai.usage.output_tokens": 3,
+    });
+    expect(r.headers.get("traceresponse")).toBe(`00-${c.traceId}-${span!.spanId}-01`);
+  });
+
   it("a client that leaves mid-stream: the span ends with finish reason abort", async () => {
     const c = caller();
     const controller = new AbortController();
