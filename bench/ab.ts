@@ -3,7 +3,7 @@
 // suite (a gateway exporting spans against one that does not). Streaming chat completions of
 // `newTokens` tokens (ignore_eos) at each concurrency level, `perClient` requests per client
 // one after another; the first path is the peer every ratio is taken against.
-import { type Stats, stats } from "./lib.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
 import { chat, PROMPTS, percentile } from "./serve.ts";
 
 export interface AbRow<P extends string> {
@@ -79,4 +79,25 @@ export async function abRounds<P extends string>(o: {
       };
     }),
   );
+}
+
+/**
+ * The rows as a Markdown table: `pathHeader` names the second column, `ratioHeader` the
+ * ratio's; the peer's rows say so instead of a ratio.
+ */
+export function abTable<P extends string>(
+  rows: readonly AbRow<P>[],
+  peer: P,
+  pathHeader: string,
+  ratioHeader: string,
+): string {
+  const body = rows
+    .map(
+      (x) =>
+        `| ${x.concurrency} | ${x.path} | ${medianRange(x.tps)} | ${x.path === peer ? "1.00x (the peer)" : `**${x.ratio.median.toFixed(2)}x** (${x.ratio.min.toFixed(2)}-${x.ratio.max.toFixed(2)})`} | ${x.ttftP50Ms.toFixed(1)} | ${x.itlP50Ms.toFixed(1)} | ${x.errors} |`,
+    )
+    .join("\n");
+  return `| clients | ${pathHeader} | output tok/s | ${ratioHeader} | TTFT p50 | ITL p50 | errors |
+|---:|---|---:|---:|---:|---:|---:|
+${body}`;
 }

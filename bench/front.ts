@@ -8,8 +8,7 @@
 // (fetch's pool reuses them: the front hands over connections, not requests).
 import type { ChildProcess } from "node:child_process";
 import { GatewayFront } from "../src/local/front.ts";
-import { type AbRow, abRounds } from "./ab.ts";
-import { medianRange } from "./lib.ts";
+import { type AbRow, abRounds, abTable } from "./ab.ts";
 import { ensureMiniModel, localGateway, SERVE_MODEL, stop } from "./serve.ts";
 
 const PATHS = ["direct", "front"] as const;
@@ -63,15 +62,7 @@ export function frontTables(
   r: FrontResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
   source: string,
 ): string {
-  const rows = r.rows
-    .map(
-      (x) =>
-        `| ${x.concurrency} | ${x.path} | ${medianRange(x.tps)} | ${x.path === "direct" ? "1.00x (the peer)" : `**${x.ratio.median.toFixed(2)}x** (${x.ratio.min.toFixed(2)}-${x.ratio.max.toFixed(2)})`} | ${x.ttftP50Ms.toFixed(1)} | ${x.itlP50Ms.toFixed(1)} | ${x.errors} |`,
-    )
-    .join("\n");
   return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.runs} rounds, the two paths alternating (AB, BA); from \`${source}\`. One \`gateway --local\` on ${r.model}; streaming chat completions of ${NEW_TOKENS} tokens, ${r.requestsPerClient} per client, one after another. Output tok/s: median (min-max) over rounds; the ratio is per round against the direct path of the same round, then the median; TTFT and ITL: p50 over every request of every round (ms).
 
-| clients | path | output tok/s | front / direct | TTFT p50 | ITL p50 | errors |
-|---:|---|---:|---:|---:|---:|---:|
-${rows}`;
+${abTable(r.rows, "direct", "path", "front / direct")}`;
 }

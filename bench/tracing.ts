@@ -14,8 +14,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { binaries } from "../test/env/paths.ts";
-import { type AbRow, abRounds } from "./ab.ts";
-import { medianRange } from "./lib.ts";
+import { type AbRow, abRounds, abTable } from "./ab.ts";
 import { child, ensureMiniModel, localGateway, SERVE_MODEL, stop } from "./serve.ts";
 
 const PATHS = ["plain", "traced"] as const;
@@ -136,15 +135,7 @@ export function tracingTables(
   r: TracingResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
   source: string,
 ): string {
-  const rows = r.rows
-    .map(
-      (x) =>
-        `| ${x.concurrency} | ${x.path} | ${medianRange(x.tps)} | ${x.path === "plain" ? "1.00x (the peer)" : `**${x.ratio.median.toFixed(2)}x** (${x.ratio.min.toFixed(2)}-${x.ratio.max.toFixed(2)})`} | ${x.ttftP50Ms.toFixed(1)} | ${x.itlP50Ms.toFixed(1)} | ${x.errors} |`,
-    )
-    .join("\n");
   return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.runs} rounds, the two gateways taking turns (AB, BA); from \`${source}\`. Two \`gateway --local\` on ${r.model}, one with \`--otlp-traces-endpoint\` to an OpenTelemetry Collector ${r.otelcolVersion} on the same machine (its debug exporter; it received ${r.spansReceived} spans for the ${r.tracedRequests} traced requests); streaming chat completions of ${NEW_TOKENS} tokens, ${r.requestsPerClient} per client, one after another. Output tok/s: median (min-max) over rounds; the ratio is per round against the plain gateway of the same round, then the median; TTFT and ITL: p50 over every request of every round (ms).
 
-| clients | gateway | output tok/s | traced / plain | TTFT p50 | ITL p50 | errors |
-|---:|---|---:|---:|---:|---:|---:|
-${rows}`;
+${abTable(r.rows, "plain", "gateway", "traced / plain")}`;
 }
