@@ -5,7 +5,6 @@
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
-import { TraceFlags } from "@opentelemetry/api";
 import Fastify, {
   type FastifyInstance,
   type FastifyReply,
@@ -19,7 +18,13 @@ import { messagesRoutes } from "./messages.ts";
 import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
-import { operationOfRoute, type RequestTrace, requestTraces, traceResponse } from "./tracing.ts";
+import {
+  operationOfRoute,
+  type RequestTrace,
+  requestTraces,
+  sampledTraceId,
+  traceResponse,
+} from "./tracing.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -118,11 +123,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
 
   /** Each exchange's trace (with tracing on), for its log line's trace id. */
   const traces = new WeakMap<object, RequestTrace>();
-  const traceOf = (raw: object) => {
-    const ctx = traces.get(raw)?.span?.spanContext();
-    // Sampled: the trace is at the collector (an unsampled span's id leads nowhere).
-    return ctx && (ctx.traceFlags & TraceFlags.SAMPLED) !== 0 ? ctx.traceId : undefined;
-  };
+  const traceOf = (raw: object) => sampledTraceId(traces.get(raw)?.span);
 
   // Every answer carries an x-request-id: the client's (vLLM's and most proxies' header),
   // or a new one. With logRequest, a line when the exchange ends (streams included).

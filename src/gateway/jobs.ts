@@ -1,6 +1,6 @@
 // One API request's generation: its n choices as engine sequences, their text with stop
 // strings, logprobs and timings. Routes (openai.ts) turn a Job into JSON or SSE.
-import { type Attributes, SpanStatusCode, TraceFlags } from "@opentelemetry/api";
+import { type Attributes, SpanStatusCode } from "@opentelemetry/api";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -12,7 +12,7 @@ import type { PromptEncoder } from "./prompt-encoder.ts";
 import type { ReasoningParserName } from "./reasoning.ts";
 import { OutputText } from "./text.ts";
 import type { ToolCallFormat } from "./tool-calls.ts";
-import { startJobSpan, type Tracing } from "./tracing.ts";
+import { sampledTraceId, startJobSpan, type Tracing } from "./tracing.ts";
 
 /** What the routes share: the engine and the model's facts. */
 export interface ServeContext {
@@ -199,8 +199,8 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   const span = startJobSpan(ctx.servedModelName, requestAttributes(spec));
   /** The latency histograms' exemplar: the trace id, when the span is sampled (exported). */
   const exemplar = (): Record<string, string> => {
-    const c = span?.spanContext();
-    return c && (c.traceFlags & TraceFlags.SAMPLED) !== 0 ? { trace_id: c.traceId } : {};
+    const traceId = sampledTraceId(span);
+    return traceId ? { trace_id: traceId } : {};
   };
   const total = spec.n * spec.prompts.length;
   let remaining = total;

@@ -235,7 +235,15 @@ export function startJobSpan(model: string, attributes: Attributes): Span | null
  * span that is not sampled (its trace is nowhere to be found).
  */
 export function traceResponse(span: Span): string | null {
-  const c = span.spanContext();
-  if ((c.traceFlags & TraceFlags.SAMPLED) === 0) return null;
-  return `00-${c.traceId}-${c.spanId}-01`;
+  const traceId = sampledTraceId(span);
+  return traceId ? `00-${traceId}-${span.spanContext().spanId}-01` : null;
+}
+
+/**
+ * The span's trace id when it is sampled (exported: a collector has it), for log lines,
+ * exemplars and traceresponse; undefined without a span or for one not sampled.
+ */
+export function sampledTraceId(span: Span | null | undefined): string | undefined {
+  const c = span?.spanContext();
+  return c && (c.traceFlags & TraceFlags.SAMPLED) !== 0 ? c.traceId : undefined;
 }
