@@ -196,7 +196,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   let firstTokenAt = 0;
   let startedAt = 0;
   const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
-  const span = startJobSpan(ctx.servedModelName, requestAttributes(spec));
+  const span = startJobSpan(ctx.servedModelName, () => requestAttributes(spec));
   /** The latency histograms' exemplar: the trace id, when the span is sampled (exported). */
   const exemplar = (): Record<string, string> => {
     const traceId = sampledTraceId(span);

@@ -204,8 +204,11 @@ export interface RequestTrace {
 /** The request each route and gRPC call handles (see the top of this file). */
 export const requestTraces = new AsyncLocalStorage<RequestTrace>();
 
-/** Starts a job's span for the request being handled (startJob); null without tracing. */
-export function startJobSpan(model: string, attributes: Attributes): Span | null {
+/**
+ * Starts a job's span for the request being handled (startJob); null without tracing.
+ * `attributes` is called only then: untraced requests pay nothing for them.
+ */
+export function startJobSpan(model: string, attributes: () => Attributes): Span | null {
   const request = requestTraces.getStore();
   if (!request) return null;
   const span = request.tracing.tracer.startSpan(
@@ -218,7 +221,7 @@ export function startJobSpan(model: string, attributes: Attributes): Span | null
         "gen_ai.request.model": model,
         ...request.attributes,
         ...(request.requestId ? { "gen_ai.request.id": request.requestId } : {}),
-        ...attributes,
+        ...attributes(),
       },
     },
     request.parent,
