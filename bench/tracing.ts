@@ -13,6 +13,7 @@ import { writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { otelcolConfig } from "../test/env/otelcol-config.ts";
 import { binaries } from "../test/env/paths.ts";
 import { type AbRow, abRounds, abTable } from "./ab.ts";
 import { child, ensureMiniModel, localGateway, SERVE_MODEL, stop } from "./serve.ts";
@@ -59,26 +60,7 @@ export async function runTracing(o: {
   try {
     const port = await freePort();
     const config = join(tmpdir(), `em-bench-otelcol-${process.pid}.yaml`);
-    writeFileSync(
-      config,
-      `receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:${port}
-exporters:
-  debug:
-    verbosity: basic
-service:
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [debug]
-`,
-    );
+    writeFileSync(config, otelcolConfig(port, { name: "debug", settings: "verbosity: basic" }));
     const bin = binaries().otelcol;
     const col = child("otelcol", bin, ["--config", `file:${config}`], /Everything is ready/);
     children.push(col.proc);

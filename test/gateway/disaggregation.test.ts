@@ -19,7 +19,7 @@ import { readModelConfig } from "../../src/model/config.ts";
 import { subjects } from "../../src/moe/subjects.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, uniqueName, waitFor } from "../support/env.ts";
-import { startGatewayProcess } from "../support/gateway-process.ts";
+import { startDisaggregatedPair } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { holdable, samples, startGateway, type TestGateway } from "./helpers.ts";
 
@@ -353,38 +353,26 @@ describe("gateway processes with --disaggregation-mode", () => {
   it("decode hands long prompts to a prefill process over NATS, read back from the bucket", async () => {
     const bucket = bucketName();
     const modelName = uniqueName("disagg");
-    const args = (mode: string) => [
-      `--nats=${testEnv().nats.url}`,
-      `--prefix-cache-remote=${bucket}`,
-      "--prefix-cache-remote-bytes=8388608",
-      `--block-size=${B}`,
-      `--disaggregation-mode=${mode}`,
-      ...(mode === "decode" ? [`--disaggregation-min-tokens=${MIN_TOKENS}`] : []),
-    ];
-    const [decode, prefill] = await Promise.all(
-      (["decode", "prefill"] as const).map((mode) =>
-        startGatewayProcess({
-          modelDir: dir,
-          namespace: "test",
-          modelName,
-          name: `gateway-${modelName}-${mode}`,
-          args: args(mode),
-        }),
-      ),
-    );
+    const { decode, prefill } = await startDisaggregatedPair({
+      modelDir: dir,
+      modelName,
+      bucket,
+      blockSize: B,
+      minTokens: MIN_TOKENS,
+    });
     try {
-      const got = await complete(decode!.client, LONG[1]!);
+      const got = await complete(decode.client, LONG[1]!);
       expect(got.choices[0]!.text).toBe(await expect8(LONG[1]!));
       expect(got.usage!.prompt_tokens_details?.cached_tokens).toBe(
         wholeBlocks(got.usage!.prompt_tokens),
       );
       const outcome = async (url: string, name: string, o: string) =>
         (await samples(`${url}/metrics`, name)).find((s) => s.labels["outcome"] === o)?.value;
-      expect(await outcome(decode!.url, "expertmesh_gateway_prefill_remote_total", "done")).toBe(1);
-      expect(await outcome(prefill!.url, "expertmesh_gateway_prefill_jobs_total", "done")).toBe(1);
-      expect(prefill!.log()).toContain("prefill gateway: computing prompts sent to");
+      expect(await outcome(decode.url, "expertmesh_gateway_prefill_remote_total", "done")).toBe(1);
+      expect(await outcome(prefill.url, "expertmesh_gateway_prefill_jobs_total", "done")).toBe(1);
+      expect(prefill.log()).toContain("prefill gateway: computing prompts sent to");
     } finally {
-      await Promise.all([decode!.process.stop(), prefill!.process.stop()]);
+      await Promise.all([decode.process.stop(), prefill.process.stop()]);
     }
   });
 

@@ -10,8 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type GrpcGateway, startGrpcGateway } from "../../src/gateway/grpc.ts";
 import { Tracing } from "../../src/gateway/tracing.ts";
 import { runCli } from "../support/cli.ts";
-import { testEnv, uniqueName, waitFor } from "../support/env.ts";
-import { startGatewayProcess } from "../support/gateway-process.ts";
+import { uniqueName, waitFor } from "../support/env.ts";
+import { startDisaggregatedPair, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { GenerationClient } from "../support/grpc.ts";
 import { type Collector, type ReceivedSpan, startCollector } from "../support/otelcol.ts";
@@ -309,29 +309,17 @@ describe("gateway processes with --otlp-traces-endpoint", () => {
   it("a prompt a prefill gateway computes: its job's span joins the request's trace", async () => {
     const bucket = uniqueName("trace").replace(/[^A-Za-z0-9_-]/g, "_");
     const modelName = uniqueName("traced");
-    const args = (mode: string) => [
-      `--nats=${testEnv().nats.url}`,
-      `--prefix-cache-remote=${bucket}`,
-      "--prefix-cache-remote-bytes=8388608",
-      "--block-size=4",
-      `--disaggregation-mode=${mode}`,
-      ...(mode === "decode" ? ["--disaggregation-min-tokens=16"] : []),
-      `--otlp-traces-endpoint=${collector.endpoint}`,
-    ];
-    const [decode, prefill] = await Promise.all(
-      (["decode", "prefill"] as const).map((mode) =>
-        startGatewayProcess({
-          modelDir: dir,
-          namespace: "test",
-          modelName,
-          name: `gateway-${modelName}-${mode}`,
-          args: args(mode),
-        }),
-      ),
-    );
+    const { decode, prefill } = await startDisaggregatedPair({
+      modelDir: dir,
+      modelName,
+      bucket,
+      blockSize: 4,
+      minTokens: 16,
+      args: [`--otlp-traces-endpoint=${collector.endpoint}`],
+    });
     try {
       const c = caller();
-      const got = await decode!.client.completions.create(
+      const got = await decode.client.completions.create(
         {
           model: "tiny",
           prompt: "In a quiet village by the sea, an old sailor said that the tide would turn",
@@ -368,9 +356,9 @@ describe("gateway processes with --otlp-traces-endpoint", () => {
       expect(job.attributes["expertmesh.prefill.shared_blocks"]).toBeGreaterThan(0);
       expect(job.startNs).toBeGreaterThanOrEqual(request.startNs);
       expect(job.endNs).toBeLessThanOrEqual(request.endNs);
-      expect(decode!.log()).toContain("OpenTelemetry traces to");
+      expect(decode.log()).toContain("OpenTelemetry traces to");
     } finally {
-      await Promise.all([decode!.process.stop(), prefill!.process.stop()]);
+      await Promise.all([decode.process.stop(), prefill.process.stop()]);
     }
   });
 

@@ -67,3 +67,38 @@ export async function startGatewayProcess(o: {
     log,
   };
 }
+
+/**
+ * A decode and a prefill gateway process of one model (--disaggregation-mode, ADR 0029) over
+ * the test nats-server, sharing the NATS tier in `bucket`; `args` go to both.
+ */
+export async function startDisaggregatedPair(o: {
+  modelDir: string;
+  modelName: string;
+  bucket: string;
+  blockSize: number;
+  /** The decode gateway's --disaggregation-min-tokens. */
+  minTokens: number;
+  args?: string[];
+}): Promise<{ decode: GatewayProcess; prefill: GatewayProcess }> {
+  const [decode, prefill] = await Promise.all(
+    (["decode", "prefill"] as const).map((mode) =>
+      startGatewayProcess({
+        modelDir: o.modelDir,
+        namespace: "test",
+        modelName: o.modelName,
+        name: `gateway-${o.modelName}-${mode}`,
+        args: [
+          `--nats=${testEnv().nats.url}`,
+          `--prefix-cache-remote=${o.bucket}`,
+          "--prefix-cache-remote-bytes=8388608",
+          `--block-size=${o.blockSize}`,
+          `--disaggregation-mode=${mode}`,
+          ...(mode === "decode" ? [`--disaggregation-min-tokens=${o.minTokens}`] : []),
+          ...(o.args ?? []),
+        ],
+      }),
+    ),
+  );
+  return { decode: decode!, prefill: prefill! };
+}

@@ -6,6 +6,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
+import { otelcolConfig } from "../env/otelcol-config.ts";
 import { freePort, ManagedProcess } from "../env/process.ts";
 import { testEnv, waitFor } from "./env.ts";
 
@@ -120,29 +121,14 @@ export async function startCollector(name: string): Promise<Collector> {
   const config = join(dir, "otelcol.yaml");
   writeFileSync(
     config,
-    `receivers:
-  otlp:
-    protocols:
-      http:
-        endpoint: 127.0.0.1:${port}
-exporters:
-  otlphttp:
-    endpoint: http://127.0.0.1:${sinkPort}
-    encoding: json
-    compression: none
-    retry_on_failure:
-      enabled: false
-service:
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: info
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [otlphttp]
-`,
+    otelcolConfig(port, {
+      name: "otlphttp",
+      settings: `endpoint: http://127.0.0.1:${sinkPort}
+encoding: json
+compression: none
+retry_on_failure:
+  enabled: false`,
+    }),
   );
   const proc = new ManagedProcess(
     name,
