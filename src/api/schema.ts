@@ -688,6 +688,37 @@ export const NatsSchema = Type.Object(
     credentialsSecret: Type.Optional(
       SecretKeyRef("Secret with a NATS credentials file (.creds).", "nats.creds"),
     ),
+    tls: Type.Optional(
+      Type.Object(
+        {
+          caSecret: Type.Optional(
+            SecretKeyRef(
+              "Secret with the CA certificate(s), PEM, that signed the NATS server's certificate (cert-manager's ca.crt); absent: the well-known public roots.",
+              "ca.crt",
+            ),
+          ),
+          clientSecret: Type.Optional(
+            Type.Object(
+              {
+                name: Type.String({
+                  description: "Name of the Secret, in the DeepSeekModel's namespace.",
+                  minLength: 1,
+                  maxLength: 253,
+                }),
+              },
+              {
+                description:
+                  "A kubernetes.io/tls Secret (tls.crt, tls.key): the client certificate the pods and the operator present to a server that verifies clients (mutual TLS).",
+              },
+            ),
+          ),
+        },
+        {
+          description:
+            "Connect to NATS over TLS; with it (or a tls:// url) TLS is required, and a server that offers none is refused. The operator reads these Secrets too, for its own connection (autoscaling, rebalancing, the JetStream check).",
+        },
+      ),
+    ),
   },
   { description: "The NATS server that carries tokens between gateways and shards.", default: {} },
 );

@@ -2,6 +2,7 @@
 // the flag, and listening on a flag's address.
 import { existsSync, readFileSync } from "node:fs";
 import type { Server } from "node:net";
+import { checkNatsTls, type NatsAuth } from "../moe/nats-connection.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 
 /** A port flag (`dflt` when absent): an integer in 0..65535 (0: any free port). */
@@ -64,6 +65,58 @@ export function natsWaitFlag(v: string | undefined): number {
   if (!/^\d+(\.\d+)?$/.test(v) || s > 3600)
     throw new ExpertMeshError("EM_CLI_USAGE", `--nats-wait must be seconds, 0..3600, got '${v}'`);
   return s * 1000;
+}
+
+/** The flags of every command that connects to NATS: credentials and TLS (parseArgs options). */
+export const NATS_AUTH_FLAGS = {
+  "nats-creds": { type: "string" },
+  "nats-tls-ca": { type: "string" },
+  "nats-tls-cert": { type: "string" },
+  "nats-tls-key": { type: "string" },
+} as const;
+
+/** Their lines in a command's help, the flag column `width` characters wide. */
+export function natsAuthUsage(width: number): string {
+  return [
+    ["--nats-creds FILE", "NATS credentials (.creds)"],
+    ["--nats-tls-ca FILE", "TLS to NATS, trusting the CA certificate(s) in FILE (PEM)"],
+    ["--nats-tls-cert FILE", "with --nats-tls-key: a client certificate (mutual TLS)"],
+    ["--nats-tls-key FILE", "its private key (PEM)"],
+  ]
+    .map(([flag, what]) => `  ${flag!.padEnd(width)}${what}`)
+    .join("\n");
+}
+
+/**
+ * What those flags name: the files read (EM_CLI_FILE names the flag), the TLS ones checked
+ * (EM_NATS_TLS). Any --nats-tls-* flag makes TLS required. Undefined: none given.
+ */
+export function natsAuthFlags(values: {
+  "nats-creds"?: string | undefined;
+  "nats-tls-ca"?: string | undefined;
+  "nats-tls-cert"?: string | undefined;
+  "nats-tls-key"?: string | undefined;
+}): NatsAuth | undefined {
+  const text = (flag: keyof typeof values) => {
+    const path = values[flag];
+    return path === undefined ? undefined : readOptionFile(path, `--${flag}`).toString("utf8");
+  };
+  const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
+  const [ca, cert, key] = [text("nats-tls-ca"), text("nats-tls-cert"), text("nats-tls-key")];
+  const tls = ca ?? cert ?? key;
+  if (!creds && tls === undefined) return undefined;
+  const auth: NatsAuth = creds ? { creds } : {};
+  if (tls !== undefined) {
+    auth.tls = { ca, cert, key };
+    const named = (flag: keyof typeof values) =>
+      values[flag] === undefined ? `--${flag}` : `--${flag} ${values[flag]}`;
+    checkNatsTls(auth.tls, {
+      ca: named("nats-tls-ca"),
+      cert: named("nats-tls-cert"),
+      key: named("nats-tls-key"),
+    });
+  }
+  return auth;
 }
 
 /**

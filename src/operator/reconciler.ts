@@ -6,6 +6,7 @@ import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/cl
 import { architectureOf } from "../api/manifest.ts";
 import { memoryLimitShortfalls } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
+import { checkNatsTls, type NatsAuth } from "../moe/nats-connection.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
@@ -89,7 +90,8 @@ export class Reconciler {
     const problems: Problem[] = [];
 
     // 1. What the pods depend on and the operator cannot create.
-    problems.push(...(await this.#missingDependencies(model)));
+    const nats = await this.#natsAuth(model);
+    problems.push(...(await this.#missingDependencies(model, nats.auth)), ...nats.problems);
 
     // 2. The placement plan (versioned: a changed placement bumps the version). A plan of the
     //    same shape is kept (it may be a rebalanced one); the rebalancer may hand a newer one.
@@ -167,7 +169,7 @@ export class Reconciler {
         plan: plan ?? current,
         replicas,
         ready,
-        ...(await this.#natsCreds(model)),
+        ...(nats.auth ? { natsAuth: nats.auth } : {}),
       });
     }
     const queueDepth = scaler?.queueDepth(key);
@@ -265,24 +267,68 @@ export class Reconciler {
     };
   }
 
-  /** The NATS credentials the autoscaler needs to read load reports, if any. */
-  async #natsCreds(model: DeepSeekModel): Promise<{ natsCreds?: Uint8Array }> {
-    const ref = model.spec.nats.credentialsSecret;
-    if (!ref) return {};
-    try {
-      const secret = await this.#kube.core.readNamespacedSecret({
-        name: ref.name,
-        namespace: model.metadata.namespace!,
-      });
-      const data = secret.data?.[ref.key];
-      return data ? { natsCreds: Buffer.from(data, "base64") } : {};
-    } catch (err) {
-      this.#opts.log?.(`cannot read NATS credentials ${ref.name}: ${formatError(err)}`);
-      return {};
+  /**
+   * spec.nats's Secrets as the operator's own connection uses them (the autoscaler's load
+   * reports, the JetStream check): the credentials, the CA, the client certificate. A Secret
+   * without the key it is read by (SecretKeyMissing), or TLS contents that are no PEM
+   * certificate and key (NATSTLSInvalid), is a problem: every pod would fail to connect.
+   * Missing Secrets are #missingDependencies' to report.
+   */
+  async #natsAuth(model: DeepSeekModel): Promise<{ auth?: NatsAuth; problems: Problem[] }> {
+    const { credentialsSecret: credsRef, tls } = model.spec.nats;
+    const ns = model.metadata.namespace!;
+    const problems: Problem[] = [];
+    const read = async (name: string, keys: string[], field: string) => {
+      let data: Record<string, string> | undefined;
+      try {
+        data = (await this.#kube.core.readNamespacedSecret({ name, namespace: ns })).data ?? {};
+      } catch (err) {
+        if (httpStatus(err) !== 404)
+          this.#opts.log?.(`cannot read Secret ${ns}/${name} (${field}): ${formatError(err)}`);
+        return undefined;
+      }
+      const missing = keys.filter((k) => data[k] === undefined);
+      if (missing.length) {
+        problems.push({
+          reason: "SecretKeyMissing",
+          message: `Secret ${ns}/${name} (${field}) has no key ${missing.join(", ")}`,
+        });
+        return undefined;
+      }
+      return keys.map((k) => Buffer.from(data[k]!, "base64"));
+    };
+    const auth: NatsAuth = {};
+    if (credsRef) {
+      const creds = await read(credsRef.name, [credsRef.key], "spec.nats.credentialsSecret");
+      if (creds) auth.creds = creds[0]!;
     }
+    if (tls) {
+      auth.tls = {};
+      const sources = { ca: "", cert: "", key: "" };
+      if (tls.caSecret) {
+        const { name, key } = tls.caSecret;
+        const ca = await read(name, [key], "spec.nats.tls.caSecret");
+        if (ca) auth.tls.ca = ca[0]!.toString("utf8");
+        sources.ca = `Secret ${ns}/${name}'s ${key} (spec.nats.tls.caSecret)`;
+      }
+      if (tls.clientSecret) {
+        const { name } = tls.clientSecret;
+        const pair = await read(name, ["tls.crt", "tls.key"], "spec.nats.tls.clientSecret");
+        if (pair) [auth.tls.cert, auth.tls.key] = pair.map((b) => b.toString("utf8"));
+        sources.cert = `Secret ${ns}/${name}'s tls.crt (spec.nats.tls.clientSecret)`;
+        sources.key = `Secret ${ns}/${name}'s tls.key (spec.nats.tls.clientSecret)`;
+      }
+      try {
+        checkNatsTls(auth.tls, sources);
+      } catch (err) {
+        if (!(err instanceof ExpertMeshError)) throw err;
+        problems.push({ reason: "NATSTLSInvalid", message: err.message });
+      }
+    }
+    return { ...(auth.creds || auth.tls ? { auth } : {}), problems };
   }
 
-  async #missingDependencies(model: DeepSeekModel): Promise<Problem[]> {
+  async #missingDependencies(model: DeepSeekModel, natsAuth?: NatsAuth): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
     const { pvc, huggingFace } = model.spec.model.source;
@@ -312,9 +358,8 @@ export class Reconciler {
     // The prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream: the
     // gateways would exit at start without it. A server that does not answer is not judged.
     if (model.spec.gateway.kvCache.remoteBytes > 0) {
-      const { natsCreds } = await this.#natsCreds(model);
       const url = model.spec.nats.url;
-      if ((await this.#jetStream.jetStream(url, natsCreds)) === false)
+      if ((await this.#jetStream.jetStream(url, natsAuth)) === false)
         out.push({
           reason: "NATSJetStreamMissing",
           message: `the NATS server at ${url} (spec.nats.url) has no JetStream, which spec.gateway.kvCache.remoteBytes (the prefix cache's NATS tier${model.spec.gateway.disaggregation ? ", and disaggregated prefill through it" : ""}) needs: turn JetStream on (nats-server -js, or jetstream {} in its configuration) or set remoteBytes to 0`,
@@ -326,6 +371,12 @@ export class Reconciler {
         : []),
       ...(model.spec.nats.credentialsSecret
         ? [["spec.nats.credentialsSecret", model.spec.nats.credentialsSecret.name] as const]
+        : []),
+      ...(model.spec.nats.tls?.caSecret
+        ? [["spec.nats.tls.caSecret", model.spec.nats.tls.caSecret.name] as const]
+        : []),
+      ...(model.spec.nats.tls?.clientSecret
+        ? [["spec.nats.tls.clientSecret", model.spec.nats.tls.clientSecret.name] as const]
         : []),
       ...(model.spec.gateway.apiKeySecret
         ? [["spec.gateway.apiKeySecret", model.spec.gateway.apiKeySecret.name] as const]

@@ -12,6 +12,8 @@ export interface Problem {
   reason:
     | "PVCNotFound"
     | "SecretNotFound"
+    | "SecretKeyMissing"
+    | "NATSTLSInvalid"
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"

@@ -9,6 +9,7 @@ import type {
   V1PodSpec,
   V1Service,
   V1Volume,
+  V1VolumeMount,
 } from "@kubernetes/client-node";
 import {
   architectureOf,
@@ -70,7 +71,48 @@ export const PATHS = {
   models: "/models",
   /** The gateway's prefix cache disk tier (spec.gateway.kvCache.diskBytes), an emptyDir. */
   prefixCache: "/var/cache/expertmesh/prefix",
+  /** spec.nats's Secrets: the credentials, the CA, the client certificate. */
+  natsCreds: "/var/run/expertmesh/nats",
+  natsTlsCa: "/var/run/expertmesh/nats-tls/ca",
+  natsTlsClient: "/var/run/expertmesh/nats-tls/client",
 };
+
+/**
+ * How a model's pods reach NATS: the volumes of spec.nats's Secrets, their mounts, and the
+ * flags. With spec.nats.tls, TLS is required: a nats:// URL is given to the pods as tls://
+ * (the same host and port; nats.js would otherwise go on in plain text to a server without
+ * TLS), as the operator's own connection requires it too.
+ */
+function natsWiring(model: DeepSeekModel): {
+  volumes: V1Volume[];
+  mounts: V1VolumeMount[];
+  args: string[];
+} {
+  const { url, credentialsSecret: creds, tls } = model.spec.nats;
+  const volumes: V1Volume[] = [];
+  const mounts: V1VolumeMount[] = [];
+  const args = [`--nats=${tls ? url.replace(/^nats:\/\//i, "tls://") : url}`];
+  const mount = (name: string, secretName: string, path: string) => {
+    volumes.push({ name, secret: { secretName } });
+    mounts.push({ name, mountPath: path, readOnly: true });
+  };
+  if (creds) {
+    mount("nats-creds", creds.name, PATHS.natsCreds);
+    args.push(`--nats-creds=${PATHS.natsCreds}/${creds.key}`);
+  }
+  if (tls?.caSecret) {
+    mount("nats-tls-ca", tls.caSecret.name, PATHS.natsTlsCa);
+    args.push(`--nats-tls-ca=${PATHS.natsTlsCa}/${tls.caSecret.key}`);
+  }
+  if (tls?.clientSecret) {
+    mount("nats-tls-client", tls.clientSecret.name, PATHS.natsTlsClient);
+    args.push(
+      `--nats-tls-cert=${PATHS.natsTlsClient}/tls.crt`,
+      `--nats-tls-key=${PATHS.natsTlsClient}/tls.key`,
+    );
+  }
+  return { volumes, mounts, args };
+}
 
 /** The first 16 hex digits of a text's SHA-256 (an annotation that changes with the text). */
 const sha256Short = (text: string) => createHash("sha256").update(text).digest("hex").slice(0, 16);
@@ -185,14 +227,12 @@ function podSpec(
   containers: V1PodSpec["containers"],
   extraVolumes: V1Volume[] = [],
 ): V1PodSpec {
-  const { scheduling, imagePullSecrets, nats } = model.spec;
+  const { scheduling, imagePullSecrets } = model.spec;
   const weights = modelVolume(model);
   const volumes: V1Volume[] = [
     weights.volume,
     { name: "plan", configMap: { name: names.plan(model.metadata.name) } },
-    ...(nats.credentialsSecret
-      ? [{ name: "nats-creds", secret: { secretName: nats.credentialsSecret.name } }]
-      : []),
+    ...natsWiring(model).volumes,
     ...extraVolumes,
   ];
   return {
@@ -298,7 +338,7 @@ function containerBase(
   },
 ) {
   const weights = modelVolume(model);
-  const { nats } = model.spec;
+  const nats = natsWiring(model);
   const limits = { ...(resources?.limits ?? {}), ...(gpus > 0 ? { "nvidia.com/gpu": gpus } : {}) };
   const requests = {
     ...(resources?.requests ?? {}),
@@ -314,10 +354,7 @@ function containerBase(
       role,
       `--model=${weights.modelDir}`,
       `--plan=${PATHS.plan}`,
-      `--nats=${nats.url}`,
-      ...(nats.credentialsSecret
-        ? [`--nats-creds=/var/run/expertmesh/nats/${nats.credentialsSecret.key}`]
-        : []),
+      ...nats.args,
       `--namespace=${model.metadata.namespace}`,
       `--model-name=${model.metadata.name}`,
       ...(gpus > 0 ? ["--device=cuda:0"] : ["--device=cpu"]),
@@ -335,9 +372,7 @@ function containerBase(
     volumeMounts: [
       { name: "model", mountPath: PATHS.models, readOnly: !!model.spec.model.source.pvc },
       { name: "plan", mountPath: PATHS.planDir, readOnly: true },
-      ...(nats.credentialsSecret
-        ? [{ name: "nats-creds", mountPath: "/var/run/expertmesh/nats", readOnly: true }]
-        : []),
+      ...nats.mounts,
     ],
     securityContext: {
       allowPrivilegeEscalation: false,

@@ -87,6 +87,8 @@ export const ERROR_CODES = {
     "a server could not listen on its address (the port is in use, or the host is not local)",
   EM_NATS_CONNECT:
     "the NATS server could not be reached in time, refused the credentials, or --nats is no NATS URL",
+  EM_NATS_TLS:
+    "the NATS TLS files (--nats-tls-ca, --nats-tls-cert, --nats-tls-key) are not PEM certificates and a key, or the key is not the certificate's",
   EM_CLI_FILE: "a file named by a command-line option (--plan, --nats-creds, ...) cannot be read",
   EM_WRITE_FAILED: "files could not be written (no permission, not a folder, disk full)",
   EM_LOCAL_CHILD_EXITED:

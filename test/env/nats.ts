@@ -1,4 +1,4 @@
-// A real nats-server with JetStream, on a random loopback port.
+// A real nats-server with JetStream, on a random loopback port; over TLS when asked.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { freePort, ManagedProcess } from "./process.ts";
@@ -12,6 +12,27 @@ export interface NatsInfo {
   pid: number;
   /** The config file the server was started with (a restarted server reuses it). */
   configPath: string;
+}
+
+/** TLS for the client port: the server's certificate, and the CA it verifies clients by. */
+export interface NatsServerTls {
+  cert: string;
+  key: string;
+  /** With it, clients must present a certificate this CA signed (mutual TLS). */
+  verifyClientsCa?: string;
+}
+
+export interface NatsServerOptions {
+  /** The client port (default: a free one). */
+  port?: number;
+  /** Largest payload (default NATS_MAX_PAYLOAD). */
+  maxPayload?: number;
+  /** The process's name, and its log's (logs/<name>.log): a test's own server keeps its log. */
+  name?: string;
+  /** JetStream on (default); off: a plain server, as some clusters run. */
+  jetStream?: boolean;
+  /** TLS on the client port (required of every client). */
+  tls?: NatsServerTls;
 }
 
 export interface NatsServer {
@@ -30,15 +51,11 @@ export async function startNats(
   binary: string,
   dir: string,
   logDir: string,
-  port?: number,
-  maxPayload = NATS_MAX_PAYLOAD,
-  /** The process's name, and its log's (logs/<name>.log): a test's own server keeps its log. */
-  name = "nats-server",
-  /** JetStream on (default); off: a plain server, as some clusters run. */
-  jetStream = true,
+  o: NatsServerOptions = {},
 ): Promise<NatsServer> {
+  const { maxPayload = NATS_MAX_PAYLOAD, name = "nats-server", jetStream = true, tls } = o;
   mkdirSync(join(dir, "jetstream"), { recursive: true });
-  const clientPort = port ?? (await freePort());
+  const clientPort = o.port ?? (await freePort());
   const monitorPort = await freePort();
   const configPath = join(dir, "nats.conf");
   writeFileSync(
@@ -48,6 +65,13 @@ export async function startNats(
       `http: "127.0.0.1:${monitorPort}"`,
       `max_payload: ${maxPayload}`,
       ...(jetStream ? [`jetstream { store_dir: "${join(dir, "jetstream")}" }`] : []),
+      ...(tls
+        ? [
+            `tls { cert_file: "${tls.cert}", key_file: "${tls.key}", timeout: 2${
+              tls.verifyClientsCa ? `, ca_file: "${tls.verifyClientsCa}", verify: true` : ""
+            } }`,
+          ]
+        : []),
       "",
     ].join("\n"),
   );

@@ -28,9 +28,10 @@ function openssl(args: string[], cwd: string): void {
   execFileSync("openssl", args, { cwd, stdio: ["ignore", "ignore", "pipe"] });
 }
 
-/** Writes all files into `dir` and returns their paths and the tokens. */
-export function makePki(dir: string): Pki {
-  const p = (name: string) => join(dir, name);
+/** A self-signed CA, `<name>.crt` and `<name>.key` in `dir`. */
+function makeCa(dir: string, name: string, subject: string): { cert: string; key: string } {
+  const cert = join(dir, `${name}.crt`);
+  const key = join(dir, `${name}.key`);
   openssl(
     [
       "req",
@@ -41,19 +42,27 @@ export function makePki(dir: string): Pki {
       "-days",
       "2",
       "-subj",
-      "/CN=expertmesh-test-ca",
+      subject,
       "-keyout",
-      p("ca.key"),
+      key,
       "-out",
-      p("ca.crt"),
+      cert,
     ],
     dir,
   );
-  writeFileSync(
-    p("serving.ext"),
-    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,IP:10.0.0.1\n" +
-      "extendedKeyUsage=serverAuth,clientAuth\n",
-  );
+  return { cert, key };
+}
+
+/** A key pair and a certificate `ca` signed, with the extensions in `ext` (openssl's syntax). */
+function makeCert(
+  dir: string,
+  name: string,
+  subject: string,
+  ca: { cert: string; key: string },
+  ext: string,
+): { cert: string; key: string } {
+  const p = (suffix: string) => join(dir, `${name}.${suffix}`);
+  writeFileSync(p("ext"), ext);
   openssl(
     [
       "req",
@@ -61,11 +70,11 @@ export function makePki(dir: string): Pki {
       "rsa:2048",
       "-nodes",
       "-subj",
-      "/CN=kube-apiserver",
+      subject,
       "-keyout",
-      p("serving.key"),
+      p("key"),
       "-out",
-      p("serving.csr"),
+      p("csr"),
     ],
     dir,
   );
@@ -74,20 +83,35 @@ export function makePki(dir: string): Pki {
       "x509",
       "-req",
       "-in",
-      p("serving.csr"),
+      p("csr"),
       "-CA",
-      p("ca.crt"),
+      ca.cert,
       "-CAkey",
-      p("ca.key"),
+      ca.key,
       "-CAcreateserial",
       "-days",
       "2",
       "-extfile",
-      p("serving.ext"),
+      p("ext"),
       "-out",
-      p("serving.crt"),
+      p("crt"),
     ],
     dir,
+  );
+  return { cert: p("crt"), key: p("key") };
+}
+
+/** Writes all files into `dir` and returns their paths and the tokens. */
+export function makePki(dir: string): Pki {
+  const p = (name: string) => join(dir, name);
+  const ca = makeCa(dir, "ca", "/CN=expertmesh-test-ca");
+  makeCert(
+    dir,
+    "serving",
+    "/CN=kube-apiserver",
+    ca,
+    "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,IP:10.0.0.1\n" +
+      "extendedKeyUsage=serverAuth,clientAuth\n",
   );
   openssl(["genrsa", "-out", p("sa.key"), "2048"], dir);
   openssl(["rsa", "-in", p("sa.key"), "-pubout", "-out", p("sa.pub")], dir);
@@ -156,4 +180,43 @@ export function writeKubeconfig(
     ].join("\n"),
     { mode: 0o600 },
   );
+}
+
+/** Certificates for NATS over TLS (PEM file paths). */
+export interface NatsPki {
+  /** The CA that signed the server's and the client's certificates. */
+  ca: string;
+  /** The server's, for 127.0.0.1 and localhost. */
+  server: { cert: string; key: string };
+  /** The server's, for another name only (nats.invalid): a client at 127.0.0.1 refuses it. */
+  elsewhere: { cert: string; key: string };
+  /** A client certificate the CA signed (mutual TLS). */
+  client: { cert: string; key: string };
+  /** Another CA, that signed nothing the server has. */
+  otherCa: string;
+}
+
+/** Writes a CA, server and client certificates for a nats-server with TLS into `dir`. */
+export function makeNatsPki(dir: string): NatsPki {
+  const ca = makeCa(dir, "nats-ca", "/CN=expertmesh-test-nats-ca");
+  const server = "extendedKeyUsage=serverAuth\n";
+  return {
+    ca: ca.cert,
+    server: makeCert(
+      dir,
+      "nats-server",
+      "/CN=nats",
+      ca,
+      `subjectAltName=IP:127.0.0.1,DNS:localhost\n${server}`,
+    ),
+    elsewhere: makeCert(
+      dir,
+      "nats-elsewhere",
+      "/CN=nats.invalid",
+      ca,
+      `subjectAltName=DNS:nats.invalid\n${server}`,
+    ),
+    client: makeCert(dir, "nats-client", "/CN=expertmesh", ca, "extendedKeyUsage=clientAuth\n"),
+    otherCa: makeCa(dir, "other-ca", "/CN=some-other-ca").cert,
+  };
 }

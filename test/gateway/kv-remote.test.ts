@@ -293,14 +293,9 @@ describe("RemotePrefixStore across a NATS server restart", () => {
   it("goes on: writes and reads fail as misses meanwhile, and the watch sees new keys after", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "nats-restart-prefix-"));
     const logs = join(testEnv().runDir, "logs");
-    let server = await startNats(
-      testEnv().binaries.natsServer,
-      dir,
-      logs,
-      undefined,
-      undefined,
-      "nats-prefix",
-    );
+    let server = await startNats(testEnv().binaries.natsServer, dir, logs, {
+      name: "nats-prefix",
+    });
     const port = server.info.port;
     const opts = { servers: server.info.url, reconnectTimeWait: 200, maxReconnectAttempts: -1 };
     const ncA = await connect({ ...opts, name: "restart-a" });
@@ -320,14 +315,10 @@ describe("RemotePrefixStore across a NATS server restart", () => {
       expect(a.has(hashOf(9))).toBe(false);
       expect(await readBack(b, hashOf(7))).toBeNull();
       expect(b.stats.errors).toBe(1);
-      server = await startNats(
-        testEnv().binaries.natsServer,
-        dir,
-        logs,
+      server = await startNats(testEnv().binaries.natsServer, dir, logs, {
         port,
-        undefined,
-        "nats-prefix",
-      );
+        name: "nats-prefix",
+      });
       // Block 7 is still there (file storage), and a block written after the restart
       // reaches b through its watch.
       await waitFor("a written again", async () => {

@@ -405,9 +405,10 @@ describe("serving commands on bad input", () => {
         testEnv().binaries.natsServer,
         natsDir,
         join(testEnv().runDir, "logs"),
-        port,
-        undefined,
-        `late-nats-${port}`,
+        {
+          port,
+          name: `late-nats-${port}`,
+        },
       );
       await waitServing(p);
       expect(p.exited).toBe(false);
@@ -485,14 +486,10 @@ describe("serving commands on bad input", () => {
       expect(api.message).toContain(`the gateway is starting (${phase})`);
       expect(api.headers?.get("retry-after")).toBe("5");
 
-      nats = await startNats(
-        testEnv().binaries.natsServer,
-        join(testEnv().runDir, name),
-        logs,
+      nats = await startNats(testEnv().binaries.natsServer, join(testEnv().runDir, name), logs, {
         port,
-        undefined,
         name,
-      );
+      });
       await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
       // Serving, but not ready: /ready names the shards nobody serves yet.
       expect(await get(`${url}/ready`)).toEqual({

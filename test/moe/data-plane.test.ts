@@ -71,7 +71,7 @@ describe("data plane buffer reuse over NATS", () => {
 
   beforeAll(async () => {
     // NATS's default max_payload (1 MiB), as a deployment without tuning has it.
-    nats = await startNats(binaries().natsServer, dir, dir, undefined, 1024 * 1024);
+    nats = await startNats(binaries().natsServer, dir, dir, { maxPayload: 1024 * 1024 });
     for (let k = 0; k < numShards; k++) {
       const nc = await connect({ servers: nats.info.url });
       ncs.push(nc);

@@ -92,12 +92,9 @@ describe("nats-server restarts mid-generation", () => {
         if (restarted) return;
         restarted = true;
         await nats!.process.stop();
-        nats = await startNats(
-          testEnv().binaries.natsServer,
-          dir,
-          join(testEnv().runDir, "logs"),
+        nats = await startNats(testEnv().binaries.natsServer, dir, join(testEnv().runDir, "logs"), {
           port,
-        );
+        });
       });
       expect(restarted).toBe(true);
       expect(got.tokens).toEqual(want.tokens);

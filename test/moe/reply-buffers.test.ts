@@ -105,7 +105,7 @@ describe("ReplyBuffers (real nats-server)", () => {
       const up = (async () => {
         for await (const st of own.status()) if (st.type === "reconnect") return;
       })();
-      nats = await startNats(testEnv().binaries.natsServer, dir, logs, port);
+      nats = await startNats(testEnv().binaries.natsServer, dir, logs, { port });
       await up;
       replies.reclaim();
       expect(replies.lent).toBe(0);

@@ -1,11 +1,15 @@
 // The operator against the real control plane (kube-apiserver + etcd + controller-manager
 // + scheduler + kwok GPU nodes), running as a separate process under the Helm chart's
 // RBAC identity, never as admin.
+import { mkdtempSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CoordinationV1Api, CoreV1Api, CustomObjectsApi } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { startNats } from "../env/nats.ts";
+import { makeNatsPki } from "../env/pki.ts";
 import { kubectl } from "../support/cli.ts";
 import {
   adminKubeConfig,
@@ -354,6 +358,106 @@ describe.sequential("expertmesh operator", () => {
     } finally {
       await plain.process.stop();
       await kubectl(["delete", "dsm", "nojs", "-n", ns, "--wait=false"]);
+    }
+  });
+
+  it("NATS over TLS: spec.nats.tls's Secrets missing, without their key or holding no certificate are reported; the operator's own connection is mutual TLS; the pods get tls:// and the files", async () => {
+    const ns = await newNamespace("natstls");
+    await createWeightsVolume(ns);
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-tls-operator-"));
+    const pki = makeNatsPki(dir);
+    // A server that verifies clients and has no JetStream: the JetStream check can only say
+    // so (NATSJetStreamMissing) once the operator connected with the CA and the client pair.
+    const server = await startNats(
+      testEnv().binaries.natsServer,
+      dir,
+      join(testEnv().runDir, "logs"),
+      {
+        name: "nats-mtls-operator",
+        jetStream: false,
+        tls: { ...pki.server, verifyClientsCa: pki.ca },
+      },
+    );
+    const reason = async (want: string) =>
+      condition(await waitForCondition(ns, "tls", "Degraded", "True", want), "Degraded")?.message;
+    const replaceSecret = (name: string, stringData: Record<string, string>, type?: string) =>
+      core.replaceNamespacedSecret({
+        name,
+        namespace: ns,
+        body: { metadata: { name }, stringData, ...(type ? { type } : {}) },
+      });
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("tls", ns, {
+          nats: {
+            url: server.info.url,
+            tls: { caSecret: { name: "nats-ca" }, clientSecret: { name: "nats-client" } },
+          },
+          gateway: { gpus: 0, kvCache: { remoteBytes: 2 ** 30 } },
+          experts: { shards: 2, gpusPerShard: 0 },
+        }),
+      });
+      expect(await reason("SecretNotFound")).toContain(
+        `Secret ${ns}/nats-ca (spec.nats.tls.caSecret) does not exist`,
+      );
+      const read = (p: string) => readFileSync(p, "utf8");
+      await core.createNamespacedSecret({
+        namespace: ns,
+        body: {
+          metadata: { name: "nats-client" },
+          type: "kubernetes.io/tls",
+          stringData: { "tls.crt": read(pki.client.cert), "tls.key": read(pki.client.key) },
+        },
+      });
+      await core.createNamespacedSecret({
+        namespace: ns,
+        body: { metadata: { name: "nats-ca" }, stringData: { ca: read(pki.ca) } },
+      });
+      expect(await reason("SecretKeyMissing")).toBe(
+        `Secret ${ns}/nats-ca (spec.nats.tls.caSecret) has no key ca.crt`,
+      );
+      await replaceSecret("nats-ca", { "ca.crt": "not a certificate" });
+      expect(await reason("NATSTLSInvalid")).toMatch(
+        new RegExp(
+          `^Secret ${ns}/nats-ca's ca\\.crt \\(spec\\.nats\\.tls\\.caSecret\\) holds no PEM certificate`,
+        ),
+      );
+      await replaceSecret("nats-ca", { "ca.crt": read(pki.ca) });
+      expect(await reason("NATSJetStreamMissing")).toContain(
+        `the NATS server at ${server.info.url} (spec.nats.url) has no JetStream`,
+      );
+      expect(await ownedDeployments(ns, "tls")).toHaveLength(0);
+
+      // Without the NATS tier, applied: every pod connects as tls:// with the mounted files.
+      await custom.patchNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        name: "tls",
+        body: [{ op: "replace", path: "/spec/gateway/kvCache/remoteBytes", value: 0 }],
+      });
+      await waitForCondition(ns, "tls", "Ready", "True", undefined, 90_000);
+      const deployments = await ownedDeployments(ns, "tls");
+      expect(deployments).toHaveLength(3);
+      for (const d of deployments) {
+        const pod = d.spec!.template.spec!;
+        expect(pod.containers[0]!.args, d.metadata?.name).toEqual(
+          expect.arrayContaining([
+            `--nats=${server.info.url.replace("nats://", "tls://")}`,
+            "--nats-tls-ca=/var/run/expertmesh/nats-tls/ca/ca.crt",
+            "--nats-tls-cert=/var/run/expertmesh/nats-tls/client/tls.crt",
+            "--nats-tls-key=/var/run/expertmesh/nats-tls/client/tls.key",
+          ]),
+        );
+        expect(pod.volumes?.filter((v) => v.name.startsWith("nats-tls"))).toEqual([
+          { name: "nats-tls-ca", secret: { secretName: "nats-ca", defaultMode: 420 } },
+          { name: "nats-tls-client", secret: { secretName: "nats-client", defaultMode: 420 } },
+        ]);
+      }
+    } finally {
+      await server.process.stop();
+      await kubectl(["delete", "dsm", "tls", "-n", ns, "--wait=false"]);
     }
   });
 

@@ -18,15 +18,10 @@ export function testEnv(): TestEnvInfo {
  */
 export function startNatsWithoutJetStream(name: string): Promise<NatsServer> {
   const dir = mkdtempSync(join(testEnv().runDir, `${name}-`));
-  return startNats(
-    testEnv().binaries.natsServer,
-    dir,
-    join(testEnv().runDir, "logs"),
-    undefined,
-    undefined,
+  return startNats(testEnv().binaries.natsServer, dir, join(testEnv().runDir, "logs"), {
     name,
-    false,
-  );
+    jetStream: false,
+  });
 }
 
 /** A KubeConfig for the admin identity (system:masters). */

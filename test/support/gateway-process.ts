@@ -20,6 +20,8 @@ export interface GatewayProcess {
 export async function startGatewayProcess(o: {
   modelDir: string;
   planPath?: string;
+  /** The NATS server of distributed mode (default: the test nats-server). */
+  natsUrl?: string;
   namespace: string;
   modelName: string;
   args?: string[];
@@ -37,7 +39,7 @@ export async function startGatewayProcess(o: {
       `--model=${o.modelDir}`,
       ...(o.planPath === undefined
         ? ["--local"]
-        : [`--plan=${o.planPath}`, `--nats=${testEnv().nats.url}`]),
+        : [`--plan=${o.planPath}`, `--nats=${o.natsUrl ?? testEnv().nats.url}`]),
       `--namespace=${o.namespace}`,
       `--model-name=${o.modelName}`,
       "--served-model-name=tiny",

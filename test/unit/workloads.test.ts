@@ -220,6 +220,65 @@ describe("desiredObjects", () => {
     for (const [name, a] of json) expect(a, name as string).toContain("--log-format=json");
   });
 
+  it("spec.nats: each Secret mounted read-only where its flag points; with tls, a nats:// URL given as tls://", () => {
+    const pods = (extra: string) =>
+      objects(extra)
+        .filter((o) => o.kind === "Deployment")
+        .map((d) => (d as any).spec.template.spec);
+    const natsOf = (pod: any) => ({
+      args: pod.containers[0].args.filter((a: string) => a.startsWith("--nats")),
+      volumes: pod.volumes.filter((v: any) => v.name.startsWith("nats")),
+      mounts: pod.containers[0].volumeMounts.filter((v: any) => v.name.startsWith("nats")),
+    });
+    const url = "nats://nats.infra.svc:4222";
+    const cases: [string, ReturnType<typeof natsOf>][] = [
+      [`  nats: { url: "${url}" }`, { args: [`--nats=${url}`], volumes: [], mounts: [] }],
+      [
+        `  nats: { url: "${url}", credentialsSecret: { name: creds } }`,
+        {
+          args: [`--nats=${url}`, "--nats-creds=/var/run/expertmesh/nats/nats.creds"],
+          volumes: [{ name: "nats-creds", secret: { secretName: "creds" } }],
+          mounts: [{ name: "nats-creds", mountPath: "/var/run/expertmesh/nats", readOnly: true }],
+        },
+      ],
+      // TLS with the public roots: no files, but TLS required.
+      [
+        `  nats: { url: "${url}", tls: {} }`,
+        { args: ["--nats=tls://nats.infra.svc:4222"], volumes: [], mounts: [] },
+      ],
+      [
+        `  nats: { url: "tls://nats:4222", tls: { caSecret: { name: ca, key: root.pem }, clientSecret: { name: client } } }`,
+        {
+          args: [
+            "--nats=tls://nats:4222",
+            "--nats-tls-ca=/var/run/expertmesh/nats-tls/ca/root.pem",
+            "--nats-tls-cert=/var/run/expertmesh/nats-tls/client/tls.crt",
+            "--nats-tls-key=/var/run/expertmesh/nats-tls/client/tls.key",
+          ],
+          volumes: [
+            { name: "nats-tls-ca", secret: { secretName: "ca" } },
+            { name: "nats-tls-client", secret: { secretName: "client" } },
+          ],
+          mounts: [
+            { name: "nats-tls-ca", mountPath: "/var/run/expertmesh/nats-tls/ca", readOnly: true },
+            {
+              name: "nats-tls-client",
+              mountPath: "/var/run/expertmesh/nats-tls/client",
+              readOnly: true,
+            },
+          ],
+        },
+      ],
+    ];
+    for (const [extra, want] of cases) {
+      const all = pods(
+        `${extra}\n  gateway: { kvCache: { remoteBytes: 1048576 }, disaggregation: {} }`,
+      );
+      expect(all).toHaveLength(6); // gateway, prefill, 4 shards
+      for (const pod of all) expect(natsOf(pod), extra).toEqual(want);
+    }
+  });
+
   it("requests GPUs, passes scheduling through and mounts the weights read-only", () => {
     const shard = objects().find((o) => o.metadata?.name === "m-shard-2") as any;
     const pod = shard.spec.template.spec;

@@ -54,6 +54,9 @@ import {
   intFlag as int,
   listenOn,
   loadStallFlag,
+  NATS_AUTH_FLAGS,
+  natsAuthFlags,
+  natsAuthUsage,
   natsWaitFlag,
   numberFlag,
   portFlag,
@@ -68,7 +71,7 @@ import { stopSignals } from "../stop-signals.ts";
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
   --local                   routed experts in this process (single-process mode)
   --nats URL, --plan FILE   routed experts on shard processes over NATS (distributed mode)
-  --nats-creds FILE         NATS credentials
+${natsAuthUsage(26)}
   --nats-wait SECONDS       how long to wait at start for a NATS server not reachable yet (default 60)
   --load-stall-timeout S    give up loading the weights (exit, EM_CKPT_READ_STALLED) after this many
                             seconds without a byte read, so that a hung volume gets the pod restarted
@@ -212,7 +215,7 @@ export const gatewayCommand: Command = {
         local: { type: "boolean" },
         plan: { type: "string" },
         nats: { type: "string" },
-        "nats-creds": { type: "string" },
+        ...NATS_AUTH_FLAGS,
         "nats-wait": { type: "string" },
         "load-stall-timeout": { type: "string" },
         namespace: { type: "string" },
@@ -427,7 +430,7 @@ export const gatewayCommand: Command = {
     log(selected.summary);
     // The files the options name, before the weights: a wrong path fails at once.
     const planText = values.plan && readOptionFile(values.plan, "--plan").toString("utf8");
-    const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
+    const natsAuth = natsAuthFlags(values);
     // The ports first: liveness is answered while the weights load (minutes, for a real
     // model), /ready says which step startup is on, and requests get EM_GATEWAY_STARTING.
     const host = values.host ?? "0.0.0.0";
@@ -484,7 +487,7 @@ export const gatewayCommand: Command = {
       connectNats({
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,
-        creds: creds || undefined,
+        auth: natsAuth,
         waitMs: natsWaitMs,
         log,
       });

@@ -17,6 +17,9 @@ import {
   chatTemplateOption,
   defaultModelName,
   intFlag,
+  NATS_AUTH_FLAGS,
+  natsAuthFlags,
+  natsAuthUsage,
   numberFlag as num,
   readOptionFile,
 } from "../options.ts";
@@ -44,7 +47,8 @@ const USAGE = `expertmesh generate --model DIR --prompt TEXT [options]
                         chunked (see gateway --help; cpu only)
   --distributed         routed experts on shard processes over NATS (with --nats, --plan)
   --nats URL, --plan FILE, --namespace NS (default default), --model-name NAME (default: folder name)
-  --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)`;
+  --wire bf16|fp8|f32   dispatch dtype on the wire (default bf16; f32 + f32 combine for exact checks)
+${natsAuthUsage(22)}`;
 
 export const generateCommand: Command = {
   name: "generate",
@@ -73,6 +77,7 @@ export const generateCommand: Command = {
         "batch-invariant": { type: "boolean" },
         distributed: { type: "boolean" },
         nats: { type: "string" },
+        ...NATS_AUTH_FLAGS,
         plan: { type: "string" },
         namespace: { type: "string" },
         "model-name": { type: "string" },
@@ -116,7 +121,8 @@ export const generateCommand: Command = {
       values["batch-invariant"] === true,
     );
     const backend = selected.backend;
-    // Before the weights: a wrong --plan path fails at once.
+    // Before the weights: a wrong --plan path or NATS file fails at once.
+    const auth = natsAuthFlags(values);
     const plan =
       values.distributed && values.plan
         ? parsePlan(readOptionFile(values.plan, "--plan").toString("utf8"))
@@ -146,7 +152,7 @@ export const generateCommand: Command = {
       const wire = values.wire ?? "bf16";
       if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
         throw new ExpertMeshError("EM_CLI_USAGE", `--wire must be bf16, fp8 or f32, got '${wire}'`);
-      const nc = await connectNats({ url: values.nats, name: "expertmesh-generate" });
+      const nc = await connectNats({ url: values.nats, name: "expertmesh-generate", auth });
       close = () => nc.drain();
       experts = new RemoteExperts({
         nc,

@@ -20,6 +20,9 @@ import {
   exitOnStall,
   listenOn,
   loadStallFlag,
+  NATS_AUTH_FLAGS,
+  natsAuthFlags,
+  natsAuthUsage,
   natsWaitFlag,
   portFlag,
   readOptionFile,
@@ -31,7 +34,7 @@ import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
 
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
-  --nats-creds FILE     NATS credentials (.creds)
+${natsAuthUsage(22)}
   --nats-wait SECONDS   how long to wait at start for a NATS server not reachable yet (default 60)
   --load-stall-timeout SECONDS
                         give up loading the weights (exit, EM_CKPT_READ_STALLED) after this many
@@ -70,7 +73,7 @@ export const shardCommand: Command = {
         plan: { type: "string" },
         shard: { type: "string" },
         nats: { type: "string" },
-        "nats-creds": { type: "string" },
+        ...NATS_AUTH_FLAGS,
         "nats-wait": { type: "string" },
         "load-stall-timeout": { type: "string" },
         namespace: { type: "string" },
@@ -105,7 +108,7 @@ export const shardCommand: Command = {
       values["batch-invariant"] === true,
     );
     const plan = parsePlan(readOptionFile(values.plan!, "--plan").toString("utf8"));
-    const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
+    const natsAuth = natsAuthFlags(values);
     const k = /^\d+$/.test(values.shard!) ? Number(values.shard) : -1;
     if (k < 0 || k >= plan.numShards)
       usage(`--shard must be 0..${plan.numShards - 1}, got '${values.shard}'`);
@@ -195,7 +198,7 @@ export const shardCommand: Command = {
     nc = await connectNats({
       url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,
-      creds: creds || undefined,
+      auth: natsAuth,
       waitMs: natsWaitMs,
       log,
     });

@@ -13,7 +13,7 @@ import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { Counter, Gauge, type Registry } from "prom-client";
 import { architectureOf } from "../../api/manifest.ts";
 import type { DeepSeekModel, DeepSeekModelStatus } from "../../api/schema.ts";
-import { connectNats } from "../../moe/nats-connection.ts";
+import { connectNats, type NatsAuth, natsAuthKey } from "../../moe/nats-connection.ts";
 import type { PlacementPlan } from "../../moe/placement.ts";
 import { encodePlanControl } from "../../moe/plan-control.ts";
 import { type ModelRef, subjects } from "../../moe/subjects.ts";
@@ -50,8 +50,8 @@ export interface WorkloadView {
   replicas: Map<RoleKey, number>;
   /** Ready pods per role. */
   ready: Map<RoleKey, number>;
-  /** NATS credentials (.creds) when spec.nats.credentialsSecret is set. */
-  natsCreds?: Uint8Array;
+  /** NATS credentials and TLS from spec.nats's Secrets. */
+  natsAuth?: NatsAuth;
 }
 
 export interface AutoscalerOptions {
@@ -69,7 +69,7 @@ export interface AutoscalerOptions {
   /** Log each scaling decision as well as its Event (default true). */
   logDecisions?: boolean;
   /** Connects to a model's NATS (tests may pass their own). */
-  connect?: (url: string, creds?: Uint8Array) => Promise<NatsConnection>;
+  connect?: (url: string, auth?: NatsAuth) => Promise<NatsConnection>;
   /** Rollout timing (ms). */
   rolloutResendMs?: number;
   prepareTimeoutMs?: number;
@@ -213,7 +213,7 @@ export class Autoscaler {
       this.forget(key);
       return;
     }
-    const natsKey = `${model.spec.nats.url}#${view.natsCreds ? Buffer.from(view.natsCreds).toString("base64") : ""}`;
+    const natsKey = natsAuthKey(model.spec.nats.url, view.natsAuth);
     let s = this.#models.get(key);
     if (s && s.natsKey !== natsKey) {
       this.forget(key);
@@ -244,7 +244,7 @@ export class Autoscaler {
         ...(model.status?.rebalance ? { rebalance: model.status.rebalance } : {}),
       };
       this.#models.set(key, s);
-      void this.#subscribe(s, model.spec.nats.url, view.natsCreds);
+      void this.#subscribe(s, model.spec.nats.url, view.natsAuth);
     } else {
       s.tracker.setOptions(windows);
     }
@@ -274,9 +274,9 @@ export class Autoscaler {
     m.rebalances.remove(ref);
   }
 
-  async #subscribe(s: ModelState, url: string, creds?: Uint8Array): Promise<void> {
+  async #subscribe(s: ModelState, url: string, auth?: NatsAuth): Promise<void> {
     try {
-      const nc = await this.#conn(url, creds);
+      const nc = await this.#conn(url, auth);
       if (this.#models.get(s.key) !== s) return;
       s.sub = nc.subscribe(subjects.allStats(this.#ref(s)), {
         callback: (err, msg) => {
@@ -295,11 +295,11 @@ export class Autoscaler {
     }
   }
 
-  #conn(url: string, creds?: Uint8Array): Promise<NatsConnection> {
-    const key = `${url}#${creds ? Buffer.from(creds).toString("base64") : ""}`;
+  #conn(url: string, auth?: NatsAuth): Promise<NatsConnection> {
+    const key = natsAuthKey(url, auth);
     let c = this.#conns.get(key);
     if (!c) {
-      c = (this.#o.connect ?? defaultConnect)(url, creds);
+      c = (this.#o.connect ?? defaultConnect)(url, auth);
       c.catch(() => this.#conns.delete(key));
       this.#conns.set(key, c);
     }
@@ -570,7 +570,7 @@ export class Autoscaler {
     if (!behind) return;
     s.lastCatchUpAt = now;
     const ref = this.#ref(s);
-    void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
+    void this.#conn(s.model.spec.nats.url, s.view.natsAuth)
       .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl("activate", plan)))
       .catch((err) =>
         this.#o.log(`autoscaler: ${s.key}: publish activate: ${formatError(err)}`, {
@@ -599,7 +599,7 @@ export class Autoscaler {
     );
     const ref = this.#ref(s);
     const publish = (op: "prepare" | "activate") =>
-      void this.#conn(s.model.spec.nats.url, s.view.natsCreds)
+      void this.#conn(s.model.spec.nats.url, s.view.natsAuth)
         .then((nc) => nc.publish(subjects.planControl(ref), encodePlanControl(op, r.plan)))
         .catch((err) =>
           this.#o.log(`autoscaler: ${s.key}: publish ${op}: ${formatError(err)}`, { model: s.key }),
@@ -659,6 +659,6 @@ export class Autoscaler {
   }
 }
 
-function defaultConnect(url: string, creds?: Uint8Array): Promise<NatsConnection> {
-  return connectNats({ url, name: "expertmesh-operator", creds, reconnectWaitMs: 500 });
+function defaultConnect(url: string, auth?: NatsAuth): Promise<NatsConnection> {
+  return connectNats({ url, name: "expertmesh-operator", auth, reconnectWaitMs: 500 });
 }
