@@ -107,7 +107,16 @@ export function natsAuthFlags(values: {
   if (!creds && tls === undefined) return undefined;
   const auth: NatsAuth = creds ? { creds } : {};
   if (tls !== undefined) {
-    auth.tls = { ca, cert, key };
+    auth.tls = {
+      ca,
+      cert,
+      key,
+      files: {
+        ca: values["nats-tls-ca"],
+        cert: values["nats-tls-cert"],
+        key: values["nats-tls-key"],
+      },
+    };
     const named = (flag: keyof typeof values) =>
       values[flag] === undefined ? `--${flag}` : `--${flag} ${values[flag]}`;
     checkNatsTls(auth.tls, {

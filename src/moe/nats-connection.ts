@@ -20,6 +20,12 @@ export interface NatsTls {
   /** A client certificate and its key, for servers that verify clients (mutual TLS). */
   cert?: string | undefined;
   key?: string | undefined;
+  /**
+   * The files the PEM text above was read from, if any: nats.js reads them again at each
+   * reconnect's handshake, so certificates rotated in place (a cert-manager Secret's mounted
+   * files) are used from the next reconnect on. The text is what was checked at start.
+   */
+  files?: { ca?: string | undefined; cert?: string | undefined; key?: string | undefined };
 }
 
 /** How a process proves itself to NATS and checks the server. */
@@ -103,17 +109,15 @@ export function natsConnectOptions(
     throw connectError(url, "the credentials are not a NATS .creds file", err);
   }
   const tls = auth?.tls ?? (/^tls:\/\//i.test(url.trim()) ? {} : undefined);
+  const tlsOptions: TlsOptions = {};
+  for (const part of ["ca", "cert", "key"] as const) {
+    const file = tls?.files?.[part];
+    if (file) tlsOptions[`${part}File` as const] = file;
+    else if (tls?.[part] !== undefined) tlsOptions[part] = tls[part];
+  }
   return {
     ...(authenticator ? { authenticator } : {}),
-    ...(tls
-      ? {
-          tls: {
-            ...(tls.ca !== undefined ? { ca: tls.ca } : {}),
-            ...(tls.cert !== undefined ? { cert: tls.cert } : {}),
-            ...(tls.key !== undefined ? { key: tls.key } : {}),
-          },
-        }
-      : {}),
+    ...(tls ? { tls: tlsOptions } : {}),
   };
 }
 

@@ -194,12 +194,16 @@ export interface NatsPki {
   client: { cert: string; key: string };
   /** Another CA, that signed nothing the server has. */
   otherCa: string;
+  /** A client certificate otherCa signed (a rotation to a new client CA). */
+  otherClient: { cert: string; key: string };
 }
 
 /** Writes a CA, server and client certificates for a nats-server with TLS into `dir`. */
 export function makeNatsPki(dir: string): NatsPki {
   const ca = makeCa(dir, "nats-ca", "/CN=expertmesh-test-nats-ca");
   const server = "extendedKeyUsage=serverAuth\n";
+  const clientExt = "extendedKeyUsage=clientAuth\n";
+  const otherCa = makeCa(dir, "other-ca", "/CN=some-other-ca");
   return {
     ca: ca.cert,
     server: makeCert(
@@ -216,7 +220,8 @@ export function makeNatsPki(dir: string): NatsPki {
       ca,
       `subjectAltName=DNS:nats.invalid\n${server}`,
     ),
-    client: makeCert(dir, "nats-client", "/CN=expertmesh", ca, "extendedKeyUsage=clientAuth\n"),
-    otherCa: makeCa(dir, "other-ca", "/CN=some-other-ca").cert,
+    client: makeCert(dir, "nats-client", "/CN=expertmesh", ca, clientExt),
+    otherCa: otherCa.cert,
+    otherClient: makeCert(dir, "other-client", "/CN=expertmesh-next", otherCa, clientExt),
   };
 }

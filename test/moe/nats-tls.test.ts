@@ -3,17 +3,18 @@
 // every connection the server holds is encrypted; what cannot be trusted is refused with the
 // reason (EM_NATS_CONNECT), and TLS files that are not what they claim are refused before the
 // weights load (EM_NATS_TLS).
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type NatsServer, startNats } from "../env/nats.ts";
 import { makeNatsPki, type NatsPki } from "../env/pki.ts";
+import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv } from "../support/env.ts";
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type Cluster, startShards, stopAll } from "../support/shards.ts";
+import { type Cluster, startShard, startShards, stopAll, waitServing } from "../support/shards.ts";
 
 const main = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 const expertmesh = (args: string[]) => runCli(process.execPath, [main, ...args]);
@@ -110,6 +111,65 @@ describe.sequential("NATS over TLS", () => {
     expect(ours.filter((c) => c.name!.startsWith("expertmesh-gateway-"))).toHaveLength(1);
     expect(ours.filter((c) => c.name!.startsWith("expertmesh-shard-"))).toHaveLength(2);
     for (const c of ours) expect(c.tls_version, c.name).toBe("1.3");
+  });
+
+  it("reads the files again when it reconnects: a client certificate rotated in place is used after a server restart", async () => {
+    // The shard's files in a folder of their own, as a mounted Secret's.
+    const files = join(dir, "rotating");
+    mkdirSync(files);
+    const at = (name: string) => join(files, name);
+    copyFileSync(pki.ca, at("ca.crt"));
+    copyFileSync(pki.client.cert, at("tls.crt"));
+    copyFileSync(pki.client.key, at("tls.key"));
+    const port = await freePort();
+    const logs = join(testEnv().runDir, "logs");
+    const start = (clientCa: string) =>
+      startNats(testEnv().binaries.natsServer, join(dir, "rotating-nats"), logs, {
+        port,
+        name: "nats-mtls-rotating",
+        jetStream: false,
+        tls: { ...pki.server, verifyClientsCa: clientCa },
+      });
+    let server = await start(pki.ca);
+    const shard = startShard(
+      modelDir,
+      cluster!.planPath,
+      "rotating",
+      0,
+      "r0",
+      server.info.url,
+      "test",
+      {
+        args: [
+          `--nats-tls-ca=${at("ca.crt")}`,
+          `--nats-tls-cert=${at("tls.crt")}`,
+          `--nats-tls-key=${at("tls.key")}`,
+        ],
+      },
+    );
+    const shardOnServer = async () => {
+      const connz = (await (await fetch(`${server.info.monitorUrl}/connz`)).json()) as {
+        connections: { name?: string; tls_version?: string }[];
+      };
+      return connz.connections.some(
+        (c) => c.name?.startsWith("expertmesh-shard-0-r0") && c.tls_version === "1.3",
+      );
+    };
+    try {
+      await waitServing(shard);
+      expect(await shardOnServer()).toBe(true);
+      // The client certificate is renewed by another CA, which the restarted server now
+      // requires: only the new files get the shard back in.
+      await server.process.stop();
+      copyFileSync(pki.otherClient.cert, at("tls.crt"));
+      copyFileSync(pki.otherClient.key, at("tls.key"));
+      server = await start(pki.otherCa);
+      await shard.waitUntil("reconnected with the new certificate", shardOnServer, 20_000);
+      expect(shard.exited).toBe(false);
+    } finally {
+      await shard.stop(3000);
+      await server.process.stop();
+    }
   });
 
   it("refuses a server it cannot trust, or one without TLS, at once and saying why (EM_NATS_CONNECT)", async () => {

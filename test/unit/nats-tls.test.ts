@@ -105,6 +105,18 @@ describe("natsConnectOptions", () => {
       ["nats://h:4222", { ca: "A" }, { ca: "A" }],
       ["nats://h:4222", { ca: "A", cert: "C", key: "K" }, { ca: "A", cert: "C", key: "K" }],
       ["h:4222", { cert: "C", key: "K" }, { cert: "C", key: "K" }],
+      // Files, where the text came from one: read again at each reconnect.
+      [
+        "nats://h:4222",
+        { ca: "A", cert: "C", key: "K", files: { ca: "/a", cert: "/c", key: "/k" } },
+        { caFile: "/a", certFile: "/c", keyFile: "/k" },
+      ],
+      ["nats://h:4222", { ca: "A", files: { ca: "/a" } }, { caFile: "/a" }],
+      [
+        "nats://h:4222",
+        { ca: "A", cert: "C", key: "K", files: {} },
+        { ca: "A", cert: "C", key: "K" },
+      ],
     ];
     for (const [url, tls, want] of cases) {
       const o = natsConnectOptions(url, tls ? { tls } : undefined);
