@@ -3,7 +3,14 @@
 // the test control plane, where the operator pods get scheduled and Running and the
 // ServiceAccount gets exactly the access it needs.
 import { execFile } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -16,11 +23,14 @@ import {
   RbacAuthorizationV1Api,
   type V1Pod,
 } from "@kubernetes/client-node";
+import { connect } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
+import { makeNatsPki } from "../env/pki.ts";
+import { freePort, ManagedProcess } from "../env/process.ts";
 import { kubectl } from "../support/cli.ts";
 import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
@@ -110,8 +120,16 @@ async function helm(args: string[]): Promise<string> {
   }
 }
 
-/** `helm template` of the chart, parsed into objects (empty documents dropped). */
+/** The bundled NATS server's objects (values nats.*), which `render` leaves out. */
+const isNats = (o: Obj) => o.metadata?.labels?.["app.kubernetes.io/component"] === "nats";
+
+/** `helm template` of the chart, the operator's objects only (the bundled NATS left out). */
 async function render(release: string, namespace: string, extra: string[] = []): Promise<Obj[]> {
+  return (await renderAll(release, namespace, extra)).filter((o) => !isNats(o));
+}
+
+/** `helm template` of the chart, parsed into objects (empty documents dropped). */
+async function renderAll(release: string, namespace: string, extra: string[] = []): Promise<Obj[]> {
   const out = await helm(["template", release, chartDir, "--namespace", namespace, ...extra]);
   const docs = parseAllDocuments(out);
   const objects: Obj[] = [];
@@ -294,6 +312,186 @@ spec:
     // And the operator's own pods and Service still are.
     expect(matches(deployment.spec.template.metadata.labels, svc.spec.selector)).toBe(true);
     expect(matches(svc.metadata.labels, sm.spec.selector.matchLabels)).toBe(true);
+  });
+
+  describe("the bundled NATS server (values nats.*)", () => {
+    it("is rendered by default, as the Service the CRD's default spec.nats.url names, and selects only its own pod", async () => {
+      const all = await renderAll("em", "expertmesh-system");
+      const nats = all.filter(isNats);
+      expect(nats.map((o) => `${o.kind}/${o.metadata.name}`).sort()).toEqual([
+        "ConfigMap/em-expertmesh-nats",
+        "Service/nats",
+        "StatefulSet/em-expertmesh-nats",
+      ]);
+      // nats://nats.expertmesh-system.svc:4222, the CRD's default.
+      const crd = readFileSync(repoCrd, "utf8");
+      expect(crd).toContain("default: nats://nats.expertmesh-system.svc:4222");
+      const svc = only(nats, "Service");
+      expect(svc.metadata.namespace).toBe("expertmesh-system");
+      expect(svc.spec.ports.map((p: Obj) => [p.name, p.port])).toEqual([
+        ["client", 4222],
+        ["monitor", 8222],
+      ]);
+      const sts = only(nats, "StatefulSet");
+      const pod = sts.spec.template;
+      expect(sts.spec.selector.matchLabels).toEqual(svc.spec.selector);
+      expect(pod.metadata.labels).toMatchObject(svc.spec.selector);
+      // Neither the operator's Deployment nor its metrics Service selects the NATS pod.
+      const operator = only(
+        all.filter((o) => !isNats(o)),
+        "Deployment",
+      );
+      const matches = (labels: Obj, selector: Obj) =>
+        Object.entries(selector).every(([k, v]) => labels[k] === v);
+      expect(matches(pod.metadata.labels, operator.spec.selector.matchLabels)).toBe(false);
+      expect(
+        matches(
+          pod.metadata.labels,
+          only(
+            all.filter((o) => !isNats(o)),
+            "Service",
+          ).spec.selector,
+        ),
+      ).toBe(false);
+      const container = pod.spec.containers[0];
+      expect(container.image).toBe("nats:2.14.9-alpine");
+      expect(container.securityContext.readOnlyRootFilesystem).toBe(true);
+      expect(pod.spec.securityContext.runAsNonRoot).toBe(true);
+      expect(pod.spec.volumes.find((v: Obj) => v.name === "data")).toEqual({
+        name: "data",
+        emptyDir: {},
+      });
+      expect(sts.spec.volumeClaimTemplates).toBeUndefined();
+      // The configuration's digest rolls the pod when the configuration changes.
+      const digest = pod.metadata.annotations["checksum/config"];
+      const other = only(
+        (await renderAll("em", "expertmesh-system", ["--set", "nats.maxPayload=2097152"])).filter(
+          isNats,
+        ),
+        "StatefulSet",
+      );
+      expect(other.spec.template.metadata.annotations["checksum/config"]).not.toBe(digest);
+
+      const off = await renderAll("em", "expertmesh-system", ["--set", "nats.enabled=false"]);
+      expect(off.filter(isNats)).toEqual([]);
+      expect(off.filter((o) => !isNats(o)).length).toBe(all.filter((o) => !isNats(o)).length);
+
+      const persistent = only(
+        (
+          await renderAll("em", "expertmesh-system", [
+            "--set",
+            "nats.jetstream.persistence.enabled=true",
+            "--set",
+            "nats.jetstream.persistence.size=50Gi",
+            "--set",
+            "nats.jetstream.persistence.storageClassName=fast",
+          ])
+        ).filter(isNats),
+        "StatefulSet",
+      );
+      expect(persistent.spec.template.spec.volumes.map((v: Obj) => v.name)).toEqual(["config"]);
+      expect(persistent.spec.volumeClaimTemplates).toEqual([
+        {
+          metadata: { name: "data" },
+          spec: {
+            accessModes: ["ReadWriteOnce"],
+            storageClassName: "fast",
+            resources: { requests: { storage: "50Gi" } },
+          },
+        },
+      ]);
+    });
+
+    it("its rendered configuration runs on the real nats-server: JetStream, max_payload, mutual TLS, and the probes' paths answer", async () => {
+      const objects = (
+        await renderAll("em", "expertmesh-system", [
+          "--set",
+          "nats.tls.secretName=nats-server-tls",
+          "--set",
+          "nats.tls.verifyClients=true",
+          "--set",
+          "nats.maxPayload=4194304",
+        ])
+      ).filter(isNats);
+      const conf = only(objects, "ConfigMap").data["nats.conf"] as string;
+      const pod = only(objects, "StatefulSet").spec.template.spec;
+      // What the pod mounts where the configuration looks: the Secret under /etc/nats/tls.
+      expect(pod.containers[0].volumeMounts).toContainEqual({
+        name: "tls",
+        mountPath: "/etc/nats/tls",
+        readOnly: true,
+      });
+      expect(pod.volumes).toContainEqual({
+        name: "tls",
+        secret: { secretName: "nats-server-tls" },
+      });
+      // The same file with this machine's paths and free ports in place of the pod's.
+      const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-"));
+      const pki = makeNatsPki(dir);
+      copyFileSync(pki.server.cert, join(dir, "tls.crt"));
+      copyFileSync(pki.server.key, join(dir, "tls.key"));
+      copyFileSync(pki.ca, join(dir, "ca.crt"));
+      const [port, monitor] = [await freePort(), await freePort()];
+      const local = conf
+        .replace(/^port: 4222$/m, `port: ${port}\nhost: 127.0.0.1`)
+        .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${monitor}"`)
+        .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`)
+        .replaceAll("/etc/nats/tls/", `${dir}/`);
+      expect(local).not.toBe(conf);
+      expect(local).not.toMatch(/\/etc\/nats|\/data\//);
+      writeFileSync(join(dir, "nats.conf"), local);
+      const server = new ManagedProcess(
+        "nats-chart-config",
+        testEnv().binaries.natsServer,
+        ["--config", join(dir, "nats.conf")],
+        join(testEnv().runDir, "logs"),
+      );
+      try {
+        const probe = only(objects, "StatefulSet").spec.template.spec.containers[0];
+        const paths = [probe.startupProbe, probe.livenessProbe, probe.readinessProbe].map(
+          (p: Obj) => p.httpGet.path as string,
+        );
+        expect(paths).toEqual([
+          "/healthz",
+          "/healthz?js-server-only=true",
+          "/healthz?js-enabled-only=true",
+        ]);
+        await server.waitUntil("healthy", async () => {
+          for (const path of paths)
+            if (!(await fetch(`http://127.0.0.1:${monitor}${path}`)).ok) return false;
+          return true;
+        });
+        const url = `nats://127.0.0.1:${port}`;
+        const nc = await connect({
+          servers: url,
+          tls: { caFile: pki.ca, certFile: pki.client.cert, keyFile: pki.client.key },
+        });
+        try {
+          expect(nc.info?.max_payload).toBe(4194304);
+          expect(nc.info?.jetstream).toBe(true);
+          expect(nc.info?.tls_required).toBe(true);
+          expect(nc.info?.tls_verify).toBe(true);
+        } finally {
+          await nc.close();
+        }
+        // Without a client certificate, no connection (the server verifies clients).
+        await expect(
+          connect({ servers: url, tls: { caFile: pki.ca }, timeout: 2000, reconnect: false }),
+        ).rejects.toThrow();
+      } finally {
+        await server.stop();
+      }
+    });
+
+    it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read", async () => {
+      for (const [value, field] of [
+        ["nats.tls.verifyClients=true", /secretName/],
+        ["nats.maxPayload=134217728", /maxPayload/],
+        ["nats.jetstream.maxFileStore=ten", /maxFileStore/],
+        ["nats.serviceName=Not_A_Name", /serviceName/],
+      ] as const)
+        await expect(render("em", "ops", ["--set", value]), value).rejects.toThrow(field);
+    });
   });
 
   it("ships the CRD as an identical copy of crds/" + CRD_FILE, () => {
@@ -575,6 +773,10 @@ spec:
       installed = true;
       expect(out).toContain("STATUS: deployed");
       expect(out).toContain("kubectl apply -f examples/tiny.yaml");
+      // The notes name the bundled NATS server, and say that outside expertmesh-system the
+      // models' default URL does not reach it.
+      expect(out).toContain(`nats://nats.${namespace}.svc:4222`);
+      expect(out).toContain("This is not the DeepSeekModel default");
 
       const crd = await waitFor("CRD established", async () => {
         const c = await crds.readCustomResourceDefinition({ name: "deepseekmodels.expertmesh.io" });
@@ -615,6 +817,25 @@ spec:
         expect(pod.spec?.serviceAccountName).toBe(fullname);
         expect(pod.status?.conditions?.find((c) => c.type === "PodScheduled")?.status).toBe("True");
       }
+
+      // The bundled NATS server: its StatefulSet's pod scheduled and running (kwok runs no
+      // image: what runs its configuration is the test above), its Service as models name it.
+      const nats = await waitFor(
+        "the NATS pod Running",
+        async () => {
+          const list = await core.listNamespacedPod({
+            namespace,
+            labelSelector: `app.kubernetes.io/name=nats,app.kubernetes.io/instance=${release}`,
+          });
+          const running = list.items.filter((p: V1Pod) => p.status?.phase === "Running");
+          return running.length === 1 ? running[0] : undefined;
+        },
+        90_000,
+      );
+      expect(nats.metadata?.name).toBe(`${fullname}-nats-0`);
+      expect(nodes.has(nats.spec?.nodeName ?? "")).toBe(true);
+      const natsService = await core.readNamespacedService({ name: "nats", namespace });
+      expect(natsService.spec?.ports?.map((p) => p.port)).toEqual([4222, 8222]);
     });
 
     it("gives the operator's ServiceAccount what it needs and nothing more", async () => {
@@ -701,6 +922,13 @@ spec:
       ).toBe(true);
       await waitFor("Deployment deleted", async () =>
         (await gone(() => apps.readNamespacedDeployment({ name: fullname, namespace })))
+          ? true
+          : undefined,
+      );
+      await waitFor("the NATS StatefulSet and Service deleted", async () =>
+        (await gone(() =>
+          apps.readNamespacedStatefulSet({ name: `${fullname}-nats`, namespace }),
+        )) && (await gone(() => core.readNamespacedService({ name: "nats", namespace })))
           ? true
           : undefined,
       );

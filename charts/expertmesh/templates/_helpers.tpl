@@ -132,3 +132,53 @@ Port the operator serves /metrics, /healthz and /readyz on (its --metrics-port).
 {{- define "expertmesh.metricsContainerPort" -}}
 8080
 {{- end }}
+
+{{/*
+Labels of the bundled NATS server's objects: the chart's, with component nats.
+*/}}
+{{- define "expertmesh.natsLabels" -}}
+helm.sh/chart: {{ include "expertmesh.chart" . }}
+{{ include "expertmesh.natsSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.nats.image.tag | quote }}
+app.kubernetes.io/component: nats
+app.kubernetes.io/part-of: expertmesh
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that select the bundled NATS server's pod: name nats, not expertmesh, so that the
+operator's Deployment selector (name expertmesh + instance) never matches it.
+*/}}
+{{- define "expertmesh.natsSelectorLabels" -}}
+app.kubernetes.io/name: nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The bundled NATS server's configuration (nats.conf), from values nats.*.
+*/}}
+{{- define "expertmesh.natsConfig" -}}
+{{- $tls := .Values.nats.tls -}}
+# nats-server configuration written by the expertmesh chart (values nats.*).
+port: 4222
+http_port: 8222
+max_payload: {{ int .Values.nats.maxPayload }}
+{{- if .Values.nats.jetstream.enabled }}
+jetstream {
+  store_dir: "/data/jetstream"
+  max_file_store: {{ .Values.nats.jetstream.maxFileStore }}
+  max_memory_store: {{ .Values.nats.jetstream.maxMemoryStore }}
+}
+{{- end }}
+{{- if $tls.secretName }}
+tls {
+  cert_file: "/etc/nats/tls/tls.crt"
+  key_file: "/etc/nats/tls/tls.key"
+  {{- if $tls.verifyClients }}
+  ca_file: "/etc/nats/tls/ca.crt"
+  verify: true
+  {{- end }}
+  timeout: 2
+}
+{{- end }}
+{{- end }}
