@@ -282,6 +282,7 @@ export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway")
     ...(g.priorityAgingSeconds ? [`--priority-aging=${g.priorityAgingSeconds}`] : []),
     ...(g.logRequests ? ["--log-requests"] : []),
     ...(g.tracing ? [`--otlp-traces-endpoint=${g.tracing.otlpEndpoint}`] : []),
+    ...(g.tracing?.protocol === "grpc" ? ["--otlp-traces-protocol=grpc"] : []),
     ...(g.tracing && g.tracing.sampleRatio < 1
       ? [`--otlp-traces-sample-ratio=${g.tracing.sampleRatio}`]
       : []),

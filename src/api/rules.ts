@@ -371,6 +371,13 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     message: "gateway.disaggregation.minReplicas must not exceed its maxReplicas",
     check: (s) => s["minReplicas"] <= s["maxReplicas"],
   },
+  {
+    path: "spec.gateway.tracing",
+    rule: "!has(self.protocol) || self.protocol != 'grpc' || self.otlpEndpoint.matches('^https?://[^/?#]+/?$')",
+    message:
+      "gateway.tracing.otlpEndpoint over gRPC is the collector's address without a path (http://otel-collector:4317; https for TLS)",
+    check: (s) => s["protocol"] !== "grpc" || /^https?:\/\/[^/?#]+\/?$/.test(s["otlpEndpoint"]),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

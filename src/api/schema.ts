@@ -439,26 +439,34 @@ export const GatewaySchema = withRules(
         default: false,
       }),
       tracing: Type.Optional(
-        Type.Object(
-          {
-            otlpEndpoint: Type.String({
+        withRules(
+          "spec.gateway.tracing",
+          Type.Object(
+            {
+              otlpEndpoint: Type.String({
+                description:
+                  "An OpenTelemetry collector's OTLP receiver: over HTTP (protocol http/protobuf) its base URL (http://otel-collector.observability:4318) or a full .../v1/traces URL; over gRPC (protocol grpc) its address, http://otel-collector.observability:4317 (https: TLS), no path.",
+                pattern: "^https?://[^\\s]+$",
+                maxLength: 2048,
+              }),
+              protocol: StringEnum(["http/protobuf", "grpc"], {
+                description:
+                  "OTLP's transport to otlpEndpoint: http/protobuf (OpenTelemetry's default) or grpc.",
+                default: "http/protobuf",
+              }),
+              sampleRatio: Type.Number({
+                description:
+                  "Of the requests that start a trace (no caller's traceparent), the share traced; a caller's sampling decision is always followed.",
+                default: 1,
+                minimum: 0,
+                maximum: 1,
+              }),
+            },
+            {
               description:
-                "An OpenTelemetry collector's OTLP/HTTP receiver (http://otel-collector.observability:4318, or a full .../v1/traces URL). OTLP/gRPC (4317) is not spoken.",
-              pattern: "^https?://[^\\s]+$",
-              maxLength: 2048,
-            }),
-            sampleRatio: Type.Number({
-              description:
-                "Of the requests that start a trace (no caller's traceparent), the share traced; a caller's sampling decision is always followed.",
-              default: 1,
-              minimum: 0,
-              maximum: 1,
-            }),
-          },
-          {
-            description:
-              "OpenTelemetry traces of the gateways' requests (ADR 0030): a span per request (GenAI semantic conventions: tokens, time to first token, time in queue), a child of the caller's W3C traceparent; with disaggregation the prefill gateways' spans join the same traces.",
-          },
+                "OpenTelemetry traces of the gateways' requests (ADR 0030): a span per request (GenAI semantic conventions: tokens, time to first token, time in queue), a child of the caller's W3C traceparent; with disaggregation the prefill gateways' spans join the same traces.",
+            },
+          ),
         ),
       ),
       schedulingPolicy: StringEnum(["fcfs", "priority"], {

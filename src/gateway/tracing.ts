@@ -1,5 +1,5 @@
-// OpenTelemetry traces of the gateway's requests (ADR 0030), exported over OTLP/HTTP
-// (protobuf) to a collector: one span per generation job, a child of the caller's span when
+// OpenTelemetry traces of the gateway's requests (ADR 0030), exported over OTLP (HTTP with
+// protobuf, or gRPC) to a collector: one span per generation job, a child of the caller's span when
 // the request carries W3C trace context (`traceparent`), named and described by OpenTelemetry's
 // GenAI semantic conventions ("chat <model>", gen_ai.usage.*), with vLLM's latency
 // attributes (gen_ai.latency.*). A prompt a prefill gateway computes (ADR 0029) carries the
@@ -23,7 +23,8 @@ import {
   trace,
 } from "@opentelemetry/api";
 import { setGlobalErrorHandler, W3CTraceContextPropagator } from "@opentelemetry/core";
-import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-proto";
+import { OTLPTraceExporter as GrpcTraceExporter } from "@opentelemetry/exporter-trace-otlp-grpc";
+import { OTLPTraceExporter as HttpTraceExporter } from "@opentelemetry/exporter-trace-otlp-proto";
 import { detectResources, envDetector, resourceFromAttributes } from "@opentelemetry/resources";
 import {
   BatchSpanProcessor,
@@ -51,33 +52,75 @@ export function operationOfRoute(route: string): GenAiOperation | null {
   return null;
 }
 
+/** OTLP's transports the gateway exports over (OTEL_EXPORTER_OTLP_PROTOCOL's names). */
+export type OtlpProtocol = "http/protobuf" | "grpc";
+
 /**
- * The OTLP/HTTP traces URL of --otlp-traces-endpoint: a collector's base URL gets OTLP's
- * path (/v1/traces), as OTEL_EXPORTER_OTLP_ENDPOINT does; a URL with a path is taken as is,
- * as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is. Throws EM_CLI_USAGE for anything but http(s).
+ * The transport: --otlp-traces-protocol's, else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL's, else
+ * OTEL_EXPORTER_OTLP_PROTOCOL's, else http/protobuf (the OpenTelemetry SDKs' default; vLLM's
+ * is grpc). http/json is not offered. Throws EM_CLI_USAGE naming where a bad value came from.
  */
-export function tracesUrl(endpoint: string): string {
+export function otlpProtocol(
+  flag: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): OtlpProtocol {
+  const [value, from] =
+    flag !== undefined
+      ? [flag, "--otlp-traces-protocol"]
+      : env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+        ? [env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"], "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+        : env["OTEL_EXPORTER_OTLP_PROTOCOL"]
+          ? [env["OTEL_EXPORTER_OTLP_PROTOCOL"], "OTEL_EXPORTER_OTLP_PROTOCOL"]
+          : ["http/protobuf", ""];
+  if (value === "http/protobuf" || value === "grpc") return value;
+  throw new ExpertMeshError(
+    "EM_CLI_USAGE",
+    `${from} must be grpc or http/protobuf, got '${value}'${value === "http/json" ? " (OTLP's JSON encoding is not offered)" : ""}`,
+  );
+}
+
+/**
+ * The traces URL of --otlp-traces-endpoint. Over HTTP a collector's base URL gets OTLP's
+ * path (/v1/traces), as OTEL_EXPORTER_OTLP_ENDPOINT does, and a URL with a path is taken as
+ * is, as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is; over gRPC the URL is the server's (its
+ * scheme says plain text or TLS) and has no path. Throws EM_CLI_USAGE for anything else.
+ */
+export function tracesUrl(endpoint: string, protocol: OtlpProtocol = "http/protobuf"): string {
+  const example =
+    protocol === "grpc"
+      ? "an OTLP/gRPC collector, e.g. http://otel-collector:4317"
+      : "an OTLP/HTTP collector, e.g. http://otel-collector:4318";
   let u: URL;
   try {
     u = new URL(endpoint);
   } catch {
     throw new ExpertMeshError(
       "EM_CLI_USAGE",
-      `--otlp-traces-endpoint must be an http(s) URL (an OTLP/HTTP collector, e.g. http://otel-collector:4318), got '${endpoint}'`,
+      `--otlp-traces-endpoint must be an http(s) URL (${example}), got '${endpoint}'`,
     );
   }
   if (u.protocol !== "http:" && u.protocol !== "https:")
     throw new ExpertMeshError(
       "EM_CLI_USAGE",
-      `--otlp-traces-endpoint speaks OTLP over HTTP: an http:// or https:// URL, got '${endpoint}' (OTLP/gRPC's port 4317 is the collector's other receiver; use its HTTP one, 4318)`,
+      `--otlp-traces-endpoint must be an http:// or https:// URL (${example}; with gRPC, https means TLS), got '${endpoint}'`,
     );
+  if (protocol === "grpc") {
+    if (u.pathname !== "/" && u.pathname !== "")
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--otlp-traces-endpoint over gRPC is a server's address without a path (${example}), got '${endpoint}'`,
+      );
+    return u.origin;
+  }
   if (u.pathname === "/" || u.pathname === "") u.pathname = "/v1/traces";
   return u.toString();
 }
 
 export interface TracingOptions {
-  /** The OTLP/HTTP traces URL; undefined: the exporter's environment (OTEL_EXPORTER_OTLP_*). */
+  /** The traces URL (tracesUrl's); undefined: the exporter's environment (OTEL_EXPORTER_OTLP_*). */
   readonly url?: string;
+  /** OTLP's transport (default http/protobuf). */
+  readonly protocol?: OtlpProtocol;
   /** Of the traces that start here (no sampled parent), the share recorded (default 1). */
   readonly sampleRatio?: number;
   /** service.name unless OTEL_SERVICE_NAME says otherwise. */
@@ -125,7 +168,10 @@ export class Tracing {
       sampler: new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio) }),
       spanProcessors: [
         new BatchSpanProcessor({
-          exporter: new OTLPTraceExporter(o.url === undefined ? {} : { url: o.url }),
+          exporter:
+            o.protocol === "grpc"
+              ? new GrpcTraceExporter(o.url === undefined ? {} : { url: o.url })
+              : new HttpTraceExporter(o.url === undefined ? {} : { url: o.url }),
           scheduledDelayMillis: o.exportDelayMs ?? 1000,
         }),
       ],

@@ -399,6 +399,52 @@ describe("gateway processes with --otlp-traces-endpoint", () => {
     }
   });
 
+  it("over OTLP/gRPC, by the flag or by OpenTelemetry's variables: the same span at the collector's gRPC receiver", async () => {
+    const viaFlag = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "test",
+      modelName: uniqueName("grpcflag"),
+      args: [`--otlp-traces-endpoint=${collector.grpcEndpoint}`, "--otlp-traces-protocol=grpc"],
+    });
+    const viaEnv = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "test",
+      modelName: uniqueName("grpcenv"),
+      env: {
+        ...process.env,
+        OTEL_EXPORTER_OTLP_ENDPOINT: collector.grpcEndpoint,
+        OTEL_EXPORTER_OTLP_PROTOCOL: "grpc",
+        OTEL_SERVICE_NAME: "gw-over-grpc",
+      },
+    });
+    try {
+      expect(viaFlag.log()).toContain(
+        `OpenTelemetry traces to ${collector.grpcEndpoint} (OTLP/gRPC)`,
+      );
+      expect(viaEnv.log()).toContain(
+        "OpenTelemetry traces to the OTEL_EXPORTER_OTLP_* endpoint (OTLP/gRPC)",
+      );
+      for (const [gateway, service] of [
+        [viaFlag, "expertmesh-gateway"],
+        [viaEnv, "gw-over-grpc"],
+      ] as const) {
+        const c = caller();
+        const got = await gateway.client.completions.create(
+          { model: "tiny", prompt: "Hello", max_tokens: 3 },
+          { headers: { traceparent: c.traceparent } },
+        );
+        const [span] = await collector.waitFor(`the span from ${service}`, inTrace(c.traceId));
+        expect(span!.parentSpanId).toBe(c.spanId);
+        expect(span!.name).toBe("text_completion tiny");
+        expect(span!.attributes["gen_ai.usage.output_tokens"]).toBe(got.usage!.completion_tokens);
+        expect(span!.resource["service.name"]).toBe(service);
+      }
+    } finally {
+      await viaFlag.process.stop();
+      await viaEnv.process.stop();
+    }
+  });
+
   it("a collector that is not there costs the spans, never a request; the gateway says so", async () => {
     const gateway = await startGatewayProcess({
       modelDir: dir,
@@ -432,6 +478,15 @@ describe("gateway processes with --otlp-traces-endpoint", () => {
     [["--otlp-traces-endpoint=not a url"], "must be an http(s) URL"],
     [["--otlp-traces-endpoint=http://c:4318", "--otlp-traces-sample-ratio=2"], "between 0 and 1"],
     [["--otlp-traces-sample-ratio=0.5"], "needs --otlp-traces-endpoint"],
+    [["--otlp-traces-protocol=grpc"], "needs --otlp-traces-endpoint"],
+    [
+      ["--otlp-traces-endpoint=http://c:4317", "--otlp-traces-protocol=http/json"],
+      "--otlp-traces-protocol must be grpc or http/protobuf, got 'http/json' (OTLP's JSON encoding is not offered)",
+    ],
+    [
+      ["--otlp-traces-endpoint=http://c:4317/v1/traces", "--otlp-traces-protocol=grpc"],
+      "over gRPC is a server's address without a path",
+    ],
   ])("refuses %j", async (flags, message) => {
     const run = await runCli(
       process.execPath,

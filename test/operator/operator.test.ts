@@ -882,6 +882,15 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[27]!.message,
       ],
       [
+        "an OTLP/gRPC endpoint with a path",
+        {
+          gateway: {
+            tracing: { otlpEndpoint: "http://otel:4317/v1/traces", protocol: "grpc" },
+          },
+        },
+        CROSS_FIELD_RULES[28]!.message,
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",

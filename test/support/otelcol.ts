@@ -55,6 +55,8 @@ function attrs(list: KeyValue[] | undefined): Record<string, unknown> {
 export interface Collector {
   /** Its OTLP/HTTP receiver, for --otlp-traces-endpoint. */
   readonly endpoint: string;
+  /** Its OTLP/gRPC receiver, for --otlp-traces-endpoint with --otlp-traces-protocol grpc. */
+  readonly grpcEndpoint: string;
   /** Every span forwarded so far. */
   readonly spans: ReceivedSpan[];
   /** Waits for the spans `pick` accepts (it returns them, or undefined to wait on). */
@@ -117,18 +119,23 @@ export async function startCollector(name: string): Promise<Collector> {
   await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
   const sinkPort = (sink.address() as AddressInfo).port;
   const port = await freePort();
+  const grpcPort = await freePort();
   const dir = mkdtempSync(join(testEnv().runDir, `${name}-`));
   const config = join(dir, "otelcol.yaml");
   writeFileSync(
     config,
-    otelcolConfig(port, {
-      name: "otlphttp",
-      settings: `endpoint: http://127.0.0.1:${sinkPort}
+    otelcolConfig(
+      port,
+      {
+        name: "otlphttp",
+        settings: `endpoint: http://127.0.0.1:${sinkPort}
 encoding: json
 compression: none
 retry_on_failure:
   enabled: false`,
-    }),
+      },
+      grpcPort,
+    ),
   );
   const proc = new ManagedProcess(
     name,
@@ -143,6 +150,7 @@ retry_on_failure:
   });
   return {
     endpoint: `http://127.0.0.1:${port}`,
+    grpcEndpoint: `http://127.0.0.1:${grpcPort}`,
     spans,
     waitFor: (what, pick) => waitFor(what, async () => pick(spans), 30_000),
     close: async () => {

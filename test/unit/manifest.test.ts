@@ -134,7 +134,11 @@ spec:
 
   it("gateway.tracing becomes the gateways' OTLP flags (both roles); a URL that is not http(s) is refused", () => {
     const all = parseManifest(m("{ tracing: { otlpEndpoint: 'http://otel:4318' } }"));
-    expect(all.spec.gateway.tracing).toEqual({ otlpEndpoint: "http://otel:4318", sampleRatio: 1 });
+    expect(all.spec.gateway.tracing).toEqual({
+      otlpEndpoint: "http://otel:4318",
+      protocol: "http/protobuf",
+      sampleRatio: 1,
+    });
     expect(gatewayArgs(all).filter((a) => a.startsWith("--otlp"))).toEqual([
       "--otlp-traces-endpoint=http://otel:4318",
     ]);
@@ -149,8 +153,17 @@ spec:
         "--otlp-traces-sample-ratio=0.25",
       ]);
     expect(gatewayArgs(parseManifest(m("{}"))).some((a) => a.startsWith("--otlp"))).toBe(false);
+    const grpc = parseManifest(
+      m("{ tracing: { otlpEndpoint: 'https://otel:4317', protocol: grpc } }"),
+    );
+    expect(gatewayArgs(grpc).filter((a) => a.startsWith("--otlp"))).toEqual([
+      "--otlp-traces-endpoint=https://otel:4317",
+      "--otlp-traces-protocol=grpc",
+    ]);
     for (const bad of [
       "{ tracing: { otlpEndpoint: 'grpc://otel:4317' } }",
+      "{ tracing: { otlpEndpoint: 'http://otel:4317', protocol: http/json } }",
+      "{ tracing: { otlpEndpoint: 'http://otel:4317/v1/traces', protocol: grpc } }",
       "{ tracing: { otlpEndpoint: 'http://otel:4318', sampleRatio: 1.5 } }",
       "{ tracing: {} }",
     ])

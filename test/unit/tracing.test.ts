@@ -1,9 +1,14 @@
 // The tracing module's pure parts (src/gateway/tracing.ts): which routes run generation jobs
-// (and their GenAI operation), the OTLP/HTTP traces URL of --otlp-traces-endpoint, and when
-// the environment turns tracing on. The export itself is tested against a real collector in
+// (and their GenAI operation), the traces URL of --otlp-traces-endpoint over each transport,
+// the transport the flag or the environment picks, and when the environment turns tracing on. The export itself is tested against a real collector in
 // test/gateway/tracing.test.ts.
 import { describe, expect, it } from "vitest";
-import { operationOfRoute, tracesUrl, tracingFromEnv } from "../../src/gateway/tracing.ts";
+import {
+  operationOfRoute,
+  otlpProtocol,
+  tracesUrl,
+  tracingFromEnv,
+} from "../../src/gateway/tracing.ts";
 
 describe("operationOfRoute", () => {
   it.each([
@@ -44,6 +49,70 @@ describe("tracesUrl", () => {
     ["", "must be an http(s) URL"],
   ])("refuses %j", (given, message) => {
     expect(() => tracesUrl(given)).toThrow(
+      expect.objectContaining({ code: "EM_CLI_USAGE", message: expect.stringContaining(message) }),
+    );
+  });
+});
+
+describe("tracesUrl over gRPC", () => {
+  it.each([
+    ["http://otel:4317", "http://otel:4317"],
+    ["http://otel:4317/", "http://otel:4317"],
+    ["https://otel.example.com:4317", "https://otel.example.com:4317"],
+  ])("%s -> %s", (given, want) => {
+    expect(tracesUrl(given, "grpc")).toBe(want);
+  });
+  it.each([
+    ["http://otel:4317/v1/traces", "over gRPC is a server's address without a path"],
+    ["grpc://otel:4317", "an OTLP/gRPC collector, e.g. http://otel-collector:4317"],
+    ["otel:4317", "with gRPC, https means TLS"],
+  ])("refuses %j", (given, message) => {
+    expect(() => tracesUrl(given, "grpc")).toThrow(
+      expect.objectContaining({ code: "EM_CLI_USAGE", message: expect.stringContaining(message) }),
+    );
+  });
+});
+
+describe("otlpProtocol", () => {
+  it.each<[string, string | undefined, Record<string, string>, string]>([
+    ["the default", undefined, {}, "http/protobuf"],
+    ["the flag", "grpc", {}, "grpc"],
+    [
+      "the flag over the environment",
+      "http/protobuf",
+      { OTEL_EXPORTER_OTLP_PROTOCOL: "grpc" },
+      "http/protobuf",
+    ],
+    ["OTEL_EXPORTER_OTLP_PROTOCOL", undefined, { OTEL_EXPORTER_OTLP_PROTOCOL: "grpc" }, "grpc"],
+    [
+      "the traces variable over the general one",
+      undefined,
+      { OTEL_EXPORTER_OTLP_PROTOCOL: "grpc", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "http/protobuf" },
+      "http/protobuf",
+    ],
+    ["an empty variable", undefined, { OTEL_EXPORTER_OTLP_PROTOCOL: "" }, "http/protobuf"],
+  ])("%s", (_, flag, env, want) => {
+    expect(otlpProtocol(flag, env)).toBe(want);
+  });
+  it.each<[string | undefined, Record<string, string>, string]>([
+    [
+      "http/json",
+      {},
+      "--otlp-traces-protocol must be grpc or http/protobuf, got 'http/json' (OTLP's JSON encoding is not offered)",
+    ],
+    ["GRPC", {}, "--otlp-traces-protocol must be grpc or http/protobuf, got 'GRPC'"],
+    [
+      undefined,
+      { OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: "udp" },
+      "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf, got 'udp'",
+    ],
+    [
+      undefined,
+      { OTEL_EXPORTER_OTLP_PROTOCOL: "http/json" },
+      "OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got 'http/json'",
+    ],
+  ])("refuses %j %j", (flag, env, message) => {
+    expect(() => otlpProtocol(flag, env)).toThrow(
       expect.objectContaining({ code: "EM_CLI_USAGE", message: expect.stringContaining(message) }),
     );
   });

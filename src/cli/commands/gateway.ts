@@ -28,7 +28,7 @@ import {
 } from "../../gateway/server.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
-import { Tracing, tracesUrl, tracingFromEnv } from "../../gateway/tracing.ts";
+import { otlpProtocol, Tracing, tracesUrl, tracingFromEnv } from "../../gateway/tracing.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
 import {
@@ -191,14 +191,16 @@ ${natsAuthUsage(26)}
                             fp16, fp32 or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3),
                             converted as they load; embeddings, LM head, norms and router keep theirs
   --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)
-  --otlp-traces-endpoint URL    OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector
-                            (http://host:4318, or a full .../v1/traces URL): a span per request
+  --otlp-traces-endpoint URL    OpenTelemetry traces over OTLP to this collector (http://host:4318,
+                            or a full .../v1/traces URL; gRPC: http(s)://host:4317): a span per request
                             (GenAI semantic conventions: tokens, time to first token, queue time),
                             a child of the caller's W3C traceparent; a prefill gateway's span
                             joins the trace of the request it computes for. Without the flag,
                             OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT turn
                             it on (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and
                             OTEL_EXPORTER_OTLP_HEADERS are honored; docs/gateway.md)
+  --otlp-traces-protocol P  http/protobuf (default) or grpc; without it OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
+                            or OTEL_EXPORTER_OTLP_PROTOCOL says
   --otlp-traces-sample-ratio R  of the requests without a sampled caller, the share traced (0 to 1,
                             default 1); a caller's sampling decision is always followed`;
 
@@ -269,6 +271,7 @@ export const gatewayCommand: Command = {
         "log-format": { type: "string" },
         "otlp-traces-endpoint": { type: "string" },
         "otlp-traces-sample-ratio": { type: "string" },
+        "otlp-traces-protocol": { type: "string" },
       },
     });
     const usage = (m: string): never => {
@@ -398,10 +401,18 @@ export const gatewayCommand: Command = {
       usage(
         "--otlp-traces-sample-ratio needs --otlp-traces-endpoint URL (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
       );
+    const tracesProtocol = otlpProtocol(values["otlp-traces-protocol"]);
+    if (values["otlp-traces-protocol"] !== undefined && !tracesEndpoint && !tracingFromEnv())
+      usage(
+        "--otlp-traces-protocol needs --otlp-traces-endpoint URL (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
+      );
     const tracing =
       tracesEndpoint !== undefined || tracingFromEnv()
         ? new Tracing({
-            ...(tracesEndpoint !== undefined ? { url: tracesUrl(tracesEndpoint) } : {}),
+            ...(tracesEndpoint !== undefined
+              ? { url: tracesUrl(tracesEndpoint, tracesProtocol) }
+              : {}),
+            protocol: tracesProtocol,
             sampleRatio,
             serviceName: disaggregation === "prefill" ? "expertmesh-prefill" : "expertmesh-gateway",
             resource: {
@@ -415,7 +426,7 @@ export const gatewayCommand: Command = {
         : undefined;
     if (tracing)
       log(
-        `OpenTelemetry traces to ${tracing.url ?? "the OTEL_EXPORTER_OTLP_* endpoint"}` +
+        `OpenTelemetry traces to ${tracing.url ?? "the OTEL_EXPORTER_OTLP_* endpoint"} (OTLP/${tracesProtocol === "grpc" ? "gRPC" : "HTTP"})` +
           (sampleRatio < 1 ? ` (${sampleRatio} of the requests that start a trace)` : ""),
       );
     const signals = stopSignals(log);
