@@ -6,7 +6,7 @@ import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/cl
 import { architectureOf } from "../api/manifest.ts";
 import { memoryLimitShortfalls } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
-import { checkNatsTls, type NatsAuth } from "../moe/nats-connection.ts";
+import type { NatsAuth } from "../moe/nats-connection.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
@@ -15,6 +15,13 @@ import type { RoleKey } from "./autoscale/load.ts";
 import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
 import { JetStreamProbe } from "./nats-probe.ts";
+import {
+  natsAuthOf,
+  referencedSecrets,
+  type SecretContents,
+  type SecretRef,
+  secretProblems,
+} from "./secrets.ts";
 import {
   computeStatus,
   type Problem,
@@ -90,8 +97,14 @@ export class Reconciler {
     const problems: Problem[] = [];
 
     // 1. What the pods depend on and the operator cannot create.
-    const nats = await this.#natsAuth(model);
-    problems.push(...(await this.#missingDependencies(model, nats.auth)), ...nats.problems);
+    const refs = referencedSecrets(model);
+    const secrets = await this.#readSecrets(namespace, refs);
+    const nats = natsAuthOf(model, secrets);
+    problems.push(
+      ...(await this.#missingDependencies(model, nats.auth)),
+      ...secretProblems(namespace, refs, secrets),
+      ...nats.problems,
+    );
 
     // 2. The placement plan (versioned: a changed placement bumps the version). A plan of the
     //    same shape is kept (it may be a rebalanced one); the rebalancer may hand a newer one.
@@ -267,71 +280,31 @@ export class Reconciler {
     };
   }
 
-  /**
-   * spec.nats's Secrets as the operator's own connection uses them (the autoscaler's load
-   * reports, the JetStream check): the credentials, the CA, the client certificate. A Secret
-   * without the key it is read by (SecretKeyMissing), or TLS contents that are no PEM
-   * certificate and key (NATSTLSInvalid), is a problem: every pod would fail to connect.
-   * Missing Secrets are #missingDependencies' to report.
-   */
-  async #natsAuth(model: DeepSeekModel): Promise<{ auth?: NatsAuth; problems: Problem[] }> {
-    const { credentialsSecret: credsRef, tls } = model.spec.nats;
-    const ns = model.metadata.namespace!;
-    const problems: Problem[] = [];
-    const read = async (name: string, keys: string[], field: string) => {
-      let data: Record<string, string> | undefined;
+  /** The Secrets `refs` name, each read once: its data, or null when it does not exist. */
+  async #readSecrets(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
+    const contents = new Map<string, Record<string, Buffer> | null>();
+    for (const { name } of refs) {
+      if (contents.has(name)) continue;
       try {
-        data = (await this.#kube.core.readNamespacedSecret({ name, namespace: ns })).data ?? {};
+        const secret = await this.#kube.core.readNamespacedSecret({ name, namespace });
+        contents.set(
+          name,
+          Object.fromEntries(
+            Object.entries(secret.data ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64")]),
+          ),
+        );
       } catch (err) {
-        if (httpStatus(err) !== 404)
-          this.#opts.log?.(`cannot read Secret ${ns}/${name} (${field}): ${formatError(err)}`);
-        return undefined;
-      }
-      const missing = keys.filter((k) => data[k] === undefined);
-      if (missing.length) {
-        problems.push({
-          reason: "SecretKeyMissing",
-          message: `Secret ${ns}/${name} (${field}) has no key ${missing.join(", ")}`,
-        });
-        return undefined;
-      }
-      return keys.map((k) => Buffer.from(data[k]!, "base64"));
-    };
-    const auth: NatsAuth = {};
-    if (credsRef) {
-      const creds = await read(credsRef.name, [credsRef.key], "spec.nats.credentialsSecret");
-      if (creds) auth.creds = creds[0]!;
-    }
-    if (tls) {
-      auth.tls = {};
-      const sources = { ca: "", cert: "", key: "" };
-      if (tls.caSecret) {
-        const { name, key } = tls.caSecret;
-        const ca = await read(name, [key], "spec.nats.tls.caSecret");
-        if (ca) auth.tls.ca = ca[0]!.toString("utf8");
-        sources.ca = `Secret ${ns}/${name}'s ${key} (spec.nats.tls.caSecret)`;
-      }
-      if (tls.clientSecret) {
-        const { name } = tls.clientSecret;
-        const pair = await read(name, ["tls.crt", "tls.key"], "spec.nats.tls.clientSecret");
-        if (pair) [auth.tls.cert, auth.tls.key] = pair.map((b) => b.toString("utf8"));
-        sources.cert = `Secret ${ns}/${name}'s tls.crt (spec.nats.tls.clientSecret)`;
-        sources.key = `Secret ${ns}/${name}'s tls.key (spec.nats.tls.clientSecret)`;
-      }
-      try {
-        checkNatsTls(auth.tls, sources);
-      } catch (err) {
-        if (!(err instanceof ExpertMeshError)) throw err;
-        problems.push({ reason: "NATSTLSInvalid", message: err.message });
+        if (httpStatus(err) !== 404) throw err;
+        contents.set(name, null);
       }
     }
-    return { ...(auth.creds || auth.tls ? { auth } : {}), problems };
+    return contents;
   }
 
   async #missingDependencies(model: DeepSeekModel, natsAuth?: NatsAuth): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
-    const { pvc, huggingFace } = model.spec.model.source;
+    const { pvc } = model.spec.model.source;
     if (pvc && !(await this.#kube.exists("PersistentVolumeClaim", ns, pvc.claimName))) {
       out.push({
         reason: "PVCNotFound",
@@ -364,31 +337,6 @@ export class Reconciler {
           reason: "NATSJetStreamMissing",
           message: `the NATS server at ${url} (spec.nats.url) has no JetStream, which spec.gateway.kvCache.remoteBytes (the prefix cache's NATS tier${model.spec.gateway.disaggregation ? ", and disaggregated prefill through it" : ""}) needs: turn JetStream on (nats-server -js, or jetstream {} in its configuration) or set remoteBytes to 0`,
         });
-    }
-    const secrets = [
-      ...(huggingFace?.tokenSecret
-        ? [["spec.model.source.huggingFace.tokenSecret", huggingFace.tokenSecret.name] as const]
-        : []),
-      ...(model.spec.nats.credentialsSecret
-        ? [["spec.nats.credentialsSecret", model.spec.nats.credentialsSecret.name] as const]
-        : []),
-      ...(model.spec.nats.tls?.caSecret
-        ? [["spec.nats.tls.caSecret", model.spec.nats.tls.caSecret.name] as const]
-        : []),
-      ...(model.spec.nats.tls?.clientSecret
-        ? [["spec.nats.tls.clientSecret", model.spec.nats.tls.clientSecret.name] as const]
-        : []),
-      ...(model.spec.gateway.apiKeySecret
-        ? [["spec.gateway.apiKeySecret", model.spec.gateway.apiKeySecret.name] as const]
-        : []),
-    ];
-    for (const [field, secret] of secrets) {
-      if (!(await this.#kube.exists("Secret", ns, secret))) {
-        out.push({
-          reason: "SecretNotFound",
-          message: `Secret ${ns}/${secret} (${field}) does not exist`,
-        });
-      }
     }
     return out;
   }

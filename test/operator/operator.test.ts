@@ -515,7 +515,18 @@ describe.sequential("expertmesh operator", () => {
     expect(condition(m, "Degraded")?.message).toContain(
       `Secret ${ns}/gw-keys (spec.gateway.apiKeySecret) does not exist`,
     );
+    // There, but without the key the gateway reads: its container would not start.
     await core.createNamespacedSecret({
+      namespace: ns,
+      body: { metadata: { name: "gw-keys" }, stringData: { key: "k1,k2" } },
+    });
+    m = await waitForCondition(ns, "nokeys", "Degraded", "True", "SecretKeyMissing");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `Secret ${ns}/gw-keys (spec.gateway.apiKeySecret) has no key keys`,
+    );
+    expect(await ownedDeployments(ns, "nokeys")).toHaveLength(0);
+    await core.replaceNamespacedSecret({
+      name: "gw-keys",
       namespace: ns,
       body: { metadata: { name: "gw-keys" }, stringData: { keys: "k1,k2" } },
     });

@@ -1,0 +1,170 @@
+// What the operator checks of the Secrets a model names before it applies anything
+// (src/operator/secrets.ts): which Secrets and keys, SecretNotFound and SecretKeyMissing,
+// and the NATS auth of its own connection with NATSTLSInvalid. The reconciler's reads are
+// tested against the real API server in test/operator/operator.test.ts.
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseManifest } from "../../src/api/manifest.ts";
+import {
+  natsAuthOf,
+  referencedSecrets,
+  type SecretContents,
+  secretProblems,
+} from "../../src/operator/secrets.ts";
+import { makeNatsPki } from "../env/pki.ts";
+
+function model(spec: string) {
+  return parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns, uid: u-1 }
+spec:
+  model:
+    preset: tiny-v3
+${spec}`);
+}
+
+const everything = model(`    source:
+      huggingFace: { repo: deepseek-ai/DeepSeek-V3, tokenSecret: { name: hf } }
+  nats:
+    url: nats://nats:4222
+    credentialsSecret: { name: creds }
+    tls: { caSecret: { name: pki }, clientSecret: { name: pki } }
+  gateway: { apiKeySecret: { name: keys, key: list } }`);
+
+const b = (s: string) => Buffer.from(s);
+let dir: string;
+let pem: { ca: string; cert: string; key: string };
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), "em-secrets-"));
+  const pki = makeNatsPki(dir);
+  const read = (p: string) => readFileSync(p, "utf8");
+  pem = { ca: read(pki.ca), cert: read(pki.client.cert), key: read(pki.client.key) };
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe("referencedSecrets", () => {
+  it("names every Secret the pods read, with its keys; none for a model without any", () => {
+    expect(referencedSecrets(everything)).toEqual([
+      { field: "spec.model.source.huggingFace.tokenSecret", name: "hf", keys: ["token"] },
+      { field: "spec.nats.credentialsSecret", name: "creds", keys: ["nats.creds"] },
+      { field: "spec.nats.tls.caSecret", name: "pki", keys: ["ca.crt"] },
+      { field: "spec.nats.tls.clientSecret", name: "pki", keys: ["tls.crt", "tls.key"] },
+      { field: "spec.gateway.apiKeySecret", name: "keys", keys: ["list"] },
+    ]);
+    expect(referencedSecrets(model("    source: { pvc: { claimName: w } }"))).toEqual([]);
+  });
+});
+
+describe("secretProblems", () => {
+  const refs = referencedSecrets(everything);
+  const full = (): Map<string, Record<string, Buffer> | null> =>
+    new Map<string, Record<string, Buffer> | null>([
+      ["hf", { token: b("hf_x") }],
+      ["creds", { "nats.creds": b("c") }],
+      ["pki", { "ca.crt": b("a"), "tls.crt": b("c"), "tls.key": b("k") }],
+      ["keys", { list: b("k1,k2") }],
+    ]);
+  it.each<[string, (c: Map<string, Record<string, Buffer> | null>) => void, string[]]>([
+    ["all there (one cert-manager Secret for the CA and the pair)", () => {}, []],
+    [
+      "a Secret that is not there, named once per field that reads it",
+      (c) => c.set("pki", null),
+      [
+        "SecretNotFound: Secret ns/pki (spec.nats.tls.caSecret) does not exist",
+        "SecretNotFound: Secret ns/pki (spec.nats.tls.clientSecret) does not exist",
+      ],
+    ],
+    [
+      "a key the pods read is missing",
+      (c) => c.set("keys", { keys: b("k") }),
+      ["SecretKeyMissing: Secret ns/keys (spec.gateway.apiKeySecret) has no key list"],
+    ],
+    [
+      "half of a client pair",
+      (c) => c.set("pki", { "ca.crt": b("a"), "tls.crt": b("c") }),
+      ["SecretKeyMissing: Secret ns/pki (spec.nats.tls.clientSecret) has no key tls.key"],
+    ],
+    [
+      "an empty Secret",
+      (c) => c.set("hf", {}),
+      [
+        "SecretKeyMissing: Secret ns/hf (spec.model.source.huggingFace.tokenSecret) has no key token",
+      ],
+    ],
+    ["a Secret not read: nothing known, nothing said", (c) => c.delete("creds"), []],
+  ])("%s", (_, change, want) => {
+    const contents = full();
+    change(contents);
+    expect(secretProblems("ns", refs, contents).map((p) => `${p.reason}: ${p.message}`)).toEqual(
+      want,
+    );
+  });
+});
+
+describe("natsAuthOf", () => {
+  const tlsModel = (tls: string) =>
+    model(`    source: { pvc: { claimName: w } }
+  nats: { url: "nats://nats:4222", credentialsSecret: { name: creds }, tls: ${tls} }`);
+  it("builds the operator's NATS auth from what is there; parts not there are left out", () => {
+    const m = tlsModel("{ caSecret: { name: ca }, clientSecret: { name: client } }");
+    const contents: SecretContents = new Map<string, Record<string, Buffer>>([
+      ["creds", { "nats.creds": b("CREDS") }],
+      ["ca", { "ca.crt": b(pem.ca) }],
+      ["client", { "tls.crt": b(pem.cert), "tls.key": b(pem.key) }],
+    ]);
+    const { auth, problems } = natsAuthOf(m, contents);
+    expect(problems).toEqual([]);
+    expect(Buffer.from(auth!.creds!).toString()).toBe("CREDS");
+    expect(auth!.tls).toEqual({ ca: pem.ca, cert: pem.cert, key: pem.key });
+    // The client Secret missing: TLS with the CA alone (its absence is secretProblems').
+    const partial = natsAuthOf(
+      m,
+      new Map<string, Record<string, Buffer>>([["ca", { "ca.crt": b(pem.ca) }]]),
+    );
+    expect(partial.problems).toEqual([]);
+    expect(partial.auth).toEqual({ tls: { ca: pem.ca } });
+    // tls: {} asks for TLS with the public roots.
+    expect(natsAuthOf(tlsModel("{}"), new Map())).toEqual({ auth: { tls: {} }, problems: [] });
+    // No credentials, no TLS: no auth at all.
+    const plain = model("    source: { pvc: { claimName: w } }");
+    expect(natsAuthOf(plain, new Map())).toEqual({ problems: [] });
+  });
+
+  it.each<[string, Record<string, Record<string, Buffer>>, RegExp]>([
+    [
+      "a CA that is no certificate",
+      { ca: { "ca.crt": b("nope") } },
+      /^Secret ns\/ca's ca\.crt \(spec\.nats\.tls\.caSecret\) holds no PEM certificate/,
+    ],
+    [
+      "an empty client certificate",
+      { client: { "tls.crt": b(""), "tls.key": b("") } },
+      /^Secret ns\/client's tls\.crt \(spec\.nats\.tls\.clientSecret\) holds no PEM certificate/,
+    ],
+  ])("reports %s as NATSTLSInvalid", (_, contents, message) => {
+    const m = tlsModel("{ caSecret: { name: ca }, clientSecret: { name: client } }");
+    const { problems } = natsAuthOf(m, new Map(Object.entries(contents)));
+    expect(problems.map((p) => p.reason)).toEqual(["NATSTLSInvalid"]);
+    expect(problems[0]!.message).toMatch(message);
+  });
+
+  it("reports a client key of another certificate as NATSTLSInvalid", () => {
+    const other = readFileSync(join(dir, "nats-server.key"), "utf8");
+    const m = tlsModel("{ clientSecret: { name: client } }");
+    const { problems } = natsAuthOf(
+      m,
+      new Map([["client", { "tls.crt": b(pem.cert), "tls.key": b(other) }]]),
+    );
+    expect(problems).toEqual([
+      {
+        reason: "NATSTLSInvalid",
+        message:
+          "Secret ns/client's tls.key (spec.nats.tls.clientSecret) is not the key of Secret ns/client's tls.crt (spec.nats.tls.clientSecret) (CN=expertmesh)",
+      },
+    ]);
+  });
+});
