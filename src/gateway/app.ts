@@ -5,9 +5,11 @@
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
+import type { Span } from "@opentelemetry/api";
 import Fastify, {
   type FastifyInstance,
   type FastifyReply,
+  type FastifyRequest,
   type FastifyServerFactory,
 } from "fastify";
 import type { LogFields } from "../util/log.ts";
@@ -21,8 +23,10 @@ import { ResponseStore, responsesRoutes } from "./responses.ts";
 import {
   operationOfRoute,
   type RequestTrace,
+  refusalSpan,
   requestTraces,
   sampledTraceId,
+  type Tracing,
   traceResponse,
 } from "./tracing.ts";
 
@@ -123,7 +127,9 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
 
   /** Each exchange's trace (with tracing on), for its log line's trace id. */
   const traces = new WeakMap<object, RequestTrace>();
-  const traceOf = (raw: object) => sampledTraceId(traces.get(raw)?.span);
+  /** The spans of requests refused before a job (traceRefusal). */
+  const refusals = new WeakMap<object, Span>();
+  const traceOf = (raw: object) => sampledTraceId(traces.get(raw)?.span ?? refusals.get(raw));
 
   // Every answer carries an x-request-id: the client's (vLLM's and most proxies' header),
   // or a new one. With logRequest, a line when the exchange ends (streams included).
@@ -201,8 +207,45 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     const e = toApiError(err);
     logServerError(o.ctx, `${req.method} ${req.url}`, err);
     if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
+    if (tracing) traceRefusal(tracing, req, reply, e);
     reply.status(e.status).send(errorBody(e));
   });
+
+  /**
+   * A generation request that failed before its job's span was made (its body, its model, its
+   * key, its size) gets a span of its own (refusalSpan), and its answer the traceresponse.
+   */
+  const traceRefusal = (
+    tracing: Tracing,
+    req: FastifyRequest,
+    reply: FastifyReply,
+    e: ApiError,
+  ): void => {
+    const route = req.routeOptions.url ?? "";
+    const operation = operationOfRoute(route);
+    if (!operation || traces.get(reply.raw)?.span) return;
+    const id = reply.getHeader("x-request-id");
+    const body = req.body as { model?: unknown } | undefined;
+    const params = req.params as { name?: unknown } | undefined;
+    const model = typeof body?.model === "string" ? body.model : params?.name;
+    const span = refusalSpan(tracing, {
+      operation,
+      model: typeof model === "string" && model.length <= 256 ? model : undefined,
+      parent: tracing.extract(req.headers),
+      startTime: Date.now() - reply.elapsedTime,
+      requestId: typeof id === "string" ? id : undefined,
+      attributes: {
+        "http.route": route,
+        "http.request.method": req.method,
+        "http.response.status_code": e.status,
+      },
+      code: e.code,
+      message: e.message,
+    });
+    refusals.set(reply.raw, span);
+    const value = traceResponse(span);
+    if (value) reply.header("traceresponse", value);
+  };
   app.setNotFoundHandler((req, reply) => {
     const e = new ApiError("EM_GATEWAY_NOT_FOUND", `no route ${req.method} ${req.url}`);
     reply.status(e.status).send(errorBody(e));

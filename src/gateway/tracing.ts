@@ -18,6 +18,7 @@ import {
   ROOT_CONTEXT,
   type Span,
   SpanKind,
+  SpanStatusCode,
   TraceFlags,
   type Tracer,
   trace,
@@ -274,6 +275,46 @@ export function startJobSpan(model: string, attributes: () => Attributes): Span 
   );
   request.span = span;
   request.onSpan?.(span);
+  return span;
+}
+
+/**
+ * The span of a generation request refused before a job ran (a body that is no request, a
+ * model not served, a missing key, a body too large): it starts when the request came and
+ * ends now, a child of the caller's span, named as startJob would name it (the operation
+ * alone when the model is not known), with `error.type` the error's code and status ERROR.
+ * Without it a trace shows nothing of a request its caller saw fail. Already ended.
+ */
+export function refusalSpan(
+  tracing: Tracing,
+  o: {
+    operation: GenAiOperation;
+    model?: string | undefined;
+    parent: Context;
+    startTime: number;
+    requestId?: string | undefined;
+    attributes: Attributes;
+    code: string;
+    message: string;
+  },
+): Span {
+  const span = tracing.tracer.startSpan(
+    o.model ? `${o.operation} ${o.model}` : o.operation,
+    {
+      kind: SpanKind.SERVER,
+      startTime: o.startTime,
+      attributes: {
+        "gen_ai.operation.name": o.operation,
+        ...(o.model ? { "gen_ai.request.model": o.model } : {}),
+        ...o.attributes,
+        ...(o.requestId ? { "gen_ai.request.id": o.requestId } : {}),
+        "error.type": o.code,
+      },
+    },
+    o.parent,
+  );
+  span.setStatus({ code: SpanStatusCode.ERROR, message: o.message });
+  span.end();
   return span;
 }
 

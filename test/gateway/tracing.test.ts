@@ -246,6 +246,60 @@ describe("request spans", () => {
     }
   });
 
+  it("a request refused before any job (bad body, wrong content type, a model not served) still has its span, with the code, and its answer the traceresponse", async () => {
+    const send = async (path: string, body: string, contentType = "application/json") => {
+      const c = caller();
+      const r = await fetch(`${gw.url}${path}`, {
+        method: "POST",
+        headers: {
+          "content-type": contentType,
+          traceparent: c.traceparent,
+          "x-request-id": `refused-${c.spanId}`,
+        },
+        body,
+      });
+      await r.text();
+      const [span] = await collector.waitFor(`the span of ${path}`, inTrace(c.traceId));
+      expect(span!.parentSpanId).toBe(c.spanId);
+      expect(span!.kind).toBe(2); // SERVER
+      expect(span!.status.code).toBe(2); // ERROR
+      expect(span!.attributes["gen_ai.request.id"]).toBe(`refused-${c.spanId}`);
+      expect(span!.attributes["http.response.status_code"]).toBe(r.status);
+      expect(r.headers.get("traceresponse")).toBe(`00-${c.traceId}-${span!.spanId}-01`);
+      return { status: r.status, span: span! };
+    };
+    const bad = await send(
+      "/v1/chat/completions",
+      JSON.stringify({ model: "tiny", messages: "not a list" }),
+    );
+    expect(bad.status).toBe(400);
+    expect(bad.span.name).toBe("chat tiny");
+    expect(bad.span.attributes["error.type"]).toBe("EM_GATEWAY_BAD_REQUEST");
+    expect(bad.span.attributes["http.route"]).toBe("/v1/chat/completions");
+    const type = await send("/v1/completions", "prompt=hi", "application/x-www-form-urlencoded");
+    expect(type.status).toBe(415);
+    expect(type.span.name).toBe("text_completion"); // the body was never read: no model
+    expect(type.span.attributes["error.type"]).toBe("EM_GATEWAY_BAD_REQUEST");
+    const other = await send(
+      "/v1/chat/completions",
+      JSON.stringify({ model: "gpt-x", messages: [{ role: "user", content: "hi" }] }),
+    );
+    expect(other.status).toBe(404);
+    expect(other.span.name).toBe("chat gpt-x");
+    expect(other.span.attributes["error.type"]).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+    // A route that runs no generation gets no span, refused or not.
+    const c = caller();
+    const r = await fetch(`${gw.url}/tokenize`, {
+      method: "POST",
+      headers: { "content-type": "application/json", traceparent: c.traceparent },
+      body: "{",
+    });
+    expect(r.status).toBe(400);
+    expect(r.headers.get("traceresponse")).toBeNull();
+    await tracing.flush();
+    expect(collector.spans.filter((s) => s.traceId === c.traceId)).toEqual([]);
+  });
+
   it("OpenMetrics scrapes get the trace id as the latency histograms' exemplar; plain ones do not", async () => {
     const c = caller();
     await gw.client.completions.create(
