@@ -246,7 +246,7 @@ describe("request spans", () => {
     }
   });
 
-  it("a request refused before any job (bad body, wrong content type, a model not served) still has its span, with the code, and its answer the traceresponse", async () => {
+  it("a request refused before any job (bad body, wrong content type, a model not served, no API key) still has its span, with the code, and its answer the traceresponse", async () => {
     const send = async (path: string, body: string, contentType = "application/json") => {
       const c = caller();
       const r = await fetch(`${gw.url}${path}`, {
@@ -287,6 +287,22 @@ describe("request spans", () => {
     expect(other.status).toBe(404);
     expect(other.span.name).toBe("chat gpt-x");
     expect(other.span.attributes["error.type"]).toBe("EM_GATEWAY_UNKNOWN_MODEL");
+    // A missing API key: refused in the first hook, before the body is read.
+    const keyed = await startGateway(dir, { tracing, apiKeys: ["k-1"] });
+    try {
+      const k = caller();
+      const r = await fetch(`${keyed.url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json", traceparent: k.traceparent },
+        body: JSON.stringify({ model: "tiny", messages: [{ role: "user", content: "hi" }] }),
+      });
+      expect(r.status).toBe(401);
+      const [span] = await collector.waitFor("the unauthorized span", inTrace(k.traceId));
+      expect(span!.attributes["error.type"]).toBe("EM_GATEWAY_UNAUTHORIZED");
+      expect(r.headers.get("traceresponse")).toBe(`00-${k.traceId}-${span!.spanId}-01`);
+    } finally {
+      await keyed.close();
+    }
     // A route that runs no generation gets no span, refused or not.
     const c = caller();
     const r = await fetch(`${gw.url}/tokenize`, {
