@@ -57,7 +57,13 @@ import {
   TEXT_OUTPUT,
   textJobSpec,
 } from "./text-model.ts";
-import { type GenAiOperation, requestTraces, traceResponse } from "./tracing.ts";
+import {
+  type GenAiOperation,
+  operationOfMethod,
+  refusalSpan,
+  requestTraces,
+  traceResponse,
+} from "./tracing.ts";
 
 /** Where the .proto files are: `proto/` at the package root (from src/gateway or dist/gateway). */
 export const PROTO_DIR = fileURLToPath(new URL("../../proto/", import.meta.url));
@@ -348,10 +354,44 @@ function handlers(o: GrpcGatewayOptions): {
   };
   // Any shape: a batch of prompts, its answers in the same shape.
   const tensor = (name: string): TensorMetadata => ({ name, datatype: "BYTES", shape: [-1] });
-  // A failed call's status; the server's own failures (5xx) are logged.
+  /** Calls whose job's span was made (traced): their failures are on it. */
+  const spanned = new WeakSet<object>();
+  /** When each generation call came (epoch ms), for the span of one refused before its job. */
+  const arrived = new WeakMap<object, number>();
+  // A failed call's status; the server's own failures (5xx) are logged; a generation call
+  // refused before its job gets a span of its own (refusalSpan) and the traceresponse.
   const failure = (call: { getPath(): string }, err: unknown) => {
     logServerError(ctx, call.getPath(), err);
-    return grpcStatus(err);
+    const st = grpcStatus(err);
+    const operation = operationOfMethod(call.getPath());
+    const tracing = ctx.tracing;
+    if (!tracing || !operation || spanned.has(call)) return st;
+    const c = call as { metadata?: Metadata; request?: { model?: unknown; model_name?: unknown } };
+    const md = (key: string) => {
+      const v = c.metadata?.get(key)[0];
+      return typeof v === "string" ? v : undefined;
+    };
+    const model = c.request?.model ?? c.request?.model_name;
+    const id = md("x-request-id");
+    const e = toApiError(err);
+    const span = refusalSpan(tracing, {
+      operation,
+      model:
+        typeof model === "string" && model.length > 0 && model.length <= 256 ? model : undefined,
+      parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
+      startTime: arrived.get(call) ?? Date.now(),
+      requestId: id !== undefined && REQUEST_ID.test(id) ? id : undefined,
+      attributes: {
+        "rpc.system": "grpc",
+        "rpc.method": call.getPath(),
+        ...(st.code !== undefined ? { "rpc.grpc.status_code": st.code } : {}),
+      },
+      code: e.code,
+      message: e.message,
+    });
+    const value = traceResponse(span);
+    if (value) st.metadata?.set("traceresponse", value);
+    return st;
   };
   const unary = <Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) =>
     unaryCall(fn, failure);
@@ -373,6 +413,7 @@ function handlers(o: GrpcGatewayOptions): {
   ): Job => {
     const tracing = ctx.tracing;
     if (!tracing) return start();
+    spanned.add(call);
     const md = (key: string) => {
       const v = call.metadata.get(key)[0];
       return typeof v === "string" ? v : undefined;
@@ -427,6 +468,7 @@ function handlers(o: GrpcGatewayOptions): {
     }),
     ModelInfer: unary<ModelInferRequest, ModelInferResponse>(async (call) => {
       const t0 = Date.now();
+      arrived.set(call, t0);
       authorize(call.metadata);
       const r = call.request;
       const { spec, shape, raw, outputs } = await inferRequest(r);
@@ -598,6 +640,7 @@ function handlers(o: GrpcGatewayOptions): {
     };
     const run = async () => {
       const t0 = Date.now();
+      arrived.set(call, t0);
       authorize(call.metadata);
       const r = call.request;
       checkModel(r.model, undefined, "model");
@@ -649,6 +692,7 @@ function handlers(o: GrpcGatewayOptions): {
     };
     const run = async () => {
       const t0 = Date.now();
+      arrived.set(call, t0);
       authorize(call.metadata);
       const b = chatRequest(call.request);
       const { spec, outputOptions, finishOf } = await chatRun(ctx, b);

@@ -53,6 +53,20 @@ export function operationOfRoute(route: string): GenAiOperation | null {
   return null;
 }
 
+/**
+ * The operation of a gRPC method that runs one generation job per call; null for the
+ * others (ModelStreamInfer runs a job per message of its stream: each is its own span).
+ */
+export function operationOfMethod(path: string): GenAiOperation | null {
+  if (path === "/expertmesh.v1.Generation/ChatStream") return "chat";
+  if (
+    path === "/inference.GRPCInferenceService/ModelInfer" ||
+    path === "/expertmesh.v1.Generation/GenerateStream"
+  )
+    return "text_completion";
+  return null;
+}
+
 /** OTLP's transports the gateway exports over (OTEL_EXPORTER_OTLP_PROTOCOL's names). */
 export type OtlpProtocol = "http/protobuf" | "grpc";
 

@@ -373,6 +373,54 @@ describe("request spans", () => {
       "gen_ai.usage.output_tokens": 4,
     });
   });
+
+  it("a gRPC call refused before its job has its span too, and the traceresponse in its trailers", async () => {
+    const client = new GenerationClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
+    const c = caller();
+    const md = new Metadata();
+    md.set("traceparent", c.traceparent);
+    md.set("x-request-id", "grpc-refused");
+    const failed = await new Promise<{ code: number; metadata: Metadata }>((resolve, reject) => {
+      const s: ClientReadableStream<any> = (client as any).ChatStream(
+        { model: "gpt-x", messages: [{ role: "user", content: "Hi!" }], max_tokens: 4 },
+        md,
+      );
+      s.on("data", () => {});
+      s.on("error", (e: { code: number; metadata: Metadata }) => resolve(e));
+      s.on("end", () => reject(new Error("the call succeeded")));
+    });
+    client.close();
+    expect(failed.code).toBe(5); // NOT_FOUND
+    const [span] = await collector.waitFor("the refused gRPC span", inTrace(c.traceId));
+    expect(span).toMatchObject({ name: "chat gpt-x", parentSpanId: c.spanId, kind: 2 });
+    expect(span!.status.code).toBe(2);
+    expect(span!.attributes).toMatchObject({
+      "rpc.system": "grpc",
+      "rpc.method": "/expertmesh.v1.Generation/ChatStream",
+      "rpc.grpc.status_code": 5,
+      "error.type": "EM_GATEWAY_UNKNOWN_MODEL",
+      "gen_ai.request.id": "grpc-refused",
+    });
+    expect(failed.metadata.get("traceresponse")[0]).toBe(`00-${c.traceId}-${span!.spanId}-01`);
+    // A call that ran its job has the job's span only: one span, not two.
+    const d = caller();
+    const md2 = new Metadata();
+    md2.set("traceparent", d.traceparent);
+    const client2 = new GenerationClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
+    await new Promise<void>((resolve) => {
+      const s: ClientReadableStream<any> = (client2 as any).ChatStream(
+        { model: "tiny", messages: [{ role: "user", content: "Hi!" }], max_tokens: 2 },
+        md2,
+      );
+      s.on("data", () => {});
+      s.on("error", () => resolve());
+      s.on("end", () => resolve());
+    });
+    client2.close();
+    await collector.waitFor("the job's span", inTrace(d.traceId));
+    await tracing.flush();
+    expect(collector.spans.filter((s) => s.traceId === d.traceId)).toHaveLength(1);
+  });
 });
 
 describe("gateway processes with --otlp-traces-endpoint", () => {
