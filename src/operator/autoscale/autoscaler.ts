@@ -272,6 +272,23 @@ export class Autoscaler {
     }
     m.imbalance.remove(ref);
     m.rebalances.remove(ref);
+    this.#release(s.natsKey);
+  }
+
+  /**
+   * Closes the connection of `natsKey` once no model uses it: a model deleted, its
+   * spec.nats changed, or its Secrets rotated (new credentials or certificates make a new
+   * connection) would otherwise leave the old one open for the operator's life.
+   */
+  #release(natsKey: string): void {
+    for (const other of this.#models.values()) if (other.natsKey === natsKey) return;
+    const c = this.#conns.get(natsKey);
+    if (!c) return;
+    this.#conns.delete(natsKey);
+    void c.then(
+      (nc) => nc.close(),
+      () => {},
+    );
   }
 
   async #subscribe(s: ModelState, url: string, auth?: NatsAuth): Promise<void> {
