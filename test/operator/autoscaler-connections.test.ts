@@ -4,7 +4,7 @@
 // Secrets changed) is closed instead of staying open for the operator's life.
 import { readFileSync } from "node:fs";
 import { Registry } from "prom-client";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import type { NatsServer } from "../env/nats.ts";
