@@ -363,35 +363,62 @@ function handlers(o: GrpcGatewayOptions): {
   const failure = (call: { getPath(): string }, err: unknown) => {
     logServerError(ctx, call.getPath(), err);
     const st = grpcStatus(err);
-    const operation = operationOfMethod(call.getPath());
+    if (spanned.has(call)) return st;
+    const c = call as {
+      getPath(): string;
+      metadata?: Metadata;
+      request?: { model?: unknown; model_name?: unknown };
+    };
+    const span = refusal(
+      c,
+      err,
+      arrived.get(call) ?? Date.now(),
+      c.request?.model ?? c.request?.model_name,
+      st.code,
+    );
+    const value = span && traceResponse(span);
+    if (value) st.metadata?.set("traceresponse", value);
+    return st;
+  };
+  /**
+   * The span of a generation call (or one message of ModelStreamInfer's stream) refused
+   * before its job (refusalSpan); null without tracing or for a method that runs no job.
+   */
+  const refusal = (
+    call: { metadata?: Metadata; getPath(): string },
+    err: unknown,
+    startTime: number,
+    model: unknown,
+    statusCode?: number,
+  ): Span | null => {
+    const path = call.getPath();
+    const operation =
+      path === "/inference.GRPCInferenceService/ModelStreamInfer"
+        ? "text_completion"
+        : operationOfMethod(path);
     const tracing = ctx.tracing;
-    if (!tracing || !operation || spanned.has(call)) return st;
-    const c = call as { metadata?: Metadata; request?: { model?: unknown; model_name?: unknown } };
+    if (!tracing || !operation) return null;
     const md = (key: string) => {
-      const v = c.metadata?.get(key)[0];
+      const v = call.metadata?.get(key)[0];
       return typeof v === "string" ? v : undefined;
     };
-    const model = c.request?.model ?? c.request?.model_name;
     const id = md("x-request-id");
     const e = toApiError(err);
-    const span = refusalSpan(tracing, {
+    return refusalSpan(tracing, {
       operation,
       model:
         typeof model === "string" && model.length > 0 && model.length <= 256 ? model : undefined,
       parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
-      startTime: arrived.get(call) ?? Date.now(),
+      startTime,
       requestId: id !== undefined && REQUEST_ID.test(id) ? id : undefined,
       attributes: {
         "rpc.system": "grpc",
-        "rpc.method": call.getPath(),
-        ...(st.code !== undefined ? { "rpc.grpc.status_code": st.code } : {}),
+        "rpc.method": path,
+        ...(statusCode !== undefined ? { "rpc.grpc.status_code": statusCode } : {}),
       },
       code: e.code,
       message: e.message,
     });
-    const value = traceResponse(span);
-    if (value) st.metadata?.set("traceresponse", value);
-    return st;
   };
   const unary = <Req, Res>(fn: (call: ServerUnaryCall<Req, Res>) => Promise<Res>) =>
     unaryCall(fn, failure);
@@ -557,6 +584,8 @@ function handlers(o: GrpcGatewayOptions): {
     const final = (last: boolean): Parameters => ({ triton_final_response: { bool_param: last } });
     const one = async (r: ModelInferRequest) => {
       const t0 = Date.now();
+      // One stream, many jobs: each its own span, and no traceresponse (its metadata goes once).
+      const view = { metadata: call.metadata, getPath: () => call.getPath() };
       try {
         authorize(call.metadata);
         const { spec, shape, raw, outputs, stream } = await inferRequest(r);
@@ -571,8 +600,6 @@ function handlers(o: GrpcGatewayOptions): {
           const values = { [TEXT_OUTPUT]: texts, [FINISH_OUTPUT]: unfinished };
           send({ infer_response: inferResponse(r, shape, raw, outputs, values, final(false)) });
         };
-        // One stream, many jobs: no traceresponse (its metadata goes once).
-        const view = { metadata: call.metadata, getPath: () => call.getPath() };
         const job = traced(view, "text_completion", t0, () =>
           startJob(ctx, spec, {
             onToken: (c, _t, text) => {
@@ -605,6 +632,7 @@ function handlers(o: GrpcGatewayOptions): {
       } catch (err) {
         const e = toApiError(err);
         if (e.status >= 500) logServerError(ctx, call.getPath(), err);
+        if (!spanned.has(view)) refusal(view, err, t0, r.model_name);
         send({
           error_message: `${e.code}: ${e.message}`,
           infer_response: inferResponse(r, [], false, [], null, {

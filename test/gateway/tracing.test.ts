@@ -13,7 +13,7 @@ import { runCli } from "../support/cli.ts";
 import { uniqueName, waitFor } from "../support/env.ts";
 import { startDisaggregatedPair, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { GenerationClient } from "../support/grpc.ts";
+import { GenerationClient, InferenceClient } from "../support/grpc.ts";
 import { type Collector, type ReceivedSpan, startCollector } from "../support/otelcol.ts";
 import { holdable, startGateway, type TestGateway } from "./helpers.ts";
 
@@ -420,6 +420,49 @@ describe("request spans", () => {
     await collector.waitFor("the job's span", inTrace(d.traceId));
     await tracing.flush();
     expect(collector.spans.filter((s) => s.traceId === d.traceId)).toHaveLength(1);
+  });
+
+  it("ModelStreamInfer: a span per message, a message refused before its job included", async () => {
+    const client = new InferenceClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
+    const c = caller();
+    const md = new Metadata();
+    md.set("traceparent", c.traceparent);
+    const input = (text: string) => ({
+      name: "text_input",
+      datatype: "BYTES",
+      shape: [1],
+      contents: { bytes_contents: [Buffer.from(text)] },
+    });
+    const messages: any[] = [];
+    await new Promise<void>((resolve, reject) => {
+      const s = (client as any).ModelStreamInfer(md);
+      s.on("data", (m: any) => messages.push(m));
+      s.on("error", reject);
+      s.on("end", resolve);
+      s.write({
+        model_name: "tiny",
+        id: "good",
+        inputs: [input("Hi")],
+        parameters: { max_tokens: { int64_param: 2 } },
+      });
+      s.write({ model_name: "gpt-x", id: "bad", inputs: [input("Hi")] });
+      s.end();
+    });
+    client.close();
+    expect(messages.some((m) => m.error_message?.startsWith("EM_GATEWAY_UNKNOWN_MODEL"))).toBe(
+      true,
+    );
+    const spans = await collector.waitFor("both messages' spans", (all) => {
+      const found = all.filter((s) => s.traceId === c.traceId);
+      return found.length === 2 ? found : undefined;
+    });
+    const byName = Object.fromEntries(spans.map((s) => [s.name, s]));
+    expect(byName["text_completion tiny"]!.status.code).not.toBe(2);
+    expect(byName["text_completion gpt-x"]!.attributes).toMatchObject({
+      "error.type": "EM_GATEWAY_UNKNOWN_MODEL",
+      "rpc.method": "/inference.GRPCInferenceService/ModelStreamInfer",
+    });
+    for (const span of spans) expect(span.parentSpanId).toBe(c.spanId);
   });
 });
 
