@@ -103,10 +103,10 @@ export function natsAuthFlags(values: {
   };
   const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
   const [ca, cert, key] = [text("nats-tls-ca"), text("nats-tls-cert"), text("nats-tls-key")];
-  const tls = ca ?? cert ?? key;
-  if (!creds && tls === undefined) return undefined;
+  const anyTls = ca !== undefined || cert !== undefined || key !== undefined;
+  if (!creds && !anyTls) return undefined;
   const auth: NatsAuth = creds ? { creds } : {};
-  if (tls !== undefined) {
+  if (anyTls) {
     auth.tls = {
       ca,
       cert,

@@ -179,19 +179,30 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   // its trace, from which startJob makes the span. Entered before the handler (after the body
   // is read: the body's stream events would run outside it).
   const tracing = o.ctx.tracing;
+  /**
+   * A generation request's part of its span (its route's operation, the caller's context,
+   * when it came, its id); null for routes that run no generation.
+   */
+  const generationOf = (tracing: Tracing, req: FastifyRequest, reply: FastifyReply) => {
+    const route = req.routeOptions.url ?? "";
+    const operation = operationOfRoute(route);
+    if (!operation) return null;
+    const id = reply.getHeader("x-request-id");
+    return {
+      operation,
+      parent: tracing.extract(req.headers),
+      startTime: Date.now() - reply.elapsedTime,
+      ...(typeof id === "string" ? { requestId: id } : {}),
+      attributes: { "http.route": route, "http.request.method": req.method },
+    };
+  };
   if (tracing)
     app.addHook("preHandler", (req, reply, done) => {
-      const route = req.routeOptions.url ?? "";
-      const operation = operationOfRoute(route);
-      if (!operation) return done();
-      const id = reply.getHeader("x-request-id");
+      const generation = generationOf(tracing, req, reply);
+      if (!generation) return done();
       const trace: RequestTrace = {
         tracing,
-        parent: tracing.extract(req.headers),
-        operation,
-        startTime: Date.now() - reply.elapsedTime,
-        ...(typeof id === "string" ? { requestId: id } : {}),
-        attributes: { "http.route": route, "http.request.method": req.method },
+        ...generation,
         span: null,
         // Before the answer's headers go (a stream sends them after startJob, from these).
         onSpan: (span) => {
@@ -221,24 +232,15 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     reply: FastifyReply,
     e: ApiError,
   ): void => {
-    const route = req.routeOptions.url ?? "";
-    const operation = operationOfRoute(route);
-    if (!operation || traces.get(reply.raw)?.span) return;
-    const id = reply.getHeader("x-request-id");
+    const generation = generationOf(tracing, req, reply);
+    if (!generation || traces.get(reply.raw)?.span) return;
     const body = req.body as { model?: unknown } | undefined;
     const params = req.params as { name?: unknown } | undefined;
     const model = typeof body?.model === "string" ? body.model : params?.name;
     const span = refusalSpan(tracing, {
-      operation,
+      ...generation,
       model: typeof model === "string" && model.length <= 256 ? model : undefined,
-      parent: tracing.extract(req.headers),
-      startTime: Date.now() - reply.elapsedTime,
-      requestId: typeof id === "string" ? id : undefined,
-      attributes: {
-        "http.route": route,
-        "http.request.method": req.method,
-        "http.response.status_code": e.status,
-      },
+      attributes: { ...generation.attributes, "http.response.status_code": e.status },
       code: e.code,
       message: e.message,
     });

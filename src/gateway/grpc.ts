@@ -62,6 +62,7 @@ import {
   operationOfMethod,
   refusalSpan,
   requestTraces,
+  type Tracing,
   traceResponse,
 } from "./tracing.ts";
 
@@ -358,24 +359,35 @@ function handlers(o: GrpcGatewayOptions): {
   const spanned = new WeakSet<object>();
   /** When each generation call came (epoch ms), for the span of one refused before its job. */
   const arrived = new WeakMap<object, number>();
+  /** The caller's trace context and request id in a call's metadata. */
+  const callerOf = (tracing: Tracing, metadata: Metadata | undefined) => {
+    const md = (key: string) => {
+      const v = metadata?.get(key)[0];
+      return typeof v === "string" ? v : undefined;
+    };
+    const id = md("x-request-id");
+    return {
+      parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
+      requestId: id !== undefined && REQUEST_ID.test(id) ? id : undefined,
+    };
+  };
   // A failed call's status; the server's own failures (5xx) are logged; a generation call
   // refused before its job gets a span of its own (refusalSpan) and the traceresponse.
-  const failure = (call: { getPath(): string }, err: unknown) => {
+  const failure = (
+    call: {
+      getPath(): string;
+      metadata?: Metadata;
+      request?: unknown;
+    },
+    err: unknown,
+  ) => {
     logServerError(ctx, call.getPath(), err);
     const st = grpcStatus(err);
     if (spanned.has(call)) return st;
-    const c = call as {
-      getPath(): string;
-      metadata?: Metadata;
-      request?: { model?: unknown; model_name?: unknown };
-    };
-    const span = refusal(
-      c,
-      err,
-      arrived.get(call) ?? Date.now(),
-      c.request?.model ?? c.request?.model_name,
-      st.code,
-    );
+    // The model a request names: GenerateStream's and ChatStream's `model`, KServe's `model_name`.
+    const request = call.request as { model?: unknown; model_name?: unknown } | undefined;
+    const model = request?.model ?? request?.model_name;
+    const span = refusal(call, err, arrived.get(call) ?? Date.now(), model, st.code);
     const value = span && traceResponse(span);
     if (value) st.metadata?.set("traceresponse", value);
     return st;
@@ -392,25 +404,16 @@ function handlers(o: GrpcGatewayOptions): {
     statusCode?: number,
   ): Span | null => {
     const path = call.getPath();
-    const operation =
-      path === "/inference.GRPCInferenceService/ModelStreamInfer"
-        ? "text_completion"
-        : operationOfMethod(path);
+    const operation = operationOfMethod(path);
     const tracing = ctx.tracing;
     if (!tracing || !operation) return null;
-    const md = (key: string) => {
-      const v = call.metadata?.get(key)[0];
-      return typeof v === "string" ? v : undefined;
-    };
-    const id = md("x-request-id");
     const e = toApiError(err);
     return refusalSpan(tracing, {
       operation,
       model:
         typeof model === "string" && model.length > 0 && model.length <= 256 ? model : undefined,
-      parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
+      ...callerOf(tracing, call.metadata),
       startTime,
-      requestId: id !== undefined && REQUEST_ID.test(id) ? id : undefined,
       attributes: {
         "rpc.system": "grpc",
         "rpc.method": path,
@@ -441,18 +444,14 @@ function handlers(o: GrpcGatewayOptions): {
     const tracing = ctx.tracing;
     if (!tracing) return start();
     spanned.add(call);
-    const md = (key: string) => {
-      const v = call.metadata.get(key)[0];
-      return typeof v === "string" ? v : undefined;
-    };
-    const id = md("x-request-id");
+    const { parent, requestId } = callerOf(tracing, call.metadata);
     return requestTraces.run(
       {
         tracing,
-        parent: tracing.extract({ traceparent: md("traceparent"), tracestate: md("tracestate") }),
+        parent,
         operation,
         startTime: t0,
-        ...(id !== undefined && REQUEST_ID.test(id) ? { requestId: id } : {}),
+        ...(requestId !== undefined ? { requestId } : {}),
         attributes: { "rpc.system": "grpc", "rpc.method": call.getPath() },
         span: null,
         ...(call.sendMetadata

@@ -54,13 +54,14 @@ export function operationOfRoute(route: string): GenAiOperation | null {
 }
 
 /**
- * The operation of a gRPC method that runs one generation job per call; null for the
- * others (ModelStreamInfer runs a job per message of its stream: each is its own span).
+ * The operation of the jobs a gRPC method runs (ModelStreamInfer: one per message of its
+ * stream, each its own span); null for the methods that run none.
  */
 export function operationOfMethod(path: string): GenAiOperation | null {
   if (path === "/expertmesh.v1.Generation/ChatStream") return "chat";
   if (
     path === "/inference.GRPCInferenceService/ModelInfer" ||
+    path === "/inference.GRPCInferenceService/ModelStreamInfer" ||
     path === "/expertmesh.v1.Generation/GenerateStream"
   )
     return "text_completion";

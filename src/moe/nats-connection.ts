@@ -102,12 +102,9 @@ export function natsConnectOptions(
   url: string,
   auth: NatsAuth | undefined,
 ): { authenticator?: ReturnType<typeof credsAuthenticator>; tls?: TlsOptions } {
-  let authenticator: ReturnType<typeof credsAuthenticator> | undefined;
-  try {
-    authenticator = auth?.creds ? credsAuthenticator(auth.creds) : undefined;
-  } catch (err) {
-    throw connectError(url, "the credentials are not a NATS .creds file", err);
-  }
+  // The .creds text is parsed at the handshake: one that is none fails the connection
+  // ("unable to parse credentials", EM_NATS_CONNECT).
+  const authenticator = auth?.creds ? credsAuthenticator(auth.creds) : undefined;
   const tls = auth?.tls ?? (/^tls:\/\//i.test(url.trim()) ? {} : undefined);
   const tlsOptions: TlsOptions = {};
   for (const part of ["ca", "cert", "key"] as const) {
