@@ -378,6 +378,23 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "gateway.tracing.otlpEndpoint over gRPC is the collector's address without a path (http://otel-collector:4317; https for TLS)",
     check: (s) => s["protocol"] !== "grpc" || /^https?:\/\/[^/?#]+\/?$/.test(s["otlpEndpoint"]),
   },
+  {
+    path: "spec.nats",
+    rule: "(has(self.credentialsSecret) ? 1 : 0) + (has(self.userSecret) ? 1 : 0) + (has(self.tokenSecret) ? 1 : 0) + (has(self.nkeySecret) ? 1 : 0) <= 1",
+    message:
+      "nats: give at most one of credentialsSecret, userSecret, tokenSecret and nkeySecret (a NATS connection authenticates one way)",
+    check: (s) =>
+      ["credentialsSecret", "userSecret", "tokenSecret", "nkeySecret"].filter(
+        (k) => s[k] !== undefined,
+      ).length <= 1,
+  },
+  {
+    path: "spec.nats",
+    rule: "!self.url.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')",
+    message:
+      "nats.url must hold no credentials (user:password@): they would show in every pod's spec and arguments; give them with userSecret, tokenSecret, nkeySecret or credentialsSecret",
+    check: (s) => !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]*@/.test(s["url"]),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -85,6 +85,19 @@ const SecretKeyRef = (description: string, defaultKey: string) =>
     { description },
   );
 
+/** A whole Secret, by name (its keys fixed by its type: kubernetes.io/tls, basic-auth). */
+const SecretRef = (description: string) =>
+  Type.Object(
+    {
+      name: Type.String({
+        description: "Name of the Secret, in the DeepSeekModel's namespace.",
+        minLength: 1,
+        maxLength: 253,
+      }),
+    },
+    { description },
+  );
+
 export const ArchitectureSchema = withRules(
   "spec.model.architecture",
   Type.Object(
@@ -685,50 +698,65 @@ export const ExpertsSchema = withRules(
   ),
 );
 
-export const NatsSchema = Type.Object(
-  {
-    url: Type.String({
-      description: "NATS server URL that gateways and shards connect to.",
-      default: "nats://nats.expertmesh-system.svc:4222",
-      minLength: 1,
-      maxLength: 1024,
-    }),
-    credentialsSecret: Type.Optional(
-      SecretKeyRef("Secret with a NATS credentials file (.creds).", "nats.creds"),
-    ),
-    tls: Type.Optional(
-      Type.Object(
-        {
-          caSecret: Type.Optional(
-            SecretKeyRef(
-              "Secret with the CA certificate(s), PEM, that signed the NATS server's certificate (cert-manager's ca.crt); absent: the well-known public roots.",
-              "ca.crt",
-            ),
-          ),
-          clientSecret: Type.Optional(
-            Type.Object(
-              {
-                name: Type.String({
-                  description: "Name of the Secret, in the DeepSeekModel's namespace.",
-                  minLength: 1,
-                  maxLength: 253,
-                }),
-              },
-              {
-                description:
-                  "A kubernetes.io/tls Secret (tls.crt, tls.key): the client certificate the pods and the operator present to a server that verifies clients (mutual TLS).",
-              },
-            ),
-          ),
-        },
-        {
-          description:
-            "Connect to NATS over TLS; with it (or a tls:// url) TLS is required, and a server that offers none is refused. The operator reads these Secrets too, for its own connection (autoscaling, rebalancing, the JetStream check).",
-        },
+export const NatsSchema = withRules(
+  "spec.nats",
+  Type.Object(
+    {
+      url: Type.String({
+        description:
+          "NATS server URL that gateways and shards connect to (no credentials in it: userSecret, tokenSecret, nkeySecret or credentialsSecret).",
+        default: "nats://nats.expertmesh-system.svc:4222",
+        minLength: 1,
+        maxLength: 1024,
+      }),
+      credentialsSecret: Type.Optional(
+        SecretKeyRef(
+          "Secret with a NATS credentials file (.creds: a user JWT and its seed, as nsc writes it).",
+          "nats.creds",
+        ),
       ),
-    ),
-  },
-  { description: "The NATS server that carries tokens between gateways and shards.", default: {} },
+      userSecret: Type.Optional(
+        SecretRef(
+          "A kubernetes.io/basic-auth Secret (username, password): the NATS user the pods and the operator connect as.",
+        ),
+      ),
+      tokenSecret: Type.Optional(
+        SecretKeyRef("Secret with the token of a NATS server that authorizes by token.", "token"),
+      ),
+      nkeySecret: Type.Optional(
+        SecretKeyRef(
+          "Secret with an NKEY user seed (SU...; the server's config holds its public key, U...).",
+          "seed",
+        ),
+      ),
+      tls: Type.Optional(
+        Type.Object(
+          {
+            caSecret: Type.Optional(
+              SecretKeyRef(
+                "Secret with the CA certificate(s), PEM, that signed the NATS server's certificate (cert-manager's ca.crt); absent: the well-known public roots.",
+                "ca.crt",
+              ),
+            ),
+            clientSecret: Type.Optional(
+              SecretRef(
+                "A kubernetes.io/tls Secret (tls.crt, tls.key): the client certificate the pods and the operator present to a server that verifies clients (mutual TLS).",
+              ),
+            ),
+          },
+          {
+            description:
+              "Connect to NATS over TLS; with it (or a tls:// url) TLS is required, and a server that offers none is refused. The operator reads these Secrets too, for its own connection (autoscaling, rebalancing, the JetStream check).",
+          },
+        ),
+      ),
+    },
+    {
+      description:
+        "The NATS server that carries tokens between gateways and shards, and who the pods and the operator are to it: at most one of credentialsSecret, userSecret, tokenSecret and nkeySecret (the Secrets are mounted into the pods, whose processes read them again at each reconnect, and read by the operator for its own connection).",
+      default: {},
+    },
+  ),
 );
 
 export const AutoscalingSchema = Type.Object(

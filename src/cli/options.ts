@@ -2,7 +2,14 @@
 // the flag, and listening on a flag's address.
 import { existsSync, readFileSync } from "node:fs";
 import type { Server } from "node:net";
-import { checkNatsTls, type NatsAuth } from "../moe/nats-connection.ts";
+import {
+  checkNatsIdentity,
+  checkNatsTls,
+  checkNatsUrlCredentials,
+  type NatsAuth,
+  type NatsIdentity,
+  secretText,
+} from "../moe/nats-connection.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 
 /** A port flag (`dflt` when absent): an integer in 0..65535 (0: any free port). */
@@ -67,9 +74,14 @@ export function natsWaitFlag(v: string | undefined): number {
   return s * 1000;
 }
 
-/** The flags of every command that connects to NATS: credentials and TLS (parseArgs options). */
+/** The flags of every command that connects to NATS: who it is, and TLS (parseArgs options). */
 export const NATS_AUTH_FLAGS = {
   "nats-creds": { type: "string" },
+  "nats-user": { type: "string" },
+  "nats-user-file": { type: "string" },
+  "nats-password-file": { type: "string" },
+  "nats-token-file": { type: "string" },
+  "nats-nkey": { type: "string" },
   "nats-tls-ca": { type: "string" },
   "nats-tls-cert": { type: "string" },
   "nats-tls-key": { type: "string" },
@@ -78,35 +90,55 @@ export const NATS_AUTH_FLAGS = {
 /** Their lines in a command's help, the flag column `width` characters wide. */
 export function natsAuthUsage(width: number): string {
   return [
-    ["--nats-creds FILE", "NATS credentials (.creds)"],
+    ["--nats-creds FILE", "NATS credentials (.creds: a user JWT and its seed)"],
+    ["--nats-user NAME", "a NATS user (or --nats-user-file FILE), with:"],
+    ["--nats-password-file FILE", "its password"],
+    ["--nats-token-file FILE", "a NATS token"],
+    ["--nats-nkey FILE", "an NKEY user seed (SU...)"],
     ["--nats-tls-ca FILE", "TLS to NATS, trusting the CA certificate(s) in FILE (PEM)"],
     ["--nats-tls-cert FILE", "with --nats-tls-key: a client certificate (mutual TLS)"],
     ["--nats-tls-key FILE", "its private key (PEM)"],
   ]
-    .map(([flag, what]) => `  ${flag!.padEnd(width)}${what}`)
+    .map(([flag, what]) =>
+      flag!.length < width
+        ? `  ${flag!.padEnd(width)}${what}`
+        : `  ${flag}\n  ${"".padEnd(width)}${what}`,
+    )
     .join("\n");
 }
 
+type NatsAuthFlag = keyof typeof NATS_AUTH_FLAGS;
+
 /**
- * What those flags name: the files read (EM_CLI_FILE names the flag), the TLS ones checked
+ * What those flags name: the files read (EM_CLI_FILE names the flag), the identity checked
+ * (EM_NATS_AUTH: one kind at most, none empty; none in the --nats URL) and so is TLS
  * (EM_NATS_TLS). Any --nats-tls-* flag makes TLS required. Undefined: none given.
  */
-export function natsAuthFlags(values: {
-  "nats-creds"?: string | undefined;
-  "nats-tls-ca"?: string | undefined;
-  "nats-tls-cert"?: string | undefined;
-  "nats-tls-key"?: string | undefined;
-}): NatsAuth | undefined {
-  const text = (flag: keyof typeof values) => {
+export function natsAuthFlags(
+  values: { [F in NatsAuthFlag | "nats"]?: string | undefined },
+): NatsAuth | undefined {
+  if (values.nats !== undefined) checkNatsUrlCredentials(values.nats);
+  const bytes = (flag: NatsAuthFlag) => {
     const path = values[flag];
-    return path === undefined ? undefined : readOptionFile(path, `--${flag}`).toString("utf8");
+    return path === undefined ? undefined : readOptionFile(path, `--${flag}`);
   };
-  const creds = values["nats-creds"] && readOptionFile(values["nats-creds"], "--nats-creds");
+  const text = (flag: NatsAuthFlag) => bytes(flag)?.toString("utf8");
+  const named = (flag: NatsAuthFlag) =>
+    values[flag] === undefined ? `--${flag}` : `--${flag} ${values[flag]}`;
+  const auth: NatsAuth = {};
+  const identity = natsIdentityFlags(values, bytes);
+  if (identity) {
+    checkNatsIdentity(identity, {
+      creds: named("nats-creds"),
+      user: values["nats-user"] !== undefined ? "--nats-user" : named("nats-user-file"),
+      password: named("nats-password-file"),
+      token: named("nats-token-file"),
+      nkey: named("nats-nkey"),
+    });
+    auth.identity = identity;
+  }
   const [ca, cert, key] = [text("nats-tls-ca"), text("nats-tls-cert"), text("nats-tls-key")];
-  const anyTls = ca !== undefined || cert !== undefined || key !== undefined;
-  if (!creds && !anyTls) return undefined;
-  const auth: NatsAuth = creds ? { creds } : {};
-  if (anyTls) {
+  if (ca !== undefined || cert !== undefined || key !== undefined) {
     auth.tls = {
       ca,
       cert,
@@ -117,15 +149,65 @@ export function natsAuthFlags(values: {
         key: values["nats-tls-key"],
       },
     };
-    const named = (flag: keyof typeof values) =>
-      values[flag] === undefined ? `--${flag}` : `--${flag} ${values[flag]}`;
     checkNatsTls(auth.tls, {
       ca: named("nats-tls-ca"),
       cert: named("nats-tls-cert"),
       key: named("nats-tls-key"),
     });
   }
-  return auth;
+  return auth.identity || auth.tls ? auth : undefined;
+}
+
+/** The identity the flags give, read from their files; EM_NATS_AUTH for more than one kind. */
+function natsIdentityFlags(
+  values: { [F in NatsAuthFlag]?: string | undefined },
+  bytes: (flag: NatsAuthFlag) => Buffer | undefined,
+): NatsIdentity | undefined {
+  const fail = (message: string): never => {
+    throw new ExpertMeshError("EM_NATS_AUTH", message);
+  };
+  const given = (flag: NatsAuthFlag) => values[flag] !== undefined;
+  if (given("nats-user") && given("nats-user-file"))
+    fail("--nats-user and --nats-user-file both name the NATS user: give one");
+  const userGiven = given("nats-user") || given("nats-user-file");
+  if (userGiven !== given("nats-password-file"))
+    fail(
+      userGiven
+        ? "a NATS user needs its password: --nats-password-file"
+        : "--nats-password-file needs the user it is the password of: --nats-user",
+    );
+  const kinds = [
+    ["nats-creds", "creds"],
+    ["nats-password-file", "user"],
+    ["nats-token-file", "token"],
+    ["nats-nkey", "nkey"],
+  ] as const;
+  const chosen = kinds.filter(([flag]) => given(flag));
+  if (chosen.length > 1)
+    fail(
+      `${chosen.map(([flag]) => (flag === "nats-password-file" ? "--nats-user/--nats-password-file" : `--${flag}`)).join(", ")}: a NATS connection authenticates one way, give one`,
+    );
+  switch (chosen[0]?.[1]) {
+    case undefined:
+      return undefined;
+    case "creds":
+      return { kind: "creds", creds: bytes("nats-creds")!, file: values["nats-creds"] };
+    case "user":
+      return {
+        kind: "user",
+        user: values["nats-user"] ?? secretText(bytes("nats-user-file")!),
+        password: secretText(bytes("nats-password-file")!),
+        files: { user: values["nats-user-file"], password: values["nats-password-file"] },
+      };
+    case "token":
+      return {
+        kind: "token",
+        token: secretText(bytes("nats-token-file")!),
+        file: values["nats-token-file"],
+      };
+    case "nkey":
+      return { kind: "nkey", seed: bytes("nats-nkey")!, file: values["nats-nkey"] };
+  }
 }
 
 /**

@@ -1,15 +1,22 @@
 // How every expertmesh process connects to NATS: reconnect forever once connected (a
-// restarting server or a network blip must not end a gateway, shard or operator), optional
-// .creds credentials, TLS (a private CA, a client certificate for mutual TLS), and a first
-// connection that may wait for a server still starting (pods and their NATS come up
-// together) before it fails with EM_NATS_CONNECT.
+// restarting server or a network blip must not end a gateway, shard or operator), who it is
+// to the server (a .creds file, a user and password, a token or an NKEY seed: ADR 0032),
+// TLS (a private CA, a client certificate for mutual TLS: ADR 0031), and a first connection
+// that may wait for a server still starting (pods and their NATS come up together) before it
+// fails with EM_NATS_CONNECT.
 import { createHash, createPrivateKey, type KeyObject, X509Certificate } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
+  type Authenticator,
   connect,
   credsAuthenticator,
   type NatsConnection,
+  nkeyAuthenticator,
+  nkeys,
   type TlsOptions,
+  tokenAuthenticator,
+  usernamePasswordAuthenticator,
 } from "@nats-io/transport-node";
 import { ExpertMeshError } from "../util/errors.ts";
 
@@ -28,11 +35,100 @@ export interface NatsTls {
   files?: { ca?: string | undefined; cert?: string | undefined; key?: string | undefined };
 }
 
+/**
+ * Who a process is to the NATS server: one of these (a server authenticates a connection by
+ * one). Each value is what was checked at start; `file`s, when given, are read again at each
+ * reconnect's handshake, so a Secret rotated in place (a renewed .creds JWT, a new password)
+ * is used from the next reconnect on without a restart.
+ */
+export type NatsIdentity =
+  | { kind: "creds"; creds: Uint8Array; file?: string | undefined }
+  | {
+      kind: "user";
+      user: string;
+      password: string;
+      files?: { user?: string | undefined; password?: string | undefined };
+    }
+  | { kind: "token"; token: string; file?: string | undefined }
+  | { kind: "nkey"; seed: Uint8Array; file?: string | undefined };
+
 /** How a process proves itself to NATS and checks the server. */
 export interface NatsAuth {
-  /** Contents of a NATS .creds file. */
-  creds?: Uint8Array | undefined;
+  identity?: NatsIdentity | undefined;
   tls?: NatsTls | undefined;
+}
+
+/** Where each part of an identity came from, for errors (a flag, a Secret's key). */
+export interface NatsIdentitySources {
+  creds?: string;
+  user?: string;
+  password?: string;
+  token?: string;
+  nkey?: string;
+}
+
+/**
+ * A secret's text as it is used: without the line ends a file or Secret often carries at its
+ * end (`echo pw > file`, `kubectl create secret --from-file`); nothing else is trimmed.
+ */
+export function secretText(bytes: Uint8Array | string): string {
+  return (typeof bytes === "string" ? bytes : Buffer.from(bytes).toString("utf8")).replace(
+    /[\r\n]+$/,
+    "",
+  );
+}
+
+/**
+ * Checks that `identity` holds what it claims: a .creds file with a user JWT and its seed,
+ * a user name and a password, a token, an NKEY user seed (SU...), none of them empty. Throws
+ * EM_NATS_AUTH naming the source at fault (nats.js would find out at the handshake, after
+ * the weights loaded, as "unable to parse credentials" or an authorization violation).
+ */
+export function checkNatsIdentity(identity: NatsIdentity, from: NatsIdentitySources): void {
+  const fail = (message: string): never => {
+    throw new ExpertMeshError("EM_NATS_AUTH", message);
+  };
+  switch (identity.kind) {
+    case "creds": {
+      const text = Buffer.from(identity.creds).toString("utf8");
+      for (const [part, what] of [
+        ["JWT", "the user JWT (-----BEGIN NATS USER JWT-----)"],
+        ["NKEY SEED", "the user's seed (-----BEGIN USER NKEY SEED-----)"],
+      ] as const)
+        if (
+          !new RegExp(`-----BEGIN [A-Z ]*${part}-----\\s*\\S+\\s*-*END [A-Z ]*${part}-----`).test(
+            text,
+          )
+        )
+          fail(
+            `${from.creds ?? "the credentials"} is not a NATS .creds file: it lacks ${what}, as nsc writes them`,
+          );
+      return;
+    }
+    case "user":
+      if (identity.user === "") fail(`${from.user ?? "the NATS user"} is empty`);
+      if (/\s/.test(identity.user))
+        fail(`${from.user ?? "the NATS user"} holds white space: it must be one name`);
+      if (identity.password === "") fail(`${from.password ?? "the NATS password"} is empty`);
+      return;
+    case "token":
+      if (identity.token === "") fail(`${from.token ?? "the NATS token"} is empty`);
+      return;
+    case "nkey": {
+      const what = from.nkey ?? "the NKEY seed";
+      const seed = secretText(identity.seed);
+      if (!seed.startsWith("SU"))
+        fail(
+          `${what} is not an NKEY user seed: it must start with SU (nsc or nk -gen user writes one; the public key, U..., goes in the server's config)`,
+        );
+      try {
+        nkeys.fromSeed(new TextEncoder().encode(seed));
+      } catch (err) {
+        fail(`${what} is not an NKEY user seed: ${errText(err)}`);
+      }
+      return;
+    }
+  }
 }
 
 /** Where each part of a NatsTls came from, for errors (a flag, a Secret's key). */
@@ -87,10 +183,90 @@ export function checkNatsTls(tls: NatsTls, from: NatsTlsSources): void {
  * a digest, so secrets do not sit in map keys.
  */
 export function natsAuthKey(url: string, auth: NatsAuth | undefined): string {
+  if (!auth?.identity && !auth?.tls) return `${url}#`;
   const h = createHash("sha256");
-  for (const part of [auth?.creds, auth?.tls?.ca, auth?.tls?.cert, auth?.tls?.key])
+  const id = auth.identity;
+  const secrets: (Uint8Array | string | undefined)[] = [
+    id?.kind,
+    id?.kind === "creds" ? id.creds : undefined,
+    id?.kind === "user" ? id.user : undefined,
+    id?.kind === "user" ? id.password : undefined,
+    id?.kind === "token" ? id.token : undefined,
+    id?.kind === "nkey" ? id.seed : undefined,
+    auth.tls?.ca,
+    auth.tls?.cert,
+    auth.tls?.key,
+  ];
+  for (const part of secrets)
     h.update(part === undefined ? "-" : `${Buffer.byteLength(part)}:`).update(part ?? "");
-  return `${url}#${auth?.creds || auth?.tls ? h.digest("hex").slice(0, 32) : ""}`;
+  return `${url}#${h.digest("hex").slice(0, 32)}`;
+}
+
+/**
+ * A value read from `file` at each call, as `parse` makes it, or `checked` (what was checked
+ * at start) when there is no file or it cannot be read or parsed now (a Secret's files are
+ * swapped by a symlink, so a read sees the old files or the new, but be safe).
+ */
+function fresh<T>(
+  checked: T,
+  file: string | undefined,
+  parse: (bytes: Buffer) => T | null,
+): () => T {
+  if (!file) return () => checked;
+  let last = checked;
+  return () => {
+    try {
+      last = parse(readFileSync(file)) ?? last;
+    } catch {
+      // keep the last value read
+    }
+    return last;
+  };
+}
+
+const nonEmpty = (bytes: Buffer) => secretText(bytes) || null;
+
+/** nats.js's authenticator for `identity`, reading its files again at each handshake. */
+function authenticatorOf(identity: NatsIdentity): Authenticator {
+  switch (identity.kind) {
+    case "creds":
+      // The .creds text is parsed at the handshake: one that is none fails the connection
+      // ("unable to parse credentials", EM_NATS_CONNECT); checkNatsIdentity refuses it first.
+      return credsAuthenticator(
+        fresh(identity.creds, identity.file, (b) => (b.length ? new Uint8Array(b) : null)),
+      );
+    case "user":
+      return usernamePasswordAuthenticator(
+        fresh(identity.user, identity.files?.user, nonEmpty),
+        fresh(identity.password, identity.files?.password, nonEmpty),
+      );
+    case "token":
+      return tokenAuthenticator(fresh(identity.token, identity.file, nonEmpty));
+    case "nkey": {
+      const seed = (bytes: Uint8Array) => new TextEncoder().encode(secretText(bytes));
+      return nkeyAuthenticator(
+        fresh(seed(identity.seed), identity.file, (b) => {
+          const s = seed(b);
+          return s.length ? s : null;
+        }),
+      );
+    }
+  }
+}
+
+/**
+ * Credentials in a URL's user part (nats://user:pass@host, nats://token@host), which nats.js
+ * ignores: refused with EM_NATS_AUTH (the password not repeated), since the server would
+ * answer "Authorization Violation" with no word on why, and a URL's password shows in
+ * process lists, logs and the pod spec.
+ */
+export function checkNatsUrlCredentials(url: string): void {
+  const m = /^\s*([a-z][a-z0-9+.-]*:\/\/)([^/@?#]*)@/i.exec(url);
+  if (!m) return;
+  throw new ExpertMeshError(
+    "EM_NATS_AUTH",
+    `the NATS URL ${m[1]}***@${url.slice(m[0].length)} holds credentials, which are not read from a URL: give them with --nats-user and --nats-password-file, --nats-token-file, --nats-nkey or --nats-creds (spec.nats.userSecret, tokenSecret, nkeySecret or credentialsSecret)`,
+  );
 }
 
 /**
@@ -101,10 +277,8 @@ export function natsAuthKey(url: string, auth: NatsAuth | undefined): string {
 export function natsConnectOptions(
   url: string,
   auth: NatsAuth | undefined,
-): { authenticator?: ReturnType<typeof credsAuthenticator>; tls?: TlsOptions } {
-  // The .creds text is parsed at the handshake: one that is none fails the connection
-  // ("unable to parse credentials", EM_NATS_CONNECT).
-  const authenticator = auth?.creds ? credsAuthenticator(auth.creds) : undefined;
+): { authenticator?: Authenticator; tls?: TlsOptions } {
+  const authenticator = auth?.identity ? authenticatorOf(auth.identity) : undefined;
   const tls = auth?.tls ?? (/^tls:\/\//i.test(url.trim()) ? {} : undefined);
   const tlsOptions: TlsOptions = {};
   for (const part of ["ca", "cert", "key"] as const) {
@@ -133,18 +307,25 @@ export async function connectNats(o: {
   /** Told once when the first try failed and it goes on trying. */
   log?: (message: string) => void;
 }): Promise<NatsConnection> {
+  checkNatsUrlCredentials(o.url);
   const waitMs = o.waitMs ?? 0;
   const deadline = Date.now() + waitMs;
   const options = natsConnectOptions(o.url, o.auth);
   for (let attempt = 0; ; attempt++) {
     try {
-      return await connect({
+      const nc = await connect({
         servers: o.url,
         name: o.name,
         maxReconnectAttempts: -1,
         reconnectTimeWait: o.reconnectWaitMs ?? 250,
+        // nats.js closes a connection for good when a reconnect is refused twice with the same
+        // error: a password or .creds rotated on the server a little before its Secret's
+        // files would end a process's NATS for its life. Keep trying (logStatus says why).
+        ignoreAuthErrorAbort: true,
         ...options,
       });
+      if (o.log) void logStatus(nc, o.log);
+      return nc;
     } catch (err) {
       const why = connectFailure(err, options.tls !== undefined);
       if (err instanceof TypeError && /url/i.test(why))
@@ -161,6 +342,46 @@ export async function connectNats(o: {
           `NATS at ${o.url} not reachable (${why}): trying for up to ${Math.round(waitMs / 1000)} s`,
         );
       await sleep(Math.min(250 * 2 ** attempt, 2000, Math.max(0, deadline - Date.now())));
+    }
+  }
+}
+
+/**
+ * Logs what happens to an open connection, which nats.js otherwise handles in silence: lost,
+ * back (after how long), the server's errors (credentials refused at a reconnect: a password
+ * rotated on the server but not in the Secret would keep a process out with no word), lame
+ * duck mode. Each distinct error once per outage: nats.js retries every reconnectTimeWait.
+ */
+async function logStatus(nc: NatsConnection, log: (message: string) => void): Promise<void> {
+  // nats.js tells a refused reconnect as another disconnect, and may tell one reconnect
+  // several times: what is logged follows the state, online or not.
+  let lostAt = 0;
+  const said = new Set<string>();
+  for await (const s of nc.status()) {
+    switch (s.type) {
+      case "disconnect":
+        if (lostAt) break;
+        lostAt = Date.now();
+        log(`NATS connection to ${s.server} lost: reconnecting`);
+        break;
+      case "reconnect":
+        if (!lostAt) break;
+        log(
+          `reconnected to NATS at ${s.server} after ${((Date.now() - lostAt) / 1000).toFixed(1)} s`,
+        );
+        said.clear();
+        lostAt = 0;
+        break;
+      case "error": {
+        const why = connectFailure(s.error, false);
+        if (said.has(why)) break;
+        said.add(why);
+        log(`NATS: ${why}`);
+        break;
+      }
+      case "ldm":
+        log(`NATS server ${s.server} is shutting down (lame duck mode): clients move elsewhere`);
+        break;
     }
   }
 }
@@ -187,6 +408,8 @@ export function connectFailure(err: unknown, tls: boolean): string {
     return `the server's TLS certificate is not for this host (${why}): connect by a name the certificate holds`;
   if (/server does not support 'tls'/.test(why))
     return "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)";
+  if ((err as { name?: unknown } | null)?.name === "AuthorizationError")
+    return `the server refused this connection's credentials (${why}): give the ones it knows (--nats-user and --nats-password-file, --nats-token-file, --nats-nkey or --nats-creds; spec.nats.userSecret, tokenSecret, nkeySecret or credentialsSecret)`;
   if (tls && (err as { name?: unknown } | null)?.name === "TimeoutError")
     return `${why} (a server that verifies clients drops a TLS connection without a client certificate it trusts: --nats-tls-cert and --nats-tls-key, spec.nats.tls.clientSecret)`;
   return why;

@@ -1,9 +1,15 @@
 // The Secrets a DeepSeekModel names: which ones and which of their keys the pods read, what
 // the operator reports before it applies anything (a Secret that is not there, a key it
-// lacks), and the NATS credentials and TLS the operator's own connection builds from
-// spec.nats's (ADR 0031). Pure: the reconciler reads the Secrets and hands their contents in.
+// lacks), and the NATS identity and TLS the operator's own connection builds from
+// spec.nats's (ADRs 0031, 0032). Pure: the reconciler reads the Secrets and hands their contents in.
 import type { DeepSeekModel } from "../api/schema.ts";
-import { checkNatsTls, type NatsAuth } from "../moe/nats-connection.ts";
+import {
+  checkNatsIdentity,
+  checkNatsTls,
+  type NatsAuth,
+  type NatsIdentity,
+  secretText,
+} from "../moe/nats-connection.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import type { Problem } from "./status.ts";
 
@@ -20,7 +26,7 @@ export type SecretContents = ReadonlyMap<string, Readonly<Record<string, Buffer>
 /** Every Secret the model's pods read, in the spec's order. */
 export function referencedSecrets(model: DeepSeekModel): SecretRef[] {
   const { huggingFace } = model.spec.model.source;
-  const { credentialsSecret, tls } = model.spec.nats;
+  const { credentialsSecret, userSecret, tokenSecret, nkeySecret, tls } = model.spec.nats;
   const { apiKeySecret } = model.spec.gateway;
   const refs: SecretRef[] = [];
   const add = (field: string, ref: { name: string; key?: string } | undefined, keys?: string[]) => {
@@ -28,6 +34,9 @@ export function referencedSecrets(model: DeepSeekModel): SecretRef[] {
   };
   add("spec.model.source.huggingFace.tokenSecret", huggingFace?.tokenSecret);
   add("spec.nats.credentialsSecret", credentialsSecret);
+  add("spec.nats.userSecret", userSecret, ["username", "password"]);
+  add("spec.nats.tokenSecret", tokenSecret);
+  add("spec.nats.nkeySecret", nkeySecret);
   add("spec.nats.tls.caSecret", tls?.caSecret);
   add("spec.nats.tls.clientSecret", tls?.clientSecret, ["tls.crt", "tls.key"]);
   add("spec.gateway.apiKeySecret", apiKeySecret);
@@ -66,47 +75,95 @@ export function secretProblems(
 }
 
 /**
- * spec.nats's credentials and TLS as the operator's own connections use them (the
- * autoscaler's load reports, plan changes, the JetStream check), from what is there; TLS
- * contents that are no PEM certificate and key are NATSTLSInvalid: every pod would refuse
- * them at start (EM_NATS_TLS). Parts whose Secret or key is missing are left out
- * (secretProblems reports them).
+ * spec.nats's identity and TLS as the operator's own connections use them (the autoscaler's
+ * load reports, plan changes, the JetStream check), from what is there. Contents every pod
+ * would refuse at start are problems: NATSAuthInvalid (EM_NATS_AUTH: an empty password or
+ * token, no NKEY user seed, a .creds without its JWT and seed) and NATSTLSInvalid
+ * (EM_NATS_TLS: no PEM certificate and key). Parts whose Secret or key is missing are left
+ * out (secretProblems reports them).
  */
 export function natsAuthOf(
   model: DeepSeekModel,
   contents: SecretContents,
 ): { auth?: NatsAuth; problems: Problem[] } {
-  const { credentialsSecret: credsRef, tls } = model.spec.nats;
+  const { tls } = model.spec.nats;
   const ns = model.metadata.namespace!;
   const value = (name: string, key: string) => contents.get(name)?.[key];
+  const source = (name: string, key: string, field: string) =>
+    `Secret ${ns}/${name}'s ${key} (spec.nats.${field})`;
   const auth: NatsAuth = {};
-  if (credsRef) {
-    const creds = value(credsRef.name, credsRef.key);
-    if (creds) auth.creds = creds;
-  }
   const problems: Problem[] = [];
+  const check = (reason: Problem["reason"], run: () => void): boolean => {
+    try {
+      run();
+      return true;
+    } catch (err) {
+      if (!(err instanceof ExpertMeshError)) throw err;
+      problems.push({ reason, message: err.message });
+      return false;
+    }
+  };
+  const identity = natsIdentityOf(model, value);
+  if (identity) {
+    const { credentialsSecret: c, userSecret: u, tokenSecret: t, nkeySecret: n } = model.spec.nats;
+    const sources = {
+      ...(c ? { creds: source(c.name, c.key, "credentialsSecret") } : {}),
+      ...(u
+        ? {
+            user: source(u.name, "username", "userSecret"),
+            password: source(u.name, "password", "userSecret"),
+          }
+        : {}),
+      ...(t ? { token: source(t.name, t.key, "tokenSecret") } : {}),
+      ...(n ? { nkey: source(n.name, n.key, "nkeySecret") } : {}),
+    };
+    if (check("NATSAuthInvalid", () => checkNatsIdentity(identity, sources)))
+      auth.identity = identity;
+  }
   if (tls) {
     auth.tls = {};
     const sources = { ca: "", cert: "", key: "" };
     if (tls.caSecret) {
       const { name, key } = tls.caSecret;
       auth.tls.ca = value(name, key)?.toString("utf8");
-      sources.ca = `Secret ${ns}/${name}'s ${key} (spec.nats.tls.caSecret)`;
+      sources.ca = source(name, key, "tls.caSecret");
     }
     if (tls.clientSecret) {
       const { name } = tls.clientSecret;
       const [cert, key] = [value(name, "tls.crt"), value(name, "tls.key")];
       if (cert && key)
         [auth.tls.cert, auth.tls.key] = [cert.toString("utf8"), key.toString("utf8")];
-      sources.cert = `Secret ${ns}/${name}'s tls.crt (spec.nats.tls.clientSecret)`;
-      sources.key = `Secret ${ns}/${name}'s tls.key (spec.nats.tls.clientSecret)`;
+      sources.cert = source(name, "tls.crt", "tls.clientSecret");
+      sources.key = source(name, "tls.key", "tls.clientSecret");
     }
-    try {
-      checkNatsTls(auth.tls, sources);
-    } catch (err) {
-      if (!(err instanceof ExpertMeshError)) throw err;
-      problems.push({ reason: "NATSTLSInvalid", message: err.message });
-    }
+    check("NATSTLSInvalid", () => checkNatsTls(auth.tls!, sources));
   }
-  return { ...(auth.creds || auth.tls ? { auth } : {}), problems };
+  return { ...(auth.identity || auth.tls ? { auth } : {}), problems };
+}
+
+/** The identity spec.nats names, from its Secret's contents; none while they are missing. */
+function natsIdentityOf(
+  model: DeepSeekModel,
+  value: (name: string, key: string) => Buffer | undefined,
+): NatsIdentity | undefined {
+  const { credentialsSecret: c, userSecret: u, tokenSecret: t, nkeySecret: n } = model.spec.nats;
+  if (c) {
+    const creds = value(c.name, c.key);
+    return creds && { kind: "creds", creds };
+  }
+  if (u) {
+    const [user, password] = [value(u.name, "username"), value(u.name, "password")];
+    return user && password
+      ? { kind: "user", user: secretText(user), password: secretText(password) }
+      : undefined;
+  }
+  if (t) {
+    const token = value(t.name, t.key);
+    return token && { kind: "token", token: secretText(token) };
+  }
+  if (n) {
+    const seed = value(n.name, n.key);
+    return seed && { kind: "nkey", seed };
+  }
+  return undefined;
 }

@@ -13,6 +13,7 @@ export interface Problem {
     | "PVCNotFound"
     | "SecretNotFound"
     | "SecretKeyMissing"
+    | "NATSAuthInvalid"
     | "NATSTLSInvalid"
     | "PlanInvalid"
     | "MemoryLimitTooLow"

@@ -73,6 +73,9 @@ export const PATHS = {
   prefixCache: "/var/cache/expertmesh/prefix",
   /** spec.nats's Secrets: the credentials, the CA, the client certificate. */
   natsCreds: "/var/run/expertmesh/nats",
+  natsUser: "/var/run/expertmesh/nats-auth/user",
+  natsToken: "/var/run/expertmesh/nats-auth/token",
+  natsNkey: "/var/run/expertmesh/nats-auth/nkey",
   natsTlsCa: "/var/run/expertmesh/nats-tls/ca",
   natsTlsClient: "/var/run/expertmesh/nats-tls/client",
 };
@@ -88,7 +91,14 @@ function natsWiring(model: DeepSeekModel): {
   mounts: V1VolumeMount[];
   args: string[];
 } {
-  const { url, credentialsSecret: creds, tls } = model.spec.nats;
+  const {
+    url,
+    credentialsSecret: creds,
+    userSecret,
+    tokenSecret,
+    nkeySecret,
+    tls,
+  } = model.spec.nats;
   const volumes: V1Volume[] = [];
   const mounts: V1VolumeMount[] = [];
   const args = [`--nats=${tls ? url.replace(/^nats:\/\//i, "tls://") : url}`];
@@ -99,6 +109,21 @@ function natsWiring(model: DeepSeekModel): {
   if (creds) {
     mount("nats-creds", creds.name, PATHS.natsCreds);
     args.push(`--nats-creds=${PATHS.natsCreds}/${creds.key}`);
+  }
+  if (userSecret) {
+    mount("nats-user", userSecret.name, PATHS.natsUser);
+    args.push(
+      `--nats-user-file=${PATHS.natsUser}/username`,
+      `--nats-password-file=${PATHS.natsUser}/password`,
+    );
+  }
+  if (tokenSecret) {
+    mount("nats-token", tokenSecret.name, PATHS.natsToken);
+    args.push(`--nats-token-file=${PATHS.natsToken}/${tokenSecret.key}`);
+  }
+  if (nkeySecret) {
+    mount("nats-nkey", nkeySecret.name, PATHS.natsNkey);
+    args.push(`--nats-nkey=${PATHS.natsNkey}/${nkeySecret.key}`);
   }
   if (tls?.caSecret) {
     mount("nats-tls-ca", tls.caSecret.name, PATHS.natsTlsCa);

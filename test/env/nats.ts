@@ -1,4 +1,5 @@
-// A real nats-server with JetStream, on a random loopback port; over TLS when asked.
+// A real nats-server with JetStream, on a random loopback port; over TLS, or requiring
+// credentials, when asked.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { freePort, ManagedProcess } from "./process.ts";
@@ -33,6 +34,8 @@ export interface NatsServerOptions {
   jetStream?: boolean;
   /** TLS on the client port (required of every client). */
   tls?: NatsServerTls;
+  /** More config lines: `authorization { ... }`, operator mode (test/env/nats-jwt.ts). */
+  config?: string[];
 }
 
 export interface NatsServer {
@@ -72,6 +75,7 @@ export async function startNats(
             } }`,
           ]
         : []),
+      ...(o.config ?? []),
       "",
     ].join("\n"),
   );

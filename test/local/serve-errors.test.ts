@@ -347,7 +347,7 @@ describe("serving commands on bad input", () => {
     expect(generate.stderr).toMatch(/\[EM_CLI_FILE\] --chat-template /);
   });
 
-  it("NATS that cannot be reached, refuses the credentials, or is no URL: EM_NATS_CONNECT", async () => {
+  it("NATS that cannot be reached or is no URL: EM_NATS_CONNECT; credentials that are none: EM_NATS_AUTH", async () => {
     const closed = await freePort();
     const gone = await shard(
       plans["tiny-v3"]!,
@@ -363,7 +363,9 @@ describe("serving commands on bad input", () => {
     writeFileSync(garbage, "not a creds file\n");
     const creds = await shard(plans["tiny-v3"]!, `--nats-creds=${garbage}`);
     expect(creds.code).toBe(1);
-    expect(creds.stderr).toMatch(/\[EM_NATS_CONNECT\] .*: unable to parse credentials/);
+    expect(creds.stderr).toMatch(
+      /\[EM_NATS_AUTH\] --nats-creds .*garbage\.creds is not a NATS \.creds file/,
+    );
     const url = await shard(plans["tiny-v3"]!, "--nats=not a url");
     expect(url.stderr).toContain(
       "[EM_NATS_CONNECT] cannot connect to NATS at not a url: not a NATS URL",

@@ -461,6 +461,89 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
+  it("NATS user and password: spec.nats.userSecret missing, without its keys or with an empty password is reported; the operator's own connection logs in; the pods get the files", async () => {
+    const ns = await newNamespace("natsuser");
+    await createWeightsVolume(ns);
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-user-operator-"));
+    // A server that requires a user and has no JetStream: the JetStream check can only say so
+    // (NATSJetStreamMissing) once the operator logged in (refused, it judges nothing).
+    const server = await startNats(
+      testEnv().binaries.natsServer,
+      dir,
+      join(testEnv().runDir, "logs"),
+      {
+        name: "nats-users-operator",
+        jetStream: false,
+        config: ['authorization { users = [ { user: expertmesh, password: "s3cret" } ] }'],
+      },
+    );
+    const reason = async (want: string) =>
+      condition(await waitForCondition(ns, "user", "Degraded", "True", want), "Degraded")?.message;
+    const putSecret = (stringData: Record<string, string>, create = false) => {
+      const body = {
+        metadata: { name: "nats-user" },
+        type: "kubernetes.io/basic-auth",
+        stringData,
+      };
+      return create
+        ? core.createNamespacedSecret({ namespace: ns, body })
+        : core.replaceNamespacedSecret({ name: "nats-user", namespace: ns, body });
+    };
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("user", ns, {
+          nats: { url: server.info.url, userSecret: { name: "nats-user" } },
+          gateway: { gpus: 0, kvCache: { remoteBytes: 2 ** 30 } },
+          experts: { shards: 2, gpusPerShard: 0 },
+        }),
+      });
+      expect(await reason("SecretNotFound")).toContain(
+        `Secret ${ns}/nats-user (spec.nats.userSecret) does not exist`,
+      );
+      await putSecret({ username: "expertmesh" }, true);
+      expect(await reason("SecretKeyMissing")).toBe(
+        `Secret ${ns}/nats-user (spec.nats.userSecret) has no key password`,
+      );
+      await putSecret({ username: "expertmesh", password: "\n" });
+      expect(await reason("NATSAuthInvalid")).toBe(
+        `Secret ${ns}/nats-user's password (spec.nats.userSecret) is empty`,
+      );
+      await putSecret({ username: "expertmesh", password: "s3cret\n" });
+      expect(await reason("NATSJetStreamMissing")).toContain(
+        `the NATS server at ${server.info.url} (spec.nats.url) has no JetStream`,
+      );
+      expect(await ownedDeployments(ns, "user")).toHaveLength(0);
+
+      await custom.patchNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        name: "user",
+        body: [{ op: "replace", path: "/spec/gateway/kvCache/remoteBytes", value: 0 }],
+      });
+      await waitForCondition(ns, "user", "Ready", "True", undefined, 90_000);
+      const deployments = await ownedDeployments(ns, "user");
+      expect(deployments).toHaveLength(3);
+      for (const d of deployments) {
+        const pod = d.spec!.template.spec!;
+        expect(pod.containers[0]!.args, d.metadata?.name).toEqual(
+          expect.arrayContaining([
+            `--nats=${server.info.url}`,
+            "--nats-user-file=/var/run/expertmesh/nats-auth/user/username",
+            "--nats-password-file=/var/run/expertmesh/nats-auth/user/password",
+          ]),
+        );
+        expect(pod.volumes?.filter((v) => v.name === "nats-user")).toEqual([
+          { name: "nats-user", secret: { secretName: "nats-user", defaultMode: 420 } },
+        ]);
+      }
+    } finally {
+      await server.process.stop();
+      await kubectl(["delete", "dsm", "user", "-n", ns, "--wait=false"]);
+    }
+  });
+
   it("reports a missing PVC or Secret as Degraded with the reason, and recovers when created", async () => {
     const ns = await newNamespace("deps");
     await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("nopvc", ns) });
@@ -900,6 +983,16 @@ describe.sequential("expertmesh operator", () => {
           },
         },
         CROSS_FIELD_RULES[28]!.message,
+      ],
+      [
+        "two NATS identities",
+        { nats: { userSecret: { name: "u" }, nkeySecret: { name: "n" } } },
+        CROSS_FIELD_RULES[29]!.message,
+      ],
+      [
+        "a NATS URL holding credentials",
+        { nats: { url: "nats://alice:hunter2@nats:4222" } },
+        CROSS_FIELD_RULES[30]!.message,
       ],
       [
         "a node selector value that is no label value",

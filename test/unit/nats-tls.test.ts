@@ -188,15 +188,22 @@ describe("natsAuthKey", () => {
   it("differs with the server and with every part of the auth, and holds no secret", () => {
     const url = "nats://h:4222";
     const creds = new TextEncoder().encode("-----BEGIN NATS USER JWT-----\nsecret");
+    const seed = new TextEncoder().encode("SUsecret");
     const keys = [
       natsAuthKey(url, undefined),
       natsAuthKey("nats://other:4222", undefined),
-      natsAuthKey(url, { creds }),
+      natsAuthKey(url, { identity: { kind: "creds", creds } }),
+      natsAuthKey(url, { identity: { kind: "user", user: "a", password: "secret" } }),
+      natsAuthKey(url, { identity: { kind: "user", user: "a", password: "secret2" } }),
+      natsAuthKey(url, { identity: { kind: "user", user: "b", password: "secret" } }),
+      natsAuthKey(url, { identity: { kind: "user", user: "as", password: "ecret" } }),
+      natsAuthKey(url, { identity: { kind: "token", token: "secret" } }),
+      natsAuthKey(url, { identity: { kind: "nkey", seed } }),
       natsAuthKey(url, { tls: {} }),
       natsAuthKey(url, { tls: { ca: pem.ca } }),
       natsAuthKey(url, { tls: { ca: pem.otherCa } }),
       natsAuthKey(url, { tls: { ca: pem.ca, cert: pem.cert, key: pem.key } }),
-      natsAuthKey(url, { creds, tls: { ca: pem.ca } }),
+      natsAuthKey(url, { identity: { kind: "creds", creds }, tls: { ca: pem.ca } }),
       // Parts that concatenate alike stay apart.
       natsAuthKey(url, { tls: { ca: "ab", cert: "c" } }),
       natsAuthKey(url, { tls: { ca: "a", cert: "bc" } }),

@@ -1,10 +1,11 @@
 // What the operator checks of the Secrets a model names before it applies anything
 // (src/operator/secrets.ts): which Secrets and keys, SecretNotFound and SecretKeyMissing,
-// and the NATS auth of its own connection with NATSTLSInvalid. The reconciler's reads are
+// and the NATS auth of its own connection with NATSAuthInvalid and NATSTLSInvalid. The reconciler's reads are
 // tested against the real API server in test/operator/operator.test.ts.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import {
@@ -13,6 +14,7 @@ import {
   type SecretContents,
   secretProblems,
 } from "../../src/operator/secrets.ts";
+import { makeNatsJwtAuth } from "../env/nats-jwt.ts";
 import { makeNatsPki } from "../env/pki.ts";
 
 function model(spec: string) {
@@ -34,7 +36,9 @@ const everything = model(`    source:
     tls: { caSecret: { name: pki }, clientSecret: { name: pki } }
   gateway: { apiKeySecret: { name: keys, key: list } }`);
 
-const b = (s: string) => Buffer.from(s);
+const b = (s: string | Uint8Array) => Buffer.from(s);
+const creds = makeNatsJwtAuth().user("alice");
+const seedText = new TextDecoder().decode(nkeys.createUser().getSeed());
 let dir: string;
 let pem: { ca: string; cert: string; key: string };
 
@@ -56,6 +60,17 @@ describe("referencedSecrets", () => {
       { field: "spec.gateway.apiKeySecret", name: "keys", keys: ["list"] },
     ]);
     expect(referencedSecrets(model("    source: { pvc: { claimName: w } }"))).toEqual([]);
+    const nats = (fields: string) =>
+      referencedSecrets(model(`    source: { pvc: { claimName: w } }\n  nats: { ${fields} }`));
+    expect(nats("userSecret: { name: u }")).toEqual([
+      { field: "spec.nats.userSecret", name: "u", keys: ["username", "password"] },
+    ]);
+    expect(nats("tokenSecret: { name: t }")).toEqual([
+      { field: "spec.nats.tokenSecret", name: "t", keys: ["token"] },
+    ]);
+    expect(nats("nkeySecret: { name: n, key: user.nk }")).toEqual([
+      { field: "spec.nats.nkeySecret", name: "n", keys: ["user.nk"] },
+    ]);
   });
 });
 
@@ -112,13 +127,13 @@ describe("natsAuthOf", () => {
   it("builds the operator's NATS auth from what is there; parts not there are left out", () => {
     const m = tlsModel("{ caSecret: { name: ca }, clientSecret: { name: client } }");
     const contents: SecretContents = new Map<string, Record<string, Buffer>>([
-      ["creds", { "nats.creds": b("CREDS") }],
+      ["creds", { "nats.creds": b(creds) }],
       ["ca", { "ca.crt": b(pem.ca) }],
       ["client", { "tls.crt": b(pem.cert), "tls.key": b(pem.key) }],
     ]);
     const { auth, problems } = natsAuthOf(m, contents);
     expect(problems).toEqual([]);
-    expect(Buffer.from(auth!.creds!).toString()).toBe("CREDS");
+    expect(auth!.identity).toEqual({ kind: "creds", creds: b(creds) });
     expect(auth!.tls).toEqual({ ca: pem.ca, cert: pem.cert, key: pem.key });
     // The client Secret missing: TLS with the CA alone (its absence is secretProblems').
     const partial = natsAuthOf(
@@ -166,5 +181,64 @@ describe("natsAuthOf", () => {
           "Secret ns/client's tls.key (spec.nats.tls.clientSecret) is not the key of Secret ns/client's tls.crt (spec.nats.tls.clientSecret) (CN=expertmesh)",
       },
     ]);
+  });
+  const authModel = (nats: string) =>
+    model(`    source: { pvc: { claimName: w } }\n  nats: { url: "nats://nats:4222", ${nats} }`);
+  it.each<[string, string, Record<string, Record<string, Buffer>>, unknown]>([
+    [
+      "a user and password (line ends dropped)",
+      "userSecret: { name: u }",
+      { u: { username: b("alice\n"), password: b("s3cret\n") } },
+      { kind: "user", user: "alice", password: "s3cret" },
+    ],
+    [
+      "a token",
+      "tokenSecret: { name: t }",
+      { t: { token: b("tok") } },
+      { kind: "token", token: "tok" },
+    ],
+    [
+      "an NKEY seed",
+      "nkeySecret: { name: n }",
+      { n: { seed: b(seedText) } },
+      { kind: "nkey", seed: b(seedText) },
+    ],
+  ])("builds the identity of %s", (_, nats, contents, identity) => {
+    expect(natsAuthOf(authModel(nats), new Map(Object.entries(contents)))).toEqual({
+      auth: { identity },
+      problems: [],
+    });
+  });
+
+  it.each<[string, string, Record<string, Record<string, Buffer>>, RegExp]>([
+    [
+      "an empty password",
+      "userSecret: { name: u }",
+      { u: { username: b("alice"), password: b("\n") } },
+      /^Secret ns\/u's password \(spec\.nats\.userSecret\) is empty$/,
+    ],
+    [
+      "a public key for a seed",
+      "nkeySecret: { name: n, key: nk }",
+      { n: { nk: b("UABC") } },
+      /^Secret ns\/n's nk \(spec\.nats\.nkeySecret\) is not an NKEY user seed/,
+    ],
+    [
+      "a .creds that is none",
+      "credentialsSecret: { name: c }",
+      { c: { "nats.creds": b("CREDS") } },
+      /^Secret ns\/c's nats\.creds \(spec\.nats\.credentialsSecret\) is not a NATS \.creds file/,
+    ],
+  ])("reports %s as NATSAuthInvalid, and leaves the identity out", (_, nats, contents, message) => {
+    const { auth, problems } = natsAuthOf(authModel(nats), new Map(Object.entries(contents)));
+    expect(auth).toBeUndefined();
+    expect(problems.map((p) => p.reason)).toEqual(["NATSAuthInvalid"]);
+    expect(problems[0]!.message).toMatch(message);
+  });
+
+  it("leaves out an identity whose Secret is not all there (secretProblems says so)", () => {
+    expect(
+      natsAuthOf(authModel("userSecret: { name: u }"), new Map([["u", { username: b("a") }]])),
+    ).toEqual({ problems: [] });
   });
 });

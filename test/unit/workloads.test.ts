@@ -241,6 +241,53 @@ describe("desiredObjects", () => {
           mounts: [{ name: "nats-creds", mountPath: "/var/run/expertmesh/nats", readOnly: true }],
         },
       ],
+      [
+        `  nats: { url: "${url}", userSecret: { name: bob } }`,
+        {
+          args: [
+            `--nats=${url}`,
+            "--nats-user-file=/var/run/expertmesh/nats-auth/user/username",
+            "--nats-password-file=/var/run/expertmesh/nats-auth/user/password",
+          ],
+          volumes: [{ name: "nats-user", secret: { secretName: "bob" } }],
+          mounts: [
+            { name: "nats-user", mountPath: "/var/run/expertmesh/nats-auth/user", readOnly: true },
+          ],
+        },
+      ],
+      [
+        `  nats: { url: "${url}", tokenSecret: { name: tok } }`,
+        {
+          args: [`--nats=${url}`, "--nats-token-file=/var/run/expertmesh/nats-auth/token/token"],
+          volumes: [{ name: "nats-token", secret: { secretName: "tok" } }],
+          mounts: [
+            {
+              name: "nats-token",
+              mountPath: "/var/run/expertmesh/nats-auth/token",
+              readOnly: true,
+            },
+          ],
+        },
+      ],
+      // An identity and TLS together.
+      [
+        `  nats: { url: "${url}", nkeySecret: { name: nk, key: user.nk }, tls: { caSecret: { name: ca } } }`,
+        {
+          args: [
+            "--nats=tls://nats.infra.svc:4222",
+            "--nats-nkey=/var/run/expertmesh/nats-auth/nkey/user.nk",
+            "--nats-tls-ca=/var/run/expertmesh/nats-tls/ca/ca.crt",
+          ],
+          volumes: [
+            { name: "nats-nkey", secret: { secretName: "nk" } },
+            { name: "nats-tls-ca", secret: { secretName: "ca" } },
+          ],
+          mounts: [
+            { name: "nats-nkey", mountPath: "/var/run/expertmesh/nats-auth/nkey", readOnly: true },
+            { name: "nats-tls-ca", mountPath: "/var/run/expertmesh/nats-tls/ca", readOnly: true },
+          ],
+        },
+      ],
       // TLS with the public roots: no files, but TLS required.
       [
         `  nats: { url: "${url}", tls: {} }`,
