@@ -390,10 +390,10 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.nats",
-    rule: "!self.url.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')",
+    rule: "!has(self.url) || !self.url.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')",
     message:
       "nats.url must hold no credentials (user:password@): they would show in every pod's spec and arguments; give them with userSecret, tokenSecret, nkeySecret or credentialsSecret",
-    check: (s) => !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]*@/.test(s["url"]),
+    check: (s) => !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]*@/.test(s["url"] ?? ""),
   },
 ];
 
