@@ -1,8 +1,10 @@
-// Whether a model's NATS server has JetStream on: the prefix cache's NATS tier
+// What the operator learns of a model's NATS server before it applies anything: whether it
+// takes spec.nats's credentials (pods it refuses would crash-loop on EM_NATS_CONNECT; ADR
+// 0032), and whether it has JetStream on, which the prefix cache's NATS tier
 // (spec.gateway.kvCache.remoteBytes, ADR 0028) and so disaggregated prefill (ADR 0029) need
-// it, and a gateway without it exits at start (EM_PREFIX_REMOTE), over and over. The
-// reconciler asks before applying, so that the model says why (Degraded) instead. One short
-// connection per server and credentials, its answer kept for a while.
+// (a gateway without it exits at start, over and over). The reconciler asks, so that the
+// model says why (Degraded) instead. One short connection per server and credentials, its
+// answer kept for a while.
 import { connect } from "@nats-io/transport-node";
 import { type NatsAuth, natsAuthKey, natsConnectOptions } from "../moe/nats-connection.ts";
 
@@ -11,19 +13,22 @@ const ANSWER_TTL_MS = 30_000;
 /** A server that does not answer within this long is not judged. */
 const CONNECT_TIMEOUT_MS = 2_000;
 
-/** true or false: the server's INFO says; null: no answer (unreachable, refused credentials or TLS). */
-export type JetStreamAnswer = boolean | null;
+/**
+ * What the server said: its INFO's `jetstream` once connected, or why it refused the
+ * credentials (the server's words); null: no answer (unreachable, TLS that failed), not judged.
+ */
+export type NatsAnswer = { jetStream: boolean } | { refused: string } | null;
 
-export class JetStreamProbe {
-  readonly #answers = new Map<string, { at: number; answer: Promise<JetStreamAnswer> }>();
+export class NatsProbe {
+  readonly #answers = new Map<string, { at: number; answer: Promise<NatsAnswer> }>();
   readonly #now: () => number;
 
   constructor(o: { now?: () => number } = {}) {
     this.#now = o.now ?? Date.now;
   }
 
-  /** Whether the server at `url` has JetStream (its INFO's `jetstream`), as last asked. */
-  jetStream(url: string, auth?: NatsAuth): Promise<JetStreamAnswer> {
+  /** What the server at `url` answers a connection with `auth`, as last asked. */
+  ask(url: string, auth?: NatsAuth): Promise<NatsAnswer> {
     const key = natsAuthKey(url, auth);
     const now = this.#now();
     const known = this.#answers.get(key);
@@ -34,7 +39,7 @@ export class JetStreamProbe {
   }
 }
 
-async function ask(url: string, auth?: NatsAuth): Promise<JetStreamAnswer> {
+async function ask(url: string, auth?: NatsAuth): Promise<NatsAnswer> {
   try {
     const nc = await connect({
       servers: url,
@@ -43,10 +48,11 @@ async function ask(url: string, auth?: NatsAuth): Promise<JetStreamAnswer> {
       reconnect: false,
       ...natsConnectOptions(url, auth),
     });
-    const js = nc.info?.jetstream === true;
+    const jetStream = nc.info?.jetstream === true;
     await nc.close();
-    return js;
-  } catch {
+    return { jetStream };
+  } catch (err) {
+    if (err instanceof Error && err.name === "AuthorizationError") return { refused: err.message };
     return null;
   }
 }

@@ -14,7 +14,7 @@ import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
 import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
-import { JetStreamProbe } from "./nats-probe.ts";
+import { NatsProbe } from "./nats-probe.ts";
 import {
   natsAuthOf,
   referencedSecrets,
@@ -79,7 +79,7 @@ function mayRunSeveralGateways(model: DeepSeekModel): boolean {
 export class Reconciler {
   readonly #kube: KubeClient;
   readonly #opts: ReconcilerOptions;
-  readonly #jetStream = new JetStreamProbe();
+  readonly #natsProbe = new NatsProbe();
 
   constructor(kube: KubeClient, opts: ReconcilerOptions = {}) {
     this.#kube = kube;
@@ -100,8 +100,17 @@ export class Reconciler {
     const refs = referencedSecrets(model);
     const secrets = await this.#readSecrets(namespace, refs);
     const nats = natsAuthOf(model, secrets);
+    // The server is asked only with spec.nats's Secrets all there and sound: with a part
+    // missing, its refusal would say nothing new.
+    const natsSecretsSound =
+      nats.problems.length === 0 &&
+      secretProblems(
+        namespace,
+        refs.filter((r) => r.field.startsWith("spec.nats.")),
+        secrets,
+      ).length === 0;
     problems.push(
-      ...(await this.#missingDependencies(model, nats.auth)),
+      ...(await this.#missingDependencies(model, natsSecretsSound ? { auth: nats.auth } : null)),
       ...secretProblems(namespace, refs, secrets),
       ...nats.problems,
     );
@@ -301,7 +310,11 @@ export class Reconciler {
     return contents;
   }
 
-  async #missingDependencies(model: DeepSeekModel, natsAuth?: NatsAuth): Promise<Problem[]> {
+  /** `nats`: how to reach spec.nats's server; null: not to ask it (its Secrets are not sound). */
+  async #missingDependencies(
+    model: DeepSeekModel,
+    nats: { auth?: NatsAuth | undefined } | null,
+  ): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
     const { pvc } = model.spec.model.source;
@@ -328,11 +341,22 @@ export class Reconciler {
           servingUnaffected: true,
         });
     }
-    // The prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream: the
-    // gateways would exit at start without it. A server that does not answer is not judged.
-    if (model.spec.gateway.kvCache.remoteBytes > 0) {
+    // Credentials the server refuses keep every pod out (EM_NATS_CONNECT, restarted over and
+    // over); the prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream:
+    // the gateways would exit at start without it. A server that does not answer is not judged.
+    const remote = model.spec.gateway.kvCache.remoteBytes > 0;
+    const natsAuth = nats?.auth;
+    if (nats && (remote || natsAuth?.identity)) {
       const url = model.spec.nats.url;
-      if ((await this.#jetStream.jetStream(url, natsAuth)) === false)
+      const answer = await this.#natsProbe.ask(url, natsAuth);
+      if (answer && "refused" in answer)
+        out.push({
+          reason: "NATSAuthRefused",
+          message: natsAuth?.identity
+            ? `the NATS server at ${url} (spec.nats.url) refused spec.nats's credentials (${answer.refused}): the pods could not connect; give the ones it knows`
+            : `the NATS server at ${url} (spec.nats.url) requires credentials (${answer.refused}): give spec.nats.userSecret, tokenSecret, nkeySecret or credentialsSecret`,
+        });
+      else if (remote && answer?.jetStream === false)
         out.push({
           reason: "NATSJetStreamMissing",
           message: `the NATS server at ${url} (spec.nats.url) has no JetStream, which spec.gateway.kvCache.remoteBytes (the prefix cache's NATS tier${model.spec.gateway.disaggregation ? ", and disaggregated prefill through it" : ""}) needs: turn JetStream on (nats-server -js, or jetstream {} in its configuration) or set remoteBytes to 0`,

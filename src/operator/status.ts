@@ -14,6 +14,7 @@ export interface Problem {
     | "SecretNotFound"
     | "SecretKeyMissing"
     | "NATSAuthInvalid"
+    | "NATSAuthRefused"
     | "NATSTLSInvalid"
     | "PlanInvalid"
     | "MemoryLimitTooLow"

@@ -461,12 +461,12 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
-  it("NATS user and password: spec.nats.userSecret missing, without its keys or with an empty password is reported; the operator's own connection logs in; the pods get the files", async () => {
+  it("NATS user and password: spec.nats.userSecret missing, without its keys, with an empty or a wrong password is reported; the operator's own connection logs in; the pods get the files", async () => {
     const ns = await newNamespace("natsuser");
     await createWeightsVolume(ns);
     const dir = mkdtempSync(join(testEnv().runDir, "nats-user-operator-"));
-    // A server that requires a user and has no JetStream: the JetStream check can only say so
-    // (NATSJetStreamMissing) once the operator logged in (refused, it judges nothing).
+    // A server that requires a user and has no JetStream: a wrong password is NATSAuthRefused,
+    // and the JetStream check can only say NATSJetStreamMissing once the operator logged in.
     const server = await startNats(
       testEnv().binaries.natsServer,
       dir,
@@ -509,6 +509,10 @@ describe.sequential("expertmesh operator", () => {
       await putSecret({ username: "expertmesh", password: "\n" });
       expect(await reason("NATSAuthInvalid")).toBe(
         `Secret ${ns}/nats-user's password (spec.nats.userSecret) is empty`,
+      );
+      await putSecret({ username: "expertmesh", password: "guess" });
+      expect(await reason("NATSAuthRefused")).toBe(
+        `the NATS server at ${server.info.url} (spec.nats.url) refused spec.nats's credentials (Authorization Violation): the pods could not connect; give the ones it knows`,
       );
       await putSecret({ username: "expertmesh", password: "s3cret\n" });
       expect(await reason("NATSJetStreamMissing")).toContain(

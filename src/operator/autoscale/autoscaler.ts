@@ -316,7 +316,15 @@ export class Autoscaler {
     const key = natsAuthKey(url, auth);
     let c = this.#conns.get(key);
     if (!c) {
-      c = (this.#o.connect ?? defaultConnect)(url, auth);
+      c = this.#o.connect
+        ? this.#o.connect(url, auth)
+        : connectNats({
+            url,
+            name: "expertmesh-operator",
+            auth,
+            reconnectWaitMs: 500,
+            log: (m) => this.#o.log(`autoscaler: ${m}`),
+          });
       c.catch(() => this.#conns.delete(key));
       this.#conns.set(key, c);
     }
@@ -674,8 +682,4 @@ export class Autoscaler {
         return;
     }
   }
-}
-
-function defaultConnect(url: string, auth?: NatsAuth): Promise<NatsConnection> {
-  return connectNats({ url, name: "expertmesh-operator", auth, reconnectWaitMs: 500 });
 }
