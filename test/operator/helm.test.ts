@@ -6,6 +6,7 @@ import { execFile } from "node:child_process";
 import {
   copyFileSync,
   existsSync,
+  mkdirSync,
   mkdtempSync,
   readFileSync,
   rmSync,
@@ -23,10 +24,11 @@ import {
   RbacAuthorizationV1Api,
   type V1Pod,
 } from "@kubernetes/client-node";
-import { connect } from "@nats-io/transport-node";
+import { connect, nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { connectNats } from "../../src/moe/nats-connection.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { makeNatsPki } from "../env/pki.ts";
@@ -478,6 +480,79 @@ spec:
         await expect(
           connect({ servers: url, tls: { caFile: pki.ca }, timeout: 2000, reconnect: false }),
         ).rejects.toThrow();
+      } finally {
+        await server.stop();
+      }
+    });
+
+    it("with nats.auth.configSecret its rendered configuration admits only the clients the Secret's auth.conf names (the real nats-server)", async () => {
+      const objects = (
+        await renderAll("em", "expertmesh-system", ["--set", "nats.auth.configSecret=nats-auth"])
+      ).filter(isNats);
+      const conf = only(objects, "ConfigMap").data["nats.conf"] as string;
+      const pod = only(objects, "StatefulSet").spec.template.spec;
+      const container = pod.containers[0];
+      // The config where the command reads it, the Secret's auth.conf where it includes it.
+      expect(container.command).toEqual(["nats-server", "--config", "/etc/nats/config/nats.conf"]);
+      expect(container.volumeMounts).toEqual(
+        expect.arrayContaining([
+          { name: "config", mountPath: "/etc/nats/config", readOnly: true },
+          { name: "auth", mountPath: "/etc/nats/auth", readOnly: true },
+        ]),
+      );
+      expect(pod.volumes).toContainEqual({
+        name: "auth",
+        secret: { secretName: "nats-auth", items: [{ key: "auth.conf", path: "auth.conf" }] },
+      });
+      expect(conf).toContain('include "../auth/auth.conf"');
+      // The pod's layout on this machine: config/nats.conf beside auth/auth.conf.
+      const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-auth-"));
+      mkdirSync(join(dir, "config"));
+      mkdirSync(join(dir, "auth"));
+      const nkey = nkeys.createUser();
+      writeFileSync(
+        join(dir, "auth", "auth.conf"),
+        [
+          "authorization { users = [",
+          '  { user: expertmesh, password: "pa ss#1 \\"q\\"" }',
+          `  { nkey: ${nkey.getPublicKey()} }`,
+          "] }",
+          "",
+        ].join("\n"),
+      );
+      const [port, monitor] = [await freePort(), await freePort()];
+      const local = conf
+        .replace(/^port: 4222$/m, `port: ${port}\nhost: 127.0.0.1`)
+        .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${monitor}"`)
+        .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`);
+      writeFileSync(join(dir, "config", "nats.conf"), local);
+      const server = new ManagedProcess(
+        "nats-chart-auth",
+        testEnv().binaries.natsServer,
+        ["--config", join(dir, "config", "nats.conf")],
+        join(testEnv().runDir, "logs"),
+      );
+      try {
+        await server.waitUntil(
+          "healthy",
+          async () => (await fetch(`http://127.0.0.1:${monitor}/healthz`)).ok,
+        );
+        const url = `nats://127.0.0.1:${port}`;
+        const as = (auth: Parameters<typeof connectNats>[0]["auth"]) =>
+          connectNats({ url, name: "chart-auth-test", auth });
+        for (const auth of [
+          { identity: { kind: "user" as const, user: "expertmesh", password: 'pa ss#1 "q"' } },
+          { identity: { kind: "nkey" as const, seed: nkey.getSeed() } },
+        ]) {
+          const nc = await as(auth);
+          expect(nc.info?.auth_required).toBe(true);
+          await nc.close();
+        }
+        for (const auth of [
+          undefined,
+          { identity: { kind: "user" as const, user: "expertmesh", password: "guess" } },
+        ])
+          await expect(as(auth)).rejects.toThrow(/refused this connection's credentials/);
       } finally {
         await server.stop();
       }

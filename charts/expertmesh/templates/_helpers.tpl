@@ -181,4 +181,8 @@ tls {
   timeout: 2
 }
 {{- end }}
+{{- if .Values.nats.auth.configSecret }}
+# Who may connect: the Secret's auth.conf (an authorization block), mounted at /etc/nats/auth.
+include "../auth/auth.conf"
+{{- end }}
 {{- end }}
