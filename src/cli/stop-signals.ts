@@ -9,16 +9,24 @@
 // Writes to standard output and error that fail (their reader, `up`, is gone: EPIPE) are
 // ignored: unhandled, that error would end the process before its graceful stop runs.
 import { stopWhenParentGone } from "../local/parent-watch.ts";
+import { formatError } from "../util/errors.ts";
 
 export interface StopSignals {
   /** From now on a signal (or the parent's going) calls `stop` with its name. */
   serving(stop: (why: string) => void): void;
+  /**
+   * A fault the process cannot serve past (its NATS subscription refused): logged, then it
+   * stops as for a signal (gracefully once serving) and exits with code 1.
+   */
+  fail(err: unknown): void;
 }
 
 export function stopSignals(log: (message: string) => void): StopSignals {
   const ignore = () => {};
   process.stdout.on("error", ignore);
   process.stderr.on("error", ignore);
+  let serving = false;
+  let failed = false;
   let handler: (why: string) => void = (why) => {
     log(`${why} while starting: exiting`);
     process.kill(process.pid, "SIGKILL");
@@ -28,7 +36,16 @@ export function stopSignals(log: (message: string) => void): StopSignals {
   stopWhenParentGone(() => handler("parent gone"));
   return {
     serving(stop) {
+      serving = true;
       handler = stop;
+    },
+    fail(err) {
+      if (failed) return;
+      failed = true;
+      log(formatError(err));
+      process.exitCode = 1;
+      if (serving) handler("fatal error");
+      else process.exit(1);
     },
   };
 }

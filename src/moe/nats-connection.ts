@@ -14,6 +14,7 @@ import {
   type NatsConnection,
   nkeyAuthenticator,
   nkeys,
+  PermissionViolationError,
   type TlsOptions,
   tokenAuthenticator,
   usernamePasswordAuthenticator,
@@ -304,8 +305,18 @@ export async function connectNats(o: {
    * bad URLs fail at once.
    */
   waitMs?: number;
-  /** Told once when the first try failed and it goes on trying. */
+  /**
+   * Also logs what happens to the connection once open (logStatus). Told once when the
+   * first try failed and it goes on trying.
+   */
   log?: (message: string) => void;
+  /**
+   * Where replies to this connection's requests go (nats.js's default: _INBOX): a model's
+   * processes use subjects.inboxPrefix, so that all they say is under em.<ns>.<model>.>.
+   */
+  inboxPrefix?: string;
+  /** Told of each publish or subscription the server refuses (besides the log line). */
+  onPermissionDenied?: (err: PermissionViolationError) => void;
 }): Promise<NatsConnection> {
   checkNatsUrlCredentials(o.url);
   const waitMs = o.waitMs ?? 0;
@@ -322,9 +333,11 @@ export async function connectNats(o: {
         // error: a password or .creds rotated on the server a little before its Secret's
         // files would end a process's NATS for its life. Keep trying (logStatus says why).
         ignoreAuthErrorAbort: true,
+        ...(o.inboxPrefix ? { inboxPrefix: o.inboxPrefix } : {}),
         ...options,
       });
-      if (o.log) void logStatus(nc, o.log);
+      if (o.log || o.onPermissionDenied)
+        void logStatus(nc, o.log ?? (() => {}), o.onPermissionDenied);
       return nc;
     } catch (err) {
       const why = connectFailure(err, options.tls !== undefined);
@@ -352,7 +365,11 @@ export async function connectNats(o: {
  * rotated on the server but not in the Secret would keep a process out with no word), lame
  * duck mode. Each distinct error once per outage: nats.js retries every reconnectTimeWait.
  */
-async function logStatus(nc: NatsConnection, log: (message: string) => void): Promise<void> {
+async function logStatus(
+  nc: NatsConnection,
+  log: (message: string) => void,
+  onPermissionDenied?: (err: PermissionViolationError) => void,
+): Promise<void> {
   // nats.js tells a refused reconnect as another disconnect, and may tell one reconnect
   // several times: what is logged follows the state, online or not.
   let lostAt = 0;
@@ -373,6 +390,7 @@ async function logStatus(nc: NatsConnection, log: (message: string) => void): Pr
         lostAt = 0;
         break;
       case "error": {
+        if (s.error instanceof PermissionViolationError) onPermissionDenied?.(s.error);
         const why = connectFailure(s.error, false);
         if (said.has(why)) break;
         said.add(why);
@@ -384,6 +402,23 @@ async function logStatus(nc: NatsConnection, log: (message: string) => void): Pr
         break;
     }
   }
+}
+
+/**
+ * EM_NATS_PERMISSION for a subscription the server refused: the process cannot hear its
+ * requests (a shard), plan changes or replies, so it stops rather than sit deaf. `scope`: the
+ * subjects its NATS user needs (subjects.all of its model).
+ */
+export function subscriptionRefused(err: PermissionViolationError, scope: string): ExpertMeshError {
+  return new ExpertMeshError(
+    "EM_NATS_PERMISSION",
+    `NATS refused the subscription to ${err.subject}${err.queue ? ` (queue group ${err.queue})` : ""}: this process's NATS user needs publish and subscribe on ${scope}`,
+  );
+}
+
+/** The inbox prefix a connection was opened with (nats.js keeps its options). */
+export function inboxPrefixOf(nc: NatsConnection): string | undefined {
+  return (nc as { options?: { inboxPrefix?: string } }).options?.inboxPrefix;
 }
 
 /** Node's codes for a server certificate it does not trust. */

@@ -12,6 +12,7 @@ import {
   type NatsConnection,
   type Subscription,
 } from "@nats-io/transport-node";
+import { inboxPrefixOf } from "./nats-connection.ts";
 
 /** A failed attempt the dispatcher may retry (another replica, or after a reconnect). */
 export class TransportError extends Error {
@@ -79,7 +80,7 @@ export class Requester {
 
   #subscribe(): void {
     this.#failAll("inbox subscription closed"); // requests of a previous subscription
-    const inbox = createInbox();
+    const inbox = createInbox(inboxPrefixOf(this.#nc));
     this.#prefix = `${inbox}.`;
     const prefixLength = this.#prefix.length;
     this.#sub = this.#nc.subscribe(`${inbox}.*`, {

@@ -1,7 +1,9 @@
 // NATS subjects of one model (ARCHITECTURE.md): requests to shard k go to
 // em.<ns>.<model>.shard.<k>, where the shard's replicas share queue group shard-<k>;
 // load reports go to em.<ns>.<model>.stats.<role>.<id>; plan changes to
-// em.<ns>.<model>.control.plan; prefill jobs (ADR 0029) to em.<ns>.<model>.prefill.
+// em.<ns>.<model>.control.plan; prefill jobs (ADR 0029) to em.<ns>.<model>.prefill; and
+// replies to the model's own inboxes, em.<ns>.<model>._INBOX.*: everything a model's processes
+// say is under em.<ns>.<model>.>, so one NATS permission keeps models apart (ADR 0032).
 
 export interface ModelRef {
   namespace: string;
@@ -18,4 +20,8 @@ export const subjects = {
   prefill: (m: ModelRef) => `em.${m.namespace}.${m.model}.prefill`,
   /** Live plan changes from the operator (plan-control.ts). */
   planControl: (m: ModelRef) => `em.${m.namespace}.${m.model}.control.plan`,
+  /** The inbox prefix of the model's processes (replies, JetStream deliveries). */
+  inboxPrefix: (m: ModelRef) => `em.${m.namespace}.${m.model}._INBOX`,
+  /** Everything of one model, for NATS permissions. */
+  all: (m: ModelRef) => `em.${m.namespace}.${m.model}.>`,
 };

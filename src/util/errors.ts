@@ -91,6 +91,8 @@ export const ERROR_CODES = {
     "the NATS TLS files (--nats-tls-ca, --nats-tls-cert, --nats-tls-key) are not PEM certificates and a key, or the key is not the certificate's",
   EM_NATS_AUTH:
     "the NATS credentials are not what they claim (an empty password or token, a seed that is no NKEY user seed, a .creds file without its JWT and seed), more than one kind was given, or the URL holds them",
+  EM_NATS_PERMISSION:
+    "the NATS server refused a subscription a gateway or shard needs: its NATS user lacks permissions on its model's subjects",
   EM_CLI_FILE: "a file named by a command-line option (--plan, --nats-creds, ...) cannot be read",
   EM_WRITE_FAILED: "files could not be written (no permission, not a folder, disk full)",
   EM_LOCAL_CHILD_EXITED:

@@ -75,6 +75,8 @@ beforeAll(async () => {
       "authorization { users = [",
       `  { user: alice, password: "s3cret pass" }`,
       `  { nkey: ${seed.getPublicKey()} }`,
+      // One model's user: its subjects, replies included, and nothing else.
+      '  { user: fenced, password: "fenced-pw", permissions: { publish: "em.test.fenced.>", subscribe: "em.test.fenced.>" } }',
       "] }",
     ],
   });
@@ -174,6 +176,97 @@ describe.sequential("NATS authentication", () => {
     );
     await gateway.process.stop();
     await stopAll(cluster);
+  });
+
+  it("a user allowed only em.<ns>.<model>.> serves that model: a model's processes say nothing outside it, replies included", async () => {
+    const fenced = [
+      "--nats-user=fenced",
+      `--nats-password-file=${file("fenced.password", "fenced-pw")}`,
+    ];
+    const url = users.info.url;
+    const shard = startShard(modelDir, planPath, "fenced", 0, "f0", url, "test", {
+      args: fenced,
+    });
+    cleanup.push(() => shard.stop(3000));
+    await waitServing(shard);
+    const generate = (extra: string[]) =>
+      expertmesh([
+        "generate",
+        `--model=${modelDir}`,
+        "--prompt=Hello",
+        "--max-tokens=8",
+        "--temperature=0",
+        ...extra,
+      ]);
+    const [local, remote] = await Promise.all([
+      generate([]),
+      generate([
+        "--distributed",
+        `--nats=${url}`,
+        `--plan=${planPath}`,
+        "--namespace=test",
+        "--model-name=fenced",
+        "--wire=f32",
+        ...fenced,
+      ]),
+    ]);
+    expect(remote.code, remote.stderr).toBe(0);
+    expect(remote.stdout).toBe(local.stdout);
+    const gateway = await startGatewayProcess({
+      modelDir,
+      planPath,
+      natsUrl: url,
+      namespace: "test",
+      modelName: "fenced",
+      args: fenced,
+    });
+    cleanup.push(() => gateway.process.stop());
+    const answer = await gateway.client.completions.create({
+      model: "tiny",
+      prompt: "Hello",
+      max_tokens: 6,
+      temperature: 0,
+    });
+    expect(answer.usage?.completion_tokens).toBe(6);
+    // Nothing refused on the way: the server logs each permissions violation.
+    expect(readFileSync(users.process.logPath, "utf8")).not.toMatch(/[Pp]ermissions [Vv]iolation/);
+    await gateway.process.stop();
+    await shard.stop(3000);
+
+    // Another model's subjects: refused, and a shard or gateway stops rather than sit deaf.
+    const [otherShard, otherGateway] = await Promise.all([
+      expertmesh([
+        "shard",
+        `--model=${modelDir}`,
+        `--plan=${planPath}`,
+        "--shard=0",
+        `--nats=${url}`,
+        "--namespace=test",
+        "--model-name=other",
+        "--metrics-port=0",
+        ...fenced,
+      ]),
+      expertmesh([
+        "gateway",
+        `--model=${modelDir}`,
+        `--plan=${planPath}`,
+        `--nats=${url}`,
+        "--namespace=test",
+        "--model-name=other",
+        "--http-port=0",
+        "--metrics-port=0",
+        "--shutdown-delay=0",
+        ...fenced,
+      ]),
+    ]);
+    expect(otherShard.code, otherShard.stderr).toBe(1);
+    expect(otherShard.stderr).toMatch(
+      /\[EM_NATS_PERMISSION\] NATS refused the subscription to em\.test\.other\.(shard\.0 \(queue group shard-0\)|control\.plan): this process's NATS user needs publish and subscribe on em\.test\.other\.>/,
+    );
+    expect(otherGateway.code, otherGateway.stderr).toBe(1);
+    expect(otherGateway.stderr).toMatch(
+      /\[EM_NATS_PERMISSION\] NATS refused the subscription to em\.test\.other\.\S+: .* on em\.test\.other\.>/,
+    );
   });
 
   it("refuses credentials the server does not know at once, saying so (EM_NATS_CONNECT)", async () => {

@@ -38,7 +38,7 @@ import {
 } from "../../model/generation-config.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
-import { connectNats } from "../../moe/nats-connection.ts";
+import { connectNats, subscriptionRefused } from "../../moe/nats-connection.ts";
 import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { decodePlanControl } from "../../moe/plan-control.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
@@ -499,6 +499,11 @@ export const gatewayCommand: Command = {
         url: values.nats!,
         name: `expertmesh-gateway-${id}`,
         auth: natsAuth,
+        inboxPrefix: subjects.inboxPrefix(ref),
+        onPermissionDenied: (e) => {
+          if (e.operation === "subscription")
+            signals.fail(subscriptionRefused(e, subjects.all(ref)));
+        },
         waitMs: natsWaitMs,
         log,
       });
@@ -834,7 +839,7 @@ export const gatewayCommand: Command = {
         log(`NATS connection lost while stopping (${formatError(e)})`);
       }
       log("stopped");
-      process.exit(0);
+      process.exit(); // 0, or 1 after signals.fail
     };
     signals.serving((why) => void stop(why));
     await new Promise(() => {});

@@ -11,6 +11,7 @@ import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
+import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { selectBackend } from "../device.ts";
 import {
@@ -22,6 +23,7 @@ import {
   natsAuthUsage,
   numberFlag as num,
   readOptionFile,
+  subjectRef,
 } from "../options.ts";
 import type { Command } from "../registry.ts";
 
@@ -152,14 +154,20 @@ export const generateCommand: Command = {
       const wire = values.wire ?? "bf16";
       if (wire !== "bf16" && wire !== "fp8" && wire !== "f32")
         throw new ExpertMeshError("EM_CLI_USAGE", `--wire must be bf16, fp8 or f32, got '${wire}'`);
-      const nc = await connectNats({ url: values.nats, name: "expertmesh-generate", auth });
+      const model = subjectRef(
+        values.namespace ?? "default",
+        values["model-name"] ?? defaultModelName(values.model),
+      );
+      const nc = await connectNats({
+        url: values.nats,
+        name: "expertmesh-generate",
+        auth,
+        inboxPrefix: subjects.inboxPrefix(model),
+      });
       close = () => nc.drain();
       experts = new RemoteExperts({
         nc,
-        model: {
-          namespace: values.namespace ?? "default",
-          model: values["model-name"] ?? defaultModelName(values.model),
-        },
+        model,
         plan,
         dispatchDtype: wire,
         combineDtype: wire === "f32" ? "f32" : "bf16",

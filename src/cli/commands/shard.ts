@@ -8,10 +8,11 @@ import { registerScratchGauge, scratchTrimmerFor } from "../../engine/scratch-tr
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
-import { connectNats } from "../../moe/nats-connection.ts";
+import { connectNats, subscriptionRefused } from "../../moe/nats-connection.ts";
 import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
+import { subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { logFormat, processLog } from "../../util/log.ts";
 import { selectBackend } from "../device.ts";
@@ -199,6 +200,11 @@ export const shardCommand: Command = {
       url: values.nats!,
       name: `expertmesh-shard-${k}-${id}`,
       auth: natsAuth,
+      inboxPrefix: subjects.inboxPrefix(model),
+      onPermissionDenied: (e) => {
+        if (e.operation === "subscription")
+          signals.fail(subscriptionRefused(e, subjects.all(model)));
+      },
       waitMs: natsWaitMs,
       log,
     });
@@ -274,7 +280,7 @@ export const shardCommand: Command = {
         log(`NATS connection lost while draining (${formatError(e)}): stopped`);
       }
       http.close();
-      process.exit(0);
+      process.exit(); // 0, or 1 after signals.fail
     };
     signals.serving((why) => void stop(why));
     await new Promise(() => {});
