@@ -306,7 +306,7 @@ export async function connectNats(o: {
    */
   waitMs?: number;
   /**
-   * Also logs what happens to the connection once open (logStatus). Told once when the
+   * Also logs what happens to the connection once open (watchStatus). Told once when the
    * first try failed and it goes on trying.
    */
   log?: (message: string) => void;
@@ -331,13 +331,13 @@ export async function connectNats(o: {
         reconnectTimeWait: o.reconnectWaitMs ?? 250,
         // nats.js closes a connection for good when a reconnect is refused twice with the same
         // error: a password or .creds rotated on the server a little before its Secret's
-        // files would end a process's NATS for its life. Keep trying (logStatus says why).
+        // files would end a process's NATS for its life. Keep trying (watchStatus says why).
         ignoreAuthErrorAbort: true,
         ...(o.inboxPrefix ? { inboxPrefix: o.inboxPrefix } : {}),
         ...options,
       });
       if (o.log || o.onPermissionDenied)
-        void logStatus(nc, o.log ?? (() => {}), o.onPermissionDenied);
+        void watchStatus(nc, o.log ?? (() => {}), o.onPermissionDenied);
       return nc;
     } catch (err) {
       const why = connectFailure(err, options.tls !== undefined);
@@ -364,8 +364,9 @@ export async function connectNats(o: {
  * back (after how long), the server's errors (credentials refused at a reconnect: a password
  * rotated on the server but not in the Secret would keep a process out with no word), lame
  * duck mode. Each distinct error once per outage: nats.js retries every reconnectTimeWait.
+ * Permissions the server refuses are also handed to `onPermissionDenied`.
  */
-async function logStatus(
+async function watchStatus(
   nc: NatsConnection,
   log: (message: string) => void,
   onPermissionDenied?: (err: PermissionViolationError) => void,

@@ -109,6 +109,43 @@ async function connectionNames(server: NatsServer): Promise<string[]> {
   return connz.connections.map((c) => c.name ?? "");
 }
 
+/**
+ * `generate --distributed` of `model` on `url` with `args`, and the same in one process:
+ * their outputs must be equal.
+ */
+async function expectDistributedAsLocal(
+  url: string,
+  plan: string,
+  model: string,
+  args: readonly string[],
+) {
+  const generate = (extra: readonly string[]) =>
+    expertmesh([
+      "generate",
+      `--model=${modelDir}`,
+      "--prompt=Hello",
+      "--max-tokens=8",
+      "--temperature=0",
+      ...extra,
+    ]);
+  const [local, remote] = await Promise.all([
+    generate([]),
+    generate([
+      "--distributed",
+      `--nats=${url}`,
+      `--plan=${plan}`,
+      "--namespace=test",
+      `--model-name=${model}`,
+      "--wire=f32", // bf16 activations on the wire change a random model's tokens
+      ...args,
+    ]),
+  ]);
+  expect(remote.code, remote.stderr).toBe(0);
+  expect(local.code, local.stderr).toBe(0);
+  expect(remote.stdout.length).toBeGreaterThan(1);
+  expect(remote.stdout).toBe(local.stdout);
+}
+
 describe.sequential("NATS authentication", () => {
   it.each(["user and password", "NKEY seed", "token", ".creds"] as const)(
     "by %s: a shard and generate --distributed connect, the tokens those of one process",
@@ -119,31 +156,7 @@ describe.sequential("NATS authentication", () => {
         args: [...args],
       });
       cleanup.push(() => stopAll(cluster));
-      const generate = (extra: string[]) =>
-        expertmesh([
-          "generate",
-          `--model=${modelDir}`,
-          "--prompt=Hello",
-          "--max-tokens=8",
-          "--temperature=0",
-          ...extra,
-        ]);
-      const [local, remote] = await Promise.all([
-        generate([]),
-        generate([
-          "--distributed",
-          `--nats=${server.info.url}`,
-          `--plan=${cluster.planPath}`,
-          "--namespace=test",
-          `--model-name=${cluster.modelName}`,
-          "--wire=f32", // bf16 activations on the wire change a random model's tokens
-          ...args,
-        ]),
-      ]);
-      expect(remote.code, remote.stderr).toBe(0);
-      expect(local.code, local.stderr).toBe(0);
-      expect(remote.stdout.length).toBeGreaterThan(1);
-      expect(remote.stdout).toBe(local.stdout);
+      await expectDistributedAsLocal(server.info.url, cluster.planPath, cluster.modelName, args);
       expect(await connectionNames(server)).toContainEqual(
         expect.stringMatching(/^expertmesh-shard-0-/),
       );
@@ -189,29 +202,7 @@ describe.sequential("NATS authentication", () => {
     });
     cleanup.push(() => shard.stop(3000));
     await waitServing(shard);
-    const generate = (extra: string[]) =>
-      expertmesh([
-        "generate",
-        `--model=${modelDir}`,
-        "--prompt=Hello",
-        "--max-tokens=8",
-        "--temperature=0",
-        ...extra,
-      ]);
-    const [local, remote] = await Promise.all([
-      generate([]),
-      generate([
-        "--distributed",
-        `--nats=${url}`,
-        `--plan=${planPath}`,
-        "--namespace=test",
-        "--model-name=fenced",
-        "--wire=f32",
-        ...fenced,
-      ]),
-    ]);
-    expect(remote.code, remote.stderr).toBe(0);
-    expect(remote.stdout).toBe(local.stdout);
+    await expectDistributedAsLocal(url, planPath, "fenced", fenced);
     const gateway = await startGatewayProcess({
       modelDir,
       planPath,
