@@ -146,6 +146,47 @@ async function expectDistributedAsLocal(
   expect(remote.stdout).toBe(local.stdout);
 }
 
+/** `expertmesh shard` (shard 0 of the one-shard plan) on `url` with `extra`, to its exit. */
+const runShard = (url: string, ...extra: string[]) =>
+  expertmesh([
+    "shard",
+    `--model=${modelDir}`,
+    `--plan=${planPath}`,
+    "--shard=0",
+    `--nats=${url}`,
+    "--metrics-port=0",
+    ...extra,
+  ]);
+
+/** A gateway of `model` on `url` with `args` answers a completion through the shards. */
+async function expectGatewayAnswers(
+  url: string,
+  plan: string,
+  model: string,
+  args: readonly string[],
+) {
+  const gateway: GatewayProcess = await startGatewayProcess({
+    modelDir,
+    planPath: plan,
+    natsUrl: url,
+    namespace: "test",
+    modelName: model,
+    args: [...args],
+  });
+  cleanup.push(() => gateway.process.stop());
+  try {
+    const answer = await gateway.client.completions.create({
+      model: "tiny",
+      prompt: "Hello",
+      max_tokens: 6,
+      temperature: 0,
+    });
+    expect(answer.usage?.completion_tokens).toBe(6);
+  } finally {
+    await gateway.process.stop();
+  }
+}
+
 describe.sequential("NATS authentication", () => {
   it.each(["user and password", "NKEY seed", "token", ".creds"] as const)(
     "by %s: a shard and generate --distributed connect, the tokens those of one process",
@@ -168,26 +209,7 @@ describe.sequential("NATS authentication", () => {
     const { server, args } = ways()["NKEY seed"];
     const cluster = await startShards(modelDir, 1, { natsUrl: server.info.url, args: [...args] });
     cleanup.push(() => stopAll(cluster));
-    const gateway: GatewayProcess = await startGatewayProcess({
-      modelDir,
-      planPath: cluster.planPath,
-      natsUrl: server.info.url,
-      namespace: "test",
-      modelName: cluster.modelName,
-      args: [...args],
-    });
-    cleanup.push(() => gateway.process.stop());
-    const answer = await gateway.client.completions.create({
-      model: "tiny",
-      prompt: "Hello",
-      max_tokens: 6,
-      temperature: 0,
-    });
-    expect(answer.usage?.completion_tokens).toBe(6);
-    expect(await connectionNames(server)).toContainEqual(
-      expect.stringMatching(/^expertmesh-gateway-/),
-    );
-    await gateway.process.stop();
+    await expectGatewayAnswers(server.info.url, cluster.planPath, cluster.modelName, args);
     await stopAll(cluster);
   });
 
@@ -203,40 +225,14 @@ describe.sequential("NATS authentication", () => {
     cleanup.push(() => shard.stop(3000));
     await waitServing(shard);
     await expectDistributedAsLocal(url, planPath, "fenced", fenced);
-    const gateway = await startGatewayProcess({
-      modelDir,
-      planPath,
-      natsUrl: url,
-      namespace: "test",
-      modelName: "fenced",
-      args: fenced,
-    });
-    cleanup.push(() => gateway.process.stop());
-    const answer = await gateway.client.completions.create({
-      model: "tiny",
-      prompt: "Hello",
-      max_tokens: 6,
-      temperature: 0,
-    });
-    expect(answer.usage?.completion_tokens).toBe(6);
+    await expectGatewayAnswers(url, planPath, "fenced", fenced);
     // Nothing refused on the way: the server logs each permissions violation.
     expect(readFileSync(users.process.logPath, "utf8")).not.toMatch(/[Pp]ermissions [Vv]iolation/);
-    await gateway.process.stop();
     await shard.stop(3000);
 
     // Another model's subjects: refused, and a shard or gateway stops rather than sit deaf.
     const [otherShard, otherGateway] = await Promise.all([
-      expertmesh([
-        "shard",
-        `--model=${modelDir}`,
-        `--plan=${planPath}`,
-        "--shard=0",
-        `--nats=${url}`,
-        "--namespace=test",
-        "--model-name=other",
-        "--metrics-port=0",
-        ...fenced,
-      ]),
+      runShard(url, "--namespace=test", "--model-name=other", ...fenced),
       expertmesh([
         "gateway",
         `--model=${modelDir}`,
@@ -261,16 +257,7 @@ describe.sequential("NATS authentication", () => {
   });
 
   it("refuses credentials the server does not know at once, saying so (EM_NATS_CONNECT)", async () => {
-    const shard = (url: string, ...extra: string[]) =>
-      expertmesh([
-        "shard",
-        `--model=${modelDir}`,
-        `--plan=${planPath}`,
-        "--shard=0",
-        `--nats=${url}`,
-        "--metrics-port=0",
-        ...extra,
-      ]);
+    const shard = runShard;
     const refused =
       /\[EM_NATS_CONNECT\] cannot connect to NATS at .*: the server refused this connection's credentials \(Authorization Violation\): give the ones it knows/;
     const results = await Promise.all([
