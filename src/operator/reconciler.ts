@@ -110,7 +110,7 @@ export class Reconciler {
         secrets,
       ).length === 0;
     problems.push(
-      ...(await this.#missingDependencies(model, natsSecretsSound ? { auth: nats.auth } : null)),
+      ...(await this.#missingDependencies(model, nats.auth, natsSecretsSound)),
       ...secretProblems(namespace, refs, secrets),
       ...nats.problems,
     );
@@ -310,10 +310,11 @@ export class Reconciler {
     return contents;
   }
 
-  /** `nats`: how to reach spec.nats's server; null: not to ask it (its Secrets are not sound). */
+  /** `askNats`: whether to ask spec.nats's server (with `natsAuth`): its Secrets are sound. */
   async #missingDependencies(
     model: DeepSeekModel,
-    nats: { auth?: NatsAuth | undefined } | null,
+    natsAuth: NatsAuth | undefined,
+    askNats: boolean,
   ): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
@@ -345,8 +346,7 @@ export class Reconciler {
     // over); the prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream:
     // the gateways would exit at start without it. A server that does not answer is not judged.
     const remote = model.spec.gateway.kvCache.remoteBytes > 0;
-    const natsAuth = nats?.auth;
-    if (nats && (remote || natsAuth?.identity)) {
+    if (askNats && (remote || natsAuth?.identity)) {
       const url = model.spec.nats.url;
       const answer = await this.#natsProbe.ask(url, natsAuth);
       if (answer && "refused" in answer)
