@@ -21,6 +21,7 @@ import {
   AppsV1Api,
   AuthorizationV1Api,
   CoreV1Api,
+  NetworkingV1Api,
   RbacAuthorizationV1Api,
   type V1Pod,
 } from "@kubernetes/client-node";
@@ -212,6 +213,71 @@ function crdMissingMessage(): string {
     `copy of ${repoCrd}, written by the CRD generator (Helm installs charts/expertmesh/crds/ ` +
     `before the templates); run the generator.`
   );
+}
+
+/** A pod as a NetworkPolicy sees it: its labels and its namespace's name. */
+type PodAt = { labels: Record<string, string>; namespace: string };
+
+/**
+ * Whether a LabelSelector (matchLabels and matchExpressions, Kubernetes' semantics) selects
+ * these labels; an empty selector selects everything.
+ */
+function selects(selector: Obj | undefined, labels: Record<string, string>): boolean {
+  const byLabel = Object.entries(selector?.matchLabels ?? {}).every(([k, v]) => labels[k] === v);
+  const byExpression = ((selector?.matchExpressions ?? []) as Obj[]).every((e) => {
+    const has = Object.hasOwn(labels, e.key);
+    switch (e.operator) {
+      case "In":
+        return has && e.values.includes(labels[e.key]);
+      case "NotIn":
+        return !has || !e.values.includes(labels[e.key]);
+      case "Exists":
+        return has;
+      case "DoesNotExist":
+        return !has;
+      default:
+        throw new Error(`unknown selector operator ${e.operator}`);
+    }
+  });
+  return byLabel && byExpression;
+}
+
+/**
+ * Whether an Ingress NetworkPolicy (in the namespace of its metadata) lets `pod` reach the
+ * named port of the pods it selects: a rule without `from` admits anyone; a peer with only a
+ * podSelector means pods of the policy's namespace; a namespaceSelector is matched against
+ * the label kubernetes.io/metadata.name, which the API server gives every namespace.
+ */
+function admits(policy: Obj, pod: PodAt, port: string): boolean {
+  const nsLabels = { "kubernetes.io/metadata.name": pod.namespace };
+  return ((policy.spec.ingress ?? []) as Obj[]).some((rule) => {
+    const ports = (rule.ports ?? []) as Obj[];
+    if (ports.length > 0 && !ports.some((p) => p.port === port)) return false;
+    if (rule.from === undefined) return true;
+    return (rule.from as Obj[]).some((peer) => {
+      if (peer.ipBlock) return false;
+      const inNamespace =
+        peer.namespaceSelector === undefined
+          ? pod.namespace === policy.metadata.namespace
+          : selects(peer.namespaceSelector, nsLabels);
+      return inNamespace && selects(peer.podSelector, pod.labels);
+    });
+  });
+}
+
+/** A LabelSelector's matchLabels as the API's labelSelector parameter. */
+function selectorString(selector: Obj | undefined): string {
+  expect(selector?.matchExpressions, "only matchLabels here").toBeUndefined();
+  return Object.entries(selector?.matchLabels ?? {})
+    .map(([k, v]) => `${k}=${v}`)
+    .join(",");
+}
+
+/** Values as a file for `helm -f` (in the throwaway helm folder). */
+function writeValues(values: Obj): string {
+  const file = join(helmHome, `values-${Math.random().toString(36).slice(2)}.json`);
+  writeFileSync(file, JSON.stringify(values));
+  return file;
 }
 
 afterAll(() => {
@@ -558,6 +624,96 @@ spec:
       }
     });
 
+    it("with nats.networkPolicy.enabled admits to the client port only the models' pods, the operator's and extraFrom; the monitor port to monitorFrom", async () => {
+      const policyOf = async (extra: string[]) =>
+        only((await renderAll("em", "ops", extra)).filter(isNats), "NetworkPolicy");
+      expect(
+        (await renderAll("em", "ops")).filter(isNats).map((o) => o.kind),
+        "off by default",
+      ).not.toContain("NetworkPolicy");
+      const open = await policyOf(["--set", "nats.networkPolicy.enabled=true"]);
+      const all = await renderAll("em", "ops", ["--set", "nats.networkPolicy.enabled=true"]);
+      const natsPod = only(all.filter(isNats), "StatefulSet").spec.template.metadata.labels;
+      const operatorPod = only(
+        all.filter((o) => !isNats(o)),
+        "Deployment",
+      ).spec.template.metadata.labels;
+      // Every kind of pod a model runs (gateways, prefill gateways, shards), in team-a.
+      const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: em, namespace: team-a, uid: u-1 }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
+  experts: { shards: 2 }
+  gateway: { disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }
+`);
+      const plan = planPlacement({
+        architecture: architectureOf(m),
+        numShards: m.spec.experts.shards,
+        redundantExperts: 0,
+      });
+      const modelPods = desiredObjects(m, plan, specReplicas(m, plan)).flatMap((o) =>
+        "spec" in o && o.spec && "template" in o.spec ? [o.spec.template!.metadata!.labels!] : [],
+      );
+      expect(new Set(modelPods.map((l) => l["app.kubernetes.io/component"]))).toEqual(
+        new Set(["gateway", "prefill", "shard"]),
+      );
+      const inTeamA = (labels: Record<string, string>): PodAt => ({ labels, namespace: "team-a" });
+      const inOps = (labels: Record<string, string>): PodAt => ({ labels, namespace: "ops" });
+
+      expect(selects(open.spec.podSelector, natsPod)).toBe(true);
+      expect(selects(open.spec.podSelector, operatorPod)).toBe(false);
+      expect(open.spec.policyTypes).toEqual(["Ingress"]);
+      for (const labels of modelPods) {
+        expect(admits(open, inTeamA(labels), "client"), JSON.stringify(labels)).toBe(true);
+        expect(admits(open, inOps(labels), "client")).toBe(true);
+      }
+      expect(admits(open, inOps(operatorPod), "client")).toBe(true);
+      // The operator's labels count in the release's namespace only.
+      expect(admits(open, inTeamA(operatorPod), "client")).toBe(false);
+      const stranger = { app: "curl" };
+      expect(admits(open, inOps(stranger), "client")).toBe(false);
+      expect(admits(open, inOps(natsPod), "client")).toBe(false);
+      expect(admits(open, inOps(stranger), "monitor"), "monitorFrom empty: anyone").toBe(true);
+
+      const narrow = await policyOf([
+        "-f",
+        writeValues({
+          nats: {
+            networkPolicy: {
+              enabled: true,
+              modelNamespaces: ["team-b"],
+              extraFrom: [{ podSelector: { matchLabels: { app: "nats-box" } } }],
+              monitorFrom: [
+                {
+                  namespaceSelector: {
+                    matchLabels: { "kubernetes.io/metadata.name": "monitoring" },
+                  },
+                },
+              ],
+            },
+          },
+        }),
+      ]);
+      for (const labels of modelPods) {
+        expect(admits(narrow, inTeamA(labels), "client")).toBe(false);
+        expect(admits(narrow, { labels, namespace: "team-b" }, "client")).toBe(true);
+      }
+      expect(admits(narrow, inOps(operatorPod), "client")).toBe(true);
+      expect(admits(narrow, inOps({ app: "nats-box" }), "client")).toBe(true);
+      expect(admits(narrow, inOps({ app: "nats-box" }), "monitor")).toBe(false);
+      expect(admits(narrow, { labels: stranger, namespace: "monitoring" }, "monitor")).toBe(true);
+      expect(admits(narrow, { labels: stranger, namespace: "monitoring" }, "client")).toBe(false);
+
+      await expect(
+        render("em", "ops", ["--set", "nats.networkPolicy.modelNamespaces[0]=Team_A"]),
+      ).rejects.toThrow(/modelNamespaces/);
+      await expect(
+        render("em", "ops", ["--set", "nats.networkPolicy.extraFrom[0].podSelectr.app=x"]),
+      ).rejects.toThrow(/extraFrom/);
+    });
+
     it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read", async () => {
       for (const [value, field] of [
         ["nats.tls.verifyClients=true", /secretName/],
@@ -844,6 +1000,8 @@ spec:
         "--kubeconfig",
         kubeconfig,
         "--wait=false",
+        "--set",
+        "nats.networkPolicy.enabled=true",
       ]);
       installed = true;
       expect(out).toContain("STATUS: deployed");
@@ -911,6 +1069,35 @@ spec:
       expect(nodes.has(nats.spec?.nodeName ?? "")).toBe(true);
       const natsService = await core.readNamespacedService({ name: "nats", namespace });
       expect(natsService.spec?.ports?.map((p) => p.port)).toEqual([4222, 8222]);
+    });
+
+    it("its NATS NetworkPolicy, as the API server keeps it, selects the NATS pod and admits the operator's pods, and no other pod of the release", async () => {
+      // The API server validates and stores the policy; no CNI runs here to enforce it, so
+      // what is checked is whom its selectors name among the release's real pods.
+      expect(installed, "the install test must have installed the release").toBe(true);
+      const policy = await kc
+        .makeApiClient(NetworkingV1Api)
+        .readNamespacedNetworkPolicy({ name: `${fullname}-nats`, namespace });
+      const podsOf = async (selector: Obj | undefined) =>
+        (
+          await core.listNamespacedPod({ namespace, labelSelector: selectorString(selector) })
+        ).items.map((p) => p.metadata?.name);
+      expect(await podsOf(policy.spec?.podSelector)).toEqual([`${fullname}-nats-0`]);
+      const [client, monitor] = policy.spec?.ingress ?? [];
+      expect(client?.ports).toEqual([{ port: "client", protocol: "TCP" }]);
+      expect(monitor).toEqual({ ports: [{ port: "monitor", protocol: "TCP" }] });
+      const [models, operator] = client?._from ?? [];
+      expect(models?.namespaceSelector).toEqual({});
+      const operatorPods = await core.listNamespacedPod({
+        namespace,
+        labelSelector: `app.kubernetes.io/name=expertmesh,app.kubernetes.io/instance=${release}`,
+      });
+      expect(operatorPods.items).toHaveLength(2);
+      expect((await podsOf(operator?.podSelector)).sort()).toEqual(
+        operatorPods.items.map((p) => p.metadata?.name).sort(),
+      );
+      // No model runs in the release's namespace: the models' peer names none of its pods.
+      expect(await podsOf(models?.podSelector)).toEqual([]);
     });
 
     it("gives the operator's ServiceAccount what it needs and nothing more", async () => {
