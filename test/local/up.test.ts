@@ -279,6 +279,10 @@ describe("expertmesh up", () => {
       /^\[up\] memory: the processes will hold ~512\.\d MiB \(shards 576\.0 KiB, gateway 512\.3 MiB with its KV cache\); this machine has [\d.]+ GiB$/m,
     );
     expect(out).toContain(`over gRPC at 127.0.0.1:${grpcPort}`);
+    // Its own nats-server, in place of the cluster's that the manifest names.
+    expect(err).toMatch(
+      /^\[up\] nats-server on nats:\/\/127\.0\.0\.1:\d+ \(in place of spec\.nats\.url, nats:\/\/nats\.expertmesh-system\.svc:4222\)$/m,
+    );
 
     // Progress: stderr is not a terminal, so plain lines, one "done" per loading process;
     // the children's protocol lines are consumed, never shown.

@@ -1,21 +1,24 @@
 // `up`'s prefix cache flags (src/cli/commands/up.ts localDiskArgs, localNatsArgs): one gateway
 // has the disk tier's folder to itself; several share it (--prefix-cache-disk-shared), unless
 // they share a NATS tier, when each has a folder of its own under it; nats-server runs with
-// JetStream only when the manifest keeps the prefix cache's blocks on it.
+// JetStream only when the manifest keeps the prefix cache's blocks on it, and up says that
+// this server stands in for spec.nats (whose Secrets it cannot use).
 import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
-import { localDiskArgs, localNatsArgs } from "../../src/cli/commands/up.ts";
+import { localDiskArgs, localNatsArgs, localNatsNote } from "../../src/cli/commands/up.ts";
 
-const manifest = (kvCache: string) =>
+/** The tiny model's manifest with `spec` (YAML lines under spec:) added. */
+const manifestWith = (spec: string) =>
   parseManifest(`
 apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
 metadata: { name: tiny, namespace: default }
 spec:
   model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
-  gateway:
-    kvCache: ${kvCache}
+${spec}
 `);
+
+const manifest = (kvCache: string) => manifestWith(`  gateway:\n    kvCache: ${kvCache}`);
 
 describe("up's prefix cache flags", () => {
   it.each([
@@ -49,16 +52,9 @@ describe("up's prefix cache flags", () => {
   });
 
   it("gives the gateway and each prefill gateway a folder of its own with disaggregated prefill", () => {
-    const m = parseManifest(`
-apiVersion: expertmesh.io/v1alpha1
-kind: DeepSeekModel
-metadata: { name: tiny, namespace: default }
-spec:
-  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
-  gateway:
+    const m = manifestWith(`  gateway:
     kvCache: { diskBytes: 1048576, remoteBytes: 4194304 }
-    disaggregation: { replicas: 2 }
-`);
+    disaggregation: { replicas: 2 }`);
     expect(localDiskArgs(m, "/c", 0, false)).toEqual([
       "--prefix-cache-disk=/c/gateway-0",
       "--prefix-cache-disk-bytes=1048576",
@@ -80,5 +76,25 @@ spec:
       "-sd",
       "/js",
     ]);
+  });
+
+  it.each([
+    [
+      "the default URL",
+      "{}",
+      "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, nats://nats.expertmesh-system.svc:4222)",
+    ],
+    [
+      "a user and TLS",
+      "{ url: 'tls://nats.ops.svc:4222', userSecret: { name: u }, tls: { caSecret: { name: ca } } }",
+      "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, tls://nats.ops.svc:4222; spec.nats.userSecret, tls (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback)",
+    ],
+    [
+      "an NKEY",
+      "{ nkeySecret: { name: k } }",
+      "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, nats://nats.expertmesh-system.svc:4222; spec.nats.nkeySecret (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback)",
+    ],
+  ])("says its nats-server stands in for spec.nats: %s", (_name, nats, want) => {
+    expect(localNatsNote(manifestWith(`  nats: ${nats}`), "nats://127.0.0.1:5")).toBe(want);
   });
 });

@@ -232,6 +232,26 @@ export function localNatsArgs(m: DeepSeekModel, port: number, storeDir: string):
 }
 
 /**
+ * What `up` says of its own nats-server at `url`: it stands in for spec.nats, whose URL names
+ * the cluster's server and whose Secrets (an identity, TLS) are the cluster's too.
+ */
+export function localNatsNote(m: DeepSeekModel, url: string): string {
+  const n = m.spec.nats;
+  const secrets = [
+    n.credentialsSecret && "credentialsSecret",
+    n.userSecret && "userSecret",
+    n.tokenSecret && "tokenSecret",
+    n.nkeySecret && "nkeySecret",
+    n.tls && "tls",
+  ].filter((s): s is string => typeof s === "string");
+  const why =
+    secrets.length === 0
+      ? ""
+      : `; spec.nats.${secrets.join(", ")} (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback`;
+  return `nats-server on ${url} (in place of spec.nats.url, ${n.url}${why})`;
+}
+
+/**
  * The disk tier's flags of `up`'s gateway replica `r` (none without kvCache.diskBytes), in
  * `dir`, a folder that outlives up's runs: `several` gateways share it, as on a ReadWriteMany
  * volume, unless they share a NATS tier (kvCache.remoteBytes): then each has a folder of its
@@ -537,7 +557,7 @@ export const upCommand: Command = {
           false,
         );
         natsUrl = `nats://127.0.0.1:${natsPort}`;
-        say(`nats-server on ${natsUrl}`);
+        say(localNatsNote(m, natsUrl));
         const shards = [];
         for (let k = 0; k < plan.numShards; k++)
           for (let r = 0; r < m.spec.experts.replicas.min; r++)
