@@ -432,8 +432,11 @@ const UNTRUSTED = new Set([
   "CERT_SIGNATURE_FAILURE",
 ]);
 
-/** Why a connection failed, in words that say what to do about a TLS failure. */
-export function connectFailure(err: unknown, tls: boolean): string {
+/**
+ * Why the TLS handshake failed, when that is certain: a server certificate this side does not
+ * trust, not valid now or for another host, or a server that offers no TLS; else null.
+ */
+export function tlsFailure(err: unknown): string | null {
   const why = errText(err);
   const code = (err as { code?: unknown } | null)?.code;
   if (typeof code === "string" && UNTRUSTED.has(code))
@@ -444,6 +447,14 @@ export function connectFailure(err: unknown, tls: boolean): string {
     return `the server's TLS certificate is not for this host (${why}): connect by a name the certificate holds`;
   if (/server does not support 'tls'/.test(why))
     return "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)";
+  return null;
+}
+
+/** Why a connection failed, in words that say what to do about a TLS failure. */
+export function connectFailure(err: unknown, tls: boolean): string {
+  const why = errText(err);
+  const handshake = tlsFailure(err);
+  if (handshake !== null) return handshake;
   if ((err as { name?: unknown } | null)?.name === "AuthorizationError")
     return `the server refused this connection's credentials (${why}): give the ones it knows (--nats-user and --nats-password-file, --nats-token-file, --nats-nkey or --nats-creds; spec.nats.userSecret, tokenSecret, nkeySecret or credentialsSecret)`;
   if (tls && (err as { name?: unknown } | null)?.name === "TimeoutError")

@@ -2,11 +2,17 @@
 // takes spec.nats's credentials (pods it refuses would crash-loop on EM_NATS_CONNECT; ADR
 // 0032), and whether it has JetStream on, which the prefix cache's NATS tier
 // (spec.gateway.kvCache.remoteBytes, ADR 0028) and so disaggregated prefill (ADR 0029) need
-// (a gateway without it exits at start, over and over). The reconciler asks, so that the
-// model says why (Degraded) instead. One short connection per server and credentials, its
+// (a gateway without it exits at start, over and over), and whether a TLS handshake with it
+// fails for certain (a CA that did not sign its certificate, a server without TLS; ADR
+// 0031). The reconciler asks, so that the model says why (Degraded) instead. One short connection per server and credentials, its
 // answer kept for a while.
 import { connect } from "@nats-io/transport-node";
-import { type NatsAuth, natsAuthKey, natsConnectOptions } from "../moe/nats-connection.ts";
+import {
+  type NatsAuth,
+  natsAuthKey,
+  natsConnectOptions,
+  tlsFailure,
+} from "../moe/nats-connection.ts";
 
 /** How long an answer is kept (ms): a server restarted with JetStream is seen after this. */
 const ANSWER_TTL_MS = 30_000;
@@ -14,10 +20,12 @@ const ANSWER_TTL_MS = 30_000;
 const CONNECT_TIMEOUT_MS = 2_000;
 
 /**
- * What the server said: its INFO's `jetstream` once connected, or why it refused the
- * credentials (the server's words); null: no answer (unreachable, TLS that failed), not judged.
+ * What the server said: its INFO's `jetstream` once connected, why it refused the credentials
+ * (the server's words), or why the TLS handshake failed (tlsFailure's words); null: no answer
+ * (unreachable, a handshake that timed out: a server that verifies clients drops those
+ * without a certificate it trusts, but a slow one looks the same), not judged.
  */
-export type NatsAnswer = { jetStream: boolean } | { refused: string } | null;
+export type NatsAnswer = { jetStream: boolean } | { refused: string } | { tls: string } | null;
 
 export class NatsProbe {
   readonly #answers = new Map<string, { at: number; answer: Promise<NatsAnswer> }>();
@@ -53,6 +61,7 @@ async function ask(url: string, auth?: NatsAuth): Promise<NatsAnswer> {
     return { jetStream };
   } catch (err) {
     if (err instanceof Error && err.name === "AuthorizationError") return { refused: err.message };
-    return null;
+    const tls = tlsFailure(err);
+    return tls === null ? null : { tls };
   }
 }

@@ -6,7 +6,7 @@ import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/cl
 import { architectureOf } from "../api/manifest.ts";
 import { memoryLimitShortfalls } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
-import type { NatsAuth } from "../moe/nats-connection.ts";
+import { type NatsAuth, natsConnectOptions } from "../moe/nats-connection.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
@@ -342,14 +342,21 @@ export class Reconciler {
           servingUnaffected: true,
         });
     }
-    // Credentials the server refuses keep every pod out (EM_NATS_CONNECT, restarted over and
-    // over); the prefix cache's NATS tier (and disaggregated prefill over it) needs JetStream:
-    // the gateways would exit at start without it. A server that does not answer is not judged.
+    // Credentials the server refuses, or a TLS handshake that fails, keep every pod out
+    // (EM_NATS_CONNECT, restarted over and over); the prefix cache's NATS tier (and
+    // disaggregated prefill over it) needs JetStream: the gateways would exit at start
+    // without it. A server that does not answer is not judged.
     const remote = model.spec.gateway.kvCache.remoteBytes > 0;
-    if (askNats && (remote || natsAuth?.identity)) {
-      const url = model.spec.nats.url;
+    const url = model.spec.nats.url;
+    const tls = natsConnectOptions(url, natsAuth).tls !== undefined;
+    if (askNats && (remote || natsAuth?.identity || tls)) {
       const answer = await this.#natsProbe.ask(url, natsAuth);
-      if (answer && "refused" in answer)
+      if (answer && "tls" in answer)
+        out.push({
+          reason: "NATSTLSFailed",
+          message: `the TLS handshake with the NATS server at ${url} (spec.nats.url) failed: ${answer.tls}`,
+        });
+      else if (answer && "refused" in answer)
         out.push({
           reason: "NATSAuthRefused",
           message: natsAuth?.identity

@@ -16,6 +16,7 @@ export interface Problem {
     | "NATSAuthInvalid"
     | "NATSAuthRefused"
     | "NATSTLSInvalid"
+    | "NATSTLSFailed"
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"

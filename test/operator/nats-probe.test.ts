@@ -1,11 +1,13 @@
 // The operator's NATS probe (src/operator/nats-probe.ts) against real nats-servers: the test
-// environment's (JetStream on), a plain one, one that requires a user, and a port where none
-// listens.
+// environment's (JetStream on), a plain one, one that requires a user, ones with TLS and
+// mutual TLS, and a port where none listens.
+import { mkdtempSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { NatsProbe } from "../../src/operator/nats-probe.ts";
-import { startNats } from "../env/nats.ts";
+import { type NatsServerOptions, startNats } from "../env/nats.ts";
+import { makeNatsPki } from "../env/pki.ts";
 import { startNatsWithoutJetStream, testEnv, uniqueName } from "../support/env.ts";
 
 /** A loopback port nothing listens on (taken, then given back). */
@@ -58,6 +60,57 @@ describe("NatsProbe", () => {
       expect(await probe.ask(url, as("right"))).toEqual({ jetStream: true });
     } finally {
       await server.process.stop();
+    }
+  });
+
+  it("says why a TLS handshake fails for certain (a CA that did not sign the server's certificate, another host's certificate, no TLS offered), and does not judge a timeout", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-probe-tls-"));
+    const pki = makeNatsPki(dir);
+    const read = (p: string) => readFileSync(p, "utf8");
+    const start = (name: string, tls?: NatsServerOptions["tls"]) =>
+      startNats(testEnv().binaries.natsServer, join(dir, name), join(testEnv().runDir, "logs"), {
+        name,
+        jetStream: false,
+        ...(tls ? { tls } : {}),
+      });
+    const servers = [
+      await start("nats-probe-tls", pki.server),
+      await start("nats-probe-elsewhere", pki.elsewhere),
+      await start("nats-probe-mtls", { ...pki.server, verifyClientsCa: pki.ca }),
+      await start("nats-probe-plain"),
+    ];
+    const [tls, elsewhere, mutual, plain] = servers.map((s) => s!.info.url) as [
+      string,
+      string,
+      string,
+      string,
+    ];
+    const probe = new NatsProbe();
+    const withCa = (ca: string, client?: { cert: string; key: string }) => ({
+      tls: {
+        ca: read(ca),
+        ...(client ? { cert: read(client.cert), key: read(client.key) } : {}),
+      },
+    });
+    try {
+      expect(await probe.ask(tls, withCa(pki.ca))).toEqual({ jetStream: false });
+      expect(await probe.ask(tls, withCa(pki.otherCa))).toEqual({
+        tls: expect.stringMatching(
+          /^the server's TLS certificate is not trusted \(.+\): give the CA/,
+        ),
+      });
+      expect(await probe.ask(elsewhere, withCa(pki.ca))).toEqual({
+        tls: expect.stringMatching(/^the server's TLS certificate is not for this host/),
+      });
+      expect(await probe.ask(plain, withCa(pki.ca))).toEqual({
+        tls: "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)",
+      });
+      expect(await probe.ask(mutual, withCa(pki.ca, pki.client))).toEqual({ jetStream: false });
+      // Without a client certificate the server drops the connection after the handshake: the
+      // client sees a timeout, which a slow server gives too.
+      expect(await probe.ask(mutual, withCa(pki.ca))).toBeNull();
+    } finally {
+      for (const s of servers) await s.process.stop();
     }
   });
 });

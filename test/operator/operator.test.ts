@@ -361,7 +361,7 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
-  it("NATS over TLS: spec.nats.tls's Secrets missing, without their key or holding no certificate are reported; the operator's own connection is mutual TLS; the pods get tls:// and the files", async () => {
+  it("NATS over TLS: spec.nats.tls's Secrets missing, without their key, holding no certificate or a CA that did not sign the server's are reported; the operator's own connection is mutual TLS; the pods get tls:// and the files", async () => {
     const ns = await newNamespace("natstls");
     await createWeightsVolume(ns);
     const dir = mkdtempSync(join(testEnv().runDir, "nats-tls-operator-"));
@@ -424,6 +424,14 @@ describe.sequential("expertmesh operator", () => {
           `^Secret ${ns}/nats-ca's ca\\.crt \\(spec\\.nats\\.tls\\.caSecret\\) holds no PEM certificate`,
         ),
       );
+      // A CA that did not sign the server's certificate: the operator's own handshake fails.
+      await replaceSecret("nats-ca", { "ca.crt": read(pki.otherCa) });
+      expect(await reason("NATSTLSFailed")).toMatch(
+        new RegExp(
+          `^the TLS handshake with the NATS server at ${server.info.url.replace(/[.]/g, "\\.")} \\(spec\\.nats\\.url\\) failed: the server's TLS certificate is not trusted`,
+        ),
+      );
+      expect(await ownedDeployments(ns, "tls")).toHaveLength(0);
       await replaceSecret("nats-ca", { "ca.crt": read(pki.ca) });
       expect(await reason("NATSJetStreamMissing")).toContain(
         `the NATS server at ${server.info.url} (spec.nats.url) has no JetStream`,

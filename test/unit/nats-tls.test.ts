@@ -11,6 +11,7 @@ import {
   type NatsTls,
   natsAuthKey,
   natsConnectOptions,
+  tlsFailure,
 } from "../../src/moe/nats-connection.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 import { makeNatsPki } from "../env/pki.ts";
@@ -181,6 +182,24 @@ describe("connectFailure", () => {
     ];
     for (const [err, tls, want] of cases)
       expect(connectFailure(err, tls), err.message).toMatch(want);
+  });
+
+  it("tlsFailure: only a handshake that failed for certain, which the operator reports (NATSTLSFailed)", () => {
+    const certain = [
+      failure({ message: "self-signed certificate", code: "DEPTH_ZERO_SELF_SIGNED_CERT" }),
+      failure({ message: "certificate is not yet valid", code: "CERT_NOT_YET_VALID" }),
+      failure({ message: "altnames", code: "ERR_TLS_CERT_ALTNAME_INVALID" }),
+      failure({ message: "server does not support 'tls'", name: "ConnectionError" }),
+    ];
+    for (const err of certain) expect(tlsFailure(err), err.message).toMatch(/^the server/);
+    const uncertain = [
+      failure({ message: "timeout", name: "TimeoutError" }),
+      failure({ message: "connection refused", name: "ConnectionError" }),
+      failure({ message: "Authorization Violation", name: "AuthorizationError" }),
+      failure({ message: "getaddrinfo ENOTFOUND nats", code: "ENOTFOUND" }),
+    ];
+    for (const err of uncertain) expect(tlsFailure(err), err.message).toBeNull();
+    expect(tlsFailure("not an error")).toBeNull();
   });
 });
 
