@@ -9,11 +9,13 @@ import {
   mkdirSync,
   mkdtempSync,
   readFileSync,
+  renameSync,
   rmSync,
+  symlinkSync,
   writeFileSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import {
@@ -504,9 +506,10 @@ spec:
         .replace(/^port: 4222$/m, `port: ${port}\nhost: 127.0.0.1`)
         .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${monitor}"`)
         .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`)
-        .replaceAll("/etc/nats/tls/", `${dir}/`);
+        .replaceAll("/etc/nats/tls/", `${dir}/`)
+        .replace('"/var/run/nats/nats.pid"', `"${join(dir, "nats.pid")}"`);
       expect(local).not.toBe(conf);
-      expect(local).not.toMatch(/\/etc\/nats|\/data\//);
+      expect(local).not.toMatch(/\/etc\/nats|\/data\/|\/var\/run/);
       writeFileSync(join(dir, "nats.conf"), local);
       const server = new ManagedProcess(
         "nats-chart-config",
@@ -590,7 +593,8 @@ spec:
       const local = conf
         .replace(/^port: 4222$/m, `port: ${port}\nhost: 127.0.0.1`)
         .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${monitor}"`)
-        .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`);
+        .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`)
+        .replace('"/var/run/nats/nats.pid"', `"${join(dir, "nats.pid")}"`);
       writeFileSync(join(dir, "config", "nats.conf"), local);
       const server = new ManagedProcess(
         "nats-chart-auth",
@@ -621,6 +625,131 @@ spec:
           await expect(as(auth)).rejects.toThrow(/refused this connection's credentials/);
       } finally {
         await server.stop();
+      }
+    });
+
+    it("with a Secret to watch, its reloader has the server reload when the Secret's files change: a rotated password gets in, the old one not, other users stay connected (the rendered script, the real nats-server)", async () => {
+      const render = async (extra: string[]) =>
+        (
+          await renderAll("em", "default", ["--set", "nats.auth.configSecret=nats-auth", ...extra])
+        ).filter(isNats);
+      const objects = await render(["--set", "nats.reloader.intervalSeconds=1"]);
+      const conf = only(objects, "ConfigMap").data["nats.conf"] as string;
+      const pod = only(objects, "StatefulSet").spec.template.spec;
+      expect(pod.shareProcessNamespace).toBe(true);
+      const [server, reloader] = pod.containers as [Obj, Obj];
+      expect(reloader.name).toBe("reloader");
+      expect(reloader.image).toBe(server.image);
+      expect(reloader.securityContext.readOnlyRootFilesystem).toBe(true);
+      // The server writes its pid where the reloader reads it; both see the auth Secret.
+      expect(conf).toContain('pid_file: "/var/run/nats/nats.pid"');
+      expect(server.volumeMounts).toContainEqual({ name: "pid", mountPath: "/var/run/nats" });
+      expect(reloader.volumeMounts).toEqual([
+        { name: "pid", mountPath: "/var/run/nats", readOnly: true },
+        { name: "auth", mountPath: "/etc/nats/auth", readOnly: true },
+      ]);
+      expect(pod.volumes).toContainEqual({ name: "pid", emptyDir: {} });
+      // The API server takes the pod as rendered (a dry run: no such Secret here).
+      const dryRun = await kubectl(
+        ["apply", "--dry-run=server", "-n", "default", "-f", "-"],
+        JSON.stringify({ apiVersion: "v1", kind: "List", items: objects }),
+      );
+      expect(dryRun.code, dryRun.stderr).toBe(0);
+      const [shell, ...args] = reloader.command as string[];
+      expect(args.slice(2)).toEqual(["reloader", "/var/run/nats/nats.pid", "1", "/etc/nats/auth"]);
+
+      // Nothing to watch (no auth or TLS Secret), or turned off: no reloader, no pid file.
+      for (const values of [
+        ["--set", "nats.auth.configSecret="],
+        ["--set", "nats.reloader.enabled=false"],
+      ]) {
+        const off = await render(values);
+        const spec = only(off, "StatefulSet").spec.template.spec;
+        expect(
+          spec.containers.map((c: Obj) => c.name),
+          values.join(" "),
+        ).toEqual(["nats"]);
+        expect(spec.shareProcessNamespace).toBeUndefined();
+        expect(only(off, "ConfigMap").data["nats.conf"]).not.toContain("pid_file");
+      }
+
+      // The pod's layout here; the Secret's folder as the kubelet keeps it (auth.conf a link
+      // into ..data, itself a link to the current version, swapped when the Secret changes).
+      const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-reload-"));
+      for (const sub of ["config", "auth", "run"]) mkdirSync(join(dir, sub));
+      const secretVersion = (name: string, authConf: string) => {
+        mkdirSync(join(dir, "auth", name));
+        writeFileSync(join(dir, "auth", name, "auth.conf"), authConf);
+        symlinkSync(name, join(dir, "auth", "..data_tmp"));
+        renameSync(join(dir, "auth", "..data_tmp"), join(dir, "auth", "..data"));
+      };
+      const users = (password: string) =>
+        `authorization { users = [ { user: expertmesh, password: "${password}" }, { user: observer, password: "watch" } ] }\n`;
+      secretVersion("..v1", users("one"));
+      symlinkSync("..data/auth.conf", join(dir, "auth", "auth.conf"));
+      const [port, monitor] = [await freePort(), await freePort()];
+      writeFileSync(
+        join(dir, "config", "nats.conf"),
+        conf
+          .replace(/^port: 4222$/m, `port: ${port}\nhost: 127.0.0.1`)
+          .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${monitor}"`)
+          .replace('"/data/jetstream"', `"${join(dir, "jetstream")}"`)
+          .replace('"/var/run/nats/nats.pid"', `"${join(dir, "run", "nats.pid")}"`),
+      );
+      const logs = join(testEnv().runDir, "logs");
+      const nats = new ManagedProcess(
+        "nats-chart-reload",
+        testEnv().binaries.natsServer,
+        ["--config", join(dir, "config", "nats.conf")],
+        logs,
+      );
+      const local = (a: string) =>
+        a
+          .replace("/var/run/nats/", `${join(dir, "run")}/`)
+          .replace("/etc/nats/auth", join(dir, "auth"));
+      const reload = new ManagedProcess(
+        "nats-chart-reloader",
+        `/bin/${shell}`,
+        args.map(local),
+        logs,
+        {
+          ...process.env,
+          PATH: `${dirname(testEnv().binaries.natsServer)}:${process.env.PATH}`,
+        },
+      );
+      const url = `nats://127.0.0.1:${port}`;
+      const as = (user: string, password: string) =>
+        connect({ servers: url, user, pass: password, reconnect: false, timeout: 2000 });
+      try {
+        await nats.waitUntil(
+          "healthy",
+          async () => (await fetch(`http://127.0.0.1:${monitor}/healthz`)).ok,
+        );
+        await reload.waitUntil("watching", async () =>
+          /^watching /m.test(readFileSync(reload.logPath, "utf8")),
+        );
+        const observer = await as("observer", "watch");
+        await (await as("expertmesh", "one")).close();
+        await expect(as("expertmesh", "two")).rejects.toThrow(/Authorization Violation/);
+
+        secretVersion("..v2", users("two"));
+        const rotated = await waitFor(
+          "the rotated password to get in",
+          async () => as("expertmesh", "two").catch(() => undefined),
+          20_000,
+        );
+        await rotated.close();
+        await expect(as("expertmesh", "one")).rejects.toThrow(/Authorization Violation/);
+        expect(readFileSync(reload.logPath, "utf8")).toContain(
+          "files changed: reloaded the server's configuration",
+        );
+        // The server was not restarted: the observer's connection is the same, and answers.
+        expect(observer.isClosed()).toBe(false);
+        await observer.flush();
+        await observer.close();
+      } finally {
+        await reload.stop();
+        await nats.stop();
       }
     });
 

@@ -162,6 +162,10 @@ The bundled NATS server's configuration (nats.conf), from values nats.*.
 # nats-server configuration written by the expertmesh chart (values nats.*).
 port: 4222
 http_port: 8222
+{{- if include "expertmesh.natsReloader" . }}
+# Where the reloader (a second container) finds the server to signal.
+pid_file: "/var/run/nats/nats.pid"
+{{- end }}
 max_payload: {{ int .Values.nats.maxPayload }}
 {{- if .Values.nats.jetstream.enabled }}
 jetstream {
@@ -185,4 +189,37 @@ tls {
 # Who may connect: the Secret's auth.conf (an authorization block), mounted at /etc/nats/auth.
 include "../auth/auth.conf"
 {{- end }}
+{{- end }}
+
+{{/*
+The NATS reloader's script (values nats.reloader.*): every `interval` seconds it digests the
+files of the folders given (the mounted auth Secret and TLS Secret; the kubelet swaps a
+Secret's files when it changes) and, when the digest moved, has the server reload its
+configuration (`nats-server --signal reload=PIDFILE`: users, passwords, NKEYs, permissions
+and certificates change in place, connections stay). A reload that fails (no server yet) is
+tried again at the next turn. "true" when the pod runs one: there is a Secret to watch.
+*/}}
+{{- define "expertmesh.natsReloader" -}}
+{{- if and .Values.nats.reloader.enabled (or .Values.nats.auth.configSecret .Values.nats.tls.secretName) }}true{{ end }}
+{{- end }}
+
+{{/*
+The reloader's shell script; its arguments: PIDFILE INTERVAL DIR...
+*/}}
+{{- define "expertmesh.natsReloaderScript" -}}
+pidfile=$1; interval=$2; shift 2
+digest() { for d in "$@"; do cat "$d"/* 2>/dev/null; done | sha256sum; }
+seen=$(digest "$@")
+echo "watching $* every ${interval}s"
+while true; do
+  sleep "$interval"
+  now=$(digest "$@")
+  [ "$now" = "$seen" ] && continue
+  if nats-server --signal "reload=$pidfile"; then
+    echo "files changed: reloaded the server's configuration"
+    seen=$now
+  else
+    echo "files changed, but the reload failed: trying again in ${interval}s"
+  fi
+done
 {{- end }}
