@@ -324,6 +324,7 @@ export async function connectNats(o: {
   const options = natsConnectOptions(o.url, o.auth);
   for (let attempt = 0; ; attempt++) {
     try {
+      if (options.tls) await handshakeOnce(o.url, options);
       const nc = await connect({
         servers: o.url,
         name: o.name,
@@ -422,6 +423,30 @@ export function inboxPrefixOf(nc: NatsConnection): string | undefined {
   return (nc as { options?: { inboxPrefix?: string } }).options?.inboxPrefix;
 }
 
+/**
+ * One connection without retries, closed at once: nats.js retries a TLS handshake the server
+ * refuses (a client certificate missing or from another CA) until its connect timeout, 20 s,
+ * and then says only "timeout"; alone, it fails at once with the server's alert. Throws that
+ * (tlsFailure words it); any other failure is left to the real connection to meet.
+ */
+async function handshakeOnce(url: string, options: ReturnType<typeof natsConnectOptions>) {
+  try {
+    const nc = await connect({
+      servers: url,
+      name: "expertmesh-handshake",
+      reconnect: false,
+      timeout: HANDSHAKE_TIMEOUT_MS,
+      ...options,
+    });
+    await nc.close();
+  } catch (err) {
+    if (tlsFailure(err) !== null) throw err;
+  }
+}
+
+/** How long handshakeOnce waits for the server (a slow one is then left to connect's own). */
+const HANDSHAKE_TIMEOUT_MS = 5000;
+
 /** Node's codes for a server certificate it does not trust. */
 const UNTRUSTED = new Set([
   "UNABLE_TO_VERIFY_LEAF_SIGNATURE",
@@ -447,8 +472,23 @@ export function tlsFailure(err: unknown): string | null {
     return `the server's TLS certificate is not for this host (${why}): connect by a name the certificate holds`;
   if (/server does not support 'tls'/.test(why))
     return "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)";
+  // The server's TLS alerts about this side's certificate (mutual TLS).
+  if (code === "ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED")
+    return "the server requires a client certificate (mutual TLS) and this connection gave none: give one its CA signed (--nats-tls-cert and --nats-tls-key, spec.nats.tls.clientSecret)";
+  if (typeof code === "string" && CLIENT_CERT_REFUSED.has(code))
+    return `the server does not accept this connection's client certificate (${/(?:tlsv1|sslv3|tlsv13) alert [a-z ]+/.exec(why)?.[0] ?? why}): give one signed by the CA it verifies clients with (--nats-tls-cert and --nats-tls-key, spec.nats.tls.clientSecret)`;
   return null;
 }
+
+/** Node's codes for the server's TLS alerts that refuse the client's certificate. */
+const CLIENT_CERT_REFUSED = new Set([
+  "ERR_SSL_TLSV1_ALERT_UNKNOWN_CA",
+  "ERR_SSL_SSLV3_ALERT_BAD_CERTIFICATE",
+  "ERR_SSL_SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+  "ERR_SSL_SSLV3_ALERT_CERTIFICATE_EXPIRED",
+  "ERR_SSL_SSLV3_ALERT_CERTIFICATE_REVOKED",
+  "ERR_SSL_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+]);
 
 /** Why a connection failed, in words that say what to do about a TLS failure. */
 export function connectFailure(err: unknown, tls: boolean): string {

@@ -172,7 +172,7 @@ describe.sequential("NATS over TLS", () => {
     }
   });
 
-  it("refuses a server it cannot trust, or one without TLS, at once and saying why (EM_NATS_CONNECT)", async () => {
+  it("refuses a server it cannot trust, or one without TLS, and is refused without a client certificate the server trusts, at once and saying why (EM_NATS_CONNECT)", async () => {
     const shard = (url: string, ...extra: string[]) =>
       expertmesh([
         "shard",
@@ -208,7 +208,24 @@ describe.sequential("NATS over TLS", () => {
     const byScheme = await shard(plain.replace("nats://", "tls://"));
     expect(byScheme.code).toBe(1);
     expect(byScheme.stderr).toMatch(tlsOff);
-    for (const r of [noCa, otherCa, wrongHost, byFiles, byScheme]) {
+    // A server that verifies clients: no client certificate, or one another CA signed. The
+    // server's TLS alert, at once (nats.js alone would retry until its 20 s timeout).
+    const noCert = await shard(mtls.info.url, `--nats-tls-ca=${pki.ca}`);
+    expect(noCert.code).toBe(1);
+    expect(noCert.stderr).toMatch(
+      /\[EM_NATS_CONNECT\] .*: the server requires a client certificate \(mutual TLS\) and this connection gave none: give one its CA signed \(--nats-tls-cert and --nats-tls-key/,
+    );
+    const otherClient = await shard(
+      mtls.info.url,
+      `--nats-tls-ca=${pki.ca}`,
+      `--nats-tls-cert=${pki.otherClient.cert}`,
+      `--nats-tls-key=${pki.otherClient.key}`,
+    );
+    expect(otherClient.code).toBe(1);
+    expect(otherClient.stderr).toMatch(
+      /\[EM_NATS_CONNECT\] .*: the server does not accept this connection's client certificate \(tlsv1 alert unknown ca\)/,
+    );
+    for (const r of [noCa, otherCa, wrongHost, byFiles, byScheme, noCert, otherClient]) {
       expect(r.stderr).not.toContain("trying for up to"); // refused, not waited for
       expect(r.stderr).not.toContain("serving ");
     }

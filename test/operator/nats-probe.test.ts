@@ -63,7 +63,7 @@ describe("NatsProbe", () => {
     }
   });
 
-  it("says why a TLS handshake fails for certain (a CA that did not sign the server's certificate, another host's certificate, no TLS offered), and does not judge a timeout", async () => {
+  it("says why a TLS handshake fails for certain (a CA that did not sign the server's certificate, another host's certificate, no TLS offered, a client certificate missing or from another CA)", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "nats-probe-tls-"));
     const pki = makeNatsPki(dir);
     const read = (p: string) => readFileSync(p, "utf8");
@@ -106,9 +106,15 @@ describe("NatsProbe", () => {
         tls: "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)",
       });
       expect(await probe.ask(mutual, withCa(pki.ca, pki.client))).toEqual({ jetStream: false });
-      // Without a client certificate the server drops the connection after the handshake: the
-      // client sees a timeout, which a slow server gives too.
-      expect(await probe.ask(mutual, withCa(pki.ca))).toBeNull();
+      // The server's TLS alerts: no client certificate, or one another CA signed.
+      expect(await probe.ask(mutual, withCa(pki.ca))).toEqual({
+        tls: expect.stringMatching(/^the server requires a client certificate \(mutual TLS\)/),
+      });
+      expect(await probe.ask(mutual, withCa(pki.ca, pki.otherClient))).toEqual({
+        tls: expect.stringMatching(
+          /^the server does not accept this connection's client certificate \(tlsv1 alert unknown ca\)/,
+        ),
+      });
     } finally {
       for (const s of servers) await s.process.stop();
     }

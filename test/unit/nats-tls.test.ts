@@ -169,6 +169,23 @@ describe("connectFailure", () => {
         /^the server does not offer TLS, which this connection requires/,
       ],
       [
+        failure({
+          message: "SSL routines:ssl3_read_bytes:tlsv13 alert certificate required",
+          code: "ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        }),
+        true,
+        /^the server requires a client certificate \(mutual TLS\) and this connection gave none: give one its CA signed \(--nats-tls-cert and --nats-tls-key, spec\.nats\.tls\.clientSecret\)$/,
+      ],
+      [
+        failure({
+          message:
+            "40ADABE99B7F0000:error:0A000418:SSL routines:ssl3_read_bytes:tlsv1 alert unknown ca:../deps/openssl/openssl/ssl/record/rec_layer_s3.c:918:SSL alert number 48",
+          code: "ERR_SSL_TLSV1_ALERT_UNKNOWN_CA",
+        }),
+        true,
+        /^the server does not accept this connection's client certificate \(tlsv1 alert unknown ca\): give one signed by the CA it verifies clients with/,
+      ],
+      [
         failure({ message: "timeout", name: "TimeoutError" }),
         true,
         /^timeout \(a server that verifies clients drops a TLS connection without a client certificate it trusts: --nats-tls-cert and --nats-tls-key/,
