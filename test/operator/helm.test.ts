@@ -26,6 +26,7 @@ import {
   NetworkingV1Api,
   RbacAuthorizationV1Api,
   type V1Pod,
+  type V1PodSpec,
 } from "@kubernetes/client-node";
 import { connect, nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -852,6 +853,60 @@ spec:
       ] as const)
         await expect(render("em", "ops", ["--set", value]), value).rejects.toThrow(field);
     });
+  });
+
+  it("runs only pods that pass the restricted Pod Security Standard (the API server's PodSecurity admission judges)", async () => {
+    const core = adminKubeConfig().makeApiClient(CoreV1Api);
+    const namespace = uniqueName("em-chart-restricted");
+    await core.createNamespace({
+      body: {
+        metadata: {
+          name: namespace,
+          labels: {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+          },
+        },
+      },
+    });
+    const refusal = async (spec: Obj) => {
+      try {
+        await core.createNamespacedPod({
+          namespace,
+          body: { metadata: { name: uniqueName("probe") }, spec: spec as V1PodSpec },
+          dryRun: "All",
+        });
+        return null;
+      } catch (err) {
+        return String((err as { body?: unknown }).body ?? err);
+      }
+    };
+    try {
+      // The control: the namespace does enforce it.
+      expect(await refusal({ containers: [{ name: "c", image: "busybox" }] })).toMatch(
+        /violates PodSecurity/,
+      );
+      // Every pod: the operator's, and the NATS server's with its reloader.
+      const objects = await renderAll("em", namespace, [
+        "--set",
+        "nats.auth.configSecret=nats-auth",
+        "--set",
+        "nats.tls.secretName=nats-tls",
+      ]);
+      // The operator's pods run as its ServiceAccount, which admission looks up.
+      await core.createNamespacedServiceAccount({
+        namespace,
+        body: { metadata: { name: only(objects, "ServiceAccount").metadata.name } },
+      });
+      const pods = objects.filter((o) => o.kind === "Deployment" || o.kind === "StatefulSet");
+      expect(pods.map((o) => o.kind).sort()).toEqual(["Deployment", "StatefulSet"]);
+      expect(
+        pods.flatMap((o) => o.spec.template.spec.containers.map((c: Obj) => c.name)).sort(),
+      ).toEqual(["nats", "operator", "reloader"].sort());
+      for (const o of pods) expect(await refusal(o.spec.template.spec), o.metadata.name).toBeNull();
+    } finally {
+      await core.deleteNamespace({ name: namespace }).catch(() => {});
+    }
   });
 
   it("ships the CRD as an identical copy of crds/" + CRD_FILE, () => {
