@@ -1011,6 +1011,98 @@ export const MonitoringSchema = Type.Object(
   { description: "How Prometheus finds the model's metrics.", default: {} },
 );
 
+const LabelSelector = (description: string) =>
+  Type.Object(
+    {
+      matchLabels: Type.Optional(
+        Type.Record(Type.String(), LabelValue("Label value."), {
+          description: "Labels the objects must carry.",
+          maxProperties: 32,
+        }),
+      ),
+      matchExpressions: Type.Optional(
+        Type.Array(
+          Type.Object(
+            {
+              key: Type.String({ description: "A label key.", minLength: 1, maxLength: 317 }),
+              operator: StringEnum(["In", "NotIn", "Exists", "DoesNotExist"], {
+                description: "In, NotIn, Exists or DoesNotExist.",
+              }),
+              values: Type.Optional(
+                Type.Array(LabelValue("A label value."), {
+                  description: "The values for In and NotIn.",
+                  maxItems: 64,
+                }),
+              ),
+            },
+            { description: "A label selector requirement." },
+          ),
+          { description: "Requirements the labels must meet, all of them.", maxItems: 16 },
+        ),
+      ),
+    },
+    { description },
+  );
+
+/** NetworkPolicyPeers, as in a NetworkPolicy's ingress rule. */
+const NetworkPolicyPeers = (description: string) =>
+  Type.Array(
+    Type.Object(
+      {
+        podSelector: Type.Optional(
+          LabelSelector(
+            "Pods (in the model's namespace, or in those namespaceSelector selects); {} selects all.",
+          ),
+        ),
+        namespaceSelector: Type.Optional(
+          LabelSelector(
+            "Namespaces whose pods (those podSelector selects) are admitted; {} selects all.",
+          ),
+        ),
+        ipBlock: Type.Optional(
+          Type.Object(
+            {
+              cidr: Type.String({ description: "An IP range, e.g. 10.0.0.0/8.", maxLength: 64 }),
+              except: Type.Optional(
+                Type.Array(Type.String({ description: "An IP range.", maxLength: 64 }), {
+                  description: "Ranges inside cidr that are not admitted.",
+                  maxItems: 32,
+                }),
+              ),
+            },
+            { description: "Addresses admitted (outside the cluster, mostly)." },
+          ),
+        ),
+      },
+      {
+        description: "A NetworkPolicyPeer: podSelector and/or namespaceSelector, or ipBlock.",
+        minProperties: 1,
+      },
+    ),
+    { description, maxItems: 32 },
+  );
+
+export const NetworkPolicySchema = Type.Object(
+  {
+    enabled: Type.Boolean({
+      description:
+        "Create NetworkPolicies for the model's pods: the gateways admit connections only to their HTTP and gRPC ports (from gatewayFrom) and their metrics port (from metricsFrom); shards and prefill gateways only to their metrics port (they connect to NATS themselves, and nothing connects to them). Enforced by a CNI that implements NetworkPolicy; the kubelet's probes come from the node, which such CNIs admit.",
+      default: false,
+    }),
+    gatewayFrom: Type.Optional(
+      NetworkPolicyPeers(
+        "Who may reach the gateways' HTTP and gRPC ports (the API's clients, an ingress controller); absent: anyone; empty: no one.",
+      ),
+    ),
+    metricsFrom: Type.Optional(
+      NetworkPolicyPeers(
+        "Who may reach every pod's metrics port (Prometheus); absent: anyone; empty: no one.",
+      ),
+    ),
+  },
+  { description: "Network isolation of the model's pods.", default: {} },
+);
+
 export const SpecSchema = withRules(
   "spec",
   Type.Object(
@@ -1053,6 +1145,7 @@ export const SpecSchema = withRules(
       autoscaling: AutoscalingSchema,
       scheduling: SchedulingSchema,
       monitoring: MonitoringSchema,
+      networkPolicy: NetworkPolicySchema,
     },
     { description: "Desired state of a served DeepSeek-style MoE model." },
   ),

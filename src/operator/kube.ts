@@ -20,10 +20,28 @@ import {
   PLURAL,
   VERSION,
 } from "../api/schema.ts";
+import { formatError } from "../util/errors.ts";
 import { FIELD_MANAGER, ownedSelector } from "./labels.ts";
 
 export function httpStatus(err: unknown): number | undefined {
   return (err as { code?: number })?.code;
+}
+
+/**
+ * What the API server said of a refused request: its Status's message (the client's error
+ * carries the whole HTTP exchange), or the error's own words.
+ */
+export function apiErrorMessage(err: unknown): string {
+  const body = (err as { body?: unknown } | null)?.body;
+  if (typeof body === "string") {
+    try {
+      const status = JSON.parse(body) as { message?: unknown };
+      if (typeof status.message === "string" && status.message !== "") return status.message;
+    } catch {
+      // not JSON: the error's own words below
+    }
+  }
+  return formatError(err);
 }
 
 /**
@@ -47,6 +65,8 @@ const OWNED_KINDS = [
   { apiVersion: "apps/v1", kind: "Deployment" },
   { apiVersion: "v1", kind: "Service" },
   { apiVersion: "policy/v1", kind: "PodDisruptionBudget" },
+  // Optional: an older chart's RBAC does not grant them (the model says so when it asks).
+  { apiVersion: "networking.k8s.io/v1", kind: "NetworkPolicy", optional: true },
   { apiVersion: "monitoring.coreos.com/v1", kind: "PodMonitor", optional: true },
 ] as const;
 

@@ -12,7 +12,7 @@ import { parsePlan } from "../moe/plan-json.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
 import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
-import { httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
+import { apiErrorMessage, httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
 import { NatsProbe } from "./nats-probe.ts";
 import {
@@ -388,7 +388,8 @@ export class Reconciler {
 
   /**
    * Applies every desired object in order; deletes owned objects no longer desired. A
-   * PodMonitor the cluster has no CRD for is a problem that leaves serving alone.
+   * PodMonitor the cluster has no CRD for, or a NetworkPolicy that cannot be applied, is a
+   * problem that leaves serving alone.
    */
   async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
@@ -402,6 +403,16 @@ export class Reconciler {
       try {
         after = await this.#kube.apply(obj as KubernetesObject);
       } catch (err) {
+        if (obj.kind === "NetworkPolicy") {
+          // Isolation asked for and not had (an older chart's RBAC, a peer the API server
+          // refuses): reported; the pods serve on as before.
+          problems.push({
+            reason: "NetworkPolicyApplyFailed",
+            message: `NetworkPolicy ${ns}/${obj.metadata?.name} (spec.networkPolicy): ${apiErrorMessage(err)}`,
+            servingUnaffected: true,
+          });
+          continue;
+        }
         if (obj.kind !== "PodMonitor") throw err;
         // The PodMonitor is an extra: whatever keeps it out (no CRD, an older chart's RBAC, a
         // policy) is reported, and the rest converges (deletes below included).
@@ -415,7 +426,7 @@ export class Reconciler {
               }
             : {
                 reason: "PodMonitorApplyFailed",
-                message: `PodMonitor ${keyOf(obj as KubernetesObject)} (spec.monitoring.podMonitor): ${formatError(err)}`,
+                message: `PodMonitor ${ns}/${obj.metadata?.name} (spec.monitoring.podMonitor): ${apiErrorMessage(err)}`,
                 servingUnaffected: true,
               },
         );

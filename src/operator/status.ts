@@ -23,6 +23,7 @@ export interface Problem {
     | "ApplyFailed"
     | "PodMonitorCRDNotFound"
     | "PodMonitorApplyFailed"
+    | "NetworkPolicyApplyFailed"
     | "SharedPVCNotReadWriteMany"
     | "NATSJetStreamMissing";
   message: string;

@@ -5,6 +5,8 @@ import type {
   V1ConfigMap,
   V1Deployment,
   V1LabelSelector,
+  V1NetworkPolicy,
+  V1NetworkPolicyIngressRule,
   V1PodDisruptionBudget,
   V1PodSpec,
   V1Service,
@@ -57,6 +59,7 @@ export type DesiredObject =
   | V1Deployment
   | V1Service
   | V1PodDisruptionBudget
+  | V1NetworkPolicy
   | PodMonitor;
 
 /** Seconds a gateway keeps serving after SIGTERM, not ready (`gateway --shutdown-delay`). */
@@ -640,8 +643,54 @@ export function desiredObjects(
       ],
     },
   });
+  objects.push(...networkPolicies(model));
   if (model.spec.monitoring?.podMonitor.enabled) objects.push(podMonitor(model));
   return objects;
+}
+
+/**
+ * With spec.networkPolicy.enabled, a NetworkPolicy per role: gateways admit their HTTP and
+ * gRPC ports (gatewayFrom) and their metrics port (metricsFrom); shards and prefill gateways
+ * only their metrics port: they connect to NATS themselves, and nothing connects to them. A
+ * list of peers absent admits anyone, an empty one no one.
+ */
+export function networkPolicies(model: DeepSeekModel): V1NetworkPolicy[] {
+  const np = model.spec.networkPolicy;
+  if (!np?.enabled) return [];
+  const rule = (ports: string[], from: object[] | undefined): V1NetworkPolicyIngressRule[] =>
+    from?.length === 0
+      ? []
+      : [
+          {
+            ports: ports.map((port) => ({ port, protocol: "TCP" })),
+            ...(from ? { _from: from } : {}),
+          },
+        ];
+  const policy = (
+    component: "gateway" | "prefill" | "shard",
+    ingress: V1NetworkPolicyIngressRule[],
+  ): V1NetworkPolicy => ({
+    apiVersion: "networking.k8s.io/v1",
+    kind: "NetworkPolicy",
+    metadata: meta(model, `${model.metadata.name}-${component}`, component),
+    spec: {
+      podSelector: {
+        matchLabels: {
+          [LABEL_MODEL]: model.metadata.name,
+          [LABEL_COMPONENT]: component,
+          "app.kubernetes.io/managed-by": MANAGED_BY,
+        },
+      },
+      policyTypes: ["Ingress"],
+      ingress,
+    },
+  });
+  const metrics = rule(["metrics"], np.metricsFrom);
+  return [
+    policy("gateway", [...rule(["http", "grpc"], np.gatewayFrom), ...metrics]),
+    policy("shard", metrics),
+    ...(model.spec.gateway.disaggregation ? [policy("prefill", metrics)] : []),
+  ];
 }
 
 /**

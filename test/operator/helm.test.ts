@@ -79,6 +79,11 @@ const OPERATOR_RULES = [
     verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
   },
   {
+    apiGroups: ["networking.k8s.io"],
+    resources: ["networkpolicies"],
+    verbs: ["get", "list", "create", "update", "patch", "delete"],
+  },
+  {
     apiGroups: ["monitoring.coreos.com"],
     resources: ["podmonitors"],
     verbs: ["get", "list", "create", "update", "patch", "delete"],
@@ -1315,6 +1320,12 @@ spec:
         { verb: "get", resource: "secrets", namespace: elsewhere },
         { verb: "create", resource: "events", group: "events.k8s.io", namespace: elsewhere },
         { verb: "create", resource: "poddisruptionbudgets", group: "policy", namespace: elsewhere },
+        {
+          verb: "delete",
+          resource: "networkpolicies",
+          group: "networking.k8s.io",
+          namespace: elsewhere,
+        },
         { verb: "update", resource: "leases", group: "coordination.k8s.io", namespace },
       ];
       const denied = [

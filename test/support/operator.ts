@@ -126,6 +126,10 @@ export function model(
   };
 }
 
+/** A model's condition of `type` (Ready, Progressing, Degraded), if it has one. */
+export const condition = (m: DeepSeekModel, type: string) =>
+  m.status?.conditions?.find((c) => c.type === type);
+
 /** Reads a DeepSeekModel as admin. */
 export async function getModel(namespace: string, name: string): Promise<DeepSeekModel> {
   return (await custom().getNamespacedCustomObject({ ...G, namespace, name })) as DeepSeekModel;

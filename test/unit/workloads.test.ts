@@ -1,8 +1,9 @@
+import type { V1Deployment, V1NetworkPolicy } from "@kubernetes/client-node";
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest, prefixCacheBucket } from "../../src/api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../../src/api/memory.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
-import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
+import { desiredObjects, networkPolicies, specReplicas } from "../../src/operator/workloads.ts";
 
 function manifest(extra = "") {
   return parseManifest(`
@@ -836,5 +837,73 @@ spec:
     expect(gw.spec.template.spec.containers[0].args).toContain(
       "--model=/models/deepseek-ai--DeepSeek-V3",
     );
+  });
+
+  it.each([
+    [
+      "peers absent: anyone",
+      "{ enabled: true }",
+      [{ ports: ["http", "grpc"] }, { ports: ["metrics"] }],
+      [{ ports: ["metrics"] }],
+    ],
+    [
+      "metrics from Prometheus's namespace, the API from an ingress controller",
+      "{ enabled: true, gatewayFrom: [{ namespaceSelector: { matchLabels: { kubernetes.io/metadata.name: ingress } } }], metricsFrom: [{ ipBlock: { cidr: 10.0.0.0/8 } }] }",
+      [
+        {
+          ports: ["http", "grpc"],
+          from: [
+            { namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "ingress" } } },
+          ],
+        },
+        { ports: ["metrics"], from: [{ ipBlock: { cidr: "10.0.0.0/8" } }] },
+      ],
+      [{ ports: ["metrics"], from: [{ ipBlock: { cidr: "10.0.0.0/8" } }] }],
+    ],
+    [
+      "an empty list: no one (the rule left out)",
+      "{ enabled: true, metricsFrom: [] }",
+      [{ ports: ["http", "grpc"] }],
+      [],
+    ],
+  ])("spec.networkPolicy, %s", (_name, np, gateway, shard) => {
+    const m = manifest(
+      `  networkPolicy: ${np}\n  gateway: { disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }`,
+    );
+    const rules = (component: string) =>
+      networkPolicies(m)
+        .find((p) => p.metadata?.name === `m-${component}`)!
+        .spec!.ingress!.map((r) => ({
+          ports: r.ports!.map((p) => p.port),
+          ...(r._from ? { from: r._from } : {}),
+        }));
+    expect(networkPolicies(m).map((p) => p.metadata?.name)).toEqual([
+      "m-gateway",
+      "m-shard",
+      "m-prefill",
+    ]);
+    expect(rules("gateway")).toEqual(gateway);
+    expect(rules("shard")).toEqual(shard);
+    expect(rules("prefill")).toEqual(shard);
+  });
+
+  it("spec.networkPolicy: none unless enabled; each selects its role's pods and no other's", () => {
+    expect(objects().some((o) => o.kind === "NetworkPolicy")).toBe(false);
+    expect(
+      objects("  networkPolicy: { enabled: false }").some((o) => o.kind === "NetworkPolicy"),
+    ).toBe(false);
+    const all = objects("  networkPolicy: { enabled: true }");
+    const pods = all.flatMap((o) =>
+      o.kind === "Deployment" ? [(o as V1Deployment).spec!.template.metadata!.labels!] : [],
+    );
+    for (const policy of all.filter((o) => o.kind === "NetworkPolicy") as V1NetworkPolicy[]) {
+      const role = policy.metadata!.labels!["app.kubernetes.io/component"];
+      const selected = pods.filter((labels) =>
+        Object.entries(policy.spec!.podSelector!.matchLabels!).every(([k, v]) => labels[k] === v),
+      );
+      expect(selected.length, role).toBeGreaterThan(0);
+      for (const labels of selected) expect(labels["app.kubernetes.io/component"]).toBe(role);
+      expect(policy.spec!.policyTypes).toEqual(["Ingress"]);
+    }
   });
 });
