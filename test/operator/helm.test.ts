@@ -1199,6 +1199,9 @@ spec:
       // models' default URL does not reach it.
       expect(out).toContain(`nats://nats.${namespace}.svc:4222`);
       expect(out).toContain("This is not the DeepSeekModel default");
+      expect(out).toContain(
+        "A NetworkPolicy admits to it only the models' pods, the operator's, where the CNI enforces NetworkPolicy.",
+      );
 
       const crd = await waitFor("CRD established", async () => {
         const c = await crds.readCustomResourceDefinition({ name: "deepseekmodels.expertmesh.io" });
