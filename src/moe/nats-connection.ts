@@ -418,6 +418,21 @@ export function subscriptionRefused(err: PermissionViolationError, scope: string
   );
 }
 
+/**
+ * How long `nc` has been without its server, in ms (0 while connected), from its status
+ * events: nats.js keeps reconnecting for ever, so `isClosed()` never says so.
+ */
+export function outageClock(nc: NatsConnection, now: () => number = Date.now): () => number {
+  let lostAt = 0;
+  void (async () => {
+    for await (const s of nc.status()) {
+      if (s.type === "disconnect" && !lostAt) lostAt = now();
+      else if (s.type === "reconnect") lostAt = 0;
+    }
+  })();
+  return () => (lostAt ? now() - lostAt : 0);
+}
+
 /** The inbox prefix a connection was opened with (nats.js keeps its options). */
 export function inboxPrefixOf(nc: NatsConnection): string | undefined {
   return (nc as { options?: { inboxPrefix?: string } }).options?.inboxPrefix;

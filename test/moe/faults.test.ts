@@ -109,6 +109,49 @@ describe("nats-server restarts mid-generation", () => {
   });
 });
 
+describe("nats-server gone for a while", () => {
+  let cluster: Cluster | undefined;
+  let nats: Awaited<ReturnType<typeof startNats>> | undefined;
+  afterAll(async () => {
+    await stopAll(cluster);
+    await nats?.process.stop();
+  });
+
+  it("a shard says it is not ready (/readyz 503) 10 s after its server went, and ready again once reconnected", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-gone-"));
+    const logs = join(testEnv().runDir, "logs");
+    nats = await startNats(testEnv().binaries.natsServer, dir, logs);
+    const port = nats.info.port;
+    cluster = await startShards(await tinyCheckpointFor("tiny-v3"), 1, { natsUrl: nats.info.url });
+    const readyz = async () => {
+      const res = await fetch(`http://127.0.0.1:${metricsPort(cluster!.shards[0]!)}/readyz`);
+      return { status: res.status, text: (await res.text()).trim() };
+    };
+    expect(await readyz()).toEqual({ status: 200, text: "ok" });
+    await nats.process.stop();
+    const lostAt = Date.now();
+    // A blip is no outage: still ready right after the server went.
+    expect((await readyz()).status).toBe(200);
+    const notReady = await waitFor(
+      "/readyz 503",
+      async () => {
+        const r = await readyz();
+        return r.status === 503 ? r : undefined;
+      },
+      30_000,
+    );
+    expect(Date.now() - lostAt).toBeGreaterThanOrEqual(10_000);
+    expect(notReady.text).toMatch(/^NATS server lost \d+ s ago, reconnecting$/);
+    nats = await startNats(testEnv().binaries.natsServer, dir, logs, { port });
+    await waitFor(
+      "/readyz 200 again",
+      async () => ((await readyz()).status === 200 ? true : undefined),
+      30_000,
+    );
+    expect(cluster.shards[0]!.exited).toBe(false);
+  });
+});
+
 describe("malformed frames sent straight to a shard", () => {
   let cluster: Cluster | undefined;
   beforeAll(async () => {

@@ -8,7 +8,7 @@ import { registerScratchGauge, scratchTrimmerFor } from "../../engine/scratch-tr
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
-import { connectNats, subscriptionRefused } from "../../moe/nats-connection.ts";
+import { connectNats, outageClock, subscriptionRefused } from "../../moe/nats-connection.ts";
 import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
@@ -34,6 +34,13 @@ import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
 
+/**
+ * /readyz answers 503 once the NATS server has been gone this long (a blip, or a server
+ * restarting, stays ready): the Deployment's ready count, and the model's status, then show
+ * the shards that cannot serve, as when a rotated password is refused.
+ */
+const NATS_OUTAGE_NOT_READY_MS = 10_000;
+
 const USAGE = `expertmesh shard --model DIR --plan FILE --shard K --nats URL [options]
 ${natsAuthUsage(22)}
   --nats-wait SECONDS   how long to wait at start for a NATS server not reachable yet (default 60)
@@ -44,7 +51,8 @@ ${natsAuthUsage(22)}
   --namespace NS        model namespace in NATS subjects (default default)
   --model-name NAME     model name in NATS subjects (default: the model folder's name)
   --id ID               this replica's id in load reports (default hostname-pid)
-  --metrics-port PORT   /metrics, /healthz, /readyz (default 9090; 0 picks one)
+  --metrics-port PORT   /metrics, /healthz, /readyz (default 9090; 0 picks one); /readyz is 503
+                        while starting, draining, or 10 s after the NATS server was lost
   --device DEV          where the experts run: cpu (default), cuda (= cuda:0) or cuda:N; ops
                         the CUDA backend lacks run on the CPU. cuda needs the native engine
                         built with CUDA (EM_CUDA=ON shards/build.sh) and a CUDA device;
@@ -128,6 +136,7 @@ export const shardCommand: Command = {
     const startup = new Startup({ role: "shard", registry });
     startup.watchStalls(stallSeconds, exitOnStall(log));
     let nc: NatsConnection | null = null;
+    let natsOutage = () => 0;
     let draining = false;
     let sync = () => {};
     const http = createServer(async (req, res) => {
@@ -140,7 +149,9 @@ export const shardCommand: Command = {
             ? "draining"
             : nc?.isClosed()
               ? "NATS connection closed"
-              : null;
+              : natsOutage() > NATS_OUTAGE_NOT_READY_MS
+                ? `NATS server lost ${Math.round(natsOutage() / 1000)} s ago, reconnecting`
+                : null;
         res.writeHead(why ? 503 : 200).end(`${why ?? "ok"}\n`);
       } else if (url === "/metrics") {
         sync();
@@ -208,6 +219,7 @@ export const shardCommand: Command = {
       waitMs: natsWaitMs,
       log,
     });
+    natsOutage = outageClock(nc);
     // The native engine's scratch caches, given back after a quiet time.
     const trimmer = scratchTrimmerFor(backend, log);
     const shard = new ShardServer({
