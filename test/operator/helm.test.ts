@@ -28,6 +28,7 @@ import {
   type V1Pod,
   type V1PodSpec,
 } from "@kubernetes/client-node";
+import { Kvm } from "@nats-io/kv";
 import { connect, nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
@@ -396,13 +397,14 @@ spec:
       const nats = all.filter(isNats);
       expect(nats.map((o) => `${o.kind}/${o.metadata.name}`).sort()).toEqual([
         "ConfigMap/em-expertmesh-nats",
+        "Service/em-expertmesh-nats",
         "Service/nats",
         "StatefulSet/em-expertmesh-nats",
       ]);
       // nats://nats.expertmesh-system.svc:4222, the CRD's default.
       const crd = readFileSync(repoCrd, "utf8");
       expect(crd).toContain("default: nats://nats.expertmesh-system.svc:4222");
-      const svc = only(nats, "Service");
+      const svc = ofKind(nats, "Service").find((o) => o.metadata.name === "nats")!;
       expect(svc.metadata.namespace).toBe("expertmesh-system");
       expect(svc.spec.ports.map((p: Obj) => [p.name, p.port])).toEqual([
         ["client", 4222],
@@ -759,6 +761,107 @@ spec:
       }
     });
 
+    it("with nats.replicas 3 its rendered configuration forms a cluster on the real nats-server: routes by the pods' names, JetStream clustered, a replicated bucket that outlives a server", async () => {
+      const objects = (await renderAll("em", "default", ["--set", "nats.replicas=3"])).filter(
+        isNats,
+      );
+      const sts = only(objects, "StatefulSet");
+      expect(sts.spec.replicas).toBe(3);
+      expect(sts.spec.podManagementPolicy).toBe("Parallel");
+      // The pods' names resolve through a headless Service, listed before they are ready.
+      const headless = ofKind(objects, "Service").find(
+        (o) => o.metadata.name === sts.spec.serviceName,
+      )!;
+      expect(headless.spec).toMatchObject({ clusterIP: "None", publishNotReadyAddresses: true });
+      expect(headless.spec.selector).toEqual(sts.spec.selector.matchLabels);
+      expect(only(objects, "PodDisruptionBudget").spec).toEqual({
+        maxUnavailable: 1,
+        selector: sts.spec.selector,
+      });
+      const container = sts.spec.template.spec.containers[0];
+      expect(container.env).toEqual([
+        { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
+      ]);
+      expect(container.ports.map((p: Obj) => p.name)).toContain("cluster");
+      // The API server takes them as rendered.
+      const dryRun = await kubectl(
+        ["apply", "--dry-run=server", "-n", "default", "-f", "-"],
+        JSON.stringify({ apiVersion: "v1", kind: "List", items: objects }),
+      );
+      expect(dryRun.code, dryRun.stderr).toBe(0);
+
+      // Three servers here, each with the rendered file: this machine's ports in place of the
+      // pods', 127.0.0.1 in place of the pods' names, each its own store, POD_NAME its name.
+      const conf = only(objects, "ConfigMap").data["nats.conf"] as string;
+      const routeHost = (i: number) =>
+        `${sts.metadata.name}-${i}.${headless.metadata.name}.default.svc`;
+      for (const i of [0, 1, 2]) expect(conf).toContain(`nats://${routeHost(i)}:6222`);
+      const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-cluster-"));
+      const ports = await Promise.all(
+        [0, 1, 2].map(async () => ({
+          client: await freePort(),
+          cluster: await freePort(),
+          monitor: await freePort(),
+        })),
+      );
+      const servers = ports.map((p, i) => {
+        let local = conf
+          .replace(/^port: 4222$/m, `port: ${p.client}\nhost: 127.0.0.1`)
+          .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${p.monitor}"`)
+          .replace(/^ {2}port: 6222$/m, `  port: ${p.cluster}\n  host: 127.0.0.1`)
+          .replace('"/data/jetstream"', `"${join(dir, `js-${i}`)}"`);
+        for (const [j, q] of ports.entries())
+          local = local.replace(`${routeHost(j)}:6222`, `127.0.0.1:${q.cluster}`);
+        expect(local).not.toMatch(/\.svc|\/data\//);
+        writeFileSync(join(dir, `nats-${i}.conf`), local);
+        return new ManagedProcess(
+          `nats-chart-cluster-${i}`,
+          testEnv().binaries.natsServer,
+          ["--config", join(dir, `nats-${i}.conf`)],
+          join(testEnv().runDir, "logs"),
+          { ...process.env, POD_NAME: `em-expertmesh-nats-${i}` },
+        );
+      });
+      const monitor = (i: number, path: string) =>
+        fetch(`http://127.0.0.1:${ports[i]!.monitor}${path}`);
+      try {
+        // Ready (the probe's path) only once JetStream's cluster has a leader.
+        for (const [i, server] of servers.entries())
+          await server.waitUntil(
+            "ready",
+            async () => (await monitor(i, "/healthz?js-enabled-only=true")).ok,
+            60_000,
+          );
+        for (const i of [0, 1, 2]) {
+          const routez = (await (await monitor(i, "/routez")).json()) as { num_routes: number };
+          expect(routez.num_routes, `server ${i}'s routes`).toBeGreaterThanOrEqual(2);
+          const varz = (await (await monitor(i, "/varz")).json()) as { server_name: string };
+          expect(varz.server_name).toBe(`em-expertmesh-nats-${i}`);
+        }
+        // A bucket kept on all three, written through server 0, read through server 2 after
+        // server 0 is gone.
+        const nc0 = await connect({ servers: `nats://127.0.0.1:${ports[0]!.client}` });
+        const kv0 = await waitFor("a bucket of 3 replicas", async () =>
+          new Kvm(nc0).create("cluster-test", { replicas: 3 }).catch(() => undefined),
+        );
+        await kv0.put("k", "written before the loss");
+        await nc0.close();
+        await servers[0]!.stop();
+        const nc2 = await connect({ servers: `nats://127.0.0.1:${ports[2]!.client}` });
+        try {
+          const kv2 = await new Kvm(nc2).open("cluster-test");
+          const entry = await waitFor("the value from the others", async () =>
+            kv2.get("k").catch(() => undefined),
+          );
+          expect(entry?.string()).toBe("written before the loss");
+        } finally {
+          await nc2.close();
+        }
+      } finally {
+        for (const server of servers) await server.stop();
+      }
+    });
+
     it("with nats.networkPolicy.enabled admits to the client port only the models' pods, the operator's and extraFrom; the monitor port to monitorFrom", async () => {
       const policyOf = async (extra: string[]) =>
         only((await renderAll("em", "ops", extra)).filter(isNats), "NetworkPolicy");
@@ -841,6 +944,18 @@ spec:
       expect(admits(narrow, { labels: stranger, namespace: "monitoring" }, "monitor")).toBe(true);
       expect(admits(narrow, { labels: stranger, namespace: "monitoring" }, "client")).toBe(false);
 
+      // A cluster: its servers reach each other's route port, and no one else does.
+      const clustered = await policyOf([
+        "--set",
+        "nats.networkPolicy.enabled=true",
+        "--set",
+        "nats.replicas=3",
+      ]);
+      expect(admits(clustered, inOps(natsPod), "cluster")).toBe(true);
+      expect(admits(clustered, inOps(operatorPod), "cluster")).toBe(false);
+      expect(admits(clustered, inOps(stranger), "cluster")).toBe(false);
+      expect(admits(open, inOps(natsPod), "cluster"), "one server: no route port").toBe(false);
+
       await expect(
         render("em", "ops", ["--set", "nats.networkPolicy.modelNamespaces[0]=Team_A"]),
       ).rejects.toThrow(/modelNamespaces/);
@@ -849,12 +964,13 @@ spec:
       ).rejects.toThrow(/extraFrom/);
     });
 
-    it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read", async () => {
+    it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read, an even cluster", async () => {
       for (const [value, field] of [
         ["nats.tls.verifyClients=true", /secretName/],
         ["nats.maxPayload=134217728", /maxPayload/],
         ["nats.jetstream.maxFileStore=ten", /maxFileStore/],
         ["nats.serviceName=Not_A_Name", /serviceName/],
+        ["nats.replicas=2", /replicas/],
       ] as const)
         await expect(render("em", "ops", ["--set", value]), value).rejects.toThrow(field);
     });

@@ -165,6 +165,22 @@ The bundled NATS server's configuration (nats.conf), from values nats.*.
 # nats-server configuration written by the expertmesh chart (values nats.*).
 port: 4222
 http_port: 8222
+{{- $replicas := int .Values.nats.replicas }}
+{{- if gt $replicas 1 }}
+{{- $name := printf "%s-nats" (include "expertmesh.fullname" .) | trunc 63 | trimSuffix "-" }}
+# A cluster of {{ $replicas }}: each server named after its pod, routes to every pod by its name
+# in the headless Service (a route to itself is dropped by the server).
+server_name: $POD_NAME
+cluster {
+  name: {{ $name }}
+  port: 6222
+  routes: [
+    {{- range $i := until $replicas }}
+    nats://{{ $name }}-{{ $i }}.{{ $name }}.{{ $.Release.Namespace }}.svc:6222
+    {{- end }}
+  ]
+}
+{{- end }}
 {{- if include "expertmesh.natsReloader" . }}
 # Where the reloader (a second container) finds the server to signal.
 pid_file: "/var/run/nats/nats.pid"
