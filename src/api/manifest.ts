@@ -393,9 +393,11 @@ export function prefixCacheBucket(model: DeepSeekModel): string {
 export function prefixCacheRemoteArgs(model: DeepSeekModel): string[] {
   const bytes = model.spec.gateway.kvCache.remoteBytes;
   if (bytes <= 0) return [];
+  const replicas = model.spec.gateway.kvCache.remoteReplicas ?? 1;
   return [
     `--prefix-cache-remote=${prefixCacheBucket(model)}`,
     `--prefix-cache-remote-bytes=${bytes}`,
+    ...(replicas > 1 ? [`--prefix-cache-remote-replicas=${replicas}`] : []),
   ];
 }
 

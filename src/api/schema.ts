@@ -377,6 +377,13 @@ export const GatewaySchema = withRules(
             default: 0,
             minimum: 0,
           }),
+          remoteReplicas: Type.Integer({
+            description:
+              "Copies of the NATS tier's bucket on a NATS cluster (1: one server holds it; 3: it outlives a server, as disaggregated prefill across a server's restart needs). The servers must be at least as many; a bucket made before keeps its own.",
+            default: 1,
+            minimum: 1,
+            maximum: 5,
+          }),
           diskSharedClaim: Type.Optional(
             Type.String({
               description:

@@ -48,6 +48,8 @@ export interface RemotePrefixOptions {
   readonly bucket: string;
   /** The bucket's budget when this store makes it (one made before keeps its own). */
   readonly maxBytes: number;
+  /** Copies of the bucket on a NATS cluster when this store makes it (default 1). */
+  readonly replicas?: number;
   /** Payload bytes of one block: its rows in every layer. */
   readonly blockBytes: number;
   /** What the rows depend on: hashed into the fingerprint that prefixes the keys. */
@@ -198,7 +200,7 @@ export class RemotePrefixStore implements PrefixStore {
           max_msg_size: partBytes + 1024, // and headers
           discard: DiscardPolicy.Old,
           storage: this.#o.storage === "memory" ? StorageType.Memory : StorageType.File,
-          num_replicas: 1,
+          num_replicas: this.#o.replicas ?? 1,
           allow_rollup_hdrs: true,
           allow_direct: true,
           description: "expertmesh prefix cache blocks (ADR 0028)",
@@ -214,6 +216,11 @@ export class RemotePrefixStore implements PrefixStore {
           `prefix cache ${where}: keeps the budget it was made with, ${info.config.max_bytes} bytes (not ${this.maxBytes})`,
         );
       }
+      const copies = this.#o.replicas ?? 1;
+      if (info.config.num_replicas !== copies)
+        this.#log(
+          `prefix cache ${where}: keeps the ${info.config.num_replicas} cop${info.config.num_replicas === 1 ? "y" : "ies"} it was made with (not ${copies})`,
+        );
       if (info.config.discard !== DiscardPolicy.Old)
         this.#log(
           `prefix cache ${where}: the bucket refuses writes once full (discard ${info.config.discard}, made elsewhere): no block is written after that; let the gateway make it, or make it with discard old`,

@@ -96,3 +96,30 @@ export async function startNats(
     },
   };
 }
+
+/**
+ * `n` nats-servers routed into one cluster, JetStream clustered (each with its store under
+ * `dir`/s<i>), all on loopback; resolves once every one reports JetStream ready (which a
+ * clustered server does only once the others elected a leader).
+ */
+export async function startNatsCluster(
+  binary: string,
+  dir: string,
+  logDir: string,
+  n: number,
+  name = "nats-cluster",
+): Promise<NatsServer[]> {
+  const routePorts = await Promise.all(Array.from({ length: n }, () => freePort()));
+  const routes = routePorts.map((p) => `nats://127.0.0.1:${p}`).join(", ");
+  return Promise.all(
+    routePorts.map((port, i) =>
+      startNats(binary, join(dir, `s${i}`), logDir, {
+        name: `${name}-${i}`,
+        config: [
+          `server_name: ${name}-${i}`,
+          `cluster { name: ${name}, listen: "127.0.0.1:${port}", routes: [${routes}] }`,
+        ],
+      }),
+    ),
+  );
+}

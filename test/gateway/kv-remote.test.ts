@@ -4,15 +4,17 @@
 // dropped for room are misses, not errors of the caller; a full bucket drops its oldest
 // values instead of refusing writes; a block over max_payload is written in parts and read
 // whole; a server without JetStream is refused at open with EM_PREFIX_REMOTE; a restart of the server loses nothing
-// kept in file storage, and the stores go on.
+// kept in file storage, and the stores go on; on a cluster, a bucket of 3 copies outlives a
+// server.
 import { createHash } from "node:crypto";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { RemotePrefixStore } from "../../src/engine/kv-remote.ts";
-import { startNats } from "../env/nats.ts";
+import { startNats, startNatsCluster } from "../env/nats.ts";
 import { startNatsWithoutJetStream, testEnv, uniqueName, waitFor } from "../support/env.ts";
 
 const BLOCK = 4096;
@@ -336,6 +338,56 @@ describe("RemotePrefixStore across a NATS server restart", () => {
       await ncA.close();
       await ncB.close();
       await server.process.stop();
+    }
+  });
+});
+
+describe("RemotePrefixStore on a NATS cluster", () => {
+  it("with 3 copies, a block written through one server is read through another after the first is gone", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "nats-cluster-prefix-"));
+    const servers = await startNatsCluster(
+      testEnv().binaries.natsServer,
+      dir,
+      join(testEnv().runDir, "logs"),
+      3,
+      "nats-prefix-cluster",
+    );
+    const ncs: NatsConnection[] = [];
+    const stores: RemotePrefixStore[] = [];
+    try {
+      const connectTo = async (i: number) => {
+        const c = await connect({ servers: servers[i]!.info.url, name: `cluster-${i}` });
+        ncs.push(c);
+        return c;
+      };
+      const said: string[] = [];
+      const common = { bucket: "replicated", maxBytes: 1 << 20, blockBytes: BLOCK, identity };
+      const a = await RemotePrefixStore.open({ ...common, replicas: 3, nc: await connectTo(0) });
+      stores.push(a);
+      const info = await (await jetstreamManager(ncs[0]!)).streams.info("KV_replicated");
+      expect(info.config.num_replicas).toBe(3);
+      a.save(hashOf(3), rows(3));
+      await a.flush();
+      expect(a.stats.written).toBe(1);
+      // A store that asks for 1 copy opens the bucket made with 3, and says so.
+      const b = await RemotePrefixStore.open({
+        ...common,
+        nc: await connectTo(2),
+        log: (m) => said.push(m),
+      });
+      stores.push(b);
+      expect(said.join("\n")).toMatch(/keeps the 3 copies it was made with \(not 1\)/);
+      await servers[0]!.process.stop();
+      const got = await waitFor(
+        "block 3 read through server 2",
+        async () => (await readBack(b, hashOf(3))) ?? undefined,
+        30_000,
+      );
+      expect(got).toEqual(joined(3));
+    } finally {
+      for (const s of stores) await s.close();
+      for (const c of ncs) await c.close().catch(() => {});
+      for (const s of servers) await s.process.stop();
     }
   });
 });

@@ -452,7 +452,7 @@ describe("desiredObjects", () => {
     expect(shard.spec.template.spec.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
   });
 
-  it("passes the NATS tier's bucket and budget only when kvCache.remoteBytes is set", () => {
+  it("passes the NATS tier's bucket, budget and copies only when kvCache.remoteBytes is set", () => {
     const gw = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec;
     expect(gw("").containers[0].args.join(" ")).not.toContain("--prefix-cache-remote");
@@ -465,6 +465,10 @@ describe("desiredObjects", () => {
     );
     // No volume: the blocks live on the NATS server.
     expect(pod.volumes.map((v: any) => v.name)).not.toContain("prefix-cache");
+    // One copy unless asked (a NATS cluster keeps 3 of a bucket that must outlive a server).
+    expect(pod.containers[0].args.join(" ")).not.toContain("--prefix-cache-remote-replicas");
+    const replicated = gw("  gateway: { kvCache: { remoteBytes: 8589934592, remoteReplicas: 3 } }");
+    expect(replicated.containers[0].args).toContain("--prefix-cache-remote-replicas=3");
   });
 
   it("with gateway.disaggregation, runs prefill gateways outside the Service and hands them long prompts", () => {

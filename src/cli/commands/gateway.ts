@@ -127,6 +127,8 @@ ${natsAuthUsage(26)}
                             --prefix-cache-disk, blocks are looked for on the disk first
   --prefix-cache-remote-bytes N the bucket's budget when this gateway makes it; the oldest blocks
                             go first (default 4294967296)
+  --prefix-cache-remote-replicas N  copies of the bucket when this gateway makes it, on a NATS
+                            cluster of at least N servers (default 1; 3 outlives a server)
   --disaggregation-mode M   null (default): this gateway computes its prompts; decode: prompts
                             lacking at least --disaggregation-min-tokens tokens in its prefix cache
                             go to the model's prefill gateways first (over NATS), and their blocks
@@ -248,6 +250,7 @@ export const gatewayCommand: Command = {
         "prefix-cache-disk-shared": { type: "boolean" },
         "prefix-cache-remote": { type: "string" },
         "prefix-cache-remote-bytes": { type: "string" },
+        "prefix-cache-remote-replicas": { type: "string" },
         "disaggregation-mode": { type: "string" },
         "disaggregation-min-tokens": { type: "string" },
         "disaggregation-timeout": { type: "string" },
@@ -303,8 +306,9 @@ export const gatewayCommand: Command = {
     if (values["prefix-cache-disk-shared"] === true && values["prefix-cache-disk"] === undefined)
       usage("--prefix-cache-disk-shared needs --prefix-cache-disk DIR");
     const remoteBucket = values["prefix-cache-remote"];
-    if (values["prefix-cache-remote-bytes"] !== undefined && remoteBucket === undefined)
-      usage("--prefix-cache-remote-bytes needs --prefix-cache-remote BUCKET");
+    for (const flag of ["prefix-cache-remote-bytes", "prefix-cache-remote-replicas"] as const)
+      if (values[flag] !== undefined && remoteBucket === undefined)
+        usage(`--${flag} needs --prefix-cache-remote BUCKET`);
     checkPrefixTiers({
       disk: values["prefix-cache-disk"] !== undefined,
       diskShared: values["prefix-cache-disk-shared"] === true,
@@ -603,6 +607,12 @@ export const gatewayCommand: Command = {
           values["prefix-cache-remote-bytes"],
           "--prefix-cache-remote-bytes",
           4 * 2 ** 30,
+        ),
+        replicas: int(
+          values["prefix-cache-remote-replicas"],
+          "--prefix-cache-remote-replicas",
+          1,
+          1,
         ),
         ...prefixTierLayout(
           weights.config,
