@@ -5,7 +5,12 @@
 // this server stands in for spec.nats (whose Secrets it cannot use).
 import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
-import { localDiskArgs, localNatsArgs, localNatsNote } from "../../src/cli/commands/up.ts";
+import {
+  localDiskArgs,
+  localGatewayArgs,
+  localNatsArgs,
+  localNatsNote,
+} from "../../src/cli/commands/up.ts";
 
 /** The tiny model's manifest with `spec` (YAML lines under spec:) added. */
 const manifestWith = (spec: string) =>
@@ -90,11 +95,23 @@ describe("up's prefix cache flags", () => {
       "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, tls://nats.ops.svc:4222; spec.nats.userSecret, tls (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback)",
     ],
     [
+      "a bucket of 3 copies (up runs one server)",
+      "{}\n  gateway: { kvCache: { remoteBytes: 1048576, remoteReplicas: 3 } }",
+      "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, nats://nats.expertmesh-system.svc:4222; one server: the prefix cache's bucket in one copy, not spec.gateway.kvCache.remoteReplicas's 3)",
+    ],
+    [
       "an NKEY",
       "{ nkeySecret: { name: k } }",
       "nats-server on nats://127.0.0.1:5 (in place of spec.nats.url, nats://nats.expertmesh-system.svc:4222; spec.nats.nkeySecret (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback)",
     ],
   ])("says its nats-server stands in for spec.nats: %s", (_name, nats, want) => {
     expect(localNatsNote(manifestWith(`  nats: ${nats}`), "nats://127.0.0.1:5")).toBe(want);
+  });
+
+  it("passes the gateways the bucket in one copy: up runs one nats-server", () => {
+    const m = manifestWith("  gateway: { kvCache: { remoteBytes: 1048576, remoteReplicas: 3 } }");
+    const args = localGatewayArgs(m, "gateway");
+    expect(args).toContain("--prefix-cache-remote-bytes=1048576");
+    expect(args.join(" ")).not.toContain("--prefix-cache-remote-replicas");
   });
 });

@@ -248,7 +248,20 @@ export function localNatsNote(m: DeepSeekModel, url: string): string {
     secrets.length === 0
       ? ""
       : `; spec.nats.${secrets.join(", ")} (Kubernetes Secrets) unused: it takes no credentials and speaks plain text on loopback`;
-  return `nats-server on ${url} (in place of spec.nats.url, ${n.url}${why})`;
+  const copies = m.spec.gateway.kvCache.remoteReplicas ?? 1;
+  const one =
+    copies > 1 && m.spec.gateway.kvCache.remoteBytes > 0
+      ? `; one server: the prefix cache's bucket in one copy, not spec.gateway.kvCache.remoteReplicas's ${copies}`
+      : "";
+  return `nats-server on ${url} (in place of spec.nats.url, ${n.url}${why}${one})`;
+}
+
+/**
+ * A gateway's flags from the manifest, for `up`'s one nats-server: the NATS tier's bucket in
+ * one copy whatever kvCache.remoteReplicas says (a server holds no second copy).
+ */
+export function localGatewayArgs(m: DeepSeekModel, role: GatewayRole): string[] {
+  return gatewayArgs(m, role).filter((a) => !a.startsWith("--prefix-cache-remote-replicas="));
 }
 
 /**
@@ -623,7 +636,7 @@ export const upCommand: Command = {
         `--host=${listen.host}`,
         "--metrics-port=0",
         `--device=${devices.gateway}`,
-        ...gatewayArgs(m, role),
+        ...localGatewayArgs(m, role),
         ...(role === "prefill" ? localDiskArgs(m, diskDir, r, true, "prefill") : diskOf(r)),
         ...chatTemplateArgs(m, chatTemplatePath),
         ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
