@@ -249,6 +249,13 @@ export class RemotePrefixStore implements PrefixStore {
       for await (const key of keys) this.#seen(key, "PUT", 0);
     } catch (e) {
       if (e instanceof ExpertMeshError) throw e;
+      const copies = this.#o.replicas ?? 1;
+      const why = String((e as Error | undefined)?.message ?? e);
+      if (copies > 1 && /replicas > 1 not supported|insufficient resources/i.test(why))
+        fail(
+          `cannot make the bucket in ${copies} copies: that needs a NATS cluster of at least ${copies} servers with JetStream (--prefix-cache-remote-replicas, spec.gateway.kvCache.remoteReplicas; the chart's nats.replicas)`,
+          e,
+        );
       fail(
         `cannot make or open the bucket (a budget of ${this.maxBytes} bytes over what the server's JetStream may store, or an account without JetStream, are the usual causes)`,
         e,

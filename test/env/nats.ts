@@ -99,8 +99,8 @@ export async function startNats(
 
 /**
  * `n` nats-servers routed into one cluster, JetStream clustered (each with its store under
- * `dir`/s<i>), all on loopback; resolves once every one reports JetStream ready (which a
- * clustered server does only once the others elected a leader).
+ * `dir`/s<i>), all on loopback; resolves once every one is healthy, its JetStream in contact
+ * with the meta leader the servers elected.
  */
 export async function startNatsCluster(
   binary: string,
@@ -111,7 +111,7 @@ export async function startNatsCluster(
 ): Promise<NatsServer[]> {
   const routePorts = await Promise.all(Array.from({ length: n }, () => freePort()));
   const routes = routePorts.map((p) => `nats://127.0.0.1:${p}`).join(", ");
-  return Promise.all(
+  const servers = await Promise.all(
     routePorts.map((port, i) =>
       startNats(binary, join(dir, `s${i}`), logDir, {
         name: `${name}-${i}`,
@@ -122,4 +122,13 @@ export async function startNatsCluster(
       }),
     ),
   );
+  // The full health check: JetStream in contact with its meta leader (an API request before
+  // that times out).
+  for (const s of servers)
+    await s.process.waitUntil(
+      "in contact with the JetStream meta leader",
+      async () => (await fetch(`${s.info.monitorUrl}/healthz`)).ok,
+      60_000,
+    );
+  return servers;
 }

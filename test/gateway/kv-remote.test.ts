@@ -207,6 +207,12 @@ describe("RemotePrefixStore", () => {
     });
   });
 
+  it("refuses at open more copies than one server holds, saying a cluster is needed", async () => {
+    await expect(open({ bucket: uniqueName("prefix"), replicas: 3 })).rejects.toThrow(
+      /cannot make the bucket in 3 copies: that needs a NATS cluster of at least 3 servers/,
+    );
+  });
+
   it("refuses at open a budget the server's JetStream cannot store, saying so", async () => {
     await expect(
       RemotePrefixStore.open({
