@@ -6,6 +6,7 @@
 // fails with EM_NATS_CONNECT.
 import { createHash, createPrivateKey, type KeyObject, X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { createConnection } from "node:net";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   type Authenticator,
@@ -441,8 +442,8 @@ export function inboxPrefixOf(nc: NatsConnection): string | undefined {
 /**
  * One connection without retries, closed at once: nats.js retries a TLS handshake the server
  * refuses (a client certificate missing or from another CA) until its connect timeout, 20 s,
- * and then says only "timeout"; alone, it fails at once with the server's alert. Throws that
- * (tlsFailure words it); any other failure is left to the real connection to meet.
+ * and then says only "timeout"; alone, it fails at once. Throws why (handshakeFailure's
+ * words) when the handshake failed; any other failure is left to the real connection.
  */
 async function handshakeOnce(url: string, options: ReturnType<typeof natsConnectOptions>) {
   try {
@@ -455,8 +456,84 @@ async function handshakeOnce(url: string, options: ReturnType<typeof natsConnect
     });
     await nc.close();
   } catch (err) {
-    if (tlsFailure(err) !== null) throw err;
+    const why = await handshakeFailure(url, options, err);
+    if (why !== null)
+      throw Object.assign(new Error(why, { cause: err }), { name: "TlsHandshakeError" });
   }
+}
+
+/**
+ * Why a TLS connection to `url` with `options` failed with `err`, when it was the handshake:
+ * tlsFailure's reasons, or a server that verifies clients (its INFO, sent in plain text
+ * before the handshake, says tls_verify) and dropped the connection at the handshake. The
+ * server then sends an alert (certificate required, unknown CA) and closes, and which of
+ * the two a busy client reads first varies: a reset means the same. Null: not the handshake.
+ */
+export async function handshakeFailure(
+  url: string,
+  options: ReturnType<typeof natsConnectOptions>,
+  err: unknown,
+): Promise<string | null> {
+  const known = tlsFailure(err);
+  if (known !== null || !options.tls) return known;
+  const e = err as { code?: unknown; name?: unknown } | null;
+  if (e?.code !== "ECONNRESET" && e?.code !== "EPIPE" && e?.name !== "TimeoutError") return null;
+  const info = await serverInfo(url, HANDSHAKE_TIMEOUT_MS);
+  if (info?.["tls_verify"] !== true) return null;
+  const given = Boolean(options.tls.cert || options.tls.certFile);
+  return tlsFailure({
+    code: given ? "ERR_SSL_TLSV1_ALERT_UNKNOWN_CA" : "ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    message: "the server verifies client certificates and dropped the connection at the handshake",
+  });
+}
+
+/**
+ * The INFO a NATS server sends each new connection in plain text, before any TLS handshake
+ * (`tls_required`, `tls_verify`, `auth_required`, ...), from the first server of `url`; null
+ * when none comes within `timeoutMs` (no server, one that wants TLS first, not NATS).
+ */
+export function serverInfo(
+  url: string,
+  timeoutMs: number,
+): Promise<Record<string, unknown> | null> {
+  let host: string;
+  let port: number;
+  try {
+    const first = (url.split(",")[0] ?? "").trim().replace(/^[a-z]+:\/\//i, "");
+    const u = new URL(`nats://${first}`);
+    host = u.hostname.replace(/^\[(.*)\]$/, "$1");
+    port = Number(u.port || 4222);
+  } catch {
+    return Promise.resolve(null);
+  }
+  return new Promise((resolve) => {
+    const socket = createConnection({ host, port });
+    let text = "";
+    const done = (info: Record<string, unknown> | null) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(info);
+    };
+    const timer = setTimeout(() => done(null), timeoutMs);
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => {
+      text += chunk;
+      const end = text.indexOf("\r\n");
+      if (end < 0) {
+        if (text.length > 64 * 1024) done(null);
+        return;
+      }
+      const line = text.slice(0, end);
+      try {
+        const info: unknown = line.startsWith("INFO ") ? JSON.parse(line.slice(5)) : null;
+        done(info !== null && typeof info === "object" ? (info as Record<string, unknown>) : null);
+      } catch {
+        done(null);
+      }
+    });
+    socket.on("error", () => done(null));
+    socket.on("close", () => done(null));
+  });
 }
 
 /** How long handshakeOnce waits for the server (a slow one is then left to connect's own). */

@@ -8,10 +8,10 @@
 // answer kept for a while.
 import { connect } from "@nats-io/transport-node";
 import {
+  handshakeFailure,
   type NatsAuth,
   natsAuthKey,
   natsConnectOptions,
-  tlsFailure,
 } from "../moe/nats-connection.ts";
 
 /** How long an answer is kept (ms): a server restarted with JetStream is seen after this. */
@@ -21,9 +21,8 @@ const CONNECT_TIMEOUT_MS = 2_000;
 
 /**
  * What the server said: its INFO's `jetstream` once connected, why it refused the credentials
- * (the server's words), or why the TLS handshake failed (tlsFailure's words); null: no answer
- * (unreachable, a handshake that timed out: a server that verifies clients drops those
- * without a certificate it trusts, but a slow one looks the same), not judged.
+ * (the server's words), or why the TLS handshake failed (handshakeFailure's words); null: no
+ * answer (unreachable, a timeout from a server that does not verify clients), not judged.
  */
 export type NatsAnswer = { jetStream: boolean } | { refused: string } | { tls: string } | null;
 
@@ -48,20 +47,21 @@ export class NatsProbe {
 }
 
 async function ask(url: string, auth?: NatsAuth): Promise<NatsAnswer> {
+  const options = natsConnectOptions(url, auth);
   try {
     const nc = await connect({
       servers: url,
       name: "expertmesh-operator-probe",
       timeout: CONNECT_TIMEOUT_MS,
       reconnect: false,
-      ...natsConnectOptions(url, auth),
+      ...options,
     });
     const jetStream = nc.info?.jetstream === true;
     await nc.close();
     return { jetStream };
   } catch (err) {
     if (err instanceof Error && err.name === "AuthorizationError") return { refused: err.message };
-    const tls = tlsFailure(err);
+    const tls = await handshakeFailure(url, options, err);
     return tls === null ? null : { tls };
   }
 }

@@ -5,6 +5,7 @@ import { mkdtempSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { handshakeFailure, natsConnectOptions } from "../../src/moe/nats-connection.ts";
 import { NatsProbe } from "../../src/operator/nats-probe.ts";
 import { type NatsServerOptions, startNats } from "../env/nats.ts";
 import { makeNatsPki } from "../env/pki.ts";
@@ -106,13 +107,31 @@ describe("NatsProbe", () => {
         tls: "the server does not offer TLS, which this connection requires (TLS files given, or a tls:// URL)",
       });
       expect(await probe.ask(mutual, withCa(pki.ca, pki.client))).toEqual({ jetStream: false });
-      // The server's TLS alerts: no client certificate, or one another CA signed.
+      // A reset at the handshake (what a busy client often reads before the server's alert)
+      // means the same from a server whose INFO says it verifies clients, and nothing from
+      // one that does not.
+      const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
+      const options = (ca: string, client?: { cert: string; key: string }) =>
+        natsConnectOptions(mutual, withCa(ca, client));
+      expect(await handshakeFailure(mutual, options(pki.ca), reset)).toMatch(
+        /^the server requires a client certificate \(mutual TLS\)/,
+      );
+      expect(await handshakeFailure(mutual, options(pki.ca, pki.otherClient), reset)).toMatch(
+        /^the server does not accept this connection's client certificate/,
+      );
+      expect(
+        await handshakeFailure(tls, natsConnectOptions(tls, withCa(pki.ca)), reset),
+      ).toBeNull();
+      expect(
+        await handshakeFailure(mutual, natsConnectOptions(mutual, undefined), reset),
+      ).toBeNull();
+      // The server's TLS alerts (or resets): no client certificate, or one another CA signed.
       expect(await probe.ask(mutual, withCa(pki.ca))).toEqual({
         tls: expect.stringMatching(/^the server requires a client certificate \(mutual TLS\)/),
       });
       expect(await probe.ask(mutual, withCa(pki.ca, pki.otherClient))).toEqual({
         tls: expect.stringMatching(
-          /^the server does not accept this connection's client certificate \(tlsv1 alert unknown ca\)/,
+          /^the server does not accept this connection's client certificate \((?:tlsv1 alert unknown ca|the server verifies client certificates and dropped the connection at the handshake)\): give one signed by the CA it verifies clients with/,
         ),
       });
     } finally {
