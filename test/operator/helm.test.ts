@@ -26,7 +26,6 @@ import {
   NetworkingV1Api,
   RbacAuthorizationV1Api,
   type V1Pod,
-  type V1PodSpec,
 } from "@kubernetes/client-node";
 import { Kvm } from "@nats-io/kv";
 import { connect, nkeys } from "@nats-io/transport-node";
@@ -41,6 +40,7 @@ import { freePort, ManagedProcess } from "../env/process.ts";
 import { kubectl } from "../support/cli.ts";
 import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
+import { restrictedNamespace } from "../support/pod-security.ts";
 
 const run = promisify(execFile);
 
@@ -981,33 +981,11 @@ spec:
 
   it("runs only pods that pass the restricted Pod Security Standard (the API server's PodSecurity admission judges)", async () => {
     const core = adminKubeConfig().makeApiClient(CoreV1Api);
-    const namespace = uniqueName("em-chart-restricted");
-    await core.createNamespace({
-      body: {
-        metadata: {
-          name: namespace,
-          labels: {
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/enforce-version": "latest",
-          },
-        },
-      },
-    });
-    const refusal = async (spec: Obj) => {
-      try {
-        await core.createNamespacedPod({
-          namespace,
-          body: { metadata: { name: uniqueName("probe") }, spec: spec as V1PodSpec },
-          dryRun: "All",
-        });
-        return null;
-      } catch (err) {
-        return String((err as { body?: unknown }).body ?? err);
-      }
-    };
+    const restricted = await restrictedNamespace("em-chart-restricted");
+    const namespace = restricted.name;
     try {
       // The control: the namespace does enforce it.
-      expect(await refusal({ containers: [{ name: "c", image: "busybox" }] })).toMatch(
+      expect(await restricted.refusal({ containers: [{ name: "c", image: "busybox" }] })).toMatch(
         /violates PodSecurity/,
       );
       // Every pod: the operator's, and the NATS server's with its reloader.
@@ -1027,9 +1005,10 @@ spec:
       expect(
         pods.flatMap((o) => o.spec.template.spec.containers.map((c: Obj) => c.name)).sort(),
       ).toEqual(["nats", "operator", "reloader"].sort());
-      for (const o of pods) expect(await refusal(o.spec.template.spec), o.metadata.name).toBeNull();
+      for (const o of pods)
+        expect(await restricted.refusal(o.spec.template.spec), o.metadata.name).toBeNull();
     } finally {
-      await core.deleteNamespace({ name: namespace }).catch(() => {});
+      await restricted.remove();
     }
   });
 

@@ -4,42 +4,21 @@
 // template is created as a Pod there, as a dry run, for every shape of model (weights from a
 // volume or downloaded by an init container, GPUs, NATS TLS and credentials, disaggregated
 // prefill, a disk tier).
-import { CoreV1Api, type V1Deployment, type V1PodTemplateSpec } from "@kubernetes/client-node";
+import type { V1Deployment, V1PodTemplateSpec } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
-import { adminKubeConfig, uniqueName } from "../support/env.ts";
+import { type RestrictedNamespace, restrictedNamespace } from "../support/pod-security.ts";
 
-const core = adminKubeConfig().makeApiClient(CoreV1Api);
-const namespace = uniqueName("em-restricted");
-
-/** Why the API server refuses `template` as a Pod in the namespace (dry run), or null. */
-async function refusal(template: V1PodTemplateSpec): Promise<string | null> {
-  try {
-    await core.createNamespacedPod({
-      namespace,
-      body: { metadata: { name: uniqueName("probe") }, spec: template.spec! },
-      dryRun: "All",
-    });
-    return null;
-  } catch (err) {
-    const body = (err as { body?: unknown }).body;
-    if (typeof body !== "string") return String(err);
-    try {
-      return (JSON.parse(body) as { message?: string }).message ?? body;
-    } catch {
-      return body;
-    }
-  }
-}
+let ns: RestrictedNamespace;
 
 /** Each Deployment of the model in `spec` (YAML lines under spec:), by name. */
 function podTemplates(spec: string): Map<string, V1PodTemplateSpec> {
   const m = parseManifest(`
 apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
-metadata: { name: m, namespace: ${namespace}, uid: u-1 }
+metadata: { name: m, namespace: ${ns.name}, uid: u-1 }
 spec:
 ${spec}`);
   const plan = planPlacement({
@@ -54,28 +33,18 @@ ${spec}`);
 }
 
 beforeAll(async () => {
-  await core.createNamespace({
-    body: {
-      metadata: {
-        name: namespace,
-        labels: {
-          "pod-security.kubernetes.io/enforce": "restricted",
-          "pod-security.kubernetes.io/enforce-version": "latest",
-        },
-      },
-    },
-  });
+  ns = await restrictedNamespace("em-restricted");
 });
 
 afterAll(async () => {
-  await core.deleteNamespace({ name: namespace }).catch(() => {});
+  await ns?.remove();
 });
 
 describe("the restricted Pod Security Standard", () => {
   it("is enforced in the namespace: a pod that may escalate privileges is refused", async () => {
     // The control: without it, every pass below would be no evidence.
-    const why = await refusal({
-      spec: { containers: [{ name: "c", image: "busybox", command: ["true"] }] },
+    const why = await ns.refusal({
+      containers: [{ name: "c", image: "busybox", command: ["true"] }],
     });
     expect(why).toMatch(/violates PodSecurity "restricted:latest"/);
     expect(why).toMatch(/allowPrivilegeEscalation != false/);
@@ -106,6 +75,7 @@ describe("the restricted Pod Security Standard", () => {
   ])("admits every pod of a model: %s", async (_what, spec) => {
     const templates = podTemplates(spec);
     expect(templates.size).toBeGreaterThanOrEqual(2);
-    for (const [name, template] of templates) expect(await refusal(template), name).toBeNull();
+    for (const [name, template] of templates)
+      expect(await ns.refusal(template.spec!), name).toBeNull();
   });
 });
