@@ -796,6 +796,8 @@ spec:
       const routeHost = (i: number) =>
         `${sts.metadata.name}-${i}.${headless.metadata.name}.default.svc`;
       for (const i of [0, 1, 2]) expect(conf).toContain(`nats://${routeHost(i)}:6222`);
+      // Clients are told of no pod addresses: they reconnect through the Service.
+      expect(conf).toMatch(/^ {2}no_advertise: true$/m);
       const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-cluster-"));
       const ports = await Promise.all(
         [0, 1, 2].map(async () => ({
@@ -832,6 +834,9 @@ spec:
             async () => (await monitor(i, "/healthz?js-enabled-only=true")).ok,
             60_000,
           );
+        const nc1 = await connect({ servers: `nats://127.0.0.1:${ports[1]!.client}` });
+        expect(nc1.info?.connect_urls ?? []).toEqual([]);
+        await nc1.close();
         for (const i of [0, 1, 2]) {
           const routez = (await (await monitor(i, "/routez")).json()) as { num_routes: number };
           expect(routez.num_routes, `server ${i}'s routes`).toBeGreaterThanOrEqual(2);

@@ -174,6 +174,9 @@ server_name: $POD_NAME
 cluster {
   name: {{ $name }}
   port: 6222
+  # Clients reconnect through the Service's name, not to pod addresses the server would
+  # gossip (which a TLS certificate for the Service's name does not hold).
+  no_advertise: true
   routes: [
     {{- range $i := until $replicas }}
     nats://{{ $name }}-{{ $i }}.{{ $name }}.{{ $.Release.Namespace }}.svc:6222
