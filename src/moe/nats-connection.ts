@@ -594,8 +594,11 @@ export function connectFailure(err: unknown, tls: boolean): string {
   return why;
 }
 
+/** An error's message; also a plain object's ({code, message}, as handshakeFailure builds). */
 function errText(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+  if (err instanceof Error) return err.message;
+  const message = (err as { message?: unknown } | null)?.message;
+  return typeof message === "string" ? message : String(err);
 }
 
 /** A server that is not there (yet): refused, timed out, or a name not resolved. */

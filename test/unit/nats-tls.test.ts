@@ -217,6 +217,12 @@ describe("connectFailure", () => {
     ];
     for (const err of uncertain) expect(tlsFailure(err), err.message).toBeNull();
     expect(tlsFailure("not an error")).toBeNull();
+    // A plain {code, message} (handshakeFailure's own words) reads as its message.
+    expect(
+      tlsFailure({ code: "ERR_SSL_TLSV1_ALERT_UNKNOWN_CA", message: "dropped at the handshake" }),
+    ).toMatch(
+      /^the server does not accept this connection's client certificate \(dropped at the handshake\)/,
+    );
   });
 });
 
