@@ -196,6 +196,11 @@ export interface NatsPki {
   otherCa: string;
   /** A client certificate otherCa signed (a rotation to a new client CA). */
   otherClient: { cert: string; key: string };
+  /**
+   * A route's, for the servers of a cluster (127.0.0.1 and localhost; the CA signed it):
+   * good for server and client auth, since a route's two ends each check the other's.
+   */
+  route: { cert: string; key: string };
 }
 
 /** Writes a CA, server and client certificates for a nats-server with TLS into `dir`. */
@@ -223,5 +228,12 @@ export function makeNatsPki(dir: string): NatsPki {
     client: makeCert(dir, "nats-client", "/CN=expertmesh", ca, clientExt),
     otherCa: otherCa.cert,
     otherClient: makeCert(dir, "other-client", "/CN=expertmesh-next", otherCa, clientExt),
+    route: makeCert(
+      dir,
+      "nats-route",
+      "/CN=nats-route",
+      ca,
+      "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    ),
   };
 }

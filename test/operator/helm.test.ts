@@ -16,6 +16,7 @@ import {
 } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
+import { type ConnectionOptions, connect as tlsConnect } from "node:tls";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import {
@@ -32,7 +33,7 @@ import { connect, nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
-import { connectNats } from "../../src/moe/nats-connection.ts";
+import { connectNats, serverInfo } from "../../src/moe/nats-connection.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { makeNatsPki } from "../env/pki.ts";
@@ -761,10 +762,38 @@ spec:
       }
     });
 
-    it("with nats.replicas 3 its rendered configuration forms a cluster on the real nats-server: routes by the pods' names, JetStream clustered, a replicated bucket that outlives a server", async () => {
-      const objects = (await renderAll("em", "default", ["--set", "nats.replicas=3"])).filter(
-        isNats,
-      );
+    /** The first line a TLS server at 127.0.0.1:`port` sends; null if it drops the peer. */
+    function tlsGreeting(port: number, options: ConnectionOptions): Promise<string | null> {
+      return new Promise((resolve) => {
+        const socket = tlsConnect({ host: "127.0.0.1", port, ...options });
+        let text = "";
+        const done = (line: string | null) => {
+          clearTimeout(timer);
+          socket.destroy();
+          resolve(line);
+        };
+        const timer = setTimeout(() => done(null), 5000);
+        socket.setEncoding("utf8");
+        socket.on("data", (chunk: string) => {
+          text += chunk;
+          const end = text.indexOf("\r\n");
+          if (end >= 0) done(text.slice(0, end));
+        });
+        socket.on("error", () => done(null));
+        socket.on("close", () => done(null));
+      });
+    }
+
+    /**
+     * Three nats-servers here, each with the chart's rendered file for nats.replicas 3: this
+     * machine's ports in place of the pods', 127.0.0.1 in place of the pods' names, each its
+     * own store, POD_NAME its name; with routesTls, the routes' Secret's files from the test
+     * PKI. They must form a cluster whose replicated bucket outlives a server.
+     */
+    async function chartCluster(routesTls: boolean) {
+      const extra = ["--set", "nats.replicas=3"];
+      if (routesTls) extra.push("--set", "nats.tls.routesSecretName=nats-routes");
+      const objects = (await renderAll("em", "default", extra)).filter(isNats);
       const sts = only(objects, "StatefulSet");
       expect(sts.spec.replicas).toBe(3);
       expect(sts.spec.podManagementPolicy).toBe("Parallel");
@@ -778,11 +807,29 @@ spec:
         maxUnavailable: 1,
         selector: sts.spec.selector,
       });
-      const container = sts.spec.template.spec.containers[0];
+      const pod = sts.spec.template.spec;
+      const container = pod.containers[0];
       expect(container.env).toEqual([
         { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
       ]);
       expect(container.ports.map((p: Obj) => p.name)).toContain("cluster");
+      const routesMount = { name: "routes-tls", mountPath: "/etc/nats/routes-tls", readOnly: true };
+      if (routesTls) {
+        // The routes' Secret where the configuration reads it, watched by the reloader.
+        expect(pod.volumes).toContainEqual({
+          name: "routes-tls",
+          secret: {
+            secretName: "nats-routes",
+            items: ["tls.crt", "tls.key", "ca.crt"].map((key) => ({ key, path: key })),
+          },
+        });
+        const reloader = pod.containers.find((c: Obj) => c.name === "reloader");
+        for (const c of [container, reloader]) expect(c.volumeMounts).toContainEqual(routesMount);
+        expect(reloader.command).toContain("/etc/nats/routes-tls");
+      } else {
+        expect(pod.containers.map((c: Obj) => c.name)).toEqual(["nats"]);
+        expect(container.volumeMounts).not.toContainEqual(routesMount);
+      }
       // The API server takes them as rendered.
       const dryRun = await kubectl(
         ["apply", "--dry-run=server", "-n", "default", "-f", "-"],
@@ -790,8 +837,6 @@ spec:
       );
       expect(dryRun.code, dryRun.stderr).toBe(0);
 
-      // Three servers here, each with the rendered file: this machine's ports in place of the
-      // pods', 127.0.0.1 in place of the pods' names, each its own store, POD_NAME its name.
       const conf = only(objects, "ConfigMap").data["nats.conf"] as string;
       const routeHost = (i: number) =>
         `${sts.metadata.name}-${i}.${headless.metadata.name}.default.svc`;
@@ -799,6 +844,10 @@ spec:
       // Clients are told of no pod addresses: they reconnect through the Service.
       expect(conf).toMatch(/^ {2}no_advertise: true$/m);
       const dir = mkdtempSync(join(testEnv().runDir, "chart-nats-cluster-"));
+      const pki = makeNatsPki(dir);
+      copyFileSync(pki.route.cert, join(dir, "tls.crt"));
+      copyFileSync(pki.route.key, join(dir, "tls.key"));
+      copyFileSync(pki.ca, join(dir, "ca.crt"));
       const ports = await Promise.all(
         [0, 1, 2].map(async () => ({
           client: await freePort(),
@@ -811,13 +860,15 @@ spec:
           .replace(/^port: 4222$/m, `port: ${p.client}\nhost: 127.0.0.1`)
           .replace(/^http_port: 8222$/m, `http: "127.0.0.1:${p.monitor}"`)
           .replace(/^ {2}port: 6222$/m, `  port: ${p.cluster}\n  host: 127.0.0.1`)
-          .replace('"/data/jetstream"', `"${join(dir, `js-${i}`)}"`);
+          .replace('"/data/jetstream"', `"${join(dir, `js-${i}`)}"`)
+          .replaceAll("/etc/nats/routes-tls/", `${dir}/`)
+          .replace('"/var/run/nats/nats.pid"', `"${join(dir, `nats-${i}.pid`)}"`);
         for (const [j, q] of ports.entries())
           local = local.replace(`${routeHost(j)}:6222`, `127.0.0.1:${q.cluster}`);
-        expect(local).not.toMatch(/\.svc|\/data\//);
+        expect(local).not.toMatch(/\.svc|\/data\/|\/etc\/nats|\/var\/run/);
         writeFileSync(join(dir, `nats-${i}.conf`), local);
         return new ManagedProcess(
-          `nats-chart-cluster-${i}`,
+          `nats-chart-cluster-${routesTls ? "tls-" : ""}${i}`,
           testEnv().binaries.natsServer,
           ["--config", join(dir, `nats-${i}.conf`)],
           join(testEnv().runDir, "logs"),
@@ -826,6 +877,8 @@ spec:
       });
       const monitor = (i: number, path: string) =>
         fetch(`http://127.0.0.1:${ports[i]!.monitor}${path}`);
+      const routes = async (i: number) =>
+        ((await (await monitor(i, "/routez")).json()) as { num_routes: number }).num_routes;
       try {
         // Ready (the probe's path) only once JetStream's cluster has a leader.
         for (const [i, server] of servers.entries())
@@ -838,10 +891,33 @@ spec:
         expect(nc1.info?.connect_urls ?? []).toEqual([]);
         await nc1.close();
         for (const i of [0, 1, 2]) {
-          const routez = (await (await monitor(i, "/routez")).json()) as { num_routes: number };
-          expect(routez.num_routes, `server ${i}'s routes`).toBeGreaterThanOrEqual(2);
+          expect(await routes(i), `server ${i}'s routes`).toBeGreaterThanOrEqual(2);
           const varz = (await (await monitor(i, "/varz")).json()) as { server_name: string };
           expect(varz.server_name).toBe(`em-expertmesh-nats-${i}`);
+          const port = ports[i]!.cluster;
+          if (!routesTls) {
+            // A plain route port greets in plain text.
+            expect(await serverInfo(`nats://127.0.0.1:${port}`, 5000)).not.toBeNull();
+            continue;
+          }
+          // A TLS route port says nothing in plain text; it greets a route's certificate over
+          // TLS, and drops a peer that has none (it verifies both ways).
+          expect(await serverInfo(`nats://127.0.0.1:${port}`, 1000)).toBeNull();
+          const ca = readFileSync(pki.ca);
+          const route = { cert: readFileSync(pki.route.cert), key: readFileSync(pki.route.key) };
+          expect(await tlsGreeting(port, { ca, ...route })).toMatch(/^INFO \{/);
+          expect(await tlsGreeting(port, { ca })).toBeNull();
+        }
+        if (routesTls) {
+          // A reload (what the reloader does after a rotation) keeps the routes.
+          process.kill(servers[1]!.pid!, "SIGHUP");
+          await waitFor("the reload logged", async () =>
+            readFileSync(servers[1]!.logPath, "utf8").includes("Reloaded server configuration")
+              ? true
+              : undefined,
+          );
+          expect(readFileSync(servers[1]!.logPath, "utf8")).not.toMatch(/reload.*(?:error|fail)/i);
+          expect(await routes(1)).toBeGreaterThanOrEqual(2);
         }
         // A bucket kept on all three, written through server 0, read through server 2 after
         // server 0 is gone.
@@ -868,6 +944,14 @@ spec:
       } finally {
         for (const server of servers) await server.stop();
       }
+    }
+
+    it("with nats.replicas 3 its rendered configuration forms a cluster on the real nats-server: routes by the pods' names, JetStream clustered, a replicated bucket that outlives a server", async () => {
+      await chartCluster(false);
+    });
+
+    it("with nats.tls.routesSecretName the cluster's routes run over TLS, verified both ways, and a reload keeps them (the real nats-server)", async () => {
+      await chartCluster(true);
     });
 
     it("with nats.networkPolicy.enabled admits to the client port only the models' pods, the operator's and extraFrom; the monitor port to monitorFrom", async () => {
@@ -972,13 +1056,54 @@ spec:
       ).rejects.toThrow(/extraFrom/);
     });
 
-    it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read, an even cluster", async () => {
+    it("its notes say whether the routes between the NATS servers are encrypted and which Secrets are reloaded in place", async () => {
+      const notes = async (values: string[]) => {
+        const out = await helm([
+          "install",
+          "em",
+          chartDir,
+          "--namespace",
+          "ops",
+          "--dry-run=client",
+          "--kubeconfig",
+          testEnv().kube.kubeconfig,
+          ...values.flatMap((v) => ["--set", v]),
+        ]);
+        return out.slice(out.indexOf("NOTES:"));
+      };
+      const plainRoutes = "The routes between its servers are plain text";
+      expect(await notes([])).not.toContain("routes between its servers");
+      expect(await notes(["nats.replicas=3"])).toContain(
+        `${plainRoutes}: set nats.tls.routesSecretName to encrypt them.`,
+      );
+      const clientTlsOnly = await notes(["nats.replicas=3", "nats.tls.secretName=nats-tls"]);
+      expect(clientTlsOnly).toContain(`${plainRoutes}, though its clients use TLS:`);
+      expect(clientTlsOnly).toContain("A change to Secret nats-tls is reloaded in place");
+      const all = await notes([
+        "nats.replicas=3",
+        "nats.tls.secretName=nats-tls",
+        "nats.tls.routesSecretName=nats-routes",
+        "nats.auth.configSecret=nats-auth",
+      ]);
+      expect(all).toContain(
+        "The routes between its servers use TLS (Secret nats-routes), verified both ways.",
+      );
+      expect(all).toContain(
+        "A change to Secret nats-auth, nats-tls or nats-routes is reloaded in place",
+      );
+      expect(await notes(["nats.replicas=3", "nats.reloader.enabled=false"])).not.toContain(
+        "reloaded in place",
+      );
+    });
+
+    it("refuses values it cannot run: client verification without a Secret, a payload past 64 MiB, a store size NATS cannot read, an even cluster, routes TLS without a cluster", async () => {
       for (const [value, field] of [
         ["nats.tls.verifyClients=true", /secretName/],
         ["nats.maxPayload=134217728", /maxPayload/],
         ["nats.jetstream.maxFileStore=ten", /maxFileStore/],
         ["nats.serviceName=Not_A_Name", /serviceName/],
         ["nats.replicas=2", /replicas/],
+        ["nats.tls.routesSecretName=routes", /replicas/], // routes exist only in a cluster
       ] as const)
         await expect(render("em", "ops", ["--set", value]), value).rejects.toThrow(field);
     });

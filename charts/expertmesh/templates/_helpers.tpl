@@ -182,6 +182,15 @@ cluster {
     nats://{{ $name }}-{{ $i }}.{{ $name }}.{{ $.Release.Namespace }}.svc:6222
     {{- end }}
   ]
+  {{- if $tls.routesSecretName }}
+  # Routes over TLS, verified both ways (a server's certificate holds the pods' names).
+  tls {
+    cert_file: "/etc/nats/routes-tls/tls.crt"
+    key_file: "/etc/nats/routes-tls/tls.key"
+    ca_file: "/etc/nats/routes-tls/ca.crt"
+    timeout: 2
+  }
+  {{- end }}
 }
 {{- end }}
 {{- if include "expertmesh.natsReloader" . }}
@@ -215,14 +224,14 @@ include "../auth/auth.conf"
 
 {{/*
 The NATS reloader's script (values nats.reloader.*): every `interval` seconds it digests the
-files of the folders given (the mounted auth Secret and TLS Secret; the kubelet swaps a
+files of the folders given (the mounted auth Secret and TLS Secrets; the kubelet swaps a
 Secret's files when it changes) and, when the digest moved, has the server reload its
 configuration (`nats-server --signal reload=PIDFILE`: users, passwords, NKEYs, permissions
 and certificates change in place, connections stay). A reload that fails (no server yet) is
 tried again at the next turn. "true" when the pod runs one: there is a Secret to watch.
 */}}
 {{- define "expertmesh.natsReloader" -}}
-{{- if and .Values.nats.reloader.enabled (or .Values.nats.auth.configSecret .Values.nats.tls.secretName) }}true{{ end }}
+{{- if and .Values.nats.reloader.enabled (or .Values.nats.auth.configSecret .Values.nats.tls.secretName .Values.nats.tls.routesSecretName) }}true{{ end }}
 {{- end }}
 
 {{/*
