@@ -453,6 +453,22 @@ export const GatewaySchema = withRules(
           "api-keys",
         ),
       ),
+      tls: Type.Optional(
+        Type.Object(
+          {
+            secretName: Type.String({
+              description:
+                "A kubernetes.io/tls Secret (tls.crt, tls.key; e.g. cert-manager's) whose certificate holds the names clients use (the Service's, m.<namespace>.svc).",
+              minLength: 1,
+              maxLength: 253,
+            }),
+          },
+          {
+            description:
+              "Serve the HTTP and gRPC APIs over TLS (the metrics port stays plain HTTP); a renewed certificate reaches new connections without a restart. Absent: plain HTTP, for a mesh or an ingress that terminates TLS.",
+          },
+        ),
+      ),
       logRequests: Type.Boolean({
         description:
           "Log a line per HTTP request when it ends (its x-request-id, route, status, time and tokens).",

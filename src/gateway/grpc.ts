@@ -9,6 +9,7 @@
 import { randomUUID, timingSafeEqual } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
+  experimental,
   type handleServerStreamingCall,
   type handleUnaryCall,
   loadPackageDefinition,
@@ -232,7 +233,12 @@ export interface GrpcGateway {
 /** Loads the protos and binds the gRPC server on `host:port` (0: any free port). */
 export async function startGrpcGateway(
   o: GrpcGatewayOptions,
-  listen: { port: number; host?: string },
+  listen: {
+    port: number;
+    host?: string;
+    /** Serve over TLS with this certificate, and each one it changes to (serving-tls.ts). */
+    tls?: experimental.CertificateProvider;
+  },
 ): Promise<GrpcGateway> {
   const pkg = loadPackageDefinition(
     loadSync(
@@ -255,10 +261,12 @@ export async function startGrpcGateway(
   server.addService(service("expertmesh.v1.Generation"), h.generation);
   const host = listen.host ?? "0.0.0.0";
   const address = host.includes(":") ? `[${host}]:${listen.port}` : `${host}:${listen.port}`;
+  // grpc-js names the parameters the other way round: the first is the server's identity.
+  const credentials = listen.tls
+    ? experimental.createCertificateProviderServerCredentials(listen.tls, null, false)
+    : ServerCredentials.createInsecure();
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(address, ServerCredentials.createInsecure(), (err, p) =>
-      err ? reject(err) : resolve(p),
-    ),
+    server.bindAsync(address, credentials, (err, p) => (err ? reject(err) : resolve(p))),
   );
   return {
     server,

@@ -40,6 +40,9 @@ export function referencedSecrets(model: DeepSeekModel): SecretRef[] {
   add("spec.nats.tls.caSecret", tls?.caSecret);
   add("spec.nats.tls.clientSecret", tls?.clientSecret, ["tls.crt", "tls.key"]);
   add("spec.gateway.apiKeySecret", apiKeySecret);
+  const servingTls = model.spec.gateway.tls;
+  if (servingTls)
+    add("spec.gateway.tls.secretName", { name: servingTls.secretName }, ["tls.crt", "tls.key"]);
   return refs;
 }
 

@@ -81,6 +81,8 @@ export const PATHS = {
   natsNkey: "/var/run/expertmesh/nats-auth/nkey",
   natsTlsCa: "/var/run/expertmesh/nats-tls/ca",
   natsTlsClient: "/var/run/expertmesh/nats-tls/client",
+  /** spec.gateway.tls's Secret: the gateway's serving certificate and key. */
+  gatewayTls: "/var/run/expertmesh/gateway-tls",
 };
 
 /**
@@ -495,6 +497,9 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ...gatewayArgs(model, role),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
       ...chatTemplateArgs(model, PATHS.chatTemplate),
+      ...(gateway.tls
+        ? [`--tls-cert=${PATHS.gatewayTls}/tls.crt`, `--tls-key=${PATHS.gatewayTls}/tls.key`]
+        : []),
     ],
     gateway.gpus,
     gatewayResources(model),
@@ -513,11 +518,19 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
     : diskBytes > 0
       ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }]
       : [];
+  const tlsVolumes: V1Volume[] = gateway.tls
+    ? [{ name: "gateway-tls", secret: { secretName: gateway.tls.secretName } }]
+    : [];
+  // The probes ask the API's port, in TLS when it serves TLS (the kubelet does not verify).
+  const scheme = gateway.tls ? { scheme: "HTTPS" } : {};
   const gwContainer = {
     ...gw,
     volumeMounts: [
       ...gw.volumeMounts,
       ...(prefixVolumes.length > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
+      ...(gateway.tls
+        ? [{ name: "gateway-tls", mountPath: PATHS.gatewayTls, readOnly: true }]
+        : []),
     ],
     // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
     env: [
@@ -536,14 +549,14 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       { name: "grpc", containerPort: gateway.ports.grpc },
       { name: "metrics", containerPort: gateway.ports.metrics },
     ],
-    readinessProbe: { httpGet: { path: "/ready", port: "http" }, periodSeconds: 5 },
+    readinessProbe: { httpGet: { path: "/ready", port: "http", ...scheme }, periodSeconds: 5 },
     livenessProbe: {
-      httpGet: { path: "/health", port: "http" },
+      httpGet: { path: "/health", port: "http", ...scheme },
       periodSeconds: 10,
       failureThreshold: 6,
     },
   };
-  return podSpec(model, role, [gwContainer], prefixVolumes);
+  return podSpec(model, role, [gwContainer], [...prefixVolumes, ...tlsVolumes]);
 }
 
 /**

@@ -56,7 +56,7 @@ export async function startGatewayProcess(o: {
   await proc.waitUntil(
     "serving",
     async () => {
-      const m = /serving '.*' on (http:\/\/[\d.]+:\d+)/.exec(log());
+      const m = /serving '.*' on (https?:\/\/[\d.]+:\d+)/.exec(log());
       if (m) url = m[1]!;
       return m !== null;
     },

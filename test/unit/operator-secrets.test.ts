@@ -34,7 +34,7 @@ const everything = model(`    source:
     url: nats://nats:4222
     credentialsSecret: { name: creds }
     tls: { caSecret: { name: pki }, clientSecret: { name: pki } }
-  gateway: { apiKeySecret: { name: keys, key: list } }`);
+  gateway: { apiKeySecret: { name: keys, key: list }, tls: { secretName: gw-cert } }`);
 
 const b = (s: string | Uint8Array) => Buffer.from(s);
 const creds = makeNatsJwtAuth().user("alice");
@@ -58,6 +58,7 @@ describe("referencedSecrets", () => {
       { field: "spec.nats.tls.caSecret", name: "pki", keys: ["ca.crt"] },
       { field: "spec.nats.tls.clientSecret", name: "pki", keys: ["tls.crt", "tls.key"] },
       { field: "spec.gateway.apiKeySecret", name: "keys", keys: ["list"] },
+      { field: "spec.gateway.tls.secretName", name: "gw-cert", keys: ["tls.crt", "tls.key"] },
     ]);
     expect(referencedSecrets(model("    source: { pvc: { claimName: w } }"))).toEqual([]);
     const nats = (fields: string) =>
@@ -82,6 +83,7 @@ describe("secretProblems", () => {
       ["creds", { "nats.creds": b("c") }],
       ["pki", { "ca.crt": b("a"), "tls.crt": b("c"), "tls.key": b("k") }],
       ["keys", { list: b("k1,k2") }],
+      ["gw-cert", { "tls.crt": b("c"), "tls.key": b("k") }],
     ]);
   it.each<[string, (c: Map<string, Record<string, Buffer> | null>) => void, string[]]>([
     ["all there (one cert-manager Secret for the CA and the pair)", () => {}, []],
@@ -97,6 +99,11 @@ describe("secretProblems", () => {
       "a key the pods read is missing",
       (c) => c.set("keys", { keys: b("k") }),
       ["SecretKeyMissing: Secret ns/keys (spec.gateway.apiKeySecret) has no key list"],
+    ],
+    [
+      "the gateway's serving Secret without its key",
+      (c) => c.set("gw-cert", { "tls.crt": b("c") }),
+      ["SecretKeyMissing: Secret ns/gw-cert (spec.gateway.tls.secretName) has no key tls.key"],
     ],
     [
       "half of a client pair",

@@ -575,6 +575,48 @@ describe("desiredObjects", () => {
     expect(gateway.args.join(" ")).not.toContain("keys");
   });
 
+  it("serves the gateways' APIs over TLS from spec.gateway.tls's Secret: mounted, flags, HTTPS probes; shards untouched", () => {
+    const pods = (extra: string) =>
+      objects(extra)
+        .filter((o) => o.kind === "Deployment")
+        .map((o) => (o as any).spec.template.spec);
+    const mount = {
+      name: "gateway-tls",
+      mountPath: "/var/run/expertmesh/gateway-tls",
+      readOnly: true,
+    };
+    const flags = [
+      "--tls-cert=/var/run/expertmesh/gateway-tls/tls.crt",
+      "--tls-key=/var/run/expertmesh/gateway-tls/tls.key",
+    ];
+    for (const pod of pods("")) {
+      expect(pod.containers[0].args.filter((a: string) => a.startsWith("--tls"))).toEqual([]);
+      expect(pod.volumes.map((v: any) => v.name)).not.toContain("gateway-tls");
+    }
+    const plain = pods("").find((p) => p.containers[0].name === "gateway")!.containers[0];
+    expect(plain.readinessProbe.httpGet.scheme).toBeUndefined();
+    const withTls = pods(
+      "  gateway: { tls: { secretName: gw-cert }, disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }",
+    );
+    const gateways = withTls.filter((p) => p.containers[0].name === "gateway");
+    expect(gateways).toHaveLength(2); // the gateways and the prefill gateways
+    for (const pod of gateways) {
+      const c = pod.containers[0];
+      expect(c.args).toEqual(expect.arrayContaining(flags));
+      expect(c.volumeMounts).toContainEqual(mount);
+      expect(pod.volumes).toContainEqual({
+        name: "gateway-tls",
+        secret: { secretName: "gw-cert" },
+      });
+      expect(c.readinessProbe.httpGet).toEqual({ path: "/ready", port: "http", scheme: "HTTPS" });
+      expect(c.livenessProbe.httpGet).toEqual({ path: "/health", port: "http", scheme: "HTTPS" });
+    }
+    for (const pod of withTls.filter((p) => p.containers[0].name !== "gateway")) {
+      expect(pod.containers[0].args.filter((a: string) => a.startsWith("--tls"))).toEqual([]);
+      expect(pod.volumes.map((v: any) => v.name)).not.toContain("gateway-tls");
+    }
+  });
+
   it("passes --scheduling-policy=priority only when spec.gateway.schedulingPolicy asks", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec

@@ -1,5 +1,7 @@
-import { createServer, type RequestListener } from "node:http";
+import { createServer, type Server as HttpServer, type RequestListener } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import { hostname } from "node:os";
+import type { Server as TlsServer } from "node:tls";
 import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Registry } from "prom-client";
@@ -26,6 +28,7 @@ import {
   probeShards,
   type ShardProbe,
 } from "../../gateway/server.ts";
+import { readServingTls, ServingCertificate } from "../../gateway/serving-tls.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
 import { otlpProtocol, Tracing, tracesUrl, tracingFromEnv } from "../../gateway/tracing.ts";
@@ -67,6 +70,15 @@ import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
+
+/**
+ * How often the gateway looks at its TLS files for a renewal: 10 s (the kubelet itself takes
+ * up to a minute to update a mounted Secret); EM_TLS_RELOAD_INTERVAL_MS for tests.
+ */
+function tlsReloadIntervalMs(): number {
+  const v = Number(process.env["EM_TLS_RELOAD_INTERVAL_MS"]);
+  return Number.isFinite(v) && v >= 100 ? v : 10_000;
+}
 
 const USAGE = `expertmesh gateway --model DIR (--local | --nats URL --plan FILE) [options]
   --local                   routed experts in this process (single-process mode)
@@ -193,6 +205,10 @@ ${natsAuthUsage(26)}
                             fp16, fp32 or fp8 (DeepSeek-V3's 128x128 block-scaled e4m3),
                             converted as they load; embeddings, LM head, norms and router keep theirs
   --grpc-port PORT          KServe v2 gRPC API and streaming generation (off unless given; 0 picks one)
+  --tls-cert FILE --tls-key FILE  serve the HTTP and gRPC APIs over TLS with this certificate
+                            (PEM; the chain after it) and key; read again when the files
+                            change (a renewal reaches new connections, no restart); the
+                            metrics port stays plain HTTP
   --otlp-traces-endpoint URL    OpenTelemetry traces over OTLP to this collector (http://host:4318,
                             or a full .../v1/traces URL; gRPC: http(s)://host:4317): a span per request
                             (GenAI semantic conventions: tokens, time to first token, queue time),
@@ -227,6 +243,8 @@ export const gatewayCommand: Command = {
         "served-model-name": { type: "string" },
         "http-port": { type: "string" },
         "grpc-port": { type: "string" },
+        "tls-cert": { type: "string" },
+        "tls-key": { type: "string" },
         "metrics-port": { type: "string" },
         host: { type: "string" },
         "max-queue-depth": { type: "string" },
@@ -363,6 +381,18 @@ export const gatewayCommand: Command = {
         ? undefined
         : portFlag(values["grpc-port"], "--grpc-port", 0);
     const metricsPort = portFlag(values["metrics-port"], "--metrics-port", 9090);
+    if ((values["tls-cert"] === undefined) !== (values["tls-key"] === undefined))
+      usage(
+        values["tls-cert"] === undefined
+          ? "--tls-key needs --tls-cert: a key without its certificate"
+          : "--tls-cert needs --tls-key: a certificate without its key",
+      );
+    const tlsFiles =
+      values["tls-cert"] !== undefined
+        ? { cert: values["tls-cert"], key: values["tls-key"]! }
+        : undefined;
+    // Checked before the weights load: a wrong file fails at once.
+    const servingTls = tlsFiles && readServingTls(tlsFiles);
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
     const stallSeconds = loadStallFlag(values["load-stall-timeout"]);
     const dtype = parseServeDtype(values.dtype);
@@ -453,8 +483,25 @@ export const gatewayCommand: Command = {
     const startup = new Startup({ role: "gateway", registry: startupRegistry });
     startup.watchStalls(stallSeconds, exitOnStall(log));
     let handle: RequestListener = startingHandler(startup, startupRegistry);
-    const server = createServer((req, res) => handle(req, res));
+    const server: HttpServer = servingTls
+      ? (createHttpsServer({ cert: servingTls.cert, key: servingTls.key }, (req, res) =>
+          handle(req, res),
+        ) as unknown as HttpServer)
+      : createServer((req, res) => handle(req, res));
     await listenOn(server, httpPort, host, "--http-port");
+    const scheme = servingTls ? "https" : "http";
+    // One certificate for both APIs; a renewal reaches new connections.
+    const certificate = servingTls && new ServingCertificate(servingTls);
+    if (certificate && tlsFiles) {
+      log(`TLS on the HTTP and gRPC APIs: ${servingTls.summary}`);
+      certificate.onChange((next) =>
+        (server as unknown as Pick<TlsServer, "setSecureContext">).setSecureContext({
+          cert: next.cert,
+          key: next.key,
+        }),
+      );
+      certificate.watch(tlsFiles, tlsReloadIntervalMs(), log);
+    }
     let metricsRegistry = startupRegistry;
     const metricsServer = createServer(async (req, res) => {
       const { contentType, body } = await exposition(metricsRegistry, req.headers.accept);
@@ -463,7 +510,7 @@ export const gatewayCommand: Command = {
     await listenOn(metricsServer, metricsPort, host, "--metrics-port");
     const port = (s: { address(): unknown }) => (s.address() as { port: number }).port;
     log(
-      `starting; /health and /ready on http://${host}:${port(server)}, metrics on :${port(metricsServer)}`,
+      `starting; /health and /ready on ${scheme}://${host}:${port(server)}, metrics on :${port(metricsServer)}`,
     );
 
     const ckpt = await Checkpoint.open(modelDir, { mtp, onFile: (d, n) => startup.opening(d, n) });
@@ -720,8 +767,9 @@ export const gatewayCommand: Command = {
               maxRequestBytes,
               ...(values["log-requests"] ? { logRequest: log } : {}),
             },
-            { port: grpcPort, host },
+            { port: grpcPort, host, ...(certificate ? { tls: certificate } : {}) },
           );
+
     handle = appHandler!;
     metricsRegistry = ctx.metrics.registry;
     const prefillWorker =
@@ -751,7 +799,7 @@ export const gatewayCommand: Command = {
           : `decode gateway: prompts lacking ${disaggMinTokens} tokens or more go to ${prefillSubject}`,
       );
     log(
-      `serving '${ctx.servedModelName}' on http://${host}:${port(server)} ` +
+      `serving '${ctx.servedModelName}' on ${scheme}://${host}:${port(server)} ` +
         `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}` +
         (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : "") +
         ` (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
@@ -803,6 +851,7 @@ export const gatewayCommand: Command = {
       }
       log(`${sig}: stopping (finishing requests in flight)`);
       clearInterval(statsTimer);
+      certificate?.stop();
       // Requests still running after --shutdown-timeout are cut (gRPC calls get a clean
       // CANCELLED status; HTTP connections are closed), before the pod's termination grace
       // ends in SIGKILL, which would also skip the prefix cache's writes and the NATS drain.

@@ -368,6 +368,11 @@ export const upCommand: Command = {
           ? `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret: the gateway takes its keys from $EM_API_KEYS here`
           : `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret, which this machine cannot read: the gateway is open; set EM_API_KEYS (comma-separated) to require keys`,
       );
+    const servingTls = m.spec.gateway.tls;
+    if (servingTls)
+      say(
+        `spec.gateway.tls (${servingTls.secretName}) is a Kubernetes Secret, which this machine cannot read: the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS)`,
+      );
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"

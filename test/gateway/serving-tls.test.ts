@@ -1,0 +1,172 @@
+// The gateway's own TLS (--tls-cert, --tls-key; spec.gateway.tls): a real gateway process
+// serving the HTTP API to the official openai client and the gRPC API to a grpc-js client
+// over TLS, a renewed certificate taken without a restart, and bad files refused before the
+// weights load.
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { connect as tlsConnect } from "node:tls";
+import { fileURLToPath } from "node:url";
+import { credentials } from "@grpc/grpc-js";
+import OpenAI from "openai";
+import { Agent, fetch as undiciFetch } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { makeNatsPki, type NatsPki } from "../env/pki.ts";
+import { freePort } from "../env/process.ts";
+import { runCli } from "../support/cli.ts";
+import { testEnv, waitFor } from "../support/env.ts";
+import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { InferenceClient } from "../support/grpc.ts";
+
+const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+
+let modelDir: string;
+let dir: string;
+let pki: NatsPki;
+let gateway: GatewayProcess;
+let grpcPort: number;
+const agent = () => new Agent({ connect: { ca: readFileSync(pki.ca) } });
+
+beforeAll(async () => {
+  modelDir = await tinyCheckpointFor("tiny-v3");
+  dir = mkdtempSync(join(testEnv().runDir, "gateway-tls-"));
+  pki = makeNatsPki(dir);
+  // The files a pod has from its Secret, replaced in place by a renewal.
+  copyFileSync(pki.server.cert, join(dir, "tls.crt"));
+  copyFileSync(pki.server.key, join(dir, "tls.key"));
+  grpcPort = await freePort();
+  gateway = await startGatewayProcess({
+    modelDir,
+    namespace: "test",
+    modelName: "gateway-tls",
+    args: [
+      `--tls-cert=${join(dir, "tls.crt")}`,
+      `--tls-key=${join(dir, "tls.key")}`,
+      `--grpc-port=${grpcPort}`,
+    ],
+    env: { ...process.env, EM_TLS_RELOAD_INTERVAL_MS: "200" },
+  });
+});
+afterAll(async () => {
+  await gateway?.process.stop();
+});
+
+/** The subject CN of the certificate the server at `port` presents now. */
+function servedCn(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = tlsConnect({ host: "127.0.0.1", port, ca: readFileSync(pki.ca) }, () => {
+      const cn = socket.getPeerCertificate().subject.CN;
+      socket.destroy();
+      resolve(Array.isArray(cn) ? cn.join(",") : String(cn));
+    });
+    socket.on("error", reject);
+  });
+}
+
+function grpcLive(ca: Buffer | null): Promise<boolean> {
+  const client = new InferenceClient(`127.0.0.1:${grpcPort}`, credentials.createSsl(ca));
+  return new Promise<boolean>((resolve, reject) => {
+    client["ServerLive"]!({}, { deadline: Date.now() + 10_000 }, (err: Error | null, r: any) => {
+      client.close();
+      if (err) reject(err);
+      else resolve(r.live === true);
+    });
+  });
+}
+
+describe("gateway --tls-cert / --tls-key", () => {
+  it("serves the OpenAI API over TLS to the official client and the gRPC API to a TLS channel; plain HTTP gets no answer", async () => {
+    expect(gateway.url).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
+    const client = new OpenAI({
+      baseURL: `${gateway.url}/v1`,
+      apiKey: "unused",
+      maxRetries: 0,
+      fetch: undiciFetch as unknown as typeof fetch,
+      fetchOptions: { dispatcher: agent() } as never,
+    });
+    const got = await client.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "Hello!" }],
+      max_tokens: 3,
+    });
+    expect(got.usage?.completion_tokens).toBe(3);
+    expect(await grpcLive(readFileSync(pki.ca))).toBe(true);
+    // A client that does not trust the CA refuses the server.
+    await expect(grpcLive(null)).rejects.toThrow();
+    await expect(fetch(`${gateway.url}/health`)).rejects.toThrow();
+    // The same port in plain HTTP: no HTTP answer.
+    await expect(fetch(gateway.url.replace("https:", "http:") + "/health")).rejects.toThrow();
+    expect(gateway.log()).toMatch(/TLS on the HTTP and gRPC APIs: CN=nats, valid until /);
+    // The metrics port stays plain HTTP (Prometheus scrapes it).
+    const metricsPort = /metrics on :(\d+)/.exec(gateway.log())![1];
+    const metrics = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
+    expect(await metrics.text()).toContain("expertmesh_gateway_");
+  });
+
+  it("takes a renewed certificate from its files for new connections on both ports, without a restart", async () => {
+    const [http, grpc] = [Number(new URL(gateway.url).port), grpcPort];
+    expect(await servedCn(http)).toBe("nats");
+    expect(await servedCn(grpc)).toBe("nats");
+    // Half a renewal (the certificate first) is not used: its key is the old one.
+    copyFileSync(pki.route.cert, join(dir, "tls.crt"));
+    await waitFor("the half renewal logged", async () =>
+      /TLS files changed but cannot be used \(the previous certificate stays\): .*EM_GATEWAY_TLS|is not the key of/.test(
+        gateway.log(),
+      )
+        ? true
+        : undefined,
+    );
+    expect(await servedCn(http)).toBe("nats");
+    copyFileSync(pki.route.key, join(dir, "tls.key"));
+    await waitFor("the new certificate served", async () =>
+      (await servedCn(http)) === "nats-route" ? true : undefined,
+    );
+    await waitFor("the new certificate served on gRPC", async () =>
+      (await servedCn(grpc)) === "nats-route" ? true : undefined,
+    );
+    expect(gateway.log()).toContain("TLS certificate reloaded from");
+    expect(await grpcLive(readFileSync(pki.ca))).toBe(true);
+    const health = await undiciFetch(`${gateway.url}/health`, { dispatcher: agent() });
+    expect(health.status).toBe(200);
+  });
+
+  it("refuses TLS files that are not what they claim before the weights load (EM_GATEWAY_TLS, EM_CLI_FILE, EM_CLI_USAGE)", async () => {
+    const garbage = join(dir, "garbage.pem");
+    writeFileSync(garbage, "not a certificate\n");
+    const run = (...args: string[]) =>
+      runCli(process.execPath, [
+        mainTs,
+        "gateway",
+        `--model=${modelDir}`,
+        "--local",
+        "--http-port=0",
+        "--metrics-port=0",
+        ...args,
+      ]);
+    const cases: [string[], RegExp][] = [
+      [
+        [`--tls-cert=${garbage}`, `--tls-key=${pki.server.key}`],
+        /\[EM_GATEWAY_TLS\] --tls-cert .* holds no PEM certificate/,
+      ],
+      [
+        [`--tls-cert=${pki.server.cert}`, `--tls-key=${garbage}`],
+        /\[EM_GATEWAY_TLS\] --tls-key .* is not a readable PEM private key/,
+      ],
+      [
+        [`--tls-cert=${pki.server.cert}`, `--tls-key=${pki.client.key}`],
+        /\[EM_GATEWAY_TLS\] --tls-key .* is not the key of --tls-cert .* \(CN=nats\)/,
+      ],
+      [
+        [`--tls-cert=${join(dir, "absent.crt")}`, `--tls-key=${pki.server.key}`],
+        /\[EM_CLI_FILE\] --tls-cert .*absent\.crt: cannot read it: no such file/,
+      ],
+      [[`--tls-cert=${pki.server.cert}`], /\[EM_CLI_USAGE\] --tls-cert needs --tls-key/],
+    ];
+    for (const [args, want] of cases) {
+      const r = await run(...args);
+      expect(r.code, args.join(" ")).toBe(1);
+      expect(r.stderr).toMatch(want);
+      expect(r.stderr).not.toContain("loading weights");
+    }
+  });
+});
