@@ -462,6 +462,12 @@ export const GatewaySchema = withRules(
               minLength: 1,
               maxLength: 253,
             }),
+            clientCASecret: Type.Optional(
+              SecretKeyRef(
+                "Mutual TLS: a Secret with the CA certificate(s), PEM, that sign the clients' certificates; both APIs then refuse a client without one at the handshake, and the probes ask the metrics port (the kubelet presents no certificate). Reloaded like the certificate, so a new CA can be added before the clients move to it.",
+                "ca.crt",
+              ),
+            ),
           },
           {
             description:

@@ -39,6 +39,7 @@ import { decodeBytesElements, encodeBytesElements } from "./kserve-tensors.ts";
 import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
+import type { ServingCertificate } from "./serving-tls.ts";
 import {
   bad,
   checkPromptShape,
@@ -236,8 +237,11 @@ export async function startGrpcGateway(
   listen: {
     port: number;
     host?: string;
-    /** Serve over TLS with this certificate, and each one it changes to (serving-tls.ts). */
-    tls?: experimental.CertificateProvider;
+    /**
+     * Serve over TLS with this certificate, and each one it changes to (serving-tls.ts);
+     * with a client CA in it, only to clients presenting a certificate that CA signed.
+     */
+    tls?: ServingCertificate;
   },
 ): Promise<GrpcGateway> {
   const pkg = loadPackageDefinition(
@@ -261,9 +265,15 @@ export async function startGrpcGateway(
   server.addService(service("expertmesh.v1.Generation"), h.generation);
   const host = listen.host ?? "0.0.0.0";
   const address = host.includes(":") ? `[${host}]:${listen.port}` : `${host}:${listen.port}`;
-  // grpc-js names the parameters the other way round: the first is the server's identity.
-  const credentials = listen.tls
-    ? experimental.createCertificateProviderServerCredentials(listen.tls, null, false)
+  // grpc-js names the parameters the other way round: the first is the server's identity,
+  // the second the CA its clients' certificates must chain to (null: none asked for).
+  const { tls } = listen;
+  const credentials = tls
+    ? experimental.createCertificateProviderServerCredentials(
+        tls,
+        tls.verifiesClients ? tls : null,
+        tls.verifiesClients,
+      )
     : ServerCredentials.createInsecure();
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(address, credentials, (err, p) => (err ? reject(err) : resolve(p))),

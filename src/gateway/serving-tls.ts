@@ -1,71 +1,69 @@
 // TLS on the gateway's own ports (--tls-cert, --tls-key; spec.gateway.tls): the HTTP API
 // (OpenAI, Anthropic, KServe REST) and the gRPC API answer over TLS with one certificate,
 // read again when its files change (cert-manager renews a mounted Secret in place), so a
-// renewal reaches new connections without a restart. The metrics port stays plain HTTP
-// (Prometheus scrapes it inside the cluster).
-import { createPrivateKey, X509Certificate } from "node:crypto";
+// renewal reaches new connections without a restart. With --tls-client-ca (mutual TLS) both
+// APIs take only clients whose certificate one of its CAs signed, refused at the handshake;
+// the metrics port stays plain HTTP (Prometheus scrapes it inside the cluster) and answers
+// /health and /ready too, for the kubelet's probes, which present no certificate.
 import type { experimental } from "@grpc/grpc-js";
 import { readOptionFile } from "../cli/options.ts";
-import { ExpertMeshError } from "../util/errors.ts";
+import { certificateSubject, pemCertificates, pemKeyPair } from "../util/pem.ts";
 
 type CertificateProvider = experimental.CertificateProvider;
+type CaCertificateUpdate = experimental.CaCertificateUpdate;
 type CaCertificateUpdateListener = experimental.CaCertificateUpdateListener;
 type IdentityCertificateUpdate = experimental.IdentityCertificateUpdate;
 type IdentityCertificateUpdateListener = experimental.IdentityCertificateUpdateListener;
 
-/** The files of a serving certificate and its key, as the flags name them. */
+/** The files of a serving certificate, its key and the client CA, as the flags name them. */
 export interface ServingTlsFiles {
   cert: string;
   key: string;
+  /** --tls-client-ca: clients must present a certificate one of these CAs signed. */
+  clientCa?: string | undefined;
 }
 
-/** A certificate chain and its key, PEM, checked to belong together. */
+/** A certificate chain and its key, PEM, checked to belong together; the client CA, checked. */
 export interface ServingTls {
   cert: Buffer;
   key: Buffer;
-  /** The leaf certificate's subject and expiry, for the log. */
+  clientCa?: Buffer;
+  /** The leaf certificate's subject and expiry (and the client CAs'), for the log. */
   summary: string;
 }
 
 /**
- * Reads and checks the pair: EM_CLI_FILE for a file that cannot be read, EM_GATEWAY_TLS for
- * one that holds no PEM certificate or key, or a key that is not the certificate's.
+ * Reads and checks the files: EM_CLI_FILE for a file that cannot be read, EM_GATEWAY_TLS for
+ * one that holds no PEM certificate or key, a key that is not the certificate's, or a client
+ * CA file with anything but PEM certificates.
  */
 export function readServingTls(files: ServingTlsFiles): ServingTls {
   const cert = readOptionFile(files.cert, "--tls-cert");
   const key = readOptionFile(files.key, "--tls-key");
-  const fail = (message: string, cause?: unknown): never => {
-    throw new ExpertMeshError("EM_GATEWAY_TLS", message, cause ? { cause } : undefined);
-  };
-  const text = cert.toString("utf8");
-  if (!text.includes("-----BEGIN CERTIFICATE-----"))
-    fail(`--tls-cert ${files.cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`);
-  let leaf: X509Certificate;
-  try {
-    leaf = new X509Certificate(text);
-  } catch (err) {
-    return fail(`--tls-cert ${files.cert} is not a readable PEM certificate: ${why(err)}`, err);
-  }
-  try {
-    if (!leaf.checkPrivateKey(createPrivateKey(key)))
-      fail(`--tls-key ${files.key} is not the key of --tls-cert ${files.cert} (${subject(leaf)})`);
-  } catch (err) {
-    if (err instanceof ExpertMeshError) throw err;
-    return fail(`--tls-key ${files.key} is not a readable PEM private key: ${why(err)}`, err);
-  }
-  return { cert, key, summary: `${subject(leaf)}, valid until ${leaf.validTo}` };
+  const leaf = pemKeyPair(
+    { cert, key },
+    { cert: `--tls-cert ${files.cert}`, key: `--tls-key ${files.key}` },
+    "EM_GATEWAY_TLS",
+  );
+  let summary = `${certificateSubject(leaf)}, valid until ${leaf.validTo}`;
+  if (files.clientCa === undefined) return { cert, key, summary };
+  const clientCa = readOptionFile(files.clientCa, "--tls-client-ca");
+  const cas = pemCertificates(clientCa, `--tls-client-ca ${files.clientCa}`, "EM_GATEWAY_TLS");
+  summary += `; client certificates required, signed by ${cas.map(certificateSubject).join(" or ")}`;
+  return { cert, key, clientCa, summary };
 }
 
 /**
- * The gateway's serving certificate as it is now, for the HTTP server (onChange) and the gRPC
- * server (a grpc-js CertificateProvider: its server credentials take each new pair for new
- * connections). `watch` looks at the files every `intervalMs` and takes a pair once it
- * changed and checks out; one that does not (a renewal caught between its two files, a
- * wrong key) is logged once and the previous pair kept.
+ * The gateway's serving certificate (and client CA) as it is now, for the HTTP server
+ * (onChange) and the gRPC server (a grpc-js CertificateProvider: its server credentials take
+ * each new pair and CA for new connections). `watch` looks at the files every `intervalMs`
+ * and takes them once they changed and check out; files that do not (a renewal caught
+ * between its two files, a wrong key) are logged once and the previous ones kept.
  */
 export class ServingCertificate implements CertificateProvider {
   #current: ServingTls;
   readonly #identityListeners = new Set<IdentityCertificateUpdateListener>();
+  readonly #caListeners = new Set<CaCertificateUpdateListener>();
   readonly #changeListeners = new Set<(tls: ServingTls) => void>();
   #timer: NodeJS.Timeout | undefined;
 
@@ -77,9 +75,16 @@ export class ServingCertificate implements CertificateProvider {
     return this.#current;
   }
 
-  /** Takes a new pair (checked by readServingTls) and tells every listener. */
+  /** Whether clients must present a certificate (--tls-client-ca). */
+  get verifiesClients(): boolean {
+    return this.#current.clientCa !== undefined;
+  }
+
+  /** Takes new files (checked by readServingTls) and tells every listener. */
   set(next: ServingTls): void {
     this.#current = next;
+    const ca = caUpdate(next);
+    if (ca) for (const listener of this.#caListeners) listener(ca);
     for (const listener of this.#identityListeners) listener(identityUpdate(next));
     for (const listener of this.#changeListeners) listener(next);
   }
@@ -98,14 +103,14 @@ export class ServingCertificate implements CertificateProvider {
       } catch (err) {
         const message = err instanceof Error ? err.message : String(err);
         if (message !== lastFailure)
-          log(`TLS files changed but cannot be used (the previous certificate stays): ${message}`);
+          log(`TLS files changed but cannot be used (the previous ones stay): ${message}`);
         lastFailure = message;
         return;
       }
       lastFailure = "";
-      if (next.cert.equals(this.#current.cert) && next.key.equals(this.#current.key)) return;
+      if (sameFiles(next, this.#current)) return;
       this.set(next);
-      log(`TLS certificate reloaded from ${files.cert}: ${next.summary}`);
+      log(`TLS files reloaded (${files.cert}): ${next.summary}`);
     }, intervalMs);
     this.#timer.unref();
   }
@@ -115,18 +120,28 @@ export class ServingCertificate implements CertificateProvider {
     this.#timer = undefined;
   }
 
-  // CertificateProvider (grpc-js): no CA (clients are not asked for certificates).
-  addCaCertificateListener(_listener: CaCertificateUpdateListener): void {}
-  removeCaCertificateListener(_listener: CaCertificateUpdateListener): void {}
+  // CertificateProvider (grpc-js). Each listener is told the current files later, not now:
+  // grpc-js adds its server's watcher only after asking for the listeners, and files told
+  // before that would never reach the server (it would drop every connection as having no
+  // credentials).
+  addCaCertificateListener(listener: CaCertificateUpdateListener): void {
+    this.#caListeners.add(listener);
+    const first = caUpdate(this.#current);
+    if (first)
+      queueMicrotask(() => {
+        if (this.#caListeners.has(listener)) listener(first);
+      });
+  }
+
+  removeCaCertificateListener(listener: CaCertificateUpdateListener): void {
+    this.#caListeners.delete(listener);
+  }
 
   addIdentityCertificateListener(listener: IdentityCertificateUpdateListener): void {
     this.#identityListeners.add(listener);
-    // Later, not now: grpc-js adds its server's watcher only after asking for the listener,
-    // and a pair told before that would never reach the server (it would drop every
-    // connection as having no credentials).
-    const first = this.#current;
+    const first = identityUpdate(this.#current);
     queueMicrotask(() => {
-      if (this.#identityListeners.has(listener)) listener(identityUpdate(first));
+      if (this.#identityListeners.has(listener)) listener(first);
     });
   }
 
@@ -139,10 +154,12 @@ function identityUpdate(tls: ServingTls): IdentityCertificateUpdate {
   return { certificate: tls.cert, privateKey: tls.key };
 }
 
-function subject(cert: X509Certificate): string {
-  return cert.subject.replace(/\n/g, ", ");
+function caUpdate(tls: ServingTls): CaCertificateUpdate | undefined {
+  return tls.clientCa && { caCertificate: tls.clientCa };
 }
 
-function why(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+function sameFiles(a: ServingTls, b: ServingTls): boolean {
+  const same = (x: Buffer | undefined, y: Buffer | undefined) =>
+    x === undefined || y === undefined ? x === y : x.equals(y);
+  return a.cert.equals(b.cert) && a.key.equals(b.key) && same(a.clientCa, b.clientCa);
 }

@@ -4,7 +4,7 @@
 // TLS (a private CA, a client certificate for mutual TLS: ADR 0031), and a first connection
 // that may wait for a server still starting (pods and their NATS come up together) before it
 // fails with EM_NATS_CONNECT.
-import { createHash, createPrivateKey, type KeyObject, X509Certificate } from "node:crypto";
+import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -21,6 +21,7 @@ import {
   usernamePasswordAuthenticator,
 } from "@nats-io/transport-node";
 import { ExpertMeshError } from "../util/errors.ts";
+import { pemCertificates, pemKeyPair } from "../util/pem.ts";
 
 /** TLS to the NATS server: PEM text. Given at all, TLS is required (a plain server refused). */
 export interface NatsTls {
@@ -147,37 +148,16 @@ export interface NatsTlsSources {
  * fail every handshake with "unable to verify the first certificate").
  */
 export function checkNatsTls(tls: NatsTls, from: NatsTlsSources): void {
-  const fail = (message: string, cause?: unknown): never => {
-    throw new ExpertMeshError("EM_NATS_TLS", message, cause ? { cause } : undefined);
-  };
   if ((tls.cert === undefined) !== (tls.key === undefined))
-    fail(
+    throw new ExpertMeshError(
+      "EM_NATS_TLS",
       tls.cert === undefined
         ? `${from.key} is given without ${from.cert}: a client key needs its certificate`
         : `${from.cert} is given without ${from.key}: a client certificate needs its key`,
     );
-  const certificate = (pem: string, what: string): X509Certificate => {
-    if (!pem.includes("-----BEGIN CERTIFICATE-----"))
-      fail(`${what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)`);
-    try {
-      return new X509Certificate(pem);
-    } catch (err) {
-      return fail(`${what} is not a readable PEM certificate: ${errText(err)}`, err);
-    }
-  };
-  const privateKey = (pem: string, what: string): KeyObject => {
-    try {
-      return createPrivateKey(pem);
-    } catch (err) {
-      return fail(`${what} is not a readable PEM private key: ${errText(err)}`, err);
-    }
-  };
-  if (tls.ca !== undefined) certificate(tls.ca, from.ca);
-  if (tls.cert !== undefined && tls.key !== undefined) {
-    const cert = certificate(tls.cert, from.cert);
-    if (!cert.checkPrivateKey(privateKey(tls.key, from.key)))
-      fail(`${from.key} is not the key of ${from.cert} (${cert.subject.replace(/\n/g, ", ")})`);
-  }
+  if (tls.ca !== undefined) pemCertificates(tls.ca, from.ca, "EM_NATS_TLS");
+  if (tls.cert !== undefined && tls.key !== undefined)
+    pemKeyPair({ cert: tls.cert, key: tls.key }, from, "EM_NATS_TLS");
 }
 
 /**

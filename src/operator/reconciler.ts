@@ -16,6 +16,7 @@ import { apiErrorMessage, httpStatus, type KubeClient, kindNotServed } from "./k
 import { names } from "./labels.ts";
 import { NatsProbe } from "./nats-probe.ts";
 import {
+  gatewayTlsProblems,
   natsAuthOf,
   referencedSecrets,
   type SecretContents,
@@ -113,6 +114,7 @@ export class Reconciler {
       ...(await this.#missingDependencies(model, nats.auth, natsSecretsSound)),
       ...secretProblems(namespace, refs, secrets),
       ...nats.problems,
+      ...gatewayTlsProblems(model, secrets),
     );
 
     // 2. The placement plan (versioned: a changed placement bumps the version). A plan of the

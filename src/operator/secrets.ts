@@ -11,6 +11,7 @@ import {
   secretText,
 } from "../moe/nats-connection.ts";
 import { ExpertMeshError } from "../util/errors.ts";
+import { pemCertificates, pemKeyPair } from "../util/pem.ts";
 import type { Problem } from "./status.ts";
 
 /** A Secret a field of the spec names, and the keys the pods (or the operator) read of it. */
@@ -41,9 +42,54 @@ export function referencedSecrets(model: DeepSeekModel): SecretRef[] {
   add("spec.nats.tls.clientSecret", tls?.clientSecret, ["tls.crt", "tls.key"]);
   add("spec.gateway.apiKeySecret", apiKeySecret);
   const servingTls = model.spec.gateway.tls;
-  if (servingTls)
+  if (servingTls) {
     add("spec.gateway.tls.secretName", { name: servingTls.secretName }, ["tls.crt", "tls.key"]);
+    add("spec.gateway.tls.clientCASecret", servingTls.clientCASecret);
+  }
   return refs;
+}
+
+/**
+ * GatewayTLSInvalid when spec.gateway.tls's Secrets hold what every gateway would refuse at
+ * start (EM_GATEWAY_TLS): no PEM certificate or key, a key that is not the certificate's, a
+ * client CA that is not PEM certificates. Parts whose Secret or key is missing are left out
+ * (secretProblems reports them).
+ */
+export function gatewayTlsProblems(model: DeepSeekModel, contents: SecretContents): Problem[] {
+  const tls = model.spec.gateway.tls;
+  if (!tls) return [];
+  const ns = model.metadata.namespace!;
+  const source = (name: string, key: string, field: string) =>
+    `Secret ${ns}/${name}'s ${key} (spec.gateway.tls.${field})`;
+  const problems: Problem[] = [];
+  const check = (run: () => void) => {
+    try {
+      run();
+    } catch (err) {
+      if (!(err instanceof ExpertMeshError)) throw err;
+      problems.push({ reason: "GatewayTLSInvalid", message: err.message });
+    }
+  };
+  const serving = contents.get(tls.secretName);
+  const [cert, key] = [serving?.["tls.crt"], serving?.["tls.key"]];
+  if (cert && key)
+    check(() =>
+      pemKeyPair(
+        { cert, key },
+        {
+          cert: source(tls.secretName, "tls.crt", "secretName"),
+          key: source(tls.secretName, "tls.key", "secretName"),
+        },
+        "EM_GATEWAY_TLS",
+      ),
+    );
+  const ca = tls.clientCASecret;
+  const caPem = ca && contents.get(ca.name)?.[ca.key];
+  if (ca && caPem)
+    check(() =>
+      pemCertificates(caPem, source(ca.name, ca.key, "clientCASecret"), "EM_GATEWAY_TLS"),
+    );
+  return problems;
 }
 
 /**

@@ -17,6 +17,7 @@ export interface Problem {
     | "NATSAuthRefused"
     | "NATSTLSInvalid"
     | "NATSTLSFailed"
+    | "GatewayTLSInvalid"
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"

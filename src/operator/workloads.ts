@@ -81,9 +81,39 @@ export const PATHS = {
   natsNkey: "/var/run/expertmesh/nats-auth/nkey",
   natsTlsCa: "/var/run/expertmesh/nats-tls/ca",
   natsTlsClient: "/var/run/expertmesh/nats-tls/client",
-  /** spec.gateway.tls's Secret: the gateway's serving certificate and key. */
+  /** spec.gateway.tls's Secrets: the gateway's serving certificate and key, the client CA. */
   gatewayTls: "/var/run/expertmesh/gateway-tls",
+  gatewayClientCa: "/var/run/expertmesh/gateway-client-ca",
 };
+
+/**
+ * How a gateway serves TLS (spec.gateway.tls): the volumes of its Secrets, their mounts, the
+ * flags, and where the kubelet's probes go: the API's port in TLS (the kubelet does not
+ * verify), or with a client CA the metrics port in plain HTTP, since the kubelet presents no
+ * client certificate and the API's port refuses a client without one.
+ */
+function gatewayTlsWiring(model: DeepSeekModel): {
+  volumes: V1Volume[];
+  mounts: V1VolumeMount[];
+  args: string[];
+  probe: { port: string; scheme?: string };
+} {
+  const { tls } = model.spec.gateway;
+  if (!tls) return { volumes: [], mounts: [], args: [], probe: { port: "http" } };
+  const volumes: V1Volume[] = [];
+  const mounts: V1VolumeMount[] = [];
+  const mount = (name: string, secretName: string, path: string) => {
+    volumes.push({ name, secret: { secretName } });
+    mounts.push({ name, mountPath: path, readOnly: true });
+  };
+  mount("gateway-tls", tls.secretName, PATHS.gatewayTls);
+  const args = [`--tls-cert=${PATHS.gatewayTls}/tls.crt`, `--tls-key=${PATHS.gatewayTls}/tls.key`];
+  const ca = tls.clientCASecret;
+  if (!ca) return { volumes, mounts, args, probe: { port: "http", scheme: "HTTPS" } };
+  mount("gateway-client-ca", ca.name, PATHS.gatewayClientCa);
+  args.push(`--tls-client-ca=${PATHS.gatewayClientCa}/${ca.key}`);
+  return { volumes, mounts, args, probe: { port: "metrics" } };
+}
 
 /**
  * How a model's pods reach NATS: the volumes of spec.nats's Secrets, their mounts, and the
@@ -484,6 +514,7 @@ function pdb(
  */
 function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
   const { gateway } = model.spec;
+  const tls = gatewayTlsWiring(model);
   const gw = containerBase(
     model,
     "gateway",
@@ -497,9 +528,7 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ...gatewayArgs(model, role),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
       ...chatTemplateArgs(model, PATHS.chatTemplate),
-      ...(gateway.tls
-        ? [`--tls-cert=${PATHS.gatewayTls}/tls.crt`, `--tls-key=${PATHS.gatewayTls}/tls.key`]
-        : []),
+      ...tls.args,
     ],
     gateway.gpus,
     gatewayResources(model),
@@ -518,19 +547,12 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
     : diskBytes > 0
       ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }]
       : [];
-  const tlsVolumes: V1Volume[] = gateway.tls
-    ? [{ name: "gateway-tls", secret: { secretName: gateway.tls.secretName } }]
-    : [];
-  // The probes ask the API's port, in TLS when it serves TLS (the kubelet does not verify).
-  const scheme = gateway.tls ? { scheme: "HTTPS" } : {};
   const gwContainer = {
     ...gw,
     volumeMounts: [
       ...gw.volumeMounts,
       ...(prefixVolumes.length > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
-      ...(gateway.tls
-        ? [{ name: "gateway-tls", mountPath: PATHS.gatewayTls, readOnly: true }]
-        : []),
+      ...tls.mounts,
     ],
     // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
     env: [
@@ -549,14 +571,14 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       { name: "grpc", containerPort: gateway.ports.grpc },
       { name: "metrics", containerPort: gateway.ports.metrics },
     ],
-    readinessProbe: { httpGet: { path: "/ready", port: "http", ...scheme }, periodSeconds: 5 },
+    readinessProbe: { httpGet: { path: "/ready", ...tls.probe }, periodSeconds: 5 },
     livenessProbe: {
-      httpGet: { path: "/health", port: "http", ...scheme },
+      httpGet: { path: "/health", ...tls.probe },
       periodSeconds: 10,
       failureThreshold: 6,
     },
   };
-  return podSpec(model, role, [gwContainer], [...prefixVolumes, ...tlsVolumes]);
+  return podSpec(model, role, [gwContainer], [...prefixVolumes, ...tls.volumes]);
 }
 
 /**

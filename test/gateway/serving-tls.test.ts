@@ -1,6 +1,7 @@
-// The gateway's own TLS (--tls-cert, --tls-key; spec.gateway.tls): a real gateway process
-// serving the HTTP API to the official openai client and the gRPC API to a grpc-js client
-// over TLS, a renewed certificate taken without a restart, and bad files refused before the
+// The gateway's own TLS (--tls-cert, --tls-key, --tls-client-ca; spec.gateway.tls): real
+// gateway processes serving the HTTP API to the official openai client and the gRPC API to a
+// grpc-js client over TLS, a renewed certificate (and client CA) taken without a restart,
+// clients without a certificate the CA signed refused, and bad files refused before the
 // weights load.
 import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -63,11 +64,18 @@ function servedCn(port: number): Promise<string> {
   });
 }
 
-function grpcLive(ca: Buffer | null): Promise<boolean> {
-  const client = new InferenceClient(`127.0.0.1:${grpcPort}`, credentials.createSsl(ca));
+function grpcLive(
+  ca: Buffer | null,
+  port = grpcPort,
+  client?: { cert: string; key: string },
+): Promise<boolean> {
+  const creds = client
+    ? credentials.createSsl(ca, readFileSync(client.key), readFileSync(client.cert))
+    : credentials.createSsl(ca);
+  const stub = new InferenceClient(`127.0.0.1:${port}`, creds);
   return new Promise<boolean>((resolve, reject) => {
-    client["ServerLive"]!({}, { deadline: Date.now() + 10_000 }, (err: Error | null, r: any) => {
-      client.close();
+    stub["ServerLive"]!({}, { deadline: Date.now() + 10_000 }, (err: Error | null, r: any) => {
+      stub.close();
       if (err) reject(err);
       else resolve(r.live === true);
     });
@@ -110,7 +118,7 @@ describe("gateway --tls-cert / --tls-key", () => {
     // Half a renewal (the certificate first) is not used: its key is the old one.
     copyFileSync(pki.route.cert, join(dir, "tls.crt"));
     await waitFor("the half renewal logged", async () =>
-      /TLS files changed but cannot be used \(the previous certificate stays\): .*EM_GATEWAY_TLS|is not the key of/.test(
+      /TLS files changed but cannot be used \(the previous ones stay\): .*is not the key of/.test(
         gateway.log(),
       )
         ? true
@@ -124,7 +132,7 @@ describe("gateway --tls-cert / --tls-key", () => {
     await waitFor("the new certificate served on gRPC", async () =>
       (await servedCn(grpc)) === "nats-route" ? true : undefined,
     );
-    expect(gateway.log()).toContain("TLS certificate reloaded from");
+    expect(gateway.log()).toMatch(/TLS files reloaded \(.*tls\.crt\): CN=nats-route, valid until /);
     expect(await grpcLive(readFileSync(pki.ca))).toBe(true);
     const health = await undiciFetch(`${gateway.url}/health`, { dispatcher: agent() });
     expect(health.status).toBe(200);
@@ -161,6 +169,18 @@ describe("gateway --tls-cert / --tls-key", () => {
         /\[EM_CLI_FILE\] --tls-cert .*absent\.crt: cannot read it: no such file/,
       ],
       [[`--tls-cert=${pki.server.cert}`], /\[EM_CLI_USAGE\] --tls-cert needs --tls-key/],
+      [
+        [
+          `--tls-cert=${pki.server.cert}`,
+          `--tls-key=${pki.server.key}`,
+          `--tls-client-ca=${garbage}`,
+        ],
+        /\[EM_GATEWAY_TLS\] --tls-client-ca .*garbage\.pem holds no PEM certificate/,
+      ],
+      [
+        [`--tls-client-ca=${pki.ca}`],
+        /\[EM_CLI_USAGE\] --tls-client-ca needs --tls-cert and --tls-key/,
+      ],
     ];
     for (const [args, want] of cases) {
       const r = await run(...args);
@@ -168,5 +188,123 @@ describe("gateway --tls-cert / --tls-key", () => {
       expect(r.stderr).toMatch(want);
       expect(r.stderr).not.toContain("loading weights");
     }
+  });
+});
+
+describe("gateway --tls-client-ca (mutual TLS)", () => {
+  let mtls: GatewayProcess;
+  let mtlsGrpc: number;
+  let metricsPort: string;
+  const clientCa = () => join(dir, "client-ca.crt");
+  /** An undici Agent trusting the test CA, presenting `client`'s certificate if given. */
+  const clientAgent = (client?: { cert: string; key: string }) =>
+    new Agent({
+      connect: {
+        ca: readFileSync(pki.ca),
+        ...(client ? { cert: readFileSync(client.cert), key: readFileSync(client.key) } : {}),
+      },
+    });
+  const openai = (client?: { cert: string; key: string }) =>
+    new OpenAI({
+      baseURL: `${mtls.url}/v1`,
+      apiKey: "unused",
+      maxRetries: 0,
+      fetch: undiciFetch as unknown as typeof fetch,
+      fetchOptions: { dispatcher: clientAgent(client) } as never,
+    });
+  const httpOk = async (client?: { cert: string; key: string }) => {
+    try {
+      const r = await undiciFetch(`${mtls.url}/health`, { dispatcher: clientAgent(client) });
+      return r.status === 200;
+    } catch {
+      return false;
+    }
+  };
+  const grpcOk = (client?: { cert: string; key: string }) =>
+    grpcLive(readFileSync(pki.ca), mtlsGrpc, client).then(
+      () => true,
+      () => false,
+    );
+
+  beforeAll(async () => {
+    copyFileSync(pki.ca, clientCa());
+    mtlsGrpc = await freePort();
+    mtls = await startGatewayProcess({
+      modelDir,
+      namespace: "test",
+      modelName: "gateway-mtls",
+      args: [
+        `--tls-cert=${pki.server.cert}`,
+        `--tls-key=${pki.server.key}`,
+        `--tls-client-ca=${clientCa()}`,
+        `--grpc-port=${mtlsGrpc}`,
+      ],
+      env: { ...process.env, EM_TLS_RELOAD_INTERVAL_MS: "200" },
+    });
+    metricsPort = /metrics on :(\d+)/.exec(mtls.log())![1]!;
+  });
+  afterAll(async () => {
+    await mtls?.process.stop();
+  });
+
+  it("serves both APIs to a client with a certificate the CA signed, and refuses one without, or with another CA's", async () => {
+    const got = await openai(pki.client).chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "Hello!" }],
+      max_tokens: 2,
+    });
+    expect(got.usage?.completion_tokens).toBe(2);
+    expect(await grpcOk(pki.client)).toBe(true);
+    expect(mtls.log()).toMatch(
+      /TLS on the HTTP and gRPC APIs: CN=nats, valid until .*; client certificates required, signed by CN=expertmesh-test-nats-ca/,
+    );
+    // Refused at the handshake: no request reaches the API.
+    await expect(
+      openai().chat.completions.create({
+        model: "tiny",
+        messages: [{ role: "user", content: "Hello!" }],
+        max_tokens: 2,
+      }),
+    ).rejects.toThrow(/Connection error/);
+    expect(await httpOk()).toBe(false);
+    expect(await httpOk(pki.otherClient)).toBe(false);
+    expect(await grpcOk()).toBe(false);
+    expect(await grpcOk(pki.otherClient)).toBe(false);
+  });
+
+  it("answers the probes' /health and /ready on the plain metrics port", async () => {
+    const health = await fetch(`http://127.0.0.1:${metricsPort}/health`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toEqual({ status: "ok" });
+    expect((await fetch(`http://127.0.0.1:${metricsPort}/ready`)).status).toBe(200);
+    expect(await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text()).toContain(
+      "expertmesh_gateway_",
+    );
+  });
+
+  it("takes a new client CA from its file without a restart: a bundle with a second CA admits that CA's clients on both ports", async () => {
+    expect(await httpOk(pki.otherClient)).toBe(false);
+    writeFileSync(clientCa(), readFileSync(pki.ca, "utf8") + readFileSync(pki.otherCa, "utf8"));
+    await waitFor("the other CA's client admitted", async () =>
+      (await httpOk(pki.otherClient)) ? true : undefined,
+    );
+    await waitFor("the other CA's client admitted on gRPC", async () =>
+      (await grpcOk(pki.otherClient)) ? true : undefined,
+    );
+    expect(await httpOk(pki.client)).toBe(true);
+    expect(await httpOk()).toBe(false);
+    expect(mtls.log()).toMatch(
+      /TLS files reloaded .*signed by CN=expertmesh-test-nats-ca or CN=some-other-ca/,
+    );
+    // A CA file that is no certificate is not taken: the bundle stays.
+    writeFileSync(clientCa(), "not a certificate\n");
+    await waitFor("the bad CA file logged", async () =>
+      /TLS files changed but cannot be used \(the previous ones stay\): --tls-client-ca .* holds no PEM certificate/.test(
+        mtls.log(),
+      )
+        ? true
+        : undefined,
+    );
+    expect(await httpOk(pki.otherClient)).toBe(true);
   });
 });

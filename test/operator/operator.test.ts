@@ -681,6 +681,83 @@ describe.sequential("expertmesh operator", () => {
     });
   });
 
+  it("gateway TLS: spec.gateway.tls's certificate, key and client CA that every gateway would refuse are GatewayTLSInvalid, nothing applied; sound ones are mounted, the probes on the metrics port", async () => {
+    const ns = await newNamespace("gwtls");
+    await createWeightsVolume(ns);
+    const pki = makeNatsPki(mkdtempSync(join(testEnv().runDir, "gateway-tls-operator-")));
+    const read = (p: string) => readFileSync(p, "utf8");
+    const reason = async (want: string) =>
+      condition(await waitForCondition(ns, "gwtls", "Degraded", "True", want), "Degraded")?.message;
+    const secret = (name: string, stringData: Record<string, string>) => ({
+      metadata: { name },
+      stringData,
+    });
+    await core.createNamespacedSecret({
+      namespace: ns,
+      // The client's key with the server's certificate: no gateway could serve with it.
+      body: secret("gw-serving", {
+        "tls.crt": read(pki.server.cert),
+        "tls.key": read(pki.client.key),
+      }),
+    });
+    await core.createNamespacedSecret({
+      namespace: ns,
+      body: secret("gw-clients", { "ca.crt": read(pki.client.key) }),
+    });
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("gwtls", ns, {
+          gateway: {
+            tls: { secretName: "gw-serving", clientCASecret: { name: "gw-clients" } },
+          },
+        }),
+      });
+      const message = await reason("GatewayTLSInvalid");
+      expect(message).toContain(
+        `Secret ${ns}/gw-serving's tls.key (spec.gateway.tls.secretName) is not the key of Secret ${ns}/gw-serving's tls.crt (spec.gateway.tls.secretName) (CN=nats)`,
+      );
+      expect(message).toContain(
+        `Secret ${ns}/gw-clients's ca.crt (spec.gateway.tls.clientCASecret) holds no PEM certificate`,
+      );
+      expect(await ownedDeployments(ns, "gwtls")).toHaveLength(0);
+      await core.replaceNamespacedSecret({
+        name: "gw-serving",
+        namespace: ns,
+        body: secret("gw-serving", {
+          "tls.crt": read(pki.server.cert),
+          "tls.key": read(pki.server.key),
+        }),
+      });
+      await core.replaceNamespacedSecret({
+        name: "gw-clients",
+        namespace: ns,
+        body: secret("gw-clients", { "ca.crt": read(pki.ca) + read(pki.otherCa) }),
+      });
+      await waitForCondition(ns, "gwtls", "Ready", "True", undefined, 90_000);
+      const gw = (await ownedDeployments(ns, "gwtls")).find(
+        (d) => d.metadata?.name === "gwtls-gateway",
+      )!;
+      const c = gw.spec!.template.spec!.containers[0]!;
+      expect(c.args).toEqual(
+        expect.arrayContaining([
+          "--tls-client-ca=/var/run/expertmesh/gateway-client-ca/ca.crt",
+          "--tls-cert=/var/run/expertmesh/gateway-tls/tls.crt",
+        ]),
+      );
+      expect(c.readinessProbe?.httpGet).toMatchObject({ path: "/ready", port: "metrics" });
+      expect(gw.spec!.template.spec!.volumes).toContainEqual(
+        expect.objectContaining({
+          name: "gateway-client-ca",
+          secret: expect.objectContaining({ secretName: "gw-clients" }),
+        }),
+      );
+    } finally {
+      await kubectl(["delete", "dsm", "gwtls", "-n", ns, "--wait=false"]);
+    }
+  });
+
   it("reports a memory limit below what the pods hold as Degraded: MemoryLimitTooLow, applies nothing, and recovers when raised", async () => {
     const ns = await newNamespace("memory");
     await createWeightsVolume(ns);

@@ -1,6 +1,7 @@
 // What the operator checks of the Secrets a model names before it applies anything
 // (src/operator/secrets.ts): which Secrets and keys, SecretNotFound and SecretKeyMissing,
-// and the NATS auth of its own connection with NATSAuthInvalid and NATSTLSInvalid. The reconciler's reads are
+// the NATS auth of its own connection with NATSAuthInvalid and NATSTLSInvalid, and the gateway's
+// serving certificate and client CA with GatewayTLSInvalid. The reconciler's reads are
 // tested against the real API server in test/operator/operator.test.ts.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -9,6 +10,7 @@ import { nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import {
+  gatewayTlsProblems,
   natsAuthOf,
   referencedSecrets,
   type SecretContents,
@@ -34,7 +36,9 @@ const everything = model(`    source:
     url: nats://nats:4222
     credentialsSecret: { name: creds }
     tls: { caSecret: { name: pki }, clientSecret: { name: pki } }
-  gateway: { apiKeySecret: { name: keys, key: list }, tls: { secretName: gw-cert } }`);
+  gateway:
+    apiKeySecret: { name: keys, key: list }
+    tls: { secretName: gw-cert, clientCASecret: { name: clients } }`);
 
 const b = (s: string | Uint8Array) => Buffer.from(s);
 const creds = makeNatsJwtAuth().user("alice");
@@ -59,6 +63,7 @@ describe("referencedSecrets", () => {
       { field: "spec.nats.tls.clientSecret", name: "pki", keys: ["tls.crt", "tls.key"] },
       { field: "spec.gateway.apiKeySecret", name: "keys", keys: ["list"] },
       { field: "spec.gateway.tls.secretName", name: "gw-cert", keys: ["tls.crt", "tls.key"] },
+      { field: "spec.gateway.tls.clientCASecret", name: "clients", keys: ["ca.crt"] },
     ]);
     expect(referencedSecrets(model("    source: { pvc: { claimName: w } }"))).toEqual([]);
     const nats = (fields: string) =>
@@ -247,5 +252,76 @@ describe("natsAuthOf", () => {
     expect(
       natsAuthOf(authModel("userSecret: { name: u }"), new Map([["u", { username: b("a") }]])),
     ).toEqual({ problems: [] });
+  });
+});
+
+describe("gatewayTlsProblems", () => {
+  const servingModel = (tls: string) =>
+    model(`    source: { pvc: { claimName: w } }\n  gateway: { tls: ${tls} }`);
+  const mtls = servingModel("{ secretName: gw, clientCASecret: { name: clients } }");
+  const otherKey = () => readFileSync(join(dir, "nats-server.key"), "utf8");
+  const good = () => ({ "tls.crt": b(pem.cert), "tls.key": b(pem.key) });
+
+  it("finds nothing wrong with a sound pair and CA bundle, or without spec.gateway.tls", () => {
+    const bundle = b(pem.ca + readFileSync(join(dir, "other-ca.crt"), "utf8"));
+    const contents = new Map(Object.entries({ gw: good(), clients: { "ca.crt": bundle } }));
+    expect(gatewayTlsProblems(mtls, contents)).toEqual([]);
+    expect(gatewayTlsProblems(servingModel("{ secretName: gw }"), contents)).toEqual([]);
+    expect(gatewayTlsProblems(model("    source: { pvc: { claimName: w } }"), contents)).toEqual(
+      [],
+    );
+    // Missing Secrets and keys are secretProblems' to report.
+    expect(gatewayTlsProblems(mtls, new Map([["gw", { "tls.crt": b("x") }]]))).toEqual([]);
+  });
+
+  it.each<[string, () => Record<string, Record<string, Buffer>>, string[]]>([
+    [
+      "a certificate that is none",
+      () => ({ gw: { "tls.crt": b("nope"), "tls.key": b(pem.key) } }),
+      [
+        "Secret ns/gw's tls.crt (spec.gateway.tls.secretName) holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+      ],
+    ],
+    [
+      "a key of another certificate",
+      () => ({ gw: { "tls.crt": b(pem.cert), "tls.key": b(otherKey()) } }),
+      [
+        "Secret ns/gw's tls.key (spec.gateway.tls.secretName) is not the key of Secret ns/gw's tls.crt (spec.gateway.tls.secretName) (CN=expertmesh)",
+      ],
+    ],
+    [
+      "a key that is none",
+      () => ({ gw: { "tls.crt": b(pem.cert), "tls.key": b("garbage") } }),
+      ["Secret ns/gw's tls.key (spec.gateway.tls.secretName) is not a readable PEM private key: "],
+    ],
+    [
+      "a client CA that is a key, and a bad pair: both",
+      () => ({
+        gw: { "tls.crt": b(pem.cert), "tls.key": b(otherKey()) },
+        clients: { "ca.crt": b(pem.key) },
+      }),
+      [
+        "Secret ns/gw's tls.key (spec.gateway.tls.secretName) is not the key of ",
+        "Secret ns/clients's ca.crt (spec.gateway.tls.clientCASecret) holds no PEM certificate",
+      ],
+    ],
+    [
+      "a CA bundle whose second certificate is cut short",
+      () => ({
+        gw: good(),
+        clients: {
+          "ca.crt": b(`${pem.ca}-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n`),
+        },
+      }),
+      [
+        "Secret ns/clients's ca.crt (spec.gateway.tls.clientCASecret) (certificate 2) is not a readable PEM certificate: ",
+      ],
+    ],
+  ])("reports %s as GatewayTLSInvalid", (_, contents, starts) => {
+    const problems = gatewayTlsProblems(mtls, new Map(Object.entries(contents())));
+    expect(problems.map((p) => p.reason)).toEqual(starts.map(() => "GatewayTLSInvalid"));
+    problems.forEach((p, i) => {
+      expect(p.message.startsWith(starts[i]!), p.message).toBe(true);
+    });
   });
 });

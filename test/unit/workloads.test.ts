@@ -617,6 +617,36 @@ describe("desiredObjects", () => {
     }
   });
 
+  it("verifies clients with spec.gateway.tls.clientCASecret: its key mounted and passed, the probes on the metrics port in plain HTTP", () => {
+    const gateways = objects(
+      "  gateway: { tls: { secretName: gw-cert, clientCASecret: { name: clients, key: bundle.pem } }, disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }",
+    )
+      .filter((o) => o.kind === "Deployment")
+      .map((o) => (o as any).spec.template.spec)
+      .filter((p) => p.containers[0].name === "gateway");
+    expect(gateways).toHaveLength(2);
+    for (const pod of gateways) {
+      const c = pod.containers[0];
+      expect(c.args.filter((a: string) => a.startsWith("--tls"))).toEqual([
+        "--tls-cert=/var/run/expertmesh/gateway-tls/tls.crt",
+        "--tls-key=/var/run/expertmesh/gateway-tls/tls.key",
+        "--tls-client-ca=/var/run/expertmesh/gateway-client-ca/bundle.pem",
+      ]);
+      expect(c.volumeMounts).toContainEqual({
+        name: "gateway-client-ca",
+        mountPath: "/var/run/expertmesh/gateway-client-ca",
+        readOnly: true,
+      });
+      expect(pod.volumes).toContainEqual({
+        name: "gateway-client-ca",
+        secret: { secretName: "clients" },
+      });
+      // The kubelet presents no client certificate: the API's port would refuse its probes.
+      expect(c.readinessProbe.httpGet).toEqual({ path: "/ready", port: "metrics" });
+      expect(c.livenessProbe.httpGet).toEqual({ path: "/health", port: "metrics" });
+    }
+  });
+
   it("passes --scheduling-policy=priority only when spec.gateway.schedulingPolicy asks", () => {
     const args = (extra: string) =>
       (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec

@@ -209,6 +209,9 @@ ${natsAuthUsage(26)}
                             (PEM; the chain after it) and key; read again when the files
                             change (a renewal reaches new connections, no restart); the
                             metrics port stays plain HTTP
+  --tls-client-ca FILE      with --tls-cert: mutual TLS, both APIs take only clients presenting
+                            a certificate one of these CAs (PEM) signed; reloaded as above;
+                            the metrics port answers /health and /ready for probes
   --otlp-traces-endpoint URL    OpenTelemetry traces over OTLP to this collector (http://host:4318,
                             or a full .../v1/traces URL; gRPC: http(s)://host:4317): a span per request
                             (GenAI semantic conventions: tokens, time to first token, queue time),
@@ -245,6 +248,7 @@ export const gatewayCommand: Command = {
         "grpc-port": { type: "string" },
         "tls-cert": { type: "string" },
         "tls-key": { type: "string" },
+        "tls-client-ca": { type: "string" },
         "metrics-port": { type: "string" },
         host: { type: "string" },
         "max-queue-depth": { type: "string" },
@@ -387,9 +391,13 @@ export const gatewayCommand: Command = {
           ? "--tls-key needs --tls-cert: a key without its certificate"
           : "--tls-cert needs --tls-key: a certificate without its key",
       );
+    if (values["tls-client-ca"] !== undefined && values["tls-cert"] === undefined)
+      usage(
+        "--tls-client-ca needs --tls-cert and --tls-key: clients are verified by a server that serves TLS",
+      );
     const tlsFiles =
       values["tls-cert"] !== undefined
-        ? { cert: values["tls-cert"], key: values["tls-key"]! }
+        ? { cert: values["tls-cert"], key: values["tls-key"]!, clientCa: values["tls-client-ca"] }
         : undefined;
     // Checked before the weights load: a wrong file fails at once.
     const servingTls = tlsFiles && readServingTls(tlsFiles);
@@ -483,9 +491,17 @@ export const gatewayCommand: Command = {
     const startup = new Startup({ role: "gateway", registry: startupRegistry });
     startup.watchStalls(stallSeconds, exitOnStall(log));
     let handle: RequestListener = startingHandler(startup, startupRegistry);
+    // With a client CA, a client without a certificate it signed is refused at the handshake.
     const server: HttpServer = servingTls
-      ? (createHttpsServer({ cert: servingTls.cert, key: servingTls.key }, (req, res) =>
-          handle(req, res),
+      ? (createHttpsServer(
+          {
+            cert: servingTls.cert,
+            key: servingTls.key,
+            ...(servingTls.clientCa
+              ? { ca: servingTls.clientCa, requestCert: true, rejectUnauthorized: true }
+              : {}),
+          },
+          (req, res) => handle(req, res),
         ) as unknown as HttpServer)
       : createServer((req, res) => handle(req, res));
     await listenOn(server, httpPort, host, "--http-port");
@@ -498,12 +514,17 @@ export const gatewayCommand: Command = {
         (server as unknown as Pick<TlsServer, "setSecureContext">).setSecureContext({
           cert: next.cert,
           key: next.key,
+          ...(next.clientCa ? { ca: next.clientCa } : {}),
         }),
       );
       certificate.watch(tlsFiles, tlsReloadIntervalMs(), log);
     }
     let metricsRegistry = startupRegistry;
+    // /health and /ready here too: the kubelet's probes present no client certificate, so
+    // with mutual TLS they ask this port (plain HTTP, as Prometheus).
     const metricsServer = createServer(async (req, res) => {
+      const path = req.url?.split("?")[0];
+      if (path === "/health" || path === "/ready") return handle(req, res);
       const { contentType, body } = await exposition(metricsRegistry, req.headers.accept);
       res.writeHead(200, { "content-type": contentType }).end(body);
     });

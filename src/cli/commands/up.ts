@@ -371,7 +371,7 @@ export const upCommand: Command = {
     const servingTls = m.spec.gateway.tls;
     if (servingTls)
       say(
-        `spec.gateway.tls (${servingTls.secretName}) is a Kubernetes Secret, which this machine cannot read: the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS)`,
+        `spec.gateway.tls (${servingTls.secretName}) is a Kubernetes Secret, which this machine cannot read: the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS, --tls-client-ca verifies clients)`,
       );
     const preset = m.spec.model.preset;
     const tiny =
