@@ -138,17 +138,18 @@ describe("request spans", () => {
     expect(second.attributes["gen_ai.usage.cache_read.input_tokens"]).toBeGreaterThan(0);
   });
 
+  // Greedy (temperature 0): a sampled reply can end at end-of-sequence before its 3 tokens.
   it.each<[string, string, Record<string, unknown>, string]>([
     [
       "/v1/messages",
       "chat",
-      { model: "tiny", max_tokens: 3, messages: [{ role: "user", content: "Hi" }] },
+      { model: "tiny", max_tokens: 3, temperature: 0, messages: [{ role: "user", content: "Hi" }] },
       "/v1/messages",
     ],
     [
       "/v1/responses",
       "chat",
-      { model: "tiny", input: "Hi", max_output_tokens: 3 },
+      { model: "tiny", input: "Hi", max_output_tokens: 3, temperature: 0 },
       "/v1/responses",
     ],
     [
@@ -156,14 +157,14 @@ describe("request spans", () => {
       "text_completion",
       {
         inputs: [{ name: "text_input", datatype: "BYTES", shape: [1, 1], data: [["Hi"]] }],
-        parameters: { max_tokens: 3 },
+        parameters: { max_tokens: 3, temperature: 0 },
       },
       "/v2/models/:name/infer",
     ],
     [
       "/v2/models/tiny/generate",
       "text_completion",
-      { text_input: "Hi", parameters: { max_tokens: 3 } },
+      { text_input: "Hi", parameters: { max_tokens: 3, temperature: 0 } },
       "/v2/models/:name/generate",
     ],
   ])("POST %s is traced as %s", async (path, operation, body, route) => {
