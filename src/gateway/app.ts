@@ -20,6 +20,7 @@ import { messagesRoutes } from "./messages.ts";
 import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
+import { socketClientIdentity } from "./serving-tls.ts";
 import {
   operationOfRoute,
   type RequestTrace,
@@ -147,13 +148,15 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       const path = req.url.split("?")[0];
       const gone = !reply.raw.writableFinished;
       const traceId = traceOf(reply.raw);
+      const client = socketClientIdentity(req.raw.socket);
       log(
         `request ${id} ${req.method} ${path} ${reply.raw.statusCode}` +
           `${gone ? " (client gone)" : ""} in ${ms} ms` +
           (job
             ? ` prompt=${job.promptTokens} cached=${job.cachedTokens} completion=${job.completionTokens} finish=${finished!.join(",")}`
             : "") +
-          (traceId ? ` trace=${traceId}` : ""),
+          (traceId ? ` trace=${traceId}` : "") +
+          (client ? ` client=${JSON.stringify(client)}` : ""),
         {
           request_id: id,
           method: req.method,
@@ -170,6 +173,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
               }
             : {}),
           ...(traceId ? { trace_id: traceId } : {}),
+          ...(client ? { client_cert: client } : {}),
         },
       );
     });

@@ -39,7 +39,7 @@ import { decodeBytesElements, encodeBytesElements } from "./kserve-tensors.ts";
 import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
 import { ChatCompletionRequest, type CompletionRequest } from "./schemas.ts";
-import type { ServingCertificate } from "./serving-tls.ts";
+import { clientIdentity, type ServingCertificate } from "./serving-tls.ts";
 import {
   bad,
   checkPromptShape,
@@ -887,14 +887,18 @@ function requestIds(
           metadata.set("x-request-id", id);
           const ms = Math.round(performance.now() - t0);
           const code = status[st.code] ?? String(st.code);
+          // A client certificate is there only when --tls-client-ca had it verified.
+          const client = log && clientIdentity(call.getAuthContext().sslPeerCertificate);
           log?.(
-            `rpc ${id} ${method.path} ${code} in ${ms} ms${traceId ? ` trace=${traceId}` : ""}`,
+            `rpc ${id} ${method.path} ${code} in ${ms} ms${traceId ? ` trace=${traceId}` : ""}` +
+              (client ? ` client=${JSON.stringify(client)}` : ""),
             {
               request_id: id,
               rpc_method: method.path,
               grpc_status: code,
               duration_ms: ms,
               ...(traceId ? { trace_id: traceId } : {}),
+              ...(client ? { client_cert: client } : {}),
             },
           );
           next({ ...st, metadata });

@@ -5,6 +5,7 @@
 // APIs take only clients whose certificate one of its CAs signed, refused at the handshake;
 // the metrics port stays plain HTTP (Prometheus scrapes it inside the cluster) and answers
 // /health and /ready too, for the kubelet's probes, which present no certificate.
+import type { PeerCertificate, TLSSocket } from "node:tls";
 import type { experimental } from "@grpc/grpc-js";
 import { readOptionFile } from "../cli/options.ts";
 import { certificateSubject, pemCertificates, pemKeyPair } from "../util/pem.ts";
@@ -162,4 +163,31 @@ function sameFiles(a: ServingTls, b: ServingTls): boolean {
   const same = (x: Buffer | undefined, y: Buffer | undefined) =>
     x === undefined || y === undefined ? x === y : x.equals(y);
   return a.cert.equals(b.cert) && a.key.equals(b.key) && same(a.clientCa, b.clientCa);
+}
+
+/**
+ * Who a client certificate verified at the handshake names, for the request log: its CN,
+ * else its first URI SAN (a SPIFFE ID), else its whole subject; undefined without one (no
+ * --tls-client-ca, or a plain connection).
+ */
+export function clientIdentity(cert: PeerCertificate | undefined | null): string | undefined {
+  if (!cert?.subject && !cert?.subjectaltname) return undefined;
+  const cn = cert.subject?.CN;
+  if (cn) return Array.isArray(cn) ? cn.join(",") : cn;
+  const uri = cert.subjectaltname
+    ?.split(/,\s*/)
+    .find((n) => n.startsWith("URI:"))
+    ?.slice(4);
+  if (uri) return uri;
+  const subject = Object.entries(cert.subject ?? {})
+    .map(([k, v]) => `${k}=${Array.isArray(v) ? v.join(",") : v}`)
+    .join(", ");
+  return subject || undefined;
+}
+
+/** The identity of the client certificate a verified TLS socket holds (clientIdentity). */
+export function socketClientIdentity(socket: unknown): string | undefined {
+  const tls = socket as Partial<TLSSocket> | undefined;
+  if (!tls?.authorized || typeof tls.getPeerCertificate !== "function") return undefined;
+  return clientIdentity(tls.getPeerCertificate());
 }

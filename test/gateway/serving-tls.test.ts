@@ -238,6 +238,7 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
         `--tls-key=${pki.server.key}`,
         `--tls-client-ca=${clientCa()}`,
         `--grpc-port=${mtlsGrpc}`,
+        "--log-requests",
       ],
       env: { ...process.env, EM_TLS_RELOAD_INTERVAL_MS: "200" },
     });
@@ -255,6 +256,13 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
     });
     expect(got.usage?.completion_tokens).toBe(2);
     expect(await grpcOk(pki.client)).toBe(true);
+    // The request log names the client by its certificate, on both APIs.
+    expect(mtls.log()).toMatch(
+      /request \S+ POST \/v1\/chat\/completions 200 .*client="expertmesh"/,
+    );
+    expect(mtls.log()).toMatch(
+      /rpc \S+ \/inference\.GRPCInferenceService\/ServerLive OK .*client="expertmesh"/,
+    );
     expect(mtls.log()).toMatch(
       /TLS on the HTTP and gRPC APIs: CN=nats, valid until .*; client certificates required, signed by CN=expertmesh-test-nats-ca/,
     );
@@ -293,6 +301,7 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
     );
     expect(await httpOk(pki.client)).toBe(true);
     expect(await httpOk()).toBe(false);
+    expect(mtls.log()).toMatch(/request \S+ GET \/health 200 .*client="expertmesh-next"/);
     expect(mtls.log()).toMatch(
       /TLS files reloaded .*signed by CN=expertmesh-test-nats-ca or CN=some-other-ca/,
     );
