@@ -1,10 +1,11 @@
-// Two setups of a gateway measured in the same rounds, taking turns (AB, BA): the front suite
-// (a gateway through `up`'s front against the same gateway reached directly) and the tracing
-// suite (a gateway exporting spans against one that does not). Streaming chat completions of
-// `newTokens` tokens (ignore_eos) at each concurrency level, `perClient` requests per client
-// one after another; the first path is the peer every ratio is taken against.
+// Setups of a gateway measured in the same rounds, taking turns (AB, BA): the front suite (a
+// gateway through `up`'s front against the same gateway reached directly), the tracing suite
+// (a gateway exporting spans against one that does not) and the tls suite (plain, TLS and
+// mutual TLS gateways). Streaming chat completions of `newTokens` tokens (ignore_eos) at each
+// concurrency level, `perClient` requests per client one after another; the first path is the
+// peer every ratio is taken against.
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { chat, PROMPTS, percentile } from "./serve.ts";
+import { chat, type Endpoint, PROMPTS, percentile } from "./serve.ts";
 
 export interface AbRow<P extends string> {
   concurrency: number;
@@ -22,7 +23,7 @@ export async function abRounds<P extends string>(o: {
   suite: string;
   /** The peer first. */
   paths: readonly [P, ...P[]];
-  base: Record<P, string>;
+  base: Record<P, Endpoint>;
   levels: readonly number[];
   perClient: number;
   newTokens: number;

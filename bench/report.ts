@@ -29,6 +29,7 @@ import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
 import { speculativeTables } from "./speculative.ts";
+import { tlsTables } from "./tls.ts";
 import { tokenizeTables } from "./tokenize.ts";
 import { tracingTables } from "./tracing.ts";
 
@@ -519,6 +520,7 @@ export const SUITES = [
   "front",
   "disagg",
   "tracing",
+  "tls",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -542,7 +544,8 @@ export const TABLES_ONLY: Record<
   | "invariant"
   | "front"
   | "disagg"
-  | "tracing",
+  | "tracing"
+  | "tls",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -561,6 +564,7 @@ export const TABLES_ONLY: Record<
   front: frontTables,
   disagg: disaggTables,
   tracing: tracingTables,
+  tls: tlsTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

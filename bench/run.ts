@@ -35,6 +35,7 @@ import { runSampling } from "./sampling.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
 import { runSpeculative } from "./speculative.ts";
+import { runTls } from "./tls.ts";
 import { runTokenize } from "./tokenize.ts";
 import { runTracing } from "./tracing.ts";
 
@@ -74,6 +75,7 @@ const RUN_TABLES_ONLY: Record<
   invariant: runInvariant,
   front: runFront,
   tracing: runTracing,
+  tls: runTls,
 };
 
 async function main(): Promise<number> {

@@ -30,6 +30,7 @@ import {
 } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
+import { type Dispatcher, fetch as undiciFetch } from "undici";
 import { findNatsServer } from "../src/local/nats-binary.ts";
 import { modelArchitectureOf, readModelConfig } from "../src/model/config.ts";
 import { writeTinyModel } from "../src/model/tiny.ts";
@@ -234,10 +235,11 @@ export async function localGateway(
       "--metrics-port=0",
       ...extra,
     ],
-    /serving '[^']*' on http:\/\/[^:]+:(\d+)/,
+    /serving '[^']*' on (https?):\/\/[^:]+:(\d+)/,
   );
   children.push(c.proc);
-  return `http://127.0.0.1:${(await c.ready)[1]}`;
+  const [, scheme, port] = await c.ready;
+  return `${scheme}://127.0.0.1:${port}`;
 }
 
 /** A gateway's metric (an unlabelled series) from its /metrics, or NaN. */
@@ -262,8 +264,14 @@ export interface RequestResult {
  * `logprobs: true` every token makes a chunk, text or not); `onContent`: called with
  * performance.now() as each content chunk arrives.
  */
+/**
+ * Where a gateway answers: its base URL, or (over TLS) the URL and an undici dispatcher that
+ * trusts its CA and presents a client certificate if it asks for one.
+ */
+export type Endpoint = string | { url: string; dispatcher: Dispatcher };
+
 export async function chat(
-  base: string,
+  base: Endpoint,
   prompt: string,
   maxTokens: number,
   system?: string,
@@ -271,7 +279,15 @@ export async function chat(
   onContent?: (now: number) => void,
 ): Promise<RequestResult> {
   const t0 = performance.now();
-  const res = await fetch(`${base}/v1/chat/completions`, {
+  const url = typeof base === "string" ? base : base.url;
+  const post = (init: RequestInit) =>
+    typeof base === "string"
+      ? fetch(`${url}/v1/chat/completions`, init)
+      : (undiciFetch(`${url}/v1/chat/completions`, {
+          ...(init as object),
+          dispatcher: base.dispatcher,
+        }) as unknown as Promise<Response>);
+  const res = await post({
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify({

@@ -60,22 +60,12 @@ function makeCert(
   subject: string,
   ca: { cert: string; key: string },
   ext: string,
+  newkey: string[] = ["-newkey", "rsa:2048"],
 ): { cert: string; key: string } {
   const p = (suffix: string) => join(dir, `${name}.${suffix}`);
   writeFileSync(p("ext"), ext);
   openssl(
-    [
-      "req",
-      "-newkey",
-      "rsa:2048",
-      "-nodes",
-      "-subj",
-      subject,
-      "-keyout",
-      p("key"),
-      "-out",
-      p("csr"),
-    ],
+    ["req", ...newkey, "-nodes", "-subj", subject, "-keyout", p("key"), "-out", p("csr")],
     dir,
   );
   openssl(
@@ -201,6 +191,8 @@ export interface NatsPki {
    * good for server and client auth, since a route's two ends each check the other's.
    */
   route: { cert: string; key: string };
+  /** As `server`, with an ECDSA P-256 key instead of RSA 2048. */
+  serverEcdsa: { cert: string; key: string };
 }
 
 /** Writes a CA, server and client certificates for a nats-server with TLS into `dir`. */
@@ -234,6 +226,14 @@ export function makeNatsPki(dir: string): NatsPki {
       "/CN=nats-route",
       ca,
       "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    ),
+    serverEcdsa: makeCert(
+      dir,
+      "nats-server-ecdsa",
+      "/CN=nats",
+      ca,
+      `subjectAltName=IP:127.0.0.1,DNS:localhost\n${server}`,
+      ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
     ),
   };
 }

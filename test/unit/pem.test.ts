@@ -68,6 +68,22 @@ describe("pemKeyPair", () => {
     expect(leaf.subject).toBe("CN=nats");
   });
 
+  it("takes an ECDSA P-256 pair as it takes an RSA one, and tells the two apart", () => {
+    const ecdsa = pki.serverEcdsa;
+    const leaf = pemKeyPair(
+      { cert: readFileSync(ecdsa.cert), key: readFileSync(ecdsa.key) },
+      from,
+      "EM_GATEWAY_TLS",
+    );
+    expect(leaf.publicKey.asymmetricKeyType).toBe("ec");
+    const mixed = refusal(() =>
+      pemKeyPair({ cert: read(ecdsa.cert), key: read(pki.server.key) }, from, "EM_GATEWAY_TLS"),
+    );
+    expect(mixed).toBe(
+      "EM_GATEWAY_TLS: --tls-key k.pem is not the key of --tls-cert c.pem (CN=nats)",
+    );
+  });
+
   it.each<[string, () => { cert: string; key: string }, string]>([
     [
       "another certificate's key",
