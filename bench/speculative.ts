@@ -197,7 +197,8 @@ export async function runSpeculative(o: {
         nc = await connect({ servers: natsUrl });
         experts = new RemoteExperts({
           nc,
-          model: { namespace: "bench", model: SERVE_MODEL },
+          // The shards' subjects carry their weights' digest (ADR 0035).
+          model: { namespace: "bench", model: SERVE_MODEL, weights: await ckpt.weightsDigest() },
           plan,
           // f32 both ways: a shard's bf16 kernels round a token's result differently
           // with the number of tokens an expert gets (as any batching does), which flips

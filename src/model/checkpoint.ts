@@ -3,7 +3,7 @@
 // safetensors headers only; `read` then fetches one tensor's bytes. Tensors of the
 // multi-token-prediction layers (`model.layers.{num_hidden_layers + k}.*`) are skipped
 // unless the opener asks for them (MTP speculative decoding, ADR 0012).
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { basename, join } from "node:path";
 import { ExpertMeshError } from "../util/errors.ts";
 import { type ModelConfig, readModelConfig } from "./config.ts";
@@ -15,6 +15,7 @@ import {
   type Tensor,
   type TensorInfo,
 } from "./safetensors.ts";
+import { weightsDigest } from "./weights-digest.ts";
 
 export const SINGLE_FILE = "model.safetensors";
 export const INDEX_FILE = "model.safetensors.index.json";
@@ -29,6 +30,9 @@ export class Checkpoint {
   private readonly counter: ReadCounter;
   /** Whether the MTP layers' tensors were kept (opened with `mtp`). */
   readonly mtp: boolean;
+  /** Every safetensors file of the checkpoint (MTP ones too), as named in `dir`. */
+  private readonly files: readonly string[];
+  #digest: Promise<string> | undefined;
 
   private constructor(
     dir: string,
@@ -36,12 +40,14 @@ export class Checkpoint {
     infos: Map<string, TensorInfo>,
     headerBytes: number,
     mtp: boolean,
+    files: readonly string[],
   ) {
     this.dir = dir;
     this.config = config;
     this.infos = infos;
     this.counter = { bytesRead: headerBytes };
     this.mtp = mtp;
+    this.files = files;
   }
 
   /**
@@ -77,7 +83,7 @@ export class Checkpoint {
       }
     }
     const sorted = new Map([...infos].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
-    return new Checkpoint(dir, config, sorted, headerBytes, mtp);
+    return new Checkpoint(dir, config, sorted, headerBytes, mtp, [...files.keys()]);
   }
 
   /** Names of all tensors (MTP tensors left out), sorted. */
@@ -113,19 +119,14 @@ export class Checkpoint {
   }
 
   /**
-   * What tells these weights from others without reading them: config.json and each
-   * safetensors file's name, size and modification time (the prefix cache's disk tier keys
-   * its files by it, ADR 0019).
+   * What tells these weights from others' (weights-digest.ts, ADR 0035): the same for every
+   * copy of the same checkpoint, whoever opened it and with what options. Read once (a few
+   * hundred KiB per file), then kept. Shards and gateways meet on NATS under it, and the prefix
+   * cache's second tier keys its blocks by it (ADR 0019).
    */
-  identity(): { config: string; files: { name: string; size: number; mtimeMs: number }[] } {
-    const files = [...new Set([...this.infos.values()].map((i) => i.file))].sort();
-    return {
-      config: readFileSync(join(this.dir, "config.json"), "utf8"),
-      files: files.map((f) => {
-        const st = statSync(f);
-        return { name: basename(f), size: st.size, mtimeMs: st.mtimeMs };
-      }),
-    };
+  weightsDigest(): Promise<string> {
+    this.#digest ??= weightsDigest(this.dir, this.files);
+    return this.#digest;
   }
 
   /** Bytes taken from disk since opening (headers plus the tensors read). */

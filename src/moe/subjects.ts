@@ -1,5 +1,5 @@
 // NATS subjects of one model (ARCHITECTURE.md): requests to shard k go to
-// em.<ns>.<model>.shard.<k>, where the shard's replicas share queue group shard-<k>;
+// em.<ns>.<model>.shard.<k>.w<weights digest> (ADR 0035), where the shard's replicas share queue group shard-<k>;
 // load reports go to em.<ns>.<model>.stats.<role>.<id>; plan changes to
 // em.<ns>.<model>.control.plan; prefill jobs (ADR 0029) to em.<ns>.<model>.prefill; and
 // replies to the model's own inboxes, em.<ns>.<model>._INBOX.*: everything a model's processes
@@ -8,10 +8,17 @@
 export interface ModelRef {
   namespace: string;
   model: string;
+  /**
+   * The weights' digest (Checkpoint.weightsDigest, ADR 0035): shard subjects end with it, so
+   * that a gateway reaches only shards of its own weights (during a rollout from one model
+   * to another of the same shape, each generation keeps to its own). Absent: no suffix.
+   */
+  weights?: string;
 }
 
 export const subjects = {
-  shard: (m: ModelRef, k: number) => `em.${m.namespace}.${m.model}.shard.${k}`,
+  shard: (m: ModelRef, k: number) =>
+    `em.${m.namespace}.${m.model}.shard.${k}${m.weights ? `.w${m.weights}` : ""}`,
   shardQueue: (k: number) => `shard-${k}`,
   stats: (m: ModelRef, role: "shard" | "gateway" | "prefill", id: string) =>
     `em.${m.namespace}.${m.model}.stats.${role}.${id}`,

@@ -63,7 +63,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
   if (o.cluster) {
     const conn = await connect({ servers: testEnv().nats.url });
     nc = conn;
-    const ref = { namespace: "test", model: o.cluster.modelName };
+    const ref = o.cluster.ref;
     remote = new RemoteExperts({
       nc: conn,
       model: ref,

@@ -14,6 +14,7 @@ import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { isDone, run, START } from "../../src/gateway/json-mode.ts";
 import { formatCall } from "../../src/gateway/tool-calls.ts";
 import { loadSamplingDefaults } from "../../src/model/generation-config.ts";
+import { subjects } from "../../src/moe/subjects.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -2792,7 +2793,7 @@ describe("distributed mode", () => {
 
     // Again; after 3 chunks r0 stops, and is killed once a frame reached it: the step
     // waiting on it must retry on r1.
-    const subject = `em.test.${cluster.modelName}.shard.0`;
+    const subject = subjects.shard(cluster.ref, 0);
     const retriesBefore = gw.remote!.retries;
     let text = "";
     let chunks = 0;

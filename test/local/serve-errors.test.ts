@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { resolveArchitecture } from "../../src/api/presets.ts";
+import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { serializePlan } from "../../src/moe/plan-json.ts";
 import { startNats } from "../env/nats.ts";
@@ -493,13 +494,18 @@ describe("serving commands on bad input", () => {
         name,
       });
       await gw.waitUntil("serving", async () => log().includes("serving 'tiny'"));
-      // Serving, but not ready: /ready names the shards nobody serves yet.
+      // Serving, but not ready: /ready names the shards nobody serves yet (their subjects
+      // end with the weights' digest, ADR 0035).
+      const weights = await (await Checkpoint.open(dir)).weightsDigest();
       expect(await get(`${url}/ready`)).toEqual({
         status: 503,
         body: JSON.stringify({
           status: "not ready",
           shards: Object.fromEntries(
-            [0, 1].map((k) => [k, `no replica serves em.test.${name}.shard.${k} (no responders)`]),
+            [0, 1].map((k) => [
+              k,
+              `no replica serves em.test.${name}.shard.${k}.w${weights} (no responders)`,
+            ]),
           ),
         }),
       });

@@ -162,7 +162,7 @@ describe("malformed frames sent straight to a shard", () => {
   it("get error replies with stable codes, and the shard keeps serving", async () => {
     const c = cluster!;
     const nc = await connect({ servers: testEnv().nats.url });
-    const subject = subjects.shard({ namespace: "test", model: c.modelName }, 0);
+    const subject = subjects.shard(c.ref, 0);
     const ask = async (frame: Uint8Array) =>
       decodeFrame((await nc.request(subject, frame, { timeout: 5000 })).data);
     const held = c.plan.layers[0]!.shardExperts[0]!;

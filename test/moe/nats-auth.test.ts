@@ -248,7 +248,7 @@ describe.sequential("NATS authentication", () => {
     ]);
     expect(otherShard.code, otherShard.stderr).toBe(1);
     expect(otherShard.stderr).toMatch(
-      /\[EM_NATS_PERMISSION\] NATS refused the subscription to em\.test\.other\.(shard\.0 \(queue group shard-0\)|control\.plan): this process's NATS user needs publish and subscribe on em\.test\.other\.>/,
+      /\[EM_NATS_PERMISSION\] NATS refused the subscription to em\.test\.other\.(shard\.0\.w[0-9a-f]{16} \(queue group shard-0\)|control\.plan): this process's NATS user needs publish and subscribe on em\.test\.other\.>/,
     );
     expect(otherGateway.code, otherGateway.stderr).toBe(1);
     expect(otherGateway.stderr).toMatch(

@@ -12,6 +12,7 @@ import { modelArchitectureOf } from "../../src/model/config.ts";
 import { type DispatcherOptions, RemoteExperts } from "../../src/moe/dispatcher.ts";
 import { type PlacementPlan, planPlacement } from "../../src/moe/placement.ts";
 import { serializePlan } from "../../src/moe/plan-json.ts";
+import type { ModelRef } from "../../src/moe/subjects.ts";
 import { ManagedProcess } from "../env/process.ts";
 import { testEnv, uniqueName } from "./env.ts";
 import { localModel as localModelOn } from "./golden.ts";
@@ -22,6 +23,8 @@ export const native = nativeBackend();
 export interface Cluster {
   modelDir: string;
   modelName: string;
+  /** The shards' NATS names: namespace "test", modelName, and the weights' digest (ADR 0035). */
+  ref: ModelRef;
   plan: PlacementPlan;
   planPath: string;
   shards: ManagedProcess[];
@@ -63,7 +66,8 @@ export async function startShards(
       );
   }
   await Promise.all(shards.map((s) => waitServing(s)));
-  return { modelDir, modelName, plan, planPath, shards };
+  const ref = { namespace: "test", model: modelName, weights: await ckpt.weightsDigest() };
+  return { modelDir, modelName, ref, plan, planPath, shards };
 }
 
 export function startShard(
@@ -137,7 +141,7 @@ export async function distributedModel(
   });
   const experts = new RemoteExperts({
     nc,
-    model: { namespace: "test", model: c.modelName },
+    model: c.ref,
     plan: c.plan,
     dispatchDtype: "f32",
     combineDtype: "f32",

@@ -535,6 +535,9 @@ export const gatewayCommand: Command = {
     );
 
     const ckpt = await Checkpoint.open(modelDir, { mtp, onFile: (d, n) => startup.opening(d, n) });
+    // Shards of these weights only (ADR 0035): another model's never add into our sums.
+    const weightsId = await ckpt.weightsDigest();
+    const shardsRef = { ...ref, weights: weightsId };
     const tokenizer = Tokenizer.load(modelDir, chatTemplate);
     if (chatTemplate !== undefined) {
       // A template that cannot render a one-message chat would fail every chat request.
@@ -601,7 +604,7 @@ export const gatewayCommand: Command = {
       nc = await connectToNats();
       experts = new RemoteExperts({
         nc,
-        model: ref,
+        model: shardsRef,
         plan,
         dispatchDtype: wire as "bf16" | "fp8" | "f32",
         combineDtype: wire === "f32" ? "f32" : "bf16",
@@ -611,7 +614,7 @@ export const gatewayCommand: Command = {
       const conn = nc;
       const remote = experts as RemoteExperts;
       ready = async () => {
-        lastProbe = await probeShards(conn, ref, remote.plan, weights.config.hiddenSize);
+        lastProbe = await probeShards(conn, shardsRef, remote.plan, weights.config.hiddenSize);
         return lastProbe.ready;
       };
       // Live plan changes from the operator (ADR 0003): switch when told to activate.
@@ -649,7 +652,7 @@ export const gatewayCommand: Command = {
     // What the prefix cache's second tier's rows depend on besides the cache's layout.
     const tierIdentity = {
       version: packageVersion(),
-      weights: ckpt.identity(),
+      weights: weightsId,
       mtp,
       dtype,
       cpuMatmul: values["cpu-matmul"] ?? "fp32",
@@ -823,7 +826,7 @@ export const gatewayCommand: Command = {
       `serving '${ctx.servedModelName}' on ${scheme}://${host}:${port(server)} ` +
         `(${values.local ? "single-process" : `${ref.namespace}/${ref.model} over ${values.nats}`}); metrics on :${port(metricsServer)}` +
         (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : "") +
-        ` (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
+        `; weights ${weightsId} (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
     );
     // Queue depth for the operator's autoscaler, once a second.
     const statsTimer = setInterval(() => {

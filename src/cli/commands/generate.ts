@@ -167,7 +167,8 @@ export const generateCommand: Command = {
       close = () => nc.drain();
       experts = new RemoteExperts({
         nc,
-        model,
+        // Shards of these weights only (ADR 0035).
+        model: { ...model, weights: await ckpt.weightsDigest() },
         plan,
         dispatchDtype: wire,
         combineDtype: wire === "f32" ? "f32" : "bf16",

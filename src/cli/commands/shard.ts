@@ -175,6 +175,8 @@ export const shardCommand: Command = {
       values.plan!,
       ckpt.config.numNextnPredictLayers,
     );
+    // Gateways of these weights only reach this shard (ADR 0035).
+    const served = { ...model, weights: await ckpt.weightsDigest() };
     const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
     const load = expertLoad(ckpt, mine);
     const base = ckpt.bytesRead;
@@ -224,7 +226,7 @@ export const shardCommand: Command = {
     const trimmer = scratchTrimmerFor(backend, log);
     const shard = new ShardServer({
       nc,
-      model,
+      model: served,
       shard: k,
       id,
       plan,
@@ -275,8 +277,8 @@ export const shardCommand: Command = {
     };
     startup.finish();
     log(
-      `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${metricsAt} ` +
-        `(started in ${startup.elapsedSeconds.toFixed(1)} s)`,
+      `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${metricsAt}; ` +
+        `weights ${served.weights} (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
     );
 
     const stop = async (sig: string) => {
