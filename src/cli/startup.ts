@@ -20,6 +20,8 @@ export class Startup {
   readonly #now: () => number;
   readonly #t0: number;
   readonly #gauges: Gauge[];
+  readonly #registry: Registry;
+  readonly #role: string;
   #phase = "starting";
   #done = false;
   #bytes: { read: () => number; total: number } | null = null;
@@ -30,6 +32,8 @@ export class Startup {
   constructor(o: StartupOptions) {
     this.#now = o.now ?? Date.now;
     this.#t0 = this.#now();
+    this.#registry = o.registry;
+    this.#role = o.role;
     const labels = { role: o.role };
     const self = this;
     this.#gauges = [
@@ -61,6 +65,21 @@ export class Startup {
         },
       }),
     ];
+  }
+
+  /**
+   * The weights' digest (ADR 0035) as `expertmesh_weights_info{role, digest} 1`: a rollout
+   * to other weights shows in Prometheus as two digests, `count by (digest)`.
+   */
+  weights(digest: string): void {
+    const info = new Gauge({
+      name: "expertmesh_weights_info",
+      help: "1, labelled with the digest of the weights this process loaded (shards and gateways meet only with the same).",
+      labelNames: ["role", "digest"],
+      registers: [this.#registry],
+    });
+    info.set({ role: this.#role, digest }, 1);
+    this.#gauges.push(info); // for `register`, called after this
   }
 
   /** Whether startup is over. */

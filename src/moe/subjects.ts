@@ -1,7 +1,7 @@
 // NATS subjects of one model (ARCHITECTURE.md): requests to shard k go to
 // em.<ns>.<model>.shard.<k>.w<weights digest> (ADR 0035), where the shard's replicas share queue group shard-<k>;
 // load reports go to em.<ns>.<model>.stats.<role>.<id>; plan changes to
-// em.<ns>.<model>.control.plan; prefill jobs (ADR 0029) to em.<ns>.<model>.prefill; and
+// em.<ns>.<model>.control.plan; prefill jobs (ADR 0029) to em.<ns>.<model>.prefill.w<digest>; and
 // replies to the model's own inboxes, em.<ns>.<model>._INBOX.*: everything a model's processes
 // say is under em.<ns>.<model>.>, so one NATS permission keeps models apart (ADR 0032).
 
@@ -23,8 +23,12 @@ export const subjects = {
   stats: (m: ModelRef, role: "shard" | "gateway" | "prefill", id: string) =>
     `em.${m.namespace}.${m.model}.stats.${role}.${id}`,
   allStats: (m: ModelRef) => `em.${m.namespace}.${m.model}.stats.>`,
-  /** Disaggregated prefill jobs (gateway/prefill.ts); prefill gateways share a queue group. */
-  prefill: (m: ModelRef) => `em.${m.namespace}.${m.model}.prefill`,
+  /**
+   * Disaggregated prefill jobs (gateway/prefill.ts); prefill gateways share a queue group.
+   * With `weights`, only gateways of the same weights meet there.
+   */
+  prefill: (m: ModelRef) =>
+    `em.${m.namespace}.${m.model}.prefill${m.weights ? `.w${m.weights}` : ""}`,
   /** Live plan changes from the operator (plan-control.ts). */
   planControl: (m: ModelRef) => `em.${m.namespace}.${m.model}.control.plan`,
   /** The inbox prefix of the model's processes (replies, JetStream deliveries). */

@@ -14,7 +14,14 @@ import { subjects } from "../../src/moe/subjects.ts";
 import type { ManagedProcess } from "../env/process.ts";
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type Cluster, startShard, startShards, stopAll, waitServing } from "../support/shards.ts";
+import {
+  type Cluster,
+  metricsPort,
+  startShard,
+  startShards,
+  stopAll,
+  waitServing,
+} from "../support/shards.ts";
 
 let oldDir: string;
 let newDir: string;
@@ -92,6 +99,17 @@ describe("a gateway of new weights among shards of the old ones", () => {
     await Promise.all(newShards.map((s) => waitServing(s)));
     expect(readFileSync(newShards[0]!.logPath, "utf8")).toContain(`weights ${newDigest}`);
     expect((await fetch(`${next.url}/ready`)).status).toBe(200);
+    // Prometheus tells the two generations apart.
+    const info = async (p: ManagedProcess) =>
+      (await (await fetch(`http://127.0.0.1:${metricsPort(p)}/metrics`)).text())
+        .split("\n")
+        .filter((l) => l.startsWith("expertmesh_weights_info{"));
+    expect(await info(next.process)).toEqual([
+      `expertmesh_weights_info{role="gateway",digest="${newDigest}"} 1`,
+    ]);
+    expect(await info(oldShards.shards[0]!)).toEqual([
+      `expertmesh_weights_info{role="shard",digest="${oldDigest}"} 1`,
+    ]);
 
     // An old gateway still serves through the old shards, beside it.
     const old = await start(oldDir);

@@ -44,6 +44,7 @@ describe("Startup", () => {
     ]);
     s.bytes(() => read, 400);
     read = 250;
+    s.weights("0123456789abcdef");
     s.step("connecting to NATS at nats://x:4222");
     expect(s.phase).toBe("connecting to NATS at nats://x:4222");
     const second = new Registry();
@@ -56,6 +57,7 @@ describe("Startup", () => {
         ["expertmesh_startup_complete", 1, { role: "shard" }],
         ["expertmesh_load_read_bytes", 250, { role: "shard" }],
         ["expertmesh_load_size_bytes", 400, { role: "shard" }],
+        ["expertmesh_weights_info", 1, { role: "shard", digest: "0123456789abcdef" }],
       ]);
   });
 });

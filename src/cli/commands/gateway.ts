@@ -537,6 +537,7 @@ export const gatewayCommand: Command = {
     const ckpt = await Checkpoint.open(modelDir, { mtp, onFile: (d, n) => startup.opening(d, n) });
     // Shards of these weights only (ADR 0035): another model's never add into our sums.
     const weightsId = await ckpt.weightsDigest();
+    startup.weights(weightsId);
     const shardsRef = { ...ref, weights: weightsId };
     const tokenizer = Tokenizer.load(modelDir, chatTemplate);
     if (chatTemplate !== undefined) {
@@ -696,11 +697,15 @@ export const gatewayCommand: Command = {
         `prefix cache NATS tier in bucket '${remoteBucket}': ${prefixCacheRemote.stats.files} blocks of this model there, budget ${(prefixCacheRemote.maxBytes / 2 ** 20).toFixed(1)} MiB`,
       );
     }
-    // Prefill jobs' subject: its names are subject tokens (with --local too).
+    // Prefill jobs' subject: its names are subject tokens (with --local too); prefill gateways
+    // of these weights only (ADR 0035: another model's would refuse every job).
     const prefillSubject =
       disaggregation === "null"
         ? ""
-        : subjects.prefill(subjectRef(values.namespace ?? "default", modelName));
+        : subjects.prefill({
+            ...subjectRef(values.namespace ?? "default", modelName),
+            weights: weightsId,
+          });
     const prefillClient =
       disaggregation === "decode"
         ? new PrefillClient({

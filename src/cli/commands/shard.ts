@@ -177,6 +177,7 @@ export const shardCommand: Command = {
     );
     // Gateways of these weights only reach this shard (ADR 0035).
     const served = { ...model, weights: await ckpt.weightsDigest() };
+    startup.weights(served.weights);
     const mine = (layer: number, e: number) => holds.get(layer)?.has(e) ?? false;
     const load = expertLoad(ckpt, mine);
     const base = ckpt.bytesRead;
