@@ -447,13 +447,15 @@ function handlers(o: GrpcGatewayOptions): {
    * startJob inside the call's trace (tracing.ts), when tracing is on: its span starts at
    * `t0` (epoch ms, when the call or the stream's request came), a child of the caller's
    * span named by `traceparent` metadata. A call that runs one job (not a bidirectional
-   * stream of them) answers `traceresponse` in its response metadata.
+   * stream of them) answers `traceresponse` in its response metadata; a message of
+   * ModelStreamInfer's stream is told it (`onTraceResponse`) for its own responses.
    */
   const traced = (
     call: {
       metadata: Metadata;
       getPath(): string;
       sendMetadata?: (md: Metadata) => void;
+      onTraceResponse?: (value: string) => void;
     },
     operation: GenAiOperation,
     t0: number,
@@ -472,11 +474,12 @@ function handlers(o: GrpcGatewayOptions): {
         ...(requestId !== undefined ? { requestId } : {}),
         attributes: { "rpc.system": "grpc", "rpc.method": call.getPath() },
         span: null,
-        ...(call.sendMetadata
+        ...(call.sendMetadata || call.onTraceResponse
           ? {
               onSpan: (span: Span) => {
                 const value = traceResponse(span);
                 if (!value) return;
+                if (call.onTraceResponse) return call.onTraceResponse(value);
                 const out = new Metadata();
                 out.set("traceresponse", value);
                 call.sendMetadata!(out);
@@ -601,8 +604,16 @@ function handlers(o: GrpcGatewayOptions): {
     const final = (last: boolean): Parameters => ({ triton_final_response: { bool_param: last } });
     const one = async (r: ModelInferRequest) => {
       const t0 = Date.now();
-      // One stream, many jobs: each its own span, and no traceresponse (its metadata goes once).
-      const view = { metadata: call.metadata, getPath: () => call.getPath() };
+      // One stream, many jobs: each its own span, whose traceresponse goes in the parameters
+      // of the message's final response (the stream's metadata goes once).
+      let traceParams: Parameters = {};
+      const view = {
+        metadata: call.metadata,
+        getPath: () => call.getPath(),
+        onTraceResponse: (value: string) => {
+          traceParams = { traceresponse: { string_param: value } };
+        },
+      };
       try {
         authorize(call.metadata);
         const { spec, shape, raw, outputs, stream } = await inferRequest(r);
@@ -641,19 +652,30 @@ function handlers(o: GrpcGatewayOptions): {
             finish_reason: { string_param: o.finishReason },
             prompt_tokens: { int64_param: o.promptTokens },
             completion_tokens: { int64_param: o.completionTokens },
+            ...traceParams,
             ...final(!emptyFinal),
           }),
         });
         if (emptyFinal)
-          send({ infer_response: inferResponse(r, shape, raw, outputs, null, final(true)) });
+          send({
+            infer_response: inferResponse(r, shape, raw, outputs, null, {
+              ...traceParams,
+              ...final(true),
+            }),
+          });
       } catch (err) {
         const e = toApiError(err);
         if (e.status >= 500) logServerError(ctx, call.getPath(), err);
-        if (!spanned.has(view)) refusal(view, err, t0, r.model_name);
+        if (!spanned.has(view)) {
+          const span = refusal(view, err, t0, r.model_name);
+          const value = span && traceResponse(span);
+          if (value) view.onTraceResponse(value);
+        }
         send({
           error_message: `${e.code}: ${e.message}`,
           infer_response: inferResponse(r, [], false, [], null, {
             em_code: { string_param: e.code },
+            ...traceParams,
             ...final(true),
           }),
         });

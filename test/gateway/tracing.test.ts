@@ -423,7 +423,7 @@ describe("request spans", () => {
     expect(collector.spans.filter((s) => s.traceId === d.traceId)).toHaveLength(1);
   });
 
-  it("ModelStreamInfer: a span per message, a message refused before its job included", async () => {
+  it("ModelStreamInfer: a span per message, a message refused before its job included, each named in its last response", async () => {
     const client = new InferenceClient(`127.0.0.1:${grpc.port}`, credentials.createInsecure());
     const c = caller();
     const md = new Metadata();
@@ -464,6 +464,16 @@ describe("request spans", () => {
       "rpc.method": "/inference.GRPCInferenceService/ModelStreamInfer",
     });
     for (const span of spans) expect(span.parentSpanId).toBe(c.spanId);
+    // Each message's last response names its own span (the stream's metadata cannot).
+    const traceresponse = (id: string) =>
+      messages.filter((m) => m.infer_response.id === id).at(-1).infer_response.parameters
+        .traceresponse?.string_param;
+    expect(traceresponse("good")).toBe(
+      `00-${c.traceId}-${byName["text_completion tiny"]!.spanId}-01`,
+    );
+    expect(traceresponse("bad")).toBe(
+      `00-${c.traceId}-${byName["text_completion gpt-x"]!.spanId}-01`,
+    );
   });
 });
 
