@@ -715,6 +715,11 @@ export const ExpertsSchema = withRules(
         },
         { description: "Load-driven expert rebalancing (EPLB).", default: {} },
       ),
+      weightsRollout: StringEnum(["Rolling", "BlueGreen"], {
+        description:
+          "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready. BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile.",
+        default: "Rolling",
+      }),
       gpusPerShard: Type.Integer({
         description: "nvidia.com/gpu per shard pod; 0 runs the CPU kernels.",
         default: 1,

@@ -30,6 +30,7 @@ import {
   statusChanged,
   unschedulableProblem,
 } from "./status.ts";
+import { isPreviousCopy, previousCopiesDone, previousShardsStep } from "./weights-rollout.ts";
 import {
   type DesiredObject,
   desiredObjects,
@@ -62,13 +63,19 @@ export interface ReconcilerOptions {
 
 const keyOf = (o: KubernetesObject) => `${o.kind}/${o.metadata?.name}`;
 
+/** The names of the model's shard Deployments. */
+const shardNamesOf = (model: DeepSeekModel) =>
+  Array.from({ length: model.spec.experts.shards }, (_, k) => names.shard(model.metadata.name, k));
+
 /** The role a Deployment of model `name` serves: gateway, prefill or shard-<k>. */
 function roleOf(name: string, d: V1Deployment): RoleKey | undefined {
   const n = d.metadata?.name ?? "";
   if (n === names.gateway(name)) return "gateway";
   if (n === names.prefill(name)) return "prefill";
   const prefix = `${names.shard(name, 0).slice(0, -1)}`;
-  return n.startsWith(prefix) ? `shard-${n.slice(prefix.length)}` : undefined;
+  const k = n.startsWith(prefix) ? n.slice(prefix.length) : "";
+  // A copy on the previous weights (<name>-shard-<k>-prev) is no role of its own.
+  return /^\d+$/.test(k) && !isPreviousCopy(d) ? `shard-${k}` : undefined;
 }
 
 /** Whether the model may have more than one gateway pod (the spec's, or the autoscaler's). */
@@ -153,11 +160,16 @@ export class Reconciler {
 
     // 3. Apply what is wanted (unless a dependency is missing), delete what is not; a
     //    problem that leaves serving alone (a claim of the wrong access mode) applies all.
+    let desiredDeployments: V1Deployment[] | undefined;
     if (plan && problems.every((p) => p.servingUnaffected)) {
       const before = await this.#kube.listDeployments(namespace, name);
       const desired = desiredObjects(model, plan, this.#replicas(key, model, plan, before));
+      desiredDeployments = desired.filter((o): o is V1Deployment => o.kind === "Deployment");
       try {
-        problems.push(...(await this.#converge(model, desired)));
+        // Other weights, blue/green: the old shards are copied first, and the spec waits
+        // until the copies serve (weights-rollout.ts).
+        const hold = await this.#previousShards(model, plan, current, before, desiredDeployments);
+        if (!hold) problems.push(...(await this.#converge(model, desired)));
       } catch (err) {
         if (httpStatus(err) === 409 || httpStatus(err) === undefined) throw err;
         problems.push({ reason: "ApplyFailed", message: formatError(err) });
@@ -173,10 +185,29 @@ export class Reconciler {
     }
 
     // 4. Status from what the cluster reports.
-    const [deployments, pods] = await Promise.all([
+    let [deployments, pods] = await Promise.all([
       this.#kube.listDeployments(namespace, name),
       this.#kube.listPods(namespace, name),
     ]);
+    // Copies of the previous weights' shards go once everything else runs the spec.
+    if (desiredDeployments) {
+      const done = previousCopiesDone(deployments, desiredDeployments, shardNamesOf(model));
+      for (const copy of done)
+        await this.#kube.delete({
+          apiVersion: "apps/v1",
+          kind: "Deployment",
+          metadata: { name: copy.metadata!.name!, namespace },
+        });
+      if (done.length > 0) {
+        await this.#event(
+          model,
+          "Normal",
+          "PreviousShardsDeleted",
+          `every gateway and shard serves the new weights: deleted ${done.map((d) => d.metadata!.name).join(", ")}`,
+        );
+        deployments = deployments.filter((d) => !done.includes(d));
+      }
+    }
     const unschedulable = unschedulableProblem(pods);
     if (unschedulable) problems.push(unschedulable);
     const scaler = this.#opts.autoscaler;
@@ -393,6 +424,48 @@ export class Reconciler {
    * PodMonitor the cluster has no CRD for, or a NetworkPolicy that cannot be applied, is a
    * problem that leaves serving alone.
    */
+  /**
+   * spec.experts.weightsRollout BlueGreen: copies the shard Deployments whose weights the
+   * spec changes (weights-rollout.ts) and says whether the spec must wait for them. Only
+   * with the plan unchanged: a copy reads the plan's ConfigMap, which a new shape replaces.
+   */
+  async #previousShards(
+    model: DeepSeekModel,
+    plan: PlacementPlan,
+    current: PlacementPlan | undefined,
+    before: V1Deployment[],
+    desired: V1Deployment[],
+  ): Promise<boolean> {
+    if (model.spec.experts.weightsRollout !== "BlueGreen" || current?.version !== plan.version)
+      return false;
+    const step = previousShardsStep(before, desired, shardNamesOf(model));
+    for (const copy of step.create) await this.#kube.apply(copy);
+    if (step.create.length > 0) {
+      await this.#event(
+        model,
+        "Normal",
+        "PreviousShardsCreated",
+        `spec.model.source names other weights: ${step.create.map((d) => d.metadata!.name).join(", ")} keep the previous ones for the old gateways until the new ones are ready (weightsRollout BlueGreen)`,
+      );
+      return true;
+    }
+    if (!step.hold) return false;
+    // No room for the copies beside the running pods: waiting would hold the new weights for
+    // ever, so they roll as with Rolling (the copies go once it is done).
+    const ns = model.metadata.namespace!;
+    const stuck = unschedulableProblem(
+      (await this.#kube.listPods(ns, model.metadata.name)).filter(isPreviousCopy),
+    );
+    if (!stuck) return true;
+    await this.#event(
+      model,
+      "Warning",
+      "PreviousShardsUnschedulable",
+      `${stuck.message}; rolling to the new weights without them (old gateways fail requests until the new ones are ready)`,
+    );
+    return false;
+  }
+
   async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const problems: Problem[] = [];
@@ -442,7 +515,8 @@ export class Reconciler {
     }
     const wanted = new Set(desired.map((o) => keyOf(o as KubernetesObject)));
     for (const [key, obj] of existing) {
-      if (wanted.has(key)) continue;
+      // Copies of the previous weights' shards are deleted when done (reconcile, step 4).
+      if (wanted.has(key) || isPreviousCopy(obj)) continue;
       await this.#kube.delete(obj);
       await this.#event(model, "Normal", "Deleted", `deleted ${key} (no longer in the spec)`);
     }

@@ -3,6 +3,7 @@
 import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
 import type { DeepSeekModel, DeepSeekModelStatus, ModelCondition } from "../api/schema.ts";
 import { LABEL_COMPONENT, labelsFor } from "./labels.ts";
+import { isPreviousCopy } from "./weights-rollout.ts";
 
 /**
  * A problem that makes the model Degraded: a stable reason and a precise message;
@@ -59,7 +60,8 @@ export function unschedulableProblem(pods: V1Pod[]): Problem | undefined {
   };
 }
 
-function rolledOut(d: V1Deployment): boolean {
+/** Whether a Deployment's pods are all of its current template and available. */
+export function rolledOut(d: V1Deployment): boolean {
   const want = d.spec?.replicas ?? 1;
   const s = d.status ?? {};
   return (
@@ -96,8 +98,12 @@ function condition(
 export function computeStatus(model: DeepSeekModel, o: Observed, now: string): DeepSeekModelStatus {
   const generation = model.metadata.generation ?? 0;
   const prev = model.status?.conditions;
+  // A copy of a shard on its previous weights (weights-rollout.ts) counts in no role: it
+  // only keeps Progressing on until it is gone.
   const byRole = (role: string) =>
-    o.deployments.filter((d) => d.metadata?.labels?.[LABEL_COMPONENT] === role);
+    o.deployments.filter(
+      (d) => d.metadata?.labels?.[LABEL_COMPONENT] === role && !isPreviousCopy(d),
+    );
   const gateway = {
     ...roleCounts(byRole("gateway")),
     selector: Object.entries(labelsFor(model, "gateway"))
@@ -113,8 +119,10 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
   // The gateways', the prefill gateways' (spec.gateway.disaggregation) and each shard's.
   const expectedDeployments =
     1 + (model.spec.gateway.disaggregation ? 1 : 0) + model.spec.experts.shards;
+  const copies = o.deployments.filter(isPreviousCopy);
+  const current = o.deployments.filter((d) => !isPreviousCopy(d));
   const allRolledOut =
-    o.deployments.length === expectedDeployments && o.deployments.every(rolledOut);
+    copies.length === 0 && current.length === expectedDeployments && current.every(rolledOut);
   // Degraded reports every problem, led by the first that keeps the model from serving;
   // Ready only those.
   const blocking = o.problems.find((p) => !p.servingUnaffected);
@@ -146,7 +154,11 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
         type: "Progressing",
         status: "True" as const,
         reason: "RollingOut",
-        message: `${o.deployments.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, ${model.spec.gateway.disaggregation ? `prefill ${prefill.readyReplicas}/${prefill.desiredReplicas}, ` : ""}shards ${shards.readyReplicas}/${shards.desiredReplicas}`,
+        message:
+          `${current.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, ${model.spec.gateway.disaggregation ? `prefill ${prefill.readyReplicas}/${prefill.desiredReplicas}, ` : ""}shards ${shards.readyReplicas}/${shards.desiredReplicas}` +
+          (copies.length > 0
+            ? `; ${copies.length} shard Deployment(s) of the previous weights serve the old gateways until the new ones are ready`
+            : ""),
       };
   const ready =
     allRolledOut && !blocking

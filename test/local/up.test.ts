@@ -692,10 +692,10 @@ describe("expertmesh up", () => {
       ],
       async (started, port) => {
         expect(started.err()).toMatch(
-          /^\[prefill\.0\] .*prefill gateway: computing prompts sent to em\.default\.tiny\.prefill$/m,
+          /^\[prefill\.0\] .*prefill gateway: computing prompts sent to em\.default\.tiny\.prefill\.w[0-9a-f]{16}$/m,
         );
         expect(started.err()).toMatch(
-          /^\[gateway\] .*decode gateway: prompts lacking 16 tokens or more go to em\.default\.tiny\.prefill$/m,
+          /^\[gateway\] .*decode gateway: prompts lacking 16 tokens or more go to em\.default\.tiny\.prefill\.w[0-9a-f]{16}$/m,
         );
         const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
         const r = await client.completions.create({
@@ -731,7 +731,7 @@ describe("expertmesh up", () => {
     "with gateway.kvCache.$tier outlives the run, and the next run starts with it",
     async ({ kvCache, kept, where }) => {
       const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
-      // The same weights both times (the fingerprint covers their files' times).
+      // The same weights both times (the fingerprint covers their digest).
       const models = mkdtempSync(join(testEnv().runDir, "models-"));
       const variant: [string, string] = ["  gateway:\n", `  gateway:\n    kvCache: ${kvCache}\n`];
       // Blocks of 16 tokens: a prompt of several.

@@ -414,6 +414,7 @@ spec:
       redundantExperts: 0,
       replicas: { min: 1, max: 1 },
       gpusPerShard: 1,
+      weightsRollout: "Rolling",
       rebalance: {
         enabled: false,
         threshold: 1.25,

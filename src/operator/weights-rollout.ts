@@ -1,0 +1,143 @@
+// Blue/green for a change of weights (spec.experts.weightsRollout: BlueGreen, ADR 0035).
+// Shards and gateways meet only with the same weights (their subjects carry the weights'
+// digest), so while a model rolls from one checkpoint to another, old gateways need old
+// shards. Rolling, they lose them as the shard Deployments roll. Blue/green keeps them:
+//
+// 1. A shard Deployment whose pod template names other weights than the spec now does (the
+//    model volume's claim, the --model path, the download's repo and revision) is first
+//    copied as `<name>-prev`: its pods, with the old template, a label of their own in the
+//    selector, serve the old weights. The new templates wait until every copy is rolled out.
+// 2. Then the spec is applied: shards and gateways roll to the new weights; old gateways use
+//    the copies meanwhile, new gateways turn ready once the new shards serve.
+// 3. Once every other Deployment of the model is rolled out (new pods available, old ones
+//    gone), the copies are deleted.
+//
+// Pure functions here; the reconciler does the calls.
+import type { V1Deployment, V1PodSpec } from "@kubernetes/client-node";
+import { rolledOut } from "./status.ts";
+
+/** The label (in selector and template) of a copy's pods, and of the copy. */
+export const LABEL_PREVIOUS_WEIGHTS = "expertmesh.io/previous-weights";
+export const PREVIOUS_SUFFIX = "-prev";
+
+/** Whether a Deployment is a copy made by `previousCopy`. */
+export function isPreviousCopy(d: { metadata?: { labels?: Record<string, string> } }): boolean {
+  return d.metadata?.labels?.[LABEL_PREVIOUS_WEIGHTS] === "true";
+}
+
+/**
+ * What in a pod template names the weights the pod loads: the claim of the `model` volume,
+ * the `--model=` path, and the download's repo and revision. Undefined when the template has
+ * no `model` volume or no `--model=` argument (not a pod of ours).
+ */
+export function weightsSourceOf(spec: V1PodSpec | undefined): string | undefined {
+  const volume = spec?.volumes?.find((v) => v.name === "model");
+  const modelArg = spec?.containers?.[0]?.args?.find((a) => a.startsWith("--model="));
+  if (!volume || !modelArg) return undefined;
+  const download = spec?.initContainers?.find((c) => c.name === "download-weights");
+  const env = (name: string) => download?.env?.find((e) => e.name === name)?.value ?? null;
+  return JSON.stringify({
+    claim: volume.persistentVolumeClaim?.claimName ?? null,
+    model: modelArg,
+    repo: env("HF_REPO"),
+    revision: env("HF_REVISION"),
+  });
+}
+
+/**
+ * The shard Deployments (by name) whose pods `existing` runs with other weights than
+ * `desired` names: those a copy keeps serving. Only Deployments in both, both readable.
+ */
+export function shardsChangingWeights(
+  existing: readonly V1Deployment[],
+  desired: readonly V1Deployment[],
+  shardNames: readonly string[],
+): string[] {
+  return shardNames.filter((name) => {
+    const before = weightsSourceOf(
+      existing.find((d) => d.metadata?.name === name)?.spec?.template.spec,
+    );
+    const after = weightsSourceOf(
+      desired.find((d) => d.metadata?.name === name)?.spec?.template.spec,
+    );
+    return before !== undefined && after !== undefined && before !== after;
+  });
+}
+
+/** A copy of shard Deployment `d` as it runs now, for server-side apply. */
+export function previousCopy(d: V1Deployment): V1Deployment {
+  const mark = (labels: Record<string, string> | undefined) => ({
+    ...labels,
+    [LABEL_PREVIOUS_WEIGHTS]: "true",
+  });
+  const template = d.spec!.template;
+  return {
+    apiVersion: "apps/v1",
+    kind: "Deployment",
+    metadata: {
+      name: `${d.metadata!.name}${PREVIOUS_SUFFIX}`,
+      namespace: d.metadata!.namespace,
+      labels: mark(d.metadata!.labels),
+      ...(d.metadata!.ownerReferences ? { ownerReferences: d.metadata!.ownerReferences } : {}),
+    },
+    spec: {
+      ...(d.spec!.replicas === undefined ? {} : { replicas: d.spec!.replicas }),
+      selector: { matchLabels: mark(d.spec!.selector.matchLabels) },
+      ...(d.spec!.strategy ? { strategy: d.spec!.strategy } : {}),
+      template: {
+        metadata: {
+          labels: mark(template.metadata?.labels),
+          ...(template.metadata?.annotations ? { annotations: template.metadata.annotations } : {}),
+        },
+        spec: template.spec!,
+      },
+    },
+  };
+}
+
+/** What the reconciler does about copies, given the model's Deployments and the spec's. */
+export interface PreviousShardsStep {
+  /** Copies to create (their shards change weights and have none yet). */
+  create: V1Deployment[];
+  /** Whether the spec must wait: a shard changes weights and its copy is not serving yet. */
+  hold: boolean;
+}
+
+/**
+ * Before applying `desired` (BlueGreen): the copies to make, and whether to hold the spec.
+ * `existing` is what the cluster has (copies included).
+ */
+export function previousShardsStep(
+  existing: readonly V1Deployment[],
+  desired: readonly V1Deployment[],
+  shardNames: readonly string[],
+): PreviousShardsStep {
+  const changing = shardsChangingWeights(existing, desired, shardNames);
+  const copyOf = (name: string) =>
+    existing.find((d) => d.metadata?.name === `${name}${PREVIOUS_SUFFIX}` && isPreviousCopy(d));
+  const create = changing
+    .filter((name) => !copyOf(name))
+    .map((name) => previousCopy(existing.find((d) => d.metadata?.name === name)!));
+  const hold = changing.some((name) => {
+    const copy = copyOf(name);
+    return !copy || !rolledOut(copy);
+  });
+  return { create, hold };
+}
+
+/**
+ * The copies to delete: all of them, once every other Deployment of the model runs the
+ * spec's template (`desired` applied: no shard changes weights any more) and is rolled out.
+ */
+export function previousCopiesDone(
+  deployments: readonly V1Deployment[],
+  desired: readonly V1Deployment[],
+  shardNames: readonly string[],
+): V1Deployment[] {
+  const copies = deployments.filter(isPreviousCopy);
+  if (copies.length === 0) return [];
+  const current = deployments.filter((d) => !isPreviousCopy(d));
+  const done =
+    shardsChangingWeights(current, desired, shardNames).length === 0 && current.every(rolledOut);
+  return done ? copies : [];
+}

@@ -1,0 +1,157 @@
+// Blue/green for a change of weights (src/operator/weights-rollout.ts): which shard
+// Deployments change weights, the copies made of them, when the spec waits for the copies,
+// and when they go. Deployments as the workloads render them (desiredObjects) and as the
+// cluster reports them (a status added).
+import type { V1Deployment } from "@kubernetes/client-node";
+import { describe, expect, it } from "vitest";
+import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { planPlacement } from "../../src/moe/placement.ts";
+import {
+  isPreviousCopy,
+  LABEL_PREVIOUS_WEIGHTS,
+  previousCopiesDone,
+  previousCopy,
+  previousShardsStep,
+  shardsChangingWeights,
+  weightsSourceOf,
+} from "../../src/operator/weights-rollout.ts";
+import { desiredObjects } from "../../src/operator/workloads.ts";
+
+const SHARDS = ["m-shard-0", "m-shard-1"];
+
+function model(
+  source: Record<string, unknown>,
+  extra: Record<string, unknown> = {},
+): DeepSeekModel {
+  return parseManifest(
+    JSON.stringify({
+      apiVersion: "expertmesh.io/v1alpha1",
+      kind: "DeepSeekModel",
+      metadata: { name: "m", namespace: "ns", uid: "u-1" },
+      spec: {
+        model: { preset: "tiny-v2", source },
+        experts: { shards: 2, weightsRollout: "BlueGreen" },
+        ...extra,
+      },
+    }),
+  );
+}
+
+/** The model's Deployments as rendered, each with a status: rolled out, or not. */
+function deployments(m: DeepSeekModel, ready = true): V1Deployment[] {
+  const plan = planPlacement({ architecture: architectureOf(m), numShards: 2 });
+  return desiredObjects(m, plan, { gateway: 1, shards: [1, 1] })
+    .filter((o): o is V1Deployment => o.kind === "Deployment")
+    .map((d) => ({
+      ...d,
+      metadata: { ...d.metadata, generation: 2 },
+      status: ready
+        ? { observedGeneration: 2, replicas: 1, updatedReplicas: 1, availableReplicas: 1 }
+        : { observedGeneration: 2, replicas: 2, updatedReplicas: 1, availableReplicas: 1 },
+    }));
+}
+
+const pvc = (claimName: string, path = "") => ({ pvc: { claimName, path } });
+const hf = (revision: string) => ({ huggingFace: { repo: "deepseek-ai/DeepSeek-V3", revision } });
+
+describe("weightsSourceOf and shardsChangingWeights", () => {
+  it.each<[string, Record<string, unknown>, Record<string, unknown>, string[]]>([
+    ["the same source", pvc("weights"), pvc("weights"), []],
+    ["another claim", pvc("weights"), pvc("weights-r1"), SHARDS],
+    ["another path on the claim", pvc("weights", "v3"), pvc("weights", "r1"), SHARDS],
+    ["another revision to download", hf("main"), hf("abc123"), SHARDS],
+    ["from a claim to a download", pvc("weights"), hf("main"), SHARDS],
+  ])("%s", (_, from, to, changing) => {
+    const [a, b] = [deployments(model(from)), deployments(model(to))];
+    expect(shardsChangingWeights(a, b, SHARDS)).toEqual(changing);
+    expect(
+      weightsSourceOf(a[0]!.spec!.template.spec) === weightsSourceOf(b[0]!.spec!.template.spec),
+    ).toBe(changing.length === 0);
+  });
+
+  it("does not see a change in what does not name the weights (image, resources)", () => {
+    const a = deployments(model(pvc("weights")));
+    const b = deployments(model(pvc("weights"), { image: "expertmesh/expertmesh:9.9.9" }));
+    expect(shardsChangingWeights(a, b, SHARDS)).toEqual([]);
+  });
+
+  it("has nothing to say of a template without the model volume or --model", () => {
+    expect(weightsSourceOf(undefined)).toBeUndefined();
+    expect(weightsSourceOf({ containers: [{ name: "x", args: ["--model=/m"] }] })).toBeUndefined();
+  });
+});
+
+describe("previousCopy", () => {
+  it("keeps the running template under its own name and label, owned as the original", () => {
+    const [d] = deployments(model(pvc("weights"))).filter((x) => x.metadata?.name === "m-shard-0");
+    const copy = previousCopy(d!);
+    expect(copy.metadata?.name).toBe("m-shard-0-prev");
+    expect(copy.metadata?.ownerReferences).toEqual(d!.metadata?.ownerReferences);
+    expect(isPreviousCopy(copy)).toBe(true);
+    expect(isPreviousCopy(d!)).toBe(false);
+    expect(copy.spec?.selector.matchLabels).toEqual({
+      ...d!.spec?.selector.matchLabels,
+      [LABEL_PREVIOUS_WEIGHTS]: "true",
+    });
+    expect(copy.spec?.template.metadata?.labels?.[LABEL_PREVIOUS_WEIGHTS]).toBe("true");
+    expect(copy.spec?.template.spec).toEqual(d!.spec?.template.spec);
+    expect(copy.spec?.replicas).toBe(d!.spec?.replicas);
+    expect(copy).not.toHaveProperty("status");
+  });
+});
+
+describe("previousShardsStep and previousCopiesDone, through a rollout", () => {
+  const old = deployments(model(pvc("weights", "v3")));
+  const spec = deployments(model(pvc("weights", "r1")));
+  const copies = old.filter((d) => SHARDS.includes(d.metadata!.name!)).map(previousCopy);
+  const withStatus = (ds: V1Deployment[], ready: boolean) =>
+    ds.map((d) => ({
+      ...d,
+      metadata: { ...d.metadata, generation: 1 },
+      status: ready
+        ? { observedGeneration: 1, replicas: 1, updatedReplicas: 1, availableReplicas: 1 }
+        : { observedGeneration: 1, replicas: 1, updatedReplicas: 0, availableReplicas: 0 },
+    }));
+
+  it.each<[string, V1Deployment[], { create: string[]; hold: boolean; done: string[] }]>([
+    ["nothing changes weights", spec, { create: [], hold: false, done: [] }],
+    [
+      "the spec names other weights, no copy yet: copy both shards, hold",
+      old,
+      { create: ["m-shard-0-prev", "m-shard-1-prev"], hold: true, done: [] },
+    ],
+    [
+      "copies made, not yet serving: hold",
+      [...old, ...withStatus(copies, false)],
+      { create: [], hold: true, done: [] },
+    ],
+    [
+      "one copy serving, the other not: hold",
+      [...old, ...withStatus(copies.slice(0, 1), true), ...withStatus(copies.slice(1), false)],
+      { create: [], hold: true, done: [] },
+    ],
+    [
+      "copies serving: apply the spec (no hold), keep the copies",
+      [...old, ...withStatus(copies, true)],
+      { create: [], hold: false, done: [] },
+    ],
+    [
+      "spec applied, still rolling: keep the copies",
+      [...deployments(model(pvc("weights", "r1")), false), ...withStatus(copies, true)],
+      { create: [], hold: false, done: [] },
+    ],
+    [
+      "spec applied and rolled out: the copies go",
+      [...spec, ...withStatus(copies, true)],
+      { create: [], hold: false, done: ["m-shard-0-prev", "m-shard-1-prev"] },
+    ],
+  ])("%s", (_, cluster, want) => {
+    const step = previousShardsStep(cluster, spec, SHARDS);
+    expect(step.create.map((d) => d.metadata?.name)).toEqual(want.create);
+    expect(step.hold).toBe(want.hold);
+    expect(previousCopiesDone(cluster, spec, SHARDS).map((d) => d.metadata?.name)).toEqual(
+      want.done,
+    );
+  });
+});
