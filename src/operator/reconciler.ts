@@ -420,11 +420,6 @@ export class Reconciler {
   }
 
   /**
-   * Applies every desired object in order; deletes owned objects no longer desired. A
-   * PodMonitor the cluster has no CRD for, or a NetworkPolicy that cannot be applied, is a
-   * problem that leaves serving alone.
-   */
-  /**
    * spec.experts.weightsRollout BlueGreen: copies the shard Deployments whose weights the
    * spec changes (weights-rollout.ts) and says whether the spec must wait for them. Only
    * with the plan unchanged: a copy reads the plan's ConfigMap, which a new shape replaces.
@@ -466,6 +461,11 @@ export class Reconciler {
     return false;
   }
 
+  /**
+   * Applies every desired object in order; deletes owned objects no longer desired. A
+   * PodMonitor the cluster has no CRD for, or a NetworkPolicy that cannot be applied, is a
+   * problem that leaves serving alone.
+   */
   async #converge(model: DeepSeekModel, desired: DesiredObject[]): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const problems: Problem[] = [];
