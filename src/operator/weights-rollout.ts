@@ -26,6 +26,16 @@ export function isPreviousCopy(d: { metadata?: { labels?: Record<string, string>
 }
 
 /**
+ * Whether a shard's load report comes from a pod of the copy of shard Deployment
+ * `shardName`. A shard reports as `<hostname>-<pid>`, and a pod's hostname is its name (cut
+ * to 63 characters): `<deployment>-<template hash>-<suffix>`. A template hash has no vowels,
+ * so `<shardName>-prev-` starts the names of the copy's pods only. (A model name long enough
+ * that this prefix passes 63 characters is not told apart: its copies count as shards.)
+ */
+export const reportOfPreviousCopy = (shardName: string, reportId: string): boolean =>
+  reportId.startsWith(`${shardName}${PREVIOUS_SUFFIX}-`);
+
+/**
  * What in a pod template names the weights the pod loads: the claim of the `model` volume,
  * the `--model=` path, and the download's repo and revision. Undefined when the template has
  * no `model` volume or no `--model=` argument (not a pod of ours).

@@ -343,6 +343,39 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
     expect(await decisionsTotal("shard-1", "down")).toBe(0);
   });
 
+  it("shards of a blue/green copy on the previous weights report, but are not the Deployment's replicas", async () => {
+    // shard-0 is at min (1). Its one replica is below target, outside the tolerance; two pods
+    // of its copy (<name>-shard-0-prev, weightsRollout BlueGreen: they serve the old gateways)
+    // report the same depth. Counted as replicas, HPA's arithmetic would recommend
+    // ceil(0.7 * 3) = 3 and scale shard-0 up below target.
+    reporters.silence(() => true);
+    reporters.gateway("g0", () => 0);
+    reporters.shard(0, `${name}-shard-0-7d9f5b6c4-abcde-1`, 7);
+    reporters.shard(0, `${name}-shard-0-prev-5c8d7f9b6-fghij-1`, 7);
+    reporters.shard(0, `${name}-shard-0-prev-5c8d7f9b6-klmno-1`, 7);
+    try {
+      await waitFor("shard-0's decision on its own replica's report", async () => {
+        const r = await roleStatus("shard-0");
+        return r?.metric === "Known" &&
+          /^\w+: queue depth 7 per replica .* over 1 replica/.test(r.message)
+          ? true
+          : undefined;
+      });
+      const held: number[] = [];
+      const holdUntil = Date.now() + 3 * intervalMs + REPORT_EVERY_MS;
+      while (Date.now() < holdUntil) {
+        held.push((await replicas(`${name}-shard-0`))!);
+        await sleep(REPORT_EVERY_MS);
+      }
+      expect(new Set(held)).toEqual(new Set([SHARD_REPLICAS.min]));
+      expect(await op.metric(series("expertmesh_autoscaler_reporters", "shard-0"))).toBe(1);
+    } finally {
+      // The later tests expect shard-0 idle.
+      reporters.silence((subject) => subject.includes(".shard.0."));
+      reporters.shard(0, "r0", 0);
+    }
+  });
+
   it("oscillating gateway load does not flap: recommendations swing around the target, replicas only climb once", async () => {
     const gw = `${name}-gateway`;
     expect(await replicas(gw)).toBe(GATEWAY.minReplicas);

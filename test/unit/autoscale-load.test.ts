@@ -82,6 +82,30 @@ describe("LoadTracker.observe", () => {
     expect(t.observe("shard-1", 0).unknownReason).toBe("no load report received");
   });
 
+  it("leaves copies on the previous weights out of observe, not out of fresh or expertLoad", () => {
+    const t = new LoadTracker(opts);
+    t.add(shard(0, "m-shard-0-7d9f5b6c4-abcde-7", 10), 0);
+    t.add(shard(0, "m-shard-0-7d9f5b6c4-fghij-7", 30), 0);
+    t.add(
+      shard(0, "m-shard-0-prev-5c8d7f9b6-klmno-7", 400, { expertTokens: { 1: { 2: 9 } } }),
+      0,
+      true,
+    );
+    // HPA sees the Deployment's two replicas only...
+    expect(t.observe("shard-0", 0)).toEqual({ reporters: 2, total: 40 });
+    // ...but a plan change waits for the copy too (it serves the old gateways),
+    expect(t.fresh("shard-0", 0).map((r) => r.id)).toHaveLength(3);
+    // and its routed tokens are the model's traffic.
+    expect(t.expertLoad([1], 4, 0).total).toBe(9);
+    // A copy alone is no observation of the role.
+    const only = new LoadTracker(opts);
+    only.add(shard(1, "m-shard-1-prev-5c8d7f9b6-klmno-7", 5), 0, true);
+    expect(only.observe("shard-1", 0)).toMatchObject({
+      reporters: 0,
+      unknownReason: "no load report received",
+    });
+  });
+
   it("sums per-expert tokens over the window and all shard replicas", () => {
     const t = new LoadTracker(opts);
     t.add(shard(0, "a", 0, { expertTokens: { 1: { 0: 5, 3: 1 } } }), 0);

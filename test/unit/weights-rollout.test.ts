@@ -13,6 +13,7 @@ import {
   previousCopiesDone,
   previousCopy,
   previousShardsStep,
+  reportOfPreviousCopy,
   shardsChangingWeights,
   weightsSourceOf,
 } from "../../src/operator/weights-rollout.ts";
@@ -98,6 +99,20 @@ describe("previousCopy", () => {
     expect(copy.spec?.template.spec).toEqual(d!.spec?.template.spec);
     expect(copy.spec?.replicas).toBe(d!.spec?.replicas);
     expect(copy).not.toHaveProperty("status");
+  });
+});
+
+describe("reportOfPreviousCopy", () => {
+  // A shard's report id is `<hostname>-<pid>`; a pod's hostname is its name.
+  it.each([
+    ["a copy's pod", "m-shard-0", "m-shard-0-prev-5c8d7f9b6-klmno-7", true],
+    ["the Deployment's own pod", "m-shard-0", "m-shard-0-5c8d7f9b6-klmno-7", false],
+    ["another shard's copy", "m-shard-1", "m-shard-10-prev-5c8d7f9b6-klmno-7", false],
+    ["shard 1's copy, not shard 10's", "m-shard-1", "m-shard-1-prev-5c8d7f9b6-klmno-7", true],
+    ["another model's copy", "m-shard-0", "mm-shard-0-prev-5c8d7f9b6-klmno-7", false],
+    ["a process outside Kubernetes", "m-shard-0", "laptop-4242", false],
+  ])("%s", (_what, shardName, id, expected) => {
+    expect(reportOfPreviousCopy(shardName, id)).toBe(expected);
   });
 });
 

@@ -20,6 +20,8 @@ import { type ModelRef, subjects } from "../../moe/subjects.ts";
 import { formatError } from "../../util/errors.ts";
 import type { LogFields } from "../../util/log.ts";
 import { settlesWithin } from "../../util/settle.ts";
+import { names } from "../labels.ts";
+import { reportOfPreviousCopy } from "../weights-rollout.ts";
 import {
   type DecisionReason,
   decide,
@@ -299,7 +301,11 @@ export class Autoscaler {
         callback: (err, msg) => {
           if (err) return;
           const r = parseReport(msg.data);
-          if (r) s.tracker.add(r, this.#now());
+          if (!r) return;
+          const name = s.model.metadata.name;
+          const previous =
+            r.role === "shard" && reportOfPreviousCopy(names.shard(name, r.shard), r.id);
+          s.tracker.add(r, this.#now(), previous);
         },
       });
       this.#o.log(`autoscaler: watching load reports of ${s.key} on ${url}`, { model: s.key });

@@ -37,6 +37,8 @@ export const shardRole = (k: number): RoleKey => `shard-${k}`;
 
 interface Reporter {
   role: RoleKey;
+  /** A shard of a blue/green copy on the previous weights (weights-rollout.ts): not scaled. */
+  previous: boolean;
   samples: { at: number; depth: number }[];
   last: LoadReport;
   lastAt: number;
@@ -89,13 +91,21 @@ export class LoadTracker {
     this.#o = o;
   }
 
-  add(r: LoadReport, now: number): void {
+  /**
+   * A report at `now`. `previous`: it comes from a copy of the shard on the previous weights
+   * (spec.experts.weightsRollout BlueGreen). Such a copy serves the old gateways while the
+   * shard's Deployment rolls, so it takes plan changes like any replica (`fresh` lists it),
+   * and its experts' tokens are the model's traffic; but it is no replica of the Deployment
+   * being scaled, so `observe` leaves it out (counted, two copies beside two replicas would
+   * make HPA's arithmetic scale the two to four below target).
+   */
+  add(r: LoadReport, now: number, previous = false): void {
     const role = r.role === "shard" ? shardRole(r.shard) : r.role;
     const key = `${role}/${r.id}`;
     const depth = r.role === "shard" ? (r.meanPendingTokens ?? r.pendingTokens) : r.waiting;
     let rep = this.#reporters.get(key);
     if (!rep) {
-      rep = { role, samples: [], last: r, lastAt: now };
+      rep = { role, previous, samples: [], last: r, lastAt: now };
       this.#reporters.set(key, rep);
     }
     rep.samples.push({ at: now, depth });
@@ -119,14 +129,17 @@ export class LoadTracker {
       this.#expertSamples.shift();
   }
 
-  /** Fresh reporters of a role and their window-averaged queue depth. */
+  /**
+   * Fresh reporters of a role and their window-averaged queue depth (the replicas of its
+   * Deployment: copies on the previous weights left out).
+   */
   observe(role: RoleKey, now: number): Observation {
     this.#prune(now);
     let reporters = 0;
     let total = 0;
     let stale = 0;
     for (const rep of this.#reporters.values()) {
-      if (rep.role !== role) continue;
+      if (rep.role !== role || rep.previous) continue;
       if (now - rep.lastAt > this.#o.staleMs || rep.samples.length === 0) {
         stale++;
         continue;
@@ -144,7 +157,7 @@ export class LoadTracker {
     };
   }
 
-  /** The latest report of every fresh reporter of a role. */
+  /** The latest report of every fresh reporter of a role (copies included). */
   fresh(role: RoleKey, now: number): LoadReport[] {
     return [...this.#reporters.values()]
       .filter((r) => r.role === role && now - r.lastAt <= this.#o.staleMs)
