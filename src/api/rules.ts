@@ -395,6 +395,15 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       "nats.url must hold no credentials (user:password@): they would show in every pod's spec and arguments; give them with userSecret, tokenSecret, nkeySecret or credentialsSecret",
     check: (s) => !/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]*@/.test(s["url"] ?? ""),
   },
+  ...(["experts", "gateway"] as const).map(
+    (role): CrossFieldRule => ({
+      // Kubernetes refuses a Deployment whose strategy may neither surge nor stop a pod.
+      path: `spec.${role}.rollingUpdate`,
+      rule: "!has(self.maxSurge) || !has(self.maxUnavailable) || self.maxSurge > 0 || self.maxUnavailable > 0",
+      message: `${role}.rollingUpdate: maxSurge and maxUnavailable must not both be 0`,
+      check: (s) => s["maxSurge"] > 0 || s["maxUnavailable"] > 0,
+    }),
+  ),
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

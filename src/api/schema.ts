@@ -45,6 +45,37 @@ function withRules<T extends TSchema>(path: string, schema: T): T {
   return rules.length ? ({ ...schema, "x-kubernetes-validations": rules } as T) : schema;
 }
 
+/**
+ * A role's Deployment strategy (spec.experts.rollingUpdate, spec.gateway.rollingUpdate). The
+ * default surges: a new pod must be ready before an old one goes. On nodes with no GPU to
+ * spare a surge pod never schedules, and the rollout waits for ever: maxSurge 0 with
+ * maxUnavailable 1 replaces the pods in place, one at a time.
+ */
+const RollingUpdate = (path: string, pods: string) =>
+  withRules(
+    path,
+    Type.Object(
+      {
+        maxSurge: Type.Integer({
+          description: `${pods} pods created above the desired count while a spec change rolls out (the Deployment's strategy.rollingUpdate.maxSurge). Each needs its GPUs free: with none to spare, set 0 and maxUnavailable 1.`,
+          default: 1,
+          minimum: 0,
+          maximum: 1000,
+        }),
+        maxUnavailable: Type.Integer({
+          description: `${pods} pods that may be unavailable while a spec change rolls out (strategy.rollingUpdate.maxUnavailable). Above 0 an old pod stops before its replacement is ready: with one replica, what it serves is unavailable while the replacement loads its weights.`,
+          default: 0,
+          minimum: 0,
+          maximum: 1000,
+        }),
+      },
+      {
+        description: `How a spec change replaces the ${pods.toLowerCase()} pods (their Deployments' RollingUpdate strategy; \`expertmesh up\` restarts its processes instead).`,
+        default: {},
+      },
+    ),
+  );
+
 const ResourceRequirements = (path: string) =>
   withRules(
     path,
@@ -344,6 +375,7 @@ export const GatewaySchema = withRules(
         maximum: 16,
       }),
       resources: Type.Optional(ResourceRequirements("spec.gateway.resources")),
+      rollingUpdate: RollingUpdate("spec.gateway.rollingUpdate", "Gateway"),
       ports: Ports,
       limits: GatewayLimits,
       kvCache: Type.Object(
@@ -717,9 +749,10 @@ export const ExpertsSchema = withRules(
       ),
       weightsRollout: StringEnum(["Rolling", "BlueGreen"], {
         description:
-          "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready. BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile.",
+          "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready. BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile (copies that find none are deleted, and the new weights roll as with Rolling).",
         default: "Rolling",
       }),
+      rollingUpdate: RollingUpdate("spec.experts.rollingUpdate", "Shard"),
       gpusPerShard: Type.Integer({
         description: "nvidia.com/gpu per shard pod; 0 runs the CPU kernels.",
         default: 1,

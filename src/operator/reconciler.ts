@@ -189,9 +189,11 @@ export class Reconciler {
       this.#kube.listDeployments(namespace, name),
       this.#kube.listPods(namespace, name),
     ]);
-    // Copies of the previous weights' shards go once everything else runs the spec.
+    // Copies of the previous weights' shards go once everything else runs the spec (or at
+    // once, if they never found room).
     if (desiredDeployments) {
-      const done = previousCopiesDone(deployments, desiredDeployments, shardNamesOf(model));
+      const stuck = unschedulableProblem(pods.filter(isPreviousCopy)) !== undefined;
+      const done = previousCopiesDone(deployments, desiredDeployments, shardNamesOf(model), stuck);
       for (const copy of done)
         await this.#kube.delete({
           apiVersion: "apps/v1",
@@ -199,16 +201,20 @@ export class Reconciler {
           metadata: { name: copy.metadata!.name!, namespace },
         });
       if (done.length > 0) {
+        const deleted = done.map((d) => d.metadata!.name).join(", ");
         await this.#event(
           model,
           "Normal",
           "PreviousShardsDeleted",
-          `every gateway and shard serves the new weights: deleted ${done.map((d) => d.metadata!.name).join(", ")}`,
+          stuck
+            ? `the copies cannot be scheduled and the new weights roll without them: deleted ${deleted}`
+            : `every gateway and shard serves the new weights: deleted ${deleted}`,
         );
+        pods = pods.filter((p) => !isPreviousCopy(p));
         deployments = deployments.filter((d) => !done.includes(d));
       }
     }
-    const unschedulable = unschedulableProblem(pods);
+    const unschedulable = unschedulableProblem(pods, deployments);
     if (unschedulable) problems.push(unschedulable);
     const scaler = this.#opts.autoscaler;
     if (scaler) {

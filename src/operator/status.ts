@@ -42,8 +42,27 @@ export interface Observed {
   queueDepth?: { gateway?: number; shard?: number };
 }
 
-/** Pods the scheduler could not place, as one Problem (or none). */
-export function unschedulableProblem(pods: V1Pod[]): Problem | undefined {
+/**
+ * The Deployment of a pod (a Deployment's pods are owned by its ReplicaSet
+ * `<deployment>-<pod-template-hash>`), among `deployments`.
+ */
+function deploymentOf(pod: V1Pod, deployments: readonly V1Deployment[]): V1Deployment | undefined {
+  const rs = pod.metadata?.ownerReferences?.find((o) => o.kind === "ReplicaSet")?.name;
+  const hash = pod.metadata?.labels?.["pod-template-hash"];
+  if (!rs || !hash || !rs.endsWith(`-${hash}`)) return undefined;
+  const name = rs.slice(0, -hash.length - 1);
+  return deployments.find((d) => d.metadata?.name === name);
+}
+
+/**
+ * Pods the scheduler could not place, as one Problem (or none). When one is the surge pod of
+ * a rollout (its Deployment has more pods than replicas), the message says how to roll in
+ * place: with no GPU to spare, that rollout would wait for ever.
+ */
+export function unschedulableProblem(
+  pods: V1Pod[],
+  deployments: readonly V1Deployment[] = [],
+): Problem | undefined {
   const stuck = pods.filter((p) =>
     p.status?.conditions?.some(
       (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
@@ -54,9 +73,22 @@ export function unschedulableProblem(pods: V1Pod[]): Problem | undefined {
   const first = stuck[0]!;
   const why =
     first.status?.conditions?.find((c) => c.type === "PodScheduled")?.message ?? "no node fits";
+  // A surge pod of a rollout (its Deployment has more pods than replicas, and may surge).
+  const surge = stuck
+    .map((pod) => ({ pod, d: deploymentOf(pod, deployments) }))
+    .find(
+      ({ d }) =>
+        d &&
+        (d.status?.replicas ?? 0) > (d.spec?.replicas ?? 1) &&
+        (d.spec?.strategy?.rollingUpdate?.maxSurge ?? 0) !== 0,
+    );
+  const field = surge?.pod.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "experts" : "gateway";
+  const hint = surge
+    ? `; ${surge.d!.metadata?.name}'s rollout waits until its surge pod fits: spec.${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`
+    : "";
   return {
     reason: "Unschedulable",
-    message: `${stuck.length} pod(s) cannot be scheduled, e.g. ${first.metadata?.name}: ${why}`,
+    message: `${stuck.length} pod(s) cannot be scheduled, e.g. ${first.metadata?.name}: ${why}${hint}`,
   };
 }
 

@@ -138,16 +138,19 @@ export function previousShardsStep(
 /**
  * The copies to delete: all of them, once every other Deployment of the model runs the
  * spec's template (`desired` applied: no shard changes weights any more) and is rolled out.
+ * Copies whose pods cannot be scheduled (`copiesUnschedulable`: no room for a second set, so
+ * the spec was applied without them) go as soon as it is applied: they would never serve,
+ * and their pending pods could take the room the old shard pods free for the new ones.
  */
 export function previousCopiesDone(
   deployments: readonly V1Deployment[],
   desired: readonly V1Deployment[],
   shardNames: readonly string[],
+  copiesUnschedulable = false,
 ): V1Deployment[] {
   const copies = deployments.filter(isPreviousCopy);
   if (copies.length === 0) return [];
   const current = deployments.filter((d) => !isPreviousCopy(d));
-  const done =
-    shardsChangingWeights(current, desired, shardNames).length === 0 && current.every(rolledOut);
-  return done ? copies : [];
+  const applied = shardsChangingWeights(current, desired, shardNames).length === 0;
+  return applied && (copiesUnschedulable || current.every(rolledOut)) ? copies : [];
 }

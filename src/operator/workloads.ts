@@ -475,6 +475,11 @@ function deployment(
   annotations: Record<string, string> = {},
 ): V1Deployment {
   const selector = labelsFor(model, component, shard);
+  // Absent under a CRD older than the field (its defaults come from the API server).
+  const strategy: Partial<DeepSeekModel["spec"]["experts"]["rollingUpdate"]> =
+    (component === "shard" ? model.spec.experts.rollingUpdate : model.spec.gateway.rollingUpdate) ??
+    {};
+  const { maxSurge = 1, maxUnavailable = 0 } = strategy;
   return {
     apiVersion: "apps/v1",
     kind: "Deployment",
@@ -482,7 +487,7 @@ function deployment(
     spec: {
       ...(replicas === undefined ? {} : { replicas }),
       selector: { matchLabels: selector },
-      strategy: { type: "RollingUpdate", rollingUpdate: { maxUnavailable: 0, maxSurge: 1 } },
+      strategy: { type: "RollingUpdate", rollingUpdate: { maxUnavailable, maxSurge } },
       template: {
         metadata: {
           labels: selector,

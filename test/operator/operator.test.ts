@@ -8,6 +8,7 @@ import { CoordinationV1Api, CoreV1Api, CustomObjectsApi } from "@kubernetes/clie
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
+import { fakeGpuNode } from "../env/cluster.ts";
 import { startNats } from "../env/nats.ts";
 import { makeNatsPki } from "../env/pki.ts";
 import { kubectl } from "../support/cli.ts";
@@ -303,6 +304,118 @@ describe.sequential("expertmesh operator", () => {
       );
     } finally {
       await kubectl(["delete", "dsm", "bg", "-n", ns, "--wait=false"]);
+    }
+  });
+
+  it("GPU nodes without room: BlueGreen copies that cannot be scheduled are dropped, a surging rollout says how to roll in place, and rollingUpdate {maxSurge: 0, maxUnavailable: 1} does", async () => {
+    // A node of its own, tainted so that no other test's pod lands there, holding exactly
+    // the model's two 4-GPU shards: no room for copies, nor for one surge pod.
+    const node = uniqueName("tight-gpu");
+    const taint = { key: "expertmesh.io/test-node", value: node, effect: "NoSchedule" };
+    await core.createNode({ body: { ...fakeGpuNode(node, 8), spec: { taints: [taint] } } });
+    const ns = await newNamespace("tight");
+    await createWeightsVolume(ns);
+    const spec = {
+      experts: { shards: 2, gpusPerShard: 4, weightsRollout: "BlueGreen" },
+      gateway: { gpus: 0 },
+      scheduling: {
+        nodeSelector: { "kubernetes.io/hostname": node },
+        tolerations: [{ ...taint, operator: "Equal" }],
+      },
+    };
+    const patch = async (p: Record<string, unknown>) => {
+      const r = await kubectl([
+        "patch",
+        "dsm",
+        "tight",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        JSON.stringify({ spec: p }),
+      ]);
+      expect(r.code, r.stderr).toBe(0);
+    };
+    const events = async () =>
+      (
+        await core.listNamespacedEvent({
+          namespace: ns,
+          fieldSelector: "involvedObject.name=tight",
+        })
+      ).items;
+    const modelArg = (d: {
+      spec?: { template: { spec?: { containers: { args?: string[] }[] } } };
+    }) => d.spec?.template.spec?.containers[0]?.args?.find((a) => a.startsWith("--model="));
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("tight", ns, spec),
+    });
+    try {
+      await waitForCondition(ns, "tight", "Ready", "True", "AllReplicasReady", 90_000);
+
+      // Other weights: the copies are made, cannot be scheduled, and the spec rolls without
+      // them; the copies go at once (their pending pods would race the new shards for GPUs).
+      await patch({ model: { source: { pvc: { claimName: "weights", path: "r1" } } } });
+      // (Before the fallback the copies' pods are the unschedulable ones: no hint then.)
+      const surgeHint =
+        /tight-shard-[01]'s rollout waits until its surge pod fits: spec\.experts\.rollingUpdate \{maxSurge: 0, maxUnavailable: 1\} replaces the pods in place instead$/;
+      await waitFor(
+        "Degraded: Unschedulable, naming the surging rollout",
+        async () => {
+          const c = condition(await getModel(ns, "tight"), "Degraded");
+          return c?.status === "True" && c.reason === "Unschedulable" && surgeHint.test(c.message)
+            ? c
+            : undefined;
+        },
+        90_000,
+      );
+      const byReason = async (reason: string) =>
+        await waitFor(`Event ${reason}`, async () =>
+          (await events()).find((e) => e.reason === reason),
+        );
+      expect((await byReason("PreviousShardsCreated")).message).toContain(
+        "tight-shard-0-prev, tight-shard-1-prev",
+      );
+      const fallback = await byReason("PreviousShardsUnschedulable");
+      expect(fallback.type).toBe("Warning");
+      expect(fallback.message).toMatch(/Insufficient nvidia\.com\/gpu/);
+      expect((await byReason("PreviousShardsDeleted")).message).toBe(
+        "the copies cannot be scheduled and the new weights roll without them: deleted tight-shard-0-prev, tight-shard-1-prev",
+      );
+      await waitFor("no copy left", async () =>
+        (await ownedDeployments(ns, "tight")).some((d) => d.metadata?.name?.endsWith("-prev"))
+          ? undefined
+          : true,
+      );
+      // The old shard pods serve on meanwhile: the rollout waits, it does not stop them.
+      const shards = (await ownedDeployments(ns, "tight")).filter((d) =>
+        d.metadata?.name?.includes("-shard-"),
+      );
+      for (const d of shards) expect(d.status?.availableReplicas, d.metadata?.name).toBe(1);
+
+      // In place: an old pod stops, its GPUs go to the new one.
+      await patch({
+        experts: { ...spec.experts, rollingUpdate: { maxSurge: 0, maxUnavailable: 1 } },
+      });
+      const m = await waitForCondition(ns, "tight", "Ready", "True", "AllReplicasReady", 90_000);
+      expect(condition(m, "Degraded")?.status).toBe("False");
+      expect(m.status?.shardPods).toBe("2/2");
+      const final = await ownedDeployments(ns, "tight");
+      expect(final.map((d) => d.metadata?.name).sort()).toEqual([
+        "tight-gateway",
+        "tight-shard-0",
+        "tight-shard-1",
+      ]);
+      for (const d of final) {
+        expect(modelArg(d), d.metadata?.name).toBe("--model=/models/r1");
+        if (d.metadata?.name?.includes("-shard-"))
+          expect(d.spec?.strategy?.rollingUpdate).toEqual({ maxSurge: 0, maxUnavailable: 1 });
+        else expect(d.spec?.strategy?.rollingUpdate).toEqual({ maxSurge: 1, maxUnavailable: 0 });
+      }
+    } finally {
+      await kubectl(["delete", "dsm", "tight", "-n", ns, "--wait=false"]);
+      await core.deleteNode({ name: node }).catch(() => {});
     }
   });
 
@@ -1140,6 +1253,16 @@ describe.sequential("expertmesh operator", () => {
         "a NATS URL holding credentials",
         { nats: { url: "nats://alice:hunter2@nats:4222" } },
         CROSS_FIELD_RULES[30]!.message,
+      ],
+      [
+        "a shard rollout that may neither surge nor stop a pod",
+        { experts: { rollingUpdate: { maxSurge: 0 } } },
+        CROSS_FIELD_RULES[31]!.message,
+      ],
+      [
+        "a gateway rollout that may neither surge nor stop a pod",
+        { gateway: { rollingUpdate: { maxSurge: 0, maxUnavailable: 0 } } },
+        CROSS_FIELD_RULES[32]!.message,
       ],
       [
         "a node selector value that is no label value",

@@ -415,6 +415,7 @@ spec:
       replicas: { min: 1, max: 1 },
       gpusPerShard: 1,
       weightsRollout: "Rolling",
+      rollingUpdate: { maxSurge: 1, maxUnavailable: 0 },
       rebalance: {
         enabled: false,
         threshold: 1.25,
@@ -473,6 +474,11 @@ spec:
     [
       "replicas min over max",
       good.replace("shards: 4", "shards: 4, replicas: { min: 3, max: 2 }"),
+      "EM_MANIFEST_INVALID",
+    ],
+    [
+      "a shard rollout that may neither surge nor stop a pod",
+      good.replace("shards: 4", "shards: 4, rollingUpdate: { maxSurge: 0 }"),
       "EM_MANIFEST_INVALID",
     ],
     [

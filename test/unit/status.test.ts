@@ -217,6 +217,63 @@ describe("unschedulableProblem", () => {
   ])("%#", (pods, message) => {
     expect(unschedulableProblem(pods)?.message).toBe(message);
   });
+
+  // A rollout's surge pod: the message says how to roll in place.
+  const owned = (p: V1Pod, deployment: string, component: string): V1Pod => ({
+    ...p,
+    metadata: {
+      ...p.metadata,
+      labels: { "pod-template-hash": "5c8d7f9b6", "app.kubernetes.io/component": component },
+      ownerReferences: [
+        { apiVersion: "apps/v1", kind: "ReplicaSet", name: `${deployment}-5c8d7f9b6`, uid: "u" },
+      ],
+    },
+  });
+  const dep = (name: string, replicas: number, pods: number, maxSurge = 1): V1Deployment => ({
+    metadata: { name },
+    spec: {
+      replicas,
+      selector: {},
+      strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge, maxUnavailable: 0 } },
+      template: {},
+    },
+    status: { replicas: pods },
+  });
+  const stuckShard = owned(pod("m-shard-1-5c8d7f9b6-xk2v9", "Unschedulable"), "m-shard-1", "shard");
+  const stuckGateway = owned(
+    pod("m-gateway-5c8d7f9b6-q8w4z", "Unschedulable"),
+    "m-gateway",
+    "gateway",
+  );
+  const inPlace = (d: string, field: string) =>
+    `; ${d}'s rollout waits until its surge pod fits: spec.${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`;
+  it.each([
+    [
+      "a shard's surge pod",
+      [stuckShard],
+      [dep("m-shard-1", 1, 2)],
+      inPlace("m-shard-1", "experts"),
+    ],
+    [
+      "a gateway's surge pod",
+      [stuckGateway],
+      [dep("m-gateway", 2, 3)],
+      inPlace("m-gateway", "gateway"),
+    ],
+    ["no rollout: as many pods as replicas", [stuckShard], [dep("m-shard-1", 2, 2)], ""],
+    ["a strategy without surge", [stuckShard], [dep("m-shard-1", 1, 2, 0)], ""],
+    ["its Deployment unknown", [stuckShard], [dep("m-shard-0", 1, 2)], ""],
+    [
+      "not the example pod",
+      [pod("a-first", "Unschedulable"), stuckShard],
+      [dep("m-shard-1", 1, 2)],
+      inPlace("m-shard-1", "experts"),
+    ],
+  ])("%s", (_what, pods, deployments, hint) => {
+    const p = unschedulableProblem(pods, deployments)!;
+    expect(p.reason).toBe("Unschedulable");
+    expect(p.message.endsWith("nvidia.com/gpu." + hint)).toBe(true);
+  });
 });
 
 describe("pollAfterMs", () => {

@@ -169,4 +169,22 @@ describe("previousShardsStep and previousCopiesDone, through a rollout", () => {
       want.done,
     );
   });
+
+  // No room for the copies: the spec is applied without them (the reconciler's fallback).
+  it.each<[string, V1Deployment[], string[]]>([
+    [
+      "spec not applied yet: the copies stay (the spec waits for them, or for the fallback)",
+      [...old, ...withStatus(copies, false)],
+      [],
+    ],
+    [
+      "spec applied, still rolling: the copies go at once (their pending pods would take the room)",
+      [...deployments(model(pvc("weights", "r1")), false), ...withStatus(copies, false)],
+      ["m-shard-0-prev", "m-shard-1-prev"],
+    ],
+  ])("copies unschedulable, %s", (_, cluster, done) => {
+    expect(previousCopiesDone(cluster, spec, SHARDS, true).map((d) => d.metadata?.name)).toEqual(
+      done,
+    );
+  });
 });
