@@ -752,6 +752,13 @@ export const ExpertsSchema = withRules(
           "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready. BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile (copies that find none are deleted, and the new weights roll as with Rolling).",
         default: "Rolling",
       }),
+      blueGreenWaitSeconds: Type.Integer({
+        description:
+          "With weightsRollout BlueGreen: how long the new weights wait for the copies' pods to be scheduled (a cluster autoscaler may be adding nodes; the old pods serve on meanwhile) before rolling without them, as Rolling does.",
+        default: 600,
+        minimum: 0,
+        maximum: 86400,
+      }),
       rollingUpdate: RollingUpdate("spec.experts.rollingUpdate", "Shard"),
       gpusPerShard: Type.Integer({
         description: "nvidia.com/gpu per shard pod; 0 runs the CPU kernels.",

@@ -30,7 +30,12 @@ import {
   statusChanged,
   unschedulableProblem,
 } from "./status.ts";
-import { isPreviousCopy, previousCopiesDone, previousShardsStep } from "./weights-rollout.ts";
+import {
+  isPreviousCopy,
+  previousCopiesDone,
+  previousShardsStep,
+  rollWithoutCopies,
+} from "./weights-rollout.ts";
 import {
   type DesiredObject,
   desiredObjects,
@@ -451,18 +456,18 @@ export class Reconciler {
       return true;
     }
     if (!step.hold) return false;
-    // No room for the copies beside the running pods: waiting would hold the new weights for
-    // ever, so they roll as with Rolling (the copies go once it is done).
+    // No room for the copies beside the running pods, for blueGreenWaitSeconds: waiting would
+    // hold the new weights for ever, so they roll as with Rolling (and the copies go).
     const ns = model.metadata.namespace!;
-    const stuck = unschedulableProblem(
-      (await this.#kube.listPods(ns, model.metadata.name)).filter(isPreviousCopy),
-    );
-    if (!stuck) return true;
+    const copyPods = (await this.#kube.listPods(ns, model.metadata.name)).filter(isPreviousCopy);
+    const stuck = unschedulableProblem(copyPods);
+    const waitSeconds = model.spec.experts.blueGreenWaitSeconds ?? 600;
+    if (!stuck || !rollWithoutCopies(copyPods, waitSeconds * 1000, Date.now())) return true;
     await this.#event(
       model,
       "Warning",
       "PreviousShardsUnschedulable",
-      `${stuck.message}; rolling to the new weights without them (old gateways fail requests until the new ones are ready)`,
+      `${stuck.message}; for ${waitSeconds} s (spec.experts.blueGreenWaitSeconds): rolling to the new weights without them (old gateways fail requests until the new ones are ready)`,
     );
     return false;
   }

@@ -13,7 +13,7 @@
 //    gone), the copies are deleted.
 //
 // Pure functions here; the reconciler does the calls.
-import type { V1Deployment, V1PodSpec } from "@kubernetes/client-node";
+import type { V1Deployment, V1Pod, V1PodSpec } from "@kubernetes/client-node";
 import { rolledOut } from "./status.ts";
 
 /** The label (in selector and template) of a copy's pods, and of the copy. */
@@ -133,6 +133,28 @@ export function previousShardsStep(
     return !copy || !rolledOut(copy);
   });
   return { create, hold };
+}
+
+/**
+ * While the spec waits for the copies (`previousShardsStep`'s hold): whether to stop waiting
+ * and roll without them, because some copy pod has been Unschedulable for `waitMs` (the time
+ * the scheduler first said so, from its PodScheduled condition). A cluster autoscaler adds
+ * nodes for pending pods within minutes, so Unschedulable alone is no reason to give up;
+ * the old pods serve on meanwhile.
+ */
+export function rollWithoutCopies(
+  copyPods: readonly V1Pod[],
+  waitMs: number,
+  now: number,
+): boolean {
+  const since = copyPods.flatMap((p) =>
+    (p.status?.conditions ?? [])
+      .filter(
+        (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
+      )
+      .map((c) => (c.lastTransitionTime ? new Date(c.lastTransitionTime).getTime() : now)),
+  );
+  return since.length > 0 && now - Math.min(...since) >= waitMs;
 }
 
 /**

@@ -316,7 +316,7 @@ describe.sequential("expertmesh operator", () => {
     const ns = await newNamespace("tight");
     await createWeightsVolume(ns);
     const spec = {
-      experts: { shards: 2, gpusPerShard: 4, weightsRollout: "BlueGreen" },
+      experts: { shards: 2, gpusPerShard: 4, weightsRollout: "BlueGreen", blueGreenWaitSeconds: 5 },
       gateway: { gpus: 0 },
       scheduling: {
         nodeSelector: { "kubernetes.io/hostname": node },
@@ -379,7 +379,15 @@ describe.sequential("expertmesh operator", () => {
       );
       const fallback = await byReason("PreviousShardsUnschedulable");
       expect(fallback.type).toBe("Warning");
-      expect(fallback.message).toMatch(/Insufficient nvidia\.com\/gpu/);
+      expect(fallback.message).toMatch(
+        /Insufficient nvidia\.com\/gpu.*; for 5 s \(spec\.experts\.blueGreenWaitSeconds\): rolling to the new weights without them/,
+      );
+      // It waited for blueGreenWaitSeconds (a cluster autoscaler might have added a node);
+      // Event times have one-second precision.
+      const created = (await byReason("PreviousShardsCreated")).firstTimestamp!;
+      expect(
+        new Date(fallback.firstTimestamp!).getTime() - new Date(created).getTime(),
+      ).toBeGreaterThanOrEqual(4_000);
       expect((await byReason("PreviousShardsDeleted")).message).toBe(
         "the copies cannot be scheduled and the new weights roll without them: deleted tight-shard-0-prev, tight-shard-1-prev",
       );

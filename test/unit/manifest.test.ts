@@ -415,6 +415,7 @@ spec:
       replicas: { min: 1, max: 1 },
       gpusPerShard: 1,
       weightsRollout: "Rolling",
+      blueGreenWaitSeconds: 600,
       rollingUpdate: { maxSurge: 1, maxUnavailable: 0 },
       rebalance: {
         enabled: false,

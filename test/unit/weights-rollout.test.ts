@@ -2,7 +2,7 @@
 // Deployments change weights, the copies made of them, when the spec waits for the copies,
 // and when they go. Deployments as the workloads render them (desiredObjects) and as the
 // cluster reports them (a status added).
-import type { V1Deployment } from "@kubernetes/client-node";
+import type { V1Deployment, V1Pod } from "@kubernetes/client-node";
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
@@ -14,6 +14,7 @@ import {
   previousCopy,
   previousShardsStep,
   reportOfPreviousCopy,
+  rollWithoutCopies,
   shardsChangingWeights,
   weightsSourceOf,
 } from "../../src/operator/weights-rollout.ts";
@@ -99,6 +100,38 @@ describe("previousCopy", () => {
     expect(copy.spec?.template.spec).toEqual(d!.spec?.template.spec);
     expect(copy.spec?.replicas).toBe(d!.spec?.replicas);
     expect(copy).not.toHaveProperty("status");
+  });
+});
+
+describe("rollWithoutCopies", () => {
+  const at = (s: number) => new Date(Date.UTC(2026, 11, 4, 9, 0, s)).toISOString();
+  const pod = (reason: string | undefined, since?: string): V1Pod => ({
+    metadata: { name: "m-shard-0-prev-5c8d7f9b6-xk2v9" },
+    status: {
+      conditions: [
+        reason
+          ? { type: "PodScheduled", status: "False", reason, lastTransitionTime: since as never }
+          : { type: "PodScheduled", status: "True" },
+      ],
+    },
+  });
+  const now = new Date(at(30)).getTime();
+  it.each<[string, V1Pod[], number, boolean]>([
+    ["no copy pod yet", [], 10_000, false],
+    ["copies scheduled (loading their weights)", [pod(undefined), pod(undefined)], 0, false],
+    ["Unschedulable for 20 s of 30", [pod("Unschedulable", at(10))], 30_000, false],
+    ["Unschedulable for 30 s of 30", [pod("Unschedulable", at(0))], 30_000, true],
+    [
+      "the longest-waiting pod counts",
+      [pod("Unschedulable", at(25)), pod("Unschedulable", at(0))],
+      30_000,
+      true,
+    ],
+    ["no wait: at once", [pod("Unschedulable", at(30))], 0, true],
+    ["no transition time: from now", [pod("Unschedulable")], 1, false],
+    ["not scheduled for another reason", [pod("SchedulingGated", at(0))], 1, false],
+  ])("%s", (_what, pods, waitMs, roll) => {
+    expect(rollWithoutCopies(pods, waitMs, now)).toBe(roll);
   });
 });
 
