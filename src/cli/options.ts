@@ -11,6 +11,7 @@ import {
   secretText,
 } from "../moe/nats-connection.ts";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { writeTerminationMessage } from "./termination-log.ts";
 
 /** A port flag (`dflt` when absent): an integer in 0..65535 (0: any free port). */
 export function portFlag(v: string | undefined, flag: string, dflt: number): number {
@@ -232,9 +233,9 @@ export function loadStallFlag(v: string | undefined): number {
  */
 export function exitOnStall(log: (m: string) => void): (why: string) => void {
   return (why) => {
-    log(
-      `${formatError(new ExpertMeshError("EM_CKPT_READ_STALLED", why))}; killing this process (a pod's container is restarted)`,
-    );
+    const message = formatError(new ExpertMeshError("EM_CKPT_READ_STALLED", why));
+    log(`${message}; killing this process (a pod's container is restarted)`);
+    writeTerminationMessage(message);
     process.kill(process.pid, "SIGKILL");
   };
 }

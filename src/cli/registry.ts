@@ -1,5 +1,6 @@
-import { ExpertMeshError } from "../util/errors.ts";
+import { ExpertMeshError, formatError } from "../util/errors.ts";
 import { failureLine, type LogFormat, logFormat, logFormatInArgv } from "../util/log.ts";
+import { writeTerminationMessage } from "./termination-log.ts";
 
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface Command {
@@ -72,6 +73,7 @@ export async function runCli(argv: string[]): Promise<number> {
       format = logFormat(logFormatInArgv(rest));
     } catch {}
     process.stderr.write(`${failureLine(format, name, e)}\n`);
+    writeTerminationMessage(formatError(e));
     return 1;
   }
 }

@@ -10,6 +10,7 @@
 // ignored: unhandled, that error would end the process before its graceful stop runs.
 import { stopWhenParentGone } from "../local/parent-watch.ts";
 import { formatError } from "../util/errors.ts";
+import { writeTerminationMessage } from "./termination-log.ts";
 
 export interface StopSignals {
   /** From now on a signal (or the parent's going) calls `stop` with its name. */
@@ -43,6 +44,7 @@ export function stopSignals(log: (message: string) => void): StopSignals {
       if (failed) return;
       failed = true;
       log(formatError(err));
+      writeTerminationMessage(formatError(err));
       process.exitCode = 1;
       if (serving) handler("fatal error");
       else process.exit(1);

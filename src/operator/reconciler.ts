@@ -25,6 +25,7 @@ import {
 } from "./secrets.ts";
 import {
   computeStatus,
+  containerProblems,
   type Problem,
   pollAfterMs,
   statusChanged,
@@ -221,6 +222,7 @@ export class Reconciler {
     }
     const unschedulable = unschedulableProblem(pods, deployments);
     if (unschedulable) problems.push(unschedulable);
+    problems.push(...containerProblems(pods));
     const scaler = this.#opts.autoscaler;
     if (scaler) {
       const replicas = new Map<RoleKey, number>();

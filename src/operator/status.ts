@@ -22,6 +22,9 @@ export interface Problem {
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"
+    | "ImagePullFailed"
+    | "ContainerConfigInvalid"
+    | "ContainerCrashing"
     | "ApplyFailed"
     | "PodMonitorCRDNotFound"
     | "PodMonitorApplyFailed"
@@ -90,6 +93,71 @@ export function unschedulableProblem(
     reason: "Unschedulable",
     message: `${stuck.length} pod(s) cannot be scheduled, e.g. ${first.metadata?.name}: ${why}${hint}`,
   };
+}
+
+/** Container waiting reasons that need a change (of the image, the spec, the weights). */
+const FAILING: Record<string, "ImagePullFailed" | "ContainerConfigInvalid" | "ContainerCrashing"> =
+  {
+    ErrImagePull: "ImagePullFailed",
+    ImagePullBackOff: "ImagePullFailed",
+    InvalidImageName: "ImagePullFailed",
+    ErrImageNeverPull: "ImagePullFailed",
+    CreateContainerConfigError: "ContainerConfigInvalid",
+    CreateContainerError: "ContainerConfigInvalid",
+    CrashLoopBackOff: "ContainerCrashing",
+  };
+
+/** A message cut to one line of at most `max` characters. */
+const oneLine = (text: string, max = 500) => {
+  const line = text.replace(/\s+/g, " ").trim();
+  return line.length > max ? `${line.slice(0, max - 3)}...` : line;
+};
+
+/**
+ * Containers that cannot run, as one Problem per kind: an image that cannot be pulled, a
+ * container the runtime cannot create (a missing Secret or key), one that keeps exiting
+ * (CrashLoopBackOff). The example (the first pod by name) says why: the waiting message, or
+ * the last exit's code, reason and termination message, where the expertmesh processes write
+ * their error (`[EM_CKPT_READ] ...`; src/cli/termination-log.ts). Init containers (the
+ * weights' download) count too.
+ */
+export function containerProblems(pods: readonly V1Pod[]): Problem[] {
+  const found = new Map<Problem["reason"], { count: number; example: string }>();
+  const sorted = [...pods].sort((a, b) =>
+    (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""),
+  );
+  for (const pod of sorted) {
+    const statuses = [
+      ...(pod.status?.initContainerStatuses ?? []),
+      ...(pod.status?.containerStatuses ?? []),
+    ];
+    for (const c of statuses) {
+      const waiting = c.state?.waiting;
+      const reason = waiting?.reason ? FAILING[waiting.reason] : undefined;
+      if (!reason) continue;
+      const entry = found.get(reason);
+      if (entry) {
+        entry.count++;
+        break;
+      }
+      const last = c.lastState?.terminated;
+      const why = last
+        ? `, last exit ${last.exitCode}${last.reason && last.reason !== "Error" ? ` (${last.reason})` : ""}${last.message ? `: ${oneLine(last.message)}` : ""}`
+        : waiting?.message
+          ? `: ${oneLine(waiting.message)}`
+          : "";
+      const restarts = c.restartCount ? ` (${c.restartCount} restarts)` : "";
+      found.set(reason, {
+        count: 1,
+        example: `${pod.metadata?.name}: container ${c.name} ${waiting!.reason}${why}${restarts}`,
+      });
+      break;
+    }
+  }
+  return [...found].map(([reason, { count, example }]) => ({
+    reason,
+    message: `${count} pod(s) cannot run, e.g. ${example}`,
+  }));
 }
 
 /** Whether a Deployment's pods are all of its current template and available. */

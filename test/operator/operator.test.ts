@@ -79,6 +79,25 @@ afterAll(async () => {
   for (const ns of created) await core.deleteNamespace({ name: ns }).catch(() => {});
 });
 
+/** `kubectl patch dsm` with a merge patch of the spec, as a user would; it must succeed. */
+async function patchSpec(namespace: string, name: string, spec: Record<string, unknown>) {
+  const r = await kubectl([
+    "patch",
+    "dsm",
+    name,
+    "-n",
+    namespace,
+    "--type=merge",
+    "-p",
+    JSON.stringify({ spec }),
+  ]);
+  expect(r.code, r.stderr).toBe(0);
+}
+
+/** The `--model=` argument of a Deployment's pods: which weights they load. */
+const modelArg = (d: { spec?: { template: { spec?: { containers: { args?: string[] }[] } } } }) =>
+  d.spec?.template.spec?.containers[0]?.args?.find((a) => a.startsWith("--model="));
+
 describe.sequential("expertmesh operator", () => {
   const releaseNs = uniqueName("em-system");
   const operators: RunningOperator[] = [];
@@ -260,24 +279,12 @@ describe.sequential("expertmesh operator", () => {
     await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("bg", ns, spec) });
     try {
       await waitForCondition(ns, "bg", "Ready", "True", "AllReplicasReady");
-      const modelArg = (d: {
-        spec?: { template: { spec?: { containers: { args?: string[] }[] } } };
-      }) => d.spec?.template.spec?.containers[0]?.args?.find((a) => a.startsWith("--model="));
       expect(modelArg((await ownedDeployments(ns, "bg"))[0]!)).toBe("--model=/models");
 
       // The same claim, another folder: other weights of the same shape (no new plan).
-      const patch = { spec: { model: { source: { pvc: { claimName: "weights", path: "r1" } } } } };
-      const r = await kubectl([
-        "patch",
-        "dsm",
-        "bg",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        JSON.stringify(patch),
-      ]);
-      expect(r.code, r.stderr).toBe(0);
+      await patchSpec(ns, "bg", {
+        model: { source: { pvc: { claimName: "weights", path: "r1" } } },
+      });
       // Every Deployment ends on the new weights, the copies gone, the model ready.
       const final = await waitFor("the new weights everywhere, no copy left", async () => {
         const ds = await ownedDeployments(ns, "bg");
@@ -323,19 +330,6 @@ describe.sequential("expertmesh operator", () => {
         tolerations: [{ ...taint, operator: "Equal" }],
       },
     };
-    const patch = async (p: Record<string, unknown>) => {
-      const r = await kubectl([
-        "patch",
-        "dsm",
-        "tight",
-        "-n",
-        ns,
-        "--type=merge",
-        "-p",
-        JSON.stringify({ spec: p }),
-      ]);
-      expect(r.code, r.stderr).toBe(0);
-    };
     const events = async () =>
       (
         await core.listNamespacedEvent({
@@ -343,9 +337,6 @@ describe.sequential("expertmesh operator", () => {
           fieldSelector: "involvedObject.name=tight",
         })
       ).items;
-    const modelArg = (d: {
-      spec?: { template: { spec?: { containers: { args?: string[] }[] } } };
-    }) => d.spec?.template.spec?.containers[0]?.args?.find((a) => a.startsWith("--model="));
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,
@@ -356,7 +347,9 @@ describe.sequential("expertmesh operator", () => {
 
       // Other weights: the copies are made, cannot be scheduled, and the spec rolls without
       // them; the copies go at once (their pending pods would race the new shards for GPUs).
-      await patch({ model: { source: { pvc: { claimName: "weights", path: "r1" } } } });
+      await patchSpec(ns, "tight", {
+        model: { source: { pvc: { claimName: "weights", path: "r1" } } },
+      });
       // (Before the fallback the copies' pods are the unschedulable ones: no hint then.)
       const surgeHint =
         /tight-shard-[01]'s rollout waits until its surge pod fits: spec\.experts\.rollingUpdate \{maxSurge: 0, maxUnavailable: 1\} replaces the pods in place instead$/;
@@ -403,7 +396,7 @@ describe.sequential("expertmesh operator", () => {
       for (const d of shards) expect(d.status?.availableReplicas, d.metadata?.name).toBe(1);
 
       // In place: an old pod stops, its GPUs go to the new one.
-      await patch({
+      await patchSpec(ns, "tight", {
         experts: { ...spec.experts, rollingUpdate: { maxSurge: 0, maxUnavailable: 1 } },
       });
       const m = await waitForCondition(ns, "tight", "Ready", "True", "AllReplicasReady", 90_000);
@@ -424,6 +417,68 @@ describe.sequential("expertmesh operator", () => {
     } finally {
       await kubectl(["delete", "dsm", "tight", "-n", ns, "--wait=false"]);
       await core.deleteNode({ name: node }).catch(() => {});
+    }
+  });
+
+  it("a container that keeps failing: Degraded names its pod, reason and the process's own error; a healthy replacement clears it", async () => {
+    const ns = await newNamespace("crash");
+    await createWeightsVolume(ns);
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("crash", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
+    });
+    try {
+      await waitForCondition(ns, "crash", "Ready", "True", "AllReplicasReady");
+      const [shardPod] = (
+        await core.listNamespacedPod({
+          namespace: ns,
+          labelSelector: "app.kubernetes.io/component=shard",
+        })
+      ).items;
+      // What the kubelet reports for a shard that exits at start (kwok runs no container:
+      // the test writes that status, as a kubelet would). The message is what the shard
+      // writes to its termination log (test/unit/termination-log.test.ts).
+      const error = "[EM_CKPT_READ] cannot read /models/model-00001-of-00002.safetensors: EIO";
+      const container = shardPod!.spec!.containers[0]!;
+      await core.replaceNamespacedPodStatus({
+        name: shardPod!.metadata!.name!,
+        namespace: ns,
+        body: {
+          ...shardPod!,
+          status: {
+            ...shardPod!.status,
+            conditions: (shardPod!.status?.conditions ?? []).map((c) =>
+              c.type === "Ready" || c.type === "ContainersReady" ? { ...c, status: "False" } : c,
+            ),
+            containerStatuses: [
+              {
+                name: container.name,
+                image: container.image!,
+                imageID: "",
+                ready: false,
+                restartCount: 5,
+                state: { waiting: { reason: "CrashLoopBackOff", message: "back-off 2m40s" } },
+                lastState: { terminated: { exitCode: 1, reason: "Error", message: error } },
+              },
+            ],
+          },
+        },
+      });
+      const m = await waitForCondition(ns, "crash", "Degraded", "True", "ContainerCrashing");
+      expect(condition(m, "Degraded")!.message).toBe(
+        `1 pod(s) cannot run, e.g. ${shardPod!.metadata!.name}: container shard CrashLoopBackOff, last exit 1: ${error} (5 restarts)`,
+      );
+      expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "ContainerCrashing" });
+      // The pod replaced (as after a fix): the problem goes with it.
+      await core.deleteNamespacedPod({
+        name: shardPod!.metadata!.name!,
+        namespace: ns,
+        gracePeriodSeconds: 0,
+      });
+      await waitForCondition(ns, "crash", "Degraded", "False", "AsExpected");
+    } finally {
+      await kubectl(["delete", "dsm", "crash", "-n", ns, "--wait=false"]);
     }
   });
 

@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import {
   computeStatus,
+  containerProblems,
   type Problem,
   pollAfterMs,
   statusChanged,
@@ -315,5 +316,140 @@ describe("pollAfterMs", () => {
     ["a blocking one beside", cond("True", "False", "True"), [monitor, limit], 5],
   ] as const)("%s", (_name, conditions, problems, want) => {
     expect(pollAfterMs(conditions, problems, ms)).toBe(want);
+  });
+});
+
+describe("containerProblems", () => {
+  type Status = NonNullable<NonNullable<V1Pod["status"]>["containerStatuses"]>[number];
+  const c = (state: Status["state"], extra: Partial<Status> = {}): Status => ({
+    name: "shard",
+    image: "expertmesh:1",
+    imageID: "",
+    ready: false,
+    restartCount: 0,
+    state,
+    ...extra,
+  });
+  const pod = (name: string, containers: Status[], init: Status[] = []): V1Pod => ({
+    metadata: { name },
+    status: { containerStatuses: containers, initContainerStatuses: init },
+  });
+  const crash = c(
+    {
+      waiting: { reason: "CrashLoopBackOff", message: "back-off 40s restarting failed container" },
+    },
+    {
+      restartCount: 4,
+      lastState: {
+        terminated: {
+          exitCode: 1,
+          reason: "Error",
+          message: "[EM_CKPT_READ] cannot read /models/config.json: ENOENT\n",
+        },
+      },
+    },
+  );
+  const oom = c(
+    { waiting: { reason: "CrashLoopBackOff" } },
+    { restartCount: 2, lastState: { terminated: { exitCode: 137, reason: "OOMKilled" } } },
+  );
+  const pull = c({
+    waiting: { reason: "ImagePullBackOff", message: 'Back-off pulling image "expertmesh:nope"' },
+  });
+  const config = c({
+    waiting: {
+      reason: "CreateContainerConfigError",
+      message: 'secret "keys" not found',
+    },
+  });
+  it.each<[string, V1Pod[], [string, string][]]>([
+    [
+      "running and starting pods",
+      [
+        pod("a", [c({ running: { startedAt: new Date() } }, { ready: true })]),
+        pod("b", [c({ waiting: { reason: "ContainerCreating" } })]),
+        pod("c", [], [c({ waiting: { reason: "PodInitializing" } })]),
+        pod("d", []),
+      ],
+      [],
+    ],
+    [
+      "a crash loop: the process's own message",
+      [pod("m-shard-0-x", [crash])],
+      [
+        [
+          "ContainerCrashing",
+          "1 pod(s) cannot run, e.g. m-shard-0-x: container shard CrashLoopBackOff, last exit 1: [EM_CKPT_READ] cannot read /models/config.json: ENOENT (4 restarts)",
+        ],
+      ],
+    ],
+    [
+      "killed for memory",
+      [pod("m-gateway-y", [{ ...oom, name: "gateway" }])],
+      [
+        [
+          "ContainerCrashing",
+          "1 pod(s) cannot run, e.g. m-gateway-y: container gateway CrashLoopBackOff, last exit 137 (OOMKilled) (2 restarts)",
+        ],
+      ],
+    ],
+    [
+      "an image that cannot be pulled; the first pod by name is the example",
+      [pod("m-shard-1-b", [pull]), pod("m-shard-1-a", [pull])],
+      [
+        [
+          "ImagePullFailed",
+          '2 pod(s) cannot run, e.g. m-shard-1-a: container shard ImagePullBackOff: Back-off pulling image "expertmesh:nope"',
+        ],
+      ],
+    ],
+    [
+      "a container the runtime cannot create",
+      [pod("g", [config])],
+      [
+        [
+          "ContainerConfigInvalid",
+          '1 pod(s) cannot run, e.g. g: container shard CreateContainerConfigError: secret "keys" not found',
+        ],
+      ],
+    ],
+    [
+      "the weights' download failing (an init container)",
+      [
+        pod(
+          "m-shard-0-z",
+          [c({ waiting: { reason: "PodInitializing" } })],
+          [{ ...crash, name: "download-weights" }],
+        ),
+      ],
+      [
+        [
+          "ContainerCrashing",
+          "1 pod(s) cannot run, e.g. m-shard-0-z: container download-weights CrashLoopBackOff, last exit 1: [EM_CKPT_READ] cannot read /models/config.json: ENOENT (4 restarts)",
+        ],
+      ],
+    ],
+    [
+      "one problem per kind",
+      [pod("a", [pull]), pod("b", [crash]), pod("c", [crash])],
+      [
+        ["ImagePullFailed", expect.stringMatching(/^1 pod\(s\) cannot run, e\.g\. a:/) as never],
+        ["ContainerCrashing", expect.stringMatching(/^2 pod\(s\) cannot run, e\.g\. b:/) as never],
+      ],
+    ],
+    [
+      "a long message is cut to one line",
+      [
+        pod("a", [
+          c(
+            { waiting: { reason: "CrashLoopBackOff" } },
+            { lastState: { terminated: { exitCode: 1, message: `x\n${"y".repeat(2000)}` } } },
+          ),
+        ]),
+      ],
+      [["ContainerCrashing", expect.stringMatching(/last exit 1: x y{495}\.\.\.$/) as never]],
+    ],
+  ])("%s", (_what, pods, want) => {
+    expect(containerProblems(pods).map((p) => [p.reason, p.message])).toEqual(want);
   });
 });
