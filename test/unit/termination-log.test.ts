@@ -53,30 +53,45 @@ describe("writeTerminationMessage", () => {
   });
 });
 
+/** Runs the CLI with the termination log at `path`; its exit code and standard error. */
+function cli(path: string, args: string[], nodeArgs: string[] = []) {
+  return new Promise<{ code: number | null; stderr: string }>((resolve) => {
+    const child = execFile(
+      process.execPath,
+      [...nodeArgs, main, ...args],
+      { env: { ...process.env, [TERMINATION_LOG_ENV]: path } },
+      (_err, _stdout, stderr) => resolve({ code: child.exitCode, stderr }),
+    );
+  });
+}
+
 describe("a command that fails", () => {
   it("leaves its error, code first, as the termination message", async () => {
     const path = join(dir, "shard");
     writeFileSync(path, "");
-    const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-      const child = execFile(
-        process.execPath,
-        [
-          main,
-          "shard",
-          `--model=${join(dir, "no-such-model")}`,
-          `--plan=${join(dir, "no-such-plan.json")}`,
-          "--shard=0",
-          "--nats=nats://127.0.0.1:1",
-          "--metrics-port=0",
-        ],
-        { env: { ...process.env, [TERMINATION_LOG_ENV]: path } },
-        (_err, _stdout, stderr) => resolve({ code: child.exitCode, stderr }),
-      );
-    });
+    const r = await cli(path, [
+      "shard",
+      `--model=${join(dir, "no-such-model")}`,
+      `--plan=${join(dir, "no-such-plan.json")}`,
+      "--shard=0",
+      "--nats=nats://127.0.0.1:1",
+      "--metrics-port=0",
+    ]);
     expect(r.code).toBe(1);
     const message = readFileSync(path, "utf8");
     expect(message).toMatch(/^\[EM_[A-Z_]+\] .*no-such-plan\.json/);
     // The same words as the log's last line.
     expect(r.stderr.trim().split("\n").at(-1)).toBe(`expertmesh shard: ${message}`);
+  });
+
+  it("a crash nothing caught leaves its error too, and still crashes as Node does", async () => {
+    const path = join(dir, "uncaught");
+    writeFileSync(path, "");
+    // A bug stands in for one: a timer that throws once the command has started.
+    const bug = 'data:text/javascript,setTimeout(() => { throw new Error("a bug") }, 100)';
+    const r = await cli(path, ["version"], ["--import", bug]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("Error: a bug");
+    expect(readFileSync(path, "utf8")).toBe("uncaught: a bug");
   });
 });
