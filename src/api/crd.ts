@@ -142,6 +142,13 @@ export function deepSeekModelCrd(): Json {
               description: "All pods ready and the plan rolled out",
             },
             {
+              name: "Reason",
+              type: "string",
+              jsonPath: '.status.conditions[?(@.type=="Ready")].reason',
+              description:
+                "Why Ready is what it is: AllReplicasReady, ReplicasNotReady (rolling out), or the problem that keeps the model from serving (Unschedulable, ContainerCrashing, ...)",
+            },
+            {
               name: "Gateways",
               type: "string",
               jsonPath: ".status.gateways",

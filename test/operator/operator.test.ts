@@ -179,8 +179,8 @@ describe.sequential("expertmesh operator", () => {
     }
 
     const get = await kubectl(["get", "dsm", "tiny"]);
-    expect(get.stdout).toMatch(/^NAME\s+READY\s+GATEWAYS\s+SHARDS\s+QUEUE\s+AGE$/m);
-    expect(get.stdout).toMatch(/^tiny\s+True\s+1\/1\s+4\/4\s+0\s+\S+$/m);
+    expect(get.stdout).toMatch(/^NAME\s+READY\s+REASON\s+GATEWAYS\s+SHARDS\s+QUEUE\s+AGE$/m);
+    expect(get.stdout).toMatch(/^tiny\s+True\s+AllReplicasReady\s+1\/1\s+4\/4\s+0\s+\S+$/m);
     const explain = await kubectl(["explain", "dsm.spec.experts"]);
     expect(explain.stdout).toContain("Expert shards: how the routed experts are spread over pods.");
     expect(explain.stdout).toMatch(/shards\s+<integer>\s+Expert shards: each holds a slice/);
@@ -470,6 +470,8 @@ describe.sequential("expertmesh operator", () => {
         `1 pod(s) cannot run, e.g. ${shardPod!.metadata!.name}: container shard CrashLoopBackOff, last exit 1: ${error} (5 restarts)`,
       );
       expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "ContainerCrashing" });
+      const get = await kubectl(["get", "dsm", "crash", "-n", ns]);
+      expect(get.stdout).toMatch(/^crash\s+False\s+ContainerCrashing\s+1\/1\s+0\/1\s/m);
       // The pod replaced (as after a fix): the problem goes with it.
       await core.deleteNamespacedPod({
         name: shardPod!.metadata!.name!,
