@@ -33,8 +33,56 @@ export class OperatorMetrics {
     registers: [this.registry],
   });
 
+  /** The models' conditions, as status has them (for alerts: Ready False for 10 m). */
+  readonly models = new ModelConditionMetrics(this.registry);
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: "expertmesh_operator_" });
+  }
+}
+
+/**
+ * `expertmesh_model_condition{namespace, model, condition, status, reason} 1`: one series per
+ * condition of each model the operator reconciles, its status and reason those the model's
+ * status has now (a change replaces the series; a deleted model's go). What
+ * kube-state-metrics is for Deployments, for a DeepSeekModel: an alert on
+ * `expertmesh_model_condition{condition="Ready", status="False"} == 1` needs no custom
+ * resource state configuration.
+ */
+export class ModelConditionMetrics {
+  readonly #gauge: Gauge<"namespace" | "model" | "condition" | "status" | "reason">;
+  readonly #series = new Map<string, Record<string, string>[]>();
+
+  constructor(registry: Registry) {
+    this.#gauge = new Gauge({
+      name: "expertmesh_model_condition",
+      help: "1 for each condition of a DeepSeekModel, with its current status and reason.",
+      labelNames: ["namespace", "model", "condition", "status", "reason"],
+      registers: [registry],
+    });
+  }
+
+  set(
+    namespace: string,
+    model: string,
+    conditions: readonly { type: string; status: string; reason: string }[],
+  ): void {
+    this.forget(namespace, model);
+    const series = conditions.map((c) => ({
+      namespace,
+      model,
+      condition: c.type,
+      status: c.status,
+      reason: c.reason,
+    }));
+    for (const labels of series) this.#gauge.set(labels, 1);
+    this.#series.set(`${namespace}/${model}`, series);
+  }
+
+  forget(namespace: string, model: string): void {
+    const key = `${namespace}/${model}`;
+    for (const labels of this.#series.get(key) ?? []) this.#gauge.remove(labels);
+    this.#series.delete(key);
   }
 }
 

@@ -100,7 +100,11 @@ export class Operator {
       log,
     });
     this.#autoscaler.start();
-    const reconciler = new Reconciler(this.#kube, { log, autoscaler: this.#autoscaler });
+    const reconciler = new Reconciler(this.#kube, {
+      log,
+      autoscaler: this.#autoscaler,
+      conditionMetrics: this.#metrics.models,
+    });
     this.#workers = this.#queue.run(
       async (key) => {
         const end = this.#metrics.reconcileSeconds.startTimer();

@@ -14,6 +14,7 @@ import type { Autoscaler } from "./autoscale/autoscaler.ts";
 import type { RoleKey } from "./autoscale/load.ts";
 import { apiErrorMessage, httpStatus, type KubeClient, kindNotServed } from "./kube.ts";
 import { names } from "./labels.ts";
+import type { ModelConditionMetrics } from "./metrics.ts";
 import { NatsProbe } from "./nats-probe.ts";
 import {
   gatewayTlsProblems,
@@ -60,6 +61,8 @@ export interface ReconcilerOptions {
    */
   degradedPollMs?: number;
   log?: (msg: string) => void;
+  /** Where the models' conditions go as metrics (the operator's /metrics). */
+  conditionMetrics?: Pick<ModelConditionMetrics, "set" | "forget">;
   /** Load reports, replica decisions and rebalanced plans (absent: replicas from the spec only). */
   autoscaler?: Pick<
     Autoscaler,
@@ -106,6 +109,7 @@ export class Reconciler {
     const model = await this.#kube.getModel(namespace, name);
     if (!model || (model.metadata as { deletionTimestamp?: string }).deletionTimestamp) {
       this.#opts.autoscaler?.forget(key);
+      this.#opts.conditionMetrics?.forget(namespace, name);
       return undefined; // garbage collection removes the rest
     }
     const problems: Problem[] = [];
@@ -256,6 +260,7 @@ export class Reconciler {
       ),
       ...scaler?.statusFor(key),
     };
+    this.#opts.conditionMetrics?.set(namespace, name, status.conditions!);
     if (statusChanged(model.status, status)) {
       const wasDegraded = model.status?.conditions?.find((c) => c.type === "Degraded");
       const nowDegraded = status.conditions!.find((c) => c.type === "Degraded")!;

@@ -10,7 +10,9 @@
 #               github.com/prometheus-operator/prometheus-operator): the operator's
 #               PodMonitors (spec.monitoring.podMonitor) are applied against it;
 #   servicemonitor  its ServiceMonitor (the file beside it): the chart's
-#               (metrics.serviceMonitor) is checked against it.
+#               (metrics.serviceMonitor) is checked against it;
+#   prometheusrule  its PrometheusRule (beside them too): the chart's alerts
+#               (metrics.prometheusRule) are checked against it.
 #
 # `go mod download` fetches the module's zip from GOPROXY (checked against GOSUMDB, as every
 # module provision.sh builds), and this copies that one file into the cache, keyed by
@@ -18,7 +20,7 @@
 #   $EXPERTMESH_CACHE_DIR/crd/<name>-<version>/<file>   (default ~/.cache/expertmesh)
 # A second run finds it and fetches nothing.
 #
-# Usage: test/env/crd.sh keda|podmonitor|servicemonitor
+# Usage: test/env/crd.sh keda|podmonitor|servicemonitor|prometheusrule
 # Prints the CRD file's absolute path on the last line of stdout; progress goes to stderr.
 set -euo pipefail
 
@@ -42,8 +44,14 @@ case "${1:-}" in
     CRD_IN_MODULE=example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml
     CRD_NAME=servicemonitors.monitoring.coreos.com
     ;;
+  prometheusrule)
+    NAME=prometheus-operator VERSION=$PROMETHEUS_OPERATOR_VERSION
+    MODULE=github.com/prometheus-operator/prometheus-operator
+    CRD_IN_MODULE=example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml
+    CRD_NAME=prometheusrules.monitoring.coreos.com
+    ;;
   *)
-    echo "usage: test/env/crd.sh keda|podmonitor|servicemonitor" >&2
+    echo "usage: test/env/crd.sh keda|podmonitor|servicemonitor|prometheusrule" >&2
     exit 2
     ;;
 esac

@@ -35,6 +35,7 @@ import { parseAllDocuments } from "yaml";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import { connectNats, serverInfo } from "../../src/moe/nats-connection.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
+import { OperatorMetrics } from "../../src/operator/metrics.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { makeNatsPki } from "../env/pki.ts";
 import { freePort, ManagedProcess } from "../env/process.ts";
@@ -42,6 +43,7 @@ import { kubectl } from "../support/cli.ts";
 import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 import { restrictedNamespace } from "../support/pod-security.ts";
+import { promqlSelectors } from "../support/promql.ts";
 
 const run = promisify(execFile);
 
@@ -346,6 +348,64 @@ describe("Helm chart charts/expertmesh", () => {
       const dry = await kubectl(["apply", "--dry-run=server", "-f", "-"], JSON.stringify(sm));
       expect(dry.code, dry.stderr).toBe(0);
       expect(dry.stdout).toContain("servicemonitor.monitoring.coreos.com/em-expertmesh created");
+    } finally {
+      await deleteCrd(crd);
+    }
+  });
+
+  it("renders alerts on the models' conditions when asked: series the operator serves, a rule the Prometheus Operator's CRD accepts", async () => {
+    expect((await render("em", "default")).some((o) => o.kind === "PrometheusRule")).toBe(false);
+    const objects = await render("em", "default", [
+      "--set",
+      "metrics.prometheusRule.enabled=true",
+      "--set",
+      "metrics.prometheusRule.for=30m",
+      "--set",
+      "metrics.prometheusRule.labels.release=kps",
+    ]);
+    const rule = only(objects, "PrometheusRule");
+    expect(rule.metadata.labels.release).toBe("kps");
+    const rules = rule.spec.groups.flatMap((g: { rules: unknown[] }) => g.rules) as {
+      alert: string;
+      expr: string;
+      for: string;
+      labels: Record<string, string>;
+      annotations: Record<string, string>;
+    }[];
+    expect(rules.map((r) => r.alert)).toEqual([
+      "ExpertMeshModelNotReady",
+      "ExpertMeshModelDegraded",
+      "ExpertMeshOperatorNoLeader",
+    ]);
+    expect(rules[0]).toMatchObject({ for: "30m", labels: { severity: "warning" } });
+    // Prometheus fills in the labels: the template's text reaches it unexpanded.
+    expect(rules[0]!.annotations["summary"]).toBe(
+      "DeepSeekModel {{ $labels.namespace }}/{{ $labels.model }} is not Ready",
+    );
+    expect(rules[0]!.annotations["description"]).toContain("not been Ready for 30m");
+    // Every series they read is one the operator serves, with labels it has.
+    const registry = new OperatorMetrics().registry;
+    for (const r of rules) {
+      for (const [name] of r.expr.matchAll(/\bexpertmesh_[a-z_]+/g))
+        expect(registry.getSingleMetric(name), `${r.alert}: ${name}`).toBeDefined();
+      for (const { name, labels } of promqlSelectors(r.expr)) {
+        const metric = registry.getSingleMetric(name);
+        expect(metric, `${r.alert}: ${name}`).toBeDefined();
+        const labelNames = (metric as unknown as { labelNames: string[] }).labelNames;
+        for (const l of Object.keys(labels)) expect(labelNames, `${r.alert}: ${name}`).toContain(l);
+      }
+    }
+    expect(promqlSelectors(rules[0]!.expr)).toEqual([
+      { name: "expertmesh_model_condition", labels: { condition: "Ready", status: "False" } },
+    ]);
+    await expect(
+      render("em", "default", ["--set", "metrics.prometheusRule.for=soon"]),
+    ).rejects.toThrow(/for/);
+    const crd = await installCrd("prometheusrule");
+    try {
+      const dry = await kubectl(["apply", "--dry-run=server", "-f", "-"], JSON.stringify(rule));
+      expect(dry.code, dry.stderr).toBe(0);
+      expect(dry.stdout).toContain("prometheusrule.monitoring.coreos.com/em-expertmesh created");
     } finally {
       await deleteCrd(crd);
     }

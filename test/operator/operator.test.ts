@@ -470,6 +470,11 @@ describe.sequential("expertmesh operator", () => {
         `1 pod(s) cannot run, e.g. ${shardPod!.metadata!.name}: container shard CrashLoopBackOff, last exit 1: ${error} (5 restarts)`,
       );
       expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "ContainerCrashing" });
+      // For alerts: the operator's /metrics has the conditions as status has them.
+      const series = (condition: string, status: string, reason: string) =>
+        `expertmesh_model_condition{namespace="${ns}",model="crash",condition="${condition}",status="${status}",reason="${reason}"}`;
+      expect(await leader.metric(series("Ready", "False", "ContainerCrashing"))).toBe(1);
+      expect(await leader.metric(series("Degraded", "True", "ContainerCrashing"))).toBe(1);
       const get = await kubectl(["get", "dsm", "crash", "-n", ns]);
       expect(get.stdout).toMatch(/^crash\s+False\s+ContainerCrashing\s+1\/1\s+0\/1\s/m);
       // The pod replaced (as after a fix): the problem goes with it.
@@ -479,8 +484,19 @@ describe.sequential("expertmesh operator", () => {
         gracePeriodSeconds: 0,
       });
       await waitForCondition(ns, "crash", "Degraded", "False", "AsExpected");
+      await waitFor("the metric following status", async () =>
+        (await leader.metric(series("Ready", "True", "AllReplicasReady"))) === 1 ? true : undefined,
+      );
+      expect(await leader.metric(series("Ready", "False", "ContainerCrashing"))).toBeUndefined();
+      // A deleted model's series go.
+      await kubectl(["delete", "dsm", "crash", "-n", ns, "--wait=true"]);
+      await waitFor("the deleted model's series gone", async () =>
+        (await leader.metric(series("Ready", "True", "AllReplicasReady"))) === undefined
+          ? true
+          : undefined,
+      );
     } finally {
-      await kubectl(["delete", "dsm", "crash", "-n", ns, "--wait=false"]);
+      await kubectl(["delete", "dsm", "crash", "-n", ns, "--wait=false", "--ignore-not-found"]);
     }
   });
 

@@ -10,7 +10,7 @@ import { waitFor } from "./env.ts";
 
 const crdScript = fileURLToPath(new URL("../env/crd.sh", import.meta.url));
 
-export type ForeignCrd = "keda" | "podmonitor" | "servicemonitor";
+export type ForeignCrd = "keda" | "podmonitor" | "servicemonitor" | "prometheusrule";
 
 /** The CRD file of `which` (fetched once) and the CRD's name. */
 export async function fetchCrd(which: ForeignCrd): Promise<{ path: string; name: string }> {
