@@ -33,7 +33,7 @@ export class OperatorMetrics {
     registers: [this.registry],
   });
 
-  /** The models' conditions, as status has them (for alerts: Ready False for 10 m). */
+  /** The models' conditions, as status has them (for alerts: a model not Ready for 15 min). */
   readonly models = new ModelConditionMetrics(this.registry);
 
   constructor() {

@@ -30,6 +30,7 @@ import {
   type Problem,
   pollAfterMs,
   statusChanged,
+  unschedulable,
   unschedulableProblem,
 } from "./status.ts";
 import {
@@ -202,7 +203,7 @@ export class Reconciler {
     // Copies of the previous weights' shards go once everything else runs the spec (or at
     // once, if they never found room).
     if (desiredDeployments) {
-      const stuck = unschedulableProblem(pods.filter(isPreviousCopy)) !== undefined;
+      const stuck = pods.some((p) => isPreviousCopy(p) && unschedulable(p));
       const done = previousCopiesDone(deployments, desiredDeployments, shardNamesOf(model), stuck);
       for (const copy of done)
         await this.#kube.delete({
@@ -224,8 +225,8 @@ export class Reconciler {
         deployments = deployments.filter((d) => !done.includes(d));
       }
     }
-    const unschedulable = unschedulableProblem(pods, deployments);
-    if (unschedulable) problems.push(unschedulable);
+    const unplaced = unschedulableProblem(pods, deployments);
+    if (unplaced) problems.push(unplaced);
     problems.push(...containerProblems(pods));
     const scaler = this.#opts.autoscaler;
     if (scaler) {
@@ -467,9 +468,11 @@ export class Reconciler {
     // hold the new weights for ever, so they roll as with Rolling (and the copies go).
     const ns = model.metadata.namespace!;
     const copyPods = (await this.#kube.listPods(ns, model.metadata.name)).filter(isPreviousCopy);
-    const stuck = unschedulableProblem(copyPods);
     const waitSeconds = model.spec.experts.blueGreenWaitSeconds ?? 600;
-    if (!stuck || !rollWithoutCopies(copyPods, waitSeconds * 1000, Date.now())) return true;
+    const stuck = rollWithoutCopies(copyPods, waitSeconds * 1000, Date.now())
+      ? unschedulableProblem(copyPods)
+      : undefined;
+    if (!stuck) return true;
     await this.#event(
       model,
       "Warning",

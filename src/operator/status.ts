@@ -45,6 +45,12 @@ export interface Observed {
   queueDepth?: { gateway?: number; shard?: number };
 }
 
+/** A pod's PodScheduled condition when the scheduler could not place it. */
+export const unschedulable = (pod: V1Pod) =>
+  pod.status?.conditions?.find(
+    (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
+  );
+
 /**
  * The Deployment of a pod (a Deployment's pods are owned by its ReplicaSet
  * `<deployment>-<pod-template-hash>`), among `deployments`.
@@ -66,16 +72,11 @@ export function unschedulableProblem(
   pods: V1Pod[],
   deployments: readonly V1Deployment[] = [],
 ): Problem | undefined {
-  const stuck = pods.filter((p) =>
-    p.status?.conditions?.some(
-      (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
-    ),
-  );
+  const stuck = pods.filter((p) => unschedulable(p));
   if (!stuck.length) return undefined;
   stuck.sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
   const first = stuck[0]!;
-  const why =
-    first.status?.conditions?.find((c) => c.type === "PodScheduled")?.message ?? "no node fits";
+  const why = unschedulable(first)?.message ?? "no node fits";
   // A surge pod of a rollout (its Deployment has more pods than replicas, and may surge).
   const surge = stuck
     .map((pod) => ({ pod, d: deploymentOf(pod, deployments) }))

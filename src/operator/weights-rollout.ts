@@ -14,7 +14,7 @@
 //
 // Pure functions here; the reconciler does the calls.
 import type { V1Deployment, V1Pod, V1PodSpec } from "@kubernetes/client-node";
-import { rolledOut } from "./status.ts";
+import { rolledOut, unschedulable } from "./status.ts";
 
 /** The label (in selector and template) of a copy's pods, and of the copy. */
 export const LABEL_PREVIOUS_WEIGHTS = "expertmesh.io/previous-weights";
@@ -147,13 +147,10 @@ export function rollWithoutCopies(
   waitMs: number,
   now: number,
 ): boolean {
-  const since = copyPods.flatMap((p) =>
-    (p.status?.conditions ?? [])
-      .filter(
-        (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
-      )
-      .map((c) => (c.lastTransitionTime ? new Date(c.lastTransitionTime).getTime() : now)),
-  );
+  const since = copyPods.flatMap((p) => {
+    const c = unschedulable(p);
+    return c ? [c.lastTransitionTime ? new Date(c.lastTransitionTime).getTime() : now] : [];
+  });
   return since.length > 0 && now - Math.min(...since) >= waitMs;
 }
 
