@@ -14,7 +14,7 @@
 # the bundle the report says the forward was NOT RUN (the exit code is parity's).
 #
 # Output in $OUT/gpu-check/ (default ./gpu-check-out/gpu-check/): report.md, parity.log,
-# parity-wgmma.log, parity-optin.log, forward.md, forward-resident.md, forward-mirror.md, forward.json,
+# parity-wgmma.log, parity-optin.log, forward.md, forward-staged.md, forward-mirror.md, forward.json,
 # addon.log, addon-mirror.log, addon-build.log, bench.json, bench.log (with the MoE phase profile), mla_bench.json, mla_wgmma.json,
 # torch.json, build.log.
 # Exit: 0 parity (and the forward, when bundled) passed, 1 a build, parity or forward
@@ -262,10 +262,10 @@ if [ -n "$node" ]; then
   step 60 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" >"$out/addon.log" 2>&1
   addon_rc=$?
   cat "$out/addon.log" >&2
-  # Again with the device KV mirror (ADR 0010; opt-in): rows written by kvWrite (the prefix
-  # cache's disk tier) after the mirror was made must reach it. Information, as the mirror is.
-  log "addon test with EM_ADDON_KV_MIRROR=1"
-  if step 60 env EM_ADDON_KV_MIRROR=1 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" \
+  # Again without the device KV mirror (ADR 0010; the default since 2026-12-04, so the run
+  # above checked that rows written by kvWrite after the mirror was made reach it). Information.
+  log "addon test with EM_ADDON_KV_MIRROR=0"
+  if step 60 env EM_ADDON_KV_MIRROR=0 "$node" "$root/shards/test/addon_test.mjs" "$build/expertmesh.node" \
     >"$out/addon-mirror.log" 2>&1; then addon_mirror_note="ok"; else addon_mirror_note="FAIL (addon-mirror.log)"; fi
   cat "$out/addon-mirror.log" >&2
   log "forward: scripts/gpu-forward.ts --device ${EM_GPU_FORWARD_DEVICE:-cuda:0}"
@@ -280,18 +280,18 @@ if [ -n "$node" ]; then
     *) forward_note="FAIL (exit $forward)" ;;
   esac
   [ "$addon_rc" = 0 ] || forward_note="$forward_note; addon test FAIL (exit $addon_rc, addon.log)"
-  # The same forward with weights kept on the device (EM_ADDON_RESIDENT=1, opt-in until a GPU
-  # run checks it): its result and times beside the default run's; not part of the verdict.
-  log "forward, weights kept on the device (EM_ADDON_RESIDENT=1)"
-  step 120 env EM_ADDON_RESIDENT=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
-    "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" >"$out/forward-resident.md" 2>&1 ||
-    log "the resident forward failed (forward-resident.md)"
-  # And with the KV pool mirrored on the device as well (EM_ADDON_KV_MIRROR=1, ADR 0010:
-  # attention reads the rows in device memory; opt-in, written without a GPU), bf16 rows.
-  log "forward, weights and KV pool on the device (EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1)"
-  step 120 env EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
+  # The same forward with every op's weights and KV rows staged from host memory
+  # (EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR=0, the default before 2026-12-04): its result and
+  # times beside the default run's; not part of the verdict.
+  log "forward, weights and KV rows staged per op (EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR=0)"
+  step 120 env EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR=0 EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
+    "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" >"$out/forward-staged.md" 2>&1 ||
+    log "the staged forward failed (forward-staged.md)"
+  # And the default (weights and KV pool on the device, ADR 0010) over bf16 KV rows.
+  log "forward, bf16 KV rows (--kv-dtype bf16)"
+  step 120 env EM_NATIVE_ADDON="$build/expertmesh.node" "$node" --no-warnings \
     "$root/scripts/gpu-forward.ts" --device "${EM_GPU_FORWARD_DEVICE:-cuda:0}" --kv-dtype bf16 >"$out/forward-mirror.md" 2>&1 ||
-    log "the mirrored forward failed (forward-mirror.md)"
+    log "the bf16-rows forward failed (forward-mirror.md)"
   # An fp8 checkpoint served in bf16 (--dtype bf16: dequantized once at load, in each run on
   # its own device, instead of in every wide GEMM), and a bf16 one in fp8; information.
   log "forward, linear layers converted at load (--dtype bf16 of tiny-v3-fp8, --dtype fp8 of tiny-v3)"
@@ -311,11 +311,11 @@ if [ -n "$node" ]; then
       echo '```'
     fi
     echo
-    echo "The same forward with weights kept on the device (EM_ADDON_RESIDENT=1, opt-in; information):"
+    echo "The same forward with weights and KV rows staged per op (EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR=0, the old default; information):"
     echo
-    grep -E '^\| tiny|^- forward' "$out/forward-resident.md" 2>/dev/null || echo "(no result: forward-resident.md)"
+    grep -E '^\| tiny|^- forward' "$out/forward-staged.md" 2>/dev/null || echo "(no result: forward-staged.md)"
     echo
-    echo "And with the KV pool mirrored on the device too (EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1, opt-in; information):"
+    echo "The default over bf16 KV rows (--kv-dtype bf16; information):"
     echo
     grep -E '^\| tiny|^- forward' "$out/forward-mirror.md" 2>/dev/null || echo "(no result: forward-mirror.md)"
     grep -E 'Error|error' "$out/forward-mirror.md" 2>/dev/null | head -5
@@ -325,7 +325,7 @@ if [ -n "$node" ]; then
     grep -E '^\| tiny|^- forward' "$out/forward-dtype.md" 2>/dev/null || echo "(no result: forward-dtype.md)"
     echo
     echo "Addon test (shards/test/addon_test.mjs on the CUDA build): $([ "$addon_rc" = 0 ] && echo ok || echo "FAIL (exit $addon_rc)")"
-    echo "Addon test with the device KV mirror (EM_ADDON_KV_MIRROR=1, opt-in; information): ${addon_mirror_note:-not run}"
+    echo "Addon test without the device KV mirror (EM_ADDON_KV_MIRROR=0; information): ${addon_mirror_note:-not run}"
     echo
     echo '```'
     tail -15 "$out/addon.log"
@@ -464,10 +464,10 @@ def load(name):
     except ValueError:
         return []
 lines = []
-for name, env in (("forward-resident.md", "EM_ADDON_RESIDENT"), ("forward-mirror.md", "EM_ADDON_KV_MIRROR")):
+for name, what in (("forward-staged.md", "EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR=0"), ("forward-mirror.md", "bf16 KV rows")):
     t = text(name)
     verdict = "PASS" if "- forward: PASS" in t else "FAIL" if "- forward: FAIL" in t or "ERROR" in t else "not run"
-    lines.append(f"- {env}=1 forward: {verdict}" + (" -> make it the default (shards/addon/addon.cpp, Init)" if verdict == "PASS" else ""))
+    lines.append(f"- {what} forward: {verdict}")
 ours = load("bench.json")
 for dtype, base, cands in (("bf16", "cublas loop x4", ("cutlass grouped", "cutlass grouped fused", "cublas loop x4 fused")),
                            ("fp8", "fp8 loop", ("fp8 cutlass blockwise fused", "fp8 loop fused"))):

@@ -68,13 +68,14 @@ void check(Napi::Env env, em_status s, const char* op) {
 // the CPU backend (the CUDA backend has no sampler or wire codec, for instance). Both take
 // host memory, so the same TypedArrays go to either.
 //
-// EM_ADDON_RESIDENT=1: weights on a device stay there: the first op that reads a Weight
-// object on the device backend copies its data (and fp8 scales) into device memory and ties
-// that copy to the object (napi_wrap, freed when the object is collected); later ops read it
-// in place. The engine keeps one Weight view per weight (src/engine/native.ts), so a model's
-// weights are copied once. Activations, caches and indices are still copied per op. Opt-in
-// until a GPU run has checked it (written without one; the default stages every op's
-// weights, as the H200 runs of 2026-11-30 did).
+// Resident weights (the default; EM_ADDON_RESIDENT=0 or configure({ resident: false }) turns
+// it off): weights on a device stay there: the first op that reads a Weight object on the
+// device backend copies its data (and fp8 scales) into device memory and ties that copy to
+// the object (napi_wrap, freed when the object is collected); later ops read it in place.
+// The engine keeps one Weight view per weight (src/engine/native.ts), so a model's weights
+// are copied once; a device without room for more stages the rest per op. Activations,
+// caches and indices are still copied per op. Checked on an H200 on 2026-12-04 (the GPU
+// check's forward); before that the default staged every op's weights.
 struct KvMirrors;
 
 struct AddonState {
@@ -85,7 +86,7 @@ struct AddonState {
   std::shared_ptr<em_backend> device_owner;
   bool resident = false;
   bool resident_full = false;  // the device ran out of room for resident weights: no more tries until configure()
-  // EM_ADDON_KV_MIRROR=1: device mirrors of paged KV pools (see KvMirror); shared with the
+  // Device mirrors of paged KV pools (see KvMirror; off with EM_ADDON_KV_MIRROR=0); shared with the
   // pools' finalizers, which may outlive this state.
   std::shared_ptr<KvMirrors> kv_mirrors;
   std::string device_name = "cpu";
@@ -134,7 +135,8 @@ struct DeviceBuffer {
 // on the device for a long time).
 constexpr size_t kMirrorMaxDirty = size_t{1} << 16;
 
-// EM_ADDON_KV_MIRROR=1 (ADR 0010; opt-in, written without a GPU): a paged KV pool that
+// The KV mirror (ADR 0010; the default since the H200 run of 2026-12-04, EM_ADDON_KV_MIRROR=0
+// or configure({ kvMirror: false }) turns it off): a paged KV pool that
 // mlaAttention reads on the device backend gets a device copy, made whole on that first
 // read. kvEncode keeps writing the host pool (still the source of truth) and notes the byte
 // ranges it wrote; the next device mlaAttention over the pool copies those ranges across in
@@ -401,7 +403,7 @@ DeviceWeight* wrapped_copy(Napi::Env env, napi_value obj, em_backend* be, const 
 
 // A device buffer of `bytes` holding `parts` (host pointer, bytes) one after another.
 // Null when the device has no room, or had none before: the weight is then staged per op,
-// as without EM_ADDON_RESIDENT (said once per configure()).
+// as with EM_ADDON_RESIDENT=0 (said once per configure()).
 std::shared_ptr<DeviceBuffer> device_buffer(Napi::Env env, em_backend* be, size_t bytes,
                                             std::initializer_list<std::pair<const void*, size_t>> parts) {
   AddonState* st = state_of(env);
@@ -620,7 +622,7 @@ bool optional_bool(Napi::Env env, const Napi::Value& v, const char* name, bool f
 // the CPU backend (which also runs the ops a device lacks); device is "cpu", "cuda",
 // "cuda:N", or the stand-in "sim" / "sim:BYTES" (expertmesh/sim.h) (default: keep the current
 // one); batchInvariant needs "cpu" (a device's kernels promise no such thing). resident and
-// kvMirror switch what EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (default: keep them).
+// kvMirror switch what EM_ADDON_RESIDENT and EM_ADDON_KV_MIRROR set at load (both on unless "0"; default: keep them).
 Napi::Value Configure(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   AddonState* st = state_of(env);
@@ -1288,10 +1290,14 @@ void tune_malloc() {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   tune_malloc();
   AddonState* st = new AddonState();
-  const char* resident = std::getenv("EM_ADDON_RESIDENT");
-  st->resident = resident != nullptr && std::strcmp(resident, "1") == 0;
-  const char* mirror = std::getenv("EM_ADDON_KV_MIRROR");
-  if (mirror != nullptr && std::strcmp(mirror, "1") == 0) st->kv_mirrors = std::make_shared<KvMirrors>();
+  // Both on unless set to "0": the H200 run of 2026-12-04 passed the forward with them, as
+  // fast as per-op staging at the tiny models' sizes (BENCHMARKS.md, "GPU").
+  auto on_unless_zero = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  };
+  st->resident = on_unless_zero("EM_ADDON_RESIDENT");
+  if (on_unless_zero("EM_ADDON_KV_MIRROR")) st->kv_mirrors = std::make_shared<KvMirrors>();
   env.SetInstanceData(st);
   exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
   exports.Set("configure", Napi::Function::New(env, Configure, "configure"));

@@ -426,7 +426,18 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   // ran 1.4-1.7x the loop at 1-16 rows per expert, 0.8x at 128: BENCHMARKS.md), else the loop.
   int32_t active = 0;
   for (int32_t e = 0; e < E; ++e) active += a->expert_offsets[e + 1] > a->expert_offsets[e];
-  const bool cutlass = ctx.moe_gemm == EM_CUDA_MOE_CUTLASS;
+  // AUTO, fp8 experts: CUTLASS's blockwise-scaled fp8 grouped GEMM (DeepSeek-V3's act_quant
+  // numerics) where this build and device have it and the weights are whole 128 x 128 blocks,
+  // else the loop. At V3 shapes on an H200 (2026-12-04) it ran 3.2-10x the loop and 2-4x
+  // cuBLASLt's fp8 path from 8 to 16384 tokens (BENCHMARKS.md, "GPU"). An explicit
+  // EM_CUDA_FP8_GEMM=lt keeps the lt path.
+  std::string auto_refusal;
+  const bool fp8_cutlass_auto =
+      ctx.moe_gemm == EM_CUDA_MOE_AUTO && fp8 && !fp8_lt_available(ctx) && !empty_sum &&
+      cutlass_fp8_here(op, auto_refusal) &&
+      fp8_blockwise_ready(std::vector<em_tensor>(a->w1, a->w1 + E), std::vector<em_tensor>(a->w3, a->w3 + E),
+                          std::vector<em_tensor>(a->w2, a->w2 + E), a->expert_offsets, E, dim, max_inter, auto_refusal);
+  const bool cutlass = ctx.moe_gemm == EM_CUDA_MOE_CUTLASS || fp8_cutlass_auto;
   const bool want_grouped = ctx.moe_gemm == EM_CUDA_MOE_GROUPED || cutlass ||
                             (ctx.moe_gemm == EM_CUDA_MOE_AUTO && kGroupedBuilt && !fp8 && rows < kGroupedRowsPerExpert * active);
   const bool grouped = want_grouped && dt != EM_F32 && !(fp8 && fp8_lt_available(ctx)) && !empty_sum;

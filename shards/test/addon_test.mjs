@@ -62,7 +62,7 @@ if (cuda.devices === 0) {
 {
   for (const d of ["sim:", "sim:0", "sim:-1", "simx"])
     throwsCode(() => em.configure({ device: d }), "EM_NATIVE_ARG");
-  const si = em.configure({ device: "sim" });
+  const si = em.configure({ device: "sim", resident: false, kvMirror: false });
   assert.equal(si.backend, "sim");
   assert.deepEqual(
     Object.keys(si.fallback).sort(),
@@ -91,7 +91,7 @@ if (cuda.devices === 0) {
   const w2 = { dtype: "f32", shape: [3, 2], data: Float32Array.from([1, 2, 3, 4, 5, 6]) };
   assert.deepEqual(Array.from(em.matmul(x, 1, w2)), [-1, -1, -1]);
   assert.equal(em.simStats().allocations, 0);
-  em.configure({ device: "cpu", resident: process.env.EM_ADDON_RESIDENT === "1" });
+  em.configure({ device: "cpu", resident: process.env.EM_ADDON_RESIDENT !== "0" });
   assert.equal(em.simStats(), null);
 }
 
@@ -298,10 +298,10 @@ for (let t = 0; t < T; t++)
 }
 
 // kvWrite: encoded rows copied into a paged pool are what attention then reads, on every
-// device. With a device's KV mirror (EM_ADDON_KV_MIRROR=1, or configure({ kvMirror: true }))
-// the mirror is made at the first read and the rows written after it reach it: on "sim"
-// always (its device memory starts as NaN, and stale rows change the answer), on CUDA when
-// gpu-check runs this test so.
+// device. With a device's KV mirror (the default; EM_ADDON_KV_MIRROR=0 or configure({
+// kvMirror: false }) turns it off) the mirror is made at the first read and the rows written
+// after it reach it: on "sim" always (its device memory starts as NaN, and stale rows change
+// the answer), on CUDA unless gpu-check runs this test with EM_ADDON_KV_MIRROR=0.
 {
   const C = 8,
     dr = 4,
@@ -344,7 +344,7 @@ for (let t = 0; t < T; t++)
     want[1].some((v, i) => Math.abs(v - want[0][i]) > 1e-3),
     "kvWrite: the new rows change attention",
   );
-  const mirrored = process.env.EM_ADDON_KV_MIRROR === "1";
+  const mirrored = process.env.EM_ADDON_KV_MIRROR !== "0";
   const devices = [["sim", true], ...(cuda.devices > 0 ? [["cuda:0", mirrored]] : [])];
   for (const [device, kvMirror] of devices) {
     const pages = pool.slice();

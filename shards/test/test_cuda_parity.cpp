@@ -42,6 +42,7 @@ struct Backends {
   em_backend* cuda_lt = nullptr;  // EM_CUDA_FP8_LT (fp8_lt_cases)
   em_backend* cuda_1s = nullptr;  // the loop on one stream (moe_lane_cases)
   em_backend* cuda_cutlass = nullptr;  // EM_CUDA_MOE_CUTLASS (sm_90a builds with CUTLASS)
+  em_backend* cuda_auto = nullptr;     // EM_CUDA_MOE_AUTO (what production runs)
   int cc_major = 0;
   ~Backends() {
     em_backend_free(cpu);
@@ -50,6 +51,7 @@ struct Backends {
     em_backend_free(cuda_grouped);
     em_backend_free(cuda_lt);
     em_backend_free(cuda_cutlass);
+    em_backend_free(cuda_auto);
   }
 };
 
@@ -429,6 +431,60 @@ void moe_cases(Rng& rng, Backends& b, bool cutlass_mode) {
   }
 }
 
+// The AUTO choice (the default): fp8 experts of whole 128 x 128 blocks run CUTLASS's blockwise
+// fp8 kernel where it is built and the device is compute capability 9.0, other fp8 experts the
+// loop; bf16 experts of few rows each the grouped GEMM, of many rows the loop.
+void moe_auto_cases(Rng& rng, Backends& b) {
+  if (b.cuda_auto == nullptr) return;
+  struct Case {
+    em_dtype dt;
+    int64_t dim, inter;
+    std::vector<int32_t> counts;
+    const char* want;  // "cutlass" (where it can run, else the loop), "loop" or "grouped" (not in the
+                       // status: the bf16 cases check the numbers, and that CUTLASS did not run)
+  };
+  const std::vector<Case> cases = {
+      {EM_F8_E4M3, 256, 384, {0, 5, 1, 17, 0, 40, 3, 128}, "cutlass"},
+      {EM_F8_E4M3, 256, 320, {4, 9, 0, 30}, "loop"},  // intermediate not whole 128 blocks
+      {EM_BF16, 256, 384, {2, 5, 1, 7}, "grouped"},   // 15 rows over 4 experts: under 64 each
+      {EM_BF16, 256, 384, {70, 0, 90}, "loop"},       // 80 each
+  };
+  // Whether the blockwise kernel can run here at all: the CUTLASS mode says so in its status.
+  bool cutlass_here = false;
+  if (b.cuda_cutlass != nullptr) {
+    MoeExperts ex(rng, EM_F8_E4M3, 256, 384, {3, 9});
+    std::vector<float> x = rng.vec(static_cast<size_t>(12 * 256)), y(static_cast<size_t>(12 * 256));
+    em_tensor xt = em_tensor_2d(x.data(), EM_F32, 12, 256), yt = em_tensor_2d(y.data(), EM_F32, 12, 256);
+    em_moe_args a = ex.args(&xt);
+    a.y = &yt;
+    CHECK_OK(em_moe_ffn(b.cuda_cutlass, &a));
+    cutlass_here = std::string(em_cuda_last_status()).find("grouped cutlass fp8 blockwise") != std::string::npos;
+  }
+  for (const Case& c : cases) {
+    MoeExperts ex(rng, c.dt, c.dim, c.inter, c.counts);
+    const int64_t rows = ex.offsets.back();
+    std::vector<float> x = rng.vec(static_cast<size_t>(rows * c.dim));
+    std::vector<float> y0(static_cast<size_t>(rows * c.dim)), y1 = y0;
+    em_tensor xt = em_tensor_2d(x.data(), EM_F32, rows, c.dim);
+    em_tensor yt0 = em_tensor_2d(y0.data(), EM_F32, rows, c.dim), yt1 = em_tensor_2d(y1.data(), EM_F32, rows, c.dim);
+    em_moe_args a = ex.args(&xt);
+    a.y = &yt0;
+    CHECK_OK(em_moe_ffn(b.cpu, &a));
+    a.y = &yt1;
+    CHECK_OK(em_moe_ffn(b.cuda_auto, &a));
+    const std::string st = em_cuda_last_status();
+    const bool cutlass_ran = st.find("grouped cutlass fp8 blockwise") != std::string::npos;
+    const bool want_cutlass = std::strcmp(c.want, "cutlass") == 0 && cutlass_here;
+    const std::string what = std::string(em_dtype_name(c.dt)) + " auto, want " +
+                             (want_cutlass ? "cutlass" : std::strcmp(c.want, "cutlass") == 0 ? "loop" : c.want) + " " +
+                             shape_str(rows, c.dim, c.inter);
+    report("moe_ffn", what, rel_err(y0, y1),
+           cutlass_ran ? kLtMoeCpuTol : gemm_tolerance(c.dt) * (std::strcmp(c.want, "grouped") == 0 ? 2 : 1));
+    CHECK(cutlass_ran == want_cutlass, "moe_ffn %s: the CUTLASS fp8 kernel ran %d, expected %d (status: %s)",
+          what.c_str(), cutlass_ran, want_cutlass, st.c_str());
+  }
+}
+
 // Widths that are not multiples of 8 (hidden 100, intermediate 36) in the grouped mode: some
 // operands of the grouped GEMM are then not 16-byte aligned, which cuBLAS's grouped call may
 // assume of the pointers it gets in device arrays; those run one GEMM at a time.
@@ -567,15 +623,16 @@ void moe_fused_cases(Rng& rng, Backends& b) {
 // ------------------------------------------------------------------ wgmma primitives
 
 // cuda/wgmma.cuh on its own (sm_90a builds on compute capability 9.0 only): B K-major and
-// N-major as the MLA wgmma kernel reads them; the N-major strides swapped are printed too
-// (expected to fail), so a failure says which of the two the hardware wants.
+// N-major as the MLA wgmma kernel reads them. (The probe's third variant, N-major with its
+// strides swapped, is not run: on the H200 of 2026-12-04 it faulted, an illegal address that
+// poisons the context for every later case, while both layouts above matched.)
 // Set when a wgmma probe ran here: EM_CUDA_MLA=wgmma must then run the wgmma kernel.
 bool g_wgmma_probed = false;
 
 void wgmma_cases(int cc_major) {
-  const char* names[] = {"B K-major", "B N-major", "B N-major, strides swapped (expected to differ)"};
+  const char* names[] = {"B K-major", "B N-major"};
   for (int n : {32, 256}) {
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 2; ++variant) {
       double err = 0.0;
       const char* what = "";
       const int rc = wgmma_probe(n, variant, &err, &what);
@@ -588,8 +645,7 @@ void wgmma_cases(int cc_major) {
       CHECK(rc == 0, "wgmma %s: CUDA error %s", name.c_str(), what);
       if (rc != 0) continue;
       g_wgmma_probed = true;
-      if (variant == 2) std::printf("%-9s %-44s rel_err %.3e  (information)\n", "wgmma", name.c_str(), err);
-      else report("wgmma", name, err, 1e-4);
+      report("wgmma", name, err, 1e-4);
     }
   }
 }
@@ -1093,6 +1149,8 @@ int main(int argc, char** argv) {
   cfg.fp8_gemm = EM_CUDA_FP8_DEFAULT;
   cfg.moe_gemm = EM_CUDA_MOE_CUTLASS;
   CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_cutlass));
+  cfg.moe_gemm = EM_CUDA_MOE_AUTO;
+  CHECK_OK(em_backend_create_cuda(&cfg, &b.cuda_auto));
   if (b.cpu == nullptr || b.cuda == nullptr) return finish("cuda_parity");
   em_backend_info ci, gi;
   em_backend_get_info(b.cpu, &ci);
@@ -1133,6 +1191,8 @@ int main(int argc, char** argv) {
   moe_lane_cases(lane_rng, b);
   Rng odd_rng(20261201);
   moe_odd_width_cases(odd_rng, b);
+  Rng auto_rng(20261204);
+  moe_auto_cases(auto_rng, b);
 
   Rng lt_rng(20261129);  // its own stream: the cases above keep their data
   fp8_lt_cases(lt_rng, b, cc_major);

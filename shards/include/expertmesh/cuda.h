@@ -50,7 +50,10 @@ extern "C" {
 
 typedef enum em_cuda_moe_gemm {
   EM_CUDA_MOE_AUTO = 0,    /* $EM_CUDA_MOE_GEMM ("loop" | "grouped" | "cutlass"), else per call: grouped for
-                              bf16/f16 experts of under 64 rows each on average, else the loop */
+                              bf16/f16 experts of under 64 rows each on average, else the loop; fp8
+                              experts as EM_CUDA_MOE_CUTLASS where its blockwise fp8 kernel can run
+                              (sm_90a build with CUTLASS, compute capability 9.0, whole 128 x 128
+                              blocks; not with EM_CUDA_FP8_LT), else the loop */
   EM_CUDA_MOE_LOOP = 1,    /* one cublasGemmEx per expert, fp32 outputs, over moe_streams streams */
   EM_CUDA_MOE_GROUPED = 2, /* one cublasGemmGroupedBatchedEx per phase (cuBLAS >= 12.5; bf16/f16
                               intermediates, as PyTorch's grouped_mm); f32 weights use the loop */
