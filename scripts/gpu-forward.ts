@@ -24,8 +24,8 @@
 //
 // Self-test without a GPU: --device cpu compares the CPU backend with itself, the compared
 // run on --isa (default scalar) so two code paths meet; --device sim runs the addon's device
-// paths (with EM_ADDON_RESIDENT=1 EM_ADDON_KV_MIRROR=1: the GPU check's resident and mirrored
-// runs) on the stand-in device, whose kernels are the CPU's: no difference at all. The addon is $EM_NATIVE_ADDON, else
+// paths (resident weights and the KV mirror, the addon's defaults; EM_ADDON_RESIDENT=0
+// EM_ADDON_KV_MIRROR=0 for the GPU check's staged run) on the stand-in device, whose kernels are the CPU's: no difference at all. The addon is $EM_NATIVE_ADDON, else
 // shards/build/expertmesh.node. Imports src/, test/support/golden.ts, Node builtins and the
 // pure-JS packages scripts/gpu-bundle.sh carries (the GPU machine has no node_modules).
 //

@@ -2,6 +2,7 @@
 // small plain-JS reference, the scalar and SIMD paths against each other, and the error
 // codes. Run: node shards/test/addon_test.mjs [path/to/expertmesh.node]   (ctest runs it)
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { createRequire } from "node:module";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -93,6 +94,23 @@ if (cuda.devices === 0) {
   assert.equal(em.simStats().allocations, 0);
   em.configure({ device: "cpu", resident: process.env.EM_ADDON_RESIDENT !== "0" });
   assert.equal(em.simStats(), null);
+}
+// The defaults at load (a fresh process): resident weights and the KV mirror on, each off
+// with its variable set to "0" (what a fresh load decides, not what configure() keeps).
+{
+  const probe = `const em = require(${JSON.stringify(path.resolve(addonPath))});
+    em.configure({ device: "sim" });
+    const w = { dtype: "f32", shape: [3, 2], data: Float32Array.from([1, 2, 3, 4, 5, 6]) };
+    em.matmul(Float32Array.from([1, -1]), 1, w);
+    process.stdout.write(String(em.simStats().allocatedTotal));`;
+  const env = { ...process.env };
+  delete env.EM_ADDON_RESIDENT;
+  delete env.EM_ADDON_KV_MIRROR;
+  const run = (extra) =>
+    execFileSync(process.execPath, ["-e", probe], { env: { ...env, ...extra }, encoding: "utf8" });
+  assert.equal(run({}), "1", "resident weights by default");
+  assert.equal(run({ EM_ADDON_RESIDENT: "0" }), "0", "EM_ADDON_RESIDENT=0 stages weights per op");
+  assert.equal(run({ EM_ADDON_RESIDENT: "1" }), "1", "EM_ADDON_RESIDENT=1");
 }
 
 // matmul with bf16 weights, on every ISA: y = x W^T
@@ -348,7 +366,8 @@ for (let t = 0; t < T; t++)
   const devices = [["sim", true], ...(cuda.devices > 0 ? [["cuda:0", mirrored]] : [])];
   for (const [device, kvMirror] of devices) {
     const pages = pool.slice();
-    em.configure({ device, kvMirror });
+    // resident weights off: wkv_b would take a device allocation of its own
+    em.configure({ device, kvMirror, resident: false });
     const before = attend(pages); // the mirror is made here
     em.kvWrite(rows, pages, B * rb);
     assert.deepEqual(pages, written);
@@ -375,7 +394,11 @@ for (let t = 0; t < T; t++)
     pages.set(rows, B * rb);
     assert.deepEqual(attend(pages), want[0], "sim: the mirror keeps the rows it was given");
   }
-  em.configure({ device: "cpu", kvMirror: mirrored });
+  em.configure({
+    device: "cpu",
+    kvMirror: mirrored,
+    resident: process.env.EM_ADDON_RESIDENT !== "0",
+  });
   throwsCode(() => em.kvWrite(rows, pool, pool.length - rows.length + 1), "EM_NATIVE_SHAPE");
 }
 
