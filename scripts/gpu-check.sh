@@ -469,8 +469,8 @@ for name, what in (("forward-staged.md", "EM_ADDON_RESIDENT=0 EM_ADDON_KV_MIRROR
     verdict = "PASS" if "- forward: PASS" in t else "FAIL" if "- forward: FAIL" in t or "ERROR" in t else "not run"
     lines.append(f"- {what} forward: {verdict}")
 ours = load("bench.json")
-for dtype, base, cands in (("bf16", "cublas loop x4", ("cutlass grouped", "cutlass grouped fused", "cublas loop x4 fused")),
-                           ("fp8", "fp8 loop", ("fp8 cutlass blockwise fused", "fp8 loop fused"))):
+for dtype, base, cands in (("bf16", "cublas loop x4", ("default (auto, fused)", "cutlass grouped", "cutlass grouped fused", "cublas loop x4 fused")),
+                           ("fp8", "fp8 loop", ("fp8 default (auto, fused)", "fp8 cutlass blockwise fused", "fp8 loop fused"))):
     for tok in sorted({r["tokens"] for r in ours}):
         rows = {r["impl"]: r["tflops_median"] for r in ours if r["tokens"] == tok and r.get("dtype") == dtype}
         if base not in rows:

@@ -14,6 +14,8 @@
 // random routing (seeded). FLOPs = 6 * rows * hidden * inter (rows = tokens * 8). Each
 // expert's gate and up weights lie side by side in device memory: the "fused" sides read them
 // as one weight of twice the rows (em_cuda_config::moe_fuse_gate_up), the others as two.
+// "default (auto, fused)" is what a shard runs unconfigured: EM_CUDA_MOE_AUTO's per-call
+// choice with the fusion on (the addon's resident weights lie side by side).
 // After each token count, one call per side prints its phases' times (EM_CUDA_MOE_PROFILE).
 #include <algorithm>
 #include <chrono>
@@ -95,6 +97,11 @@ int main(int argc, char** argv) {
   TRY(em_backend_create_cuda(&fcfg, &cutlass_fused));
   fcfg.moe_fuse_gate_up = -1;
   TRY(em_backend_create_cuda(&fcfg, &cutlass));
+  // What the shard runs by default: AUTO's per-call choice, gate and up fused (resident weights).
+  em_backend* dflt = nullptr;
+  em_cuda_config dcfg{0, EM_CUDA_MOE_AUTO, EM_CUDA_FP8_DEFAULT, EM_CUDA_MOE_STREAMS_DEFAULT, 1};
+  unsetenv("EM_CUDA_MOE_GEMM");  // AUTO reads it
+  TRY(em_backend_create_cuda(&dcfg, &dflt));
   char loop_name[32], loop2x_name[32], fused_name[40];
   std::snprintf(loop_name, sizeof loop_name, "cublas loop x%d", EM_CUDA_MOE_STREAMS_DEFAULT);
   std::snprintf(fused_name, sizeof fused_name, "cublas loop x%d fused", EM_CUDA_MOE_STREAMS_DEFAULT);
@@ -246,6 +253,7 @@ int main(int argc, char** argv) {
       sides.push_back({grouped_fused, &a, "cublas grouped fused", "bf16"});
       sides.push_back({cutlass, &a, "cutlass grouped", "bf16"});
       sides.push_back({cutlass_fused, &a, "cutlass grouped fused", "bf16"});
+      sides.push_back({dflt, &a, "default (auto, fused)", "bf16"});
     }
     if (with_fp8) {  // fp8.cu: direct fp8 reads for experts of <= 8 rows, else bf16 dequantization
       sides.push_back({loop, &af, "fp8 loop", "fp8"});
@@ -255,6 +263,7 @@ int main(int argc, char** argv) {
       // fp8 x fp8 with the block scales, activations quantized per token per 128 (one CUTLASS
       // blockwise-scaled kernel per phase; DeepSeek-V3 inference numerics)
       sides.push_back({cutlass_fused, &af, "fp8 cutlass blockwise fused", "fp8"});
+      sides.push_back({dflt, &af, "fp8 default (auto, fused)", "fp8"});
     }
     const size_t ns = sides.size();
     std::vector<std::vector<double>> tflops(ns);
@@ -332,5 +341,6 @@ int main(int argc, char** argv) {
   em_backend_free(grouped_fused);
   em_backend_free(cutlass);
   em_backend_free(cutlass_fused);
+  em_backend_free(dflt);
   return 0;
 }

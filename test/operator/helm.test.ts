@@ -950,6 +950,14 @@ spec:
         const nc1 = await connect({ servers: `nats://127.0.0.1:${ports[1]!.client}` });
         expect(nc1.info?.connect_urls ?? []).toEqual([]);
         await nc1.close();
+        // JetStream is healthy with a quorum (2 of 3 routed), not the full mesh: a CI run saw
+        // server 0 with 1 route here. Wait for every server to reach both others.
+        await waitFor(
+          "every server routed to both others",
+          async () =>
+            (await Promise.all([0, 1, 2].map(routes))).every((n) => n >= 2) ? true : undefined,
+          30_000,
+        );
         for (const i of [0, 1, 2]) {
           expect(await routes(i), `server ${i}'s routes`).toBeGreaterThanOrEqual(2);
           const varz = (await (await monitor(i, "/varz")).json()) as { server_name: string };
