@@ -49,7 +49,8 @@ function withRules<T extends TSchema>(path: string, schema: T): T {
  * A role's Deployment strategy (spec.experts.rollingUpdate, spec.gateway.rollingUpdate). The
  * default surges: a new pod must be ready before an old one goes. On nodes with no GPU to
  * spare a surge pod never schedules, and the rollout waits for ever: maxSurge 0 with
- * maxUnavailable 1 replaces the pods in place, one at a time.
+ * maxUnavailable 1 replaces the pods in place, one at a time. progressDeadlineSeconds says
+ * when a rollout that waits counts as stalled (status.ts, stalledRollout).
  */
 const RollingUpdate = (path: string, pods: string) =>
   withRules(
@@ -67,6 +68,12 @@ const RollingUpdate = (path: string, pods: string) =>
           default: 0,
           minimum: 0,
           maximum: 1000,
+        }),
+        progressDeadlineSeconds: Type.Integer({
+          description: `Seconds a ${pods.toLowerCase()} Deployment may go without progress (a pod created, or one becoming ready) before its rollout counts as stalled (the Deployment's progressDeadlineSeconds): the model then says Progressing False, reason ProgressDeadlineExceeded, and Degraded. Loading weights counts as no progress, so allow for the slowest load. Nothing is rolled back.`,
+          default: 1800,
+          minimum: 10,
+          maximum: 86400,
         }),
       },
       {

@@ -29,6 +29,7 @@ import {
   containerProblems,
   type Problem,
   pollAfterMs,
+  stalledRolloutProblem,
   statusChanged,
   unschedulable,
   unschedulableProblem,
@@ -228,6 +229,8 @@ export class Reconciler {
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
     problems.push(...containerProblems(pods));
+    const stalled = stalledRolloutProblem(deployments);
+    if (stalled) problems.push(stalled);
     const scaler = this.#opts.autoscaler;
     if (scaler) {
       const replicas = new Map<RoleKey, number>();

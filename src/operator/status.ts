@@ -25,6 +25,7 @@ export interface Problem {
     | "ImagePullFailed"
     | "ContainerConfigInvalid"
     | "ContainerCrashing"
+    | "ProgressDeadlineExceeded"
     | "ApplyFailed"
     | "PodMonitorCRDNotFound"
     | "PodMonitorApplyFailed"
@@ -161,6 +162,41 @@ export function containerProblems(pods: readonly V1Pod[]): Problem[] {
   }));
 }
 
+/**
+ * Whether the Deployment controller gave up waiting on a Deployment's rollout: no pod created
+ * or made ready for its progressDeadlineSeconds (spec.<role>.rollingUpdate). It keeps
+ * trying; nothing is rolled back.
+ */
+export const stalledRollout = (d: V1Deployment) =>
+  d.status?.conditions?.some(
+    (c) =>
+      c.type === "Progressing" && c.status === "False" && c.reason === "ProgressDeadlineExceeded",
+  ) ?? false;
+
+/** Which field sets a Deployment's deadline, by its component. */
+const deadlineField = (d: V1Deployment) =>
+  `spec.${d.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "experts" : "gateway"}.rollingUpdate.progressDeadlineSeconds`;
+
+/**
+ * The stalled rollouts among the model's Deployments (copies of the previous weights aside:
+ * the BlueGreen wait has its own deadline), as one problem. The pods' own problems
+ * (Unschedulable, ContainerCrashing, ...) say why, where there are any.
+ */
+export function stalledRolloutProblem(deployments: readonly V1Deployment[]): Problem | undefined {
+  const stalled = deployments.filter((d) => !isPreviousCopy(d) && stalledRollout(d));
+  if (stalled.length === 0) return undefined;
+  const list = stalled
+    .map(
+      (d) =>
+        `${d.metadata?.name} (${d.spec?.progressDeadlineSeconds ?? 600} s, ${deadlineField(d)})`,
+    )
+    .join(", ");
+  return {
+    reason: "ProgressDeadlineExceeded",
+    message: `${stalled.length} Deployment(s) made no progress within their deadline: ${list}; their pods' problems or events say why`,
+  };
+}
+
 /** Whether a Deployment's pods are all of its current template and available. */
 export function rolledOut(d: V1Deployment): boolean {
   const want = d.spec?.replicas ?? 1;
@@ -244,6 +280,7 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
         reason: "AsExpected",
         message: "No problems found",
       };
+  const stalled = current.filter(stalledRollout);
   const progressing = allRolledOut
     ? {
         type: "Progressing",
@@ -253,9 +290,13 @@ export function computeStatus(model: DeepSeekModel, o: Observed, now: string): D
       }
     : {
         type: "Progressing",
-        status: "True" as const,
-        reason: "RollingOut",
+        // As a Deployment's own condition: False once a rollout stopped making progress.
+        status: stalled.length > 0 ? ("False" as const) : ("True" as const),
+        reason: stalled.length > 0 ? "ProgressDeadlineExceeded" : "RollingOut",
         message:
+          (stalled.length > 0
+            ? `no progress within the deadline: ${stalled.map((d) => d.metadata?.name).join(", ")}; `
+            : "") +
           `${current.filter(rolledOut).length}/${expectedDeployments} Deployments rolled out; pods ready: gateway ${gateway.readyReplicas}/${gateway.desiredReplicas}, ${model.spec.gateway.disaggregation ? `prefill ${prefill.readyReplicas}/${prefill.desiredReplicas}, ` : ""}shards ${shards.readyReplicas}/${shards.desiredReplicas}` +
           (copies.length > 0
             ? `; ${copies.length} shard Deployment(s) of the previous weights serve the old gateways until the new ones are ready`

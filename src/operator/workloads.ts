@@ -479,7 +479,7 @@ function deployment(
   const strategy: Partial<DeepSeekModel["spec"]["experts"]["rollingUpdate"]> =
     (component === "shard" ? model.spec.experts.rollingUpdate : model.spec.gateway.rollingUpdate) ??
     {};
-  const { maxSurge = 1, maxUnavailable = 0 } = strategy;
+  const { maxSurge = 1, maxUnavailable = 0, progressDeadlineSeconds = 1800 } = strategy;
   return {
     apiVersion: "apps/v1",
     kind: "Deployment",
@@ -488,6 +488,7 @@ function deployment(
       ...(replicas === undefined ? {} : { replicas }),
       selector: { matchLabels: selector },
       strategy: { type: "RollingUpdate", rollingUpdate: { maxUnavailable, maxSurge } },
+      progressDeadlineSeconds,
       template: {
         metadata: {
           labels: selector,

@@ -375,8 +375,15 @@ describe("Helm chart charts/expertmesh", () => {
     expect(rules.map((r) => r.alert)).toEqual([
       "ExpertMeshModelNotReady",
       "ExpertMeshModelDegraded",
+      "ExpertMeshModelRolloutStalled",
       "ExpertMeshOperatorNoLeader",
     ]);
+    // The stalled rollout's reason is the one the status computes (status.ts).
+    expect(promqlSelectors(rules[2]!.expr)[0]!.labels).toEqual({
+      condition: "Progressing",
+      status: "False",
+      reason: "ProgressDeadlineExceeded",
+    });
     expect(rules[0]).toMatchObject({ for: "30m", labels: { severity: "warning" } });
     // Prometheus fills in the labels: the template's text reaches it unexpanded.
     expect(rules[0]!.annotations["summary"]).toBe(

@@ -1046,13 +1046,15 @@ describe.sequential("expertmesh operator", () => {
     expect(shard.spec?.template.spec?.containers[0]?.resources?.limits?.["memory"]).toBe("1Gi");
   });
 
-  it("reports pods that no GPU node can take as Degraded: Unschedulable", async () => {
+  it("reports pods that no GPU node can take as Degraded: Unschedulable; past the rollout's deadline Progressing turns False: ProgressDeadlineExceeded", async () => {
     const ns = await newNamespace("gpus");
     await createWeightsVolume(ns);
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,
-      body: model("greedy", ns, { experts: { shards: 1, gpusPerShard: 9 } }),
+      body: model("greedy", ns, {
+        experts: { shards: 1, gpusPerShard: 9, rollingUpdate: { progressDeadlineSeconds: 10 } },
+      }),
     });
     await waitForCondition(ns, "greedy", "Degraded", "True", "Unschedulable");
     // The volume binds within a moment; then only the GPU request keeps the shard pending.
@@ -1063,6 +1065,28 @@ describe.sequential("expertmesh operator", () => {
         : undefined;
     });
     expect(message).toMatch(/^1 pod\(s\) cannot be scheduled, e\.g\. greedy-shard-0-/);
+    const dep = await kubectl([
+      "-n",
+      ns,
+      "get",
+      "deploy",
+      "greedy-shard-0",
+      "-o",
+      "jsonpath={.spec.progressDeadlineSeconds}",
+    ]);
+    expect(dep.stdout).toBe("10");
+    // The real controller-manager gives up on the Deployment after 10 s without progress.
+    await waitForCondition(ns, "greedy", "Progressing", "False", "ProgressDeadlineExceeded");
+    const stalled = await getModel(ns, "greedy");
+    expect(condition(stalled, "Progressing")?.message).toMatch(
+      /^no progress within the deadline: greedy-shard-0; /,
+    );
+    // The cause leads Degraded; the stalled rollout follows it.
+    const degraded = condition(stalled, "Degraded")!;
+    expect(degraded.reason).toBe("Unschedulable");
+    expect(degraded.message).toContain(
+      "1 Deployment(s) made no progress within their deadline: greedy-shard-0 (10 s, spec.experts.rollingUpdate.progressDeadlineSeconds)",
+    );
   });
 
   it("deleting the DeepSeekModel garbage-collects everything it owned", async () => {

@@ -416,7 +416,7 @@ spec:
       gpusPerShard: 1,
       weightsRollout: "Rolling",
       blueGreenWaitSeconds: 600,
-      rollingUpdate: { maxSurge: 1, maxUnavailable: 0 },
+      rollingUpdate: { maxSurge: 1, maxUnavailable: 0, progressDeadlineSeconds: 1800 },
       rebalance: {
         enabled: false,
         threshold: 1.25,

@@ -6,6 +6,7 @@ import {
   containerProblems,
   type Problem,
   pollAfterMs,
+  stalledRolloutProblem,
   statusChanged,
   unschedulableProblem,
 } from "../../src/operator/status.ts";
@@ -36,6 +37,25 @@ function deployment(
       updatedReplicas: ready,
       availableReplicas: ready,
       readyReplicas: ready,
+    },
+  };
+}
+
+/** A Deployment whose controller gave up waiting on its rollout (after `deadline` s). */
+function stalled(d: V1Deployment, deadline = 1800): V1Deployment {
+  return {
+    ...d,
+    spec: { ...d.spec!, progressDeadlineSeconds: deadline },
+    status: {
+      ...d.status,
+      conditions: [
+        {
+          type: "Progressing",
+          status: "False",
+          reason: "ProgressDeadlineExceeded",
+          message: `ReplicaSet "${d.metadata?.name}-5d9c" has timed out progressing.`,
+        },
+      ],
     },
   };
 }
@@ -127,6 +147,42 @@ describe("computeStatus", () => {
       ["False", "Unschedulable"],
       ["False", "RolloutComplete"],
       ["True", "Unschedulable"],
+    ],
+    [
+      "a shard's rollout stalled: Progressing False, as the Deployment's own condition",
+      [healthy[0]!, stalled(deployment("shard", "m-shard-0", 2, 1)), healthy[2]!],
+      [],
+      ["False", "ReplicasNotReady"],
+      ["False", "ProgressDeadlineExceeded"],
+      ["False", "AsExpected"],
+    ],
+    [
+      "a stalled rollout with its problem (what the reconciler adds)",
+      [healthy[0]!, stalled(deployment("shard", "m-shard-0", 2, 1)), healthy[2]!],
+      [stalledRolloutProblem([stalled(deployment("shard", "m-shard-0", 2, 1))])!],
+      ["False", "ProgressDeadlineExceeded"],
+      ["False", "ProgressDeadlineExceeded"],
+      ["True", "ProgressDeadlineExceeded"],
+    ],
+    [
+      "a stalled copy of the previous weights: the BlueGreen wait's, not a stalled rollout",
+      [
+        ...healthy,
+        stalled({
+          ...deployment("shard", "m-shard-0-prev-1a2b", 2, 0),
+          metadata: {
+            name: "m-shard-0-prev-1a2b",
+            labels: {
+              "app.kubernetes.io/component": "shard",
+              "expertmesh.io/previous-weights": "true",
+            },
+          },
+        }),
+      ],
+      [],
+      ["False", "ReplicasNotReady"],
+      ["True", "RollingOut"],
+      ["False", "AsExpected"],
     ],
   ])("%s", (_name, deployments, problems, ready, progressing, degraded) => {
     const s = computeStatus(model, { ...obs, deployments, problems }, now);
@@ -451,5 +507,25 @@ describe("containerProblems", () => {
     ],
   ])("%s", (_what, pods, want) => {
     expect(containerProblems(pods).map((p) => [p.reason, p.message])).toEqual(want);
+  });
+});
+
+describe("stalledRolloutProblem", () => {
+  it.each([
+    ["none stalled", healthy, undefined],
+    [
+      "a shard's",
+      [healthy[0]!, stalled(healthy[1]!, 900), healthy[2]!],
+      "1 Deployment(s) made no progress within their deadline: m-shard-0 (900 s, spec.experts.rollingUpdate.progressDeadlineSeconds); their pods' problems or events say why",
+    ],
+    [
+      "the gateways' and a shard's",
+      [stalled(healthy[0]!), healthy[1]!, stalled(healthy[2]!, 60)],
+      "2 Deployment(s) made no progress within their deadline: m-gateway (1800 s, spec.gateway.rollingUpdate.progressDeadlineSeconds), m-shard-1 (60 s, spec.experts.rollingUpdate.progressDeadlineSeconds); their pods' problems or events say why",
+    ],
+  ])("%s", (_name, deployments, message) => {
+    const p = stalledRolloutProblem(deployments);
+    expect(p?.message).toBe(message);
+    if (p) expect([p.reason, p.servingUnaffected]).toEqual(["ProgressDeadlineExceeded", undefined]);
   });
 });
