@@ -96,7 +96,9 @@ describe("gateway --tls-cert / --tls-key", () => {
       model: "tiny",
       messages: [{ role: "user", content: "Hello!" }],
       max_tokens: 3,
-    });
+      // Sampled: the tiny model may pick its end-of-sequence token first.
+      ignore_eos: true,
+    } as OpenAI.ChatCompletionCreateParamsNonStreaming);
     expect(got.usage?.completion_tokens).toBe(3);
     expect(await grpcLive(readFileSync(pki.ca))).toBe(true);
     // A client that does not trust the CA refuses the server.
@@ -253,7 +255,8 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
       model: "tiny",
       messages: [{ role: "user", content: "Hello!" }],
       max_tokens: 2,
-    });
+      ignore_eos: true,
+    } as OpenAI.ChatCompletionCreateParamsNonStreaming);
     expect(got.usage?.completion_tokens).toBe(2);
     expect(await grpcOk(pki.client)).toBe(true);
     // The request log names the client by its certificate, on both APIs.
