@@ -427,6 +427,44 @@ PY
       echo '```'
     } >>"$report"
   fi
+  if cat "$out/mla_bench.log" "$out/mla_wgmma.log" 2>/dev/null | grep -q "mla_attention profile"; then
+    python3 - "$out" >>"$report" <<'PY' || echo "(MLA profile table failed; see mla_bench.log)" >>"$report"
+import json, os, re, sys
+out = sys.argv[1]
+rows, copy = [], {}
+for name in ("mla_bench.json", "mla_wgmma.json"):
+    try:
+        for r in json.load(open(os.path.join(out, name))):
+            copy[(r["impl"], r["batch"], r["cache_len"])] = r["copy_gbps_median"]
+    except (OSError, ValueError):
+        pass
+line_re = re.compile(r"bench_cuda_mla: (\S+) batch (\d+) len (\d+): mla_attention profile: ([^:]*): (.*); total ([\d.]+) ms; host wall ([\d.]+) ms")
+for name in ("mla_bench.log", "mla_wgmma.log"):
+    try:
+        text = open(os.path.join(out, name)).read()
+    except OSError:
+        continue
+    for m in line_re.finditer(text):
+        impl, b, l = m.group(1), int(m.group(2)), int(m.group(3))
+        phases = dict((k, float(v)) for k, v in re.findall(r"(\w+) ([\d.]+) ms", m.group(5)))
+        rows.append((impl, b, l, m.group(4), phases, float(m.group(6)), float(m.group(7))))
+names = ["plan", "dequant", "prep", "absorb_in", "upload", "attend", "combine", "absorb_out"]
+names = [n for n in names if any(n in r[4] for r in rows)]
+print("\n### Where MLA decode's time goes (one call per shape after its timings, EM_CUDA_MLA_PROFILE=1)\n")
+print("Milliseconds per phase, from events on the op's stream (a phase includes the host's time to issue it")
+print("while the stream idled: plan = staging, kernel choice and split plan). attend GB/s = cache bytes /")
+print("(attend + combine): the attention kernels alone, without the absorption GEMMs; / copy as above.\n")
+print("| kernel | batch | len | " + " | ".join(names) + " | total | host wall | attend GB/s | / copy |")
+print("|" + "---|" * (len(names) + 7))
+for impl, b, l, what, ph, total, wall in rows:
+    att = ph.get("attend", 0) + ph.get("combine", 0)
+    gbps = b * l * 576 * 2 / (att * 1e-3) / 1e9 if att > 0 else 0
+    c = copy.get((impl, b, l))
+    ratio = f"{gbps / c:.2f}" if c else "-"
+    cells = " | ".join(f"{ph[n]:.3f}" if n in ph else "-" for n in names)
+    print(f"| {impl} | {b} | {l} | {cells} | {total:.3f} | {wall:.3f} | {gbps:.0f} | {ratio} |")
+PY
+  fi
 fi
 # --- memory checker (optional, never fails the check) ---------------------------------
 # EM_GPU_SANITIZE=1: the parity suite again under compute-sanitizer's memcheck, with what

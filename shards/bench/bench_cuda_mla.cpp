@@ -4,6 +4,7 @@
 // (absorption GEMMs included), warm. Reports the achieved bandwidth as bytes of latent cache
 // read / time, next to a device-to-device copy of the same bytes measured in the same run
 // (copy GB/s counts read + write, as the PyTorch peer's copy_bandwidth), and their ratio.
+// After each shape and kernel, one call prints its phases' times (EM_CUDA_MLA_PROFILE).
 //
 //   em_bench_cuda_mla [--json FILE] [--batch 1,8,32,64,128] [--len 1024,4096,16384,32768] [--runs 5]
 //                     [--impls tc,tc1]   (kernels by $EM_CUDA_MLA: tc = the default choice, tc1 = the
@@ -164,6 +165,13 @@ int main(int argc, char** argv) {
                      static_cast<long long>(kHeads), static_cast<long long>(kRank), static_cast<long long>(kRope), bytes,
                      su.median, sa.median, sa.min, sa.max, sc.median, sa.median / sc.median, runs, info.isa);
       first = false;
+      // Where the time goes: one more call with EM_CUDA_MLA_PROFILE=1 (attention.cu prints its
+      // phases' times to stderr; not part of the numbers above).
+      setenv("EM_CUDA_MLA_PROFILE", "1", 1);
+      std::fprintf(stderr, "bench_cuda_mla: %s batch %lld len %lld: ", impl.c_str(), static_cast<long long>(B),
+                   static_cast<long long>(L));
+      TRY(em_mla_attention(be, &a));
+      unsetenv("EM_CUDA_MLA_PROFILE");
      }
     }
   }

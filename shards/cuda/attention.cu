@@ -908,6 +908,8 @@ namespace {
 
 em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
   Op op(ctx);
+  // EM_CUDA_MLA_PROFILE=1: the phases' times on stderr (bench_cuda_mla prints one per shape).
+  PhaseTimes phases(op.stream(), "EM_CUDA_MLA_PROFILE", "mla_attention");
   const int64_t H = a->num_heads, dn = a->qk_nope_head_dim, dr = a->qk_rope_head_dim, dv = a->v_head_dim,
                 C = a->kv_lora_rank, D = C + dr;
   const em_tensor q = op.in(*a->q), out = op.out(*a->out);
@@ -973,16 +975,17 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
       plan_kernel(a, T, by_kernel[k], kSimtQG, 64, 2 * static_cast<int64_t>(ctx.sm_count), simt_bn, plan);
   }
   item_first[kKernels] = plan.items.size();
+  std::string ran;
   {
     // What ran, for em_cuda_last_status(): the parity test checks that EM_CUDA_MLA=wgmma
     // really ran the wgmma kernel (it falls back to the tensor-core one quietly).
     static const char* const kNames[kKernels] = {"tc", "simt_f32", "simt_bf16", "wgmma"};
-    std::string ran = "mla_attention:";
     for (int k = 0; k < kKernels; ++k)
       if (item_first[k + 1] > item_first[k])
         ran += std::string(" ") + kNames[k] + "=" + std::to_string(item_first[k + 1] - item_first[k]);
-    set_last_status(ran);
+    set_last_status("mla_attention:" + ran);
   }
+  phases.mark("plan");  // host: staging, kernel choice and split plan (the stream idles meanwhile)
 
   // Weight operands of the two absorption GEMMs.
   const void* wd = w.data;
@@ -998,6 +1001,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
     wd = wb;
     ldw = C;
     gdt = EM_BF16;
+    phases.mark("dequant");
   }
   const cudaDataType_t ab = cuda_type(gdt);
   const size_t gsz = em_dtype_size(gdt);
@@ -1009,6 +1013,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
       static_cast<const float*>(q.data), q.stride[0], q.stride[1], H, static_cast<int>(dn), static_cast<int>(dr),
       static_cast<int>(C), qcat, xq, gdt);
   EMC_LAUNCHED();
+  phases.mark("prep");
 
   // 2. absorb-in: qcat[t*H + h, :C] = q_nope[t, h] W_uk[h] (column-major: [C x T] = W^T x^T).
   {
@@ -1018,6 +1023,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
     if (T == 1) ldx = std::max(ldx, dn);
     gemm_batched(ctx, CUBLAS_OP_N, C, T, dn, wd, ldw, (dn + dv) * ldw, x, ldx, sx, ab, qcat, H * D, D, H);
   }
+  phases.mark("absorb_in");
 
   // 3. attention
   const int32_t* d_pos = op.upload(a->positions, T);
@@ -1035,6 +1041,7 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
   p.part_ml = op.alloc_n<float>(plan.part_rows * 2);
   p.o_dt = gdt;
   p.o_lat = op.alloc(static_cast<size_t>(T * H * C) * gsz);
+  phases.mark("upload");
   for (int k = 0; k < kKernels; ++k) {
     const size_t n = item_first[k + 1] - item_first[k];
     if (n == 0) continue;
@@ -1054,10 +1061,12 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
     }
     EMC_LAUNCHED();
   }
+  phases.mark("attend");
   if (!plan.multi.empty()) {
     const int32_t* d_multi = op.upload(plan.multi.data(), static_cast<int64_t>(plan.multi.size()));
     mla_combine_kernel<<<dim3(static_cast<unsigned>(plan.multi.size()), kTcQG), 128, 0, op.stream()>>>(p, d_multi);
     EMC_LAUNCHED();
+    phases.mark("combine");
   }
 
   // 4. absorb-out: out[t, h] = W_uv[h] o_lat[t, h] (column-major: [dv x T] = W_uv o_lat^T).
@@ -1067,7 +1076,12 @@ em_status mla_attention_caches(Context& ctx, const em_mla_args* a) {
     gemm_batched(ctx, CUBLAS_OP_T, dv, T, C, static_cast<const char*>(wd) + static_cast<size_t>(dn * ldw) * gsz, ldw,
                  (dn + dv) * ldw, p.o_lat, H * C, C, ab, static_cast<float*>(out.data), ldo, out.stride[1], H);
   }
+  phases.mark("absorb_out");
   op.finish();
+  if (phases.on())
+    phases.print(std::to_string(T) + " tokens, " + std::to_string(a->num_seqs) + " seqs, " +
+                 std::to_string(plan.groups.size()) + " groups, blocks" + ran + ", " +
+                 std::to_string(plan.multi.size()) + " groups split");
   return EM_OK;
 }
 

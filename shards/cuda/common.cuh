@@ -8,9 +8,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "expertmesh/cuda.h"
@@ -116,6 +121,61 @@ class Op {
   const void* stage(const void* p, size_t bytes);
   std::vector<void*> scratch_;
   std::vector<CopyBack> copy_back_;
+};
+
+// $ENV=1 (read per call; EM_CUDA_MOE_PROFILE, EM_CUDA_MLA_PROFILE): an op records an event
+// after each of its phases and prints the times between them to stderr, with the host's wall
+// time of the whole call (for the benchmarks; it waits for nothing the op would not). An
+// event's time is when the stream reached it, so a phase's time includes the host's time to
+// issue it whenever the stream was idle meanwhile (staging, planning, uploads).
+class PhaseTimes {
+ public:
+  PhaseTimes(cudaStream_t s, const char* env_var, const char* op_name)
+      : stream_(s), op_name_(op_name), t0_(std::chrono::steady_clock::now()) {
+    const char* env = std::getenv(env_var);
+    on_ = env != nullptr && std::strcmp(env, "1") == 0;
+    if (on_) mark("start");
+  }
+  ~PhaseTimes() {
+    for (auto& m : marks_) cudaEventDestroy(m.second);
+  }
+  PhaseTimes(const PhaseTimes&) = delete;
+  PhaseTimes& operator=(const PhaseTimes&) = delete;
+  void mark(const char* phase) {
+    if (!on_) return;
+    cudaEvent_t e = nullptr;
+    EMC_CUDA(cudaEventCreate(&e));
+    marks_.emplace_back(phase, e);
+    EMC_CUDA(cudaEventRecord(e, stream_));
+  }
+  bool on() const { return on_; }
+  // "<op> profile: <what>: <phase> <ms> ms, ...; total <ms> ms; host wall <ms> ms"
+  void print(const std::string& what) {
+    if (!on_ || marks_.size() < 2) return;
+    EMC_CUDA(cudaEventSynchronize(marks_.back().second));
+    const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
+    std::string line = std::string(op_name_) + " profile: " + what;
+    float total = 0;
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float ms = 0;
+      EMC_CUDA(cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second));
+      total += ms;
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s%s %.3f ms", i == 1 ? ": " : ", ", marks_[i].first, ms);
+      line += buf;
+    }
+    char buf[80];
+    std::snprintf(buf, sizeof buf, "; total %.3f ms; host wall %.3f ms\n", total, wall_ms);
+    line += buf;
+    std::fputs(line.c_str(), stderr);
+  }
+
+ private:
+  cudaStream_t stream_;
+  const char* op_name_;
+  std::chrono::steady_clock::time_point t0_;
+  bool on_ = false;
+  std::vector<std::pair<const char*, cudaEvent_t>> marks_;
 };
 
 // Bytes from a view's first to its last element (0 if empty).

@@ -98,53 +98,6 @@ constexpr bool kGroupedBuilt = true;
 constexpr bool kGroupedBuilt = false;  // cublasGemmGroupedBatchedEx: cuBLAS 12.5+
 #endif
 
-// EM_CUDA_MOE_PROFILE=1 (read per call): each moe_ffn waits for its phases one by one and
-// prints their times to stderr (for the benchmark; it serializes nothing else).
-class PhaseTimes {
- public:
-  explicit PhaseTimes(cudaStream_t s) : stream_(s) {
-    const char* env = std::getenv("EM_CUDA_MOE_PROFILE");
-    on_ = env != nullptr && std::strcmp(env, "1") == 0;
-    if (on_) mark("start");
-  }
-  ~PhaseTimes() {
-    for (auto& m : marks_) cudaEventDestroy(m.second);
-  }
-  PhaseTimes(const PhaseTimes&) = delete;
-  PhaseTimes& operator=(const PhaseTimes&) = delete;
-  void mark(const char* phase) {
-    if (!on_) return;
-    cudaEvent_t e = nullptr;
-    EMC_CUDA(cudaEventCreate(&e));
-    marks_.emplace_back(phase, e);
-    EMC_CUDA(cudaEventRecord(e, stream_));
-  }
-  bool on() const { return on_; }
-  void print(const std::string& what) {
-    if (!on_ || marks_.size() < 2) return;
-    EMC_CUDA(cudaEventSynchronize(marks_.back().second));
-    std::string line = "moe_ffn profile: " + what;
-    float total = 0;
-    for (size_t i = 1; i < marks_.size(); ++i) {
-      float ms = 0;
-      EMC_CUDA(cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second));
-      total += ms;
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s%s %.3f ms", i == 1 ? ": " : ", ", marks_[i].first, ms);
-      line += buf;
-    }
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "; total %.3f ms\n", total);
-    line += buf;
-    std::fputs(line.c_str(), stderr);
-  }
-
- private:
-  cudaStream_t stream_;
-  bool on_ = false;
-  std::vector<std::pair<const char*, cudaEvent_t>> marks_;
-};
-
 unsigned grid_1d(int64_t n, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, 65535 * 4)));
 }
@@ -447,7 +400,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
   float* outf = nullptr;  // fp32 down-projection outputs (loop path)
   void* outh = nullptr;   // bf16/f16 outputs (grouped path)
   int64_t ldo = dim;
-  PhaseTimes phases(op.stream());
+  PhaseTimes phases(op.stream(), "EM_CUDA_MOE_PROFILE", "moe_ffn");
   int32_t fused_count = 0;
   if (rows > 0 && max_inter > 0) {
     // 1. permute
