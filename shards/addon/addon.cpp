@@ -29,6 +29,7 @@
 #include "../cpu/cpu.h"
 #include "../kv_dirty.h"
 #include "../kv_pages.h"
+#include "crash_report.h"
 
 namespace {
 
@@ -674,6 +675,7 @@ Napi::Value Configure(const Napi::CallbackInfo& info) {
   st->device = created_device;
   st->cpu = created_cpu;
   st->device_name = device;
+  em::addon::crash_report_device(device.c_str());
   return BackendInfo(info);
 }
 
@@ -1287,8 +1289,26 @@ void tune_malloc() {
 #endif
 }
 
+// Each export names itself as the op in flight while it runs: a fatal signal meanwhile says
+// which op it was (crash_report.h).
+template <Napi::Value (*F)(const Napi::CallbackInfo&)>
+Napi::Value in_flight(const Napi::CallbackInfo& info) {
+  struct Leave {
+    ~Leave() { em::addon::crash_report_leave(); }
+  } leave;
+  em::addon::crash_report_enter(static_cast<const char*>(info.Data()));
+  return F(info);
+}
+
+template <Napi::Value (*F)(const Napi::CallbackInfo&)>
+void def(Napi::Env env, Napi::Object exports, const char* name) {
+  exports.Set(name, Napi::Function::New(env, in_flight<F>, name, const_cast<char*>(name)));
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   tune_malloc();
+  // In a pod (its termination-log file exists): a fatal signal leaves its reason there.
+  em::addon::install_crash_report();
   AddonState* st = new AddonState();
   // Both on unless set to "0": the H200 run of 2026-12-04 passed the forward with them, as
   // fast as per-op staging at the tiny models' sizes (BENCHMARKS.md, "GPU").
@@ -1299,30 +1319,30 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   st->resident = on_unless_zero("EM_ADDON_RESIDENT");
   if (on_unless_zero("EM_ADDON_KV_MIRROR")) st->kv_mirrors = std::make_shared<KvMirrors>();
   env.SetInstanceData(st);
-  exports.Set("backendInfo", Napi::Function::New(env, BackendInfo, "backendInfo"));
-  exports.Set("configure", Napi::Function::New(env, Configure, "configure"));
-  exports.Set("cudaStatus", Napi::Function::New(env, CudaStatus, "cudaStatus"));
-  exports.Set("simStats", Napi::Function::New(env, SimStats, "simStats"));
-  exports.Set("scratchBytes", Napi::Function::New(env, ScratchBytes, "scratchBytes"));
-  exports.Set("trimScratch", Napi::Function::New(env, TrimScratch, "trimScratch"));
-  exports.Set("matmul", Napi::Function::New(env, Matmul, "matmul"));
-  exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm, "rmsnorm"));
-  exports.Set("siluMul", Napi::Function::New(env, SiluMul, "siluMul"));
-  exports.Set("moeFfn", Napi::Function::New(env, MoeFfn, "moeFfn"));
-  exports.Set("rope", Napi::Function::New(env, Rope, "rope"));
-  exports.Set("ropeInvFreq", Napi::Function::New(env, RopeInvFreq, "ropeInvFreq"));
-  exports.Set("mlaSoftmaxScale", Napi::Function::New(env, MlaSoftmaxScale, "mlaSoftmaxScale"));
-  exports.Set("mlaAttention", Napi::Function::New(env, MlaAttention, "mlaAttention"));
-  exports.Set("kvRowBytes", Napi::Function::New(env, KvRowBytes, "kvRowBytes"));
-  exports.Set("kvEncode", Napi::Function::New(env, KvEncode, "kvEncode"));
-  exports.Set("kvWrite", Napi::Function::New(env, KvWrite, "kvWrite"));
-  exports.Set("gate", Napi::Function::New(env, Gate, "gate"));
-  exports.Set("convert", Napi::Function::New(env, Convert, "convert"));
-  exports.Set("sample", Napi::Function::New(env, Sample, "sample"));
-  exports.Set("logprobs", Napi::Function::New(env, Logprobs, "logprobs"));
-  exports.Set("crc32", Napi::Function::New(env, Crc32, "crc32"));
-  exports.Set("wirePack", Napi::Function::New(env, WirePack, "wirePack"));
-  exports.Set("wireUnpack", Napi::Function::New(env, WireUnpack, "wireUnpack"));
+  def<BackendInfo>(env, exports, "backendInfo");
+  def<Configure>(env, exports, "configure");
+  def<CudaStatus>(env, exports, "cudaStatus");
+  def<SimStats>(env, exports, "simStats");
+  def<ScratchBytes>(env, exports, "scratchBytes");
+  def<TrimScratch>(env, exports, "trimScratch");
+  def<Matmul>(env, exports, "matmul");
+  def<Rmsnorm>(env, exports, "rmsnorm");
+  def<SiluMul>(env, exports, "siluMul");
+  def<MoeFfn>(env, exports, "moeFfn");
+  def<Rope>(env, exports, "rope");
+  def<RopeInvFreq>(env, exports, "ropeInvFreq");
+  def<MlaSoftmaxScale>(env, exports, "mlaSoftmaxScale");
+  def<MlaAttention>(env, exports, "mlaAttention");
+  def<KvRowBytes>(env, exports, "kvRowBytes");
+  def<KvEncode>(env, exports, "kvEncode");
+  def<KvWrite>(env, exports, "kvWrite");
+  def<Gate>(env, exports, "gate");
+  def<Convert>(env, exports, "convert");
+  def<Sample>(env, exports, "sample");
+  def<Logprobs>(env, exports, "logprobs");
+  def<Crc32>(env, exports, "crc32");
+  def<WirePack>(env, exports, "wirePack");
+  def<WireUnpack>(env, exports, "wireUnpack");
   return exports;
 }
 

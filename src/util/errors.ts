@@ -58,6 +58,8 @@ export const ERROR_CODES = {
     "the model's logits hold NaN or infinity (weights or activations overflowed): the request ends instead of returning a random token",
   EM_NATIVE_NOMEM: "the native engine could not allocate memory",
   EM_NATIVE_INTERNAL: "the native engine hit an internal error (a bug)",
+  EM_NATIVE_CRASH:
+    "the process died of a fatal signal (a fault or abort in the native engine, or a fatal error of Node.js); written by the addon's signal handler to the termination log",
   EM_KV_BUDGET:
     "the KV cache memory budget cannot hold what was asked (blocks, one max-length sequence)",
   EM_PREFIX_DISK:
