@@ -42,6 +42,8 @@ export interface ShardLoad {
   frames: number;
   processingMs: number;
   timestamp: number;
+  /** A shard of a blue/green copy on the previous weights (set by the operator, weights-rollout.ts). */
+  previousWeights?: true;
 }
 
 interface Pending {
@@ -68,6 +70,8 @@ export interface ShardServerOptions {
   log?: (msg: string) => void;
   /** Called as each batch starts and ends (the scratch trimmer's touch). */
   onBatch?: () => void;
+  /** Its reports say it serves a blue/green copy on the previous weights (not a replica to scale). */
+  previousWeights?: boolean;
 }
 
 /** What plan `version` gives this shard: (layer -> experts). */
@@ -438,6 +442,7 @@ export class ShardServer {
       meanPendingTokens: span > 0 ? this.#pendingArea / span : this.#pendingTokens,
       ...this.#interval,
       timestamp: Date.now(),
+      ...(this.#o.previousWeights ? { previousWeights: true as const } : {}),
     };
     this.#interval = { expertTokens: {}, frames: 0, processingMs: 0 };
     this.#pendingArea = 0;

@@ -36,3 +36,11 @@ export const subjects = {
   /** Everything of one model, for NATS permissions. */
   all: (m: ModelRef) => `em.${m.namespace}.${m.model}.>`,
 };
+
+/**
+ * Set to "1" by the operator in the pods of a blue/green copy of a shard on the previous
+ * weights (src/operator/weights-rollout.ts): the shard's load reports say
+ * `previousWeights: true`, whatever its pod's name, and the autoscaler leaves it out of the
+ * Deployment's replicas.
+ */
+export const PREVIOUS_WEIGHTS_ENV = "EM_SHARD_PREVIOUS_WEIGHTS";

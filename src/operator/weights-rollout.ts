@@ -14,6 +14,7 @@
 //
 // Pure functions here; the reconciler does the calls.
 import type { V1Deployment, V1Pod, V1PodSpec } from "@kubernetes/client-node";
+import { PREVIOUS_WEIGHTS_ENV } from "../moe/subjects.ts";
 import { rolledOut, unschedulable } from "./status.ts";
 
 /** The label (in selector and template) of a copy's pods, and of the copy. */
@@ -27,13 +28,18 @@ export function isPreviousCopy(d: { metadata?: { labels?: Record<string, string>
 
 /**
  * Whether a shard's load report comes from a pod of the copy of shard Deployment
- * `shardName`. A shard reports as `<hostname>-<pid>`, and a pod's hostname is its name (cut
- * to 63 characters): `<deployment>-<template hash>-<suffix>`. A template hash has no vowels,
- * so `<shardName>-prev-` starts the names of the copy's pods only. (A model name long enough
- * that this prefix passes 63 characters is not told apart: its copies count as shards.)
+ * `shardName`: it says so (`previousWeights`, from PREVIOUS_WEIGHTS_ENV), or, from a shard
+ * of a copy made before the operator set that variable, its id does. A shard reports as
+ * `<hostname>-<pid>`, and a pod's hostname is its name (cut to 63 characters):
+ * `<deployment>-<template hash>-<suffix>`. A template hash has no vowels, so
+ * `<shardName>-prev-` starts the names of the copy's pods only (unless a long model name
+ * pushes that prefix past 63 characters: the reason for the flag).
  */
-export const reportOfPreviousCopy = (shardName: string, reportId: string): boolean =>
-  reportId.startsWith(`${shardName}${PREVIOUS_SUFFIX}-`);
+export const reportOfPreviousCopy = (
+  shardName: string,
+  report: { id: string; previousWeights?: unknown },
+): boolean =>
+  report.previousWeights === true || report.id.startsWith(`${shardName}${PREVIOUS_SUFFIX}-`);
 
 /**
  * What in a pod template names the weights the pod loads: the claim of the `model` volume,
@@ -99,7 +105,21 @@ export function previousCopy(d: V1Deployment): V1Deployment {
           labels: mark(template.metadata?.labels),
           ...(template.metadata?.annotations ? { annotations: template.metadata.annotations } : {}),
         },
-        spec: template.spec!,
+        // Its shards say so in their load reports (reportOfPreviousCopy).
+        spec: {
+          ...template.spec!,
+          containers: template.spec!.containers.map((c, i) =>
+            i === 0
+              ? {
+                  ...c,
+                  env: [
+                    ...(c.env ?? []).filter((e) => e.name !== PREVIOUS_WEIGHTS_ENV),
+                    { name: PREVIOUS_WEIGHTS_ENV, value: "1" },
+                  ],
+                }
+              : c,
+          ),
+        },
       },
     },
   };

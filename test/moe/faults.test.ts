@@ -6,7 +6,7 @@ import { connect } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { generate } from "../../src/engine/generate.ts";
 import { SequenceCache } from "../../src/engine/model.ts";
-import { subjects } from "../../src/moe/subjects.ts";
+import { PREVIOUS_WEIGHTS_ENV, subjects } from "../../src/moe/subjects.ts";
 import { decodeFrame, encodeDispatch, encodeError } from "../../src/moe/wire.ts";
 import { ExpertMeshError } from "../../src/util/errors.ts";
 import { startNats } from "../env/nats.ts";
@@ -17,8 +17,10 @@ import {
   distributedModel,
   localModel,
   metricsPort,
+  startShard,
   startShards,
   stopAll,
+  waitServing,
 } from "../support/shards.ts";
 
 const golden = readGolden("tiny-v3");
@@ -237,6 +239,34 @@ describe("malformed frames sent straight to a shard", () => {
     expect(metrics).toMatch(/expertmesh_shard_frames_total\{shard="0"\} 1/);
     expect((await fetch(`http://127.0.0.1:${port}/readyz`)).status).toBe(200);
     await nc.close();
+  });
+
+  it("a shard started in a blue/green copy's pod (EM_SHARD_PREVIOUS_WEIGHTS=1) says so in its load reports; the others do not", async () => {
+    const c = cluster!;
+    const copy = startShard(c.modelDir, c.planPath, c.modelName, 0, "copy", undefined, "test", {
+      env: { ...process.env, [PREVIOUS_WEIGHTS_ENV]: "1" },
+    });
+    const nc = await connect({ servers: testEnv().nats.url });
+    try {
+      await waitServing(copy);
+      const report = async (id: string) => {
+        const sub = nc.subscribe(
+          subjects.stats({ namespace: "test", model: c.modelName }, "shard", id),
+          { max: 1 },
+        );
+        for await (const m of sub) return m.json() as Record<string, unknown>;
+        throw new Error(`no report from ${id}`);
+      };
+      expect(await report("0.copy")).toMatchObject({
+        role: "shard",
+        shard: 0,
+        previousWeights: true,
+      });
+      expect(await report("0.r0")).not.toHaveProperty("previousWeights");
+    } finally {
+      await nc.close();
+      await copy.stop(3000);
+    }
   });
 
   it("drains on SIGTERM: exits 0 after finishing accepted work", async () => {

@@ -74,7 +74,7 @@ class Reporters {
         nc.publish(subject, JSON.stringify({ ...body(), timestamp: Date.now() }));
     }, REPORT_EVERY_MS);
   }
-  shard(k: number, id: string, pending: number): void {
+  shard(k: number, id: string, pending: number, extra: Record<string, unknown> = {}): void {
     this.#reports.set(`${this.prefix}.shard.${k}.${id}`, () => ({
       role: "shard",
       shard: k,
@@ -83,6 +83,7 @@ class Reporters {
       plans: [1],
       pendingTokens: pending,
       meanPendingTokens: pending,
+      ...extra,
     }));
   }
   gateway(id: string, waiting: () => number, role: "gateway" | "prefill" = "gateway"): void {
@@ -346,13 +347,16 @@ describe.sequential("operator autoscaling by queue depth (real NATS + control pl
   it("shards of a blue/green copy on the previous weights report, but are not the Deployment's replicas", async () => {
     // shard-0 is at min (1). Its one replica is below target, outside the tolerance; two pods
     // of its copy (<name>-shard-0-prev, weightsRollout BlueGreen: they serve the old gateways)
-    // report the same depth. Counted as replicas, HPA's arithmetic would recommend
-    // ceil(0.7 * 3) = 3 and scale shard-0 up below target.
+    // report the same depth, and a third says so in its report (previousWeights, what the
+    // operator's copies set) under an id that does not show it (a long model name's hostname
+    // is cut before `-prev-`). Counted as replicas, HPA's arithmetic would recommend
+    // ceil(0.7 * 4) = 3 and scale shard-0 up below target.
     reporters.silence(() => true);
     reporters.gateway("g0", () => 0);
     reporters.shard(0, `${name}-shard-0-7d9f5b6c4-abcde-1`, 7);
     reporters.shard(0, `${name}-shard-0-prev-5c8d7f9b6-fghij-1`, 7);
     reporters.shard(0, `${name}-shard-0-prev-5c8d7f9b6-klmno-1`, 7);
+    reporters.shard(0, "cut-hostname-1", 7, { previousWeights: true });
     try {
       await waitFor("shard-0's decision on its own replica's report", async () => {
         const r = await roleStatus("shard-0");

@@ -7,6 +7,7 @@ import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
+import { PREVIOUS_WEIGHTS_ENV } from "../../src/moe/subjects.ts";
 import {
   isPreviousCopy,
   LABEL_PREVIOUS_WEIGHTS,
@@ -97,7 +98,22 @@ describe("previousCopy", () => {
       [LABEL_PREVIOUS_WEIGHTS]: "true",
     });
     expect(copy.spec?.template.metadata?.labels?.[LABEL_PREVIOUS_WEIGHTS]).toBe("true");
-    expect(copy.spec?.template.spec).toEqual(d!.spec?.template.spec);
+    // The same pods, whose shards say in their load reports that they are a copy.
+    const [shard, ...others] = copy.spec!.template.spec!.containers;
+    const [original, ...originalOthers] = d!.spec!.template.spec!.containers;
+    expect(shard!.env).toEqual([
+      ...(original!.env ?? []),
+      { name: PREVIOUS_WEIGHTS_ENV, value: "1" },
+    ]);
+    expect({ ...shard, env: original!.env }).toEqual(original);
+    expect(others).toEqual(originalOthers);
+    expect({ ...copy.spec?.template.spec, containers: [] }).toEqual({
+      ...d!.spec?.template.spec,
+      containers: [],
+    });
+    // The original is left alone, and a copy of a copy does not repeat the variable.
+    expect(original!.env ?? []).not.toContainEqual({ name: PREVIOUS_WEIGHTS_ENV, value: "1" });
+    expect(previousCopy(copy).spec!.template.spec!.containers[0]!.env).toEqual(shard!.env);
     expect(copy.spec?.replicas).toBe(d!.spec?.replicas);
     expect(copy).not.toHaveProperty("status");
   });
@@ -145,7 +161,19 @@ describe("reportOfPreviousCopy", () => {
     ["another model's copy", "m-shard-0", "mm-shard-0-prev-5c8d7f9b6-klmno-7", false],
     ["a process outside Kubernetes", "m-shard-0", "laptop-4242", false],
   ])("%s", (_what, shardName, id, expected) => {
-    expect(reportOfPreviousCopy(shardName, id)).toBe(expected);
+    expect(reportOfPreviousCopy(shardName, { id })).toBe(expected);
+  });
+
+  // A copy's shard says so (PREVIOUS_WEIGHTS_ENV), whatever its id: a long model name's pod
+  // hostname is cut at 63 characters, before `-prev-`.
+  const long = `${"a".repeat(50)}-shard-0`;
+  it.each([
+    ["a copy's pod of a long model name, flagged", long, long.slice(0, 55), true, true],
+    ["the same, from a copy made before the flag", long, long.slice(0, 55), undefined, false],
+    ["a flag that is not true", "m-shard-0", "m-shard-0-5c8d7f9b6-klmno-7", "yes", false],
+    ["a flagged process outside Kubernetes", "m-shard-0", "laptop-4242", true, true],
+  ])("%s", (_what, shardName, id, previousWeights, expected) => {
+    expect(reportOfPreviousCopy(shardName, { id, previousWeights })).toBe(expected);
   });
 });
 

@@ -12,7 +12,7 @@ import { connectNats, outageClock, subscriptionRefused } from "../../moe/nats-co
 import { checkPlanFitsModel } from "../../moe/placement.ts";
 import { parsePlan } from "../../moe/plan-json.ts";
 import { ShardServer } from "../../moe/shard-server.ts";
-import { subjects } from "../../moe/subjects.ts";
+import { PREVIOUS_WEIGHTS_ENV, subjects } from "../../moe/subjects.ts";
 import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { logFormat, processLog } from "../../util/log.ts";
 import { selectBackend } from "../device.ts";
@@ -236,6 +236,7 @@ export const shardCommand: Command = {
       log,
       loadExperts: (wanted) => loadExperts(ckpt, wanted, undefined, { dtype }),
       ...(trimmer ? { onBatch: () => trimmer.touch() } : {}),
+      previousWeights: process.env[PREVIOUS_WEIGHTS_ENV] === "1",
     });
     shard.start();
     if (backend.scratchBytes) registerScratchGauge(registry, () => backend.scratchBytes!());

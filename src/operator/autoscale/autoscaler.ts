@@ -304,7 +304,7 @@ export class Autoscaler {
           if (!r) return;
           const name = s.model.metadata.name;
           const previous =
-            r.role === "shard" && reportOfPreviousCopy(names.shard(name, r.shard), r.id);
+            r.role === "shard" && reportOfPreviousCopy(names.shard(name, r.shard), r);
           s.tracker.add(r, this.#now(), previous);
         },
       });

@@ -27,6 +27,8 @@ export interface ShardReport {
   meanPendingTokens?: number;
   /** Tokens per layer and expert since the previous report. */
   expertTokens?: Record<string, Record<string, number>>;
+  /** A shard of a blue/green copy on the previous weights (weights-rollout.ts). */
+  previousWeights?: boolean;
 }
 
 export type LoadReport = GatewayReport | ShardReport;
