@@ -413,6 +413,7 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       xg = buf;
       ldx = dim;
     }
+    phases.mark("permute");
     std::vector<em_tensor> w1(static_cast<size_t>(E)), w3(static_cast<size_t>(E)), w2(static_cast<size_t>(E));
     std::vector<char> fused(static_cast<size_t>(E), 0);  // gate and up as one GEMM (gate_up_adjacent)
     for (int32_t e = 0; e < E; ++e) {
@@ -423,7 +424,9 @@ em_status moe_ffn(Context& ctx, const em_moe_args* a) {
       fused[e] = ctx.moe_fuse && gate_up_adjacent(w1[e], w3[e], max_inter);
       fused_count += fused[e];
     }
-    phases.mark("permute");
+    // The host's pointer checks (and any copies) of 3 weights per active expert: time here
+    // beyond the permute kernel's is the stream waiting for the host.
+    phases.mark("stage");
     auto xrow = [&](int64_t r) { return static_cast<const char*>(xg) + static_cast<size_t>(r * ldx) * esz; };
     void* h = op.alloc(static_cast<size_t>(rows * max_inter) * esz);
     auto hrow = [&](int64_t r) { return static_cast<char*>(h) + static_cast<size_t>(r * max_inter) * esz; };
