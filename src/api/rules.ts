@@ -93,6 +93,10 @@ function kvCapacity(preset: string, gateway: GatewaySpecPart) {
   return Math.floor(kv.bytes / (kv.blockSize * token)) * kv.blockSize;
 }
 
+/** A resource name in Kubernetes' own domains (kubernetes.io, *.kubernetes.io); `[.]`, not an
+ * escape, as CEL's string literals would read one. */
+const KUBERNETES_DOMAIN_RE = "^([^/]*[.])?kubernetes[.]io/";
+
 /**
  * A label key (Kubernetes' qualified name): an optional DNS subdomain prefix of at most 253
  * characters and a '/', then a name of at most 63 characters.
@@ -404,6 +408,14 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       check: (s) => s["maxSurge"] > 0 || s["maxUnavailable"] > 0,
     }),
   ),
+  ...(["gateway", "experts"] as const).map((role) => ({
+    path: `spec.${role}`,
+    rule: `!has(self.gpuResource) || !self.gpuResource.matches('${KUBERNETES_DOMAIN_RE}')`,
+    message: `${role}.gpuResource must be a device plugin's resource, not one of Kubernetes' own (the kubernetes.io domains)`,
+    check: (s: Record<string, unknown>) =>
+      typeof s["gpuResource"] !== "string" ||
+      !new RegExp(KUBERNETES_DOMAIN_RE).test(s["gpuResource"]),
+  })),
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -52,6 +52,25 @@ function withRules<T extends TSchema>(path: string, schema: T): T {
  * maxUnavailable 1 replaces the pods in place, one at a time. progressDeadlineSeconds says
  * when a rollout that waits counts as stalled (status.ts, stalledRollout).
  */
+/**
+ * An extended resource name (`<DNS subdomain>/<name>`), the kind a device plugin advertises;
+ * rules.ts refuses the kubernetes.io domains, which are Kubernetes' own.
+ */
+export const EXTENDED_RESOURCE_PATTERN =
+  "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/** What a pod's GPUs are requested as unless spec.<role>.gpuResource says otherwise. */
+export const DEFAULT_GPU_RESOURCE = "nvidia.com/gpu";
+
+/** The resource that counts a role's GPUs (spec.gateway.gpuResource, spec.experts.gpuResource). */
+const GpuResource = (count: string) =>
+  Type.String({
+    description: `The extended resource that ${count} requests (default nvidia.com/gpu): a MIG profile under the NVIDIA device plugin's mixed strategy (nvidia.com/mig-3g.71gb), or a shared GPU's renamed resource (nvidia.com/gpu.shared). The pods use the one device they are given, as cuda:0.`,
+    default: DEFAULT_GPU_RESOURCE,
+    maxLength: 317,
+    pattern: EXTENDED_RESOURCE_PATTERN,
+  });
+
 const RollingUpdate = (path: string, pods: string) =>
   withRules(
     path,
@@ -376,11 +395,13 @@ export const GatewaySchema = withRules(
         minimum: 1,
       }),
       gpus: Type.Integer({
-        description: "nvidia.com/gpu per gateway pod (it runs the dense layers and the KV cache).",
+        description:
+          "GPUs per gateway pod (it runs the dense layers and the KV cache), as gpuResource: nvidia.com/gpu by default.",
         default: 1,
         minimum: 0,
         maximum: 16,
       }),
+      gpuResource: GpuResource("gpus"),
       resources: Type.Optional(ResourceRequirements("spec.gateway.resources")),
       rollingUpdate: RollingUpdate("spec.gateway.rollingUpdate", "Gateway"),
       ports: Ports,
@@ -768,11 +789,13 @@ export const ExpertsSchema = withRules(
       }),
       rollingUpdate: RollingUpdate("spec.experts.rollingUpdate", "Shard"),
       gpusPerShard: Type.Integer({
-        description: "nvidia.com/gpu per shard pod; 0 runs the CPU kernels.",
+        description:
+          "GPUs per shard pod, as gpuResource (nvidia.com/gpu by default); 0 runs the CPU kernels.",
         default: 1,
         minimum: 0,
         maximum: 16,
       }),
+      gpuResource: GpuResource("gpusPerShard"),
       resources: Type.Optional(ResourceRequirements("spec.experts.resources")),
     },
     { description: "Expert shards: how the routed experts are spread over pods.", default: {} },

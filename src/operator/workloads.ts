@@ -24,7 +24,7 @@ import {
 } from "../api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../api/memory.ts";
 import { quantityValue } from "../api/quantity.ts";
-import type { DeepSeekModel } from "../api/schema.ts";
+import { DEFAULT_GPU_RESOURCE, type DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
 import {
@@ -397,7 +397,7 @@ function containerBase(
   model: DeepSeekModel,
   role: "gateway" | "shard",
   args: string[],
-  gpus: number,
+  gpu: { count: number; resource: string },
   resources?: {
     requests?: Record<string, string | number>;
     limits?: Record<string, string | number>;
@@ -405,11 +405,11 @@ function containerBase(
 ) {
   const weights = modelVolume(model);
   const nats = natsWiring(model);
-  const limits = { ...(resources?.limits ?? {}), ...(gpus > 0 ? { "nvidia.com/gpu": gpus } : {}) };
-  const requests = {
-    ...(resources?.requests ?? {}),
-    ...(gpus > 0 ? { "nvidia.com/gpu": gpus } : {}),
-  };
+  const gpus = gpu.count;
+  // spec.<role>.gpuResource: nvidia.com/gpu, or a MIG profile or shared GPU's resource.
+  const gpuRequest = gpus > 0 ? { [gpu.resource]: gpus } : {};
+  const limits = { ...(resources?.limits ?? {}), ...gpuRequest };
+  const requests = { ...(resources?.requests ?? {}), ...gpuRequest };
   const str = (r: Record<string, string | number>) =>
     Object.fromEntries(Object.entries(r).map(([k, v]) => [k, String(v)]));
   return {
@@ -536,7 +536,8 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ...chatTemplateArgs(model, PATHS.chatTemplate),
       ...tls.args,
     ],
-    gateway.gpus,
+    // (A CRD older than the operator has no default for gpuResource.)
+    { count: gateway.gpus, resource: gateway.gpuResource ?? DEFAULT_GPU_RESOURCE },
     gatewayResources(model),
   );
   const keys = gateway.apiKeySecret;
@@ -604,7 +605,7 @@ export function desiredObjects(
       model,
       "shard",
       [`--shard=${k}`, "--metrics-port=9090"],
-      experts.gpusPerShard,
+      { count: experts.gpusPerShard, resource: experts.gpuResource ?? DEFAULT_GPU_RESOURCE },
       shardResources(model, plan, k),
     );
     const withProbes = {

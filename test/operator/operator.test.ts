@@ -314,6 +314,57 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
+  it("GPUs counted as a MIG profile (spec.experts.gpuResource): the shard pods request it and run on the node that has it", async () => {
+    // A node of its own whose GPUs are all MIG slices (the device plugin's mixed strategy):
+    // no nvidia.com/gpu at all, two nvidia.com/mig-3g.71gb.
+    const node = uniqueName("mig-gpu");
+    const taint = { key: "expertmesh.io/test-node", value: node, effect: "NoSchedule" };
+    const base = fakeGpuNode(node, 0);
+    const capacity = { ...base.status!.capacity!, "nvidia.com/mig-3g.71gb": "2" };
+    await core.createNode({
+      body: {
+        ...base,
+        spec: { taints: [taint] },
+        status: { ...base.status, capacity, allocatable: capacity },
+      },
+    });
+    const ns = await newNamespace("mig");
+    await createWeightsVolume(ns);
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("mig", ns, {
+          experts: { shards: 2, gpusPerShard: 1, gpuResource: "nvidia.com/mig-3g.71gb" },
+          gateway: { gpus: 0 },
+          scheduling: {
+            nodeSelector: { "kubernetes.io/hostname": node },
+            tolerations: [{ ...taint, operator: "Equal" }],
+          },
+        }),
+      });
+      await waitForCondition(ns, "mig", "Ready", "True", "AllReplicasReady", 90_000);
+      const shards = (await ownedDeployments(ns, "mig")).filter((d) =>
+        d.metadata?.name?.includes("-shard-"),
+      );
+      expect(shards).toHaveLength(2);
+      for (const d of shards) {
+        const resources = d.spec?.template.spec?.containers[0]?.resources;
+        expect(resources?.limits?.["nvidia.com/mig-3g.71gb"], d.metadata?.name).toBe("1");
+        expect(resources?.requests?.["nvidia.com/mig-3g.71gb"], d.metadata?.name).toBe("1");
+        expect(resources?.limits, d.metadata?.name).not.toHaveProperty("nvidia.com/gpu");
+      }
+      const pods = await core.listNamespacedPod({
+        namespace: ns,
+        labelSelector: "app.kubernetes.io/component=shard",
+      });
+      expect(pods.items.map((p) => p.spec?.nodeName)).toEqual([node, node]);
+    } finally {
+      await kubectl(["delete", "dsm", "mig", "-n", ns, "--wait=false"]);
+      await core.deleteNode({ name: node }).catch(() => {});
+    }
+  });
+
   it("GPU nodes without room: BlueGreen copies that cannot be scheduled are dropped, a surging rollout says how to roll in place, and rollingUpdate {maxSurge: 0, maxUnavailable: 1} does", async () => {
     // A node of its own, tainted so that no other test's pod lands there, holding exactly
     // the model's two 4-GPU shards: no room for copies, nor for one surge pod.
@@ -1370,6 +1421,21 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[32]!.message,
       ],
       [
+        "gateway GPUs counted in a Kubernetes domain's resource",
+        { gateway: { gpuResource: "gpu.kubernetes.io/h200" } },
+        CROSS_FIELD_RULES[33]!.message,
+      ],
+      [
+        "shard GPUs counted in a Kubernetes domain's resource",
+        { experts: { gpuResource: "kubernetes.io/gpu" } },
+        CROSS_FIELD_RULES[34]!.message,
+      ],
+      [
+        "a GPU resource that is no resource name",
+        { experts: { gpuResource: "gpus" } },
+        "spec.experts.gpuResource: Invalid value",
+      ],
+      [
         "a node selector value that is no label value",
         { scheduling: { nodeSelector: { gpu: "[a-z]+" } } },
         "spec.scheduling.nodeSelector.gpu: Invalid value",
@@ -1420,6 +1486,17 @@ describe.sequential("expertmesh operator", () => {
         const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
         expect(r.code, r.stderr).toBe(0);
       }
+    });
+    it("accepts GPUs counted as MIG profiles or a shared GPU's resource", async () => {
+      const body = JSON.stringify(
+        model("mig", "default", {
+          ...spec,
+          gateway: { gpuResource: "nvidia.com/gpu.shared" },
+          experts: { ...spec.experts, gpuResource: "nvidia.com/mig-3g.71gb" },
+        }),
+      );
+      const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+      expect(r.code, r.stderr).toBe(0);
     });
     it("accepts batch-invariant kernels with CPU roles", async () => {
       const body = JSON.stringify(

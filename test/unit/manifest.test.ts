@@ -209,6 +209,35 @@ describe("isResourceName (spec.gateway.resources, spec.experts.resources)", () =
   });
 });
 
+describe("spec.<role>.gpuResource", () => {
+  const withResource = (role: "gateway" | "experts", value: string) =>
+    parseManifest(`apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
+  ${role}: { gpuResource: ${JSON.stringify(value)} }
+`);
+  it.each([
+    ["nvidia.com/gpu", null],
+    ["nvidia.com/mig-3g.71gb", null],
+    ["nvidia.com/gpu.shared", null],
+    ["example.com/H200_x", null],
+    ["gpu", /gpuResource/],
+    ["nvidia.com/", /gpuResource/],
+    ["NVIDIA.com/gpu", /gpuResource/],
+    ["nvidia.com/-gpu", /gpuResource/],
+    ["kubernetes.io/gpu", /gpuResource must be a device plugin's resource/],
+    ["gpu.kubernetes.io/h200", /gpuResource must be a device plugin's resource/],
+    ["notkubernetes.io/gpu", null],
+  ])("%j", (value, refused) => {
+    for (const role of ["gateway", "experts"] as const) {
+      if (refused) expect(() => withResource(role, value)).toThrow(refused);
+      else expect(withResource(role, value).spec[role].gpuResource).toBe(value);
+    }
+  });
+});
+
 describe("manifests as the API server reads them", () => {
   const base = `apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel
@@ -414,6 +443,7 @@ spec:
       redundantExperts: 0,
       replicas: { min: 1, max: 1 },
       gpusPerShard: 1,
+      gpuResource: "nvidia.com/gpu",
       weightsRollout: "Rolling",
       blueGreenWaitSeconds: 600,
       rollingUpdate: { maxSurge: 1, maxUnavailable: 0, progressDeadlineSeconds: 1800 },

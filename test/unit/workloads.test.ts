@@ -347,6 +347,55 @@ describe("desiredObjects", () => {
     expect(pod.securityContext.runAsNonRoot).toBe(true);
   });
 
+  it("requests each role's GPUs as its gpuResource (MIG profiles, shared GPUs); nvidia.com/gpu by default", () => {
+    const byName = (all: ReturnType<typeof objects>, name: string) =>
+      (all.find((o) => o.metadata?.name === name) as any).spec.template.spec.containers[0]
+        .resources;
+    const cases: [string, string, string][] = [
+      ["", "nvidia.com/gpu", "nvidia.com/gpu"],
+      [
+        "  gateway: { gpuResource: nvidia.com/gpu.shared }",
+        "nvidia.com/gpu.shared",
+        "nvidia.com/gpu",
+      ],
+      [
+        "  gateway: { gpus: 2, gpuResource: nvidia.com/mig-3g.71gb, kvCache: { remoteBytes: 1048576 }, disaggregation: {} }",
+        "nvidia.com/mig-3g.71gb",
+        "nvidia.com/gpu",
+      ],
+    ];
+    for (const [extra, gateway, shard] of cases) {
+      const all = objects(extra);
+      const gw = manifest(extra).spec.gateway.gpus;
+      for (const name of [
+        "m-gateway",
+        ...(extra.includes("disaggregation") ? ["m-prefill"] : []),
+      ]) {
+        const r = byName(all, name);
+        expect(r.limits, `${name} ${extra}`).toEqual({ ...r.limits, [gateway]: String(gw) });
+        expect(r.requests[gateway], `${name} ${extra}`).toBe(String(gw));
+        if (gateway !== "nvidia.com/gpu") expect(r.limits).not.toHaveProperty("nvidia.com/gpu");
+      }
+      expect(byName(all, "m-shard-0").limits[shard], extra).toBe("2");
+    }
+    // The shards' own resource, and a CRD too old to default the field (the operator's own).
+    const mig = manifest();
+    mig.spec.experts.gpuResource = "nvidia.com/mig-7g.141gb";
+    const plan = planPlacement({ architecture: architectureOf(mig), numShards: 4 });
+    const shard = (m: typeof mig) =>
+      (
+        desiredObjects(m, plan, specReplicas(m, plan)).find(
+          (o) => o.metadata?.name === "m-shard-1",
+        ) as any
+      ).spec.template.spec.containers[0].resources;
+    expect(shard(mig).limits).toMatchObject({ "nvidia.com/mig-7g.141gb": "2" });
+    expect(shard(mig).limits).not.toHaveProperty("nvidia.com/gpu");
+    const old = manifest();
+    delete (old.spec.experts as { gpuResource?: string }).gpuResource;
+    delete (old.spec.gateway as { gpuResource?: string }).gpuResource;
+    expect(shard(old).limits).toMatchObject({ "nvidia.com/gpu": "2" });
+  });
+
   it("runs CPU shards without a GPU request when gpusPerShard is 0", () => {
     const shard = objects().find((o) => o.metadata?.name === "m-shard-0") as any;
     expect(shard.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"]).toBe("2");
