@@ -396,7 +396,7 @@ export const GatewaySchema = withRules(
       }),
       gpus: Type.Integer({
         description:
-          "GPUs per gateway pod (it runs the dense layers and the KV cache), as gpuResource: nvidia.com/gpu by default.",
+          "GPUs per gateway pod (it runs the dense layers and the KV cache), as gpuResource: nvidia.com/gpu by default. A gateway process runs on one GPU: more leave the rest idle (a Warning Event, GPUsIdle, says so).",
         default: 1,
         minimum: 0,
         maximum: 16,
@@ -790,7 +790,7 @@ export const ExpertsSchema = withRules(
       rollingUpdate: RollingUpdate("spec.experts.rollingUpdate", "Shard"),
       gpusPerShard: Type.Integer({
         description:
-          "GPUs per shard pod, as gpuResource (nvidia.com/gpu by default); 0 runs the CPU kernels.",
+          "GPUs per shard pod, as gpuResource (nvidia.com/gpu by default); 0 runs the CPU kernels. A shard process runs on one GPU: more leave the rest idle (a Warning Event, GPUsIdle, says so); more shards spread the experts over more GPUs.",
         default: 1,
         minimum: 0,
         maximum: 16,

@@ -27,6 +27,7 @@ import {
 import {
   computeStatus,
   containerProblems,
+  idleGpusMessage,
   type Problem,
   pollAfterMs,
   stalledRolloutProblem,
@@ -228,6 +229,12 @@ export class Reconciler {
     }
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
+    // GPUs the spec requests and no process uses: said once per spec change (the Ready
+    // condition's observedGeneration is the last generation a status was written for).
+    const idle = idleGpusMessage(model);
+    const seen = model.status?.conditions?.find((c) => c.type === "Ready")?.observedGeneration;
+    if (idle && seen !== model.metadata.generation)
+      await this.#event(model, "Warning", "GPUsIdle", idle);
     problems.push(...containerProblems(pods));
     const stalled = stalledRolloutProblem(deployments);
     if (stalled) problems.push(stalled);

@@ -178,6 +178,25 @@ const deadlineField = (d: V1Deployment) =>
   `spec.${d.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "experts" : "gateway"}.rollingUpdate.progressDeadlineSeconds`;
 
 /**
+ * What the spec asks for and leaves unused: a gateway or shard process runs on one GPU
+ * (`--device=cuda:0`), so a pod given more than one keeps the rest idle. The message of the
+ * reconciler's Warning Event GPUsIdle (once per spec change); undefined when nothing is idle.
+ */
+export function idleGpusMessage(model: DeepSeekModel): string | undefined {
+  const roles = [
+    ["spec.gateway.gpus", model.spec.gateway.gpus, "gateway", "more gateway replicas"],
+    ["spec.experts.gpusPerShard", model.spec.experts.gpusPerShard, "shard", "more shards"],
+  ] as const;
+  const parts = roles
+    .filter(([, gpus]) => gpus > 1)
+    .map(
+      ([field, gpus, role, instead]) =>
+        `${field} is ${gpus}, but a ${role} process runs on one GPU (cuda:0): ${gpus - 1} of each ${role} pod's ${gpus} stay${gpus - 1 === 1 ? "s" : ""} idle; ${instead} of one GPU each put every GPU to work`,
+    );
+  return parts.length ? parts.join("; ") : undefined;
+}
+
+/**
  * The stalled rollouts among the model's Deployments (copies of the previous weights aside:
  * the BlueGreen wait has its own deadline), as one problem. The pods' own problems
  * (Unschedulable, ContainerCrashing, ...) say why, where there are any.

@@ -421,6 +421,11 @@ describe.sequential("expertmesh operator", () => {
       expect((await byReason("PreviousShardsCreated")).message).toContain(
         "tight-shard-0-prev, tight-shard-1-prev",
       );
+      // 4-GPU shards: the operator says that a shard process uses one of them.
+      expect((await byReason("GPUsIdle")).message).toBe(
+        "spec.experts.gpusPerShard is 4, but a shard process runs on one GPU (cuda:0): 3 of each shard pod's 4 stay idle; more shards of one GPU each put every GPU to work",
+      );
+      expect((await byReason("GPUsIdle")).type).toBe("Warning");
       const fallback = await byReason("PreviousShardsUnschedulable");
       expect(fallback.type).toBe("Warning");
       expect(fallback.message).toMatch(

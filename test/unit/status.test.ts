@@ -4,6 +4,7 @@ import { parseManifest } from "../../src/api/manifest.ts";
 import {
   computeStatus,
   containerProblems,
+  idleGpusMessage,
   type Problem,
   pollAfterMs,
   stalledRolloutProblem,
@@ -527,5 +528,36 @@ describe("stalledRolloutProblem", () => {
     const p = stalledRolloutProblem(deployments);
     expect(p?.message).toBe(message);
     if (p) expect([p.reason, p.servingUnaffected]).toEqual(["ProgressDeadlineExceeded", undefined]);
+  });
+});
+
+describe("idleGpusMessage", () => {
+  const withGpus = (gateway: number, shard: number) =>
+    parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: ns }
+spec:
+  model: { preset: tiny-v2, source: { pvc: { claimName: w } } }
+  gateway: { gpus: ${gateway} }
+  experts: { shards: 2, gpusPerShard: ${shard} }
+`);
+  it.each([
+    [1, 1, undefined],
+    [0, 0, undefined],
+    [0, 1, undefined],
+    [
+      1,
+      2,
+      "spec.experts.gpusPerShard is 2, but a shard process runs on one GPU (cuda:0): 1 of each shard pod's 2 stays idle; more shards of one GPU each put every GPU to work",
+    ],
+    [
+      4,
+      8,
+      "spec.gateway.gpus is 4, but a gateway process runs on one GPU (cuda:0): 3 of each gateway pod's 4 stay idle; more gateway replicas of one GPU each put every GPU to work; " +
+        "spec.experts.gpusPerShard is 8, but a shard process runs on one GPU (cuda:0): 7 of each shard pod's 8 stay idle; more shards of one GPU each put every GPU to work",
+    ],
+  ])("gateway %i, shards %i", (gateway, shard, want) => {
+    expect(idleGpusMessage(withGpus(gateway, shard))).toBe(want);
   });
 });
