@@ -507,7 +507,12 @@ describe("expertmesh up", () => {
     ] as [string, string];
     await upWithVariant(autoscaling, async (u, port) => {
       const err = () => u.err();
-      expect(err()).toContain("[up] autoscaling: each shard between 1 and 3 replicas, target 10");
+      // Said after the endpoints (stdout), on stderr: the two pipes may arrive in either order.
+      await untilLogged(
+        u,
+        "the autoscaling line",
+        "[up] autoscaling: each shard between 1 and 3 replicas, target 10",
+      );
       const nc = await natsOfUp(u);
       // Which replicas of shard 0 reported tokens they served (their own reports).
       const worked = new Set<string>();
@@ -569,7 +574,10 @@ describe("expertmesh up", () => {
       expect(err()).toMatch(
         new RegExp(`\\[up\\] 1 gateway\\(s\\) behind 127\\.0\\.0\\.1:${port} and :`),
       );
-      expect(err()).toContain("gateways between 1 and 3, target 4 waiting requests per gateway");
+      await until(
+        "the autoscaling line",
+        "gateways between 1 and 3, target 4 waiting requests per gateway",
+      );
       const nc = await natsOfUp(u);
       const stopLoad = reportLoad(nc, "gateway", { waiting: 100 });
       try {
@@ -624,7 +632,9 @@ describe("expertmesh up", () => {
     ] as [string, string];
     await upWithVariant(rebalance, async (u, port) => {
       const err = () => u.err();
-      expect(err()).toMatch(
+      await untilLogged(
+        u,
+        "the rebalancing line",
         /\[up\] rebalancing: the placement of the 4 redundant expert slot\(s\)/,
       );
       expect(err()).not.toContain("[up] autoscaling:");
