@@ -181,6 +181,7 @@ const deadlineField = (d: V1Deployment) =>
  * What the spec asks for and leaves unused: a gateway or shard process runs on one GPU
  * (`--device=cuda:0`), so a pod given more than one keeps the rest idle. The message of the
  * reconciler's Warning Event GPUsIdle (once per spec change); undefined when nothing is idle.
+ * Several GPUs per process: ADR 0037.
  */
 export function idleGpusMessage(model: DeepSeekModel): string | undefined {
   const roles = [
