@@ -111,13 +111,16 @@ export function isLabelKey(k: string): boolean {
 const labelKeyCel = (v: string) =>
   `${v}.matches('${LABEL_KEY_RE}') && (!${v}.contains('/') || ${v}.indexOf('/') <= 253)`;
 
+/** An extended resource's name, `<DNS subdomain>/<name>` (nvidia.com/gpu), unanchored. */
+export const EXTENDED_RESOURCE =
+  "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?";
+
 /**
  * A container resource's name: a standard one (cpu, memory, ephemeral-storage, hugepages-
  * of a size), or an extended one qualified by a domain (nvidia.com/gpu), outside
  * kubernetes.io and not starting "requests." (as the API server checks a PodSpec's).
  */
-const RESOURCE_NAME_RE =
-  "^(cpu|memory|ephemeral-storage|hugepages-[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|[kMGTPE])?|[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$";
+const RESOURCE_NAME_RE = `^(cpu|memory|ephemeral-storage|hugepages-[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|[kMGTPE])?|${EXTENDED_RESOURCE})$`;
 
 export function isResourceName(k: string): boolean {
   return (

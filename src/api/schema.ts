@@ -5,7 +5,7 @@
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { presetNames } from "./presets.ts";
-import { validationsAt } from "./rules.ts";
+import { EXTENDED_RESOURCE, validationsAt } from "./rules.ts";
 
 export const GROUP = "expertmesh.io";
 export const VERSION = "v1alpha1";
@@ -46,18 +46,10 @@ function withRules<T extends TSchema>(path: string, schema: T): T {
 }
 
 /**
- * A role's Deployment strategy (spec.experts.rollingUpdate, spec.gateway.rollingUpdate). The
- * default surges: a new pod must be ready before an old one goes. On nodes with no GPU to
- * spare a surge pod never schedules, and the rollout waits for ever: maxSurge 0 with
- * maxUnavailable 1 replaces the pods in place, one at a time. progressDeadlineSeconds says
- * when a rollout that waits counts as stalled (status.ts, stalledRollout).
- */
-/**
  * An extended resource name (`<DNS subdomain>/<name>`), the kind a device plugin advertises;
  * rules.ts refuses the kubernetes.io domains, which are Kubernetes' own.
  */
-export const EXTENDED_RESOURCE_PATTERN =
-  "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+const EXTENDED_RESOURCE_PATTERN = `^${EXTENDED_RESOURCE}$`;
 
 /** What a pod's GPUs are requested as unless spec.<role>.gpuResource says otherwise. */
 export const DEFAULT_GPU_RESOURCE = "nvidia.com/gpu";
@@ -71,6 +63,13 @@ const GpuResource = (count: string) =>
     pattern: EXTENDED_RESOURCE_PATTERN,
   });
 
+/**
+ * A role's Deployment strategy (spec.experts.rollingUpdate, spec.gateway.rollingUpdate). The
+ * default surges: a new pod must be ready before an old one goes. On nodes with no GPU to
+ * spare a surge pod never schedules, and the rollout waits for ever: maxSurge 0 with
+ * maxUnavailable 1 replaces the pods in place, one at a time. progressDeadlineSeconds says
+ * when a rollout that waits counts as stalled (status.ts, stalledRollout).
+ */
 const RollingUpdate = (path: string, pods: string) =>
   withRules(
     path,
