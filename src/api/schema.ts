@@ -57,7 +57,7 @@ export const DEFAULT_GPU_RESOURCE = "nvidia.com/gpu";
 /** The resource that counts a role's GPUs (spec.gateway.gpuResource, spec.experts.gpuResource). */
 const GpuResource = (count: string) =>
   Type.String({
-    description: `The extended resource that ${count} requests (default nvidia.com/gpu): a MIG profile under the NVIDIA device plugin's mixed strategy (nvidia.com/mig-3g.71gb), or a shared GPU's renamed resource (nvidia.com/gpu.shared). The pods use the one device they are given, as cuda:0.`,
+    description: `The extended resource that ${count} requests (default nvidia.com/gpu): a MIG profile under the NVIDIA device plugin's mixed strategy (nvidia.com/mig-3g.71gb), or a shared GPU's renamed resource (nvidia.com/gpu.shared). The pods use the one device they are given, as cuda:0. Where the nodes that offer it carry GPU feature discovery's <resource>.memory label (MiB), a process that keeps more on its GPU than that gets a Warning Event, GPUMemoryShort.`,
     default: DEFAULT_GPU_RESOURCE,
     maxLength: 317,
     pattern: EXTENDED_RESOURCE_PATTERN,

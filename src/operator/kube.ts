@@ -13,6 +13,7 @@ import {
   type V1Deployment,
   type V1Pod,
 } from "@kubernetes/client-node";
+import type { NodeGpuMemory } from "../api/memory.ts";
 import {
   type DeepSeekModel,
   type DeepSeekModelStatus,
@@ -225,6 +226,20 @@ export class KubeClient {
       if (httpStatus(err) === 404) return null;
       throw err;
     }
+  }
+
+  /**
+   * The nodes labelled with `label` (a GPU's memory in MiB, as GPU feature discovery writes
+   * it: gpuMemoryLabel) and each one's bytes; nodes whose label is not a number are left out.
+   */
+  async nodeGpuMemory(label: string): Promise<NodeGpuMemory[]> {
+    const nodes = await this.core.listNode({ labelSelector: label });
+    return nodes.items.flatMap((n) => {
+      const mib = Number(n.metadata?.labels?.[label]);
+      return Number.isFinite(mib) && mib > 0
+        ? [{ node: n.metadata?.name ?? "", bytes: mib * 2 ** 20 }]
+        : [];
+    });
   }
 
   /** Records an Event on the model (shown by `kubectl describe dsm`). */

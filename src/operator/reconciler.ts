@@ -4,8 +4,13 @@
 // touched (a no-op apply keeps their resourceVersion).
 import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/client-node";
 import { architectureOf } from "../api/manifest.ts";
-import { memoryLimitShortfalls } from "../api/memory.ts";
-import type { DeepSeekModel } from "../api/schema.ts";
+import {
+  gpuMemoryLabel,
+  gpuMemoryShortfalls,
+  memoryLimitShortfalls,
+  type NodeGpuMemory,
+} from "../api/memory.ts";
+import { DEFAULT_GPU_RESOURCE, type DeepSeekModel } from "../api/schema.ts";
 import { type NatsAuth, natsConnectOptions } from "../moe/nats-connection.ts";
 import { type PlacementPlan, planPlacement } from "../moe/placement.ts";
 import { parsePlan } from "../moe/plan-json.ts";
@@ -100,6 +105,9 @@ export class Reconciler {
   readonly #kube: KubeClient;
   readonly #opts: ReconcilerOptions;
   readonly #natsProbe = new NatsProbe();
+
+  /** Listing nodes was forbidden once (namespaced RBAC): GPU memory goes unchecked. */
+  #nodesForbidden = false;
 
   constructor(kube: KubeClient, opts: ReconcilerOptions = {}) {
     this.#kube = kube;
@@ -235,6 +243,11 @@ export class Reconciler {
     const seen = model.status?.conditions?.find((c) => c.type === "Ready")?.observedGeneration;
     if (idle && seen !== model.metadata.generation)
       await this.#event(model, "Warning", "GPUsIdle", idle);
+    // GPUs too small for what a process keeps on one (from the nodes' labels): said once
+    // per spec change too.
+    if (plan && seen !== model.metadata.generation)
+      for (const message of gpuMemoryShortfalls(model, plan, await this.#gpuNodes(model)))
+        await this.#event(model, "Warning", "GPUMemoryShort", message);
     problems.push(...containerProblems(pods));
     const stalled = stalledRolloutProblem(deployments);
     if (stalled) problems.push(stalled);
@@ -552,6 +565,37 @@ export class Reconciler {
       await this.#event(model, "Normal", "Deleted", `deleted ${key} (no longer in the spec)`);
     }
     return problems;
+  }
+
+  /**
+   * The memory of one GPU of each role's resource on the nodes that offer it (their GPU
+   * feature discovery labels), for roles that request GPUs; empty where unknown. Advisory:
+   * a failed list is logged and checks nothing; a forbidden one (the chart's namespaced mode
+   * grants no nodes) is logged once and not tried again.
+   */
+  async #gpuNodes(
+    model: DeepSeekModel,
+  ): Promise<{ gateway: NodeGpuMemory[]; experts: NodeGpuMemory[] }> {
+    const of = async (gpus: number, resource: string | undefined): Promise<NodeGpuMemory[]> => {
+      const label = gpuMemoryLabel(resource ?? DEFAULT_GPU_RESOURCE);
+      if (gpus === 0 || label === null || this.#nodesForbidden) return [];
+      try {
+        return await this.#kube.nodeGpuMemory(label);
+      } catch (err) {
+        if (httpStatus(err) === 403) {
+          this.#nodesForbidden = true;
+          this.#opts.log?.(
+            "listing nodes is forbidden (namespaced RBAC): GPU memory is not checked against the models' needs",
+          );
+        } else this.#opts.log?.(`listing GPU nodes (${label}) failed: ${apiErrorMessage(err)}`);
+        return [];
+      }
+    };
+    const { gateway, experts } = model.spec;
+    return {
+      gateway: await of(gateway.gpus, gateway.gpuResource),
+      experts: await of(experts.gpusPerShard, experts.gpuResource),
+    };
   }
 
   async #event(

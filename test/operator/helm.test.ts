@@ -54,6 +54,9 @@ const chartCrd = join(chartDir, "crds", CRD_FILE);
 const repoCrd = join(repoRoot, "crds", CRD_FILE);
 
 /** The operator's rules on what it reconciles, as agreed with the operator (no leases). */
+/** The ClusterRole's one rule beyond OPERATOR_RULES: GPU nodes' memory labels (GPUMemoryShort). */
+const NODE_RULES = [{ apiGroups: [""], resources: ["nodes"], verbs: ["list"] }];
+
 const OPERATOR_RULES = [
   { apiGroups: ["expertmesh.io"], resources: ["deepseekmodels"], verbs: ["get", "list", "watch"] },
   {
@@ -1257,7 +1260,7 @@ spec:
 
     it("grants the operator exactly its rules in a ClusterRole, with no wildcard anywhere", () => {
       const clusterRole = only(objects, "ClusterRole");
-      expect(clusterRole.rules).toEqual(OPERATOR_RULES);
+      expect(clusterRole.rules).toEqual([...OPERATOR_RULES, ...NODE_RULES]);
       const entries = ruleEntries(objects);
       expect(entries.length).toBeGreaterThan(0);
       for (const e of entries) expect(e).not.toContain("*");
@@ -1521,7 +1524,7 @@ spec:
           resources: r.resources,
           verbs: r.verbs,
         })),
-      ).toEqual(OPERATOR_RULES);
+      ).toEqual([...OPERATOR_RULES, ...NODE_RULES]);
       await rbac.readClusterRoleBinding({ name: fullname });
       await rbac.readNamespacedRole({ name: `${fullname}-leader-election`, namespace });
       const svc = await core.readNamespacedService({ name: `${fullname}-metrics`, namespace });

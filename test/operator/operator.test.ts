@@ -365,6 +365,66 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
+  it("GPUs too small for a shard's experts (the nodes' GPU feature discovery labels): a Warning Event GPUMemoryShort, once", async () => {
+    // A node whose GPUs are MIG slices of ~10 GB (nvidia.com/mig-1g.10gb.memory, in MiB, as
+    // GPU feature discovery labels them), and DeepSeek-V2-Lite's bf16 experts on 2 shards:
+    // ~13 GiB each, more than a slice holds. The pods run all the same (on fake nodes here;
+    // on a GPU, what does not fit is copied per batch).
+    const node = uniqueName("small-mig");
+    const resource = "nvidia.com/mig-1g.10gb";
+    const taint = { key: "expertmesh.io/test-node", value: node, effect: "NoSchedule" };
+    const base = fakeGpuNode(node, 0);
+    const capacity = { ...base.status!.capacity!, [resource]: "4" };
+    await core.createNode({
+      body: {
+        ...base,
+        metadata: {
+          ...base.metadata,
+          labels: { ...base.metadata!.labels, [`${resource}.memory`]: "9856" },
+        },
+        spec: { taints: [taint] },
+        status: { ...base.status, capacity, allocatable: capacity },
+      },
+    });
+    const ns = await newNamespace("gpumem");
+    await createWeightsVolume(ns);
+    try {
+      await custom.createNamespacedCustomObject({
+        ...G,
+        namespace: ns,
+        body: model("lite", ns, {
+          model: { preset: "deepseek-v2-lite", source: { pvc: { claimName: "weights" } } },
+          experts: { shards: 2, gpusPerShard: 1, gpuResource: resource },
+          gateway: { gpus: 0, limits: { maxModelLen: 4096 } },
+          scheduling: {
+            nodeSelector: { "kubernetes.io/hostname": node },
+            tolerations: [{ ...taint, operator: "Equal" }],
+          },
+        }),
+      });
+      const short = async () =>
+        (
+          await core.listNamespacedEvent({
+            namespace: ns,
+            fieldSelector: "involvedObject.name=lite",
+          })
+        ).items.filter((e) => e.reason === "GPUMemoryShort");
+      const [event] = await waitFor("Event GPUMemoryShort", async () =>
+        (await short()).length > 0 ? await short() : undefined,
+      );
+      expect(event!.type).toBe("Warning");
+      expect(event!.message).toMatch(
+        /^shard [01] keeps 1\d\.\d\d GiB of experts \(bf16\) on its GPU, plus ~2\.00 GiB for CUDA: more than one nvidia\.com\/mig-1g\.10gb holds on every node that offers it \(9\.63 GiB at most, nvidia\.com\/mig-1g\.10gb\.memory; 1 node\(s\)\); the experts that do not fit are copied to the GPU for every batch, at PCIe's speed: about \d shards \(spec\.experts\.shards, now 2\) would fit them; fp8 \(spec\.model\.dtype\) halves them$/,
+      );
+      // Said once for this spec, however often the model is reconciled meanwhile.
+      await waitForCondition(ns, "lite", "Ready", "True", "AllReplicasReady", 90_000);
+      expect(await short()).toHaveLength(1);
+    } finally {
+      await kubectl(["delete", "dsm", "lite", "-n", ns, "--wait=false"]);
+      await core.deleteNode({ name: node }).catch(() => {});
+    }
+  });
+
   it("GPU nodes without room: BlueGreen copies that cannot be scheduled are dropped, a surging rollout says how to roll in place, and rollingUpdate {maxSurge: 0, maxUnavailable: 1} does", async () => {
     // A node of its own, tainted so that no other test's pod lands there, holding exactly
     // the model's two 4-GPU shards: no room for copies, nor for one surge pod.
@@ -1571,5 +1631,9 @@ describe.sequential("expertmesh operator in namespaced-only mode", () => {
       "name",
     ]);
     expect(clusterRoles.stdout.trim()).toBe("");
+    // Nodes are cluster-scoped, so no Role grants them: the GPU memory check is off (the
+    // models request GPUs), said once, and reconciling goes on.
+    const log = readFileSync(op!.process.logPath, "utf8");
+    expect(log.match(/listing nodes is forbidden \(namespaced RBAC\)/g)).toHaveLength(1);
   });
 });

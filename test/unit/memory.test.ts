@@ -7,11 +7,16 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
 import {
+  everyShardExpertBytes,
+  GPU_MEMORY_OVERHEAD,
   gatewayWeightBytes,
+  gpuMemoryLabel,
+  gpuMemoryShortfalls,
   memoryLimitShortfalls,
   shardExpertBytes,
 } from "../../src/api/memory.ts";
 import { quantityValue } from "../../src/api/quantity.ts";
+import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { upMemory } from "../../src/cli/commands/up.ts";
 import { denseLoadBytes, expertLoad } from "../../src/cli/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
@@ -235,5 +240,133 @@ describe("expertmesh up's memory line", () => {
     expect(upMemory(m, plan, Math.floor((shards + gateway) / 0.9) - 1)).toMatch(
       /: too little, expect one to be killed while loading \(a smaller spec\.gateway\.kvCache\.bytes, or spec\.model\.dtype fp8, holds less\)$/,
     );
+  });
+});
+
+describe("gpuMemoryShortfalls (the operator's Warning Event GPUMemoryShort)", () => {
+  // DeepSeek-V3 in fp8: ~609 GiB of routed experts; on 8 shards ~76 GiB each, which an
+  // H200 holds (GPU feature discovery's nvidia.com/gpu.memory: 143771 MiB) and, just, an 80
+  // GB H100 (81559); on 4 shards ~152 GiB each, which neither holds.
+  const MiB = 2 ** 20;
+  const H100 = 81559 * MiB;
+  const H200 = 143771 * MiB;
+  const LARGER = 192 * 2 ** 30;
+  const v3 = (
+    experts: Record<string, unknown>,
+    gateway: Record<string, unknown> = {},
+    dtype = "fp8",
+  ) =>
+    parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: v3, namespace: ns }
+spec:
+  model: { preset: deepseek-v3, dtype: ${dtype}, source: { pvc: { claimName: w } } }
+  experts: ${JSON.stringify({ shards: 8, gpusPerShard: 1, ...experts })}
+  gateway: ${JSON.stringify({ gpus: 1, kvCache: { bytes: 16 * 2 ** 30, dtype: "bfloat16" }, ...gateway })}
+`);
+  const planOf = (m: DeepSeekModel) =>
+    planPlacement({
+      architecture: architectureOf(m),
+      numShards: m.spec.experts.shards,
+      redundantExperts: m.spec.experts.redundantExperts,
+    });
+  const nodes = (...bytes: number[]) => bytes.map((b, i) => ({ node: `gpu-${i}`, bytes: b }));
+  const base = v3({});
+  const four = v3({ shards: 4 });
+  const shardNeed = Math.max(...everyShardExpertBytes(base, planOf(base))!) + GPU_MEMORY_OVERHEAD;
+  const gatewayNeed = gatewayWeightBytes(base)! + 16 * 2 ** 30 + GPU_MEMORY_OVERHEAD;
+
+  it.each([
+    { name: "H200s hold 8 shards and the gateway", m: base, e: [H200, H200], g: [H200], want: [] },
+    { name: "80 GB H100s too, just", m: base, e: [H100], g: [H100], want: [] },
+    { name: "no labelled node: nothing known", m: four, e: [], g: [], want: [] },
+    { name: "H200s are too small for 4 shards", m: four, e: [H200], g: [H200], want: ["shard"] },
+    { name: "a GPU of exactly a shard's need", m: base, e: [shardNeed], g: [H200], want: [] },
+    { name: "a byte less", m: base, e: [shardNeed - 1], g: [H200], want: ["shard"] },
+    {
+      name: "one small node among large ones",
+      m: four,
+      e: [LARGER, H200, LARGER],
+      g: [H200],
+      want: ["shard"],
+    },
+    {
+      name: "CPU shards keep nothing on a GPU",
+      m: v3({ shards: 4, gpusPerShard: 0 }),
+      e: [H100],
+      g: [H200],
+      want: [],
+    },
+    { name: "a gateway of exactly its need", m: base, e: [H200], g: [gatewayNeed], want: [] },
+    { name: "a gateway a byte short", m: base, e: [H200], g: [gatewayNeed - 1], want: ["gateway"] },
+    {
+      name: "a CPU gateway keeps nothing on a GPU",
+      m: v3({}, { gpus: 0 }),
+      e: [H200],
+      g: [1],
+      want: [],
+    },
+    { name: "both", m: four, e: [H200], g: [gatewayNeed - 1], want: ["shard", "gateway"] },
+  ])("$name", ({ m, e, g, want }) => {
+    const got = gpuMemoryShortfalls(m, planOf(m), { experts: nodes(...e), gateway: nodes(...g) });
+    expect(got.map((s) => s.split(" ")[s.startsWith("a ") ? 1 : 0])).toEqual(want);
+  });
+
+  it("names the shard, its bytes, the nodes and how many shards would fit", () => {
+    const [shard] = gpuMemoryShortfalls(four, planOf(four), {
+      experts: nodes(H200, H200),
+      gateway: [],
+    });
+    expect(shard).toBe(
+      "shard 0 keeps 152.29 GiB of experts (fp8) on its GPU, plus ~2.00 GiB for CUDA: more than one nvidia.com/gpu holds on every node that offers it (140.40 GiB at most, nvidia.com/gpu.memory; 2 node(s)); the experts that do not fit are copied to the GPU for every batch, at PCIe's speed: about 5 shards (spec.experts.shards, now 4) would fit them",
+    );
+  });
+
+  it("some nodes large enough: names the small ones and the way to the others", () => {
+    const m = v3({ shards: 4, gpuResource: "nvidia.com/mig-7g.141gb" });
+    const [shard] = gpuMemoryShortfalls(m, planOf(m), {
+      experts: nodes(LARGER, H200, H200, H200, H200),
+      gateway: [],
+    });
+    expect(shard).toMatch(
+      /: more than one nvidia\.com\/mig-7g\.141gb holds on 4 of the 5 nodes that offer it \(gpu-1, gpu-2, gpu-3 and 1 more; nvidia\.com\/mig-7g\.141gb\.memory\); .*: or keep the shards on the nodes with larger GPUs \(spec\.scheduling\.nodeSelector or affinity\)$/,
+    );
+  });
+
+  it("bf16 experts: fp8 would halve them", () => {
+    const m = v3({}, {}, "bf16");
+    const [shard] = gpuMemoryShortfalls(m, planOf(m), { experts: nodes(H200), gateway: [] });
+    expect(shard).toMatch(
+      /^shard 0 keeps 152\.\d\d GiB of experts \(bf16\) .*: about 9 shards \(spec\.experts\.shards, now 8\) would fit them; fp8 \(spec\.model\.dtype\) halves them$/,
+    );
+  });
+
+  it("a gateway: what KV cache fits beside its weights, or that the weights alone do not", () => {
+    const [kv] = gpuMemoryShortfalls(base, planOf(base), {
+      experts: [],
+      gateway: nodes(gatewayNeed - 2 ** 30),
+    });
+    expect(kv).toMatch(
+      /^a gateway keeps 17\.77 GiB of weights and its KV cache's device copy \(16\.00 GiB, spec\.gateway\.kvCache\.bytes\) on its GPU, plus ~2\.00 GiB for CUDA: .*; what does not fit stays in host memory and crosses PCIe every step: a KV cache of 15\.00 GiB or less fits beside the weights$/,
+    );
+    const bf16 = v3({}, { gpuResource: "nvidia.com/mig-1g.18gb" }, "bf16");
+    const [weights] = gpuMemoryShortfalls(bf16, planOf(bf16), {
+      experts: [],
+      gateway: nodes(18 * 2 ** 30),
+    });
+    expect(weights).toMatch(
+      /^a gateway keeps 31\.88 GiB of weights .*nvidia\.com\/mig-1g\.18gb\.memory.*: the weights alone do not fit: fp8 \(spec\.model\.dtype\) halves them$/,
+    );
+  });
+
+  it.each([
+    ["nvidia.com/gpu", "nvidia.com/gpu.memory"],
+    ["nvidia.com/mig-3g.71gb", "nvidia.com/mig-3g.71gb.memory"],
+    ["nvidia.com/gpu.shared", "nvidia.com/gpu.shared.memory"],
+    [`example.com/${"g".repeat(57)}`, null], // the label's name part would be 64 characters
+    [`example.com/${"g".repeat(56)}`, `example.com/${"g".repeat(56)}.memory`],
+  ])("the memory label of %s is %s", (resource, label) => {
+    expect(gpuMemoryLabel(resource)).toBe(label);
   });
 });

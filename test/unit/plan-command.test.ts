@@ -44,6 +44,35 @@ describe("expertmesh plan", () => {
     );
   });
 
+  it("says what each process keeps on its GPU, and with --gpu-memory whether one GPU holds it", () => {
+    const v3 = join(root, "examples/deepseek-v3.yaml");
+    expect(planOutput(["-f", v3])).toContain(
+      "on its GPU (with ~2.00 GiB for CUDA; --gpu-memory checks a size):\n  shard:   23.42 GiB\n  gateway: 67.77 GiB (weights, the KV cache's device copy)\n",
+    );
+    // 32 shards fit an 80 GB H100 (GPU feature discovery's 81559 MiB), 4 do not.
+    expect(planOutput(["-f", v3, "--gpu-memory", "81559Mi"])).toMatch(
+      /against one GPU of 79\.65 GiB \(--gpu-memory 81559Mi\):\n {2}shard: {3}23\.42 GiB\n {2}gateway: 67\.77 GiB .*\n {2}every process fits\n$/,
+    );
+    const four = planOutput(["-f", v3, "--shards", "4", "--gpu-memory", "81559Mi"]);
+    expect(four).toContain(
+      "  too much: shard 0 keeps 171.32 GiB of experts (fp8) on its GPU, plus ~2.00 GiB for CUDA: more than one GPU of 79.65 GiB (--gpu-memory 81559Mi) holds; the experts that do not fit are copied to the GPU for every batch, at PCIe's speed: about 9 shards (spec.experts.shards, now 4) would fit them\n",
+    );
+    expect(four).not.toContain("a gateway keeps");
+    // Roles without GPUs keep nothing there.
+    const cpu = join(root, "examples/tiny-scaling.yaml");
+    expect(planOutput(["-f", cpu])).not.toContain("on its GPU");
+    expect(planOutput(["-f", cpu, "--gpu-memory", "1Gi"])).toContain(
+      "no role of this manifest runs on a GPU: --gpu-memory checks nothing",
+    );
+    expect(codeOf(() => planOutput(["-f", v3, "--gpu-memory", "lots"]))).toBe("EM_CLI_USAGE");
+    expect(codeOf(() => planOutput(["-f", v3, "--gpu-memory", "-1Gi"]))).toBe("EM_CLI_USAGE");
+    expect(
+      codeOf(() =>
+        planOutput(["--preset", "deepseek-v3", "--shards", "8", "--gpu-memory", "80Gi"]),
+      ),
+    ).toBe("EM_CLI_USAGE");
+  });
+
   it("places the MTP layer's experts with --mtp (and for a manifest asking for MTP drafts)", () => {
     const out = planOutput(["--preset", "deepseek-v3", "--shards", "32", "--mtp"]);
     expect(out).toContain(

@@ -3,8 +3,15 @@
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { architectureOf, readManifest, servedModelName } from "../../api/manifest.ts";
-import { everyShardExpertBytes, gatewayWeightBytes, servedLinearDtype } from "../../api/memory.ts";
+import {
+  everyShardExpertBytes,
+  GPU_MEMORY_OVERHEAD,
+  gatewayWeightBytes,
+  gpuMemoryShortfalls,
+  servedLinearDtype,
+} from "../../api/memory.ts";
 import { type ExpertLayout, resolveArchitecture } from "../../api/presets.ts";
+import { quantityValue } from "../../api/quantity.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { formatBytes } from "../../local/progress.ts";
 import { type ExpertLoad, type PlacementPlan, planPlacement } from "../../moe/placement.ts";
@@ -14,7 +21,8 @@ import type { Command } from "../registry.ts";
 
 const USAGE =
   "expertmesh plan (-f MANIFEST.yaml | --preset NAME | --experts N --layers L --dense-layers D --top-k K)\n" +
-  "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--mtp] [--json]\n\n" +
+  "                [--shards K] [--redundant R] [--load FILE.json] [--plan-version V] [--mtp] [--json]\n" +
+  "                [--gpu-memory QUANTITY]\n\n" +
   "  -f MANIFEST.yaml   DeepSeekModel manifest; --shards/--redundant override its spec.experts\n" +
   "  --preset NAME      deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-v3.1, deepseek-r1, tiny-v2, tiny-v3\n" +
   "  --shards K         expert shards (required without -f)\n" +
@@ -24,7 +32,10 @@ const USAGE =
   "  --mtp              also place the experts of the MTP layer after the last block (DeepSeek-V3/R1's\n" +
   "                     layer 61), for gateway --speculative-method mtp; a manifest asking for MTP\n" +
   "                     drafts (spec.gateway.speculative.method: mtp) implies it\n" +
-  "  --json             print the serialized plan instead of a summary";
+  "  --json             print the serialized plan instead of a summary\n" +
+  "  --gpu-memory Q     with -f: one GPU's memory (80Gi, 141Gi, 9856Mi), checked against what each\n" +
+  "                     process of a role with GPUs keeps on its GPU (the operator checks the nodes'\n" +
+  "                     labels: Event GPUMemoryShort)";
 
 export const planCommand: Command = {
   name: "plan",
@@ -53,7 +64,11 @@ export function planOutput(argv: string[]): string {
   });
   if (opts["json"]) return serializePlan(plan);
   const loadNote = loadFile === undefined ? "uniform load" : `load from ${loadFile}`;
-  const memory = model.manifest ? memoryLines(model.manifest, plan) : [];
+  const gpu = opts["gpu-memory"] as string | undefined;
+  if (gpu !== undefined && !model.manifest) usage("--gpu-memory needs -f MANIFEST.yaml");
+  const memory = model.manifest
+    ? [...memoryLines(model.manifest, plan), ...gpuLines(model.manifest, plan, gpu)]
+    : [];
   return summary(model.label, model.layout, plan, loadNote) + memory.map((l) => `${l}\n`).join("");
 }
 
@@ -71,6 +86,44 @@ function memoryLines(m: DeepSeekModel, plan: PlacementPlan): string[] {
     `memory per pod (linear layers in ${dtype ?? "the checkpoint's dtype, not known before it is read"}):`,
     `  shard:   ${dtype === null ? "not known (explicit architecture, dtype auto)" : `${lo === hi ? formatBytes(lo) : `${formatBytes(lo)}-${formatBytes(hi)}`} of experts`}${own(m.spec.experts.resources)}`,
     `  gateway: ${weights === null ? "weights not known (no preset)" : `${formatBytes(weights)} of weights`} + ${formatBytes(kv)} of KV cache${own(m.spec.gateway.resources)}`,
+  ];
+}
+
+/**
+ * What each process of a role with GPUs keeps on its GPU (resident weights, a gateway's KV
+ * cache mirror, CUDA's share), and with --gpu-memory whether one GPU of that size holds it.
+ */
+function gpuLines(m: DeepSeekModel, plan: PlacementPlan, gpuMemory: string | undefined): string[] {
+  const { gateway, experts } = m.spec;
+  const shards = experts.gpusPerShard > 0 ? everyShardExpertBytes(m, plan) : null;
+  const weights = gatewayWeightBytes(m);
+  const lines = [
+    ...(shards ? [`  shard:   ${formatBytes(Math.max(...shards) + GPU_MEMORY_OVERHEAD)}`] : []),
+    ...(gateway.gpus > 0
+      ? [
+          `  gateway: ${formatBytes((weights ?? 0) + gateway.kvCache.bytes + GPU_MEMORY_OVERHEAD)} (${weights === null ? "weights not known, " : "weights, "}the KV cache's device copy)`,
+        ]
+      : []),
+  ];
+  if (gpuMemory === undefined) {
+    return lines.length
+      ? [
+          `on its GPU (with ~${formatBytes(GPU_MEMORY_OVERHEAD)} for CUDA; --gpu-memory checks a size):`,
+          ...lines,
+        ]
+      : [];
+  }
+  const bytes = quantityValue(gpuMemory);
+  if (bytes === null || bytes <= 0)
+    usage(`--gpu-memory must be a quantity of bytes (80Gi, 9856Mi), got '${gpuMemory}'`);
+  if (lines.length === 0)
+    return ["no role of this manifest runs on a GPU: --gpu-memory checks nothing"];
+  const flag = `--gpu-memory ${gpuMemory}`;
+  const short = gpuMemoryShortfalls(m, plan, { bytes, flag });
+  return [
+    `on its GPU (with ~${formatBytes(GPU_MEMORY_OVERHEAD)} for CUDA), against one GPU of ${formatBytes(bytes)} (${flag}):`,
+    ...lines,
+    ...(short.length ? short.map((l) => `  too much: ${l}`) : ["  every process fits"]),
   ];
 }
 
@@ -96,6 +149,7 @@ function parseOptions(argv: string[]): Options {
         "plan-version": str,
         mtp: { type: "boolean" },
         json: { type: "boolean" },
+        "gpu-memory": str,
       },
     }).values;
   } catch (err) {
