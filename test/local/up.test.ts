@@ -831,6 +831,83 @@ describe("expertmesh up", () => {
     }
   });
 
+  it("--watch: an edited manifest stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
+    const file = variantManifest("    shards: 4\n", "    shards: 4\n");
+    const text = readFileSync(file, "utf8");
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, file, {}, undefined, ["--watch"]);
+    const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: "unused" });
+    const models = async () => (await client.models.list()).data.map((m) => m.id);
+    try {
+      await untilServing(u, port);
+      expect(u.err()).toContain(`[up] watching ${file}: a change to it stops everything`);
+      expect(await models()).toEqual(["tiny-v3"]);
+      const before = descendants(u.proc.pid!);
+      expect(before.length).toBeGreaterThanOrEqual(7); // up, nats-server, 4 shards, the gateway
+
+      writeFileSync(
+        file,
+        text
+          .replace("servedModelName: tiny-v3", "servedModelName: tiny-edited")
+          .replace("    shards: 4\n", "    shards: 2\n"),
+      );
+      await untilLogged(
+        u,
+        "the restart",
+        `[up] ${file} changed: stopping everything, then starting it again with the new manifest`,
+      );
+      await waitFor(
+        "the edited manifest to serve",
+        async () =>
+          (u.out().match(/expertmesh is serving/g) ?? []).length === 2 ? true : undefined,
+        90_000,
+      );
+      expect(await models()).toEqual(["tiny-edited"]);
+      expect(u.err()).toContain("default/tiny: 2 shard(s) x 1 replica(s)");
+      // Every process of the first manifest stopped (none is left behind holding a port).
+      expect(before.filter(alive)).toEqual([]);
+
+      // A manifest the API server would refuse: said, and the running one serves on.
+      writeFileSync(file, text.replace("    shards: 4\n", "    shards: -1\n"));
+      await untilLogged(
+        u,
+        "the refusal",
+        /\[up\] \S+ changed, but \[EM_MANIFEST_INVALID\] .*spec\.experts\.shards.*; the previous manifest runs on until it is fixed/,
+      );
+      expect(await models()).toEqual(["tiny-edited"]);
+      expect(u.out().match(/expertmesh is serving/g)).toHaveLength(2);
+
+      const all = descendants(u.proc.pid!);
+      expect(await ctrlC(u.proc)).toBe(0);
+      await waitFor("every process to stop", async () =>
+        all.every((pid) => !alive(pid)) ? true : undefined,
+      );
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
+    }
+  });
+
+  it("--watch killed outright (SIGKILL): the up it runs sees its standard input end and stops everything", async () => {
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, manifest, {}, undefined, ["--watch"]);
+    let all: number[] = [];
+    try {
+      await untilServing(u, port);
+      all = descendants(u.proc.pid!);
+      expect(all.length).toBeGreaterThanOrEqual(7);
+      u.proc.kill("SIGKILL");
+      await waitFor(
+        "every process to stop",
+        async () => (all.every((pid) => !alive(pid)) ? true : undefined),
+        30_000,
+      ).catch((e) => {
+        throw new Error(`${e}: still running ${all.filter(alive).join(", ")}`);
+      });
+    } finally {
+      for (const pid of all.filter(alive)) process.kill(pid, "SIGKILL"); // after a failure
+    }
+  });
+
   it("--single-process: one gateway runs every expert itself; no nats-server (none is installed here) and no shard starts, and Ctrl-C stops it", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "single-"));
     const env: NodeJS.ProcessEnv = { ...process.env, PATH: "/usr/bin:/bin" };

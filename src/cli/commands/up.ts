@@ -33,9 +33,14 @@ import {
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
-import { NATS_UNDER_WATCH, STOP_ON_STDIN_EOF_ENV } from "../../local/parent-watch.ts";
+import {
+  NATS_UNDER_WATCH,
+  STOP_ON_STDIN_EOF_ENV,
+  stopWhenParentGone,
+} from "../../local/parent-watch.ts";
 import { formatBytes, PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
 import { ProgressBoard } from "../../local/progress-board.ts";
+import { watchAndRun } from "../../local/watch.ts";
 import { modelArchitectureOf, readModelConfig } from "../../model/config.ts";
 import { tinyModelCurrent, writeTinyModel } from "../../model/tiny.ts";
 import { type PlacementPlan, planPlacement } from "../../moe/placement.ts";
@@ -69,6 +74,10 @@ operator), the operator's autoscaler scales the gateways and each shard by queue
 processes are started, or stopped after they finish their work. With
 spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled out live
 (docs/autoscaling.md).
+  --watch            start everything again whenever MANIFEST changes (as kubectl apply of the
+                     edited manifest would roll it): the running processes stop as on Ctrl-C,
+                     then the new manifest starts; one that does not validate is reported and
+                     the running one left alone
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -305,8 +314,17 @@ export const upCommand: Command = {
         "micro-batches": { type: "string" },
         device: { type: "string" },
         "single-process": { type: "boolean" },
+        watch: { type: "boolean" },
       },
     });
+    if (values.watch) {
+      if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
+      return await watchAndRun({
+        file: values.file,
+        upArgs: argv.filter((a) => a !== "--watch"),
+        say: (line) => process.stderr.write(`[up] ${line}\n`),
+      });
+    }
     const single = values["single-process"] === true;
     if (single && values["micro-batches"] !== undefined && values["micro-batches"] !== "1")
       throw new ExpertMeshError(
@@ -542,6 +560,8 @@ export const upCommand: Command = {
     process.on("SIGTERM", () => void stopAll(0));
     // The terminal closed: the children, in groups of their own, would not hear of it.
     process.on("SIGHUP", () => void stopAll(0));
+    // Under `up --watch`: stop when it is gone, however it went (src/local/watch.ts).
+    stopWhenParentGone(() => void stopAll(0));
     process.on("exit", () => {
       for (const { proc: c } of children) if (c.exitCode === null) c.kill("SIGKILL");
     });

@@ -1,0 +1,131 @@
+// `expertmesh up --watch`: runs `up` (without --watch) as a child process and starts it again
+// whenever the manifest's file changes to a valid manifest, as `kubectl apply` of an edited
+// manifest would roll the model. The child stops as on Ctrl-C (gateways finish their requests,
+// shards drain), then a new one starts with the new manifest. A manifest that fails to parse
+// or validate is reported and the running one is left alone, as the API server would refuse it.
+//
+// The child runs in a process group of its own, so that a Ctrl-C in the terminal reaches this
+// supervisor alone, which passes each signal on once (the second Ctrl-C stops at once, as
+// without --watch). Its standard input is a pipe this process never writes: if the supervisor
+// is killed outright, the child sees end-of-file and stops (parent-watch.ts).
+import { type ChildProcess, spawn } from "node:child_process";
+import { type FSWatcher, readFileSync, watch } from "node:fs";
+import { basename, dirname, resolve } from "node:path";
+import { readManifest } from "../api/manifest.ts";
+import { formatError } from "../util/errors.ts";
+import { STOP_ON_STDIN_EOF_ENV } from "./parent-watch.ts";
+
+/** How long the file must be quiet before a change counts (editors write in several steps). */
+export const WATCH_SETTLE_MS = 300;
+
+export interface WatchOptions {
+  /** The manifest's path (as given with -f). */
+  file: string;
+  /** `up`'s arguments without --watch. */
+  upArgs: string[];
+  say: (line: string) => void;
+}
+
+/** Runs until a signal stops it; resolves with the exit code the last child stopped with. */
+export async function watchAndRun(opts: WatchOptions): Promise<number> {
+  const { file, upArgs, say } = opts;
+  const path = resolve(file);
+  let text = readText(path);
+  readManifest(path); // an invalid manifest at the start fails as without --watch
+  let child: ChildProcess | undefined;
+  let stopping = false;
+  let lastCode = 0;
+  let finish: (code: number) => void = () => {};
+  const finished = new Promise<number>((r) => (finish = r));
+
+  const start = () => {
+    const c = spawn(process.execPath, [process.argv[1]!, "up", ...upArgs], {
+      stdio: ["pipe", "inherit", "inherit"],
+      detached: true,
+      env: { ...process.env, [STOP_ON_STDIN_EOF_ENV]: "1" },
+    });
+    child = c;
+    c.on("exit", (code, signal) => {
+      if (child === c) child = undefined;
+      lastCode = code ?? (signal ? 1 : 0);
+      if (stopping) finish(lastCode);
+      else if (!restarting)
+        say(
+          `up stopped (exit ${signal ?? code}); waiting for ${file} to change to start it again (Ctrl-C quits)`,
+        );
+    });
+  };
+
+  // A change: the new text, validated, replaces the running one (one restart at a time; a
+  // change during a restart is looked at once it is done).
+  let restarting = false;
+  let again = false;
+  const changed = async () => {
+    if (stopping) return;
+    if (restarting) {
+      again = true;
+      return;
+    }
+    const now = readText(path);
+    if (now === null || now === text) return; // gone for a moment (an editor's rename), or the same
+    try {
+      readManifest(path);
+    } catch (err) {
+      text = now;
+      say(
+        `${file} changed, but ${formatError(err)}; ${child ? "the previous manifest runs on" : "nothing runs"} until it is fixed`,
+      );
+      return;
+    }
+    text = now;
+    restarting = true;
+    const old = child;
+    if (old) {
+      say(`${file} changed: stopping everything, then starting it again with the new manifest`);
+      await new Promise<void>((r) => {
+        old.once("exit", () => r());
+        old.kill("SIGTERM");
+      });
+    } else say(`${file} changed: starting it`);
+    restarting = false;
+    if (stopping) return;
+    start();
+    if (again) {
+      again = false;
+      void changed();
+    }
+  };
+
+  let timer: NodeJS.Timeout | undefined;
+  // The folder, not the file: editors that save by renaming a new file over the old one
+  // would leave a watch on the file itself watching nothing.
+  const watcher: FSWatcher = watch(dirname(path), (_event, name) => {
+    if (name !== null && name !== basename(path)) return;
+    clearTimeout(timer);
+    timer = setTimeout(() => void changed(), WATCH_SETTLE_MS);
+  });
+
+  const stop = (signal: NodeJS.Signals) => {
+    if (!stopping) {
+      stopping = true;
+      watcher.close();
+      clearTimeout(timer);
+      if (!child) finish(lastCode);
+    }
+    // Every signal is passed on: the child's second one stops it at once.
+    child?.kill(signal);
+  };
+  for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(s, () => stop(s));
+
+  say(`watching ${file}: a change to it stops everything and starts it again`);
+  start();
+  return await finished;
+}
+
+function readText(path: string): string | null {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return null;
+  }
+}
