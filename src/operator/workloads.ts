@@ -45,6 +45,7 @@ export interface PodMonitor {
   metadata: ReturnType<typeof meta>;
   spec: {
     selector: { matchLabels: Record<string, string> };
+    podTargetLabels: string[];
     podMetricsEndpoints: {
       port: string;
       path: string;
@@ -740,6 +741,7 @@ export function networkPolicies(model: DeepSeekModel): V1NetworkPolicy[] {
  * `metrics` port. Applied last: a cluster without the Prometheus Operator's CRD refuses it,
  * and that must not keep the rest from being applied. honorLabels: the series' own
  * `namespace` (the model's) wins over the one Prometheus adds (docs/autoscaling.md).
+ * podTargetLabels copies the pods' model and role labels onto their series.
  */
 export function podMonitor(model: DeepSeekModel): PodMonitor {
   const pm = model.spec.monitoring.podMonitor;
@@ -755,6 +757,9 @@ export function podMonitor(model: DeepSeekModel): PodMonitor {
           "app.kubernetes.io/managed-by": MANAGED_BY,
         },
       },
+      // The pods' model and role as labels of their series (expertmesh_io_model,
+      // app_kubernetes_io_component): what the chart's Grafana dashboard selects by.
+      podTargetLabels: [LABEL_MODEL, LABEL_COMPONENT],
       podMetricsEndpoints: [
         {
           port: "metrics",

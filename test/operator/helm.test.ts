@@ -30,11 +30,21 @@ import {
 } from "@kubernetes/client-node";
 import { Kvm } from "@nats-io/kv";
 import { connect, nkeys } from "@nats-io/transport-node";
+import { Registry } from "prom-client";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
+import {
+  DASHBOARD_PATH,
+  dashboardText,
+  grafanaDashboard,
+} from "../../scripts/grafana-dashboard.ts";
 import { architectureOf, parseManifest } from "../../src/api/manifest.ts";
+import { shardMetrics } from "../../src/cli/commands/shard.ts";
+import type { EngineStats } from "../../src/gateway/engine.ts";
+import { GatewayMetrics } from "../../src/gateway/metrics.ts";
 import { connectNats, serverInfo } from "../../src/moe/nats-connection.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
+import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import { OperatorMetrics } from "../../src/operator/metrics.ts";
 import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
 import { makeNatsPki } from "../env/pki.ts";
@@ -43,7 +53,7 @@ import { kubectl } from "../support/cli.ts";
 import { deleteCrd, installCrd } from "../support/crd.ts";
 import { adminKubeConfig, testEnv, uniqueName, waitFor } from "../support/env.ts";
 import { restrictedNamespace } from "../support/pod-security.ts";
-import { promqlSelectors } from "../support/promql.ts";
+import { promqlSelectors, promqlSyntaxErrors } from "../support/promql.ts";
 
 const run = promisify(execFile);
 
@@ -396,6 +406,7 @@ describe("Helm chart charts/expertmesh", () => {
     // Every series they read is one the operator serves, with labels it has.
     const registry = new OperatorMetrics().registry;
     for (const r of rules) {
+      expect(promqlSyntaxErrors(r.expr), r.alert).toEqual([]);
       for (const [name] of r.expr.matchAll(/\bexpertmesh_[a-z_]+/g))
         expect(registry.getSingleMetric(name), `${r.alert}: ${name}`).toBeDefined();
       for (const { name, labels } of promqlSelectors(r.expr)) {
@@ -419,6 +430,160 @@ describe("Helm chart charts/expertmesh", () => {
     } finally {
       await deleteCrd(crd);
     }
+  });
+
+  it("ships a Grafana dashboard (off by default) whose every query reads series the processes register, with labels they carry", async () => {
+    expect(
+      (await render("em", "default")).some((o) => o.metadata.name === "em-expertmesh-dashboard"),
+    ).toBe(false);
+    const objects = await render("em", "default", [
+      "--set",
+      "grafana.dashboard.enabled=true",
+      "--set",
+      "grafana.dashboard.annotations.grafana_folder=expertmesh",
+      "--set",
+      "grafana.dashboard.namespace=monitoring",
+    ]);
+    const cm = objects.find(
+      (o) => o.kind === "ConfigMap" && o.metadata.name === "em-expertmesh-dashboard",
+    )!;
+    expect(cm.metadata.namespace).toBe("monitoring");
+    expect(cm.metadata.labels.grafana_dashboard).toBe("1"); // the sidecar's default label
+    expect(cm.metadata.annotations).toEqual({ grafana_folder: "expertmesh" });
+    // The chart's file is what the generator writes, and reaches the ConfigMap whole.
+    expect(readFileSync(DASHBOARD_PATH, "utf8")).toBe(dashboardText());
+    const dashboard = JSON.parse(cm.data["expertmesh.json"]);
+    expect(dashboard).toEqual(grafanaDashboard());
+
+    // Every series the processes register: the operator's (with its autoscaler's), a
+    // gateway's and a shard's, each from the code that serves it.
+    const operator = new OperatorMetrics().registry;
+    new Autoscaler({ registry: operator, requeue: () => {}, event: () => {}, log: () => {} });
+    // (An idle engine's figures: its tiers' and speculation's series are registered only
+    // where the gateway has them, which the dashboard leaves out.)
+    const idle: EngineStats = {
+      numWaiting: 0,
+      numRunning: 0,
+      kvUsage: 0,
+      kvCapacityTokens: 0,
+      kvCacheDtype: "bf16",
+      numPreemptions: 0,
+      prefixQueryTokens: 0,
+      prefixHitTokens: 0,
+      prefixDisk: null,
+      prefixRemote: null,
+      numPrefilling: 0,
+      specDrafts: 0,
+      specDraftTokens: 0,
+      specAcceptedTokens: 0,
+      specMtpFailures: 0,
+    };
+    const gateway = new GatewayMetrics(() => idle).registry;
+    const shard = new Registry();
+    shardMetrics(shard, 0, { pendingFrames: 0, totals: { frames: 0, tokens: 0, errors: 0 } });
+    const registered = (name: string) =>
+      (operator.getSingleMetric(name) ??
+        gateway.getSingleMetric(name) ??
+        shard.getSingleMetric(name)) as unknown as
+        | { labelNames: string[]; constructor: { name: string } }
+        | undefined;
+    // What a pod's series carry beside their own labels: the PodMonitor's target labels
+    // (Prometheus writes the pods' label names with underscores) and Prometheus's own.
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m, namespace: default, uid: u-1 }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
+  monitoring: { podMonitor: { enabled: true } }
+`);
+    const plan = planPlacement({
+      architecture: architectureOf(m),
+      numShards: 4,
+      redundantExperts: 0,
+    });
+    const pm = desiredObjects(m, plan, specReplicas(m, plan)).find(
+      (o) => o.kind === "PodMonitor",
+    ) as Obj;
+    const targetLabels = [
+      ...(pm.spec.podTargetLabels as string[]).map((l) => l.replace(/[^a-zA-Z0-9_]/g, "_")),
+      "namespace",
+      "pod",
+    ];
+    expect(targetLabels).toEqual([
+      "expertmesh_io_model",
+      "app_kubernetes_io_component",
+      "namespace",
+      "pod",
+    ]);
+
+    const targets = (dashboard.panels as Obj[]).flatMap((p) =>
+      ((p.targets ?? []) as { expr: string; legendFormat: string }[]).map((t) => ({
+        panel: p.title as string,
+        expr: t.expr,
+        legendFormat: t.legendFormat,
+      })),
+    );
+    expect(targets.length).toBeGreaterThan(20);
+    for (const t of targets) {
+      const what = `${t.panel}: ${t.expr}`;
+      expect(promqlSyntaxErrors(t.expr), what).toEqual([]);
+      const names = [...t.expr.matchAll(/\bexpertmesh_[a-z0-9_]+\b(?!\s*[=!~])/g)].map(
+        (x: RegExpMatchArray) => x[0],
+      );
+      expect(names.length, what).toBeGreaterThan(0);
+      const carried = new Set<string>();
+      for (const full of names) {
+        const name = full.replace(/_bucket$/, "");
+        const metric = registered(name);
+        expect(metric, `${what}: ${name} is registered nowhere`).toBeDefined();
+        if (full !== name) expect(metric!.constructor.name, what).toBe("Histogram");
+        const pod = gateway.getSingleMetric(name) ?? shard.getSingleMetric(name);
+        for (const l of [
+          ...metric!.labelNames,
+          ...(pod ? targetLabels : []),
+          ...(full !== name ? ["le"] : []),
+        ])
+          carried.add(l);
+      }
+      for (const { name, labels } of promqlSelectors(t.expr)) {
+        for (const l of Object.keys(labels))
+          expect(carried.has(l), `${what}: ${name} has no ${l}`).toBe(true);
+        if (gateway.getSingleMetric(name))
+          expect(labels["app_kubernetes_io_component"], what).toBe("gateway");
+        if (shard.getSingleMetric(name))
+          expect(labels["app_kubernetes_io_component"], what).toBe("shard");
+      }
+      const grouped = [...t.expr.matchAll(/\bby \(([^)]*)\)/g)].flatMap((x: RegExpMatchArray) =>
+        x[1]!.split(",").map((l) => l.trim()),
+      );
+      for (const l of grouped) expect(carried.has(l), `${what}: grouped by ${l}`).toBe(true);
+      // A legend names labels the result still has.
+      for (const [, l] of t.legendFormat.matchAll(
+        /\{\{(\w+)\}\}/g,
+      ) as IterableIterator<RegExpMatchArray>) {
+        const kept = grouped.length > 0 ? grouped.filter((g) => g !== "le") : [...carried];
+        expect(kept, `${what}: legend {{${l}}}`).toContain(l);
+      }
+    }
+    // Its variables come from the operator's series, which every model has.
+    expect(
+      (dashboard.templating.list as Obj[])
+        .filter((v) => v.type === "query")
+        .map((v) => v.query.query),
+    ).toEqual([
+      "label_values(expertmesh_model_condition, namespace)",
+      'label_values(expertmesh_model_condition{namespace="$namespace"}, model)',
+    ]);
+    // Panels do not overlap on Grafana's 24-column grid.
+    const cells = new Set<string>();
+    for (const p of dashboard.panels as Obj[])
+      for (let x = p.gridPos.x; x < p.gridPos.x + p.gridPos.w; x++)
+        for (let y = p.gridPos.y; y < p.gridPos.y + p.gridPos.h; y++) {
+          expect(x, p.title).toBeLessThan(24);
+          expect(cells.has(`${x},${y}`), `${p.title} overlaps at ${x},${y}`).toBe(false);
+          cells.add(`${x},${y}`);
+        }
   });
 
   it("selects neither the pods nor the Services of a model named like the release", async () => {

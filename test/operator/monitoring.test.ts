@@ -87,6 +87,7 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
     expect(pm.metadata.ownerReferences.map((o) => o.name)).toEqual([name]);
     expect(pm.spec).toMatchObject({
       selector: { matchLabels: { "expertmesh.io/model": name } },
+      podTargetLabels: ["expertmesh.io/model", "app.kubernetes.io/component"],
       podMetricsEndpoints: [
         { port: "metrics", path: "/metrics", honorLabels: true, interval: "20s" },
       ],

@@ -11,7 +11,7 @@ import type { ModelConfig } from "../../src/model/config.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import { names } from "../../src/operator/labels.ts";
-import { promqlSelectors } from "../support/promql.ts";
+import { promqlSelectors, promqlSyntaxErrors } from "../support/promql.ts";
 
 const dir = new URL("../../examples/", import.meta.url);
 const manifests = readdirSync(dir).filter(
@@ -119,6 +119,7 @@ describe("examples/autoscaling", () => {
           expect(t.type).toBe("prometheus");
           // Trigger metadata are strings in KEDA's CRD.
           expect(typeof t.metadata.threshold).toBe("string");
+          expect(promqlSyntaxErrors(t.metadata.query), t.metadata.query).toEqual([]);
           return promqlSelectors(t.metadata.query).map((s) => ({
             object: o.metadata.name,
             target: o.spec.scaleTargetRef.name,

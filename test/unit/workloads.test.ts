@@ -57,6 +57,7 @@ describe("desiredObjects", () => {
             "app.kubernetes.io/managed-by": "expertmesh-operator",
           },
         },
+        podTargetLabels: ["expertmesh.io/model", "app.kubernetes.io/component"],
         podMetricsEndpoints: [
           { port: "metrics", path: "/metrics", honorLabels: true, interval: "15s" },
         ],

@@ -241,42 +241,7 @@ export const shardCommand: Command = {
     shard.start();
     if (backend.scratchBytes) registerScratchGauge(registry, () => backend.scratchBytes!());
 
-    const labels = { shard: String(k) };
-    new Gauge({
-      name: "expertmesh_shard_pending_frames",
-      help: "Dispatch frames waiting or being computed (queue depth).",
-      registers: [registry],
-      labelNames: ["shard"],
-      collect() {
-        this.set(labels, shard.pendingFrames);
-      },
-    });
-    const frames = new Counter({
-      name: "expertmesh_shard_frames_total",
-      help: "Dispatch frames answered.",
-      registers: [registry],
-      labelNames: ["shard"],
-    });
-    const tokens = new Counter({
-      name: "expertmesh_shard_tokens_total",
-      help: "Tokens computed.",
-      registers: [registry],
-      labelNames: ["shard"],
-    });
-    const errors = new Counter({
-      name: "expertmesh_shard_errors_total",
-      help: "Frames answered with an error.",
-      registers: [registry],
-      labelNames: ["shard"],
-    });
-    let seen = { frames: 0, tokens: 0, errors: 0 };
-    sync = () => {
-      const t = shard.totals;
-      frames.inc(labels, t.frames - seen.frames);
-      tokens.inc(labels, t.tokens - seen.tokens);
-      errors.inc(labels, t.errors - seen.errors);
-      seen = { frames: t.frames, tokens: t.tokens, errors: t.errors };
-    };
+    sync = shardMetrics(registry, k, shard);
     startup.finish();
     log(
       `serving ${model.namespace}/${model.model} shard ${k} on ${values.nats}; metrics on :${metricsAt}; ` +
@@ -303,3 +268,54 @@ export const shardCommand: Command = {
     return 0;
   },
 };
+
+/**
+ * A shard's own series on its /metrics (the chart's Grafana dashboard reads them): its queue
+ * depth, and what it answered. Returns the function that brings the counters up to the
+ * shard's totals (called before each scrape).
+ */
+export function shardMetrics(
+  registry: Registry,
+  k: number,
+  shard: {
+    readonly pendingFrames: number;
+    readonly totals: { frames: number; tokens: number; errors: number };
+  },
+): () => void {
+  const labels = { shard: String(k) };
+  new Gauge({
+    name: "expertmesh_shard_pending_frames",
+    help: "Dispatch frames waiting or being computed (queue depth).",
+    registers: [registry],
+    labelNames: ["shard"],
+    collect() {
+      this.set(labels, shard.pendingFrames);
+    },
+  });
+  const frames = new Counter({
+    name: "expertmesh_shard_frames_total",
+    help: "Dispatch frames answered.",
+    registers: [registry],
+    labelNames: ["shard"],
+  });
+  const tokens = new Counter({
+    name: "expertmesh_shard_tokens_total",
+    help: "Tokens computed.",
+    registers: [registry],
+    labelNames: ["shard"],
+  });
+  const errors = new Counter({
+    name: "expertmesh_shard_errors_total",
+    help: "Frames answered with an error.",
+    registers: [registry],
+    labelNames: ["shard"],
+  });
+  let seen = { frames: 0, tokens: 0, errors: 0 };
+  return () => {
+    const t = shard.totals;
+    frames.inc(labels, t.frames - seen.frames);
+    tokens.inc(labels, t.tokens - seen.tokens);
+    errors.inc(labels, t.errors - seen.errors);
+    seen = { frames: t.frames, tokens: t.tokens, errors: t.errors };
+  };
+}
