@@ -776,7 +776,7 @@ export const ExpertsSchema = withRules(
       ),
       weightsRollout: StringEnum(["Rolling", "BlueGreen"], {
         description:
-          "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready. BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile (copies that find none are deleted, and the new weights roll as with Rolling).",
+          "How a change of spec.model.source to other weights of the same shape rolls out (ADR 0035). Rolling: shards and gateways roll at once; each gateway uses only shards of its own weights, so old gateways fail requests once their shards are replaced, until new gateways are ready (a Warning Event, WeightsRollingInPlace, says so). BlueGreen: the operator first copies each shard Deployment as <name>-shard-<k>-prev (old weights), so old gateways keep serving until every new gateway is ready, then deletes the copies; needs room for a second set of shard pods meanwhile (copies that find none are deleted, and the new weights roll as with Rolling).",
         default: "Rolling",
       }),
       blueGreenWaitSeconds: Type.Integer({

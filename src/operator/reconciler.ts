@@ -45,6 +45,7 @@ import {
   previousCopiesDone,
   previousShardsStep,
   rollWithoutCopies,
+  shardsChangingWeights,
 } from "./weights-rollout.ts";
 import {
   type DesiredObject,
@@ -473,8 +474,20 @@ export class Reconciler {
     before: V1Deployment[],
     desired: V1Deployment[],
   ): Promise<boolean> {
-    if (model.spec.experts.weightsRollout !== "BlueGreen" || current?.version !== plan.version)
+    if (model.spec.experts.weightsRollout !== "BlueGreen") {
+      // Rolling to other weights: said when the new templates are about to be applied (the
+      // Deployments run the old weights once, so this is said once per change).
+      const changing = shardsChangingWeights(before, desired, shardNamesOf(model));
+      if (changing.length > 0)
+        await this.#event(
+          model,
+          "Warning",
+          "WeightsRollingInPlace",
+          `spec.model.source names other weights and spec.experts.weightsRollout is Rolling: ${changing.join(", ")} and the gateways roll at once, so an old gateway fails requests (EM_DISPATCH_UNAVAILABLE) from when one of its shards is replaced until the new gateways are ready; weightsRollout BlueGreen keeps the old weights' shards serving meanwhile (a second set of shard pods for a while)`,
+        );
       return false;
+    }
+    if (current?.version !== plan.version) return false;
     const step = previousShardsStep(before, desired, shardNamesOf(model));
     for (const copy of step.create) await this.#kube.apply(copy);
     if (step.create.length > 0) {

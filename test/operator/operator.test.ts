@@ -306,11 +306,57 @@ describe.sequential("expertmesh operator", () => {
       ).items;
       const message = (reason: string) => events.find((e) => e.reason === reason)?.message;
       expect(message("PreviousShardsCreated")).toContain("bg-shard-0-prev, bg-shard-1-prev");
+      expect(message("WeightsRollingInPlace")).toBeUndefined(); // Rolling's warning
       expect(message("PreviousShardsDeleted")).toContain(
         "deleted bg-shard-0-prev, bg-shard-1-prev",
       );
     } finally {
       await kubectl(["delete", "dsm", "bg", "-n", ns, "--wait=false"]);
+    }
+  });
+
+  it("other weights with weightsRollout Rolling (the default): a Warning Event says that old gateways fail requests meanwhile, once", async () => {
+    const ns = await newNamespace("rolling");
+    await createWeightsVolume(ns);
+    const spec = { experts: { shards: 2, gpusPerShard: 0 }, gateway: { gpus: 0 } };
+    await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("rl", ns, spec) });
+    const warnings = async () =>
+      (
+        await core.listNamespacedEvent({ namespace: ns, fieldSelector: "involvedObject.name=rl" })
+      ).items.filter((e) => e.reason === "WeightsRollingInPlace");
+    try {
+      await waitForCondition(ns, "rl", "Ready", "True", "AllReplicasReady");
+      // Another spec change of the same weights says nothing.
+      await patchSpec(ns, "rl", { gateway: { gpus: 0, logRequests: true } });
+      await waitFor("the gateway's new template", async () =>
+        (await ownedDeployments(ns, "rl")).some((d) =>
+          d.spec?.template.spec?.containers[0]?.args?.includes("--log-requests"),
+        )
+          ? true
+          : undefined,
+      );
+      expect(await warnings()).toEqual([]);
+
+      await patchSpec(ns, "rl", {
+        model: { source: { pvc: { claimName: "weights", path: "r1" } } },
+      });
+      const [w] = await waitFor("Event WeightsRollingInPlace", async () => {
+        const got = await warnings();
+        return got.length > 0 ? got : undefined;
+      });
+      expect(w!.type).toBe("Warning");
+      expect(w!.message).toBe(
+        "spec.model.source names other weights and spec.experts.weightsRollout is Rolling: rl-shard-0, rl-shard-1 and the gateways roll at once, so an old gateway fails requests (EM_DISPATCH_UNAVAILABLE) from when one of its shards is replaced until the new gateways are ready; weightsRollout BlueGreen keeps the old weights' shards serving meanwhile (a second set of shard pods for a while)",
+      );
+      await waitFor("the new weights everywhere", async () =>
+        (await ownedDeployments(ns, "rl")).every((d) => modelArg(d) === "--model=/models/r1")
+          ? true
+          : undefined,
+      );
+      await waitForCondition(ns, "rl", "Ready", "True", "AllReplicasReady");
+      expect(await warnings()).toHaveLength(1);
+    } finally {
+      await kubectl(["delete", "dsm", "rl", "-n", ns, "--wait=false"]);
     }
   });
 
