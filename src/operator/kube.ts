@@ -230,10 +230,15 @@ export class KubeClient {
 
   /**
    * The nodes labelled with `label` (a GPU's memory in MiB, as GPU feature discovery writes
-   * it: gpuMemoryLabel) and each one's bytes; nodes whose label is not a number are left out.
+   * it: gpuMemoryLabel) and matching `nodeSelector` (the model's spec.scheduling), and each
+   * one's bytes; nodes whose label is not a number are left out.
    */
-  async nodeGpuMemory(label: string): Promise<NodeGpuMemory[]> {
-    const nodes = await this.core.listNode({ labelSelector: label });
+  async nodeGpuMemory(
+    label: string,
+    nodeSelector: Record<string, string> = {},
+  ): Promise<NodeGpuMemory[]> {
+    const selector = [label, ...Object.entries(nodeSelector).map(([k, v]) => `${k}=${v}`)];
+    const nodes = await this.core.listNode({ labelSelector: selector.join(",") });
     return nodes.items.flatMap((n) => {
       const mib = Number(n.metadata?.labels?.[label]);
       return Number.isFinite(mib) && mib > 0

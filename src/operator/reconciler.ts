@@ -581,8 +581,9 @@ export class Reconciler {
   }
 
   /**
-   * The memory of one GPU of each role's resource on the nodes that offer it (their GPU
-   * feature discovery labels), for roles that request GPUs; empty where unknown. Advisory:
+   * The memory of one GPU of each role's resource on the nodes that offer it and that the
+   * model's nodeSelector admits (their GPU feature discovery labels), for roles that request
+   * GPUs; empty where unknown. (Affinity and taints are not weighed.) Advisory:
    * a failed list is logged and checks nothing; a forbidden one (the chart's namespaced mode
    * grants no nodes) is logged once and not tried again.
    */
@@ -593,7 +594,7 @@ export class Reconciler {
       const label = gpuMemoryLabel(resource ?? DEFAULT_GPU_RESOURCE);
       if (gpus === 0 || label === null || this.#nodesForbidden) return [];
       try {
-        return await this.#kube.nodeGpuMemory(label);
+        return await this.#kube.nodeGpuMemory(label, model.spec.scheduling.nodeSelector);
       } catch (err) {
         if (httpStatus(err) === 403) {
           this.#nodesForbidden = true;

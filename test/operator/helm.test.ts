@@ -46,7 +46,7 @@ import { connectNats, serverInfo } from "../../src/moe/nats-connection.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { Autoscaler } from "../../src/operator/autoscale/autoscaler.ts";
 import { OperatorMetrics } from "../../src/operator/metrics.ts";
-import { desiredObjects, specReplicas } from "../../src/operator/workloads.ts";
+import { desiredObjects, podMonitor, specReplicas } from "../../src/operator/workloads.ts";
 import { makeNatsPki } from "../env/pki.ts";
 import { freePort, ManagedProcess } from "../env/process.ts";
 import { kubectl } from "../support/cli.ts";
@@ -489,24 +489,14 @@ describe("Helm chart charts/expertmesh", () => {
         | undefined;
     // What a pod's series carry beside their own labels: the PodMonitor's target labels
     // (Prometheus writes the pods' label names with underscores) and Prometheus's own.
-    const m = parseManifest(`
-apiVersion: expertmesh.io/v1alpha1
-kind: DeepSeekModel
-metadata: { name: m, namespace: default, uid: u-1 }
-spec:
-  model: { preset: tiny-v3, source: { pvc: { claimName: weights, path: tiny } } }
-  monitoring: { podMonitor: { enabled: true } }
-`);
-    const plan = planPlacement({
-      architecture: architectureOf(m),
-      numShards: 4,
-      redundantExperts: 0,
-    });
-    const pm = desiredObjects(m, plan, specReplicas(m, plan)).find(
-      (o) => o.kind === "PodMonitor",
-    ) as Obj;
+    const pm = podMonitor(
+      parseManifest(
+        "apiVersion: expertmesh.io/v1alpha1\nkind: DeepSeekModel\nmetadata: { name: m, namespace: default }\n" +
+          "spec: { model: { preset: tiny-v3, source: { pvc: { claimName: w } } } }\n",
+      ),
+    );
     const targetLabels = [
-      ...(pm.spec.podTargetLabels as string[]).map((l) => l.replace(/[^a-zA-Z0-9_]/g, "_")),
+      ...pm.spec.podTargetLabels.map((l) => l.replace(/[^a-zA-Z0-9_]/g, "_")),
       "namespace",
       "pod",
     ];

@@ -415,23 +415,30 @@ describe.sequential("expertmesh operator", () => {
     // A node whose GPUs are MIG slices of ~10 GB (nvidia.com/mig-1g.10gb.memory, in MiB, as
     // GPU feature discovery labels them), and DeepSeek-V2-Lite's bf16 experts on 2 shards:
     // ~13 GiB each, more than a slice holds. The pods run all the same (on fake nodes here;
-    // on a GPU, what does not fit is copied per batch).
+    // on a GPU, what does not fit is copied per batch). A second node offers the resource
+    // with room to spare, but the model's nodeSelector leaves it out: it is not counted.
     const node = uniqueName("small-mig");
+    const other = uniqueName("other-mig");
     const resource = "nvidia.com/mig-1g.10gb";
     const taint = { key: "expertmesh.io/test-node", value: node, effect: "NoSchedule" };
-    const base = fakeGpuNode(node, 0);
-    const capacity = { ...base.status!.capacity!, [resource]: "4" };
-    await core.createNode({
-      body: {
-        ...base,
-        metadata: {
-          ...base.metadata,
-          labels: { ...base.metadata!.labels, [`${resource}.memory`]: "9856" },
+    for (const [name, mib] of [
+      [node, "9856"],
+      [other, "200000"],
+    ] as const) {
+      const base = fakeGpuNode(name, 0);
+      const capacity = { ...base.status!.capacity!, [resource]: "4" };
+      await core.createNode({
+        body: {
+          ...base,
+          metadata: {
+            ...base.metadata,
+            labels: { ...base.metadata!.labels, [`${resource}.memory`]: mib },
+          },
+          spec: { taints: [{ ...taint, value: name }] },
+          status: { ...base.status, capacity, allocatable: capacity },
         },
-        spec: { taints: [taint] },
-        status: { ...base.status, capacity, allocatable: capacity },
-      },
-    });
+      });
+    }
     const ns = await newNamespace("gpumem");
     await createWeightsVolume(ns);
     try {
@@ -467,7 +474,7 @@ describe.sequential("expertmesh operator", () => {
       expect(await short()).toHaveLength(1);
     } finally {
       await kubectl(["delete", "dsm", "lite", "-n", ns, "--wait=false"]);
-      await core.deleteNode({ name: node }).catch(() => {});
+      for (const name of [node, other]) await core.deleteNode({ name }).catch(() => {});
     }
   });
 
