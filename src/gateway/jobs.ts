@@ -340,7 +340,21 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
           finish(choice, "stop");
         }
       },
-      onFinish: (reason) => finish(choice, reason),
+      onFinish: (reason) => {
+        // A first sampled token that ends the choice (EOS, a stop token id) is its first
+        // token too: the time to it counts, as vLLM counts it (the other finishes before any
+        // token, an abort or an error, do not come here as "stop").
+        if (firstToken && reason === "stop" && !settled && choice.finishReason === null) {
+          const now = performance.now();
+          metrics.timeToFirstToken.observe({
+            value: (now - t0) / 1000,
+            exemplarLabels: exemplar(),
+          });
+          if (firstTokenAt === 0) firstTokenAt = now;
+          firstToken = false;
+        }
+        finish(choice, reason);
+      },
       onError: fail,
     });
     if (!r.ok) {

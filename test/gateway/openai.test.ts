@@ -1522,11 +1522,15 @@ describe("completions", () => {
         ...extra,
       } as OpenAI.CompletionCreateParamsNonStreaming);
     // EOS favoured: it ends the choice at once, or after min_tokens.
+    const ttft = () => metric(gw.url, "expertmesh_gateway_time_to_first_token_seconds_count");
+    const ttftBefore = await ttft();
     const atOnce = await ask({ logit_bias: { [eos]: 100 } });
     expect([atOnce.usage!.completion_tokens, atOnce.choices[0]!.finish_reason]).toEqual([
       0,
       "stop",
     ]);
+    // Its first sampled token (EOS) still came after a time to first token, as vLLM counts it.
+    expect((await ttft()) - ttftBefore).toBe(1);
     const five = await ask({ logit_bias: { [eos]: 100 }, min_tokens: 5 });
     expect([five.usage!.completion_tokens, five.choices[0]!.finish_reason]).toEqual([5, "stop"]);
     // A token of stop_token_ids ends it like EOS (not in the text); with min_tokens, after.
