@@ -31,7 +31,10 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   const { file, upArgs, say } = opts;
   const path = resolve(file);
   let text = readText(path);
-  readManifest(path); // an invalid manifest at the start fails as without --watch
+  // What the manifest says (an invalid one at the start fails as without --watch): an edit
+  // that leaves it the same (a comment, the order of keys) restarts nothing, as kubectl
+  // apply of it changes nothing.
+  let meaning = JSON.stringify(readManifest(path));
   let child: ChildProcess | undefined;
   let stopping = false;
   let lastCode = 0;
@@ -68,8 +71,9 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     }
     const now = readText(path);
     if (now === null || now === text) return; // gone for a moment (an editor's rename), or the same
+    let next: string;
     try {
-      readManifest(path);
+      next = JSON.stringify(readManifest(path));
     } catch (err) {
       text = now;
       say(
@@ -78,6 +82,11 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
       return;
     }
     text = now;
+    if (next === meaning && child) {
+      say(`${file} changed, but it says what it said: nothing to restart`);
+      return;
+    }
+    meaning = next;
     restarting = true;
     const old = child;
     if (old) {

@@ -845,6 +845,11 @@ describe("expertmesh up", () => {
       const before = descendants(u.proc.pid!);
       expect(before.length).toBeGreaterThanOrEqual(7); // up, nats-server, 4 shards, the gateway
 
+      // A comment changes nothing the manifest says: nothing restarts.
+      writeFileSync(file, `# edited\n${text}`);
+      await untilLogged(u, "the no-op", `[up] ${file} changed, but it says what it said`);
+      expect(before.filter(alive)).toEqual(before);
+
       writeFileSync(
         file,
         text
