@@ -77,7 +77,8 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
   --watch            start everything again whenever MANIFEST changes (as kubectl apply of the
                      edited manifest would roll it): the running processes stop as on Ctrl-C,
                      then the new manifest starts; one that does not validate is reported and
-                     the running one left alone
+                     the running one left alone; an edit that says the same (a comment)
+                     restarts nothing
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
