@@ -30,7 +30,8 @@ import {
 } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Dispatcher, fetch as undiciFetch } from "undici";
+import type { Dispatcher } from "undici";
+import { send } from "../src/loadgen/client.ts";
 import { findNatsServer } from "../src/local/nats-binary.ts";
 import { modelArchitectureOf, readModelConfig } from "../src/model/config.ts";
 import { writeTinyModel } from "../src/model/tiny.ts";
@@ -259,17 +260,18 @@ export interface RequestResult {
 }
 
 /**
- * One streaming chat completion of exactly maxTokens tokens (ignore_eos); SSE parsed by
- * hand. `system`: a system message before the prompt; `extra`: more request fields (with
- * `logprobs: true` every token makes a chunk, text or not); `onContent`: called with
- * performance.now() as each content chunk arrives.
- */
-/**
  * Where a gateway answers: its base URL, or (over TLS) the URL and an undici dispatcher that
  * trusts its CA and presents a client certificate if it asks for one.
  */
 export type Endpoint = string | { url: string; dispatcher: Dispatcher };
 
+/**
+ * One streaming chat completion of exactly maxTokens tokens (ignore_eos, temperature 0),
+ * timed by `expertmesh bench`'s client (src/loadgen/client.ts). `system`: a system message
+ * before the prompt; `extra`: more request fields (with `logprobs: true` every token makes a
+ * chunk, text or not); `onContent`: called with performance.now() as each token's chunk
+ * arrives.
+ */
 export async function chat(
   base: Endpoint,
   prompt: string,
@@ -278,91 +280,29 @@ export async function chat(
   extra: Record<string, unknown> = {},
   onContent?: (now: number) => void,
 ): Promise<RequestResult> {
-  const t0 = performance.now();
-  const url = typeof base === "string" ? base : base.url;
-  const post = (init: RequestInit) =>
+  const r = await send(
     typeof base === "string"
-      ? fetch(`${url}/v1/chat/completions`, init)
-      : (undiciFetch(`${url}/v1/chat/completions`, {
-          ...(init as object),
-          dispatcher: base.dispatcher,
-        }) as unknown as Promise<Response>);
-  const res = await post({
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({
-      model: SERVE_MODEL,
+      ? { url: base, model: SERVE_MODEL, api: "chat" }
+      : { url: base.url, dispatcher: base.dispatcher, model: SERVE_MODEL, api: "chat" },
+    {
+      prompt,
+      maxTokens,
+      ignoreEos: true,
       messages: [
         ...(system ? [{ role: "system", content: system }] : []),
         { role: "user", content: prompt },
       ],
-      max_tokens: maxTokens,
-      temperature: 0,
-      ignore_eos: true,
-      stream: true,
-      stream_options: { include_usage: true },
-      ...extra,
-    }),
-  });
-  if (!res.ok || !res.body) {
-    const body = await res.text().catch(() => "");
-    return {
-      ok: false,
-      error: `HTTP ${res.status}: ${body.slice(0, 300)}`,
-      tokens: 0,
-      ttftMs: Number.NaN,
-      gapsMs: [],
-      totalMs: 0,
-    };
-  }
-  const decoder = new TextDecoder();
-  let buf = "";
-  let first = Number.NaN;
-  let last = Number.NaN;
-  const gaps: number[] = [];
-  let tokens = 0;
-  let ok = true;
-  let error: string | undefined;
-  for await (const chunk of res.body) {
-    buf += decoder.decode(chunk as Uint8Array, { stream: true });
-    let i = buf.indexOf("\n\n");
-    while (i >= 0) {
-      const event = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      i = buf.indexOf("\n\n");
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") continue;
-        const msg = JSON.parse(data) as {
-          choices?: { delta?: { content?: string }; logprobs?: { content?: unknown[] } | null }[];
-          usage?: { completion_tokens: number };
-          error?: unknown;
-        };
-        if (msg.error) {
-          ok = false;
-          error ??= JSON.stringify(msg.error).slice(0, 300);
-        }
-        if (msg.usage) tokens = msg.usage.completion_tokens;
-        // A token's chunk: its text, or (with logprobs) its logprobs when its text is held
-        // back (a character's first bytes).
-        if (msg.choices?.some((c) => c.delta?.content || c.logprobs?.content?.length)) {
-          const now = performance.now();
-          if (Number.isNaN(first)) first = now - t0;
-          else gaps.push(now - last);
-          last = now;
-          onContent?.(now);
-        }
-      }
-    }
-  }
+      extra: { temperature: 0, ...extra },
+      ...(onContent ? { onToken: onContent } : {}),
+    },
+  );
   return {
-    ok,
-    ...(error ? { error } : {}),
-    tokens,
-    ttftMs: first,
-    gapsMs: gaps,
-    totalMs: performance.now() - t0,
+    ok: r.ok,
+    ...(r.error ? { error: r.error } : {}),
+    tokens: r.outputTokens,
+    ttftMs: r.ttftMs,
+    gapsMs: r.itlMs,
+    totalMs: r.e2eMs,
   };
 }
 

@@ -14,6 +14,7 @@ type Loader = () => Promise<Command>;
 
 /** Commands by name. Add a command here once it does real work. */
 const commands: Record<string, Loader> = {
+  bench: async () => (await import("./commands/bench.ts")).benchCommand,
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
   generate: async () => (await import("./commands/generate.ts")).generateCommand,
   gateway: async () => (await import("./commands/gateway.ts")).gatewayCommand,

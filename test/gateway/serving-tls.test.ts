@@ -283,6 +283,38 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
     expect(await grpcOk(pki.otherClient)).toBe(false);
   });
 
+  it("is measured by `expertmesh bench` with --cacert and a client certificate; without them, bench says it got no answer", async () => {
+    const bench = (args: string[]) =>
+      runCli(process.execPath, [
+        mainTs,
+        "bench",
+        `--url=${mtls.url}`,
+        "--concurrency=2",
+        "--requests=2",
+        "--max-tokens=3",
+        "--json=-",
+        ...args,
+      ]);
+    const r = await bench([
+      `--cacert=${pki.ca}`,
+      `--cert=${pki.client.cert}`,
+      `--key=${pki.client.key}`,
+    ]);
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.stdout) as {
+      levels: { succeeded: number; outputTokens: number }[];
+    };
+    expect(report.levels).toEqual([expect.objectContaining({ succeeded: 2, outputTokens: 6 })]);
+    // The CA trusted but no client certificate: refused at the handshake.
+    const noCert = await bench([`--cacert=${pki.ca}`]);
+    expect(noCert.code).toBe(1);
+    expect(noCert.stderr).toMatch(/\[EM_BENCH_UNREACHABLE\] no answer from https:/);
+    // The system CAs only: the server's certificate is not trusted.
+    const noCa = await bench([]);
+    expect(noCa.code).toBe(1);
+    expect(noCa.stderr).toMatch(/\[EM_BENCH_UNREACHABLE\] .*certificate/i);
+  });
+
   it("answers the probes' /health and /ready on the plain metrics port", async () => {
     const health = await fetch(`http://127.0.0.1:${metricsPort}/health`);
     expect(health.status).toBe(200);

@@ -739,6 +739,7 @@ export const upCommand: Command = {
           `  and over gRPC at ${at}:${grpc} (KServe v2 inference.GRPCInferenceService, expertmesh.v1.Generation)\n` +
           `  curl http://${at}:${http}/v1/chat/completions -H 'content-type: application/json' \\\n` +
           `    -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
+          `  expertmesh bench --url http://${at}:${http} measures it under load\n` +
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;

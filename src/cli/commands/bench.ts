@@ -1,0 +1,329 @@
+// `expertmesh bench`: load on a running OpenAI-compatible server (an expertmesh gateway, the
+// Service of a DeepSeekModel, `expertmesh up`, or any other), as vLLM's `bench serve`:
+// streamed requests at each concurrency (and arrival rate) asked for, with the throughput and
+// the latency percentiles (time to first token, time per output token, inter-token gaps,
+// end to end) each level reached. For sizing replicas and the autoscaler's target queue
+// depth, and comparing configurations; the repository's own suites are under bench/.
+import { writeFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { getFrom, type Target } from "../../loadgen/client.ts";
+import {
+  formatLevels,
+  type LevelSpec,
+  type LevelSummary,
+  runLevel,
+  summarizeLevel,
+} from "../../loadgen/level.ts";
+import { randomPrompts, readPrompts } from "../../loadgen/prompts.ts";
+import { ExpertMeshError } from "../../util/errors.ts";
+import { boolFlag, intFlag, numberFlag, readOptionFile } from "../options.ts";
+import type { Command } from "../registry.ts";
+
+const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completions]
+                  [--concurrency 1,4,16] [--request-rate inf] [--requests N]
+                  [--max-tokens 128] [--prompt-words 64 | --prompts FILE] [--ignore-eos true]
+                  [--temperature T] [--seed S] [--timeout SECONDS] [--json FILE]
+                  [--api-key KEY] [--cacert FILE] [--cert FILE --key FILE]
+
+  --url URL            the server (default http://127.0.0.1:8000; a trailing /v1 is allowed)
+  --model NAME         the model to ask for (default: the first the server's /v1/models lists)
+  --api API            chat (/v1/chat/completions, default) or completions (/v1/completions)
+  --concurrency LIST   requests in flight at once, a level each (default 1,4,16)
+  --request-rate LIST  arrivals per second (Poisson), a level each with every concurrency;
+                       inf (default) sends a request whenever one of the level's slots is free
+  --requests N         requests per level (default 4 x the concurrency, at least 8)
+  --max-tokens N       output tokens per request (default 128)
+  --ignore-eos BOOL    generate max-tokens whatever the model samples (default true; vLLM's
+                       ignore_eos: every request then has the same output length; servers
+                       that do not know the field may refuse it: false)
+  --prompt-words N     random prompts of N common words, each different (default 64)
+  --prompts FILE       the prompts instead, cycled: JSON Lines of strings or {"prompt": ...}
+                       objects, or one prompt per line
+  --temperature T      sent as the requests' temperature (default: the server's)
+  --seed S             draws the random prompts and arrivals (default 0)
+  --timeout SECONDS    a request still running after this fails (default 600)
+  --json FILE          also write the results as JSON (- for stdout, then without the table)
+  --api-key KEY        sent as a bearer token (default $OPENAI_API_KEY)
+  --cacert FILE        trust this CA for https (a gateway with spec.gateway.tls)
+  --cert/--key FILE    a client certificate for mutual TLS
+
+Prints a table, one row per level: requests that succeeded and failed, requests/s and
+tokens/s over the level's wall time, latency percentiles p50/p90/p99 in ms. Exit status 1
+when any request failed (the failures are counted by kind, with an example of each).`;
+
+export const benchCommand: Command = {
+  name: "bench",
+  summary: "measure a running server: throughput and latency percentiles under load",
+  usage: USAGE,
+  run: runBench,
+};
+
+/** A comma-separated list of numbers >= min (or `inf` where allowed). */
+export function listFlag(
+  v: string,
+  flag: string,
+  o: { integer: boolean; inf?: boolean },
+): number[] {
+  const items = v.split(",").map((s) => s.trim());
+  return items.map((s) => {
+    if (o.inf && s === "inf") return Number.POSITIVE_INFINITY;
+    const n = Number(s);
+    const valid = s !== "" && (o.integer ? Number.isSafeInteger(n) : Number.isFinite(n)) && n > 0;
+    if (!valid) {
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `${flag} must be a comma-separated list of ${o.integer ? "integers" : "numbers"} > 0${o.inf ? " or inf" : ""}, got '${v}'`,
+      );
+    }
+    return n;
+  });
+}
+
+/** The server's base URL from --url: without a trailing slash or /v1. */
+export function baseUrl(v: string): string {
+  let url: URL;
+  try {
+    url = new URL(v);
+  } catch {
+    throw new ExpertMeshError("EM_CLI_USAGE", `--url must be an http(s) URL, got '${v}'`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new ExpertMeshError("EM_CLI_USAGE", `--url must be an http(s) URL, got '${v}'`);
+  }
+  return url.href.replace(/\/+$/, "").replace(/\/v1$/, "");
+}
+
+/** The model to ask for: --model, or the first listed; checks the server answers. */
+async function discoverModel(
+  target: Omit<Target, "model" | "api">,
+  asked?: string,
+): Promise<string> {
+  let res: Response;
+  try {
+    res = await getFrom(target, "/v1/models");
+  } catch (err) {
+    const e = err as { message?: string; cause?: { message?: string; code?: string } };
+    throw new ExpertMeshError(
+      "EM_BENCH_UNREACHABLE",
+      `no answer from ${target.url}: ${e.cause?.message ?? e.message ?? String(err)}; is the server running (expertmesh up, or kubectl port-forward to the model's Service)?`,
+      { cause: err },
+    );
+  }
+  const body = await res.text().catch(() => "");
+  // A server in front of the model that lists none (404) still serves a named model.
+  if (res.status === 404 && asked) return asked;
+  if (!res.ok) {
+    throw new ExpertMeshError(
+      "EM_BENCH_REFUSED",
+      `${target.url}/v1/models answered HTTP ${res.status}: ${body.replace(/\s+/g, " ").slice(0, 300)}${res.status === 401 ? " (give the key with --api-key or $OPENAI_API_KEY)" : ""}`,
+    );
+  }
+  let ids: string[] = [];
+  try {
+    ids = ((JSON.parse(body) as { data?: { id?: unknown }[] }).data ?? [])
+      .map((m) => m.id)
+      .filter((id): id is string => typeof id === "string");
+  } catch {}
+  if (asked) {
+    if (ids.length > 0 && !ids.includes(asked)) {
+      throw new ExpertMeshError(
+        "EM_BENCH_REFUSED",
+        `${target.url} does not serve '${asked}'; it serves: ${ids.join(", ")}`,
+      );
+    }
+    return asked;
+  }
+  if (ids.length === 0) {
+    throw new ExpertMeshError(
+      "EM_BENCH_REFUSED",
+      `${target.url}/v1/models lists no model; name one with --model`,
+    );
+  }
+  return ids[0]!;
+}
+
+/** Progress on stderr: a rewritten line on a terminal, a line per level elsewhere. */
+function levelProgress(label: string, total: number) {
+  const tty = process.stderr.isTTY === true;
+  let done = 0;
+  let failed = 0;
+  let last = 0;
+  const line = () => `${label}: ${done}/${total} requests${failed ? `, ${failed} failed` : ""}`;
+  if (!tty) process.stderr.write(`${label}: ${total} requests\n`);
+  return {
+    settled(ok: boolean) {
+      done++;
+      if (!ok) failed++;
+      const now = Date.now();
+      if (tty && (now - last > 100 || done === total)) {
+        process.stderr.write(`\r\x1b[K${line()}`);
+        last = now;
+      }
+    },
+    finish(summary: LevelSummary) {
+      const end = `${line()} in ${summary.wallSeconds.toFixed(1)} s, ${summary.outputTokensPerSecond.toFixed(1)} output tokens/s`;
+      process.stderr.write(tty ? `\r\x1b[K${end}\n` : `${end}\n`);
+    },
+  };
+}
+
+function writeReport(path: string, json: string): void {
+  try {
+    writeFileSync(path, json);
+  } catch (err) {
+    throw new ExpertMeshError(
+      "EM_WRITE_FAILED",
+      `--json ${path}: cannot write it: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
+}
+
+async function runBench(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      url: { type: "string" },
+      model: { type: "string" },
+      api: { type: "string" },
+      concurrency: { type: "string" },
+      "request-rate": { type: "string" },
+      requests: { type: "string" },
+      "max-tokens": { type: "string" },
+      "ignore-eos": { type: "string" },
+      "prompt-words": { type: "string" },
+      prompts: { type: "string" },
+      temperature: { type: "string" },
+      seed: { type: "string" },
+      timeout: { type: "string" },
+      json: { type: "string" },
+      "api-key": { type: "string" },
+      cacert: { type: "string" },
+      cert: { type: "string" },
+      key: { type: "string" },
+    },
+    strict: true,
+  });
+  const url = baseUrl(values.url ?? "http://127.0.0.1:8000");
+  const api = values.api ?? "chat";
+  if (api !== "chat" && api !== "completions") {
+    throw new ExpertMeshError("EM_CLI_USAGE", `--api must be chat or completions, got '${api}'`);
+  }
+  const concurrencies = listFlag(values.concurrency ?? "1,4,16", "--concurrency", {
+    integer: true,
+  });
+  const rates = listFlag(values["request-rate"] ?? "inf", "--request-rate", {
+    integer: false,
+    inf: true,
+  });
+  const requestsFlag = values.requests;
+  const maxTokens = intFlag(values["max-tokens"], "--max-tokens", 128);
+  const ignoreEos = boolFlag(values["ignore-eos"], "--ignore-eos", true);
+  const seed = intFlag(values.seed, "--seed", 0, 0);
+  const timeoutMs = numberFlag(values.timeout, "--timeout", 600, 0.001) * 1000;
+  const temperature =
+    values.temperature === undefined
+      ? undefined
+      : numberFlag(values.temperature, "--temperature", 0, 0);
+  if (values.prompts !== undefined && values["prompt-words"] !== undefined) {
+    throw new ExpertMeshError("EM_CLI_USAGE", "--prompts and --prompt-words exclude each other");
+  }
+  if ((values.cert === undefined) !== (values.key === undefined)) {
+    throw new ExpertMeshError("EM_CLI_USAGE", "--cert and --key go together");
+  }
+  const levels: LevelSpec[] = rates.flatMap((rate) =>
+    concurrencies.map((concurrency) => ({
+      concurrency,
+      rate,
+      requests: intFlag(requestsFlag, "--requests", Math.max(8, 4 * concurrency)),
+    })),
+  );
+  // One prompt per request of the run: a later level finds none in the prefix cache.
+  const total = levels.reduce((n, l) => n + l.requests, 0);
+  const prompts =
+    values.prompts !== undefined
+      ? readPrompts(values.prompts)
+      : randomPrompts(total, intFlag(values["prompt-words"], "--prompt-words", 64), seed);
+
+  const apiKey = values["api-key"] ?? process.env.OPENAI_API_KEY;
+  const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
+  let dispatcher: Target["dispatcher"];
+  if (values.cacert !== undefined || values.cert !== undefined) {
+    const { Agent } = await import("undici");
+    dispatcher = new Agent({
+      connect: {
+        ...(values.cacert !== undefined ? { ca: readOptionFile(values.cacert, "--cacert") } : {}),
+        ...(values.cert !== undefined
+          ? {
+              cert: readOptionFile(values.cert, "--cert"),
+              key: readOptionFile(values.key!, "--key"),
+            }
+          : {}),
+      },
+    });
+  }
+  try {
+    const reach = { url, headers, ...(dispatcher ? { dispatcher } : {}) };
+    const model = await discoverModel(reach, values.model);
+    const target: Target = { ...reach, model, api };
+    const toStdout = values.json === "-";
+    process.stderr.write(
+      `bench: '${model}' at ${url} (${api}), ${maxTokens} output tokens per request${ignoreEos ? "" : " at most"}, ${levels.length} level(s)\n`,
+    );
+    const summaries: LevelSummary[] = [];
+    let sent = 0;
+    for (const [n, spec] of levels.entries()) {
+      const label = `level ${n + 1}/${levels.length} (concurrency ${spec.concurrency}${Number.isFinite(spec.rate) ? `, ${spec.rate}/s` : ""})`;
+      const progress = levelProgress(label, spec.requests);
+      const run = await runLevel(
+        target,
+        spec,
+        (i) => ({
+          prompt: prompts[(sent + i) % prompts.length]!,
+          maxTokens,
+          ignoreEos,
+          ...(temperature !== undefined ? { extra: { temperature } } : {}),
+        }),
+        { seed: seed + n, timeoutMs, onSettled: (r) => progress.settled(r.ok) },
+      );
+      sent += spec.requests;
+      const summary = summarizeLevel(spec, run);
+      progress.finish(summary);
+      summaries.push(summary);
+    }
+    const report = {
+      url,
+      model,
+      api,
+      date: new Date().toISOString(),
+      maxTokens,
+      ignoreEos,
+      promptSource: values.prompts ?? `random, ${values["prompt-words"] ?? 64} words`,
+      levels: summaries,
+    };
+    const json = `${JSON.stringify(report, null, 2)}\n`;
+    if (toStdout) process.stdout.write(json);
+    else {
+      process.stdout.write(`${formatLevels(summaries)}\n`);
+      if (values.json !== undefined) writeReport(values.json, json);
+    }
+    const failed = summaries.reduce((n, s) => n + s.failed, 0);
+    if (failed === 0) return 0;
+    const errors = new Map<string, { count: number; example: string }>();
+    for (const s of summaries) {
+      for (const e of s.errors) {
+        const seen = errors.get(e.kind);
+        errors.set(e.kind, {
+          count: (seen?.count ?? 0) + e.count,
+          example: seen?.example ?? e.example,
+        });
+      }
+    }
+    process.stderr.write(
+      `bench: ${failed} request(s) failed:\n${[...errors].map(([kind, e]) => `  ${e.count} x ${kind}, e.g. ${e.example}`).join("\n")}\n`,
+    );
+    return 1;
+  } finally {
+    await dispatcher?.close();
+  }
+}

@@ -1,0 +1,71 @@
+// The prompts of a benchmark: random English words (a fixed list, drawn from a seed, so that
+// two runs send the same prompts and no two requests share a cacheable prefix by chance), or
+// the lines of a file.
+import { readFileSync } from "node:fs";
+import { Prng } from "../model/prng.ts";
+import { ExpertMeshError } from "../util/errors.ts";
+
+// Common short words: about one token each in DeepSeek's tokenizer.
+const WORDS = (
+  "the of and to in is it you that he was for on are with as his they be at one have this " +
+  "from or had by word but what some we can out other were all there when up use your how " +
+  "said an each she which do their time if will way about many then them write would like so " +
+  "these her long make thing see him two has look more day could go come did number sound no " +
+  "most people my over know water than call first who may down side been now find any new " +
+  "work part take get place made live where after back little only round man year came show " +
+  "every good me give our under name very through just form sentence great think say help low " +
+  "line differ turn cause much mean before move right boy old too same tell does set three " +
+  "want air well also play small end put home read hand port large spell add even land here " +
+  "must big high such follow act why ask men change went light kind off need house picture try"
+).split(" ");
+
+/**
+ * `count` prompts of `words` random words each, from `seed`; request i of a run gets prompt
+ * i mod count. Each starts with its index, so that no two prompts share a first word.
+ */
+export function randomPrompts(count: number, words: number, seed: number): string[] {
+  const prng = new Prng(seed, "prompts");
+  return Array.from({ length: count }, (_, i) => {
+    const out = [`${i}:`];
+    for (let w = 1; w < words; w++) out.push(WORDS[prng.nextU32() % WORDS.length]!);
+    return out.join(" ");
+  });
+}
+
+/**
+ * The prompts in a file: JSON Lines whose lines are strings or objects with a string
+ * `prompt` (vLLM's custom dataset), or else one prompt per non-empty line.
+ */
+export function readPrompts(path: string): string[] {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (err) {
+    throw new ExpertMeshError(
+      "EM_CLI_FILE",
+      `cannot read the prompts file ${path}: ${(err as Error).message}`,
+    );
+  }
+  const lines = text.split("\n").filter((l) => l.trim() !== "");
+  if (lines.length === 0) {
+    throw new ExpertMeshError("EM_CLI_FILE", `the prompts file ${path} has no prompt`);
+  }
+  const json = lines.every((l) => /^\s*[{"]/.test(l));
+  if (!json) return lines;
+  return lines.map((line, i) => {
+    let v: unknown;
+    try {
+      v = JSON.parse(line);
+    } catch {
+      throw new ExpertMeshError("EM_CLI_FILE", `${path} line ${i + 1} is not JSON`);
+    }
+    const prompt = typeof v === "string" ? v : (v as { prompt?: unknown })?.prompt;
+    if (typeof prompt !== "string" || prompt === "") {
+      throw new ExpertMeshError(
+        "EM_CLI_FILE",
+        `${path} line ${i + 1}: a JSON line must be a string or an object with a non-empty string "prompt"`,
+      );
+    }
+    return prompt;
+  });
+}

@@ -1,0 +1,266 @@
+// The pure parts of `expertmesh bench` (src/loadgen, src/cli/commands/bench.ts): the SSE
+// splitter, percentiles, Poisson arrivals, a level's summary and table, prompts, options.
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { baseUrl, listFlag } from "../../src/cli/commands/bench.ts";
+import { type RequestResult, requestBody, SseParser } from "../../src/loadgen/client.ts";
+import {
+  arrivalOffsetsMs,
+  distribution,
+  formatLevels,
+  percentile,
+  summarizeLevel,
+} from "../../src/loadgen/level.ts";
+import { randomPrompts, readPrompts } from "../../src/loadgen/prompts.ts";
+
+describe("SseParser", () => {
+  const stream = 'data: {"a":1}\n\ndata: [DONE]\n\n';
+  it.each([
+    ["in one chunk", [stream]],
+    ["byte by byte", stream.split("")],
+    ["cut inside the blank line", ['data: {"a":1}\n', "\ndata: [DONE]\n", "\n"]],
+    ["with CRLF line ends", [stream.replaceAll("\n", "\r\n")]],
+    [
+      "with comments and other fields",
+      [': ping\n\nevent: x\nid: 3\ndata: {"a":1}\n\ndata:[DONE]\n\n'],
+    ],
+  ])("splits events %s", (_, chunks) => {
+    const p = new SseParser();
+    expect(chunks.flatMap((c) => p.feed(c))).toEqual(['{"a":1}', "[DONE]"]);
+  });
+
+  it("joins an event's data lines and keeps an unfinished event for later", () => {
+    const p = new SseParser();
+    expect(p.feed("data: one\ndata: two\n\ndata: thr")).toEqual(["one\ntwo"]);
+    expect(p.feed("ee\n\n")).toEqual(["three"]);
+  });
+});
+
+describe("percentile", () => {
+  // numpy.percentile(values, p) (linear interpolation).
+  it.each([
+    [[], 50, Number.NaN],
+    [[7], 99, 7],
+    [[1, 2, 3, 4], 50, 2.5],
+    [[4, 1, 3, 2], 90, 3.7],
+    [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 99, 9.91],
+    [[10, 20], 0, 10],
+    [[10, 20], 100, 20],
+  ])("of %j at %d is %d", (values, p, want) => {
+    const got = percentile(values, p);
+    if (Number.isNaN(want)) expect(got).toBeNaN();
+    else expect(got).toBeCloseTo(want, 10);
+  });
+
+  it("distribution leaves out samples that are not finite (a request with no token)", () => {
+    expect(distribution([1, Number.NaN, 3])).toEqual({
+      mean: 2,
+      p50: 2,
+      p90: 2.8,
+      p99: 2.98,
+      max: 3,
+    });
+  });
+});
+
+describe("arrivalOffsetsMs", () => {
+  it("sends everything at once at an infinite rate", () => {
+    expect(arrivalOffsetsMs(4, Number.POSITIVE_INFINITY, 1)).toEqual([0, 0, 0, 0]);
+  });
+
+  it.each([0.5, 10, 200])(
+    "draws exponential gaps of mean 1/rate at %d/s, the same for a seed",
+    (rate) => {
+      const n = 20_000;
+      const a = arrivalOffsetsMs(n, rate, 7);
+      expect(a[0]).toBe(0);
+      expect(arrivalOffsetsMs(n, rate, 7)).toEqual(a);
+      expect(arrivalOffsetsMs(n, rate, 8)).not.toEqual(a);
+      const gaps = a.slice(1).map((t, i) => t - a[i]!);
+      expect(Math.min(...gaps)).toBeGreaterThanOrEqual(0);
+      const mean = gaps.reduce((x, y) => x + y, 0) / gaps.length;
+      // The standard error of the mean of 20,000 exponential gaps is 0.7 % of the mean.
+      expect(mean / (1000 / rate)).toBeGreaterThan(0.97);
+      expect(mean / (1000 / rate)).toBeLessThan(1.03);
+      // Exponential: the median gap is ln 2 of the mean.
+      expect(percentile(gaps, 50) / mean).toBeCloseTo(Math.LN2, 1);
+    },
+  );
+});
+
+const result = (o: Partial<RequestResult>): RequestResult => ({
+  ok: true,
+  startMs: 0,
+  promptTokens: 10,
+  outputTokens: 5,
+  ttftMs: 100,
+  itlMs: [10, 10, 10, 10],
+  e2eMs: 140,
+  ...o,
+});
+
+describe("summarizeLevel", () => {
+  const summary = summarizeLevel(
+    { concurrency: 2, rate: Number.POSITIVE_INFINITY, requests: 5 },
+    {
+      wallSeconds: 2,
+      results: [
+        result({}),
+        result({ ttftMs: 300, e2eMs: 700, outputTokens: 5 }),
+        result({ outputTokens: 1, itlMs: [], e2eMs: 100 }),
+        result({ ok: false, errorKind: "HTTP 429", error: "HTTP 429: busy", outputTokens: 0 }),
+        result({
+          ok: false,
+          errorKind: "HTTP 429",
+          error: "HTTP 429: still busy",
+          outputTokens: 0,
+        }),
+      ],
+    },
+  );
+
+  it("counts throughput over the wall time from the succeeded requests only", () => {
+    expect(summary).toMatchObject({
+      concurrency: 2,
+      rate: null,
+      requests: 5,
+      succeeded: 3,
+      failed: 2,
+      promptTokens: 30,
+      outputTokens: 11,
+      requestsPerSecond: 1.5,
+      outputTokensPerSecond: 5.5,
+      totalTokensPerSecond: 20.5,
+    });
+  });
+
+  it("groups failures by kind, with the first one's message", () => {
+    expect(summary.errors).toEqual([{ kind: "HTTP 429", count: 2, example: "HTTP 429: busy" }]);
+  });
+
+  it("takes TPOT per request with more than one token: (e2e - ttft) / (tokens - 1)", () => {
+    // (140 - 100) / 4 = 10 and (700 - 300) / 4 = 100.
+    expect(summary.tpotMs.mean).toBe(55);
+    expect(summary.ttftMs.p50).toBe(100);
+    expect(summary.itlMs.max).toBe(10);
+    expect(summary.e2eMs.max).toBe(700);
+  });
+
+  it("prints a row per level, a dash where there is no sample", () => {
+    const none = summarizeLevel(
+      { concurrency: 1, rate: 4, requests: 1 },
+      { wallSeconds: 1, results: [result({ ok: false, errorKind: "timed out" })] },
+    );
+    const lines = formatLevels([summary, none]).split("\n");
+    expect(lines[0]).toMatch(/^concurrency\s+rate\/s\s+ok\s+failed\s+req\/s\s+out tok\/s/);
+    expect(lines[1]).toMatch(/^2\s+inf\s+3\s+2\s+1\.50\s+5\.5\s+20\.5\s+100\/260\/296\s/);
+    expect(lines[2]).toMatch(/^1\s+4\.00\s+0\s+1\s+0\.00\s+0\.0\s+0\.0\s+-\/-\/-\s/);
+    expect(lines.at(-1)).toBe("(latencies in ms)");
+  });
+});
+
+describe("requestBody", () => {
+  const target = { url: "http://x", model: "m" } as const;
+  it.each([
+    ["chat", { messages: [{ role: "user", content: "hi" }], max_tokens: 4, ignore_eos: true }],
+    ["completions", { prompt: "hi", max_tokens: 4, ignore_eos: true }],
+  ] as const)("asks %s for a stream with usage", (api, want) => {
+    expect(
+      requestBody({ ...target, api }, { prompt: "hi", maxTokens: 4, ignoreEos: true }),
+    ).toEqual({
+      model: "m",
+      ...want,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+  });
+
+  it("leaves ignore_eos out when not asked, and adds the extra fields", () => {
+    expect(
+      requestBody(
+        { ...target, api: "completions" },
+        { prompt: "hi", maxTokens: 1, extra: { temperature: 0 } },
+      ),
+    ).not.toHaveProperty("ignore_eos");
+  });
+});
+
+describe("prompts", () => {
+  it("draws the same prompts for a seed, each with its own first word, of the asked length", () => {
+    const a = randomPrompts(50, 12, 3);
+    expect(randomPrompts(50, 12, 3)).toEqual(a);
+    expect(randomPrompts(50, 12, 4)).not.toEqual(a);
+    expect(new Set(a.map((p) => p.split(" ")[0])).size).toBe(50);
+    for (const p of a) expect(p.split(" ")).toHaveLength(12);
+  });
+
+  const file = (text: string) => {
+    const path = join(mkdtempSync(join(tmpdir(), "prompts-")), "p");
+    writeFileSync(path, text);
+    return path;
+  };
+  it.each([
+    ["plain lines", "one\n\ntwo words\n", ["one", "two words"]],
+    ["JSON strings", '"one"\n"two\\nlines"\n', ["one", "two\nlines"]],
+    [
+      "vLLM's custom dataset",
+      '{"prompt": "one"}\n{"prompt": "two", "output_tokens": 3}\n',
+      ["one", "two"],
+    ],
+  ])("reads %s", (_, text, want) => {
+    expect(readPrompts(file(text))).toEqual(want);
+  });
+
+  it.each([
+    ["", /has no prompt/],
+    [
+      '{"text": "x"}\n',
+      /line 1: a JSON line must be a string or an object with a non-empty string "prompt"/,
+    ],
+    ['{"prompt": "x"}\n{bad\n', /line 2 is not JSON/],
+  ])("refuses %j", (text, why) => {
+    expect(() => readPrompts(file(text))).toThrow(why);
+  });
+
+  it("names a file it cannot read", () => {
+    expect(() => readPrompts("/nonexistent/p.jsonl")).toThrow(
+      /\[?EM_CLI_FILE|cannot read the prompts file/,
+    );
+  });
+});
+
+describe("bench options", () => {
+  it.each([
+    ["1,4,16", { integer: true }, [1, 4, 16]],
+    ["2", { integer: true }, [2]],
+    ["0.5, inf", { integer: false, inf: true }, [0.5, Number.POSITIVE_INFINITY]],
+  ])("reads the list %j", (v, o, want) => {
+    expect(listFlag(v, "--x", o)).toEqual(want);
+  });
+
+  it.each([
+    ["0", { integer: true }],
+    ["1.5", { integer: true }],
+    ["1,", { integer: true }],
+    ["inf", { integer: true }],
+    ["-1", { integer: false, inf: true }],
+    ["fast", { integer: false, inf: true }],
+  ])("refuses the list %j", (v, o) => {
+    expect(() => listFlag(v, "--x", o)).toThrow(/--x must be a comma-separated list/);
+  });
+
+  it.each([
+    ["http://127.0.0.1:8000", "http://127.0.0.1:8000"],
+    ["http://127.0.0.1:8000/v1", "http://127.0.0.1:8000"],
+    ["https://llm.example.com/v1/", "https://llm.example.com"],
+    ["http://proxy/models/tiny/v1", "http://proxy/models/tiny"],
+  ])("takes the base URL of %s", (v, want) => {
+    expect(baseUrl(v)).toBe(want);
+  });
+
+  it.each(["localhost:8000", "ftp://x", "nats://x:4222"])("refuses the URL %s", (v) => {
+    expect(() => baseUrl(v)).toThrow(/--url must be an http\(s\) URL/);
+  });
+});
