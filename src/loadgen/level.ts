@@ -94,6 +94,27 @@ export function distribution(values: readonly number[]): Distribution {
   };
 }
 
+/**
+ * Service-level objectives of a request, in ms (vLLM's --goodput): a succeeded request meets
+ * them when its TTFT, TPOT and end-to-end time are each at most the one given.
+ */
+export interface Slo {
+  ttft?: number;
+  tpot?: number;
+  e2e?: number;
+}
+
+/** Whether a succeeded request meets every objective in `slo`. */
+export function meetsSlo(r: RequestResult, slo: Slo): boolean {
+  const tpot = r.outputTokens > 1 ? (r.e2eMs - r.ttftMs) / (r.outputTokens - 1) : 0;
+  return (
+    r.ok &&
+    (slo.ttft === undefined || r.ttftMs <= slo.ttft) &&
+    (slo.tpot === undefined || tpot <= slo.tpot) &&
+    (slo.e2e === undefined || r.e2eMs <= slo.e2e)
+  );
+}
+
 export interface LevelSummary {
   concurrency: number;
   /** Requests per second asked for; null for as fast as slots free up. */
@@ -106,6 +127,9 @@ export interface LevelSummary {
   wallSeconds: number;
   /** Succeeded requests per second of wall time. */
   requestsPerSecond: number;
+  /** With objectives: the requests that met them, and those per second of wall time. */
+  goodRequests?: number;
+  goodputRequestsPerSecond?: number;
   /** Output tokens of succeeded requests per second of wall time. */
   outputTokensPerSecond: number;
   /** Prompt and output tokens of succeeded requests per second of wall time. */
@@ -122,7 +146,7 @@ export interface LevelSummary {
 }
 
 /** What a level's requests add up to; latencies count succeeded requests only. */
-export function summarizeLevel(spec: LevelSpec, run: LevelRun): LevelSummary {
+export function summarizeLevel(spec: LevelSpec, run: LevelRun, slo?: Slo): LevelSummary {
   const ok = run.results.filter((r) => r.ok);
   const failures = new Map<string, { kind: string; count: number; example: string }>();
   for (const r of run.results) {
@@ -136,6 +160,7 @@ export function summarizeLevel(spec: LevelSpec, run: LevelRun): LevelSummary {
   const promptTokens = sum((r) => r.promptTokens);
   const outputTokens = sum((r) => r.outputTokens);
   const per = (n: number) => (run.wallSeconds > 0 ? n / run.wallSeconds : Number.NaN);
+  const good = slo ? ok.filter((r) => meetsSlo(r, slo)).length : undefined;
   return {
     concurrency: spec.concurrency,
     rate: Number.isFinite(spec.rate) ? spec.rate : null,
@@ -145,6 +170,7 @@ export function summarizeLevel(spec: LevelSpec, run: LevelRun): LevelSummary {
     errors: [...failures.values()].sort((a, b) => b.count - a.count),
     wallSeconds: run.wallSeconds,
     requestsPerSecond: per(ok.length),
+    ...(good !== undefined ? { goodRequests: good, goodputRequestsPerSecond: per(good) } : {}),
     outputTokensPerSecond: per(outputTokens),
     totalTokensPerSecond: per(promptTokens + outputTokens),
     promptTokens,
@@ -161,7 +187,10 @@ export function summarizeLevel(spec: LevelSpec, run: LevelRun): LevelSummary {
 const ms = (v: number) => (Number.isFinite(v) ? (v >= 100 ? v.toFixed(0) : v.toFixed(1)) : "-");
 const num = (v: number, digits = 1) => (Number.isFinite(v) ? v.toFixed(digits) : "-");
 
-/** The summaries as a text table: one row per level, latencies in ms as p50/p90/p99. */
+/**
+ * The summaries as a text table: one row per level, latencies in ms as p50/p90/p99; with
+ * objectives, the goodput (requests/s that met them) after the requests/s.
+ */
 export function formatLevels(levels: readonly LevelSummary[]): string {
   const header = [
     "concurrency",
@@ -177,12 +206,15 @@ export function formatLevels(levels: readonly LevelSummary[]): string {
     "E2E p50/p90/p99",
   ];
   const d = (x: Distribution) => `${ms(x.p50)}/${ms(x.p90)}/${ms(x.p99)}`;
+  const goodput = levels.some((l) => l.goodputRequestsPerSecond !== undefined);
+  if (goodput) header.splice(5, 0, "good req/s");
   const rows = levels.map((l) => [
     String(l.concurrency),
     l.rate === null ? "inf" : num(l.rate, 2),
     String(l.succeeded),
     String(l.failed),
     num(l.requestsPerSecond, 2),
+    ...(goodput ? [num(l.goodputRequestsPerSecond ?? Number.NaN, 2)] : []),
     num(l.outputTokensPerSecond),
     num(l.totalTokensPerSecond),
     d(l.ttftMs),

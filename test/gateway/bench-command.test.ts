@@ -62,7 +62,15 @@ describe("expertmesh bench", () => {
     const before = await counters();
     const out = join(dir, "chat.json");
     const r = await bench(
-      ["--concurrency=1,3", "--requests=5", "--max-tokens=6", "--prompt-words=20", `--json=${out}`],
+      [
+        "--concurrency=1,3",
+        "--requests=5",
+        "--max-tokens=6",
+        "--prompt-words=20",
+        // Ten minutes end to end: every request meets it.
+        "--goodput=e2e:600000",
+        `--json=${out}`,
+      ],
       { ...process.env, OPENAI_API_KEY: KEY },
     );
     expect(r.stderr).not.toMatch(/failed:/);
@@ -73,9 +81,11 @@ describe("expertmesh bench", () => {
     expect(rows).toHaveLength(2);
     const report = JSON.parse(readFileSync(out, "utf8")) as Report;
     expect(report).toMatchObject({ url: gateway.url, model: "tiny", api: "chat" });
-    expect(report.levels.map((l) => [l.concurrency, l.requests, l.succeeded, l.failed])).toEqual([
-      [1, 5, 5, 0],
-      [3, 5, 5, 0],
+    expect(
+      report.levels.map((l) => [l.concurrency, l.requests, l.succeeded, l.failed, l.goodRequests]),
+    ).toEqual([
+      [1, 5, 5, 0, 5],
+      [3, 5, 5, 0, 5],
     ]);
     // ignore_eos (the default): every request made exactly --max-tokens tokens.
     for (const l of report.levels) expect(l.outputTokens).toBe(5 * 6);
@@ -108,13 +118,21 @@ describe("expertmesh bench", () => {
       "--request-rate=50",
       "--requests=4",
       "--max-tokens=3",
+      // No first token comes within a microsecond: no request is good.
+      "--goodput=ttft:0.001",
       "--json=-",
     ]);
     expect(r.code).toBe(0);
     // --json - : the JSON alone on stdout.
     const report = JSON.parse(r.stdout) as Report;
     expect(report.api).toBe("completions");
-    expect(report.levels[0]).toMatchObject({ concurrency: 2, rate: 50, succeeded: 4 });
+    expect(report.levels[0]).toMatchObject({
+      concurrency: 2,
+      rate: 50,
+      succeeded: 4,
+      goodRequests: 0,
+      goodputRequestsPerSecond: 0,
+    });
     const after = await counters();
     expect(after.success - before.success).toBe(4);
     expect(after.prompt - before.prompt).toBe(report.levels[0]!.promptTokens);

@@ -4,12 +4,13 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { baseUrl, listFlag } from "../../src/cli/commands/bench.ts";
+import { baseUrl, listFlag, sloFlag } from "../../src/cli/commands/bench.ts";
 import { type RequestResult, requestBody, SseParser } from "../../src/loadgen/client.ts";
 import {
   arrivalOffsetsMs,
   distribution,
   formatLevels,
+  meetsSlo,
   percentile,
   summarizeLevel,
 } from "../../src/loadgen/level.ts";
@@ -158,6 +159,61 @@ describe("summarizeLevel", () => {
     expect(lines[1]).toMatch(/^2\s+inf\s+3\s+2\s+1\.50\s+5\.5\s+20\.5\s+100\/260\/296\s/);
     expect(lines[2]).toMatch(/^1\s+4\.00\s+0\s+1\s+0\.00\s+0\.0\s+0\.0\s+-\/-\/-\s/);
     expect(lines.at(-1)).toBe("(latencies in ms)");
+  });
+});
+
+describe("goodput", () => {
+  // TTFT 100, TPOT (140 - 100) / 4 = 10, e2e 140.
+  it.each([
+    [{}, true],
+    [{ ttft: 100, tpot: 10, e2e: 140 }, true],
+    [{ ttft: 99 }, false],
+    [{ tpot: 9.9 }, false],
+    [{ e2e: 139 }, false],
+  ])("a request meets %j: %s", (slo, want) => {
+    expect(meetsSlo(result({}), slo)).toBe(want);
+  });
+
+  it("a failed request meets none; a one-token request has no TPOT to miss", () => {
+    expect(meetsSlo(result({ ok: false }), {})).toBe(false);
+    expect(meetsSlo(result({ outputTokens: 1, e2eMs: 9e9 }), { tpot: 1 })).toBe(true);
+  });
+
+  it("counts the requests that met the objectives, and shows them after req/s", () => {
+    const s = summarizeLevel(
+      { concurrency: 1, rate: Number.POSITIVE_INFINITY, requests: 3 },
+      {
+        wallSeconds: 2,
+        results: [result({}), result({ ttftMs: 500, e2eMs: 540 }), result({ ok: false })],
+      },
+      { ttft: 200 },
+    );
+    expect(s).toMatchObject({ succeeded: 2, goodRequests: 1, goodputRequestsPerSecond: 0.5 });
+    const [header, row] = formatLevels([s]).split("\n");
+    expect(header).toMatch(/\s+req\/s\s+good req\/s\s+out tok\/s/);
+    expect(row).toMatch(/^1\s+inf\s+2\s+1\s+1\.00\s+0\.50\s/);
+    expect(
+      summarizeLevel({ concurrency: 1, rate: 1, requests: 1 }, { wallSeconds: 1, results: [] }),
+    ).not.toHaveProperty("goodRequests");
+  });
+
+  it.each([
+    ["ttft:500", { ttft: 500 }],
+    ["ttft:500,tpot:50", { ttft: 500, tpot: 50 }],
+    ["e2el:2000, tpot:7.5", { e2e: 2000, tpot: 7.5 }],
+  ])("reads --goodput %s", (v, want) => {
+    expect(sloFlag(v)).toEqual(want);
+  });
+
+  it.each([
+    ["itl:5", /unknown objective 'itl'/],
+    ["ttft", /'ttft' needs a number of ms > 0/],
+    ["ttft:0", /needs a number/],
+    ["ttft:5:6", /needs a number/],
+    ["ttft:5,ttft:6", /'ttft' given twice/],
+    ["", /unknown objective ''/],
+  ])("refuses --goodput %j", (v, why) => {
+    expect(() => sloFlag(v)).toThrow(why);
   });
 });
 

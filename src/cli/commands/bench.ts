@@ -12,6 +12,7 @@ import {
   type LevelSpec,
   type LevelSummary,
   runLevel,
+  type Slo,
   summarizeLevel,
 } from "../../loadgen/level.ts";
 import { randomPrompts, readPrompts } from "../../loadgen/prompts.ts";
@@ -22,7 +23,8 @@ import type { Command } from "../registry.ts";
 const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completions]
                   [--concurrency 1,4,16] [--request-rate inf] [--requests N]
                   [--max-tokens 128] [--prompt-words 64 | --prompts FILE] [--ignore-eos true]
-                  [--temperature T] [--seed S] [--timeout SECONDS] [--json FILE]
+                  [--goodput ttft:MS,tpot:MS,e2e:MS] [--temperature T] [--seed S]
+                  [--timeout SECONDS] [--json FILE]
                   [--api-key KEY] [--cacert FILE] [--cert FILE --key FILE]
 
   --url URL            the server (default http://127.0.0.1:8000; a trailing /v1 is allowed)
@@ -39,6 +41,8 @@ const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completio
   --prompt-words N     random prompts of N common words, each different (default 64)
   --prompts FILE       the prompts instead, cycled: JSON Lines of strings or {"prompt": ...}
                        objects, or one prompt per line
+  --goodput SLOS       service-level objectives in ms (vLLM's --goodput): also report the
+                       requests/s that met all of them (ttft, tpot, e2e; e.g. ttft:500,tpot:50)
   --temperature T      sent as the requests' temperature (default: the server's)
   --seed S             draws the random prompts and arrivals (default 0)
   --timeout SECONDS    a request still running after this fails (default 600)
@@ -77,6 +81,28 @@ export function listFlag(
     }
     return n;
   });
+}
+
+/** --goodput's objectives: `name:ms` pairs, names ttft, tpot, e2e (vLLM's e2el too). */
+export function sloFlag(v: string): Slo {
+  const slo: Slo = {};
+  const bad = (why: string): never => {
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--goodput must be name:ms pairs separated by commas, names ttft, tpot, e2e (e.g. ttft:500,tpot:50): ${why}, got '${v}'`,
+    );
+  };
+  for (const part of v.split(",")) {
+    const [name, value, ...rest] = part.split(":").map((s) => s.trim());
+    const key = name === "e2el" ? "e2e" : name;
+    if (key !== "ttft" && key !== "tpot" && key !== "e2e") bad(`unknown objective '${name}'`);
+    const ms = Number(value);
+    if (rest.length > 0 || value === undefined || value === "" || !Number.isFinite(ms) || ms <= 0)
+      bad(`'${part}' needs a number of ms > 0`);
+    if (slo[key as keyof Slo] !== undefined) bad(`'${name}' given twice`);
+    slo[key as keyof Slo] = ms;
+  }
+  return slo;
 }
 
 /** The server's base URL from --url: without a trailing slash or /v1. */
@@ -194,6 +220,7 @@ async function runBench(argv: string[]): Promise<number> {
       "prompt-words": { type: "string" },
       prompts: { type: "string" },
       temperature: { type: "string" },
+      goodput: { type: "string" },
       seed: { type: "string" },
       timeout: { type: "string" },
       json: { type: "string" },
@@ -225,6 +252,7 @@ async function runBench(argv: string[]): Promise<number> {
     values.temperature === undefined
       ? undefined
       : numberFlag(values.temperature, "--temperature", 0, 0);
+  const slo = values.goodput !== undefined ? sloFlag(values.goodput) : undefined;
   if (values.prompts !== undefined && values["prompt-words"] !== undefined) {
     throw new ExpertMeshError("EM_CLI_USAGE", "--prompts and --prompt-words exclude each other");
   }
@@ -287,7 +315,7 @@ async function runBench(argv: string[]): Promise<number> {
         { seed: seed + n, timeoutMs, onSettled: (r) => progress.settled(r.ok) },
       );
       sent += spec.requests;
-      const summary = summarizeLevel(spec, run);
+      const summary = summarizeLevel(spec, run, slo);
       progress.finish(summary);
       summaries.push(summary);
     }
@@ -299,6 +327,7 @@ async function runBench(argv: string[]): Promise<number> {
       maxTokens,
       ignoreEos,
       promptSource: values.prompts ?? `random, ${values["prompt-words"] ?? 64} words`,
+      ...(slo ? { slo } : {}),
       levels: summaries,
     };
     const json = `${JSON.stringify(report, null, 2)}\n`;
