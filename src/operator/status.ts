@@ -116,6 +116,28 @@ const oneLine = (text: string, max = 500) => {
 };
 
 /**
+ * What to change for a container killed for memory: its limit, when it has one (the process
+ * keeps more than that), else its request (the node ran out: the scheduler placed it by a
+ * request below what it uses). Only the roles' own containers, whose resources the manifest
+ * sets.
+ */
+function oomHint(pod: V1Pod, container: string): string {
+  const field =
+    container === "shard"
+      ? "spec.experts.resources"
+      : container === "gateway" || container === "prefill"
+        ? "spec.gateway.resources"
+        : undefined;
+  if (!field) return "";
+  const limit = pod.spec?.containers?.find((c) => c.name === container)?.resources?.limits?.[
+    "memory"
+  ];
+  return limit !== undefined
+    ? `; it keeps more memory than its limit, ${limit}: raise ${field}.limits.memory`
+    : `; its node ran out of memory: raise ${field}.requests.memory to what it keeps, so that it is placed where that is free`;
+}
+
+/**
  * Containers that cannot run, as one Problem per kind: an image that cannot be pulled, a
  * container the runtime cannot create (a missing Secret or key), one that keeps exiting
  * (CrashLoopBackOff). The example (the first pod by name) says why: the waiting message, or
@@ -144,7 +166,7 @@ export function containerProblems(pods: readonly V1Pod[]): Problem[] {
       }
       const last = c.lastState?.terminated;
       const why = last
-        ? `, last exit ${last.exitCode}${last.reason && last.reason !== "Error" ? ` (${last.reason})` : ""}${last.message ? `: ${oneLine(last.message)}` : ""}`
+        ? `, last exit ${last.exitCode}${last.reason && last.reason !== "Error" ? ` (${last.reason})` : ""}${last.message ? `: ${oneLine(last.message)}` : ""}${last.reason === "OOMKilled" ? oomHint(pod, c.name) : ""}`
         : waiting?.message
           ? `: ${oneLine(waiting.message)}`
           : "";

@@ -446,7 +446,40 @@ describe("containerProblems", () => {
       [
         [
           "ContainerCrashing",
-          "1 pod(s) cannot run, e.g. m-gateway-y: container gateway CrashLoopBackOff, last exit 137 (OOMKilled) (2 restarts)",
+          "1 pod(s) cannot run, e.g. m-gateway-y: container gateway CrashLoopBackOff, last exit 137 (OOMKilled); its node ran out of memory: raise spec.gateway.resources.requests.memory to what it keeps, so that it is placed where that is free (2 restarts)",
+        ],
+      ],
+    ],
+    [
+      "killed for memory over its limit",
+      [
+        {
+          ...pod("m-shard-2-y", [oom]),
+          spec: {
+            containers: [{ name: "shard", resources: { limits: { memory: "16Gi", cpu: "4" } } }],
+          },
+        },
+      ],
+      [
+        [
+          "ContainerCrashing",
+          "1 pod(s) cannot run, e.g. m-shard-2-y: container shard CrashLoopBackOff, last exit 137 (OOMKilled); it keeps more memory than its limit, 16Gi: raise spec.experts.resources.limits.memory (2 restarts)",
+        ],
+      ],
+    ],
+    [
+      "killed for memory: a container the manifest does not size gets no hint",
+      [
+        pod(
+          "m-shard-0-w",
+          [c({ waiting: { reason: "PodInitializing" } })],
+          [{ ...oom, name: "download-weights" }],
+        ),
+      ],
+      [
+        [
+          "ContainerCrashing",
+          "1 pod(s) cannot run, e.g. m-shard-0-w: container download-weights CrashLoopBackOff, last exit 137 (OOMKilled) (2 restarts)",
         ],
       ],
     ],
