@@ -30,38 +30,63 @@ export function arrivalOffsetsMs(n: number, rate: number, seed: number): number[
 export interface LevelRun {
   readonly results: RequestResult[];
   readonly wallSeconds: number;
+  /** `stop` fired before every request settled: the results are partial. */
+  readonly interrupted?: boolean;
 }
 
 /**
  * Runs one level. Request i gets `request(i)`'s prompt and options; `onSettled` is called as
  * each request ends. A request still waiting for a slot after its arrival time waits (the
  * level then measures the server at `concurrency`, as vLLM's --max-concurrency does).
+ * `stop` (Ctrl-C) sends nothing more and cancels the requests in flight, which are left out.
  */
 export async function runLevel(
   target: Target,
   spec: LevelSpec,
   request: (i: number) => RequestOptions,
-  o: { seed?: number; timeoutMs?: number; onSettled?: (r: RequestResult) => void } = {},
+  o: {
+    seed?: number;
+    timeoutMs?: number;
+    onSettled?: (r: RequestResult) => void;
+    stop?: AbortSignal;
+  } = {},
 ): Promise<LevelRun> {
   const arrivals = arrivalOffsetsMs(spec.requests, spec.rate, o.seed ?? 0);
   const results: RequestResult[] = [];
   const t0 = performance.now();
+  const stop = o.stop;
+  const stopped = stop
+    ? new Promise<void>((r) => stop.addEventListener("abort", () => r(), { once: true }))
+    : new Promise<void>(() => {});
   let next = 0;
   await Promise.all(
     Array.from({ length: Math.min(spec.concurrency, spec.requests) }, async () => {
-      while (next < spec.requests) {
+      while (next < spec.requests && !stop?.aborted) {
         const i = next++;
         const wait = t0 + arrivals[i]! - performance.now();
-        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
-        const base = request(i);
-        const signal = o.timeoutMs ? AbortSignal.timeout(o.timeoutMs) : undefined;
-        const r = await send(target, { ...base, ...(signal ? { signal } : {}) });
+        if (wait > 0) {
+          let timer: NodeJS.Timeout | undefined;
+          await Promise.race([new Promise((r) => (timer = setTimeout(r, wait))), stopped]);
+          clearTimeout(timer);
+          if (stop?.aborted) break;
+        }
+        const signals = [
+          ...(o.timeoutMs ? [AbortSignal.timeout(o.timeoutMs)] : []),
+          ...(stop ? [stop] : []),
+        ];
+        const signal = signals.length > 1 ? AbortSignal.any(signals) : signals[0];
+        const r = await send(target, { ...request(i), ...(signal ? { signal } : {}) });
+        if (stop?.aborted) break;
         results.push(r);
         o.onSettled?.(r);
       }
     }),
   );
-  return { results, wallSeconds: (performance.now() - t0) / 1000 };
+  return {
+    results,
+    wallSeconds: (performance.now() - t0) / 1000,
+    ...(stop?.aborted ? { interrupted: true } : {}),
+  };
 }
 
 /** Mean and percentiles of a latency, in ms (NaN when there are no samples). */

@@ -2,14 +2,15 @@
 // key: what it reports agrees with what the gateway counted in its own metrics (requests,
 // prompt and output tokens), its failures are counted and make the exit status 1, and a
 // server it cannot use is a stable error before any load.
+import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { LevelSummary } from "../../src/loadgen/level.ts";
+import { arrivalOffsetsMs, type LevelSummary } from "../../src/loadgen/level.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
-import { testEnv } from "../support/env.ts";
+import { testEnv, waitFor } from "../support/env.ts";
 import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 
@@ -160,6 +161,38 @@ describe("expertmesh bench", () => {
     expect(r.stderr).toMatch(
       /bench: 3 request\(s\) failed:\n {2}3 x HTTP 400 EM_GATEWAY_PROMPT_TOO_LONG, e\.g\. HTTP 400: /,
     );
+  });
+
+  it("reports the levels done on Ctrl-C, leaving out the one under way, and exits 130", async () => {
+    // Level 2 (seed 0 + 1) at 0.001 requests/s: its second request is due long after its first.
+    expect(arrivalOffsetsMs(2, 0.001, 1)[1]).toBeGreaterThan(60_000);
+    const child = spawn(process.execPath, [
+      mainTs,
+      "bench",
+      `--url=${gateway.url}`,
+      `--api-key=${KEY}`,
+      "--concurrency=1",
+      "--request-rate=inf,0.001",
+      "--requests=2",
+      "--max-tokens=2",
+      "--json=-",
+    ]);
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+    await waitFor("level 2 under way", async () =>
+      /level 2\/2 \(concurrency 1, 0\.001\/s\): 2 requests/.test(stderr) ? true : undefined,
+    );
+    child.kill("SIGINT");
+    expect(await exited).toBe(130);
+    expect(stderr).toMatch(
+      /level 2\/2 \(concurrency 1, 0\.001\/s\): interrupted after [01] of 2 requests; not counted/,
+    );
+    const report = JSON.parse(stdout) as Report & { interrupted?: boolean };
+    expect(report.interrupted).toBe(true);
+    expect(report.levels.map((l) => [l.rate, l.succeeded])).toEqual([[null, 2]]);
   });
 
   it("refuses a server it cannot use before sending load: no key, a model it does not serve, nothing listening", async () => {

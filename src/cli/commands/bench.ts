@@ -53,7 +53,8 @@ const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completio
 
 Prints a table, one row per level: requests that succeeded and failed, requests/s and
 tokens/s over the level's wall time, latency percentiles p50/p90/p99 in ms. Exit status 1
-when any request failed (the failures are counted by kind, with an example of each).`;
+when any request failed (the failures are counted by kind, with an example of each). Ctrl-C
+reports the levels done (exit status 130), leaving out the one under way.`;
 
 export const benchCommand: Command = {
   name: "bench",
@@ -290,6 +291,7 @@ async function runBench(argv: string[]): Promise<number> {
       },
     });
   }
+  let onInterrupt: (() => void) | undefined;
   try {
     const reach = { url, headers, ...(dispatcher ? { dispatcher } : {}) };
     const model = await discoverModel(reach, values.model);
@@ -300,6 +302,15 @@ async function runBench(argv: string[]): Promise<number> {
     );
     const summaries: LevelSummary[] = [];
     let sent = 0;
+    // Ctrl-C: the levels done so far are reported; the one under way is left out (its
+    // requests cancelled). A second Ctrl-C quits at once.
+    const interrupt = new AbortController();
+    onInterrupt = () => {
+      if (interrupt.signal.aborted) process.exit(130);
+      interrupt.abort();
+    };
+    process.on("SIGINT", onInterrupt);
+    process.on("SIGTERM", onInterrupt);
     for (const [n, spec] of levels.entries()) {
       const label = `level ${n + 1}/${levels.length} (concurrency ${spec.concurrency}${Number.isFinite(spec.rate) ? `, ${spec.rate}/s` : ""})`;
       const progress = levelProgress(label, spec.requests);
@@ -312,8 +323,19 @@ async function runBench(argv: string[]): Promise<number> {
           ignoreEos,
           ...(temperature !== undefined ? { extra: { temperature } } : {}),
         }),
-        { seed: seed + n, timeoutMs, onSettled: (r) => progress.settled(r.ok) },
+        {
+          seed: seed + n,
+          timeoutMs,
+          onSettled: (r) => progress.settled(r.ok),
+          stop: interrupt.signal,
+        },
       );
+      if (run.interrupted) {
+        process.stderr.write(
+          `\n${label}: interrupted after ${run.results.length} of ${spec.requests} requests; not counted\n`,
+        );
+        break;
+      }
       sent += spec.requests;
       const summary = summarizeLevel(spec, run, slo);
       progress.finish(summary);
@@ -328,6 +350,7 @@ async function runBench(argv: string[]): Promise<number> {
       ignoreEos,
       promptSource: values.prompts ?? `random, ${values["prompt-words"] ?? 64} words`,
       ...(slo ? { slo } : {}),
+      ...(interrupt.signal.aborted ? { interrupted: true } : {}),
       levels: summaries,
     };
     const json = `${JSON.stringify(report, null, 2)}\n`;
@@ -337,7 +360,7 @@ async function runBench(argv: string[]): Promise<number> {
       if (values.json !== undefined) writeReport(values.json, json);
     }
     const failed = summaries.reduce((n, s) => n + s.failed, 0);
-    if (failed === 0) return 0;
+    if (failed === 0) return interrupt.signal.aborted ? 130 : 0;
     const errors = new Map<string, { count: number; example: string }>();
     for (const s of summaries) {
       for (const e of s.errors) {
@@ -353,6 +376,10 @@ async function runBench(argv: string[]): Promise<number> {
     );
     return 1;
   } finally {
+    if (onInterrupt) {
+      process.off("SIGINT", onInterrupt);
+      process.off("SIGTERM", onInterrupt);
+    }
     await dispatcher?.close();
   }
 }
