@@ -33,6 +33,15 @@ export function randomPrompts(count: number, words: number, seed: number): strin
 }
 
 /**
+ * `words` random words from `seed` (another stream than the prompts'), the same for every
+ * request: a system prompt the requests share, as a prefix cache sees it.
+ */
+export function sharedPrefix(words: number, seed: number): string {
+  const prng = new Prng(seed, "shared prefix");
+  return Array.from({ length: words }, () => WORDS[prng.nextU32() % WORDS.length]!).join(" ");
+}
+
+/**
  * The prompts in a file: JSON Lines whose lines are strings or objects with a string
  * `prompt` (vLLM's custom dataset), or else one prompt per non-empty line.
  */

@@ -139,13 +139,47 @@ describe("expertmesh bench", () => {
     expect(after.prompt - before.prompt).toBe(report.levels[0]!.promptTokens);
   });
 
+  it("fits its defaults to the model's context, and measures a shared prefix the prefix cache keeps", async () => {
+    const plain = await bench([`--api-key=${KEY}`, "--concurrency=1", "--json=-"]);
+    expect(plain.code).toBe(0);
+    const defaults = JSON.parse(plain.stdout) as Report & { maxTokens: number };
+    // The tiny model's 256 tokens: 32 output tokens, prompts of 16 words; every request fits.
+    expect(defaults).toMatchObject({ maxTokens: 32, promptSource: "random, 16 words" });
+    expect(defaults.levels[0]).toMatchObject({ succeeded: 8, failed: 0, outputTokens: 8 * 32 });
+
+    const hits = async () => {
+      const port = /metrics on :(\d+)/.exec(gateway.log())![1];
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      return Number(/^expertmesh_gateway_prefix_cache_hits (\S+)$/m.exec(text)![1]);
+    };
+    const before = await hits();
+    const shared = await bench([
+      `--api-key=${KEY}`,
+      "--concurrency=1",
+      "--requests=4",
+      "--prompt-words=3",
+      "--shared-prefix-words=40",
+      "--max-tokens=2",
+      "--seed=11",
+      "--json=-",
+    ]);
+    expect(shared.code).toBe(0);
+    const report = JSON.parse(shared.stdout) as Report & { sharedPrefixWords: number };
+    expect(report.sharedPrefixWords).toBe(40);
+    // The first request computes the system message; the three after it find it cached
+    // (whole blocks of it: at least 40 tokens each, a word being one token or more).
+    expect((await hits()) - before).toBeGreaterThanOrEqual(3 * 32);
+  });
+
   it("counts failed requests, says why, and exits 1", async () => {
     const r = await bench([
       `--api-key=${KEY}`,
       "--concurrency=2",
       "--requests=3",
-      // More than the tiny model's context: every request is refused with HTTP 400.
-      "--max-tokens=100000000",
+      // Prompts of 200 words (600 tokens or so), more than the tiny model's context of 256:
+      // every request is refused with HTTP 400.
+      "--prompt-words=200",
+      "--max-tokens=2",
       "--json=-",
     ]);
     expect(r.code).toBe(1);
@@ -217,5 +251,10 @@ describe("expertmesh bench", () => {
     const bad = await bench(["--concurrency=0"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(/\[EM_CLI_USAGE\] --concurrency must be/);
+    const long = await bench([`--api-key=${KEY}`, "--max-tokens=256"]);
+    expect(long.code).toBe(1);
+    expect(long.stderr).toMatch(
+      /\[EM_CLI_USAGE\] --max-tokens 256 leaves no room for a prompt in 'tiny''s context of 256 tokens/,
+    );
   });
 });

@@ -14,7 +14,7 @@ import {
   percentile,
   summarizeLevel,
 } from "../../src/loadgen/level.ts";
-import { randomPrompts, readPrompts } from "../../src/loadgen/prompts.ts";
+import { randomPrompts, readPrompts, sharedPrefix } from "../../src/loadgen/prompts.ts";
 
 describe("SseParser", () => {
   const stream = 'data: {"a":1}\n\ndata: [DONE]\n\n';
@@ -250,6 +250,14 @@ describe("prompts", () => {
     expect(randomPrompts(50, 12, 4)).not.toEqual(a);
     expect(new Set(a.map((p) => p.split(" ")[0])).size).toBe(50);
     for (const p of a) expect(p.split(" ")).toHaveLength(12);
+  });
+
+  it("draws a shared prefix of the asked length from the seed, apart from the prompts", () => {
+    const p = sharedPrefix(30, 3);
+    expect(p.split(" ")).toHaveLength(30);
+    expect(sharedPrefix(30, 3)).toBe(p);
+    expect(sharedPrefix(30, 4)).not.toBe(p);
+    expect(randomPrompts(1, 31, 3)[0]!.split(" ").slice(1).join(" ")).not.toBe(p);
   });
 
   const file = (text: string) => {

@@ -15,7 +15,7 @@ import {
   type Slo,
   summarizeLevel,
 } from "../../loadgen/level.ts";
-import { randomPrompts, readPrompts } from "../../loadgen/prompts.ts";
+import { randomPrompts, readPrompts, sharedPrefix } from "../../loadgen/prompts.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { boolFlag, intFlag, numberFlag, readOptionFile } from "../options.ts";
 import type { Command } from "../registry.ts";
@@ -23,6 +23,7 @@ import type { Command } from "../registry.ts";
 const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completions]
                   [--concurrency 1,4,16] [--request-rate inf] [--requests N]
                   [--max-tokens 128] [--prompt-words 64 | --prompts FILE] [--ignore-eos true]
+                  [--shared-prefix-words N]
                   [--goodput ttft:MS,tpot:MS,e2e:MS] [--temperature T] [--seed S]
                   [--timeout SECONDS] [--json FILE]
                   [--api-key KEY] [--cacert FILE] [--cert FILE --key FILE]
@@ -34,11 +35,17 @@ const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completio
   --request-rate LIST  arrivals per second (Poisson), a level each with every concurrency;
                        inf (default) sends a request whenever one of the level's slots is free
   --requests N         requests per level (default 4 x the concurrency, at least 8)
-  --max-tokens N       output tokens per request (default 128)
+  --max-tokens N       output tokens per request (default 128, at most an eighth of the
+                       context length the server lists: 32 for the tiny model)
   --ignore-eos BOOL    generate max-tokens whatever the model samples (default true; vLLM's
                        ignore_eos: every request then has the same output length; servers
                        that do not know the field may refuse it: false)
-  --prompt-words N     random prompts of N common words, each different (default 64)
+  --prompt-words N     random prompts of N common words, each different (default 64, at most
+                       a sixteenth of the context length: 16 for the tiny model)
+  --shared-prefix-words N
+                       N random words before every prompt, the same for all (a system
+                       message in chat, the prompt's start in completions): what a prefix
+                       cache saves (default 0)
   --prompts FILE       the prompts instead, cycled: JSON Lines of strings or {"prompt": ...}
                        objects, or one prompt per line
   --goodput SLOS       service-level objectives in ms (vLLM's --goodput): also report the
@@ -120,11 +127,15 @@ export function baseUrl(v: string): string {
   return url.href.replace(/\/+$/, "").replace(/\/v1$/, "");
 }
 
-/** The model to ask for: --model, or the first listed; checks the server answers. */
+/**
+ * The model to ask for (--model, or the first listed) and its context length where the
+ * server lists it (`max_model_len`, as vLLM's and expertmesh's /v1/models do); checks the
+ * server answers.
+ */
 async function discoverModel(
   target: Omit<Target, "model" | "api">,
   asked?: string,
-): Promise<string> {
+): Promise<{ model: string; maxModelLen?: number }> {
   let res: Response;
   try {
     res = await getFrom(target, "/v1/models");
@@ -138,19 +149,24 @@ async function discoverModel(
   }
   const body = await res.text().catch(() => "");
   // A server in front of the model that lists none (404) still serves a named model.
-  if (res.status === 404 && asked) return asked;
+  if (res.status === 404 && asked) return { model: asked };
   if (!res.ok) {
     throw new ExpertMeshError(
       "EM_BENCH_REFUSED",
       `${target.url}/v1/models answered HTTP ${res.status}: ${body.replace(/\s+/g, " ").slice(0, 300)}${res.status === 401 ? " (give the key with --api-key or $OPENAI_API_KEY)" : ""}`,
     );
   }
-  let ids: string[] = [];
+  let cards: { id: string; max_model_len?: unknown }[] = [];
   try {
-    ids = ((JSON.parse(body) as { data?: { id?: unknown }[] }).data ?? [])
-      .map((m) => m.id)
-      .filter((id): id is string => typeof id === "string");
+    cards = (
+      (JSON.parse(body) as { data?: { id?: unknown; max_model_len?: unknown }[] }).data ?? []
+    ).filter((m): m is { id: string } => typeof m?.id === "string");
   } catch {}
+  const ids = cards.map((m) => m.id);
+  const found = (model: string) => {
+    const len = cards.find((m) => m.id === model)?.max_model_len;
+    return typeof len === "number" && len > 0 ? { model, maxModelLen: len } : { model };
+  };
   if (asked) {
     if (ids.length > 0 && !ids.includes(asked)) {
       throw new ExpertMeshError(
@@ -158,7 +174,7 @@ async function discoverModel(
         `${target.url} does not serve '${asked}'; it serves: ${ids.join(", ")}`,
       );
     }
-    return asked;
+    return found(asked);
   }
   if (ids.length === 0) {
     throw new ExpertMeshError(
@@ -166,7 +182,7 @@ async function discoverModel(
       `${target.url}/v1/models lists no model; name one with --model`,
     );
   }
-  return ids[0]!;
+  return found(ids[0]!);
 }
 
 /** Progress on stderr: a rewritten line on a terminal, a line per level elsewhere. */
@@ -194,6 +210,9 @@ function levelProgress(label: string, total: number) {
   };
 }
 
+const optionalInt = (v: string | undefined, flag: string) =>
+  v === undefined ? undefined : intFlag(v, flag, 1);
+
 function writeReport(path: string, json: string): void {
   try {
     writeFileSync(path, json);
@@ -219,6 +238,7 @@ async function runBench(argv: string[]): Promise<number> {
       "max-tokens": { type: "string" },
       "ignore-eos": { type: "string" },
       "prompt-words": { type: "string" },
+      "shared-prefix-words": { type: "string" },
       prompts: { type: "string" },
       temperature: { type: "string" },
       goodput: { type: "string" },
@@ -245,7 +265,6 @@ async function runBench(argv: string[]): Promise<number> {
     inf: true,
   });
   const requestsFlag = values.requests;
-  const maxTokens = intFlag(values["max-tokens"], "--max-tokens", 128);
   const ignoreEos = boolFlag(values["ignore-eos"], "--ignore-eos", true);
   const seed = intFlag(values.seed, "--seed", 0, 0);
   const timeoutMs = numberFlag(values.timeout, "--timeout", 600, 0.001) * 1000;
@@ -267,12 +286,11 @@ async function runBench(argv: string[]): Promise<number> {
       requests: intFlag(requestsFlag, "--requests", Math.max(8, 4 * concurrency)),
     })),
   );
-  // One prompt per request of the run: a later level finds none in the prefix cache.
-  const total = levels.reduce((n, l) => n + l.requests, 0);
-  const prompts =
-    values.prompts !== undefined
-      ? readPrompts(values.prompts)
-      : randomPrompts(total, intFlag(values["prompt-words"], "--prompt-words", 64), seed);
+  // Checked before connecting; their defaults depend on the model's context length.
+  const maxTokensFlag = optionalInt(values["max-tokens"], "--max-tokens");
+  const promptWordsFlag = optionalInt(values["prompt-words"], "--prompt-words");
+  const prefixWords = intFlag(values["shared-prefix-words"], "--shared-prefix-words", 0, 0);
+  const filePrompts = values.prompts !== undefined ? readPrompts(values.prompts) : undefined;
 
   const apiKey = values["api-key"] ?? process.env.OPENAI_API_KEY;
   const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
@@ -294,7 +312,39 @@ async function runBench(argv: string[]): Promise<number> {
   let onInterrupt: (() => void) | undefined;
   try {
     const reach = { url, headers, ...(dispatcher ? { dispatcher } : {}) };
-    const model = await discoverModel(reach, values.model);
+    const { model, maxModelLen } = await discoverModel(reach, values.model);
+    // Defaults that fit a small context (the tiny model's 256 tokens): output at most an
+    // eighth of it, random prompts of at most a sixteenth as many words.
+    const fitted = (dflt: number, share: number) =>
+      maxModelLen === undefined
+        ? dflt
+        : Math.max(1, Math.min(dflt, Math.floor(maxModelLen / share)));
+    const maxTokens = maxTokensFlag ?? fitted(128, 8);
+    if (maxModelLen !== undefined && maxTokens >= maxModelLen) {
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--max-tokens ${maxTokens} leaves no room for a prompt in '${model}''s context of ${maxModelLen} tokens (its max_model_len)`,
+      );
+    }
+    const promptWords = promptWordsFlag ?? fitted(64, 16);
+    // One prompt per request of the run: a later level finds none in the prefix cache.
+    const total = levels.reduce((n, l) => n + l.requests, 0);
+    const prompts = filePrompts ?? randomPrompts(total, promptWords, seed);
+    const prefix = prefixWords > 0 ? sharedPrefix(prefixWords, seed) : undefined;
+    /** Request i of the run (over every level). */
+    const requestAt = (i: number) => {
+      const prompt = prompts[i % prompts.length]!;
+      if (prefix === undefined) return { prompt };
+      return api === "chat"
+        ? {
+            prompt,
+            messages: [
+              { role: "system", content: prefix },
+              { role: "user", content: prompt },
+            ],
+          }
+        : { prompt: `${prefix}\n\n${prompt}` };
+    };
     const target: Target = { ...reach, model, api };
     const toStdout = values.json === "-";
     process.stderr.write(
@@ -318,7 +368,7 @@ async function runBench(argv: string[]): Promise<number> {
         target,
         spec,
         (i) => ({
-          prompt: prompts[(sent + i) % prompts.length]!,
+          ...requestAt(sent + i),
           maxTokens,
           ignoreEos,
           ...(temperature !== undefined ? { extra: { temperature } } : {}),
@@ -348,7 +398,8 @@ async function runBench(argv: string[]): Promise<number> {
       date: new Date().toISOString(),
       maxTokens,
       ignoreEos,
-      promptSource: values.prompts ?? `random, ${values["prompt-words"] ?? 64} words`,
+      promptSource: values.prompts ?? `random, ${promptWords} words`,
+      ...(prefixWords > 0 ? { sharedPrefixWords: prefixWords } : {}),
       ...(slo ? { slo } : {}),
       ...(interrupt.signal.aborted ? { interrupted: true } : {}),
       levels: summaries,
