@@ -325,6 +325,23 @@ describe("expertmesh up", () => {
     });
     expect(chat.choices[0]!.finish_reason).toBe("length");
     expect(chat.usage?.completion_tokens).toBe(8);
+    // The load command the banner prints, as printed, through the shards: its defaults fit
+    // the tiny model's context (32 tokens a request), and every request succeeds.
+    const hint = /^ {2}expertmesh bench --url (\S+) measures it under load$/m.exec(out);
+    expect(hint?.[1]).toBe(`http://127.0.0.1:${port}`);
+    const bench = await runCli(process.execPath, [
+      main,
+      "bench",
+      `--url=${hint![1]}`,
+      "--concurrency=2",
+      "--requests=4",
+      "--json=-",
+    ]);
+    expect(bench.code, bench.stderr).toBe(0);
+    expect(JSON.parse(bench.stdout).levels[0]).toMatchObject({
+      succeeded: 4,
+      outputTokens: 4 * 32,
+    });
 
     // gRPC on the manifest's --grpc-port: KServe v2 health, then a streamed generation
     // that goes through the shards.
