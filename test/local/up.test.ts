@@ -18,15 +18,18 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import OpenAI from "openai";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
+import { wantedFile } from "../../src/local/hf-hub.ts";
 import { PROGRESS_PREFIX } from "../../src/local/progress.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { isMoeLayer } from "../../src/model/config.ts";
+import { writeTinyModel } from "../../src/model/tiny.ts";
 import { Tokenizer } from "../../src/model/tokenizer.ts";
 import { parsePlan } from "../../src/moe/plan-json.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { GenerationClient, InferenceClient } from "../support/grpc.ts";
+import { startStandInHub } from "../support/hub.ts";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
 const main = join(root, "src/cli/main.ts");
@@ -493,6 +496,57 @@ describe("expertmesh up", () => {
         expect(await ask({ temperature: 1.5 })).not.toBe(await ask({}));
       },
     );
+  });
+
+  it("with spec.model.source.huggingFace: fetches the checkpoint from the Hub ($HF_ENDPOINT: a stand-in, as no Hub is reachable here) with $HF_TOKEN, once, and serves it", async () => {
+    const weights = mkdtempSync(join(testEnv().runDir, "hub-weights-"));
+    await writeTinyModel(weights, { arch: "v3", preset: "tiny", seed: 0, shards: 2 });
+    const hub = await startStandInHub({ repo: "acme/tiny-v3", dir: weights, token: "hf_up" });
+    const models = mkdtempSync(join(testEnv().runDir, "models-"));
+    const source: [string, string] = [
+      "      pvc:\n        claimName: tiny-model\n        path: tiny-v3\n",
+      "      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n",
+    ];
+    const env = { HF_ENDPOINT: hub.endpoint, HF_TOKEN: "hf_up" };
+    const snapshot = join(models, "hf", "acme--tiny-v3", "snapshots", hub.commit);
+    try {
+      await upWithVariant(
+        source,
+        async (started, port) => {
+          const err = started.err();
+          expect(err).toMatch(
+            new RegExp(`^\\[up\\] acme/tiny-v3@main: fetched [\\d.]+ KiB into ${snapshot}$`, "m"),
+          );
+          expect(err).toMatch(/^\[up\] acme\/tiny-v3@main: done \([\d.]+ KiB\) in [\d.]+s$/m);
+          // HF_TOKEN stands for the Secret: nothing to say about it; no tiny model written.
+          expect(err).not.toMatch(/tokenSecret|creating the tiny-v3 model/);
+          expect(await completionTokens(port, 4)).toBe(4);
+        },
+        env,
+        models,
+      );
+      const fetched = hub.requests.filter((r) => r.server === "cdn").length;
+      // Each file the engine reads, once (not the stand-in's README and figure).
+      expect(fetched).toBe(readdirSync(weights).filter(wantedFile).length);
+      expect(fetched).toBe(7);
+      // Again: the snapshot is complete; the Hub is asked which commit main is, nothing more.
+      await upWithVariant(
+        source,
+        async (started) => {
+          expect(started.err()).toMatch(
+            new RegExp(
+              `^\\[up\\] acme/tiny-v3@main: commit ${hub.commit.slice(0, 12)}, complete in ${snapshot}$`,
+              "m",
+            ),
+          );
+        },
+        env,
+        models,
+      );
+      expect(hub.requests.filter((r) => r.server === "cdn").length).toBe(fetched);
+    } finally {
+      await hub.close();
+    }
   });
 
   it("with spec.model.dtype fp8: every process loads the bf16 tiny model's linear layers as fp8, and it serves", async () => {

@@ -32,6 +32,7 @@ import {
 } from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
+import { hubSnapshot } from "../../local/hf-hub.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import {
   NATS_UNDER_WATCH,
@@ -51,7 +52,9 @@ import { portFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh up -f MANIFEST.yaml [options]
-  --model DIR        checkpoint folder (default: <models-dir>/<spec.model.source.pvc.path>)
+  --model DIR        checkpoint folder (default: <models-dir>/<spec.model.source.pvc.path>; a
+                     spec.model.source.huggingFace repository is fetched into <models-dir>/hf,
+                     from $HF_ENDPOINT or the Hub, with $HF_TOKEN, and fetched once per commit)
   --models-dir DIR   where local mode finds PVC paths (default ~/.cache/expertmesh/models)
   --http-port PORT   the gateway's OpenAI API (default: spec.gateway.ports.http, 8000; 0 picks one)
   --grpc-port PORT   the gateway's gRPC API: KServe v2 and expertmesh.v1.Generation
@@ -353,14 +356,10 @@ export const upCommand: Command = {
     }
     const cache = cacheDir();
     const pvcPath = m.spec.model.source.pvc?.path;
-    if (!values.model && pvcPath === undefined) {
-      throw new ExpertMeshError(
-        "EM_CLI_USAGE",
-        "local mode reads weights from a folder: the manifest's source is not a PVC, so pass --model DIR",
-      );
-    }
-    const modelDir =
-      values.model ?? join(values["models-dir"] ?? join(cache, "models"), pvcPath || name);
+    const modelsDir = values["models-dir"] ?? join(cache, "models");
+    // From the Hub (spec.model.source.huggingFace): fetched below, once the board shows it.
+    const hub = values.model ? undefined : m.spec.model.source.huggingFace;
+    let modelDir = values.model ?? join(modelsDir, pvcPath || name);
     // Where each role runs, decided before anything starts (--device cuda without a device
     // fails here).
     const cuda = (() => {
@@ -380,6 +379,7 @@ export const upCommand: Command = {
     const board = new ProgressBoard(process.stderr);
     const say = (msg: string) => board.log(`[up] ${msg}`);
     say(devices.note);
+    if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
     const keySecret = m.spec.gateway.apiKeySecret;
     if (keySecret)
       say(
@@ -405,7 +405,7 @@ export const upCommand: Command = {
     const missing = !existsSync(join(modelDir, "config.json"));
     // A tiny model in the cache that an older expertmesh wrote (its tokenizer, say) is
     // written again; a folder given with --model is never touched.
-    const stale = !missing && tiny && !values.model && !tinyModelCurrent(modelDir, tiny);
+    const stale = !missing && tiny && !values.model && !hub && !tinyModelCurrent(modelDir, tiny);
     if (missing || stale) {
       if (!tiny) {
         throw new ExpertMeshError(
@@ -836,4 +836,50 @@ export function upMemory(
   return total > 0.9 * machineBytes
     ? `${line}: too little, expect one to be killed while loading (a smaller spec.gateway.kvCache.bytes, or spec.model.dtype fp8, holds less)`
     : line;
+}
+
+/**
+ * The checkpoint of spec.model.source.huggingFace, fetched into `root` with a progress bar
+ * (src/local/hf-hub.ts): $HF_TOKEN stands for the manifest's tokenSecret, a Kubernetes Secret
+ * this machine cannot read, and $HF_ENDPOINT for the Hub's address.
+ */
+async function fetchFromHub(
+  source: { repo: string; revision: string; tokenSecret?: { name: string } },
+  root: string,
+  board: ProgressBoard,
+  say: (msg: string) => void,
+): Promise<string> {
+  const token = process.env["HF_TOKEN"] || undefined;
+  if (source.tokenSecret && !token)
+    say(
+      `spec.model.source.huggingFace.tokenSecret (${source.tokenSecret.name}) is a Kubernetes Secret, which this machine cannot read: set HF_TOKEN for a gated or private repository`,
+    );
+  const bar = `${source.repo}@${source.revision}`;
+  board.add(bar, "bytes");
+  let last = { done: 0, total: 0 };
+  const progress = (done: number, total: number, finished: boolean) => {
+    last = { done, total };
+    board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
+  };
+  try {
+    const got = await hubSnapshot({
+      repo: source.repo,
+      revision: source.revision,
+      root,
+      ...(process.env["HF_ENDPOINT"] ? { endpoint: process.env["HF_ENDPOINT"] } : {}),
+      ...(token ? { token } : {}),
+      onProgress: (done, total) => progress(done, total, false),
+      log: say,
+    });
+    progress(last.done, last.total, true);
+    say(
+      got.fetched > 0
+        ? `${bar}: fetched ${formatBytes(got.fetched)} into ${got.dir}`
+        : `${bar}: commit ${got.commit.slice(0, 12)}, complete in ${got.dir}`,
+    );
+    return got.dir;
+  } catch (err) {
+    board.fail(bar, formatError(err));
+    throw err;
+  }
 }

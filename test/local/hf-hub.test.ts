@@ -1,0 +1,188 @@
+// `expertmesh up`'s download of a checkpoint from the Hugging Face Hub (src/local/hf-hub.ts),
+// against a stand-in for the Hub (test/support/hub.ts: the Hub cannot be reached from here
+// or from CI, so it is a mock) serving a tiny checkpoint of three safetensors shards: only
+// what the engine reads is fetched, a complete snapshot is not fetched again, a transfer cut
+// short resumes with a Range request, a gated repository needs HF_TOKEN (not sent on to the
+// CDN's origin), and offline the last snapshot serves.
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterEach, beforeAll, describe, expect, it } from "vitest";
+import { hubSnapshot, wantedFile } from "../../src/local/hf-hub.ts";
+import { writeTinyModel } from "../../src/model/tiny.ts";
+import { freePort } from "../env/process.ts";
+import { type StandInHub, startStandInHub } from "../support/hub.ts";
+
+const REPO = "deepseek-ai/tiny-v3";
+let model: string;
+let hub: StandInHub | undefined;
+beforeAll(async () => {
+  model = mkdtempSync(join(tmpdir(), "hub-model-"));
+  await writeTinyModel(model, { arch: "v3", preset: "tiny", seed: 0, shards: 3 });
+});
+afterEach(async () => {
+  await hub?.close();
+  hub = undefined;
+});
+
+/** An EM_HF_DOWNLOAD error whose message matches `re`. */
+const hubError = (re: RegExp) => ({ code: "EM_HF_DOWNLOAD", message: expect.stringMatching(re) });
+
+const engineFiles = () => readdirSync(model).filter(wantedFile).sort();
+const sameFiles = (dir: string) => {
+  expect(
+    readdirSync(dir)
+      .filter((f) => !f.startsWith("."))
+      .sort(),
+  ).toEqual(engineFiles());
+  for (const f of engineFiles())
+    expect(readFileSync(join(dir, f)).equals(readFileSync(join(model, f))), f).toBe(true);
+};
+
+describe("hubSnapshot", () => {
+  it("fetches the files the engine reads into a snapshot of the commit, once", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    const seen: [number, number][] = [];
+    const first = await hubSnapshot({
+      repo: REPO,
+      revision: "main",
+      root,
+      endpoint: hub.endpoint,
+      onProgress: (done, total) => seen.push([done, total]),
+    });
+    expect(first.commit).toBe(hub.commit);
+    expect(first.dir).toBe(join(root, "deepseek-ai--tiny-v3", "snapshots", hub.commit));
+    expect(engineFiles()).toContain("model-00002-of-00003.safetensors");
+    expect(engineFiles()).toContain("model.safetensors.index.json");
+    sameFiles(first.dir);
+    // The README and the figure were not fetched.
+    const fetched = hub.requests.filter((r) => r.server === "cdn").map((r) => r.path);
+    expect(fetched).toHaveLength(engineFiles().length);
+    expect(fetched.join()).not.toMatch(/README|figures/);
+    expect(readFileSync(join(root, "deepseek-ai--tiny-v3", "refs", "main"), "utf8")).toBe(
+      hub.commit,
+    );
+    // Progress counts up to every byte of the files.
+    const total = engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0);
+    expect(seen.at(-1)).toEqual([total, total]);
+    expect(first.fetched).toBe(total);
+
+    // Again: the listing is asked (main may have moved), nothing is fetched.
+    const before = hub.requests.length;
+    const again = await hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub.endpoint });
+    expect(again).toEqual({ dir: first.dir, commit: hub.commit, fetched: 0 });
+    expect(hub.requests.slice(before).map((r) => r.server)).toEqual(["hub"]);
+  });
+
+  it("resumes a transfer cut short where it stopped", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    const file = "model-00001-of-00003.safetensors";
+    hub.cutNext(file, 1000);
+    await expect(
+      hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub.endpoint }),
+    ).rejects.toMatchObject(
+      hubError(
+        new RegExp(
+          `the transfer of ${REPO}/${file} broke off after 1000 bytes: .*\\(run it again to resume\\)`,
+        ),
+      ),
+    );
+    const dir = join(root, "deepseek-ai--tiny-v3", "snapshots", hub.commit);
+    expect(readFileSync(join(dir, `${file}.incomplete`)).length).toBe(1000);
+    expect(existsSync(join(dir, ".expertmesh-complete"))).toBe(false);
+
+    const resumed = await hubSnapshot({
+      repo: REPO,
+      revision: "main",
+      root,
+      endpoint: hub.endpoint,
+    });
+    sameFiles(resumed.dir);
+    // The resolve request carries the Range, and the redirect keeps it.
+    const ranges = hub.requests
+      .filter((r) => r.server === "cdn" && r.range)
+      .map((r) => [r.path, r.range]);
+    expect(ranges).toEqual([[`/${hub.commit}/${file}`, "bytes=1000-"]]);
+    expect(resumed.fetched).toBeLessThan(
+      engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0),
+    );
+  });
+
+  it("a gated repository needs HF_TOKEN, which goes to the Hub and not to the CDN's origin", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model, token: "hf_secret" });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    await expect(
+      hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub.endpoint }),
+    ).rejects.toMatchObject(
+      hubError(
+        /.* refused to list deepseek-ai\/tiny-v3 \(HTTP 401\): the repository is gated or private \(set HF_TOKEN/,
+      ),
+    );
+    const got = await hubSnapshot({
+      repo: REPO,
+      revision: "main",
+      root,
+      endpoint: hub.endpoint,
+      token: "hf_secret",
+    });
+    sameFiles(got.dir);
+    const hubAuth = hub.requests.filter((r) => r.server === "hub").map((r) => r.authorization);
+    expect(hubAuth.slice(1).every((a) => a === "Bearer hf_secret")).toBe(true);
+    expect(hub.requests.filter((r) => r.server === "cdn" && r.authorization)).toEqual([]);
+  });
+
+  it("refuses what is not there: another revision, a repository without config.json", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    await expect(
+      hubSnapshot({ repo: REPO, revision: "v9", root, endpoint: hub.endpoint }),
+    ).rejects.toMatchObject(
+      hubError(/.* has no revision 'v9' of deepseek-ai\/tiny-v3 \(HTTP 404\)/),
+    );
+    await hub.close();
+    const empty = mkdtempSync(join(tmpdir(), "hub-empty-"));
+    writeFileSync(join(empty, "tokenizer.json"), "{}");
+    hub = await startStandInHub({ repo: REPO, dir: empty });
+    await expect(
+      hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub.endpoint }),
+    ).rejects.toMatchObject(
+      hubError(/has no config\.json: not a checkpoint in the Hugging Face layout/),
+    );
+  });
+
+  it("offline, uses the revision's last complete snapshot; with none, says it cannot reach the Hub", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    const online = await hubSnapshot({
+      repo: REPO,
+      revision: "main",
+      root,
+      endpoint: hub.endpoint,
+    });
+    const gone = `http://127.0.0.1:${await freePort()}`;
+    const said: string[] = [];
+    const offline = await hubSnapshot({
+      repo: REPO,
+      revision: "main",
+      root,
+      endpoint: gone,
+      log: (l) => said.push(l),
+    });
+    expect(offline).toEqual({ dir: online.dir, commit: online.commit, fetched: 0 });
+    expect(said.join("\n")).toMatch(
+      /cannot reach http:\/\/127\.0\.0\.1:\d+ \(.*\): using deepseek-ai\/tiny-v3@main as fetched before/,
+    );
+    await expect(
+      hubSnapshot({
+        repo: REPO,
+        revision: "main",
+        root: mkdtempSync(join(tmpdir(), "hub-root-")),
+        endpoint: gone,
+      }),
+    ).rejects.toMatchObject(
+      hubError(/cannot reach http:\/\/127\.0\.0\.1:\d+ to fetch deepseek-ai\/tiny-v3: /),
+    );
+  });
+});
