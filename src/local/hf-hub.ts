@@ -79,7 +79,8 @@ const why = (err: unknown) => {
 export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
   const endpoint = (o.endpoint ?? HUB_ENDPOINT).replace(/\/+$/, "");
   const repoDir = join(o.root, o.repo.replace("/", "--"));
-  const ref = join(repoDir, "refs", o.revision);
+  // A revision may hold slashes (refs/pr/1): one file name per revision.
+  const ref = join(repoDir, "refs", encodeURIComponent(o.revision));
   const auth: Record<string, string> = o.token ? { authorization: `Bearer ${o.token}` } : {};
   const listing = `${endpoint}/api/models/${o.repo}/revision/${encodeURIComponent(o.revision)}?blobs=true`;
 
