@@ -227,6 +227,12 @@ export function validateModel(
       : first.message;
     invalid(field, `${message} (${got})`);
   }
+  // spec.env is a list map keyed by name (x-kubernetes-list-type): the API server refuses
+  // a name given twice.
+  const envNames: string[] = (value["spec"]?.["env"] ?? []).map((e: { name: string }) => e.name);
+  const twice = envNames.findIndex((n, i) => envNames.indexOf(n) !== i);
+  if (twice >= 0)
+    invalid(`spec.env[${twice}]`, `Duplicate value: {"name":${JSON.stringify(envNames[twice])}}`);
   const cross = crossFieldErrors(value);
   if (cross.length) invalid(cross[0]!.path, cross.map((e) => e.message).join("; "));
   value["metadata"]["namespace"] ??= "default";

@@ -111,6 +111,25 @@ export function isLabelKey(k: string): boolean {
 const labelKeyCel = (v: string) =>
   `${v}.matches('${LABEL_KEY_RE}') && (!${v}.contains('/') || ${v}.indexOf('/') <= 253)`;
 
+/** Environment variables the operator sets in the model's containers (spec.env may not). */
+export const RESERVED_ENV: readonly string[] = [
+  "POD_NAME",
+  "POD_NAMESPACE",
+  "HF_REPO",
+  "HF_REVISION",
+  "HF_TOKEN",
+  "HF_HOME",
+  "MODEL_DIR",
+];
+/** Pod labels the operator sets (spec.podMetadata.labels may not; nor expertmesh.io/ keys). */
+export const RESERVED_LABELS: readonly string[] = [
+  "app.kubernetes.io/name",
+  "app.kubernetes.io/instance",
+  "app.kubernetes.io/managed-by",
+  "app.kubernetes.io/component",
+  "pod-template-hash",
+];
+
 /** An extended resource's name, `<DNS subdomain>/<name>` (nvidia.com/gpu), unanchored. */
 export const EXTENDED_RESOURCE =
   "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?";
@@ -419,6 +438,34 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       typeof s["gpuResource"] !== "string" ||
       !new RegExp(KUBERNETES_DOMAIN_RE).test(s["gpuResource"]),
   })),
+  {
+    path: "spec",
+    rule: `!has(self.env) || self.env.all(e, !e.name.startsWith('EM_') && !(e.name in [${RESERVED_ENV.map((n) => `'${n}'`).join(", ")}]))`,
+    message: `env names must not start with EM_ nor be one the operator sets (${RESERVED_ENV.join(", ")}): the gateway's keys, the model's download and the pods' identity come from their own fields`,
+    check: (s) =>
+      (s["env"] ?? []).every(
+        (e: { name: string }) => !e.name.startsWith("EM_") && !RESERVED_ENV.includes(e.name),
+      ),
+  },
+  {
+    path: "spec.podMetadata",
+    rule: `!has(self.labels) || self.labels.all(k, ${labelKeyCel("k")} && !k.startsWith('expertmesh.io/') && !(k in [${RESERVED_LABELS.map((n) => `'${n}'`).join(", ")}]))`,
+    message: `podMetadata.labels keys must be label keys (an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.'), not under expertmesh.io/ nor one the operator sets (${RESERVED_LABELS.join(", ")})`,
+    check: (s) =>
+      Object.keys(s["labels"] ?? {}).every(
+        (k) => isLabelKey(k) && !k.startsWith("expertmesh.io/") && !RESERVED_LABELS.includes(k),
+      ),
+  },
+  {
+    path: "spec.podMetadata",
+    rule: `!has(self.annotations) || self.annotations.all(k, ${labelKeyCel("k")} && !k.startsWith('expertmesh.io/'))`,
+    message:
+      "podMetadata.annotations keys must be annotation keys (an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.'), not under expertmesh.io/",
+    check: (s) =>
+      Object.keys(s["annotations"] ?? {}).every(
+        (k) => isLabelKey(k) && !k.startsWith("expertmesh.io/"),
+      ),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

@@ -1206,6 +1206,59 @@ export const NetworkPolicySchema = Type.Object(
   { description: "Network isolation of the model's pods.", default: {} },
 );
 
+/** Variables every container of the model gets (HF_ENDPOINT, HTTPS_PROXY, ...). */
+const EnvSchema = Type.Array(
+  Type.Object(
+    {
+      name: Type.String({
+        description: "Variable name (a C identifier).",
+        minLength: 1,
+        maxLength: 128,
+        pattern: "^[A-Za-z_][A-Za-z0-9_]*$",
+      }),
+      value: Type.String({ description: "Its value.", maxLength: 4096 }),
+    },
+    { description: "An environment variable: a name and a literal value." },
+  ),
+  {
+    description:
+      "Environment variables of every container of the model's pods, the weights' download included: a Hugging Face mirror (HF_ENDPOINT), a proxy (HTTPS_PROXY, NO_PROXY), a CUDA or allocator setting. Names starting with EM_ and those the operator sets are refused. A change rolls the pods. expertmesh up gives them to its processes and its Hub download.",
+    maxItems: 64,
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+  },
+);
+
+export const PodMetadataSchema = withRules(
+  "spec.podMetadata",
+  Type.Object(
+    {
+      labels: Type.Optional(
+        Type.Record(Type.String(), LabelValue("Label value."), {
+          description:
+            "Labels of every pod (cost allocation, a mesh's or a policy engine's selectors); not the operator's own (app.kubernetes.io/name, instance, managed-by, component; expertmesh.io/).",
+          maxProperties: 32,
+        }),
+      ),
+      annotations: Type.Optional(
+        Type.Record(
+          Type.String(),
+          Type.String({ description: "Annotation value.", maxLength: 4096 }),
+          {
+            description:
+              'Annotations of every pod (e.g. sidecar.istio.io/inject: "false": NATS connections need no mesh proxy); not under expertmesh.io/.',
+            maxProperties: 32,
+          },
+        ),
+      ),
+    },
+    {
+      description:
+        "Labels and annotations added to every pod of the model. A change rolls the pods.",
+    },
+  ),
+);
+
 export const SpecSchema = withRules(
   "spec",
   Type.Object(
@@ -1249,6 +1302,8 @@ export const SpecSchema = withRules(
       scheduling: SchedulingSchema,
       monitoring: MonitoringSchema,
       networkPolicy: NetworkPolicySchema,
+      env: Type.Optional(EnvSchema),
+      podMetadata: Type.Optional(PodMetadataSchema),
     },
     { description: "Desired state of a served DeepSeek-style MoE model." },
   ),

@@ -222,6 +222,10 @@ function meta(model: DeepSeekModel, name: string, component: Component, shard?: 
   };
 }
 
+/** spec.env, as every container's variables (beside the operator's own, which it may not name). */
+const userEnv = (model: DeepSeekModel) =>
+  (model.spec.env ?? []).map(({ name, value }) => ({ name, value }));
+
 /** The model's weights volume and the folder of the checkpoint inside the pods. */
 function modelVolume(model: DeepSeekModel): {
   volume: V1Volume;
@@ -256,6 +260,7 @@ function modelVolume(model: DeepSeekModel): {
         image: hf.downloaderImage,
         command: ["sh", "-c", script],
         env: [
+          ...userEnv(model),
           { name: "HF_REPO", value: hf.repo },
           { name: "HF_REVISION", value: hf.revision },
           { name: "MODEL_DIR", value: dir },
@@ -431,6 +436,7 @@ function containerBase(
     env: [
       { name: "POD_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
       { name: "POD_NAMESPACE", valueFrom: { fieldRef: { fieldPath: "metadata.namespace" } } },
+      ...userEnv(model),
     ],
     resources: {
       ...(Object.keys(limits).length ? { limits: str(limits) } : {}),
@@ -492,8 +498,13 @@ function deployment(
       progressDeadlineSeconds,
       template: {
         metadata: {
-          labels: selector,
-          annotations: { [ANNOTATION_PLAN_SHAPE]: planShape(plan), ...annotations },
+          // spec.podMetadata's may not name the operator's keys (rules.ts); ours win anyway.
+          labels: { ...model.spec.podMetadata?.labels, ...selector },
+          annotations: {
+            ...model.spec.podMetadata?.annotations,
+            [ANNOTATION_PLAN_SHAPE]: planShape(plan),
+            ...annotations,
+          },
         },
         spec,
       },

@@ -498,16 +498,18 @@ describe("expertmesh up", () => {
     );
   });
 
-  it("with spec.model.source.huggingFace: fetches the checkpoint from the Hub ($HF_ENDPOINT: a stand-in, as no Hub is reachable here) with $HF_TOKEN, once, and serves it", async () => {
+  it("with spec.model.source.huggingFace: fetches the checkpoint from the Hub (spec.env's HF_ENDPOINT: a stand-in, as no Hub is reachable here) with $HF_TOKEN, once, and serves it; spec.env reaches every process", async () => {
     const weights = mkdtempSync(join(testEnv().runDir, "hub-weights-"));
     await writeTinyModel(weights, { arch: "v3", preset: "tiny", seed: 0, shards: 2 });
     const hub = await startStandInHub({ repo: "acme/tiny-v3", dir: weights, token: "hf_up" });
     const models = mkdtempSync(join(testEnv().runDir, "models-"));
+    // The Hub's address from the manifest's spec.env (as a pod would get a mirror's), the
+    // token from this shell (as from the Secret in a pod).
     const source: [string, string] = [
       "      pvc:\n        claimName: tiny-model\n        path: tiny-v3\n",
-      "      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n",
+      `      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n  env: [{ name: HF_ENDPOINT, value: "${hub.endpoint}" }, { name: EXPERTMESH_TEST_MARK, value: here }]\n`,
     ];
-    const env = { HF_ENDPOINT: hub.endpoint, HF_TOKEN: "hf_up" };
+    const env = { HF_TOKEN: "hf_up" };
     const snapshot = join(models, "hf", "acme--tiny-v3", "snapshots", hub.commit);
     try {
       await upWithVariant(
@@ -520,7 +522,20 @@ describe("expertmesh up", () => {
           expect(err).toMatch(/^\[up\] acme\/tiny-v3@main: done \([\d.]+ KiB\) in [\d.]+s$/m);
           // HF_TOKEN stands for the Secret: nothing to say about it; no tiny model written.
           expect(err).not.toMatch(/tokenSecret|creating the tiny-v3 model/);
+          expect(err).toMatch(
+            /^\[up\] spec\.env: HF_ENDPOINT, EXPERTMESH_TEST_MARK set for every process$/m,
+          );
           expect(await completionTokens(port, 4)).toBe(4);
+          // Every process up started has spec.env in its environment.
+          const children = execFileSync("pgrep", ["-P", String(started.proc.pid)])
+            .toString()
+            .trim()
+            .split("\n");
+          expect(children.length).toBeGreaterThanOrEqual(6);
+          for (const pid of children)
+            expect(readFileSync(`/proc/${pid}/environ`, "utf8").split("\0"), pid).toContain(
+              "EXPERTMESH_TEST_MARK=here",
+            );
         },
         env,
         models,

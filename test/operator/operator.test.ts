@@ -1549,6 +1549,31 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[34]!.message,
       ],
       [
+        "an env name the operator sets",
+        { env: [{ name: "HF_TOKEN", value: "hf_x" }] },
+        CROSS_FIELD_RULES[35]!.message,
+      ],
+      [
+        "a pod label the operator sets",
+        { podMetadata: { labels: { "app.kubernetes.io/component": "x" } } },
+        CROSS_FIELD_RULES[36]!.message,
+      ],
+      [
+        "a pod annotation under expertmesh.io/",
+        { podMetadata: { annotations: { "expertmesh.io/plan-shape": "x" } } },
+        CROSS_FIELD_RULES[37]!.message,
+      ],
+      [
+        "two env entries of one name",
+        {
+          env: [
+            { name: "A", value: "1" },
+            { name: "A", value: "2" },
+          ],
+        },
+        'spec.env[1]: Duplicate value: {"name":"A"}',
+      ],
+      [
         "a GPU resource that is no resource name",
         { experts: { gpuResource: "gpus" } },
         "spec.experts.gpuResource: Invalid value",

@@ -238,6 +238,51 @@ spec:
   });
 });
 
+describe("spec.env and spec.podMetadata", () => {
+  const withSpec = (yaml: string) =>
+    parseManifest(`apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
+${yaml}
+`);
+  it.each([
+    ["env: [{ name: HF_ENDPOINT, value: https://mirror }, { name: _x1, value: '' }]", null],
+    ["env: [{ name: EM_API_KEYS, value: k }]", /env names must not start with EM_/],
+    [
+      "env: [{ name: A, value: '1' }, { name: A, value: '2' }]",
+      /spec\.env\[1\]: Duplicate value: \{"name":"A"\}/,
+    ],
+    ["env: [{ name: HF_TOKEN, value: t }]", /nor be one the operator sets \(POD_NAME, /],
+    ["env: [{ name: POD_NAME, value: x }]", /env names must not/],
+    ["env: [{ name: 1X, value: x }]", /name/],
+    ["env: [{ name: A-B, value: x }]", /name/],
+    ["podMetadata: { labels: { team: a, example.com/cost-center: '42' } }", null],
+    [
+      "podMetadata: { labels: { expertmesh.io/model: x } }",
+      /podMetadata\.labels keys must be label keys/,
+    ],
+    [
+      "podMetadata: { labels: { app.kubernetes.io/component: x } }",
+      /not under expertmesh\.io\/ nor one the operator sets/,
+    ],
+    ["podMetadata: { labels: { 'bad key': x } }", /podMetadata\.labels keys/],
+    ["podMetadata: { labels: { team: 'not a value' } }", /labels/],
+    [
+      "podMetadata: { annotations: { sidecar.istio.io/inject: 'false', note: 'any text: at all' } }",
+      null,
+    ],
+    [
+      "podMetadata: { annotations: { expertmesh.io/plan-shape: x } }",
+      /podMetadata\.annotations keys must be annotation keys/,
+    ],
+  ])("%s", (yaml, refused) => {
+    if (refused) expect(() => withSpec(`  ${yaml}`)).toThrow(refused);
+    else expect(() => withSpec(`  ${yaml}`)).not.toThrow();
+  });
+});
+
 describe("manifests as the API server reads them", () => {
   const base = `apiVersion: expertmesh.io/v1alpha1
 kind: DeepSeekModel

@@ -936,6 +936,59 @@ spec:
       expect(d.spec.replicas).toBeUndefined();
   });
 
+  it("spec.env reaches every container, the download's too; spec.podMetadata every pod; absent, the pods are as before", () => {
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: v, namespace: ns }
+spec:
+  model: { preset: tiny-v3, source: { huggingFace: { repo: acme/tiny } } }
+  gateway: { disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }
+  env: [{ name: HF_ENDPOINT, value: "https://hf-mirror.internal" }, { name: HTTPS_PROXY, value: "http://proxy:3128" }]
+  podMetadata:
+    labels: { team: inference, app.kubernetes.io/part-of: llm }
+    annotations: { sidecar.istio.io/inject: "false" }
+`);
+    const plan = planPlacement({
+      architecture: architectureOf(m),
+      numShards: m.spec.experts.shards,
+    });
+    const deployments = desiredObjects(m, plan, specReplicas(m, plan)).filter(
+      (o) => o.kind === "Deployment",
+    ) as V1Deployment[];
+    expect(deployments.map((d) => d.metadata?.name)).toEqual(
+      expect.arrayContaining(["v-gateway", "v-prefill", "v-shard-0"]),
+    );
+    const extra = [
+      { name: "HF_ENDPOINT", value: "https://hf-mirror.internal" },
+      { name: "HTTPS_PROXY", value: "http://proxy:3128" },
+    ];
+    for (const d of deployments) {
+      const pod = d.spec!.template;
+      for (const c of [...pod.spec!.containers, ...(pod.spec!.initContainers ?? [])])
+        for (const e of extra) expect(c.env, `${d.metadata?.name} ${c.name}`).toContainEqual(e);
+      expect(pod.metadata!.labels).toMatchObject({
+        team: "inference",
+        "app.kubernetes.io/part-of": "llm",
+        "app.kubernetes.io/component": d.metadata!.labels!["app.kubernetes.io/component"],
+      });
+      expect(pod.metadata!.annotations).toMatchObject({
+        "sidecar.istio.io/inject": "false",
+        "expertmesh.io/plan-shape": expect.any(String),
+      });
+      // The selector stays the operator's alone: pods are found by it whatever is added.
+      expect(Object.keys(d.spec!.selector.matchLabels!)).not.toContain("team");
+    }
+    // Without them, nothing is added (the pods of a model that sets neither do not roll).
+    for (const o of objects()) {
+      if (o.kind !== "Deployment") continue;
+      const pod = (o as V1Deployment).spec!.template;
+      expect(Object.keys(pod.metadata!.annotations!)).toEqual(["expertmesh.io/plan-shape"]);
+      expect(pod.metadata!.labels).toEqual((o as V1Deployment).spec!.selector.matchLabels);
+      expect(pod.spec!.containers[0]!.env!.map((e) => e.name)).not.toContain("HF_ENDPOINT");
+    }
+  });
+
   it("downloads Hugging Face weights in an init container with the token from the Secret", () => {
     const m = parseManifest(`
 apiVersion: expertmesh.io/v1alpha1

@@ -379,6 +379,11 @@ export const upCommand: Command = {
     const board = new ProgressBoard(process.stderr);
     const say = (msg: string) => board.log(`[up] ${msg}`);
     say(devices.note);
+    // spec.env, as the pods get it: in every process `up` starts, and for the Hub download
+    // (HF_ENDPOINT, a proxy); the manifest's value wins over this shell's, as in a pod.
+    const env = m.spec.env ?? [];
+    for (const { name: key, value } of env) process.env[key] = value;
+    if (env.length > 0) say(`spec.env: ${env.map((e) => e.name).join(", ")} set for every process`);
     if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
     const keySecret = m.spec.gateway.apiKeySecret;
     if (keySecret)
