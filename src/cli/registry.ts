@@ -16,6 +16,7 @@ type Loader = () => Promise<Command>;
 const commands: Record<string, Loader> = {
   bench: async () => (await import("./commands/bench.ts")).benchCommand,
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
+  fetch: async () => (await import("./commands/fetch.ts")).fetchCommand,
   generate: async () => (await import("./commands/generate.ts")).generateCommand,
   gateway: async () => (await import("./commands/gateway.ts")).gatewayCommand,
   "make-tiny-model": async () =>

@@ -27,6 +27,7 @@ import { ExpertMeshError } from "../util/errors.ts";
 
 export const HUB_ENDPOINT = "https://huggingface.co";
 const COMPLETE = ".expertmesh-complete";
+const FETCHING = ".expertmesh-fetching";
 /** Files fetched at once. */
 const WORKERS = 4;
 
@@ -37,14 +38,17 @@ export interface HubSource {
   revision: string;
 }
 
-export interface HubOptions extends HubSource {
-  /** Where snapshots are kept (up: <models-dir>/hf). */
-  root: string;
+export interface HubFetchOptions extends HubSource {
   endpoint?: string;
   token?: string;
   /** Bytes fetched so far of `total` (both counting what an earlier run left). */
   onProgress?: (done: number, total: number) => void;
   log?: (line: string) => void;
+}
+
+export interface HubOptions extends HubFetchOptions {
+  /** Where snapshots are kept (up: <models-dir>/hf). */
+  root: string;
 }
 
 export interface HubSnapshot {
@@ -75,30 +79,23 @@ const why = (err: unknown) => {
   return e?.cause?.message ?? e?.message ?? String(err);
 };
 
-/** The snapshot of `repo` at `revision`: fetched unless complete; see the file's comment. */
-export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
-  const endpoint = (o.endpoint ?? HUB_ENDPOINT).replace(/\/+$/, "");
-  const repoDir = join(o.root, o.repo.replace("/", "--"));
-  // A revision may hold slashes (refs/pr/1): one file name per revision.
-  const ref = join(repoDir, "refs", encodeURIComponent(o.revision));
-  const auth: Record<string, string> = o.token ? { authorization: `Bearer ${o.token}` } : {};
-  const listing = `${endpoint}/api/models/${o.repo}/revision/${encodeURIComponent(o.revision)}?blobs=true`;
+interface Listing {
+  commit: string;
+  files: HubFile[];
+}
 
-  let res: Response;
-  try {
-    res = await fetch(listing, { headers: auth, signal: AbortSignal.timeout(30_000) });
-  } catch (err) {
-    // Offline: the revision's last complete snapshot, if there is one.
-    const known = existsSync(ref) ? readFileSync(ref, "utf8").trim() : "";
-    const dir = join(repoDir, "snapshots", known);
-    if (known && existsSync(join(dir, COMPLETE))) {
-      o.log?.(
-        `cannot reach ${endpoint} (${why(err)}): using ${o.repo}@${o.revision} as fetched before (commit ${known.slice(0, 12)})`,
-      );
-      return { dir, commit: known, fetched: 0 };
-    }
-    return fail(`cannot reach ${endpoint} to fetch ${o.repo}: ${why(err)}`, err);
-  }
+/**
+ * What the Hub lists for `repo` at `revision`: its commit and the files the engine reads.
+ * Throws EM_HF_DOWNLOAD for a refusal, a missing revision or a repository that is no
+ * checkpoint; a network failure is thrown as it came (the caller may have a snapshot).
+ */
+async function listRevision(
+  endpoint: string,
+  o: HubSource,
+  auth: Record<string, string>,
+): Promise<Listing> {
+  const listing = `${endpoint}/api/models/${o.repo}/revision/${encodeURIComponent(o.revision)}?blobs=true`;
+  const res = await fetch(listing, { headers: auth, signal: AbortSignal.timeout(30_000) });
   const body = await res.text().catch(() => "");
   if (res.status === 401 || res.status === 403) {
     fail(
@@ -131,16 +128,83 @@ export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
   if (!files.some((f) => f.name === "config.json")) {
     fail(`${o.repo}@${o.revision} has no config.json: not a checkpoint in the Hugging Face layout`);
   }
+  return { commit, files };
+}
 
-  const dir = join(repoDir, "snapshots", commit);
-  mkdirSync(dir, { recursive: true });
-  mkdirSync(join(repoDir, "refs"), { recursive: true });
-  const remember = () => writeFileSync(ref, commit);
-  if (existsSync(join(dir, COMPLETE))) {
-    remember();
-    return { dir, commit, fetched: 0 };
+const endpointOf = (o: HubFetchOptions) => (o.endpoint ?? HUB_ENDPOINT).replace(/\/+$/, "");
+const authOf = (o: HubFetchOptions): Record<string, string> =>
+  o.token ? { authorization: `Bearer ${o.token}` } : {};
+
+/** The snapshot of `repo` at `revision`: fetched unless complete; see the file's comment. */
+export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
+  const endpoint = endpointOf(o);
+  const repoDir = join(o.root, o.repo.replace("/", "--"));
+  // A revision may hold slashes (refs/pr/1): one file name per revision.
+  const ref = join(repoDir, "refs", encodeURIComponent(o.revision));
+  let listing: Listing;
+  try {
+    listing = await listRevision(endpoint, o, authOf(o));
+  } catch (err) {
+    if (err instanceof ExpertMeshError) throw err;
+    // Offline: the revision's last complete snapshot, if there is one.
+    const known = existsSync(ref) ? readFileSync(ref, "utf8").trim() : "";
+    const dir = join(repoDir, "snapshots", known);
+    if (known && existsSync(join(dir, COMPLETE))) {
+      o.log?.(
+        `cannot reach ${endpoint} (${why(err)}): using ${o.repo}@${o.revision} as fetched before (commit ${known.slice(0, 12)})`,
+      );
+      return { dir, commit: known, fetched: 0 };
+    }
+    return fail(`cannot reach ${endpoint} to fetch ${o.repo}: ${why(err)}`, err);
   }
+  const { commit } = listing;
+  const dir = join(repoDir, "snapshots", commit);
+  mkdirSync(join(repoDir, "refs"), { recursive: true });
+  const fetched = existsSync(join(dir, COMPLETE)) ? 0 : await fetchFiles(o, dir, listing);
+  writeFileSync(ref, commit);
+  return { dir, commit, fetched };
+}
 
+/**
+ * The files of `repo` at `revision` straight into `dir` (`expertmesh fetch --dir`: a volume
+ * that a manifest's source.pvc.path names), with a marker naming the commit they are of: a
+ * folder complete for that commit is left alone, one of another commit is fetched again.
+ */
+export async function hubDownload(o: HubFetchOptions & { dir: string }): Promise<HubSnapshot> {
+  const endpoint = endpointOf(o);
+  let listing: Listing;
+  try {
+    listing = await listRevision(endpoint, o, authOf(o));
+  } catch (err) {
+    if (err instanceof ExpertMeshError) throw err;
+    return fail(`cannot reach ${endpoint} to fetch ${o.repo}: ${why(err)}`, err);
+  }
+  const marker = join(o.dir, COMPLETE);
+  const done = existsSync(marker) ? readFileSync(marker, "utf8").split("\n")[0] : "";
+  if (done === listing.commit) return { dir: o.dir, commit: listing.commit, fetched: 0 };
+  if (existsSync(marker)) {
+    // Another commit's files: each is fetched again (a same-sized file may differ).
+    rmSync(marker);
+    for (const f of listing.files) rmSync(join(o.dir, f.name), { force: true });
+  }
+  const fetched = await fetchFiles(o, o.dir, listing);
+  return { dir: o.dir, commit: listing.commit, fetched };
+}
+
+/**
+ * Fetches the files of `listing` missing from `dir` (resuming the .incomplete ones), then
+ * writes the COMPLETE marker (the commit, then the time). Returns the bytes fetched.
+ */
+async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Promise<number> {
+  const endpoint = endpointOf(o);
+  const auth = authOf(o);
+  const { commit, files } = listing;
+  mkdirSync(dir, { recursive: true });
+  // Which commit the .incomplete files are parts of: those of another are dropped.
+  const fetching = join(dir, FETCHING);
+  if (existsSync(fetching) && readFileSync(fetching, "utf8").trim() !== commit)
+    for (const f of files) rmSync(join(dir, `${f.name}.incomplete`), { force: true });
+  writeFileSync(fetching, commit);
   const sizeOf = (path: string) => (existsSync(path) ? statSync(path).size : 0);
   const whole = (f: HubFile) =>
     existsSync(join(dir, f.name)) && (f.size === undefined || sizeOf(join(dir, f.name)) === f.size);
@@ -239,7 +303,7 @@ export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
     renameSync(part, join(dir, f.name));
   }
 
-  writeFileSync(join(dir, COMPLETE), `${new Date().toISOString()}\n`);
-  remember();
-  return { dir, commit, fetched };
+  writeFileSync(join(dir, COMPLETE), `${commit}\n${new Date().toISOString()}\n`);
+  rmSync(fetching);
+  return fetched;
 }

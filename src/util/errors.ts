@@ -102,7 +102,7 @@ export const ERROR_CODES = {
   EM_LOCAL_CHILD_EXITED:
     "a process `expertmesh up` started (nats-server, a shard, the gateway) exited before it was ready",
   EM_HF_DOWNLOAD:
-    "`expertmesh up` could not fetch a model from the Hugging Face Hub (unreachable, refused, not a checkpoint, cut short)",
+    "`expertmesh fetch` or `up` could not fetch a model from the Hugging Face Hub (unreachable, refused, not a checkpoint, cut short)",
   EM_BENCH_UNREACHABLE: "`expertmesh bench` got no answer from the server's URL",
   EM_BENCH_REFUSED:
     "the server `expertmesh bench` measures refused to list its models or does not serve the one named",

@@ -7,10 +7,14 @@
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
+import { parseAllDocuments } from "yaml";
 import { hubSnapshot, wantedFile } from "../../src/local/hf-hub.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 import { freePort } from "../env/process.ts";
+import { kubectl, runCli } from "../support/cli.ts";
+import { uniqueName } from "../support/env.ts";
 import { type StandInHub, startStandInHub } from "../support/hub.ts";
 
 const REPO = "deepseek-ai/tiny-v3";
@@ -183,6 +187,68 @@ describe("hubSnapshot", () => {
       }),
     ).rejects.toMatchObject(
       hubError(/cannot reach http:\/\/127\.0\.0\.1:\d+ to fetch deepseek-ai\/tiny-v3: /),
+    );
+  });
+});
+
+describe("expertmesh fetch", () => {
+  const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+  const jobFile = fileURLToPath(new URL("../../examples/fetch-weights-job.yaml", import.meta.url));
+
+  it("runs examples/fetch-weights-job.yaml's command: the files into --dir, then nothing more; the API server admits the Job and its claim", async () => {
+    const docs = parseAllDocuments(readFileSync(jobFile, "utf8")).map((d) => d.toJS());
+    const job = docs.find((d) => d.kind === "Job");
+    const args: string[] = job.spec.template.spec.containers[0].args;
+    expect(args.slice(0, 2)).toEqual(["fetch", "deepseek-ai/DeepSeek-V3"]);
+    hub = await startStandInHub({ repo: "deepseek-ai/DeepSeek-V3", dir: model });
+    // The Job's arguments, the volume's folder in a temporary one.
+    const dir = join(mkdtempSync(join(tmpdir(), "fetch-")), "DeepSeek-V3");
+    const run = () =>
+      runCli(
+        process.execPath,
+        [mainTs, ...args.map((a) => (a === "/weights/DeepSeek-V3" ? dir : a))],
+        undefined,
+        { ...process.env, HF_ENDPOINT: hub!.endpoint },
+      );
+    const first = await run();
+    expect(first.code, first.stderr).toBe(0);
+    expect(first.stdout).toBe(`${dir}\n`);
+    expect(first.stderr).toMatch(
+      /^deepseek-ai\/DeepSeek-V3@main: fetched [\d.]+ KiB, commit [0-9a-f]{12}$/m,
+    );
+    sameFiles(dir);
+    const again = await run();
+    expect(again.code).toBe(0);
+    expect(again.stderr).toMatch(/complete already/);
+    expect(hub.requests.filter((r) => r.server === "cdn")).toHaveLength(engineFiles().length);
+
+    const ns = uniqueName("em-fetch");
+    expect((await kubectl(["create", "namespace", ns])).code).toBe(0);
+    const text = readFileSync(jobFile, "utf8").replaceAll(
+      "namespace: inference",
+      `namespace: ${ns}`,
+    );
+    const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], text);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(
+      /persistentvolumeclaim\/deepseek-v3-weights created \(server dry run\)/,
+    );
+    expect(r.stdout).toMatch(/job\.batch\/fetch-deepseek-v3 created \(server dry run\)/);
+  });
+
+  it("refuses what is no repository, and says when the Hub cannot be reached", async () => {
+    const bad = await runCli(process.execPath, [mainTs, "fetch", "DeepSeek-V3"]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/\[EM_CLI_USAGE\] give one Hugging Face repository as org\/name/);
+    const gone = await runCli(
+      process.execPath,
+      [mainTs, "fetch", "a/b", "--dir", mkdtempSync(join(tmpdir(), "fetch-"))],
+      undefined,
+      { ...process.env, HF_ENDPOINT: `http://127.0.0.1:${await freePort()}` },
+    );
+    expect(gone.code).toBe(1);
+    expect(gone.stderr).toMatch(
+      /\[EM_HF_DOWNLOAD\] cannot reach http:\/\/127\.0\.0\.1:\d+ to fetch a\/b/,
     );
   });
 });
