@@ -258,12 +258,13 @@ export const ModelSourceSchema = withRules(
                 "token",
               ),
             ),
-            downloaderImage: Type.String({
-              description:
-                "Image of the init container that downloads the weights (needs python and pip).",
-              default: "python:3.12-slim",
-              maxLength: 512,
-            }),
+            downloaderImage: Type.Optional(
+              Type.String({
+                description:
+                  "Image of the init container that downloads the weights. Unset (the default since 2026-12-05): spec.image, running `expertmesh fetch` (the files the engine reads, resumable; HF_ENDPOINT from spec.env for a mirror). Set: an image with python and pip, running `hf download` (models created before kept python:3.12-slim, the default then).",
+                maxLength: 512,
+              }),
+            ),
             cacheSize: Type.String({
               description: "Size limit of the emptyDir the weights are downloaded into.",
               default: "1500Gi",

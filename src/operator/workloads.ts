@@ -245,20 +245,35 @@ function modelVolume(model: DeepSeekModel): {
   }
   const hf = huggingFace!;
   const dir = `${PATHS.models}/${hf.repo.replace("/", "--")}`;
-  const script = [
-    "set -eu",
-    "python -m venv /tmp/hf",
-    '/tmp/hf/bin/pip install --quiet --no-cache-dir "huggingface_hub>=1.0"',
-    '/tmp/hf/bin/hf download "$HF_REPO" --revision "$HF_REVISION" --local-dir "$MODEL_DIR"',
-  ].join("\n");
+  // The model's own image and `expertmesh fetch`, unless the manifest names a Python image
+  // for `hf download` (models created before 2026-12-05 have python:3.12-slim, then the
+  // default: their pods stay as they are).
+  const run = hf.downloaderImage
+    ? {
+        image: hf.downloaderImage,
+        command: [
+          "sh",
+          "-c",
+          [
+            "set -eu",
+            "python -m venv /tmp/hf",
+            '/tmp/hf/bin/pip install --quiet --no-cache-dir "huggingface_hub>=1.0"',
+            '/tmp/hf/bin/hf download "$HF_REPO" --revision "$HF_REVISION" --local-dir "$MODEL_DIR"',
+          ].join("\n"),
+        ],
+      }
+    : {
+        image: model.spec.image,
+        imagePullPolicy: model.spec.imagePullPolicy,
+        args: ["fetch", hf.repo, `--revision=${hf.revision}`, `--dir=${dir}`],
+      };
   return {
     volume: { name: "model", emptyDir: { sizeLimit: hf.cacheSize } },
     modelDir: dir,
     initContainers: [
       {
         name: "download-weights",
-        image: hf.downloaderImage,
-        command: ["sh", "-c", script],
+        ...run,
         env: [
           ...userEnv(model),
           { name: "HF_REPO", value: hf.repo },

@@ -1016,6 +1016,36 @@ spec:
     expect(gw.spec.template.spec.containers[0].args).toContain(
       "--model=/models/deepseek-ai--DeepSeek-V3",
     );
+    // By default the model's own image fetches them (`expertmesh fetch`), into --model's folder.
+    expect(init).toMatchObject({
+      image: m.spec.image,
+      args: [
+        "fetch",
+        "deepseek-ai/DeepSeek-V3",
+        "--revision=main",
+        "--dir=/models/deepseek-ai--DeepSeek-V3",
+      ],
+    });
+    expect(init.command).toBeUndefined();
+    // A Python image named: `hf download`, as before (what models created earlier keep).
+    const py = parseManifest(
+      `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: v3, namespace: ns }
+spec:
+  model: { preset: deepseek-v3, source: { huggingFace: { repo: deepseek-ai/DeepSeek-V3, downloaderImage: "python:3.12-slim" } } }
+  experts: { shards: 32 }
+  gateway: { kvCache: { bytes: 34359738368, dtype: fp8 } }
+`,
+    );
+    const pyInit = (
+      desiredObjects(py, plan, specReplicas(py, plan)).find(
+        (o) => o.metadata?.name === "v3-gateway",
+      ) as any
+    ).spec.template.spec.initContainers[0];
+    expect(pyInit.image).toBe("python:3.12-slim");
+    expect(pyInit.command[2]).toContain('hf download "$HF_REPO" --revision "$HF_REVISION"');
+    expect(pyInit.args).toBeUndefined();
   });
 
   it.each([
