@@ -182,11 +182,8 @@ export async function hubDownload(o: HubFetchOptions & { dir: string }): Promise
   const marker = join(o.dir, COMPLETE);
   const done = existsSync(marker) ? readFileSync(marker, "utf8").split("\n")[0] : "";
   if (done === listing.commit) return { dir: o.dir, commit: listing.commit, fetched: 0 };
-  if (existsSync(marker)) {
-    // Another commit's files: each is fetched again (a same-sized file may differ).
-    rmSync(marker);
-    for (const f of listing.files) rmSync(join(o.dir, f.name), { force: true });
-  }
+  // Another commit's files are fetched again (fetchFiles keeps only its own run's).
+  if (existsSync(marker)) rmSync(marker);
   const fetched = await fetchFiles(o, o.dir, listing);
   return { dir: o.dir, commit: listing.commit, fetched };
 }
@@ -200,14 +197,18 @@ async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Pr
   const auth = authOf(o);
   const { commit, files } = listing;
   mkdirSync(dir, { recursive: true });
-  // Which commit the .incomplete files are parts of: those of another are dropped.
+  // Which commit the files here are of: only those of an earlier run for this commit are
+  // kept (whole, or parts to resume); anything else (another commit's, files copied in by
+  // hand) is fetched again, since a file of the same size may differ.
   const fetching = join(dir, FETCHING);
-  if (existsSync(fetching) && readFileSync(fetching, "utf8").trim() !== commit)
-    for (const f of files) rmSync(join(dir, `${f.name}.incomplete`), { force: true });
+  const ours = existsSync(fetching) && readFileSync(fetching, "utf8").trim() === commit;
+  if (!ours) for (const f of files) rmSync(join(dir, `${f.name}.incomplete`), { force: true });
   writeFileSync(fetching, commit);
   const sizeOf = (path: string) => (existsSync(path) ? statSync(path).size : 0);
   const whole = (f: HubFile) =>
-    existsSync(join(dir, f.name)) && (f.size === undefined || sizeOf(join(dir, f.name)) === f.size);
+    ours &&
+    existsSync(join(dir, f.name)) &&
+    (f.size === undefined || sizeOf(join(dir, f.name)) === f.size);
   const total = files.reduce((n, f) => n + (f.size ?? 0), 0);
   let done = files.reduce(
     (n, f) => n + (whole(f) ? (f.size ?? 0) : sizeOf(join(dir, `${f.name}.incomplete`))),

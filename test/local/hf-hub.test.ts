@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
-import { hubSnapshot, wantedFile } from "../../src/local/hf-hub.ts";
+import { hubDownload, hubSnapshot, wantedFile } from "../../src/local/hf-hub.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 import { freePort } from "../env/process.ts";
 import { kubectl, runCli } from "../support/cli.ts";
@@ -234,6 +234,20 @@ describe("expertmesh fetch", () => {
       /persistentvolumeclaim\/deepseek-v3-weights created \(server dry run\)/,
     );
     expect(r.stdout).toMatch(/job\.batch\/fetch-deepseek-v3 created \(server dry run\)/);
+  });
+
+  it("--dir: files found there without a run of this commit's marker are fetched again", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const dir = mkdtempSync(join(tmpdir(), "fetch-"));
+    // A config.json of the right size but other bytes, copied in by hand.
+    const config = readFileSync(join(model, "config.json"));
+    writeFileSync(join(dir, "config.json"), Buffer.alloc(config.length, 0x20));
+    const got = await hubDownload({ repo: REPO, revision: "main", dir, endpoint: hub.endpoint });
+    sameFiles(dir);
+    expect(got.fetched).toBe(
+      engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0),
+    );
+    expect(readFileSync(join(dir, ".expertmesh-complete"), "utf8").split("\n")[0]).toBe(hub.commit);
   });
 
   it("refuses what is no repository, and says when the Hub cannot be reached", async () => {
