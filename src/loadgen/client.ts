@@ -2,7 +2,7 @@
 // (vLLM's `bench serve`): time to the first token, the gaps between the chunks that carry
 // tokens, the end-to-end time, and the token counts the server itself reports in `usage`.
 // Used by `expertmesh bench` and by the repository's bench suites (bench/serve.ts).
-import type { Dispatcher } from "undici";
+import { type Dispatcher, fetch as undiciFetch } from "undici";
 
 /** Where requests go: the server's base URL (no `/v1`), its model, and how to reach it. */
 export interface Target {
@@ -115,14 +115,14 @@ export function requestBody(target: Target, o: RequestOptions): Record<string, u
   };
 }
 
-const fetchFor = async (target: Target, url: string, init: RequestInit): Promise<Response> => {
-  if (!target.dispatcher) return fetch(url, init);
-  const { fetch: undiciFetch } = await import("undici");
-  return undiciFetch(url, {
-    ...(init as object),
-    dispatcher: target.dispatcher,
-  }) as unknown as Promise<Response>;
-};
+/** Node's fetch, or undici's with the target's dispatcher (TLS with a private CA). */
+const fetchFor = (target: Target, url: string, init: RequestInit): Promise<Response> =>
+  target.dispatcher
+    ? (undiciFetch(url, {
+        ...(init as object),
+        dispatcher: target.dispatcher,
+      }) as unknown as Promise<Response>)
+    : fetch(url, init);
 
 /** GET `path` of the target's server (with its headers and dispatcher). */
 export function getFrom(target: Pick<Target, "url" | "headers" | "dispatcher">, path: string) {

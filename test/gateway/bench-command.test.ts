@@ -42,8 +42,13 @@ afterAll(async () => {
 const bench = (args: string[], env: NodeJS.ProcessEnv = process.env) =>
   runCli(process.execPath, [mainTs, "bench", `--url=${gateway.url}/v1`, ...args], undefined, env);
 
-/** The gateway's counters: a series' value summed over its labels. */
-async function counters(): Promise<{ success: number; prompt: number; generation: number }> {
+/** The gateway's counters (a series' value summed over its labels) and prefix-cache hits. */
+async function counters(): Promise<{
+  success: number;
+  prompt: number;
+  generation: number;
+  prefixHits: number;
+}> {
   const port = /metrics on :(\d+)/.exec(gateway.log())![1];
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
   const sum = (name: string) =>
@@ -55,6 +60,7 @@ async function counters(): Promise<{ success: number; prompt: number; generation
     success: sum("expertmesh_gateway_request_success_total"),
     prompt: sum("expertmesh_gateway_prompt_tokens_total"),
     generation: sum("expertmesh_gateway_generation_tokens_total"),
+    prefixHits: sum("expertmesh_gateway_prefix_cache_hits"),
   };
 }
 
@@ -147,11 +153,7 @@ describe("expertmesh bench", () => {
     expect(defaults).toMatchObject({ maxTokens: 32, promptSource: "random, 16 words" });
     expect(defaults.levels[0]).toMatchObject({ succeeded: 8, failed: 0, outputTokens: 8 * 32 });
 
-    const hits = async () => {
-      const port = /metrics on :(\d+)/.exec(gateway.log())![1];
-      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      return Number(/^expertmesh_gateway_prefix_cache_hits (\S+)$/m.exec(text)![1]);
-    };
+    const hits = async () => (await counters()).prefixHits;
     const before = await hits();
     const shared = await bench([
       `--api-key=${KEY}`,

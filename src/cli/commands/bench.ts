@@ -6,6 +6,7 @@
 // depth, and comparing configurations; the repository's own suites are under bench/.
 import { writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
+import { Agent } from "undici";
 import { getFrom, type Target } from "../../loadgen/client.ts";
 import {
   formatLevels,
@@ -296,7 +297,6 @@ async function runBench(argv: string[]): Promise<number> {
   const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {};
   let dispatcher: Target["dispatcher"];
   if (values.cacert !== undefined || values.cert !== undefined) {
-    const { Agent } = await import("undici");
     dispatcher = new Agent({
       connect: {
         ...(values.cacert !== undefined ? { ca: readOptionFile(values.cacert, "--cacert") } : {}),

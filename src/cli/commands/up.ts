@@ -423,21 +423,15 @@ export const upCommand: Command = {
           ? `writing the ${preset} model in ${modelDir} again (an older expertmesh wrote it)`
           : `creating the ${preset} model in ${modelDir}`,
       );
-      const bar = `${preset} model`;
-      const written = (done: number, total: number, finished: boolean) =>
-        board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
-      board.add(bar, "bytes");
-      try {
-        const summary = await writeTinyModel(modelDir, {
+      const bar = bytesBar(board, `${preset} model`);
+      await bar.around(
+        writeTinyModel(modelDir, {
           ...tiny,
           seed: 0,
-          onProgress: (p) => written(p.bytesWritten, p.totalBytes, false),
-        });
-        written(summary.tensorBytes, summary.tensorBytes, true);
-      } catch (err) {
-        board.fail(bar, formatError(err));
-        throw err;
-      }
+          onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes),
+        }),
+        (summary) => summary.tensorBytes,
+      );
     }
 
     const config = readModelConfig(modelDir);
@@ -859,32 +853,59 @@ async function fetchFromHub(
     say(
       `spec.model.source.huggingFace.tokenSecret (${source.tokenSecret.name}) is a Kubernetes Secret, which this machine cannot read: set HF_TOKEN for a gated or private repository`,
     );
-  const bar = `${source.repo}@${source.revision}`;
-  board.add(bar, "bytes");
-  let last = { done: 0, total: 0 };
-  const progress = (done: number, total: number, finished: boolean) => {
-    last = { done, total };
-    board.update(bar, { unit: "bytes", done, total, bytes: done, totalBytes: total, finished });
-  };
-  try {
-    const got = await hubSnapshot({
+  const label = `${source.repo}@${source.revision}`;
+  const bar = bytesBar(board, label);
+  const got = await bar.around(
+    hubSnapshot({
       repo: source.repo,
       revision: source.revision,
       root,
       ...(process.env["HF_ENDPOINT"] ? { endpoint: process.env["HF_ENDPOINT"] } : {}),
       ...(token ? { token } : {}),
-      onProgress: (done, total) => progress(done, total, false),
+      onProgress: (done, total) => bar.update(done, total),
       log: say,
+    }),
+  );
+  say(
+    got.fetched > 0
+      ? `${label}: fetched ${formatBytes(got.fetched)} into ${got.dir}`
+      : `${label}: commit ${got.commit.slice(0, 12)}, complete in ${got.dir}`,
+  );
+  return got.dir;
+}
+
+/**
+ * A bar of bytes on `board` for work `up` does itself (writing the tiny model, fetching from
+ * the Hub): `update` as bytes arrive; `around(work)` ends the bar when the work resolves (at
+ * `size(result)` bytes if given, else at the last figures), or fails it with the error.
+ */
+function bytesBar(board: ProgressBoard, label: string) {
+  let last = { done: 0, total: 0 };
+  const show = (finished: boolean) =>
+    board.update(label, {
+      unit: "bytes",
+      done: last.done,
+      total: last.total,
+      bytes: last.done,
+      totalBytes: last.total,
+      finished,
     });
-    progress(last.done, last.total, true);
-    say(
-      got.fetched > 0
-        ? `${bar}: fetched ${formatBytes(got.fetched)} into ${got.dir}`
-        : `${bar}: commit ${got.commit.slice(0, 12)}, complete in ${got.dir}`,
-    );
-    return got.dir;
-  } catch (err) {
-    board.fail(bar, formatError(err));
-    throw err;
-  }
+  board.add(label, "bytes");
+  return {
+    update(done: number, total: number) {
+      last = { done, total };
+      show(false);
+    },
+    async around<T>(work: Promise<T>, size?: (result: T) => number): Promise<T> {
+      try {
+        const result = await work;
+        if (size) last = { done: size(result), total: size(result) };
+        show(true);
+        return result;
+      } catch (err) {
+        board.fail(label, formatError(err));
+        throw err;
+      }
+    },
+  };
 }
