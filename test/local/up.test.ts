@@ -30,19 +30,11 @@ import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { GenerationClient, InferenceClient } from "../support/grpc.ts";
 import { startStandInHub } from "../support/hub.ts";
+import { alive, descendants, track } from "../support/procs.ts";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
 const main = join(root, "src/cli/main.ts");
 const manifest = join(root, "examples/tiny.yaml");
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 interface Up {
   proc: ChildProcess;
@@ -163,20 +155,6 @@ async function completionTokens(port: number, maxTokens: number): Promise<number
     temperature: 0,
   });
   return r.usage?.completion_tokens;
-}
-
-function descendants(pid: number): number[] {
-  let kids: number[] = [];
-  try {
-    kids = execFileSync("pgrep", ["-P", String(pid)])
-      .toString()
-      .trim()
-      .split("\n")
-      .map(Number);
-  } catch {
-    return []; // pgrep exits 1 when there are none
-  }
-  return kids.flatMap((k) => [k, ...descendants(k)]);
 }
 
 /** A process under `up` whose command line matches `pattern`. */
@@ -372,7 +350,7 @@ describe("expertmesh up", () => {
       .toString()
       .trim()
       .split("\n")
-      .map(Number);
+      .map((pid) => track(Number(pid)));
     expect(children.length).toBe(6); // nats-server, 4 shards, the gateway
     // Ctrl-C in a terminal: SIGINT to the whole foreground process group. `up` stops the
     // children in order (gateway, shards, NATS last), so nothing loses NATS mid-drain.

@@ -3,15 +3,7 @@
 import { spawn } from "node:child_process";
 import { setTimeout as sleep } from "node:timers/promises";
 import { describe, expect, it } from "vitest";
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { alive, track } from "../support/procs.ts";
 
 describe("service processes", () => {
   it.each(["SIGKILL", "SIGINT", "SIGTERM"] as const)(
@@ -32,7 +24,7 @@ describe("service processes", () => {
         });
         holder.on("exit", () => reject(new Error("holder exited early")));
       });
-      expect(alive(pid)).toBe(true);
+      expect(alive(track(pid))).toBe(true);
       holder.kill(signal);
       let gone = false;
       for (let i = 0; i < 50 && !gone; i++) {
