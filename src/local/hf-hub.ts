@@ -8,9 +8,16 @@
 // so `main` is looked up on the Hub each time and a snapshot once complete is never fetched
 // again; offline, the revision's last snapshot is used. A file is written as
 // <file>.incomplete and renamed when whole; a transfer cut short resumes with a Range request.
+// A file the Hub keeps in LFS (the weights) is checked against the SHA-256 its listing gives,
+// hashed as it arrives: a corrupted transfer is thrown away, not loaded.
 // $HF_ENDPOINT (a mirror) and $HF_TOKEN (gated or private repositories) are honoured, as by
-// the Hub's own clients.
+// the Hub's own clients, and so are $HTTPS_PROXY / $HTTP_PROXY / $NO_PROXY (Node's own fetch
+// ignores them unless NODE_USE_ENV_PROXY is set: undici's EnvHttpProxyAgent reads them).
+// Transfers are undici's `request` (Node streams: about half the CPU a byte of fetch's web
+// streams), redirects followed here so that the token never leaves the Hub's origin.
+import { createHash, type Hash } from "node:crypto";
 import {
+  createReadStream,
   createWriteStream,
   existsSync,
   mkdirSync,
@@ -21,8 +28,9 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import { Readable, Transform } from "node:stream";
+import { Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
+import { type Dispatcher, EnvHttpProxyAgent, request } from "undici";
 import { ExpertMeshError } from "../util/errors.ts";
 
 export const HUB_ENDPOINT = "https://huggingface.co";
@@ -30,6 +38,8 @@ const COMPLETE = ".expertmesh-complete";
 const FETCHING = ".expertmesh-fetching";
 /** Files fetched at once. */
 const WORKERS = 4;
+/** Redirects followed from one URL (the Hub: one, to its CDN; a renamed repository: two). */
+const MAX_REDIRECTS = 5;
 
 export interface HubSource {
   /** `org/name`. */
@@ -41,6 +51,12 @@ export interface HubSource {
 export interface HubFetchOptions extends HubSource {
   endpoint?: string;
   token?: string;
+  /**
+   * Whether LFS files are checked against the SHA-256 the Hub lists (default true; false
+   * trusts sizes alone: the bench's peer, and `fetch --no-verify` where the network is faster
+   * than one core hashes).
+   */
+  verify?: boolean;
   /** Bytes fetched so far of `total` (both counting what an earlier run left). */
   onProgress?: (done: number, total: number) => void;
   log?: (line: string) => void;
@@ -63,6 +79,8 @@ export interface HubSnapshot {
 interface HubFile {
   name: string;
   size: number | undefined;
+  /** The content's SHA-256 (hex), listed for files kept in LFS. */
+  sha256?: string;
 }
 
 /** Whether the engine reads `name` (a path in the repository). */
@@ -89,28 +107,29 @@ interface Listing {
  * Throws EM_HF_DOWNLOAD for a refusal, a missing revision or a repository that is no
  * checkpoint; a network failure is thrown as it came (the caller may have a snapshot).
  */
-async function listRevision(
-  endpoint: string,
-  o: HubSource,
-  auth: Record<string, string>,
-): Promise<Listing> {
+async function listRevision(endpoint: string, o: HubSource, net: Net): Promise<Listing> {
   const listing = `${endpoint}/api/models/${o.repo}/revision/${encodeURIComponent(o.revision)}?blobs=true`;
-  const res = await fetch(listing, { headers: auth, signal: AbortSignal.timeout(30_000) });
-  const body = await res.text().catch(() => "");
-  if (res.status === 401 || res.status === 403) {
+  const res = await get(listing, net, {}, AbortSignal.timeout(30_000));
+  const body = await res.body.text().catch(() => "");
+  const status = res.statusCode;
+  if (status === 401 || status === 403) {
     fail(
-      `${endpoint} refused to list ${o.repo} (HTTP ${res.status}): the repository is gated or private (set HF_TOKEN to a token that may read it, and accept its terms on the Hub), or does not exist`,
+      `${endpoint} refused to list ${o.repo} (HTTP ${status}): the repository is gated or private (set HF_TOKEN to a token that may read it, and accept its terms on the Hub), or does not exist`,
     );
   }
-  if (res.status === 404) {
+  if (status === 404) {
     fail(`${endpoint} has no revision '${o.revision}' of ${o.repo} (HTTP 404)`);
   }
-  if (!res.ok) {
-    fail(`${endpoint} answered HTTP ${res.status} listing ${o.repo}: ${body.slice(0, 300)}`);
+  if (status < 200 || status > 299) {
+    fail(`${endpoint} answered HTTP ${status} listing ${o.repo}: ${body.slice(0, 300)}`);
   }
   let info: {
     sha?: unknown;
-    siblings?: { rfilename?: unknown; size?: unknown; lfs?: { size?: unknown } }[];
+    siblings?: {
+      rfilename?: unknown;
+      size?: unknown;
+      lfs?: { size?: unknown; sha256?: unknown };
+    }[];
   };
   try {
     info = JSON.parse(body);
@@ -123,7 +142,12 @@ async function listRevision(
     .filter((s) => typeof s?.rfilename === "string" && wantedFile(s.rfilename))
     .map((s) => {
       const size = s.lfs?.size ?? s.size;
-      return { name: s.rfilename as string, size: typeof size === "number" ? size : undefined };
+      const sha256 = s.lfs?.sha256;
+      return {
+        name: s.rfilename as string,
+        size: typeof size === "number" ? size : undefined,
+        ...(typeof sha256 === "string" && /^[0-9a-f]{64}$/.test(sha256) ? { sha256 } : {}),
+      };
     });
   if (!files.some((f) => f.name === "config.json")) {
     fail(`${o.repo}@${o.revision} has no config.json: not a checkpoint in the Hugging Face layout`);
@@ -132,18 +156,78 @@ async function listRevision(
 }
 
 const endpointOf = (o: HubFetchOptions) => (o.endpoint ?? HUB_ENDPOINT).replace(/\/+$/, "");
-const authOf = (o: HubFetchOptions): Record<string, string> =>
-  o.token ? { authorization: `Bearer ${o.token}` } : {};
+
+/** How a call reaches the Hub: through the environment's proxy, the token for its origin. */
+interface Net {
+  dispatcher: Dispatcher;
+  /** The Hub's origin: the only one the token is sent to. */
+  origin: string;
+  token: string | undefined;
+}
+
+/** `run` with a Net of its own, whose connections are closed after. */
+async function withNet<T>(o: HubFetchOptions, run: (net: Net) => Promise<T>): Promise<T> {
+  let origin = "";
+  try {
+    origin = new URL(endpointOf(o)).origin;
+  } catch {}
+  if (!/^https?:/.test(origin))
+    fail(`the Hub's address '${endpointOf(o)}' ($HF_ENDPOINT) is no http(s) URL`);
+  const net: Net = {
+    // Read from the environment now: `up` sets spec.env's variables before it fetches.
+    dispatcher: new EnvHttpProxyAgent(),
+    origin,
+    token: o.token,
+  };
+  try {
+    return await run(net);
+  } finally {
+    await net.dispatcher.destroy().catch(() => {});
+  }
+}
+
+/**
+ * GET `url`, following redirects (the Hub's to its CDN); the token goes only to the Hub's
+ * origin, as fetch drops it on a redirect elsewhere. Every other header goes on each hop.
+ */
+async function get(
+  url: string,
+  net: Net,
+  headers: Record<string, string>,
+  signal: AbortSignal,
+): Promise<Dispatcher.ResponseData> {
+  let at = new URL(url);
+  for (let hop = 0; ; hop++) {
+    const auth: Record<string, string> =
+      net.token && at.origin === net.origin ? { authorization: `Bearer ${net.token}` } : {};
+    const res = await request(at, {
+      headers: { ...headers, ...auth },
+      dispatcher: net.dispatcher,
+      signal,
+    });
+    const location = res.headers["location"];
+    if (![301, 302, 303, 307, 308].includes(res.statusCode) || typeof location !== "string") {
+      return res;
+    }
+    await res.body.dump();
+    if (hop === MAX_REDIRECTS) fail(`${url} redirected more than ${MAX_REDIRECTS} times`);
+    at = new URL(location, at);
+  }
+}
 
 /** The snapshot of `repo` at `revision`: fetched unless complete; see the file's comment. */
 export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
+  return withNet(o, (net) => snapshotWith(o, net));
+}
+
+async function snapshotWith(o: HubOptions, net: Net): Promise<HubSnapshot> {
   const endpoint = endpointOf(o);
   const repoDir = join(o.root, o.repo.replace("/", "--"));
   // A revision may hold slashes (refs/pr/1): one file name per revision.
   const ref = join(repoDir, "refs", encodeURIComponent(o.revision));
   let listing: Listing;
   try {
-    listing = await listRevision(endpoint, o, authOf(o));
+    listing = await listRevision(endpoint, o, net);
   } catch (err) {
     if (err instanceof ExpertMeshError) throw err;
     // Offline: the revision's last complete snapshot, if there is one.
@@ -160,7 +244,7 @@ export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
   const { commit } = listing;
   const dir = join(repoDir, "snapshots", commit);
   mkdirSync(join(repoDir, "refs"), { recursive: true });
-  const fetched = existsSync(join(dir, COMPLETE)) ? 0 : await fetchFiles(o, dir, listing);
+  const fetched = existsSync(join(dir, COMPLETE)) ? 0 : await fetchFiles(o, net, dir, listing);
   writeFileSync(ref, commit);
   return { dir, commit, fetched };
 }
@@ -171,10 +255,14 @@ export async function hubSnapshot(o: HubOptions): Promise<HubSnapshot> {
  * folder complete for that commit is left alone, one of another commit is fetched again.
  */
 export async function hubDownload(o: HubFetchOptions & { dir: string }): Promise<HubSnapshot> {
+  return withNet(o, (net) => downloadWith(o, net));
+}
+
+async function downloadWith(o: HubFetchOptions & { dir: string }, net: Net): Promise<HubSnapshot> {
   const endpoint = endpointOf(o);
   let listing: Listing;
   try {
-    listing = await listRevision(endpoint, o, authOf(o));
+    listing = await listRevision(endpoint, o, net);
   } catch (err) {
     if (err instanceof ExpertMeshError) throw err;
     return fail(`cannot reach ${endpoint} to fetch ${o.repo}: ${why(err)}`, err);
@@ -184,7 +272,7 @@ export async function hubDownload(o: HubFetchOptions & { dir: string }): Promise
   if (done === listing.commit) return { dir: o.dir, commit: listing.commit, fetched: 0 };
   // Another commit's files are fetched again (fetchFiles keeps only its own run's).
   if (existsSync(marker)) rmSync(marker);
-  const fetched = await fetchFiles(o, o.dir, listing);
+  const fetched = await fetchFiles(o, net, o.dir, listing);
   return { dir: o.dir, commit: listing.commit, fetched };
 }
 
@@ -192,10 +280,15 @@ export async function hubDownload(o: HubFetchOptions & { dir: string }): Promise
  * Fetches the files of `listing` missing from `dir` (resuming the .incomplete ones), then
  * writes the COMPLETE marker (the commit, then the time). Returns the bytes fetched.
  */
-async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Promise<number> {
+async function fetchFiles(
+  o: HubFetchOptions,
+  net: Net,
+  dir: string,
+  listing: Listing,
+): Promise<number> {
   const endpoint = endpointOf(o);
-  const auth = authOf(o);
-  const { commit, files } = listing;
+  const { commit } = listing;
+  const files = o.verify === false ? listing.files.map(({ sha256: _, ...f }) => f) : listing.files;
   mkdirSync(dir, { recursive: true });
   // Which commit the files here are of: only those of an earlier run for this commit are
   // kept (whole, or parts to resume); anything else (another commit's, files copied in by
@@ -227,26 +320,41 @@ async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Pr
   // The first failure stops the other transfers (what they have stays, to resume from), and
   // is thrown once they have stopped writing.
   const stop = new AbortController();
-  const settled = await Promise.allSettled(
+  let first: { err: unknown } | undefined;
+  await Promise.allSettled(
     Array.from({ length: Math.min(WORKERS, pending.length) }, async () => {
       try {
         while (next < pending.length && !stop.signal.aborted) await fetchFile(pending[next++]!);
       } catch (err) {
+        // The others' failures are the abort's: the first says what went wrong.
+        first ??= { err };
         stop.abort();
-        throw err;
       }
     }),
   );
-  const failed = settled.find((r) => r.status === "rejected");
-  if (failed) throw failed.reason;
+  if (first) throw first.err;
+
+  /** Renames the whole `part` to `f`'s name once its content is what the Hub lists. */
+  async function keep(f: HubFile, part: string, hash?: Hash): Promise<void> {
+    if (f.sha256) {
+      const digest = (hash ?? (await hashOf(part))).digest("hex");
+      if (digest !== f.sha256) {
+        progress(-sizeOf(part));
+        rmSync(part);
+        fail(
+          `${o.repo}/${f.name} arrived corrupted: its SHA-256 is ${digest}, the Hub lists ${f.sha256} (it was thrown away; run it again to fetch it anew)`,
+        );
+      }
+    }
+    renameSync(part, join(dir, f.name));
+  }
 
   async function fetchFile(f: HubFile): Promise<void> {
-    if (f.size !== undefined && f.size === sizeOf(join(dir, `${f.name}.incomplete`))) {
-      // Whole already (a run stopped between the last byte and the rename).
-      renameSync(join(dir, `${f.name}.incomplete`), join(dir, f.name));
-      return;
-    }
     const part = join(dir, `${f.name}.incomplete`);
+    if (f.size !== undefined && f.size === sizeOf(part)) {
+      // Whole already (a run stopped between the last byte and the rename).
+      return keep(f, part);
+    }
     let have = sizeOf(part);
     if (f.size !== undefined && have > f.size) {
       // Longer than the file: not a part of it.
@@ -255,40 +363,36 @@ async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Pr
       have = 0;
     }
     const url = `${endpoint}/${o.repo}/resolve/${commit}/${encodeURIComponent(f.name)}`;
-    let res: Response;
+    let res: Dispatcher.ResponseData;
     try {
-      // Redirects (to the Hub's CDN) are followed; fetch drops the Authorization header on a
-      // redirect to another origin.
-      res = await fetch(url, {
-        headers: { ...auth, ...(have > 0 ? { range: `bytes=${have}-` } : {}) },
-        signal: stop.signal,
-      });
+      res = await get(url, net, have > 0 ? { range: `bytes=${have}-` } : {}, stop.signal);
     } catch (err) {
+      if (err instanceof ExpertMeshError) throw err;
       return fail(`cannot fetch ${o.repo}/${f.name}: ${why(err)} (run it again to resume)`, err);
     }
-    if (res.status === 416 && f.size !== undefined && have === f.size) {
-      await res.body?.cancel();
-      renameSync(part, join(dir, f.name));
-      return;
+    const status = res.statusCode;
+    if (status === 416 && f.size !== undefined && have === f.size) {
+      await res.body.dump();
+      return keep(f, part);
     }
-    if (!res.ok || !res.body) {
-      return fail(`fetching ${o.repo}/${f.name} answered HTTP ${res.status}`);
+    if (status !== 200 && status !== 206) {
+      await res.body.dump().catch(() => {});
+      return fail(`fetching ${o.repo}/${f.name} answered HTTP ${status}`);
     }
     // 206: the rest after what we have; 200: the whole file (a server that ignores Range).
-    const append = res.status === 206 && have > 0;
+    const append = status === 206 && have > 0;
     if (!append && have > 0) progress(-have);
+    // The hash of what is kept: the part an earlier run left (read once), then each chunk.
+    const hash = f.sha256 ? (append ? await hashOf(part) : createHash("sha256")) : undefined;
     const count = new Transform({
       transform(chunk: Buffer, _enc, cb) {
         progress(chunk.length);
+        hash?.update(chunk);
         cb(null, chunk);
       },
     });
     try {
-      await pipeline(
-        Readable.fromWeb(res.body as import("node:stream/web").ReadableStream),
-        count,
-        createWriteStream(part, { flags: append ? "a" : "w" }),
-      );
+      await pipeline(res.body, count, createWriteStream(part, { flags: append ? "a" : "w" }));
     } catch (err) {
       return fail(
         `the transfer of ${o.repo}/${f.name} broke off after ${sizeOf(part)} bytes: ${why(err)} (run it again to resume)`,
@@ -301,10 +405,17 @@ async function fetchFiles(o: HubFetchOptions, dir: string, listing: Listing): Pr
         `${o.repo}/${f.name} arrived with ${got} bytes, the Hub lists ${f.size} (run it again to resume)`,
       );
     }
-    renameSync(part, join(dir, f.name));
+    await keep(f, part, hash);
   }
 
   writeFileSync(join(dir, COMPLETE), `${commit}\n${new Date().toISOString()}\n`);
   rmSync(fetching);
   return fetched;
+}
+
+/** A SHA-256 fed with the bytes of `path` (not yet digested: more may follow). */
+async function hashOf(path: string): Promise<Hash> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash;
 }

@@ -3,7 +3,8 @@
 // or from CI, so it is a mock) serving a tiny checkpoint of three safetensors shards: only
 // what the engine reads is fetched, a complete snapshot is not fetched again, a transfer cut
 // short resumes with a Range request, a gated repository needs HF_TOKEN (not sent on to the
-// CDN's origin), and offline the last snapshot serves.
+// CDN's origin), $HTTP_PROXY is honoured (through a real forward proxy), a file whose SHA-256 is not the listed one is thrown away, and offline the
+// last snapshot serves.
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,6 +17,7 @@ import { freePort } from "../env/process.ts";
 import { kubectl, runCli } from "../support/cli.ts";
 import { uniqueName } from "../support/env.ts";
 import { type StandInHub, startStandInHub } from "../support/hub.ts";
+import { startTestProxy } from "../support/proxy.ts";
 
 const REPO = "deepseek-ai/tiny-v3";
 let model: string;
@@ -112,6 +114,40 @@ describe("hubSnapshot", () => {
     expect(resumed.fetched).toBeLessThan(
       engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0),
     );
+  });
+
+  it("a file whose bytes differ from the SHA-256 the Hub lists is thrown away, resumed part and all; the next run fetches it anew", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const root = mkdtempSync(join(tmpdir(), "hub-root-"));
+    const file = "model-00002-of-00003.safetensors";
+    const snapshot = () =>
+      hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub!.endpoint });
+    const dir = join(root, "deepseek-ai--tiny-v3", "snapshots", hub.commit);
+    const corrupted = hubError(
+      new RegExp(
+        `${REPO}/${file} arrived corrupted: its SHA-256 is [0-9a-f]{64}, the Hub lists [0-9a-f]{64} \\(it was thrown away; run it again to fetch it anew\\)`,
+      ),
+    );
+
+    // A corrupted byte in one transfer: the right size, the wrong content.
+    hub.corruptNext(file, 500);
+    await expect(snapshot()).rejects.toMatchObject(corrupted);
+    expect(existsSync(join(dir, file))).toBe(false);
+    expect(existsSync(join(dir, `${file}.incomplete`))).toBe(false);
+    expect(existsSync(join(dir, ".expertmesh-complete"))).toBe(false);
+
+    // A corrupted byte in the part a cut transfer left: the resumed rest is sound, the whole
+    // is not (the part is hashed from the disk before the rest arrives).
+    hub.corruptNext(file, 10);
+    hub.cutNext(file, 1000);
+    await expect(snapshot()).rejects.toMatchObject(hubError(/broke off after 1000 bytes/));
+    await expect(snapshot()).rejects.toMatchObject(corrupted);
+    expect(existsSync(join(dir, `${file}.incomplete`))).toBe(false);
+
+    sameFiles((await snapshot()).dir);
+    // Three transfers of the file were whole or resumed, the last one from the start.
+    const gets = hub.requests.filter((r) => r.server === "cdn" && r.path.endsWith(file));
+    expect(gets.map((r) => r.range ?? "whole")).toEqual(["whole", "whole", "bytes=1000-", "whole"]);
   });
 
   it("a gated repository needs HF_TOKEN, which goes to the Hub and not to the CDN's origin", async () => {
@@ -248,6 +284,80 @@ describe("expertmesh fetch", () => {
       engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0),
     );
     expect(readFileSync(join(dir, ".expertmesh-complete"), "utf8").split("\n")[0]).toBe(hub.commit);
+  });
+
+  it("fetch checks the weights' SHA-256 (exit 1 on a corrupted one); --no-verify trusts their sizes", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const env = { ...process.env, HF_ENDPOINT: hub.endpoint };
+    const file = "model-00003-of-00003.safetensors";
+    const fetchInto = (dir: string, ...flags: string[]) =>
+      runCli(process.execPath, [mainTs, "fetch", REPO, "--dir", dir, ...flags], undefined, env);
+
+    hub.corruptNext(file, 100);
+    const checked = await fetchInto(mkdtempSync(join(tmpdir(), "fetch-")));
+    expect(checked.code).toBe(1);
+    expect(checked.stderr).toMatch(
+      new RegExp(`\\[EM_HF_DOWNLOAD\\] ${REPO}/${file} arrived corrupted: its SHA-256 is`),
+    );
+
+    hub.corruptNext(file, 100);
+    const dir = mkdtempSync(join(tmpdir(), "fetch-"));
+    const trusted = await fetchInto(dir, "--no-verify");
+    expect(trusted.code, trusted.stderr).toBe(0);
+    // The corrupted byte was kept: the sizes agree, and nothing else was looked at.
+    const got = readFileSync(join(dir, file));
+    const want = readFileSync(join(model, file));
+    expect(got.length).toBe(want.length);
+    expect(got[100]).toBe(want[100]! ^ 0xff);
+  });
+
+  it("fetch goes through $HTTP_PROXY (Node's fetch alone would not), and around it for a host in $NO_PROXY", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const proxy = await startTestProxy();
+    try {
+      const base: NodeJS.ProcessEnv = {
+        ...process.env,
+        HF_ENDPOINT: hub.endpoint,
+        HTTP_PROXY: proxy.url,
+      };
+      for (const name of ["NO_PROXY", "no_proxy", "http_proxy", "HTTPS_PROXY", "https_proxy"])
+        delete base[name];
+      const dir = mkdtempSync(join(tmpdir(), "fetch-"));
+      const via = await runCli(
+        process.execPath,
+        [mainTs, "fetch", REPO, "--dir", dir],
+        undefined,
+        base,
+      );
+      expect(via.code, via.stderr).toBe(0);
+      sameFiles(dir);
+      // The listing and every file's resolve went to the proxy, and so did each redirect to
+      // the CDN's origin.
+      const hubPort = new URL(hub.endpoint).port;
+      expect(proxy.seen).toContain(
+        `GET ${hub.endpoint}/api/models/${REPO}/revision/main?blobs=true`,
+      );
+      for (const f of engineFiles()) {
+        expect(proxy.seen).toContain(`GET ${hub.endpoint}/${REPO}/resolve/${hub.commit}/${f}`);
+        expect(
+          proxy.seen.some((s) => s.endsWith(`/${hub!.commit}/${f}`) && !s.includes(`:${hubPort}/`)),
+          `${f} from the CDN through the proxy`,
+        ).toBe(true);
+      }
+      expect(proxy.seen.length).toBe(1 + 2 * engineFiles().length);
+
+      proxy.seen.length = 0;
+      const around = await runCli(
+        process.execPath,
+        [mainTs, "fetch", REPO, "--dir", mkdtempSync(join(tmpdir(), "fetch-"))],
+        undefined,
+        { ...base, NO_PROXY: "127.0.0.1" },
+      );
+      expect(around.code, around.stderr).toBe(0);
+      expect(proxy.seen).toEqual([]);
+    } finally {
+      await proxy.close();
+    }
   });
 
   it("refuses what is no repository, and says when the Hub cannot be reached", async () => {

@@ -2,7 +2,7 @@
 // (src/local/hf-hub.ts): the Hub itself cannot be reached from here or from CI, so this is a
 // mock, and says so. It serves what the Hub's HTTP API serves for a model repository:
 // GET /api/models/<repo>/revision/<rev>?blobs=true (the commit and the files with their
-// sizes), and GET /<repo>/resolve/<commit>/<file> as a 302 redirect to a second server on
+// sizes, and the SHA-256 of the LFS files: the weights), and GET /<repo>/resolve/<commit>/<file> as a 302 redirect to a second server on
 // another port (the Hub's CDN, another origin), which serves the bytes with Range requests.
 import { createHash } from "node:crypto";
 import { readdirSync, readFileSync, statSync } from "node:fs";
@@ -26,6 +26,8 @@ export interface StandInHub {
   commit: string;
   /** The next transfer of `file` stops (the connection is destroyed) after `bytes` bytes. */
   cutNext(file: string, bytes: number): void;
+  /** The next transfer of `file` has its byte at `offset` changed (a corrupted transfer). */
+  corruptNext(file: string, offset: number): void;
   close(): Promise<void>;
 }
 
@@ -47,6 +49,7 @@ export async function startStandInHub(o: {
   const commit = createHash("sha1").update(o.repo).digest("hex");
   const requests: HubRequest[] = [];
   const cuts = new Map<string, number>();
+  const corruptions = new Map<string, number>();
   const record = (server: HubRequest["server"], req: IncomingMessage) =>
     requests.push({
       server,
@@ -77,7 +80,13 @@ export async function startStandInHub(o: {
         "content-range": `bytes ${start}-${data.length - 1}/${data.length}`,
       });
     } else res.writeHead(200, { "content-length": data.length });
-    const body = data.subarray(start);
+    let body = data.subarray(start);
+    const bad = corruptions.get(name);
+    if (bad !== undefined && bad >= start && bad < data.length) {
+      corruptions.delete(name);
+      body = Buffer.from(body);
+      body[bad - start]! ^= 0xff;
+    }
     const cut = cuts.get(name);
     if (cut !== undefined) {
       cuts.delete(name);
@@ -107,7 +116,15 @@ export async function startStandInHub(o: {
         sha: commit,
         siblings: [...files].map(([name, data]) =>
           name.endsWith(".safetensors")
-            ? { rfilename: name, size: data.length, lfs: { size: data.length, sha256: "x" } }
+            ? {
+                rfilename: name,
+                size: data.length,
+                lfs: {
+                  size: data.length,
+                  sha256: createHash("sha256").update(data).digest("hex"),
+                  pointerSize: 134,
+                },
+              }
             : { rfilename: name, size: data.length },
         ),
       });
@@ -125,6 +142,7 @@ export async function startStandInHub(o: {
     requests,
     commit,
     cutNext: (file, bytes) => cuts.set(file, bytes),
+    corruptNext: (file, offset) => corruptions.set(file, offset),
     close: async () => {
       await Promise.all([hub, cdn].map((s) => new Promise((r) => s.close(r))));
     },
