@@ -15,6 +15,7 @@ import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
 import { type DispatchResults, dispatchTables } from "./dispatch-report.ts";
 import { dtypeTables } from "./dtype.ts";
+import { fetchTables } from "./fetch.ts";
 import { frontTables } from "./front.ts";
 import { invariantTables } from "./invariant.ts";
 import { isaTables } from "./isa.ts";
@@ -521,6 +522,7 @@ export const SUITES = [
   "disagg",
   "tracing",
   "tls",
+  "fetch",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -545,7 +547,8 @@ export const TABLES_ONLY: Record<
   | "front"
   | "disagg"
   | "tracing"
-  | "tls",
+  | "tls"
+  | "fetch",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -565,6 +568,7 @@ export const TABLES_ONLY: Record<
   disagg: disaggTables,
   tracing: tracingTables,
   tls: tlsTables,
+  fetch: fetchTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

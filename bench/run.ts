@@ -20,6 +20,7 @@ import { runDiskShared } from "./disk-shared.ts";
 import { runDispatch } from "./dispatch.ts";
 import { dispatchTables } from "./dispatch-report.ts";
 import { runDtype } from "./dtype.ts";
+import { runFetch } from "./fetch.ts";
 import { runFront } from "./front.ts";
 import { runInvariant } from "./invariant.ts";
 import { runIsa } from "./isa.ts";
@@ -76,6 +77,7 @@ const RUN_TABLES_ONLY: Record<
   front: runFront,
   tracing: runTracing,
   tls: runTls,
+  fetch: runFetch,
 };
 
 async function main(): Promise<number> {
