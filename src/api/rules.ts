@@ -466,6 +466,20 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
         (k) => isLabelKey(k) && !k.startsWith("expertmesh.io/"),
       ),
   },
+  {
+    path: "spec",
+    rule: "!has(self.env) || self.env.all(e, has(e.value) != has(e.valueFrom) && (!has(e.valueFrom) || has(e.valueFrom.secretKeyRef) != has(e.valueFrom.configMapKeyRef)))",
+    message:
+      "each env entry takes a value or a valueFrom, not both nor neither; a valueFrom names one of secretKeyRef, configMapKeyRef",
+    check: (s) =>
+      (s["env"] ?? []).every(
+        (e: { value?: string; valueFrom?: Record<string, unknown> }) =>
+          (e.value !== undefined) !== (e.valueFrom !== undefined) &&
+          (e.valueFrom === undefined ||
+            (e.valueFrom["secretKeyRef"] !== undefined) !==
+              (e.valueFrom["configMapKeyRef"] !== undefined)),
+      ),
+  },
 ];
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */

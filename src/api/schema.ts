@@ -1207,6 +1207,25 @@ export const NetworkPolicySchema = Type.Object(
   { description: "Network isolation of the model's pods.", default: {} },
 );
 
+/** A key of a Secret or a ConfigMap in the model's namespace, as a variable's value. */
+const EnvKeyRef = (kind: "Secret" | "ConfigMap") =>
+  Type.Object(
+    {
+      name: Type.String({
+        description: `Name of the ${kind}, in the DeepSeekModel's namespace.`,
+        minLength: 1,
+        maxLength: 253,
+      }),
+      key: Type.String({ description: `Key in the ${kind}.`, minLength: 1, maxLength: 253 }),
+      optional: Type.Optional(
+        Type.Boolean({
+          description: `Whether the pods start without the variable when the ${kind} or its key is missing (default false: they wait for it).`,
+        }),
+      ),
+    },
+    { description: `A key of a ${kind}, read by the kubelet when the pod starts.` },
+  );
+
 /** Variables every container of the model gets (HF_ENDPOINT, HTTPS_PROXY, ...). */
 const EnvSchema = Type.Array(
   Type.Object(
@@ -1217,13 +1236,30 @@ const EnvSchema = Type.Array(
         maxLength: 128,
         pattern: "^[A-Za-z_][A-Za-z0-9_]*$",
       }),
-      value: Type.String({ description: "Its value.", maxLength: 4096 }),
+      value: Type.Optional(
+        Type.String({ description: "Its value (or valueFrom, not both).", maxLength: 4096 }),
+      ),
+      valueFrom: Type.Optional(
+        Type.Object(
+          {
+            secretKeyRef: Type.Optional(EnvKeyRef("Secret")),
+            configMapKeyRef: Type.Optional(EnvKeyRef("ConfigMap")),
+          },
+          {
+            description:
+              "Where its value comes from instead (a proxy URL with credentials, a token): one of secretKeyRef, configMapKeyRef. A change of the Secret's content reaches pods started after it, as for any pod.",
+          },
+        ),
+      ),
     },
-    { description: "An environment variable: a name and a literal value." },
+    {
+      description:
+        "An environment variable: a name and a literal value, or a key of a Secret or ConfigMap.",
+    },
   ),
   {
     description:
-      "Environment variables of every container of the model's pods, the weights' download included: a Hugging Face mirror (HF_ENDPOINT), a proxy (HTTPS_PROXY, NO_PROXY), a CUDA or allocator setting. Names starting with EM_ and those the operator sets are refused. A change rolls the pods. expertmesh up gives them to its processes and its Hub download.",
+      "Environment variables of every container of the model's pods, the weights' download included: a Hugging Face mirror (HF_ENDPOINT), a proxy (HTTPS_PROXY, NO_PROXY), a CUDA or allocator setting. Names starting with EM_ and those the operator sets are refused. A change rolls the pods. expertmesh up gives them to its processes and its Hub download (a valueFrom one: the shell's variable of that name, as up reads no Secrets).",
     maxItems: 64,
     "x-kubernetes-list-type": "map",
     "x-kubernetes-list-map-keys": ["name"],

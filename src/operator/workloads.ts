@@ -4,6 +4,7 @@ import { createHash } from "node:crypto";
 import type {
   V1ConfigMap,
   V1Deployment,
+  V1EnvVar,
   V1LabelSelector,
   V1NetworkPolicy,
   V1NetworkPolicyIngressRule,
@@ -223,8 +224,10 @@ function meta(model: DeepSeekModel, name: string, component: Component, shard?: 
 }
 
 /** spec.env, as every container's variables (beside the operator's own, which it may not name). */
-const userEnv = (model: DeepSeekModel) =>
-  (model.spec.env ?? []).map(({ name, value }) => ({ name, value }));
+const userEnv = (model: DeepSeekModel): V1EnvVar[] =>
+  (model.spec.env ?? []).map(({ name, value, valueFrom }) =>
+    valueFrom ? { name, valueFrom } : { name, value: value ?? "" },
+  );
 
 /** The model's weights volume and the folder of the checkpoint inside the pods. */
 function modelVolume(model: DeepSeekModel): {

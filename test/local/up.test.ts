@@ -485,9 +485,10 @@ describe("expertmesh up", () => {
     // token from this shell (as from the Secret in a pod).
     const source: [string, string] = [
       "      pvc:\n        claimName: tiny-model\n        path: tiny-v3\n",
-      `      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n  env: [{ name: HF_ENDPOINT, value: "${hub.endpoint}" }, { name: EXPERTMESH_TEST_MARK, value: here }]\n`,
+      `      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n  env: [{ name: HF_ENDPOINT, value: "${hub.endpoint}" }, { name: EXPERTMESH_TEST_MARK, value: here }, { name: EXPERTMESH_TEST_FROM, valueFrom: { secretKeyRef: { name: s, key: k } } }, { name: EXPERTMESH_TEST_UNSET, valueFrom: { configMapKeyRef: { name: c, key: k } } }]\n`,
     ];
-    const env = { HF_TOKEN: "hf_up" };
+    // A valueFrom variable comes from the shell (up reads no Secrets), or is unset, said so.
+    const env = { HF_TOKEN: "hf_up", EXPERTMESH_TEST_FROM: "shell" };
     const snapshot = join(models, "hf", "acme--tiny-v3", "snapshots", hub.commit);
     try {
       await upWithVariant(
@@ -503,6 +504,12 @@ describe("expertmesh up", () => {
           expect(err).toMatch(
             /^\[up\] spec\.env: HF_ENDPOINT, EXPERTMESH_TEST_MARK set for every process$/m,
           );
+          expect(err).toMatch(
+            /^\[up\] spec\.env's EXPERTMESH_TEST_FROM comes from the Secret s \(key k\) in a cluster: here from this shell's \$EXPERTMESH_TEST_FROM$/m,
+          );
+          expect(err).toMatch(
+            /^\[up\] spec\.env's EXPERTMESH_TEST_UNSET comes from the ConfigMap c \(key k\), which this machine cannot read: unset here; set \$EXPERTMESH_TEST_UNSET in this shell to give it$/m,
+          );
           expect(await completionTokens(port, 4)).toBe(4);
           // Every process up started has spec.env in its environment.
           const children = execFileSync("pgrep", ["-P", String(started.proc.pid)])
@@ -514,6 +521,14 @@ describe("expertmesh up", () => {
             expect(readFileSync(`/proc/${pid}/environ`, "utf8").split("\0"), pid).toContain(
               "EXPERTMESH_TEST_MARK=here",
             );
+          for (const pid of children) {
+            const vars = readFileSync(`/proc/${pid}/environ`, "utf8").split("\0");
+            expect(vars, pid).toContain("EXPERTMESH_TEST_FROM=shell");
+            expect(
+              vars.some((v) => v.startsWith("EXPERTMESH_TEST_UNSET=")),
+              pid,
+            ).toBe(false);
+          }
         },
         env,
         models,

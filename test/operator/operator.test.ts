@@ -1564,6 +1564,16 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[37]!.message,
       ],
       [
+        "an env entry with a value and a valueFrom",
+        { env: [{ name: "A", value: "1", valueFrom: { secretKeyRef: { name: "s", key: "k" } } }] },
+        CROSS_FIELD_RULES[38]!.message,
+      ],
+      [
+        "an env entry with neither a value nor a valueFrom",
+        { env: [{ name: "A" }] },
+        CROSS_FIELD_RULES[38]!.message,
+      ],
+      [
         "two env entries of one name",
         {
           env: [
@@ -1648,6 +1658,23 @@ describe.sequential("expertmesh operator", () => {
           model: { ...spec.model, batchInvariant: true },
           gateway: { gpus: 0 },
           experts: { ...spec.experts, gpusPerShard: 0 },
+        }),
+      );
+      const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);
+      expect(r.code, r.stderr).toBe(0);
+    });
+    it("accepts env values from a Secret's and a ConfigMap's keys", async () => {
+      const body = JSON.stringify(
+        model("envfrom", "default", {
+          ...spec,
+          env: [
+            { name: "HTTPS_PROXY", valueFrom: { secretKeyRef: { name: "proxy", key: "url" } } },
+            {
+              name: "NO_PROXY",
+              valueFrom: { configMapKeyRef: { name: "net", key: "no-proxy", optional: true } },
+            },
+            { name: "HF_ENDPOINT", value: "https://mirror" },
+          ],
         }),
       );
       const r = await kubectl(["apply", "--dry-run=server", "-f", "-"], body);

@@ -258,6 +258,21 @@ ${yaml}
     ["env: [{ name: POD_NAME, value: x }]", /env names must not/],
     ["env: [{ name: 1X, value: x }]", /name/],
     ["env: [{ name: A-B, value: x }]", /name/],
+    [
+      "env: [{ name: HTTPS_PROXY, valueFrom: { secretKeyRef: { name: proxy, key: url } } }, { name: B, valueFrom: { configMapKeyRef: { name: cm, key: b, optional: true } } }]",
+      null,
+    ],
+    ["env: [{ name: A }]", /each env entry takes a value or a valueFrom, not both nor neither/],
+    [
+      "env: [{ name: A, value: x, valueFrom: { secretKeyRef: { name: s, key: k } } }]",
+      /each env entry takes a value or a valueFrom/,
+    ],
+    ["env: [{ name: A, valueFrom: {} }]", /one of secretKeyRef, configMapKeyRef/],
+    [
+      "env: [{ name: A, valueFrom: { secretKeyRef: { name: s, key: k }, configMapKeyRef: { name: c, key: k } } }]",
+      /one of secretKeyRef, configMapKeyRef/,
+    ],
+    ["env: [{ name: A, valueFrom: { secretKeyRef: { name: s } } }]", /key/],
     ["podMetadata: { labels: { team: a, example.com/cost-center: '42' } }", null],
     [
       "podMetadata: { labels: { expertmesh.io/model: x } }",

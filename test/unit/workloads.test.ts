@@ -944,7 +944,10 @@ metadata: { name: v, namespace: ns }
 spec:
   model: { preset: tiny-v3, source: { huggingFace: { repo: acme/tiny } } }
   gateway: { disaggregation: { replicas: 1 }, kvCache: { remoteBytes: 1073741824 } }
-  env: [{ name: HF_ENDPOINT, value: "https://hf-mirror.internal" }, { name: HTTPS_PROXY, value: "http://proxy:3128" }]
+  env:
+    - { name: HF_ENDPOINT, value: "https://hf-mirror.internal" }
+    - { name: HTTPS_PROXY, valueFrom: { secretKeyRef: { name: proxy, key: url } } }
+    - { name: NO_PROXY, valueFrom: { configMapKeyRef: { name: net, key: no-proxy, optional: true } } }
   podMetadata:
     labels: { team: inference, app.kubernetes.io/part-of: llm }
     annotations: { sidecar.istio.io/inject: "false" }
@@ -961,7 +964,11 @@ spec:
     );
     const extra = [
       { name: "HF_ENDPOINT", value: "https://hf-mirror.internal" },
-      { name: "HTTPS_PROXY", value: "http://proxy:3128" },
+      { name: "HTTPS_PROXY", valueFrom: { secretKeyRef: { name: "proxy", key: "url" } } },
+      {
+        name: "NO_PROXY",
+        valueFrom: { configMapKeyRef: { name: "net", key: "no-proxy", optional: true } },
+      },
     ];
     for (const d of deployments) {
       const pod = d.spec!.template;

@@ -381,9 +381,22 @@ export const upCommand: Command = {
     say(devices.note);
     // spec.env, as the pods get it: in every process `up` starts, and for the Hub download
     // (HF_ENDPOINT, a proxy); the manifest's value wins over this shell's, as in a pod.
+    // A valueFrom one names a Secret or ConfigMap, which this machine cannot read: the
+    // shell's variable of that name stands in for it, as $EM_API_KEYS does for apiKeySecret.
     const env = m.spec.env ?? [];
-    for (const { name: key, value } of env) process.env[key] = value;
-    if (env.length > 0) say(`spec.env: ${env.map((e) => e.name).join(", ")} set for every process`);
+    for (const { name: key, value } of env) if (value !== undefined) process.env[key] = value;
+    const literal = env.filter((e) => e.value !== undefined).map((e) => e.name);
+    if (literal.length > 0) say(`spec.env: ${literal.join(", ")} set for every process`);
+    for (const { name: key, valueFrom } of env) {
+      const ref = valueFrom?.secretKeyRef ?? valueFrom?.configMapKeyRef;
+      if (!ref) continue;
+      const what = `${valueFrom?.secretKeyRef ? "Secret" : "ConfigMap"} ${ref.name} (key ${ref.key})`;
+      say(
+        process.env[key] !== undefined
+          ? `spec.env's ${key} comes from the ${what} in a cluster: here from this shell's $${key}`
+          : `spec.env's ${key} comes from the ${what}, which this machine cannot read: unset here; set $${key} in this shell to give it`,
+      );
+    }
     if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
     const keySecret = m.spec.gateway.apiKeySecret;
     if (keySecret)
