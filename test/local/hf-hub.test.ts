@@ -3,8 +3,8 @@
 // or from CI, so it is a mock) serving a tiny checkpoint of three safetensors shards: only
 // what the engine reads is fetched, a complete snapshot is not fetched again, a transfer cut
 // short resumes with a Range request, a gated repository needs HF_TOKEN (not sent on to the
-// CDN's origin), $HTTP_PROXY is honoured (through a real forward proxy), a file whose SHA-256 is not the listed one is thrown away, and offline the
-// last snapshot serves.
+// CDN's origin), $HTTP_PROXY is honoured (through a real forward proxy), a file whose SHA-256
+// is not the listed one is thrown away, and offline the last snapshot serves.
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

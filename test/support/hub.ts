@@ -2,8 +2,9 @@
 // (src/local/hf-hub.ts): the Hub itself cannot be reached from here or from CI, so this is a
 // mock, and says so. It serves what the Hub's HTTP API serves for a model repository:
 // GET /api/models/<repo>/revision/<rev>?blobs=true (the commit and the files with their
-// sizes, and the SHA-256 of the LFS files: the weights), and GET /<repo>/resolve/<commit>/<file> as a 302 redirect to a second server on
-// another port (the Hub's CDN, another origin), which serves the bytes with Range requests.
+// sizes, and the SHA-256 of the LFS files: the weights), and GET /<repo>/resolve/<commit>/<file>
+// as a 302 redirect to a second server on another port (the Hub's CDN, another origin), which
+// serves the bytes with Range requests.
 import { createHash } from "node:crypto";
 import { readdirSync, readFileSync, statSync } from "node:fs";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
@@ -47,6 +48,20 @@ export async function startStandInHub(o: {
   files.set("README.md", Buffer.from("# a model card\n"));
   files.set("figures/benchmark.png", Buffer.from("not an image"));
   const commit = createHash("sha1").update(o.repo).digest("hex");
+  // The listing, hashed once (the bench serves a GiB: hashing it per listing would be timed).
+  const siblings = [...files].map(([name, data]) =>
+    name.endsWith(".safetensors")
+      ? {
+          rfilename: name,
+          size: data.length,
+          lfs: {
+            size: data.length,
+            sha256: createHash("sha256").update(data).digest("hex"),
+            pointerSize: 134,
+          },
+        }
+      : { rfilename: name, size: data.length },
+  );
   const requests: HubRequest[] = [];
   const cuts = new Map<string, number>();
   const corruptions = new Map<string, number>();
@@ -114,19 +129,7 @@ export async function startStandInHub(o: {
       return json(res, 200, {
         id: o.repo,
         sha: commit,
-        siblings: [...files].map(([name, data]) =>
-          name.endsWith(".safetensors")
-            ? {
-                rfilename: name,
-                size: data.length,
-                lfs: {
-                  size: data.length,
-                  sha256: createHash("sha256").update(data).digest("hex"),
-                  pointerSize: 134,
-                },
-              }
-            : { rfilename: name, size: data.length },
-        ),
+        siblings,
       });
     }
     const resolve = /^\/([^/]+\/[^/]+)\/resolve\/([0-9a-f]{40})\/(.+)$/.exec(url.pathname);
