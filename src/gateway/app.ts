@@ -122,8 +122,11 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     server.once("close", () => clearInterval(idleTimer));
   });
   app.addHook("onClose", async () => clearInterval(idleTimer));
+  // While draining (SIGTERM's --shutdown-delay) too: a keep-alive client takes its next
+  // request elsewhere (a connection through the Service, or up's front, goes to another
+  // gateway) rather than sending it on a connection that the stop closes under it.
   app.addHook("onSend", async (_req, reply) => {
-    if (closing && !reply.raw.headersSent) reply.header("connection", "close");
+    if ((closing || o.draining?.()) && !reply.raw.headersSent) reply.header("connection", "close");
   });
 
   /** Each exchange's trace (with tracing on), for its log line's trace id. */

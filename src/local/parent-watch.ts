@@ -43,3 +43,24 @@ export const NATS_UNDER_WATCH = [
   'while kill -0 "$p" 2>/dev/null; do wait "$p"; st=$?; done',
   'exit "$st"',
 ].join("\n");
+
+/**
+ * Calls `handle` with each line `up --watch` writes to standard input (an edited manifest
+ * the gateways roll onto, src/local/watch.ts), when the environment says a parent holds it;
+ * otherwise does nothing.
+ */
+export function onParentLines(handle: (line: string) => void): void {
+  if (process.env[STOP_ON_STDIN_EOF_ENV] !== "1") return;
+  let pending = "";
+  process.stdin.setEncoding("utf8");
+  process.stdin.on("data", (chunk: string) => {
+    pending += chunk;
+    for (let i = pending.indexOf("\n"); i >= 0; i = pending.indexOf("\n")) {
+      const line = pending.slice(0, i);
+      pending = pending.slice(i + 1);
+      if (line.trim() !== "") handle(line);
+    }
+  });
+  process.stdin.resume();
+  (process.stdin as { unref?: () => void }).unref?.();
+}

@@ -1,8 +1,12 @@
-// `expertmesh up --watch`: runs `up` (without --watch) as a child process and starts it again
-// whenever the manifest's file changes to a valid manifest, as `kubectl apply` of an edited
-// manifest would roll the model. The child stops as on Ctrl-C (gateways finish their requests,
-// shards drain), then a new one starts with the new manifest. A manifest that fails to parse
-// or validate is reported and the running one is left alone, as the API server would refuse it.
+// `expertmesh up --watch`: runs `up` (without --watch) as a child process and, whenever the
+// manifest's file changes to a valid manifest, does what `kubectl apply` of the edit would
+// make the operator do (ADR 0041). An edit that reaches the gateways alone (their serving
+// flags: sampling, limits, KV cache, parsers; src/local/manifest-change.ts) goes to the child
+// as a line on its standard input, and the child rolls its gateways onto it while
+// nats-server and the shards run on. Any other edit stops the child as on Ctrl-C (gateways
+// finish their requests, shards drain), then a new one starts with the new manifest. A
+// manifest that fails to parse or validate is reported and the running one is left alone, as
+// the API server would refuse it.
 //
 // The child runs in a process group of its own, so that a Ctrl-C in the terminal reaches this
 // supervisor alone, which passes each signal on once (the second Ctrl-C stops at once, as
@@ -12,7 +16,9 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { type FSWatcher, readFileSync, watch } from "node:fs";
 import { basename, dirname, resolve } from "node:path";
 import { readManifest } from "../api/manifest.ts";
+import type { DeepSeekModel } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
+import { fieldList, manifestChange } from "./manifest-change.ts";
 import { STOP_ON_STDIN_EOF_ENV } from "./parent-watch.ts";
 
 /** How long the file must be quiet before a change counts (editors write in several steps). */
@@ -34,7 +40,8 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   // What the manifest says (an invalid one at the start fails as without --watch): an edit
   // that leaves it the same (a comment, the order of keys) restarts nothing, as kubectl
   // apply of it changes nothing.
-  let meaning = JSON.stringify(readManifest(path));
+  let current = readManifest(path);
+  const single = upArgs.includes("--single-process");
   let child: ChildProcess | undefined;
   let stopping = false;
   let lastCode = 0;
@@ -71,9 +78,9 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     }
     const now = readText(path);
     if (now === null || now === text) return; // gone for a moment (an editor's rename), or the same
-    let next: string;
+    let next: DeepSeekModel;
     try {
-      next = JSON.stringify(readManifest(path));
+      next = readManifest(path);
     } catch (err) {
       text = now;
       say(
@@ -82,15 +89,26 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
       return;
     }
     text = now;
-    if (next === meaning && child) {
+    const change = manifestChange(current, next, single);
+    if (change.kind === "same" && child) {
       say(`${file} changed, but it says what it said: nothing to restart`);
       return;
     }
-    meaning = next;
+    current = next;
+    if (change.kind === "gateways" && child?.stdin?.writable) {
+      say(
+        `${file} changed (${fieldList(change.fields)}): rolling the gateways onto it; nats-server and the shards run on`,
+      );
+      child.stdin.write(`${JSON.stringify({ manifest: next })}\n`);
+      return;
+    }
     restarting = true;
     const old = child;
     if (old) {
-      say(`${file} changed: stopping everything, then starting it again with the new manifest`);
+      const why = change.kind === "all" ? change.why : "its gateways could not be told";
+      say(
+        `${file} changed (${why}): stopping everything, then starting it again with the new manifest`,
+      );
       await new Promise<void>((r) => {
         old.once("exit", () => r());
         old.kill("SIGTERM");
@@ -126,7 +144,9 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   };
   for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(s, () => stop(s));
 
-  say(`watching ${file}: a change to it stops everything and starts it again`);
+  say(
+    `watching ${file}: an edit of the gateways' flags alone rolls the gateways, any other stops everything and starts it again`,
+  );
   start();
   return await finished;
 }

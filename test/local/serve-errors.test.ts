@@ -710,14 +710,18 @@ describe("serving commands on bad input", () => {
       process.kill(gw.pid!, "SIGTERM");
       await gw.waitUntil("draining", async () => (await ready()).status === 503, 5000);
       expect(await ready()).toEqual({ status: 503, body: JSON.stringify({ status: "draining" }) });
-      // Still serving: a request sent now is answered, and liveness holds.
-      const done = await client.completions.create({
-        model: "tiny",
-        prompt: "Hi",
-        max_tokens: 3,
-        ignore_eos: true,
-      } as OpenAI.CompletionCreateParamsNonStreaming);
+      // Still serving: a request sent now is answered, and liveness holds. Each answer ends
+      // its connection (a keep-alive client's next request goes to another gateway).
+      const { data: done, response } = await client.completions
+        .create({
+          model: "tiny",
+          prompt: "Hi",
+          max_tokens: 3,
+          ignore_eos: true,
+        } as OpenAI.CompletionCreateParamsNonStreaming)
+        .withResponse();
       expect(done.usage?.completion_tokens).toBe(3);
+      expect(response.headers.get("connection")).toBe("close");
       expect((await fetch(`${url}/health`)).status).toBe(200);
       expect(gw.exited).toBe(false);
       for (let i = 0; i < 150 && !gw.exited; i++) await sleep(100);

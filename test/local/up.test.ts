@@ -910,7 +910,7 @@ describe("expertmesh up", () => {
     }
   });
 
-  it("--watch: an edited manifest stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
+  it("--watch: an edit of the gateways alone rolls the gateway (nats-server and the shards run on); any other stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
     const file = variantManifest("    shards: 4\n", "    shards: 4\n");
     const text = readFileSync(file, "utf8");
     const port = await freePort();
@@ -919,7 +919,9 @@ describe("expertmesh up", () => {
     const models = async () => (await client.models.list()).data.map((m) => m.id);
     try {
       await untilServing(u, port);
-      expect(u.err()).toContain(`[up] watching ${file}: a change to it stops everything`);
+      expect(u.err()).toContain(
+        `[up] watching ${file}: an edit of the gateways' flags alone rolls the gateways, any other stops everything`,
+      );
       expect(await models()).toEqual(["tiny-v3"]);
       const before = descendants(u.proc.pid!);
       expect(before.length).toBeGreaterThanOrEqual(7); // up, nats-server, 4 shards, the gateway
@@ -928,6 +930,47 @@ describe("expertmesh up", () => {
       writeFileSync(file, `# edited\n${text}`);
       await untilLogged(u, "the no-op", `[up] ${file} changed, but it says what it said`);
       expect(before.filter(alive)).toEqual(before);
+
+      // The served name reaches the gateway alone: it stops and starts again on its ports,
+      // everything else runs on (a Deployment's roll of the gateways, the shards untouched).
+      const gateway = pidUnder(u, /main\.ts gateway /)!;
+      expect(before).toContain(gateway);
+      writeFileSync(file, text.replace("servedModelName: tiny-v3", "servedModelName: tiny-rolled"));
+      await untilLogged(
+        u,
+        "the roll",
+        `[up] ${file} changed (spec.servedModelName): rolling the gateways onto it; nats-server and the shards run on`,
+      );
+      await untilLogged(
+        u,
+        "the rolled gateway",
+        "[up] the gateways run the edited manifest, serving 'tiny-rolled'",
+      );
+      expect(await models()).toEqual(["tiny-rolled"]);
+      expect(alive(gateway)).toBe(false);
+      expect(before.filter(alive)).toEqual(before.filter((pid) => pid !== gateway));
+      expect(pidUnder(u, /main\.ts gateway /)).not.toBe(gateway);
+      expect(u.out().match(/expertmesh is serving/g)).toHaveLength(1);
+
+      // A gateway flag the new gateway refuses (past the tiny model's 256 positions): the roll
+      // stops, and the gateway of the previous manifest starts again on the ports.
+      writeFileSync(
+        file,
+        text
+          .replace("servedModelName: tiny-v3", "servedModelName: tiny-rolled")
+          .replace(
+            "    gpus: 1\n  experts",
+            "    gpus: 1\n    limits: { maxModelLen: 300 }\n  experts",
+          ),
+      );
+      await untilLogged(
+        u,
+        "the stuck roll",
+        "[up] gateway did not start on the edited manifest ([EM_LOCAL_CHILD_EXITED] gateway exited (1) before it was ready): the roll stops here; the previous gateway starts again",
+      );
+      await untilLogged(u, "the previous gateway", "[up] gateway is serving again");
+      expect(await models()).toEqual(["tiny-rolled"]);
+      const rolled = descendants(u.proc.pid!);
 
       writeFileSync(
         file,
@@ -938,7 +981,7 @@ describe("expertmesh up", () => {
       await untilLogged(
         u,
         "the restart",
-        `[up] ${file} changed: stopping everything, then starting it again with the new manifest`,
+        `[up] ${file} changed (spec.experts.shards reaches more than the gateways): stopping everything, then starting it again with the new manifest`,
       );
       await waitFor(
         "the edited manifest to serve",
@@ -949,7 +992,7 @@ describe("expertmesh up", () => {
       expect(await models()).toEqual(["tiny-edited"]);
       expect(u.err()).toContain("default/tiny: 2 shard(s) x 1 replica(s)");
       // Every process of the first manifest stopped (none is left behind holding a port).
-      expect(before.filter(alive)).toEqual([]);
+      expect(rolled.filter(alive)).toEqual([]);
 
       // A manifest the API server would refuse: said, and the running one serves on.
       writeFileSync(file, text.replace("    shards: 4\n", "    shards: -1\n"));
@@ -966,6 +1009,101 @@ describe("expertmesh up", () => {
       await waitFor("every process to stop", async () =>
         all.every((pid) => !alive(pid)) ? true : undefined,
       );
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
+    }
+  });
+
+  it("--watch with two gateways behind up's ports: an edit of their flags rolls them one at a time, each new one serving before the old one stops; one that cannot start stops the roll, the old ones serving on; no request fails meanwhile", async () => {
+    const file = variantManifest("    replicas: 1\n", "    replicas: 2\n");
+    const text = readFileSync(file, "utf8");
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, file, {}, undefined, ["--watch"]);
+    // No retries: a request the roll broke counts.
+    const client = new OpenAI({
+      baseURL: `http://127.0.0.1:${port}/v1`,
+      apiKey: "unused",
+      maxRetries: 0,
+    });
+    try {
+      await untilServing(u, port);
+      const gateways = () =>
+        descendants(u.proc.pid!).filter((pid) =>
+          /main\.ts gateway /.test(
+            readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "),
+          ),
+        );
+      const before = gateways();
+      expect(before).toHaveLength(2);
+      const others = descendants(u.proc.pid!).filter((pid) => !before.includes(pid));
+      expect(others.length).toBeGreaterThanOrEqual(6); // up, nats-server (and its shell), 4 shards
+
+      // Two clients, one request after another each, for as long as the roll takes.
+      let rolling = true;
+      const ok: number[] = [0, 0];
+      const failed: string[] = [];
+      const clientLoop = async (i: number) => {
+        while (rolling) {
+          try {
+            const r = await client.completions.create({
+              model: "tiny-v3",
+              prompt: `Hello ${i}`,
+              max_tokens: 8,
+              temperature: 0,
+            });
+            if (r.choices[0]?.finish_reason) ok[i]!++;
+          } catch (e) {
+            failed.push(String(e));
+          }
+        }
+      };
+      const loops = [clientLoop(0), clientLoop(1)];
+      const maxModelLen = (n: number) =>
+        text.replace("    replicas: 2\n", `    replicas: 2\n    limits: { maxModelLen: ${n} }\n`);
+      // Past the tiny model's 256 positions: the first new gateway exits, the roll stops.
+      writeFileSync(file, maxModelLen(300));
+      await untilLogged(
+        u,
+        "the stuck roll",
+        "[up] gateway.2 did not start on the edited manifest ([EM_LOCAL_CHILD_EXITED] gateway.2 exited (1) before it was ready): the roll stops here; gateway.0 serves on",
+      );
+      expect(before.filter(alive)).toEqual(before);
+      writeFileSync(file, maxModelLen(200));
+      await untilLogged(
+        u,
+        "the roll",
+        `[up] ${file} changed (spec.gateway.limits.maxModelLen): rolling the gateways onto it`,
+      );
+      await untilLogged(u, "the roll to end", "[up] the gateways run the edited manifest", 90_000);
+      rolling = false;
+      await Promise.all(loops);
+      expect(failed).toEqual([]);
+      expect(ok[0]! + ok[1]!).toBeGreaterThan(4);
+      for (const [fresh, old] of [
+        ["gateway.3", "gateway.0"],
+        ["gateway.4", "gateway.1"],
+      ])
+        await untilLogged(u, `${old} to stop`, `[up] ${old} stopped (replaced by ${fresh}`);
+      await waitFor("the old gateways to exit", async () =>
+        before.some(alive) ? undefined : true,
+      );
+      // One at a time: each new gateway served before the one it replaced was told to stop.
+      const log = u.err();
+      for (const [fresh, old] of [
+        ["gateway.3", "gateway.0"],
+        ["gateway.4", "gateway.1"],
+      ])
+        expect(log.indexOf(`[up] ${fresh} serves the edited manifest`)).toBeLessThan(
+          log.indexOf(`[up] ${old} stopped (replaced by ${fresh}`),
+        );
+      const after = gateways();
+      expect(after).toHaveLength(2);
+      expect(after.filter((pid) => before.includes(pid))).toEqual([]);
+      expect(others.filter(alive)).toEqual(others);
+      const listed = await client.models.list();
+      expect((listed.data[0] as unknown as { max_model_len: number }).max_model_len).toBe(200);
+      expect(u.out().match(/expertmesh is serving/g)).toHaveLength(1);
+      expect(await ctrlC(u.proc)).toBe(0);
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
     }

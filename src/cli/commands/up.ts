@@ -5,7 +5,9 @@
 // prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
 // routed experts itself (gateway --local): no nats-server, no shards. With autoscaling or
-// rebalancing on, the operator's autoscaler runs here (src/local/autoscale.ts).
+// rebalancing on, the operator's autoscaler runs here (src/local/autoscale.ts). Under
+// `up --watch` (src/local/watch.ts), an edit that reaches the gateways alone arrives on
+// standard input and the gateways roll onto it (rollGateways; ADR 0041).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -33,9 +35,11 @@ import {
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
 import { hubSnapshot } from "../../local/hf-hub.ts";
+import { manifestChange } from "../../local/manifest-change.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
 import {
   NATS_UNDER_WATCH,
+  onParentLines,
   STOP_ON_STDIN_EOF_ENV,
   stopWhenParentGone,
 } from "../../local/parent-watch.ts";
@@ -77,11 +81,14 @@ operator), the operator's autoscaler scales the gateways and each shard by queue
 processes are started, or stopped after they finish their work. With
 spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled out live
 (docs/autoscaling.md).
-  --watch            start everything again whenever MANIFEST changes (as kubectl apply of the
-                     edited manifest would roll it): the running processes stop as on Ctrl-C,
-                     then the new manifest starts; one that does not validate is reported and
-                     the running one left alone; an edit that says the same (a comment)
-                     restarts nothing
+  --watch            apply each edit of MANIFEST as kubectl apply would make the operator
+                     roll it: an edit of the gateways' flags alone (spec.gateway's sampling,
+                     limits, KV cache, parsers; spec.servedModelName) rolls the gateways, one
+                     new gateway serving before an old one stops (a single gateway stops, then
+                     starts again on its ports), nats-server and the shards running on; any
+                     other edit stops everything as on Ctrl-C, then the new manifest starts;
+                     one that does not validate is reported and the running one left alone;
+                     an edit that says the same (a comment) restarts nothing
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -187,6 +194,11 @@ interface ChildSpec {
   onReady?: (line: string) => void;
   /** Each time it exits, or is told to stop. */
   onStop?: () => void;
+  /**
+   * A gateway started in a roll (up --watch): one that exits before it first serves is not
+   * started again; the roll stops there and the one it was to replace serves on.
+   */
+  rollout?: boolean;
 }
 
 interface Supervised {
@@ -196,6 +208,26 @@ interface Supervised {
   ready: boolean;
   /** Stopped on purpose (a replica the autoscaler scaled down): not started again. */
   retired: boolean;
+  /** Why it was stopped, for the line that says it stopped (default: scaled down). */
+  retiredAs?: string;
+  /** It has served at least once. */
+  served: boolean;
+}
+
+/** Stops a child as Ctrl-C would (SIGTERM; SIGKILL after 60 s); resolves once it has exited. */
+function stopChild(c: ChildProcess): Promise<void> {
+  return new Promise<void>((r) => {
+    if (c.exitCode !== null || c.signalCode !== null) return r();
+    const t = setTimeout(() => {
+      c.kill("SIGKILL");
+      r();
+    }, 60_000);
+    c.once("exit", () => {
+      clearTimeout(t);
+      r();
+    });
+    c.kill("SIGTERM");
+  });
 }
 
 /**
@@ -458,7 +490,11 @@ export const upCommand: Command = {
     const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
     const planPath = join(runDir, "plan.json");
     writeFileSync(planPath, serializePlan(plan));
-    const chatTemplatePath = join(runDir, "chat_template.jinja");
+    // The manifest the gateways start from: `m`, until up --watch rolls them onto an edit
+    // that reaches them alone (src/local/manifest-change.ts); each edit's chat template is a
+    // file of its own (a gateway of the previous one may start again while the roll runs).
+    let gm = m;
+    let chatTemplatePath = join(runDir, "chat_template.jinja");
     if (m.spec.gateway.chatTemplate !== undefined)
       writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
     say(
@@ -493,7 +529,7 @@ export const upCommand: Command = {
       );
       let entry = children.find((e) => e.spec === spec);
       if (!entry) {
-        entry = { spec, proc: c.proc, ready: false, retired: false };
+        entry = { spec, proc: c.proc, ready: false, retired: false, served: false };
         children.push(entry);
       }
       const self = entry;
@@ -503,6 +539,7 @@ export const upCommand: Command = {
         (line) => {
           if (self.proc !== c.proc || c.proc.exitCode !== null) return;
           self.ready = true;
+          self.served = true;
           spec.onReady?.(line);
         },
         () => {},
@@ -512,7 +549,11 @@ export const upCommand: Command = {
         spec.onStop?.();
         if (!serving || stopping) return; // while starting, `ready` fails up as a whole
         if (self.retired) {
-          say(`${spec.name} stopped (scaled down; exit ${sig ?? code})`);
+          say(`${spec.name} stopped (${self.retiredAs ?? "scaled down"}; exit ${sig ?? code})`);
+          return;
+        }
+        if (spec.rollout && !self.served) {
+          self.retired = true; // the roll says why (its ready promise failed)
           return;
         }
         const verdict = restarts.next(spec.name);
@@ -548,24 +589,11 @@ export const upCommand: Command = {
       // Gateways first (each finishes its requests in flight, up to its --shutdown-timeout of
       // 45 s, and writes its prefix cache's disk tier), then shards (drain), then NATS; the
       // replicas of a role together, whatever order they started in.
-      const stopOne = (c: ChildProcess) =>
-        new Promise<void>((r) => {
-          if (c.exitCode !== null || c.signalCode !== null) return r();
-          const t = setTimeout(() => {
-            c.kill("SIGKILL");
-            r();
-          }, 60_000);
-          c.once("exit", () => {
-            clearTimeout(t);
-            r();
-          });
-          c.kill("SIGTERM");
-        });
       const rank = (n: string) =>
         n.startsWith("gateway") || n.startsWith("prefill.") ? 0 : n.startsWith("shard-") ? 1 : 2;
       for (const group of [0, 1, 2])
         await Promise.all(
-          children.filter((e) => rank(e.spec.name) === group).map((e) => stopOne(e.proc)),
+          children.filter((e) => rank(e.spec.name) === group).map((e) => stopChild(e.proc)),
         );
       process.exit(code);
     };
@@ -575,6 +603,39 @@ export const upCommand: Command = {
     process.on("SIGHUP", () => void stopAll(0));
     // Under `up --watch`: stop when it is gone, however it went (src/local/watch.ts).
     stopWhenParentGone(() => void stopAll(0));
+    // Under `up --watch`: an edit that reaches the gateways alone, as a line on standard input
+    // (src/local/watch.ts): they roll onto it, once everything serves, one roll at a time.
+    let rollGateways: ((next: DeepSeekModel) => Promise<void>) | undefined;
+    let pendingRoll: DeepSeekModel | undefined;
+    let rolls = Promise.resolve();
+    let templatesWritten = 0;
+    const queueRoll = (next: DeepSeekModel) => {
+      const roll = rollGateways;
+      if (!roll) {
+        pendingRoll = next; // (the latest edit; the gateways start from `m` until then)
+        return;
+      }
+      rolls = rolls.then(
+        () => roll(next),
+        () => {},
+      );
+    };
+    onParentLines((line) => {
+      let next: DeepSeekModel;
+      try {
+        next = (JSON.parse(line) as { manifest: DeepSeekModel }).manifest;
+        const change = manifestChange(m, next, single);
+        if (change.kind !== "gateways") {
+          if (change.kind === "all")
+            say(`an edit for the gateways alone reaches more (${change.why}): nothing rolls`);
+          return;
+        }
+      } catch (err) {
+        say(`a line from up --watch that is no manifest (${formatError(err)}): nothing rolls`);
+        return;
+      }
+      queueRoll(next);
+    });
     process.on("exit", () => {
       for (const { proc: c } of children) if (c.exitCode === null) c.kill("SIGKILL");
     });
@@ -658,7 +719,7 @@ export const upCommand: Command = {
       });
       // Outlives the run folder: the next `up` of this model starts with the blocks.
       const diskDir = join(cacheDir(), "prefix-cache", `${ns}-${name}`);
-      const diskOf = (r: number) => localDiskArgs(m, diskDir, r, front !== undefined);
+      const diskOf = (r: number) => localDiskArgs(gm, diskDir, r, front !== undefined);
       /** A gateway process's flags: a serving gateway's or a prefill gateway's, replica r. */
       const gatewayFlags = (
         role: GatewayRole,
@@ -674,10 +735,14 @@ export const upCommand: Command = {
         `--host=${listen.host}`,
         "--metrics-port=0",
         `--device=${devices.gateway}`,
-        ...localGatewayArgs(m, role),
-        ...(role === "prefill" ? localDiskArgs(m, diskDir, r, true, "prefill") : diskOf(r)),
-        ...chatTemplateArgs(m, chatTemplatePath),
+        ...localGatewayArgs(gm, role),
+        ...(role === "prefill" ? localDiskArgs(gm, diskDir, r, true, "prefill") : diskOf(r)),
+        ...chatTemplateArgs(gm, chatTemplatePath),
         ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
+        // Behind the front: a stopping gateway (scaled down, rolled) answers for a second
+        // more, each answer ending its connection, so keep-alive clients move to the others
+        // before it closes the idle ones (a request sent as one closes would fail).
+        ...(front && role === "gateway" ? ["--shutdown-delay=1"] : []),
       ];
       let gatewaysStarted = 0;
       const gatewaySpec = (): ChildSpec => {
@@ -691,7 +756,9 @@ export const upCommand: Command = {
             r,
             front
               ? { http: 0, grpc: 0, host: "127.0.0.1" }
-              : { http: httpPort, grpc: grpcPort, host },
+              : ports // (known once the first one serves: one started in a roll takes them)
+                ? { http: +ports.http, grpc: +ports.grpc, host }
+                : { http: httpPort, grpc: grpcPort, host },
           ),
           readyLine: /serving '/,
           bar: true,
@@ -755,6 +822,70 @@ export const upCommand: Command = {
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
+      rollGateways = async (next: DeepSeekModel) => {
+        const before = gm;
+        const olds = children.filter(
+          (e) =>
+            !e.retired && (e.spec.name.startsWith("gateway") || e.spec.name.startsWith("prefill.")),
+        );
+        gm = next;
+        if (next.spec.gateway.chatTemplate !== undefined) {
+          chatTemplatePath = join(runDir, `chat_template.${++templatesWritten}.jinja`);
+          writeFileSync(chatTemplatePath, next.spec.gateway.chatTemplate);
+        }
+        say(
+          front
+            ? `rolling ${olds.length} gateway process(es) onto the edited manifest, one at a time: each new one serves before the one it replaces stops (nats-server and the shards run on)`
+            : `rolling the gateway onto the edited manifest: it stops, then starts again on the same ports (nats-server and the shards run on; with spec.gateway.replicas 2 or more, each new gateway serves before the one it replaces stops)`,
+        );
+        for (const old of olds) {
+          if (stopping) return;
+          const isPrefill = old.spec.name.startsWith("prefill.");
+          // Out of the autoscaler's count while its replacement starts (it serves until then).
+          old.retired = true;
+          const spec = isPrefill ? prefillSpec() : gatewaySpec();
+          spec.rollout = true;
+          old.retiredAs =
+            spec.name === old.spec.name
+              ? "to start on the edited manifest"
+              : `replaced by ${spec.name}`;
+          // One gateway on the ports: the new one can listen only once it has gone.
+          if (!front && !isPrefill) await stopChild(old.proc);
+          try {
+            await start(spec, true);
+          } catch (err) {
+            if (stopping) return;
+            say(
+              `${spec.name} did not start on the edited manifest (${formatError(err)}): the roll stops here; ${front || isPrefill ? `${old.spec.name} serves on` : "the previous gateway starts again"} (fix the manifest to roll again)`,
+            );
+            old.retired = false;
+            old.retiredAs = undefined;
+            gm = before;
+            if (!front && !isPrefill) {
+              void start(old.spec, true).then(
+                () => say(`${old.spec.name} is serving again`),
+                () => {},
+              );
+            }
+            return;
+          }
+          if (front || isPrefill) {
+            // Out of the rotation, then it finishes what it has.
+            old.spec.onStop?.();
+            if (old.proc.exitCode === null && old.proc.signalCode === null)
+              old.proc.kill("SIGTERM");
+          }
+          say(`${spec.name} serves the edited manifest`);
+        }
+        const name = servedModelName(next);
+        say(
+          name === servedModelName(before)
+            ? "the gateways run the edited manifest"
+            : `the gateways run the edited manifest, serving '${name}'`,
+        );
+      };
+      if (pendingRoll) queueRoll(pendingRoll);
+      pendingRoll = undefined;
       for (const note of scaling.notes) say(note);
       if (scaling.run) {
         // A role's processes: "gateway" (with the front), "prefill" and "shard-<k>".
