@@ -1,30 +1,50 @@
 // What an edit of the manifest under `expertmesh up --watch` changes, and so what must start
 // again (ADR 0041). The operator rolls only the Deployments whose pods a change reaches: an
 // edit of the gateways' serving flags rolls the gateways and leaves the shards (minutes of
-// weight loading on a real model) alone. `up --watch` does the same: a change that reaches the
-// gateway processes alone rolls them, anything else starts everything again.
+// weight loading on a real model) alone, and an edit of a replica count scales a Deployment,
+// restarting nothing. `up --watch` does the same: a change that reaches the gateway processes
+// alone rolls them, one of the replica counts starts or stops processes, anything else starts
+// everything again.
 
 import type { DeepSeekModel } from "../api/schema.ts";
+import { localGateways } from "./autoscale.ts";
 
 /** What a manifest's edit asks of `up`'s processes. */
 export type ManifestChange =
   /** Nothing it says is different (a comment, the order of keys). */
   | { kind: "same" }
-  /** Only the gateways' (and prefill gateways') flags: they roll, the rest runs on. */
-  | { kind: "gateways"; fields: string[] }
+  /**
+   * Done to the running processes: the gateways (and prefill gateways) roll onto the new
+   * flags when `roll`; `gateways` and `shardReplicas`, when set, are the new counts of gateway
+   * processes and of each shard's replicas (started or stopped, nothing restarted).
+   */
+  | {
+      kind: "live";
+      fields: string[];
+      roll: boolean;
+      gateways?: number;
+      shardReplicas?: number;
+    }
   /** Everything stops and starts again; `why` says which field asks for that, and why. */
   | { kind: "all"; fields: string[]; why: string };
 
-/**
- * The fields under spec.gateway that change more than the gateways' flags: how many gateway
- * processes there are and where they listen (the front), which devices they run on, whether
- * prefill gateways exist, whether the nats-server keeps JetStream (the NATS tier).
- */
-const GATEWAY_STRUCTURE = [
-  "spec.gateway.ports",
+/** The gateway replica counts (scaled live when up runs its front before and after). */
+const GATEWAY_COUNTS = [
   "spec.gateway.replicas",
   "spec.gateway.minReplicas",
   "spec.gateway.maxReplicas",
+];
+
+/** The shards' replica counts (replicas.min is what runs without autoscaling). */
+const SHARD_COUNTS = ["spec.experts.replicas"];
+
+/**
+ * The fields under spec.gateway that change more than the gateways' flags: where they listen,
+ * which devices they run on, whether prefill gateways exist, whether the nats-server keeps
+ * JetStream (the NATS tier).
+ */
+const GATEWAY_STRUCTURE = [
+  "spec.gateway.ports",
   "spec.gateway.gpus",
   "spec.gateway.disaggregation",
   "spec.gateway.kvCache.remoteBytes",
@@ -57,8 +77,25 @@ export function manifestChange(
 ): ManifestChange {
   const fields = changedFields(before, after);
   if (fields.length === 0) return { kind: "same" };
+  const autoscaled = before.spec.autoscaling.enabled || after.spec.autoscaling.enabled;
+  const fronted = [before, after].every((m) => localGateways(m, singleProcess).front);
+  let roll = false;
+  let scaleGateways = false;
+  let scaleShards = false;
   const reason = (field: string): string | null => {
     if (singleProcess) return "with --single-process the gateway is every process";
+    if (GATEWAY_COUNTS.some((p) => under(field, p))) {
+      if (autoscaled) return `${field}: the autoscaler's bounds change (spec.autoscaling is on)`;
+      if (!fronted) return `${field} changes whether up runs its front (one gateway or several)`;
+      scaleGateways = true;
+      return null;
+    }
+    if (SHARD_COUNTS.some((p) => under(field, p))) {
+      if (autoscaled) return `${field}: the autoscaler's bounds change (spec.autoscaling is on)`;
+      scaleShards = true;
+      return null;
+    }
+    roll = true;
     // The served name reaches the gateways alone (the shards' subjects use metadata.name).
     if (field === "spec.servedModelName") return null;
     if (!under(field, "spec.gateway")) return `${field} reaches more than the gateways`;
@@ -77,7 +114,28 @@ export function manifestChange(
     const why = reason(field);
     if (why !== null) return { kind: "all", fields, why };
   }
-  return { kind: "gateways", fields };
+  const gateways = localGateways(after, singleProcess).initial;
+  const shardReplicas = after.spec.experts.replicas.min;
+  return {
+    kind: "live",
+    fields,
+    roll,
+    ...(scaleGateways && gateways !== localGateways(before, singleProcess).initial
+      ? { gateways }
+      : {}),
+    ...(scaleShards && shardReplicas !== before.spec.experts.replicas.min ? { shardReplicas } : {}),
+  };
+}
+
+/** What `up` does with a live change, for its messages: "rolling the gateways onto it", ... */
+export function liveChangeSummary(c: Extract<ManifestChange, { kind: "live" }>): string {
+  const parts = [
+    c.roll && "rolling the gateways onto it",
+    c.gateways !== undefined && `scaling to ${c.gateways} gateways`,
+    c.shardReplicas !== undefined && `scaling to ${c.shardReplicas} replica(s) of each shard`,
+  ].filter((p): p is string => typeof p === "string");
+  if (parts.length === 0) return "nothing up runs changes";
+  return `${parts.join(", ")}; ${c.roll ? "nats-server and the shards run on" : "nothing restarts"}`;
 }
 
 /** The changed fields for a message: the first few, then how many more. */

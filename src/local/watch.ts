@@ -1,9 +1,10 @@
 // `expertmesh up --watch`: runs `up` (without --watch) as a child process and, whenever the
 // manifest's file changes to a valid manifest, does what `kubectl apply` of the edit would
 // make the operator do (ADR 0041). An edit that reaches the gateways alone (their serving
-// flags: sampling, limits, KV cache, parsers; src/local/manifest-change.ts) goes to the child
-// as a line on its standard input, and the child rolls its gateways onto it while
-// nats-server and the shards run on. Any other edit stops the child as on Ctrl-C (gateways
+// flags: sampling, limits, KV cache, parsers; src/local/manifest-change.ts) or the replica
+// counts goes to the child as a line on its standard input, and the child rolls its gateways
+// onto it while nats-server and the shards run on, or starts and stops replicas. Any other
+// edit stops the child as on Ctrl-C (gateways
 // finish their requests, shards drain), then a new one starts with the new manifest. A
 // manifest that fails to parse or validate is reported and the running one is left alone, as
 // the API server would refuse it.
@@ -18,7 +19,7 @@ import { basename, dirname, resolve } from "node:path";
 import { readManifest } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
-import { fieldList, manifestChange } from "./manifest-change.ts";
+import { fieldList, liveChangeSummary, manifestChange } from "./manifest-change.ts";
 import { STOP_ON_STDIN_EOF_ENV } from "./parent-watch.ts";
 
 /** How long the file must be quiet before a change counts (editors write in several steps). */
@@ -95,17 +96,15 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
       return;
     }
     current = next;
-    if (change.kind === "gateways" && child?.stdin?.writable) {
-      say(
-        `${file} changed (${fieldList(change.fields)}): rolling the gateways onto it; nats-server and the shards run on`,
-      );
+    if (change.kind === "live" && child?.stdin?.writable) {
+      say(`${file} changed (${fieldList(change.fields)}): ${liveChangeSummary(change)}`);
       child.stdin.write(`${JSON.stringify({ manifest: next })}\n`);
       return;
     }
     restarting = true;
     const old = child;
     if (old) {
-      const why = change.kind === "all" ? change.why : "its gateways could not be told";
+      const why = change.kind === "all" ? change.why : "the running up could not be told";
       say(
         `${file} changed (${why}): stopping everything, then starting it again with the new manifest`,
       );
@@ -145,7 +144,7 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   for (const s of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(s, () => stop(s));
 
   say(
-    `watching ${file}: an edit of the gateways' flags alone rolls the gateways, any other stops everything and starts it again`,
+    `watching ${file}: an edit of the gateways' flags alone rolls the gateways, one of the replica counts starts or stops processes, any other stops everything and starts it again`,
   );
   start();
   return await finished;

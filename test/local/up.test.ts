@@ -920,7 +920,7 @@ describe("expertmesh up", () => {
     try {
       await untilServing(u, port);
       expect(u.err()).toContain(
-        `[up] watching ${file}: an edit of the gateways' flags alone rolls the gateways, any other stops everything`,
+        `[up] watching ${file}: an edit of the gateways' flags alone rolls the gateways, one of the replica counts starts or stops processes, any other stops everything`,
       );
       expect(await models()).toEqual(["tiny-v3"]);
       const before = descendants(u.proc.pid!);
@@ -1014,7 +1014,7 @@ describe("expertmesh up", () => {
     }
   });
 
-  it("--watch with two gateways behind up's ports: an edit of their flags rolls them one at a time, each new one serving before the old one stops; one that cannot start stops the roll, the old ones serving on; no request fails meanwhile", async () => {
+  it("--watch with two gateways behind up's ports: an edit of their flags rolls them one at a time, each new one serving before the old one stops; one that cannot start stops the roll, the old ones serving on; an edit of the replica counts starts and stops processes, restarting none; no request fails meanwhile", async () => {
     const file = variantManifest("    replicas: 1\n", "    replicas: 2\n");
     const text = readFileSync(file, "utf8");
     const port = await freePort();
@@ -1103,6 +1103,47 @@ describe("expertmesh up", () => {
       const listed = await client.models.list();
       expect((listed.data[0] as unknown as { max_model_len: number }).max_model_len).toBe(200);
       expect(u.out().match(/expertmesh is serving/g)).toHaveLength(1);
+
+      // Replica counts: processes start (and stop), nothing restarts, as kubectl scale.
+      const running = descendants(u.proc.pid!);
+      const shards = () =>
+        descendants(u.proc.pid!).filter((pid) =>
+          /main\.ts shard /.test(
+            readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "),
+          ),
+        );
+      expect(shards()).toHaveLength(4);
+      const scaled = (gateways: number, shardReplicas: number) =>
+        maxModelLen(200)
+          .replace("    replicas: 2\n", `    replicas: ${gateways}\n`)
+          .replace(
+            "    gpusPerShard: 1\n",
+            `    gpusPerShard: 1\n    replicas: { min: ${shardReplicas}, max: 2 }\n`,
+          );
+      writeFileSync(file, scaled(3, 2));
+      await untilLogged(
+        u,
+        "the scaling",
+        `[up] ${file} changed (spec.experts.replicas.max, spec.experts.replicas.min, spec.gateway.replicas): scaling to 3 gateways, scaling to 2 replica(s) of each shard; nothing restarts`,
+      );
+      for (const name of ["gateway.5", "shard-0.1", "shard-1.1", "shard-2.1", "shard-3.1"])
+        await untilLogged(u, `${name} to serve`, `[up] ${name} is serving`);
+      expect(gateways()).toHaveLength(3);
+      expect(shards()).toHaveLength(8);
+      expect(running.filter(alive)).toEqual(running);
+      // Scaled down while clients send: the stopped gateway drains, none of theirs fails.
+      rolling = true;
+      const more = [clientLoop(0), clientLoop(1)];
+      writeFileSync(file, scaled(2, 1));
+      for (const name of ["gateway.5", "shard-0.1", "shard-1.1", "shard-2.1", "shard-3.1"])
+        await untilLogged(u, `${name} to stop`, `[up] ${name} stopped (scaled down`);
+      await waitFor("the scaled-down processes to exit", async () =>
+        gateways().length === 2 && shards().length === 4 ? true : undefined,
+      );
+      rolling = false;
+      await Promise.all(more);
+      expect(failed).toEqual([]);
+      expect(running.filter(alive)).toEqual(running);
       expect(await ctrlC(u.proc)).toBe(0);
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");

@@ -4,7 +4,12 @@
 // again; one that says the same restarts nothing.
 import { describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
-import { changedFields, fieldList, manifestChange } from "../../src/local/manifest-change.ts";
+import {
+  changedFields,
+  fieldList,
+  liveChangeSummary,
+  manifestChange,
+} from "../../src/local/manifest-change.ts";
 
 /** The tiny model's manifest with `spec` (YAML lines under spec:) added. */
 const manifestWith = (spec = "") =>
@@ -35,18 +40,13 @@ describe("manifestChange", () => {
   const base = manifestWith();
   it.each([
     ["the same", "", "same", undefined],
-    ["sampling", "  gateway:\n    sampling: { temperature: 0.3 }", "gateways", undefined],
-    ["limits", "  gateway:\n    limits: { maxModelLen: 512 }", "gateways", undefined],
-    ["the KV cache's size", "  gateway:\n    kvCache: { bytes: 1048576 }", "gateways", undefined],
-    ["the disk tier", "  gateway:\n    kvCache: { diskBytes: 1048576 }", "gateways", undefined],
-    ["the served name", "  servedModelName: other", "gateways", undefined],
-    ["a chat template", "  gateway:\n    chatTemplate: 'x'", "gateways", undefined],
-    [
-      "prompt lookup drafting",
-      "  gateway:\n    speculative: { numTokens: 2 }",
-      "gateways",
-      undefined,
-    ],
+    ["sampling", "  gateway:\n    sampling: { temperature: 0.3 }", "live", undefined],
+    ["limits", "  gateway:\n    limits: { maxModelLen: 512 }", "live", undefined],
+    ["the KV cache's size", "  gateway:\n    kvCache: { bytes: 1048576 }", "live", undefined],
+    ["the disk tier", "  gateway:\n    kvCache: { diskBytes: 1048576 }", "live", undefined],
+    ["the served name", "  servedModelName: other", "live", undefined],
+    ["a chat template", "  gateway:\n    chatTemplate: 'x'", "live", undefined],
+    ["prompt lookup drafting", "  gateway:\n    speculative: { numTokens: 2 }", "live", undefined],
     [
       "MTP drafting (the plan gets the MTP layer)",
       "  gateway:\n    speculative: { method: mtp }",
@@ -76,6 +76,61 @@ describe("manifestChange", () => {
     expect(change.kind).toBe(kind);
     if (change.kind === "all") expect(change.why).toMatch(why as RegExp);
     if (change.kind !== "same") expect(change.fields.length).toBeGreaterThan(0);
+    if (change.kind === "live") {
+      expect(change.roll).toBe(true);
+      expect(change.gateways).toBeUndefined();
+      expect(change.shardReplicas).toBeUndefined();
+    }
+  });
+
+  const two = "  gateway:\n    replicas: 2\n";
+  const shards = (min: number) => `  experts:\n    replicas: { min: ${min}, max: 3 }\n`;
+  const autoscaling = "  autoscaling: { enabled: true }\n";
+  it.each([
+    [
+      "gateways behind the front, 2 to 3",
+      two,
+      "  gateway:\n    replicas: 3\n",
+      { kind: "live", roll: false, gateways: 3 },
+    ],
+    [
+      "gateways, 3 to 2, with a sampling edit: rolled too",
+      "  gateway:\n    replicas: 3\n",
+      "  gateway:\n    replicas: 2\n    sampling: { temperature: 0.2 }\n",
+      { kind: "live", roll: true, gateways: 2 },
+    ],
+    ["gateways, 2 to 1: up's front goes", two, "  gateway:\n    replicas: 1\n", { kind: "all" }],
+    [
+      "each shard's replicas, 1 to 2",
+      shards(1),
+      shards(2),
+      { kind: "live", roll: false, shardReplicas: 2 },
+    ],
+    [
+      "replicas.max alone: nothing to start or stop",
+      "  experts:\n    replicas: { min: 1, max: 2 }\n",
+      "  experts:\n    replicas: { min: 1, max: 3 }\n",
+      { kind: "live", roll: false },
+    ],
+    [
+      "shard replicas under the autoscaler: its bounds",
+      shards(1) + autoscaling,
+      shards(2) + autoscaling,
+      { kind: "all", why: expect.stringMatching(/autoscaling is on/) },
+    ],
+    [
+      "turning autoscaling on",
+      "",
+      autoscaling,
+      { kind: "all", why: expect.stringMatching(/^spec\.autoscaling/) },
+    ],
+  ])("scaling: %s", (_name, from, to, want) => {
+    const change = manifestChange(manifestWith(from), manifestWith(to));
+    expect(change).toMatchObject(want);
+    if (change.kind === "live") {
+      if (!("gateways" in want)) expect(change.gateways).toBeUndefined();
+      if (!("shardReplicas" in want)) expect(change.shardReplicas).toBeUndefined();
+    }
   });
 
   it("prefill gateways (spec.gateway.disaggregation) added or changed: everything", () => {
@@ -107,6 +162,20 @@ describe("manifestChange", () => {
     const change = manifestChange(base, manifestWith("  servedModelName: other"), true);
     expect(change).toMatchObject({ kind: "all", why: expect.stringMatching(/--single-process/) });
     expect(manifestChange(base, manifestWith(), true).kind).toBe("same");
+  });
+});
+
+describe("liveChangeSummary", () => {
+  it.each([
+    [{ roll: true }, "rolling the gateways onto it; nats-server and the shards run on"],
+    [{ roll: false, gateways: 3 }, "scaling to 3 gateways; nothing restarts"],
+    [
+      { roll: true, shardReplicas: 2 },
+      "rolling the gateways onto it, scaling to 2 replica(s) of each shard; nats-server and the shards run on",
+    ],
+    [{ roll: false }, "nothing up runs changes"],
+  ])("%j", (c, want) => {
+    expect(liveChangeSummary({ kind: "live", fields: ["x"], ...c })).toBe(want);
   });
 });
 

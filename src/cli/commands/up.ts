@@ -85,7 +85,9 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
                      roll it: an edit of the gateways' flags alone (spec.gateway's sampling,
                      limits, KV cache, parsers; spec.servedModelName) rolls the gateways, one
                      new gateway serving before an old one stops (a single gateway stops, then
-                     starts again on its ports), nats-server and the shards running on; any
+                     starts again on its ports), nats-server and the shards running on; an
+                     edit of spec.gateway.replicas (with several gateways) or of
+                     spec.experts.replicas (without autoscaling) starts or stops processes; any
                      other edit stops everything as on Ctrl-C, then the new manifest starts;
                      one that does not validate is reported and the running one left alone;
                      an edit that says the same (a comment) restarts nothing
@@ -603,20 +605,20 @@ export const upCommand: Command = {
     process.on("SIGHUP", () => void stopAll(0));
     // Under `up --watch`: stop when it is gone, however it went (src/local/watch.ts).
     stopWhenParentGone(() => void stopAll(0));
-    // Under `up --watch`: an edit that reaches the gateways alone, as a line on standard input
-    // (src/local/watch.ts): they roll onto it, once everything serves, one roll at a time.
-    let rollGateways: ((next: DeepSeekModel) => Promise<void>) | undefined;
-    let pendingRoll: DeepSeekModel | undefined;
-    let rolls = Promise.resolve();
-    let templatesWritten = 0;
-    const queueRoll = (next: DeepSeekModel) => {
-      const roll = rollGateways;
-      if (!roll) {
-        pendingRoll = next; // (the latest edit; the gateways start from `m` until then)
+    // Under `up --watch`: an edit the running processes take (a roll of the gateways, replica
+    // counts; src/local/manifest-change.ts), as a line on standard input (src/local/watch.ts):
+    // applied once everything serves, one at a time, each against the one before.
+    let applyEdit: ((next: DeepSeekModel) => Promise<void>) | undefined;
+    const earlyEdits: DeepSeekModel[] = [];
+    let editing = Promise.resolve();
+    const queueEdit = (next: DeepSeekModel) => {
+      const apply = applyEdit;
+      if (!apply) {
+        earlyEdits.push(next);
         return;
       }
-      rolls = rolls.then(
-        () => roll(next),
+      editing = editing.then(
+        () => apply(next),
         () => {},
       );
     };
@@ -624,17 +626,12 @@ export const upCommand: Command = {
       let next: DeepSeekModel;
       try {
         next = (JSON.parse(line) as { manifest: DeepSeekModel }).manifest;
-        const change = manifestChange(m, next, single);
-        if (change.kind !== "gateways") {
-          if (change.kind === "all")
-            say(`an edit for the gateways alone reaches more (${change.why}): nothing rolls`);
-          return;
-        }
+        if (typeof next?.spec?.gateway !== "object") throw new Error("it has no spec.gateway");
       } catch (err) {
-        say(`a line from up --watch that is no manifest (${formatError(err)}): nothing rolls`);
+        say(`a line from up --watch that is no manifest (${formatError(err)}): nothing changes`);
         return;
       }
-      queueRoll(next);
+      queueEdit(next);
     });
     process.on("exit", () => {
       for (const { proc: c } of children) if (c.exitCode === null) c.kill("SIGKILL");
@@ -822,17 +819,72 @@ export const upCommand: Command = {
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
-      rollGateways = async (next: DeepSeekModel) => {
-        const before = gm;
-        const olds = children.filter(
-          (e) =>
-            !e.retired && (e.spec.name.startsWith("gateway") || e.spec.name.startsWith("prefill.")),
-        );
-        gm = next;
-        if (next.spec.gateway.chatTemplate !== undefined) {
-          chatTemplatePath = join(runDir, `chat_template.${++templatesWritten}.jinja`);
-          writeFileSync(chatTemplatePath, next.spec.gateway.chatTemplate);
+      // A role's processes: "gateway" (with the front), "prefill" and "shard-<k>".
+      const replicasOf = (role: string) =>
+        children.filter((e) => !e.retired && e.spec.name.startsWith(`${role}.`));
+      const specFor = (role: string) =>
+        role === "gateway"
+          ? gatewaySpec()
+          : role === "prefill"
+            ? prefillSpec()
+            : shardSpec(Number(role.slice("shard-".length)), natsUrl);
+      /** Starts or stops processes of `role` until `n` run (the autoscaler's, an edit's). */
+      const scaleRole = (role: string, n: number) => {
+        if (stopping) return;
+        const now = replicasOf(role);
+        for (let i = now.length; i < n; i++) {
+          const spec = specFor(role);
+          say(`starting ${spec.name} (scaled up)`);
+          start(spec, true).then(
+            () => say(`${spec.name} is serving`),
+            () => {}, // its exit handler decides what comes next
+          );
         }
+        // The newest first: out of the rotation, then each finishes what it has.
+        for (const e of now.slice(n).reverse()) {
+          e.retired = true;
+          e.spec.onStop?.();
+          say(`stopping ${e.spec.name} (scaled down)`);
+          if (e.proc.exitCode === null && e.proc.signalCode === null) e.proc.kill("SIGTERM");
+        }
+      };
+      // The manifest the running processes follow (up --watch's edits applied).
+      let applied = m;
+      let templatesWritten = 0;
+      applyEdit = async (next: DeepSeekModel) => {
+        const change = manifestChange(applied, next, single);
+        if (change.kind === "all")
+          say(`an edit from up --watch reaches more than it can apply (${change.why}): ignored`);
+        if (change.kind !== "live") return;
+        const before = applied;
+        applied = next;
+        const olds = change.roll
+          ? children.filter(
+              (e) =>
+                !e.retired &&
+                (e.spec.name.startsWith("gateway") || e.spec.name.startsWith("prefill.")),
+            )
+          : [];
+        const flagsBefore = gm;
+        if (change.roll) {
+          gm = next; // (gateways that scaling starts take the new flags too)
+          if (next.spec.gateway.chatTemplate !== undefined) {
+            chatTemplatePath = join(runDir, `chat_template.${++templatesWritten}.jinja`);
+            writeFileSync(chatTemplatePath, next.spec.gateway.chatTemplate);
+          }
+        }
+        if (change.gateways !== undefined) scaleRole("gateway", change.gateways);
+        if (change.shardReplicas !== undefined)
+          for (let k = 0; k < plan.numShards; k++) scaleRole(`shard-${k}`, change.shardReplicas);
+        if (olds.length > 0) await rollGateways(olds, before, flagsBefore);
+      };
+      /** Replaces `olds` with gateways on `gm`'s flags, one at a time (ADR 0041). */
+      const rollGateways = async (
+        olds: Supervised[],
+        before: DeepSeekModel,
+        flagsBefore: DeepSeekModel,
+      ) => {
+        olds = olds.filter((e) => !e.retired); // (an edit's scaling down stops the newest)
         say(
           front
             ? `rolling ${olds.length} gateway process(es) onto the edited manifest, one at a time: each new one serves before the one it replaces stops (nats-server and the shards run on)`
@@ -860,7 +912,7 @@ export const upCommand: Command = {
             );
             old.retired = false;
             old.retiredAs = undefined;
-            gm = before;
+            gm = flagsBefore;
             if (!front && !isPrefill) {
               void start(old.spec, true).then(
                 () => say(`${old.spec.name} is serving again`),
@@ -877,27 +929,16 @@ export const upCommand: Command = {
           }
           say(`${spec.name} serves the edited manifest`);
         }
-        const name = servedModelName(next);
+        const name = servedModelName(gm);
         say(
           name === servedModelName(before)
             ? "the gateways run the edited manifest"
             : `the gateways run the edited manifest, serving '${name}'`,
         );
       };
-      if (pendingRoll) queueRoll(pendingRoll);
-      pendingRoll = undefined;
+      for (const next of earlyEdits.splice(0)) queueEdit(next);
       for (const note of scaling.notes) say(note);
       if (scaling.run) {
-        // A role's processes: "gateway" (with the front), "prefill" and "shard-<k>".
-        const prefix = (role: string) => `${role}.`;
-        const live = (role: string) =>
-          children.filter((e) => !e.retired && e.spec.name.startsWith(prefix(role)));
-        const specFor = (role: string) =>
-          role === "gateway"
-            ? gatewaySpec()
-            : role === "prefill"
-              ? prefillSpec()
-              : shardSpec(Number(role.slice("shard-".length)), natsUrl);
         scaler = new LocalAutoscaler({
           model: m,
           plan,
@@ -910,27 +951,9 @@ export const upCommand: Command = {
               ...(m.spec.gateway.disaggregation ? ["prefill"] : []),
               ...Array.from({ length: plan.numShards }, (_, k) => `shard-${k}`),
             ],
-            replicas: (role) => live(role).length,
-            ready: (role) => live(role).filter((e) => e.ready).length,
-            scale: (role, n) => {
-              if (stopping) return;
-              const now = live(role);
-              for (let i = now.length; i < n; i++) {
-                const spec = specFor(role);
-                say(`starting ${spec.name} (scaled up)`);
-                start(spec, true).then(
-                  () => say(`${spec.name} is serving`),
-                  () => {}, // its exit handler decides what comes next
-                );
-              }
-              // The newest first: out of the rotation, then each finishes what it has.
-              for (const e of now.slice(n).reverse()) {
-                e.retired = true;
-                e.spec.onStop?.();
-                say(`stopping ${e.spec.name} (scaled down)`);
-                if (e.proc.exitCode === null && e.proc.signalCode === null) e.proc.kill("SIGTERM");
-              }
-            },
+            replicas: (role) => replicasOf(role).length,
+            ready: (role) => replicasOf(role).filter((e) => e.ready).length,
+            scale: scaleRole,
           },
         });
         scaler.start();
