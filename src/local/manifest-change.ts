@@ -28,6 +28,30 @@ export type ManifestChange =
   /** Everything stops and starts again; `why` says which field asks for that, and why. */
   | { kind: "all"; fields: string[]; why: string };
 
+/**
+ * The fields only a cluster uses (images, scheduling, resources, Kubernetes' own rollout
+ * settings, monitoring objects, the cluster's NATS): `up` runs nothing differently for them.
+ */
+const CLUSTER_ONLY = [
+  "spec.image",
+  "spec.imagePullPolicy",
+  "spec.imagePullSecrets",
+  "spec.scheduling",
+  "spec.monitoring",
+  "spec.networkPolicy",
+  "spec.podMetadata",
+  "spec.nats",
+  "spec.gateway.gpuResource",
+  "spec.gateway.resources",
+  "spec.gateway.rollingUpdate",
+  "spec.gateway.sessionAffinity",
+  "spec.experts.gpuResource",
+  "spec.experts.resources",
+  "spec.experts.rollingUpdate",
+  "spec.experts.weightsRollout",
+  "spec.experts.blueGreenWaitSeconds",
+];
+
 /** The gateway replica counts (scaled live when up runs its front before and after). */
 const GATEWAY_COUNTS = [
   "spec.gateway.replicas",
@@ -83,6 +107,7 @@ export function manifestChange(
   let scaleGateways = false;
   let scaleShards = false;
   const reason = (field: string): string | null => {
+    if (CLUSTER_ONLY.some((p) => under(field, p))) return null;
     if (singleProcess) return "with --single-process the gateway is every process";
     if (GATEWAY_COUNTS.some((p) => under(field, p))) {
       if (autoscaled) return `${field}: the autoscaler's bounds change (spec.autoscaling is on)`;

@@ -910,7 +910,7 @@ describe("expertmesh up", () => {
     }
   });
 
-  it("--watch: an edit of the gateways alone rolls the gateway (nats-server and the shards run on); any other stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
+  it("--watch: an edit of the gateways alone rolls the gateway (nats-server and the shards run on); a cluster's field alone changes nothing; any other stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
     const file = variantManifest("    shards: 4\n", "    shards: 4\n");
     const text = readFileSync(file, "utf8");
     const port = await freePort();
@@ -1004,7 +1004,24 @@ describe("expertmesh up", () => {
       expect(await models()).toEqual(["tiny-edited"]);
       expect(u.out().match(/expertmesh is serving/g)).toHaveLength(2);
 
+      // A field only a cluster uses (the image): nothing here changes, nothing restarts.
       const all = descendants(u.proc.pid!);
+      writeFileSync(
+        file,
+        text
+          .replace(
+            "servedModelName: tiny-v3",
+            "servedModelName: tiny-edited\n  image: example.com/em:2",
+          )
+          .replace("    shards: 4\n", "    shards: 2\n"),
+      );
+      await untilLogged(
+        u,
+        "the image edit",
+        `[up] ${file} changed (spec.image): nothing up runs changes`,
+      );
+      expect(all.filter(alive)).toEqual(all);
+
       expect(await ctrlC(u.proc)).toBe(0);
       await waitFor("every process to stop", async () =>
         all.every((pid) => !alive(pid)) ? true : undefined,

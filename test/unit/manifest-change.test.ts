@@ -147,6 +147,21 @@ describe("manifestChange", () => {
       });
   });
 
+  it.each([
+    ["the image", "  image: example.com/expertmesh:2"],
+    ["scheduling", "  scheduling: { nodeSelector: { a: b } }"],
+    ["the cluster's NATS", "  nats: { url: nats://elsewhere:4222 }"],
+    ["the gateways' Kubernetes rollout", "  gateway:\n    rollingUpdate: { maxSurge: 2 }"],
+    ["the shards' resources", "  experts:\n    resources: { requests: { cpu: '2' } }"],
+    ["the shards' weights rollout", "  experts:\n    weightsRollout: BlueGreen"],
+  ])("a cluster's field alone (%s): nothing up runs changes", (_name, spec) => {
+    const change = manifestChange(base, manifestWith(spec));
+    expect(change).toMatchObject({ kind: "live", roll: false });
+    if (change.kind === "live") expect(liveChangeSummary(change)).toBe("nothing up runs changes");
+    // (with --single-process too: the gateway runs nothing differently)
+    expect(manifestChange(base, manifestWith(spec), true).kind).toBe("live");
+  });
+
   it("an edit of the gateways with one of the shards: everything, named by the shards' field", () => {
     const change = manifestChange(
       base,
