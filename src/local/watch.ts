@@ -4,10 +4,9 @@
 // flags: sampling, limits, KV cache, parsers; src/local/manifest-change.ts) or the replica
 // counts goes to the child as a line on its standard input, and the child rolls its gateways
 // onto it while nats-server and the shards run on, or starts and stops replicas. Any other
-// edit stops the child as on Ctrl-C (gateways
-// finish their requests, shards drain), then a new one starts with the new manifest. A
-// manifest that fails to parse or validate is reported and the running one is left alone, as
-// the API server would refuse it.
+// edit stops the child as on Ctrl-C (gateways finish their requests, shards drain), then a
+// new one starts with the new manifest. A manifest that fails to parse or validate is
+// reported and the running one is left alone, as the API server would refuse it.
 //
 // The child runs in a process group of its own, so that a Ctrl-C in the terminal reaches this
 // supervisor alone, which passes each signal on once (the second Ctrl-C stops at once, as
@@ -38,9 +37,9 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   const { file, upArgs, say } = opts;
   const path = resolve(file);
   let text = readText(path);
-  // What the manifest says (an invalid one at the start fails as without --watch): an edit
-  // that leaves it the same (a comment, the order of keys) restarts nothing, as kubectl
-  // apply of it changes nothing.
+  // What the manifest says (an invalid one at the start fails as without --watch), which each
+  // edit is compared with: one that leaves it the same (a comment, the order of keys)
+  // restarts nothing, as kubectl apply of it changes nothing.
   let current = readManifest(path);
   const single = upArgs.includes("--single-process");
   let child: ChildProcess | undefined;

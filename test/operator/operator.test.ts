@@ -213,9 +213,32 @@ describe.sequential("expertmesh operator", () => {
     await scaleTo(1);
   });
 
-  it("rolls out spec edits: a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones; MTP drafts re-plan with the MTP layer", async () => {
+  it("rolls out spec edits: a gateway flag rolls the gateways alone; a new image rolls every Deployment; 4 -> 2 shards re-plans and deletes the extra ones; MTP drafts re-plan with the MTP layer", async () => {
     const patch = (spec: Record<string, unknown>) =>
       kubectl(["patch", "dsm", "tiny", "--type=merge", "-p", JSON.stringify({ spec })]);
+    // A sampling default reaches the gateways' template alone: the shards' Deployments keep
+    // theirs (and their generation), so their pods are not rolled (`up --watch` does the
+    // same, ADR 0041).
+    const shardsOf = async () =>
+      (await ownedDeployments("default", "tiny"))
+        .filter((d) => d.metadata?.name?.startsWith("tiny-shard-"))
+        .map((d) => ({
+          name: d.metadata?.name,
+          generation: d.metadata?.generation,
+          template: JSON.stringify(d.spec?.template),
+        }))
+        .sort((a, b) => String(a.name).localeCompare(String(b.name)));
+    const shardsBefore = await shardsOf();
+    expect(shardsBefore).toHaveLength(4);
+    expect((await patch({ gateway: { sampling: { temperature: 0.25 } } })).code).toBe(0);
+    await waitFor("the gateways' new sampling flag", async () => {
+      const d = (await ownedDeployments("default", "tiny")).find(
+        (x) => x.metadata?.name === "tiny-gateway",
+      );
+      const a = d?.spec?.template.spec?.containers[0]?.args ?? [];
+      return a.includes('--override-generation-config={"temperature":0.25}') ? a : undefined;
+    });
+    expect(await shardsOf()).toEqual(shardsBefore);
     expect((await patch({ image: "expertmesh/expertmesh:0.2.0" })).code).toBe(0);
     await waitFor("new image everywhere", async () => {
       const ds = await ownedDeployments("default", "tiny");
