@@ -124,10 +124,11 @@ async function upWithVariant(
   body: (started: Up, port: number) => Promise<void>,
   env: NodeJS.ProcessEnv = {},
   models?: string,
+  args: string[] = [],
 ): Promise<void> {
   const file = variantManifest(from, to);
   const port = await freePort();
-  const started = spawnUp(port, 0, true, file, env, models);
+  const started = spawnUp(port, 0, true, file, env, models, args);
   const proc = started.proc;
   try {
     await untilServing(started, port);
@@ -476,19 +477,24 @@ describe("expertmesh up", () => {
     );
   });
 
-  it("with spec.model.source.huggingFace: fetches the checkpoint from the Hub (spec.env's HF_ENDPOINT: a stand-in, as no Hub is reachable here) with $HF_TOKEN, once, and serves it; spec.env reaches every process", async () => {
+  it("with spec.model.source.huggingFace: fetches the checkpoint from the Hub (spec.env's HF_ENDPOINT: a stand-in, as no Hub is reachable here) with the token of tokenSecret's Secret in a second -f file, once, and serves it; spec.env reaches every process", async () => {
     const weights = mkdtempSync(join(testEnv().runDir, "hub-weights-"));
     await writeTinyModel(weights, { arch: "v3", preset: "tiny", seed: 0, shards: 2 });
     const hub = await startStandInHub({ repo: "acme/tiny-v3", dir: weights, token: "hf_up" });
     const models = mkdtempSync(join(testEnv().runDir, "models-"));
     // The Hub's address from the manifest's spec.env (as a pod would get a mirror's), the
-    // token from this shell (as from the Secret in a pod).
+    // token from the Secret in another -f file (as kubectl apply -f of both would create it).
     const source: [string, string] = [
       "      pvc:\n        claimName: tiny-model\n        path: tiny-v3\n",
       `      huggingFace:\n        repo: acme/tiny-v3\n        tokenSecret: { name: hf-token }\n  env: [{ name: HF_ENDPOINT, value: "${hub.endpoint}" }, { name: EXPERTMESH_TEST_MARK, value: here }, { name: EXPERTMESH_TEST_FROM, valueFrom: { secretKeyRef: { name: s, key: k } } }, { name: EXPERTMESH_TEST_UNSET, valueFrom: { configMapKeyRef: { name: c, key: k } } }]\n`,
     ];
-    // A valueFrom variable comes from the shell (up reads no Secrets), or is unset, said so.
-    const env = { HF_TOKEN: "hf_up", EXPERTMESH_TEST_FROM: "shell" };
+    // A valueFrom variable that no -f file holds comes from the shell, or is unset, said so.
+    const env = { EXPERTMESH_TEST_FROM: "shell" };
+    const secrets = join(mkdtempSync(join(testEnv().runDir, "secrets-")), "hf-token.yaml");
+    writeFileSync(
+      secrets,
+      `apiVersion: v1\nkind: Secret\nmetadata: { name: hf-token }\ndata: { token: ${Buffer.from("hf_up").toString("base64")} }\n`,
+    );
     const snapshot = join(models, "hf", "acme--tiny-v3", "snapshots", hub.commit);
     try {
       await upWithVariant(
@@ -499,16 +505,18 @@ describe("expertmesh up", () => {
             new RegExp(`^\\[up\\] acme/tiny-v3@main: fetched [\\d.]+ KiB into ${snapshot}$`, "m"),
           );
           expect(err).toMatch(/^\[up\] acme\/tiny-v3@main: done \([\d.]+ KiB\) in [\d.]+s$/m);
-          // HF_TOKEN stands for the Secret: nothing to say about it; no tiny model written.
-          expect(err).not.toMatch(/tokenSecret|creating the tiny-v3 model/);
+          expect(err).toContain(
+            `[up] spec.model.source.huggingFace.tokenSecret: the token from ${secrets}`,
+          );
+          expect(err).not.toMatch(/creating the tiny-v3 model/);
           expect(err).toMatch(
             /^\[up\] spec\.env: HF_ENDPOINT, EXPERTMESH_TEST_MARK set for every process$/m,
           );
           expect(err).toMatch(
-            /^\[up\] spec\.env's EXPERTMESH_TEST_FROM comes from the Secret s \(key k\) in a cluster: here from this shell's \$EXPERTMESH_TEST_FROM$/m,
+            /^\[up\] spec\.env's EXPERTMESH_TEST_FROM: no -f file holds the Secret s \(key k\); from this shell's \$EXPERTMESH_TEST_FROM$/m,
           );
           expect(err).toMatch(
-            /^\[up\] spec\.env's EXPERTMESH_TEST_UNSET comes from the ConfigMap c \(key k\), which this machine cannot read: unset here; set \$EXPERTMESH_TEST_UNSET in this shell to give it$/m,
+            /^\[up\] spec\.env's EXPERTMESH_TEST_UNSET: no -f file holds the ConfigMap c \(key k\); unset here \(give the ConfigMap with another -f, or set \$EXPERTMESH_TEST_UNSET in this shell\)$/m,
           );
           expect(await completionTokens(port, 4)).toBe(4);
           // Every process up started has spec.env in its environment.
@@ -532,6 +540,7 @@ describe("expertmesh up", () => {
         },
         env,
         models,
+        ["-f", secrets],
       );
       const fetched = hub.requests.filter((r) => r.server === "cdn").length;
       // Each file the engine reads, once (not the stand-in's README and figure).
@@ -550,11 +559,97 @@ describe("expertmesh up", () => {
         },
         env,
         models,
+        ["-f", secrets],
       );
       expect(hub.requests.filter((r) => r.server === "cdn").length).toBe(fetched);
     } finally {
       await hub.close();
     }
+  });
+
+  it("-f files with the Secrets and ConfigMaps the manifest names: the gateway requires the API keys of apiKeySecret's Secret, spec.env's valueFrom reaches every process; a bad Secret is refused before anything starts", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "objects-"));
+    // The ConfigMap in the manifest's own file, the Secret in another (kept out of git, say).
+    const manifestText = readFileSync(manifest, "utf8")
+      .replace("    gpus: 1\n", "    gpus: 1\n    apiKeySecret: { name: creds, key: api-keys }\n")
+      .replace(
+        "  nats:\n",
+        "  env: [{ name: EXPERTMESH_TEST_SECRET, valueFrom: { secretKeyRef: { name: creds, key: proxy } } }, { name: EXPERTMESH_TEST_CM, valueFrom: { configMapKeyRef: { name: settings, key: mode } } }]\n  nats:\n",
+      );
+    const file = join(dir, "tiny.yaml");
+    writeFileSync(
+      file,
+      `${manifestText}---\napiVersion: v1\nkind: ConfigMap\nmetadata: { name: settings, namespace: default }\ndata: { mode: fast }\n`,
+    );
+    const secrets = join(dir, "secrets.yaml");
+    const b64 = (v: string) => Buffer.from(v).toString("base64");
+    writeFileSync(
+      secrets,
+      `apiVersion: v1\nkind: Secret\nmetadata: { name: creds }\ndata:\n  api-keys: ${b64("sk-one,sk-two")}\n  proxy: ${b64("http://user:pw@proxy:3128")}\n`,
+    );
+    const port = await freePort();
+    // (the shell's $EM_API_KEYS would stand in for a Secret no file holds: not here)
+    const u = spawnUp(port, 0, true, secrets, { EM_API_KEYS: "" }, undefined, ["-f", file]);
+    try {
+      await untilServing(u, port);
+      const err = u.err();
+      expect(err).toContain(
+        `[up] spec.gateway.apiKeySecret: the gateways take their keys from ${secrets}`,
+      );
+      expect(err).toContain(
+        `[up] spec.env's EXPERTMESH_TEST_SECRET: from the Secret creds (key proxy) in ${secrets}`,
+      );
+      expect(err).toContain(
+        `[up] spec.env's EXPERTMESH_TEST_CM: from the ConfigMap settings (key mode) in ${file}`,
+      );
+      const client = (apiKey: string) =>
+        new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey, maxRetries: 0 });
+      await expect(client("sk-wrong").models.list()).rejects.toMatchObject({ status: 401 });
+      for (const key of ["sk-one", "sk-two"])
+        expect((await client(key).models.list()).data.map((m) => m.id)).toEqual(["tiny-v3"]);
+      const procs = descendants(u.proc.pid!).filter((pid) =>
+        /main\.ts (shard|gateway) /.test(
+          readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " "),
+        ),
+      );
+      expect(procs).toHaveLength(5);
+      for (const pid of procs) {
+        const vars = readFileSync(`/proc/${pid}/environ`, "utf8").split("\0");
+        expect(vars, String(pid)).toContain("EXPERTMESH_TEST_SECRET=http://user:pw@proxy:3128");
+        expect(vars, String(pid)).toContain("EXPERTMESH_TEST_CM=fast");
+      }
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
+      await waitFor(
+        "up to exit",
+        async () => (u.proc.exitCode !== null ? true : undefined),
+        30_000,
+      );
+    }
+    // A Secret the API server would refuse (data not base64): refused, nothing started.
+    writeFileSync(
+      secrets,
+      "apiVersion: v1\nkind: Secret\nmetadata: { name: creds }\ndata: { proxy: 'not base64!' }\n",
+    );
+    const bad = spawnUp(await freePort(), 0, true, file, {}, undefined, ["-f", secrets]);
+    await waitFor(
+      "up to exit",
+      async () => (bad.proc.exitCode !== null ? true : undefined),
+      30_000,
+    );
+    expect(bad.proc.exitCode).toBe(1);
+    expect(bad.err()).toContain(
+      `[EM_MANIFEST_INVALID] ${secrets}: Secret creds: data.proxy is not base64`,
+    );
+    // Two files, neither the model's: said so.
+    const none = spawnUp(await freePort(), 0, true, secrets, {}, undefined, ["-f", secrets]);
+    await waitFor(
+      "up to exit",
+      async () => (none.proc.exitCode !== null ? true : undefined),
+      30_000,
+    );
+    expect(none.proc.exitCode).toBe(1);
+    expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
   });
 
   it("with spec.model.dtype fp8: every process loads the bf16 tiny model's linear layers as fp8, and it serves", async () => {

@@ -9,7 +9,7 @@
 // `up --watch` (src/local/watch.ts), an edit that reaches the gateways alone arrives on
 // standard input and the gateways roll onto it (rollGateways; ADR 0041).
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
@@ -37,6 +37,7 @@ import { GatewayFront } from "../../local/front.ts";
 import { hubSnapshot } from "../../local/hf-hub.ts";
 import { manifestChange } from "../../local/manifest-change.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
+import { holdsModel, LocalObjects } from "../../local/objects.ts";
 import {
   NATS_UNDER_WATCH,
   onParentLines,
@@ -55,7 +56,12 @@ import { ExpertMeshError, formatError } from "../../util/errors.ts";
 import { portFlag } from "../options.ts";
 import type { Command } from "../registry.ts";
 
-const USAGE = `expertmesh up -f MANIFEST.yaml [options]
+const USAGE = `expertmesh up -f MANIFEST.yaml [-f SECRETS.yaml ...] [options]
+  -f FILE            the DeepSeekModel's manifest; more -f files (and other documents of the
+                     manifest's) may hold the Secrets and ConfigMaps it names, read as the pods
+                     would read them: spec.env's valueFrom, spec.gateway.apiKeySecret,
+                     spec.model.source.huggingFace.tokenSecret (what no file holds: this
+                     shell's $NAME, $EM_API_KEYS, $HF_TOKEN stand in)
   --model DIR        checkpoint folder (default: <models-dir>/<spec.model.source.pvc.path>; a
                      spec.model.source.huggingFace repository is fetched into <models-dir>/hf,
                      from $HF_ENDPOINT or the Hub, with $HF_TOKEN, and fetched once per commit)
@@ -216,6 +222,31 @@ interface Supervised {
   served: boolean;
 }
 
+/**
+ * up's -f files: their texts, and which one holds the DeepSeekModel (the only one, or the one
+ * of several with a DeepSeekModel document; the others hold Secrets and ConfigMaps).
+ */
+export function localFiles(paths: string[]): { model: string; texts: [string, string][] } {
+  if (paths.length === 0) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
+  const texts = paths.map((p): [string, string] => {
+    try {
+      return [p, readFileSync(p, "utf8")];
+    } catch (err) {
+      throw new ExpertMeshError("EM_MANIFEST_READ", `cannot read ${p}: ${String(err)}`, {
+        cause: err,
+      });
+    }
+  });
+  if (paths.length === 1) return { model: paths[0]!, texts }; // (its errors: readManifest's)
+  const models = texts.filter(([, t]) => holdsModel(t)).map(([p]) => p);
+  if (models.length !== 1)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `of the -f files, one must hold the DeepSeekModel (the others its Secrets and ConfigMaps): ${models.length === 0 ? "none does" : `${models.join(" and ")} do`}`,
+    );
+  return { model: models[0]!, texts };
+}
+
 /** Stops a child as Ctrl-C would (SIGTERM; SIGKILL after 60 s); resolves once it has exited. */
 function stopChild(c: ChildProcess): Promise<void> {
   return new Promise<void>((r) => {
@@ -343,7 +374,7 @@ export const upCommand: Command = {
     const { values } = parseArgs({
       args: argv,
       options: {
-        file: { type: "string", short: "f" },
+        file: { type: "string", short: "f", multiple: true },
         model: { type: "string" },
         "models-dir": { type: "string" },
         "http-port": { type: "string" },
@@ -355,10 +386,10 @@ export const upCommand: Command = {
         watch: { type: "boolean" },
       },
     });
+    const files = localFiles(values.file ?? []);
     if (values.watch) {
-      if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
       return await watchAndRun({
-        file: values.file,
+        file: files.model,
         upArgs: argv.filter((a) => a !== "--watch"),
         say: (line) => process.stderr.write(`[up] ${line}\n`),
       });
@@ -370,10 +401,12 @@ export const upCommand: Command = {
         "--micro-batches overlaps one half's expert round trip over NATS with the other's attention; with --single-process there is none",
       );
     const deviceFlag = parseDeviceFlag(values.device);
-    if (!values.file) throw new ExpertMeshError("EM_CLI_USAGE", "-f MANIFEST.yaml is required");
-    const m = readManifest(values.file);
+    const m = readManifest(files.model);
     const name = m.metadata.name;
     const ns = m.metadata.namespace ?? "default";
+    // The Secrets and ConfigMaps of the files (ADR 0042), as kubectl apply -f would create them.
+    const objects = new LocalObjects();
+    for (const [file, text] of files.texts) objects.add(text, file, ns);
     if (single && m.spec.gateway.kvCache.remoteBytes > 0)
       throw new ExpertMeshError(
         "EM_CLI_USAGE",
@@ -415,8 +448,8 @@ export const upCommand: Command = {
     say(devices.note);
     // spec.env, as the pods get it: in every process `up` starts, and for the Hub download
     // (HF_ENDPOINT, a proxy); the manifest's value wins over this shell's, as in a pod.
-    // A valueFrom one names a Secret or ConfigMap, which this machine cannot read: the
-    // shell's variable of that name stands in for it, as $EM_API_KEYS does for apiKeySecret.
+    // A valueFrom one names a Secret or ConfigMap: read from the -f files when one holds it,
+    // else the shell's variable of that name stands in for it.
     const env = m.spec.env ?? [];
     for (const { name: key, value } of env) if (value !== undefined) process.env[key] = value;
     const literal = env.filter((e) => e.value !== undefined).map((e) => e.name);
@@ -424,25 +457,47 @@ export const upCommand: Command = {
     for (const { name: key, valueFrom } of env) {
       const ref = valueFrom?.secretKeyRef ?? valueFrom?.configMapKeyRef;
       if (!ref) continue;
-      const what = `${valueFrom?.secretKeyRef ? "Secret" : "ConfigMap"} ${ref.name} (key ${ref.key})`;
+      const kind = valueFrom?.secretKeyRef ? "Secret" : "ConfigMap";
+      const what = `${kind} ${ref.name} (key ${ref.key})`;
+      const held = objects.get(kind, ref.name, ref.key);
+      if (held) {
+        process.env[key] = held.value;
+        say(`spec.env's ${key}: from the ${what} in ${held.source}`);
+        continue;
+      }
+      const missing = objects.has(kind, ref.name)
+        ? `the ${kind} ${ref.name} in the -f files has no key ${ref.key}`
+        : `no -f file holds the ${what}`;
       say(
         process.env[key] !== undefined
-          ? `spec.env's ${key} comes from the ${what} in a cluster: here from this shell's $${key}`
-          : `spec.env's ${key} comes from the ${what}, which this machine cannot read: unset here; set $${key} in this shell to give it`,
+          ? `spec.env's ${key}: ${missing}; from this shell's $${key}`
+          : `spec.env's ${key}: ${missing}; unset here (give the ${kind} with another -f, or set $${key} in this shell)`,
       );
+    }
+    // The Hub token (huggingFace.tokenSecret) from a -f file's Secret, as the pods' download.
+    const tokenRef = hub?.tokenSecret;
+    const token = tokenRef && objects.get("Secret", tokenRef.name, tokenRef.key);
+    if (token) {
+      process.env["HF_TOKEN"] = token.value;
+      say(`spec.model.source.huggingFace.tokenSecret: the token from ${token.source}`);
     }
     if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
     const keySecret = m.spec.gateway.apiKeySecret;
-    if (keySecret)
+    const keys = keySecret && objects.get("Secret", keySecret.name, keySecret.key);
+    if (keys) {
+      // (the gateways read $EM_API_KEYS, comma-separated, as the pods read the Secret's key)
+      process.env["EM_API_KEYS"] = keys.value;
+      say(`spec.gateway.apiKeySecret: the gateways take their keys from ${keys.source}`);
+    } else if (keySecret)
       say(
         process.env["EM_API_KEYS"]
-          ? `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret: the gateway takes its keys from $EM_API_KEYS here`
-          : `spec.gateway.apiKeySecret (${keySecret.name}) is a Kubernetes Secret, which this machine cannot read: the gateway is open; set EM_API_KEYS (comma-separated) to require keys`,
+          ? `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway takes its keys from $EM_API_KEYS here`
+          : `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway is open; give the Secret with another -f, or set EM_API_KEYS (comma-separated), to require keys`,
       );
     const servingTls = m.spec.gateway.tls;
     if (servingTls)
       say(
-        `spec.gateway.tls (${servingTls.secretName}) is a Kubernetes Secret, which this machine cannot read: the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS, --tls-client-ca verifies clients)`,
+        `spec.gateway.tls (${servingTls.secretName}): up serves no TLS, the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS, --tls-client-ca verifies clients)`,
       );
     const preset = m.spec.model.preset;
     const tiny =
@@ -1018,7 +1073,7 @@ async function fetchFromHub(
   const token = process.env["HF_TOKEN"] || undefined;
   if (source.tokenSecret && !token)
     say(
-      `spec.model.source.huggingFace.tokenSecret (${source.tokenSecret.name}) is a Kubernetes Secret, which this machine cannot read: set HF_TOKEN for a gated or private repository`,
+      `spec.model.source.huggingFace.tokenSecret (${source.tokenSecret.name}) is in no -f file: give the Secret with another -f, or set HF_TOKEN, for a gated or private repository`,
     );
   const label = `${source.repo}@${source.revision}`;
   const bar = bytesBar(board, label);
