@@ -16,6 +16,7 @@ import {
 } from "@grpc/grpc-js";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import OpenAI from "openai";
+import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
 import { wantedFile } from "../../src/local/hf-hub.ts";
@@ -25,6 +26,7 @@ import { isMoeLayer } from "../../src/model/config.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 import { Tokenizer } from "../../src/model/tokenizer.ts";
 import { parsePlan } from "../../src/moe/plan-json.ts";
+import { makeNatsPki } from "../env/pki.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
@@ -650,6 +652,68 @@ describe("expertmesh up", () => {
     );
     expect(none.proc.exitCode).toBe(1);
     expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
+  });
+
+  it("spec.gateway.tls with its Secret in a -f file: two gateways behind up's ports serve HTTPS (the front passes TLS through) with that certificate", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "up-tls-"));
+    const pki = makeNatsPki(dir);
+    const file = variantManifest(
+      "    replicas: 1\n",
+      "    replicas: 2\n    tls: { secretName: gw-tls }\n",
+    );
+    const secrets = join(dir, "gw-tls.yaml");
+    const b64 = (path: string) => readFileSync(path).toString("base64");
+    writeFileSync(
+      secrets,
+      `apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: { name: gw-tls }\ndata:\n  tls.crt: ${b64(pki.server.cert)}\n  tls.key: ${b64(pki.server.key)}\n`,
+    );
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, file, {}, undefined, ["-f", secrets]);
+    try {
+      await waitFor(
+        "the https endpoint",
+        async () =>
+          u.out().includes(`https://127.0.0.1:${port}/v1`)
+            ? true
+            : u.proc.exitCode !== null
+              ? Promise.reject(new Error(`up exited\n${u.err().slice(-3000)}`))
+              : undefined,
+        90_000,
+      );
+      expect(u.err()).toContain(
+        `[up] spec.gateway.tls: the gateways serve TLS with the certificate in ${secrets}`,
+      );
+      expect(u.out()).toContain(
+        `curl --cacert CA.crt https://127.0.0.1:${port}/v1/chat/completions`,
+      );
+      const agent = new Agent({ connect: { ca: readFileSync(pki.ca) } });
+      const client = new OpenAI({
+        baseURL: `https://127.0.0.1:${port}/v1`,
+        apiKey: "unused",
+        maxRetries: 0,
+        fetch: ((url: string, init: object) =>
+          undiciFetch(url, { ...init, dispatcher: agent })) as unknown as typeof fetch,
+      });
+      // Several connections (the front spreads them over the gateways), each over TLS.
+      for (let i = 0; i < 4; i++)
+        expect((await client.models.list()).data.map((m) => m.id)).toEqual(["tiny-v3"]);
+      // The certificate's CA is needed: a client that does not trust it is refused.
+      await expect(
+        new OpenAI({
+          baseURL: `https://127.0.0.1:${port}/v1`,
+          apiKey: "x",
+          maxRetries: 0,
+        }).models.list(),
+      ).rejects.toThrow(/Connection error/);
+      await agent.close();
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
+      await waitFor(
+        "up to exit",
+        async () => (u.proc.exitCode !== null ? true : undefined),
+        30_000,
+      );
+    }
   });
 
   it("with spec.model.dtype fp8: every process loads the bf16 tiny model's linear layers as fp8, and it serves", async () => {

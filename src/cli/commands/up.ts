@@ -494,10 +494,23 @@ export const upCommand: Command = {
           ? `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway takes its keys from $EM_API_KEYS here`
           : `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway is open; give the Secret with another -f, or set EM_API_KEYS (comma-separated), to require keys`,
       );
+    // spec.gateway.tls: the Secrets' files, as the pods mount them (written in the run folder
+    // below), when the -f files hold them; else the gateways serve plain HTTP and gRPC.
     const servingTls = m.spec.gateway.tls;
-    if (servingTls)
+    const tlsFiles = servingTls && {
+      cert: objects.get("Secret", servingTls.secretName, "tls.crt"),
+      key: objects.get("Secret", servingTls.secretName, "tls.key"),
+      ca: servingTls.clientCASecret
+        ? objects.get("Secret", servingTls.clientCASecret.name, servingTls.clientCASecret.key)
+        : undefined,
+    };
+    const tls =
+      tlsFiles?.cert && tlsFiles.key && (tlsFiles.ca || !servingTls?.clientCASecret)
+        ? { cert: tlsFiles.cert, key: tlsFiles.key, ca: tlsFiles.ca }
+        : undefined;
+    if (servingTls && !tls)
       say(
-        `spec.gateway.tls (${servingTls.secretName}): up serves no TLS, the gateways serve plain HTTP and gRPC here (expertmesh gateway --tls-cert and --tls-key serve TLS, --tls-client-ca verifies clients)`,
+        `spec.gateway.tls: ${servingTls.clientCASecret ? `the Secrets ${servingTls.secretName} (tls.crt, tls.key) and ${servingTls.clientCASecret.name} (${servingTls.clientCASecret.key}) are` : `the Secret ${servingTls.secretName} (tls.crt, tls.key) is`} in no -f file: the gateways serve plain HTTP and gRPC here (give the Secrets with another -f to serve TLS)`,
       );
     const preset = m.spec.model.preset;
     const tiny =
@@ -554,6 +567,21 @@ export const upCommand: Command = {
     let chatTemplatePath = join(runDir, "chat_template.jinja");
     if (m.spec.gateway.chatTemplate !== undefined)
       writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
+    const tlsArgs: string[] = [];
+    if (tls) {
+      const write = (file: string, text: string) => {
+        writeFileSync(join(runDir, file), text, { mode: 0o600 });
+        return join(runDir, file);
+      };
+      tlsArgs.push(
+        `--tls-cert=${write("tls.crt", tls.cert.value)}`,
+        `--tls-key=${write("tls.key", tls.key.value)}`,
+        ...(tls.ca ? [`--tls-client-ca=${write("client-ca.crt", tls.ca.value)}`] : []),
+      );
+      say(
+        `spec.gateway.tls: the gateways serve TLS with the certificate in ${tls.cert.source}${tls.ca ? `, requiring client certificates its CA signed (${tls.ca.source})` : ""}`,
+      );
+    }
     say(
       single
         ? `${ns}/${name}: one process, the gateway running every expert (--single-process: spec.experts' ${m.spec.experts.shards} shard(s) are not started), run folder ${runDir}`
@@ -766,7 +794,7 @@ export const upCommand: Command = {
         ports = { http: String(p.http), grpc: String(p.grpc) };
       }
       const portsOf = (line: string) => ({
-        http: /on http:\/\/\S+?:(\d+)/.exec(line)?.[1],
+        http: /on https?:\/\/\S+?:(\d+)/.exec(line)?.[1],
         grpc: /gRPC \(KServe v2\) on :(\d+)/.exec(line)?.[1],
       });
       // Outlives the run folder: the next `up` of this model starts with the blocks.
@@ -790,6 +818,7 @@ export const upCommand: Command = {
         ...localGatewayArgs(gm, role),
         ...(role === "prefill" ? localDiskArgs(gm, diskDir, r, true, "prefill") : diskOf(r)),
         ...chatTemplateArgs(gm, chatTemplatePath),
+        ...tlsArgs,
         ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         // Behind the front: a stopping gateway (scaled down, rolled) answers for a second
         // more, each answer ending its connection, so keep-alive clients move to the others
@@ -865,12 +894,15 @@ export const upCommand: Command = {
       const { http, grpc } = ports;
       const at = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
       const model = servedModelName(m);
+      const scheme = tls ? "https" : "http";
+      // (with TLS, curl and bench trust the certificate's CA: --cacert)
+      const trust = tls ? " --cacert CA.crt" : "";
       process.stdout.write(
-        `\nexpertmesh is serving '${model}' at http://${at}:${http}/v1 (OpenAI-compatible)\n` +
-          `  and over gRPC at ${at}:${grpc} (KServe v2 inference.GRPCInferenceService, expertmesh.v1.Generation)\n` +
-          `  curl http://${at}:${http}/v1/chat/completions -H 'content-type: application/json' \\\n` +
+        `\nexpertmesh is serving '${model}' at ${scheme}://${at}:${http}/v1 (OpenAI-compatible)\n` +
+          `  and over gRPC${tls ? " with TLS" : ""} at ${at}:${grpc} (KServe v2 inference.GRPCInferenceService, expertmesh.v1.Generation)\n` +
+          `  curl${trust} ${scheme}://${at}:${http}/v1/chat/completions -H 'content-type: application/json' \\\n` +
           `    -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
-          `  expertmesh bench --url http://${at}:${http} measures it under load\n` +
+          `  expertmesh bench --url ${scheme}://${at}:${http}${trust} measures it under load\n` +
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
