@@ -1,9 +1,9 @@
 // The Secrets and ConfigMaps `expertmesh up` can read (ADR 0042): those in the files given with
 // -f, beside the DeepSeekModel, as `kubectl apply -f` of the same files would create them in
 // the model's namespace. `up` takes from them what the pods would: spec.env's valueFrom keys,
-// the gateway's API keys (spec.gateway.apiKeySecret), the Hub token
-// (spec.model.source.huggingFace.tokenSecret). A reference to an object no file holds falls
-// back to this shell's variable, as before.
+// the gateway's API keys (spec.gateway.apiKeySecret), its serving certificate
+// (spec.gateway.tls), the Hub token (spec.model.source.huggingFace.tokenSecret). A reference to
+// an object no file holds falls back to this shell's variable, as before.
 import { parseAllDocuments } from "yaml";
 import { MAX_MANIFEST_BYTES } from "../api/manifest.ts";
 import { ExpertMeshError } from "../util/errors.ts";

@@ -59,9 +59,10 @@ import type { Command } from "../registry.ts";
 const USAGE = `expertmesh up -f MANIFEST.yaml [-f SECRETS.yaml ...] [options]
   -f FILE            the DeepSeekModel's manifest; more -f files (and other documents of the
                      manifest's) may hold the Secrets and ConfigMaps it names, read as the pods
-                     would read them: spec.env's valueFrom, spec.gateway.apiKeySecret,
+                     would read them: spec.env's valueFrom, spec.gateway.apiKeySecret and
+                     .tls (the gateways then serve https), and
                      spec.model.source.huggingFace.tokenSecret (what no file holds: this
-                     shell's $NAME, $EM_API_KEYS, $HF_TOKEN stand in)
+                     shell's $NAME, $EM_API_KEYS, $HF_TOKEN stand in; no TLS)
   --model DIR        checkpoint folder (default: <models-dir>/<spec.model.source.pvc.path>; a
                      spec.model.source.huggingFace repository is fetched into <models-dir>/hf,
                      from $HF_ENDPOINT or the Hub, with $HF_TOKEN, and fetched once per commit)
