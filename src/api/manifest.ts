@@ -29,19 +29,17 @@ export function readManifest(path: string): DeepSeekModel {
 export const MAX_MANIFEST_BYTES = 256 * 1024;
 
 /**
- * Parses manifest YAML (the one DeepSeekModel of a file; other kinds of documents, a volume
- * say, are skipped) and validates it; `source` names it in messages. Defaults are applied as
- * the API server would.
+ * The documents of a manifest file's YAML, as plain values (`source` names it in messages).
+ * Throws EM_MANIFEST_PARSE for text past MAX_MANIFEST_BYTES or that is not YAML.
  */
-export function parseManifest(text: string, source = "manifest"): DeepSeekModel {
+export function parseDocuments(text: string, source: string): unknown[] {
   if (Buffer.byteLength(text) > MAX_MANIFEST_BYTES)
     throw new ExpertMeshError(
       "EM_MANIFEST_PARSE",
-      `${source} is larger than ${MAX_MANIFEST_BYTES / 1024} KiB (${Buffer.byteLength(text)} bytes): not a DeepSeekModel manifest`,
+      `${source} is larger than ${MAX_MANIFEST_BYTES / 1024} KiB (${Buffer.byteLength(text)} bytes): not a manifest (those are a few KB)`,
     );
-  let docs: unknown[];
   try {
-    docs = parseAllDocuments(text).map((d) => {
+    return parseAllDocuments(text).map((d) => {
       if (d.errors.length) throw d.errors[0];
       return d.toJS();
     });
@@ -50,6 +48,15 @@ export function parseManifest(text: string, source = "manifest"): DeepSeekModel 
       cause: err,
     });
   }
+}
+
+/**
+ * Parses manifest YAML (the one DeepSeekModel of a file; other kinds of documents, a volume
+ * say, are skipped) and validates it; `source` names it in messages. Defaults are applied as
+ * the API server would.
+ */
+export function parseManifest(text: string, source = "manifest"): DeepSeekModel {
+  const docs = parseDocuments(text, source);
   const invalid = (field: string, msg: string): never => {
     throw new ExpertMeshError("EM_MANIFEST_INVALID", `${source}: ${field}: ${msg}`);
   };

@@ -5,7 +5,7 @@
 // (spec.gateway.tls), the Hub token (spec.model.source.huggingFace.tokenSecret). A reference to
 // an object no file holds falls back to this shell's variable, as before.
 import { parseAllDocuments } from "yaml";
-import { MAX_MANIFEST_BYTES } from "../api/manifest.ts";
+import { parseDocuments } from "../api/manifest.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 
 type Kind = "Secret" | "ConfigMap";
@@ -45,26 +45,7 @@ export class LocalObjects {
    * would refuse: no name, data that is not a map of strings, a Secret's value not base64.
    */
   add(text: string, source: string, namespace: string): void {
-    if (Buffer.byteLength(text) > MAX_MANIFEST_BYTES)
-      throw new ExpertMeshError(
-        "EM_MANIFEST_PARSE",
-        `${source} is larger than ${MAX_MANIFEST_BYTES / 1024} KiB`,
-      );
-    let docs: unknown[];
-    try {
-      docs = parseAllDocuments(text).map((d) => {
-        if (d.errors.length) throw d.errors[0];
-        return d.toJS();
-      });
-    } catch (err) {
-      throw new ExpertMeshError(
-        "EM_MANIFEST_PARSE",
-        `${source} is not valid YAML: ${String(err)}`,
-        {
-          cause: err,
-        },
-      );
-    }
+    const docs = parseDocuments(text, source);
     const objects = docs.flatMap((d) =>
       isMap(d) && d["kind"] === "List" && Array.isArray(d["items"]) ? d["items"] : [d],
     );

@@ -141,6 +141,12 @@ async function upWithVariant(
   }
 }
 
+/** Resolves with `up`'s exit code once it has exited (within 30 s). */
+async function exitCodeOf(u: Up): Promise<number | null> {
+  await waitFor("up to exit", async () => (u.proc.exitCode !== null ? true : undefined), 30_000);
+  return u.proc.exitCode;
+}
+
 /** Ctrl-C in a terminal (SIGINT to `up`'s process group); resolves with its exit code. */
 async function ctrlC(proc: ChildProcess): Promise<number | null> {
   process.kill(-proc.pid!, "SIGINT");
@@ -622,11 +628,7 @@ describe("expertmesh up", () => {
       }
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
-      await waitFor(
-        "up to exit",
-        async () => (u.proc.exitCode !== null ? true : undefined),
-        30_000,
-      );
+      await exitCodeOf(u);
     }
     // A Secret the API server would refuse (data not base64): refused, nothing started.
     writeFileSync(
@@ -634,23 +636,13 @@ describe("expertmesh up", () => {
       "apiVersion: v1\nkind: Secret\nmetadata: { name: creds }\ndata: { proxy: 'not base64!' }\n",
     );
     const bad = spawnUp(await freePort(), 0, true, file, {}, undefined, ["-f", secrets]);
-    await waitFor(
-      "up to exit",
-      async () => (bad.proc.exitCode !== null ? true : undefined),
-      30_000,
-    );
-    expect(bad.proc.exitCode).toBe(1);
+    expect(await exitCodeOf(bad)).toBe(1);
     expect(bad.err()).toContain(
       `[EM_MANIFEST_INVALID] ${secrets}: Secret creds: data.proxy is not base64`,
     );
     // Two files, neither the model's: said so.
     const none = spawnUp(await freePort(), 0, true, secrets, {}, undefined, ["-f", secrets]);
-    await waitFor(
-      "up to exit",
-      async () => (none.proc.exitCode !== null ? true : undefined),
-      30_000,
-    );
-    expect(none.proc.exitCode).toBe(1);
+    expect(await exitCodeOf(none)).toBe(1);
     expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
   });
 
@@ -708,11 +700,7 @@ describe("expertmesh up", () => {
       await agent.close();
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
-      await waitFor(
-        "up to exit",
-        async () => (u.proc.exitCode !== null ? true : undefined),
-        30_000,
-      );
+      await exitCodeOf(u);
     }
   });
 

@@ -3,24 +3,15 @@
 // reaches the shards, nats-server, the number of processes or their ports starts everything
 // again; one that says the same restarts nothing.
 import { describe, expect, it } from "vitest";
-import { parseManifest } from "../../src/api/manifest.ts";
 import {
   changedFields,
   fieldList,
   liveChangeSummary,
   manifestChange,
 } from "../../src/local/manifest-change.ts";
+import { tinyManifestWith } from "../support/manifest.ts";
 
-/** The tiny model's manifest with `spec` (YAML lines under spec:) added. */
-const manifestWith = (spec = "") =>
-  parseManifest(`
-apiVersion: expertmesh.io/v1alpha1
-kind: DeepSeekModel
-metadata: { name: tiny, namespace: default }
-spec:
-  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
-${spec}
-`);
+const manifestWith = tinyManifestWith;
 
 describe("changedFields", () => {
   it.each([

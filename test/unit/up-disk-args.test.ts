@@ -4,24 +4,15 @@
 // JetStream only when the manifest keeps the prefix cache's blocks on it, and up says that
 // this server stands in for spec.nats (whose Secrets it cannot use).
 import { describe, expect, it } from "vitest";
-import { parseManifest } from "../../src/api/manifest.ts";
 import {
   localDiskArgs,
   localGatewayArgs,
   localNatsArgs,
   localNatsNote,
 } from "../../src/cli/commands/up.ts";
+import { tinyManifestWith } from "../support/manifest.ts";
 
-/** The tiny model's manifest with `spec` (YAML lines under spec:) added. */
-const manifestWith = (spec: string) =>
-  parseManifest(`
-apiVersion: expertmesh.io/v1alpha1
-kind: DeepSeekModel
-metadata: { name: tiny, namespace: default }
-spec:
-  model: { preset: tiny-v3, source: { pvc: { claimName: weights } } }
-${spec}
-`);
+const manifestWith = tinyManifestWith;
 
 const manifest = (kvCache: string) => manifestWith(`  gateway:\n    kvCache: ${kvCache}`);
 
