@@ -6,8 +6,9 @@
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
 // routed experts itself (gateway --local): no nats-server, no shards. With autoscaling or
 // rebalancing on, the operator's autoscaler runs here (src/local/autoscale.ts). Under
-// `up --watch` (src/local/watch.ts), an edit that reaches the gateways alone arrives on
-// standard input and the gateways roll onto it (rollGateways; ADR 0041).
+// `up --watch` (src/local/watch.ts), an edit the running processes can take arrives on
+// standard input (applyEdit: the gateways roll onto it, replicas start or stop; ADR 0041).
+// The Secrets and ConfigMaps the manifest names come from the -f files (ADR 0042).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
