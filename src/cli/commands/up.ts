@@ -20,8 +20,8 @@ import {
   type GatewayRole,
   gatewayArgs,
   modelArgs,
+  parseManifest,
   prefixCacheDiskArgs,
-  readManifest,
   servedModelName,
 } from "../../api/manifest.ts";
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
@@ -239,7 +239,7 @@ export function localFiles(paths: string[]): { model: string; texts: [string, st
       });
     }
   });
-  if (paths.length === 1) return { model: paths[0]!, texts }; // (its errors: readManifest's)
+  if (paths.length === 1) return { model: paths[0]!, texts }; // (its errors: parseManifest's)
   const models = texts.filter(([, t]) => holdsModel(t)).map(([p]) => p);
   if (models.length !== 1)
     throw new ExpertMeshError(
@@ -403,7 +403,8 @@ export const upCommand: Command = {
         "--micro-batches overlaps one half's expert round trip over NATS with the other's attention; with --single-process there is none",
       );
     const deviceFlag = parseDeviceFlag(values.device);
-    const m = readManifest(files.model);
+    // (the text localFiles read; parsed as readManifest would)
+    const m = parseManifest(files.texts.find(([p]) => p === files.model)![1], files.model);
     const name = m.metadata.name;
     const ns = m.metadata.namespace ?? "default";
     // The Secrets and ConfigMaps of the files (ADR 0042), as kubectl apply -f would create them.
