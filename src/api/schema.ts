@@ -509,7 +509,7 @@ export const GatewaySchema = withRules(
       }),
       apiKeySecret: Type.Optional(
         SecretKeyRef(
-          "Secret whose key holds the API keys the gateway accepts (Authorization: Bearer), comma-separated; without it the gateway's HTTP and gRPC routes are open.",
+          "Secret whose key holds the API keys the gateway accepts (Authorization: Bearer), separated by commas or line ends; mounted as a file the gateway reads again when the Secret changes (keys rotate without a restart). Without it the gateway's HTTP and gRPC routes are open.",
           "api-keys",
         ),
       ),

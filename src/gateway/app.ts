@@ -2,7 +2,7 @@
 // (kserve-rest.ts: their own error format) behind optional bearer API keys, /health (the
 // process is up), /ready (every expert shard answers), /metrics, and one error format for
 // everything else, OpenAI's {error: {message, type, param, code}}.
-import { randomUUID, timingSafeEqual } from "node:crypto";
+import { randomUUID } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
 import type { Span } from "@opentelemetry/api";
@@ -13,6 +13,7 @@ import Fastify, {
   type FastifyServerFactory,
 } from "fastify";
 import type { LogFields } from "../util/log.ts";
+import { ApiKeys } from "./api-keys.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
@@ -34,7 +35,7 @@ import {
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
   /** Bearer keys accepted on every route but /health, /ready and /metrics; empty: none. */
-  readonly apiKeys?: readonly string[];
+  readonly apiKeys?: readonly string[] | ApiKeys;
   /** Largest request body (bytes). */
   readonly maxRequestBytes?: number;
   /** Whether the model can serve now (every shard answers); local mode: always. */
@@ -92,7 +93,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       socket.destroy(err);
     },
   });
-  const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
+  const keys = ApiKeys.from(o.apiKeys);
 
   // Closing waits for the requests in flight; the keep-alive connections they leave idle
   // (72 s keepAliveTimeout) would hold the close, and a pod's stop, until SIGKILL. So from
@@ -264,14 +265,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   // matched, never by the raw URL: '/%76%31/models' is routed as '/v1/models'.
   const open = new Set(["/health", "/ready", "/metrics", ...KSERVE_OPEN_ROUTES]);
   app.addHook("onRequest", async (req) => {
-    if (keys.length === 0 || open.has(req.routeOptions.url ?? "")) return;
+    if (!keys.required || open.has(req.routeOptions.url ?? "")) return;
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "");
     // Anthropic's clients send x-api-key instead.
     const xKey = req.headers["x-api-key"];
     const key = m?.[1]?.trim() ?? (typeof xKey === "string" ? xKey.trim() : "");
     // Node gives header bytes as latin1 characters; the keys are compared as UTF-8 bytes.
     const given = Buffer.from(key, "latin1");
-    if (!keys.some((k) => k.length === given.length && timingSafeEqual(k, given)))
+    if (!keys.accepts(given))
       throw new ApiError(
         "EM_GATEWAY_UNAUTHORIZED",
         "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",

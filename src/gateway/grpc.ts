@@ -6,7 +6,7 @@
 // ChatStream, a chat answered by the chat completions route's code. Both run on the same
 // engine as the HTTP routes; errors map to gRPC status codes (with our stable code in the
 // `em-code` trailer).
-import { randomUUID, timingSafeEqual } from "node:crypto";
+import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import {
   experimental,
@@ -32,6 +32,7 @@ import type { Span } from "@opentelemetry/api";
 import { Value } from "@sinclair/typebox/value";
 import type { LogFields } from "../util/log.ts";
 import { packageVersion } from "../util/version.ts";
+import { ApiKeys } from "./api-keys.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { type Job, logServerError, REQUEST_ID, type ServeContext, startJob } from "./jobs.ts";
@@ -216,7 +217,7 @@ export interface GrpcGatewayOptions {
   /** Whether the model can serve now (every shard answers); default: always. */
   readonly ready?: () => Promise<boolean>;
   /** Bearer keys accepted (`authorization: Bearer KEY` metadata) on everything but the health RPCs. */
-  readonly apiKeys?: readonly string[];
+  readonly apiKeys?: readonly string[] | ApiKeys;
   /** Largest request message (bytes); default: grpc-js's 4 MiB. */
   readonly maxRequestBytes?: number;
   /** Where a line per finished call goes (--log-requests); default: none. */
@@ -338,13 +339,13 @@ function handlers(o: GrpcGatewayOptions): {
   generation: UntypedServiceImplementation;
 } {
   const { ctx } = o;
-  const keys = (o.apiKeys ?? []).map((k) => Buffer.from(k));
+  const keys = ApiKeys.from(o.apiKeys);
   const authorize = (md: Metadata) => {
-    if (keys.length === 0) return;
+    if (!keys.required) return;
     const v = md.get("authorization")[0];
     const m = /^Bearer\s+(.+)$/i.exec(typeof v === "string" ? v : "");
     const given = Buffer.from(m?.[1]?.trim() ?? "");
-    if (!keys.some((k) => k.length === given.length && timingSafeEqual(k, given)))
+    if (!keys.accepts(given))
       throw new ApiError(
         "EM_GATEWAY_UNAUTHORIZED",
         "missing or invalid API key: send the metadata 'authorization: Bearer <key>'",

@@ -6,7 +6,9 @@
 // onto it while nats-server and the shards run on, or starts and stops replicas. Any other
 // edit stops the child as on Ctrl-C (gateways finish their requests, shards drain), then a
 // new one starts with the new manifest. A manifest that fails to parse or validate is
-// reported and the running one is left alone, as the API server would refuse it.
+// reported and the running one is left alone, as the API server would refuse it. The other -f
+// files (Secrets, ConfigMaps) are watched too: an edit is a line `{"files": true}`, and the
+// child reads them again, giving its gateways new API keys or a new certificate (ADR 0043).
 //
 // The child runs in a process group of its own, so that a Ctrl-C in the terminal reaches this
 // supervisor alone, which passes each signal on once (the second Ctrl-C stops at once, as
@@ -27,6 +29,8 @@ export const WATCH_SETTLE_MS = 300;
 export interface WatchOptions {
   /** The manifest's path (as given with -f). */
   file: string;
+  /** The other -f files (Secrets, ConfigMaps; ADR 0043), as given. */
+  others?: string[];
   /** `up`'s arguments without --watch. */
   upArgs: string[];
   say: (line: string) => void;
@@ -37,6 +41,9 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   const { file, upArgs, say } = opts;
   const path = resolve(file);
   let text = readText(path);
+  const others = new Map(
+    (opts.others ?? []).map((f) => [resolve(f), { file: f, text: readText(resolve(f)) }]),
+  );
   // What the manifest says (an invalid one at the start fails as without --watch), which each
   // edit is compared with: one that leaves it the same (a comment, the order of keys)
   // restarts nothing, as kubectl apply of it changes nothing.
@@ -91,13 +98,15 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     text = now;
     const change = manifestChange(current, next, single);
     if (change.kind === "same" && child) {
-      say(`${file} changed, but it says what it said: nothing to restart`);
+      say(`${file} changed, but the model says what it said: nothing to restart`);
+      tell({ files: true, quiet: true }); // (its Secrets, if it holds any)
       return;
     }
     current = next;
     if (change.kind === "live" && child?.stdin?.writable) {
       say(`${file} changed (${fieldList(change.fields)}): ${liveChangeSummary(change)}`);
-      child.stdin.write(`${JSON.stringify({ manifest: next })}\n`);
+      tell({ manifest: next });
+      tell({ files: true, quiet: true });
       return;
     }
     restarting = true;
@@ -121,20 +130,44 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     }
   };
 
-  let timer: NodeJS.Timeout | undefined;
-  // The folder, not the file: editors that save by renaming a new file over the old one
+  // The running up reads the -f files' Secrets again: the API keys and certificate reach
+  // its gateways (src/local/gateway-secrets.ts). One that is restarting reads them anyway.
+  const tell = (message: object) => {
+    if (child?.stdin?.writable && !restarting) child.stdin.write(`${JSON.stringify(message)}\n`);
+  };
+  const otherChanged = (at: string) => {
+    const other = others.get(at);
+    if (stopping || !other) return;
+    const now = readText(at);
+    if (now === null || now === other.text) return;
+    other.text = now;
+    if (!child || restarting) return; // (the next up reads it)
+    say(`${other.file} changed: its Secrets' new content goes to the running processes`);
+    tell({ files: true });
+  };
+
+  // The folders, not the files: editors that save by renaming a new file over the old one
   // would leave a watch on the file itself watching nothing.
-  const watcher: FSWatcher = watch(dirname(path), (_event, name) => {
-    if (name !== null && name !== basename(path)) return;
-    clearTimeout(timer);
-    timer = setTimeout(() => void changed(), WATCH_SETTLE_MS);
-  });
+  const timers = new Map<string, NodeJS.Timeout>();
+  const watched = [path, ...others.keys()];
+  const watchers: FSWatcher[] = [...new Set(watched.map((p) => dirname(p)))].map((dir) =>
+    watch(dir, (_event, name) => {
+      for (const p of watched) {
+        if (dirname(p) !== dir || (name !== null && name !== basename(p))) continue;
+        clearTimeout(timers.get(p));
+        timers.set(
+          p,
+          setTimeout(() => (p === path ? void changed() : otherChanged(p)), WATCH_SETTLE_MS),
+        );
+      }
+    }),
+  );
 
   const stop = (signal: NodeJS.Signals) => {
     if (!stopping) {
       stopping = true;
-      watcher.close();
-      clearTimeout(timer);
+      for (const w of watchers) w.close();
+      for (const t of timers.values()) clearTimeout(t);
       if (!child) finish(lastCode);
     }
     // Every signal is passed on: the child's second one stops it at once.
@@ -145,6 +178,10 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   say(
     `watching ${file}: an edit of the gateways' flags alone rolls the gateways, one of the replica counts starts or stops processes, any other stops everything and starts it again`,
   );
+  if (others.size > 0)
+    say(
+      `watching ${[...others.values()].map((o) => o.file).join(", ")} too: new API keys and certificates in their Secrets reach the gateways without a restart`,
+    );
   start();
   return await finished;
 }

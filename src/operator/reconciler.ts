@@ -22,6 +22,7 @@ import { names } from "./labels.ts";
 import type { ModelConditionMetrics } from "./metrics.ts";
 import { NatsProbe } from "./nats-probe.ts";
 import {
+  gatewayApiKeysProblems,
   gatewayTlsProblems,
   natsAuthOf,
   referencedSecrets,
@@ -144,6 +145,7 @@ export class Reconciler {
       ...secretProblems(namespace, refs, secrets),
       ...nats.problems,
       ...gatewayTlsProblems(model, secrets),
+      ...gatewayApiKeysProblems(model, secrets),
     );
 
     // 2. The placement plan (versioned: a changed placement bumps the version). A plan of the

@@ -3,6 +3,7 @@
 // lacks), and the NATS identity and TLS the operator's own connection builds from
 // spec.nats's (ADRs 0031, 0032). Pure: the reconciler reads the Secrets and hands their contents in.
 import type { DeepSeekModel } from "../api/schema.ts";
+import { parseApiKeys } from "../gateway/api-keys.ts";
 import {
   checkNatsIdentity,
   checkNatsTls,
@@ -90,6 +91,23 @@ export function gatewayTlsProblems(model: DeepSeekModel, contents: SecretContent
       pemCertificates(caPem, source(ca.name, ca.key, "clientCASecret"), "EM_GATEWAY_TLS"),
     );
   return problems;
+}
+
+/**
+ * GatewayAPIKeysInvalid when spec.gateway.apiKeySecret's key holds no key (only commas,
+ * blanks): every gateway would refuse its --api-keys-file at start (EM_GATEWAY_API_KEYS)
+ * rather than serve with no key. A Secret or key that is missing is left out (secretProblems).
+ */
+export function gatewayApiKeysProblems(model: DeepSeekModel, contents: SecretContents): Problem[] {
+  const ref = model.spec.gateway.apiKeySecret;
+  const value = ref && contents.get(ref.name)?.[ref.key];
+  if (!ref || value === undefined || parseApiKeys(value.toString("utf8")).length > 0) return [];
+  return [
+    {
+      reason: "GatewayAPIKeysInvalid",
+      message: `Secret ${model.metadata.namespace}/${ref.name}'s ${ref.key} (spec.gateway.apiKeySecret) holds no API key: give keys separated by commas or line ends`,
+    },
+  ];
 }
 
 /**

@@ -19,6 +19,7 @@ export interface Problem {
     | "NATSTLSInvalid"
     | "NATSTLSFailed"
     | "GatewayTLSInvalid"
+    | "GatewayAPIKeysInvalid"
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"

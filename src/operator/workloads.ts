@@ -83,6 +83,8 @@ export const PATHS = {
   natsNkey: "/var/run/expertmesh/nats-auth/nkey",
   natsTlsCa: "/var/run/expertmesh/nats-tls/ca",
   natsTlsClient: "/var/run/expertmesh/nats-tls/client",
+  /** spec.gateway.apiKeySecret's key, as the file --api-keys-file reads. */
+  gatewayApiKeys: "/var/run/expertmesh/gateway-api-keys",
   /** spec.gateway.tls's Secrets: the gateway's serving certificate and key, the client CA. */
   gatewayTls: "/var/run/expertmesh/gateway-tls",
   gatewayClientCa: "/var/run/expertmesh/gateway-client-ca",
@@ -115,6 +117,30 @@ function gatewayTlsWiring(model: DeepSeekModel): {
   mount("gateway-client-ca", ca.name, PATHS.gatewayClientCa);
   args.push(`--tls-client-ca=${PATHS.gatewayClientCa}/${ca.key}`);
   return { volumes, mounts, args, probe: { port: "metrics" } };
+}
+
+/**
+ * How a gateway takes its API keys (spec.gateway.apiKeySecret): the Secret's key mounted as a
+ * file, never in the args or the environment, which the gateway reads again when it changes
+ * (the kubelet updates a mounted Secret in place; ADR 0043), so keys rotate without a restart.
+ */
+function gatewayApiKeysWiring(model: DeepSeekModel): {
+  volumes: V1Volume[];
+  mounts: V1VolumeMount[];
+  args: string[];
+} {
+  const ref = model.spec.gateway.apiKeySecret;
+  if (!ref) return { volumes: [], mounts: [], args: [] };
+  return {
+    volumes: [
+      {
+        name: "gateway-api-keys",
+        secret: { secretName: ref.name, items: [{ key: ref.key, path: "keys" }] },
+      },
+    ],
+    mounts: [{ name: "gateway-api-keys", mountPath: PATHS.gatewayApiKeys, readOnly: true }],
+    args: [`--api-keys-file=${PATHS.gatewayApiKeys}/keys`],
+  };
 }
 
 /**
@@ -551,6 +577,7 @@ function pdb(
 function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
   const { gateway } = model.spec;
   const tls = gatewayTlsWiring(model);
+  const apiKeys = gatewayApiKeysWiring(model);
   const gw = containerBase(
     model,
     "gateway",
@@ -565,12 +592,12 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
       ...chatTemplateArgs(model, PATHS.chatTemplate),
       ...tls.args,
+      ...apiKeys.args,
     ],
     // (A CRD older than the operator has no default for gpuResource.)
     { count: gateway.gpus, resource: gateway.gpuResource ?? DEFAULT_GPU_RESOURCE },
     gatewayResources(model),
   );
-  const keys = gateway.apiKeySecret;
   // The disk tier's files, their temporary copies and fingerprint.json: the budget, and
   // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
   // With a shared claim, every gateway mounts that volume instead (ReadWriteMany).
@@ -590,18 +617,7 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ...gw.volumeMounts,
       ...(prefixVolumes.length > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
       ...tls.mounts,
-    ],
-    // The gateway reads EM_API_KEYS (comma-separated): the keys never appear in its args.
-    env: [
-      ...gw.env,
-      ...(keys
-        ? [
-            {
-              name: "EM_API_KEYS",
-              valueFrom: { secretKeyRef: { name: keys.name, key: keys.key } },
-            },
-          ]
-        : []),
+      ...apiKeys.mounts,
     ],
     ports: [
       { name: "http", containerPort: gateway.ports.http },
@@ -615,7 +631,12 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       failureThreshold: 6,
     },
   };
-  return podSpec(model, role, [gwContainer], [...prefixVolumes, ...tls.volumes]);
+  return podSpec(
+    model,
+    role,
+    [gwContainer],
+    [...prefixVolumes, ...tls.volumes, ...apiKeys.volumes],
+  );
 }
 
 /**

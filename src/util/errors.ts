@@ -74,6 +74,8 @@ export const ERROR_CODES = {
     "a prefill job was cancelled by the gateway that sent it (its requests were cancelled, or it stopped waiting): dropped unfinished",
   EM_GATEWAY_TLS:
     "the gateway's --tls-cert holds no PEM certificate, --tls-key no PEM key, the key is not the certificate's, or --tls-client-ca holds anything but PEM certificates",
+  EM_GATEWAY_API_KEYS:
+    "the gateway's --api-keys-file holds no key (keys are separated by commas or line ends)",
   EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:

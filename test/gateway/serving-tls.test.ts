@@ -45,7 +45,7 @@ beforeAll(async () => {
       `--tls-key=${join(dir, "tls.key")}`,
       `--grpc-port=${grpcPort}`,
     ],
-    env: { ...process.env, EM_TLS_RELOAD_INTERVAL_MS: "200" },
+    env: { ...process.env, EM_FILE_RELOAD_INTERVAL_MS: "200" },
   });
 });
 afterAll(async () => {
@@ -242,7 +242,7 @@ describe("gateway --tls-client-ca (mutual TLS)", () => {
         `--grpc-port=${mtlsGrpc}`,
         "--log-requests",
       ],
-      env: { ...process.env, EM_TLS_RELOAD_INTERVAL_MS: "200" },
+      env: { ...process.env, EM_FILE_RELOAD_INTERVAL_MS: "200" },
     });
     metricsPort = /metrics on :(\d+)/.exec(mtls.log())![1]!;
   });

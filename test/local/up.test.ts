@@ -646,6 +646,86 @@ describe("expertmesh up", () => {
     expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
   });
 
+  it("--watch with a Secrets -f file: a rotated API key reaches the running gateway without a restart; one that holds no key, and a changed spec.env value, are said and not applied", async () => {
+    const dir = mkdtempSync(join(testEnv().runDir, "watch-secrets-"));
+    const file = join(dir, "tiny.yaml");
+    writeFileSync(
+      file,
+      readFileSync(manifest, "utf8")
+        .replace("    gpus: 1\n", "    gpus: 1\n    apiKeySecret: { name: creds }\n")
+        .replace(
+          "  nats:\n",
+          "  env: [{ name: EXPERTMESH_TEST_SECRET, valueFrom: { secretKeyRef: { name: creds, key: proxy } } }]\n  nats:\n",
+        ),
+    );
+    const secrets = join(dir, "secrets.yaml");
+    const writeSecrets = (keys: string, proxy: string) =>
+      writeFileSync(
+        secrets,
+        `apiVersion: v1\nkind: Secret\nmetadata: { name: creds }\nstringData:\n  api-keys: "${keys}"\n  proxy: ${proxy}\n`,
+      );
+    writeSecrets("sk-one", "http://proxy-a:3128");
+    const port = await freePort();
+    const u = spawnUp(port, 0, true, file, { EM_API_KEYS: "" }, undefined, [
+      "-f",
+      secrets,
+      "--watch",
+    ]);
+    const status = async (apiKey: string) => {
+      const client = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey, maxRetries: 0 });
+      return client.models.list().then(
+        () => 200,
+        (e: { status?: number }) => e.status ?? 0,
+      );
+    };
+    try {
+      await untilServing(u, port);
+      expect(u.err()).toContain(
+        `[up] watching ${secrets} too: new API keys and certificates in their Secrets reach the gateways without a restart`,
+      );
+      expect([await status("sk-one"), await status("sk-two")]).toEqual([200, 401]);
+      const gateway = pidUnder(u, /main\.ts gateway /);
+      expect(gateway).toBeDefined();
+
+      // The key rotated in the Secret's file: the gateway takes it, the old one is refused.
+      writeSecrets("sk-two", "http://proxy-a:3128");
+      await untilLogged(
+        u,
+        "the rotation",
+        `[up] spec.gateway.apiKeySecret changed in ${secrets}: the gateways take its 1 key(s) without a restart`,
+      );
+      await waitFor(
+        "the new key",
+        async () => ((await status("sk-two")) === 200 ? true : undefined),
+        15_000,
+      );
+      expect(await status("sk-one")).toBe(401);
+      expect(u.err()).toContain(
+        `[up] ${secrets} changed: its Secrets' new content goes to the running processes`,
+      );
+
+      // No key at all: the gateway keeps the one it has, never serving open.
+      writeSecrets(" , ", "http://proxy-a:3128");
+      await untilLogged(u, "the refusal", /holds no API key .*: the gateways keep what they have/);
+      expect([await status("sk-two"), await status("sk-none")]).toEqual([200, 401]);
+
+      // spec.env's value: read at start, as in a pod; said, not applied.
+      writeSecrets("sk-two", "http://proxy-b:3128");
+      await untilLogged(
+        u,
+        "the env note",
+        `[up] spec.env's EXPERTMESH_TEST_SECRET: its value in ${secrets} changed; the processes read it at start (as pods do): stop and start up to take it`,
+      );
+      expect(await status("sk-two")).toBe(200);
+      // One gateway served it all: nothing restarted.
+      expect(pidUnder(u, /main\.ts gateway /)).toBe(gateway);
+      expect(u.err()).not.toContain("stopping everything");
+    } finally {
+      if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
+      await exitCodeOf(u);
+    }
+  });
+
   it("spec.gateway.tls with its Secret in a -f file: two gateways behind up's ports serve HTTPS (the front passes TLS through) with that certificate", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "up-tls-"));
     const pki = makeNatsPki(dir);
@@ -1075,7 +1155,7 @@ describe("expertmesh up", () => {
 
       // A comment changes nothing the manifest says: nothing restarts.
       writeFileSync(file, `# edited\n${text}`);
-      await untilLogged(u, "the no-op", `[up] ${file} changed, but it says what it said`);
+      await untilLogged(u, "the no-op", `[up] ${file} changed, but the model says what it said`);
       expect(before.filter(alive)).toEqual(before);
 
       // The served name reaches the gateway alone: it stops and starts again on its ports,

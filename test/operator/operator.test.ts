@@ -1044,7 +1044,8 @@ describe.sequential("expertmesh operator", () => {
     expect(events.stdout).toMatch(/Warning\s+SecretNotFound/);
     expect(events.stdout).toMatch(/Normal\s+Recovered/);
 
-    // The gateway's API keys: a Secret that must exist, given to the gateway as EM_API_KEYS.
+    // The gateway's API keys: a Secret that must exist, holding a key, mounted as the file the
+    // gateway reads again when it changes (keys rotate without a restart).
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,
@@ -1064,6 +1065,17 @@ describe.sequential("expertmesh operator", () => {
       `Secret ${ns}/gw-keys (spec.gateway.apiKeySecret) has no key keys`,
     );
     expect(await ownedDeployments(ns, "nokeys")).toHaveLength(0);
+    // The key, holding no key: every gateway would refuse to start rather than serve open.
+    await core.replaceNamespacedSecret({
+      name: "gw-keys",
+      namespace: ns,
+      body: { metadata: { name: "gw-keys" }, stringData: { keys: " ,\n" } },
+    });
+    m = await waitForCondition(ns, "nokeys", "Degraded", "True", "GatewayAPIKeysInvalid");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `Secret ${ns}/gw-keys's keys (spec.gateway.apiKeySecret) holds no API key`,
+    );
+    expect(await ownedDeployments(ns, "nokeys")).toHaveLength(0);
     await core.replaceNamespacedSecret({
       name: "gw-keys",
       namespace: ns,
@@ -1073,11 +1085,19 @@ describe.sequential("expertmesh operator", () => {
     const keyed = (await ownedDeployments(ns, "nokeys")).find(
       (d) => d.metadata?.name === "nokeys-gateway",
     )!;
-    const env = keyed.spec?.template.spec?.containers[0]?.env ?? [];
-    expect(env.find((e) => e.name === "EM_API_KEYS")?.valueFrom?.secretKeyRef).toEqual({
-      name: "gw-keys",
-      key: "keys",
+    const keyedPod = keyed.spec?.template.spec;
+    expect(keyedPod?.volumes).toContainEqual({
+      name: "gateway-api-keys",
+      // (the API server adds defaultMode)
+      secret: expect.objectContaining({
+        secretName: "gw-keys",
+        items: [{ key: "keys", path: "keys" }],
+      }),
     });
+    expect(keyedPod?.containers[0]?.args).toContain(
+      "--api-keys-file=/var/run/expertmesh/gateway-api-keys/keys",
+    );
+    expect(JSON.stringify(keyedPod?.containers[0]?.env ?? [])).not.toContain("gw-keys");
 
     // A disk tier the gateways share: its ReadWriteMany claim must exist too.
     await custom.createNamespacedCustomObject({

@@ -1,7 +1,7 @@
 // What the operator checks of the Secrets a model names before it applies anything
 // (src/operator/secrets.ts): which Secrets and keys, SecretNotFound and SecretKeyMissing,
 // the NATS auth of its own connection with NATSAuthInvalid and NATSTLSInvalid, and the gateway's
-// serving certificate and client CA with GatewayTLSInvalid. The reconciler's reads are
+// serving certificate and client CA with GatewayTLSInvalid, its API keys with GatewayAPIKeysInvalid. The reconciler's reads are
 // tested against the real API server in test/operator/operator.test.ts.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -10,6 +10,7 @@ import { nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import {
+  gatewayApiKeysProblems,
   gatewayTlsProblems,
   natsAuthOf,
   referencedSecrets,
@@ -323,5 +324,35 @@ describe("gatewayTlsProblems", () => {
     problems.forEach((p, i) => {
       expect(p.message.startsWith(starts[i]!), p.message).toBe(true);
     });
+  });
+});
+
+describe("gatewayApiKeysProblems", () => {
+  const keyed = model(`    source: { pvc: { claimName: w } }
+  gateway:
+    apiKeySecret: { name: keys, key: list }`);
+  it.each([
+    ["one key", "k1", []],
+    ["keys over lines, blanks around", " k1 \n\n k2 ,", []],
+    ["nothing", "", ["GatewayAPIKeysInvalid"]],
+    ["separators and blanks alone", " , \n,\r\n ", ["GatewayAPIKeysInvalid"]],
+  ])("%s: %j", (_, value, reasons) => {
+    const contents = new Map([["keys", { list: Buffer.from(value) }]]);
+    const problems = gatewayApiKeysProblems(keyed, contents);
+    expect(problems.map((p) => p.reason)).toEqual(reasons);
+    for (const p of problems)
+      expect(p.message).toBe(
+        "Secret ns/keys's list (spec.gateway.apiKeySecret) holds no API key: give keys separated by commas or line ends",
+      );
+  });
+
+  it("leaves a missing Secret or key to secretProblems, and a model without keys alone", () => {
+    expect(gatewayApiKeysProblems(keyed, new Map([["keys", null]]))).toEqual([]);
+    expect(gatewayApiKeysProblems(keyed, new Map([["keys", { other: Buffer.from("") }]]))).toEqual(
+      [],
+    );
+    expect(
+      gatewayApiKeysProblems(model("    source: { pvc: { claimName: w } }"), new Map()),
+    ).toEqual([]);
   });
 });

@@ -606,23 +606,36 @@ describe("desiredObjects", () => {
     expect(pod.containers[0].resources.requests["ephemeral-storage"]).toBeUndefined();
   });
 
-  it("gives the gateway (only) EM_API_KEYS from spec.gateway.apiKeySecret, never in its args", () => {
+  it("gives the gateways (only) spec.gateway.apiKeySecret's key as a mounted file they reload, never in args or env", () => {
     const pods = (extra: string) =>
       objects(extra)
         .filter((o) => o.kind === "Deployment")
-        .map((o) => (o as any).spec.template.spec.containers[0]);
-    const keyEnv = (c: any) => c.env.find((e: any) => e.name === "EM_API_KEYS");
-    expect(pods("").map(keyEnv)).toEqual(pods("").map(() => undefined));
-    const withKeys = pods("  gateway: { apiKeySecret: { name: keys } }");
-    const gateway = withKeys.find((c) => c.name === "gateway");
-    expect(keyEnv(gateway)).toEqual({
-      name: "EM_API_KEYS",
-      valueFrom: { secretKeyRef: { name: "keys", key: "api-keys" } },
+        .map((o) => (o as any).spec.template.spec);
+    const keysOf = (p: any) => ({
+      volume: p.volumes.find((v: any) => v.name === "gateway-api-keys"),
+      mount: p.containers[0].volumeMounts.find((v: any) => v.name === "gateway-api-keys"),
+      flag: p.containers[0].args.find((a: string) => a.startsWith("--api-keys-file")),
     });
-    expect(withKeys.filter((c) => c.name !== "gateway").map(keyEnv)).not.toContainEqual(
-      expect.anything(),
+    const none = { volume: undefined, mount: undefined, flag: undefined };
+    expect(pods("").map(keysOf)).toEqual(pods("").map(() => none));
+    const withKeys = pods("  gateway: { apiKeySecret: { name: keys } }");
+    const gateway = withKeys.find((p) => p.containers[0].name === "gateway");
+    expect(keysOf(gateway)).toEqual({
+      volume: {
+        name: "gateway-api-keys",
+        secret: { secretName: "keys", items: [{ key: "api-keys", path: "keys" }] },
+      },
+      mount: {
+        name: "gateway-api-keys",
+        mountPath: "/var/run/expertmesh/gateway-api-keys",
+        readOnly: true,
+      },
+      flag: "--api-keys-file=/var/run/expertmesh/gateway-api-keys/keys",
+    });
+    expect(withKeys.filter((p) => p.containers[0].name !== "gateway").map(keysOf)).toEqual(
+      withKeys.filter((p) => p.containers[0].name !== "gateway").map(() => none),
     );
-    expect(gateway.args.join(" ")).not.toContain("keys");
+    expect(JSON.stringify(gateway.containers[0].env)).not.toContain("keys");
   });
 
   it("serves the gateways' APIs over TLS from spec.gateway.tls's Secret: mounted, flags, HTTPS probes; shards untouched", () => {

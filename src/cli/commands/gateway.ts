@@ -16,6 +16,7 @@ import {
   type SpeculativeConfig,
 } from "../../engine/speculative.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
+import { ApiKeys, parseApiKeys, readApiKeysFile } from "../../gateway/api-keys.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { exposition } from "../../gateway/metrics.ts";
@@ -72,11 +73,12 @@ import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
 
 /**
- * How often the gateway looks at its TLS files for a renewal: 10 s (the kubelet itself takes
- * up to a minute to update a mounted Secret); EM_TLS_RELOAD_INTERVAL_MS for tests.
+ * How often the gateway looks at its TLS and API keys files for a change: 10 s (the kubelet
+ * itself takes up to a minute to update a mounted Secret); EM_FILE_RELOAD_INTERVAL_MS for
+ * tests and for `up`, which rewrites them as its -f files change.
  */
-function tlsReloadIntervalMs(): number {
-  const v = Number(process.env["EM_TLS_RELOAD_INTERVAL_MS"]);
+function fileReloadIntervalMs(): number {
+  const v = Number(process.env["EM_FILE_RELOAD_INTERVAL_MS"]);
   return Number.isFinite(v) && v >= 100 ? v : 10_000;
 }
 
@@ -179,6 +181,10 @@ ${natsAuthUsage(26)}
   --micro-batches 1|2       micro-batches in flight per step: 2 overlaps one half's expert round trip
                             with the other half's attention (default 1; see docs/gateway.md)
   --api-key KEY             accept this bearer key (repeatable; also $EM_API_KEYS, comma-separated)
+  --api-keys-file FILE      accept the keys this file holds (separated by commas or line ends;
+                            at least one); read again when it changes, so a key is added,
+                            rotated or revoked without a restart (a change to no key, or an
+                            unreadable file, keeps the previous keys)
   --log-requests            log a line per HTTP request when it ends: its x-request-id (the
                             client's, or a new one), route, status, time, and its tokens
                             (prompt, cached, completion), finish reasons and trace id (with
@@ -287,6 +293,7 @@ export const gatewayCommand: Command = {
         "prompt-lookup-max": { type: "string" },
         "prompt-lookup-min": { type: "string" },
         "api-key": { type: "string", multiple: true },
+        "api-keys-file": { type: "string" },
         "log-requests": { type: "boolean" },
         wire: { type: "string" },
         device: { type: "string" },
@@ -401,6 +408,11 @@ export const gatewayCommand: Command = {
         : undefined;
     // Checked before the weights load: a wrong file fails at once.
     const servingTls = tlsFiles && readServingTls(tlsFiles);
+    const keysFile = values["api-keys-file"];
+    const apiKeys = new ApiKeys(
+      [...(values["api-key"] ?? []), ...parseApiKeys(process.env["EM_API_KEYS"] ?? "")],
+      keysFile === undefined ? [] : readApiKeysFile(keysFile),
+    );
     const natsWaitMs = natsWaitFlag(values["nats-wait"]);
     const stallSeconds = loadStallFlag(values["load-stall-timeout"]);
     const dtype = parseServeDtype(values.dtype);
@@ -517,7 +529,11 @@ export const gatewayCommand: Command = {
           ...(next.clientCa ? { ca: next.clientCa } : {}),
         }),
       );
-      certificate.watch(tlsFiles, tlsReloadIntervalMs(), log);
+      certificate.watch(tlsFiles, fileReloadIntervalMs(), log);
+    }
+    if (keysFile !== undefined) {
+      log(`API keys: ${apiKeys.count} accepted, from ${keysFile} too (read again when it changes)`);
+      apiKeys.watch(keysFile, fileReloadIntervalMs(), log);
     }
     let metricsRegistry = startupRegistry;
     // /health and /ready here too: the kubelet's probes present no client certificate, so
@@ -760,10 +776,6 @@ export const gatewayCommand: Command = {
     });
     onRoundTrip = (shard, ms, ok) =>
       ctx.metrics.dispatchLatency.observe({ shard: String(shard), ok: String(ok) }, ms / 1000);
-    const apiKeys = [
-      ...(values["api-key"] ?? []),
-      ...(process.env["EM_API_KEYS"] ?? "").split(",").filter(Boolean),
-    ];
     const maxRequestBytes = int(values["max-request-bytes"], "--max-request-bytes", 1 << 20);
     startup.register(ctx.metrics.registry);
     // From SIGTERM on, with --shutdown-delay: still serving, but not ready.
@@ -881,6 +893,7 @@ export const gatewayCommand: Command = {
       log(`${sig}: stopping (finishing requests in flight)`);
       clearInterval(statsTimer);
       certificate?.stop();
+      apiKeys.stop();
       // Requests still running after --shutdown-timeout are cut (gRPC calls get a clean
       // CANCELLED status; HTTP connections are closed), before the pod's termination grace
       // ends in SIGKILL, which would also skip the prefix cache's writes and the NATS drain.

@@ -8,7 +8,8 @@
 // rebalancing on, the operator's autoscaler runs here (src/local/autoscale.ts). Under
 // `up --watch` (src/local/watch.ts), an edit the running processes can take arrives on
 // standard input (applyEdit: the gateways roll onto it, replicas start or stop; ADR 0041).
-// The Secrets and ConfigMaps the manifest names come from the -f files (ADR 0042).
+// The Secrets and ConfigMaps the manifest names come from the -f files (ADR 0042); an edit of
+// them arrives the same way, and new API keys or certificates reach the gateways (ADR 0043).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -35,6 +36,14 @@ import {
 } from "../../local/autoscale.ts";
 import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
+import {
+  envFromObjects,
+  gatewaySecrets,
+  gatewaySecretsNotes,
+  type SecretsRead,
+  secretsEdit,
+  writeGatewaySecretFiles,
+} from "../../local/gateway-secrets.ts";
 import { hubSnapshot } from "../../local/hf-hub.ts";
 import { manifestChange } from "../../local/manifest-change.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
@@ -98,7 +107,10 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
                      spec.experts.replicas (without autoscaling) starts or stops processes; any
                      other edit stops everything as on Ctrl-C, then the new manifest starts;
                      one that does not validate is reported and the running one left alone;
-                     an edit that says the same (a comment) restarts nothing
+                     an edit that says the same (a comment) restarts nothing. The other -f
+                     files are watched too: new API keys or a new certificate in their
+                     Secrets reach the running gateways without a restart (as a mounted
+                     Secret's update reaches a pod); a new spec.env value is said, not applied
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
@@ -392,6 +404,7 @@ export const upCommand: Command = {
     if (values.watch) {
       return await watchAndRun({
         file: files.model,
+        others: files.texts.map(([p]) => p).filter((p) => p !== files.model),
         upArgs: argv.filter((a) => a !== "--watch"),
         say: (line) => process.stderr.write(`[up] ${line}\n`),
       });
@@ -457,12 +470,13 @@ export const upCommand: Command = {
     for (const { name: key, value } of env) if (value !== undefined) process.env[key] = value;
     const literal = env.filter((e) => e.value !== undefined).map((e) => e.name);
     if (literal.length > 0) say(`spec.env: ${literal.join(", ")} set for every process`);
+    const envRead = envFromObjects(m, objects);
     for (const { name: key, valueFrom } of env) {
       const ref = valueFrom?.secretKeyRef ?? valueFrom?.configMapKeyRef;
       if (!ref) continue;
       const kind = valueFrom?.secretKeyRef ? "Secret" : "ConfigMap";
       const what = `${kind} ${ref.name} (key ${ref.key})`;
-      const held = objects.get(kind, ref.name, ref.key);
+      const held = envRead.get(key);
       if (held) {
         process.env[key] = held.value;
         say(`spec.env's ${key}: from the ${what} in ${held.source}`);
@@ -485,36 +499,15 @@ export const upCommand: Command = {
       say(`spec.model.source.huggingFace.tokenSecret: the token from ${token.source}`);
     }
     if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
-    const keySecret = m.spec.gateway.apiKeySecret;
-    const keys = keySecret && objects.get("Secret", keySecret.name, keySecret.key);
-    if (keys) {
-      // (the gateways read $EM_API_KEYS, comma-separated, as the pods read the Secret's key)
-      process.env["EM_API_KEYS"] = keys.value;
-      say(`spec.gateway.apiKeySecret: the gateways take their keys from ${keys.source}`);
-    } else if (keySecret)
-      say(
-        process.env["EM_API_KEYS"]
-          ? `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway takes its keys from $EM_API_KEYS here`
-          : `spec.gateway.apiKeySecret (${keySecret.name}) is in no -f file: the gateway is open; give the Secret with another -f, or set EM_API_KEYS (comma-separated), to require keys`,
-      );
-    // spec.gateway.tls: the Secrets' files, as the pods mount them (written in the run folder
-    // below), when the -f files hold them; else the gateways serve plain HTTP and gRPC.
-    const servingTls = m.spec.gateway.tls;
-    const tlsFiles = servingTls && {
-      cert: objects.get("Secret", servingTls.secretName, "tls.crt"),
-      key: objects.get("Secret", servingTls.secretName, "tls.key"),
-      ca: servingTls.clientCASecret
-        ? objects.get("Secret", servingTls.clientCASecret.name, servingTls.clientCASecret.key)
-        : undefined,
+    // The API keys and serving certificate from the -f files' Secrets (written in the run
+    // folder below, as the pods mount them); else $EM_API_KEYS stands in, and no TLS.
+    let secretsRead: SecretsRead = {
+      gateway: gatewaySecrets(m, objects),
+      env: envRead,
     };
-    const tls =
-      tlsFiles?.cert && tlsFiles.key && (tlsFiles.ca || !servingTls?.clientCASecret)
-        ? { cert: tlsFiles.cert, key: tlsFiles.key, ca: tlsFiles.ca }
-        : undefined;
-    if (servingTls && !tls)
-      say(
-        `spec.gateway.tls: ${servingTls.clientCASecret ? `the Secrets ${servingTls.secretName} (tls.crt, tls.key) and ${servingTls.clientCASecret.name} (${servingTls.clientCASecret.key}) are` : `the Secret ${servingTls.secretName} (tls.crt, tls.key) is`} in no -f file: the gateways serve plain HTTP and gRPC here (give the Secrets with another -f to serve TLS)`,
-      );
+    for (const note of gatewaySecretsNotes(m, secretsRead.gateway, process.env["EM_API_KEYS"]))
+      say(note);
+    if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"
@@ -570,21 +563,10 @@ export const upCommand: Command = {
     let chatTemplatePath = join(runDir, "chat_template.jinja");
     if (m.spec.gateway.chatTemplate !== undefined)
       writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
-    const tlsArgs: string[] = [];
-    if (tls) {
-      const write = (file: string, text: string) => {
-        writeFileSync(join(runDir, file), text, { mode: 0o600 });
-        return join(runDir, file);
-      };
-      tlsArgs.push(
-        `--tls-cert=${write("tls.crt", tls.cert.value)}`,
-        `--tls-key=${write("tls.key", tls.key.value)}`,
-        ...(tls.ca ? [`--tls-client-ca=${write("client-ca.crt", tls.ca.value)}`] : []),
-      );
-      say(
-        `spec.gateway.tls: the gateways serve TLS with the certificate in ${tls.cert.source}${tls.ca ? `, requiring client certificates its CA signed (${tls.ca.source})` : ""}`,
-      );
-    }
+    const secretArgs = writeGatewaySecretFiles(runDir, secretsRead.gateway);
+    // The gateways look at those files every second: an edit under --watch reaches them soon.
+    if (secretArgs.length > 0) process.env["EM_FILE_RELOAD_INTERVAL_MS"] ??= "1000";
+    const tls = secretsRead.gateway.tls;
     say(
       single
         ? `${ns}/${name}: one process, the gateway running every expert (--single-process: spec.experts' ${m.spec.experts.shards} shard(s) are not started), run folder ${runDir}`
@@ -708,10 +690,35 @@ export const upCommand: Command = {
         () => {},
       );
     };
+    // Under `up --watch`: the -f files changed ({"files": true}); their Secrets' new content
+    // reaches the gateways' files, which they read again (src/local/gateway-secrets.ts).
+    const reloadFiles = (quiet: boolean) => {
+      let read: SecretsRead;
+      try {
+        const objs = new LocalObjects();
+        for (const [file, text] of localFiles(values.file ?? []).texts) objs.add(text, file, ns);
+        read = { gateway: gatewaySecrets(m, objs), env: envFromObjects(m, objs) };
+      } catch (err) {
+        say(`the -f files changed, but ${formatError(err)}: the gateways keep what they have`);
+        return;
+      }
+      const edit = secretsEdit(m, secretsRead, read);
+      secretsRead = edit.running;
+      if (edit.write) writeGatewaySecretFiles(runDir, secretsRead.gateway);
+      for (const note of edit.notes) say(note);
+      if (edit.notes.length === 0 && !quiet)
+        say("the -f files changed, but not what the processes read of them");
+    };
     onParentLines((line) => {
       let next: DeepSeekModel;
       try {
-        next = (JSON.parse(line) as { manifest: DeepSeekModel }).manifest;
+        const message = JSON.parse(line) as {
+          manifest?: DeepSeekModel;
+          files?: boolean;
+          quiet?: boolean;
+        };
+        if (message.files === true) return reloadFiles(message.quiet === true);
+        next = message.manifest!;
         if (typeof next?.spec?.gateway !== "object") throw new Error("it has no spec.gateway");
       } catch (err) {
         say(`a line from up --watch that is no manifest (${formatError(err)}): nothing changes`);
@@ -821,7 +828,7 @@ export const upCommand: Command = {
         ...localGatewayArgs(gm, role),
         ...(role === "prefill" ? localDiskArgs(gm, diskDir, r, true, "prefill") : diskOf(r)),
         ...chatTemplateArgs(gm, chatTemplatePath),
-        ...tlsArgs,
+        ...secretArgs,
         ...(values["micro-batches"] ? [`--micro-batches=${values["micro-batches"]}`] : []),
         // Behind the front: a stopping gateway (scaled down, rolled) answers for a second
         // more, each answer ending its connection, so keep-alive clients move to the others
