@@ -132,6 +132,20 @@ export function getFrom(target: Pick<Target, "url" | "headers" | "dispatcher">, 
   });
 }
 
+/** POST `body` as JSON to `path` of the target's server (with its headers and dispatcher). */
+export function postTo(
+  target: Pick<Target, "url" | "headers" | "dispatcher">,
+  path: string,
+  body: unknown,
+) {
+  return fetchFor(target as Target, `${target.url}${path}`, {
+    method: "POST",
+    headers: { ...target.headers, "content-type": "application/json" },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(30_000),
+  });
+}
+
 /** The `code` (or else `type`) of an OpenAI-style error body `{"error": {...}}`, if any. */
 function errorCode(body: string): string | undefined {
   try {

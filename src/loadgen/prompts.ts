@@ -78,3 +78,75 @@ export function readPrompts(path: string): string[] {
     return prompt;
   });
 }
+
+/**
+ * The prompt tokens a request whose prompt is `text` runs on, as the server counts them (its
+ * /tokenize, with the chat template and any shared prefix the request adds).
+ */
+export type TokenCounter = (text: string) => Promise<number>;
+
+/** How many words a prompt tries at its end before the fillers. */
+const FILL_TRIES = 32;
+
+/** What fills a prompt's last tokens when no word does: a letter, punctuation. */
+const FILLERS = [" a", " I", ".", ",", ";", "!", "?"];
+
+/**
+ * Prompt `i` of a run of prompts that each run on `target` tokens (bench --input-len, vLLM's
+ * random input length): its index, then random words (a stream of its own from `seed`), as
+ * many as fit by `count`, found by bisection (every word is at least one token). When the
+ * next word would overshoot (a word of several tokens), other words are tried in its place
+ * until the count is `target`, then a letter or punctuation, so it is exact unless none fits.
+ * EM_CLI_USAGE when the index alone (with what the request adds) is over `target`.
+ */
+export async function fitPrompt(
+  i: number,
+  target: number,
+  seed: number,
+  count: TokenCounter,
+): Promise<{ text: string; tokens: number }> {
+  const prng = new Prng(seed, `input ${i}`);
+  const word = () => WORDS[prng.nextU32() % WORDS.length]!;
+  const words = [`${i}:`];
+  const text = (k: number) => words.slice(0, k).join(" ");
+  const countOf = async (k: number) => {
+    while (words.length < k) words.push(word());
+    return count(text(k));
+  };
+  let [lo, loTokens] = [1, await countOf(1)];
+  if (loTokens > target)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `--input-len ${target} is less than the ${loTokens} tokens a request takes with a one-word prompt (its chat template and shared prefix): give more`,
+    );
+  // The first count over target: at most target words, doubled in case words merge.
+  let hi = target + 1;
+  for (let t = await countOf(hi); t <= target; t = await countOf(hi)) {
+    if (hi > 16 * target)
+      throw new ExpertMeshError(
+        "EM_BENCH_REFUSED",
+        `the server counts ${t} tokens for a prompt of ${hi} words: its /tokenize does not count prompts`,
+      );
+    [lo, loTokens, hi] = [hi, t, hi * 2];
+  }
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    const t = await countOf(mid);
+    if (t <= target) [lo, loTokens] = [mid, t];
+    else hi = mid;
+  }
+  let best = text(lo);
+  for (let tries = 0; loTokens < target && tries < FILL_TRIES; tries++) {
+    const candidate = `${best} ${word()}`;
+    const t = await count(candidate);
+    if (t <= target) [best, loTokens] = [candidate, t];
+  }
+  // Last, the smallest pieces there are (a tokenizer with few merges splits every word).
+  for (let f = 0; loTokens < target && f < FILLERS.length; ) {
+    const candidate = best + FILLERS[f];
+    const t = await count(candidate);
+    if (t > loTokens && t <= target) [best, loTokens] = [candidate, t];
+    else f++;
+  }
+  return { text: best, tokens: loTokens };
+}

@@ -173,6 +173,48 @@ describe("expertmesh bench", () => {
     expect((await hits()) - before).toBeGreaterThanOrEqual(3 * 32);
   });
 
+  it("--input-len: every request runs on exactly that many prompt tokens, counted by the gateway's /tokenize with the chat template and the shared prefix", async () => {
+    for (const [api, extra] of [
+      ["chat", []],
+      ["completions", []],
+      ["chat", ["--shared-prefix-words=10"]],
+    ] as const) {
+      const before = await counters();
+      const r = await bench([
+        `--api-key=${KEY}`,
+        `--api=${api}`,
+        "--concurrency=2",
+        "--requests=5",
+        "--input-len=48",
+        "--max-tokens=3",
+        ...extra,
+        "--json=-",
+      ]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toContain(
+        "bench: sizing 5 prompt(s) to 48 tokens each with the server's /tokenize",
+      );
+      expect(r.stderr).not.toContain("fell short");
+      const report = JSON.parse(r.stdout) as Report & { promptSource: string };
+      expect(report.promptSource).toBe("random, 48 tokens");
+      expect(report.levels[0]).toMatchObject({ succeeded: 5, promptTokens: 5 * 48 });
+      // What the gateway itself counted (with a shared prefix, computed or cached alike).
+      expect((await counters()).prompt - before.prompt).toBe(5 * 48);
+    }
+    const overlong = await bench([`--api-key=${KEY}`, "--input-len=250", "--max-tokens=10"]);
+    expect(overlong.code).toBe(1);
+    expect(overlong.stderr).toMatch(
+      /\[EM_CLI_USAGE\] --input-len 250 and --max-tokens 10 exceed 'tiny''s context of 256 tokens/,
+    );
+    const tooShort = await bench([`--api-key=${KEY}`, "--input-len=2", "--requests=1"]);
+    expect(tooShort.code).toBe(1);
+    expect(tooShort.stderr).toMatch(/\[EM_CLI_USAGE\] --input-len 2 is less than the \d+ tokens/);
+    const both = await bench(["--input-len=8", "--prompt-words=8"]);
+    expect(both.stderr).toContain(
+      "[EM_CLI_USAGE] --prompt-words and --input-len exclude each other",
+    );
+  });
+
   it("counts failed requests, says why, and exits 1", async () => {
     const r = await bench([
       `--api-key=${KEY}`,

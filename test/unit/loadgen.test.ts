@@ -14,7 +14,13 @@ import {
   percentile,
   summarizeLevel,
 } from "../../src/loadgen/level.ts";
-import { randomPrompts, readPrompts, sharedPrefix } from "../../src/loadgen/prompts.ts";
+import {
+  fitPrompt,
+  randomPrompts,
+  readPrompts,
+  sharedPrefix,
+  type TokenCounter,
+} from "../../src/loadgen/prompts.ts";
 
 describe("SseParser", () => {
   const stream = 'data: {"a":1}\n\ndata: [DONE]\n\n';
@@ -291,6 +297,72 @@ describe("prompts", () => {
   it("names a file it cannot read", () => {
     expect(() => readPrompts("/nonexistent/p.jsonl")).toThrow(
       /\[?EM_CLI_FILE|cannot read the prompts file/,
+    );
+  });
+});
+
+describe("fitPrompt (--input-len)", () => {
+  /** Counts as a tokenizer would: `overhead` tokens, then each word's `perWord` tokens. */
+  const counter = (overhead: number, perWord: (w: string) => number) => {
+    const calls = { n: 0 };
+    const count: TokenCounter = async (text) => {
+      calls.n++;
+      return overhead + text.split(" ").reduce((n, w) => n + perWord(w), 0);
+    };
+    return { count, calls };
+  };
+  const oneEach = () => 1;
+  // A word of 1 to 3 tokens by its length, as a tokenizer splits rarer words.
+  const byLength = (w: string) => Math.min(3, Math.ceil(w.length / 2));
+
+  it.each([
+    ["one token a word, nothing added", 0, oneEach, [1, 2, 16, 300]],
+    ["one token a word, a chat template's 7", 7, oneEach, [8, 9, 64, 1000]],
+    ["words of 1 to 3 tokens", 7, byLength, [8, 9, 10, 33, 64, 257]],
+  ])("%s: every prompt runs on exactly the length", async (_, overhead, perWord, targets) => {
+    for (const target of targets)
+      for (const i of [0, 1, 7]) {
+        const { count } = counter(overhead, perWord);
+        const got = await fitPrompt(i, target, 0, count);
+        expect(got.tokens, `${target} #${i}`).toBe(target);
+        expect(await count(got.text)).toBe(target);
+        expect(got.text.startsWith(`${i}: `) || got.text === `${i}:`).toBe(true);
+      }
+  });
+
+  it("asks the server O(log length) times", async () => {
+    const { count, calls } = counter(5, oneEach);
+    await fitPrompt(3, 4096, 0, count);
+    expect(calls.n).toBeLessThanOrEqual(16);
+  });
+
+  it("is the same prompt for the same index and seed, another for another", async () => {
+    const { count } = counter(0, byLength);
+    const a = await fitPrompt(2, 40, 5, count);
+    expect(await fitPrompt(2, 40, 5, count)).toEqual(a);
+    expect((await fitPrompt(3, 40, 5, count)).text).not.toBe(a.text);
+    expect((await fitPrompt(2, 40, 6, count)).text).not.toBe(a.text);
+  });
+
+  it("settles below the length when no word fits the last token (every word two tokens)", async () => {
+    const { count } = counter(0, (w) => (w.endsWith(":") ? 1 : 2));
+    expect(await fitPrompt(0, 6, 0, count)).toMatchObject({ tokens: 5 });
+    // A letter of one token fills it.
+    const letters = counter(0, (w) => (w.endsWith(":") || w === "a" ? 1 : 2)).count;
+    const filled = await fitPrompt(0, 6, 0, letters);
+    expect(filled).toMatchObject({ tokens: 6 });
+    expect(filled.text.endsWith(" a")).toBe(true);
+  });
+
+  it("refuses a length the request's own tokens exceed (EM_CLI_USAGE), and a server whose count does not grow (EM_BENCH_REFUSED)", async () => {
+    await expect(fitPrompt(0, 6, 0, counter(9, oneEach).count)).rejects.toThrow(
+      expect.objectContaining({
+        code: "EM_CLI_USAGE",
+        message: expect.stringContaining("--input-len 6 is less than the 10 tokens"),
+      }),
+    );
+    await expect(fitPrompt(0, 6, 0, async () => 3)).rejects.toThrow(
+      expect.objectContaining({ code: "EM_BENCH_REFUSED" }),
     );
   });
 });

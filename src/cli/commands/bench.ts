@@ -7,7 +7,7 @@
 import { writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { Agent } from "undici";
-import { getFrom, type Target } from "../../loadgen/client.ts";
+import { getFrom, postTo, type Target } from "../../loadgen/client.ts";
 import {
   formatLevels,
   type LevelSpec,
@@ -16,14 +16,15 @@ import {
   type Slo,
   summarizeLevel,
 } from "../../loadgen/level.ts";
-import { randomPrompts, readPrompts, sharedPrefix } from "../../loadgen/prompts.ts";
+import { fitPrompt, randomPrompts, readPrompts, sharedPrefix } from "../../loadgen/prompts.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { boolFlag, intFlag, numberFlag, readOptionFile } from "../options.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completions]
                   [--concurrency 1,4,16] [--request-rate inf] [--requests N]
-                  [--max-tokens 128] [--prompt-words 64 | --prompts FILE] [--ignore-eos true]
+                  [--max-tokens 128] [--prompt-words 64 | --input-len N | --prompts FILE]
+                  [--ignore-eos true]
                   [--shared-prefix-words N]
                   [--goodput ttft:MS,tpot:MS,e2e:MS] [--temperature T] [--seed S]
                   [--timeout SECONDS] [--json FILE]
@@ -43,6 +44,10 @@ const USAGE = `expertmesh bench [--url URL] [--model NAME] [--api chat|completio
                        that do not know the field may refuse it: false)
   --prompt-words N     random prompts of N common words, each different (default 64, at most
                        a sixteenth of the context length: 16 for the tiny model)
+  --input-len N        random prompts on which each request runs on exactly N prompt tokens
+                       (vLLM's random input length), counted by the server's /tokenize
+                       (expertmesh's and vLLM's) with the chat template and the shared prefix
+                       the request adds; the report's prompt tokens say what was sent
   --shared-prefix-words N
                        N random words before every prompt, the same for all (a system
                        message in chat, the prompt's start in completions): what a prefix
@@ -239,6 +244,7 @@ async function runBench(argv: string[]): Promise<number> {
       "max-tokens": { type: "string" },
       "ignore-eos": { type: "string" },
       "prompt-words": { type: "string" },
+      "input-len": { type: "string" },
       "shared-prefix-words": { type: "string" },
       prompts: { type: "string" },
       temperature: { type: "string" },
@@ -274,8 +280,14 @@ async function runBench(argv: string[]): Promise<number> {
       ? undefined
       : numberFlag(values.temperature, "--temperature", 0, 0);
   const slo = values.goodput !== undefined ? sloFlag(values.goodput) : undefined;
-  if (values.prompts !== undefined && values["prompt-words"] !== undefined) {
-    throw new ExpertMeshError("EM_CLI_USAGE", "--prompts and --prompt-words exclude each other");
+  const promptFlags = (["prompts", "prompt-words", "input-len"] as const).filter(
+    (f) => values[f] !== undefined,
+  );
+  if (promptFlags.length > 1) {
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `${promptFlags.map((f) => `--${f}`).join(" and ")} exclude each other`,
+    );
   }
   if ((values.cert === undefined) !== (values.key === undefined)) {
     throw new ExpertMeshError("EM_CLI_USAGE", "--cert and --key go together");
@@ -290,6 +302,7 @@ async function runBench(argv: string[]): Promise<number> {
   // Checked before connecting; their defaults depend on the model's context length.
   const maxTokensFlag = optionalInt(values["max-tokens"], "--max-tokens");
   const promptWordsFlag = optionalInt(values["prompt-words"], "--prompt-words");
+  const inputLen = optionalInt(values["input-len"], "--input-len");
   const prefixWords = intFlag(values["shared-prefix-words"], "--shared-prefix-words", 0, 0);
   const filePrompts = values.prompts !== undefined ? readPrompts(values.prompts) : undefined;
 
@@ -326,14 +339,18 @@ async function runBench(argv: string[]): Promise<number> {
         `--max-tokens ${maxTokens} leaves no room for a prompt in '${model}''s context of ${maxModelLen} tokens (its max_model_len)`,
       );
     }
+    if (inputLen !== undefined && maxModelLen !== undefined && inputLen + maxTokens > maxModelLen) {
+      throw new ExpertMeshError(
+        "EM_CLI_USAGE",
+        `--input-len ${inputLen} and --max-tokens ${maxTokens} exceed '${model}''s context of ${maxModelLen} tokens (its max_model_len)`,
+      );
+    }
     const promptWords = promptWordsFlag ?? fitted(64, 16);
     // One prompt per request of the run: a later level finds none in the prefix cache.
     const total = levels.reduce((n, l) => n + l.requests, 0);
-    const prompts = filePrompts ?? randomPrompts(total, promptWords, seed);
     const prefix = prefixWords > 0 ? sharedPrefix(prefixWords, seed) : undefined;
-    /** Request i of the run (over every level). */
-    const requestAt = (i: number) => {
-      const prompt = prompts[i % prompts.length]!;
+    /** A request with this prompt: the shared prefix before it, as a system message in chat. */
+    const requestWith = (prompt: string) => {
       if (prefix === undefined) return { prompt };
       return api === "chat"
         ? {
@@ -345,6 +362,13 @@ async function runBench(argv: string[]): Promise<number> {
           }
         : { prompt: `${prefix}\n\n${prompt}` };
     };
+    const prompts =
+      filePrompts ??
+      (inputLen !== undefined
+        ? await promptsOfLength(reach, { model, api }, total, inputLen, seed, requestWith)
+        : randomPrompts(total, promptWords, seed));
+    /** Request i of the run (over every level). */
+    const requestAt = (i: number) => requestWith(prompts[i % prompts.length]!);
     const target: Target = { ...reach, model, api };
     const toStdout = values.json === "-";
     process.stderr.write(
@@ -398,7 +422,9 @@ async function runBench(argv: string[]): Promise<number> {
       date: new Date().toISOString(),
       maxTokens,
       ignoreEos,
-      promptSource: values.prompts ?? `random, ${promptWords} words`,
+      promptSource:
+        values.prompts ??
+        (inputLen !== undefined ? `random, ${inputLen} tokens` : `random, ${promptWords} words`),
       ...(prefixWords > 0 ? { sharedPrefixWords: prefixWords } : {}),
       ...(slo ? { slo } : {}),
       ...(interrupt.signal.aborted ? { interrupted: true } : {}),
@@ -433,4 +459,58 @@ async function runBench(argv: string[]): Promise<number> {
     }
     await dispatcher?.close();
   }
+}
+
+/**
+ * `count` random prompts on which each request runs on `length` prompt tokens (fitPrompt),
+ * counted by the server's /tokenize on the request `requestWith` makes of each: 8 at a time,
+ * with a line on stderr. EM_BENCH_REFUSED for a server without /tokenize.
+ */
+async function promptsOfLength(
+  reach: Omit<Target, "model" | "api">,
+  { model, api }: Pick<Target, "model" | "api">,
+  count: number,
+  length: number,
+  seed: number,
+  requestWith: (prompt: string) => { prompt: string; messages?: unknown[] },
+): Promise<string[]> {
+  const tokens = async (text: string): Promise<number> => {
+    const r = requestWith(text);
+    const body =
+      api === "chat"
+        ? { model, messages: r.messages ?? [{ role: "user", content: r.prompt }] }
+        : { model, prompt: r.prompt };
+    const res = await postTo(reach, "/tokenize", body);
+    const answer = await res.text();
+    if (!res.ok)
+      throw new ExpertMeshError(
+        "EM_BENCH_REFUSED",
+        res.status === 404 || res.status === 405
+          ? `${reach.url} has no /tokenize (expertmesh's and vLLM's route) to count prompt tokens with: --input-len needs it; give --prompt-words instead`
+          : `${reach.url}/tokenize answered HTTP ${res.status}: ${answer.replace(/\s+/g, " ").slice(0, 300)}`,
+      );
+    const parsed = JSON.parse(answer) as { count?: unknown; tokens?: unknown };
+    if (typeof parsed.count === "number") return parsed.count;
+    if (Array.isArray(parsed.tokens)) return parsed.tokens.length;
+    throw new ExpertMeshError(
+      "EM_BENCH_REFUSED",
+      `${reach.url}/tokenize answered without a count: ${answer.slice(0, 300)}`,
+    );
+  };
+  process.stderr.write(
+    `bench: sizing ${count} prompt(s) to ${length} tokens each with the server's /tokenize\n`,
+  );
+  const out: { text: string; tokens: number }[] = new Array(count);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(8, count) }, async () => {
+      for (let i = next++; i < count; i = next++) out[i] = await fitPrompt(i, length, seed, tokens);
+    }),
+  );
+  const short = out.filter((p) => p.tokens !== length);
+  if (short.length > 0)
+    process.stderr.write(
+      `bench: ${short.length} prompt(s) fell short of ${length} tokens (${Math.min(...short.map((p) => p.tokens))} at least): no word fit their last tokens\n`,
+    );
+  return out.map((p) => p.text);
 }
