@@ -48,11 +48,14 @@ export interface LocalAutoscalerOptions {
 /**
  * How many gateway processes `up` starts (the operator's count: spec.gateway.replicas within
  * minReplicas and maxReplicas, at least one), and whether it needs its front: more than one
- * gateway, now or once the autoscaler scales them (operator mode). --single-process runs one.
+ * gateway, now or once the autoscaler scales them (operator mode), or under `up --watch`
+ * (`watched`), where a roll starts a new gateway before the old one stops (ADR 0041).
+ * --single-process runs one, and no front.
  */
 export function localGateways(
   m: DeepSeekModel,
   singleProcess: boolean,
+  watched = false,
 ): { initial: number; front: boolean; note?: string } {
   const g = m.spec.gateway;
   const a = m.spec.autoscaling;
@@ -67,7 +70,7 @@ export function localGateways(
     };
   return {
     initial,
-    front: initial > 1 || (a.enabled && a.mode === "operator" && g.maxReplicas > 1),
+    front: watched || initial > 1 || (a.enabled && a.mode === "operator" && g.maxReplicas > 1),
   };
 }
 

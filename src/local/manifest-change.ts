@@ -55,7 +55,7 @@ const CLUSTER_ONLY = [
 /** The gateways' Secrets, which `up` reads (from its -f files) once, at start (ADR 0042). */
 const READ_AT_START = ["spec.gateway.apiKeySecret", "spec.gateway.tls"];
 
-/** The gateway replica counts (scaled live when up runs its front before and after). */
+/** The gateway replica counts (scaled live: under --watch, up's front holds the ports). */
 const GATEWAY_COUNTS = [
   "spec.gateway.replicas",
   "spec.gateway.minReplicas",
@@ -105,7 +105,6 @@ export function manifestChange(
   const fields = changedFields(before, after);
   if (fields.length === 0) return { kind: "same" };
   const autoscaled = before.spec.autoscaling.enabled || after.spec.autoscaling.enabled;
-  const fronted = [before, after].every((m) => localGateways(m, singleProcess).front);
   let roll = false;
   let scaleGateways = false;
   let scaleShards = false;
@@ -114,7 +113,6 @@ export function manifestChange(
     if (singleProcess) return "with --single-process the gateway is every process";
     if (GATEWAY_COUNTS.some((p) => under(field, p))) {
       if (autoscaled) return `${field}: the autoscaler's bounds change (spec.autoscaling is on)`;
-      if (!fronted) return `${field} changes whether up runs its front (one gateway or several)`;
       scaleGateways = true;
       return null;
     }

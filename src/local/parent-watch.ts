@@ -7,6 +7,9 @@
 /** Set by `up` in its children's environment: stop when standard input ends. */
 export const STOP_ON_STDIN_EOF_ENV = "EXPERTMESH_STOP_ON_STDIN_EOF";
 
+/** Set by `up --watch` in the environment of the `up` it runs: edits will come. */
+export const UP_WATCHED_ENV = "EXPERTMESH_UP_WATCHED";
+
 /**
  * Calls `stop` once standard input ends, when the environment asks for it (a child of
  * `up`); otherwise does nothing. Does not keep the process alive by itself.

@@ -21,7 +21,7 @@ import { readManifest } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
 import { fieldList, liveChangeSummary, manifestChange } from "./manifest-change.ts";
-import { STOP_ON_STDIN_EOF_ENV } from "./parent-watch.ts";
+import { STOP_ON_STDIN_EOF_ENV, UP_WATCHED_ENV } from "./parent-watch.ts";
 
 /** How long the file must be quiet before a change counts (editors write in several steps). */
 export const WATCH_SETTLE_MS = 300;
@@ -59,7 +59,7 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     const c = spawn(process.execPath, [process.argv[1]!, "up", ...upArgs], {
       stdio: ["pipe", "inherit", "inherit"],
       detached: true,
-      env: { ...process.env, [STOP_ON_STDIN_EOF_ENV]: "1" },
+      env: { ...process.env, [STOP_ON_STDIN_EOF_ENV]: "1", [UP_WATCHED_ENV]: "1" },
     });
     child = c;
     c.on("exit", (code, signal) => {

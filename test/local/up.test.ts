@@ -1137,7 +1137,7 @@ describe("expertmesh up", () => {
     }
   });
 
-  it("--watch: an edit of the gateways alone rolls the gateway (nats-server and the shards run on); a cluster's field alone changes nothing; any other stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
+  it("--watch: an edit of the gateways alone rolls the gateway behind up's front, no request failing (nats-server and the shards run on); a cluster's field alone changes nothing; any other stops everything and starts it again; one that does not validate leaves it running; Ctrl-C stops it all", async () => {
     const file = variantManifest("    shards: 4\n", "    shards: 4\n");
     const text = readFileSync(file, "utf8");
     const port = await freePort();
@@ -1158,10 +1158,30 @@ describe("expertmesh up", () => {
       await untilLogged(u, "the no-op", `[up] ${file} changed, but the model says what it said`);
       expect(before.filter(alive)).toEqual(before);
 
-      // The served name reaches the gateway alone: it stops and starts again on its ports,
-      // everything else runs on (a Deployment's roll of the gateways, the shards untouched).
+      // The served name reaches the gateway alone: a new one starts beside it, serves, and the
+      // old one leaves up's front (which holds the ports under --watch), everything else
+      // running on (a Deployment's roll of the gateways, the shards untouched). A client asking
+      // all along, without retries, sees no failure.
       const gateway = pidUnder(u, /main\.ts gateway /)!;
       expect(before).toContain(gateway);
+      const noRetries = new OpenAI({
+        baseURL: `http://127.0.0.1:${port}/v1`,
+        apiKey: "unused",
+        maxRetries: 0,
+      });
+      let rolling = true;
+      let asked = 0;
+      const failed: string[] = [];
+      const asking = (async () => {
+        while (rolling) {
+          try {
+            await noRetries.models.list();
+            asked++;
+          } catch (e) {
+            failed.push(String(e));
+          }
+        }
+      })();
       writeFileSync(file, text.replace("servedModelName: tiny-v3", "servedModelName: tiny-rolled"));
       await untilLogged(
         u,
@@ -1173,14 +1193,19 @@ describe("expertmesh up", () => {
         "the rolled gateway",
         "[up] the gateways run the edited manifest, serving 'tiny-rolled'",
       );
+      expect(u.err()).toContain("[up] gateway.1 serves the edited manifest");
+      await waitFor("the old gateway to stop", async () => (alive(gateway) ? undefined : true));
+      rolling = false;
+      await asking;
+      expect(failed).toEqual([]);
+      expect(asked).toBeGreaterThan(0);
       expect(await models()).toEqual(["tiny-rolled"]);
-      expect(alive(gateway)).toBe(false);
       expect(before.filter(alive)).toEqual(before.filter((pid) => pid !== gateway));
       expect(pidUnder(u, /main\.ts gateway /)).not.toBe(gateway);
       expect(u.out().match(/expertmesh is serving/g)).toHaveLength(1);
 
       // A gateway flag the new gateway refuses (past the tiny model's 256 positions): the roll
-      // stops, and the gateway of the previous manifest starts again on the ports.
+      // stops, and the gateway of the previous manifest serves on.
       writeFileSync(
         file,
         text
@@ -1193,9 +1218,8 @@ describe("expertmesh up", () => {
       await untilLogged(
         u,
         "the stuck roll",
-        "[up] gateway did not start on the edited manifest ([EM_LOCAL_CHILD_EXITED] gateway exited (1) before it was ready): the roll stops here; the previous gateway starts again",
+        "[up] gateway.2 did not start on the edited manifest ([EM_LOCAL_CHILD_EXITED] gateway.2 exited (1) before it was ready): the roll stops here; gateway.1 serves on",
       );
-      await untilLogged(u, "the previous gateway", "[up] gateway is serving again");
       expect(await models()).toEqual(["tiny-rolled"]);
       const rolled = descendants(u.proc.pid!);
 

@@ -83,6 +83,11 @@ spec:
       expect(got.initial).toBe(initial);
       expect(got.front).toBe(front);
       expect(got.note !== undefined).toBe(single && g.includes("replicas: 3"));
+      // Under up --watch the front holds the ports for one gateway too (rolls without a gap),
+      // but --single-process runs none.
+      const watched = localGateways(gw(g, a), single, true);
+      expect(watched.initial).toBe(initial);
+      expect(watched.front).toBe(!single);
     },
   );
 });

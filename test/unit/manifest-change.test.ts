@@ -44,12 +44,6 @@ describe("manifestChange", () => {
       "all",
       /spec\.gateway\.speculative: MTP drafting/,
     ],
-    [
-      "the gateways' count",
-      "  gateway:\n    replicas: 2",
-      "all",
-      /spec\.gateway\.replicas changes/,
-    ],
     ["a port", "  gateway:\n    ports: { http: 9000 }", "all", /spec\.gateway\.ports\.http/],
     ["the gateway's GPUs", "  gateway:\n    gpus: 0", "all", /spec\.gateway\.gpus/],
     [
@@ -102,7 +96,14 @@ describe("manifestChange", () => {
       "  gateway:\n    replicas: 2\n    sampling: { temperature: 0.2 }\n",
       { kind: "live", roll: true, gateways: 2 },
     ],
-    ["gateways, 2 to 1: up's front goes", two, "  gateway:\n    replicas: 1\n", { kind: "all" }],
+    // (under --watch up's front holds the ports however many gateways run)
+    [
+      "gateways, 2 to 1",
+      two,
+      "  gateway:\n    replicas: 1\n",
+      { kind: "live", roll: false, gateways: 1 },
+    ],
+    ["gateways, 1 to 2", "", two, { kind: "live", roll: false, gateways: 2 }],
     [
       "each shard's replicas, 1 to 2",
       shards(1),

@@ -53,6 +53,7 @@ import {
   onParentLines,
   STOP_ON_STDIN_EOF_ENV,
   stopWhenParentGone,
+  UP_WATCHED_ENV,
 } from "../../local/parent-watch.ts";
 import { formatBytes, PROGRESS_ENV, parseProgressLine } from "../../local/progress.ts";
 import { ProgressBoard } from "../../local/progress-board.ts";
@@ -92,8 +93,8 @@ const USAGE = `expertmesh up -f MANIFEST.yaml [-f SECRETS.yaml ...] [options]
                      cuda: the same, and no CUDA device is an error; cpu: everything on the CPU
 A process that dies while serving is started again (after 1, 2, 4, 8, 16 s; the 6th exit of one
 process within 10 minutes stops everything), the gateway on the same ports.
-With more than one gateway (spec.gateway.replicas, or autoscaling), up listens on the ports and
-hands each connection to a serving gateway, as a Service. With spec.autoscaling.enabled (mode
+With more than one gateway (spec.gateway.replicas, or autoscaling), or under --watch, up listens
+on the ports and hands each connection to a serving gateway, as a Service. With spec.autoscaling.enabled (mode
 operator), the operator's autoscaler scales the gateways and each shard by queue depth:
 processes are started, or stopped after they finish their work. With
 spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled out live
@@ -101,10 +102,10 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
   --watch            apply each edit of MANIFEST as kubectl apply would make the operator
                      roll it: an edit of the gateways' flags alone (spec.gateway's sampling,
                      limits, KV cache, parsers; spec.servedModelName) rolls the gateways, one
-                     new gateway serving before an old one stops (a single gateway stops, then
-                     starts again on its ports), nats-server and the shards running on; an
-                     edit of spec.gateway.replicas (with several gateways) or of
-                     spec.experts.replicas (without autoscaling) starts or stops processes; any
+                     new gateway serving before an old one stops (up holds the ports, even for
+                     one gateway), nats-server and the shards running on; an edit of
+                     spec.gateway.replicas or spec.experts.replicas (without autoscaling)
+                     starts or stops processes; any
                      other edit stops everything as on Ctrl-C, then the new manifest starts;
                      one that does not validate is reported and the running one left alone;
                      an edit that says the same (a comment) restarts nothing. The other -f
@@ -575,7 +576,9 @@ export const upCommand: Command = {
     const memory = upMemory(m, plan, totalmem(), single);
     if (memory) say(memory);
     const scaling = localScaling(m, single);
-    const gateways = localGateways(m, single);
+    // Under --watch, up's front holds the ports even for one gateway: a roll starts the new
+    // gateway before the old one stops, and no request finds the ports closed.
+    const gateways = localGateways(m, single, process.env[UP_WATCHED_ENV] === "1");
     if (gateways.note) say(gateways.note);
 
     // The children in start order (nats-server, shards, gateway), each with its process now:
@@ -975,7 +978,11 @@ export const upCommand: Command = {
           for (let k = 0; k < plan.numShards; k++) scaleRole(`shard-${k}`, change.shardReplicas);
         if (olds.length > 0) await rollGateways(olds, before, flagsBefore);
       };
-      /** Replaces `olds` with gateways on `gm`'s flags, one at a time (ADR 0041). */
+      /**
+       * Replaces `olds` with gateways on `gm`'s flags, one at a time, each new one serving
+       * before the one it replaces leaves the front's rotation (ADR 0041; under --watch the
+       * front holds the ports however many gateways run, and prefill gateways have none).
+       */
       const rollGateways = async (
         olds: Supervised[],
         before: DeepSeekModel,
@@ -983,9 +990,7 @@ export const upCommand: Command = {
       ) => {
         olds = olds.filter((e) => !e.retired); // (an edit's scaling down stops the newest)
         say(
-          front
-            ? `rolling ${olds.length} gateway process(es) onto the edited manifest, one at a time: each new one serves before the one it replaces stops (nats-server and the shards run on)`
-            : `rolling the gateway onto the edited manifest: it stops, then starts again on the same ports (nats-server and the shards run on; with spec.gateway.replicas 2 or more, each new gateway serves before the one it replaces stops)`,
+          `rolling ${olds.length} gateway process(es) onto the edited manifest, one at a time: each new one serves before the one it replaces stops (nats-server and the shards run on)`,
         );
         for (const old of olds) {
           if (stopping) return;
@@ -998,32 +1003,21 @@ export const upCommand: Command = {
             spec.name === old.spec.name
               ? "to start on the edited manifest"
               : `replaced by ${spec.name}`;
-          // One gateway on the ports: the new one can listen only once it has gone.
-          if (!front && !isPrefill) await stopChild(old.proc);
           try {
             await start(spec, true);
           } catch (err) {
             if (stopping) return;
             say(
-              `${spec.name} did not start on the edited manifest (${formatError(err)}): the roll stops here; ${front || isPrefill ? `${old.spec.name} serves on` : "the previous gateway starts again"} (fix the manifest to roll again)`,
+              `${spec.name} did not start on the edited manifest (${formatError(err)}): the roll stops here; ${old.spec.name} serves on (fix the manifest to roll again)`,
             );
             old.retired = false;
             old.retiredAs = undefined;
             gm = flagsBefore;
-            if (!front && !isPrefill) {
-              void start(old.spec, true).then(
-                () => say(`${old.spec.name} is serving again`),
-                () => {},
-              );
-            }
             return;
           }
-          if (front || isPrefill) {
-            // Out of the rotation, then it finishes what it has.
-            old.spec.onStop?.();
-            if (old.proc.exitCode === null && old.proc.signalCode === null)
-              old.proc.kill("SIGTERM");
-          }
+          // Out of the rotation, then it finishes what it has.
+          old.spec.onStop?.();
+          if (old.proc.exitCode === null && old.proc.signalCode === null) old.proc.kill("SIGTERM");
           say(`${spec.name} serves the edited manifest`);
         }
         const name = servedModelName(gm);
