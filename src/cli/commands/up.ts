@@ -262,8 +262,13 @@ export function localFiles(paths: string[]): { model: string; texts: [string, st
   return { model: models[0]!, texts };
 }
 
-/** Stops a child as Ctrl-C would (SIGTERM; SIGKILL after 60 s); resolves once it has exited. */
-function stopChild(c: ChildProcess): Promise<void> {
+/**
+ * Stops a child as Ctrl-C would (SIGTERM; SIGKILL after 60 s); resolves once it has exited.
+ * `skipDelay`: SIGINT too, a second signal (not merged with the first, as a second SIGTERM
+ * might be), which ends a gateway's --shutdown-delay at once: for gateways that no front
+ * sends anything to any more.
+ */
+function stopChild(c: ChildProcess, skipDelay = false): Promise<void> {
   return new Promise<void>((r) => {
     if (c.exitCode !== null || c.signalCode !== null) return r();
     const t = setTimeout(() => {
@@ -275,6 +280,7 @@ function stopChild(c: ChildProcess): Promise<void> {
       r();
     });
     c.kill("SIGTERM");
+    if (skipDelay) c.kill("SIGINT");
   });
 }
 
@@ -666,7 +672,10 @@ export const upCommand: Command = {
         n.startsWith("gateway") || n.startsWith("prefill.") ? 0 : n.startsWith("shard-") ? 1 : 2;
       for (const group of [0, 1, 2])
         await Promise.all(
-          children.filter((e) => rank(e.spec.name) === group).map((e) => stopChild(e.proc)),
+          children
+            .filter((e) => rank(e.spec.name) === group)
+            // (the front is closed: the gateways' second of draining would serve no one)
+            .map((e) => stopChild(e.proc, group === 0)),
         );
       process.exit(code);
     };
