@@ -604,6 +604,13 @@ describe("expertmesh up", () => {
       expect(err).toContain(
         `[up] spec.gateway.apiKeySecret: the gateways take their keys from ${secrets}`,
       );
+      // The examples it prints send a key (named, never shown).
+      expect(u.out()).toContain(
+        `API keys required (spec.gateway.apiKeySecret's, from ${secrets}): KEY below is one of them`,
+      );
+      expect(u.out()).toContain("-H 'authorization: Bearer KEY'");
+      expect(u.out()).toContain(`expertmesh bench --url http://127.0.0.1:${port} --api-key KEY`);
+      expect(u.out() + err).not.toContain("sk-one");
       expect(err).toContain(
         `[up] spec.env's EXPERTMESH_TEST_SECRET: from the Secret creds (key proxy) in ${secrets}`,
       );

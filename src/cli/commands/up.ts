@@ -28,6 +28,7 @@ import {
 import { everyShardExpertBytes, gatewayWeightBytes } from "../../api/memory.ts";
 import type { DeepSeekModel } from "../../api/schema.ts";
 import { loadAddon } from "../../engine/native.ts";
+import { parseApiKeys } from "../../gateway/api-keys.ts";
 import {
   LocalAutoscaler,
   localGateways,
@@ -515,6 +516,7 @@ export const upCommand: Command = {
     for (const note of gatewaySecretsNotes(m, secretsRead.gateway, process.env["EM_API_KEYS"]))
       say(note);
     if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
+    const shellKeys = parseApiKeys(process.env["EM_API_KEYS"] ?? "").length > 0;
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"
@@ -917,14 +919,20 @@ export const upCommand: Command = {
       const at = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
       const model = servedModelName(m);
       const scheme = tls ? "https" : "http";
-      // (with TLS, curl and bench trust the certificate's CA: --cacert)
+      // (with TLS, curl and bench trust the certificate's CA: --cacert; with API keys, they
+      // send one, never printed here)
       const trust = tls ? " --cacert CA.crt" : "";
+      const keyed = secretsRead.gateway.apiKeys !== undefined || shellKeys;
       process.stdout.write(
         `\nexpertmesh is serving '${model}' at ${scheme}://${at}:${http}/v1 (OpenAI-compatible)\n` +
           `  and over gRPC${tls ? " with TLS" : ""} at ${at}:${grpc} (KServe v2 inference.GRPCInferenceService, expertmesh.v1.Generation)\n` +
+          (keyed
+            ? `  API keys required (${secretsRead.gateway.apiKeys ? `spec.gateway.apiKeySecret's, from ${secretsRead.gateway.apiKeys.source}` : "$EM_API_KEYS"}): KEY below is one of them\n`
+            : "") +
           `  curl${trust} ${scheme}://${at}:${http}/v1/chat/completions -H 'content-type: application/json' \\\n` +
+          (keyed ? "    -H 'authorization: Bearer KEY' \\\n" : "") +
           `    -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}'\n` +
-          `  expertmesh bench --url ${scheme}://${at}:${http}${trust} measures it under load\n` +
+          `  expertmesh bench --url ${scheme}://${at}:${http}${trust}${keyed ? " --api-key KEY" : ""} measures it under load\n` +
           "Ctrl-C stops everything.\n\n",
       );
       serving = true;
