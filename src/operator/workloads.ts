@@ -28,6 +28,7 @@ import { quantityValue } from "../api/quantity.ts";
 import { DEFAULT_GPU_RESOURCE, type DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
+import { egressRules, type PolicyRole } from "./egress.ts";
 import {
   ANNOTATION_CHAT_TEMPLATE,
   ANNOTATION_PLAN_SHAPE,
@@ -745,7 +746,8 @@ export function desiredObjects(
  * With spec.networkPolicy.enabled, a NetworkPolicy per role: gateways admit their HTTP and
  * gRPC ports (gatewayFrom) and their metrics port (metricsFrom); shards and prefill gateways
  * only their metrics port: they connect to NATS themselves, and nothing connects to them. A
- * list of peers absent admits anyone, an empty one no one.
+ * list of peers absent admits anyone, an empty one no one. With egress.enabled, each also
+ * allows only the connections its pods open (egress.ts).
  */
 export function networkPolicies(model: DeepSeekModel): V1NetworkPolicy[] {
   const np = model.spec.networkPolicy;
@@ -759,8 +761,9 @@ export function networkPolicies(model: DeepSeekModel): V1NetworkPolicy[] {
             ...(from ? { _from: from } : {}),
           },
         ];
+  const egress = np.egress?.enabled === true;
   const policy = (
-    component: "gateway" | "prefill" | "shard",
+    component: PolicyRole,
     ingress: V1NetworkPolicyIngressRule[],
   ): V1NetworkPolicy => ({
     apiVersion: "networking.k8s.io/v1",
@@ -774,8 +777,9 @@ export function networkPolicies(model: DeepSeekModel): V1NetworkPolicy[] {
           "app.kubernetes.io/managed-by": MANAGED_BY,
         },
       },
-      policyTypes: ["Ingress"],
+      policyTypes: egress ? ["Ingress", "Egress"] : ["Ingress"],
       ingress,
+      ...(egress ? { egress: egressRules(model, component) } : {}),
     },
   });
   const metrics = rule(["metrics"], np.metricsFrom);

@@ -171,6 +171,40 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
         : undefined;
     });
 
+    // Egress too: every policy restricts what its pods connect to, as the API server takes it.
+    const natsTo = [
+      { namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "nats" } } },
+    ];
+    await custom.patchNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      name,
+      body: [
+        {
+          op: "add",
+          path: "/spec/networkPolicy/egress",
+          value: { enabled: true, natsTo, extraRules: [{ ports: [{ port: 3128 }] }] },
+        },
+      ],
+    });
+    const egress = await waitFor("Ingress and Egress in every policy", async () => {
+      const list = (await networking.listNamespacedNetworkPolicy({ namespace: ns })).items;
+      return list.length === 3 && list.every((p) => p.spec?.policyTypes?.includes("Egress"))
+        ? new Map(list.map((p) => [p.metadata!.name!, p.spec!.egress]))
+        : undefined;
+    });
+    const dns = {
+      ports: [
+        { port: 53, protocol: "UDP" },
+        { port: 53, protocol: "TCP" },
+      ],
+    };
+    const nats = { ports: [{ port: 4222, protocol: "TCP" }], to: natsTo };
+    const proxy = { ports: [{ port: 3128, protocol: "TCP" }] };
+    for (const role of ["gateway", "prefill", "shard"])
+      expect(egress.get(`${name}-${role}`), role).toEqual([dns, nats, proxy]);
+    expect(condition(await getModel(ns, name), "Degraded")?.status).toBe("False");
+
     // Off: deleted.
     await custom.patchNamespacedCustomObject({
       ...G,

@@ -1616,6 +1616,7 @@ describe.sequential("expertmesh operator", () => {
         { env: [{ name: "A" }] },
         CROSS_FIELD_RULES[38]!.message,
       ],
+
       [
         "two env entries of one name",
         {
