@@ -5,18 +5,18 @@
 // start.
 import { mkdtempSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { credentials, Metadata, status } from "@grpc/grpc-js";
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freePort } from "../env/process.ts";
-import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
-import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
+import {
+  type GatewayProcess,
+  runGatewayToExit,
+  startGatewayProcess,
+} from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { InferenceClient } from "../support/grpc.ts";
-
-const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
 
 let modelDir: string;
 let dir: string;
@@ -142,16 +142,7 @@ describe("gateway --api-keys-file", () => {
   it("refuses at start a file with no key (EM_GATEWAY_API_KEYS) or none at all (EM_CLI_FILE)", async () => {
     const empty = join(dir, "empty");
     writeFileSync(empty, "\n,\n");
-    const run = (file: string) =>
-      runCli(process.execPath, [
-        mainTs,
-        "gateway",
-        `--model=${modelDir}`,
-        "--local",
-        "--http-port=0",
-        "--metrics-port=0",
-        `--api-keys-file=${file}`,
-      ]);
+    const run = (file: string) => runGatewayToExit(modelDir, [`--api-keys-file=${file}`]);
     const none = await run(empty);
     expect(none.code).not.toBe(0);
     expect(none.stderr).toMatch(/\[EM_GATEWAY_API_KEYS\] --api-keys-file .*empty holds no key/);

@@ -15,7 +15,11 @@ import { makeNatsPki, type NatsPki } from "../env/pki.ts";
 import { freePort } from "../env/process.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
-import { type GatewayProcess, startGatewayProcess } from "../support/gateway-process.ts";
+import {
+  type GatewayProcess,
+  runGatewayToExit,
+  startGatewayProcess,
+} from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { InferenceClient } from "../support/grpc.ts";
 
@@ -143,16 +147,7 @@ describe("gateway --tls-cert / --tls-key", () => {
   it("refuses TLS files that are not what they claim before the weights load (EM_GATEWAY_TLS, EM_CLI_FILE, EM_CLI_USAGE)", async () => {
     const garbage = join(dir, "garbage.pem");
     writeFileSync(garbage, "not a certificate\n");
-    const run = (...args: string[]) =>
-      runCli(process.execPath, [
-        mainTs,
-        "gateway",
-        `--model=${modelDir}`,
-        "--local",
-        "--http-port=0",
-        "--metrics-port=0",
-        ...args,
-      ]);
+    const run = (...args: string[]) => runGatewayToExit(modelDir, args);
     const cases: [string[], RegExp][] = [
       [
         [`--tls-cert=${garbage}`, `--tls-key=${pki.server.key}`],

@@ -20,6 +20,11 @@ const custom = kc.makeApiClient(CustomObjectsApi);
 const networking = kc.makeApiClient(NetworkingV1Api);
 const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
 
+/** Applies JSON Patch `ops` to the model `name` in `ns`. */
+function patchModel(ns: string, name: string, ops: object[]) {
+  return custom.patchNamespacedCustomObject({ ...G, namespace: ns, name, body: ops });
+}
+
 /** The components of the pods in `ns` that `policy`'s podSelector (matchLabels) selects. */
 async function selectedComponents(ns: string, policy: V1NetworkPolicy): Promise<string[]> {
   const selector = Object.entries(policy.spec?.podSelector?.matchLabels ?? {})
@@ -119,18 +124,13 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
 
     // A peer the API server refuses (the CRD takes any string as a CIDR): reported, and the
     // model serves on.
-    await custom.patchNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      name,
-      body: [
-        {
-          op: "add",
-          path: "/spec/networkPolicy/gatewayFrom",
-          value: [{ ipBlock: { cidr: "10.0.0.0/33" } }],
-        },
-      ],
-    });
+    await patchModel(ns, name, [
+      {
+        op: "add",
+        path: "/spec/networkPolicy/gatewayFrom",
+        value: [{ ipBlock: { cidr: "10.0.0.0/33" } }],
+      },
+    ]);
     const m = await waitFor(
       "Degraded NetworkPolicyApplyFailed with Ready True",
       async () => {
@@ -146,18 +146,13 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
       new RegExp(`^NetworkPolicy ${ns}/${name}-gateway \\(spec\\.networkPolicy\\): .*cidr`),
     );
     // Fixed: applied (only those addresses reach the API ports), and no longer Degraded.
-    await custom.patchNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      name,
-      body: [
-        {
-          op: "replace",
-          path: "/spec/networkPolicy/gatewayFrom",
-          value: [{ ipBlock: { cidr: "10.0.0.0/8", except: ["10.1.0.0/16"] } }],
-        },
-      ],
-    });
+    await patchModel(ns, name, [
+      {
+        op: "replace",
+        path: "/spec/networkPolicy/gatewayFrom",
+        value: [{ ipBlock: { cidr: "10.0.0.0/8", except: ["10.1.0.0/16"] } }],
+      },
+    ]);
     await waitFor("the gateway's API ports for 10.0.0.0/8 only, Degraded False", async () => {
       const got = await getModel(ns, name);
       const p = await networking.readNamespacedNetworkPolicy({
@@ -175,18 +170,13 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
     const natsTo = [
       { namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "nats" } } },
     ];
-    await custom.patchNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      name,
-      body: [
-        {
-          op: "add",
-          path: "/spec/networkPolicy/egress",
-          value: { enabled: true, natsTo, extraRules: [{ ports: [{ port: 3128 }] }] },
-        },
-      ],
-    });
+    await patchModel(ns, name, [
+      {
+        op: "add",
+        path: "/spec/networkPolicy/egress",
+        value: { enabled: true, natsTo, extraRules: [{ ports: [{ port: 3128 }] }] },
+      },
+    ]);
     const egress = await waitFor("Ingress and Egress in every policy", async () => {
       const list = (await networking.listNamespacedNetworkPolicy({ namespace: ns })).items;
       return list.length === 3 && list.every((p) => p.spec?.policyTypes?.includes("Egress"))
@@ -206,12 +196,9 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
     expect(condition(await getModel(ns, name), "Degraded")?.status).toBe("False");
 
     // Off: deleted.
-    await custom.patchNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      name,
-      body: [{ op: "replace", path: "/spec/networkPolicy/enabled", value: false }],
-    });
+    await patchModel(ns, name, [
+      { op: "replace", path: "/spec/networkPolicy/enabled", value: false },
+    ]);
     await waitFor("no NetworkPolicy left", async () =>
       (await networking.listNamespacedNetworkPolicy({ namespace: ns })).items.length === 0
         ? true

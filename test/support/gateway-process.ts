@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import OpenAI from "openai";
 import { ManagedProcess } from "../env/process.ts";
+import { type CliResult, runCli } from "./cli.ts";
 import { testEnv } from "./env.ts";
 
 const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
@@ -68,6 +69,22 @@ export async function startGatewayProcess(o: {
     client: new OpenAI({ baseURL: `${url}/v1`, apiKey: "unused", maxRetries: 0 }),
     log,
   };
+}
+
+/**
+ * `expertmesh gateway --local` on `modelDir` with `args`, run to its exit (a gateway that
+ * refuses its flags before serving): its exit code and output.
+ */
+export function runGatewayToExit(modelDir: string, args: string[]): Promise<CliResult> {
+  return runCli(process.execPath, [
+    mainTs,
+    "gateway",
+    `--model=${modelDir}`,
+    "--local",
+    "--http-port=0",
+    "--metrics-port=0",
+    ...args,
+  ]);
 }
 
 /**
