@@ -63,7 +63,7 @@ export function gatewaySecrets(m: DeepSeekModel, objects: LocalObjects): Gateway
 export function gatewaySecretsNotes(
   m: DeepSeekModel,
   secrets: GatewaySecrets,
-  shellKeys: string | undefined,
+  shellKeys: boolean,
 ): string[] {
   const notes: string[] = [];
   const keyRef = m.spec.gateway.apiKeySecret;
@@ -91,11 +91,16 @@ export function gatewaySecretsNotes(
 
 /**
  * Writes the secrets' files in `dir` (0600; each by a rename, so a gateway never reads half
- * of one) and returns the gateway flags that name them.
+ * of one) and returns the gateway flags that name them. `version` > 0 names files of their
+ * own (api-keys.1, ...), for gateways of an edit that names other Secrets.
  */
-export function writeGatewaySecretFiles(dir: string, secrets: GatewaySecrets): string[] {
+export function writeGatewaySecretFiles(
+  dir: string,
+  secrets: GatewaySecrets,
+  version = 0,
+): string[] {
   const write = (file: string, text: string) => {
-    const path = join(dir, file);
+    const path = join(dir, version === 0 ? file : `${file}.${version}`);
     writeFileSync(`${path}.new`, text, { mode: 0o600 });
     renameSync(`${path}.new`, path);
     return path;

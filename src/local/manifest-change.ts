@@ -52,9 +52,6 @@ const CLUSTER_ONLY = [
   "spec.experts.blueGreenWaitSeconds",
 ];
 
-/** The gateways' Secrets, which `up` reads (from its -f files) once, at start (ADR 0042). */
-const READ_AT_START = ["spec.gateway.apiKeySecret", "spec.gateway.tls"];
-
 /** The gateway replica counts (scaled live: under --watch, up's front holds the ports). */
 const GATEWAY_COUNTS = [
   "spec.gateway.replicas",
@@ -125,8 +122,6 @@ export function manifestChange(
     // The served name reaches the gateways alone (the shards' subjects use metadata.name).
     if (field === "spec.servedModelName") return null;
     if (!under(field, "spec.gateway")) return `${field} reaches more than the gateways`;
-    if (READ_AT_START.some((p) => under(field, p)))
-      return `${field}: up reads the Secrets it names at start`;
     if (GATEWAY_STRUCTURE.some((p) => under(field, p)))
       return `${field} changes which processes run, or where`;
     // MTP drafting places the MTP layer's experts on the shards (the plan changes).

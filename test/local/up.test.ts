@@ -653,7 +653,7 @@ describe("expertmesh up", () => {
     expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
   });
 
-  it("--watch with a Secrets -f file: a rotated API key reaches the running gateway without a restart; one that holds no key, and a changed spec.env value, are said and not applied", async () => {
+  it("--watch with a Secrets -f file: a rotated API key reaches the running gateway without a restart; one that holds no key, and a changed spec.env value, are said and not applied; dropping apiKeySecret from the manifest rolls the gateway, open", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "watch-secrets-"));
     const file = join(dir, "tiny.yaml");
     writeFileSync(
@@ -726,6 +726,26 @@ describe("expertmesh up", () => {
       expect(await status("sk-two")).toBe(200);
       // One gateway served it all: nothing restarted.
       expect(pidUnder(u, /main\.ts gateway /)).toBe(gateway);
+      expect(u.err()).not.toContain("stopping everything");
+
+      // The manifest drops apiKeySecret: the gateways roll onto it (as a Deployment's pods
+      // would), and the new one takes requests without a key; the shards run on.
+      const shard = pidUnder(u, /main\.ts shard /);
+      writeFileSync(
+        file,
+        readFileSync(file, "utf8").replace("    apiKeySecret: { name: creds }\n", ""),
+      );
+      await untilLogged(
+        u,
+        "the roll",
+        "[up] spec.gateway.apiKeySecret is gone: the new gateways take requests without a key",
+      );
+      await untilLogged(u, "the rolled gateway", "[up] the gateways run the edited manifest");
+      // (a keep-alive connection may reach the old gateway for its last second of draining)
+      await waitFor("no key asked", async () =>
+        (await status("sk-none")) === 200 ? true : undefined,
+      );
+      expect(pidUnder(u, /main\.ts shard /)).toBe(shard);
       expect(u.err()).not.toContain("stopping everything");
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");

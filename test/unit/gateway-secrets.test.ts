@@ -72,15 +72,15 @@ describe("gatewaySecrets", () => {
   });
 
   it("says where each came from, or what stands in", () => {
-    expect(gatewaySecretsNotes(m, read(all).gateway, undefined)).toEqual([
+    expect(gatewaySecretsNotes(m, read(all).gateway, false)).toEqual([
       "spec.gateway.apiKeySecret: the gateways take their keys from s.yaml",
       "spec.gateway.tls: the gateways serve TLS with the certificate in s.yaml, requiring client certificates its CA signed (s.yaml)",
     ]);
-    const notes = gatewaySecretsNotes(m, {}, "shell-key");
+    const notes = gatewaySecretsNotes(m, {}, true);
     expect(notes[0]).toContain("takes its keys from $EM_API_KEYS here");
     expect(notes[1]).toContain("serve plain HTTP and gRPC here");
-    expect(gatewaySecretsNotes(m, {}, undefined)[0]).toContain("the gateway is open");
-    expect(gatewaySecretsNotes(tinyManifestWith(), {}, undefined)).toEqual([]);
+    expect(gatewaySecretsNotes(m, {}, false)[0]).toContain("the gateway is open");
+    expect(gatewaySecretsNotes(tinyManifestWith(), {}, false)).toEqual([]);
   });
 });
 

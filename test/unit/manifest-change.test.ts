@@ -53,18 +53,9 @@ describe("manifestChange", () => {
       /spec\.gateway\.kvCache\.remoteBytes/,
     ],
     ["the shards", "  experts:\n    shards: 2", "all", /spec\.experts\.shards reaches more/],
-    [
-      "the API keys' Secret (read at start)",
-      "  gateway:\n    apiKeySecret: { name: keys }",
-      "all",
-      /spec\.gateway\.apiKeySecret: up reads the Secrets it names at start/,
-    ],
-    [
-      "the gateways' TLS (read at start)",
-      "  gateway:\n    tls: { secretName: gw-tls }",
-      "all",
-      /spec\.gateway\.tls: up reads/,
-    ],
+    // (other Secrets for the gateways: the new ones read them from files of their own)
+    ["the gateways' TLS", "  gateway:\n    tls: { secretName: gw-tls }", "live", undefined],
+    ["the API keys' Secret", "  gateway:\n    apiKeySecret: { name: keys }", "live", undefined],
     ["the log format (every process)", "  logFormat: json", "all", /spec\.logFormat/],
     ["spec.env", "  env: [{ name: A, value: b }]", "all", /spec\.env reaches more/],
   ])("%s", (_name, spec, kind, why) => {

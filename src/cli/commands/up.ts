@@ -39,6 +39,7 @@ import { localDevices, parseDeviceFlag } from "../../local/devices.ts";
 import { GatewayFront } from "../../local/front.ts";
 import {
   envFromObjects,
+  type GatewaySecrets,
   gatewaySecrets,
   gatewaySecretsNotes,
   type SecretsRead,
@@ -513,10 +514,10 @@ export const upCommand: Command = {
       gateway: gatewaySecrets(m, objects),
       env: envRead,
     };
-    for (const note of gatewaySecretsNotes(m, secretsRead.gateway, process.env["EM_API_KEYS"]))
-      say(note);
+    // (keys from a Secret replace the shell's: $EM_API_KEYS goes to no gateway then)
     if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
     const shellKeys = parseApiKeys(process.env["EM_API_KEYS"] ?? "").length > 0;
+    for (const note of gatewaySecretsNotes(m, secretsRead.gateway, shellKeys)) say(note);
     const preset = m.spec.model.preset;
     const tiny =
       preset === "tiny-v2" || preset === "tiny-v3"
@@ -572,7 +573,10 @@ export const upCommand: Command = {
     let chatTemplatePath = join(runDir, "chat_template.jinja");
     if (m.spec.gateway.chatTemplate !== undefined)
       writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
-    const secretArgs = writeGatewaySecretFiles(runDir, secretsRead.gateway);
+    // (an edit under --watch that names other Secrets writes files of a new version: the
+    // gateways still running on the previous ones keep theirs)
+    let secretsVersion = 0;
+    let secretArgs = writeGatewaySecretFiles(runDir, secretsRead.gateway, secretsVersion);
     // The gateways look at those files every second: an edit under --watch reaches them soon.
     if (secretArgs.length > 0) process.env["EM_FILE_RELOAD_INTERVAL_MS"] ??= "1000";
     const tls = secretsRead.gateway.tls;
@@ -706,19 +710,24 @@ export const upCommand: Command = {
     };
     // Under `up --watch`: the -f files changed ({"files": true}); their Secrets' new content
     // reaches the gateways' files, which they read again (src/local/gateway-secrets.ts).
+    /** The Secrets and ConfigMaps of the -f files as they are now. */
+    const objectsNow = () => {
+      const objs = new LocalObjects();
+      for (const [file, text] of localFiles(values.file ?? []).texts) objs.add(text, file, ns);
+      return objs;
+    };
     const reloadFiles = (quiet: boolean) => {
       let read: SecretsRead;
       try {
-        const objs = new LocalObjects();
-        for (const [file, text] of localFiles(values.file ?? []).texts) objs.add(text, file, ns);
-        read = { gateway: gatewaySecrets(m, objs), env: envFromObjects(m, objs) };
+        const objs = objectsNow();
+        read = { gateway: gatewaySecrets(gm, objs), env: envFromObjects(m, objs) };
       } catch (err) {
         say(`the -f files changed, but ${formatError(err)}: the gateways keep what they have`);
         return;
       }
-      const edit = secretsEdit(m, secretsRead, read);
+      const edit = secretsEdit(gm, secretsRead, read);
       secretsRead = edit.running;
-      if (edit.write) writeGatewaySecretFiles(runDir, secretsRead.gateway);
+      if (edit.write) writeGatewaySecretFiles(runDir, secretsRead.gateway, secretsVersion);
       for (const note of edit.notes) say(note);
       if (edit.notes.length === 0 && !quiet)
         say("the -f files changed, but not what the processes read of them");
@@ -973,6 +982,27 @@ export const upCommand: Command = {
         if (change.kind === "all")
           say(`an edit from up --watch reaches more than it can apply (${change.why}): ignored`);
         if (change.kind !== "live") return;
+        // Other Secrets for the API keys or the certificate (spec.gateway.apiKeySecret, .tls):
+        // the new gateways read them from files of a version of their own.
+        const secretsBefore = { read: secretsRead, args: secretArgs };
+        const refs = (x: DeepSeekModel) =>
+          JSON.stringify([x.spec.gateway.apiKeySecret, x.spec.gateway.tls]);
+        if (change.roll && refs(next) !== refs(gm)) {
+          let gateway: GatewaySecrets;
+          try {
+            gateway = gatewaySecrets(next, objectsNow());
+          } catch (err) {
+            say(`the edit names Secrets the gateways cannot use (${formatError(err)}): ignored`);
+            return;
+          }
+          if (secretsRead.gateway.apiKeys && !next.spec.gateway.apiKeySecret && !shellKeys)
+            say("spec.gateway.apiKeySecret is gone: the new gateways take requests without a key");
+          if (secretsRead.gateway.tls && !next.spec.gateway.tls)
+            say("spec.gateway.tls is gone: the new gateways serve plain HTTP and gRPC");
+          secretsRead = { ...secretsRead, gateway };
+          secretArgs = writeGatewaySecretFiles(runDir, gateway, ++secretsVersion);
+          for (const note of gatewaySecretsNotes(next, gateway, shellKeys)) say(note);
+        }
         const before = applied;
         applied = next;
         const olds = change.roll
@@ -993,7 +1023,7 @@ export const upCommand: Command = {
         if (change.gateways !== undefined) scaleRole("gateway", change.gateways);
         if (change.shardReplicas !== undefined)
           for (let k = 0; k < plan.numShards; k++) scaleRole(`shard-${k}`, change.shardReplicas);
-        if (olds.length > 0) await rollGateways(olds, before, flagsBefore);
+        if (olds.length > 0) await rollGateways(olds, before, flagsBefore, secretsBefore);
       };
       /**
        * Replaces `olds` with gateways on `gm`'s flags, one at a time, each new one serving
@@ -1004,6 +1034,7 @@ export const upCommand: Command = {
         olds: Supervised[],
         before: DeepSeekModel,
         flagsBefore: DeepSeekModel,
+        secretsBefore: { read: SecretsRead; args: string[] },
       ) => {
         olds = olds.filter((e) => !e.retired); // (an edit's scaling down stops the newest)
         say(
@@ -1030,6 +1061,8 @@ export const upCommand: Command = {
             old.retired = false;
             old.retiredAs = undefined;
             gm = flagsBefore;
+            secretsRead = secretsBefore.read;
+            secretArgs = secretsBefore.args;
             return;
           }
           // Out of the rotation, then it finishes what it has.
