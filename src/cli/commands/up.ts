@@ -1,6 +1,7 @@
 // `expertmesh up -f MANIFEST`: runs a DeepSeekModel manifest on this machine as child
 // processes — a nats-server, the expert shards (replicas.min of each) and the gateways (behind
-// a front of its own when there are several: src/local/front.ts) —
+// a front of its own when there are several: src/local/front.ts) — once prepareRun has
+// decided and written everything they need (checkpoint, plan, run folder) —
 // shows a progress bar per process while the weights load (src/local/progress-board.ts),
 // prints the endpoints, and stops everything on Ctrl-C. A child that exits while serving is
 // started again, with a back-off (Restarts). With --single-process, one gateway runs the
@@ -388,6 +389,220 @@ export function localDiskArgs(
   return disk;
 }
 
+const UP_OPTIONS = {
+  file: { type: "string", short: "f", multiple: true },
+  model: { type: "string" },
+  "models-dir": { type: "string" },
+  "http-port": { type: "string" },
+  "grpc-port": { type: "string" },
+  host: { type: "string" },
+  "micro-batches": { type: "string" },
+  device: { type: "string" },
+  "single-process": { type: "boolean" },
+  watch: { type: "boolean" },
+} as const;
+
+/** up's flags, as parseArgs gives them. */
+type UpValues = ReturnType<typeof parseArgs<{ options: typeof UP_OPTIONS }>>["values"];
+
+/**
+ * Everything `up` decides and writes before it starts a process: the manifest (and the
+ * Secrets of the -f files), where each role runs, the model's checkpoint (fetched from the
+ * Hub or created when it is a tiny preset), the placement plan, and the run folder with the
+ * plan, the chat template and the gateways' Secrets files; said on `board` as it goes.
+ */
+async function prepareRun(values: UpValues, files: ReturnType<typeof localFiles>) {
+  const single = values["single-process"] === true;
+  if (single && values["micro-batches"] !== undefined && values["micro-batches"] !== "1")
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      "--micro-batches overlaps one half's expert round trip over NATS with the other's attention; with --single-process there is none",
+    );
+  const deviceFlag = parseDeviceFlag(values.device);
+  // (the text localFiles read; parsed as readManifest would)
+  const m = parseManifest(files.texts.find(([p]) => p === files.model)![1], files.model);
+  const name = m.metadata.name;
+  const ns = m.metadata.namespace ?? "default";
+  // The Secrets and ConfigMaps of the files (ADR 0042), as kubectl apply -f would create them.
+  const objects = new LocalObjects();
+  for (const [file, text] of files.texts) objects.add(text, file, ns);
+  if (single && m.spec.gateway.kvCache.remoteBytes > 0)
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      "--single-process starts no nats-server, and spec.gateway.kvCache.remoteBytes keeps the prefix cache's blocks on one: drop --single-process, or set remoteBytes to 0",
+    );
+  const ports = m.spec.gateway.ports;
+  const httpPort = portFlag(values["http-port"], "--http-port", ports.http);
+  const grpcPort = portFlag(values["grpc-port"], "--grpc-port", ports.grpc);
+  if (httpPort !== 0 && httpPort === grpcPort) {
+    throw new ExpertMeshError(
+      "EM_CLI_USAGE",
+      `the HTTP and gRPC ports are both ${httpPort}: pass another --http-port or --grpc-port`,
+    );
+  }
+  const cache = cacheDir();
+  const pvcPath = m.spec.model.source.pvc?.path;
+  const modelsDir = values["models-dir"] ?? join(cache, "models");
+  // From the Hub (spec.model.source.huggingFace): fetched below, once the board shows it.
+  const hub = values.model ? undefined : m.spec.model.source.huggingFace;
+  let modelDir = values.model ?? join(modelsDir, pvcPath || name);
+  // Where each role runs, decided before anything starts (--device cuda without a device
+  // fails here).
+  const cuda = (() => {
+    if (deviceFlag === "cpu") return { devices: 0, status: "" };
+    try {
+      const s = loadAddon().cudaStatus();
+      return { devices: s.devices, status: s.status };
+    } catch (e) {
+      return { devices: 0, status: (e as Error).message };
+    }
+  })();
+  const devices = localDevices(
+    deviceFlag,
+    { gateway: m.spec.gateway.gpus, perShard: m.spec.experts.gpusPerShard },
+    cuda,
+  );
+  const board = new ProgressBoard(process.stderr);
+  const say = (msg: string) => board.log(`[up] ${msg}`);
+  say(devices.note);
+  // spec.env, as the pods get it: in every process `up` starts, and for the Hub download
+  // (HF_ENDPOINT, a proxy); the manifest's value wins over this shell's, as in a pod.
+  // A valueFrom one names a Secret or ConfigMap: read from the -f files when one holds it,
+  // else the shell's variable of that name stands in for it.
+  const env = m.spec.env ?? [];
+  for (const { name: key, value } of env) if (value !== undefined) process.env[key] = value;
+  const literal = env.filter((e) => e.value !== undefined).map((e) => e.name);
+  if (literal.length > 0) say(`spec.env: ${literal.join(", ")} set for every process`);
+  const envRead = envFromObjects(m, objects);
+  for (const { name: key, valueFrom } of env) {
+    const ref = valueFrom?.secretKeyRef ?? valueFrom?.configMapKeyRef;
+    if (!ref) continue;
+    const kind = valueFrom?.secretKeyRef ? "Secret" : "ConfigMap";
+    const what = `${kind} ${ref.name} (key ${ref.key})`;
+    const held = envRead.get(key);
+    if (held) {
+      process.env[key] = held.value;
+      say(`spec.env's ${key}: from the ${what} in ${held.source}`);
+      continue;
+    }
+    const missing = objects.has(kind, ref.name)
+      ? `the ${kind} ${ref.name} in the -f files has no key ${ref.key}`
+      : `no -f file holds the ${what}`;
+    say(
+      process.env[key] !== undefined
+        ? `spec.env's ${key}: ${missing}; from this shell's $${key}`
+        : `spec.env's ${key}: ${missing}; unset here (give the ${kind} with another -f, or set $${key} in this shell)`,
+    );
+  }
+  // The Hub token (huggingFace.tokenSecret) from a -f file's Secret, as the pods' download.
+  const tokenRef = hub?.tokenSecret;
+  const token = tokenRef && objects.get("Secret", tokenRef.name, tokenRef.key);
+  if (token) {
+    process.env["HF_TOKEN"] = token.value;
+    say(`spec.model.source.huggingFace.tokenSecret: the token from ${token.source}`);
+  }
+  if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
+  // The API keys and serving certificate from the -f files' Secrets (written in the run
+  // folder below, as the pods mount them); else $EM_API_KEYS stands in, and no TLS.
+  const secretsRead: SecretsRead = {
+    gateway: gatewaySecrets(m, objects),
+    env: envRead,
+  };
+  // (keys from a Secret replace the shell's: $EM_API_KEYS goes to no gateway then)
+  if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
+  const shellKeys = parseApiKeys(process.env["EM_API_KEYS"] ?? "").length > 0;
+  for (const note of gatewaySecretsNotes(m, secretsRead.gateway, shellKeys)) say(note);
+  const preset = m.spec.model.preset;
+  const tiny =
+    preset === "tiny-v2" || preset === "tiny-v3"
+      ? {
+          arch: preset === "tiny-v2" ? ("v2" as const) : ("v3" as const),
+          preset: "tiny" as const,
+          // MTP drafts need the layer: the tiny V3 model then gets one (random, like the rest).
+          mtp: preset === "tiny-v3" && m.spec.gateway.speculative?.method === "mtp",
+        }
+      : null;
+  const missing = !existsSync(join(modelDir, "config.json"));
+  // A tiny model in the cache that an older expertmesh wrote (its tokenizer, say) is
+  // written again; a folder given with --model is never touched.
+  const stale = !missing && tiny && !values.model && !hub && !tinyModelCurrent(modelDir, tiny);
+  if (missing || stale) {
+    if (!tiny) {
+      throw new ExpertMeshError(
+        "EM_CKPT_READ",
+        `no checkpoint at ${modelDir} (config.json missing): copy the model there or pass --model DIR`,
+      );
+    }
+    say(
+      stale
+        ? `writing the ${preset} model in ${modelDir} again (an older expertmesh wrote it)`
+        : `creating the ${preset} model in ${modelDir}`,
+    );
+    const bar = bytesBar(board, `${preset} model`);
+    await bar.around(
+      writeTinyModel(modelDir, {
+        ...tiny,
+        seed: 0,
+        onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes),
+      }),
+      (summary) => summary.tensorBytes,
+    );
+  }
+
+  const config = readModelConfig(modelDir);
+  // (single process: one "shard", the gateway, holds every expert once)
+  const plan = planPlacement({
+    architecture: modelArchitectureOf(config),
+    numShards: single ? 1 : m.spec.experts.shards,
+    redundantExperts: single ? 0 : m.spec.experts.redundantExperts,
+    mtpLayers: m.spec.gateway.speculative?.method === "mtp" ? 1 : 0,
+  });
+  const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
+  const planPath = join(runDir, "plan.json");
+  writeFileSync(planPath, serializePlan(plan));
+  const chatTemplatePath = join(runDir, "chat_template.jinja");
+  if (m.spec.gateway.chatTemplate !== undefined)
+    writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
+  const secretArgs = writeGatewaySecretFiles(runDir, secretsRead.gateway);
+  // The gateways look at those files every second: an edit under --watch reaches them soon.
+  if (secretArgs.length > 0) process.env["EM_FILE_RELOAD_INTERVAL_MS"] ??= "1000";
+  const tls = secretsRead.gateway.tls;
+  say(
+    single
+      ? `${ns}/${name}: one process, the gateway running every expert (--single-process: spec.experts' ${m.spec.experts.shards} shard(s) are not started), run folder ${runDir}`
+      : `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
+  );
+  const memory = upMemory(m, plan, totalmem(), single);
+  if (memory) say(memory);
+  const scaling = localScaling(m, single);
+  // Under --watch, up's front holds the ports even for one gateway: a roll starts the new
+  // gateway before the old one stops, and no request finds the ports closed.
+  const gateways = localGateways(m, single, process.env[UP_WATCHED_ENV] === "1");
+  if (gateways.note) say(gateways.note);
+  return {
+    single,
+    m,
+    name,
+    ns,
+    httpPort,
+    grpcPort,
+    modelDir,
+    devices,
+    board,
+    say,
+    secretsRead,
+    shellKeys,
+    plan,
+    runDir,
+    planPath,
+    chatTemplatePath,
+    secretArgs,
+    tls,
+    scaling,
+    gateways,
+  };
+}
+
 export const upCommand: Command = {
   name: "up",
   summary:
@@ -396,18 +611,7 @@ export const upCommand: Command = {
   async run(argv) {
     const { values } = parseArgs({
       args: argv,
-      options: {
-        file: { type: "string", short: "f", multiple: true },
-        model: { type: "string" },
-        "models-dir": { type: "string" },
-        "http-port": { type: "string" },
-        "grpc-port": { type: "string" },
-        host: { type: "string" },
-        "micro-batches": { type: "string" },
-        device: { type: "string" },
-        "single-process": { type: "boolean" },
-        watch: { type: "boolean" },
-      },
+      options: UP_OPTIONS,
     });
     const files = localFiles(values.file ?? []);
     if (values.watch) {
@@ -418,180 +622,17 @@ export const upCommand: Command = {
         say: (line) => process.stderr.write(`[up] ${line}\n`),
       });
     }
-    const single = values["single-process"] === true;
-    if (single && values["micro-batches"] !== undefined && values["micro-batches"] !== "1")
-      throw new ExpertMeshError(
-        "EM_CLI_USAGE",
-        "--micro-batches overlaps one half's expert round trip over NATS with the other's attention; with --single-process there is none",
-      );
-    const deviceFlag = parseDeviceFlag(values.device);
-    // (the text localFiles read; parsed as readManifest would)
-    const m = parseManifest(files.texts.find(([p]) => p === files.model)![1], files.model);
-    const name = m.metadata.name;
-    const ns = m.metadata.namespace ?? "default";
-    // The Secrets and ConfigMaps of the files (ADR 0042), as kubectl apply -f would create them.
-    const objects = new LocalObjects();
-    for (const [file, text] of files.texts) objects.add(text, file, ns);
-    if (single && m.spec.gateway.kvCache.remoteBytes > 0)
-      throw new ExpertMeshError(
-        "EM_CLI_USAGE",
-        "--single-process starts no nats-server, and spec.gateway.kvCache.remoteBytes keeps the prefix cache's blocks on one: drop --single-process, or set remoteBytes to 0",
-      );
-    const ports = m.spec.gateway.ports;
-    const httpPort = portFlag(values["http-port"], "--http-port", ports.http);
-    const grpcPort = portFlag(values["grpc-port"], "--grpc-port", ports.grpc);
-    if (httpPort !== 0 && httpPort === grpcPort) {
-      throw new ExpertMeshError(
-        "EM_CLI_USAGE",
-        `the HTTP and gRPC ports are both ${httpPort}: pass another --http-port or --grpc-port`,
-      );
-    }
-    const cache = cacheDir();
-    const pvcPath = m.spec.model.source.pvc?.path;
-    const modelsDir = values["models-dir"] ?? join(cache, "models");
-    // From the Hub (spec.model.source.huggingFace): fetched below, once the board shows it.
-    const hub = values.model ? undefined : m.spec.model.source.huggingFace;
-    let modelDir = values.model ?? join(modelsDir, pvcPath || name);
-    // Where each role runs, decided before anything starts (--device cuda without a device
-    // fails here).
-    const cuda = (() => {
-      if (deviceFlag === "cpu") return { devices: 0, status: "" };
-      try {
-        const s = loadAddon().cudaStatus();
-        return { devices: s.devices, status: s.status };
-      } catch (e) {
-        return { devices: 0, status: (e as Error).message };
-      }
-    })();
-    const devices = localDevices(
-      deviceFlag,
-      { gateway: m.spec.gateway.gpus, perShard: m.spec.experts.gpusPerShard },
-      cuda,
-    );
-    const board = new ProgressBoard(process.stderr);
-    const say = (msg: string) => board.log(`[up] ${msg}`);
-    say(devices.note);
-    // spec.env, as the pods get it: in every process `up` starts, and for the Hub download
-    // (HF_ENDPOINT, a proxy); the manifest's value wins over this shell's, as in a pod.
-    // A valueFrom one names a Secret or ConfigMap: read from the -f files when one holds it,
-    // else the shell's variable of that name stands in for it.
-    const env = m.spec.env ?? [];
-    for (const { name: key, value } of env) if (value !== undefined) process.env[key] = value;
-    const literal = env.filter((e) => e.value !== undefined).map((e) => e.name);
-    if (literal.length > 0) say(`spec.env: ${literal.join(", ")} set for every process`);
-    const envRead = envFromObjects(m, objects);
-    for (const { name: key, valueFrom } of env) {
-      const ref = valueFrom?.secretKeyRef ?? valueFrom?.configMapKeyRef;
-      if (!ref) continue;
-      const kind = valueFrom?.secretKeyRef ? "Secret" : "ConfigMap";
-      const what = `${kind} ${ref.name} (key ${ref.key})`;
-      const held = envRead.get(key);
-      if (held) {
-        process.env[key] = held.value;
-        say(`spec.env's ${key}: from the ${what} in ${held.source}`);
-        continue;
-      }
-      const missing = objects.has(kind, ref.name)
-        ? `the ${kind} ${ref.name} in the -f files has no key ${ref.key}`
-        : `no -f file holds the ${what}`;
-      say(
-        process.env[key] !== undefined
-          ? `spec.env's ${key}: ${missing}; from this shell's $${key}`
-          : `spec.env's ${key}: ${missing}; unset here (give the ${kind} with another -f, or set $${key} in this shell)`,
-      );
-    }
-    // The Hub token (huggingFace.tokenSecret) from a -f file's Secret, as the pods' download.
-    const tokenRef = hub?.tokenSecret;
-    const token = tokenRef && objects.get("Secret", tokenRef.name, tokenRef.key);
-    if (token) {
-      process.env["HF_TOKEN"] = token.value;
-      say(`spec.model.source.huggingFace.tokenSecret: the token from ${token.source}`);
-    }
-    if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
-    // The API keys and serving certificate from the -f files' Secrets (written in the run
-    // folder below, as the pods mount them); else $EM_API_KEYS stands in, and no TLS.
-    let secretsRead: SecretsRead = {
-      gateway: gatewaySecrets(m, objects),
-      env: envRead,
-    };
-    // (keys from a Secret replace the shell's: $EM_API_KEYS goes to no gateway then)
-    if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
-    const shellKeys = parseApiKeys(process.env["EM_API_KEYS"] ?? "").length > 0;
-    for (const note of gatewaySecretsNotes(m, secretsRead.gateway, shellKeys)) say(note);
-    const preset = m.spec.model.preset;
-    const tiny =
-      preset === "tiny-v2" || preset === "tiny-v3"
-        ? {
-            arch: preset === "tiny-v2" ? ("v2" as const) : ("v3" as const),
-            preset: "tiny" as const,
-            // MTP drafts need the layer: the tiny V3 model then gets one (random, like the rest).
-            mtp: preset === "tiny-v3" && m.spec.gateway.speculative?.method === "mtp",
-          }
-        : null;
-    const missing = !existsSync(join(modelDir, "config.json"));
-    // A tiny model in the cache that an older expertmesh wrote (its tokenizer, say) is
-    // written again; a folder given with --model is never touched.
-    const stale = !missing && tiny && !values.model && !hub && !tinyModelCurrent(modelDir, tiny);
-    if (missing || stale) {
-      if (!tiny) {
-        throw new ExpertMeshError(
-          "EM_CKPT_READ",
-          `no checkpoint at ${modelDir} (config.json missing): copy the model there or pass --model DIR`,
-        );
-      }
-      say(
-        stale
-          ? `writing the ${preset} model in ${modelDir} again (an older expertmesh wrote it)`
-          : `creating the ${preset} model in ${modelDir}`,
-      );
-      const bar = bytesBar(board, `${preset} model`);
-      await bar.around(
-        writeTinyModel(modelDir, {
-          ...tiny,
-          seed: 0,
-          onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes),
-        }),
-        (summary) => summary.tensorBytes,
-      );
-    }
-
-    const config = readModelConfig(modelDir);
-    // (single process: one "shard", the gateway, holds every expert once)
-    const plan = planPlacement({
-      architecture: modelArchitectureOf(config),
-      numShards: single ? 1 : m.spec.experts.shards,
-      redundantExperts: single ? 0 : m.spec.experts.redundantExperts,
-      mtpLayers: m.spec.gateway.speculative?.method === "mtp" ? 1 : 0,
-    });
-    const runDir = mkdtempSync(join(tmpdir(), `expertmesh-up-${name}-`));
-    const planPath = join(runDir, "plan.json");
-    writeFileSync(planPath, serializePlan(plan));
+    const prepared = await prepareRun(values, files);
+    const { single, m, name, ns, httpPort, grpcPort, modelDir, devices, board, say } = prepared;
+    const { shellKeys, plan, runDir, planPath, tls, scaling, gateways } = prepared;
     // The manifest the gateways start from: `m`, until up --watch rolls them onto an edit
     // that reaches them alone (src/local/manifest-change.ts); each edit's chat template is a
-    // file of its own (a gateway of the previous one may start again while the roll runs).
+    // file of its own (a gateway of the previous one may start again while the roll runs),
+    // and an edit that names other Secrets writes their files as a new version (the gateways
+    // still running on the previous ones keep theirs).
     let gm = m;
-    let chatTemplatePath = join(runDir, "chat_template.jinja");
-    if (m.spec.gateway.chatTemplate !== undefined)
-      writeFileSync(chatTemplatePath, m.spec.gateway.chatTemplate);
-    // (an edit under --watch that names other Secrets writes files of a new version: the
-    // gateways still running on the previous ones keep theirs)
+    let { secretsRead, secretArgs, chatTemplatePath } = prepared;
     let secretsVersion = 0;
-    let secretArgs = writeGatewaySecretFiles(runDir, secretsRead.gateway, secretsVersion);
-    // The gateways look at those files every second: an edit under --watch reaches them soon.
-    if (secretArgs.length > 0) process.env["EM_FILE_RELOAD_INTERVAL_MS"] ??= "1000";
-    const tls = secretsRead.gateway.tls;
-    say(
-      single
-        ? `${ns}/${name}: one process, the gateway running every expert (--single-process: spec.experts' ${m.spec.experts.shards} shard(s) are not started), run folder ${runDir}`
-        : `${ns}/${name}: ${plan.numShards} shard(s) x ${m.spec.experts.replicas.min} replica(s), plan v${plan.version}, run folder ${runDir}`,
-    );
-    const memory = upMemory(m, plan, totalmem(), single);
-    if (memory) say(memory);
-    const scaling = localScaling(m, single);
-    // Under --watch, up's front holds the ports even for one gateway: a roll starts the new
-    // gateway before the old one stops, and no request finds the ports closed.
-    const gateways = localGateways(m, single, process.env[UP_WATCHED_ENV] === "1");
-    if (gateways.note) say(gateways.note);
 
     // The children in start order (nats-server, shards, gateway), each with its process now:
     // one that exits after everything is serving is started again, as a Deployment's pod
