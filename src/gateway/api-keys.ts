@@ -59,8 +59,8 @@ export class ApiKeys {
   /** Whether `given` (the bytes a client sent) is one of the keys, compared in constant time. */
   accepts(given: Buffer): boolean {
     let ok = false;
-    for (const k of [...this.#fixed, ...this.#fromFile])
-      if (k.length === given.length && timingSafeEqual(k, given)) ok = true;
+    for (const keys of [this.#fixed, this.#fromFile])
+      for (const k of keys) if (k.length === given.length && timingSafeEqual(k, given)) ok = true;
     return ok;
   }
 

@@ -88,6 +88,13 @@ export class LocalObjects {
   }
 }
 
+/** The Secrets and ConfigMaps of files' texts (path, text), in `namespace`. */
+export function objectsOf(texts: readonly [string, string][], namespace: string): LocalObjects {
+  const objects = new LocalObjects();
+  for (const [file, text] of texts) objects.add(text, file, namespace);
+  return objects;
+}
+
 function isMap(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
 }

@@ -489,9 +489,12 @@ async function promptsOfLength(
           ? `${reach.url} has no /tokenize (expertmesh's and vLLM's route) to count prompt tokens with: --input-len needs it; give --prompt-words instead`
           : `${reach.url}/tokenize answered HTTP ${res.status}: ${answer.replace(/\s+/g, " ").slice(0, 300)}`,
       );
-    const parsed = JSON.parse(answer) as { count?: unknown; tokens?: unknown };
-    if (typeof parsed.count === "number") return parsed.count;
-    if (Array.isArray(parsed.tokens)) return parsed.tokens.length;
+    let parsed: { count?: unknown; tokens?: unknown } = {};
+    try {
+      parsed = JSON.parse(answer) as typeof parsed;
+    } catch {}
+    if (typeof parsed?.count === "number") return parsed.count;
+    if (Array.isArray(parsed?.tokens)) return parsed.tokens.length;
     throw new ExpertMeshError(
       "EM_BENCH_REFUSED",
       `${reach.url}/tokenize answered without a count: ${answer.slice(0, 300)}`,

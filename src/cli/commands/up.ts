@@ -50,7 +50,7 @@ import {
 import { hubSnapshot } from "../../local/hf-hub.ts";
 import { manifestChange } from "../../local/manifest-change.ts";
 import { findNatsServer } from "../../local/nats-binary.ts";
-import { holdsModel, LocalObjects } from "../../local/objects.ts";
+import { holdsModel, objectsOf } from "../../local/objects.ts";
 import {
   NATS_UNDER_WATCH,
   onParentLines,
@@ -424,8 +424,7 @@ async function prepareRun(values: UpValues, files: ReturnType<typeof localFiles>
   const name = m.metadata.name;
   const ns = m.metadata.namespace ?? "default";
   // The Secrets and ConfigMaps of the files (ADR 0042), as kubectl apply -f would create them.
-  const objects = new LocalObjects();
-  for (const [file, text] of files.texts) objects.add(text, file, ns);
+  const objects = objectsOf(files.texts, ns);
   if (single && m.spec.gateway.kvCache.remoteBytes > 0)
     throw new ExpertMeshError(
       "EM_CLI_USAGE",
@@ -752,11 +751,7 @@ export const upCommand: Command = {
     // Under `up --watch`: the -f files changed ({"files": true}); their Secrets' new content
     // reaches the gateways' files, which they read again (src/local/gateway-secrets.ts).
     /** The Secrets and ConfigMaps of the -f files as they are now. */
-    const objectsNow = () => {
-      const objs = new LocalObjects();
-      for (const [file, text] of localFiles(values.file ?? []).texts) objs.add(text, file, ns);
-      return objs;
-    };
+    const objectsNow = () => objectsOf(localFiles(values.file ?? []).texts, ns);
     const reloadFiles = (quiet: boolean) => {
       let read: SecretsRead;
       try {
