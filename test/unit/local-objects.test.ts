@@ -4,8 +4,8 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { localFiles } from "../../src/cli/commands/up.ts";
 import { holdsModel, LocalObjects } from "../../src/local/objects.ts";
+import { localFiles } from "../../src/local/prepare.ts";
 
 const b64 = (s: string) => Buffer.from(s).toString("base64");
 

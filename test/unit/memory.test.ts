@@ -17,8 +17,8 @@ import {
 } from "../../src/api/memory.ts";
 import { quantityValue } from "../../src/api/quantity.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
-import { upMemory } from "../../src/cli/commands/up.ts";
 import { denseLoadBytes, expertLoad } from "../../src/cli/progress.ts";
+import { upMemory } from "../../src/local/prepare.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
 import { planPlacement } from "../../src/moe/placement.ts";

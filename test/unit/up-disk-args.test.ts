@@ -1,4 +1,4 @@
-// `up`'s prefix cache flags (src/cli/commands/up.ts localDiskArgs, localNatsArgs): one gateway
+// `up`'s prefix cache flags (src/local/run.ts localDiskArgs, localNatsArgs): one gateway
 // has the disk tier's folder to itself; several share it (--prefix-cache-disk-shared), unless
 // they share a NATS tier, when each has a folder of its own under it; nats-server runs with
 // JetStream only when the manifest keeps the prefix cache's blocks on it, and up says that
@@ -9,7 +9,7 @@ import {
   localGatewayArgs,
   localNatsArgs,
   localNatsNote,
-} from "../../src/cli/commands/up.ts";
+} from "../../src/local/run.ts";
 import { tinyManifestWith } from "../support/manifest.ts";
 
 const manifestWith = tinyManifestWith;

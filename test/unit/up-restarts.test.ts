@@ -1,9 +1,9 @@
-// `up`'s restart policy (src/cli/commands/up.ts Restarts): a child that exits while serving
+// `up`'s restart policy (src/local/children.ts Restarts): a child that exits while serving
 // starts again after 1 s, then 2, 4, 8, 16 s for further exits within 10 minutes, and the
 // 6th exit within 10 minutes stops `up`; exits older than that are forgotten,
 // and each child counts its own.
 import { describe, expect, it } from "vitest";
-import { Restarts } from "../../src/cli/commands/up.ts";
+import { Restarts } from "../../src/local/children.ts";
 
 const MIN = 60_000;
 
