@@ -19,6 +19,10 @@
 // added tokens (DeepSeek-V3 has 818, its tool-call tokens among them): the first masks of
 // the call grammar's states, and a step of plain text under tool_choice "auto" (the mask
 // allows all but the tool tokens) against the same step unconstrained.
+// Structural tags (src/gateway/structural-tag.ts): triggered_tags with two calls in a
+// model's own wrapper, over the same vocabulary: first masks of free text, of a partly
+// written trigger and of a call's argument string, and a step of plain text under it (mask
+// cached) against the same step unconstrained.
 
 import { nativeBackend } from "../src/engine/native.ts";
 import { uniform32 } from "../src/engine/sampling.ts";
@@ -33,6 +37,7 @@ import {
 } from "../src/gateway/grammar.ts";
 import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
 import { compileSchema, type SchemaState } from "../src/gateway/json-schema.ts";
+import { type StructuralState, structuralTagGrammar } from "../src/gateway/structural-tag.ts";
 import { type ToolState, toolCallGrammar } from "../src/gateway/tool-calls.ts";
 import { Prng } from "../src/model/prng.ts";
 import { TOOL_TOKENS } from "../src/model/tokenizer.ts";
@@ -77,6 +82,11 @@ export interface JsonResults {
     /** Per token of plain text under tool_choice "auto" (mask cached), and without. */
     textStepMs: Stats;
     plainMs: Stats;
+  };
+  /** Structural tags (triggered_tags): first masks, and a step of plain text under them. */
+  structural?: {
+    cold: { state: string; allowed: number; ms: Stats }[];
+    textStepMs: Stats;
   };
 }
 
@@ -273,6 +283,27 @@ export async function runJson(o: {
   let gbnfMisses = 0;
   const textSteps: number[] = [];
   const plainSteps: number[] = [];
+  const structuralCold = new Map<string, { allowed: number; ms: number[] }>();
+  const structuralSteps: number[] = [];
+  const weather = {
+    type: "object",
+    properties: { city: { type: "string" } },
+    required: ["city"],
+  };
+  const callTag = (name: string) => ({
+    type: "tag",
+    begin: `<function=${name}>`,
+    content: { type: "json_schema", json_schema: weather },
+    end: "</function>",
+  });
+  const structural = {
+    type: "structural_tag",
+    format: {
+      type: "triggered_tags",
+      triggers: ["<function="],
+      tags: [callTag("get_weather"), callTag("get_time")],
+    },
+  };
   const build: number[] = [];
   const split: number[] = [];
   const cold = new Map<string, { allowed: number; ms: number[] }>();
@@ -369,10 +400,24 @@ export async function runJson(o: {
       const s = [...Buffer.from(text)].reduce<SchemaState>((x, b) => sa.step(x, b)!, sa.start);
       firstMask(schemaCold, name, sg, s, r >= 0);
     }
+    // Structural tags over the same fresh vocabulary.
+    const sg2 = structuralTagGrammar(tv, structural, SYMBOL_BASE, "response_format");
+    const st = sg2.automaton;
+    const stAfter = (text: string) =>
+      [...Buffer.from(text)].reduce<StructuralState>((x, b) => st.step(x, b)!, st.start);
+    const structuralStates: [string, StructuralState][] = [
+      ["free text (triggered_tags, two calls)", st.start],
+      ["a partly written trigger '<fun'", stAfter("Let me see. <fun")],
+      ["in a call's argument string", stAfter('Hi <function=get_weather>{"city": "Pa')],
+      ["free text after a call", stAfter('<function=get_time>{"city": "x"}</function> ')],
+    ];
+    for (const [name, s] of structuralStates) firstMask(structuralCold, name, sg2, s, r >= 0);
     // Plain text under "auto": the cached text mask on every row, against none.
     const textMask = g1.mask(a.start);
+    const freeMask = sg2.mask(st.start);
     let tt = 0;
     let tp = 0;
+    let ts = 0;
     for (let i = 0; i < tokens; i++) {
       const u = (i * 0.618) % 1;
       let t = performance.now();
@@ -384,10 +429,16 @@ export async function runJson(o: {
       row.set(logits);
       sampleOnce(u);
       tp += performance.now() - t;
+      t = performance.now();
+      row.set(logits);
+      applyMask(row, freeMask);
+      sampleOnce(u);
+      ts += performance.now() - t;
     }
     if (r >= 0) {
       textSteps.push(tt / tokens);
       plainSteps.push(tp / tokens);
+      structuralSteps.push(ts / tokens);
     }
     o.log(
       `[bench] json run ${r + 1}: build ${built.toFixed(0)} ms; per token: cold ${first.constrained.toFixed(3)} ms, warm ${second.constrained.toFixed(3)} ms, plain ${plain.at(-1)!.toFixed(3)} ms; ${computed} masks computed over ${tokens} tokens`,
@@ -425,6 +476,14 @@ export async function runJson(o: {
       textStepMs: stats(textSteps),
       plainMs: stats(plainSteps),
     },
+    structural: {
+      cold: [...structuralCold.entries()].map(([state, c]) => ({
+        state,
+        allowed: c.allowed,
+        ms: stats(c.ms),
+      })),
+      textStepMs: stats(structuralSteps),
+    },
   };
 }
 
@@ -449,7 +508,7 @@ ${coldRows}
 | a step of JSON mode per token, first pass over ${r.tokens} tokens of indented JSON (${r.misses} masks computed on the way) | ${ms(cold, 3)} |
 | the same, second pass (every mask cached) | ${ms(warm, 3)} |
 | the same step without JSON mode (peer: sampling alone) | ${ms(plain, 3)} |
-| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${gbnfRows(r)}${schemaRows(r)}${toolRows(r)}`;
+| JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${gbnfRows(r)}${schemaRows(r)}${toolRows(r)}${structuralRows(r)}`;
 }
 
 /** The GBNF JSON grammar's rows, each after a newline (none in results from before them). */
@@ -491,5 +550,20 @@ function toolRows(r: JsonResults): string {
     `| tool calls: a step of plain text under tool_choice "auto" (mask cached) | ${ms(t.textStepMs, 3)} |`,
     `| the same step unconstrained (peer) | ${ms(t.plainMs, 3)} |`,
     `| "auto" text / peer | ${(t.textStepMs.median / t.plainMs.median).toFixed(2)}x |`,
+  ].join("\n");
+}
+
+/** The structural-tag rows, each after a newline (none in results from before them). */
+function structuralRows(r: JsonResults): string {
+  if (!r.structural || !r.tools) return "";
+  const t = r.structural;
+  return [
+    "",
+    ...t.cold.map(
+      (c) =>
+        `| structural tag, first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
+    ),
+    `| structural tag: a step of plain text under triggered_tags (mask cached) | ${ms(t.textStepMs, 3)} |`,
+    `| structural text / peer (the unconstrained step above) | ${(t.textStepMs.median / r.tools.plainMs.median).toFixed(2)}x |`,
   ].join("\n");
 }

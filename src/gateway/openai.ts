@@ -176,10 +176,11 @@ function unsupported(fields: Record<string, unknown>): void {
   if (given("logits_processors")) refuse("logits_processors", "vLLM's logits_processors");
   if (fields["prompt_embeds"] != null) refuse("prompt_embeds", "vLLM's prompt_embeds");
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
-  if (format != null && !["text", "json_object", "json_schema"].includes(format.type as string))
+  const formats = ["text", "json_object", "json_schema", "structural_tag"];
+  if (format != null && !formats.includes(format.type as string))
     refuse(
       "response_format",
-      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only "text", "json_object" and "json_schema" are)`,
+      `response_format ${JSON.stringify(format.type ?? format).slice(0, 40)} (only ${formats.map((f) => `"${f}"`).join(", ")} are)`,
     );
 }
 

@@ -1,5 +1,6 @@
-// What constrains a request's output (docs/gateway.md): response_format json_object or
-// json_schema, vLLM's guided_json / guided_regex / guided_choice (guided.ts), and tools
+// What constrains a request's output (docs/gateway.md): response_format json_object,
+// json_schema or structural_tag (structural-tag.ts), vLLM's guided_json / guided_regex /
+// guided_choice / guided_grammar (guided.ts) and structured_outputs, and tools
 // (tool-calls.ts), each turned into the grammar (grammar.ts) its choices are decoded under.
 
 import type { Tokenizer } from "../model/tokenizer.ts";
@@ -12,6 +13,7 @@ import { schemaGrammar } from "./json-schema.ts";
 import { thinkingFirst } from "./reasoning.ts";
 import { choicePattern } from "./regex.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
+import { structuralTagGrammar } from "./structural-tag.ts";
 import { type ToolFunction, type ToolMode, toolCallGrammar, toolSymbols } from "./tool-calls.ts";
 
 /**
@@ -187,6 +189,11 @@ export interface OutputFormat {
   readonly kind?: "json" | "text";
 }
 
+/** The kinds of guided decoding (vLLM's fields). */
+type GuidedKind = "json" | "regex" | "choice" | "grammar" | "structural_tag";
+/** structured_outputs' keys taken here. */
+const STRUCTURED_OUTPUTS = ["json", "regex", "choice", "grammar", "structural_tag"];
+
 /** Strings in a guided_choice, at most. */
 const MAX_CHOICES = 1024;
 
@@ -205,7 +212,7 @@ export function outputFormat(
   if (given != null && !isRecord(given))
     refuse("structured_outputs", "structured_outputs must be an object");
   const so = (given ?? {}) as Record<string, unknown>;
-  const guided: [string, "json" | "regex" | "choice" | "grammar", unknown][] = [];
+  const guided: [string, GuidedKind, unknown][] = [];
   for (const [param, kind, value] of [
     ["guided_json", "json", r["guided_json"]],
     ["guided_regex", "regex", r["guided_regex"]],
@@ -215,13 +222,14 @@ export function outputFormat(
     ["structured_outputs.regex", "regex", so["regex"]],
     ["structured_outputs.choice", "choice", so["choice"]],
     ["structured_outputs.grammar", "grammar", so["grammar"]],
+    ["structured_outputs.structural_tag", "structural_tag", so["structural_tag"]],
   ] as const)
     if (value != null) guided.push([param, kind, value]);
   for (const k of Object.keys(so))
-    if (!["json", "regex", "choice", "grammar"].includes(k) && so[k] != null)
+    if (!STRUCTURED_OUTPUTS.includes(k) && so[k] != null)
       refuse(
         `structured_outputs.${k}`,
-        `structured_outputs.${k} is not supported (json, regex, choice and grammar are)`,
+        `structured_outputs.${k} is not supported (${STRUCTURED_OUTPUTS.join(", ")} are)`,
       );
   const format = jsonMode(ctx, b);
   const asked = [...(format.grammar ? ["response_format"] : []), ...guided.map((g) => g[0])];
@@ -246,6 +254,17 @@ export function outputFormat(
     };
   }
   const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
+  if (kind === "structural_tag") {
+    let tag = value;
+    if (typeof value === "string")
+      try {
+        tag = JSON.parse(value);
+      } catch {
+        refuse(param, `${param}: a string must be a structural tag's JSON text`);
+      }
+    const grammar = structuralTagGrammar(vocabulary, tag, eos, param);
+    return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
+  }
   if (kind === "grammar") {
     if (typeof value !== "string" || value.trim() === "")
       return refuse(param, `${param} must be a GBNF grammar's text`);
@@ -281,6 +300,12 @@ function jsonMode(ctx: ServeContext, b: ChatCompletionRequest | CompletionReques
   const format = (
     b as { response_format?: { type?: unknown; json_schema?: { schema?: unknown } } | null }
   ).response_format;
+  if (format?.type === "structural_tag") {
+    const vocabulary = vocabularyOf(ctx, "response_format structural_tag", "response_format");
+    const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
+    const grammar = structuralTagGrammar(vocabulary, format, eos, "response_format");
+    return { grammar: grammar as TokenGrammar<unknown>, param: "response_format", kind: "text" };
+  }
   if (format?.type !== "json_object" && format?.type !== "json_schema") return {};
   const vocabulary = vocabularyOf(ctx, `response_format ${format.type}`, "response_format");
   const param = "response_format";

@@ -650,6 +650,150 @@ describe("chat completions", () => {
     }
   });
 
+  it("response_format structural_tag (and structured_outputs.structural_tag): tags, a thought then an answer, free text with triggers; every choice obeys", async () => {
+    // Whitespace banned (this random model would pile it up in JSON within max_tokens).
+    const ws = (t: string) => String(gw.ctx.tokenizer.encode(t, false)[0]!);
+    const logit_bias = Object.fromEntries([" ", "\n", "\t", "\r"].map((t) => [ws(t), -100]));
+    const ask = (extra: Record<string, unknown>, n = 4) =>
+      gw.client.chat.completions.create({
+        model: "tiny",
+        messages: user("Weather?"),
+        max_tokens: 80,
+        temperature: 1,
+        seed: 3,
+        n,
+        ...extra,
+      } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+    const city = {
+      type: "object",
+      properties: { city: { type: "string", maxLength: 6 } },
+      required: ["city"],
+      additionalProperties: false,
+    };
+    const fn = (name: string, schema: unknown) => ({
+      type: "tag",
+      begin: `<function=${name}>`,
+      content: { type: "json_schema", json_schema: schema },
+      end: "</function>",
+    });
+    // Exactly one call, in the model's own wrapper: the name one of the two, the arguments
+    // an instance of that function's schema.
+    const oneCall = {
+      type: "structural_tag",
+      format: {
+        type: "triggered_tags",
+        triggers: ["<function="],
+        tags: [
+          fn("get_weather", city),
+          fn("get_time", { type: "object", properties: {}, additionalProperties: false }),
+        ],
+        at_least_one: true,
+        stop_after_first: true,
+      },
+    };
+    const r = await ask({ response_format: oneCall, logit_bias });
+    for (const c of r.choices) {
+      const m = /^<function=(get_weather|get_time)>(.*)<\/function>$/s.exec(c.message.content!);
+      expect(m, c.message.content!).not.toBeNull();
+      const args = JSON.parse(m![2]!);
+      if (m![1] === "get_time") expect(args).toEqual({});
+      else expect(Object.keys(args)).toEqual(["city"]);
+      expect(c.finish_reason).toBe("stop");
+    }
+    // A thought in tags (its free text stops at the end tag), then an answer under a pattern.
+    const thenAnswer = {
+      type: "structural_tag",
+      format: {
+        type: "sequence",
+        elements: [
+          {
+            type: "tag",
+            begin: "<think>",
+            content: { type: "any_text", max_chars: 8 },
+            end: "</think>",
+          },
+          { type: "const_string", value: "Answer: " },
+          { type: "regex", pattern: "[0-9]{1,3}" },
+        ],
+      },
+    };
+    const shape = /^<think>([\s\S]*?)<\/think>Answer: [0-9]{1,3}$/;
+    for (const c of (await ask({ response_format: thenAnswer })).choices) {
+      const m = shape.exec(c.message.content!);
+      expect(m, c.message.content!).not.toBeNull();
+      expect([...m![1]!].length).toBeLessThanOrEqual(8);
+      expect(c.finish_reason).toBe("stop");
+    }
+    // Streamed, on /v1/completions, and as vLLM's structured_outputs.structural_tag (a JSON
+    // string there): the same shape.
+    let text = "";
+    for await (const chunk of await gw.client.completions.create({
+      model: "tiny",
+      prompt: "Think:",
+      max_tokens: 80,
+      seed: 4,
+      stream: true,
+      structured_outputs: { structural_tag: JSON.stringify(thenAnswer) },
+    } as unknown as OpenAI.CompletionCreateParamsStreaming))
+      text += chunk.choices[0]?.text ?? "";
+    expect(text).toMatch(shape);
+    // vLLM's older form: free text, a structure wherever its trigger appears (this random
+    // model writes text; what it writes holds no unfinished or malformed call).
+    const older = {
+      type: "structural_tag",
+      structures: [{ begin: "<function=get_weather>", schema: city, end: "</function>" }],
+      triggers: ["<function="],
+    };
+    for (const c of (await ask({ response_format: older, max_tokens: 16 })).choices) {
+      const t = c.message.content!;
+      for (const at of t.split("<function=").slice(1))
+        expect(at, t).toMatch(
+          /^get_weather>\{.*\}<\/function>|^(g(e(t(_(w(e(a(t(h(e(r(>.*)?)?)?)?)?)?)?)?)?)?)?)?$/s,
+        );
+    }
+    // Refused with 400 naming the field and the part at fault.
+    for (const [extra, param, message] of [
+      [
+        { response_format: { type: "structural_tag", format: { type: "any_tokens" } } },
+        "response_format",
+        /"any_tokens" is not supported/,
+      ],
+      [
+        {
+          response_format: {
+            type: "structural_tag",
+            format: {
+              type: "tag",
+              begin: "<a>",
+              content: { type: "json_schema", json_schema: { type: "string" } },
+              end: "</a>",
+            },
+          },
+        },
+        "response_format",
+        /content\.json_schema: the root must be an object/,
+      ],
+      [
+        { response_format: { type: "structural_tag" } },
+        "response_format",
+        /neither "format" nor "structures"/,
+      ],
+      [
+        { structured_outputs: { structural_tag: "{not json" } },
+        "structured_outputs.structural_tag",
+        /JSON text/,
+      ],
+      [{ response_format: oneCall, guided_regex: "a" }, "guided_regex", /both/],
+    ] as [Record<string, unknown>, string, RegExp][]) {
+      const err = await ask(extra, 1).then(
+        () => expect.unreachable(JSON.stringify(extra)),
+        (e: APIError) => e,
+      );
+      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
+      expect(err.message).toMatch(message);
+    }
+  });
+
   it("response_format json_schema: pattern, format, lengths, bounds, a union, a map and a set hold in every choice", async () => {
     const schema = {
       type: "object",

@@ -1,0 +1,885 @@
+// Structural tags (xgrammar's format, as vLLM takes it: response_format {"type":
+// "structural_tag"}, or structured_outputs.structural_tag): free text with structured regions
+// in it, such as a tool call in a model's own wrapper inside an answer
+// (`I will look. <function=get_weather>{"city": "Paris"}</function>`), or a thought in tags
+// before an answer. A format is a tree: text primitives (const_string, json_schema, regex,
+// grammar, any_text, token), compositions (sequence, or, optional, plus, star, repeat) and
+// dispatch (tag, triggered_tags, tags_with_separator, dispatch); vLLM's older form
+// ({"structures": [{begin, schema, end}], "triggers": [...]}) is triggered_tags. The
+// token-level forms of any_tokens, exclude_token, token_triggered_tags and token_dispatch are
+// refused (400), as are json_schema's styles other than JSON and its any_order.
+//
+// The tree compiles into a nondeterministic automaton over bytes: a state is the set of the
+// ways the output so far can be read (each way a path down the tree to a leaf's state), a
+// byte advances every way, and a way whose leaf ends spawns the ways that follow it. Free
+// text (any_text, and the text between triggered_tags' and dispatch's regions) never holds
+// its excluded strings, the triggers among them (an Aho-Corasick automaton over them), and
+// inside a tag it stops at the tag's end, as xgrammar's does. The leaves under JSON schemas,
+// patterns and GBNF grammars are the automata of json-schema.ts, guided.ts and cfg.ts, with
+// the masks they cache per vocabulary inside strings (grammar.ts's local parts).
+import { ApiError } from "./errors.ts";
+import {
+  type ByteAutomaton,
+  GrammarCache,
+  SYMBOL_BASE,
+  TokenGrammar,
+  type Vocabulary,
+} from "./grammar.ts";
+import { gbnfGrammar, patternGrammar } from "./guided.ts";
+import { schemaGrammar } from "./json-schema.ts";
+
+/** A state of one way through a part (each part's own shape). */
+type St = unknown;
+const NONE: readonly St[] = [];
+
+/** A part of the format tree, compiled: the ways through it, byte by byte. */
+interface Part {
+  /** The ways it can begin (before any byte). */
+  starts(): readonly St[];
+  /** The ways after byte (or added token's symbol) `b` from `s`. */
+  step(s: St, b: number): readonly St[];
+  /** The part may end here. */
+  accepts(s: St): boolean;
+  key(s: St): string;
+  /** grammar.ts's local part, from a leaf (tokens without its byte stay inside it). */
+  local?(s: St): { key: string; byte: number } | null;
+}
+
+/** A symbol no vocabulary has: stepping a leaf over it asks whether the leaf may end. */
+const PROBE = 0xffff;
+
+/** Literal bytes, or an added token's symbol (the `token` format). */
+class Literal implements Part {
+  readonly #units: Uint16Array;
+
+  constructor(units: Uint16Array) {
+    this.#units = units;
+  }
+
+  static readonly #START: readonly St[] = [0];
+
+  starts(): readonly St[] {
+    return Literal.#START;
+  }
+
+  step(s: St, b: number): readonly St[] {
+    const i = s as number;
+    return this.#units[i] === b ? [i + 1] : NONE;
+  }
+
+  accepts(s: St): boolean {
+    return s === this.#units.length;
+  }
+
+  key(s: St): string {
+    return `${s as number}`;
+  }
+}
+
+/** One of grammar.ts's automata (a JSON schema, a pattern, a GBNF grammar) as a part. */
+class Leaf implements Part {
+  readonly #a: ByteAutomaton<unknown>;
+  readonly #accepts: (s: unknown) => boolean;
+
+  readonly #starts: readonly St[];
+
+  constructor(a: ByteAutomaton<unknown>, accepts: (s: unknown) => boolean) {
+    this.#a = a;
+    this.#accepts = accepts;
+    this.#starts = [a.start];
+  }
+
+  starts(): readonly St[] {
+    return this.#starts;
+  }
+
+  step(s: St, b: number): readonly St[] {
+    if (b >= SYMBOL_BASE) return NONE;
+    const next = this.#a.step(s, b);
+    return next === null ? NONE : [next];
+  }
+
+  accepts(s: St): boolean {
+    return this.#accepts(s);
+  }
+
+  key(s: St): string {
+    return this.#a.key(s);
+  }
+
+  local(s: St): { key: string; byte: number } | null {
+    return this.#a.local?.(s) ?? null;
+  }
+}
+
+/** Free text: UTF-8 (no added token) that never holds an excluded string. */
+class FreeText implements Part {
+  /** Aho-Corasick over the excluded strings: goto per node, fail links, ends. */
+  readonly #goto: Map<number, number>[] = [new Map()];
+  readonly #fail: number[] = [0];
+  readonly #end: boolean[] = [false];
+  readonly #maxChars: number;
+  /** Ways between characters without max_chars, per node: made once. */
+  readonly #ways: (readonly St[])[] = [];
+
+  constructor(excludes: readonly Uint8Array[], maxChars = Number.POSITIVE_INFINITY) {
+    this.#maxChars = maxChars;
+    for (const x of excludes) {
+      let n = 0;
+      for (const b of x) {
+        let next = this.#goto[n]!.get(b);
+        if (next === undefined) {
+          next = this.#goto.length;
+          this.#goto.push(new Map());
+          this.#fail.push(0);
+          this.#end.push(false);
+          this.#goto[n]!.set(b, next);
+        }
+        n = next;
+      }
+      this.#end[n] = true;
+    }
+    // Breadth first: a node's fail link is the longest proper suffix that is a node.
+    const queue = [...this.#goto[0]!.values()];
+    for (let q = 0; q < queue.length; q++) {
+      const n = queue[q]!;
+      for (const [b, child] of this.#goto[n]!) {
+        let f = this.#fail[n]!;
+        while (f > 0 && !this.#goto[f]!.has(b)) f = this.#fail[f]!;
+        const to = this.#goto[f]!.get(b);
+        this.#fail[child] = to !== undefined && to !== child ? to : 0;
+        this.#end[child] ||= this.#end[this.#fail[child]!]!;
+        queue.push(child);
+      }
+    }
+  }
+
+  // A state: n, the node; c, characters so far (with max_chars); u, the continuation bytes
+  // the character being written still needs, the next one within [lo, hi].
+  #way(n: number, c: number, u = 0, lo = 0x80, hi = 0xbf): readonly St[] {
+    if (u > 0 || Number.isFinite(this.#maxChars)) return [{ n, c, u, lo, hi }];
+    let way = this.#ways[n];
+    if (!way) {
+      way = [{ n, c: 0, u: 0, lo, hi }];
+      this.#ways[n] = way;
+    }
+    return way;
+  }
+
+  starts(): readonly St[] {
+    return this.#way(0, 0);
+  }
+
+  step(s: St, b: number): readonly St[] {
+    if (b >= SYMBOL_BASE) return NONE;
+    const { n, c, u, lo, hi } = s as { n: number; c: number; u: number; lo: number; hi: number };
+    // UTF-8: a lead byte (not overlong, no surrogate, at most U+10FFFF), then its
+    // continuation bytes.
+    let next: [number, number, number] = [0, 0x80, 0xbf];
+    if (u > 0) {
+      if (b < lo || b > hi) return NONE;
+      next = [u - 1, 0x80, 0xbf];
+    } else if (b >= 0x80) {
+      if (b < 0xc2 || b > 0xf4) return NONE;
+      if (b < 0xe0) next = [1, 0x80, 0xbf];
+      else if (b < 0xf0) next = [2, b === 0xe0 ? 0xa0 : 0x80, b === 0xed ? 0x9f : 0xbf];
+      else next = [3, b === 0xf0 ? 0x90 : 0x80, b === 0xf4 ? 0x8f : 0xbf];
+    }
+    let m = n;
+    while (m > 0 && !this.#goto[m]!.has(b)) m = this.#fail[m]!;
+    m = this.#goto[m]!.get(b) ?? 0;
+    if (this.#end[m]) return NONE;
+    const chars = u > 0 ? c : c + 1;
+    if (chars > this.#maxChars) return NONE;
+    return this.#way(m, Number.isFinite(this.#maxChars) ? chars : 0, ...next);
+  }
+
+  /** Between characters. */
+  accepts(s: St): boolean {
+    return (s as { u: number }).u === 0;
+  }
+
+  key(s: St): string {
+    const { n, c, u, lo, hi } = s as { n: number; c: number; u: number; lo: number; hi: number };
+    return u === 0 ? `${n},${c}` : `${n},${c},${u},${lo},${hi}`;
+  }
+}
+
+/**
+ * Parts one after another. Ways into a part are made by the byte that enters it (from a way
+ * of the part before, where that one may end): a part waiting to begin is no way of its own,
+ * so free text followed by an end string is one way per byte, not two.
+ */
+class Sequence implements Part {
+  readonly #parts: readonly Part[];
+  /** nullable[i]: part i may be empty. */
+  readonly #nullable: boolean[];
+  /** restEmpty[i]: every part after i may be empty. */
+  readonly #restEmpty: boolean[];
+  readonly #starts: readonly St[];
+
+  constructor(parts: readonly Part[]) {
+    this.#parts = parts;
+    this.#nullable = parts.map((p) => p.starts().some((s) => p.accepts(s)));
+    this.#restEmpty = parts.map((_, i) => this.#nullable.slice(i + 1).every(Boolean));
+    this.#starts = parts[0]!.starts().map((s) => ({ i: 0, s }));
+  }
+
+  starts(): readonly St[] {
+    return this.#starts;
+  }
+
+  step(st: St, b: number): readonly St[] {
+    const { i, s } = st as { i: number; s: St };
+    const part = this.#parts[i]!;
+    const out: St[] = [];
+    for (const n of part.step(s, b)) out.push({ i, s: n });
+    // Where part i may end, b may begin the next (or one past the empty ones).
+    if (part.accepts(s))
+      for (let j = i + 1; j < this.#parts.length; j++) {
+        const next = this.#parts[j]!;
+        for (const s0 of next.starts()) for (const n of next.step(s0, b)) out.push({ i: j, s: n });
+        if (!this.#nullable[j]) break;
+      }
+    return out;
+  }
+
+  accepts(st: St): boolean {
+    const { i, s } = st as { i: number; s: St };
+    return this.#restEmpty[i]! && this.#parts[i]!.accepts(s);
+  }
+
+  key(st: St): string {
+    const { i, s } = st as { i: number; s: St };
+    return `${i}(${this.#parts[i]!.key(s)})`;
+  }
+
+  local(st: St): { key: string; byte: number } | null {
+    // (a token without the leaf's byte stays inside the leaf, never reaching the next part)
+    const { i, s } = st as { i: number; s: St };
+    return this.#parts[i]!.local?.(s) ?? null;
+  }
+}
+
+/** One of several parts. */
+class Choice implements Part {
+  readonly #parts: readonly Part[];
+  readonly #starts: readonly St[];
+
+  constructor(parts: readonly Part[]) {
+    this.#parts = parts;
+    this.#starts = parts.flatMap((p, k) => p.starts().map((s) => ({ k, s })));
+  }
+
+  starts(): readonly St[] {
+    return this.#starts;
+  }
+
+  step(st: St, b: number): readonly St[] {
+    const { k, s } = st as { k: number; s: St };
+    const next = this.#parts[k]!.step(s, b);
+    return next.length === 0 ? NONE : next.map((n) => ({ k, s: n }));
+  }
+
+  accepts(st: St): boolean {
+    const { k, s } = st as { k: number; s: St };
+    return this.#parts[k]!.accepts(s);
+  }
+
+  key(st: St): string {
+    const { k, s } = st as { k: number; s: St };
+    return `${k}(${this.#parts[k]!.key(s)})`;
+  }
+
+  local(st: St): { key: string; byte: number } | null {
+    const { k, s } = st as { k: number; s: St };
+    return this.#parts[k]!.local?.(s) ?? null;
+  }
+}
+
+/** Before the first repetition's first byte. */
+const EMPTY = Symbol("empty");
+
+/** A part `min` to `max` times (Infinity: unbounded). */
+class Repeat implements Part {
+  readonly #part: Part;
+  readonly #min: number;
+  readonly #max: number;
+  readonly #nullable: boolean;
+
+  constructor(part: Part, min: number, max: number) {
+    this.#part = part;
+    this.#min = min;
+    this.#max = max;
+    this.#nullable = part.starts().some((s) => part.accepts(s));
+  }
+
+  static readonly #START: readonly St[] = [{ c: 0, s: EMPTY }];
+
+  starts(): readonly St[] {
+    return Repeat.#START;
+  }
+
+  /** The ways b begins repetition c (counted from 0) with. */
+  #begin(c: number, b: number, out: St[]): void {
+    for (const s0 of this.#part.starts())
+      for (const s of this.#part.step(s0, b)) out.push({ c, s });
+  }
+
+  step(st: St, b: number): readonly St[] {
+    const { c, s } = st as { c: number; s: St };
+    const out: St[] = [];
+    if (s === EMPTY) {
+      if (this.#max > 0) this.#begin(0, b, out);
+      return out;
+    }
+    for (const n of this.#part.step(s, b)) out.push({ c, s: n });
+    // Where a repetition may end, b may begin the next; unbounded, counts past min have the
+    // same future (one key).
+    if (this.#part.accepts(s) && c + 1 < this.#max)
+      this.#begin(Number.isFinite(this.#max) ? c + 1 : Math.min(c + 1, this.#min), b, out);
+    return out;
+  }
+
+  accepts(st: St): boolean {
+    const { c, s } = st as { c: number; s: St };
+    if (s === EMPTY) return this.#min === 0 || this.#nullable;
+    return this.#part.accepts(s) && (c + 1 >= this.#min || this.#nullable);
+  }
+
+  key(st: St): string {
+    const { c, s } = st as { c: number; s: St };
+    return `${c}(${s === EMPTY ? "-" : this.#part.key(s)})`;
+  }
+
+  local(st: St): { key: string; byte: number } | null {
+    const { s } = st as { c: number; s: St };
+    return s === EMPTY ? null : (this.#part.local?.(s) ?? null);
+  }
+}
+
+/**
+ * Free text with regions in it (triggered_tags, dispatch): text, a region, text, ...
+ * (`atLeastOne`: a region first; `stopAfterFirst`: nothing after the first region). The text
+ * never holds a region's trigger, and a region is a way of its own only from the byte that
+ * begins it, so plain text is one way.
+ */
+class Dispatch implements Part {
+  readonly #text: Part;
+  readonly #regions: readonly Part[];
+  readonly #atLeastOne: boolean;
+  readonly #stopAfterFirst: boolean;
+
+  /** opens[k][b]: byte b can begin region k (checked once per byte, not per step). */
+  readonly #opens: Uint8Array[];
+  readonly #start: readonly St[];
+
+  constructor(
+    text: Part,
+    regions: readonly Part[],
+    o: { atLeastOne: boolean; stopAfterFirst: boolean },
+  ) {
+    this.#text = text;
+    this.#regions = regions;
+    this.#atLeastOne = o.atLeastOne;
+    this.#stopAfterFirst = o.stopAfterFirst;
+    this.#opens = regions.map((r) =>
+      Uint8Array.from({ length: SYMBOL_BASE }, (_, b) =>
+        r.starts().some((s0) => r.step(s0, b).length > 0) ? 1 : 0,
+      ),
+    );
+    this.#start = [{ t: o.atLeastOne ? null : text.starts()[0], n: 0 }];
+  }
+
+  // States: { t, n } in the text (t null: no text allowed yet), { k, s, n } in region k
+  // (with stopAfterFirst, the output ends with it); n: regions done (0 or 1, all that matters).
+  starts(): readonly St[] {
+    return this.#start;
+  }
+
+  /** The ways b begins a region with (n regions done before it). */
+  #open(b: number, n: number, out: St[]): void {
+    for (let k = 0; k < this.#regions.length; k++) {
+      if (b < SYMBOL_BASE && this.#opens[k]![b] === 0) continue;
+      const r = this.#regions[k]!;
+      for (const s0 of r.starts()) for (const s of r.step(s0, b)) out.push({ k, s, n });
+    }
+  }
+
+  step(st: St, b: number): readonly St[] {
+    const out: St[] = [];
+    const x = st as { t?: St | null; k?: number; s?: St; n: number };
+    if (x.k === undefined) {
+      if (x.t !== null) for (const t of this.#text.step(x.t, b)) out.push({ t, n: x.n });
+      // (a region begins between characters of the text)
+      if (x.t === null || this.#text.accepts(x.t)) this.#open(b, x.n, out);
+      return out;
+    }
+    const region = this.#regions[x.k]!;
+    for (const s of region.step(x.s, b)) out.push({ k: x.k, s, n: x.n });
+    // Where the region may end, b goes on after it.
+    if (region.accepts(x.s) && !this.#stopAfterFirst) {
+      for (const t of this.#text.step(this.#text.starts()[0], b)) out.push({ t, n: 1 });
+      this.#open(b, 1, out);
+    }
+    return out;
+  }
+
+  accepts(st: St): boolean {
+    const x = st as { t?: St | null; k?: number; s?: St; n: number };
+    if (x.k === undefined) return x.t !== null && (!this.#atLeastOne || x.n > 0);
+    // (a region that may end here: the output may end with it)
+    return this.#regions[x.k]!.accepts(x.s);
+  }
+
+  key(st: St): string {
+    const x = st as { t?: St | null; k?: number; s?: St; n: number };
+    if (x.k === undefined) return x.t === null ? "first" : `t${this.#text.key(x.t)},${x.n}`;
+    return `r${x.k}(${this.#regions[x.k]!.key(x.s)}),${x.n}`;
+  }
+
+  local(st: St): { key: string; byte: number } | null {
+    const x = st as { k?: number; s?: St };
+    return x.k === undefined ? null : (this.#regions[x.k]!.local?.(x.s) ?? null);
+  }
+}
+
+/** After the end-of-sequence token. */
+const DONE = "done";
+/** The ways the output so far can be read (each a state of the root part). */
+export type StructuralState = { readonly ways: readonly St[] } | typeof DONE;
+
+/**
+ * Ways kept at most: more are dropped (the output stays valid under those kept, only fewer
+ * continuations are allowed), as json-schema.ts keeps its readings.
+ */
+const MAX_WAYS = 64;
+
+/** The output under a structural tag, then the end-of-sequence token where it may end. */
+export class StructuralText implements ByteAutomaton<StructuralState> {
+  readonly symbols = true;
+  readonly start: StructuralState;
+  readonly #root: Part;
+  readonly #eos: number | null;
+
+  constructor(root: Part, eos: number | null) {
+    this.#root = root;
+    this.#eos = eos;
+    this.start = { ways: distinct(root, root.starts()) };
+  }
+
+  step(s: StructuralState, b: number): StructuralState | null {
+    if (s === DONE) return null;
+    if (b === this.#eos) return s.ways.some((w) => this.#root.accepts(w)) ? DONE : null;
+    let out: St[] | readonly St[] = NONE;
+    for (const w of s.ways) {
+      const next = this.#root.step(w, b);
+      if (next.length === 0) continue;
+      out = out.length === 0 ? next : [...out, ...next];
+    }
+    if (out.length === 0) return null;
+    return { ways: out.length === 1 ? out : distinct(this.#root, out) };
+  }
+
+  /** Only after the end-of-sequence token (free text can always go on). */
+  isDone(s: StructuralState): boolean {
+    return s === DONE;
+  }
+
+  /** May the output end here (the end-of-sequence token next)? */
+  accepts(s: StructuralState): boolean {
+    return s === DONE || s.ways.some((w) => this.#root.accepts(w));
+  }
+
+  key(s: StructuralState): string {
+    if (s === DONE) return DONE;
+    return s.ways.length === 1
+      ? this.#root.key(s.ways[0])
+      : s.ways.map((w) => this.#root.key(w)).join(" / ");
+  }
+
+  local(s: StructuralState): { key: string; byte: number } | null {
+    if (s === DONE || s.ways.length !== 1) return null;
+    return this.#root.local?.(s.ways[0]) ?? null;
+  }
+}
+
+/** `ways` without repeats (by key), in key order (equal sets, equal keys), MAX_WAYS at most. */
+function distinct(root: Part, ways: readonly St[]): readonly St[] {
+  const byKey = new Map<string, St>();
+  for (const w of ways) {
+    const k = root.key(w);
+    if (!byKey.has(k)) byKey.set(k, w);
+  }
+  return [...byKey.keys()]
+    .sort()
+    .slice(0, MAX_WAYS)
+    .map((k) => byKey.get(k));
+}
+
+// ---------------------------------------------------------------------------------------
+// Compiling a request's format
+
+/** Parts a format may have, and how deep they may nest. */
+const MAX_PARTS = 1024;
+const MAX_DEPTH = 32;
+/** Bytes of a literal string (begin, end, a trigger, a constant). */
+const MAX_LITERAL = 4096;
+
+/** The formats xgrammar has that act on tokens rather than text: refused here. */
+const TOKEN_FORMATS = new Set([
+  "any_tokens",
+  "exclude_token",
+  "token_triggered_tags",
+  "token_dispatch",
+]);
+
+class Compiler {
+  readonly #v: Vocabulary;
+  readonly #param: string;
+  #parts = 0;
+
+  constructor(vocabulary: Vocabulary, param: string) {
+    this.#v = vocabulary;
+    this.#param = param;
+  }
+
+  fail(path: string, why: string): never {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${path}: ${why}`, { param: this.#param });
+  }
+
+  #object(x: unknown, path: string): Record<string, unknown> {
+    if (typeof x !== "object" || x === null || Array.isArray(x))
+      this.fail(path, "must be an object (a format)");
+    return x as Record<string, unknown>;
+  }
+
+  #string(x: unknown, path: string, nonEmpty = false): Uint8Array {
+    if (typeof x !== "string") this.fail(path, "must be a string");
+    if (nonEmpty && x === "") this.fail(path, "must not be empty");
+    const bytes = Buffer.from(x, "utf8");
+    if (bytes.length > MAX_LITERAL) this.fail(path, `is longer than ${MAX_LITERAL} bytes`);
+    return new Uint8Array(bytes);
+  }
+
+  #strings(x: unknown, path: string, o: { nonEmpty: boolean; optional: boolean }): Uint8Array[] {
+    if (x === undefined && o.optional) return [];
+    if (!Array.isArray(x) || (o.nonEmpty && x.length === 0))
+      this.fail(
+        path,
+        o.nonEmpty ? "must be a non-empty array of strings" : "must be an array of strings",
+      );
+    return x.map((s, i) => this.#string(s, `${path}.${i}`, true));
+  }
+
+  #bool(x: unknown, path: string): boolean {
+    if (x === undefined) return false;
+    if (typeof x !== "boolean") this.fail(path, "must be true or false");
+    return x;
+  }
+
+  /** An integer >= 0 (with `unbounded`, -1 too: Infinity). */
+  #count(x: unknown, path: string, unbounded = false): number {
+    if (unbounded && x === -1) return Number.POSITIVE_INFINITY;
+    if (!Number.isSafeInteger(x) || (x as number) < 0)
+      this.fail(path, `must be an integer >= 0${unbounded ? ", or -1 (unbounded)" : ""}`);
+    return x as number;
+  }
+
+  #formats(x: unknown, path: string, depth: number, stops: readonly Uint8Array[]): Part[] {
+    if (!Array.isArray(x) || x.length === 0)
+      this.fail(path, "must be a non-empty array of formats");
+    return x.map((f, i) => this.format(f, `${path}.${i}`, depth + 1, stops));
+  }
+
+  /**
+   * A `tag`: begin, content, end. Content that is free text (any_text, or the text of
+   * triggered_tags or dispatch) stops at the end strings. `stringBegin`: in triggered_tags,
+   * whose triggers are text.
+   */
+  #tag(
+    f: Record<string, unknown>,
+    path: string,
+    depth: number,
+    stringBegin = false,
+  ): { part: Part; begin: Uint8Array | null } {
+    if (f["type"] !== "tag") this.fail(`${path}.type`, 'must be "tag"');
+    const begin =
+      typeof f["begin"] === "string" || stringBegin
+        ? this.#string(f["begin"], `${path}.begin`, true)
+        : null;
+    const beginPart = begin
+      ? new Literal(Uint16Array.from(begin))
+      : this.#token(f["begin"], `${path}.begin`);
+    const endValue = f["end"];
+    const ends =
+      typeof endValue === "string"
+        ? [this.#string(endValue, `${path}.end`)]
+        : Array.isArray(endValue)
+          ? this.#strings(endValue, `${path}.end`, { nonEmpty: true, optional: false })
+          : null;
+    const endPart = ends
+      ? new Choice(ends.map((e) => new Literal(Uint16Array.from(e))))
+      : this.#token(endValue, `${path}.end`);
+    const content = this.format(f["content"], `${path}.content`, depth + 1, ends ?? []);
+    return { part: new Sequence([beginPart, content, endPart]), begin };
+  }
+
+  /** A `token` format (or a tag's begin or end given as one): an added token, by text or id. */
+  #token(x: unknown, path: string): Part {
+    const f = this.#object(x, path);
+    if (f["type"] !== "token") this.fail(path, 'must be a string, or a format of type "token"');
+    const t = f["token"];
+    let units: Uint16Array | null = null;
+    if (typeof t === "string") {
+      const symbol = this.#v.symbol(t);
+      units = symbol === null ? null : Uint16Array.of(symbol);
+    } else if (Number.isSafeInteger(t) && (t as number) >= 0 && (t as number) < this.#v.size) {
+      const bytes = this.#v.bytes[t as number];
+      units = bytes ? Uint16Array.from(bytes) : null;
+    }
+    if (!units)
+      this.fail(
+        `${path}.token`,
+        `names no token of this model's vocabulary (${JSON.stringify(t)?.slice(0, 60)})`,
+      );
+    return new Literal(units);
+  }
+
+  format(x: unknown, path: string, depth: number, stops: readonly Uint8Array[] = []): Part {
+    if (depth > MAX_DEPTH) this.fail(path, `formats nest more than ${MAX_DEPTH} deep`);
+    if (++this.#parts > MAX_PARTS) this.fail(path, `the format has more than ${MAX_PARTS} parts`);
+    const f = this.#object(x, path);
+    const type = f["type"];
+    switch (type) {
+      case "const_string":
+        return new Literal(Uint16Array.from(this.#string(f["value"], `${path}.value`)));
+      case "json_schema": {
+        if (f["style"] !== undefined && f["style"] !== "json")
+          this.fail(
+            `${path}.style`,
+            `${JSON.stringify(f["style"])?.slice(0, 40)} is not supported (only "json" is)`,
+          );
+        if (f["any_order"] === true)
+          this.fail(`${path}.any_order`, "is not supported (properties come in their order)");
+        const schema = f["json_schema"];
+        if (schema === undefined) this.fail(`${path}.json_schema`, "is missing");
+        const g = schemaGrammar(this.#v, schema, {
+          param: this.#param,
+          label: `${path}.json_schema`,
+        });
+        const a = g.automaton as ByteAutomaton<unknown>;
+        return new Leaf(a, (s) => a.isDone(s));
+      }
+      case "regex": {
+        if (typeof f["pattern"] !== "string") this.fail(`${path}.pattern`, "must be a string");
+        const a = patternGrammar(this.#v, f["pattern"], PROBE, `${path}.pattern`)
+          .automaton as ByteAutomaton<unknown>;
+        return new Leaf(a, (s) => a.step(s, PROBE) !== null);
+      }
+      case "grammar": {
+        if (typeof f["grammar"] !== "string" || f["grammar"].trim() === "")
+          this.fail(`${path}.grammar`, "must be a GBNF grammar's text");
+        const a = gbnfGrammar(this.#v, f["grammar"], PROBE, `${path}.grammar`)
+          .automaton as ByteAutomaton<unknown>;
+        return new Leaf(a, (s) => a.step(s, PROBE) !== null);
+      }
+      case "any_text": {
+        if (f["max_tokens"] != null)
+          this.fail(`${path}.max_tokens`, "is not supported (max_chars is)");
+        const excludes = this.#strings(f["excludes"], `${path}.excludes`, {
+          nonEmpty: false,
+          optional: true,
+        });
+        const maxChars =
+          f["max_chars"] == null ? undefined : this.#count(f["max_chars"], `${path}.max_chars`);
+        return new FreeText([...excludes, ...stops], maxChars);
+      }
+      case "token":
+        return this.#token(f, path);
+      case "sequence": {
+        const elements = f["elements"];
+        const n = Array.isArray(elements) ? elements.length : 0;
+        if (n === 0) this.fail(`${path}.elements`, "must be a non-empty array of formats");
+        // The enclosing tag's end stops the last element's free text.
+        return new Sequence(
+          (elements as unknown[]).map((e, i) =>
+            this.format(e, `${path}.elements.${i}`, depth + 1, i === n - 1 ? stops : []),
+          ),
+        );
+      }
+      case "or":
+        return new Choice(this.#formats(f["elements"], `${path}.elements`, depth, stops));
+      case "optional":
+        return new Repeat(this.format(f["content"], `${path}.content`, depth + 1, stops), 0, 1);
+      case "plus":
+        return new Repeat(
+          this.format(f["content"], `${path}.content`, depth + 1, stops),
+          1,
+          Number.POSITIVE_INFINITY,
+        );
+      case "star":
+        return new Repeat(
+          this.format(f["content"], `${path}.content`, depth + 1, stops),
+          0,
+          Number.POSITIVE_INFINITY,
+        );
+      case "repeat": {
+        const min = this.#count(f["min"], `${path}.min`);
+        const max = this.#count(f["max"], `${path}.max`, true);
+        if (max < min) this.fail(`${path}.max`, `must be at least min (${min}), or -1`);
+        return new Repeat(this.format(f["content"], `${path}.content`, depth + 1, stops), min, max);
+      }
+      case "tag":
+        return this.#tag(f, path, depth).part;
+      case "triggered_tags": {
+        const triggers = this.#strings(f["triggers"], `${path}.triggers`, {
+          nonEmpty: true,
+          optional: false,
+        });
+        const tagsValue = f["tags"];
+        if (!Array.isArray(tagsValue) || tagsValue.length === 0)
+          this.fail(`${path}.tags`, "must be a non-empty array of tags");
+        const tags = tagsValue.map((t, i) =>
+          this.#tag(this.#object(t, `${path}.tags.${i}`), `${path}.tags.${i}`, depth + 1, true),
+        );
+        const startsWith = (s: Uint8Array, p: Uint8Array) =>
+          p.length <= s.length && p.every((b, i) => s[i] === b);
+        tags.forEach(({ begin }, i) => {
+          if (!triggers.some((t) => startsWith(begin!, t)))
+            this.fail(`${path}.tags.${i}.begin`, "must begin with one of the triggers");
+        });
+        triggers.forEach((t, i) => {
+          if (!tags.some(({ begin }) => startsWith(begin!, t)))
+            this.fail(`${path}.triggers.${i}`, "begins no tag (a trigger must lead into one)");
+        });
+        const excludes = this.#strings(f["excludes"], `${path}.excludes`, {
+          nonEmpty: false,
+          optional: true,
+        });
+        return new Dispatch(
+          new FreeText([...triggers, ...excludes, ...stops]),
+          tags.map((t) => t.part),
+          {
+            atLeastOne: this.#bool(f["at_least_one"], `${path}.at_least_one`),
+            stopAfterFirst: this.#bool(f["stop_after_first"], `${path}.stop_after_first`),
+          },
+        );
+      }
+      case "tags_with_separator": {
+        const tagsValue = f["tags"];
+        if (!Array.isArray(tagsValue) || tagsValue.length === 0)
+          this.fail(`${path}.tags`, "must be a non-empty array of tags");
+        const tag = new Choice(
+          tagsValue.map(
+            (t, i) =>
+              this.#tag(this.#object(t, `${path}.tags.${i}`), `${path}.tags.${i}`, depth + 1).part,
+          ),
+        );
+        const separator = new Literal(
+          Uint16Array.from(this.#string(f["separator"], `${path}.separator`)),
+        );
+        const list = this.#bool(f["stop_after_first"], `${path}.stop_after_first`)
+          ? tag
+          : new Sequence([
+              tag,
+              new Repeat(new Sequence([separator, tag]), 0, Number.POSITIVE_INFINITY),
+            ]);
+        return this.#bool(f["at_least_one"], `${path}.at_least_one`)
+          ? list
+          : new Repeat(list, 0, 1);
+      }
+      case "dispatch": {
+        const rules = f["rules"];
+        if (!Array.isArray(rules) || rules.length === 0)
+          this.fail(`${path}.rules`, "must be a non-empty array of [pattern, format] pairs");
+        const patterns: Uint8Array[] = [];
+        const parts = rules.map((r, i) => {
+          if (!Array.isArray(r) || r.length !== 2)
+            this.fail(`${path}.rules.${i}`, "must be a [pattern, format] pair");
+          const pattern = this.#string(r[0], `${path}.rules.${i}.0`, true);
+          patterns.push(pattern);
+          return new Sequence([
+            new Literal(Uint16Array.from(pattern)),
+            this.format(r[1], `${path}.rules.${i}.1`, depth + 1),
+          ]);
+        });
+        const loop = f["loop"] === undefined ? true : this.#bool(f["loop"], `${path}.loop`);
+        const excludes = this.#strings(f["excludes"], `${path}.excludes`, {
+          nonEmpty: false,
+          optional: true,
+        });
+        return new Dispatch(new FreeText([...patterns, ...excludes, ...stops]), parts, {
+          atLeastOne: false,
+          stopAfterFirst: !loop,
+        });
+      }
+      default:
+        if (typeof type === "string" && TOKEN_FORMATS.has(type))
+          this.fail(
+            `${path}.type`,
+            `"${type}" is not supported (the text formats and "token" are)`,
+          );
+        return this.fail(
+          `${path}.type`,
+          `${JSON.stringify(type)?.slice(0, 40) ?? "undefined"} is no format`,
+        );
+    }
+  }
+}
+
+/**
+ * A request's structural tag: `{"type": "structural_tag", "format": {...}}`, or vLLM's older
+ * `{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}`
+ * (triggered_tags: free text, a structure wherever a trigger appears). Its root format.
+ */
+export function structuralTagFormat(tag: unknown, param: string): unknown {
+  const bad = (why: string): never => {
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", `${param}: ${why}`, { param });
+  };
+  if (typeof tag !== "object" || tag === null || Array.isArray(tag))
+    return bad('must be an object: {"type": "structural_tag", "format": {...}}');
+  const t = tag as Record<string, unknown>;
+  if (t["type"] !== undefined && t["type"] !== "structural_tag")
+    return bad('type must be "structural_tag"');
+  if (t["format"] !== undefined) return t["format"];
+  if (t["structures"] === undefined)
+    return bad('has neither "format" nor "structures" (and "triggers")');
+  const structures = t["structures"];
+  if (!Array.isArray(structures) || structures.length === 0)
+    return bad("structures must be a non-empty array of {begin, schema, end}");
+  return {
+    type: "triggered_tags",
+    triggers: t["triggers"],
+    tags: structures.map((s: unknown) => {
+      const x = (typeof s === "object" && s !== null ? s : {}) as Record<string, unknown>;
+      return {
+        type: "tag",
+        begin: x["begin"],
+        content: { type: "json_schema", json_schema: x["schema"] ?? x["json_schema"] ?? {} },
+        end: x["end"],
+      };
+    }),
+  };
+}
+
+/** Grammars of the last 16 structural tags (with their end-of-sequence symbol), per vocabulary. */
+const grammars = new GrammarCache<StructuralState>(16);
+
+/**
+ * The grammar of outputs under structural tag `tag` (see structuralTagFormat), ended by the
+ * `eos` symbol; 400 naming `param` (and the path to the part at fault) for one that cannot
+ * be compiled.
+ */
+export function structuralTagGrammar(
+  vocabulary: Vocabulary,
+  tag: unknown,
+  eos: number | null,
+  param: string,
+): TokenGrammar<StructuralState> {
+  const format = structuralTagFormat(tag, param);
+  return grammars.get(vocabulary, `${eos} ${JSON.stringify(format)}`, () => {
+    const root = new Compiler(vocabulary, param).format(format, param, 0);
+    return new TokenGrammar(new StructuralText(root, eos), vocabulary);
+  });
+}
