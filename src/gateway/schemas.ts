@@ -2,8 +2,8 @@
 // them (Ajv, no type coercion) and the handlers get their static types. Unknown fields are
 // accepted and ignored, as OpenAI clients send fields that change nothing here (user, ...);
 // the ones that would change the answer and are not implemented (functions, a
-// response_format other than text, json_object, json_schema or structural_tag, vLLM's beam search, ...)
-// are refused by the routes (openai.ts: unsupported).
+// response_format other than text, json_object, json_schema or structural_tag, vLLM's beam
+// search, ...) are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { ContentPart } from "./content-parts.ts";
