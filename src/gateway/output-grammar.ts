@@ -239,13 +239,7 @@ export function outputFormat(
   const [param, kind, value] = guided[0]!;
   const vocabulary = vocabularyOf(ctx, param, param);
   if (kind === "json") {
-    let schema = value;
-    if (typeof value === "string")
-      try {
-        schema = JSON.parse(value);
-      } catch {
-        refuse(param, `${param}: a string must be a JSON schema's text`);
-      }
+    const schema = fromText(value, param, "a JSON schema's text");
     const source = { param, label: param };
     return {
       grammar: schemaGrammar(vocabulary, schema, source) as TokenGrammar<unknown>,
@@ -255,13 +249,7 @@ export function outputFormat(
   }
   const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
   if (kind === "structural_tag") {
-    let tag = value;
-    if (typeof value === "string")
-      try {
-        tag = JSON.parse(value);
-      } catch {
-        refuse(param, `${param}: a string must be a structural tag's JSON text`);
-      }
+    const tag = fromText(value, param, "a structural tag's JSON text");
     const grammar = structuralTagGrammar(vocabulary, tag, eos, param);
     return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
   }
@@ -287,6 +275,16 @@ export function outputFormat(
   }
   const grammar = patternGrammar(vocabulary, pattern, eos, param);
   return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
+}
+
+/** A field that takes an object or its JSON text: the object (400 naming `param` for bad text). */
+function fromText(value: unknown, param: string, what: string): unknown {
+  if (typeof value !== "string") return value;
+  try {
+    return JSON.parse(value);
+  } catch {
+    return refuse(param, `${param}: a string must be ${what}`);
+  }
 }
 
 const isRecord = (x: unknown): x is Record<string, unknown> =>

@@ -481,14 +481,12 @@ export class StructuralText implements ByteAutomaton<StructuralState> {
     return { ways: out.length === 1 ? out : distinct(this.#root, out) };
   }
 
-  /** Only after the end-of-sequence token (free text can always go on). */
+  /**
+   * Only after the end-of-sequence token: where nothing can follow (a lone tag's end), the
+   * mask allows that token alone, and the model's next step ends the choice.
+   */
   isDone(s: StructuralState): boolean {
     return s === DONE;
-  }
-
-  /** May the output end here (the end-of-sequence token next)? */
-  accepts(s: StructuralState): boolean {
-    return s === DONE || s.ways.some((w) => this.#root.accepts(w));
   }
 
   key(s: StructuralState): string {

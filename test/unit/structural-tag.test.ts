@@ -55,6 +55,27 @@ const calls = (o: Record<string, unknown> = {}) => ({
   ...o,
 });
 const tag = (format: unknown) => ({ type: "structural_tag", format });
+const objectTag = {
+  type: "tag",
+  begin: "<a>",
+  content: { type: "json_schema", json_schema: { type: "object" } },
+  end: "</a>",
+};
+const signedNumber = {
+  type: "sequence",
+  elements: [
+    { type: "optional", content: { type: "const_string", value: "-" } },
+    { type: "regex", pattern: "[0-9]+" },
+    { type: "const_string", value: "!" },
+  ],
+};
+const parenthesised = {
+  type: "sequence",
+  elements: [
+    { type: "grammar", grammar: 'root ::= "(" [a-z]* ")"' },
+    { type: "const_string", value: "." },
+  ],
+};
 
 /** Runs `text` (CALL where it says <call>); "whole": then EOS is taken; "prefix"; "refused". */
 function verdict(format: unknown, text: string): "whole" | "prefix" | "refused" {
@@ -195,76 +216,16 @@ describe("structural tags: what each format takes", () => {
         ],
         [{ type: "plus", content: { type: "const_string", value: "x" } }, "", "prefix"],
         [{ type: "star", content: { type: "const_string", value: "x" } }, "", "whole"],
-        [
-          {
-            type: "sequence",
-            elements: [
-              { type: "optional", content: { type: "const_string", value: "-" } },
-              { type: "regex", pattern: "[0-9]+" },
-              { type: "const_string", value: "!" },
-            ],
-          },
-          "-123!",
-          "whole",
-        ],
-        [
-          {
-            type: "sequence",
-            elements: [
-              { type: "optional", content: { type: "const_string", value: "-" } },
-              { type: "regex", pattern: "[0-9]+" },
-              { type: "const_string", value: "!" },
-            ],
-          },
-          "12!",
-          "whole",
-        ],
-        [
-          {
-            type: "sequence",
-            elements: [
-              { type: "optional", content: { type: "const_string", value: "-" } },
-              { type: "regex", pattern: "[0-9]+" },
-              { type: "const_string", value: "!" },
-            ],
-          },
-          "12a",
-          "refused",
-        ],
-        [
-          {
-            type: "sequence",
-            elements: [
-              { type: "grammar", grammar: 'root ::= "(" [a-z]* ")"' },
-              { type: "const_string", value: "." },
-            ],
-          },
-          "(ab).",
-          "whole",
-        ],
-        [
-          {
-            type: "sequence",
-            elements: [
-              { type: "grammar", grammar: 'root ::= "(" [a-z]* ")"' },
-              { type: "const_string", value: "." },
-            ],
-          },
-          "(ab",
-          "prefix",
-        ],
+        [signedNumber, "-123!", "whole"],
+        [signedNumber, "12!", "whole"],
+        [signedNumber, "12a", "refused"],
+        [parenthesised, "(ab).", "whole"],
+        [parenthesised, "(ab", "prefix"],
         // lists of tags, dispatch on patterns, added tokens
         [
           {
             type: "tags_with_separator",
-            tags: [
-              {
-                type: "tag",
-                begin: "<a>",
-                content: { type: "json_schema", json_schema: { type: "object" } },
-                end: "</a>",
-              },
-            ],
+            tags: [objectTag],
             separator: ",",
           },
           "<a>{}</a>,<a>{ }</a>",
@@ -273,14 +234,7 @@ describe("structural tags: what each format takes", () => {
         [
           {
             type: "tags_with_separator",
-            tags: [
-              {
-                type: "tag",
-                begin: "<a>",
-                content: { type: "json_schema", json_schema: { type: "object" } },
-                end: "</a>",
-              },
-            ],
+            tags: [objectTag],
             separator: ",",
           },
           "",
@@ -289,14 +243,7 @@ describe("structural tags: what each format takes", () => {
         [
           {
             type: "tags_with_separator",
-            tags: [
-              {
-                type: "tag",
-                begin: "<a>",
-                content: { type: "json_schema", json_schema: { type: "object" } },
-                end: "</a>",
-              },
-            ],
+            tags: [objectTag],
             separator: ",",
             at_least_one: true,
           },
@@ -306,14 +253,7 @@ describe("structural tags: what each format takes", () => {
         [
           {
             type: "tags_with_separator",
-            tags: [
-              {
-                type: "tag",
-                begin: "<a>",
-                content: { type: "json_schema", json_schema: { type: "object" } },
-                end: "</a>",
-              },
-            ],
+            tags: [objectTag],
             separator: ",",
             stop_after_first: true,
           },
