@@ -3,20 +3,22 @@
 // in it, such as a tool call in a model's own wrapper inside an answer
 // (`I will look. <function=get_weather>{"city": "Paris"}</function>`), or a thought in tags
 // before an answer. A format is a tree: text primitives (const_string, json_schema, regex,
-// grammar, any_text, token), compositions (sequence, or, optional, plus, star, repeat) and
-// dispatch (tag, triggered_tags, tags_with_separator, dispatch); vLLM's older form
-// ({"structures": [{begin, schema, end}], "triggers": [...]}) is triggered_tags. The
-// token-level forms of any_tokens, exclude_token, token_triggered_tags and token_dispatch are
-// refused (400), as are json_schema's styles other than JSON and its any_order.
+// grammar, any_text, token), compositions (sequence, or, optional, plus, star, repeat),
+// dispatch (tag, triggered_tags, tags_with_separator, dispatch) and their token-level kinds
+// over added tokens (any_tokens, token_triggered_tags, token_dispatch); vLLM's older form
+// ({"structures": [{begin, schema, end}], "triggers": [...]}) is triggered_tags.
+// exclude_token (one token of any kind), max_tokens, and json_schema's styles other than JSON
+// and its any_order are refused (400).
 //
-// The tree compiles into a nondeterministic automaton over bytes: a state is the set of the
-// ways the output so far can be read (each way a path down the tree to a leaf's state), a
-// byte advances every way, and a way whose leaf ends spawns the ways that follow it. Free
-// text (any_text, and the text between triggered_tags' and dispatch's regions) never holds
-// its excluded strings, the triggers among them (an Aho-Corasick automaton over them), and
-// inside a tag it stops at the tag's end, as xgrammar's does. The leaves under JSON schemas,
-// patterns and GBNF grammars are the automata of json-schema.ts, guided.ts and cfg.ts, with
-// the masks they cache per vocabulary inside strings (grammar.ts's local parts).
+// The tree compiles into a nondeterministic automaton over bytes and added tokens' symbols:
+// a state is the set of the ways the output so far can be read (each way a path down the
+// tree to a leaf's state), a byte advances every way, and where a way's part may end, the
+// byte may also begin the part after it (ADR 0045). Free text (any_text, and the text between
+// triggered_tags' and dispatch's regions) is UTF-8 that never holds its excluded strings,
+// the triggers among them (an Aho-Corasick automaton over them), and inside a tag it stops
+// at the tag's end, as xgrammar's does. The leaves under JSON schemas, patterns and GBNF
+// grammars are the automata of json-schema.ts, guided.ts and cfg.ts, with the masks they
+// cache per vocabulary inside strings (grammar.ts's local parts).
 import { ApiError } from "./errors.ts";
 import {
   type ByteAutomaton,
@@ -30,6 +32,8 @@ import { schemaGrammar } from "./json-schema.ts";
 
 /** A state of one way through a part (each part's own shape). */
 type St = unknown;
+/** Bytes, or an added token's symbol: what a literal (a tag's begin or end) is made of. */
+type Units = Uint16Array;
 const NONE: readonly St[] = [];
 
 /** A part of the format tree, compiled: the ways through it, byte by byte. */
@@ -122,9 +126,11 @@ class FreeText implements Part {
   /** Ways between characters without max_chars, per node: made once. */
   readonly #ways: (readonly St[])[] = [];
 
-  constructor(excludes: readonly Uint8Array[], maxChars = Number.POSITIVE_INFINITY) {
+  /** `excludes`: unit sequences; those with an added token's symbol never occur in text. */
+  constructor(excludes: readonly Units[], maxChars = Number.POSITIVE_INFINITY) {
     this.#maxChars = maxChars;
     for (const x of excludes) {
+      if (x.some((u) => u >= SYMBOL_BASE)) continue;
       let n = 0;
       for (const b of x) {
         let next = this.#goto[n]!.get(b);
@@ -202,6 +208,35 @@ class FreeText implements Part {
   key(s: St): string {
     const { n, c, u, lo, hi } = s as { n: number; c: number; u: number; lo: number; hi: number };
     return u === 0 ? `${n},${c}` : `${n},${c},${u},${lo},${hi}`;
+  }
+}
+
+/** Any tokens but some added ones (any_tokens): every byte, and the symbols not excluded. */
+class TokenText implements Part {
+  static readonly #START: readonly St[] = [0];
+  readonly #excluded: ReadonlySet<number>;
+
+  /** `excludes`: unit sequences; the one-symbol ones are the excluded added tokens. */
+  constructor(excludes: readonly Units[]) {
+    this.#excluded = new Set(
+      excludes.filter((x) => x.length === 1 && x[0]! >= SYMBOL_BASE).map((x) => x[0]!),
+    );
+  }
+
+  starts(): readonly St[] {
+    return TokenText.#START;
+  }
+
+  step(_: St, b: number): readonly St[] {
+    return this.#excluded.has(b) ? NONE : TokenText.#START;
+  }
+
+  accepts(): boolean {
+    return true;
+  }
+
+  key(): string {
+    return "*";
   }
 }
 
@@ -524,13 +559,11 @@ const MAX_DEPTH = 32;
 /** Bytes of a literal string (begin, end, a trigger, a constant). */
 const MAX_LITERAL = 4096;
 
-/** The formats xgrammar has that act on tokens rather than text: refused here. */
-const TOKEN_FORMATS = new Set([
-  "any_tokens",
-  "exclude_token",
-  "token_triggered_tags",
-  "token_dispatch",
-]);
+/** exclude_token: one token of any kind, which automata over bytes cannot tell apart. */
+const REFUSED = new Set(["exclude_token"]);
+
+const bytesOf = (b: Uint8Array): Units => Uint16Array.from(b);
+const startsWith = (s: Units, p: Units) => p.length <= s.length && p.every((u, i) => s[i] === u);
 
 class Compiler {
   readonly #v: Vocabulary;
@@ -584,47 +617,71 @@ class Compiler {
     return x as number;
   }
 
-  #formats(x: unknown, path: string, depth: number, stops: readonly Uint8Array[]): Part[] {
+  #formats(x: unknown, path: string, depth: number, stops: readonly Units[]): Part[] {
     if (!Array.isArray(x) || x.length === 0)
       this.fail(path, "must be a non-empty array of formats");
     return x.map((f, i) => this.format(f, `${path}.${i}`, depth + 1, stops));
   }
 
   /**
-   * A `tag`: begin, content, end. Content that is free text (any_text, or the text of
-   * triggered_tags or dispatch) stops at the end strings. `stringBegin`: in triggered_tags,
-   * whose triggers are text.
+   * A `tag`: begin, content, end, each a string or a `token` (end: several strings too).
+   * Content that is free text (any_text, any_tokens, or the text between regions) stops at
+   * the end (at an end string for text, at an end token for tokens), as xgrammar's does.
    */
-  #tag(
-    f: Record<string, unknown>,
-    path: string,
-    depth: number,
-    stringBegin = false,
-  ): { part: Part; begin: Uint8Array | null } {
+  #tag(f: Record<string, unknown>, path: string, depth: number): { part: Part; begin: Units } {
     if (f["type"] !== "tag") this.fail(`${path}.type`, 'must be "tag"');
-    const begin =
-      typeof f["begin"] === "string" || stringBegin
-        ? this.#string(f["begin"], `${path}.begin`, true)
-        : null;
-    const beginPart = begin
-      ? new Literal(Uint16Array.from(begin))
-      : this.#token(f["begin"], `${path}.begin`);
+    const begin = this.#literal(f["begin"], `${path}.begin`);
     const endValue = f["end"];
-    const ends =
-      typeof endValue === "string"
-        ? [this.#string(endValue, `${path}.end`)]
-        : Array.isArray(endValue)
-          ? this.#strings(endValue, `${path}.end`, { nonEmpty: true, optional: false })
-          : null;
-    const endPart = ends
-      ? new Choice(ends.map((e) => new Literal(Uint16Array.from(e))))
-      : this.#token(endValue, `${path}.end`);
-    const content = this.format(f["content"], `${path}.content`, depth + 1, ends ?? []);
-    return { part: new Sequence([beginPart, content, endPart]), begin };
+    const ends = Array.isArray(endValue)
+      ? this.#strings(endValue, `${path}.end`, { nonEmpty: true, optional: false }).map(bytesOf)
+      : [this.#literal(endValue, `${path}.end`, false)];
+    const content = this.format(f["content"], `${path}.content`, depth + 1, ends);
+    const endPart = new Choice(ends.map((e) => new Literal(e)));
+    return { part: new Sequence([new Literal(begin), content, endPart]), begin };
   }
 
-  /** A `token` format (or a tag's begin or end given as one): an added token, by text or id. */
-  #token(x: unknown, path: string): Part {
+  /** A string's bytes, or a `token` format's units. */
+  #literal(x: unknown, path: string, nonEmpty = true): Units {
+    return typeof x === "string" ? bytesOf(this.#string(x, path, nonEmpty)) : this.#token(x, path);
+  }
+
+  /** Tags (of triggered_tags and token_triggered_tags): each begins with one of the triggers. */
+  #tags(f: Record<string, unknown>, path: string, depth: number, triggers: readonly Units[]) {
+    const value = f["tags"];
+    if (!Array.isArray(value) || value.length === 0)
+      this.fail(`${path}.tags`, "must be a non-empty array of tags");
+    const tags = value.map((t, i) =>
+      this.#tag(this.#object(t, `${path}.tags.${i}`), `${path}.tags.${i}`, depth + 1),
+    );
+    tags.forEach(({ begin }, i) => {
+      if (!triggers.some((t) => startsWith(begin, t)))
+        this.fail(`${path}.tags.${i}.begin`, "must begin with one of the triggers");
+    });
+    triggers.forEach((t, i) => {
+      if (!tags.some(({ begin }) => startsWith(begin, t)))
+        this.fail(`${path}.triggers.${i}`, "begins no tag (a trigger must lead into one)");
+    });
+    return tags.map((t) => t.part);
+  }
+
+  /** Added tokens (by text or id), as one-symbol unit sequences (trigger_tokens, ...). */
+  #addedTokens(x: unknown, path: string, o: { nonEmpty: boolean }): Units[] {
+    if (x === undefined && !o.nonEmpty) return [];
+    if (!Array.isArray(x) || (o.nonEmpty && x.length === 0))
+      this.fail(path, `must be ${o.nonEmpty ? "a non-empty " : "an "}array of tokens`);
+    return x.map((t, i) => {
+      const units = this.#token({ type: "token", token: t }, `${path}.${i}`);
+      if (units.length !== 1 || units[0]! < SYMBOL_BASE)
+        this.fail(
+          `${path}.${i}`,
+          "must be an added token (a special one: a plain token's text can be written by others)",
+        );
+      return units;
+    });
+  }
+
+  /** A `token` format (or a tag's begin or end given as one): a token, by text or id. */
+  #token(x: unknown, path: string): Units {
     const f = this.#object(x, path);
     if (f["type"] !== "token") this.fail(path, 'must be a string, or a format of type "token"');
     const t = f["token"];
@@ -639,19 +696,21 @@ class Compiler {
     if (!units)
       this.fail(
         `${path}.token`,
-        `names no token of this model's vocabulary (${JSON.stringify(t)?.slice(0, 60)})`,
+        typeof t === "string"
+          ? `names no added token of this model's vocabulary (${JSON.stringify(t).slice(0, 60)}; a plain token is named by its id)`
+          : `names no token of this model's vocabulary (${JSON.stringify(t)?.slice(0, 60)})`,
       );
-    return new Literal(units);
+    return units;
   }
 
-  format(x: unknown, path: string, depth: number, stops: readonly Uint8Array[] = []): Part {
+  format(x: unknown, path: string, depth: number, stops: readonly Units[] = []): Part {
     if (depth > MAX_DEPTH) this.fail(path, `formats nest more than ${MAX_DEPTH} deep`);
     if (++this.#parts > MAX_PARTS) this.fail(path, `the format has more than ${MAX_PARTS} parts`);
     const f = this.#object(x, path);
     const type = f["type"];
     switch (type) {
       case "const_string":
-        return new Literal(Uint16Array.from(this.#string(f["value"], `${path}.value`)));
+        return new Literal(bytesOf(this.#string(f["value"], `${path}.value`)));
       case "json_schema": {
         if (f["style"] !== undefined && f["style"] !== "json")
           this.fail(
@@ -691,10 +750,17 @@ class Compiler {
         });
         const maxChars =
           f["max_chars"] == null ? undefined : this.#count(f["max_chars"], `${path}.max_chars`);
-        return new FreeText([...excludes, ...stops], maxChars);
+        return new FreeText([...excludes.map(bytesOf), ...stops], maxChars);
       }
       case "token":
-        return this.#token(f, path);
+        return new Literal(this.#token(f, path));
+      case "any_tokens": {
+        if (f["max_tokens"] != null) this.fail(`${path}.max_tokens`, "is not supported");
+        const excludes = this.#addedTokens(f["exclude_tokens"], `${path}.exclude_tokens`, {
+          nonEmpty: false,
+        });
+        return new TokenText([...excludes, ...stops]);
+      }
       case "sequence": {
         const elements = f["elements"];
         const n = Array.isArray(elements) ? elements.length : 0;
@@ -734,35 +800,29 @@ class Compiler {
         const triggers = this.#strings(f["triggers"], `${path}.triggers`, {
           nonEmpty: true,
           optional: false,
-        });
-        const tagsValue = f["tags"];
-        if (!Array.isArray(tagsValue) || tagsValue.length === 0)
-          this.fail(`${path}.tags`, "must be a non-empty array of tags");
-        const tags = tagsValue.map((t, i) =>
-          this.#tag(this.#object(t, `${path}.tags.${i}`), `${path}.tags.${i}`, depth + 1, true),
-        );
-        const startsWith = (s: Uint8Array, p: Uint8Array) =>
-          p.length <= s.length && p.every((b, i) => s[i] === b);
-        tags.forEach(({ begin }, i) => {
-          if (!triggers.some((t) => startsWith(begin!, t)))
-            this.fail(`${path}.tags.${i}.begin`, "must begin with one of the triggers");
-        });
-        triggers.forEach((t, i) => {
-          if (!tags.some(({ begin }) => startsWith(begin!, t)))
-            this.fail(`${path}.triggers.${i}`, "begins no tag (a trigger must lead into one)");
-        });
+        }).map(bytesOf);
+        const tags = this.#tags(f, path, depth, triggers);
         const excludes = this.#strings(f["excludes"], `${path}.excludes`, {
           nonEmpty: false,
           optional: true,
+        }).map(bytesOf);
+        return new Dispatch(new FreeText([...triggers, ...excludes, ...stops]), tags, {
+          atLeastOne: this.#bool(f["at_least_one"], `${path}.at_least_one`),
+          stopAfterFirst: this.#bool(f["stop_after_first"], `${path}.stop_after_first`),
         });
-        return new Dispatch(
-          new FreeText([...triggers, ...excludes, ...stops]),
-          tags.map((t) => t.part),
-          {
-            atLeastOne: this.#bool(f["at_least_one"], `${path}.at_least_one`),
-            stopAfterFirst: this.#bool(f["stop_after_first"], `${path}.stop_after_first`),
-          },
-        );
+      }
+      case "token_triggered_tags": {
+        const triggers = this.#addedTokens(f["trigger_tokens"], `${path}.trigger_tokens`, {
+          nonEmpty: true,
+        });
+        const tags = this.#tags(f, path, depth, triggers);
+        const excludes = this.#addedTokens(f["exclude_tokens"], `${path}.exclude_tokens`, {
+          nonEmpty: false,
+        });
+        return new Dispatch(new TokenText([...triggers, ...excludes, ...stops]), tags, {
+          atLeastOne: this.#bool(f["at_least_one"], `${path}.at_least_one`),
+          stopAfterFirst: this.#bool(f["stop_after_first"], `${path}.stop_after_first`),
+        });
       }
       case "tags_with_separator": {
         const tagsValue = f["tags"];
@@ -774,9 +834,7 @@ class Compiler {
               this.#tag(this.#object(t, `${path}.tags.${i}`), `${path}.tags.${i}`, depth + 1).part,
           ),
         );
-        const separator = new Literal(
-          Uint16Array.from(this.#string(f["separator"], `${path}.separator`)),
-        );
+        const separator = new Literal(bytesOf(this.#string(f["separator"], `${path}.separator`)));
         const list = this.#bool(f["stop_after_first"], `${path}.stop_after_first`)
           ? tag
           : new Sequence([
@@ -787,36 +845,49 @@ class Compiler {
           ? list
           : new Repeat(list, 0, 1);
       }
-      case "dispatch": {
+      case "dispatch":
+      case "token_dispatch": {
+        const tokens = type === "token_dispatch";
         const rules = f["rules"];
         if (!Array.isArray(rules) || rules.length === 0)
-          this.fail(`${path}.rules`, "must be a non-empty array of [pattern, format] pairs");
-        const patterns: Uint8Array[] = [];
+          this.fail(
+            `${path}.rules`,
+            `must be a non-empty array of [${tokens ? "token" : "pattern"}, format] pairs`,
+          );
+        const patterns: Units[] = [];
         const parts = rules.map((r, i) => {
           if (!Array.isArray(r) || r.length !== 2)
-            this.fail(`${path}.rules.${i}`, "must be a [pattern, format] pair");
-          const pattern = this.#string(r[0], `${path}.rules.${i}.0`, true);
+            this.fail(
+              `${path}.rules.${i}`,
+              `must be a [${tokens ? "token" : "pattern"}, format] pair`,
+            );
+          const pattern = tokens
+            ? this.#addedTokens([r[0]], `${path}.rules.${i}`, { nonEmpty: true })[0]!
+            : bytesOf(this.#string(r[0], `${path}.rules.${i}.0`, true));
           patterns.push(pattern);
           return new Sequence([
-            new Literal(Uint16Array.from(pattern)),
+            new Literal(pattern),
             this.format(r[1], `${path}.rules.${i}.1`, depth + 1),
           ]);
         });
         const loop = f["loop"] === undefined ? true : this.#bool(f["loop"], `${path}.loop`);
-        const excludes = this.#strings(f["excludes"], `${path}.excludes`, {
-          nonEmpty: false,
-          optional: true,
-        });
-        return new Dispatch(new FreeText([...patterns, ...excludes, ...stops]), parts, {
+        const excludes = tokens
+          ? this.#addedTokens(f["exclude_tokens"], `${path}.exclude_tokens`, { nonEmpty: false })
+          : this.#strings(f["excludes"], `${path}.excludes`, {
+              nonEmpty: false,
+              optional: true,
+            }).map(bytesOf);
+        const text = [...patterns, ...excludes, ...stops];
+        return new Dispatch(tokens ? new TokenText(text) : new FreeText(text), parts, {
           atLeastOne: false,
           stopAfterFirst: !loop,
         });
       }
       default:
-        if (typeof type === "string" && TOKEN_FORMATS.has(type))
+        if (typeof type === "string" && REFUSED.has(type))
           this.fail(
             `${path}.type`,
-            `"${type}" is not supported (the text formats and "token" are)`,
+            `"${type}" is not supported (one token of any kind: the automata here see bytes and added tokens, not where a token ends)`,
           );
         return this.fail(
           `${path}.type`,

@@ -754,9 +754,9 @@ describe("chat completions", () => {
     // Refused with 400 naming the field and the part at fault.
     for (const [extra, param, message] of [
       [
-        { response_format: { type: "structural_tag", format: { type: "any_tokens" } } },
+        { response_format: { type: "structural_tag", format: { type: "exclude_token" } } },
         "response_format",
-        /"any_tokens" is not supported/,
+        /"exclude_token" is not supported/,
       ],
       [
         {

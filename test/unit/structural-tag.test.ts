@@ -221,6 +221,72 @@ describe("structural tags: what each format takes", () => {
         [signedNumber, "12a", "refused"],
         [parenthesised, "(ab).", "whole"],
         [parenthesised, "(ab", "prefix"],
+        // token-level: any tokens but some added ones, regions entered by an added token
+        [{ type: "any_tokens", exclude_tokens: ["</s>"] }, "text<call>more", "whole"],
+        [{ type: "any_tokens", exclude_tokens: ["<call>"] }, "text<call>", "refused"],
+        [
+          {
+            type: "token_triggered_tags",
+            trigger_tokens: ["<call>"],
+            tags: [
+              {
+                type: "tag",
+                begin: { type: "token", token: "<call>" },
+                content: { type: "any_tokens" },
+                end: "!",
+              },
+            ],
+          },
+          "a<call>b! c<call>!",
+          "whole",
+        ],
+        [
+          {
+            type: "tag",
+            begin: "[",
+            content: { type: "any_tokens" },
+            end: { type: "token", token: "<call>" },
+          },
+          "[x]<call>",
+          "whole",
+        ],
+        [
+          {
+            type: "tag",
+            begin: "[",
+            content: { type: "any_tokens" },
+            end: { type: "token", token: "<call>" },
+          },
+          "[x<call>y",
+          "refused",
+        ],
+        [
+          {
+            type: "token_triggered_tags",
+            trigger_tokens: ["<call>"],
+            tags: [
+              {
+                type: "tag",
+                begin: { type: "token", token: "<call>" },
+                content: { type: "json_schema", json_schema: { type: "object" } },
+                end: "!",
+              },
+            ],
+            at_least_one: true,
+          },
+          "text first",
+          "refused",
+        ],
+        [
+          { type: "token_dispatch", rules: [["<call>", { type: "const_string", value: "ok" }]] },
+          "a<call>ok b<call>ok",
+          "whole",
+        ],
+        [
+          { type: "token_dispatch", rules: [["<call>", { type: "const_string", value: "ok" }]] },
+          "a<call>no",
+          "refused",
+        ],
         // lists of tags, dispatch on patterns, added tokens
         [
           {
@@ -332,7 +398,13 @@ describe("structural tags: what each format takes", () => {
 
 describe("structural tags: refusals", () => {
   it.each([
-    [tag({ type: "any_tokens" }), /"any_tokens" is not supported/],
+    [tag({ type: "exclude_token" }), /"exclude_token" is not supported/],
+    [tag({ type: "any_tokens", exclude_tokens: [5] }), /exclude_tokens\.0: must be an added token/],
+    [
+      tag({ type: "any_tokens", exclude_tokens: ["a"] }),
+      /exclude_tokens\.0\.token: names no added token/,
+    ],
+    [tag({ type: "any_tokens", max_tokens: 3 }), /max_tokens: is not supported/],
     [tag({ type: "nonsense" }), /response_format\.type: "nonsense" is no format/],
     [
       tag({ type: "json_schema", json_schema: {}, style: "qwen_xml" }),
@@ -347,7 +419,8 @@ describe("structural tags: refusals", () => {
     ],
     [tag(calls({ triggers: ["<tool="] })), /tags\.0\.begin: must begin with one of the triggers/],
     [tag(calls({ triggers: ["<function=", "<x"] })), /triggers\.1: begins no tag/],
-    [tag({ type: "token", token: "<nope>" }), /token: names no token/],
+    [tag({ type: "token", token: "<nope>" }), /token: names no added token/],
+    [tag({ type: "token", token: 99999 }), /token: names no token/],
     [
       tag({ type: "tag", begin: "<a>", content: { type: "regex", pattern: "(" }, end: "</a>" }),
       /pattern/,
