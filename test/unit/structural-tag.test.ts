@@ -61,6 +61,13 @@ const objectTag = {
   content: { type: "json_schema", json_schema: { type: "object" } },
   end: "</a>",
 };
+/** Any tokens, ended by the added token <call>. */
+const untilCall = {
+  type: "tag",
+  begin: "[",
+  content: { type: "any_tokens" },
+  end: { type: "token", token: "<call>" },
+};
 const signedNumber = {
   type: "sequence",
   elements: [
@@ -240,26 +247,8 @@ describe("structural tags: what each format takes", () => {
           "a<call>b! c<call>!",
           "whole",
         ],
-        [
-          {
-            type: "tag",
-            begin: "[",
-            content: { type: "any_tokens" },
-            end: { type: "token", token: "<call>" },
-          },
-          "[x]<call>",
-          "whole",
-        ],
-        [
-          {
-            type: "tag",
-            begin: "[",
-            content: { type: "any_tokens" },
-            end: { type: "token", token: "<call>" },
-          },
-          "[x<call>y",
-          "refused",
-        ],
+        [untilCall, "[x]<call>", "whole"],
+        [untilCall, "[x<call>y", "refused"],
         [
           {
             type: "token_triggered_tags",
