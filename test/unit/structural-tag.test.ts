@@ -379,6 +379,33 @@ describe("structural tags: what each format takes", () => {
     expectExactMasks(g, a, states, tokenBytes, V);
   });
 
+  it("masks stay exact for free text in a tag, at the top, and before an end token", () => {
+    // The same excluded bytes in three places; the added tokens (the end-of-sequence one, an
+    // end token) allowed exactly where each may come.
+    const formats = [
+      { type: "tag", begin: "(", content: { type: "any_text", excludes: ["#"] }, end: "#)" },
+      { type: "any_text", excludes: ["#)"] },
+      {
+        type: "tag",
+        begin: "(",
+        content: { type: "any_text", excludes: ["#)"] },
+        end: { type: "token", token: "<call>" },
+      },
+    ];
+    for (const format of formats) {
+      const g = structuralTagGrammar(vocabulary, tag(format), EOS, "response_format");
+      const a = g.automaton;
+      const states: StructuralState[] = [a.start];
+      let s: StructuralState | null = a.start;
+      for (const b of utf8("(ab é, #x")) {
+        s = a.step(s!, b);
+        if (s === null) break;
+        states.push(s);
+      }
+      expectExactMasks(g, a, states, tokenBytes, V);
+    }
+  });
+
   it("keeps the grammar of a format once per vocabulary", () => {
     const a = structuralTagGrammar(vocabulary, tag(calls()), EOS, "p");
     expect(structuralTagGrammar(vocabulary, tag(calls()), EOS, "p")).toBe(a);
