@@ -116,98 +116,134 @@ class Leaf implements Part {
   }
 }
 
+/**
+ * A UTF-8 character being written: the continuation bytes it still needs and the range of the
+ * next one (after E0, ED, F0 and F4 narrower: no overlong form, no surrogate, at most
+ * U+10FFFF). Index 0: none (between characters).
+ */
+const PENDING: readonly (readonly [u: number, lo: number, hi: number])[] = [
+  [0, 0x80, 0xbf],
+  [1, 0x80, 0xbf],
+  [2, 0x80, 0xbf],
+  [2, 0xa0, 0xbf],
+  [2, 0x80, 0x9f],
+  [3, 0x80, 0xbf],
+  [3, 0x90, 0xbf],
+  [3, 0x80, 0x8f],
+];
+
+/** The pending index after a lead byte b (0x80 and up), or -1 where b leads nothing. */
+function lead(b: number): number {
+  if (b < 0xc2 || b > 0xf4) return -1;
+  if (b < 0xe0) return 1;
+  if (b < 0xf0) return b === 0xe0 ? 3 : b === 0xed ? 4 : 2;
+  return b === 0xf0 ? 6 : b === 0xf4 ? 7 : 5;
+}
+
+/** A FreeText state: the excluded strings' node, characters so far (with max_chars), PENDING. */
+interface FreeState {
+  readonly n: number;
+  readonly c: number;
+  readonly p: number;
+}
+
 /** Free text: UTF-8 (no added token) that never holds an excluded string. */
 class FreeText implements Part {
-  /** Aho-Corasick over the excluded strings: goto per node, fail links, ends. */
-  readonly #goto: Map<number, number>[] = [new Map()];
-  readonly #fail: number[] = [0];
-  readonly #end: boolean[] = [false];
+  /** Aho-Corasick over the excluded strings as a table: node x 256 bytes -> node. */
+  readonly #delta: Int32Array;
+  /** The node ends an excluded string. */
+  readonly #end: Uint8Array;
   readonly #maxChars: number;
-  /** Ways between characters without max_chars, per node: made once. */
+  /** Without max_chars, each (node, pending) state's one way: made once. */
   readonly #ways: (readonly St[])[] = [];
 
   /** `excludes`: unit sequences; those with an added token's symbol never occur in text. */
   constructor(excludes: readonly Units[], maxChars = Number.POSITIVE_INFINITY) {
     this.#maxChars = maxChars;
+    const goto: Map<number, number>[] = [new Map()];
+    const end: boolean[] = [false];
     for (const x of excludes) {
       if (x.some((u) => u >= SYMBOL_BASE)) continue;
       let n = 0;
       for (const b of x) {
-        let next = this.#goto[n]!.get(b);
+        let next = goto[n]!.get(b);
         if (next === undefined) {
-          next = this.#goto.length;
-          this.#goto.push(new Map());
-          this.#fail.push(0);
-          this.#end.push(false);
-          this.#goto[n]!.set(b, next);
+          next = goto.length;
+          goto.push(new Map());
+          end.push(false);
+          goto[n]!.set(b, next);
         }
         n = next;
       }
-      this.#end[n] = true;
+      end[n] = true;
     }
-    // Breadth first: a node's fail link is the longest proper suffix that is a node.
-    const queue = [...this.#goto[0]!.values()];
+    // Breadth first, so that a node's fail link (the longest proper suffix that is a node)
+    // has its row before the node does: a byte without a child goes where the fail link's
+    // row says.
+    const delta = new Int32Array(goto.length * 256);
+    const fail = new Int32Array(goto.length);
+    for (const [b, child] of goto[0]!) delta[b] = child;
+    const queue = [...goto[0]!.values()];
     for (let q = 0; q < queue.length; q++) {
       const n = queue[q]!;
-      for (const [b, child] of this.#goto[n]!) {
-        let f = this.#fail[n]!;
-        while (f > 0 && !this.#goto[f]!.has(b)) f = this.#fail[f]!;
-        const to = this.#goto[f]!.get(b);
-        this.#fail[child] = to !== undefined && to !== child ? to : 0;
-        this.#end[child] ||= this.#end[this.#fail[child]!]!;
-        queue.push(child);
+      end[n] ||= end[fail[n]!]!;
+      for (let b = 0; b < 256; b++) {
+        const child = goto[n]!.get(b);
+        if (child === undefined) delta[n * 256 + b] = delta[fail[n]! * 256 + b]!;
+        else {
+          delta[n * 256 + b] = child;
+          fail[child] = delta[fail[n]! * 256 + b]!;
+          queue.push(child);
+        }
       }
     }
+    this.#delta = delta;
+    this.#end = Uint8Array.from(end, (e) => (e ? 1 : 0));
   }
 
-  // A state: n, the node; c, characters so far (with max_chars); u, the continuation bytes
-  // the character being written still needs, the next one within [lo, hi].
-  #way(n: number, c: number, u = 0, lo = 0x80, hi = 0xbf): readonly St[] {
-    if (u > 0 || Number.isFinite(this.#maxChars)) return [{ n, c, u, lo, hi }];
-    let way = this.#ways[n];
+  #way(n: number, c: number, p: number): readonly St[] {
+    if (Number.isFinite(this.#maxChars)) return [{ n, c, p } satisfies FreeState];
+    const at = n * PENDING.length + p;
+    let way = this.#ways[at];
     if (!way) {
-      way = [{ n, c: 0, u: 0, lo, hi }];
-      this.#ways[n] = way;
+      way = [{ n, c: 0, p } satisfies FreeState];
+      this.#ways[at] = way;
     }
     return way;
   }
 
   starts(): readonly St[] {
-    return this.#way(0, 0);
+    return this.#way(0, 0, 0);
   }
 
   step(s: St, b: number): readonly St[] {
     if (b >= SYMBOL_BASE) return NONE;
-    const { n, c, u, lo, hi } = s as { n: number; c: number; u: number; lo: number; hi: number };
-    // UTF-8: a lead byte (not overlong, no surrogate, at most U+10FFFF), then its
-    // continuation bytes.
-    let next: [number, number, number] = [0, 0x80, 0xbf];
-    if (u > 0) {
+    const { n, c, p } = s as FreeState;
+    let next = 0;
+    if (p > 0) {
+      const [u, lo, hi] = PENDING[p]!;
       if (b < lo || b > hi) return NONE;
-      next = [u - 1, 0x80, 0xbf];
+      next = u === 1 ? 0 : u === 2 ? 1 : 2;
     } else if (b >= 0x80) {
-      if (b < 0xc2 || b > 0xf4) return NONE;
-      if (b < 0xe0) next = [1, 0x80, 0xbf];
-      else if (b < 0xf0) next = [2, b === 0xe0 ? 0xa0 : 0x80, b === 0xed ? 0x9f : 0xbf];
-      else next = [3, b === 0xf0 ? 0x90 : 0x80, b === 0xf4 ? 0x8f : 0xbf];
+      next = lead(b);
+      if (next < 0) return NONE;
     }
-    let m = n;
-    while (m > 0 && !this.#goto[m]!.has(b)) m = this.#fail[m]!;
-    m = this.#goto[m]!.get(b) ?? 0;
-    if (this.#end[m]) return NONE;
-    const chars = u > 0 ? c : c + 1;
+    const m = this.#delta[n * 256 + b]!;
+    if (this.#end[m] === 1) return NONE;
+    // Characters: each begins with a byte between characters.
+    const chars = p > 0 ? c : c + 1;
     if (chars > this.#maxChars) return NONE;
-    return this.#way(m, Number.isFinite(this.#maxChars) ? chars : 0, ...next);
+    return this.#way(m, chars, next);
   }
 
   /** Between characters. */
   accepts(s: St): boolean {
-    return (s as { u: number }).u === 0;
+    return (s as FreeState).p === 0;
   }
 
   key(s: St): string {
-    const { n, c, u, lo, hi } = s as { n: number; c: number; u: number; lo: number; hi: number };
-    return u === 0 ? `${n},${c}` : `${n},${c},${u},${lo},${hi}`;
+    const { n, c, p } = s as FreeState;
+    return `${n},${c},${p}`;
   }
 }
 
@@ -407,6 +443,8 @@ class Dispatch implements Part {
 
   /** opens[k][b]: byte b can begin region k (checked once per byte, not per step). */
   readonly #opens: Uint8Array[];
+  /** Byte b can begin some region. */
+  readonly #opensAny: Uint8Array;
   readonly #start: readonly St[];
 
   constructor(
@@ -422,6 +460,9 @@ class Dispatch implements Part {
       Uint8Array.from({ length: SYMBOL_BASE }, (_, b) =>
         r.starts().some((s0) => r.step(s0, b).length > 0) ? 1 : 0,
       ),
+    );
+    this.#opensAny = Uint8Array.from({ length: SYMBOL_BASE }, (_, b) =>
+      this.#opens.some((o) => o[b] === 1) ? 1 : 0,
     );
     this.#start = [{ t: o.atLeastOne ? null : text.starts()[0], n: 0 }];
   }
@@ -441,15 +482,35 @@ class Dispatch implements Part {
     }
   }
 
+  /**
+   * The ways in the text after `texts` (the text's ways after a byte), n regions done: kept
+   * per array of the text's (FreeText without max_chars and TokenText make each once), so
+   * that a step of plain text makes nothing new.
+   */
+  #inText(texts: readonly St[], n: number): readonly St[] {
+    const cache = this.#textWays[n === 0 ? 0 : 1]!;
+    let ways = cache.get(texts);
+    if (!ways) {
+      ways = texts.map((t) => ({ t, n }));
+      cache.set(texts, ways);
+    }
+    return ways;
+  }
+  readonly #textWays = [new WeakMap<readonly St[], readonly St[]>(), new WeakMap()];
+
   step(st: St, b: number): readonly St[] {
-    const out: St[] = [];
     const x = st as { t?: St | null; k?: number; s?: St; n: number };
     if (x.k === undefined) {
-      if (x.t !== null) for (const t of this.#text.step(x.t, b)) out.push({ t, n: x.n });
+      const texts = x.t === null ? NONE : this.#text.step(x.t, b);
       // (a region begins between characters of the text)
-      if (x.t === null || this.#text.accepts(x.t)) this.#open(b, x.n, out);
+      const opens =
+        (b >= SYMBOL_BASE || this.#opensAny[b] === 1) && (x.t === null || this.#text.accepts(x.t));
+      if (!opens) return texts.length === 0 ? NONE : this.#inText(texts, x.n);
+      const out: St[] = [...this.#inText(texts, x.n)];
+      this.#open(b, x.n, out);
       return out;
     }
+    const out: St[] = [];
     const region = this.#regions[x.k]!;
     for (const s of region.step(x.s, b)) out.push({ k: x.k, s, n: x.n });
     // Where the region may end, b goes on after it.

@@ -9,6 +9,7 @@ import {
   structuralTagFormat,
   structuralTagGrammar,
 } from "../../src/gateway/structural-tag.ts";
+import { Prng } from "../../src/model/prng.ts";
 import { expectExactMasks, utf8 } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE;
@@ -505,5 +506,27 @@ describe("structural tags: free text is UTF-8", () => {
   it("ends only between characters", () => {
     expect(a.step(run([0xc3])!, EOS)).toBeNull();
     expect(a.step(run([0xc3, 0xa9])!, EOS)).not.toBeNull();
+  });
+});
+
+describe("structural tags: free text's excluded strings", () => {
+  it("takes a text exactly when it holds none of them (400 random texts, overlapping strings)", () => {
+    const excludes = ["ab<", "b<<", "<a", "aaa"];
+    const a = structuralTagGrammar(
+      vocabulary,
+      tag({ type: "any_text", excludes }),
+      EOS,
+      "p",
+    ).automaton;
+    const rng = new Prng(7);
+    for (let i = 0; i < 400; i++) {
+      const text = Array.from(
+        { length: 1 + Math.floor(rng.uniform() * 12) },
+        () => "ab<>"[Math.floor(rng.uniform() * 4)],
+      ).join("");
+      let s: StructuralState | null = a.start;
+      for (const b of utf8(text)) s = s && a.step(s, b);
+      expect(s !== null, text).toBe(!excludes.some((x) => text.includes(x)));
+    }
   });
 });
