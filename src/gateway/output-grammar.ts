@@ -231,7 +231,7 @@ export function outputFormat(
         `structured_outputs.${k}`,
         `structured_outputs.${k} is not supported (${STRUCTURED_OUTPUTS.join(", ")} are)`,
       );
-  const format = jsonMode(ctx, b);
+  const format = responseFormat(ctx, b);
   const asked = [...(format.grammar ? ["response_format"] : []), ...guided.map((g) => g[0])];
   if (asked.length > 1)
     refuse(asked[1]!, `${asked.join(" and ")} both constrain the output: give one`);
@@ -247,7 +247,7 @@ export function outputFormat(
       kind: "json",
     };
   }
-  const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
+  const eos = eosSymbol(ctx, vocabulary);
   if (kind === "structural_tag") {
     const tag = fromText(value, param, "a structural tag's JSON text");
     const grammar = structuralTagGrammar(vocabulary, tag, eos, param);
@@ -277,6 +277,12 @@ export function outputFormat(
   return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
 }
 
+/** The end-of-sequence token's symbol in `vocabulary` (null: the model has none). */
+function eosSymbol(ctx: ServeContext, vocabulary: Vocabulary): number | null {
+  const eos = ctx.tokenizer.eosToken;
+  return eos === null ? null : vocabulary.symbol(eos);
+}
+
 /** A field that takes an object or its JSON text: the object (400 naming `param` for bad text). */
 function fromText(value: unknown, param: string, what: string): unknown {
   if (typeof value !== "string") return value;
@@ -291,23 +297,26 @@ const isRecord = (x: unknown): x is Record<string, unknown> =>
   typeof x === "object" && x !== null && !Array.isArray(x);
 
 /**
- * response_format json_object or json_schema: the grammar that constrains each choice
- * (docs/gateway.md, JSON mode and structured outputs).
+ * response_format json_object, json_schema or structural_tag: the grammar that constrains
+ * each choice (docs/gateway.md, JSON mode and structured outputs; structural tags).
  */
-function jsonMode(ctx: ServeContext, b: ChatCompletionRequest | CompletionRequest): OutputFormat {
+function responseFormat(
+  ctx: ServeContext,
+  b: ChatCompletionRequest | CompletionRequest,
+): OutputFormat {
   const format = (
     b as { response_format?: { type?: unknown; json_schema?: { schema?: unknown } } | null }
   ).response_format;
-  if (format?.type === "structural_tag") {
-    const vocabulary = vocabularyOf(ctx, "response_format structural_tag", "response_format");
-    const eos = ctx.tokenizer.eosToken === null ? null : vocabulary.symbol(ctx.tokenizer.eosToken);
-    const grammar = structuralTagGrammar(vocabulary, format, eos, "response_format");
-    return { grammar: grammar as TokenGrammar<unknown>, param: "response_format", kind: "text" };
-  }
-  if (format?.type !== "json_object" && format?.type !== "json_schema") return {};
-  const vocabulary = vocabularyOf(ctx, `response_format ${format.type}`, "response_format");
+  const type = format?.type;
+  if (!format || (type !== "json_object" && type !== "json_schema" && type !== "structural_tag"))
+    return {};
+  const vocabulary = vocabularyOf(ctx, `response_format ${type}`, "response_format");
   const param = "response_format";
-  if (format.type === "json_object")
+  if (type === "structural_tag") {
+    const grammar = structuralTagGrammar(vocabulary, format, eosSymbol(ctx, vocabulary), param);
+    return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
+  }
+  if (type === "json_object")
     return { grammar: jsonObjectGrammar(vocabulary) as TokenGrammar<unknown>, param, kind: "json" };
   if (format.json_schema?.schema === undefined)
     throw new ApiError(

@@ -543,7 +543,13 @@ class Dispatch implements Part {
 /** After the end-of-sequence token. */
 const DONE = "done";
 /** The ways the output so far can be read (each a state of the root part). */
-export type StructuralState = { readonly ways: readonly St[] } | typeof DONE;
+export type StructuralState =
+  | {
+      readonly ways: readonly St[];
+      /** With several ways, their keys (made once, by `distinct`). */
+      readonly key?: string;
+    }
+  | typeof DONE;
 
 /**
  * Ways kept at most: more are dropped (the output stays valid under those kept, only fewer
@@ -561,7 +567,7 @@ export class StructuralText implements ByteAutomaton<StructuralState> {
   constructor(root: Part, eos: number | null) {
     this.#root = root;
     this.#eos = eos;
-    this.start = { ways: distinct(root, root.starts()) };
+    this.start = distinct(root, root.starts());
   }
 
   step(s: StructuralState, b: number): StructuralState | null {
@@ -574,7 +580,7 @@ export class StructuralText implements ByteAutomaton<StructuralState> {
       out = out.length === 0 ? next : [...out, ...next];
     }
     if (out.length === 0) return null;
-    return { ways: out.length === 1 ? out : distinct(this.#root, out) };
+    return out.length === 1 ? { ways: out } : distinct(this.#root, out);
   }
 
   /**
@@ -587,9 +593,7 @@ export class StructuralText implements ByteAutomaton<StructuralState> {
 
   key(s: StructuralState): string {
     if (s === DONE) return DONE;
-    return s.ways.length === 1
-      ? this.#root.key(s.ways[0])
-      : s.ways.map((w) => this.#root.key(w)).join(" / ");
+    return s.key ?? this.#root.key(s.ways[0]);
   }
 
   local(s: StructuralState): { key: string; byte: number } | null {
@@ -598,17 +602,21 @@ export class StructuralText implements ByteAutomaton<StructuralState> {
   }
 }
 
-/** `ways` without repeats (by key), in key order (equal sets, equal keys), MAX_WAYS at most. */
-function distinct(root: Part, ways: readonly St[]): readonly St[] {
+/**
+ * A state of `ways` without repeats (by key), in key order (equal sets, equal keys),
+ * MAX_WAYS at most, with their keys when there are several (each computed once).
+ */
+function distinct(root: Part, ways: readonly St[]): { ways: readonly St[]; key?: string } {
+  if (ways.length === 1) return { ways };
   const byKey = new Map<string, St>();
   for (const w of ways) {
     const k = root.key(w);
     if (!byKey.has(k)) byKey.set(k, w);
   }
-  return [...byKey.keys()]
-    .sort()
-    .slice(0, MAX_WAYS)
-    .map((k) => byKey.get(k));
+  const keys = [...byKey.keys()].sort().slice(0, MAX_WAYS);
+  return keys.length === 1
+    ? { ways: [byKey.get(keys[0]!)] }
+    : { ways: keys.map((k) => byKey.get(k)), key: keys.join(" / ") };
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
+import type { parseArgs } from "node:util";
 import { parseManifest } from "../api/manifest.ts";
 import { everyShardExpertBytes, gatewayWeightBytes } from "../api/memory.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
@@ -33,18 +34,22 @@ import { UP_WATCHED_ENV } from "./parent-watch.ts";
 import { formatBytes } from "./progress.ts";
 import { ProgressBoard } from "./progress-board.ts";
 
-/** up's flags (src/cli/commands/up.ts parses them). */
-export interface UpFlags {
-  file?: string[] | undefined;
-  model?: string | undefined;
-  "models-dir"?: string | undefined;
-  "http-port"?: string | undefined;
-  "grpc-port"?: string | undefined;
-  host?: string | undefined;
-  "micro-batches"?: string | undefined;
-  device?: string | undefined;
-  "single-process"?: boolean | undefined;
-}
+/** up's flags (src/cli/commands/up.ts parses them with these options). */
+export const UP_OPTIONS = {
+  file: { type: "string", short: "f", multiple: true },
+  model: { type: "string" },
+  "models-dir": { type: "string" },
+  "http-port": { type: "string" },
+  "grpc-port": { type: "string" },
+  host: { type: "string" },
+  "micro-batches": { type: "string" },
+  device: { type: "string" },
+  "single-process": { type: "boolean" },
+  watch: { type: "boolean" },
+} as const;
+
+/** up's flags, as parseArgs gives them. */
+export type UpFlags = ReturnType<typeof parseArgs<{ options: typeof UP_OPTIONS }>>["values"];
 
 /**
  * up's -f files: their texts, and which one holds the DeepSeekModel (the only one, or the one

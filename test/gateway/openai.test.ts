@@ -570,13 +570,8 @@ describe("chat completions", () => {
         { guided_choice: choices, tools: [{ type: "function", function: { name: "f" } }] },
         "guided_choice",
       ],
-    ] as [Record<string, unknown>, string][]) {
-      const err = await ask(extra, { n: 1 }).then(
-        () => expect.unreachable(JSON.stringify(extra)),
-        (e: APIError) => e,
-      );
-      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
-    }
+    ] as [Record<string, unknown>, string][])
+      await expectRefused(() => ask(extra, { n: 1 }), extra, param);
   });
 
   it("vLLM's guided_grammar (and structured_outputs.grammar): every choice is in the GBNF grammar's language", async () => {
@@ -640,14 +635,8 @@ describe("chat completions", () => {
         /'root'/,
       ],
       [{ guided_grammar: list, guided_regex: "a" }, "guided_grammar", /both/],
-    ] as [Record<string, unknown>, string, RegExp][]) {
-      const err = await ask(extra, 1).then(
-        () => expect.unreachable(JSON.stringify(extra)),
-        (e: APIError) => e,
-      );
-      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
-      expect(err.message).toMatch(message);
-    }
+    ] as [Record<string, unknown>, string, RegExp][])
+      await expectRefused(() => ask(extra, 1), extra, param, message);
   });
 
   it("response_format structural_tag (and structured_outputs.structural_tag): tags, a thought then an answer, free text with triggers; every choice obeys", async () => {
@@ -784,14 +773,8 @@ describe("chat completions", () => {
         /JSON text/,
       ],
       [{ response_format: oneCall, guided_regex: "a" }, "guided_regex", /both/],
-    ] as [Record<string, unknown>, string, RegExp][]) {
-      const err = await ask(extra, 1).then(
-        () => expect.unreachable(JSON.stringify(extra)),
-        (e: APIError) => e,
-      );
-      expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
-      expect(err.message).toMatch(message);
-    }
+    ] as [Record<string, unknown>, string, RegExp][])
+      await expectRefused(() => ask(extra, 1), extra, param, message);
   });
 
   it("response_format json_schema: pattern, format, lengths, bounds, a union, a map and a set hold in every choice", async () => {
@@ -2072,6 +2055,24 @@ describe("preemption", () => {
     await preemptionScenario(dir, {});
   });
 });
+
+/**
+ * The request `send` makes (with `extra` in its body) is refused: 400 naming `param`, its
+ * message matching `message` when given.
+ */
+async function expectRefused(
+  send: () => Promise<unknown>,
+  extra: Record<string, unknown>,
+  param: string,
+  message?: RegExp,
+): Promise<void> {
+  const err = await send().then(
+    () => expect.unreachable(JSON.stringify(extra)),
+    (e: APIError) => e,
+  );
+  expect([err.status, err.param], JSON.stringify(extra)).toEqual([400, param]);
+  if (message) expect(err.message).toMatch(message);
+}
 
 /** An error of the openai client from a body in OpenAI's format, with these fields. */
 function expectApiError(

@@ -5,7 +5,7 @@
 // Ctrl-C. `up --watch` runs that `up` under a supervisor that watches the files and sends it
 // the edits it can take (src/local/watch.ts; ADR 0041).
 import { parseArgs } from "node:util";
-import { localFiles, prepareRun } from "../../local/prepare.ts";
+import { localFiles, prepareRun, UP_OPTIONS } from "../../local/prepare.ts";
 import { LocalRun } from "../../local/run.ts";
 import { watchAndRun } from "../../local/watch.ts";
 import type { Command } from "../registry.ts";
@@ -58,19 +58,6 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
-
-const UP_OPTIONS = {
-  file: { type: "string", short: "f", multiple: true },
-  model: { type: "string" },
-  "models-dir": { type: "string" },
-  "http-port": { type: "string" },
-  "grpc-port": { type: "string" },
-  host: { type: "string" },
-  "micro-batches": { type: "string" },
-  device: { type: "string" },
-  "single-process": { type: "boolean" },
-  watch: { type: "boolean" },
-} as const;
 
 export const upCommand: Command = {
   name: "up",
