@@ -14,8 +14,9 @@
 // match. A character advances every stack whose top matches it; rule references on top are
 // expanded into their alternatives at once. Characters arrive as UTF-8 bytes: between a
 // character's bytes the state keeps what the character can still become, and a byte is
-// allowed while some stack accepts one of those characters. Compile-time checks keep the
-// expansion finite and every state alive: undefined rules, left recursion and rules that
+// allowed while some stack accepts one of those characters. Compile-time work keeps the
+// expansion finite and every state alive: left recursion is rewritten to right recursion
+// (ADR 0046); undefined rules, left recursion behind a rule that can be empty, and rules that
 // derive no finite string are refused (alternatives using the latter are dropped). Stacks
 // are hash-consed linked nodes, so a step costs the same at any nesting depth; inside a
 // string, the closing quote under every stack gives grammar.ts's local part (quote-free
@@ -46,12 +47,15 @@ const MAX_NESTING = 100;
 // ---- parsing: text to rules of alternatives of elements ----
 
 /** A character class: sorted, disjoint, inclusive ranges [lo0, hi0, lo1, hi1, ...]. */
-type Ranges = readonly number[];
-type Element = { readonly chars: Ranges } | { readonly rule: number };
-type Alternative = Element[];
+export type Ranges = readonly number[];
+export type Element = { readonly chars: Ranges } | { readonly rule: number };
+export type Alternative = Element[];
 
-/** Ranges sorted and merged (complemented when negated), surrogates taken out. */
-function normalize(ranges: [number, number][], negated: boolean): Ranges {
+/**
+ * A class from inclusive ranges in any order (complemented when negated): sorted and merged,
+ * surrogates taken out.
+ */
+export function charClass(ranges: readonly (readonly [number, number])[], negated = false): Ranges {
   const r = characters(ranges, negated);
   const out: number[] = [];
   for (let i = 0; i < r.length; i += 2) {
@@ -63,7 +67,7 @@ function normalize(ranges: [number, number][], negated: boolean): Ranges {
   return out;
 }
 
-function characters(ranges: [number, number][], negated: boolean): Ranges {
+function characters(ranges: readonly (readonly [number, number])[], negated: boolean): Ranges {
   const sorted = ranges.filter(([lo, hi]) => lo <= hi).sort((a, b) => a[0] - b[0]);
   const merged: [number, number][] = [];
   for (const [lo, hi] of sorted) {
@@ -82,15 +86,63 @@ function characters(ranges: [number, number][], negated: boolean): Ranges {
   return out;
 }
 
+/**
+ * Rules as they are read: named ones (a name used before its definition gets its id then)
+ * and generated ones (groups, repetitions). GBNF's parser fills one; so does lark.ts.
+ */
+export class RuleSet {
+  readonly names = new Map<string, number>();
+  /** Per rule: its alternatives (null: used, not defined yet). */
+  readonly rules: (Alternative[] | null)[] = [];
+  readonly ruleNames: string[] = [];
+  /** Where each named rule was first used ("line 3"), for the message when it is undefined. */
+  readonly usedAt = new Map<number, string>();
+  #generated = 0;
+
+  /** The id of the rule named `name` (a new, undefined one the first time). */
+  ruleId(name: string): number {
+    let id = this.names.get(name);
+    if (id === undefined) {
+      id = this.rules.length;
+      this.names.set(name, id);
+      this.rules.push(null);
+      this.ruleNames.push(name);
+    }
+    return id;
+  }
+
+  /** A rule without a name of its own (`label` says what it is in messages). */
+  newRule(alts: Alternative[] | null, label = "generated"): number {
+    const id = this.rules.length;
+    this.rules.push(alts);
+    this.ruleNames.push(`(${label} ${++this.#generated})`);
+    return id;
+  }
+
+  /** `item` min to max (Infinity: unbounded) times, as elements of a sequence. */
+  repeat(item: Element, min: number, max: number): Element[] {
+    const seq: Element[] = [];
+    for (let i = 0; i < min; i++) seq.push(item);
+    if (max === Number.POSITIVE_INFINITY) {
+      // star ::= item star | ""  (right recursion: the stack does not grow)
+      const star = this.newRule(null);
+      this.rules[star] = [[item, { rule: star }], []];
+      seq.push({ rule: star });
+    } else if (max > min) {
+      // opt_k ::= item opt_{k-1} | ""  for the max - min optional copies
+      let tail: number | null = null;
+      for (let k = 0; k < max - min; k++)
+        tail = this.newRule([tail === null ? [item] : [item, { rule: tail }], []]);
+      seq.push({ rule: tail! });
+    }
+    return seq;
+  }
+}
+
 class Parser {
   readonly #src: string;
   #at = 0;
-  readonly names = new Map<string, number>();
-  readonly rules: (Alternative[] | null)[] = [];
-  readonly ruleNames: string[] = [];
-  /** Where each named rule was first referenced (for the undefined-rule message). */
-  readonly referencedAt = new Map<number, number>();
-  #generated = 0;
+  readonly set = new RuleSet();
   /** Groups open around the current position. */
   #depth = 0;
 
@@ -108,9 +160,9 @@ class Parser {
       if (!this.#src.startsWith("::=", this.#at))
         this.#fail(`expected '::=' after rule name '${name}'`);
       this.#at += 3;
-      const id = this.#ruleId(name);
-      if (this.rules[id]) this.#fail(`rule '${name}' is defined twice`, start);
-      this.rules[id] = this.#alternatives(false);
+      const id = this.set.ruleId(name);
+      if (this.set.rules[id]) this.#fail(`rule '${name}' is defined twice`, start);
+      this.set.rules[id] = this.#alternatives(false);
     }
   }
 
@@ -118,24 +170,6 @@ class Parser {
     const line = this.#src.slice(0, at).split("\n").length;
     const col = at - this.#src.lastIndexOf("\n", at - 1);
     throw new GrammarError(`${message} (line ${line}, column ${col})`);
-  }
-
-  #ruleId(name: string): number {
-    let id = this.names.get(name);
-    if (id === undefined) {
-      id = this.rules.length;
-      this.names.set(name, id);
-      this.rules.push(null);
-      this.ruleNames.push(name);
-    }
-    return id;
-  }
-
-  #newRule(alts: Alternative[]): number {
-    const id = this.rules.length;
-    this.rules.push(alts);
-    this.ruleNames.push(`(generated ${++this.#generated})`);
-    return id;
   }
 
   /** Spaces, newlines and comments. */
@@ -220,7 +254,7 @@ class Parser {
         ranges.push([lo, hi]);
       }
       this.#at++;
-      const chars = normalize(ranges, negated);
+      const chars = charClass(ranges, negated);
       if (chars.length === 0) this.#fail("the character class matches no character");
       seq.push({ chars });
       return;
@@ -237,13 +271,14 @@ class Parser {
       this.#depth--;
       if (s[this.#at] !== ")") this.#fail("expected ')'");
       this.#at++;
-      seq.push({ rule: this.#newRule(alts) });
+      seq.push({ rule: this.set.newRule(alts) });
       return;
     }
     if (/[A-Za-z0-9_-]/.test(c)) {
       const at = this.#at;
-      const id = this.#ruleId(this.#name());
-      if (!this.referencedAt.has(id)) this.referencedAt.set(id, at);
+      const id = this.set.ruleId(this.#name());
+      if (!this.set.usedAt.has(id))
+        this.set.usedAt.set(id, `line ${this.#src.slice(0, at).split("\n").length}`);
       seq.push({ rule: id });
       return;
     }
@@ -285,7 +320,7 @@ class Parser {
     if (op !== "*" && op !== "+" && op !== "?" && op !== "{") return;
     // A literal's characters: the operator binds to the whole literal, as in llama.cpp.
     const item: Element =
-      seq.length - start === 1 ? seq[start]! : { rule: this.#newRule([seq.slice(start)]) };
+      seq.length - start === 1 ? seq[start]! : { rule: this.set.newRule([seq.slice(start)]) };
     seq.length = start;
     let min: number;
     let max: number;
@@ -307,19 +342,7 @@ class Parser {
             ? [1, Number.POSITIVE_INFINITY]
             : [0, 1];
     }
-    for (let i = 0; i < min; i++) seq.push(item);
-    if (max === Number.POSITIVE_INFINITY) {
-      // star ::= item star | ""  (right recursion: the stack does not grow)
-      const star = this.#newRule([]);
-      this.rules[star] = [[item, { rule: star }], []];
-      seq.push({ rule: star });
-    } else if (max > min) {
-      // opt_k ::= item opt_{k-1} | ""  for the max - min optional copies
-      let tail: number | null = null;
-      for (let k = 0; k < max - min; k++)
-        tail = this.#newRule([tail === null ? [item] : [item, { rule: tail }], []]);
-      seq.push({ rule: tail! });
-    }
+    seq.push(...this.set.repeat(item, min, max));
   }
 }
 
@@ -348,19 +371,25 @@ export function compileGrammar(text: string, rootName = "root"): Grammar {
     throw new GrammarError(`the grammar is longer than ${MAX_GRAMMAR_CHARS} characters`);
   const p = new Parser(text);
   p.parse();
-  const root = p.names.get(rootName);
-  if (root === undefined || !p.rules[root])
+  return compileRules(p.set, rootName);
+}
+
+/**
+ * Compiles rules read from a grammar (GrammarError for a rule used but not defined, a root
+ * that derives nothing, left recursion that cannot be rewritten, a grammar too large).
+ */
+export function compileRules(set: RuleSet, rootName: string): Grammar {
+  const root = set.names.get(rootName);
+  if (root === undefined || !set.rules[root])
     throw new GrammarError(`the grammar has no '${rootName}' rule`);
-  for (const [id, at] of p.referencedAt)
-    if (!p.rules[id]) {
-      const line = text.slice(0, at).split("\n").length;
-      throw new GrammarError(`rule '${p.ruleNames[id]}' is used (line ${line}) but not defined`);
-    }
-  const rules = p.rules as Alternative[][];
-  const n = rules.length;
+  for (const [id, at] of set.usedAt)
+    if (!set.rules[id])
+      throw new GrammarError(`rule '${set.ruleNames[id]}' is used (${at}) but not defined`);
+  const rules = set.rules as Alternative[][];
   const isRef = (e: Element): e is { rule: number } => "rule" in e;
 
   // Rules that derive a finite string; alternatives through the others are dropped.
+  let n = rules.length;
   const productive = new Uint8Array(n);
   for (let changed = true; changed; ) {
     changed = false;
@@ -377,6 +406,9 @@ export function compileGrammar(text: string, rootName = "root"): Grammar {
     throw new GrammarError(`'${rootName}' derives no finite string (every way recurses forever)`);
   for (let r = 0; r < n; r++)
     rules[r] = rules[r]!.filter((alt) => alt.every((e) => !isRef(e) || productive[e.rule]));
+
+  rewriteLeftRecursion(set);
+  n = rules.length;
 
   // Left recursion (through nullable prefixes) would make the expansion endless.
   const nullable = new Uint8Array(n);
@@ -405,9 +437,9 @@ export function compileGrammar(text: string, rootName = "root"): Grammar {
     path.push(r);
     for (const s of left[r]!) {
       if (mark[s] === 1) {
-        const cycle = [...path.slice(path.indexOf(s)), s].map((x) => p.ruleNames[x]);
+        const cycle = [...path.slice(path.indexOf(s)), s].map((x) => set.ruleNames[x]);
         throw new GrammarError(
-          `left recursion: ${cycle.join(" -> ")} (rewrite it with repetition)`,
+          `left recursion through a rule that can be empty: ${cycle.join(" -> ")} (rewrite it with repetition)`,
         );
       }
       if (mark[s] === 0) visit(s);
@@ -444,6 +476,119 @@ export function compileGrammar(text: string, rootName = "root"): Grammar {
     }),
   );
   return new Grammar(Int32Array.from(code), classes, starts, root);
+}
+
+/**
+ * Left recursion (`expr ::= expr "+" term | term`, directly or through other rules' first
+ * elements) rewritten to right recursion, which the recognizer's expansion can follow:
+ * within each cycle of rules that begin with one another, rules in turn take the
+ * alternatives of earlier ones in place of a leading reference (Paull's algorithm), then
+ * `a ::= a x | y` becomes `a ::= y a'`, `a' ::= x a' | ""`. The language is the same. Left
+ * recursion hidden behind a rule that can be empty is left for compileRules to refuse.
+ */
+function rewriteLeftRecursion(set: RuleSet): void {
+  const rules = set.rules as Alternative[][];
+  const lead = (alt: Alternative): number => {
+    const e = alt[0];
+    return e !== undefined && "rule" in e ? e.rule : -1;
+  };
+  let size = 0;
+  for (const alts of rules) for (const alt of alts) size += alt.length + 1;
+  const grow = (name: string, by: number): void => {
+    size += by;
+    if (size > MAX_POSITIONS)
+      throw new GrammarError(
+        `rewriting the left recursion through '${name}' makes the grammar larger than ${MAX_POSITIONS} positions`,
+      );
+  };
+  for (const cycle of leadCycles(rules, lead)) {
+    for (let i = 0; i < cycle.length; i++) {
+      const a = cycle[i]!;
+      const name = set.ruleNames[a]!;
+      for (let j = 0; j < i; j++) {
+        const b = cycle[j]!;
+        if (!rules[a]!.some((alt) => lead(alt) === b)) continue;
+        const out: Alternative[] = [];
+        for (const alt of rules[a]!) {
+          if (lead(alt) !== b) {
+            out.push(alt);
+            continue;
+          }
+          for (const d of rules[b]!) {
+            out.push([...d, ...alt.slice(1)]);
+            grow(name, d.length + alt.length);
+          }
+        }
+        rules[a] = out;
+      }
+      const recursive = rules[a]!.filter((alt) => lead(alt) === a);
+      if (recursive.length === 0) continue;
+      // a ::= a (alone) adds nothing; a ::= a x | y is y x*.
+      const tails = recursive.map((alt) => alt.slice(1)).filter((t) => t.length > 0);
+      const bases = rules[a]!.filter((alt) => lead(alt) !== a);
+      if (tails.length === 0) {
+        rules[a] = bases;
+        continue;
+      }
+      const tail = set.newRule(null, `${name}, left recursion rewritten`);
+      rules[tail] = [...tails.map((t) => [...t, { rule: tail }]), []];
+      rules[a] = bases.map((b) => [...b, { rule: tail }]);
+      grow(name, tails.length + bases.length + 1);
+    }
+  }
+}
+
+/**
+ * The rules of each cycle of first references (strongly connected components of "an
+ * alternative of r begins with s" that hold a cycle), each in the order found (Tarjan).
+ */
+function leadCycles(
+  rules: readonly Alternative[][],
+  lead: (alt: Alternative) => number,
+): number[][] {
+  const n = rules.length;
+  const index = new Int32Array(n).fill(-1);
+  const low = new Int32Array(n);
+  const onStack = new Uint8Array(n);
+  const stack: number[] = [];
+  const out: number[][] = [];
+  let next = 0;
+  const succ = (r: number): number[] => [...new Set(rules[r]!.map(lead).filter((s) => s >= 0))];
+  // Iterative: a grammar's chains of first references can be long.
+  for (let root = 0; root < n; root++) {
+    if (index[root]! >= 0) continue;
+    const work: { r: number; edges: number[]; k: number }[] = [];
+    const open = (r: number) => {
+      index[r] = low[r] = next++;
+      stack.push(r);
+      onStack[r] = 1;
+      work.push({ r, edges: succ(r), k: 0 });
+    };
+    open(root);
+    while (work.length > 0) {
+      const top = work.at(-1)!;
+      if (top.k < top.edges.length) {
+        const s = top.edges[top.k++]!;
+        if (index[s]! < 0) open(s);
+        else if (onStack[s]) low[top.r] = Math.min(low[top.r]!, index[s]!);
+        continue;
+      }
+      work.pop();
+      const parent = work.at(-1);
+      if (parent) low[parent.r] = Math.min(low[parent.r]!, low[top.r]!);
+      if (low[top.r] !== index[top.r]) continue;
+      const component: number[] = [];
+      let s: number;
+      do {
+        s = stack.pop()!;
+        onStack[s] = 0;
+        component.push(s);
+      } while (s !== top.r);
+      if (component.length > 1 || rules[top.r]!.some((alt) => lead(alt) === top.r))
+        out.push(component.reverse());
+    }
+  }
+  return out;
 }
 
 // ---- recognizing: stack sets, stepped by code points, fed by UTF-8 bytes ----
@@ -525,6 +670,11 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   readonly #sets = new Map<string, StackSet>();
   readonly #steps = new Map<string, StackSet | null>();
   #ids = 0;
+  /**
+   * Steps that kept only some of the ways on (MAX_STACKS, MAX_EXPANSIONS): a grammar ambiguous
+   * enough that text in its language may be refused after them.
+   */
+  truncated = 0;
   /** This automaton among all (local keys are kept per vocabulary, for every grammar). */
   readonly #uid = ++automata;
 
@@ -688,8 +838,10 @@ export class GrammarText implements ByteAutomaton<CfgState> {
     const out = new Map<number, Node | null>();
     const seen = new Set<number>();
     while (todo.length > 0) {
-      if (out.size >= MAX_STACKS || seen.size >= MAX_EXPANSIONS)
+      if (out.size >= MAX_STACKS || seen.size >= MAX_EXPANSIONS) {
+        this.truncated++;
         return { out, budgetHit: seen.size >= MAX_EXPANSIONS };
+      }
       const st = todo.pop()!;
       if (st === null) {
         out.set(-1, null);

@@ -1,6 +1,6 @@
 // vLLM's guided decoding of plain text (docs/gateway.md): `guided_regex` (the whole output
 // matches the pattern), `guided_choice` (the output is one of the strings) and
-// `guided_grammar` (a GBNF grammar, cfg.ts), also as `structured_outputs: {"regex" |
+// `guided_grammar` (a GBNF grammar, cfg.ts, or a Lark one, lark.ts), also as `structured_outputs: {"regex" |
 // "choice" | "grammar"}` (vLLM's newer form). The pattern compiles as a
 // JSON Schema pattern does (regex.ts, json-string.ts), over the output's raw UTF-8; the
 // end-of-sequence token is allowed exactly where the text so far matches, and where nothing
@@ -15,6 +15,7 @@ import {
   type Vocabulary,
 } from "./grammar.ts";
 import { StringRule, type StringState } from "./json-string.ts";
+import { compileLark, isGbnf } from "./lark.ts";
 import { compilePattern, RegexError } from "./regex.ts";
 
 /** After the end-of-sequence token. */
@@ -76,14 +77,15 @@ export function patternGrammar(
   });
 }
 
-/** Grammars of the last 16 GBNF texts (with their end-of-sequence symbol), per vocabulary. */
+/** Grammars of the last 16 grammar texts (with their end-of-sequence symbol), per vocabulary. */
 const cfgGrammars = new GrammarCache<CfgState>(16);
 
 /**
- * The grammar of outputs in the language of GBNF `text` (400 naming `param` for one that
- * cannot be compiled: the reason, with line and column).
+ * The grammar of outputs in the language of `text`: GBNF where it has a `name ::=`, Lark
+ * otherwise, as vLLM tells them apart (400 naming `param` for one that cannot be compiled:
+ * the reason, with line and column).
  */
-export function gbnfGrammar(
+export function cfgGrammar(
   vocabulary: Vocabulary,
   text: string,
   eos: number | null,
@@ -91,7 +93,8 @@ export function gbnfGrammar(
 ): TokenGrammar<CfgState> {
   return cfgGrammars.get(vocabulary, `${eos} ${text}`, () => {
     try {
-      return new TokenGrammar(new GrammarText(compileGrammar(text), eos), vocabulary);
+      const g = isGbnf(text) ? compileGrammar(text) : compileLark(text);
+      return new TokenGrammar(new GrammarText(g, eos), vocabulary);
     } catch (err) {
       // RangeError: a grammar past what the recognizer's tables or the call stack hold.
       if (!(err instanceof GrammarError || err instanceof RangeError)) throw err;

@@ -6,7 +6,7 @@
 import type { Tokenizer } from "../model/tokenizer.ts";
 import { ApiError } from "./errors.ts";
 import { type ByteAutomaton, TokenGrammar, type Vocabulary, vocabularyFor } from "./grammar.ts";
-import { gbnfGrammar, patternGrammar } from "./guided.ts";
+import { cfgGrammar, patternGrammar } from "./guided.ts";
 import type { ServeContext } from "./jobs.ts";
 import { jsonObjectGrammar, run, START } from "./json-mode.ts";
 import { schemaGrammar } from "./json-schema.ts";
@@ -255,8 +255,8 @@ export function outputFormat(
   }
   if (kind === "grammar") {
     if (typeof value !== "string" || value.trim() === "")
-      return refuse(param, `${param} must be a GBNF grammar's text`);
-    const grammar = gbnfGrammar(vocabulary, value, eos, param);
+      return refuse(param, `${param} must be a grammar's text (GBNF or Lark)`);
+    const grammar = cfgGrammar(vocabulary, value, eos, param);
     return { grammar: grammar as TokenGrammar<unknown>, param, kind: "text" };
   }
   let pattern: string;

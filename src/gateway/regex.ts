@@ -117,9 +117,29 @@ interface TopAlternative {
 const SYNTAX = new Set("^$\\.*+?()[]{}|/");
 const CONTROL_ESCAPES: Readonly<Record<string, number>> = { t: 9, n: 10, v: 11, f: 12, r: 13 };
 
-function parse(pattern: string): TopAlternative[] {
+/**
+ * How a pattern is read beside ECMA-262 with the `u` flag (JSON Schema's): Python's `re`
+ * as Lark's terminals use it (lark.ts).
+ */
+export interface Dialect {
+  /**
+   * Python's syntax where it differs: `.` is anything but a newline, a backslash before any ASCII
+   * character other than a letter or digit is that character, `(?P<name>...)` is a named
+   * group. (\d, \w and \s stay ECMA-262's, where Python's also take other scripts' digits
+   * and letters.)
+   */
+  readonly python?: boolean;
+  /** The `i` flag: characters match their other cases too (Unicode simple case folding). */
+  readonly ignoreCase?: boolean;
+  /** The `s` flag: `.` is any character. */
+  readonly dotAll?: boolean;
+}
+
+function parse(pattern: string, dialect: Dialect = {}): TopAlternative[] {
   // Code points: a position is an index in these, as messages give it.
   const cps = Array.from(pattern);
+  const fold = (r: Ranges): Ranges => (dialect.ignoreCase ? caseFold(r) : r);
+  const char = (c: number): Ast => ({ kind: "set", ranges: fold([c, c]) });
   let i = 0;
   let depth = 0;
   const fail = (what: string, at = i): never => {
@@ -170,7 +190,10 @@ function parse(pattern: string): TopAlternative[] {
     const c = cps[i++]!;
     switch (c) {
       case ".":
-        return { kind: "set", ranges: DOT };
+        return {
+          kind: "set",
+          ranges: dialect.dotAll ? ANY : dialect.python ? complement([0x0a, 0x0a]) : DOT,
+        };
       case "(":
         return group(at);
       case "[":
@@ -188,7 +211,7 @@ function parse(pattern: string): TopAlternative[] {
       case "]":
         return fail("lone ']' (escape it: \\])", at);
       default:
-        return literal(c.codePointAt(0)!);
+        return char(c.codePointAt(0)!);
     }
   };
 
@@ -199,6 +222,9 @@ function parse(pattern: string): TopAlternative[] {
       if (eat("<")) {
         if (eat("=")) unsupported("lookbehind '(?<='", at);
         if (eat("!")) unsupported("negative lookbehind '(?<!'", at);
+        groupName(at);
+      } else if (dialect.python && eat("P")) {
+        if (!eat("<")) unsupported(`'(?P${cps[i] ?? ""}' (a backreference or other extension)`, at);
         groupName(at);
       } else if (!eat(":")) {
         unsupported(`group syntax '(?${cps[i] ?? ""}' (modifiers and other extensions)`, at);
@@ -262,7 +288,7 @@ function parse(pattern: string): TopAlternative[] {
     if (c === "p" || c === "P") unsupported(`Unicode property escape '\\${c}{...}'`, at);
     if (c === "k") unsupported("backreference '\\k<...>'", at);
     if (c >= "1" && c <= "9") unsupported(`backreference '\\${c}'`, at);
-    return literal(characterEscape(at));
+    return char(characterEscape(at));
   };
 
   // After '\' (at `at`): the code point an escape that stands for one character means.
@@ -271,6 +297,7 @@ function parse(pattern: string): TopAlternative[] {
     if (c === undefined) return fail("'\\' at the end of the pattern", at);
     if (Object.hasOwn(CONTROL_ESCAPES, c)) return CONTROL_ESCAPES[c]!;
     if (SYNTAX.has(c) || c === "-") return c.codePointAt(0)!;
+    if (dialect.python && c < "\x80" && !/[A-Za-z0-9]/.test(c)) return c.codePointAt(0)!;
     switch (c) {
       case "0":
         if (isDigit(cps[i])) fail("'\\0' followed by a digit (octal escapes are not ECMA-262)", at);
@@ -340,7 +367,8 @@ function parse(pattern: string): TopAlternative[] {
       } else if (typeof a === "number") pairs.push(a, a);
       else pairs.push(...a);
     }
-    const ranges = normalize(pairs);
+    // Folded before the complement: [^a] with the i flag takes neither a nor A.
+    const ranges = fold(normalize(pairs));
     return negated ? complement(ranges) : ranges;
   };
 
@@ -372,8 +400,30 @@ function parse(pattern: string): TopAlternative[] {
   return top;
 }
 
-function literal(c: number): Ast {
-  return { kind: "set", ranges: [c, c] };
+/** Per code point with other cases: all of its case-folding class (built on first use). */
+let caseClasses: Map<number, readonly number[]> | undefined;
+
+/** `r` with every other case of its characters (simple case folding, through lower case). */
+export function caseFold(r: Ranges): Ranges {
+  if (!caseClasses) {
+    const byLower = new Map<number, number[]>();
+    for (let cp = 0; cp <= 0x1ffff; cp++) {
+      if (cp >= 0xd800 && cp <= 0xdfff) continue;
+      const lower = String.fromCodePoint(cp).toLowerCase();
+      const l = lower.codePointAt(0)!;
+      if (lower.length !== String.fromCodePoint(l).length) continue; // not one character
+      const members = byLower.get(l) ?? [l];
+      byLower.set(l, members);
+      if (cp !== l) members.push(cp);
+    }
+    caseClasses = new Map();
+    for (const members of byLower.values())
+      if (members.length > 1) for (const m of members) caseClasses.set(m, members);
+  }
+  const extra: number[] = [];
+  for (const [cp, members] of caseClasses)
+    if (inRanges(r, cp)) for (const m of members) if (m !== cp) extra.push(m, m);
+  return extra.length === 0 ? r : normalize([...r, ...extra]);
 }
 
 // ---- the automaton ----
@@ -481,9 +531,10 @@ export function compilePattern(
     maxStates?: number;
     /** The whole string must match (as vLLM's guided_regex): every alternative anchored. */
     fullMatch?: boolean;
+    dialect?: Dialect;
   } = {},
 ): Nfa {
-  const alternatives = parse(pattern);
+  const alternatives = parse(pattern, o.dialect);
   return buildNfa(
     o.fullMatch
       ? alternatives.map((a) => ({ ...a, anchoredStart: true, anchoredEnd: true }))

@@ -27,7 +27,7 @@ import {
   TokenGrammar,
   type Vocabulary,
 } from "./grammar.ts";
-import { gbnfGrammar, patternGrammar } from "./guided.ts";
+import { cfgGrammar, patternGrammar } from "./guided.ts";
 import { schemaGrammar } from "./json-schema.ts";
 
 /** A state of one way through a part (each part's own shape). */
@@ -806,7 +806,7 @@ class Compiler {
       case "grammar": {
         if (typeof f["grammar"] !== "string" || f["grammar"].trim() === "")
           this.fail(`${path}.grammar`, "must be a GBNF grammar's text");
-        const a = gbnfGrammar(this.#v, f["grammar"], PROBE, `${path}.grammar`)
+        const a = cfgGrammar(this.#v, f["grammar"], PROBE, `${path}.grammar`)
           .automaton as ByteAutomaton<unknown>;
         return new Leaf(a, (s) => a.step(s, PROBE) !== null);
       }

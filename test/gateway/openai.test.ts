@@ -574,7 +574,7 @@ describe("chat completions", () => {
       await expectRefused(() => ask(extra, { n: 1 }), extra, param);
   });
 
-  it("vLLM's guided_grammar (and structured_outputs.grammar): every choice is in the GBNF grammar's language", async () => {
+  it("vLLM's guided_grammar (and structured_outputs.grammar): every choice is in the GBNF or Lark grammar's language", async () => {
     const ask = (extra: Record<string, unknown>, n = 6) =>
       gw.client.chat.completions.create({
         model: "tiny",
@@ -624,9 +624,31 @@ describe("chat completions", () => {
     } as unknown as OpenAI.CompletionCreateParamsStreaming))
       text += chunk.choices[0]?.text ?? "";
     expect(text).toMatch(listRe);
+    // Lark (no '::='): a left-recursive list, case-insensitive x, a regular expression.
+    const lark = String.raw`
+      start: "(" list ")"
+      list: list "," item | item   // left recursion
+      item: /[0-9]{1,2}/ | "x"i
+    `;
+    const larkItem = "(?:[0-9]{1,2}|[xX])";
+    const larkWhole = new RegExp(String.raw`^\(${larkItem}(?:,${larkItem})*\)$`);
+    const larkPrefix = new RegExp(String.raw`^\((?:${larkItem},)*(?:[0-9]{0,2}|[xX])$`);
+    const lr = await ask({ structured_outputs: { grammar: lark } });
+    for (const c of lr.choices)
+      expect(c.message.content).toMatch(c.finish_reason === "stop" ? larkWhole : larkPrefix);
+    expect(lr.choices.some((c) => c.finish_reason === "stop")).toBe(true);
     // Refused with 400 naming the field and the reason.
     for (const [extra, param, message] of [
-      [{ guided_grammar: `root ::= e\ne ::= e "+" "1" | "1"` }, "guided_grammar", /left recursion/],
+      [
+        { guided_grammar: `root ::= n root "x" | "y"\nn ::= "" | "n"` },
+        "guided_grammar",
+        /left recursion/,
+      ],
+      [
+        { structured_outputs: { grammar: `start: item\nitem: "a" rest` } },
+        "structured_outputs.grammar",
+        /'rest' is used but not defined \(line 2, column 11\)/,
+      ],
       [{ guided_grammar: "root ::= [" }, "guided_grammar", /unterminated character class/],
       [{ guided_grammar: 5 }, "guided_grammar", /GBNF/],
       [
