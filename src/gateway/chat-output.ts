@@ -7,10 +7,14 @@ import { randomBytes } from "node:crypto";
 import { ReasoningParser } from "./reasoning.ts";
 import { type ToolCallFormat, ToolCallParser } from "./tool-calls.ts";
 
+/**
+ * A call's piece: its head (id, type, name) starts it. A custom tool's input is carried as
+ * `function.arguments` here too; chatDelta and message give OpenAI's `custom` form.
+ */
 export interface ToolCallDelta {
   readonly index: number;
   readonly id?: string;
-  readonly type?: "function";
+  readonly type?: "function" | "custom";
   readonly function: { readonly name?: string; readonly arguments: string };
 }
 
@@ -26,6 +30,8 @@ export interface ChatOutputOptions {
    */
   readonly tools: "text" | "calls" | "arguments";
   readonly forced?: string;
+  /** The request's custom tools' names (their calls carry text input, not arguments). */
+  readonly custom?: readonly string[];
   /** The calls' format ("calls"; default deepseek-v3). */
   readonly format?: ToolCallFormat;
   /** The text starts with the model's thinking (reasoning.ts). */
@@ -41,9 +47,14 @@ export class ChatOutput {
   readonly #calls: ToolCallParser | null;
   /** The forced call's id ("arguments"). */
   readonly #forcedId = callId();
+  readonly #custom: ReadonlySet<string>;
+  /** Indexes of the calls to custom tools. */
+  readonly #customCalls = new Set<number>();
 
   constructor(o: ChatOutputOptions) {
     this.#o = o;
+    this.#custom = new Set(o.custom ?? []);
+    if (o.tools === "arguments" && this.#custom.has(o.forced!)) this.#customCalls.add(0);
     this.#reasoning = o.reasoning ? new ReasoningParser() : null;
     this.#calls = o.tools === "calls" ? new ToolCallParser(o.format) : null;
   }
@@ -58,10 +69,30 @@ export class ChatOutput {
         {
           index: 0,
           id: this.#forcedId,
-          type: "function",
+          type: this.#customCalls.has(0) ? "custom" : "function",
           function: { name: this.#o.forced, arguments: "" },
-        },
+        } satisfies ToolCallDelta,
       ],
+    };
+  }
+
+  /** A delta (or first()) as Chat Completions sends it: custom tools' calls as `custom`. */
+  chatDelta(d: ChatDelta | Record<string, unknown>): object {
+    if (!("tool_calls" in d) || this.#customCalls.size === 0) return d;
+    return {
+      ...d,
+      tool_calls: (d.tool_calls as ToolCallDelta[]).map((t) =>
+        this.#customCalls.has(t.index)
+          ? {
+              index: t.index,
+              ...(t.id !== undefined ? { id: t.id, type: "custom" } : {}),
+              custom: {
+                ...(t.function.name !== undefined ? { name: t.function.name } : {}),
+                input: t.function.arguments,
+              },
+            }
+          : t,
+      ),
     };
   }
 
@@ -100,18 +131,20 @@ export class ChatOutput {
     }
     for (const e of [...this.#calls.push(content), ...(end ? this.#calls.end() : [])]) {
       if (e.type === "content") out.push({ content: e.text });
-      else if (e.type === "call")
+      else if (e.type === "call") {
+        const custom = this.#custom.has(e.name);
+        if (custom) this.#customCalls.add(e.index);
         out.push({
           tool_calls: [
             {
               index: e.index,
               id: callId(),
-              type: "function",
+              type: custom ? "custom" : "function",
               function: { name: e.name, arguments: "" },
             },
           ],
         });
-      else out.push({ tool_calls: [{ index: e.index, function: { arguments: e.text } }] });
+      } else out.push({ tool_calls: [{ index: e.index, function: { arguments: e.text } }] });
     }
     return out;
   }
@@ -121,15 +154,9 @@ export class ChatOutput {
     const deltas = [...this.push(text), ...this.end()];
     let content = "";
     let reasoning = "";
-    const calls: { id: string; type: "function"; function: { name: string; arguments: string } }[] =
+    const calls: { id: string; function: { name: string; arguments: string } }[] =
       this.#o.tools === "arguments"
-        ? [
-            {
-              id: this.#forcedId,
-              type: "function",
-              function: { name: this.#o.forced!, arguments: "" },
-            },
-          ]
+        ? [{ id: this.#forcedId, function: { name: this.#o.forced!, arguments: "" } }]
         : [];
     for (const d of deltas) {
       if ("content" in d) content += d.content;
@@ -137,20 +164,25 @@ export class ChatOutput {
       else
         for (const t of d.tool_calls) {
           if (t.id)
-            calls[t.index] = {
-              id: t.id,
-              type: "function",
-              function: { name: t.function.name!, arguments: "" },
-            };
+            calls[t.index] = { id: t.id, function: { name: t.function.name!, arguments: "" } };
           calls[t.index]!.function.arguments += t.function.arguments;
         }
     }
+    const toolCalls = calls.map((c, i) =>
+      this.#customCalls.has(i)
+        ? {
+            id: c.id,
+            type: "custom",
+            custom: { name: c.function.name, input: c.function.arguments },
+          }
+        : { id: c.id, type: "function", function: c.function },
+    );
     return {
       role: "assistant",
       // With calls, no text (or only the whitespace after a thought) is null, as OpenAI's.
       content: calls.length > 0 && content.trim() === "" ? null : content,
       ...(this.#reasoning ? { reasoning_content: reasoning } : {}),
-      ...(calls.length > 0 ? { tool_calls: calls } : {}),
+      ...(calls.length > 0 ? { tool_calls: toolCalls } : {}),
     };
   }
 }

@@ -834,6 +834,13 @@ function json(text: string | undefined, param: string): unknown {
  */
 export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
   const choice = r.tool_choice;
+  const tools = json(r.tools_json, "tools_json");
+  // A name in tool_choice: that tool, a custom one's by its own form.
+  const custom =
+    Array.isArray(tools) &&
+    tools.some(
+      (t) => (t as { type?: unknown; custom?: { name?: unknown } })?.custom?.name === choice,
+    );
   const body: Record<string, unknown> = {
     model: r.model ?? "",
     messages: r.messages.map((m) => ({
@@ -852,12 +859,14 @@ export function chatRequest(r: ChatRequestMsg): ChatCompletionRequest {
     })),
     ...generateParameters(r),
     stream: true,
-    tools: json(r.tools_json, "tools_json"),
+    tools,
     tool_choice: !choice
       ? undefined
       : ["auto", "none", "required"].includes(choice)
         ? choice
-        : { type: "function", function: { name: choice } },
+        : custom
+          ? { type: "custom", custom: { name: choice } }
+          : { type: "function", function: { name: choice } },
     response_format: json(r.response_format_json, "response_format_json"),
     structured_outputs: json(r.structured_outputs_json, "structured_outputs_json"),
     chat_template_kwargs: json(r.chat_template_kwargs_json, "chat_template_kwargs_json"),

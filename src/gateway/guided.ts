@@ -82,7 +82,7 @@ const cfgGrammars = new GrammarCache<CfgState>(16);
 
 /**
  * The grammar of outputs in the language of `text`: GBNF where it has a `name ::=`, Lark
- * otherwise, as vLLM tells them apart (400 naming `param` for one that cannot be compiled:
+ * otherwise, as vLLM tells them apart, unless `syntax` says (400 naming `param` for one that cannot be compiled:
  * the reason, with line and column).
  */
 export function cfgGrammar(
@@ -90,10 +90,11 @@ export function cfgGrammar(
   text: string,
   eos: number | null,
   param: string,
+  syntax: "gbnf" | "lark" = isGbnf(text) ? "gbnf" : "lark",
 ): TokenGrammar<CfgState> {
-  return cfgGrammars.get(vocabulary, `${eos} ${text}`, () => {
+  return cfgGrammars.get(vocabulary, `${eos} ${syntax} ${text}`, () => {
     try {
-      const g = isGbnf(text) ? compileGrammar(text) : compileLark(text);
+      const g = syntax === "gbnf" ? compileGrammar(text) : compileLark(text);
       return new TokenGrammar(new GrammarText(g, eos), vocabulary);
     } catch (err) {
       // RangeError: a grammar past what the recognizer's tables or the call stack hold.

@@ -32,7 +32,7 @@ import {
   DetokenizeRequest,
   TokenizeRequest,
 } from "./schemas.ts";
-import { type ToolFunction, withTools } from "./tool-calls.ts";
+import { customInputText, type ToolFunction, withTools } from "./tool-calls.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
 
@@ -425,7 +425,22 @@ function chatMessages(
       if (content === null) refuse(i, "a tool message needs content (the call's result)");
       return { role: "tool", content, tool_call_id: m.tool_call_id! };
     }
-    if (calls.length > 0) return { role: "assistant", content, tool_calls: calls };
+    if (calls.length > 0)
+      // A custom tool's call as a function's whose arguments are its input (as the model
+      // writes it: tool-calls.ts).
+      return {
+        role: "assistant",
+        content,
+        tool_calls: calls.map((c) =>
+          c.type === "custom"
+            ? {
+                id: c.id,
+                type: "function",
+                function: { name: c.custom.name, arguments: c.custom.input },
+              }
+            : c,
+        ),
+      };
     if (content === null) refuse(i, "content is required (but for an assistant's tool_calls)");
     return { role: m.role === "developer" ? "system" : m.role, content };
   });
@@ -481,11 +496,31 @@ export async function chatPrompt(
     );
   const kwargs = templateKwargs(b.chat_template_kwargs);
   const prompt = await ctx.encoder.encodeChat(messages, addGenerationPrompt, {
-    ...(plan.tools.length ? { tools: b.tools as unknown[] } : {}),
+    ...(plan.tools.length ? { tools: templateTools(b.tools as unknown[], plan.tools) } : {}),
     ...(kwargs ? { kwargs } : {}),
     ...(continues ? { continueFinalMessage: true } : {}),
   });
   return { plan, format, prompt: keep === null ? prompt : lastTokens(prompt, keep), continues };
+}
+
+/**
+ * The request's tools as a chat template is given them (HF's `tools=`): as sent, but a custom
+ * tool as a function whose description says what its input is (templates know functions).
+ */
+function templateTools(given: readonly unknown[], tools: readonly ToolFunction[]): unknown[] {
+  return given.map((t, i) => {
+    const f = tools[i]!;
+    if (!f.custom) return t;
+    const input = customInputText(f.custom);
+    return {
+      type: "function",
+      function: {
+        name: f.name,
+        description: f.description ? `${f.description}\n\n${input}` : input,
+        parameters: { type: "string" },
+      },
+    };
+  });
 }
 
 /**
@@ -575,6 +610,7 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
   const outputOptions: ChatOutputOptions = {
     tools: plan.kind === "native" ? "calls" : plan.kind === "arguments" ? "arguments" : "text",
     ...(plan.kind === "arguments" ? { forced: plan.tool.name } : {}),
+    custom: plan.tools.filter((f) => f.custom).map((f) => f.name),
     format: ctx.toolCallFormat,
     reasoning: thinks,
   };
@@ -651,7 +687,8 @@ async function chat(
   };
   const job = startJob(ctx, spec, {
     onToken: (c, t, text) => {
-      const ds: object[] = outputOf(c).push(text);
+      const output = outputOf(c);
+      const ds: object[] = output.push(text).map((d) => output.chatDelta(d));
       think(c, ds);
       if (ds.length === 0 && spec.logprobs !== null) ds.push({});
       for (const [i, delta] of ds.entries())
@@ -663,7 +700,7 @@ async function chat(
     },
     onFinish: (c, text) => {
       const output = outputOf(c);
-      const ds: object[] = [...output.push(text), ...output.end()];
+      const ds: object[] = [...output.push(text), ...output.end()].map((d) => output.chatDelta(d));
       think(c, ds);
       const last = ds.pop() ?? {};
       for (const delta of ds)
@@ -679,7 +716,14 @@ async function chat(
   bind(reply, job);
   for (const c of job.choices)
     out.send(
-      chunk([{ index: c.index, delta: outputOf(c).first(), logprobs: null, finish_reason: null }]),
+      chunk([
+        {
+          index: c.index,
+          delta: outputOf(c).chatDelta(outputOf(c).first()),
+          logprobs: null,
+          finish_reason: null,
+        },
+      ]),
     );
   for (const p of pending) out.send(p);
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).

@@ -14,7 +14,14 @@ import { thinkingFirst } from "./reasoning.ts";
 import { choicePattern } from "./regex.ts";
 import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 import { structuralTagGrammar } from "./structural-tag.ts";
-import { type ToolFunction, type ToolMode, toolCallGrammar, toolSymbols } from "./tool-calls.ts";
+import {
+  type CustomFormat,
+  customInputGrammar,
+  type ToolFunction,
+  type ToolMode,
+  toolCallGrammar,
+  toolSymbols,
+} from "./tool-calls.ts";
 
 /**
  * Builds at startup, rather than on the event loop at the first request that needs it, what
@@ -91,9 +98,15 @@ export function requestTools(b: ChatCompletionRequest): ToolFunction[] {
   if (!Array.isArray(tools)) return refuse("tools", "tools must be an array");
   const names = new Set<string>();
   return tools.map((t: unknown, i) => {
-    const f = (t as { type?: unknown; function?: Record<string, unknown> })?.function;
-    if ((t as { type?: unknown })?.type !== "function" || typeof f?.["name"] !== "string")
-      refuse(`tools.${i}`, `tools[${i}] must be {"type": "function", "function": {"name", ...}}`);
+    const type = (t as { type?: unknown })?.type;
+    const f = (t as { function?: Record<string, unknown>; custom?: Record<string, unknown> })?.[
+      type === "custom" ? "custom" : "function"
+    ];
+    if ((type !== "function" && type !== "custom") || typeof f?.["name"] !== "string")
+      refuse(
+        `tools.${i}`,
+        `tools[${i}] must be {"type": "function", "function": {"name", ...}} or {"type": "custom", "custom": {"name", ...}}`,
+      );
     const name = f!["name"] as string;
     if (!NAME.test(name))
       refuse(`tools.${i}`, `tools[${i}]: a function name is 1-64 of a-z, A-Z, 0-9, _ and -`);
@@ -104,8 +117,34 @@ export function requestTools(b: ChatCompletionRequest): ToolFunction[] {
       name,
       ...(typeof description === "string" ? { description } : {}),
       parameters: f!["parameters"] ?? { type: "object", properties: {} },
+      ...(type === "custom"
+        ? { custom: customFormat(f!["format"], `tools.${i}.custom.format`) }
+        : {}),
     };
   });
+}
+
+/**
+ * A custom tool's `format` (Chat Completions' form: `{"type": "text"}` or `{"type": "grammar",
+ * "grammar": {"syntax": "lark" | "regex", "definition"}}`; absent: text).
+ */
+function customFormat(format: unknown, param: string): CustomFormat {
+  if (format == null) return { type: "text" };
+  const f = format as { type?: unknown; grammar?: { syntax?: unknown; definition?: unknown } };
+  if (f.type === "text") return { type: "text" };
+  const syntax = f.grammar?.syntax;
+  const definition = f.grammar?.definition;
+  if (
+    f.type !== "grammar" ||
+    (syntax !== "lark" && syntax !== "regex") ||
+    typeof definition !== "string" ||
+    definition.trim() === ""
+  )
+    return refuse(
+      param,
+      `${param} must be {"type": "text"} or {"type": "grammar", "grammar": {"syntax": "lark" | "regex", "definition": "..."}}`,
+    );
+  return { type: "grammar", syntax, definition };
 }
 
 const refuse = (param: string, message: string): never => {
@@ -122,20 +161,27 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
     return { kind: "text", tools };
   }
   const choice = given ?? "auto";
-  const named = (choice as { type?: unknown; function?: { name?: unknown } }).function?.name;
+  const kind = (choice as { type?: unknown }).type;
+  const named = (choice as { function?: { name?: unknown }; custom?: { name?: unknown } } | null)?.[
+    kind === "custom" ? "custom" : "function"
+  ]?.name;
   let chosen: readonly ToolFunction[] = tools;
   let mode: ToolMode;
   if (choice === "auto" || choice === "required" || choice === "none") {
     mode = choice;
-  } else if ((choice as { type?: unknown }).type === "function" && typeof named === "string") {
+  } else if ((kind === "function" || kind === "custom") && typeof named === "string") {
     const f = tools.find((x) => x.name === named);
-    if (!f) refuse("tool_choice", `tool_choice names '${named}', which is not among tools`);
+    if (!f || (kind === "custom") !== (f.custom !== undefined))
+      refuse(
+        "tool_choice",
+        `tool_choice names '${named}', which is not among tools' ${kind} tools`,
+      );
     chosen = [f!];
     mode = "required";
   } else {
     return refuse(
       "tool_choice",
-      `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid ("none", "auto", "required" or {"type": "function", "function": {"name": ...}})`,
+      `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid ("none", "auto", "required", {"type": "function", "function": {"name": ...}} or {"type": "custom", "custom": {"name": ...}})`,
     );
   }
   const parallel = typeof named === "string" ? false : (b.parallel_tool_calls ?? true);
@@ -154,6 +200,11 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
   if (mode === "none") return { kind: "text", tools };
   if (chosen.length === 1 && mode === "required") {
     const tool = chosen[0]!;
+    if (tool.custom) {
+      const v = vocabularyOf(ctx, "a tool call", "tool_choice");
+      const grammar = customInputGrammar(v, tool, eosSymbol(ctx, v), "tools");
+      return { kind: "arguments", tools, tool, grammar };
+    }
     const grammar = schemaGrammar(
       vocabularyOf(ctx, "a tool call", "tool_choice"),
       tool.parameters,

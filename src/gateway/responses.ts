@@ -47,6 +47,17 @@ const InputItem = Type.Union([
     call_id: Type.String({ minLength: 1 }),
     output: Type.String(),
   }),
+  Type.Object({
+    type: Type.Literal("custom_tool_call"),
+    call_id: Type.String({ minLength: 1 }),
+    name: Type.String({ minLength: 1 }),
+    input: Type.String(),
+  }),
+  Type.Object({
+    type: Type.Literal("custom_tool_call_output"),
+    call_id: Type.String({ minLength: 1 }),
+    output: Type.String(),
+  }),
   // An earlier answer's thinking: DeepSeek's templates drop it from the history anyway.
   Type.Object({ type: Type.Literal("reasoning") }),
 ]);
@@ -209,25 +220,53 @@ export function chatRequestOf(
           ? m.content
           : textOfParts(m.content, ["input", j, "content"], ["input_text", "output_text"]);
       messages.push({ role: m.role, content });
-    } else if (item.type === "function_call") {
-      const call = {
-        id: item.call_id,
-        type: "function" as const,
-        function: { name: item.name, arguments: item.arguments },
-      };
+    } else if (item.type === "function_call" || item.type === "custom_tool_call") {
+      const call: NonNullable<ChatMessage["tool_calls"]>[number] =
+        item.type === "function_call"
+          ? {
+              id: item.call_id,
+              type: "function",
+              function: { name: item.name, arguments: item.arguments },
+            }
+          : { id: item.call_id, type: "custom", custom: { name: item.name, input: item.input } };
       // Consecutive calls are one assistant turn.
       const last = messages.at(-1);
       if (last?.role === "assistant" && last.tool_calls) last.tool_calls.push(call);
       else messages.push({ role: "assistant", content: null, tool_calls: [call] });
-    } else if (item.type === "function_call_output") {
+    } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
       messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
     }
   }
   if (messages.length === before.length) throw bad("input has no message", "input");
   const tools = (b.tools ?? []).map((t, i) => {
+    if (t["type"] === "custom") {
+      // Chat Completions' form: the grammar's syntax and definition under `grammar`.
+      const { name, description, format } = t as {
+        name?: unknown;
+        description?: unknown;
+        format?: { type?: unknown; syntax?: unknown; definition?: unknown } | null;
+      };
+      return {
+        type: "custom",
+        custom: {
+          name,
+          ...(description !== undefined ? { description } : {}),
+          ...(format?.type === "grammar"
+            ? {
+                format: {
+                  type: "grammar",
+                  grammar: { syntax: format.syntax, definition: format.definition },
+                },
+              }
+            : format != null
+              ? { format }
+              : {}),
+        },
+      };
+    }
     if (t["type"] !== "function")
       throw bad(
-        `tools[${i}]: only function tools are supported (got ${JSON.stringify(t["type"] ?? null).slice(0, 40)})`,
+        `tools[${i}]: only function and custom tools are supported (got ${JSON.stringify(t["type"] ?? null).slice(0, 40)})`,
         `tools.${i}`,
       );
     const { name, description, parameters, strict } = t;
@@ -245,7 +284,9 @@ export function chatRequestOf(
   const toolChoice =
     choice != null && typeof choice === "object" && choice.type === "function"
       ? { type: "function", function: { name: choice.name } }
-      : choice;
+      : choice != null && typeof choice === "object" && choice.type === "custom"
+        ? { type: "custom", custom: { name: choice.name } }
+        : choice;
   const format = b.text?.format as
     | { type?: string; name?: string; schema?: unknown; strict?: boolean }
     | null
@@ -312,16 +353,13 @@ export function chatRequestOf(
 /** The answer's items as the conversation's next messages (its thinking left out). */
 function answerMessages(items: readonly OutputItem[]): ChatMessage[] {
   const text = items.map((i) => (i.type === "message" ? i.content[0]!.text : "")).join("");
-  const calls = items.flatMap((i) =>
-    i.type === "function_call"
-      ? [
-          {
-            id: i.call_id,
-            type: "function" as const,
-            function: { name: i.name, arguments: i.arguments },
-          },
-        ]
-      : [],
+  const calls = items.flatMap(
+    (i): NonNullable<ChatMessage["tool_calls"]> =>
+      i.type === "function_call"
+        ? [{ id: i.call_id, type: "function", function: { name: i.name, arguments: i.arguments } }]
+        : i.type === "custom_tool_call"
+          ? [{ id: i.call_id, type: "custom", custom: { name: i.name, input: i.input } }]
+          : [],
   );
   return [
     calls.length > 0
@@ -343,6 +381,8 @@ const ITEM_ID_PREFIX: Record<string, string> = {
   message: "msg",
   function_call: "fc",
   function_call_output: "fco",
+  custom_tool_call: "ctc",
+  custom_tool_call_output: "ctco",
   reasoning: "rs",
 };
 
@@ -387,7 +427,17 @@ type OutputItem =
       name: string;
       arguments: string;
       status: "in_progress" | "completed" | "incomplete";
+    }
+  | {
+      type: "custom_tool_call";
+      id: string;
+      call_id: string;
+      name: string;
+      input: string;
+      status: "in_progress" | "completed" | "incomplete";
     };
+
+type CallItem = OutputItem & { type: "function_call" | "custom_tool_call" };
 
 /**
  * Output items from a choice's deltas (ChatOutput), as they come: a delta of another kind
@@ -396,8 +446,8 @@ type OutputItem =
 class OutputItems {
   readonly items: OutputItem[] = [];
   #open: OutputItem | null = null;
-  /** Function-call items by the chat delta's call index. */
-  readonly #calls = new Map<number, OutputItem & { type: "function_call" }>();
+  /** Call items (a function's or a custom tool's) by the chat delta's call index. */
+  readonly #calls = new Map<number, CallItem>();
   readonly #emit: (type: string, body: object) => void;
   /** With logprobs: the entries of tokens whose text has not been released yet. */
   readonly #logprobs: boolean;
@@ -460,23 +510,31 @@ class OutputItems {
       for (const t of d.tool_calls) {
         let item = this.#calls.get(t.index);
         if (t.id !== undefined || !item) {
-          item = {
-            type: "function_call",
-            id: newId("fc"),
+          const head = {
             call_id: t.id ?? newId("call"),
             name: t.function.name ?? "",
-            arguments: "",
-            status: "in_progress",
+            status: "in_progress" as const,
           };
+          item =
+            t.type === "custom"
+              ? { type: "custom_tool_call", id: newId("ctc"), ...head, input: "" }
+              : { type: "function_call", id: newId("fc"), ...head, arguments: "" };
           this.#calls.set(t.index, item);
           this.#start(item);
         }
-        item.arguments += t.function.arguments;
-        if (t.function.arguments)
-          this.#emit("response.function_call_arguments.delta", {
-            ...this.#at(item),
-            delta: t.function.arguments,
-          });
+        const more = t.function.arguments;
+        if (item.type === "custom_tool_call") {
+          item.input += more;
+          if (more)
+            this.#emit("response.custom_tool_call_input.delta", { ...this.#at(item), delta: more });
+        } else {
+          item.arguments += more;
+          if (more)
+            this.#emit("response.function_call_arguments.delta", {
+              ...this.#at(item),
+              delta: more,
+            });
+        }
       }
     }
   }
@@ -548,6 +606,12 @@ class OutputItems {
         ...this.#at(item),
         content_index: 0,
         part: item.content[0],
+      });
+    } else if (item.type === "custom_tool_call") {
+      item.status = status;
+      this.#emit("response.custom_tool_call_input.done", {
+        ...this.#at(item),
+        input: item.input,
       });
     } else {
       item.status = status;

@@ -122,12 +122,22 @@ const common = {
   ),
 };
 
-/** A call in an assistant message of the history (its arguments: JSON text). */
-const ToolCall = Type.Object({
-  id: Type.String(),
-  type: Type.Literal("function"),
-  function: Type.Object({ name: Type.String({ minLength: 1 }), arguments: Type.String() }),
-});
+/**
+ * A call in an assistant message of the history: a function's (its arguments: JSON text) or
+ * a custom tool's (its input: text).
+ */
+const ToolCall = Type.Union([
+  Type.Object({
+    id: Type.String(),
+    type: Type.Literal("function"),
+    function: Type.Object({ name: Type.String({ minLength: 1 }), arguments: Type.String() }),
+  }),
+  Type.Object({
+    id: Type.String(),
+    type: Type.Literal("custom"),
+    custom: Type.Object({ name: Type.String({ minLength: 1 }), input: Type.String() }),
+  }),
+]);
 
 /**
  * A message: content is required except in an assistant message with tool_calls; a "tool"

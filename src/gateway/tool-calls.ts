@@ -8,16 +8,52 @@
 // "required" and a named function start at the calls; "none" never allows them. Text is
 // free except that it cannot spell the calls-begin marker in plain bytes, so a marker in
 // the decoded text is always the token: the parser, reading text, sees what the grammar saw.
+//
+// A custom tool (OpenAI's `"type": "custom"`) takes text, not JSON: its input is free text,
+// or text in a Lark grammar or matching a regular expression, written where a function's
+// arguments go. The input cannot hold what ends arguments (V3: a newline and three
+// backticks; V3.1: the call-end token's text), so the parser ends it where the grammar did.
 import { type ChatMessage, TOOL_TOKENS } from "../model/tokenizer.ts";
 import { type ByteAutomaton, GrammarCache, TokenGrammar, type Vocabulary } from "./grammar.ts";
+import { cfgGrammar, patternGrammar } from "./guided.ts";
 import { compileSchema } from "./json-schema.ts";
 
-/** A function of the request's `tools`. */
+/** A custom tool's input: free text, or text in a grammar's language. */
+export type CustomFormat =
+  | { readonly type: "text" }
+  | { readonly type: "grammar"; readonly syntax: "lark" | "regex"; readonly definition: string };
+
+/** A tool of the request's `tools`: a function, or a custom tool (`custom` set). */
 export interface ToolFunction {
   readonly name: string;
   readonly description?: string;
-  /** A JSON schema of an object. */
+  /** A JSON schema of an object (a function's). */
   readonly parameters: unknown;
+  /** A custom tool's input format: its input is this text, not JSON arguments. */
+  readonly custom?: CustomFormat;
+}
+
+/** The symbol custom inputs' automata take as "the input may end here". */
+const PROBE = 0xffff;
+
+/**
+ * The grammar of a custom tool's input over `vocabulary`, ending with the end-of-sequence
+ * symbol `eos` (400 naming `param` for a definition that cannot be compiled).
+ */
+export function customInputGrammar(
+  vocabulary: Vocabulary,
+  f: ToolFunction,
+  eos: number | null,
+  param: string,
+): TokenGrammar<unknown> {
+  const c = f.custom ?? { type: "text" };
+  const g =
+    c.type === "text"
+      ? patternGrammar(vocabulary, "[\\s\\S]*", eos, param)
+      : c.syntax === "regex"
+        ? patternGrammar(vocabulary, c.definition, eos, param)
+        : cfgGrammar(vocabulary, c.definition, eos, param, "lark");
+  return g as TokenGrammar<unknown>;
 }
 
 /** "auto": text or calls; "required": calls only; "none": text only. */
@@ -31,6 +67,11 @@ export interface ToolCallOptions {
   readonly format?: ToolCallFormat;
   /** The vocabulary's longest token in bytes (json-schema.ts CompileOptions). */
   readonly tokenBytes?: number;
+  /**
+   * Custom tools' inputs by tool name: automata that step PROBE where the input may end
+   * (customInputGrammar's, built with eos PROBE). Required for each custom tool.
+   */
+  readonly customInputs?: ReadonlyMap<string, ByteAutomaton<unknown>>;
 }
 
 /**
@@ -57,6 +98,13 @@ const utf8 = (s: string) => [...Buffer.from(s, "utf8")];
 /** Between a call's name and its arguments, and after its arguments. */
 const ARGS_OPEN = "\n```json\n";
 const ARGS_CLOSE = "\n```";
+
+/** A custom tool's input so far: its automaton's state (null: dead), the terminator's bytes matched, and whether the input could end where they began. */
+interface CustomArgs {
+  readonly inner: unknown;
+  readonly k: number;
+  readonly ok: boolean;
+}
 
 /** Phases of the automaton's state. */
 const P = { Text: 0, Literal: 1, Name: 2, Args: 3, Next: 4, Done: 5 } as const;
@@ -89,6 +137,11 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
   readonly #mode: ToolMode;
   readonly #format: ToolCallFormat;
   readonly #args: ByteAutomaton<unknown>[];
+  /** Per tool: a custom tool (its input is text, CustomArgs). */
+  readonly #custom: boolean[];
+  /** What a custom input cannot hold: V3's argument fence, V3.1's call-end token's text. */
+  readonly #terminator: number[];
+  readonly #callEnd: number;
   readonly #literals: number[][];
   readonly #callsBegin: number;
   readonly #callBegin: number;
@@ -122,14 +175,20 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
     this.#literals = [[symbols.callsBegin, ...head], head, close];
     // Lenient: what the subset does not cover (`uniqueItems`, a `pattern` with lookahead,
     // ...) is not enforced rather than refused; the rest of the parameters' schema is.
-    this.#args = tools.map(
-      (f) =>
-        compileSchema(
+    this.#args = tools.map((f) => {
+      if (!f.custom)
+        return compileSchema(
           f.parameters,
           { param: "tools", label: `tool '${f.name}' parameters` },
           { lenient: true, tokenBytes: o.tokenBytes },
-        ) as ByteAutomaton<unknown>,
-    );
+        ) as ByteAutomaton<unknown>;
+      const input = o.customInputs?.get(f.name);
+      if (!input) throw new Error(`custom tool '${f.name}' has no input automaton`);
+      return input;
+    });
+    this.#custom = tools.map((f) => f.custom !== undefined);
+    this.#callEnd = symbols.callEnd;
+    this.#terminator = utf8(v31 ? TOOL_TOKENS.callEnd : ARGS_CLOSE);
     tools.forEach((f, t) => {
       let node = 0;
       const entry = v31 ? [...utf8(f.name), symbols.sep] : utf8(f.name + ARGS_OPEN);
@@ -174,11 +233,13 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
         const child = this.#trie[s.i]!.get(b);
         if (child === undefined) return null;
         const t = this.#leaf.get(child);
-        return t === undefined
-          ? { p: P.Name, i: child, t: 0 }
-          : { p: P.Args, i: 0, t, inner: this.#args[t]!.start };
+        if (t === undefined) return { p: P.Name, i: child, t: 0 };
+        const start = this.#args[t]!.start;
+        const inner = this.#custom[t] ? ({ inner: start, k: 0, ok: false } as CustomArgs) : start;
+        return { p: P.Args, i: 0, t, inner };
       }
       case P.Args: {
+        if (this.#custom[s.t]) return this.#customStep(s.t, s.inner as CustomArgs, b);
         if (b >= 256) return null;
         const args = this.#args[s.t]!;
         const inner = args.step(s.inner, b);
@@ -197,6 +258,28 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
     }
   }
 
+  /**
+   * A custom input's step. Its bytes go to its automaton while they do not complete the
+   * terminator (whose first byte occurs in it only there); V3: the terminator is the
+   * arguments' close, taken where the input could end before it, then the call-end token
+   * follows; V3.1: the call-end token ends an input that can end.
+   */
+  #customStep(t: number, s: CustomArgs, b: number): ToolState | null {
+    const a = this.#args[t]!;
+    const v31 = this.#format === "deepseek-v3.1";
+    const end = this.#terminator;
+    if (b >= 256)
+      return v31 && b === this.#callEnd && s.inner !== null && a.step(s.inner, PROBE) !== null
+        ? NEXT
+        : null;
+    const k = end[s.k] === b ? s.k + 1 : b === end[0] ? 1 : 0;
+    const ok = k === 1 ? s.inner !== null && a.step(s.inner, PROBE) !== null : s.ok;
+    const inner = s.inner === null ? null : a.step(s.inner, b);
+    if (k === end.length) return v31 || !ok ? null : { p: P.Literal, t: CLOSE, i: end.length };
+    if (inner === null && (v31 || k === 0 || !ok)) return null;
+    return { p: P.Args, i: 0, t, inner: { inner, k, ok } satisfies CustomArgs };
+  }
+
   isDone(s: ToolState): boolean {
     return s.p === P.Done;
   }
@@ -209,8 +292,12 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
         return `l${s.t},${s.i}`;
       case P.Name:
         return `n${s.i}`;
-      case P.Args:
-        return `a${s.t}|${this.#args[s.t]!.key(s.inner)}`;
+      case P.Args: {
+        if (!this.#custom[s.t]) return `a${s.t}|${this.#args[s.t]!.key(s.inner)}`;
+        const c = s.inner as CustomArgs;
+        const inner = c.inner === null ? "-" : this.#args[s.t]!.key(c.inner);
+        return `c${s.t}|${c.k}${c.ok ? "+" : ""}|${inner}`;
+      }
       default:
         return s.p === P.Next ? "x" : "d";
     }
@@ -218,7 +305,9 @@ export class ToolCallAutomaton implements ByteAutomaton<ToolState> {
 
   local(s: ToolState): { key: string; byte: number } | null {
     // Inside an argument's string: the string's own (json-mode.ts's keys).
-    return s.p === P.Args ? (this.#args[s.t]!.local?.(s.inner) ?? null) : null;
+    return s.p === P.Args && !this.#custom[s.t]
+      ? (this.#args[s.t]!.local?.(s.inner) ?? null)
+      : null;
   }
 
   /** Text, the fixed parts and between calls do not depend on the tools. */
@@ -279,10 +368,21 @@ export function toolCallGrammar(
     o.format ?? "deepseek-v3",
     o.mode,
     o.parallel,
-    tools.map((f) => [f.name, f.parameters]),
+    tools.map((f) => [f.name, f.custom ?? f.parameters]),
   ]);
   return grammars.get(vocabulary, text, () => {
-    const a = new ToolCallAutomaton(symbols, tools, { ...o, tokenBytes: vocabulary.maxTokenBytes });
+    const customInputs = new Map(
+      tools.flatMap((f, i) =>
+        f.custom
+          ? [[f.name, customInputGrammar(vocabulary, f, PROBE, `tools.${i}`).automaton] as const]
+          : [],
+      ),
+    );
+    const a = new ToolCallAutomaton(symbols, tools, {
+      ...o,
+      tokenBytes: vocabulary.maxTokenBytes,
+      customInputs,
+    });
     return new TokenGrammar(a, vocabulary);
   });
 }
@@ -448,7 +548,7 @@ export function toolsPrompt(
     (f) =>
       `### ${f.name}\n` +
       (f.description ? `Description: ${f.description}\n` : "") +
-      `Parameters: ${JSON.stringify(f.parameters)}`,
+      (f.custom ? customInputText(f.custom) : `Parameters: ${JSON.stringify(f.parameters)}`),
   );
   return (
     `## Tools\n\nYou can call these functions:\n\n${parts.join("\n\n")}\n\n` +
@@ -457,6 +557,14 @@ export function toolsPrompt(
     (format === "deepseek-v3" ? "(calls after the first on a new line), " : "") +
     `then ${t.callsEnd}.`
   );
+}
+
+/** How a custom tool's input is described to the model (in place of its parameters). */
+export function customInputText(c: CustomFormat): string {
+  if (c.type === "text") return "Input: free text, written in place of the JSON arguments.";
+  return c.syntax === "regex"
+    ? `Input: text matching the regular expression ${c.definition}, written in place of the JSON arguments.`
+    : `Input: text in the language of this Lark grammar, written in place of the JSON arguments:\n${c.definition}`;
 }
 
 /**

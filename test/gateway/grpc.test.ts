@@ -877,6 +877,40 @@ describe("ChatStream", () => {
     expect(first.tool_calls[0]).toMatchObject({ index: 0, name: "get_weather" });
   });
 
+  it("a custom tool named in tool_choice: its input in the arguments, as over HTTP", async () => {
+    const calc = {
+      type: "custom",
+      custom: {
+        name: "calc",
+        format: {
+          type: "grammar",
+          grammar: { syntax: "lark", definition: 'start: /[0-9]{1,2}/ ("+" /[0-9]{1,2}/)~0..2' },
+        },
+      },
+    };
+    const body = { model: "tiny", max_tokens: 40, temperature: 0 };
+    const http = await gw.client.chat.completions.create({
+      ...body,
+      messages: [{ role: "user", content: "Compute" }],
+      tools: [calc as never],
+      tool_choice: { type: "custom", custom: { name: "calc" } },
+    });
+    const s = await chat(c.gen, {
+      ...body,
+      messages: [{ role: "user", content: "Compute" }],
+      tools_json: JSON.stringify([calc]),
+      tool_choice: "calc",
+    });
+    expect(s.error).toBeNull();
+    const a = chatAnswer(s.messages);
+    const want = http.choices[0]!.message.tool_calls![0]!;
+    expect(want.type).toBe("custom");
+    expect(a.calls.map((x) => [x.name, x.arguments])).toEqual([
+      ["calc", want.type === "custom" ? want.custom.input : ""],
+    ]);
+    expect(a.calls[0]!.arguments).toMatch(/^[0-9]{1,2}(?:\+[0-9]{1,2}){0,2}$/);
+  });
+
   it("a named function, earlier calls and their results in the history", async () => {
     // Cities from a list: the random model's call ends within the budget.
     const cities = {

@@ -939,6 +939,163 @@ describe("chat completions", () => {
     expect(typeof none.choices[0]!.message.content).toBe("string");
   });
 
+  it("custom tools (OpenAI's type custom): input in a Lark grammar or matching a regular expression, as custom tool_calls, streamed too; custom calls in the history", async () => {
+    const calc = {
+      type: "custom" as const,
+      custom: {
+        name: "calc",
+        description: "Evaluates a sum",
+        format: {
+          type: "grammar" as const,
+          grammar: {
+            syntax: "lark" as const,
+            definition:
+              'start: expr\nexpr: term (("+" | "-") term)~0..2\nterm: /[0-9]{1,2}/ | "x"i',
+          },
+        },
+      },
+    };
+    const code = {
+      type: "custom" as const,
+      custom: {
+        name: "code",
+        format: {
+          type: "grammar" as const,
+          grammar: { syntax: "regex" as const, definition: "[a-z]{1,6}\\(\\)" },
+        },
+      },
+    };
+    const note = { type: "custom" as const, custom: { name: "note" } }; // free text
+    const weather = {
+      type: "function" as const,
+      function: { name: "get_weather", parameters: { type: "object", properties: {} } },
+    };
+    const calcInput = /^(?:[0-9]{1,2}|[xX])(?:[+-](?:[0-9]{1,2}|[xX])){0,2}$/;
+    const codeInput = /^[a-z]{1,6}\(\)$/;
+    const base = {
+      model: "tiny",
+      messages: user("Compute"),
+      max_tokens: 40,
+      temperature: 1,
+      seed: 4,
+      tools: [weather, note, calc, code],
+    };
+    // Named: one call, its input in the grammar's language.
+    const r = await gw.client.chat.completions.create({
+      ...base,
+      n: 4,
+      tool_choice: { type: "custom", custom: { name: "calc" } },
+    });
+    for (const c of r.choices) {
+      expect(c.finish_reason).toBe("stop");
+      expect(c.message.content).toBeNull();
+      expect(c.message.tool_calls).toHaveLength(1);
+      const call = c.message.tool_calls![0]!;
+      expect(call.type).toBe("custom");
+      expect(call.id).toMatch(/^call_/);
+      if (call.type !== "custom") continue;
+      expect(call.custom.name).toBe("calc");
+      expect(call.custom.input).toMatch(calcInput);
+    }
+    // Streamed: the head names the custom tool, then pieces of its input.
+    let input = "";
+    let head: unknown;
+    for await (const chunk of await gw.client.chat.completions.create({
+      ...base,
+      stream: true,
+      tool_choice: { type: "custom", custom: { name: "code" } },
+    })) {
+      for (const t of (chunk.choices[0]?.delta.tool_calls ?? []) as unknown as {
+        id?: string;
+        custom?: { name?: string; input: string };
+      }[]) {
+        if (t.id) head = t;
+        input += t.custom?.input ?? "";
+      }
+    }
+    expect(head).toMatchObject({ index: 0, type: "custom", custom: { name: "code", input: "" } });
+    expect(input).toMatch(codeInput);
+    // "required": whichever tool the model picks, its call is well formed.
+    const any = await gw.client.chat.completions.create({
+      ...base,
+      n: 6,
+      max_tokens: 60,
+      tool_choice: "required",
+      parallel_tool_calls: false,
+    });
+    for (const c of any.choices) {
+      if (c.finish_reason !== "tool_calls") continue;
+      const call = c.message.tool_calls![0]!;
+      if (call.type === "function") expect(() => JSON.parse(call.function.arguments)).not.toThrow();
+      else if (call.custom.name === "calc") expect(call.custom.input).toMatch(calcInput);
+      else if (call.custom.name === "code") expect(call.custom.input).toMatch(codeInput);
+      else expect(call.custom.name).toBe("note");
+    }
+    expect(any.choices.some((c) => c.finish_reason === "tool_calls")).toBe(true);
+    // A custom call and its result in the history: part of the prompt.
+    const history = (input: string) =>
+      gw.client.chat.completions.create({
+        ...base,
+        max_tokens: 1,
+        messages: [
+          ...user("Compute"),
+          {
+            role: "assistant",
+            content: null,
+            tool_calls: [{ id: "call_1", type: "custom", custom: { name: "calc", input } }],
+          },
+          { role: "tool", tool_call_id: "call_1", content: "3" },
+        ],
+      });
+    const short = await history("1+2");
+    const long = await history("1+2-3+4-5+6-7+8");
+    expect(long.usage!.prompt_tokens).toBeGreaterThan(short.usage!.prompt_tokens);
+    // Refused with 400 naming the field.
+    for (const [extra, param, message] of [
+      [
+        {
+          tools: [
+            {
+              type: "custom",
+              custom: {
+                name: "x",
+                format: { type: "grammar", grammar: { syntax: "ebnf", definition: "a" } },
+              },
+            },
+          ],
+        },
+        "tools.0.custom.format",
+        /"lark" \| "regex"/,
+      ],
+      [
+        {
+          tools: [
+            {
+              type: "custom",
+              custom: {
+                name: "x",
+                format: { type: "grammar", grammar: { syntax: "lark", definition: "start: nope" } },
+              },
+            },
+          ],
+        },
+        "tools.0",
+        /'nope' is used but not defined/,
+      ],
+      [
+        { tools: [calc], tool_choice: { type: "function", function: { name: "calc" } } },
+        "tool_choice",
+        /function tools/,
+      ],
+    ] as [Record<string, unknown>, string, RegExp][])
+      await expectRefused(
+        () => gw.client.chat.completions.create({ ...base, ...extra } as never),
+        extra,
+        param,
+        message,
+      );
+  });
+
   describe("tool calls in DeepSeek's format", () => {
     const fn = (name: string, parameters?: Record<string, unknown>) => ({
       type: "function" as const,

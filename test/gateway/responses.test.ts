@@ -275,6 +275,86 @@ describe("POST /v1/responses", () => {
     );
   });
 
+  it("a named custom tool: a custom_tool_call item whose input is in the tool's Lark grammar, streamed as input deltas; then its output as input", async () => {
+    const definition = 'start: term (("+" | "-") term)~0..2\nterm: /[0-9]{1,2}/ | "x"i';
+    const tool = {
+      type: "custom" as const,
+      name: "calc",
+      description: "Evaluates a sum",
+      format: { type: "grammar" as const, syntax: "lark" as const, definition },
+    };
+    const body = {
+      model: "tiny",
+      input: "Compute",
+      tools: [tool],
+      tool_choice: { type: "custom" as const, name: "calc" },
+      max_output_tokens: 40,
+      temperature: 1,
+      seed: 6,
+    };
+    const r = await gw.client.responses.create(body);
+    expect(r.output).toHaveLength(1);
+    const call = r.output[0]! as OpenAI.Responses.ResponseCustomToolCall & { status: string };
+    expect(call).toMatchObject({ type: "custom_tool_call", name: "calc", status: "completed" });
+    expect(call.id).toMatch(/^ctc_/);
+    expect(call.call_id).toMatch(/^call_/);
+    expect(call.input).toMatch(/^(?:[0-9]{1,2}|[xX])(?:[+-](?:[0-9]{1,2}|[xX])){0,2}$/);
+    // The chat's same call (the same request, seeded).
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: user("Compute"),
+      tools: [
+        {
+          type: "custom",
+          custom: {
+            name: "calc",
+            description: "Evaluates a sum",
+            format: { type: "grammar", grammar: { syntax: "lark", definition } },
+          },
+        },
+      ],
+      tool_choice: { type: "custom", custom: { name: "calc" } },
+      max_tokens: 40,
+      temperature: 1,
+      seed: 6,
+    });
+    const want = chat.choices[0]!.message.tool_calls![0]!;
+    expect(want.type === "custom" && want.custom.input).toBe(call.input);
+    // Streamed: the item opens with its name, its input comes as deltas.
+    const es = await events(gw, body);
+    expect(es.find((e) => e.type === "response.output_item.added")!["item"]).toMatchObject({
+      type: "custom_tool_call",
+      name: "calc",
+      input: "",
+    });
+    const input = es
+      .filter((e) => e.type === "response.custom_tool_call_input.delta")
+      .map((e) => e.delta as string)
+      .join("");
+    expect(input).toBe(call.input);
+    expect(es.find((e) => e.type === "response.custom_tool_call_input.done")!["input"]).toBe(input);
+    // The call and its output as the next request's input; and as the kept conversation.
+    const next = await gw.client.responses.create({
+      model: "tiny",
+      input: [
+        { role: "user", content: "Compute" },
+        { type: "custom_tool_call", call_id: call.call_id, name: "calc", input: call.input },
+        { type: "custom_tool_call_output", call_id: call.call_id, output: "42" },
+      ],
+      tools: [tool],
+      max_output_tokens: 4,
+    });
+    const continued = await gw.client.responses.create({
+      model: "tiny",
+      previous_response_id: r.id,
+      input: [{ type: "custom_tool_call_output", call_id: call.call_id, output: "42" }],
+      tools: [tool],
+      max_output_tokens: 4,
+    });
+    expect(continued.usage!.input_tokens).toBe(next.usage!.input_tokens);
+    expect(next.usage!.input_tokens).toBeGreaterThan(r.usage!.input_tokens);
+  });
+
   it("text.format json_schema: the answer follows the schema, as the chat's response_format", async () => {
     const schema = {
       type: "object",

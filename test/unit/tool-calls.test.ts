@@ -562,3 +562,108 @@ describe("DeepSeek-V3.1's call format", () => {
     expect(prompt).not.toContain("```json");
   });
 });
+
+describe("custom tools (text input)", () => {
+  const CUSTOM: ToolFunction[] = [
+    ...TOOLS,
+    {
+      name: "calc",
+      parameters: {},
+      custom: { type: "grammar", syntax: "lark", definition: 'start: /[0-9]+/ ("+" /[0-9]+/)*' },
+    },
+    { name: "note", parameters: {}, custom: { type: "text" } },
+    {
+      name: "code",
+      parameters: {},
+      custom: { type: "grammar", syntax: "regex", definition: "[a-z]+\\(\\)" },
+    },
+  ];
+  const V31 = (o: ToolCallOptions): ToolCallOptions => ({ ...o, format: "deepseek-v3.1" });
+  const call31 = (name: string, input: string) => formatCall("deepseek-v3.1", name, input);
+  const calls31 = (...c: string[]) => `${T.callsBegin}${c.join("")}${T.callsEnd}`;
+  /** Where `u` is refused (-1: never), whether done, and the states passed. */
+  const run = (u: number[], o: ToolCallOptions) => {
+    const a = toolCallGrammar(vocab, CUSTOM, o)!.automaton;
+    let s: ToolState | null = a.start;
+    const states: ToolState[] = [s];
+    for (let i = 0; i < u.length; i++) {
+      s = a.step(s, u[i]!);
+      if (!s) return { refusedAt: i, done: false, states };
+      states.push(s);
+    }
+    return { refusedAt: -1, done: a.isDone(s), states };
+  };
+
+  it.each([
+    ["a Lark input", calls(call("calc", "1+22")), AUTO],
+    [
+      "free text with backticks and newlines, not the fence",
+      calls(call("note", "a ``` b\n`` c\n")),
+      AUTO,
+    ],
+    ["an empty free text", calls(call("note", "")), REQUIRED],
+    ["a regex input, then a function's call", calls(call("code", "ab()"), call("get", "{}")), AUTO],
+    ["V3.1: a Lark input", calls31(call31("calc", "7")), V31(AUTO)],
+    ["V3.1: free text holding V3's fence", calls31(call31("note", "x\n```json\n{")), V31(REQUIRED)],
+  ])("accepts %s", (_what, text, o) => {
+    const r = run(units(text), o);
+    expect(r.refusedAt).toBe(-1);
+    expect(r.done).toBe(true);
+  });
+
+  const head = `${T.callsBegin}${T.callBegin}function${T.sep}`;
+  it.each([
+    ["an input the grammar has not finished", `${head}calc\n\`\`\`json\n1+`, "\n```", AUTO],
+    ["an input outside the grammar", `${head}calc\n\`\`\`json\n1`, "a", AUTO],
+    [
+      "free text holding the fence (it ends the input)",
+      `${head}note\n\`\`\`json\nab\n\`\`\``,
+      "x",
+      AUTO,
+    ],
+    ["the call-end token without the fence", `${head}code\n\`\`\`json\nab()`, T.callEnd, AUTO],
+    ["a tool token inside the input", `${head}note\n\`\`\`json\nab`, T.sep, AUTO],
+    [
+      "V3.1: an unfinished input",
+      `${T.callsBegin}${T.callBegin}calc${T.sep}1+`,
+      T.callEnd,
+      V31(AUTO),
+    ],
+  ])("refuses %s", (_what, prefix, rest, o) => {
+    expect(run(units(prefix), o).refusedAt).toBe(-1);
+    expect(run(units(prefix + rest), o).refusedAt).toBe(units(prefix).length);
+  });
+
+  it("V3.1: free text cannot spell the call-end token in bytes", () => {
+    const prefix = units(`${T.callsBegin}${T.callBegin}note${T.sep}a`);
+    const bytes = [...prefix, ...Buffer.from(T.callEnd)];
+    expect(run(bytes, V31(AUTO)).refusedAt).toBe(bytes.length - 1);
+  });
+
+  it("masks allow exactly the tokens the automaton takes, in both formats", () => {
+    for (const [o, text] of [
+      [AUTO, calls(call("calc", "1+2"), call("note", "a\n``b"))],
+      [V31(AUTO), calls31(call31("code", "ab()"), call31("note", "x`\n"))],
+    ] as const) {
+      const g = toolCallGrammar(vocab, CUSTOM, o)!;
+      const { refusedAt, states } = run(units(text), o);
+      expect(refusedAt).toBe(-1);
+      expectExactMasks(g, g.automaton, states, vocab.bytes as readonly (TokenBytes | null)[], V);
+    }
+  });
+
+  it("the parser reads a custom input as the call's arguments text", () => {
+    const text = calls(call("note", "a ``` b\n`` c"), call("calc", "1+2"));
+    expect(parseToolCalls(text).calls).toEqual([
+      { name: "note", arguments: "a ``` b\n`` c" },
+      { name: "calc", arguments: "1+2" },
+    ]);
+  });
+
+  it("presents a custom tool's input in place of parameters", () => {
+    const prompt = toolsPrompt(CUSTOM);
+    expect(prompt).toContain("### calc\nInput: text in the language of this Lark grammar");
+    expect(prompt).toContain("### note\nInput: free text");
+    expect(prompt).toContain("### code\nInput: text matching the regular expression [a-z]+\\(\\)");
+  });
+});
