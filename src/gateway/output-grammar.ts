@@ -16,6 +16,7 @@ import type { ChatCompletionRequest, CompletionRequest } from "./schemas.ts";
 import { structuralTagGrammar } from "./structural-tag.ts";
 import {
   type CustomFormat,
+  checkCustomTools,
   customInputGrammar,
   type ToolFunction,
   type ToolMode,
@@ -170,22 +171,48 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
   if (choice === "auto" || choice === "required" || choice === "none") {
     mode = choice;
   } else if ((kind === "function" || kind === "custom") && typeof named === "string") {
-    const f = tools.find((x) => x.name === named);
-    if (!f || (kind === "custom") !== (f.custom !== undefined))
-      refuse(
-        "tool_choice",
-        `tool_choice names '${named}', which is not among tools' ${kind} tools`,
-      );
-    chosen = [f!];
+    chosen = [toolNamed(tools, kind, named, "tool_choice")];
     mode = "required";
+  } else if (kind === "allowed_tools") {
+    // OpenAI's: calls only of these tools (all of them stay in the prompt).
+    const a = (choice as { allowed_tools?: { mode?: unknown; tools?: unknown } }).allowed_tools;
+    const param = "tool_choice.allowed_tools";
+    if (
+      (a?.mode !== "auto" && a?.mode !== "required") ||
+      !Array.isArray(a.tools) ||
+      a.tools.length === 0
+    )
+      return refuse(
+        param,
+        `${param} must be {"mode": "auto" | "required", "tools": [{"type": "function", "function": {"name": ...}} or {"type": "custom", "custom": {"name": ...}}, ...]}`,
+      );
+    mode = a.mode;
+    chosen = [
+      ...new Set(
+        a.tools.map((t: unknown, i) => {
+          const type = (t as { type?: unknown })?.type;
+          const name = (t as Record<string, { name?: unknown } | undefined>)?.[
+            type === "custom" ? "custom" : "function"
+          ]?.name;
+          if ((type !== "function" && type !== "custom") || typeof name !== "string")
+            return refuse(
+              `${param}.tools.${i}`,
+              `${param}.tools[${i}] must be {"type": "function", "function": {"name": ...}} or {"type": "custom", "custom": {"name": ...}}`,
+            );
+          return toolNamed(tools, type, name, `${param}.tools.${i}`);
+        }),
+      ),
+    ];
   } else {
     return refuse(
       "tool_choice",
-      `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid ("none", "auto", "required", {"type": "function", "function": {"name": ...}} or {"type": "custom", "custom": {"name": ...}})`,
+      `tool_choice ${JSON.stringify(choice).slice(0, 60)} is not valid ("none", "auto", "required", {"type": "function", "function": {"name": ...}}, {"type": "custom", "custom": {"name": ...}} or {"type": "allowed_tools", "allowed_tools": {...}})`,
     );
   }
   const parallel = typeof named === "string" ? false : (b.parallel_tool_calls ?? true);
   const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
+  // Every custom tool's input compiled (kept for the grammar), a bad one named by its place.
+  if (vocabulary) checkCustomTools(vocabulary, tools);
   const grammar =
     vocabulary &&
     toolCallGrammar(vocabulary, chosen, { mode, parallel, format: ctx.toolCallFormat });
@@ -217,6 +244,19 @@ export function toolPlan(ctx: ServeContext, b: ChatCompletionRequest): ToolPlan 
     "tool_choice",
     `tool_choice ${JSON.stringify(choice)} with ${tools.length} tools needs the model's tool-call tokens, which this model's tokenizer lacks: name the function in tool_choice`,
   );
+}
+
+/** The tool of `tools` named `name`, of `type` ("function" or "custom"; 400 naming `param`). */
+function toolNamed(
+  tools: readonly ToolFunction[],
+  type: "function" | "custom",
+  name: string,
+  param: string,
+): ToolFunction {
+  const f = tools.find((x) => x.name === name);
+  if (!f || (type === "custom") !== (f.custom !== undefined))
+    refuse(param, `${param} names '${name}', which is not among tools' ${type} tools`);
+  return f!;
 }
 
 /** The vocabulary to constrain (byte-level tokenizers only; others: 400 naming `param`). */

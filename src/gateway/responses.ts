@@ -280,13 +280,19 @@ export function chatRequestOf(
       },
     };
   });
-  const choice = b.tool_choice as { type?: string; name?: string } | string | undefined | null;
+  const choice = b.tool_choice as
+    | { type?: string; name?: string; mode?: unknown; tools?: unknown }
+    | string
+    | undefined
+    | null;
   const toolChoice =
     choice != null && typeof choice === "object" && choice.type === "function"
       ? { type: "function", function: { name: choice.name } }
       : choice != null && typeof choice === "object" && choice.type === "custom"
         ? { type: "custom", custom: { name: choice.name } }
-        : choice;
+        : choice != null && typeof choice === "object" && choice.type === "allowed_tools"
+          ? { type: "allowed_tools", allowed_tools: allowedTools(choice) }
+          : choice;
   const format = b.text?.format as
     | { type?: string; name?: string; schema?: unknown; strict?: boolean }
     | null
@@ -348,6 +354,18 @@ export function chatRequestOf(
     ...(logprobs ? { logprobs: true, top_logprobs: b.top_logprobs ?? 0 } : {}),
   };
   return { chat, conversation: messages };
+}
+
+/** Responses' allowed_tools ({mode, tools: [{type, name}]}) in Chat Completions' form. */
+function allowedTools(choice: { mode?: unknown; tools?: unknown }): object {
+  const tools = Array.isArray(choice.tools)
+    ? choice.tools.map((t: { type?: unknown; name?: unknown } | null) =>
+        t?.type === "function" || t?.type === "custom"
+          ? { type: t.type, [t.type]: { name: t.name } }
+          : t,
+      )
+    : choice.tools;
+  return { mode: choice.mode, tools };
 }
 
 /** The answer's items as the conversation's next messages (its thinking left out). */

@@ -349,6 +349,16 @@ export function toolSymbols(
   return out as Record<keyof typeof TOOL_TOKENS, number>;
 }
 
+/**
+ * Compiles each custom tool's input (kept: toolCallGrammar finds it again), so that a bad
+ * one is a 400 naming its place in the request's tools (`tools.N`).
+ */
+export function checkCustomTools(vocabulary: Vocabulary, tools: readonly ToolFunction[]): void {
+  tools.forEach((f, i) => {
+    if (f.custom) customInputGrammar(vocabulary, f, PROBE, `tools.${i}`);
+  });
+}
+
 /** Grammars of the last 16 tool sets (with their options), per vocabulary. */
 const grammars = new GrammarCache<ToolState>(16);
 

@@ -853,6 +853,92 @@ describe("chat completions", () => {
     }
   });
 
+  it("tool_choice allowed_tools: calls only of the tools listed, every tool in the prompt", async () => {
+    const fn = (name: string) => ({
+      type: "function" as const,
+      function: { name, parameters: { type: "object", properties: {} } },
+    });
+    const calc = {
+      type: "custom" as const,
+      custom: {
+        name: "calc",
+        format: {
+          type: "grammar" as const,
+          grammar: { syntax: "regex" as const, definition: "[0-9]{1,3}" },
+        },
+      },
+    };
+    const base = {
+      model: "tiny",
+      messages: user("Go"),
+      max_tokens: 40,
+      temperature: 1,
+      seed: 9,
+      tools: [fn("alpha"), fn("beta"), fn("gamma"), calc],
+    };
+    const allowed = {
+      type: "allowed_tools",
+      allowed_tools: {
+        mode: "required",
+        tools: [
+          { type: "function", function: { name: "beta" } },
+          { type: "custom", custom: { name: "calc" } },
+        ],
+      },
+    };
+    const r = await gw.client.chat.completions.create({
+      ...base,
+      n: 8,
+      tool_choice: allowed,
+    } as never);
+    const names = new Set<string>();
+    for (const c of r.choices) {
+      expect(c.message.content).toBeNull(); // required: calls at once
+      for (const call of c.message.tool_calls ?? [])
+        names.add(call.type === "custom" ? call.custom.name : call.function.name);
+    }
+    expect(names.size).toBeGreaterThan(0);
+    for (const name of names) expect(["beta", "calc"]).toContain(name);
+    // The same prompt as any tool_choice: all four tools are presented.
+    const all = await gw.client.chat.completions.create({
+      ...base,
+      max_tokens: 1,
+      tool_choice: "required",
+    });
+    expect(r.usage!.prompt_tokens).toBe(all.usage!.prompt_tokens);
+    for (const [choice, param] of [
+      [
+        { type: "allowed_tools", allowed_tools: { mode: "sometimes", tools: [] } },
+        "tool_choice.allowed_tools",
+      ],
+      [
+        {
+          type: "allowed_tools",
+          allowed_tools: {
+            mode: "auto",
+            tools: [{ type: "function", function: { name: "delta" } }],
+          },
+        },
+        "tool_choice.allowed_tools.tools.0",
+      ],
+      [
+        {
+          type: "allowed_tools",
+          allowed_tools: {
+            mode: "auto",
+            tools: [{ type: "function", function: { name: "calc" } }],
+          },
+        },
+        "tool_choice.allowed_tools.tools.0",
+      ],
+    ] as [Record<string, unknown>, string][])
+      await expectRefused(
+        () => gw.client.chat.completions.create({ ...base, tool_choice: choice } as never),
+        choice,
+        param,
+      );
+  });
+
   it("tool_choice naming a function: a tool call whose arguments follow its parameters", async () => {
     const weather = {
       type: "function" as const,
@@ -1069,7 +1155,9 @@ describe("chat completions", () => {
       ],
       [
         {
+          tool_choice: { type: "custom", custom: { name: "calc" } },
           tools: [
+            calc,
             {
               type: "custom",
               custom: {
@@ -1079,7 +1167,7 @@ describe("chat completions", () => {
             },
           ],
         },
-        "tools.0",
+        "tools.1",
         /'nope' is used but not defined/,
       ],
       [

@@ -353,6 +353,20 @@ describe("POST /v1/responses", () => {
     });
     expect(continued.usage!.input_tokens).toBe(next.usage!.input_tokens);
     expect(next.usage!.input_tokens).toBeGreaterThan(r.usage!.input_tokens);
+    // allowed_tools in Responses' form: calls of the listed tools only.
+    const allowed = await gw.client.responses.create({
+      ...body,
+      tools: [
+        tool,
+        { type: "function", name: "other", parameters: { type: "object" }, strict: false },
+      ],
+      tool_choice: {
+        type: "allowed_tools",
+        mode: "required",
+        tools: [{ type: "custom", name: "calc" }],
+      },
+    });
+    expect(allowed.output[0]).toMatchObject({ type: "custom_tool_call", name: "calc" });
   });
 
   it("text.format json_schema: the answer follows the schema, as the chat's response_format", async () => {
