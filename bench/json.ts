@@ -14,7 +14,9 @@
 // Also timed: building the grammar (sorting the vocabulary, once per gateway), and
 // computing a state's mask the first time (cold), for a few kinds of states.
 // GBNF (guided_grammar, src/gateway/cfg.ts): a JSON grammar in GBNF over the same documents,
-// step by step as JSON mode (its peer in the same run: the hand-written JSON automaton).
+// step by step as JSON mode (its peer in the same run: the hand-written JSON automaton);
+// and the same in Lark (src/gateway/lark.ts: whitespace as %ignore, allowed before each
+// terminal, and left recursion rewritten for lists), the same way.
 // Tool calls (src/gateway/tool-calls.ts): the same vocabulary with its last 818 tokens made
 // added tokens (DeepSeek-V3 has 818, its tool-call tokens among them): the first masks of
 // the call grammar's states, and a step of plain text under tool_choice "auto" (the mask
@@ -37,6 +39,7 @@ import {
 } from "../src/gateway/grammar.ts";
 import { JSON_OBJECT, type JsonState, run, START } from "../src/gateway/json-mode.ts";
 import { compileSchema, type SchemaState } from "../src/gateway/json-schema.ts";
+import { compileLark } from "../src/gateway/lark.ts";
 import { type StructuralState, structuralTagGrammar } from "../src/gateway/structural-tag.ts";
 import { type ToolState, toolCallGrammar } from "../src/gateway/tool-calls.ts";
 import { Prng } from "../src/model/prng.ts";
@@ -57,6 +60,20 @@ number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
 ws     ::= [ \t\n]*
 `;
 
+/** JSON objects in Lark: strings and numbers as terminals, whitespace ignored, lists left-recursive. */
+export const JSON_LARK = String.raw`
+?start: object
+?value: object | array | STRING | NUMBER | "true" | "false" | "null"
+object: "{" "}" | "{" pairs "}"
+pairs: pairs "," pair | pair
+pair: STRING ":" value
+array: "[" "]" | "[" values "]"
+values: values "," value | value
+STRING: /"([^"\\\x00-\x1f\x7f]|\\(["\\\/bfnrt]|u[0-9a-fA-F]{4}))*"/
+NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?/
+%ignore /[ \t\n]+/
+`;
+
 export interface JsonResults {
   runs: number;
   vocab: number;
@@ -70,11 +87,9 @@ export interface JsonResults {
   /** Masks computed (cache misses) over the documents, per run. */
   misses: number;
   /** The GBNF JSON grammar over the same documents: steps as stepMs', and first masks. */
-  gbnf?: {
-    stepMs: { cold: Stats; warm: Stats };
-    misses: number;
-    cold: { state: string; allowed: number; ms: Stats }[];
-  };
+  gbnf?: GrammarResults;
+  /** The Lark JSON grammar, the same way. */
+  lark?: GrammarResults;
   /** json_schema states under a string's or number's keywords: their first masks. */
   schemaCold?: { state: string; allowed: number; ms: Stats }[];
   tools: {
@@ -88,6 +103,13 @@ export interface JsonResults {
     cold: { state: string; allowed: number; ms: Stats }[];
     textStepMs: Stats;
   };
+}
+
+/** A context-free grammar's steps over the documents, and its first masks. */
+interface GrammarResults {
+  stepMs: { cold: Stats; warm: Stats };
+  misses: number;
+  cold: { state: string; allowed: number; ms: Stats }[];
 }
 
 /** DeepSeek-V3's added tokens (special ones and the tool-call tokens among them). */
@@ -277,10 +299,30 @@ export async function runJson(o: {
     ["in a value string", '{\n  "name": "Par'],
     ["in a number", '{\n  "n": 12'],
   ];
-  const gbnfCold = new Map<string, { allowed: number; ms: number[] }>();
-  const gbnfColdSteps: number[] = [];
-  const gbnfWarmSteps: number[] = [];
-  let gbnfMisses = 0;
+  /** Per grammar (GBNF, Lark): first masks, steps cold and warm, masks computed. */
+  const cfgs = {
+    gbnf: () => compileGrammar(JSON_GBNF),
+    lark: () => compileLark(JSON_LARK),
+  };
+  const cfgRuns = Object.fromEntries(
+    Object.keys(cfgs).map((k) => [
+      k,
+      {
+        cold: new Map<string, { allowed: number; ms: number[] }>(),
+        coldSteps: [] as number[],
+        warmSteps: [] as number[],
+        misses: 0,
+      },
+    ]),
+  ) as Record<
+    keyof typeof cfgs,
+    {
+      cold: Map<string, { allowed: number; ms: number[] }>;
+      coldSteps: number[];
+      warmSteps: number[];
+      misses: number;
+    }
+  >;
   const textSteps: number[] = [];
   const plainSteps: number[] = [];
   const structuralCold = new Map<string, { allowed: number; ms: number[] }>();
@@ -348,21 +390,25 @@ export async function runJson(o: {
     const first = pass();
     const computed = grammar.computed - before;
     const second = pass();
-    // The same documents under the GBNF JSON grammar, fresh (cold), then cached (warm).
-    const gbnf = new TokenGrammar(new GrammarText(compileGrammar(JSON_GBNF), null), vocabulary);
-    const ga = gbnf.automaton;
-    for (const [name, text] of gbnfStates) {
-      const s = [...Buffer.from(text)].reduce<CfgState>((x, b) => ga.step(x, b)!, ga.start);
-      firstMask(gbnfCold, name, gbnf, s, r >= 0);
+    // The same documents under the JSON grammars, fresh (cold), then cached (warm).
+    for (const [k, compile] of Object.entries(cfgs)) {
+      const c = cfgRuns[k as keyof typeof cfgs];
+      const g = new TokenGrammar(new GrammarText(compile(), null), vocabulary);
+      const ga = g.automaton;
+      for (const [name, text] of gbnfStates) {
+        const s = [...Buffer.from(text)].reduce<CfgState>((x, b) => ga.step(x, b)!, ga.start);
+        firstMask(c.cold, name, g, s, r >= 0);
+      }
+      const gBefore = g.computed;
+      const gFirst = pass(g);
+      const gComputed = g.computed - gBefore;
+      const gSecond = pass(g);
+      if (r < 0) continue;
+      c.coldSteps.push(gFirst.constrained);
+      c.warmSteps.push(gSecond.constrained);
+      c.misses = gComputed;
     }
-    const gBefore = gbnf.computed;
-    const gFirst = pass(gbnf);
-    const gComputed = gbnf.computed - gBefore;
-    const gSecond = pass(gbnf);
     if (r < 0) continue;
-    gbnfColdSteps.push(gFirst.constrained);
-    gbnfWarmSteps.push(gSecond.constrained);
-    gbnfMisses = gComputed;
     build.push(built);
     split.push(splitMs);
     coldSteps.push(first.constrained);
@@ -453,15 +499,8 @@ export async function runJson(o: {
     stepMs: { cold: stats(coldSteps), warm: stats(warmSteps), plain: stats(plain) },
     tokens,
     misses,
-    gbnf: {
-      stepMs: { cold: stats(gbnfColdSteps), warm: stats(gbnfWarmSteps) },
-      misses: gbnfMisses,
-      cold: [...gbnfCold.entries()].map(([state, c]) => ({
-        state,
-        allowed: c.allowed,
-        ms: stats(c.ms),
-      })),
-    },
+    gbnf: grammarResults(cfgRuns.gbnf),
+    lark: grammarResults(cfgRuns.lark),
     schemaCold: [...schemaCold.entries()].map(([state, c]) => ({
       state,
       allowed: c.allowed,
@@ -511,21 +550,40 @@ ${coldRows}
 | JSON mode / peer: first pass, second pass | ${(cold.median / plain.median).toFixed(2)}x, ${(warm.median / plain.median).toFixed(2)}x |${gbnfRows(r)}${schemaRows(r)}${toolRows(r)}${structuralRows(r)}`;
 }
 
-/** The GBNF JSON grammar's rows, each after a newline (none in results from before them). */
+function grammarResults(c: {
+  cold: Map<string, { allowed: number; ms: number[] }>;
+  coldSteps: number[];
+  warmSteps: number[];
+  misses: number;
+}): GrammarResults {
+  return {
+    stepMs: { cold: stats(c.coldSteps), warm: stats(c.warmSteps) },
+    misses: c.misses,
+    cold: [...c.cold.entries()].map(([state, x]) => ({
+      state,
+      allowed: x.allowed,
+      ms: stats(x.ms),
+    })),
+  };
+}
+
+/** The JSON grammars' rows, each after a newline (none in results from before them). */
 function gbnfRows(r: JsonResults): string {
-  if (!r.gbnf) return "";
-  const g = r.gbnf;
   const { cold, warm } = r.stepMs;
-  return [
-    "",
-    ...g.cold.map(
-      (c) =>
-        `| guided_grammar (JSON in GBNF), first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
-    ),
-    `| guided_grammar (JSON in GBNF), a step per token, first pass (${g.misses} masks computed on the way) | ${ms(g.stepMs.cold, 3)} |`,
-    "| the same, second pass (every mask cached) | " + ms(g.stepMs.warm, 3) + " |",
-    `| GBNF / JSON mode (peer: the hand-written automaton): first pass, second pass | ${(g.stepMs.cold.median / cold.median).toFixed(2)}x, ${(g.stepMs.warm.median / warm.median).toFixed(2)}x |`,
-  ].join("\n");
+  const rows = (g: GrammarResults | undefined, format: string) =>
+    g
+      ? [
+          ...g.cold.map(
+            (c) =>
+              `| guided_grammar (JSON in ${format}), first mask: ${c.state} (${c.allowed} tokens allowed) | ${ms(c.ms)} |`,
+          ),
+          `| guided_grammar (JSON in ${format}), a step per token, first pass (${g.misses} masks computed on the way) | ${ms(g.stepMs.cold, 3)} |`,
+          "| the same, second pass (every mask cached) | " + ms(g.stepMs.warm, 3) + " |",
+          `| ${format} / JSON mode (peer: the hand-written automaton): first pass, second pass | ${(g.stepMs.cold.median / cold.median).toFixed(2)}x, ${(g.stepMs.warm.median / warm.median).toFixed(2)}x |`,
+        ]
+      : [];
+  const out = [...rows(r.gbnf, "GBNF"), ...rows(r.lark, "Lark")];
+  return out.length ? `\n${out.join("\n")}` : "";
 }
 
 /** The json_schema keyword rows, each after a newline (none in results from before them). */
