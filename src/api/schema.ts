@@ -1300,7 +1300,7 @@ const EnvSchema = Type.Array(
           },
           {
             description:
-              "Where its value comes from instead (a proxy URL with credentials, a token): one of secretKeyRef, configMapKeyRef. A change of the Secret's content reaches pods started after it, as for any pod.",
+              "Where its value comes from instead (a proxy URL with credentials, a token): one of secretKeyRef, configMapKeyRef. The operator reads the value again every --env-resync (30 s) and rolls the pods when it changed; a Secret or ConfigMap (or key) that is missing and not optional is reported (SecretNotFound, ConfigMapNotFound, ...) and nothing is applied until it is there.",
           },
         ),
       ),

@@ -13,6 +13,11 @@ export const LABEL_SHARD = "expertmesh.io/shard";
 export const ANNOTATION_PLAN_SHAPE = "expertmesh.io/plan-shape";
 /** On the gateway's pod template: a hash of spec.gateway.chatTemplate (a new one rolls it). */
 export const ANNOTATION_CHAT_TEMPLATE = "expertmesh.io/chat-template";
+/**
+ * On pod templates: a hash of the values spec.env reads from Secrets and ConfigMaps, so that
+ * a changed value rolls the pods (the kubelet reads them only when a container starts).
+ */
+export const ANNOTATION_ENV_SOURCES = "expertmesh.io/env-sources";
 
 export type Component = "gateway" | "prefill" | "shard" | "plan" | "monitoring";
 

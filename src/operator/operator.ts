@@ -33,6 +33,8 @@ export interface OperatorOptions {
    * successor its whole duration).
    */
   stopTimeoutMs?: number;
+  /** How often models whose spec.env reads Secrets or ConfigMaps are read again (ReconcilerOptions). */
+  envResyncMs?: number;
   log: (msg: string, fields?: LogFields) => void;
 }
 
@@ -104,6 +106,7 @@ export class Operator {
       log,
       autoscaler: this.#autoscaler,
       conditionMetrics: this.#metrics.models,
+      ...(this.#o.envResyncMs !== undefined ? { envResyncMs: this.#o.envResyncMs } : {}),
     });
     this.#workers = this.#queue.run(
       async (key) => {

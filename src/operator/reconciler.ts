@@ -22,6 +22,9 @@ import { names } from "./labels.ts";
 import type { ModelConditionMetrics } from "./metrics.ts";
 import { NatsProbe } from "./nats-probe.ts";
 import {
+  configMapProblems,
+  envRefs,
+  envSourcesHash,
   gatewayApiKeysProblems,
   gatewayTlsProblems,
   natsAuthOf,
@@ -70,6 +73,11 @@ export interface ReconcilerOptions {
    * nothing to wait for but a change outside the operator's watch (ms; default 15 s).
    */
   degradedPollMs?: number;
+  /**
+   * How often a model whose spec.env reads Secrets or ConfigMaps is reconciled anyway, so
+   * that a changed value rolls its pods (ms; default 30 s): the operator does not watch them.
+   */
+  envResyncMs?: number;
   log?: (msg: string) => void;
   /** Where the models' conditions go as metrics (the operator's /metrics). */
   conditionMetrics?: Pick<ModelConditionMetrics, "set" | "forget">;
@@ -130,6 +138,8 @@ export class Reconciler {
     // 1. What the pods depend on and the operator cannot create.
     const refs = referencedSecrets(model);
     const secrets = await this.#readSecrets(namespace, refs);
+    const configMapRefs = envRefs(model, "ConfigMap");
+    const configMaps = await this.#readConfigMaps(namespace, configMapRefs);
     const nats = natsAuthOf(model, secrets);
     // The server is asked only with spec.nats's Secrets all there and sound: with a part
     // missing, its refusal would say nothing new.
@@ -143,6 +153,7 @@ export class Reconciler {
     problems.push(
       ...(await this.#missingDependencies(model, nats.auth, natsSecretsSound)),
       ...secretProblems(namespace, refs, secrets),
+      ...configMapProblems(namespace, configMapRefs, configMaps),
       ...nats.problems,
       ...gatewayTlsProblems(model, secrets),
       ...gatewayApiKeysProblems(model, secrets),
@@ -187,7 +198,12 @@ export class Reconciler {
     let desiredDeployments: V1Deployment[] | undefined;
     if (plan && problems.every((p) => p.servingUnaffected)) {
       const before = await this.#kube.listDeployments(namespace, name);
-      const desired = desiredObjects(model, plan, this.#replicas(key, model, plan, before));
+      const desired = desiredObjects(
+        model,
+        plan,
+        this.#replicas(key, model, plan, before),
+        envSourcesHash(model, secrets, configMaps),
+      );
       desiredDeployments = desired.filter((o): o is V1Deployment => o.kind === "Deployment");
       try {
         // Other weights, blue/green: the old shards are copied first, and the spec waits
@@ -319,15 +335,29 @@ export class Reconciler {
     if (
       problems.some(
         (p) =>
-          p.reason === "PVCNotFound" || p.reason === "SecretNotFound" || p.reason === "ApplyFailed",
+          p.reason === "PVCNotFound" ||
+          p.reason === "SecretNotFound" ||
+          p.reason === "ConfigMapNotFound" ||
+          p.reason === "ApplyFailed",
       )
     ) {
       throw new RetryLater(problems.map((p) => p.message).join("; "));
     }
-    const after = pollAfterMs(status.conditions!, problems, {
+    const polled = pollAfterMs(status.conditions!, problems, {
       progress: this.#opts.progressPollMs ?? 5_000,
       degraded: this.#opts.degradedPollMs ?? 15_000,
     });
+    // Values spec.env reads from Secrets and ConfigMaps, which the operator does not watch
+    // (it may only get them): read again every envResyncMs, so a change rolls the pods.
+    const envResync = (model.spec.env ?? []).some((e) => e.valueFrom)
+      ? (this.#opts.envResyncMs ?? 30_000)
+      : undefined;
+    const after =
+      polled === undefined
+        ? envResync
+        : envResync === undefined
+          ? polled
+          : Math.min(polled, envResync);
     return after === undefined ? undefined : { requeueAfterMs: after };
   }
 
@@ -365,6 +395,27 @@ export class Reconciler {
         pick(`shard-${k}`, n, experts.replicas.min, experts.replicas.max),
       ),
     };
+  }
+
+  /** The ConfigMaps `refs` name, each read once: their data, or null when one does not exist. */
+  async #readConfigMaps(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
+    const contents = new Map<string, Record<string, Buffer> | null>();
+    for (const { name } of refs) {
+      if (contents.has(name)) continue;
+      try {
+        const cm = await this.#kube.core.readNamespacedConfigMap({ name, namespace });
+        contents.set(name, {
+          ...Object.fromEntries(Object.entries(cm.data ?? {}).map(([k, v]) => [k, Buffer.from(v)])),
+          ...Object.fromEntries(
+            Object.entries(cm.binaryData ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64")]),
+          ),
+        });
+      } catch (err) {
+        if (httpStatus(err) !== 404) throw err;
+        contents.set(name, null);
+      }
+    }
+    return contents;
   }
 
   /** The Secrets `refs` name, each read once: its data, or null when it does not exist. */

@@ -2,6 +2,7 @@
 // the operator reports before it applies anything (a Secret that is not there, a key it
 // lacks), and the NATS identity and TLS the operator's own connection builds from
 // spec.nats's (ADRs 0031, 0032). Pure: the reconciler reads the Secrets and hands their contents in.
+import { createHash } from "node:crypto";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { parseApiKeys } from "../gateway/api-keys.ts";
 import {
@@ -20,6 +21,8 @@ export interface SecretRef {
   field: string;
   name: string;
   keys: string[];
+  /** The pods start without it (spec.env's `optional`): not a problem when missing. */
+  optional?: boolean;
 }
 
 /** What reading each named Secret found: its data, decoded, or null when it does not exist. */
@@ -47,7 +50,53 @@ export function referencedSecrets(model: DeepSeekModel): SecretRef[] {
     add("spec.gateway.tls.secretName", { name: servingTls.secretName }, ["tls.crt", "tls.key"]);
     add("spec.gateway.tls.clientCASecret", servingTls.clientCASecret);
   }
+  return [...refs, ...envRefs(model, "Secret")];
+}
+
+/**
+ * The keys spec.env reads from Secrets or ConfigMaps (`kind`), in the spec's order: the
+ * variable's field, and whether the pods start without it.
+ */
+export function envRefs(model: DeepSeekModel, kind: "Secret" | "ConfigMap"): SecretRef[] {
+  const refs: SecretRef[] = [];
+  for (const [i, e] of (model.spec.env ?? []).entries()) {
+    const ref = kind === "Secret" ? e.valueFrom?.secretKeyRef : e.valueFrom?.configMapKeyRef;
+    if (ref)
+      refs.push({
+        field: `spec.env[${i}]: ${e.name}`,
+        name: ref.name,
+        keys: [ref.key],
+        ...(ref.optional ? { optional: true } : {}),
+      });
+  }
   return refs;
+}
+
+/**
+ * A hash of every value spec.env reads from a Secret or ConfigMap (a missing one counts as
+ * missing), or undefined when it reads none: pods whose template carries it roll when a value
+ * changes. The values themselves are not in it (SHA-256, cut to 16 hex digits).
+ */
+export function envSourcesHash(
+  model: DeepSeekModel,
+  secrets: SecretContents,
+  configMaps: SecretContents,
+): string | undefined {
+  const sources = [
+    ...envRefs(model, "Secret").map((r) => ["Secret", r, secrets] as const),
+    ...envRefs(model, "ConfigMap").map((r) => ["ConfigMap", r, configMaps] as const),
+  ];
+  if (sources.length === 0) return undefined;
+  const h = createHash("sha256");
+  for (const [kind, { name, keys }, contents] of sources) {
+    const value = contents.get(name)?.[keys[0]!];
+    h.update(`${kind}/${name}/${keys[0]}:`);
+    h.update(
+      value === undefined ? "missing" : `=${createHash("sha256").update(value).digest("hex")}`,
+    );
+    h.update("\n");
+  }
+  return h.digest("hex").slice(0, 16);
 }
 
 /**
@@ -120,22 +169,40 @@ export function secretProblems(
   refs: SecretRef[],
   contents: SecretContents,
 ): Problem[] {
+  return sourceProblems("Secret", namespace, refs, contents);
+}
+
+/** ConfigMapNotFound and ConfigMapKeyMissing for spec.env's ConfigMap keys, as secretProblems. */
+export function configMapProblems(
+  namespace: string,
+  refs: SecretRef[],
+  contents: SecretContents,
+): Problem[] {
+  return sourceProblems("ConfigMap", namespace, refs, contents);
+}
+
+function sourceProblems(
+  kind: "Secret" | "ConfigMap",
+  namespace: string,
+  refs: SecretRef[],
+  contents: SecretContents,
+): Problem[] {
   const problems: Problem[] = [];
-  for (const { field, name, keys } of refs) {
+  for (const { field, name, keys, optional } of refs) {
     const data = contents.get(name);
-    if (data === undefined) continue; // not read: nothing known
+    if (data === undefined || optional) continue; // not read: nothing known; or not needed
     if (data === null) {
       problems.push({
-        reason: "SecretNotFound",
-        message: `Secret ${namespace}/${name} (${field}) does not exist`,
+        reason: `${kind}NotFound`,
+        message: `${kind} ${namespace}/${name} (${field}) does not exist`,
       });
       continue;
     }
     const missing = keys.filter((k) => data[k] === undefined);
     if (missing.length)
       problems.push({
-        reason: "SecretKeyMissing",
-        message: `Secret ${namespace}/${name} (${field}) has no key ${missing.join(", ")}`,
+        reason: `${kind}KeyMissing`,
+        message: `${kind} ${namespace}/${name} (${field}) has no key ${missing.join(", ")}`,
       });
   }
   return problems;

@@ -14,6 +14,8 @@ export interface Problem {
     | "PVCNotFound"
     | "SecretNotFound"
     | "SecretKeyMissing"
+    | "ConfigMapNotFound"
+    | "ConfigMapKeyMissing"
     | "NATSAuthInvalid"
     | "NATSAuthRefused"
     | "NATSTLSInvalid"

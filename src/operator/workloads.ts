@@ -31,6 +31,7 @@ import { serializePlan } from "../moe/plan-json.ts";
 import { egressRules, type PolicyRole } from "./egress.ts";
 import {
   ANNOTATION_CHAT_TEMPLATE,
+  ANNOTATION_ENV_SOURCES,
   ANNOTATION_PLAN_SHAPE,
   type Component,
   LABEL_COMPONENT,
@@ -648,10 +649,15 @@ export function desiredObjects(
   model: DeepSeekModel,
   plan: PlacementPlan,
   replicas: Replicas,
+  /** envSourcesHash's: the values spec.env reads from Secrets and ConfigMaps (none: absent). */
+  envSources?: string,
 ): DesiredObject[] {
   const name = model.metadata.name;
   const { gateway, experts } = model.spec;
   const objects: DesiredObject[] = [planConfigMap(model, plan)];
+  // Every container reads spec.env: a changed value rolls every role.
+  const envHash: Record<string, string> =
+    envSources === undefined ? {} : { [ANNOTATION_ENV_SOURCES]: envSources };
   for (let k = 0; k < plan.numShards; k++) {
     const container = containerBase(
       model,
@@ -679,15 +685,18 @@ export function desiredObjects(
         plan,
         podSpec(model, "shard", [withProbes]),
         k,
+        envHash,
       ),
     );
     objects.push(pdb(model, names.shard(name, k), "shard", k));
   }
   // The template is read at start: a new one rolls the gateways.
-  const templateHash: Record<string, string> =
-    model.spec.gateway.chatTemplate === undefined
+  const templateHash: Record<string, string> = {
+    ...envHash,
+    ...(model.spec.gateway.chatTemplate === undefined
       ? {}
-      : { [ANNOTATION_CHAT_TEMPLATE]: sha256Short(model.spec.gateway.chatTemplate) };
+      : { [ANNOTATION_CHAT_TEMPLATE]: sha256Short(model.spec.gateway.chatTemplate) }),
+  };
   objects.push(
     deployment(
       model,

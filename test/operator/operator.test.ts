@@ -111,6 +111,7 @@ describe.sequential("expertmesh operator", () => {
       kubeconfig: saKubeconfig,
       identity: "op-a",
       leaseNamespace: releaseNs,
+      args: ["--env-resync=1"],
     });
     operators.push(leader);
     await waitForLeadership(leader);
@@ -714,6 +715,7 @@ describe.sequential("expertmesh operator", () => {
       kubeconfig: saKubeconfig,
       identity: "op-a2",
       leaseNamespace: releaseNs,
+      args: ["--env-resync=1"],
     });
     operators.push(leader);
     await waitForLeadership(leader, 20_000);
@@ -732,6 +734,7 @@ describe.sequential("expertmesh operator", () => {
       kubeconfig: saKubeconfig,
       identity: "op-b",
       leaseNamespace: releaseNs,
+      args: ["--env-resync=1"],
     });
     operators.push(standby);
     const ns = await newNamespace("leader");
@@ -1143,6 +1146,76 @@ describe.sequential("expertmesh operator", () => {
       reason: "SharedPVCNotReadWriteMany",
       message: `PersistentVolumeClaim ${ns}/prefix-rwo (spec.gateway.kvCache.diskSharedClaim) is ReadWriteOnce, not ReadWriteMany: gateway pods on other nodes cannot mount it`,
     });
+  });
+
+  it("spec.env from a Secret and a ConfigMap: a missing one is reported and nothing applied (an optional one is fine); a changed value rolls every role's pods", async () => {
+    const ns = await newNamespace("envsrc");
+    await createWeightsVolume(ns);
+    const env = [
+      { name: "HTTPS_PROXY", valueFrom: { secretKeyRef: { name: "proxy", key: "url" } } },
+      { name: "NO_PROXY", valueFrom: { configMapKeyRef: { name: "net", key: "no-proxy" } } },
+      {
+        name: "HF_HUB_OFFLINE",
+        valueFrom: { configMapKeyRef: { name: "absent", key: "x", optional: true } },
+      },
+    ];
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("envsrc", ns, { env }),
+    });
+    let m = await waitForCondition(ns, "envsrc", "Degraded", "True", "SecretNotFound");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `Secret ${ns}/proxy (spec.env[0]: HTTPS_PROXY) does not exist`,
+    );
+    expect(await ownedDeployments(ns, "envsrc")).toHaveLength(0);
+    await core.createNamespacedSecret({
+      namespace: ns,
+      body: { metadata: { name: "proxy" }, stringData: { url: "http://proxy:3128" } },
+    });
+    m = await waitForCondition(ns, "envsrc", "Degraded", "True", "ConfigMapNotFound");
+    expect(condition(m, "Degraded")?.message).toContain(
+      `ConfigMap ${ns}/net (spec.env[1]: NO_PROXY) does not exist`,
+    );
+    await core.createNamespacedConfigMap({
+      namespace: ns,
+      body: { metadata: { name: "net" }, data: { "no-proxy": "10.0.0.0/8" } },
+    });
+    await waitForCondition(ns, "envsrc", "Ready", "True", undefined, 90_000);
+    const hashes = async () =>
+      (await ownedDeployments(ns, "envsrc")).map(
+        (d) => d.spec!.template.metadata!.annotations!["expertmesh.io/env-sources"],
+      );
+    const first = await hashes();
+    expect(first.length).toBe(3); // two shards and the gateway
+    expect(new Set(first).size).toBe(1);
+    expect(first[0]).toMatch(/^[0-9a-f]{16}$/);
+    // The operator reads them again every --env-resync (1 s here): a new value, new pods.
+    const rolled = async (from: string) =>
+      waitFor(
+        "every role's pod template to carry the new values' hash",
+        async () => {
+          const now = await hashes();
+          return now.every((h) => h !== from) && new Set(now).size === 1 ? now[0] : undefined;
+        },
+        30_000,
+      );
+    await core.replaceNamespacedSecret({
+      name: "proxy",
+      namespace: ns,
+      body: { metadata: { name: "proxy" }, stringData: { url: "http://other:3128" } },
+    });
+    const second = await rolled(first[0]!);
+    await core.replaceNamespacedConfigMap({
+      name: "net",
+      namespace: ns,
+      body: { metadata: { name: "net" }, data: { "no-proxy": "10.0.0.0/8,.svc" } },
+    });
+    await rolled(second!);
+    // The values themselves are nowhere in the objects the operator writes.
+    const all = await kubectl(["get", "deploy,cm,dsm", "-n", ns, "-o", "json"]);
+    expect(all.stdout).not.toContain("other:3128");
+    await custom.deleteNamespacedCustomObject({ ...G, namespace: ns, name: "envsrc" });
   });
 
   it("gateway TLS: spec.gateway.tls's certificate, key and client CA that every gateway would refuse are GatewayTLSInvalid, nothing applied; sound ones are mounted, the probes on the metrics port", async () => {

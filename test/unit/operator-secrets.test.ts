@@ -10,6 +10,9 @@ import { nkeys } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseManifest } from "../../src/api/manifest.ts";
 import {
+  configMapProblems,
+  envRefs,
+  envSourcesHash,
   gatewayApiKeysProblems,
   gatewayTlsProblems,
   natsAuthOf,
@@ -354,5 +357,75 @@ describe("gatewayApiKeysProblems", () => {
     expect(
       gatewayApiKeysProblems(model("    source: { pvc: { claimName: w } }"), new Map()),
     ).toEqual([]);
+  });
+});
+
+describe("spec.env's Secrets and ConfigMaps", () => {
+  const withEnv = model(`    source: { pvc: { claimName: weights } }
+  env:
+    - { name: HTTPS_PROXY, valueFrom: { secretKeyRef: { name: proxy, key: url } } }
+    - { name: NO_PROXY, valueFrom: { configMapKeyRef: { name: net, key: no-proxy } } }
+    - { name: HF_HUB_OFFLINE, valueFrom: { configMapKeyRef: { name: hub, key: offline, optional: true } } }
+    - { name: HF_ENDPOINT, value: https://mirror }`);
+  const secrets = (url: string | null): SecretContents =>
+    new Map<string, Record<string, Buffer> | null>([
+      ["proxy", url === null ? null : { url: b(url) }],
+    ]);
+  const maps = (noProxy: string | null, offline?: string): SecretContents =>
+    new Map<string, Record<string, Buffer> | null>([
+      ["net", noProxy === null ? null : { "no-proxy": b(noProxy) }],
+      ["hub", offline === undefined ? null : { offline: b(offline) }],
+    ]);
+
+  it("are referenced, with their variable and whether optional", () => {
+    expect(referencedSecrets(withEnv)).toEqual([
+      { field: "spec.env[0]: HTTPS_PROXY", name: "proxy", keys: ["url"] },
+    ]);
+    expect(envRefs(withEnv, "ConfigMap")).toEqual([
+      { field: "spec.env[1]: NO_PROXY", name: "net", keys: ["no-proxy"] },
+      { field: "spec.env[2]: HF_HUB_OFFLINE", name: "hub", keys: ["offline"], optional: true },
+    ]);
+  });
+
+  // [what, secret url, no-proxy, offline, reasons]
+  const cases: [string, string | null, string | null, string | undefined, string[]][] = [
+    ["all there", "http://p", "a,b", "1", []],
+    ["the optional ConfigMap missing", "http://p", "a,b", undefined, []],
+    ["the Secret missing", null, "a,b", "1", ["SecretNotFound"]],
+    ["the ConfigMap missing", "http://p", null, "1", ["ConfigMapNotFound"]],
+  ];
+  it.each(cases)("problems: %s", (_what, url, noProxy, offline, reasons) => {
+    const problems = [
+      ...secretProblems("ns", referencedSecrets(withEnv), secrets(url)),
+      ...configMapProblems("ns", envRefs(withEnv, "ConfigMap"), maps(noProxy, offline)),
+    ];
+    expect(problems.map((p) => p.reason)).toEqual(reasons);
+  });
+
+  it("names a ConfigMap without the key", () => {
+    const contents: SecretContents = new Map([
+      ["net", { other: b("x") }],
+      ["hub", null],
+    ]);
+    expect(configMapProblems("ns", envRefs(withEnv, "ConfigMap"), contents)).toEqual([
+      {
+        reason: "ConfigMapKeyMissing",
+        message: "ConfigMap ns/net (spec.env[1]: NO_PROXY) has no key no-proxy",
+      },
+    ]);
+  });
+
+  it("hash every value read (not the values themselves): a changed one changes it", () => {
+    const h = envSourcesHash(withEnv, secrets("http://p"), maps("a,b", "1"))!;
+    expect(h).toMatch(/^[0-9a-f]{16}$/);
+    expect(envSourcesHash(withEnv, secrets("http://p"), maps("a,b", "1"))).toBe(h);
+    const others = [
+      envSourcesHash(withEnv, secrets("http://q"), maps("a,b", "1")),
+      envSourcesHash(withEnv, secrets("http://p"), maps("a,c", "1")),
+      envSourcesHash(withEnv, secrets("http://p"), maps("a,b")),
+      envSourcesHash(withEnv, secrets(null), maps("a,b", "1")),
+    ];
+    expect(new Set([h, ...others]).size).toBe(5);
+    expect(envSourcesHash(everything, new Map(), new Map())).toBeUndefined();
   });
 });

@@ -165,6 +165,28 @@ describe("desiredObjects", () => {
     expect(shard.spec.template.metadata.annotations["expertmesh.io/chat-template"]).toBeUndefined();
   });
 
+  it("spec.env's Secret and ConfigMap values: their hash on every role's pods (a new value rolls them all); none without", () => {
+    const m = manifest("  gateway: { kvCache: { remoteBytes: 1048576 }, disaggregation: {} }");
+    const plan = planPlacement({
+      architecture: architectureOf(m),
+      numShards: m.spec.experts.shards,
+      redundantExperts: 0,
+      version: 1,
+    });
+    const deployments = (hash?: string) =>
+      desiredObjects(m, plan, specReplicas(m, plan), hash).filter(
+        (o): o is V1Deployment => o.kind === "Deployment",
+      );
+    const annotated = deployments("0123456789abcdef");
+    expect(annotated.length).toBeGreaterThanOrEqual(3); // shards, gateway, prefill
+    for (const d of annotated)
+      expect(d.spec!.template.metadata!.annotations!["expertmesh.io/env-sources"]).toBe(
+        "0123456789abcdef",
+      );
+    for (const d of deployments())
+      expect(d.spec!.template.metadata!.annotations!["expertmesh.io/env-sources"]).toBeUndefined();
+  });
+
   it("spreads each role's pods by its own labels unless a constraint names a labelSelector", () => {
     expect(
       (objects().find((o) => o.kind === "Deployment") as any).spec.template.spec

@@ -19,6 +19,8 @@ const USAGE = `expertmesh operator [options]
   --shutdown-timeout SECONDS at SIGTERM, wait this long for reconciles in flight, then hand
                              back the lease anyway and exit (default 15; the chart's grace
                              period is 30 s)
+  --env-resync SECONDS       read again the Secrets and ConfigMaps a model's spec.env reads
+                             this often, and roll its pods when a value changed (default 30)
   --log-format text|json     log lines as text (default) or one JSON object per line
                              ({time, level, component, instance, msg}); default
                              $EXPERTMESH_LOG_FORMAT, else text`;
@@ -43,6 +45,7 @@ export const operatorCommand: Command = {
         workers: { type: "string" },
         "shutdown-timeout": { type: "string" },
         "log-format": { type: "string" },
+        "env-resync": { type: "string" },
       },
     });
     const kc = new KubeConfig();
@@ -70,6 +73,7 @@ export const operatorCommand: Command = {
       ...(values["metrics-host"] ? { metricsHost: values["metrics-host"] } : {}),
       workers: int(values.workers, "--workers", 2, 1),
       stopTimeoutMs: numberFlag(values["shutdown-timeout"], "--shutdown-timeout", 15) * 1000,
+      envResyncMs: numberFlag(values["env-resync"], "--env-resync", 30, 1) * 1000,
       log,
     });
     let stopping = false;
