@@ -117,6 +117,7 @@ const BASE_ARGS = [
   "--leader-elect=true",
   "--lease-namespace=$(POD_NAMESPACE)",
   "--identity=$(POD_NAME)",
+  "--env-resync=30",
 ];
 
 type Obj = Record<string, any>;
@@ -1552,6 +1553,12 @@ spec:
       expect(only(objects, "ServiceAccount").metadata.name).toBe("operator");
       expect(only(objects, "Deployment").spec.template.spec.serviceAccountName).toBe("operator");
     });
+  });
+
+  it("passes envResyncSeconds as --env-resync, and refuses one below 1 s", async () => {
+    const objects = await render("em", "ops", ["--set", "envResyncSeconds=5"]);
+    expect(operatorContainer(objects).args).toContain("--env-resync=5");
+    await expect(render("em", "ops", ["--set", "envResyncSeconds=0"])).rejects.toThrow(/minimum/);
   });
 
   it("passes the scheduling and image values through", async () => {
