@@ -190,7 +190,7 @@ export function secretsEdit(
     const [before, after] = [running.env.get(name), read.env.get(name)];
     if (before?.value === after?.value) continue;
     notes.push(
-      `spec.env's ${name}: its ${after ? `value in ${after.source}` : "Secret or ConfigMap"} changed; the processes read it at start (as pods do): stop and start up to take it`,
+      `spec.env's ${name}: its ${after ? `value in ${after.source}` : "Secret or ConfigMap"} changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it`,
     );
   }
   // (spec.env stays what the processes started with: a change is said until it is undone)

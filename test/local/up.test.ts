@@ -721,7 +721,7 @@ describe("expertmesh up", () => {
       await untilLogged(
         u,
         "the env note",
-        `[up] spec.env's EXPERTMESH_TEST_SECRET: its value in ${secrets} changed; the processes read it at start (as pods do): stop and start up to take it`,
+        `[up] spec.env's EXPERTMESH_TEST_SECRET: its value in ${secrets} changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it`,
       );
       expect(await status("sk-two")).toBe(200);
       // One gateway served it all: nothing restarted.

@@ -154,7 +154,7 @@ describe("secretsEdit", () => {
       { ...all, env: "e2" },
       false,
       [
-        "spec.env's FROM_SECRET: its value in s.yaml changed; the processes read it at start (as pods do): stop and start up to take it",
+        "spec.env's FROM_SECRET: its value in s.yaml changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it",
       ],
     ],
   ])("%s", (_, edited, write, starts) => {
