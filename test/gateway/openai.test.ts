@@ -625,7 +625,7 @@ describe("chat completions", () => {
       text += chunk.choices[0]?.text ?? "";
     expect(text).toMatch(listRe);
     // Lark (no '::='): a left-recursive list, case-insensitive x, a regular expression.
-    const lark = String.raw`
+    const lark = `
       start: "(" list ")"
       list: list "," item | item   // left recursion
       item: /[0-9]{1,2}/ | "x"i

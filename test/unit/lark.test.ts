@@ -18,7 +18,7 @@ function verdict(a: GrammarText, text: string): "whole" | "prefix" | "no" {
   return a.step(s, EOS) !== null ? "whole" : "prefix";
 }
 
-const CALC = String.raw`
+const CALC = `
 ?start: sum
 ?sum: product
     | sum "+" product   -> add
@@ -36,7 +36,7 @@ const CALC = String.raw`
 %ignore WS_INLINE
 `;
 
-const JSON_LARK = String.raw`
+const JSON_LARK = `
 ?start: value
 ?value: object
       | array
