@@ -398,45 +398,21 @@ export class Reconciler {
   }
 
   /** The ConfigMaps `refs` name, each read once: their data, or null when one does not exist. */
-  async #readConfigMaps(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
-    const contents = new Map<string, Record<string, Buffer> | null>();
-    for (const { name } of refs) {
-      if (contents.has(name)) continue;
-      try {
-        const cm = await this.#kube.core.readNamespacedConfigMap({ name, namespace });
-        contents.set(name, {
-          ...Object.fromEntries(Object.entries(cm.data ?? {}).map(([k, v]) => [k, Buffer.from(v)])),
-          ...Object.fromEntries(
-            Object.entries(cm.binaryData ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64")]),
-          ),
-        });
-      } catch (err) {
-        if (httpStatus(err) !== 404) throw err;
-        contents.set(name, null);
-      }
-    }
-    return contents;
+  #readConfigMaps(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
+    return readEach(refs, async (name) => {
+      const cm = await this.#kube.core.readNamespacedConfigMap({ name, namespace });
+      return {
+        ...Object.fromEntries(Object.entries(cm.data ?? {}).map(([k, v]) => [k, Buffer.from(v)])),
+        ...base64Values(cm.binaryData),
+      };
+    });
   }
 
   /** The Secrets `refs` name, each read once: its data, or null when it does not exist. */
-  async #readSecrets(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
-    const contents = new Map<string, Record<string, Buffer> | null>();
-    for (const { name } of refs) {
-      if (contents.has(name)) continue;
-      try {
-        const secret = await this.#kube.core.readNamespacedSecret({ name, namespace });
-        contents.set(
-          name,
-          Object.fromEntries(
-            Object.entries(secret.data ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64")]),
-          ),
-        );
-      } catch (err) {
-        if (httpStatus(err) !== 404) throw err;
-        contents.set(name, null);
-      }
-    }
-    return contents;
+  #readSecrets(namespace: string, refs: SecretRef[]): Promise<SecretContents> {
+    return readEach(refs, async (name) =>
+      base64Values((await this.#kube.core.readNamespacedSecret({ name, namespace })).data),
+    );
   }
 
   /** `askNats`: whether to ask spec.nats's server (with `natsAuth`): its Secrets are sound. */
@@ -679,4 +655,29 @@ export class Reconciler {
       );
     }
   }
+}
+
+/** Each object `refs` name read once: its data, or null where it does not exist (404). */
+async function readEach(
+  refs: SecretRef[],
+  read: (name: string) => Promise<Record<string, Buffer>>,
+): Promise<SecretContents> {
+  const contents = new Map<string, Record<string, Buffer> | null>();
+  for (const { name } of refs) {
+    if (contents.has(name)) continue;
+    try {
+      contents.set(name, await read(name));
+    } catch (err) {
+      if (httpStatus(err) !== 404) throw err;
+      contents.set(name, null);
+    }
+  }
+  return contents;
+}
+
+/** A Secret's data (or a ConfigMap's binaryData): base64 values decoded. */
+function base64Values(data: Record<string, string> | undefined): Record<string, Buffer> {
+  return Object.fromEntries(
+    Object.entries(data ?? {}).map(([k, v]) => [k, Buffer.from(v, "base64")]),
+  );
 }

@@ -1,5 +1,6 @@
 // Helpers of the constrained-decoding tests (test/unit/json-mode.test.ts, json-schema.test.ts).
 import { expect } from "vitest";
+import type { CfgState, GrammarText } from "../../src/gateway/cfg.ts";
 import type { Vocabulary } from "../../src/gateway/grammar.ts";
 import {
   type ByteAutomaton,
@@ -99,4 +100,17 @@ export function randomPieces(text: string, rng: Prng, most: number): string[] {
     i += n;
   }
   return out;
+}
+
+/**
+ * A context-free grammar's verdict on `text`, byte by byte as masks step it: "whole" (the
+ * end-of-sequence symbol `eos` is allowed after it), "prefix", or "no".
+ */
+export function cfgVerdict(a: GrammarText, text: string, eos: number): "whole" | "prefix" | "no" {
+  let s: CfgState | null = a.start;
+  for (const b of new TextEncoder().encode(text)) {
+    s = a.step(s, b);
+    if (s === null) return "no";
+  }
+  return a.step(s, eos) !== null ? "whole" : "prefix";
 }

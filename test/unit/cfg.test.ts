@@ -6,19 +6,11 @@ import { JSON_GBNF } from "../../bench/json.ts";
 import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
 import { SYMBOL_BASE, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import { Prng } from "../../src/model/prng.ts";
-import { expectExactMasks, utf8 } from "../support/grammar.ts";
+import { cfgVerdict, expectExactMasks, utf8 } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE + 7;
 
-/** "whole" (complete: the end-of-sequence symbol is allowed), "prefix", or "no". */
-function verdict(a: GrammarText, text: string): "whole" | "prefix" | "no" {
-  let s: CfgState | null = a.start;
-  for (const b of new TextEncoder().encode(text)) {
-    s = a.step(s, b);
-    if (s === null) return "no";
-  }
-  return a.step(s, EOS) !== null ? "whole" : "prefix";
-}
+const verdict = (a: GrammarText, text: string) => cfgVerdict(a, text, EOS);
 
 const ARITH = `
   root   ::= expr

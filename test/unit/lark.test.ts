@@ -6,17 +6,11 @@ import { type CfgState, GrammarError, GrammarText } from "../../src/gateway/cfg.
 import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
 import { compileLark, isGbnf } from "../../src/gateway/lark.ts";
 import { Prng } from "../../src/model/prng.ts";
+import { cfgVerdict } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE + 3;
 
-function verdict(a: GrammarText, text: string): "whole" | "prefix" | "no" {
-  let s: CfgState | null = a.start;
-  for (const b of new TextEncoder().encode(text)) {
-    s = a.step(s, b);
-    if (s === null) return "no";
-  }
-  return a.step(s, EOS) !== null ? "whole" : "prefix";
-}
+const verdict = (a: GrammarText, text: string) => cfgVerdict(a, text, EOS);
 
 const CALC = `
 ?start: sum
