@@ -2,7 +2,7 @@
 // which not at all (byte by byte, as the token masks step it), the grammars refused with the
 // reason and where, and the regular-expression terminals against node's RegExp.
 import { describe, expect, it } from "vitest";
-import { type CfgState, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
+import { GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
 import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
 import { compileLark, isGbnf } from "../../src/gateway/lark.ts";
 import { Prng } from "../../src/model/prng.ts";
