@@ -85,6 +85,14 @@ const parenthesised = {
   ],
 };
 
+const larkList = {
+  type: "sequence",
+  elements: [
+    { type: "grammar", grammar: 'start: list\nlist: list "," ITEM | ITEM\nITEM: "a" | "b"' },
+    { type: "const_string", value: ";" },
+  ],
+};
+
 /** Runs `text` (CALL where it says <call>); "whole": then EOS is taken; "prefix"; "refused". */
 function verdict(format: unknown, text: string): "whole" | "prefix" | "refused" {
   const a = structuralTagGrammar(vocabulary, format, EOS, "response_format").automaton;
@@ -229,6 +237,10 @@ describe("structural tags: what each format takes", () => {
         [signedNumber, "12a", "refused"],
         [parenthesised, "(ab).", "whole"],
         [parenthesised, "(ab", "prefix"],
+        // a grammar in Lark (no '::='), left-recursive
+        [larkList, "a,b,a;", "whole"],
+        [larkList, "a,b", "prefix"],
+        [larkList, "a,,b;", "refused"],
         // token-level: any tokens but some added ones, regions entered by an added token
         [{ type: "any_tokens", exclude_tokens: ["</s>"] }, "text<call>more", "whole"],
         [{ type: "any_tokens", exclude_tokens: ["<call>"] }, "text<call>", "refused"],
