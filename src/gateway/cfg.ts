@@ -646,6 +646,57 @@ let automata = 0;
 /** Positions a local key looks at, down each stack, at most. */
 const MAX_LOCAL_DEPTH = 64;
 
+/**
+ * The local part's byte: the quote alone. The vocabulary's split by it is made at startup
+ * (JSON mode's), and strings are where whole-vocabulary walks repeat. Another byte's split
+ * would cost a first mask ~0.1 s, for states (numbers, structure) whose walks are cheap anyway.
+ */
+const LOCAL_BYTE = 0x22;
+
+/**
+ * Per position of `g`: 1 where the rest of its alternative, from it on, cannot be matched
+ * without a quote: an element that is the quote alone, or a rule every way through which
+ * holds one (a string's closing quote in GBNF; the state inside a string of a regular
+ * expression's rules, lark.ts, whose every way out ends with the quote).
+ */
+function quoteGuards(g: Grammar): Uint8Array {
+  const { code, classes, starts } = g;
+  const quoteOnly = (c: number) => {
+    const r = classes[c]!;
+    return r.length === 2 && r[0] === LOCAL_BYTE && r[1] === LOCAL_BYTE;
+  };
+  // Rules with a way through that holds no quote (fixpoint).
+  const free = new Uint8Array(starts.length);
+  const altFree = (a: number): boolean => {
+    for (let p = a; code[p] !== -1; p++) {
+      const c = code[p]!;
+      if (c >= 0 ? quoteOnly(c) : !free[-2 - c]) return false;
+    }
+    return true;
+  };
+  for (let changed = true; changed; ) {
+    changed = false;
+    for (let r = 0; r < starts.length; r++)
+      if (!free[r] && starts[r]!.some(altFree)) {
+        free[r] = 1;
+        changed = true;
+      }
+  }
+  const guard = new Uint8Array(code.length);
+  for (const alts of starts)
+    for (const a of alts) {
+      let end = a;
+      while (code[end] !== -1) end++;
+      let needs = false;
+      for (let p = end - 1; p >= a; p--) {
+        const c = code[p]!;
+        needs ||= c >= 0 ? quoteOnly(c) : !free[-2 - c];
+        guard[p] = needs ? 1 : 0;
+      }
+    }
+  return guard;
+}
+
 /** After the end-of-sequence symbol. */
 const DONE: CfgState = {
   set: { id: -1, stacks: [], accepting: true, open: false },
@@ -677,11 +728,17 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   truncated = 0;
   /** This automaton among all (local keys are kept per vocabulary, for every grammar). */
   readonly #uid = ++automata;
+  /**
+   * Per position: what is left of its alternative from it on cannot be matched without a
+   * quote (LOCAL_BYTE), so a token without one never gets past it.
+   */
+  readonly #guard: Uint8Array;
 
   /** `eos`: the end-of-sequence token's symbol (none: the output ends only where forced). */
   constructor(g: Grammar, eos: number | null) {
     this.#g = g;
     this.#eos = eos;
+    this.#guard = quoteGuards(g);
     const first: (Node | null)[] = g.starts[g.root]!.map((a) =>
       g.code[a] === -1 ? null : this.#node(a, null),
     );
@@ -748,32 +805,24 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   }
 
   #local(set: StackSet): { key: string; byte: number } | null {
-    const { code, classes } = this.#g;
-    const single = (pos: number) => {
-      const c = code[pos]!;
-      const r = c >= 0 ? classes[c]! : null;
-      return r && r.length === 2 && r[0] === r[1] && r[0]! < 0x80 ? r[0]! : -1;
-    };
-    // Positions from the top down to the first of class {b} (null: none within the limit).
-    const above = (st: Node | null, b: number): number[] | null => {
+    const guard = this.#guard;
+    // Positions from the top down to the first whose rest needs a quote (null: none within
+    // the limit): a token without a quote is judged by those alone.
+    const above = (st: Node | null): number[] | null => {
       const out: number[] = [];
       for (let n = st; n !== null && out.length < MAX_LOCAL_DEPTH; n = n.up) {
         out.push(n.pos);
-        if (single(n.pos) === b) return out;
+        if (guard[n.pos]) return out;
       }
       return null;
     };
-    // Only the quote: the vocabulary's split by it is made at startup (JSON mode's), and
-    // strings are where whole-vocabulary walks repeat. Another byte's split would cost a
-    // first mask ~0.1 s, for states (numbers, structure) whose walks are cheap anyway.
-    const b = 0x22;
     const parts: string[] = [];
     for (const st of set.stacks) {
-      const a = above(st, b);
+      const a = above(st);
       if (a === null) return null;
       parts.push(a.join(","));
     }
-    return { key: `gbnf ${this.#uid} ${b} ${parts.sort().join("|")}`, byte: b };
+    return { key: `gbnf ${this.#uid} ${LOCAL_BYTE} ${parts.sort().join("|")}`, byte: LOCAL_BYTE };
   }
 
   #at(set: StackSet): CfgState {

@@ -2,11 +2,12 @@
 // which not at all (byte by byte, as the token masks step it), the grammars refused with the
 // reason and where, and the regular-expression terminals against node's RegExp.
 import { describe, expect, it } from "vitest";
-import { GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
-import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
+import { JSON_LARK as BENCH_JSON_LARK } from "../../bench/json.ts";
+import { type CfgState, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
+import { SYMBOL_BASE, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
 import { compileLark, isGbnf } from "../../src/gateway/lark.ts";
 import { Prng } from "../../src/model/prng.ts";
-import { cfgVerdict } from "../support/grammar.ts";
+import { cfgVerdict, expectExactMasks, utf8 } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE + 3;
 
@@ -157,5 +158,42 @@ describe("Lark: regular-expression terminals", () => {
       expect(verdict(a, s) === "whole", JSON.stringify(s)).toBe(want);
     }
     expect(matched).toBeGreaterThan(0);
+  });
+});
+
+describe("Lark: masks (the JSON grammar the json bench suite measures)", () => {
+  // biome-ignore format: a list
+  const texts = [
+    "{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-", "ab", '"a"', '":', '","', "\\n", "\\u",
+    "00e9", "é", "東京", "\u0001", "12", "1.5e", "true", "null", '"}', "a b", 'x"y', '\\"', "\t\t",
+  ];
+  const units = [null, ...texts.map(utf8), Uint16Array.of(SYMBOL_BASE)];
+  const a = new GrammarText(compileLark(BENCH_JSON_LARK), SYMBOL_BASE);
+  const grammar = new TokenGrammar(a, new Vocabulary(units, units.length));
+  const docs = [
+    String.raw`{"a": "x y", "b": [1, -2.5e3, "q\"\u00e9"], "c": {"d": null}}`,
+    '{ "k" : [ { "x" : "東京" } , true ] }',
+    String.raw`{"s": "a\nb", "t": "", "u": []}`,
+  ];
+  const states: CfgState[] = [];
+  for (const d of docs) {
+    let st: CfgState | null = a.start;
+    for (const b of utf8(d)) {
+      st = a.step(st!, b);
+      expect(st, d).not.toBeNull();
+      states.push(st!);
+    }
+  }
+
+  it("use the local part inside strings (every way out of a string's rules ends with its quote)", () => {
+    const inString = a.step(a.step(a.start, 0x7b)!, 0x22)!; // {"
+    expect(a.local(inString)).toMatchObject({ byte: 0x22 });
+    expect(a.local(a.step(a.start, 0x7b)!)).toBeNull(); // after '{': a quote opens a key
+    const keyed = states.filter((st) => a.local(st));
+    expect(keyed.length).toBeGreaterThan(10);
+  });
+
+  it(`equal checking every token, in ${states.length} states along documents`, () => {
+    expectExactMasks(grammar, a, states, units, units.length);
   });
 });
