@@ -19,8 +19,8 @@
 // (ADR 0046); undefined rules, left recursion behind a rule that can be empty, and rules that
 // derive no finite string are refused (alternatives using the latter are dropped). Stacks
 // are hash-consed linked nodes, so a step costs the same at any nesting depth; inside a
-// string, the closing quote under every stack gives grammar.ts's local part (quote-free
-// tokens judged once per kind of string). ADR 0018.
+// string, a frame on every stack that only a quote can complete gives grammar.ts's local
+// part (quote-free tokens judged once per kind of string). ADRs 0018, 0046.
 import type { ByteAutomaton } from "./grammar.ts";
 import { SYMBOL_BASE } from "./grammar.ts";
 
@@ -791,11 +791,13 @@ export class GrammarText implements ByteAutomaton<CfgState> {
   }
 
   /**
-   * grammar.ts's local part: when every stack holds, under its top, a position whose class is
-   * the quote alone (a string's closing quote), no token without a quote can reach below it,
-   * so such tokens are judged by the positions above it alone. Those positions, per stack,
-   * are the key (with this grammar's id: within it, every string of a kind shares the part
-   * of the vocabulary without a quote, walked once).
+   * grammar.ts's local part: when every stack holds, from its top down, a position whose rest
+   * of alternative cannot be matched without a quote (a string's closing quote; in a regular
+   * expression's rules, the state inside a string, every way out of which ends with its
+   * quote), no token without a quote can get past it, so such tokens are judged by the
+   * positions down to it alone. Those positions, per stack, are the key (with this grammar's
+   * id: within it, every string of a kind shares the part of the vocabulary without a quote,
+   * walked once).
    */
   local(s: CfgState): { key: string; byte: number } | null {
     if (s === DONE || s.n !== 0) return null;
