@@ -1,13 +1,13 @@
 // Helpers of the constrained-decoding tests (test/unit/json-mode.test.ts, json-schema.test.ts).
 import { expect } from "vitest";
 import type { CfgState, GrammarText } from "../../src/gateway/cfg.ts";
-import type { Vocabulary } from "../../src/gateway/grammar.ts";
 import {
   type ByteAutomaton,
   runBytes,
   SYMBOL_BASE,
   type TokenBytes,
-  type TokenGrammar,
+  TokenGrammar,
+  Vocabulary,
 } from "../../src/gateway/grammar.ts";
 import type { Prng } from "../../src/model/prng.ts";
 import type { Tokenizer } from "../../src/model/tokenizer.ts";
@@ -113,4 +113,38 @@ export function cfgVerdict(a: GrammarText, text: string, eos: number): "whole" |
     if (s === null) return "no";
   }
   return a.step(s, eos) !== null ? "whole" : "prefix";
+}
+
+/**
+ * A small vocabulary of JSON's pieces (and the end-of-sequence symbol SYMBOL_BASE) and the
+ * states a grammar for JSON passes along three documents: where the JSON grammars' masks are
+ * checked against every token (cfg.test, lark.test).
+ */
+export function jsonMaskCase(a: GrammarText): {
+  units: (TokenBytes | null)[];
+  grammar: TokenGrammar<CfgState>;
+  states: CfgState[];
+} {
+  // biome-ignore format: a list
+  const texts = [
+    "{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-", "ab", '"a"', '":', '","', "\\n", "\\u",
+    "00e9", "é", "東京", "\u0001", "12", "1.5e", "true", "null", '"}', "a b", 'x"y', '\\"', "\t\t",
+  ];
+  const units = [null, ...texts.map(utf8), Uint16Array.of(SYMBOL_BASE)];
+  const grammar = new TokenGrammar(a, new Vocabulary(units, units.length));
+  const docs = [
+    String.raw`{"a": "x y", "b": [1, -2.5e3, "q\"\u00e9"], "c": {"d": null}}`,
+    '{ "k" : [ { "x" : "東京" } , true ] }',
+    String.raw`{"s": "a\nb", "t": "", "u": []}`,
+  ];
+  const states: CfgState[] = [];
+  for (const d of docs) {
+    let st: CfgState | null = a.start;
+    for (const b of utf8(d)) {
+      st = a.step(st!, b);
+      expect(st, d).not.toBeNull();
+      states.push(st!);
+    }
+  }
+  return { units, grammar, states };
 }

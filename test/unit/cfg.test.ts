@@ -4,9 +4,9 @@
 import { describe, expect, it } from "vitest";
 import { JSON_GBNF } from "../../bench/json.ts";
 import { type CfgState, compileGrammar, GrammarError, GrammarText } from "../../src/gateway/cfg.ts";
-import { SYMBOL_BASE, TokenGrammar, Vocabulary } from "../../src/gateway/grammar.ts";
+import { SYMBOL_BASE } from "../../src/gateway/grammar.ts";
 import { Prng } from "../../src/model/prng.ts";
-import { cfgVerdict, expectExactMasks, utf8 } from "../support/grammar.ts";
+import { cfgVerdict, expectExactMasks, jsonMaskCase } from "../support/grammar.ts";
 
 const EOS = SYMBOL_BASE + 7;
 
@@ -368,28 +368,8 @@ describe("GBNF: left recursion rewritten", () => {
 });
 
 describe("GBNF: masks (the JSON grammar the json bench suite measures)", () => {
-  // biome-ignore format: a list
-  const texts = [
-    "{", "}", "[", "]", '"', ":", ",", " ", "\n", "\\", "-", "ab", '"a"', '":', '","', "\\n", "\\u",
-    "00e9", "é", "東京", "\u0001", "12", "1.5e", "true", "null", '"}', "a b", 'x"y', '\\"', "\t\t",
-  ];
-  const units = [null, ...texts.map(utf8), Uint16Array.of(SYMBOL_BASE)];
   const a = new GrammarText(compileGrammar(JSON_GBNF), SYMBOL_BASE);
-  const grammar = new TokenGrammar(a, new Vocabulary(units, units.length));
-  const docs = [
-    String.raw`{"a": "x y", "b": [1, -2.5e3, "q\"\u00e9"], "c": {"d": null}}`,
-    '{ "k" : [ { "x" : "東京" } , true ] }',
-    String.raw`{"s": "a\nb", "t": "", "u": []}`,
-  ];
-  const states: CfgState[] = [];
-  for (const d of docs) {
-    let st: CfgState | null = a.start;
-    for (const b of utf8(d)) {
-      st = a.step(st!, b);
-      expect(st, d).not.toBeNull();
-      states.push(st!);
-    }
-  }
+  const { units, grammar, states } = jsonMaskCase(a);
 
   it("use the local part inside strings (the closing quote below every stack)", () => {
     const inString = a.step(a.step(a.start, 0x7b)!, 0x22)!; // {"
