@@ -3,7 +3,8 @@
 // in the run folder, as the pods mount them. Under `up --watch` an edit of the Secrets in the
 // -f files rewrites those files, and the gateways take them without a restart, as the kubelet
 // updates a mounted Secret and the pods' gateways read it again. spec.env's valueFrom
-// variables are read at start, in a pod as here: a change is said, not applied.
+// variables are read at start, in a pod as here: a new value starts everything again under
+// `up --watch` (src/local/watch.ts), as the operator rolls every role's pods onto it (ADR 0048).
 import { renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { DeepSeekModel } from "../api/schema.ts";
@@ -130,10 +131,40 @@ export function envFromObjects(m: DeepSeekModel, objects: LocalObjects): Map<str
   return out;
 }
 
-/** What the -f files held, as `up` read them: the gateways' Secrets and spec.env's. */
+/** What the -f files held, as `up` read them for its gateways. */
 export interface SecretsRead {
   gateway: GatewaySecrets;
-  env: Map<string, FileValue>;
+}
+
+/**
+ * What an edit of the -f files does to spec.env's valueFrom variables (`before`: what the
+ * processes started with): `changed`, a line per variable with a new value (the processes
+ * must start again to take it), and `kept`, a line per variable no -f file holds any more
+ * (the processes keep the value they have, as the operator applies nothing while a pod's
+ * Secret is missing).
+ */
+export function envChanges(
+  m: DeepSeekModel,
+  before: ReadonlyMap<string, FileValue>,
+  after: ReadonlyMap<string, FileValue>,
+): { changed: string[]; kept: string[] } {
+  const changed: string[] = [];
+  const kept: string[] = [];
+  for (const { name } of m.spec.env ?? []) {
+    const [was, now] = [before.get(name), after.get(name)];
+    if (now === undefined) {
+      if (was !== undefined)
+        kept.push(
+          `spec.env's ${name}: no -f file holds its Secret or ConfigMap now; the processes keep the value they have`,
+        );
+    } else if (was?.value !== now.value)
+      changed.push(
+        was === undefined
+          ? `spec.env's ${name}: ${now.source} holds it now`
+          : `spec.env's ${name}: its value in ${now.source} changed`,
+      );
+  }
+  return { changed, kept };
 }
 
 /**
@@ -142,7 +173,8 @@ export interface SecretsRead {
  * New keys or a new certificate reach the gateways (their files are rewritten; the gateways
  * check a certificate and keep the previous one if it does not check out); an API keys
  * Secret that holds no key now, or Secrets no file holds any more, leave the gateways with
- * what they have; Secrets that were not there at start, and spec.env's, need a restart.
+ * what they have; Secrets that were not there at start need a restart (spec.env's:
+ * `envChanges`).
  */
 export function secretsEdit(
   m: DeepSeekModel,
@@ -186,15 +218,7 @@ export function secretsEdit(
       `spec.gateway.tls changed in ${tlsNow.cert.source}: the gateways take the new certificate without a restart (one that does not check out is logged, and the previous one kept)`,
     );
   }
-  for (const { name } of m.spec.env ?? []) {
-    const [before, after] = [running.env.get(name), read.env.get(name)];
-    if (before?.value === after?.value) continue;
-    notes.push(
-      `spec.env's ${name}: its ${after ? `value in ${after.source}` : "Secret or ConfigMap"} changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it`,
-    );
-  }
-  // (spec.env stays what the processes started with: a change is said until it is undone)
-  return { running: { gateway, env: running.env }, write, notes };
+  return { running: { gateway }, write, notes };
 }
 
 function sameTls(a: NonNullable<GatewaySecrets["tls"]>, b: NonNullable<GatewaySecrets["tls"]>) {

@@ -174,10 +174,7 @@ export async function prepareRun(values: UpFlags, files: ReturnType<typeof local
   if (hub) modelDir = await fetchFromHub(hub, join(modelsDir, "hf"), board, say);
   // The API keys and serving certificate from the -f files' Secrets (written in the run
   // folder below, as the pods mount them); else $EM_API_KEYS stands in, and no TLS.
-  const secretsRead: SecretsRead = {
-    gateway: gatewaySecrets(m, objects),
-    env: envRead,
-  };
+  const secretsRead: SecretsRead = { gateway: gatewaySecrets(m, objects) };
   // (keys from a Secret replace the shell's: $EM_API_KEYS goes to no gateway then)
   if (secretsRead.gateway.apiKeys) delete process.env["EM_API_KEYS"];
   const shellKeys = parseApiKeys(process.env["EM_API_KEYS"] ?? "").length > 0;

@@ -26,7 +26,6 @@ import { LocalAutoscaler, localPrefills } from "./autoscale.ts";
 import { type ChildSpec, type Supervised, Supervisor } from "./children.ts";
 import { GatewayFront } from "./front.ts";
 import {
-  envFromObjects,
   type GatewaySecrets,
   gatewaySecrets,
   gatewaySecretsNotes,
@@ -534,7 +533,7 @@ export class LocalRun {
     let read: SecretsRead;
     try {
       const objs = this.#objectsNow();
-      read = { gateway: gatewaySecrets(this.#gm, objs), env: envFromObjects(this.#p.m, objs) };
+      read = { gateway: gatewaySecrets(this.#gm, objs) };
     } catch (err) {
       this.#say(`the -f files changed, but ${formatError(err)}: the gateways keep what they have`);
       return;

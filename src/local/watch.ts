@@ -9,6 +9,9 @@
 // reported and the running one is left alone, as the API server would refuse it. The other -f
 // files (Secrets, ConfigMaps) are watched too: an edit is a line `{"files": true}`, and the
 // child reads them again, giving its gateways new API keys or a new certificate (ADR 0043).
+// A new value of a spec.env valueFrom variable (in any -f file) stops the child and starts a
+// new one, which reads it: processes read their environment at start, and the operator rolls
+// every role's pods onto such a value (ADR 0048).
 //
 // The child runs in a process group of its own, so that a Ctrl-C in the terminal reaches this
 // supervisor alone, which passes each signal on once (the second Ctrl-C stops at once, as
@@ -20,7 +23,9 @@ import { basename, dirname, resolve } from "node:path";
 import { readManifest } from "../api/manifest.ts";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { formatError } from "../util/errors.ts";
+import { envChanges, envFromObjects, type FileValue } from "./gateway-secrets.ts";
 import { fieldList, liveChangeSummary, manifestChange } from "./manifest-change.ts";
+import { objectsOf } from "./objects.ts";
 import { STOP_ON_STDIN_EOF_ENV, UP_WATCHED_ENV } from "./parent-watch.ts";
 
 /** How long the file must be quiet before a change counts (editors write in several steps). */
@@ -55,7 +60,23 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   let finish: (code: number) => void = () => {};
   const finished = new Promise<number>((r) => (finish = r));
 
+  // spec.env's valueFrom values in the -f files as they are now (null: a file that does not
+  // parse, which the child reports), and as the running child started with them.
+  const envNow = (m: DeepSeekModel): Map<string, FileValue> | null => {
+    const texts: [string, string][] = [
+      [file, text ?? ""],
+      ...[...others.values()].map((o): [string, string] => [o.file, o.text ?? ""]),
+    ];
+    try {
+      return envFromObjects(m, objectsOf(texts, m.metadata.namespace ?? "default"));
+    } catch {
+      return null;
+    }
+  };
+  let startedEnv = new Map<string, FileValue>();
+
   const start = () => {
+    startedEnv = envNow(current) ?? new Map();
     const c = spawn(process.execPath, [process.argv[1]!, "up", ...upArgs], {
       stdio: ["pipe", "inherit", "inherit"],
       detached: true,
@@ -97,30 +118,49 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     }
     text = now;
     const change = manifestChange(current, next, single);
-    if (change.kind === "same" && child) {
+    // (a new spec.env entry is a change of the manifest's: "all")
+    const env = change.kind === "all" ? null : envEdit(next);
+    if (change.kind === "same" && child && env === null) {
       say(`${file} changed, but the model says what it said: nothing to restart`);
       tell({ files: true, quiet: true }); // (its Secrets, if it holds any)
       return;
     }
     current = next;
-    if (change.kind === "live" && child?.stdin?.writable) {
+    if (change.kind === "live" && child?.stdin?.writable && env === null) {
       say(`${file} changed (${fieldList(change.fields)}): ${liveChangeSummary(change)}`);
       tell({ manifest: next });
       tell({ files: true, quiet: true });
       return;
     }
+    if (!child) say(`${file} changed: starting it`);
+    const why = change.kind === "all" ? change.why : (env ?? "the running up could not be told");
+    await restart(`${file} changed (${why})`);
+  };
+
+  // A new value of a spec.env valueFrom variable in the -f files: why the processes must
+  // start again (null: none). A variable no file holds any more is said, and the processes
+  // keep the value they have.
+  const envEdit = (m: DeepSeekModel): string | null => {
+    const now = envNow(m);
+    if (now === null) return null; // (the child reports the file)
+    const { changed, kept } = envChanges(m, startedEnv, now);
+    for (const line of kept) say(line);
+    if (changed.length === 0) return null;
+    return `${changed.join("; ")}: processes read their environment at start, and the operator rolls every role's pods onto a new value`;
+  };
+
+  // Stops the running child as on Ctrl-C (gateways finish their requests, shards drain), then
+  // starts a new one on the current manifest and files.
+  const restart = async (what: string) => {
     restarting = true;
     const old = child;
     if (old) {
-      const why = change.kind === "all" ? change.why : "the running up could not be told";
-      say(
-        `${file} changed (${why}): stopping everything, then starting it again with the new manifest`,
-      );
+      say(`${what}: stopping everything, then starting it again with the new manifest`);
       await new Promise<void>((r) => {
         old.once("exit", () => r());
         old.kill("SIGTERM");
       });
-    } else say(`${file} changed: starting it`);
+    }
     restarting = false;
     if (stopping) return;
     start();
@@ -142,6 +182,11 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
     if (now === null || now === other.text) return;
     other.text = now;
     if (!child || restarting) return; // (the next up reads it)
+    const env = envEdit(current);
+    if (env !== null) {
+      void restart(`${other.file} changed (${env})`);
+      return;
+    }
     say(`${other.file} changed: its Secrets' new content goes to the running processes`);
     tell({ files: true });
   };
@@ -180,7 +225,7 @@ export async function watchAndRun(opts: WatchOptions): Promise<number> {
   );
   if (others.size > 0)
     say(
-      `watching ${[...others.values()].map((o) => o.file).join(", ")} too: new API keys and certificates in their Secrets reach the gateways without a restart`,
+      `watching ${[...others.values()].map((o) => o.file).join(", ")} too: new API keys and certificates in their Secrets reach the gateways without a restart, a new value of spec.env's starts every process again`,
     );
   start();
   return await finished;

@@ -653,7 +653,7 @@ describe("expertmesh up", () => {
     expect(none.err()).toContain("[EM_CLI_USAGE] of the -f files, one must hold the DeepSeekModel");
   });
 
-  it("--watch with a Secrets -f file: a rotated API key reaches the running gateway without a restart; one that holds no key, and a changed spec.env value, are said and not applied; dropping apiKeySecret from the manifest rolls the gateway, open", async () => {
+  it("--watch with a Secrets -f file: a rotated API key reaches the running gateway without a restart; one that holds no key is said and not applied; dropping apiKeySecret from the manifest rolls the gateway, open; a new spec.env value starts every process again with it", async () => {
     const dir = mkdtempSync(join(testEnv().runDir, "watch-secrets-"));
     const file = join(dir, "tiny.yaml");
     writeFileSync(
@@ -688,7 +688,7 @@ describe("expertmesh up", () => {
     try {
       await untilServing(u, port);
       expect(u.err()).toContain(
-        `[up] watching ${secrets} too: new API keys and certificates in their Secrets reach the gateways without a restart`,
+        `[up] watching ${secrets} too: new API keys and certificates in their Secrets reach the gateways without a restart, a new value of spec.env's starts every process again`,
       );
       expect([await status("sk-one"), await status("sk-two")]).toEqual([200, 401]);
       const gateway = pidUnder(u, /main\.ts gateway /);
@@ -716,14 +716,6 @@ describe("expertmesh up", () => {
       await untilLogged(u, "the refusal", /holds no API key .*: the gateways keep what they have/);
       expect([await status("sk-two"), await status("sk-none")]).toEqual([200, 401]);
 
-      // spec.env's value: read at start, as in a pod; said, not applied.
-      writeSecrets("sk-two", "http://proxy-b:3128");
-      await untilLogged(
-        u,
-        "the env note",
-        `[up] spec.env's EXPERTMESH_TEST_SECRET: its value in ${secrets} changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it`,
-      );
-      expect(await status("sk-two")).toBe(200);
       // One gateway served it all: nothing restarted.
       expect(pidUnder(u, /main\.ts gateway /)).toBe(gateway);
       expect(u.err()).not.toContain("stopping everything");
@@ -747,6 +739,31 @@ describe("expertmesh up", () => {
       );
       expect(pidUnder(u, /main\.ts shard /)).toBe(shard);
       expect(u.err()).not.toContain("stopping everything");
+
+      // spec.env's value: processes read it at start, so every one starts again with the new
+      // one (the operator rolls every role's pods onto it).
+      writeSecrets("sk-two", "http://proxy-b:3128");
+      await untilLogged(
+        u,
+        "the env restart",
+        `[up] ${secrets} changed (spec.env's EXPERTMESH_TEST_SECRET: its value in ${secrets} changed: processes read their environment at start, and the operator rolls every role's pods onto a new value): stopping everything, then starting it again with the new manifest`,
+      );
+      await waitFor(
+        "a new shard",
+        async () => {
+          const now = pidUnder(u, /main\.ts shard /);
+          return now !== undefined && now !== shard ? true : undefined;
+        },
+        60_000,
+      );
+      await waitFor("serving again", async () =>
+        (await status("sk-none")) === 200 ? true : undefined,
+      );
+      for (const role of [/main\.ts shard /, /main\.ts gateway /]) {
+        const pid = pidUnder(u, role)!;
+        const vars = readFileSync(`/proc/${pid}/environ`, "utf8").split("\0");
+        expect(vars, String(role)).toContain("EXPERTMESH_TEST_SECRET=http://proxy-b:3128");
+      }
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGINT");
       await exitCodeOf(u);

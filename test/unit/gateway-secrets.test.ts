@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import {
+  envChanges,
   envFromObjects,
   gatewaySecrets,
   gatewaySecretsNotes,
@@ -41,10 +42,10 @@ function objects(o: {
   objs.add(docs.join("\n---\n"), "s.yaml", "default");
   return objs;
 }
-const read = (o: Parameters<typeof objects>[0]): SecretsRead => {
-  const objs = objects(o);
-  return { gateway: gatewaySecrets(m, objs), env: envFromObjects(m, objs) };
-};
+const read = (o: Parameters<typeof objects>[0]): SecretsRead => ({
+  gateway: gatewaySecrets(m, objects(o)),
+});
+const envOf = (o: Parameters<typeof objects>[0]) => envFromObjects(m, objects(o));
 const all = { keys: "k1", cert: ["C1", "K1"] as [string, string], ca: "CA1", env: "e1" };
 
 describe("gatewaySecrets", () => {
@@ -59,7 +60,7 @@ describe("gatewaySecrets", () => {
     });
     expect(read({ keys: "k1", cert: ["C1", "K1"] }).gateway.tls).toBeUndefined();
     expect(read({}).gateway).toEqual({});
-    expect([...read(all).env]).toEqual([["FROM_SECRET", { value: "e1", source: "s.yaml" }]]);
+    expect([...envOf(all)]).toEqual([["FROM_SECRET", { value: "e1", source: "s.yaml" }]]);
   });
 
   it("refuses an API keys Secret that holds no key (EM_GATEWAY_API_KEYS), never serving open", () => {
@@ -149,14 +150,7 @@ describe("secretsEdit", () => {
         "spec.gateway.tls: the -f files no longer hold all of its Secrets; the gateways keep the certificate they have",
       ],
     ],
-    [
-      "spec.env's Secret changed",
-      { ...all, env: "e2" },
-      false,
-      [
-        "spec.env's FROM_SECRET: its value in s.yaml changed; the processes read it at start (the operator rolls pods onto it; up does not): stop and start up to take it",
-      ],
-    ],
+    ["spec.env's Secret changed (envChanges' business)", { ...all, env: "e2" }, false, []],
   ])("%s", (_, edited, write, starts) => {
     const edit = secretsEdit(m, running, read(edited));
     expect(edit.write).toBe(write);
@@ -166,23 +160,55 @@ describe("secretsEdit", () => {
     });
   });
 
-  it("keeps what runs: the edited keys once written, spec.env as the processes started", () => {
-    const once = secretsEdit(m, running, read({ ...all, keys: "k2", env: "e2" }));
+  it("keeps what runs: the edited keys once written", () => {
+    const once = secretsEdit(m, running, read({ ...all, keys: "k2" }));
     expect(once.running.gateway.apiKeys?.value).toBe("k2");
-    expect(once.running.env.get("FROM_SECRET")?.value).toBe("e1");
-    // Undone: nothing left to say.
+    // Nothing new: nothing to say.
     expect(secretsEdit(m, once.running, read({ ...all, keys: "k2" })).notes).toEqual([]);
   });
 
   it("Secrets that were not there at start need a restart", () => {
     const bare = read({});
     const notes = secretsEdit(m, bare, read(all)).notes;
-    expect(notes).toHaveLength(3);
+    expect(notes).toHaveLength(2);
     expect(notes[0]).toContain("the gateways started without keys: stop and start up");
     expect(notes[1]).toContain(
       "started serving plain HTTP and gRPC: stop and start up to serve TLS",
     );
-    expect(notes[2]).toContain("spec.env's FROM_SECRET");
     expect(secretsEdit(m, bare, read(all)).write).toBe(false);
+  });
+});
+
+describe("envChanges", () => {
+  it.each<[string, string | undefined, string | undefined, string[], string[]]>([
+    ["the same value", "e1", "e1", [], []],
+    ["a new value", "e1", "e2", ["spec.env's FROM_SECRET: its value in s.yaml changed"], []],
+    [
+      "held now, not at start",
+      undefined,
+      "e1",
+      ["spec.env's FROM_SECRET: s.yaml holds it now"],
+      [],
+    ],
+    [
+      "held at start, not now",
+      "e1",
+      undefined,
+      [],
+      [
+        "spec.env's FROM_SECRET: no -f file holds its Secret or ConfigMap now; the processes keep the value they have",
+      ],
+    ],
+    ["held neither time", undefined, undefined, [], []],
+  ])("%s", (_, before, after, changed, kept) => {
+    expect(envChanges(m, envOf({ env: before }), envOf({ env: after }))).toEqual({ changed, kept });
+  });
+
+  it("reads only spec.env's variables: a value a manifest without them names is no change", () => {
+    const bare = tinyManifestWith("");
+    expect(envChanges(bare, envOf({ env: "e1" }), envOf({ env: "e2" }))).toEqual({
+      changed: [],
+      kept: [],
+    });
   });
 });

@@ -54,7 +54,8 @@ spec.experts.rebalance.enabled, a skewed expert load is re-planned and rolled ou
                      an edit that says the same (a comment) restarts nothing. The other -f
                      files are watched too: new API keys or a new certificate in their
                      Secrets reach the running gateways without a restart (as a mounted
-                     Secret's update reaches a pod); a new spec.env value is said, not applied
+                     Secret's update reaches a pod); a new spec.env value in any -f file
+                     stops everything and starts it again with it (the operator rolls pods)
 A tiny-v2/tiny-v3 preset whose folder does not exist yet is created (deterministic, seed 0).
 While weights load, stderr shows a progress bar per process (plain lines when it is not a
 terminal).`;
