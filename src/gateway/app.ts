@@ -2,9 +2,10 @@
 // (kserve-rest.ts: their own error format) behind optional bearer API keys, /health (the
 // process is up), /ready (every expert shard answers), /metrics, and one error format for
 // everything else, OpenAI's {error: {message, type, param, code}}.
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID, timingSafeEqual } from "node:crypto";
 import { type RequestListener, type Server, STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
+import { join } from "node:path";
 import type { Span } from "@opentelemetry/api";
 import Fastify, {
   type FastifyInstance,
@@ -14,7 +15,9 @@ import Fastify, {
 } from "fastify";
 import type { LogFields } from "../util/log.ts";
 import { ApiKeys } from "./api-keys.ts";
+import { BATCH_PRIORITY, Batches, batchesRoutes, type RunLine } from "./batches.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
+import { FileStore, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { messagesRoutes } from "./messages.ts";
@@ -56,7 +59,16 @@ export interface GatewayAppOptions {
   readonly onHandler?: (handler: RequestListener) => void;
   /** Where a line per finished request goes (--log-requests); default: none. */
   readonly logRequest?: (line: string, fields?: LogFields) => void;
+  /**
+   * The Files and Batch APIs (files.ts, batches.ts; ADR 0049): the folder they keep their
+   * files and batches in (--files-dir), the largest upload, and the batches' lines in
+   * flight at once. Without it those routes refuse (EM_GATEWAY_FILES_OFF).
+   */
+  readonly files?: { dir: string; maxBytes: number; batchConcurrency: number };
 }
+
+/** The header of a batch's line run through the routes (app.inject), with this app's token. */
+const BATCH_HEADER = "x-expertmesh-batch-line";
 
 /** Builds the fastify app (not listening yet). */
 export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
@@ -94,6 +106,17 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     },
   });
   const keys = ApiKeys.from(o.apiKeys);
+  // A batch's lines run through the routes with a token only this process knows, in place
+  // of the key (which may have been rotated out since the batch was made).
+  const lineToken = Buffer.from(randomBytes(32).toString("hex"));
+  const isBatchLine = (req: FastifyRequest) => {
+    const given = req.headers[BATCH_HEADER];
+    return (
+      typeof given === "string" &&
+      given.length === lineToken.length &&
+      timingSafeEqual(Buffer.from(given), lineToken)
+    );
+  };
 
   // Closing waits for the requests in flight; the keep-alive connections they leave idle
   // (72 s keepAliveTimeout) would hold the close, and a pod's stop, until SIGKILL. So from
@@ -264,14 +287,16 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   // Every route needs a key except the probes and metrics. Decided by the route fastify
   // matched, never by the raw URL: '/%76%31/models' is routed as '/v1/models'.
   const open = new Set(["/health", "/ready", "/metrics", ...KSERVE_OPEN_ROUTES]);
-  app.addHook("onRequest", async (req) => {
-    if (!keys.required || open.has(req.routeOptions.url ?? "")) return;
+  const keyOf = (req: FastifyRequest) => {
     const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "");
     // Anthropic's clients send x-api-key instead.
     const xKey = req.headers["x-api-key"];
-    const key = m?.[1]?.trim() ?? (typeof xKey === "string" ? xKey.trim() : "");
+    return m?.[1]?.trim() ?? (typeof xKey === "string" ? xKey.trim() : "");
+  };
+  app.addHook("onRequest", async (req) => {
+    if (!keys.required || open.has(req.routeOptions.url ?? "") || isBatchLine(req)) return;
     // Node gives header bytes as latin1 characters; the keys are compared as UTF-8 bytes.
-    const given = Buffer.from(key, "latin1");
+    const given = Buffer.from(keyOf(req), "latin1");
     if (!keys.accepts(given))
       throw new ApiError(
         "EM_GATEWAY_UNAUTHORIZED",
@@ -296,6 +321,47 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
   app.register(messagesRoutes(o.ctx));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
+
+  // Files and batches: each key sees its own (a hash of it), everyone the same without keys.
+  const owner = (req: FastifyRequest) => (keys.required ? ownerOf(keyOf(req)) : "");
+  const fileStore = o.files ? new FileStore(join(o.files.dir, "files"), o.files.maxBytes) : null;
+  const run: RunLine = async (url, body) => {
+    // Behind the interactive requests on a gateway that schedules by priority.
+    const payload =
+      o.ctx.engine.schedulingPolicy === "priority" && body["priority"] === undefined
+        ? { ...body, priority: BATCH_PRIORITY }
+        : body;
+    const r = await app.inject({
+      method: "POST",
+      url,
+      payload,
+      headers: { [BATCH_HEADER]: lineToken.toString() },
+    });
+    let answer: unknown;
+    try {
+      answer = r.json();
+    } catch {
+      answer = r.body;
+    }
+    return {
+      status: r.statusCode,
+      requestId: String(r.headers["x-request-id"] ?? ""),
+      body: answer,
+    };
+  };
+  const batches =
+    fileStore && o.files
+      ? new Batches({
+          dir: o.files.dir,
+          files: fileStore,
+          run,
+          concurrency: o.files.batchConcurrency,
+          ...(o.ctx.log ? { log: o.ctx.log } : {}),
+        })
+      : null;
+  app.addHook("preClose", async () => batches?.close());
+  app.register(filesRoutes(fileStore, owner));
+  app.register(batchesRoutes(batches, owner));
   return app;
 }
 

@@ -80,6 +80,15 @@ export const ERROR_CODES = {
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:
     "a response id this gateway does not keep (not stored, deleted, pushed out, or another gateway's) (HTTP 404)",
+  EM_GATEWAY_FILE_NOT_FOUND:
+    "a file id this gateway does not keep (deleted, another API key's, or another gateway's) (HTTP 404)",
+  EM_GATEWAY_FILE_TOO_LARGE: "an uploaded file is larger than --files-max-bytes (HTTP 413)",
+  EM_GATEWAY_FILES_OFF:
+    "the Files and Batch APIs on a gateway started without --files-dir (a manifest without spec.gateway.batch) (HTTP 404)",
+  EM_GATEWAY_BATCH_NOT_FOUND:
+    "a batch id this gateway does not keep (another API key's, or another gateway's) (HTTP 404)",
+  EM_GATEWAY_BATCH_STATE:
+    "a batch asked to do what its status does not allow: cancel one that is done (HTTP 409)",
   EM_GATEWAY_PROMPT_TOO_LONG: "prompt plus max_tokens exceed the model's context length (HTTP 400)",
   EM_GATEWAY_BODY_TOO_LARGE: "a request body is larger than --max-request-bytes (HTTP 413)",
   EM_GATEWAY_UNAUTHORIZED: "a request lacks a valid bearer API key (HTTP 401)",

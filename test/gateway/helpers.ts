@@ -50,6 +50,8 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
   logRequests?: boolean;
   /** A chat template in place of the tokenizer's (--chat-template). */
   chatTemplate?: string;
+  /** The Files and Batch APIs (--files-dir, --files-max-bytes, --batch-concurrency). */
+  files?: { dir: string; maxBytes: number; batchConcurrency: number };
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {
@@ -87,6 +89,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     cluster: _c,
     responsesStore: _s,
     logRequests: _l,
+    files: _f,
     chatTemplate,
     ...cfg
   } = o;
@@ -103,6 +106,7 @@ export async function startGateway(dir: string, o: TestGatewayOptions = {}): Pro
     ...(o.apiKeys ? { apiKeys: o.apiKeys } : {}),
     ...(o.maxRequestBytes ? { maxRequestBytes: o.maxRequestBytes } : {}),
     ...(o.responsesStore !== undefined ? { responsesStore: o.responsesStore } : {}),
+    ...(o.files ? { files: o.files } : {}),
     ...(o.logRequests ? { logRequest: (line: string) => logs.push(line) } : {}),
     ...(ready ? { ready } : {}),
   });

@@ -168,6 +168,12 @@ ${natsAuthUsage(26)}
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
   --responses-store N       responses kept in memory for previous_response_id and
                             GET /v1/responses/{id} (default 1000; 0: none)
+  --files-dir DIR           serve OpenAI's Files and Batch APIs (/v1/files, /v1/batches): uploads,
+                            batches and their outputs are kept in DIR, and a restart on the same
+                            DIR goes on with the batches it finds (default: those routes refuse)
+  --files-max-bytes N       largest upload to /v1/files (default 209715200, OpenAI's 200 MB)
+  --batch-concurrency N     a batch's lines in flight at once, over all batches (default 8;
+                            with --scheduling-policy priority they run at priority 1000)
   --tool-call-parser NAME   the model's tool-call format: deepseek-v3 (V3, R1; default) or
                             deepseek-v3.1 (V3.1: the name, then raw JSON arguments)
   --generation-config auto|none|DIR   the sampling defaults of requests that leave a field out
@@ -271,6 +277,9 @@ export const gatewayCommand: Command = {
         "kv-cache-bytes": { type: "string" },
         "kv-cache-dtype": { type: "string" },
         "responses-store": { type: "string" },
+        "files-dir": { type: "string" },
+        "files-max-bytes": { type: "string" },
+        "batch-concurrency": { type: "string" },
         "block-size": { type: "string" },
         "prefix-caching": { type: "boolean" },
         "prefix-cache-disk": { type: "string" },
@@ -373,6 +382,18 @@ export const gatewayCommand: Command = {
     const specTokens = int(values["speculative-tokens"], "--speculative-tokens", 0, 0);
     const kvCacheDtype = parseKvCacheDtype(values["kv-cache-dtype"] ?? "float32");
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
+    const filesDir = values["files-dir"];
+    if (filesDir === undefined)
+      for (const flag of ["files-max-bytes", "batch-concurrency"] as const)
+        if (values[flag] !== undefined) usage(`--${flag} needs --files-dir DIR`);
+    const files =
+      filesDir === undefined
+        ? undefined
+        : {
+            dir: filesDir,
+            maxBytes: int(values["files-max-bytes"], "--files-max-bytes", 200 * 2 ** 20),
+            batchConcurrency: int(values["batch-concurrency"], "--batch-concurrency", 8),
+          };
     const specMethod = values["speculative-method"] ?? "ngram";
     if (specMethod !== "ngram" && specMethod !== "mtp")
       usage(`--speculative-method must be ngram or mtp, got '${specMethod}'`);
@@ -790,6 +811,7 @@ export const gatewayCommand: Command = {
       draining: () => draining,
       notReadyDetail: () => (lastProbe?.ready === false ? { shards: lastProbe.failed } : undefined),
       responsesStore,
+      ...(files ? { files } : {}),
       server,
       ...(values["log-requests"] ? { logRequest: log } : {}),
       onHandler: (h) => {

@@ -1,0 +1,302 @@
+// OpenAI's Files API, as far as batches need it (ADR 0049): a client uploads a batch's input
+// (purpose "batch", JSONL) with POST /v1/files (multipart/form-data), and downloads the
+// outputs a batch wrote (purpose "batch_output") with GET /v1/files/{id}/content; list, get
+// and delete as OpenAI's. The files live in a folder of this gateway (--files-dir; the
+// operator's pods: an emptyDir), each as `<id>.data` beside `<id>.json` (its object and
+// owner), so they outlive a restart of the process. With API keys, each key sees only the
+// files uploaded with it (the owner is a hash of the key; no key: everyone's).
+import { createHash, randomBytes } from "node:crypto";
+import {
+  createReadStream,
+  createWriteStream,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
+import { join } from "node:path";
+import type { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import multipart from "@fastify/multipart";
+import type { FastifyInstance, FastifyRequest } from "fastify";
+import { ApiError } from "./errors.ts";
+
+/** A file as OpenAI's API describes it. */
+export interface FileObject {
+  id: string;
+  object: "file";
+  bytes: number;
+  created_at: number;
+  filename: string;
+  purpose: FilePurpose;
+  status: "processed";
+  expires_at: number | null;
+  status_details: null;
+}
+
+/** "batch": a batch's input; "batch_output": what a batch wrote (made here, not uploaded). */
+export type FilePurpose = "batch" | "batch_output";
+
+interface Stored {
+  file: FileObject;
+  /** ownerOf's value for the key that uploaded it ("" without keys). */
+  owner: string;
+}
+
+/** A file id as this store makes them (checked before any path is built from one). */
+const FILE_ID = /^file-[0-9a-f]{24}$/;
+
+/** Who a request is, for the files and batches it may see: a hash of its key ("" none). */
+export function ownerOf(key: string | null): string {
+  return key === null ? "" : createHash("sha256").update(key).digest("hex").slice(0, 32);
+}
+
+const now = () => Math.floor(Date.now() / 1000);
+
+export class FileStore {
+  readonly #dir: string;
+  readonly #files = new Map<string, Stored>();
+  /** Largest upload (bytes). */
+  readonly maxBytes: number;
+
+  /** The files already in `dir` (a restart's) are served again; leftovers are removed. */
+  constructor(dir: string, maxBytes: number) {
+    this.#dir = dir;
+    this.maxBytes = maxBytes;
+    mkdirSync(dir, { recursive: true });
+    const names = new Set(readdirSync(dir));
+    for (const name of names) {
+      const id = name.endsWith(".json") ? name.slice(0, -5) : null;
+      if (id === null || !FILE_ID.test(id) || !names.has(`${id}.data`)) continue;
+      try {
+        const stored = JSON.parse(readFileSync(join(dir, name), "utf8")) as Stored;
+        if (stored.file?.id === id) this.#files.set(id, stored);
+      } catch {
+        // (a half-written object: its file is removed below)
+      }
+    }
+    for (const name of names) {
+      const id = name.replace(/\.(data|json)$/, "");
+      if (!this.#files.has(id)) rmSync(join(dir, name), { force: true, recursive: true });
+    }
+  }
+
+  /** The path of a file's content. */
+  path(id: string): string {
+    return join(this.#dir, `${id}.data`);
+  }
+
+  /** The file `id` as `owner` may see it; 404 otherwise (another key's is not there for it). */
+  get(owner: string, id: string, param = "file_id"): FileObject {
+    const stored = FILE_ID.test(id) ? this.#files.get(id) : undefined;
+    if (!stored || stored.owner !== owner)
+      throw new ApiError("EM_GATEWAY_FILE_NOT_FOUND", `no file '${id.slice(0, 80)}' here`, {
+        param,
+      });
+    return stored.file;
+  }
+
+  /** `owner`'s files, newest first unless `order` is "asc", after `after`, at most `limit`. */
+  list(
+    owner: string,
+    o: { purpose?: string; after?: string; limit: number; order: "asc" | "desc" },
+  ): { data: FileObject[]; has_more: boolean } {
+    let all = [...this.#files.values()]
+      .filter((s) => s.owner === owner && (o.purpose === undefined || s.file.purpose === o.purpose))
+      .map((s) => s.file);
+    // (ids are random: created_at, then the order of creation, which the Map keeps)
+    if (o.order === "desc") all = all.reverse();
+    if (o.after !== undefined) {
+      const at = all.findIndex((f) => f.id === o.after);
+      all = at < 0 ? [] : all.slice(at + 1);
+    }
+    return { data: all.slice(0, o.limit), has_more: all.length > o.limit };
+  }
+
+  /** Stores the stream's bytes as a new file (refused past maxBytes, then nothing is kept). */
+  async upload(owner: string, content: Readable, filename: string, purpose: FilePurpose) {
+    const id = `file-${randomBytes(12).toString("hex")}`;
+    const tmp = join(this.#dir, `${id}.data.tmp`);
+    let bytes = 0;
+    content.on("data", (chunk: Buffer) => {
+      bytes += chunk.length;
+    });
+    try {
+      await pipeline(content, createWriteStream(tmp));
+      if ((content as { truncated?: boolean }).truncated) throw tooLarge(this.maxBytes);
+    } catch (err) {
+      rmSync(tmp, { force: true });
+      if ((err as { code?: string }).code === "FST_REQ_FILE_TOO_LARGE")
+        throw tooLarge(this.maxBytes);
+      throw err;
+    }
+    return this.#keep(owner, id, tmp, filename, purpose, bytes);
+  }
+
+  /** Makes the finished file at `path` (in this folder's filesystem) a file of `owner`'s. */
+  adopt(owner: string, path: string, filename: string, purpose: FilePurpose): FileObject {
+    const id = `file-${randomBytes(12).toString("hex")}`;
+    return this.#keep(owner, id, path, filename, purpose, statSync(path).size);
+  }
+
+  #keep(
+    owner: string,
+    id: string,
+    from: string,
+    filename: string,
+    purpose: FilePurpose,
+    bytes: number,
+  ): FileObject {
+    const file: FileObject = {
+      id,
+      object: "file",
+      bytes,
+      created_at: now(),
+      filename,
+      purpose,
+      status: "processed",
+      expires_at: null,
+      status_details: null,
+    };
+    renameSync(from, this.path(id));
+    const meta = join(this.#dir, `${id}.json`);
+    writeFileSync(`${meta}.tmp`, JSON.stringify({ file, owner } satisfies Stored));
+    renameSync(`${meta}.tmp`, meta);
+    this.#files.set(id, { file, owner });
+    return file;
+  }
+
+  /** Removes `owner`'s file `id` (404 when it has none such). */
+  delete(owner: string, id: string): void {
+    this.get(owner, id);
+    this.#files.delete(id);
+    rmSync(join(this.#dir, `${id}.json`), { force: true });
+    rmSync(this.path(id), { force: true });
+  }
+}
+
+const tooLarge = (max: number) =>
+  new ApiError(
+    "EM_GATEWAY_FILE_TOO_LARGE",
+    `the file is larger than this gateway takes (${max} bytes; --files-max-bytes)`,
+    { param: "file" },
+  );
+
+/** The refusal of a gateway that keeps no files (no --files-dir). */
+export function filesOff(): ApiError {
+  return new ApiError(
+    "EM_GATEWAY_FILES_OFF",
+    "this gateway keeps no files, so it runs no batches: start it with --files-dir (a manifest: spec.gateway.batch)",
+  );
+}
+
+interface ListQuery {
+  purpose?: string;
+  after?: string;
+  limit?: string;
+  order?: string;
+}
+
+/** An integer query parameter in [lo, hi] (default `d`). */
+export function queryInt(v: string | undefined, name: string, d: number, lo: number, hi: number) {
+  if (v === undefined) return d;
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || n < lo || n > hi)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `${name} must be an integer from ${lo} to ${hi}, got '${v.slice(0, 40)}'`,
+      { param: name },
+    );
+  return n;
+}
+
+/**
+ * The routes plugin. `store` null: every route refuses (filesOff). `owner`: who a request is
+ * (ownerOf of its key).
+ */
+export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest) => string) {
+  return async (app: FastifyInstance) => {
+    const files = () => {
+      if (store === null) throw filesOff();
+      return store;
+    };
+    // Multipart uploads on this plugin's routes alone; a file past the limit is refused.
+    await app.register(multipart, {
+      limits: { fileSize: store?.maxBytes ?? 0, files: 1, fields: 8, parts: 16 },
+    });
+    app.post("/v1/files", async (req) => {
+      const s = files();
+      if (!req.isMultipart())
+        throw new ApiError(
+          "EM_GATEWAY_BAD_REQUEST",
+          "POST /v1/files takes multipart/form-data with a 'file' and its 'purpose'",
+        );
+      let uploaded: FileObject | undefined;
+      let purpose: unknown;
+      for await (const part of req.parts()) {
+        if (part.type === "file") {
+          if (part.fieldname !== "file" || uploaded) {
+            part.file.resume();
+            throw new ApiError(
+              "EM_GATEWAY_BAD_REQUEST",
+              `one file, in the field 'file', is taken (got '${part.fieldname.slice(0, 40)}')`,
+              { param: part.fieldname.slice(0, 40) },
+            );
+          }
+          // (the purpose may come after the file: checked once both are read)
+          uploaded = await s.upload(owner(req), part.file, part.filename || "upload", "batch");
+        } else if (part.fieldname === "purpose") purpose = part.value;
+      }
+      if (purpose !== "batch") {
+        if (uploaded) s.delete(owner(req), uploaded.id);
+        throw new ApiError(
+          "EM_GATEWAY_BAD_REQUEST",
+          purpose === undefined
+            ? "purpose is required: 'batch' (the only one this gateway takes)"
+            : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' is (this gateway keeps files for batches)`,
+          { param: "purpose" },
+        );
+      }
+      if (!uploaded)
+        throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", { param: "file" });
+      return uploaded;
+    });
+    app.get<{ Querystring: ListQuery }>("/v1/files", async (req) => {
+      const q = req.query;
+      const order = q.order ?? "desc";
+      if (order !== "asc" && order !== "desc")
+        throw new ApiError("EM_GATEWAY_BAD_REQUEST", "order must be 'asc' or 'desc'", {
+          param: "order",
+        });
+      const { data, has_more } = files().list(owner(req), {
+        ...(q.purpose !== undefined ? { purpose: q.purpose } : {}),
+        ...(q.after !== undefined ? { after: q.after } : {}),
+        limit: queryInt(q.limit, "limit", 10_000, 1, 10_000),
+        order,
+      });
+      return {
+        object: "list",
+        data,
+        first_id: data[0]?.id ?? null,
+        last_id: data.at(-1)?.id ?? null,
+        has_more,
+      };
+    });
+    app.get<{ Params: { id: string } }>("/v1/files/:id", async (req) =>
+      files().get(owner(req), req.params.id),
+    );
+    app.get<{ Params: { id: string } }>("/v1/files/:id/content", async (req, reply) => {
+      const s = files();
+      s.get(owner(req), req.params.id);
+      reply.header("content-type", "application/octet-stream");
+      return reply.send(createReadStream(s.path(req.params.id)));
+    });
+    app.delete<{ Params: { id: string } }>("/v1/files/:id", async (req) => {
+      files().delete(owner(req), req.params.id);
+      return { id: req.params.id, object: "file", deleted: true };
+    });
+  };
+}

@@ -1,0 +1,392 @@
+// OpenAI's Files and Batch APIs (files.ts, batches.ts; ADR 0049) through the official `openai`
+// client, against gateways started in this process on the tiny V3 checkpoint: a batch's
+// lines are answered as the same requests sent one by one are, bad input is refused with
+// the lines named, a cancel stops a batch, and a gateway started again on the same folder
+// finishes the batches it finds, each line answered once.
+import { mkdtempSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import OpenAI, { toFile } from "openai";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { testEnv, waitFor } from "../support/env.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { startGateway, type TestGateway } from "./helpers.ts";
+
+let dir: string;
+let gw: TestGateway;
+let files: string;
+
+const filesOf = (d: string, batchConcurrency = 2) => ({
+  dir: d,
+  maxBytes: 1 << 20,
+  batchConcurrency,
+});
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  files = mkdtempSync(join(testEnv().runDir, "batch-files-"));
+  gw = await startGateway(dir, { files: filesOf(files) });
+});
+afterAll(async () => {
+  await gw?.close();
+});
+
+type Line = { custom_id: string; method: string; url: string; body: Record<string, unknown> };
+const chatLine = (id: string, content: string, more: object = {}): Line => ({
+  custom_id: id,
+  method: "POST",
+  url: "/v1/chat/completions",
+  body: {
+    model: "tiny",
+    messages: [{ role: "user", content }],
+    max_tokens: 6,
+    temperature: 0,
+    ...more,
+  },
+});
+const jsonl = (lines: object[]) => `${lines.map((l) => JSON.stringify(l)).join("\n")}\n`;
+
+async function upload(client: OpenAI, text: string, name = "in.jsonl") {
+  return client.files.create({ file: await toFile(Buffer.from(text), name), purpose: "batch" });
+}
+
+/** The batch once it reaches a final status. */
+async function settled(client: OpenAI, id: string, ms = 60_000) {
+  return waitFor(
+    `batch ${id} done`,
+    async () => {
+      const b = await client.batches.retrieve(id);
+      return ["completed", "failed", "expired", "cancelled"].includes(b.status) ? b : undefined;
+    },
+    ms,
+  );
+}
+
+async function linesOf(client: OpenAI, fileId: string | null | undefined) {
+  if (!fileId) return [];
+  const text = await (await client.files.content(fileId)).text();
+  return text
+    .split("\n")
+    .filter((l) => l !== "")
+    .map((l) => JSON.parse(l) as Record<string, any>);
+}
+
+describe("/v1/files", () => {
+  it("keeps an upload: listed, retrieved, its content the bytes sent, deleted", async () => {
+    const text = jsonl([chatLine("a", "hi")]);
+    const f = await upload(gw.client, text, "mine.jsonl");
+    expect(f).toMatchObject({
+      object: "file",
+      bytes: Buffer.byteLength(text),
+      filename: "mine.jsonl",
+      purpose: "batch",
+      status: "processed",
+    });
+    expect(f.id).toMatch(/^file-[0-9a-f]{24}$/);
+    expect((await gw.client.files.retrieve(f.id)).bytes).toBe(f.bytes);
+    expect(await (await gw.client.files.content(f.id)).text()).toBe(text);
+    const listed = [];
+    for await (const x of gw.client.files.list({ purpose: "batch" })) listed.push(x.id);
+    expect(listed).toContain(f.id);
+    expect(await gw.client.files.delete(f.id)).toMatchObject({ id: f.id, deleted: true });
+    await expect(gw.client.files.retrieve(f.id)).rejects.toMatchObject({
+      status: 404,
+      code: "EM_GATEWAY_FILE_NOT_FOUND",
+    });
+  });
+
+  it("refuses another purpose, a file past --files-max-bytes, and ids it never made", async () => {
+    await expect(
+      gw.client.files.create({
+        file: await toFile(Buffer.from("{}\n"), "x.jsonl"),
+        purpose: "fine-tune",
+      }),
+    ).rejects.toMatchObject({ status: 400, param: "purpose" });
+    await expect(upload(gw.client, "x".repeat((1 << 20) + 1))).rejects.toMatchObject({
+      status: 413,
+      code: "EM_GATEWAY_FILE_TOO_LARGE",
+    });
+    await expect(gw.client.files.retrieve("file-../../etc/passwd")).rejects.toMatchObject({
+      status: 404,
+    });
+    // Nothing of the refused uploads is left in the folder.
+    const names = readdirSync(join(files, "files"));
+    expect(names.filter((n) => n.endsWith(".tmp"))).toEqual([]);
+  });
+});
+
+describe("/v1/batches", () => {
+  it("answers each line as the same request sent alone; a line the route refuses goes to the error file", async () => {
+    const lines = [
+      chatLine("one", "What is 2+2?"),
+      chatLine("two", "Name a color."),
+      chatLine("three", "Say hello.", { n: 2 }),
+      chatLine("bad-model", "hi", { model: "gpt-none" }),
+    ];
+    const input = await upload(gw.client, jsonl(lines));
+    const created = await gw.client.batches.create({
+      input_file_id: input.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+      metadata: { job: "nightly" },
+    });
+    expect(created).toMatchObject({
+      object: "batch",
+      status: "validating",
+      input_file_id: input.id,
+      metadata: { job: "nightly" },
+    });
+    const done = await settled(gw.client, created.id);
+    expect(done.status).toBe("completed");
+    expect(done.request_counts).toEqual({ total: 4, completed: 3, failed: 1 });
+    expect(done.completed_at).toBeGreaterThanOrEqual(done.created_at);
+    const out = await linesOf(gw.client, done.output_file_id);
+    expect(out.map((l) => l.custom_id).sort()).toEqual(["one", "three", "two"]);
+    for (const l of out) {
+      const alone = await gw.client.chat.completions.create(
+        lines.find((x) => x.custom_id === l.custom_id)!.body as any,
+      );
+      expect(l.id).toMatch(/^batch_req_/);
+      expect(l.error).toBeNull();
+      expect(l.response.status_code).toBe(200);
+      expect(l.response.request_id).toMatch(/./);
+      expect(l.response.body.choices.map((c: any) => c.message.content)).toEqual(
+        alone.choices.map((c) => c.message.content),
+      );
+    }
+    const errors = await linesOf(gw.client, done.error_file_id);
+    expect(errors).toHaveLength(1);
+    expect(errors[0]).toMatchObject({
+      custom_id: "bad-model",
+      response: { status_code: 404, body: { error: { code: "EM_GATEWAY_UNKNOWN_MODEL" } } },
+    });
+    const outFile = await gw.client.files.retrieve(done.output_file_id!);
+    expect(outFile.purpose).toBe("batch_output");
+    const listed = await gw.client.batches.list({ limit: 100 });
+    expect(listed.data.map((b) => b.id)).toContain(created.id);
+    // Done: it cannot be cancelled.
+    await expect(gw.client.batches.cancel(created.id)).rejects.toMatchObject({
+      status: 409,
+      code: "EM_GATEWAY_BATCH_STATE",
+    });
+  });
+
+  it("runs completions lines too", async () => {
+    const input = await upload(
+      gw.client,
+      jsonl([
+        {
+          custom_id: "c",
+          method: "POST",
+          url: "/v1/completions",
+          body: { model: "tiny", prompt: "Once upon", max_tokens: 4, temperature: 0 },
+        },
+      ]),
+    );
+    const b = await gw.client.batches.create({
+      input_file_id: input.id,
+      endpoint: "/v1/completions",
+      completion_window: "24h",
+    });
+    const done = await settled(gw.client, b.id);
+    const alone = await gw.client.completions.create({
+      model: "tiny",
+      prompt: "Once upon",
+      max_tokens: 4,
+      temperature: 0,
+    });
+    const [line] = await linesOf(gw.client, done.output_file_id);
+    expect(line!.response.body.choices[0].text).toBe(alone.choices[0]!.text);
+  });
+
+  it("fails a batch whose input has bad lines, naming each, and runs none of it", async () => {
+    const text = [
+      JSON.stringify(chatLine("ok", "hi")),
+      "{not json",
+      JSON.stringify(chatLine("ok", "again")),
+      JSON.stringify({ ...chatLine("url", "hi"), url: "/v1/completions" }),
+      JSON.stringify(chatLine("streamed", "hi", { stream: true })),
+      JSON.stringify({ custom_id: "nobody", method: "POST", url: "/v1/chat/completions" }),
+    ].join("\n");
+    const input = await upload(gw.client, text);
+    const b = await gw.client.batches.create({
+      input_file_id: input.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+    });
+    const done = await settled(gw.client, b.id);
+    expect(done.status).toBe("failed");
+    expect(done.failed_at).not.toBeNull();
+    expect(done.output_file_id).toBeNull();
+    expect(done.errors?.data?.map((e) => [e.line, e.code, e.param])).toEqual([
+      [2, "invalid_json_line", null],
+      [3, "duplicate_custom_id", "custom_id"],
+      [4, "invalid_url", "url"],
+      [5, "invalid_request", "body.stream"],
+      [6, "missing_required_parameter", "body"],
+    ]);
+  });
+
+  it("refuses a batch of an unknown file, another endpoint, another window", async () => {
+    const input = await upload(gw.client, jsonl([chatLine("a", "hi")]));
+    const create = (o: object) =>
+      gw.client.batches.create({
+        input_file_id: input.id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+        ...o,
+      } as any);
+    await expect(create({ input_file_id: "file-000000000000000000000000" })).rejects.toMatchObject({
+      status: 404,
+      code: "EM_GATEWAY_FILE_NOT_FOUND",
+      param: "input_file_id",
+    });
+    await expect(create({ endpoint: "/v1/embeddings" })).rejects.toMatchObject({
+      status: 400,
+      param: "endpoint",
+    });
+    await expect(create({ completion_window: "1h" })).rejects.toMatchObject({
+      status: 400,
+      param: "completion_window",
+    });
+    await expect(gw.client.batches.retrieve("batch_nope")).rejects.toMatchObject({
+      status: 404,
+      code: "EM_GATEWAY_BATCH_NOT_FOUND",
+    });
+  });
+
+  it("cancel: no more lines start; the batch ends cancelled with the lines done so far", async () => {
+    const lines = Array.from({ length: 30 }, (_, i) =>
+      chatLine(`l${i}`, `Count to ${i}.`, { max_tokens: 16 }),
+    );
+    const input = await upload(gw.client, jsonl(lines));
+    const b = await gw.client.batches.create({
+      input_file_id: input.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+    });
+    await waitFor("a line done", async () => {
+      const now = await gw.client.batches.retrieve(b.id);
+      return now.request_counts!.completed > 0 ? true : undefined;
+    });
+    const cancelling = await gw.client.batches.cancel(b.id);
+    expect(["cancelling", "cancelled"]).toContain(cancelling.status);
+    const done = await settled(gw.client, b.id);
+    expect(done.status).toBe("cancelled");
+    expect(done.cancelled_at).not.toBeNull();
+    const out = await linesOf(gw.client, done.output_file_id);
+    expect(out.length).toBe(done.request_counts!.completed);
+    expect(out.length).toBeGreaterThan(0);
+    expect(out.length).toBeLessThan(30);
+  });
+});
+
+describe("batches across a restart, keys, and a gateway without files", () => {
+  it("a gateway started again on the same folder finishes the batch: every line answered once", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-restart-"));
+    const first = await startGateway(dir, { files: filesOf(folder, 1) });
+    const lines = Array.from({ length: 40 }, (_, i) =>
+      chatLine(`r${i}`, `Word ${i}.`, { max_tokens: 16 }),
+    );
+    let id: string;
+    let before = 0;
+    try {
+      const input = await upload(first.client, jsonl(lines));
+      id = (
+        await first.client.batches.create({
+          input_file_id: input.id,
+          endpoint: "/v1/chat/completions",
+          completion_window: "24h",
+        })
+      ).id;
+      await waitFor("some lines done", async () => {
+        const now = await first.client.batches.retrieve(id);
+        before = now.request_counts!.completed;
+        return before >= 2 ? true : undefined;
+      });
+    } finally {
+      await first.close();
+    }
+    // (the first stopped with lines left to run)
+    expect(before).toBeLessThan(40);
+    const second = await startGateway(dir, { files: filesOf(folder, 4) });
+    try {
+      const done = await settled(second.client, id!);
+      expect(done.status).toBe("completed");
+      expect(done.request_counts).toEqual({ total: 40, completed: 40, failed: 0 });
+      const out = await linesOf(second.client, done.output_file_id);
+      expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
+      expect(second.logs.join("\n")).toContain("batches: 1 unfinished");
+    } finally {
+      await second.close();
+    }
+  });
+
+  it("lines answered 429 (the queue full) run again later: none fails", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-later-"));
+    // One runs, one waits: of 6 lines at once, the others are refused at first.
+    const g = await startGateway(dir, {
+      files: filesOf(folder, 6),
+      maxRunning: 1,
+      maxQueueDepth: 1,
+    });
+    try {
+      const lines = Array.from({ length: 6 }, (_, i) => chatLine(`q${i}`, `Item ${i}.`));
+      const input = await upload(g.client, jsonl(lines));
+      const b = await g.client.batches.create({
+        input_file_id: input.id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+      });
+      const done = await settled(g.client, b.id);
+      expect(done.request_counts).toEqual({ total: 6, completed: 6, failed: 0 });
+      expect(done.error_file_id).toBeNull();
+      // Some were refused on the way (the queue's metric counts them).
+      const metrics = await (await fetch(`${g.url}/metrics`)).text();
+      const rejected = /expertmesh_gateway_requests_rejected_total\{[^}]*\} (\d+)/.exec(metrics);
+      expect(Number(rejected?.[1] ?? 0)).toBeGreaterThan(0);
+    } finally {
+      await g.close();
+    }
+  });
+
+  it("with API keys, each key sees its own files and batches only", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-keys-"));
+    const g = await startGateway(dir, { files: filesOf(folder), apiKeys: ["sk-a", "sk-b"] });
+    const b = new OpenAI({ baseURL: `${g.url}/v1`, apiKey: "sk-b", maxRetries: 0 });
+    try {
+      const f = await upload(g.client, jsonl([chatLine("k", "hi")]));
+      const batch = await g.client.batches.create({
+        input_file_id: f.id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+      });
+      await expect(b.files.retrieve(f.id)).rejects.toMatchObject({ status: 404 });
+      await expect(b.batches.retrieve(batch.id)).rejects.toMatchObject({ status: 404 });
+      expect((await b.files.list()).data).toEqual([]);
+      // The lines run without a key of their own.
+      const done = await settled(g.client, batch.id);
+      expect(done.request_counts).toEqual({ total: 1, completed: 1, failed: 0 });
+      // Without a key: 401, as every route.
+      const none = new OpenAI({ baseURL: `${g.url}/v1`, apiKey: "sk-wrong", maxRetries: 0 });
+      await expect(none.batches.list()).rejects.toMatchObject({ status: 401 });
+    } finally {
+      await g.close();
+    }
+  });
+
+  it("a gateway without --files-dir refuses the routes with EM_GATEWAY_FILES_OFF", async () => {
+    const g = await startGateway(dir);
+    try {
+      await expect(g.client.batches.list()).rejects.toMatchObject({
+        status: 404,
+        code: "EM_GATEWAY_FILES_OFF",
+      });
+      await expect(upload(g.client, "{}\n")).rejects.toMatchObject({
+        status: 404,
+        code: "EM_GATEWAY_FILES_OFF",
+      });
+    } finally {
+      await g.close();
+    }
+  });
+});
