@@ -2,33 +2,41 @@
 // requests to one endpoint (/v1/chat/completions, /v1/completions or /v1/responses), each line
 // {"custom_id", "method": "POST", "url", "body"}; the gateway checks every line (validating),
 // then runs them through its own routes (in_progress), a few at a time (--batch-concurrency,
-// at the back of the queue: priority BATCH_PRIORITY on a gateway that schedules by priority),
-// and writes each answer as a line of an output file (2xx) or an error file (finalizing,
-// completed). GET /v1/batches/{id} shows the status and counts, POST .../cancel stops it
-// (cancelling, cancelled: the lines done so far are in its files), and a batch not done
-// within its 24 hours expires (the lines left go to the error file as batch_expired).
+// at the back of the queue: priority BATCH_PRIORITY on a gateway that schedules by priority;
+// an answer 429 or 503 runs again later), and writes each answer as a line of an output file
+// (2xx) or an error file (finalizing, completed). GET /v1/batches/{id} shows the status and
+// counts, POST .../cancel stops it (cancelling, cancelled: the lines done so far are in its
+// files), and a batch not done within its 24 hours expires (the lines left go to the error
+// file as batch_expired).
 //
-// Everything a batch is lives in the files folder (batches/<id>.json, and its lines' answers
-// as they come, <id>.output.jsonl and <id>.errors.jsonl): a gateway that restarts on the same
-// folder goes on with its batches where they were, running again only the lines whose answer
-// was not written (a line may so run twice, never be lost).
+// Everything a batch is lives in the files folder: batches/<id>.json (the object, written by
+// the gateway that runs it), its answers as they come (<id>.output.jsonl, <id>.errors.jsonl),
+// a lease (<id>.lease: which gateway runs it, renewed every few seconds) and a cancel mark
+// (<id>.cancel, from any gateway). Every gateway on the folder answers for every batch, and
+// looks for unfinished batches whose lease ran out (a gateway that stopped or died; a
+// restarted one finds its own): it takes the lease and goes on where the answers end, running
+// again only lines with no answer written. A line may so run twice (its first answer is kept),
+// never be lost.
 import { randomBytes } from "node:crypto";
 import {
   closeSync,
   existsSync,
+  linkSync,
   mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
   renameSync,
+  rmSync,
   truncateSync,
   writeFileSync,
   writeSync,
 } from "node:fs";
+import { hostname } from "node:os";
 import { join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ApiError } from "./errors.ts";
-import { type FileStore, filesOff, queryInt } from "./files.ts";
+import { type FileStore, filesOff, queryInt, readJson, writeJson } from "./files.ts";
 
 /** The endpoints a batch's lines may name. */
 export const BATCH_ENDPOINTS = [
@@ -210,12 +218,15 @@ export interface LineAnswer {
 /** Runs one request through the gateway's routes (app.inject, in app.ts). */
 export type RunLine = (url: BatchEndpoint, body: Record<string, unknown>) => Promise<LineAnswer>;
 
-interface Active {
+/** A batch this gateway runs (holds the lease of). */
+interface Held {
   batch: BatchObject;
   owner: string;
+  /** When it was made, in ms (the order of listings). */
+  ms: number;
   /** The requests, once validated. */
   lines: BatchLine[] | null;
-  /** custom_ids whose answer is written (a restart's). */
+  /** custom_ids whose answer is written. */
   done: Set<string>;
   /** The next line to look at. */
   next: number;
@@ -224,23 +235,43 @@ interface Active {
   again: BatchLine[];
   /** Lines waiting to run again. */
   waiting: number;
+  /** Counts or status changed since the object was last written. */
+  dirty: boolean;
+  /** Another gateway took the lease (this one was too slow to renew it): nothing more starts. */
+  lost: boolean;
 }
 
+/** batches/<id>.json. */
 interface Saved {
   batch: BatchObject;
   owner: string;
+  ms: number;
 }
 
-const fresh = (batch: BatchObject, owner: string): Active => ({
-  batch,
-  owner,
-  lines: null,
-  done: new Set(),
-  next: 0,
-  inflight: 0,
-  again: [],
-  waiting: 0,
-});
+/** batches/<id>.lease: the gateway that runs the batch, and when it last said so. */
+interface Lease {
+  holder: string;
+  host: string;
+  pid: number;
+  at: number;
+}
+
+/** The Batches of this process (their leases are not a dead process's). */
+const LIVE = new Set<string>();
+
+/** Whether process `pid` of this host runs. */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+const BATCH_ID = /^batch_[0-9a-f]{24}$/;
+const now = () => Math.floor(Date.now() / 1000);
+const UNFINISHED = new Set<BatchStatus>(["validating", "in_progress", "cancelling", "finalizing"]);
 
 /**
  * Answers that say "later" (the admission queue full, the shards unreachable: 429, 503): the
@@ -249,59 +280,51 @@ const fresh = (batch: BatchObject, owner: string): Active => ({
 const LATER = new Set([429, 503]);
 const MAX_WAIT_MS = 30_000;
 
-const BATCH_ID = /^batch_[0-9a-f]{24}$/;
-const now = () => Math.floor(Date.now() / 1000);
-
 export interface BatchesOptions {
   /** The files folder (batches/ is made in it). */
   dir: string;
   files: FileStore;
   run: RunLine;
-  /** Lines in flight at once, over every batch. */
+  /** Lines in flight at once, over every batch this gateway runs. */
   concurrency: number;
+  /** A lease not renewed for this long is taken over (default 30 s; renewed every sixth). */
+  leaseMs?: number;
+  /** How often the folder is looked at for batches to take over (default 5 s). */
+  scanMs?: number;
   log?: (line: string) => void;
 }
 
 export class Batches {
   readonly #o: BatchesOptions;
   readonly #dir: string;
-  /** Every batch kept, in creation order. */
-  readonly #all = new Map<string, Active>();
+  readonly #leaseMs: number;
+  /** This gateway, in the leases it holds. */
+  readonly #me = randomBytes(8).toString("hex");
+  readonly #host = hostname();
+  readonly #held = new Map<string, Held>();
   #inflight = 0;
   #closed = false;
   /** How often each line was answered "later" (LATER). */
   readonly #tries = new WeakMap<BatchLine, number>();
+  readonly #timers: NodeJS.Timeout[] = [];
+  #renewedAt = 0;
 
-  /** The batches in the folder (a restart's) are served again, unfinished ones go on. */
+  /** Starts looking after the folder's batches (now, then every scanMs). */
   constructor(o: BatchesOptions) {
     this.#o = o;
     this.#dir = join(o.dir, "batches");
+    this.#leaseMs = o.leaseMs ?? 30_000;
     mkdirSync(this.#dir, { recursive: true });
-    const saved: Saved[] = [];
-    for (const name of readdirSync(this.#dir)) {
-      if (!name.endsWith(".json")) continue;
-      try {
-        const s = JSON.parse(readFileSync(join(this.#dir, name), "utf8")) as Saved;
-        if (BATCH_ID.test(s.batch?.id ?? "")) saved.push(s);
-      } catch {
-        // (a half-written one: written again by its next change, or gone)
-      }
-    }
-    saved.sort((a, b) => a.batch.created_at - b.batch.created_at);
-    for (const { batch, owner } of saved) this.#all.set(batch.id, fresh(batch, owner));
-    let resumed = 0;
-    for (const a of this.#all.values()) {
-      const s = a.batch.status;
-      if (s === "validating" || s === "in_progress" || s === "cancelling" || s === "finalizing") {
-        resumed++;
-        if (s === "validating" || s === "in_progress") void this.#validate(a);
-        else this.#finish(a);
-      }
-    }
-    if (resumed > 0) o.log?.(`batches: ${resumed} unfinished in ${o.dir} go on`);
+    LIVE.add(this.#me);
+    const tick = setInterval(() => this.#tick(), Math.min(1000, this.#leaseMs / 6));
+    const scan = setInterval(() => this.#scan(), o.scanMs ?? 5000);
+    tick.unref();
+    scan.unref();
+    this.#timers.push(tick, scan);
+    setImmediate(() => this.#scan());
   }
 
-  /** A new batch of `owner`'s (validated next, then run). */
+  /** A new batch of `owner`'s (validated next, then run here). */
   create(
     owner: string,
     req: {
@@ -311,6 +334,8 @@ export class Batches {
       metadata?: Record<string, string> | null;
     },
   ): BatchObject {
+    if (this.#closed)
+      throw new ApiError("EM_GATEWAY_STARTING", "the gateway is stopping", { status: 503 });
     if (!(BATCH_ENDPOINTS as readonly string[]).includes(req.endpoint))
       throw new ApiError(
         "EM_GATEWAY_BAD_REQUEST",
@@ -328,7 +353,8 @@ export class Batches {
         `file ${file.id} has purpose '${file.purpose}'; a batch's input is a file uploaded with purpose 'batch'`,
         { param: "input_file_id" },
       );
-    const t = now();
+    const ms = Date.now();
+    const t = Math.floor(ms / 1000);
     const batch: BatchObject = {
       id: `batch_${randomBytes(12).toString("hex")}`,
       object: "batch",
@@ -351,93 +377,254 @@ export class Batches {
       request_counts: { total: 0, completed: 0, failed: 0 },
       metadata: req.metadata ?? null,
     };
-    const a = fresh(batch, owner);
-    this.#all.set(batch.id, a);
-    this.#save(a);
-    void this.#validate(a);
+    // The lease first: no other gateway takes a batch it sees before this one runs it.
+    if (!this.#take(batch.id)) throw new Error(`the lease of a new batch ${batch.id} is taken`);
+    const h = this.#hold({ batch, owner, ms });
+    this.#save(h);
+    void this.#validate(h);
     return structuredClone(batch);
   }
 
   /** `owner`'s batch `id` (404 when it has none such). */
   get(owner: string, id: string): BatchObject {
-    return structuredClone(this.#find(owner, id).batch);
+    return this.#view(this.#find(owner, id));
   }
 
   /** `owner`'s batches, newest first, after `after`, at most `limit`. */
   list(owner: string, after: string | undefined, limit: number) {
-    let all = [...this.#all.values()].filter((a) => a.owner === owner).reverse();
+    let all = readdirSync(this.#dir)
+      .filter((n) => n.endsWith(".json"))
+      .map((n) => this.#load(n.slice(0, -5)))
+      .filter((s): s is Saved => s !== undefined && s.owner === owner)
+      .sort((a, b) => b.ms - a.ms || (a.batch.id < b.batch.id ? 1 : -1));
     if (after !== undefined) {
-      const at = all.findIndex((a) => a.batch.id === after);
+      const at = all.findIndex((s) => s.batch.id === after);
       all = at < 0 ? [] : all.slice(at + 1);
     }
     return {
-      data: all.slice(0, limit).map((a) => structuredClone(a.batch)),
+      data: all.slice(0, limit).map((s) => this.#view(s)),
       has_more: all.length > limit,
     };
   }
 
-  /** Stops `owner`'s batch `id`: no more of its lines start; those running finish. */
+  /**
+   * Stops `owner`'s batch `id`: a cancel mark that the gateway running it reads (at once here,
+   * within a second elsewhere); no more of its lines start, those running finish.
+   */
   cancel(owner: string, id: string): BatchObject {
-    const a = this.#find(owner, id);
-    const s = a.batch.status;
-    if (s === "validating" || s === "in_progress") {
-      a.batch.status = "cancelling";
-      a.batch.cancelling_at = now();
-      this.#save(a);
-      if (a.inflight === 0) this.#finish(a);
-    } else if (s !== "cancelling" && s !== "cancelled")
+    const s = this.#find(owner, id);
+    const status = s.batch.status;
+    if (status === "validating" || status === "in_progress") {
+      const mark = join(this.#dir, `${id}.cancel`);
+      if (readJson<{ at: number }>(mark) === undefined) writeJson(mark, { at: now() });
+      const h = this.#held.get(id);
+      if (h) this.#cancelled(h);
+    } else if (status !== "cancelling" && status !== "cancelled")
       throw new ApiError(
         "EM_GATEWAY_BATCH_STATE",
-        `batch ${id} is ${s}: only a validating or in_progress batch can be cancelled`,
+        `batch ${id} is ${status}: only a validating or in_progress batch can be cancelled`,
       );
-    return structuredClone(a.batch);
+    return this.get(owner, id);
   }
 
   /**
-   * Starts no more lines (the gateway stops): those running are not waited for; their
-   * answers, if they come before the process ends, are written, else they run again at the
-   * next start.
+   * Starts no more lines (the gateway stops) and gives up the leases, so that another gateway
+   * on the folder (or this one, started again) goes on with them; answers that still come
+   * before the process ends are written.
    */
   close(): void {
+    if (this.#closed) return;
     this.#closed = true;
+    LIVE.delete(this.#me);
+    for (const t of this.#timers) clearInterval(t);
+    for (const h of this.#held.values()) {
+      if (h.dirty) this.#save(h);
+      this.#release(h.batch.id);
+    }
   }
 
-  /** Lines running now, over every batch (for tests and metrics). */
+  /** Lines running now, over every batch this gateway runs. */
   get inflight(): number {
     return this.#inflight;
   }
 
-  #find(owner: string, id: string): Active {
-    const a = BATCH_ID.test(id) ? this.#all.get(id) : undefined;
-    if (!a || a.owner !== owner)
+  #path(id: string, kind: "json" | "lease" | "cancel" | "output" | "errors"): string {
+    return join(
+      this.#dir,
+      kind === "output" || kind === "errors" ? `${id}.${kind}.jsonl` : `${id}.${kind}`,
+    );
+  }
+
+  #load(id: string): Saved | undefined {
+    if (!BATCH_ID.test(id)) return undefined;
+    const held = this.#held.get(id);
+    if (held) return { batch: held.batch, owner: held.owner, ms: held.ms };
+    const s = readJson<Saved>(this.#path(id, "json"));
+    return s?.batch?.id === id ? s : undefined;
+  }
+
+  #find(owner: string, id: string): Saved {
+    const s = this.#load(id);
+    if (!s || s.owner !== owner)
       throw new ApiError("EM_GATEWAY_BATCH_NOT_FOUND", `no batch '${id.slice(0, 80)}' here`, {
         param: "batch_id",
       });
-    return a;
+    return s;
   }
 
-  #path(a: Active, kind: "json" | "output" | "errors"): string {
-    return join(this.#dir, kind === "json" ? `${a.batch.id}.json` : `${a.batch.id}.${kind}.jsonl`);
+  /** The batch as a client sees it: cancelling once it is marked, whoever runs it. */
+  #view(s: Saved): BatchObject {
+    const b = structuredClone(s.batch);
+    if (b.status === "validating" || b.status === "in_progress") {
+      const mark = readJson<{ at: number }>(this.#path(b.id, "cancel"));
+      if (mark) {
+        b.status = "cancelling";
+        b.cancelling_at = mark.at;
+      }
+    }
+    return b;
   }
 
-  #save(a: Active): void {
-    const path = this.#path(a, "json");
-    writeFileSync(
-      `${path}.tmp`,
-      JSON.stringify({ batch: a.batch, owner: a.owner } satisfies Saved),
-    );
-    renameSync(`${path}.tmp`, path);
+  #save(h: Held): void {
+    h.dirty = false;
+    writeJson(this.#path(h.batch.id, "json"), { batch: h.batch, owner: h.owner, ms: h.ms });
   }
 
-  /** Reads and checks the input (again, after a restart), then runs it. */
-  async #validate(a: Active): Promise<void> {
+  /** Takes the lease of batch `id` when no gateway holds it, or its holder let it run out. */
+  #take(id: string): boolean {
+    const path = this.#path(id, "lease");
+    const lease = readJson<Lease>(path);
+    if (lease !== undefined && !this.#stale(lease)) return false;
+    if (lease !== undefined) {
+      // Out of date: moved away by one gateway alone (the others' renames find nothing).
+      const stale = `${path}.${this.#me}.stale`;
+      try {
+        renameSync(path, stale);
+        rmSync(stale, { force: true });
+      } catch {
+        // (another gateway moved it first)
+      }
+    }
+    const mine = `${path}.${this.#me}.tmp`;
+    writeFileSync(mine, JSON.stringify(this.#lease()));
+    try {
+      linkSync(mine, path); // fails when the lease is there: one gateway gets it
+      return true;
+    } catch {
+      return false;
+    } finally {
+      rmSync(mine, { force: true });
+    }
+  }
+
+  #lease(): Lease {
+    return { holder: this.#me, host: this.#host, pid: process.pid, at: Date.now() };
+  }
+
+  /**
+   * Whether a lease may be taken: not renewed for leaseMs, or its gateway's process is gone
+   * (one of this host: a restarted container, a killed `up` gateway, go on at once).
+   */
+  #stale(lease: Lease): boolean {
+    if (Date.now() - lease.at >= this.#leaseMs) return true;
+    if (lease.host !== this.#host) return false;
+    return lease.pid === process.pid ? !LIVE.has(lease.holder) : !alive(lease.pid);
+  }
+
+  /** Renews the leases held; a batch whose lease another gateway took stops here. */
+  #renew(): void {
+    for (const h of this.#held.values()) {
+      const id = h.batch.id;
+      const lease = readJson<Lease>(this.#path(id, "lease"));
+      if (lease !== undefined && lease.holder !== this.#me) {
+        this.#o.log?.(
+          `batch ${id}: another gateway runs it now (its lease was not renewed in time)`,
+        );
+        h.lost = true;
+        this.#held.delete(id);
+        continue;
+      }
+      writeJson(this.#path(id, "lease"), this.#lease());
+    }
+  }
+
+  #release(id: string): void {
+    const path = this.#path(id, "lease");
+    if (readJson<Lease>(path)?.holder === this.#me) rmSync(path, { force: true });
+  }
+
+  #hold(s: Saved): Held {
+    const h: Held = {
+      ...s,
+      lines: null,
+      done: new Set(),
+      next: 0,
+      inflight: 0,
+      again: [],
+      waiting: 0,
+      dirty: false,
+      lost: false,
+    };
+    this.#held.set(s.batch.id, h);
+    return h;
+  }
+
+  /** Every second: leases renewed, counts written, cancel marks read. */
+  #tick(): void {
+    if (this.#closed) return;
+    if (Date.now() - this.#renewedAt >= this.#leaseMs / 6) {
+      this.#renewedAt = Date.now();
+      this.#renew();
+    }
+    for (const h of this.#held.values()) {
+      const s = h.batch.status;
+      if (
+        (s === "validating" || s === "in_progress") &&
+        existsSync(this.#path(h.batch.id, "cancel"))
+      )
+        this.#cancelled(h);
+      if (h.dirty) this.#save(h);
+    }
+  }
+
+  /** Takes over the folder's unfinished batches that no gateway runs. */
+  #scan(): void {
+    if (this.#closed) return;
+    let taken = 0;
+    for (const name of readdirSync(this.#dir)) {
+      if (!name.endsWith(".json")) continue;
+      const id = name.slice(0, -5);
+      if (this.#held.has(id)) continue;
+      const s = this.#load(id);
+      if (!s || !UNFINISHED.has(s.batch.status) || !this.#take(id)) continue;
+      // (read again under the lease: its last holder may have written it since)
+      const h = this.#hold(this.#load(id) ?? s);
+      taken++;
+      if (h.batch.status === "validating" || h.batch.status === "in_progress")
+        void this.#validate(h);
+      else this.#finish(h);
+    }
+    if (taken > 0) this.#o.log?.(`batches: ${taken} unfinished in ${this.#o.dir} go on here`);
+  }
+
+  /** The cancel mark read: no more lines start; done once those running are. */
+  #cancelled(h: Held): void {
+    const mark = readJson<{ at: number }>(this.#path(h.batch.id, "cancel"));
+    h.batch.status = "cancelling";
+    h.batch.cancelling_at = mark?.at ?? now();
+    this.#save(h);
+    if (h.inflight === 0) this.#finish(h);
+  }
+
+  /** Reads and checks the input (again, when taken over), then runs it. */
+  async #validate(h: Held): Promise<void> {
     await new Promise((r) => setImmediate(r)); // (the create's answer goes first)
-    const b = a.batch;
+    const b = h.batch;
     let text: string;
     try {
       text = readFileSync(this.#o.files.path(b.input_file_id), "utf8");
     } catch {
-      return this.#fail(a, [
+      return this.#fail(h, [
         {
           code: "file_not_found",
           message: `the input file ${b.input_file_id} was deleted before the batch ran`,
@@ -447,91 +634,89 @@ export class Batches {
       ]);
     }
     const parsed = parseBatchInput(text, b.endpoint);
-    if (b.status !== "validating" && b.status !== "in_progress" && b.status !== "cancelling")
-      return; // (cancelled while it was read)
-    if ("errors" in parsed) return this.#fail(a, parsed.errors);
-    a.lines = parsed.lines;
-    // A restart's answers: the lines already written (a line cut short by the stop is dropped).
-    let completed = 0;
-    let failed = 0;
-    for (const kind of ["output", "errors"] as const)
-      for (const id of this.#written(a, kind)) {
-        a.done.add(id);
-        if (kind === "output") completed++;
-        else failed++;
-      }
+    if (b.status !== "validating" && b.status !== "in_progress") return; // (cancelled meanwhile)
+    if ("errors" in parsed) return this.#fail(h, parsed.errors);
+    h.lines = parsed.lines;
+    // The answers written before (by a gateway that stopped; a line it cut short is dropped).
+    const { completed, failed } = this.#written(h);
     b.request_counts = { total: parsed.lines.length, completed, failed };
     if (b.status === "validating") {
       b.status = "in_progress";
       b.in_progress_at = now();
     }
-    this.#save(a);
-    if (b.status === "cancelling") this.#finish(a);
-    else this.#pump();
+    this.#save(h);
+    this.#pump();
   }
 
-  /** The custom_ids of the answers in one of `a`'s files (a cut last line removed). */
-  #written(a: Active, kind: "output" | "errors"): string[] {
-    const path = this.#path(a, kind);
-    if (!existsSync(path)) return [];
-    const text = readFileSync(path, "utf8");
-    const end = text.lastIndexOf("\n") + 1;
-    if (end < text.length) truncateSync(path, Buffer.byteLength(text.slice(0, end)));
-    return text
-      .slice(0, end)
-      .split("\n")
-      .filter((l) => l !== "")
-      .map((l) => (JSON.parse(l) as { custom_id: string }).custom_id);
+  /** The answers in `h`'s files so far (a cut last line removed): marks their lines done. */
+  #written(h: Held): { completed: number; failed: number } {
+    const counts = { completed: 0, failed: 0 };
+    for (const kind of ["output", "errors"] as const) {
+      const path = this.#path(h.batch.id, kind);
+      if (!existsSync(path)) continue;
+      const text = readFileSync(path, "utf8");
+      const end = text.lastIndexOf("\n") + 1;
+      if (end < text.length) truncateSync(path, Buffer.byteLength(text.slice(0, end)));
+      for (const l of text.slice(0, end).split("\n")) {
+        if (l === "") continue;
+        const id = (JSON.parse(l) as { custom_id: string }).custom_id;
+        if (h.done.has(id)) continue;
+        h.done.add(id);
+        counts[kind === "output" ? "completed" : "failed"]++;
+      }
+    }
+    return counts;
   }
 
-  #fail(a: Active, errors: BatchError[]): void {
-    a.batch.status = "failed";
-    a.batch.failed_at = now();
-    a.batch.errors = { object: "list", data: errors };
-    this.#save(a);
+  #fail(h: Held, errors: BatchError[]): void {
+    h.batch.status = "failed";
+    h.batch.failed_at = now();
+    h.batch.errors = { object: "list", data: errors };
+    this.#save(h);
+    this.#let(h);
   }
 
   /** Starts lines, oldest batch first, while fewer than `concurrency` run. */
   #pump(): void {
     if (this.#closed) return;
-    for (const a of this.#all.values()) {
+    for (const h of this.#held.values()) {
       if (this.#inflight >= this.#o.concurrency) return;
-      if (a.batch.status !== "in_progress" || a.lines === null) continue;
-      if (a.batch.expired_at === null && now() >= a.batch.expires_at) this.#expire(a);
+      if (h.batch.status !== "in_progress" || h.lines === null) continue;
+      if (h.batch.expired_at === null && now() >= h.batch.expires_at) this.#expire(h);
       while (this.#inflight < this.#o.concurrency) {
-        const line = a.again.shift() ?? (a.next < a.lines.length ? a.lines[a.next++] : undefined);
+        const line = h.again.shift() ?? (h.next < h.lines.length ? h.lines[h.next++] : undefined);
         if (line === undefined) break;
-        if (a.done.has(line.custom_id)) continue;
-        this.#start(a, line);
+        if (h.done.has(line.custom_id)) continue;
+        this.#start(h, line);
       }
-      if (a.next >= a.lines.length && a.inflight === 0 && a.waiting === 0 && a.again.length === 0)
-        this.#finish(a);
+      if (h.next >= h.lines.length && h.inflight === 0 && h.waiting === 0 && h.again.length === 0)
+        this.#finish(h);
     }
   }
 
-  #start(a: Active, line: BatchLine): void {
+  #start(h: Held, line: BatchLine): void {
     this.#inflight++;
-    a.inflight++;
+    h.inflight++;
     const written = (answer: object, ok: boolean) => {
-      if (a.done.has(line.custom_id)) return;
-      a.done.add(line.custom_id);
-      append(this.#path(a, ok ? "output" : "errors"), answer);
-      if (ok) a.batch.request_counts.completed++;
-      else a.batch.request_counts.failed++;
+      if (h.done.has(line.custom_id)) return;
+      h.done.add(line.custom_id);
+      append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
+      h.batch.request_counts[ok ? "completed" : "failed"]++;
+      h.dirty = true;
     };
     const id = `batch_req_${randomBytes(12).toString("hex")}`;
     this.#o
-      .run(a.batch.endpoint, line.body)
+      .run(h.batch.endpoint, line.body)
       .then(
         (r) => {
-          // An answer cut by the stop: the line runs again at the next start.
+          // An answer cut by the stop: the line runs again wherever the batch goes on.
           if (this.#closed && r.status >= 500) return;
           if (
             LATER.has(r.status) &&
-            a.batch.status === "in_progress" &&
-            a.batch.expired_at === null
+            h.batch.status === "in_progress" &&
+            h.batch.expired_at === null
           )
-            return this.#later(a, line);
+            return this.#later(h, line);
           written(
             {
               id,
@@ -543,8 +728,7 @@ export class Batches {
           );
         },
         (err) => {
-          // Not run (the gateway stopping): left for the next start.
-          if (this.#closed) return;
+          if (this.#closed) return; // (not run: it runs again wherever the batch goes on)
           written(
             {
               id,
@@ -556,27 +740,27 @@ export class Batches {
           );
         },
       )
-      .catch((err) => this.#o.log?.(`batch ${a.batch.id}: an answer not written: ${String(err)}`))
+      .catch((err) => this.#o.log?.(`batch ${h.batch.id}: an answer not written: ${String(err)}`))
       .finally(() => {
         this.#inflight--;
-        a.inflight--;
-        if (this.#closed) return;
-        if (a.batch.status === "cancelling" && a.inflight === 0) this.#finish(a);
+        h.inflight--;
+        if (this.#closed || h.lost) return;
+        if (h.batch.status === "cancelling" && h.inflight === 0) this.#finish(h);
         this.#pump();
       });
   }
 
   /** Runs `line` again after a wait that doubles with each "later" it got. */
-  #later(a: Active, line: BatchLine): void {
+  #later(h: Held, line: BatchLine): void {
     const tries = (this.#tries.get(line) ?? 0) + 1;
     this.#tries.set(line, tries);
-    a.waiting++;
+    h.waiting++;
     const t = setTimeout(
       () => {
-        a.waiting--;
-        if (this.#closed) return;
+        h.waiting--;
+        if (this.#closed || h.lost) return;
         // (cancelled meanwhile: dropped; expired: #expire answered it)
-        if (a.batch.status === "in_progress") a.again.push(line);
+        if (h.batch.status === "in_progress") h.again.push(line);
         this.#pump();
       },
       Math.min(MAX_WAIT_MS, 1000 * 2 ** (tries - 1)),
@@ -585,11 +769,11 @@ export class Batches {
   }
 
   /** The lines not run by expires_at go to the error file as batch_expired. */
-  #expire(a: Active): void {
-    for (const line of a.lines ?? []) {
-      if (a.done.has(line.custom_id)) continue;
-      a.done.add(line.custom_id);
-      append(this.#path(a, "errors"), {
+  #expire(h: Held): void {
+    for (const line of h.lines ?? []) {
+      if (h.done.has(line.custom_id)) continue;
+      h.done.add(line.custom_id);
+      append(this.#path(h.batch.id, "errors"), {
         id: `batch_req_${randomBytes(12).toString("hex")}`,
         custom_id: line.custom_id,
         response: null,
@@ -598,44 +782,76 @@ export class Batches {
           message: "This request could not be executed before the completion window expired.",
         },
       });
-      a.batch.request_counts.failed++;
+      h.batch.request_counts.failed++;
     }
-    a.next = a.lines?.length ?? 0; // (no line starts; those running finish, then #finish)
-    a.batch.expired_at = now();
-    this.#save(a);
+    h.next = h.lines?.length ?? 0; // (no line starts; those running finish, then #finish)
+    h.batch.expired_at = now();
+    this.#save(h);
   }
 
   /**
    * Done running (every line, cancelled or expired): its answers become files (output,
-   * errors; none where no line went there), and its status the last.
+   * errors; none where no line went there; a line answered twice, by two gateways, keeps its
+   * first answer), and its status the last.
    */
-  #finish(a: Active): void {
-    const b = a.batch;
+  #finish(h: Held): void {
+    const b = h.batch;
     const last: BatchStatus =
       b.expired_at !== null ? "expired" : b.status === "cancelling" ? "cancelled" : "completed";
     if (b.status === "in_progress") {
       b.status = "finalizing";
       b.finalizing_at = now();
-      this.#save(a);
+      this.#save(h);
     }
+    const seen = new Set<string>();
+    const counts = { completed: 0, failed: 0 };
     for (const kind of ["output", "errors"] as const) {
-      const path = this.#path(a, kind);
+      const path = this.#path(b.id, kind);
       if (!existsSync(path)) continue;
+      const text = readFileSync(path, "utf8");
+      const end = text.lastIndexOf("\n") + 1;
+      const kept = text
+        .slice(0, end)
+        .split("\n")
+        .filter((l) => {
+          if (l === "") return false;
+          const id = (JSON.parse(l) as { custom_id: string }).custom_id;
+          if (seen.has(id)) return false;
+          seen.add(id);
+          return true;
+        });
+      counts[kind === "output" ? "completed" : "failed"] = kept.length;
+      if (kept.length === 0) {
+        rmSync(path, { force: true });
+        continue;
+      }
+      const whole = `${path}.final`;
+      writeFileSync(whole, `${kept.join("\n")}\n`);
+      rmSync(path, { force: true });
       const file = this.#o.files.adopt(
-        a.owner,
-        path,
+        h.owner,
+        whole,
         `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
         "batch_output",
       );
       if (kind === "output") b.output_file_id = file.id;
       else b.error_file_id = file.id;
-      this.#save(a);
+      this.#save(h);
     }
+    b.request_counts = { ...b.request_counts, ...counts };
     b.status = last;
     if (last === "completed") b.completed_at = now();
     if (last === "cancelled") b.cancelled_at = now();
-    this.#save(a);
-    a.lines = null; // (the requests are not needed any more)
+    this.#save(h);
+    rmSync(this.#path(b.id, "cancel"), { force: true });
+    this.#let(h);
+  }
+
+  /** A batch done here: its lease goes, nothing of it is held. */
+  #let(h: Held): void {
+    this.#held.delete(h.batch.id);
+    this.#release(h.batch.id);
+    h.lines = null;
   }
 }
 

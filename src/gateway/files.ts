@@ -1,10 +1,11 @@
 // OpenAI's Files API, as far as batches need it (ADR 0049): a client uploads a batch's input
 // (purpose "batch", JSONL) with POST /v1/files (multipart/form-data), and downloads the
 // outputs a batch wrote (purpose "batch_output") with GET /v1/files/{id}/content; list, get
-// and delete as OpenAI's. The files live in a folder of this gateway (--files-dir; the
-// operator's pods: an emptyDir), each as `<id>.data` beside `<id>.json` (its object and
-// owner), so they outlive a restart of the process. With API keys, each key sees only the
-// files uploaded with it (the owner is a hash of the key; no key: everyone's).
+// and delete as OpenAI's. The files live in a folder (--files-dir), each as `<id>.data` beside
+// `<id>.json` (its object and owner), read from there on every request: every gateway given
+// the same folder (the operator's pods: a shared claim) serves every file, and they outlive a
+// restart. With API keys, each key sees only the files uploaded with it (the owner is a hash
+// of the key; no key: everyone's).
 import { createHash, randomBytes } from "node:crypto";
 import {
   createReadStream,
@@ -44,43 +45,61 @@ interface Stored {
   file: FileObject;
   /** ownerOf's value for the key that uploaded it ("" without keys). */
   owner: string;
+  /** When it was made, in ms (the order of listings). */
+  ms: number;
 }
 
 /** A file id as this store makes them (checked before any path is built from one). */
 const FILE_ID = /^file-[0-9a-f]{24}$/;
+
+/** Leftovers (an upload cut short, a half-made file) older than this are removed. */
+const LEFTOVER_MS = 3600_000;
 
 /** Who a request is, for the files and batches it may see: a hash of its key ("" none). */
 export function ownerOf(key: string | null): string {
   return key === null ? "" : createHash("sha256").update(key).digest("hex").slice(0, 32);
 }
 
-const now = () => Math.floor(Date.now() / 1000);
+/** A JSON file's value, or undefined when it is not there (or not whole yet). */
+export function readJson<T>(path: string): T | undefined {
+  try {
+    return JSON.parse(readFileSync(path, "utf8")) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes a JSON file whole (a temporary file renamed over it: readers never see half). */
+export function writeJson(path: string, v: unknown): void {
+  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
+  writeFileSync(tmp, JSON.stringify(v));
+  renameSync(tmp, path);
+}
 
 export class FileStore {
   readonly #dir: string;
-  readonly #files = new Map<string, Stored>();
+  /** Files read before (they never change; one deleted elsewhere is looked for on disk). */
+  readonly #known = new Map<string, Stored>();
   /** Largest upload (bytes). */
   readonly maxBytes: number;
 
-  /** The files already in `dir` (a restart's) are served again; leftovers are removed. */
+  /** Makes the folder; removes leftovers older than an hour (a shared folder's too). */
   constructor(dir: string, maxBytes: number) {
     this.#dir = dir;
     this.maxBytes = maxBytes;
     mkdirSync(dir, { recursive: true });
     const names = new Set(readdirSync(dir));
     for (const name of names) {
-      const id = name.endsWith(".json") ? name.slice(0, -5) : null;
-      if (id === null || !FILE_ID.test(id) || !names.has(`${id}.data`)) continue;
+      const leftover =
+        name.endsWith(".tmp") ||
+        (name.endsWith(".data") && !names.has(name.replace(/\.data$/, ".json")));
+      if (!leftover) continue;
+      const path = join(dir, name);
       try {
-        const stored = JSON.parse(readFileSync(join(dir, name), "utf8")) as Stored;
-        if (stored.file?.id === id) this.#files.set(id, stored);
+        if (Date.now() - statSync(path).mtimeMs > LEFTOVER_MS) rmSync(path, { force: true });
       } catch {
-        // (a half-written object: its file is removed below)
+        // (removed by another gateway meanwhile)
       }
-    }
-    for (const name of names) {
-      const id = name.replace(/\.(data|json)$/, "");
-      if (!this.#files.has(id)) rmSync(join(dir, name), { force: true, recursive: true });
     }
   }
 
@@ -89,9 +108,28 @@ export class FileStore {
     return join(this.#dir, `${id}.data`);
   }
 
+  #read(id: string): Stored | undefined {
+    if (!FILE_ID.test(id)) return undefined;
+    const meta = join(this.#dir, `${id}.json`);
+    const known = this.#known.get(id);
+    if (known) {
+      try {
+        statSync(meta);
+        return known;
+      } catch {
+        this.#known.delete(id);
+        return undefined;
+      }
+    }
+    const stored = readJson<Stored>(meta);
+    if (stored?.file?.id !== id) return undefined;
+    this.#known.set(id, stored);
+    return stored;
+  }
+
   /** The file `id` as `owner` may see it; 404 otherwise (another key's is not there for it). */
   get(owner: string, id: string, param = "file_id"): FileObject {
-    const stored = FILE_ID.test(id) ? this.#files.get(id) : undefined;
+    const stored = this.#read(id);
     if (!stored || stored.owner !== owner)
       throw new ApiError("EM_GATEWAY_FILE_NOT_FOUND", `no file '${id.slice(0, 80)}' here`, {
         param,
@@ -104,10 +142,19 @@ export class FileStore {
     owner: string,
     o: { purpose?: string; after?: string; limit: number; order: "asc" | "desc" },
   ): { data: FileObject[]; has_more: boolean } {
-    let all = [...this.#files.values()]
-      .filter((s) => s.owner === owner && (o.purpose === undefined || s.file.purpose === o.purpose))
+    const ids = readdirSync(this.#dir)
+      .filter((n) => n.endsWith(".json"))
+      .map((n) => n.slice(0, -5));
+    let all = ids
+      .map((id) => this.#read(id))
+      .filter(
+        (s): s is Stored =>
+          s !== undefined &&
+          s.owner === owner &&
+          (o.purpose === undefined || s.file.purpose === o.purpose),
+      )
+      .sort((a, b) => a.ms - b.ms || (a.file.id < b.file.id ? -1 : 1))
       .map((s) => s.file);
-    // (ids are random: created_at, then the order of creation, which the Map keeps)
     if (o.order === "desc") all = all.reverse();
     if (o.after !== undefined) {
       const at = all.findIndex((f) => f.id === o.after);
@@ -150,11 +197,12 @@ export class FileStore {
     purpose: FilePurpose,
     bytes: number,
   ): FileObject {
+    const ms = Date.now();
     const file: FileObject = {
       id,
       object: "file",
       bytes,
-      created_at: now(),
+      created_at: Math.floor(ms / 1000),
       filename,
       purpose,
       status: "processed",
@@ -162,17 +210,16 @@ export class FileStore {
       status_details: null,
     };
     renameSync(from, this.path(id));
-    const meta = join(this.#dir, `${id}.json`);
-    writeFileSync(`${meta}.tmp`, JSON.stringify({ file, owner } satisfies Stored));
-    renameSync(`${meta}.tmp`, meta);
-    this.#files.set(id, { file, owner });
+    const stored: Stored = { file, owner, ms };
+    writeJson(join(this.#dir, `${id}.json`), stored);
+    this.#known.set(id, stored);
     return file;
   }
 
   /** Removes `owner`'s file `id` (404 when it has none such). */
   delete(owner: string, id: string): void {
     this.get(owner, id);
-    this.#files.delete(id);
+    this.#known.delete(id);
     rmSync(join(this.#dir, `${id}.json`), { force: true });
     rmSync(this.path(id), { force: true });
   }

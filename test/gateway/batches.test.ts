@@ -8,6 +8,7 @@ import { join } from "node:path";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { testEnv, waitFor } from "../support/env.ts";
+import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
 
@@ -318,6 +319,59 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       expect(second.logs.join("\n")).toContain("batches: 1 unfinished");
     } finally {
       await second.close();
+    }
+  });
+
+  it("gateways on one folder: each answers for every batch, a cancel reaches the one running it, and one goes on with the batch of a gateway killed outright", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-shared-"));
+    // A: a gateway process (as a pod runs it), one line at a time; B: another, on the folder.
+    const a = await startGatewayProcess({
+      modelDir: dir,
+      namespace: "batch",
+      modelName: "shared",
+      name: "gateway-batch-shared",
+      args: [`--files-dir=${folder}`, "--batch-concurrency=1"],
+    });
+    const b = await startGateway(dir, { files: filesOf(folder, 4) });
+    try {
+      // (~0.1 s a line: the first batch runs for seconds)
+      const lines = Array.from({ length: 60 }, (_, i) =>
+        chatLine(`s${i}`, `Line ${i}.`, { max_tokens: 64, ignore_eos: true }),
+      );
+      const input = await upload(b.client, jsonl(lines));
+      const make = () =>
+        a.client.batches.create({
+          input_file_id: input.id,
+          endpoint: "/v1/chat/completions",
+          completion_window: "24h",
+        });
+      const first = await make();
+      const second = await make();
+      // B sees A's batches and their progress.
+      await waitFor("progress seen from B", async () => {
+        const seen = await b.client.batches.retrieve(first.id);
+        return seen.request_counts!.completed > 0 ? true : undefined;
+      });
+      expect((await b.client.batches.list()).data.map((x) => x.id)).toEqual([second.id, first.id]);
+      // A cancel through B: A (running it) reads the mark.
+      expect((await b.client.batches.cancel(second.id)).status).toBe("cancelling");
+      const cancelled = await settled(b.client, second.id);
+      expect(cancelled.status).toBe("cancelled");
+      expect(cancelled.request_counts!.completed).toBe(0); // (A ran the older batch first)
+      // A dies mid-batch (no stop, no lease given back): B goes on with the batch.
+      const before = (await b.client.batches.retrieve(first.id)).request_counts!.completed;
+      expect(before).toBeLessThan(60);
+      process.kill(a.process.pid!, "SIGKILL");
+      await waitFor("A gone", async () => (a.process.exited ? true : undefined));
+      const done = await settled(b.client, first.id, 90_000);
+      expect(done.status).toBe("completed");
+      expect(done.request_counts).toEqual({ total: 60, completed: 60, failed: 0 });
+      const out = await linesOf(b.client, done.output_file_id);
+      expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
+      expect(b.logs.join("\n")).toContain("batches: 1 unfinished");
+    } finally {
+      await b.close();
+      await a.process.stop();
     }
   });
 
