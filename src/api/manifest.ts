@@ -396,6 +396,17 @@ export function prefixCacheDiskArgs(model: DeepSeekModel, dir: string): string[]
   ];
 }
 
+/** The serving gateways' Files and Batch API flags (spec.gateway.batch; none without it). */
+export function batchArgs(model: DeepSeekModel, dir: string): string[] {
+  const b = model.spec.gateway.batch;
+  if (b === undefined) return [];
+  return [
+    `--files-dir=${dir}`,
+    `--files-max-bytes=${b.maxFileBytes}`,
+    `--batch-concurrency=${b.concurrency}`,
+  ];
+}
+
 /** The NATS tier's bucket of a model: one per DeepSeekModel (names take no dots). */
 export function prefixCacheBucket(model: DeepSeekModel): string {
   const { namespace, name } = model.metadata;

@@ -497,6 +497,42 @@ export const GatewaySchema = withRules(
           ),
         ),
       ),
+      batch: Type.Optional(
+        Type.Object(
+          {
+            sharedClaim: Type.Optional(
+              Type.String({
+                description:
+                  "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the files and batches: each gateway then answers for every file and batch, and one goes on with the batches of a gateway that stopped (a roll, a lost node). Without it, each gateway pod keeps its own in an emptyDir: a batch lives and dies with the pod that took it (a roll ends it), and a client needs sessionAffinity ClientIP to find its files again.",
+                minLength: 1,
+                maxLength: 253,
+              }),
+            ),
+            storageBytes: Type.Integer({
+              description:
+                "The size of each gateway pod's emptyDir for files and batches, without sharedClaim (an ephemeral-storage request of as much).",
+              default: 10737418240,
+              minimum: 1,
+            }),
+            maxFileBytes: Type.Integer({
+              description: "Largest upload to /v1/files (OpenAI's limit for batch inputs: 200 MB).",
+              default: 209715200,
+              minimum: 1,
+            }),
+            concurrency: Type.Integer({
+              description:
+                "Lines of batches each gateway runs at once (with schedulingPolicy priority they wait behind interactive requests).",
+              default: 8,
+              minimum: 1,
+              maximum: 1024,
+            }),
+          },
+          {
+            description:
+              "OpenAI's Files and Batch APIs on the gateways (ADR 0049): POST /v1/files a JSONL of requests, POST /v1/batches to run them (chat completions, completions, responses) a few at a time beside the interactive traffic, GET the output file when done. Without it those routes answer 404 EM_GATEWAY_FILES_OFF.",
+          },
+        ),
+      ),
       sessionAffinity: StringEnum(["None", "ClientIP"], {
         description:
           "The gateway Service's session affinity: ClientIP sends a client's new connections to the gateway it reached before, so the next turn of its conversation finds the earlier turns in that gateway's prefix cache (each gateway caches its own, unless kvCache.diskSharedClaim shares a disk tier); None spreads them.",

@@ -12,6 +12,7 @@ import { writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import {
+  batchArgs,
   chatTemplateArgs,
   type GatewayRole,
   gatewayArgs,
@@ -167,6 +168,8 @@ export class LocalRun {
   #experts: string[] = [];
   /** Outlives the run folder: the next `up` of this model starts with the blocks. */
   readonly #diskDir: string;
+  /** spec.gateway.batch's folder (ADR 0049). */
+  readonly #batchDir: string;
   // Replica numbers count up per role: a replica started by the autoscaler never takes the
   // name, or the restart history, of one it stopped.
   readonly #shardsStarted = new Map<number, number>();
@@ -211,6 +214,7 @@ export class LocalRun {
       ...modelArgs(m).filter((a) => !a.startsWith("--log-format")),
     ];
     this.#diskDir = join(cacheDir(), "prefix-cache", `${ns}-${name}`);
+    this.#batchDir = join(cacheDir(), "batch", `${ns}-${name}`);
   }
 
   /** Starts everything, says where it serves, and runs until stopped (up exits then). */
@@ -373,6 +377,8 @@ export class LocalRun {
       `--device=${this.#p.devices.gateway}`,
       ...localGatewayArgs(gm, role),
       ...localDiskArgs(gm, this.#diskDir, r, role === "prefill" || front, role),
+      // Every gateway on one folder that outlives up's runs, as on a shared claim.
+      ...(role === "gateway" ? batchArgs(gm, this.#batchDir) : []),
       ...chatTemplateArgs(gm, this.#chatTemplatePath),
       ...this.#secretArgs,
       ...(microBatches ? [`--micro-batches=${microBatches}`] : []),

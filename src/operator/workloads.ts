@@ -16,6 +16,7 @@ import type {
 } from "@kubernetes/client-node";
 import {
   architectureOf,
+  batchArgs,
   chatTemplateArgs,
   type GatewayRole,
   gatewayArgs,
@@ -78,6 +79,8 @@ export const PATHS = {
   models: "/models",
   /** The gateway's prefix cache disk tier (spec.gateway.kvCache.diskBytes), an emptyDir. */
   prefixCache: "/var/cache/expertmesh/prefix",
+  /** spec.gateway.batch's files and batches: a shared claim, or an emptyDir. */
+  batch: "/var/lib/expertmesh/batch",
   /** spec.nats's Secrets: the credentials, the CA, the client certificate. */
   natsCreds: "/var/run/expertmesh/nats",
   natsUser: "/var/run/expertmesh/nats-auth/user",
@@ -392,6 +395,12 @@ export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
   return d > 0 && diskSharedClaim === undefined ? d + PREFIX_DISK_HEADROOM : 0;
 }
 
+/** The emptyDir size of a gateway's files and batches (0: none, a shared claim, or prefill). */
+export function batchVolumeBytes(model: DeepSeekModel, role: GatewayRole): number {
+  const b = model.spec.gateway.batch;
+  return role === "gateway" && b !== undefined && b.sharedClaim === undefined ? b.storageBytes : 0;
+}
+
 /**
  * The gateway's resources: the manifest's, with a memory request when the manifest requests
  * none, so the scheduler does not place a gateway where it cannot fit: its KV cache (which
@@ -400,7 +409,7 @@ export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
  * ephemeral-storage request of its emptyDir when the manifest requests none (else the
  * kubelet could evict the pod from a node whose disk is short).
  */
-export function gatewayResources(model: DeepSeekModel) {
+export function gatewayResources(model: DeepSeekModel, role: GatewayRole = "gateway") {
   const r = model.spec.gateway.resources;
   const requests: Record<string, string | number> = { ...(r?.requests ?? {}) };
   if (requests["memory"] === undefined) {
@@ -410,7 +419,7 @@ export function gatewayResources(model: DeepSeekModel) {
       r?.limits?.["memory"],
     );
   }
-  const disk = prefixDiskVolumeBytes(model);
+  const disk = prefixDiskVolumeBytes(model) + batchVolumeBytes(model, role);
   if (disk > 0 && requests["ephemeral-storage"] === undefined)
     requests["ephemeral-storage"] = withinLimit(disk, r?.limits?.["ephemeral-storage"]);
   return { ...(r ?? {}), requests };
@@ -592,13 +601,15 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       `--shutdown-delay=${GATEWAY_SHUTDOWN_DELAY_S}`,
       ...gatewayArgs(model, role),
       ...prefixCacheDiskArgs(model, PATHS.prefixCache),
+      // (prefill gateways are behind no Service: no client reaches their routes)
+      ...(role === "gateway" ? batchArgs(model, PATHS.batch) : []),
       ...chatTemplateArgs(model, PATHS.chatTemplate),
       ...tls.args,
       ...apiKeys.args,
     ],
     // (A CRD older than the operator has no default for gpuResource.)
     { count: gateway.gpus, resource: gateway.gpuResource ?? DEFAULT_GPU_RESOURCE },
-    gatewayResources(model),
+    gatewayResources(model, role),
   );
   // The disk tier's files, their temporary copies and fingerprint.json: the budget, and
   // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
@@ -613,11 +624,19 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
     : diskBytes > 0
       ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }]
       : [];
+  const batch = role === "gateway" ? gateway.batch : undefined;
+  const batchVolumes: V1Volume[] =
+    batch === undefined
+      ? []
+      : batch.sharedClaim !== undefined
+        ? [{ name: "batch", persistentVolumeClaim: { claimName: batch.sharedClaim } }]
+        : [{ name: "batch", emptyDir: { sizeLimit: String(batch.storageBytes) } }];
   const gwContainer = {
     ...gw,
     volumeMounts: [
       ...gw.volumeMounts,
       ...(prefixVolumes.length > 0 ? [{ name: "prefix-cache", mountPath: PATHS.prefixCache }] : []),
+      ...(batchVolumes.length > 0 ? [{ name: "batch", mountPath: PATHS.batch }] : []),
       ...tls.mounts,
       ...apiKeys.mounts,
     ],
@@ -637,7 +656,7 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
     model,
     role,
     [gwContainer],
-    [...prefixVolumes, ...tls.volumes, ...apiKeys.volumes],
+    [...prefixVolumes, ...batchVolumes, ...tls.volumes, ...apiKeys.volumes],
   );
 }
 

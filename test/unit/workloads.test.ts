@@ -628,6 +628,46 @@ describe("desiredObjects", () => {
     expect(pod.containers[0].resources.requests["ephemeral-storage"]).toBeUndefined();
   });
 
+  it.each([
+    [
+      "an emptyDir each",
+      "{ concurrency: 4 }",
+      { name: "batch", emptyDir: { sizeLimit: "10737418240" } },
+      "10737418240",
+    ],
+    [
+      "a shared claim",
+      "{ sharedClaim: batch-rwx, maxFileBytes: 1000 }",
+      { name: "batch", persistentVolumeClaim: { claimName: "batch-rwx" } },
+      undefined,
+    ],
+  ])(
+    "spec.gateway.batch on %s: the serving gateways' Files and Batch APIs, not the prefill gateways'",
+    (_, batch, volume, storage) => {
+      const all = objects(
+        `  gateway:\n    batch: ${batch}\n    kvCache: { remoteBytes: 1073741824 }\n    disaggregation: { replicas: 1 }`,
+      );
+      const pod = (name: string) =>
+        (all.find((o) => o.metadata?.name === name) as any).spec.template.spec;
+      const gw = pod("m-gateway");
+      expect(gw.volumes).toContainEqual(volume);
+      expect(gw.containers[0].volumeMounts).toContainEqual({
+        name: "batch",
+        mountPath: "/var/lib/expertmesh/batch",
+      });
+      const flags = gw.containers[0].args.filter((a: string) => /^--(files|batch)-/.test(a));
+      expect(flags).toEqual([
+        "--files-dir=/var/lib/expertmesh/batch",
+        `--files-max-bytes=${batch.includes("1000") ? 1000 : 209715200}`,
+        `--batch-concurrency=${batch.includes("concurrency: 4") ? 4 : 8}`,
+      ]);
+      expect(gw.containers[0].resources.requests["ephemeral-storage"]).toBe(storage);
+      const prefill = pod("m-prefill");
+      expect(prefill.volumes.some((v: any) => v.name === "batch")).toBe(false);
+      expect(prefill.containers[0].args.join(" ")).not.toContain("--files-dir");
+    },
+  );
+
   it("gives the gateways (only) spec.gateway.apiKeySecret's key as a mounted file they reload, never in args or env", () => {
     const pods = (extra: string) =>
       objects(extra)
