@@ -15,7 +15,7 @@ import {
   type ServiceError,
 } from "@grpc/grpc-js";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import OpenAI from "openai";
+import OpenAI, { toFile } from "openai";
 import { Agent, fetch as undiciFetch } from "undici";
 import { afterAll, describe, expect, it } from "vitest";
 import { denseLoadBytes } from "../../src/cli/progress.ts";
@@ -421,6 +421,64 @@ describe("expertmesh up", () => {
     } finally {
       if (u.proc.exitCode === null) process.kill(-u.proc.pid!, "SIGKILL");
     }
+  });
+
+  it("with gateway.batch and two gateways: a batch made through up's port runs; its files are in one folder under the cache dir, for every gateway", async () => {
+    const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
+    await upWithVariant(
+      ["    replicas: 1\n", "    replicas: 2\n    batch: { concurrency: 2 }\n"],
+      async (started, port) => {
+        // (gateways on one folder answering for each other: test/gateway/batches.test.ts)
+        const client = new OpenAI({
+          baseURL: `http://127.0.0.1:${port}/v1`,
+          apiKey: "unused",
+          maxRetries: 0,
+        });
+        const lines = Array.from({ length: 6 }, (_, i) =>
+          JSON.stringify({
+            custom_id: `u${i}`,
+            method: "POST",
+            url: "/v1/completions",
+            body: { model: "tiny-v3", prompt: `Hello ${i}`, max_tokens: 4, temperature: 0 },
+          }),
+        );
+        const input = await client.files.create({
+          file: await toFile(Buffer.from(`${lines.join("\n")}\n`), "in.jsonl"),
+          purpose: "batch",
+        });
+        const b = await client.batches.create({
+          input_file_id: input.id,
+          endpoint: "/v1/completions",
+          completion_window: "24h",
+        });
+        const done = await waitFor("the batch done", async () => {
+          const now = await client.batches.retrieve(b.id);
+          return now.status === "completed" ? now : undefined;
+        });
+        expect(done.request_counts).toEqual({ total: 6, completed: 6, failed: 0 });
+        const out = (await (await client.files.content(done.output_file_id!)).text())
+          .trim()
+          .split("\n")
+          .map((l) => JSON.parse(l));
+        expect(out.map((l) => l.custom_id).sort()).toEqual(["u0", "u1", "u2", "u3", "u4", "u5"]);
+        expect(out.every((l) => l.response.body.usage.completion_tokens === 4)).toBe(true);
+        const folder = join(cache, "batch", "default-tiny");
+        expect(readdirSync(folder)).toEqual(expect.arrayContaining(["batches", "files"]));
+        // Both gateways on that folder.
+        const gateways = descendants(started.proc.pid!)
+          .map((pid) => {
+            try {
+              return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+            } catch {
+              return [];
+            }
+          })
+          .filter((argv) => argv.includes("gateway"));
+        expect(gateways).toHaveLength(2);
+        for (const argv of gateways) expect(argv).toContain(`--files-dir=${folder}`);
+      },
+      { EXPERTMESH_CACHE_DIR: cache },
+    );
   });
 
   it("with MTP drafts in the manifest: the tiny model gets its MTP layer, the shards its experts, and the gateway drafts", async () => {
