@@ -227,6 +227,10 @@ export class LocalRun {
     stopWhenParentGone(() => void this.stop(0));
     onParentLines((line) => this.#fromParent(line));
     process.on("exit", () => this.#children.killAll());
+    if (this.#gm.spec.gateway.batch)
+      this.#say(
+        `spec.gateway.batch: /v1/files and /v1/batches keep their files and batches in ${this.#batchDir} (every gateway, and the next up, go on with them)`,
+      );
     try {
       await this.#startAll();
       this.#children.serving = true;

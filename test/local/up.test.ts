@@ -426,7 +426,8 @@ describe("expertmesh up", () => {
   it("with gateway.batch and two gateways: a batch made through up's port runs; its files are in one folder under the cache dir, for every gateway", async () => {
     const cache = mkdtempSync(join(testEnv().runDir, "cache-"));
     await upWithVariant(
-      ["    replicas: 1\n", "    replicas: 2\n    batch: { concurrency: 2 }\n"],
+      // (examples/tiny.yaml has spec.gateway.batch)
+      ["    replicas: 1\n", "    replicas: 2\n"],
       async (started, port) => {
         // (gateways on one folder answering for each other: test/gateway/batches.test.ts)
         const client = new OpenAI({
