@@ -302,6 +302,8 @@ export class Batches {
   readonly #me = randomBytes(8).toString("hex");
   readonly #host = hostname();
   readonly #held = new Map<string, Held>();
+  /** Batches seen done (their objects never change again): not read again by #scan. */
+  readonly #final = new Set<string>();
   #inflight = 0;
   #closed = false;
   /** How often each line was answered "later" (LATER). */
@@ -594,8 +596,9 @@ export class Batches {
     for (const name of readdirSync(this.#dir)) {
       if (!name.endsWith(".json")) continue;
       const id = name.slice(0, -5);
-      if (this.#held.has(id)) continue;
+      if (this.#held.has(id) || this.#final.has(id)) continue;
       const s = this.#load(id);
+      if (s && !UNFINISHED.has(s.batch.status)) this.#final.add(id);
       if (!s || !UNFINISHED.has(s.batch.status) || !this.#take(id)) continue;
       // (read again under the lease: its last holder may have written it since)
       const h = this.#hold(this.#load(id) ?? s);
@@ -803,15 +806,13 @@ export class Batches {
       b.finalizing_at = now();
       this.#save(h);
     }
+    // Each kind: the answers deduplicated into a file of the store, whose id the object
+    // names before the answers' own file goes (a stop in between: done again, the same way).
     const seen = new Set<string>();
     const counts = { completed: 0, failed: 0 };
-    for (const kind of ["output", "errors"] as const) {
-      const path = this.#path(b.id, kind);
-      if (!existsSync(path)) continue;
-      const text = readFileSync(path, "utf8");
-      const end = text.lastIndexOf("\n") + 1;
-      const kept = text
-        .slice(0, end)
+    const answers = (text: string) =>
+      text
+        .slice(0, text.lastIndexOf("\n") + 1)
         .split("\n")
         .filter((l) => {
           if (l === "") return false;
@@ -820,23 +821,32 @@ export class Batches {
           seen.add(id);
           return true;
         });
-      counts[kind === "output" ? "completed" : "failed"] = kept.length;
-      if (kept.length === 0) {
+    for (const kind of ["output", "errors"] as const) {
+      const path = this.#path(b.id, kind);
+      const count = kind === "output" ? "completed" : "failed";
+      const made = kind === "output" ? b.output_file_id : b.error_file_id;
+      if (made !== null) {
+        counts[count] = answers(readFileSync(this.#o.files.path(made), "utf8")).length;
         rmSync(path, { force: true });
         continue;
       }
-      const whole = `${path}.final`;
-      writeFileSync(whole, `${kept.join("\n")}\n`);
+      if (!existsSync(path)) continue;
+      const kept = answers(readFileSync(path, "utf8"));
+      counts[count] = kept.length;
+      if (kept.length > 0) {
+        const whole = `${path}.final`;
+        writeFileSync(whole, `${kept.join("\n")}\n`);
+        const file = this.#o.files.adopt(
+          h.owner,
+          whole,
+          `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
+          "batch_output",
+        );
+        if (kind === "output") b.output_file_id = file.id;
+        else b.error_file_id = file.id;
+        this.#save(h);
+      }
       rmSync(path, { force: true });
-      const file = this.#o.files.adopt(
-        h.owner,
-        whole,
-        `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
-        "batch_output",
-      );
-      if (kind === "output") b.output_file_id = file.id;
-      else b.error_file_id = file.id;
-      this.#save(h);
     }
     b.request_counts = { ...b.request_counts, ...counts };
     b.status = last;
