@@ -10,6 +10,7 @@ import { basename, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
+import { batchesTables } from "./batches.ts";
 import { disaggTables } from "./disagg.ts";
 import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
@@ -523,6 +524,7 @@ export const SUITES = [
   "tracing",
   "tls",
   "fetch",
+  "batches",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -548,7 +550,8 @@ export const TABLES_ONLY: Record<
   | "disagg"
   | "tracing"
   | "tls"
-  | "fetch",
+  | "fetch"
+  | "batches",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -569,6 +572,7 @@ export const TABLES_ONLY: Record<
   tracing: tracingTables,
   tls: tlsTables,
   fetch: fetchTables,
+  batches: batchesTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

@@ -14,6 +14,7 @@ import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
+import { runBatches } from "./batches.ts";
 import { runDisagg } from "./disagg.ts";
 import { runDiskRead } from "./disk-read.ts";
 import { runDiskShared } from "./disk-shared.ts";
@@ -78,6 +79,7 @@ const RUN_TABLES_ONLY: Record<
   tracing: runTracing,
   tls: runTls,
   fetch: runFetch,
+  batches: runBatches,
 };
 
 async function main(): Promise<number> {
