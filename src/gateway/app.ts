@@ -359,6 +359,8 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
           ...(o.ctx.log ? { log: o.ctx.log } : {}),
         })
       : null;
+  if (batches)
+    o.ctx.metrics.addBatches(() => ({ running: batches.inflight, lines: batches.answered }));
   app.addHook("preClose", async () => batches?.close());
   app.register(filesRoutes(fileStore, owner));
   app.register(batchesRoutes(batches, owner));

@@ -450,6 +450,9 @@ export class Batches {
     return this.#inflight;
   }
 
+  /** Lines answered here since start, by outcome (metrics.ts addBatches). */
+  readonly answered = { completed: 0, failed: 0, retried: 0 };
+
   #path(id: string, kind: "json" | "lease" | "cancel" | "output" | "errors"): string {
     return join(
       this.#dir,
@@ -705,6 +708,7 @@ export class Batches {
       h.done.add(line.custom_id);
       append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
       h.batch.request_counts[ok ? "completed" : "failed"]++;
+      this.answered[ok ? "completed" : "failed"]++;
       h.dirty = true;
     };
     const id = `batch_req_${randomBytes(12).toString("hex")}`;
@@ -755,6 +759,7 @@ export class Batches {
 
   /** Runs `line` again after a wait that doubles with each "later" it got. */
   #later(h: Held, line: BatchLine): void {
+    this.answered.retried++;
     const tries = (this.#tries.get(line) ?? 0) + 1;
     this.#tries.set(line, tries);
     h.waiting++;

@@ -389,4 +389,33 @@ export class GatewayMetrics {
       );
     }
   }
+
+  /**
+   * The Batch API (ADR 0049): lines running here, and lines answered by outcome (completed,
+   * failed, retried: answered 429 or 503 and run again), collected at each scrape.
+   */
+  addBatches(stats: () => { running: number; lines: Record<string, number> }): void {
+    const registers = [this.registry];
+    new Gauge({
+      name: "expertmesh_gateway_batch_lines_running",
+      help: "Lines of batches this gateway runs now (at most --batch-concurrency).",
+      registers,
+      collect() {
+        this.set(stats().running);
+      },
+    });
+    const seen = new Map<string, number>();
+    new Counter({
+      name: "expertmesh_gateway_batch_lines_total",
+      help: "Lines of batches answered here since start, by outcome: completed (2xx), failed (any other answer), retried (429 or 503, run again).",
+      labelNames: ["outcome"],
+      registers,
+      collect() {
+        for (const [outcome, v] of Object.entries(stats().lines)) {
+          this.inc({ outcome }, v - (seen.get(outcome) ?? 0));
+          seen.set(outcome, v);
+        }
+      },
+    });
+  }
 }

@@ -394,10 +394,21 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       const done = await settled(g.client, b.id);
       expect(done.request_counts).toEqual({ total: 6, completed: 6, failed: 0 });
       expect(done.error_file_id).toBeNull();
-      // Some were refused on the way (the queue's metric counts them).
+      // Some were refused on the way (the queue's metric counts them), and run again.
       const metrics = await (await fetch(`${g.url}/metrics`)).text();
       const rejected = /expertmesh_gateway_requests_rejected_total\{[^}]*\} (\d+)/.exec(metrics);
       expect(Number(rejected?.[1] ?? 0)).toBeGreaterThan(0);
+      const answered = (outcome: string) =>
+        Number(
+          new RegExp(
+            `^expertmesh_gateway_batch_lines_total\\{outcome="${outcome}"\\} (\\d+)$`,
+            "m",
+          ).exec(metrics)?.[1],
+        );
+      expect(answered("completed")).toBe(6);
+      expect(answered("failed")).toBe(0);
+      expect(answered("retried")).toBe(Number(rejected?.[1]));
+      expect(metrics).toMatch(/^expertmesh_gateway_batch_lines_running 0$/m);
     } finally {
       await g.close();
     }
