@@ -14,6 +14,7 @@ type Loader = () => Promise<Command>;
 
 /** Commands by name. Add a command here once it does real work. */
 const commands: Record<string, Loader> = {
+  batch: async () => (await import("./commands/batch.ts")).batchCommand,
   bench: async () => (await import("./commands/bench.ts")).benchCommand,
   crd: async () => (await import("./commands/crd.ts")).crdCommand,
   fetch: async () => (await import("./commands/fetch.ts")).fetchCommand,

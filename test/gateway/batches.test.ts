@@ -3,10 +3,13 @@
 // lines are answered as the same requests sent one by one are, bad input is refused with
 // the lines named, a cancel stops a batch, and a gateway started again on the same folder
 // finishes the batches it finds, each line answered once.
-import { mkdtempSync, readdirSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -453,5 +456,97 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     } finally {
       await g.close();
     }
+  });
+});
+
+describe("expertmesh batch", () => {
+  const mainTs = fileURLToPath(new URL("../../src/cli/main.ts", import.meta.url));
+  const batch = (args: string[]) =>
+    runCli(process.execPath, [mainTs, "batch", `--url=${gw.url}/v1`, "--poll=0.1", ...args]);
+
+  it("runs a file as a batch and writes the answers: the succeeded lines in -o, the others in --errors (exit 2)", async () => {
+    const d = mkdtempSync(join(testEnv().runDir, "batch-cli-"));
+    const input = join(d, "requests.jsonl");
+    writeFileSync(
+      input,
+      jsonl([chatLine("x", "Hi"), chatLine("y", "Bye"), chatLine("z", "hi", { model: "other" })]),
+    );
+    const r = await batch(["-i", input, "-o", join(d, "answers.jsonl")]);
+    expect(r.code, r.stderr).toBe(2);
+    expect(r.stderr).toMatch(/^batch batch_[0-9a-f]{24}: requests\.jsonl uploaded as file-/m);
+    expect(r.stderr).toContain("completed, 3 of 3 lines (100 %), 1 failed");
+    const answers = readFileSync(join(d, "answers.jsonl"), "utf8").trim().split("\n");
+    expect(answers.map((l) => JSON.parse(l).custom_id).sort()).toEqual(["x", "y"]);
+    const errors = readFileSync(join(d, "answers.errors.jsonl"), "utf8").trim().split("\n");
+    expect(JSON.parse(errors[0]!)).toMatchObject({
+      custom_id: "z",
+      response: { status_code: 404 },
+    });
+  });
+
+  it("exits 1 naming the bad lines of a file the gateway refuses, and with EM_BATCH_REMOTE for a gateway without files", async () => {
+    const d = mkdtempSync(join(testEnv().runDir, "batch-cli-"));
+    const input = join(d, "bad.jsonl");
+    writeFileSync(input, `${JSON.stringify(chatLine("a", "hi"))}\n{oops\n`);
+    const r = await batch(["-i", input, "-o", join(d, "out.jsonl")]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain("line 2: invalid_json_line: line 2 is not JSON");
+    expect(r.stderr).toContain("failed: nothing ran");
+    const bare = await startGateway(dir);
+    try {
+      const off = await runCli(process.execPath, [
+        mainTs,
+        "batch",
+        `--url=${bare.url}`,
+        "-i",
+        input,
+        "-o",
+        join(d, "out.jsonl"),
+      ]);
+      expect(off.code).toBe(1);
+      expect(off.stderr).toContain("[EM_BATCH_REMOTE] POST /v1/files answered HTTP 404");
+    } finally {
+      await bare.close();
+    }
+  });
+
+  it("Ctrl-C cancels the batch and still writes the answers it has (exit 1)", async () => {
+    const d = mkdtempSync(join(testEnv().runDir, "batch-cli-"));
+    const input = join(d, "long.jsonl");
+    writeFileSync(
+      input,
+      jsonl(
+        Array.from({ length: 60 }, (_, i) =>
+          chatLine(`c${i}`, `Line ${i}.`, { max_tokens: 64, ignore_eos: true }),
+        ),
+      ),
+    );
+    const child = spawn(process.execPath, [
+      mainTs,
+      "batch",
+      `--url=${gw.url}`,
+      "--poll=0.1",
+      "-i",
+      input,
+      "-o",
+      join(d, "out.jsonl"),
+    ]);
+    let err = "";
+    child.stderr.on("data", (b: Buffer) => {
+      err += b.toString();
+    });
+    const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+    await waitFor("the upload", async () => (err.includes("uploaded as") ? true : undefined));
+    const id = /batch (batch_[0-9a-f]+):/.exec(err)![1]!;
+    await waitFor("a line done", async () =>
+      (await gw.client.batches.retrieve(id)).request_counts!.completed > 0 ? true : undefined,
+    );
+    child.kill("SIGINT");
+    expect(await exited).toBe(1);
+    expect(err).toContain("cancelling batch_");
+    expect(err).toMatch(/cancelled: \d+ line\(s\) not run/);
+    const kept = readFileSync(join(d, "out.jsonl"), "utf8").trim().split("\n").filter(Boolean);
+    expect(kept.length).toBeGreaterThan(0);
+    expect(kept.length).toBeLessThan(60);
   });
 });
