@@ -36,7 +36,7 @@ import { hostname } from "node:os";
 import { join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ApiError } from "./errors.ts";
-import { type FileStore, filesOff, queryInt, readJson, writeJson } from "./files.ts";
+import { type FileStore, filesOff, listPage, queryInt, readJson, writeJson } from "./files.ts";
 
 /** The endpoints a batch's lines may name. */
 export const BATCH_ENDPOINTS = [
@@ -392,21 +392,14 @@ export class Batches {
     return this.#view(this.#find(owner, id));
   }
 
-  /** `owner`'s batches, newest first, after `after`, at most `limit`. */
-  list(owner: string, after: string | undefined, limit: number) {
-    let all = readdirSync(this.#dir)
+  /** `owner`'s batches, newest first. */
+  list(owner: string): BatchObject[] {
+    return readdirSync(this.#dir)
       .filter((n) => n.endsWith(".json"))
       .map((n) => this.#load(n.slice(0, -5)))
       .filter((s): s is Saved => s !== undefined && s.owner === owner)
-      .sort((a, b) => b.ms - a.ms || (a.batch.id < b.batch.id ? 1 : -1));
-    if (after !== undefined) {
-      const at = all.findIndex((s) => s.batch.id === after);
-      all = at < 0 ? [] : all.slice(at + 1);
-    }
-    return {
-      data: all.slice(0, limit).map((s) => this.#view(s)),
-      has_more: all.length > limit,
-    };
+      .sort((a, b) => b.ms - a.ms || (a.batch.id < b.batch.id ? 1 : -1))
+      .map((s) => this.#view(s));
   }
 
   /**
@@ -927,18 +920,8 @@ export function batchesRoutes(batches: Batches | null, owner: (req: FastifyReque
       });
     });
     app.get<{ Querystring: { after?: string; limit?: string } }>("/v1/batches", async (req) => {
-      const { data, has_more } = all().list(
-        owner(req),
-        req.query.after,
-        queryInt(req.query.limit, "limit", 20, 1, 100),
-      );
-      return {
-        object: "list",
-        data,
-        first_id: data[0]?.id ?? null,
-        last_id: data.at(-1)?.id ?? null,
-        has_more,
-      };
+      const q = req.query;
+      return listPage(all().list(owner(req)), q.after, queryInt(q.limit, "limit", 20, 1, 100));
     });
     app.get<{ Params: { id: string } }>("/v1/batches/:id", async (req) =>
       all().get(owner(req), req.params.id),

@@ -137,30 +137,19 @@ export class FileStore {
     return stored.file;
   }
 
-  /** `owner`'s files, newest first unless `order` is "asc", after `after`, at most `limit`. */
-  list(
-    owner: string,
-    o: { purpose?: string; after?: string; limit: number; order: "asc" | "desc" },
-  ): { data: FileObject[]; has_more: boolean } {
-    const ids = readdirSync(this.#dir)
+  /** `owner`'s files (of `purpose`), oldest first. */
+  list(owner: string, purpose?: string): FileObject[] {
+    return readdirSync(this.#dir)
       .filter((n) => n.endsWith(".json"))
-      .map((n) => n.slice(0, -5));
-    let all = ids
-      .map((id) => this.#read(id))
+      .map((n) => this.#read(n.slice(0, -5)))
       .filter(
         (s): s is Stored =>
           s !== undefined &&
           s.owner === owner &&
-          (o.purpose === undefined || s.file.purpose === o.purpose),
+          (purpose === undefined || s.file.purpose === purpose),
       )
       .sort((a, b) => a.ms - b.ms || (a.file.id < b.file.id ? -1 : 1))
       .map((s) => s.file);
-    if (o.order === "desc") all = all.reverse();
-    if (o.after !== undefined) {
-      const at = all.findIndex((f) => f.id === o.after);
-      all = at < 0 ? [] : all.slice(at + 1);
-    }
-    return { data: all.slice(0, o.limit), has_more: all.length > o.limit };
   }
 
   /** Stores the stream's bytes as a new file (refused past maxBytes, then nothing is kept). */
@@ -247,6 +236,27 @@ interface ListQuery {
   order?: string;
 }
 
+/**
+ * One page of an OpenAI list (`all` in the list's order): the objects after the one whose id
+ * is `after` (none when no object has it), at most `limit`.
+ */
+export function listPage<T extends { id: string }>(
+  all: T[],
+  after: string | undefined,
+  limit: number,
+) {
+  const from = after === undefined ? 0 : all.findIndex((x) => x.id === after) + 1;
+  const rest = after !== undefined && from === 0 ? [] : all.slice(from);
+  const data = rest.slice(0, limit);
+  return {
+    object: "list" as const,
+    data,
+    first_id: data[0]?.id ?? null,
+    last_id: data.at(-1)?.id ?? null,
+    has_more: rest.length > limit,
+  };
+}
+
 /** An integer query parameter in [lo, hi] (default `d`). */
 export function queryInt(v: string | undefined, name: string, d: number, lo: number, hi: number) {
   if (v === undefined) return d;
@@ -318,19 +328,9 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
         throw new ApiError("EM_GATEWAY_BAD_REQUEST", "order must be 'asc' or 'desc'", {
           param: "order",
         });
-      const { data, has_more } = files().list(owner(req), {
-        ...(q.purpose !== undefined ? { purpose: q.purpose } : {}),
-        ...(q.after !== undefined ? { after: q.after } : {}),
-        limit: queryInt(q.limit, "limit", 10_000, 1, 10_000),
-        order,
-      });
-      return {
-        object: "list",
-        data,
-        first_id: data[0]?.id ?? null,
-        last_id: data.at(-1)?.id ?? null,
-        has_more,
-      };
+      const all = files().list(owner(req), q.purpose);
+      if (order === "desc") all.reverse();
+      return listPage(all, q.after, queryInt(q.limit, "limit", 10_000, 1, 10_000));
     });
     app.get<{ Params: { id: string } }>("/v1/files/:id", async (req) =>
       files().get(owner(req), req.params.id),

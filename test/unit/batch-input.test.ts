@@ -1,8 +1,10 @@
-// A batch's input file checked line by line (src/gateway/batches.ts parseBatchInput): the
+// A batch's input file checked line by line (src/gateway/batches.ts parseBatchInput), and
+// the pages of the Files and Batch APIs' lists (listPage). The input check gives the
 // requests it holds, or each bad line's number, code and field. The batches themselves run
 // against a gateway in test/gateway/batches.test.ts.
 import { describe, expect, it } from "vitest";
 import { MAX_BATCH_LINES, parseBatchInput } from "../../src/gateway/batches.ts";
+import { listPage } from "../../src/gateway/files.ts";
 
 const line = (o: Record<string, unknown> = {}) =>
   JSON.stringify({
@@ -74,5 +76,25 @@ describe("parseBatchInput", () => {
     ).join("\n");
     const r = parseBatchInput(many, "/v1/completions");
     expect("errors" in r && r.errors.map((e) => e.code)).toEqual(["too_many_requests"]);
+  });
+});
+
+describe("listPage", () => {
+  const all = ["a", "b", "c", "d"].map((id) => ({ id }));
+  it.each<[string, string | undefined, number, string[], boolean]>([
+    ["the first page", undefined, 2, ["a", "b"], true],
+    ["after b", "b", 2, ["c", "d"], false],
+    ["after the last", "d", 2, [], false],
+    ["after an unknown id", "x", 2, [], false],
+    ["all of it", undefined, 10, ["a", "b", "c", "d"], false],
+  ])("%s", (_, after, limit, ids, more) => {
+    const p = listPage(all, after, limit);
+    expect(p.data.map((x) => x.id)).toEqual(ids);
+    expect(p).toMatchObject({
+      object: "list",
+      first_id: ids[0] ?? null,
+      last_id: ids.at(-1) ?? null,
+      has_more: more,
+    });
   });
 });
