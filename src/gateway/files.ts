@@ -293,32 +293,42 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
         );
       let uploaded: FileObject | undefined;
       let purpose: unknown;
-      for await (const part of req.parts()) {
-        if (part.type === "file") {
-          if (part.fieldname !== "file" || uploaded) {
-            part.file.resume();
-            throw new ApiError(
-              "EM_GATEWAY_BAD_REQUEST",
-              `one file, in the field 'file', is taken (got '${part.fieldname.slice(0, 40)}')`,
-              { param: part.fieldname.slice(0, 40) },
-            );
-          }
-          // (the purpose may come after the file: checked once both are read)
-          uploaded = await s.upload(owner(req), part.file, part.filename || "upload", "batch");
-        } else if (part.fieldname === "purpose") purpose = part.value;
-      }
-      if (purpose !== "batch") {
+      try {
+        for await (const part of req.parts()) {
+          if (part.type === "file") {
+            if (part.fieldname !== "file" || uploaded) {
+              part.file.resume();
+              throw new ApiError(
+                "EM_GATEWAY_BAD_REQUEST",
+                `one file, in the field 'file', is taken (got '${part.fieldname.slice(0, 40)}')`,
+                { param: part.fieldname.slice(0, 40) },
+              );
+            }
+            // (the purpose may come after the file: checked once both are read)
+            uploaded = await s.upload(owner(req), part.file, part.filename || "upload", "batch");
+          } else if (part.fieldname === "purpose") purpose = part.value;
+        }
+        if (purpose !== "batch")
+          throw new ApiError(
+            "EM_GATEWAY_BAD_REQUEST",
+            purpose === undefined
+              ? "purpose is required: 'batch' (the only one this gateway takes)"
+              : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' is (this gateway keeps files for batches)`,
+            { param: "purpose" },
+          );
+        if (!uploaded)
+          throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", { param: "file" });
+      } catch (err) {
+        // Nothing of a refused upload is kept.
         if (uploaded) s.delete(owner(req), uploaded.id);
+        if (err instanceof ApiError) throw err;
+        const status = (err as { statusCode?: number }).statusCode;
         throw new ApiError(
-          "EM_GATEWAY_BAD_REQUEST",
-          purpose === undefined
-            ? "purpose is required: 'batch' (the only one this gateway takes)"
-            : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' is (this gateway keeps files for batches)`,
-          { param: "purpose" },
+          status === 413 ? "EM_GATEWAY_FILE_TOO_LARGE" : "EM_GATEWAY_BAD_REQUEST",
+          `the upload is not a whole multipart/form-data body: ${(err as Error).message}`,
+          { status: status !== undefined && status >= 400 && status < 500 ? status : 400 },
         );
       }
-      if (!uploaded)
-        throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", { param: "file" });
       return uploaded;
     });
     app.get<{ Querystring: ListQuery }>("/v1/files", async (req) => {

@@ -118,6 +118,58 @@ describe("/v1/files", () => {
   });
 });
 
+describe("/v1/files: malformed uploads", () => {
+  const post = (body: string, contentType?: string) =>
+    fetch(`${gw.url}/v1/files`, {
+      method: "POST",
+      body,
+      ...(contentType ? { headers: { "content-type": contentType } } : {}),
+    });
+  const part = (name: string, value: string, filename?: string) =>
+    `--XX\r\ncontent-disposition: form-data; name="${name}"${filename ? `; filename="${filename}"` : ""}\r\n\r\n${value}\r\n`;
+  it.each<[string, () => Promise<Response>]>([
+    ["JSON, not a form", () => post(JSON.stringify({ purpose: "batch" }), "application/json")],
+    ["no boundary", () => post("x", "multipart/form-data")],
+    [
+      "cut short",
+      () =>
+        post(`${part("purpose", "batch")}--XX\r\ncontent-disp`, "multipart/form-data; boundary=XX"),
+    ],
+    [
+      "no file",
+      () => post(`${part("purpose", "batch")}--XX--\r\n`, "multipart/form-data; boundary=XX"),
+    ],
+    [
+      "two files",
+      () =>
+        post(
+          `${part("purpose", "batch")}${part("file", "{}", "a.jsonl")}${part("file", "{}", "b.jsonl")}--XX--\r\n`,
+          "multipart/form-data; boundary=XX",
+        ),
+    ],
+    [
+      "a file in another field",
+      () =>
+        post(
+          `${part("purpose", "batch")}${part("other", "{}", "a.jsonl")}--XX--\r\n`,
+          "multipart/form-data; boundary=XX",
+        ),
+    ],
+    [
+      "no purpose",
+      () => post(`${part("file", "{}", "a.jsonl")}--XX--\r\n`, "multipart/form-data; boundary=XX"),
+    ],
+  ])("%s: a 4xx with a stable code, nothing kept", async (_, send) => {
+    const before = (await gw.client.files.list()).data.length;
+    const r = await send();
+    expect(r.status, await r.clone().text()).toBeGreaterThanOrEqual(400);
+    expect(r.status).toBeLessThan(500);
+    const body = (await r.json()) as { error: { code: string } };
+    expect(body.error.code).toMatch(/^EM_[A-Z_]+$/);
+    expect((await gw.client.files.list()).data.length).toBe(before);
+  });
+});
+
 describe("/v1/batches", () => {
   it("answers each line as the same request sent alone; a line the route refuses goes to the error file", async () => {
     const lines = [
