@@ -304,6 +304,17 @@ describe("/v1/batches", () => {
       status: 400,
       param: "completion_window",
     });
+    for (const [o, param] of [
+      [{ input_file_id: 7 }, "input_file_id"],
+      [{ endpoint: undefined }, "endpoint"],
+      [{ metadata: ["x"] }, "metadata"],
+      [{ metadata: { k: 1 } }, "metadata"],
+      [
+        { metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, "v"])) },
+        "metadata",
+      ],
+    ] as const)
+      await expect(create(o)).rejects.toMatchObject({ status: 400, param });
     await expect(gw.client.batches.retrieve("batch_nope")).rejects.toMatchObject({
       status: 404,
       code: "EM_GATEWAY_BATCH_NOT_FOUND",
