@@ -20,6 +20,7 @@ import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { FileStore, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
+import { messageBatchesRoutes } from "./message-batches.ts";
 import { messagesRoutes } from "./messages.ts";
 import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
@@ -319,7 +320,6 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   });
   app.register(openaiRoutes(o.ctx));
   app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
-  app.register(messagesRoutes(o.ctx));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
 
   // Files and batches: each key sees its own (a hash of it), everyone the same without keys.
@@ -364,6 +364,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.addHook("preClose", async () => batches?.close());
   app.register(filesRoutes(fileStore, owner));
   app.register(batchesRoutes(batches, owner));
+  app.register(messagesRoutes(o.ctx, messageBatchesRoutes(batches, fileStore, owner)));
   return app;
 }
 

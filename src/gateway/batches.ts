@@ -1,5 +1,6 @@
 // OpenAI's Batch API (ADR 0049): POST /v1/batches names an uploaded JSONL file (files.ts) of
-// requests to one endpoint (/v1/chat/completions, /v1/completions or /v1/responses), each line
+// requests to one endpoint (/v1/chat/completions, /v1/completions, /v1/responses, or
+// /v1/messages: Anthropic's Message Batches, message-batches.ts, are batches too), each line
 // {"custom_id", "method": "POST", "url", "body"}; the gateway checks every line (validating),
 // then runs them through its own routes (in_progress), a few at a time (--batch-concurrency,
 // at the back of the queue: priority BATCH_PRIORITY on a gateway that schedules by priority;
@@ -43,6 +44,7 @@ export const BATCH_ENDPOINTS = [
   "/v1/chat/completions",
   "/v1/completions",
   "/v1/responses",
+  "/v1/messages",
 ] as const;
 export type BatchEndpoint = (typeof BATCH_ENDPOINTS)[number];
 
@@ -420,6 +422,30 @@ export class Batches {
         `batch ${id} is ${status}: only a validating or in_progress batch can be cancelled`,
       );
     return this.get(owner, id);
+  }
+
+  /**
+   * Removes `owner`'s batch `id` and its files (input, output, errors): one that is done only
+   * (Anthropic's Message Batches can be deleted; OpenAI's cannot).
+   */
+  delete(owner: string, id: string): void {
+    const s = this.#find(owner, id);
+    const status = s.batch.status;
+    if (UNFINISHED.has(status))
+      throw new ApiError(
+        "EM_GATEWAY_BATCH_STATE",
+        `batch ${id} is ${status}: only a batch that has ended can be deleted (cancel it first)`,
+      );
+    for (const file of [s.batch.input_file_id, s.batch.output_file_id, s.batch.error_file_id])
+      if (file !== null)
+        try {
+          this.#o.files.delete(owner, file);
+        } catch {
+          // (deleted before)
+        }
+    this.#final.delete(id);
+    for (const kind of ["json", "cancel", "lease", "output", "errors"] as const)
+      rmSync(this.#path(id, kind), { force: true });
   }
 
   /**

@@ -268,7 +268,11 @@ function inputOf(args: string): unknown {
   }
 }
 
-export function messagesRoutes(ctx: ServeContext) {
+/**
+ * The routes plugin; `more`: routes registered in its scope, so that their errors are
+ * Anthropic's too (the Message Batches API, message-batches.ts).
+ */
+export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) => Promise<void>) {
   return async (app: FastifyInstance) => {
     app.setErrorHandler((err, req, reply) => {
       const e = toApiError(renameParam(err, PARAMS));
@@ -276,6 +280,7 @@ export function messagesRoutes(ctx: ServeContext) {
       if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
       reply.status(e.status).send(errorBody(e));
     });
+    if (more) await app.register(more);
     app.post<{ Body: CountRequest }>(
       "/v1/messages/count_tokens",
       { schema: { body: CountRequest } },

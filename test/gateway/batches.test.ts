@@ -7,6 +7,7 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import Anthropic from "@anthropic-ai/sdk";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../support/cli.ts";
@@ -611,5 +612,119 @@ describe("expertmesh batch", () => {
     const kept = readFileSync(join(d, "out.jsonl"), "utf8").trim().split("\n").filter(Boolean);
     expect(kept.length).toBeGreaterThan(0);
     expect(kept.length).toBeLessThan(60);
+  });
+});
+
+describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
+  const anthropic = () => new Anthropic({ apiKey: "none", baseURL: gw.url, maxRetries: 0 });
+  const params = (content: string, more: object = {}) => ({
+    model: "tiny",
+    max_tokens: 6,
+    temperature: 0,
+    messages: [{ role: "user" as const, content }],
+    ...more,
+  });
+
+  async function ended(c: Anthropic, id: string) {
+    return waitFor(`message batch ${id} ended`, async () => {
+      const b = await c.messages.batches.retrieve(id);
+      return b.processing_status === "ended" ? b : undefined;
+    });
+  }
+
+  it("runs the requests through the SDK: each result the message the same request gets alone, errors as Anthropic's", async () => {
+    const c = anthropic();
+    const created = await c.messages.batches.create({
+      requests: [
+        { custom_id: "one", params: params("Say hi.") },
+        { custom_id: "two", params: params("Say bye.") },
+        { custom_id: "bad", params: params("x", { model: "claude-none" }) },
+      ],
+    });
+    expect(created).toMatchObject({ type: "message_batch", processing_status: "in_progress" });
+    expect(created.id).toMatch(/^msgbatch_[0-9a-f]{24}$/);
+    const done = await ended(c, created.id);
+    expect(done.request_counts).toEqual({
+      processing: 0,
+      succeeded: 2,
+      errored: 1,
+      canceled: 0,
+      expired: 0,
+    });
+    expect(done.ended_at).not.toBeNull();
+    expect(done.results_url).toBe(`${gw.url}/v1/messages/batches/${created.id}/results`);
+    const results = new Map<string, Anthropic.Messages.MessageBatchResult>();
+    for await (const r of await c.messages.batches.results(created.id))
+      results.set(r.custom_id, r.result);
+    for (const [id, content] of [
+      ["one", "Say hi."],
+      ["two", "Say bye."],
+    ] as const) {
+      const alone = await c.messages.create(params(content));
+      const r = results.get(id)!;
+      expect(r.type).toBe("succeeded");
+      expect(r.type === "succeeded" && r.message.content).toEqual(alone.content);
+    }
+    expect(results.get("bad")).toMatchObject({
+      type: "errored",
+      error: { type: "error", error: { type: "not_found_error" } },
+    });
+    // Listed, and once ended, deleted (with its files).
+    const listed = [];
+    for await (const b of c.messages.batches.list()) listed.push(b.id);
+    expect(listed).toContain(created.id);
+    expect(await c.messages.batches.delete(created.id)).toEqual({
+      id: created.id,
+      type: "message_batch_deleted",
+    });
+    await expect(c.messages.batches.retrieve(created.id)).rejects.toMatchObject({ status: 404 });
+  });
+
+  it("cancel: the requests not run are canceled in the results; a running batch cannot be deleted", async () => {
+    const c = anthropic();
+    const created = await c.messages.batches.create({
+      requests: Array.from({ length: 40 }, (_, i) => ({
+        custom_id: `m${i}`,
+        params: params(`Line ${i}.`, { max_tokens: 32 }),
+      })),
+    });
+    await expect(c.messages.batches.delete(created.id)).rejects.toMatchObject({ status: 409 });
+    const canceling = await c.messages.batches.cancel(created.id);
+    expect(["canceling", "ended"]).toContain(canceling.processing_status);
+    expect(canceling.cancel_initiated_at).not.toBeNull();
+    const done = await ended(c, created.id);
+    const counts = done.request_counts;
+    expect(counts.canceled).toBeGreaterThan(0);
+    expect(counts.succeeded + counts.errored + counts.canceled).toBe(40);
+    let canceled = 0;
+    for await (const r of await c.messages.batches.results(created.id))
+      if (r.result.type === "canceled") canceled++;
+    expect(canceled).toBe(counts.canceled);
+  });
+
+  it("refuses bad requests with Anthropic's errors, naming the request", async () => {
+    const c = anthropic();
+    for (const [requests, param] of [
+      [[], "requests"],
+      [[{ custom_id: "has space", params: params("x") }], "requests.0.custom_id"],
+      [
+        [
+          { custom_id: "a", params: params("x") },
+          { custom_id: "a", params: params("y") },
+        ],
+        "requests.1.custom_id",
+      ],
+      [[{ custom_id: "a", params: params("x", { stream: true }) }], "requests.0.params.stream"],
+    ] as const)
+      await expect(
+        c.messages.batches.create({ requests } as unknown as Anthropic.Messages.BatchCreateParams),
+      ).rejects.toMatchObject({ status: 400, error: { type: "error", error: { param } } });
+    await expect(c.messages.batches.retrieve("msgbatch_nope")).rejects.toMatchObject({
+      status: 404,
+      error: { error: { type: "not_found_error", code: "EM_GATEWAY_BATCH_NOT_FOUND" } },
+    });
+    await expect(c.messages.batches.results("msgbatch_nope")).rejects.toMatchObject({
+      status: 404,
+    });
   });
 });
