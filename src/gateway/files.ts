@@ -23,6 +23,7 @@ import type { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
+import { ExpertMeshError } from "../util/errors.ts";
 import { ApiError } from "./errors.ts";
 
 /** A file as OpenAI's API describes it. */
@@ -74,6 +75,26 @@ export function writeJson(path: string, v: unknown): void {
   const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
   writeFileSync(tmp, JSON.stringify(v));
   renameSync(tmp, path);
+}
+
+/**
+ * Makes `dir` (the gateway's --files-dir) and checks that it can be written, at start, before
+ * the weights load: EM_FILES_DIR otherwise.
+ */
+export function checkFilesDir(dir: string): void {
+  try {
+    mkdirSync(join(dir, "files"), { recursive: true });
+    mkdirSync(join(dir, "batches"), { recursive: true });
+    const probe = join(dir, `.probe-${randomBytes(4).toString("hex")}`);
+    writeFileSync(probe, "");
+    rmSync(probe);
+  } catch (err) {
+    throw new ExpertMeshError(
+      "EM_FILES_DIR",
+      `--files-dir ${dir} cannot be made or written: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
 }
 
 export class FileStore {

@@ -80,6 +80,8 @@ export const ERROR_CODES = {
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:
     "a response id this gateway does not keep (not stored, deleted, pushed out, or another gateway's) (HTTP 404)",
+  EM_FILES_DIR:
+    "the gateway's --files-dir (spec.gateway.batch's folder) cannot be made or written at start",
   EM_BATCH_REMOTE:
     "expertmesh batch: the gateway could not be reached, or refused or failed a call of its Files or Batch API (the answer's message says which)",
   EM_GATEWAY_FILE_NOT_FOUND:

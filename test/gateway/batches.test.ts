@@ -12,7 +12,7 @@ import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
-import { startGatewayProcess } from "../support/gateway-process.ts";
+import { runGatewayToExit, startGatewayProcess } from "../support/gateway-process.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
 
@@ -504,6 +504,17 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     } finally {
       await g.close();
     }
+  });
+
+  it("a gateway process whose --files-dir cannot be written stops at start with EM_FILES_DIR", async () => {
+    const blocker = join(mkdtempSync(join(testEnv().runDir, "batch-dir-")), "a-file");
+    writeFileSync(blocker, "not a folder");
+    const r = await runGatewayToExit(dir, [`--files-dir=${blocker}/sub`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(
+      /\[EM_FILES_DIR\] --files-dir .*a-file\/sub cannot be made or written/,
+    );
+    expect(r.stderr).not.toMatch(/serving/);
   });
 
   it("a gateway without --files-dir refuses the routes with EM_GATEWAY_FILES_OFF", async () => {

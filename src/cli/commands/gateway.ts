@@ -18,6 +18,7 @@ import {
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { ApiKeys, parseApiKeys, readApiKeysFile } from "../../gateway/api-keys.ts";
 import { buildGatewayApp } from "../../gateway/app.ts";
+import { checkFilesDir } from "../../gateway/files.ts";
 import { startGrpcGateway } from "../../gateway/grpc.ts";
 import { exposition } from "../../gateway/metrics.ts";
 import { PrefillClient, PrefillWorker } from "../../gateway/prefill.ts";
@@ -386,6 +387,7 @@ export const gatewayCommand: Command = {
     if (filesDir === undefined)
       for (const flag of ["files-max-bytes", "batch-concurrency"] as const)
         if (values[flag] !== undefined) usage(`--${flag} needs --files-dir DIR`);
+    if (filesDir !== undefined) checkFilesDir(filesDir); // (before minutes of loading)
     const files =
       filesDir === undefined
         ? undefined
