@@ -107,11 +107,6 @@ async function untilServing(u: Up, port: number): Promise<void> {
   if (got === "exited") throw new Error(`up exited (${u.proc.exitCode})\n${u.err().slice(-3000)}`);
 }
 
-/** Every process below `pid` (children, their children, ...). */
-/**
- * `expertmesh up` on the tiny manifest with one piece of text replaced, serving: runs `body`,
- * then stops it with SIGINT and waits for it to exit.
- */
 /** examples/tiny.yaml with `from` replaced by `to`, in a folder of its own: its path. */
 function variantManifest(from: string, to: string): string {
   const text = readFileSync(manifest, "utf8");
@@ -121,6 +116,10 @@ function variantManifest(from: string, to: string): string {
   return file;
 }
 
+/**
+ * `expertmesh up` on the tiny manifest with one piece of text replaced, serving: runs `body`,
+ * then stops it with SIGINT and waits for it to exit.
+ */
 async function upWithVariant(
   [from, to]: [string, string],
   body: (started: Up, port: number) => Promise<void>,
@@ -970,8 +969,9 @@ describe("expertmesh up", () => {
   it("with more than one gateway: up listens on the ports and spreads connections over them; the autoscaler scales gateways by waiting requests", async () => {
     const gateways = [
       "  gateway:\n    replicas: 1\n    gpus: 1\n",
-      "  gateway:\n    replicas: 1\n    minReplicas: 1\n    maxReplicas: 3\n    gpus: 1\n    logRequests: true\n" +
-        fastAutoscaling("gatewayTargetQueueDepth: 4, shardTargetQueueDepth: 100000"),
+      // (the autoscaling line first: the gateway's section goes on after gpus)
+      fastAutoscaling("gatewayTargetQueueDepth: 4, shardTargetQueueDepth: 100000") +
+        "  gateway:\n    replicas: 1\n    minReplicas: 1\n    maxReplicas: 3\n    gpus: 1\n    logRequests: true\n",
     ] as [string, string];
     await upWithVariant(gateways, async (u, port) => {
       const err = () => u.err();
@@ -1313,10 +1313,7 @@ describe("expertmesh up", () => {
         file,
         text
           .replace("servedModelName: tiny-v3", "servedModelName: tiny-rolled")
-          .replace(
-            "    gpus: 1\n  experts",
-            "    gpus: 1\n    limits: { maxModelLen: 300 }\n  experts",
-          ),
+          .replace("    gpus: 1\n", "    gpus: 1\n    limits: { maxModelLen: 300 }\n"),
       );
       await untilLogged(
         u,
