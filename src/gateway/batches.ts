@@ -37,7 +37,15 @@ import { hostname } from "node:os";
 import { join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ApiError } from "./errors.ts";
-import { type FileStore, filesOff, listPage, queryInt, readJson, writeJson } from "./files.ts";
+import {
+  type FileStore,
+  filesOff,
+  listPage,
+  madeAt,
+  queryInt,
+  readJson,
+  writeJson,
+} from "./files.ts";
 
 /** The endpoints a batch's lines may name. */
 export const BATCH_ENDPOINTS = [
@@ -357,7 +365,7 @@ export class Batches {
         `file ${file.id} has purpose '${file.purpose}'; a batch's input is a file uploaded with purpose 'batch'`,
         { param: "input_file_id" },
       );
-    const ms = Date.now();
+    const ms = madeAt();
     const t = Math.floor(ms / 1000);
     const batch: BatchObject = {
       id: `batch_${randomBytes(12).toString("hex")}`,

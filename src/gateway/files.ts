@@ -56,6 +56,16 @@ const FILE_ID = /^file-[0-9a-f]{24}$/;
 /** Leftovers (an upload cut short, a half-made file) older than this are removed. */
 const LEFTOVER_MS = 3600_000;
 
+let lastMade = 0;
+/**
+ * When an object is made, in ms, for the order of lists: later than the last one this
+ * process made (two made in one millisecond keep their order).
+ */
+export function madeAt(): number {
+  lastMade = Math.max(Date.now(), lastMade + 1);
+  return lastMade;
+}
+
 /** Who a request is, for the files and batches it may see: a hash of its key ("" none). */
 export function ownerOf(key: string | null): string {
   return key === null ? "" : createHash("sha256").update(key).digest("hex").slice(0, 32);
@@ -207,7 +217,7 @@ export class FileStore {
     purpose: FilePurpose,
     bytes: number,
   ): FileObject {
-    const ms = Date.now();
+    const ms = madeAt();
     const file: FileObject = {
       id,
       object: "file",

@@ -201,15 +201,20 @@ export function messageBatchesRoutes(
           .batches.list(owner(req))
           .filter((b) => b.endpoint === "/v1/messages");
         const at = (id: string) => all.findIndex((b) => messageBatchId(b.id) === id);
-        if (q.after_id !== undefined) all = all.slice(at(q.after_id) + 1 || all.length);
+        // (newest first; has_more: more in the direction paged)
+        let more: boolean;
         if (q.before_id !== undefined) {
           const i = at(q.before_id);
           all = i < 0 ? [] : all.slice(Math.max(0, i - limit), i);
+          more = i - limit > 0;
+        } else {
+          if (q.after_id !== undefined) all = all.slice(at(q.after_id) + 1 || all.length);
+          more = all.length > limit;
         }
         const data = all.slice(0, limit).map((b) => view(req, b));
         return {
           data,
-          has_more: all.length > limit,
+          has_more: more,
           first_id: data[0]?.id ?? null,
           last_id: data.at(-1)?.id ?? null,
         };

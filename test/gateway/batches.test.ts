@@ -713,6 +713,35 @@ describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
     expect(canceled).toBe(counts.canceled);
   });
 
+  it("lists newest first in pages (limit, after_id, before_id), as the SDK pages", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "msgbatch-list-"));
+    const g = await startGateway(dir, { files: filesOf(folder) });
+    const c = new Anthropic({ apiKey: "none", baseURL: g.url, maxRetries: 0 });
+    try {
+      const ids: string[] = [];
+      for (let i = 0; i < 3; i++)
+        ids.unshift(
+          (
+            await c.messages.batches.create({
+              requests: [{ custom_id: `p${i}`, params: params("x") }],
+            })
+          ).id,
+        );
+      const page = await c.messages.batches.list({ limit: 2 });
+      expect(page.data.map((b) => b.id)).toEqual(ids.slice(0, 2));
+      expect(page.has_more).toBe(true);
+      const next = await c.messages.batches.list({ limit: 2, after_id: ids[1]! });
+      expect([next.data.map((b) => b.id), next.has_more]).toEqual([[ids[2]], false]);
+      const back = await c.messages.batches.list({ limit: 1, before_id: ids[2]! });
+      expect([back.data.map((b) => b.id), back.has_more]).toEqual([[ids[1]], true]);
+      const all: string[] = [];
+      for await (const b of c.messages.batches.list({ limit: 1 })) all.push(b.id);
+      expect(all).toEqual(ids);
+    } finally {
+      await g.close();
+    }
+  });
+
   it("refuses bad requests with Anthropic's errors, naming the request", async () => {
     const c = anthropic();
     for (const [requests, param] of [
