@@ -9,7 +9,8 @@
 //   `maxProperties`) or with one `patternProperties` (keys matching it, values of its
 //   schema), `{}` when it is false, any object otherwise;
 // - arrays: `items`, `minItems` / `maxItems`, tuples (`prefixItems`, draft 4's `items`
-//   array), `uniqueItems` of constants;
+//   array), `uniqueItems` of constants, `contains` with `minContains` (items of its
+//   intersection with theirs);
 // - `type` (one or several), `enum` / `const` of strings, numbers, booleans and null,
 //   `anyOf` of any alternatives (every reading the output allows is followed:
 //   SchemaState), `oneOf` of alternatives with different first bytes or a discriminator,
@@ -53,7 +54,8 @@ type Node =
   | { kind: "object"; id: number; keys: Uint8Array[]; props: NodeRef[]; required: boolean[] }
   /**
    * Item i is of `prefix[i]` (prefixItems, a tuple), the ones after it of `items`; `unique`:
-   * items (literals) not repeated (uniqueItems).
+   * items (literals) not repeated (uniqueItems); `contains`: at least `min` items are also of
+   * the contains schema (their intersections with it: `prefix[i]`, `items`).
    */
   | {
       kind: "array";
@@ -63,6 +65,13 @@ type Node =
       min: number;
       max: number;
       unique: boolean;
+      contains: {
+        prefix: (NodeRef | null)[];
+        items: NodeRef | null;
+        min: number;
+        /** Places from item i on that can count (null in prefix and items: none). */
+        room: (i: number) => number;
+      } | null;
     }
   /**
    * An object of any keys (of `keys`: propertyNames), every value of `values`
@@ -128,6 +137,8 @@ const KNOWN = new Set([
   "minProperties",
   "maxProperties",
   "uniqueItems",
+  "contains",
+  "minContains",
   ...STRING_KEYWORDS,
   ...NUMBER_KEYWORDS,
   "anyOf",
@@ -349,14 +360,53 @@ function build(schema: unknown, o: CompileOptions): SchemaAutomaton {
           if ((min as number) > n) bad(`${at}: minItems ${min} with ${n} distinct items allowed`);
           max = Math.min(max as number, n);
         }
+        // contains (minContains, default 1): that many items are written as the intersection
+        // of their schema and contains' (json-schema-allof.ts), the others as their own.
+        const contains = kept(() => {
+          const c = s["contains"];
+          if (c === undefined) return null;
+          const least = s["minContains"] ?? 1;
+          if (!Number.isInteger(least) || (least as number) < 0)
+            bad(`${at}: minContains must be an integer >= 0`);
+          if ((least as number) > (max as number))
+            bad(`${at}: minContains ${least} is more than the ${max} items allowed`);
+          if (least === 0) return null; // (nothing to enforce)
+          if (unique) bad(`${at}: contains with uniqueItems is not supported`);
+          // A place whose schema has no value in common with contains' cannot count (null).
+          const both = (item: unknown, where: string): NodeRef | null => {
+            try {
+              return lazy(item === true ? c : { allOf: [item, c] }, `${where} and ${at}.contains`);
+            } catch (err) {
+              if (err instanceof SchemaError) return null;
+              throw err;
+            }
+          };
+          const counted = {
+            prefix: tuple.map((t, i) => both(t, `${at}.prefixItems[${i}]`)),
+            items: rest === false ? null : both(rest, `${at}.items`),
+            min: least as number,
+          };
+          // Places that can count, from item i on (to maxItems).
+          const after = (i: number) =>
+            counted.prefix.slice(i).filter((p) => p !== null).length +
+            (counted.items === null
+              ? 0
+              : Math.max(0, (max as number) - Math.max(i, counted.prefix.length)));
+          if (after(0) < (least as number))
+            bad(
+              `${at}: contains: fewer than ${least} items can be of both their schema and contains'`,
+            );
+          return { ...counted, room: after };
+        });
         return {
           kind: "array",
           id: nextId++,
           prefix,
           items,
-          min: min as number,
+          min: Math.max(min as number, contains?.min ?? 0),
           max: max as number,
           unique,
+          contains,
         };
       }
       case "string":
@@ -556,7 +606,13 @@ function checkAnyOf(node: Node, seen: Set<Node>): void {
     node.kind === "object"
       ? node.props
       : node.kind === "array"
-        ? [node.items, ...node.prefix]
+        ? [
+            node.items,
+            ...node.prefix,
+            ...(node.contains
+              ? [node.contains.items, ...node.contains.prefix].filter((c) => c !== null)
+              : []),
+          ]
         : node.kind === "map"
           ? [node.values]
           : node.kind === "anyOf"
@@ -641,6 +697,8 @@ type Frame =
       phase: 0 | 1 | 2;
       n: number;
       used?: readonly number[];
+      /** With contains: the items written as contains' (up to its minContains). */
+      hits?: number;
     }
   /**
    * Matching literal byte strings (keys, enum values): the candidates left, `at` bytes in;
@@ -806,7 +864,8 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
         if (phase === 1) {
           // After an item: ',' while below maxItems, ']' from minItems on.
           if (b === 0x2c) return count < node.max ? replace({ ...top, phase: 2, n: 0 }) : [];
-          if (b === 0x5d) return count >= node.min ? pop : [];
+          if (b === 0x5d)
+            return count >= node.min && (top.hits ?? 0) >= (node.contains?.min ?? 0) ? pop : [];
           return [];
         }
         // After '[' (phase 0: ']' if it may be empty) or ',' (phase 2): an item.
@@ -824,6 +883,19 @@ export class SchemaAutomaton implements ByteAutomaton<SchemaState> {
           );
         }
         const item = count < node.prefix.length ? node.prefix[count]! : node.items;
+        const c = node.contains;
+        const hits = top.hits ?? 0;
+        if (c && hits < c.min) {
+          // Two readings: the item counts for contains (where its place can), or not, while
+          // the places after it that can count still make up the rest.
+          const counted = count < c.prefix.length ? c.prefix[count]! : c.items;
+          const readings = counted
+            ? [...this.#begin([...below, { ...next, hits: hits + 1 }], counted(), b)]
+            : [];
+          if (c.room(count + 1) >= c.min - hits)
+            readings.push(...this.#begin([...below, next], item(), b));
+          return readings;
+        }
         return this.#begin([...below, next], item(), b);
       }
       case "literal": {
@@ -984,7 +1056,7 @@ function frameKey(f: Frame): string {
       const count = Number.isFinite(max)
         ? f.count
         : Math.min(f.count, Math.max(min, prefix.length));
-      return `a${f.node.id},${count},${f.phase},${f.n}${f.used ? `,u${f.used.join(".")}` : ""}`;
+      return `a${f.node.id},${count},${f.phase},${f.n}${f.used ? `,u${f.used.join(".")}` : ""}${f.hits ? `,h${f.hits}` : ""}`;
     }
     case "literal":
       // The candidates left share the bytes matched so far: they name them.

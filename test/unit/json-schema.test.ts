@@ -489,6 +489,86 @@ describe("a schema as Pydantic writes it", () => {
   });
 });
 
+describe("contains and minContains", () => {
+  const wrap = (a: object) => ({ type: "object", properties: { a }, required: ["a"] });
+  const COLORS = wrap({ type: "array", items: { type: "string" }, contains: { const: "red" } });
+  const TWO = wrap({
+    type: "array",
+    items: { type: "integer" },
+    contains: { minimum: 10 },
+    minContains: 2,
+    maxItems: 3,
+  });
+  const TUPLE = wrap({
+    type: "array",
+    prefixItems: [{ type: "integer" }, { type: "string" }],
+    items: false,
+    contains: { type: "string" },
+  });
+  const result = (schema: Schema, a: string) => {
+    const r = check(schema, `{"a":${a}}`);
+    return r.refusedAt < 0 && r.done;
+  };
+  it.each<[string, Schema, string, boolean]>([
+    ["the item it contains, alone", COLORS, '["red"]', true],
+    ["among others, anywhere", COLORS, '["blue","green","red","x"]', true],
+    ["none of it", COLORS, '["blue","green"]', false],
+    ["empty (minContains 1 is a minItems too)", COLORS, "[]", false],
+    ["a contained item of the wrong type for items", COLORS, '["red",1]', false],
+    ["two of three above 10", TWO, "[1,10,11]", true],
+    ["the two first", TWO, "[12,13]", true],
+    ["only one", TWO, "[12,1,2]", false],
+    ["a number that is no integer, though above 10", TWO, "[10.5,11]", false],
+    ["a tuple whose string is the contained item", TUPLE, '[1,"x"]', true],
+    ["a tuple cut before it", TUPLE, "[1]", false],
+  ])("%s: %s", (_, schema, a, ok) => {
+    expect(result(schema, a)).toBe(ok);
+  });
+
+  it("never leaves the output where no item can be written: the last places go to the contained", () => {
+    // maxItems 3, two items of 10 or more: after one below 10, both others must be.
+    const a = compileSchema(TWO);
+    let s: SchemaState | null = a.start;
+    for (const b of bytes('{"a":[1,')) s = a.step(s!, b);
+    expect(s).not.toBeNull();
+    // "5" could only start an item below 10 (or 50, 500...: above): a 5 then "," is refused.
+    let t: SchemaState | null = s;
+    for (const b of bytes("5,")) t = t && a.step(t, b);
+    expect(t).toBeNull();
+    let u: SchemaState | null = s;
+    for (const b of bytes("50,12]}")) u = u && a.step(u, b);
+    expect(u && a.isDone(u)).toBe(true);
+  });
+
+  it.each<[string, object, RegExp]>([
+    [
+      "minContains above maxItems",
+      { contains: {}, minContains: 3, maxItems: 2 },
+      /minContains 3 is more than the 2 items/,
+    ],
+    ["a negative minContains", { contains: {}, minContains: -1 }, /minContains must be an integer/],
+    ["maxContains", { contains: {}, maxContains: 2 }, /'maxContains' is not supported/],
+    [
+      "with uniqueItems",
+      { items: { enum: ["a", "b"] }, uniqueItems: true, contains: { const: "a" } },
+      /contains with uniqueItems/,
+    ],
+    [
+      "no single schema for items and contains",
+      { items: { type: "string" }, contains: { type: "integer" } },
+      /contains: fewer than 1 items can be of both their schema and contains'/,
+    ],
+  ])("refuses %s", (_, a, message) => {
+    expect(() => compileSchema(wrap({ type: "array", ...a }))).toThrow(message);
+  });
+
+  it("minContains 0 asks nothing", () => {
+    const schema = wrap({ type: "array", contains: { const: 1 }, minContains: 0 });
+    expect(result(schema, "[]")).toBe(true);
+    expect(result(schema, '["x"]')).toBe(true);
+  });
+});
+
 describe("what the subset does not cover is refused with 400", () => {
   it.each([
     ["a root that is not an object", { type: "array", items: {} }, /root must be an object/],
@@ -572,6 +652,8 @@ describe("random schemas, well-formed or not", () => {
     "uniqueItems",
     "minItems",
     "maxItems",
+    "contains",
+    "minContains",
     "discriminator",
     "title",
   ];
@@ -615,7 +697,7 @@ describe("random schemas, well-formed or not", () => {
               ? sub
                 ? pick([["a"], ["a", "b"], ["c"]])
                 : junk()
-              : ["items", "additionalProperties", "propertyNames"].includes(k)
+              : ["items", "additionalProperties", "propertyNames", "contains"].includes(k)
                 ? sub
                   ? schema(d + 1)
                   : junk()
