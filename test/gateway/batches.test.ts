@@ -549,7 +549,7 @@ describe("expertmesh batch", () => {
     const r = await batch(["-i", input, "-o", join(d, "answers.jsonl")]);
     expect(r.code, r.stderr).toBe(2);
     expect(r.stderr).toMatch(/^batch batch_[0-9a-f]{24}: requests\.jsonl uploaded as file-/m);
-    expect(r.stderr).toContain("completed, 3 of 3 lines (100 %), 1 failed");
+    expect(r.stderr.match(/completed, 3 of 3 lines \(100 %\), 1 failed/g)).toHaveLength(1);
     const answers = readFileSync(join(d, "answers.jsonl"), "utf8").trim().split("\n");
     expect(answers.map((l) => JSON.parse(l).custom_id).sort()).toEqual(["x", "y"]);
     const errors = readFileSync(join(d, "answers.errors.jsonl"), "utf8").trim().split("\n");

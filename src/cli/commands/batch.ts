@@ -203,6 +203,7 @@ function progressLine(id: string) {
   const tty = process.stderr.isTTY === true;
   const t0 = Date.now();
   let last = 0;
+  let shown = "";
   const line = (b: Batch) => {
     const { total, completed, failed } = b.request_counts;
     const s = ((Date.now() - t0) / 1000).toFixed(0);
@@ -214,10 +215,13 @@ function progressLine(id: string) {
       const now = Date.now();
       if (now - last < (tty ? 200 : 10_000)) return;
       last = now;
-      process.stderr.write(tty ? `\r\x1b[K${line(b)}` : `${line(b)}\n`);
+      shown = line(b);
+      process.stderr.write(tty ? `\r\x1b[K${shown}` : `${shown}\n`);
     },
     end(b: Batch) {
-      process.stderr.write(tty ? `\r\x1b[K${line(b)}\n` : `${line(b)}\n`);
+      const final = line(b);
+      if (tty) process.stderr.write(`\r\x1b[K${final}\n`);
+      else if (final !== shown) process.stderr.write(`${final}\n`);
     },
   };
 }
