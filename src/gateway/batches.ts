@@ -328,12 +328,18 @@ export class Batches {
     this.#leaseMs = o.leaseMs ?? 30_000;
     mkdirSync(this.#dir, { recursive: true });
     LIVE.add(this.#me);
-    const tick = setInterval(() => this.#tick(), Math.min(1000, this.#leaseMs / 6));
-    const scan = setInterval(() => this.#scan(), o.scanMs ?? 5000);
+    const tick = setInterval(
+      () => this.#safely("the lease renewal", () => this.#tick()),
+      Math.min(1000, this.#leaseMs / 6),
+    );
+    const scan = setInterval(
+      () => this.#safely("a look for batches", () => this.#scan()),
+      o.scanMs ?? 5000,
+    );
     tick.unref();
     scan.unref();
     this.#timers.push(tick, scan);
-    setImmediate(() => this.#scan());
+    setImmediate(() => this.#safely("a look for batches", () => this.#scan()));
   }
 
   /** A new batch of `owner`'s (validated next, then run here). */
@@ -393,7 +399,7 @@ export class Batches {
     if (!this.#take(batch.id)) throw new Error(`the lease of a new batch ${batch.id} is taken`);
     const h = this.#hold({ batch, owner, ms });
     this.#save(h);
-    void this.#validate(h);
+    this.#run(h);
     return structuredClone(batch);
   }
 
@@ -633,9 +639,8 @@ export class Batches {
       // (read again under the lease: its last holder may have written it since)
       const h = this.#hold(this.#load(id) ?? s);
       taken++;
-      if (h.batch.status === "validating" || h.batch.status === "in_progress")
-        void this.#validate(h);
-      else this.#finish(h);
+      if (h.batch.status === "validating" || h.batch.status === "in_progress") this.#run(h);
+      else this.#safely(`batch ${id}`, () => this.#finish(h));
     }
     if (taken > 0) this.#o.log?.(`batches: ${taken} unfinished in ${this.#o.dir} go on here`);
   }
@@ -691,9 +696,8 @@ export class Batches {
       const end = text.lastIndexOf("\n") + 1;
       if (end < text.length) truncateSync(path, Buffer.byteLength(text.slice(0, end)));
       for (const l of text.slice(0, end).split("\n")) {
-        if (l === "") continue;
-        const id = (JSON.parse(l) as { custom_id: string }).custom_id;
-        if (h.done.has(id)) continue;
+        const id = answerId(l);
+        if (id === null || h.done.has(id)) continue; // (a damaged line: the request runs again)
         h.done.add(id);
         counts[kind === "output" ? "completed" : "failed"]++;
       }
@@ -779,9 +783,37 @@ export class Batches {
         this.#inflight--;
         h.inflight--;
         if (this.#closed || h.lost) return;
-        if (h.batch.status === "cancelling" && h.inflight === 0) this.#finish(h);
-        this.#pump();
+        this.#safely(`batch ${h.batch.id}`, () => {
+          if (h.batch.status === "cancelling" && h.inflight === 0) this.#finish(h);
+          this.#pump();
+        });
       });
+  }
+
+  /**
+   * Runs `fn` where nothing would catch what it throws (timers, a promise's end): a failure
+   * of the folder (a full disk, a file another process damaged) is logged, and the gateway
+   * serves on; a batch it stopped midway is taken up again by the next look (its lease runs
+   * out, or a restart).
+   */
+  #safely(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      this.#o.log?.(`batches: ${what} failed: ${String(err).slice(0, 500)}`);
+    }
+  }
+
+  /** Validates then runs `h` (its failures: #fail, the batch failed with the error). */
+  #run(h: Held): void {
+    this.#validate(h).catch((err) => {
+      this.#o.log?.(`batch ${h.batch.id}: ${String(err).slice(0, 500)}`);
+      this.#safely(`batch ${h.batch.id}`, () =>
+        this.#fail(h, [
+          { code: "internal_error", message: String(err).slice(0, 500), param: null, line: null },
+        ]),
+      );
+    });
   }
 
   /** Runs `line` again after a wait that doubles with each "later" it got. */
@@ -796,7 +828,7 @@ export class Batches {
         if (this.#closed || h.lost) return;
         // (cancelled meanwhile: dropped; expired: #expire answered it)
         if (h.batch.status === "in_progress") h.again.push(line);
-        this.#pump();
+        this.#safely(`batch ${h.batch.id}`, () => this.#pump());
       },
       Math.min(MAX_WAIT_MS, 1000 * 2 ** (tries - 1)),
     );
@@ -847,9 +879,8 @@ export class Batches {
         .slice(0, text.lastIndexOf("\n") + 1)
         .split("\n")
         .filter((l) => {
-          if (l === "") return false;
-          const id = (JSON.parse(l) as { custom_id: string }).custom_id;
-          if (seen.has(id)) return false;
+          const id = answerId(l); // (a damaged line is dropped)
+          if (id === null || seen.has(id)) return false;
           seen.add(id);
           return true;
         });
@@ -894,6 +925,17 @@ export class Batches {
     this.#held.delete(h.batch.id);
     this.#release(h.batch.id);
     h.lines = null;
+  }
+}
+
+/** The custom_id of an answer's line (null: an empty or damaged line). */
+function answerId(line: string): string | null {
+  if (line === "") return null;
+  try {
+    const id = (JSON.parse(line) as { custom_id?: unknown }).custom_id;
+    return typeof id === "string" ? id : null;
+  } catch {
+    return null;
   }
 }
 

@@ -349,7 +349,7 @@ describe("/v1/batches", () => {
 });
 
 describe("batches across a restart, keys, and a gateway without files", () => {
-  it("a gateway started again on the same folder finishes the batch: every line answered once", async () => {
+  it("a gateway started again on the same folder finishes the batch: every line answered once, a damaged answer's line again", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-restart-"));
     const first = await startGateway(dir, { files: filesOf(folder, 1) });
     const lines = Array.from({ length: 40 }, (_, i) =>
@@ -376,6 +376,11 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     }
     // (the first stopped with lines left to run)
     expect(before).toBeLessThan(40);
+    // An answer damaged on disk (a bad sector, a hand edit): its line runs again.
+    const answers = join(folder, "batches", `${id!}.output.jsonl`);
+    const kept = readFileSync(answers, "utf8").split("\n");
+    kept[0] = "{damaged";
+    writeFileSync(answers, kept.join("\n"));
     const second = await startGateway(dir, { files: filesOf(folder, 4) });
     try {
       const done = await settled(second.client, id!);
