@@ -23,7 +23,6 @@ import {
   closeSync,
   existsSync,
   linkSync,
-  mkdirSync,
   openSync,
   readdirSync,
   readFileSync,
@@ -36,6 +35,7 @@ import {
 import { hostname } from "node:os";
 import { join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
+import { makeDirs } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 import {
   type FileStore,
@@ -326,7 +326,7 @@ export class Batches {
     this.#o = o;
     this.#dir = join(o.dir, "batches");
     this.#leaseMs = o.leaseMs ?? 30_000;
-    mkdirSync(this.#dir, { recursive: true });
+    makeDirs(this.#dir);
     LIVE.add(this.#me);
     const tick = setInterval(
       () => this.#safely("the lease renewal", () => this.#tick()),

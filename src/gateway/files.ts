@@ -10,7 +10,6 @@ import { createHash, randomBytes } from "node:crypto";
 import {
   createReadStream,
   createWriteStream,
-  mkdirSync,
   readdirSync,
   readFileSync,
   renameSync,
@@ -24,6 +23,7 @@ import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ExpertMeshError } from "../util/errors.ts";
+import { makeDirs } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
 /** A file as OpenAI's API describes it. */
@@ -93,8 +93,8 @@ export function writeJson(path: string, v: unknown): void {
  */
 export function checkFilesDir(dir: string): void {
   try {
-    mkdirSync(join(dir, "files"), { recursive: true });
-    mkdirSync(join(dir, "batches"), { recursive: true });
+    makeDirs(join(dir, "files"));
+    makeDirs(join(dir, "batches"));
     const probe = join(dir, `.probe-${randomBytes(4).toString("hex")}`);
     writeFileSync(probe, "");
     rmSync(probe);
@@ -118,7 +118,7 @@ export class FileStore {
   constructor(dir: string, maxBytes: number) {
     this.#dir = dir;
     this.maxBytes = maxBytes;
-    mkdirSync(dir, { recursive: true });
+    makeDirs(dir);
     const names = new Set(readdirSync(dir));
     for (const name of names) {
       const leftover =
