@@ -361,7 +361,10 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       : null;
   if (batches)
     o.ctx.metrics.addBatches(() => ({ running: batches.inflight, lines: batches.answered }));
-  app.addHook("preClose", async () => batches?.close());
+  app.addHook("preClose", async () => {
+    batches?.close();
+    fileStore?.close();
+  });
   app.register(filesRoutes(fileStore, owner));
   app.register(batchesRoutes(batches, owner));
   app.register(messagesRoutes(o.ctx, messageBatchesRoutes(batches, fileStore, owner)));

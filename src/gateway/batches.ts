@@ -21,6 +21,7 @@
 import { randomBytes } from "node:crypto";
 import {
   closeSync,
+  copyFileSync,
   existsSync,
   linkSync,
   openSync,
@@ -38,6 +39,7 @@ import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 import {
+  expiresAfter,
   type FileStore,
   filesOff,
   listPage,
@@ -107,6 +109,61 @@ export interface BatchObject {
   cancelled_at: number | null;
   request_counts: { total: number; completed: number; failed: number };
   metadata: Record<string, string> | null;
+  /** The model the lines name (the first's; null until validated). */
+  model: string | null;
+  /** The tokens of the lines answered 2xx so far. */
+  usage: BatchUsage;
+}
+
+/** OpenAI's batch usage: the answers' usage summed. */
+export interface BatchUsage {
+  input_tokens: number;
+  input_tokens_details: { cached_tokens: number };
+  output_tokens: number;
+  output_tokens_details: { reasoning_tokens: number };
+  total_tokens: number;
+}
+
+export const noUsage = (): BatchUsage => ({
+  input_tokens: 0,
+  input_tokens_details: { cached_tokens: 0 },
+  output_tokens: 0,
+  output_tokens_details: { reasoning_tokens: 0 },
+  total_tokens: 0,
+});
+
+/**
+ * Adds the `usage` of an answer's body to `sum`: chat and completions' (prompt_tokens, ...),
+ * the Responses API's (input_tokens, input_tokens_details, ...) or Anthropic's (input_tokens
+ * without the cached ones, cache_read_input_tokens, ...); a body without one adds nothing.
+ */
+export function addUsage(sum: BatchUsage, body: unknown): void {
+  const u = (body as { usage?: unknown } | null)?.usage;
+  if (typeof u !== "object" || u === null) return;
+  const r = u as Record<string, unknown>;
+  const n = (v: unknown) => (typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : 0);
+  const sub = (o: unknown, k: string) => n((o as Record<string, unknown> | null)?.[k]);
+  let input: number;
+  let cached: number;
+  let output: number;
+  let reasoning: number;
+  if ("prompt_tokens" in r) {
+    input = n(r["prompt_tokens"]);
+    cached = sub(r["prompt_tokens_details"], "cached_tokens");
+    output = n(r["completion_tokens"]);
+    reasoning = sub(r["completion_tokens_details"], "reasoning_tokens");
+  } else {
+    const read = n(r["cache_read_input_tokens"]);
+    input = n(r["input_tokens"]) + read + n(r["cache_creation_input_tokens"]);
+    cached = read + sub(r["input_tokens_details"], "cached_tokens");
+    output = n(r["output_tokens"]);
+    reasoning = sub(r["output_tokens_details"], "reasoning_tokens");
+  }
+  sum.input_tokens += input;
+  sum.input_tokens_details.cached_tokens += cached;
+  sum.output_tokens += output;
+  sum.output_tokens_details.reasoning_tokens += reasoning;
+  sum.total_tokens += input + output;
 }
 
 /** One request of a batch's input. */
@@ -229,11 +286,7 @@ export interface LineAnswer {
 export type RunLine = (url: BatchEndpoint, body: Record<string, unknown>) => Promise<LineAnswer>;
 
 /** A batch this gateway runs (holds the lease of). */
-interface Held {
-  batch: BatchObject;
-  owner: string;
-  /** When it was made, in ms (the order of listings). */
-  ms: number;
+interface Held extends Saved {
   /** The requests, once validated. */
   lines: BatchLine[] | null;
   /** custom_ids whose answer is written. */
@@ -256,6 +309,8 @@ interface Saved {
   batch: BatchObject;
   owner: string;
   ms: number;
+  /** The output and error files expire this long after they are made (null, absent: never). */
+  outputTtlS?: number | null;
 }
 
 /** batches/<id>.lease: the gateway that runs the batch, and when it last said so. */
@@ -350,6 +405,8 @@ export class Batches {
       endpoint: string;
       completion_window: string;
       metadata?: Record<string, string> | null;
+      /** Seconds the output and error files live (OpenAI's output_expires_after). */
+      outputTtlS?: number;
     },
   ): BatchObject {
     if (this.#closed)
@@ -394,10 +451,21 @@ export class Batches {
       cancelled_at: null,
       request_counts: { total: 0, completed: 0, failed: 0 },
       metadata: req.metadata ?? null,
+      model: null,
+      usage: noUsage(),
     };
+    // The batch's own link to its input: the file may expire or be deleted, the batch runs on.
+    try {
+      linkOrCopy(this.#o.files.path(file.id), this.#path(batch.id, "input"));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      throw new ApiError("EM_GATEWAY_FILE_NOT_FOUND", `no file '${file.id}' here`, {
+        param: "input_file_id",
+      }); // (deleted meanwhile)
+    }
     // The lease first: no other gateway takes a batch it sees before this one runs it.
     if (!this.#take(batch.id)) throw new Error(`the lease of a new batch ${batch.id} is taken`);
-    const h = this.#hold({ batch, owner, ms });
+    const h = this.#hold({ batch, owner, ms, outputTtlS: req.outputTtlS ?? null });
     this.#save(h);
     this.#run(h);
     return structuredClone(batch);
@@ -458,7 +526,7 @@ export class Batches {
           // (deleted before)
         }
     this.#final.delete(id);
-    for (const kind of ["json", "cancel", "lease", "output", "errors"] as const)
+    for (const kind of ["json", "cancel", "lease", "input", "output", "errors"] as const)
       rmSync(this.#path(id, kind), { force: true });
   }
 
@@ -486,7 +554,7 @@ export class Batches {
   /** Lines answered here since start, by outcome (metrics.ts addBatches). */
   readonly answered = { completed: 0, failed: 0, retried: 0 };
 
-  #path(id: string, kind: "json" | "lease" | "cancel" | "output" | "errors"): string {
+  #path(id: string, kind: "json" | "lease" | "cancel" | "input" | "output" | "errors"): string {
     return join(
       this.#dir,
       kind === "output" || kind === "errors" ? `${id}.${kind}.jsonl` : `${id}.${kind}`,
@@ -496,7 +564,7 @@ export class Batches {
   #load(id: string): Saved | undefined {
     if (!BATCH_ID.test(id)) return undefined;
     const held = this.#held.get(id);
-    if (held) return { batch: held.batch, owner: held.owner, ms: held.ms };
+    if (held) return saved(held);
     const s = readJson<Saved>(this.#path(id, "json"));
     return s?.batch?.id === id ? s : undefined;
   }
@@ -513,6 +581,9 @@ export class Batches {
   /** The batch as a client sees it: cancelling once it is marked, whoever runs it. */
   #view(s: Saved): BatchObject {
     const b = structuredClone(s.batch);
+    // (a batch saved before batches had them)
+    b.model ??= null;
+    b.usage ??= noUsage();
     if (b.status === "validating" || b.status === "in_progress") {
       const mark = readJson<{ at: number }>(this.#path(b.id, "cancel"));
       if (mark) {
@@ -525,7 +596,7 @@ export class Batches {
 
   #save(h: Held): void {
     h.dirty = false;
-    writeJson(this.#path(h.batch.id, "json"), { batch: h.batch, owner: h.owner, ms: h.ms });
+    writeJson(this.#path(h.batch.id, "json"), saved(h));
   }
 
   /** Takes the lease of batch `id` when no gateway holds it, or its holder let it run out. */
@@ -634,7 +705,10 @@ export class Batches {
       const id = name.slice(0, -5);
       if (this.#held.has(id) || this.#final.has(id)) continue;
       const s = this.#load(id);
-      if (s && !UNFINISHED.has(s.batch.status)) this.#final.add(id);
+      if (s && !UNFINISHED.has(s.batch.status)) {
+        this.#final.add(id);
+        rmSync(this.#path(id, "input"), { force: true }); // (a stop at the end of #finish)
+      }
       if (!s || !UNFINISHED.has(s.batch.status) || !this.#take(id)) continue;
       // (read again under the lease: its last holder may have written it since)
       const h = this.#hold(this.#load(id) ?? s);
@@ -660,7 +734,9 @@ export class Batches {
     const b = h.batch;
     let text: string;
     try {
-      text = readFileSync(this.#o.files.path(b.input_file_id), "utf8");
+      // (a batch made before batches kept their input: the file itself)
+      const own = this.#path(b.id, "input");
+      text = readFileSync(existsSync(own) ? own : this.#o.files.path(b.input_file_id), "utf8");
     } catch {
       return this.#fail(h, [
         {
@@ -675,6 +751,8 @@ export class Batches {
     if (b.status !== "validating" && b.status !== "in_progress") return; // (cancelled meanwhile)
     if ("errors" in parsed) return this.#fail(h, parsed.errors);
     h.lines = parsed.lines;
+    const model = parsed.lines[0]?.body["model"];
+    b.model = typeof model === "string" ? model.slice(0, 256) : null;
     // The answers written before (by a gateway that stopped; a line it cut short is dropped).
     const { completed, failed } = this.#written(h);
     b.request_counts = { total: parsed.lines.length, completed, failed };
@@ -686,9 +764,13 @@ export class Batches {
     this.#pump();
   }
 
-  /** The answers in `h`'s files so far (a cut last line removed): marks their lines done. */
+  /**
+   * The answers in `h`'s files so far (a cut last line removed): marks their lines done, sums
+   * their usage into the batch's.
+   */
   #written(h: Held): { completed: number; failed: number } {
     const counts = { completed: 0, failed: 0 };
+    h.batch.usage = noUsage();
     for (const kind of ["output", "errors"] as const) {
       const path = this.#path(h.batch.id, kind);
       if (!existsSync(path)) continue;
@@ -696,10 +778,12 @@ export class Batches {
       const end = text.lastIndexOf("\n") + 1;
       if (end < text.length) truncateSync(path, Buffer.byteLength(text.slice(0, end)));
       for (const l of text.slice(0, end).split("\n")) {
-        const id = answerId(l);
-        if (id === null || h.done.has(id)) continue; // (a damaged line: the request runs again)
-        h.done.add(id);
+        const a = parseAnswer(l);
+        // (a damaged line: the request runs again)
+        if (a === null || h.done.has(a.custom_id)) continue;
+        h.done.add(a.custom_id);
         counts[kind === "output" ? "completed" : "failed"]++;
+        if (kind === "output") addUsage(h.batch.usage, a.response?.body);
       }
     }
     return counts;
@@ -739,6 +823,7 @@ export class Batches {
       h.done.add(line.custom_id);
       append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
       h.batch.request_counts[ok ? "completed" : "failed"]++;
+      if (ok) addUsage(h.batch.usage, (answer as { response: { body: unknown } }).response.body);
       this.answered[ok ? "completed" : "failed"]++;
       h.dirty = true;
     };
@@ -874,14 +959,16 @@ export class Batches {
     // names before the answers' own file goes (a stop in between: done again, the same way).
     const seen = new Set<string>();
     const counts = { completed: 0, failed: 0 };
-    const answers = (text: string) =>
+    const usage = noUsage();
+    const answers = (text: string, kind: "output" | "errors") =>
       text
         .slice(0, text.lastIndexOf("\n") + 1)
         .split("\n")
         .filter((l) => {
-          const id = answerId(l); // (a damaged line is dropped)
-          if (id === null || seen.has(id)) return false;
-          seen.add(id);
+          const a = parseAnswer(l); // (a damaged line is dropped)
+          if (a === null || seen.has(a.custom_id)) return false;
+          seen.add(a.custom_id);
+          if (kind === "output") addUsage(usage, a.response?.body);
           return true;
         });
     for (const kind of ["output", "errors"] as const) {
@@ -889,12 +976,12 @@ export class Batches {
       const count = kind === "output" ? "completed" : "failed";
       const made = kind === "output" ? b.output_file_id : b.error_file_id;
       if (made !== null) {
-        counts[count] = answers(readFileSync(this.#o.files.path(made), "utf8")).length;
+        counts[count] = answers(readFileSync(this.#o.files.path(made), "utf8"), kind).length;
         rmSync(path, { force: true });
         continue;
       }
       if (!existsSync(path)) continue;
-      const kept = answers(readFileSync(path, "utf8"));
+      const kept = answers(readFileSync(path, "utf8"), kind);
       counts[count] = kept.length;
       if (kept.length > 0) {
         const whole = `${path}.final`;
@@ -904,6 +991,7 @@ export class Batches {
           whole,
           `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
           "batch_output",
+          h.outputTtlS ?? null,
         );
         if (kind === "output") b.output_file_id = file.id;
         else b.error_file_id = file.id;
@@ -912,11 +1000,13 @@ export class Batches {
       rmSync(path, { force: true });
     }
     b.request_counts = { ...b.request_counts, ...counts };
+    b.usage = usage;
     b.status = last;
     if (last === "completed") b.completed_at = now();
     if (last === "cancelled") b.cancelled_at = now();
     this.#save(h);
     rmSync(this.#path(b.id, "cancel"), { force: true });
+    rmSync(this.#path(b.id, "input"), { force: true });
     this.#let(h);
   }
 
@@ -928,14 +1018,34 @@ export class Batches {
   }
 }
 
-/** The custom_id of an answer's line (null: an empty or damaged line). */
-function answerId(line: string): string | null {
+/** What batches/<id>.json holds of a batch held. */
+const saved = (h: Saved): Saved => ({
+  batch: h.batch,
+  owner: h.owner,
+  ms: h.ms,
+  outputTtlS: h.outputTtlS ?? null,
+});
+
+/** An answer's line (null: an empty or damaged line). */
+function parseAnswer(
+  line: string,
+): { custom_id: string; response?: { body?: unknown } | null } | null {
   if (line === "") return null;
   try {
-    const id = (JSON.parse(line) as { custom_id?: unknown }).custom_id;
-    return typeof id === "string" ? id : null;
+    const a = JSON.parse(line) as { custom_id?: unknown; response?: { body?: unknown } | null };
+    return typeof a.custom_id === "string" ? (a as { custom_id: string }) : null;
   } catch {
     return null;
+  }
+}
+
+/** A hard link `to` of `from` (one file on disk), or a copy where the filesystem has none. */
+function linkOrCopy(from: string, to: string): void {
+  try {
+    linkSync(from, to);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EEXIST") return;
+    copyFileSync(from, to);
   }
 }
 
@@ -954,6 +1064,7 @@ interface CreateBody {
   endpoint?: unknown;
   completion_window?: unknown;
   metadata?: unknown;
+  output_expires_after?: unknown;
 }
 
 /** The routes plugin. `batches` null: every route refuses (filesOff). */
@@ -988,7 +1099,9 @@ export function batchesRoutes(batches: Batches | null, owner: (req: FastifyReque
             { param: "metadata" },
           );
       }
+      const outputTtlS = expiresAfter(body.output_expires_after, "output_expires_after");
       return b.create(owner(req), {
+        ...(outputTtlS !== undefined ? { outputTtlS } : {}),
         input_file_id: body.input_file_id as string,
         endpoint: body.endpoint as string,
         completion_window: body.completion_window as string,

@@ -5,7 +5,10 @@
 // `<id>.json` (its object and owner), read from there on every request: every gateway given
 // the same folder (the operator's pods: a shared claim) serves every file, and they outlive a
 // restart. With API keys, each key sees only the files uploaded with it (the owner is a hash
-// of the key; no key: everyone's).
+// of the key; no key: everyone's). A file expires as OpenAI's do: `expires_after` of the upload
+// (purpose "batch": 30 days unless it says otherwise), a batch's `output_expires_after` for what
+// it writes; an expired file is gone at once for the API and removed from the folder within a
+// minute (a batch already made keeps its input: batches.ts links it).
 import { createHash, randomBytes } from "node:crypto";
 import {
   createReadStream,
@@ -55,6 +58,41 @@ const FILE_ID = /^file-[0-9a-f]{24}$/;
 
 /** Leftovers (an upload cut short, a half-made file) older than this are removed. */
 const LEFTOVER_MS = 3600_000;
+/** How often the folder is swept (expired files, leftovers). */
+const SWEEP_MS = 60_000;
+/** An upload of purpose "batch" without expires_after expires after this (OpenAI's 30 days). */
+export const BATCH_FILE_TTL_S = 30 * 24 * 3600;
+/** The bounds of `expires_after.seconds` (OpenAI's: an hour to 30 days). */
+const TTL_MIN_S = 3600;
+const TTL_MAX_S = 30 * 24 * 3600;
+
+/**
+ * An `expires_after` ({anchor: "created_at", seconds}: OpenAI's expiration policy) as seconds
+ * after the file is made; undefined when not given. `param` names it in the 400.
+ */
+export function expiresAfter(v: unknown, param: string): number | undefined {
+  if (v === undefined) return undefined;
+  const o =
+    typeof v === "object" && v !== null && !Array.isArray(v)
+      ? (v as Record<string, unknown>)
+      : null;
+  const seconds = o?.["seconds"];
+  if (
+    o === null ||
+    o["anchor"] !== "created_at" ||
+    typeof seconds !== "number" ||
+    !Number.isInteger(seconds) ||
+    seconds < TTL_MIN_S ||
+    seconds > TTL_MAX_S ||
+    Object.keys(o).some((k) => k !== "anchor" && k !== "seconds")
+  )
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      `${param} is {"anchor": "created_at", "seconds": N}, N an integer from ${TTL_MIN_S} (an hour) to ${TTL_MAX_S} (30 days)`,
+      { param },
+    );
+  return seconds;
+}
 
 let lastMade = 0;
 /**
@@ -114,20 +152,49 @@ export class FileStore {
   /** Largest upload (bytes). */
   readonly maxBytes: number;
 
-  /** Makes the folder; removes leftovers older than an hour (a shared folder's too). */
+  readonly #sweeper: NodeJS.Timeout;
+
+  /**
+   * Makes the folder and sweeps it now and every minute: expired files and leftovers older than
+   * an hour (a shared folder's too) are removed.
+   */
   constructor(dir: string, maxBytes: number) {
     this.#dir = dir;
     this.maxBytes = maxBytes;
     makeDirs(dir);
-    const names = new Set(readdirSync(dir));
-    for (const name of names) {
-      const leftover =
-        name.endsWith(".tmp") ||
-        (name.endsWith(".data") && !names.has(name.replace(/\.data$/, ".json")));
-      if (!leftover) continue;
-      const path = join(dir, name);
+    this.sweep();
+    this.#sweeper = setInterval(() => {
       try {
-        if (Date.now() - statSync(path).mtimeMs > LEFTOVER_MS) rmSync(path, { force: true });
+        this.sweep();
+      } catch {
+        // (the folder unreadable for a moment: the next sweep)
+      }
+    }, SWEEP_MS);
+    this.#sweeper.unref();
+  }
+
+  /** Stops sweeping (the gateway stops). */
+  close(): void {
+    clearInterval(this.#sweeper);
+  }
+
+  /** Removes expired files and leftovers (an upload cut short, a half-made file) of an hour. */
+  sweep(): void {
+    const names = new Set(readdirSync(this.#dir));
+    const t = Date.now();
+    for (const name of names) {
+      const path = join(this.#dir, name);
+      try {
+        if (name.endsWith(".json")) {
+          const id = name.slice(0, -5);
+          const stored = this.#stored(id);
+          if (stored && expired(stored.file, t)) this.#remove(id);
+          continue;
+        }
+        const leftover =
+          name.endsWith(".tmp") ||
+          (name.endsWith(".data") && !names.has(name.replace(/\.data$/, ".json")));
+        if (leftover && t - statSync(path).mtimeMs > LEFTOVER_MS) rmSync(path, { force: true });
       } catch {
         // (removed by another gateway meanwhile)
       }
@@ -139,7 +206,13 @@ export class FileStore {
     return join(this.#dir, `${id}.data`);
   }
 
+  /** File `id` (undefined: none such, or it expired). */
   #read(id: string): Stored | undefined {
+    const s = this.#stored(id);
+    return s && !expired(s.file, Date.now()) ? s : undefined;
+  }
+
+  #stored(id: string): Stored | undefined {
     if (!FILE_ID.test(id)) return undefined;
     const meta = join(this.#dir, `${id}.json`);
     const known = this.#known.get(id);
@@ -183,14 +256,27 @@ export class FileStore {
       .map((s) => s.file);
   }
 
-  /** Stores the stream's bytes as a new file (refused past maxBytes, then nothing is kept). */
-  async upload(owner: string, content: Readable, filename: string, purpose: FilePurpose) {
-    const id = `file-${randomBytes(12).toString("hex")}`;
-    const tmp = join(this.#dir, `${id}.data.tmp`);
-    let bytes = 0;
-    content.on("data", (chunk: Buffer) => {
-      bytes += chunk.length;
-    });
+  /**
+   * Stores the stream's bytes as a new file (refused past maxBytes, then nothing is kept) that
+   * expires `ttlS` seconds after (null: never).
+   */
+  async upload(
+    owner: string,
+    content: Readable,
+    filename: string,
+    purpose: FilePurpose,
+    ttlS: number | null,
+  ): Promise<FileObject> {
+    const got = await this.receive(content);
+    return this.adopt(owner, got, filename, purpose, ttlS);
+  }
+
+  /**
+   * Writes the stream's bytes to a file of this folder, not a file of the store yet (adopt
+   * makes it one, else it is removed as a leftover); refused past maxBytes, nothing kept.
+   */
+  async receive(content: Readable): Promise<string> {
+    const tmp = join(this.#dir, `upload-${randomBytes(12).toString("hex")}.tmp`);
     try {
       await pipeline(content, createWriteStream(tmp));
       if ((content as { truncated?: boolean }).truncated) throw tooLarge(this.maxBytes);
@@ -200,33 +286,41 @@ export class FileStore {
         throw tooLarge(this.maxBytes);
       throw err;
     }
-    return this.#keep(owner, id, tmp, filename, purpose, bytes);
+    return tmp;
   }
 
-  /** Makes the finished file at `path` (in this folder's filesystem) a file of `owner`'s. */
-  adopt(owner: string, path: string, filename: string, purpose: FilePurpose): FileObject {
+  /**
+   * Makes the finished file at `path` (in this folder's filesystem) a file of `owner`'s, that
+   * expires `ttlS` seconds after (null: never).
+   */
+  adopt(
+    owner: string,
+    path: string,
+    filename: string,
+    purpose: FilePurpose,
+    ttlS: number | null,
+  ): FileObject {
     const id = `file-${randomBytes(12).toString("hex")}`;
-    return this.#keep(owner, id, path, filename, purpose, statSync(path).size);
+    return this.#keep(owner, id, path, { filename, purpose, bytes: statSync(path).size, ttlS });
   }
 
   #keep(
     owner: string,
     id: string,
     from: string,
-    filename: string,
-    purpose: FilePurpose,
-    bytes: number,
+    f: { filename: string; purpose: FilePurpose; bytes: number; ttlS: number | null },
   ): FileObject {
     const ms = madeAt();
+    const created = Math.floor(ms / 1000);
     const file: FileObject = {
       id,
       object: "file",
-      bytes,
-      created_at: Math.floor(ms / 1000),
-      filename,
-      purpose,
+      bytes: f.bytes,
+      created_at: created,
+      filename: f.filename,
+      purpose: f.purpose,
       status: "processed",
-      expires_at: null,
+      expires_at: f.ttlS === null ? null : created + f.ttlS,
       status_details: null,
     };
     renameSync(from, this.path(id));
@@ -239,11 +333,19 @@ export class FileStore {
   /** Removes `owner`'s file `id` (404 when it has none such). */
   delete(owner: string, id: string): void {
     this.get(owner, id);
+    this.#remove(id);
+  }
+
+  #remove(id: string): void {
     this.#known.delete(id);
     rmSync(join(this.#dir, `${id}.json`), { force: true });
     rmSync(this.path(id), { force: true });
   }
 }
+
+/** Whether `file` has expired at `ms`. */
+const expired = (file: FileObject, ms: number) =>
+  file.expires_at !== null && file.expires_at * 1000 <= ms;
 
 const tooLarge = (max: number) =>
   new ApiError(
@@ -322,12 +424,14 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
           "EM_GATEWAY_BAD_REQUEST",
           "POST /v1/files takes multipart/form-data with a 'file' and its 'purpose'",
         );
-      let uploaded: FileObject | undefined;
+      let received: { tmp: string; filename: string } | undefined;
       let purpose: unknown;
+      // expires_after as a form sends it: expires_after[anchor], expires_after[seconds]
+      const expires: Record<string, unknown> = {};
       try {
         for await (const part of req.parts()) {
           if (part.type === "file") {
-            if (part.fieldname !== "file" || uploaded) {
+            if (part.fieldname !== "file" || received) {
               part.file.resume();
               throw new ApiError(
                 "EM_GATEWAY_BAD_REQUEST",
@@ -335,9 +439,17 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
                 { param: part.fieldname.slice(0, 40) },
               );
             }
-            // (the purpose may come after the file: checked once both are read)
-            uploaded = await s.upload(owner(req), part.file, part.filename || "upload", "batch");
+            // (the other fields may come after the file: the file is kept once all are read)
+            const tmp = await s.receive(part.file);
+            received = { tmp, filename: part.filename || "upload" };
           } else if (part.fieldname === "purpose") purpose = part.value;
+          else {
+            const m = /^expires_after\[(\w{1,20})\]$/.exec(part.fieldname);
+            if (m) {
+              const v = String(part.value);
+              expires[m[1]!] = m[1] === "seconds" && /^\d{1,12}$/.test(v) ? Number(v) : v;
+            }
+          }
         }
         if (purpose !== "batch")
           throw new ApiError(
@@ -347,11 +459,17 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
               : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' is (this gateway keeps files for batches)`,
             { param: "purpose" },
           );
-        if (!uploaded)
+        if (!received)
           throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", { param: "file" });
+        const ttl =
+          expiresAfter(Object.keys(expires).length > 0 ? expires : undefined, "expires_after") ??
+          BATCH_FILE_TTL_S;
+        const file = s.adopt(owner(req), received.tmp, received.filename, "batch", ttl);
+        received = undefined;
+        return file;
       } catch (err) {
         // Nothing of a refused upload is kept.
-        if (uploaded) s.delete(owner(req), uploaded.id);
+        if (received) rmSync(received.tmp, { force: true });
         if (err instanceof ApiError) throw err;
         const status = (err as { statusCode?: number }).statusCode;
         throw new ApiError(
@@ -360,7 +478,6 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
           { status: status !== undefined && status >= 400 && status < 500 ? status : 400 },
         );
       }
-      return uploaded;
     });
     app.get<{ Querystring: ListQuery }>("/v1/files", async (req) => {
       const q = req.query;

@@ -112,13 +112,19 @@ export function messageBatchesRoutes(
     if (batches === null || files === null) throw filesOff();
     return { batches, files };
   };
-  const lines = (fileId: string | null): Answer[] =>
-    fileId === null
-      ? []
-      : readFileSync(on().files.path(fileId), "utf8")
-          .split("\n")
-          .filter((l) => l !== "")
-          .map((l) => JSON.parse(l) as Answer);
+  /** A file's lines (none once it is gone: deleted through /v1/files, or expired). */
+  const lines = (fileId: string | null): Answer[] => {
+    let text: string;
+    try {
+      text = fileId === null ? "" : readFileSync(on().files.path(fileId), "utf8");
+    } catch {
+      return [];
+    }
+    return text
+      .split("\n")
+      .filter((l) => l !== "")
+      .map((l) => JSON.parse(l) as Answer);
+  };
   const inputIds = (b: BatchObject) => lines(b.input_file_id).map((l) => l.custom_id);
 
   /** The batch as Anthropic's MessageBatch (results_url on this gateway, as it was reached). */
@@ -183,6 +189,7 @@ export function messageBatchesRoutes(
           Readable.from([Buffer.from(input)]),
           "message_batch.jsonl",
           "batch",
+          null, // (its results list every request: kept while the batch is)
         );
         const b = batches.create(who, {
           input_file_id: file.id,

@@ -10,6 +10,7 @@ import { fileURLToPath } from "node:url";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { FileStore } from "../../src/gateway/files.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { runGatewayToExit, startGatewayProcess } from "../support/gateway-process.ts";
@@ -119,6 +120,51 @@ describe("/v1/files", () => {
   });
 });
 
+describe("/v1/files: expiry", () => {
+  it("expires_after sets expires_at (an upload of purpose batch: 30 days unless it says); out of bounds is refused with nothing kept", async () => {
+    const mine = await gw.client.files.create({
+      file: await toFile(Buffer.from(jsonl([chatLine("a", "hi")])), "hour.jsonl"),
+      purpose: "batch",
+      expires_after: { anchor: "created_at", seconds: 3600 },
+    });
+    expect(mine.expires_at).toBe(mine.created_at + 3600);
+    const plain = await upload(gw.client, jsonl([chatLine("a", "hi")]));
+    expect(plain.expires_at).toBe(plain.created_at + 30 * 24 * 3600);
+    const before = readdirSync(join(files, "files")).length;
+    await expect(
+      gw.client.files.create({
+        file: await toFile(Buffer.from("{}\n"), "x.jsonl"),
+        purpose: "batch",
+        expires_after: { anchor: "created_at", seconds: 60 },
+      }),
+    ).rejects.toMatchObject({ status: 400, param: "expires_after" });
+    expect(readdirSync(join(files, "files")).length).toBe(before);
+  });
+
+  it("a file past its expires_at is gone: not found, not listed, and swept from the folder", async () => {
+    const f = await upload(gw.client, jsonl([chatLine("a", "hi")]));
+    // Its time passed: the object on disk says it expired a second ago.
+    const meta = join(files, "files", `${f.id}.json`);
+    const stored = JSON.parse(readFileSync(meta, "utf8"));
+    stored.file.expires_at = Math.floor(Date.now() / 1000) - 1;
+    writeFileSync(meta, JSON.stringify(stored));
+    // A store that reads the folder afresh (another gateway on it, or this one started again).
+    const other = new FileStore(join(files, "files"), 1 << 20);
+    try {
+      expect(() => other.get("", f.id)).toThrow(
+        expect.objectContaining({ code: "EM_GATEWAY_FILE_NOT_FOUND" }),
+      );
+      expect(other.list("").map((x) => x.id)).not.toContain(f.id);
+      other.sweep();
+      expect(readdirSync(join(files, "files")).filter((n) => n.startsWith(f.id))).toEqual([]);
+    } finally {
+      other.close();
+    }
+    // The gateway that knew it finds it gone from the folder.
+    await expect(gw.client.files.retrieve(f.id)).rejects.toMatchObject({ status: 404 });
+  });
+});
+
 describe("/v1/files: malformed uploads", () => {
   const post = (body: string, contentType?: string) =>
     fetch(`${gw.url}/v1/files`, {
@@ -225,6 +271,52 @@ describe("/v1/batches", () => {
       status: 409,
       code: "EM_GATEWAY_BATCH_STATE",
     });
+  });
+
+  it("keeps its input when the file goes (deleted, expired); sums the answers' usage; output_expires_after sets its files' expiry", async () => {
+    const lines = [chatLine("u1", "What is 2+2?"), chatLine("u2", "Name a color.", { n: 2 })];
+    const input = await upload(gw.client, jsonl(lines));
+    const created = await gw.client.batches.create({
+      input_file_id: input.id,
+      endpoint: "/v1/chat/completions",
+      completion_window: "24h",
+      output_expires_after: { anchor: "created_at", seconds: 7200 },
+    });
+    // The input file deleted at once: the batch has its own link to it.
+    await gw.client.files.delete(input.id);
+    const done = await settled(gw.client, created.id);
+    expect(done.status).toBe("completed");
+    expect(done.request_counts).toEqual({ total: 2, completed: 2, failed: 0 });
+    expect(done.model).toBe("tiny");
+    const out = await linesOf(gw.client, done.output_file_id);
+    const sum = (k: string) => out.reduce((a, l) => a + l.response.body.usage[k], 0);
+    expect(done.usage).toEqual({
+      input_tokens: sum("prompt_tokens"),
+      input_tokens_details: {
+        cached_tokens: out.reduce(
+          (a, l) => a + l.response.body.usage.prompt_tokens_details.cached_tokens,
+          0,
+        ),
+      },
+      output_tokens: sum("completion_tokens"),
+      output_tokens_details: { reasoning_tokens: 0 },
+      total_tokens: sum("total_tokens"),
+    });
+    expect(done.usage!.output_tokens).toBeGreaterThan(0);
+    const outFile = await gw.client.files.retrieve(done.output_file_id!);
+    expect(outFile.expires_at).toBe(outFile.created_at + 7200);
+    // Its own link goes once it is done.
+    expect(readdirSync(join(files, "batches")).filter((n) => n.startsWith(created.id))).toEqual([
+      `${created.id}.json`,
+    ]);
+    await expect(
+      gw.client.batches.create({
+        input_file_id: (await upload(gw.client, jsonl(lines))).id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+        output_expires_after: { anchor: "created_at", seconds: 1 },
+      }),
+    ).rejects.toMatchObject({ status: 400, param: "output_expires_after" });
   });
 
   it("runs completions lines too", async () => {

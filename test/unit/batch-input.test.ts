@@ -1,10 +1,17 @@
 // A batch's input file checked line by line (src/gateway/batches.ts parseBatchInput), and
-// the pages of the Files and Batch APIs' lists (listPage). The input check gives the
-// requests it holds, or each bad line's number, code and field. The batches themselves run
-// against a gateway in test/gateway/batches.test.ts.
+// the pages of the Files and Batch APIs' lists (listPage), a batch's usage summed over its
+// answers of each API (addUsage), and the expiration policy of files (expiresAfter). The
+// input check gives the requests it holds, or each bad line's number, code and field. The
+// batches themselves run against a gateway in test/gateway/batches.test.ts.
 import { describe, expect, it } from "vitest";
-import { MAX_BATCH_LINES, parseBatchInput } from "../../src/gateway/batches.ts";
-import { listPage } from "../../src/gateway/files.ts";
+import {
+  addUsage,
+  type BatchUsage,
+  MAX_BATCH_LINES,
+  noUsage,
+  parseBatchInput,
+} from "../../src/gateway/batches.ts";
+import { expiresAfter, listPage } from "../../src/gateway/files.ts";
 
 const line = (o: Record<string, unknown> = {}) =>
   JSON.stringify({
@@ -96,5 +103,90 @@ describe("listPage", () => {
       last_id: ids.at(-1) ?? null,
       has_more: more,
     });
+  });
+});
+
+describe("addUsage", () => {
+  const chat = {
+    usage: {
+      prompt_tokens: 10,
+      completion_tokens: 5,
+      total_tokens: 15,
+      prompt_tokens_details: { cached_tokens: 4 },
+      completion_tokens_details: { reasoning_tokens: 2 },
+    },
+  };
+  const completion = { usage: { prompt_tokens: 3, completion_tokens: 7, total_tokens: 10 } };
+  const response = {
+    usage: {
+      input_tokens: 8,
+      input_tokens_details: { cached_tokens: 6 },
+      output_tokens: 9,
+      output_tokens_details: { reasoning_tokens: 1 },
+      total_tokens: 17,
+    },
+  };
+  // Anthropic's input_tokens leave out the tokens read from (or written to) the cache.
+  const message = {
+    usage: {
+      input_tokens: 2,
+      cache_creation_input_tokens: 1,
+      cache_read_input_tokens: 6,
+      output_tokens: 4,
+    },
+  };
+  // [what, bodies, [input, cached, output, reasoning, total]]
+  it.each<[string, unknown[], [number, number, number, number, number]]>([
+    ["nothing", [], [0, 0, 0, 0, 0]],
+    ["a chat", [chat], [10, 4, 5, 2, 15]],
+    ["a completion (no details)", [completion], [3, 0, 7, 0, 10]],
+    ["a response", [response], [8, 6, 9, 1, 17]],
+    ["a message", [message], [9, 6, 4, 0, 13]],
+    ["chats summed", [chat, chat, completion], [23, 8, 17, 4, 40]],
+    ["a body without usage", [{ id: "x" }, null, "text", chat], [10, 4, 5, 2, 15]],
+    [
+      "numbers that are not counts",
+      [{ usage: { prompt_tokens: -1, completion_tokens: "5" } }],
+      [0, 0, 0, 0, 0],
+    ],
+  ])("%s", (_, bodies, [input, cached, output, reasoning, total]) => {
+    const sum: BatchUsage = noUsage();
+    for (const b of bodies) addUsage(sum, b);
+    expect(sum).toEqual({
+      input_tokens: input,
+      input_tokens_details: { cached_tokens: cached },
+      output_tokens: output,
+      output_tokens_details: { reasoning_tokens: reasoning },
+      total_tokens: total,
+    });
+  });
+});
+
+describe("expiresAfter", () => {
+  it.each<[string, unknown, number | undefined]>([
+    ["absent", undefined, undefined],
+    ["an hour", { anchor: "created_at", seconds: 3600 }, 3600],
+    ["30 days", { anchor: "created_at", seconds: 2_592_000 }, 2_592_000],
+  ])("%s", (_, v, seconds) => {
+    expect(expiresAfter(v, "expires_after")).toBe(seconds);
+  });
+  it.each<[string, unknown]>([
+    ["under an hour", { anchor: "created_at", seconds: 3599 }],
+    ["over 30 days", { anchor: "created_at", seconds: 2_592_001 }],
+    ["another anchor", { anchor: "last_active_at", seconds: 3600 }],
+    ["no anchor", { seconds: 3600 }],
+    ["seconds a string", { anchor: "created_at", seconds: "3600" }],
+    ["seconds a fraction", { anchor: "created_at", seconds: 3600.5 }],
+    ["another key", { anchor: "created_at", seconds: 3600, days: 1 }],
+    ["null", null],
+    ["an array", [3600]],
+    ["a number", 3600],
+  ])("refuses %s", (_, v) => {
+    expect(() => expiresAfter(v, "output_expires_after")).toThrow(
+      expect.objectContaining({
+        code: "EM_GATEWAY_BAD_REQUEST",
+        param: "output_expires_after",
+      }),
+    );
   });
 });
