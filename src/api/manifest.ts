@@ -403,6 +403,7 @@ export function batchArgs(model: DeepSeekModel, dir: string): string[] {
   return [
     `--files-dir=${dir}`,
     `--files-max-bytes=${b.maxFileBytes}`,
+    `--files-max-total=${b.storageBytes}`,
     `--batch-concurrency=${b.concurrency}`,
   ];
 }

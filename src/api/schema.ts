@@ -510,7 +510,7 @@ export const GatewaySchema = withRules(
             ),
             storageBytes: Type.Integer({
               description:
-                "The size of each gateway pod's emptyDir for files and batches, without sharedClaim (an ephemeral-storage request of as much).",
+                "How much the files and batches may take (the gateways' --files-max-total): an upload past it is refused (507 EM_GATEWAY_FILES_FULL), as is a new batch while it is full, and running batches' lines wait until files are deleted or expire. With sharedClaim, set it to the claim's capacity or less; without, each gateway pod's emptyDir is this size plus headroom for the answers being written (5% and 64 MiB; an ephemeral-storage request of as much).",
               default: 10737418240,
               minimum: 1,
             }),

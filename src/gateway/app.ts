@@ -17,7 +17,7 @@ import type { LogFields } from "../util/log.ts";
 import { ApiKeys } from "./api-keys.ts";
 import { BATCH_PRIORITY, Batches, batchesRoutes, type RunLine } from "./batches.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
-import { FileStore, filesRoutes, ownerOf } from "./files.ts";
+import { FileStore, FolderQuota, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
 import { messageBatchesRoutes } from "./message-batches.ts";
@@ -62,10 +62,16 @@ export interface GatewayAppOptions {
   readonly logRequest?: (line: string, fields?: LogFields) => void;
   /**
    * The Files and Batch APIs (files.ts, batches.ts; ADR 0049): the folder they keep their
-   * files and batches in (--files-dir), the largest upload, and the batches' lines in
-   * flight at once. Without it those routes refuse (EM_GATEWAY_FILES_OFF).
+   * files and batches in (--files-dir), the largest upload, how much the folder may hold
+   * (0: no bound), and the batches' lines in flight at once. Without it those routes refuse
+   * (EM_GATEWAY_FILES_OFF).
    */
-  readonly files?: { dir: string; maxBytes: number; batchConcurrency: number };
+  readonly files?: {
+    dir: string;
+    maxBytes: number;
+    maxTotalBytes?: number;
+    batchConcurrency: number;
+  };
 }
 
 /** The header of a batch's line run through the routes (app.inject), with this app's token. */
@@ -324,7 +330,13 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
 
   // Files and batches: each key sees its own (a hash of it), everyone the same without keys.
   const owner = (req: FastifyRequest) => (keys.required ? ownerOf(keyOf(req)) : "");
-  const fileStore = o.files ? new FileStore(join(o.files.dir, "files"), o.files.maxBytes) : null;
+  const fileStore = o.files
+    ? new FileStore(
+        join(o.files.dir, "files"),
+        o.files.maxBytes,
+        o.files.maxTotalBytes ? new FolderQuota(o.files.dir, o.files.maxTotalBytes) : null,
+      )
+    : null;
   const run: RunLine = async (url, body) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =
@@ -360,7 +372,12 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
         })
       : null;
   if (batches)
-    o.ctx.metrics.addBatches(() => ({ running: batches.inflight, lines: batches.answered }));
+    o.ctx.metrics.addBatches(() => ({
+      running: batches.inflight,
+      lines: batches.answered,
+      folderBytes: fileStore?.quota?.used() ?? null,
+      folderMaxBytes: fileStore?.quota?.maxBytes ?? null,
+    }));
   app.addHook("preClose", async () => {
     batches?.close();
     fileStore?.close();

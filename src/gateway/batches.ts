@@ -375,6 +375,8 @@ export class Batches {
   readonly #tries = new WeakMap<BatchLine, number>();
   readonly #timers: NodeJS.Timeout[] = [];
   #renewedAt = 0;
+  /** No line starts: the files folder is full (FolderQuota); looked at again every second. */
+  #roomWait = false;
 
   /** Starts looking after the folder's batches (now, then every scanMs). */
   constructor(o: BatchesOptions) {
@@ -411,6 +413,8 @@ export class Batches {
   ): BatchObject {
     if (this.#closed)
       throw new ApiError("EM_GATEWAY_STARTING", "the gateway is stopping", { status: 503 });
+    const quota = this.#o.files.quota;
+    if (quota?.full()) throw quota.refusal("no batch starts");
     if (!(BATCH_ENDPOINTS as readonly string[]).includes(req.endpoint))
       throw new ApiError(
         "EM_GATEWAY_BAD_REQUEST",
@@ -694,6 +698,7 @@ export class Batches {
         this.#cancelled(h);
       if (h.dirty) this.#save(h);
     }
+    if (this.#roomWait) this.#pump();
   }
 
   /** Takes over the folder's unfinished batches that no gateway runs. */
@@ -800,11 +805,18 @@ export class Batches {
   /** Starts lines, oldest batch first, while fewer than `concurrency` run. */
   #pump(): void {
     if (this.#closed) return;
+    // A full folder (FolderQuota): no line starts; those done still finish their batch.
+    const quota = this.#o.files.quota;
+    const full = this.#held.size > 0 && quota !== null && quota.full();
+    if (full && !this.#roomWait)
+      this.#o.log?.(
+        `batches: the files folder is full (${quota.used()} of ${quota.maxBytes} bytes): lines wait until files are deleted or expire`,
+      );
+    this.#roomWait = full;
     for (const h of this.#held.values()) {
-      if (this.#inflight >= this.#o.concurrency) return;
       if (h.batch.status !== "in_progress" || h.lines === null) continue;
       if (h.batch.expired_at === null && now() >= h.batch.expires_at) this.#expire(h);
-      while (this.#inflight < this.#o.concurrency) {
+      while (!full && this.#inflight < this.#o.concurrency) {
         const line = h.again.shift() ?? (h.next < h.lines.length ? h.lines[h.next++] : undefined);
         if (line === undefined) break;
         if (h.done.has(line.custom_id)) continue;
@@ -821,7 +833,8 @@ export class Batches {
     const written = (answer: object, ok: boolean) => {
       if (h.done.has(line.custom_id)) return;
       h.done.add(line.custom_id);
-      append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
+      const bytes = append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
+      this.#o.files.quota?.grew(bytes); // (apart: inside ?.() the append would not run without a quota)
       h.batch.request_counts[ok ? "completed" : "failed"]++;
       if (ok) addUsage(h.batch.usage, (answer as { response: { body: unknown } }).response.body);
       this.answered[ok ? "completed" : "failed"]++;
@@ -981,11 +994,19 @@ export class Batches {
         continue;
       }
       if (!existsSync(path)) continue;
-      const kept = answers(readFileSync(path, "utf8"), kind);
+      const text = readFileSync(path, "utf8");
+      const kept = answers(text, kind);
       counts[count] = kept.length;
       if (kept.length > 0) {
         const whole = `${path}.final`;
-        writeFileSync(whole, `${kept.join("\n")}\n`);
+        rmSync(whole, { force: true });
+        const deduped = `${kept.join("\n")}\n`;
+        // The answers file itself, linked, when nothing was dropped (no second copy on disk).
+        if (deduped === text) linkOrCopy(path, whole);
+        else {
+          writeFileSync(whole, deduped);
+          this.#o.files.quota?.grew(Buffer.byteLength(deduped));
+        }
         const file = this.#o.files.adopt(
           h.owner,
           whole,
@@ -1049,11 +1070,14 @@ function linkOrCopy(from: string, to: string): void {
   }
 }
 
-/** Appends one JSON line (a whole line per write: a stop cuts at most the last). */
-function append(path: string, v: object): void {
+/**
+ * Appends one JSON line (a whole line per write: a stop cuts at most the last); the bytes
+ * written.
+ */
+function append(path: string, v: object): number {
   const fd = openSync(path, "a");
   try {
-    writeSync(fd, `${JSON.stringify(v)}\n`);
+    return writeSync(fd, `${JSON.stringify(v)}\n`);
   } finally {
     closeSync(fd);
   }

@@ -21,13 +21,80 @@ import {
   writeFileSync,
 } from "node:fs";
 import { join } from "node:path";
-import type { Readable } from "node:stream";
+import { type Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ExpertMeshError } from "../util/errors.ts";
 import { makeDirs } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
+
+/**
+ * How much a files folder (its files/ and batches/) may hold: uploads that would take it past
+ * `maxBytes` are refused, batches are refused and their lines wait while it is full (an
+ * emptyDir past its sizeLimit gets the pod evicted). Counted by walking the folder (a file
+ * hard-linked twice once) at most every 2 s, and what this process writes as it writes it
+ * (another gateway's writes to a shared folder: at the next walk).
+ */
+export class FolderQuota {
+  readonly #root: string;
+  readonly maxBytes: number;
+  #at = 0;
+  #used = 0;
+
+  constructor(root: string, maxBytes: number) {
+    this.#root = root;
+    this.maxBytes = maxBytes;
+  }
+
+  /** Bytes the folder holds (as counted within the last 2 s, unless `fresh`). */
+  used(fresh = false): number {
+    if (!fresh && Date.now() - this.#at < 2000) return this.#used;
+    const seen = new Set<string>();
+    let sum = 0;
+    for (const sub of ["files", "batches"]) {
+      const dir = join(this.#root, sub);
+      let names: string[];
+      try {
+        names = readdirSync(dir);
+      } catch {
+        continue;
+      }
+      for (const name of names) {
+        try {
+          const st = statSync(join(dir, name));
+          const key = `${st.dev}:${st.ino}`;
+          if (seen.has(key)) continue;
+          seen.add(key);
+          sum += st.size;
+        } catch {
+          // (removed meanwhile)
+        }
+      }
+    }
+    this.#at = Date.now();
+    this.#used = sum;
+    return sum;
+  }
+
+  /** Counts `bytes` this process wrote to the folder (before the next walk sees them). */
+  grew(bytes: number): void {
+    this.#used += bytes;
+  }
+
+  /** Whether the folder holds maxBytes or more. */
+  full(): boolean {
+    return this.used() >= this.maxBytes;
+  }
+
+  /** The refusal of what would take the folder past maxBytes. */
+  refusal(what: string): ApiError {
+    return new ApiError(
+      "EM_GATEWAY_FILES_FULL",
+      `${what}: the files folder holds ${this.used()} of the ${this.maxBytes} bytes it may (--files-max-total; a manifest's spec.gateway.batch.storageBytes); delete files (DELETE /v1/files/{id}) or wait for some to expire`,
+    );
+  }
+}
 
 /** A file as OpenAI's API describes it. */
 export interface FileObject {
@@ -151,6 +218,8 @@ export class FileStore {
   readonly #known = new Map<string, Stored>();
   /** Largest upload (bytes). */
   readonly maxBytes: number;
+  /** How much the folder may hold (null: no bound). */
+  readonly quota: FolderQuota | null;
 
   readonly #sweeper: NodeJS.Timeout;
 
@@ -158,9 +227,10 @@ export class FileStore {
    * Makes the folder and sweeps it now and every minute: expired files and leftovers older than
    * an hour (a shared folder's too) are removed.
    */
-  constructor(dir: string, maxBytes: number) {
+  constructor(dir: string, maxBytes: number, quota: FolderQuota | null = null) {
     this.#dir = dir;
     this.maxBytes = maxBytes;
+    this.quota = quota;
     makeDirs(dir);
     this.sweep();
     this.#sweeper = setInterval(() => {
@@ -276,16 +346,31 @@ export class FileStore {
    * makes it one, else it is removed as a leftover); refused past maxBytes, nothing kept.
    */
   async receive(content: Readable): Promise<string> {
+    const room = this.quota === null ? Infinity : this.quota.maxBytes - this.quota.used(true);
+    if (room <= 0) {
+      content.resume();
+      throw this.quota!.refusal("no upload fits");
+    }
     const tmp = join(this.#dir, `upload-${randomBytes(12).toString("hex")}.tmp`);
+    let bytes = 0;
+    const count = new Transform({
+      transform: (chunk: Buffer, _, done) => {
+        bytes += chunk.length;
+        if (bytes > room) done(this.quota!.refusal(`the upload does not fit (${room} bytes left)`));
+        else done(null, chunk);
+      },
+    });
     try {
-      await pipeline(content, createWriteStream(tmp));
+      await pipeline(content, count, createWriteStream(tmp));
       if ((content as { truncated?: boolean }).truncated) throw tooLarge(this.maxBytes);
     } catch (err) {
       rmSync(tmp, { force: true });
+      content.resume(); // (the rest of the request read and dropped)
       if ((err as { code?: string }).code === "FST_REQ_FILE_TOO_LARGE")
         throw tooLarge(this.maxBytes);
       throw err;
     }
+    this.quota?.grew(bytes);
     return tmp;
   }
 

@@ -394,8 +394,34 @@ export class GatewayMetrics {
    * The Batch API (ADR 0049): lines running here, and lines answered by outcome (completed,
    * failed, retried: answered 429 or 503 and run again), collected at each scrape.
    */
-  addBatches(stats: () => { running: number; lines: Record<string, number> }): void {
+  addBatches(
+    stats: () => {
+      running: number;
+      lines: Record<string, number>;
+      /** The files folder's bytes and bound (null: no --files-max-total). */
+      folderBytes: number | null;
+      folderMaxBytes: number | null;
+    },
+  ): void {
     const registers = [this.registry];
+    new Gauge({
+      name: "expertmesh_gateway_files_bytes",
+      help: "Bytes the files folder (--files-dir: uploads, batches, their answers) holds, counted with --files-max-total only.",
+      registers,
+      collect() {
+        const v = stats().folderBytes;
+        if (v !== null) this.set(v);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_files_max_bytes",
+      help: "How much the files folder may hold (--files-max-total): past it uploads and new batches are refused (507) and batch lines wait.",
+      registers,
+      collect() {
+        const v = stats().folderMaxBytes;
+        if (v !== null) this.set(v);
+      },
+    });
     new Gauge({
       name: "expertmesh_gateway_batch_lines_running",
       help: "Lines of batches this gateway runs now (at most --batch-concurrency).",

@@ -395,10 +395,16 @@ export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
   return d > 0 && diskSharedClaim === undefined ? d + PREFIX_DISK_HEADROOM : 0;
 }
 
-/** The emptyDir size of a gateway's files and batches (0: none, a shared claim, or prefill). */
+/**
+ * The emptyDir size of a gateway's files and batches (0: none, a shared claim, or prefill):
+ * storageBytes, which the gateway keeps the folder under (--files-max-total), and room for
+ * what crosses it before the gateway sees it full (answers being written, a count 2 s old),
+ * so that the kubelet never evicts the pod for it.
+ */
 export function batchVolumeBytes(model: DeepSeekModel, role: GatewayRole): number {
   const b = model.spec.gateway.batch;
-  return role === "gateway" && b !== undefined && b.sharedClaim === undefined ? b.storageBytes : 0;
+  if (role !== "gateway" || b === undefined || b.sharedClaim !== undefined) return 0;
+  return b.storageBytes + Math.ceil(b.storageBytes / 20) + 64 * 2 ** 20;
 }
 
 /**
@@ -630,7 +636,7 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
       ? []
       : batch.sharedClaim !== undefined
         ? [{ name: "batch", persistentVolumeClaim: { claimName: batch.sharedClaim } }]
-        : [{ name: "batch", emptyDir: { sizeLimit: String(batch.storageBytes) } }];
+        : [{ name: "batch", emptyDir: { sizeLimit: String(batchVolumeBytes(model, role)) } }];
   const gwContainer = {
     ...gw,
     volumeMounts: [

@@ -87,6 +87,8 @@ export const ERROR_CODES = {
   EM_GATEWAY_FILE_NOT_FOUND:
     "a file id this gateway does not keep (deleted, another API key's, or another gateway's) (HTTP 404)",
   EM_GATEWAY_FILE_TOO_LARGE: "an uploaded file is larger than --files-max-bytes (HTTP 413)",
+  EM_GATEWAY_FILES_FULL:
+    "the files folder holds --files-max-total bytes (spec.gateway.batch.storageBytes): an upload or a new batch that would take it past that is refused until files are deleted or expire (HTTP 507)",
   EM_GATEWAY_FILES_OFF:
     "the Files and Batch APIs on a gateway started without --files-dir (a manifest without spec.gateway.batch) (HTTP 404)",
   EM_GATEWAY_BATCH_NOT_FOUND:

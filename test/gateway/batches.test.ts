@@ -4,7 +4,7 @@
 // the lines named, a cancel stops a batch, and a gateway started again on the same folder
 // finishes the batches it finds, each line answered once.
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import Anthropic from "@anthropic-ai/sdk";
@@ -573,6 +573,74 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       expect(answered("failed")).toBe(0);
       expect(answered("retried")).toBe(Number(rejected?.[1]));
       expect(metrics).toMatch(/^expertmesh_gateway_batch_lines_running 0$/m);
+    } finally {
+      await g.close();
+    }
+  });
+
+  it("--files-max-total: an upload past it and a batch while the folder is full get 507 with nothing kept; running lines wait for room, then finish", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-full-"));
+    const max = 200_000;
+    const g = await startGateway(dir, {
+      files: { dir: folder, maxBytes: 1 << 20, maxTotalBytes: max, batchConcurrency: 1 },
+    });
+    // (the official client retries a 5xx: not this one, to see the first answer)
+    const client = new OpenAI({ apiKey: "x", baseURL: `${g.url}/v1`, maxRetries: 0 });
+    const used = () => {
+      let sum = 0;
+      for (const sub of ["files", "batches"])
+        for (const n of readdirSync(join(folder, sub))) sum += statSync(join(folder, sub, n)).size;
+      return sum;
+    };
+    const fill = (bytes: number) => upload(client, "x".repeat(bytes), "filler.jsonl");
+    try {
+      const big = await fill(150_000);
+      const before = used();
+      await expect(fill(60_000)).rejects.toMatchObject({
+        status: 507,
+        code: "EM_GATEWAY_FILES_FULL",
+      });
+      expect(used()).toBe(before); // (the refused upload left nothing)
+      // A batch of 200 lines, its answers about 700 bytes each: room for a few of them.
+      const lines = Array.from({ length: 200 }, (_, i) =>
+        chatLine(`l${i}`, "Say hello.", { max_tokens: 2 }),
+      );
+      const input = await upload(client, jsonl(lines));
+      await client.files.delete(big.id);
+      const room = await fill(max - used() - 3000);
+      const b = await client.batches.create({
+        input_file_id: input.id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+      });
+      // Full: no more lines start, the batch waits in progress.
+      const stuck = await waitFor("the lines stopped", async () => {
+        const a = await client.batches.retrieve(b.id);
+        await new Promise((r) => setTimeout(r, 2500));
+        const c = await client.batches.retrieve(b.id);
+        return c.request_counts!.completed === a.request_counts!.completed &&
+          c.request_counts!.completed > 0
+          ? c
+          : undefined;
+      });
+      expect(stuck.status).toBe("in_progress");
+      expect(stuck.request_counts!.completed).toBeLessThan(200);
+      expect(g.logs.join("\n")).toContain("the files folder is full");
+      await expect(
+        client.batches.create({
+          input_file_id: input.id,
+          endpoint: "/v1/chat/completions",
+          completion_window: "24h",
+        }),
+      ).rejects.toMatchObject({ status: 507, code: "EM_GATEWAY_FILES_FULL" });
+      const metrics = await (await fetch(`${g.url}/metrics`)).text();
+      expect(metrics).toMatch(/expertmesh_gateway_files_bytes \d+/);
+      expect(metrics).toContain(`expertmesh_gateway_files_max_bytes ${max}`);
+      // Room made: the lines go on, each answered once.
+      await client.files.delete(room.id);
+      const done = await settled(client, b.id);
+      expect(done.status).toBe("completed");
+      expect(done.request_counts).toEqual({ total: 200, completed: 200, failed: 0 });
     } finally {
       await g.close();
     }

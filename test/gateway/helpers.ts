@@ -50,8 +50,8 @@ export interface TestGatewayOptions extends Partial<GatewayConfig> {
   logRequests?: boolean;
   /** A chat template in place of the tokenizer's (--chat-template). */
   chatTemplate?: string;
-  /** The Files and Batch APIs (--files-dir, --files-max-bytes, --batch-concurrency). */
-  files?: { dir: string; maxBytes: number; batchConcurrency: number };
+  /** The Files and Batch APIs (--files-dir, --files-max-bytes, --files-max-total, --batch-concurrency). */
+  files?: { dir: string; maxBytes: number; maxTotalBytes?: number; batchConcurrency: number };
 }
 
 export async function startGateway(dir: string, o: TestGatewayOptions = {}): Promise<TestGateway> {

@@ -632,8 +632,9 @@ describe("desiredObjects", () => {
     [
       "an emptyDir each",
       "{ concurrency: 4 }",
-      { name: "batch", emptyDir: { sizeLimit: "10737418240" } },
-      "10737418240",
+      // 10 GiB, and 5% and 64 MiB for answers written before the gateway sees it full
+      { name: "batch", emptyDir: { sizeLimit: String(10737418240 + 536870912 + 67108864) } },
+      String(10737418240 + 536870912 + 67108864),
     ],
     [
       "a shared claim",
@@ -659,6 +660,7 @@ describe("desiredObjects", () => {
       expect(flags).toEqual([
         "--files-dir=/var/lib/expertmesh/batch",
         `--files-max-bytes=${batch.includes("1000") ? 1000 : 209715200}`,
+        "--files-max-total=10737418240",
         `--batch-concurrency=${batch.includes("concurrency: 4") ? 4 : 8}`,
       ]);
       expect(gw.containers[0].resources.requests["ephemeral-storage"]).toBe(storage);

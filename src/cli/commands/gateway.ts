@@ -173,6 +173,9 @@ ${natsAuthUsage(26)}
                             batches and their outputs are kept in DIR, and a restart on the same
                             DIR goes on with the batches it finds (default: those routes refuse)
   --files-max-bytes N       largest upload to /v1/files (default 209715200, OpenAI's 200 MB)
+  --files-max-total N       most bytes DIR may hold: an upload past it, or a new batch while it
+                            is full, is refused (507 EM_GATEWAY_FILES_FULL) and batch lines wait
+                            (default 0: no bound)
   --batch-concurrency N     a batch's lines in flight at once, over all batches (default 8;
                             with --scheduling-policy priority they run at priority 1000)
   --tool-call-parser NAME   the model's tool-call format: deepseek-v3 (V3, R1; default) or
@@ -280,6 +283,7 @@ export const gatewayCommand: Command = {
         "responses-store": { type: "string" },
         "files-dir": { type: "string" },
         "files-max-bytes": { type: "string" },
+        "files-max-total": { type: "string" },
         "batch-concurrency": { type: "string" },
         "block-size": { type: "string" },
         "prefix-caching": { type: "boolean" },
@@ -385,7 +389,7 @@ export const gatewayCommand: Command = {
     const responsesStore = int(values["responses-store"], "--responses-store", 1000, 0);
     const filesDir = values["files-dir"];
     if (filesDir === undefined)
-      for (const flag of ["files-max-bytes", "batch-concurrency"] as const)
+      for (const flag of ["files-max-bytes", "files-max-total", "batch-concurrency"] as const)
         if (values[flag] !== undefined) usage(`--${flag} needs --files-dir DIR`);
     if (filesDir !== undefined) checkFilesDir(filesDir); // (before minutes of loading)
     const files =
@@ -394,6 +398,7 @@ export const gatewayCommand: Command = {
         : {
             dir: filesDir,
             maxBytes: int(values["files-max-bytes"], "--files-max-bytes", 200 * 2 ** 20),
+            maxTotalBytes: int(values["files-max-total"], "--files-max-total", 0, 0),
             batchConcurrency: int(values["batch-concurrency"], "--batch-concurrency", 8),
           };
     const specMethod = values["speculative-method"] ?? "ngram";
