@@ -96,3 +96,46 @@ export function denseLoadBytes(ckpt: Checkpoint, withExperts: boolean): number {
     if (withExperts || !EXPERT.test(name)) bytes += ckpt.tensorInfo(name).byteLength;
   return bytes;
 }
+
+export interface StatusLine {
+  /** Seconds since the line was made. */
+  seconds(): number;
+  /** Shows `render()`: at most every 200 ms on a terminal, else every 10 s. */
+  update(render: () => string): void;
+  /**
+   * The end: `text` as the last line (on a terminal it replaces the one shown; else written
+   * unless it is the last one written); without `text`, the line shown stays.
+   */
+  end(text?: string): void;
+}
+
+/**
+ * A line of progress on stderr for commands that wait (`fetch`, `batch`): rewritten in place
+ * on a terminal, else a line every 10 s, so that a Job's log shows it without flooding.
+ */
+export function statusLine(
+  o: { tty?: boolean; write?: (s: string) => void; now?: () => number } = {},
+): StatusLine {
+  const tty = o.tty ?? process.stderr.isTTY === true;
+  const write = o.write ?? ((s: string) => process.stderr.write(s));
+  const now = o.now ?? Date.now;
+  const t0 = now();
+  let last: number | null = null;
+  let shown = "";
+  return {
+    seconds: () => (now() - t0) / 1000,
+    update(render) {
+      const t = now();
+      if (last !== null && t - last < (tty ? 200 : 10_000)) return;
+      last = t;
+      shown = render();
+      write(tty ? `\r\x1b[K${shown}` : `${shown}\n`);
+    },
+    end(text) {
+      if (text === undefined) {
+        if (tty && last !== null) write("\n");
+      } else if (tty) write(`\r\x1b[K${text}\n`);
+      else if (text !== shown) write(`${text}\n`);
+    },
+  };
+}

@@ -26,7 +26,7 @@ import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ExpertMeshError } from "../util/errors.ts";
-import { makeDirs } from "../util/fs.ts";
+import { makeDirs, writeFileAtomic } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
 /**
@@ -185,11 +185,9 @@ export function readJson<T>(path: string): T | undefined {
   }
 }
 
-/** Writes a JSON file whole (a temporary file renamed over it: readers never see half). */
+/** Writes a JSON file whole (writeFileAtomic: readers never see half). */
 export function writeJson(path: string, v: unknown): void {
-  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
-  writeFileSync(tmp, JSON.stringify(v));
-  renameSync(tmp, path);
+  writeFileAtomic(path, JSON.stringify(v));
 }
 
 /**

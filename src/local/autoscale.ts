@@ -9,13 +9,13 @@
 //
 // Gateways scale too when `up` runs its front (src/local/front.ts, the gateways' Service here:
 // localGateways says when); otherwise the gateway role is never shown to the autoscaler.
-import { renameSync, writeFileSync } from "node:fs";
 import { Registry } from "prom-client";
 import type { DeepSeekModel } from "../api/schema.ts";
 import type { PlacementPlan } from "../moe/placement.ts";
 import { serializePlan } from "../moe/plan-json.ts";
 import { Autoscaler, type WorkloadView } from "../operator/autoscale/autoscaler.ts";
 import type { RoleKey } from "../operator/autoscale/load.ts";
+import { writeFileAtomic } from "../util/fs.ts";
 
 /**
  * The processes of each role ("gateway", "prefill", "shard-<k>"), as the autoscaler sees and
@@ -178,9 +178,7 @@ export class LocalAutoscaler {
     if (this.#stopped) return;
     const next = this.#autoscaler.planFor(this.#key);
     if (next && next.version > this.#plan.version) {
-      const tmp = `${this.#o.planPath}.tmp`;
-      writeFileSync(tmp, serializePlan(next));
-      renameSync(tmp, this.#o.planPath);
+      writeFileAtomic(this.#o.planPath, serializePlan(next));
       this.#plan = next;
       this.#o.say(
         `plan v${next.version} written to ${this.#o.planPath}: processes started from now on load it`,

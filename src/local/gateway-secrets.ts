@@ -5,11 +5,11 @@
 // updates a mounted Secret and the pods' gateways read it again. spec.env's valueFrom
 // variables are read at start, in a pod as here: a new value starts everything again under
 // `up --watch` (src/local/watch.ts), as the operator rolls every role's pods onto it (ADR 0048).
-import { renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { DeepSeekModel } from "../api/schema.ts";
 import { parseApiKeys } from "../gateway/api-keys.ts";
 import { ExpertMeshError } from "../util/errors.ts";
+import { writeFileAtomic } from "../util/fs.ts";
 import type { LocalObjects } from "./objects.ts";
 
 /** A value read from a -f file's Secret or ConfigMap, and the file. */
@@ -102,8 +102,7 @@ export function writeGatewaySecretFiles(
 ): string[] {
   const write = (file: string, text: string) => {
     const path = join(dir, version === 0 ? file : `${file}.${version}`);
-    writeFileSync(`${path}.new`, text, { mode: 0o600 });
-    renameSync(`${path}.new`, path);
+    writeFileAtomic(path, text, 0o600);
     return path;
   };
   const args: string[] = [];

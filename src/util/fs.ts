@@ -1,5 +1,6 @@
 // File-system helpers where Node's own fall short.
-import { mkdirSync, statSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 
 /**
@@ -17,6 +18,22 @@ export function makeDirs(dir: string): void {
     if (code !== "ENOENT" || parent === dir || exists(parent)) throw err;
     makeDirs(parent);
     mkdirSync(dir);
+  }
+}
+
+/**
+ * Writes `text` to `path` whole: a temporary file beside it renamed over it, so a reader (or
+ * a process started meanwhile) sees the old content or the new, never half. `mode`: the new
+ * file's permissions.
+ */
+export function writeFileAtomic(path: string, text: string, mode?: number): void {
+  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
+  try {
+    writeFileSync(tmp, text, mode === undefined ? {} : { mode });
+    renameSync(tmp, path);
+  } catch (err) {
+    rmSync(tmp, { force: true });
+    throw err;
   }
 }
 

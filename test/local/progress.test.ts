@@ -1,12 +1,13 @@
 // The progress bars of `expertmesh up` without processes: the text of one bar or plain line
 // for given states and widths, when plain lines are due, the line protocol children use,
-// the board that draws them (terminal and plain), and the children's reporter, whose byte
-// totals are checked against a real tiny checkpoint.
+// the board that draws them (terminal and plain), the children's reporter, whose byte
+// totals are checked against a real tiny checkpoint, and the status line of `fetch` and
+// `batch`.
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it, vi } from "vitest";
-import { denseLoadBytes, expertLoad, loadProgress } from "../../src/cli/progress.ts";
+import { denseLoadBytes, expertLoad, loadProgress, statusLine } from "../../src/cli/progress.ts";
 import {
   type BarState,
   emptyBar,
@@ -414,5 +415,59 @@ describe("loadProgress (the children's side)", () => {
     expect(gateway).toBeGreaterThan(0);
     expect(gateway + all.bytes).toBe(denseLoadBytes(ckpt, true));
     expect(denseLoadBytes(ckpt, true)).toBe(summary.tensorBytes);
+  });
+});
+
+describe("statusLine (fetch, batch)", () => {
+  // [what, tty, updates at (ms, text), end text, written]
+  it.each<[string, boolean, [number, string][], string | undefined, string[]]>([
+    [
+      "a terminal: rewritten at most every 200 ms, the end replaces it",
+      true,
+      [
+        [0, "a"],
+        [100, "b"],
+        [250, "c"],
+      ],
+      "done",
+      ["\r\x1b[Ka", "\r\x1b[Kc", "\r\x1b[Kdone\n"],
+    ],
+    [
+      "a terminal, no end text: the line shown stays",
+      true,
+      [[0, "a"]],
+      undefined,
+      ["\r\x1b[Ka", "\n"],
+    ],
+    ["a terminal, nothing shown, no end text: nothing", true, [], undefined, []],
+    [
+      "a log: a line every 10 s, the end once more when it changed",
+      false,
+      [
+        [0, "a"],
+        [5000, "b"],
+        [10_000, "c"],
+      ],
+      "done",
+      ["a\n", "c\n", "done\n"],
+    ],
+    ["a log: the end not repeated", false, [[0, "a"]], "a", ["a\n"]],
+  ])("%s", (_, tty, updates, end, written) => {
+    const out: string[] = [];
+    let t = 0;
+    const line = statusLine({ tty, write: (s) => out.push(s), now: () => t });
+    for (const [at, text] of updates) {
+      t = at;
+      line.update(() => text);
+    }
+    line.end(end);
+    expect(out).toEqual(written);
+  });
+
+  it("counts seconds from its making", () => {
+    let t = 1000;
+    const line = statusLine({ tty: false, write: () => {}, now: () => t });
+    t = 3500;
+    expect(line.seconds()).toBe(2.5);
   });
 });

@@ -7,6 +7,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
 import { parseArgs } from "node:util";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { statusLine } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { baseUrl } from "./bench.ts";
 
@@ -198,30 +199,16 @@ function firstUrl(input: Buffer, name: string): string {
   throw usage(`${name}: the first line has no "url" (or give --endpoint)`);
 }
 
-/** The batch's progress on stderr: rewritten in place on a terminal, else every 10 s. */
+/** The batch's progress on stderr (statusLine: rewritten on a terminal, else every 10 s). */
 function progressLine(id: string) {
-  const tty = process.stderr.isTTY === true;
-  const t0 = Date.now();
-  let last = 0;
-  let shown = "";
+  const status = statusLine();
   const line = (b: Batch) => {
     const { total, completed, failed } = b.request_counts;
-    const s = ((Date.now() - t0) / 1000).toFixed(0);
     const pct = total > 0 ? ` (${((100 * (completed + failed)) / total).toFixed(0)} %)` : "";
-    return `${id}: ${b.status}, ${completed + failed} of ${total} lines${pct}${failed > 0 ? `, ${failed} failed` : ""}, ${s} s`;
+    return `${id}: ${b.status}, ${completed + failed} of ${total} lines${pct}${failed > 0 ? `, ${failed} failed` : ""}, ${status.seconds().toFixed(0)} s`;
   };
   return {
-    update(b: Batch) {
-      const now = Date.now();
-      if (now - last < (tty ? 200 : 10_000)) return;
-      last = now;
-      shown = line(b);
-      process.stderr.write(tty ? `\r\x1b[K${shown}` : `${shown}\n`);
-    },
-    end(b: Batch) {
-      const final = line(b);
-      if (tty) process.stderr.write(`\r\x1b[K${final}\n`);
-      else if (final !== shown) process.stderr.write(`${final}\n`);
-    },
+    update: (b: Batch) => status.update(() => line(b)),
+    end: (b: Batch) => status.end(line(b)),
   };
 }

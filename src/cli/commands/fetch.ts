@@ -8,6 +8,7 @@ import { hubDownload, hubSnapshot } from "../../local/hf-hub.ts";
 import { formatBytes } from "../../local/progress.ts";
 import { cacheDir } from "../../util/cache-dir.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
+import { statusLine } from "../progress.ts";
 import type { Command } from "../registry.ts";
 
 const USAGE = `expertmesh fetch REPO [--revision REV] [--dir DIR | --models-dir DIR] [--no-verify]
@@ -37,26 +38,16 @@ export const fetchCommand: Command = {
 
 const REPO = /^[A-Za-z0-9][A-Za-z0-9._-]*\/[A-Za-z0-9][A-Za-z0-9._-]*$/;
 
-/** Progress on stderr: a rewritten line on a terminal, else a line every 10 s (a Job's log). */
+/** Progress on stderr (statusLine: rewritten on a terminal, else every 10 s, a Job's log). */
 function progressLine(label: string) {
-  const tty = process.stderr.isTTY === true;
-  const t0 = Date.now();
-  let last = 0;
-  const line = (done: number, total: number) => {
-    const s = (Date.now() - t0) / 1000;
-    const pct = total > 0 ? ` (${((100 * done) / total).toFixed(1)} %)` : "";
-    return `${label}: ${formatBytes(done)} of ${formatBytes(total)}${pct}, ${s.toFixed(0)} s`;
-  };
+  const status = statusLine();
   return {
-    update(done: number, total: number) {
-      const now = Date.now();
-      if (now - last < (tty ? 200 : 10_000)) return;
-      last = now;
-      process.stderr.write(tty ? `\r\x1b[K${line(done, total)}` : `${line(done, total)}\n`);
-    },
-    end() {
-      if (tty && last > 0) process.stderr.write("\n");
-    },
+    update: (done: number, total: number) =>
+      status.update(() => {
+        const pct = total > 0 ? ` (${((100 * done) / total).toFixed(1)} %)` : "";
+        return `${label}: ${formatBytes(done)} of ${formatBytes(total)}${pct}, ${status.seconds().toFixed(0)} s`;
+      }),
+    end: () => status.end(),
   };
 }
 
