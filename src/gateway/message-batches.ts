@@ -69,6 +69,9 @@ export function messageBatchInput(body: unknown): string {
   return `${lines.join("\n")}\n`;
 }
 
+/** Ended batches whose counts a gateway keeps (each a few numbers). */
+const ENDED_COUNTS_KEPT = 10_000;
+
 /** A line of a batch's output or error file. */
 interface Answer {
   custom_id: string;
@@ -127,20 +130,42 @@ export function messageBatchesRoutes(
   };
   const inputIds = (b: BatchObject) => lines(b.input_file_id).map((l) => l.custom_id);
 
+  type Counts = {
+    processing: number;
+    succeeded: number;
+    errored: number;
+    canceled: number;
+    expired: number;
+  };
+  /**
+   * The counts of ended batches by result type (an ended batch never changes: its files are
+   * read once, not at every GET or list), the oldest forgotten past ENDED_COUNTS_KEPT.
+   */
+  const endedCounts = new Map<string, Counts>();
+  const countsOf = (b: BatchObject): Counts => {
+    const known = endedCounts.get(b.id);
+    if (known) return { ...known };
+    const counts = { processing: 0, succeeded: 0, errored: 0, canceled: 0, expired: 0 };
+    for (const r of messageBatchResults(
+      b,
+      inputIds(b),
+      lines(b.output_file_id),
+      lines(b.error_file_id),
+    ))
+      counts[r.result["type"] as "succeeded" | "errored" | "canceled" | "expired"]++;
+    endedCounts.set(b.id, counts);
+    if (endedCounts.size > ENDED_COUNTS_KEPT)
+      endedCounts.delete(endedCounts.keys().next().value as string);
+    return { ...counts };
+  };
+
   /** The batch as Anthropic's MessageBatch (results_url on this gateway, as it was reached). */
   const view = (req: FastifyRequest, b: BatchObject) => {
     const ended = !["validating", "in_progress", "cancelling", "finalizing"].includes(b.status);
     const id = messageBatchId(b.id);
-    const counts = { processing: 0, succeeded: 0, errored: 0, canceled: 0, expired: 0 };
-    if (!ended) counts.processing = b.request_counts.total;
-    else
-      for (const r of messageBatchResults(
-        b,
-        inputIds(b),
-        lines(b.output_file_id),
-        lines(b.error_file_id),
-      ))
-        counts[r.result["type"] as "succeeded" | "errored" | "canceled" | "expired"]++;
+    const counts = ended
+      ? countsOf(b)
+      : { processing: b.request_counts.total, succeeded: 0, errored: 0, canceled: 0, expired: 0 };
     const proto =
       req.headers["x-forwarded-proto"] === "https" || req.protocol === "https" ? "https" : "http";
     return {
@@ -235,8 +260,9 @@ export function messageBatchesRoutes(
       return view(req, on().batches.cancel(owner(req), batchIdOf(req.params.id)));
     });
     app.delete<{ Params: { id: string } }>("/v1/messages/batches/:id", async (req) => {
-      find(req);
-      on().batches.delete(owner(req), batchIdOf(req.params.id));
+      const b = find(req);
+      on().batches.delete(owner(req), b.id);
+      endedCounts.delete(b.id);
       return { id: req.params.id, type: "message_batch_deleted" };
     });
     app.get<{ Params: { id: string } }>("/v1/messages/batches/:id/results", async (req, reply) => {
