@@ -1,5 +1,4 @@
-import { createServer, type Server as HttpServer, type RequestListener } from "node:http";
-import { createServer as createHttpsServer } from "node:https";
+import { createServer, type RequestListener } from "node:http";
 import { hostname } from "node:os";
 import type { Server as TlsServer } from "node:tls";
 import { parseArgs } from "node:util";
@@ -33,7 +32,6 @@ import {
 import { readServingTls, ServingCertificate } from "../../gateway/serving-tls.ts";
 import { startingHandler } from "../../gateway/starting.ts";
 import { TOOL_CALL_FORMATS, type ToolCallFormat } from "../../gateway/tool-calls.ts";
-import { otlpProtocol, Tracing, tracesUrl, tracingFromEnv } from "../../gateway/tracing.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
 import { modelArchitectureOf } from "../../model/config.ts";
 import {
@@ -72,6 +70,7 @@ import { denseLoadBytes, loadProgress } from "../progress.ts";
 import type { Command } from "../registry.ts";
 import { Startup } from "../startup.ts";
 import { stopSignals } from "../stop-signals.ts";
+import { gatewayServer, gatewayTracing, publishQueueStats, stopGateway } from "./gateway-parts.ts";
 
 /**
  * How often the gateway looks at its TLS and API keys files for a change: 10 s (the kubelet
@@ -473,44 +472,15 @@ export const gatewayCommand: Command = {
       instance: id,
       who: `gateway ${id}`,
     });
-    const tracesEndpoint = values["otlp-traces-endpoint"];
-    const sampleRatio = numberFlag(
-      values["otlp-traces-sample-ratio"],
-      "--otlp-traces-sample-ratio",
-      1,
-    );
-    if (values["otlp-traces-sample-ratio"] !== undefined && !tracesEndpoint && !tracingFromEnv())
-      usage(
-        "--otlp-traces-sample-ratio needs --otlp-traces-endpoint URL (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
-      );
-    const tracesProtocol = otlpProtocol(values["otlp-traces-protocol"]);
-    if (values["otlp-traces-protocol"] !== undefined && !tracesEndpoint && !tracingFromEnv())
-      usage(
-        "--otlp-traces-protocol needs --otlp-traces-endpoint URL (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)",
-      );
-    const tracing =
-      tracesEndpoint !== undefined || tracingFromEnv()
-        ? new Tracing({
-            ...(tracesEndpoint !== undefined
-              ? { url: tracesUrl(tracesEndpoint, tracesProtocol) }
-              : {}),
-            protocol: tracesProtocol,
-            sampleRatio,
-            serviceName: disaggregation === "prefill" ? "expertmesh-prefill" : "expertmesh-gateway",
-            resource: {
-              "service.version": packageVersion(),
-              "service.instance.id": id,
-              "expertmesh.model": `${ref.namespace}/${ref.model}`,
-              "expertmesh.role": disaggregation === "prefill" ? "prefill" : "gateway",
-            },
-            log,
-          })
-        : undefined;
-    if (tracing)
-      log(
-        `OpenTelemetry traces to ${tracing.url ?? "the OTEL_EXPORTER_OTLP_* endpoint"} (OTLP/${tracesProtocol === "grpc" ? "gRPC" : "HTTP"})` +
-          (sampleRatio < 1 ? ` (${sampleRatio} of the requests that start a trace)` : ""),
-      );
+    const tracing = gatewayTracing({
+      endpoint: values["otlp-traces-endpoint"],
+      sampleRatio: values["otlp-traces-sample-ratio"],
+      protocol: values["otlp-traces-protocol"],
+      id,
+      ref,
+      prefill: disaggregation === "prefill",
+      log,
+    });
     const signals = stopSignals(log);
 
     const selected = selectBackend(
@@ -531,19 +501,7 @@ export const gatewayCommand: Command = {
     const startup = new Startup({ role: "gateway", registry: startupRegistry });
     startup.watchStalls(stallSeconds, exitOnStall(log));
     let handle: RequestListener = startingHandler(startup, startupRegistry);
-    // With a client CA, a client without a certificate it signed is refused at the handshake.
-    const server: HttpServer = servingTls
-      ? (createHttpsServer(
-          {
-            cert: servingTls.cert,
-            key: servingTls.key,
-            ...(servingTls.clientCa
-              ? { ca: servingTls.clientCa, requestCert: true, rejectUnauthorized: true }
-              : {}),
-          },
-          (req, res) => handle(req, res),
-        ) as unknown as HttpServer)
-      : createServer((req, res) => handle(req, res));
+    const server = gatewayServer(servingTls, () => handle);
     await listenOn(server, httpPort, host, "--http-port");
     const scheme = servingTls ? "https" : "http";
     // One certificate for both APIs; a renewal reaches new connections.
@@ -874,103 +832,54 @@ export const gatewayCommand: Command = {
         (grpc ? `; gRPC (KServe v2) on :${grpc.port}` : "") +
         `; weights ${weightsId} (started in ${startup.elapsedSeconds.toFixed(1)} s)`,
     );
-    // Queue depth for the operator's autoscaler, once a second.
-    const statsTimer = setInterval(() => {
-      if (!nc || nc.isClosed()) return;
-      const s = ctx.engine.stats;
-      // A prefill gateway's queue is its own role's (the autoscaler's gateway role is the
-      // gateways that serve clients).
-      const role = disaggregation === "prefill" ? "prefill" : "gateway";
-      nc.publish(
-        subjects.stats(ref, role, id),
-        JSON.stringify({
-          role,
-          id,
-          waiting: s.numWaiting,
-          ...(prefillClient ? { prefilling: s.numPrefilling } : {}),
-          running: s.numRunning,
-          kvUsage: s.kvUsage,
-          ...(experts instanceof RemoteExperts ? { planVersion: experts.plan.version } : {}),
-          timestamp: Date.now(),
-        }),
-      );
-    }, 1000);
-    statsTimer.unref();
-
-    let stopping = false;
-    let endDelay = () => {};
-    const stop = async (sig: string) => {
-      if (stopping) {
-        // A second signal during the delay: stop now.
-        endDelay();
-        return;
-      }
-      stopping = true;
-      if (shutdownDelayS > 0) {
-        // Kubernetes removes the pod from its Service's endpoints while it stops, not before:
-        // requests keep arriving for a moment, and a closed port would refuse them.
+    const statsTimer = publishQueueStats({
+      nc: () => nc,
+      ref,
+      id,
+      role: disaggregation === "prefill" ? "prefill" : "gateway",
+      engine: ctx.engine,
+      offloadsPrefill: prefillClient !== undefined,
+      planVersion: () => (experts instanceof RemoteExperts ? experts.plan.version : undefined),
+    });
+    const tierName = [
+      values["prefix-cache-disk"],
+      remoteBucket === undefined ? undefined : `bucket '${remoteBucket}'`,
+    ]
+      .filter((t) => t !== undefined)
+      .join(" and ");
+    const stop = stopGateway({
+      log,
+      delayS: shutdownDelayS,
+      timeoutS: shutdownTimeoutS,
+      drain: () => {
         draining = true;
-        log(`${sig}: not ready; still serving for ${shutdownDelayS} s, then stopping`);
-        await new Promise<void>((res) => {
-          const t = setTimeout(res, shutdownDelayS * 1000);
-          endDelay = () => {
-            clearTimeout(t);
-            res();
-          };
-        });
-      }
-      log(`${sig}: stopping (finishing requests in flight)`);
-      clearInterval(statsTimer);
-      certificate?.stop();
-      apiKeys.stop();
-      // Requests still running after --shutdown-timeout are cut (gRPC calls get a clean
-      // CANCELLED status; HTTP connections are closed), before the pod's termination grace
-      // ends in SIGKILL, which would also skip the prefix cache's writes and the NATS drain.
-      // The app does not close a server it was given: closing it waits for open requests.
-      const closed = new Promise<void>((res) => server.close(() => res()));
-      server.closeIdleConnections();
-      const cut = setTimeout(() => {
-        log(`requests still running after ${shutdownTimeoutS} s: cut`);
-        server.closeAllConnections();
-      }, shutdownTimeoutS * 1000);
+      },
+      server,
+      stopWatching: () => {
+        clearInterval(statsTimer);
+        certificate?.stop();
+        apiKeys.stop();
+      },
       // Prefill jobs taken are finished and answered (decode gateways wait for them).
-      await Promise.all([
-        app.close(),
-        closed,
-        grpc?.close(shutdownTimeoutS * 1000),
-        prefillWorker?.close(),
-      ]);
-      prefillClient?.close();
-      // The last requests' spans go out before the process does.
-      await tracing?.shutdown();
-      clearTimeout(cut);
-      await ctx.encoder.close();
-      const tierName = [
-        values["prefix-cache-disk"],
-        remoteBucket === undefined ? undefined : `bucket '${remoteBucket}'`,
-      ]
-        .filter((t) => t !== undefined)
-        .join(" and ");
-      if (tierName !== "") {
-        try {
-          const n = await ctx.engine.persistPrefixes();
-          log(`prefix cache: ${n} blocks written to ${tierName} for the next start`);
-        } catch (e) {
-          // Not a reason to skip the rest of the stop.
-          log(`prefix cache: not written (${formatError(e)})`);
-        }
-        await ctx.engine.close();
-      }
-      metricsServer.close();
-      try {
-        await nc?.drain();
-      } catch (e) {
-        // NATS went away first (stopped with us): nothing is left to flush.
-        log(`NATS connection lost while stopping (${formatError(e)})`);
-      }
-      log("stopped");
-      process.exit(); // 0, or 1 after signals.fail
-    };
+      closeServing: () =>
+        Promise.all([app.close(), grpc?.close(shutdownTimeoutS * 1000), prefillWorker?.close()]),
+      closeAfter: async () => {
+        prefillClient?.close();
+        // The last requests' spans go out before the process does.
+        await tracing?.shutdown();
+        await ctx.encoder.close();
+      },
+      prefixTiers:
+        tierName === ""
+          ? null
+          : {
+              name: tierName,
+              persist: () => ctx.engine.persistPrefixes(),
+              close: () => ctx.engine.close(),
+            },
+      metricsServer,
+      nc: () => nc,
+    });
     signals.serving((why) => void stop(why));
     await new Promise(() => {});
     return 0;
