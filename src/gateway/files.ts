@@ -20,6 +20,7 @@ import {
   statSync,
   writeFileSync,
 } from "node:fs";
+import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { type Readable, Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
@@ -32,24 +33,58 @@ import { ApiError } from "./errors.ts";
 /**
  * How much a files folder (its files/ and batches/) may hold: uploads that would take it past
  * `maxBytes` are refused, batches are refused and their lines wait while it is full (an
- * emptyDir past its sizeLimit gets the pod evicted). Counted by walking the folder (a file
- * hard-linked twice once) at most every 2 s, and what this process writes as it writes it
- * (another gateway's writes to a shared folder: at the next walk).
+ * emptyDir past its sizeLimit gets the pod evicted). The folder is walked (a file
+ * hard-linked twice counted once) at start, then every 2 s off the event loop (stat calls
+ * on libuv's threads: a walk of 10,000 files takes ~100 ms), and what this process writes is
+ * counted as it writes it; another gateway's writes to a shared folder count at the next walk.
  */
 export class FolderQuota {
   readonly #root: string;
   readonly maxBytes: number;
-  #at = 0;
-  #used = 0;
+  #used: number;
+  /** Bytes written since the walk under way began (it may or may not have seen them). */
+  #grownDuring = 0;
+  #walking = false;
+  readonly #timer: NodeJS.Timeout;
 
-  constructor(root: string, maxBytes: number) {
+  constructor(root: string, maxBytes: number, everyMs = 2000) {
     this.#root = root;
     this.maxBytes = maxBytes;
+    this.#used = this.#walkSync();
+    this.#timer = setInterval(() => void this.#refresh(), everyMs);
+    this.#timer.unref();
   }
 
-  /** Bytes the folder holds (as counted within the last 2 s, unless `fresh`). */
-  used(fresh = false): number {
-    if (!fresh && Date.now() - this.#at < 2000) return this.#used;
+  /** Stops walking (the gateway stops). */
+  close(): void {
+    clearInterval(this.#timer);
+  }
+
+  /** Bytes the folder holds: the last walk's count and what this process wrote since. */
+  used(): number {
+    return this.#used;
+  }
+
+  /** Counts `bytes` this process wrote to the folder (removed: negative). */
+  grew(bytes: number): void {
+    this.#used += bytes;
+    this.#grownDuring += bytes;
+  }
+
+  /** Whether the folder holds maxBytes or more. */
+  full(): boolean {
+    return this.#used >= this.maxBytes;
+  }
+
+  /** The refusal of what would take the folder past maxBytes. */
+  refusal(what: string): ApiError {
+    return new ApiError(
+      "EM_GATEWAY_FILES_FULL",
+      `${what}: the files folder holds ${this.#used} of the ${this.maxBytes} bytes it may (--files-max-total; a manifest's spec.gateway.batch.storageBytes); delete files (DELETE /v1/files/{id}) or wait for some to expire`,
+    );
+  }
+
+  #walkSync(): number {
     const seen = new Set<string>();
     let sum = 0;
     for (const sub of ["files", "batches"]) {
@@ -62,38 +97,46 @@ export class FolderQuota {
       }
       for (const name of names) {
         try {
-          const st = statSync(join(dir, name));
-          const key = `${st.dev}:${st.ino}`;
-          if (seen.has(key)) continue;
-          seen.add(key);
-          sum += st.size;
+          sum += counted(seen, statSync(join(dir, name)));
         } catch {
           // (removed meanwhile)
         }
       }
     }
-    this.#at = Date.now();
-    this.#used = sum;
     return sum;
   }
 
-  /** Counts `bytes` this process wrote to the folder (before the next walk sees them). */
-  grew(bytes: number): void {
-    this.#used += bytes;
+  async #refresh(): Promise<void> {
+    if (this.#walking) return;
+    this.#walking = true;
+    this.#grownDuring = 0;
+    try {
+      const seen = new Set<string>();
+      let sum = 0;
+      for (const sub of ["files", "batches"]) {
+        const dir = join(this.#root, sub);
+        const names = await readdir(dir).catch(() => [] as string[]);
+        for (let i = 0; i < names.length; i += 64) {
+          const stats = await Promise.all(
+            names.slice(i, i + 64).map((n) => stat(join(dir, n)).catch(() => null)),
+          );
+          for (const st of stats) if (st) sum += counted(seen, st);
+        }
+      }
+      // (writes during the walk: counted again when it saw them too, until the next walk)
+      this.#used = sum + this.#grownDuring;
+    } finally {
+      this.#walking = false;
+    }
   }
+}
 
-  /** Whether the folder holds maxBytes or more. */
-  full(): boolean {
-    return this.used() >= this.maxBytes;
-  }
-
-  /** The refusal of what would take the folder past maxBytes. */
-  refusal(what: string): ApiError {
-    return new ApiError(
-      "EM_GATEWAY_FILES_FULL",
-      `${what}: the files folder holds ${this.used()} of the ${this.maxBytes} bytes it may (--files-max-total; a manifest's spec.gateway.batch.storageBytes); delete files (DELETE /v1/files/{id}) or wait for some to expire`,
-    );
-  }
+/** A file's size the first time its inode is seen (a hard link: 0 the second time). */
+function counted(seen: Set<string>, st: { dev: number; ino: number; size: number }): number {
+  const key = `${st.dev}:${st.ino}`;
+  if (seen.has(key)) return 0;
+  seen.add(key);
+  return st.size;
 }
 
 /** A file as OpenAI's API describes it. */
@@ -241,9 +284,10 @@ export class FileStore {
     this.#sweeper.unref();
   }
 
-  /** Stops sweeping (the gateway stops). */
+  /** Stops sweeping and counting (the gateway stops). */
   close(): void {
     clearInterval(this.#sweeper);
+    this.quota?.close();
   }
 
   /** Removes expired files and leftovers (an upload cut short, a half-made file) of an hour. */
@@ -344,7 +388,7 @@ export class FileStore {
    * makes it one, else it is removed as a leftover); refused past maxBytes, nothing kept.
    */
   async receive(content: Readable): Promise<string> {
-    const room = this.quota === null ? Infinity : this.quota.maxBytes - this.quota.used(true);
+    const room = this.quota === null ? Infinity : this.quota.maxBytes - this.quota.used();
     if (room <= 0) {
       content.resume();
       throw this.quota!.refusal("no upload fits");
@@ -421,8 +465,19 @@ export class FileStore {
 
   #remove(id: string): void {
     this.#known.delete(id);
-    rmSync(join(this.#dir, `${id}.json`), { force: true });
-    rmSync(this.path(id), { force: true });
+    let freed = 0;
+    for (const path of [join(this.#dir, `${id}.json`), this.path(id)]) {
+      try {
+        // (a content a batch still links to frees nothing yet)
+        const st = statSync(path);
+        if (st.nlink === 1) freed += st.size;
+      } catch {
+        continue; // (removed meanwhile)
+      }
+      rmSync(path, { force: true });
+    }
+    // Room made now, not at the next walk: an upload right after a delete fits.
+    this.quota?.grew(-freed);
   }
 }
 

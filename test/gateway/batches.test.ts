@@ -4,13 +4,22 @@
 // the lines named, a cancel stops a batch, and a gateway started again on the same folder
 // finishes the batches it finds, each line answered once.
 import { spawn } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import {
+  linkSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { FileStore } from "../../src/gateway/files.ts";
+import { FileStore, FolderQuota } from "../../src/gateway/files.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
 import { runGatewayToExit, startGatewayProcess } from "../support/gateway-process.ts";
@@ -162,6 +171,35 @@ describe("/v1/files: expiry", () => {
     }
     // The gateway that knew it finds it gone from the folder.
     await expect(gw.client.files.retrieve(f.id)).rejects.toMatchObject({ status: 404 });
+  });
+});
+
+describe("FolderQuota", () => {
+  it("counts the folder at start and again as it changes (a hard link once), and what the process says it wrote", async () => {
+    const root = mkdtempSync(join(testEnv().runDir, "quota-"));
+    mkdirSync(join(root, "files"));
+    mkdirSync(join(root, "batches"));
+    writeFileSync(join(root, "files", "a"), "x".repeat(1000));
+    const q = new FolderQuota(root, 3000, 50);
+    try {
+      expect(q.used()).toBe(1000);
+      expect(q.full()).toBe(false);
+      q.grew(500); // (written, not walked yet)
+      expect(q.used()).toBe(1500);
+      // Another process writes; a batch links a file (no more bytes on disk).
+      writeFileSync(join(root, "batches", "b"), "y".repeat(2000));
+      linkSync(join(root, "files", "a"), join(root, "batches", "a.input"));
+      await waitFor("the walk", async () => (q.used() === 3000 ? true : undefined));
+      expect(q.full()).toBe(true);
+      expect(q.refusal("no upload fits")).toMatchObject({
+        code: "EM_GATEWAY_FILES_FULL",
+        status: 507,
+      });
+      rmSync(join(root, "batches", "b"));
+      await waitFor("the walk", async () => (q.used() === 1000 ? true : undefined));
+    } finally {
+      q.close();
+    }
   });
 });
 
