@@ -755,6 +755,13 @@ describe("expertmesh batch", () => {
     expect(r.stderr.match(/completed, 3 of 3 lines \(100 %\), 1 failed/g)).toHaveLength(1);
     const answers = readFileSync(join(d, "answers.jsonl"), "utf8").trim().split("\n");
     expect(answers.map((l) => JSON.parse(l).custom_id).sort()).toEqual(["x", "y"]);
+    // The tokens of the answers, as the batch's usage sums them.
+    const sum = (k: string) =>
+      answers.reduce((a, l) => a + JSON.parse(l).response.body.usage[k], 0);
+    expect(r.stderr).toContain(
+      `2 answer(s) in ${join(d, "answers.jsonl")} (${sum("prompt_tokens")} prompt tokens`,
+    );
+    expect(r.stderr).toContain(`, ${sum("completion_tokens")} generated)`);
     const errors = readFileSync(join(d, "answers.errors.jsonl"), "utf8").trim().split("\n");
     expect(JSON.parse(errors[0]!)).toMatchObject({
       custom_id: "z",

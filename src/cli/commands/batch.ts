@@ -44,6 +44,12 @@ interface Batch {
   error_file_id: string | null;
   errors: { data: { line: number | null; code: string; message: string }[] } | null;
   request_counts: { total: number; completed: number; failed: number };
+  /** The answers' tokens (absent from a gateway before batches reported it). */
+  usage?: {
+    input_tokens: number;
+    output_tokens: number;
+    input_tokens_details?: { cached_tokens: number };
+  };
 }
 
 const usage = (m: string) => new ExpertMeshError("EM_CLI_USAGE", m);
@@ -171,7 +177,12 @@ async function runBatch(argv: string[]): Promise<number> {
       : await call<string>("GET", `/v1/files/${b.output_file_id}/content`);
   writeFileSync(out, answers);
   const { completed, failed, total } = b.request_counts;
-  say(`${completed} answer(s) in ${out}`);
+  const u = b.usage;
+  const tokens =
+    u && completed > 0
+      ? ` (${u.input_tokens} prompt tokens${u.input_tokens_details?.cached_tokens ? `, ${u.input_tokens_details.cached_tokens} of them cached` : ""}, ${u.output_tokens} generated)`
+      : "";
+  say(`${completed} answer(s) in ${out}${tokens}`);
   if (b.error_file_id !== null) {
     writeFileSync(errorsPath, await call<string>("GET", `/v1/files/${b.error_file_id}/content`));
     say(`${failed} failed line(s) in ${errorsPath}`);
