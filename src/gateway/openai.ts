@@ -184,7 +184,8 @@ function unsupported(fields: Record<string, unknown>): void {
     );
 }
 
-function checkModel(ctx: ServeContext, model: string): void {
+/** 404 EM_GATEWAY_UNKNOWN_MODEL for a model other than the one served. */
+export function checkModel(ctx: ServeContext, model: string): void {
   if (model !== ctx.servedModelName)
     throw new ApiError(
       "EM_GATEWAY_UNKNOWN_MODEL",

@@ -17,7 +17,15 @@ import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
-import { bind, chatLogprob, chatRun, eventStream, usageOf } from "./openai.ts";
+import {
+  bind,
+  chatLogprob,
+  chatPrompt,
+  chatRun,
+  checkModel,
+  eventStream,
+  usageOf,
+} from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
@@ -106,6 +114,17 @@ export const ResponsesRequest = Type.Object({
   ...VLLM_OUTPUT_FIELDS,
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
+
+/**
+ * POST /v1/responses/input_tokens: the fields of a response whose prompt is counted, the
+ * model optional (OpenAI's; `truncation` is accepted: "auto" never drops input here).
+ */
+const InputTokensRequest = Type.Object({
+  ...ResponsesRequest.properties,
+  model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+  truncation: Type.Optional(Nullable(Type.String())),
+});
+type InputTokensRequest = Static<typeof InputTokensRequest>;
 
 const bad = (message: string, param: string): ApiError =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
@@ -659,6 +678,20 @@ export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
       { schema: { body: ResponsesRequest } },
       (req, reply) => respond(ctx, store, running, req, reply),
     );
+    app.post<{ Body: InputTokensRequest }>(
+      "/v1/responses/input_tokens",
+      { schema: { body: InputTokensRequest } },
+      async (req) => {
+        const b = req.body;
+        if (b.model != null) checkModel(ctx, b.model);
+        const before = previousConversation(store, b.previous_response_id);
+        const { chat } = chatRequestOf({ ...b, model: b.model ?? ctx.servedModelName }, before);
+        const { prompt } = await chatPrompt(ctx, chat).catch((err: unknown) => {
+          throw renameParam(err, PARAMS);
+        });
+        return { object: "response.input_tokens", input_tokens: prompt.length };
+      },
+    );
     app.post<{ Params: { id: string } }>("/v1/responses/:id/cancel", async (req) => {
       const id = req.params.id;
       const r = running.get(id);
@@ -731,6 +764,23 @@ interface Running {
   last(): object;
 }
 
+/** The conversation a request continues (previous_response_id: a finished response kept). */
+function previousConversation(
+  store: ResponseStore,
+  id: string | null | undefined,
+): readonly ChatMessage[] {
+  if (id == null) return [];
+  const kept = store.get(id);
+  if (!kept) throw notFound(id, "previous_response_id");
+  const status = (kept.response as { status?: string }).status;
+  if (status === "in_progress")
+    throw bad(
+      `response '${id.slice(0, 80)}' is still in progress (background): continue it once it has finished`,
+      "previous_response_id",
+    );
+  return kept.conversation;
+}
+
 async function respond(
   ctx: ServeContext,
   store: ResponseStore,
@@ -739,18 +789,7 @@ async function respond(
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  let before: readonly ChatMessage[] = [];
-  if (b.previous_response_id != null) {
-    const kept = store.get(b.previous_response_id);
-    if (!kept) throw notFound(b.previous_response_id, "previous_response_id");
-    const status = (kept.response as { status?: string }).status;
-    if (status === "in_progress")
-      throw bad(
-        `response '${b.previous_response_id.slice(0, 80)}' is still in progress (background): continue it once it has finished`,
-        "previous_response_id",
-      );
-    before = kept.conversation;
-  }
+  const before = previousConversation(store, b.previous_response_id);
   if (b.background && (b.store === false || store.capacity < 1))
     throw bad(
       "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",

@@ -483,6 +483,60 @@ describe("POST /v1/responses", () => {
     ).toBe(404);
   });
 
+  it("counts a request's input tokens (input_tokens): the usage.input_tokens the same response gets, a continued conversation's too", async () => {
+    const tools = [
+      {
+        type: "function" as const,
+        name: "weather",
+        description: "The weather in a city.",
+        parameters: { type: "object", properties: { city: { type: "string" } } },
+        strict: false,
+      },
+    ];
+    const request = {
+      model: "tiny",
+      instructions: "Be brief.",
+      input: [{ role: "user" as const, content: "Name a color." }],
+      tools,
+    };
+    const counted = await gw.client.responses.inputTokens.count(request);
+    expect(counted.object).toBe("response.input_tokens");
+    const answered = await gw.client.responses.create({
+      ...request,
+      max_output_tokens: 4,
+      temperature: 0,
+    });
+    expect(counted.input_tokens).toBe(answered.usage!.input_tokens);
+    // No model: the one served; with previous_response_id: the conversation before it too.
+    const next = await gw.client.responses.inputTokens.count({
+      previous_response_id: answered.id,
+      input: "Another one?",
+    });
+    const continued = await gw.client.responses.create({
+      model: "tiny",
+      previous_response_id: answered.id,
+      input: "Another one?",
+      max_output_tokens: 2,
+    });
+    expect(next.input_tokens).toBe(continued.usage!.input_tokens);
+    const alone = await gw.client.responses.inputTokens.count({ input: "Another one?" });
+    expect(next.input_tokens).toBeGreaterThan(alone.input_tokens);
+    // Another model, a response not kept, no input: refused as the create refuses them.
+    for (const [body, status, param] of [
+      [{ model: "gpt-none", input: "hi" }, 404, "model"],
+      [{ previous_response_id: "resp_none", input: "hi" }, 404, "previous_response_id"],
+      [{ input: [] }, 400, null],
+    ] as const) {
+      const e = (await gw.client.responses.inputTokens
+        .count(body as never)
+        .catch((err: unknown) => err)) as { status: number; param: string | null };
+      expect([e.status, status === 400 ? status : e.param]).toEqual([
+        status,
+        status === 400 ? 400 : param,
+      ]);
+    }
+  });
+
   it("lists a kept response's input items: newest first, in pages, with ids (input_items)", async () => {
     const r = await gw.client.responses.create({
       model: "tiny",
