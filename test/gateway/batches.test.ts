@@ -762,6 +762,12 @@ describe("expertmesh batch", () => {
       `2 answer(s) in ${join(d, "answers.jsonl")} (${sum("prompt_tokens")} prompt tokens`,
     );
     expect(r.stderr).toContain(`, ${sum("completion_tokens")} generated)`);
+    // Its files (input, output, errors) are removed from the gateway once written here.
+    expect(r.stderr).toContain("3 file(s) removed from the gateway");
+    const id = /batch (batch_[0-9a-f]+):/.exec(r.stderr)![1]!;
+    const b = await gw.client.batches.retrieve(id);
+    for (const f of [b.input_file_id, b.output_file_id!, b.error_file_id!])
+      await expect(gw.client.files.retrieve(f)).rejects.toMatchObject({ status: 404 });
     const errors = readFileSync(join(d, "answers.errors.jsonl"), "utf8").trim().split("\n");
     expect(JSON.parse(errors[0]!)).toMatchObject({
       custom_id: "z",
@@ -811,6 +817,7 @@ describe("expertmesh batch", () => {
       "batch",
       `--url=${gw.url}`,
       "--poll=0.1",
+      "--keep-files",
       "-i",
       input,
       "-o",
@@ -833,6 +840,11 @@ describe("expertmesh batch", () => {
     const kept = readFileSync(join(d, "out.jsonl"), "utf8").trim().split("\n").filter(Boolean);
     expect(kept.length).toBeGreaterThan(0);
     expect(kept.length).toBeLessThan(60);
+    // --keep-files: the batch's files stay on the gateway.
+    const b = await gw.client.batches.retrieve(id);
+    expect((await gw.client.files.retrieve(b.output_file_id!)).id).toBe(b.output_file_id);
+    expect((await gw.client.files.retrieve(b.input_file_id)).id).toBe(b.input_file_id);
+    expect(err).not.toContain("removed from the gateway");
   });
 });
 

@@ -356,7 +356,13 @@ describe("request spans", () => {
     let answered: unknown;
     await new Promise<void>((resolve, reject) => {
       const s: ClientReadableStream<any> = (client as any).ChatStream(
-        { model: "tiny", messages: [{ role: "user", content: "Hi!" }], max_tokens: 4 },
+        // (greedy: sampled, the answer may end before its 4 tokens)
+        {
+          model: "tiny",
+          messages: [{ role: "user", content: "Hi!" }],
+          max_tokens: 4,
+          temperature: 0,
+        },
         md,
       );
       s.on("metadata", (m: Metadata) => {

@@ -1159,7 +1159,10 @@ spec:
         const kv0 = await waitFor("a bucket of 3 replicas", async () =>
           new Kvm(nc0).create("cluster-test", { replicas: 3 }).catch(() => undefined),
         );
-        await kv0.put("k", "written before the loss");
+        // (under load the bucket's stream may still be electing its leader: no responders)
+        await waitFor("the value written", async () =>
+          kv0.put("k", "written before the loss").catch(() => undefined),
+        );
         await nc0.close();
         await servers[0]!.stop();
         const nc2 = await connect({ servers: `nats://127.0.0.1:${ports[2]!.client}` });

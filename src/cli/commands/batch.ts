@@ -25,6 +25,9 @@ const USAGE = `expertmesh batch -i REQUESTS.jsonl -o ANSWERS.jsonl [--url URL] [
   --api-key KEY     sent as a bearer token (default $OPENAI_API_KEY)
   --poll SECONDS    how often the batch's progress is asked for (default 1)
   --detach          print the batch's id once it is created, and leave it to run
+  --keep-files      leave the uploaded file and the batch's output and error files on the
+                    gateway (default: removed once the answers are written, as they count
+                    against its folder's bound)
 
 Progress on stderr: a line rewritten in place on a terminal, else a line every 10 s. Exit
 code 0 when every line succeeded, 2 when some failed (their answers in --errors), 1 when the
@@ -66,6 +69,7 @@ async function runBatch(argv: string[]): Promise<number> {
       "api-key": { type: "string" },
       poll: { type: "string" },
       detach: { type: "boolean" },
+      "keep-files": { type: "boolean" },
     },
     strict: true,
   });
@@ -122,11 +126,32 @@ async function runBatch(argv: string[]): Promise<number> {
   form.append("purpose", "batch");
   form.append("file", new Blob([new Uint8Array(input)]), basename(values.i));
   const file = await call<{ id: string }>("POST", "/v1/files", form);
-  const created = await call<Batch>("POST", "/v1/batches", {
-    input_file_id: file.id,
-    endpoint,
-    completion_window: "24h",
-  });
+  /** Removes the batch's files from the gateway (unless --keep-files); says so. */
+  const removeFiles = async (ids: (string | null)[]) => {
+    if (values["keep-files"]) return;
+    let removed = 0;
+    for (const id of ids)
+      if (id !== null)
+        removed += await call("DELETE", `/v1/files/${id}`).then(
+          () => 1,
+          () => 0, // (gone already, or the gateway unreachable: it expires)
+        );
+    if (removed > 0)
+      process.stderr.write(
+        `${removed} file(s) removed from the gateway (--keep-files keeps them)\n`,
+      );
+  };
+  let created: Batch;
+  try {
+    created = await call<Batch>("POST", "/v1/batches", {
+      input_file_id: file.id,
+      endpoint,
+      completion_window: "24h",
+    });
+  } catch (err) {
+    await removeFiles([file.id]); // (no batch: nothing will read it)
+    throw err;
+  }
   const say = (s: string) => process.stderr.write(`${s}\n`);
   say(`batch ${created.id}: ${basename(values.i)} uploaded as ${file.id}, ${endpoint} on ${base}`);
   if (values.detach) {
@@ -167,6 +192,7 @@ async function runBatch(argv: string[]): Promise<number> {
     for (const e of b.errors?.data ?? [])
       say(`  ${e.line === null ? "" : `line ${e.line}: `}${e.code}: ${e.message}`);
     say(`batch ${b.id} failed: nothing ran`);
+    await removeFiles([file.id]);
     return 1;
   }
   const out = values.o!;
@@ -187,6 +213,7 @@ async function runBatch(argv: string[]): Promise<number> {
     writeFileSync(errorsPath, await call<string>("GET", `/v1/files/${b.error_file_id}/content`));
     say(`${failed} failed line(s) in ${errorsPath}`);
   }
+  await removeFiles([file.id, b.output_file_id, b.error_file_id]);
   if (b.status !== "completed") {
     say(
       `batch ${b.id} ${b.status}${cancelled ? "" : " on the gateway"}: ${total - completed - failed} line(s) not run`,
