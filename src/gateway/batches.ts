@@ -11,32 +11,21 @@
 // file as batch_expired).
 //
 // Everything a batch is lives in the files folder: batches/<id>.json (the object, written by
-// the gateway that runs it), its answers as they come (<id>.output.jsonl, <id>.errors.jsonl),
-// a lease (<id>.lease: which gateway runs it, renewed every few seconds) and a cancel mark
-// (<id>.cancel, from any gateway). Every gateway on the folder answers for every batch, and
-// looks for unfinished batches whose lease ran out (a gateway that stopped or died; a
-// restarted one finds its own): it takes the lease and goes on where the answers end, running
-// again only lines with no answer written. A line may so run twice (its first answer is kept),
-// never be lost.
+// the gateway that holds it), a lease (<id>.lease: which gateway holds it, renewed every few
+// seconds), a cancel mark (<id>.cancel, from any gateway), and its lines' answers as they
+// come, by parts (batch-runner.ts: every gateway on the folder with room runs parts of it,
+// each part's answers in its own files). Every gateway on the folder answers for every batch,
+// and looks for unfinished batches whose lease ran out (a gateway that stopped or died; a
+// restarted one finds its own): it takes the lease, counts the answers written, and ends the
+// batch once every line has one; parts go on where their answers end. A line may so run
+// twice (its first answer is kept), never be lost.
 import { randomBytes } from "node:crypto";
-import {
-  closeSync,
-  copyFileSync,
-  existsSync,
-  linkSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  truncateSync,
-  writeFileSync,
-  writeSync,
-} from "node:fs";
-import { hostname } from "node:os";
+import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs } from "../util/fs.ts";
+import { append, Leases, linkOrCopy, parseAnswer, readAnswers } from "./batch-folder.ts";
+import { type OpenBatch, PartRunner, partCount, partLines, partPath } from "./batch-runner.ts";
 import { ApiError } from "./errors.ts";
 import {
   expiresAfter,
@@ -285,25 +274,6 @@ export interface LineAnswer {
 /** Runs one request through the gateway's routes (app.inject, in app.ts). */
 export type RunLine = (url: BatchEndpoint, body: Record<string, unknown>) => Promise<LineAnswer>;
 
-/** A batch this gateway runs (holds the lease of). */
-interface Held extends Saved {
-  /** The requests, once validated. */
-  lines: BatchLine[] | null;
-  /** custom_ids whose answer is written. */
-  done: Set<string>;
-  /** The next line to look at. */
-  next: number;
-  inflight: number;
-  /** Lines to run again (answered 429 or 503), once their wait is over. */
-  again: BatchLine[];
-  /** Lines waiting to run again. */
-  waiting: number;
-  /** Counts or status changed since the object was last written. */
-  dirty: boolean;
-  /** Another gateway took the lease (this one was too slow to renew it): nothing more starts. */
-  lost: boolean;
-}
-
 /** batches/<id>.json. */
 interface Saved {
   batch: BatchObject;
@@ -311,39 +281,31 @@ interface Saved {
   ms: number;
   /** The output and error files expire this long after they are made (null, absent: never). */
   outputTtlS?: number | null;
+  /**
+   * Lines per part (batch-runner.ts), set once the batch is validated; absent: not validated
+   * yet, or made before batches had parts (its answers, in <id>.output.jsonl and
+   * <id>.errors.jsonl, are moved into its parts' files by the gateway that takes it up).
+   */
+  partLines?: number;
 }
 
-/** batches/<id>.lease: the gateway that runs the batch, and when it last said so. */
-interface Lease {
-  holder: string;
-  host: string;
-  pid: number;
-  at: number;
-}
-
-/** The Batches of this process (their leases are not a dead process's). */
-const LIVE = new Set<string>();
-
-/** Whether process `pid` of this host runs. */
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
+/** A batch this gateway holds the lease of: it validates it, counts its answers, ends it. */
+interface Held extends Saved {
+  /** The requests, once validated. */
+  lines: BatchLine[] | null;
+  /** custom_ids with an answer in a part's files (counted once). */
+  seen: Set<string>;
+  /** Per part: the bytes of its output and error files read, and its lines answered. */
+  parts: { read: { output: number; errors: number }; answered: number }[];
+  /** Counts or status changed since the object was last written. */
+  dirty: boolean;
 }
 
 const BATCH_ID = /^batch_[0-9a-f]{24}$/;
+/** A part's file (batch-runner.ts partPath): removed with a batch that ended. */
+const PART_FILE = /^(batch_[0-9a-f]{24})\.p\d+\.(lease|output\.jsonl|errors\.jsonl)$/;
 const now = () => Math.floor(Date.now() / 1000);
 const UNFINISHED = new Set<BatchStatus>(["validating", "in_progress", "cancelling", "finalizing"]);
-
-/**
- * Answers that say "later" (the admission queue full, the shards unreachable: 429, 503): the
- * line runs again after a wait (1 s, doubling, at most MAX_WAIT_MS) until the batch expires.
- */
-const LATER = new Set([429, 503]);
-const MAX_WAIT_MS = 30_000;
 
 export interface BatchesOptions {
   /** The files folder (batches/ is made in it). */
@@ -354,7 +316,7 @@ export interface BatchesOptions {
   concurrency: number;
   /** A lease not renewed for this long is taken over (default 30 s; renewed every sixth). */
   leaseMs?: number;
-  /** How often the folder is looked at for batches to take over (default 5 s). */
+  /** How often the folder is looked at for batches to take over or help with (default 5 s). */
   scanMs?: number;
   log?: (line: string) => void;
 }
@@ -362,32 +324,42 @@ export interface BatchesOptions {
 export class Batches {
   readonly #o: BatchesOptions;
   readonly #dir: string;
-  readonly #leaseMs: number;
-  /** This gateway, in the leases it holds. */
-  readonly #me = randomBytes(8).toString("hex");
-  readonly #host = hostname();
+  readonly #leases: Leases;
+  readonly #runner: PartRunner;
   readonly #held = new Map<string, Held>();
   /** Batches seen done (their objects never change again): not read again by #scan. */
   readonly #final = new Set<string>();
-  #inflight = 0;
   #closed = false;
-  /** How often each line was answered "later" (LATER). */
-  readonly #tries = new WeakMap<BatchLine, number>();
   readonly #timers: NodeJS.Timeout[] = [];
   #renewedAt = 0;
-  /** No line starts: the files folder is full (FolderQuota); looked at again every second. */
-  #roomWait = false;
 
   /** Starts looking after the folder's batches (now, then every scanMs). */
   constructor(o: BatchesOptions) {
     this.#o = o;
     this.#dir = join(o.dir, "batches");
-    this.#leaseMs = o.leaseMs ?? 30_000;
+    this.#leases = new Leases(o.leaseMs ?? 30_000);
     makeDirs(this.#dir);
-    LIVE.add(this.#me);
+    this.#runner = new PartRunner({
+      dir: this.#dir,
+      leases: this.#leases,
+      quota: o.files.quota,
+      run: o.run,
+      concurrency: o.concurrency,
+      busyMs: o.scanMs ?? 5000,
+      lines: (b) => this.#held.get(b.id)?.lines ?? this.#lines(b.id, b.endpoint),
+      wrote: (id, k) => {
+        const h = this.#held.get(id);
+        if (h?.lines) this.#collect(h, k);
+      },
+      ended: (id) => {
+        const h = this.#held.get(id);
+        if (h) this.#check(h);
+      },
+      ...(o.log ? { log: o.log } : {}),
+    });
     const tick = setInterval(
       () => this.#safely("the lease renewal", () => this.#tick()),
-      Math.min(1000, this.#leaseMs / 6),
+      Math.min(1000, this.#leases.ms / 6),
     );
     const scan = setInterval(
       () => this.#safely("a look for batches", () => this.#scan()),
@@ -399,7 +371,7 @@ export class Batches {
     setImmediate(() => this.#safely("a look for batches", () => this.#scan()));
   }
 
-  /** A new batch of `owner`'s (validated next, then run here). */
+  /** A new batch of `owner`'s (validated next, then run here and by the folder's others). */
   create(
     owner: string,
     req: {
@@ -468,7 +440,8 @@ export class Batches {
       }); // (deleted meanwhile)
     }
     // The lease first: no other gateway takes a batch it sees before this one runs it.
-    if (!this.#take(batch.id)) throw new Error(`the lease of a new batch ${batch.id} is taken`);
+    if (this.#leases.take(this.#path(batch.id, "lease")) !== "taken")
+      throw new Error(`the lease of a new batch ${batch.id} is taken`);
     const h = this.#hold({ batch, owner, ms, outputTtlS: req.outputTtlS ?? null });
     this.#save(h);
     this.#run(h);
@@ -491,8 +464,8 @@ export class Batches {
   }
 
   /**
-   * Stops `owner`'s batch `id`: a cancel mark that the gateway running it reads (at once here,
-   * within a second elsewhere); no more of its lines start, those running finish.
+   * Stops `owner`'s batch `id`: a cancel mark that every gateway running its lines reads (at
+   * once here, within a second elsewhere); no more of its lines start, those running finish.
    */
   cancel(owner: string, id: string): BatchObject {
     const s = this.#find(owner, id);
@@ -500,6 +473,7 @@ export class Batches {
     if (status === "validating" || status === "in_progress") {
       const mark = join(this.#dir, `${id}.cancel`);
       if (readJson<{ at: number }>(mark) === undefined) writeJson(mark, { at: now() });
+      this.#runner.stop(id);
       const h = this.#held.get(id);
       if (h) this.#cancelled(h);
     } else if (status !== "cancelling" && status !== "cancelled")
@@ -530,8 +504,8 @@ export class Batches {
           // (deleted before)
         }
     this.#final.delete(id);
-    for (const kind of ["json", "cancel", "lease", "input", "output", "errors"] as const)
-      rmSync(this.#path(id, kind), { force: true });
+    for (const name of readdirSync(this.#dir))
+      if (name.startsWith(`${id}.`)) rmSync(join(this.#dir, name), { force: true });
   }
 
   /**
@@ -542,21 +516,24 @@ export class Batches {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    LIVE.delete(this.#me);
     for (const t of this.#timers) clearInterval(t);
+    this.#runner.close();
     for (const h of this.#held.values()) {
       if (h.dirty) this.#save(h);
-      this.#release(h.batch.id);
+      this.#leases.release(this.#path(h.batch.id, "lease"));
     }
+    this.#leases.close();
   }
 
-  /** Lines running now, over every batch this gateway runs. */
+  /** Lines running now, over every batch this gateway runs lines of. */
   get inflight(): number {
-    return this.#inflight;
+    return this.#runner.inflight;
   }
 
   /** Lines answered here since start, by outcome (metrics.ts addBatches). */
-  readonly answered = { completed: 0, failed: 0, retried: 0 };
+  get answered(): { completed: number; failed: number; retried: number } {
+    return this.#runner.answered;
+  }
 
   #path(id: string, kind: "json" | "lease" | "cancel" | "input" | "output" | "errors"): string {
     return join(
@@ -603,145 +580,129 @@ export class Batches {
     writeJson(this.#path(h.batch.id, "json"), saved(h));
   }
 
-  /** Takes the lease of batch `id` when no gateway holds it, or its holder let it run out. */
-  #take(id: string): boolean {
-    const path = this.#path(id, "lease");
-    const lease = readJson<Lease>(path);
-    if (lease !== undefined && !this.#stale(lease)) return false;
-    if (lease !== undefined) {
-      // Out of date: moved away by one gateway alone (the others' renames find nothing).
-      const stale = `${path}.${this.#me}.stale`;
-      try {
-        renameSync(path, stale);
-        rmSync(stale, { force: true });
-      } catch {
-        // (another gateway moved it first)
-      }
-    }
-    const mine = `${path}.${this.#me}.tmp`;
-    writeFileSync(mine, JSON.stringify(this.#lease()));
-    try {
-      linkSync(mine, path); // fails when the lease is there: one gateway gets it
-      return true;
-    } catch {
-      return false;
-    } finally {
-      rmSync(mine, { force: true });
-    }
-  }
-
-  #lease(): Lease {
-    return { holder: this.#me, host: this.#host, pid: process.pid, at: Date.now() };
-  }
-
-  /**
-   * Whether a lease may be taken: not renewed for leaseMs, or its gateway's process is gone
-   * (one of this host: a restarted container, a killed `up` gateway, go on at once).
-   */
-  #stale(lease: Lease): boolean {
-    if (Date.now() - lease.at >= this.#leaseMs) return true;
-    if (lease.host !== this.#host) return false;
-    return lease.pid === process.pid ? !LIVE.has(lease.holder) : !alive(lease.pid);
-  }
-
-  /** Renews the leases held; a batch whose lease another gateway took stops here. */
-  #renew(): void {
-    for (const h of this.#held.values()) {
-      const id = h.batch.id;
-      const lease = readJson<Lease>(this.#path(id, "lease"));
-      if (lease !== undefined && lease.holder !== this.#me) {
-        this.#o.log?.(
-          `batch ${id}: another gateway runs it now (its lease was not renewed in time)`,
-        );
-        h.lost = true;
-        this.#held.delete(id);
-        continue;
-      }
-      writeJson(this.#path(id, "lease"), this.#lease());
-    }
-  }
-
-  #release(id: string): void {
-    const path = this.#path(id, "lease");
-    if (readJson<Lease>(path)?.holder === this.#me) rmSync(path, { force: true });
-  }
-
   #hold(s: Saved): Held {
-    const h: Held = {
-      ...s,
-      lines: null,
-      done: new Set(),
-      next: 0,
-      inflight: 0,
-      again: [],
-      waiting: 0,
-      dirty: false,
-      lost: false,
-    };
+    const h: Held = { ...s, lines: null, seen: new Set(), parts: [], dirty: false };
     this.#held.set(s.batch.id, h);
     return h;
   }
 
-  /** Every second: leases renewed, counts written, cancel marks read. */
+  /** Every second: leases renewed, answers counted, cancel marks read, batches ended. */
   #tick(): void {
     if (this.#closed) return;
-    if (Date.now() - this.#renewedAt >= this.#leaseMs / 6) {
+    const renew = Date.now() - this.#renewedAt >= this.#leases.ms / 6;
+    if (renew) {
       this.#renewedAt = Date.now();
-      this.#renew();
+      for (const [id, h] of this.#held)
+        if (!this.#leases.renew(this.#path(id, "lease"))) {
+          this.#o.log?.(
+            `batch ${id}: another gateway holds it now (its lease was not renewed in time)`,
+          );
+          this.#held.delete(id);
+          h.lines = null;
+        }
     }
-    for (const h of this.#held.values()) {
-      const s = h.batch.status;
-      if (
-        (s === "validating" || s === "in_progress") &&
-        existsSync(this.#path(h.batch.id, "cancel"))
-      )
-        this.#cancelled(h);
-      if (h.dirty) this.#save(h);
-    }
-    if (this.#roomWait) this.#pump();
+    this.#runner.tick(renew);
+    for (const h of this.#held.values())
+      this.#safely(`batch ${h.batch.id}`, () => {
+        const s = h.batch.status;
+        if (
+          (s === "validating" || s === "in_progress") &&
+          existsSync(this.#path(h.batch.id, "cancel"))
+        )
+          this.#cancelled(h);
+        else this.#check(h);
+        if (h.dirty) this.#save(h);
+      });
   }
 
-  /** Takes over the folder's unfinished batches that no gateway runs. */
+  /**
+   * Every scanMs: takes up the folder's unfinished batches whose holder is gone, offers the
+   * lines of those in progress to this gateway's runner (they run here too when it has room),
+   * and removes the part files of batches that ended (a gateway paused past its lease may
+   * write a late answer after the end).
+   */
   #scan(): void {
     if (this.#closed) return;
     let taken = 0;
-    for (const name of readdirSync(this.#dir)) {
+    const names = readdirSync(this.#dir);
+    for (const name of names) {
       if (!name.endsWith(".json")) continue;
       const id = name.slice(0, -5);
       if (this.#held.has(id) || this.#final.has(id)) continue;
       const s = this.#load(id);
-      if (s && !UNFINISHED.has(s.batch.status)) {
+      if (s === undefined) continue;
+      if (!UNFINISHED.has(s.batch.status)) {
         this.#final.add(id);
+        this.#runner.withdraw(id);
         rmSync(this.#path(id, "input"), { force: true }); // (a stop at the end of #finish)
+        continue;
       }
-      if (!s || !UNFINISHED.has(s.batch.status) || !this.#take(id)) continue;
-      // (read again under the lease: its last holder may have written it since)
-      const h = this.#hold(this.#load(id) ?? s);
-      taken++;
-      if (h.batch.status === "validating" || h.batch.status === "in_progress") this.#run(h);
-      else this.#safely(`batch ${id}`, () => this.#finish(h));
+      if (this.#leases.take(this.#path(id, "lease")) === "taken") {
+        // (read again under the lease: its last holder may have written it since)
+        const h = this.#hold(this.#load(id) ?? s);
+        taken++;
+        if (h.batch.status === "validating" || h.batch.status === "in_progress") this.#run(h);
+        else this.#safely(`batch ${id}`, () => this.#finish(h));
+      } else if (s.batch.status === "in_progress" && s.partLines !== undefined) this.#offer(s);
+      else if (s.batch.status !== "validating") this.#runner.withdraw(id);
+    }
+    for (const name of names) {
+      const m = PART_FILE.exec(name);
+      if (m && this.#final.has(m[1]!)) rmSync(join(this.#dir, name), { force: true });
     }
     if (taken > 0) this.#o.log?.(`batches: ${taken} unfinished in ${this.#o.dir} go on here`);
   }
 
-  /** The cancel mark read: no more lines start; done once those running are. */
+  /** Batch `s`, in progress, to this gateway's runner (its lines run here when there is room). */
+  #offer(s: Saved): void {
+    this.#runner.offer(this.#open(s));
+  }
+
+  /** Batch `s` as the runner takes its parts. */
+  #open(s: Saved): OpenBatch {
+    const b = s.batch;
+    return {
+      id: b.id,
+      endpoint: b.endpoint,
+      expiresAt: b.expires_at,
+      total: b.request_counts.total,
+      partLines: s.partLines!,
+      ms: s.ms,
+    };
+  }
+
+  /** The cancel mark read: no more lines start; done once no part is running. */
   #cancelled(h: Held): void {
     const mark = readJson<{ at: number }>(this.#path(h.batch.id, "cancel"));
     h.batch.status = "cancelling";
     h.batch.cancelling_at = mark?.at ?? now();
     this.#save(h);
-    if (h.inflight === 0) this.#finish(h);
+    this.#runner.stop(h.batch.id);
+    this.#check(h);
+  }
+
+  /** Batch `id`'s input, read and checked (its own link to it, else the file itself). */
+  #parse(id: string, endpoint: BatchEndpoint): ReturnType<typeof parseBatchInput> {
+    // (a batch made before batches kept their input: the file itself)
+    const own = this.#path(id, "input");
+    const input = existsSync(own) ? own : this.#o.files.path(this.#load(id)!.batch.input_file_id);
+    return parseBatchInput(readFileSync(input, "utf8"), endpoint);
+  }
+
+  /** The lines of batch `id`, validated before (by the gateway that holds it). */
+  #lines(id: string, endpoint: BatchEndpoint): BatchLine[] {
+    const parsed = this.#parse(id, endpoint);
+    if ("errors" in parsed) throw new Error(`its input has ${parsed.errors.length} bad lines`);
+    return parsed.lines;
   }
 
   /** Reads and checks the input (again, when taken over), then runs it. */
   async #validate(h: Held): Promise<void> {
     await new Promise((r) => setImmediate(r)); // (the create's answer goes first)
     const b = h.batch;
-    let text: string;
+    let parsed: ReturnType<typeof parseBatchInput>;
     try {
-      // (a batch made before batches kept their input: the file itself)
-      const own = this.#path(b.id, "input");
-      text = readFileSync(existsSync(own) ? own : this.#o.files.path(b.input_file_id), "utf8");
+      parsed = this.#parse(b.id, b.endpoint);
     } catch {
       return this.#fail(h, [
         {
@@ -752,46 +713,132 @@ export class Batches {
         },
       ]);
     }
-    const parsed = parseBatchInput(text, b.endpoint);
     if (b.status !== "validating" && b.status !== "in_progress") return; // (cancelled meanwhile)
     if ("errors" in parsed) return this.#fail(h, parsed.errors);
-    h.lines = parsed.lines;
-    const model = parsed.lines[0]?.body["model"];
+    const lines = parsed.lines;
+    h.lines = lines;
+    const model = lines[0]?.body["model"];
     b.model = typeof model === "string" ? model.slice(0, 256) : null;
-    // The answers written before (by a gateway that stopped; a line it cut short is dropped).
-    const { completed, failed } = this.#written(h);
-    b.request_counts = { total: parsed.lines.length, completed, failed };
+    if (h.partLines === undefined) {
+      h.partLines = partLines(lines.length);
+      this.#unsplit(h);
+    }
+    h.parts = Array.from({ length: partCount(lines.length, h.partLines) }, () => ({
+      read: { output: 0, errors: 0 },
+      answered: 0,
+    }));
+    h.seen = new Set();
+    b.request_counts = { total: lines.length, completed: 0, failed: 0 };
+    b.usage = noUsage();
+    // The answers written before (by gateways that stopped or run parts still).
+    this.#collect(h);
     if (b.status === "validating") {
       b.status = "in_progress";
       b.in_progress_at = now();
     }
     this.#save(h);
-    this.#pump();
+    this.#offer(h);
+    this.#check(h);
   }
 
   /**
-   * The answers in `h`'s files so far (a cut last line removed): marks their lines done, sums
-   * their usage into the batch's.
+   * A batch taken up that was made before batches had parts: its answers, in one output and
+   * one error file, are moved into its parts' files (a stop midway: done again, and the
+   * answers twice are counted once).
    */
-  #written(h: Held): { completed: number; failed: number } {
-    const counts = { completed: 0, failed: 0 };
-    h.batch.usage = noUsage();
+  #unsplit(h: Held): void {
+    const id = h.batch.id;
+    const index = new Map(h.lines!.map((l, i) => [l.custom_id, i]));
     for (const kind of ["output", "errors"] as const) {
-      const path = this.#path(h.batch.id, kind);
-      if (!existsSync(path)) continue;
-      const text = readFileSync(path, "utf8");
-      const end = text.lastIndexOf("\n") + 1;
-      if (end < text.length) truncateSync(path, Buffer.byteLength(text.slice(0, end)));
-      for (const l of text.slice(0, end).split("\n")) {
-        const a = parseAnswer(l);
-        // (a damaged line: the request runs again)
-        if (a === null || h.done.has(a.custom_id)) continue;
-        h.done.add(a.custom_id);
-        counts[kind === "output" ? "completed" : "failed"]++;
-        if (kind === "output") addUsage(h.batch.usage, a.response?.body);
+      const path = this.#path(id, kind);
+      const byPart = new Map<number, string[]>();
+      for (const l of readAnswers(path, 0, true).split("\n")) {
+        const i = index.get(parseAnswer(l)?.custom_id ?? "");
+        if (i === undefined) continue;
+        const k = Math.floor(i / h.partLines!);
+        byPart.set(k, [...(byPart.get(k) ?? []), l]);
       }
+      for (const [k, ls] of byPart)
+        appendFileSync(partPath(this.#dir, id, k, kind), `${ls.join("\n")}\n`);
+      rmSync(path, { force: true });
     }
-    return counts;
+  }
+
+  /**
+   * Reads the answers the parts' files gained since the last read (whoever wrote them):
+   * counts each line's first, sums their usage.
+   */
+  #collect(h: Held, only?: number): void {
+    const b = h.batch;
+    h.parts.forEach((part, k) => {
+      if ((only !== undefined && k !== only) || part.answered >= this.#size(h, k)) return;
+      for (const kind of ["output", "errors"] as const) {
+        const text = readAnswers(partPath(this.#dir, b.id, k, kind), part.read[kind]);
+        if (text === "") continue;
+        part.read[kind] += Buffer.byteLength(text);
+        for (const l of text.split("\n")) {
+          const a = parseAnswer(l); // (a damaged line: its request runs again)
+          if (a === null || h.seen.has(a.custom_id)) continue;
+          h.seen.add(a.custom_id);
+          part.answered++;
+          b.request_counts[kind === "output" ? "completed" : "failed"]++;
+          if (kind === "output") addUsage(b.usage, a.response?.body);
+          h.dirty = true;
+        }
+      }
+    });
+  }
+
+  /** Lines in part `k` of `h`. */
+  #size(h: Held, k: number): number {
+    return Math.min(h.partLines!, h.batch.request_counts.total - k * h.partLines!);
+  }
+
+  /**
+   * Parts of `h` that ended short of answers (one damaged on disk; a gateway that could not
+   * read the input) are given back and run again, here: their lease goes (read before their
+   * answers are, so that the last answers before it was marked done are counted).
+   */
+  #reopen(h: Held): void {
+    h.parts.forEach((part, k) => {
+      if (part.answered >= this.#size(h, k)) return;
+      const lease = partPath(this.#dir, h.batch.id, k, "lease");
+      if (this.#leases.state(lease) !== "done") return;
+      this.#collect(h, k);
+      if (part.answered >= this.#size(h, k)) return;
+      this.#o.log?.(`batch ${h.batch.id}: part ${k} ended without every answer: it runs again`);
+      rmSync(lease, { force: true });
+      this.#runner.reopen(this.#open(h), k);
+    });
+  }
+
+  /**
+   * Whether no gateway runs a part of `h` (none holds a lease not done): the batch may end
+   * without an answer coming after.
+   */
+  #quiet(h: Held): boolean {
+    if (h.partLines === undefined) return true;
+    const count = partCount(h.batch.request_counts.total, h.partLines);
+    for (let k = 0; k < count; k++)
+      if (this.#leases.state(partPath(this.#dir, h.batch.id, k, "lease")) === "held") return false;
+    return true;
+  }
+
+  /** Counts the answers; ends the batch when every line has one, or it was cancelled, or expired. */
+  #check(h: Held): void {
+    const b = h.batch;
+    if (b.status === "finalizing" || b.status === "cancelling") this.#finish(h);
+    if (b.status !== "in_progress" || h.lines === null) return;
+    this.#collect(h);
+    if (h.seen.size >= h.lines.length) this.#finish(h);
+    else if (now() < b.expires_at) this.#reopen(h);
+    else {
+      this.#runner.stop(b.id);
+      if (!this.#quiet(h)) return;
+      this.#collect(h);
+      this.#expire(h);
+      this.#finish(h);
+    }
   }
 
   #fail(h: Held, errors: BatchError[]): void {
@@ -800,92 +847,6 @@ export class Batches {
     h.batch.errors = { object: "list", data: errors };
     this.#save(h);
     this.#let(h);
-  }
-
-  /** Starts lines, oldest batch first, while fewer than `concurrency` run. */
-  #pump(): void {
-    if (this.#closed) return;
-    // A full folder (FolderQuota): no line starts; those done still finish their batch.
-    const quota = this.#o.files.quota;
-    const full = this.#held.size > 0 && quota !== null && quota.full();
-    if (full && !this.#roomWait)
-      this.#o.log?.(
-        `batches: the files folder is full (${quota.used()} of ${quota.maxBytes} bytes): lines wait until files are deleted or expire`,
-      );
-    this.#roomWait = full;
-    for (const h of this.#held.values()) {
-      if (h.batch.status !== "in_progress" || h.lines === null) continue;
-      if (h.batch.expired_at === null && now() >= h.batch.expires_at) this.#expire(h);
-      while (!full && this.#inflight < this.#o.concurrency) {
-        const line = h.again.shift() ?? (h.next < h.lines.length ? h.lines[h.next++] : undefined);
-        if (line === undefined) break;
-        if (h.done.has(line.custom_id)) continue;
-        this.#start(h, line);
-      }
-      if (h.next >= h.lines.length && h.inflight === 0 && h.waiting === 0 && h.again.length === 0)
-        this.#finish(h);
-    }
-  }
-
-  #start(h: Held, line: BatchLine): void {
-    this.#inflight++;
-    h.inflight++;
-    const written = (answer: object, ok: boolean) => {
-      if (h.done.has(line.custom_id)) return;
-      h.done.add(line.custom_id);
-      const bytes = append(this.#path(h.batch.id, ok ? "output" : "errors"), answer);
-      this.#o.files.quota?.grew(bytes); // (apart: inside ?.() the append would not run without a quota)
-      h.batch.request_counts[ok ? "completed" : "failed"]++;
-      if (ok) addUsage(h.batch.usage, (answer as { response: { body: unknown } }).response.body);
-      this.answered[ok ? "completed" : "failed"]++;
-      h.dirty = true;
-    };
-    const id = `batch_req_${randomBytes(12).toString("hex")}`;
-    this.#o
-      .run(h.batch.endpoint, line.body)
-      .then(
-        (r) => {
-          // An answer cut by the stop: the line runs again wherever the batch goes on.
-          if (this.#closed && r.status >= 500) return;
-          if (
-            LATER.has(r.status) &&
-            h.batch.status === "in_progress" &&
-            h.batch.expired_at === null
-          )
-            return this.#later(h, line);
-          written(
-            {
-              id,
-              custom_id: line.custom_id,
-              response: { status_code: r.status, request_id: r.requestId, body: r.body },
-              error: null,
-            },
-            r.status >= 200 && r.status < 300,
-          );
-        },
-        (err) => {
-          if (this.#closed) return; // (not run: it runs again wherever the batch goes on)
-          written(
-            {
-              id,
-              custom_id: line.custom_id,
-              response: null,
-              error: { code: "internal_error", message: String(err).slice(0, 500) },
-            },
-            false,
-          );
-        },
-      )
-      .catch((err) => this.#o.log?.(`batch ${h.batch.id}: an answer not written: ${String(err)}`))
-      .finally(() => {
-        this.#inflight--;
-        h.inflight--;
-        if (this.#closed || h.lost) return;
-        this.#safely(`batch ${h.batch.id}`, () => {
-          if (h.batch.status === "cancelling" && h.inflight === 0) this.#finish(h);
-          this.#pump();
-        });
-      });
   }
 
   /**
@@ -914,31 +875,13 @@ export class Batches {
     });
   }
 
-  /** Runs `line` again after a wait that doubles with each "later" it got. */
-  #later(h: Held, line: BatchLine): void {
-    this.answered.retried++;
-    const tries = (this.#tries.get(line) ?? 0) + 1;
-    this.#tries.set(line, tries);
-    h.waiting++;
-    const t = setTimeout(
-      () => {
-        h.waiting--;
-        if (this.#closed || h.lost) return;
-        // (cancelled meanwhile: dropped; expired: #expire answered it)
-        if (h.batch.status === "in_progress") h.again.push(line);
-        this.#safely(`batch ${h.batch.id}`, () => this.#pump());
-      },
-      Math.min(MAX_WAIT_MS, 1000 * 2 ** (tries - 1)),
-    );
-    t.unref();
-  }
-
-  /** The lines not run by expires_at go to the error file as batch_expired. */
+  /** The lines not answered by expires_at go to their part's error file as batch_expired. */
   #expire(h: Held): void {
-    for (const line of h.lines ?? []) {
-      if (h.done.has(line.custom_id)) continue;
-      h.done.add(line.custom_id);
-      append(this.#path(h.batch.id, "errors"), {
+    const b = h.batch;
+    (h.lines ?? []).forEach((line, i) => {
+      if (h.seen.has(line.custom_id)) return;
+      h.seen.add(line.custom_id);
+      append(partPath(this.#dir, b.id, Math.floor(i / h.partLines!), "errors"), {
         id: `batch_req_${randomBytes(12).toString("hex")}`,
         custom_id: line.custom_id,
         response: null,
@@ -947,17 +890,15 @@ export class Batches {
           message: "This request could not be executed before the completion window expired.",
         },
       });
-      h.batch.request_counts.failed++;
-    }
-    h.next = h.lines?.length ?? 0; // (no line starts; those running finish, then #finish)
-    h.batch.expired_at = now();
+    });
+    b.expired_at = now();
     this.#save(h);
   }
 
   /**
-   * Done running (every line, cancelled or expired): its answers become files (output,
-   * errors; none where no line went there; a line answered twice, by two gateways, keeps its
-   * first answer), and its status the last.
+   * Done running (every line answered, cancelled or expired), once no gateway runs a part of
+   * it: its parts' answers become files (output, errors; none where no line went there; a
+   * line answered twice, by two gateways, keeps its first answer), and its status the last.
    */
   #finish(h: Held): void {
     const b = h.batch;
@@ -968,57 +909,65 @@ export class Batches {
       b.finalizing_at = now();
       this.#save(h);
     }
+    this.#runner.withdraw(b.id);
+    if (!this.#quiet(h)) return; // (a part still runs somewhere: again at the next tick)
+    const count = h.partLines === undefined ? 0 : partCount(b.request_counts.total, h.partLines);
+    const parts = (kind: "output" | "errors") => [
+      this.#path(b.id, kind), // (a batch made before parts, ended before it was taken up)
+      ...Array.from({ length: count }, (_, k) => partPath(this.#dir, b.id, k, kind)),
+    ];
     // Each kind: the answers deduplicated into a file of the store, whose id the object
-    // names before the answers' own file goes (a stop in between: done again, the same way).
+    // names before the parts' files go (a stop in between: done again, the same way).
     const seen = new Set<string>();
     const counts = { completed: 0, failed: 0 };
     const usage = noUsage();
     const answers = (text: string, kind: "output" | "errors") =>
-      text
-        .slice(0, text.lastIndexOf("\n") + 1)
-        .split("\n")
-        .filter((l) => {
-          const a = parseAnswer(l); // (a damaged line is dropped)
-          if (a === null || seen.has(a.custom_id)) return false;
-          seen.add(a.custom_id);
-          if (kind === "output") addUsage(usage, a.response?.body);
-          return true;
-        });
+      text.split("\n").filter((l) => {
+        const a = parseAnswer(l); // (a damaged line is dropped)
+        if (a === null || seen.has(a.custom_id)) return false;
+        seen.add(a.custom_id);
+        if (kind === "output") addUsage(usage, a.response?.body);
+        return true;
+      });
     for (const kind of ["output", "errors"] as const) {
-      const path = this.#path(b.id, kind);
       const count = kind === "output" ? "completed" : "failed";
       const made = kind === "output" ? b.output_file_id : b.error_file_id;
       if (made !== null) {
-        counts[count] = answers(readFileSync(this.#o.files.path(made), "utf8"), kind).length;
-        rmSync(path, { force: true });
-        continue;
-      }
-      if (!existsSync(path)) continue;
-      const text = readFileSync(path, "utf8");
-      const kept = answers(text, kind);
-      counts[count] = kept.length;
-      if (kept.length > 0) {
-        const whole = `${path}.final`;
+        counts[count] = answers(readAnswers(this.#o.files.path(made)), kind).length;
+      } else {
+        const whole = join(this.#dir, `${b.id}.${kind}.final`);
         rmSync(whole, { force: true });
-        const deduped = `${kept.join("\n")}\n`;
-        // The answers file itself, linked, when nothing was dropped (no second copy on disk).
-        if (deduped === text) linkOrCopy(path, whole);
-        else {
-          writeFileSync(whole, deduped);
-          this.#o.files.quota?.grew(Buffer.byteLength(deduped));
+        // Written part by part (one part's answers in memory at a time); the one part's file
+        // itself, linked, when it is the only one and nothing was dropped (no second copy).
+        const written = parts(kind).filter((p) => existsSync(p));
+        let bytes = 0;
+        for (const p of written) {
+          const text = readAnswers(p);
+          const kept = answers(text, kind);
+          counts[count] += kept.length;
+          if (kept.length === 0) continue;
+          const deduped = `${kept.join("\n")}\n`;
+          if (written.length === 1 && deduped === text) linkOrCopy(p, whole);
+          else {
+            appendFileSync(whole, deduped);
+            bytes += Buffer.byteLength(deduped);
+          }
         }
-        const file = this.#o.files.adopt(
-          h.owner,
-          whole,
-          `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
-          "batch_output",
-          h.outputTtlS ?? null,
-        );
-        if (kind === "output") b.output_file_id = file.id;
-        else b.error_file_id = file.id;
-        this.#save(h);
+        this.#o.files.quota?.grew(bytes);
+        if (counts[count] > 0) {
+          const file = this.#o.files.adopt(
+            h.owner,
+            whole,
+            `${b.id}_${kind === "output" ? "output" : "error"}.jsonl`,
+            "batch_output",
+            h.outputTtlS ?? null,
+          );
+          if (kind === "output") b.output_file_id = file.id;
+          else b.error_file_id = file.id;
+          this.#save(h);
+        }
       }
-      rmSync(path, { force: true });
+      for (const p of parts(kind)) rmSync(p, { force: true });
     }
     b.request_counts = { ...b.request_counts, ...counts };
     b.usage = usage;
@@ -1026,6 +975,7 @@ export class Batches {
     if (last === "completed") b.completed_at = now();
     if (last === "cancelled") b.cancelled_at = now();
     this.#save(h);
+    for (let k = 0; k < count; k++) rmSync(partPath(this.#dir, b.id, k, "lease"), { force: true });
     rmSync(this.#path(b.id, "cancel"), { force: true });
     rmSync(this.#path(b.id, "input"), { force: true });
     this.#let(h);
@@ -1034,7 +984,7 @@ export class Batches {
   /** A batch done here: its lease goes, nothing of it is held. */
   #let(h: Held): void {
     this.#held.delete(h.batch.id);
-    this.#release(h.batch.id);
+    this.#leases.release(this.#path(h.batch.id, "lease"));
     h.lines = null;
   }
 }
@@ -1045,43 +995,8 @@ const saved = (h: Saved): Saved => ({
   owner: h.owner,
   ms: h.ms,
   outputTtlS: h.outputTtlS ?? null,
+  ...(h.partLines !== undefined ? { partLines: h.partLines } : {}),
 });
-
-/** An answer's line (null: an empty or damaged line). */
-function parseAnswer(
-  line: string,
-): { custom_id: string; response?: { body?: unknown } | null } | null {
-  if (line === "") return null;
-  try {
-    const a = JSON.parse(line) as { custom_id?: unknown; response?: { body?: unknown } | null };
-    return typeof a.custom_id === "string" ? (a as { custom_id: string }) : null;
-  } catch {
-    return null;
-  }
-}
-
-/** A hard link `to` of `from` (one file on disk), or a copy where the filesystem has none. */
-function linkOrCopy(from: string, to: string): void {
-  try {
-    linkSync(from, to);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "EEXIST") return;
-    copyFileSync(from, to);
-  }
-}
-
-/**
- * Appends one JSON line (a whole line per write: a stop cuts at most the last); the bytes
- * written.
- */
-function append(path: string, v: object): number {
-  const fd = openSync(path, "a");
-  try {
-    return writeSync(fd, `${JSON.stringify(v)}\n`);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 interface CreateBody {
   input_file_id?: unknown;

@@ -76,6 +76,14 @@ async function settled(client: OpenAI, id: string, ms = 60_000) {
   );
 }
 
+/** Lines of batches gateway `url` answered (completed) since it started, from its metrics. */
+async function linesAnswered(url: string): Promise<number> {
+  const m = await (await fetch(`${url}/metrics`)).text();
+  return Number(
+    /expertmesh_gateway_batch_lines_total\{outcome="completed"\} (\d+)/.exec(m)?.[1] ?? 0,
+  );
+}
+
 async function linesOf(client: OpenAI, fileId: string | null | undefined) {
   if (!fileId) return [];
   const text = await (await client.files.content(fileId)).text();
@@ -479,10 +487,10 @@ describe("/v1/batches", () => {
 });
 
 describe("batches across a restart, keys, and a gateway without files", () => {
-  it("a gateway started again on the same folder finishes the batch: every line answered once, a damaged answer's line again", async () => {
+  it("a gateway started again on the same folder finishes the batch: every line answered once, a damaged answer's line again (its part, ended, runs again)", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-restart-"));
     const first = await startGateway(dir, { files: filesOf(folder, 1) });
-    const lines = Array.from({ length: 40 }, (_, i) =>
+    const lines = Array.from({ length: 64 }, (_, i) =>
       chatLine(`r${i}`, `Word ${i}.`, { max_tokens: 16 }),
     );
     let id: string;
@@ -499,15 +507,16 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       await waitFor("some lines done", async () => {
         const now = await first.client.batches.retrieve(id);
         before = now.request_counts!.completed;
-        return before >= 2 ? true : undefined;
+        // (past the first part of 16 lines: it ended, its lease says done)
+        return before >= 17 ? true : undefined;
       });
     } finally {
       await first.close();
     }
     // (the first stopped with lines left to run)
-    expect(before).toBeLessThan(40);
+    expect(before).toBeLessThan(64);
     // An answer damaged on disk (a bad sector, a hand edit): its line runs again.
-    const answers = join(folder, "batches", `${id!}.output.jsonl`);
+    const answers = join(folder, "batches", `${id!}.p0.output.jsonl`);
     const kept = readFileSync(answers, "utf8").split("\n");
     kept[0] = "{damaged";
     writeFileSync(answers, kept.join("\n"));
@@ -515,18 +524,19 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     try {
       const done = await settled(second.client, id!);
       expect(done.status).toBe("completed");
-      expect(done.request_counts).toEqual({ total: 40, completed: 40, failed: 0 });
+      expect(done.request_counts).toEqual({ total: 64, completed: 64, failed: 0 });
       const out = await linesOf(second.client, done.output_file_id);
       expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
       expect(second.logs.join("\n")).toContain("batches: 1 unfinished");
+      expect(second.logs.join("\n")).toContain("part 0 ended without every answer: it runs again");
     } finally {
       await second.close();
     }
   });
 
-  it("gateways on one folder: each answers for every batch, a cancel reaches the one running it, and one goes on with the batch of a gateway killed outright", async () => {
+  it("gateways on one folder run one batch's lines together; each answers for every batch, a cancel reaches them all, and one goes on with the batch of a gateway killed outright", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-shared-"));
-    // A: a gateway process (as a pod runs it), one line at a time; B: another, on the folder.
+    // A: a gateway process (as a pod runs it), one line at a time; B, later, on the folder.
     const a = await startGatewayProcess({
       modelDir: dir,
       namespace: "batch",
@@ -534,13 +544,13 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       name: "gateway-batch-shared",
       args: [`--files-dir=${folder}`, "--batch-concurrency=1"],
     });
-    const b = await startGateway(dir, { files: filesOf(folder, 4) });
+    let b: TestGateway | undefined;
     try {
-      // (~0.1 s a line: the first batch runs for seconds)
-      const lines = Array.from({ length: 60 }, (_, i) =>
+      // (~0.1 s a line: A alone would run the batch for ~20 s; parts of 16 lines)
+      const lines = Array.from({ length: 200 }, (_, i) =>
         chatLine(`s${i}`, `Line ${i}.`, { max_tokens: 64, ignore_eos: true }),
       );
-      const input = await upload(b.client, jsonl(lines));
+      const input = await upload(a.client, jsonl(lines));
       const make = () =>
         a.client.batches.create({
           input_file_id: input.id,
@@ -548,32 +558,96 @@ describe("batches across a restart, keys, and a gateway without files", () => {
           completion_window: "24h",
         });
       const first = await make();
-      const second = await make();
-      // B sees A's batches and their progress.
-      await waitFor("progress seen from B", async () => {
-        const seen = await b.client.batches.retrieve(first.id);
-        return seen.request_counts!.completed > 0 ? true : undefined;
+      await waitFor("A runs lines", async () => {
+        const now = await a.client.batches.retrieve(first.id);
+        return now.request_counts!.completed > 0 ? true : undefined;
       });
-      expect((await b.client.batches.list()).data.map((x) => x.id)).toEqual([second.id, first.id]);
-      // A cancel through B: A (running it) reads the mark.
-      expect((await b.client.batches.cancel(second.id)).status).toBe("cancelling");
-      const cancelled = await settled(b.client, second.id);
+      const bg = await startGateway(dir, { files: filesOf(folder, 2) });
+      b = bg;
+      // B takes parts of A's batch nobody runs (at its first look, as it starts).
+      await waitFor("B runs lines of A's batch", async () =>
+        (await linesAnswered(bg.url)) > 0 ? true : undefined,
+      );
+      const second = await make();
+      expect((await bg.client.batches.list()).data.map((x) => x.id)).toEqual([second.id, first.id]);
+      // A cancel through B: A (holding it) and both gateways' lines stop.
+      expect((await bg.client.batches.cancel(second.id)).status).toBe("cancelling");
+      const cancelled = await settled(bg.client, second.id);
       expect(cancelled.status).toBe("cancelled");
-      expect(cancelled.request_counts!.completed).toBe(0); // (A ran the older batch first)
-      // A dies mid-batch (no stop, no lease given back): B goes on with the batch.
-      const before = (await b.client.batches.retrieve(first.id)).request_counts!.completed;
-      expect(before).toBeLessThan(60);
+      expect(cancelled.request_counts!.completed).toBeLessThan(200);
+      // A dies mid-batch (no stop, no lease given back): B goes on with the batch and A's part.
+      const before = (await bg.client.batches.retrieve(first.id)).request_counts!.completed;
+      expect(before).toBeLessThan(200);
       process.kill(a.process.pid!, "SIGKILL");
       await waitFor("A gone", async () => (a.process.exited ? true : undefined));
-      const done = await settled(b.client, first.id, 90_000);
+      const done = await settled(bg.client, first.id, 90_000);
       expect(done.status).toBe("completed");
-      expect(done.request_counts).toEqual({ total: 60, completed: 60, failed: 0 });
-      const out = await linesOf(b.client, done.output_file_id);
+      expect(done.request_counts).toEqual({ total: 200, completed: 200, failed: 0 });
+      const out = await linesOf(bg.client, done.output_file_id);
       expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
-      expect(b.logs.join("\n")).toContain("batches: 1 unfinished");
+      expect(bg.logs.join("\n")).toContain("batches: 1 unfinished");
+      // A's answers written before it died were kept, not run again by B.
+      expect(await linesAnswered(bg.url)).toBeLessThan(200);
+      expect(readdirSync(join(folder, "batches")).filter((n) => n.startsWith(first.id))).toEqual([
+        `${first.id}.json`,
+      ]);
     } finally {
-      await b.close();
+      await b?.close();
       await a.process.stop();
+    }
+  });
+
+  it("a batch made before batches had parts (one answers file) is taken up: its answers kept, the rest run", async () => {
+    const folder = mkdtempSync(join(testEnv().runDir, "batch-unsplit-"));
+    const first = await startGateway(dir, { files: filesOf(folder, 1) });
+    const lines = Array.from({ length: 40 }, (_, i) =>
+      chatLine(`u${i}`, `Word ${i}.`, { max_tokens: 16 }),
+    );
+    let id: string;
+    try {
+      const input = await upload(first.client, jsonl(lines));
+      id = (
+        await first.client.batches.create({
+          input_file_id: input.id,
+          endpoint: "/v1/chat/completions",
+          completion_window: "24h",
+        })
+      ).id;
+      await waitFor("some lines done", async () => {
+        const now = await first.client.batches.retrieve(id);
+        return now.request_counts!.completed >= 2 ? true : undefined;
+      });
+    } finally {
+      await first.close();
+    }
+    // The folder as the gateways before parts left it: answers in <id>.output.jsonl.
+    const batches = join(folder, "batches");
+    const parts = readdirSync(batches).filter((n) => n.startsWith(`${id!}.p`));
+    const answers = parts
+      .filter((n) => n.endsWith(".output.jsonl"))
+      .map((n) => readFileSync(join(batches, n), "utf8"))
+      .join("");
+    for (const n of parts) rmSync(join(batches, n));
+    writeFileSync(join(batches, `${id!}.output.jsonl`), answers);
+    const saved = JSON.parse(readFileSync(join(batches, `${id!}.json`), "utf8"));
+    delete saved.partLines;
+    writeFileSync(join(batches, `${id!}.json`), JSON.stringify(saved));
+    const kept = answers
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { id: string; custom_id: string });
+    expect(kept.length).toBeGreaterThanOrEqual(2);
+    const second = await startGateway(dir, { files: filesOf(folder, 4) });
+    try {
+      const done = await settled(second.client, id!);
+      expect(done.request_counts).toEqual({ total: 40, completed: 40, failed: 0 });
+      const out = await linesOf(second.client, done.output_file_id);
+      expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
+      // (the same answers, not the lines run again: their request ids)
+      const byId = new Map(out.map((l) => [l.custom_id, l.id]));
+      for (const k of kept) expect(byId.get(k.custom_id)).toBe(k.id);
+    } finally {
+      await second.close();
     }
   });
 
