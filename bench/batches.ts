@@ -10,13 +10,27 @@
 // first), --runs rounds (default 3; --quick: 1). Per side: output tokens per second over the
 // whole (wall clock), and, for the batch, the seconds from the upload until the batch is
 // in_progress (upload, validation) and from its last answer to completed (finalizing).
+//
+// A third side: the same batch on two gateways that share a folder (another pair of
+// processes, `--batch-concurrency=CONCURRENCY/2` each, so the lines in flight are as many),
+// made through the first: the second joins by taking parts (ADR 0049). On one machine the
+// two compete for its cores, so this side measures what sharing a batch costs, not the
+// speed-up of more machines; the share of lines the second ran says that it did join.
 import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { chat, ensureMiniModel, localGateway, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
+import {
+  chat,
+  ensureMiniModel,
+  localGateway,
+  metricValue,
+  PROMPTS,
+  SERVE_MODEL,
+  stop,
+} from "./serve.ts";
 
 const LINES = 32;
 const TOKENS = 32;
@@ -32,6 +46,10 @@ export interface BatchesResults {
   startS: Stats;
   /** Seconds from the create to the poll that saw it completed, per round. */
   runS: Stats;
+  /** Output tokens per second of the batch on two gateways sharing a folder, per round. */
+  pairTokPerS?: Stats;
+  /** Share of the pair's lines the second gateway ran (0-1), per round. */
+  pairShare?: Stats;
 }
 
 const body = (i: number) => ({
@@ -132,31 +150,47 @@ export async function runBatches(o: {
   const dir = mkdtempSync(join(tmpdir(), "expertmesh-bench-batches-"));
   const rounds = o.quick ? 1 : o.runs;
   try {
-    o.log("[batches] starting a gateway on mini-v3 with --files-dir");
+    o.log("[batches] starting a gateway on mini-v3 with --files-dir, and a pair on another");
     const base = await localGateway(
       "gateway-batches",
       modelDir,
-      [`--files-dir=${dir}`, `--batch-concurrency=${CONCURRENCY}`],
+      [`--files-dir=${join(dir, "one")}`, `--batch-concurrency=${CONCURRENCY}`],
       children,
     );
-    // A warm-up of each side (the first requests compile and fill caches).
+    const half = [`--files-dir=${join(dir, "pair")}`, `--batch-concurrency=${CONCURRENCY / 2}`];
+    const pairA = await localGateway("gateway-batches-a", modelDir, half, children);
+    const pairB = await localGateway("gateway-batches-b", modelDir, half, children);
+    // (no series before its first line)
+    const ranByB = async () =>
+      (await metricValue(pairB, 'expertmesh_gateway_batch_lines_total\\{outcome="completed"\\}')) ||
+      0;
+    // A warm-up of each side (the first requests compile and fill caches; both of the pair).
     await peer(base);
     await batch(base);
+    await peer(pairB);
+    await batch(pairA);
     const acc = {
       peer: [] as number[],
       batch: [] as number[],
       start: [] as number[],
       run: [] as number[],
+      pair: [] as number[],
+      share: [] as number[],
     };
     for (let round = 0; round < rounds; round++) {
       const p = await peer(base);
       const b = await batch(base);
+      const before = await ranByB();
+      const two = await batch(pairA);
+      const share = ((await ranByB()) - before) / LINES;
       acc.peer.push(p);
       acc.batch.push(b.tokPerS);
       acc.start.push(b.startS);
       acc.run.push(b.runS);
+      acc.pair.push(two.tokPerS);
+      acc.share.push(share);
       o.log(
-        `[batches] round ${round + 1}/${rounds}: peer ${p.toFixed(1)} tok/s, batch ${b.tokPerS.toFixed(1)} tok/s (${(b.tokPerS / p).toFixed(3)}x; in_progress after ${b.startS.toFixed(2)} s)`,
+        `[batches] round ${round + 1}/${rounds}: peer ${p.toFixed(1)} tok/s, batch ${b.tokPerS.toFixed(1)} tok/s (${(b.tokPerS / p).toFixed(3)}x; in_progress after ${b.startS.toFixed(2)} s), on two gateways ${two.tokPerS.toFixed(1)} tok/s (${(share * 100).toFixed(0)}% of the lines on the second)`,
       );
     }
     return {
@@ -165,6 +199,8 @@ export async function runBatches(o: {
       batchTokPerS: stats(acc.batch),
       startS: stats(acc.start),
       runS: stats(acc.run),
+      pairTokPerS: stats(acc.pair),
+      pairShare: stats(acc.share),
     };
   } finally {
     await Promise.all(children.map((c) => stop(c)));
@@ -182,5 +218,16 @@ export function batchesTables(
 | side | output tok/s (upload to download) | against the peer | seconds to in_progress | seconds from create to completed |
 |---|---:|---:|---:|---:|
 | client, ${CONCURRENCY} at a time (peer) | ${medianRange(r.peerTokPerS, 1)} | 1.00x | | |
-| batch | ${medianRange(r.batchTokPerS, 1)} | **${(r.batchTokPerS.median / r.peerTokPerS.median).toFixed(3)}x** | ${medianRange(r.startS, 3)} | ${medianRange(r.runS, 2)} |`;
+| batch | ${medianRange(r.batchTokPerS, 1)} | **${(r.batchTokPerS.median / r.peerTokPerS.median).toFixed(3)}x** | ${medianRange(r.startS, 3)} | ${medianRange(r.runS, 2)} |${
+    r.pairTokPerS && r.pairShare
+      ? `
+
+The batch on two gateways sharing a folder (\`--batch-concurrency=${CONCURRENCY / 2}\` each, made through one; the other joins by parts), against the batch on one, in the same rounds: on one machine the two share its cores, so this is what splitting a batch costs, not what more machines gain.
+
+| side | output tok/s (upload to download) | against one gateway | lines run by the second gateway |
+|---|---:|---:|---:|
+| batch, one gateway | ${medianRange(r.batchTokPerS, 1)} | 1.00x | |
+| batch, two gateways | ${medianRange(r.pairTokPerS, 1)} | **${(r.pairTokPerS.median / r.batchTokPerS.median).toFixed(3)}x** | ${(r.pairShare.median * 100).toFixed(0)}% (${(r.pairShare.min * 100).toFixed(0)}-${(r.pairShare.max * 100).toFixed(0)}%) |`
+      : ""
+  }`;
 }

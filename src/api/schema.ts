@@ -503,7 +503,7 @@ export const GatewaySchema = withRules(
             sharedClaim: Type.Optional(
               Type.String({
                 description:
-                  "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the files and batches: each gateway then answers for every file and batch, and one goes on with the batches of a gateway that stopped (a roll, a lost node). Without it, each gateway pod keeps its own in an emptyDir: a batch lives and dies with the pod that took it (a roll ends it), and a client needs sessionAffinity ClientIP to find its files again.",
+                  "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the files and batches: each gateway then answers for every file and batch, the gateways run each batch's lines together (part by part), and one goes on with the batches of a gateway that stopped (a roll, a lost node). Without it, each gateway pod keeps its own in an emptyDir: a batch lives and dies with the pod that took it (a roll ends it), and a client needs sessionAffinity ClientIP to find its files again.",
                 minLength: 1,
                 maxLength: 253,
               }),

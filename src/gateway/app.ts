@@ -337,6 +337,8 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
         o.files.maxTotalBytes ? new FolderQuota(o.files.dir, o.files.maxTotalBytes) : null,
       )
     : null;
+  const quota = fileStore?.quota;
+  if (quota) app.addHook("onReady", () => quota.ready); // (no upload before the folder is counted)
   const run: RunLine = async (url, body) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =

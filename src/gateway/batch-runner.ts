@@ -180,12 +180,6 @@ export class PartRunner {
     });
   }
 
-  /** Whether batch `id` has a part held here. */
-  runs(id: string): boolean {
-    for (const p of this.#parts.values()) if (p.batch.id === id) return true;
-    return false;
-  }
-
   /** Every second: parts' leases renewed (`renew`), cancel marks read, a full folder again. */
   tick(renew: boolean): void {
     if (this.#closed) return;
@@ -283,6 +277,11 @@ export class PartRunner {
   #hold(b: Offered, k: number): boolean {
     const status = readJson<{ batch?: { status?: string } }>(join(this.#o.dir, `${b.id}.json`))
       ?.batch?.status;
+    if (status === undefined) {
+      // (not readable now: a disk error, an NFS hiccup; looked at again later)
+      b.busyUntil.set(k, Date.now() + this.#o.busyMs);
+      return false;
+    }
     if (status !== "in_progress" || existsSync(join(this.#o.dir, `${b.id}.cancel`))) {
       b.stopped = true;
       return false;

@@ -299,6 +299,8 @@ interface Held extends Saved {
   parts: { read: { output: number; errors: number }; answered: number }[];
   /** Counts or status changed since the object was last written. */
   dirty: boolean;
+  /** When its parts were last looked at for one ended short of answers (#reopen; ms). */
+  reopenedAt: number;
 }
 
 const BATCH_ID = /^batch_[0-9a-f]{24}$/;
@@ -306,6 +308,13 @@ const BATCH_ID = /^batch_[0-9a-f]{24}$/;
 const PART_FILE = /^(batch_[0-9a-f]{24})\.p\d+\.(lease|output\.jsonl|errors\.jsonl)$/;
 const now = () => Math.floor(Date.now() / 1000);
 const UNFINISHED = new Set<BatchStatus>(["validating", "in_progress", "cancelling", "finalizing"]);
+/**
+ * A part held by another gateway is looked at again after this long (a lease read per part:
+ * a 50,000-line batch has 196).
+ */
+const BUSY_MS = 5000;
+/** Ended batches' objects a gateway keeps in memory (each about a kilobyte). */
+const ENDED_KEPT = 10_000;
 
 export interface BatchesOptions {
   /** The files folder (batches/ is made in it). */
@@ -316,7 +325,11 @@ export interface BatchesOptions {
   concurrency: number;
   /** A lease not renewed for this long is taken over (default 30 s; renewed every sixth). */
   leaseMs?: number;
-  /** How often the folder is looked at for batches to take over or help with (default 5 s). */
+  /**
+   * How often the folder is looked at for batches to take over or help with (default 1 s: a
+   * gateway joins a new batch within a second; a look reads the names and the objects of the
+   * batches not ended and not held here).
+   */
   scanMs?: number;
   log?: (line: string) => void;
 }
@@ -329,6 +342,11 @@ export class Batches {
   readonly #held = new Map<string, Held>();
   /** Batches seen done (their objects never change again): not read again by #scan. */
   readonly #final = new Set<string>();
+  /**
+   * The objects of batches seen ended, the newest ENDED_KEPT (they never change: a GET or a
+   * list reads them from here, looking only that the file is still there).
+   */
+  readonly #ended = new Map<string, Saved>();
   #closed = false;
   readonly #timers: NodeJS.Timeout[] = [];
   #renewedAt = 0;
@@ -345,7 +363,7 @@ export class Batches {
       quota: o.files.quota,
       run: o.run,
       concurrency: o.concurrency,
-      busyMs: o.scanMs ?? 5000,
+      busyMs: BUSY_MS,
       lines: (b) => this.#held.get(b.id)?.lines ?? this.#lines(b.id, b.endpoint),
       wrote: (id, k) => {
         const h = this.#held.get(id);
@@ -363,12 +381,15 @@ export class Batches {
     );
     const scan = setInterval(
       () => this.#safely("a look for batches", () => this.#scan()),
-      o.scanMs ?? 5000,
+      o.scanMs ?? 1000,
     );
     tick.unref();
     scan.unref();
     this.#timers.push(tick, scan);
-    setImmediate(() => this.#safely("a look for batches", () => this.#scan()));
+    // (the first look once the folder is counted: lines wait while it is full)
+    void (o.files.quota?.ready ?? Promise.resolve()).then(() =>
+      this.#safely("a look for batches", () => this.#scan()),
+    );
   }
 
   /** A new batch of `owner`'s (validated next, then run here and by the folder's others). */
@@ -504,6 +525,7 @@ export class Batches {
           // (deleted before)
         }
     this.#final.delete(id);
+    this.#ended.delete(id);
     for (const name of readdirSync(this.#dir))
       if (name.startsWith(`${id}.`)) rmSync(join(this.#dir, name), { force: true });
   }
@@ -546,8 +568,20 @@ export class Batches {
     if (!BATCH_ID.test(id)) return undefined;
     const held = this.#held.get(id);
     if (held) return saved(held);
-    const s = readJson<Saved>(this.#path(id, "json"));
-    return s?.batch?.id === id ? s : undefined;
+    const path = this.#path(id, "json");
+    const ended = this.#ended.get(id);
+    if (ended !== undefined) {
+      if (existsSync(path)) return ended;
+      this.#ended.delete(id); // (deleted, by any gateway)
+      return undefined;
+    }
+    const s = readJson<Saved>(path);
+    if (s?.batch?.id !== id) return undefined;
+    if (!UNFINISHED.has(s.batch.status)) {
+      this.#ended.set(id, s);
+      if (this.#ended.size > ENDED_KEPT) this.#ended.delete(this.#ended.keys().next().value!);
+    }
+    return s;
   }
 
   #find(owner: string, id: string): Saved {
@@ -581,7 +615,7 @@ export class Batches {
   }
 
   #hold(s: Saved): Held {
-    const h: Held = { ...s, lines: null, seen: new Set(), parts: [], dirty: false };
+    const h: Held = { ...s, lines: null, seen: new Set(), parts: [], dirty: false, reopenedAt: 0 };
     this.#held.set(s.batch.id, h);
     return h;
   }
@@ -800,6 +834,8 @@ export class Batches {
    * answers are, so that the last answers before it was marked done are counted).
    */
   #reopen(h: Held): void {
+    if (Date.now() - h.reopenedAt < BUSY_MS) return; // (a lease read per part)
+    h.reopenedAt = Date.now();
     h.parts.forEach((part, k) => {
       if (part.answered >= this.#size(h, k)) return;
       const lease = partPath(this.#dir, h.batch.id, k, "lease");

@@ -34,23 +34,26 @@ import { ApiError } from "./errors.ts";
  * How much a files folder (its files/ and batches/) may hold: uploads that would take it past
  * `maxBytes` are refused, batches are refused and their lines wait while it is full (an
  * emptyDir past its sizeLimit gets the pod evicted). The folder is walked (a file
- * hard-linked twice counted once) at start, then every 2 s off the event loop (stat calls
- * on libuv's threads: a walk of 10,000 files takes ~100 ms), and what this process writes is
- * counted as it writes it; another gateway's writes to a shared folder count at the next walk.
+ * hard-linked twice counted once) at start (`ready`: the app serves once it is counted), then
+ * every 2 s, off the event loop (stat calls on libuv's threads: a walk of 10,000 files takes
+ * ~100 ms), and what this process writes is counted as it writes it; another gateway's writes
+ * to a shared folder count at the next walk.
  */
 export class FolderQuota {
   readonly #root: string;
   readonly maxBytes: number;
-  #used: number;
+  #used = 0;
   /** Bytes written since the walk under way began (it may or may not have seen them). */
   #grownDuring = 0;
   #walking = false;
   readonly #timer: NodeJS.Timeout;
+  /** Settles once the folder is counted the first time. */
+  readonly ready: Promise<void>;
 
   constructor(root: string, maxBytes: number, everyMs = 2000) {
     this.#root = root;
     this.maxBytes = maxBytes;
-    this.#used = this.#walkSync();
+    this.ready = this.#refresh();
     this.#timer = setInterval(() => void this.#refresh(), everyMs);
     this.#timer.unref();
   }
@@ -82,28 +85,6 @@ export class FolderQuota {
       "EM_GATEWAY_FILES_FULL",
       `${what}: the files folder holds ${this.#used} of the ${this.maxBytes} bytes it may (--files-max-total; a manifest's spec.gateway.batch.storageBytes); delete files (DELETE /v1/files/{id}) or wait for some to expire`,
     );
-  }
-
-  #walkSync(): number {
-    const seen = new Set<string>();
-    let sum = 0;
-    for (const sub of ["files", "batches"]) {
-      const dir = join(this.#root, sub);
-      let names: string[];
-      try {
-        names = readdirSync(dir);
-      } catch {
-        continue;
-      }
-      for (const name of names) {
-        try {
-          sum += counted(seen, statSync(join(dir, name)));
-        } catch {
-          // (removed meanwhile)
-        }
-      }
-    }
-    return sum;
   }
 
   async #refresh(): Promise<void> {

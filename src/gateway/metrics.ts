@@ -404,24 +404,28 @@ export class GatewayMetrics {
     },
   ): void {
     const registers = [this.registry];
-    new Gauge({
-      name: "expertmesh_gateway_files_bytes",
-      help: "Bytes the files folder (--files-dir: uploads, batches, their answers) holds, counted with --files-max-total only.",
-      registers,
-      collect() {
-        const v = stats().folderBytes;
-        if (v !== null) this.set(v);
-      },
-    });
-    new Gauge({
-      name: "expertmesh_gateway_files_max_bytes",
-      help: "How much the files folder may hold (--files-max-total): past it uploads and new batches are refused (507) and batch lines wait.",
-      registers,
-      collect() {
-        const v = stats().folderMaxBytes;
-        if (v !== null) this.set(v);
-      },
-    });
+    // The folder's gauges: set only with --files-max-total (no count without a bound).
+    for (const [name, key, help] of [
+      [
+        "expertmesh_gateway_files_bytes",
+        "folderBytes",
+        "Bytes the files folder (--files-dir: uploads, batches, their answers) holds, counted with --files-max-total only.",
+      ],
+      [
+        "expertmesh_gateway_files_max_bytes",
+        "folderMaxBytes",
+        "How much the files folder may hold (--files-max-total): past it uploads and new batches are refused (507) and batch lines wait.",
+      ],
+    ] as const)
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          const v = stats()[key];
+          if (v !== null) this.set(v);
+        },
+      });
     new Gauge({
       name: "expertmesh_gateway_batch_lines_running",
       help: "Lines of batches this gateway runs now (at most --batch-concurrency).",

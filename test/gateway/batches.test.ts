@@ -190,6 +190,7 @@ describe("FolderQuota", () => {
     writeFileSync(join(root, "files", "a"), "x".repeat(1000));
     const q = new FolderQuota(root, 3000, 50);
     try {
+      await q.ready;
       expect(q.used()).toBe(1000);
       expect(q.full()).toBe(false);
       q.grew(500); // (written, not walked yet)
@@ -461,8 +462,9 @@ describe("/v1/batches", () => {
   });
 
   it("cancel: no more lines start; the batch ends cancelled with the lines done so far", async () => {
-    const lines = Array.from({ length: 30 }, (_, i) =>
-      chatLine(`l${i}`, `Count to ${i}.`, { max_tokens: 16 }),
+    // (~0.05-0.1 s a line, two at a time: the batch runs for a second or more)
+    const lines = Array.from({ length: 40 }, (_, i) =>
+      chatLine(`l${i}`, `Count to ${i}.`, { max_tokens: 64, ignore_eos: true }),
     );
     const input = await upload(gw.client, jsonl(lines));
     const b = await gw.client.batches.create({
@@ -482,7 +484,7 @@ describe("/v1/batches", () => {
     const out = await linesOf(gw.client, done.output_file_id);
     expect(out.length).toBe(done.request_counts!.completed);
     expect(out.length).toBeGreaterThan(0);
-    expect(out.length).toBeLessThan(30);
+    expect(out.length).toBeLessThan(40);
   });
 });
 
@@ -600,10 +602,12 @@ describe("batches across a restart, keys, and a gateway without files", () => {
   it("a batch made before batches had parts (one answers file) is taken up: its answers kept, the rest run", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-unsplit-"));
     const first = await startGateway(dir, { files: filesOf(folder, 1) });
-    const lines = Array.from({ length: 40 }, (_, i) =>
-      chatLine(`u${i}`, `Word ${i}.`, { max_tokens: 16 }),
+    // (one line at a time, ~0.05 s each: the batch runs for seconds)
+    const lines = Array.from({ length: 64 }, (_, i) =>
+      chatLine(`u${i}`, `Word ${i}.`, { max_tokens: 32, ignore_eos: true }),
     );
     let id: string;
+    let before = 0;
     try {
       const input = await upload(first.client, jsonl(lines));
       id = (
@@ -615,11 +619,13 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       ).id;
       await waitFor("some lines done", async () => {
         const now = await first.client.batches.retrieve(id);
-        return now.request_counts!.completed >= 2 ? true : undefined;
+        before = now.request_counts!.completed;
+        return before >= 2 ? true : undefined;
       });
     } finally {
       await first.close();
     }
+    expect(before).toBeLessThan(64);
     // The folder as the gateways before parts left it: answers in <id>.output.jsonl.
     const batches = join(folder, "batches");
     const parts = readdirSync(batches).filter((n) => n.startsWith(`${id!}.p`));
@@ -640,7 +646,7 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     const second = await startGateway(dir, { files: filesOf(folder, 4) });
     try {
       const done = await settled(second.client, id!);
-      expect(done.request_counts).toEqual({ total: 40, completed: 40, failed: 0 });
+      expect(done.request_counts).toEqual({ total: 64, completed: 64, failed: 0 });
       const out = await linesOf(second.client, done.output_file_id);
       expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
       // (the same answers, not the lines run again: their request ids)
