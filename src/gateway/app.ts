@@ -376,6 +376,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   if (batches)
     o.ctx.metrics.addBatches(() => ({
       running: batches.inflight,
+      parts: batches.parts,
       lines: batches.answered,
       folderBytes: fileStore?.quota?.used() ?? null,
       folderMaxBytes: fileStore?.quota?.maxBytes ?? null,

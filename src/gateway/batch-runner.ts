@@ -127,6 +127,11 @@ export class PartRunner {
     return this.#inflight;
   }
 
+  /** Parts held now. */
+  get parts(): number {
+    return this.#parts.size;
+  }
+
   /** Batch `b` is in progress: its parts may be taken here (once more room frees). */
   offer(b: OpenBatch): void {
     if (this.#closed) return;

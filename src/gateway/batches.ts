@@ -365,13 +365,14 @@ export class Batches {
       concurrency: o.concurrency,
       busyMs: BUSY_MS,
       lines: (b) => this.#held.get(b.id)?.lines ?? this.#lines(b.id, b.endpoint),
+      // (this gateway's own answers counted at once; a failure here is the count's, not theirs)
       wrote: (id, k) => {
         const h = this.#held.get(id);
-        if (h?.lines) this.#collect(h, k);
+        if (h?.lines) this.#safely(`batch ${id}`, () => this.#collect(h, k));
       },
       ended: (id) => {
         const h = this.#held.get(id);
-        if (h) this.#check(h);
+        if (h) this.#safely(`batch ${id}`, () => this.#check(h));
       },
       ...(o.log ? { log: o.log } : {}),
     });
@@ -550,6 +551,11 @@ export class Batches {
   /** Lines running now, over every batch this gateway runs lines of. */
   get inflight(): number {
     return this.#runner.inflight;
+  }
+
+  /** Parts of batches whose lines this gateway runs now. */
+  get parts(): number {
+    return this.#runner.parts;
   }
 
   /** Lines answered here since start, by outcome (metrics.ts addBatches). */

@@ -397,6 +397,7 @@ export class GatewayMetrics {
   addBatches(
     stats: () => {
       running: number;
+      parts: number;
       lines: Record<string, number>;
       /** The files folder's bytes and bound (null: no --files-max-total). */
       folderBytes: number | null;
@@ -432,6 +433,14 @@ export class GatewayMetrics {
       registers,
       collect() {
         this.set(stats().running);
+      },
+    });
+    new Gauge({
+      name: "expertmesh_gateway_batch_parts_running",
+      help: "Parts of batches this gateway runs the lines of now (with a folder shared by several gateways, how the batches spread over them).",
+      registers,
+      collect() {
+        this.set(stats().parts);
       },
     });
     const seen = new Map<string, number>();

@@ -76,6 +76,35 @@ async function settled(client: OpenAI, id: string, ms = 60_000) {
   );
 }
 
+/**
+ * A batch of `lines` on a gateway on `folder` that runs one line at a time (~0.05 s each:
+ * the batch runs for seconds), stopped once `atLeast` lines are answered and before the last:
+ * its id.
+ */
+async function stoppedMidway(folder: string, lines: Line[], atLeast: number): Promise<string> {
+  const g = await startGateway(dir, { files: filesOf(folder, 1) });
+  let done = 0;
+  let id: string;
+  try {
+    const input = await upload(g.client, jsonl(lines));
+    id = (
+      await g.client.batches.create({
+        input_file_id: input.id,
+        endpoint: "/v1/chat/completions",
+        completion_window: "24h",
+      })
+    ).id;
+    await waitFor("some lines done", async () => {
+      done = (await g.client.batches.retrieve(id)).request_counts!.completed;
+      return done >= atLeast ? true : undefined;
+    });
+  } finally {
+    await g.close();
+  }
+  expect(done).toBeLessThan(lines.length); // (it stopped with lines left to run)
+  return id;
+}
+
 /** Lines of batches gateway `url` answered (completed) since it started, from its metrics. */
 async function linesAnswered(url: string): Promise<number> {
   const m = await (await fetch(`${url}/metrics`)).text();
@@ -491,40 +520,19 @@ describe("/v1/batches", () => {
 describe("batches across a restart, keys, and a gateway without files", () => {
   it("a gateway started again on the same folder finishes the batch: every line answered once, a damaged answer's line again (its part, ended, runs again)", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-restart-"));
-    const first = await startGateway(dir, { files: filesOf(folder, 1) });
     const lines = Array.from({ length: 64 }, (_, i) =>
-      chatLine(`r${i}`, `Word ${i}.`, { max_tokens: 16 }),
+      chatLine(`r${i}`, `Word ${i}.`, { max_tokens: 32, ignore_eos: true }),
     );
-    let id: string;
-    let before = 0;
-    try {
-      const input = await upload(first.client, jsonl(lines));
-      id = (
-        await first.client.batches.create({
-          input_file_id: input.id,
-          endpoint: "/v1/chat/completions",
-          completion_window: "24h",
-        })
-      ).id;
-      await waitFor("some lines done", async () => {
-        const now = await first.client.batches.retrieve(id);
-        before = now.request_counts!.completed;
-        // (past the first part of 16 lines: it ended, its lease says done)
-        return before >= 17 ? true : undefined;
-      });
-    } finally {
-      await first.close();
-    }
-    // (the first stopped with lines left to run)
-    expect(before).toBeLessThan(64);
+    // (past the first part of 16 lines: it ended, its lease says done)
+    const id = await stoppedMidway(folder, lines, 17);
     // An answer damaged on disk (a bad sector, a hand edit): its line runs again.
-    const answers = join(folder, "batches", `${id!}.p0.output.jsonl`);
+    const answers = join(folder, "batches", `${id}.p0.output.jsonl`);
     const kept = readFileSync(answers, "utf8").split("\n");
     kept[0] = "{damaged";
     writeFileSync(answers, kept.join("\n"));
     const second = await startGateway(dir, { files: filesOf(folder, 4) });
     try {
-      const done = await settled(second.client, id!);
+      const done = await settled(second.client, id);
       expect(done.status).toBe("completed");
       expect(done.request_counts).toEqual({ total: 64, completed: 64, failed: 0 });
       const out = await linesOf(second.client, done.output_file_id);
@@ -570,6 +578,10 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       await waitFor("B runs lines of A's batch", async () =>
         (await linesAnswered(bg.url)) > 0 ? true : undefined,
       );
+      await waitFor("B's metrics show the part it runs", async () => {
+        const m = await (await fetch(`${bg.url}/metrics`)).text();
+        return /^expertmesh_gateway_batch_parts_running [1-9]/m.test(m) ? true : undefined;
+      });
       const second = await make();
       expect((await bg.client.batches.list()).data.map((x) => x.id)).toEqual([second.id, first.id]);
       // A cancel through B: A (holding it) and both gateways' lines stop.
@@ -601,43 +613,22 @@ describe("batches across a restart, keys, and a gateway without files", () => {
 
   it("a batch made before batches had parts (one answers file) is taken up: its answers kept, the rest run", async () => {
     const folder = mkdtempSync(join(testEnv().runDir, "batch-unsplit-"));
-    const first = await startGateway(dir, { files: filesOf(folder, 1) });
-    // (one line at a time, ~0.05 s each: the batch runs for seconds)
     const lines = Array.from({ length: 64 }, (_, i) =>
       chatLine(`u${i}`, `Word ${i}.`, { max_tokens: 32, ignore_eos: true }),
     );
-    let id: string;
-    let before = 0;
-    try {
-      const input = await upload(first.client, jsonl(lines));
-      id = (
-        await first.client.batches.create({
-          input_file_id: input.id,
-          endpoint: "/v1/chat/completions",
-          completion_window: "24h",
-        })
-      ).id;
-      await waitFor("some lines done", async () => {
-        const now = await first.client.batches.retrieve(id);
-        before = now.request_counts!.completed;
-        return before >= 2 ? true : undefined;
-      });
-    } finally {
-      await first.close();
-    }
-    expect(before).toBeLessThan(64);
+    const id = await stoppedMidway(folder, lines, 2);
     // The folder as the gateways before parts left it: answers in <id>.output.jsonl.
     const batches = join(folder, "batches");
-    const parts = readdirSync(batches).filter((n) => n.startsWith(`${id!}.p`));
+    const parts = readdirSync(batches).filter((n) => n.startsWith(`${id}.p`));
     const answers = parts
       .filter((n) => n.endsWith(".output.jsonl"))
       .map((n) => readFileSync(join(batches, n), "utf8"))
       .join("");
     for (const n of parts) rmSync(join(batches, n));
-    writeFileSync(join(batches, `${id!}.output.jsonl`), answers);
-    const saved = JSON.parse(readFileSync(join(batches, `${id!}.json`), "utf8"));
+    writeFileSync(join(batches, `${id}.output.jsonl`), answers);
+    const saved = JSON.parse(readFileSync(join(batches, `${id}.json`), "utf8"));
     delete saved.partLines;
-    writeFileSync(join(batches, `${id!}.json`), JSON.stringify(saved));
+    writeFileSync(join(batches, `${id}.json`), JSON.stringify(saved));
     const kept = answers
       .trim()
       .split("\n")
@@ -645,7 +636,7 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     expect(kept.length).toBeGreaterThanOrEqual(2);
     const second = await startGateway(dir, { files: filesOf(folder, 4) });
     try {
-      const done = await settled(second.client, id!);
+      const done = await settled(second.client, id);
       expect(done.request_counts).toEqual({ total: 64, completed: 64, failed: 0 });
       const out = await linesOf(second.client, done.output_file_id);
       expect(out.map((l) => l.custom_id).sort()).toEqual(lines.map((l) => l.custom_id).sort());
