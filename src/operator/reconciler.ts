@@ -430,9 +430,14 @@ export class Reconciler {
         message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
       });
     }
-    const { diskBytes, diskSharedClaim: shared } = model.spec.gateway.kvCache;
-    if (shared && diskBytes > 0) {
-      const field = "spec.gateway.kvCache.diskSharedClaim";
+    // The claims every gateway mounts (the prefix cache's disk tier, the batches' folder).
+    const { diskBytes, diskSharedClaim } = model.spec.gateway.kvCache;
+    const sharedClaims: [field: string, claim: string | undefined][] = [
+      ["spec.gateway.kvCache.diskSharedClaim", diskBytes > 0 ? diskSharedClaim : undefined],
+      ["spec.gateway.batch.sharedClaim", model.spec.gateway.batch?.sharedClaim],
+    ];
+    for (const [field, shared] of sharedClaims) {
+      if (!shared) continue;
       const modes = await this.#kube.claimAccessModes(ns, shared);
       if (modes === null)
         out.push({

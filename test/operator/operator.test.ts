@@ -1125,6 +1125,24 @@ describe.sequential("expertmesh operator", () => {
         persistentVolumeClaim: { claimName: "prefix-rwx" },
       }),
     );
+    // The batches' shared folder: its claim must exist too (else the pods would wait unsaid).
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("nobatch", ns, { gateway: { batch: { sharedClaim: "batch-rwx" } } }),
+    });
+    m = await waitForCondition(ns, "nobatch", "Degraded", "True", "PVCNotFound");
+    expect(condition(m, "Degraded")?.message).toBe(
+      `PersistentVolumeClaim ${ns}/batch-rwx (spec.gateway.batch.sharedClaim) does not exist`,
+    );
+    await createWeightsVolume(ns, "batch-rwx", "ReadWriteMany");
+    await waitForCondition(ns, "nobatch", "Ready", "True", undefined, 90_000);
+    const batching = (await ownedDeployments(ns, "nobatch")).find(
+      (d) => d.metadata?.name === "nobatch-gateway",
+    )!;
+    expect(batching.spec?.template.spec?.volumes).toContainEqual(
+      expect.objectContaining({ name: "batch", persistentVolumeClaim: { claimName: "batch-rwx" } }),
+    );
     // A claim of one node at a time, for two gateways: said (Degraded), the model serving on.
     // For one gateway it is enough.
     await createWeightsVolume(ns, "prefix-rwo", "ReadWriteOnce");
