@@ -24,6 +24,7 @@ import { unlink } from "node:fs/promises";
 import { extname, join } from "node:path";
 import { Worker } from "node:worker_threads";
 import { ExpertMeshError, formatError } from "../util/errors.ts";
+import { alive } from "../util/process.ts";
 import {
   BLOCK_FILE_RE,
   BLOCK_TMP_RE,
@@ -118,16 +119,6 @@ export function fingerprintOf(identity: Record<string, unknown>): string {
     .update(JSON.stringify(canon(identity)))
     .digest("hex")
     .slice(0, 16);
-}
-
-/** Whether process `pid` runs (ours included). */
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 /** Another fingerprint's folder is removed only after this long unused. */

@@ -22,6 +22,7 @@ import {
   writeSync,
 } from "node:fs";
 import { hostname } from "node:os";
+import { alive } from "../util/process.ts";
 import { readJson, writeJson } from "./files.ts";
 
 /** A lease file: the gateway that holds it, and when it last said so. */
@@ -36,16 +37,6 @@ export interface Lease {
 
 /** The Leases of this process (their leases are not a dead process's). */
 const LIVE = new Set<string>();
-
-/** Whether process `pid` of this host runs. */
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 /** What a lease file says to a gateway that does not hold it. */
 export type LeaseState = "free" | "held" | "done";
