@@ -20,8 +20,8 @@
 // batch once every line has one; parts go on where their answers end. A line may so run
 // twice (its first answer is kept), never be lost.
 import { randomBytes } from "node:crypto";
-import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
-import { join } from "node:path";
+import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { basename, join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs } from "../util/fs.ts";
 import { append, Leases, linkOrCopy, parseAnswer, readAnswers } from "./batch-folder.ts";
@@ -642,6 +642,8 @@ export class Batches {
         }
     }
     this.#runner.tick(renew);
+    // (one directory read: the parts not started, with no files yet, cost nothing)
+    const names = this.#held.size > 0 ? new Set(readdirSync(this.#dir)) : undefined;
     for (const h of this.#held.values())
       this.#safely(`batch ${h.batch.id}`, () => {
         const s = h.batch.status;
@@ -650,7 +652,7 @@ export class Batches {
           existsSync(this.#path(h.batch.id, "cancel"))
         )
           this.#cancelled(h);
-        else this.#check(h);
+        else this.#check(h, names);
         if (h.dirty) this.#save(h);
       });
   }
@@ -806,14 +808,19 @@ export class Batches {
 
   /**
    * Reads the answers the parts' files gained since the last read (whoever wrote them):
-   * counts each line's first, sums their usage.
+   * counts each line's first, sums their usage. `only`: part `only`'s files; `names`: the
+   * folder's names (a file not among them is not looked at).
    */
-  #collect(h: Held, only?: number): void {
+  #collect(h: Held, only?: number, names?: Set<string>): void {
     const b = h.batch;
     h.parts.forEach((part, k) => {
       if ((only !== undefined && k !== only) || part.answered >= this.#size(h, k)) return;
       for (const kind of ["output", "errors"] as const) {
-        const text = readAnswers(partPath(this.#dir, b.id, k, kind), part.read[kind]);
+        const path = partPath(this.#dir, b.id, k, kind);
+        // (a stat, not a read, for a file that did not grow: on NFS each call is a round trip)
+        if (names !== undefined && !names.has(basename(path))) continue;
+        if ((statSync(path, { throwIfNoEntry: false })?.size ?? 0) <= part.read[kind]) continue;
+        const text = readAnswers(path, part.read[kind]);
         if (text === "") continue;
         part.read[kind] += Buffer.byteLength(text);
         for (const l of text.split("\n")) {
@@ -867,11 +874,11 @@ export class Batches {
   }
 
   /** Counts the answers; ends the batch when every line has one, or it was cancelled, or expired. */
-  #check(h: Held): void {
+  #check(h: Held, names?: Set<string>): void {
     const b = h.batch;
     if (b.status === "finalizing" || b.status === "cancelling") this.#finish(h);
     if (b.status !== "in_progress" || h.lines === null) return;
-    this.#collect(h);
+    this.#collect(h, undefined, names);
     if (h.seen.size >= h.lines.length) this.#finish(h);
     else if (now() < b.expires_at) this.#reopen(h);
     else {

@@ -1102,46 +1102,48 @@ describe.sequential("expertmesh operator", () => {
     );
     expect(JSON.stringify(keyedPod?.containers[0]?.env ?? [])).not.toContain("gw-keys");
 
-    // A disk tier the gateways share: its ReadWriteMany claim must exist too.
+    // A disk tier the gateways share, and the batches' folder: their ReadWriteMany claims
+    // must exist too (else the pods would wait for them, unsaid).
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,
       body: model("noshared", ns, {
-        gateway: { kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwx" } },
+        gateway: {
+          kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "prefix-rwx" },
+          batch: { sharedClaim: "batch-rwx" },
+        },
       }),
     });
+    const missing = (claim: string, field: string) =>
+      `PersistentVolumeClaim ${ns}/${claim} (${field}) does not exist`;
     m = await waitForCondition(ns, "noshared", "Degraded", "True", "PVCNotFound");
     expect(condition(m, "Degraded")?.message).toBe(
-      `PersistentVolumeClaim ${ns}/prefix-rwx (spec.gateway.kvCache.diskSharedClaim) does not exist`,
+      `${missing("prefix-rwx", "spec.gateway.kvCache.diskSharedClaim")}; ${missing("batch-rwx", "spec.gateway.batch.sharedClaim")}`,
     );
     await createWeightsVolume(ns, "prefix-rwx", "ReadWriteMany");
+    await waitFor("only the batches' claim missing", async () => {
+      const now = await getModel(ns, "noshared");
+      return condition(now, "Degraded")?.message ===
+        missing("batch-rwx", "spec.gateway.batch.sharedClaim")
+        ? true
+        : undefined;
+    });
+    await createWeightsVolume(ns, "batch-rwx", "ReadWriteMany");
     await waitForCondition(ns, "noshared", "Ready", "True", undefined, 90_000);
     const sharing = (await ownedDeployments(ns, "noshared")).find(
       (d) => d.metadata?.name === "noshared-gateway",
     )!;
-    expect(sharing.spec?.template.spec?.volumes).toContainEqual(
-      expect.objectContaining({
-        name: "prefix-cache",
-        persistentVolumeClaim: { claimName: "prefix-rwx" },
-      }),
-    );
-    // The batches' shared folder: its claim must exist too (else the pods would wait unsaid).
-    await custom.createNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      body: model("nobatch", ns, { gateway: { batch: { sharedClaim: "batch-rwx" } } }),
-    });
-    m = await waitForCondition(ns, "nobatch", "Degraded", "True", "PVCNotFound");
-    expect(condition(m, "Degraded")?.message).toBe(
-      `PersistentVolumeClaim ${ns}/batch-rwx (spec.gateway.batch.sharedClaim) does not exist`,
-    );
-    await createWeightsVolume(ns, "batch-rwx", "ReadWriteMany");
-    await waitForCondition(ns, "nobatch", "Ready", "True", undefined, 90_000);
-    const batching = (await ownedDeployments(ns, "nobatch")).find(
-      (d) => d.metadata?.name === "nobatch-gateway",
-    )!;
-    expect(batching.spec?.template.spec?.volumes).toContainEqual(
-      expect.objectContaining({ name: "batch", persistentVolumeClaim: { claimName: "batch-rwx" } }),
+    expect(sharing.spec?.template.spec?.volumes).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({
+          name: "prefix-cache",
+          persistentVolumeClaim: { claimName: "prefix-rwx" },
+        }),
+        expect.objectContaining({
+          name: "batch",
+          persistentVolumeClaim: { claimName: "batch-rwx" },
+        }),
+      ]),
     );
     // A claim of one node at a time, for two gateways: said (Degraded), the model serving on.
     // For one gateway it is enough.
