@@ -979,10 +979,10 @@ export class Batches {
         return true;
       });
     for (const kind of ["output", "errors"] as const) {
-      const count = kind === "output" ? "completed" : "failed";
+      const tally = kind === "output" ? "completed" : "failed";
       const made = kind === "output" ? b.output_file_id : b.error_file_id;
       if (made !== null) {
-        counts[count] = answers(readAnswers(this.#o.files.path(made)), kind).length;
+        counts[tally] = answers(readAnswers(this.#o.files.path(made)), kind).length;
       } else {
         const whole = join(this.#dir, `${b.id}.${kind}.final`);
         rmSync(whole, { force: true });
@@ -993,7 +993,7 @@ export class Batches {
         for (const p of written) {
           const text = readAnswers(p);
           const kept = answers(text, kind);
-          counts[count] += kept.length;
+          counts[tally] += kept.length;
           if (kept.length === 0) continue;
           const deduped = `${kept.join("\n")}\n`;
           if (written.length === 1 && deduped === text) linkOrCopy(p, whole);
@@ -1003,7 +1003,7 @@ export class Batches {
           }
         }
         this.#o.files.quota?.grew(bytes);
-        if (counts[count] > 0) {
+        if (counts[tally] > 0) {
           const file = this.#o.files.adopt(
             h.owner,
             whole,
