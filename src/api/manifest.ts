@@ -387,12 +387,17 @@ export function kvCacheArgs(model: DeepSeekModel): string[] {
  * folder that outlives `up`'s runs.
  */
 export function prefixCacheDiskArgs(model: DeepSeekModel, dir: string): string[] {
-  const { diskBytes: bytes, diskSharedClaim } = model.spec.gateway.kvCache;
+  const {
+    diskBytes: bytes,
+    diskSharedClaim,
+    diskSharedStorageClassName,
+  } = model.spec.gateway.kvCache;
   if (bytes <= 0) return [];
+  const shared = diskSharedClaim !== undefined || diskSharedStorageClassName !== undefined;
   return [
     `--prefix-cache-disk=${dir}`,
     `--prefix-cache-disk-bytes=${bytes}`,
-    ...(diskSharedClaim !== undefined ? ["--prefix-cache-disk-shared"] : []),
+    ...(shared ? ["--prefix-cache-disk-shared"] : []),
   ];
 }
 

@@ -317,10 +317,10 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.gateway",
-    rule: "!has(self.kvCache) || !has(self.kvCache.diskSharedClaim) || (has(self.kvCache.diskBytes) && self.kvCache.diskBytes > 0)",
+    rule: "!has(self.kvCache) || (!has(self.kvCache.diskSharedClaim) && !has(self.kvCache.diskSharedStorageClassName)) || (has(self.kvCache.diskBytes) && self.kvCache.diskBytes > 0)",
     message:
-      "gateway.kvCache.diskSharedClaim (a disk tier the gateways share) needs gateway.kvCache.diskBytes, its budget",
-    check: (s) => s["kvCache"]?.diskSharedClaim === undefined || s["kvCache"].diskBytes > 0,
+      "gateway.kvCache.diskSharedClaim or diskSharedStorageClassName (a disk tier the gateways share) needs gateway.kvCache.diskBytes, its budget",
+    check: (s) => !diskShared(s["kvCache"]) || s["kvCache"].diskBytes > 0,
   },
   {
     path: "spec.gateway",
@@ -379,10 +379,10 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
   },
   {
     path: "spec.gateway",
-    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || !has(self.kvCache.diskSharedClaim)",
+    rule: "!has(self.kvCache) || !has(self.kvCache.remoteBytes) || self.kvCache.remoteBytes == 0 || (!has(self.kvCache.diskSharedClaim) && !has(self.kvCache.diskSharedStorageClassName))",
     message:
-      "gateway.kvCache.remoteBytes and diskSharedClaim: the gateways share blocks through the NATS bucket, and a disk tier under it is each gateway's own; drop diskSharedClaim",
-    check: (s) => !(s["kvCache"]?.remoteBytes > 0 && s["kvCache"]?.diskSharedClaim !== undefined),
+      "gateway.kvCache.remoteBytes and a shared disk tier: the gateways share blocks through the NATS bucket, and a disk tier under it is each gateway's own; drop diskSharedClaim (or diskSharedStorageClassName)",
+    check: (s) => !(s["kvCache"]?.remoteBytes > 0 && diskShared(s["kvCache"])),
   },
   {
     path: "spec.gateway",
@@ -480,7 +480,29 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
               (e.valueFrom["configMapKeyRef"] !== undefined)),
       ),
   },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.kvCache) || !has(self.kvCache.diskSharedClaim) || !has(self.kvCache.diskSharedStorageClassName)",
+    message:
+      "gateway.kvCache: give diskSharedClaim (a claim of yours) or diskSharedStorageClassName (the operator makes the claim), not both",
+    check: (s) =>
+      s["kvCache"]?.diskSharedClaim === undefined ||
+      s["kvCache"]?.diskSharedStorageClassName === undefined,
+  },
+  {
+    path: "spec.gateway",
+    rule: "!has(self.batch) || !has(self.batch.sharedClaim) || !has(self.batch.sharedStorageClassName)",
+    message:
+      "gateway.batch: give sharedClaim (a claim of yours) or sharedStorageClassName (the operator makes the claim), not both",
+    check: (s) =>
+      s["batch"]?.sharedClaim === undefined || s["batch"]?.sharedStorageClassName === undefined,
+  },
 ];
+
+/** Whether spec.gateway.kvCache `k` asks for a disk tier the gateways share. */
+function diskShared(k: Record<string, unknown> | undefined): boolean {
+  return k?.["diskSharedClaim"] !== undefined || k?.["diskSharedStorageClassName"] !== undefined;
+}
 
 /** The CRD's x-kubernetes-validations for the object at `path`. */
 export function validationsAt(path: string): { rule: string; message: string }[] {

@@ -447,7 +447,15 @@ export const GatewaySchema = withRules(
           diskSharedClaim: Type.Optional(
             Type.String({
               description:
-                "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the disk tier instead of an emptyDir each: blocks are written as they are computed, and a prompt whose prefix another gateway computed reads it (DeepSeek's context caching on shared storage). diskBytes is then the shared folder's budget. Needs diskBytes.",
+                "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the disk tier instead of an emptyDir each: blocks are written as they are computed, and a prompt whose prefix another gateway computed reads it (DeepSeek's context caching on shared storage). diskBytes is then the shared folder's budget. Needs diskBytes; not with diskSharedStorageClassName.",
+              minLength: 1,
+              maxLength: 253,
+            }),
+          ),
+          diskSharedStorageClassName: Type.Optional(
+            Type.String({
+              description:
+                "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the shared disk tier's claim itself, <name>-prefix-cache, of diskBytes and 128 MiB for the writes under way, owned by the model (it goes with the model, or when this is removed); otherwise as diskSharedClaim. A larger diskBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is. Needs diskBytes; not with diskSharedClaim.",
               minLength: 1,
               maxLength: 253,
             }),
@@ -503,7 +511,15 @@ export const GatewaySchema = withRules(
             sharedClaim: Type.Optional(
               Type.String({
                 description:
-                  "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the files and batches: each gateway then answers for every file and batch, the gateways run each batch's lines together (part by part), and one goes on with the batches of a gateway that stopped (a roll, a lost node). Without it, each gateway pod keeps its own in an emptyDir: a batch lives and dies with the pod that took it (a roll ends it), and a client needs sessionAffinity ClientIP to find its files again.",
+                  "A ReadWriteMany PersistentVolumeClaim, in the model's namespace, that every gateway mounts for the files and batches: each gateway then answers for every file and batch, the gateways run each batch's lines together (part by part), and one goes on with the batches of a gateway that stopped (a roll, a lost node). Without it (or sharedStorageClassName), each gateway pod keeps its own in an emptyDir: a batch lives and dies with the pod that took it (a roll ends it), and a client needs sessionAffinity ClientIP to find its files again. Not with sharedStorageClassName.",
+                minLength: 1,
+                maxLength: 253,
+              }),
+            ),
+            sharedStorageClassName: Type.Optional(
+              Type.String({
+                description:
+                  "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the files and batches' claim itself, <name>-batch, of storageBytes and headroom for the answers being written (5% and 64 MiB), owned by the model (it goes, with the files and batches on it, when the model is deleted or this is removed: name a claim of your own in sharedClaim to keep them); otherwise as sharedClaim. A larger storageBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is. Not with sharedClaim.",
                 minLength: 1,
                 maxLength: 253,
               }),

@@ -66,6 +66,8 @@ const OWNED_KINDS = [
   { apiVersion: "apps/v1", kind: "Deployment" },
   { apiVersion: "v1", kind: "Service" },
   { apiVersion: "policy/v1", kind: "PodDisruptionBudget" },
+  // (the shared claims of a StorageClass: an older chart's RBAC only reads claims)
+  { apiVersion: "v1", kind: "PersistentVolumeClaim", optional: true },
   // Optional: an older chart's RBAC does not grant them (the model says so when it asks).
   { apiVersion: "networking.k8s.io/v1", kind: "NetworkPolicy", optional: true },
   { apiVersion: "monitoring.coreos.com/v1", kind: "PodMonitor", optional: true },

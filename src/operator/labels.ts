@@ -19,7 +19,7 @@ export const ANNOTATION_CHAT_TEMPLATE = "expertmesh.io/chat-template";
  */
 export const ANNOTATION_ENV_SOURCES = "expertmesh.io/env-sources";
 
-export type Component = "gateway" | "prefill" | "shard" | "plan" | "monitoring";
+export type Component = "gateway" | "prefill" | "shard" | "plan" | "monitoring" | "storage";
 
 export const names = {
   plan: (m: string) => `${m}-plan`,
@@ -28,6 +28,9 @@ export const names = {
   prefill: (m: string) => `${m}-prefill`,
   service: (m: string) => m,
   shard: (m: string, k: number) => `${m}-shard-${k}`,
+  /** The claims the operator makes of a StorageClass (spec.gateway.kvCache, spec.gateway.batch). */
+  prefixCacheClaim: (m: string) => `${m}-prefix-cache`,
+  batchClaim: (m: string) => `${m}-batch`,
 };
 
 /** Labels of every object of model `model` (its pods' selector uses a subset). */

@@ -2,7 +2,12 @@
 // it depends on, plans expert placement, server-side-applies the desired objects, deletes
 // the ones it no longer wants, and writes an honest status. Unchanged objects are not
 // touched (a no-op apply keeps their resourceVersion).
-import type { KubernetesObject, V1ConfigMap, V1Deployment } from "@kubernetes/client-node";
+import type {
+  KubernetesObject,
+  V1ConfigMap,
+  V1Deployment,
+  V1PersistentVolumeClaim,
+} from "@kubernetes/client-node";
 import { architectureOf } from "../api/manifest.ts";
 import {
   gpuMemoryLabel,
@@ -52,11 +57,13 @@ import {
   shardsChangingWeights,
 } from "./weights-rollout.ts";
 import {
+  claimNoSmaller,
   type DesiredObject,
   desiredObjects,
   endpointOf,
   planShape,
   type Replicas,
+  sharedClaims,
   specReplicas,
 } from "./workloads.ts";
 import type { WorkResult } from "./workqueue.ts";
@@ -430,14 +437,10 @@ export class Reconciler {
         message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
       });
     }
-    // The claims every gateway mounts (the prefix cache's disk tier, the batches' folder).
-    const { diskBytes, diskSharedClaim } = model.spec.gateway.kvCache;
-    const sharedClaims: [field: string, claim: string | undefined][] = [
-      ["spec.gateway.kvCache.diskSharedClaim", diskBytes > 0 ? diskSharedClaim : undefined],
-      ["spec.gateway.batch.sharedClaim", model.spec.gateway.batch?.sharedClaim],
-    ];
-    for (const [field, shared] of sharedClaims) {
-      if (!shared) continue;
+    // The claims of the manifest's every gateway mounts (the prefix cache's disk tier, the
+    // batches' folder); the operator makes those of a StorageClass itself (#converge).
+    for (const { claimName: shared, field, made } of sharedClaims(model)) {
+      if (made) continue;
       const modes = await this.#kube.claimAccessModes(ns, shared);
       if (modes === null)
         out.push({
@@ -563,12 +566,27 @@ export class Reconciler {
     const existing = new Map(
       (await this.#kube.listOwned(ns, model.metadata.name)).map((o) => [keyOf(o), o]),
     );
-    for (const obj of desired) {
-      const before = existing.get(keyOf(obj as KubernetesObject));
+    for (const wanted of desired) {
+      const before = existing.get(keyOf(wanted as KubernetesObject));
+      const obj =
+        before && wanted.kind === "PersistentVolumeClaim"
+          ? claimNoSmaller(wanted as V1PersistentVolumeClaim, before)
+          : wanted;
       let after: KubernetesObject;
       try {
         after = await this.#kube.apply(obj as KubernetesObject);
       } catch (err) {
+        if (obj.kind === "PersistentVolumeClaim" && before) {
+          // A claim the gateways mount already: a larger size its class cannot give, or
+          // another class (immutable), is refused; they serve on with the claim as it is.
+          const c = sharedClaims(model).find((s) => s.claimName === obj.metadata?.name);
+          problems.push({
+            reason: "SharedPVCApplyFailed",
+            message: `PersistentVolumeClaim ${ns}/${obj.metadata?.name} (${c?.field ?? "a shared claim"}): ${apiErrorMessage(err)}`,
+            servingUnaffected: true,
+          });
+          continue;
+        }
         if (obj.kind === "NetworkPolicy") {
           // Isolation asked for and not had (an older chart's RBAC, a peer the API server
           // refuses): reported; the pods serve on as before.

@@ -34,6 +34,7 @@ export interface Problem {
     | "PodMonitorApplyFailed"
     | "NetworkPolicyApplyFailed"
     | "SharedPVCNotReadWriteMany"
+    | "SharedPVCApplyFailed"
     | "NATSJetStreamMissing";
   message: string;
   servingUnaffected?: boolean;

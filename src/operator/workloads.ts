@@ -2,12 +2,14 @@
 // placement plan and the operator's settings. Only the reconciler does I/O.
 import { createHash } from "node:crypto";
 import type {
+  KubernetesObject,
   V1ConfigMap,
   V1Deployment,
   V1EnvVar,
   V1LabelSelector,
   V1NetworkPolicy,
   V1NetworkPolicyIngressRule,
+  V1PersistentVolumeClaim,
   V1PodDisruptionBudget,
   V1PodSpec,
   V1Service,
@@ -65,6 +67,7 @@ export type DesiredObject =
   | V1Service
   | V1PodDisruptionBudget
   | V1NetworkPolicy
+  | V1PersistentVolumeClaim
   | PodMonitor;
 
 /** Seconds a gateway keeps serving after SIGTERM, not ready (`gateway --shutdown-delay`). */
@@ -389,22 +392,133 @@ function podSpec(
 /** Room in the prefix cache's emptyDir past its budget: temporary files of pending writes. */
 const PREFIX_DISK_HEADROOM = 128 * 2 ** 20;
 
+/** The size of the gateway's prefix cache disk tier's volume (0: none). */
+function prefixDiskBytes(model: DeepSeekModel): number {
+  const d = model.spec.gateway.kvCache.diskBytes;
+  return d > 0 ? d + PREFIX_DISK_HEADROOM : 0;
+}
+
 /** The emptyDir size of the gateway's prefix cache disk tier (0: none, or a shared claim). */
 export function prefixDiskVolumeBytes(model: DeepSeekModel): number {
-  const { diskBytes: d, diskSharedClaim } = model.spec.gateway.kvCache;
-  return d > 0 && diskSharedClaim === undefined ? d + PREFIX_DISK_HEADROOM : 0;
+  return sharedClaimOf(model, "prefix-cache") ? 0 : prefixDiskBytes(model);
 }
 
 /**
- * The emptyDir size of a gateway's files and batches (0: none, a shared claim, or prefill):
- * storageBytes, which the gateway keeps the folder under (--files-max-total), and room for
- * what crosses it before the gateway sees it full (answers being written, a count 2 s old),
- * so that the kubelet never evicts the pod for it.
+ * The size of a volume of files and batches: storageBytes, which the gateway keeps the
+ * folder under (--files-max-total), and room for what crosses it before the gateway sees it
+ * full (answers being written, a count 2 s old), so that the kubelet never evicts the pod for
+ * it (an emptyDir) and no write finds the volume full (a claim).
  */
+function batchBytes(b: { storageBytes: number }): number {
+  return b.storageBytes + Math.ceil(b.storageBytes / 20) + 64 * 2 ** 20;
+}
+
+/** The emptyDir size of a gateway's files and batches (0: none, a shared claim, or prefill). */
 export function batchVolumeBytes(model: DeepSeekModel, role: GatewayRole): number {
   const b = model.spec.gateway.batch;
-  if (role !== "gateway" || b === undefined || b.sharedClaim !== undefined) return 0;
-  return b.storageBytes + Math.ceil(b.storageBytes / 20) + 64 * 2 ** 20;
+  if (role !== "gateway" || b === undefined || sharedClaimOf(model, "batch")) return 0;
+  return batchBytes(b);
+}
+
+/** A ReadWriteMany claim every (serving and prefill) gateway mounts instead of an emptyDir. */
+export interface SharedClaim {
+  /** The volume's name in the gateway's pod. */
+  readonly volume: "prefix-cache" | "batch";
+  readonly claimName: string;
+  /** The spec field that asks for it, for messages. */
+  readonly field: string;
+  /** Set when the operator makes the claim (of a StorageClass), owned by the model. */
+  readonly made?: { readonly storageClassName: string; readonly bytes: number };
+}
+
+/**
+ * The model's shared claims: the prefix cache's disk tier's (kvCache.diskSharedClaim, or
+ * diskSharedStorageClassName; only with diskBytes) and the files and batches' (batch.
+ * sharedClaim, or sharedStorageClassName). A claim the operator makes is of the volume's size.
+ */
+export function sharedClaims(model: DeepSeekModel): SharedClaim[] {
+  const name = model.metadata.name;
+  const { kvCache, batch } = model.spec.gateway;
+  const out: SharedClaim[] = [];
+  if (kvCache.diskBytes > 0) {
+    if (kvCache.diskSharedClaim !== undefined)
+      out.push({
+        volume: "prefix-cache",
+        claimName: kvCache.diskSharedClaim,
+        field: "spec.gateway.kvCache.diskSharedClaim",
+      });
+    else if (kvCache.diskSharedStorageClassName !== undefined)
+      out.push({
+        volume: "prefix-cache",
+        claimName: names.prefixCacheClaim(name),
+        field: "spec.gateway.kvCache.diskSharedStorageClassName",
+        made: {
+          storageClassName: kvCache.diskSharedStorageClassName,
+          bytes: prefixDiskBytes(model),
+        },
+      });
+  }
+  if (batch?.sharedClaim !== undefined)
+    out.push({
+      volume: "batch",
+      claimName: batch.sharedClaim,
+      field: "spec.gateway.batch.sharedClaim",
+    });
+  else if (batch?.sharedStorageClassName !== undefined)
+    out.push({
+      volume: "batch",
+      claimName: names.batchClaim(name),
+      field: "spec.gateway.batch.sharedStorageClassName",
+      made: { storageClassName: batch.sharedStorageClassName, bytes: batchBytes(batch) },
+    });
+  return out;
+}
+
+/**
+ * Claim `wanted` at no less than the size `before` has (a claim never shrinks: the API
+ * server refuses it), and in the very words of that size when it is not larger (so that the
+ * apply changes nothing).
+ */
+export function claimNoSmaller(
+  wanted: V1PersistentVolumeClaim,
+  before: KubernetesObject,
+): V1PersistentVolumeClaim {
+  const had = (before as V1PersistentVolumeClaim).spec?.resources?.requests?.["storage"];
+  const want = wanted.spec?.resources?.requests?.["storage"];
+  if (had === undefined || want === undefined) return wanted;
+  if ((quantityValue(want) ?? 0) > (quantityValue(had) ?? Number.POSITIVE_INFINITY)) return wanted;
+  return {
+    ...wanted,
+    spec: { ...wanted.spec, resources: { ...wanted.spec?.resources, requests: { storage: had } } },
+  };
+}
+
+/** The shared claim of gateway volume `volume`, if the model asks for one. */
+function sharedClaimOf(
+  model: DeepSeekModel,
+  volume: SharedClaim["volume"],
+): SharedClaim | undefined {
+  return sharedClaims(model).find((c) => c.volume === volume);
+}
+
+/**
+ * The claim the operator makes for `c` (ReadWriteMany, of c.made's class and size). Its
+ * size only grows: the reconciler applies the larger of this and the claim's own.
+ */
+export function sharedClaimObject(
+  model: DeepSeekModel,
+  c: SharedClaim & { made: NonNullable<SharedClaim["made"]> },
+): V1PersistentVolumeClaim {
+  return {
+    apiVersion: "v1",
+    kind: "PersistentVolumeClaim",
+    metadata: meta(model, c.claimName, "storage"),
+    spec: {
+      accessModes: ["ReadWriteMany"],
+      storageClassName: c.made.storageClassName,
+      resources: { requests: { storage: String(c.made.bytes) } },
+    },
+  };
 }
 
 /**
@@ -621,21 +735,18 @@ function gatewayPod(model: DeepSeekModel, role: GatewayRole): V1PodSpec {
   // room for the writes under way (64 MiB at most) before the kubelet evicts the pod.
   // With a shared claim, every gateway mounts that volume instead (ReadWriteMany).
   const diskBytes = prefixDiskVolumeBytes(model);
-  const sharedClaim =
-    model.spec.gateway.kvCache.diskBytes > 0
-      ? model.spec.gateway.kvCache.diskSharedClaim
-      : undefined;
-  const prefixVolumes: V1Volume[] = sharedClaim
-    ? [{ name: "prefix-cache", persistentVolumeClaim: { claimName: sharedClaim } }]
+  const sharedDisk = sharedClaimOf(model, "prefix-cache");
+  const prefixVolumes: V1Volume[] = sharedDisk
+    ? [{ name: "prefix-cache", persistentVolumeClaim: { claimName: sharedDisk.claimName } }]
     : diskBytes > 0
       ? [{ name: "prefix-cache", emptyDir: { sizeLimit: String(diskBytes) } }]
       : [];
-  const batch = role === "gateway" ? gateway.batch : undefined;
+  const sharedBatch = sharedClaimOf(model, "batch");
   const batchVolumes: V1Volume[] =
-    batch === undefined
+    role !== "gateway" || gateway.batch === undefined
       ? []
-      : batch.sharedClaim !== undefined
-        ? [{ name: "batch", persistentVolumeClaim: { claimName: batch.sharedClaim } }]
+      : sharedBatch
+        ? [{ name: "batch", persistentVolumeClaim: { claimName: sharedBatch.claimName } }]
         : [{ name: "batch", emptyDir: { sizeLimit: String(batchVolumeBytes(model, role)) } }];
   const gwContainer = {
     ...gw,
@@ -680,6 +791,9 @@ export function desiredObjects(
   const name = model.metadata.name;
   const { gateway, experts } = model.spec;
   const objects: DesiredObject[] = [planConfigMap(model, plan)];
+  // The claims the operator makes, before the pods that mount them.
+  for (const c of sharedClaims(model))
+    if (c.made) objects.push(sharedClaimObject(model, { ...c, made: c.made }));
   // Every container reads spec.env: a changed value rolls every role.
   const envHash: Record<string, string> =
     envSources === undefined ? {} : { [ANNOTATION_ENV_SOURCES]: envSources };

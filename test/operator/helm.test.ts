@@ -81,7 +81,11 @@ const OPERATOR_RULES = [
     verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
   },
   { apiGroups: [""], resources: ["pods"], verbs: ["get", "list", "watch"] },
-  { apiGroups: [""], resources: ["persistentvolumeclaims"], verbs: ["get"] },
+  {
+    apiGroups: [""],
+    resources: ["persistentvolumeclaims"],
+    verbs: ["get", "list", "create", "update", "patch", "delete"],
+  },
   { apiGroups: [""], resources: ["secrets"], verbs: ["get"] },
   { apiGroups: [""], resources: ["events"], verbs: ["create", "patch"] },
   { apiGroups: ["events.k8s.io"], resources: ["events"], verbs: ["create", "patch"] },

@@ -4,8 +4,14 @@
 import { mkdtempSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { CoordinationV1Api, CoreV1Api, CustomObjectsApi } from "@kubernetes/client-node";
+import {
+  CoordinationV1Api,
+  CoreV1Api,
+  CustomObjectsApi,
+  StorageV1Api,
+} from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { quantityValue } from "../../src/api/quantity.ts";
 import { CROSS_FIELD_RULES } from "../../src/api/rules.ts";
 import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { fakeGpuNode } from "../env/cluster.ts";
@@ -36,6 +42,7 @@ const kc = adminKubeConfig();
 const core = kc.makeApiClient(CoreV1Api);
 const custom = kc.makeApiClient(CustomObjectsApi);
 const coordination = kc.makeApiClient(CoordinationV1Api);
+const storage = kc.makeApiClient(StorageV1Api);
 const G = { group: "expertmesh.io", version: "v1alpha1", plural: "deepseekmodels" };
 
 function condition(m: DeepSeekModel, type: string) {
@@ -1003,7 +1010,7 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
-  it("reports a missing PVC or Secret as Degraded with the reason, and recovers when created", async () => {
+  it("reports a missing PVC or Secret as Degraded with the reason, and recovers when created; makes the shared claims of a StorageClass", async () => {
     const ns = await newNamespace("deps");
     await custom.createNamespacedCustomObject({ ...G, namespace: ns, body: model("nopvc", ns) });
     let m = await waitForCondition(ns, "nopvc", "Degraded", "True", "PVCNotFound");
@@ -1166,6 +1173,84 @@ describe.sequential("expertmesh operator", () => {
       reason: "SharedPVCNotReadWriteMany",
       message: `PersistentVolumeClaim ${ns}/prefix-rwo (spec.gateway.kvCache.diskSharedClaim) is ReadWriteOnce, not ReadWriteMany: gateway pods on other nodes cannot mount it`,
     });
+
+    // The batches' claim of a StorageClass instead: the operator makes it (here bound to a
+    // volume made beforehand: no provisioner runs here), owned by the model; a size the
+    // class cannot grow to is said, the gateways serving on; without it, it is deleted.
+    const sc = `${ns}-rwx`;
+    await storage.createStorageClass({
+      body: {
+        metadata: { name: sc },
+        provisioner: "kubernetes.io/no-provisioner",
+        volumeBindingMode: "Immediate",
+        allowVolumeExpansion: false,
+      },
+    });
+    await core.createPersistentVolume({
+      body: {
+        metadata: { name: `${ns}-made` },
+        spec: {
+          capacity: { storage: "1Gi" },
+          accessModes: ["ReadWriteMany"],
+          storageClassName: sc,
+          hostPath: { path: `/tmp/${ns}-made` },
+        },
+      },
+    });
+    await patchSpec(ns, "noshared", {
+      gateway: { batch: { sharedClaim: null, sharedStorageClassName: sc, storageBytes: 2 ** 28 } },
+    });
+    const claim = await waitFor("the batches' claim made and bound", async () => {
+      const c = await core
+        .readNamespacedPersistentVolumeClaim({ namespace: ns, name: "noshared-batch" })
+        .catch(() => undefined);
+      return c?.status?.phase === "Bound" ? c : undefined;
+    });
+    const owner = await getModel(ns, "noshared");
+    expect(claim.metadata?.ownerReferences).toEqual([
+      expect.objectContaining({ kind: "DeepSeekModel", name: "noshared", uid: owner.metadata.uid }),
+    ]);
+    expect(claim.spec).toMatchObject({
+      accessModes: ["ReadWriteMany"],
+      storageClassName: sc,
+      volumeName: `${ns}-made`,
+    });
+    // storageBytes, 5% and 64 MiB (as the API server writes the quantity)
+    expect(quantityValue(claim.spec!.resources!.requests!["storage"]!)).toBe(
+      2 ** 28 + Math.ceil(2 ** 28 / 20) + 2 ** 26,
+    );
+    await waitFor("the gateways on the made claim", async () => {
+      const d = (await ownedDeployments(ns, "noshared")).find(
+        (x) => x.metadata?.name === "noshared-gateway",
+      );
+      return d?.spec?.template.spec?.volumes?.some(
+        (v) => v.persistentVolumeClaim?.claimName === "noshared-batch",
+      )
+        ? true
+        : undefined;
+    });
+    await waitForCondition(ns, "noshared", "Ready", "True", undefined, 90_000);
+    await patchSpec(ns, "noshared", { gateway: { batch: { storageBytes: 2 ** 29 } } });
+    m = await waitForCondition(ns, "noshared", "Degraded", "True", "SharedPVCApplyFailed");
+    expect(condition(m, "Degraded")?.message).toMatch(
+      new RegExp(
+        `^PersistentVolumeClaim ${ns}/noshared-batch \\(spec\\.gateway\\.batch\\.sharedStorageClassName\\): .*must support resize$`,
+      ),
+    );
+    // (the claim as it was; the gateways roll to the new budget all the same)
+    expect(
+      (await core.readNamespacedPersistentVolumeClaim({ namespace: ns, name: "noshared-batch" }))
+        .spec?.resources?.requests?.["storage"],
+    ).toBe(claim.spec!.resources!.requests!["storage"]);
+    await patchSpec(ns, "noshared", { gateway: { batch: { sharedStorageClassName: null } } });
+    await waitFor("the made claim deleted once no spec asks for it", async () => {
+      const c = await core
+        .readNamespacedPersistentVolumeClaim({ namespace: ns, name: "noshared-batch" })
+        .catch(() => null);
+      return c === null || c.metadata?.deletionTimestamp !== undefined ? true : undefined;
+    });
+    m = await waitForCondition(ns, "noshared", "Degraded", "False");
+    await storage.deleteStorageClass({ name: sc });
   });
 
   it("spec.env from a Secret and a ConfigMap: a missing one is reported and nothing applied (an optional one is fine); a changed value rolls every role's pods", async () => {
@@ -1710,6 +1795,25 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[38]!.message,
       ],
 
+      [
+        "the batches' claim named and made",
+        { gateway: { batch: { sharedClaim: "a", sharedStorageClassName: "b" } } },
+        CROSS_FIELD_RULES[40]!.message,
+      ],
+      [
+        "the disk tier's claim named and made",
+        {
+          gateway: {
+            kvCache: { diskBytes: 2 ** 20, diskSharedClaim: "a", diskSharedStorageClassName: "b" },
+          },
+        },
+        CROSS_FIELD_RULES[39]!.message,
+      ],
+      [
+        "a disk tier made of a StorageClass without its budget",
+        { gateway: { kvCache: { diskSharedStorageClassName: "b" } } },
+        CROSS_FIELD_RULES[14]!.message,
+      ],
       [
         "two env entries of one name",
         {

@@ -103,6 +103,27 @@ spec:
   gateway: ${gateway}
 `;
 
+  it.each([
+    [
+      "{ batch: { sharedClaim: a, sharedStorageClassName: b } }",
+      /gateway\.batch: give sharedClaim \(a claim of yours\) or sharedStorageClassName/,
+    ],
+    [
+      "{ kvCache: { diskBytes: 1048576, diskSharedClaim: a, diskSharedStorageClassName: b } }",
+      /gateway\.kvCache: give diskSharedClaim \(a claim of yours\) or diskSharedStorageClassName/,
+    ],
+    [
+      "{ kvCache: { diskSharedStorageClassName: b } }",
+      /diskSharedClaim or diskSharedStorageClassName \(a disk tier the gateways share\) needs gateway\.kvCache\.diskBytes/,
+    ],
+    [
+      "{ kvCache: { diskBytes: 1048576, remoteBytes: 1048576, diskSharedStorageClassName: b } }",
+      /gateway\.kvCache\.remoteBytes and a shared disk tier/,
+    ],
+  ])("refuses shared claims asked for two ways, or without what they need: %s", (gateway, rule) => {
+    expect(() => parseManifest(m(gateway), "m.yaml")).toThrow(rule);
+  });
+
   it("refuses gateway.disaggregation without the NATS tier its blocks go through, naming the rule", () => {
     expect(() => parseManifest(m("{ disaggregation: {} }"), "m.yaml")).toThrow(
       /m\.yaml: spec\.gateway: gateway\.disaggregation needs gateway\.kvCache\.remoteBytes/,

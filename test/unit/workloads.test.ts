@@ -3,7 +3,12 @@ import { describe, expect, it } from "vitest";
 import { architectureOf, parseManifest, prefixCacheBucket } from "../../src/api/manifest.ts";
 import { gatewayWeightBytes, POD_MEMORY_OVERHEAD, shardExpertBytes } from "../../src/api/memory.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
-import { desiredObjects, networkPolicies, specReplicas } from "../../src/operator/workloads.ts";
+import {
+  claimNoSmaller,
+  desiredObjects,
+  networkPolicies,
+  specReplicas,
+} from "../../src/operator/workloads.ts";
 
 function manifest(extra = "") {
   return parseManifest(`
@@ -669,6 +674,84 @@ describe("desiredObjects", () => {
       expect(prefill.containers[0].args.join(" ")).not.toContain("--files-dir");
     },
   );
+
+  it("with a StorageClass for the shared claims, the operator makes them (ReadWriteMany, of the volumes' sizes, owned by the model) before the pods that mount them", () => {
+    const all = objects(
+      "  gateway:\n    replicas: 2\n" +
+        "    kvCache: { diskBytes: 8589934592, diskSharedStorageClassName: nfs-rwx }\n" +
+        "    batch: { sharedStorageClassName: efs, storageBytes: 1073741824 }",
+    );
+    const claims = all.filter((o) => o.kind === "PersistentVolumeClaim") as any[];
+    expect(claims.map((c) => [c.metadata.name, c.spec])).toEqual([
+      [
+        "m-prefix-cache",
+        {
+          accessModes: ["ReadWriteMany"],
+          storageClassName: "nfs-rwx",
+          // the budget and 128 MiB for the writes under way
+          resources: { requests: { storage: String(8589934592 + 134217728) } },
+        },
+      ],
+      [
+        "m-batch",
+        {
+          accessModes: ["ReadWriteMany"],
+          storageClassName: "efs",
+          // storageBytes, 5% and 64 MiB for the answers being written
+          resources: { requests: { storage: String(1073741824 + 53687092 + 67108864) } },
+        },
+      ],
+    ]);
+    for (const c of claims) {
+      expect(c.metadata.ownerReferences).toEqual([
+        expect.objectContaining({ kind: "DeepSeekModel", name: "m", uid: "u-1", controller: true }),
+      ]);
+      expect(c.metadata.labels).toMatchObject({
+        "expertmesh.io/model": "m",
+        "app.kubernetes.io/component": "storage",
+      });
+    }
+    const first = all.findIndex((o) => o.kind === "Deployment");
+    expect(all.findIndex((o) => o.kind === "PersistentVolumeClaim")).toBeLessThan(first);
+    const pod = (all.find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec;
+    expect(pod.volumes).toEqual(
+      expect.arrayContaining([
+        { name: "prefix-cache", persistentVolumeClaim: { claimName: "m-prefix-cache" } },
+        { name: "batch", persistentVolumeClaim: { claimName: "m-batch" } },
+      ]),
+    );
+    expect(pod.containers[0].args).toContain("--prefix-cache-disk-shared");
+    // The claims hold the files: no emptyDir to request room for.
+    expect(pod.containers[0].resources.requests["ephemeral-storage"]).toBeUndefined();
+    // A claim of the user's: none made.
+    expect(
+      objects("  gateway:\n    batch: { sharedClaim: mine }").some(
+        (o) => o.kind === "PersistentVolumeClaim",
+      ),
+    ).toBe(false);
+  });
+
+  it.each([
+    ["grows", "1Gi", "2147483648", "2147483648"],
+    ["never shrinks", "10Gi", "5368709120", "10Gi"],
+    ["keeps the claim's own words for the same size", "1Gi", "1073741824", "1Gi"],
+    ["keeps a size in other units", "2G", "1Gi", "2G"],
+    ["applies what it wants when the claim says nothing", undefined, "1Gi", "1Gi"],
+  ])("a made claim's size %s: had %s, wanted %s -> %s", (_, had, want, applied) => {
+    const claim = (storage: string | undefined) => ({
+      apiVersion: "v1",
+      kind: "PersistentVolumeClaim",
+      metadata: { name: "m-batch" },
+      spec: {
+        accessModes: ["ReadWriteMany"],
+        storageClassName: "efs",
+        resources: storage === undefined ? {} : { requests: { storage } },
+      },
+    });
+    const out = claimNoSmaller(claim(want), claim(had));
+    expect(out.spec?.resources?.requests?.["storage"]).toBe(applied);
+    expect(out.spec?.storageClassName).toBe("efs");
+  });
 
   it("gives the gateways (only) spec.gateway.apiKeySecret's key as a mounted file they reload, never in args or env", () => {
     const pods = (extra: string) =>
