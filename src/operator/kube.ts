@@ -3,6 +3,7 @@
 import {
   AppsV1Api,
   CoreV1Api,
+  type CoreV1Event,
   CustomObjectsApi,
   type KubeConfig,
   type KubernetesObject,
@@ -11,6 +12,7 @@ import {
   PolicyV1Api,
   setHeaderOptions,
   type V1Deployment,
+  type V1PersistentVolumeClaim,
   type V1Pod,
 } from "@kubernetes/client-node";
 import type { NodeGpuMemory } from "../api/memory.ts";
@@ -228,6 +230,45 @@ export class KubeClient {
       if (httpStatus(err) === 404) return null;
       throw err;
     }
+  }
+
+  /**
+   * Why claim `name` waits for a volume: its newest Warning Event (a provisioner's
+   * ProvisioningFailed, a StorageClass not found), when it is Pending and has one; else null.
+   * Events the operator may not list (an older chart's RBAC) say nothing (logged once).
+   */
+  async claimPendingWhy(namespace: string, name: string): Promise<string | null> {
+    let pvc: V1PersistentVolumeClaim;
+    try {
+      pvc = await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
+    } catch (err) {
+      if (httpStatus(err) === 404) return null;
+      throw err;
+    }
+    if (pvc.status?.phase !== "Pending" || !pvc.metadata?.uid) return null;
+    let events: CoreV1Event[];
+    try {
+      events = (
+        await this.core.listNamespacedEvent({
+          namespace,
+          fieldSelector: `involvedObject.kind=PersistentVolumeClaim,involvedObject.uid=${pvc.metadata.uid},type=Warning`,
+        })
+      ).items;
+    } catch (err) {
+      if (httpStatus(err) !== 403) throw err;
+      const key = `${namespace} Event`;
+      if (!this.#forbidden.has(key)) {
+        this.#forbidden.add(key);
+        this.#log(
+          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim it made that waits for a volume is not said why`,
+        );
+      }
+      return null;
+    }
+    const at = (e: CoreV1Event) =>
+      new Date(e.lastTimestamp ?? e.eventTime ?? e.firstTimestamp ?? 0).getTime();
+    const newest = events.sort((a, b) => at(b) - at(a))[0];
+    return newest ? `${newest.reason}: ${newest.message?.trim() ?? ""}` : null;
   }
 
   /**

@@ -261,6 +261,8 @@ export class Reconciler {
         deployments = deployments.filter((d) => !done.includes(d));
       }
     }
+    // A claim made here that no volume binds, and why (before the pods that wait for it).
+    if (desiredDeployments) problems.push(...(await this.#pendingClaims(model)));
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
     // GPUs the spec requests and no process uses: said once per spec change (the Ready
@@ -480,6 +482,27 @@ export class Reconciler {
         out.push({
           reason: "NATSJetStreamMissing",
           message: `the NATS server at ${url} (spec.nats.url) has no JetStream, which spec.gateway.kvCache.remoteBytes (the prefix cache's NATS tier${model.spec.gateway.disaggregation ? ", and disaggregated prefill through it" : ""}) needs: turn JetStream on (nats-server -js, or jetstream {} in its configuration) or set remoteBytes to 0`,
+        });
+    }
+    return out;
+  }
+
+  /**
+   * The claims the operator made of a StorageClass that wait for a volume with a Warning
+   * Event saying why (no such class, a provisioner that cannot give ReadWriteMany): the
+   * gateways that mount them cannot start. One still binding (WaitForFirstConsumer, a
+   * provisioner at work) says nothing.
+   */
+  async #pendingClaims(model: DeepSeekModel): Promise<Problem[]> {
+    const ns = model.metadata.namespace!;
+    const out: Problem[] = [];
+    for (const c of sharedClaims(model)) {
+      if (!c.made) continue;
+      const why = await this.#kube.claimPendingWhy(ns, c.claimName);
+      if (why)
+        out.push({
+          reason: "SharedPVCPending",
+          message: `PersistentVolumeClaim ${ns}/${c.claimName} (${c.field}, StorageClass ${c.made.storageClassName}) is Pending: ${why.replace(/\s+/g, " ").slice(0, 500)}`,
         });
     }
     return out;

@@ -35,6 +35,7 @@ export interface Problem {
     | "NetworkPolicyApplyFailed"
     | "SharedPVCNotReadWriteMany"
     | "SharedPVCApplyFailed"
+    | "SharedPVCPending"
     | "NATSJetStreamMissing";
   message: string;
   servingUnaffected?: boolean;

@@ -87,7 +87,7 @@ const OPERATOR_RULES = [
     verbs: ["get", "list", "create", "update", "patch", "delete"],
   },
   { apiGroups: [""], resources: ["secrets"], verbs: ["get"] },
-  { apiGroups: [""], resources: ["events"], verbs: ["create", "patch"] },
+  { apiGroups: [""], resources: ["events"], verbs: ["list", "create", "patch"] },
   { apiGroups: ["events.k8s.io"], resources: ["events"], verbs: ["create", "patch"] },
   {
     apiGroups: ["apps"],

@@ -274,9 +274,10 @@ describe("PodMonitor (spec.monitoring.podMonitor)", () => {
       });
       expect(owned).toEqual([]);
       await kube.listOwned(oldNs, name);
-      // Once per kind it may not list (NetworkPolicies came after PodMonitors).
-      expect(said).toHaveLength(2);
-      for (const [i, kind] of ["NetworkPolicy", "PodMonitor"].entries())
+      // Once per kind it may not list (NetworkPolicies came after PodMonitors, the claims it
+      // makes after both).
+      expect(said).toHaveLength(3);
+      for (const [i, kind] of ["NetworkPolicy", "PersistentVolumeClaim", "PodMonitor"].entries())
         expect(said.toSorted()[i]).toMatch(
           new RegExp(
             `cannot list ${kind} objects in ${oldNs} \\(403 Forbidden\\).*upgrade the chart`,

@@ -1251,6 +1251,30 @@ describe.sequential("expertmesh operator", () => {
     });
     m = await waitForCondition(ns, "noshared", "Degraded", "False");
     await storage.deleteStorageClass({ name: sc });
+
+    // The disk tier's claim of a class that does not exist: the claim waits for a volume,
+    // and the model says why (the volume controller's Warning), first.
+    await patchSpec(ns, "noshared", {
+      gateway: { kvCache: { diskSharedClaim: null, diskSharedStorageClassName: `${ns}-none` } },
+    });
+    m = await waitForCondition(ns, "noshared", "Degraded", "True", "SharedPVCPending");
+    expect(condition(m, "Degraded")?.message).toMatch(
+      new RegExp(
+        `^PersistentVolumeClaim ${ns}/noshared-prefix-cache \\(spec\\.gateway\\.kvCache\\.diskSharedStorageClassName, StorageClass ${ns}-none\\) is Pending: ProvisioningFailed: .*"${ns}-none" not found`,
+      ),
+    );
+    expect(condition(m, "Ready")?.reason).toBe("SharedPVCPending");
+    // Back to the claim of the user's: the one made goes, and so does the problem.
+    await patchSpec(ns, "noshared", {
+      gateway: { kvCache: { diskSharedStorageClassName: null, diskSharedClaim: "prefix-rwx" } },
+    });
+    await waitFor("the made claim deleted", async () => {
+      const c = await core
+        .readNamespacedPersistentVolumeClaim({ namespace: ns, name: "noshared-prefix-cache" })
+        .catch(() => null);
+      return c === null || c.metadata?.deletionTimestamp !== undefined ? true : undefined;
+    });
+    await waitForCondition(ns, "noshared", "Ready", "True", undefined, 90_000);
   });
 
   it("spec.env from a Secret and a ConfigMap: a missing one is reported and nothing applied (an optional one is fine); a changed value rolls every role's pods", async () => {
