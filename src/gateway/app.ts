@@ -16,7 +16,7 @@ import Fastify, {
 import type { LogFields } from "../util/log.ts";
 import { ApiKeys } from "./api-keys.ts";
 import { BATCH_PRIORITY, Batches, batchesRoutes, type RunLine } from "./batches.ts";
-import { ApiError, errorBody, toApiError } from "./errors.ts";
+import { ApiError, errorBody, refusalHeaders, toApiError } from "./errors.ts";
 import { FileStore, FolderQuota, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
@@ -255,7 +255,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.setErrorHandler((err, req, reply) => {
     const e = toApiError(err);
     logServerError(o.ctx, `${req.method} ${req.url}`, err);
-    if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
+    reply.headers(refusalHeaders(e));
     if (tracing) traceRefusal(tracing, req, reply, e);
     reply.status(e.status).send(errorBody(e));
   });

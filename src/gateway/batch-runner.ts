@@ -161,6 +161,11 @@ export class PartRunner {
     }
   }
 
+  /** Whether batch `id` is offered (its parts are taken here when there is room). */
+  has(id: string): boolean {
+    return this.#open.has(id);
+  }
+
   /** Batch `id` is no longer in progress here (ended, or its object says so). */
   withdraw(id: string): void {
     this.stop(id);

@@ -327,8 +327,8 @@ export interface BatchesOptions {
   leaseMs?: number;
   /**
    * How often the folder is looked at for batches to take over or help with (default 1 s: a
-   * gateway joins a new batch within a second; a look reads the names and the objects of the
-   * batches not ended and not held here).
+   * gateway joins a new batch within a second; a look reads the names, and the objects of the
+   * batches not ended and not held here: of those it helps with already, every 5 s at most).
    */
   scanMs?: number;
   log?: (line: string) => void;
@@ -347,6 +347,8 @@ export class Batches {
    * list reads them from here, looking only that the file is still there).
    */
   readonly #ended = new Map<string, Saved>();
+  /** When #scan last read each offered batch that another gateway holds (ms). */
+  readonly #lookedAt = new Map<string, number>();
   #closed = false;
   readonly #timers: NodeJS.Timeout[] = [];
   #renewedAt = 0;
@@ -667,10 +669,19 @@ export class Batches {
     if (this.#closed) return;
     let taken = 0;
     const names = readdirSync(this.#dir);
+    const listed = new Set<string>();
     for (const name of names) {
       if (!name.endsWith(".json")) continue;
       const id = name.slice(0, -5);
+      listed.add(id);
       if (this.#held.has(id) || this.#final.has(id)) continue;
+      // A batch whose parts run here already, held elsewhere: read again every 5 s at most
+      // (its holder is taken over after a lease of silence, its end withdrawn within seconds;
+      // the runner reads its cancel mark itself). A new one is joined at the next look.
+      const t = Date.now();
+      const again = Math.min(BUSY_MS, this.#leases.ms / 6);
+      if (this.#runner.has(id) && t - (this.#lookedAt.get(id) ?? 0) < again) continue;
+      this.#lookedAt.set(id, t);
       const s = this.#load(id);
       if (s === undefined) continue;
       if (!UNFINISHED.has(s.batch.status)) {
@@ -692,6 +703,8 @@ export class Batches {
       const m = PART_FILE.exec(name);
       if (m && this.#final.has(m[1]!)) rmSync(join(this.#dir, name), { force: true });
     }
+    for (const id of this.#lookedAt.keys())
+      if (!listed.has(id) || this.#held.has(id) || this.#final.has(id)) this.#lookedAt.delete(id);
     if (taken > 0) this.#o.log?.(`batches: ${taken} unfinished in ${this.#o.dir} go on here`);
   }
 

@@ -50,6 +50,21 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   EM_WIRE_PLAN_VERSION: 503,
 };
 
+/**
+ * Refusals that the same request, sent again at once, meets again: the official SDKs retry
+ * any 5xx unless told otherwise (their `x-should-retry: false`), and an upload of 200 MB
+ * three times over to a full folder is only waste.
+ */
+const NOT_RETRIED = new Set<ErrorCode>(["EM_GATEWAY_FILES_FULL"]);
+
+/** The headers of a refusal: when to come back (429, 503), or not to retry at once. */
+export function refusalHeaders(e: ApiError): Record<string, string> {
+  const h: Record<string, string> = {};
+  if (e.retryAfter !== undefined) h["retry-after"] = String(e.retryAfter);
+  if (NOT_RETRIED.has(e.code as ErrorCode)) h["x-should-retry"] = "false";
+  return h;
+}
+
 /** OpenAI's error `type` for a status. */
 function typeOf(status: number): string {
   if (status === 401) return "authentication_error";

@@ -9,7 +9,7 @@ import { deflateSync, gzipSync } from "node:zlib";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { packageVersion } from "../util/version.ts";
-import { ApiError, toApiError } from "./errors.ts";
+import { ApiError, refusalHeaders, toApiError } from "./errors.ts";
 import { logServerError, type ServeContext, startJob } from "./jobs.ts";
 import {
   decodeBytesElements,
@@ -74,7 +74,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
     app.setErrorHandler((err, req, reply) => {
       const e = toApiError(err);
       logServerError(ctx, `${req.method} ${req.url}`, err);
-      if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
+      reply.headers(refusalHeaders(e));
       reply
         .status(e.status)
         .send({ error: e.message, code: e.code, ...(e.param ? { param: e.param } : {}) });

@@ -12,7 +12,7 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
-import { ApiError, renameParam, toApiError } from "./errors.ts";
+import { ApiError, refusalHeaders, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatPrompt, chatRun, eventStream } from "./openai.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
@@ -277,7 +277,7 @@ export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) 
     app.setErrorHandler((err, req, reply) => {
       const e = toApiError(renameParam(err, PARAMS));
       logServerError(ctx, `${req.method} ${req.url}`, err);
-      if (e.retryAfter !== undefined) reply.header("retry-after", String(e.retryAfter));
+      reply.headers(refusalHeaders(e));
       reply.status(e.status).send(errorBody(e));
     });
     if (more) await app.register(more);

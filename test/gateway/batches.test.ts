@@ -693,8 +693,17 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     const g = await startGateway(dir, {
       files: { dir: folder, maxBytes: 1 << 20, maxTotalBytes: max, batchConcurrency: 1 },
     });
-    // (the official client retries a 5xx: not this one, to see the first answer)
-    const client = new OpenAI({ apiKey: "x", baseURL: `${g.url}/v1`, maxRetries: 0 });
+    // The official client retries a 5xx (twice by default), but not one that says
+    // x-should-retry: false, as a full folder does: each refused request is sent once.
+    let sent = 0;
+    const client = new OpenAI({
+      apiKey: "x",
+      baseURL: `${g.url}/v1`,
+      fetch: (url, init) => {
+        sent++;
+        return fetch(url, init);
+      },
+    });
     const used = () => {
       let sum = 0;
       for (const sub of ["files", "batches"])
@@ -705,10 +714,11 @@ describe("batches across a restart, keys, and a gateway without files", () => {
     try {
       const big = await fill(150_000);
       const before = used();
-      await expect(fill(60_000)).rejects.toMatchObject({
-        status: 507,
-        code: "EM_GATEWAY_FILES_FULL",
-      });
+      sent = 0;
+      const refused = await fill(60_000).catch((err: unknown) => err);
+      expect(refused).toMatchObject({ status: 507, code: "EM_GATEWAY_FILES_FULL" });
+      expect((refused as { headers: Headers }).headers.get("x-should-retry")).toBe("false");
+      expect(sent).toBe(1);
       expect(used()).toBe(before); // (the refused upload left nothing)
       // A batch of 200 lines, its answers about 700 bytes each: room for a few of them.
       const lines = Array.from({ length: 200 }, (_, i) =>
@@ -735,6 +745,7 @@ describe("batches across a restart, keys, and a gateway without files", () => {
       expect(stuck.status).toBe("in_progress");
       expect(stuck.request_counts!.completed).toBeLessThan(200);
       expect(g.logs.join("\n")).toContain("the files folder is full");
+      sent = 0;
       await expect(
         client.batches.create({
           input_file_id: input.id,
@@ -742,6 +753,7 @@ describe("batches across a restart, keys, and a gateway without files", () => {
           completion_window: "24h",
         }),
       ).rejects.toMatchObject({ status: 507, code: "EM_GATEWAY_FILES_FULL" });
+      expect(sent).toBe(1);
       const metrics = await (await fetch(`${g.url}/metrics`)).text();
       expect(metrics).toMatch(/expertmesh_gateway_files_bytes \d+/);
       expect(metrics).toContain(`expertmesh_gateway_files_max_bytes ${max}`);
