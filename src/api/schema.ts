@@ -455,7 +455,7 @@ export const GatewaySchema = withRules(
           diskSharedStorageClassName: Type.Optional(
             Type.String({
               description:
-                "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the shared disk tier's claim itself, <name>-prefix-cache, of diskBytes and 128 MiB for the writes under way, owned by the model (it goes with the model, or when this is removed); otherwise as diskSharedClaim. A larger diskBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is; a claim no volume comes for is Degraded: SharedPVCPending, with the provisioner's reason. Needs diskBytes; not with diskSharedClaim.",
+                "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the shared disk tier's claim itself, <name>-prefix-cache, of diskBytes and 128 MiB for the writes under way, owned by the model (it goes with the model, or when this is removed); otherwise as diskSharedClaim. A larger diskBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is; a claim no volume comes for is Degraded: PVCPending, with the provisioner's reason. Needs diskBytes; not with diskSharedClaim.",
               minLength: 1,
               maxLength: 253,
             }),
@@ -519,7 +519,7 @@ export const GatewaySchema = withRules(
             sharedStorageClassName: Type.Optional(
               Type.String({
                 description:
-                  "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the files and batches' claim itself, <name>-batch, of storageBytes and headroom for the answers being written (5% and 64 MiB), owned by the model (it goes, with the files and batches on it, when the model is deleted or this is removed: name a claim of your own in sharedClaim to keep them); otherwise as sharedClaim. A larger storageBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is; a claim no volume comes for is Degraded: SharedPVCPending, with the provisioner's reason. Not with sharedClaim.",
+                  "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes the files and batches' claim itself, <name>-batch, of storageBytes and headroom for the answers being written (5% and 64 MiB), owned by the model (it goes, with the files and batches on it, when the model is deleted or this is removed: name a claim of your own in sharedClaim to keep them); otherwise as sharedClaim. A larger storageBytes grows the claim where the class allows expansion; a refused change is Degraded: SharedPVCApplyFailed, the gateways serving on with the claim as it is; a claim no volume comes for is Degraded: PVCPending, with the provisioner's reason. Not with sharedClaim.",
                 minLength: 1,
                 maxLength: 253,
               }),

@@ -261,7 +261,7 @@ export class Reconciler {
         deployments = deployments.filter((d) => !done.includes(d));
       }
     }
-    // A claim made here that no volume binds, and why (before the pods that wait for it).
+    // A claim no volume binds, and why (before the pods that wait for it).
     if (desiredDeployments) problems.push(...(await this.#pendingClaims(model)));
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
@@ -488,21 +488,29 @@ export class Reconciler {
   }
 
   /**
-   * The claims the operator made of a StorageClass that wait for a volume with a Warning
-   * Event saying why (no such class, a provisioner that cannot give ReadWriteMany): the
-   * gateways that mount them cannot start. One still binding (WaitForFirstConsumer, a
-   * provisioner at work) says nothing.
+   * The claims the pods mount (the weights', the gateways' shared ones, made here or not) that
+   * wait for a volume with a Warning Event saying why (no such StorageClass, a provisioner
+   * that cannot give the access mode): the pods that mount them cannot start, and the
+   * scheduler only says "unbound PersistentVolumeClaims". One still binding without a Warning
+   * (WaitForFirstConsumer, a provisioner at work) says nothing.
    */
   async #pendingClaims(model: DeepSeekModel): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
+    const weights = model.spec.model.source.pvc;
+    const claims = [
+      ...(weights
+        ? [{ claimName: weights.claimName, field: "spec.model.source.pvc.claimName" }]
+        : []),
+      ...sharedClaims(model),
+    ];
     const out: Problem[] = [];
-    for (const c of sharedClaims(model)) {
-      if (!c.made) continue;
+    for (const c of claims) {
       const why = await this.#kube.claimPendingWhy(ns, c.claimName);
+      const cls = "made" in c && c.made ? `, StorageClass ${c.made.storageClassName}` : "";
       if (why)
         out.push({
-          reason: "SharedPVCPending",
-          message: `PersistentVolumeClaim ${ns}/${c.claimName} (${c.field}, StorageClass ${c.made.storageClassName}) is Pending: ${why.replace(/\s+/g, " ").slice(0, 500)}`,
+          reason: "PVCPending",
+          message: `PersistentVolumeClaim ${ns}/${c.claimName} (${c.field}${cls}) is Pending: ${why.replace(/\s+/g, " ").slice(0, 500)}`,
         });
     }
     return out;

@@ -35,7 +35,7 @@ export interface Problem {
     | "NetworkPolicyApplyFailed"
     | "SharedPVCNotReadWriteMany"
     | "SharedPVCApplyFailed"
-    | "SharedPVCPending"
+    | "PVCPending"
     | "NATSJetStreamMissing";
   message: string;
   servingUnaffected?: boolean;

@@ -1019,6 +1019,32 @@ describe.sequential("expertmesh operator", () => {
     );
     expect(condition(m, "Ready")?.status).toBe("False");
     expect(await ownedDeployments(ns, "nopvc")).toHaveLength(0);
+    // A claim no volume comes for (its StorageClass does not exist): the pods wait, and the
+    // model says why, from the claim's Warning Event.
+    await core.createNamespacedPersistentVolumeClaim({
+      namespace: ns,
+      body: {
+        metadata: { name: "weights" },
+        spec: {
+          accessModes: ["ReadOnlyMany"],
+          storageClassName: `${ns}-gone`,
+          resources: { requests: { storage: "1Gi" } },
+        },
+      },
+    });
+    m = await waitForCondition(ns, "nopvc", "Degraded", "True", "PVCPending");
+    expect(condition(m, "Degraded")?.message).toMatch(
+      new RegExp(
+        `^PersistentVolumeClaim ${ns}/weights \\(spec\\.model\\.source\\.pvc\\.claimName\\) is Pending: ProvisioningFailed: .*"${ns}-gone" not found`,
+      ),
+    );
+    await core.deleteNamespacedPersistentVolumeClaim({ namespace: ns, name: "weights" });
+    await waitFor("the claim gone", async () =>
+      core.readNamespacedPersistentVolumeClaim({ namespace: ns, name: "weights" }).then(
+        () => undefined,
+        () => true,
+      ),
+    );
     await createWeightsVolume(ns);
     m = await waitForCondition(ns, "nopvc", "Ready", "True", undefined, 90_000);
     expect(condition(m, "Degraded")?.status).toBe("False");
@@ -1257,13 +1283,13 @@ describe.sequential("expertmesh operator", () => {
     await patchSpec(ns, "noshared", {
       gateway: { kvCache: { diskSharedClaim: null, diskSharedStorageClassName: `${ns}-none` } },
     });
-    m = await waitForCondition(ns, "noshared", "Degraded", "True", "SharedPVCPending");
+    m = await waitForCondition(ns, "noshared", "Degraded", "True", "PVCPending");
     expect(condition(m, "Degraded")?.message).toMatch(
       new RegExp(
         `^PersistentVolumeClaim ${ns}/noshared-prefix-cache \\(spec\\.gateway\\.kvCache\\.diskSharedStorageClassName, StorageClass ${ns}-none\\) is Pending: ProvisioningFailed: .*"${ns}-none" not found`,
       ),
     );
-    expect(condition(m, "Ready")?.reason).toBe("SharedPVCPending");
+    expect(condition(m, "Ready")?.reason).toBe("PVCPending");
     // Back to the claim of the user's: the one made goes, and so does the problem.
     await patchSpec(ns, "noshared", {
       gateway: { kvCache: { diskSharedStorageClassName: null, diskSharedClaim: "prefix-rwx" } },
