@@ -10,7 +10,8 @@
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { append, type Leases, parseAnswer, readAnswers } from "./batch-folder.ts";
+import type { Leases } from "../util/leases.ts";
+import { append, parseAnswer, readAnswers } from "./batch-folder.ts";
 import type { BatchEndpoint, BatchLine, RunLine } from "./batches.ts";
 import type { FolderQuota } from "./files.ts";
 import { readJson } from "./files.ts";

@@ -24,7 +24,8 @@ import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, statSync
 import { basename, join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs } from "../util/fs.ts";
-import { append, Leases, linkOrCopy, parseAnswer, readAnswers } from "./batch-folder.ts";
+import { Leases } from "../util/leases.ts";
+import { append, linkOrCopy, parseAnswer, readAnswers } from "./batch-folder.ts";
 import { type OpenBatch, PartRunner, partCount, partLines, partPath } from "./batch-runner.ts";
 import { ApiError } from "./errors.ts";
 import {

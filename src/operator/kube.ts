@@ -260,7 +260,7 @@ export class KubeClient {
       if (!this.#forbidden.has(key)) {
         this.#forbidden.add(key);
         this.#log(
-          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim it made that waits for a volume is not said why`,
+          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim that waits for a volume is not said why`,
         );
       }
       return null;

@@ -439,8 +439,8 @@ export class Reconciler {
         message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
       });
     }
-    // The claims of the manifest's every gateway mounts (the prefix cache's disk tier, the
-    // batches' folder); the operator makes those of a StorageClass itself (#converge).
+    // The manifest's claims that every gateway mounts (the prefix cache's disk tier, the
+    // batches' folder); those of a StorageClass the operator makes itself (#converge).
     for (const { claimName: shared, field, made } of sharedClaims(model)) {
       if (made) continue;
       const modes = await this.#kube.claimAccessModes(ns, shared);

@@ -4,8 +4,9 @@ import { appendFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:f
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { Leases, parseAnswer, readAnswers } from "../../src/gateway/batch-folder.ts";
+import { parseAnswer, readAnswers } from "../../src/gateway/batch-folder.ts";
 import { partCount, partLines, partPath } from "../../src/gateway/batch-runner.ts";
+import { Leases } from "../../src/util/leases.ts";
 
 describe("partLines", () => {
   it.each([

@@ -6,9 +6,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { afterEach, describe, expect, it } from "vitest";
-import { Leases } from "../../src/gateway/batch-folder.ts";
 import { type OpenBatch, PartRunner, partLines, partPath } from "../../src/gateway/batch-runner.ts";
 import type { BatchLine, RunLine } from "../../src/gateway/batches.ts";
+import { Leases } from "../../src/util/leases.ts";
 import { waitFor } from "../support/env.ts";
 
 const ID = "batch_0123456789abcdef01234567";
