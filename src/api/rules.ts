@@ -497,6 +497,15 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     check: (s) =>
       s["batch"]?.sharedClaim === undefined || s["batch"]?.sharedStorageClassName === undefined,
   },
+  {
+    path: "spec.model.source",
+    rule: "!has(self.huggingFace) || !has(self.huggingFace.sharedStorageClassName) || !has(self.huggingFace.downloaderImage)",
+    message:
+      "model.source.huggingFace.sharedStorageClassName needs the model's own image to download (expertmesh fetch shares a folder, hf download does not): remove downloaderImage",
+    check: (s) =>
+      s["huggingFace"]?.sharedStorageClassName === undefined ||
+      s["huggingFace"]?.downloaderImage === undefined,
+  },
 ];
 
 /** Whether spec.gateway.kvCache `k` asks for a disk tier the gateways share. */

@@ -266,14 +266,23 @@ export const ModelSourceSchema = withRules(
               }),
             ),
             cacheSize: Type.String({
-              description: "Size limit of the emptyDir the weights are downloaded into.",
+              description:
+                "Size limit of the emptyDir the weights are downloaded into (with sharedStorageClassName, the size of the claim).",
               default: "1500Gi",
               maxLength: 32,
             }),
+            sharedStorageClassName: Type.Optional(
+              Type.String({
+                description:
+                  "A StorageClass that provisions ReadWriteMany volumes (NFS, CephFS, EFS, Filestore, Azure Files): the operator makes one claim, <name>-weights, of cacheSize, that every pod mounts instead of an emptyDir each (ADR 0050). The checkpoint is downloaded once: the first pod's init container fetches it, the others wait for it (showing its progress) and take over where it stopped if it dies; a pod started later, restarted or rolled finds it there. Each revision has a folder of its own (the claim holds two while a roll to another revision runs). Owned by the model: deleted with it, or when this is removed. Not with downloaderImage (hf download does not share a folder).",
+                minLength: 1,
+                maxLength: 253,
+              }),
+            ),
           },
           {
             description:
-              "Weights downloaded from the Hugging Face Hub by an init container into a pod-local volume.",
+              "Weights downloaded from the Hugging Face Hub by an init container into a pod-local volume (or, with sharedStorageClassName, once into a claim every pod shares).",
           },
         ),
       ),

@@ -1,5 +1,6 @@
 // A model's checkpoint from the Hugging Face Hub, for `expertmesh up` of a manifest whose
-// spec.model.source is huggingFace (in a cluster, an init container runs `hf download`).
+// spec.model.source is huggingFace, and for `expertmesh fetch` (in a cluster, each pod's init
+// container; into one claim all pods share, one of them fetches and the others wait).
 // Only what the engine reads is fetched: the top-level *.json (config, generation config,
 // tokenizer, safetensors index), *.safetensors and *.jinja files, not the repository's code,
 // figures or docs. Snapshots are kept as the Hub's own cache keeps them:
@@ -30,8 +31,10 @@ import {
 import { join } from "node:path";
 import { Transform } from "node:stream";
 import { pipeline } from "node:stream/promises";
+import { setTimeout as sleep } from "node:timers/promises";
 import { type Dispatcher, EnvHttpProxyAgent, request } from "undici";
 import { ExpertMeshError } from "../util/errors.ts";
+import { Leases } from "../util/leases.ts";
 
 export const HUB_ENDPOINT = "https://huggingface.co";
 const COMPLETE = ".expertmesh-complete";
@@ -268,12 +271,82 @@ async function downloadWith(o: HubFetchOptions & { dir: string }, net: Net): Pro
     return fail(`cannot reach ${endpoint} to fetch ${o.repo}: ${why(err)}`, err);
   }
   const marker = join(o.dir, COMPLETE);
-  const done = existsSync(marker) ? readFileSync(marker, "utf8").split("\n")[0] : "";
-  if (done === listing.commit) return { dir: o.dir, commit: listing.commit, fetched: 0 };
-  // Another commit's files are fetched again (fetchFiles keeps only its own run's).
-  if (existsSync(marker)) rmSync(marker);
-  const fetched = await fetchFiles(o, net, o.dir, listing);
-  return { dir: o.dir, commit: listing.commit, fetched };
+  const complete = () =>
+    (existsSync(marker) ? readFileSync(marker, "utf8").split("\n")[0] : "") === listing.commit;
+  const got = (fetched: number) => ({ dir: o.dir, commit: listing.commit, fetched });
+  if (complete()) return got(0);
+  // Several fetchers into one folder (the pods of a model on one shared claim, ADR 0050):
+  // one fetches, under a lease; the others wait for its marker, showing its progress, and
+  // take over where it stopped if it dies.
+  mkdirSync(o.dir, { recursive: true });
+  const leases = new Leases(FETCH_LEASE_MS);
+  const lease = join(o.dir, FETCH_LEASE);
+  try {
+    let said = false;
+    while (leases.take(lease) !== "taken") {
+      if (!said) {
+        const holder = readLease(lease);
+        o.log?.(
+          `another fetcher${holder ? ` (${holder.host}, pid ${holder.pid})` : ""} is fetching ${o.repo} into ${o.dir}: waiting for it`,
+        );
+        said = true;
+      }
+      o.onProgress?.(...bytesIn(o.dir, listing));
+      await sleep(FETCH_WAIT_MS);
+      if (complete()) return got(0);
+    }
+    if (complete()) return got(0); // (finished by another, between the look and the lease)
+    // Another commit's files are fetched again (fetchFiles keeps only its own run's).
+    if (existsSync(marker)) rmSync(marker);
+    // Another fetcher took the folder over (this one was paused past the lease): stop
+    // writing into its files at once.
+    const lost = new AbortController();
+    const renew = setInterval(() => {
+      if (!leases.renew(lease)) lost.abort();
+    }, FETCH_LEASE_MS / 6);
+    renew.unref();
+    try {
+      return got(await fetchFiles(o, net, o.dir, listing, lost.signal));
+    } catch (err) {
+      if (!lost.signal.aborted) throw err;
+      return fail(
+        `another fetcher took ${o.dir} over (this one did not renew its lease for ${FETCH_LEASE_MS / 1000} s): run it again to wait for that one`,
+        err,
+      );
+    } finally {
+      clearInterval(renew);
+      leases.release(lease);
+    }
+  } finally {
+    leases.close();
+  }
+}
+
+/** The lease file of a folder's fetcher (`expertmesh fetch --dir` into a shared claim). */
+const FETCH_LEASE = ".expertmesh-fetch.lease";
+/** A fetcher not heard from for this long is taken over (it renews every sixth of it). */
+const FETCH_LEASE_MS = 60_000;
+/** How often a waiting fetcher looks for the marker (and shows the other's progress). */
+const FETCH_WAIT_MS = 2000;
+
+function readLease(path: string): { host: string; pid: number } | undefined {
+  try {
+    return JSON.parse(readFileSync(path, "utf8")) as { host: string; pid: number };
+  } catch {
+    return undefined;
+  }
+}
+
+/** What folder `dir` holds of `listing`'s files (whole, or in part), and their total. */
+function bytesIn(dir: string, listing: Listing): [number, number] {
+  const size = (path: string) => statSync(path, { throwIfNoEntry: false })?.size ?? 0;
+  let done = 0;
+  let total = 0;
+  for (const f of listing.files) {
+    total += f.size ?? 0;
+    done += Math.max(size(join(dir, f.name)), size(join(dir, `${f.name}.incomplete`)));
+  }
+  return [done, total];
 }
 
 /**
@@ -285,6 +358,8 @@ async function fetchFiles(
   net: Net,
   dir: string,
   listing: Listing,
+  /** Aborted: the transfers stop (what they have stays), and the call throws. */
+  signal?: AbortSignal,
 ): Promise<number> {
   const endpoint = endpointOf(o);
   const { commit } = listing;
@@ -321,6 +396,11 @@ async function fetchFiles(
   // is thrown once they have stopped writing.
   const stop = new AbortController();
   let first: { err: unknown } | undefined;
+  const cut = () => {
+    first ??= { err: signal?.reason };
+    stop.abort();
+  };
+  signal?.addEventListener("abort", cut, { once: true });
   await Promise.allSettled(
     Array.from({ length: Math.min(WORKERS, pending.length) }, async () => {
       try {
@@ -332,6 +412,7 @@ async function fetchFiles(
       }
     }),
   );
+  signal?.removeEventListener("abort", cut);
   if (first) throw first.err;
 
   /** Renames the whole `part` to `f`'s name once its content is what the Hub lists. */

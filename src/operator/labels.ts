@@ -28,7 +28,11 @@ export const names = {
   prefill: (m: string) => `${m}-prefill`,
   service: (m: string) => m,
   shard: (m: string, k: number) => `${m}-shard-${k}`,
-  /** The claims the operator makes of a StorageClass (spec.gateway.kvCache, spec.gateway.batch). */
+  /**
+   * The claims the operator makes of a StorageClass (spec.model.source.huggingFace,
+   * spec.gateway.kvCache, spec.gateway.batch).
+   */
+  weightsClaim: (m: string) => `${m}-weights`,
   prefixCacheClaim: (m: string) => `${m}-prefix-cache`,
   batchClaim: (m: string) => `${m}-batch`,
 };

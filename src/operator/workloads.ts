@@ -281,7 +281,13 @@ function modelVolume(model: DeepSeekModel): {
     };
   }
   const hf = huggingFace!;
-  const dir = `${PATHS.models}/${hf.repo.replace("/", "--")}`;
+  // Every pod on one claim (sharedStorageClassName): downloaded once (fetch's lease), in a
+  // folder of the revision's own, so that pods of another revision (a roll's, blue/green
+  // copies of the previous weights) never fetch into the folder others read.
+  const shared = sharedClaimOf(model, "model");
+  const dir = shared
+    ? `${PATHS.models}/${hf.repo.replace("/", "--")}@${hf.revision.replace(/[^A-Za-z0-9._-]/g, "_")}`
+    : `${PATHS.models}/${hf.repo.replace("/", "--")}`;
   // The model's own image and `expertmesh fetch`, unless the manifest names a Python image
   // for `hf download` (models created before 2026-12-05 have python:3.12-slim, then the
   // default: their pods stay as they are).
@@ -305,7 +311,9 @@ function modelVolume(model: DeepSeekModel): {
         args: ["fetch", hf.repo, `--revision=${hf.revision}`, `--dir=${dir}`],
       };
   return {
-    volume: { name: "model", emptyDir: { sizeLimit: hf.cacheSize } },
+    volume: shared
+      ? { name: "model", persistentVolumeClaim: { claimName: shared.claimName } }
+      : { name: "model", emptyDir: { sizeLimit: hf.cacheSize } },
     modelDir: dir,
     initContainers: [
       {
@@ -420,19 +428,23 @@ export function batchVolumeBytes(model: DeepSeekModel, role: GatewayRole): numbe
   return batchBytes(b);
 }
 
-/** A ReadWriteMany claim every (serving and prefill) gateway mounts instead of an emptyDir. */
+/**
+ * A ReadWriteMany claim that every (serving and prefill) gateway mounts instead of an
+ * emptyDir (the disk tier's, the batches'), or every pod (the weights' download).
+ */
 export interface SharedClaim {
-  /** The volume's name in the gateway's pod. */
-  readonly volume: "prefix-cache" | "batch";
+  /** The volume's name in the pods (every gateway's; the weights': every pod's). */
+  readonly volume: "prefix-cache" | "batch" | "model";
   readonly claimName: string;
   /** The spec field that asks for it, for messages. */
   readonly field: string;
   /** Set when the operator makes the claim (of a StorageClass), owned by the model. */
-  readonly made?: { readonly storageClassName: string; readonly bytes: number };
+  readonly made?: { readonly storageClassName: string; readonly size: string };
 }
 
 /**
- * The model's shared claims: the prefix cache's disk tier's (kvCache.diskSharedClaim, or
+ * The model's shared claims: the Hub download's (model.source.huggingFace.
+ * sharedStorageClassName), the prefix cache's disk tier's (kvCache.diskSharedClaim, or
  * diskSharedStorageClassName; only with diskBytes) and the files and batches' (batch.
  * sharedClaim, or sharedStorageClassName). A claim the operator makes is of the volume's size.
  */
@@ -440,6 +452,17 @@ export function sharedClaims(model: DeepSeekModel): SharedClaim[] {
   const name = model.metadata.name;
   const { kvCache, batch } = model.spec.gateway;
   const out: SharedClaim[] = [];
+  const hf = model.spec.model.source.huggingFace;
+  if (hf?.sharedStorageClassName !== undefined)
+    out.push({
+      volume: "model",
+      claimName: names.weightsClaim(name),
+      field: "spec.model.source.huggingFace.sharedStorageClassName",
+      made: {
+        storageClassName: hf.sharedStorageClassName,
+        size: hf.cacheSize,
+      },
+    });
   if (kvCache.diskBytes > 0) {
     if (kvCache.diskSharedClaim !== undefined)
       out.push({
@@ -454,7 +477,7 @@ export function sharedClaims(model: DeepSeekModel): SharedClaim[] {
         field: "spec.gateway.kvCache.diskSharedStorageClassName",
         made: {
           storageClassName: kvCache.diskSharedStorageClassName,
-          bytes: prefixDiskBytes(model),
+          size: String(prefixDiskBytes(model)),
         },
       });
   }
@@ -469,7 +492,7 @@ export function sharedClaims(model: DeepSeekModel): SharedClaim[] {
       volume: "batch",
       claimName: names.batchClaim(name),
       field: "spec.gateway.batch.sharedStorageClassName",
-      made: { storageClassName: batch.sharedStorageClassName, bytes: batchBytes(batch) },
+      made: { storageClassName: batch.sharedStorageClassName, size: String(batchBytes(batch)) },
     });
   return out;
 }
@@ -516,7 +539,7 @@ export function sharedClaimObject(
     spec: {
       accessModes: ["ReadWriteMany"],
       storageClassName: c.made.storageClassName,
-      resources: { requests: { storage: String(c.made.bytes) } },
+      resources: { requests: { storage: c.made.size } },
     },
   };
 }

@@ -5,17 +5,25 @@
 // short resumes with a Range request, a gated repository needs HF_TOKEN (not sent on to the
 // CDN's origin), $HTTP_PROXY is honoured (through a real forward proxy), a file whose SHA-256
 // is not the listed one is thrown away, and offline the last snapshot serves.
-import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import {
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  writeFileSync,
+} from "node:fs";
+import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { hubDownload, hubSnapshot, wantedFile } from "../../src/local/hf-hub.ts";
 import { writeTinyModel } from "../../src/model/tiny.ts";
+import { Leases } from "../../src/util/leases.ts";
 import { freePort } from "../env/process.ts";
 import { kubectl, runCli } from "../support/cli.ts";
-import { uniqueName } from "../support/env.ts";
+import { uniqueName, waitFor } from "../support/env.ts";
 import { type StandInHub, startStandInHub } from "../support/hub.ts";
 import { startTestProxy } from "../support/proxy.ts";
 
@@ -284,6 +292,72 @@ describe("expertmesh fetch", () => {
       engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0),
     );
     expect(readFileSync(join(dir, ".expertmesh-complete"), "utf8").split("\n")[0]).toBe(hub.commit);
+  });
+
+  it("--dir shared by several fetchers (a model's pods on one claim): one fetches, the others wait for its marker, or take over from one that died", async () => {
+    hub = await startStandInHub({ repo: REPO, dir: model });
+    const dir = mkdtempSync(join(tmpdir(), "fetch-shared-"));
+    const lease = join(dir, ".expertmesh-fetch.lease");
+    const cdn = () => hub!.requests.filter((r) => r.server === "cdn").length;
+    // Another fetcher holds the folder (a live one: this process's lease).
+    const other = new Leases(60_000);
+    expect(other.take(lease)).toBe("taken");
+    const said: string[] = [];
+    const seen: [number, number][] = [];
+    const waiting = hubDownload({
+      repo: REPO,
+      revision: "main",
+      dir,
+      endpoint: hub.endpoint,
+      log: (l) => said.push(l),
+      onProgress: (done, total) => seen.push([done, total]),
+    });
+    await waitFor("the second fetcher waiting", async () => (said.length > 0 ? true : undefined));
+    expect(said[0]).toMatch(
+      new RegExp(
+        `^another fetcher \\(${hostname()}, pid ${process.pid}\\) is fetching ${REPO} into ${dir}: waiting for it$`,
+      ),
+    );
+    // The other finishes: its files and marker (fetched elsewhere, moved in), its lease let go.
+    const elsewhere = mkdtempSync(join(tmpdir(), "fetch-"));
+    await hubDownload({ repo: REPO, revision: "main", dir: elsewhere, endpoint: hub.endpoint });
+    for (const f of readdirSync(elsewhere)) renameSync(join(elsewhere, f), join(dir, f));
+    other.release(lease);
+    expect((await waiting).fetched).toBe(0);
+    sameFiles(dir);
+    expect(cdn()).toBe(engineFiles().length);
+    const total = engineFiles().reduce((n, f) => n + readFileSync(join(model, f)).length, 0);
+    expect(seen.at(-1)?.[1]).toBe(total); // (the other's progress, shown while waiting)
+
+    // One that dies holding the lease (its process gone): the next takes over and fetches.
+    const dead = mkdtempSync(join(tmpdir(), "fetch-shared-"));
+    const gone = new Leases(60_000);
+    expect(gone.take(join(dead, ".expertmesh-fetch.lease"))).toBe("taken");
+    gone.close();
+    const before = cdn();
+    const taken = await hubDownload({
+      repo: REPO,
+      revision: "main",
+      dir: dead,
+      endpoint: hub.endpoint,
+    });
+    expect(taken.fetched).toBe(total);
+    sameFiles(dead);
+    expect(existsSync(join(dead, ".expertmesh-fetch.lease"))).toBe(false);
+    expect(cdn() - before).toBe(engineFiles().length);
+
+    // Two `expertmesh fetch --dir` at once into one folder: the files fetched once.
+    const both = mkdtempSync(join(tmpdir(), "fetch-shared-"));
+    const env = { ...process.env, HF_ENDPOINT: hub.endpoint };
+    const start = cdn();
+    const runs = await Promise.all(
+      [0, 1].map(() =>
+        runCli(process.execPath, [mainTs, "fetch", REPO, "--dir", both], undefined, env),
+      ),
+    );
+    for (const r of runs) expect(r.code, r.stderr).toBe(0);
+    sameFiles(both);
+    expect(cdn() - start).toBe(engineFiles().length);
   });
 
   it("fetch checks the weights' SHA-256 (exit 1 on a corrupted one); --no-verify trusts their sizes", async () => {

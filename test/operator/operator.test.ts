@@ -1860,6 +1860,22 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[39]!.message,
       ],
       [
+        "a shared Hub download with hf download's image",
+        {
+          model: {
+            preset: "tiny-v2",
+            source: {
+              huggingFace: {
+                repo: "a/b",
+                sharedStorageClassName: "nfs",
+                downloaderImage: "python:3.12-slim",
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[41]!.message,
+      ],
+      [
         "a disk tier made of a StorageClass without its budget",
         { gateway: { kvCache: { diskSharedStorageClassName: "b" } } },
         CROSS_FIELD_RULES[14]!.message,

@@ -103,6 +103,19 @@ spec:
   gateway: ${gateway}
 `;
 
+  it("refuses a shared Hub download with hf download's image, naming the rule", () => {
+    const hf = (extra: string) => `apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: m }
+spec:
+  model: { preset: tiny-v3, source: { huggingFace: { repo: a/b, sharedStorageClassName: nfs${extra} } } }
+`;
+    expect(() => parseManifest(hf(", downloaderImage: python:3.12-slim"), "m.yaml")).toThrow(
+      /m\.yaml: spec\.model\.source: model\.source\.huggingFace\.sharedStorageClassName needs the model's own image/,
+    );
+    expect(parseManifest(hf("")).spec.model.source.huggingFace?.sharedStorageClassName).toBe("nfs");
+  });
+
   it.each([
     [
       "{ batch: { sharedClaim: a, sharedStorageClassName: b } }",

@@ -1215,6 +1215,48 @@ spec:
     expect(pyInit.args).toBeUndefined();
   });
 
+  it("with huggingFace.sharedStorageClassName every pod mounts one claim the operator makes (of cacheSize), downloaded once by the fetchers' lease", () => {
+    const m = parseManifest(`
+apiVersion: expertmesh.io/v1alpha1
+kind: DeepSeekModel
+metadata: { name: v3, namespace: ns }
+spec:
+  model: { preset: deepseek-v3, source: { huggingFace: { repo: deepseek-ai/DeepSeek-V3, cacheSize: 800Gi, sharedStorageClassName: nfs } } }
+  experts: { shards: 32 }
+  gateway: { kvCache: { bytes: 34359738368, dtype: fp8 } }
+`);
+    const plan = planPlacement({ architecture: architectureOf(m), numShards: 32 });
+    const all = desiredObjects(m, plan, specReplicas(m, plan));
+    const claims = all.filter((o) => o.kind === "PersistentVolumeClaim") as any[];
+    expect(claims.map((c) => [c.metadata.name, c.spec])).toEqual([
+      [
+        "v3-weights",
+        {
+          accessModes: ["ReadWriteMany"],
+          storageClassName: "nfs",
+          resources: { requests: { storage: "800Gi" } },
+        },
+      ],
+    ]);
+    const deployments = all.filter((o) => o.kind === "Deployment") as any[];
+    expect(deployments).toHaveLength(33);
+    // (a folder of the revision's own: pods of another revision never fetch into it)
+    for (const d of deployments) {
+      const pod = d.spec.template.spec;
+      expect(pod.volumes).toContainEqual({
+        name: "model",
+        persistentVolumeClaim: { claimName: "v3-weights" },
+      });
+      expect(pod.initContainers[0].args).toEqual([
+        "fetch",
+        "deepseek-ai/DeepSeek-V3",
+        "--revision=main",
+        "--dir=/models/deepseek-ai--DeepSeek-V3@main",
+      ]);
+      expect(pod.containers[0].args).toContain("--model=/models/deepseek-ai--DeepSeek-V3@main");
+    }
+  });
+
   it.each([
     [
       "peers absent: anyone",

@@ -17,7 +17,9 @@ const USAGE = `expertmesh fetch REPO [--revision REV] [--dir DIR | --models-dir 
   --revision REV    branch, tag or commit (default main)
   --dir DIR         the files straight into DIR, e.g. a volume whose path a manifest's
                     spec.model.source.pvc.path names; a folder complete for the revision's
-                    commit is left alone, one of another commit is fetched again
+                    commit is left alone, one of another commit is fetched again; several
+                    fetches into one DIR at once (pods on one shared claim) fetch it once:
+                    one holds a lease, the others wait for it and take over if it dies
   --models-dir DIR  without --dir: the cache expertmesh up reads (default
                     ~/.cache/expertmesh/models), as <DIR>/hf/<org>--<name>/snapshots/<commit>
   --no-verify       trust the sizes alone: skip the SHA-256 of each weights file (one core
