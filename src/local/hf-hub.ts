@@ -247,7 +247,7 @@ async function snapshotWith(o: HubOptions, net: Net): Promise<HubSnapshot> {
   const { commit } = listing;
   const dir = join(repoDir, "snapshots", commit);
   mkdirSync(join(repoDir, "refs"), { recursive: true });
-  const fetched = existsSync(join(dir, COMPLETE)) ? 0 : await fetchFiles(o, net, dir, listing);
+  const fetched = await fetchOnce(o, net, dir, listing, () => existsSync(join(dir, COMPLETE)));
   writeFileSync(ref, commit);
   return { dir, commit, fetched };
 }
@@ -273,31 +273,48 @@ async function downloadWith(o: HubFetchOptions & { dir: string }, net: Net): Pro
   const marker = join(o.dir, COMPLETE);
   const complete = () =>
     (existsSync(marker) ? readFileSync(marker, "utf8").split("\n")[0] : "") === listing.commit;
-  const got = (fetched: number) => ({ dir: o.dir, commit: listing.commit, fetched });
-  if (complete()) return got(0);
-  // Several fetchers into one folder (the pods of a model on one shared claim, ADR 0050):
-  // one fetches, under a lease; the others wait for its marker, showing its progress, and
-  // take over where it stopped if it dies.
-  mkdirSync(o.dir, { recursive: true });
+  // Another commit's files are fetched again (fetchFiles keeps only its own run's).
+  const fetched = await fetchOnce(o, net, o.dir, listing, complete, () => {
+    if (existsSync(marker)) rmSync(marker);
+  });
+  return { dir: o.dir, commit: listing.commit, fetched };
+}
+
+/**
+ * Fetches `listing` into `dir` unless `complete()` says it is there (0 bytes then). Several
+ * fetchers of one folder (the pods of a model on one shared claim, ADR 0050; two `up` of one
+ * repository) take a lease in it: one fetches; the others wait for `complete()`, showing the
+ * folder's progress, and take over where it stopped if it dies. `begin` runs under the lease,
+ * before the transfers.
+ */
+async function fetchOnce(
+  o: HubFetchOptions,
+  net: Net,
+  dir: string,
+  listing: Listing,
+  complete: () => boolean,
+  begin?: () => void,
+): Promise<number> {
+  if (complete()) return 0;
+  mkdirSync(dir, { recursive: true });
   const leases = new Leases(FETCH_LEASE_MS);
-  const lease = join(o.dir, FETCH_LEASE);
+  const lease = join(dir, FETCH_LEASE);
   try {
     let said = false;
     while (leases.take(lease) !== "taken") {
       if (!said) {
         const holder = readLease(lease);
         o.log?.(
-          `another fetcher${holder ? ` (${holder.host}, pid ${holder.pid})` : ""} is fetching ${o.repo} into ${o.dir}: waiting for it`,
+          `another fetcher${holder ? ` (${holder.host}, pid ${holder.pid})` : ""} is fetching ${o.repo} into ${dir}: waiting for it`,
         );
         said = true;
       }
-      o.onProgress?.(...bytesIn(o.dir, listing));
+      o.onProgress?.(...bytesIn(dir, listing));
       await sleep(FETCH_WAIT_MS);
-      if (complete()) return got(0);
+      if (complete()) return 0;
     }
-    if (complete()) return got(0); // (finished by another, between the look and the lease)
-    // Another commit's files are fetched again (fetchFiles keeps only its own run's).
-    if (existsSync(marker)) rmSync(marker);
+    if (complete()) return 0; // (finished by another, between the look and the lease)
+    begin?.();
     // Another fetcher took the folder over (this one was paused past the lease): stop
     // writing into its files at once.
     const lost = new AbortController();
@@ -306,11 +323,11 @@ async function downloadWith(o: HubFetchOptions & { dir: string }, net: Net): Pro
     }, FETCH_LEASE_MS / 6);
     renew.unref();
     try {
-      return got(await fetchFiles(o, net, o.dir, listing, lost.signal));
+      return await fetchFiles(o, net, dir, listing, lost.signal);
     } catch (err) {
       if (!lost.signal.aborted) throw err;
       return fail(
-        `another fetcher took ${o.dir} over (this one did not renew its lease for ${FETCH_LEASE_MS / 1000} s): run it again to wait for that one`,
+        `another fetcher took ${dir} over (this one did not renew its lease for ${FETCH_LEASE_MS / 1000} s): run it again to wait for that one`,
         err,
       );
     } finally {

@@ -87,6 +87,20 @@ describe("hubSnapshot", () => {
     const again = await hubSnapshot({ repo: REPO, revision: "main", root, endpoint: hub.endpoint });
     expect(again).toEqual({ dir: first.dir, commit: hub.commit, fetched: 0 });
     expect(hub.requests.slice(before).map((r) => r.server)).toEqual(["hub"]);
+
+    // Two at once into another cache (two `up` of one repository): each file fetched once,
+    // by one of them; the other waits for it.
+    const shared = mkdtempSync(join(tmpdir(), "hub-root-"));
+    const cdn = () => hub!.requests.filter((r) => r.server === "cdn").length;
+    const start = cdn();
+    const both = await Promise.all(
+      [0, 1].map(() =>
+        hubSnapshot({ repo: REPO, revision: "main", root: shared, endpoint: hub!.endpoint }),
+      ),
+    );
+    for (const b of both) sameFiles(b.dir);
+    expect(both.map((b) => b.fetched).sort((a, b) => a - b)).toEqual([0, total]);
+    expect(cdn() - start).toBe(engineFiles().length);
   });
 
   it("resumes a transfer cut short where it stopped", async () => {
