@@ -206,26 +206,10 @@ export class KubeClient {
     );
   }
 
-  async exists(
-    kind: "PersistentVolumeClaim" | "Secret",
-    namespace: string,
-    name: string,
-  ): Promise<boolean> {
+  /** A PersistentVolumeClaim, or null when it does not exist. */
+  async readClaim(namespace: string, name: string): Promise<V1PersistentVolumeClaim | null> {
     try {
-      if (kind === "Secret") await this.core.readNamespacedSecret({ name, namespace });
-      else await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
-      return true;
-    } catch (err) {
-      if (httpStatus(err) === 404) return false;
-      throw err;
-    }
-  }
-
-  /** A PersistentVolumeClaim's access modes (its status's once bound), or null when it does not exist. */
-  async claimAccessModes(namespace: string, name: string): Promise<string[] | null> {
-    try {
-      const pvc = await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
-      return pvc.status?.accessModes ?? pvc.spec?.accessModes ?? [];
+      return await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
     } catch (err) {
       if (httpStatus(err) === 404) return null;
       throw err;
@@ -233,18 +217,12 @@ export class KubeClient {
   }
 
   /**
-   * Why claim `name` waits for a volume: its newest Warning Event (a provisioner's
+   * Why claim `pvc` waits for a volume: its newest Warning Event (a provisioner's
    * ProvisioningFailed, a StorageClass not found), when it is Pending and has one; else null.
    * Events the operator may not list (an older chart's RBAC) say nothing (logged once).
    */
-  async claimPendingWhy(namespace: string, name: string): Promise<string | null> {
-    let pvc: V1PersistentVolumeClaim;
-    try {
-      pvc = await this.core.readNamespacedPersistentVolumeClaim({ name, namespace });
-    } catch (err) {
-      if (httpStatus(err) === 404) return null;
-      throw err;
-    }
+  async claimPendingWhy(pvc: V1PersistentVolumeClaim): Promise<string | null> {
+    const namespace = pvc.metadata?.namespace ?? "";
     if (pvc.status?.phase !== "Pending" || !pvc.metadata?.uid) return null;
     let events: CoreV1Event[];
     try {

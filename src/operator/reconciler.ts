@@ -68,6 +68,9 @@ import {
 } from "./workloads.ts";
 import type { WorkResult } from "./workqueue.ts";
 
+/** A claim of the model's namespace, read at most once per reconcile (null: none). */
+type ClaimRead = (claimName: string) => Promise<V1PersistentVolumeClaim | null>;
+
 /** Thrown to retry a reconcile with backoff after a problem outside the operator's control. */
 export class RetryLater extends Error {}
 
@@ -141,6 +144,16 @@ export class Reconciler {
       return undefined; // garbage collection removes the rest
     }
     const problems: Problem[] = [];
+    // The claims the pods mount, each read once per reconcile (what it depends on, then
+    // whether it waits for a volume).
+    const claims = new Map<string, Promise<V1PersistentVolumeClaim | null>>();
+    const claim: ClaimRead = (claimName) => {
+      const known = claims.get(claimName);
+      if (known) return known;
+      const read = this.#kube.readClaim(namespace, claimName);
+      claims.set(claimName, read);
+      return read;
+    };
 
     // 1. What the pods depend on and the operator cannot create.
     const refs = referencedSecrets(model);
@@ -158,7 +171,7 @@ export class Reconciler {
         secrets,
       ).length === 0;
     problems.push(
-      ...(await this.#missingDependencies(model, nats.auth, natsSecretsSound)),
+      ...(await this.#missingDependencies(model, nats.auth, natsSecretsSound, claim)),
       ...secretProblems(namespace, refs, secrets),
       ...configMapProblems(namespace, configMapRefs, configMaps),
       ...nats.problems,
@@ -262,7 +275,7 @@ export class Reconciler {
       }
     }
     // A claim no volume binds, and why (before the pods that wait for it).
-    if (desiredDeployments) problems.push(...(await this.#pendingClaims(model)));
+    if (desiredDeployments) problems.push(...(await this.#pendingClaims(model, claim)));
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
     // GPUs the spec requests and no process uses: said once per spec change (the Ready
@@ -429,11 +442,12 @@ export class Reconciler {
     model: DeepSeekModel,
     natsAuth: NatsAuth | undefined,
     askNats: boolean,
+    claim: ClaimRead,
   ): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const out: Problem[] = [];
     const { pvc } = model.spec.model.source;
-    if (pvc && !(await this.#kube.exists("PersistentVolumeClaim", ns, pvc.claimName))) {
+    if (pvc && (await claim(pvc.claimName)) === null) {
       out.push({
         reason: "PVCNotFound",
         message: `PersistentVolumeClaim ${ns}/${pvc.claimName} (spec.model.source.pvc.claimName) does not exist`,
@@ -443,8 +457,9 @@ export class Reconciler {
     // batches' folder); those of a StorageClass the operator makes itself (#converge).
     for (const { claimName: shared, field, made } of sharedClaims(model)) {
       if (made) continue;
-      const modes = await this.#kube.claimAccessModes(ns, shared);
-      if (modes === null)
+      const read = await claim(shared);
+      const modes = read && (read.status?.accessModes ?? read.spec?.accessModes ?? []);
+      if (!modes)
         out.push({
           reason: "PVCNotFound",
           message: `PersistentVolumeClaim ${ns}/${shared} (${field}) does not exist`,
@@ -494,7 +509,7 @@ export class Reconciler {
    * scheduler only says "unbound PersistentVolumeClaims". One still binding without a Warning
    * (WaitForFirstConsumer, a provisioner at work) says nothing.
    */
-  async #pendingClaims(model: DeepSeekModel): Promise<Problem[]> {
+  async #pendingClaims(model: DeepSeekModel, claim: ClaimRead): Promise<Problem[]> {
     const ns = model.metadata.namespace!;
     const weights = model.spec.model.source.pvc;
     const claims = [
@@ -505,7 +520,8 @@ export class Reconciler {
     ];
     const out: Problem[] = [];
     for (const c of claims) {
-      const why = await this.#kube.claimPendingWhy(ns, c.claimName);
+      const read = await claim(c.claimName);
+      const why = read && (await this.#kube.claimPendingWhy(read));
       const cls = "made" in c && c.made ? `, StorageClass ${c.made.storageClassName}` : "";
       if (why)
         out.push({
