@@ -10,11 +10,11 @@
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { readJson } from "../util/fs.ts";
 import type { Leases } from "../util/leases.ts";
 import { append, parseAnswer, readAnswers } from "./batch-folder.ts";
 import type { BatchEndpoint, BatchLine, RunLine } from "./batches.ts";
 import type { FolderQuota } from "./files.ts";
-import { readJson } from "./files.ts";
 
 /**
  * Lines in a part of a batch of `total`: about 64 parts, 16 to 256 lines each (a gateway with

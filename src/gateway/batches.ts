@@ -23,21 +23,12 @@ import { randomBytes } from "node:crypto";
 import { appendFileSync, existsSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { basename, join } from "node:path";
 import type { FastifyInstance, FastifyRequest } from "fastify";
-import { makeDirs } from "../util/fs.ts";
+import { makeDirs, readJson, writeJson } from "../util/fs.ts";
 import { Leases } from "../util/leases.ts";
 import { append, linkOrCopy, parseAnswer, readAnswers } from "./batch-folder.ts";
 import { type OpenBatch, PartRunner, partCount, partLines, partPath } from "./batch-runner.ts";
 import { ApiError } from "./errors.ts";
-import {
-  expiresAfter,
-  type FileStore,
-  filesOff,
-  listPage,
-  madeAt,
-  queryInt,
-  readJson,
-  writeJson,
-} from "./files.ts";
+import { expiresAfter, type FileStore, filesOff, listPage, madeAt, queryInt } from "./files.ts";
 
 /** The endpoints a batch's lines may name. */
 export const BATCH_ENDPOINTS = [

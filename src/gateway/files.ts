@@ -14,7 +14,6 @@ import {
   createReadStream,
   createWriteStream,
   readdirSync,
-  readFileSync,
   renameSync,
   rmSync,
   statSync,
@@ -27,7 +26,7 @@ import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ExpertMeshError } from "../util/errors.ts";
-import { makeDirs, writeFileAtomic } from "../util/fs.ts";
+import { makeDirs, readJson, writeJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
 /**
@@ -198,20 +197,6 @@ export function madeAt(): number {
 /** Who a request is, for the files and batches it may see: a hash of its key ("" none). */
 export function ownerOf(key: string | null): string {
   return key === null ? "" : createHash("sha256").update(key).digest("hex").slice(0, 32);
-}
-
-/** A JSON file's value, or undefined when it is not there (or not whole yet). */
-export function readJson<T>(path: string): T | undefined {
-  try {
-    return JSON.parse(readFileSync(path, "utf8")) as T;
-  } catch {
-    return undefined;
-  }
-}
-
-/** Writes a JSON file whole (writeFileAtomic: readers never see half). */
-export function writeJson(path: string, v: unknown): void {
-  writeFileAtomic(path, JSON.stringify(v));
 }
 
 /**

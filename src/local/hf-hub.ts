@@ -34,7 +34,7 @@ import { pipeline } from "node:stream/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type Dispatcher, EnvHttpProxyAgent, request } from "undici";
 import { ExpertMeshError } from "../util/errors.ts";
-import { Leases } from "../util/leases.ts";
+import { Leases, readLease } from "../util/leases.ts";
 
 export const HUB_ENDPOINT = "https://huggingface.co";
 const COMPLETE = ".expertmesh-complete";
@@ -345,14 +345,6 @@ const FETCH_LEASE = ".expertmesh-fetch.lease";
 const FETCH_LEASE_MS = 60_000;
 /** How often a waiting fetcher looks for the marker (and shows the other's progress). */
 const FETCH_WAIT_MS = 2000;
-
-function readLease(path: string): { host: string; pid: number } | undefined {
-  try {
-    return JSON.parse(readFileSync(path, "utf8")) as { host: string; pid: number };
-  } catch {
-    return undefined;
-  }
-}
 
 /** What folder `dir` holds of `listing`'s files (whole, or in part), and their total. */
 function bytesIn(dir: string, listing: Listing): [number, number] {

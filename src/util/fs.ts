@@ -1,6 +1,6 @@
 // File-system helpers where Node's own fall short.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname } from "node:path";
 
 /**
@@ -35,6 +35,20 @@ export function writeFileAtomic(path: string, text: string, mode?: number): void
     rmSync(tmp, { force: true });
     throw err;
   }
+}
+
+/** A JSON file's value, or undefined when it is not there (or not whole yet). */
+export function readJson<T>(path: string): T | undefined {
+  try {
+    return JSON.parse(readFileSync(path, "utf8")) as T;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes a JSON file whole (writeFileAtomic: readers never see half). */
+export function writeJson(path: string, v: unknown): void {
+  writeFileAtomic(path, JSON.stringify(v));
 }
 
 function exists(path: string): boolean {

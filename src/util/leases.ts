@@ -8,9 +8,9 @@
 // or this process's own pid after a container restart), may be taken. A lease may be marked
 // done and kept so, so that nobody takes its work again.
 import { randomBytes } from "node:crypto";
-import { linkSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { linkSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
-import { writeFileAtomic } from "./fs.ts";
+import { readJson, writeJson } from "./fs.ts";
 import { alive } from "./process.ts";
 
 /** A lease file: the process that holds it, and when it last said so. */
@@ -116,14 +116,7 @@ export class Leases {
   }
 }
 
-function readJson<T>(path: string): T | undefined {
-  try {
-    return JSON.parse(readFileSync(path, "utf8")) as T;
-  } catch {
-    return undefined;
-  }
-}
-
-function writeJson(path: string, v: unknown): void {
-  writeFileAtomic(path, JSON.stringify(v));
+/** What lease file `path` says (undefined: none, or not whole yet). */
+export function readLease(path: string): Lease | undefined {
+  return readJson<Lease>(path);
 }
