@@ -843,7 +843,7 @@ export const ExpertsSchema = withRules(
       }),
       blueGreenWaitSeconds: Type.Integer({
         description:
-          "With weightsRollout BlueGreen: how long the new weights wait for the copies' pods to be scheduled (a cluster autoscaler may be adding nodes; the old pods serve on meanwhile) before rolling without them, as Rolling does.",
+          "With weightsRollout BlueGreen: how long the new weights wait for the copies' pods to be scheduled (a cluster autoscaler may be adding nodes; the old pods serve on meanwhile), or created (a ResourceQuota without room for them may be raised), before rolling without them, as Rolling does.",
         default: 600,
         minimum: 0,
         maximum: 86400,
@@ -1016,6 +1016,9 @@ export const AutoscalingSchema = Type.Object(
 );
 
 /** A label's value: at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends. */
+/** A DNS-1123 subdomain: the names of cluster objects a pod refers to (PriorityClass, RuntimeClass). */
+const DNS_SUBDOMAIN_PATTERN = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
 const LabelValue = (description: string) =>
   Type.String({
     description,
@@ -1126,7 +1129,19 @@ export const SchedulingSchema = withRules(
         ),
       ),
       priorityClassName: Type.Optional(
-        Type.String({ description: "PriorityClass of every pod.", maxLength: 253 }),
+        Type.String({
+          description: "PriorityClass of every pod.",
+          maxLength: 253,
+          pattern: DNS_SUBDOMAIN_PATTERN,
+        }),
+      ),
+      runtimeClassName: Type.Optional(
+        Type.String({
+          description:
+            "RuntimeClass of every pod: the container runtime handler that gives containers the GPUs (e.g. nvidia, where the NVIDIA Container Toolkit is not the nodes' default runtime). One the cluster does not have keeps the pods from being created: Degraded PodsNotCreated.",
+          maxLength: 253,
+          pattern: DNS_SUBDOMAIN_PATTERN,
+        }),
       ),
       topologySpreadConstraints: Type.Optional(
         Type.Array(TopologySpreadConstraint, {

@@ -43,13 +43,14 @@ import {
   containerProblems,
   idleGpusMessage,
   type Problem,
+  podsNotCreatedProblem,
   pollAfterMs,
   stalledRolloutProblem,
   statusChanged,
-  unschedulable,
   unschedulableProblem,
 } from "./status.ts";
 import {
+  copiesStuck,
   isPreviousCopy,
   previousCopiesDone,
   previousShardsStep,
@@ -252,7 +253,7 @@ export class Reconciler {
     // Copies of the previous weights' shards go once everything else runs the spec (or at
     // once, if they never found room).
     if (desiredDeployments) {
-      const stuck = pods.some((p) => isPreviousCopy(p) && unschedulable(p));
+      const stuck = copiesStuck(pods, deployments);
       const done = previousCopiesDone(deployments, desiredDeployments, shardNamesOf(model), stuck);
       for (const copy of done)
         await this.#kube.delete({
@@ -276,6 +277,8 @@ export class Reconciler {
     }
     // A claim no volume binds, and why (before the pods that wait for it).
     if (desiredDeployments) problems.push(...(await this.#pendingClaims(model, claim)));
+    const refused = podsNotCreatedProblem(deployments.filter((d) => !isPreviousCopy(d)));
+    if (refused) problems.push(refused);
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
     // GPUs the spec requests and no process uses: said once per spec change (the Ready
@@ -588,9 +591,10 @@ export class Reconciler {
     // hold the new weights for ever, so they roll as with Rolling (and the copies go).
     const ns = model.metadata.namespace!;
     const copyPods = (await this.#kube.listPods(ns, model.metadata.name)).filter(isPreviousCopy);
+    const copies = before.filter(isPreviousCopy);
     const waitSeconds = model.spec.experts.blueGreenWaitSeconds ?? 600;
-    const stuck = rollWithoutCopies(copyPods, waitSeconds * 1000, Date.now())
-      ? unschedulableProblem(copyPods)
+    const stuck = rollWithoutCopies(copyPods, waitSeconds * 1000, Date.now(), copies)
+      ? (unschedulableProblem(copyPods) ?? podsNotCreatedProblem(copies))
       : undefined;
     if (!stuck) return true;
     await this.#event(

@@ -25,6 +25,7 @@ export interface Problem {
     | "PlanInvalid"
     | "MemoryLimitTooLow"
     | "Unschedulable"
+    | "PodsNotCreated"
     | "ImagePullFailed"
     | "ContainerConfigInvalid"
     | "ContainerCrashing"
@@ -119,6 +120,50 @@ const oneLine = (text: string, max = 500) => {
   const line = text.replace(/\s+/g, " ").trim();
   return line.length > max ? `${line.slice(0, max - 3)}...` : line;
 };
+
+/**
+ * A Deployment's ReplicaFailure condition when its ReplicaSet could not create a pod: the
+ * API server refused it (a ResourceQuota with no room left, a RuntimeClass that does not
+ * exist, a LimitRange's bounds, a policy's admission webhook). The Deployment controller
+ * copies it from the ReplicaSet and clears it once a create succeeds.
+ */
+export const failedCreate = (d: V1Deployment) =>
+  d.status?.conditions?.find(
+    (c) => c.type === "ReplicaFailure" && c.status === "True" && c.reason === "FailedCreate",
+  );
+
+/** Whether a Deployment has more pods than replicas to make and may surge: a rollout. */
+const surging = (d: V1Deployment) =>
+  (d.status?.replicas ?? 0) >= (d.spec?.replicas ?? 1) &&
+  (d.spec?.strategy?.rollingUpdate?.maxSurge ?? 0) !== 0;
+
+/**
+ * Deployments whose pods the API server refuses to create, as one Problem (or none): no pod
+ * exists to be unschedulable or to fail, so without this the model would only be "not
+ * ready". The example (the first by name) gives the API server's words and what to change
+ * where the refusal names it.
+ */
+export function podsNotCreatedProblem(deployments: readonly V1Deployment[]): Problem | undefined {
+  const refused = deployments
+    .filter((d) => failedCreate(d))
+    .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""));
+  const first = refused[0];
+  if (!first) return undefined;
+  const why = oneLine(failedCreate(first)?.message ?? "no reason given");
+  const shard = first.metadata?.labels?.[LABEL_COMPONENT] === "shard";
+  const field = shard ? "spec.experts" : "spec.gateway";
+  const hint = /exceeded quota/.test(why)
+    ? surging(first)
+      ? `; its rollout's surge pod counts against the quota too: ${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`
+      : `; raise the namespace's ResourceQuota, or ask for less in ${field} (${shard ? "shards, replicas, gpusPerShard" : "replicas, gpus"}, resources)`
+    : /RuntimeClass .* not found/.test(why)
+      ? "; spec.scheduling.runtimeClassName names a RuntimeClass this cluster does not have (kubectl get runtimeclass)"
+      : "";
+  return {
+    reason: "PodsNotCreated",
+    message: `${refused.length} Deployment(s) cannot create their pods, e.g. ${first.metadata?.name}: ${why}${hint}`,
+  };
+}
 
 /**
  * What to change for a container killed for memory: its limit, when it has one (the process

@@ -15,7 +15,7 @@
 // Pure functions here; the reconciler does the calls.
 import type { V1Deployment, V1Pod, V1PodSpec } from "@kubernetes/client-node";
 import { PREVIOUS_WEIGHTS_ENV } from "../moe/subjects.ts";
-import { rolledOut, unschedulable } from "./status.ts";
+import { failedCreate, rolledOut, unschedulable } from "./status.ts";
 
 /** The label (in selector and template) of a copy's pods, and of the copy. */
 export const LABEL_PREVIOUS_WEIGHTS = "expertmesh.io/previous-weights";
@@ -157,28 +157,37 @@ export function previousShardsStep(
 
 /**
  * While the spec waits for the copies (`previousShardsStep`'s hold): whether to stop waiting
- * and roll without them, because some copy pod has been Unschedulable for `waitMs` (the time
- * the scheduler first said so, from its PodScheduled condition). A cluster autoscaler adds
- * nodes for pending pods within minutes, so Unschedulable alone is no reason to give up;
- * the old pods serve on meanwhile.
+ * and roll without them, because some copy pod has been Unschedulable, or some copy could not
+ * create its pods (a ResourceQuota with no room for a second set), for `waitMs` (the time
+ * the scheduler or the ReplicaSet controller first said so, from the condition). A cluster
+ * autoscaler adds nodes for pending pods within minutes, and a quota may be raised, so
+ * neither alone is a reason to give up; the old pods serve on meanwhile.
  */
 export function rollWithoutCopies(
   copyPods: readonly V1Pod[],
   waitMs: number,
   now: number,
+  copies: readonly V1Deployment[] = [],
 ): boolean {
-  const since = copyPods.flatMap((p) => {
-    const c = unschedulable(p);
-    return c ? [c.lastTransitionTime ? new Date(c.lastTransitionTime).getTime() : now] : [];
-  });
+  const since = [...copyPods.map(unschedulable), ...copies.map(failedCreate)].flatMap((c) =>
+    c ? [c.lastTransitionTime ? new Date(c.lastTransitionTime).getTime() : now] : [],
+  );
   return since.length > 0 && now - Math.min(...since) >= waitMs;
+}
+
+/** Whether some copy cannot run: a pod the scheduler cannot place, or pods not created. */
+export function copiesStuck(pods: readonly V1Pod[], deployments: readonly V1Deployment[]): boolean {
+  return (
+    pods.some((p) => isPreviousCopy(p) && unschedulable(p)) ||
+    deployments.some((d) => isPreviousCopy(d) && failedCreate(d))
+  );
 }
 
 /**
  * The copies to delete: all of them, once every other Deployment of the model runs the
  * spec's template (`desired` applied: no shard changes weights any more) and is rolled out.
- * Copies whose pods cannot be scheduled (`copiesUnschedulable`: no room for a second set, so
- * the spec was applied without them) go as soon as it is applied: they would never serve,
+ * Copies whose pods cannot be scheduled or created (`copiesUnschedulable`: no room or quota
+ * for a second set, so the spec was applied without them) go as soon as it is applied: they would never serve,
  * and their pending pods could take the room the old shard pods free for the new ones.
  */
 export function previousCopiesDone(

@@ -383,6 +383,7 @@ function podSpec(
     ...(scheduling.tolerations ? { tolerations: scheduling.tolerations } : {}),
     ...(scheduling.affinity ? { affinity: scheduling.affinity as V1PodSpec["affinity"] } : {}),
     ...(scheduling.priorityClassName ? { priorityClassName: scheduling.priorityClassName } : {}),
+    ...(scheduling.runtimeClassName ? { runtimeClassName: scheduling.runtimeClassName } : {}),
     ...(scheduling.topologySpreadConstraints
       ? {
           topologySpreadConstraints: scheduling.topologySpreadConstraints.map((c) => ({

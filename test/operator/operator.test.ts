@@ -1529,6 +1529,67 @@ describe.sequential("expertmesh operator", () => {
     );
   });
 
+  it("pods the API server refuses to create (a ResourceQuota without room, a RuntimeClass the cluster lacks): Degraded PodsNotCreated in its words, until they are there", async () => {
+    const ns = await newNamespace("refused");
+    await createWeightsVolume(ns);
+    // The namespace may use no GPU: the gateway's and the shard's pods are refused by the
+    // ResourceQuota admission.
+    await core.createNamespacedResourceQuota({
+      namespace: ns,
+      body: { metadata: { name: "gpus" }, spec: { hard: { "requests.nvidia.com/gpu": "0" } } },
+    });
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("refused", ns, { experts: { shards: 1 } }),
+    });
+    const quota = await waitForCondition(ns, "refused", "Degraded", "True", "PodsNotCreated");
+    expect(condition(quota, "Degraded")!.message).toMatch(
+      /^2 Deployment\(s\) cannot create their pods, e\.g\. refused-gateway: pods "refused-gateway-[a-z0-9-]+" is forbidden: exceeded quota: gpus, requested: requests\.nvidia\.com\/gpu=1, used: requests\.nvidia\.com\/gpu=0, limited: requests\.nvidia\.com\/gpu=0; raise the namespace's ResourceQuota, or ask for less in spec\.gateway \(replicas, gpus, resources\)$/,
+    );
+    expect(condition(quota, "Ready")).toMatchObject({ status: "False", reason: "PodsNotCreated" });
+    const columns = await kubectl(["-n", ns, "get", "dsm", "refused", "--no-headers"]);
+    expect(columns.stdout).toContain("PodsNotCreated");
+    // Room for it: the ReplicaSet controller's next try (after its backoff) makes the pod.
+    await core.replaceNamespacedResourceQuota({
+      name: "gpus",
+      namespace: ns,
+      body: { metadata: { name: "gpus" }, spec: { hard: { "requests.nvidia.com/gpu": "4" } } },
+    });
+    await waitForCondition(ns, "refused", "Ready", "True", undefined, 120_000);
+
+    // A RuntimeClass that does not exist: the RuntimeClass admission refuses the new pods;
+    // the old ones serve on.
+    const runtimeClass = `${ns}-nvidia`;
+    await patchSpec(ns, "refused", { scheduling: { runtimeClassName: runtimeClass } });
+    const runtime = await waitForCondition(ns, "refused", "Degraded", "True", "PodsNotCreated");
+    expect(condition(runtime, "Degraded")!.message).toContain(
+      `is forbidden: pod rejected: RuntimeClass "${runtimeClass}" not found; spec.scheduling.runtimeClassName names a RuntimeClass this cluster does not have (kubectl get runtimeclass)`,
+    );
+    const running = await kubectl(["-n", ns, "get", "pods", "-o", "name"]);
+    expect(running.stdout.trim().split("\n").length).toBeGreaterThanOrEqual(2);
+    const made = await kubectl(
+      ["apply", "-f", "-"],
+      `apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: { name: ${runtimeClass} }\nhandler: nvidia\n`,
+    );
+    expect(made.code, made.stderr).toBe(0);
+    try {
+      const ready = await waitForCondition(ns, "refused", "Ready", "True", undefined, 120_000);
+      expect(condition(ready, "Degraded")?.status).toBe("False");
+      const templates = await kubectl([
+        "-n",
+        ns,
+        "get",
+        "deploy",
+        "-o",
+        "jsonpath={.items[*].spec.template.spec.runtimeClassName}",
+      ]);
+      expect(templates.stdout.split(" ")).toEqual([runtimeClass, runtimeClass]);
+    } finally {
+      await kubectl(["delete", "runtimeclass", runtimeClass, "--ignore-not-found"]);
+    }
+  });
+
   it("deleting the DeepSeekModel garbage-collects everything it owned", async () => {
     const r = await kubectl(["delete", "dsm", "tiny"]);
     expect(r.code, r.stderr).toBe(0);

@@ -356,6 +356,15 @@ spec:
       parseManifest(base.replace("{ name: m }", "{ name: m, image: x }"), "m.yaml"),
     ).toThrow(/m\.yaml: metadata\.image: unknown field/);
   });
+  it("takes RuntimeClass and PriorityClass names that are DNS subdomains", () => {
+    const m = parseManifest(
+      `${base}  scheduling: { runtimeClassName: nvidia.cdi, priorityClassName: inference-high }\n`,
+    );
+    expect(m.spec.scheduling).toMatchObject({
+      runtimeClassName: "nvidia.cdi",
+      priorityClassName: "inference-high",
+    });
+  });
   it.each([
     ["a quantity that is not one", "  gateway: { resources: { requests: { memory: lots } } }\n"],
     ["a negative quantity", "  gateway: { resources: { limits: { cpu: -1 } } }\n"],
@@ -369,6 +378,8 @@ spec:
       "a toleration key with a space",
       '  scheduling: { tolerations: [{ key: "a b", operator: Exists }] }\n',
     ],
+    ["a RuntimeClass name in capitals", "  scheduling: { runtimeClassName: NVIDIA }\n"],
+    ["a PriorityClass name with an underscore", "  scheduling: { priorityClassName: high_prio }\n"],
   ])("refuses %s (the workloads' own validation would, later)", (_what, extra) => {
     expect(() => parseManifest(base + extra)).toThrow(ExpertMeshError);
   });

@@ -6,6 +6,7 @@ import {
   containerProblems,
   idleGpusMessage,
   type Problem,
+  podsNotCreatedProblem,
   pollAfterMs,
   stalledRolloutProblem,
   statusChanged,
@@ -561,6 +562,75 @@ describe("stalledRolloutProblem", () => {
     const p = stalledRolloutProblem(deployments);
     expect(p?.message).toBe(message);
     if (p) expect([p.reason, p.servingUnaffected]).toEqual(["ProgressDeadlineExceeded", undefined]);
+  });
+});
+
+describe("podsNotCreatedProblem", () => {
+  const quota =
+    'pods "m-shard-1-5c8d7f9b6-xk2v9" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2';
+  const runtime =
+    'pods "m-gateway-5c8d7f9b6-q8w4z" is forbidden: pod rejected: RuntimeClass "nvidia" not found';
+  /** A Deployment with `pods` of `replicas` made, its ReplicaSet's create refused by `why`. */
+  const refused = (
+    name: string,
+    component: string,
+    why: string | undefined,
+    pods = 0,
+    replicas = 1,
+    maxSurge = 1,
+    reason = "FailedCreate",
+  ): V1Deployment => ({
+    metadata: { name, labels: { "app.kubernetes.io/component": component } },
+    spec: {
+      replicas,
+      selector: {},
+      strategy: { type: "RollingUpdate", rollingUpdate: { maxSurge, maxUnavailable: 0 } },
+      template: {},
+    },
+    status: {
+      replicas: pods,
+      conditions: why ? [{ type: "ReplicaFailure", status: "True", reason, message: why }] : [],
+    },
+  });
+  it.each<[string, V1Deployment[], string | undefined]>([
+    ["every pod made", [refused("m-shard-0", "shard", undefined)], undefined],
+    ["a failed delete", [refused("m-shard-0", "shard", "x", 1, 1, 1, "FailedDelete")], undefined],
+    [
+      "a quota with no room: raise it or ask for less",
+      [refused("m-shard-1", "shard", quota)],
+      `1 Deployment(s) cannot create their pods, e.g. m-shard-1: ${quota}; raise the namespace's ResourceQuota, or ask for less in spec.experts (shards, replicas, gpusPerShard, resources)`,
+    ],
+    [
+      "a rollout's surge pod over the quota: roll in place",
+      [refused("m-shard-1", "shard", quota, 1, 1)],
+      `1 Deployment(s) cannot create their pods, e.g. m-shard-1: ${quota}; its rollout's surge pod counts against the quota too: spec.experts.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`,
+    ],
+    [
+      "no surge in the strategy",
+      [refused("m-gateway", "gateway", quota, 2, 2, 0)],
+      `1 Deployment(s) cannot create their pods, e.g. m-gateway: ${quota}; raise the namespace's ResourceQuota, or ask for less in spec.gateway (replicas, gpus, resources)`,
+    ],
+    [
+      "a RuntimeClass the cluster lacks; the first by name is the example",
+      [refused("m-shard-0", "shard", runtime), refused("m-gateway", "gateway", runtime)],
+      `2 Deployment(s) cannot create their pods, e.g. m-gateway: ${runtime}; spec.scheduling.runtimeClassName names a RuntimeClass this cluster does not have (kubectl get runtimeclass)`,
+    ],
+    [
+      "another refusal: the API server's words alone, on one line",
+      [
+        refused(
+          "m-prefill",
+          "prefill",
+          'admission webhook "policy.example.com" denied\n the request',
+        ),
+      ],
+      '1 Deployment(s) cannot create their pods, e.g. m-prefill: admission webhook "policy.example.com" denied the request',
+    ],
+  ])("%s", (_what, deployments, message) => {
+    const p = podsNotCreatedProblem(deployments);
+    expect(p?.message).toBe(message);
+    if (p) expect(p.reason).toBe("PodsNotCreated");
+    if (p) expect(p.servingUnaffected).toBeUndefined();
   });
 });
 

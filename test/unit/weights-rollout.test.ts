@@ -9,6 +9,7 @@ import type { DeepSeekModel } from "../../src/api/schema.ts";
 import { planPlacement } from "../../src/moe/placement.ts";
 import { PREVIOUS_WEIGHTS_ENV } from "../../src/moe/subjects.ts";
 import {
+  copiesStuck,
   isPreviousCopy,
   LABEL_PREVIOUS_WEIGHTS,
   previousCopiesDone,
@@ -148,6 +149,45 @@ describe("rollWithoutCopies", () => {
     ["not scheduled for another reason", [pod("SchedulingGated", at(0))], 1, false],
   ])("%s", (_what, pods, waitMs, roll) => {
     expect(rollWithoutCopies(pods, waitMs, now)).toBe(roll);
+  });
+
+  // A copy the API server refuses pods (a ResourceQuota with no room for a second set):
+  // its Deployment's ReplicaFailure condition, from when the ReplicaSet controller said so.
+  const copy = (reason: string | undefined, since?: string): V1Deployment => ({
+    metadata: { name: "m-shard-0-prev", labels: { [LABEL_PREVIOUS_WEIGHTS]: "true" } },
+    spec: { selector: {}, template: {} },
+    status: {
+      conditions: reason
+        ? [{ type: "ReplicaFailure", status: "True", reason, lastTransitionTime: since as never }]
+        : [],
+    },
+  });
+  it.each<[string, V1Pod[], V1Deployment[], number, boolean, boolean]>([
+    ["pods refused for 20 s of 30", [], [copy("FailedCreate", at(10))], 30_000, false, true],
+    ["pods refused for 30 s of 30", [], [copy("FailedCreate", at(0))], 30_000, true, true],
+    ["pods made", [], [copy(undefined)], 0, false, false],
+    ["a failed delete is no reason", [], [copy("FailedDelete", at(0))], 0, false, false],
+    [
+      "the earlier of a refusal and an Unschedulable pod",
+      [pod("Unschedulable", at(20))],
+      [copy("FailedCreate", at(0))],
+      30_000,
+      true,
+      true,
+    ],
+  ])("%s", (_what, pods, copies, waitMs, roll, stuck) => {
+    expect(rollWithoutCopies(pods, waitMs, now, copies)).toBe(roll);
+    expect(copiesStuck(pods, copies)).toBe(stuck);
+  });
+  it("copiesStuck: only copies count", () => {
+    const own = { ...copy("FailedCreate", at(0)), metadata: { name: "m-shard-0" } };
+    expect(copiesStuck([], [own])).toBe(false);
+    const copyPod: V1Pod = {
+      ...pod("Unschedulable", at(0)),
+      metadata: { name: "m-shard-0-prev-x", labels: { [LABEL_PREVIOUS_WEIGHTS]: "true" } },
+    };
+    expect(copiesStuck([copyPod], [])).toBe(true);
+    expect(copiesStuck([pod("Unschedulable", at(0))], [])).toBe(false);
   });
 });
 

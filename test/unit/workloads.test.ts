@@ -22,6 +22,7 @@ spec:
     nodeSelector: { nvidia.com/gpu.product: NVIDIA-H200 }
     tolerations: [{ key: nvidia.com/gpu, operator: Exists, effect: NoSchedule }]
     priorityClassName: inference
+    runtimeClassName: nvidia
 ${extra}`);
 }
 
@@ -368,6 +369,9 @@ describe("desiredObjects", () => {
       { key: "nvidia.com/gpu", operator: "Exists", effect: "NoSchedule" },
     ]);
     expect(pod.priorityClassName).toBe("inference");
+    expect(pod.runtimeClassName).toBe("nvidia");
+    const gateway = objects().find((o) => o.metadata?.name === "m-gateway") as any;
+    expect(gateway.spec.template.spec.runtimeClassName).toBe("nvidia");
     expect(pod.volumes[0]).toEqual({
       name: "model",
       persistentVolumeClaim: { claimName: "weights", readOnly: true },
