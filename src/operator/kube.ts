@@ -75,6 +75,24 @@ const OWNED_KINDS = [
   { apiVersion: "monitoring.coreos.com/v1", kind: "PodMonitor", optional: true },
 ] as const;
 
+/** How recent a pod's volume Warning must be to say why it waits (podMountWhy). */
+const MOUNT_EVENT_FRESH_MS = 180_000;
+
+/** When an Event last happened (ms): its series' or its own last time, else its first. */
+const eventTime = (e: CoreV1Event) =>
+  new Date(
+    e.series?.lastObservedTime ?? e.lastTimestamp ?? e.eventTime ?? e.firstTimestamp ?? 0,
+  ).getTime();
+
+/**
+ * Whether a pod's Event says a volume keeps failing to attach or mount: FailedMount or
+ * FailedAttachVolume, said twice or more, the last time within MOUNT_EVENT_FRESH_MS of `now`.
+ */
+export const failingMount = (e: CoreV1Event, now: number) =>
+  (e.reason === "FailedMount" || e.reason === "FailedAttachVolume") &&
+  (e.count ?? e.series?.count ?? 1) >= 2 &&
+  now - eventTime(e) <= MOUNT_EVENT_FRESH_MS;
+
 export class KubeClient {
   readonly kc: KubeConfig;
   readonly objects: KubernetesObjectApi;
@@ -222,14 +240,36 @@ export class KubeClient {
    * Events the operator may not list (an older chart's RBAC) say nothing (logged once).
    */
   async claimPendingWhy(pvc: V1PersistentVolumeClaim): Promise<string | null> {
-    const namespace = pvc.metadata?.namespace ?? "";
-    if (pvc.status?.phase !== "Pending" || !pvc.metadata?.uid) return null;
+    if (pvc.status?.phase !== "Pending") return null;
+    return await this.#newestWarning("PersistentVolumeClaim", pvc.metadata);
+  }
+
+  /**
+   * Why pod `pod` cannot start its containers: its newest Warning Event about its volumes
+   * (the kubelet's FailedMount, the attach/detach controller's FailedAttachVolume) that keeps
+   * coming (said twice or more, the last time within MOUNT_EVENT_FRESH_MS of `now`: the
+   * kubelet retries a failing mount at least every ~2 minutes; a one-off failure at start,
+   * such as a ConfigMap not yet synced, is not it), as `reason: message`; else null (as
+   * claimPendingWhy when Events may not be listed).
+   */
+  async podMountWhy(pod: V1Pod, now = Date.now()): Promise<string | null> {
+    return await this.#newestWarning("Pod", pod.metadata, (e) => failingMount(e, now));
+  }
+
+  /** The newest Warning Event about an object (that `keep` keeps), as `reason: message`. */
+  async #newestWarning(
+    kind: string,
+    object: { namespace?: string; uid?: string } | undefined,
+    keep: (e: CoreV1Event) => boolean = () => true,
+  ): Promise<string | null> {
+    const namespace = object?.namespace ?? "";
+    if (!object?.uid) return null;
     let events: CoreV1Event[];
     try {
       events = (
         await this.core.listNamespacedEvent({
           namespace,
-          fieldSelector: `involvedObject.kind=PersistentVolumeClaim,involvedObject.uid=${pvc.metadata.uid},type=Warning`,
+          fieldSelector: `involvedObject.kind=${kind},involvedObject.uid=${object.uid},type=Warning`,
         })
       ).items;
     } catch (err) {
@@ -238,14 +278,12 @@ export class KubeClient {
       if (!this.#forbidden.has(key)) {
         this.#forbidden.add(key);
         this.#log(
-          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim that waits for a volume is not said why`,
+          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim that waits for a volume, or a pod that cannot mount one, is not said why`,
         );
       }
       return null;
     }
-    const at = (e: CoreV1Event) =>
-      new Date(e.lastTimestamp ?? e.eventTime ?? e.firstTimestamp ?? 0).getTime();
-    const newest = events.sort((a, b) => at(b) - at(a))[0];
+    const newest = events.filter(keep).sort((a, b) => eventTime(b) - eventTime(a))[0];
     return newest ? `${newest.reason}: ${newest.message?.trim() ?? ""}` : null;
   }
 

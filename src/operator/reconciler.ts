@@ -7,6 +7,7 @@ import type {
   V1ConfigMap,
   V1Deployment,
   V1PersistentVolumeClaim,
+  V1Pod,
 } from "@kubernetes/client-node";
 import { architectureOf } from "../api/manifest.ts";
 import {
@@ -48,6 +49,8 @@ import {
   stalledRolloutProblem,
   statusChanged,
   unschedulableProblem,
+  volumeMountProblem,
+  waitingOnNode,
 } from "./status.ts";
 import {
   copiesStuck,
@@ -71,6 +74,11 @@ import type { WorkResult } from "./workqueue.ts";
 
 /** A claim of the model's namespace, read at most once per reconcile (null: none). */
 type ClaimRead = (claimName: string) => Promise<V1PersistentVolumeClaim | null>;
+
+/** How long a pod may wait on its node without a container started before its Events are read. */
+const MOUNT_GRACE_MS = 60_000;
+/** The most pods whose Events one reconcile reads for volumeMountProblem. */
+const MOUNT_EVENT_READS = 8;
 
 /** Thrown to retry a reconcile with backoff after a problem outside the operator's control. */
 export class RetryLater extends Error {}
@@ -293,6 +301,8 @@ export class Reconciler {
       for (const message of gpuMemoryShortfalls(model, plan, await this.#gpuNodes(model)))
         await this.#event(model, "Warning", "GPUMemoryShort", message);
     problems.push(...containerProblems(pods));
+    const unmounted = await this.#volumeMountProblem(model, pods, claim);
+    if (unmounted) problems.push(unmounted);
     const stalled = stalledRolloutProblem(deployments);
     if (stalled) problems.push(stalled);
     const scaler = this.#opts.autoscaler;
@@ -533,6 +543,44 @@ export class Reconciler {
         });
     }
     return out;
+  }
+
+  /**
+   * Pods that have waited on their nodes for a minute without a container started, and why:
+   * the newest FailedMount or FailedAttachVolume Warning Event of each (at most
+   * MOUNT_EVENT_READS of them, by name), a volume the kubelet cannot mount or the
+   * attach/detach controller cannot attach there. Without it they only "wait in
+   * ContainerCreating".
+   */
+  async #volumeMountProblem(
+    model: DeepSeekModel,
+    pods: readonly V1Pod[],
+    claim: ClaimRead,
+  ): Promise<Problem | undefined> {
+    const now = Date.now();
+    const waiting = pods
+      .filter((p) => waitingOnNode(p, now, MOUNT_GRACE_MS))
+      .sort((a, b) => (a.metadata?.name ?? "").localeCompare(b.metadata?.name ?? ""))
+      .slice(0, MOUNT_EVENT_READS);
+    const stuck: { pod: V1Pod; why: string }[] = [];
+    for (const pod of waiting) {
+      const why = await this.#kube.podMountWhy(pod);
+      if (why) stuck.push({ pod, why });
+    }
+    if (stuck.length === 0) return undefined;
+    const pvc = model.spec.model.source.pvc;
+    const read = pvc && (await claim(pvc.claimName));
+    return volumeMountProblem(
+      stuck,
+      read
+        ? {
+            namespace: model.metadata.namespace!,
+            claimName: pvc.claimName,
+            volumeName: read.spec?.volumeName,
+            accessModes: read.status?.accessModes ?? read.spec?.accessModes ?? [],
+          }
+        : undefined,
+    );
   }
 
   async #currentPlan(model: DeepSeekModel): Promise<PlacementPlan | undefined> {

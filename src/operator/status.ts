@@ -26,6 +26,7 @@ export interface Problem {
     | "MemoryLimitTooLow"
     | "Unschedulable"
     | "PodsNotCreated"
+    | "VolumeMountFailed"
     | "ImagePullFailed"
     | "ContainerConfigInvalid"
     | "ContainerCrashing"
@@ -162,6 +163,70 @@ export function podsNotCreatedProblem(deployments: readonly V1Deployment[]): Pro
   return {
     reason: "PodsNotCreated",
     message: `${refused.length} Deployment(s) cannot create their pods, e.g. ${first.metadata?.name}: ${why}${hint}`,
+  };
+}
+
+/**
+ * Whether a pod has waited on its node for `graceMs` or more without starting any container,
+ * init containers included: what a pod whose volumes cannot be attached or mounted looks like
+ * (its containers ContainerCreating). One running its weights' download is not; nor is one
+ * being deleted.
+ */
+export function waitingOnNode(pod: V1Pod, now: number, graceMs: number): boolean {
+  if (pod.status?.phase !== "Pending" || !pod.spec?.nodeName || pod.metadata?.deletionTimestamp)
+    return false;
+  const scheduled = pod.status.conditions?.find(
+    (c) => c.type === "PodScheduled" && c.status === "True",
+  );
+  const since = scheduled?.lastTransitionTime
+    ? new Date(scheduled.lastTransitionTime).getTime()
+    : now;
+  if (now - since < graceMs) return false;
+  const containers = [
+    ...(pod.status.initContainerStatuses ?? []),
+    ...(pod.status.containerStatuses ?? []),
+  ];
+  return containers.every(
+    (c) => !c.state?.running && !c.state?.terminated && !c.lastState?.terminated,
+  );
+}
+
+/** The weights' claim, as the Multi-Attach hint needs it. */
+export interface WeightsClaim {
+  namespace: string;
+  claimName: string;
+  /** The PersistentVolume it is bound to (the name attach errors give). */
+  volumeName?: string;
+  accessModes: readonly string[];
+}
+
+/**
+ * Pods waiting on their nodes for volumes they cannot attach or mount (`why`: the newest
+ * such Warning Event), as one Problem (or none). A Multi-Attach error for the weights'
+ * volume, when its claim is ReadWriteOnce, says what to change: the pods of a model spread
+ * over nodes and all mount the weights.
+ */
+export function volumeMountProblem(
+  stuck: readonly { pod: V1Pod; why: string }[],
+  weights?: WeightsClaim,
+): Problem | undefined {
+  const sorted = [...stuck].sort((a, b) =>
+    (a.pod.metadata?.name ?? "").localeCompare(b.pod.metadata?.name ?? ""),
+  );
+  const first = sorted[0];
+  if (!first) return undefined;
+  const why = oneLine(first.why);
+  const shared = weights?.accessModes.some((m) => m === "ReadOnlyMany" || m === "ReadWriteMany");
+  const hint =
+    weights?.volumeName &&
+    !shared &&
+    /Multi-Attach/.test(why) &&
+    why.includes(`"${weights.volumeName}"`)
+      ? `; the weights' PersistentVolumeClaim ${weights.namespace}/${weights.claimName} (spec.model.source.pvc.claimName) is ${weights.accessModes.join(", ") || "of no access mode"}: its volume attaches to one node at a time, and every pod of the model mounts it; give the weights a ReadOnlyMany or ReadWriteMany claim (examples/fetch-weights-job.yaml fills one), or keep every pod on one node (spec.scheduling.nodeSelector)`
+      : "";
+  return {
+    reason: "VolumeMountFailed",
+    message: `${sorted.length} pod(s) cannot mount their volumes, e.g. ${first.pod.metadata?.name} on ${first.pod.spec?.nodeName}: ${why}${hint}`,
   };
 }
 

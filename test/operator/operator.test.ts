@@ -700,6 +700,89 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
+  it("a pod that cannot mount its volumes: Degraded VolumeMountFailed in the Event's words; for the weights' ReadWriteOnce claim, what to change", async () => {
+    const ns = await newNamespace("mount");
+    await createWeightsVolume(ns, "weights", "ReadWriteOnce");
+    await custom.createNamespacedCustomObject({
+      ...G,
+      namespace: ns,
+      body: model("mount", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
+    });
+    try {
+      await waitForCondition(ns, "mount", "Ready", "True", "AllReplicasReady");
+      const [shardPod] = (
+        await core.listNamespacedPod({
+          namespace: ns,
+          labelSelector: "app.kubernetes.io/component=shard",
+        })
+      ).items;
+      const name = shardPod!.metadata!.name!;
+      // What a shard pod on a second node looks like when the weights' ReadWriteOnce volume is
+      // attached to the first: kwok attaches and mounts nothing, so the test writes what the
+      // kubelet reports (scheduled 5 minutes ago, its container ContainerCreating) and the
+      // attach/detach controller's Event, as they would.
+      await core.replaceNamespacedPodStatus({
+        name,
+        namespace: ns,
+        body: {
+          ...shardPod!,
+          status: {
+            ...shardPod!.status,
+            phase: "Pending",
+            conditions: (shardPod!.status?.conditions ?? []).map((c) =>
+              c.type === "PodScheduled"
+                ? { ...c, lastTransitionTime: new Date(Date.now() - 300_000) }
+                : c.type === "Ready" || c.type === "ContainersReady"
+                  ? { ...c, status: "False" }
+                  : c,
+            ),
+            containerStatuses: [
+              {
+                name: "shard",
+                image: shardPod!.spec!.containers[0]!.image!,
+                imageID: "",
+                ready: false,
+                restartCount: 0,
+                state: { waiting: { reason: "ContainerCreating" } },
+              },
+            ],
+          },
+        },
+      });
+      const why = `Multi-Attach error for volume "${ns}-weights" Volume is already used by pod(s) mount-gateway-0`;
+      await core.createNamespacedEvent({
+        namespace: ns,
+        body: {
+          metadata: { generateName: `${name}.` },
+          involvedObject: {
+            kind: "Pod",
+            apiVersion: "v1",
+            namespace: ns,
+            name,
+            uid: shardPod!.metadata!.uid!,
+          },
+          type: "Warning",
+          reason: "FailedAttachVolume",
+          message: why,
+          source: { component: "attachdetach-controller" },
+          firstTimestamp: new Date(),
+          lastTimestamp: new Date(),
+          count: 4, // the controller says it again at each try
+        },
+      });
+      const m = await waitForCondition(ns, "mount", "Degraded", "True", "VolumeMountFailed");
+      expect(condition(m, "Degraded")!.message).toBe(
+        `1 pod(s) cannot mount their volumes, e.g. ${name} on ${shardPod!.spec!.nodeName}: FailedAttachVolume: ${why}; the weights' PersistentVolumeClaim ${ns}/weights (spec.model.source.pvc.claimName) is ReadWriteOnce: its volume attaches to one node at a time, and every pod of the model mounts it; give the weights a ReadOnlyMany or ReadWriteMany claim (examples/fetch-weights-job.yaml fills one), or keep every pod on one node (spec.scheduling.nodeSelector)`,
+      );
+      expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "VolumeMountFailed" });
+      // The pod replaced (on a node where it mounts): the problem goes with it.
+      await core.deleteNamespacedPod({ name, namespace: ns, gracePeriodSeconds: 0 });
+      await waitForCondition(ns, "mount", "Degraded", "False", "AsExpected");
+    } finally {
+      await kubectl(["delete", "dsm", "mount", "-n", ns, "--wait=false", "--ignore-not-found"]);
+    }
+  });
+
   it("restarts without duplicates or spurious updates (resourceVersions stay the same)", async () => {
     const snapshot = async () => {
       const objs = await Promise.all([
@@ -1532,29 +1615,29 @@ describe.sequential("expertmesh operator", () => {
   it("pods the API server refuses to create (a ResourceQuota without room, a RuntimeClass the cluster lacks): Degraded PodsNotCreated in its words, until they are there", async () => {
     const ns = await newNamespace("refused");
     await createWeightsVolume(ns);
-    // The namespace may use no GPU: the gateway's and the shard's pods are refused by the
-    // ResourceQuota admission.
+    // The namespace may run no pod: the gateway's and the shard's are refused by the
+    // ResourceQuota admission. (CPU roles: the file's other models keep the fake GPUs busy.)
     await core.createNamespacedResourceQuota({
       namespace: ns,
-      body: { metadata: { name: "gpus" }, spec: { hard: { "requests.nvidia.com/gpu": "0" } } },
+      body: { metadata: { name: "pods" }, spec: { hard: { pods: "0" } } },
     });
     await custom.createNamespacedCustomObject({
       ...G,
       namespace: ns,
-      body: model("refused", ns, { experts: { shards: 1 } }),
+      body: model("refused", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
     });
     const quota = await waitForCondition(ns, "refused", "Degraded", "True", "PodsNotCreated");
     expect(condition(quota, "Degraded")!.message).toMatch(
-      /^2 Deployment\(s\) cannot create their pods, e\.g\. refused-gateway: pods "refused-gateway-[a-z0-9-]+" is forbidden: exceeded quota: gpus, requested: requests\.nvidia\.com\/gpu=1, used: requests\.nvidia\.com\/gpu=0, limited: requests\.nvidia\.com\/gpu=0; raise the namespace's ResourceQuota, or ask for less in spec\.gateway \(replicas, gpus, resources\)$/,
+      /^2 Deployment\(s\) cannot create their pods, e\.g\. refused-gateway: pods "refused-gateway-[a-z0-9-]+" is forbidden: exceeded quota: pods, requested: pods=1, used: pods=0, limited: pods=0; raise the namespace's ResourceQuota, or ask for less in spec\.gateway \(replicas, gpus, resources\)$/,
     );
     expect(condition(quota, "Ready")).toMatchObject({ status: "False", reason: "PodsNotCreated" });
     const columns = await kubectl(["-n", ns, "get", "dsm", "refused", "--no-headers"]);
     expect(columns.stdout).toContain("PodsNotCreated");
     // Room for it: the ReplicaSet controller's next try (after its backoff) makes the pod.
     await core.replaceNamespacedResourceQuota({
-      name: "gpus",
+      name: "pods",
       namespace: ns,
-      body: { metadata: { name: "gpus" }, spec: { hard: { "requests.nvidia.com/gpu": "4" } } },
+      body: { metadata: { name: "pods" }, spec: { hard: { pods: "8" } } },
     });
     await waitForCondition(ns, "refused", "Ready", "True", undefined, 120_000);
 
@@ -1587,6 +1670,7 @@ describe.sequential("expertmesh operator", () => {
       expect(templates.stdout.split(" ")).toEqual([runtimeClass, runtimeClass]);
     } finally {
       await kubectl(["delete", "runtimeclass", runtimeClass, "--ignore-not-found"]);
+      await kubectl(["delete", "dsm", "refused", "-n", ns, "--wait=false", "--ignore-not-found"]);
     }
   });
 

@@ -11,6 +11,8 @@ import {
   stalledRolloutProblem,
   statusChanged,
   unschedulableProblem,
+  volumeMountProblem,
+  waitingOnNode,
 } from "../../src/operator/status.ts";
 
 const model = parseManifest(`
@@ -631,6 +633,103 @@ describe("podsNotCreatedProblem", () => {
     expect(p?.message).toBe(message);
     if (p) expect(p.reason).toBe("PodsNotCreated");
     if (p) expect(p.servingUnaffected).toBeUndefined();
+  });
+});
+
+describe("waitingOnNode and volumeMountProblem", () => {
+  const t = (s: number) => new Date(Date.UTC(2026, 11, 6, 9, 0, s));
+  const now = t(90).getTime();
+  type Waiting = "waiting" | "running" | "init-running" | "restarted" | "none";
+  /** A pod of `phase` on node n1 (or none) since `since` s, its containers in `state`. */
+  const pod = (
+    name: string,
+    state: Waiting = "waiting",
+    since = 0,
+    phase = "Pending",
+    node: string | null = "n1",
+  ): V1Pod => ({
+    metadata: { name },
+    spec: { containers: [], ...(node ? { nodeName: node } : {}) },
+    status: {
+      phase,
+      conditions: [{ type: "PodScheduled", status: "True", lastTransitionTime: t(since) }],
+      ...(state === "init-running"
+        ? { initContainerStatuses: [{ name: "download-weights", state: { running: {} } } as never] }
+        : {}),
+      containerStatuses:
+        state === "none"
+          ? []
+          : [
+              {
+                name: "shard",
+                state:
+                  state === "running"
+                    ? { running: {} }
+                    : { waiting: { reason: "ContainerCreating" } },
+                ...(state === "restarted" ? { lastState: { terminated: { exitCode: 1 } } } : {}),
+              } as never,
+            ],
+    },
+  });
+  it.each<[string, V1Pod, boolean]>([
+    ["ContainerCreating for 90 s", pod("a"), true],
+    ["no container status yet, 90 s", pod("a", "none"), true],
+    ["ContainerCreating for 30 s of 60", pod("a", "waiting", 60), false],
+    ["running", pod("a", "running", 0, "Running"), false],
+    ["its download running (phase Pending)", pod("a", "init-running"), false],
+    ["a container that has run before", pod("a", "restarted"), false],
+    ["not on a node", pod("a", "waiting", 0, "Pending", null), false],
+    ["being deleted", { ...pod("a"), metadata: { name: "a", deletionTimestamp: t(80) } }, false],
+  ])("waitingOnNode: %s", (_what, p, waiting) => {
+    expect(waitingOnNode(p, now, 60_000)).toBe(waiting);
+  });
+
+  const multiAttach =
+    'FailedAttachVolume: Multi-Attach error for volume "pv-weights" Volume is already used by pod(s) m-shard-0-5c8d7f9b6-xk2v9';
+  const rwo = {
+    namespace: "ns",
+    claimName: "weights",
+    volumeName: "pv-weights",
+    accessModes: ["ReadWriteOnce"],
+  };
+  const hint =
+    "; the weights' PersistentVolumeClaim ns/weights (spec.model.source.pvc.claimName) is ReadWriteOnce: its volume attaches to one node at a time, and every pod of the model mounts it; give the weights a ReadOnlyMany or ReadWriteMany claim (examples/fetch-weights-job.yaml fills one), or keep every pod on one node (spec.scheduling.nodeSelector)";
+  it.each<[string, { pod: V1Pod; why: string }[], typeof rwo | undefined, string | undefined]>([
+    ["none", [], rwo, undefined],
+    [
+      "the weights' ReadWriteOnce volume attached elsewhere: what to change",
+      [{ pod: pod("m-shard-1-x"), why: multiAttach }],
+      rwo,
+      `1 pod(s) cannot mount their volumes, e.g. m-shard-1-x on n1: ${multiAttach}${hint}`,
+    ],
+    [
+      "a ReadOnlyMany claim: no hint",
+      [{ pod: pod("m-shard-1-x"), why: multiAttach }],
+      { ...rwo, accessModes: ["ReadOnlyMany", "ReadWriteOnce"] },
+      `1 pod(s) cannot mount their volumes, e.g. m-shard-1-x on n1: ${multiAttach}`,
+    ],
+    [
+      "another volume's Multi-Attach error: no hint",
+      [{ pod: pod("m-shard-1-x"), why: multiAttach.replace("pv-weights", "pv-other") }],
+      rwo,
+      `1 pod(s) cannot mount their volumes, e.g. m-shard-1-x on n1: ${multiAttach.replace("pv-weights", "pv-other")}`,
+    ],
+    [
+      "a mount that fails, the first by name as the example, on one line",
+      [
+        { pod: pod("m-shard-1-x"), why: "FailedMount: b" },
+        {
+          pod: pod("m-gateway-y"),
+          why: 'FailedMount: MountVolume.SetUp failed for volume "model" :\n mount failed: exit status 32',
+        },
+      ],
+      undefined,
+      '2 pod(s) cannot mount their volumes, e.g. m-gateway-y on n1: FailedMount: MountVolume.SetUp failed for volume "model" : mount failed: exit status 32',
+    ],
+  ])("volumeMountProblem: %s", (_what, stuck, weights, message) => {
+    const p = volumeMountProblem(stuck, weights);
+    expect(p?.message).toBe(message);
+    if (p) expect(p.reason).toBe("VolumeMountFailed");
   });
 });
 

@@ -1,0 +1,54 @@
+// Which of a pod's Events say that a volume keeps failing to attach or mount
+// (src/operator/kube.ts failingMount): the reason the operator gives for a pod waiting on
+// its node (Degraded VolumeMountFailed).
+import type { CoreV1Event } from "@kubernetes/client-node";
+import { describe, expect, it } from "vitest";
+import { failingMount } from "../../src/operator/kube.ts";
+
+const now = Date.UTC(2026, 11, 6, 9, 10, 0);
+const ago = (s: number) => new Date(now - s * 1000);
+
+function event(fields: Partial<CoreV1Event>): CoreV1Event {
+  return {
+    metadata: { name: "p.1" },
+    involvedObject: { kind: "Pod", name: "p" },
+    type: "Warning",
+    reason: "FailedMount",
+    count: 3,
+    lastTimestamp: ago(30),
+    ...fields,
+  };
+}
+
+describe("failingMount", () => {
+  it.each<[string, Partial<CoreV1Event>, boolean]>([
+    ["the kubelet's FailedMount, said 3 times, 30 s ago", {}, true],
+    ["the attach/detach controller's FailedAttachVolume", { reason: "FailedAttachVolume" }, true],
+    ["said once (a ConfigMap not yet synced at start)", { count: 1 }, false],
+    ["no count", { count: undefined }, false],
+    ["last said 4 minutes ago (mounted since)", { lastTimestamp: ago(240) }, false],
+    ["said 3 minutes ago, the kubelet's longest retry", { lastTimestamp: ago(180) }, true],
+    ["another reason", { reason: "FailedScheduling" }, false],
+    [
+      "the events.k8s.io form: a series' count and last time",
+      {
+        count: undefined,
+        lastTimestamp: undefined,
+        eventTime: ago(600) as never,
+        series: { count: 5, lastObservedTime: ago(10) as never },
+      },
+      true,
+    ],
+    [
+      "a series last seen long ago",
+      {
+        count: undefined,
+        lastTimestamp: undefined,
+        series: { count: 5, lastObservedTime: ago(600) as never },
+      },
+      false,
+    ],
+  ])("%s", (_what, fields, failing) => {
+    expect(failingMount(event(fields), now)).toBe(failing);
+  });
+});
