@@ -24,6 +24,7 @@ import { messageBatchesRoutes } from "./message-batches.ts";
 import { messagesRoutes } from "./messages.ts";
 import { exposition } from "./metrics.ts";
 import { jobOf, openaiRoutes } from "./openai.ts";
+import { ResponseFiles } from "./response-files.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 import { socketClientIdentity } from "./serving-tls.ts";
 import {
@@ -325,7 +326,6 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     return body;
   });
   app.register(openaiRoutes(o.ctx));
-  app.register(responsesRoutes(o.ctx, new ResponseStore(o.responsesStore ?? 1000)));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
 
   // Files and batches: each key sees its own (a hash of it), everyone the same without keys.
@@ -339,6 +339,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     : null;
   const quota = fileStore?.quota;
   if (quota) app.addHook("onReady", () => quota.ready); // (no upload before the folder is counted)
+  // Responses: in the files folder when there is one (every gateway on it answers for every
+  // response, and they outlive a restart), else in this gateway's memory.
+  const responses =
+    o.files && o.responsesStore !== 0
+      ? new ResponseFiles(o.files.dir, quota ?? null)
+      : new ResponseStore(o.responsesStore ?? 1000);
+  if (responses instanceof ResponseFiles) app.addHook("onClose", async () => responses.close());
+  app.register(responsesRoutes(o.ctx, responses));
   const run: RunLine = async (url, body) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =

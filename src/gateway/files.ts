@@ -30,7 +30,7 @@ import { makeDirs, readJson, writeJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
 /**
- * How much a files folder (its files/ and batches/) may hold: uploads that would take it past
+ * How much a files folder (its files/, batches/ and responses/) may hold: uploads that would take it past
  * `maxBytes` are refused, batches are refused and their lines wait while it is full (an
  * emptyDir past its sizeLimit gets the pod evicted). The folder is walked (a file
  * hard-linked twice counted once) at start (`ready`: the app serves once it is counted), then
@@ -93,7 +93,7 @@ export class FolderQuota {
     try {
       const seen = new Set<string>();
       let sum = 0;
-      for (const sub of ["files", "batches"]) {
+      for (const sub of ["files", "batches", "responses"]) {
         const dir = join(this.#root, sub);
         const names = await readdir(dir).catch(() => [] as string[]);
         for (let i = 0; i < names.length; i += 64) {

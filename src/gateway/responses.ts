@@ -10,6 +10,7 @@
 // (spec.gateway.sessionAffinity: ClientIP helps). background: true answers at once and runs
 // on (poll GET; POST /v1/responses/{id}/cancel stops it).
 import { randomBytes } from "node:crypto";
+import { setTimeout as sleep } from "node:timers/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
@@ -27,6 +28,7 @@ import {
   usageOf,
 } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
+import { HEARTBEAT_MS, MARK_POLL_MS, ResponseFiles } from "./response-files.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -126,6 +128,12 @@ const InputTokensRequest = Type.Object({
 });
 type InputTokensRequest = Static<typeof InputTokensRequest>;
 
+/** How long a cancel waits for another gateway to stop the response it runs. */
+const CANCEL_WAIT_MS = 15_000;
+
+/** A kept response's status. */
+const statusOf = (kept: Kept | undefined) => (kept?.response as { status?: string })?.status;
+
 const bad = (message: string, param: string): ApiError =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
 
@@ -133,10 +141,21 @@ const bad = (message: string, param: string): ApiError =>
  * A kept response: the conversation up to and including its answer, the response, and its
  * request's input as items with ids (GET /v1/responses/{id}/input_items).
  */
-interface Kept {
+export interface Kept {
   readonly conversation: readonly ChatMessage[];
   readonly response: object;
   readonly inputItems: readonly InputListItem[];
+}
+
+/**
+ * Where a gateway keeps responses: its memory (ResponseStore), or the files folder it shares
+ * with the other gateways (ResponseFiles). `capacity` 0: none kept.
+ */
+export interface KeptResponses {
+  readonly capacity: number;
+  get(id: string): Kept | undefined;
+  put(id: string, kept: Kept): void;
+  delete(id: string): boolean;
 }
 
 /** An input item as GET /v1/responses/{id}/input_items lists it. */
@@ -161,7 +180,7 @@ type InputItemsQuery = Static<typeof InputItemsQuery>;
  * The last `capacity` responses of this gateway, by id, holding at most `maxChars`
  * characters of conversations and responses in all (least recently used out first).
  */
-export class ResponseStore {
+export class ResponseStore implements KeptResponses {
   readonly capacity: number;
   readonly maxChars: number;
   readonly #kept = new Map<string, Kept & { chars: number }>();
@@ -669,7 +688,7 @@ class OutputItems {
 }
 
 /** The routes plugin; `store` keeps this gateway's responses. */
-export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
+export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
   /** Background responses still running, by id (POST .../cancel stops them). */
   const running = new Map<string, Running>();
   return async (app: FastifyInstance) => {
@@ -700,8 +719,19 @@ export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
         await r.settled;
         return store.get(id)?.response ?? r.last();
       }
-      const kept = store.get(id);
+      let kept = store.get(id);
       if (!kept) throw notFound(id, null);
+      if (store instanceof ResponseFiles && statusOf(kept) === "in_progress") {
+        // Running on another gateway of the folder: asked to stop, and waited for.
+        store.mark(id, "cancel");
+        const until = Date.now() + CANCEL_WAIT_MS;
+        while (kept && statusOf(kept) === "in_progress" && Date.now() < until) {
+          await sleep(MARK_POLL_MS / 2);
+          kept = store.get(id);
+        }
+        if (!kept) throw notFound(id, null);
+        return kept.response;
+      }
       if ((kept.response as { background?: boolean }).background !== true)
         throw new ApiError(
           "EM_GATEWAY_BAD_REQUEST",
@@ -746,8 +776,13 @@ export function responsesRoutes(ctx: ServeContext, store: ResponseStore) {
       },
     );
     app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
-      running.get(req.params.id)?.drop(); // a background response: stopped, and not kept again
-      if (!store.delete(req.params.id)) throw notFound(req.params.id, null);
+      const id = req.params.id;
+      const here = running.get(id);
+      here?.drop(); // a background response: stopped, and not kept again
+      // One running on another gateway of the folder: asked to stop and keep nothing more.
+      if (!here && store instanceof ResponseFiles && statusOf(store.get(id)) === "in_progress")
+        store.mark(id, "drop");
+      if (!store.delete(id)) throw notFound(id, null);
       return { id: req.params.id, object: "response.deleted", deleted: true };
     });
   };
@@ -766,14 +801,13 @@ interface Running {
 
 /** The conversation a request continues (previous_response_id: a finished response kept). */
 function previousConversation(
-  store: ResponseStore,
+  store: KeptResponses,
   id: string | null | undefined,
 ): readonly ChatMessage[] {
   if (id == null) return [];
   const kept = store.get(id);
   if (!kept) throw notFound(id, "previous_response_id");
-  const status = (kept.response as { status?: string }).status;
-  if (status === "in_progress")
+  if (statusOf(kept) === "in_progress")
     throw bad(
       `response '${id.slice(0, 80)}' is still in progress (background): continue it once it has finished`,
       "previous_response_id",
@@ -783,7 +817,7 @@ function previousConversation(
 
 async function respond(
   ctx: ServeContext,
-  store: ResponseStore,
+  store: KeptResponses,
   running: Map<string, Running>,
   req: FastifyRequest<{ Body: ResponsesRequest }>,
   reply: FastifyReply,
@@ -815,6 +849,9 @@ async function respond(
       "include",
     );
   let stored = b.store !== false && store.capacity > 0;
+  // A folder with no room left keeps no more responses: refused before anything runs.
+  const full = stored && store instanceof ResponseFiles ? store.refusal() : null;
+  if (full) throw full;
   const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
     (err: unknown) => {
       throw renameParam(err, PARAMS);
@@ -895,8 +932,16 @@ async function respond(
     job = startJob(ctx, spec);
     let current: object = response("in_progress", []);
     let cancelled = false;
+    const files = stored && store instanceof ResponseFiles ? store : null;
+    /** Another gateway's cancel or DELETE of it (a mark in the folder), acted on. */
+    const marked = () => {
+      const mark = files?.takeMark(id);
+      if (mark === "cancel") running.get(id)?.cancel();
+      else if (mark === "drop") running.get(id)?.drop();
+    };
     const keep = (r: object, answerItems: readonly OutputItem[] = []) => {
       current = r;
+      if (files) marked(); // (a DELETE just made: nothing written again)
       if (stored)
         store.put(id, {
           conversation: [...conversation, ...answerMessages(answerItems)],
@@ -907,6 +952,7 @@ async function respond(
     keep(current);
     const settled = job.done.then(
       () => {
+        marked(); // (a cancel or DELETE from another gateway as it ended)
         const { c, output, items } = answer();
         if (cancelled) keep(response("cancelled", items), items);
         else current = finished(c, output, items);
@@ -916,6 +962,15 @@ async function respond(
         keep(response("failed", [], { error: { code: e.code, message: e.message } }));
       },
     );
+    // In a shared folder: written again while it runs (the others see it alive), and its
+    // marks looked for.
+    let beats = 0;
+    const watch = files
+      ? setInterval(() => {
+          marked();
+          if (++beats % Math.round(HEARTBEAT_MS / MARK_POLL_MS) === 0 && stored) files.touch(id);
+        }, MARK_POLL_MS)
+      : null;
     running.set(id, {
       cancel: () => {
         cancelled = true;
@@ -926,7 +981,10 @@ async function respond(
         cancelled = true;
         job.cancel();
       },
-      settled: settled.finally(() => running.delete(id)),
+      settled: settled.finally(() => {
+        running.delete(id);
+        if (watch) clearInterval(watch);
+      }),
       last: () => current,
     });
     return current;

@@ -79,7 +79,9 @@ export const ERROR_CODES = {
   EM_GATEWAY_BAD_REQUEST: "a request body is not JSON, or a field is missing or invalid (HTTP 400)",
   EM_GATEWAY_UNKNOWN_MODEL: "a request names a model this gateway does not serve (HTTP 404)",
   EM_GATEWAY_RESPONSE_NOT_FOUND:
-    "a response id this gateway does not keep (not stored, deleted, pushed out, or another gateway's) (HTTP 404)",
+    "a response id this gateway does not keep (not stored, deleted, pushed out, expired, or another gateway's without a shared files folder) (HTTP 404)",
+  EM_GATEWAY_RESPONSE_LOST:
+    "a response in a shared files folder was left in_progress by a gateway that stopped (the failed response's error)",
   EM_FILES_DIR:
     "the gateway's --files-dir (spec.gateway.batch's folder) cannot be made or written at start",
   EM_BATCH_REMOTE:

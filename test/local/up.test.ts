@@ -464,6 +464,28 @@ describe("expertmesh up", () => {
         expect(out.every((l) => l.response.body.usage.completion_tokens === 4)).toBe(true);
         const folder = join(cache, "batch", "default-tiny");
         expect(readdirSync(folder)).toEqual(expect.arrayContaining(["batches", "files"]));
+        // A response kept in that folder: found by both gateways. Four connections open at
+        // once (up's front gives each new one to the gateway with the fewest): two each.
+        const made = await client.responses.create({
+          model: "tiny-v3",
+          input: "Hello!",
+          max_output_tokens: 4,
+        });
+        expect(readdirSync(join(folder, "responses"))).toContain(`${made.id}.json`);
+        const agents = Array.from({ length: 4 }, () => new Agent());
+        try {
+          const found = await Promise.all(
+            agents.map(async (dispatcher) => {
+              const r = await undiciFetch(`http://127.0.0.1:${port}/v1/responses/${made.id}`, {
+                dispatcher,
+              });
+              return [r.status, ((await r.json()) as { id?: string }).id];
+            }),
+          );
+          expect(found).toEqual(Array.from({ length: 4 }, () => [200, made.id]));
+        } finally {
+          await Promise.all(agents.map((x) => x.close()));
+        }
         // Both gateways on that folder.
         const gateways = descendants(started.proc.pid!)
           .map((pid) => {

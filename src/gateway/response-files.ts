@@ -1,0 +1,167 @@
+// The Responses API's stored responses in the gateway's files folder (--files-dir; the
+// operator's pods: spec.gateway.batch, a shared claim), so that every gateway on the folder
+// answers for every response: a `previous_response_id` or a GET that lands on another
+// gateway than the one that answered finds it, and a restarted gateway still has it.
+//
+// `<dir>/responses/<id>.json`: the kept response (conversation, response, input items),
+// written whole (a temporary file renamed). A response expires RESPONSE_TTL_MS after its
+// last write, as OpenAI keeps them 30 days. A background response is written when it starts
+// (in_progress), every HEARTBEAT_MS while it runs, and when it ends; one found in_progress
+// and not written for STALE_MS has lost its gateway (stopped, killed): it reads as failed.
+// Another gateway stops a running one with a mark beside it, `<id>.cancel` (its text: cancel,
+// or drop for a DELETE), which the running gateway looks for every MARK_POLL_MS.
+import { readdirSync, rmSync, statSync, utimesSync } from "node:fs";
+import { join } from "node:path";
+import { makeDirs, readJson, writeFileAtomic, writeJson } from "../util/fs.ts";
+import type { FolderQuota } from "./files.ts";
+import type { Kept, KeptResponses } from "./responses.ts";
+
+/** How long a response is kept after its last write (OpenAI's 30 days). */
+export const RESPONSE_TTL_MS = 30 * 24 * 3600_000;
+/** A running background response is written again this often. */
+export const HEARTBEAT_MS = 10_000;
+/** An in_progress response not written for this long has lost its gateway. */
+export const STALE_MS = 45_000;
+/** How often a gateway looks for marks on the background responses it runs. */
+export const MARK_POLL_MS = 500;
+/** Expired responses and old marks are removed this often. */
+const SWEEP_MS = 60_000;
+
+/** What another gateway asks of a running background response. */
+export type Mark = "cancel" | "drop";
+
+/** The ids a gateway makes (responses.ts newId): nothing else names a file here. */
+const ID = /^resp_[0-9a-f]{24}$/;
+
+export class ResponseFiles implements KeptResponses {
+  /** Files keep every response until it expires (the folder's budget bounds them). */
+  readonly capacity = Number.MAX_SAFE_INTEGER;
+  readonly #dir: string;
+  readonly #quota: FolderQuota | null;
+  readonly #timer: NodeJS.Timeout;
+
+  constructor(filesDir: string, quota: FolderQuota | null) {
+    this.#dir = join(filesDir, "responses");
+    makeDirs(this.#dir);
+    this.#quota = quota;
+    this.#timer = setInterval(() => this.sweep(), SWEEP_MS);
+    this.#timer.unref();
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+  }
+
+  #path(id: string, ext = "json"): string | null {
+    return ID.test(id) ? join(this.#dir, `${id}.${ext}`) : null;
+  }
+
+  get(id: string): Kept | undefined {
+    const path = this.#path(id);
+    if (!path) return undefined;
+    let written: number;
+    try {
+      written = statSync(path).mtimeMs;
+    } catch {
+      return undefined;
+    }
+    const now = Date.now();
+    if (now - written > RESPONSE_TTL_MS) return undefined;
+    const kept = readJson<Kept>(path);
+    if (!kept) return undefined;
+    const r = kept.response as { status?: string; background?: boolean };
+    if (r.status === "in_progress" && now - written > STALE_MS) {
+      // Its gateway stopped without ending it: failed, for good.
+      const failed: Kept = {
+        ...kept,
+        response: {
+          ...kept.response,
+          status: "failed",
+          error: {
+            code: "EM_GATEWAY_RESPONSE_LOST",
+            message: `the gateway running this ${r.background ? "background " : ""}response stopped before it ended (no word from it for ${STALE_MS / 1000} s)`,
+          },
+        },
+      };
+      this.put(id, failed);
+      return failed;
+    }
+    return kept;
+  }
+
+  /** The refusal of a new response to keep while the folder is full; null when it has room. */
+  refusal(): Error | null {
+    return this.#quota?.full() ? this.#quota.refusal("a stored response (store: true)") : null;
+  }
+
+  put(id: string, kept: Kept): void {
+    const path = this.#path(id);
+    if (!path) return;
+    const text = JSON.stringify(kept);
+    let before = 0;
+    try {
+      before = statSync(path).size;
+    } catch {}
+    writeFileAtomic(path, text);
+    this.#quota?.grew(Buffer.byteLength(text) - before);
+  }
+
+  delete(id: string): boolean {
+    const path = this.#path(id);
+    if (!path) return false;
+    try {
+      const { size } = statSync(path);
+      rmSync(path);
+      this.#quota?.grew(-size);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Writes a running response's file again (its heartbeat), content unchanged. */
+  touch(id: string): void {
+    const path = this.#path(id);
+    if (!path) return;
+    const now = new Date();
+    try {
+      utimesSync(path, now, now);
+    } catch {}
+  }
+
+  /** Asks the gateway running response `id` to stop it (cancel) or to stop and forget it. */
+  mark(id: string, what: Mark): void {
+    const path = this.#path(id, "cancel");
+    if (path) writeJson(path, what);
+  }
+
+  /** What was asked of running response `id`, if anything; the mark is removed once read. */
+  takeMark(id: string): Mark | undefined {
+    const path = this.#path(id, "cancel");
+    const what = path ? readJson<Mark>(path) : undefined;
+    if (path && what !== undefined) rmSync(path, { force: true });
+    return what === "cancel" || what === "drop" ? what : undefined;
+  }
+
+  /** Removes expired responses and marks left by responses that ended. */
+  sweep(now = Date.now()): void {
+    let names: string[];
+    try {
+      names = readdirSync(this.#dir);
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      const path = join(this.#dir, name);
+      try {
+        const st = statSync(path);
+        const old = name.endsWith(".json")
+          ? now - st.mtimeMs > RESPONSE_TTL_MS
+          : now - st.mtimeMs > 3600_000; // (a mark no gateway took, a temporary file left)
+        if (!old) continue;
+        rmSync(path, { force: true });
+        if (name.endsWith(".json")) this.#quota?.grew(-st.size);
+      } catch {}
+    }
+  }
+}

@@ -1,0 +1,174 @@
+// Responses kept in the files folder that gateways share (response-files.ts), through the
+// official `openai` client against two gateways started in this process on one folder, as
+// the operator's gateway pods on a shared claim: whichever gateway a request lands on finds
+// the responses the other made, continues them, cancels or deletes one the other runs in the
+// background, and a running response whose gateway stopped reads as failed.
+import { mkdirSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ResponseFiles, STALE_MS } from "../../src/gateway/response-files.ts";
+import { testEnv } from "../support/env.ts";
+import { tinyCheckpointFor } from "../support/golden.ts";
+import { holdable, startGateway, type TestGateway } from "./helpers.ts";
+
+let dir: string;
+let folder: string;
+let a: TestGateway;
+let b: TestGateway;
+let hold: ReturnType<typeof holdable>;
+
+const files = (d: string, maxTotalBytes?: number) => ({
+  dir: d,
+  maxBytes: 1 << 20,
+  batchConcurrency: 1,
+  ...(maxTotalBytes ? { maxTotalBytes } : {}),
+});
+
+beforeAll(async () => {
+  dir = await tinyCheckpointFor("tiny-v3");
+  folder = mkdtempSync(join(testEnv().runDir, "responses-shared-"));
+  a = await startGateway(dir, {
+    files: files(folder),
+    wrap: (r) => {
+      hold = holdable(r);
+      return hold.runner;
+    },
+  });
+  b = await startGateway(dir, { files: files(folder) });
+});
+afterAll(async () => {
+  hold?.release();
+  await a?.close();
+  await b?.close();
+});
+
+const body = { model: "tiny", input: "Tell me a story.", max_output_tokens: 8, temperature: 0 };
+
+const refusalOf = (p: Promise<unknown>) =>
+  p.catch((e: unknown) => e) as Promise<{ status: number; code?: string; param?: string }>;
+
+describe("responses in a shared files folder", () => {
+  it("one gateway's response is the other's: retrieved, its input items, continued, deleted", async () => {
+    const first = await a.client.responses.create(body);
+    expect(first.status).toBe("incomplete"); // (8 tokens of the tiny model's noise)
+    expect(readdirSync(join(folder, "responses"))).toContain(`${first.id}.json`);
+    const there = await b.client.responses.retrieve(first.id);
+    expect([there.id, there.output_text, there.usage]).toEqual([
+      first.id,
+      first.output_text,
+      first.usage,
+    ]);
+    const items = await b.client.responses.inputItems.list(first.id);
+    expect(items.data.map((i) => i.type)).toEqual(["message"]);
+    // Continued on the other gateway: the same answer as on the one that made it.
+    const next = { ...body, input: "And then?", previous_response_id: first.id };
+    const onB = await b.client.responses.create(next);
+    const onA = await a.client.responses.create(next);
+    expect(onB.output_text).toBe(onA.output_text);
+    expect(onB.usage?.input_tokens).toBe(onA.usage?.input_tokens);
+    expect(onB.usage!.input_tokens).toBeGreaterThan(first.usage!.input_tokens);
+    // Deleted on one: gone on both.
+    await b.client.responses.delete(first.id);
+    expect((await refusalOf(a.client.responses.retrieve(first.id))).status).toBe(404);
+    expect((await refusalOf(b.client.responses.delete(first.id))).status).toBe(404);
+  });
+
+  it("a background response one gateway runs: polled on the other, cancelled or deleted from it", async () => {
+    hold.hold();
+    const running = await a.client.responses.create({
+      ...body,
+      max_output_tokens: 64,
+      background: true,
+    });
+    await hold.entered; // (its first step waits: it is running on gateway a)
+    expect((await b.client.responses.retrieve(running.id)).status).toBe("in_progress");
+    // Continuing it is refused on the other gateway too while it runs.
+    const early = await refusalOf(
+      b.client.responses.create({ ...body, previous_response_id: running.id }),
+    );
+    expect([early.status, early.param]).toEqual([400, "previous_response_id"]);
+    // The cancel from b waits until a has stopped it (a sees the mark within half a second).
+    const cancel = b.client.responses.cancel(running.id);
+    setTimeout(() => hold.release(), 1500);
+    const cancelled = await cancel;
+    expect(cancelled.status).toBe("cancelled");
+    expect((await a.client.responses.retrieve(running.id)).status).toBe("cancelled");
+
+    // Deleted from b while a runs it: stopped, and a does not keep it again when it ends.
+    hold.hold();
+    const dropped = await a.client.responses.create({
+      ...body,
+      max_output_tokens: 64,
+      background: true,
+    });
+    await b.client.responses.delete(dropped.id);
+    await new Promise((r) => setTimeout(r, 1000));
+    hold.release();
+    await new Promise((r) => setTimeout(r, 500));
+    for (const g of [a, b])
+      expect((await refusalOf(g.client.responses.retrieve(dropped.id))).status).toBe(404);
+    expect(readdirSync(join(folder, "responses")).filter((n) => n.startsWith(dropped.id))).toEqual(
+      [],
+    );
+  });
+
+  it("a response left in_progress by a gateway that stopped reads as failed, for good", async () => {
+    const id = `resp_${"ab".repeat(12)}`;
+    const path = join(folder, "responses", `${id}.json`);
+    const response = {
+      id,
+      object: "response",
+      status: "in_progress",
+      background: true,
+      output: [],
+    };
+    writeFileSync(path, JSON.stringify({ conversation: [], response, inputItems: [] }));
+    // Written recently: still its gateway's.
+    expect((await b.client.responses.retrieve(id)).status).toBe("in_progress");
+    const then = new Date(Date.now() - STALE_MS - 5000);
+    utimesSync(path, then, then);
+    const lost = await b.client.responses.retrieve(id);
+    expect(lost.status).toBe("failed");
+    expect(lost.error).toMatchObject({ code: "EM_GATEWAY_RESPONSE_LOST" });
+    expect((await a.client.responses.retrieve(id)).status).toBe("failed");
+    // Ids that no gateway makes name no file (a path, another prefix).
+    for (const bad of ["..%2Fresponses%2Fx", "resp_x", `item_${"ab".repeat(12)}`])
+      expect((await refusalOf(a.client.responses.retrieve(bad))).status).toBe(404);
+  });
+
+  it("a folder with no room left keeps no more responses: 507 before anything runs; store false still answers", async () => {
+    const full = mkdtempSync(join(testEnv().runDir, "responses-full-"));
+    mkdirSync(join(full, "files"));
+    writeFileSync(join(full, "files", "ballast"), Buffer.alloc(4096));
+    const g = await startGateway(dir, { files: files(full, 1024) });
+    try {
+      const refused = await refusalOf(g.client.responses.create(body));
+      expect([refused.status, refused.code]).toEqual([507, "EM_GATEWAY_FILES_FULL"]);
+      const unstored = await g.client.responses.create({ ...body, store: false });
+      expect([unstored.status, unstored.output_text.length > 0]).toEqual(["incomplete", true]);
+    } finally {
+      await g.close();
+    }
+  });
+
+  it("expired responses and old marks are swept; fresh ones stay", () => {
+    const d = mkdtempSync(join(testEnv().runDir, "responses-sweep-"));
+    const store = new ResponseFiles(d, null);
+    try {
+      const kept = { conversation: [], response: { status: "completed" }, inputItems: [] };
+      const [old, fresh] = [`resp_${"0".repeat(24)}`, `resp_${"1".repeat(24)}`];
+      store.put(old, kept);
+      store.put(fresh, kept);
+      store.mark(old, "cancel");
+      const long = new Date(Date.now() - 31 * 24 * 3600_000);
+      utimesSync(join(d, "responses", `${old}.json`), long, long);
+      utimesSync(join(d, "responses", `${old}.cancel`), long, long);
+      expect(store.get(old)).toBeUndefined(); // (expired: gone for the API at once)
+      store.sweep();
+      expect(readdirSync(join(d, "responses"))).toEqual([`${fresh}.json`]);
+      expect(store.get(fresh)?.response).toEqual({ status: "completed" });
+    } finally {
+      store.close();
+    }
+  });
+});
