@@ -941,7 +941,7 @@ async function respond(
     };
     const keep = (r: object, answerItems: readonly OutputItem[] = []) => {
       current = r;
-      if (files) marked(); // (a DELETE just made: nothing written again)
+      if (files?.takeMark(id) === "drop") stored = false; // (a DELETE just made: not again)
       if (stored)
         store.put(id, {
           conversation: [...conversation, ...answerMessages(answerItems)],
@@ -952,7 +952,9 @@ async function respond(
     keep(current);
     const settled = job.done.then(
       () => {
-        marked(); // (a cancel or DELETE from another gateway as it ended)
+        // A DELETE from another gateway as it ended: nothing written again. (A cancel then
+        // comes too late: it ended as it ended.)
+        if (files?.takeMark(id) === "drop") stored = false;
         const { c, output, items } = answer();
         if (cancelled) keep(response("cancelled", items), items);
         else current = finished(c, output, items);
