@@ -554,7 +554,7 @@ export const GatewaySchema = withRules(
           },
           {
             description:
-              "OpenAI's Files and Batch APIs on the gateways (ADR 0049): POST /v1/files a JSONL of requests, POST /v1/batches to run them (chat completions, completions, responses) a few at a time beside the interactive traffic, GET the output file when done. Without it those routes answer 404 EM_GATEWAY_FILES_OFF.",
+              "OpenAI's Files and Batch APIs on the gateways (ADR 0049): POST /v1/files a JSONL of requests, POST /v1/batches to run them (chat completions, completions, responses) a few at a time beside the interactive traffic, GET the output file when done. Without it those routes answer 404 EM_GATEWAY_FILES_OFF. The Responses API keeps its stored responses in the same folder (ADR 0051: 30 days, within storageBytes), so that with sharedClaim or sharedStorageClassName every gateway continues every conversation (previous_response_id); without batch, each gateway keeps its own in memory.",
           },
         ),
       ),
