@@ -101,6 +101,30 @@ async function patchSpec(namespace: string, name: string, spec: Record<string, u
   expect(r.code, r.stderr).toBe(0);
 }
 
+/**
+ * A model `name` of one CPU shard and one CPU gateway in `ns` (its weights on a volume of
+ * `mode`), Ready: its shard's pod.
+ */
+async function servingOneCpuShard(
+  ns: string,
+  name: string,
+  mode: "ReadOnlyMany" | "ReadWriteOnce" = "ReadOnlyMany",
+) {
+  await createWeightsVolume(ns, "weights", mode);
+  await custom.createNamespacedCustomObject({
+    ...G,
+    namespace: ns,
+    body: model(name, ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
+  });
+  await waitForCondition(ns, name, "Ready", "True", "AllReplicasReady");
+  const pods = await core.listNamespacedPod({
+    namespace: ns,
+    labelSelector: "app.kubernetes.io/component=shard",
+  });
+  expect(pods.items).toHaveLength(1);
+  return pods.items[0]!;
+}
+
 /** The `--model=` argument of a Deployment's pods: which weights they load. */
 const modelArg = (d: { spec?: { template: { spec?: { containers: { args?: string[] }[] } } } }) =>
   d.spec?.template.spec?.containers[0]?.args?.find((a) => a.startsWith("--model="));
@@ -622,20 +646,8 @@ describe.sequential("expertmesh operator", () => {
 
   it("a container that keeps failing: Degraded names its pod, reason and the process's own error; a healthy replacement clears it", async () => {
     const ns = await newNamespace("crash");
-    await createWeightsVolume(ns);
-    await custom.createNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      body: model("crash", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
-    });
     try {
-      await waitForCondition(ns, "crash", "Ready", "True", "AllReplicasReady");
-      const [shardPod] = (
-        await core.listNamespacedPod({
-          namespace: ns,
-          labelSelector: "app.kubernetes.io/component=shard",
-        })
-      ).items;
+      const shardPod = await servingOneCpuShard(ns, "crash");
       // What the kubelet reports for a shard that exits at start (kwok runs no container:
       // the test writes that status, as a kubelet would). The message is what the shard
       // writes to its termination log (test/unit/termination-log.test.ts).
@@ -702,20 +714,8 @@ describe.sequential("expertmesh operator", () => {
 
   it("a pod that cannot mount its volumes: Degraded VolumeMountFailed in the Event's words; for the weights' ReadWriteOnce claim, what to change", async () => {
     const ns = await newNamespace("mount");
-    await createWeightsVolume(ns, "weights", "ReadWriteOnce");
-    await custom.createNamespacedCustomObject({
-      ...G,
-      namespace: ns,
-      body: model("mount", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
-    });
     try {
-      await waitForCondition(ns, "mount", "Ready", "True", "AllReplicasReady");
-      const [shardPod] = (
-        await core.listNamespacedPod({
-          namespace: ns,
-          labelSelector: "app.kubernetes.io/component=shard",
-        })
-      ).items;
+      const shardPod = await servingOneCpuShard(ns, "mount", "ReadWriteOnce");
       const name = shardPod!.metadata!.name!;
       // What a shard pod on a second node looks like when the weights' ReadWriteOnce volume is
       // attached to the first: kwok attaches and mounts nothing, so the test writes what the
