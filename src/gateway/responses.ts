@@ -13,7 +13,7 @@ import { randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
-import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
+import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
@@ -108,7 +108,7 @@ export const ResponsesRequest = Type.Object({
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
   min_p: Type.Optional(Nullable(Type.Number({ minimum: 0, maximum: 1 }))),
   repetition_penalty: Type.Optional(
-    Nullable(Type.Number({ exclusiveMinimum: 0, maximum: MAX_REPETITION_PENALTY })),
+    Nullable(Type.Number({ minimum: MIN_REPETITION_PENALTY, maximum: MAX_REPETITION_PENALTY })),
   ),
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),

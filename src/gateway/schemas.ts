@@ -5,7 +5,7 @@
 // response_format other than text, json_object, json_schema or structural_tag, vLLM's beam
 // search, ...) are refused by the routes (openai.ts: unsupported).
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
-import { MAX_REPETITION_PENALTY } from "../model/generation-config.ts";
+import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { ContentPart } from "./content-parts.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -46,7 +46,7 @@ const common = {
    * MAX_REPETITION_PENALTY.
    */
   repetition_penalty: Type.Optional(
-    Nullable(Type.Number({ exclusiveMinimum: 0, maximum: MAX_REPETITION_PENALTY })),
+    Nullable(Type.Number({ minimum: MIN_REPETITION_PENALTY, maximum: MAX_REPETITION_PENALTY })),
   ),
   seed: Type.Optional(Nullable(Type.Integer())),
   /** vLLM's extension: keep generating past the end-of-sequence token (up to max_tokens). */

@@ -26,6 +26,12 @@ type Field = keyof SamplingDefaults;
  * to -inf, and a row of them has nothing to sample.
  */
 export const MAX_REPETITION_PENALTY = 100;
+/**
+ * The smallest (vLLM takes any positive one): a positive logit is divided by it, so a smaller
+ * one (1e-320) could push it to +inf in float32, and the row's softmax to NaN. The same
+ * factor as the largest, the other way.
+ */
+export const MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY;
 
 /** Each field read, with the HTTP API's range for it (KServe's parameters check them too). */
 export const SAMPLING_FIELD_RULES: Record<Field, [(v: number) => boolean, string]> = {
@@ -34,8 +40,8 @@ export const SAMPLING_FIELD_RULES: Record<Field, [(v: number) => boolean, string
   top_k: [(v) => Number.isSafeInteger(v) && v >= -1, "an integer >= -1"],
   min_p: [(v) => v >= 0 && v <= 1, "in 0..1"],
   repetition_penalty: [
-    (v) => v > 0 && v <= MAX_REPETITION_PENALTY,
-    `in (0, ${MAX_REPETITION_PENALTY}]`,
+    (v) => v >= MIN_REPETITION_PENALTY && v <= MAX_REPETITION_PENALTY,
+    `in ${MIN_REPETITION_PENALTY}..${MAX_REPETITION_PENALTY}`,
   ],
 };
 

@@ -8,9 +8,11 @@
 // EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign,
 // EM_FUZZ_ROUTE (a part of a path) narrows it to one API:
 //   EM_FUZZ_ITERATIONS=20000 EM_FUZZ_SEED=7 npx vitest run test/gateway/fuzz.test.ts
+import { mkdtempSync } from "node:fs";
+import { join } from "node:path";
 import { deflateSync, gzipSync } from "node:zlib";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { waitFor } from "../support/env.ts";
+import { testEnv, waitFor } from "../support/env.ts";
 import { mutate, type Rng, rng, type Vocabulary } from "../support/fuzz.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { metric, startGateway, type TestGateway } from "./helpers.ts";
@@ -24,7 +26,14 @@ let g: TestGateway;
 
 beforeAll(async () => {
   const dir = await tinyCheckpointFor("tiny-v3");
-  g = await startGateway(dir, { schedulingPolicy: "priority", maxRequestBytes: 256 * 1024 });
+  // With a files folder: stored responses are files there (response-files.ts), and the
+  // previous_response_id and background values the fuzzer sends reach that store.
+  const files = mkdtempSync(join(testEnv().runDir, "fuzz-files-"));
+  g = await startGateway(dir, {
+    schedulingPolicy: "priority",
+    maxRequestBytes: 256 * 1024,
+    files: { dir: files, maxBytes: 1 << 20, maxTotalBytes: 64 << 20, batchConcurrency: 1 },
+  });
 });
 
 afterAll(async () => {
@@ -168,7 +177,7 @@ const PLAUSIBLE: Record<string, unknown[]> = {
   logit_bias: [{ "5": 100 }, { "7": -100 }],
   presence_penalty: [0.5, -2, 2],
   frequency_penalty: [1, -1],
-  repetition_penalty: [1.1, 0, 100, 1e30],
+  repetition_penalty: [1.1, 0, 100, 1e30, 1e-320, 0.01],
   max_tokens: [1, 2, 8, 40],
   max_completion_tokens: [2, 5],
   max_output_tokens: [2, 16],

@@ -183,7 +183,7 @@ const VOCABULARY: Vocabulary = {
     top_p: [0.5, 1, 1e-320, 0],
     top_k: [0, 3, -1],
     min_p: [0, 0.2, 1, 2],
-    repetition_penalty: [0.5, 1, 100, 0, 1e9],
+    repetition_penalty: [0.5, 1, 100, 0, 1e9, 1e-320],
     seed: [0, 1, "9223372036854775807"],
     stop: [["a"], [""], []],
     presence_penalty: [2, -2, 5],

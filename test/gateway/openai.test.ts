@@ -357,10 +357,26 @@ describe("chat completions", () => {
       await gw.client.chat.completions.create({ ...body, repetition_penalty: 1 } as never),
     );
     expect(one).toEqual(plain);
-    const bad = await gw.client.chat.completions
-      .create({ ...body, repetition_penalty: 0 } as never)
-      .catch((e: APIError) => e);
-    expect((bad as APIError).status).toBe(400);
+    // Out of 0.01..100 refused, on chat and Responses: a tiny positive one (1e-320) divided
+    // the logits to +inf (a 500 EM_ENGINE_NONFINITE before), as a huge one would the other way.
+    for (const repetition_penalty of [0, 1e-320, 0.0099, 100.5]) {
+      const bad = await gw.client.chat.completions
+        .create({ ...body, repetition_penalty } as never)
+        .catch((e: APIError) => e);
+      expect([(bad as APIError).status, (bad as APIError).param]).toEqual([
+        400,
+        "repetition_penalty",
+      ]);
+      const viaResponses = await gw.client.responses
+        .create({ model: "tiny", input: "Hello", repetition_penalty } as never)
+        .catch((e: APIError) => e);
+      expect((viaResponses as APIError).status).toBe(400);
+    }
+    const least = await gw.client.chat.completions.create({
+      ...body,
+      repetition_penalty: 0.01,
+    } as never);
+    expect(ids(least)).toHaveLength(24);
   });
 
   it("response_format json_object: each choice is a JSON object, or its start when cut short", async () => {

@@ -58,7 +58,16 @@ describe("samplingDefaults", () => {
     ["top_p 0", { top_p: 0 }, /top_p must be in \(0, 1\]/],
     ["top_k not an integer", { top_k: 1.5 }, /top_k must be an integer >= -1/],
     ["min_p past 1", { min_p: 2 }, /min_p must be in 0\.\.1/],
-    ["repetition_penalty 0", { repetition_penalty: 0 }, /repetition_penalty must be in \(0, 100\]/],
+    [
+      "repetition_penalty 0",
+      { repetition_penalty: 0 },
+      /repetition_penalty must be in 0\.01\.\.100/,
+    ],
+    [
+      "a repetition_penalty that divides logits to infinity",
+      { repetition_penalty: 1e-320 },
+      /repetition_penalty must be in 0\.01\.\.100/,
+    ],
     ["a string", { temperature: "0.6" }, /temperature must be in 0\.\.2, got "0\.6"/],
     ["not an object", [1], /g\.json: not a JSON object/],
   ];

@@ -6,7 +6,7 @@ import { heldExperts, loadWeights } from "../../engine/loader.ts";
 import { DeepSeekForward } from "../../engine/model.ts";
 import { parseServeDtype } from "../../engine/weight-dtype.ts";
 import { Checkpoint } from "../../model/checkpoint.ts";
-import { MAX_REPETITION_PENALTY } from "../../model/generation-config.ts";
+import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../../model/generation-config.ts";
 import { Tokenizer } from "../../model/tokenizer.ts";
 import { RemoteExperts } from "../../moe/dispatcher.ts";
 import { connectNats } from "../../moe/nats-connection.ts";
@@ -111,10 +111,15 @@ export const generateCommand: Command = {
         "EM_CLI_USAGE",
         `--min-p must be in [0, 1], got '${values["min-p"]}'`,
       );
-    if (!(sampling.repetitionPenalty > 0 && sampling.repetitionPenalty <= MAX_REPETITION_PENALTY))
+    if (
+      !(
+        sampling.repetitionPenalty >= MIN_REPETITION_PENALTY &&
+        sampling.repetitionPenalty <= MAX_REPETITION_PENALTY
+      )
+    )
       throw new ExpertMeshError(
         "EM_CLI_USAGE",
-        `--repetition-penalty must be in (0, ${MAX_REPETITION_PENALTY}], got '${values["repetition-penalty"]}'`,
+        `--repetition-penalty must be in ${MIN_REPETITION_PENALTY}..${MAX_REPETITION_PENALTY}, got '${values["repetition-penalty"]}'`,
       );
     const selected = selectBackend(
       values.backend,
