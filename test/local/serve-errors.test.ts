@@ -74,7 +74,11 @@ describe("serving commands on bad input", () => {
       [["--prompt=hi", "--max-tokens=1.5"], /--max-tokens must be an integer >= 1, got '1.5'/],
       [["--prompt=hi", "--top-p=0", "--temperature=1"], /--top-p must be in \(0, 1\], got '0'/],
       [["--prompt=hi", "--min-p=1.5"], /--min-p must be in \[0, 1\], got '1.5'/],
-      [["--prompt=hi", "--repetition-penalty=0"], /--repetition-penalty must be in \(0, 100\]/],
+      [["--prompt=hi", "--repetition-penalty=0"], /--repetition-penalty must be in 0\.01\.\.100/],
+      [
+        ["--prompt=hi", "--repetition-penalty=1e-320"],
+        /--repetition-penalty must be in 0\.01\.\.100, got '1e-320'/,
+      ],
       [["--prompt=hi", "--kv-cache-dtype=fp8_e5m2"], /unknown KV cache dtype 'fp8_e5m2'/],
     ] as const) {
       const r = await generate([...extra]);
