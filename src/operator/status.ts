@@ -59,6 +59,10 @@ export const unschedulable = (pod: V1Pod) =>
     (c) => c.type === "PodScheduled" && c.status === "False" && c.reason === "Unschedulable",
   );
 
+/** The spec field of a pod's or Deployment's role: spec.experts for shards, else spec.gateway. */
+const roleField = (o: { metadata?: { labels?: Record<string, string> } }) =>
+  o.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "spec.experts" : "spec.gateway";
+
 /**
  * The Deployment of a pod (a Deployment's pods are owned by its ReplicaSet
  * `<deployment>-<pod-template-hash>`), among `deployments`.
@@ -94,9 +98,9 @@ export function unschedulableProblem(
         (d.status?.replicas ?? 0) > (d.spec?.replicas ?? 1) &&
         (d.spec?.strategy?.rollingUpdate?.maxSurge ?? 0) !== 0,
     );
-  const field = surge?.pod.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "experts" : "gateway";
+  const field = surge ? roleField(surge.pod) : "";
   const hint = surge
-    ? `; ${surge.d!.metadata?.name}'s rollout waits until its surge pod fits: spec.${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`
+    ? `; ${surge.d!.metadata?.name}'s rollout waits until its surge pod fits: ${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`
     : "";
   return {
     reason: "Unschedulable",
@@ -151,8 +155,8 @@ export function podsNotCreatedProblem(deployments: readonly V1Deployment[]): Pro
   const first = refused[0];
   if (!first) return undefined;
   const why = oneLine(failedCreate(first)?.message ?? "no reason given");
-  const shard = first.metadata?.labels?.[LABEL_COMPONENT] === "shard";
-  const field = shard ? "spec.experts" : "spec.gateway";
+  const field = roleField(first);
+  const shard = field === "spec.experts";
   const hint = /exceeded quota/.test(why)
     ? surging(first)
       ? `; its rollout's surge pod counts against the quota too: ${field}.rollingUpdate {maxSurge: 0, maxUnavailable: 1} replaces the pods in place instead`
@@ -311,8 +315,7 @@ export const stalledRollout = (d: V1Deployment) =>
   ) ?? false;
 
 /** Which field sets a Deployment's deadline, by its component. */
-const deadlineField = (d: V1Deployment) =>
-  `spec.${d.metadata?.labels?.[LABEL_COMPONENT] === "shard" ? "experts" : "gateway"}.rollingUpdate.progressDeadlineSeconds`;
+const deadlineField = (d: V1Deployment) => `${roleField(d)}.rollingUpdate.progressDeadlineSeconds`;
 
 /**
  * What the spec asks for and leaves unused: a gateway or shard process runs on one GPU
