@@ -77,6 +77,8 @@ export interface GatewayAppOptions {
 
 /** The header of a batch's line run through the routes (app.inject), with this app's token. */
 const BATCH_HEADER = "x-expertmesh-batch-line";
+/** With BATCH_HEADER: whose batch the line is of (ownerOf), trusted only with the token. */
+const BATCH_OWNER_HEADER = "x-expertmesh-batch-owner";
 
 /** Builds the fastify app (not listening yet). */
 export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
@@ -328,8 +330,12 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.register(openaiRoutes(o.ctx));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
 
-  // Files and batches: each key sees its own (a hash of it), everyone the same without keys.
-  const owner = (req: FastifyRequest) => (keys.required ? ownerOf(keyOf(req)) : "");
+  // Files, batches and responses: each key sees its own (a hash of it), everyone the same
+  // without keys. A batch's line is its batch owner's.
+  const owner = (req: FastifyRequest) => {
+    if (isBatchLine(req)) return String(req.headers[BATCH_OWNER_HEADER] ?? "");
+    return keys.required ? ownerOf(keyOf(req)) : "";
+  };
   const fileStore = o.files
     ? new FileStore(
         join(o.files.dir, "files"),
@@ -346,8 +352,8 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       ? new ResponseFiles(o.files.dir, quota ?? null)
       : new ResponseStore(o.responsesStore ?? 1000);
   if (responses instanceof ResponseFiles) app.addHook("onClose", async () => responses.close());
-  app.register(responsesRoutes(o.ctx, responses));
-  const run: RunLine = async (url, body) => {
+  app.register(responsesRoutes(o.ctx, responses, owner));
+  const run: RunLine = async (url, body, lineOwner) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =
       o.ctx.engine.schedulingPolicy === "priority" && body["priority"] === undefined
@@ -357,7 +363,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       method: "POST",
       url,
       payload,
-      headers: { [BATCH_HEADER]: lineToken.toString() },
+      headers: { [BATCH_HEADER]: lineToken.toString(), [BATCH_OWNER_HEADER]: lineOwner },
     });
     let answer: unknown;
     try {

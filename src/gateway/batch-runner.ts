@@ -43,6 +43,8 @@ export interface OpenBatch {
   partLines: number;
   /** When it was made (the oldest batch's parts go first). */
   ms: number;
+  /** Whose it is (files.ts ownerOf): its lines run as theirs. */
+  owner: string;
 }
 
 interface Offered extends OpenBatch {
@@ -353,7 +355,7 @@ export class PartRunner {
     };
     const id = `batch_req_${randomBytes(12).toString("hex")}`;
     this.#o
-      .run(b.endpoint, line.body)
+      .run(b.endpoint, line.body, b.owner)
       .then(
         (r) => {
           // An answer cut by the stop: the line runs again wherever the batch goes on.

@@ -263,8 +263,15 @@ export interface LineAnswer {
   body: unknown;
 }
 
-/** Runs one request through the gateway's routes (app.inject, in app.ts). */
-export type RunLine = (url: BatchEndpoint, body: Record<string, unknown>) => Promise<LineAnswer>;
+/**
+ * Runs one request of `owner`'s batch through the gateway's routes (app.inject, in app.ts):
+ * what it keeps (a stored response) is the batch owner's.
+ */
+export type RunLine = (
+  url: BatchEndpoint,
+  body: Record<string, unknown>,
+  owner: string,
+) => Promise<LineAnswer>;
 
 /** batches/<id>.json. */
 interface Saved {
@@ -715,6 +722,7 @@ export class Batches {
       total: b.request_counts.total,
       partLines: s.partLines!,
       ms: s.ms,
+      owner: s.owner,
     };
   }
 

@@ -7,8 +7,10 @@
 // this gateway's memory (store, the default; the last --responses-store of them), so a
 // request can continue one (previous_response_id), GET/DELETE /v1/responses/{id} find it
 // and GET /v1/responses/{id}/input_items lists its input; another gateway does not know it
-// (spec.gateway.sessionAffinity: ClientIP helps). background: true answers at once and runs
-// on (poll GET; POST /v1/responses/{id}/cancel stops it).
+// (spec.gateway.sessionAffinity: ClientIP helps), unless the gateways share a files folder
+// (response-files.ts). With API keys, each key finds only the responses made with it, as
+// with files and batches. background: true answers at once and runs on (poll GET;
+// POST /v1/responses/{id}/cancel stops it).
 import { randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
@@ -145,6 +147,11 @@ export interface Kept {
   readonly conversation: readonly ChatMessage[];
   readonly response: object;
   readonly inputItems: readonly InputListItem[];
+  /**
+   * Who made it (files.ts ownerOf of the request's key; "" without keys): only they find it.
+   * Absent in a file kept before responses had owners: as "".
+   */
+  readonly owner?: string;
 }
 
 /**
@@ -687,15 +694,29 @@ class OutputItems {
   }
 }
 
-/** The routes plugin; `store` keeps this gateway's responses. */
-export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
+/**
+ * The routes plugin; `store` keeps this gateway's responses, `owner` says who a request is
+ * (ownerOf of its key, as for files and batches): a response is found only by its owner.
+ */
+export function responsesRoutes(
+  ctx: ServeContext,
+  store: KeptResponses,
+  owner: (req: FastifyRequest) => string = () => "",
+) {
   /** Background responses still running, by id (POST .../cancel stops them). */
   const running = new Map<string, Running>();
+  /** The request's own response `id` (another owner's is not there for it). */
+  const find = (req: FastifyRequest, id: string) => keptFor(store, owner(req), id);
+  /** The request's own background response `id` running here. */
+  const runningOf = (req: FastifyRequest, id: string): Running | undefined => {
+    const r = running.get(id);
+    return r?.owner === owner(req) ? r : undefined;
+  };
   return async (app: FastifyInstance) => {
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
-      (req, reply) => respond(ctx, store, running, req, reply),
+      (req, reply) => respond(ctx, store, running, owner(req), req, reply),
     );
     app.post<{ Body: InputTokensRequest }>(
       "/v1/responses/input_tokens",
@@ -703,7 +724,7 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
       async (req) => {
         const b = req.body;
         if (b.model != null) checkModel(ctx, b.model);
-        const before = previousConversation(store, b.previous_response_id);
+        const before = previousConversation((id) => find(req, id), b.previous_response_id);
         const { chat } = chatRequestOf({ ...b, model: b.model ?? ctx.servedModelName }, before);
         const { prompt } = await chatPrompt(ctx, chat).catch((err: unknown) => {
           throw renameParam(err, PARAMS);
@@ -713,13 +734,13 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
     );
     app.post<{ Params: { id: string } }>("/v1/responses/:id/cancel", async (req) => {
       const id = req.params.id;
-      const r = running.get(id);
+      const r = runningOf(req, id);
       if (r) {
         r.cancel();
         await r.settled;
-        return store.get(id)?.response ?? r.last();
+        return find(req, id)?.response ?? r.last();
       }
-      let kept = store.get(id);
+      let kept = find(req, id);
       if (!kept) throw notFound(id, null);
       if (store instanceof ResponseFiles && statusOf(kept) === "in_progress") {
         // Running on another gateway of the folder: asked to stop, and waited for.
@@ -727,7 +748,7 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
         const until = Date.now() + CANCEL_WAIT_MS;
         while (kept && statusOf(kept) === "in_progress" && Date.now() < until) {
           await sleep(MARK_POLL_MS / 2);
-          kept = store.get(id);
+          kept = find(req, id);
         }
         if (!kept) throw notFound(id, null);
         return kept.response;
@@ -743,7 +764,7 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
       return kept.response; // already finished: as it ended
     });
     app.get<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
-      const kept = store.get(req.params.id);
+      const kept = find(req, req.params.id);
       if (!kept) throw notFound(req.params.id, null);
       return kept.response;
     });
@@ -751,7 +772,7 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
       "/v1/responses/:id/input_items",
       { schema: { querystring: InputItemsQuery } },
       async (req) => {
-        const kept = store.get(req.params.id);
+        const kept = find(req, req.params.id);
         if (!kept) throw notFound(req.params.id, null);
         const { order = "desc", after } = req.query;
         const limit = req.query.limit === undefined ? 20 : Number(req.query.limit);
@@ -777,10 +798,12 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
     );
     app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
       const id = req.params.id;
-      const here = running.get(id);
+      const kept = find(req, id);
+      if (!kept) throw notFound(id, null);
+      const here = runningOf(req, id);
       here?.drop(); // a background response: stopped, and not kept again
       // One running on another gateway of the folder: asked to stop and keep nothing more.
-      if (!here && store instanceof ResponseFiles && statusOf(store.get(id)) === "in_progress")
+      if (!here && store instanceof ResponseFiles && statusOf(kept) === "in_progress")
         store.mark(id, "drop");
       if (!store.delete(id)) throw notFound(id, null);
       return { id: req.params.id, object: "response.deleted", deleted: true };
@@ -788,8 +811,16 @@ export function responsesRoutes(ctx: ServeContext, store: KeptResponses) {
   };
 }
 
+/** `owner`'s response `id` (another owner's is not there for them). */
+function keptFor(store: KeptResponses, owner: string, id: string): Kept | undefined {
+  const kept = store.get(id);
+  return kept && (kept.owner ?? "") === owner ? kept : undefined;
+}
+
 /** A background response while it runs. */
 interface Running {
+  /** Who made it (Kept's owner). */
+  readonly owner: string;
   cancel(): void;
   /** Stops it and keeps nothing more of it (DELETE). */
   drop(): void;
@@ -801,11 +832,11 @@ interface Running {
 
 /** The conversation a request continues (previous_response_id: a finished response kept). */
 function previousConversation(
-  store: KeptResponses,
+  find: (id: string) => Kept | undefined,
   id: string | null | undefined,
 ): readonly ChatMessage[] {
   if (id == null) return [];
-  const kept = store.get(id);
+  const kept = find(id);
   if (!kept) throw notFound(id, "previous_response_id");
   if (statusOf(kept) === "in_progress")
     throw bad(
@@ -819,11 +850,12 @@ async function respond(
   ctx: ServeContext,
   store: KeptResponses,
   running: Map<string, Running>,
+  owner: string,
   req: FastifyRequest<{ Body: ResponsesRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  const before = previousConversation(store, b.previous_response_id);
+  const before = previousConversation((id) => keptFor(store, owner, id), b.previous_response_id);
   if (b.background && (b.store === false || store.capacity < 1))
     throw bad(
       "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",
@@ -910,6 +942,7 @@ async function respond(
         conversation: [...conversation, ...answerMessages(items)],
         response: done,
         inputItems,
+        owner,
       });
     return done;
   };
@@ -947,6 +980,7 @@ async function respond(
           conversation: [...conversation, ...answerMessages(answerItems)],
           response: r,
           inputItems,
+          owner,
         });
     };
     keep(current);
@@ -974,6 +1008,7 @@ async function respond(
         }, MARK_POLL_MS)
       : null;
     running.set(id, {
+      owner,
       cancel: () => {
         cancelled = true;
         job.cancel();

@@ -5,6 +5,7 @@
 // background, and a running response whose gateway stopped reads as failed.
 import { mkdirSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ResponseFiles, STALE_MS } from "../../src/gateway/response-files.ts";
 import { testEnv } from "../support/env.ts";
@@ -169,6 +170,124 @@ describe("responses in a shared files folder", () => {
       expect(store.get(fresh)?.response).toEqual({ status: "completed" });
     } finally {
       store.close();
+    }
+  });
+});
+
+describe("responses per API key", () => {
+  /** A gateway with keys sk-a and sk-b; clients of each. */
+  async function keyed(o: { files?: string; wrap?: boolean } = {}) {
+    let held: ReturnType<typeof holdable> | null = null;
+    const g = await startGateway(dir, {
+      apiKeys: ["sk-a", "sk-b"],
+      ...(o.files ? { files: files(o.files) } : {}),
+      ...(o.wrap
+        ? {
+            wrap: (r) => {
+              held = holdable(r);
+              return held.runner;
+            },
+          }
+        : {}),
+    });
+    const as = (key: string) => new OpenAI({ baseURL: `${g.url}/v1`, apiKey: key, maxRetries: 0 });
+    return { g, keyA: as("sk-a"), keyB: as("sk-b"), held: () => held! };
+  }
+
+  /** Every route that names a response, as `c` sees response `id`: the statuses. */
+  async function reach(c: OpenAI, id: string) {
+    const status = (p: Promise<unknown>) =>
+      p.then(
+        () => 200,
+        (e: { status: number }) => e.status,
+      );
+    return {
+      retrieve: await status(c.responses.retrieve(id)),
+      inputItems: await status(c.responses.inputItems.list(id)),
+      continued: await status(c.responses.create({ ...body, previous_response_id: id })),
+      inputTokens: await status(
+        c.responses.inputTokens.count({ model: "tiny", input: "hi", previous_response_id: id }),
+      ),
+    };
+  }
+  const everywhere = (s: number) => ({ retrieve: s, inputItems: s, continued: s, inputTokens: s });
+
+  for (const where of ["memory", "a files folder"] as const)
+    it(`in ${where}: a response made with one key is not there for another (404 on every route, its cancel and delete too)`, async () => {
+      const folder2 = mkdtempSync(join(testEnv().runDir, "responses-keys-"));
+      const { g, keyA, keyB } = await keyed(where === "memory" ? {} : { files: folder2 });
+      try {
+        const mine = await keyA.responses.create(body);
+        expect(await reach(keyB, mine.id)).toEqual(everywhere(404));
+        const refused = await refusalOf(
+          keyB.responses.create({ ...body, previous_response_id: mine.id }),
+        );
+        expect([refused.status, refused.param]).toEqual([404, "previous_response_id"]);
+        expect((await refusalOf(keyB.responses.delete(mine.id))).status).toBe(404);
+        expect((await refusalOf(keyB.responses.cancel(mine.id))).status).toBe(404);
+        // Still the maker's: the other key's delete removed nothing.
+        expect(await reach(keyA, mine.id)).toEqual(everywhere(200));
+        await keyA.responses.delete(mine.id);
+        expect((await refusalOf(keyA.responses.retrieve(mine.id))).status).toBe(404);
+      } finally {
+        await g.close();
+      }
+    });
+
+  it("a background response: another key can neither poll, cancel nor delete it while it runs", async () => {
+    const folder2 = mkdtempSync(join(testEnv().runDir, "responses-keys-bg-"));
+    const { g, keyA, keyB, held } = await keyed({ files: folder2, wrap: true });
+    try {
+      held().hold();
+      const running = await keyA.responses.create({
+        ...body,
+        max_output_tokens: 64,
+        background: true,
+      });
+      await held().entered;
+      for (const refused of [
+        keyB.responses.retrieve(running.id),
+        keyB.responses.cancel(running.id),
+        keyB.responses.delete(running.id),
+      ])
+        expect((await refusalOf(refused)).status).toBe(404);
+      expect((await keyA.responses.retrieve(running.id)).status).toBe("in_progress");
+      const cancel = keyA.responses.cancel(running.id);
+      setTimeout(() => held().release(), 300);
+      expect((await cancel).status).toBe("cancelled");
+    } finally {
+      held()?.release();
+      await g.close();
+    }
+  });
+
+  it("a batch's /v1/responses lines are kept as its owner's: found with the key that made the batch only", async () => {
+    const folder2 = mkdtempSync(join(testEnv().runDir, "responses-keys-batch-"));
+    const { g, keyA, keyB } = await keyed({ files: folder2 });
+    try {
+      const line = { custom_id: "r1", method: "POST", url: "/v1/responses", body };
+      const input = await keyA.files.create({
+        file: await toFile(Buffer.from(`${JSON.stringify(line)}\n`), "in.jsonl"),
+        purpose: "batch",
+      });
+      let batch = await keyA.batches.create({
+        input_file_id: input.id,
+        endpoint: "/v1/responses",
+        completion_window: "24h",
+      });
+      const until = Date.now() + 60_000;
+      while (batch.status !== "completed" && Date.now() < until) {
+        await new Promise((r) => setTimeout(r, 200));
+        batch = await keyA.batches.retrieve(batch.id);
+      }
+      expect(batch.request_counts).toEqual({ total: 1, completed: 1, failed: 0 });
+      const out = await (await keyA.files.content(batch.output_file_id!)).text();
+      const id = (JSON.parse(out) as { response: { body: { id: string } } }).response.body.id;
+      expect(id).toMatch(/^resp_/);
+      expect((await keyA.responses.retrieve(id)).id).toBe(id);
+      expect((await refusalOf(keyB.responses.retrieve(id))).status).toBe(404);
+    } finally {
+      await g.close();
     }
   });
 });

@@ -34,6 +34,7 @@ function folder(total: number): { dir: string; batch: OpenBatch; lines: BatchLin
     total,
     partLines: partLines(total),
     ms: Date.now(),
+    owner: "owner-1",
   };
   return { dir, batch, lines };
 }
@@ -61,9 +62,10 @@ function runner(
 }
 
 const ok =
-  (ms: number, calls: number[] = []): RunLine =>
-  async (_url, body) => {
+  (ms: number, calls: number[] = [], owners = new Set<string>()): RunLine =>
+  async (_url, body, owner) => {
     calls.push(body["n"] as number);
+    owners.add(owner);
     await sleep(ms);
     return { status: 200, requestId: "x", body: { n: body["n"] } };
   };
@@ -86,8 +88,9 @@ describe("PartRunner", () => {
   it("two runners share a batch's parts: every line answered once, every part's lease done", async () => {
     const { dir, batch, lines } = folder(100); // (7 parts of 16, the last of 4)
     const ended: number[] = [];
-    const a = runner(dir, lines, ok(5), { ended: () => ended.push(1) });
-    const b = runner(dir, lines, ok(5));
+    const owners = new Set<string>();
+    const a = runner(dir, lines, ok(5, [], owners), { ended: () => ended.push(1) });
+    const b = runner(dir, lines, ok(5, [], owners));
     a.offer(batch);
     b.offer(batch);
     await waitFor("every part done", async () =>
@@ -98,6 +101,7 @@ describe("PartRunner", () => {
     const seen = answers(dir);
     expect(seen.size).toBe(100);
     expect([...seen.values()].every((n) => n === 1)).toBe(true);
+    expect([...owners]).toEqual(["owner-1"]); // (each line runs as its batch's owner)
     expect(a.answered.completed + b.answered.completed).toBe(100);
     expect(a.answered.completed).toBeGreaterThan(0);
     expect(b.answered.completed).toBeGreaterThan(0);
