@@ -27,6 +27,7 @@ import { formatLikeRepo, REPO_ROOT, RESULTS_DIR, type Stats, spread, stats } fro
 import { poolTables } from "./pool.ts";
 import { prefixTables } from "./prefix.ts";
 import { priorityTables } from "./priority.ts";
+import { responsesTables } from "./responses.ts";
 import { samplingTables } from "./sampling.ts";
 import type { ServeResults } from "./serve.ts";
 import { serveSvg, serveTables } from "./serve-report.ts";
@@ -525,6 +526,7 @@ export const SUITES = [
   "tls",
   "fetch",
   "batches",
+  "responses",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -551,7 +553,8 @@ export const TABLES_ONLY: Record<
   | "tracing"
   | "tls"
   | "fetch"
-  | "batches",
+  | "batches"
+  | "responses",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -573,6 +576,7 @@ export const TABLES_ONLY: Record<
   tls: tlsTables,
   fetch: fetchTables,
   batches: batchesTables,
+  responses: responsesTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

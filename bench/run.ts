@@ -33,6 +33,7 @@ import { runPool } from "./pool.ts";
 import { runPrefix } from "./prefix.ts";
 import { runPriority } from "./priority.ts";
 import { kernelTables, SUITES, type Suite, TABLES_ONLY, updateBenchmarksMd } from "./report.ts";
+import { runResponses } from "./responses.ts";
 import { runSampling } from "./sampling.ts";
 import { runServe } from "./serve.ts";
 import { serveTables } from "./serve-report.ts";
@@ -80,6 +81,7 @@ const RUN_TABLES_ONLY: Record<
   tls: runTls,
   fetch: runFetch,
   batches: runBatches,
+  responses: runResponses,
 };
 
 async function main(): Promise<number> {

@@ -1,0 +1,219 @@
+// The responses suite (`npm run bench -- --suite responses`): what keeping Responses in the
+// files folder (src/gateway/response-files.ts, ADR 0051) costs against keeping them in the
+// gateway's memory (ResponseStore), the peer that was there before.
+//
+// 1. A conversation through a gateway: two single-process gateways (`gateway --local`) on the
+//    mini V3 checkpoint, one keeping responses in memory, one with `--files-dir` (a folder on
+//    this machine's disk). Each side runs a conversation of TURNS turns, each a
+//    `POST /v1/responses` continuing the last (`previous_response_id`), OUTPUT tokens each
+//    (greedy): per round, the median turn's latency. Sides alternate (memory first, then the
+//    other first), --runs rounds (--quick: 1), after a warm-up conversation on each.
+// 2. The store alone, in this process: a turn's store work (read the previous response,
+//    keep the new one: ResponseStore get + put against ResponseFiles get + put, the file
+//    read, parsed, written with a rename) for conversations of DEPTHS turns (each turn's
+//    messages and response as the gateway keeps them, ~TURN_CHARS characters), ITERATIONS
+//    turns per side and round, alternating; per round the median µs of a turn.
+import type { ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ResponseFiles } from "../src/gateway/response-files.ts";
+import { type Kept, type KeptResponses, ResponseStore } from "../src/gateway/responses.ts";
+import { medianRange, type Stats, stats } from "./lib.ts";
+import { ensureMiniModel, localGateway, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
+
+const TURNS = 16;
+const OUTPUT = 4;
+const DEPTHS = [1, 32, 256] as const;
+const TURN_CHARS = 400;
+const ITERATIONS = 200;
+
+export interface ResponsesResults {
+  runs: number;
+  /** Median turn latency (ms) of each round's conversation, per side. */
+  memoryTurnMs: Stats;
+  folderTurnMs: Stats;
+  /** Per conversation depth: its kept response's size and a turn's store work (µs). */
+  store: { depth: number; keptBytes: number; memoryUs: Stats; folderUs: Stats }[];
+}
+
+const median = (xs: number[]) => stats(xs).median;
+
+/** A conversation of TURNS turns on `base`; each turn's latency (ms). */
+async function conversation(base: string): Promise<number[]> {
+  const ms: number[] = [];
+  let previous: string | null = null;
+  for (let t = 0; t < TURNS; t++) {
+    const t0 = performance.now();
+    const r = await fetch(`${base}/v1/responses`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        model: SERVE_MODEL,
+        input: PROMPTS[t % PROMPTS.length],
+        max_output_tokens: OUTPUT,
+        temperature: 0,
+        ...(previous ? { previous_response_id: previous } : {}),
+      }),
+    });
+    const body = (await r.json()) as { id?: string; error?: unknown };
+    if (!r.ok || !body.id) throw new Error(`turn ${t}: ${r.status} ${JSON.stringify(body)}`);
+    ms.push(performance.now() - t0);
+    previous = body.id;
+  }
+  return ms;
+}
+
+/** A kept response of a conversation `depth` turns deep, as the gateway keeps one. */
+function keptOf(depth: number): Kept {
+  const text = (t: number, who: string) =>
+    `${who} ${t}: ${"lorem ipsum dolor sit amet ".repeat(Math.ceil(TURN_CHARS / 2 / 27))}`.slice(
+      0,
+      TURN_CHARS / 2,
+    );
+  const conversation = Array.from({ length: depth }, (_, t) => [
+    { role: "user" as const, content: text(t, "user") },
+    { role: "assistant" as const, content: text(t, "assistant") },
+  ]).flat();
+  const answer = conversation.at(-1)!.content;
+  return {
+    conversation,
+    response: {
+      id: "resp_x",
+      object: "response",
+      status: "completed",
+      output: [{ type: "message", content: [{ type: "output_text", text: answer }] }],
+      usage: { input_tokens: depth * 100, output_tokens: 50 },
+    },
+    inputItems: [{ id: "msg_x", type: "message", role: "user", content: text(depth, "user") }],
+    owner: "",
+  };
+}
+
+/** ITERATIONS turns of store work on `store` (read the last, keep the next); µs per turn. */
+function storeTurns(store: KeptResponses, kept: Kept, tag: string): number {
+  const times: number[] = [];
+  const id = (i: number) => `resp_${tag}${i.toString(16).padStart(24 - tag.length, "0")}`;
+  store.put(id(0), kept);
+  for (let i = 1; i <= ITERATIONS; i++) {
+    const t0 = performance.now();
+    const last = store.get(id(i - 1));
+    if (!last) throw new Error(`store lost ${id(i - 1)}`);
+    store.put(id(i), kept);
+    times.push((performance.now() - t0) * 1000);
+    store.delete(id(i - 1)); // (the folder stays one response big)
+  }
+  store.delete(id(ITERATIONS));
+  return median(times);
+}
+
+export async function runResponses(o: {
+  runs: number;
+  quick: boolean;
+  log: (s: string) => void;
+}): Promise<ResponsesResults> {
+  const rounds = o.quick ? 1 : o.runs;
+  const dir = mkdtempSync(join(tmpdir(), "expertmesh-bench-responses-"));
+  const children: ChildProcess[] = [];
+  try {
+    // 2. The store alone first (no gateway running beside it).
+    const store: ResponsesResults["store"] = [];
+    const files = new ResponseFiles(join(dir, "store"), null);
+    try {
+      for (const depth of DEPTHS) {
+        const kept = keptOf(depth);
+        const memory = new ResponseStore(1000);
+        storeTurns(memory, kept, "a"); // (warm-up of each)
+        storeTurns(files, kept, "b");
+        const acc = { memory: [] as number[], folder: [] as number[] };
+        for (let round = 0; round < rounds; round++) {
+          if (round % 2 === 0) {
+            acc.memory.push(storeTurns(memory, kept, "a"));
+            acc.folder.push(storeTurns(files, kept, "b"));
+          } else {
+            acc.folder.push(storeTurns(files, kept, "b"));
+            acc.memory.push(storeTurns(memory, kept, "a"));
+          }
+        }
+        const row = {
+          depth,
+          keptBytes: Buffer.byteLength(JSON.stringify(kept)),
+          memoryUs: stats(acc.memory),
+          folderUs: stats(acc.folder),
+        };
+        store.push(row);
+        o.log(
+          `[responses] store, ${depth} turns (${(row.keptBytes / 1024).toFixed(1)} KiB): memory ${row.memoryUs.median.toFixed(1)} µs, folder ${row.folderUs.median.toFixed(1)} µs a turn`,
+        );
+      }
+    } finally {
+      files.close();
+    }
+
+    // 1. Conversations through two gateways.
+    const modelDir = await ensureMiniModel(o.log);
+    o.log("[responses] starting two gateways on mini-v3: responses in memory, in a folder");
+    const memoryBase = await localGateway("gateway-responses-memory", modelDir, [], children);
+    const folderBase = await localGateway(
+      "gateway-responses-folder",
+      modelDir,
+      [`--files-dir=${join(dir, "folder")}`],
+      children,
+    );
+    await conversation(memoryBase);
+    await conversation(folderBase);
+    const acc = { memory: [] as number[], folder: [] as number[] };
+    for (let round = 0; round < rounds; round++) {
+      const sides =
+        round % 2 === 0
+          ? ([
+              ["memory", memoryBase],
+              ["folder", folderBase],
+            ] as const)
+          : ([
+              ["folder", folderBase],
+              ["memory", memoryBase],
+            ] as const);
+      for (const [side, base] of sides) acc[side].push(median(await conversation(base)));
+      o.log(
+        `[responses] round ${round + 1}/${rounds}: a turn ${acc.memory.at(-1)!.toFixed(1)} ms (memory), ${acc.folder.at(-1)!.toFixed(1)} ms (folder)`,
+      );
+    }
+    return {
+      runs: rounds,
+      memoryTurnMs: stats(acc.memory),
+      folderTurnMs: stats(acc.folder),
+      store,
+    };
+  } finally {
+    await Promise.all(children.map((c) => stop(c)));
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The suite's tables for BENCHMARKS.md. */
+export function responsesTables(
+  r: ResponsesResults & { date: string; commit: string; machine: { cpu: string; cores: number } },
+  source: string,
+): string {
+  const ratio = (a: Stats, b: Stats) => (a.median / b.median).toFixed(2);
+  return `Run ${r.date} at ${r.commit.slice(0, 7)} on ${r.machine.cpu} (${r.machine.cores} CPUs), ${r.runs} rounds (sides alternating), after a warm-up of each; from \`${source}\`. Medians (min-max) over rounds.
+
+A conversation of ${TURNS} turns (\`previous_response_id\`, ${OUTPUT} output tokens each, greedy) through a mini-v3 single-process gateway keeping responses in memory (the peer) and one keeping them in \`--files-dir\` (local disk); per round, the median turn:
+
+| responses kept in | a turn (ms) | against memory |
+|---|---:|---:|
+| memory (peer) | ${medianRange(r.memoryTurnMs, 1)} | 1.00x |
+| the files folder | ${medianRange(r.folderTurnMs, 1)} | **${ratio(r.folderTurnMs, r.memoryTurnMs)}x** |
+
+The store alone, in one process: a turn's store work (read the response continued, keep the new one) for a conversation of each depth (~${TURN_CHARS} characters a turn), ${ITERATIONS} turns per side and round; per round, the median turn:
+
+| conversation | kept response | memory (µs, peer) | folder (µs) | folder against memory |
+|---:|---:|---:|---:|---:|
+${r.store
+  .map(
+    (s) =>
+      `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${(s.keptBytes / 1024).toFixed(1)} KiB | ${medianRange(s.memoryUs, 1)} | ${medianRange(s.folderUs, 1)} | **${ratio(s.folderUs, s.memoryUs)}x** |`,
+  )
+  .join("\n")}`;
+}
