@@ -9,11 +9,13 @@
 // (in_progress), every HEARTBEAT_MS while it runs, and when it ends; one found in_progress
 // and not written for STALE_MS has lost its gateway (stopped, killed): it reads as failed.
 // Another gateway stops a running one with a mark beside it, `<id>.cancel` (its text: cancel,
-// or drop for a DELETE), which the running gateway looks for every MARK_POLL_MS.
-import { readdirSync, rmSync, statSync, utimesSync } from "node:fs";
+// or drop for a DELETE), which the running gateway looks for every MARK_POLL_MS. A background
+// response's events (response-events.ts) are `<id>.events`, kept and removed with it.
+import { existsSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { makeDirs, readJson, writeFileAtomic, writeJson } from "../util/fs.ts";
 import type { FolderQuota } from "./files.ts";
+import { EventFile, EventLog, followFile } from "./response-events.ts";
 import type { Kept, KeptResponses } from "./responses.ts";
 
 /** How long a response is kept after its last write (OpenAI's 30 days). */
@@ -109,6 +111,12 @@ export class ResponseFiles implements KeptResponses {
   delete(id: string): boolean {
     const path = this.#path(id);
     if (!path) return false;
+    this.#remove(this.#path(id, "events")!);
+    return this.#remove(path);
+  }
+
+  /** Removes a file of the folder, its bytes counted out; false when it was not there. */
+  #remove(path: string): boolean {
     try {
       const { size } = statSync(path);
       rmSync(path);
@@ -117,6 +125,16 @@ export class ResponseFiles implements KeptResponses {
     } catch {
       return false;
     }
+  }
+
+  eventLog(id: string): EventLog {
+    const path = this.#path(id, "events");
+    return new EventLog(path ? new EventFile(path, this.#quota) : null);
+  }
+
+  events(id: string, after: number, ended: () => object | null, signal: AbortSignal) {
+    const path = this.#path(id, "events");
+    return path && existsSync(path) ? followFile(path, after, ended, signal) : undefined;
   }
 
   /** Writes a running response's file again (its heartbeat), content unchanged. */
@@ -155,12 +173,18 @@ export class ResponseFiles implements KeptResponses {
       const path = join(this.#dir, name);
       try {
         const st = statSync(path);
-        const old = name.endsWith(".json")
-          ? now - st.mtimeMs > RESPONSE_TTL_MS
-          : now - st.mtimeMs > 3600_000; // (a mark no gateway took, a temporary file left)
+        const age = now - st.mtimeMs;
+        const counted = name.endsWith(".json") || name.endsWith(".events");
+        const old = counted
+          ? age > RESPONSE_TTL_MS ||
+            // (events whose response was deleted while its gateway wrote them)
+            (name.endsWith(".events") &&
+              age > 3600_000 &&
+              !existsSync(path.replace(/\.events$/, ".json")))
+          : age > 3600_000; // (a mark no gateway took, a temporary file left)
         if (!old) continue;
         rmSync(path, { force: true });
-        if (name.endsWith(".json")) this.#quota?.grew(-st.size);
+        if (counted) this.#quota?.grew(-st.size);
       } catch {}
     }
   }

@@ -12,6 +12,7 @@
 // with files and batches. background: true answers at once and runs on (poll GET;
 // POST /v1/responses/{id}/cancel stops it).
 import { randomBytes } from "node:crypto";
+import { once } from "node:events";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
@@ -19,7 +20,7 @@ import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generat
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
-import { type Choice, type Job, type ServeContext, startJob } from "./jobs.ts";
+import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
   bind,
   chatLogprob,
@@ -30,6 +31,7 @@ import {
   usageOf,
 } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
+import { EventLog, sseOf, terminalType } from "./response-events.ts";
 import { HEARTBEAT_MS, MARK_POLL_MS, ResponseFiles } from "./response-files.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
@@ -162,7 +164,21 @@ export interface KeptResponses {
   readonly capacity: number;
   get(id: string): Kept | undefined;
   put(id: string, kept: Kept): void;
+  /** Removes response `id` and its events. */
   delete(id: string): boolean;
+  /** A new log for background response `id`'s events, kept as this store keeps them. */
+  eventLog(id: string): EventLog;
+  /**
+   * Background response `id`'s kept events after number `after`, followed until its last
+   * (`ended`: the response as kept once it is no longer in_progress, else null); undefined
+   * when none are kept.
+   */
+  events(
+    id: string,
+    after: number,
+    ended: () => object | null,
+    signal: AbortSignal,
+  ): AsyncGenerator<string> | undefined;
 }
 
 /** An input item as GET /v1/responses/{id}/input_items lists it. */
@@ -184,6 +200,19 @@ const InputItemsQuery = Type.Object({
 type InputItemsQuery = Static<typeof InputItemsQuery>;
 
 /**
+ * Query of GET /v1/responses/{id}: stream=true sends a background response's events (from
+ * the start, or after number starting_after) until its last; include is accepted, as for a
+ * request.
+ */
+const RetrieveQuery = Type.Object({
+  stream: Type.Optional(Type.Union([Type.Literal("true"), Type.Literal("false")])),
+  starting_after: Type.Optional(Type.String({ pattern: "^(0|[1-9][0-9]{0,8})$" })),
+  include: Type.Optional(Type.Union([Type.String(), Type.Array(Type.String())])),
+  include_obfuscation: Type.Optional(Type.Union([Type.Literal("true"), Type.Literal("false")])),
+});
+type RetrieveQuery = Static<typeof RetrieveQuery>;
+
+/**
  * The last `capacity` responses of this gateway, by id, holding at most `maxChars`
  * characters of conversations and responses in all (least recently used out first).
  */
@@ -191,6 +220,8 @@ export class ResponseStore implements KeptResponses {
   readonly capacity: number;
   readonly maxChars: number;
   readonly #kept = new Map<string, Kept & { chars: number }>();
+  /** Background responses' events, as long as their responses (counted with them). */
+  readonly #logs = new Map<string, EventLog>();
   #chars = 0;
 
   constructor(capacity: number, maxChars = 128 * 2 ** 20) {
@@ -220,9 +251,13 @@ export class ResponseStore implements KeptResponses {
     const chars =
       JSON.stringify(kept.conversation).length +
       JSON.stringify(kept.response).length +
-      JSON.stringify(kept.inputItems).length;
-    if (this.capacity < 1 || chars > this.maxChars) return;
-    this.delete(id);
+      JSON.stringify(kept.inputItems).length +
+      (this.#logs.get(id)?.chars ?? 0);
+    if (this.capacity < 1 || chars > this.maxChars) {
+      this.delete(id); // (not left as it was: a running response's first state)
+      return;
+    }
+    this.#forget(id);
     this.#kept.set(id, { ...kept, chars });
     this.#chars += chars;
     while (this.#kept.size > this.capacity || this.#chars > this.maxChars)
@@ -230,11 +265,26 @@ export class ResponseStore implements KeptResponses {
   }
 
   delete(id: string): boolean {
+    this.#logs.delete(id);
+    return this.#forget(id);
+  }
+
+  #forget(id: string): boolean {
     const k = this.#kept.get(id);
     if (!k) return false;
     this.#kept.delete(id);
     this.#chars -= k.chars;
     return true;
+  }
+
+  eventLog(id: string): EventLog {
+    const log = new EventLog();
+    if (this.capacity > 0) this.#logs.set(id, log);
+    return log;
+  }
+
+  events(id: string, after: number, _ended: () => object | null, signal: AbortSignal) {
+    return this.#logs.get(id)?.follow(after, signal);
   }
 }
 
@@ -629,9 +679,12 @@ class OutputItems {
     this.#close();
     this.items.push(item);
     this.#open = item;
+    // A message or reasoning item opens without content; its part is added next (as OpenAI
+    // streams them: the SDKs' accumulators append the part to an empty content).
+    const parted = item.type === "message" || item.type === "reasoning";
     this.#emit("response.output_item.added", {
       output_index: this.items.length - 1,
-      item: structuredClone(item),
+      item: parted ? { ...structuredClone(item), content: [] } : structuredClone(item),
     });
     if (item.type === "message")
       this.#emit("response.content_part.added", {
@@ -644,19 +697,30 @@ class OutputItems {
           ...(this.#logprobs ? { logprobs: [] } : {}),
         },
       });
+    else if (item.type === "reasoning")
+      this.#emit("response.content_part.added", {
+        ...this.#at(item),
+        content_index: 0,
+        part: { type: "reasoning_text", text: "" },
+      });
   }
 
   #close(status: "completed" | "incomplete" = "completed"): void {
     const item = this.#open;
     if (!item) return;
     this.#open = null;
-    if (item.type === "reasoning")
+    if (item.type === "reasoning") {
       this.#emit("response.reasoning_text.done", {
         ...this.#at(item),
         content_index: 0,
         text: item.content[0]!.text,
       });
-    else if (item.type === "message") {
+      this.#emit("response.content_part.done", {
+        ...this.#at(item),
+        content_index: 0,
+        part: item.content[0],
+      });
+    } else if (item.type === "message") {
       item.status = status;
       this.#take(item); // tokens whose text never came out (held back at the end)
       this.#emit("response.output_text.done", {
@@ -763,11 +827,39 @@ export function responsesRoutes(
         );
       return kept.response; // already finished: as it ended
     });
-    app.get<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
-      const kept = find(req, req.params.id);
-      if (!kept) throw notFound(req.params.id, null);
-      return kept.response;
-    });
+    app.get<{ Params: { id: string }; Querystring: RetrieveQuery }>(
+      "/v1/responses/:id",
+      { schema: { querystring: RetrieveQuery } },
+      async (req, reply) => {
+        const id = req.params.id;
+        const kept = find(req, id);
+        if (!kept) throw notFound(id, null);
+        if (req.query.stream !== "true") return kept.response;
+        // Its events again, from the start or after starting_after, until its last.
+        if ((kept.response as { background?: boolean }).background !== true)
+          throw bad(
+            `response '${id.slice(0, 80)}' was not created with background: true; only those are streamed again (GET it without stream)`,
+            "stream",
+          );
+        const after =
+          req.query.starting_after === undefined ? -1 : Number(req.query.starting_after);
+        const here = runningOf(req, id)?.log;
+        const ended = () => {
+          const now = find(req, id);
+          return now && statusOf(now) !== "in_progress" ? now.response : null;
+        };
+        const left = new AbortController();
+        const lines = here
+          ? here.follow(after, left.signal)
+          : store.events(id, after, ended, left.signal);
+        if (!lines)
+          throw bad(
+            `the events of response '${id.slice(0, 80)}' were not kept (it was made before they were): GET it without stream`,
+            "stream",
+          );
+        return sendEvents(reply, lines, left);
+      },
+    );
     app.get<{ Params: { id: string }; Querystring: InputItemsQuery }>(
       "/v1/responses/:id/input_items",
       { schema: { querystring: InputItemsQuery } },
@@ -817,10 +909,33 @@ function keptFor(store: KeptResponses, owner: string, id: string): Kept | undefi
   return kept && (kept.owner ?? "") === owner ? kept : undefined;
 }
 
+/**
+ * Sends the events `lines` yields as server-sent events, until their last or until the
+ * client leaves (`left` aborted then, which stops only the sending: a background response
+ * runs on).
+ */
+async function sendEvents(
+  reply: FastifyReply,
+  lines: AsyncGenerator<string>,
+  left: AbortController,
+): Promise<FastifyReply> {
+  const raw = eventStream(reply);
+  raw.on("close", () => left.abort());
+  for await (const line of lines) {
+    if (raw.destroyed) break;
+    // (a slow client: waited for, not buffered without bound)
+    if (!raw.write(sseOf(line))) await once(raw, "drain", { signal: left.signal }).catch(() => {});
+  }
+  if (!raw.destroyed) raw.end();
+  return reply;
+}
+
 /** A background response while it runs. */
 interface Running {
   /** Who made it (Kept's owner). */
   readonly owner: string;
+  /** Its events (GET ?stream=true follows them here). */
+  readonly log: EventLog;
   cancel(): void;
   /** Stops it and keeps nothing more of it (DELETE). */
   drop(): void;
@@ -860,11 +975,6 @@ async function respond(
     throw bad(
       "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",
       "background",
-    );
-  if (b.background && b.stream)
-    throw bad(
-      "background: true with stream: true is not supported here; poll GET /v1/responses/{id}",
-      "stream",
     );
   const { chat: chatRequest, conversation } = chatRequestOf(b, before);
   // Token logprobs go onto the message's text: an answer split into items (thinking, calls)
@@ -919,8 +1029,18 @@ async function respond(
     ...extra,
   });
   let job: Job;
-  /** The finished response, kept when stored. */
-  const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
+  /** Keeps response `r` when stored, with the conversation up to its answer `items`. */
+  const keepAs = (r: object, items: readonly OutputItem[] = []) => {
+    if (stored)
+      store.put(id, {
+        conversation: [...conversation, ...answerMessages(items)],
+        response: r,
+        inputItems,
+        owner,
+      });
+  };
+  /** The finished response. */
+  const finalOf = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
     const length = finishOf(c, output) === "length";
     const usage = usageOf(job);
     const reasoning = items.map((i) => (i.type === "reasoning" ? i.content[0]!.text : "")).join("");
@@ -937,15 +1057,25 @@ async function respond(
         total_tokens: usage.total_tokens,
       },
     });
-    if (stored)
-      store.put(id, {
-        conversation: [...conversation, ...answerMessages(items)],
-        response: done,
-        inputItems,
-        owner,
-      });
     return done;
   };
+  /** The finished response, kept when stored. */
+  const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
+    const done = finalOf(c, output, items);
+    keepAs(done, items);
+    return done;
+  };
+  /** Job hooks that read the answer into `items` as it comes (their events emitted). */
+  const itemHooks = (output: ChatOutput, items: OutputItems): JobHooks => ({
+    onToken: (_c, t, text) => {
+      items.addLogprobs([chatLogprob(ctx, t)]);
+      for (const d of output.push(text)) items.push(d);
+    },
+    onFinish: (c, text) => {
+      for (const d of [...output.push(text), ...output.end()]) items.push(d);
+      items.end(c.finishReason === "length" ? "incomplete" : "completed");
+    },
+  });
 
   /** The answer of a job that has ended, read into items. */
   const answer = () => {
@@ -959,43 +1089,52 @@ async function respond(
   };
 
   if (b.background) {
-    // Admitted now (a refusal is still this request's error); answered at once, kept as
-    // in_progress, and kept again when it ends: completed, incomplete, cancelled or failed.
-    // The client leaving does not stop it; POST /v1/responses/{id}/cancel does.
-    job = startJob(ctx, spec);
-    let current: object = response("in_progress", []);
-    let cancelled = false;
+    // Admitted now (a refusal is still this request's error); kept as in_progress, and again
+    // when it ends: completed, incomplete, cancelled or failed. Its events go to a log
+    // (response-events.ts) that this request follows with stream: true, and GET
+    // /v1/responses/{id}?stream=true replays. The client leaving does not stop it;
+    // POST /v1/responses/{id}/cancel does.
     const files = stored && store instanceof ResponseFiles ? store : null;
+    const log = store.eventLog(id);
+    const output = new ChatOutput(outputOptions);
+    const items = new OutputItems((type, body) => log.append(type, body), logprobs);
+    try {
+      job = startJob(ctx, spec, itemHooks(output, items));
+    } catch (err) {
+      store.delete(id); // (refused: its log, or its events file, go)
+      throw err;
+    }
+    let current: object = response("in_progress", []);
     /** Another gateway's cancel or DELETE of it (a mark in the folder), acted on. */
     const marked = () => {
       const mark = files?.takeMark(id);
       if (mark === "cancel") running.get(id)?.cancel();
       else if (mark === "drop") running.get(id)?.drop();
     };
-    const keep = (r: object, answerItems: readonly OutputItem[] = []) => {
+    keepAs(current);
+    log.append("response.created", { response: current });
+    log.append("response.in_progress", { response: current });
+    /** Ends it as `r`: its last event, then kept (whoever finds it ended finds that event). */
+    const end = (r: object, answerItems: readonly OutputItem[] = []) => {
       current = r;
       if (files?.takeMark(id) === "drop") stored = false; // (a DELETE just made: not again)
-      if (stored)
-        store.put(id, {
-          conversation: [...conversation, ...answerMessages(answerItems)],
-          response: r,
-          inputItems,
-          owner,
-        });
+      if (!stored) return log.end(true);
+      log.append(terminalType(r), { response: r });
+      log.end();
+      keepAs(r, answerItems);
     };
-    keep(current);
     const settled = job.done.then(
       () => {
-        // A DELETE from another gateway as it ended: nothing written again. (A cancel then
-        // comes too late: it ended as it ended.)
-        if (files?.takeMark(id) === "drop") stored = false;
-        const { c, output, items } = answer();
-        if (cancelled) keep(response("cancelled", items), items);
-        else current = finished(c, output, items);
+        const c = job.choices[0]!;
+        if (c.finishReason !== null) return end(finalOf(c, output, items.items), items.items);
+        // Cancelled (no onFinish then): the text held back, released, ends its items.
+        for (const d of [...output.push(c.out.flush()), ...output.end()]) items.push(d);
+        items.end("incomplete");
+        end(response("cancelled", items.items), items.items);
       },
       (err: unknown) => {
         const e = toApiError(err);
-        keep(response("failed", [], { error: { code: e.code, message: e.message } }));
+        end(response("failed", [], { error: { code: e.code, message: e.message } }));
       },
     );
     // In a shared folder: written again while it runs (the others see it alive), and its
@@ -1009,13 +1148,11 @@ async function respond(
       : null;
     running.set(id, {
       owner,
-      cancel: () => {
-        cancelled = true;
-        job.cancel();
-      },
+      log,
+      cancel: () => job.cancel(),
       drop: () => {
         stored = false;
-        cancelled = true;
+        log.end(true); // (its readers end now; nothing more is written)
         job.cancel();
       },
       settled: settled.finally(() => {
@@ -1024,7 +1161,9 @@ async function respond(
       }),
       last: () => current,
     });
-    return current;
+    if (!b.stream) return current;
+    const left = new AbortController();
+    return sendEvents(reply, log.follow(-1, left.signal), left);
   }
 
   if (!b.stream) {
@@ -1050,16 +1189,7 @@ async function respond(
     raw ? write(type, body) : queued.push([type, body]);
   const output = new ChatOutput(outputOptions);
   const items = new OutputItems(emit, logprobs);
-  job = startJob(ctx, spec, {
-    onToken: (_c, t, text) => {
-      items.addLogprobs([chatLogprob(ctx, t)]);
-      for (const d of output.push(text)) items.push(d);
-    },
-    onFinish: (c, text) => {
-      for (const d of [...output.push(text), ...output.end()]) items.push(d);
-      items.end(c.finishReason === "length" ? "incomplete" : "completed");
-    },
-  });
+  job = startJob(ctx, spec, itemHooks(output, items));
   raw = eventStream(reply);
   write("response.created", { response: response("in_progress", []) });
   write("response.in_progress", { response: response("in_progress", []) });

@@ -45,6 +45,30 @@ describe("ResponseStore", () => {
     expect(s.delete("a")).toBe(true);
     expect([s.size, s.chars, s.delete("a")]).toEqual([0, 0, false]);
   });
+
+  it("a background response's events: counted with it when it is kept, gone with it", async () => {
+    const s = new ResponseStore(2);
+    const log = s.eventLog("a");
+    s.put("a", kept("a"));
+    const without = s.chars;
+    log.append("response.completed", { response: { id: "a", text: "x".repeat(50) } });
+    log.end();
+    s.put("a", kept("a"));
+    expect(s.chars).toBe(without + log.chars);
+    const left = new AbortController();
+    const replay = async () => {
+      const lines: string[] = [];
+      const g = s.events("a", -1, () => null, left.signal);
+      if (!g) return undefined;
+      for await (const l of g) lines.push(l);
+      return lines;
+    };
+    expect(await replay()).toHaveLength(1);
+    s.put("b", kept("b"));
+    s.put("c", kept("c")); // (a pushed out, its events with it)
+    expect(await replay()).toBeUndefined();
+    expect(s.events("b", -1, () => null, left.signal)).toBeUndefined(); // (not a background one)
+  });
 });
 
 describe("inputItemsOf", () => {
