@@ -3,7 +3,8 @@
 // odd ones, fields added from the routes' own vocabulary, fields removed, bodies cut short
 // or sent with odd bytes), from a fixed seed. Each answer must be a success or a 4xx/429
 // with a stable EM_* code: never a 5xx, a hang or a dead process; streams must end. After
-// the run, plain requests still answer.
+// the run, plain requests still answer. The GET routes that take an id and a query (a
+// response, its input items and its events again, files, batches) get odd ids and queries.
 //
 // EM_FUZZ_ITERATIONS (default 400) and EM_FUZZ_SEED (default 20261201) widen a campaign,
 // EM_FUZZ_ROUTE (a part of a path) narrows it to one API:
@@ -379,6 +380,11 @@ async function send(path: string, { bytes, headers }: Encoded) {
 
 /** How each API's event stream ends. */
 const STREAM_END: [RegExp, RegExp][] = [
+  // A background response's events again: none past starting_after's end, else to its last.
+  [
+    /^\/v1\/responses\/[^/?]+(\?.*)?$/,
+    /^$|event: response\.(completed|incomplete|failed)\ndata: [^\n]*\n\n$/,
+  ],
   [/^\/v1\/(chat\/)?completions$/, /data: \[DONE\]\n\n$/],
   [/^\/v1\/messages$/, /event: (message_stop|error)\ndata: [^\n]*\n\n$/],
   [
@@ -499,6 +505,110 @@ describe(`gateway fuzz (${ITERATIONS} requests, seed ${SEED})`, () => {
     expect(hungUp).toBeGreaterThan(0);
     // What the clients that hung up had started is cancelled and its blocks freed.
     await expectNothingLeft();
+  });
+});
+
+describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
+  it("answers odd ids and queries on the GET routes with a success or a stable 4xx; streams end", async () => {
+    const r = rng(SEED + 2);
+    const c = g.client;
+    const body = { model: "tiny", input: "hi", max_output_tokens: 3 };
+    const stored = await c.responses.create(body);
+    const background = await c.responses.create({ ...body, background: true });
+    const file = await c.files.create({
+      file: new File(
+        ['{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{}}\n'],
+        "in.jsonl",
+      ),
+      purpose: "batch",
+    });
+    const ids = [
+      stored.id,
+      background.id,
+      background.id,
+      `resp_${"0".repeat(24)}`,
+      "..%2F..%2Fetc",
+      "%ff%fe",
+      "resp_",
+      "x".repeat(300),
+    ];
+    const paths = [
+      (id: string) => `/v1/responses/${id}`,
+      (id: string) => `/v1/responses/${id}`,
+      (id: string) => `/v1/responses/${id}/input_items`,
+      () => `/v1/files/${r.pick([file.id, "file-x", "%2e%2e"])}`,
+      () => `/v1/files/${r.pick([file.id, "file-x"])}/content`,
+      () => "/v1/files",
+      () => "/v1/batches",
+      () => "/v1/models",
+    ];
+    const keys = [
+      "stream",
+      "starting_after",
+      "include",
+      "include[]",
+      "include_obfuscation",
+      "limit",
+      "order",
+      "after",
+      "before",
+      "purpose",
+      "__proto__",
+    ];
+    const values = [
+      "true",
+      "true",
+      "false",
+      "0",
+      "1",
+      "3",
+      "-1",
+      "abc",
+      "1e309",
+      "",
+      "%ff",
+      "99999999999",
+      "asc",
+      "desc",
+      "batch",
+      "x".repeat(5000),
+      "message.output_text.logprobs",
+    ];
+    const failures: string[] = [];
+    const seen = new Set<string>(); // (status, and whether it was a stream)
+    for (let i = 0; i < ITERATIONS / 2 && failures.length < 10; i++) {
+      const path = r.pick(paths)(r.pick(ids));
+      const query = [
+        // (a response's events asked for half the time: the other keys rarely leave one)
+        ...(path.startsWith("/v1/responses/") && r.next() < 0.5 ? ["stream=true"] : []),
+        ...Array.from({ length: r.int(4) }, () => {
+          const v = r.pick(values);
+          return `${r.pick(keys)}=${v.startsWith("%") ? v : encodeURIComponent(v)}`;
+        }),
+      ].join("&");
+      const url = query ? `${path}?${query}` : path;
+      try {
+        const res = await fetch(`${g.url}${url}`, { signal: AbortSignal.timeout(60_000) });
+        const text = await res.text();
+        const type = res.headers.get("content-type") ?? "";
+        seen.add(`${res.status}${type.startsWith("text/event-stream") ? " stream" : ""}`);
+        const why = problem(url, res.status, text, type);
+        if (why) failures.push(`GET ${url.slice(0, 300)}: ${why}`);
+      } catch (e) {
+        failures.push(`GET ${url.slice(0, 300)}: no answer (${(e as Error).message})`);
+      }
+    }
+    expect(failures, failures.join("\n")).toEqual([]);
+    // Queries the routes took, streams among them, and refusals of both kinds.
+    for (const s of ["200", "200 stream", "400", "404"]) expect([...seen]).toContain(s);
+    // A background response's events, whole and after one, once it has ended.
+    const events = async (q: string) =>
+      (await (await fetch(`${g.url}/v1/responses/${background.id}?stream=true${q}`)).text())
+        .split("\n\n")
+        .filter(Boolean);
+    const whole = await events("");
+    expect(whole.length).toBeGreaterThan(3);
+    expect(await events("&starting_after=1")).toEqual(whole.slice(2));
   });
 });
 
