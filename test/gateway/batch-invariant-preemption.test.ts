@@ -13,27 +13,22 @@ import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
 import { loadAddon } from "../../src/engine/native.ts";
 import { Checkpoint } from "../../src/model/checkpoint.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { allAtOnce, holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import { allAtOnce, type HeldGateway, metric, startHeldGateway } from "./helpers.ts";
 
 let dir: string;
-let g: TestGateway;
-let h: ReturnType<typeof holdable>;
+let g: HeldGateway;
 
 beforeAll(async () => {
   expect(loadAddon().configure({ batchInvariant: true }).cpu.batchInvariant).toBe(true);
   dir = await tinyCheckpointFor("tiny-v3");
   const config = (await Checkpoint.open(dir)).config;
-  g = await startGateway(dir, {
+  g = await startHeldGateway(dir, {
     maxModelLen: 64,
     blockSize: 4,
     // Off: a preempted sequence would find its own blocks in the prefix cache instead of
     // recomputing them.
     prefixCaching: false,
     kvCacheBytes: 24 * bytesPerBlock(config, 4, "f32", 0),
-    wrap: (r) => {
-      h = holdable(r);
-      return h.runner;
-    },
   });
 });
 
@@ -65,7 +60,7 @@ describe("batch invariance through preemption", () => {
     for (const p of prompts) alone.push(await ask(p));
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBe(0);
     // All four in the scheduler at once: they do not fit the cache together.
-    expect(await allAtOnce(g, h, () => prompts.map(ask))).toEqual(alone);
+    expect(await allAtOnce(g, g.hold, () => prompts.map(ask))).toEqual(alone);
     expect(await metric(g.url, "expertmesh_gateway_num_preemptions")).toBeGreaterThan(0);
   });
 });

@@ -150,6 +150,24 @@ export function stepTokens(weights?: ModelWeights) {
   return { rows, wrap };
 }
 
+/** A gateway (startGateway) whose expert calls can be held: `hold` (holdable). */
+export type HeldGateway = TestGateway & { hold: ReturnType<typeof holdable> };
+
+export async function startHeldGateway(
+  dir: string,
+  o: TestGatewayOptions = {},
+): Promise<HeldGateway> {
+  let hold!: ReturnType<typeof holdable>;
+  const g = await startGateway(dir, {
+    ...o,
+    wrap: (r) => {
+      hold = holdable(o.wrap ? o.wrap(r) : r);
+      return hold.runner;
+    },
+  });
+  return Object.assign(g, { hold });
+}
+
 /** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first held call. */
 export function holdable(inner: ExpertRunner) {
   let release: (() => void) | null = null;
@@ -272,18 +290,14 @@ export async function preemptionScenario(
   checks: { before?: (g: TestGateway) => void; after?: (g: TestGateway) => void } = {},
 ): Promise<void> {
   const config = (await Checkpoint.open(dir)).config;
-  let h!: ReturnType<typeof holdable>;
-  const g = await startGateway(dir, {
+  const g = await startHeldGateway(dir, {
     ...opts,
     maxModelLen: 64,
     blockSize: 4,
     // 16 blocks of 4 (an MTP layer's rows take a layer more per block).
     kvCacheBytes: 16 * bytesPerBlock(config, 4, "f32", opts.speculative?.method === "mtp" ? 1 : 0),
-    wrap: (r) => {
-      h = holdable(r);
-      return h.runner;
-    },
   });
+  const h = g.hold;
   try {
     const prompts = ["one two", "three four five", "six", "seven eight nine ten"];
     const ask = (p: string) =>

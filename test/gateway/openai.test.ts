@@ -21,7 +21,6 @@ import { tinyCheckpointFor } from "../support/golden.ts";
 import { type Cluster, startShard, startShards, stopAll, waitServing } from "../support/shards.ts";
 import {
   finishedRequests,
-  holdable,
   metric,
   natsDelivered,
   preemptionScenario,
@@ -29,6 +28,7 @@ import {
   samples,
   shardFrames,
   startGateway,
+  startHeldGateway,
   stepTokens,
   type TestGateway,
 } from "./helpers.ts";
@@ -2736,16 +2736,8 @@ describe("limits and lifecycle", () => {
   });
 
   it("a full admission queue gives 429 with Retry-After", async () => {
-    let h!: ReturnType<typeof holdable>;
-    const g = await startGateway(dir, {
-      cluster,
-      maxQueueDepth: 2,
-      maxRunning: 1,
-      wrap: (r) => {
-        h = holdable(r);
-        return h.runner;
-      },
-    });
+    const g = await startHeldGateway(dir, { cluster, maxQueueDepth: 2, maxRunning: 1 });
+    const h = g.hold;
     try {
       h.hold();
       const body = { model: "tiny", prompt: "hello", max_tokens: 3, temperature: 0 };
@@ -2771,14 +2763,8 @@ describe("limits and lifecycle", () => {
   });
 
   it("a client that disconnects cancels its sequence and frees its blocks", async () => {
-    let h!: ReturnType<typeof holdable>;
-    const g = await startGateway(dir, {
-      cluster,
-      wrap: (r) => {
-        h = holdable(r);
-        return h.runner;
-      },
-    });
+    const g = await startHeldGateway(dir, { cluster });
+    const h = g.hold;
     try {
       const ac = new AbortController();
       const stream = await g.client.chat.completions.create(

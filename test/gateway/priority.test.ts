@@ -6,7 +6,13 @@ import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { holdable, metric, startGateway, type TestGateway } from "./helpers.ts";
+import {
+  type holdable,
+  metric,
+  startGateway,
+  startHeldGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let fcfs: TestGateway;
@@ -18,23 +24,14 @@ let agedHold: ReturnType<typeof holdable>;
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
   fcfs = await startGateway(dir);
-  prio = await startGateway(dir, {
-    schedulingPolicy: "priority",
-    maxRunning: 1,
-    wrap: (r) => {
-      hold = holdable(r);
-      return hold.runner;
-    },
-  });
-  aged = await startGateway(dir, {
+  const held = await startHeldGateway(dir, { schedulingPolicy: "priority", maxRunning: 1 });
+  [prio, hold] = [held, held.hold];
+  const agedHeld = await startHeldGateway(dir, {
     schedulingPolicy: "priority",
     priorityAgingMs: 200,
     maxRunning: 1,
-    wrap: (r) => {
-      agedHold = holdable(r);
-      return agedHold.runner;
-    },
   });
+  [aged, agedHold] = [agedHeld, agedHeld.hold];
 });
 
 afterAll(async () => {

@@ -10,13 +10,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ResponseFiles, STALE_MS } from "../../src/gateway/response-files.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { holdable, startGateway, type TestGateway } from "./helpers.ts";
+import { type HeldGateway, startGateway, startHeldGateway, type TestGateway } from "./helpers.ts";
 
 let dir: string;
 let folder: string;
-let a: TestGateway;
+let a: HeldGateway;
 let b: TestGateway;
-let hold: ReturnType<typeof holdable>;
 
 const files = (d: string, maxTotalBytes?: number) => ({
   dir: d,
@@ -28,17 +27,11 @@ const files = (d: string, maxTotalBytes?: number) => ({
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
   folder = mkdtempSync(join(testEnv().runDir, "responses-shared-"));
-  a = await startGateway(dir, {
-    files: files(folder),
-    wrap: (r) => {
-      hold = holdable(r);
-      return hold.runner;
-    },
-  });
+  a = await startHeldGateway(dir, { files: files(folder) });
   b = await startGateway(dir, { files: files(folder) });
 });
 afterAll(async () => {
-  hold?.release();
+  a?.hold.release();
   await a?.close();
   await b?.close();
 });
@@ -75,13 +68,13 @@ describe("responses in a shared files folder", () => {
   });
 
   it("a background response one gateway runs: polled on the other, cancelled or deleted from it", async () => {
-    hold.hold();
+    a.hold.hold();
     const running = await a.client.responses.create({
       ...body,
       max_output_tokens: 64,
       background: true,
     });
-    await hold.entered; // (its first step waits: it is running on gateway a)
+    await a.hold.entered; // (its first step waits: it is running on gateway a)
     expect((await b.client.responses.retrieve(running.id)).status).toBe("in_progress");
     // Continuing it is refused on the other gateway too while it runs.
     const early = await refusalOf(
@@ -90,13 +83,13 @@ describe("responses in a shared files folder", () => {
     expect([early.status, early.param]).toEqual([400, "previous_response_id"]);
     // The cancel from b waits until a has stopped it (a sees the mark within half a second).
     const cancel = b.client.responses.cancel(running.id);
-    setTimeout(() => hold.release(), 1500);
+    setTimeout(() => a.hold.release(), 1500);
     const cancelled = await cancel;
     expect(cancelled.status).toBe("cancelled");
     expect((await a.client.responses.retrieve(running.id)).status).toBe("cancelled");
 
     // Deleted from b while a runs it: stopped, and a does not keep it again when it ends.
-    hold.hold();
+    a.hold.hold();
     const dropped = await a.client.responses.create({
       ...body,
       max_output_tokens: 64,
@@ -104,7 +97,7 @@ describe("responses in a shared files folder", () => {
     });
     await b.client.responses.delete(dropped.id);
     await new Promise((r) => setTimeout(r, 1000));
-    hold.release();
+    a.hold.release();
     await new Promise((r) => setTimeout(r, 500));
     for (const g of [a, b])
       expect((await refusalOf(g.client.responses.retrieve(dropped.id))).status).toBe(404);
@@ -176,22 +169,13 @@ describe("responses in a shared files folder", () => {
 
 describe("responses per API key", () => {
   /** A gateway with keys sk-a and sk-b; clients of each. */
-  async function keyed(o: { files?: string; wrap?: boolean } = {}) {
-    let held: ReturnType<typeof holdable> | null = null;
-    const g = await startGateway(dir, {
+  async function keyed(o: { files?: string } = {}) {
+    const g = await startHeldGateway(dir, {
       apiKeys: ["sk-a", "sk-b"],
       ...(o.files ? { files: files(o.files) } : {}),
-      ...(o.wrap
-        ? {
-            wrap: (r) => {
-              held = holdable(r);
-              return held.runner;
-            },
-          }
-        : {}),
     });
     const as = (key: string) => new OpenAI({ baseURL: `${g.url}/v1`, apiKey: key, maxRetries: 0 });
-    return { g, keyA: as("sk-a"), keyB: as("sk-b"), held: () => held! };
+    return { g, keyA: as("sk-a"), keyB: as("sk-b") };
   }
 
   /** Every route that names a response, as `c` sees response `id`: the statuses. */
@@ -236,15 +220,15 @@ describe("responses per API key", () => {
 
   it("a background response: another key can neither poll, cancel nor delete it while it runs", async () => {
     const folder2 = mkdtempSync(join(testEnv().runDir, "responses-keys-bg-"));
-    const { g, keyA, keyB, held } = await keyed({ files: folder2, wrap: true });
+    const { g, keyA, keyB } = await keyed({ files: folder2 });
     try {
-      held().hold();
+      g.hold.hold();
       const running = await keyA.responses.create({
         ...body,
         max_output_tokens: 64,
         background: true,
       });
-      await held().entered;
+      await g.hold.entered;
       for (const refused of [
         keyB.responses.retrieve(running.id),
         keyB.responses.cancel(running.id),
@@ -253,10 +237,10 @@ describe("responses per API key", () => {
         expect((await refusalOf(refused)).status).toBe(404);
       expect((await keyA.responses.retrieve(running.id)).status).toBe("in_progress");
       const cancel = keyA.responses.cancel(running.id);
-      setTimeout(() => held().release(), 300);
+      setTimeout(() => g.hold.release(), 300);
       expect((await cancel).status).toBe("cancelled");
     } finally {
-      held()?.release();
+      g.hold.release();
       await g.close();
     }
   });

@@ -10,16 +10,14 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { STALE_MS } from "../../src/gateway/response-files.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { holdable, startGateway, type TestGateway } from "./helpers.ts";
+import { type HeldGateway, startGateway, startHeldGateway, type TestGateway } from "./helpers.ts";
 
 let dir: string;
 let folder: string;
 /** Responses in memory. */
-let m: TestGateway;
-let mHold: ReturnType<typeof holdable>;
+let m: HeldGateway;
 /** Two gateways on one files folder. */
-let a: TestGateway;
-let aHold: ReturnType<typeof holdable>;
+let a: HeldGateway;
 let b: TestGateway;
 
 const files = (d: string) => ({ dir: d, maxBytes: 1 << 20, batchConcurrency: 1 });
@@ -27,24 +25,13 @@ const files = (d: string) => ({ dir: d, maxBytes: 1 << 20, batchConcurrency: 1 }
 beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
   folder = mkdtempSync(join(testEnv().runDir, "responses-stream-"));
-  m = await startGateway(dir, {
-    wrap: (r) => {
-      mHold = holdable(r);
-      return mHold.runner;
-    },
-  });
-  a = await startGateway(dir, {
-    files: files(folder),
-    wrap: (r) => {
-      aHold = holdable(r);
-      return aHold.runner;
-    },
-  });
+  m = await startHeldGateway(dir);
+  a = await startHeldGateway(dir, { files: files(folder) });
   b = await startGateway(dir, { files: files(folder) });
 });
 afterAll(async () => {
-  mHold?.release();
-  aHold?.release();
+  m?.hold.release();
+  a?.hold.release();
   await m?.close();
   await a?.close();
   await b?.close();
@@ -122,7 +109,7 @@ describe("background responses streamed", () => {
   });
 
   it("a client that leaves the stream does not stop the response; GET ?stream=true picks up where it left, live", async () => {
-    mHold.hold();
+    m.hold.hold();
     const first = await collect(
       await m.client.responses.create({
         ...body,
@@ -133,10 +120,10 @@ describe("background responses streamed", () => {
       1, // (created, in_progress: then the client leaves)
     );
     const id = (first[0]!["response"] as { id: string }).id;
-    await mHold.entered;
+    await m.hold.entered;
     expect((await m.client.responses.retrieve(id)).status).toBe("in_progress");
     const rest = replay(m, id, 1);
-    setTimeout(() => mHold.release(), 300);
+    setTimeout(() => m.hold.release(), 300);
     const after = await rest;
     const whole = [...first, ...after];
     const last = expectWhole(whole);
@@ -146,15 +133,15 @@ describe("background responses streamed", () => {
   });
 
   it("in a shared folder: a response running on one gateway streams from the other, live, to its end; the same events as its own", async () => {
-    aHold.hold();
+    a.hold.hold();
     const running = await a.client.responses.create({
       ...body,
       max_output_tokens: 24,
       background: true,
     });
-    await aHold.entered;
+    await a.hold.entered;
     const there = replay(b, running.id); // (from <id>.events, while a runs it)
-    setTimeout(() => aHold.release(), 500);
+    setTimeout(() => a.hold.release(), 500);
     const onB = await there;
     const last = expectWhole(onB);
     expect(deltas(onB)).toBe(textOf(last));
@@ -163,7 +150,7 @@ describe("background responses streamed", () => {
   });
 
   it("in a shared folder: one cancelled from the other gateway while streamed there ends with response.incomplete, status cancelled", async () => {
-    aHold.hold();
+    a.hold.hold();
     const running = await a.client.responses.create({
       ...body,
       max_output_tokens: 64,
@@ -172,7 +159,7 @@ describe("background responses streamed", () => {
     const there = replay(b, running.id);
     await new Promise((r) => setTimeout(r, 300));
     const cancel = b.client.responses.cancel(running.id);
-    setTimeout(() => aHold.release(), 1500);
+    setTimeout(() => a.hold.release(), 1500);
     expect((await cancel).status).toBe("cancelled");
     const onB = await there;
     const last = expectWhole(onB);
