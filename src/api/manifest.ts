@@ -101,6 +101,13 @@ function shapeError(
   path: string,
 ): { field: string; message: string } | undefined {
   const s = schema as SchemaNode;
+  // The API server keeps an integer in 64 bits: 1e+308 is refused, not read as a number.
+  if (
+    s.type === "integer" &&
+    typeof value === "number" &&
+    !(value >= -(2 ** 63) && value < 2 ** 63)
+  )
+    return { field: path, message: `Expected an integer of 64 bits at most (got ${value})` };
   if (typeof value !== "object" || value === null) return undefined;
   const at = (key: string) => (path ? `${path}.${key}` : key);
   if (s.type === "array" && Array.isArray(value)) {

@@ -267,9 +267,10 @@ export const ModelSourceSchema = withRules(
             ),
             cacheSize: Type.String({
               description:
-                "Size limit of the emptyDir the weights are downloaded into (with sharedStorageClassName, the size of the claim).",
+                "Size limit of the emptyDir the weights are downloaded into (with sharedStorageClassName, the size of the claim): a Kubernetes quantity, e.g. 1500Gi.",
               default: "1500Gi",
               maxLength: 32,
+              pattern: QUANTITY_PATTERN,
             }),
             sharedStorageClassName: Type.Optional(
               Type.String({
@@ -392,6 +393,8 @@ export const GatewaySchema = withRules(
         description: "Gateway pods when autoscaling is off; the starting count when it is on.",
         default: 1,
         minimum: 0,
+        // (the scale subresource's replicas: an int32, as a Deployment's)
+        maximum: 2147483647,
       }),
       minReplicas: Type.Integer({
         description: "Fewest gateway pods the autoscaler keeps.",

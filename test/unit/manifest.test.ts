@@ -383,6 +383,38 @@ spec:
   ])("refuses %s (the workloads' own validation would, later)", (_what, extra) => {
     expect(() => parseManifest(base + extra)).toThrow(ExpertMeshError);
   });
+  // Found by the admission fuzzer (seed 5808): the API server refused the first two, and
+  // admitted the third only to refuse every Deployment made of it.
+  it.each([
+    [
+      "an integer past 64 bits",
+      "  gateway: { batch: { storageBytes: 1e+308 } }\n",
+      /spec\.gateway\.batch\.storageBytes: Expected an integer of 64 bits at most/,
+    ],
+    [
+      "gateway replicas past an int32 (the scale subresource's)",
+      "  gateway: { replicas: 2147483648 }\n",
+      /spec\.gateway\.replicas: .*2147483647/,
+    ],
+    [
+      "a weights cache size that is no quantity",
+      "",
+      /spec\.model\.source\.huggingFace\.cacheSize/,
+      "  model: { preset: tiny-v3, source: { huggingFace: { repo: a/b, cacheSize: lots } } }\n",
+    ],
+  ])("refuses %s", (_what, extra, message, model = "") => {
+    const doc = model ? base.replace(/ {2}model: .*\n/, model) : base;
+    expect(() => parseManifest(doc + extra)).toThrow(message);
+  });
+  it("takes the largest counts the API server keeps", () => {
+    const m = parseManifest(
+      `${base}  gateway: { replicas: 2147483647, batch: { storageBytes: 9007199254740992 } }\n`,
+    );
+    expect([m.spec.gateway.replicas, m.spec.gateway.batch?.storageBytes]).toEqual([
+      2147483647,
+      2 ** 53,
+    ]);
+  });
 });
 
 describe("DeepSeekModel manifest", () => {
