@@ -261,7 +261,13 @@ export class ResponseStore implements KeptResponses {
     this.#kept.set(id, { ...kept, chars });
     this.#chars += chars;
     while (this.#kept.size > this.capacity || this.#chars > this.maxChars)
-      this.delete(this.#kept.keys().next().value!);
+      this.#evict(this.#kept.keys().next().value!);
+  }
+
+  /** Pushed out: the response, and its events unless it still runs (its end keeps both). */
+  #evict(id: string): void {
+    if (this.#logs.get(id)?.ended !== false) this.#logs.delete(id);
+    this.#forget(id);
   }
 
   delete(id: string): boolean {

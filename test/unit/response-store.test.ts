@@ -69,6 +69,23 @@ describe("ResponseStore", () => {
     expect(await replay()).toBeUndefined();
     expect(s.events("b", -1, () => null, left.signal)).toBeUndefined(); // (not a background one)
   });
+
+  it("a running background response pushed out keeps its events: its end keeps both again", async () => {
+    const s = new ResponseStore(1);
+    const log = s.eventLog("a");
+    s.put("a", kept("a"));
+    log.append("response.created", {});
+    s.put("b", kept("b")); // (a pushed out while it runs)
+    expect(s.get("a")).toBeUndefined();
+    log.append("response.completed", {});
+    log.end();
+    s.put("a", kept("a"));
+    const lines: string[] = [];
+    for await (const l of s.events("a", -1, () => null, AbortSignal.timeout(1000))!) lines.push(l);
+    expect(lines).toHaveLength(2);
+    s.put("c", kept("c")); // (ended now: pushed out with it)
+    expect(s.events("a", -1, () => null, AbortSignal.timeout(1000))).toBeUndefined();
+  });
 });
 
 describe("inputItemsOf", () => {
