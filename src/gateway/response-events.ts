@@ -17,6 +17,8 @@ import type { FolderQuota } from "./files.ts";
 export const FLUSH_MS = 50;
 /** A reader of another gateway's events looks for more this often. */
 export const FOLLOW_POLL_MS = 100;
+/** ... and, while none come, whether the response ended without them this often. */
+const ENDED_POLL_MS = 1000;
 
 /** The events that end a response's stream (a cancelled one ends with response.incomplete). */
 const TERMINAL = /^\{"type":"response\.(completed|incomplete|failed)"/;
@@ -193,7 +195,9 @@ export async function* followFile(
   let offset = 0;
   let rest = Buffer.alloc(0);
   let sequence = -1;
-  let settledReads = 0;
+  /** The response, once seen ended; when `ended` was last asked (it reads the response). */
+  let over: object | null = null;
+  let askedAt = 0;
   for (;;) {
     const chunk = readFrom(path, offset);
     offset += chunk.length;
@@ -212,15 +216,20 @@ export async function* followFile(
     }
     if (signal?.aborted) return;
     if (chunk.length === 0) {
-      // Nothing new: the response may have ended without its last event here. Its file is
-      // read once more after it is seen ended (its last event is written before it is kept).
-      const response = ended();
-      if (response && ++settledReads > 1) {
+      // Nothing new: the response may have ended without its last event here (asked at
+      // most every ENDED_POLL_MS). Its file is read once more after it is seen ended (its
+      // last event is written before it is kept).
+      if (over) {
         if (sequence + 1 > after)
-          yield eventLine(terminalType(response), sequence + 1, { response });
+          yield eventLine(terminalType(over), sequence + 1, { response: over });
         return;
       }
-      if (!response) await sleep(FOLLOW_POLL_MS, undefined, { signal }).catch(() => {});
+      if (Date.now() - askedAt >= ENDED_POLL_MS) {
+        askedAt = Date.now();
+        over = ended();
+        if (over) continue;
+      }
+      await sleep(FOLLOW_POLL_MS, undefined, { signal }).catch(() => {});
     }
   }
 }
