@@ -7,7 +7,10 @@
 // written whole (a temporary file renamed). A response expires RESPONSE_TTL_MS after its
 // last write, as OpenAI keeps them 30 days. A background response is written when it starts
 // (in_progress), every HEARTBEAT_MS while it runs, and when it ends; one found in_progress
-// and not written for STALE_MS has lost its gateway (stopped, killed): it reads as failed.
+// and not written for STALE_MS has lost its gateway (stopped, killed): it reads as failed,
+// for good: the gateway that reads it so leaves a `lost` mark, so that a gateway that was only
+// paused (its process stopped, its node cut off) ends it failed too when it wakes, and does
+// not write it again as completed after a client saw it fail.
 // Another gateway stops a running one with a mark beside it, `<id>.cancel` (its text: cancel,
 // or drop for a DELETE), which the running gateway looks for every MARK_POLL_MS. A background
 // response's events (response-events.ts) are `<id>.events`, kept and removed with it.
@@ -29,8 +32,12 @@ export const MARK_POLL_MS = 500;
 /** Expired responses and old marks are removed this often. */
 const SWEEP_MS = 60_000;
 
-/** What another gateway asks of a running background response. */
-export type Mark = "cancel" | "drop";
+/**
+ * What another gateway asks of a running background response: stop it (cancel), stop it and
+ * keep nothing more (drop: a DELETE), or end it as the failed response it was found to be
+ * (lost: silent past STALE_MS).
+ */
+export type Mark = "cancel" | "drop" | "lost";
 
 /** The ids a gateway makes (responses.ts newId): nothing else names a file here. */
 const ID = /^resp_[0-9a-f]{24}$/;
@@ -71,24 +78,21 @@ export class ResponseFiles implements KeptResponses {
     if (now - written > RESPONSE_TTL_MS) return undefined;
     const kept = readJson<Kept>(path);
     if (!kept) return undefined;
-    const r = kept.response as { status?: string; background?: boolean };
-    if (r.status === "in_progress" && now - written > STALE_MS) {
-      // Its gateway stopped without ending it: failed, for good.
-      const failed: Kept = {
-        ...kept,
-        response: {
-          ...kept.response,
-          status: "failed",
-          error: {
-            code: "EM_GATEWAY_RESPONSE_LOST",
-            message: `the gateway running this ${r.background ? "background " : ""}response stopped before it ended (no word from it for ${STALE_MS / 1000} s)`,
-          },
-        },
-      };
+    if (statusOf(kept) === "in_progress" && now - written > STALE_MS) {
+      // Its gateway stopped without ending it: failed, for good. The mark first: should this
+      // gateway stop between the two, the response is still found silent, and marked again.
+      this.mark(id, "lost");
+      const failed = lostOf(kept);
       this.put(id, failed);
       return failed;
     }
     return kept;
+  }
+
+  /** Response `id` as its running gateway last wrote it (not judged lost: that gateway asks). */
+  peek(id: string): Kept | undefined {
+    const path = this.#path(id);
+    return path ? readJson<Kept>(path) : undefined;
   }
 
   /** The refusal of a new response to keep while the folder is full; null when it has room. */
@@ -158,7 +162,7 @@ export class ResponseFiles implements KeptResponses {
     const path = this.#path(id, "cancel");
     const what = path ? readJson<Mark>(path) : undefined;
     if (path && what !== undefined) rmSync(path, { force: true });
-    return what === "cancel" || what === "drop" ? what : undefined;
+    return what === "cancel" || what === "drop" || what === "lost" ? what : undefined;
   }
 
   /** Removes expired responses and marks left by responses that ended. */
@@ -188,4 +192,26 @@ export class ResponseFiles implements KeptResponses {
       } catch {}
     }
   }
+}
+
+/** A kept response's status (in_progress while its gateway runs it). */
+export function statusOf(kept: Kept | undefined): string | undefined {
+  return (kept?.response as { status?: string } | undefined)?.status;
+}
+
+/** Kept response `kept`, still in_progress, as failed because its gateway fell silent. */
+export function lostOf(kept: Kept): Kept {
+  if (statusOf(kept) !== "in_progress") return kept;
+  const background = (kept.response as { background?: boolean }).background;
+  return {
+    ...kept,
+    response: {
+      ...kept.response,
+      status: "failed",
+      error: {
+        code: "EM_GATEWAY_RESPONSE_LOST",
+        message: `the gateway running this ${background ? "background " : ""}response stopped before it ended (no word from it for ${STALE_MS / 1000} s)`,
+      },
+    },
+  };
 }

@@ -32,7 +32,7 @@ import {
 } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
 import { EventLog, sseOf, terminalType } from "./response-events.ts";
-import { HEARTBEAT_MS, MARK_POLL_MS, ResponseFiles } from "./response-files.ts";
+import { HEARTBEAT_MS, lostOf, MARK_POLL_MS, ResponseFiles, statusOf } from "./response-files.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -134,9 +134,6 @@ type InputTokensRequest = Static<typeof InputTokensRequest>;
 
 /** How long a cancel waits for another gateway to stop the response it runs. */
 const CANCEL_WAIT_MS = 15_000;
-
-/** A kept response's status. */
-const statusOf = (kept: Kept | undefined) => (kept?.response as { status?: string })?.status;
 
 const bad = (message: string, param: string): ApiError =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
@@ -1116,14 +1113,33 @@ async function respond(
       const mark = files?.takeMark(id);
       if (mark === "cancel") running.get(id)?.cancel();
       else if (mark === "drop") running.get(id)?.drop();
+      else if (mark === "lost") lose();
+    };
+    /**
+     * Another gateway found it silent past STALE_MS (this one was paused, or cut off from the
+     * folder) and wrote it failed: a client may have seen that, so it ends failed here too,
+     * and is not written again.
+     */
+    let lost = false;
+    const lose = () => {
+      if (lost) return;
+      lost = true;
+      stored = false;
+      current = lostOf(files?.peek(id) ?? { conversation, response: current, inputItems }).response;
+      log.append(terminalType(current), { response: current });
+      log.end();
+      job.cancel();
     };
     keepAs(current);
     log.append("response.created", { response: current });
     log.append("response.in_progress", { response: current });
     /** Ends it as `r`: its last event, then kept (whoever finds it ended finds that event). */
     const end = (r: object, answerItems: readonly OutputItem[] = []) => {
+      if (lost) return; // (as it ended then)
+      const mark = files?.takeMark(id);
+      if (mark === "lost") return lose();
       current = r;
-      if (files?.takeMark(id) === "drop") stored = false; // (a DELETE just made: not again)
+      if (mark === "drop") stored = false; // (a DELETE just made: not again)
       if (!stored) return log.end(true);
       log.append(terminalType(r), { response: r });
       log.end();
@@ -1143,13 +1159,16 @@ async function respond(
         end(response("failed", [], { error: { code: e.code, message: e.message } }));
       },
     );
-    // In a shared folder: written again while it runs (the others see it alive), and its
-    // marks looked for.
-    let beats = 0;
+    // In a shared folder: its marks looked for, and written again while it runs (the others
+    // see it alive); at once after a pause (the timer late), lest it be found silent.
+    let touched = Date.now();
     const watch = files
       ? setInterval(() => {
           marked();
-          if (++beats % Math.round(HEARTBEAT_MS / MARK_POLL_MS) === 0 && stored) files.touch(id);
+          if (stored && Date.now() - touched >= HEARTBEAT_MS) {
+            touched = Date.now();
+            files.touch(id);
+          }
         }, MARK_POLL_MS)
       : null;
     running.set(id, {

@@ -3,7 +3,14 @@
 // the operator's gateway pods on a shared claim: whichever gateway a request lands on finds
 // the responses the other made, continues them, cancels or deletes one the other runs in the
 // background, and a running response whose gateway stopped reads as failed.
-import { mkdirSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from "node:fs";
+import {
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  utimesSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -125,6 +132,8 @@ describe("responses in a shared files folder", () => {
     expect(lost.status).toBe("failed");
     expect(lost.error).toMatchObject({ code: "EM_GATEWAY_RESPONSE_LOST" });
     expect((await a.client.responses.retrieve(id)).status).toBe("failed");
+    // A mark beside it, for its gateway should that one only have been paused.
+    expect(readFileSync(path.replace(/json$/, "cancel"), "utf8")).toBe('"lost"');
     // Ids that no gateway makes name no file (a path, another prefix).
     for (const bad of ["..%2Fresponses%2Fx", "resp_x", `item_${"ab".repeat(12)}`])
       expect((await refusalOf(a.client.responses.retrieve(bad))).status).toBe(404);

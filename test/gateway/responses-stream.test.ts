@@ -3,7 +3,7 @@
 // GET /v1/responses/{id}?stream=true replays its events, from the start or after
 // starting_after, and follows them while it runs; on another gateway of a shared files
 // folder too, from its <id>.events file.
-import { mkdtempSync, utimesSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -199,6 +199,40 @@ describe("background responses streamed", () => {
       status: "failed",
       error: { code: "EM_GATEWAY_RESPONSE_LOST" },
     });
+  });
+
+  it("a gateway paused past STALE_MS: found lost on the other, it stays failed; the paused one ends it failed too and writes it no more", async () => {
+    // (a pause is made here by setting the response's file back STALE_MS, as a gateway
+    // stopped for that long leaves it, while its expert calls are held)
+    a.hold.hold();
+    const running = await a.client.responses.create({
+      ...body,
+      max_output_tokens: 24,
+      background: true,
+    });
+    await a.hold.entered;
+    const base = join(folder, "responses", running.id);
+    const then = new Date(Date.now() - STALE_MS - 5000);
+    utimesSync(`${base}.json`, then, then);
+    const lost = await b.client.responses.retrieve(running.id);
+    expect(lost).toMatchObject({ status: "failed", error: { code: "EM_GATEWAY_RESPONSE_LOST" } });
+    // The paused gateway wakes: it takes the mark within MARK_POLL_MS, before any more steps.
+    const onA = replay(a, running.id);
+    await new Promise((r) => setTimeout(r, 1500));
+    a.hold.release();
+    const es = await onA;
+    const last = expectWhole(es);
+    expect(es.at(-1)!.type).toBe("response.failed");
+    expect(last).toMatchObject({ status: "failed", error: { code: "EM_GATEWAY_RESPONSE_LOST" } });
+    await new Promise((r) => setTimeout(r, 1000)); // (a late write would be there by now)
+    for (const g of [a, b]) {
+      expect(await g.client.responses.retrieve(running.id)).toMatchObject({
+        status: "failed",
+        error: { code: "EM_GATEWAY_RESPONSE_LOST" },
+      });
+      expect(await replay(g, running.id)).toEqual(es);
+    }
+    expect(existsSync(`${base}.cancel`)).toBe(false); // (the mark taken)
   });
 
   it("refusals: not a background response (400 stream), a bad starting_after (400), another's or none (404), events not kept (400)", async () => {
