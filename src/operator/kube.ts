@@ -93,6 +93,29 @@ export const failingMount = (e: CoreV1Event, now: number) =>
   (e.count ?? e.series?.count ?? 1) >= 2 &&
   now - eventTime(e) <= MOUNT_EVENT_FRESH_MS;
 
+/**
+ * The kubelet's Normal Events of a pod's containers: it pulls, creates and starts them only
+ * once every volume of the pod is attached and mounted.
+ */
+const PAST_MOUNTS = new Set(["Pulling", "Pulled", "Created", "Started"]);
+
+/**
+ * Of a pod's Events, the newest that says a volume keeps failing to attach or mount
+ * (failingMount); none when the kubelet went on to the containers since (a failure that
+ * passed: the pod now waits on its image, not its volumes).
+ */
+export function mountFailure(events: readonly CoreV1Event[], now: number): CoreV1Event | undefined {
+  const failing = events
+    .filter((e) => e.type === "Warning" && failingMount(e, now))
+    .sort((a, b) => eventTime(b) - eventTime(a))[0];
+  if (!failing) return undefined;
+  const since = eventTime(failing);
+  const past = events.some(
+    (e) => e.type === "Normal" && PAST_MOUNTS.has(e.reason ?? "") && eventTime(e) >= since,
+  );
+  return past ? undefined : failing;
+}
+
 export class KubeClient {
   readonly kc: KubeConfig;
   readonly objects: KubernetesObjectApi;
@@ -249,27 +272,39 @@ export class KubeClient {
    * (the kubelet's FailedMount, the attach/detach controller's FailedAttachVolume) that keeps
    * coming (said twice or more, the last time within MOUNT_EVENT_FRESH_MS of `now`: the
    * kubelet retries a failing mount at least every ~2 minutes; a one-off failure at start,
-   * such as a ConfigMap not yet synced, is not it), as `reason: message`; else null (as
+   * such as a ConfigMap not yet synced, is not it) and not followed by the kubelet pulling or
+   * starting its containers (mountFailure), as `reason: message`; else null (as
    * claimPendingWhy when Events may not be listed).
    */
   async podMountWhy(pod: V1Pod, now = Date.now()): Promise<string | null> {
-    return await this.#newestWarning("Pod", pod.metadata, (e) => failingMount(e, now));
+    const events = await this.#events("Pod", pod.metadata);
+    const failing = events && mountFailure(events, now);
+    return failing ? `${failing.reason}: ${failing.message?.trim() ?? ""}` : null;
   }
 
-  /** The newest Warning Event about an object (that `keep` keeps), as `reason: message`. */
+  /** The newest Warning Event about an object, as `reason: message`. */
   async #newestWarning(
     kind: string,
     object: { namespace?: string; uid?: string } | undefined,
-    keep: (e: CoreV1Event) => boolean = () => true,
   ): Promise<string | null> {
+    const events = await this.#events(kind, object, "Warning");
+    const newest = events?.sort((a, b) => eventTime(b) - eventTime(a))[0];
+    return newest ? `${newest.reason}: ${newest.message?.trim() ?? ""}` : null;
+  }
+
+  /** The Events about an object (of `type` only, when given); null when they may not be read. */
+  async #events(
+    kind: string,
+    object: { namespace?: string; uid?: string } | undefined,
+    type?: "Warning",
+  ): Promise<CoreV1Event[] | null> {
     const namespace = object?.namespace ?? "";
     if (!object?.uid) return null;
-    let events: CoreV1Event[];
     try {
-      events = (
+      return (
         await this.core.listNamespacedEvent({
           namespace,
-          fieldSelector: `involvedObject.kind=${kind},involvedObject.uid=${object.uid},type=Warning`,
+          fieldSelector: `involvedObject.kind=${kind},involvedObject.uid=${object.uid}${type ? `,type=${type}` : ""}`,
         })
       ).items;
     } catch (err) {
@@ -283,8 +318,6 @@ export class KubeClient {
       }
       return null;
     }
-    const newest = events.filter(keep).sort((a, b) => eventTime(b) - eventTime(a))[0];
-    return newest ? `${newest.reason}: ${newest.message?.trim() ?? ""}` : null;
   }
 
   /**

@@ -712,7 +712,7 @@ describe.sequential("expertmesh operator", () => {
     }
   });
 
-  it("a pod that cannot mount its volumes: Degraded VolumeMountFailed in the Event's words; for the weights' ReadWriteOnce claim, what to change", async () => {
+  it("a pod that cannot mount its volumes: Degraded VolumeMountFailed in the Event's words; for the weights' ReadWriteOnce claim, what to change; once the kubelet pulls its image, no more", async () => {
     const ns = await newNamespace("mount");
     try {
       const shardPod = await servingOneCpuShard(ns, "mount", "ReadWriteOnce");
@@ -775,8 +775,28 @@ describe.sequential("expertmesh operator", () => {
         `1 pod(s) cannot mount their volumes, e.g. ${name} on ${shardPod!.spec!.nodeName}: FailedAttachVolume: ${why}; the weights' PersistentVolumeClaim ${ns}/weights (spec.model.source.pvc.claimName) is ReadWriteOnce: its volume attaches to one node at a time, and every pod of the model mounts it; give the weights a ReadOnlyMany or ReadWriteMany claim (examples/fetch-weights-job.yaml fills one), or keep every pod on one node (spec.scheduling.nodeSelector)`,
       );
       expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "VolumeMountFailed" });
-      // The pod replaced (on a node where it mounts): the problem goes with it.
-      await core.deleteNamespacedPod({ name, namespace: ns, gracePeriodSeconds: 0 });
+      // The volume attached at last: the kubelet pulls the image (a long pull keeps the pod
+      // ContainerCreating, the Warning fresh for minutes more): not a mount problem now.
+      await core.createNamespacedEvent({
+        namespace: ns,
+        body: {
+          metadata: { generateName: `${name}.` },
+          involvedObject: {
+            kind: "Pod",
+            apiVersion: "v1",
+            namespace: ns,
+            name,
+            uid: shardPod!.metadata!.uid!,
+          },
+          type: "Normal",
+          reason: "Pulling",
+          message: `Pulling image "${shardPod!.spec!.containers[0]!.image!}"`,
+          source: { component: "kubelet" },
+          firstTimestamp: new Date(),
+          lastTimestamp: new Date(),
+          count: 1,
+        },
+      });
       await waitForCondition(ns, "mount", "Degraded", "False", "AsExpected");
     } finally {
       await kubectl(["delete", "dsm", "mount", "-n", ns, "--wait=false", "--ignore-not-found"]);

@@ -3,7 +3,7 @@
 // its node (Degraded VolumeMountFailed).
 import type { CoreV1Event } from "@kubernetes/client-node";
 import { describe, expect, it } from "vitest";
-import { failingMount } from "../../src/operator/kube.ts";
+import { failingMount, mountFailure } from "../../src/operator/kube.ts";
 
 const now = Date.UTC(2026, 11, 6, 9, 10, 0);
 const ago = (s: number) => new Date(now - s * 1000);
@@ -50,5 +50,44 @@ describe("failingMount", () => {
     ],
   ])("%s", (_what, fields, failing) => {
     expect(failingMount(event(fields), now)).toBe(failing);
+  });
+});
+
+describe("mountFailure: the newest failing mount, unless the kubelet went on to the containers since", () => {
+  const normal = (reason: string, s: number): CoreV1Event =>
+    event({ type: "Normal", reason, count: 1, lastTimestamp: ago(s) });
+  it.each<[string, CoreV1Event[], string | undefined]>([
+    ["a failing mount alone", [event({ message: "a" })], "a"],
+    [
+      "the newest of two",
+      [event({ message: "old", lastTimestamp: ago(90) }), event({ message: "new" })],
+      "new",
+    ],
+    [
+      "then Pulling (its volumes mounted, its image pulled now)",
+      [event({}), normal("Pulling", 10)],
+      undefined,
+    ],
+    ["then Pulled, Created or Started", [event({}), normal("Started", 5)], undefined],
+    ["Pulling in the same second", [event({}), normal("Pulling", 30)], undefined],
+    [
+      "Pulling before it (a container restarted, then a mount fails)",
+      [normal("Pulling", 100), event({ message: "a" })],
+      "a",
+    ],
+    [
+      "a Normal event of another kind since",
+      [event({ message: "a" }), normal("Scheduled", 5)],
+      "a",
+    ],
+    [
+      "a Warning named Pulling does not count",
+      [event({ message: "a" }), { ...normal("Pulling", 5), type: "Warning" }],
+      "a",
+    ],
+    ["nothing failing", [normal("Pulling", 5), event({ count: 1 })], undefined],
+    ["no events", [], undefined],
+  ])("%s", (_what, events, message) => {
+    expect(mountFailure(events, now)?.message).toBe(message);
   });
 });
