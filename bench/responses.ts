@@ -13,6 +13,12 @@
 //    read, parsed, written with a rename) for conversations of DEPTHS turns (each turn's
 //    messages and response as the gateway keeps them, ~TURN_CHARS characters), ITERATIONS
 //    turns per side and round, alternating; per round the median µs of a turn.
+// 3. What a background response's events cost (response-events.ts, ADR 0052): on each of
+//    the two gateways, the same streamed request (STREAM_OUTPUT tokens, greedy) in the
+//    foreground (the peer: its events written to the client only) and with background
+//    (its events appended to a log, and in the folder to `<id>.events` every 50 ms, which
+//    the client follows); the time until the stream's last event, alternating, per round the
+//    median of STREAMS requests of each.
 import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -27,6 +33,8 @@ const OUTPUT = 4;
 const DEPTHS = [1, 32, 256] as const;
 const TURN_CHARS = 400;
 const ITERATIONS = 200;
+const STREAM_OUTPUT = 32;
+const STREAMS = 4;
 
 export interface ResponsesResults {
   runs: number;
@@ -35,6 +43,38 @@ export interface ResponsesResults {
   folderTurnMs: Stats;
   /** Per conversation depth: its kept response's size and a turn's store work (µs). */
   store: { depth: number; keptBytes: number; memoryUs: Stats; folderUs: Stats }[];
+  /** A streamed response until its last event (ms): foreground and background, per side. */
+  streamed?: {
+    memory: { foregroundMs: Stats; backgroundMs: Stats };
+    folder: { foregroundMs: Stats; backgroundMs: Stats };
+    events: number;
+  };
+}
+
+/** A streamed `POST /v1/responses` on `base`, read to its end: ms, and the events it sent. */
+async function streamed(
+  base: string,
+  background: boolean,
+): Promise<{ ms: number; events: number }> {
+  const t0 = performance.now();
+  const r = await fetch(`${base}/v1/responses`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      model: SERVE_MODEL,
+      input: PROMPTS[1],
+      max_output_tokens: STREAM_OUTPUT,
+      temperature: 0,
+      stream: true,
+      ...(background ? { background: true } : {}),
+    }),
+  });
+  const text = await r.text();
+  const ms = performance.now() - t0;
+  const last = /event: (response\.[a-z_.]+)\n[^\n]*\n\n$/.exec(text)?.[1];
+  if (!r.ok || (last !== "response.completed" && last !== "response.incomplete"))
+    throw new Error(`streamed response: ${r.status}, ended with ${last}: ${text.slice(-300)}`);
+  return { ms, events: text.match(/^event: /gm)?.length ?? 0 };
 }
 
 const median = (xs: number[]) => stats(xs).median;
@@ -179,11 +219,48 @@ export async function runResponses(o: {
         `[responses] round ${round + 1}/${rounds}: a turn ${acc.memory.at(-1)!.toFixed(1)} ms (memory), ${acc.folder.at(-1)!.toFixed(1)} ms (folder)`,
       );
     }
+
+    // 3. Streamed in the foreground and with background, on each gateway.
+    const bases = { memory: memoryBase, folder: folderBase };
+    const times = {
+      memory: { foreground: [] as number[], background: [] as number[] },
+      folder: { foreground: [] as number[], background: [] as number[] },
+    };
+    let events = 0;
+    for (const side of ["memory", "folder"] as const)
+      for (const bg of [false, true]) await streamed(bases[side], bg); // (warm-up)
+    for (let round = 0; round < rounds; round++) {
+      for (const side of ["memory", "folder"] as const) {
+        const acc2 = { foreground: [] as number[], background: [] as number[] };
+        for (let i = 0; i < STREAMS; i++)
+          for (const bg of (round + i) % 2 === 0 ? [false, true] : [true, false]) {
+            const one = await streamed(bases[side], bg);
+            acc2[bg ? "background" : "foreground"].push(one.ms);
+            if (bg) events = one.events;
+          }
+        times[side].foreground.push(median(acc2.foreground));
+        times[side].background.push(median(acc2.background));
+      }
+      o.log(
+        `[responses] round ${round + 1}/${rounds}: streamed ${STREAM_OUTPUT} tokens, memory ${times.memory.foreground.at(-1)!.toFixed(1)} ms foreground / ${times.memory.background.at(-1)!.toFixed(1)} ms background, folder ${times.folder.foreground.at(-1)!.toFixed(1)} / ${times.folder.background.at(-1)!.toFixed(1)} ms`,
+      );
+    }
     return {
       runs: rounds,
       memoryTurnMs: stats(acc.memory),
       folderTurnMs: stats(acc.folder),
       store,
+      streamed: {
+        memory: {
+          foregroundMs: stats(times.memory.foreground),
+          backgroundMs: stats(times.memory.background),
+        },
+        folder: {
+          foregroundMs: stats(times.folder.foreground),
+          backgroundMs: stats(times.folder.background),
+        },
+        events,
+      },
     };
   } finally {
     await Promise.all(children.map((c) => stop(c)));
@@ -215,5 +292,18 @@ ${r.store
     (s) =>
       `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${(s.keptBytes / 1024).toFixed(1)} KiB | ${medianRange(s.memoryUs, 1)} | ${medianRange(s.folderUs, 1)} | **${ratio(s.folderUs, s.memoryUs)}x** |`,
   )
-  .join("\n")}`;
+  .join("\n")}${r.streamed ? streamedTable(r.streamed) : ""}`;
+}
+
+function streamedTable(s: NonNullable<ResponsesResults["streamed"]>): string {
+  const row = (where: string, x: { foregroundMs: Stats; backgroundMs: Stats }) =>
+    `| ${where} | ${medianRange(x.foregroundMs, 1)} | ${medianRange(x.backgroundMs, 1)} | **${(x.backgroundMs.median / x.foregroundMs.median).toFixed(2)}x** |`;
+  return `
+
+A streamed response (${STREAM_OUTPUT} output tokens, greedy; ${s.events} events) read to its last event, in the foreground (the peer: its events written to the client only) and with \`background\` (its events kept in a log the client follows; in the folder also appended to \`<id>.events\` every 50 ms); per round, the median of ${STREAMS} of each, alternating:
+
+| responses kept in | foreground (ms, peer) | background (ms) | background against foreground |
+|---|---:|---:|---:|
+${row("memory", s.memory)}
+${row("the files folder", s.folder)}`;
 }

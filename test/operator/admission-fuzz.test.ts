@@ -94,50 +94,54 @@ describe("the examples", () => {
 });
 
 describe(`admission fuzz (${ITERATIONS} manifests, seed ${SEED})`, () => {
-  it("the CRD and the parser agree, and what is admitted renders workloads the API server admits", async () => {
-    const v = crdVocabulary();
-    const r = rng(SEED);
-    const failures: string[] = [];
-    let admitted = 0;
-    let rendered = 0;
-    for (let i = 0; i < ITERATIONS && failures.length < 40; i++) {
-      const doc = structuredClone(r.pick(examples));
-      mutate(r, v, doc);
-      // Into this test's namespace, under a name of its own (a dry run creates nothing).
-      if (typeof doc["metadata"] !== "object" || doc["metadata"] === null) doc["metadata"] = {};
-      Object.assign(doc["metadata"] as object, { namespace, name: `m${i}` });
-      const text = stringify(doc);
-      const server = await admits(doc);
-      let local: string | null = null;
-      try {
-        parseManifest(text, "fuzz.yaml");
-      } catch (e) {
-        if (!(e instanceof ExpertMeshError)) throw e;
-        local = e.message;
+  it(
+    "the CRD and the parser agree, and what is admitted renders workloads the API server admits",
+    async () => {
+      const v = crdVocabulary();
+      const r = rng(SEED);
+      const failures: string[] = [];
+      let admitted = 0;
+      let rendered = 0;
+      for (let i = 0; i < ITERATIONS && failures.length < 40; i++) {
+        const doc = structuredClone(r.pick(examples));
+        mutate(r, v, doc);
+        // Into this test's namespace, under a name of its own (a dry run creates nothing).
+        if (typeof doc["metadata"] !== "object" || doc["metadata"] === null) doc["metadata"] = {};
+        Object.assign(doc["metadata"] as object, { namespace, name: `m${i}` });
+        const text = stringify(doc);
+        const server = await admits(doc);
+        let local: string | null = null;
+        try {
+          parseManifest(text, "fuzz.yaml");
+        } catch (e) {
+          if (!(e instanceof ExpertMeshError)) throw e;
+          local = e.message;
+        }
+        if (server.ok !== (local === null)) {
+          failures.push(
+            `#${i}: the API server ${server.ok ? "admits" : "refuses"} it, the parser ${local === null ? "accepts" : "refuses"} it` +
+              `\n  server: ${server.ok ? "ok" : server.why}\n  parser: ${local ?? "ok"}\n${text.slice(0, 1200)}`,
+          );
+          continue;
+        }
+        if (!server.ok) continue;
+        admitted++;
+        // What the operator does with it: the stored object (the API server's defaults) rendered.
+        const model = server.obj as DeepSeekModel;
+        const plan = planPlacement({
+          architecture: architectureOf(model),
+          numShards: model.spec.experts.shards,
+          redundantExperts: model.spec.experts.redundantExperts,
+        });
+        // Limits under what the pods hold: the reconciler applies nothing (MemoryLimitTooLow).
+        if (memoryLimitShortfalls(model, plan).length > 0) continue;
+        for (const refusal of await renderRefusals(model, `#${i}`))
+          failures.push(`${refusal}\n${text.slice(0, 1200)}`);
+        rendered++;
       }
-      if (server.ok !== (local === null)) {
-        failures.push(
-          `#${i}: the API server ${server.ok ? "admits" : "refuses"} it, the parser ${local === null ? "accepts" : "refuses"} it` +
-            `\n  server: ${server.ok ? "ok" : server.why}\n  parser: ${local ?? "ok"}\n${text.slice(0, 1200)}`,
-        );
-        continue;
-      }
-      if (!server.ok) continue;
-      admitted++;
-      // What the operator does with it: the stored object (the API server's defaults) rendered.
-      const model = server.obj as DeepSeekModel;
-      const plan = planPlacement({
-        architecture: architectureOf(model),
-        numShards: model.spec.experts.shards,
-        redundantExperts: model.spec.experts.redundantExperts,
-      });
-      // Limits under what the pods hold: the reconciler applies nothing (MemoryLimitTooLow).
-      if (memoryLimitShortfalls(model, plan).length > 0) continue;
-      for (const refusal of await renderRefusals(model, `#${i}`))
-        failures.push(`${refusal}\n${text.slice(0, 1200)}`);
-      rendered++;
-    }
-    if (process.env["EM_FUZZ_VERBOSE"]) console.log({ admitted, rendered });
-    expect(failures, failures.join("\n\n")).toEqual([]);
-  });
+      if (process.env["EM_FUZZ_VERBOSE"]) console.log({ admitted, rendered });
+      expect(failures, failures.join("\n\n")).toEqual([]);
+    },
+    Math.max(120_000, ITERATIONS * 100),
+  ); // (~40 ms a manifest here; a long campaign's time)
 });
