@@ -16,6 +16,7 @@ import Fastify, {
 import type { LogFields } from "../util/log.ts";
 import { ApiKeys } from "./api-keys.ts";
 import { BATCH_PRIORITY, Batches, batchesRoutes, type RunLine } from "./batches.ts";
+import { Conversations, conversationsRoutes, FolderLogs, MemoryLogs } from "./conversations.ts";
 import { ApiError, errorBody, refusalHeaders, toApiError } from "./errors.ts";
 import { FileStore, FolderQuota, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
@@ -352,7 +353,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       ? new ResponseFiles(o.files.dir, quota ?? null)
       : new ResponseStore(o.responsesStore ?? 1000);
   if (responses instanceof ResponseFiles) app.addHook("onClose", async () => responses.close());
-  app.register(responsesRoutes(o.ctx, responses, owner));
+  // Conversations where the responses are: the shared folder, or memory (as many).
+  const conversations = new Conversations(
+    responses instanceof ResponseFiles
+      ? new FolderLogs(o.files!.dir, quota ?? null)
+      : new MemoryLogs(o.responsesStore ?? 1000),
+  );
+  app.register(responsesRoutes(o.ctx, responses, owner, conversations));
+  app.register(conversationsRoutes(conversations, owner));
   const run: RunLine = async (url, body, lineOwner) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =

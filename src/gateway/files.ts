@@ -93,7 +93,7 @@ export class FolderQuota {
     try {
       const seen = new Set<string>();
       let sum = 0;
-      for (const sub of ["files", "batches", "responses"]) {
+      for (const sub of ["files", "batches", "responses", "conversations"]) {
         const dir = join(this.#root, sub);
         const names = await readdir(dir).catch(() => [] as string[]);
         for (let i = 0; i < names.length; i += 64) {

@@ -19,6 +19,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
+import type { Conversations } from "./conversations.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
@@ -38,7 +39,7 @@ import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
 /** An input item: a message (type "message" or none), a call of the history, its output. */
-const InputItem = Type.Union([
+export const InputItem = Type.Union([
   Type.Object({
     type: Type.Optional(Type.Literal("message")),
     role: Type.Union([
@@ -96,6 +97,15 @@ export const ResponsesRequest = Type.Object({
     ),
   ),
   previous_response_id: Type.Optional(Nullable(Type.String())),
+  /** A conversation (conversations.ts) this continues, and adds its input and output to. */
+  conversation: Type.Optional(
+    Nullable(
+      Type.Union([
+        Type.String({ minLength: 1 }),
+        Type.Object({ id: Type.String({ minLength: 1 }) }),
+      ]),
+    ),
+  ),
   /** "message.output_text.logprobs" (with top_logprobs); "reasoning.encrypted_content" is ignored. */
   include: Type.Optional(Nullable(Type.Array(Type.String()))),
   /** Answer at once (status in_progress) and run on; poll GET, or POST .../cancel. */
@@ -466,6 +476,17 @@ function allowedTools(choice: { mode?: unknown; tools?: unknown }): object {
   return { mode: choice.mode, tools };
 }
 
+/**
+ * The chat messages items stand for (a conversation's, input and output items alike; their
+ * thinking left out, as DeepSeek's templates drop it): what goes before a request that
+ * continues them.
+ */
+export function messagesOf(items: readonly InputListItem[]): ChatMessage[] {
+  if (items.length === 0) return [];
+  return chatRequestOf({ model: "", input: items as unknown as ResponsesRequest["input"] })
+    .conversation;
+}
+
 /** The answer's items as the conversation's next messages (its thinking left out). */
 function answerMessages(items: readonly OutputItem[]): ChatMessage[] {
   const text = items.map((i) => (i.type === "message" ? i.content[0]!.text : "")).join("");
@@ -491,7 +512,7 @@ const PARAMS: [RegExp, string][] = [
   [/^(max_tokens|max_completion_tokens)$/, "max_output_tokens"],
 ];
 
-const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
+export const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
 
 const ITEM_ID_PREFIX: Record<string, string> = {
   message: "msg",
@@ -769,6 +790,7 @@ export function responsesRoutes(
   ctx: ServeContext,
   store: KeptResponses,
   owner: (req: FastifyRequest) => string = () => "",
+  conversations: Conversations | null = null,
 ) {
   /** Background responses still running, by id (POST .../cancel stops them). */
   const running = new Map<string, Running>();
@@ -783,7 +805,7 @@ export function responsesRoutes(
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
-      (req, reply) => respond(ctx, store, running, owner(req), req, reply),
+      (req, reply) => respond(ctx, store, conversations, running, owner(req), req, reply),
     );
     app.post<{ Body: InputTokensRequest }>(
       "/v1/responses/input_tokens",
@@ -791,7 +813,7 @@ export function responsesRoutes(
       async (req) => {
         const b = req.body;
         if (b.model != null) checkModel(ctx, b.model);
-        const before = previousConversation((id) => find(req, id), b.previous_response_id);
+        const { before } = continued(b, (id) => find(req, id), conversations, owner(req));
         const { chat } = chatRequestOf({ ...b, model: b.model ?? ctx.servedModelName }, before);
         const { prompt } = await chatPrompt(ctx, chat).catch((err: unknown) => {
           throw renameParam(err, PARAMS);
@@ -948,6 +970,30 @@ interface Running {
   last(): object;
 }
 
+/**
+ * What a request continues, as the messages before its input: a kept response
+ * (previous_response_id), or a conversation (whose id it also says: the request's input and
+ * its answer are added to it), or nothing.
+ */
+function continued(
+  b: Pick<ResponsesRequest, "previous_response_id" | "conversation">,
+  find: (id: string) => Kept | undefined,
+  conversations: Conversations | null,
+  owner: string,
+): { before: readonly ChatMessage[]; conversation: string | null } {
+  const id = typeof b.conversation === "string" ? b.conversation : (b.conversation?.id ?? null);
+  if (id === null)
+    return { before: previousConversation(find, b.previous_response_id), conversation: null };
+  if (b.previous_response_id != null)
+    throw bad(
+      "conversation and previous_response_id cannot both be given: the conversation holds what came before",
+      "conversation",
+    );
+  if (!conversations) throw bad("this gateway keeps no conversations", "conversation");
+  const c = conversations.need(owner, id, "conversation");
+  return { before: messagesOf(c.items), conversation: c.id };
+}
+
 /** The conversation a request continues (previous_response_id: a finished response kept). */
 function previousConversation(
   find: (id: string) => Kept | undefined,
@@ -967,13 +1013,22 @@ function previousConversation(
 async function respond(
   ctx: ServeContext,
   store: KeptResponses,
+  conversations: Conversations | null,
   running: Map<string, Running>,
   owner: string,
   req: FastifyRequest<{ Body: ResponsesRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  const before = previousConversation((id) => keptFor(store, owner, id), b.previous_response_id);
+  const { before, conversation: joined } = continued(
+    b,
+    (id) => keptFor(store, owner, id),
+    conversations,
+    owner,
+  );
+  // (a conversation in a full folder takes no more items: refused before anything runs)
+  const convFull = joined ? conversations!.logs.refusal() : null;
+  if (convFull) throw convFull;
   if (b.background && (b.store === false || store.capacity < 1))
     throw bad(
       "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",
@@ -1003,8 +1058,10 @@ async function respond(
     },
   );
   const id = newId("resp");
-  // Its input as items, ids given once: a background response is kept twice (running, ended).
-  const inputItems = stored ? inputItemsOf(b.input) : [];
+  // Its input as items, ids given once: a background response is kept twice (running, ended),
+  // and a conversation gets the same ids.
+  const givenItems = stored || joined ? inputItemsOf(b.input) : [];
+  const inputItems = stored ? givenItems : [];
   const createdAt = Math.floor(Date.now() / 1000);
   /** The response object, status and output as given. */
   const response = (status: string, output: OutputItem[], extra: object = {}) => ({
@@ -1023,6 +1080,7 @@ async function respond(
     parallel_tool_calls: b.parallel_tool_calls ?? true,
     text: { format: b.text?.format ?? { type: "text" } },
     previous_response_id: b.previous_response_id ?? null,
+    conversation: joined ? { id: joined } : null,
     store: stored,
     background: b.background ?? false,
     metadata: b.metadata ?? {},
@@ -1062,10 +1120,26 @@ async function respond(
     });
     return done;
   };
+  /**
+   * Adds the input and the answer `items` of response `r` to the conversation it continues,
+   * once it has ended with an answer (completed, or incomplete: cut by max_output_tokens);
+   * a cancelled or failed one adds nothing. A conversation deleted meanwhile takes nothing.
+   */
+  const joinAnswer = (r: object, items: readonly OutputItem[]) => {
+    const status = (r as { status?: string }).status;
+    if (!joined || (status !== "completed" && status !== "incomplete")) return;
+    try {
+      conversations!.append(joined, [...givenItems, ...(items as unknown as InputListItem[])]);
+    } catch (err) {
+      // (the folder failed: the response stands; its conversation does not have it)
+      req.log.error({ err, conversation: joined }, "conversation: the answer was not added");
+    }
+  };
   /** The finished response, kept when stored. */
   const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
     const done = finalOf(c, output, items);
     keepAs(done, items);
+    joinAnswer(done, items);
     return done;
   };
   /** Job hooks that read the answer into `items` as it comes (their events emitted). */
@@ -1144,6 +1218,7 @@ async function respond(
       log.append(terminalType(r), { response: r });
       log.end();
       keepAs(r, answerItems);
+      joinAnswer(r, answerItems);
     };
     const settled = job.done.then(
       () => {

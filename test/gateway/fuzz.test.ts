@@ -35,6 +35,8 @@ beforeAll(async () => {
     maxRequestBytes: 256 * 1024,
     files: { dir: files, maxBytes: 1 << 20, maxTotalBytes: 64 << 20, batchConcurrency: 1 },
   });
+  const conv = await g.client.conversations.create({ items: [{ role: "user", content: "hi" }] });
+  PLAUSIBLE["conversation"]!.push(conv.id, { id: conv.id });
 });
 
 afterAll(async () => {
@@ -47,6 +49,10 @@ const ROUTES: { path: string; body: Record<string, unknown> }[] = [
   { path: "/v1/chat/completions", body: { model: "tiny", messages: MESSAGES, max_tokens: 3 } },
   { path: "/v1/completions", body: { model: "tiny", prompt: "one two", max_tokens: 3 } },
   { path: "/v1/responses", body: { model: "tiny", input: "hi", max_output_tokens: 3 } },
+  {
+    path: "/v1/conversations",
+    body: { items: [{ type: "message", role: "user", content: "hi" }], metadata: { k: "v" } },
+  },
   { path: "/v1/messages", body: { model: "tiny", max_tokens: 3, messages: MESSAGES } },
   { path: "/v1/messages/count_tokens", body: { model: "tiny", messages: MESSAGES } },
   { path: "/tokenize", body: { model: "tiny", prompt: "one two" } },
@@ -106,6 +112,8 @@ const FIELDS = [
   "cache_salt",
   "chat_template_kwargs",
   "previous_response_id",
+  "conversation",
+  "items",
   "background",
   "store",
   "instructions",
@@ -218,6 +226,9 @@ const PLAUSIBLE: Record<string, unknown[]> = {
   ],
   prompt: ["a b", ["a", "b"], [1, 2, 3], [[1, 2], [3]]],
   input: ["hi", [{ role: "user", content: "hi" }]],
+  items: [[{ type: "message", role: "user", content: "hi" }], [], [{ type: "reasoning" }]],
+  // (and a conversation of the gateway's, made in beforeAll)
+  conversation: [`conv_${"0".repeat(24)}`],
   parallel_tool_calls: [false],
   continue_final_message: [true],
   add_generation_prompt: [false],
@@ -522,6 +533,8 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
       ),
       purpose: "batch",
     });
+    const conv = await c.conversations.create({ items: [{ role: "user", content: "hi" }] });
+    const item = (await c.conversations.items.list(conv.id)).data[0]!.id!;
     const ids = [
       stored.id,
       background.id,
@@ -541,6 +554,9 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
       () => "/v1/files",
       () => "/v1/batches",
       () => "/v1/models",
+      () => `/v1/conversations/${r.pick([conv.id, "conv_x", "%2e%2e"])}`,
+      () => `/v1/conversations/${r.pick([conv.id, "conv_x"])}/items`,
+      () => `/v1/conversations/${conv.id}/items/${r.pick([item, "msg_x", "%ff"])}`,
     ];
     const keys = [
       "stream",
