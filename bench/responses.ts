@@ -13,6 +13,10 @@
 //    read, parsed, written with a rename) for conversations of DEPTHS turns (each turn's
 //    messages and response as the gateway keeps them, ~TURN_CHARS characters), ITERATIONS
 //    turns per side and round, alternating; per round the median µs of a turn.
+//    The same for a conversation (conversations.ts, ADR 0053) of the same depth, a record a
+//    turn: a turn's work (find: read and fold the log; add the turn's two items, one record
+//    appended) in memory (MemoryLogs) and in the folder (FolderLogs), CONV_ITERATIONS turns
+//    per side and round, each on a conversation made afresh (not timed) at that depth.
 // 3. What a background response's events cost (response-events.ts, ADR 0052): on each of
 //    the two gateways, the same streamed request (STREAM_OUTPUT tokens, greedy) in the
 //    foreground (the peer: its events written to the client only) and with background
@@ -23,6 +27,13 @@ import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import {
+  type ConversationItem,
+  type ConversationLogs,
+  Conversations,
+  FolderLogs,
+  MemoryLogs,
+} from "../src/gateway/conversations.ts";
 import { ResponseFiles } from "../src/gateway/response-files.ts";
 import { type Kept, type KeptResponses, ResponseStore } from "../src/gateway/responses.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
@@ -33,6 +44,7 @@ const OUTPUT = 4;
 const DEPTHS = [1, 32, 256] as const;
 const TURN_CHARS = 400;
 const ITERATIONS = 200;
+const CONV_ITERATIONS = 50;
 const STREAM_OUTPUT = 32;
 const STREAMS = 4;
 
@@ -42,7 +54,15 @@ export interface ResponsesResults {
   memoryTurnMs: Stats;
   folderTurnMs: Stats;
   /** Per conversation depth: its kept response's size and a turn's store work (µs). */
-  store: { depth: number; keptBytes: number; memoryUs: Stats; folderUs: Stats }[];
+  store: {
+    depth: number;
+    keptBytes: number;
+    memoryUs: Stats;
+    folderUs: Stats;
+    /** A conversation of that depth: a turn's find and add (µs), in memory and in the folder. */
+    conversationMemoryUs?: Stats;
+    conversationFolderUs?: Stats;
+  }[];
   /** A streamed response until its last event (ms): foreground and background, per side. */
   streamed?: {
     memory: { foregroundMs: Stats; backgroundMs: Stats };
@@ -130,6 +150,51 @@ function keptOf(depth: number): Kept {
   };
 }
 
+/** A turn of a conversation as its items (a user message, the answer's message item). */
+function turnItems(t: number): ConversationItem[] {
+  const text = (who: string) =>
+    `${who} ${t}: ${"lorem ipsum dolor sit amet ".repeat(Math.ceil(TURN_CHARS / 2 / 27))}`.slice(
+      0,
+      TURN_CHARS / 2,
+    );
+  return [
+    {
+      id: `msg_u${t}`,
+      type: "message",
+      role: "user",
+      content: [{ type: "input_text", text: text("user") }],
+      status: "completed",
+    },
+    {
+      id: `msg_a${t}`,
+      type: "message",
+      role: "assistant",
+      status: "completed",
+      content: [{ type: "output_text", text: text("assistant"), annotations: [], logprobs: [] }],
+    },
+  ];
+}
+
+/**
+ * CONV_ITERATIONS turns on conversations of `depth` turns in `logs` (each made afresh, a
+ * record a turn, not timed): the median µs of a turn's find (read, fold) and add.
+ */
+function conversationTurns(logs: ConversationLogs, depth: number): number {
+  const conversations = new Conversations(logs);
+  const times: number[] = [];
+  for (let i = 0; i < CONV_ITERATIONS; i++) {
+    const c = conversations.make("", {}, []);
+    for (let t = 0; t < depth; t++) conversations.append(c.id, turnItems(t));
+    const t0 = performance.now();
+    const found = conversations.find("", c.id);
+    if (found?.items.length !== 2 * depth) throw new Error(`conversation ${c.id} lost items`);
+    conversations.add(c.id, turnItems(depth));
+    times.push((performance.now() - t0) * 1000);
+    conversations.delete(c.id);
+  }
+  return median(times);
+}
+
 /** ITERATIONS turns of store work on `store` (read the last, keep the next); µs per turn. */
 function storeTurns(store: KeptResponses, kept: Kept, tag: string): number {
   const times: number[] = [];
@@ -175,15 +240,28 @@ export async function runResponses(o: {
             acc.memory.push(storeTurns(memory, kept, "a"));
           }
         }
+        // A conversation of the same depth, a record a turn (memory and folder alternating).
+        const convMemory = new MemoryLogs(1000);
+        const convFolder = new FolderLogs(join(dir, "store"), null);
+        const conv = { memory: [] as number[], folder: [] as number[] };
+        conversationTurns(convMemory, depth); // (warm-up of each)
+        conversationTurns(convFolder, depth);
+        for (let round = 0; round < rounds; round++)
+          for (const side of round % 2 === 0
+            ? (["memory", "folder"] as const)
+            : (["folder", "memory"] as const))
+            conv[side].push(conversationTurns(side === "memory" ? convMemory : convFolder, depth));
         const row = {
           depth,
           keptBytes: Buffer.byteLength(JSON.stringify(kept)),
           memoryUs: stats(acc.memory),
           folderUs: stats(acc.folder),
+          conversationMemoryUs: stats(conv.memory),
+          conversationFolderUs: stats(conv.folder),
         };
         store.push(row);
         o.log(
-          `[responses] store, ${depth} turns (${(row.keptBytes / 1024).toFixed(1)} KiB): memory ${row.memoryUs.median.toFixed(1)} µs, folder ${row.folderUs.median.toFixed(1)} µs a turn`,
+          `[responses] store, ${depth} turns (${(row.keptBytes / 1024).toFixed(1)} KiB): memory ${row.memoryUs.median.toFixed(1)} µs, folder ${row.folderUs.median.toFixed(1)} µs a turn; a conversation: memory ${row.conversationMemoryUs.median.toFixed(1)} µs, folder ${row.conversationFolderUs.median.toFixed(1)} µs`,
         );
       }
     } finally {
@@ -292,7 +370,25 @@ ${r.store
     (s) =>
       `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${(s.keptBytes / 1024).toFixed(1)} KiB | ${medianRange(s.memoryUs, 1)} | ${medianRange(s.folderUs, 1)} | **${ratio(s.folderUs, s.memoryUs)}x** |`,
   )
-  .join("\n")}${r.streamed ? streamedTable(r.streamed) : ""}`;
+  .join(
+    "\n",
+  )}${r.store[0]?.conversationMemoryUs ? conversationTable(r.store) : ""}${r.streamed ? streamedTable(r.streamed) : ""}`;
+}
+
+function conversationTable(rows: ResponsesResults["store"]): string {
+  const ratio = (a: Stats, b: Stats) => (a.median / b.median).toFixed(2);
+  return `
+
+The same turn kept in a conversation instead (\`conversation\`, ADR 0053: a log of records, a record a turn, read and folded whole, the new turn's items appended), ${CONV_ITERATIONS} turns per side and round, each on a conversation made afresh at that depth; against the response store of the same place (above) as the peer:
+
+| conversation | in memory (µs) | against responses in memory | in the folder (µs) | against responses in the folder |
+|---:|---:|---:|---:|---:|
+${rows
+  .map(
+    (s) =>
+      `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${medianRange(s.conversationMemoryUs!, 1)} | **${ratio(s.conversationMemoryUs!, s.memoryUs)}x** | ${medianRange(s.conversationFolderUs!, 1)} | **${ratio(s.conversationFolderUs!, s.folderUs)}x** |`,
+  )
+  .join("\n")}`;
 }
 
 function streamedTable(s: NonNullable<ResponsesResults["streamed"]>): string {
