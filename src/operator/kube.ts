@@ -14,6 +14,7 @@ import {
   type V1Deployment,
   type V1PersistentVolumeClaim,
   type V1Pod,
+  type V1ReplicaSet,
 } from "@kubernetes/client-node";
 import type { NodeGpuMemory } from "../api/memory.ts";
 import {
@@ -92,6 +93,35 @@ export const failingMount = (e: CoreV1Event, now: number) =>
   (e.reason === "FailedMount" || e.reason === "FailedAttachVolume") &&
   (e.count ?? e.series?.count ?? 1) >= 2 &&
   now - eventTime(e) <= MOUNT_EVENT_FRESH_MS;
+
+/** The annotation that asks the ReplicaSet controller to try a refused ReplicaSet's pods again. */
+export const RETRY_ANNOTATION = "expertmesh.io/pods-retried-at";
+/** A ReplicaSet whose pods are refused is asked to try again at most this often. */
+export const RETRY_EVERY_MS = 30_000;
+
+/**
+ * Of Deployment `d`'s ReplicaSets, those whose pods the API server refuses to create
+ * (ReplicaFailure FailedCreate) and that were not asked to try again in the last
+ * RETRY_EVERY_MS. The ReplicaSet controller tries a refused ReplicaSet again with a backoff
+ * that doubles up to ~17 minutes, so a quota raised (or a RuntimeClass made) after minutes of
+ * refusals would wait that long; an update of the ReplicaSet (an annotation) makes it try at
+ * once.
+ */
+export function replicaSetsToRetry(
+  d: V1Deployment,
+  replicaSets: readonly V1ReplicaSet[],
+  now: number,
+): V1ReplicaSet[] {
+  const uid = d.metadata?.uid;
+  return replicaSets.filter((rs) => {
+    if (!uid || !rs.metadata?.ownerReferences?.some((o) => o.uid === uid)) return false;
+    const refused = rs.status?.conditions?.some(
+      (c) => c.type === "ReplicaFailure" && c.status === "True" && c.reason === "FailedCreate",
+    );
+    const asked = Date.parse(rs.metadata.annotations?.[RETRY_ANNOTATION] ?? "");
+    return refused && !(now - asked < RETRY_EVERY_MS);
+  });
+}
 
 /**
  * The kubelet's Normal Events of a pod's containers: it pulls, creates and starts them only
@@ -280,6 +310,50 @@ export class KubeClient {
     const events = await this.#events("Pod", pod.metadata);
     const failing = events && mountFailure(events, now);
     return failing ? `${failing.reason}: ${failing.message?.trim() ?? ""}` : null;
+  }
+
+  /**
+   * Asks the ReplicaSet controller to try again at once to create the pods it was refused
+   * for Deployment `d` (replicaSetsToRetry); the names of the ReplicaSets asked. An older
+   * chart's RBAC (no ReplicaSets) is logged once and asks nothing.
+   */
+  async retryRefusedPods(d: V1Deployment, now = Date.now()): Promise<string[]> {
+    const namespace = d.metadata?.namespace ?? "";
+    const labels = d.spec?.selector?.matchLabels ?? {};
+    let replicaSets: V1ReplicaSet[];
+    try {
+      replicaSets = (
+        await this.apps.listNamespacedReplicaSet({
+          namespace,
+          labelSelector: Object.entries(labels)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(","),
+        })
+      ).items;
+    } catch (err) {
+      if (httpStatus(err) !== 403) throw err;
+      const key = `${namespace} ReplicaSet`;
+      if (!this.#forbidden.has(key)) {
+        this.#forbidden.add(key);
+        this.#log(
+          `cannot list ReplicaSets in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); pods refused (a ResourceQuota without room) are tried again only at the ReplicaSet controller's backoff, up to ~17 minutes after the room is there`,
+        );
+      }
+      return [];
+    }
+    const asked: string[] = [];
+    for (const rs of replicaSetsToRetry(d, replicaSets, now)) {
+      await this.apps.patchNamespacedReplicaSet(
+        {
+          name: rs.metadata!.name!,
+          namespace,
+          body: { metadata: { annotations: { [RETRY_ANNOTATION]: new Date(now).toISOString() } } },
+        },
+        setHeaderOptions("Content-Type", PatchStrategy.MergePatch),
+      );
+      asked.push(rs.metadata!.name!);
+    }
+    return asked;
   }
 
   /** The newest Warning Event about an object, as `reason: message`. */

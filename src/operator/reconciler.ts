@@ -42,6 +42,7 @@ import {
 import {
   computeStatus,
   containerProblems,
+  failedCreate,
   idleGpusMessage,
   type Problem,
   podsNotCreatedProblem,
@@ -287,6 +288,14 @@ export class Reconciler {
     if (desiredDeployments) problems.push(...(await this.#pendingClaims(model, claim)));
     const refused = podsNotCreatedProblem(deployments.filter((d) => !isPreviousCopy(d)));
     if (refused) problems.push(refused);
+    // Refused pods tried again now, not at the ReplicaSet controller's backoff (up to ~17
+    // minutes): the room may be there since (a quota raised, a RuntimeClass made).
+    for (const d of deployments.filter((d) => failedCreate(d)))
+      await this.#kube.retryRefusedPods(d).catch((err: unknown) => {
+        this.#opts.log?.(
+          `${model.metadata.namespace}/${d.metadata?.name}: asking its ReplicaSets to try its pods again failed: ${formatError(err)}`,
+        );
+      });
     const unplaced = unschedulableProblem(pods, deployments);
     if (unplaced) problems.push(unplaced);
     // GPUs the spec requests and no process uses: said once per spec change (the Ready

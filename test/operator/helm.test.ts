@@ -94,6 +94,7 @@ const OPERATOR_RULES = [
     resources: ["deployments"],
     verbs: ["get", "list", "watch", "create", "update", "patch", "delete"],
   },
+  { apiGroups: ["apps"], resources: ["replicasets"], verbs: ["list", "patch"] },
   {
     apiGroups: ["policy"],
     resources: ["poddisruptionbudgets"],

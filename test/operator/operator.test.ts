@@ -1653,7 +1653,21 @@ describe.sequential("expertmesh operator", () => {
     expect(condition(quota, "Ready")).toMatchObject({ status: "False", reason: "PodsNotCreated" });
     const columns = await kubectl(["-n", ns, "get", "dsm", "refused", "--no-headers"]);
     expect(columns.stdout).toContain("PodsNotCreated");
-    // Room for it: the ReplicaSet controller's next try (after its backoff) makes the pod.
+    // Each refused ReplicaSet is asked to try again (an annotation, every 30 s at most), so
+    // that room made later is taken at once, not at the ReplicaSet controller's backoff.
+    await waitFor("both refused ReplicaSets asked to try again", async () => {
+      const rs = await kubectl([
+        "-n",
+        ns,
+        "get",
+        "rs",
+        "-o",
+        'jsonpath={range .items[*]}{.metadata.annotations.expertmesh\\.io/pods-retried-at}{"\\n"}{end}',
+      ]);
+      const asked = rs.stdout.split("\n").filter((t) => !Number.isNaN(Date.parse(t)));
+      return asked.length === 2 || undefined;
+    });
+    // Room for it: the ReplicaSet controller's next try makes the pod.
     await core.replaceNamespacedResourceQuota({
       name: "pods",
       namespace: ns,

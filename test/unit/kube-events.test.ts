@@ -1,9 +1,15 @@
 // Which of a pod's Events say that a volume keeps failing to attach or mount
-// (src/operator/kube.ts failingMount): the reason the operator gives for a pod waiting on
-// its node (Degraded VolumeMountFailed).
-import type { CoreV1Event } from "@kubernetes/client-node";
+// (src/operator/kube.ts failingMount, mountFailure): the reason the operator gives for a pod
+// waiting on its node (Degraded VolumeMountFailed); and which ReplicaSets whose pods were
+// refused are asked to try again (replicaSetsToRetry: Degraded PodsNotCreated).
+import type { CoreV1Event, V1Deployment, V1ReplicaSet } from "@kubernetes/client-node";
 import { describe, expect, it } from "vitest";
-import { failingMount, mountFailure } from "../../src/operator/kube.ts";
+import {
+  failingMount,
+  mountFailure,
+  RETRY_ANNOTATION,
+  replicaSetsToRetry,
+} from "../../src/operator/kube.ts";
 
 const now = Date.UTC(2026, 11, 6, 9, 10, 0);
 const ago = (s: number) => new Date(now - s * 1000);
@@ -89,5 +95,54 @@ describe("mountFailure: the newest failing mount, unless the kubelet went on to 
     ["no events", [], undefined],
   ])("%s", (_what, events, message) => {
     expect(mountFailure(events, now)?.message).toBe(message);
+  });
+});
+
+describe("replicaSetsToRetry: a Deployment's refused ReplicaSets, at most every 30 s", () => {
+  const d: V1Deployment = { metadata: { name: "m-gateway", uid: "d1" } };
+  const rs = (o: {
+    name?: string;
+    owner?: string;
+    refused?: boolean;
+    reason?: string;
+    askedAgo?: number;
+    asked?: string;
+  }): V1ReplicaSet => ({
+    metadata: {
+      name: o.name ?? "m-gateway-abc",
+      ownerReferences: [
+        { apiVersion: "apps/v1", kind: "Deployment", name: "x", uid: o.owner ?? "d1" },
+      ],
+      annotations:
+        o.asked !== undefined
+          ? { [RETRY_ANNOTATION]: o.asked }
+          : o.askedAgo !== undefined
+            ? { [RETRY_ANNOTATION]: ago(o.askedAgo).toISOString() }
+            : {},
+    },
+    spec: { selector: {} },
+    status: {
+      replicas: 0,
+      conditions:
+        o.refused === false
+          ? []
+          : [{ type: "ReplicaFailure", status: "True", reason: o.reason ?? "FailedCreate" }],
+    },
+  });
+  it.each<[string, V1ReplicaSet[], string[]]>([
+    ["refused, never asked", [rs({})], ["m-gateway-abc"]],
+    ["asked 10 s ago: not yet", [rs({ askedAgo: 10 })], []],
+    ["asked 30 s ago: again", [rs({ askedAgo: 30 })], ["m-gateway-abc"]],
+    ["an annotation that is no time: asked", [rs({ asked: "soon" })], ["m-gateway-abc"]],
+    ["not refused", [rs({ refused: false })], []],
+    ["another ReplicaFailure reason", [rs({ reason: "FailedDelete" })], []],
+    ["another Deployment's", [rs({ owner: "d2" })], []],
+    [
+      "the refused ones of several",
+      [rs({ name: "a" }), rs({ name: "b", refused: false }), rs({ name: "c", askedAgo: 45 })],
+      ["a", "c"],
+    ],
+  ])("%s", (_what, sets, names) => {
+    expect(replicaSetsToRetry(d, sets, now).map((r) => r.metadata!.name)).toEqual(names);
   });
 });

@@ -118,6 +118,11 @@ Leases are not here: leader election gets its own Role in the release namespace.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+# A ReplicaSet whose pods were refused (a ResourceQuota without room) is annotated so that the
+# ReplicaSet controller tries again at once, not at its backoff of up to ~17 minutes.
+- apiGroups: ["apps"]
+  resources: ["replicasets"]
+  verbs: ["list", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
