@@ -376,6 +376,10 @@ function podSpec(
       runAsUser: 10001,
       runAsGroup: 10001,
       fsGroup: 10001,
+      // The shared claims the pods write (a Hub download, the prefix cache's disk tier, the
+      // files folder) hold thousands of files: their group is set when a volume's top folder
+      // is not the pods' yet, not on every pod's start (the kubelet's default walks them all).
+      fsGroupChangePolicy: "OnRootMismatch",
       seccompProfile: { type: "RuntimeDefault" },
     },
     terminationGracePeriodSeconds: 60,

@@ -376,7 +376,15 @@ describe("desiredObjects", () => {
       name: "model",
       persistentVolumeClaim: { claimName: "weights", readOnly: true },
     });
-    expect(pod.securityContext.runAsNonRoot).toBe(true);
+    expect(pod.securityContext).toEqual({
+      runAsNonRoot: true,
+      runAsUser: 10001,
+      runAsGroup: 10001,
+      fsGroup: 10001,
+      // (not every file of a shared claim's thousands chowned at each pod's start)
+      fsGroupChangePolicy: "OnRootMismatch",
+      seccompProfile: { type: "RuntimeDefault" },
+    });
   });
 
   it("requests each role's GPUs as its gpuResource (MIG profiles, shared GPUs); nvidia.com/gpu by default", () => {
