@@ -10,25 +10,18 @@
 // folder the gateways share (--files-dir: `<dir>/conversations/<id>.jsonl`, a record a line,
 // each appended in one write), so that gateways adding to one conversation at once do not
 // overwrite each other's items, and every gateway on the folder finds every conversation.
-import {
-  appendFileSync,
-  closeSync,
-  constants,
-  openSync,
-  readFileSync,
-  rmSync,
-  statSync,
-} from "node:fs";
+import { appendFileSync, closeSync, constants, openSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
-import type { FolderQuota } from "./files.ts";
+import { type FolderQuota, removeCounted } from "./files.ts";
 import {
   InputItem,
   type InputListItem,
   inputItemsOf,
+  itemsPage,
   messagesOf,
   newId,
   type ResponsesRequest,
@@ -212,15 +205,7 @@ export class FolderLogs implements ConversationLogs {
 
   remove(id: string): boolean {
     const path = this.#path(id);
-    if (!path) return false;
-    try {
-      const { size } = statSync(path);
-      rmSync(path);
-      this.#quota?.grew(-size);
-      return true;
-    } catch {
-      return false;
-    }
+    return path !== null && removeCounted(path, this.#quota);
   }
 
   refusal(): ApiError | null {
@@ -344,32 +329,6 @@ const AddQuery = Type.Object({
 type Params = { id: string };
 type ItemParams = { id: string; item_id: string };
 
-/** A page of items, as OpenAI's lists are. */
-export function itemsPage(
-  items: readonly ConversationItem[],
-  q: { limit?: string; order?: "asc" | "desc"; after?: string },
-  param = "after",
-) {
-  const limit = Number(q.limit ?? 20);
-  let ordered = q.order === "asc" ? [...items] : [...items].reverse();
-  if (q.after !== undefined) {
-    const at = ordered.findIndex((i) => i.id === q.after);
-    if (at < 0)
-      throw new ApiError("EM_GATEWAY_BAD_REQUEST", `no item '${q.after.slice(0, 80)}' here`, {
-        param,
-      });
-    ordered = ordered.slice(at + 1);
-  }
-  const data = ordered.slice(0, limit);
-  return {
-    object: "list",
-    data,
-    first_id: data[0]?.id ?? null,
-    last_id: data.at(-1)?.id ?? null,
-    has_more: ordered.length > limit,
-  };
-}
-
 /** The routes plugin; `owner` says who a request is (a conversation is found only by its owner). */
 export function conversationsRoutes(
   conversations: Conversations,
@@ -406,7 +365,7 @@ export function conversationsRoutes(
     app.get<{ Params: Params; Querystring: Static<typeof ItemsQuery> }>(
       "/v1/conversations/:id/items",
       { schema: { querystring: ItemsQuery } },
-      async (req) => itemsPage(find(req).items, req.query),
+      async (req) => itemsPage(find(req).items, req.query, `conversation '${req.params.id}'`),
     );
     app.post<{
       Params: Params;
@@ -419,7 +378,7 @@ export function conversationsRoutes(
         const c = find(req);
         const added = addedItems(req.body.items);
         if (!conversations.add(c.id, added)) throw notFound(c.id, null);
-        return itemsPage(added, { order: "asc", limit: "100" });
+        return itemsPage(added, { order: "asc", limit: "100" }, "");
       },
     );
     app.get<{ Params: ItemParams; Querystring: Static<typeof AddQuery> }>(

@@ -29,6 +29,18 @@ import { ExpertMeshError } from "../util/errors.ts";
 import { makeDirs, readJson, writeJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
+/** Removes file `path` of a folder, its bytes counted out of `quota`; false when it was not there. */
+export function removeCounted(path: string, quota: FolderQuota | null): boolean {
+  try {
+    const { size } = statSync(path);
+    rmSync(path);
+    quota?.grew(-size);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * How much a files folder (its files/, batches/ and responses/) may hold: uploads that would take it past
  * `maxBytes` are refused, batches are refused and their lines wait while it is full (an

@@ -17,7 +17,7 @@
 import { existsSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { makeDirs, readJson, writeFileAtomic, writeJson } from "../util/fs.ts";
-import type { FolderQuota } from "./files.ts";
+import { type FolderQuota, removeCounted } from "./files.ts";
 import { EventFile, EventLog, followFile } from "./response-events.ts";
 import type { Kept, KeptResponses } from "./responses.ts";
 
@@ -119,16 +119,8 @@ export class ResponseFiles implements KeptResponses {
     return this.#remove(path);
   }
 
-  /** Removes a file of the folder, its bytes counted out; false when it was not there. */
   #remove(path: string): boolean {
-    try {
-      const { size } = statSync(path);
-      rmSync(path);
-      this.#quota?.grew(-size);
-      return true;
-    } catch {
-      return false;
-    }
+    return removeCounted(path, this.#quota);
   }
 
   eventLog(id: string): EventLog {

@@ -207,6 +207,33 @@ const InputItemsQuery = Type.Object({
 type InputItemsQuery = Static<typeof InputItemsQuery>;
 
 /**
+ * A page of items (ids first: a response's input items, a conversation's), as OpenAI's
+ * lists are: newest first unless order=asc, `limit` (default 20) after item `after` of
+ * `holder`'s (400 `after` when it has none such).
+ */
+export function itemsPage(
+  items: readonly InputListItem[],
+  q: { limit?: string | undefined; order?: "asc" | "desc" | undefined; after?: string | undefined },
+  holder: string,
+) {
+  const limit = q.limit === undefined ? 20 : Number(q.limit);
+  let ordered = q.order === "asc" ? [...items] : [...items].reverse();
+  if (q.after !== undefined) {
+    const at = ordered.findIndex((i) => i.id === q.after);
+    if (at < 0) throw bad(`${holder.slice(0, 100)} has no item '${q.after.slice(0, 80)}'`, "after");
+    ordered = ordered.slice(at + 1);
+  }
+  const data = ordered.slice(0, limit);
+  return {
+    object: "list",
+    data,
+    first_id: data[0]?.id ?? null,
+    last_id: data.at(-1)?.id ?? null,
+    has_more: ordered.length > limit,
+  };
+}
+
+/**
  * Query of GET /v1/responses/{id}: stream=true sends a background response's events (from
  * the start, or after number starting_after) until its last; include is accepted, as for a
  * request.
@@ -891,26 +918,7 @@ export function responsesRoutes(
       async (req) => {
         const kept = find(req, req.params.id);
         if (!kept) throw notFound(req.params.id, null);
-        const { order = "desc", after } = req.query;
-        const limit = req.query.limit === undefined ? 20 : Number(req.query.limit);
-        let items = order === "desc" ? [...kept.inputItems].reverse() : [...kept.inputItems];
-        if (after !== undefined) {
-          const at = items.findIndex((i) => i.id === after);
-          if (at < 0)
-            throw bad(
-              `response '${req.params.id}' has no input item '${after.slice(0, 80)}'`,
-              "after",
-            );
-          items = items.slice(at + 1);
-        }
-        const data = items.slice(0, limit);
-        return {
-          object: "list",
-          data,
-          first_id: data[0]?.id ?? null,
-          last_id: data.at(-1)?.id ?? null,
-          has_more: items.length > limit,
-        };
+        return itemsPage(kept.inputItems, req.query, `response '${req.params.id}'`);
       },
     );
     app.delete<{ Params: { id: string } }>("/v1/responses/:id", async (req) => {
