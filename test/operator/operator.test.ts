@@ -7,6 +7,7 @@ import { fileURLToPath } from "node:url";
 import {
   CoordinationV1Api,
   CoreV1Api,
+  type CoreV1Event,
   CustomObjectsApi,
   StorageV1Api,
 } from "@kubernetes/client-node";
@@ -750,25 +751,30 @@ describe.sequential("expertmesh operator", () => {
         },
       });
       const why = `Multi-Attach error for volume "${ns}-weights" Volume is already used by pod(s) mount-gateway-0`;
-      await core.createNamespacedEvent({
-        namespace: ns,
-        body: {
-          metadata: { generateName: `${name}.` },
-          involvedObject: {
-            kind: "Pod",
-            apiVersion: "v1",
-            namespace: ns,
-            name,
-            uid: shardPod!.metadata!.uid!,
+      /** An Event about the shard pod, as its component would record it. */
+      const podEvent = (e: Pick<CoreV1Event, "type" | "reason" | "message" | "count" | "source">) =>
+        core.createNamespacedEvent({
+          namespace: ns,
+          body: {
+            metadata: { generateName: `${name}.` },
+            involvedObject: {
+              kind: "Pod",
+              apiVersion: "v1",
+              namespace: ns,
+              name,
+              uid: shardPod!.metadata!.uid!,
+            },
+            firstTimestamp: new Date(),
+            lastTimestamp: new Date(),
+            ...e,
           },
-          type: "Warning",
-          reason: "FailedAttachVolume",
-          message: why,
-          source: { component: "attachdetach-controller" },
-          firstTimestamp: new Date(),
-          lastTimestamp: new Date(),
-          count: 4, // the controller says it again at each try
-        },
+        });
+      await podEvent({
+        type: "Warning",
+        reason: "FailedAttachVolume",
+        message: why,
+        source: { component: "attachdetach-controller" },
+        count: 4, // the controller says it again at each try
       });
       const m = await waitForCondition(ns, "mount", "Degraded", "True", "VolumeMountFailed");
       expect(condition(m, "Degraded")!.message).toBe(
@@ -777,25 +783,12 @@ describe.sequential("expertmesh operator", () => {
       expect(condition(m, "Ready")).toMatchObject({ status: "False", reason: "VolumeMountFailed" });
       // The volume attached at last: the kubelet pulls the image (a long pull keeps the pod
       // ContainerCreating, the Warning fresh for minutes more): not a mount problem now.
-      await core.createNamespacedEvent({
-        namespace: ns,
-        body: {
-          metadata: { generateName: `${name}.` },
-          involvedObject: {
-            kind: "Pod",
-            apiVersion: "v1",
-            namespace: ns,
-            name,
-            uid: shardPod!.metadata!.uid!,
-          },
-          type: "Normal",
-          reason: "Pulling",
-          message: `Pulling image "${shardPod!.spec!.containers[0]!.image!}"`,
-          source: { component: "kubelet" },
-          firstTimestamp: new Date(),
-          lastTimestamp: new Date(),
-          count: 1,
-        },
+      await podEvent({
+        type: "Normal",
+        reason: "Pulling",
+        message: `Pulling image "${shardPod!.spec!.containers[0]!.image!}"`,
+        source: { component: "kubelet" },
+        count: 1,
       });
       await waitForCondition(ns, "mount", "Degraded", "False", "AsExpected");
     } finally {
