@@ -167,9 +167,10 @@ ${natsAuthUsage(26)}
   --prompt-lookup-max N     longest run of last tokens looked up (default 4)
   --prompt-lookup-min N     shortest run that counts as a match (default 2)
   --responses-store N       responses kept in memory for previous_response_id and
-                            GET /v1/responses/{id} (default 1000; 0: none); with --files-dir
-                            they are kept in DIR/responses instead, for 30 days, found by
-                            every gateway on DIR and after a restart
+                            GET /v1/responses/{id} (default 1000; 0: none), and as many
+                            conversations (/v1/conversations); with --files-dir they are kept
+                            in DIR/responses (for 30 days) and DIR/conversations (until
+                            deleted) instead, found by every gateway on DIR and after a restart
   --files-dir DIR           serve OpenAI's Files and Batch APIs (/v1/files, /v1/batches): uploads,
                             batches and their outputs are kept in DIR, and a restart on the same
                             DIR goes on with the batches it finds (default: those routes refuse)
