@@ -378,6 +378,23 @@ spec:
       "a toleration key with a space",
       '  scheduling: { tolerations: [{ key: "a b", operator: Exists }] }\n',
     ],
+    // (found by the admission fuzzer, seed 5817: the API server refuses these in a PodSpec)
+    [
+      "a toleration with no key, not Exists",
+      "  scheduling: { tolerations: [{ effect: NoSchedule }] }\n",
+    ],
+    [
+      "a toleration with an empty key, Equal",
+      '  scheduling: { tolerations: [{ key: "", operator: Equal, value: x }] }\n',
+    ],
+    [
+      "a toleration Exists with a value",
+      "  scheduling: { tolerations: [{ key: gpu, operator: Exists, value: x }] }\n",
+    ],
+    [
+      "tolerationSeconds without NoExecute",
+      "  scheduling: { tolerations: [{ key: gpu, operator: Exists, tolerationSeconds: 30 }] }\n",
+    ],
     ["a RuntimeClass name in capitals", "  scheduling: { runtimeClassName: NVIDIA }\n"],
     ["a PriorityClass name with an underscore", "  scheduling: { priorityClassName: high_prio }\n"],
   ])("refuses %s (the workloads' own validation would, later)", (_what, extra) => {
