@@ -14,9 +14,10 @@
 //    messages and response as the gateway keeps them, ~TURN_CHARS characters), ITERATIONS
 //    turns per side and round, alternating; per round the median µs of a turn.
 //    The same for a conversation (conversations.ts, ADR 0053) of the same depth, a record a
-//    turn: a turn's work (find: read and fold the log; add the turn's two items, one record
-//    appended) in memory (MemoryLogs) and in the folder (FolderLogs), CONV_ITERATIONS turns
-//    per side and round, each on a conversation made afresh (not timed) at that depth.
+//    turn: a turn's work (find; add the turn's two items, one record appended) in memory
+//    (MemoryLogs) and in the folder (FolderLogs), CONV_ITERATIONS turns per side and round,
+//    each on a conversation made afresh (not timed) at that depth: the first turn a gateway
+//    serves in it (the whole log read and folded) and the next (only the record since).
 // 3. What a background response's events cost (response-events.ts, ADR 0052): on each of
 //    the two gateways, the same streamed request (STREAM_OUTPUT tokens, greedy) in the
 //    foreground (the peer: its events written to the client only) and with background
@@ -59,9 +60,14 @@ export interface ResponsesResults {
     keptBytes: number;
     memoryUs: Stats;
     folderUs: Stats;
-    /** A conversation of that depth: a turn's find and add (µs), in memory and in the folder. */
+    /**
+     * A conversation of that depth: a turn's find and add (µs), in memory and in the folder,
+     * the gateway having found it at the turn before; and as the first turn a gateway serves.
+     */
     conversationMemoryUs?: Stats;
     conversationFolderUs?: Stats;
+    conversationMemoryFirstUs?: Stats;
+    conversationFolderFirstUs?: Stats;
   }[];
   /** A streamed response until its last event (ms): foreground and background, per side. */
   streamed?: {
@@ -177,22 +183,29 @@ function turnItems(t: number): ConversationItem[] {
 
 /**
  * CONV_ITERATIONS turns on conversations of `depth` turns in `logs` (each made afresh, a
- * record a turn, not timed): the median µs of a turn's find (read, fold) and add.
+ * record a turn, not timed): the median µs of a turn's find and add, as the first turn a
+ * gateway serves in it (`first`: the whole log read and folded) and as the next one (`next`:
+ * the gateway found it at the turn before, then added that turn's record; only that record
+ * is read and folded).
  */
-function conversationTurns(logs: ConversationLogs, depth: number): number {
-  const conversations = new Conversations(logs);
-  const times: number[] = [];
-  for (let i = 0; i < CONV_ITERATIONS; i++) {
-    const c = conversations.make("", {}, []);
-    for (let t = 0; t < depth; t++) conversations.append(c.id, turnItems(t));
+function conversationTurns(logs: ConversationLogs, depth: number): { first: number; next: number } {
+  const times = { first: [] as number[], next: [] as number[] };
+  const turn = (conversations: Conversations, id: string, t: number) => {
     const t0 = performance.now();
-    const found = conversations.find("", c.id);
-    if (found?.items.length !== 2 * depth) throw new Error(`conversation ${c.id} lost items`);
-    conversations.add(c.id, turnItems(depth));
-    times.push((performance.now() - t0) * 1000);
+    const found = conversations.find("", id);
+    if (found?.items.length !== 2 * t) throw new Error(`conversation ${id} lost items`);
+    conversations.add(id, turnItems(t));
+    return (performance.now() - t0) * 1000;
+  };
+  for (let i = 0; i < CONV_ITERATIONS; i++) {
+    const conversations = new Conversations(logs); // (nothing folded yet: a gateway started)
+    const c = conversations.make("", {}, []);
+    for (let t = 0; t < depth - 1; t++) conversations.append(c.id, turnItems(t));
+    times.first.push(turn(conversations, c.id, depth - 1));
+    times.next.push(turn(conversations, c.id, depth));
     conversations.delete(c.id);
   }
-  return median(times);
+  return { first: median(times.first), next: median(times.next) };
 }
 
 /** ITERATIONS turns of store work on `store` (read the last, keep the next); µs per turn. */
@@ -243,21 +256,29 @@ export async function runResponses(o: {
         // A conversation of the same depth, a record a turn (memory and folder alternating).
         const convMemory = new MemoryLogs(1000);
         const convFolder = new FolderLogs(join(dir, "store"), null);
-        const conv = { memory: [] as number[], folder: [] as number[] };
+        const conv = {
+          memory: { first: [] as number[], next: [] as number[] },
+          folder: { first: [] as number[], next: [] as number[] },
+        };
         conversationTurns(convMemory, depth); // (warm-up of each)
         conversationTurns(convFolder, depth);
         for (let round = 0; round < rounds; round++)
           for (const side of round % 2 === 0
             ? (["memory", "folder"] as const)
-            : (["folder", "memory"] as const))
-            conv[side].push(conversationTurns(side === "memory" ? convMemory : convFolder, depth));
+            : (["folder", "memory"] as const)) {
+            const t = conversationTurns(side === "memory" ? convMemory : convFolder, depth);
+            conv[side].first.push(t.first);
+            conv[side].next.push(t.next);
+          }
         const row = {
           depth,
           keptBytes: Buffer.byteLength(JSON.stringify(kept)),
           memoryUs: stats(acc.memory),
           folderUs: stats(acc.folder),
-          conversationMemoryUs: stats(conv.memory),
-          conversationFolderUs: stats(conv.folder),
+          conversationMemoryUs: stats(conv.memory.next),
+          conversationFolderUs: stats(conv.folder.next),
+          conversationMemoryFirstUs: stats(conv.memory.first),
+          conversationFolderFirstUs: stats(conv.folder.first),
         };
         store.push(row);
         o.log(
@@ -379,14 +400,14 @@ function conversationTable(rows: ResponsesResults["store"]): string {
   const ratio = (a: Stats, b: Stats) => (a.median / b.median).toFixed(2);
   return `
 
-The same turn kept in a conversation instead (\`conversation\`, ADR 0053: a log of records, a record a turn, read and folded whole, the new turn's items appended), ${CONV_ITERATIONS} turns per side and round, each on a conversation made afresh at that depth; against the response store of the same place (above) as the peer:
+The same turn kept in a conversation instead (\`conversation\`, ADR 0053: a log of records, a record a turn; the conversation found, then the turn's items appended), ${CONV_ITERATIONS} turns per side and round on conversations made afresh at each depth: a turn after the gateway found the conversation at the turn before (the records since read and folded on what it keeps folded), against the response store of the same place (above) as the peer; and the first turn a gateway serves in it (the whole log read and folded):
 
-| conversation | in memory (µs) | against responses in memory | in the folder (µs) | against responses in the folder |
-|---:|---:|---:|---:|---:|
+| conversation | in memory (µs) | against responses in memory | in the folder (µs) | against responses in the folder | first turn on a gateway, memory / folder (µs) |
+|---:|---:|---:|---:|---:|---:|
 ${rows
   .map(
     (s) =>
-      `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${medianRange(s.conversationMemoryUs!, 1)} | **${ratio(s.conversationMemoryUs!, s.memoryUs)}x** | ${medianRange(s.conversationFolderUs!, 1)} | **${ratio(s.conversationFolderUs!, s.folderUs)}x** |`,
+      `| ${s.depth} turn${s.depth === 1 ? "" : "s"} | ${medianRange(s.conversationMemoryUs!, 1)} | **${ratio(s.conversationMemoryUs!, s.memoryUs)}x** | ${medianRange(s.conversationFolderUs!, 1)} | **${ratio(s.conversationFolderUs!, s.folderUs)}x** | ${s.conversationMemoryFirstUs ? `${s.conversationMemoryFirstUs.median.toFixed(1)} / ${s.conversationFolderFirstUs!.median.toFixed(1)}` : "-"} |`,
   )
   .join("\n")}`;
 }

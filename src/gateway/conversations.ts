@@ -10,7 +10,7 @@
 // folder the gateways share (--files-dir: `<dir>/conversations/<id>.jsonl`, a record a line,
 // each appended in one write), so that gateways adding to one conversation at once do not
 // overwrite each other's items, and every gateway on the folder finds every conversation.
-import { appendFileSync, closeSync, constants, openSync, readFileSync } from "node:fs";
+import { appendFileSync, closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
@@ -46,16 +46,20 @@ const Metadata = Type.Record(Type.String({ maxLength: 64 }), Type.String({ maxLe
   maxProperties: 16,
 });
 
+/** A conversation's log folded so far (what `foldInto` goes on from). */
+export interface Folded {
+  made: Omit<Conversation, "items">;
+  metadata: Record<string, string>;
+  items: ConversationItem[];
+}
+
 /**
  * A conversation's log lines (JSON records: {made}, then {items}, {metadata} or {deleted}
- * in the order written) folded into what it holds; undefined when its first record is
- * not the one that made it. A line that does not parse (the last, cut by a process killed
- * while it wrote) is passed over.
+ * in the order written) folded on top of `state` (the lines before them, folded; undefined:
+ * these are the first), which it changes; undefined when the first record is not the one
+ * that made it. A line that does not parse (one two writers mixed) is passed over.
  */
-export function fold(lines: readonly string[]): Conversation | undefined {
-  let made: Omit<Conversation, "items"> | undefined;
-  let metadata: Record<string, string> = {};
-  let items: ConversationItem[] = [];
+export function foldInto(state: Folded | undefined, lines: readonly string[]): Folded | undefined {
   for (const line of lines) {
     let r: { made?: unknown; items?: unknown; metadata?: unknown; deleted?: unknown };
     try {
@@ -63,24 +67,42 @@ export function fold(lines: readonly string[]): Conversation | undefined {
     } catch {
       continue;
     }
-    if (made === undefined) {
+    if (state === undefined) {
       if (typeof r.made !== "object" || r.made === null) return undefined;
-      made = r.made as Omit<Conversation, "items">;
-      metadata = { ...made.metadata };
-    } else if (Array.isArray(r.items)) items.push(...(r.items as ConversationItem[]));
+      const made = r.made as Omit<Conversation, "items">;
+      state = { made, metadata: { ...made.metadata }, items: [] };
+    } else if (Array.isArray(r.items)) state.items.push(...(r.items as ConversationItem[]));
     else if (typeof r.metadata === "object" && r.metadata !== null)
-      metadata = r.metadata as Record<string, string>;
-    else if (typeof r.deleted === "string") items = items.filter((i) => i.id !== r.deleted);
+      state.metadata = r.metadata as Record<string, string>;
+    else if (typeof r.deleted === "string")
+      state.items = state.items.filter((i) => i.id !== r.deleted);
   }
-  return made && { ...made, metadata, items };
+  return state;
+}
+
+/** A whole log's lines folded into what the conversation holds. */
+export function fold(lines: readonly string[]): Conversation | undefined {
+  const s = foldInto(undefined, lines);
+  return s && { ...s.made, metadata: s.metadata, items: s.items };
+}
+
+/** A log read from a cursor: its whole lines after it, and the cursor after them. */
+export interface LogRead {
+  lines: string[];
+  cursor: number;
+  /** The log is shorter than the cursor (not the one it was in): these lines are all of it. */
+  restarted: boolean;
 }
 
 /** Where a gateway keeps conversations' logs: its memory, or the shared files folder. */
 export interface ConversationLogs {
   /** Whether this gateway keeps any (a memory store of capacity 0 does not). */
   readonly keeps: boolean;
-  /** Conversation `id`'s log, as lines; undefined when it is not kept. */
-  lines(id: string): string[] | undefined;
+  /**
+   * Conversation `id`'s log from `cursor` (0: its start; else a cursor an earlier read
+   * gave), as its whole lines; undefined when it is not kept.
+   */
+  read(id: string, cursor: number): LogRead | undefined;
   /** Starts the log of a new conversation. */
   make(id: string, line: string): void;
   /** Adds a line to `id`'s log: false when it is not kept (deleted meanwhile). */
@@ -109,12 +131,18 @@ export class MemoryLogs implements ConversationLogs {
     return this.#capacity > 0;
   }
 
-  lines(id: string): string[] | undefined {
+  /** (the cursor: a count of lines) */
+  read(id: string, cursor: number): LogRead | undefined {
     const log = this.#logs.get(id);
     if (!log) return undefined;
     this.#logs.delete(id); // (used: the newest)
     this.#logs.set(id, log);
-    return [...log.lines];
+    const restarted = cursor > log.lines.length;
+    return {
+      lines: log.lines.slice(restarted ? 0 : cursor),
+      cursor: log.lines.length,
+      restarted,
+    };
   }
 
   make(id: string, line: string): void {
@@ -168,13 +196,35 @@ export class FolderLogs implements ConversationLogs {
     return ID.test(id) ? join(this.#dir, `${id}.jsonl`) : null;
   }
 
-  lines(id: string): string[] | undefined {
+  /**
+   * (the cursor: a count of bytes) Reads only what was appended since `cursor`; a line still
+   * being written (no line end yet) is left for the next read.
+   */
+  read(id: string, cursor: number): LogRead | undefined {
     const path = this.#path(id);
     if (!path) return undefined;
+    let fd: number;
     try {
-      return readFileSync(path, "utf8").split("\n").filter(Boolean);
+      fd = openSync(path, "r");
     } catch {
       return undefined;
+    }
+    try {
+      const size = fstatSync(fd).size;
+      const restarted = size < cursor;
+      const from = restarted ? 0 : cursor;
+      const buf = Buffer.alloc(size - from);
+      let got = 0;
+      while (got < buf.length) {
+        const n = readSync(fd, buf, got, buf.length - got, from + got);
+        if (n === 0) break;
+        got += n;
+      }
+      const whole = got === 0 ? 0 : buf.lastIndexOf(10, got - 1) + 1; // (10: a line end)
+      const lines = whole === 0 ? [] : buf.toString("utf8", 0, whole).split("\n").filter(Boolean);
+      return { lines, cursor: from + whole, restarted };
+    } finally {
+      closeSync(fd);
     }
   }
 
@@ -213,9 +263,19 @@ export class FolderLogs implements ConversationLogs {
   }
 }
 
-/** The conversations of a gateway, whoever asks (the routes check the owner). */
+/** The most conversations kept folded (Conversations' cache), and the most log characters. */
+const FOLDED_ENTRIES = 256;
+const FOLDED_CHARS = 16 * 2 ** 20;
+
+/**
+ * The conversations of a gateway, whoever asks (the routes check the owner). The ones last
+ * found are kept folded, with where their log was read to: the next find reads and folds only
+ * the records appended since (by any gateway on the folder), not the whole log again.
+ */
 export class Conversations {
   readonly logs: ConversationLogs;
+  readonly #folded = new Map<string, { cursor: number; state: Folded; chars: number }>();
+  #foldedChars = 0;
 
   constructor(logs: ConversationLogs) {
     this.logs = logs;
@@ -223,9 +283,30 @@ export class Conversations {
 
   /** Conversation `id` as `owner` finds it (another owner's is not there for them). */
   find(owner: string, id: string): Conversation | undefined {
-    const lines = this.logs.lines(id);
-    const c = lines && fold(lines);
-    return c && c.owner === owner ? c : undefined;
+    const hit = this.#folded.get(id);
+    if (hit) this.#unfold(id);
+    const read = this.logs.read(id, hit?.cursor ?? 0);
+    if (!read) return undefined;
+    const base = hit && !read.restarted ? hit : undefined;
+    const state = foldInto(base?.state, read.lines);
+    if (!state) return undefined;
+    const chars = (base?.chars ?? 0) + read.lines.reduce((n, l) => n + l.length, 0);
+    this.#folded.set(id, { cursor: read.cursor, state, chars });
+    this.#foldedChars += chars;
+    for (const [old] of this.#folded) {
+      if (this.#folded.size <= FOLDED_ENTRIES && this.#foldedChars <= FOLDED_CHARS) break;
+      this.#unfold(old);
+    }
+    if (state.made.owner !== owner) return undefined;
+    // (copies: the folded state goes on changing)
+    return { ...state.made, metadata: { ...state.metadata }, items: [...state.items] };
+  }
+
+  #unfold(id: string): void {
+    const f = this.#folded.get(id);
+    if (!f) return;
+    this.#folded.delete(id);
+    this.#foldedChars -= f.chars;
   }
 
   /** Conversation `id` as `owner` finds it; else 404 (about request field `param`). */
@@ -270,6 +351,7 @@ export class Conversations {
   }
 
   delete(id: string): boolean {
+    this.#unfold(id);
     return this.logs.remove(id);
   }
 }

@@ -1,10 +1,16 @@
 // Conversations' logs (src/gateway/conversations.ts): records folded into what a
 // conversation holds, the memory store's bounds, the folder's files.
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { appendFileSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { Conversations, FolderLogs, fold, MemoryLogs } from "../../src/gateway/conversations.ts";
+import {
+  Conversations,
+  FolderLogs,
+  fold,
+  foldInto,
+  MemoryLogs,
+} from "../../src/gateway/conversations.ts";
 import { FolderQuota } from "../../src/gateway/files.ts";
 
 const made = { made: { id: "conv_a", created_at: 1, metadata: { k: "v" }, owner: "" } };
@@ -52,14 +58,46 @@ describe("fold", () => {
   });
 });
 
+describe("foldInto: a log folded in pieces is the log folded whole", () => {
+  const lines = [
+    line(made),
+    line({ items: [item("a"), item("b")] }),
+    line({ metadata: { x: "y" } }),
+    line({ deleted: "a" }),
+    line({ items: [item("c")] }),
+  ];
+  it.each([1, 2, 3, 4])("split after line %i", (at) => {
+    const first = foldInto(undefined, lines.slice(0, at));
+    const whole = fold(lines)!;
+    const s = foldInto(first, lines.slice(at))!;
+    expect({ ...s.made, metadata: s.metadata, items: s.items }).toEqual(whole);
+  });
+});
+
 describe("MemoryLogs", () => {
+  it("reads from a cursor: the lines after it; a cursor past the end starts again", () => {
+    const logs = new MemoryLogs(4);
+    logs.make("a", "1");
+    logs.append("a", "2");
+    const r = logs.read("a", 0)!;
+    expect(r).toEqual({ lines: ["1", "2"], cursor: 2, restarted: false });
+    logs.append("a", "3");
+    expect(logs.read("a", r.cursor)).toEqual({ lines: ["3"], cursor: 3, restarted: false });
+    expect(logs.read("a", 3)).toEqual({ lines: [], cursor: 3, restarted: false });
+    expect(logs.read("a", 9)).toEqual({ lines: ["1", "2", "3"], cursor: 3, restarted: true });
+  });
+
   it("keeps the newest `capacity` conversations, the least recently used out first", () => {
     const logs = new MemoryLogs(2);
     logs.make("a", "1");
     logs.make("b", "1");
-    logs.lines("a"); // (a used: b is the oldest now)
+    logs.read("a", 0); // (a used: b is the oldest now)
     logs.make("c", "1");
-    expect([logs.lines("a"), logs.lines("b"), logs.lines("c")]).toEqual([["1"], undefined, ["1"]]);
+    expect([logs.read("a", 0)?.lines, logs.read("b", 0)?.lines, logs.read("c", 0)?.lines]).toEqual([
+      ["1"],
+      undefined,
+      ["1"],
+    ]);
   });
 
   it("keeps `maxChars` characters at most, never pushing out the one written to", () => {
@@ -67,9 +105,9 @@ describe("MemoryLogs", () => {
     logs.make("a", "aaaa");
     logs.make("b", "bbbb");
     expect(logs.append("b", "bbbb")).toBe(true); // 12 > 10: a goes
-    expect(logs.lines("a")).toBeUndefined();
+    expect(logs.read("a", 0)?.lines).toBeUndefined();
     expect(logs.append("b", "bbbb")).toBe(true); // 12 alone: kept
-    expect(logs.lines("b")).toEqual(["bbbb", "bbbb", "bbbb"]);
+    expect(logs.read("b", 0)?.lines).toEqual(["bbbb", "bbbb", "bbbb"]);
     expect(logs.append("a", "x")).toBe(false);
   });
 
@@ -81,8 +119,8 @@ describe("MemoryLogs", () => {
   it("lines are a copy", () => {
     const logs = new MemoryLogs(1);
     logs.make("a", "1");
-    logs.lines("a")!.push("2");
-    expect(logs.lines("a")).toEqual(["1"]);
+    logs.read("a", 0)!.lines.push("2");
+    expect(logs.read("a", 0)?.lines).toEqual(["1"]);
   });
 });
 
@@ -126,10 +164,53 @@ describe("FolderLogs", () => {
     quota.close();
   });
 
+  it("reads only what was appended since its cursor; a line still being written is left for the next read", () => {
+    const dir = folder();
+    const logs = new FolderLogs(dir, null);
+    const id = `conv_${"1".repeat(24)}`;
+    logs.make(id, "one");
+    const path = join(dir, "conversations", `${id}.jsonl`);
+    const a = logs.read(id, 0)!;
+    expect(a).toEqual({ lines: ["one"], cursor: 4, restarted: false });
+    appendFileSync(path, 'two\n{"items":[');
+    const b = logs.read(id, a.cursor)!;
+    expect(b).toEqual({ lines: ["two"], cursor: 8, restarted: false });
+    appendFileSync(path, "]}\n");
+    expect(logs.read(id, b.cursor)).toEqual({
+      lines: ['{"items":[]}'],
+      cursor: 21,
+      restarted: false,
+    });
+    writeFileSync(path, "new\n"); // (shorter than the cursor: read whole)
+    expect(logs.read(id, 21)).toEqual({ lines: ["new"], cursor: 4, restarted: true });
+  });
+
+  it("Conversations fold only what another gateway appended since their last find", () => {
+    const dir = folder();
+    const here = new Conversations(new FolderLogs(dir, null));
+    const there = new Conversations(new FolderLogs(dir, null));
+    const conv = here.make("o", {}, [item("msg_a")]);
+    expect(there.find("o", conv.id)?.items.map((i) => i.id)).toEqual(["msg_a"]);
+    const before = there.find("o", conv.id)!;
+    here.add(conv.id, [item("msg_b")]);
+    here.deleteItem(conv.id, "msg_a");
+    here.setMetadata(conv.id, { k: "v" });
+    const after = there.find("o", conv.id)!;
+    expect([after.items.map((i) => i.id), after.metadata]).toEqual([["msg_b"], { k: "v" }]);
+    expect(before.items.map((i) => i.id)).toEqual(["msg_a"]); // (what it found then, unchanged)
+    // A damaged record in the middle (two writers mixed) is passed over, the rest folded.
+    appendFileSync(join(dir, "conversations", `${conv.id}.jsonl`), '{"items":[{"id\n');
+    here.add(conv.id, [item("msg_c")]);
+    expect(there.find("o", conv.id)?.items.map((i) => i.id)).toEqual(["msg_b", "msg_c"]);
+    // Deleted on one gateway: gone on the other too.
+    here.delete(conv.id);
+    expect(there.find("o", conv.id)).toBeUndefined();
+  });
+
   it("ids it did not make name no file", () => {
     const logs = new FolderLogs(folder(), null);
     for (const id of ["../x", "conv_", "conv_zz", `resp_${"a".repeat(24)}`]) {
-      expect(logs.lines(id)).toBeUndefined();
+      expect(logs.read(id, 0)?.lines).toBeUndefined();
       expect(logs.append(id, "{}")).toBe(false);
       expect(logs.remove(id)).toBe(false);
     }
