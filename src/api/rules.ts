@@ -348,39 +348,6 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
         (t: { key?: string }) => t.key === undefined || t.key === "" || isLabelKey(t.key),
       ),
   },
-  // The API server's own checks of a toleration (ValidateTolerations), which would refuse
-  // every Deployment of a model admitted with one that fails them (the admission fuzzer,
-  // seed 5817: a toleration with neither key nor operator).
-  {
-    path: "spec.scheduling",
-    rule: "!has(self.tolerations) || self.tolerations.all(t, (has(t.key) && t.key != '') || (has(t.operator) && t.operator == 'Exists'))",
-    message:
-      "scheduling.tolerations: a toleration without a key matches every taint, so its operator must be Exists",
-    check: (s) =>
-      (s["tolerations"] ?? []).every(
-        (t: { key?: string; operator?: string }) => !!t.key || t.operator === "Exists",
-      ),
-  },
-  {
-    path: "spec.scheduling",
-    rule: "!has(self.tolerations) || self.tolerations.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')",
-    message: "scheduling.tolerations: a toleration with operator Exists has no value",
-    check: (s) =>
-      (s["tolerations"] ?? []).every(
-        (t: { operator?: string; value?: string }) => t.operator !== "Exists" || !t.value,
-      ),
-  },
-  {
-    path: "spec.scheduling",
-    rule: "!has(self.tolerations) || self.tolerations.all(t, !has(t.tolerationSeconds) || (has(t.effect) && t.effect == 'NoExecute'))",
-    message:
-      "scheduling.tolerations: tolerationSeconds (how long a pod stays once a NoExecute taint appears) needs effect NoExecute",
-    check: (s) =>
-      (s["tolerations"] ?? []).every(
-        (t: { tolerationSeconds?: number; effect?: string }) =>
-          t.tolerationSeconds === undefined || t.effect === "NoExecute",
-      ),
-  },
   {
     path: "spec.scheduling",
     rule: `!has(self.topologySpreadConstraints) || self.topologySpreadConstraints.all(c, ${labelKeyCel("c.topologyKey")} && (!has(c.matchLabelKeys) || c.matchLabelKeys.all(k, ${labelKeyCel("k")})))`,
@@ -538,6 +505,38 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
     check: (s) =>
       s["huggingFace"]?.sharedStorageClassName === undefined ||
       s["huggingFace"]?.downloaderImage === undefined,
+  }, // The API server's own checks of a toleration (ValidateTolerations), which would refuse
+  // every Deployment of a model admitted with one that fails them (the admission fuzzer,
+  // seed 5817: a toleration with neither key nor operator).
+  {
+    path: "spec.scheduling",
+    rule: "!has(self.tolerations) || self.tolerations.all(t, (has(t.key) && t.key != '') || (has(t.operator) && t.operator == 'Exists'))",
+    message:
+      "scheduling.tolerations: a toleration without a key matches every taint, so its operator must be Exists",
+    check: (s) =>
+      (s["tolerations"] ?? []).every(
+        (t: { key?: string; operator?: string }) => !!t.key || t.operator === "Exists",
+      ),
+  },
+  {
+    path: "spec.scheduling",
+    rule: "!has(self.tolerations) || self.tolerations.all(t, !has(t.operator) || t.operator != 'Exists' || !has(t.value) || t.value == '')",
+    message: "scheduling.tolerations: a toleration with operator Exists has no value",
+    check: (s) =>
+      (s["tolerations"] ?? []).every(
+        (t: { operator?: string; value?: string }) => t.operator !== "Exists" || !t.value,
+      ),
+  },
+  {
+    path: "spec.scheduling",
+    rule: "!has(self.tolerations) || self.tolerations.all(t, !has(t.tolerationSeconds) || (has(t.effect) && t.effect == 'NoExecute'))",
+    message:
+      "scheduling.tolerations: tolerationSeconds (how long a pod stays once a NoExecute taint appears) needs effect NoExecute",
+    check: (s) =>
+      (s["tolerations"] ?? []).every(
+        (t: { tolerationSeconds?: number; effect?: string }) =>
+          t.tolerationSeconds === undefined || t.effect === "NoExecute",
+      ),
   },
 ];
 

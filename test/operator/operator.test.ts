@@ -2048,6 +2048,25 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[41]!.message,
       ],
       [
+        "a toleration with neither key nor operator Exists",
+        { scheduling: { tolerations: [{ effect: "NoSchedule" }] } },
+        CROSS_FIELD_RULES[42]!.message,
+      ],
+      [
+        "a toleration Exists with a value",
+        { scheduling: { tolerations: [{ key: "gpu", operator: "Exists", value: "x" }] } },
+        CROSS_FIELD_RULES[43]!.message,
+      ],
+      [
+        "tolerationSeconds without NoExecute",
+        {
+          scheduling: {
+            tolerations: [{ key: "gpu", operator: "Exists", tolerationSeconds: 30 }],
+          },
+        },
+        CROSS_FIELD_RULES[44]!.message,
+      ],
+      [
         "a disk tier made of a StorageClass without its budget",
         { gateway: { kvCache: { diskSharedStorageClassName: "b" } } },
         CROSS_FIELD_RULES[14]!.message,
