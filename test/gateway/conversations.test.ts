@@ -9,7 +9,13 @@ import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type HeldGateway, startGateway, startHeldGateway, type TestGateway } from "./helpers.ts";
+import {
+  type HeldGateway,
+  heldBackground,
+  startGateway,
+  startHeldGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let folder: string;
@@ -201,14 +207,7 @@ describe("conversations", () => {
       r = await c.responses.retrieve(bg.id);
     }
     expect((await itemsOf(c, conv.id)).map((i) => i[2])).toEqual(["hi", r.output_text]);
-    m.hold.hold();
-    const held = await c.responses.create({
-      ...turn,
-      conversation: conv.id,
-      input: "stop",
-      background: true,
-    });
-    await m.hold.entered;
+    const held = await heldBackground(m, { ...turn, conversation: conv.id, input: "stop" });
     const cancelling = c.responses.cancel(held.id);
     setTimeout(() => m.hold.release(), 200);
     expect((await cancelling).status).toBe("cancelled");

@@ -5,6 +5,10 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import type { FastifyInstance } from "fastify";
 import OpenAI from "openai";
 import type { Completion, CompletionCreateParamsNonStreaming } from "openai/resources/completions";
+import type {
+  Response,
+  ResponseCreateParamsNonStreaming,
+} from "openai/resources/responses/responses";
 import { expect } from "vitest";
 import { type ExpertRunner, LocalExperts } from "../../src/engine/experts.ts";
 import { bytesPerBlock } from "../../src/engine/kv-blocks.ts";
@@ -166,6 +170,22 @@ export async function startHeldGateway(
     },
   });
   return Object.assign(g, { hold });
+}
+
+/**
+ * A background response made on `g` (through `client`, g's own by default) with its expert
+ * calls held: running, its first step waiting, once this resolves (`g.hold.release()` lets
+ * it go on).
+ */
+export async function heldBackground(
+  g: HeldGateway,
+  request: Omit<ResponseCreateParamsNonStreaming, "background">,
+  client: OpenAI = g.client,
+): Promise<Response> {
+  g.hold.hold();
+  const running = await client.responses.create({ ...request, background: true });
+  await g.hold.entered;
+  return running;
 }
 
 /** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first held call. */

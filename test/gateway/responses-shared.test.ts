@@ -17,7 +17,13 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ResponseFiles, STALE_MS } from "../../src/gateway/response-files.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type HeldGateway, startGateway, startHeldGateway, type TestGateway } from "./helpers.ts";
+import {
+  type HeldGateway,
+  heldBackground,
+  startGateway,
+  startHeldGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let folder: string;
@@ -75,13 +81,7 @@ describe("responses in a shared files folder", () => {
   });
 
   it("a background response one gateway runs: polled on the other, cancelled or deleted from it", async () => {
-    a.hold.hold();
-    const running = await a.client.responses.create({
-      ...body,
-      max_output_tokens: 64,
-      background: true,
-    });
-    await a.hold.entered; // (its first step waits: it is running on gateway a)
+    const running = await heldBackground(a, { ...body, max_output_tokens: 64 }); // (running on a)
     expect((await b.client.responses.retrieve(running.id)).status).toBe("in_progress");
     // Continuing it is refused on the other gateway too while it runs.
     const early = await refusalOf(
@@ -231,13 +231,7 @@ describe("responses per API key", () => {
     const folder2 = mkdtempSync(join(testEnv().runDir, "responses-keys-bg-"));
     const { g, keyA, keyB } = await keyed({ files: folder2 });
     try {
-      g.hold.hold();
-      const running = await keyA.responses.create({
-        ...body,
-        max_output_tokens: 64,
-        background: true,
-      });
-      await g.hold.entered;
+      const running = await heldBackground(g, { ...body, max_output_tokens: 64 }, keyA);
       for (const refused of [
         keyB.responses.retrieve(running.id),
         keyB.responses.cancel(running.id),

@@ -10,7 +10,13 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { STALE_MS } from "../../src/gateway/response-files.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { type HeldGateway, startGateway, startHeldGateway, type TestGateway } from "./helpers.ts";
+import {
+  type HeldGateway,
+  heldBackground,
+  startGateway,
+  startHeldGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let folder: string;
@@ -133,13 +139,7 @@ describe("background responses streamed", () => {
   });
 
   it("in a shared folder: a response running on one gateway streams from the other, live, to its end; the same events as its own", async () => {
-    a.hold.hold();
-    const running = await a.client.responses.create({
-      ...body,
-      max_output_tokens: 24,
-      background: true,
-    });
-    await a.hold.entered;
+    const running = await heldBackground(a, { ...body, max_output_tokens: 24 });
     const there = replay(b, running.id); // (from <id>.events, while a runs it)
     setTimeout(() => a.hold.release(), 500);
     const onB = await there;
@@ -204,13 +204,7 @@ describe("background responses streamed", () => {
   it("a gateway paused past STALE_MS: found lost on the other, it stays failed; the paused one ends it failed too and writes it no more", async () => {
     // (a pause is made here by setting the response's file back STALE_MS, as a gateway
     // stopped for that long leaves it, while its expert calls are held)
-    a.hold.hold();
-    const running = await a.client.responses.create({
-      ...body,
-      max_output_tokens: 24,
-      background: true,
-    });
-    await a.hold.entered;
+    const running = await heldBackground(a, { ...body, max_output_tokens: 24 });
     const base = join(folder, "responses", running.id);
     const then = new Date(Date.now() - STALE_MS - 5000);
     utimesSync(`${base}.json`, then, then);
