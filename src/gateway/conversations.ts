@@ -10,11 +10,11 @@
 // folder the gateways share (--files-dir: `<dir>/conversations/<id>.jsonl`, a record a line,
 // each appended in one write), so that gateways adding to one conversation at once do not
 // overwrite each other's items, and every gateway on the folder finds every conversation.
-import { appendFileSync, closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
+import { appendFileSync, closeSync, constants, openSync } from "node:fs";
 import { join } from "node:path";
 import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
-import { makeDirs } from "../util/fs.ts";
+import { makeDirs, readFrom } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 import { type FolderQuota, removeCounted } from "./files.ts";
 import {
@@ -203,29 +203,15 @@ export class FolderLogs implements ConversationLogs {
   read(id: string, cursor: number): LogRead | undefined {
     const path = this.#path(id);
     if (!path) return undefined;
-    let fd: number;
-    try {
-      fd = openSync(path, "r");
-    } catch {
-      return undefined;
-    }
-    try {
-      const size = fstatSync(fd).size;
-      const restarted = size < cursor;
-      const from = restarted ? 0 : cursor;
-      const buf = Buffer.alloc(size - from);
-      let got = 0;
-      while (got < buf.length) {
-        const n = readSync(fd, buf, got, buf.length - got, from + got);
-        if (n === 0) break;
-        got += n;
-      }
-      const whole = got === 0 ? 0 : buf.lastIndexOf(10, got - 1) + 1; // (10: a line end)
-      const lines = whole === 0 ? [] : buf.toString("utf8", 0, whole).split("\n").filter(Boolean);
-      return { lines, cursor: from + whole, restarted };
-    } finally {
-      closeSync(fd);
-    }
+    let read = readFrom(path, cursor);
+    const restarted = read !== undefined && read.size < cursor;
+    if (restarted) read = readFrom(path, 0);
+    if (!read) return undefined;
+    const from = restarted ? 0 : cursor;
+    const { bytes } = read;
+    const whole = bytes.length === 0 ? 0 : bytes.lastIndexOf(10) + 1; // (10: a line end)
+    const lines = whole === 0 ? [] : bytes.toString("utf8", 0, whole).split("\n").filter(Boolean);
+    return { lines, cursor: from + whole, restarted };
   }
 
   make(id: string, line: string): void {

@@ -9,8 +9,9 @@
 // (with the response: the same budget, the same eviction); in a files folder they are also
 // appended to `<id>.events` (JSON lines, flushed every FLUSH_MS), which the readers on the
 // other gateways, and any after the end, follow (followFile, every FOLLOW_POLL_MS).
-import { appendFileSync, closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { appendFileSync, closeSync, fstatSync, openSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
+import { readFrom } from "../util/fs.ts";
 import type { FolderQuota } from "./files.ts";
 
 /** A running response's events are appended to its file this often. */
@@ -199,7 +200,7 @@ export async function* followFile(
   let over: object | null = null;
   let askedAt = 0;
   for (;;) {
-    const chunk = readFrom(path, offset);
+    const chunk = readFrom(path, offset)?.bytes ?? Buffer.alloc(0);
     offset += chunk.length;
     let lines: string[] = [];
     if (chunk.length > 0) {
@@ -231,29 +232,5 @@ export async function* followFile(
       }
       await sleep(FOLLOW_POLL_MS, undefined, { signal }).catch(() => {});
     }
-  }
-}
-
-/** The bytes of `path` from `offset` to its end (none when it is missing). */
-function readFrom(path: string, offset: number): Buffer {
-  let fd: number;
-  try {
-    fd = openSync(path, "r");
-  } catch {
-    return Buffer.alloc(0);
-  }
-  try {
-    const size = fstatSync(fd).size;
-    if (size <= offset) return Buffer.alloc(0);
-    const buf = Buffer.alloc(size - offset);
-    let got = 0;
-    while (got < buf.length) {
-      const n = readSync(fd, buf, got, buf.length - got, offset + got);
-      if (n === 0) break;
-      got += n;
-    }
-    return buf.subarray(0, got);
-  } finally {
-    closeSync(fd);
   }
 }

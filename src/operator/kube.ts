@@ -213,14 +213,11 @@ export class KubeClient {
           if (httpStatus(err) !== 403) throw err;
           // An older chart's RBAC: nothing of this kind can be seen, so none made earlier can
           // be deleted either. Said once per namespace, not on every reconcile.
-          const key = `${namespace} ${kind}`;
-          if (!this.#forbidden.has(key)) {
-            this.#forbidden.add(key);
-            this.#log(
-              `cannot list ${kind} objects in ${namespace} (403 Forbidden): the operator's RBAC predates them ` +
-                `(upgrade the chart); a ${kind} made earlier for a model there is not deleted when it is turned off`,
-            );
-          }
+          this.#forbiddenOnce(
+            `${namespace} ${kind}`,
+            `cannot list ${kind} objects in ${namespace} (403 Forbidden): the operator's RBAC predates them ` +
+              `(upgrade the chart); a ${kind} made earlier for a model there is not deleted when it is turned off`,
+          );
           return [];
         }
       }),
@@ -332,13 +329,10 @@ export class KubeClient {
       ).items;
     } catch (err) {
       if (httpStatus(err) !== 403) throw err;
-      const key = `${namespace} ReplicaSet`;
-      if (!this.#forbidden.has(key)) {
-        this.#forbidden.add(key);
-        this.#log(
-          `cannot list ReplicaSets in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); pods refused (a ResourceQuota without room) are tried again only at the ReplicaSet controller's backoff, up to ~17 minutes after the room is there`,
-        );
-      }
+      this.#forbiddenOnce(
+        `${namespace} ReplicaSet`,
+        `cannot list ReplicaSets in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); pods refused (a ResourceQuota without room) are tried again only at the ReplicaSet controller's backoff, up to ~17 minutes after the room is there`,
+      );
       return [];
     }
     const asked: string[] = [];
@@ -383,13 +377,10 @@ export class KubeClient {
       ).items;
     } catch (err) {
       if (httpStatus(err) !== 403) throw err;
-      const key = `${namespace} Event`;
-      if (!this.#forbidden.has(key)) {
-        this.#forbidden.add(key);
-        this.#log(
-          `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim that waits for a volume, or a pod that cannot mount one, is not said why`,
-        );
-      }
+      this.#forbiddenOnce(
+        `${namespace} Event`,
+        `cannot list Events in ${namespace} (403 Forbidden): the operator's RBAC predates it (upgrade the chart); a claim that waits for a volume, or a pod that cannot mount one, is not said why`,
+      );
       return null;
     }
   }
@@ -411,6 +402,16 @@ export class KubeClient {
         ? [{ node: n.metadata?.name ?? "", bytes: mib * 2 ** 20 }]
         : [];
     });
+  }
+
+  /**
+   * Logs `message` once for `key` ("namespace kind"): a list the operator's RBAC forbids
+   * (an older chart's) is said once, not on every reconcile.
+   */
+  #forbiddenOnce(key: string, message: string): void {
+    if (this.#forbidden.has(key)) return;
+    this.#forbidden.add(key);
+    this.#log(message);
   }
 
   /** Records an Event on the model (shown by `kubectl describe dsm`). */

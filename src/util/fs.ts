@@ -1,6 +1,17 @@
 // File-system helpers where Node's own fall short.
 import { randomBytes } from "node:crypto";
-import { mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  fstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { dirname } from "node:path";
 
 /**
@@ -57,5 +68,35 @@ function exists(path: string): boolean {
     return true;
   } catch {
     return false;
+  }
+}
+
+/**
+ * The bytes of file `path` from `offset` to its end, and its size (what another process
+ * appends to a file, read since the last look); undefined when it is missing. A file shorter
+ * than `offset` gives no bytes.
+ */
+export function readFrom(
+  path: string,
+  offset: number,
+): { bytes: Buffer; size: number } | undefined {
+  let fd: number;
+  try {
+    fd = openSync(path, "r");
+  } catch {
+    return undefined;
+  }
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(Math.max(0, size - offset));
+    let got = 0;
+    while (got < buf.length) {
+      const n = readSync(fd, buf, got, buf.length - got, offset + got);
+      if (n === 0) break;
+      got += n;
+    }
+    return { bytes: buf.subarray(0, got), size };
+  } finally {
+    closeSync(fd);
   }
 }
