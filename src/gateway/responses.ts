@@ -1143,12 +1143,25 @@ async function respond(
       req.log.error({ err, conversation: joined }, "conversation: the answer was not added");
     }
   };
-  /** The finished response, kept when stored. */
-  const finished = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
-    const done = finalOf(c, output, items);
-    keepAs(done, items);
-    joinAnswer(done, items);
-    return done;
+  /**
+   * A job's end as a response: finished (completed or incomplete), or cancelled (the client
+   * left, or POST .../cancel) with the text it had, flushed, ending its items (which hooks
+   * fed as it ran: itemHooks).
+   */
+  const endOf = (c: Choice, output: ChatOutput, items: OutputItems) => {
+    if (c.finishReason !== null) return finalOf(c, output, items.items);
+    for (const d of [...output.push(c.out.flush()), ...output.end()]) items.push(d);
+    items.end("incomplete");
+    return response("cancelled", items.items);
+  };
+  /**
+   * Response `r` with its answer `items` kept when stored, and added to its conversation
+   * when it has an answer (a client that left before the end: cancelled, added nowhere).
+   */
+  const finished = (r: ReturnType<typeof response>, items: OutputItem[]) => {
+    keepAs(r, items);
+    joinAnswer(r, items);
+    return r;
   };
   /** Job hooks that read the answer into `items` as it comes (their events emitted). */
   const itemHooks = (output: ChatOutput, items: OutputItems): JobHooks => ({
@@ -1162,15 +1175,20 @@ async function respond(
     },
   });
 
-  /** The answer of a job that has ended, read into items. */
+  /** The response a job that has ended makes, its answer read into items. */
   const answer = () => {
     const c = job.choices[0]!;
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems(undefined, logprobs);
     items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
-    for (const d of [...output.push(c.out.text), ...output.end()]) items.push(d);
-    items.end(c.finishReason === "length" ? "incomplete" : "completed");
-    return { c, output, items: items.items };
+    // Cancelled: its text so far, what it held back too (so endOf finds nothing to flush).
+    if (c.finishReason === null) c.out.flush();
+    for (const d of output.push(c.out.text)) items.push(d);
+    if (c.finishReason !== null) {
+      for (const d of output.end()) items.push(d);
+      items.end(c.finishReason === "length" ? "incomplete" : "completed");
+    }
+    return { r: endOf(c, output, items), items: items.items };
   };
 
   if (b.background) {
@@ -1230,12 +1248,7 @@ async function respond(
     };
     const settled = job.done.then(
       () => {
-        const c = job.choices[0]!;
-        if (c.finishReason !== null) return end(finalOf(c, output, items.items), items.items);
-        // Cancelled (no onFinish then): the text held back, released, ends its items.
-        for (const d of [...output.push(c.out.flush()), ...output.end()]) items.push(d);
-        items.end("incomplete");
-        end(response("cancelled", items.items), items.items);
+        end(endOf(job.choices[0]!, output, items), items.items);
       },
       (err: unknown) => {
         const e = toApiError(err);
@@ -1278,8 +1291,8 @@ async function respond(
     job = startJob(ctx, spec);
     bind(reply, job);
     await job.done;
-    const { c, output, items } = answer();
-    return finished(c, output, items);
+    const { r, items } = answer();
+    return finished(r, items);
   }
 
   // Streamed: events as the text is released, numbered as written; written once the job is
@@ -1305,10 +1318,8 @@ async function respond(
   bind(reply, job);
   try {
     await job.done;
-    const done = finished(job.choices[0]!, output, items.items);
-    write(done.status === "completed" ? "response.completed" : "response.incomplete", {
-      response: done,
-    });
+    const done = finished(endOf(job.choices[0]!, output, items), items.items);
+    write(terminalType(done), { response: done });
   } catch (err) {
     const e = toApiError(err);
     write("error", { code: e.code, message: e.message, param: e.param });

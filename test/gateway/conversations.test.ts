@@ -7,11 +7,13 @@ import { mkdtempSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { testEnv } from "../support/env.ts";
+import { testEnv, waitFor } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import {
+  finishedRequests,
   type HeldGateway,
   heldBackground,
+  metric,
   startGateway,
   startHeldGateway,
   type TestGateway,
@@ -209,7 +211,7 @@ describe("conversations", () => {
     expect((await itemsOf(c, conv.id)).map((i) => i[2])).toEqual(["hi", r.output_text]);
     const held = await heldBackground(m, { ...turn, conversation: conv.id, input: "stop" });
     const cancelling = c.responses.cancel(held.id);
-    setTimeout(() => m.hold.release(), 200);
+    m.hold.releaseAfter(200);
     expect((await cancelling).status).toBe("cancelled");
     expect(await itemsOf(c, conv.id)).toHaveLength(2);
     const unstored = await c.responses.create({
@@ -224,6 +226,47 @@ describe("conversations", () => {
       "x",
       unstored.output_text,
     ]);
+  });
+
+  it("a client that leaves before the answer: nothing added to its conversation, its response kept cancelled (streamed or not)", async () => {
+    const c = m.client;
+    const conv = await c.conversations.create({ items: [user("one")] });
+    const aborts = await finishedRequests(m.url, "abort");
+    // Streamed: the client reads response.created, then leaves.
+    m.hold.hold();
+    const stream = await c.responses.create({
+      ...turn,
+      conversation: conv.id,
+      input: "streamed",
+      stream: true,
+    });
+    let id = "";
+    for await (const e of stream) {
+      if (e.type === "response.created") id = e.response.id;
+      break;
+    }
+    await m.hold.entered;
+    // Not streamed: the client gives up while it runs.
+    const gaveUp = new AbortController();
+    const plain = c.responses
+      .create({ ...turn, conversation: conv.id, input: "plain" }, { signal: gaveUp.signal })
+      .catch((e: unknown) => e);
+    await waitFor("both requests in the gateway", async () =>
+      (await metric(m.url, "expertmesh_gateway_num_requests_waiting")) +
+        (await metric(m.url, "expertmesh_gateway_num_requests_running")) ===
+      2
+        ? true
+        : undefined,
+    );
+    gaveUp.abort();
+    expect(await plain).toBeInstanceOf(Error);
+    m.hold.release();
+    await waitFor("both requests to end", async () =>
+      (await finishedRequests(m.url, "abort")) === aborts + 2 ? true : undefined,
+    );
+    const kept = await c.responses.retrieve(id);
+    expect(kept.status).toBe("cancelled");
+    expect(await itemsOf(c, conv.id)).toEqual([["message", "user", "one"]]);
   });
 
   it("refusals: with previous_response_id, unknown (404 conversation), content a text model cannot read, too many items, bad metadata, bad list queries", async () => {

@@ -188,14 +188,22 @@ export async function heldBackground(
   return running;
 }
 
-/** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first held call. */
+/** An expert runner whose calls wait while `hold` is set; `entered` resolves on the first call held. */
 export function holdable(inner: ExpertRunner) {
-  let release: (() => void) | null = null;
+  let open: (() => void) | null = null;
   let gate: Promise<void> | null = null;
+  /** hold() calls so far. */
+  let holds = 0;
+  const release = () => {
+    gate = null;
+    open?.();
+  };
   let onEnter: (() => void) | null = null;
-  const entered = new Promise<void>((r) => {
-    onEnter = r;
-  });
+  const newEntered = () =>
+    new Promise<void>((r) => {
+      onEnter = r;
+    });
+  let entered = newEntered();
   const runner: ExpertRunner = {
     async run(...args) {
       if (gate) {
@@ -207,15 +215,25 @@ export function holdable(inner: ExpertRunner) {
   };
   return {
     runner,
-    entered,
+    /** Resolves on the first call held since the last hold(). */
+    get entered() {
+      return entered;
+    },
+    /** Holds the calls from now (a hold not yet released goes on: its calls wait still). */
     hold() {
-      gate = new Promise((r) => {
-        release = r;
+      entered = newEntered();
+      holds++;
+      gate ??= new Promise((r) => {
+        open = r;
       });
     },
-    release() {
-      gate = null;
-      release?.();
+    release,
+    /** Releases the hold there is now in `ms` (not one made after it: a later test's). */
+    releaseAfter(ms: number) {
+      const held = holds;
+      setTimeout(() => {
+        if (holds === held) release();
+      }, ms);
     },
   };
 }

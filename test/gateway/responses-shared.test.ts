@@ -90,7 +90,7 @@ describe("responses in a shared files folder", () => {
     expect([early.status, early.param]).toEqual([400, "previous_response_id"]);
     // The cancel from b waits until a has stopped it (a sees the mark within half a second).
     const cancel = b.client.responses.cancel(running.id);
-    setTimeout(() => a.hold.release(), 1500);
+    a.hold.releaseAfter(1500);
     const cancelled = await cancel;
     expect(cancelled.status).toBe("cancelled");
     expect((await a.client.responses.retrieve(running.id)).status).toBe("cancelled");
@@ -240,7 +240,7 @@ describe("responses per API key", () => {
         expect((await refusalOf(refused)).status).toBe(404);
       expect((await keyA.responses.retrieve(running.id)).status).toBe("in_progress");
       const cancel = keyA.responses.cancel(running.id);
-      setTimeout(() => g.hold.release(), 300);
+      g.hold.releaseAfter(300);
       expect((await cancel).status).toBe("cancelled");
     } finally {
       g.hold.release();

@@ -129,7 +129,7 @@ describe("background responses streamed", () => {
     await m.hold.entered;
     expect((await m.client.responses.retrieve(id)).status).toBe("in_progress");
     const rest = replay(m, id, 1);
-    setTimeout(() => m.hold.release(), 300);
+    m.hold.releaseAfter(300);
     const after = await rest;
     const whole = [...first, ...after];
     const last = expectWhole(whole);
@@ -141,7 +141,7 @@ describe("background responses streamed", () => {
   it("in a shared folder: a response running on one gateway streams from the other, live, to its end; the same events as its own", async () => {
     const running = await heldBackground(a, { ...body, max_output_tokens: 24 });
     const there = replay(b, running.id); // (from <id>.events, while a runs it)
-    setTimeout(() => a.hold.release(), 500);
+    a.hold.releaseAfter(500);
     const onB = await there;
     const last = expectWhole(onB);
     expect(deltas(onB)).toBe(textOf(last));
@@ -159,12 +159,13 @@ describe("background responses streamed", () => {
     const there = replay(b, running.id);
     await new Promise((r) => setTimeout(r, 300));
     const cancel = b.client.responses.cancel(running.id);
-    setTimeout(() => a.hold.release(), 1500);
+    a.hold.releaseAfter(1500);
     expect((await cancel).status).toBe("cancelled");
     const onB = await there;
     const last = expectWhole(onB);
     expect([onB.at(-1)!.type, last.status]).toEqual(["response.incomplete", "cancelled"]);
     expect(await replay(a, running.id)).toEqual(onB);
+    a.hold.release(); // (cancelled before the timer: its step waits still)
   });
 
   it("a response whose gateway stopped streams what it wrote, then response.failed (EM_GATEWAY_RESPONSE_LOST)", async () => {
