@@ -146,6 +146,8 @@ export interface Choice {
 }
 
 export interface JobHooks {
+  /** Its first step was scheduled: it has left the queue (not told if cancelled before). */
+  onStarted?(): void;
   /** The prompt's logprobs (first token: null), before the choice's first token. */
   onPromptLogprobs?(choice: Choice, logprobs: (TokenLogprob | null)[]): void;
   /** A token and the text it released (may be ""). */
@@ -311,7 +313,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {
-        if (startedAt === 0) startedAt = performance.now();
+        if (startedAt === 0) {
+          startedAt = performance.now();
+          if (!settled) hooks.onStarted?.();
+        }
         if (i % spec.n === 0) cachedTokens += cached;
       },
       onPromptLogprobs: (lps) => {

@@ -78,7 +78,7 @@ export class ResponseFiles implements KeptResponses {
     if (now - written > RESPONSE_TTL_MS) return undefined;
     const kept = readJson<Kept>(path);
     if (!kept) return undefined;
-    if (statusOf(kept) === "in_progress" && now - written > STALE_MS) {
+    if (isRunning(kept) && now - written > STALE_MS) {
       // Its gateway stopped without ending it: failed, for good. The mark first: should this
       // gateway stop between the two, the response is still found silent, and marked again.
       this.mark(id, "lost");
@@ -186,14 +186,20 @@ export class ResponseFiles implements KeptResponses {
   }
 }
 
-/** A kept response's status (in_progress while its gateway runs it). */
+/** A kept response's status (queued, then in_progress, while its gateway runs it). */
 export function statusOf(kept: Kept | undefined): string | undefined {
   return (kept?.response as { status?: string } | undefined)?.status;
 }
 
-/** Kept response `kept`, still in_progress, as failed because its gateway fell silent. */
+/** Whether kept response `kept` is still running (a background one): queued or in_progress. */
+export function isRunning(kept: Kept | undefined): boolean {
+  const status = statusOf(kept);
+  return status === "queued" || status === "in_progress";
+}
+
+/** Kept response `kept`, still running, as failed because its gateway fell silent. */
 export function lostOf(kept: Kept): Kept {
-  if (statusOf(kept) !== "in_progress") return kept;
+  if (!isRunning(kept)) return kept;
   const background = (kept.response as { background?: boolean }).background;
   return {
     ...kept,

@@ -33,7 +33,7 @@ import {
 } from "./openai.ts";
 import { requestThinks } from "./reasoning.ts";
 import { EventLog, sseOf, terminalType } from "./response-events.ts";
-import { HEARTBEAT_MS, lostOf, MARK_POLL_MS, ResponseFiles, statusOf } from "./response-files.ts";
+import { HEARTBEAT_MS, isRunning, lostOf, MARK_POLL_MS, ResponseFiles } from "./response-files.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
@@ -108,7 +108,7 @@ export const ResponsesRequest = Type.Object({
   ),
   /** "message.output_text.logprobs" (with top_logprobs); "reasoning.encrypted_content" is ignored. */
   include: Type.Optional(Nullable(Type.Array(Type.String()))),
-  /** Answer at once (status in_progress) and run on; poll GET, or POST .../cancel. */
+  /** Answer at once (status queued) and run on; poll GET, or POST .../cancel. */
   background: Type.Optional(Nullable(Type.Boolean())),
   top_logprobs: Type.Optional(Nullable(Type.Integer({ minimum: 0, maximum: 20 }))),
   store: Type.Optional(Nullable(Type.Boolean())),
@@ -858,11 +858,11 @@ export function responsesRoutes(
       }
       let kept = find(req, id);
       if (!kept) throw notFound(id, null);
-      if (store instanceof ResponseFiles && statusOf(kept) === "in_progress") {
+      if (store instanceof ResponseFiles && isRunning(kept)) {
         // Running on another gateway of the folder: asked to stop, and waited for.
         store.mark(id, "cancel");
         const until = Date.now() + CANCEL_WAIT_MS;
-        while (kept && statusOf(kept) === "in_progress" && Date.now() < until) {
+        while (isRunning(kept) && Date.now() < until) {
           await sleep(MARK_POLL_MS / 2);
           kept = find(req, id);
         }
@@ -898,7 +898,7 @@ export function responsesRoutes(
         const here = runningOf(req, id)?.log;
         const ended = () => {
           const now = find(req, id);
-          return now && statusOf(now) !== "in_progress" ? now.response : null;
+          return now && !isRunning(now) ? now.response : null;
         };
         const left = new AbortController();
         const lines = here
@@ -928,8 +928,7 @@ export function responsesRoutes(
       const here = runningOf(req, id);
       here?.drop(); // a background response: stopped, and not kept again
       // One running on another gateway of the folder: asked to stop and keep nothing more.
-      if (!here && store instanceof ResponseFiles && statusOf(kept) === "in_progress")
-        store.mark(id, "drop");
+      if (!here && store instanceof ResponseFiles && isRunning(kept)) store.mark(id, "drop");
       if (!store.delete(id)) throw notFound(id, null);
       return { id: req.params.id, object: "response.deleted", deleted: true };
     });
@@ -1010,7 +1009,7 @@ function previousConversation(
   if (id == null) return [];
   const kept = find(id);
   if (!kept) throw notFound(id, "previous_response_id");
-  if (statusOf(kept) === "in_progress")
+  if (isRunning(kept))
     throw bad(
       `response '${id.slice(0, 80)}' is still in progress (background): continue it once it has finished`,
       "previous_response_id",
@@ -1192,8 +1191,9 @@ async function respond(
   };
 
   if (b.background) {
-    // Admitted now (a refusal is still this request's error); kept as in_progress, and again
-    // when it ends: completed, incomplete, cancelled or failed. Its events go to a log
+    // Admitted now (a refusal is still this request's error); kept as queued, as in_progress
+    // once its first step runs (it has left the engine's queue), and again when it ends:
+    // completed, incomplete, cancelled or failed. Its events go to a log
     // (response-events.ts) that this request follows with stream: true, and GET
     // /v1/responses/{id}?stream=true replays. The client leaving does not stop it;
     // POST /v1/responses/{id}/cancel does.
@@ -1202,12 +1202,13 @@ async function respond(
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems((type, body) => log.append(type, body), logprobs);
     try {
-      job = startJob(ctx, spec, itemHooks(output, items));
+      // (onStarted comes from a later step of the engine, never from within startJob)
+      job = startJob(ctx, spec, { ...itemHooks(output, items), onStarted: () => start() });
     } catch (err) {
       store.delete(id); // (refused: its log, or its events file, go)
       throw err;
     }
-    let current: object = response("in_progress", []);
+    let current: object = response("queued", []);
     /** Another gateway's cancel or DELETE of it (a mark in the folder), acted on. */
     const marked = () => {
       const mark = files?.takeMark(id);
@@ -1232,7 +1233,14 @@ async function respond(
     };
     keepAs(current);
     log.append("response.created", { response: current });
-    log.append("response.in_progress", { response: current });
+    log.append("response.queued", { response: current });
+    /** Its first step scheduled: in_progress, kept and told (unless it has ended since). */
+    const start = () => {
+      if (lost || log.ended) return;
+      current = response("in_progress", []);
+      keepAs(current);
+      log.append("response.in_progress", { response: current });
+    };
     /** Ends it as `r`: its last event, then kept (whoever finds it ended finds that event). */
     const end = (r: object, answerItems: readonly OutputItem[] = []) => {
       if (lost) return; // (as it ended then)

@@ -204,7 +204,7 @@ describe("conversations", () => {
       background: true,
     });
     let r = bg;
-    while (r.status === "in_progress") {
+    while (r.status === "queued" || r.status === "in_progress") {
       await new Promise((res) => setTimeout(res, 50));
       r = await c.responses.retrieve(bg.id);
     }

@@ -77,11 +77,15 @@ const textOf = (r: OpenAI.Responses.Response) =>
     .map((c) => (c.type === "output_text" ? c.text : ""))
     .join("");
 
-/** Checks a whole stream: numbered from 0, created first, one last event that ends it. */
+/**
+ * Checks a whole stream: numbered from 0, created (queued) first, then queued, in_progress
+ * (unless it ended while queued), one last event that ends it.
+ */
 function expectWhole(es: Event[]): OpenAI.Responses.Response {
   expect(es.map((e) => e.sequence_number)).toEqual(es.map((_, i) => i));
-  expect(es.slice(0, 2).map((e) => e.type)).toEqual(["response.created", "response.in_progress"]);
-  expect(es[0]!["response"]).toMatchObject({ status: "in_progress", background: true });
+  expect(es.slice(0, 2).map((e) => e.type)).toEqual(["response.created", "response.queued"]);
+  expect(es[0]!["response"]).toMatchObject({ status: "queued", background: true });
+  if (es.length > 3) expect(es[2]!.type).toBe("response.in_progress");
   const ends = es.filter((e) => /^response\.(completed|incomplete|failed)$/.test(e.type));
   expect(ends).toEqual([es.at(-1)]);
   return es.at(-1)!["response"] as OpenAI.Responses.Response;
@@ -114,6 +118,33 @@ describe("background responses streamed", () => {
     expect(seen[0]).toBe(3);
   });
 
+  it("queued while the batch is full (status, response.queued), in_progress once its first step runs; cancelled while queued: no in_progress; another gateway of the folder sees it queued", async () => {
+    const q = await startHeldGateway(dir, { maxRunning: 1, files: files(folder) });
+    try {
+      const first = await heldBackground(q, body);
+      const second = await q.client.responses.create({ ...body, background: true });
+      const third = await q.client.responses.create({ ...body, background: true });
+      expect(second.status).toBe("queued");
+      expect((await q.client.responses.retrieve(first.id)).status).toBe("in_progress");
+      for (const g of [q, b])
+        expect((await g.client.responses.retrieve(second.id)).status).toBe("queued");
+      expect((await b.client.responses.cancel(third.id)).status).toBe("cancelled");
+      const events = replay(q, second.id);
+      q.hold.release();
+      const es = await events;
+      expect(expectWhole(es).status).toBe("incomplete"); // (max_output_tokens)
+      expect(es[2]!["response"]).toMatchObject({ status: "in_progress", output: [] });
+      expect((await replay(b, third.id)).map((e) => [e.type, e["response"]?.status])).toEqual([
+        ["response.created", "queued"],
+        ["response.queued", "queued"],
+        ["response.incomplete", "cancelled"],
+      ]);
+    } finally {
+      q.hold.release();
+      await q.close();
+    }
+  });
+
   it("a client that leaves the stream does not stop the response; GET ?stream=true picks up where it left, live", async () => {
     m.hold.hold();
     const first = await collect(
@@ -123,7 +154,7 @@ describe("background responses streamed", () => {
         background: true,
         stream: true,
       }),
-      1, // (created, in_progress: then the client leaves)
+      1, // (created, queued: then the client leaves)
     );
     const id = (first[0]!["response"] as { id: string }).id;
     await m.hold.entered;
