@@ -101,7 +101,7 @@ const KUBERNETES_DOMAIN_RE = "^([^/]*[.])?kubernetes[.]io/";
  * A label key (Kubernetes' qualified name): an optional DNS subdomain prefix of at most 253
  * characters and a '/', then a name of at most 63 characters.
  */
-const LABEL_KEY_RE =
+export const LABEL_KEY_RE =
   "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
 
 export function isLabelKey(k: string): boolean {
@@ -110,6 +110,112 @@ export function isLabelKey(k: string): boolean {
 /** The same in CEL, of the string `v`. */
 const labelKeyCel = (v: string) =>
   `${v}.matches('${LABEL_KEY_RE}') && (!${v}.contains('/') || ${v}.indexOf('/') <= 253)`;
+
+/** A label selector (spec.scheduling's affinity and topology spread constraints). */
+interface Selector {
+  readonly matchLabels?: Record<string, string>;
+  readonly matchExpressions?: readonly { key: string; operator: string; values?: string[] }[];
+}
+/** A node selector term's requirement. */
+interface NodeRequirement {
+  readonly key: string;
+  readonly operator: string;
+  readonly values?: readonly string[];
+}
+/** A node selector term. */
+interface NodeTerm {
+  readonly matchExpressions?: readonly NodeRequirement[];
+  readonly matchFields?: readonly NodeRequirement[];
+}
+/** A pod (anti-)affinity term. */
+interface PodTerm {
+  readonly labelSelector?: Selector;
+  readonly namespaceSelector?: Selector;
+  readonly topologyKey: string;
+  readonly matchLabelKeys?: readonly string[];
+  readonly mismatchLabelKeys?: readonly string[];
+}
+
+/** Pod (anti-)affinity terms, required and preferred. */
+interface PodAffinityPart {
+  readonly requiredDuringSchedulingIgnoredDuringExecution?: readonly PodTerm[];
+  readonly preferredDuringSchedulingIgnoredDuringExecution?: readonly {
+    podAffinityTerm: PodTerm;
+  }[];
+}
+/** What the affinity rules read of spec.scheduling. */
+interface SchedulingPart {
+  readonly affinity?: {
+    readonly nodeAffinity?: {
+      readonly requiredDuringSchedulingIgnoredDuringExecution?: { nodeSelectorTerms: NodeTerm[] };
+      readonly preferredDuringSchedulingIgnoredDuringExecution?: { preference: NodeTerm }[];
+    };
+    readonly podAffinity?: PodAffinityPart;
+    readonly podAntiAffinity?: PodAffinityPart;
+  };
+}
+
+/** Every node selector term of spec.scheduling `s`'s affinity: required, and preferred. */
+function nodeTerms(s: SchedulingPart): NodeTerm[] {
+  const na = s.affinity?.nodeAffinity;
+  return [
+    ...(na?.requiredDuringSchedulingIgnoredDuringExecution?.nodeSelectorTerms ?? []),
+    ...(na?.preferredDuringSchedulingIgnoredDuringExecution ?? []).map((p) => p.preference),
+  ];
+}
+/** CEL: `term` (of a term's CEL) holds for every node selector term of self.affinity. */
+function NODE_TERMS_CEL(term: (t: string) => string): string {
+  const na = "self.affinity.nodeAffinity";
+  const required = `${na}.requiredDuringSchedulingIgnoredDuringExecution`;
+  const preferred = `${na}.preferredDuringSchedulingIgnoredDuringExecution`;
+  return `(!has(self.affinity) || !has(${na}) || ((!has(${required}) || ${required}.nodeSelectorTerms.all(t, ${term("t")})) && (!has(${preferred}) || ${preferred}.all(p, ${term("p.preference")}))))`;
+}
+/** Every pod affinity and anti-affinity term of spec.scheduling `s`: required, and preferred. */
+function podTerms(s: SchedulingPart): PodTerm[] {
+  const a = s.affinity;
+  return [a?.podAffinity, a?.podAntiAffinity].flatMap((p) => [
+    ...(p?.requiredDuringSchedulingIgnoredDuringExecution ?? []),
+    ...(p?.preferredDuringSchedulingIgnoredDuringExecution ?? []).map((w) => w.podAffinityTerm),
+  ]);
+}
+/** CEL: `term` holds for every pod affinity and anti-affinity term of self.affinity. */
+function POD_TERMS_CEL(term: (t: string) => string): string {
+  const of = (p: string) => {
+    const required = `self.affinity.${p}.requiredDuringSchedulingIgnoredDuringExecution`;
+    const preferred = `self.affinity.${p}.preferredDuringSchedulingIgnoredDuringExecution`;
+    return `(!has(self.affinity.${p}) || ((!has(${required}) || ${required}.all(t, ${term("t")})) && (!has(${preferred}) || ${preferred}.all(w, ${term("w.podAffinityTerm")}))))`;
+  };
+  return `(!has(self.affinity) || (${of("podAffinity")} && ${of("podAntiAffinity")}))`;
+}
+/** Whether a node requirement's values suit its operator. */
+function nodeRequirementOk(e: NodeRequirement): boolean {
+  const n = e.values?.length ?? 0;
+  if (e.operator === "In" || e.operator === "NotIn") return n > 0;
+  if (e.operator === "Exists" || e.operator === "DoesNotExist") return n === 0;
+  return n === 1 && INTEGER_RE.test(e.values![0]!);
+}
+/**
+ * A value Gt and Lt compare with: a whole number (the scheduler parses it as an int64; the
+ * API server checks only that it is a label value, which has no sign).
+ */
+const INTEGER_RE = /^[0-9]{1,19}$/;
+/** The same in CEL, of a node requirement `e`. */
+const NODE_REQUIREMENT_CEL = (e: string) =>
+  `(${e}.operator in ['In', 'NotIn'] ? has(${e}.values) && size(${e}.values) > 0 : ${e}.operator in ['Exists', 'DoesNotExist'] ? !has(${e}.values) || size(${e}.values) == 0 : has(${e}.values) && size(${e}.values) == 1 && ${e}.values[0].matches('${INTEGER_RE.source}'))`;
+/** Whether a label selector's requirements' values suit their operators. */
+function selectorOk(sel: Selector | undefined): boolean {
+  return (sel?.matchExpressions ?? []).every((e) =>
+    e.operator === "In" || e.operator === "NotIn"
+      ? (e.values?.length ?? 0) > 0
+      : (e.values?.length ?? 0) === 0,
+  );
+}
+/** The same in CEL, of a label selector `sel` (maybe absent). */
+const SELECTOR_CEL = (sel: string) =>
+  `(!has(${sel}) || !has(${sel}.matchExpressions) || ${sel}.matchExpressions.all(e, e.operator in ['In', 'NotIn'] ? has(e.values) && size(e.values) > 0 : !has(e.values) || size(e.values) == 0))`;
+/** CEL: the matchLabels keys of label selector `sel` (maybe absent) are label keys. */
+const MATCH_LABELS_KEYS_CEL = (sel: string) =>
+  `(!has(${sel}) || !has(${sel}.matchLabels) || ${sel}.matchLabels.all(k, ${labelKeyCel("k")}))`;
 
 /** Environment variables the operator sets in the model's containers (spec.env may not). */
 export const RESERVED_ENV: readonly string[] = [
@@ -536,6 +642,73 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
       (s["tolerations"] ?? []).every(
         (t: { tolerationSeconds?: number; effect?: string }) =>
           t.tolerationSeconds === undefined || t.effect === "NoExecute",
+      ),
+  },
+  // The API server's own checks of an affinity and a label selector (ValidateAffinity,
+  // ValidateLabelSelector), which would refuse every Deployment of a model admitted with one
+  // that fails them.
+  {
+    path: "spec.scheduling",
+    rule: `${NODE_TERMS_CEL((t) => `!has(${t}.matchExpressions) || ${t}.matchExpressions.all(e, ${NODE_REQUIREMENT_CEL("e")})`)}`,
+    message:
+      "scheduling.affinity.nodeAffinity: a matchExpressions requirement with operator In or NotIn needs values, one with Exists or DoesNotExist has none, one with Gt or Lt has one value, a whole number",
+    check: (s) => nodeTerms(s).every((t) => (t.matchExpressions ?? []).every(nodeRequirementOk)),
+  },
+  {
+    path: "spec.scheduling",
+    rule: `${NODE_TERMS_CEL((t) => `!has(${t}.matchFields) || ${t}.matchFields.all(e, e.key == 'metadata.name' && e.operator in ['In', 'NotIn'] && has(e.values) && size(e.values) == 1)`)}`,
+    message:
+      "scheduling.affinity.nodeAffinity: a matchFields requirement is on metadata.name, with operator In or NotIn and one value",
+    check: (s) =>
+      nodeTerms(s).every((t) =>
+        (t.matchFields ?? []).every(
+          (e) =>
+            e.key === "metadata.name" &&
+            (e.operator === "In" || e.operator === "NotIn") &&
+            e.values?.length === 1,
+        ),
+      ),
+  },
+  {
+    path: "spec.scheduling",
+    rule: `${POD_TERMS_CEL((t) => `${SELECTOR_CEL(`${t}.labelSelector`)} && ${SELECTOR_CEL(`${t}.namespaceSelector`)}`)} && (!has(self.topologySpreadConstraints) || self.topologySpreadConstraints.all(c, ${SELECTOR_CEL("c.labelSelector")}))`,
+    message:
+      "scheduling.affinity and scheduling.topologySpreadConstraints label selectors: a matchExpressions requirement with operator In or NotIn needs values, one with Exists or DoesNotExist has none",
+    check: (s) =>
+      [
+        ...podTerms(s).flatMap((t) => [t.labelSelector, t.namespaceSelector]),
+        ...(s["topologySpreadConstraints"] ?? []).map(
+          (c: { labelSelector?: Selector }) => c.labelSelector,
+        ),
+      ].every(selectorOk),
+  },
+  {
+    path: "spec.scheduling",
+    rule: `${POD_TERMS_CEL((t) => `${MATCH_LABELS_KEYS_CEL(`${t}.labelSelector`)} && ${MATCH_LABELS_KEYS_CEL(`${t}.namespaceSelector`)}`)} && (!has(self.topologySpreadConstraints) || self.topologySpreadConstraints.all(c, ${MATCH_LABELS_KEYS_CEL("c.labelSelector")}))`,
+    message:
+      "scheduling.affinity and scheduling.topologySpreadConstraints label selectors' matchLabels keys must be label keys: an optional DNS subdomain prefix (at most 253 characters) and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    check: (s) =>
+      [
+        ...podTerms(s).flatMap((t) => [t.labelSelector, t.namespaceSelector]),
+        ...(s["topologySpreadConstraints"] ?? []).map(
+          (c: { labelSelector?: Selector }) => c.labelSelector,
+        ),
+      ].every((sel) => Object.keys(sel?.matchLabels ?? {}).every(isLabelKey)),
+  },
+  {
+    path: "spec.scheduling",
+    rule: POD_TERMS_CEL(
+      (t) =>
+        `(has(${t}.labelSelector) || ((!has(${t}.matchLabelKeys) || size(${t}.matchLabelKeys) == 0) && (!has(${t}.mismatchLabelKeys) || size(${t}.mismatchLabelKeys) == 0))) && (!has(${t}.matchLabelKeys) || !has(${t}.mismatchLabelKeys) || !${t}.matchLabelKeys.exists(k, k in ${t}.mismatchLabelKeys))`,
+    ),
+    message:
+      "scheduling.affinity: a pod affinity term's matchLabelKeys and mismatchLabelKeys need its labelSelector, and share no key",
+    check: (s) =>
+      podTerms(s).every(
+        (t) =>
+          (t.labelSelector !== undefined ||
+            (t.matchLabelKeys?.length ?? 0) + (t.mismatchLabelKeys?.length ?? 0) === 0) &&
+          !(t.matchLabelKeys ?? []).some((k) => t.mismatchLabelKeys?.includes(k)),
       ),
   },
 ];

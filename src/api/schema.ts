@@ -5,7 +5,7 @@
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { presetNames } from "./presets.ts";
-import { EXTENDED_RESOURCE, validationsAt } from "./rules.ts";
+import { EXTENDED_RESOURCE, LABEL_KEY_RE, validationsAt } from "./rules.ts";
 
 export const GROUP = "expertmesh.io";
 export const VERSION = "v1alpha1";
@@ -1055,6 +1055,216 @@ const Toleration = Type.Object(
   { description: "A pod toleration (as in a PodSpec)." },
 );
 
+/**
+ * A label key: an optional DNS subdomain and '/', then a name of at most 63 characters. (A
+ * pattern, not a CEL rule, where the key is a field's value: the CEL rules that check map
+ * keys cost too much to repeat over every term of an affinity. What a pattern cannot say,
+ * a prefix of at most 253 characters, is left to the API server.)
+ */
+const LabelKey = (description: string) =>
+  Type.String({ description, minLength: 1, maxLength: 317, pattern: LABEL_KEY_RE });
+
+/** A LabelSelector (as in Kubernetes): the labels, and the expressions, all must match. */
+const LabelSelector = (description: string) =>
+  Type.Object(
+    {
+      matchLabels: Type.Optional(
+        Type.Record(Type.String(), LabelValue("Label value."), {
+          description: "Labels the objects must carry.",
+          maxProperties: 32,
+        }),
+      ),
+      matchExpressions: Type.Optional(
+        Type.Array(
+          Type.Object(
+            {
+              key: LabelKey("A label key."),
+              operator: StringEnum(["In", "NotIn", "Exists", "DoesNotExist"], {
+                description: "In, NotIn, Exists or DoesNotExist.",
+              }),
+              values: Type.Optional(
+                Type.Array(LabelValue("A label value."), {
+                  description: "The values for In and NotIn.",
+                  maxItems: 64,
+                }),
+              ),
+            },
+            { description: "A label selector requirement." },
+          ),
+          { description: "Requirements the labels must meet, all of them.", maxItems: 16 },
+        ),
+      ),
+    },
+    { description },
+  );
+
+/** A node selector term's requirement (nodeAffinity), its values as `value` says. */
+const NodeSelectorRequirement = (description: string, value: TSchema) =>
+  Type.Object(
+    {
+      key: LabelKey("The node label key (metadata.name for matchFields)."),
+      operator: StringEnum(["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"], {
+        description:
+          "In or NotIn (values needed), Exists or DoesNotExist (no values), Gt or Lt (one value, an integer).",
+      }),
+      values: Type.Optional(
+        Type.Array(value, {
+          description: "The values the operator compares with.",
+          maxItems: 64,
+        }),
+      ),
+    },
+    { description },
+  );
+
+/** A node selector term (nodeAffinity): its requirements all met. */
+const NodeSelectorTerm = (description: string) =>
+  Type.Object(
+    {
+      matchExpressions: Type.Optional(
+        Type.Array(
+          NodeSelectorRequirement(
+            "A requirement on a node label.",
+            LabelValue("A label value (for Gt and Lt, a whole number)."),
+          ),
+          {
+            description: "Requirements on the node's labels.",
+            maxItems: 16,
+          },
+        ),
+      ),
+      matchFields: Type.Optional(
+        Type.Array(
+          NodeSelectorRequirement(
+            "A requirement on a node field (metadata.name only).",
+            Type.String({
+              description: "A node name.",
+              maxLength: 253,
+              pattern: DNS_SUBDOMAIN_PATTERN,
+            }),
+          ),
+          {
+            description: "Requirements on the node's fields: metadata.name, In or NotIn one name.",
+            maxItems: 16,
+          },
+        ),
+      ),
+    },
+    { description },
+  );
+
+/** Weight of a preferred scheduling term. */
+const Weight = Type.Integer({
+  description: "How much the term counts among the preferred ones (1-100).",
+  minimum: 1,
+  maximum: 100,
+});
+
+/** A pod (anti-)affinity term (as in a PodSpec). */
+const PodAffinityTerm = (description: string) =>
+  Type.Object(
+    {
+      labelSelector: Type.Optional(LabelSelector("The pods this term is about.")),
+      namespaceSelector: Type.Optional(
+        LabelSelector("The namespaces whose pods count (with namespaces); none: the pod's own."),
+      ),
+      namespaces: Type.Optional(
+        Type.Array(
+          Type.String({
+            description: "A namespace.",
+            maxLength: 63,
+            pattern: "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+          }),
+          {
+            description: "Namespaces whose pods count.",
+            maxItems: 16,
+          },
+        ),
+      ),
+      topologyKey: LabelKey(
+        "The node label whose value says which nodes are together (kubernetes.io/hostname: one node; topology.kubernetes.io/zone: a zone).",
+      ),
+      matchLabelKeys: Type.Optional(
+        Type.Array(LabelKey("A pod label key."), {
+          description:
+            "Pod label keys whose values (the incoming pod's) are also required (needs labelSelector).",
+          maxItems: 16,
+        }),
+      ),
+      mismatchLabelKeys: Type.Optional(
+        Type.Array(LabelKey("A pod label key."), {
+          description:
+            "Pod label keys whose values (the incoming pod's) are required not to match (needs labelSelector).",
+          maxItems: 16,
+        }),
+      ),
+    },
+    { description },
+  );
+
+/** Pod affinity or anti-affinity (as in a PodSpec). */
+const PodAffinity = (description: string) =>
+  Type.Object(
+    {
+      requiredDuringSchedulingIgnoredDuringExecution: Type.Optional(
+        Type.Array(PodAffinityTerm("A term every node chosen must meet."), {
+          description: "Terms that must be met.",
+          maxItems: 16,
+        }),
+      ),
+      preferredDuringSchedulingIgnoredDuringExecution: Type.Optional(
+        Type.Array(
+          Type.Object(
+            { weight: Weight, podAffinityTerm: PodAffinityTerm("The term.") },
+            { description: "A term preferred, with its weight." },
+          ),
+          { description: "Terms preferred.", maxItems: 16 },
+        ),
+      ),
+    },
+    { description },
+  );
+
+/** A PodSpec's affinity, typed: a field misspelt is refused, not passed on and lost. */
+const Affinity = Type.Object(
+  {
+    nodeAffinity: Type.Optional(
+      Type.Object(
+        {
+          requiredDuringSchedulingIgnoredDuringExecution: Type.Optional(
+            Type.Object(
+              {
+                nodeSelectorTerms: Type.Array(
+                  NodeSelectorTerm("A term (any one term met is enough)."),
+                  {
+                    description: "Terms of which a node must meet one.",
+                    minItems: 1,
+                    maxItems: 16,
+                  },
+                ),
+              },
+              { description: "What a node must be." },
+            ),
+          ),
+          preferredDuringSchedulingIgnoredDuringExecution: Type.Optional(
+            Type.Array(
+              Type.Object(
+                { weight: Weight, preference: NodeSelectorTerm("The term.") },
+                { description: "A term preferred, with its weight." },
+              ),
+              { description: "What a node had better be.", maxItems: 16 },
+            ),
+          ),
+        },
+        { description: "Which nodes the pods run on (beyond nodeSelector)." },
+      ),
+    ),
+    podAffinity: Type.Optional(PodAffinity("Pods these pods run beside.")),
+    podAntiAffinity: Type.Optional(PodAffinity("Pods these pods keep away from.")),
+  },
+  { description: "Pod affinity and anti-affinity (a PodSpec's affinity)." },
+);
+
 const TopologySpreadConstraint = Type.Object(
   {
     maxSkew: Type.Integer({
@@ -1070,14 +1280,8 @@ const TopologySpreadConstraint = Type.Object(
       description: "DoNotSchedule keeps a pod pending; ScheduleAnyway only prefers the spread.",
     }),
     labelSelector: Type.Optional(
-      Type.Object(
-        {},
-        {
-          description:
-            "The pods counted (a LabelSelector, passed through). Default: the pods of the same role of this model (gateways among its gateways, shards among its shards).",
-          additionalProperties: true,
-          "x-kubernetes-preserve-unknown-fields": true,
-        },
+      LabelSelector(
+        "The pods counted. Default: the pods of the same role of this model (gateways among its gateways, shards among its shards).",
       ),
     ),
     matchLabelKeys: Type.Optional(
@@ -1120,17 +1324,7 @@ export const SchedulingSchema = withRules(
           maxItems: 32,
         }),
       ),
-      affinity: Type.Optional(
-        Type.Object(
-          {},
-          {
-            description:
-              "Pod affinity and anti-affinity (a PodSpec affinity, passed through as is).",
-            additionalProperties: true,
-            "x-kubernetes-preserve-unknown-fields": true,
-          },
-        ),
-      ),
+      affinity: Type.Optional(Affinity),
       priorityClassName: Type.Optional(
         Type.String({
           description: "PriorityClass of every pod.",
@@ -1193,39 +1387,6 @@ export const MonitoringSchema = Type.Object(
   },
   { description: "How Prometheus finds the model's metrics.", default: {} },
 );
-
-const LabelSelector = (description: string) =>
-  Type.Object(
-    {
-      matchLabels: Type.Optional(
-        Type.Record(Type.String(), LabelValue("Label value."), {
-          description: "Labels the objects must carry.",
-          maxProperties: 32,
-        }),
-      ),
-      matchExpressions: Type.Optional(
-        Type.Array(
-          Type.Object(
-            {
-              key: Type.String({ description: "A label key.", minLength: 1, maxLength: 317 }),
-              operator: StringEnum(["In", "NotIn", "Exists", "DoesNotExist"], {
-                description: "In, NotIn, Exists or DoesNotExist.",
-              }),
-              values: Type.Optional(
-                Type.Array(LabelValue("A label value."), {
-                  description: "The values for In and NotIn.",
-                  maxItems: 64,
-                }),
-              ),
-            },
-            { description: "A label selector requirement." },
-          ),
-          { description: "Requirements the labels must meet, all of them.", maxItems: 16 },
-        ),
-      ),
-    },
-    { description },
-  );
 
 /** NetworkPolicyPeers, as in a NetworkPolicy's ingress rule. */
 const NetworkPolicyPeers = (description: string) =>

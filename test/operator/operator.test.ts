@@ -2067,6 +2067,115 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[44]!.message,
       ],
       [
+        "a node affinity requirement Gt with a word",
+        {
+          scheduling: {
+            affinity: {
+              nodeAffinity: {
+                requiredDuringSchedulingIgnoredDuringExecution: {
+                  nodeSelectorTerms: [
+                    { matchExpressions: [{ key: "gpus", operator: "Gt", values: ["two"] }] },
+                  ],
+                },
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[45]!.message,
+      ],
+      [
+        "a node affinity matchFields requirement on a label",
+        {
+          scheduling: {
+            affinity: {
+              nodeAffinity: {
+                preferredDuringSchedulingIgnoredDuringExecution: [
+                  {
+                    weight: 5,
+                    preference: {
+                      matchFields: [{ key: "gpu", operator: "In", values: ["h200"] }],
+                    },
+                  },
+                ],
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[46]!.message,
+      ],
+      [
+        "a pod anti-affinity label selector In without values",
+        {
+          scheduling: {
+            affinity: {
+              podAntiAffinity: {
+                requiredDuringSchedulingIgnoredDuringExecution: [
+                  {
+                    topologyKey: "kubernetes.io/hostname",
+                    labelSelector: { matchExpressions: [{ key: "app", operator: "In" }] },
+                  },
+                ],
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[47]!.message,
+      ],
+      [
+        "a pod affinity topologyKey that is no label key",
+        {
+          scheduling: {
+            affinity: {
+              podAffinity: {
+                preferredDuringSchedulingIgnoredDuringExecution: [
+                  { weight: 1, podAffinityTerm: { topologyKey: "-zone" } },
+                ],
+              },
+            },
+          },
+        },
+        "spec.scheduling.affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.topologyKey: Invalid value",
+      ],
+      [
+        "a pod affinity matchLabels key that is no label key",
+        {
+          scheduling: {
+            affinity: {
+              podAffinity: {
+                requiredDuringSchedulingIgnoredDuringExecution: [
+                  { topologyKey: "zone", labelSelector: { matchLabels: { "-app": "x" } } },
+                ],
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[48]!.message,
+      ],
+      [
+        "mismatchLabelKeys without a labelSelector",
+        {
+          scheduling: {
+            affinity: {
+              podAffinity: {
+                requiredDuringSchedulingIgnoredDuringExecution: [
+                  { topologyKey: "zone", mismatchLabelKeys: ["tenant"] },
+                ],
+              },
+            },
+          },
+        },
+        CROSS_FIELD_RULES[49]!.message,
+      ],
+      [
+        "a misspelt node affinity field",
+        {
+          scheduling: {
+            affinity: { nodeAffinity: { requiredDuringScheduling: { nodeSelectorTerms: [] } } },
+          },
+        },
+        'unknown field "spec.scheduling.affinity.nodeAffinity.requiredDuringScheduling"',
+      ],
+      [
         "a disk tier made of a StorageClass without its budget",
         { gateway: { kvCache: { diskSharedStorageClassName: "b" } } },
         CROSS_FIELD_RULES[14]!.message,

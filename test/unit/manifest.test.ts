@@ -365,6 +365,55 @@ spec:
       priorityClassName: "inference-high",
     });
   });
+  it("takes an affinity of every kind (node, pod, anti-pod; required and preferred)", () => {
+    const affinity = {
+      nodeAffinity: {
+        requiredDuringSchedulingIgnoredDuringExecution: {
+          nodeSelectorTerms: [
+            {
+              matchExpressions: [
+                { key: "nvidia.com/gpu.product", operator: "In", values: ["NVIDIA-H200"] },
+                { key: "nvidia.com/gpu.count", operator: "Gt", values: ["3"] },
+                { key: "example.com/drain", operator: "DoesNotExist" },
+              ],
+            },
+            { matchFields: [{ key: "metadata.name", operator: "NotIn", values: ["node-7"] }] },
+          ],
+        },
+        preferredDuringSchedulingIgnoredDuringExecution: [
+          {
+            weight: 100,
+            preference: { matchExpressions: [{ key: "zone", operator: "Exists" }] },
+          },
+        ],
+      },
+      podAffinity: {
+        preferredDuringSchedulingIgnoredDuringExecution: [
+          {
+            weight: 50,
+            podAffinityTerm: {
+              topologyKey: "topology.kubernetes.io/zone",
+              labelSelector: { matchLabels: { "app.kubernetes.io/name": "nats" } },
+              namespaces: ["nats"],
+            },
+          },
+        ],
+      },
+      podAntiAffinity: {
+        requiredDuringSchedulingIgnoredDuringExecution: [
+          {
+            topologyKey: "kubernetes.io/hostname",
+            labelSelector: {
+              matchExpressions: [{ key: "app", operator: "In", values: ["expertmesh"] }],
+            },
+            matchLabelKeys: ["pod-template-hash"],
+          },
+        ],
+      },
+    };
+    const m = parseManifest(`${base}  scheduling: { affinity: ${JSON.stringify(affinity)} }\n`);
+    expect(m.spec.scheduling.affinity).toEqual(affinity);
+  });
   it.each([
     ["a quantity that is not one", "  gateway: { resources: { requests: { memory: lots } } }\n"],
     ["a negative quantity", "  gateway: { resources: { limits: { cpu: -1 } } }\n"],
@@ -394,6 +443,79 @@ spec:
     [
       "tolerationSeconds without NoExecute",
       "  scheduling: { tolerations: [{ key: gpu, operator: Exists, tolerationSeconds: 30 }] }\n",
+    ],
+    // Affinity as ValidateAffinity checks it (typed: a field misspelt is refused too).
+    [
+      "a node affinity requirement In without values",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: gpu, operator: In }] }] } } } }\n",
+    ],
+    [
+      "a node affinity requirement Exists with values",
+      "  scheduling: { affinity: { nodeAffinity: { preferredDuringSchedulingIgnoredDuringExecution: [{ weight: 1, preference: { matchExpressions: [{ key: gpu, operator: Exists, values: [a] }] } }] } } }\n",
+    ],
+    [
+      "a node affinity requirement Gt not an integer",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: gpu-count, operator: Gt, values: [two] }] }] } } } }\n",
+    ],
+    [
+      "a node affinity requirement Lt with two values",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: gpu-count, operator: Lt, values: ['1', '2'] }] }] } } } }\n",
+    ],
+    [
+      "a node affinity key with a space",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: 'gpu type', operator: Exists }] }] } } } }\n",
+    ],
+    [
+      "a matchFields requirement not on metadata.name",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchFields: [{ key: spec.unschedulable, operator: In, values: ['true'] }] }] } } } }\n",
+    ],
+    [
+      "no node selector terms",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [] } } } }\n",
+    ],
+    [
+      "a preferred weight of 0",
+      "  scheduling: { affinity: { nodeAffinity: { preferredDuringSchedulingIgnoredDuringExecution: [{ weight: 0, preference: {} }] } } }\n",
+    ],
+    [
+      "a pod anti-affinity term without a topologyKey",
+      "  scheduling: { affinity: { podAntiAffinity: { requiredDuringSchedulingIgnoredDuringExecution: [{ labelSelector: { matchLabels: { app: x } } }] } } }\n",
+    ],
+    [
+      "a pod affinity label selector NotIn without values",
+      "  scheduling: { affinity: { podAffinity: { preferredDuringSchedulingIgnoredDuringExecution: [{ weight: 10, podAffinityTerm: { topologyKey: kubernetes.io/hostname, labelSelector: { matchExpressions: [{ key: app, operator: NotIn }] } } }] } } }\n",
+    ],
+    [
+      "a pod affinity topologyKey with a space",
+      "  scheduling: { affinity: { podAffinity: { requiredDuringSchedulingIgnoredDuringExecution: [{ topologyKey: 'a b' }] } } }\n",
+    ],
+    [
+      "a node affinity value that is no label value",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: gpu, operator: In, values: ['a b'] }] }] } } } }\n",
+    ],
+    [
+      "a node affinity Gt with a sign (no label value)",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchExpressions: [{ key: gpus, operator: Gt, values: ['-3'] }] }] } } } }\n",
+    ],
+    [
+      "a matchFields node name in capitals",
+      "  scheduling: { affinity: { nodeAffinity: { requiredDuringSchedulingIgnoredDuringExecution: { nodeSelectorTerms: [{ matchFields: [{ key: metadata.name, operator: In, values: [Node_1] }] }] } } } }\n",
+    ],
+    [
+      "a pod affinity namespace that is no DNS label",
+      "  scheduling: { affinity: { podAffinity: { requiredDuringSchedulingIgnoredDuringExecution: [{ topologyKey: zone, namespaces: [Bad_NS] }] } } }\n",
+    ],
+    [
+      "matchLabelKeys without a labelSelector",
+      "  scheduling: { affinity: { podAntiAffinity: { requiredDuringSchedulingIgnoredDuringExecution: [{ topologyKey: zone, matchLabelKeys: [pod-template-hash] }] } } }\n",
+    ],
+    [
+      "a key in matchLabelKeys and mismatchLabelKeys",
+      "  scheduling: { affinity: { podAntiAffinity: { requiredDuringSchedulingIgnoredDuringExecution: [{ topologyKey: zone, labelSelector: {}, matchLabelKeys: [a], mismatchLabelKeys: [a] }] } } }\n",
+    ],
+    [
+      "a topology spread label selector DoesNotExist with values",
+      "  scheduling: { topologySpreadConstraints: [{ maxSkew: 1, topologyKey: zone, whenUnsatisfiable: DoNotSchedule, labelSelector: { matchExpressions: [{ key: app, operator: DoesNotExist, values: [x] }] } }] }\n",
     ],
     ["a RuntimeClass name in capitals", "  scheduling: { runtimeClassName: NVIDIA }\n"],
     ["a PriorityClass name with an underscore", "  scheduling: { priorityClassName: high_prio }\n"],
@@ -798,6 +920,11 @@ spec:
       `${good}  scheduling: { tolerations: [{ key: a }, { key: b, efect: NoSchedule }] }\n`,
       "(did you mean 'effect'?)",
     ],
+    [
+      "spec.scheduling.affinity.nodeAffinity.requiredDuringScheduling",
+      `${good}  scheduling: { affinity: { nodeAffinity: { requiredDuringScheduling: { nodeSelectorTerms: [] } } } }\n`,
+      "unknown field",
+    ],
     ["status.phase", `${good}status: { phase: Ready }\n`, "unknown field"],
     ["extra", `${good}extra: 1\n`, "the document has apiVersion, kind, metadata, spec, status"],
   ])("refuses the unknown field %s, as kubectl's strict validation does", (field, text, msg) => {
@@ -805,17 +932,14 @@ spec:
     expect(() => parseManifest(text, "m.yaml")).toThrow(msg);
   });
 
-  it("keeps unknown fields where Kubernetes does (metadata, affinity, maps)", () => {
+  it("keeps unknown fields where Kubernetes does (metadata, maps)", () => {
     const m = parseManifest(
       good.replace(
         "metadata: { name: tiny }",
         "metadata: { name: tiny, creationTimestamp: '2026-11-29T00:00:00Z', labels: { app: x } }",
-      ) +
-        "  scheduling:\n    affinity: { nodeAffinity: { anything: [1, 2] } }\n" +
-        "  gateway: { resources: { requests: { cpu: 4, example.com/fpga: 1 } } }\n",
+      ) + "  gateway: { resources: { requests: { cpu: 4, example.com/fpga: 1 } } }\n",
     );
     expect(m.metadata.labels).toEqual({ app: "x" });
-    expect(m.spec.scheduling.affinity).toEqual({ nodeAffinity: { anything: [1, 2] } });
     expect(m.spec.gateway.resources?.requests).toEqual({ cpu: 4, "example.com/fpga": 1 });
   });
 
