@@ -711,7 +711,53 @@ export const CROSS_FIELD_RULES: readonly CrossFieldRule[] = [
           !(t.matchLabelKeys ?? []).some((k) => t.mismatchLabelKeys?.includes(k)),
       ),
   },
+  // A NetworkPolicy's peers as ValidateNetworkPolicyPeer checks them (the API server would
+  // refuse the model's NetworkPolicies, and the model would serve without them).
+  {
+    path: "spec.networkPolicy",
+    rule: PEERS_CEL(
+      (p) => `!has(${p}.ipBlock) || (!has(${p}.podSelector) && !has(${p}.namespaceSelector))`,
+    ),
+    message:
+      "networkPolicy: a peer with an ipBlock has nothing else (podSelector and namespaceSelector go in a peer of their own)",
+    check: (s) => peersOf(s).every((p) => !p.ipBlock || (!p.podSelector && !p.namespaceSelector)),
+  },
+  {
+    path: "spec.networkPolicy",
+    rule: PEERS_CEL(
+      (p) => `${SELECTOR_CEL(`${p}.podSelector`)} && ${SELECTOR_CEL(`${p}.namespaceSelector`)}`,
+    ),
+    message:
+      "networkPolicy: a peer's label selector requirement with operator In or NotIn needs values, one with Exists or DoesNotExist has none",
+    check: (s) =>
+      peersOf(s).every((p) => selectorOk(p.podSelector) && selectorOk(p.namespaceSelector)),
+  },
 ];
+
+/** A NetworkPolicy peer (spec.networkPolicy). */
+interface Peer {
+  readonly podSelector?: Selector;
+  readonly namespaceSelector?: Selector;
+  readonly ipBlock?: object;
+}
+/** Every peer of spec.networkPolicy `n`: from, to NATS, to the extra rules' destinations. */
+function peersOf(n: {
+  gatewayFrom?: Peer[];
+  metricsFrom?: Peer[];
+  egress?: { natsTo?: Peer[]; extraRules?: { to?: Peer[] }[] };
+}): Peer[] {
+  return [
+    ...(n.gatewayFrom ?? []),
+    ...(n.metricsFrom ?? []),
+    ...(n.egress?.natsTo ?? []),
+    ...(n.egress?.extraRules ?? []).flatMap((r) => r.to ?? []),
+  ];
+}
+/** CEL: `peer` holds for every peer of self (spec.networkPolicy). */
+function PEERS_CEL(peer: (p: string) => string): string {
+  const all = (list: string) => `(!has(${list}) || ${list}.all(p, ${peer("p")}))`;
+  return `${all("self.gatewayFrom")} && ${all("self.metricsFrom")} && (!has(self.egress) || (${all("self.egress.natsTo")} && (!has(self.egress.extraRules) || self.egress.extraRules.all(r, ${all("r.to")}))))`;
+}
 
 /** Whether spec.gateway.kvCache `k` asks for a disk tier the gateways share. */
 function diskShared(k: Record<string, unknown> | undefined): boolean {

@@ -1426,78 +1426,81 @@ const NetworkPolicyPeers = (description: string) =>
     { description, maxItems: 32 },
   );
 
-export const NetworkPolicySchema = Type.Object(
-  {
-    enabled: Type.Boolean({
-      description:
-        "Create NetworkPolicies for the model's pods: the gateways admit connections only to their HTTP and gRPC ports (from gatewayFrom) and their metrics port (from metricsFrom); shards and prefill gateways only to their metrics port (they connect to NATS themselves, and nothing connects to them). Enforced by a CNI that implements NetworkPolicy; the kubelet's probes come from the node, which such CNIs admit.",
-      default: false,
-    }),
-    gatewayFrom: Type.Optional(
-      NetworkPolicyPeers(
-        "Who may reach the gateways' HTTP and gRPC ports (the API's clients, an ingress controller); absent: anyone; empty: no one.",
+export const NetworkPolicySchema = withRules(
+  "spec.networkPolicy",
+  Type.Object(
+    {
+      enabled: Type.Boolean({
+        description:
+          "Create NetworkPolicies for the model's pods: the gateways admit connections only to their HTTP and gRPC ports (from gatewayFrom) and their metrics port (from metricsFrom); shards and prefill gateways only to their metrics port (they connect to NATS themselves, and nothing connects to them). Enforced by a CNI that implements NetworkPolicy; the kubelet's probes come from the node, which such CNIs admit.",
+        default: false,
+      }),
+      gatewayFrom: Type.Optional(
+        NetworkPolicyPeers(
+          "Who may reach the gateways' HTTP and gRPC ports (the API's clients, an ingress controller); absent: anyone; empty: no one.",
+        ),
       ),
-    ),
-    metricsFrom: Type.Optional(
-      NetworkPolicyPeers(
-        "Who may reach every pod's metrics port (Prometheus); absent: anyone; empty: no one.",
+      metricsFrom: Type.Optional(
+        NetworkPolicyPeers(
+          "Who may reach every pod's metrics port (Prometheus); absent: anyone; empty: no one.",
+        ),
       ),
-    ),
-    egress: Type.Optional(
-      Type.Object(
-        {
-          enabled: Type.Boolean({
-            description:
-              "The policies restrict the pods' outgoing connections too (for a namespace whose other policies deny egress, or to deny it here): DNS (port 53), spec.nats.url's ports (to natsTo), the weights download's (spec.model.source.huggingFace: 443, or the ports of spec.env's literal HF_ENDPOINT and HTTPS_PROXY/HTTP_PROXY), the gateways' OTLP collector (spec.gateway.tracing), and extraRules; anything else is dropped. Only with networkPolicy.enabled, which turns every policy on and off.",
-            default: false,
-          }),
-          natsTo: Type.Optional(
-            NetworkPolicyPeers(
-              "Where the NATS server runs (its pods, by namespaceSelector and podSelector; an ipBlock outside the cluster); absent: any address on spec.nats.url's ports.",
-            ),
-          ),
-          extraRules: Type.Optional(
-            Type.Array(
-              Type.Object(
-                {
-                  ports: Type.Array(
-                    Type.Object(
-                      {
-                        port: Type.Integer({
-                          description: "A port number.",
-                          minimum: 1,
-                          maximum: 65535,
-                        }),
-                        protocol: StringEnum(["TCP", "UDP", "SCTP"], {
-                          description: "TCP (default), UDP or SCTP.",
-                          default: "TCP",
-                        }),
-                      },
-                      { description: "A destination port." },
-                    ),
-                    { minItems: 1, maxItems: 32, description: "The ports it allows." },
-                  ),
-                  to: Type.Optional(
-                    NetworkPolicyPeers("Where to (absent: any address on those ports)."),
-                  ),
-                },
-                {
-                  description:
-                    "More outgoing connections every pod of the model may open: a proxy or Hub mirror named through a Secret, a collector of its own.",
-                },
+      egress: Type.Optional(
+        Type.Object(
+          {
+            enabled: Type.Boolean({
+              description:
+                "The policies restrict the pods' outgoing connections too (for a namespace whose other policies deny egress, or to deny it here): DNS (port 53), spec.nats.url's ports (to natsTo), the weights download's (spec.model.source.huggingFace: 443, or the ports of spec.env's literal HF_ENDPOINT and HTTPS_PROXY/HTTP_PROXY), the gateways' OTLP collector (spec.gateway.tracing), and extraRules; anything else is dropped. Only with networkPolicy.enabled, which turns every policy on and off.",
+              default: false,
+            }),
+            natsTo: Type.Optional(
+              NetworkPolicyPeers(
+                "Where the NATS server runs (its pods, by namespaceSelector and podSelector; an ipBlock outside the cluster); absent: any address on spec.nats.url's ports.",
               ),
-              { maxItems: 16, description: "More egress rules, for every pod of the model." },
             ),
-          ),
-        },
-        {
-          description:
-            "Outgoing connections of the model's pods (off by default: the policies restrict only what reaches them).",
-        },
+            extraRules: Type.Optional(
+              Type.Array(
+                Type.Object(
+                  {
+                    ports: Type.Array(
+                      Type.Object(
+                        {
+                          port: Type.Integer({
+                            description: "A port number.",
+                            minimum: 1,
+                            maximum: 65535,
+                          }),
+                          protocol: StringEnum(["TCP", "UDP", "SCTP"], {
+                            description: "TCP (default), UDP or SCTP.",
+                            default: "TCP",
+                          }),
+                        },
+                        { description: "A destination port." },
+                      ),
+                      { minItems: 1, maxItems: 32, description: "The ports it allows." },
+                    ),
+                    to: Type.Optional(
+                      NetworkPolicyPeers("Where to (absent: any address on those ports)."),
+                    ),
+                  },
+                  {
+                    description:
+                      "More outgoing connections every pod of the model may open: a proxy or Hub mirror named through a Secret, a collector of its own.",
+                  },
+                ),
+                { maxItems: 16, description: "More egress rules, for every pod of the model." },
+              ),
+            ),
+          },
+          {
+            description:
+              "Outgoing connections of the model's pods (off by default: the policies restrict only what reaches them).",
+          },
+        ),
       ),
-    ),
-  },
-  { description: "Network isolation of the model's pods.", default: {} },
+    },
+    { description: "Network isolation of the model's pods.", default: {} },
+  ),
 );
 
 /** A key of a Secret or a ConfigMap in the model's namespace, as a variable's value. */

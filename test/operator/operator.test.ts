@@ -2167,6 +2167,35 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[49]!.message,
       ],
       [
+        "a network policy peer with an ipBlock and a namespaceSelector",
+        {
+          networkPolicy: {
+            enabled: true,
+            gatewayFrom: [{ ipBlock: { cidr: "10.0.0.0/8" }, namespaceSelector: {} }],
+          },
+        },
+        CROSS_FIELD_RULES[50]!.message,
+      ],
+      [
+        "a network policy peer selector Exists with values",
+        {
+          networkPolicy: {
+            enabled: true,
+            egress: {
+              enabled: true,
+              natsTo: [
+                {
+                  podSelector: {
+                    matchExpressions: [{ key: "app", operator: "Exists", values: ["nats"] }],
+                  },
+                },
+              ],
+            },
+          },
+        },
+        CROSS_FIELD_RULES[51]!.message,
+      ],
+      [
         "a misspelt node affinity field",
         {
           scheduling: {

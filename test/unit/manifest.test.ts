@@ -517,6 +517,14 @@ spec:
       "a topology spread label selector DoesNotExist with values",
       "  scheduling: { topologySpreadConstraints: [{ maxSkew: 1, topologyKey: zone, whenUnsatisfiable: DoNotSchedule, labelSelector: { matchExpressions: [{ key: app, operator: DoesNotExist, values: [x] }] } }] }\n",
     ],
+    [
+      "a network policy peer with an ipBlock and a podSelector",
+      "  networkPolicy: { enabled: true, metricsFrom: [{ ipBlock: { cidr: 10.0.0.0/8 }, podSelector: {} }] }\n",
+    ],
+    [
+      "a network policy peer selector In without values",
+      "  networkPolicy: { enabled: true, egress: { enabled: true, extraRules: [{ ports: [{ port: 443 }], to: [{ namespaceSelector: { matchExpressions: [{ key: team, operator: In }] } }] }] } }\n",
+    ],
     ["a RuntimeClass name in capitals", "  scheduling: { runtimeClassName: NVIDIA }\n"],
     ["a PriorityClass name with an underscore", "  scheduling: { priorityClassName: high_prio }\n"],
   ])("refuses %s (the workloads' own validation would, later)", (_what, extra) => {
