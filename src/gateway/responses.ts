@@ -24,6 +24,7 @@ import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
   bind,
+  type ChatRun,
   chatLogprob,
   chatPrompt,
   chatRun,
@@ -127,18 +128,22 @@ export const ResponsesRequest = Type.Object({
   priority: Type.Optional(Nullable(Type.Integer({ minimum: -(2 ** 31), maximum: 2 ** 31 - 1 }))),
   cache_salt: Type.Optional(Nullable(Type.String({ minLength: 1, maxLength: 1024 }))),
   chat_template_kwargs: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
+  /**
+   * "auto": a conversation too long for the context loses items from its start until it
+   * fits (fitted); "disabled" (the default): it is refused (400 EM_GATEWAY_PROMPT_TOO_LONG).
+   */
+  truncation: Type.Optional(Nullable(Type.Union([Type.Literal("auto"), Type.Literal("disabled")]))),
   ...VLLM_OUTPUT_FIELDS,
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
 
 /**
  * POST /v1/responses/input_tokens: the fields of a response whose prompt is counted, the
- * model optional (OpenAI's; `truncation` is accepted: "auto" never drops input here).
+ * model optional (OpenAI's).
  */
 const InputTokensRequest = Type.Object({
   ...ResponsesRequest.properties,
   model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
-  truncation: Type.Optional(Nullable(Type.String())),
 });
 type InputTokensRequest = Static<typeof InputTokensRequest>;
 
@@ -541,6 +546,56 @@ const PARAMS: [RegExp, string][] = [
 
 export const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
 
+/**
+ * The chat request `chat` run (chatRun), with truncation "auto" (`auto`) fitted to the
+ * context first when it is too long: the fewest items dropped from the conversation's start
+ * (the instructions kept, a tool's output never without its call, the last message always
+ * kept) that let the prompt and max_output_tokens fit, found by bisection (a few encodings,
+ * not one per item). Too long even so: the refusal of the shortest.
+ */
+async function fitted(
+  ctx: ServeContext,
+  chat: ChatCompletionRequest,
+  auto: boolean,
+): Promise<ChatRun> {
+  const attempt = (messages: ChatMessage[]) =>
+    chatRun(ctx, { ...chat, messages }).catch((err: unknown) => {
+      throw renameParam(err, PARAMS);
+    });
+  const tooLong = (err: unknown) =>
+    err instanceof ApiError && err.code === "EM_GATEWAY_PROMPT_TOO_LONG";
+  let refusal: unknown;
+  try {
+    return await attempt(chat.messages);
+  } catch (err) {
+    if (!auto || !tooLong(err)) throw err;
+    refusal = err;
+  }
+  // (the instructions, or a system message the conversation starts with, kept)
+  const head = chat.messages[0]?.role === "system" && chat.messages.length > 1 ? 1 : 0;
+  const rest = chat.messages.slice(head);
+  // Where the kept part may start: not at a tool's output, and before the last message.
+  const cuts: number[] = [];
+  for (let k = 1; k < rest.length; k++) if (rest[k]!.role !== "tool") cuts.push(k);
+  const at = (k: number) => [...chat.messages.slice(0, head), ...rest.slice(k)];
+  let lo = 0;
+  let hi = cuts.length - 1;
+  let best: ChatRun | null = null;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    try {
+      best = await attempt(at(cuts[mid]!));
+      hi = mid - 1;
+    } catch (err) {
+      if (!tooLong(err)) throw err;
+      refusal = err; // (when none fits: the last tried, the shortest)
+      lo = mid + 1;
+    }
+  }
+  if (best) return best;
+  throw refusal;
+}
+
 const ITEM_ID_PREFIX: Record<string, string> = {
   message: "msg",
   function_call: "fc",
@@ -842,6 +897,11 @@ export function responsesRoutes(
         if (b.model != null) checkModel(ctx, b.model);
         const { before } = continued(b, (id) => find(req, id), conversations, owner(req));
         const { chat } = chatRequestOf({ ...b, model: b.model ?? ctx.servedModelName }, before);
+        // truncation "auto": what the response would run on, its conversation fitted.
+        if (b.truncation === "auto") {
+          const { spec } = await fitted(ctx, chat, true);
+          return { object: "response.input_tokens", input_tokens: spec.prompts[0]!.tokens.length };
+        }
         const { prompt } = await chatPrompt(ctx, chat).catch((err: unknown) => {
           throw renameParam(err, PARAMS);
         });
@@ -1059,11 +1119,7 @@ async function respond(
   // A folder with no room left keeps no more responses: refused before anything runs.
   const full = stored && store instanceof ResponseFiles ? store.refusal() : null;
   if (full) throw full;
-  const { spec, outputOptions, finishOf } = await chatRun(ctx, chatRequest).catch(
-    (err: unknown) => {
-      throw renameParam(err, PARAMS);
-    },
-  );
+  const { spec, outputOptions, finishOf } = await fitted(ctx, chatRequest, b.truncation === "auto");
   const id = newId("resp");
   // Its input as items, ids given once: a background response is kept twice (running, ended),
   // and a conversation gets the same ids.
@@ -1090,6 +1146,7 @@ async function respond(
     conversation: joined ? { id: joined } : null,
     store: stored,
     background: b.background ?? false,
+    truncation: b.truncation ?? "disabled",
     metadata: b.metadata ?? {},
     error: null,
     incomplete_details: null,

@@ -115,6 +115,7 @@ const FIELDS = [
   "conversation",
   "items",
   "background",
+  "truncation",
   "store",
   "instructions",
   "reasoning",
@@ -230,6 +231,7 @@ const PLAUSIBLE: Record<string, unknown[]> = {
   // (and a conversation of the gateway's, made in beforeAll)
   conversation: [`conv_${"0".repeat(24)}`],
   parallel_tool_calls: [false],
+  truncation: ["auto", "disabled"],
   continue_final_message: [true],
   add_generation_prompt: [false],
   return_tokens_as_token_ids: [true],

@@ -743,6 +743,94 @@ describe("POST /v1/responses", () => {
     await gw.client.responses.cancel(running.id);
   });
 
+  it("truncation auto: a conversation too long for the context loses its oldest items until it fits, the instructions and a call's output with its call kept; disabled (the default) refuses it", async () => {
+    const maxModelLen = 160;
+    const g = await startGateway(dir, { maxModelLen });
+    try {
+      const input: OpenAI.Responses.ResponseInputItem[] = [];
+      for (let i = 0; i < 10; i++)
+        input.push(
+          { role: "user", content: `Question ${i}: what comes after ${i} apples and pears?` },
+          { role: "assistant", content: `After ${i} comes ${i + 1}, as it always has.` },
+        );
+      // A call and its output near the end: cut before the call, never between the two.
+      input.push(
+        { type: "function_call", call_id: "c1", name: "count", arguments: '{"n": 10}' },
+        { type: "function_call_output", call_id: "c1", output: "11" },
+        { role: "user", content: "And now?" },
+      );
+      const body = {
+        model: "tiny",
+        instructions: "Count.",
+        input,
+        max_output_tokens: 8,
+        temperature: 0,
+        tools: [
+          {
+            type: "function" as const,
+            name: "count",
+            parameters: { type: "object" },
+            strict: false,
+          },
+        ],
+        tool_choice: "none" as const,
+      };
+      const refused = (await g.client.responses.create(body).catch((e: unknown) => e)) as {
+        status: number;
+        code: string;
+      };
+      expect([refused.status, refused.code]).toEqual([400, "EM_GATEWAY_PROMPT_TOO_LONG"]);
+      // Each item's suffix (instructions kept) as counted whole.
+      const counts: number[] = [];
+      for (let k = 0; k < input.length; k++)
+        counts.push(
+          (await g.client.responses.inputTokens.count({ ...body, input: input.slice(k) }))
+            .input_tokens,
+        );
+      let r: OpenAI.Responses.Response | undefined;
+      // 8 output tokens: cut among the turns; 100: the suffix from the call's output would
+      // fit, but the cut falls after it (the call goes, so does its output).
+      for (const [max_output_tokens, cut] of [
+        [8, 18],
+        [100, 22],
+      ] as const) {
+        const k = counts.findIndex(
+          (n, i) =>
+            n + max_output_tokens <= maxModelLen &&
+            (input[i] as { type?: string }).type !== "function_call_output",
+        );
+        expect(k).toBe(cut); // (the counts the cases were chosen by)
+        if (cut === 22) expect(counts[21]! + max_output_tokens).toBeLessThanOrEqual(maxModelLen);
+        r = await g.client.responses.create({ ...body, max_output_tokens, truncation: "auto" });
+        expect(r.truncation).toBe("auto");
+        expect(r.usage!.input_tokens).toBe(counts[k]);
+        const suffix = await g.client.responses.create({
+          ...body,
+          max_output_tokens,
+          input: input.slice(k),
+        });
+        expect(r.output_text).toBe(suffix.output_text);
+        // (max_output_tokens too, which OpenAI's count does not take: fitted as it would run)
+        const counted = await g.client.responses.inputTokens.count({
+          ...body,
+          max_output_tokens,
+          truncation: "auto",
+        } as OpenAI.Responses.InputTokenCountParams);
+        expect(counted.input_tokens).toBe(counts[k]);
+      }
+      // Kept whole (a next turn fits it again), and refused when even the last item cannot fit.
+      expect((await g.client.responses.inputItems.list(r!.id, { limit: 100 })).data).toHaveLength(
+        input.length,
+      );
+      const huge = (await g.client.responses
+        .create({ ...body, input: "word ".repeat(400), truncation: "auto" })
+        .catch((e: unknown) => e)) as { status: number; code: string };
+      expect([huge.status, huge.code]).toEqual([400, "EM_GATEWAY_PROMPT_TOO_LONG"]);
+    } finally {
+      await g.close();
+    }
+  });
+
   it("keeps the last --responses-store responses: an older one is pushed out", async () => {
     const small = await startGateway(dir, { responsesStore: 2 });
     try {
