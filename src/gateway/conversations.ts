@@ -14,7 +14,7 @@ import { appendFileSync, closeSync, constants, openSync } from "node:fs";
 import { join } from "node:path";
 import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
-import { makeDirs, readFrom } from "../util/fs.ts";
+import { makeDirs, readFrom, withDirLock } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 import { type FolderQuota, removeCounted } from "./files.ts";
 import {
@@ -224,19 +224,25 @@ export class FolderLogs implements ConversationLogs {
   append(id: string, line: string): boolean {
     const path = this.#path(id);
     if (!path) return false;
-    let fd: number;
-    try {
-      fd = openSync(path, constants.O_WRONLY | constants.O_APPEND); // (not made again if gone)
-    } catch {
-      return false;
-    }
-    try {
-      appendFileSync(fd, `${line}\n`); // (one write: lines of gateways at once do not mix)
-    } finally {
-      closeSync(fd);
-    }
-    this.#quota?.grew(Buffer.byteLength(line) + 1);
-    return true;
+    // Under the conversation's lock, opened to closed: on NFS an append lands at the size
+    // the client last saw, and reaches the server at the close, so two gateways appending at
+    // once could write over each other's records (withDirLock).
+    const added = withDirLock(`${path}.lock`, () => {
+      let fd: number;
+      try {
+        fd = openSync(path, constants.O_WRONLY | constants.O_APPEND); // (not made again if gone)
+      } catch {
+        return false;
+      }
+      try {
+        appendFileSync(fd, `${line}\n`); // (one write: a reader never sees half a record)
+      } finally {
+        closeSync(fd);
+      }
+      return true;
+    });
+    if (added) this.#quota?.grew(Buffer.byteLength(line) + 1);
+    return added;
   }
 
   remove(id: string): boolean {

@@ -100,3 +100,42 @@ export function readFrom(
     closeSync(fd);
   }
 }
+
+/** A lock dir older than this was left by a process that died holding it. */
+export const DIR_LOCK_STALE_MS = 5000;
+
+/**
+ * Runs `fn` holding the lock `path` (a directory: mkdir is one atomic operation on every file
+ * system a folder is shared over, NFS included, where O_APPEND is not: an NFS client appends
+ * at the size it last saw, over another client's append). Waits for another holder up to
+ * `waitMs`, blocking (the holders keep it for one small write); breaks a lock older than
+ * DIR_LOCK_STALE_MS. Throws if the lock cannot be had in time.
+ */
+export function withDirLock<T>(path: string, fn: () => T, waitMs = 2000): T {
+  const deadline = Date.now() + waitMs;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (;;) {
+    try {
+      mkdirSync(path);
+      break;
+    } catch (err) {
+      if ((err as { code?: string }).code !== "EEXIST") throw err;
+    }
+    const since = (() => {
+      try {
+        return Date.now() - statSync(path).mtimeMs;
+      } catch {
+        return 0; // (released meanwhile)
+      }
+    })();
+    if (since > DIR_LOCK_STALE_MS) rmSync(path, { recursive: true, force: true });
+    else if (Date.now() > deadline)
+      throw new Error(`${path}: held by another process for ${Math.round(since)} ms`);
+    else Atomics.wait(pause, 0, 0, 2);
+  }
+  try {
+    return fn();
+  } finally {
+    rmSync(path, { recursive: true, force: true });
+  }
+}
