@@ -8,6 +8,7 @@ import {
   readFileSync,
   readSync,
   renameSync,
+  rmdirSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -128,7 +129,7 @@ export function withDirLock<T>(path: string, fn: () => T, waitMs = 2000): T {
         return 0; // (released meanwhile)
       }
     })();
-    if (since > DIR_LOCK_STALE_MS) rmSync(path, { recursive: true, force: true });
+    if (since > DIR_LOCK_STALE_MS) unlock(path);
     else if (Date.now() > deadline)
       throw new Error(`${path}: held by another process for ${Math.round(since)} ms`);
     else Atomics.wait(pause, 0, 0, 2);
@@ -136,6 +137,15 @@ export function withDirLock<T>(path: string, fn: () => T, waitMs = 2000): T {
   try {
     return fn();
   } finally {
-    rmSync(path, { recursive: true, force: true });
+    unlock(path);
+  }
+}
+
+/** Removes lock directory `path` (one rmdir: it is empty), if it is still there. */
+function unlock(path: string): void {
+  try {
+    rmdirSync(path);
+  } catch (err) {
+    if ((err as { code?: string }).code !== "ENOENT") throw err;
   }
 }
