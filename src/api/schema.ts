@@ -1202,6 +1202,17 @@ const PodAffinityTerm = (description: string) =>
     { description },
   );
 
+/** Preferred scheduling terms, each with its weight (`term`: its field and schema). */
+const Preferred = <K extends string, T extends TSchema>(key: K, term: T, description: string) =>
+  Type.Optional(
+    Type.Array(
+      Type.Object({ weight: Weight, [key]: term } as { weight: typeof Weight } & Record<K, T>, {
+        description: "A term preferred, with its weight.",
+      }),
+      { description, maxItems: 16 },
+    ),
+  );
+
 /** Pod affinity or anti-affinity (as in a PodSpec). */
 const PodAffinity = (description: string) =>
   Type.Object(
@@ -1212,14 +1223,10 @@ const PodAffinity = (description: string) =>
           maxItems: 16,
         }),
       ),
-      preferredDuringSchedulingIgnoredDuringExecution: Type.Optional(
-        Type.Array(
-          Type.Object(
-            { weight: Weight, podAffinityTerm: PodAffinityTerm("The term.") },
-            { description: "A term preferred, with its weight." },
-          ),
-          { description: "Terms preferred.", maxItems: 16 },
-        ),
+      preferredDuringSchedulingIgnoredDuringExecution: Preferred(
+        "podAffinityTerm",
+        PodAffinityTerm("The term."),
+        "Terms preferred.",
       ),
     },
     { description },
@@ -1246,14 +1253,10 @@ const Affinity = Type.Object(
               { description: "What a node must be." },
             ),
           ),
-          preferredDuringSchedulingIgnoredDuringExecution: Type.Optional(
-            Type.Array(
-              Type.Object(
-                { weight: Weight, preference: NodeSelectorTerm("The term.") },
-                { description: "A term preferred, with its weight." },
-              ),
-              { description: "What a node had better be.", maxItems: 16 },
-            ),
+          preferredDuringSchedulingIgnoredDuringExecution: Preferred(
+            "preference",
+            NodeSelectorTerm("The term."),
+            "What a node had better be.",
           ),
         },
         { description: "Which nodes the pods run on (beyond nodeSelector)." },
