@@ -1391,6 +1391,15 @@ export const MonitoringSchema = Type.Object(
   { description: "How Prometheus finds the model's metrics.", default: {} },
 );
 
+/**
+ * An IP range as the API server parses one: IPv4 (an octet up to 255, leading zeros as it
+ * takes them) or IPv6 (its shape only: hex digits, colons, an IPv4 tail), with a prefix
+ * length in range. (That an `except` lies strictly inside its `cidr` is left to the API
+ * server: CEL's cidr library is newer than the clusters expertmesh runs on.)
+ */
+const CIDR_PATTERN =
+  "^((((25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|[01]?[0-9]?[0-9])/([0-9]|[12][0-9]|3[0-2]))|([0-9A-Fa-f.]*:[0-9A-Fa-f:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])))$";
+
 /** NetworkPolicyPeers, as in a NetworkPolicy's ingress rule. */
 const NetworkPolicyPeers = (description: string) =>
   Type.Array(
@@ -1409,12 +1418,23 @@ const NetworkPolicyPeers = (description: string) =>
         ipBlock: Type.Optional(
           Type.Object(
             {
-              cidr: Type.String({ description: "An IP range, e.g. 10.0.0.0/8.", maxLength: 64 }),
+              cidr: Type.String({
+                description: "An IP range, e.g. 10.0.0.0/8.",
+                maxLength: 64,
+                pattern: CIDR_PATTERN,
+              }),
               except: Type.Optional(
-                Type.Array(Type.String({ description: "An IP range.", maxLength: 64 }), {
-                  description: "Ranges inside cidr that are not admitted.",
-                  maxItems: 32,
-                }),
+                Type.Array(
+                  Type.String({
+                    description: "An IP range.",
+                    maxLength: 64,
+                    pattern: CIDR_PATTERN,
+                  }),
+                  {
+                    description: "Ranges inside cidr that are not admitted.",
+                    maxItems: 32,
+                  },
+                ),
               ),
             },
             { description: "Addresses admitted (outside the cluster, mostly)." },

@@ -2196,6 +2196,11 @@ describe.sequential("expertmesh operator", () => {
         CROSS_FIELD_RULES[51]!.message,
       ],
       [
+        "a network policy ipBlock that is no IP range",
+        { networkPolicy: { enabled: true, metricsFrom: [{ ipBlock: { cidr: "lots" } }] } },
+        "spec.networkPolicy.metricsFrom[0].ipBlock.cidr: Invalid value",
+      ],
+      [
         "a misspelt node affinity field",
         {
           scheduling: {

@@ -522,6 +522,14 @@ spec:
       "  networkPolicy: { enabled: true, metricsFrom: [{ ipBlock: { cidr: 10.0.0.0/8 }, podSelector: {} }] }\n",
     ],
     [
+      "a network policy ipBlock without a prefix length",
+      "  networkPolicy: { enabled: true, gatewayFrom: [{ ipBlock: { cidr: 10.0.0.0 } }] }\n",
+    ],
+    [
+      "a network policy ipBlock except that is no range",
+      "  networkPolicy: { enabled: true, gatewayFrom: [{ ipBlock: { cidr: 10.0.0.0/8, except: [10.1.0.0/33] } }] }\n",
+    ],
+    [
       "a network policy peer selector In without values",
       "  networkPolicy: { enabled: true, egress: { enabled: true, extraRules: [{ ports: [{ port: 443 }], to: [{ namespaceSelector: { matchExpressions: [{ key: team, operator: In }] } }] }] } }\n",
     ],
