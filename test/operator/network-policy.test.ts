@@ -122,13 +122,13 @@ describe("NetworkPolicies (spec.networkPolicy)", () => {
         { ports: [{ port: "metrics", protocol: "TCP" }], _from: [prometheus] },
       ]);
 
-    // A peer the API server refuses (the CRD takes any string as a CIDR): reported, and the
-    // model serves on.
+    // A peer the API server refuses (the CRD cannot say an except must lie inside its
+    // cidr): reported, and the model serves on.
     await patchModel(ns, name, [
       {
         op: "add",
         path: "/spec/networkPolicy/gatewayFrom",
-        value: [{ ipBlock: { cidr: "10.0.0.0/33" } }],
+        value: [{ ipBlock: { cidr: "10.0.0.0/8", except: ["11.0.0.0/16"] } }],
       },
     ]);
     const m = await waitFor(
