@@ -187,12 +187,21 @@ function POD_TERMS_CEL(term: (t: string) => string): string {
   };
   return `(!has(self.affinity) || (${of("podAffinity")} && ${of("podAntiAffinity")}))`;
 }
-/** Whether a node requirement's values suit its operator. */
-function nodeRequirementOk(e: NodeRequirement): boolean {
+/**
+ * Whether a requirement's values suit its operator as a label selector's does: In and NotIn
+ * need some, Exists and DoesNotExist none (also a node requirement's, which adds Gt and Lt).
+ */
+function setValuesOk(e: { operator: string; values?: readonly string[] }): boolean {
   const n = e.values?.length ?? 0;
-  if (e.operator === "In" || e.operator === "NotIn") return n > 0;
-  if (e.operator === "Exists" || e.operator === "DoesNotExist") return n === 0;
-  return n === 1 && INTEGER_RE.test(e.values![0]!);
+  return e.operator === "In" || e.operator === "NotIn" ? n > 0 : n === 0;
+}
+/** The same in CEL, of a requirement `e`. */
+const SET_VALUES_CEL = (e: string) =>
+  `(${e}.operator in ['In', 'NotIn'] ? has(${e}.values) && size(${e}.values) > 0 : !has(${e}.values) || size(${e}.values) == 0)`;
+/** Whether a node requirement's values suit its operator (Gt and Lt: one whole number). */
+function nodeRequirementOk(e: NodeRequirement): boolean {
+  if (e.operator !== "Gt" && e.operator !== "Lt") return setValuesOk(e);
+  return e.values?.length === 1 && INTEGER_RE.test(e.values[0]!);
 }
 /**
  * A value Gt and Lt compare with: a whole number (the scheduler parses it as an int64; the
@@ -201,18 +210,14 @@ function nodeRequirementOk(e: NodeRequirement): boolean {
 const INTEGER_RE = /^[0-9]{1,19}$/;
 /** The same in CEL, of a node requirement `e`. */
 const NODE_REQUIREMENT_CEL = (e: string) =>
-  `(${e}.operator in ['In', 'NotIn'] ? has(${e}.values) && size(${e}.values) > 0 : ${e}.operator in ['Exists', 'DoesNotExist'] ? !has(${e}.values) || size(${e}.values) == 0 : has(${e}.values) && size(${e}.values) == 1 && ${e}.values[0].matches('${INTEGER_RE.source}'))`;
+  `(${e}.operator in ['Gt', 'Lt'] ? has(${e}.values) && size(${e}.values) == 1 && ${e}.values[0].matches('${INTEGER_RE.source}') : ${SET_VALUES_CEL(e)})`;
 /** Whether a label selector's requirements' values suit their operators. */
 function selectorOk(sel: Selector | undefined): boolean {
-  return (sel?.matchExpressions ?? []).every((e) =>
-    e.operator === "In" || e.operator === "NotIn"
-      ? (e.values?.length ?? 0) > 0
-      : (e.values?.length ?? 0) === 0,
-  );
+  return (sel?.matchExpressions ?? []).every(setValuesOk);
 }
 /** The same in CEL, of a label selector `sel` (maybe absent). */
 const SELECTOR_CEL = (sel: string) =>
-  `(!has(${sel}) || !has(${sel}.matchExpressions) || ${sel}.matchExpressions.all(e, e.operator in ['In', 'NotIn'] ? has(e.values) && size(e.values) > 0 : !has(e.values) || size(e.values) == 0))`;
+  `(!has(${sel}) || !has(${sel}.matchExpressions) || ${sel}.matchExpressions.all(e, ${SET_VALUES_CEL("e")}))`;
 /** CEL: the matchLabels keys of label selector `sel` (maybe absent) are label keys. */
 const MATCH_LABELS_KEYS_CEL = (sel: string) =>
   `(!has(${sel}) || !has(${sel}.matchLabels) || ${sel}.matchLabels.all(k, ${labelKeyCel("k")}))`;

@@ -187,7 +187,7 @@ export class ResponseFiles implements KeptResponses {
 }
 
 /** A kept response's status (queued, then in_progress, while its gateway runs it). */
-export function statusOf(kept: Kept | undefined): string | undefined {
+function statusOf(kept: Kept | undefined): string | undefined {
   return (kept?.response as { status?: string } | undefined)?.status;
 }
 

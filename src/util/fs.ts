@@ -102,6 +102,9 @@ export function readFrom(
   }
 }
 
+/** What withDirLock waits on between tries (nothing wakes it: a 2 ms sleep). */
+const PAUSE = new Int32Array(new SharedArrayBuffer(4));
+
 /** A lock dir older than this was left by a process that died holding it. */
 export const DIR_LOCK_STALE_MS = 5000;
 
@@ -114,7 +117,6 @@ export const DIR_LOCK_STALE_MS = 5000;
  */
 export function withDirLock<T>(path: string, fn: () => T, waitMs = 2000): T {
   const deadline = Date.now() + waitMs;
-  const pause = new Int32Array(new SharedArrayBuffer(4));
   for (;;) {
     try {
       mkdirSync(path);
@@ -132,7 +134,7 @@ export function withDirLock<T>(path: string, fn: () => T, waitMs = 2000): T {
     if (since > DIR_LOCK_STALE_MS) unlock(path);
     else if (Date.now() > deadline)
       throw new Error(`${path}: held by another process for ${Math.round(since)} ms`);
-    else Atomics.wait(pause, 0, 0, 2);
+    else Atomics.wait(PAUSE, 0, 0, 2);
   }
   try {
     return fn();
