@@ -29,6 +29,11 @@ import { ResponseFiles } from "./response-files.ts";
 import { ResponseStore, responsesRoutes } from "./responses.ts";
 import { socketClientIdentity } from "./serving-tls.ts";
 import {
+  FolderCompletions,
+  MemoryCompletions,
+  storedCompletionsRoutes,
+} from "./stored-completions.ts";
+import {
   operationOfRoute,
   type RequestTrace,
   refusalSpan,
@@ -227,7 +232,8 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
    */
   const generationOf = (tracing: Tracing, req: FastifyRequest, reply: FastifyReply) => {
     const route = req.routeOptions.url ?? "";
-    const operation = operationOfRoute(route);
+    // (GET /v1/chat/completions lists stored completions: no generation)
+    const operation = req.method === "POST" ? operationOfRoute(route) : null;
     if (!operation) return null;
     const id = reply.getHeader("x-request-id");
     return {
@@ -328,7 +334,6 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     reply.header("content-type", contentType);
     return body;
   });
-  app.register(openaiRoutes(o.ctx));
   app.register(kserveRestRoutes({ ctx: o.ctx, bodyLimit, ...(o.ready ? { ready: o.ready } : {}) }));
 
   // Files, batches and responses: each key sees its own (a hash of it), everyone the same
@@ -360,6 +365,14 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       : new MemoryLogs(o.responsesStore ?? 1000),
   );
   app.register(responsesRoutes(o.ctx, responses, owner, conversations));
+  // Chat completions made with store: true, where the responses are too.
+  const completions =
+    responses instanceof ResponseFiles
+      ? new FolderCompletions(o.files!.dir, quota ?? null)
+      : new MemoryCompletions(o.responsesStore ?? 1000);
+  app.addHook("onClose", async () => completions.close());
+  app.register(openaiRoutes(o.ctx, { store: completions, owner }));
+  app.register(storedCompletionsRoutes(completions, owner));
   app.register(conversationsRoutes(conversations, owner));
   const run: RunLine = async (url, body, lineOwner) => {
     // Behind the interactive requests on a gateway that schedules by priority.

@@ -26,6 +26,7 @@ import {
   newId,
   type ResponsesRequest,
 } from "./responses.ts";
+import { Metadata } from "./schemas.ts";
 
 /** A conversation's item (an input item, or a response's output item), with its id. */
 export type ConversationItem = InputListItem;
@@ -40,11 +41,8 @@ export interface Conversation {
   readonly items: readonly ConversationItem[];
 }
 
-/** The most items a request adds at once (OpenAI's), and metadata's bounds (OpenAI's). */
+/** The most items a request adds at once (OpenAI's). */
 export const MAX_ADDED_ITEMS = 20;
-const Metadata = Type.Record(Type.String({ maxLength: 64 }), Type.String({ maxLength: 512 }), {
-  maxProperties: 16,
-});
 
 /** A conversation's log folded so far (what `foldInto` goes on from). */
 export interface Folded {

@@ -1,6 +1,7 @@
 // The OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions (JSON or
 // server-sent events), GET /v1/models. Bodies are validated by their TypeBox schemas
-// before the handlers run; a client that disconnects cancels its choices.
+// before the handlers run; a client that disconnects cancels its choices. A chat completion
+// made with store: true is kept (stored-completions.ts).
 import { randomBytes, randomInt } from "node:crypto";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import type { TokenLogprob } from "../engine/sampling.ts";
@@ -32,12 +33,24 @@ import {
   DetokenizeRequest,
   TokenizeRequest,
 } from "./schemas.ts";
+import {
+  completionId,
+  type StoredCompletions,
+  storedMessages,
+  storeOff,
+} from "./stored-completions.ts";
 import { customInputText, type ToolFunction, withTools } from "./tool-calls.ts";
 
 type Common = ChatCompletionRequest | CompletionRequest;
 
+/** Where chat completions made with store: true go, and whose a request's are (ownerOf). */
+export interface Keeping {
+  readonly store: StoredCompletions;
+  readonly owner: (req: FastifyRequest) => string;
+}
+
 /** The route plugin. */
-export function openaiRoutes(ctx: ServeContext) {
+export function openaiRoutes(ctx: ServeContext, keeping: Keeping) {
   return async (app: FastifyInstance) => {
     const model = {
       id: ctx.servedModelName,
@@ -55,7 +68,7 @@ export function openaiRoutes(ctx: ServeContext) {
     app.post<{ Body: ChatCompletionRequest }>(
       "/v1/chat/completions",
       { schema: { body: ChatCompletionRequest } },
-      (req, reply) => chat(ctx, req, reply),
+      (req, reply) => chat(ctx, keeping, req, reply),
     );
     app.post<{ Body: CompletionRequest }>(
       "/v1/completions",
@@ -381,19 +394,25 @@ function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void
   };
 }
 
-/** Runs a streamed job to the end; an engine error becomes an error event. */
+/**
+ * Runs a streamed job to the end; an engine error becomes an error event. Whether it ended
+ * without one.
+ */
 async function streamJob(
   job: Job,
   out: ReturnType<typeof sse>,
   final: () => unknown,
-): Promise<void> {
+): Promise<boolean> {
+  let ended = true;
   try {
     await job.done;
     out.send(final());
   } catch (err) {
     out.send(errorBody(toApiError(err)));
+    ended = false;
   }
   out.end();
+  return ended;
 }
 
 // ---- chat ----
@@ -624,21 +643,51 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
 
 async function chat(
   ctx: ServeContext,
+  keeping: Keeping,
   req: FastifyRequest<{ Body: ChatCompletionRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
   const { spec, outputOptions, finishOf } = await chatRun(ctx, req.body);
   const b = req.body;
-  const id = `chatcmpl-${randomBytes(12).toString("hex")}`;
+  const { store } = keeping;
+  if (b.store === true) {
+    // (refused before anything runs)
+    if (!store.keeps) throw storeOff();
+    const full = store.refusal();
+    if (full) throw full;
+  }
+  const id = completionId();
   const created = Math.floor(Date.now() / 1000);
   const head = { id, created, model: ctx.servedModelName };
   const asIds = b.return_tokens_as_token_ids === true;
   const lp = (tokens: TokenLogprob[]) =>
     spec.logprobs === null ? null : { content: tokens.map((t) => chatLogprob(ctx, t, asIds)) };
-  if (!b.stream) {
-    const job = startJob(ctx, spec);
-    bind(reply, job);
-    await job.done;
+  /**
+   * Keeps the completion (store: true) once its job ended: not one cancelled (its client
+   * left) or failed. A streamed one as it would have been answered whole.
+   */
+  const keep = (job: Job, completion: object) => {
+    if (b.store !== true || job.choices.some((c) => c.finishReason === null)) return;
+    store.put({
+      owner: keeping.owner(req),
+      completion: {
+        ...(completion as typeof head),
+        metadata: b.metadata ?? {},
+        request_id: String(reply.getHeader("x-request-id") ?? ""),
+        seed: b.seed ?? null,
+        temperature: b.temperature ?? null,
+        top_p: b.top_p ?? null,
+        presence_penalty: b.presence_penalty ?? null,
+        frequency_penalty: b.frequency_penalty ?? null,
+        tools: b.tools ?? null,
+        tool_choice: b.tool_choice ?? null,
+        response_format: b.response_format ?? null,
+      },
+      messages: storedMessages(id, b.messages),
+    });
+  };
+  /** The answer of a job that ended, whole (what a request without stream gets). */
+  const whole = (job: Job) => {
     const thoughts: string[] = [];
     const choices = job.choices.map((c) => {
       const output = new ChatOutput(outputOptions);
@@ -668,6 +717,14 @@ async function chat(
         : {}),
       usage: usageOf(job, reasoningTokens(ctx, outputOptions.reasoning, thoughts)),
     };
+  };
+  if (!b.stream) {
+    const job = startJob(ctx, spec);
+    bind(reply, job);
+    await job.done;
+    const answer = whole(job);
+    keep(job, answer);
+    return answer;
   }
   const chunk = (choices: unknown[]) => ({ ...head, object: "chat.completion.chunk", choices });
   let out: ReturnType<typeof sse> | null = null;
@@ -728,10 +785,11 @@ async function chat(
     );
   for (const p of pending) out.send(p);
   // Usage in the last chunk always (OpenAI sends it with stream_options.include_usage).
-  await streamJob(job, out, () => ({
+  const ended = await streamJob(job, out, () => ({
     ...chunk([]),
     usage: usageOf(job, reasoningTokens(ctx, outputOptions.reasoning, thoughts.values())),
   }));
+  if (ended) keep(job, whole(job));
   return reply;
 }
 

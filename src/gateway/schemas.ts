@@ -165,8 +165,20 @@ export const ChatMessage = Type.Object({
 });
 export type ChatMessage = Static<typeof ChatMessage>;
 
+/** An object's metadata, within OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512. */
+export const Metadata = Type.Record(
+  Type.String({ maxLength: 64 }),
+  Type.String({ maxLength: 512 }),
+  {
+    maxProperties: 16,
+  },
+);
+
 export const ChatCompletionRequest = Type.Object({
   ...common,
+  /** Keep the completion (stored-completions.ts): listed, retrieved, updated, deleted later. */
+  store: Type.Optional(Nullable(Type.Boolean())),
+  metadata: Type.Optional(Nullable(Metadata)),
   messages: Type.Array(ChatMessage, { minItems: 1 }),
   /** Function tools and how the model may call them (output-grammar.ts, tool-calls.ts). */
   tools: Type.Optional(Type.Unknown()),

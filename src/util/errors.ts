@@ -82,6 +82,8 @@ export const ERROR_CODES = {
     "a response id this gateway does not keep (not stored, deleted, pushed out, expired, or another gateway's without a shared files folder) (HTTP 404)",
   EM_GATEWAY_CONVERSATION_NOT_FOUND:
     "a conversation id this gateway does not keep (deleted, pushed out, another API key's, or another gateway's without a shared files folder), or an item id its conversation does not hold (HTTP 404)",
+  EM_GATEWAY_COMPLETION_NOT_FOUND:
+    "a stored chat completion id this gateway does not keep (not made with store: true, deleted, pushed out, expired, another API key's, or another gateway's without a shared files folder) (HTTP 404)",
   EM_GATEWAY_RESPONSE_LOST:
     "a response in a shared files folder was left in_progress by a gateway that stopped (the failed response's error)",
   EM_FILES_DIR:

@@ -537,6 +537,13 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
     });
     const conv = await c.conversations.create({ items: [{ role: "user", content: "hi" }] });
     const item = (await c.conversations.items.list(conv.id)).data[0]!.id!;
+    const kept = await c.chat.completions.create({
+      model: "tiny",
+      messages: [{ role: "user", content: "hi" }],
+      max_tokens: 3,
+      store: true,
+      metadata: { a: "1" },
+    });
     const ids = [
       stored.id,
       background.id,
@@ -559,6 +566,9 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
       () => `/v1/conversations/${r.pick([conv.id, "conv_x", "%2e%2e"])}`,
       () => `/v1/conversations/${r.pick([conv.id, "conv_x"])}/items`,
       () => `/v1/conversations/${conv.id}/items/${r.pick([item, "msg_x", "%ff"])}`,
+      () => "/v1/chat/completions",
+      () => `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x", "%2e%2e", "x".repeat(300)])}`,
+      () => `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x"])}/messages`,
     ];
     const keys = [
       "stream",
@@ -571,6 +581,9 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
       "after",
       "before",
       "purpose",
+      "model",
+      "metadata[a]",
+      "metadata[",
       "__proto__",
     ];
     const values = [
