@@ -24,8 +24,15 @@
 //    (its events appended to a log, and in the folder to `<id>.events` every 50 ms, which
 //    the client follows); the time until the stream's last event, alternating, per round the
 //    median of STREAMS requests of each.
+// 4. A page of stored chat completions (stored-completions.ts, ADR 0055): one key with
+//    LIST_SIZES completions (~1 KiB each, one in 10 tagged in its metadata), the 20 newest
+//    (GET /v1/chat/completions?order=desc, listCompletions), in memory (MemoryCompletions),
+//    in the folder (FolderCompletions: a directory listing sorted, the page's files read),
+//    the same filtered by the tag (metadata[tag]=x: ~200 files read for 20), and the peer
+//    the ADR chose against: every file of the folder read and parsed, sorted by `created`,
+//    the 20 newest taken. LIST_ITERATIONS pages per side and round; the median µs.
 import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -37,6 +44,14 @@ import {
 } from "../src/gateway/conversations.ts";
 import { ResponseFiles } from "../src/gateway/response-files.ts";
 import { type Kept, type KeptResponses, ResponseStore } from "../src/gateway/responses.ts";
+import {
+  completionId,
+  FolderCompletions,
+  listCompletions,
+  MemoryCompletions,
+  type StoredCompletion,
+  type StoredCompletions,
+} from "../src/gateway/stored-completions.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
 import { ensureMiniModel, localGateway, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
 
@@ -48,6 +63,8 @@ const ITERATIONS = 200;
 const CONV_ITERATIONS = 50;
 const STREAM_OUTPUT = 32;
 const STREAMS = 4;
+const LIST_SIZES = [100, 1000, 10_000] as const;
+const LIST_ITERATIONS = 30;
 
 export interface ResponsesResults {
   runs: number;
@@ -68,6 +85,14 @@ export interface ResponsesResults {
     conversationFolderUs?: Stats;
     conversationMemoryFirstUs?: Stats;
     conversationFolderFirstUs?: Stats;
+  }[];
+  /** A page of 20 stored chat completions (µs) of a key with `size` of them. */
+  lists?: {
+    size: number;
+    memoryUs: Stats;
+    folderUs: Stats;
+    folderFilteredUs: Stats;
+    readAllUs: Stats;
   }[];
   /** A streamed response until its last event (ms): foreground and background, per side. */
   streamed?: {
@@ -208,6 +233,96 @@ function conversationTurns(logs: ConversationLogs, depth: number): { first: numb
   return { first: median(times.first), next: median(times.next) };
 }
 
+/** Stored completion `i` of a list (~1 KiB as kept), made at `t`; every 10th tagged. */
+function storedOf(i: number, t: number): StoredCompletion {
+  const id = completionId(t);
+  const text = `answer ${i}: ${"lorem ipsum dolor sit amet ".repeat(12)}`;
+  return {
+    owner: "",
+    completion: {
+      id,
+      object: "chat.completion",
+      created: Math.floor(t / 1000),
+      model: "mini-v3",
+      choices: [
+        { index: 0, message: { role: "assistant", content: text }, finish_reason: "length" },
+      ],
+      usage: { prompt_tokens: 40, completion_tokens: 64, total_tokens: 104 },
+      metadata: i % 10 === 0 ? { tag: "x", n: String(i) } : { n: String(i) },
+    },
+    messages: [{ id: `${id}-0`, role: "user", content: `question ${i}`, content_parts: null }],
+  };
+}
+
+/** The median µs of LIST_ITERATIONS calls of `page`, each checked to give `want`. */
+function pageTimes(page: () => { data: unknown[] }, want: number): number {
+  const times: number[] = [];
+  for (let i = 0; i < LIST_ITERATIONS; i++) {
+    const t0 = performance.now();
+    const got = page();
+    times.push((performance.now() - t0) * 1000);
+    if (got.data.length !== want) throw new Error(`a page of ${got.data.length}, not ${want}`);
+  }
+  return median(times);
+}
+
+/** The ADR's rejected option: every file of `dir` read and parsed, the 20 newest taken. */
+function readAllPage(dir: string): { data: unknown[] } {
+  const all = readdirSync(dir)
+    .filter((n) => n.endsWith(".json"))
+    .map((n) => (JSON.parse(readFileSync(join(dir, n), "utf8")) as StoredCompletion).completion);
+  all.sort((a, b) => b.created - a.created || (b.id < a.id ? -1 : 1));
+  return { data: all.slice(0, 20) };
+}
+
+/** 4. Pages of LIST_SIZES stored completions in memory, in the folder, and read whole. */
+function listRows(dir: string, rounds: number, log: (s: string) => void) {
+  const rows: NonNullable<ResponsesResults["lists"]> = [];
+  for (const size of LIST_SIZES) {
+    const root = join(dir, `lists-${size}`);
+    const memory = new MemoryCompletions(size);
+    const folder = new FolderCompletions(root, null);
+    const t0 = Date.now() - size;
+    for (let i = 0; i < size; i++) {
+      const s = storedOf(i, t0 + i);
+      memory.put(s);
+      folder.put(s);
+    }
+    const newest = { order: "desc" as const, limit: 20 };
+    const tagged = { ...newest, metadata: [["tag", "x"]] as [string, string][] };
+    const sides: Record<string, () => { data: unknown[] }> = {
+      memory: () => listCompletions(memory, "", newest),
+      folder: () => listCompletions(folder, "", newest),
+      folderFiltered: () => listCompletions(folder as StoredCompletions, "", tagged),
+      readAll: () => readAllPage(join(root, "chat-completions", "_")),
+    };
+    const acc: Record<string, number[]> = Object.fromEntries(
+      Object.keys(sides).map((side) => [side, [] as number[]]),
+    );
+    const want = (side: string) => Math.min(20, side === "folderFiltered" ? size / 10 : size);
+    for (const side of Object.keys(sides)) pageTimes(sides[side]!, want(side)); // (warm-up of each)
+    for (let round = 0; round < rounds; round++) {
+      const order = Object.keys(sides);
+      if (round % 2 === 1) order.reverse();
+      for (const side of order) acc[side]!.push(pageTimes(sides[side]!, want(side)));
+    }
+    folder.close();
+    const row = {
+      size,
+      memoryUs: stats(acc["memory"]!),
+      folderUs: stats(acc["folder"]!),
+      folderFilteredUs: stats(acc["folderFiltered"]!),
+      readAllUs: stats(acc["readAll"]!),
+    };
+    rows.push(row);
+    log(
+      `[responses] a page of 20 of ${size} stored completions: memory ${row.memoryUs.median.toFixed(1)} µs, folder ${row.folderUs.median.toFixed(1)} µs (filtered ${row.folderFilteredUs.median.toFixed(1)} µs), every file read ${row.readAllUs.median.toFixed(1)} µs`,
+    );
+    rmSync(root, { recursive: true, force: true });
+  }
+  return rows;
+}
+
 /** ITERATIONS turns of store work on `store` (read the last, keep the next); µs per turn. */
 function storeTurns(store: KeptResponses, kept: Kept, tag: string): number {
   const times: number[] = [];
@@ -288,6 +403,7 @@ export async function runResponses(o: {
     } finally {
       files.close();
     }
+    const lists = listRows(dir, rounds, o.log);
 
     // 1. Conversations through two gateways.
     const modelDir = await ensureMiniModel(o.log);
@@ -349,6 +465,7 @@ export async function runResponses(o: {
       memoryTurnMs: stats(acc.memory),
       folderTurnMs: stats(acc.folder),
       store,
+      lists,
       streamed: {
         memory: {
           foregroundMs: stats(times.memory.foreground),
@@ -393,7 +510,23 @@ ${r.store
   )
   .join(
     "\n",
-  )}${r.store[0]?.conversationMemoryUs ? conversationTable(r.store) : ""}${r.streamed ? streamedTable(r.streamed) : ""}`;
+  )}${r.store[0]?.conversationMemoryUs ? conversationTable(r.store) : ""}${r.streamed ? streamedTable(r.streamed) : ""}${r.lists ? listsTable(r.lists) : ""}`;
+}
+
+function listsTable(rows: NonNullable<ResponsesResults["lists"]>): string {
+  const us = (x: Stats) => medianRange(x, 1);
+  return `
+
+A page of stored chat completions (\`store: true\`, ADR 0055): the 20 newest of one key's (\`GET /v1/chat/completions?order=desc\`, ~1 KiB each as kept), in memory, in the files folder (the key's folder listed and sorted by the time-ordered ids, the page's files read), the same filtered by a tag one in 10 carries (\`metadata[tag]=x\`), and the peer the ADR chose against (every file read and parsed, sorted by \`created\`); ${LIST_ITERATIONS} pages per side and round, the median:
+
+| stored | memory (µs) | folder (µs) | folder, filtered (µs) | every file read (µs, peer) | folder against peer |
+|---:|---:|---:|---:|---:|---:|
+${rows
+  .map(
+    (r) =>
+      `| ${r.size} | ${us(r.memoryUs)} | ${us(r.folderUs)} | ${us(r.folderFilteredUs)} | ${us(r.readAllUs)} | **${(r.folderUs.median / r.readAllUs.median).toFixed(3)}x** |`,
+  )
+  .join("\n")}`;
 }
 
 function conversationTable(rows: ResponsesResults["store"]): string {

@@ -352,6 +352,31 @@ export function startAfter(ids: readonly string[], after: string | undefined, o:
   return at < 0 ? ids.length : at;
 }
 
+/** GET /v1/chat/completions: a page of `owner`'s completions, of `model`, with every `metadata` pair. */
+export function listCompletions(
+  store: StoredCompletions,
+  owner: string,
+  q: {
+    after?: string | undefined;
+    order: "asc" | "desc";
+    limit: number;
+    model?: string | undefined;
+    metadata?: readonly [string, string][];
+  },
+) {
+  const ids = q.order === "asc" ? store.ids(owner) : store.ids(owner).reverse();
+  const pairs = q.metadata ?? [];
+  return pageOf(
+    ids,
+    startAfter(ids, q.after, q.order),
+    q.limit,
+    (id) => store.get(owner, id)?.completion,
+    (c) =>
+      (q.model === undefined || c.model === q.model) &&
+      pairs.every(([k, v]) => c.metadata?.[k] === v),
+  );
+}
+
 /** The routes of stored completions (POST /v1/chat/completions makes them: openai.ts). */
 export function storedCompletionsRoutes(
   store: StoredCompletions,
@@ -365,20 +390,13 @@ export function storedCompletionsRoutes(
     };
     app.get<{ Querystring: ListQuery }>("/v1/chat/completions", async (req) => {
       const q = req.query;
-      const who = owner(req);
-      const pairs = metadataFilter(q);
-      const model = typeof q.model === "string" ? q.model : undefined;
-      const o = order(q.order);
-      const ids = o === "asc" ? store.ids(who) : store.ids(who).reverse();
-      return pageOf(
-        ids,
-        startAfter(ids, q.after, o),
-        queryInt(q.limit, "limit", 20, 1, 100),
-        (id) => store.get(who, id)?.completion,
-        (c) =>
-          (model === undefined || c.model === model) &&
-          pairs.every(([k, v]) => c.metadata?.[k] === v),
-      );
+      return listCompletions(store, owner(req), {
+        after: q.after,
+        order: order(q.order),
+        limit: queryInt(q.limit, "limit", 20, 1, 100),
+        model: typeof q.model === "string" ? q.model : undefined,
+        metadata: metadataFilter(q),
+      });
     });
     app.get<{ Params: { id: string } }>(
       "/v1/chat/completions/:id",
