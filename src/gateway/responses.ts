@@ -18,6 +18,7 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
+import { type CompactBody, compact, decodeCompaction } from "./compaction.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import type { Conversations } from "./conversations.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
@@ -76,6 +77,11 @@ export const InputItem = Type.Union([
   }),
   // An earlier answer's thinking: DeepSeek's templates drop it from the history anyway.
   Type.Object({ type: Type.Literal("reasoning") }),
+  // What POST /v1/responses/compact made of the conversation before it (compaction.ts).
+  Type.Object({
+    type: Type.Literal("compaction"),
+    encrypted_content: Type.String({ minLength: 1 }),
+  }),
 ]);
 
 export const ResponsesRequest = Type.Object({
@@ -141,6 +147,14 @@ export type ResponsesRequest = Static<typeof ResponsesRequest>;
  * POST /v1/responses/input_tokens: the fields of a response whose prompt is counted, the
  * model optional (OpenAI's).
  */
+/** POST /v1/responses/compact: a conversation (input, after a previous response's) to compact. */
+const CompactRequest = Type.Object({
+  model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+  input: Type.Optional(Nullable(Type.Union([Type.String(), Type.Array(InputItem)]))),
+  instructions: Type.Optional(Nullable(Type.String())),
+  previous_response_id: Type.Optional(Nullable(Type.String())),
+});
+
 const InputTokensRequest = Type.Object({
   ...ResponsesRequest.properties,
   model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
@@ -349,6 +363,14 @@ export function chatRequestOf(
   b: ResponsesRequest,
   before: readonly ChatMessage[] = [],
 ): { chat: ChatCompletionRequest; conversation: ChatMessage[] } {
+  // Compaction inside a response (its context_management) is not done here: refused, not
+  // ignored (the conversation would outgrow the context unnoticed).
+  const managed = (b as { context_management?: unknown }).context_management;
+  if (managed != null && !(Array.isArray(managed) && managed.length === 0))
+    throw bad(
+      "context_management (compaction inside a response) is not supported by this gateway: compact with POST /v1/responses/compact, or send truncation: auto",
+      "context_management",
+    );
   const messages: ChatMessage[] = [...before];
   const items =
     typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;
@@ -375,6 +397,10 @@ export function chatRequestOf(
       else messages.push({ role: "assistant", content: null, tool_calls: [call] });
     } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
       messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
+    } else if (item.type === "compaction") {
+      // The model's summary of what it answered and did before: its own earlier turn.
+      const summary = decodeCompaction(item.encrypted_content, `input.${j}.encrypted_content`);
+      messages.push({ role: "assistant", content: summary });
     }
   }
   if (messages.length === before.length) throw bad("input has no message", "input");
@@ -603,6 +629,7 @@ const ITEM_ID_PREFIX: Record<string, string> = {
   custom_tool_call: "ctc",
   custom_tool_call_output: "ctco",
   reasoning: "rs",
+  compaction: "cmp",
 };
 
 /**
@@ -907,6 +934,26 @@ export function responsesRoutes(
         });
         return { object: "response.input_tokens", input_tokens: prompt.length };
       },
+    );
+    app.post<{ Body: CompactBody }>(
+      "/v1/responses/compact",
+      { schema: { body: CompactRequest } },
+      (req, reply) =>
+        compact(
+          ctx,
+          {
+            conversationOf: (r, b) => {
+              const before = previousConversation((id) => find(r, id), b.previous_response_id);
+              const input = b.input as ResponsesRequest["input"] | null | undefined;
+              if (input == null || input.length === 0) return [...before];
+              return chatRequestOf({ model: ctx.servedModelName, input }, before).conversation;
+            },
+            fitted: (chat) => fitted(ctx, chat, true),
+            newId,
+          },
+          req,
+          reply,
+        ),
     );
     app.post<{ Params: { id: string } }>("/v1/responses/:id/cancel", async (req) => {
       const id = req.params.id;

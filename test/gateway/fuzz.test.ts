@@ -50,6 +50,10 @@ const ROUTES: { path: string; body: Record<string, unknown> }[] = [
   { path: "/v1/completions", body: { model: "tiny", prompt: "one two", max_tokens: 3 } },
   { path: "/v1/responses", body: { model: "tiny", input: "hi", max_output_tokens: 3 } },
   {
+    path: "/v1/responses/compact",
+    body: { model: "tiny", input: [{ role: "user", content: "hi" }] },
+  },
+  {
     path: "/v1/conversations",
     body: { items: [{ type: "message", role: "user", content: "hi" }], metadata: { k: "v" } },
   },
@@ -116,6 +120,8 @@ const FIELDS = [
   "items",
   "background",
   "truncation",
+  "context_management",
+  "encrypted_content",
   "store",
   "instructions",
   "reasoning",
