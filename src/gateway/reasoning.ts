@@ -114,8 +114,23 @@ export type ThinkState<S> =
   | { readonly answer: S };
 
 /**
+ * The symbols of `<think>` and `</think>` where a vocabulary has them as added tokens
+ * (DeepSeek-R1's and V3.1's tokenizers do; the model writes the tag as that one token).
+ */
+export interface ThinkSymbols {
+  readonly open: number | null;
+  readonly close: number | null;
+}
+
+/** `<think>` and `</think>` as `vocabulary`'s symbols, where it has them. */
+export function thinkSymbols(vocabulary: { symbol(text: string): number | null }): ThinkSymbols {
+  return { open: vocabulary.symbol(OPEN), close: vocabulary.symbol(CLOSE) };
+}
+
+/**
  * R1 thinks, then answers under `answer` (a JSON object, a schema, required calls): any
- * bytes until `</think>` (no added token: the thought must close, the end-of-sentence token
+ * bytes until `</think>` (as bytes, or as its added token where the vocabulary has one; no
+ * other added token but `<think>`'s: the thought must close, the end-of-sentence token
  * among them), a little whitespace, then the answer's automaton. As vLLM does with
  * reasoning models, the structure applies after the thinking, which the model keeps.
  */
@@ -123,15 +138,20 @@ export class ThinkThen<S> implements ByteAutomaton<ThinkState<S>> {
   readonly start: ThinkState<S> = { m: 0 };
   readonly symbols: boolean;
   readonly #answer: ByteAutomaton<S>;
+  readonly #tags: ThinkSymbols;
 
-  constructor(answer: ByteAutomaton<S>) {
+  constructor(answer: ByteAutomaton<S>, tags: ThinkSymbols = { open: null, close: null }) {
     this.#answer = answer;
-    this.symbols = answer.symbols ?? false;
+    this.#tags = tags;
+    this.symbols = (answer.symbols ?? false) || tags.open !== null || tags.close !== null;
   }
 
   step(s: ThinkState<S>, b: number): ThinkState<S> | null {
     if ("m" in s) {
-      if (b >= SYMBOL_BASE) return null;
+      if (b >= SYMBOL_BASE) {
+        if (b === this.#tags.close) return { gap: 0 };
+        return b === this.#tags.open ? { m: 0 } : null;
+      }
       // "</think>" has no proper border: a mismatch restarts at its first byte.
       const m = CLOSE_BYTES[s.m] === b ? s.m + 1 : CLOSE_BYTES[0] === b ? 1 : 0;
       return m === CLOSE_BYTES.length ? { gap: 0 } : { m };
@@ -177,7 +197,7 @@ export function thinkingFirst(answer: TokenGrammar<unknown>): TokenGrammar<unkno
   let g = thinking.get(answer);
   if (!g) {
     g = new TokenGrammar(
-      new ThinkThen(answer.automaton),
+      new ThinkThen(answer.automaton, thinkSymbols(answer.vocabulary)),
       answer.vocabulary,
     ) as TokenGrammar<unknown>;
     thinking.set(answer, g);

@@ -258,3 +258,63 @@ describe("thinking before a grammar's answer (ThinkThen)", () => {
     expect(runBytes(a, a.start, Buffer.from("x</think>{}"))).not.toBeNull();
   });
 });
+
+describe("thinking tags as added tokens (R1's and V3.1's tokenizers)", () => {
+  // The tiny tokenizer with `<think>` and `</think>` added after its vocabulary, as DeepSeek's
+  // tokenizers have them: the model writes each tag as that one token.
+  const json = tinyTokenizerJson() as {
+    added_tokens: Record<string, unknown>[];
+    model: { vocab: Record<string, number> };
+  };
+  for (const [i, content] of ["<think>", "</think>"].entries()) {
+    json.model.vocab[content] = 320 + i;
+    json.added_tokens.push({
+      id: 320 + i,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: false,
+    });
+  }
+  const tok = new Tokenizer(json, tinyTokenizerConfigJson(256));
+  const vocab = vocabularyFor(tok, 322)!;
+  const g = thinkingFirst(jsonObjectGrammar(vocab));
+  const a = g.automaton;
+  const allows = (s: unknown, id: number) => ((g.mask(s)[id >>> 5]! >>> (id & 31)) & 1) === 1;
+
+  it("encodes each tag as its token", () => {
+    expect(tok.encode("</think>", false)).toEqual([321]);
+  });
+
+  it("the closing tag's token ends the thought; the opening one's may start it; no other", () => {
+    const units = (text: string) => textUnits(tok, vocab, text);
+    const run = (text: string) => {
+      let s: unknown = a.start;
+      for (const [i, u] of units(text).entries()) {
+        s = a.step(s, u);
+        if (s === null) return { refusedAt: i, done: false };
+      }
+      return { refusedAt: -1, done: a.isDone(s) };
+    };
+    expect(run('<think>\nhm</think>\n\n{"a": 1}')).toEqual({ refusedAt: -1, done: true });
+    expect(run("hm</think>{}")).toEqual({ refusedAt: -1, done: true });
+    // (the answer takes no tag: its JSON has no symbols)
+    expect(run("hm</think>{}</think>")).toEqual({ refusedAt: 5, done: false });
+    expect(run(`hm${TOOL_TOKENS.callsBegin}`)).toEqual({ refusedAt: 2, done: false });
+    // The masks: both tags' tokens while thinking, neither in the answer.
+    expect(allows(a.start, 321)).toBe(true);
+    expect(allows(a.start, 320)).toBe(true);
+    const answering = a.step(a.start, vocab.symbol("</think>")!)!;
+    expect(allows(answering, 321)).toBe(false);
+    expect(allows(answering, "{".charCodeAt(0) + 5)).toBe(true); // (byte tokens follow the 5 specials)
+    const states: unknown[] = [];
+    let s: unknown = a.start;
+    for (const u of units("<think>x</think> {")) {
+      s = a.step(s, u);
+      states.push(s);
+    }
+    expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], 322);
+  });
+});
