@@ -4,12 +4,18 @@ import { type Attributes, SpanStatusCode } from "@opentelemetry/api";
 import type { TokenLogprob } from "../engine/sampling.ts";
 import type { SamplingDefaults } from "../model/generation-config.ts";
 import type { Tokenizer } from "../model/tokenizer.ts";
-import type { FinishReason, GenerationRequest, SamplingParams, ServingEngine } from "./engine.ts";
+import type {
+  FinishReason,
+  GenerationRequest,
+  SamplingParams,
+  ServingEngine,
+  TokenConstraint,
+} from "./engine.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import { GrammarConstraint, type TokenGrammar } from "./grammar.ts";
 import type { GatewayMetrics } from "./metrics.ts";
 import type { PromptEncoder } from "./prompt-encoder.ts";
-import type { ReasoningParserName } from "./reasoning.ts";
+import { type ReasoningParserName, ThinkingBudget, type ThinkingBudgetSpec } from "./reasoning.ts";
 import { OutputText } from "./text.ts";
 import type { ToolCallFormat } from "./tool-calls.ts";
 import { sampledTraceId, startJobSpan, type Tracing } from "./tracing.ts";
@@ -132,6 +138,8 @@ export interface JobSpec {
   readonly includeStopStr?: boolean;
   /** vLLM's skip_special_tokens (default true): false keeps special tokens in the text. */
   readonly skipSpecialTokens?: boolean;
+  /** A thought's most tokens (thinking_token_budget), with what closes one cut short. */
+  readonly thinkingBudget?: ThinkingBudgetSpec;
 }
 
 export interface Choice {
@@ -181,6 +189,13 @@ function requestAttributes(spec: JobSpec): Attributes {
     ...(spec.prompts.length > 1 ? { "expertmesh.request.prompts": spec.prompts.length } : {}),
     ...(spec.priority ? { "expertmesh.request.priority": spec.priority } : {}),
   };
+}
+
+/** A choice's constraint: its grammar, under its thinking budget when it has one. */
+function constraintOf(spec: JobSpec): { constraint?: TokenConstraint } {
+  const grammar = spec.grammar ? new GrammarConstraint(spec.grammar) : null;
+  if (spec.thinkingBudget) return { constraint: new ThinkingBudget(spec.thinkingBudget, grammar) };
+  return grammar ? { constraint: grammar } : {};
 }
 
 /** Submits the request's choices; throws 429 (queue full) or 400 (cannot fit) at once. */
@@ -309,7 +324,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         : {}),
       ...(spec.promptRanks ? { promptRanks: true } : {}),
       ...(first !== undefined ? { promptFrom: first } : {}),
-      ...(spec.grammar ? { constraint: new GrammarConstraint(spec.grammar) } : {}),
+      ...constraintOf(spec),
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {

@@ -201,6 +201,10 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
     ...(choice?.disable_parallel_tool_use ? { parallel_tool_calls: false } : {}),
     // A hybrid model (V3.1) thinks when asked; R1 thinks whatever the request says.
     ...(thinking ? { chat_template_kwargs: { thinking: thinking === "enabled" } } : {}),
+    // Its budget bounds the thought (reasoning.ts ThinkingBudget), as Anthropic's does.
+    ...(thinking === "enabled" && b.thinking?.budget_tokens != null
+      ? { thinking_token_budget: b.thinking.budget_tokens }
+      : {}),
   } as ChatCompletionRequest;
 }
 
@@ -211,6 +215,7 @@ const PARAMS: [RegExp, string][] = [
   [/^tools\.(\d+)\.function\.parameters/, "tools.$1.input_schema"],
   [/^tools\.(\d+)\.function\.name/, "tools.$1.name"],
   [/^chat_template_kwargs/, "thinking"],
+  [/^thinking_token_budget$/, "thinking.budget_tokens"],
   [/^continue_final_message$/, "messages"],
 ];
 

@@ -9,6 +9,7 @@ import type { ChatMessage as TemplateMessage } from "../model/tokenizer.ts";
 import { ChatOutput, type ChatOutputOptions } from "./chat-output.ts";
 import { textOfParts } from "./content-parts.ts";
 import { ApiError, errorBody, toApiError } from "./errors.ts";
+import { vocabularyFor } from "./grammar.ts";
 import {
   type Choice,
   encodablePrompt,
@@ -25,7 +26,7 @@ import {
   type ToolPlan,
   toolPlan,
 } from "./output-grammar.ts";
-import { requestThinks, thinkingFirst } from "./reasoning.ts";
+import { requestThinks, type ThinkingBudgetSpec, thinkingFirst } from "./reasoning.ts";
 import {
   ChatCompletionRequest,
   type ChatMessage,
@@ -341,7 +342,7 @@ export const usageOf = (job: Job, reasoningTokens?: number) => ({
 function reasoningTokens(ctx: ServeContext, thinks: boolean, texts: Iterable<string>) {
   if (!thinks) return undefined;
   let n = 0;
-  for (const t of texts) if (t) n += ctx.tokenizer.encode(t).length;
+  for (const t of texts) if (t) n += ctx.tokenizer.encode(t, false).length; // (no BOS: the thought's own tokens)
   return n;
 }
 
@@ -621,9 +622,11 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
     grammar !== undefined &&
     ((plan.kind === "native" && plan.answerFormat === true) ||
       !(plan.kind === "native" && [undefined, "auto", "none"].includes(b.tool_choice as string)));
+  const budget = thinks ? b.thinking_token_budget : null;
   const spec: JobSpec = {
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),
+    ...(budget != null ? { thinkingBudget: thinkingBudgetOf(ctx, budget) } : {}),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     ...promptLogprobsSpec(b, 0),
   };
@@ -639,6 +642,21 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
       ? "tool_calls"
       : c.finishReason;
   return { spec, outputOptions, finishOf };
+}
+
+/**
+ * A thought's budget (thinking_token_budget): `</think>` as the tokenizer encodes it closes
+ * one cut short; the vocabulary's bytes tell a thought closed by the model.
+ */
+function thinkingBudgetOf(ctx: ServeContext, budget: number): ThinkingBudgetSpec {
+  const vocabulary = vocabularyFor(ctx.tokenizer, ctx.vocabSize);
+  if (!vocabulary)
+    throw new ApiError(
+      "EM_GATEWAY_BAD_REQUEST",
+      "thinking_token_budget needs a byte-level tokenizer (its tokens' bytes tell where a thought ends); this model's is not",
+      { param: "thinking_token_budget" },
+    );
+  return { budget, closeIds: ctx.tokenizer.encode("</think>", false), vocabulary };
 }
 
 async function chat(

@@ -5,7 +5,8 @@
 // reasoning (R1 always thinks first); tool calls (their calls token) end it too, so calls
 // made without closing the thought are not lost in it.
 import { TOOL_TOKENS } from "../model/tokenizer.ts";
-import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar } from "./grammar.ts";
+import type { TokenConstraint } from "./engine.ts";
+import { type ByteAutomaton, SYMBOL_BASE, TokenGrammar, type Vocabulary } from "./grammar.ts";
 import { heldBack } from "./tool-calls.ts";
 
 /**
@@ -203,4 +204,109 @@ export function thinkingFirst(answer: TokenGrammar<unknown>): TokenGrammar<unkno
     thinking.set(answer, g);
   }
   return g;
+}
+
+/** Every token allowed, per vocabulary size (a mask that masks nothing). */
+const ALL = new Map<number, Uint32Array>();
+function allOf(size: number): Uint32Array {
+  let m = ALL.get(size);
+  if (!m) {
+    m = new Uint32Array(Math.ceil(size / 32)).fill(0xffffffff);
+    ALL.set(size, m);
+  }
+  return m;
+}
+
+/** One token allowed, kept per vocabulary size and id. */
+const ONE = new Map<string, Uint32Array>();
+function oneOf(size: number, id: number): Uint32Array {
+  const key = `${size}:${id}`;
+  let m = ONE.get(key);
+  if (!m) {
+    m = new Uint32Array(Math.ceil(size / 32));
+    m[id >>> 5] = 1 << (id & 31);
+    ONE.set(key, m);
+  }
+  return m;
+}
+
+/** What a thinking budget needs of the vocabulary and the tokenizer. */
+export interface ThinkingBudgetSpec {
+  /** The most tokens the thought may take before it is closed. */
+  readonly budget: number;
+  /** `</think>` as the tokenizer encodes it: the tokens that close a thought cut short. */
+  readonly closeIds: readonly number[];
+  readonly vocabulary: Vocabulary;
+}
+
+/**
+ * A thinking budget (vLLM's thinking_token_budget, Anthropic's budget_tokens): the thought
+ * takes at most `budget` tokens; one still open then is closed by `</think>`'s tokens,
+ * forced one by one, and the answer follows. The thought ends by itself at `</think>` (its
+ * bytes across tokens, or its added token) or the calls token, as ReasoningParser reads it.
+ * `inner`: the request's own constraint (its grammar), told every token too.
+ */
+export class ThinkingBudget implements TokenConstraint {
+  readonly #spec: ThinkingBudgetSpec;
+  readonly #inner: TokenConstraint | null;
+  readonly #close: number | null;
+  readonly #calls: number | null;
+  /** Tokens thought so far; bytes of `</think>` matched; the close token forced next (-1: none). */
+  #thought = 0;
+  #m = 0;
+  #forcing = -1;
+  #open = true;
+
+  constructor(spec: ThinkingBudgetSpec, inner: TokenConstraint | null) {
+    this.#spec = spec;
+    this.#inner = inner;
+    this.#close = spec.vocabulary.symbol(CLOSE);
+    this.#calls = spec.vocabulary.symbol(TOOL_TOKENS.callsBegin);
+    if (spec.budget === 0) this.#forcing = 0;
+  }
+
+  /** Whether the thought is still open (not closed, by the model or by the budget). */
+  get thinking(): boolean {
+    return this.#open;
+  }
+
+  allowed(): Uint32Array {
+    const size = this.#spec.vocabulary.size;
+    if (this.#forcing >= 0) return oneOf(size, this.#spec.closeIds[this.#forcing]!);
+    return this.#inner?.allowed() ?? allOf(size);
+  }
+
+  accept(id: number): boolean {
+    const done = this.#inner?.accept(id) ?? false;
+    if (!this.#open) return done;
+    if (this.#forcing >= 0) {
+      this.#forcing++;
+      if (this.#forcing === this.#spec.closeIds.length) {
+        this.#forcing = -1;
+        this.#open = false;
+      }
+      return done;
+    }
+    for (const b of this.#spec.vocabulary.bytes[id] ?? []) {
+      if (b >= SYMBOL_BASE) {
+        if (b === this.#close || b === this.#calls) this.#open = false;
+        this.#m = 0;
+        continue;
+      }
+      this.#m = CLOSE_BYTES[this.#m] === b ? this.#m + 1 : CLOSE_BYTES[0] === b ? 1 : 0;
+      if (this.#m === CLOSE_BYTES.length) this.#open = false;
+    }
+    this.#thought++;
+    if (this.#open && this.#thought >= this.#spec.budget) this.#forcing = 0;
+    return done;
+  }
+
+  fork(): ThinkingBudget {
+    const c = new ThinkingBudget(this.#spec, this.#inner?.fork() ?? null);
+    c.#thought = this.#thought;
+    c.#m = this.#m;
+    c.#forcing = this.#forcing;
+    c.#open = this.#open;
+    return c;
+  }
 }

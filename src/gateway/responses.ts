@@ -139,6 +139,8 @@ export const ResponsesRequest = Type.Object({
    * fits (fitted); "disabled" (the default): it is refused (400 EM_GATEWAY_PROMPT_TOO_LONG).
    */
   truncation: Type.Optional(Nullable(Type.Union([Type.Literal("auto"), Type.Literal("disabled")]))),
+  /** vLLM's, as on chat completions: the most tokens the thought may take. */
+  thinking_token_budget: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
   ...VLLM_OUTPUT_FIELDS,
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
@@ -506,6 +508,7 @@ export function chatRequestOf(
     ...(b.repetition_penalty != null ? { repetition_penalty: b.repetition_penalty } : {}),
     ...(b.priority != null ? { priority: b.priority } : {}),
     ...(b.cache_salt != null ? { cache_salt: b.cache_salt } : {}),
+    ...(b.thinking_token_budget != null ? { thinking_token_budget: b.thinking_token_budget } : {}),
     ...Object.fromEntries(
       Object.keys(VLLM_OUTPUT_FIELDS).flatMap((k) => {
         const v = b[k as keyof typeof VLLM_OUTPUT_FIELDS];
@@ -1224,7 +1227,7 @@ async function respond(
         output_tokens: usage.completion_tokens,
         // The thinking's text, encoded again: the output tokens it spans, near enough.
         output_tokens_details: {
-          reasoning_tokens: reasoning ? ctx.tokenizer.encode(reasoning).length : 0,
+          reasoning_tokens: reasoning ? ctx.tokenizer.encode(reasoning, false).length : 0,
         },
         total_tokens: usage.total_tokens,
       },

@@ -179,6 +179,12 @@ export const ChatCompletionRequest = Type.Object({
   /** Keep the completion (stored-completions.ts): listed, retrieved, updated, deleted later. */
   store: Type.Optional(Nullable(Type.Boolean())),
   metadata: Type.Optional(Nullable(Metadata)),
+  /**
+   * vLLM's: the most tokens the model's thought may take; one still open then is closed
+   * (`</think>` forced) and the answer follows (reasoning.ts ThinkingBudget). Only for an
+   * answer that thinks.
+   */
+  thinking_token_budget: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
   messages: Type.Array(ChatMessage, { minItems: 1 }),
   /** Function tools and how the model may call them (output-grammar.ts, tool-calls.ts). */
   tools: Type.Optional(Type.Unknown()),

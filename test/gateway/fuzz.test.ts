@@ -121,6 +121,7 @@ const FIELDS = [
   "background",
   "truncation",
   "context_management",
+  "thinking_token_budget",
   "encrypted_content",
   "store",
   "instructions",

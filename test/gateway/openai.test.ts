@@ -1524,7 +1524,7 @@ describe("chat completions", () => {
       expect(m.reasoning_content).toBe(plain);
       expect(m.content).toBe("");
       // The thinking's tokens in the usage (its text encoded again); none without a parser.
-      const reasoning = { reasoning_tokens: r1.ctx.tokenizer.encode(plain).length };
+      const reasoning = { reasoning_tokens: r1.ctx.tokenizer.encode(plain, false).length };
       expect(r.usage!.completion_tokens_details).toEqual(reasoning);
       expect(reasoning.reasoning_tokens).toBeGreaterThan(0);
       expect((await gw.client.chat.completions.create(body)).usage).not.toHaveProperty(

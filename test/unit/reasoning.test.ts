@@ -11,6 +11,7 @@ import { schemaGrammar } from "../../src/gateway/json-schema.ts";
 import {
   ReasoningParser,
   splitReasoning,
+  ThinkingBudget,
   type ThinkState,
   thinkingFirst,
 } from "../../src/gateway/reasoning.ts";
@@ -316,5 +317,90 @@ describe("thinking tags as added tokens (R1's and V3.1's tokenizers)", () => {
       states.push(s);
     }
     expectExactMasks(g, a, states, vocab.bytes as readonly (TokenBytes | null)[], 322);
+  });
+});
+
+describe("a thinking budget (ThinkingBudget)", () => {
+  const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
+  const vocab = vocabularyFor(tok, 320)!;
+  const close = tok.encode("</think>", false);
+  const allowedIds = (c: ThinkingBudget) => {
+    const m = c.allowed();
+    const ids: number[] = [];
+    for (let id = 0; id < 320; id++) if ((m[id >>> 5]! >>> (id & 31)) & 1) ids.push(id);
+    return ids;
+  };
+  const word = (t: string) => tok.encode(t, false);
+
+  it.each([
+    ["cut at the budget", 3, "a b c d e f", 3],
+    ["closed by the model first (the tag split over tokens)", 30, "ab</think>cd", -1],
+    ["closed by the calls token", 30, `ab${TOOL_TOKENS.callsBegin}x`, -1],
+    ["a budget of 0: closed at once", 0, "", 0],
+  ] as const)("%s", (_what, budget, text, cutAt) => {
+    const c = new ThinkingBudget({ budget, closeIds: close, vocabulary: vocab }, null);
+    const ids = word(text);
+    const forced: number[] = [];
+    let i = 0;
+    for (; i < ids.length && c.thinking; i++) {
+      if (allowedIds(c).length === 1) break;
+      expect(allowedIds(c)).toHaveLength(320);
+      c.accept(ids[i]!);
+    }
+    if (cutAt < 0) {
+      expect(c.thinking).toBe(false);
+      expect(allowedIds(c)).toHaveLength(320);
+      return;
+    }
+    expect(i).toBe(cutAt);
+    // Forced: `</think>`'s tokens one by one, then anything.
+    while (c.thinking) {
+      const only = allowedIds(c);
+      expect(only).toHaveLength(1);
+      forced.push(only[0]!);
+      c.accept(only[0]!);
+    }
+    expect(forced).toEqual(close);
+    expect(allowedIds(c)).toHaveLength(320);
+  });
+
+  it("a fork goes on alone; the request's grammar is told every token and shapes the answer", () => {
+    const g = thinkingFirst(jsonObjectGrammar(vocab));
+    /** The grammar's constraint, with what it was told. */
+    class Told {
+      told: number[] = [];
+      s: unknown = g.automaton.start;
+      allowed() {
+        return g.mask(this.s);
+      }
+      accept(id: number) {
+        this.told.push(id);
+        this.s = runBytes(g.automaton, this.s, vocab.bytes[id]!);
+        return g.automaton.isDone(this.s);
+      }
+      fork() {
+        const f = new Told();
+        f.s = this.s;
+        return f;
+      }
+    }
+    const inner = new Told();
+    const c = new ThinkingBudget({ budget: 3, closeIds: close, vocabulary: vocab }, inner);
+    const [x, y, z] = word("abc");
+    c.accept(x!);
+    c.accept(y!);
+    const f = c.fork();
+    c.accept(z!);
+    expect(allowedIds(c)).toEqual([close[0]]);
+    // The fork has thought two tokens: one more before its cut, its own.
+    expect(allowedIds(f).length).toBeGreaterThan(1);
+    f.accept(y!);
+    expect(allowedIds(f)).toEqual([close[0]]);
+    for (const id of close) c.accept(id);
+    expect(inner.told).toEqual([x, y, z, ...close]);
+    // After the thought: the JSON grammar's mask (an object's start, whitespace), not all.
+    const after = allowedIds(c);
+    expect(after.length).toBeLessThan(320);
+    expect(after).toContain(word("{")[0]);
   });
 });
