@@ -139,7 +139,8 @@ export async function compact(
       input_tokens_details: { cached_tokens: usage.prompt_tokens_details.cached_tokens },
       output_tokens: usage.completion_tokens,
       output_tokens_details: {
-        reasoning_tokens: typeof thought === "string" ? ctx.tokenizer.encode(thought, false).length : 0,
+        reasoning_tokens:
+          typeof thought === "string" ? ctx.tokenizer.encode(thought, false).length : 0,
       },
       total_tokens: usage.total_tokens,
     },
