@@ -26,7 +26,12 @@ import {
   type ToolPlan,
   toolPlan,
 } from "./output-grammar.ts";
-import { requestThinks, type ThinkingBudgetSpec, thinkingFirst } from "./reasoning.ts";
+import {
+  effortKwargs,
+  requestThinks,
+  type ThinkingBudgetSpec,
+  thinkingFirst,
+} from "./reasoning.ts";
 import {
   ChatCompletionRequest,
   type ChatMessage,
@@ -607,7 +612,8 @@ export interface ChatRun {
 }
 
 /** A chat request, checked, as the job it runs (chat completions and responses alike). */
-export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Promise<ChatRun> {
+export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest): Promise<ChatRun> {
+  const b = withEffort(request);
   checkModel(ctx, b.model);
   unsupported(b);
   const { plan, format, prompt, continues } = await chatPrompt(ctx, b);
@@ -642,6 +648,13 @@ export async function chatRun(ctx: ServeContext, b: ChatCompletionRequest): Prom
       ? "tool_calls"
       : c.finishReason;
   return { spec, outputOptions, finishOf };
+}
+
+/** A chat request with its reasoning_effort applied to its template variables (effortKwargs). */
+function withEffort(b: ChatCompletionRequest): ChatCompletionRequest {
+  if (b.reasoning_effort == null) return b;
+  const kwargs = effortKwargs(b.reasoning_effort, b.chat_template_kwargs);
+  return kwargs ? { ...b, chat_template_kwargs: kwargs } : b;
 }
 
 /**

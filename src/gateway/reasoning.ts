@@ -32,6 +32,22 @@ export function requestThinks(
   return kwargs?.["thinking"] === true || kwargs?.["enable_thinking"] === true;
 }
 
+/**
+ * Template variables with a reasoning effort applied (OpenAI's reasoning_effort, Responses'
+ * reasoning.effort): other than "none" or "minimal" it asks a hybrid model (V3.1) to think,
+ * its template's `thinking` switch, unless `kwargs` set that themselves. R1 thinks whatever
+ * the request says. Undefined when there are none.
+ */
+export function effortKwargs(
+  effort: string | null | undefined,
+  kwargs: Readonly<Record<string, unknown>> | null | undefined,
+): Record<string, unknown> | undefined {
+  const thinks = effort != null && effort !== "none" && effort !== "minimal";
+  return thinks || kwargs != null
+    ? { ...(thinks ? { thinking: true } : {}), ...(kwargs ?? {}) }
+    : undefined;
+}
+
 const OPEN = "<think>";
 const CLOSE = "</think>";
 

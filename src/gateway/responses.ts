@@ -33,7 +33,7 @@ import {
   eventStream,
   usageOf,
 } from "./openai.ts";
-import { requestThinks } from "./reasoning.ts";
+import { effortKwargs, requestThinks } from "./reasoning.ts";
 import { EventLog, sseOf, terminalType } from "./response-events.ts";
 import { HEARTBEAT_MS, isRunning, lostOf, MARK_POLL_MS, ResponseFiles } from "./response-files.ts";
 import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from "./schemas.ts";
@@ -476,14 +476,7 @@ export function chatRequestOf(
           },
         }
       : format;
-  // A reasoning effort asks a hybrid model (V3.1) to think: its template's `thinking`
-  // switch, unless the request sets it itself. R1 thinks whatever the request says.
-  const effort = b.reasoning?.effort;
-  const thinks = effort != null && effort !== "none" && effort !== "minimal";
-  const kwargs =
-    thinks || b.chat_template_kwargs != null
-      ? { ...(thinks ? { thinking: true } : {}), ...(b.chat_template_kwargs ?? {}) }
-      : undefined;
+  const kwargs = effortKwargs(b.reasoning?.effort, b.chat_template_kwargs);
   // include: the output text's token logprobs; encrypted reasoning (to carry thinking over
   // without storing it) is ignored, as the thinking of earlier turns is (the templates drop it).
   const include = b.include ?? [];

@@ -185,6 +185,11 @@ export const ChatCompletionRequest = Type.Object({
    * answer that thinks.
    */
   thinking_token_budget: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
+  /**
+   * OpenAI's: other than "none" or "minimal" it asks V3.1 to think (its template's
+   * `thinking`, unless chat_template_kwargs set it); R1 thinks whatever it says.
+   */
+  reasoning_effort: Type.Optional(Nullable(Type.String({ maxLength: 32 }))),
   messages: Type.Array(ChatMessage, { minItems: 1 }),
   /** Function tools and how the model may call them (output-grammar.ts, tool-calls.ts). */
   tools: Type.Optional(Type.Unknown()),

@@ -1627,6 +1627,27 @@ describe("chat completions", () => {
       }
     });
 
+    it("reasoning_effort (OpenAI's) asks it to think as the template's switch does; the kwargs win", async () => {
+      const withEffort = (effort: string, kwargs?: object) =>
+        v31.client.chat.completions.create({
+          model: "tiny",
+          messages: user("What is 2 + 2?"),
+          max_tokens: 12,
+          temperature: 0,
+          reasoning_effort: effort,
+          ...(kwargs ? { chat_template_kwargs: kwargs } : {}),
+        } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+      const on = (await ask({ thinking: true })).choices[0]!.message;
+      const plain = (await ask()).choices[0]!.message;
+      expect(on).not.toEqual(plain);
+      for (const effort of ["low", "medium", "high"])
+        expect((await withEffort(effort)).choices[0]!.message).toEqual(on);
+      for (const effort of ["none", "minimal"])
+        expect((await withEffort(effort)).choices[0]!.message).toEqual(plain);
+      const off = (await ask({ thinking: false })).choices[0]!.message;
+      expect((await withEffort("high", { thinking: false })).choices[0]!.message).toEqual(off);
+    });
+
     it("refuses template variables the gateway sets, and kwargs that are no object", async () => {
       for (const kwargs of [{ add_generation_prompt: false }, { messages: [] }]) {
         const err = await ask(kwargs).catch((e) => e);
