@@ -573,9 +573,14 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
       () => `/v1/conversations/${r.pick([conv.id, "conv_x", "%2e%2e"])}`,
       () => `/v1/conversations/${r.pick([conv.id, "conv_x"])}/items`,
       () => `/v1/conversations/${conv.id}/items/${r.pick([item, "msg_x", "%ff"])}`,
-      () => "/v1/chat/completions",
-      () => `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x", "%2e%2e", "x".repeat(300)])}`,
-      () => `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x"])}/messages`,
+      // Stored chat completions: the list, one, its messages (one entry: the responses' events
+      // keep their share of the draws).
+      () =>
+        r.pick([
+          "/v1/chat/completions",
+          `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x", "%2e%2e", "x".repeat(300)])}`,
+          `/v1/chat/completions/${r.pick([kept.id, "chatcmpl-x"])}/messages`,
+        ]),
     ];
     const keys = [
       "stream",
@@ -624,7 +629,14 @@ describe(`gateway GET fuzz (${ITERATIONS / 2} requests, seed ${SEED})`, () => {
           return `${r.pick(keys)}=${v.startsWith("%") ? v : encodeURIComponent(v)}`;
         }),
       ].join("&");
-      const url = query ? `${path}?${query}` : path;
+      // Every 50th: the background response's events as they are asked for, so that the
+      // draws, whatever the seed, include a stream taken (the others rarely leave one).
+      const url =
+        i % 50 === 0
+          ? `/v1/responses/${background.id}?stream=true`
+          : query
+            ? `${path}?${query}`
+            : path;
       try {
         const res = await fetch(`${g.url}${url}`, { signal: AbortSignal.timeout(60_000) });
         const text = await res.text();
