@@ -158,3 +158,81 @@ function hashAt(seq: TokenSource, p: number, n: number): number {
   for (let i = p - n + 1; i <= p; i++) h = Math.imul(h ^ seq.tokenAt(i), 0x01000193);
   return h >>> 1;
 }
+
+/** Draft tokens per step from a request's prediction, at most (halved and regrown as ngram's). */
+export const PREDICTION_DRAFT_TOKENS = 8;
+
+/** Tokens of the output's end that re-align it with the prediction, at most. */
+const PREDICTION_ALIGN_MAX = 16;
+
+/**
+ * OpenAI's predicted outputs: the request gives the text it expects back (a file to edit
+ * with a few changes), and its tokens are the draft. While the output follows the
+ * prediction the draft is the prediction's next tokens; where the output leaves it (an
+ * edit), the draft resumes after the place in the prediction where the output's last
+ * tokens are found again (the longest such match, at least two tokens, the one nearest
+ * after the last place; none while nothing matches).
+ */
+export class PredictionDrafter implements Drafter {
+  readonly #p: readonly number[];
+  readonly #promptLength: number;
+  /** Per bigram of the prediction: the positions right after it. */
+  readonly #after = new Map<number, number[]>();
+  /** Where in the prediction the output's next token is expected; -1: lost. */
+  #cursor = 0;
+  /** The last place the output was found in the prediction (a re-alignment prefers after it). */
+  #last = 0;
+  /** Output tokens read so far. */
+  #read = 0;
+
+  constructor(prediction: readonly number[], promptLength: number) {
+    this.#p = prediction;
+    this.#promptLength = promptLength;
+    for (let i = 2; i <= prediction.length; i++) {
+      const key = bigram(prediction[i - 2]!, prediction[i - 1]!);
+      const list = this.#after.get(key);
+      if (list) list.push(i);
+      else this.#after.set(key, [i]);
+    }
+  }
+
+  propose(seq: TokenSource, k: number): number[] {
+    const out = seq.numTokens - this.#promptLength;
+    // Follow the output since the last proposal along the prediction while it matches.
+    while (this.#read < out) {
+      const t = seq.tokenAt(this.#promptLength + this.#read);
+      this.#read++;
+      if (this.#cursor >= 0 && this.#p[this.#cursor] === t) this.#cursor++;
+      else this.#cursor = this.#realign(seq);
+      if (this.#cursor >= 0) this.#last = this.#cursor;
+    }
+    if (this.#cursor < 0 || k <= 0) return [];
+    return this.#p.slice(this.#cursor, this.#cursor + k);
+  }
+
+  /** Where the prediction continues the output read so far, or -1. */
+  #realign(seq: TokenSource): number {
+    const end = this.#read;
+    if (end < 2) return -1;
+    const at = (i: number) => seq.tokenAt(this.#promptLength + i);
+    const ends = this.#after.get(bigram(at(end - 2), at(end - 1)));
+    if (!ends) return -1;
+    let best = -1;
+    let bestLen = 0;
+    for (const e of ends) {
+      // The match's length: the bigram, and the tokens before it that match too.
+      let n = 2;
+      while (n < PREDICTION_ALIGN_MAX && n < e && n < end && this.#p[e - 1 - n] === at(end - 1 - n))
+        n++;
+      const nearer = best < this.#last && e >= this.#last;
+      if (n > bestLen || (n === bestLen && nearer)) {
+        best = e;
+        bestLen = n;
+      }
+    }
+    return best < this.#p.length ? best : -1;
+  }
+}
+
+/** A bigram of token ids as one map key (ids below 2^20). */
+const bigram = (a: number, b: number) => a * 0x100000 + b;

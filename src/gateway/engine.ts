@@ -50,7 +50,7 @@ import {
   Sequence,
 } from "../engine/scheduler.ts";
 import type { ScratchTrimmer } from "../engine/scratch-trim.ts";
-import type { Drafter } from "../engine/speculative.ts";
+import { type Drafter, PREDICTION_DRAFT_TOKENS, PredictionDrafter } from "../engine/speculative.ts";
 import { Prng } from "../model/prng.ts";
 import { ExpertMeshError } from "../util/errors.ts";
 import { ApiError } from "./errors.ts";
@@ -104,6 +104,12 @@ export interface GenerationRequest {
   readonly priority?: number;
   /** vLLM's cache_salt: shares cached prompt blocks only with requests of the same salt. */
   readonly cacheSalt?: string;
+  /**
+   * OpenAI's predicted output, as tokens: the draft of every step while the output follows
+   * it (speculative.ts PredictionDrafter), whether the engine speculates or not. The output
+   * is the same as without it.
+   */
+  readonly prediction?: readonly number[];
 }
 
 /** Which tokens a sequence may sample next, and what it sampled (json-mode.ts). */
@@ -127,6 +133,8 @@ export interface GenerationCallbacks {
   /** Prompt logprobs (first token: null), once, before the first token. */
   onPromptLogprobs?(logprobs: (TokenLogprob | null)[]): void;
   onToken(token: TokenLogprob): void;
+  /** A step ran `proposed` draft tokens of its, of which `accepted` were kept. */
+  onDraft?(proposed: number, accepted: number): void;
   onFinish(reason: FinishReason): void;
   onError(err: unknown): void;
 }
@@ -186,6 +194,10 @@ interface Active {
    * context costs few rows.
    */
   draftLength: number;
+  /** The most draft tokens it asks for (the engine's numTokens, or a prediction's). */
+  draftMax: number;
+  /** Drafts from the request's predicted output (PredictionDrafter), before any other. */
+  predictor: Drafter | null;
   /** With MTP drafts: the MTP layer's guesses for the tokens after its first `at` tokens. */
   mtpDraft: { at: number; tokens: number[] } | null;
 }
@@ -268,6 +280,8 @@ export class ServingEngine {
   readonly #kv: BlockKvCache;
   readonly #scheduler: Scheduler;
   readonly #active = new Map<number, Active>();
+  /** Active sequences with a predicted output (they draft whether the engine speculates or not). */
+  #predicting = 0;
   /** Scratch rows for #sample. */
   #logits = new Float32Array(0);
   readonly microBatches: number;
@@ -463,9 +477,16 @@ export class ServingEngine {
       prefilled: held,
       started: false,
       drafter: null,
-      draftLength: this.speculative?.numTokens ?? 0,
+      draftLength: 0,
+      draftMax: 0,
+      predictor: req.prediction?.length
+        ? new PredictionDrafter(req.prediction, req.prompt.length)
+        : null,
       mtpDraft: null,
     };
+    a.draftMax = a.predictor ? PREDICTION_DRAFT_TOKENS : (this.speculative?.numTokens ?? 0);
+    a.draftLength = a.draftMax;
+    if (a.predictor) this.#predicting++;
     this.#active.set(seq.id, a);
     if (held) {
       this.#prefilling.add(a);
@@ -543,6 +564,7 @@ export class ServingEngine {
   }
 
   #end(a: Active): void {
+    if (a.predictor && this.#active.has(a.seq.id)) this.#predicting--;
     // The last sequence waiting for a prefill job cancels it.
     if (this.#prefilling.delete(a) && a.prefilled && --a.prefilled.waiters === 0)
       a.prefilled.abort.abort();
@@ -552,7 +574,7 @@ export class ServingEngine {
 
   /** One scheduled step; false when nothing could be scheduled. */
   async #step(): Promise<boolean> {
-    if (this.speculative) this.#propose(this.speculative);
+    if (this.speculative || this.#predicting > 0) this.#propose(this.speculative);
     const { chunks, preempted } = this.#scheduler.schedule();
     this.numPreemptions += preempted.length;
     for (const p of preempted) this.#active.get(p.id)!.cache = null;
@@ -727,7 +749,7 @@ export class ServingEngine {
    * Drafts for the decoding sequences that may speculate; none for the others. A draft
    * never reaches past max_tokens (all of it accepted plus the next token fits).
    */
-  #propose(cfg: SpeculativeOptions): void {
+  #propose(cfg: SpeculativeOptions | null): void {
     for (const a of this.#active.values()) {
       const seq = a.seq;
       seq.draft = NO_DRAFT;
@@ -740,6 +762,11 @@ export class ServingEngine {
         continue;
       const k = Math.min(a.draftLength, a.req.maxTokens - seq.outputTokens.length - 1);
       if (k <= 0) continue;
+      if (a.predictor) {
+        seq.draft = a.predictor.propose(seq, k);
+        continue;
+      }
+      if (!cfg) continue;
       if (cfg.method === "mtp") {
         const d = a.mtpDraft;
         if (d !== null && d.at === seq.numTokens) seq.draft = d.tokens.slice(0, k);
@@ -924,9 +951,9 @@ export class ServingEngine {
         this.#spec.drafts++;
         this.#spec.draftTokens += draft.length;
         this.#spec.acceptedTokens += accepted;
-        const max = this.speculative!.numTokens;
         if (accepted === 0) a.draftLength = Math.max(1, a.draftLength >> 1);
-        else if (accepted === draft.length) a.draftLength = Math.min(max, a.draftLength * 2);
+        else if (accepted === draft.length) a.draftLength = Math.min(a.draftMax, a.draftLength * 2);
+        a.cb.onDraft?.(draft.length, accepted);
       }
       for (let i = 0; i < kept[p]!; i++) {
         // A callback (of this or an earlier row) may have ended it: a client's cancel.

@@ -140,6 +140,8 @@ export interface JobSpec {
   readonly skipSpecialTokens?: boolean;
   /** A thought's most tokens (thinking_token_budget), with what closes one cut short. */
   readonly thinkingBudget?: ThinkingBudgetSpec;
+  /** OpenAI's predicted output, as tokens: each choice's drafts follow it (engine.ts). */
+  readonly prediction?: readonly number[];
 }
 
 export interface Choice {
@@ -175,6 +177,11 @@ export interface Job {
   readonly promptTokens: number;
   /** Prompt tokens taken from the prefix cache (each prompt's first choice's). */
   readonly cachedTokens: number;
+  /**
+   * With a predicted output: its draft tokens the model kept (accepted) and those it did not
+   * (rejected), over every choice; null without one.
+   */
+  readonly prediction: { readonly accepted: number; readonly rejected: number } | null;
 }
 
 /** A job's request as GenAI span attributes (tracing.ts). */
@@ -213,6 +220,8 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
   let firstTokenAt = 0;
   let startedAt = 0;
   const promptTokens = spec.prompts.reduce((sum, p) => sum + p.tokens.length, 0);
+  /** Draft tokens of the predicted output kept and not (Job.prediction). */
+  const predicted = { accepted: 0, rejected: 0 };
   const span = startJobSpan(ctx.servedModelName, () => requestAttributes(spec));
   /** The latency histograms' exemplar: the trace id, when the span is sampled (exported). */
   const exemplar = (): Record<string, string> => {
@@ -325,6 +334,7 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
       ...(spec.promptRanks ? { promptRanks: true } : {}),
       ...(first !== undefined ? { promptFrom: first } : {}),
       ...constraintOf(spec),
+      ...(spec.prediction?.length ? { prediction: spec.prediction } : {}),
     };
     const r = ctx.engine.submit(req, {
       onStarted: (cached) => {
@@ -375,6 +385,10 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
         }
         finish(choice, reason);
       },
+      onDraft: (proposed, accepted) => {
+        predicted.accepted += accepted;
+        predicted.rejected += proposed - accepted;
+      },
       onError: fail,
     });
     if (!r.ok) {
@@ -420,6 +434,9 @@ export function startJob(ctx: ServeContext, spec: JobSpec, hooks: JobHooks = {})
     promptTokens,
     get cachedTokens() {
       return cachedTokens;
+    },
+    get prediction() {
+      return spec.prediction?.length ? { ...predicted } : null;
     },
   };
 }

@@ -332,8 +332,19 @@ export const usageOf = (job: Job, reasoningTokens?: number) => ({
   total_tokens: job.promptTokens + job.completionTokens,
   // OpenAI's: prompt tokens served from the prefix cache.
   prompt_tokens_details: { cached_tokens: job.cachedTokens },
-  ...(reasoningTokens !== undefined
-    ? { completion_tokens_details: { reasoning_tokens: reasoningTokens } }
+  ...(reasoningTokens !== undefined || job.prediction
+    ? {
+        completion_tokens_details: {
+          ...(reasoningTokens !== undefined ? { reasoning_tokens: reasoningTokens } : {}),
+          // A predicted output's draft tokens the answer kept, and those it did not.
+          ...(job.prediction
+            ? {
+                accepted_prediction_tokens: job.prediction.accepted,
+                rejected_prediction_tokens: job.prediction.rejected,
+              }
+            : {}),
+        },
+      }
     : {}),
   // DeepSeek's API: the same split, as its clients read it.
   prompt_cache_hit_tokens: job.cachedTokens,
@@ -633,6 +644,7 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),
     ...(budget != null ? { thinkingBudget: thinkingBudgetOf(ctx, budget) } : {}),
+    ...predictionOf(ctx, b),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     ...promptLogprobsSpec(b, 0),
   };
@@ -648,6 +660,15 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
       ? "tool_calls"
       : c.finishReason;
   return { spec, outputOptions, finishOf };
+}
+
+/** A predicted output's tokens (none for an empty one). */
+function predictionOf(ctx: ServeContext, b: ChatCompletionRequest): { prediction?: number[] } {
+  const c = b.prediction?.content;
+  if (c == null) return {};
+  const text = typeof c === "string" ? c : c.map((p) => p.text).join("");
+  const tokens = text ? ctx.tokenizer.encode(text, false) : [];
+  return tokens.length > 0 ? { prediction: tokens } : {};
 }
 
 /** A chat request with its reasoning_effort applied to its template variables (effortKwargs). */

@@ -190,6 +190,24 @@ export const ChatCompletionRequest = Type.Object({
    * `thinking`, unless chat_template_kwargs set it); R1 thinks whatever it says.
    */
   reasoning_effort: Type.Optional(Nullable(Type.String({ maxLength: 32 }))),
+  /**
+   * OpenAI's predicted output: text the answer is expected to repeat much of (a file with a
+   * few edits); its tokens are the engine's drafts, so the answer (unchanged) comes in fewer
+   * steps where it follows them.
+   */
+  prediction: Type.Optional(
+    Nullable(
+      Type.Object({
+        type: Type.Literal("content"),
+        content: Type.Union([
+          Type.String(),
+          Type.Array(Type.Object({ type: Type.Literal("text"), text: Type.String() }), {
+            minItems: 1,
+          }),
+        ]),
+      }),
+    ),
+  ),
   messages: Type.Array(ChatMessage, { minItems: 1 }),
   /** Function tools and how the model may call them (output-grammar.ts, tool-calls.ts). */
   tools: Type.Optional(Type.Unknown()),

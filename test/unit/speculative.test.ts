@@ -5,6 +5,7 @@ import {
   checkNgramConfig,
   type NgramConfig,
   NgramIndex,
+  PredictionDrafter,
   type TokenSource,
 } from "../../src/engine/speculative.ts";
 import { Prng } from "../../src/model/prng.ts";
@@ -102,6 +103,42 @@ function scanPropose(tokens: readonly number[], c: NgramConfig, k: number): numb
   }
   return draft;
 }
+
+describe("PredictionDrafter.propose", () => {
+  // The prompt is "pp" (2 tokens); `out` the output so far; the draft follows the prediction.
+  // biome-ignore format: a table
+  it.each([
+    { name: "nothing out yet: the prediction's start", pred: "abcdefgh", out: "", k: 3, want: "abc" },
+    { name: "following it: what comes next", pred: "abcdefgh", out: "abc", k: 3, want: "def" },
+    { name: "k bounds the draft; the end bounds it too", pred: "abcdefgh", out: "abcdef", k: 5, want: "gh" },
+    { name: "all of it out: nothing more", pred: "abcd", out: "abcd", k: 3, want: "" },
+    { name: "an edit: lost until two tokens are found again", pred: "abcdefgh", out: "abxy", k: 3, want: "" },
+    { name: "found again after the edit: what follows them there", pred: "abcdefgh", out: "abxyef", k: 2, want: "gh" },
+    { name: "a deletion: the output skips part of it", pred: "abcdefghij", out: "abfg", k: 3, want: "hij" },
+    { name: "an insertion: the output adds, then rejoins", pred: "abcdefgh", out: "abqqcd", k: 2, want: "ef" },
+    { name: "lost, then equal matches: the one after the last place", pred: "cd1 abQ cd2", out: "abZcd", k: 1, want: "2" },
+  ])("$name", ({ pred, out, k, want }) => {
+    const p = new PredictionDrafter(ids(pred), 2);
+    expect(str2(p.propose(source([100, 100, ...ids(out)]), k))).toBe(want);
+  });
+
+  it("reads the output as it grows, proposal by proposal, as the engine calls it", () => {
+    const pred = ids("abcdefghijkl");
+    const p = new PredictionDrafter(pred, 1);
+    const seq: number[] = [100];
+    const proposals: string[] = [];
+    for (const next of "abcdXYghijkl") {
+      proposals.push(str2(p.propose(source(seq), 2)));
+      seq.push(ids(next)[0]!);
+    }
+    // (after X: lost; after Y: "cdXY" is not in it either; g, h are, from "gh" on)
+    expect(proposals).toEqual(["ab", "bc", "cd", "de", "ef", "", "", "", "ij", "jk", "kl", "l"]);
+  });
+});
+
+/** Prediction and output tokens from letters, digits and capitals (one token each). */
+const ids = (s: string) => Array.from(s.replaceAll(" ", ""), (c) => c.charCodeAt(0));
+const str2 = (xs: number[]) => String.fromCharCode(...xs);
 
 describe("checkNgramConfig", () => {
   // biome-ignore format: a table
