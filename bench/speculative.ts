@@ -20,7 +20,11 @@
 //   - mtp-ceiling: the MTP layer runs as in mtp, but its draft is replaced by the right
 //     token: MTP's ceiling at 100 % acceptance, its layer's cost included;
 //   - mtp-ceiling-3: the same with drafts of 3 (the layer chained on its own output, each
-//     guess replaced by the right token).
+//     guess replaced by the right token);
+//   - prediction: OpenAI's predicted output (PredictionDrafter, drafts of up to 8) given the
+//     off run's tokens: an answer predicted whole, on an engine that does not speculate;
+//   - prediction-edit: the same prediction with one token in 8 changed (an edit every few
+//     words): the drafts stop at each change and resume two tokens after it.
 // The checkpoint is mini-v3 with an MTP layer (the same main weights as the serve suite's).
 // Every mode's outputs are checked equal to the off run's. Tokens per second over the whole
 // batch, tokens per sequence and engine step, acceptance (accepted / draft tokens).
@@ -62,6 +66,8 @@ const MODES = [
   "mtp",
   "mtp-ceiling",
   "mtp-ceiling-3",
+  "prediction",
+  "prediction-edit",
 ] as const;
 type Mode = (typeof MODES)[number];
 const BATCHES = [1, 8];
@@ -231,6 +237,14 @@ export async function runSpeculative(o: {
           mtp: () => engine(mtp),
           "mtp-ceiling": () => engine(mtp, ceiling),
           "mtp-ceiling-3": () => engine({ method: "mtp", numTokens: 3 }, ceiling),
+          prediction: () => engine(),
+          "prediction-edit": () => engine(),
+        };
+        /** A mode's predicted output for `prompt` (the off run's tokens, edited or not). */
+        const predictionOf = (mode: Mode, prompt: number[]): number[] | undefined => {
+          const out = want.get(prompt.join(","));
+          if (!out || !mode.startsWith("prediction")) return undefined;
+          return mode === "prediction" ? out : out.map((t, i) => (i % 8 === 7 ? t ^ 1 : t));
         };
         const times = Object.fromEntries(MODES.map((m) => [m, [] as number[]])) as Record<
           Mode,
@@ -246,7 +260,10 @@ export async function runSpeculative(o: {
             const e = engines[mode]();
             const t0 = performance.now();
             const outs = await Promise.all(
-              Array.from({ length: batch }, (_, i) => generate(e, prompts[i % prompts.length]!)),
+              Array.from({ length: batch }, (_, i) => {
+                const prompt = prompts[i % prompts.length]!;
+                return generate(e, prompt, predictionOf(mode, prompt));
+              }),
             );
             const ms = performance.now() - t0;
             outs.forEach((out, i) => {
@@ -297,8 +314,18 @@ export async function runSpeculative(o: {
 }
 
 /** MAX_TOKENS greedy tokens of `prompt` (EOS ignored). */
-async function generate(e: ServingEngine, prompt: number[]): Promise<number[]> {
-  const req = { prompt, maxTokens: MAX_TOKENS, sampling: GREEDY, stopTokenIds: [] };
+async function generate(
+  e: ServingEngine,
+  prompt: number[],
+  prediction?: readonly number[],
+): Promise<number[]> {
+  const req = {
+    prompt,
+    maxTokens: MAX_TOKENS,
+    sampling: GREEDY,
+    stopTokenIds: [],
+    ...(prediction ? { prediction } : {}),
+  };
   return (await runToEnd(e, { ...req, logprobs: null, promptLogprobs: false })).ids;
 }
 
