@@ -26,7 +26,7 @@ import { pipeline } from "node:stream/promises";
 import multipart from "@fastify/multipart";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { ExpertMeshError } from "../util/errors.ts";
-import { makeDirs, readJson, writeJson } from "../util/fs.ts";
+import { makeDirs, readJson, writeFileAtomic, writeJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 
 /** Removes file `path` of a folder, its bytes counted out of `quota`; false when it was not there. */
@@ -39,6 +39,19 @@ export function removeCounted(path: string, quota: FolderQuota | null): boolean 
   } catch {
     return false;
   }
+}
+
+/**
+ * Writes `text` whole to file `path` of a folder (a temporary file renamed), the change in
+ * its size counted into `quota`.
+ */
+export function writeCounted(path: string, text: string, quota: FolderQuota | null): void {
+  let before = 0;
+  try {
+    before = statSync(path).size;
+  } catch {}
+  writeFileAtomic(path, text);
+  quota?.grew(Buffer.byteLength(text) - before);
 }
 
 /**

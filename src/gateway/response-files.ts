@@ -16,8 +16,8 @@
 // response's events (response-events.ts) are `<id>.events`, kept and removed with it.
 import { existsSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join } from "node:path";
-import { makeDirs, readJson, writeFileAtomic, writeJson } from "../util/fs.ts";
-import { type FolderQuota, removeCounted } from "./files.ts";
+import { makeDirs, readJson, writeJson } from "../util/fs.ts";
+import { type FolderQuota, removeCounted, writeCounted } from "./files.ts";
 import { EventFile, EventLog, followFile } from "./response-events.ts";
 import type { Kept, KeptResponses } from "./responses.ts";
 
@@ -102,14 +102,7 @@ export class ResponseFiles implements KeptResponses {
 
   put(id: string, kept: Kept): void {
     const path = this.#path(id);
-    if (!path) return;
-    const text = JSON.stringify(kept);
-    let before = 0;
-    try {
-      before = statSync(path).size;
-    } catch {}
-    writeFileAtomic(path, text);
-    this.#quota?.grew(Buffer.byteLength(text) - before);
+    if (path) writeCounted(path, JSON.stringify(kept), this.#quota);
   }
 
   delete(id: string): boolean {

@@ -14,9 +14,9 @@ import { readdirSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
-import { makeDirs, readJson, writeFileAtomic } from "../util/fs.ts";
+import { makeDirs, readJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
-import { type FolderQuota, queryInt, removeCounted } from "./files.ts";
+import { type FolderQuota, queryInt, removeCounted, writeCounted } from "./files.ts";
 import { RESPONSE_TTL_MS } from "./response-files.ts";
 import { Metadata } from "./schemas.ts";
 
@@ -178,13 +178,7 @@ export class FolderCompletions implements StoredCompletions {
     const path = this.#path(s.owner, s.completion.id);
     if (!path) return;
     makeDirs(this.#ownerDir(s.owner));
-    const text = JSON.stringify(s);
-    let before = 0;
-    try {
-      before = statSync(path).size;
-    } catch {}
-    writeFileAtomic(path, text);
-    this.#quota?.grew(Buffer.byteLength(text) - before);
+    writeCounted(path, JSON.stringify(s), this.#quota);
   }
 
   get(owner: string, id: string): StoredCompletion | undefined {
