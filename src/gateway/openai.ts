@@ -644,7 +644,7 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),
     ...(budget != null ? { thinkingBudget: thinkingBudgetOf(ctx, budget) } : {}),
-    ...predictionOf(ctx, b),
+    ...(await predictionOf(ctx, b, base.prompts[0]!.maxTokens)),
     logprobs: b.logprobs ? (b.top_logprobs ?? 0) : null,
     ...promptLogprobsSpec(b, 0),
   };
@@ -662,12 +662,19 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
   return { spec, outputOptions, finishOf };
 }
 
-/** A predicted output's tokens (none for an empty one). */
-function predictionOf(ctx: ServeContext, b: ChatCompletionRequest): { prediction?: number[] } {
+/**
+ * A predicted output's tokens (none for an empty one), encoded off the event loop as prompts
+ * are; no more than the answer may have (`maxTokens`): the rest could never be drafted.
+ */
+async function predictionOf(
+  ctx: ServeContext,
+  b: ChatCompletionRequest,
+  maxTokens: number,
+): Promise<{ prediction?: number[] }> {
   const c = b.prediction?.content;
   if (c == null) return {};
   const text = typeof c === "string" ? c : c.map((p) => p.text).join("");
-  const tokens = text ? ctx.tokenizer.encode(text, false) : [];
+  const tokens = text ? (await ctx.encoder.encode(text, false)).slice(0, maxTokens) : [];
   return tokens.length > 0 ? { prediction: tokens } : {};
 }
 
