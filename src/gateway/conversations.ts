@@ -18,6 +18,7 @@ import { makeDirs, readFrom, withDirLock } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
 import { type FolderQuota, removeCounted } from "./files.ts";
 import {
+  checkItemIds,
   InputItem,
   type InputListItem,
   inputItemsOf,
@@ -355,7 +356,11 @@ export function conversationObject(c: Conversation) {
  * Items a request adds (a conversation's first ones, or more), with ids; refused as a
  * Responses input would be (content a text model cannot read), naming `items`.
  */
-function addedItems(items: readonly unknown[]): ConversationItem[] {
+function addedItems(
+  items: readonly unknown[],
+  held: ReadonlySet<string> = new Set(),
+): ConversationItem[] {
+  checkItemIds(items, held, "items");
   const added = inputItemsOf(items as ResponsesRequest["input"]);
   try {
     messagesOf(added);
@@ -448,7 +453,7 @@ export function conversationsRoutes(
       { schema: { body: AddBody, querystring: AddQuery } },
       async (req) => {
         const c = find(req);
-        const added = addedItems(req.body.items);
+        const added = addedItems(req.body.items, new Set(c.items.map((i) => i.id)));
         if (!conversations.add(c.id, added)) throw notFound(c.id, null);
         return itemsPage(added, { order: "asc", limit: "100" }, "");
       },

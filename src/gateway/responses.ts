@@ -629,6 +629,29 @@ const ITEM_ID_PREFIX: Record<string, string> = {
 };
 
 /**
+ * Refuses items that give one id twice, or an id `held` has already (a conversation's
+ * items), as OpenAI's does (400 `<param>.<i>.id`): the same turn added twice would be read
+ * twice, and an item by id is one item.
+ */
+export function checkItemIds(
+  items: readonly unknown[],
+  held: ReadonlySet<string>,
+  param: string,
+): void {
+  const seen = new Set<string>();
+  for (const [i, item] of items.entries()) {
+    const id = (item as { id?: unknown } | null)?.id;
+    if (typeof id !== "string" || id === "") continue;
+    if (seen.has(id) || held.has(id))
+      throw bad(
+        `Duplicate item found with id ${id.slice(0, 80)}: ${held.has(id) ? "the conversation holds it already" : "given twice"}`,
+        `${param}.${i}.id`,
+      );
+    seen.add(id);
+  }
+}
+
+/**
  * A request's input as the items GET /v1/responses/{id}/input_items lists: a string input is
  * one user message; message content becomes content parts (input_text, or output_text for
  * the assistant's); items keep the id they came with, others get one.
@@ -1090,10 +1113,19 @@ function continued(
   find: (id: string) => Kept | undefined,
   conversations: Conversations | null,
   owner: string,
-): { before: readonly ChatMessage[]; conversation: string | null } {
+): {
+  before: readonly ChatMessage[];
+  conversation: string | null;
+  /** The ids of the conversation's items (none without one). */
+  held: ReadonlySet<string>;
+} {
   const id = typeof b.conversation === "string" ? b.conversation : (b.conversation?.id ?? null);
   if (id === null)
-    return { before: previousConversation(find, b.previous_response_id), conversation: null };
+    return {
+      before: previousConversation(find, b.previous_response_id),
+      conversation: null,
+      held: new Set(),
+    };
   if (b.previous_response_id != null)
     throw bad(
       "conversation and previous_response_id cannot both be given: the conversation holds what came before",
@@ -1101,7 +1133,11 @@ function continued(
     );
   if (!conversations) throw bad("this gateway keeps no conversations", "conversation");
   const c = conversations.need(owner, id, "conversation");
-  return { before: messagesOf(c.items), conversation: c.id };
+  return {
+    before: messagesOf(c.items),
+    conversation: c.id,
+    held: new Set(c.items.map((i) => i.id)),
+  };
 }
 
 /** The conversation a request continues (previous_response_id: a finished response kept). */
@@ -1130,12 +1166,12 @@ async function respond(
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  const { before, conversation: joined } = continued(
-    b,
-    (id) => keptFor(store, owner, id),
-    conversations,
-    owner,
-  );
+  const {
+    before,
+    conversation: joined,
+    held,
+  } = continued(b, (id) => keptFor(store, owner, id), conversations, owner);
+  if (typeof b.input !== "string") checkItemIds(b.input, held, "input");
   // (a conversation in a full folder takes no more items: refused before anything runs)
   const convFull = joined ? conversations!.logs.refusal() : null;
   if (convFull) throw convFull;

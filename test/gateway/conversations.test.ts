@@ -329,6 +329,40 @@ describe("conversations", () => {
     for (const id of ["conv_x", "..%2Fresponses", `resp_${"ab".repeat(12)}`])
       expect((await fetch(`${m.url}/v1/conversations/${id}`)).status).toBe(404);
   });
+
+  it("refuses an item id given twice, or one the conversation holds (OpenAI's duplicate item)", async () => {
+    const c = m.client;
+    const item = (id: string, text: string) => ({ ...user(text), id });
+    expect(
+      await refusalOf(c.conversations.create({ items: [item("msg_a", "x"), item("msg_a", "y")] })),
+    ).toMatchObject({ status: 400, param: "items.1.id" });
+    const conv = await c.conversations.create({ items: [item("msg_held", "one")] });
+    expect(
+      await refusalOf(
+        c.conversations.items.create(conv.id, { items: [item("msg_held", "again")] }),
+      ),
+    ).toMatchObject({ status: 400, param: "items.0.id" });
+    // A turn whose input carries an item the conversation holds: refused before it runs.
+    expect(
+      await refusalOf(
+        c.responses.create({
+          ...turn,
+          conversation: conv.id,
+          input: [user("new"), item("msg_held", "one")],
+        }),
+      ),
+    ).toMatchObject({ status: 400, param: "input.1.id" });
+    // Without a conversation, an id twice in one input.
+    expect(
+      await refusalOf(
+        c.responses.create({ ...turn, input: [item("msg_b", "x"), item("msg_b", "y")] }),
+      ),
+    ).toMatchObject({ status: 400, param: "input.1.id" });
+    expect(await itemsOf(c, conv.id)).toEqual([["message", "user", "one"]]);
+    // New ids are taken.
+    await c.conversations.items.create(conv.id, { items: [item("msg_new", "two")] });
+    expect((await itemsOf(c, conv.id)).length).toBe(2);
+  });
 });
 
 describe("conversations in a shared files folder", () => {
