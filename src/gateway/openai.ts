@@ -194,6 +194,11 @@ function unsupported(fields: Record<string, unknown>): void {
   if (given("use_beam_search")) refuse("use_beam_search", "beam search (vLLM's use_beam_search)");
   if (given("logits_processors")) refuse("logits_processors", "vLLM's logits_processors");
   if (fields["prompt_embeds"] != null) refuse("prompt_embeds", "vLLM's prompt_embeds");
+  // Output other than text (OpenAI's audio models): a text model answers text only.
+  const modalities = fields["modalities"];
+  if (Array.isArray(modalities) && modalities.some((m) => m !== "text"))
+    refuse("modalities", `output modalities other than "text" (this model writes text only)`);
+  if (fields["audio"] != null) refuse("audio", "audio output (this model writes text only)");
   const format = fields["response_format"] as { type?: unknown } | null | undefined;
   const formats = ["text", "json_object", "json_schema", "structural_tag"];
   if (format != null && !formats.includes(format.type as string))

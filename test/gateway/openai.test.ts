@@ -1761,7 +1761,7 @@ describe("completions", () => {
     expect(streamed).toEqual(ids.logprobs!.tokens);
   });
 
-  it("vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids", async () => {
+  it("vLLM's include_stop_str_in_output, skip_special_tokens and allowed_token_ids; fields it cannot honour refused (beam search, audio)", async () => {
     const greedy = { model: "tiny", prompt: "Hi", max_tokens: 24, temperature: 0, ...ignoreEos };
     const text = (extra: object) =>
       gw.client.completions
@@ -1836,6 +1836,24 @@ describe("completions", () => {
       expect((e as APIError).param, field).toBe(field);
       expect(await text({ max_tokens: 1, [field]: off })).toBe(await text({ max_tokens: 1 }));
     }
+    // Output a text model cannot write (OpenAI's audio): refused, naming the field; text
+    // alone passes.
+    const chat = { model: "tiny", max_tokens: 1, messages: [{ role: "user", content: "hi" }] };
+    for (const [field, value] of [
+      ["modalities", ["text", "audio"]],
+      ["audio", { voice: "alloy", format: "wav" }],
+    ] as const) {
+      const e = await gw.client.chat.completions
+        .create({ ...chat, [field]: value } as never)
+        .catch((err: APIError) => err);
+      expect((e as APIError).status, field).toBe(400);
+      expect((e as APIError).param, field).toBe(field);
+    }
+    const textOnly = await gw.client.chat.completions.create({
+      ...chat,
+      modalities: ["text"],
+    } as never);
+    expect((textOnly as OpenAI.ChatCompletion).choices).toHaveLength(1);
   });
 
   it("truncate_prompt_tokens (vLLM's): only the prompt's last k tokens, also past the context", async () => {
