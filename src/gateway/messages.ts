@@ -57,8 +57,19 @@ const common = {
   thinking: Type.Optional(
     Type.Object(
       {
-        type: Type.Union([Type.Literal("enabled"), Type.Literal("disabled")]),
+        // adaptive (the model decides how much) and between_tools think as enabled does,
+        // without a budget.
+        type: Type.Union([
+          Type.Literal("enabled"),
+          Type.Literal("disabled"),
+          Type.Literal("adaptive"),
+          Type.Literal("between_tools"),
+        ]),
         budget_tokens: Type.Optional(Type.Integer({ minimum: 1 })),
+        /** "omitted": thinking blocks come empty (their text left out), as Anthropic's. */
+        display: Type.Optional(
+          Type.Union([Type.Literal("summarized"), Type.Literal("omitted"), Type.Null()]),
+        ),
       },
       { additionalProperties: true },
     ),
@@ -200,7 +211,7 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
     ...(toolChoice !== undefined ? { tool_choice: toolChoice } : {}),
     ...(choice?.disable_parallel_tool_use ? { parallel_tool_calls: false } : {}),
     // A hybrid model (V3.1) thinks when asked; R1 thinks whatever the request says.
-    ...(thinking ? { chat_template_kwargs: { thinking: thinking === "enabled" } } : {}),
+    ...(thinking ? { chat_template_kwargs: { thinking: thinking !== "disabled" } } : {}),
     // Its budget bounds the thought (reasoning.ts ThinkingBudget), as Anthropic's does.
     ...(thinking === "enabled" && b.thinking?.budget_tokens != null
       ? { thinking_token_budget: b.thinking.budget_tokens }
@@ -310,6 +321,8 @@ async function messages(
 ): Promise<unknown> {
   const b = req.body;
   const { spec, outputOptions } = await chatRun(ctx, chatRequestOfMessages(b));
+  /** display "omitted": thinking blocks without their text. */
+  const omitted = b.thinking?.display === "omitted";
   const id = `msg_${randomBytes(12).toString("hex")}`;
   const head = { id, type: "message", role: "assistant", model: ctx.servedModelName };
   if (!b.stream) {
@@ -324,7 +337,11 @@ async function messages(
     };
     const content: object[] = [];
     if (m.reasoning_content)
-      content.push({ type: "thinking", thinking: m.reasoning_content, signature: "" });
+      content.push({
+        type: "thinking",
+        thinking: omitted ? "" : m.reasoning_content,
+        signature: "",
+      });
     if (m.content) content.push({ type: "text", text: m.content });
     let calls = 0;
     for (const t of m.tool_calls ?? []) {
@@ -344,7 +361,7 @@ async function messages(
     if (raw === null) pending.push(event(o));
     else if (!raw.destroyed) raw.write(event(o));
   };
-  const blocks = new BlockStream(send);
+  const blocks = new BlockStream(send, omitted);
   const output = new ChatOutput(outputOptions);
   // A forced call (tool_choice naming a tool): its block opens first.
   const forced = output.first()["tool_calls"];
@@ -406,8 +423,12 @@ class BlockStream {
   /** Tool calls started. */
   calls = 0;
 
-  constructor(send: (o: { type: string }) => void) {
+  readonly #omitted: boolean;
+
+  /** `omitted`: thinking blocks start and stop with no thinking_delta (display "omitted"). */
+  constructor(send: (o: { type: string }) => void, omitted = false) {
     this.#send = send;
+    this.#omitted = omitted;
   }
 
   push(deltas: readonly ChatDelta[]): void {
@@ -415,7 +436,7 @@ class BlockStream {
       if ("reasoning_content" in d) {
         if (!d.reasoning_content) continue;
         this.#open("thinking", { type: "thinking", thinking: "", signature: "" });
-        this.#delta({ type: "thinking_delta", thinking: d.reasoning_content });
+        if (!this.#omitted) this.#delta({ type: "thinking_delta", thinking: d.reasoning_content });
       } else if ("content" in d) {
         const text = this.#blank + d.content;
         if (text.trim() === "" && this.#kind !== "text") {

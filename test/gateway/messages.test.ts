@@ -264,6 +264,42 @@ describe("POST /v1/messages", () => {
     expect(thought).toBe(msg.reasoning_content);
   });
 
+  it("thinking adaptive and between_tools think as enabled does (no budget); display omitted leaves the thought's text out", async () => {
+    const a = sdk(r1);
+    const base = {
+      model: "tiny",
+      messages: [{ role: "user" as const, content: "What is 2 + 2?" }],
+      max_tokens: 12,
+      temperature: 0,
+    };
+    const enabled = await ask(a, { ...base, thinking: { type: "enabled", budget_tokens: 1000 } });
+    expect(enabled.content[0]).toMatchObject({ type: "thinking" });
+    expect((enabled.content[0] as Anthropic.ThinkingBlock).thinking.length).toBeGreaterThan(0);
+    for (const type of ["adaptive", "between_tools"] as const)
+      expect((await ask(a, { ...base, thinking: { type } })).content, type).toEqual(
+        enabled.content,
+      );
+    const omitted = await ask(a, {
+      ...base,
+      thinking: { type: "adaptive", display: "omitted" },
+    });
+    expect(omitted.content[0]).toEqual({ type: "thinking", thinking: "", signature: "" });
+    expect(omitted.content.slice(1)).toEqual(enabled.content.slice(1));
+    // Streamed: the block opens and closes, no thinking_delta.
+    const kinds: string[] = [];
+    const stream = a.messages.stream(
+      asBody({ ...base, thinking: { type: "adaptive", display: "omitted" } }),
+    );
+    stream.on("streamEvent", (e) => {
+      if (e.type === "content_block_start") kinds.push(`start ${e.content_block.type}`);
+      if (e.type === "content_block_delta") kinds.push(e.delta.type);
+    });
+    const final = await stream.finalMessage();
+    expect(kinds[0]).toBe("start thinking");
+    expect(kinds).not.toContain("thinking_delta");
+    expect(final.content[0]).toEqual({ type: "thinking", thinking: "", signature: "" });
+  });
+
   it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
     const ok = {
       model: "tiny",
