@@ -54,6 +54,30 @@ const common = {
       { additionalProperties: true },
     ),
   ),
+  /**
+   * Anthropic's structured outputs: `format` a JSON schema the answer's text follows (the
+   * chat's response_format json_schema); `effort` is a hint, accepted and not acted on.
+   */
+  output_config: Type.Optional(
+    Type.Object(
+      {
+        format: Type.Optional(
+          Type.Union([
+            Type.Object(
+              {
+                type: Type.Literal("json_schema"),
+                schema: Type.Record(Type.String(), Type.Unknown()),
+              },
+              { additionalProperties: true },
+            ),
+            Type.Null(),
+          ]),
+        ),
+        effort: Type.Optional(Type.Union([Type.String({ maxLength: 32 }), Type.Null()])),
+      },
+      { additionalProperties: true },
+    ),
+  ),
   thinking: Type.Optional(
     Type.Object(
       {
@@ -194,6 +218,7 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
             ? "none"
             : { type: "function", function: { name: choice.name } };
   const thinking = b.thinking?.type;
+  const format = b.output_config?.format;
   const r = b as Partial<MessagesRequest>;
   // Anthropic's prefill: a last assistant turn is the start of the answer, continued.
   const final = messages.at(-1);
@@ -210,6 +235,14 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
     ...(tools.length ? { tools } : {}),
     ...(toolChoice !== undefined ? { tool_choice: toolChoice } : {}),
     ...(choice?.disable_parallel_tool_use ? { parallel_tool_calls: false } : {}),
+    ...(format
+      ? {
+          response_format: {
+            type: "json_schema",
+            json_schema: { name: "output", schema: format.schema, strict: true },
+          },
+        }
+      : {}),
     // A hybrid model (V3.1) thinks when asked; R1 thinks whatever the request says.
     ...(thinking ? { chat_template_kwargs: { thinking: thinking !== "disabled" } } : {}),
     // Its budget bounds the thought (reasoning.ts ThinkingBudget), as Anthropic's does.
@@ -228,6 +261,7 @@ const PARAMS: [RegExp, string][] = [
   [/^chat_template_kwargs/, "thinking"],
   [/^thinking_token_budget$/, "thinking.budget_tokens"],
   [/^continue_final_message$/, "messages"],
+  [/^response_format.*$/, "output_config.format"],
 ];
 
 /** Anthropic's error type for an HTTP status. */

@@ -300,6 +300,48 @@ describe("POST /v1/messages", () => {
     expect(final.content[0]).toEqual({ type: "thinking", thinking: "", signature: "" });
   });
 
+  it("structured outputs (output_config.format): the text follows the JSON schema, as the chat's json_schema", async () => {
+    const schema = {
+      type: "object",
+      properties: { answer: { type: "integer" }, unit: { type: "string", maxLength: 5 } },
+      required: ["answer", "unit"],
+      additionalProperties: false,
+    };
+    const base = {
+      model: "tiny",
+      messages: [{ role: "user" as const, content: "What is 2 + 2?" }],
+      max_tokens: 48,
+      temperature: 0,
+    };
+    const m = await ask(client, {
+      ...base,
+      output_config: { format: { type: "json_schema", schema }, effort: "low" },
+    });
+    const text = (m.content.find((b) => b.type === "text") as Anthropic.TextBlock).text;
+    const chat = await gw.client.chat.completions.create({
+      ...base,
+      response_format: {
+        type: "json_schema",
+        json_schema: { name: "output", schema, strict: true },
+      },
+    });
+    expect(text).toBe(chat.choices[0]!.message.content);
+    if (m.stop_reason === "end_turn") {
+      const v = JSON.parse(text) as { answer: unknown; unit: unknown };
+      expect(Object.keys(v).sort()).toEqual(["answer", "unit"]);
+      expect(Number.isInteger(v.answer)).toBe(true);
+    } else expect(text.trimStart().startsWith("{")).toBe(true);
+    const plain = await ask(client, base);
+    expect(plain.content).not.toEqual(m.content);
+    // A schema the gateway cannot compile: 400 naming output_config.format.
+    const e = await ask(client, {
+      ...base,
+      output_config: { format: { type: "json_schema", schema: { type: "object", not: {} } } },
+    }).catch((err: { status: number; error: unknown }) => err);
+    expect((e as { status: number }).status).toBe(400);
+    expect(JSON.stringify((e as { error: unknown }).error)).toContain("output_config.format");
+  });
+
   it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
     const ok = {
       model: "tiny",
