@@ -9,6 +9,7 @@ import { runBytes, type TokenBytes, vocabularyFor } from "../../src/gateway/gram
 import { jsonObjectGrammar } from "../../src/gateway/json-mode.ts";
 import { schemaGrammar } from "../../src/gateway/json-schema.ts";
 import {
+  effortKwargs,
   ReasoningParser,
   splitReasoning,
   ThinkingBudget,
@@ -402,5 +403,22 @@ describe("a thinking budget (ThinkingBudget)", () => {
     const after = allowedIds(c);
     expect(after.length).toBeLessThan(320);
     expect(after).toContain(word("{")[0]);
+  });
+});
+
+describe("effortKwargs (reasoning_effort, reasoning.effort)", () => {
+  it.each([
+    ["no effort, no kwargs: none", null, undefined, undefined],
+    ["no effort: the kwargs as given", undefined, { x: 1 }, { x: 1 }],
+    ["an effort asks to think", "high", undefined, { thinking: true }],
+    ["low and medium too", "low", null, { thinking: true }],
+    ["none: nothing asked", "none", undefined, undefined],
+    ["minimal: nothing asked", "minimal", { x: 1 }, { x: 1 }],
+    ["the kwargs' own switch wins", "high", { thinking: false }, { thinking: false }],
+    ["other kwargs kept beside it", "high", { x: 1 }, { thinking: true, x: 1 }],
+  ] as const)("%s", (_what, effort, kwargs, want) => {
+    expect(effortKwargs(effort, kwargs as Record<string, unknown> | null | undefined)).toEqual(
+      want,
+    );
   });
 });
