@@ -307,6 +307,9 @@ export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway")
       ? [`--otlp-traces-sample-ratio=${g.tracing.sampleRatio}`]
       : []),
     `--reasoning-parser=${reasoningParserOf(model)}`,
+    ...(g.thinkingTokenBudget !== undefined
+      ? [`--thinking-token-budget=${g.thinkingTokenBudget}`]
+      : []),
     `--tool-call-parser=${toolCallParserOf(model)}`,
     ...speculativeArgs(model),
     ...samplingArgs(model),

@@ -753,6 +753,14 @@ export const GatewaySchema = withRules(
             "deepseek-r1: chat answers carry the model's thinking (<think>...</think>) as reasoning_content, apart from content; deepseek-v3 (DeepSeek-V3.1's hybrid thinking): only answers whose request sets chat_template_kwargs {thinking: true} do; none: as text. Default: deepseek-r1 for the deepseek-r1 preset, deepseek-v3 for the deepseek-v3.1 preset, else none.",
         }),
       ),
+      thinkingTokenBudget: Type.Optional(
+        Type.Integer({
+          minimum: 0,
+          maximum: 1_000_000,
+          description:
+            "The most tokens an answer's thought may take when its request sets no budget (thinking_token_budget, Anthropic's budget_tokens): a thought still open then is closed and the answer follows. Unset: no bound but max_tokens.",
+        }),
+      ),
     },
     {
       description: "Gateway pods: HTTP/gRPC front, scheduler, dense layers, MLA KV cache.",

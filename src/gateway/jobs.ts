@@ -32,6 +32,8 @@ export interface ServeContext {
   readonly vocabSize: number;
   /** Chat answers' thinking apart from their content (reasoning.ts). */
   readonly reasoningParser: ReasoningParserName;
+  /** A thought's most tokens when a request sets none (--thinking-token-budget); null: none. */
+  readonly thinkingTokenBudget?: number | null;
   /** The model's tool-call format (tool-calls.ts). */
   readonly toolCallFormat: ToolCallFormat;
   /**

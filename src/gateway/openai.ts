@@ -644,7 +644,7 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
     grammar !== undefined &&
     ((plan.kind === "native" && plan.answerFormat === true) ||
       !(plan.kind === "native" && [undefined, "auto", "none"].includes(b.tool_choice as string)));
-  const budget = thinks ? b.thinking_token_budget : null;
+  const budget = thinks ? (b.thinking_token_budget ?? ctx.thinkingTokenBudget ?? null) : null;
   const spec: JobSpec = {
     ...base,
     ...(grammar ? { grammar: thinks && shapesStart ? thinkingFirst(grammar) : grammar } : {}),

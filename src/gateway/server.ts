@@ -96,6 +96,8 @@ export interface GatewayConfig {
   readonly tokenizerInlineBytes?: number;
   /** How chat answers' thinking is told from their content (reasoning.ts; default none). */
   readonly reasoningParser?: ReasoningParserName;
+  /** A thought's most tokens when a request sets no budget (default: none). */
+  readonly thinkingTokenBudget?: number;
   /** The model's tool-call format (default deepseek-v3; tool-calls.ts). */
   readonly toolCallParser?: ToolCallFormat;
   /** Defaults of the sampling fields requests leave out (default: none; generation-config.ts). */
@@ -267,6 +269,7 @@ export function createServeContext(
     maxModelLen,
     vocabSize: c.vocabSize,
     reasoningParser: cfg.reasoningParser ?? "none",
+    thinkingTokenBudget: cfg.thinkingTokenBudget ?? null,
     toolCallFormat: cfg.toolCallParser ?? "deepseek-v3",
     samplingDefaults: cfg.samplingDefaults ?? {},
     metrics: new GatewayMetrics(

@@ -12,15 +12,19 @@ import { startGateway, type TestGateway } from "./helpers.ts";
 
 let r1: TestGateway;
 let v31: TestGateway;
+/** R1 with a default budget (--thinking-token-budget 3). */
+let bounded: TestGateway;
 
 beforeAll(async () => {
   const dir = await tinyCheckpointFor("tiny-v3");
   r1 = await startGateway(dir, { reasoningParser: "deepseek-r1" });
   v31 = await startGateway(dir, { reasoningParser: "deepseek-v3" });
+  bounded = await startGateway(dir, { reasoningParser: "deepseek-r1", thinkingTokenBudget: 3 });
 });
 afterAll(async () => {
   await r1?.close();
   await v31?.close();
+  await bounded?.close();
 });
 
 type Thinking = { content: string | null; reasoning_content?: string };
@@ -160,6 +164,19 @@ describe("thinking_token_budget", () => {
     ).choices[0]!.message as unknown as Thinking;
     expect((msg.content[0] as { thinking: string }).thinking).toBe(switched.reasoning_content);
     expect((msg.content[1] as { text: string }).text).toBe(switched.content);
+  });
+
+  it("a gateway's default budget (--thinking-token-budget) bounds requests that set none; a request's own wins", async () => {
+    const withBudget = async (g: TestGateway, budget: number | null) =>
+      idsOf(
+        await g.client.chat.completions.create({
+          ...body,
+          ...(budget !== null ? { thinking_token_budget: budget } : {}),
+        } as OpenAI.ChatCompletionCreateParamsNonStreaming),
+      );
+    expect(await withBudget(bounded, null)).toEqual(await withBudget(r1, 3));
+    expect(await withBudget(bounded, 6)).toEqual(await withBudget(r1, 6));
+    expect(await withBudget(bounded, null)).not.toEqual(await withBudget(r1, null));
   });
 
   it("refuses a negative budget (400 naming the field)", async () => {

@@ -944,6 +944,16 @@ spec:
     ).toEqual(["--speculative-tokens=3", "--prompt-lookup-max=8", "--prompt-lookup-min=1"]);
   });
 
+  it.each([
+    ["", []],
+    ["  gateway: { thinkingTokenBudget: 2048 }", ["--thinking-token-budget=2048"]],
+    ["  gateway: { thinkingTokenBudget: 0 }", ["--thinking-token-budget=0"]],
+  ])("passes a default thinking budget to the gateway: %j", (extra, want) => {
+    const args = (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template
+      .spec.containers[0].args as string[];
+    expect(args.filter((a) => a.startsWith("--thinking-token-budget"))).toEqual(want);
+  });
+
   it("sets the gateway Service's session affinity (None unless the manifest says ClientIP)", () => {
     const service = (extra: string) => objects(extra).find((o) => o.kind === "Service") as any;
     expect(service("").spec.sessionAffinity).toBe("None");

@@ -155,6 +155,9 @@ ${natsAuthUsage(26)}
                             reasoning_content, apart from content; deepseek-v3 (V3.1's hybrid
                             thinking): only answers whose request sets chat_template_kwargs
                             {"thinking": true} do; none (default): as text
+  --thinking-token-budget N the most tokens a thought may take when the request sets no budget
+                            (thinking_token_budget, Anthropic's budget_tokens); a thought still
+                            open then is closed and the answer follows (default: no bound)
   --speculative-tokens K    speculative decoding by prompt lookup: each decoding sequence runs up to
                             K guessed tokens (what followed its last tokens earlier in its prompt
                             or output) with its own in one step; outputs are unchanged
@@ -300,6 +303,7 @@ export const gatewayCommand: Command = {
         "disaggregation-timeout": { type: "string" },
         "micro-batches": { type: "string" },
         "reasoning-parser": { type: "string" },
+        "thinking-token-budget": { type: "string" },
         "tool-call-parser": { type: "string" },
         "generation-config": { type: "string" },
         "chat-template": { type: "string" },
@@ -644,6 +648,10 @@ export const gatewayCommand: Command = {
     const reasoningParser = values["reasoning-parser"] ?? "none";
     if (!(REASONING_PARSERS as readonly string[]).includes(reasoningParser))
       usage(`--reasoning-parser must be ${REASONING_PARSERS.join(", ")}, got ${reasoningParser}`);
+    const thinkingBudget =
+      values["thinking-token-budget"] === undefined
+        ? undefined
+        : int(values["thinking-token-budget"], "--thinking-token-budget", 0, 0);
     const toolCallParser = values["tool-call-parser"] ?? "deepseek-v3";
     if (!(TOOL_CALL_FORMATS as readonly string[]).includes(toolCallParser))
       usage(`--tool-call-parser must be ${TOOL_CALL_FORMATS.join(", ")}, got ${toolCallParser}`);
@@ -759,6 +767,7 @@ export const gatewayCommand: Command = {
       ...(priorityAgingS > 0 ? { priorityAgingMs: priorityAgingS * 1000 } : {}),
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
+      ...(thinkingBudget !== undefined ? { thinkingTokenBudget: thinkingBudget } : {}),
       toolCallParser: toolCallParser as ToolCallFormat,
       ...(speculative ? { speculative } : {}),
       log,
