@@ -302,11 +302,18 @@ function stopOf(
   return { stop_reason: "end_turn", stop_sequence: null };
 }
 
-const usageOf = (job: Job) => ({
+/**
+ * Anthropic's usage; with a thought, its tokens (`thought` encoded again, near enough) as
+ * output_tokens_details.thinking_tokens.
+ */
+const usageOf = (ctx: ServeContext, job: Job, thought = "") => ({
   input_tokens: job.promptTokens - job.cachedTokens,
   cache_creation_input_tokens: 0,
   cache_read_input_tokens: job.cachedTokens,
   output_tokens: job.completionTokens,
+  ...(thought
+    ? { output_tokens_details: { thinking_tokens: ctx.tokenizer.encode(thought, false).length } }
+    : {}),
 });
 
 /** The parsed arguments of a call (null when cut short: not valid JSON). */
@@ -384,7 +391,12 @@ async function messages(
       content.push({ type: "tool_use", id: t.id, name: t.function.name, input });
       calls++;
     }
-    return { ...head, content, ...stopOf(c, calls), usage: usageOf(job) };
+    return {
+      ...head,
+      content,
+      ...stopOf(c, calls),
+      usage: usageOf(ctx, job, m.reasoning_content),
+    };
   }
 
   // Streamed: Anthropic's events, each `event: <type>` and its JSON.
@@ -420,7 +432,7 @@ async function messages(
         content: [],
         stop_reason: null,
         stop_sequence: null,
-        usage: { ...usageOf(job), output_tokens: 0 },
+        usage: { ...usageOf(ctx, job), output_tokens: 0 },
       },
     } as { type: string }),
   );
@@ -431,7 +443,7 @@ async function messages(
     send({
       type: "message_delta",
       delta: stop ?? { stop_reason: "end_turn", stop_sequence: null },
-      usage: usageOf(job),
+      usage: usageOf(ctx, job, blocks.thought),
     } as { type: string });
     send({ type: "message_stop" });
   } catch (err) {
@@ -456,6 +468,8 @@ class BlockStream {
   #inJson = false;
   /** Tool calls started. */
   calls = 0;
+  /** The thought so far (omitted or not). */
+  thought = "";
 
   readonly #omitted: boolean;
 
@@ -469,6 +483,7 @@ class BlockStream {
     for (const d of deltas) {
       if ("reasoning_content" in d) {
         if (!d.reasoning_content) continue;
+        this.thought += d.reasoning_content;
         this.#open("thinking", { type: "thinking", thinking: "", signature: "" });
         if (!this.#omitted) this.#delta({ type: "thinking_delta", thinking: d.reasoning_content });
       } else if ("content" in d) {

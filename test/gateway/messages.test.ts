@@ -260,8 +260,15 @@ describe("POST /v1/messages", () => {
     stream.on("thinking", (delta) => {
       thought += delta;
     });
-    await stream.finalMessage();
+    const streamed = await stream.finalMessage();
     expect(thought).toBe(msg.reasoning_content);
+    // The thought's tokens in the usage, as the chat's reasoning_tokens.
+    const thinking = { thinking_tokens: chat.usage!.completion_tokens_details!.reasoning_tokens };
+    expect(thinking.thinking_tokens).toBeGreaterThan(0);
+    expect((m.usage as { output_tokens_details?: object }).output_tokens_details).toEqual(thinking);
+    expect((streamed.usage as { output_tokens_details?: object }).output_tokens_details).toEqual(
+      thinking,
+    );
   });
 
   it("thinking adaptive and between_tools think as enabled does (no budget); display omitted leaves the thought's text out", async () => {
