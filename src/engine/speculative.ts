@@ -171,7 +171,9 @@ const PREDICTION_ALIGN_MAX = 16;
  * prediction the draft is the prediction's next tokens; where the output leaves it (an
  * edit), the draft resumes after the place in the prediction where the output's last
  * tokens are found again (the longest such match, at least two tokens, the one nearest
- * after the last place; none while nothing matches).
+ * after the last place); failing that, the first token off it is taken to replace one of
+ * its tokens (the draft goes on after that one), and after a second none is drafted until
+ * the output is found in it again.
  */
 export class PredictionDrafter implements Drafter {
   readonly #p: readonly number[];
@@ -184,6 +186,8 @@ export class PredictionDrafter implements Drafter {
   #last = 0;
   /** Output tokens read so far. */
   #read = 0;
+  /** The last token read was the prediction's (the start counts as such). */
+  #following = true;
 
   constructor(prediction: readonly number[], promptLength: number) {
     this.#p = prediction;
@@ -202,9 +206,20 @@ export class PredictionDrafter implements Drafter {
     while (this.#read < out) {
       const t = seq.tokenAt(this.#promptLength + this.#read);
       this.#read++;
-      if (this.#cursor >= 0 && this.#p[this.#cursor] === t) this.#cursor++;
-      else this.#cursor = this.#realign(seq);
-      if (this.#cursor >= 0) this.#last = this.#cursor;
+      if (this.#cursor >= 0 && this.#p[this.#cursor] === t) {
+        this.#cursor++;
+        this.#following = true;
+        this.#last = this.#cursor;
+        continue;
+      }
+      // Left the prediction: found again after the output's last two tokens, or (the first
+      // token off it) guessed to stand for one token of it, as an edit that replaces a word
+      // does; the next token tells.
+      const found = this.#realign(seq);
+      this.#cursor =
+        found >= 0 ? found : this.#following && this.#cursor >= 0 ? this.#cursor + 1 : -1;
+      this.#following = false;
+      if (found >= 0) this.#last = found;
     }
     if (this.#cursor < 0 || k <= 0) return [];
     return this.#p.slice(this.#cursor, this.#cursor + k);

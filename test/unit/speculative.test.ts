@@ -112,11 +112,12 @@ describe("PredictionDrafter.propose", () => {
     { name: "following it: what comes next", pred: "abcdefgh", out: "abc", k: 3, want: "def" },
     { name: "k bounds the draft; the end bounds it too", pred: "abcdefgh", out: "abcdef", k: 5, want: "gh" },
     { name: "all of it out: nothing more", pred: "abcd", out: "abcd", k: 3, want: "" },
-    { name: "an edit: lost until two tokens are found again", pred: "abcdefgh", out: "abxy", k: 3, want: "" },
+    { name: "one token replaced: the draft goes on after the one it replaced", pred: "abcdefgh", out: "abx", k: 3, want: "def" },
+    { name: "two off it: lost until two tokens are found again", pred: "abcdefgh", out: "abxy", k: 3, want: "" },
     { name: "found again after the edit: what follows them there", pred: "abcdefgh", out: "abxyef", k: 2, want: "gh" },
     { name: "a deletion: the output skips part of it", pred: "abcdefghij", out: "abfg", k: 3, want: "hij" },
     { name: "an insertion: the output adds, then rejoins", pred: "abcdefgh", out: "abqqcd", k: 2, want: "ef" },
-    { name: "lost, then equal matches: the one after the last place", pred: "cd1 abQ cd2", out: "abZcd", k: 1, want: "2" },
+    { name: "lost, then equal matches: the one after the last place", pred: "cd1 abQ cd2", out: "abZYcd", k: 1, want: "2" },
   ])("$name", ({ pred, out, k, want }) => {
     const p = new PredictionDrafter(ids(pred), 2);
     expect(str2(p.propose(source([100, 100, ...ids(out)]), k))).toBe(want);
@@ -131,8 +132,8 @@ describe("PredictionDrafter.propose", () => {
       proposals.push(str2(p.propose(source(seq), 2)));
       seq.push(ids(next)[0]!);
     }
-    // (after X: lost; after Y: "cdXY" is not in it either; g, h are, from "gh" on)
-    expect(proposals).toEqual(["ab", "bc", "cd", "de", "ef", "", "", "", "ij", "jk", "kl", "l"]);
+    // (after X: taken to replace e; after Y: lost, "XY" is not in it; g, h are, from "gh" on)
+    expect(proposals).toEqual(["ab", "bc", "cd", "de", "ef", "fg", "", "", "ij", "jk", "kl", "l"]);
   });
 });
 
