@@ -30,7 +30,10 @@ beforeAll(async () => {
   // With a files folder: stored responses are files there (response-files.ts), and the
   // previous_response_id and background values the fuzzer sends reach that store.
   const files = mkdtempSync(join(testEnv().runDir, "fuzz-files-"));
+  // V3.1's parser: requests that set chat_template_kwargs {thinking: true} think, so thinking
+  // meets the budgets, grammars, predictions and logprobs the fuzzer sends too.
   g = await startGateway(dir, {
+    reasoningParser: "deepseek-v3",
     schedulingPolicy: "priority",
     maxRequestBytes: 256 * 1024,
     files: { dir: files, maxBytes: 1 << 20, maxTotalBytes: 64 << 20, batchConcurrency: 1 },
