@@ -12,7 +12,7 @@ import {
   encodeCompaction,
 } from "../../src/gateway/compaction.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { startGateway, type TestGateway } from "./helpers.ts";
+import { refusalOf, startGateway, type TestGateway } from "./helpers.ts";
 
 let dir: string;
 let g: TestGateway;
@@ -32,13 +32,6 @@ afterAll(async () => {
 type Item = OpenAI.Responses.ResponseInputItem;
 const user = (content: string) => ({ type: "message" as const, role: "user" as const, content });
 const turn = { model: "tiny", max_output_tokens: 6, temperature: 0 } as const;
-
-async function refusalOf(p: Promise<unknown>) {
-  return (await p.then(
-    () => ({ status: 200 }),
-    (e: unknown) => e,
-  )) as { status: number; param?: string; code?: string };
-}
 
 /** The summary a compacted output's last item holds. */
 function summaryOf(output: readonly { type: string }[]): string {

@@ -14,6 +14,7 @@ import {
   type HeldGateway,
   heldBackground,
   metric,
+  refusalOf,
   startGateway,
   startHeldGateway,
   type TestGateway,
@@ -52,13 +53,6 @@ const textOf = (r: OpenAI.Responses.Response) =>
     .flatMap((i) => (i.type === "message" ? i.content : []))
     .map((p) => (p.type === "output_text" ? p.text : ""))
     .join("");
-
-async function refusalOf(p: Promise<unknown>) {
-  return (await p.then(
-    () => ({ status: 200 }),
-    (e: unknown) => e,
-  )) as { status: number; param?: string; code?: string };
-}
 
 /** The items of conversation `id`, oldest first, as [type, role or name, text]. */
 async function itemsOf(c: OpenAI, id: string) {

@@ -496,3 +496,14 @@ export const NUMBERS_FORMAT = {
     },
   },
 };
+
+/**
+ * How a client call ended: its refusal (an SDK error: status, and the param and code the
+ * gateway named), or {status: 200}.
+ */
+export async function refusalOf(p: Promise<unknown>) {
+  return (await p.then(
+    () => ({ status: 200 }),
+    (e: unknown) => e,
+  )) as { status: number; param?: string; code?: string };
+}

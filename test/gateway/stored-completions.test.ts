@@ -13,6 +13,7 @@ import {
   finishedRequests,
   type HeldGateway,
   metric,
+  refusalOf,
   startGateway,
   startHeldGateway,
   type TestGateway,
@@ -54,13 +55,6 @@ const ask = (text: string, extra: Partial<OpenAI.ChatCompletionCreateParamsNonSt
     messages: [{ role: "user" as const, content: text }],
     ...extra,
   }) satisfies OpenAI.ChatCompletionCreateParamsNonStreaming;
-
-async function refusalOf(p: Promise<unknown>) {
-  return (await p.then(
-    () => ({ status: 200 }),
-    (e: unknown) => e,
-  )) as { status: number; param?: string; code?: string };
-}
 
 /** Every stored completion's id, as the list pages them (`limit` a page). */
 async function allIds(c: OpenAI, q: OpenAI.Chat.ChatCompletionListParams = {}) {

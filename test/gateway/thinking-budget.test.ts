@@ -8,7 +8,7 @@ import Anthropic from "@anthropic-ai/sdk";
 import type OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { startGateway, type TestGateway } from "./helpers.ts";
+import { refusalOf, startGateway, type TestGateway } from "./helpers.ts";
 
 let r1: TestGateway;
 let v31: TestGateway;
@@ -40,13 +40,6 @@ const body = {
 /** A chat answer's token ids (return_tokens_as_token_ids: "token_id:N"). */
 const idsOf = (r: OpenAI.ChatCompletion) =>
   r.choices[0]!.logprobs!.content!.map((t) => Number(t.token.split(":")[1]));
-
-async function refusalOf(p: Promise<unknown>) {
-  return (await p.then(
-    () => ({ status: 200 }),
-    (e: unknown) => e,
-  )) as { status: number; param?: string };
-}
 
 describe("thinking_token_budget", () => {
   it("the thought is cut after the budget: </think> forced, then the answer (streamed the same)", async () => {
