@@ -18,7 +18,19 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
-import { type CompactBody, compact, decodeCompaction } from "./compaction.ts";
+import {
+  type CompactBody,
+  compact,
+  compactedConversation,
+  compactionItem,
+  compactThreshold,
+  decodeCompaction,
+  lastTurnStart,
+  leftReply,
+  type SummaryUsage,
+  summarize,
+  userTexts,
+} from "./compaction.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import type { Conversations } from "./conversations.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
@@ -141,6 +153,12 @@ export const ResponsesRequest = Type.Object({
   truncation: Type.Optional(Nullable(Type.Union([Type.Literal("auto"), Type.Literal("disabled")]))),
   /** vLLM's, as on chat completions: the most tokens the thought may take. */
   thinking_token_budget: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
+  /**
+   * [{type: "compaction", compact_threshold?}]: a prompt of that many tokens or more has its
+   * conversation compacted before the answer (compaction.ts; checked there, with clear
+   * refusals, hence unknown here).
+   */
+  context_management: Type.Optional(Type.Unknown()),
   ...VLLM_OUTPUT_FIELDS,
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
@@ -365,17 +383,11 @@ export function chatRequestOf(
   b: ResponsesRequest,
   before: readonly ChatMessage[] = [],
 ): { chat: ChatCompletionRequest; conversation: ChatMessage[] } {
-  // Compaction inside a response (its context_management) is not done here: refused, not
-  // ignored (the conversation would outgrow the context unnoticed).
-  const managed = (b as { context_management?: unknown }).context_management;
-  if (managed != null && !(Array.isArray(managed) && managed.length === 0))
-    throw bad(
-      "context_management (compaction inside a response) is not supported by this gateway: compact with POST /v1/responses/compact, or send truncation: auto",
-      "context_management",
-    );
-  const messages: ChatMessage[] = [...before];
+  let messages: ChatMessage[] = [...before];
   const items =
     typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;
+  // (an input of reasoning items alone says nothing)
+  if (items.every((i) => i.type === "reasoning")) throw bad("input has no message", "input");
   for (const [j, item] of items.entries()) {
     if (!("type" in item) || item.type === undefined || item.type === "message") {
       const m = item as { role: ChatMessage["role"]; content: string | ContentPart[] };
@@ -400,12 +412,12 @@ export function chatRequestOf(
     } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
       messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
     } else if (item.type === "compaction") {
-      // The model's summary of what it answered and did before: its own earlier turn.
-      const summary = decodeCompaction(item.encrypted_content, `input.${j}.encrypted_content`);
-      messages.push({ role: "assistant", content: summary });
+      // The conversation before it, compacted: its user messages, then the model's summary
+      // of what it answered and did as its own earlier turn (compaction.ts).
+      const c = decodeCompaction(item.encrypted_content, `input.${j}.encrypted_content`);
+      messages = compactedConversation(messages, c);
     }
   }
-  if (messages.length === before.length) throw bad("input has no message", "input");
   const tools = (b.tools ?? []).map((t, i) => {
     if (t["type"] === "custom") {
       // Chat Completions' form: the grammar's syntax and definition under `grammar`.
@@ -672,6 +684,7 @@ export function inputItemsOf(input: ResponsesRequest["input"]): InputListItem[] 
 }
 
 type OutputItem =
+  | { type: "compaction"; id: string; encrypted_content: string }
   | {
       type: "reasoning";
       id: string;
@@ -804,6 +817,15 @@ class OutputItems {
     }
   }
 
+  /** A whole item (a compaction) added before the answer's: its added and done events. */
+  add(item: OutputItem): void {
+    this.#close();
+    this.items.push(item);
+    const at = { output_index: this.items.length - 1, item: structuredClone(item) };
+    this.#emit("response.output_item.added", at);
+    this.#emit("response.output_item.done", at);
+  }
+
   /** Closes the open item: the end of the answer, "incomplete" when the length cut it. */
   end(status: "completed" | "incomplete" = "completed"): void {
     this.#close(status);
@@ -892,7 +914,7 @@ class OutputItems {
         ...this.#at(item),
         input: item.input,
       });
-    } else {
+    } else if (item.type === "function_call") {
       item.status = status;
       this.#emit("response.function_call_arguments.done", {
         ...this.#at(item),
@@ -941,6 +963,9 @@ export function responsesRoutes(
       async (req) => {
         const b = req.body;
         if (b.model != null) checkModel(ctx, b.model);
+        // (a compaction asked for is checked; what is counted is the prompt as sent, the
+        // count its threshold is compared with)
+        compactThreshold(b.context_management, ctx.maxModelLen);
         const { before } = continued(b, (id) => find(req, id), conversations, owner(req));
         const { chat } = chatRequestOf({ ...b, model: b.model ?? ctx.servedModelName }, before);
         // truncation "auto": what the response would run on, its conversation fitted.
@@ -1180,7 +1205,8 @@ async function respond(
       "background: true needs the response stored (store: true, --responses-store > 0) to be fetched later",
       "background",
     );
-  const { chat: chatRequest, conversation } = chatRequestOf(b, before);
+  const asked = chatRequestOf(b, before);
+  let { chat: chatRequest, conversation } = asked;
   // Token logprobs go onto the message's text: an answer split into items (thinking, calls)
   // would need each token placed in its item, which this gateway does not do.
   const logprobs = chatRequest.logprobs === true;
@@ -1198,6 +1224,34 @@ async function respond(
   // A folder with no room left keeps no more responses: refused before anything runs.
   const full = stored && store instanceof ResponseFiles ? store.refusal() : null;
   if (full) throw full;
+  // Server-side compaction (context_management): a prompt that reaches the threshold has the
+  // conversation before its last turn summarized first (compaction.ts), and the answer runs on
+  // the compacted conversation, which the response keeps; its output starts with the item.
+  let compaction: { item: OutputItem; usage: SummaryUsage } | null = null;
+  const threshold = compactThreshold(b.context_management, ctx.maxModelLen);
+  if (threshold !== null) {
+    const { prompt } = await chatPrompt(ctx, chatRequest).catch((err: unknown) => {
+      throw renameParam(err, PARAMS);
+    });
+    const t = prompt.length >= threshold ? lastTurnStart(conversation) : null;
+    if (t !== null) {
+      const [history, last] = [conversation.slice(0, t), conversation.slice(t)];
+      const fit = (chat: ChatCompletionRequest) => fitted(ctx, chat, true);
+      const s = await summarize(ctx, fit, b.instructions, history, reply);
+      if (s === null) return leftReply(reply);
+      conversation = compactedConversation(history, {
+        summary: s.summary,
+        users: userTexts(history),
+        after: last,
+      });
+      const system = chatRequest.messages.length - asked.conversation.length;
+      chatRequest = {
+        ...chatRequest,
+        messages: [...chatRequest.messages.slice(0, system), ...conversation],
+      };
+      compaction = { item: compactionItem(history, s.summary, newId, last), usage: s.usage };
+    }
+  }
   const { spec, outputOptions, finishOf } = await fitted(ctx, chatRequest, b.truncation === "auto");
   const id = newId("resp");
   // Its input as items, ids given once: a background response is kept twice (running, ended),
@@ -1248,17 +1302,23 @@ async function respond(
     const length = finishOf(c, output) === "length";
     const usage = usageOf(job);
     const reasoning = items.map((i) => (i.type === "reasoning" ? i.content[0]!.text : "")).join("");
+    // (a compaction's summary counted with the answer: both were this response's work)
+    const more = compaction?.usage;
     const done = response(length ? "incomplete" : "completed", items, {
       ...(length ? { incomplete_details: { reason: "max_output_tokens" } } : {}),
       usage: {
-        input_tokens: usage.prompt_tokens,
-        input_tokens_details: { cached_tokens: usage.prompt_tokens_details.cached_tokens },
-        output_tokens: usage.completion_tokens,
+        input_tokens: usage.prompt_tokens + (more?.input_tokens ?? 0),
+        input_tokens_details: {
+          cached_tokens: usage.prompt_tokens_details.cached_tokens + (more?.cached_tokens ?? 0),
+        },
+        output_tokens: usage.completion_tokens + (more?.output_tokens ?? 0),
         // The thinking's text, encoded again: the output tokens it spans, near enough.
         output_tokens_details: {
-          reasoning_tokens: reasoning ? ctx.tokenizer.encode(reasoning, false).length : 0,
+          reasoning_tokens:
+            (reasoning ? ctx.tokenizer.encode(reasoning, false).length : 0) +
+            (more?.reasoning_tokens ?? 0),
         },
-        total_tokens: usage.total_tokens,
+        total_tokens: usage.total_tokens + (more ? more.input_tokens + more.output_tokens : 0),
       },
     });
     return done;
@@ -1315,6 +1375,7 @@ async function respond(
     const c = job.choices[0]!;
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems(undefined, logprobs);
+    if (compaction) items.add(compaction.item);
     items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
     // Cancelled: its text so far, what it held back too (so endOf finds nothing to flush).
     if (c.finishReason === null) c.out.flush();
@@ -1337,6 +1398,10 @@ async function respond(
     const log = store.eventLog(id);
     const output = new ChatOutput(outputOptions);
     const items = new OutputItems((type, body) => log.append(type, body), logprobs);
+    /** The compaction item, its events after in_progress (or at the end, never started). */
+    const lead = () => {
+      if (compaction && items.items[0] !== compaction.item) items.add(compaction.item);
+    };
     try {
       // (onStarted comes from a later step of the engine, never from within startJob)
       job = startJob(ctx, spec, { ...itemHooks(output, items), onStarted: () => start() });
@@ -1376,6 +1441,7 @@ async function respond(
       current = response("in_progress", []);
       keepAs(current);
       log.append("response.in_progress", { response: current });
+      lead();
     };
     /** Ends it as `r`: its last event, then kept (whoever finds it ended finds that event). */
     const end = (r: object, answerItems: readonly OutputItem[] = []) => {
@@ -1392,6 +1458,7 @@ async function respond(
     };
     const settled = job.done.then(
       () => {
+        lead();
         end(endOf(job.choices[0]!, output, items), items.items);
       },
       (err: unknown) => {
@@ -1454,6 +1521,7 @@ async function respond(
     raw ? write(type, body) : queued.push([type, body]);
   const output = new ChatOutput(outputOptions);
   const items = new OutputItems(emit, logprobs);
+  if (compaction) items.add(compaction.item);
   job = startJob(ctx, spec, itemHooks(output, items));
   raw = eventStream(reply);
   write("response.created", { response: response("in_progress", []) });

@@ -37,16 +37,56 @@ const turn = { model: "tiny", max_output_tokens: 6, temperature: 0 } as const;
 function summaryOf(output: readonly { type: string }[]): string {
   const last = output.at(-1) as { type: string; encrypted_content: string };
   expect(last.type).toBe("compaction");
-  return decodeCompaction(last.encrypted_content, "x");
+  return decodeCompaction(last.encrypted_content, "x").summary;
 }
 
+const b64 = (text: string) => Buffer.from(text, "utf8").toString("base64url");
+
 describe("the compaction item's content", () => {
-  it.each([["plain"], [""], ["unicode: é 中文 🙂\nlines"]])("round-trips %j", (text) => {
-    const encoded = encodeCompaction(text);
-    expect(encoded).toMatch(/^emc1\.[A-Za-z0-9_-]*$/);
-    expect(decodeCompaction(encoded, "p")).toBe(text);
+  it.each([
+    ["plain", ["a question"]],
+    ["", []],
+    ["unicode: é 中文 🙂\nlines", ["one", "", "two 🙂"]],
+  ])("round-trips %j after %j", (summary, users) => {
+    const encoded = encodeCompaction({ summary, users });
+    expect(encoded).toMatch(/^emc2\.[A-Za-z0-9_-]*$/);
+    expect(decodeCompaction(encoded, "p")).toEqual({ summary, users, after: [] });
   });
-  it.each([["gAAAAABo-openai"], ["emc1.not base64!"], ["emc2.aGk"]])("refuses %j", (bad) => {
+  it("round-trips the turn after the summary; refuses one that is not messages", () => {
+    const after = [
+      { role: "user" as const, content: "q" },
+      {
+        role: "assistant" as const,
+        content: null,
+        tool_calls: [
+          { id: "c1", type: "function" as const, function: { name: "f", arguments: "{}" } },
+        ],
+      },
+      { role: "tool" as const, tool_call_id: "c1", content: "out" },
+    ];
+    const encoded = encodeCompaction({ summary: "s", users: ["u"], after });
+    expect(decodeCompaction(encoded, "p")).toEqual({ summary: "s", users: ["u"], after });
+    const forged = `emc2.${b64(JSON.stringify({ summary: "s", users: [], after: [{ role: "x", content: 1 }] }))}`;
+    expect(() => decodeCompaction(forged, "input.0.encrypted_content")).toThrow(
+      /not a compaction this gateway made/,
+    );
+  });
+  it("reads the first format (the summary alone, superseding nothing)", () => {
+    expect(decodeCompaction(`emc1.${b64("sum")}`, "p")).toEqual({
+      summary: "sum",
+      users: null,
+      after: [],
+    });
+  });
+  it.each([
+    ["gAAAAABo-openai"],
+    ["emc1.not base64!"],
+    ["emc2.aGk"],
+    [`emc2.${b64('{"summary": 1, "users": []}')}`],
+    [`emc2.${b64('{"summary": "s", "users": [1]}')}`],
+    [`emc2.${b64('{"summary": "s"}')}`],
+    [`emc2.${b64("null")}`],
+  ])("refuses %j", (bad) => {
     expect(() => decodeCompaction(bad, "input.2.encrypted_content")).toThrow(
       /input\.2\.encrypted_content: not a compaction this gateway made/,
     );
@@ -152,7 +192,7 @@ describe("POST /v1/responses/compact", () => {
     expect(compacted.usage.output_tokens).toBeLessThanOrEqual(50);
   });
 
-  it("refusals: nothing to compact, an unknown previous response, another model, another server's compaction item, context_management", async () => {
+  it("refusals: nothing to compact, an unknown previous response, another model, another server's compaction item", async () => {
     const c = g.client;
     expect(await refusalOf(c.responses.compact({ model: "tiny" }))).toMatchObject({
       status: 400,
@@ -177,21 +217,236 @@ describe("POST /v1/responses/compact", () => {
       status: 400,
       param: "input.1.encrypted_content",
     });
-    expect(
-      await refusalOf(
-        c.responses.create({
-          ...turn,
-          input: "x",
-          context_management: [{ type: "compaction", compact_threshold: 1000 }],
-        } as OpenAI.Responses.ResponseCreateParamsNonStreaming),
-      ),
-    ).toMatchObject({ status: 400, param: "context_management" });
-    // (an empty one asks nothing)
-    const answered = await c.responses.create({
+  });
+});
+
+describe("server-side compaction (context_management)", () => {
+  const cm = (compact_threshold: number) => ({
+    context_management: [{ type: "compaction", compact_threshold }],
+  });
+  const summaryTokens = () => Math.min(COMPACTION_MAX_TOKENS, Math.floor(g.ctx.maxModelLen / 4));
+  type Msg = OpenAI.Chat.Completions.ChatCompletionMessageParam;
+  const chat = (messages: Msg[], max_tokens: number = turn.max_output_tokens) =>
+    g.client.chat.completions.create({ model: "tiny", temperature: 0, max_tokens, messages });
+  const assistant = (content: string) =>
+    ({ type: "message", role: "assistant", content }) as unknown as Item;
+  /** The compaction an output starts with. */
+  const compactionOf = (output: readonly { type: string }[]) => {
+    expect(output[0]?.type).toBe("compaction");
+    return decodeCompaction(
+      (output[0] as unknown as { encrypted_content: string }).encrypted_content,
+      "x",
+    );
+  };
+
+  it("under the threshold nothing is compacted; at it, the turns before the last are summarized and the answer runs on the compacted conversation, which the chain goes on from (previous_response_id, or the items sent back)", async () => {
+    const c = g.client;
+    const first = await c.responses.create({ ...turn, input: "one" });
+    const second = await c.responses.create({
       ...turn,
-      input: "x",
-      context_management: [],
-    } as OpenAI.Responses.ResponseCreateParamsNonStreaming);
-    expect(answered.output_text.length).toBeGreaterThan(0);
+      previous_response_id: first.id,
+      input: "two",
+    });
+    const at = { ...turn, previous_response_id: second.id, input: "three" };
+    const plain = await c.responses.create(at);
+    const prompt = plain.usage!.input_tokens;
+    const under = await c.responses.create({ ...at, ...cm(prompt + 1) });
+    expect(under.output.map((i) => i.type)).toEqual(["message"]);
+    expect(under.output_text).toBe(plain.output_text);
+    expect(under.usage).toEqual(plain.usage);
+
+    const third = await c.responses.create({ ...at, ...cm(prompt) });
+    expect(third.output.map((i) => i.type)).toEqual(["compaction", "message"]);
+    expect(third.output[0]!.id).toMatch(/^cmp_/);
+    const cmp = compactionOf(third.output);
+    expect(cmp.users).toEqual(["one", "two"]);
+    expect(cmp.after).toEqual([{ role: "user", content: "three" }]);
+    // The summary: what the model answers the turns before "three" and the compaction prompt.
+    const asked = await chat(
+      [
+        { role: "user", content: "one" },
+        { role: "assistant", content: first.output_text },
+        { role: "user", content: "two" },
+        { role: "assistant", content: second.output_text },
+        { role: "user", content: COMPACTION_PROMPT },
+      ],
+      summaryTokens(),
+    );
+    expect(cmp.summary.length).toBeGreaterThan(0);
+    expect(cmp.summary).toBe(asked.choices[0]!.message.content);
+    // The answer: on the users, the summary, then "three".
+    const compacted: Msg[] = [
+      { role: "user", content: "one" },
+      { role: "user", content: "two" },
+      { role: "assistant", content: cmp.summary },
+      { role: "user", content: "three" },
+    ];
+    const same = await chat(compacted);
+    expect(third.output_text).toBe(same.choices[0]!.message.content);
+    // Its usage: the summary's and the answer's.
+    expect(third.usage).toMatchObject({
+      input_tokens: same.usage!.prompt_tokens + asked.usage!.prompt_tokens,
+      output_tokens: same.usage!.completion_tokens + asked.usage!.completion_tokens,
+      total_tokens: same.usage!.total_tokens + asked.usage!.total_tokens,
+    });
+
+    // Chained by id: the kept conversation is the compacted one.
+    const fourth = await c.responses.create({
+      ...turn,
+      previous_response_id: third.id,
+      input: "four",
+    });
+    const next = await chat([
+      ...compacted,
+      { role: "assistant", content: third.output_text },
+      { role: "user", content: "four" },
+    ]);
+    expect(fourth.output_text).toBe(next.choices[0]!.message.content);
+    expect(fourth.usage!.input_tokens).toBe(next.usage!.prompt_tokens);
+    // Chained by items: the whole history sent back, the output appended; the compaction item
+    // stands for everything before it, so the history adds nothing; dropped, the same.
+    const history = [
+      user("one"),
+      assistant(first.output_text),
+      user("two"),
+      assistant(second.output_text),
+      user("three"),
+    ] as Item[];
+    for (const input of [
+      [...history, ...(third.output as Item[]), user("four")],
+      [...(third.output as Item[]), user("four")],
+    ]) {
+      const stateless = await c.responses.create({ ...turn, input });
+      expect(stateless.output_text).toBe(fourth.output_text);
+      expect(stateless.usage!.input_tokens).toBe(fourth.usage!.input_tokens);
+    }
+  });
+
+  it("streamed: the compaction item is the stream's first output item; after calls, the calling turn stays after the summary", async () => {
+    const c = g.client;
+    const input = [
+      user("q1"),
+      assistant("r1"),
+      user("q2"),
+      { type: "function_call", call_id: "call_1", name: "lookup", arguments: '{"k":"v"}' },
+      { type: "function_call_output", call_id: "call_1", output: "found" },
+    ] as Item[];
+    const tools = [
+      {
+        type: "function" as const,
+        name: "lookup",
+        parameters: { type: "object", properties: { k: { type: "string" } } },
+        strict: false,
+      },
+    ];
+    const stream = c.responses.stream({ ...turn, input, tools, ...cm(1) });
+    const events: { type: string; output_index?: number; item?: { type: string } }[] = [];
+    for await (const e of stream) events.push(e as (typeof events)[number]);
+    const final = await stream.finalResponse();
+    const added = events.filter((e) => e.type === "response.output_item.added");
+    expect(added[0]).toMatchObject({ output_index: 0, item: { type: "compaction" } });
+    expect(added.slice(1).every((e) => e.output_index! >= 1)).toBe(true);
+    const types = events.map((e) => e.type);
+    expect(types.indexOf("response.output_item.added")).toBeGreaterThan(
+      types.indexOf("response.in_progress"),
+    );
+    const cmp = compactionOf(final.output);
+    expect(cmp.users).toEqual(["q1", "q2"]);
+    expect(cmp.after.map((m) => m.role)).toEqual(["assistant", "tool"]);
+    // The same request unstreamed answers the same (greedy), its compaction the same.
+    const whole = await c.responses.create({ ...turn, input, tools, ...cm(1) });
+    expect(compactionOf(whole.output)).toEqual(cmp);
+    expect(whole.output.slice(1)).toHaveLength(final.output.length - 1);
+    expect(whole.output_text).toBe(final.output_text);
+  });
+
+  it("nothing of the model's before the last turn: nothing compacted; a conversation joined keeps the compaction item and goes on from it", async () => {
+    const c = g.client;
+    const alone = await c.responses.create({ ...turn, input: "only a question", ...cm(1) });
+    expect(alone.output.map((i) => i.type)).toEqual(["message"]);
+
+    const conv = await c.conversations.create({ items: [user("one")] });
+    const r1 = await c.responses.create({ ...turn, conversation: conv.id, input: "two" });
+    const r2 = await c.responses.create({
+      ...turn,
+      conversation: conv.id,
+      input: "three",
+      ...cm(1),
+    });
+    const cmp = compactionOf(r2.output);
+    expect(cmp.users).toEqual(["one", "two"]);
+    const items = await c.conversations.items.list(conv.id, { order: "asc" });
+    expect(items.data.map((i) => i.type)).toEqual([
+      "message",
+      "message",
+      "message",
+      "message",
+      "compaction",
+      "message",
+    ]);
+    const r3 = await c.responses.create({ ...turn, conversation: conv.id, input: "four" });
+    const same = await chat([
+      { role: "user", content: "one" },
+      { role: "user", content: "two" },
+      { role: "assistant", content: cmp.summary },
+      { role: "user", content: "three" },
+      { role: "assistant", content: r2.output_text },
+      { role: "user", content: "four" },
+    ]);
+    expect(r3.output_text).toBe(same.choices[0]!.message.content);
+    expect(r1.output_text.length).toBeGreaterThan(0);
+  });
+
+  it("background: the compaction item comes after in_progress, and the response kept has it", async () => {
+    const c = g.client;
+    const first = await c.responses.create({ ...turn, input: "one" });
+    const stream = await c.responses.create({
+      ...turn,
+      previous_response_id: first.id,
+      input: "two",
+      background: true,
+      stream: true,
+      ...cm(1),
+    });
+    const types: string[] = [];
+    let id = "";
+    let ended = "";
+    for await (const e of stream) {
+      types.push(e.type);
+      if (e.type === "response.created") id = e.response.id;
+      if (e.type === "response.completed" || e.type === "response.incomplete")
+        ended = e.response.status!;
+    }
+    expect(types.slice(0, 4)).toEqual([
+      "response.created",
+      "response.queued",
+      "response.in_progress",
+      "response.output_item.added",
+    ]);
+    const kept = await c.responses.retrieve(id);
+    expect(["completed", "incomplete"]).toContain(ended);
+    expect(kept.status).toBe(ended);
+    expect(compactionOf(kept.output).users).toEqual(["one"]);
+  });
+
+  it("refusals name the entry: another type, a threshold that is not a count, two entries, not a list (also when only counting)", async () => {
+    const c = g.client;
+    const cases: [unknown, string][] = [
+      [[{ type: "truncate" }], "context_management.0.type"],
+      [[{ type: "compaction", compact_threshold: 0 }], "context_management.0.compact_threshold"],
+      [[{ type: "compaction" }, { type: "compaction" }], "context_management.1"],
+      [{ type: "compaction" }, "context_management"],
+    ];
+    for (const [context_management, param] of cases) {
+      const body = { ...turn, input: "x", context_management } as never;
+      expect(await refusalOf(c.responses.create(body))).toMatchObject({ status: 400, param });
+      expect(await refusalOf(c.responses.inputTokens.count(body))).toMatchObject({
+        status: 400,
+        param,
+      });
+    }
+    // (an empty list asks nothing)
+    const answered = await c.responses.create({ ...turn, input: "x", context_management: [] });
+    expect(answered.output.map((i) => i.type)).toEqual(["message"]);
   });
 });

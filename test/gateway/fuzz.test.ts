@@ -237,7 +237,17 @@ const PLAUSIBLE: Record<string, unknown[]> = {
     [{ role: "assistant", content: "par" }],
   ],
   prompt: ["a b", ["a", "b"], [1, 2, 3], [[1, 2], [3]]],
-  input: ["hi", [{ role: "user", content: "hi" }]],
+  input: [
+    "hi",
+    [{ role: "user", content: "hi" }],
+    // (a turn after an answer: what context_management compacts)
+    [
+      { role: "user", content: "hi" },
+      { role: "assistant", content: "yo" },
+      { role: "user", content: "more" },
+    ],
+  ],
+  context_management: [[{ type: "compaction", compact_threshold: 1 }], [{ type: "compaction" }]],
   items: [[{ type: "message", role: "user", content: "hi" }], [], [{ type: "reasoning" }]],
   // (and a conversation of the gateway's, made in beforeAll)
   conversation: [`conv_${"0".repeat(24)}`],
