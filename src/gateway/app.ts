@@ -42,6 +42,7 @@ import {
   type Tracing,
   traceResponse,
 } from "./tracing.ts";
+import { Uploads, uploadsRoutes } from "./uploads.ts";
 
 export interface GatewayAppOptions {
   readonly ctx: ServeContext;
@@ -416,11 +417,16 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       folderBytes: fileStore?.quota?.used() ?? null,
       folderMaxBytes: fileStore?.quota?.maxBytes ?? null,
     }));
+  // Files sent in parts (uploads.ts), in the files folder beside the files they become.
+  const uploads =
+    fileStore && o.files ? new Uploads(join(o.files.dir, "uploads"), fileStore) : null;
   app.addHook("preClose", async () => {
     batches?.close();
     fileStore?.close();
+    uploads?.close();
   });
   app.register(filesRoutes(fileStore, owner));
+  app.register(uploadsRoutes(uploads, owner));
   app.register(batchesRoutes(batches, owner));
   app.register(messagesRoutes(o.ctx, messageBatchesRoutes(batches, fileStore, owner)));
   return app;

@@ -55,7 +55,8 @@ export function writeCounted(path: string, text: string, quota: FolderQuota | nu
 }
 
 /**
- * How much a files folder (its files/, batches/ and responses/) may hold: uploads that would take it past
+ * How much a files folder (its files/, batches/, responses/, conversations/, uploads/ and
+ * chat-completions/) may hold: uploads that would take it past
  * `maxBytes` are refused, batches are refused and their lines wait while it is full (an
  * emptyDir past its sizeLimit gets the pod evicted). The folder is walked (a file
  * hard-linked twice counted once) at start (`ready`: the app serves once it is counted), then
@@ -118,14 +119,27 @@ export class FolderQuota {
     try {
       const seen = new Set<string>();
       let sum = 0;
-      for (const sub of ["files", "batches", "responses", "conversations"]) {
-        const dir = join(this.#root, sub);
+      const dirs = [
+        "files",
+        "batches",
+        "responses",
+        "conversations",
+        "uploads",
+        "chat-completions",
+      ];
+      for (let d = 0; d < dirs.length; d++) {
+        const dir = join(this.#root, dirs[d]!);
         const names = await readdir(dir).catch(() => [] as string[]);
         for (let i = 0; i < names.length; i += 64) {
-          const stats = await Promise.all(
-            names.slice(i, i + 64).map((n) => stat(join(dir, n)).catch(() => null)),
-          );
-          for (const st of stats) if (st) sum += counted(seen, st);
+          const batch = names.slice(i, i + 64);
+          const stats = await Promise.all(batch.map((n) => stat(join(dir, n)).catch(() => null)));
+          for (const [k, st] of stats.entries()) {
+            if (!st) continue;
+            // (a folder of a folder walked: chat-completions/<owner>/, one level down only)
+            if (st.isDirectory()) {
+              if (!dirs[d]!.includes("/")) dirs.push(`${dirs[d]}/${batch[k]}`);
+            } else sum += counted(seen, st);
+          }
         }
       }
       // (writes during the walk: counted again when it saw them too, until the next walk)
@@ -376,10 +390,17 @@ export class FileStore {
 
   /**
    * Writes the stream's bytes to a file of this folder, not a file of the store yet (adopt
-   * makes it one, else it is removed as a leftover); refused past maxBytes, nothing kept.
+   * makes it one, else it is removed as a leftover); refused past maxBytes (the multipart
+   * limit cut it: `truncated`'s refusal), past `limit` bytes (`tooLarge`'s) or past the
+   * folder's room, nothing kept.
    */
-  async receive(content: Readable): Promise<string> {
+  async receive(
+    content: Readable,
+    o: { limit?: number; tooLarge?: () => ApiError; truncated?: () => ApiError } = {},
+  ): Promise<string> {
     const room = this.quota === null ? Infinity : this.quota.maxBytes - this.quota.used();
+    const limit = o.limit ?? Infinity;
+    const cut = o.truncated ?? (() => tooLarge(this.maxBytes));
     if (room <= 0) {
       content.resume();
       throw this.quota!.refusal("no upload fits");
@@ -390,17 +411,17 @@ export class FileStore {
       transform: (chunk: Buffer, _, done) => {
         bytes += chunk.length;
         if (bytes > room) done(this.quota!.refusal(`the upload does not fit (${room} bytes left)`));
+        else if (bytes > limit) done(o.tooLarge!());
         else done(null, chunk);
       },
     });
     try {
       await pipeline(content, count, createWriteStream(tmp));
-      if ((content as { truncated?: boolean }).truncated) throw tooLarge(this.maxBytes);
+      if ((content as { truncated?: boolean }).truncated) throw cut();
     } catch (err) {
       rmSync(tmp, { force: true });
       content.resume(); // (the rest of the request read and dropped)
-      if ((err as { code?: string }).code === "FST_REQ_FILE_TOO_LARGE")
-        throw tooLarge(this.maxBytes);
+      if ((err as { code?: string }).code === "FST_REQ_FILE_TOO_LARGE") throw cut();
       throw err;
     }
     this.quota?.grew(bytes);

@@ -101,6 +101,10 @@ export const ERROR_CODES = {
     "a batch id this gateway does not keep (another API key's, or another gateway's) (HTTP 404)",
   EM_GATEWAY_BATCH_STATE:
     "a batch asked to do what its status does not allow: cancel one that is done (HTTP 409)",
+  EM_GATEWAY_UPLOAD_NOT_FOUND:
+    "an upload id this gateway does not keep (made with another API key, forgotten an hour after it expired, or another gateway's without a shared files folder) (HTTP 404)",
+  EM_GATEWAY_UPLOAD_STATE:
+    "an upload asked to take a part, complete or cancel when it is no longer pending (completed, cancelled, expired, or being completed) (HTTP 409)",
   EM_GATEWAY_PROMPT_TOO_LONG: "prompt plus max_tokens exceed the model's context length (HTTP 400)",
   EM_GATEWAY_BODY_TOO_LARGE: "a request body is larger than --max-request-bytes (HTTP 413)",
   EM_GATEWAY_UNAUTHORIZED: "a request lacks a valid bearer API key (HTTP 401)",
