@@ -19,6 +19,7 @@ import { fileURLToPath } from "node:url";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI, { toFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { gatewayCall, uploadInParts } from "../../src/cli/commands/batch.ts";
 import { FileStore, FolderQuota } from "../../src/gateway/files.ts";
 import { runCli } from "../support/cli.ts";
 import { testEnv, waitFor } from "../support/env.ts";
@@ -882,6 +883,49 @@ describe("expertmesh batch", () => {
     } finally {
       await bare.close();
     }
+  });
+
+  it("a file larger than --part-bytes goes in parts (/v1/uploads): the same answers", async () => {
+    const d = mkdtempSync(join(testEnv().runDir, "batch-cli-"));
+    const input = join(d, "requests.jsonl");
+    const lines = [chatLine("p", "Hi"), chatLine("q", "Bye"), chatLine("r", "Why")];
+    writeFileSync(input, jsonl(lines));
+    const r = await batch(["-i", input, "-o", join(d, "answers.jsonl"), "--part-bytes=100"]);
+    expect(r.code, r.stderr).toBe(0);
+    const parts = Math.ceil(Buffer.byteLength(jsonl(lines)) / 100);
+    expect(r.stderr).toMatch(
+      new RegExp(`requests\\.jsonl: ${parts} parts uploaded \\(upload_[0-9a-f]{24}\\)`),
+    );
+    const answers = readFileSync(join(d, "answers.jsonl"), "utf8").trim().split("\n");
+    expect(answers.map((l) => JSON.parse(l).custom_id).sort()).toEqual(["p", "q", "r"]);
+    const bad = await batch(["-i", input, "-o", join(d, "x.jsonl"), "--part-bytes=0"]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain("--part-bytes must be a whole number from 1 to 67108864");
+  });
+
+  it("uploadInParts sends a part again after a failure, in order; a part refused (4xx) cancels the upload", async () => {
+    const real = gatewayCall(gw.url, {});
+    let failures = 0;
+    const flaky: typeof real = async (method, path, body) => {
+      if (path.endsWith("/parts") && failures++ === 1) throw new Error("connection reset");
+      return real(method, path, body);
+    };
+    const text = Buffer.from("0123456789".repeat(5));
+    const file = await uploadInParts(flaky, text, "flaky.jsonl", 16);
+    expect(failures).toBe(5); // (4 parts, the second sent twice)
+    const content = Buffer.from(await (await gw.client.files.content(file.id)).arrayBuffer());
+    expect(content.equals(text)).toBe(true);
+    // A refusal is not tried again: the upload is cancelled, its id in the error.
+    let cancelled = "";
+    const refusing: typeof real = async (method, path, body) => {
+      if (path.endsWith("/parts")) {
+        throw Object.assign(new Error("HTTP 400"), { status: 400 });
+      }
+      if (path.endsWith("/cancel")) cancelled = path;
+      return real(method, path, body);
+    };
+    await expect(uploadInParts(refusing, text, "x.jsonl", 16)).rejects.toThrow("HTTP 400");
+    expect(cancelled).toMatch(/^\/v1\/uploads\/upload_[0-9a-f]{24}\/cancel$/);
   });
 
   it("Ctrl-C cancels the batch and still writes the answers it has (exit 1)", async () => {

@@ -3,9 +3,11 @@
 // `run-batch` does offline: uploads the file, creates the batch, shows its progress, and
 // downloads the output (and error) file once it is done. Ctrl-C cancels the batch and still
 // writes the answers it has; a second Ctrl-C leaves it running on the gateway.
+import { createHash } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
 import { parseArgs } from "node:util";
+import { PART_MAX_BYTES } from "../../gateway/uploads.ts";
 import { ExpertMeshError } from "../../util/errors.ts";
 import { statusLine } from "../progress.ts";
 import type { Command } from "../registry.ts";
@@ -28,6 +30,9 @@ const USAGE = `expertmesh batch -i REQUESTS.jsonl -o ANSWERS.jsonl [--url URL] [
   --keep-files      leave the uploaded file and the batch's output and error files on the
                     gateway (default: removed once the answers are written, as they count
                     against its folder's bound)
+  --part-bytes N    a file larger than N bytes is sent in parts of N (the gateway's
+                    /v1/uploads, ADR 0059), each part tried up to 3 times, its MD5 checked
+                    (default 67108864, 64 MiB, the most a part may be)
 
 Progress on stderr: a line rewritten in place on a terminal, else a line every 10 s. Exit
 code 0 when every line succeeded, 2 when some failed (their answers in --errors), 1 when the
@@ -70,6 +75,7 @@ async function runBatch(argv: string[]): Promise<number> {
       poll: { type: "string" },
       detach: { type: "boolean" },
       "keep-files": { type: "boolean" },
+      "part-bytes": { type: "string" },
     },
     strict: true,
   });
@@ -77,6 +83,11 @@ async function runBatch(argv: string[]): Promise<number> {
   if (values.o === undefined && !values.detach) throw usage("-o ANSWERS.jsonl is required");
   const poll = Number(values.poll ?? "1");
   if (!(poll > 0)) throw usage(`--poll must be a number of seconds above 0, got '${values.poll}'`);
+  const partBytes = Number(values["part-bytes"] ?? PART_MAX_BYTES);
+  if (!(Number.isSafeInteger(partBytes) && partBytes >= 1 && partBytes <= PART_MAX_BYTES))
+    throw usage(
+      `--part-bytes must be a whole number from 1 to ${PART_MAX_BYTES}, got '${values["part-bytes"]}'`,
+    );
   let input: Buffer;
   try {
     input = readFileSync(values.i);
@@ -88,44 +99,17 @@ async function runBatch(argv: string[]): Promise<number> {
   const key = values["api-key"] ?? process.env["OPENAI_API_KEY"];
   const headers: Record<string, string> = key ? { authorization: `Bearer ${key}` } : {};
 
-  /** A call to the gateway: its JSON, or EM_BATCH_REMOTE with what it answered. */
-  const call = async <T>(method: string, path: string, body?: FormData | object): Promise<T> => {
-    let res: Response;
-    try {
-      res = await fetch(`${base}${path}`, {
-        method,
-        headers:
-          body && !(body instanceof FormData)
-            ? { ...headers, "content-type": "application/json" }
-            : headers,
-        ...(body === undefined
-          ? {}
-          : { body: body instanceof FormData ? body : JSON.stringify(body) }),
-      });
-    } catch (err) {
-      throw new ExpertMeshError(
-        "EM_BATCH_REMOTE",
-        `${method} ${base}${path}: ${(err as Error).message}`,
-      );
-    }
-    const text = await res.text();
-    if (!res.ok) {
-      let why = text.replace(/\s+/g, " ").slice(0, 300);
-      try {
-        why = (JSON.parse(text) as { error: { message: string } }).error.message;
-      } catch {}
-      throw new ExpertMeshError(
-        "EM_BATCH_REMOTE",
-        `${method} ${path} answered HTTP ${res.status}: ${why}`,
-      );
-    }
-    return (path.endsWith("/content") ? text : JSON.parse(text)) as T;
-  };
+  const call = gatewayCall(base, headers);
 
-  const form = new FormData();
-  form.append("purpose", "batch");
-  form.append("file", new Blob([new Uint8Array(input)]), basename(values.i));
-  const file = await call<{ id: string }>("POST", "/v1/files", form);
+  const file =
+    input.length > partBytes
+      ? await uploadInParts(call, input, basename(values.i), partBytes)
+      : await (() => {
+          const form = new FormData();
+          form.append("purpose", "batch");
+          form.append("file", new Blob([new Uint8Array(input)]), basename(values.i));
+          return call<{ id: string }>("POST", "/v1/files", form);
+        })();
   /** Removes the batch's files from the gateway (unless --keep-files); says so. */
   const removeFiles = async (ids: (string | null)[]) => {
     if (values["keep-files"]) return;
@@ -249,4 +233,110 @@ function progressLine(id: string) {
     update: (b: Batch) => status.update(() => line(b)),
     end: (b: Batch) => status.end(line(b)),
   };
+}
+
+type Call = <T>(method: string, path: string, body?: FormData | object) => Promise<T>;
+
+/**
+ * A call to the gateway: its JSON, or EM_BATCH_REMOTE with what it answered (`status`: the
+ * HTTP status, absent when it could not be reached).
+ */
+export function gatewayCall(base: string, headers: Record<string, string>): Call {
+  return async <T>(method: string, path: string, body?: FormData | object): Promise<T> => {
+    let res: Response;
+    try {
+      res = await fetch(`${base}${path}`, {
+        method,
+        headers:
+          body && !(body instanceof FormData)
+            ? { ...headers, "content-type": "application/json" }
+            : headers,
+        ...(body === undefined
+          ? {}
+          : { body: body instanceof FormData ? body : JSON.stringify(body) }),
+      });
+    } catch (err) {
+      throw new ExpertMeshError(
+        "EM_BATCH_REMOTE",
+        `${method} ${base}${path}: ${(err as Error).message}`,
+      );
+    }
+    const text = await res.text();
+    if (!res.ok) {
+      let why = text.replace(/\s+/g, " ").slice(0, 300);
+      try {
+        why = (JSON.parse(text) as { error: { message: string } }).error.message;
+      } catch {}
+      throw Object.assign(
+        new ExpertMeshError(
+          "EM_BATCH_REMOTE",
+          `${method} ${path} answered HTTP ${res.status}: ${why}`,
+        ),
+        { status: res.status },
+      );
+    }
+    return (path.endsWith("/content") ? text : JSON.parse(text)) as T;
+  };
+}
+
+/** How many times a part is sent before the upload gives up. */
+const PART_TRIES = 3;
+
+/**
+ * Sends `input` as an upload in parts of `partBytes` (the gateway's /v1/uploads), each part
+ * tried up to PART_TRIES times (a refusal, 4xx, is not tried again), then completed with the
+ * parts in order and the whole's MD5: the file it made. Progress on stderr; an upload that
+ * fails is cancelled.
+ */
+export async function uploadInParts(
+  call: Call,
+  input: Buffer,
+  filename: string,
+  partBytes: number,
+): Promise<{ id: string }> {
+  const upload = await call<{ id: string }>("POST", "/v1/uploads", {
+    bytes: input.length,
+    filename,
+    mime_type: "application/jsonl",
+    purpose: "batch",
+  });
+  const count = Math.ceil(input.length / partBytes);
+  const line = statusLine();
+  const partIds: string[] = [];
+  try {
+    for (let k = 0; k < count; k++) {
+      const bytes = input.subarray(k * partBytes, Math.min(input.length, (k + 1) * partBytes));
+      for (let attempt = 1; ; attempt++) {
+        const form = new FormData();
+        form.append("data", new Blob([new Uint8Array(bytes)]), `part-${k + 1}`);
+        try {
+          partIds.push(
+            (await call<{ id: string }>("POST", `/v1/uploads/${upload.id}/parts`, form)).id,
+          );
+          break;
+        } catch (err) {
+          const status = (err as { status?: number }).status;
+          if (attempt >= PART_TRIES || (status !== undefined && status < 500)) throw err;
+          process.stderr.write(
+            `${filename}: part ${k + 1} of ${count} failed (${(err as Error).message}); sending it again\n`,
+          );
+        }
+      }
+      const sent = Math.min(input.length, (k + 1) * partBytes);
+      line.update(
+        () => `${filename}: part ${k + 1} of ${count} uploaded (${sent} of ${input.length} bytes)`,
+      );
+    }
+    line.end(`${filename}: ${count} parts uploaded (${upload.id})`);
+    const md5 = createHash("md5").update(input).digest("hex");
+    const done = await call<{ file: { id: string } }>("POST", `/v1/uploads/${upload.id}/complete`, {
+      part_ids: partIds,
+      md5,
+    });
+    return done.file;
+  } catch (err) {
+    line.end();
+    await call("POST", `/v1/uploads/${upload.id}/cancel`).catch(() => {}); // (its parts go)
+    throw err;
+  }
 }
