@@ -187,8 +187,24 @@ const FILE_ID = /^file-[0-9a-f]{24}$/;
 
 /** Leftovers (an upload cut short, a half-made file) older than this are removed. */
 const LEFTOVER_MS = 3600_000;
-/** How often the folder is swept (expired files, leftovers). */
+/** How often a files folder's stores are swept (expired objects, leftovers). */
 const SWEEP_MS = 60_000;
+
+/**
+ * Runs `sweep` every SWEEP_MS (a timer that keeps no process alive; clearInterval stops it):
+ * a sweep that throws (the folder unreadable for a moment) is tried again at the next.
+ */
+export function sweepEvery(sweep: () => void): NodeJS.Timeout {
+  const timer = setInterval(() => {
+    try {
+      sweep();
+    } catch {
+      // (the next sweep)
+    }
+  }, SWEEP_MS);
+  timer.unref();
+  return timer;
+}
 /** An upload of purpose "batch" without expires_after expires after this (OpenAI's 30 days). */
 export const BATCH_FILE_TTL_S = 30 * 24 * 3600;
 /** The bounds of `expires_after.seconds` (OpenAI's: an hour to 30 days). */
@@ -279,14 +295,7 @@ export class FileStore {
     this.quota = quota;
     makeDirs(dir);
     this.sweep();
-    this.#sweeper = setInterval(() => {
-      try {
-        this.sweep();
-      } catch {
-        // (the folder unreadable for a moment: the next sweep)
-      }
-    }, SWEEP_MS);
-    this.#sweeper.unref();
+    this.#sweeper = sweepEvery(() => this.sweep());
   }
 
   /** Stops sweeping and counting (the gateway stops). */

@@ -17,7 +17,7 @@
 import { existsSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { makeDirs, readJson, writeJson } from "../util/fs.ts";
-import { type FolderQuota, removeCounted, writeCounted } from "./files.ts";
+import { type FolderQuota, removeCounted, sweepEvery, writeCounted } from "./files.ts";
 import { EventFile, EventLog, followFile } from "./response-events.ts";
 import type { Kept, KeptResponses } from "./responses.ts";
 
@@ -29,8 +29,6 @@ export const HEARTBEAT_MS = 10_000;
 export const STALE_MS = 45_000;
 /** How often a gateway looks for marks on the background responses it runs. */
 export const MARK_POLL_MS = 500;
-/** Expired responses and old marks are removed this often. */
-const SWEEP_MS = 60_000;
 
 /**
  * What another gateway asks of a running background response: stop it (cancel), stop it and
@@ -53,8 +51,7 @@ export class ResponseFiles implements KeptResponses {
     this.#dir = join(filesDir, "responses");
     makeDirs(this.#dir);
     this.#quota = quota;
-    this.#timer = setInterval(() => this.sweep(), SWEEP_MS);
-    this.#timer.unref();
+    this.#timer = sweepEvery(() => this.sweep());
   }
 
   close(): void {

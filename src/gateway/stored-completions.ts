@@ -16,7 +16,7 @@ import { Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs, readJson } from "../util/fs.ts";
 import { ApiError } from "./errors.ts";
-import { type FolderQuota, queryInt, removeCounted, writeCounted } from "./files.ts";
+import { type FolderQuota, queryInt, removeCounted, sweepEvery, writeCounted } from "./files.ts";
 import { RESPONSE_TTL_MS } from "./response-files.ts";
 import { Metadata } from "./schemas.ts";
 
@@ -135,9 +135,6 @@ export class MemoryCompletions implements StoredCompletions {
   close(): void {}
 }
 
-/** Removes expired completions and leftovers this often. */
-const SWEEP_MS = 60_000;
-
 /** Completions in the files folder: `<filesDir>/chat-completions/<owner>/<id>.json`. */
 export class FolderCompletions implements StoredCompletions {
   readonly keeps = true;
@@ -149,8 +146,7 @@ export class FolderCompletions implements StoredCompletions {
     this.#dir = join(filesDir, "chat-completions");
     makeDirs(this.#dir);
     this.#quota = quota;
-    this.#timer = setInterval(() => this.sweep(), SWEEP_MS);
-    this.#timer.unref();
+    this.#timer = sweepEvery(() => this.sweep());
   }
 
   close(): void {

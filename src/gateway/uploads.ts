@@ -34,6 +34,7 @@ import {
   filesOff,
   madeAt,
   removeCounted,
+  sweepEvery,
 } from "./files.ts";
 
 /** An upload as OpenAI's API describes it. */
@@ -64,8 +65,6 @@ export const PART_MAX_BYTES = 64 * 2 ** 20;
 export const UPLOAD_TTL_S = 3600;
 /** An upload that has ended (completed, cancelled, expired) is forgotten this long after its expiry. */
 const FORGET_AFTER_S = 3600;
-/** How often the folder's uploads are swept. */
-const SWEEP_MS = 60_000;
 
 const UPLOAD_ID = /^upload_[0-9a-f]{24}$/;
 const PART_ID = /^part_[0-9a-f]{24}$/;
@@ -88,14 +87,7 @@ export class Uploads {
     this.#dir = dir;
     this.#files = files;
     makeDirs(dir);
-    this.#sweeper = setInterval(() => {
-      try {
-        this.sweep();
-      } catch {
-        // (the folder unreadable for a moment: the next sweep)
-      }
-    }, SWEEP_MS);
-    this.#sweeper.unref();
+    this.#sweeper = sweepEvery(() => this.sweep());
   }
 
   close(): void {
