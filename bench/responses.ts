@@ -31,6 +31,17 @@
 //    the same filtered by the tag (metadata[tag]=x: ~200 files read for 20), and the peer
 //    the ADR chose against: every file of the folder read and parsed, sorted by `created`,
 //    the 20 newest taken. LIST_ITERATIONS pages per side and round; the median µs.
+// 5. An agent's loop past the context (server-side compaction, ADR 0058): a gateway with a
+//    context of AGENT_CONTEXT tokens; one user message, then AGENT_STEPS steps, each a
+//    required call of a tool (`previous_response_id`) whose output (~TOOL_OUTPUT_WORDS words)
+//    the next step sends: the loop outgrows the context within a few steps. The peer:
+//    `truncation: "auto"` (the oldest items dropped to fit, every step once full); against it
+//    the same with `context_management` (its default threshold, three quarters of the
+//    context: the steps before the last summarized). Each loop's first message and tool
+//    outputs name its number, so no loop finds another's prompts cached (the tools' part
+//    apart). Per round and
+//    side: the whole loop's time, its slowest step, the prompt tokens served from the prefix
+//    cache (of all the steps' prompt tokens, summaries' included), and the compactions made.
 import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -65,6 +76,14 @@ const STREAM_OUTPUT = 32;
 const STREAMS = 4;
 const LIST_SIZES = [100, 1000, 10_000] as const;
 const LIST_ITERATIONS = 30;
+const AGENT_CONTEXT = 2048;
+const AGENT_STEPS = 32;
+const TOOL_OUTPUT_WORDS = 40;
+/**
+ * Loops run so far: each loop's first message and tool outputs name its number, so no loop
+ * finds another's prompts cached (the first message gone, the outputs still differ).
+ */
+let agentLoops = 0;
 
 export interface ResponsesResults {
   runs: number;
@@ -94,11 +113,99 @@ export interface ResponsesResults {
     folderFilteredUs: Stats;
     readAllUs: Stats;
   }[];
+  /** An agent's loop past the context, per side: truncation "auto" (peer), compaction. */
+  agent?: { truncation: AgentSide; compaction: AgentSide };
   /** A streamed response until its last event (ms): foreground and background, per side. */
   streamed?: {
     memory: { foregroundMs: Stats; backgroundMs: Stats };
     folder: { foregroundMs: Stats; backgroundMs: Stats };
     events: number;
+  };
+}
+
+/** One side of the agent loop: per round, the loop (ms), its slowest step, cache, compactions. */
+export interface AgentSide {
+  loopMs: Stats;
+  slowestStepMs: Stats;
+  /** Prompt tokens served from the prefix cache, of all prompt tokens (0-1). */
+  cachedShare: Stats;
+  compactions: Stats;
+}
+
+/**
+ * An agent's loop on `base` (section 5): a user message, then AGENT_STEPS required calls of a
+ * lookup tool, each answered with a long output; `managed`: with context_management.
+ */
+async function agentLoop(base: string, managed: boolean) {
+  const tools = [
+    {
+      type: "function",
+      name: "lookup",
+      description: "Looks a topic up.",
+      parameters: {
+        type: "object",
+        properties: { topic: { type: "string", enum: ["sea", "sky", "hash"] } },
+        required: ["topic"],
+        additionalProperties: false,
+      },
+      strict: true,
+    },
+  ];
+  const task = ++agentLoops;
+  let input: unknown = `Task ${task}: find out all you can with the lookup tool, calling it as often as needed.`;
+  let previous: string | null = null;
+  const steps: number[] = [];
+  let prompt = 0;
+  let cached = 0;
+  let compactions = 0;
+  const t0 = performance.now();
+  for (let s = 0; s < AGENT_STEPS; s++) {
+    const t = performance.now();
+    const r = await fetch(`${base}/v1/responses`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        model: SERVE_MODEL,
+        input,
+        tools,
+        tool_choice: "required",
+        max_output_tokens: 48,
+        temperature: 0,
+        truncation: "auto",
+        ...(managed ? { context_management: [{ type: "compaction" }] } : {}),
+        ...(previous ? { previous_response_id: previous } : {}),
+      }),
+    });
+    const body = (await r.json()) as {
+      id?: string;
+      output?: { type: string; call_id?: string }[];
+      usage?: { input_tokens: number; input_tokens_details: { cached_tokens: number } };
+    };
+    const call = body.output?.find((i) => i.type === "function_call");
+    if (!r.ok || !body.id || !call?.call_id)
+      throw new Error(`agent step ${s}: ${r.status} ${JSON.stringify(body).slice(0, 300)}`);
+    steps.push(performance.now() - t);
+    prompt += body.usage!.input_tokens;
+    cached += body.usage!.input_tokens_details.cached_tokens;
+    if (body.output![0]!.type === "compaction") compactions++;
+    previous = body.id;
+    const words = Array.from(
+      { length: TOOL_OUTPUT_WORDS },
+      (_, i) => PROMPTS[(s + i) % PROMPTS.length]!.split(" ")[i % 4],
+    );
+    input = [
+      {
+        type: "function_call_output",
+        call_id: call.call_id,
+        output: `task ${task}, step ${s}: ${words.join(" ")}`,
+      },
+    ];
+  }
+  return {
+    loopMs: performance.now() - t0,
+    slowestMs: Math.max(...steps),
+    cachedShare: cached / prompt,
+    compactions,
   };
 }
 
@@ -460,8 +567,36 @@ export async function runResponses(o: {
         `[responses] round ${round + 1}/${rounds}: streamed ${STREAM_OUTPUT} tokens, memory ${times.memory.foreground.at(-1)!.toFixed(1)} ms foreground / ${times.memory.background.at(-1)!.toFixed(1)} ms background, folder ${times.folder.foreground.at(-1)!.toFixed(1)} / ${times.folder.background.at(-1)!.toFixed(1)} ms`,
       );
     }
+    // 5. An agent's loop past the context: truncation "auto" against compaction.
+    const agentBase = await localGateway(
+      "gateway-responses-agent",
+      modelDir,
+      [`--max-model-len=${AGENT_CONTEXT}`],
+      children,
+    );
+    await agentLoop(agentBase, false); // (warm-up of each)
+    await agentLoop(agentBase, true);
+    const agentAcc = {
+      truncation: [] as Awaited<ReturnType<typeof agentLoop>>[],
+      compaction: [] as Awaited<ReturnType<typeof agentLoop>>[],
+    };
+    for (let round = 0; round < rounds; round++) {
+      for (const managed of round % 2 === 0 ? [false, true] : [true, false])
+        agentAcc[managed ? "compaction" : "truncation"].push(await agentLoop(agentBase, managed));
+      const [a, b] = [agentAcc.truncation.at(-1)!, agentAcc.compaction.at(-1)!];
+      o.log(
+        `[responses] round ${round + 1}/${rounds}: agent loop of ${AGENT_STEPS} steps, truncation ${a.loopMs.toFixed(0)} ms (${(a.cachedShare * 100).toFixed(0)} % cached), compaction ${b.loopMs.toFixed(0)} ms (${(b.cachedShare * 100).toFixed(0)} % cached, ${b.compactions} compactions)`,
+      );
+    }
+    const side = (xs: Awaited<ReturnType<typeof agentLoop>>[]): AgentSide => ({
+      loopMs: stats(xs.map((x) => x.loopMs)),
+      slowestStepMs: stats(xs.map((x) => x.slowestMs)),
+      cachedShare: stats(xs.map((x) => x.cachedShare)),
+      compactions: stats(xs.map((x) => x.compactions)),
+    });
     return {
       runs: rounds,
+      agent: { truncation: side(agentAcc.truncation), compaction: side(agentAcc.compaction) },
       memoryTurnMs: stats(acc.memory),
       folderTurnMs: stats(acc.folder),
       store,
@@ -510,7 +645,7 @@ ${r.store
   )
   .join(
     "\n",
-  )}${r.store[0]?.conversationMemoryUs ? conversationTable(r.store) : ""}${r.streamed ? streamedTable(r.streamed) : ""}${r.lists ? listsTable(r.lists) : ""}`;
+  )}${r.store[0]?.conversationMemoryUs ? conversationTable(r.store) : ""}${r.streamed ? streamedTable(r.streamed) : ""}${r.lists ? listsTable(r.lists) : ""}${r.agent ? agentTable(r.agent) : ""}`;
 }
 
 function listsTable(rows: NonNullable<ResponsesResults["lists"]>): string {
@@ -556,4 +691,17 @@ A streamed response (${STREAM_OUTPUT} output tokens, greedy; ${s.events} events)
 |---|---:|---:|---:|
 ${row("memory", s.memory)}
 ${row("the files folder", s.folder)}`;
+}
+
+function agentTable(a: NonNullable<ResponsesResults["agent"]>): string {
+  const row = (what: string, x: AgentSide, peer: AgentSide) =>
+    `| ${what} | ${medianRange(x.loopMs, 0)} | **${(x.loopMs.median / peer.loopMs.median).toFixed(2)}x** | ${medianRange(x.slowestStepMs, 0)} | ${(x.cachedShare.median * 100).toFixed(0)} % | ${x.compactions.median} |`;
+  return `
+
+An agent's loop past the context (server-side compaction, ADR 0058): a mini-v3 gateway with a context of ${AGENT_CONTEXT} tokens; one user message, then ${AGENT_STEPS} steps, each a required call of a tool (\`previous_response_id\`, greedy) answered with an output of ~${TOOL_OUTPUT_WORDS} words that the next step sends, so the loop outgrows the context within a few steps. The peer keeps it in the context with \`truncation: "auto"\` (the oldest items dropped, every step once full); against it \`context_management\` (the default threshold, three quarters of the context: the steps before the last summarized, up to a quarter of the context, by the model). Per round, the whole loop, its slowest step, the share of all prompt tokens (the summaries' included) served from the prefix cache, and the compactions:
+
+| kept in the context by | the loop (ms) | against truncation | slowest step (ms) | prompt tokens cached | compactions |
+|---|---:|---:|---:|---:|---:|
+${row("truncation: auto (peer)", a.truncation, a.truncation)}
+${row("context_management", a.compaction, a.truncation)}`;
 }
