@@ -33,6 +33,17 @@ type Item = OpenAI.Responses.ResponseInputItem;
 const user = (content: string) => ({ type: "message" as const, role: "user" as const, content });
 const turn = { model: "tiny", max_output_tokens: 6, temperature: 0 } as const;
 
+/** Two responses, "one" then "two" (chained by previous_response_id). */
+async function twoTurns(c: OpenAI) {
+  const first = await c.responses.create({ ...turn, input: "one" });
+  const second = await c.responses.create({
+    ...turn,
+    previous_response_id: first.id,
+    input: "two",
+  });
+  return { first, second };
+}
+
 /** The summary a compacted output's last item holds. */
 function summaryOf(output: readonly { type: string }[]): string {
   const last = output.at(-1) as { type: string; encrypted_content: string };
@@ -96,12 +107,7 @@ describe("the compaction item's content", () => {
 describe("POST /v1/responses/compact", () => {
   it("a conversation after a previous response: its user messages, then the model's summary; the next turn reads the summary as the model's own turn", async () => {
     const c = g.client;
-    const first = await c.responses.create({ ...turn, input: "one" });
-    const second = await c.responses.create({
-      ...turn,
-      previous_response_id: first.id,
-      input: "two",
-    });
+    const { first, second } = await twoTurns(c);
     const compacted = await c.responses.compact({
       model: "tiny",
       previous_response_id: second.id,
@@ -241,12 +247,7 @@ describe("server-side compaction (context_management)", () => {
 
   it("under the threshold nothing is compacted; at it, the turns before the last are summarized and the answer runs on the compacted conversation, which the chain goes on from (previous_response_id, or the items sent back)", async () => {
     const c = g.client;
-    const first = await c.responses.create({ ...turn, input: "one" });
-    const second = await c.responses.create({
-      ...turn,
-      previous_response_id: first.id,
-      input: "two",
-    });
+    const { first, second } = await twoTurns(c);
     const at = { ...turn, previous_response_id: second.id, input: "three" };
     const plain = await c.responses.create(at);
     const prompt = plain.usage!.input_tokens;
