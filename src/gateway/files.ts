@@ -521,6 +521,26 @@ export function filesOff(): ApiError {
   );
 }
 
+/**
+ * The refusal of a multipart/form-data body the form parser failed on (`err`): its 4xx
+ * status (else 400); `tooLarge`: a 413 as EM_GATEWAY_FILE_TOO_LARGE.
+ */
+export function notWholeForm(
+  err: unknown,
+  what: string,
+  o: { param?: string; tooLarge?: boolean } = {},
+): ApiError {
+  const status = (err as { statusCode?: number }).statusCode;
+  return new ApiError(
+    o.tooLarge && status === 413 ? "EM_GATEWAY_FILE_TOO_LARGE" : "EM_GATEWAY_BAD_REQUEST",
+    `${what} is not a whole multipart/form-data body: ${(err as Error).message}`,
+    {
+      status: status !== undefined && status >= 400 && status < 500 ? status : 400,
+      ...(o.param !== undefined ? { param: o.param } : {}),
+    },
+  );
+}
+
 interface ListQuery {
   purpose?: string;
   after?: string;
@@ -630,12 +650,7 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
         // Nothing of a refused upload is kept.
         if (received) rmSync(received.tmp, { force: true });
         if (err instanceof ApiError) throw err;
-        const status = (err as { statusCode?: number }).statusCode;
-        throw new ApiError(
-          status === 413 ? "EM_GATEWAY_FILE_TOO_LARGE" : "EM_GATEWAY_BAD_REQUEST",
-          `the upload is not a whole multipart/form-data body: ${(err as Error).message}`,
-          { status: status !== undefined && status >= 400 && status < 500 ? status : 400 },
-        );
+        throw notWholeForm(err, "the upload", { tooLarge: true });
       }
     });
     app.get<{ Querystring: ListQuery }>("/v1/files", async (req) => {

@@ -33,6 +33,7 @@ import {
   type FileStore,
   filesOff,
   madeAt,
+  notWholeForm,
   removeCounted,
   sweepEvery,
 } from "./files.ts";
@@ -281,7 +282,7 @@ export class Uploads {
       const file = this.#files.adopt(owner, tmp, s.upload.filename, "batch", s.file_ttl_s);
       const upload: UploadObject = { ...s.upload, status: "completed", file };
       writeJson(this.#meta(id), { ...s, upload });
-      this.#removeParts(id);
+      this.#removeParts(id); // (listed again: parts that came during the copy go too)
       return upload;
     } finally {
       rmSync(marker, { force: true });
@@ -404,15 +405,7 @@ export function uploadsRoutes(uploads: Uploads | null, owner: (req: FastifyReque
         }
       } catch (err) {
         if (err instanceof ApiError) throw err;
-        const status = (err as { statusCode?: number }).statusCode;
-        throw new ApiError(
-          "EM_GATEWAY_BAD_REQUEST",
-          `the part is not a whole multipart/form-data body: ${(err as Error).message}`,
-          {
-            status: status !== undefined && status >= 400 && status < 500 ? status : 400,
-            param: "data",
-          },
-        );
+        throw notWholeForm(err, "the part", { param: "data" });
       }
       if (!part) throw bad("no 'data' in the form", "data");
       return part;
