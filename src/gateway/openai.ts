@@ -627,6 +627,58 @@ export interface ChatRun {
   readonly finishOf: (c: Choice, output: ChatOutput) => string | null;
 }
 
+/**
+ * The chat request `chat` run (chatRun), with truncation "auto" (`auto`) fitted to the
+ * context first when it is too long: the fewest items dropped from the conversation's start
+ * (the instructions kept, a tool's output never without its call, the last message always
+ * kept) that let the prompt and max_output_tokens fit, found by bisection (a few encodings,
+ * not one per item). Too long even so: the refusal of the shortest. `rename`: what a refusal
+ * becomes (the fields named as the caller's API names them).
+ */
+export async function fittedRun(
+  ctx: ServeContext,
+  chat: ChatCompletionRequest,
+  auto: boolean,
+  rename: (err: unknown) => unknown = (err) => err,
+): Promise<ChatRun> {
+  const attempt = (messages: ChatMessage[]) =>
+    chatRun(ctx, { ...chat, messages }).catch((err: unknown) => {
+      throw rename(err);
+    });
+  const tooLong = (err: unknown) =>
+    err instanceof ApiError && err.code === "EM_GATEWAY_PROMPT_TOO_LONG";
+  let refusal: unknown;
+  try {
+    return await attempt(chat.messages);
+  } catch (err) {
+    if (!auto || !tooLong(err)) throw err;
+    refusal = err;
+  }
+  // (the instructions, or a system message the conversation starts with, kept)
+  const head = chat.messages[0]?.role === "system" && chat.messages.length > 1 ? 1 : 0;
+  const rest = chat.messages.slice(head);
+  // Where the kept part may start: not at a tool's output, and before the last message.
+  const cuts: number[] = [];
+  for (let k = 1; k < rest.length; k++) if (rest[k]!.role !== "tool") cuts.push(k);
+  const at = (k: number) => [...chat.messages.slice(0, head), ...rest.slice(k)];
+  let lo = 0;
+  let hi = cuts.length - 1;
+  let best: ChatRun | null = null;
+  while (lo <= hi) {
+    const mid = (lo + hi) >> 1;
+    try {
+      best = await attempt(at(cuts[mid]!));
+      hi = mid - 1;
+    } catch (err) {
+      if (!tooLong(err)) throw err;
+      refusal = err; // (when none fits: the last tried, the shortest)
+      lo = mid + 1;
+    }
+  }
+  if (best) return best;
+  throw refusal;
+}
+
 /** A chat request, checked, as the job it runs (chat completions and responses alike). */
 export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest): Promise<ChatRun> {
   const b = withEffort(request);

@@ -37,12 +37,11 @@ import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
   bind,
-  type ChatRun,
   chatLogprob,
   chatPrompt,
-  chatRun,
   checkModel,
   eventStream,
+  fittedRun,
   usageOf,
 } from "./openai.ts";
 import { effortKwargs, requestThinks } from "./reasoning.ts";
@@ -580,55 +579,9 @@ const PARAMS: [RegExp, string][] = [
 
 export const newId = (prefix: string) => `${prefix}_${randomBytes(12).toString("hex")}`;
 
-/**
- * The chat request `chat` run (chatRun), with truncation "auto" (`auto`) fitted to the
- * context first when it is too long: the fewest items dropped from the conversation's start
- * (the instructions kept, a tool's output never without its call, the last message always
- * kept) that let the prompt and max_output_tokens fit, found by bisection (a few encodings,
- * not one per item). Too long even so: the refusal of the shortest.
- */
-async function fitted(
-  ctx: ServeContext,
-  chat: ChatCompletionRequest,
-  auto: boolean,
-): Promise<ChatRun> {
-  const attempt = (messages: ChatMessage[]) =>
-    chatRun(ctx, { ...chat, messages }).catch((err: unknown) => {
-      throw renameParam(err, PARAMS);
-    });
-  const tooLong = (err: unknown) =>
-    err instanceof ApiError && err.code === "EM_GATEWAY_PROMPT_TOO_LONG";
-  let refusal: unknown;
-  try {
-    return await attempt(chat.messages);
-  } catch (err) {
-    if (!auto || !tooLong(err)) throw err;
-    refusal = err;
-  }
-  // (the instructions, or a system message the conversation starts with, kept)
-  const head = chat.messages[0]?.role === "system" && chat.messages.length > 1 ? 1 : 0;
-  const rest = chat.messages.slice(head);
-  // Where the kept part may start: not at a tool's output, and before the last message.
-  const cuts: number[] = [];
-  for (let k = 1; k < rest.length; k++) if (rest[k]!.role !== "tool") cuts.push(k);
-  const at = (k: number) => [...chat.messages.slice(0, head), ...rest.slice(k)];
-  let lo = 0;
-  let hi = cuts.length - 1;
-  let best: ChatRun | null = null;
-  while (lo <= hi) {
-    const mid = (lo + hi) >> 1;
-    try {
-      best = await attempt(at(cuts[mid]!));
-      hi = mid - 1;
-    } catch (err) {
-      if (!tooLong(err)) throw err;
-      refusal = err; // (when none fits: the last tried, the shortest)
-      lo = mid + 1;
-    }
-  }
-  if (best) return best;
-  throw refusal;
-}
+/** fittedRun (openai.ts), its refusals naming the Responses fields. */
+const fitted = (ctx: ServeContext, chat: ChatCompletionRequest, auto: boolean) =>
+  fittedRun(ctx, chat, auto, (err) => renameParam(err, PARAMS));
 
 const ITEM_ID_PREFIX: Record<string, string> = {
   message: "msg",
