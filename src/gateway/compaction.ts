@@ -192,7 +192,7 @@ export interface SummaryUsage {
 }
 
 /**
- * The model's summary of `conversation` (after `instructions`): asked after it, greedy, at
+ * The model's summary of `conversation` (after `instructions`): asked after it (`prompt`), greedy, at
  * most a quarter of the context and COMPACTION_MAX_TOKENS; a conversation too long for the
  * context has its oldest items dropped to fit (`fitted`, as truncation "auto"), so the summary
  * covers what fits. A client that leaves cancels it (`reply`): null.
@@ -203,13 +203,14 @@ export async function summarize(
   instructions: string | null | undefined,
   conversation: readonly ChatMessage[],
   reply: FastifyReply,
+  prompt = COMPACTION_PROMPT,
 ): Promise<{ summary: string; usage: SummaryUsage } | null> {
   const chat: ChatCompletionRequest = {
     model: ctx.servedModelName,
     messages: [
       ...(instructions ? [{ role: "system" as const, content: instructions }] : []),
       ...conversation,
-      { role: "user", content: COMPACTION_PROMPT },
+      { role: "user", content: prompt },
     ],
     max_completion_tokens: Math.min(COMPACTION_MAX_TOKENS, Math.floor(ctx.maxModelLen / 4)),
     temperature: 0,

@@ -12,9 +12,20 @@ import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
+import { leftReply, type SummaryUsage, summarize } from "./compaction.ts";
+import {
+  COMPACT_PROMPT,
+  type Compact,
+  clearingDue,
+  clearToolUses,
+  compactionRequestOf,
+  contextEditsOf,
+  summaryTurn,
+  thinkingTurnsCleared,
+} from "./context-edits.ts";
 import { ApiError, refusalHeaders, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
-import { bind, chatPrompt, chatRun, eventStream } from "./openai.ts";
+import { bind, chatPrompt, chatRun, checkModel, eventStream, fittedRun } from "./openai.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
 
 const Block = Type.Object({ type: Type.String() }, { additionalProperties: true });
@@ -78,6 +89,8 @@ const common = {
       { additionalProperties: true },
     ),
   ),
+  /** Anthropic's context editing and compaction (context-edits.ts checks it). */
+  context_management: Type.Optional(Type.Unknown()),
   thinking: Type.Optional(
     Type.Object(
       {
@@ -110,6 +123,8 @@ export const MessagesRequest = Type.Object(
     top_p: Type.Optional(Type.Number({ exclusiveMinimum: 0, maximum: 1 })),
     top_k: Type.Optional(Type.Integer({ minimum: 0 })),
     stream: Type.Optional(Type.Boolean()),
+    /** A compaction request: {type: "summarize", instructions?} (context-edits.ts). */
+    compaction: Type.Optional(Type.Unknown()),
   },
   { additionalProperties: true },
 );
@@ -146,16 +161,33 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
     const system = textOf(b.system, "system");
     if (system) messages.push({ role: "system", content: system });
   }
+  /** Where the conversation starts (after the system prompt): a compaction replaces it all. */
+  const head = messages.length;
   for (const [i, m] of b.messages.entries()) {
     const blocks: AnyBlock[] =
       typeof m.content === "string" ? [{ type: "text", text: m.content }] : m.content;
     let text = "";
+    let compacted = false;
     const calls: NonNullable<ChatMessage["tool_calls"]> = [];
     const results: ChatMessage[] = [];
     for (const [j, blk] of blocks.entries()) {
       const at = `messages.${i}.content.${j}`;
       if (blk.type === "text" && typeof blk["text"] === "string") text += blk["text"] as string;
-      else if (blk.type === "tool_use" && m.role === "assistant") {
+      else if (blk.type === "compaction" && m.role === "assistant") {
+        // A compaction (context-edits.ts): its summary stands for everything before it.
+        const summary = blk["content"];
+        if (summary === null || summary === undefined) continue; // (one that failed: no-op)
+        if (typeof summary !== "string" || summary === "")
+          throw bad(
+            "a compaction block's content is its summary: a string, not empty (null when the compaction failed)",
+            `${at}.content`,
+          );
+        messages.splice(head);
+        messages.push(summaryTurn(summary));
+        text = "";
+        calls.length = 0;
+        compacted = true;
+      } else if (blk.type === "tool_use" && m.role === "assistant") {
         const { id, name, input } = blk as { id?: unknown; name?: unknown; input?: unknown };
         if (typeof id !== "string" || typeof name !== "string")
           throw bad("a tool_use block needs an id and a name", at);
@@ -178,13 +210,15 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
         // Earlier turns' thinking: the chat templates leave it out of the prompt.
       } else
         throw bad(
-          `a '${blk.type.slice(0, 40)}' block is not supported in a ${m.role} turn (text${m.role === "user" ? ", tool_result" : ", tool_use, thinking"} are)`,
+          `a '${blk.type.slice(0, 40)}' block is not supported in a ${m.role} turn (text${m.role === "user" ? ", tool_result" : ", tool_use, thinking, compaction"} are)`,
           at,
         );
     }
     if (m.role === "user") {
       messages.push(...results);
       if (text || results.length === 0) messages.push({ role: "user", content: text });
+    } else if (compacted && !text && calls.length === 0) {
+      // (the compaction alone: its summary is the turn)
     } else if (calls.length > 0) {
       messages.push({ role: "assistant", content: text || null, tool_calls: calls });
     } else messages.push({ role: "assistant", content: text });
@@ -288,7 +322,7 @@ function errorBody(e: ApiError) {
   };
 }
 
-type StopReason = "end_turn" | "max_tokens" | "stop_sequence" | "tool_use";
+type StopReason = "end_turn" | "max_tokens" | "stop_sequence" | "tool_use" | "compaction";
 
 /** Why a choice ended, in Anthropic's words, and the stop sequence that ended it. */
 function stopOf(
@@ -342,9 +376,13 @@ export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) 
       "/v1/messages/count_tokens",
       { schema: { body: CountRequest } },
       async (req) => {
-        const chat = chatRequestOfMessages(req.body);
+        // (`compaction` is ignored, as Anthropic's: the count is of the conversation as sent)
+        const { chat, original } = await edited(ctx, req.body);
         const { prompt } = await chatPrompt(ctx, chat);
-        return { input_tokens: prompt.length };
+        return {
+          input_tokens: prompt.length,
+          ...(original !== null ? { context_management: { original_input_tokens: original } } : {}),
+        };
       },
     );
     app.post<{ Body: MessagesRequest }>(
@@ -355,17 +393,142 @@ export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) 
   };
 }
 
+/** A Messages request's chat request, its context edits (context-edits.ts) applied. */
+interface Edited {
+  readonly chat: ChatCompletionRequest;
+  /** What the edits cleared (null: no context_management asked for). */
+  readonly applied: object[] | null;
+  /** The prompt's tokens before the edits (null: no context_management). */
+  readonly original: number | null;
+  /** The compaction due (its trigger reached), or null. */
+  readonly compact: Compact | null;
+}
+
+async function edited(ctx: ServeContext, b: MessagesRequest | CountRequest): Promise<Edited> {
+  let chat = chatRequestOfMessages(b);
+  const edits = contextEditsOf(b.context_management, ctx.maxModelLen);
+  if (edits === null) return { chat, applied: null, original: null, compact: null };
+  const count = async (c: ChatCompletionRequest) => (await chatPrompt(ctx, c)).prompt.length;
+  const original = await count(chat);
+  let tokens = original;
+  const applied: object[] = [];
+  if (edits.clearThinking) {
+    const n = thinkingTurnsCleared(b.messages, edits.clearThinking.keep);
+    // (the templates never render an earlier turn's thought: no tokens go)
+    if (n > 0)
+      applied.push({
+        type: "clear_thinking_20251015",
+        cleared_thinking_turns: n,
+        cleared_input_tokens: 0,
+      });
+  }
+  const e = edits.clearToolUses;
+  if (e && clearingDue(e, chat.messages, tokens)) {
+    const r = clearToolUses(chat.messages, e);
+    if (r.cleared > 0) {
+      const next = { ...chat, messages: r.messages };
+      const after = await count(next);
+      if (tokens - after >= e.clearAtLeast) {
+        applied.push({
+          type: "clear_tool_uses_20250919",
+          cleared_tool_uses: r.cleared,
+          cleared_input_tokens: tokens - after,
+        });
+        chat = next;
+        tokens = after;
+      }
+    }
+  }
+  const compact = edits.compact && tokens >= edits.compact.trigger ? edits.compact : null;
+  return { chat, applied, original, compact };
+}
+
+/** A request that compacts (`compaction`): the fields that shape an answer are refused. */
+function checkCompactionRequest(b: MessagesRequest): void {
+  const refuse = (what: string, param: string) =>
+    bad(`a compaction request (compaction) gives no answer, so it takes no ${what}`, param);
+  if (b.context_management != null)
+    throw refuse("context_management (they do not combine)", "context_management");
+  if (b.stop_sequences?.length) throw refuse("stop_sequences", "stop_sequences");
+  if (b.output_config?.format) throw refuse("output format", "output_config.format");
+  if (b.tool_choice?.type === "any" || b.tool_choice?.type === "tool")
+    throw refuse(`tool_choice ${b.tool_choice.type}`, "tool_choice");
+}
+
+/** A summary's usage as an entry of Anthropic's usage.iterations. */
+const compactionIteration = (u: SummaryUsage) => ({
+  type: "compaction",
+  input_tokens: u.input_tokens - u.cached_tokens,
+  cache_creation_input_tokens: 0,
+  cache_read_input_tokens: u.cached_tokens,
+  cache_creation: null,
+  output_tokens: u.output_tokens,
+});
+
+const NO_USAGE = {
+  input_tokens: 0,
+  cache_creation_input_tokens: 0,
+  cache_read_input_tokens: 0,
+  output_tokens: 0,
+};
+
 async function messages(
   ctx: ServeContext,
   req: FastifyRequest<{ Body: MessagesRequest }>,
   reply: FastifyReply,
 ): Promise<unknown> {
   const b = req.body;
-  const { spec, outputOptions } = await chatRun(ctx, chatRequestOfMessages(b));
-  /** display "omitted": thinking blocks without their text. */
-  const omitted = b.thinking?.display === "omitted";
+  const compactOnly = compactionRequestOf(b.compaction);
+  if (compactOnly) checkCompactionRequest(b);
+  let { chat, applied, compact } = await edited(ctx, b);
+  const managed = applied !== null ? { context_management: { applied_edits: applied } } : {};
   const id = `msg_${randomBytes(12).toString("hex")}`;
   const head = { id, type: "message", role: "assistant", model: ctx.servedModelName };
+  // A compaction (asked for, or its trigger reached): the model's summary of the conversation
+  // comes first, as a compaction block; the answer, if any, runs on the summary alone.
+  let compaction: { block: object; usage: SummaryUsage } | null = null;
+  if (compactOnly || compact) {
+    checkModel(ctx, b.model);
+    const fit = (c: ChatCompletionRequest) => fittedRun(ctx, c, true);
+    const prompt = (compactOnly ?? compact)?.instructions ?? COMPACT_PROMPT;
+    const s = await summarize(ctx, fit, null, chat.messages, reply, prompt);
+    if (s === null) return leftReply(reply);
+    const summary = s.summary.trim() === "" ? null : s.summary; // (null: it failed)
+    compaction = {
+      block: { type: "compaction", content: summary, encrypted_content: null },
+      usage: s.usage,
+    };
+    if (summary !== null) {
+      const system = chat.messages[0]?.role === "system" ? [chat.messages[0]] : [];
+      // (an answer begun, continued after the summary)
+      const prefill = chat.continue_final_message ? [chat.messages.at(-1)!] : [];
+      chat = { ...chat, messages: [...system, summaryTurn(summary), ...prefill] };
+    }
+    if (compactOnly || compact?.pause) {
+      const usage = { ...NO_USAGE, iterations: [compactionIteration(s.usage)] };
+      const stop = { stop_reason: "compaction", stop_sequence: null };
+      if (!b.stream) return { ...head, content: [compaction.block], ...stop, usage, ...managed };
+      const raw = eventStream(reply);
+      const event = (o: object) => raw.write(sse(o as { type: string }));
+      event({
+        type: "message_start",
+        message: { ...head, content: [], stop_reason: null, stop_sequence: null, usage: NO_USAGE },
+      });
+      compactionEvents(event, compaction.block);
+      event({ type: "message_delta", delta: stop, usage, ...managed });
+      event({ type: "message_stop" });
+      raw.end();
+      return reply;
+    }
+  }
+  const { spec, outputOptions } = await chatRun(ctx, chat);
+  /** display "omitted": thinking blocks without their text. */
+  const omitted = b.thinking?.display === "omitted";
+  /** The usage: the answer's, with the summary's as a separate iteration. */
+  const usageWith = (u: ReturnType<typeof usageOf>) =>
+    compaction
+      ? { ...u, iterations: [compactionIteration(compaction.usage), { type: "message", ...u }] }
+      : u;
   if (!b.stream) {
     const job = startJob(ctx, spec);
     bind(reply, job);
@@ -376,7 +539,7 @@ async function messages(
       reasoning_content?: string;
       tool_calls?: { id: string; function: { name: string; arguments: string } }[];
     };
-    const content: object[] = [];
+    const content: object[] = compaction ? [compaction.block] : [];
     if (m.reasoning_content)
       content.push({
         type: "thinking",
@@ -395,19 +558,19 @@ async function messages(
       ...head,
       content,
       ...stopOf(c, calls),
-      usage: usageOf(ctx, job, m.reasoning_content),
+      usage: usageWith(usageOf(ctx, job, m.reasoning_content)),
+      ...managed,
     };
   }
 
   // Streamed: Anthropic's events, each `event: <type>` and its JSON.
   let raw: FastifyReply["raw"] | null = null;
   const pending: string[] = [];
-  const event = (o: { type: string }) => `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
   const send = (o: { type: string }) => {
-    if (raw === null) pending.push(event(o));
-    else if (!raw.destroyed) raw.write(event(o));
+    if (raw === null) pending.push(sse(o));
+    else if (!raw.destroyed) raw.write(sse(o));
   };
-  const blocks = new BlockStream(send, omitted);
+  const blocks = new BlockStream(send, omitted, compaction ? 1 : 0);
   const output = new ChatOutput(outputOptions);
   // A forced call (tool_choice naming a tool): its block opens first.
   const forced = output.first()["tool_calls"];
@@ -425,7 +588,7 @@ async function messages(
   raw = eventStream(reply);
   bind(reply, job);
   raw.write(
-    event({
+    sse({
       type: "message_start",
       message: {
         ...head,
@@ -436,6 +599,7 @@ async function messages(
       },
     } as { type: string }),
   );
+  if (compaction) compactionEvents((o) => raw!.write(sse(o as { type: string })), compaction.block);
   for (const e of pending) raw.write(e);
   try {
     await job.done;
@@ -443,14 +607,34 @@ async function messages(
     send({
       type: "message_delta",
       delta: stop ?? { stop_reason: "end_turn", stop_sequence: null },
-      usage: usageOf(ctx, job, blocks.thought),
-    } as { type: string });
+      usage: usageWith(usageOf(ctx, job, blocks.thought)),
+      ...managed,
+    } as unknown as { type: string });
     send({ type: "message_stop" });
   } catch (err) {
     send(errorBody(toApiError(err)));
   }
   if (!raw.destroyed) raw.end();
   return reply;
+}
+
+/** One server-sent event: `event: <type>` and its JSON. */
+const sse = (o: { type: string }) => `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
+
+/** A compaction block's events, at index 0: its start, its content in one delta, its stop. */
+function compactionEvents(event: (o: object) => void, block: object): void {
+  const { content } = block as { content: string | null };
+  event({
+    type: "content_block_start",
+    index: 0,
+    content_block: { type: "compaction", content: null, encrypted_content: null },
+  });
+  event({
+    type: "content_block_delta",
+    index: 0,
+    delta: { type: "compaction_delta", content, encrypted_content: null },
+  });
+  event({ type: "content_block_stop", index: 0 });
 }
 
 /**
@@ -473,10 +657,14 @@ class BlockStream {
 
   readonly #omitted: boolean;
 
-  /** `omitted`: thinking blocks start and stop with no thinking_delta (display "omitted"). */
-  constructor(send: (o: { type: string }) => void, omitted = false) {
+  /**
+   * `omitted`: thinking blocks start and stop with no thinking_delta (display "omitted");
+   * `first`: the first block's index (1 after a compaction block).
+   */
+  constructor(send: (o: { type: string }) => void, omitted = false, first = 0) {
     this.#send = send;
     this.#omitted = omitted;
+    this.#index = first - 1;
   }
 
   push(deltas: readonly ChatDelta[]): void {

@@ -977,6 +977,8 @@ describe("expertmesh batch", () => {
 
 describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
   const anthropic = () => new Anthropic({ apiKey: "none", baseURL: gw.url, maxRetries: 0 });
+  /** Anthropic's compaction request (beta; not in the SDK's non-beta types). */
+  const COMPACTION = { compaction: { type: "summarize" } };
   const params = (content: string, more: object = {}) => ({
     model: "tiny",
     max_tokens: 6,
@@ -999,6 +1001,8 @@ describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
         { custom_id: "one", params: params("Say hi.") },
         { custom_id: "two", params: params("Say bye.") },
         { custom_id: "bad", params: params("x", { model: "claude-none" }) },
+        // A compaction request (context-edits.ts): its block alone, as sent alone.
+        { custom_id: "compacted", params: params("Say hi.", COMPACTION) },
       ],
     });
     expect(created).toMatchObject({ type: "message_batch", processing_status: "in_progress" });
@@ -1006,7 +1010,7 @@ describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
     const done = await ended(c, created.id);
     expect(done.request_counts).toEqual({
       processing: 0,
-      succeeded: 2,
+      succeeded: 3,
       errored: 1,
       canceled: 0,
       expired: 0,
@@ -1025,6 +1029,13 @@ describe("Anthropic's Message Batches (/v1/messages/batches)", () => {
       expect(r.type).toBe("succeeded");
       expect(r.type === "succeeded" && r.message.content).toEqual(alone.content);
     }
+    const compacted = results.get("compacted")!;
+    const alone = await c.messages.create(params("Say hi.", COMPACTION));
+    expect(compacted.type === "succeeded" && compacted.message).toMatchObject({
+      stop_reason: "compaction",
+      content: alone.content,
+    });
+    expect(alone.content.map((b) => b.type)).toEqual(["compaction"]);
     expect(results.get("bad")).toMatchObject({
       type: "errored",
       error: { type: "error", error: { type: "not_found_error" } },

@@ -128,6 +128,7 @@ const FIELDS = [
   "background",
   "truncation",
   "context_management",
+  "compaction",
   "bytes",
   "filename",
   "mime_type",
@@ -242,6 +243,12 @@ const PLAUSIBLE: Record<string, unknown[]> = {
     ],
     [{ role: "user", content: [{ type: "text", text: "hi" }] }],
     [{ role: "assistant", content: "par" }],
+    // (a compaction block, standing for what came before it)
+    [
+      { role: "user", content: "hi" },
+      { role: "assistant", content: [{ type: "compaction", content: "sum" }] },
+      { role: "user", content: "more" },
+    ],
   ],
   prompt: ["a b", ["a", "b"], [1, 2, 3], [[1, 2], [3]]],
   input: [
@@ -254,7 +261,30 @@ const PLAUSIBLE: Record<string, unknown[]> = {
       { role: "user", content: "more" },
     ],
   ],
-  context_management: [[{ type: "compaction", compact_threshold: 1 }], [{ type: "compaction" }]],
+  context_management: [
+    [{ type: "compaction", compact_threshold: 1 }],
+    [{ type: "compaction" }],
+    // (Anthropic's, on /v1/messages)
+    {
+      edits: [
+        {
+          type: "clear_tool_uses_20250919",
+          trigger: { type: "input_tokens", value: 1 },
+          keep: { type: "tool_uses", value: 0 },
+        },
+      ],
+    },
+    {
+      edits: [
+        {
+          type: "compact_20260112",
+          trigger: { type: "input_tokens", value: 1 },
+          pause_after_compaction: true,
+        },
+      ],
+    },
+  ],
+  compaction: [{ type: "summarize" }, { type: "summarize", instructions: "Be brief." }],
   items: [[{ type: "message", role: "user", content: "hi" }], [], [{ type: "reasoning" }]],
   // (and a conversation of the gateway's, made in beforeAll)
   conversation: [`conv_${"0".repeat(24)}`],
