@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import type { AutoscaleResults } from "./autoscale.ts";
 import { autoscaleSvg, autoscaleTables } from "./autoscale-report.ts";
 import { batchesTables } from "./batches.ts";
+import { contextTables } from "./context.ts";
 import { disaggTables } from "./disagg.ts";
 import { diskReadTables } from "./disk-read.ts";
 import { diskSharedTables } from "./disk-shared.ts";
@@ -527,6 +528,7 @@ export const SUITES = [
   "fetch",
   "batches",
   "responses",
+  "context",
 ] as const;
 export type Suite = (typeof SUITES)[number];
 
@@ -554,7 +556,8 @@ export const TABLES_ONLY: Record<
   | "tls"
   | "fetch"
   | "batches"
-  | "responses",
+  | "responses"
+  | "context",
   (results: never, source: string) => string
 > = {
   tokenize: tokenizeTables,
@@ -577,6 +580,7 @@ export const TABLES_ONLY: Record<
   fetch: fetchTables,
   batches: batchesTables,
   responses: responsesTables,
+  context: contextTables,
 };
 
 /** What BENCHMARKS.md should be, given result files per suite. */

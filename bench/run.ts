@@ -15,6 +15,7 @@ import { parseArgs } from "node:util";
 import { runAutoscale } from "./autoscale.ts";
 import { autoscaleTables } from "./autoscale-report.ts";
 import { runBatches } from "./batches.ts";
+import { runContext } from "./context.ts";
 import { runDisagg } from "./disagg.ts";
 import { runDiskRead } from "./disk-read.ts";
 import { runDiskShared } from "./disk-shared.ts";
@@ -82,6 +83,7 @@ const RUN_TABLES_ONLY: Record<
   fetch: runFetch,
   batches: runBatches,
   responses: runResponses,
+  context: runContext,
 };
 
 async function main(): Promise<number> {
