@@ -138,20 +138,70 @@ type AnyBlock = { readonly type: string } & Readonly<Record<string, unknown>>;
 const bad = (message: string, param: string) =>
   new ApiError("EM_GATEWAY_BAD_REQUEST", message, { param });
 
-/** The text of a content field: a string, or its text blocks (others refused). */
-function textOf(content: Blocks, param: string): string {
+/**
+ * The text of a content field: a string, or its text blocks; with `sourced`, documents and
+ * search results too (as sourcedText renders them). Others are refused.
+ */
+function textOf(content: Blocks, param: string, sourced = false): string {
   if (typeof content === "string") return content;
   return (content as unknown[])
     .map((x, i) => {
       const b = (isObject(x) ? x : { type: "not an object" }) as AnyBlock;
+      if (sourced && (b.type === "document" || b.type === "search_result"))
+        return sourcedText(b, `${param}.${i}`);
       if (b.type !== "text" || typeof b["text"] !== "string")
         throw bad(
-          `${param}[${i}]: a '${String(b.type).slice(0, 40)}' block is not supported here (text is)`,
+          `${param}[${i}]: a '${String(b.type).slice(0, 40)}' block is not supported here (text${sourced ? ", document, search_result" : ""} is)`,
           `${param}.${i}`,
         );
       return b["text"] as string;
     })
     .join("");
+}
+
+/**
+ * A text document or a search result, as the prompt's text: its text in a tag that carries
+ * its title (and source), the document's `context` first. A PDF (or a file, a URL) is
+ * refused: DeepSeek reads text, and this gateway has no PDF reader. Citations are refused
+ * too: the answer's text blocks carry none.
+ */
+function sourcedText(b: AnyBlock, param: string): string {
+  const citations = b["citations"];
+  if (isObject(citations) && citations["enabled"] === true)
+    throw bad(
+      "citations are not supported: the answer's text blocks carry none",
+      `${param}.citations`,
+    );
+  const attr = (name: string, v: unknown) =>
+    typeof v === "string" && v !== "" ? ` ${name}=${JSON.stringify(v)}` : "";
+  if (b.type === "search_result") {
+    const { source, title, content } = b as {
+      source?: unknown;
+      title?: unknown;
+      content?: unknown;
+    };
+    if (typeof source !== "string" || typeof title !== "string" || !Array.isArray(content))
+      throw bad("a search_result block has a source, a title and text blocks as content", param);
+    const text = textOf(content as Blocks, `${param}.content`);
+    return `<search_result${attr("source", source)}${attr("title", title)}>\n${text}\n</search_result>\n`;
+  }
+  const source = b["source"];
+  const kind = isObject(source) ? source["type"] : undefined;
+  let text: string;
+  if (kind === "text" && typeof (source as { data?: unknown }).data === "string")
+    text = (source as { data: string }).data;
+  else if (kind === "content") {
+    const content = (source as { content?: unknown }).content;
+    if (typeof content !== "string" && !Array.isArray(content))
+      throw bad("a content source holds a string or text blocks", `${param}.source.content`);
+    text = textOf(content as Blocks, `${param}.source.content`);
+  } else
+    throw bad(
+      `a document's source is text ({"type": "text", "media_type": "text/plain", "data"}) or content blocks here; a '${String(kind).slice(0, 40)}' source (a PDF, a file, a URL) is not supported: DeepSeek reads text`,
+      `${param}.source`,
+    );
+  const context = typeof b["context"] === "string" && b["context"] ? `${b["context"]}\n\n` : "";
+  return `<document${attr("title", b["title"])}>\n${context}${text}\n</document>\n`;
 }
 
 /** The chat completions request a Messages request means. */
@@ -173,6 +223,8 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
     for (const [j, blk] of blocks.entries()) {
       const at = `messages.${i}.content.${j}`;
       if (blk.type === "text" && typeof blk["text"] === "string") text += blk["text"] as string;
+      else if ((blk.type === "document" || blk.type === "search_result") && m.role === "user")
+        text += sourcedText(blk, at);
       else if (blk.type === "compaction" && m.role === "assistant") {
         // A compaction (context-edits.ts): its summary stands for everything before it.
         const summary = blk["content"];
@@ -203,14 +255,14 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
           content === undefined
             ? ""
             : typeof content === "string" || Array.isArray(content)
-              ? textOf(content as Blocks, `${at}.content`)
+              ? textOf(content as Blocks, `${at}.content`, true)
               : "";
         results.push({ role: "tool", tool_call_id: id, content: out });
       } else if (blk.type === "thinking" || blk.type === "redacted_thinking") {
         // Earlier turns' thinking: the chat templates leave it out of the prompt.
       } else
         throw bad(
-          `a '${blk.type.slice(0, 40)}' block is not supported in a ${m.role} turn (text${m.role === "user" ? ", tool_result" : ", tool_use, thinking, compaction"} are)`,
+          `a '${blk.type.slice(0, 40)}' block is not supported in a ${m.role} turn (text${m.role === "user" ? ", tool_result, document, search_result" : ", tool_use, thinking, compaction"} are)`,
           at,
         );
     }

@@ -349,6 +349,105 @@ describe("POST /v1/messages", () => {
     expect(JSON.stringify((e as { error: unknown }).error)).toContain("output_config.format");
   });
 
+  it("documents and search results: their text in the prompt, in a tag with their title; PDFs and citations refused", async () => {
+    const asked = (content: unknown, role = "user") => ({
+      model: "tiny",
+      max_tokens: 6,
+      temperature: 0,
+      messages: [{ role, content }],
+    });
+    /** The answer and prompt of a request, to compare with the same as plain text. */
+    const run = async (body: object) => {
+      const m = await ask(client, body);
+      return {
+        content: m.content,
+        prompt: m.usage.input_tokens + (m.usage.cache_read_input_tokens ?? 0),
+      };
+    };
+    // A text document (title, context), then the question.
+    const doc = await run(
+      asked([
+        {
+          type: "document",
+          source: { type: "text", media_type: "text/plain", data: "Paris is the capital." },
+          title: "Notes",
+          context: "From the atlas.",
+        },
+        { type: "text", text: QUESTION },
+      ]),
+    );
+    expect(doc).toEqual(
+      await run(
+        asked(
+          `<document title="Notes">\nFrom the atlas.\n\nParis is the capital.\n</document>\n${QUESTION}`,
+        ),
+      ),
+    );
+    // Content blocks as the source, no title; a search result in a tool's result.
+    const blocks = await run(
+      asked([
+        {
+          type: "document",
+          source: {
+            type: "content",
+            content: [
+              { type: "text", text: "A" },
+              { type: "text", text: "B" },
+            ],
+          },
+        },
+        { type: "text", text: "Why?" },
+      ]),
+    );
+    expect(blocks).toEqual(await run(asked("<document>\nAB\n</document>\nWhy?")));
+    const search = (content: unknown) => ({
+      ...asked("x"),
+      tools: [WEATHER],
+      messages: [
+        { role: "user", content: "Weather?" },
+        {
+          role: "assistant",
+          content: [{ type: "tool_use", id: "t1", name: "get_weather", input: { city: "Paris" } }],
+        },
+        { role: "user", content: [{ type: "tool_result", tool_use_id: "t1", content }] },
+      ],
+    });
+    expect(
+      await run(
+        search([
+          {
+            type: "search_result",
+            source: "https://example.com/w",
+            title: "Weather",
+            content: [{ type: "text", text: "sunny" }],
+          },
+        ]),
+      ),
+    ).toEqual(
+      await run(
+        search(
+          '<search_result source="https://example.com/w" title="Weather">\nsunny\n</search_result>\n',
+        ),
+      ),
+    );
+    // Refused: a PDF, citations, an image among a document's blocks, a search result without a title.
+    // biome-ignore format: a table
+    const refused: [string, unknown, string][] = [
+      ["a PDF", [{ type: "document", source: { type: "base64", media_type: "application/pdf", data: "JVBE" } }], "messages.0.content.0.source"],
+      ["citations", [{ type: "document", source: { type: "text", media_type: "text/plain", data: "x" }, citations: { enabled: true } }], "messages.0.content.0.citations"],
+      ["an image in a content source", [{ type: "document", source: { type: "content", content: [{ type: "image", source: {} }] } }], "messages.0.content.0.source.content.0"],
+      ["a search result without a title", [{ type: "search_result", source: "s", content: [] }], "messages.0.content.0"],
+    ];
+    for (const [what, content, param] of refused) {
+      const err = await ask(client, asked(content)).then(
+        () => expect.unreachable(what),
+        (e: unknown) => e as InstanceType<typeof Anthropic.APIError>,
+      );
+      expect(err.status, what).toBe(400);
+      expect((err.error as { error: { param?: string } }).error.param, what).toBe(param);
+    }
+  });
+
   it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
     const ok = {
       model: "tiny",
