@@ -243,6 +243,15 @@ const PLAUSIBLE: Record<string, unknown[]> = {
     ],
     [{ role: "user", content: [{ type: "text", text: "hi" }] }],
     [{ role: "assistant", content: "par" }],
+    // (a text document, read as text)
+    [
+      {
+        role: "user",
+        content: [
+          { type: "document", source: { type: "text", media_type: "text/plain", data: "d" } },
+        ],
+      },
+    ],
     // (a compaction block, standing for what came before it)
     [
       { role: "user", content: "hi" },

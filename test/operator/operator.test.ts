@@ -1639,7 +1639,13 @@ describe.sequential("expertmesh operator", () => {
       namespace: ns,
       body: model("refused", ns, { experts: { shards: 1, gpusPerShard: 0 }, gateway: { gpus: 0 } }),
     });
-    const quota = await waitForCondition(ns, "refused", "Degraded", "True", "PodsNotCreated");
+    await waitForCondition(ns, "refused", "Degraded", "True", "PodsNotCreated");
+    // (the two ReplicaSets are refused one after the other: the message counts both once the
+    // second's failure is recorded, which on a busy machine comes a reconcile later)
+    const quota = await waitFor("both Deployments counted in Degraded", async () => {
+      const m = await getModel(ns, "refused");
+      return condition(m, "Degraded")?.message?.startsWith("2 Deployment(s)") ? m : undefined;
+    });
     expect(condition(quota, "Degraded")!.message).toMatch(
       /^2 Deployment\(s\) cannot create their pods, e\.g\. refused-gateway: pods "refused-gateway-[a-z0-9-]+" is forbidden: exceeded quota: pods, requested: pods=1, used: pods=0, limited: pods=0; raise the namespace's ResourceQuota, or ask for less in spec\.gateway \(replicas, gpus, resources\)$/,
     );
