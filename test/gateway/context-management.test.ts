@@ -359,6 +359,38 @@ describe("compact_20260112", () => {
   });
 });
 
+describe("edits together", () => {
+  it("compaction's trigger is judged on the prompt the clearing left", async () => {
+    const body = toolLoop();
+    const clear = {
+      type: "clear_tool_uses_20250919",
+      trigger: { type: "input_tokens", value: 1 },
+      keep: { type: "tool_uses", value: 0 },
+    };
+    const cleared = (await count({ ...body, context_management: { edits: [clear] } })).input_tokens;
+    const full = (await count(body)).input_tokens;
+    expect(cleared).toBeLessThan(full);
+    const both = (trigger: number) => ({
+      ...body,
+      context_management: {
+        edits: [
+          clear,
+          { type: "compact_20260112", trigger: { type: "input_tokens", value: trigger } },
+        ],
+      },
+    });
+    // Past the cleared prompt (though not the full one): no compaction.
+    const under = await ask(client, both(cleared + 1));
+    expect(under.content.some((b) => b.type === "compaction")).toBe(false);
+    expect(promptTokens(under)).toBe(cleared);
+    expect(under.context_management!.applied_edits).toMatchObject([{ cleared_tool_uses: 4 }]);
+    // At it: compacted, the cleared conversation summarized.
+    const at = await ask(client, both(cleared));
+    expect(at.content[0]!.type).toBe("compaction");
+    expect(at.usage.iterations!.map((i) => i.type)).toEqual(["compaction", "message"]);
+  });
+});
+
 describe("compaction requests (compaction: {type: 'summarize'})", () => {
   it("give the compaction block alone, which later requests send first in place of what it summarizes", async () => {
     const m = await ask(client, { ...CHAT, compaction: { type: "summarize" } });
