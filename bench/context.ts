@@ -20,7 +20,7 @@
 // warm-up loop of each.
 import type { ChildProcess } from "node:child_process";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { ensureMiniModel, localGateway, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
+import { ensureMiniModel, localGateway, SERVE_MODEL, stop, toolResultText } from "./serve.ts";
 
 const CONTEXT = 2048;
 /** Steps: clearing keeps every call (~70 tokens each, cleared), so 27 outgrow 2,048 tokens. */
@@ -115,10 +115,6 @@ async function loop(base: string, side: Side) {
     last = u.input_tokens + u.cache_read_input_tokens;
     if (body.content![0]!.type === "compaction" || body.context_management!.applied_edits.length)
       edits++;
-    const words = Array.from(
-      { length: RESULT_WORDS },
-      (_, i) => PROMPTS[(s + i) % PROMPTS.length]!.split(" ")[i % 4],
-    );
     messages.push(
       { role: "assistant", content: body.content },
       {
@@ -127,7 +123,7 @@ async function loop(base: string, side: Side) {
           {
             type: "tool_result",
             tool_use_id: use.id,
-            content: `task ${task}, step ${s}: ${words.join(" ")}`,
+            content: toolResultText(task, s, RESULT_WORDS),
           },
         ],
       },

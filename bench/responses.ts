@@ -64,7 +64,14 @@ import {
   type StoredCompletions,
 } from "../src/gateway/stored-completions.ts";
 import { medianRange, type Stats, stats } from "./lib.ts";
-import { ensureMiniModel, localGateway, PROMPTS, SERVE_MODEL, stop } from "./serve.ts";
+import {
+  ensureMiniModel,
+  localGateway,
+  PROMPTS,
+  SERVE_MODEL,
+  stop,
+  toolResultText,
+} from "./serve.ts";
 
 const TURNS = 16;
 const OUTPUT = 4;
@@ -189,15 +196,11 @@ async function agentLoop(base: string, managed: boolean) {
     cached += body.usage!.input_tokens_details.cached_tokens;
     if (body.output![0]!.type === "compaction") compactions++;
     previous = body.id;
-    const words = Array.from(
-      { length: TOOL_OUTPUT_WORDS },
-      (_, i) => PROMPTS[(s + i) % PROMPTS.length]!.split(" ")[i % 4],
-    );
     input = [
       {
         type: "function_call_output",
         call_id: call.call_id,
-        output: `task ${task}, step ${s}: ${words.join(" ")}`,
+        output: toolResultText(task, s, TOOL_OUTPUT_WORDS),
       },
     ];
   }

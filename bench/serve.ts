@@ -62,6 +62,18 @@ export const PROMPTS = [
   "Why is the sky blue?",
 ];
 
+/**
+ * An agent bench's tool result (the responses and context suites): `words` words of PROMPTS,
+ * naming the loop's `task` and `step`, so no loop finds another's results cached.
+ */
+export function toolResultText(task: number, step: number, words: number): string {
+  const text = Array.from(
+    { length: words },
+    (_, i) => PROMPTS[(step + i) % PROMPTS.length]!.split(" ")[i % 4],
+  );
+  return `task ${task}, step ${step}: ${text.join(" ")}`;
+}
+
 export type ServeConfig = "distributed" | "distributed-mb2" | "single-process";
 
 /** What a configuration is, for tables and plots. */

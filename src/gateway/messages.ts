@@ -507,6 +507,13 @@ function checkCompactionRequest(b: MessagesRequest): void {
     throw refuse(`tool_choice ${b.tool_choice.type}`, "tool_choice");
 }
 
+/** The block a compaction answers with (content null: the summary came out empty). */
+interface CompactionBlock {
+  readonly type: "compaction";
+  readonly content: string | null;
+  readonly encrypted_content: null;
+}
+
 /** A summary's usage as an entry of Anthropic's usage.iterations. */
 const compactionIteration = (u: SummaryUsage) => ({
   type: "compaction",
@@ -538,7 +545,7 @@ async function messages(
   const head = { id, type: "message", role: "assistant", model: ctx.servedModelName };
   // A compaction (asked for, or its trigger reached): the model's summary of the conversation
   // comes first, as a compaction block; the answer, if any, runs on the summary alone.
-  let compaction: { block: object; usage: SummaryUsage } | null = null;
+  let compaction: { block: CompactionBlock; usage: SummaryUsage } | null = null;
   if (compactOnly || compact) {
     checkModel(ctx, b.model);
     const fit = (c: ChatCompletionRequest) => fittedRun(ctx, c, true);
@@ -674,8 +681,7 @@ async function messages(
 const sse = (o: { type: string }) => `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
 
 /** A compaction block's events, at index 0: its start, its content in one delta, its stop. */
-function compactionEvents(event: (o: object) => void, block: object): void {
-  const { content } = block as { content: string | null };
+function compactionEvents(event: (o: object) => void, { content }: CompactionBlock): void {
   event({
     type: "content_block_start",
     index: 0,
