@@ -191,20 +191,30 @@ export interface SummaryUsage {
   readonly reasoning_tokens: number;
 }
 
+/** How summarize asks for the summary. */
+export interface SummaryOptions {
+  /** The system message the conversation had (the Responses API's instructions). */
+  readonly instructions?: string | null | undefined;
+  /** The last user turn, which asks for the summary (default COMPACTION_PROMPT). */
+  readonly prompt?: string;
+  /** Called once the summary's job is admitted (a refusal before it is the request's). */
+  readonly admitted?: () => void;
+}
+
 /**
- * The model's summary of `conversation` (after `instructions`): asked after it (`prompt`), greedy, at
- * most a quarter of the context and COMPACTION_MAX_TOKENS; a conversation too long for the
+ * The model's summary of `conversation` (after o.instructions): asked after it (o.prompt), greedy, at most
+ * a quarter of the context and COMPACTION_MAX_TOKENS; a conversation too long for the
  * context has its oldest items dropped to fit (`fitted`, as truncation "auto"), so the summary
  * covers what fits. A client that leaves cancels it (`reply`): null.
  */
 export async function summarize(
   ctx: ServeContext,
   fitted: (chat: ChatCompletionRequest) => Promise<ChatRun>,
-  instructions: string | null | undefined,
   conversation: readonly ChatMessage[],
   reply: FastifyReply,
-  prompt = COMPACTION_PROMPT,
+  o: SummaryOptions = {},
 ): Promise<{ summary: string; usage: SummaryUsage } | null> {
+  const { instructions, prompt = COMPACTION_PROMPT } = o;
   const chat: ChatCompletionRequest = {
     model: ctx.servedModelName,
     messages: [
@@ -218,6 +228,7 @@ export async function summarize(
   const { spec, outputOptions } = await fitted(chat);
   const job = startJob(ctx, spec);
   bind(reply, job);
+  o.admitted?.();
   await job.done;
   const c = job.choices[0]!;
   if (c.finishReason === null) return null; // (the client left)
@@ -323,7 +334,9 @@ export async function compact(
       "nothing to compact: give the conversation as input, or previous_response_id",
       { param: "input" },
     );
-  const s = await summarize(ctx, deps.fitted, b.instructions, conversation, reply);
+  const s = await summarize(ctx, deps.fitted, conversation, reply, {
+    instructions: b.instructions,
+  });
   if (s === null) return leftReply(reply);
   return {
     id: deps.newId("resp"),

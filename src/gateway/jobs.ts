@@ -44,6 +44,11 @@ export interface ServeContext {
   readonly metrics: GatewayMetrics;
   /** OpenTelemetry traces of the requests (--otlp-traces-endpoint), when on. */
   readonly tracing?: Tracing;
+  /**
+   * A stream silent this long gets a keepalive (openai.ts eventStream; --stream-keepalive;
+   * absent: 15 s; 0: none).
+   */
+  readonly streamKeepaliveMs?: number;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;
 }

@@ -233,7 +233,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
           send({ ...head(), text_output: text, finish_reason: c.finishReason ?? "abort" }),
       });
       // Admitted (no 4xx left to answer): the events start.
-      raw = eventStream(reply);
+      raw = eventStream(reply, ctx);
       bind(reply, job);
       for (const e of pending) raw.write(e);
       try {

@@ -543,124 +543,117 @@ async function messages(
   const managed = applied !== null ? { context_management: { applied_edits: applied } } : {};
   const id = `msg_${randomBytes(12).toString("hex")}`;
   const head = { id, type: "message", role: "assistant", model: ctx.servedModelName };
-  // A compaction (asked for, or its trigger reached): the model's summary of the conversation
-  // comes first, as a compaction block; the answer, if any, runs on the summary alone.
-  let compaction: { block: CompactionBlock; usage: SummaryUsage } | null = null;
-  if (compactOnly || compact) {
-    checkModel(ctx, b.model);
-    const fit = (c: ChatCompletionRequest) => fittedRun(ctx, c, true);
-    const prompt = (compactOnly ?? compact)?.instructions ?? COMPACT_PROMPT;
-    const s = await summarize(ctx, fit, null, chat.messages, reply, prompt);
-    if (s === null) return leftReply(reply);
-    const summary = s.summary.trim() === "" ? null : s.summary; // (null: it failed)
-    compaction = {
-      block: { type: "compaction", content: summary, encrypted_content: null },
-      usage: s.usage,
-    };
-    if (summary !== null) {
-      const system = chat.messages[0]?.role === "system" ? [chat.messages[0]] : [];
-      // (an answer begun, continued after the summary)
-      const prefill = chat.continue_final_message ? [chat.messages.at(-1)!] : [];
-      chat = { ...chat, messages: [...system, summaryTurn(summary), ...prefill] };
-    }
-    if (compactOnly || compact?.pause) {
-      const usage = { ...NO_USAGE, iterations: [compactionIteration(s.usage)] };
-      const stop = { stop_reason: "compaction", stop_sequence: null };
-      if (!b.stream) return { ...head, content: [compaction.block], ...stop, usage, ...managed };
-      const raw = eventStream(reply);
-      const event = (o: object) => raw.write(sse(o as { type: string }));
-      event({
-        type: "message_start",
-        message: { ...head, content: [], stop_reason: null, stop_sequence: null, usage: NO_USAGE },
-      });
-      compactionEvents(event, compaction.block);
-      event({ type: "message_delta", delta: stop, usage, ...managed });
-      event({ type: "message_stop" });
-      raw.end();
-      return reply;
-    }
-  }
-  const { spec, outputOptions } = await chatRun(ctx, chat);
-  /** display "omitted": thinking blocks without their text. */
-  const omitted = b.thinking?.display === "omitted";
-  /** The usage: the answer's, with the summary's as a separate iteration. */
-  const usageWith = (u: ReturnType<typeof usageOf>) =>
-    compaction
-      ? { ...u, iterations: [compactionIteration(compaction.usage), { type: "message", ...u }] }
-      : u;
-  if (!b.stream) {
-    const job = startJob(ctx, spec);
-    bind(reply, job);
-    await job.done;
-    const c = job.choices[0]!;
-    const m = new ChatOutput(outputOptions).message(c.out.text) as {
-      content: string | null;
-      reasoning_content?: string;
-      tool_calls?: { id: string; function: { name: string; arguments: string } }[];
-    };
-    const content: object[] = compaction ? [compaction.block] : [];
-    if (m.reasoning_content)
-      content.push({
-        type: "thinking",
-        thinking: omitted ? "" : m.reasoning_content,
-        signature: "",
-      });
-    if (m.content) content.push({ type: "text", text: m.content });
-    let calls = 0;
-    for (const t of m.tool_calls ?? []) {
-      const input = inputOf(t.function.arguments);
-      if (input === null) continue; // cut by max_tokens: stop_reason says so
-      content.push({ type: "tool_use", id: t.id, name: t.function.name, input });
-      calls++;
-    }
-    return {
-      ...head,
-      content,
-      ...stopOf(c, calls),
-      usage: usageWith(usageOf(ctx, job, m.reasoning_content)),
-      ...managed,
-    };
+  // Streamed: the events open with the first job admitted (until then a refusal is still a
+  // plain error response); after that, what fails is an error event.
+  const events = b.stream ? new MessageEvents(ctx, reply, head) : null;
+  try {
+    return await answer();
+  } catch (err) {
+    if (!events?.opened) throw err;
+    events.send(errorBody(toApiError(err)));
+    events.end();
+    return reply;
   }
 
-  // Streamed: Anthropic's events, each `event: <type>` and its JSON.
-  let raw: FastifyReply["raw"] | null = null;
-  const pending: string[] = [];
-  const send = (o: { type: string }) => {
-    if (raw === null) pending.push(sse(o));
-    else if (!raw.destroyed) raw.write(sse(o));
-  };
-  const blocks = new BlockStream(send, omitted, compaction ? 1 : 0);
-  const output = new ChatOutput(outputOptions);
-  // A forced call (tool_choice naming a tool): its block opens first.
-  const forced = output.first()["tool_calls"];
-  if (Array.isArray(forced)) blocks.push([{ tool_calls: forced as ToolCallDelta[] }]);
-  let stop: ReturnType<typeof stopOf> | null = null;
-  const job = startJob(ctx, spec, {
-    onToken: (_c, _t, text) => blocks.push(output.push(text)),
-    onFinish: (c, text) => {
-      blocks.push([...output.push(text), ...output.end()]);
-      blocks.close();
-      stop = stopOf(c, blocks.calls);
-    },
-  });
-  // Admitted (no 4xx left to answer): the events start.
-  raw = eventStream(reply);
-  bind(reply, job);
-  raw.write(
-    sse({
-      type: "message_start",
-      message: {
+  async function answer(): Promise<unknown> {
+    // A compaction (asked for, or its trigger reached): the model's summary of the
+    // conversation comes first, as a compaction block; the answer, if any, runs on the
+    // summary alone. Streamed, the block starts as the summary's job is admitted, so that
+    // the client hears from the stream (pings) while the summary is made.
+    let compaction: { block: CompactionBlock; usage: SummaryUsage } | null = null;
+    if (compactOnly || compact) {
+      checkModel(ctx, b.model);
+      const s = await summarize(ctx, (c) => fittedRun(ctx, c, true), chat.messages, reply, {
+        prompt: (compactOnly ?? compact)?.instructions ?? COMPACT_PROMPT,
+        admitted: () => {
+          events?.open(NO_USAGE);
+          events?.send(COMPACTION_START);
+        },
+      });
+      if (s === null) return events?.opened ? events.end() : leftReply(reply); // (the client left)
+      const summary = s.summary.trim() === "" ? null : s.summary; // (null: it failed)
+      compaction = {
+        block: { type: "compaction", content: summary, encrypted_content: null },
+        usage: s.usage,
+      };
+      events?.send(compactionDelta(compaction.block));
+      events?.send({ type: "content_block_stop", index: 0 });
+      if (summary !== null) {
+        const system = chat.messages[0]?.role === "system" ? [chat.messages[0]] : [];
+        // (an answer begun, continued after the summary)
+        const prefill = chat.continue_final_message ? [chat.messages.at(-1)!] : [];
+        chat = { ...chat, messages: [...system, summaryTurn(summary), ...prefill] };
+      }
+      if (compactOnly || compact?.pause) {
+        const usage = { ...NO_USAGE, iterations: [compactionIteration(s.usage)] };
+        const stop = { stop_reason: "compaction", stop_sequence: null };
+        if (!events) return { ...head, content: [compaction.block], ...stop, usage, ...managed };
+        events.send({ type: "message_delta", delta: stop, usage, ...managed });
+        events.send({ type: "message_stop" });
+        return events.end();
+      }
+    }
+    const { spec, outputOptions } = await chatRun(ctx, chat);
+    /** display "omitted": thinking blocks without their text. */
+    const omitted = b.thinking?.display === "omitted";
+    /** The usage: the answer's, with the summary's as a separate iteration. */
+    const usageWith = (u: ReturnType<typeof usageOf>) =>
+      compaction
+        ? { ...u, iterations: [compactionIteration(compaction.usage), { type: "message", ...u }] }
+        : u;
+    if (!events) {
+      const job = startJob(ctx, spec);
+      bind(reply, job);
+      await job.done;
+      const c = job.choices[0]!;
+      const m = new ChatOutput(outputOptions).message(c.out.text) as {
+        content: string | null;
+        reasoning_content?: string;
+        tool_calls?: { id: string; function: { name: string; arguments: string } }[];
+      };
+      const content: object[] = compaction ? [compaction.block] : [];
+      if (m.reasoning_content)
+        content.push({
+          type: "thinking",
+          thinking: omitted ? "" : m.reasoning_content,
+          signature: "",
+        });
+      if (m.content) content.push({ type: "text", text: m.content });
+      let calls = 0;
+      for (const t of m.tool_calls ?? []) {
+        const input = inputOf(t.function.arguments);
+        if (input === null) continue; // cut by max_tokens: stop_reason says so
+        content.push({ type: "tool_use", id: t.id, name: t.function.name, input });
+        calls++;
+      }
+      return {
         ...head,
-        content: [],
-        stop_reason: null,
-        stop_sequence: null,
-        usage: { ...usageOf(ctx, job), output_tokens: 0 },
+        content,
+        ...stopOf(c, calls),
+        usage: usageWith(usageOf(ctx, job, m.reasoning_content)),
+        ...managed,
+      };
+    }
+
+    // Streamed: the answer's blocks (from index 1 after a compaction block).
+    const send = (o: { type: string }) => events.send(o);
+    const blocks = new BlockStream(send, omitted, compaction ? 1 : 0);
+    const output = new ChatOutput(outputOptions);
+    // A forced call (tool_choice naming a tool): its block opens first.
+    const forced = output.first()["tool_calls"];
+    if (Array.isArray(forced)) blocks.push([{ tool_calls: forced as ToolCallDelta[] }]);
+    let stop: ReturnType<typeof stopOf> | null = null;
+    const job = startJob(ctx, spec, {
+      onToken: (_c, _t, text) => blocks.push(output.push(text)),
+      onFinish: (c, text) => {
+        blocks.push([...output.push(text), ...output.end()]);
+        blocks.close();
+        stop = stopOf(c, blocks.calls);
       },
-    } as { type: string }),
-  );
-  if (compaction) compactionEvents((o) => raw!.write(sse(o as { type: string })), compaction.block);
-  for (const e of pending) raw.write(e);
-  try {
+    });
+    // Admitted: the events start (unless a compaction's started them).
+    events.open({ ...usageOf(ctx, job), output_tokens: 0 });
+    bind(reply, job);
     await job.done;
     // The whole usage again: message_start's came before the prefix cache was looked up.
     send({
@@ -670,30 +663,71 @@ async function messages(
       ...managed,
     } as unknown as { type: string });
     send({ type: "message_stop" });
-  } catch (err) {
-    send(errorBody(toApiError(err)));
+    return events.end();
   }
-  if (!raw.destroyed) raw.end();
-  return reply;
 }
 
 /** One server-sent event: `event: <type>` and its JSON. */
 const sse = (o: { type: string }) => `event: ${o.type}\ndata: ${JSON.stringify(o)}\n\n`;
 
-/** A compaction block's events, at index 0: its start, its content in one delta, its stop. */
-function compactionEvents(event: (o: object) => void, { content }: CompactionBlock): void {
-  event({
-    type: "content_block_start",
-    index: 0,
-    content_block: { type: "compaction", content: null, encrypted_content: null },
-  });
-  event({
-    type: "content_block_delta",
-    index: 0,
-    delta: { type: "compaction_delta", content, encrypted_content: null },
-  });
-  event({ type: "content_block_stop", index: 0 });
+/**
+ * A streamed message's events: written once the stream is opened (its first job admitted),
+ * queued before; pings (Anthropic's keepalive) while it is quiet.
+ */
+class MessageEvents {
+  readonly #ctx: ServeContext;
+  readonly #reply: FastifyReply;
+  readonly #head: object;
+  #raw: FastifyReply["raw"] | null = null;
+  readonly #pending: string[] = [];
+
+  constructor(ctx: ServeContext, reply: FastifyReply, head: object) {
+    this.#ctx = ctx;
+    this.#reply = reply;
+    this.#head = head;
+  }
+
+  get opened(): boolean {
+    return this.#raw !== null;
+  }
+
+  /** Sends the headers and message_start (its usage as known now); again, nothing. */
+  open(usage: object): void {
+    if (this.#raw) return;
+    const raw = eventStream(this.#reply, this.#ctx, sse({ type: "ping" }));
+    this.#raw = raw;
+    const message = { ...this.#head, content: [], stop_reason: null, stop_sequence: null, usage };
+    raw.write(sse({ type: "message_start", message } as { type: string }));
+    for (const e of this.#pending) raw.write(e);
+    this.#pending.length = 0;
+  }
+
+  send(o: object): void {
+    const event = sse(o as { type: string });
+    if (this.#raw === null) this.#pending.push(event);
+    else if (!this.#raw.destroyed) this.#raw.write(event);
+  }
+
+  /** Ends the stream (the reply, for the route to return). */
+  end(): FastifyReply {
+    if (this.#raw && !this.#raw.destroyed) this.#raw.end();
+    return this.#reply;
+  }
 }
+
+/** A compaction block's start, at index 0 (its content follows in one delta). */
+const COMPACTION_START = {
+  type: "content_block_start",
+  index: 0,
+  content_block: { type: "compaction", content: null, encrypted_content: null },
+};
+
+/** A compaction block's content, in one delta. */
+const compactionDelta = ({ content }: CompactionBlock) => ({
+  type: "content_block_delta",
+  index: 0,
+  delta: { type: "compaction_delta", content, encrypted_content: null },
+});
 
 /**
  * Chat deltas as Anthropic's content blocks: a block starts when the kind of output changes

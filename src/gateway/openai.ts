@@ -388,8 +388,24 @@ export function jobOf(raw: object): Job | undefined {
   return jobs.get(raw);
 }
 
-/** Takes the raw response over for server-sent events: the status and headers, sent now. */
-export function eventStream(reply: FastifyReply): FastifyReply["raw"] {
+/** A comment: the keepalive of server-sent events that every client skips (SSE's own). */
+export const KEEPALIVE_COMMENT = ": keepalive\n\n";
+
+/** How long a stream may be silent before its keepalive when the gateway sets none. */
+export const KEEPALIVE_MS = 15_000;
+
+/**
+ * Takes the raw response over for server-sent events: the status and headers, sent now.
+ * A stream that sends nothing for ctx.streamKeepaliveMs (the prompt waiting its turn, a long
+ * prefill, a summary made before the answer) gets `keepalive` then, and again after as long
+ * again, lest a proxy or load balancer take the quiet connection for a dead one (an idle
+ * timeout of 60 s is common) and cut it.
+ */
+export function eventStream(
+  reply: FastifyReply,
+  ctx: Pick<ServeContext, "streamKeepaliveMs">,
+  keepalive = KEEPALIVE_COMMENT,
+): FastifyReply["raw"] {
   reply.hijack();
   reply.raw.writeHead(200, {
     // Those set before (x-request-id), then the stream's own.
@@ -400,12 +416,44 @@ export function eventStream(reply: FastifyReply): FastifyReply["raw"] {
   });
   // Clients wait for the headers: send them now, before the first token.
   reply.raw.flushHeaders();
+  keepAlive(reply.raw, ctx.streamKeepaliveMs ?? KEEPALIVE_MS, keepalive);
   return reply.raw;
 }
 
+/**
+ * Writes `line` on `raw` whenever nothing went out for `ms` (0: never), until it ends.
+ * What went out is read off the socket's count of bytes, so that every writer of the stream
+ * counts without being told; a slow client's buffer still draining counts as sending.
+ */
+function keepAlive(raw: FastifyReply["raw"], ms: number, line: string): void {
+  const socket = raw.socket;
+  if (!(ms > 0) || socket === null) return;
+  let seen = socket.bytesWritten;
+  let quietSince = Date.now();
+  // (checked three times a period: a silence is cut within 4/3 of it)
+  const timer = setInterval(
+    () => {
+      if (raw.destroyed || raw.writableEnded) return clearInterval(timer);
+      const now = Date.now();
+      if (socket.bytesWritten !== seen || raw.writableLength > 0) quietSince = now;
+      else if (now - quietSince >= ms) {
+        raw.write(line);
+        quietSince = now;
+      }
+      seen = socket.bytesWritten;
+    },
+    Math.max(1, Math.floor(ms / 3)),
+  );
+  timer.unref();
+  raw.once("close", () => clearInterval(timer));
+}
+
 /** Server-sent events on the raw response (after the job was admitted). */
-function sse(reply: FastifyReply): { send: (o: unknown) => void; end: () => void } {
-  eventStream(reply);
+function sse(
+  ctx: ServeContext,
+  reply: FastifyReply,
+): { send: (o: unknown) => void; end: () => void } {
+  eventStream(reply, ctx);
   return {
     send: (o) => {
       if (!reply.raw.destroyed) reply.raw.write(`data: ${JSON.stringify(o)}\n\n`);
@@ -886,7 +934,7 @@ async function chat(
       );
     },
   });
-  out = sse(reply);
+  out = sse(ctx, reply);
   bind(reply, job);
   for (const c of job.choices)
     out.send(
@@ -1067,7 +1115,7 @@ async function completion(
     },
     onFinish: (c, text) => send(choice(c.index, text, c.finishReason)),
   });
-  out = sse(reply);
+  out = sse(ctx, reply);
   bind(reply, job);
   if (echo && !spec.promptLogprobs)
     for (const c of job.choices) out.send(choice(c.index, promptTexts[c.prompt]!, null));

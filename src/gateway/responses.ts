@@ -908,7 +908,10 @@ export function responsesRoutes(
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
-      (req, reply) => respond(ctx, store, conversations, running, owner(req), req, reply),
+      (req, reply) =>
+        respond(ctx, store, conversations, running, owner(req), req, reply).catch((err) =>
+          failedOpen(reply, err),
+        ),
     );
     app.post<{ Body: InputTokensRequest }>(
       "/v1/responses/input_tokens",
@@ -1013,7 +1016,7 @@ export function responsesRoutes(
             `the events of response '${id.slice(0, 80)}' were not kept (it was made before they were): GET it without stream`,
             "stream",
           );
-        return sendEvents(reply, lines, left);
+        return sendEvents(ctx, reply, lines, left);
       },
     );
     app.get<{ Params: { id: string }; Querystring: InputItemsQuery }>(
@@ -1051,11 +1054,12 @@ function keptFor(store: KeptResponses, owner: string, id: string): Kept | undefi
  * runs on).
  */
 async function sendEvents(
+  ctx: ServeContext,
   reply: FastifyReply,
   lines: AsyncGenerator<string>,
   left: AbortController,
 ): Promise<FastifyReply> {
-  const raw = eventStream(reply);
+  const raw = eventStream(reply, ctx);
   raw.on("close", () => left.abort());
   for await (const line of lines) {
     if (raw.destroyed) break;
@@ -1134,6 +1138,26 @@ function previousConversation(
   return kept.conversation;
 }
 
+/**
+ * A request that failed after its stream was opened (a compaction's summary opens it before
+ * the answer is admitted): an error event ends the stream, as one that fails later; before,
+ * the error is the request's.
+ */
+function failedOpen(reply: FastifyReply, err: unknown): FastifyReply {
+  const raw = reply.raw;
+  if (!raw.headersSent) throw err;
+  const e = toApiError(err);
+  const event = {
+    type: "error",
+    sequence_number: 0,
+    code: e.code,
+    message: e.message,
+    param: e.param,
+  };
+  if (!raw.destroyed) raw.end(`event: error\ndata: ${JSON.stringify(event)}\n\n`);
+  return reply;
+}
+
 async function respond(
   ctx: ServeContext,
   store: KeptResponses,
@@ -1181,6 +1205,8 @@ async function respond(
   // conversation before its last turn summarized first (compaction.ts), and the answer runs on
   // the compacted conversation, which the response keeps; its output starts with the item.
   let compaction: { item: OutputItem; usage: SummaryUsage } | null = null;
+  /** The stream, when the compaction's summary opened it (answered below, not by fastify). */
+  let opened: FastifyReply["raw"] | null = null;
   const threshold = compactThreshold(b.context_management, ctx.maxModelLen);
   if (threshold !== null) {
     const { prompt } = await chatPrompt(ctx, chatRequest).catch((err: unknown) => {
@@ -1190,7 +1216,14 @@ async function respond(
     if (t !== null) {
       const [history, last] = [conversation.slice(0, t), conversation.slice(t)];
       const fit = (chat: ChatCompletionRequest) => fitted(ctx, chat, true);
-      const s = await summarize(ctx, fit, b.instructions, history, reply);
+      const s = await summarize(ctx, fit, history, reply, {
+        instructions: b.instructions,
+        // Streamed (not background): the headers go once the summary's job is admitted, so
+        // that the client hears from the stream (its keepalive) while the summary is made.
+        admitted: () => {
+          if (b.stream && !b.background) opened = eventStream(reply, ctx);
+        },
+      });
       if (s === null) return leftReply(reply);
       conversation = compactedConversation(history, {
         summary: s.summary,
@@ -1448,7 +1481,7 @@ async function respond(
     });
     if (!b.stream) return current;
     const left = new AbortController();
-    return sendEvents(reply, log.follow(-1, left.signal), left);
+    return sendEvents(ctx, reply, log.follow(-1, left.signal), left);
   }
 
   if (!b.stream) {
@@ -1476,7 +1509,7 @@ async function respond(
   const items = new OutputItems(emit, logprobs);
   if (compaction) items.add(compaction.item);
   job = startJob(ctx, spec, itemHooks(output, items));
-  raw = eventStream(reply);
+  raw = opened ?? eventStream(reply, ctx);
   write("response.created", { response: response("in_progress", []) });
   write("response.in_progress", { response: response("in_progress", []) });
   for (const [type, body] of queued) write(type, body);

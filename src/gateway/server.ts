@@ -102,6 +102,8 @@ export interface GatewayConfig {
   readonly toolCallParser?: ToolCallFormat;
   /** Defaults of the sampling fields requests leave out (default: none; generation-config.ts). */
   readonly samplingDefaults?: SamplingDefaults;
+  /** A stream silent this long gets a keepalive (default 15 s; 0: none; openai.ts eventStream). */
+  readonly streamKeepaliveMs?: number;
   /** OpenTelemetry traces of the requests (tracing.ts), when on. */
   readonly tracing?: Tracing;
   /** Where requests that fail on the server's side (5xx) are logged. */
@@ -272,6 +274,7 @@ export function createServeContext(
     thinkingTokenBudget: cfg.thinkingTokenBudget ?? null,
     toolCallFormat: cfg.toolCallParser ?? "deepseek-v3",
     samplingDefaults: cfg.samplingDefaults ?? {},
+    ...(cfg.streamKeepaliveMs !== undefined ? { streamKeepaliveMs: cfg.streamKeepaliveMs } : {}),
     metrics: new GatewayMetrics(
       () => engine.stats,
       () => ({ liveWorkers: encoder.liveWorkers, ...encoder.stats }),

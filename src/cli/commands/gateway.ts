@@ -106,6 +106,10 @@ ${natsAuthUsage(26)}
                             priority better per SECONDS since it arrived, so that higher ones
                             cannot keep it out for ever (default 0: no aging)
   --max-request-bytes N     largest request body (default 1048576)
+  --stream-keepalive SECONDS  a streamed answer silent this long (waiting its turn, a long
+                            prefill, a summary made first) gets a keepalive (an SSE comment; a
+                            ping event on /v1/messages), so that proxies keep the connection
+                            (default 15; 0: none)
   --shutdown-delay SECONDS  on SIGTERM, keep serving this long with /ready answering 503 before
                             stopping, so that a Service stops sending requests first (default 0;
                             the operator's pods use 5)
@@ -277,6 +281,7 @@ export const gatewayCommand: Command = {
         "max-running": { type: "string" },
         "scheduling-policy": { type: "string" },
         "priority-aging": { type: "string" },
+        "stream-keepalive": { type: "string" },
         "max-request-bytes": { type: "string" },
         "shutdown-delay": { type: "string" },
         "shutdown-timeout": { type: "string" },
@@ -342,6 +347,7 @@ export const gatewayCommand: Command = {
         `--scheduling-policy must be ${SCHEDULING_POLICIES.join(" or ")}, got ${schedulingPolicy}`,
       );
     const priorityAgingS = numberFlag(values["priority-aging"], "--priority-aging", 0);
+    const keepaliveS = numberFlag(values["stream-keepalive"], "--stream-keepalive", 15);
     if (priorityAgingS > 0 && schedulingPolicy !== "priority")
       usage(
         `--priority-aging needs --scheduling-policy priority (requests run in arrival order under ${schedulingPolicy})`,
@@ -765,6 +771,7 @@ export const gatewayCommand: Command = {
         : {}),
       schedulingPolicy: schedulingPolicy as SchedulingPolicy,
       ...(priorityAgingS > 0 ? { priorityAgingMs: priorityAgingS * 1000 } : {}),
+      streamKeepaliveMs: Math.round(keepaliveS * 1000),
       tokenizerWorkers,
       reasoningParser: reasoningParser as ReasoningParserName,
       ...(thinkingBudget !== undefined ? { thinkingTokenBudget: thinkingBudget } : {}),
