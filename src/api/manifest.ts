@@ -300,6 +300,9 @@ export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway")
     ...prefixCacheRemoteArgs(model),
     ...(g.schedulingPolicy === "priority" ? ["--scheduling-policy=priority"] : []),
     ...(g.priorityAgingSeconds ? [`--priority-aging=${g.priorityAgingSeconds}`] : []),
+    ...(g.streamKeepaliveSeconds !== undefined
+      ? [`--stream-keepalive=${g.streamKeepaliveSeconds}`]
+      : []),
     ...(g.logRequests ? ["--log-requests"] : []),
     ...(g.tracing ? [`--otlp-traces-endpoint=${g.tracing.otlpEndpoint}`] : []),
     ...(g.tracing?.protocol === "grpc" ? ["--otlp-traces-protocol=grpc"] : []),

@@ -647,6 +647,13 @@ export const GatewaySchema = withRules(
             "With schedulingPolicy priority: a waiting request counts as one priority better per this many seconds since it arrived, so that a steady stream of higher priorities cannot keep it out for ever. Only the admission order ages: preempting a running request still takes a better `priority` as given. 0 or unset: no aging.",
         }),
       ),
+      streamKeepaliveSeconds: Type.Optional(
+        Type.Number({
+          minimum: 0,
+          description:
+            "A streamed answer that has sent nothing for this many seconds (waiting its turn, a long prompt's prefill, a compaction's summary made before the answer) gets a keepalive, an SSE comment (Anthropic's ping event on /v1/messages), and again while it stays quiet, so that a proxy or load balancer in front of the gateways does not close the connection as idle. Below their idle timeout (60 s for nginx and AWS ALB). Unset: 15; 0: none.",
+        }),
+      ),
       speculative: Type.Optional(
         withRules(
           "spec.gateway.speculative",

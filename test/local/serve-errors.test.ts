@@ -280,6 +280,11 @@ describe("serving commands on bad input", () => {
     ]);
     expect(agingBad.code).toBe(1);
     expect(agingBad.stderr).toContain("[EM_CLI_USAGE] --priority-aging must be a number >= 0");
+    const keepalive = await gateway(["--http-port=0", "--stream-keepalive=soon"]);
+    expect(keepalive.code).toBe(1);
+    expect(keepalive.stderr).toContain(
+      "[EM_CLI_USAGE] --stream-keepalive must be a number >= 0, got 'soon'",
+    );
     const bad = await gateway(["--http-port=0", "--metrics-port=abc"]);
     expect(bad.code).toBe(1);
     expect(bad.stderr).toContain(

@@ -890,6 +890,17 @@ describe("desiredObjects", () => {
     ).toEqual(["--priority-aging=2.5"]);
   });
 
+  it("streamKeepaliveSeconds: the gateways' --stream-keepalive (0 too: none); unset, their default", () => {
+    const keepalive = (extra: string) =>
+      (
+        (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+          .containers[0].args as string[]
+      ).filter((a) => a.startsWith("--stream-keepalive"));
+    expect(keepalive("  gateway: { streamKeepaliveSeconds: 5 }")).toEqual(["--stream-keepalive=5"]);
+    expect(keepalive("  gateway: { streamKeepaliveSeconds: 0 }")).toEqual(["--stream-keepalive=0"]);
+    expect(keepalive("")).toEqual([]);
+  });
+
   it.each([
     ["tiny-v3", "", "none"],
     ["deepseek-r1", "", "deepseek-r1"],
