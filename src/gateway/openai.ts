@@ -58,15 +58,27 @@ export interface Keeping {
 /** The route plugin. */
 export function openaiRoutes(ctx: ServeContext, keeping: Keeping) {
   return async (app: FastifyInstance) => {
+    // OpenAI's model object and Anthropic's (type, display_name, created_at) in one, and a
+    // list that is both APIs' page (Anthropic's has_more, first_id, last_id): either SDK's
+    // client.models.list() and retrieve(id) read it.
     const model = {
       id: ctx.servedModelName,
       object: "model",
       created: 0,
       owned_by: "expertmesh",
       max_model_len: ctx.maxModelLen,
+      type: "model",
+      display_name: ctx.servedModelName,
+      created_at: new Date(0).toISOString(),
     };
-    app.get("/v1/models", async () => ({ object: "list", data: [model] }));
-    // OpenAI's retrieve (client.models.retrieve(id)).
+    app.get("/v1/models", async () => ({
+      object: "list",
+      data: [model],
+      has_more: false,
+      first_id: model.id,
+      last_id: model.id,
+    }));
+    // The SDKs' retrieve (client.models.retrieve(id)).
     app.get<{ Params: { id: string } }>("/v1/models/:id", async (req) => {
       checkModel(ctx, req.params.id);
       return model;

@@ -448,6 +448,23 @@ describe("POST /v1/messages", () => {
     }
   });
 
+  it("models: the SDK's list and retrieve give the served model (Anthropic's fields); another id is not found", async () => {
+    const page = await client.models.list();
+    expect(page.data).toMatchObject([
+      { id: "tiny", type: "model", display_name: "tiny", created_at: "1970-01-01T00:00:00.000Z" },
+    ]);
+    expect(page.hasNextPage()).toBe(false);
+    expect(await client.models.retrieve("tiny")).toMatchObject(page.data[0]!);
+    const other = await client.models.retrieve("claude-sonnet-4-5").catch((e: unknown) => e);
+    expect(other).toBeInstanceOf(Anthropic.NotFoundError);
+    // Keys by x-api-key, as for messages.
+    const denied = await sdk(keyed, "wrong")
+      .models.list()
+      .catch((e: unknown) => e);
+    expect(denied).toBeInstanceOf(Anthropic.AuthenticationError);
+    expect((await sdk(keyed, "sekret").models.list()).data.map((m) => m.id)).toEqual(["tiny"]);
+  });
+
   it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
     const ok = {
       model: "tiny",
