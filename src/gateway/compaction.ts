@@ -22,7 +22,7 @@ import { Value } from "@sinclair/typebox/value";
 import type { FastifyReply, FastifyRequest } from "fastify";
 import { ChatOutput } from "./chat-output.ts";
 import { ApiError } from "./errors.ts";
-import { type ServeContext, startJob } from "./jobs.ts";
+import { type Job, type ServeContext, startJob } from "./jobs.ts";
 import { bind, type ChatRun, checkModel, usageOf } from "./openai.ts";
 import { type ChatCompletionRequest, ChatMessage } from "./schemas.ts";
 
@@ -198,20 +198,23 @@ export interface SummaryOptions {
   /** The last user turn, which asks for the summary (default COMPACTION_PROMPT). */
   readonly prompt?: string;
   /** Called once the summary's job is admitted (a refusal before it is the request's). */
-  readonly admitted?: () => void;
+  readonly admitted?: (job: Job) => void;
+  /** Called when the summary's job has its first step scheduled (it left the queue). */
+  readonly started?: () => void;
 }
 
 /**
  * The model's summary of `conversation` (after o.instructions): asked after it (o.prompt), greedy, at most
  * a quarter of the context and COMPACTION_MAX_TOKENS; a conversation too long for the
  * context has its oldest items dropped to fit (`fitted`, as truncation "auto"), so the summary
- * covers what fits. A client that leaves cancels it (`reply`): null.
+ * covers what fits. A client that leaves cancels it (`reply`; none: a background response's,
+ * whose cancel cancels the job o.admitted is given): null.
  */
 export async function summarize(
   ctx: ServeContext,
   fitted: (chat: ChatCompletionRequest) => Promise<ChatRun>,
   conversation: readonly ChatMessage[],
-  reply: FastifyReply,
+  reply: FastifyReply | null,
   o: SummaryOptions = {},
 ): Promise<{ summary: string; usage: SummaryUsage } | null> {
   const { instructions, prompt = COMPACTION_PROMPT } = o;
@@ -226,9 +229,9 @@ export async function summarize(
     temperature: 0,
   };
   const { spec, outputOptions } = await fitted(chat);
-  const job = startJob(ctx, spec);
-  bind(reply, job);
-  o.admitted?.();
+  const job = startJob(ctx, spec, o.started ? { onStarted: o.started } : {});
+  if (reply) bind(reply, job);
+  o.admitted?.(job);
   await job.done;
   const c = job.choices[0]!;
   if (c.finishReason === null) return null; // (the client left)

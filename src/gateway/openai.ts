@@ -231,6 +231,18 @@ export function checkModel(ctx: ServeContext, model: string): void {
 }
 
 /** The shared sampling fields as a JobSpec (logprob fields and the grammar from the route). */
+/**
+ * The temperature and top_p a request samples with: its own, else the model's recommended
+ * (generation_config.json), else OpenAI's defaults (1).
+ */
+export function temperatureOf(
+  ctx: Pick<ServeContext, "samplingDefaults">,
+  b: Pick<Common, "temperature" | "top_p">,
+): { temperature: number; topP: number } {
+  const d = ctx.samplingDefaults;
+  return { temperature: b.temperature ?? d.temperature ?? 1, topP: b.top_p ?? d.top_p ?? 1 };
+}
+
 function jobSpec(
   ctx: ServeContext,
   b: Common,
@@ -270,8 +282,7 @@ function jobSpec(
     prompts: jobPrompts,
     n: b.n ?? 1,
     sampling: {
-      temperature: b.temperature ?? d.temperature ?? 1,
-      topP: b.top_p ?? d.top_p ?? 1,
+      ...temperatureOf(ctx, b),
       topK: Math.max(topK, 0),
       presencePenalty: b.presence_penalty ?? 0,
       frequencyPenalty: b.frequency_penalty ?? 0,

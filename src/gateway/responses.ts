@@ -27,6 +27,7 @@ import {
   decodeCompaction,
   lastTurnStart,
   leftReply,
+  type SummaryOptions,
   type SummaryUsage,
   summarize,
   userTexts,
@@ -37,11 +38,13 @@ import { ApiError, renameParam, toApiError } from "./errors.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
   bind,
+  type ChatRun,
   chatLogprob,
   chatPrompt,
   checkModel,
   eventStream,
   fittedRun,
+  temperatureOf,
   usageOf,
 } from "./openai.ts";
 import { effortKwargs, requestThinks } from "./reasoning.ts";
@@ -1204,9 +1207,11 @@ async function respond(
   // Server-side compaction (context_management): a prompt that reaches the threshold has the
   // conversation before its last turn summarized first (compaction.ts), and the answer runs on
   // the compacted conversation, which the response keeps; its output starts with the item.
-  let compaction: { item: OutputItem; usage: SummaryUsage } | null = null;
-  /** The stream, when the compaction's summary opened it (answered below, not by fastify). */
-  let opened: FastifyReply["raw"] | null = null;
+  type Compaction = { item: OutputItem; usage: SummaryUsage };
+  // (set by compactFirst: typed so that the checker does not narrow it to null here)
+  let compaction = null as Compaction | null;
+  /** The turns to summarize and the last (the answer's), when a compaction is due. */
+  let due: { history: ChatMessage[]; last: ChatMessage[] } | null = null;
   const threshold = compactThreshold(b.context_management, ctx.maxModelLen);
   if (threshold !== null) {
     const { prompt } = await chatPrompt(ctx, chatRequest).catch((err: unknown) => {
@@ -1214,31 +1219,59 @@ async function respond(
     });
     const t = prompt.length >= threshold ? lastTurnStart(conversation) : null;
     if (t !== null) {
-      const [history, last] = [conversation.slice(0, t), conversation.slice(t)];
-      const fit = (chat: ChatCompletionRequest) => fitted(ctx, chat, true);
-      const s = await summarize(ctx, fit, history, reply, {
-        instructions: b.instructions,
-        // Streamed (not background): the headers go once the summary's job is admitted, so
-        // that the client hears from the stream (its keepalive) while the summary is made.
-        admitted: () => {
-          if (b.stream && !b.background) opened = eventStream(reply, ctx);
-        },
-      });
-      if (s === null) return leftReply(reply);
-      conversation = compactedConversation(history, {
-        summary: s.summary,
-        users: userTexts(history),
-        after: last,
-      });
-      const system = chatRequest.messages.length - asked.conversation.length;
-      chatRequest = {
-        ...chatRequest,
-        messages: [...chatRequest.messages.slice(0, system), ...conversation],
-      };
-      compaction = { item: compactionItem(history, s.summary, newId, last), usage: s.usage };
+      checkModel(ctx, chatRequest.model); // (not after a summary made for nothing)
+      due = { history: conversation.slice(0, t), last: conversation.slice(t) };
     }
   }
-  const { spec, outputOptions, finishOf } = await fitted(ctx, chatRequest, b.truncation === "auto");
+  /**
+   * Summarizes what `due` names, and compacts the conversation and the chat request with
+   * the summary (`reply`, `o`: summarize's). False: cancelled.
+   */
+  const compactFirst = async (
+    reply: FastifyReply | null,
+    o: Pick<SummaryOptions, "admitted" | "started">,
+  ): Promise<boolean> => {
+    const { history, last } = due!;
+    const fit = (chat: ChatCompletionRequest) => fitted(ctx, chat, true);
+    const s = await summarize(ctx, fit, history, reply, { instructions: b.instructions, ...o });
+    if (s === null) return false;
+    conversation = compactedConversation(history, {
+      summary: s.summary,
+      users: userTexts(history),
+      after: last,
+    });
+    const system = chatRequest.messages.length - asked.conversation.length;
+    chatRequest = {
+      ...chatRequest,
+      messages: [...chatRequest.messages.slice(0, system), ...conversation],
+    };
+    compaction = { item: compactionItem(history, s.summary, newId, last), usage: s.usage };
+    return true;
+  };
+  /** The stream, when the compaction's summary opened it (answered below, not by fastify). */
+  let opened = null as FastifyReply["raw"] | null;
+  // In the foreground the answer waits for the summary here; a background response is
+  // answered at once (queued), its summary the first part of its work (below).
+  if (due && !b.background) {
+    const summarized = await compactFirst(reply, {
+      // Streamed: the headers go once the summary's job is admitted, so that the client
+      // hears from the stream (its keepalive) while the summary is made.
+      admitted: () => {
+        if (b.stream) opened = eventStream(reply, ctx);
+      },
+    });
+    if (!summarized) return leftReply(reply);
+  }
+  /** How the answer runs: known now, or once a background response's summary is made. */
+  let run = due && b.background ? null : await fitted(ctx, chatRequest, b.truncation === "auto");
+  if (due && b.background)
+    // (its fields checked now, on the conversation as sent, so that a refusal is still this
+    // request's: a prompt too long is what the compaction is for)
+    await fitted(ctx, chatRequest, true).catch((err: unknown) => {
+      if (!(err instanceof ApiError && err.code === "EM_GATEWAY_PROMPT_TOO_LONG")) throw err;
+    });
+  /** The response's temperature and top_p (the same before a compaction and after). */
+  const sampling = temperatureOf(ctx, chatRequest);
   const id = newId("resp");
   // Its input as items, ids given once: a background response is kept twice (running, ended),
   // and a conversation gets the same ids.
@@ -1255,8 +1288,8 @@ async function respond(
     output,
     instructions: b.instructions ?? null,
     max_output_tokens: b.max_output_tokens ?? null,
-    temperature: spec.sampling.temperature,
-    top_p: spec.sampling.topP,
+    temperature: sampling.temperature,
+    top_p: sampling.topP,
     tools: b.tools ?? [],
     tool_choice: b.tool_choice ?? "auto",
     parallel_tool_calls: b.parallel_tool_calls ?? true,
@@ -1272,7 +1305,7 @@ async function respond(
     usage: null,
     ...extra,
   });
-  let job: Job;
+  let job: Job | undefined;
   /** Keeps response `r` when stored, with the conversation up to its answer `items`. */
   const keepAs = (r: object, items: readonly OutputItem[] = []) => {
     if (stored)
@@ -1285,8 +1318,8 @@ async function respond(
   };
   /** The finished response. */
   const finalOf = (c: Choice, output: ChatOutput, items: OutputItem[]) => {
-    const length = finishOf(c, output) === "length";
-    const usage = usageOf(job);
+    const length = run!.finishOf(c, output) === "length";
+    const usage = usageOf(job!);
     const reasoning = items.map((i) => (i.type === "reasoning" ? i.content[0]!.text : "")).join("");
     // (a compaction's summary counted with the answer: both were this response's work)
     const more = compaction?.usage;
@@ -1358,8 +1391,8 @@ async function respond(
 
   /** The response a job that has ended makes, its answer read into items. */
   const answer = () => {
-    const c = job.choices[0]!;
-    const output = new ChatOutput(outputOptions);
+    const c = job!.choices[0]!;
+    const output = new ChatOutput(run!.outputOptions);
     const items = new OutputItems(undefined, logprobs);
     if (compaction) items.add(compaction.item);
     items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
@@ -1379,22 +1412,32 @@ async function respond(
     // completed, incomplete, cancelled or failed. Its events go to a log
     // (response-events.ts) that this request follows with stream: true, and GET
     // /v1/responses/{id}?stream=true replays. The client leaving does not stop it;
-    // POST /v1/responses/{id}/cancel does.
+    // POST /v1/responses/{id}/cancel does. A compaction due is its work's first part: the
+    // summary's job is what is admitted now, the answer's starts once the summary is made.
     const files = stored && store instanceof ResponseFiles ? store : null;
     const log = store.eventLog(id);
-    const output = new ChatOutput(outputOptions);
     const items = new OutputItems((type, body) => log.append(type, body), logprobs);
+    /** The answer's output, once its job has started. */
+    let output: ChatOutput | null = null;
+    /** The summary's job while it runs. */
+    let summary: Job | null = null;
+    let stopped = false;
+    /** Stops it: its summary or its answer, whichever runs. */
+    const cancel = () => {
+      stopped = true;
+      summary?.cancel();
+      job?.cancel();
+    };
+    /** Starts the answer's job (a refusal is thrown). */
+    const answerJob = (r: ChatRun) => {
+      output = new ChatOutput(r.outputOptions);
+      // (onStarted comes from a later step of the engine, never from within startJob)
+      return startJob(ctx, r.spec, { ...itemHooks(output, items), onStarted: () => start() });
+    };
     /** The compaction item, its events after in_progress (or at the end, never started). */
     const lead = () => {
       if (compaction && items.items[0] !== compaction.item) items.add(compaction.item);
     };
-    try {
-      // (onStarted comes from a later step of the engine, never from within startJob)
-      job = startJob(ctx, spec, { ...itemHooks(output, items), onStarted: () => start() });
-    } catch (err) {
-      store.delete(id); // (refused: its log, or its events file, go)
-      throw err;
-    }
     let current: object = response("queued", []);
     /** Another gateway's cancel or DELETE of it (a mark in the folder), acted on. */
     const marked = () => {
@@ -1416,19 +1459,63 @@ async function respond(
       current = lostOf(files?.peek(id) ?? { conversation, response: current, inputItems }).response;
       log.append(terminalType(current), { response: current });
       log.end();
-      job.cancel();
+      cancel();
     };
-    keepAs(current);
-    log.append("response.created", { response: current });
-    log.append("response.queued", { response: current });
+    /** Kept as queued, and told: as its first job is admitted. */
+    const announce = () => {
+      keepAs(current);
+      log.append("response.created", { response: current });
+      log.append("response.queued", { response: current });
+    };
     /** Its first step scheduled: in_progress, kept and told (unless it has ended since). */
+    let begun = false;
     const start = () => {
       if (lost || log.ended) return;
-      current = response("in_progress", []);
-      keepAs(current);
-      log.append("response.in_progress", { response: current });
+      if (!begun) {
+        begun = true;
+        current = response("in_progress", []);
+        keepAs(current);
+        log.append("response.in_progress", { response: current });
+      }
       lead();
     };
+    /** Its work: the answer's job, after the summary's when one is due. */
+    let work: Promise<unknown> = Promise.resolve();
+    try {
+      if (!due) {
+        job = answerJob(run!);
+        announce();
+        work = job.done;
+      } else {
+        let admit!: () => void;
+        const admitted = new Promise<void>((resolve) => {
+          admit = resolve;
+        });
+        const summarized = compactFirst(null, {
+          admitted: (j) => {
+            summary = j;
+            announce();
+            admit();
+          },
+          started: start,
+        });
+        work = summarized.then(async (made) => {
+          summary = null;
+          if (!made || stopped) return;
+          lead(); // (the compaction item's events, before the answer's)
+          run = await fitted(ctx, chatRequest, b.truncation === "auto");
+          if (stopped) return;
+          job = answerJob(run);
+          await job.done;
+        });
+        // (a refusal of the summary's job, or of its prompt, is this request's)
+        await Promise.race([admitted, summarized]);
+      }
+    } catch (err) {
+      store.delete(id); // (refused: its log, or its events file, go)
+      work.catch(() => {}); // (the same refusal)
+      throw err;
+    }
     /** Ends it as `r`: its last event, then kept (whoever finds it ended finds that event). */
     const end = (r: object, answerItems: readonly OutputItem[] = []) => {
       if (lost) return; // (as it ended then)
@@ -1442,9 +1529,11 @@ async function respond(
       keepAs(r, answerItems);
       joinAnswer(r, answerItems);
     };
-    const settled = job.done.then(
+    const settled = work.then(
       () => {
         lead();
+        // (cancelled before its answer's job started: what it has, the compaction at most)
+        if (!job || !output) return end(response("cancelled", items.items), items.items);
         end(endOf(job.choices[0]!, output, items), items.items);
       },
       (err: unknown) => {
@@ -1467,11 +1556,11 @@ async function respond(
     running.set(id, {
       owner,
       log,
-      cancel: () => job.cancel(),
+      cancel,
       drop: () => {
         stored = false;
         log.end(true); // (its readers end now; nothing more is written)
-        job.cancel();
+        cancel();
       },
       settled: settled.finally(() => {
         running.delete(id);
@@ -1484,6 +1573,7 @@ async function respond(
     return sendEvents(ctx, reply, log.follow(-1, left.signal), left);
   }
 
+  const { spec, outputOptions } = run!;
   if (!b.stream) {
     job = startJob(ctx, spec);
     bind(reply, job);

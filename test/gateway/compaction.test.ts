@@ -12,10 +12,18 @@ import {
   encodeCompaction,
 } from "../../src/gateway/compaction.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
-import { refusalOf, startGateway, type TestGateway } from "./helpers.ts";
+import {
+  type HeldGateway,
+  refusalOf,
+  startGateway,
+  startHeldGateway,
+  type TestGateway,
+} from "./helpers.ts";
 
 let dir: string;
 let g: TestGateway;
+/** Its expert calls held at will (a summary that waits). */
+let held: HeldGateway;
 /** A small context (200 tokens). */
 let small: TestGateway;
 
@@ -23,10 +31,13 @@ beforeAll(async () => {
   dir = await tinyCheckpointFor("tiny-v3");
   g = await startGateway(dir);
   small = await startGateway(dir, { maxModelLen: 200 });
+  held = await startHeldGateway(dir);
 });
 afterAll(async () => {
+  held?.hold.release();
   await g?.close();
   await small?.close();
+  await held?.close();
 });
 
 type Item = OpenAI.Responses.ResponseInputItem;
@@ -428,6 +439,56 @@ describe("server-side compaction (context_management)", () => {
     expect(["completed", "incomplete"]).toContain(ended);
     expect(kept.status).toBe(ended);
     expect(compactionOf(kept.output).users).toEqual(["one"]);
+  });
+
+  it("background: answered at once, queued, while its summary waits; in_progress as the summary runs; then the compaction and the answer of the same request in the foreground; cancelled while summarizing: no output", async () => {
+    const c = held.client;
+    const first = await c.responses.create({ ...turn, input: "one" });
+    const ask = { ...turn, previous_response_id: first.id, input: "two", ...cm(1) };
+    const want = await c.responses.create(ask);
+    expect(want.output.map((i) => i.type)).toEqual(["compaction", "message"]);
+    // (each created while the expert calls are held: its POST cannot wait for the summary)
+    const background = async () => {
+      held.hold.hold();
+      const running = await c.responses.create({ ...ask, background: true });
+      expect(running).toMatchObject({ status: "queued", output: [] });
+      await held.hold.entered;
+      expect(await c.responses.retrieve(running.id)).toMatchObject({
+        status: "in_progress",
+        output: [],
+      });
+      return running.id;
+    };
+    const done = await background();
+    const events = c.responses.retrieve(done, { stream: true });
+    held.hold.release();
+    const types: string[] = [];
+    for await (const e of await events) types.push(e.type);
+    expect(types.slice(0, 4)).toEqual([
+      "response.created",
+      "response.queued",
+      "response.in_progress",
+      "response.output_item.added",
+    ]);
+    const kept = await c.responses.retrieve(done);
+    expect(kept.status).toBe(want.status);
+    expect(compactionOf(kept.output)).toEqual(compactionOf(want.output));
+    expect(kept.output_text).toBe(want.output_text);
+    // (the same tokens: those from the prefix cache differ, the foreground's being cached)
+    const { input_tokens, output_tokens, total_tokens } = want.usage!;
+    expect(kept.usage).toMatchObject({ input_tokens, output_tokens, total_tokens });
+
+    const cancelledId = await background();
+    const cancelling = c.responses.cancel(cancelledId);
+    held.hold.releaseAfter(1000); // (the cancel is in by then: the summary stops at its step)
+    expect(await cancelling).toMatchObject({ status: "cancelled", output: [] });
+    expect(await c.responses.retrieve(cancelledId)).toMatchObject({
+      status: "cancelled",
+      output: [],
+    });
+    // What the answer would refuse is still the request's refusal, before any summary.
+    const refused = c.responses.create({ ...ask, background: true, model: "gpt-4" });
+    expect(await refusalOf(refused)).toMatchObject({ status: 404, param: "model" });
   });
 
   it("refusals name the entry: another type, a threshold that is not a count, two entries, not a list (also when only counting)", async () => {
