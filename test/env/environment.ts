@@ -17,16 +17,37 @@ export interface TestEnvInfo {
 
 const RUNS_KEPT = 3;
 
-/** Deletes all but the newest few earlier run folders. */
+/** Whether the process of a run folder (`run-<time>-<pid>`) still runs. */
+function runAlive(folder: string): boolean {
+  const pid = Number(/-(\d+)$/.exec(folder)?.[1]);
+  if (!(pid > 0) || pid === process.pid) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM"; // (alive, another user's)
+  }
+}
+
+/**
+ * Deletes all but the newest few earlier run folders, never one whose run is still going
+ * (another checkout's tests on this machine: their etcd and NATS data are in it).
+ */
 function pruneOldRuns(root: string): void {
   let runs: string[];
   try {
-    runs = readdirSync(root).filter((d) => d.startsWith("run-"));
+    runs = readdirSync(root).filter((d) => d.startsWith("run-") && !runAlive(d));
   } catch {
     return;
   }
   const byAge = runs
-    .map((d) => ({ d, t: statSync(join(root, d)).mtimeMs }))
+    .flatMap((d) => {
+      try {
+        return [{ d, t: statSync(join(root, d)).mtimeMs }];
+      } catch {
+        return []; // (gone meanwhile: another run pruned it)
+      }
+    })
     .sort((a, b) => b.t - a.t);
   for (const { d } of byAge.slice(RUNS_KEPT))
     rmSync(join(root, d), { recursive: true, force: true });
