@@ -40,12 +40,103 @@ export interface DetokenizeRow {
   wholeLastMs: Stats;
 }
 
+export interface AgentLoopRow {
+  /** UTF-8 bytes of the conversation before the steps measured. */
+  historyBytes: number;
+  /** Prompt tokens of the last step. */
+  tokens: number;
+  /** Milliseconds from the call to the ids, a step: pieces kept encoded, and the peer without. */
+  cachedMs: Stats;
+  wholeMs: Stats;
+  /** Of the counted steps' prompt tokens, the share taken from pieces kept encoded. */
+  cachedShare: number;
+}
+
 export interface TokenizeResults {
   runs: number;
   inlineBytes: number;
   rows: TokenizeRow[];
   /** Absent in results written before it was measured. */
   detokenize?: DetokenizeRow[];
+  /** Absent in results written before it was measured. */
+  agentLoop?: AgentLoopRow[];
+}
+
+const HISTORIES = [64 << 10, 256 << 10, 1 << 20];
+const QUICK_HISTORIES = [64 << 10];
+
+/**
+ * An agent's loop: a conversation of `historyBytes` (a system prompt, then turns of a call's
+ * result and the model's answer), sent again at each step with one turn more, its chat
+ * prompt encoded on the gateway's worker with pieces kept encoded against without (the
+ * peer: the gateway before), the sides alternating on the same chat.
+ */
+async function agentLoop(
+  tokenizer: Tokenizer,
+  runs: number,
+  histories: number[],
+  log: (s: string) => void,
+): Promise<AgentLoopRow[]> {
+  const rows: AgentLoopRow[] = [];
+  for (const historyBytes of histories) {
+    const cached = new PromptEncoder(tokenizer, { workers: 1 });
+    const whole = new PromptEncoder(tokenizer, { workers: 1, pieceCacheBytes: 0 });
+    try {
+      const turn = (i: number) => [
+        { role: "user" as const, content: `Result ${i}: ${promptText(2048 + i)}` },
+        { role: "assistant" as const, content: `Step ${i}: ${promptText(512 + i)}` },
+      ];
+      const chat: { role: "system" | "user" | "assistant"; content: string }[] = [
+        { role: "system", content: promptText(4096) },
+      ];
+      let bytes = 0;
+      for (let i = 0; bytes < historyBytes; i++) {
+        const t = turn(i);
+        chat.push(...t);
+        bytes += t.reduce((n, m) => n + Buffer.byteLength(m.content), 0);
+      }
+      const ms = { cached: [] as number[], whole: [] as number[] };
+      let tokens = 0;
+      // 2 warm-up steps, then the counted ones; each step a turn more.
+      let counted = { cached: 0, encoded: 0 };
+      for (let run = -2; run < runs; run++) {
+        chat.push(...turn(1000 + run));
+        if (run === 0)
+          counted = {
+            cached: cached.stats.pieceTokensCached,
+            encoded: cached.stats.pieceTokensEncoded,
+          };
+        const before = cached.stats.pieceTokensCached;
+        for (const side of run % 2
+          ? (["cached", "whole"] as const)
+          : (["whole", "cached"] as const)) {
+          const t0 = performance.now();
+          const ids = await (side === "cached" ? cached : whole).encodeChat(chat, true);
+          if (run >= 0) ms[side].push(performance.now() - t0);
+          tokens = ids.length;
+        }
+        if (run >= 0 && cached.stats.pieceTokensCached === before)
+          throw new Error("the step took nothing from the pieces kept encoded");
+      }
+      const fromKept = cached.stats.pieceTokensCached - counted.cached;
+      const share = fromKept / (fromKept + cached.stats.pieceTokensEncoded - counted.encoded);
+      const row = {
+        historyBytes,
+        tokens,
+        cachedMs: stats(ms.cached),
+        wholeMs: stats(ms.whole),
+        cachedShare: share,
+      };
+      log(
+        `[bench] agent loop ${historyBytes} B: pieces kept ${row.cachedMs.median.toFixed(1)} ms, whole ${row.wholeMs.median.toFixed(1)} ms`,
+      );
+      rows.push(row);
+    } finally {
+      await cached.close();
+      await whole.close();
+    }
+  }
+  return rows;
 }
 
 const OUTPUTS = [1000, 2000, 4000];
@@ -207,7 +298,8 @@ export async function runTokenize(o: {
     o.log(
       `[bench] detokenize ${d.tokens} tokens: incremental ${d.incrementalMs.median.toFixed(4)} ms a token, whole ${d.wholeMs.median.toFixed(4)}`,
     );
-  return { runs: o.runs, inlineBytes, rows, detokenize: detok };
+  const loop = await agentLoop(tokenizer, o.runs, o.quick ? QUICK_HISTORIES : HISTORIES, o.log);
+  return { runs: o.runs, inlineBytes, rows, detokenize: detok, agentLoop: loop };
 }
 
 const kib = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`);
@@ -228,7 +320,25 @@ export function tokenizeTables(
 
 | prompt | tokens | time to ids, in place | on the worker | worker / in place | longest event-loop stall, in place | on the worker | worker / in place |
 |---|---:|---:|---:|---:|---:|---:|---:|
-${rows}${detokenizeTable(r)}`;
+${rows}${detokenizeTable(r)}${agentLoopTable(r)}`;
+}
+
+/** An agent's loop, pieces kept encoded against not (results written before have none). */
+function agentLoopTable(r: TokenizeResults): string {
+  if (!r.agentLoop) return "";
+  const rows = r.agentLoop
+    .map(
+      (a) =>
+        `| ${kib(a.historyBytes)} | ${a.tokens} | ${ms(a.cachedMs)} | ${ms(a.wholeMs)} | ${(a.cachedMs.median / a.wholeMs.median).toFixed(3)}x | ${(100 * a.cachedShare).toFixed(0)} % |`,
+    )
+    .join("\n");
+  return `
+
+An agent's loop (the same run, ${r.runs} counted steps after 2 warm-ups, sides alternating): a conversation of that much history sent again at each step with a turn more (a 2 KiB result, a 512 B answer), its chat prompt encoded on the gateway's worker with pieces kept encoded (\`--tokenizer-cache-mib\`, the default) against without (peer: the gateway before). Milliseconds a step, median (min-max).
+
+| history | tokens | time to ids, pieces kept | whole (peer) | kept / peer | tokens from kept pieces |
+|---:|---:|---:|---:|---:|---:|
+${rows}`;
 }
 
 /** Output text as tokens arrive (results written before it was measured have none). */

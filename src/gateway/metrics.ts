@@ -67,7 +67,13 @@ export class GatewayMetrics {
   /** `encoder`: the prompt encoder's figures (its workers alive, prompts encoded where). */
   constructor(
     stats: () => EngineStats,
-    encoder?: () => { liveWorkers: number; offloaded: number; inline: number },
+    encoder?: () => {
+      liveWorkers: number;
+      offloaded: number;
+      inline: number;
+      pieceTokensCached: number;
+      pieceTokensEncoded: number;
+    },
     scratchBytes?: () => number,
   ) {
     const registers = [this.registry];
@@ -90,6 +96,17 @@ export class GatewayMetrics {
           const e = encoder();
           this.set({ where: "worker" }, e.offloaded);
           this.set({ where: "event_loop" }, e.inline);
+        },
+      });
+      new Gauge({
+        name: "expertmesh_gateway_prompt_piece_tokens",
+        help: "Tokens of long chat prompts since start: from pieces kept encoded (cached: a conversation's earlier turns sent again), or encoded.",
+        labelNames: ["result"],
+        registers,
+        collect() {
+          const e = encoder();
+          this.set({ result: "cached" }, e.pieceTokensCached);
+          this.set({ result: "encoded" }, e.pieceTokensEncoded);
         },
       });
     }

@@ -7,13 +7,14 @@
 // are encoded in place: accepted work is never lost, only the event loop pays again.
 import { extname } from "node:path";
 import { Worker } from "node:worker_threads";
+import { splitPieces } from "../model/pieces.ts";
 import type { ChatMessage, ChatTemplateExtra, Tokenizer } from "../model/tokenizer.ts";
 import { type ErrorCode, ExpertMeshError } from "../util/errors.ts";
 
-/** To a worker: encode `text`. */
+/** To a worker: encode each of `texts`. */
 export interface EncodeRequest {
   readonly id: number;
-  readonly text: string;
+  readonly texts: readonly string[];
   readonly addSpecialTokens: boolean;
 }
 
@@ -21,7 +22,13 @@ export interface EncodeRequest {
 export type WorkerMessage =
   | { readonly kind: "ready"; readonly size: number; readonly maxTokenBytes: number }
   | { readonly kind: "failed"; readonly message: string }
-  | { readonly kind: "encoded"; readonly id: number; readonly ids: Uint32Array }
+  | {
+      readonly kind: "encoded";
+      readonly id: number;
+      /** The texts' ids one after the other, `lengths[i]` of them text i's. */
+      readonly ids: Uint32Array;
+      readonly lengths: readonly number[];
+    }
   | {
       readonly kind: "error";
       readonly id: number;
@@ -36,20 +43,45 @@ export interface PromptEncoderOptions {
   readonly inlineBytes?: number;
   /** Where a failed worker is reported. */
   readonly log?: (message: string) => void;
+  /**
+   * Chat prompts' pieces kept encoded (pieces.ts), this many bytes of them at most (their
+   * text and ids; least recently used first out). Default PIECE_CACHE_BYTES; 0: none.
+   */
+  readonly pieceCacheBytes?: number;
 }
 
-/** Encodes prompts with the model's tokenizer, long ones on worker threads. */
+/** The pieces kept encoded when PromptEncoderOptions.pieceCacheBytes is not given: 64 MiB. */
+export const PIECE_CACHE_BYTES = 64 * 2 ** 20;
+
+/**
+ * A chat prompt is cut into pieces of at least this many characters (about 500 tokens of
+ * English), each kept encoded: fewer, longer pieces cost less to look up, and a turn added
+ * re-encodes at most one piece of what came before it.
+ */
+export const PIECE_CHARS = 2048;
+
+/**
+ * Encodes prompts with the model's tokenizer, long ones on worker threads. A chat prompt is
+ * encoded by pieces (pieces.ts), those seen before taken from a cache: a conversation sent
+ * again with a turn more (an agent's loop) encodes only its new turn, not its whole history.
+ */
 export class PromptEncoder {
   readonly tokenizer: Tokenizer;
-  /** Prompts encoded on a worker thread, and in place. */
-  readonly stats = { offloaded: 0, inline: 0 };
+  /**
+   * Prompts encoded on a worker thread, and in place; of chat prompts' tokens, those from
+   * pieces kept encoded, and those encoded.
+   */
+  readonly stats = { offloaded: 0, inline: 0, pieceTokensCached: 0, pieceTokensEncoded: 0 };
   readonly #inlineBytes: number;
   readonly #threads: EncoderThread[];
+  readonly #pieces: PieceCache | null;
 
   /** Workers need `tokenizer.dir` (they load the files again); without it all is in place. */
   constructor(tokenizer: Tokenizer, o: PromptEncoderOptions = {}) {
     this.tokenizer = tokenizer;
     this.#inlineBytes = o.inlineBytes ?? 4096;
+    const cacheBytes = o.pieceCacheBytes ?? PIECE_CACHE_BYTES;
+    this.#pieces = tokenizer.pieceSplitter && cacheBytes > 0 ? new PieceCache(cacheBytes) : null;
     const dir = tokenizer.dir;
     const n = dir === null ? 0 : (o.workers ?? 1);
     this.#threads = Array.from(
@@ -68,16 +100,27 @@ export class PromptEncoder {
 
   /** Token ids of `text`, as Tokenizer.encode. */
   async encode(text: string, addSpecialTokens = true): Promise<number[]> {
+    return (await this.#encodeEach([text], addSpecialTokens))[0]!;
+  }
+
+  /** Token ids of each of `texts`: on a worker when they are long together. */
+  #encodeEach(texts: readonly string[], addSpecialTokens: boolean): Promise<number[][]> {
     let thread: EncoderThread | undefined;
-    if (Buffer.byteLength(text) > this.#inlineBytes)
+    let bytes = 0;
+    for (const t of texts) bytes += Buffer.byteLength(t);
+    if (bytes > this.#inlineBytes)
       for (const t of this.#threads)
         if (t.alive && (thread === undefined || t.pending < thread.pending)) thread = t;
     if (thread === undefined) {
       this.stats.inline++;
-      return this.tokenizer.encode(text, addSpecialTokens);
+      try {
+        return Promise.resolve(texts.map((t) => this.tokenizer.encode(t, addSpecialTokens)));
+      } catch (err) {
+        return Promise.reject(err);
+      }
     }
     this.stats.offloaded++;
-    return thread.encode(text, addSpecialTokens);
+    return thread.encode(texts, addSpecialTokens);
   }
 
   /** Token ids of a chat, as Tokenizer.encodeChat (the template renders in place). */
@@ -86,10 +129,36 @@ export class PromptEncoder {
     addGenerationPrompt = false,
     extra: ChatTemplateExtra = {},
   ): Promise<number[]> {
-    return this.encode(
+    return this.encodePieces(
       this.tokenizer.applyChatTemplate(messages, addGenerationPrompt, extra),
-      false,
     );
+  }
+
+  /**
+   * Token ids of `text` (no special tokens added), as encode: its pieces (pieces.ts) kept
+   * encoded taken from the cache, the others encoded together and kept.
+   */
+  async encodePieces(text: string): Promise<number[]> {
+    const cache = this.#pieces;
+    const splitter = this.tokenizer.pieceSplitter;
+    if (cache === null || splitter === null || text.length < 2 * PIECE_CHARS)
+      return this.encode(text, false);
+    const parts = splitPieces(splitter, text, PIECE_CHARS);
+    const got = parts.map((p) => cache.get(p));
+    const missing = parts.filter((_, i) => got[i] === undefined);
+    const encoded = missing.length ? await this.#encodeEach(missing, false) : [];
+    const out: number[] = [];
+    let k = 0;
+    for (const [i, part] of parts.entries()) {
+      let ids = got[i];
+      if (ids === undefined) {
+        ids = encoded[k++]!;
+        cache.set(part, ids);
+        this.stats.pieceTokensEncoded += ids.length;
+      } else this.stats.pieceTokensCached += ids.length;
+      for (const id of ids) out.push(id);
+    }
+    return out;
   }
 
   /** Stops the workers; prompts they still held are encoded in place. */
@@ -105,10 +174,58 @@ function toArray(ids: Uint32Array): number[] {
   return out;
 }
 
+/**
+ * Pieces' ids by their text, at most `bytes` of both (UTF-16 text, 8 bytes an id as a
+ * number array holds them), the least recently used dropped first.
+ */
+export class PieceCache {
+  readonly #map = new Map<string, readonly number[]>();
+  readonly #budget: number;
+  #bytes = 0;
+
+  constructor(bytes: number) {
+    this.#budget = bytes;
+  }
+
+  get size(): number {
+    return this.#map.size;
+  }
+
+  get bytes(): number {
+    return this.#bytes;
+  }
+
+  get(text: string): readonly number[] | undefined {
+    const ids = this.#map.get(text);
+    if (ids !== undefined) {
+      // (most recently used: last in the map's order)
+      this.#map.delete(text);
+      this.#map.set(text, ids);
+    }
+    return ids;
+  }
+
+  set(text: string, ids: readonly number[]): void {
+    const cost = PieceCache.cost(text, ids);
+    if (cost > this.#budget || this.#map.has(text)) return;
+    this.#map.set(text, ids);
+    this.#bytes += cost;
+    for (const [t, v] of this.#map) {
+      if (this.#bytes <= this.#budget) break;
+      this.#map.delete(t);
+      this.#bytes -= PieceCache.cost(t, v);
+    }
+  }
+
+  static cost(text: string, ids: readonly number[]): number {
+    return 2 * text.length + 8 * ids.length;
+  }
+}
+
 interface Pending {
-  readonly text: string;
+  readonly texts: readonly string[];
   readonly addSpecialTokens: boolean;
-  readonly resolve: (ids: number[]) => void;
+  readonly resolve: (ids: number[][]) => void;
   readonly reject: (err: unknown) => void;
 }
 
@@ -143,12 +260,12 @@ class EncoderThread {
     return this.#pending.size;
   }
 
-  encode(text: string, addSpecialTokens: boolean): Promise<number[]> {
+  encode(texts: readonly string[], addSpecialTokens: boolean): Promise<number[][]> {
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
-      this.#pending.set(id, { text, addSpecialTokens, resolve, reject });
+      this.#pending.set(id, { texts, addSpecialTokens, resolve, reject });
       // Queued by the worker until its tokenizer has loaded.
-      this.#worker.postMessage({ id, text, addSpecialTokens } satisfies EncodeRequest);
+      this.#worker.postMessage({ id, texts, addSpecialTokens } satisfies EncodeRequest);
     });
   }
 
@@ -172,7 +289,13 @@ class EncoderThread {
       case "encoded": {
         const p = this.#pending.get(m.id);
         this.#pending.delete(m.id);
-        p?.resolve(toArray(m.ids));
+        const each: number[][] = [];
+        let at = 0;
+        for (const n of m.lengths) {
+          each.push(toArray(m.ids.subarray(at, at + n)));
+          at += n;
+        }
+        p?.resolve(each);
         return;
       }
       case "error": {
@@ -198,7 +321,7 @@ class EncoderThread {
     if (reason !== null) this.#onLost(reason);
     for (const p of held) {
       try {
-        p.resolve(this.#tokenizer.encode(p.text, p.addSpecialTokens));
+        p.resolve(p.texts.map((t) => this.#tokenizer.encode(t, p.addSpecialTokens)));
       } catch (err) {
         p.reject(err);
       }

@@ -94,6 +94,8 @@ export interface GatewayConfig {
   readonly tokenizerWorkers?: number;
   /** Prompts of more UTF-8 bytes than this go to those threads (default 4096). */
   readonly tokenizerInlineBytes?: number;
+  /** Chat prompts' pieces kept encoded, in bytes (default 64 MiB; 0: none; prompt-encoder.ts). */
+  readonly tokenizerCacheBytes?: number;
   /** How chat answers' thinking is told from their content (reasoning.ts; default none). */
   readonly reasoningParser?: ReasoningParserName;
   /** A thought's most tokens when a request sets no budget (default: none). */
@@ -261,6 +263,7 @@ export function createServeContext(
   const encoder = new PromptEncoder(tokenizer, {
     workers: cfg.tokenizerWorkers ?? 1,
     ...(cfg.tokenizerInlineBytes !== undefined ? { inlineBytes: cfg.tokenizerInlineBytes } : {}),
+    ...(cfg.tokenizerCacheBytes !== undefined ? { pieceCacheBytes: cfg.tokenizerCacheBytes } : {}),
     ...(cfg.log ? { log: cfg.log } : {}),
   });
   return {

@@ -22,8 +22,15 @@ if (tokenizer) {
   const tok = tokenizer;
   port.on("message", (m: EncodeRequest) => {
     try {
-      const ids = Uint32Array.from(tok.encode(m.text, m.addSpecialTokens));
-      post({ kind: "encoded", id: m.id, ids }, [ids.buffer]);
+      const each = m.texts.map((t) => tok.encode(t, m.addSpecialTokens));
+      const ids = new Uint32Array(each.reduce((n, e) => n + e.length, 0));
+      let at = 0;
+      for (const e of each) {
+        ids.set(e, at);
+        at += e.length;
+      }
+      const lengths = each.map((e) => e.length);
+      post({ kind: "encoded", id: m.id, ids, lengths }, [ids.buffer]);
     } catch (err) {
       post({
         kind: "error",

@@ -8,6 +8,7 @@ import { Template } from "@huggingface/jinja";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { ExpertMeshError } from "../util/errors.ts";
 import { isObject } from "../util/objects.ts";
+import { type PieceSplitter, pieceSplitter } from "./pieces.ts";
 
 /**
  * DeepSeek-V3's tool-call tokens (added, not special: decoding keeps them). A call is
@@ -74,6 +75,8 @@ export class Tokenizer {
   private readonly addedIds: ReadonlySet<number>;
   /** Tool-call tokens a tokenizer marks special: decoding keeps them even when skipping. */
   private readonly keptSpecial: ReadonlyMap<number, string>;
+  /** Where a text's encoding may be cut (pieces.ts), or null: only whole texts here. */
+  readonly pieceSplitter: PieceSplitter | null;
   private bytesOfTokens: (Uint8Array | null)[] | undefined;
 
   /**
@@ -117,6 +120,7 @@ export class Tokenizer {
         : [],
     );
     this.addedIds = new Set(this.addedTokens.map((t) => t.id));
+    this.pieceSplitter = pieceSplitter(tokenizerJson);
     const toolTexts = new Set<string>(Object.values(TOOL_TOKENS));
     this.keptSpecial = new Map(
       added.flatMap((t) =>

@@ -41,7 +41,7 @@ describe("PromptEncoder", () => {
     const e = encoder(tokenizer, { workers: 1, inlineBytes: 0 });
     const ids = await e.encode(text, special);
     expect(ids).toEqual(tokenizer.encode(text, special));
-    expect(e.stats).toEqual({ offloaded: text === "" ? 0 : 1, inline: text === "" ? 1 : 0 });
+    expect(e.stats).toMatchObject({ offloaded: text === "" ? 0 : 1, inline: text === "" ? 1 : 0 });
   });
 
   it("spreads concurrent prompts over its workers and answers each with its own ids", async () => {
@@ -50,7 +50,7 @@ describe("PromptEncoder", () => {
     const got = await Promise.all(texts.map((t) => e.encode(t)));
     expect(got).toEqual(texts.map((t) => tokenizer.encode(t)));
     const long = texts.filter((t) => Buffer.byteLength(t) > 16).length;
-    expect(e.stats).toEqual({ offloaded: long, inline: texts.length - long });
+    expect(e.stats).toMatchObject({ offloaded: long, inline: texts.length - long });
     expect(e.liveWorkers).toBe(2);
   });
 
@@ -64,13 +64,47 @@ describe("PromptEncoder", () => {
     expect(e.stats.offloaded).toBe(1);
   });
 
+  it("a chat sent again with a turn more: its earlier pieces from the cache, on one worker message for the rest, the ids the whole chat's", async () => {
+    const e = encoder(tokenizer, { workers: 1, inlineBytes: 0 });
+    const chat = [
+      { role: "system" as const, content: "Be brief. ".repeat(300) },
+      { role: "user" as const, content: "Tell me about foxes. ".repeat(200) },
+      { role: "assistant" as const, content: "Foxes are small. ".repeat(200) },
+      { role: "user" as const, content: "And wolves? ".repeat(200) },
+    ];
+    expect(await e.encodeChat(chat, true)).toEqual(tokenizer.encodeChat(chat, true));
+    expect(e.stats).toMatchObject({ offloaded: 1, pieceTokensCached: 0 });
+    const first = e.stats.pieceTokensEncoded;
+    expect(first).toBe(tokenizer.encodeChat(chat, true).length);
+    const more = [
+      ...chat,
+      { role: "assistant" as const, content: "Wolves are larger." },
+      { role: "user" as const, content: "Thanks." },
+    ];
+    const ids = await e.encodeChat(more, true);
+    expect(ids).toEqual(tokenizer.encodeChat(more, true));
+    expect(e.stats.offloaded).toBe(2);
+    // Encoded again: the new turns, and the piece they joined (the last one, and at most one
+    // piece of a few thousand characters before them).
+    const encoded = e.stats.pieceTokensEncoded - first;
+    expect(e.stats.pieceTokensCached + encoded).toBe(ids.length);
+    expect(e.stats.pieceTokensCached).toBeGreaterThan(ids.length / 2);
+    // The same chat again: all from the cache, no worker.
+    expect(await e.encodeChat(more, true)).toEqual(ids);
+    expect(e.stats).toMatchObject({ offloaded: 2, pieceTokensEncoded: first + encoded });
+    // No cache: encoded whole, every time.
+    const off = encoder(tokenizer, { workers: 1, inlineBytes: 0, pieceCacheBytes: 0 });
+    expect(await off.encodeChat(more, true)).toEqual(ids);
+    expect(off.stats).toMatchObject({ pieceTokensCached: 0, pieceTokensEncoded: 0 });
+  });
+
   it("encodes short prompts in place, and all of them without workers", async () => {
     const e = encoder(tokenizer, { workers: 1 });
     expect(await e.encode("short")).toEqual(tokenizer.encode("short"));
-    expect(e.stats).toEqual({ offloaded: 0, inline: 1 });
+    expect(e.stats).toMatchObject({ offloaded: 0, inline: 1 });
     const none = encoder(tokenizer, { workers: 0, inlineBytes: 0 });
     expect(await none.encode("x".repeat(10_000))).toEqual(tokenizer.encode("x".repeat(10_000)));
-    expect(none.stats).toEqual({ offloaded: 0, inline: 1 });
+    expect(none.stats).toMatchObject({ offloaded: 0, inline: 1 });
     // A tokenizer built from objects has no files a worker could load.
     const fromObjects = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
     const e2 = encoder(fromObjects, { workers: 2, inlineBytes: 0 });
@@ -95,7 +129,7 @@ describe("PromptEncoder", () => {
       expect(logs).toHaveLength(1);
       expect(logs[0]).toMatch(/tokenizer worker 0 could not load the tokenizer: .*tokenizer\.json/);
       expect(await e.encode(text)).toEqual(copy.encode(text));
-      expect(e.stats).toEqual({ offloaded: 2, inline: 1 });
+      expect(e.stats).toMatchObject({ offloaded: 2, inline: 1 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -120,6 +120,10 @@ ${natsAuthUsage(26)}
   --max-model-len N         context length served (default: max_position_embeddings)
   --tokenizer-workers N     threads that encode long prompts (over 4 KiB) off the event loop,
                             each with its own copy of the tokenizer (default 1; 0: none)
+  --tokenizer-cache-mib N   long chat prompts are encoded by pieces (cut after the template's
+                            special tokens), this many MiB of them kept encoded, so that a
+                            conversation sent again with a turn more encodes only what is
+                            new (default 64; 0: none)
   --kv-cache-bytes N        KV cache budget (default 536870912)
   --kv-cache-dtype NAME     how KV cache rows are stored: float32 (default, exact), bfloat16
                             (half the bytes) or fp8 (DeepSeek FlashMLA's layout: e4m3 latent with
@@ -288,6 +292,7 @@ export const gatewayCommand: Command = {
         dtype: { type: "string" },
         "max-model-len": { type: "string" },
         "tokenizer-workers": { type: "string" },
+        "tokenizer-cache-mib": { type: "string" },
         "kv-cache-bytes": { type: "string" },
         "kv-cache-dtype": { type: "string" },
         "responses-store": { type: "string" },
@@ -648,6 +653,11 @@ export const gatewayCommand: Command = {
       });
     }
     const tokenizerWorkers = int(values["tokenizer-workers"], "--tokenizer-workers", 1, 0);
+    const tokenizerCacheMiB = numberFlag(
+      values["tokenizer-cache-mib"],
+      "--tokenizer-cache-mib",
+      64,
+    );
     if (tokenizerWorkers > 64)
       usage(`--tokenizer-workers must be at most 64, got ${tokenizerWorkers}`);
     const maxModelLen = values["max-model-len"];
@@ -773,6 +783,7 @@ export const gatewayCommand: Command = {
       ...(priorityAgingS > 0 ? { priorityAgingMs: priorityAgingS * 1000 } : {}),
       streamKeepaliveMs: Math.round(keepaliveS * 1000),
       tokenizerWorkers,
+      tokenizerCacheBytes: Math.round(tokenizerCacheMiB * 2 ** 20),
       reasoningParser: reasoningParser as ReasoningParserName,
       ...(thinkingBudget !== undefined ? { thinkingTokenBudget: thinkingBudget } : {}),
       toolCallParser: toolCallParser as ToolCallFormat,
