@@ -2131,6 +2131,39 @@ describe("completions", () => {
     );
   });
 
+  it("a long chat sent again with a turn more: its earlier pieces kept encoded (/metrics), its tokens the whole chat's", async () => {
+    const cached = async () =>
+      (await samples(`${gw.url}/metrics`, "expertmesh_gateway_prompt_piece_tokens")).find(
+        (e) => e.labels["result"] === "cached",
+      )?.value ?? 0;
+    const tokenize = async (
+      messages: { role: "system" | "user" | "assistant"; content: string }[],
+    ) => {
+      const res = await fetch(`${gw.url}/tokenize`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "tiny", messages, add_generation_prompt: true }),
+      });
+      expect(res.status).toBe(200);
+      const { tokens } = (await res.json()) as { tokens: number[] };
+      expect(tokens).toEqual(gw.ctx.tokenizer.encodeChat(messages, true));
+      return tokens;
+    };
+    const chat = [
+      { role: "system" as const, content: "Be brief. ".repeat(400) },
+      { role: "user" as const, content: "What do foxes eat? ".repeat(250) },
+    ];
+    await tokenize(chat);
+    const before = await cached();
+    const more = [
+      ...chat,
+      { role: "assistant" as const, content: "Mice." },
+      { role: "user" as const, content: "And?" },
+    ];
+    const ids = await tokenize(more);
+    expect((await cached()) - before).toBeGreaterThan(ids.length / 2);
+  });
+
   it("samples greedily below temperature 1e-5, and takes a top_p below float32's range", async () => {
     const body = { model: "tiny", prompt: "The cat sat on", max_tokens: 6, ignore_eos: true };
     const greedy = (await gw.client.completions.create({ ...body, temperature: 0 })).choices[0]!
