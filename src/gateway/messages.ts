@@ -113,6 +113,25 @@ const common = {
   ),
 } satisfies Record<string, TSchema>;
 
+/**
+ * What Anthropic runs on its side and this gateway does not, refused by name rather than
+ * ignored (the answer would be made without it): MCP servers (the MCP connector) and a
+ * container (code execution, skills).
+ */
+function refuseServerSide(b: Record<string, unknown>): void {
+  const servers = b["mcp_servers"];
+  if (Array.isArray(servers) ? servers.length > 0 : servers != null)
+    throw bad(
+      "mcp_servers: this gateway connects to no MCP servers; run an MCP client beside your application and send its tools as client tools (name, input_schema)",
+      "mcp_servers",
+    );
+  if (b["container"] != null)
+    throw bad(
+      "container: this gateway runs no code execution or skills containers; send client tools instead",
+      "container",
+    );
+}
+
 /** POST /v1/messages (unknown fields, metadata and cache_control among them, are ignored). */
 export const MessagesRequest = Type.Object(
   {
@@ -206,6 +225,7 @@ function sourcedText(b: AnyBlock, param: string): string {
 
 /** The chat completions request a Messages request means. */
 export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCompletionRequest {
+  refuseServerSide(b);
   const messages: ChatMessage[] = [];
   if (b.system !== undefined) {
     const system = textOf(b.system, "system");

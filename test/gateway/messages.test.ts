@@ -478,6 +478,8 @@ describe("POST /v1/messages", () => {
       ["a tool_result block that is no block", { ...ok, messages: [{ role: "user", content: [{ type: "tool_result", tool_use_id: "t", content: [{ foo: 1 }] }] }] }, 400, "invalid_request_error", "messages.0.content.0.content.0"],
       ["an image", { ...ok, messages: [{ role: "user", content: [{ type: "image", source: {} }] }] }, 400, "invalid_request_error", "messages.0.content.0"],
       ["a server tool", { ...ok, tools: [{ type: "web_search_20250305", name: "web_search" }] }, 400, "invalid_request_error", "tools.0.type"],
+      ["MCP servers", { ...ok, mcp_servers: [{ type: "url", url: "https://mcp.example.com/sse", name: "x" }] }, 400, "invalid_request_error", "mcp_servers"],
+      ["a container", { ...ok, container: "container_1" }, 400, "invalid_request_error", "container"],
       ["tool choice without a name", { ...ok, tools: [WEATHER], tool_choice: { type: "tool" } }, 400, "invalid_request_error", "tool_choice.name"],
       ["past the context", { ...ok, max_tokens: 300 }, 400, "invalid_request_error", "max_tokens"],
       ["temperature 1.5", { ...ok, temperature: 1.5 }, 400, "invalid_request_error", "temperature"],
