@@ -385,6 +385,12 @@ export function chatRequestOf(
   b: ResponsesRequest,
   before: readonly ChatMessage[] = [],
 ): { chat: ChatCompletionRequest; conversation: ChatMessage[] } {
+  // (a stored prompt would shape the answer: refused, not ignored)
+  if ((b as { prompt?: unknown }).prompt != null)
+    throw bad(
+      "prompt: reusable prompts (kept by OpenAI, named by id) are not kept by this gateway; send their text as instructions and input",
+      "prompt",
+    );
   let messages: ChatMessage[] = [...before];
   const items =
     typeof b.input === "string" ? [{ role: "user" as const, content: b.input }] : b.input;

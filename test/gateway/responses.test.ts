@@ -543,14 +543,19 @@ describe("POST /v1/responses", () => {
       [{ model: "gpt-none", input: "hi" }, 404, "model"],
       [{ previous_response_id: "resp_none", input: "hi" }, 404, "previous_response_id"],
       [{ input: [] }, 400, null],
+      // (a stored prompt: not kept here, so not ignored either)
+      [{ input: "hi", prompt: { id: "pmpt_1" } }, 400, "prompt"],
     ] as const) {
       const e = (await gw.client.responses.inputTokens
         .count(body as never)
         .catch((err: unknown) => err)) as { status: number; param: string | null };
-      expect([e.status, status === 400 ? status : e.param]).toEqual([
-        status,
-        status === 400 ? 400 : param,
-      ]);
+      expect([e.status, param === null ? null : e.param]).toEqual([status, param]);
+      if (param === "prompt") {
+        const created = await gw.client.responses
+          .create({ model: "tiny", ...body })
+          .catch((err) => err);
+        expect([created.status, created.param]).toEqual([400, "prompt"]);
+      }
     }
   });
 
