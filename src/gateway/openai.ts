@@ -825,7 +825,11 @@ function thinkingBudgetOf(ctx: ServeContext, budget: number): ThinkingBudgetSpec
       "thinking_token_budget needs a byte-level tokenizer (its tokens' bytes tell where a thought ends); this model's is not",
       { param: "thinking_token_budget" },
     );
-  return { budget, closeIds: ctx.tokenizer.encode("</think>", false), vocabulary };
+  const close = "</think>";
+  const closeRest = Array.from({ length: close.length }, (_, m) =>
+    ctx.tokenizer.encode(close.slice(m), false),
+  );
+  return { budget, closeIds: closeRest[0]!, closeRest, vocabulary };
 }
 
 async function chat(

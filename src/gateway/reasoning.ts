@@ -252,6 +252,12 @@ export interface ThinkingBudgetSpec {
   readonly budget: number;
   /** `</think>` as the tokenizer encodes it: the tokens that close a thought cut short. */
   readonly closeIds: readonly number[];
+  /**
+   * By the bytes of `</think>` the thought already ends with (0-7), the rest of it encoded
+   * (closeRest[0] is closeIds): a thought cut after `</th` gets `ink>`, not a second tag.
+   * Absent: closeIds whatever came before.
+   */
+  readonly closeRest?: readonly (readonly number[])[];
   readonly vocabulary: Vocabulary;
 }
 
@@ -267,9 +273,13 @@ export class ThinkingBudget implements TokenConstraint {
   readonly #inner: TokenConstraint | null;
   readonly #close: number | null;
   readonly #calls: number | null;
-  /** Tokens thought so far; bytes of `</think>` matched; the close token forced next (-1: none). */
+  /**
+   * Tokens thought so far; bytes of `</think>` matched; the closing tokens forced (the rest
+   * of the tag after what was matched) and the one forced next (-1: none).
+   */
   #thought = 0;
   #m = 0;
+  #closing: readonly number[];
   #forcing = -1;
   #open = true;
 
@@ -278,6 +288,7 @@ export class ThinkingBudget implements TokenConstraint {
     this.#inner = inner;
     this.#close = spec.vocabulary.symbol(CLOSE);
     this.#calls = spec.vocabulary.symbol(TOOL_TOKENS.callsBegin);
+    this.#closing = spec.closeIds;
     if (spec.budget === 0) this.#forcing = 0;
   }
 
@@ -288,7 +299,7 @@ export class ThinkingBudget implements TokenConstraint {
 
   allowed(): Uint32Array {
     const size = this.#spec.vocabulary.size;
-    if (this.#forcing >= 0) return oneOf(size, this.#spec.closeIds[this.#forcing]!);
+    if (this.#forcing >= 0) return oneOf(size, this.#closing[this.#forcing]!);
     return this.#inner?.allowed() ?? allOf(size);
   }
 
@@ -297,7 +308,7 @@ export class ThinkingBudget implements TokenConstraint {
     if (!this.#open) return done;
     if (this.#forcing >= 0) {
       this.#forcing++;
-      if (this.#forcing === this.#spec.closeIds.length) {
+      if (this.#forcing === this.#closing.length) {
         this.#forcing = -1;
         this.#open = false;
       }
@@ -313,7 +324,13 @@ export class ThinkingBudget implements TokenConstraint {
       if (this.#m === CLOSE_BYTES.length) this.#open = false;
     }
     this.#thought++;
-    if (this.#open && this.#thought >= this.#spec.budget) this.#forcing = 0;
+    if (this.#open && this.#thought >= this.#spec.budget) {
+      const rest = this.#spec.closeRest?.[this.#m] ?? this.#spec.closeIds;
+      if (rest.length > 0) {
+        this.#closing = rest;
+        this.#forcing = 0;
+      } else this.#open = false;
+    }
     return done;
   }
 
@@ -321,6 +338,7 @@ export class ThinkingBudget implements TokenConstraint {
     const c = new ThinkingBudget(this.#spec, this.#inner?.fork() ?? null);
     c.#thought = this.#thought;
     c.#m = this.#m;
+    c.#closing = this.#closing;
     c.#forcing = this.#forcing;
     c.#open = this.#open;
     return c;

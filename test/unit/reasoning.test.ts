@@ -365,6 +365,32 @@ describe("a thinking budget (ThinkingBudget)", () => {
     expect(allowedIds(c)).toHaveLength(320);
   });
 
+  it("cut while the thought ends with the tag's start: only the rest of the tag is forced", () => {
+    const rest = Array.from({ length: 8 }, (_, m) => tok.encode("</think>".slice(m), false));
+    for (const [text, m] of [
+      ["ab</th", 4],
+      ["ab<", 1],
+      ["ab</think", 7],
+      ["ab", 0],
+    ] as const) {
+      const ids = word(text);
+      const c = new ThinkingBudget(
+        { budget: ids.length, closeIds: close, closeRest: rest, vocabulary: vocab },
+        null,
+      );
+      for (const id of ids) c.accept(id);
+      const forced: number[] = [];
+      while (c.thinking) {
+        const only = allowedIds(c);
+        expect(only, text).toHaveLength(1);
+        forced.push(only[0]!);
+        c.accept(only[0]!);
+      }
+      expect(forced, text).toEqual(rest[m]);
+      expect(tok.decode([...ids, ...forced]), text).toBe(`${text.slice(0, 2)}</think>`);
+    }
+  });
+
   it("a fork goes on alone; the request's grammar is told every token and shapes the answer", () => {
     const g = thinkingFirst(jsonObjectGrammar(vocab));
     /** The grammar's constraint, with what it was told. */
