@@ -428,7 +428,12 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.register(filesRoutes(fileStore, owner));
   app.register(uploadsRoutes(uploads, owner));
   app.register(batchesRoutes(batches, owner));
-  app.register(messagesRoutes(o.ctx, messageBatchesRoutes(batches, fileStore, owner)));
+  app.register(
+    messagesRoutes(o.ctx, messageBatchesRoutes(batches, fileStore, owner), {
+      store: fileStore,
+      owner,
+    }),
+  );
   return app;
 }
 

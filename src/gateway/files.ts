@@ -171,8 +171,11 @@ export interface FileObject {
   status_details: null;
 }
 
-/** "batch": a batch's input; "batch_output": what a batch wrote (made here, not uploaded). */
-export type FilePurpose = "batch" | "batch_output";
+/**
+ * "batch": a batch's input; "batch_output": what a batch wrote (made here, not uploaded);
+ * "user_data": a file uploaded through Anthropic's Files API, which Messages documents name.
+ */
+export type FilePurpose = "batch" | "batch_output" | "user_data";
 
 interface Stored {
   file: FileObject;
@@ -180,6 +183,8 @@ interface Stored {
   owner: string;
   /** When it was made, in ms (the order of listings). */
   ms: number;
+  /** Its media type, as uploaded (Anthropic's Files API keeps it). */
+  mime?: string;
 }
 
 /** A file id as this store makes them (checked before any path is built from one). */
@@ -367,6 +372,12 @@ export class FileStore {
     return stored.file;
   }
 
+  /** The file `id` as `owner` may see it, with its media type (null: none kept); else 404. */
+  meta(owner: string, id: string, param = "file_id"): { file: FileObject; mime: string | null } {
+    const file = this.get(owner, id, param);
+    return { file, mime: this.#read(id)?.mime ?? null };
+  }
+
   /** `owner`'s files (of `purpose`), oldest first. */
   list(owner: string, purpose?: string): FileObject[] {
     return readdirSync(this.#dir)
@@ -447,16 +458,30 @@ export class FileStore {
     filename: string,
     purpose: FilePurpose,
     ttlS: number | null,
+    mime?: string,
   ): FileObject {
     const id = `file-${randomBytes(12).toString("hex")}`;
-    return this.#keep(owner, id, path, { filename, purpose, bytes: statSync(path).size, ttlS });
+    const bytes = statSync(path).size;
+    return this.#keep(owner, id, path, {
+      filename,
+      purpose,
+      bytes,
+      ttlS,
+      ...(mime ? { mime } : {}),
+    });
   }
 
   #keep(
     owner: string,
     id: string,
     from: string,
-    f: { filename: string; purpose: FilePurpose; bytes: number; ttlS: number | null },
+    f: {
+      filename: string;
+      purpose: FilePurpose;
+      bytes: number;
+      ttlS: number | null;
+      mime?: string;
+    },
   ): FileObject {
     const ms = madeAt();
     const created = Math.floor(ms / 1000);
@@ -472,7 +497,7 @@ export class FileStore {
       status_details: null,
     };
     renameSync(from, this.path(id));
-    const stored: Stored = { file, owner, ms };
+    const stored: Stored = { file, owner, ms, ...(f.mime ? { mime: f.mime } : {}) };
     writeJson(join(this.#dir, `${id}.json`), stored);
     this.#known.set(id, stored);
     return file;
@@ -583,8 +608,79 @@ export function queryInt(v: string | undefined, name: string, d: number, lo: num
 }
 
 /**
+ * A request of Anthropic's Files API (beta files-api-2025-04-14) rather than OpenAI's: the
+ * same routes, told apart by the header every Anthropic client sends.
+ */
+const anthropic = (req: FastifyRequest) => req.headers["anthropic-version"] !== undefined;
+
+/** A file as Anthropic's Files API describes it. */
+export function anthropicFile(file: FileObject, mime: string | null) {
+  return {
+    id: file.id,
+    type: "file",
+    filename: file.filename,
+    mime_type: mime ?? "application/octet-stream",
+    size_bytes: file.bytes,
+    created_at: new Date(file.created_at * 1000).toISOString(),
+    // (what was uploaded can be downloaded here; Anthropic's own are tools' outputs only)
+    downloadable: true,
+  };
+}
+
+interface AnthropicListQuery {
+  limit?: string;
+  /** The cursor of the page after (next_page: the id of the last one listed). */
+  page?: string;
+  after_id?: string;
+  before_id?: string;
+  /** Only these files (the SDK sends ids[]=...). */
+  ids?: string | string[];
+  "ids[]"?: string | string[];
+}
+
+/**
+ * One page of an Anthropic list (`all` newest first): after the object `page` or `after_id`
+ * (older), or before `before_id` (newer), at most `limit`; `ids`: only those (one page).
+ * Both pagings' fields: `next_page` (the SDK's cursor), and `has_more`, `first_id`, `last_id`.
+ */
+export function anthropicPage<T extends { id: string }>(all: T[], q: AnthropicListQuery) {
+  const limit = queryInt(q.limit, "limit", 20, 1, 1000);
+  const after = q.page ?? q.after_id;
+  if (after !== undefined && q.before_id !== undefined)
+    throw new ApiError("EM_GATEWAY_BAD_REQUEST", "give page (or after_id) or before_id, not both", {
+      param: "before_id",
+    });
+  const ids = [q.ids ?? [], q["ids[]"] ?? []].flat();
+  let rest: T[];
+  let data: T[];
+  if (ids.length > 0) {
+    const wanted = new Set(ids);
+    rest = data = all.filter((x) => wanted.has(x.id));
+  } else if (q.before_id !== undefined) {
+    const at = all.findIndex((x) => x.id === q.before_id);
+    rest = at < 0 ? [] : all.slice(0, at);
+    data = rest.slice(-limit);
+  } else {
+    const at = after === undefined ? -1 : all.findIndex((x) => x.id === after);
+    rest = after !== undefined && at < 0 ? [] : all.slice(at + 1);
+    data = rest.slice(0, limit);
+  }
+  const more = ids.length === 0 && rest.length > data.length;
+  const lastId = data.at(-1)?.id ?? null;
+  return {
+    data,
+    next_page: more && q.before_id === undefined ? lastId : null,
+    has_more: more,
+    first_id: data[0]?.id ?? null,
+    last_id: lastId,
+  };
+}
+
+/**
  * The routes plugin. `store` null: every route refuses (filesOff). `owner`: who a request is
- * (ownerOf of its key).
+ * (ownerOf of its key). A request of Anthropic's Files API (anthropic) gets its shapes: an
+ * upload is a file alone (purpose "user_data", never expiring, its media type kept, for
+ * Messages documents to name), listings are of those files.
  */
 export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest) => string) {
   return async (app: FastifyInstance) => {
@@ -603,7 +699,7 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
           "EM_GATEWAY_BAD_REQUEST",
           "POST /v1/files takes multipart/form-data with a 'file' and its 'purpose'",
         );
-      let received: { tmp: string; filename: string } | undefined;
+      let received: { tmp: string; filename: string; mime: string } | undefined;
       let purpose: unknown;
       // expires_after as a form sends it: expires_after[anchor], expires_after[seconds]
       const expires: Record<string, unknown> = {};
@@ -620,7 +716,7 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
             }
             // (the other fields may come after the file: the file is kept once all are read)
             const tmp = await s.receive(part.file);
-            received = { tmp, filename: part.filename || "upload" };
+            received = { tmp, filename: part.filename || "upload", mime: part.mimetype };
           } else if (part.fieldname === "purpose") purpose = part.value;
           else {
             const m = /^expires_after\[(\w{1,20})\]$/.exec(part.fieldname);
@@ -629,6 +725,16 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
               expires[m[1]!] = m[1] === "seconds" && /^\d{1,12}$/.test(v) ? Number(v) : v;
             }
           }
+        }
+        if (anthropic(req)) {
+          if (!received)
+            throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", {
+              param: "file",
+            });
+          const { tmp, filename, mime } = received;
+          const file = s.adopt(owner(req), tmp, filename, "user_data", null, mime);
+          received = undefined;
+          return anthropicFile(file, mime);
         }
         if (purpose !== "batch")
           throw new ApiError(
@@ -654,6 +760,15 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
       }
     });
     app.get<{ Querystring: ListQuery }>("/v1/files", async (req) => {
+      if (anthropic(req)) {
+        const s = files();
+        const all = s.list(owner(req), "user_data").reverse();
+        const page = anthropicPage(all, req.query as AnthropicListQuery);
+        return {
+          ...page,
+          data: page.data.map((f) => anthropicFile(f, s.meta(owner(req), f.id).mime)),
+        };
+      }
       const q = req.query;
       const order = q.order ?? "desc";
       if (order !== "asc" && order !== "desc")
@@ -664,9 +779,11 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
       if (order === "desc") all.reverse();
       return listPage(all, q.after, queryInt(q.limit, "limit", 10_000, 1, 10_000));
     });
-    app.get<{ Params: { id: string } }>("/v1/files/:id", async (req) =>
-      files().get(owner(req), req.params.id),
-    );
+    app.get<{ Params: { id: string } }>("/v1/files/:id", async (req) => {
+      if (!anthropic(req)) return files().get(owner(req), req.params.id);
+      const { file, mime } = files().meta(owner(req), req.params.id);
+      return anthropicFile(file, mime);
+    });
     app.get<{ Params: { id: string } }>("/v1/files/:id/content", async (req, reply) => {
       const s = files();
       s.get(owner(req), req.params.id);
@@ -675,6 +792,7 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
     });
     app.delete<{ Params: { id: string } }>("/v1/files/:id", async (req) => {
       files().delete(owner(req), req.params.id);
+      if (anthropic(req)) return { id: req.params.id, type: "file_deleted" };
       return { id: req.params.id, object: "file", deleted: true };
     });
   };

@@ -8,6 +8,7 @@
 // Errors are Anthropic's {"type": "error", "error": {"type", "message"}}, with our stable
 // `code` and the `param` beside them. API keys: `x-api-key` (Anthropic's header) or Bearer.
 import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
@@ -24,6 +25,7 @@ import {
   thinkingTurnsCleared,
 } from "./context-edits.ts";
 import { ApiError, refusalHeaders, renameParam, toApiError } from "./errors.ts";
+import type { FileStore } from "./files.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatPrompt, chatRun, checkModel, eventStream, fittedRun } from "./openai.ts";
 import type { ChatCompletionRequest, ChatMessage } from "./schemas.ts";
@@ -221,6 +223,98 @@ function sourcedText(b: AnyBlock, param: string): string {
     );
   const context = typeof b["context"] === "string" && b["context"] ? `${b["context"]}\n\n` : "";
   return `<document${attr("title", b["title"])}>\n${context}${text}\n</document>\n`;
+}
+
+/** Where Messages documents find the files they name (`{"type": "file", "file_id"}`). */
+export interface MessageFiles {
+  /** null: this gateway keeps no files (no --files-dir). */
+  readonly store: FileStore | null;
+  readonly owner: (req: FastifyRequest) => string;
+}
+
+/** Media types a document's file is read as text by; a file of another is refused. */
+const TEXT_MEDIA =
+  /^(text\/[\w.+-]+|application\/(json|xml|yaml|x-yaml|x-ndjson|javascript|x-sh|sql|csv)|[\w.+-]+\/[\w.+-]+\+(json|xml))\s*(;.*)?$/i;
+
+/**
+ * `b` with each document that names an uploaded file (Anthropic's Files API) given the
+ * file's text instead (UTF-8; its filename the title when the document has none), in user
+ * turns and tool results. A file that is not text (a PDF, an image) is refused by its media
+ * type; one too long for the context whatever it encodes to, before it is read.
+ */
+async function withFileTexts<T extends MessagesRequest | CountRequest>(
+  ctx: ServeContext,
+  b: T,
+  files: MessageFiles | undefined,
+  owner: string,
+): Promise<T> {
+  const read = async (doc: Record<string, unknown>, param: string) => {
+    const source = doc["source"] as Record<string, unknown>;
+    const id = source["file_id"];
+    if (typeof id !== "string")
+      throw bad("a file source names its file: file_id", `${param}.source.file_id`);
+    const store = files?.store;
+    if (!store)
+      throw bad(
+        "this gateway keeps no files (its Files API is off: --files-dir, spec.gateway.batch): send the document's text as a text source",
+        `${param}.source`,
+      );
+    const { file, mime } = store.meta(owner, id, `${param}.source.file_id`);
+    if (!TEXT_MEDIA.test(mime ?? ""))
+      throw bad(
+        `file '${id.slice(0, 80)}' is ${mime ?? "of no media type"}: a document's file is read as text here (text/plain, text/markdown, text/csv, application/json, ...); DeepSeek reads text, and this gateway has no PDF reader`,
+        `${param}.source.file_id`,
+      );
+    if (file.bytes / (4 * ctx.tokenizer.maxTokenBytes) >= ctx.maxModelLen)
+      throw new ApiError(
+        "EM_GATEWAY_PROMPT_TOO_LONG",
+        `file '${id.slice(0, 80)}' (${file.bytes} bytes) is longer than this model's context (${ctx.maxModelLen} tokens) whatever it encodes to`,
+        { param: `${param}.source.file_id` },
+      );
+    const data = await readFile(store.path(id), "utf8");
+    return {
+      ...doc,
+      source: { type: "text", media_type: "text/plain", data },
+      title: typeof doc["title"] === "string" && doc["title"] ? doc["title"] : file.filename,
+    };
+  };
+  const isFileDoc = (x: unknown): x is Record<string, unknown> =>
+    isObject(x) &&
+    x["type"] === "document" &&
+    isObject(x["source"]) &&
+    x["source"]["type"] === "file";
+  /** Blocks with their file documents read (the same array when none is). */
+  const blocksOf = async (blocks: unknown[], param: string, inResults: boolean) => {
+    let out: unknown[] | null = null;
+    for (const [j, x] of blocks.entries()) {
+      let y: unknown = x;
+      if (isFileDoc(x)) y = await read(x, `${param}.${j}`);
+      else if (
+        inResults &&
+        isObject(x) &&
+        x["type"] === "tool_result" &&
+        Array.isArray(x["content"])
+      ) {
+        const content = await blocksOf(x["content"], `${param}.${j}.content`, false);
+        if (content !== x["content"]) y = { ...x, content };
+      }
+      if (y !== x) {
+        out ??= [...blocks];
+        out[j] = y;
+      }
+    }
+    return out ?? blocks;
+  };
+  let messages: typeof b.messages | null = null;
+  for (const [i, m] of b.messages.entries()) {
+    if (m.role !== "user" || !Array.isArray(m.content)) continue;
+    const content = await blocksOf(m.content, `messages.${i}.content`, true);
+    if (content !== m.content) {
+      messages ??= [...b.messages];
+      messages[i] = { ...m, content: content as typeof m.content };
+    }
+  }
+  return messages ? { ...b, messages } : b;
 }
 
 /** The chat completions request a Messages request means. */
@@ -435,7 +529,11 @@ function inputOf(args: string): unknown {
  * The routes plugin; `more`: routes registered in its scope, so that their errors are
  * Anthropic's too (the Message Batches API, message-batches.ts).
  */
-export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) => Promise<void>) {
+export function messagesRoutes(
+  ctx: ServeContext,
+  more?: (app: FastifyInstance) => Promise<void>,
+  files?: MessageFiles,
+) {
   return async (app: FastifyInstance) => {
     app.setErrorHandler((err, req, reply) => {
       const e = toApiError(renameParam(err, PARAMS));
@@ -449,7 +547,8 @@ export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) 
       { schema: { body: CountRequest } },
       async (req) => {
         // (`compaction` is ignored, as Anthropic's: the count is of the conversation as sent)
-        const { chat, original } = await edited(ctx, req.body);
+        const b = await withFileTexts(ctx, req.body, files, files?.owner(req) ?? "");
+        const { chat, original } = await edited(ctx, b);
         const { prompt } = await chatPrompt(ctx, chat);
         return {
           input_tokens: prompt.length,
@@ -460,7 +559,7 @@ export function messagesRoutes(ctx: ServeContext, more?: (app: FastifyInstance) 
     app.post<{ Body: MessagesRequest }>(
       "/v1/messages",
       { schema: { body: MessagesRequest } },
-      (req, reply) => messages(ctx, req, reply),
+      (req, reply) => messages(ctx, req, reply, files),
     );
   };
 }
@@ -555,8 +654,9 @@ async function messages(
   ctx: ServeContext,
   req: FastifyRequest<{ Body: MessagesRequest }>,
   reply: FastifyReply,
+  files: MessageFiles | undefined,
 ): Promise<unknown> {
-  const b = req.body;
+  const b = await withFileTexts(ctx, req.body, files, files?.owner(req) ?? "");
   const compactOnly = compactionRequestOf(b.compaction);
   if (compactOnly) checkCompactionRequest(b);
   let { chat, applied, compact } = await edited(ctx, b);
