@@ -8,7 +8,6 @@
 // Errors are Anthropic's {"type": "error", "error": {"type", "message"}}, with our stable
 // `code` and the `param` beside them. API keys: `x-api-key` (Anthropic's header) or Bearer.
 import { randomBytes } from "node:crypto";
-import { readFile } from "node:fs/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
@@ -24,6 +23,7 @@ import {
   summaryTurn,
   thinkingTurnsCleared,
 } from "./context-edits.ts";
+import { documentText, storedFileText } from "./documents.ts";
 import { ApiError, refusalHeaders, renameParam, toApiError } from "./errors.ts";
 import type { FileStore } from "./files.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
@@ -221,8 +221,7 @@ function sourcedText(b: AnyBlock, param: string): string {
       `a document's source is text ({"type": "text", "media_type": "text/plain", "data"}) or content blocks here; a '${String(kind).slice(0, 40)}' source (a PDF, a file, a URL) is not supported: DeepSeek reads text`,
       `${param}.source`,
     );
-  const context = typeof b["context"] === "string" && b["context"] ? `${b["context"]}\n\n` : "";
-  return `<document${attr("title", b["title"])}>\n${context}${text}\n</document>\n`;
+  return documentText(b["title"], text, b["context"]);
 }
 
 /** Where Messages documents find the files they name (`{"type": "file", "file_id"}`). */
@@ -232,15 +231,10 @@ export interface MessageFiles {
   readonly owner: (req: FastifyRequest) => string;
 }
 
-/** Media types a document's file is read as text by; a file of another is refused. */
-const TEXT_MEDIA =
-  /^(text\/[\w.+-]+|application\/(json|xml|yaml|x-yaml|x-ndjson|javascript|x-sh|sql|csv)|[\w.+-]+\/[\w.+-]+\+(json|xml))\s*(;.*)?$/i;
-
 /**
  * `b` with each document that names an uploaded file (Anthropic's Files API) given the
- * file's text instead (UTF-8; its filename the title when the document has none), in user
- * turns and tool results. A file that is not text (a PDF, an image) is refused by its media
- * type; one too long for the context whatever it encodes to, before it is read.
+ * file's text instead (documents.ts: a text file, UTF-8; its filename the title when the
+ * document has none), in user turns and tool results.
  */
 async function withFileTexts<T extends MessagesRequest | CountRequest>(
   ctx: ServeContext,
@@ -253,29 +247,21 @@ async function withFileTexts<T extends MessagesRequest | CountRequest>(
     const id = source["file_id"];
     if (typeof id !== "string")
       throw bad("a file source names its file: file_id", `${param}.source.file_id`);
-    const store = files?.store;
-    if (!store)
+    if (!files?.store)
       throw bad(
         "this gateway keeps no files (its Files API is off: --files-dir, spec.gateway.batch): send the document's text as a text source",
         `${param}.source`,
       );
-    const { file, mime } = store.meta(owner, id, `${param}.source.file_id`);
-    if (!TEXT_MEDIA.test(mime ?? ""))
-      throw bad(
-        `file '${id.slice(0, 80)}' is ${mime ?? "of no media type"}: a document's file is read as text here (text/plain, text/markdown, text/csv, application/json, ...); DeepSeek reads text, and this gateway has no PDF reader`,
-        `${param}.source.file_id`,
-      );
-    if (file.bytes / (4 * ctx.tokenizer.maxTokenBytes) >= ctx.maxModelLen)
-      throw new ApiError(
-        "EM_GATEWAY_PROMPT_TOO_LONG",
-        `file '${id.slice(0, 80)}' (${file.bytes} bytes) is longer than this model's context (${ctx.maxModelLen} tokens) whatever it encodes to`,
-        { param: `${param}.source.file_id` },
-      );
-    const data = await readFile(store.path(id), "utf8");
+    const { text, filename } = await storedFileText(
+      ctx,
+      { store: files.store, owner },
+      id,
+      `${param}.source.file_id`,
+    );
     return {
       ...doc,
-      source: { type: "text", media_type: "text/plain", data },
-      title: typeof doc["title"] === "string" && doc["title"] ? doc["title"] : file.filename,
+      source: { type: "text", media_type: "text/plain", data: text },
+      title: typeof doc["title"] === "string" && doc["title"] ? doc["title"] : filename,
     };
   };
   const isFileDoc = (x: unknown): x is Record<string, unknown> =>
