@@ -365,7 +365,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
       ? new FolderLogs(o.files!.dir, quota ?? null)
       : new MemoryLogs(o.responsesStore ?? 1000),
   );
-  app.register(responsesRoutes(o.ctx, responses, owner, conversations));
+  app.register(responsesRoutes(o.ctx, responses, owner, conversations, fileStore));
   // Chat completions made with store: true, where the responses are too.
   const completions =
     responses instanceof ResponseFiles

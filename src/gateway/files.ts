@@ -173,7 +173,8 @@ export interface FileObject {
 
 /**
  * "batch": a batch's input; "batch_output": what a batch wrote (made here, not uploaded);
- * "user_data": a file uploaded through Anthropic's Files API, which Messages documents name.
+ * "user_data": a file input_file parts (Responses) or Messages documents name (uploaded
+ * with that purpose, or through Anthropic's Files API).
  */
 export type FilePurpose = "batch" | "batch_output" | "user_data";
 
@@ -736,20 +737,22 @@ export function filesRoutes(store: FileStore | null, owner: (req: FastifyRequest
           received = undefined;
           return anthropicFile(file, mime);
         }
-        if (purpose !== "batch")
+        if (purpose !== "batch" && purpose !== "user_data")
           throw new ApiError(
             "EM_GATEWAY_BAD_REQUEST",
             purpose === undefined
-              ? "purpose is required: 'batch' (the only one this gateway takes)"
-              : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' is (this gateway keeps files for batches)`,
+              ? "purpose is required: 'batch' or 'user_data' (the ones this gateway takes)"
+              : `purpose ${JSON.stringify(purpose).slice(0, 60)} is not taken here: 'batch' (a batch's input) or 'user_data' (a file input_file parts name) is`,
             { param: "purpose" },
           );
         if (!received)
           throw new ApiError("EM_GATEWAY_BAD_REQUEST", "no 'file' in the form", { param: "file" });
+        // (batch inputs expire after 30 days unless asked otherwise, user data never)
         const ttl =
           expiresAfter(Object.keys(expires).length > 0 ? expires : undefined, "expires_after") ??
-          BATCH_FILE_TTL_S;
-        const file = s.adopt(owner(req), received.tmp, received.filename, "batch", ttl);
+          (purpose === "batch" ? BATCH_FILE_TTL_S : null);
+        const { tmp, filename, mime } = received;
+        const file = s.adopt(owner(req), tmp, filename, purpose, ttl, mime);
         received = undefined;
         return file;
       } catch (err) {

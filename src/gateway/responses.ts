@@ -17,6 +17,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { type Static, type TSchema, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY } from "../model/generation-config.ts";
+import { isObject } from "../util/objects.ts";
 import { type ChatDelta, ChatOutput } from "./chat-output.ts";
 import {
   type CompactBody,
@@ -34,7 +35,9 @@ import {
 } from "./compaction.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import type { Conversations } from "./conversations.ts";
+import { type DocumentFiles, documentText, storedFileText, textOfFile } from "./documents.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
+import type { FileStore } from "./files.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
 import {
   bind,
@@ -903,6 +906,7 @@ export function responsesRoutes(
   store: KeptResponses,
   owner: (req: FastifyRequest) => string = () => "",
   conversations: Conversations | null = null,
+  files: FileStore | null = null,
 ) {
   /** Background responses still running, by id (POST .../cancel stops them). */
   const running = new Map<string, Running>();
@@ -914,6 +918,11 @@ export function responsesRoutes(
     return r?.owner === owner(req) ? r : undefined;
   };
   return async (app: FastifyInstance) => {
+    // Files in the input (input_file parts) read as text before anything else sees it.
+    app.addHook("preHandler", async (req) => {
+      if (req.method === "POST" && isObject(req.body) && Array.isArray(req.body["input"]))
+        req.body = await withInputFiles(ctx, req.body, { store: files, owner: owner(req) });
+    });
     app.post<{ Body: ResponsesRequest }>(
       "/v1/responses",
       { schema: { body: ResponsesRequest } },
@@ -1145,6 +1154,62 @@ function previousConversation(
       "previous_response_id",
     );
   return kept.conversation;
+}
+
+/**
+ * `b` with each `input_file` part of its input's messages read as text (documents.ts): an
+ * uploaded file (`file_id`, its owner's) or one sent inline (`file_data`: a data URL, or
+ * base64, with its `filename`), as an `input_text` part holding the document; a `file_url`
+ * is refused (this gateway fetches nothing). The response keeps the input as read.
+ */
+export async function withInputFiles<T extends Record<string, unknown>>(
+  ctx: ServeContext,
+  b: T,
+  files: DocumentFiles,
+): Promise<T> {
+  const input = b["input"] as unknown[];
+  let out: unknown[] | null = null;
+  for (const [j, item] of input.entries()) {
+    if (!isObject(item) || !Array.isArray(item["content"])) continue;
+    const parts = item["content"] as unknown[];
+    let read: unknown[] | null = null;
+    for (const [k, part] of parts.entries()) {
+      if (!isObject(part) || part["type"] !== "input_file") continue;
+      const param = `input.${j}.content.${k}`;
+      const named = typeof part["filename"] === "string" ? part["filename"] : "";
+      let text: string;
+      let title = named;
+      if (typeof part["file_id"] === "string") {
+        const got = await storedFileText(ctx, files, part["file_id"], `${param}.file_id`);
+        text = got.text;
+        title ||= got.filename;
+      } else if (typeof part["file_data"] === "string") {
+        const m = /^data:([^;,]*)(;base64)?,/.exec(part["file_data"]);
+        const data = m ? part["file_data"].slice(m[0].length) : part["file_data"];
+        const bytes =
+          m && !m[2] ? Buffer.from(decodeURIComponent(data)) : Buffer.from(data, "base64");
+        text = textOfFile(
+          bytes,
+          m?.[1] || null,
+          named,
+          `the file '${named.slice(0, 80)}'`,
+          `${param}.file_data`,
+        );
+      } else if (part["file_url"] !== undefined)
+        throw bad(
+          "file_url: this gateway fetches no URLs; send the file as file_data or upload it (file_id)",
+          `${param}.file_url`,
+        );
+      else throw bad("an input_file part has a file_id or file_data", param);
+      read ??= [...parts];
+      read[k] = { type: "input_text", text: documentText(title, text) };
+    }
+    if (read) {
+      out ??= [...input];
+      out[j] = { ...item, content: read };
+    }
+  }
+  return out ? { ...b, input: out } : b;
 }
 
 /**

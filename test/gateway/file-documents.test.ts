@@ -1,13 +1,18 @@
-// Anthropic's Files API (beta files-api-2025-04-14) on the gateway's /v1/files routes, told
+// Files as documents of a prompt (documents.ts). Anthropic's Files API (beta
+// files-api-2025-04-14) on the gateway's /v1/files routes, told
 // from OpenAI's by the anthropic-version header, through the official SDK
 // (`client.beta.files`): upload, list (newest first, in pages), metadata, download, delete;
 // and Messages documents that name an uploaded text file (`{"type": "file", "file_id"}`),
 // which read as the same document sent as a text source, titled by the file's name. A file
 // that is not text, one not there, and a gateway without a files folder are refused by name.
+// OpenAI's side: a file uploaded with purpose user_data, or sent inline (file_data), as a
+// Responses `input_file` part, which reads as the same document sent as input_text.
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import Anthropic, { toFile } from "@anthropic-ai/sdk";
+import { toFile as openaiFile } from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { documentText } from "../../src/gateway/documents.ts";
 import { testEnv } from "../support/env.ts";
 import { tinyCheckpointFor } from "../support/golden.ts";
 import { startGateway, type TestGateway } from "./helpers.ts";
@@ -158,5 +163,86 @@ describe("Anthropic's Files API", () => {
       .create(ask({ type: "document", source: { type: "file", file_id: pdf.id } }) as never)
       .catch((e: unknown) => e)) as InstanceType<typeof Anthropic.APIError>;
     expect(refused.message).toContain("application/pdf");
+  });
+});
+
+describe("OpenAI's input_file (Responses)", () => {
+  const question = (part: object) => ({
+    model: "tiny",
+    max_output_tokens: 6,
+    temperature: 0,
+    input: [
+      {
+        role: "user" as const,
+        content: [part, { type: "input_text", text: "When is the meeting?" }],
+      },
+    ],
+  });
+  const asText = (title: string) =>
+    question({ type: "input_text", text: documentText(title, NOTES) });
+  const prompt = (u: { input_tokens: number }) => u.input_tokens;
+
+  it("an uploaded file (purpose user_data) and one sent inline read as the document sent as text", async () => {
+    const c = gw.client;
+    const file = await c.files.create({
+      file: await openaiFile(Buffer.from(NOTES), "notes.md", { type: "text/markdown" }),
+      purpose: "user_data",
+    });
+    expect(file).toMatchObject({ purpose: "user_data", expires_at: null, filename: "notes.md" });
+    const want = await c.responses.create(asText("notes.md") as never);
+    const byId = await c.responses.create(
+      question({ type: "input_file", file_id: file.id }) as never,
+    );
+    expect(byId.output_text).toBe(want.output_text);
+    expect(prompt(byId.usage!)).toBe(prompt(want.usage!));
+    const inline = question({
+      type: "input_file",
+      filename: "notes.md",
+      file_data: `data:text/markdown;base64,${Buffer.from(NOTES).toString("base64")}`,
+    });
+    const byData = await c.responses.create(inline as never);
+    expect(byData.output_text).toBe(want.output_text);
+    // Counted as answered.
+    const counted = await c.responses.inputTokens.count(
+      question({ type: "input_file", file_id: file.id }) as never,
+    );
+    expect(counted.input_tokens).toBe(prompt(want.usage!));
+  });
+
+  it("refusals: a URL, a PDF, a file not there, another purpose", async () => {
+    const c = gw.client;
+    const cases: [object, number, string][] = [
+      [
+        { type: "input_file", file_url: "https://example.com/a.txt" },
+        400,
+        "input.0.content.0.file_url",
+      ],
+      [
+        {
+          type: "input_file",
+          filename: "a.pdf",
+          file_data: "data:application/pdf;base64,JVBERi0=",
+        },
+        400,
+        "input.0.content.0.file_data",
+      ],
+      [
+        { type: "input_file", file_id: "file-000000000000000000000000" },
+        404,
+        "input.0.content.0.file_id",
+      ],
+      [{ type: "input_file" }, 400, "input.0.content.0"],
+    ];
+    for (const [part, status, param] of cases) {
+      const err = (await c.responses.create(question(part) as never).catch((e: unknown) => e)) as {
+        status: number;
+        param: string;
+      };
+      expect([err.status, err.param], param).toEqual([status, param]);
+    }
+    const purpose = await c.files
+      .create({ file: await openaiFile(Buffer.from("x"), "x.txt"), purpose: "fine-tune" })
+      .catch((e: unknown) => e);
+    expect((purpose as { status: number; param: string }).param).toBe("purpose");
   });
 });
