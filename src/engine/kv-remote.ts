@@ -38,6 +38,12 @@ const DEFAULT_MAX_STAGED = 256 * 2 ** 20;
 const MAX_PARTS = 64;
 /** A JetStream request (a block's read or write) that takes longer fails. */
 const READ_TIMEOUT_MS = 2000;
+/**
+ * Opening the bucket's watch and listing its keys: a consumer made on a replicated stream
+ * waits for its copies to agree, which a busy cluster takes seconds over (2 s failed a
+ * gateway's open on a loaded machine).
+ */
+const OPEN_TIMEOUT_MS = 15_000;
 /** A bucket name NATS takes (the stream is KV_<name>). */
 const BUCKET_RE = /^[A-Za-z0-9_-]{1,200}$/;
 
@@ -232,11 +238,14 @@ export class RemotePrefixStore implements PrefixStore {
         );
       this.#lastRevision = info.state.last_seq;
       // A read that takes longer is a miss (the prompt waiting for it computes instead).
-      this.#kv = await new Kvm(jetstream(nc, { timeout: READ_TIMEOUT_MS })).open(bucket, {
-        allow_direct: info.config.allow_direct,
-      });
+      const direct = { allow_direct: info.config.allow_direct };
+      this.#kv = await new Kvm(jetstream(nc, { timeout: READ_TIMEOUT_MS })).open(bucket, direct);
+      const opening = await new Kvm(jetstream(nc, { timeout: OPEN_TIMEOUT_MS })).open(
+        bucket,
+        direct,
+      );
       // Changes from now on, then what is there: a key written between the two is seen twice.
-      const watch = await this.#kv.watch({
+      const watch = await opening.watch({
         key: `${this.fingerprint}.>`,
         headers_only: true,
         include: KvWatchInclude.UpdatesOnly,
@@ -245,7 +254,7 @@ export class RemotePrefixStore implements PrefixStore {
       void (async () => {
         for await (const e of watch) this.#seen(e.key, e.operation, e.revision);
       })().catch((e: unknown) => this.#error("watching the bucket's keys", e));
-      const keys = await this.#kv.keys(`${this.fingerprint}.>`);
+      const keys = await opening.keys(`${this.fingerprint}.>`);
       for await (const key of keys) this.#seen(key, "PUT", 0);
     } catch (e) {
       if (e instanceof ExpertMeshError) throw e;
