@@ -48,6 +48,9 @@ export interface AgentLoopRow {
   /** Milliseconds from the call to the ids, a step: pieces kept encoded, and the peer without. */
   cachedMs: Stats;
   wholeMs: Stats;
+  /** The longest gap between two turns of the event loop in a step, ms (absent before). */
+  cachedStallMs?: Stats;
+  wholeStallMs?: Stats;
   /** Of the counted steps' prompt tokens, the share taken from pieces kept encoded. */
   cachedShare: number;
 }
@@ -96,6 +99,7 @@ async function agentLoop(
         bytes += t.reduce((n, m) => n + Buffer.byteLength(m.content), 0);
       }
       const ms = { cached: [] as number[], whole: [] as number[] };
+      const stall = { cached: [] as number[], whole: [] as number[] };
       let tokens = 0;
       // 2 warm-up steps, then the counted ones; each step a turn more.
       let counted = { cached: 0, encoded: 0 };
@@ -110,10 +114,13 @@ async function agentLoop(
         for (const side of run % 2
           ? (["cached", "whole"] as const)
           : (["whole", "cached"] as const)) {
-          const t0 = performance.now();
-          const ids = await (side === "cached" ? cached : whole).encodeChat(chat, true);
-          if (run >= 0) ms[side].push(performance.now() - t0);
-          tokens = ids.length;
+          const r = await withStall(async () => {
+            tokens = (await (side === "cached" ? cached : whole).encodeChat(chat, true)).length;
+          });
+          if (run >= 0) {
+            ms[side].push(r.ms);
+            stall[side].push(r.stallMs);
+          }
         }
         if (run >= 0 && cached.stats.pieceTokensCached === before)
           throw new Error("the step took nothing from the pieces kept encoded");
@@ -125,6 +132,8 @@ async function agentLoop(
         tokens,
         cachedMs: stats(ms.cached),
         wholeMs: stats(ms.whole),
+        cachedStallMs: stats(stall.cached),
+        wholeStallMs: stats(stall.whole),
         cachedShare: share,
       };
       log(
@@ -329,15 +338,15 @@ function agentLoopTable(r: TokenizeResults): string {
   const rows = r.agentLoop
     .map(
       (a) =>
-        `| ${kib(a.historyBytes)} | ${a.tokens} | ${ms(a.cachedMs)} | ${ms(a.wholeMs)} | ${(a.cachedMs.median / a.wholeMs.median).toFixed(3)}x | ${(100 * a.cachedShare).toFixed(0)} % |`,
+        `| ${kib(a.historyBytes)} | ${a.tokens} | ${ms(a.cachedMs)} | ${ms(a.wholeMs)} | ${(a.cachedMs.median / a.wholeMs.median).toFixed(3)}x | ${(100 * a.cachedShare).toFixed(0)} % | ${a.cachedStallMs ? ms(a.cachedStallMs) : "-"} | ${a.wholeStallMs ? ms(a.wholeStallMs) : "-"} |`,
     )
     .join("\n");
   return `
 
-An agent's loop (the same run, ${r.runs} counted steps after 2 warm-ups, sides alternating): a conversation of that much history sent again at each step with a turn more (a 2 KiB result, a 512 B answer), its chat prompt encoded on the gateway's worker with pieces kept encoded (\`--tokenizer-cache-mib\`, the default) against without (peer: the gateway before). Milliseconds a step, median (min-max).
+An agent's loop (the same run, ${r.runs} counted steps after 2 warm-ups, sides alternating): a conversation of that much history sent again at each step with a turn more (a 2 KiB result, a 512 B answer), its chat prompt encoded on the gateway's worker with pieces kept encoded (\`--tokenizer-cache-mib\`, the default) against without (peer: the gateway before). Milliseconds a step, median (min-max); the longest event-loop stall in a step too (the template is rendered, and pieces are looked up and joined, on the loop).
 
-| history | tokens | time to ids, pieces kept | whole (peer) | kept / peer | tokens from kept pieces |
-|---:|---:|---:|---:|---:|---:|
+| history | tokens | time to ids, pieces kept | whole (peer) | kept / peer | tokens from kept pieces | event-loop stall, pieces kept | whole (peer) |
+|---:|---:|---:|---:|---:|---:|---:|---:|
 ${rows}`;
 }
 

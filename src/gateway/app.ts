@@ -374,7 +374,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   app.addHook("onClose", async () => completions.close());
   app.register(openaiRoutes(o.ctx, { store: completions, owner }));
   app.register(storedCompletionsRoutes(completions, owner));
-  app.register(conversationsRoutes(conversations, owner));
+  app.register(conversationsRoutes(conversations, owner, { ctx: o.ctx, store: fileStore }));
   const run: RunLine = async (url, body, lineOwner) => {
     // Behind the interactive requests on a gateway that schedules by priority.
     const payload =

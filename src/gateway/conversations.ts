@@ -15,8 +15,10 @@ import { join } from "node:path";
 import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs, readFrom, withDirLock } from "../util/fs.ts";
+import { isObject } from "../util/objects.ts";
 import { ApiError } from "./errors.ts";
-import { type FolderQuota, removeCounted } from "./files.ts";
+import { type FileStore, type FolderQuota, removeCounted } from "./files.ts";
+import type { ServeContext } from "./jobs.ts";
 import {
   checkItemIds,
   InputItem,
@@ -26,6 +28,7 @@ import {
   messagesOf,
   newId,
   type ResponsesRequest,
+  withInputFiles,
 } from "./responses.ts";
 import { Metadata } from "./schemas.ts";
 
@@ -406,14 +409,29 @@ const AddQuery = Type.Object({
 type Params = { id: string };
 type ItemParams = { id: string; item_id: string };
 
-/** The routes plugin; `owner` says who a request is (a conversation is found only by its owner). */
+/**
+ * The routes plugin; `owner` says who a request is (a conversation is found only by its
+ * owner). With `files`, the items' input_file parts are read as text (responses.ts
+ * withInputFiles), as a Responses input's are, and kept so.
+ */
 export function conversationsRoutes(
   conversations: Conversations,
   owner: (req: FastifyRequest) => string = () => "",
+  files?: { ctx: ServeContext; store: FileStore | null },
 ) {
   const find = (req: FastifyRequest<{ Params: Params }>) =>
     conversations.need(owner(req), req.params.id);
   return async (app: FastifyInstance) => {
+    if (files)
+      app.addHook("preHandler", async (req) => {
+        if (req.method === "POST" && isObject(req.body) && Array.isArray(req.body["items"]))
+          req.body = await withInputFiles(
+            files.ctx,
+            req.body,
+            { store: files.store, owner: owner(req) },
+            "items",
+          );
+      });
     app.post<{ Body: Static<typeof CreateBody> }>(
       "/v1/conversations",
       { schema: { body: CreateBody } },

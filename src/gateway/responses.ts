@@ -1161,13 +1161,15 @@ function previousConversation(
  * uploaded file (`file_id`, its owner's) or one sent inline (`file_data`: a data URL, or
  * base64, with its `filename`), as an `input_text` part holding the document; a `file_url`
  * is refused (this gateway fetches nothing). The response keeps the input as read.
+ * `field`: the body's list of items (a conversation's are `items`).
  */
 export async function withInputFiles<T extends Record<string, unknown>>(
   ctx: ServeContext,
   b: T,
   files: DocumentFiles,
+  field = "input",
 ): Promise<T> {
-  const input = b["input"] as unknown[];
+  const input = b[field] as unknown[];
   let out: unknown[] | null = null;
   for (const [j, item] of input.entries()) {
     if (!isObject(item) || !Array.isArray(item["content"])) continue;
@@ -1175,7 +1177,7 @@ export async function withInputFiles<T extends Record<string, unknown>>(
     let read: unknown[] | null = null;
     for (const [k, part] of parts.entries()) {
       if (!isObject(part) || part["type"] !== "input_file") continue;
-      const param = `input.${j}.content.${k}`;
+      const param = `${field}.${j}.content.${k}`;
       const named = typeof part["filename"] === "string" ? part["filename"] : "";
       let text: string;
       let title = named;
@@ -1209,7 +1211,7 @@ export async function withInputFiles<T extends Record<string, unknown>>(
       out[j] = { ...item, content: read };
     }
   }
-  return out ? { ...b, input: out } : b;
+  return out ? { ...b, [field]: out } : b;
 }
 
 /**

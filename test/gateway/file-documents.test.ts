@@ -209,6 +209,33 @@ describe("OpenAI's input_file (Responses)", () => {
     expect(counted.input_tokens).toBe(prompt(want.usage!));
   });
 
+  it("a conversation's items read their files as a Responses input does, and keep the text", async () => {
+    const c = gw.client;
+    const data = `data:text/markdown;base64,${Buffer.from(NOTES).toString("base64")}`;
+    const conv = await c.conversations.create({
+      items: [
+        {
+          type: "message",
+          role: "user",
+          content: [{ type: "input_file", filename: "notes.md", file_data: data }],
+        },
+      ] as never,
+    });
+    const items = await c.conversations.items.list(conv.id, { order: "asc" });
+    expect(items.data[0]).toMatchObject({
+      content: [{ type: "input_text", text: documentText("notes.md", NOTES) }],
+    });
+    const pdf = {
+      type: "input_file",
+      filename: "a.pdf",
+      file_data: "data:application/pdf;base64,JVBERi0=",
+    };
+    const refused = (await c.conversations.items
+      .create(conv.id, { items: [{ type: "message", role: "user", content: [pdf] }] as never })
+      .catch((e: unknown) => e)) as { status: number; param: string };
+    expect([refused.status, refused.param]).toEqual([400, "items.0.content.0.file_data"]);
+  });
+
   it("refusals: a URL, a PDF, a file not there, another purpose", async () => {
     const c = gw.client;
     const cases: [object, number, string][] = [
