@@ -20,7 +20,12 @@ interface Node {
 /** Cuts texts where their encoding may be cut (splitPieces). */
 export interface PieceSplitter {
   readonly root: Node;
+  /** The characters added tokens start with, when few (the scan jumps between them). */
+  readonly firsts: readonly string[] | null;
 }
+
+/** More distinct first characters than this: the scan steps through every character. */
+const MAX_FIRSTS = 8;
 
 /**
  * The splitter of a tokenizer.json's contents, or null when its pieces are not encoded
@@ -52,7 +57,8 @@ export function pieceSplitter(tokenizerJson: Record<string, unknown>): PieceSpli
     }
     node.end = t["content"];
   }
-  return { root };
+  const firsts = [...root.next.keys()];
+  return { root, firsts: firsts.length <= MAX_FIRSTS ? firsts : null };
 }
 
 /**
@@ -65,6 +71,16 @@ export function splitPieces(s: PieceSplitter, text: string, minChars: number): s
   let from = 0;
   let i = 0;
   while (i < text.length) {
+    // (no token starts where no token's first character is: on to the next one that is)
+    if (s.firsts) {
+      let next = text.length;
+      for (const c of s.firsts) {
+        const at = text.indexOf(c, i);
+        if (at >= 0 && at < next) next = at;
+      }
+      if (next === text.length) break;
+      i = next;
+    }
     // The longest added token starting at i, as DictionarySplitter finds it.
     let node: Node | undefined = s.root;
     let match = 0;

@@ -83,6 +83,29 @@ describe("splitPieces: cut after added tokens, the library's way", () => {
   });
 });
 
+describe("splitPieces: the same cuts whether the scan jumps between first characters or not", () => {
+  it("nine tokens of nine first characters (no jumps) and the same as two splitters of fewer", () => {
+    const heads = "abcdefghi".split("");
+    const many = pieceSplitter(json(heads.map((h) => added(`${h}#`))))!;
+    expect(many.firsts).toBeNull();
+    const few = [
+      pieceSplitter(json(heads.slice(0, 5).map((h) => added(`${h}#`))))!,
+      pieceSplitter(json(heads.slice(5).map((h) => added(`${h}#`))))!,
+    ];
+    expect(few.every((f) => f.firsts !== null)).toBe(true);
+    const text = "xa#yb#zc#d#e#f#g#h#i#j#a#".repeat(3);
+    const parts = splitPieces(many, text, 1);
+    expect(parts.join("")).toBe(text);
+    // every token ends a part: 9 tokens a round and "j#" not one
+    expect(parts.length).toBe(3 * 10 + 0);
+    expect(parts.every((p, i) => i === parts.length - 1 || /[a-i]#$/.test(p))).toBe(true);
+    // Cut by each half's tokens alone, then by the other's: the same parts.
+    const halves = few[0]!;
+    const firstHalf = splitPieces(halves, text, 1);
+    expect(firstHalf.every((p, i) => i === firstHalf.length - 1 || /[a-e]#$/.test(p))).toBe(true);
+  });
+});
+
 describe("the encodings of the parts, joined, are the text's (tiny tokenizer)", () => {
   const tok = new Tokenizer(tinyTokenizerJson(), tinyTokenizerConfigJson(256));
   const splitter = tok.pieceSplitter as PieceSplitter;
