@@ -124,6 +124,8 @@ async function agentLoop(
         }
         if (run >= 0 && cached.stats.pieceTokensCached === before)
           throw new Error("the step took nothing from the pieces kept encoded");
+        if (cached.liveWorkers + whole.liveWorkers !== 2)
+          throw new Error("a tokenizer worker failed: the steps would be encoded on the loop");
       }
       const fromKept = cached.stats.pieceTokensCached - counted.cached;
       const share = fromKept / (fromKept + cached.stats.pieceTokensEncoded - counted.encoded);
@@ -264,6 +266,7 @@ export async function runTokenize(o: {
   const inline = new PromptEncoder(tokenizer, { workers: 0 });
   const worker = new PromptEncoder(tokenizer, { workers: 1, inlineBytes: inlineBytes - 1 });
   const rows: TokenizeRow[] = [];
+  let loop: AgentLoopRow[] = [];
   try {
     for (const bytes of o.quick ? QUICK_SIZES : SIZES) {
       const text = promptText(bytes);
@@ -298,6 +301,8 @@ export async function runTokenize(o: {
     }
     if (worker.stats.offloaded !== rows.length * (o.runs + 2))
       throw new Error(`the worker encoded ${worker.stats.offloaded} prompts, not all of them`);
+    // (while the tokenizer's folder is there: the workers load it from there)
+    loop = await agentLoop(tokenizer, o.runs, o.quick ? QUICK_HISTORIES : HISTORIES, o.log);
   } finally {
     await worker.close();
     rmSync(dir, { recursive: true, force: true });
@@ -307,7 +312,6 @@ export async function runTokenize(o: {
     o.log(
       `[bench] detokenize ${d.tokens} tokens: incremental ${d.incrementalMs.median.toFixed(4)} ms a token, whole ${d.wholeMs.median.toFixed(4)}`,
     );
-  const loop = await agentLoop(tokenizer, o.runs, o.quick ? QUICK_HISTORIES : HISTORIES, o.log);
   return { runs: o.runs, inlineBytes, rows, detokenize: detok, agentLoop: loop };
 }
 
