@@ -147,17 +147,22 @@ export class PromptEncoder {
     const got = parts.map((p) => cache.get(p));
     const missing = parts.filter((_, i) => got[i] === undefined);
     const encoded = missing.length ? await this.#encodeEach(missing, false) : [];
-    const out: number[] = [];
     let k = 0;
+    let total = 0;
     for (const [i, part] of parts.entries()) {
       let ids = got[i];
       if (ids === undefined) {
         ids = encoded[k++]!;
         cache.set(part, ids);
+        got[i] = ids;
         this.stats.pieceTokensEncoded += ids.length;
       } else this.stats.pieceTokensCached += ids.length;
-      for (const id of ids) out.push(id);
+      total += ids.length;
     }
+    // (joined into an array of its final length: pushing grows and copies it again and again)
+    const out = new Array<number>(total);
+    let at = 0;
+    for (const ids of got) for (let j = 0; j < ids!.length; j++) out[at++] = ids![j]!;
     return out;
   }
 
