@@ -258,6 +258,13 @@ const PLAUSIBLE: Record<string, unknown[]> = {
       { role: "assistant", content: [{ type: "compaction", content: "sum" }] },
       { role: "user", content: "more" },
     ],
+    // (a document naming a file: not there, or no files folder)
+    [
+      {
+        role: "user",
+        content: [{ type: "document", source: { type: "file", file_id: "file-x" } }],
+      },
+    ],
   ],
   prompt: ["a b", ["a", "b"], [1, 2, 3], [[1, 2], [3]]],
   input: [
@@ -268,6 +275,18 @@ const PLAUSIBLE: Record<string, unknown[]> = {
       { role: "user", content: "hi" },
       { role: "assistant", content: "yo" },
       { role: "user", content: "more" },
+    ],
+    // (files as input: inline text, a PDF, one not there, a URL)
+    [
+      {
+        role: "user",
+        content: [
+          { type: "input_file", filename: "a.txt", file_data: "data:text/plain;base64,aGk=" },
+          { type: "input_file", filename: "a.pdf", file_data: "JVBERi0=" },
+          { type: "input_file", file_id: "file-x" },
+          { type: "input_file", file_url: "https://example.com/a.txt" },
+        ],
+      },
     ],
   ],
   context_management: [
