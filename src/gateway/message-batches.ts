@@ -11,7 +11,7 @@ import { Readable } from "node:stream";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { type Batches, type BatchObject, MAX_BATCH_LINES } from "./batches.ts";
 import { ApiError } from "./errors.ts";
-import { type FileStore, filesOff, queryInt } from "./files.ts";
+import { anthropicPage, type FileStore, filesOff } from "./files.ts";
 
 /** A request of a Message Batch: its id, and the body of a POST /v1/messages. */
 interface BatchRequest {
@@ -227,29 +227,14 @@ export function messageBatchesRoutes(
     app.get<{ Querystring: { limit?: string; after_id?: string; before_id?: string } }>(
       "/v1/messages/batches",
       async (req) => {
-        const q = req.query;
-        const limit = queryInt(q.limit, "limit", 20, 1, 1000);
-        let all = on()
+        // (newest first, as files.ts pages Anthropic's lists; has_more: more in the
+        // direction paged)
+        const all = on()
           .batches.list(owner(req))
-          .filter((b) => b.endpoint === "/v1/messages");
-        const at = (id: string) => all.findIndex((b) => messageBatchId(b.id) === id);
-        // (newest first; has_more: more in the direction paged)
-        let more: boolean;
-        if (q.before_id !== undefined) {
-          const i = at(q.before_id);
-          all = i < 0 ? [] : all.slice(Math.max(0, i - limit), i);
-          more = i - limit > 0;
-        } else {
-          if (q.after_id !== undefined) all = all.slice(at(q.after_id) + 1 || all.length);
-          more = all.length > limit;
-        }
-        const data = all.slice(0, limit).map((b) => view(req, b));
-        return {
-          data,
-          has_more: more,
-          first_id: data[0]?.id ?? null,
-          last_id: data.at(-1)?.id ?? null,
-        };
+          .filter((b) => b.endpoint === "/v1/messages")
+          .map((b) => ({ id: messageBatchId(b.id), b }));
+        const page = anthropicPage(all, req.query);
+        return { ...page, data: page.data.map(({ b }) => view(req, b)) };
       },
     );
     app.get<{ Params: { id: string } }>("/v1/messages/batches/:id", async (req) =>
