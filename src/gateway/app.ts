@@ -17,7 +17,7 @@ import type { LogFields } from "../util/log.ts";
 import { ApiKeys } from "./api-keys.ts";
 import { BATCH_PRIORITY, Batches, batchesRoutes, type RunLine } from "./batches.ts";
 import { Conversations, conversationsRoutes, FolderLogs, MemoryLogs } from "./conversations.ts";
-import { ApiError, errorBody, refusalHeaders, toApiError } from "./errors.ts";
+import { ApiError, errorBody, errorBodyFor, refusalHeaders, toApiError } from "./errors.ts";
 import { FileStore, FolderQuota, filesRoutes, ownerOf } from "./files.ts";
 import { logServerError, REQUEST_ID, type ServeContext } from "./jobs.ts";
 import { KSERVE_OPEN_ROUTES, kserveRestRoutes } from "./kserve-rest.ts";
@@ -97,9 +97,9 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     // Validate bodies as they are: no coercion ("1" is not a number), unknown fields kept.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, allErrors: false } },
     // Errors before routing (a bad percent-escape in the path) in our format too.
-    frameworkErrors: (err, _req, reply) => {
+    frameworkErrors: (err, req, reply) => {
       const e = new ApiError("EM_GATEWAY_BAD_REQUEST", err.message);
-      (reply as FastifyReply).status(e.status).send(errorBody(e));
+      (reply as FastifyReply).status(e.status).send(errorBodyFor(req.headers, e));
     },
     // Requests Node cannot parse (an unknown method, a bad Content-Length, headers too
     // large): there is no request to reply to, so the answer goes to the socket.
@@ -268,7 +268,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
     logServerError(o.ctx, `${req.method} ${req.url}`, err);
     reply.headers(refusalHeaders(e));
     if (tracing) traceRefusal(tracing, req, reply, e);
-    reply.status(e.status).send(errorBody(e));
+    reply.status(e.status).send(errorBodyFor(req.headers, e));
   });
 
   /**
@@ -299,7 +299,7 @@ export function buildGatewayApp(o: GatewayAppOptions): FastifyInstance {
   };
   app.setNotFoundHandler((req, reply) => {
     const e = new ApiError("EM_GATEWAY_NOT_FOUND", `no route ${req.method} ${req.url}`);
-    reply.status(e.status).send(errorBody(e));
+    reply.status(e.status).send(errorBodyFor(req.headers, e));
   });
 
   // Every route needs a key except the probes and metrics. Decided by the route fastify

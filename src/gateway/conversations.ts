@@ -16,6 +16,7 @@ import { type Static, Type } from "@sinclair/typebox";
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import { makeDirs, readFrom, withDirLock } from "../util/fs.ts";
 import { isObject } from "../util/objects.ts";
+import { withInputFiles } from "./documents.ts";
 import { ApiError } from "./errors.ts";
 import { type FileStore, type FolderQuota, removeCounted } from "./files.ts";
 import type { ServeContext } from "./jobs.ts";
@@ -28,7 +29,6 @@ import {
   messagesOf,
   newId,
   type ResponsesRequest,
-  withInputFiles,
 } from "./responses.ts";
 import { Metadata } from "./schemas.ts";
 
@@ -411,7 +411,7 @@ type ItemParams = { id: string; item_id: string };
 
 /**
  * The routes plugin; `owner` says who a request is (a conversation is found only by its
- * owner). With `files`, the items' input_file parts are read as text (responses.ts
+ * owner). With `files`, the items' input_file parts are read as text (documents.ts
  * withInputFiles), as a Responses input's are, and kept so.
  */
 export function conversationsRoutes(

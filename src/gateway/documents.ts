@@ -6,6 +6,7 @@
 // an image or a spreadsheet is refused by name.
 import { readFile } from "node:fs/promises";
 import { extname } from "node:path";
+import { isObject } from "../util/objects.ts";
 import { ApiError } from "./errors.ts";
 import type { FileStore } from "./files.ts";
 import type { ServeContext } from "./jobs.ts";
@@ -71,19 +72,21 @@ export function textOfFile(
 /**
  * The text of the uploaded file `id` (its owner's), refused when there is no files folder,
  * when it is not there (404), not text, or longer than the context whatever it encodes to
- * (before it is read).
+ * (before it is read). `noFiles`: the param and advice of the error when there is no files
+ * folder.
  */
 export async function storedFileText(
   ctx: ServeContext,
   files: DocumentFiles | undefined,
   id: string,
   param: string,
+  noFiles: { param: string; instead: string } = { param, instead: "send the file's text instead" },
 ): Promise<{ text: string; filename: string }> {
   const store = files?.store;
   if (!store)
     throw bad(
-      "this gateway keeps no files (its Files API is off: --files-dir, spec.gateway.batch): send the file's text instead",
-      param,
+      `this gateway keeps no files (its Files API is off: --files-dir, spec.gateway.batch): ${noFiles.instead}`,
+      noFiles.param,
     );
   const { file, mime } = store.meta(files.owner, id, param);
   if (file.bytes / (4 * ctx.tokenizer.maxTokenBytes) >= ctx.maxModelLen)
@@ -103,4 +106,62 @@ export function documentText(title: unknown, text: string, context?: unknown): s
   const attr = typeof title === "string" && title !== "" ? ` title=${JSON.stringify(title)}` : "";
   const before = typeof context === "string" && context ? `${context}\n\n` : "";
   return `<document${attr}>\n${before}${text}\n</document>\n`;
+}
+
+/**
+ * `b` with each `input_file` part of its input's messages read as text (documents.ts): an
+ * uploaded file (`file_id`, its owner's) or one sent inline (`file_data`: a data URL, or
+ * base64, with its `filename`), as an `input_text` part holding the document; a `file_url`
+ * is refused (this gateway fetches nothing). The response keeps the input as read.
+ * `field`: the body's list of items (a conversation's are `items`).
+ */
+export async function withInputFiles<T extends Record<string, unknown>>(
+  ctx: ServeContext,
+  b: T,
+  files: DocumentFiles,
+  field = "input",
+): Promise<T> {
+  const input = b[field] as unknown[];
+  let out: unknown[] | null = null;
+  for (const [j, item] of input.entries()) {
+    if (!isObject(item) || !Array.isArray(item["content"])) continue;
+    const parts = item["content"] as unknown[];
+    let read: unknown[] | null = null;
+    for (const [k, part] of parts.entries()) {
+      if (!isObject(part) || part["type"] !== "input_file") continue;
+      const param = `${field}.${j}.content.${k}`;
+      const named = typeof part["filename"] === "string" ? part["filename"] : "";
+      let text: string;
+      let title = named;
+      if (typeof part["file_id"] === "string") {
+        const got = await storedFileText(ctx, files, part["file_id"], `${param}.file_id`);
+        text = got.text;
+        title ||= got.filename;
+      } else if (typeof part["file_data"] === "string") {
+        const m = /^data:([^;,]*)(;base64)?,/.exec(part["file_data"]);
+        const data = m ? part["file_data"].slice(m[0].length) : part["file_data"];
+        const bytes =
+          m && !m[2] ? Buffer.from(decodeURIComponent(data)) : Buffer.from(data, "base64");
+        text = textOfFile(
+          bytes,
+          m?.[1] || null,
+          named,
+          `the file '${named.slice(0, 80)}'`,
+          `${param}.file_data`,
+        );
+      } else if (part["file_url"] !== undefined)
+        throw bad(
+          "file_url: this gateway fetches no URLs; send the file as file_data or upload it (file_id)",
+          `${param}.file_url`,
+        );
+      else throw bad("an input_file part has a file_id or file_data", param);
+      read ??= [...parts];
+      read[k] = { type: "input_text", text: documentText(title, text) };
+    }
+    if (read) {
+      out ??= [...input];
+      out[j] = { ...item, content: read };
+    }
+  }
+  return out ? { ...b, [field]: out } : b;
 }

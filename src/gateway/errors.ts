@@ -172,6 +172,40 @@ export function errorBody(e: ApiError): ApiErrorBody {
   return { error: { message: e.message, type: typeOf(e.status), param: e.param, code: e.code } };
 }
 
+/** Anthropic's error type for an HTTP status. */
+function anthropicType(status: number): string {
+  if (status === 401) return "authentication_error";
+  if (status === 403) return "permission_error";
+  if (status === 404) return "not_found_error";
+  if (status === 413) return "request_too_large";
+  if (status === 429) return "rate_limit_error";
+  if (status === 503) return "overloaded_error";
+  if (status >= 500) return "api_error";
+  return "invalid_request_error";
+}
+
+/** The body of a refusal in Anthropic's shape (Messages, and any request of its SDK). */
+export function anthropicErrorBody(e: ApiError) {
+  return {
+    type: "error",
+    error: {
+      type: anthropicType(e.status),
+      message: e.message,
+      code: e.code,
+      ...(e.param ? { param: e.param } : {}),
+    },
+  };
+}
+
+/**
+ * The body of a refusal in the shape of the API the request speaks: Anthropic's when it
+ * carries `anthropic-version` (its SDK sends that header with every request: the Files API,
+ * the models list), else OpenAI's.
+ */
+export function errorBodyFor(headers: Record<string, unknown>, e: ApiError) {
+  return headers["anthropic-version"] !== undefined ? anthropicErrorBody(e) : errorBody(e);
+}
+
 /**
  * `err` with its param renamed by the first rule whose pattern matches it (the match
  * replaced, as String.replace does), else as it is: a refusal of the chat machinery naming

@@ -24,7 +24,7 @@ import {
   thinkingTurnsCleared,
 } from "./context-edits.ts";
 import { documentText, storedFileText } from "./documents.ts";
-import { ApiError, refusalHeaders, renameParam, toApiError } from "./errors.ts";
+import { ApiError, anthropicErrorBody, refusalHeaders, renameParam, toApiError } from "./errors.ts";
 import type { FileStore } from "./files.ts";
 import { type Choice, type Job, logServerError, type ServeContext, startJob } from "./jobs.ts";
 import { bind, chatPrompt, chatRun, checkModel, eventStream, fittedRun } from "./openai.ts";
@@ -247,16 +247,12 @@ async function withFileTexts<T extends MessagesRequest | CountRequest>(
     const id = source["file_id"];
     if (typeof id !== "string")
       throw bad("a file source names its file: file_id", `${param}.source.file_id`);
-    if (!files?.store)
-      throw bad(
-        "this gateway keeps no files (its Files API is off: --files-dir, spec.gateway.batch): send the document's text as a text source",
-        `${param}.source`,
-      );
     const { text, filename } = await storedFileText(
       ctx,
-      { store: files.store, owner },
+      { store: files?.store ?? null, owner },
       id,
       `${param}.source.file_id`,
+      { param: `${param}.source`, instead: "send the document's text as a text source" },
     );
     return {
       ...doc,
@@ -450,30 +446,6 @@ const PARAMS: [RegExp, string][] = [
   [/^response_format.*$/, "output_config.format"],
 ];
 
-/** Anthropic's error type for an HTTP status. */
-function errorType(status: number): string {
-  if (status === 401) return "authentication_error";
-  if (status === 403) return "permission_error";
-  if (status === 404) return "not_found_error";
-  if (status === 413) return "request_too_large";
-  if (status === 429) return "rate_limit_error";
-  if (status === 503) return "overloaded_error";
-  if (status >= 500) return "api_error";
-  return "invalid_request_error";
-}
-
-function errorBody(e: ApiError) {
-  return {
-    type: "error",
-    error: {
-      type: errorType(e.status),
-      message: e.message,
-      code: e.code,
-      ...(e.param ? { param: e.param } : {}),
-    },
-  };
-}
-
 type StopReason = "end_turn" | "max_tokens" | "stop_sequence" | "tool_use" | "compaction";
 
 /** Why a choice ended, in Anthropic's words, and the stop sequence that ended it. */
@@ -525,7 +497,7 @@ export function messagesRoutes(
       const e = toApiError(renameParam(err, PARAMS));
       logServerError(ctx, `${req.method} ${req.url}`, err);
       reply.headers(refusalHeaders(e));
-      reply.status(e.status).send(errorBody(e));
+      reply.status(e.status).send(anthropicErrorBody(e));
     });
     if (more) await app.register(more);
     app.post<{ Body: CountRequest }>(
@@ -656,7 +628,7 @@ async function messages(
     return await answer();
   } catch (err) {
     if (!events?.opened) throw err;
-    events.send(errorBody(toApiError(err)));
+    events.send(anthropicErrorBody(toApiError(err)));
     events.end();
     return reply;
   }

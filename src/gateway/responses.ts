@@ -35,7 +35,7 @@ import {
 } from "./compaction.ts";
 import { ContentPart, textOfParts } from "./content-parts.ts";
 import type { Conversations } from "./conversations.ts";
-import { type DocumentFiles, documentText, storedFileText, textOfFile } from "./documents.ts";
+import { withInputFiles } from "./documents.ts";
 import { ApiError, renameParam, toApiError } from "./errors.ts";
 import type { FileStore } from "./files.ts";
 import { type Choice, type Job, type JobHooks, type ServeContext, startJob } from "./jobs.ts";
@@ -117,6 +117,10 @@ export const ResponsesRequest = Type.Object({
     Nullable(
       Type.Object({
         format: Type.Optional(Nullable(Type.Record(Type.String(), Type.Unknown()))),
+        /** A length hint of OpenAI's models: accepted and echoed, it changes nothing here. */
+        verbosity: Type.Optional(
+          Nullable(Type.Union([Type.Literal("low"), Type.Literal("medium"), Type.Literal("high")])),
+        ),
       }),
     ),
   ),
@@ -139,8 +143,24 @@ export const ResponsesRequest = Type.Object({
   metadata: Type.Optional(Nullable(Type.Record(Type.String(), Type.String()))),
   /** Effort "minimal"/"none" (or no field): no thinking asked for; others ask for it (V3.1). */
   reasoning: Type.Optional(
-    Nullable(Type.Object({ effort: Type.Optional(Nullable(Type.String())) })),
+    Nullable(
+      Type.Object({
+        effort: Type.Optional(Nullable(Type.String())),
+        /** Echoed; the thought is given whole (reasoning items' content), not summarized. */
+        summary: Type.Optional(Nullable(Type.String())),
+      }),
+    ),
   ),
+  /**
+   * Fields of OpenAI's that change nothing here, accepted and echoed in the response:
+   * caching and safety identifiers, the tier (every request is served alike: "default"),
+   * and the most built-in tool calls (this gateway runs none).
+   */
+  user: Type.Optional(Nullable(Type.String())),
+  prompt_cache_key: Type.Optional(Nullable(Type.String())),
+  safety_identifier: Type.Optional(Nullable(Type.String())),
+  service_tier: Type.Optional(Nullable(Type.String())),
+  max_tool_calls: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
   /** vLLM's extensions, as on chat completions. */
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
@@ -168,10 +188,6 @@ export const ResponsesRequest = Type.Object({
 });
 export type ResponsesRequest = Static<typeof ResponsesRequest>;
 
-/**
- * POST /v1/responses/input_tokens: the fields of a response whose prompt is counted, the
- * model optional (OpenAI's).
- */
 /** POST /v1/responses/compact: a conversation (input, after a previous response's) to compact. */
 const CompactRequest = Type.Object({
   model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
@@ -180,6 +196,10 @@ const CompactRequest = Type.Object({
   previous_response_id: Type.Optional(Nullable(Type.String())),
 });
 
+/**
+ * POST /v1/responses/input_tokens: the fields of a response whose prompt is counted, the
+ * model optional (OpenAI's).
+ */
 const InputTokensRequest = Type.Object({
   ...ResponsesRequest.properties,
   model: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
@@ -1157,64 +1177,6 @@ function previousConversation(
 }
 
 /**
- * `b` with each `input_file` part of its input's messages read as text (documents.ts): an
- * uploaded file (`file_id`, its owner's) or one sent inline (`file_data`: a data URL, or
- * base64, with its `filename`), as an `input_text` part holding the document; a `file_url`
- * is refused (this gateway fetches nothing). The response keeps the input as read.
- * `field`: the body's list of items (a conversation's are `items`).
- */
-export async function withInputFiles<T extends Record<string, unknown>>(
-  ctx: ServeContext,
-  b: T,
-  files: DocumentFiles,
-  field = "input",
-): Promise<T> {
-  const input = b[field] as unknown[];
-  let out: unknown[] | null = null;
-  for (const [j, item] of input.entries()) {
-    if (!isObject(item) || !Array.isArray(item["content"])) continue;
-    const parts = item["content"] as unknown[];
-    let read: unknown[] | null = null;
-    for (const [k, part] of parts.entries()) {
-      if (!isObject(part) || part["type"] !== "input_file") continue;
-      const param = `${field}.${j}.content.${k}`;
-      const named = typeof part["filename"] === "string" ? part["filename"] : "";
-      let text: string;
-      let title = named;
-      if (typeof part["file_id"] === "string") {
-        const got = await storedFileText(ctx, files, part["file_id"], `${param}.file_id`);
-        text = got.text;
-        title ||= got.filename;
-      } else if (typeof part["file_data"] === "string") {
-        const m = /^data:([^;,]*)(;base64)?,/.exec(part["file_data"]);
-        const data = m ? part["file_data"].slice(m[0].length) : part["file_data"];
-        const bytes =
-          m && !m[2] ? Buffer.from(decodeURIComponent(data)) : Buffer.from(data, "base64");
-        text = textOfFile(
-          bytes,
-          m?.[1] || null,
-          named,
-          `the file '${named.slice(0, 80)}'`,
-          `${param}.file_data`,
-        );
-      } else if (part["file_url"] !== undefined)
-        throw bad(
-          "file_url: this gateway fetches no URLs; send the file as file_data or upload it (file_id)",
-          `${param}.file_url`,
-        );
-      else throw bad("an input_file part has a file_id or file_data", param);
-      read ??= [...parts];
-      read[k] = { type: "input_text", text: documentText(title, text) };
-    }
-    if (read) {
-      out ??= [...input];
-      out[j] = { ...item, content: read };
-    }
-  }
-  return out ? { ...b, [field]: out } : b;
-}
-
-/**
  * A request that failed after its stream was opened (a compaction's summary opens it before
  * the answer is admitted): an error event ends the stream, as one that fails later; before,
  * the error is the request's.
@@ -1366,7 +1328,14 @@ async function respond(
     tools: b.tools ?? [],
     tool_choice: b.tool_choice ?? "auto",
     parallel_tool_calls: b.parallel_tool_calls ?? true,
-    text: { format: b.text?.format ?? { type: "text" } },
+    text: { format: b.text?.format ?? { type: "text" }, verbosity: b.text?.verbosity ?? "medium" },
+    top_logprobs: b.top_logprobs ?? 0,
+    reasoning: { effort: b.reasoning?.effort ?? null, summary: b.reasoning?.summary ?? null },
+    max_tool_calls: b.max_tool_calls ?? null,
+    service_tier: "default",
+    user: b.user ?? null,
+    prompt_cache_key: b.prompt_cache_key ?? null,
+    safety_identifier: b.safety_identifier ?? null,
     previous_response_id: b.previous_response_id ?? null,
     conversation: joined ? { id: joined } : null,
     store: stored,

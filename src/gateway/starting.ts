@@ -6,7 +6,7 @@
 import type { IncomingMessage, RequestListener, ServerResponse } from "node:http";
 import type { Registry } from "prom-client";
 import type { Startup } from "../cli/startup.ts";
-import { ApiError, errorBody } from "./errors.ts";
+import { ApiError, errorBodyFor } from "./errors.ts";
 
 /** Seconds a client is asked to wait before retrying a request sent while starting. */
 export const STARTING_RETRY_AFTER = 5;
@@ -33,7 +33,7 @@ export function startingHandler(startup: Startup, registry: Registry): RequestLi
       `the gateway is starting (${startup.phase}); retry in a few seconds`,
       { retryAfter: STARTING_RETRY_AFTER },
     );
-    json(res, e.status, errorBody(e), {
+    json(res, e.status, errorBodyFor(req.headers, e), {
       "retry-after": String(STARTING_RETRY_AFTER),
       connection: "close",
     });

@@ -99,6 +99,16 @@ describe("Anthropic's Files API", () => {
     });
     const gone = await client.beta.files.retrieveMetadata(second.id).catch((e: unknown) => e);
     expect(gone).toBeInstanceOf(Anthropic.NotFoundError);
+    // in Anthropic's error shape, as every refusal to its SDK (it sends anthropic-version)
+    expect((gone as InstanceType<typeof Anthropic.NotFoundError>).error).toMatchObject({
+      type: "error",
+      error: { type: "not_found_error", code: "EM_GATEWAY_FILE_NOT_FOUND" },
+    });
+    const noRoute = await client.get("/v1/no-such-route").catch((e: unknown) => e);
+    expect((noRoute as InstanceType<typeof Anthropic.NotFoundError>).error).toMatchObject({
+      type: "error",
+      error: { type: "not_found_error" },
+    });
   });
 
   it("a document naming a text file reads as the same text sent inline, titled by its name; counted the same", async () => {

@@ -2,7 +2,7 @@
 // gateways started in this process on the tiny V3 checkpoint. A Responses request is the
 // chat request it stands for: the same tokens come out, read into output items (message,
 // reasoning, function_call), and streamed as Responses events.
-import type OpenAI from "openai";
+import OpenAI from "openai";
 import { ResponseStream } from "openai/lib/responses/ResponseStream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { tinyCheckpointFor } from "../support/golden.ts";
@@ -89,6 +89,45 @@ describe("POST /v1/responses", () => {
     });
     expect(r.instructions).toBe("Answer briefly.");
     expect(r.max_output_tokens).toBe(12);
+    // the fields OpenAI's response object has, defaults where the request gave none
+    expect(r).toMatchObject({
+      text: { format: { type: "text" }, verbosity: "medium" },
+      top_logprobs: 0,
+      reasoning: { effort: null, summary: null },
+      max_tool_calls: null,
+      service_tier: "default",
+      user: null,
+      prompt_cache_key: null,
+      safety_identifier: null,
+    });
+  });
+
+  it("accepts and echoes the fields that change nothing here; the same answer", async () => {
+    const plain = { model: "tiny", input: "Hello there", max_output_tokens: 8, temperature: 0 };
+    const r = await gw.client.responses.create({
+      ...plain,
+      text: { verbosity: "low" },
+      reasoning: { summary: "auto" },
+      max_tool_calls: 3,
+      service_tier: "flex",
+      user: "u-1",
+      prompt_cache_key: "k-1",
+      safety_identifier: "s-1",
+    });
+    expect(r).toMatchObject({
+      text: { format: { type: "text" }, verbosity: "low" },
+      reasoning: { effort: null, summary: "auto" },
+      max_tool_calls: 3,
+      service_tier: "default",
+      user: "u-1",
+      prompt_cache_key: "k-1",
+      safety_identifier: "s-1",
+    });
+    expect(r.output_text).toBe((await gw.client.responses.create(plain)).output_text);
+    const bad = await gw.client.responses
+      .create({ ...plain, text: { verbosity: "loud" as "low" } })
+      .catch((e: unknown) => e);
+    expect(bad).toBeInstanceOf(OpenAI.BadRequestError);
   });
 
   it("vLLM's output fields as on chat: allowed_token_ids, bad_words, skip_special_tokens", async () => {

@@ -1,5 +1,6 @@
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
+import { ApiError, anthropicErrorBody, errorBodyFor } from "../../src/gateway/errors.ts";
 import { ERROR_CODES, ExpertMeshError, formatError } from "../../src/util/errors.ts";
 
 describe("error codes", () => {
@@ -22,5 +23,32 @@ describe("error codes", () => {
     expect(formatError(new ExpertMeshError("EM_PLAN_INVALID", "bad"))).toBe(
       "[EM_PLAN_INVALID] bad",
     );
+  });
+});
+
+describe("error bodies by the API a request speaks", () => {
+  const e = (status: number) => new ApiError("EM_GATEWAY_BAD_REQUEST", "m", { status, param: "p" });
+  it.each([
+    [400, "invalid_request_error", "invalid_request_error"],
+    [401, "authentication_error", "authentication_error"],
+    [403, "invalid_request_error", "permission_error"],
+    [404, "not_found_error", "not_found_error"],
+    [413, "invalid_request_error", "request_too_large"],
+    [429, "rate_limit_error", "rate_limit_error"],
+    [500, "server_error", "api_error"],
+    [503, "server_error", "overloaded_error"],
+  ])("%i: OpenAI's %s, Anthropic's %s", (status, openai, anthropic) => {
+    expect(errorBodyFor({}, e(status))).toEqual({
+      error: { message: "m", type: openai, param: "p", code: "EM_GATEWAY_BAD_REQUEST" },
+    });
+    expect(errorBodyFor({ "anthropic-version": "2023-06-01" }, e(status))).toEqual({
+      type: "error",
+      error: { type: anthropic, message: "m", code: "EM_GATEWAY_BAD_REQUEST", param: "p" },
+    });
+  });
+  it("Anthropic's leaves out a missing param", () => {
+    expect(
+      anthropicErrorBody(new ApiError("EM_GATEWAY_NOT_FOUND", "gone")).error,
+    ).not.toHaveProperty("param");
   });
 });
