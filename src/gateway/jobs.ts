@@ -94,16 +94,20 @@ export interface JobPrompt {
 
 /**
  * A prompt with the tokens its choices may generate: `requested` (max_tokens) if given, else
- * the rest of the context up to `defaultMax`; refused when the two do not fit the context.
+ * the rest of the context up to `defaultMax`; refused when the two do not fit the context,
+ * or with `o.toWindow`, `requested` cut to the rest of the context (Anthropic's: the answer
+ * stops at the context window, stop_reason model_context_window_exceeded).
  */
 export function jobPrompt(
   ctx: ServeContext,
   tokens: readonly number[],
   requested: number | null | undefined,
   defaultMax: number | null,
-  o: { param: string; which?: string },
+  o: { param: string; which?: string; toWindow?: boolean },
 ): JobPrompt {
   const room = ctx.maxModelLen - tokens.length;
+  if (o.toWindow && room >= 1 && requested != null && requested > room)
+    return { tokens, maxTokens: room };
   if (room < 1 || (requested != null && requested > room))
     throw new ApiError(
       "EM_GATEWAY_PROMPT_TOO_LONG",

@@ -45,7 +45,11 @@ const common = {
   model: Type.String(),
   messages: Type.Array(
     Type.Object({
-      role: Type.Union([Type.Literal("user"), Type.Literal("assistant")]),
+      /**
+       * "system": instructions given at that point of the conversation (Anthropic's
+       * SystemMessageParam: text only), a system message of the chat request.
+       */
+      role: Type.Union([Type.Literal("user"), Type.Literal("assistant"), Type.Literal("system")]),
       content: Content,
     }),
     { minItems: 1 },
@@ -310,6 +314,13 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
   /** Where the conversation starts (after the system prompt): a compaction replaces it all. */
   const head = messages.length;
   for (const [i, m] of b.messages.entries()) {
+    if (m.role === "system") {
+      // (where the template puts it is the template's: DeepSeek's gather every system
+      // message into the prompt's start)
+      const text = textOf(m.content, `messages.${i}.content`);
+      if (text) messages.push({ role: "system", content: text });
+      continue;
+    }
     const blocks: AnyBlock[] =
       typeof m.content === "string" ? [{ type: "text", text: m.content }] : m.content;
     let text = "";
@@ -330,7 +341,8 @@ export function chatRequestOfMessages(b: MessagesRequest | CountRequest): ChatCo
             "a compaction block's content is its summary: a string, not empty (null when the compaction failed)",
             `${at}.content`,
           );
-        messages.splice(head);
+        // (system messages are instructions, not conversation: they stay)
+        messages.push(...messages.splice(head).filter((x) => x.role === "system"));
         messages.push(summaryTurn(summary));
         text = "";
         calls.length = 0;
@@ -446,14 +458,28 @@ const PARAMS: [RegExp, string][] = [
   [/^response_format.*$/, "output_config.format"],
 ];
 
-type StopReason = "end_turn" | "max_tokens" | "stop_sequence" | "tool_use" | "compaction";
+type StopReason =
+  | "end_turn"
+  | "max_tokens"
+  | "stop_sequence"
+  | "tool_use"
+  | "compaction"
+  | "model_context_window_exceeded";
 
-/** Why a choice ended, in Anthropic's words, and the stop sequence that ended it. */
+/**
+ * Why a choice ended, in Anthropic's words, and the stop sequence that ended it. `window`:
+ * its max_tokens was cut to the rest of the context, so a length stop is the window's.
+ */
 function stopOf(
   c: Choice,
   calls: number,
+  window: boolean,
 ): { stop_reason: StopReason; stop_sequence: string | null } {
-  if (c.finishReason === "length") return { stop_reason: "max_tokens", stop_sequence: null };
+  if (c.finishReason === "length")
+    return {
+      stop_reason: window ? "model_context_window_exceeded" : "max_tokens",
+      stop_sequence: null,
+    };
   if (calls > 0) return { stop_reason: "tool_use", stop_sequence: null };
   if (c.out.stoppedBy !== null)
     return { stop_reason: "stop_sequence", stop_sequence: c.out.stoppedBy };
@@ -657,7 +683,7 @@ async function messages(
       events?.send(compactionDelta(compaction.block));
       events?.send({ type: "content_block_stop", index: 0 });
       if (summary !== null) {
-        const system = chat.messages[0]?.role === "system" ? [chat.messages[0]] : [];
+        const system = chat.messages.filter((m) => m.role === "system");
         // (an answer begun, continued after the summary)
         const prefill = chat.continue_final_message ? [chat.messages.at(-1)!] : [];
         chat = { ...chat, messages: [...system, summaryTurn(summary), ...prefill] };
@@ -671,7 +697,9 @@ async function messages(
         return events.end();
       }
     }
-    const { spec, outputOptions } = await chatRun(ctx, chat);
+    // A max_tokens past the context's rest runs to the window's end (Anthropic's).
+    const { spec, outputOptions } = await chatRun(ctx, chat, { toWindow: true });
+    const window = spec.prompts[0]!.maxTokens < b.max_tokens;
     /** display "omitted": thinking blocks without their text. */
     const omitted = b.thinking?.display === "omitted";
     /** The usage: the answer's, with the summary's as a separate iteration. */
@@ -707,7 +735,7 @@ async function messages(
       return {
         ...head,
         content,
-        ...stopOf(c, calls),
+        ...stopOf(c, calls, window),
         usage: usageWith(usageOf(ctx, job, m.reasoning_content)),
         ...managed,
       };
@@ -726,7 +754,7 @@ async function messages(
       onFinish: (c, text) => {
         blocks.push([...output.push(text), ...output.end()]);
         blocks.close();
-        stop = stopOf(c, blocks.calls);
+        stop = stopOf(c, blocks.calls, window);
       },
     });
     // Admitted: the events start (unless a compaction's started them).

@@ -250,6 +250,7 @@ function jobSpec(
   requested: number | null | undefined,
   defaultMax: number | null,
   promptParam: string,
+  toWindow = false,
 ): Omit<JobSpec, "logprobs" | "promptLogprobs" | "grammar"> {
   const jobPrompts = prompts.map((tokens, i) =>
     jobPrompt(
@@ -258,8 +259,8 @@ function jobSpec(
       requested,
       defaultMax,
       prompts.length > 1
-        ? { param: `${promptParam}[${i}]`, which: `prompt ${i}` }
-        : { param: promptParam },
+        ? { param: `${promptParam}[${i}]`, which: `prompt ${i}`, toWindow }
+        : { param: promptParam, toWindow },
     ),
   );
   const stop = b.stop == null ? [] : typeof b.stop === "string" ? [b.stop] : b.stop;
@@ -750,8 +751,16 @@ export async function fittedRun(
   throw refusal;
 }
 
-/** A chat request, checked, as the job it runs (chat completions and responses alike). */
-export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest): Promise<ChatRun> {
+/**
+ * A chat request, checked, as the job it runs (chat completions and responses alike).
+ * `toWindow`: a max_tokens past the rest of the context is cut to it instead of refused
+ * (Anthropic's Messages).
+ */
+export async function chatRun(
+  ctx: ServeContext,
+  request: ChatCompletionRequest,
+  o: { toWindow?: boolean } = {},
+): Promise<ChatRun> {
   const b = withEffort(request);
   checkModel(ctx, b.model);
   unsupported(b);
@@ -759,7 +768,8 @@ export async function chatRun(ctx: ServeContext, request: ChatCompletionRequest)
   // A continued answer picks up its own text: no thinking first.
   const thinks =
     !continues && requestThinks(ctx.reasoningParser, b.chat_template_kwargs ?? undefined);
-  const base = jobSpec(ctx, b, [prompt], b.max_completion_tokens ?? b.max_tokens, null, "messages");
+  const requested = b.max_completion_tokens ?? b.max_tokens;
+  const base = jobSpec(ctx, b, [prompt], requested, null, "messages", o.toWindow ?? false);
   const grammar = plan.kind !== "text" ? plan.grammar : format.grammar;
   // A grammar that shapes the answer from its first token (response_format, calls required
   // at once) lets a thinking model think first (reasoning.ts: ThinkThen).

@@ -75,6 +75,8 @@ export const InputItem = Type.Union([
     call_id: Type.String({ minLength: 1 }),
     name: Type.String({ minLength: 1 }),
     arguments: Type.String(),
+    /** A namespace tool's function (its `name` within the namespace). */
+    namespace: Type.Optional(Type.String({ minLength: 1 })),
   }),
   Type.Object({
     type: Type.Literal("function_call_output"),
@@ -86,6 +88,7 @@ export const InputItem = Type.Union([
     call_id: Type.String({ minLength: 1 }),
     name: Type.String({ minLength: 1 }),
     input: Type.String(),
+    namespace: Type.Optional(Type.String({ minLength: 1 })),
   }),
   Type.Object({
     type: Type.Literal("custom_tool_call_output"),
@@ -399,6 +402,81 @@ const notFound = (id: string, param: string | null) =>
     { param },
   );
 
+/** A namespace tool's function or custom tool, as its call items name it. */
+interface Namespaced {
+  readonly namespace: string;
+  readonly name: string;
+}
+
+/**
+ * The name the model knows a namespace's tool by: `<namespace>__<name>` (the chat's tools
+ * are flat; `__` as MCP clients join a server's name and its tool's).
+ */
+const qualified = (namespace: string | undefined, name: string): string =>
+  namespace ? `${namespace}__${name}` : name;
+
+/** A tool_choice's (or allowed tool's) name, with its namespace when it names one. */
+const qualifiedOf = (t: { name?: unknown; namespace?: unknown }): unknown =>
+  typeof t.namespace === "string" && typeof t.name === "string"
+    ? qualified(t.namespace, t.name)
+    : t.name;
+
+/**
+ * The request's tools with each namespace tool's tools in its place, named as the model
+ * knows them (qualified), the namespace's description before each one's; `param`: where
+ * each came from.
+ */
+function flatTools(
+  tools: readonly Record<string, unknown>[],
+): { tool: Record<string, unknown>; param: string }[] {
+  return tools.flatMap((t, i) => {
+    if (t["type"] !== "namespace") return [{ tool: t, param: `tools.${i}` }];
+    const {
+      name,
+      description,
+      tools: inner,
+    } = t as {
+      name?: unknown;
+      description?: unknown;
+      tools?: unknown;
+    };
+    if (typeof name !== "string" || !/^[a-zA-Z0-9_-]+$/.test(name))
+      throw bad("a namespace tool's name is letters, digits, _ and -", `tools.${i}.name`);
+    if (!Array.isArray(inner) || inner.length === 0)
+      throw bad("a namespace tool holds function or custom tools: tools", `tools.${i}.tools`);
+    return inner.map((x: unknown, k) => {
+      const param = `tools.${i}.tools.${k}`;
+      if (!isObject(x) || (x["type"] !== "function" && x["type"] !== "custom"))
+        throw bad("a namespace tool holds function and custom tools only", param);
+      const full = qualified(name, String(x["name"]));
+      if (full.length > 64)
+        throw bad(
+          `'${full.slice(0, 80)}': a namespace's name and its tool's, joined by '__', are at most 64 characters (the model calls it by that name)`,
+          `${param}.name`,
+        );
+      const about = [description, x["description"]].filter((d) => typeof d === "string" && d);
+      return {
+        tool: { ...x, name: full, ...(about.length ? { description: about.join("\n\n") } : {}) },
+        param,
+      };
+    });
+  });
+}
+
+/** The namespace tools' functions by the names the model calls them (flatTools). */
+function namespacesOf(tools: readonly Record<string, unknown>[] | null | undefined) {
+  const out = new Map<string, Namespaced>();
+  for (const t of tools ?? [])
+    if (t["type"] === "namespace" && Array.isArray(t["tools"]))
+      for (const x of t["tools"] as unknown[])
+        if (isObject(x) && typeof x["name"] === "string")
+          out.set(qualified(String(t["name"]), x["name"]), {
+            namespace: String(t["name"]),
+            name: x["name"],
+          });
+  return out;
+}
+
 /**
  * The chat request a Responses request stands for (after the conversation `before` it,
  * the previous response's), and the conversation without its instructions (what a
@@ -428,14 +506,11 @@ export function chatRequestOf(
           : textOfParts(m.content, ["input", j, "content"], ["input_text", "output_text"]);
       messages.push({ role: m.role, content });
     } else if (item.type === "function_call" || item.type === "custom_tool_call") {
+      const name = qualified(item.namespace, item.name);
       const call: NonNullable<ChatMessage["tool_calls"]>[number] =
         item.type === "function_call"
-          ? {
-              id: item.call_id,
-              type: "function",
-              function: { name: item.name, arguments: item.arguments },
-            }
-          : { id: item.call_id, type: "custom", custom: { name: item.name, input: item.input } };
+          ? { id: item.call_id, type: "function", function: { name, arguments: item.arguments } }
+          : { id: item.call_id, type: "custom", custom: { name, input: item.input } };
       // Consecutive calls are one assistant turn.
       const last = messages.at(-1);
       if (last?.role === "assistant" && last.tool_calls) last.tool_calls.push(call);
@@ -449,7 +524,7 @@ export function chatRequestOf(
       messages = compactedConversation(messages, c);
     }
   }
-  const tools = (b.tools ?? []).map((t, i) => {
+  const tools = flatTools(b.tools ?? []).map(({ tool: t, param }) => {
     if (t["type"] === "custom") {
       // Chat Completions' form: the grammar's syntax and definition under `grammar`.
       const { name, description, format } = t as {
@@ -477,8 +552,8 @@ export function chatRequestOf(
     }
     if (t["type"] !== "function")
       throw bad(
-        `tools[${i}]: only function and custom tools are supported (got ${JSON.stringify(t["type"] ?? null).slice(0, 40)})`,
-        `tools.${i}`,
+        `${param.replace(/\.(\d+)/g, "[$1]")}: only function, custom and namespace tools are supported (got ${JSON.stringify(t["type"] ?? null).slice(0, 40)}): OpenAI's hosted tools (web search, file search, ...) are not run here; leave them out (Codex CLI: web_search = "disabled" in its config.toml)`,
+        param,
       );
     const { name, description, parameters, strict } = t;
     return {
@@ -492,15 +567,15 @@ export function chatRequestOf(
     };
   });
   const choice = b.tool_choice as
-    | { type?: string; name?: string; mode?: unknown; tools?: unknown }
+    | { type?: string; name?: string; namespace?: unknown; mode?: unknown; tools?: unknown }
     | string
     | undefined
     | null;
   const toolChoice =
     choice != null && typeof choice === "object" && choice.type === "function"
-      ? { type: "function", function: { name: choice.name } }
+      ? { type: "function", function: { name: qualifiedOf(choice) } }
       : choice != null && typeof choice === "object" && choice.type === "custom"
-        ? { type: "custom", custom: { name: choice.name } }
+        ? { type: "custom", custom: { name: qualifiedOf(choice) } }
         : choice != null && typeof choice === "object" && choice.type === "allowed_tools"
           ? { type: "allowed_tools", allowed_tools: allowedTools(choice) }
           : choice;
@@ -564,9 +639,9 @@ export function chatRequestOf(
 /** Responses' allowed_tools ({mode, tools: [{type, name}]}) in Chat Completions' form. */
 function allowedTools(choice: { mode?: unknown; tools?: unknown }): object {
   const tools = Array.isArray(choice.tools)
-    ? choice.tools.map((t: { type?: unknown; name?: unknown } | null) =>
+    ? choice.tools.map((t: { type?: unknown; name?: unknown; namespace?: unknown } | null) =>
         t?.type === "function" || t?.type === "custom"
-          ? { type: t.type, [t.type]: { name: t.name } }
+          ? { type: t.type, [t.type]: { name: qualifiedOf(t) } }
           : t,
       )
     : choice.tools;
@@ -590,9 +665,21 @@ function answerMessages(items: readonly OutputItem[]): ChatMessage[] {
   const calls = items.flatMap(
     (i): NonNullable<ChatMessage["tool_calls"]> =>
       i.type === "function_call"
-        ? [{ id: i.call_id, type: "function", function: { name: i.name, arguments: i.arguments } }]
+        ? [
+            {
+              id: i.call_id,
+              type: "function",
+              function: { name: qualified(i.namespace, i.name), arguments: i.arguments },
+            },
+          ]
         : i.type === "custom_tool_call"
-          ? [{ id: i.call_id, type: "custom", custom: { name: i.name, input: i.input } }]
+          ? [
+              {
+                id: i.call_id,
+                type: "custom",
+                custom: { name: qualified(i.namespace, i.name), input: i.input },
+              },
+            ]
           : [],
   );
   return [
@@ -688,6 +775,7 @@ type OutputItem =
       id: string;
       call_id: string;
       name: string;
+      namespace?: string;
       arguments: string;
       status: "in_progress" | "completed" | "incomplete";
     }
@@ -696,6 +784,7 @@ type OutputItem =
       id: string;
       call_id: string;
       name: string;
+      namespace?: string;
       input: string;
       status: "in_progress" | "completed" | "incomplete";
     };
@@ -714,11 +803,17 @@ class OutputItems {
   readonly #emit: (type: string, body: object) => void;
   /** With logprobs: the entries of tokens whose text has not been released yet. */
   readonly #logprobs: boolean;
+  /** The namespace tools' functions by the names the model calls them (namespacesOf). */
+  readonly #namespaces: ReadonlyMap<string, Namespaced>;
   #pending: object[] = [];
 
-  constructor(emit: (type: string, body: object) => void = () => {}, logprobs = false) {
+  constructor(
+    emit: (type: string, body: object) => void = () => {},
+    o: { logprobs?: boolean; namespaces?: ReadonlyMap<string, Namespaced> } = {},
+  ) {
     this.#emit = emit;
-    this.#logprobs = logprobs;
+    this.#logprobs = o.logprobs ?? false;
+    this.#namespaces = o.namespaces ?? new Map();
   }
 
   /**
@@ -773,9 +868,10 @@ class OutputItems {
       for (const t of d.tool_calls) {
         let item = this.#calls.get(t.index);
         if (t.id !== undefined || !item) {
+          const called = t.function.name ?? "";
           const head = {
             call_id: t.id ?? newId("call"),
-            name: t.function.name ?? "",
+            ...(this.#namespaces.get(called) ?? { name: called }),
             status: "in_progress" as const,
           };
           item =
@@ -1225,6 +1321,8 @@ async function respond(
   // Token logprobs go onto the message's text: an answer split into items (thinking, calls)
   // would need each token placed in its item, which this gateway does not do.
   const logprobs = chatRequest.logprobs === true;
+  /** Calls of a namespace's tools are named back into it (namespace, name). */
+  const namespaces = namespacesOf(b.tools);
   if (logprobs && requestThinks(ctx.reasoningParser, chatRequest.chat_template_kwargs ?? undefined))
     throw bad(
       "include message.output_text.logprobs: not for an answer that thinks first (this gateway's reasoning parser, or reasoning.effort)",
@@ -1435,7 +1533,7 @@ async function respond(
   const answer = () => {
     const c = job!.choices[0]!;
     const output = new ChatOutput(run!.outputOptions);
-    const items = new OutputItems(undefined, logprobs);
+    const items = new OutputItems(undefined, { logprobs, namespaces });
     if (compaction) items.add(compaction.item);
     items.addLogprobs(c.tokens.map((t) => chatLogprob(ctx, t)));
     // Cancelled: its text so far, what it held back too (so endOf finds nothing to flush).
@@ -1458,7 +1556,10 @@ async function respond(
     // summary's job is what is admitted now, the answer's starts once the summary is made.
     const files = stored && store instanceof ResponseFiles ? store : null;
     const log = store.eventLog(id);
-    const items = new OutputItems((type, body) => log.append(type, body), logprobs);
+    const items = new OutputItems((type, body) => log.append(type, body), {
+      logprobs,
+      namespaces,
+    });
     /** The answer's output, once its job has started. */
     let output: ChatOutput | null = null;
     /** The summary's job while it runs. */
@@ -1638,7 +1739,7 @@ async function respond(
   const emit = (type: string, body: object) =>
     raw ? write(type, body) : queued.push([type, body]);
   const output = new ChatOutput(outputOptions);
-  const items = new OutputItems(emit, logprobs);
+  const items = new OutputItems(emit, { logprobs, namespaces });
   if (compaction) items.add(compaction.item);
   job = startJob(ctx, spec, itemHooks(output, items));
   raw = opened ?? eventStream(reply, ctx);

@@ -194,7 +194,12 @@ const PLAUSIBLE: Record<string, unknown[]> = {
     { type: "json_schema", json_schema: { name: "s", schema: SCHEMA } },
     { type: "text" },
   ],
-  tools: [[TOOL]],
+  tools: [
+    [TOOL],
+    // (a namespace of tools, in the Responses API's form; a hosted tool)
+    [{ type: "namespace", name: "ns", description: "d", tools: [{ type: "function", name: "f" }] }],
+    [{ type: "web_search" }],
+  ],
   tool_choice: [
     "auto",
     "required",
@@ -207,7 +212,7 @@ const PLAUSIBLE: Record<string, unknown[]> = {
   presence_penalty: [0.5, -2, 2],
   frequency_penalty: [1, -1],
   repetition_penalty: [1.1, 0, 100, 1e30, 1e-320, 0.01],
-  max_tokens: [1, 2, 8, 40],
+  max_tokens: [1, 2, 8, 40, 32_000],
   max_completion_tokens: [2, 5],
   max_output_tokens: [2, 16],
   priority: [-3, 0, 4],
@@ -243,6 +248,13 @@ const PLAUSIBLE: Record<string, unknown[]> = {
     ],
     [{ role: "user", content: [{ type: "text", text: "hi" }] }],
     [{ role: "assistant", content: "par" }],
+    // (a system turn inside the conversation, Anthropic's; one of an image)
+    [
+      { role: "user", content: "hi" },
+      { role: "system", content: [{ type: "text", text: "s" }] },
+      { role: "user", content: "more" },
+    ],
+    [{ role: "system", content: [{ type: "image", source: {} }] }],
     // (a text document, read as text)
     [
       {

@@ -465,6 +465,96 @@ describe("POST /v1/messages", () => {
     expect((await sdk(keyed, "sekret").models.list()).data.map((m) => m.id)).toEqual(["tiny"]);
   });
 
+  it("a system message in the conversation: the chat's system message at that place; text only", async () => {
+    const later = "Reply in French.";
+    const messages = [
+      { role: "user", content: QUESTION },
+      { role: "system", content: [{ type: "text", text: later }] },
+      { role: "assistant", content: "Paris." },
+      { role: "user", content: "And Italy?" },
+    ];
+    const m = await ask(client, {
+      model: "tiny",
+      system: SYSTEM,
+      messages,
+      max_tokens: 10,
+      temperature: 0,
+    });
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [
+        { role: "system", content: SYSTEM },
+        { role: "user", content: QUESTION },
+        { role: "system", content: later },
+        { role: "assistant", content: "Paris." },
+        { role: "user", content: "And Italy?" },
+      ],
+      max_tokens: 10,
+      temperature: 0,
+    });
+    expect(m.content).toEqual([{ type: "text", text: chat.choices[0]!.message.content }]);
+    const count = async (ms: object[]) =>
+      (await client.messages.countTokens({ model: "tiny", system: SYSTEM, messages: ms } as never))
+        .input_tokens;
+    expect(await count(messages)).toBe(chat.usage!.prompt_tokens);
+    expect(await count(messages.filter((x) => x.role !== "system"))).toBeLessThan(
+      chat.usage!.prompt_tokens,
+    );
+    // text only, as the top-level system
+    const image = [{ type: "image", source: { type: "url", url: "https://example.com/a.png" } }];
+    const err = await ask(client, {
+      model: "tiny",
+      messages: [messages[0], { role: "system", content: image }, ...messages.slice(2)],
+      max_tokens: 4,
+    }).then(
+      () => expect.unreachable("an image in a system message"),
+      (e: unknown) => e as InstanceType<typeof Anthropic.APIError>,
+    );
+    expect(err).toBeInstanceOf(Anthropic.BadRequestError);
+    expect((err.error as { error: { param: string } }).error.param).toBe("messages.1.content.0");
+  });
+
+  it("max_tokens past the context's rest: the answer runs to the window's end, stop_reason model_context_window_exceeded", async () => {
+    const window = gw.ctx.maxModelLen;
+    const count = (k: number) =>
+      client.messages
+        .countTokens({ model: "tiny", messages: [{ role: "user", content: "ab ".repeat(k) }] })
+        .then(
+          (c) => c.input_tokens,
+          () => Number.POSITIVE_INFINITY,
+        );
+    // the longest prompt of this kind that leaves the answer 3 tokens or more
+    let [lo, hi] = [1, window];
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if ((await count(mid)) <= window - 3) lo = mid;
+      else hi = mid - 1;
+    }
+    const content = "ab ".repeat(lo);
+    const room = window - (await count(lo));
+    expect(room).toBeGreaterThanOrEqual(3);
+    const body = { model: "tiny", messages: [{ role: "user", content }], temperature: 0 };
+    // (the SDK streams a max_tokens over ~21k only: 16k plain, 32k streamed, as Claude Code)
+    const m = await ask(client, { ...body, max_tokens: 16_000 });
+    expect(m.stop_reason).toBe("model_context_window_exceeded");
+    expect(m.usage.output_tokens).toBe(room);
+    // streamed: the same
+    const streamed = await client.messages
+      .stream(asBody({ ...body, max_tokens: 32_000 }) as Anthropic.MessageStreamParams)
+      .finalMessage();
+    expect(streamed.stop_reason).toBe("model_context_window_exceeded");
+    expect(streamed.content).toEqual(m.content);
+    // a max_tokens inside the window stops there, as before
+    const cut = await ask(client, { ...body, max_tokens: room - 1 });
+    expect(cut.stop_reason).toBe("max_tokens");
+    expect(cut.usage.output_tokens).toBe(room - 1);
+    // and a chat completion's max_tokens past the context is still refused (OpenAI's)
+    const chat = await gw.client.chat.completions
+      .create({ model: "tiny", messages: [{ role: "user", content }], max_tokens: 32_000 })
+      .catch((e: unknown) => e);
+    expect(chat).toMatchObject({ status: 400, code: "EM_GATEWAY_PROMPT_TOO_LONG" });
+  });
+
   it("bad requests: Anthropic's error types, our code, the field; keys by x-api-key", async () => {
     const ok = {
       model: "tiny",
@@ -481,7 +571,7 @@ describe("POST /v1/messages", () => {
       ["MCP servers", { ...ok, mcp_servers: [{ type: "url", url: "https://mcp.example.com/sse", name: "x" }] }, 400, "invalid_request_error", "mcp_servers"],
       ["a container", { ...ok, container: "container_1" }, 400, "invalid_request_error", "container"],
       ["tool choice without a name", { ...ok, tools: [WEATHER], tool_choice: { type: "tool" } }, 400, "invalid_request_error", "tool_choice.name"],
-      ["past the context", { ...ok, max_tokens: 300 }, 400, "invalid_request_error", "max_tokens"],
+      ["a prompt past the context", { ...ok, messages: [{ role: "user", content: "ab ".repeat(2000) }] }, 400, "invalid_request_error", "messages"],
       ["temperature 1.5", { ...ok, temperature: 1.5 }, 400, "invalid_request_error", "temperature"],
       ["an unknown model", { ...ok, model: "claude-x" }, 404, "not_found_error", "model"],
     ];

@@ -331,6 +331,112 @@ describe("POST /v1/responses", () => {
     );
   });
 
+  it("namespace tools: their tools named <namespace>__<name> for the model, calls named back into the namespace; history calls too", async () => {
+    const params = {
+      type: "object",
+      properties: { id: { type: "integer" } },
+      required: ["id"],
+    };
+    const crm = {
+      type: "namespace",
+      name: "crm",
+      description: "Customer records.",
+      tools: [
+        { type: "function", name: "lookup", description: "Find a customer.", parameters: params },
+      ],
+    };
+    const body = {
+      model: "tiny",
+      input: "Who is customer 7?",
+      tools: [crm],
+      tool_choice: "required",
+      max_output_tokens: 30,
+      temperature: 0,
+    } as unknown as OpenAI.Responses.ResponseCreateParamsNonStreaming;
+    const r = await gw.client.responses.create(body);
+    const chatBody = {
+      model: "tiny",
+      messages: user("Who is customer 7?"),
+      tools: [
+        {
+          type: "function" as const,
+          function: {
+            name: "crm__lookup",
+            description: "Customer records.\n\nFind a customer.",
+            parameters: params,
+          },
+        },
+      ],
+      tool_choice: "required" as const,
+      max_tokens: 30,
+      temperature: 0,
+    };
+    const chat = await gw.client.chat.completions.create(chatBody);
+    const want = chat.choices[0]!.message.tool_calls![0]! as { function: { arguments: string } };
+    const call = r.output.find((i) => i.type === "function_call")!;
+    expect(call).toMatchObject({
+      type: "function_call",
+      name: "lookup",
+      namespace: "crm",
+      arguments: want.function.arguments,
+    });
+    expect(r.tools).toEqual([crm]);
+    // Streamed: the item opens named into its namespace.
+    const es = await events(gw, { ...body, stream: true });
+    const added = es.find(
+      (e) =>
+        e.type === "response.output_item.added" &&
+        (e["item"] as { type: string }).type === "function_call",
+    )!;
+    expect(added["item"]).toMatchObject({ name: "lookup", namespace: "crm" });
+    // Its call and output in the history: the prompt the chat's qualified call makes.
+    const turn = [
+      {
+        type: "function_call",
+        call_id: "call_1",
+        name: "lookup",
+        namespace: "crm",
+        arguments: '{"id": 7}',
+      },
+      { type: "function_call_output", call_id: "call_1", output: "Ada Lovelace" },
+    ];
+    const next = await gw.client.responses.create({
+      ...body,
+      input: [{ role: "user", content: "Who is customer 7?" }, ...turn],
+      tool_choice: "auto",
+    } as unknown as OpenAI.Responses.ResponseCreateParamsNonStreaming);
+    const chatNext = await gw.client.chat.completions.create({
+      ...chatBody,
+      messages: [
+        ...user("Who is customer 7?"),
+        {
+          role: "assistant",
+          content: null,
+          tool_calls: [
+            {
+              id: "call_1",
+              type: "function",
+              function: { name: "crm__lookup", arguments: '{"id": 7}' },
+            },
+          ],
+        },
+        { role: "tool", tool_call_id: "call_1", content: "Ada Lovelace" },
+      ],
+      tool_choice: "auto",
+    });
+    expect(next.usage!.input_tokens).toBe(chatNext.usage!.prompt_tokens);
+    // Refused: a namespace holding a hosted tool; a joined name too long for the model.
+    for (const [tools, param] of [
+      [[{ ...crm, tools: [{ type: "web_search" }] }], "tools.0.tools.0"],
+      [[{ ...crm, tools: [{ ...crm.tools[0], name: "x".repeat(63) }] }], "tools.0.tools.0.name"],
+    ] as const) {
+      const err = await gw.client.responses
+        .create({ ...body, tools } as unknown as OpenAI.Responses.ResponseCreateParamsNonStreaming)
+        .catch((e: unknown) => e);
+      expect(err).toMatchObject({ status: 400, param });
+    }
+  });
+
   it("a named custom tool: a custom_tool_call item whose input is in the tool's Lark grammar, streamed as input deltas; then its output as input", async () => {
     const definition = 'start: term (("+" | "-") term)~0..2\nterm: /[0-9]{1,2}/ | "x"i';
     const tool = {
