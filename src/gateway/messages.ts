@@ -109,9 +109,17 @@ const common = {
           Type.Literal("between_tools"),
         ]),
         budget_tokens: Type.Optional(Type.Integer({ minimum: 1 })),
-        /** "omitted": thinking blocks come empty (their text left out), as Anthropic's. */
+        /**
+         * "omitted": thinking blocks come empty (their text left out), as Anthropic's;
+         * "summarized" and "updates" (a beta's, Claude Code sends it) give the thought.
+         */
         display: Type.Optional(
-          Type.Union([Type.Literal("summarized"), Type.Literal("omitted"), Type.Null()]),
+          Type.Union([
+            Type.Literal("summarized"),
+            Type.Literal("omitted"),
+            Type.Literal("updates"),
+            Type.Null(),
+          ]),
         ),
       },
       { additionalProperties: true },

@@ -70,6 +70,13 @@ export function openaiRoutes(ctx: ServeContext, keeping: Keeping) {
       type: "model",
       display_name: ctx.servedModelName,
       created_at: new Date(0).toISOString(),
+      // (Anthropic's ModelInfo: the context a prompt may fill, the most an answer may take)
+      max_input_tokens: ctx.maxModelLen - 1,
+      max_tokens: ctx.maxModelLen - 1,
+      capabilities: null,
+      lifecycle: "active",
+      deprecated_at: null,
+      retires_at: null,
     };
     app.get("/v1/models", async () => ({
       object: "list",

@@ -286,6 +286,11 @@ describe("POST /v1/messages", () => {
       expect((await ask(a, { ...base, thinking: { type } })).content, type).toEqual(
         enabled.content,
       );
+    // display "updates" (a beta's; Claude Code sends it): the thought, as summarized
+    for (const display of ["summarized", "updates"])
+      expect((await ask(a, { ...base, thinking: { type: "adaptive", display } })).content).toEqual(
+        enabled.content,
+      );
     const omitted = await ask(a, {
       ...base,
       thinking: { type: "adaptive", display: "omitted" },
@@ -451,7 +456,15 @@ describe("POST /v1/messages", () => {
   it("models: the SDK's list and retrieve give the served model (Anthropic's fields); another id is not found", async () => {
     const page = await client.models.list();
     expect(page.data).toMatchObject([
-      { id: "tiny", type: "model", display_name: "tiny", created_at: "1970-01-01T00:00:00.000Z" },
+      {
+        id: "tiny",
+        type: "model",
+        display_name: "tiny",
+        created_at: "1970-01-01T00:00:00.000Z",
+        max_input_tokens: gw.ctx.maxModelLen - 1,
+        max_tokens: gw.ctx.maxModelLen - 1,
+        lifecycle: "active",
+      },
     ]);
     expect(page.hasNextPage()).toBe(false);
     expect(await client.models.retrieve("tiny")).toMatchObject(page.data[0]!);
