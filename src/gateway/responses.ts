@@ -57,6 +57,9 @@ import { type ChatCompletionRequest, type ChatMessage, VLLM_OUTPUT_FIELDS } from
 
 const Nullable = <T extends TSchema>(t: T) => Type.Union([t, Type.Null()]);
 
+/** A tool's output: text, or content parts (text read; an image or a file refused by name). */
+const ToolOutput = Type.Union([Type.String(), Type.Array(ContentPart)]);
+
 /** An input item: a message (type "message" or none), a call of the history, its output. */
 export const InputItem = Type.Union([
   Type.Object({
@@ -80,8 +83,14 @@ export const InputItem = Type.Union([
   }),
   Type.Object({
     type: Type.Literal("function_call_output"),
-    call_id: Type.String({ minLength: 1 }),
-    output: Type.String(),
+    /**
+     * Absent for an output a tool gave without a call (named by `name` and `namespace`:
+     * Codex CLI sends its agent's goal so), read as a tool's output all the same.
+     */
+    call_id: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+    name: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+    namespace: Type.Optional(Nullable(Type.String({ minLength: 1 }))),
+    output: ToolOutput,
   }),
   Type.Object({
     type: Type.Literal("custom_tool_call"),
@@ -93,7 +102,7 @@ export const InputItem = Type.Union([
   Type.Object({
     type: Type.Literal("custom_tool_call_output"),
     call_id: Type.String({ minLength: 1 }),
-    output: Type.String(),
+    output: ToolOutput,
   }),
   // An earlier answer's thinking: DeepSeek's templates drop it from the history anyway.
   Type.Object({ type: Type.Literal("reasoning") }),
@@ -516,7 +525,22 @@ export function chatRequestOf(
       if (last?.role === "assistant" && last.tool_calls) last.tool_calls.push(call);
       else messages.push({ role: "assistant", content: null, tool_calls: [call] });
     } else if (item.type === "function_call_output" || item.type === "custom_tool_call_output") {
-      messages.push({ role: "tool", tool_call_id: item.call_id, content: item.output });
+      const content =
+        typeof item.output === "string"
+          ? item.output
+          : textOfParts(item.output, ["input", j, "output"], ["input_text", "output_text"]);
+      // (an output without a call: named by its tool, which DeepSeek's templates do not show)
+      const tool =
+        item.type === "function_call_output" && item.name
+          ? qualified(item.namespace ?? undefined, item.name)
+          : null;
+      const id = item.call_id ?? tool;
+      if (!id)
+        throw bad(
+          "a function_call_output names its call (call_id) or its tool (name)",
+          `input.${j}`,
+        );
+      messages.push({ role: "tool", tool_call_id: id, content });
     } else if (item.type === "compaction") {
       // The conversation before it, compacted: its user messages, then the model's summary
       // of what it answered and did as its own earlier turn (compaction.ts).

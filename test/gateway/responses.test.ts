@@ -437,6 +437,64 @@ describe("POST /v1/responses", () => {
     }
   });
 
+  it("tool outputs as content parts read as their text; an output without a call (Codex's) as its tool's", async () => {
+    const count = async (input: unknown[]) =>
+      (
+        await gw.client.responses.inputTokens.count({
+          model: "tiny",
+          input: input as OpenAI.Responses.ResponseInputItem[],
+        })
+      ).input_tokens;
+    const call = { type: "function_call", call_id: "c1", name: "f", arguments: "{}" };
+    const asText = [
+      user("hi")[0],
+      call,
+      { type: "function_call_output", call_id: "c1", output: "ok then" },
+    ];
+    const asParts = [
+      user("hi")[0],
+      call,
+      {
+        type: "function_call_output",
+        call_id: "c1",
+        output: [
+          { type: "input_text", text: "ok " },
+          { type: "input_text", text: "then" },
+        ],
+      },
+    ];
+    expect(await count(asParts)).toBe(await count(asText));
+    // without a call: a tool's output all the same (the chat's tool message)
+    const unasked = [
+      user("hi")[0],
+      { type: "function_call_output", name: "goal", namespace: "agent", output: "ship it" },
+    ];
+    const chat = await gw.client.chat.completions.create({
+      model: "tiny",
+      messages: [...user("hi"), { role: "tool", tool_call_id: "agent__goal", content: "ship it" }],
+      max_tokens: 1,
+    });
+    expect(await count(unasked)).toBe(chat.usage!.prompt_tokens);
+    for (const [input, param] of [
+      [
+        [
+          user("hi")[0],
+          call,
+          {
+            type: "function_call_output",
+            call_id: "c1",
+            output: [{ type: "input_image", image_url: "https://example.com/a.png" }],
+          },
+        ],
+        "input.2.output.0",
+      ],
+      [[user("hi")[0], { type: "function_call_output", output: "x" }], "input.1"],
+    ] as const) {
+      const err = await count([...input]).catch((e: unknown) => e);
+      expect(err).toMatchObject({ status: 400, param });
+    }
+  });
+
   it("a named custom tool: a custom_tool_call item whose input is in the tool's Lark grammar, streamed as input deltas; then its output as input", async () => {
     const definition = 'start: term (("+" | "-") term)~0..2\nterm: /[0-9]{1,2}/ | "x"i';
     const tool = {
