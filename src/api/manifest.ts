@@ -290,6 +290,7 @@ export function gatewayArgs(model: DeepSeekModel, role: GatewayRole = "gateway")
   const g = model.spec.gateway;
   return [
     `--served-model-name=${servedModelName(model)}`,
+    ...(g.modelAliases ?? []).map((a) => `--served-model-alias=${a}`),
     `--max-queue-depth=${g.limits.maxQueueDepth}`,
     `--max-batch-tokens=${g.limits.maxBatchTokens}`,
     `--max-running=${g.limits.maxRunning}`,

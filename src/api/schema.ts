@@ -647,6 +647,13 @@ export const GatewaySchema = withRules(
             "With schedulingPolicy priority: a waiting request counts as one priority better per this many seconds since it arrived, so that a steady stream of higher priorities cannot keep it out for ever. Only the admission order ages: preempting a running request still takes a better `priority` as given. 0 or unset: no aging.",
         }),
       ),
+      modelAliases: Type.Optional(
+        Type.Array(Type.String({ minLength: 1, maxLength: 256 }), {
+          maxItems: 32,
+          description:
+            "Other names clients may ask for the model by (the `model` field): the gateways serve them as servedModelName, answer with servedModelName, and list them in /v1/models. For clients that ask for a name of their own (Claude Code's background work asks for a Haiku model by name).",
+        }),
+      ),
       streamKeepaliveSeconds: Type.Optional(
         Type.Number({
           minimum: 0,

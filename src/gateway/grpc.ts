@@ -35,7 +35,15 @@ import { packageVersion } from "../util/version.ts";
 import { ApiKeys } from "./api-keys.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
-import { type Job, logServerError, REQUEST_ID, type ServeContext, startJob } from "./jobs.ts";
+import {
+  type Job,
+  logServerError,
+  REQUEST_ID,
+  type ServeContext,
+  servedNames,
+  servesModel,
+  startJob,
+} from "./jobs.ts";
 import { decodeBytesElements, encodeBytesElements } from "./kserve-tensors.ts";
 import { chatRun, usageOf } from "./openai.ts";
 import { outputFormat } from "./output-grammar.ts";
@@ -359,10 +367,10 @@ function handlers(o: GrpcGatewayOptions): {
     }
   };
   const checkModel = (name: string | undefined, version: string | undefined, param: string) => {
-    if (name !== ctx.servedModelName)
+    if (!servesModel(ctx, name))
       throw new ApiError(
         "EM_GATEWAY_UNKNOWN_MODEL",
-        `the model '${name ?? ""}' does not exist here; this gateway serves '${ctx.servedModelName}'`,
+        `the model '${name ?? ""}' does not exist here; this gateway serves ${servedNames(ctx)}`,
         { param },
       );
     if (version && version !== MODEL_VERSION)

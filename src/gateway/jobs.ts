@@ -28,6 +28,8 @@ export interface ServeContext {
   /** Encodes prompts, long ones off the event loop. */
   readonly encoder: PromptEncoder;
   readonly servedModelName: string;
+  /** Other names clients may ask for the model by (--served-model-alias); answers say servedModelName. */
+  readonly modelAliases?: readonly string[];
   readonly maxModelLen: number;
   readonly vocabSize: number;
   /** Chat answers' thinking apart from their content (reasoning.ts). */
@@ -51,6 +53,25 @@ export interface ServeContext {
   readonly streamKeepaliveMs?: number;
   /** Where requests that fail on the server's side (5xx: a shard, a bug) are logged. */
   readonly log?: (message: string) => void;
+}
+
+/** Whether `name` is this gateway's model: its served name or one of its aliases. */
+export function servesModel(
+  ctx: Pick<ServeContext, "servedModelName" | "modelAliases">,
+  name: unknown,
+): boolean {
+  return (
+    name === ctx.servedModelName ||
+    (typeof name === "string" && (ctx.modelAliases?.includes(name) ?? false))
+  );
+}
+
+/** What a refusal of another model's name says this gateway serves. */
+export function servedNames(ctx: Pick<ServeContext, "servedModelName" | "modelAliases">): string {
+  const also = ctx.modelAliases?.length
+    ? ` (also as ${ctx.modelAliases.map((a) => `'${a}'`).join(", ")})`
+    : "";
+  return `'${ctx.servedModelName}'${also}`;
 }
 
 /** A request id taken from a client (x-request-id): printable ASCII, up to 128 characters. */

@@ -10,7 +10,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { packageVersion } from "../util/version.ts";
 import { ApiError, refusalHeaders, toApiError } from "./errors.ts";
-import { logServerError, type ServeContext, startJob } from "./jobs.ts";
+import { logServerError, type ServeContext, servedNames, servesModel, startJob } from "./jobs.ts";
 import {
   decodeBytesElements,
   encodeBytesElements,
@@ -87,10 +87,10 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       }
     };
     const checkModel = (p: ModelParams) => {
-      if (p.name !== ctx.servedModelName)
+      if (!servesModel(ctx, p.name))
         throw new ApiError(
           "EM_GATEWAY_UNKNOWN_MODEL",
-          `the model '${p.name}' does not exist here; this gateway serves '${ctx.servedModelName}'`,
+          `the model '${p.name}' does not exist here; this gateway serves ${servedNames(ctx)}`,
           { param: "model_name" },
         );
       if (p.version !== undefined && p.version !== MODEL_VERSION)

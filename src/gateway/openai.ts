@@ -17,6 +17,8 @@ import {
   type JobSpec,
   jobPrompt,
   type ServeContext,
+  servedNames,
+  servesModel,
   startJob,
 } from "./jobs.ts";
 import {
@@ -60,15 +62,15 @@ export function openaiRoutes(ctx: ServeContext, keeping: Keeping) {
   return async (app: FastifyInstance) => {
     // OpenAI's model object and Anthropic's (type, display_name, created_at) in one, and a
     // list that is both APIs' page (Anthropic's has_more, first_id, last_id): either SDK's
-    // client.models.list() and retrieve(id) read it.
-    const model = {
-      id: ctx.servedModelName,
+    // client.models.list() and retrieve(id) read it. An alias is listed as a model of its own.
+    const modelOf = (id: string) => ({
+      id,
       object: "model",
       created: 0,
       owned_by: "expertmesh",
       max_model_len: ctx.maxModelLen,
       type: "model",
-      display_name: ctx.servedModelName,
+      display_name: id,
       created_at: new Date(0).toISOString(),
       // (Anthropic's ModelInfo: the context a prompt may fill, the most an answer may take)
       max_input_tokens: ctx.maxModelLen - 1,
@@ -77,18 +79,19 @@ export function openaiRoutes(ctx: ServeContext, keeping: Keeping) {
       lifecycle: "active",
       deprecated_at: null,
       retires_at: null,
-    };
+    });
+    const models = [ctx.servedModelName, ...(ctx.modelAliases ?? [])].map(modelOf);
     app.get("/v1/models", async () => ({
       object: "list",
-      data: [model],
+      data: models,
       has_more: false,
-      first_id: model.id,
-      last_id: model.id,
+      first_id: models[0]!.id,
+      last_id: models.at(-1)!.id,
     }));
     // The SDKs' retrieve (client.models.retrieve(id)).
     app.get<{ Params: { id: string } }>("/v1/models/:id", async (req) => {
       checkModel(ctx, req.params.id);
-      return model;
+      return modelOf(req.params.id);
     });
     app.post<{ Body: ChatCompletionRequest }>(
       "/v1/chat/completions",
@@ -229,10 +232,10 @@ function unsupported(fields: Record<string, unknown>): void {
 
 /** 404 EM_GATEWAY_UNKNOWN_MODEL for a model other than the one served. */
 export function checkModel(ctx: ServeContext, model: string): void {
-  if (model !== ctx.servedModelName)
+  if (!servesModel(ctx, model))
     throw new ApiError(
       "EM_GATEWAY_UNKNOWN_MODEL",
-      `the model '${model}' does not exist here; this gateway serves '${ctx.servedModelName}'`,
+      `the model '${model}' does not exist here; this gateway serves ${servedNames(ctx)}`,
       { param: "model" },
     );
 }

@@ -30,6 +30,8 @@ import type { Tracing } from "./tracing.ts";
 
 export interface GatewayConfig {
   readonly servedModelName: string;
+  /** Other names the model answers to (--served-model-alias). */
+  readonly modelAliases?: readonly string[];
   /** Context length served (default: the model's max_position_embeddings). */
   readonly maxModelLen?: number;
   /** Tokens per engine step (chunked prefill budget). */
@@ -271,6 +273,7 @@ export function createServeContext(
     tokenizer,
     encoder,
     servedModelName: cfg.servedModelName,
+    ...(cfg.modelAliases?.length ? { modelAliases: cfg.modelAliases } : {}),
     maxModelLen,
     vocabSize: c.vocabSize,
     reasoningParser: cfg.reasoningParser ?? "none",

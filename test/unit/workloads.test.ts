@@ -890,6 +890,20 @@ describe("desiredObjects", () => {
     ).toEqual(["--priority-aging=2.5"]);
   });
 
+  it("modelAliases: a --served-model-alias each, after --served-model-name; unset, none", () => {
+    const names = (extra: string) =>
+      (
+        (objects(extra).find((o) => o.metadata?.name === "m-gateway") as any).spec.template.spec
+          .containers[0].args as string[]
+      ).filter((a) => a.startsWith("--served-model"));
+    expect(names("  gateway: { modelAliases: [claude-haiku-5-5, gpt-x] }")).toEqual([
+      "--served-model-name=m",
+      "--served-model-alias=claude-haiku-5-5",
+      "--served-model-alias=gpt-x",
+    ]);
+    expect(names("")).toEqual(["--served-model-name=m"]);
+  });
+
   it("streamKeepaliveSeconds: the gateways' --stream-keepalive (0 too: none); unset, their default", () => {
     const keepalive = (extra: string) =>
       (

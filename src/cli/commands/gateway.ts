@@ -92,6 +92,8 @@ ${natsAuthUsage(26)}
                             (default 300; 0: never)
   --namespace NS, --model-name NAME   NATS subjects (default default, the folder name)
   --served-model-name NAME  the "model" clients ask for (default: --model-name)
+  --served-model-alias NAME another name clients may ask for it by (repeatable; answers carry
+                            --served-model-name; listed by /v1/models)
   --http-port PORT          OpenAI-compatible HTTP API (default 8000; 0 picks one)
   --metrics-port PORT       /metrics on its own port as well (default 9090; 0 picks one)
   --host ADDR               listen address (default 0.0.0.0)
@@ -273,6 +275,7 @@ export const gatewayCommand: Command = {
         namespace: { type: "string" },
         "model-name": { type: "string" },
         "served-model-name": { type: "string" },
+        "served-model-alias": { type: "string", multiple: true },
         "http-port": { type: "string" },
         "grpc-port": { type: "string" },
         "tls-cert": { type: "string" },
@@ -750,6 +753,9 @@ export const gatewayCommand: Command = {
       ...(prefillClient ? { prefillOffload: prefillClient } : {}),
       ...(tracing ? { tracing } : {}),
       servedModelName: values["served-model-name"] ?? modelName,
+      modelAliases: [...new Set(values["served-model-alias"] ?? [])].filter(
+        (a) => a !== (values["served-model-name"] ?? modelName),
+      ),
       samplingDefaults,
       ...(maxModelLen !== undefined ? { maxModelLen: int(maxModelLen, "--max-model-len", 0) } : {}),
       maxBatchTokens: int(values["max-batch-tokens"], "--max-batch-tokens", 2048),
