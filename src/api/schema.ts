@@ -648,11 +648,14 @@ export const GatewaySchema = withRules(
         }),
       ),
       modelAliases: Type.Optional(
-        Type.Array(Type.String({ minLength: 1, maxLength: 256 }), {
-          maxItems: 32,
-          description:
-            "Other names clients may ask for the model by (the `model` field): the gateways serve them as servedModelName, answer with servedModelName, and list them in /v1/models. For clients that ask for a name of their own (Claude Code's background work asks for a Haiku model by name).",
-        }),
+        Type.Array(
+          Type.String({ minLength: 1, maxLength: 256, description: "A name of the model." }),
+          {
+            maxItems: 32,
+            description:
+              "Other names clients may ask for the model by (the `model` field): the gateways serve them as servedModelName, answer with servedModelName, and list them in /v1/models. For clients that ask for a name of their own (Claude Code's background work asks for a Haiku model by name).",
+          },
+        ),
       ),
       streamKeepaliveSeconds: Type.Optional(
         Type.Number({

@@ -172,7 +172,7 @@ export const ResponsesRequest = Type.Object({
   prompt_cache_key: Type.Optional(Nullable(Type.String())),
   safety_identifier: Type.Optional(Nullable(Type.String())),
   service_tier: Type.Optional(Nullable(Type.String())),
-  max_tool_calls: Type.Optional(Nullable(Type.Integer({ minimum: 1 }))),
+  max_tool_calls: Type.Optional(Nullable(Type.Integer({ minimum: 0 }))),
   /** vLLM's extensions, as on chat completions. */
   seed: Type.Optional(Nullable(Type.Integer())),
   top_k: Type.Optional(Nullable(Type.Integer({ minimum: -1 }))),
@@ -433,11 +433,11 @@ const qualifiedOf = (t: { name?: unknown; namespace?: unknown }): unknown =>
 /**
  * The request's tools with each namespace tool's tools in its place, named as the model
  * knows them (qualified), the namespace's description before each one's; `param`: where
- * each came from.
+ * each came from; `from`: a namespace's tool, as its calls are named.
  */
 function flatTools(
   tools: readonly Record<string, unknown>[],
-): { tool: Record<string, unknown>; param: string }[] {
+): { tool: Record<string, unknown>; param: string; from?: Namespaced }[] {
   return tools.flatMap((t, i) => {
     if (t["type"] !== "namespace") return [{ tool: t, param: `tools.${i}` }];
     const {
@@ -467,24 +467,17 @@ function flatTools(
       return {
         tool: { ...x, name: full, ...(about.length ? { description: about.join("\n\n") } : {}) },
         param,
+        from: { namespace: name, name: String(x["name"]) },
       };
     });
   });
 }
 
 /** The namespace tools' functions by the names the model calls them (flatTools). */
-function namespacesOf(tools: readonly Record<string, unknown>[] | null | undefined) {
-  const out = new Map<string, Namespaced>();
-  for (const t of tools ?? [])
-    if (t["type"] === "namespace" && Array.isArray(t["tools"]))
-      for (const x of t["tools"] as unknown[])
-        if (isObject(x) && typeof x["name"] === "string")
-          out.set(qualified(String(t["name"]), x["name"]), {
-            namespace: String(t["name"]),
-            name: x["name"],
-          });
-  return out;
-}
+const namespacesOf = (tools: readonly Record<string, unknown>[] | null | undefined) =>
+  new Map(
+    flatTools(tools ?? []).flatMap((f) => (f.from ? [[f.tool["name"] as string, f.from]] : [])),
+  );
 
 /**
  * The chat request a Responses request stands for (after the conversation `before` it,
