@@ -36,12 +36,11 @@ import { ApiKeys } from "./api-keys.ts";
 import { type ChatDelta, ChatOutput, type ToolCallDelta } from "./chat-output.ts";
 import { ApiError, toApiError } from "./errors.ts";
 import {
+  checkServed,
   type Job,
   logServerError,
   REQUEST_ID,
   type ServeContext,
-  servedNames,
-  servesModel,
   startJob,
 } from "./jobs.ts";
 import { decodeBytesElements, encodeBytesElements } from "./kserve-tensors.ts";
@@ -367,12 +366,7 @@ function handlers(o: GrpcGatewayOptions): {
     }
   };
   const checkModel = (name: string | undefined, version: string | undefined, param: string) => {
-    if (!servesModel(ctx, name))
-      throw new ApiError(
-        "EM_GATEWAY_UNKNOWN_MODEL",
-        `the model '${name ?? ""}' does not exist here; this gateway serves ${servedNames(ctx)}`,
-        { param },
-      );
+    checkServed(ctx, name, param);
     if (version && version !== MODEL_VERSION)
       throw new ApiError(
         "EM_GATEWAY_UNKNOWN_MODEL",

@@ -55,23 +55,23 @@ export interface ServeContext {
   readonly log?: (message: string) => void;
 }
 
-/** Whether `name` is this gateway's model: its served name or one of its aliases. */
-export function servesModel(
+/**
+ * 404 EM_GATEWAY_UNKNOWN_MODEL (`param` naming the field) unless `name` is this gateway's
+ * model: its served name or one of its aliases. Every API's model check.
+ */
+export function checkServed(
   ctx: Pick<ServeContext, "servedModelName" | "modelAliases">,
-  name: unknown,
-): boolean {
-  return (
-    name === ctx.servedModelName ||
-    (typeof name === "string" && (ctx.modelAliases?.includes(name) ?? false))
+  name: string | undefined,
+  param: string,
+): void {
+  const aliases = ctx.modelAliases ?? [];
+  if (name === ctx.servedModelName || (name !== undefined && aliases.includes(name))) return;
+  const also = aliases.length ? ` (also as ${aliases.map((a) => `'${a}'`).join(", ")})` : "";
+  throw new ApiError(
+    "EM_GATEWAY_UNKNOWN_MODEL",
+    `the model '${name ?? ""}' does not exist here; this gateway serves '${ctx.servedModelName}'${also}`,
+    { param },
   );
-}
-
-/** What a refusal of another model's name says this gateway serves. */
-export function servedNames(ctx: Pick<ServeContext, "servedModelName" | "modelAliases">): string {
-  const also = ctx.modelAliases?.length
-    ? ` (also as ${ctx.modelAliases.map((a) => `'${a}'`).join(", ")})`
-    : "";
-  return `'${ctx.servedModelName}'${also}`;
 }
 
 /** A request id taken from a client (x-request-id): printable ASCII, up to 128 characters. */

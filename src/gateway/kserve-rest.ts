@@ -10,7 +10,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from "fastify";
 import { isObject } from "../util/objects.ts";
 import { packageVersion } from "../util/version.ts";
 import { ApiError, refusalHeaders, toApiError } from "./errors.ts";
-import { logServerError, type ServeContext, servedNames, servesModel, startJob } from "./jobs.ts";
+import { checkServed, logServerError, type ServeContext, startJob } from "./jobs.ts";
 import {
   decodeBytesElements,
   encodeBytesElements,
@@ -87,12 +87,7 @@ export function kserveRestRoutes(o: KserveRestOptions) {
       }
     };
     const checkModel = (p: ModelParams) => {
-      if (!servesModel(ctx, p.name))
-        throw new ApiError(
-          "EM_GATEWAY_UNKNOWN_MODEL",
-          `the model '${p.name}' does not exist here; this gateway serves ${servedNames(ctx)}`,
-          { param: "model_name" },
-        );
+      checkServed(ctx, p.name, "model_name");
       if (p.version !== undefined && p.version !== MODEL_VERSION)
         throw new ApiError(
           "EM_GATEWAY_UNKNOWN_MODEL",

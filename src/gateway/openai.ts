@@ -12,13 +12,12 @@ import { ApiError, errorBody, toApiError } from "./errors.ts";
 import { vocabularyFor } from "./grammar.ts";
 import {
   type Choice,
+  checkServed,
   encodablePrompt,
   type Job,
   type JobSpec,
   jobPrompt,
   type ServeContext,
-  servedNames,
-  servesModel,
   startJob,
 } from "./jobs.ts";
 import {
@@ -232,12 +231,7 @@ function unsupported(fields: Record<string, unknown>): void {
 
 /** 404 EM_GATEWAY_UNKNOWN_MODEL for a model other than the one served. */
 export function checkModel(ctx: ServeContext, model: string): void {
-  if (!servesModel(ctx, model))
-    throw new ApiError(
-      "EM_GATEWAY_UNKNOWN_MODEL",
-      `the model '${model}' does not exist here; this gateway serves ${servedNames(ctx)}`,
-      { param: "model" },
-    );
+  checkServed(ctx, model, "model");
 }
 
 /** The shared sampling fields as a JobSpec (logprob fields and the grammar from the route). */
